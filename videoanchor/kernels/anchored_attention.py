@@ -1,0 +1,245 @@
+"""Public entry points: :func:`anchored_attention` and :func:`anchor_gates`."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+
+from videoanchor.kernels.torch_attention import anchored_attention_torch
+
+try:
+    import triton  # noqa: F401
+
+    from videoanchor.kernels import triton_prefill
+
+    _TRITON_ERROR: Exception | None = None
+except Exception as exc:  # triton missing or unusable on this platform
+    triton_prefill = None
+    _TRITON_ERROR = exc
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_BACKENDS = ("auto", "triton", "torch")
+_TRITON_HEAD_DIMS = (16, 256)
+
+
+def triton_interpret_enabled() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def anchor_gates(
+    scores: torch.Tensor, alpha_k: float, alpha_v: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn anchor scores into the kernel's per-key gates.
+
+    Args:
+        scores: (B, S) (or any shape) anchor scores, 0 at non-visual positions.
+        alpha_k, alpha_v: gate strengths (METHOD.md section 4).
+
+    Returns:
+        ``(key_bias, value_scale)`` = ``(log(1 + alpha_k * s), 1 + alpha_v * s)`` in float32.
+
+    Raises ValueError if a score is NaN/Inf or a gate ``1 + alpha * s`` is not positive
+    (this check synchronises with the device; call it once per request, not per layer).
+    """
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores: expected a torch.Tensor, got {type(scores).__name__}")
+    if not scores.is_floating_point():
+        raise TypeError(f"scores: expected a floating-point tensor, got dtype {scores.dtype}")
+    for name, alpha in (("alpha_k", alpha_k), ("alpha_v", alpha_v)):
+        if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ValueError(f"{name}: expected a finite number, got {alpha!r}")
+    s = scores.to(torch.float32)
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError("scores: expected finite values, got NaN or Inf")
+    gamma_k = 1.0 + alpha_k * s
+    gamma_v = 1.0 + alpha_v * s
+    for name, alpha, gamma in (("alpha_k", alpha_k, gamma_k), ("alpha_v", alpha_v, gamma_v)):
+        if s.numel() and bool((gamma <= 0).any()):
+            worst = float(gamma.min())
+            raise ValueError(
+                f"{name}={alpha} makes the gate 1 + {name} * s non-positive (min {worst:.4g}); "
+                f"expected 1 + {name} * s > 0 for every score s in [{float(s.min()):.4g}, "
+                f"{float(s.max()):.4g}]"
+            )
+    return torch.log1p(alpha_k * s), gamma_v
+
+
+def _check_tensor(name, t, ndim):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dims, got shape {tuple(t.shape)}")
+
+
+def _validate(q, k, v, key_bias, value_scale, key_padding_mask, backend):
+    _check_tensor("q", q, 4)
+    _check_tensor("k", k, 4)
+    _check_tensor("v", v, 4)
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name}: expected dtype float16, bfloat16 or float32, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, Hq, Sq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(
+            f"k, v: expected the same shape (B, Hkv, Skv, D), got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    Bk, Hkv, Skv, Dk = k.shape
+    if Bk != B:
+        raise ValueError(f"k: expected batch {B} (from q), got {Bk}")
+    if Dk != D:
+        raise ValueError(f"k: expected head dim {D} (from q), got {Dk}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(
+            f"expected the number of query heads to be a multiple of the KV heads, got Hq={Hq}, Hkv={Hkv}"
+        )
+    devices = {("q", q.device), ("k", k.device), ("v", v.device)}
+    for name, t, dtypes in (
+        ("key_bias", key_bias, "float"),
+        ("value_scale", value_scale, "float"),
+        ("key_padding_mask", key_padding_mask, "bool"),
+    ):
+        if t is None:
+            continue
+        _check_tensor(name, t, 2)
+        if tuple(t.shape) != (B, Skv):
+            raise ValueError(f"{name}: expected shape (B, Skv) = ({B}, {Skv}), got {tuple(t.shape)}")
+        if dtypes == "bool" and t.dtype != torch.bool:
+            raise TypeError(f"{name}: expected dtype torch.bool (True = may attend), got {t.dtype}")
+        if dtypes == "float" and not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+        devices.add((name, t.device))
+    if len({d for _, d in devices}) > 1:
+        found = ", ".join(f"{n} on {d}" for n, d in sorted(devices, key=lambda x: x[0]))
+        raise ValueError(f"expected all tensors on one device, got {found}")
+
+
+def _pick_backend(q, backend):
+    if backend == "torch":
+        return "torch"
+    triton_ok = triton_prefill is not None and (q.is_cuda or triton_interpret_enabled())
+    if backend == "auto":
+        return "triton" if (q.is_cuda and triton_prefill is not None) else "torch"
+    if triton_prefill is None:
+        raise ValueError(f"backend='triton': Triton is not usable here ({_TRITON_ERROR}); use backend='torch'")
+    if not triton_ok:
+        raise ValueError(
+            f"backend='triton': expected CUDA tensors, got device {q.device}; set TRITON_INTERPRET=1 "
+            "before importing videoanchor to run the kernel on CPU, or use backend='torch'"
+        )
+    D = q.shape[-1]
+    lo, hi = _TRITON_HEAD_DIMS
+    if not lo <= D <= hi:
+        raise ValueError(f"backend='triton': expected head dim in [{lo}, {hi}], got {D}; use backend='torch'")
+    return "triton"
+
+
+@torch.library.custom_op("videoanchor::anchored_attention_fwd", mutates_args=())
+def _anchored_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_bias: torch.Tensor | None,
+    value_scale: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    sm_scale: float,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    B, Hq, Sq, D = q.shape
+    Skv = k.shape[2]
+    out = torch.empty(B, Hq, Sq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Sq) if return_lse else (0,), dtype=torch.float32, device=q.device)
+    if Sq == 0:
+        return out, lse
+    if Skv == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    device_ctx = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+    with device_ctx:
+        triton_prefill.launch_prefill(
+            q, k, v, key_bias, value_scale, key_padding_mask, out, lse if return_lse else None,
+            causal=causal, sm_scale=sm_scale, interpret=not q.is_cuda,
+        )  # fmt: skip
+    return out, lse
+
+
+@_anchored_attention_fwd.register_fake
+def _(q, k, v, key_bias, value_scale, key_padding_mask, causal, sm_scale, return_lse):
+    B, Hq, Sq, D = q.shape
+    out = q.new_empty(B, Hq, Sq, D)
+    lse = q.new_empty((B, Hq, Sq) if return_lse else (0,), dtype=torch.float32)
+    return out, lse
+
+
+def anchored_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_bias: torch.Tensor | None = None,
+    value_scale: torch.Tensor | None = None,
+    *,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+):
+    """Attention with VideoAnchor's per-key gate, fused (no (Sq, Skv) tensor is built).
+
+    ``out[b, h, i] = sum_j softmax_j(q_i . k_j * sm_scale + key_bias[b, j]) * value_scale[b, j] * v_j``
+
+    Args:
+        q: (B, Hq, Sq, D) float16, bfloat16 or float32, any strides.
+        k, v: (B, Hkv, Skv, D), same dtype and device; ``Hq % Hkv == 0`` (GQA/MQA: query
+            head h reads KV head ``h // (Hq // Hkv)``).
+        key_bias: (B, Skv) float, added to the logits of key j after ``sm_scale`` (natural
+            log units: ``log(1 + alpha_K s_j)``); None for no bias.
+        value_scale: (B, Skv) float, multiplies ``v_j`` (``1 + alpha_V s_j``); the softmax
+            normaliser uses the unscaled probabilities. None for no scale.
+        causal: bottom-right aligned, as in flash-attention: query i sees key j iff
+            ``j <= i + Skv - Sq``. For Sq = 2, Skv = 5 (1 = visible)::
+
+                1 1 1 1 0
+                1 1 1 1 1
+
+            and for Sq = 5, Skv = 2 the first three queries see nothing (they return 0)::
+
+                0 0
+                0 0
+                0 0
+                1 0
+                1 1
+
+        sm_scale: logit scale, default ``1 / sqrt(D)``.
+        key_padding_mask: (B, Skv) bool, True = the key may be attended. A query row with no
+            visible key returns zeros (and lse ``-inf``), never NaN.
+        backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (exact
+            PyTorch path, bounded memory, any device), or ``"auto"`` (triton on CUDA,
+            torch otherwise).
+        return_lse: also return the natural-log log-sum-exp of each row's logits
+            (bias included), (B, Hq, Sq) float32, to merge partial attentions.
+
+    Returns:
+        ``out`` (B, Hq, Sq, D) in q's dtype, or ``(out, lse)`` when ``return_lse``.
+    """
+    _validate(q, k, v, key_bias, value_scale, key_padding_mask, backend)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    if _pick_backend(q, backend) == "triton":
+        out, lse = _anchored_attention_fwd(
+            q, k, v, key_bias, value_scale, key_padding_mask, causal, scale, return_lse
+        )
+    else:
+        out, lse = anchored_attention_torch(
+            q, k, v, key_bias, value_scale,
+            causal=causal, sm_scale=scale, key_padding_mask=key_padding_mask,
+        )  # fmt: skip
+    return (out, lse) if return_lse else out

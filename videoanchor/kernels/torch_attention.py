@@ -1,0 +1,81 @@
+"""Exact pure-PyTorch anchored attention with bounded memory.
+
+Same semantics as the Triton kernel. Queries are processed in chunks so that the
+(chunk, Skv) logits never exceed a fixed budget: a 32k prompt never materialises its full
+(B, H, Sq, Skv) logits. Computation is in float32 (float64 inputs stay float64).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Bytes allowed for one chunk's logits and probabilities (two fp32 buffers).
+_CHUNK_BUDGET_BYTES = 256 * 1024 * 1024
+
+
+def anchored_attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_bias: torch.Tensor | None,
+    value_scale: torch.Tensor | None,
+    *,
+    causal: bool,
+    sm_scale: float,
+    key_padding_mask: torch.Tensor | None,
+    chunk_budget_bytes: int = _CHUNK_BUDGET_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(out, lse)``: out (B, Hq, Sq, D) in q's dtype, lse (B, Hq, Sq) float32.
+
+    Inputs are assumed validated by :func:`videoanchor.anchored_attention`.
+    """
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    device = q.device
+
+    out = torch.empty(B, Hq, Sq, D, dtype=q.dtype, device=device)
+    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=device)
+    if Sq == 0:
+        return out, lse
+    if Skv == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+
+    # [B, Hkv, 1, D, Skv] and [B, Hkv, 1, Skv, D]; the group axis broadcasts (no repeat).
+    k_t = k.to(acc_dtype).transpose(-1, -2).unsqueeze(2)
+    v_s = v.to(acc_dtype)
+    if value_scale is not None:
+        v_s = v_s * value_scale.to(acc_dtype)[:, None, :, None]
+    v_s = v_s.unsqueeze(2)
+    bias = None if key_bias is None else key_bias.to(acc_dtype)[:, None, None, None, :]
+    pad = None if key_padding_mask is None else key_padding_mask[:, None, None, None, :]
+
+    q_g = q.unflatten(1, (Hkv, group))  # [B, Hkv, G, Sq, D], a view
+    out_g = out.unflatten(1, (Hkv, group))
+    lse_g = lse.unflatten(1, (Hkv, group))
+    bytes_per_row = max(1, B * Hq * max(Skv, 1) * torch.finfo(acc_dtype).bits // 8 * 2)
+    chunk = max(1, min(Sq, chunk_budget_bytes // bytes_per_row))
+    cols = torch.arange(Skv, device=device)
+    for i0 in range(0, Sq, chunk):
+        i1 = min(Sq, i0 + chunk)
+        logits = torch.matmul(q_g[:, :, :, i0:i1].to(acc_dtype), k_t) * sm_scale
+        if bias is not None:
+            logits = logits + bias
+        hidden = None
+        if causal:
+            rows = torch.arange(i0, i1, device=device)[:, None]
+            hidden = cols[None, :] > rows + (Skv - Sq)
+        if pad is not None:
+            hidden = ~pad if hidden is None else hidden | ~pad
+        if hidden is not None:
+            logits = logits.masked_fill(hidden, float("-inf"))
+        row_max = logits.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
+        probs = torch.exp(logits - row_max)
+        denom = probs.sum(dim=-1, keepdim=True)
+        o = torch.matmul(probs, v_s) / torch.where(denom > 0, denom, torch.ones_like(denom))
+        out_g[:, :, :, i0:i1] = o.to(q.dtype)
+        chunk_lse = (row_max + torch.log(denom)).squeeze(-1)
+        lse_g[:, :, :, i0:i1] = chunk_lse.to(torch.float32)
+    return out, lse

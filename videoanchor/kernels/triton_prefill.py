@@ -1,0 +1,250 @@
+"""Fused anchored attention forward (prefill): FlashAttention-2 style, one program per
+(query block, batch * query head), online softmax in base 2.
+
+Per key j the logit gets ``key_bias[b, j]`` (natural-log units, so it is multiplied by
+log2(e) here) before the running max, and the probabilities fed into ``P @ V`` are
+multiplied by ``value_scale[b, j]``; the normaliser uses the unscaled probabilities.
+Nothing of size (Sq, Skv) is ever stored.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _prefill_inner(
+    acc,
+    l_i,
+    m_i,
+    b_q,
+    p_k,
+    p_v,
+    p_bias,
+    p_scale,
+    p_mask,
+    stride_kn,
+    stride_vn,
+    stride_bias_n,
+    stride_scale_n,
+    stride_mask_n,
+    offs_m,
+    offs_d,
+    lo,
+    hi,
+    Skv,
+    diag,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BOUNDARY: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    m_d = offs_d < HEAD_DIM
+    o_n = tl.arange(0, BLOCK_N)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + o_n
+        m_n = offs_n < Skv
+        if BOUNDARY:
+            b_kt = tl.load(p_k + offs_n[None, :] * stride_kn, mask=m_d[:, None] & m_n[None, :], other=0.0)
+        else:
+            b_kt = tl.load(p_k + offs_n[None, :] * stride_kn, mask=m_d[:, None], other=0.0)
+        # [BLOCK_M, BLOCK_N] logits in log2 units
+        b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale
+        if HAS_BIAS:
+            b_bias = tl.load(p_bias + offs_n * stride_bias_n, mask=m_n, other=0.0).to(tl.float32)
+            b_s += b_bias[None, :] * 1.4426950408889634
+        if BOUNDARY:
+            b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+        if CAUSAL:
+            b_s = tl.where(offs_n[None, :] <= offs_m[:, None] + diag, b_s, float("-inf"))
+        if HAS_MASK:
+            b_keep = tl.load(p_mask + offs_n * stride_mask_n, mask=m_n, other=0)
+            b_s = tl.where(b_keep[None, :] != 0, b_s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        # A row that has seen no visible key keeps m = -inf; subtract 0 instead so that
+        # exp2(-inf - -inf) never produces NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        b_p = tl.exp2(b_s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(b_p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_SCALE:
+            b_vs = tl.load(p_scale + offs_n * stride_scale_n, mask=m_n, other=0.0).to(tl.float32)
+            b_p = b_p * b_vs[None, :]
+        if BOUNDARY:
+            b_v = tl.load(p_v + offs_n[:, None] * stride_vn, mask=m_n[:, None] & m_d[None, :], other=0.0)
+        else:
+            b_v = tl.load(p_v + offs_n[:, None] * stride_vn, mask=m_d[None, :], other=0.0)
+        acc = tl.dot(b_p.to(b_v.dtype), b_v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["Sq", "Skv"])
+def _anchored_prefill_kernel(
+    Q,
+    K,
+    V,
+    Bias,
+    Scale,
+    Mask,
+    Out,
+    Lse,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_bias_b,
+    stride_bias_n,
+    stride_scale_b,
+    stride_scale_n,
+    stride_mask_b,
+    stride_mask_n,
+    stride_lse_b,
+    stride_lse_h,
+    Hq,
+    group,
+    Sq,
+    Skv,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    i_b = pid_bh // Hq
+    i_h = pid_bh % Hq
+    i_hk = i_h // group
+    start_m = pid_m * BLOCK_M
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_m = offs_m < Sq
+    m_d = offs_d < HEAD_DIM
+
+    p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+    p_q = p_q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+
+    p_k = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh + offs_d[:, None] * stride_kd
+    p_v = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh + offs_d[None, :] * stride_vd
+    p_bias = Bias + i_b.to(tl.int64) * stride_bias_b
+    p_scale = Scale + i_b.to(tl.int64) * stride_scale_b
+    p_mask = Mask + i_b.to(tl.int64) * stride_mask_b
+
+    # Bottom-right causal alignment: query i sees key j iff j <= i + diag.
+    diag = Skv - Sq
+    if CAUSAL:
+        # Blocks below `full_hi` are visible to every row of this query block.
+        full_hi = tl.minimum(tl.maximum(start_m + diag + 1, 0), Skv)
+        full_hi = (full_hi // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), Skv)
+    else:
+        full_hi = (Skv // BLOCK_N) * BLOCK_N
+        hi = Skv
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _prefill_inner(
+        acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
+        stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
+        offs_m, offs_d, 0, full_hi, Skv, diag, qk_scale,
+        BLOCK_N, HEAD_DIM, False, False, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
+    )  # fmt: skip
+    acc, l_i, m_i = _prefill_inner(
+        acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
+        stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
+        offs_m, offs_d, full_hi, hi, Skv, diag, qk_scale,
+        BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
+    )  # fmt: skip
+
+    # Rows with no visible key have l = 0 and acc = 0: they give 0, never NaN.
+    has_key = l_i > 0
+    b_o = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    p_o = Out + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+    p_o = p_o + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(p_o, b_o.to(Out.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+    if STORE_LSE:
+        lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        p_lse = Lse + i_b.to(tl.int64) * stride_lse_b + i_h.to(tl.int64) * stride_lse_h + offs_m
+        tl.store(p_lse, lse, mask=m_m)
+
+
+def prefill_config(head_dim_padded: int, elem_bytes: int, interpret: bool) -> dict:
+    """Tile sizes. Chosen by rule rather than autotuned, so the first call inside a CUDA
+    graph capture or torch.compile does not benchmark. Not yet tuned on a GPU."""
+    if interpret:
+        # Small tiles keep the CPU interpreter fast and exercise the multi-block paths.
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    if elem_bytes == 4:
+        if head_dim_padded <= 128:
+            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    if head_dim_padded <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    if head_dim_padded <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+
+
+def launch_prefill(
+    q, k, v, key_bias, value_scale, key_padding_mask, out, lse, *, causal, sm_scale, interpret
+):
+    """Launch on validated inputs; writes ``out`` (B, Hq, Sq, D) and, when ``lse`` is not
+    None, the natural-log log-sum-exp (B, Hq, Sq) float32."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    block_d = max(16, triton.next_power_of_2(D))
+    cfg = prefill_config(block_d, q.element_size(), interpret)
+    # Unused pointer arguments get a real tensor so the signature stays fixed.
+    bias = key_bias if key_bias is not None else q
+    scale = value_scale if value_scale is not None else q
+    mask = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
+    sb = key_bias.stride() if key_bias is not None else (0, 0)
+    ss = value_scale.stride() if value_scale is not None else (0, 0)
+    sm = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+    store_lse = lse is not None
+    lse_arg = lse if store_lse else out
+    sl = (lse.stride(0), lse.stride(1)) if store_lse else (0, 0)
+    grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), B * Hq)
+    _anchored_prefill_kernel[grid](
+        q, k, v, bias, scale, mask, out, lse_arg,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *sb, *ss, *sm, *sl,
+        Hq, Hq // Hkv, Sq, Skv, sm_scale * LOG2E,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        CAUSAL=causal, HAS_BIAS=key_bias is not None, HAS_SCALE=value_scale is not None,
+        HAS_MASK=key_padding_mask is not None, STORE_LSE=store_lse,
+        DOT_PRECISION="ieee" if q.element_size() == 4 else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
