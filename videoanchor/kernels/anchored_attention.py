@@ -110,7 +110,9 @@ def _validate(q, k, v, key_bias, value_scale, key_padding_mask, backend):
             continue
         _check_tensor(name, t, 2)
         if tuple(t.shape) != (B, Skv):
-            raise ValueError(f"{name}: expected shape (B, Skv) = ({B}, {Skv}), got {tuple(t.shape)}")
+            raise ValueError(
+                f"{name}: expected shape (B, Skv) = ({B}, {Skv}), got {tuple(t.shape)}"
+            )
         if dtypes == "bool" and t.dtype != torch.bool:
             raise TypeError(f"{name}: expected dtype torch.bool (True = may attend), got {t.dtype}")
         if dtypes == "float" and not t.is_floating_point():
@@ -128,7 +130,9 @@ def _pick_backend(q, backend):
     if backend == "auto":
         return "triton" if (q.is_cuda and triton_prefill is not None) else "torch"
     if triton_prefill is None:
-        raise ValueError(f"backend='triton': Triton is not usable here ({_TRITON_ERROR}); use backend='torch'")
+        raise ValueError(
+            f"backend='triton': Triton is not usable here ({_TRITON_ERROR}); use backend='torch'"
+        )
     if not triton_ok:
         raise ValueError(
             f"backend='triton': expected CUDA tensors, got device {q.device}; set TRITON_INTERPRET=1 "
@@ -137,7 +141,9 @@ def _pick_backend(q, backend):
     D = q.shape[-1]
     lo, hi = _TRITON_HEAD_DIMS
     if not lo <= D <= hi:
-        raise ValueError(f"backend='triton': expected head dim in [{lo}, {hi}], got {D}; use backend='torch'")
+        raise ValueError(
+            f"backend='triton': expected head dim in [{lo}, {hi}], got {D}; use backend='torch'"
+        )
     return "triton"
 
 

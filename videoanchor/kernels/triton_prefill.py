@@ -54,7 +54,9 @@ def _prefill_inner(
         offs_n = start_n + o_n
         m_n = offs_n < Skv
         if BOUNDARY:
-            b_kt = tl.load(p_k + offs_n[None, :] * stride_kn, mask=m_d[:, None] & m_n[None, :], other=0.0)
+            b_kt = tl.load(
+                p_k + offs_n[None, :] * stride_kn, mask=m_d[:, None] & m_n[None, :], other=0.0
+            )
         else:
             b_kt = tl.load(p_k + offs_n[None, :] * stride_kn, mask=m_d[:, None], other=0.0)
         # [BLOCK_M, BLOCK_N] logits in log2 units
@@ -81,7 +83,9 @@ def _prefill_inner(
             b_vs = tl.load(p_scale + offs_n * stride_scale_n, mask=m_n, other=0.0).to(tl.float32)
             b_p = b_p * b_vs[None, :]
         if BOUNDARY:
-            b_v = tl.load(p_v + offs_n[:, None] * stride_vn, mask=m_n[:, None] & m_d[None, :], other=0.0)
+            b_v = tl.load(
+                p_v + offs_n[:, None] * stride_vn, mask=m_n[:, None] & m_d[None, :], other=0.0
+            )
         else:
             b_v = tl.load(p_v + offs_n[:, None] * stride_vn, mask=m_d[None, :], other=0.0)
         acc = tl.dot(b_p.to(b_v.dtype), b_v, acc, input_precision=DOT_PRECISION)
@@ -155,8 +159,18 @@ def _anchored_prefill_kernel(
     p_q = p_q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
     b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
 
-    p_k = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh + offs_d[:, None] * stride_kd
-    p_v = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh + offs_d[None, :] * stride_vd
+    p_k = (
+        K
+        + i_b.to(tl.int64) * stride_kb
+        + i_hk.to(tl.int64) * stride_kh
+        + offs_d[:, None] * stride_kd
+    )
+    p_v = (
+        V
+        + i_b.to(tl.int64) * stride_vb
+        + i_hk.to(tl.int64) * stride_vh
+        + offs_d[None, :] * stride_vd
+    )
     p_bias = Bias + i_b.to(tl.int64) * stride_bias_b
     p_scale = Scale + i_b.to(tl.int64) * stride_scale_b
     p_mask = Mask + i_b.to(tl.int64) * stride_mask_b
@@ -195,7 +209,11 @@ def _anchored_prefill_kernel(
     p_o = p_o + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(p_o, b_o.to(Out.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
     if STORE_LSE:
-        lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        lse = tl.where(
+            has_key,
+            (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453,
+            float("-inf"),
+        )
         p_lse = Lse + i_b.to(tl.int64) * stride_lse_b + i_h.to(tl.int64) * stride_lse_h + offs_m
         tl.store(p_lse, lse, mask=m_m)
 
