@@ -1,0 +1,198 @@
+"""Prefill attention: our fused anchored kernel against what a user would run instead.
+
+Providers, all timed the same way in one process (triton.testing.do_bench, median and
+20/80 percentiles; CUDA events):
+  anchored        our Triton kernel with key_bias and value_scale
+  ours_plain      our Triton kernel without gates (the overhead reference)
+  sdpa_flash      torch SDPA, flash backend, no bias (what a user gets today, unanchored)
+  sdpa_mask       torch SDPA with a (B, 1, Sq, Skv) float mask (causal + bias) and V pre-scaled
+  flex            compiled FlexAttention, score_mod adding bias[b, kv_idx], causal block mask,
+                  V pre-scaled
+  eager           materialised logits + mask, softmax, matmul (the authors' approach)
+Every provider includes its own pre-processing (V scaling, mask building) in the time.
+FLOPs: 4 * B * Hq * Sq * Skv * D, halved for causal with Sq = Skv.
+
+    python benchmarks/bench_attention.py            # full sweep (GPU)
+    python benchmarks/bench_attention.py --quick    # S = 2k only
+Without CUDA it says so and runs a small CPU comparison of the exact torch path and SDPA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import videoanchor  # noqa: E402
+from benchmarks.common import environment, print_table, write_result  # noqa: E402
+
+MODELS = {
+    "qwen2.5-vl-7b": dict(Hq=28, Hkv=4, D=128),
+    "internvl2-8b": dict(Hq=32, Hkv=8, D=128),
+}
+
+
+def make(B, Hq, Hkv, S, D, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(B, Hq, S, D, device=device, dtype=dtype, generator=g)
+    k = torch.randn(B, Hkv, S, D, device=device, dtype=dtype, generator=g)
+    v = torch.randn(B, Hkv, S, D, device=device, dtype=dtype, generator=g)
+    s = torch.rand(B, S, device=device, generator=g)
+    key_bias, value_scale = videoanchor.anchor_gates(s, alpha_k=9.5, alpha_v=2.5)
+    return q, k, v, key_bias, value_scale
+
+
+def providers(q, k, v, key_bias, value_scale):
+    B, Hq, S, D = q.shape
+    group = Hq // k.shape[1]
+    out = {}
+    out["anchored"] = lambda: videoanchor.anchored_attention(q, k, v, key_bias, value_scale)
+    out["ours_plain"] = lambda: videoanchor.anchored_attention(q, k, v)
+
+    if q.is_cuda:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def sdpa_flash():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+        out["sdpa_flash"] = sdpa_flash
+    else:
+        out["sdpa"] = lambda: F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=True
+        )
+
+    def sdpa_mask():
+        causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+        mask = key_bias[:, None, None, :].to(q.dtype).masked_fill(~causal, float("-inf"))
+        v_s = v * value_scale[:, None, :, None].to(v.dtype)
+        return F.scaled_dot_product_attention(q, k, v_s, attn_mask=mask, enable_gqa=True)
+
+    out["sdpa_mask"] = sdpa_mask
+
+    if q.is_cuda:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+        block_mask = create_block_mask(
+            lambda b, h, qi, ki: ki <= qi, None, None, S, S, device=q.device
+        )
+        bias = key_bias
+
+        def score_mod(score, b, h, qi, ki):
+            return score + bias[b, ki]
+
+        def flex_fn():
+            v_s = v * value_scale[:, None, :, None].to(v.dtype)
+            return flex(q, k, v_s, score_mod=score_mod, block_mask=block_mask, enable_gqa=True)
+
+        out["flex"] = flex_fn
+
+    def eager():
+        kk = k.repeat_interleave(group, 1)
+        vv = (v * value_scale[:, None, :, None].to(v.dtype)).repeat_interleave(group, 1)
+        logits = (q @ kk.transpose(-1, -2)) * (1 / math.sqrt(D))
+        causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+        logits = logits + key_bias[:, None, None, :].to(q.dtype)
+        logits = logits.masked_fill(~causal, float("-inf"))
+        return torch.softmax(logits.float(), dim=-1).to(q.dtype) @ vv
+
+    out["eager"] = eager
+    return out
+
+
+def measure(fn, device):
+    if device == "cuda":
+        import triton.testing
+
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        ms, lo, hi = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        return ms, lo, hi, peak / 2**20
+    import time
+
+    fn()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2], times[1], times[-2], None
+
+
+def run(quick: bool, out_dir=None):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    meta = environment(device)
+    if device == "cpu":
+        print("No CUDA device: running the exact torch path against SDPA on the CPU at small S.")
+        lengths, dtype, models = (
+            [512, 1024],
+            torch.float32,
+            {"qwen2.5-vl-7b": MODELS["qwen2.5-vl-7b"]},
+        )
+    else:
+        lengths = [2048] if quick else [2048, 8192, 16384, 32768]
+        dtype, models = torch.bfloat16, MODELS
+    rows = []
+    for model, dims in models.items():
+        for S in lengths:
+            q, k, v, kb, vs = make(1, dims["Hq"], dims["Hkv"], S, dims["D"], dtype, device)
+            flops = 4 * dims["Hq"] * S * S * dims["D"] / 2
+            ref_out = None
+            for name, fn in providers(q, k, v, kb, vs).items():
+                row = dict(model=model, S=S, B=1, dtype=str(dtype).split(".")[-1], provider=name)
+                try:
+                    result = fn()
+                    if name in ("anchored", "sdpa_mask", "flex", "eager"):
+                        if ref_out is None:
+                            ref_out = result.float()
+                        row["max_diff_vs_anchored"] = (result.float() - ref_out).abs().max().item()
+                    ms, lo, hi, peak = measure(fn, device)
+                    row.update(ms=ms, ms_p20=lo, ms_p80=hi, peak_mib=peak)
+                    row["tflops"] = flops / (ms * 1e-3) / 1e12
+                except torch.OutOfMemoryError:
+                    row["error"] = "out of memory"
+                except Exception as exc:  # a baseline that cannot run at this shape
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+                finally:
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                rows.append(row)
+                print(row, flush=True)
+            by = {r["provider"]: r for r in rows if r["model"] == model and r["S"] == S}
+            if "ms" in by.get("anchored", {}):
+                for r in by.values():
+                    if "ms" in r:
+                        r["speedup_of_anchored"] = r["ms"] / by["anchored"]["ms"]
+    path = write_result("attention", meta, rows, out_dir)
+    cols = ["model", "S", "provider", "ms", "tflops", "peak_mib", "speedup_of_anchored", "error"]
+    print_table(rows, cols)
+    print(f"wrote {path}")
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="only the shortest sequence length")
+    ap.add_argument(
+        "--out-dir", default=None, help="where to write the JSON (default benchmarks/results)"
+    )
+    args = ap.parse_args(argv)
+    run(args.quick, args.out_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Shared by every benchmark script: environment metadata and the JSON result format.
+
+Each result file holds ``{"meta": {...}, "rows": [...]}``; ``meta`` names the device, the
+library versions and the git SHA, so a number can always be traced to what produced it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def git_sha() -> str:
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+            text=True, cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()  # fmt: skip
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("VIDEOANCHOR_GIT_SHA", "unknown")
+
+
+def environment(device: str | None = None) -> dict:
+    import torch
+
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_sha": git_sha(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        meta["triton"] = None
+    try:
+        meta["loadavg"] = os.getloadavg()
+    except OSError:
+        pass
+    use_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+    if use_cuda:
+        props = torch.cuda.get_device_properties(0)
+        meta.update(
+            device=torch.cuda.get_device_name(0),
+            device_memory_gb=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+        )
+    else:
+        meta["device"] = f"cpu ({meta['cpu']}, {meta['cpu_count']} cores)"
+    return meta
+
+
+def device_slug(meta: dict) -> str:
+    name = meta["device"].split("(")[0].strip().lower()
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-")
+
+
+def write_result(
+    name: str, meta: dict, rows: list[dict], out_dir: str | Path | None = None
+) -> Path:
+    """Write ``<out_dir>/<name>_<device>.json`` and return its path."""
+    out = Path(out_dir or os.environ.get("VIDEOANCHOR_RESULTS_DIR") or RESULTS_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}_{device_slug(meta)}.json"
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str) + "\n")
+    return path
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths, strict=True)))
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return "-" if x is None else str(x)
