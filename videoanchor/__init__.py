@@ -6,8 +6,12 @@ Layers (dependencies run one way):
     videoanchor.integrations  transformers shims and the per-family registry
 """
 
+from videoanchor.integrations import configure
+from videoanchor.integrations import register as _register_transformers
 from videoanchor.kernels import anchor_gates, anchored_attention
+
+_register_transformers()
 
 __version__ = "0.1.0"
 
-__all__ = ["anchored_attention", "anchor_gates", "__version__"]
+__all__ = ["anchored_attention", "anchor_gates", "configure", "__version__"]

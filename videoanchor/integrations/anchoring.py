@@ -1,0 +1,583 @@
+"""Per-model state, hooks and :func:`configure`.
+
+How a request flows (no change to the user's code):
+
+1. A forward pre-hook on the base VLM model (the module owning ``language_model``) records
+   ``input_ids``, the 2D attention mask, the cache object and whether visual inputs
+   (``pixel_values``, ``pixel_values_videos``, ...) came with this call.
+2. A forward pre-hook on the language model receives ``inputs_embeds`` after transformers
+   scattered the projector output into the placeholder positions. On a call with visual
+   inputs (a prefill) it runs SSC once per sample on the embeddings at the visual positions,
+   builds the (batch, prompt) scores (0 elsewhere) and the gates
+   ``key_bias = log(1 + alpha_k s)``, ``value_scale = 1 + alpha_v s``.
+3. Every decoder self-attention module carries a reference to the handle; the attention
+   function asks it for the gates of the current forward on its own device (one copy per
+   device per request, views afterwards: no host sync per layer).
+4. Decode steps (later calls with the same cache object) are unanchored with
+   ``decode="prefill"`` (the authors' code) or keep the prompt's gates, padded with
+   neutral gates for generated tokens, with ``decode="all"``.
+
+The KV cache only ever holds the unscaled K and V: the gates enter inside the kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from videoanchor.integrations.attention import ATTN_IMPLEMENTATION
+from videoanchor.integrations.registry import (
+    FamilySpec,
+    VisualSegment,
+    get_family,
+    segments_for_batch,
+)
+
+__all__ = ["AnchorConfig", "AnchorHandle", "configure", "find_handle"]
+
+_DECODE_MODES = ("prefill", "all")
+_KINDS = ("video", "image")
+_ATTN_BACKENDS = ("auto", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class AnchorConfig:
+    """Options of one configured model (see :func:`configure`)."""
+
+    enabled: bool = True
+    alpha_q: float = 4.0
+    alpha_k: float = 9.5
+    alpha_v: float = 2.5
+    n_clusters: int = 24
+    decode: str = "prefill"
+    tokens: tuple[str, ...] = _KINDS
+    alpha_e: float = 800.0
+    alpha_z: float = 800.0
+    rho: float = 300.0
+    eps: float = 2e-4
+    max_iter: int = 10000
+    pca_rank: int = 0
+    seed: int = 0
+    ssc_backend: str = "auto"
+    ssc_dtype: torch.dtype | None = None
+    attention_backend: str = "auto"
+
+
+def _validate(cfg: AnchorConfig) -> AnchorConfig:
+    if not isinstance(cfg.enabled, bool):
+        raise TypeError(f"enabled: expected a bool, got {cfg.enabled!r}")
+    for name in ("alpha_q", "alpha_k", "alpha_v"):
+        a = getattr(cfg, name)
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
+            raise ValueError(f"{name}: expected a finite number, got {a!r}")
+        if a < -1.0:
+            raise ValueError(
+                f"{name}={a} makes the gate 1 + {name} * s non-positive for the highest-scored "
+                f"tokens (scores lie in [0, 1)); expected {name} >= -1"
+            )
+    if (
+        isinstance(cfg.n_clusters, bool)
+        or not isinstance(cfg.n_clusters, int)
+        or cfg.n_clusters < 1
+    ):
+        raise ValueError(f"n_clusters: expected a positive int, got {cfg.n_clusters!r}")
+    if cfg.decode not in _DECODE_MODES:
+        raise ValueError(f"decode: expected one of {_DECODE_MODES}, got {cfg.decode!r}")
+    tokens = (cfg.tokens,) if isinstance(cfg.tokens, str) else tuple(cfg.tokens)
+    if not tokens or any(t not in _KINDS for t in tokens):
+        raise ValueError(f"tokens: expected a non-empty subset of {_KINDS}, got {cfg.tokens!r}")
+    if cfg.attention_backend not in _ATTN_BACKENDS:
+        raise ValueError(
+            f"attention_backend: expected one of {_ATTN_BACKENDS}, got {cfg.attention_backend!r}"
+        )
+    return replace(cfg, tokens=tokens, alpha_q=float(cfg.alpha_q), alpha_k=float(cfg.alpha_k),
+                   alpha_v=float(cfg.alpha_v))  # fmt: skip
+
+
+@dataclass
+class _Pending:
+    """What the base-model pre-hook saw, consumed by the language-model pre-hook."""
+
+    input_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    visual_mask_from_embeds: dict[str, torch.Tensor] | None
+    has_visual_inputs: bool
+    cache: object
+    layout_kwargs: dict
+
+
+@dataclass
+class _Request:
+    """Gates of one prefill, reused by its decode steps (decode="all")."""
+
+    key_bias: torch.Tensor  # (B, P) float32
+    value_scale: torch.Tensor  # (B, P) float32
+    cache_ref: weakref.ref | None = None
+    offset: int | None = None  # cache slot of prompt position 0
+    buffers: dict = field(default_factory=dict)  # device -> (key_bias buf, value_scale buf)
+
+    @property
+    def batch(self) -> int:
+        return self.key_bias.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.key_bias.shape[1]
+
+    def gates(self, device: torch.device, batch: int, skv: int):
+        if batch != self.batch:
+            raise RuntimeError(
+                f"videoanchor: the prefill had batch {self.batch} but this attention call has batch "
+                f"{batch}; decoding strategies that change the batch after the prefill are not "
+                "supported with decode='all'"
+            )
+        if self.offset is None:
+            self.offset = skv - self.length
+            if self.offset < 0:
+                raise RuntimeError(
+                    f"videoanchor: the prompt has {self.length} positions but the attention sees "
+                    f"only {skv} keys"
+                )
+        end = self.offset + self.length
+        if skv < end:
+            raise RuntimeError(f"videoanchor: expected at least {end} keys, got {skv}")
+        buf = self.buffers.get(device)
+        if buf is None or buf[0].shape[1] < skv:
+            cap = skv if buf is None else max(skv, 2 * buf[0].shape[1])
+            if skv > end:  # decoding: leave room so that most steps are views
+                cap = max(cap, end + 256)
+            kb = torch.zeros(self.batch, cap, dtype=torch.float32, device=device)
+            vs = torch.ones(self.batch, cap, dtype=torch.float32, device=device)
+            kb[:, self.offset : end] = self.key_bias.to(device, non_blocking=True)
+            vs[:, self.offset : end] = self.value_scale.to(device, non_blocking=True)
+            buf = self.buffers[device] = (kb, vs)
+        return buf[0][:, :skv], buf[1][:, :skv]
+
+
+class AnchorHandle:
+    """The VideoAnchor state of one model; returned by :func:`configure`.
+
+    Attributes (after a prefill with visual tokens; None/empty before):
+        config: the :class:`AnchorConfig` in force.
+        family: the registry entry of the model.
+        last_scores: (batch, prompt_len) float32 anchor scores of the last prefill, on the
+            language model's input device; 0 at text, padding and unscored positions.
+        last_result: list, per sample, of the SSC :class:`~videoanchor.anchor.AnchorResult`
+            (None for a sample without scored visual tokens).
+        last_visual_positions: list, per sample, of a LongTensor (CPU) with the prompt columns
+            of the scored visual tokens, in prompt order (left padding included in the column).
+        last_segments: list, per sample, of :class:`VisualSegment` (kind, start, length, grid,
+            order): the images/videos of the sample; ``start`` indexes
+            ``last_visual_positions[b]``.
+        last_anchored: True when the last forward with a fresh request was anchored.
+    """
+
+    def __init__(self, model: torch.nn.Module, family: FamilySpec, config: AnchorConfig):
+        self._model_ref = weakref.ref(model)
+        self.family = family
+        self.config = config
+        self.last_scores: torch.Tensor | None = None
+        self.last_result: list | None = None
+        self.last_visual_positions: list[torch.Tensor] = []
+        self.last_segments: list[list[VisualSegment]] = []
+        self.last_anchored = False
+        self._pending: _Pending | None = None
+        self._request: _Request | None = None
+        self._current: _Request | None = None
+        self._warned: set[str] = set()
+        self._hooks: list = []
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"AnchorHandle(family={self.family.model_type!r}, enabled={c.enabled}, "
+            f"alpha_q={c.alpha_q}, alpha_k={c.alpha_k}, alpha_v={c.alpha_v}, "
+            f"n_clusters={c.n_clusters}, decode={c.decode!r}, tokens={c.tokens})"
+        )
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        return self._model_ref()
+
+    def _text_config(self):
+        model = self.model
+        return getattr(model.config, "text_config", model.config)
+
+    def _active(self) -> bool:
+        return (
+            self.config.enabled and self._text_config()._attn_implementation == ATTN_IMPLEMENTATION
+        )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=4)
+
+    # -- hooks -------------------------------------------------------------------------
+    def _on_base_forward(self, module, args, kwargs):
+        self._pending = None
+        self._current = None
+        if not self._active():
+            return None
+        input_ids = kwargs.get("input_ids")
+        if (
+            input_ids is None
+            and args
+            and torch.is_tensor(args[0])
+            and not args[0].is_floating_point()
+        ):
+            input_ids = args[0]
+        has_visual = any(kwargs.get(n) is not None for n in self.family.visual_input_kwargs)
+        from_embeds = None
+        if input_ids is None and has_visual and kwargs.get("inputs_embeds") is not None:
+            from_embeds = self._placeholder_mask_from_embeds(module, kwargs["inputs_embeds"])
+        layout = {
+            k: kwargs.get(k) for k in ("video_grid_thw", "image_grid_thw", "pixel_values_videos")
+        }
+        mask = kwargs.get("attention_mask")
+        self._pending = _Pending(
+            input_ids=input_ids,
+            attention_mask=mask if torch.is_tensor(mask) and mask.dim() == 2 else None,
+            visual_mask_from_embeds=from_embeds,
+            has_visual_inputs=has_visual,
+            cache=kwargs.get("past_key_values"),
+            layout_kwargs=layout,
+        )
+        return None
+
+    def _placeholder_mask_from_embeds(self, module, embeds):
+        ids = self.family.token_ids(self.model.config, self.config.tokens)
+        emb = module.get_input_embeddings()
+        out = {}
+        for kind, tid in ids.items():
+            ref = emb(torch.tensor(tid, device=embeds.device))
+            out[kind] = (embeds == ref).all(-1)
+        return out
+
+    def _on_lm_forward(self, module, args, kwargs):
+        pending, self._pending = self._pending, None
+        self._current = None
+        if pending is None:
+            return None
+        request = self._request
+        cache = pending.cache
+        if (
+            not pending.has_visual_inputs
+            and request is not None
+            and cache is not None
+            and request.cache_ref is not None
+            and request.cache_ref() is cache
+        ):
+            if self.config.decode == "all":
+                self._current = request
+            return None
+        self._request = None
+        embeds = kwargs.get("inputs_embeds")
+        if not pending.has_visual_inputs or embeds is None:
+            self.last_anchored = False
+            self._warn_once(
+                "no-visual",
+                "videoanchor: this request has no visual inputs; it runs unanchored (plain attention)",
+            )
+            return None
+        with torch.no_grad():
+            self._start_request(pending, embeds)
+        return None
+
+    def _on_lm_output(self, module, args, kwargs, output):
+        request = self._request
+        if request is not None and request.cache_ref is None:
+            cache = getattr(output, "past_key_values", None)
+            if cache is None:
+                cache = kwargs.get("past_key_values")
+            if cache is not None:
+                request.cache_ref = weakref.ref(cache)
+        self._current = None
+        return None
+
+    # -- scores ------------------------------------------------------------------------
+    def _visual_masks(self, pending: _Pending, embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        B, S = embeds.shape[:2]
+        if pending.visual_mask_from_embeds is not None:
+            masks = dict(pending.visual_mask_from_embeds)
+        else:
+            ids = pending.input_ids
+            if ids is None or tuple(ids.shape) != (B, S):
+                raise RuntimeError(
+                    f"videoanchor: expected input_ids of shape {(B, S)} with the visual inputs, got "
+                    f"{None if ids is None else tuple(ids.shape)}"
+                )
+            token_ids = self.family.token_ids(self.model.config, self.config.tokens)
+            masks = {kind: ids.to(embeds.device) == tid for kind, tid in token_ids.items()}
+        am = pending.attention_mask
+        if am is not None and am.shape[0] == B and am.shape[-1] >= S:
+            valid = am[:, -S:].to(device=embeds.device, dtype=torch.bool)
+            masks = {k: m & valid for k, m in masks.items()}
+        return masks
+
+    def _start_request(self, pending: _Pending, embeds: torch.Tensor) -> None:
+        from videoanchor.anchor import compute_anchor_scores
+        from videoanchor.kernels import anchor_gates
+
+        cfg = self.config
+        B, S = embeds.shape[:2]
+        masks = self._visual_masks(pending, embeds)
+        any_mask = torch.zeros(B, S, dtype=torch.bool, device=embeds.device)
+        for m in masks.values():
+            any_mask |= m
+        scores = torch.zeros(B, S, dtype=torch.float32, device=embeds.device)
+        results: list = []
+        positions: list[torch.Tensor] = []
+        seen: list[tuple[torch.Tensor, object]] = []
+        for b in range(B):
+            cols = torch.nonzero(any_mask[b]).flatten()
+            positions.append(cols.cpu())
+            n = cols.numel()
+            if n == 0:
+                results.append(None)
+                continue
+            if n < 3:
+                self._warn_once(
+                    "tiny",
+                    f"videoanchor: a sample has only {n} visual tokens; SSC needs at least 3, so its "
+                    "scores are 0 (unanchored)",
+                )
+                results.append(None)
+                continue
+            feats = embeds[b, cols]
+            res = next(
+                (r for f, r in seen if f.shape == feats.shape and torch.equal(f, feats)), None
+            )
+            if res is None:
+                k = min(cfg.n_clusters, n)
+                if k < cfg.n_clusters:
+                    self._warn_once(
+                        "clusters",
+                        f"videoanchor: a sample has {n} visual tokens, fewer than n_clusters="
+                        f"{cfg.n_clusters}; using n_clusters={k} for it",
+                    )
+                res = compute_anchor_scores(
+                    feats,
+                    k,
+                    alpha_e=cfg.alpha_e,
+                    alpha_z=cfg.alpha_z,
+                    rho=cfg.rho,
+                    eps=cfg.eps,
+                    max_iter=cfg.max_iter,
+                    pca_rank=cfg.pca_rank,
+                    seed=cfg.seed,
+                    backend=cfg.ssc_backend,
+                    dtype=cfg.ssc_dtype,
+                )
+                seen.append((feats, res))
+            results.append(res)
+            scores[b, cols] = res.scores.to(device=scores.device, dtype=torch.float32)
+        self.last_scores = scores
+        self.last_result = results
+        self.last_visual_positions = positions
+        if pending.input_ids is not None:
+            self.last_segments = segments_for_batch(
+                self.family, self.model.config, pending.layout_kwargs, pending.input_ids, masks
+            )
+        else:
+            self.last_segments = [[] for _ in range(B)]
+        if all(r is None for r in results):
+            self.last_anchored = False
+            self._warn_once(
+                "no-visual-tokens",
+                f"videoanchor: no {'/'.join(cfg.tokens)} placeholder tokens with enough tokens in this "
+                "prompt; it runs unanchored (plain attention)",
+            )
+            return
+        key_bias, value_scale = anchor_gates(scores, cfg.alpha_k, cfg.alpha_v)
+        anchor_gates(scores, cfg.alpha_q, 0.0)  # validates the (no-op) query gate
+        self._request = _Request(key_bias=key_bias, value_scale=value_scale)
+        if pending.cache is not None:
+            self._request.cache_ref = weakref.ref(pending.cache)
+        self._current = self._request
+        self.last_anchored = True
+
+    # -- called by the attention function ----------------------------------------------
+    def _gates_for(self, query: torch.Tensor, key: torch.Tensor):
+        request = self._current
+        if request is None:
+            return None, None
+        return request.gates(key.device, query.shape[0], key.shape[2])
+
+    # -- install -----------------------------------------------------------------------
+    def _install(self, base: torch.nn.Module) -> None:
+        lm = getattr(base, self.family.language_model_attr)
+        self._hooks = [
+            base.register_forward_pre_hook(self._on_base_forward, with_kwargs=True),
+            lm.register_forward_pre_hook(self._on_lm_forward, with_kwargs=True),
+            lm.register_forward_hook(self._on_lm_output, with_kwargs=True),
+        ]
+        n = 0
+        for m in lm.modules():
+            if _is_decoder_self_attention(m):
+                m._videoanchor_handle = self
+                n += 1
+        if n == 0:
+            raise RuntimeError(
+                f"videoanchor: found no decoder self-attention modules in {type(lm).__name__}"
+            )
+        self._keep_vision_on_sdpa()
+
+    def _keep_vision_on_sdpa(self) -> None:
+        vc = getattr(self.model.config, self.family.vision_config_attr, None)
+        if vc is not None and getattr(vc, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
+            vc._attn_implementation_internal = "sdpa"
+
+
+def _is_decoder_self_attention(m: torch.nn.Module) -> bool:
+    return (
+        type(m).__name__.endswith("Attention")
+        and hasattr(m, "layer_idx")
+        and getattr(m, "is_causal", False)
+        and hasattr(m, "config")
+    )
+
+
+def _is_base_vlm(m: torch.nn.Module) -> bool:
+    """The module that owns the language model as a child (e.g. Qwen2VLModel, InternVLModel)."""
+    return "language_model" in m._modules and hasattr(m, "config")
+
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module | None:
+    return next((m for m in model.modules() if _is_base_vlm(m)), None)
+
+
+def find_handle(model: torch.nn.Module) -> AnchorHandle | None:
+    """The handle installed on ``model`` (or one of its submodules), or None."""
+    for m in model.modules():
+        h = m.__dict__.get("_videoanchor_handle_root")
+        if h is not None:
+            return h
+    return None
+
+
+def _install_on(base: torch.nn.Module) -> AnchorHandle:
+    spec = get_family(base.config)
+    a_q, a_k, a_v = spec.default_alphas
+    handle = AnchorHandle(
+        base, spec, _validate(AnchorConfig(alpha_q=a_q, alpha_k=a_k, alpha_v=a_v))
+    )
+    handle._install(base)
+    base._videoanchor_handle_root = handle
+    return handle
+
+
+def maybe_install(model: torch.nn.Module) -> None:
+    """Called after every PreTrainedModel.post_init: installs on a base VLM loaded with our name."""
+    if "_videoanchor_handle_root" in model.__dict__ or not _is_base_vlm(model):
+        return
+    text_config = getattr(model.config, "text_config", None)
+    if (
+        text_config is None
+        or getattr(text_config, "_attn_implementation", None) != ATTN_IMPLEMENTATION
+    ):
+        return
+    _install_on(model)
+
+
+_UNSET = object()
+
+
+def configure(
+    model: torch.nn.Module,
+    *,
+    enabled=_UNSET,
+    alpha_q=_UNSET,
+    alpha_k=_UNSET,
+    alpha_v=_UNSET,
+    n_clusters=_UNSET,
+    decode=_UNSET,
+    tokens=_UNSET,
+    alpha_e=_UNSET,
+    alpha_z=_UNSET,
+    rho=_UNSET,
+    eps=_UNSET,
+    max_iter=_UNSET,
+    pca_rank=_UNSET,
+    seed=_UNSET,
+    ssc_backend=_UNSET,
+    ssc_dtype=_UNSET,
+    attention_backend=_UNSET,
+) -> AnchorHandle:
+    """Configure VideoAnchor on a model loaded with ``attn_implementation="videoanchor_triton"``.
+
+    Options not given keep their current value (the first call starts from the family's
+    defaults in the registry and n_clusters=24, decode="prefill", tokens=("video", "image"),
+    the authors' SSC parameters). Returns the model's :class:`AnchorHandle`.
+
+    Args:
+        model: the loaded VLM (``...ForConditionalGeneration`` or its base model).
+        enabled: False turns anchoring off (plain attention) without reloading.
+        alpha_q, alpha_k, alpha_v: gate strengths (METHOD.md section 4); alpha_q cancels in
+            the softmax and is only validated. Must be >= -1 so that every gate stays positive.
+        n_clusters: spectral clusters (lowered to the token count for tiny prompts).
+        decode: "prefill" (paper: decode steps unanchored) or "all" (decode steps keep the
+            prompt's visual gates).
+        tokens: which placeholders are scored: ("video", "image"), ("video",) or ("image",).
+        alpha_e, alpha_z, rho, eps, max_iter, pca_rank, seed, ssc_backend, ssc_dtype: passed
+            to :func:`videoanchor.compute_anchor_scores` (``backend=ssc_backend``, ``dtype=ssc_dtype``).
+        attention_backend: "auto" (Triton on CUDA, exact torch path on CPU), "triton" or "torch".
+
+    Raises ValueError for an unsupported family (naming the supported ones), a model not
+    loaded with the videoanchor attention, or invalid options.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"model: expected a transformers model (torch.nn.Module), got {type(model).__name__}"
+        )
+    handle = find_handle(model)
+    if handle is None:
+        base = _base_model(model)
+        if base is None:
+            get_family(model.config)  # raises the unsupported-family error if that is the cause
+            raise ValueError(
+                f"videoanchor: found no language_model inside {type(model).__name__}; expected a "
+                "vision-language model of a supported family"
+            )
+        get_family(base.config)
+        text_config = getattr(base.config, "text_config", base.config)
+        if text_config._attn_implementation != ATTN_IMPLEMENTATION:
+            raise ValueError(
+                f"videoanchor: the language model uses attn_implementation="
+                f"{text_config._attn_implementation!r}; load the model with "
+                f"from_pretrained(..., attn_implementation={ATTN_IMPLEMENTATION!r}) or call "
+                f"model.set_attn_implementation({ATTN_IMPLEMENTATION!r}) before configure()"
+            )
+        handle = _install_on(base)
+    given = {
+        k: v
+        for k, v in dict(
+            enabled=enabled,
+            alpha_q=alpha_q,
+            alpha_k=alpha_k,
+            alpha_v=alpha_v,
+            n_clusters=n_clusters,
+            decode=decode,
+            tokens=tokens,
+            alpha_e=alpha_e,
+            alpha_z=alpha_z,
+            rho=rho,
+            eps=eps,
+            max_iter=max_iter,
+            pca_rank=pca_rank,
+            seed=seed,
+            ssc_backend=ssc_backend,
+            ssc_dtype=ssc_dtype,
+            attention_backend=attention_backend,
+        ).items()
+        if v is not _UNSET
+    }
+    handle.config = _validate(replace(handle.config, **given))
+    handle._keep_vision_on_sdpa()
+    handle._request = None
+    handle._current = None
+    return handle
