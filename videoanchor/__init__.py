@@ -6,6 +6,7 @@ Layers (dependencies run one way):
     videoanchor.integrations  transformers shims and the per-family registry
 """
 
+from videoanchor.anchor import AnchorResult, compute_anchor_scores, sparse_subspace_clustering
 from videoanchor.integrations import configure
 from videoanchor.integrations import register as _register_transformers
 from videoanchor.kernels import anchor_gates, anchored_attention
@@ -14,4 +15,12 @@ _register_transformers()
 
 __version__ = "0.1.0"
 
-__all__ = ["anchored_attention", "anchor_gates", "configure", "__version__"]
+__all__ = [
+    "anchored_attention",
+    "anchor_gates",
+    "configure",
+    "compute_anchor_scores",
+    "sparse_subspace_clustering",
+    "AnchorResult",
+    "__version__",
+]

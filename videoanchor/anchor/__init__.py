@@ -1,0 +1,30 @@
+"""Sparse subspace clustering and VideoAnchor scores (METHOD.md sections 1-3).
+
+Never imports ``videoanchor.kernels`` or ``transformers``.
+"""
+
+from videoanchor.anchor._inputs import SSCMemoryError
+from videoanchor.anchor.scores import (
+    AnchorResult,
+    SSCResult,
+    anchor_scores,
+    compute_anchor_scores,
+    pca_reduce,
+    sparse_subspace_clustering,
+)
+from videoanchor.anchor.spectral import spectral_clustering, ssc_affinity
+from videoanchor.anchor.ssc import solve_ssc_admm, ssc_lambdas
+
+__all__ = [
+    "AnchorResult",
+    "SSCResult",
+    "SSCMemoryError",
+    "anchor_scores",
+    "compute_anchor_scores",
+    "pca_reduce",
+    "solve_ssc_admm",
+    "sparse_subspace_clustering",
+    "spectral_clustering",
+    "ssc_affinity",
+    "ssc_lambdas",
+]

@@ -1,0 +1,307 @@
+"""Anchor scores (METHOD.md section 3) and the public SSC entry points."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from videoanchor.anchor._inputs import as_feature_tensor, resolve_dtype
+from videoanchor.anchor.spectral import spectral_clustering, ssc_affinity
+from videoanchor.anchor.ssc import solve_ssc_admm
+
+__all__ = [
+    "AnchorResult",
+    "SSCResult",
+    "anchor_scores",
+    "compute_anchor_scores",
+    "sparse_subspace_clustering",
+    "pca_reduce",
+]
+
+_BACKENDS = ("auto", "torch", "cupy")
+_SOLVERS = ("auto", "faithful", "accelerated")
+
+
+def anchor_scores(coef: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Anchor score of every token from ``C`` and cluster labels (METHOD.md section 3).
+
+    ``r_j = sum_i C[j, i]`` (row sum of the signed ``C``, ``Y = Y C`` convention),
+    ``pi_j`` = share of tokens in ``j``'s cluster, ``s^ = pi * r``, and
+    ``s = (s^ - min s^) / (max s^ - min s^ + 1e-5)``. Computed in float64 and returned
+    as float32 in ``[0, 1)`` (clamped below 1 where float32 rounding would reach it).
+    """
+    if coef.dim() != 2 or coef.shape[0] != coef.shape[1]:
+        raise ValueError(f"coef: expected a square (N, N) matrix, got shape {tuple(coef.shape)}")
+    n = coef.shape[0]
+    if labels.shape != (n,):
+        raise ValueError(f"labels: expected shape ({n},), got {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels: expected an integer tensor, got {labels.dtype}")
+    if n == 0:
+        raise ValueError("coef: expected at least one token, got N = 0")
+    if bool((labels < 0).any()):
+        raise ValueError("labels: expected non-negative cluster ids")
+    labels = labels.to(device=coef.device, dtype=torch.long)
+    r = coef.to(torch.float64).sum(dim=1)
+    counts = torch.bincount(labels)
+    pi = counts[labels].to(torch.float64) / n
+    s_hat = pi * r
+    lo, hi = s_hat.min(), s_hat.max()
+    s = ((s_hat - lo) / (hi - lo + 1e-5)).to(torch.float32)
+    below_one = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item()
+    return s.clamp_(0.0, below_one)
+
+
+def pca_reduce(x: torch.Tensor, rank: int) -> torch.Tensor:
+    """Project the rows of ``x`` (``N x D``) on their top ``rank`` principal directions.
+
+    Centers the rows (PCA), computes in float64 through the smaller Gram matrix, and
+    returns ``N x rank`` in ``x``'s dtype. ``rank >= min(N, D)`` keeps every direction.
+    """
+    n, d = x.shape
+    if rank <= 0:
+        raise ValueError(f"pca_rank: expected a positive rank, got {rank}")
+    x64 = x.to(torch.float64)
+    xc = x64 - x64.mean(dim=0, keepdim=True)
+    rank = min(rank, n, d)
+    if d <= n:
+        _, v = torch.linalg.eigh(xc.T @ xc)
+        proj = xc @ v[:, -rank:].flip(1)
+    else:
+        w, u = torch.linalg.eigh(xc @ xc.T)
+        u, w = u[:, -rank:].flip(1), w[-rank:].flip(0)
+        proj = u * w.clamp_min(0).sqrt()
+    return proj.to(x.dtype)
+
+
+@dataclass
+class SSCResult:
+    """Output of :func:`sparse_subspace_clustering`.
+
+    ``labels`` (N,) int64; ``coef`` C (N, N), column ``i`` reconstructs point ``i``;
+    ``timings`` seconds per stage (``lambdas``, ``factor``, ``admm``, ``spectral``,
+    ``total``).
+    """
+
+    labels: torch.Tensor
+    coef: torch.Tensor
+    iterations: int
+    converged: bool
+    residual: float
+    lambda_e: float
+    lambda_z: float
+    backend: str
+    solver: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class AnchorResult:
+    """Output of :func:`compute_anchor_scores`.
+
+    ``scores`` (N,) float32 in [0, 1); ``labels`` (N,) int64 cluster ids; ``coef`` C
+    (N, N) in the ``Y = Y C`` convention with ``Y = features.T``; ``iterations`` and
+    ``converged`` of the ADMM; ``timings`` seconds per stage (``lambdas``, ``factor``,
+    ``admm``, ``spectral``, ``scores``, ``total``).
+    """
+
+    scores: torch.Tensor
+    labels: torch.Tensor
+    coef: torch.Tensor
+    iterations: int
+    converged: bool
+    residual: float
+    lambda_e: float
+    lambda_z: float
+    backend: str
+    solver: str
+    mode: str = "exact"
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _check_common(n_clusters, n, alpha_e, alpha_z, backend, solver):
+    if isinstance(n_clusters, bool) or not isinstance(n_clusters, int):
+        raise TypeError(f"n_clusters: expected an int, got {type(n_clusters).__name__}")
+    if n_clusters < 1:
+        raise ValueError(f"n_clusters: expected at least 1, got {n_clusters}")
+    if n < n_clusters:
+        raise ValueError(
+            f"expected at least n_clusters = {n_clusters} tokens, got N = {n}; "
+            "pass fewer clusters or more tokens"
+        )
+    if n < 2:
+        raise ValueError(f"SSC needs at least 2 tokens, got N = {n}")
+    for name, v in (("alpha_e", alpha_e), ("alpha_z", alpha_z)):
+        if not v > 0:
+            raise ValueError(f"{name}: expected a positive number, got {v}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+    if solver not in _SOLVERS:
+        raise ValueError(f"solver: expected one of {_SOLVERS}, got {solver!r}")
+
+
+def _solve(x, *, backend, solver, dtype, **kw):
+    relax, adaptive = (1.0, False) if solver == "faithful" else (1.6, False)
+    if backend == "cupy":
+        from videoanchor.anchor.cupy_backend import solve_ssc_admm_cupy
+
+        return solve_ssc_admm_cupy(x, dtype=dtype, relax=relax, **kw)
+    return solve_ssc_admm(x, dtype=dtype, relax=relax, adaptive_rho=adaptive, **kw)
+
+
+def sparse_subspace_clustering(
+    features,
+    n_clusters: int,
+    *,
+    alpha_e: float = 800.0,
+    alpha_z: float = 800.0,
+    rho: float = 300.0,
+    eps: float = 2e-4,
+    max_iter: int = 10000,
+    affine: bool = True,
+    outliers: bool = True,
+    pca_rank: int = 0,
+    affinity: str = "symmetric",
+    assign_labels: str = "discretize",
+    eigen_solver: str = "auto",
+    seed: int = 0,
+    backend: str = "auto",
+    solver: str = "faithful",
+    dtype=None,
+    progress: bool = False,
+) -> SSCResult:
+    """Sparse subspace clustering of the rows of ``features`` (``N x D``) into ``n_clusters``.
+
+    Solves METHOD.md's SSC program (``affine``: the ``1^T C = 1^T`` constraint;
+    ``outliers``: the ``lambda_e ||E||_1`` term, else ``E = 0``) on the features' device,
+    then spectral clustering of ``W = |C| + |C|^T`` (``affinity="column_max"``: each
+    column of ``|C|`` scaled by its largest entry first). ``solver="faithful"`` runs the
+    authors' iteration; ``"accelerated"`` an over-relaxed ADMM that converges to the same
+    minimiser in fewer iterations; ``"auto"`` picks ``"accelerated"``.
+    """
+    t0 = time.perf_counter()
+    x = as_feature_tensor(features)
+    n = x.shape[0]
+    _check_common(n_clusters, n, alpha_e, alpha_z, backend, solver)
+    if affinity not in ("symmetric", "column_max"):
+        raise ValueError(f"affinity: expected 'symmetric' or 'column_max', got {affinity!r}")
+    if isinstance(pca_rank, bool) or not isinstance(pca_rank, int) or pca_rank < 0:
+        raise ValueError(f"pca_rank: expected a non-negative int, got {pca_rank!r}")
+    work = resolve_dtype(dtype, x.device)
+    if backend == "auto":
+        backend = "torch"
+    if solver == "auto":
+        solver = "faithful"
+    if pca_rank:
+        x = pca_reduce(x, pca_rank)
+    admm = _solve(
+        x,
+        backend=backend,
+        solver=solver,
+        dtype=work,
+        alpha_e=alpha_e,
+        alpha_z=alpha_z,
+        rho=rho,
+        eps=eps,
+        max_iter=max_iter,
+        affine=affine,
+        outliers=outliers,
+        progress=progress,
+    )
+    coef = admm.coef
+    t1 = time.perf_counter()
+    w = ssc_affinity(coef, normalize="column_max" if affinity == "column_max" else "none")
+    labels = spectral_clustering(
+        w, n_clusters, seed=seed, assign_labels=assign_labels, eigen_solver=eigen_solver
+    )
+    _sync(x.device)
+    t2 = time.perf_counter()
+    timings = dict(admm.timings)
+    timings["spectral"] = t2 - t1
+    timings["total"] = t2 - t0
+    return SSCResult(
+        labels=labels,
+        coef=coef,
+        iterations=admm.iterations,
+        converged=admm.converged,
+        residual=admm.residual,
+        lambda_e=admm.lambda_e,
+        lambda_z=admm.lambda_z,
+        backend=backend,
+        solver=solver,
+        timings=timings,
+    )
+
+
+def compute_anchor_scores(
+    features,
+    n_clusters: int = 24,
+    *,
+    alpha_e: float = 800.0,
+    alpha_z: float = 800.0,
+    rho: float = 300.0,
+    eps: float = 2e-4,
+    max_iter: int = 10000,
+    pca_rank: int = 0,
+    seed: int = 0,
+    backend: str = "auto",
+    dtype=None,
+    progress: bool = False,
+    solver: str = "auto",
+    eigen_solver: str = "auto",
+) -> AnchorResult:
+    """VideoAnchor scores of ``features`` (``N x D`` visual tokens of one request).
+
+    SSC with the authors' model and parameters (METHOD.md section 2), spectral clustering
+    into ``n_clusters`` (seeded), then the anchor score of section 3. Work happens on
+    the features' device; ``scores`` (N,) float32 in [0, 1), ``labels`` (N,) int64 and
+    ``coef`` (N, N) are returned there.
+
+    Raises ``ValueError`` for N = 0, fewer tokens than clusters or non-finite features,
+    ``TypeError`` for non-numeric input, and ``SSCMemoryError`` (a ``MemoryError``) with
+    the size it would need when the dense problem does not fit on the device.
+    """
+    t0 = time.perf_counter()
+    res = sparse_subspace_clustering(
+        features,
+        n_clusters,
+        alpha_e=alpha_e,
+        alpha_z=alpha_z,
+        rho=rho,
+        eps=eps,
+        max_iter=max_iter,
+        pca_rank=pca_rank,
+        seed=seed,
+        backend=backend,
+        solver=solver,
+        dtype=dtype,
+        progress=progress,
+        eigen_solver=eigen_solver,
+    )
+    t1 = time.perf_counter()
+    scores = anchor_scores(res.coef, res.labels)
+    _sync(scores.device)
+    t2 = time.perf_counter()
+    timings = dict(res.timings)
+    timings["scores"] = t2 - t1
+    timings["total"] = t2 - t0
+    return AnchorResult(
+        scores=scores,
+        labels=res.labels,
+        coef=res.coef,
+        iterations=res.iterations,
+        converged=res.converged,
+        residual=res.residual,
+        lambda_e=res.lambda_e,
+        lambda_z=res.lambda_z,
+        backend=res.backend,
+        solver=res.solver,
+        timings=timings,
+    )

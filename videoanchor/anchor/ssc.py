@@ -1,0 +1,391 @@
+"""Sparse subspace clustering by ADMM (METHOD.md section 2), in torch, on any device.
+
+With ``Y = X^T`` (``D x N``, one column per point) the solver minimises
+
+    ||C||_1 + lambda_e ||E||_1 + (lambda_z / 2) ||Y - Y C - E||_F^2
+    s.t.  1^T C = 1^T (affine),  diag(C) = 0
+
+with ``lambda_e = alpha_e / mu_e`` and ``lambda_z = alpha_z / mu_z`` (Elhamifar & Vidal,
+TPAMI 2013), by the authors' ADMM: the ``A``-step solves the fixed system
+``(lambda_z Y^T Y + rho I + rho 1 1^T) A = ...``, which is factored once here (their
+code re-solves it densely every iteration). Two equivalent ways of applying its inverse
+are used, whichever costs fewer flops:
+
+* ``"dense"``: the explicit ``N x N`` inverse, ``O(N^3)`` per iteration;
+* ``"woodbury"``: the system is ``rho I`` plus a rank-``(D + 1)`` term, so its inverse
+  is applied through a ``(D + 1) x (D + 1)`` matrix, ``O(N^2 D)`` per iteration.
+
+The factorisation is done in float64 and the iterations in the working dtype
+(float32 by default). ``relax`` (over-relaxation) and ``adaptive_rho`` (residual
+balancing) are optional accelerations that converge to the same minimiser; with both
+off the iterates are the authors' iterates.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from videoanchor.anchor._inputs import (
+    SSCMemoryError,
+    as_feature_tensor,
+    check_memory,
+    resolve_dtype,
+)
+
+__all__ = ["ssc_lambdas", "solve_ssc_admm", "ADMMResult", "SSCMemoryError"]
+
+
+def ssc_lambdas(
+    x: torch.Tensor, alpha_e: float, alpha_z: float, *, block: int = 4096
+) -> tuple[float, float, float, float]:
+    """``(lambda_e, lambda_z, mu_e, mu_z)`` for points ``x`` (``N x D``, one row per point).
+
+    ``mu_e = min_i max_{j != i} ||y_j||_1`` and ``mu_z = min_i max_{j != i} |y_i^T y_j|``,
+    computed without the authors' ``O(N^2)`` Python loop: ``mu_e`` is the second largest
+    point L1 norm, ``mu_z`` a blocked pass over the Gram matrix (no ``N x N`` allocation).
+    """
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError(f"SSC needs at least 2 points, got {n}")
+    norms = x.abs().sum(dim=1, dtype=torch.float64)
+    mu_e = float(torch.topk(norms, 2).values[1])
+    row_max = torch.empty(n, dtype=torch.float64, device=x.device)
+    for a in range(0, n, block):
+        b = min(n, a + block)
+        g = (x[a:b] @ x.T).abs_()
+        g[torch.arange(b - a, device=x.device), torch.arange(a, b, device=x.device)] = 0
+        row_max[a:b] = g.amax(dim=1)
+    mu_z = float(row_max.min())
+    if not (mu_e > 0):
+        raise ValueError("SSC: at most one point is non-zero (mu_e = 0); lambda_e is undefined")
+    if not (mu_z > 0):
+        raise ValueError(
+            "SSC: some point is orthogonal to every other point (mu_z = 0); lambda_z is undefined"
+        )
+    return alpha_e / mu_e, alpha_z / mu_z, mu_e, mu_z
+
+
+@dataclass
+class ADMMResult:
+    """Output of :func:`solve_ssc_admm`.
+
+    ``coef`` is ``C`` (``N x N``, column ``i`` reconstructs point ``i``, zero diagonal);
+    ``residual`` the last ``max_i sum_j |A - C|_ij``; ``timings`` seconds per stage.
+    """
+
+    coef: torch.Tensor
+    iterations: int
+    converged: bool
+    residual: float
+    lambda_e: float
+    lambda_z: float
+    rho: float
+    strategy: str
+    outliers: torch.Tensor | None = None
+    history: list[float] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _flops(n: int, d: int, outliers: bool) -> dict[str, float]:
+    dense = n**3 + (2.0 * n * n * d if outliers else 0.0)
+    woodbury = 2.0 * n * n * d + 4.0 * d * d * n
+    return {"dense": dense, "woodbury": woodbury}
+
+
+def choose_strategy(n: int, d: int, outliers: bool = True) -> str:
+    """The cheaper way to apply the system inverse: ``"dense"`` or ``"woodbury"``."""
+    f = _flops(n, d, outliers)
+    return "woodbury" if f["woodbury"] < f["dense"] else "dense"
+
+
+def admm_bytes(n: int, d: int, itemsize: int, strategy: str) -> int:
+    """Peak bytes of :func:`solve_ssc_admm` (working buffers plus the float64 factorisation)."""
+    nn = n * n
+    if strategy == "dense":
+        # float64 factorisation (M and its inverse), then A, C, Lam, Minv, R in work dtype
+        return max(2 * nn * 8, nn * 8 + nn * itemsize) + 5 * nn * itemsize + 6 * n * d * itemsize
+    return 4 * nn * itemsize + 8 * n * d * itemsize + 3 * (d + 1) ** 2 * 8
+
+
+class _Progress:
+    def __init__(self, enabled: bool, total: int):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="SSC-ADMM", unit="it", leave=False)
+
+    def update(self, it: int, residual: float) -> None:
+        if self.bar is not None and (it % 10 == 0 or it == 1):
+            self.bar.n = it
+            self.bar.set_postfix(residual=f"{residual:.2e}", refresh=False)
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def solve_ssc_admm(
+    features,
+    *,
+    alpha_e: float = 800.0,
+    alpha_z: float = 800.0,
+    rho: float = 300.0,
+    eps: float = 2e-4,
+    max_iter: int = 10000,
+    affine: bool = True,
+    outliers: bool = True,
+    dtype=None,
+    strategy: str = "auto",
+    relax: float = 1.0,
+    adaptive_rho: bool = False,
+    progress: bool = False,
+    keep_history: bool = False,
+    check_memory_first: bool = True,
+) -> ADMMResult:
+    """Solve the SSC program for ``features`` (``N x D``, one row per point) on their device.
+
+    With ``relax=1`` and ``adaptive_rho=False`` this runs the authors' iteration
+    (METHOD.md section 2) and stops when ``max_i sum_j |A - C|_ij < eps``. With
+    acceleration it stops when both that primal residual and the change of ``C`` between
+    iterations (the dual residual, same norm) are below ``eps``.
+    """
+    t0 = time.perf_counter()
+    x = as_feature_tensor(features)
+    device = x.device
+    work = resolve_dtype(dtype, device)
+    n, d = x.shape
+    if n < 2:
+        raise ValueError(f"SSC needs at least 2 points, got N = {n}")
+    if not (rho > 0 and math.isfinite(rho)):
+        raise ValueError(f"rho: expected a positive finite number, got {rho}")
+    if not (eps > 0):
+        raise ValueError(f"eps: expected a positive number, got {eps}")
+    if int(max_iter) < 1:
+        raise ValueError(f"max_iter: expected a positive integer, got {max_iter}")
+    if not (1.0 <= relax < 2.0):
+        raise ValueError(f"relax: expected a value in [1, 2), got {relax}")
+    if strategy == "auto":
+        strategy = choose_strategy(n, d, outliers)
+    if strategy not in ("dense", "woodbury"):
+        raise ValueError(f"strategy: expected 'auto', 'dense' or 'woodbury', got {strategy!r}")
+    itemsize = torch.finfo(work).bits // 8
+    if check_memory_first:
+        check_memory(admm_bytes(n, d, itemsize, strategy), device, n=n, d=d, what="Dense SSC")
+
+    x64 = x.to(torch.float64)
+    xw = x.to(work)
+    lam_e, lam_z, _, _ = ssc_lambdas(xw if work == torch.float64 else x64, alpha_e, alpha_z)
+    thr_e = lam_e / lam_z
+    _sync(device)
+    t1 = time.perf_counter()
+
+    solver = _Solver(x64, xw, lam_z, rho, affine, outliers, strategy)
+    _sync(device)
+    t2 = time.perf_counter()
+
+    C = torch.zeros(n, n, dtype=work, device=device)
+    lam = torch.zeros(n, n, dtype=work, device=device)  # scaled dual Delta2 / rho
+    d1s = torch.zeros(n, dtype=work, device=device) if affine else None  # Delta1 / rho
+    E = torch.zeros(d, n, dtype=work, device=device) if outliers else None
+    e_nonzero = False
+    eye_idx = torch.arange(n, device=device)
+    history: list[float] = []
+    bar = _Progress(progress, int(max_iter))
+    residual = math.inf
+    converged = False
+    it = 0
+    accelerate = relax != 1.0 or adaptive_rho
+    rho_k = float(rho)
+    c_old = torch.empty_like(C) if accelerate else None
+    last_rho_change = 0
+    try:
+        for it in range(1, int(max_iter) + 1):
+            A, YA = solver.step_a(C, lam, d1s, E, e_nonzero)
+            if outliers:
+                # E = soft(Y - Y A, lambda_e / lambda_z), written into YA's buffer
+                YA.neg_().add_(solver.yw)
+                E = YA.sign() * (YA.abs_().sub_(thr_e).clamp_(min=0))
+                e_nonzero = bool(E.any())
+            if affine:
+                d1s.add_(A.sum(dim=0).sub_(1.0))
+            if accelerate:
+                c_old.copy_(C)
+            if relax != 1.0:
+                A.mul_(relax).add_(C, alpha=1.0 - relax)
+            A.add_(lam)  # T = A + Delta2 / rho
+            lam_new = A.clamp(-1.0 / rho_k, 1.0 / rho_k)
+            lam_new[eye_idx, eye_idx] = A[eye_idx, eye_idx]
+            torch.sub(A, lam_new, out=C)  # soft(T, 1/rho) with a zero diagonal
+            lam.sub_(lam_new).abs_()  # |A - C| = |Lam_new - Lam_old|
+            primal = float(lam.sum(dim=1).max())
+            lam = lam_new
+            if accelerate:
+                c_old.sub_(C).abs_()
+                dual = float(c_old.sum(dim=1).max())
+                residual = max(primal, dual)
+            else:
+                residual = primal
+            if not math.isfinite(residual):
+                raise FloatingPointError(
+                    f"SSC-ADMM diverged at iteration {it} (residual {residual}); "
+                    "try dtype=torch.float64 or a larger rho"
+                )
+            if keep_history:
+                history.append(residual)
+            bar.update(it, residual)
+            if residual < eps:
+                converged = True
+                break
+            if adaptive_rho and it - last_rho_change >= 10:
+                # residual balancing (Boyd et al. 2011, section 3.4.1) on the A = C coupling
+                r_scale = primal
+                s_scale = rho_k * dual
+                factor = 0.0
+                if r_scale > 10.0 * s_scale:
+                    factor = 2.0
+                elif s_scale > 10.0 * r_scale:
+                    factor = 0.5
+                if factor:
+                    lam.mul_(1.0 / factor)  # keep Delta2 = rho * Lam fixed
+                    if affine:
+                        d1s.mul_(1.0 / factor)  # and Delta1
+                    rho_k *= factor
+                    solver.refactor(rho_k)
+                    last_rho_change = it
+    finally:
+        bar.close()
+    _sync(device)
+    t3 = time.perf_counter()
+    return ADMMResult(
+        coef=C,
+        iterations=it,
+        converged=converged,
+        residual=residual,
+        lambda_e=lam_e,
+        lambda_z=lam_z,
+        rho=rho_k,
+        strategy=strategy,
+        outliers=E,
+        history=history,
+        timings={"lambdas": t1 - t0, "factor": t2 - t1, "admm": t3 - t2},
+    )
+
+
+class _Solver:
+    """Applies the A-step for one strategy.
+
+    The A-step is written as ``A = I - M^{-1} V`` with
+    ``V = rho (I - C + Lam) + 1 D1^T + lambda_z Y^T E`` (``Lam = Delta2 / rho``), which
+    is the authors' right-hand side minus ``M`` itself: the entries stay O(1) instead of
+    O(lambda_z Y^T Y), so the float32 iterations do not lose their last digits to
+    cancellation.
+    """
+
+    def __init__(self, x64, xw, lam_z, rho, affine, outliers, strategy):
+        self.x64, self.xw = x64, xw
+        self.yw = xw.T  # Y, D x N view
+        self.lam_z, self.affine, self.outliers, self.strategy = lam_z, affine, outliers, strategy
+        self.n, self.d = x64.shape
+        self.work = xw.dtype
+        if strategy == "dense":
+            self.gram = x64 @ x64.T  # float64, N x N
+        else:
+            self.gram_d = x64.T @ x64  # float64, D x D
+            self.s = x64.sum(dim=0)  # Y 1
+            self.gram_d_w = self.gram_d.to(self.work)
+            self.s_w = self.s.to(self.work)
+        self.refactor(rho)
+
+    def refactor(self, rho: float) -> None:
+        self.rho = rho
+        n, lz = self.n, self.lam_z
+        if self.strategy == "dense":
+            m = self.gram * lz
+            m.diagonal().add_(rho)
+            if self.affine:
+                m.add_(rho)
+            chol, info = torch.linalg.cholesky_ex(m)
+            if int(info) != 0:
+                raise FloatingPointError("SSC: the A-step system is not positive definite")
+            del m
+            minv = torch.cholesky_inverse(chol).mul_(rho)  # rho M^{-1}
+            del chol
+            self.rminv = minv.to(self.work, copy=True)
+            if self.affine:
+                self.ru = minv.sum(dim=1).to(self.work)  # rho M^{-1} 1
+            minv.neg_().diagonal().add_(1.0)  # B0 = I - rho M^{-1}
+            self.b0 = minv.to(self.work)
+            del minv
+        else:
+            d = self.d
+            k = d + 1 if self.affine else d
+            kmat = torch.empty(k, k, dtype=torch.float64, device=self.x64.device)
+            kmat[:d, :d] = self.gram_d * lz
+            if self.affine:
+                kmat[:d, d] = self.s * math.sqrt(lz * rho)
+                kmat[d, :d] = kmat[:d, d]
+                kmat[d, d] = rho * n
+            kmat.diagonal().add_(rho)
+            chol, info = torch.linalg.cholesky_ex(kmat)
+            if int(info) != 0:
+                raise FloatingPointError("SSC: the A-step system is not positive definite")
+            self.kinv = torch.cholesky_inverse(chol).to(self.work)
+
+    def step_a(self, C, lam, d1s, E, e_nonzero: bool):
+        """Return ``(A, Y A)``; ``Y A`` only when outliers are modelled.
+
+        ``d1s = Delta1 / rho``; ``E`` is skipped when ``e_nonzero`` is False.
+        """
+        lz, rho = self.lam_z, self.rho
+        x, y = self.xw, self.yw
+        t1 = torch.sub(C, lam)  # C - Lam
+        if self.strategy == "dense":
+            if e_nonzero:
+                t1.addmm_(x, E, alpha=-lz / rho)
+            a = torch.addmm(self.b0, self.rminv, t1)
+            del t1
+            if self.affine:
+                a.addr_(self.ru, d1s, alpha=-1.0)
+            ya = torch.mm(y, a) if self.outliers else None
+            return a, ya
+        # Woodbury: M^{-1} = (I - U K^{-1} U^T) / rho with U = [sqrt(lz) X, sqrt(rho) 1]
+        d = self.d
+        yt1 = torch.mm(y, t1)  # Y (C - Lam), D x N
+        yv = torch.sub(y, yt1)  # Y V / rho
+        if self.affine:
+            yv.addr_(self.s_w, d1s)
+        if e_nonzero:
+            yv.addmm_(self.gram_d_w, E, alpha=lz / rho)
+        yv.mul_(math.sqrt(lz))
+        if self.affine:
+            ov = 1.0 - t1.sum(dim=0) + d1s * self.n  # 1^T V / rho
+            if e_nonzero:
+                ov.add_(self.s_w @ E, alpha=lz / rho)
+            utv = torch.cat([yv, (ov * math.sqrt(rho)).unsqueeze(0)], dim=0)
+        else:
+            utv = yv
+        zr = torch.mm(self.kinv, utv)  # K^{-1} U^T V / rho
+        q = zr[:d].mul_(math.sqrt(lz))
+        if e_nonzero:
+            q.add_(E, alpha=-lz / rho)
+        a = torch.addmm(t1, x, q)
+        if self.affine:
+            col = zr[d] * math.sqrt(rho) - d1s
+            a.add_(col)
+        ya = None
+        if self.outliers:
+            ya = torch.addmm(yt1, self.gram_d_w, q)
+            if self.affine:
+                ya.addr_(self.s_w, col)
+        return a, ya
