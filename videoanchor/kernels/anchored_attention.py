@@ -13,16 +13,19 @@ from videoanchor.kernels.torch_attention import anchored_attention_torch
 try:
     import triton  # noqa: F401
 
-    from videoanchor.kernels import triton_prefill
+    from videoanchor.kernels import triton_decode, triton_prefill
 
     _TRITON_ERROR: Exception | None = None
 except Exception as exc:  # triton missing or unusable on this platform
-    triton_prefill = None
+    triton_prefill = triton_decode = None
     _TRITON_ERROR = exc
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BACKENDS = ("auto", "triton", "torch")
 _TRITON_HEAD_DIMS = (16, 256)
+# The split-KV path serves short query blocks against long caches (decode, small chunks).
+DECODE_MAX_SQ = 64
+DECODE_MIN_SKV = 256
 
 
 def triton_interpret_enabled() -> bool:
@@ -170,8 +173,10 @@ def _anchored_attention_fwd(
         lse.fill_(float("-inf"))
         return out, lse
     device_ctx = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+    use_split_kv = Sq <= DECODE_MAX_SQ and Skv >= DECODE_MIN_SKV
+    launch = triton_decode.launch_decode if use_split_kv else triton_prefill.launch_prefill
     with device_ctx:
-        triton_prefill.launch_prefill(
+        launch(
             q, k, v, key_bias, value_scale, key_padding_mask, out, lse if return_lse else None,
             causal=causal, sm_scale=sm_scale, interpret=not q.is_cuda,
         )  # fmt: skip

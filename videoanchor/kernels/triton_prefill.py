@@ -17,7 +17,7 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _prefill_inner(
+def _attend_key_range(
     acc,
     l_i,
     m_i,
@@ -103,6 +103,8 @@ def _anchored_prefill_kernel(
     Mask,
     Out,
     Lse,
+    CuSeqQ,
+    CuSeqK,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -127,6 +129,7 @@ def _anchored_prefill_kernel(
     stride_mask_n,
     stride_lse_b,
     stride_lse_h,
+    stride_lse_m,
     Hq,
     group,
     Sq,
@@ -141,6 +144,7 @@ def _anchored_prefill_kernel(
     HAS_SCALE: tl.constexpr,
     HAS_MASK: tl.constexpr,
     STORE_LSE: tl.constexpr,
+    VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -150,30 +154,34 @@ def _anchored_prefill_kernel(
     i_hk = i_h // group
     start_m = pid_m * BLOCK_M
 
+    if VARLEN:
+        # Packed sequences: batch strides are 0; sequence b starts at CuSeq[b].
+        q_start = tl.load(CuSeqQ + i_b).to(tl.int64)
+        k_start = tl.load(CuSeqK + i_b).to(tl.int64)
+        Sq = (tl.load(CuSeqQ + i_b + 1) - q_start).to(tl.int32)
+        Skv = (tl.load(CuSeqK + i_b + 1) - k_start).to(tl.int32)
+        if start_m >= Sq:
+            return
+    else:
+        q_start = i_b.to(tl.int64) * 0
+        k_start = q_start
+
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_m = offs_m < Sq
     m_d = offs_d < HEAD_DIM
 
-    p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+    p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh + q_start * stride_qm
     p_q = p_q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
     b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
 
-    p_k = (
-        K
-        + i_b.to(tl.int64) * stride_kb
-        + i_hk.to(tl.int64) * stride_kh
-        + offs_d[:, None] * stride_kd
-    )
-    p_v = (
-        V
-        + i_b.to(tl.int64) * stride_vb
-        + i_hk.to(tl.int64) * stride_vh
-        + offs_d[None, :] * stride_vd
-    )
-    p_bias = Bias + i_b.to(tl.int64) * stride_bias_b
-    p_scale = Scale + i_b.to(tl.int64) * stride_scale_b
-    p_mask = Mask + i_b.to(tl.int64) * stride_mask_b
+    p_k = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh + k_start * stride_kn
+    p_k = p_k + offs_d[:, None] * stride_kd
+    p_v = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh + k_start * stride_vn
+    p_v = p_v + offs_d[None, :] * stride_vd
+    p_bias = Bias + i_b.to(tl.int64) * stride_bias_b + k_start * stride_bias_n
+    p_scale = Scale + i_b.to(tl.int64) * stride_scale_b + k_start * stride_scale_n
+    p_mask = Mask + i_b.to(tl.int64) * stride_mask_b + k_start * stride_mask_n
 
     # Bottom-right causal alignment: query i sees key j iff j <= i + diag.
     diag = Skv - Sq
@@ -189,13 +197,13 @@ def _anchored_prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = _prefill_inner(
+    acc, l_i, m_i = _attend_key_range(
         acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
         stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
         offs_m, offs_d, 0, full_hi, Skv, diag, qk_scale,
         BLOCK_N, HEAD_DIM, False, False, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
     )  # fmt: skip
-    acc, l_i, m_i = _prefill_inner(
+    acc, l_i, m_i = _attend_key_range(
         acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
         stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
         offs_m, offs_d, full_hi, hi, Skv, diag, qk_scale,
@@ -205,17 +213,14 @@ def _anchored_prefill_kernel(
     # Rows with no visible key have l = 0 and acc = 0: they give 0, never NaN.
     has_key = l_i > 0
     b_o = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    p_o = Out + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+    p_o = Out + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh + q_start * stride_om
     p_o = p_o + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(p_o, b_o.to(Out.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
     if STORE_LSE:
-        lse = tl.where(
-            has_key,
-            (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453,
-            float("-inf"),
-        )
-        p_lse = Lse + i_b.to(tl.int64) * stride_lse_b + i_h.to(tl.int64) * stride_lse_h + offs_m
-        tl.store(p_lse, lse, mask=m_m)
+        l_log2 = tl.log2(tl.where(has_key, l_i, 1.0))
+        lse = tl.where(has_key, (m_i + l_log2) * 0.6931471805599453, float("-inf"))
+        p_lse = Lse + i_b.to(tl.int64) * stride_lse_b + i_h.to(tl.int64) * stride_lse_h
+        tl.store(p_lse + (q_start + offs_m) * stride_lse_m, lse, mask=m_m)
 
 
 def prefill_config(head_dim_padded: int, elem_bytes: int, interpret: bool) -> dict:
@@ -235,34 +240,64 @@ def prefill_config(head_dim_padded: int, elem_bytes: int, interpret: bool) -> di
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
-def launch_prefill(
-    q, k, v, key_bias, value_scale, key_padding_mask, out, lse, *, causal, sm_scale, interpret
-):
-    """Launch on validated inputs; writes ``out`` (B, Hq, Sq, D) and, when ``lse`` is not
-    None, the natural-log log-sum-exp (B, Hq, Sq) float32."""
-    B, Hq, Sq, D = q.shape
-    Hkv, Skv = k.shape[1], k.shape[2]
-    block_d = max(16, triton.next_power_of_2(D))
-    cfg = prefill_config(block_d, q.element_size(), interpret)
-    # Unused pointer arguments get a real tensor so the signature stays fixed.
+def _gate_args(q, key_bias, value_scale, key_padding_mask):
+    """Pointer and stride arguments for the optional per-key inputs. An absent input
+    gets a real tensor and zero strides so the kernel signature stays fixed."""
     bias = key_bias if key_bias is not None else q
     scale = value_scale if value_scale is not None else q
     mask = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
-    sb = key_bias.stride() if key_bias is not None else (0, 0)
-    ss = value_scale.stride() if value_scale is not None else (0, 0)
-    sm = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
-    store_lse = lse is not None
-    lse_arg = lse if store_lse else out
-    sl = (lse.stride(0), lse.stride(1)) if store_lse else (0, 0)
-    grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), B * Hq)
+
+    def strides(t):
+        if t is None:
+            return (0, 0)
+        return (0, t.stride(0)) if t.dim() == 1 else t.stride()
+
+    ptrs = (bias, scale, mask)
+    return ptrs, (*strides(key_bias), *strides(value_scale), *strides(key_padding_mask))
+
+
+def launch_prefill(
+    q, k, v, key_bias, value_scale, key_padding_mask, out, lse, *, causal, sm_scale, interpret,
+    cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+):  # fmt: skip
+    """Launch on validated inputs; writes ``out`` and, when ``lse`` is not None, the
+    natural-log log-sum-exp (float32).
+
+    Dense: q (B, Hq, Sq, D), out (B, Hq, Sq, D), lse (B, Hq, Sq).
+    Varlen (``cu_seqlens_q`` given): q (total_q, Hq, D), k/v (total_k, Hkv, D), gates
+    (total_k,), out (total_q, Hq, D), lse (Hq, total_q); no padding mask.
+    """
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        _, Hq, D = q.shape
+        Hkv = k.shape[1]
+        B = cu_seqlens_q.numel() - 1
+        Sq = Skv = 0  # read per sequence from cu_seqlens inside the kernel
+        sq = (0, q.stride(1), q.stride(0), q.stride(2))
+        sk = (0, k.stride(1), k.stride(0), k.stride(2))
+        sv = (0, v.stride(1), v.stride(0), v.stride(2))
+        so = (0, out.stride(1), out.stride(0), out.stride(2))
+        sl = (0, lse.stride(0), lse.stride(1)) if lse is not None else (0, 0, 0)
+        rows = max_seqlen_q
+        cu_q, cu_k = cu_seqlens_q, cu_seqlens_k
+    else:
+        B, Hq, Sq, D = q.shape
+        Hkv, Skv = k.shape[1], k.shape[2]
+        sq, sk, sv, so = q.stride(), k.stride(), v.stride(), out.stride()
+        sl = (*lse.stride(),) if lse is not None else (0, 0, 0)
+        rows = Sq
+        cu_q = cu_k = q
+    block_d = max(16, triton.next_power_of_2(D))
+    cfg = prefill_config(block_d, q.element_size(), interpret)
+    (bias, scale, mask), gate_strides = _gate_args(q, key_bias, value_scale, key_padding_mask)
+    grid = (triton.cdiv(rows, cfg["BLOCK_M"]), B * Hq)
     _anchored_prefill_kernel[grid](
-        q, k, v, bias, scale, mask, out, lse_arg,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *sb, *ss, *sm, *sl,
+        q, k, v, bias, scale, mask, out, lse if lse is not None else out, cu_q, cu_k,
+        *sq, *sk, *sv, *so, *gate_strides, *sl,
         Hq, Hq // Hkv, Sq, Skv, sm_scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         CAUSAL=causal, HAS_BIAS=key_bias is not None, HAS_SCALE=value_scale is not None,
-        HAS_MASK=key_padding_mask is not None, STORE_LSE=store_lse,
+        HAS_MASK=key_padding_mask is not None, STORE_LSE=lse is not None, VARLEN=varlen,
         DOT_PRECISION="ieee" if q.element_size() == 4 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip

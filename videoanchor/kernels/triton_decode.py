@@ -1,0 +1,235 @@
+"""Split-KV ("flash-decoding") anchored attention for short query blocks (Sq <= 64)
+against long caches.
+
+Stage 1: one program per (KV split, row block, batch * KV head). The query rows of all
+query heads that share a KV head are packed into one tile (row r = g * Sq + i for group
+member g and query position i), so every K/V block is read once per KV head and the
+tile's M dimension is >= 16, legal for the GPU's matrix units even when Sq = 1. Each
+program runs the online softmax over its key range and writes a normalised partial
+output and its log-sum-exp.
+Stage 2: one program per output row merges the partials by log-sum-exp.
+Per-key bias, value scale, padding and bottom-right causal masking are exactly as in the
+prefill kernel (the same inner loop).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from videoanchor.kernels.triton_prefill import LOG2E, _attend_key_range, _gate_args
+
+
+@triton.jit(do_not_specialize=["Sq", "Skv", "split_len", "rows", "n_split"])
+def _anchored_decode_split_kernel(
+    Q,
+    K,
+    V,
+    Bias,
+    Scale,
+    Mask,
+    OPart,
+    LsePart,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_bias_b,
+    stride_bias_n,
+    stride_scale_b,
+    stride_scale_n,
+    stride_mask_b,
+    stride_mask_n,
+    Hkv,
+    group,
+    Sq,
+    Skv,
+    split_len,
+    rows,
+    n_split,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    i_s = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    i_b = pid_bh // Hkv
+    i_hk = pid_bh % Hkv
+
+    o_r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)  # packed row ids
+    m_r = o_r < group * Sq
+    i_g = o_r // Sq  # group member
+    i_q = o_r % Sq  # query position
+    offs_d = tl.arange(0, BLOCK_D)
+    m_d = offs_d < HEAD_DIM
+
+    p_q = Q + i_b.to(tl.int64) * stride_qb + (i_hk * group + i_g).to(tl.int64)[:, None] * stride_qh
+    p_q = p_q + i_q[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+
+    p_k = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+    p_k = p_k + offs_d[:, None] * stride_kd
+    p_v = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+    p_v = p_v + offs_d[None, :] * stride_vd
+    p_bias = Bias + i_b.to(tl.int64) * stride_bias_b
+    p_scale = Scale + i_b.to(tl.int64) * stride_scale_b
+    p_mask = Mask + i_b.to(tl.int64) * stride_mask_b
+
+    lo = i_s * split_len
+    hi = tl.minimum(lo + split_len, Skv)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _attend_key_range(
+        acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
+        stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
+        i_q, offs_d, lo, hi, Skv, Skv - Sq, qk_scale,
+        BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
+    )  # fmt: skip
+
+    has_key = l_i > 0
+    b_o = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("-inf"))
+    # Partials: OPart [B * Hkv, n_split, rows, BLOCK_D], LsePart [B * Hkv, n_split, rows]
+    # (log2 units), both contiguous.
+    base = pid_bh.to(tl.int64) * n_split * rows + i_s * rows
+    p_o = OPart + (base + o_r)[:, None] * BLOCK_D + offs_d[None, :]
+    tl.store(p_o, b_o, mask=m_r[:, None])
+    tl.store(LsePart + base + o_r, lse, mask=m_r)
+
+
+@triton.jit(do_not_specialize=["Sq", "rows", "n_split"])
+def _anchored_decode_merge_kernel(
+    OPart,
+    LsePart,
+    Out,
+    Lse,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_lse_b,
+    stride_lse_h,
+    Hq,
+    group,
+    Sq,
+    rows,
+    n_split,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+):
+    pid = tl.program_id(0)  # over B * Hq * Sq output rows
+    i_q = pid % Sq
+    i_bh = pid // Sq
+    i_b = i_bh // Hq
+    i_h = i_bh % Hq
+    i_hk = i_h // group
+    row = (i_h % group) * Sq + i_q
+
+    o_s = tl.arange(0, BLOCK_S)
+    m_s = o_s < n_split
+    offs_d = tl.arange(0, BLOCK_D)
+    base = (i_b * (Hq // group) + i_hk).to(tl.int64) * n_split * rows + o_s * rows + row
+    b_lse = tl.load(LsePart + base, mask=m_s, other=float("-inf"))  # [BLOCK_S]
+    b_max = tl.max(b_lse, 0)
+    b_max = tl.where(b_max == float("-inf"), 0.0, b_max)
+    b_w = tl.exp2(b_lse - b_max)  # 0 for empty splits
+    b_sum = tl.sum(b_w, 0)
+    b_op = tl.load(OPart + base[:, None] * BLOCK_D + offs_d[None, :], mask=m_s[:, None], other=0.0)
+    b_o = tl.sum(b_op * b_w[:, None], 0) / tl.where(b_sum > 0, b_sum, 1.0)  # [BLOCK_D]
+    p_o = Out + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh + i_q * stride_om
+    tl.store(p_o + offs_d * stride_od, b_o.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    if STORE_LSE:
+        lse = tl.where(b_sum > 0, (b_max + tl.log2(tl.where(b_sum > 0, b_sum, 1.0))), float("-inf"))
+        p_lse = Lse + i_b.to(tl.int64) * stride_lse_b + i_h.to(tl.int64) * stride_lse_h + i_q
+        tl.store(p_lse, lse * 0.6931471805599453)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def decode_config(head_dim_padded: int, elem_bytes: int, interpret: bool) -> dict:
+    if interpret:
+        return dict(BLOCK_N=16, num_warps=4, num_stages=1)
+    if elem_bytes == 4 or head_dim_padded > 128:
+        return dict(BLOCK_N=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_N=64, num_warps=4, num_stages=3)
+
+
+def num_splits(batch_heads: int, row_blocks: int, Skv: int, block_n: int, device) -> int:
+    """Enough programs to fill the GPU about twice, each split at least 4 key blocks."""
+    if device.type != "cuda":
+        target = 4
+    else:
+        target = 2 * _sm_count(device)
+    by_occupancy = triton.cdiv(target, batch_heads * row_blocks)
+    by_length = max(1, Skv // (4 * block_n))
+    return max(1, min(by_occupancy, by_length, 128))
+
+
+def launch_decode(
+    q, k, v, key_bias, value_scale, key_padding_mask, out, lse, *, causal, sm_scale, interpret,
+    n_split=None,
+):  # fmt: skip
+    """Split-KV launch on validated inputs with Sq <= 64; writes ``out`` and ``lse``."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    rows = group * Sq
+    block_d = max(16, triton.next_power_of_2(D))
+    cfg = decode_config(block_d, q.element_size(), interpret)
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    row_blocks = triton.cdiv(rows, block_m)
+    if n_split is None:
+        n_split = num_splits(B * Hkv, row_blocks, Skv, cfg["BLOCK_N"], q.device)
+    split_len = triton.cdiv(triton.cdiv(Skv, n_split), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    n_split = triton.cdiv(Skv, split_len)
+
+    o_part = torch.empty(B * Hkv, n_split, rows, block_d, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(B * Hkv, n_split, rows, dtype=torch.float32, device=q.device)
+    (bias, scale, mask), gate_strides = _gate_args(q, key_bias, value_scale, key_padding_mask)
+    _anchored_decode_split_kernel[(n_split, row_blocks, B * Hkv)](
+        q, k, v, bias, scale, mask, o_part, lse_part,
+        *q.stride(), *k.stride(), *v.stride(), *gate_strides,
+        Hkv, group, Sq, Skv, split_len, rows, n_split, sm_scale * LOG2E,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m,
+        BLOCK_N=cfg["BLOCK_N"], CAUSAL=causal, HAS_BIAS=key_bias is not None,
+        HAS_SCALE=value_scale is not None, HAS_MASK=key_padding_mask is not None,
+        DOT_PRECISION="ieee" if q.element_size() == 4 else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    store_lse = lse is not None
+    _anchored_decode_merge_kernel[(B * Hq * Sq,)](
+        o_part, lse_part, out, lse if store_lse else out,
+        *out.stride(), *((lse.stride(0), lse.stride(1)) if store_lse else (0, 0)),
+        Hq, group, Sq, rows, n_split,
+        HEAD_DIM=D, BLOCK_D=block_d,
+        BLOCK_S=max(2, triton.next_power_of_2(n_split)), STORE_LSE=store_lse,
+        num_warps=4 if block_d <= 128 else 8,
+    )  # fmt: skip
