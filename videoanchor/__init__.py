@@ -9,7 +9,7 @@ Layers (dependencies run one way):
 from videoanchor.anchor import AnchorResult, compute_anchor_scores, sparse_subspace_clustering
 from videoanchor.integrations import configure
 from videoanchor.integrations import register as _register_transformers
-from videoanchor.kernels import anchor_gates, anchored_attention
+from videoanchor.kernels import anchor_gates, anchored_attention, anchored_attention_varlen
 
 _register_transformers()
 
@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "anchored_attention",
+    "anchored_attention_varlen",
     "anchor_gates",
     "configure",
     "compute_anchor_scores",

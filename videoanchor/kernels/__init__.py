@@ -1,5 +1,9 @@
 """Anchored attention kernels. This subpackage never imports transformers."""
 
-from videoanchor.kernels.anchored_attention import anchor_gates, anchored_attention
+from videoanchor.kernels.interface import (
+    anchor_gates,
+    anchored_attention,
+    anchored_attention_varlen,
+)
 
-__all__ = ["anchored_attention", "anchor_gates"]
+__all__ = ["anchored_attention", "anchored_attention_varlen", "anchor_gates"]

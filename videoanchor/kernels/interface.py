@@ -78,17 +78,28 @@ def _check_tensor(name, t, ndim):
         raise ValueError(f"{name}: expected {ndim} dims, got shape {tuple(t.shape)}")
 
 
+def _check_dtypes(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name}: expected dtype float16, bfloat16 or float32, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _check_one_device(named):
+    devices = {(name, t.device) for name, t in named if t is not None}
+    if len({d for _, d in devices}) > 1:
+        found = ", ".join(f"{n} on {d}" for n, d in sorted(devices, key=lambda x: x[0]))
+        raise ValueError(f"expected all tensors on one device, got {found}")
+
+
 def _validate(q, k, v, key_bias, value_scale, key_padding_mask, backend):
     _check_tensor("q", q, 4)
     _check_tensor("k", k, 4)
     _check_tensor("v", v, 4)
     if backend not in _BACKENDS:
         raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name}: expected dtype float16, bfloat16 or float32, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _check_dtypes(q, k, v)
     B, Hq, Sq, D = q.shape
     if k.shape != v.shape:
         raise ValueError(
@@ -103,7 +114,6 @@ def _validate(q, k, v, key_bias, value_scale, key_padding_mask, backend):
         raise ValueError(
             f"expected the number of query heads to be a multiple of the KV heads, got Hq={Hq}, Hkv={Hkv}"
         )
-    devices = {("q", q.device), ("k", k.device), ("v", v.device)}
     for name, t, dtypes in (
         ("key_bias", key_bias, "float"),
         ("value_scale", value_scale, "float"),
@@ -120,10 +130,10 @@ def _validate(q, k, v, key_bias, value_scale, key_padding_mask, backend):
             raise TypeError(f"{name}: expected dtype torch.bool (True = may attend), got {t.dtype}")
         if dtypes == "float" and not t.is_floating_point():
             raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
-        devices.add((name, t.device))
-    if len({d for _, d in devices}) > 1:
-        found = ", ".join(f"{n} on {d}" for n, d in sorted(devices, key=lambda x: x[0]))
-        raise ValueError(f"expected all tensors on one device, got {found}")
+    _check_one_device(
+        (("q", q), ("k", k), ("v", v), ("key_bias", key_bias), ("value_scale", value_scale),
+         ("key_padding_mask", key_padding_mask))
+    )  # fmt: skip
 
 
 def _pick_backend(q, backend):
@@ -253,4 +263,177 @@ def anchored_attention(
             q, k, v, key_bias, value_scale,
             causal=causal, sm_scale=scale, key_padding_mask=key_padding_mask,
         )  # fmt: skip
+    return (out, lse) if return_lse else out
+
+
+# ---- variable-length (packed) batches -------------------------------------------------
+
+
+def _validate_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, key_bias, value_scale, backend
+):
+    _check_tensor("q", q, 3)
+    _check_tensor("k", k, 3)
+    _check_tensor("v", v, 3)
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+    _check_dtypes(q, k, v)
+    if k.shape != v.shape:
+        raise ValueError(
+            f"k, v: expected the same shape (total_k, Hkv, D), got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    _, Hq, D = q.shape
+    total_k, Hkv, Dk = k.shape
+    if Dk != D:
+        raise ValueError(f"k: expected head dim {D} (from q), got {Dk}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(
+            f"expected the number of query heads to be a multiple of the KV heads, got Hq={Hq}, Hkv={Hkv}"
+        )
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        _check_tensor(name, cu, 1)
+        if cu.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name}: expected dtype int32 (or int64), got {cu.dtype}")
+        if cu.numel() < 1:
+            raise ValueError(f"{name}: expected batch + 1 >= 1 offsets, got an empty tensor")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(
+            "cu_seqlens_q, cu_seqlens_k: expected the same number of sequences, got "
+            f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}"
+        )
+    if not isinstance(max_seqlen_q, int) or max_seqlen_q < 0:
+        raise ValueError(f"max_seqlen_q: expected a non-negative int, got {max_seqlen_q!r}")
+    for name, t in (("key_bias", key_bias), ("value_scale", value_scale)):
+        if t is None:
+            continue
+        _check_tensor(name, t, 1)
+        if t.shape[0] != total_k:
+            raise ValueError(
+                f"{name}: expected shape (total_k,) = ({total_k},), got {tuple(t.shape)}"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+    _check_one_device(
+        (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q),
+         ("cu_seqlens_k", cu_seqlens_k), ("key_bias", key_bias), ("value_scale", value_scale))
+    )  # fmt: skip
+
+
+@torch.library.custom_op("videoanchor::anchored_attention_varlen_fwd", mutates_args=())
+def _anchored_attention_varlen_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    key_bias: torch.Tensor | None,
+    value_scale: torch.Tensor | None,
+    causal: bool,
+    sm_scale: float,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    total_q, Hq, D = q.shape
+    out = torch.empty(total_q, Hq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty((Hq, total_q) if return_lse else (0,), dtype=torch.float32, device=q.device)
+    if total_q == 0 or max_seqlen_q == 0 or cu_seqlens_q.numel() < 2:
+        return out, lse
+    device_ctx = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+    with device_ctx:
+        triton_prefill.launch_prefill(
+            q, k, v, key_bias, value_scale, None, out, lse if return_lse else None,
+            causal=causal, sm_scale=sm_scale, interpret=not q.is_cuda,
+            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+        )  # fmt: skip
+    return out, lse
+
+
+@_anchored_attention_varlen_fwd.register_fake
+def _(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    key_bias,
+    value_scale,
+    causal,
+    sm_scale,
+    return_lse,
+):
+    total_q, Hq, D = q.shape
+    out = q.new_empty(total_q, Hq, D)
+    lse = q.new_empty((Hq, total_q) if return_lse else (0,), dtype=torch.float32)
+    return out, lse
+
+
+def _varlen_torch(q, k, v, cu_q, cu_k, key_bias, value_scale, causal, sm_scale):
+    total_q, Hq, D = q.shape
+    out = torch.zeros(total_q, Hq, D, dtype=q.dtype, device=q.device)
+    lse = torch.full((Hq, total_q), float("-inf"), dtype=torch.float32, device=q.device)
+    qs, ks = cu_q.tolist(), cu_k.tolist()
+    for b in range(len(qs) - 1):
+        (q0, q1), (k0, k1) = (qs[b], qs[b + 1]), (ks[b], ks[b + 1])
+        if q1 < q0 or k1 < k0 or q1 > total_q or k1 > k.shape[0]:
+            raise ValueError(
+                f"cu_seqlens: expected non-decreasing offsets within q ({total_q} tokens) and "
+                f"k ({k.shape[0]} tokens), got sequence {b}: q[{q0}:{q1}], k[{k0}:{k1}]"
+            )
+        gates = [None if t is None else t[None, k0:k1] for t in (key_bias, value_scale)]
+        o, l = anchored_attention_torch(
+            q[None, q0:q1].transpose(1, 2), k[None, k0:k1].transpose(1, 2),
+            v[None, k0:k1].transpose(1, 2), *gates,
+            causal=causal, sm_scale=sm_scale, key_padding_mask=None,
+        )  # fmt: skip
+        out[q0:q1] = o[0].transpose(0, 1)
+        lse[:, q0:q1] = l[0]
+    return out, lse
+
+
+def anchored_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int | None = None,
+    key_bias: torch.Tensor | None = None,
+    value_scale: torch.Tensor | None = None,
+    *,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+):
+    """Anchored attention over packed variable-length sequences (flash-attention's varlen
+    layout): no padding tokens are stored or computed.
+
+    Args:
+        q: (total_q, Hq, D); k, v: (total_k, Hkv, D); any strides.
+        cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32 offsets; sequence b is
+            ``q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]]`` and likewise for k, v.
+        max_seqlen_q: the longest query sequence (sizes the launch grid without a device
+            sync). ``max_seqlen_k`` is accepted for flash-attention compatibility.
+        key_bias, value_scale: (total_k,) per-key gates, or None.
+        causal: bottom-right aligned per sequence (see :func:`anchored_attention`).
+
+    Returns:
+        ``out`` (total_q, Hq, D), or ``(out, lse)`` with lse (Hq, total_q) float32 when
+        ``return_lse``.
+    """
+    _validate_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, key_bias, value_scale, backend
+    )
+    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    if _pick_backend(q, backend) == "triton":
+        out, lse = _anchored_attention_varlen_fwd(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, key_bias, value_scale,
+            causal, scale, return_lse,
+        )  # fmt: skip
+    else:
+        out, lse = _varlen_torch(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, key_bias, value_scale, causal, scale
+        )
     return (out, lse) if return_lse else out
