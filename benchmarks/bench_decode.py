@@ -1,0 +1,267 @@
+"""Long-context kernels: split-KV decode, packed varlen batches and chunked prefill.
+
+Decode (bf16, Hq 28 / Hkv 4 / D 128, cache 8k/32k/128k, batch 1 and 8): achieved bandwidth
+= K+V bytes read / time, against the measured copy bandwidth of this GPU (bytes read +
+written by ``dst.copy_(src)``), SDPA with a broadcast (B, 1, 1, S) float mask and pre-scaled
+V, and compiled FlexAttention with the same bias as a score_mod. Caches rotate through
+enough copies to defeat the L2 cache.
+Varlen: 8 sequences of mixed length, packed (cu_seqlens) vs padded with a key padding mask.
+Chunked prefill: a 16k prompt in 2k chunks against the growing cache vs one prefill.
+
+    python benchmarks/bench_decode.py [--quick] [--out-dir DIR]
+Needs CUDA (the Triton kernels' CPU interpreter is not a performance target).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import videoanchor  # noqa: E402
+from benchmarks.common import environment, print_table, write_result  # noqa: E402
+
+HQ, HKV, D = 28, 4, 128
+L2_BYTES = 50 * 2**20
+
+
+def bench(fn):
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+
+
+def peak_mib(fn):
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def copy_bandwidth():
+    src = torch.empty(2**30 // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms, _, _ = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+class Rotating:
+    """Several independent caches used in turn so that no call hits a warm L2."""
+
+    def __init__(self, B, S, dtype, device="cuda"):
+        one = 2 * B * HKV * S * D * torch.tensor([], dtype=dtype).element_size()
+        n = max(1, min(8, -(-4 * L2_BYTES // one)))
+        g = torch.Generator(device=device).manual_seed(0)
+        self.sets = []
+        for _ in range(n):
+            k = torch.randn(B, HKV, S, D, device=device, dtype=dtype, generator=g)
+            v = torch.randn(B, HKV, S, D, device=device, dtype=dtype, generator=g)
+            s = torch.rand(B, S, device=device, generator=g)
+            kb, vs = videoanchor.anchor_gates(s, 9.5, 2.5)
+            self.sets.append((k, v, kb, vs))
+        self.i = 0
+        self.kv_bytes = one
+
+    def next(self):
+        self.i = (self.i + 1) % len(self.sets)
+        return self.sets[self.i]
+
+
+def decode_shape(B, S, flex, copy_gbs):
+    dtype = torch.bfloat16
+    q = torch.randn(B, HQ, 1, D, device="cuda", dtype=dtype)
+    caches = Rotating(B, S, dtype)
+
+    def ours():
+        k, v, kb, vs = caches.next()
+        return videoanchor.anchored_attention(q, k, v, kb, vs)
+
+    def sdpa_mask():
+        k, v, kb, vs = caches.next()
+        mask = kb[:, None, None, :].to(dtype)
+        v_s = v * vs[:, None, :, None].to(dtype)
+        return F.scaled_dot_product_attention(q, k, v_s, attn_mask=mask, enable_gqa=True)
+
+    def flex_fn():
+        k, v, kb, vs = caches.next()
+
+        def score_mod(score, b, h, qi, ki):
+            return score + kb[b, ki]
+
+        v_s = v * vs[:, None, :, None].to(dtype)
+        return flex(q, k, v_s, score_mod=score_mod, enable_gqa=True)
+
+    rows, ref = [], None
+    for name, fn in (("anchored_split_kv", ours), ("sdpa_mask", sdpa_mask), ("flex", flex_fn)):
+        row = dict(section="decode", B=B, S=S, provider=name)
+        try:
+            caches.i = 0
+            out = fn().float()
+            ref = out if ref is None else ref
+            row["max_diff_vs_anchored"] = (out - ref).abs().max().item()
+            ms, lo, hi = bench(fn)
+            row.update(ms=ms, ms_p20=lo, ms_p80=hi, peak_mib=peak_mib(fn))
+            row["kv_gbs"] = caches.kv_bytes / (ms * 1e-3) / 1e9
+            row["fraction_of_copy_bw"] = row["kv_gbs"] / copy_gbs
+        except torch.OutOfMemoryError:
+            row["error"] = "out of memory"
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def decode_rows(quick):
+    copy_gbs = copy_bandwidth()
+    print(f"copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    rows = []
+    for B in (1, 8):
+        for S in (8192,) if quick else (8192, 32768, 131072):
+            rows += decode_shape(B, S, flex, copy_gbs)
+            torch.cuda.empty_cache()
+    _ratios(rows, "anchored_split_kv", ("B", "S"))
+    return rows, copy_gbs
+
+
+def varlen_rows():
+    rows = []
+    lengths = [1024, 7000, 2500, 8192, 300, 4100, 6000, 1500]
+    dtype = torch.bfloat16
+    total = sum(lengths)
+    q = torch.randn(total, HQ, D, device="cuda", dtype=dtype)
+    k = torch.randn(total, HKV, D, device="cuda", dtype=dtype)
+    v = torch.randn(total, HKV, D, device="cuda", dtype=dtype)
+    kb, vs = videoanchor.anchor_gates(torch.rand(total, device="cuda"), 9.5, 2.5)
+    cu = torch.tensor(
+        [0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda"
+    )
+    Smax, B = max(lengths), len(lengths)
+    qp = torch.zeros(B, Smax, HQ, D, device="cuda", dtype=dtype)
+    kp = torch.zeros(B, Smax, HKV, D, device="cuda", dtype=dtype)
+    vp = torch.zeros_like(kp)
+    kbp = torch.zeros(B, Smax, device="cuda")
+    vsp = torch.ones(B, Smax, device="cuda")
+    mask = torch.zeros(B, Smax, dtype=torch.bool, device="cuda")
+    for b, n in enumerate(lengths):  # left padding, as a VLM batch would have
+        a, e = cu[b].item(), cu[b + 1].item()
+        qp[b, Smax - n :], kp[b, Smax - n :], vp[b, Smax - n :] = q[a:e], k[a:e], v[a:e]
+        kbp[b, Smax - n :], vsp[b, Smax - n :], mask[b, Smax - n :] = kb[a:e], vs[a:e], True
+
+    def packed():
+        return videoanchor.anchored_attention_varlen(q, k, v, cu, cu, Smax, Smax, kb, vs)
+
+    def padded():
+        return videoanchor.anchored_attention(
+            qp.transpose(1, 2),
+            kp.transpose(1, 2),
+            vp.transpose(1, 2),
+            kbp,
+            vsp,
+            key_padding_mask=mask,
+        )
+
+    for name, fn in (("varlen_packed", packed), ("padded_with_mask", padded)):
+        ms, lo, hi = bench(fn)
+        rows.append(
+            dict(section="varlen", provider=name, lengths=lengths, ms=ms, ms_p20=lo, ms_p80=hi,
+                 tokens_per_s=total / (ms * 1e-3), peak_mib=peak_mib(fn))
+        )  # fmt: skip
+        print(rows[-1], flush=True)
+    _ratios(rows, "varlen_packed", ("section",))
+    return rows
+
+
+def chunked_rows(quick):
+    rows = []
+    S, chunk = (8192, 2048) if quick else (16384, 2048)
+    dtype = torch.bfloat16
+    q = torch.randn(1, HQ, S, D, device="cuda", dtype=dtype)
+    k = torch.randn(1, HKV, S, D, device="cuda", dtype=dtype)
+    v = torch.randn(1, HKV, S, D, device="cuda", dtype=dtype)
+    kb, vs = videoanchor.anchor_gates(torch.rand(1, S, device="cuda"), 9.5, 2.5)
+
+    def one_shot():
+        return videoanchor.anchored_attention(q, k, v, kb, vs)
+
+    def chunked():
+        return [
+            videoanchor.anchored_attention(
+                q[:, :, a : a + chunk],
+                k[:, :, : a + chunk],
+                v[:, :, : a + chunk],
+                kb[:, : a + chunk],
+                vs[:, : a + chunk],
+            )  # fmt: skip
+            for a in range(0, S, chunk)
+        ]
+
+    diff = (torch.cat(chunked(), 2).float() - one_shot().float()).abs().max().item()
+    for name, fn in (("one_prefill", one_shot), ("chunked_prefill", chunked)):
+        ms, lo, hi = bench(fn)
+        rows.append(
+            dict(section="chunked_prefill", provider=name, S=S, chunk=chunk, ms=ms, ms_p20=lo,
+                 ms_p80=hi, tokens_per_s=S / (ms * 1e-3), max_diff_vs_one_prefill=diff)
+        )  # fmt: skip
+        print(rows[-1], flush=True)
+    _ratios(rows, "chunked_prefill", ("section",))
+    return rows
+
+
+def _ratios(rows, ours, keys):
+    """speedup_of_ours = baseline time / our time, for rows sharing ``keys``."""
+    for r in rows:
+        mine = [
+            o for o in rows
+            if o["provider"] == ours and all(o.get(k) == r.get(k) for k in keys) and "ms" in o
+        ]  # fmt: skip
+        if mine and "ms" in r:
+            r["speedup_of_ours"] = r["ms"] / mine[0]["ms"]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="smallest shapes only")
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(
+            "bench_decode: no CUDA device here; these kernels are only timed on a GPU. Nothing run."
+        )
+        return None
+    meta = environment("cuda")
+    rows, copy_gbs = decode_rows(args.quick)
+    meta["copy_bandwidth_gbs"] = copy_gbs
+    rows += varlen_rows() + chunked_rows(args.quick)
+    path = write_result("decode", meta, rows, args.out_dir)
+    print_table(
+        rows,
+        [
+            "section",
+            "B",
+            "S",
+            "provider",
+            "ms",
+            "kv_gbs",
+            "fraction_of_copy_bw",
+            "speedup_of_ours",
+            "error",
+        ],
+    )
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
