@@ -6,8 +6,8 @@ small enough to run on a CPU in milliseconds, with the real transformers classes
 integration is exercised end to end.
 
     model = tiny_model("qwen2_5_vl")
-    inputs = tiny_inputs(model.config, videos=[[4], [2, 2]])   # sample 0: one 4-frame video,
-                                                              # sample 1: two 2-frame videos
+    inputs = tiny_inputs(model.config, videos=[[4], [2, 2]])
+    # sample 0: one 4-frame video, sample 1: two 2-frame videos, left-padded
     out = model(**inputs)
 """
 
@@ -17,7 +17,17 @@ import copy
 
 import torch
 
-__all__ = ["TINY_FAMILIES", "tiny_config", "tiny_model", "tiny_inputs", "VOCAB", "TOKENS"]
+__all__ = [
+    "TINY_FAMILIES",
+    "TOKENS",
+    "VOCAB",
+    "clone_inputs",
+    "collate",
+    "tiny_config",
+    "tiny_inputs",
+    "tiny_model",
+    "tiny_sample",
+]
 
 TINY_FAMILIES = (
     "qwen2_vl",
@@ -242,8 +252,65 @@ def tiny_model(
     return model.eval()
 
 
-def _family(config) -> str:
-    return config.model_type
+def tiny_sample(
+    config, videos: list[int], *, text: int = 6, seed: int = 0, dtype=torch.float32
+) -> dict:
+    """Inputs of one sample (batch 1): ``text`` random text tokens, the videos (frame counts
+    in ``videos``, with the family's placeholder layout), then three more text tokens.
+
+    Frame counts: multiples of 2 for the Qwen families (temporal patch 2); for the LLaVA
+    families every video of a batch must have the same frame count (transformers stacks them).
+    """
+    family = config.model_type
+    if family not in TINY_FAMILIES:
+        raise ValueError(
+            f"no tiny inputs for model_type {family!r}; expected one of {TINY_FAMILIES}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    ids = [TOKENS["bos"]] + _rand_text(text, gen)
+    types = [0] * len(ids)
+    pixels, grids = [], []
+    for frames in videos:
+        seg, seg_t = _video_tokens(config, frames, gen, pixels, grids, dtype)
+        ids += seg
+        types += seg_t
+    tail = _rand_text(3, gen)
+    ids += tail
+    types += [0] * len(tail)
+    out = {
+        "input_ids": torch.tensor([ids]),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+    }
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        out["mm_token_type_ids"] = torch.tensor([types])
+        if pixels:
+            out["pixel_values_videos"] = torch.cat(pixels)
+            out["video_grid_thw"] = torch.tensor(grids, dtype=torch.long)
+    elif pixels:
+        out["pixel_values" if family == "internvl" else "pixel_values_videos"] = torch.cat(pixels)
+    return out
+
+
+_SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
+
+
+def collate(samples: list[dict], *, padding_side: str = "left") -> dict:
+    """Pad the per-sample sequences (pad id 0, mask 0) and concatenate the visual inputs."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side: expected 'left' or 'right', got {padding_side!r}")
+    width = max(s["input_ids"].shape[1] for s in samples)
+    out = {}
+    for key in samples[0]:
+        parts = [s[key] for s in samples]
+        if key in _SEQ_KEYS:
+            rows = []
+            for p in parts:
+                pad = torch.zeros(1, width - p.shape[1], dtype=p.dtype)
+                rows.append(torch.cat([pad, p] if padding_side == "left" else [p, pad], dim=1))
+            out[key] = torch.cat(rows)
+        else:
+            out[key] = torch.cat(parts)
+    return out
 
 
 def tiny_inputs(
@@ -255,57 +322,21 @@ def tiny_inputs(
     dtype: torch.dtype = torch.float32,
     padding_side: str = "left",
 ) -> dict:
-    """Inputs for a batch: `videos[b]` lists the frame counts of the videos of sample b.
-
-    Each sample is `text` random text tokens, its videos (with the family's placeholder layout),
-    then three more text tokens. Samples are padded on `padding_side` to a common length.
-    Frame counts: even numbers for the Qwen families (temporal patch 2); for the LLaVA
-    families every video in the batch must have the same frame count (transformers stacks them).
-    """
-    family = _family(config)
-    if family not in TINY_FAMILIES:
-        raise ValueError(f"no tiny inputs for model_type {family!r}")
-    gen = torch.Generator().manual_seed(seed)
+    """A batch: sample b has the videos ``videos[b]`` (frame counts) and seed ``seed + b``."""
     texts = [text] * len(videos) if isinstance(text, int) else list(text)
-    rows, types, extra = [], [], _Extra()
-    for b, vids in enumerate(videos):
-        ids = [TOKENS["bos"]] + _rand_text(texts[b], gen)
-        tt = [0] * len(ids)
-        for frames in vids:
-            seg, seg_t = _video_tokens(config, frames, gen, extra, dtype)
-            ids += seg
-            tt += seg_t
-        tail = _rand_text(3, gen)
-        ids += tail
-        tt += [0] * len(tail)
-        rows.append(ids)
-        types.append(tt)
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), TOKENS["pad"], dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    mm_types = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, (r, t) in enumerate(zip(rows, types, strict=True)):
-        sl = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
-        input_ids[b, sl] = torch.tensor(r)
-        attention_mask[b, sl] = 1
-        mm_types[b, sl] = torch.tensor(t)
-    out = {"input_ids": input_ids, "attention_mask": attention_mask}
-    out.update(extra.finish(family, mm_types))
-    return out
-
-
-class _Extra:
-    def __init__(self):
-        self.pixels: list[torch.Tensor] = []
-        self.grids: list[list[int]] = []
+    samples = [
+        tiny_sample(config, v, text=t, seed=seed + b, dtype=dtype)
+        for b, (v, t) in enumerate(zip(videos, texts, strict=True))
+    ]
+    return collate(samples, padding_side=padding_side)
 
 
 def _rand_text(n: int, gen: torch.Generator) -> list[int]:
     return torch.randint(TEXT_LO, TEXT_HI, (n,), generator=gen).tolist()
 
 
-def _video_tokens(config, frames: int, gen, extra: _Extra, dtype) -> tuple[list[int], list[int]]:
-    family = _family(config)
+def _video_tokens(config, frames: int, gen, pixels: list, grids: list, dtype):
+    family = config.model_type
     vid, vs, ve = TOKENS["video"], TOKENS["vision_start"], TOKENS["vision_end"]
     if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         vc = config.vision_config
@@ -313,64 +344,138 @@ def _video_tokens(config, frames: int, gen, extra: _Extra, dtype) -> tuple[list[
         if frames % tp:
             raise ValueError(f"Qwen frame counts must be multiples of {tp}, got {frames}")
         t, h, w = frames // tp, 2 * m, 3 * m
-        extra.pixels.append(
+        pixels.append(
             torch.randn(t * h * w, vc.in_channels * tp * ps * ps, generator=gen).to(dtype)
         )
-        extra.grids.append([t, h, w])
+        grids.append([t, h, w])
         per_frame = (h // m) * (w // m)
         if family == "qwen3_vl":
             # Qwen3-VL separates frames with timestamp text: <t> <vs> frame <ve> ...
-            ids, tt = [], []
+            ids, types = [], []
             for _ in range(t):
-                stamp = _rand_text(1, gen)
-                ids += stamp + [vs] + [vid] * per_frame + [ve]
-                tt += [0, 0] + [2] * per_frame + [0]
-            return ids, tt
-        return [vs] + [vid] * (t * per_frame) + [ve], [0] + [2] * (t * per_frame) + [0]
+                ids += _rand_text(1, gen) + [vs] + [vid] * per_frame + [ve]
+                types += [0, 0] + [2] * per_frame + [0]
+            return ids, types
+        n = t * per_frame
+        return [vs] + [vid] * n + [ve], [0] + [2] * n + [0]
     if family == "internvl":
         # InternVL feeds video frames as image tiles: one <img> ... </img> block per frame.
         vc = config.vision_config
         side = vc.image_size[0]
         per = int((side // vc.patch_size[0]) * config.downsample_ratio) ** 2
-        extra.pixels.append(torch.randn(frames, 3, side, side, generator=gen).to(dtype))
-        ids, tt = [], []
+        pixels.append(torch.randn(frames, 3, side, side, generator=gen).to(dtype))
+        ids, types = [], []
         for _ in range(frames):
             ids += [vs] + [TOKENS["image"]] * per + [ve]
-            tt += [0] + [1] * per + [0]
-        return ids, tt
-    if family in ("llava_onevision", "llava_next_video"):
-        vc = config.vision_config
-        side = vc.image_size
-        grid = side // vc.patch_size
-        pooled = -(-grid // 2)
-        n = frames * pooled * pooled + (1 if family == "llava_onevision" else 0)
-        extra.pixels.append(torch.randn(1, frames, 3, side, side, generator=gen).to(dtype))
-        return [vid] * n, [2] * n
-    raise ValueError(family)
-
-
-def _finish(self, family: str, mm_types: torch.Tensor) -> dict:
-    if not self.pixels:
-        return {}
-    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
-        return {
-            "pixel_values_videos": torch.cat(self.pixels),
-            "video_grid_thw": torch.tensor(self.grids, dtype=torch.long),
-            "mm_token_type_ids": mm_types,
-        }
-    if family == "internvl":
-        return {"pixel_values": torch.cat(self.pixels)}
-    frames = {p.shape[1] for p in self.pixels}
-    if len(frames) > 1:
-        raise ValueError(
-            f"{family}: every video in a batch needs the same frame count, got {frames}"
-        )
-    return {"pixel_values_videos": torch.cat(self.pixels)}
-
-
-_Extra.finish = _finish
+            types += [0] + [1] * per + [0]
+        return ids, types
+    # LLaVA-OneVision / LLaVA-NeXT-Video: one run of video placeholders per video.
+    vc = config.vision_config
+    side = vc.image_size
+    grid = side // vc.patch_size
+    pooled = -(-grid // 2)
+    n = frames * pooled * pooled + (1 if family == "llava_onevision" else 0)
+    pixels.append(torch.randn(1, frames, 3, side, side, generator=gen).to(dtype))
+    return [vid] * n, [2] * n
 
 
 def clone_inputs(inputs: dict) -> dict:
     """A deep copy (generate and some models modify their inputs)."""
     return {k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in inputs.items()}
+
+
+class EagerAnchorReference:
+    """METHOD.md section 4 written out eagerly, as an attention implementation for transformers.
+
+    ``softmax(Q K^T * scale + log gamma_Q[:, None] + log gamma_K[None, :] + mask) (gamma_V * V)``
+    with an explicit (Sq, Skv) boolean mask from transformers' own mask builder, GQA by
+    repeating K/V, in ``compute_dtype``. Shares no code with the videoanchor kernels or hooks:
+    the tests use it (float64) as the independent reference, the benchmark (model dtype) as
+    the authors' eager approach. Set ``scores`` ((B, S) for a cache-free forward over S tokens)
+    and ``alphas`` before a forward; ``scores=None`` gives plain attention.
+    """
+
+    def __init__(self, name: str = "videoanchor_eager_reference", compute_dtype=torch.float64):
+        self.name = name
+        self.compute_dtype = compute_dtype
+        self.scores: torch.Tensor | None = None
+        self.alphas: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def register(self) -> EagerAnchorReference:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        def mask(*args, **kwargs):
+            kwargs["allow_is_causal_skip"] = False
+            return sdpa_mask(*args, **kwargs)
+
+        AttentionInterface.register(self.name, self.forward)
+        AttentionMaskInterface.register(self.name, mask)
+        return self
+
+    def load(self, path, **kwargs):
+        """``from_pretrained`` with this attention in the language model, SDPA in the vision tower."""
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, attn_implementation=self.name, **kwargs
+        )
+        vc = getattr(model.config, "vision_config", None)
+        if vc is not None:
+            vc._attn_implementation_internal = "sdpa"
+        return model.eval()
+
+    def forward(
+        self,
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=0.0,
+        scaling=None,
+        is_causal=None,
+        **kwargs,
+    ):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        if not causal:
+            return sdpa_attention_forward(
+                module,
+                query,
+                key,
+                value,
+                attention_mask,
+                dropout=dropout,
+                scaling=scaling,
+                **kwargs,
+            )
+        B, Hq, Sq, D = query.shape
+        Skv = key.shape[2]
+        cd = self.compute_dtype
+        rep = Hq // key.shape[1]
+        q = query.to(cd)
+        k = key.to(cd).repeat_interleave(rep, dim=1)
+        v = value.to(cd).repeat_interleave(rep, dim=1)
+        scale = scaling if scaling is not None else D**-0.5
+        logits = (q @ k.transpose(-1, -2)) * scale  # [B, Hq, Sq, Skv]
+        if self.scores is not None:
+            s = self.scores.to(device=q.device, dtype=cd)
+            if s.shape != (B, Skv):
+                raise ValueError(
+                    f"reference scores: expected shape {(B, Skv)}, got {tuple(s.shape)}"
+                )
+            a_q, a_k, a_v = self.alphas
+            logits = logits + torch.log(1 + a_q * s[:, Skv - Sq :])[:, None, :, None]
+            logits = logits + torch.log(1 + a_k * s)[:, None, None, :]
+            v = v * (1 + a_v * s)[:, None, :, None]
+        if attention_mask is None:
+            keep = torch.ones(Sq, Skv, dtype=torch.bool, device=q.device).tril(Skv - Sq)
+            keep = keep[None, None]
+        else:
+            keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        logits = logits.masked_fill(~keep, float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
+        out = (probs @ v).to(query.dtype)
+        return out.transpose(1, 2).contiguous(), None
