@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-# Bytes allowed for one chunk's logits and probabilities (two fp32 buffers).
-_CHUNK_BUDGET_BYTES = 256 * 1024 * 1024
+# Bytes allowed for one chunk's logits (turned into probabilities in place).
+_CHUNK_BUDGET_BYTES = 64 * 1024 * 1024
 
 
 def anchored_attention_torch(
@@ -42,40 +42,51 @@ def anchored_attention_torch(
     if Skv == 0:
         return out.zero_(), lse.fill_(float("-inf"))
 
-    # [B, Hkv, 1, D, Skv] and [B, Hkv, 1, Skv, D]; the group axis broadcasts (no repeat).
-    k_t = k.to(acc_dtype).transpose(-1, -2).unsqueeze(2)
+    # K^T [B, Hkv, D, Skv] and scaled V [B, Hkv, Skv, D]; the query heads of a group are
+    # stacked along the rows, so K and V are never repeated per query head.
+    k_t = k.to(acc_dtype).transpose(-1, -2)
     v_s = v.to(acc_dtype)
     if value_scale is not None:
         v_s = v_s * value_scale.to(acc_dtype)[:, None, :, None]
-    v_s = v_s.unsqueeze(2)
     bias = None if key_bias is None else key_bias.to(acc_dtype)[:, None, None, None, :]
     pad = None if key_padding_mask is None else key_padding_mask[:, None, None, None, :]
 
     q_g = q.unflatten(1, (Hkv, group))  # [B, Hkv, G, Sq, D], a view
     out_g = out.unflatten(1, (Hkv, group))
     lse_g = lse.unflatten(1, (Hkv, group))
-    bytes_per_row = max(1, B * Hq * max(Skv, 1) * torch.finfo(acc_dtype).bits // 8 * 2)
+    bytes_per_row = max(1, B * Hq * Skv * torch.finfo(acc_dtype).bits // 8)
     chunk = max(1, min(Sq, chunk_budget_bytes // bytes_per_row))
-    cols = torch.arange(Skv, device=device)
+    if causal:
+        # Smaller chunks let each one stop at its causal horizon (about half the work).
+        chunk = min(chunk, max(64, -(-Sq // 8)))
     for i0 in range(0, Sq, chunk):
         i1 = min(Sq, i0 + chunk)
-        logits = torch.matmul(q_g[:, :, :, i0:i1].to(acc_dtype), k_t) * sm_scale
+        # Keys past the last row's causal horizon are invisible to the whole chunk.
+        n_kv = max(0, min(Skv, i1 + Skv - Sq)) if causal else Skv
+        if n_kv == 0:
+            out_g[:, :, :, i0:i1] = 0
+            lse_g[:, :, :, i0:i1] = float("-inf")
+            continue
+        rows_c = group * (i1 - i0)
+        q_c = q_g[:, :, :, i0:i1].to(acc_dtype).reshape(B, Hkv, rows_c, D)
+        logits = torch.matmul(q_c, k_t[..., :n_kv]).view(B, Hkv, group, i1 - i0, n_kv)
+        logits.mul_(sm_scale)
         if bias is not None:
-            logits = logits + bias
+            logits.add_(bias[..., :n_kv])
         hidden = None
         if causal:
             rows = torch.arange(i0, i1, device=device)[:, None]
-            hidden = cols[None, :] > rows + (Skv - Sq)
+            hidden = torch.arange(n_kv, device=device)[None, :] > rows + (Skv - Sq)
         if pad is not None:
-            hidden = ~pad if hidden is None else hidden | ~pad
+            hidden = ~pad[..., :n_kv] if hidden is None else hidden | ~pad[..., :n_kv]
         if hidden is not None:
-            logits = logits.masked_fill(hidden, float("-inf"))
+            logits.masked_fill_(hidden, float("-inf"))
         row_max = logits.amax(dim=-1, keepdim=True)
         row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
-        probs = torch.exp(logits - row_max)
+        probs = logits.sub_(row_max).exp_()
         denom = probs.sum(dim=-1, keepdim=True)
-        o = torch.matmul(probs, v_s) / torch.where(denom > 0, denom, torch.ones_like(denom))
+        o = torch.matmul(probs.view(B, Hkv, rows_c, n_kv), v_s[:, :, :n_kv])
+        o = o.view(B, Hkv, group, i1 - i0, D) / torch.where(denom > 0, denom, 1.0)
         out_g[:, :, :, i0:i1] = o.to(q.dtype)
-        chunk_lse = (row_max + torch.log(denom)).squeeze(-1)
-        lse_g[:, :, :, i0:i1] = chunk_lse.to(torch.float32)
+        lse_g[:, :, :, i0:i1] = (row_max + torch.log(denom)).squeeze(-1).to(torch.float32)
     return out, lse
