@@ -29,3 +29,92 @@ def box_left_edge(frame: np.ndarray, height: int) -> int:
     row = frame[height // 6 + 7].astype(int)
     white = np.flatnonzero((row > 200).all(axis=1))
     return int(white[0])
+
+
+# Token names of the tiny checkpoints, by the ids videoanchor.integrations.testing uses.
+_FAMILY_TOKENS = {
+    "qwen": {"image": "<|image_pad|>", "video": "<|video_pad|>",
+             "vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>"},
+    "internvl": {"image": "<IMG_CONTEXT>", "video": "<video>", "vision_start": "<img>",
+                 "vision_end": "</img>"},
+    "llava": {"image": "<image>", "video": "<video>", "vision_start": "<unused122>",
+              "vision_end": "<unused123>"},
+}  # fmt: skip
+_VIDEO_IN_TEMPLATE = {
+    "qwen": "<|vision_start|><|video_pad|><|vision_end|>",
+    "internvl": "<video>\n",
+    "llava": "<video>\n",
+}
+_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 \n.,:;!?'\"-()/<>"
+
+
+def _kind(model_type: str) -> str:
+    return "qwen" if model_type.startswith("qwen") else model_type.split("_")[0]
+
+
+def tiny_tokenizer(model_type: str):
+    """A character-level fast tokenizer over the tiny models' 128-token vocabulary."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from videoanchor.integrations.testing import TEXT_HI, TEXT_LO, TOKENS, VOCAB
+
+    names = {TOKENS["pad"]: "<pad>", TOKENS["bos"]: "<s>", TOKENS["eos"]: "</s>",
+             124: "<|im_start|>", 125: "<|im_end|>"}  # fmt: skip
+    for key, name in _FAMILY_TOKENS[_kind(model_type)].items():
+        names[TOKENS[key]] = name
+    vocab = {name: i for i, name in names.items()}
+    for k, ch in enumerate(_CHARS[: TEXT_HI - TEXT_LO]):
+        vocab[ch] = TEXT_LO + k
+    for i in range(VOCAB):
+        if i not in vocab.values():
+            vocab[f"<unused{i}>"] = i
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    specials = [t for t in vocab if len(t) > 1]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    video = _VIDEO_IN_TEMPLATE[_kind(model_type)]
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+        "{% if c['type'] == 'video' %}" + video + "{% elif c['type'] == 'text' %}{{ c['text'] }}"
+        "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="?", chat_template=template,
+    )  # fmt: skip
+
+
+def save_tiny_checkpoint(model_type: str, path) -> None:
+    """Save a tiny random model of the family, its tokenizer and the remote-code processor
+    (tests/test_cli_tiny_processor.py) so that `videoanchor run --model path
+    --trust-remote-code` loads it like a hub checkpoint."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from videoanchor.integrations.testing import tiny_model
+
+    path = Path(path)
+    model = tiny_model(model_type)
+    model.save_pretrained(path)
+    tiny_tokenizer(model_type).save_pretrained(path)
+    vc = model.config.vision_config
+    cfg = {"family": model_type}
+    if _kind(model_type) == "qwen":
+        cfg.update(frame_size=[8, 12], patch_size=vc.patch_size, merge_size=vc.spatial_merge_size,
+                   temporal_patch_size=vc.temporal_patch_size)  # fmt: skip
+    elif model_type == "internvl":
+        side = vc.image_size[0]
+        cfg.update(frame_size=[side, side],
+                   pooled=int(side // vc.patch_size[0] * model.config.downsample_ratio))  # fmt: skip
+    else:
+        side = vc.image_size
+        cfg.update(frame_size=[side, side], pooled=-(-(side // vc.patch_size) // 2))
+    cfg["processor_class"] = "TinyVideoProcessor"
+    cfg["auto_map"] = {"AutoProcessor": "tiny_processor.TinyVideoProcessor"}
+    (path / "processor_config.json").write_text(json.dumps(cfg, indent=1))
+    shutil.copy(Path(__file__).with_name("test_cli_tiny_processor.py"), path / "tiny_processor.py")

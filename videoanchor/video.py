@@ -137,7 +137,7 @@ def _decode_selected(av, path: str, wanted: np.ndarray, progress: bool):
             desc="decoding frames",
             unit="frame",
             delay=1.0,
-            disable=not progress,
+            disable=None if progress else True,
             leave=False,
         )
         try:

@@ -207,7 +207,7 @@ def _heat_tile(frame, score_map, tile_w, tile_h, alpha):
     smap = Image.fromarray(score_map.astype(np.float32), mode="F")
     smap = np.clip(np.asarray(smap.resize((tile_w, tile_h), Image.Resampling.BILINEAR)), 0, 1)
     colour = score_colormap(smap).astype(np.float64)
-    a = (alpha * (0.15 + 0.85 * smap))[..., None]
+    a = (alpha * (0.1 + 0.9 * smap**1.5))[..., None]
     out = base * (1.0 - a) + colour * a
     return Image.fromarray(np.rint(out).astype(np.uint8))
 
@@ -264,7 +264,7 @@ def render_anchor_figure(
     timestamps:    optional (T,) seconds, shown next to the index.
     title:         optional line across the top (cut to fit).
     columns:       tiles per row (default min(T, 4)); tile_width: tile width in pixels.
-    alpha:         opacity of the heat map at score 1 (it falls to 0.15 * alpha at 0).
+    alpha:         opacity of the heat map at score 1 (falling as s**1.5 to 0.1 * alpha at 0).
 
     The image size is `anchor_figure_layout(T, H, W, columns=..., tile_width=...,
     with_labels=labels is not None, with_title=title is not None).size`.
