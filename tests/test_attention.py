@@ -253,7 +253,7 @@ def test_custom_op_opcheck_and_compile():
     q, k, v, kb, vs, mask = make_inputs(1, 2, 1, 17, 17, 64, torch.float32, pad="left")
     torch.library.opcheck(
         torch.ops.videoanchor.anchored_attention_fwd.default,
-        (q, k, v, kb, vs, mask, True, 0.125, True),
+        (q, k, v, kb, vs, mask, None, True, 0.125, True),
         test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
     )
 

@@ -203,3 +203,36 @@ def test_gpu_decode(dtype, Sq, Skv):
     ref = anchored_attention_reference(q, k, v, kb, vs, key_padding_mask=mask)
     out = videoanchor.anchored_attention(q, k, v, kb, vs, key_padding_mask=mask)
     check_close(out, ref, native_error(q, k, v, kb, vs, mask, True, ref), dtype)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize(
+    "Sq, min_skv", [(1, 0), (3, 0), (9, 10**9)], ids=["decode", "split-kv-Sq3", "prefill-kernel"]
+)
+def test_cache_seqlens_static_cache(Sq, min_skv, backend, causal, monkeypatch):
+    """A preallocated cache of 50 slots where sample b holds cache_seqlens[b] valid keys:
+    equal to attending over the valid prefix only, and garbage past it is never read."""
+    monkeypatch.setattr(api, "DECODE_MIN_SKV", min_skv)
+    q, k, v, kb, vs, _ = make_inputs(3, 4, 2, Sq, 50, 64, torch.float32)
+    lens = torch.tensor([50, 23, 9], dtype=torch.int32, device=DEVICE)
+    for b, n in enumerate(lens.tolist()):  # poison the unused slots
+        k[b, :, n:], v[b, :, n:], kb[b, n:] = float("nan"), float("nan"), float("nan")
+    out, lse = videoanchor.anchored_attention(
+        q, k, v, kb, vs, causal=causal, backend=backend, cache_seqlens=lens, return_lse=True
+    )
+    assert not out.isnan().any()
+    for b, n in enumerate(lens.tolist()):
+        sl = slice(b, b + 1)
+        ref, ref_lse = anchored_attention_reference(
+            q[sl],
+            k[sl, :, :n],
+            v[sl, :, :n],
+            kb[sl, :n],
+            vs[sl, :n],
+            causal=causal,
+            return_lse=True,
+        )
+        torch.testing.assert_close(out[sl].double(), ref, atol=2e-5, rtol=0)
+        finite = torch.isfinite(ref_lse)
+        torch.testing.assert_close(lse[sl][finite].double(), ref_lse[finite], atol=1e-4, rtol=1e-5)

@@ -93,7 +93,7 @@ def _check_one_device(named):
         raise ValueError(f"expected all tensors on one device, got {found}")
 
 
-def _validate(q, k, v, key_bias, value_scale, key_padding_mask, backend):
+def _validate(q, k, v, key_bias, value_scale, key_padding_mask, backend, cache_seqlens=None):
     _check_tensor("q", q, 4)
     _check_tensor("k", k, 4)
     _check_tensor("v", v, 4)
@@ -130,9 +130,19 @@ def _validate(q, k, v, key_bias, value_scale, key_padding_mask, backend):
             raise TypeError(f"{name}: expected dtype torch.bool (True = may attend), got {t.dtype}")
         if dtypes == "float" and not t.is_floating_point():
             raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+    if cache_seqlens is not None:
+        _check_tensor("cache_seqlens", cache_seqlens, 1)
+        if cache_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(
+                f"cache_seqlens: expected dtype int32 (or int64), got {cache_seqlens.dtype}"
+            )
+        if cache_seqlens.shape[0] != B:
+            raise ValueError(
+                f"cache_seqlens: expected shape (B,) = ({B},), got {tuple(cache_seqlens.shape)}"
+            )
     _check_one_device(
         (("q", q), ("k", k), ("v", v), ("key_bias", key_bias), ("value_scale", value_scale),
-         ("key_padding_mask", key_padding_mask))
+         ("key_padding_mask", key_padding_mask), ("cache_seqlens", cache_seqlens))
     )  # fmt: skip
 
 
@@ -168,6 +178,7 @@ def _anchored_attention_fwd(
     key_bias: torch.Tensor | None,
     value_scale: torch.Tensor | None,
     key_padding_mask: torch.Tensor | None,
+    cache_seqlens: torch.Tensor | None,
     causal: bool,
     sm_scale: float,
     return_lse: bool,
@@ -188,13 +199,15 @@ def _anchored_attention_fwd(
     with device_ctx:
         launch(
             q, k, v, key_bias, value_scale, key_padding_mask, out, lse if return_lse else None,
-            causal=causal, sm_scale=sm_scale, interpret=not q.is_cuda,
+            causal=causal, sm_scale=sm_scale, interpret=not q.is_cuda, cache_seqlens=cache_seqlens,
         )  # fmt: skip
     return out, lse
 
 
 @_anchored_attention_fwd.register_fake
-def _(q, k, v, key_bias, value_scale, key_padding_mask, causal, sm_scale, return_lse):
+def _(
+    q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, causal, sm_scale, return_lse
+):
     B, Hq, Sq, D = q.shape
     out = q.new_empty(B, Hq, Sq, D)
     lse = q.new_empty((B, Hq, Sq) if return_lse else (0,), dtype=torch.float32)
@@ -213,6 +226,7 @@ def anchored_attention(
     key_padding_mask: torch.Tensor | None = None,
     backend: str = "auto",
     return_lse: bool = False,
+    cache_seqlens: torch.Tensor | None = None,
 ):
     """Attention with VideoAnchor's per-key gate, fused (no (Sq, Skv) tensor is built).
 
@@ -248,20 +262,25 @@ def anchored_attention(
             torch otherwise).
         return_lse: also return the natural-log log-sum-exp of each row's logits
             (bias included), (B, Hq, Sq) float32, to merge partial attentions.
+        cache_seqlens: (B,) int32, for a preallocated (static) KV cache: sample b uses only
+            its first ``cache_seqlens[b]`` keys (those of the current queries included), and
+            the causal diagonal is aligned to that length, as in flash-attention's
+            ``flash_attn_with_kvcache``. Values must lie in [0, Skv] (not checked on device).
 
     Returns:
         ``out`` (B, Hq, Sq, D) in q's dtype, or ``(out, lse)`` when ``return_lse``.
     """
-    _validate(q, k, v, key_bias, value_scale, key_padding_mask, backend)
+    _validate(q, k, v, key_bias, value_scale, key_padding_mask, backend, cache_seqlens)
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if _pick_backend(q, backend) == "triton":
         out, lse = _anchored_attention_fwd(
-            q, k, v, key_bias, value_scale, key_padding_mask, causal, scale, return_lse
-        )
+            q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, causal, scale,
+            return_lse,
+        )  # fmt: skip
     else:
         out, lse = anchored_attention_torch(
-            q, k, v, key_bias, value_scale,
-            causal=causal, sm_scale=scale, key_padding_mask=key_padding_mask,
+            q, k, v, key_bias, value_scale, causal=causal, sm_scale=scale,
+            key_padding_mask=key_padding_mask, cache_seqlens=cache_seqlens,
         )  # fmt: skip
     return (out, lse) if return_lse else out
 

@@ -20,11 +20,13 @@ def anchored_attention_reference(
     causal: bool = True,
     sm_scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    cache_seqlens: torch.Tensor | None = None,
     return_lse: bool = False,
 ):
     """``softmax(q k^T * sm_scale + key_bias[j] + mask) @ (value_scale[j] * v)`` in float64.
 
-    Shapes as in :func:`videoanchor.anchored_attention`. Rows with no visible key give
+    Shapes as in :func:`videoanchor.anchored_attention`; ``cache_seqlens`` (B,) limits
+    sample b to its first ``cache_seqlens[b]`` keys and aligns the causal diagonal to it. Rows with no visible key give
     zeros (and an lse of ``-inf``). Returns float64 ``out`` of shape (B, Hq, Sq, D), and
     ``lse`` of shape (B, Hq, Sq) (natural log) when ``return_lse``.
     """
@@ -40,10 +42,16 @@ def anchored_attention_reference(
     if key_bias is not None:
         logits = logits + key_bias.double()[:, None, None, :]
     visible = torch.ones(B, 1, Sq, Skv, dtype=torch.bool, device=q.device)
+    i = torch.arange(Sq, device=q.device)[:, None]
+    j = torch.arange(Skv, device=q.device)[None, :]
+    # Number of valid keys per sample: all of them, or cache_seqlens[b].
+    n_valid = torch.full((B,), Skv, device=q.device)
+    if cache_seqlens is not None:
+        n_valid = cache_seqlens.to(q.device)
+    n_valid = n_valid.view(B, 1, 1, 1)
+    visible = visible & (j < n_valid)
     if causal:
-        i = torch.arange(Sq, device=q.device)[:, None]
-        j = torch.arange(Skv, device=q.device)[None, :]
-        visible = visible & (j <= i + Skv - Sq)
+        visible = visible & (j <= i + n_valid - Sq)
     if key_padding_mask is not None:
         visible = visible & key_padding_mask[:, None, None, :].bool()
     logits = logits.masked_fill(~visible, float("-inf"))

@@ -23,6 +23,7 @@ def anchored_attention_torch(
     causal: bool,
     sm_scale: float,
     key_padding_mask: torch.Tensor | None,
+    cache_seqlens: torch.Tensor | None = None,
     chunk_budget_bytes: int = _CHUNK_BUDGET_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(out, lse)``: out (B, Hq, Sq, D) in q's dtype, lse (B, Hq, Sq) float32.
@@ -50,6 +51,13 @@ def anchored_attention_torch(
         v_s = v_s * value_scale.to(acc_dtype)[:, None, :, None]
     bias = None if key_bias is None else key_bias.to(acc_dtype)[:, None, None, None, :]
     pad = None if key_padding_mask is None else key_padding_mask[:, None, None, None, :]
+    # Per-sample valid key count (B, 1, 1, 1, 1); the causal diagonal follows it.
+    n_valid = None if cache_seqlens is None else cache_seqlens.view(B, 1, 1, 1, 1)
+    if n_valid is not None:
+        # Slots past a sample's length are not part of its cache: never let them reach
+        # the output, whatever they hold (0 * NaN would).
+        in_cache = torch.arange(Skv, device=device)[None, :] < cache_seqlens[:, None]
+        v_s = torch.where(in_cache[:, None, :, None], v_s, 0)
 
     q_g = q.unflatten(1, (Hkv, group))  # [B, Hkv, G, Sq, D], a view
     out_g = out.unflatten(1, (Hkv, group))
@@ -62,7 +70,7 @@ def anchored_attention_torch(
     for i0 in range(0, Sq, chunk):
         i1 = min(Sq, i0 + chunk)
         # Keys past the last row's causal horizon are invisible to the whole chunk.
-        n_kv = max(0, min(Skv, i1 + Skv - Sq)) if causal else Skv
+        n_kv = max(0, min(Skv, i1 + Skv - Sq)) if causal and n_valid is None else Skv
         if n_kv == 0:
             out_g[:, :, :, i0:i1] = 0
             lse_g[:, :, :, i0:i1] = float("-inf")
@@ -74,9 +82,14 @@ def anchored_attention_torch(
         if bias is not None:
             logits.add_(bias[..., :n_kv])
         hidden = None
+        cols = torch.arange(n_kv, device=device)
+        if n_valid is not None:
+            hidden = cols >= n_valid
         if causal:
             rows = torch.arange(i0, i1, device=device)[:, None]
-            hidden = torch.arange(n_kv, device=device)[None, :] > rows + (Skv - Sq)
+            diag = (Skv - Sq) if n_valid is None else (n_valid - Sq)
+            after = cols[None, :] > rows + diag
+            hidden = after if hidden is None else hidden | after
         if pad is not None:
             hidden = ~pad[..., :n_kv] if hidden is None else hidden | ~pad[..., :n_kv]
         if hidden is not None:

@@ -29,6 +29,7 @@ def _anchored_decode_split_kernel(
     Bias,
     Scale,
     Mask,
+    SeqLensK,
     OPart,
     LsePart,
     stride_qb,
@@ -65,6 +66,7 @@ def _anchored_decode_split_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    SEQLENS_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     i_s = tl.program_id(0)
@@ -72,6 +74,8 @@ def _anchored_decode_split_kernel(
     pid_bh = tl.program_id(2)
     i_b = pid_bh // Hkv
     i_hk = pid_bh % Hkv
+    if SEQLENS_K:
+        Skv = tl.load(SeqLensK + i_b).to(tl.int32)  # splits past it stay empty
 
     o_r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)  # packed row ids
     m_r = o_r < group * Sq
@@ -195,7 +199,7 @@ def num_splits(batch_heads: int, row_blocks: int, Skv: int, block_n: int, device
 
 def launch_decode(
     q, k, v, key_bias, value_scale, key_padding_mask, out, lse, *, causal, sm_scale, interpret,
-    n_split=None,
+    n_split=None, cache_seqlens=None,
 ):  # fmt: skip
     """Split-KV launch on validated inputs with Sq <= 64; writes ``out`` and ``lse``."""
     B, Hq, Sq, D = q.shape
@@ -215,13 +219,14 @@ def launch_decode(
     lse_part = torch.empty(B * Hkv, n_split, rows, dtype=torch.float32, device=q.device)
     (bias, scale, mask), gate_strides = _gate_args(q, key_bias, value_scale, key_padding_mask)
     _anchored_decode_split_kernel[(n_split, row_blocks, B * Hkv)](
-        q, k, v, bias, scale, mask, o_part, lse_part,
+        q, k, v, bias, scale, mask, cache_seqlens if cache_seqlens is not None else q,
+        o_part, lse_part,
         *q.stride(), *k.stride(), *v.stride(), *gate_strides,
         Hkv, group, Sq, Skv, split_len, rows, n_split, sm_scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m,
         BLOCK_N=cfg["BLOCK_N"], CAUSAL=causal, HAS_BIAS=key_bias is not None,
         HAS_SCALE=value_scale is not None, HAS_MASK=key_padding_mask is not None,
-        DOT_PRECISION="ieee" if q.element_size() == 4 else "tf32",
+        SEQLENS_K=cache_seqlens is not None, DOT_PRECISION="ieee" if q.element_size() == 4 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     store_lse = lse is not None

@@ -145,6 +145,7 @@ def _anchored_prefill_kernel(
     HAS_MASK: tl.constexpr,
     STORE_LSE: tl.constexpr,
     VARLEN: tl.constexpr,
+    SEQLENS_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -165,6 +166,9 @@ def _anchored_prefill_kernel(
     else:
         q_start = i_b.to(tl.int64) * 0
         k_start = q_start
+        if SEQLENS_K:
+            # Per-sample number of valid cache keys (CuSeqK holds cache_seqlens here).
+            Skv = tl.load(CuSeqK + i_b).to(tl.int32)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -258,7 +262,7 @@ def _gate_args(q, key_bias, value_scale, key_padding_mask):
 
 def launch_prefill(
     q, k, v, key_bias, value_scale, key_padding_mask, out, lse, *, causal, sm_scale, interpret,
-    cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+    cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, cache_seqlens=None,
 ):  # fmt: skip
     """Launch on validated inputs; writes ``out`` and, when ``lse`` is not None, the
     natural-log log-sum-exp (float32).
@@ -266,6 +270,8 @@ def launch_prefill(
     Dense: q (B, Hq, Sq, D), out (B, Hq, Sq, D), lse (B, Hq, Sq).
     Varlen (``cu_seqlens_q`` given): q (total_q, Hq, D), k/v (total_k, Hkv, D), gates
     (total_k,), out (total_q, Hq, D), lse (Hq, total_q); no padding mask.
+    ``cache_seqlens`` (B,) (dense only): keys at or past ``cache_seqlens[b]`` are invisible
+    and causal alignment uses that length.
     """
     varlen = cu_seqlens_q is not None
     if varlen:
@@ -286,7 +292,8 @@ def launch_prefill(
         sq, sk, sv, so = q.stride(), k.stride(), v.stride(), out.stride()
         sl = (*lse.stride(),) if lse is not None else (0, 0, 0)
         rows = Sq
-        cu_q = cu_k = q
+        cu_q = q
+        cu_k = cache_seqlens if cache_seqlens is not None else q
     block_d = max(16, triton.next_power_of_2(D))
     cfg = prefill_config(block_d, q.element_size(), interpret)
     (bias, scale, mask), gate_strides = _gate_args(q, key_bias, value_scale, key_padding_mask)
@@ -298,6 +305,7 @@ def launch_prefill(
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         CAUSAL=causal, HAS_BIAS=key_bias is not None, HAS_SCALE=value_scale is not None,
         HAS_MASK=key_padding_mask is not None, STORE_LSE=lse is not None, VARLEN=varlen,
+        SEQLENS_K=cache_seqlens is not None,
         DOT_PRECISION="ieee" if q.element_size() == 4 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
