@@ -28,6 +28,13 @@ DECODE_MAX_SQ = 64
 DECODE_MIN_SKV = 256
 
 
+def empty_output(q: torch.Tensor) -> torch.Tensor:
+    """(B, Hq, Sq, D) output stored as (B, Sq, Hq, D): the layout transformers and most
+    callers want next, so ``out.transpose(1, 2)`` is contiguous and needs no copy."""
+    B, Hq, Sq, D = q.shape
+    return q.new_empty(B, Sq, Hq, D).transpose(1, 2)
+
+
 def triton_interpret_enabled() -> bool:
     """True when Triton runs kernels on the CPU through its interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
@@ -185,7 +192,7 @@ def _anchored_attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, Hq, Sq, D = q.shape
     Skv = k.shape[2]
-    out = torch.empty(B, Hq, Sq, D, dtype=q.dtype, device=q.device)
+    out = empty_output(q)
     lse = torch.empty((B, Hq, Sq) if return_lse else (0,), dtype=torch.float32, device=q.device)
     if Sq == 0:
         return out, lse
@@ -209,7 +216,7 @@ def _(
     q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, causal, sm_scale, return_lse
 ):
     B, Hq, Sq, D = q.shape
-    out = q.new_empty(B, Hq, Sq, D)
+    out = empty_output(q)
     lse = q.new_empty((B, Hq, Sq) if return_lse else (0,), dtype=torch.float32)
     return out, lse
 
@@ -268,7 +275,8 @@ def anchored_attention(
             ``flash_attn_with_kvcache``. Values must lie in [0, Skv] (not checked on device).
 
     Returns:
-        ``out`` (B, Hq, Sq, D) in q's dtype, or ``(out, lse)`` when ``return_lse``.
+        ``out`` (B, Hq, Sq, D) in q's dtype, stored as (B, Sq, Hq, D) so that
+        ``out.transpose(1, 2)`` is contiguous, or ``(out, lse)`` when ``return_lse``.
     """
     _validate(q, k, v, key_bias, value_scale, key_padding_mask, backend, cache_seqlens)
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)

@@ -36,7 +36,7 @@ def anchored_attention_torch(
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     device = q.device
 
-    out = torch.empty(B, Hq, Sq, D, dtype=q.dtype, device=device)
+    out = torch.empty(B, Sq, Hq, D, dtype=q.dtype, device=device).transpose(1, 2)
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=device)
     if Sq == 0:
         return out, lse
