@@ -214,6 +214,18 @@ def test_fully_masked_rows_are_zero(backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_padded_keys_are_never_read(backend):
+    """NaN in the K/V/gates of padded keys must not reach the output."""
+    q, k, v, kb, vs, mask = make_inputs(2, 4, 2, 11, 29, 64, torch.float32, pad="left")
+    ref = anchored_attention_reference(q, k, v, kb, vs, key_padding_mask=mask)
+    hidden = ~mask
+    k[:, 0][hidden], v[:, 1][hidden], kb[hidden], vs[hidden] = (float("nan"),) * 4
+    out = videoanchor.anchored_attention(q, k, v, kb, vs, key_padding_mask=mask, backend=backend)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_causal_sq_longer_than_skv(backend):
     """Bottom-right alignment: with Sq=5, Skv=2 the first 3 queries see no key."""
     q, k, v, _, _, _ = make_inputs(1, 1, 1, 5, 2, 64, torch.float32)

@@ -53,11 +53,14 @@ def anchored_attention_torch(
     pad = None if key_padding_mask is None else key_padding_mask[:, None, None, None, :]
     # Per-sample valid key count (B, 1, 1, 1, 1); the causal diagonal follows it.
     n_valid = None if cache_seqlens is None else cache_seqlens.view(B, 1, 1, 1, 1)
+    # Hidden keys (padding, slots past a sample's cache length) must not reach the output
+    # whatever their values hold (0 * NaN would).
+    readable = key_padding_mask
     if n_valid is not None:
-        # Slots past a sample's length are not part of its cache: never let them reach
-        # the output, whatever they hold (0 * NaN would).
         in_cache = torch.arange(Skv, device=device)[None, :] < cache_seqlens[:, None]
-        v_s = torch.where(in_cache[:, None, :, None], v_s, 0)
+        readable = in_cache if readable is None else readable & in_cache
+    if readable is not None:
+        v_s = torch.where(readable[:, None, :, None], v_s, 0)
 
     q_g = q.unflatten(1, (Hkv, group))  # [B, Hkv, G, Sq, D], a view
     out_g = out.unflatten(1, (Hkv, group))

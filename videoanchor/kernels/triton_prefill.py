@@ -79,10 +79,20 @@ def _attend_key_range(
         b_p = tl.exp2(b_s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(b_p, 1)
         acc = acc * alpha[:, None]
+        if HAS_MASK:
+            # Padded keys' values and scales are never read: whatever they hold cannot
+            # leak into the output (0 * NaN would).
+            m_v = m_n & (b_keep != 0)
+        else:
+            m_v = m_n
         if HAS_SCALE:
-            b_vs = tl.load(p_scale + offs_n * stride_scale_n, mask=m_n, other=0.0).to(tl.float32)
+            b_vs = tl.load(p_scale + offs_n * stride_scale_n, mask=m_v, other=0.0).to(tl.float32)
             b_p = b_p * b_vs[None, :]
-        if BOUNDARY:
+        if HAS_MASK:
+            b_v = tl.load(
+                p_v + offs_n[:, None] * stride_vn, mask=m_v[:, None] & m_d[None, :], other=0.0
+            )
+        elif BOUNDARY:
             b_v = tl.load(
                 p_v + offs_n[:, None] * stride_vn, mask=m_n[:, None] & m_d[None, :], other=0.0
             )
