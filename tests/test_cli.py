@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_cli_support import moving_shapes, save_tiny_checkpoint
+from test_cli_support import direct_inputs, greedy_answer, moving_shapes, save_tiny_checkpoint
 
 from videoanchor.cli import build_parser, main
 from videoanchor.video import write_video
@@ -54,24 +54,7 @@ def _common(model, video, *extra):
 
 
 def _direct(model_dir, video_path, question, **opts):
-    """What the CLI should compute, written with transformers and videoanchor directly."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-    from transformers.video_utils import VideoMetadata
-
-    import videoanchor
-    from videoanchor.video import read_video_frames
-
-    v = read_video_frames(video_path, FRAMES, progress=False)
-    model = AutoModelForImageTextToText.from_pretrained(
-        model_dir, attn_implementation="videoanchor_triton"
-    ).eval()
-    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
-    handle = videoanchor.configure(model, n_clusters=4, **opts)
-    msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-    prompt = processor.apply_chat_template(msgs, add_generation_prompt=True)
-    meta = VideoMetadata(total_num_frames=v.total_frames, fps=v.fps, frames_indices=list(v.indices))
-    inputs = processor(text=[prompt], videos=[v.frames], video_metadata=[meta], return_tensors="pt")
-    return model, processor, handle, dict(inputs)
+    return direct_inputs(model_dir, video_path, question, FRAMES, n_clusters=4, **opts)
 
 
 @pytest.mark.parametrize("command", [None, "run", "anchors", "bench"])
@@ -136,15 +119,14 @@ def test_run_compare_prints_both_answers_and_timings(tmp_path_factory, video, ca
     assert baseline.split()[3] == "-"  # no SSC without anchoring
 
     # The baseline answer is the model's plain-attention answer.
-    model, processor, handle, inputs = _direct(model_dir, video, "what is the box doing?")
-    videoanchor_configure = __import__("videoanchor").configure
-    videoanchor_configure(model, enabled=False)
-    with torch.inference_mode():
-        ids = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    plain = processor.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    model, processor, handle, inputs = _direct(
+        model_dir, video, "what is the box doing?", enabled=False
+    )
+    plain = greedy_answer(model, processor, inputs, 6)
+    assert not handle.last_anchored
     lines = out.splitlines()
     got = lines[lines.index("baseline (plain attention):") + 1].strip()
-    assert got == plain[0].strip().splitlines()[0].strip()
+    assert got == plain.splitlines()[0].strip()
 
 
 @pytest.mark.parametrize(

@@ -118,3 +118,34 @@ def save_tiny_checkpoint(model_type: str, path) -> None:
     cfg["auto_map"] = {"AutoProcessor": "tiny_processor.TinyVideoProcessor"}
     (path / "processor_config.json").write_text(json.dumps(cfg, indent=1))
     shutil.copy(Path(__file__).with_name("test_cli_tiny_processor.py"), path / "tiny_processor.py")
+
+
+def direct_inputs(model_dir, video_path, question, frames, **configure_opts):
+    """What the CLI and the lmms-eval wrapper should compute, written with transformers and
+    videoanchor directly: returns (model, processor, handle, inputs)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.video_utils import VideoMetadata
+
+    import videoanchor
+    from videoanchor.video import read_video_frames
+
+    v = read_video_frames(video_path, frames, progress=False)
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_dir, attn_implementation="videoanchor_triton"
+    ).eval()
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    handle = videoanchor.configure(model, **configure_opts)
+    msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(msgs, add_generation_prompt=True)
+    meta = VideoMetadata(total_num_frames=v.total_frames, fps=v.fps, frames_indices=list(v.indices))
+    inputs = processor(text=[prompt], videos=[v.frames], video_metadata=[meta], return_tensors="pt")
+    return model, processor, handle, dict(inputs)
+
+
+def greedy_answer(model, processor, inputs, max_new_tokens: int) -> str:
+    import torch
+
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[:, inputs["input_ids"].shape[1] :]
+    return processor.batch_decode(new, skip_special_tokens=True)[0].strip()

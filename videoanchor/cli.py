@@ -230,12 +230,14 @@ def load_vlm(
     return model, processor, handle
 
 
-def video_inputs(processor, video, question: str, device=None, dtype=None):
+def video_inputs(processor, video, question: str, device=None, dtype=None, **processor_kwargs):
     """Processor inputs for one video and one question (a single user turn, chat template).
 
     ``video`` is a :class:`videoanchor.video.SampledVideo`; its frames are passed as already
     sampled (``do_sample_frames=False``) with their true indices and frame rate, so models that
-    encode time (Qwen2.5-VL, Qwen3-VL) see the real timestamps.
+    encode time (Qwen2.5-VL, Qwen3-VL) see the real timestamps. ``processor_kwargs`` go to
+    the processor call (e.g. ``size=...`` for the Qwen video processor). Tensors are moved to
+    ``device`` and floating ones cast to ``dtype``.
     """
     from transformers.video_utils import VideoMetadata
 
@@ -257,6 +259,7 @@ def video_inputs(processor, video, question: str, device=None, dtype=None):
             video_metadata=[metadata],
             do_sample_frames=False,
             return_tensors="pt",
+            **processor_kwargs,
         )
     except ImportError as err:
         raise CLIError(

@@ -1,0 +1,354 @@
+"""lmms-eval model wrappers: evaluate a VLM with (or without) VideoAnchor on VSI-Bench & co.
+
+Registered through lmms-eval's plugin entry point (group ``lmms_eval.models``, lmms-eval >=
+0.6; declared in this package's pyproject.toml), so after ``pip install videoanchor
+lmms-eval`` these model names exist::
+
+    lmms-eval --model videoanchor_qwen2_5_vl \\
+        --model_args pretrained=Qwen/Qwen2.5-VL-7B-Instruct,max_num_frames=16,alpha_k=9.5,alpha_v=2.5 \\
+        --tasks vsibench --batch_size 1 --output_path results/
+    # the baseline: the same command with anchor=False in --model_args
+
+One name per family (``videoanchor_qwen2_vl``, ``videoanchor_qwen2_5_vl``,
+``videoanchor_qwen3_vl``, ``videoanchor_internvl``, ``videoanchor_llava_onevision``,
+``videoanchor_llava_next_video``) checks that ``pretrained`` is of that family;
+``videoanchor`` accepts any supported family.
+
+Model arguments (``--model_args k=v,...``): ``pretrained``; ``anchor`` (True: VideoAnchor,
+False: the same model with plain attention); ``alpha_q``, ``alpha_k``, ``alpha_v`` (default:
+the family's values in the registry); ``n_clusters`` (24); ``decode`` ("prefill", the paper,
+or "all"); ``pca_rank`` (0); ``ssc_max_iter`` (10000); ``max_num_frames`` (16, sampled
+uniformly over the whole video, first and last frame included); ``max_new_tokens`` (default:
+the task's); ``min_pixels``/``max_pixels`` (Qwen families: the per-frame pixel range of the
+video processor); ``device`` ("auto"), ``dtype`` ("auto": bfloat16 on CUDA);
+``trust_remote_code``; ``batch_size`` (1 only: one request per forward).
+
+The lmms-eval base class is imported only when lmms-eval asks for a class
+(``module.__getattr__``), so importing this module never needs lmms-eval.
+
+Request contract (lmms-eval ``simple`` models, read from lmms-eval 0.5-0.7.3 sources):
+``Instance.args`` of a ``generate_until`` request is ``(context, gen_kwargs, doc_to_visual,
+doc_id, task, split)`` and the visuals are ``doc_to_visual(self.task_dict[task][split][doc_id])``
+(VSI-Bench: ``[video_path]``). ``generate_until`` returns one string per request, in order.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+__all__ = ["MODEL_NAMES", "VideoAnchorLMMCore", "model_manifests"]
+
+# lmms-eval model name -> (registry family or None for any, default checkpoint or None).
+MODEL_NAMES: dict[str, tuple[str | None, str | None]] = {
+    "videoanchor": (None, None),
+    "videoanchor_qwen2_vl": ("qwen2_vl", "Qwen/Qwen2-VL-7B-Instruct"),
+    "videoanchor_qwen2_5_vl": ("qwen2_5_vl", "Qwen/Qwen2.5-VL-7B-Instruct"),
+    "videoanchor_qwen3_vl": ("qwen3_vl", "Qwen/Qwen3-VL-8B-Instruct"),
+    "videoanchor_internvl": ("internvl", None),
+    "videoanchor_llava_onevision": ("llava_onevision", "llava-hf/llava-onevision-qwen2-7b-ov-hf"),
+    "videoanchor_llava_next_video": ("llava_next_video", "llava-hf/LLaVA-NeXT-Video-7B-hf"),
+}
+
+_QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def _class_name(model_name: str) -> str:
+    return "".join(part.capitalize() for part in model_name.split("_")) + "LMM"
+
+
+_CLASS_TO_MODEL = {_class_name(name): name for name in MODEL_NAMES}
+
+
+def model_manifests():
+    """The ``lmms_eval.models`` entry point: one ModelManifest per name in MODEL_NAMES."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return [
+        ModelManifest(model_id=name, simple_class_path=f"{__name__}.{_class_name(name)}")
+        for name in MODEL_NAMES
+    ]
+
+
+def _as_bool(value, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"{name}: expected True or False, got {value!r}")
+
+
+def _as_float(value, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{name}: expected a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a number, got {value!r}") from None
+
+
+def _as_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}") from None
+    if out != value and not (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    if out < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {out}")
+    return out
+
+
+class VideoAnchorLMMCore:
+    """The wrapper's logic, independent of lmms-eval (the registered classes add its base).
+
+    Attributes after construction: ``model``, ``processor``, ``handle`` (the model's
+    :class:`~videoanchor.integrations.AnchorHandle`, whose ``config`` holds the anchoring
+    settings in force), ``family`` (``config.model_type``), ``task_dict`` (filled by lmms-eval).
+    """
+
+    is_simple = True
+    expected_family: str | None = None
+    default_pretrained: str | None = None
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        anchor=True,
+        alpha_q=None,
+        alpha_k=None,
+        alpha_v=None,
+        n_clusters=24,
+        decode: str = "prefill",
+        pca_rank=0,
+        ssc_max_iter=10000,
+        max_num_frames=16,
+        max_new_tokens=None,
+        min_pixels=None,
+        max_pixels=None,
+        device: str | None = "auto",
+        dtype: str = "auto",
+        trust_remote_code=False,
+        batch_size=1,
+        max_batch_size=None,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        if kwargs:
+            raise TypeError(
+                f"unexpected model_args {sorted(kwargs)}; expected some of: pretrained, anchor, "
+                "alpha_q, alpha_k, alpha_v, n_clusters, decode, pca_rank, ssc_max_iter, "
+                "max_num_frames, max_new_tokens, min_pixels, max_pixels, device, dtype, "
+                "trust_remote_code, batch_size"
+            )
+        for attr, value in (("_rank", 0), ("_world_size", 1), ("task_dict", {})):
+            if not hasattr(self, attr):
+                setattr(self, attr, value)
+        pretrained = pretrained or self.default_pretrained
+        if not pretrained:
+            raise ValueError("pretrained: expected a model id or directory, got none")
+        if batch_size not in (None, "auto") and _as_int(batch_size, "batch_size", 1) != 1:
+            raise ValueError(
+                f"batch_size: this wrapper runs one request per forward (SSC is per request); "
+                f"expected 1, got {batch_size!r}"
+            )
+        self.anchor = _as_bool(anchor, "anchor")
+        self.max_num_frames = _as_int(max_num_frames, "max_num_frames", 1)
+        self.max_new_tokens = (
+            None if max_new_tokens is None else _as_int(max_new_tokens, "max_new_tokens", 1)
+        )
+        trust_remote_code = _as_bool(trust_remote_code, "trust_remote_code")
+
+        from videoanchor.cli import CLIError, check_model, load_vlm
+
+        try:
+            config = check_model(pretrained, trust_remote_code=trust_remote_code)
+        except CLIError as err:
+            raise ValueError(str(err)) from err
+        self.family = config.model_type
+        if self.expected_family is not None and self.family != self.expected_family:
+            raise ValueError(
+                f"pretrained={pretrained!r} is a {self.family!r} model; this lmms-eval model "
+                f"name expects {self.expected_family!r} (use --model videoanchor for any family)"
+            )
+        self.processor_kwargs = {}
+        if min_pixels is not None or max_pixels is not None:
+            if self.family not in _QWEN:
+                raise ValueError(
+                    f"min_pixels/max_pixels: only the Qwen families take a pixel range, "
+                    f"this is {self.family!r}"
+                )
+            size = {}
+            if min_pixels is not None:
+                size["shortest_edge"] = _as_int(min_pixels, "min_pixels", 1)
+            if max_pixels is not None:
+                size["longest_edge"] = _as_int(max_pixels, "max_pixels", 1)
+            self.processor_kwargs["size"] = size
+        try:
+            self.model, self.processor, handle = load_vlm(
+                pretrained,
+                device="auto" if device in (None, "auto") else str(device),
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+            )
+        except CLIError as err:
+            raise ValueError(str(err)) from err
+
+        import videoanchor
+
+        opts = {
+            "enabled": self.anchor,
+            "n_clusters": _as_int(n_clusters, "n_clusters", 1),
+            "decode": decode,
+            "pca_rank": _as_int(pca_rank, "pca_rank", 0),
+            "max_iter": _as_int(ssc_max_iter, "ssc_max_iter", 1),
+        }
+        for name, value in (("alpha_q", alpha_q), ("alpha_k", alpha_k), ("alpha_v", alpha_v)):
+            value = _as_float(value, name)
+            if value is not None:
+                opts[name] = value
+        self.handle = videoanchor.configure(self.model, **opts)
+        self.pretrained = pretrained
+        self._warned: set[str] = set()
+
+    # lmms-eval reads these
+    @property
+    def rank(self):
+        return self._rank
+
+    @property
+    def world_size(self):
+        return self._world_size
+
+    @property
+    def batch_size(self):
+        return 1
+
+    @property
+    def device(self):
+        return self.model.device
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
+
+    def _video_path(self, visuals, doc_id, task) -> str:
+        if visuals is None:
+            raise ValueError(
+                f"{task} doc {doc_id}: no visual input; this wrapper answers about videos"
+            )
+        items = list(visuals) if isinstance(visuals, (list, tuple)) else [visuals]
+        paths = [v for v in items if isinstance(v, (str, bytes)) or hasattr(v, "__fspath__")]
+        if len(paths) != 1 or len(items) != 1:
+            kinds = sorted({type(v).__name__ for v in items})
+            raise ValueError(
+                f"{task} doc {doc_id}: expected exactly one video file path, got {len(items)} "
+                f"visual(s) of type {kinds}; image tasks are not supported by this wrapper"
+            )
+        import os
+
+        return os.fspath(paths[0])
+
+    def answer(self, context: str, video_path: str, gen_kwargs: dict | None = None) -> str:
+        """One request: sample the video, run the model (greedy), cut at the stop strings."""
+        from videoanchor.cli import generate_answer, video_inputs
+        from videoanchor.video import read_video_frames
+
+        gen_kwargs = dict(gen_kwargs or {})
+        until = gen_kwargs.get("until")
+        if until is None:
+            until = []
+        elif isinstance(until, str):
+            until = [until]
+        elif not isinstance(until, (list, tuple)):
+            raise ValueError(
+                f"gen_kwargs['until']: expected a str or list, got {type(until).__name__}"
+            )
+        temperature = gen_kwargs.get("temperature") or 0
+        if temperature > 0 or gen_kwargs.get("do_sample"):
+            self._warn_once(
+                "sampling",
+                "videoanchor lmms-eval wrapper: the task asks for sampling; decoding greedily "
+                "(do_sample=False, num_beams=1) as in the paper",
+            )
+        if int(gen_kwargs.get("num_beams") or 1) != 1:
+            self._warn_once("beams", "videoanchor lmms-eval wrapper: num_beams ignored, using 1")
+        max_new = self.max_new_tokens or int(gen_kwargs.get("max_new_tokens") or 128)
+        video = read_video_frames(video_path, self.max_num_frames, progress=False)
+        inputs = video_inputs(
+            self.processor, video, context, device=self.model.device, dtype=self.model.dtype,
+            **self.processor_kwargs,
+        )  # fmt: skip
+        text, _ = generate_answer(
+            self.model, self.processor, inputs, self.handle, max_new_tokens=max_new, progress=False
+        )
+        for stop in until:
+            if stop:
+                text = text.split(stop)[0]
+        return text
+
+    def generate_until(self, requests) -> list[str]:
+        from tqdm.auto import tqdm
+
+        out = []
+        for request in tqdm(requests, desc="videoanchor", disable=self.rank != 0):
+            args = request.args
+            if len(args) != 6:
+                raise ValueError(
+                    "expected generate_until request args (context, gen_kwargs, doc_to_visual, "
+                    f"doc_id, task, split), got a tuple of {len(args)}"
+                )
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = args
+            visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+            text = self.answer(context, self._video_path(visuals, doc_id, task), gen_kwargs)
+            hook = getattr(self, "cache_hook", None)
+            if hook is not None:
+                hook.add_partial("generate_until", (context, gen_kwargs), text)
+            out.append(text)
+        return out
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError(
+            "videoanchor lmms-eval wrapper: loglikelihood is not implemented (VSI-Bench and the "
+            "paper's benchmarks use generate_until)"
+        )
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError(
+            "videoanchor lmms-eval wrapper: multi-round generation is not implemented"
+        )
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def _build(class_name: str) -> type:
+    from lmms_eval.api.model import lmms
+
+    family, default = MODEL_NAMES[_CLASS_TO_MODEL[class_name]]
+    cls = type(
+        class_name,
+        (VideoAnchorLMMCore, lmms),
+        {
+            "__module__": __name__,
+            "__doc__": f"lmms-eval model '{_CLASS_TO_MODEL[class_name]}' (VideoAnchor).",
+            "is_simple": True,
+            "expected_family": family,
+            "default_pretrained": default,
+        },
+    )
+    return cls
+
+
+def __getattr__(name: str):
+    if name in _CLASS_TO_MODEL:
+        if name not in _CLASSES:
+            _CLASSES[name] = _build(name)
+        return _CLASSES[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
