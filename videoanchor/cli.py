@@ -616,8 +616,6 @@ def cmd_bench(args) -> int:
         os.pathsep
     )
     env.setdefault("VIDEOANCHOR_RESULTS_DIR", str(out_dir))
-    if not torch.cuda.is_available():
-        env.setdefault("TRITON_INTERPRET", "1")
     failed = []
     for script in scripts:
         flags = _script_flags(script)
