@@ -231,7 +231,7 @@ class AnchorHandle:
             and not args[0].is_floating_point()
         ):
             input_ids = args[0]
-        has_visual = any(kwargs.get(n) is not None for n in self.family.visual_input_kwargs)
+        has_visual = any(_given(kwargs.get(n)) for n in self.family.visual_input_kwargs)
         from_embeds = None
         if input_ids is None and has_visual and kwargs.get("inputs_embeds") is not None:
             from_embeds = self._placeholder_mask_from_embeds(module, kwargs["inputs_embeds"])
@@ -265,13 +265,19 @@ class AnchorHandle:
             return None
         request = self._request
         cache = pending.cache
-        if (
-            not pending.has_visual_inputs
-            and request is not None
+        continuation = (
+            request is not None
             and cache is not None
             and request.cache_ref is not None
             and request.cache_ref() is cache
-        ):
+        )
+        if continuation and pending.has_visual_inputs and pending.input_ids is not None:
+            # Visual inputs re-sent with a decode step: a new prefill only if the new tokens
+            # hold placeholders (a multi-turn continuation), else still a decode step.
+            ids = self.family.token_ids(self.model.config, self.config.tokens)
+            ref = torch.tensor(list(ids.values()), device=pending.input_ids.device)
+            pending.has_visual_inputs = bool(torch.isin(pending.input_ids, ref).any())
+        if continuation and not pending.has_visual_inputs:
             if self.config.decode == "all":
                 self._current = request
             return None
@@ -431,6 +437,15 @@ class AnchorHandle:
         vc = getattr(self.model.config, self.family.vision_config_attr, None)
         if vc is not None and getattr(vc, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
             vc._attn_implementation_internal = "sdpa"
+
+
+def _given(value) -> bool:
+    """A visual input counts when it is not None and not an empty container."""
+    if value is None:
+        return False
+    if isinstance(value, (dict, list, tuple)):
+        return len(value) > 0
+    return True
 
 
 def _is_decoder_self_attention(m: torch.nn.Module) -> bool:
