@@ -634,8 +634,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
-_SUMMARY_COLUMNS = ("model", "S", "N", "D", "provider", "backend", "method", "ms", "tflops",
-                    "speedup_of_anchored", "speedup", "error")  # fmt: skip
+_ID_COLUMNS = ("model", "B", "S", "N", "D", "decoder_layers", "visual_tokens", "dtype",
+               "provider", "backend", "method", "solver")  # fmt: skip
+_VALUE_COLUMN = re.compile(r"^(ms|tflops|gbps|error)$|_ms$|speedup|^vs_|_share$|tflops|gbps")
+
+
+def _summary_columns(rows: list[dict]) -> list[str]:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    ids = [k for k in keys if k in _ID_COLUMNS]
+    values = [k for k in keys if _VALUE_COLUMN.search(k) and not re.search(r"(^|_)p\d+(_|$)", k)]
+    return (ids + values)[:12] or keys[:8]
 
 
 def _print_bench_summary(out_dir: Path) -> None:
@@ -654,9 +664,7 @@ def _print_bench_summary(out_dir: Path) -> None:
               f"git {meta.get('git_sha', '?')}")  # fmt: skip
         if not rows:
             continue
-        cols = [c for c in _SUMMARY_COLUMNS if any(c in r for r in rows)]
-        if not cols:
-            cols = list(rows[0])[:8]
+        cols = _summary_columns(rows)
         table = [cols] + [[_cell(r.get(c)) for c in cols] for r in rows]
         widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
         for row in table:
