@@ -780,7 +780,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
+    fmt = argparse.HelpFormatter
     parser = argparse.ArgumentParser(
         prog="videoanchor",
         description="VideoAnchor for video VLMs: ask a question about a video with anchored "
