@@ -32,12 +32,17 @@ def videoanchor_mask(
     **kwargs,
 ) -> torch.Tensor | None:
     """transformers mask-interface function: returns the (B, L) bool padding mask or None."""
-    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
+    from transformers import masking_utils
 
-    if mask_function is not None and mask_function not in (
-        causal_mask_function,
-        bidirectional_mask_function,
-    ):
+    plain = tuple(
+        f
+        for f in (
+            getattr(masking_utils, "causal_mask_function", None),
+            getattr(masking_utils, "bidirectional_mask_function", None),
+        )
+        if f is not None
+    )
+    if mask_function is not None and mask_function not in plain:
         name = getattr(mask_function, "__qualname__", repr(mask_function))
         raise NotImplementedError(
             f"attn_implementation={ATTN_IMPLEMENTATION!r} supports plain causal (and bidirectional) "
