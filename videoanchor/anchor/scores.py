@@ -22,6 +22,7 @@ __all__ = [
 
 _BACKENDS = ("auto", "torch", "cupy")
 _SOLVERS = ("auto", "faithful", "accelerated")
+ACCEL_RELAX = 1.8  # over-relaxation of the accelerated solver (Eckstein & Bertsekas)
 
 
 def anchor_scores(coef: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -148,11 +149,11 @@ def _check_common(n_clusters, n, alpha_e, alpha_z, backend, solver):
 
 
 def _solve(x, *, backend, solver, dtype, **kw):
-    relax, adaptive = (1.0, False) if solver == "faithful" else (1.6, False)
+    relax, adaptive = (1.0, False) if solver == "faithful" else (ACCEL_RELAX, True)
     if backend == "cupy":
         from videoanchor.anchor.cupy_backend import solve_ssc_admm_cupy
 
-        return solve_ssc_admm_cupy(x, dtype=dtype, relax=relax, **kw)
+        return solve_ssc_admm_cupy(x, dtype=dtype, relax=relax, adaptive_rho=adaptive, **kw)
     return solve_ssc_admm(x, dtype=dtype, relax=relax, adaptive_rho=adaptive, **kw)
 
 

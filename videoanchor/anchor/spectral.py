@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 __all__ = ["ssc_affinity", "spectral_embedding", "discretize", "kmeans", "spectral_clustering"]
@@ -146,10 +147,11 @@ def discretize(
 ) -> torch.Tensor:
     """Yu & Shi's discretisation of a spectral embedding (``N x k``), as in scikit-learn.
 
-    Returns int64 labels. Randomness (the first row of the initial rotation) comes from a
-    CPU generator seeded with ``seed``.
+    Returns int64 labels. The one random draw (the first row of the initial rotation) is
+    ``numpy.random.RandomState(seed).randint(N)``, as in ``sklearn.cluster.discretize(...,
+    random_state=seed)``, so both give the same partition for the same embedding.
     """
-    gen = torch.Generator().manual_seed(int(seed))
+    rng = np.random.RandomState(int(seed))
     v = vectors.to(torch.float64).clone()
     n, k = v.shape
     v = v / v.norm(dim=0, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny) * math.sqrt(n)
@@ -160,7 +162,7 @@ def discretize(
     eps = torch.finfo(torch.float64).eps
     for _ in range(max_svd_restarts):
         rot = torch.zeros(k, k, dtype=v.dtype, device=v.device)
-        start = int(torch.randint(n, (1,), generator=gen))
+        start = int(rng.randint(n))
         rot[:, 0] = v[start]
         c = torch.zeros(n, dtype=v.dtype, device=v.device)
         for j in range(1, k):

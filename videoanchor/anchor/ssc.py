@@ -90,6 +90,13 @@ class ADMMResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+# Residual balancing on relative residuals (Wohlberg 2017): every `every` iterations, if
+# the primal/dual ratio leaves [1/mu, mu], scale rho by sqrt(ratio / xi), at most tau.
+# At most `max_changes` changes, so the penalty is eventually fixed and ADMM's convergence
+# theory applies; each change refactors the A-step system.
+_ADAPT = {"every": 5, "max_changes": 20, "mu": 3.0, "tau": 10.0, "xi": 1.0}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -152,6 +159,7 @@ def solve_ssc_admm(
     progress: bool = False,
     keep_history: bool = False,
     check_memory_first: bool = True,
+    callback=None,
 ) -> ADMMResult:
     """Solve the SSC program for ``features`` (``N x D``, one row per point) on their device.
 
@@ -169,8 +177,8 @@ def solve_ssc_admm(
         raise ValueError(f"SSC needs at least 2 points, got N = {n}")
     if not (rho > 0 and math.isfinite(rho)):
         raise ValueError(f"rho: expected a positive finite number, got {rho}")
-    if not (eps > 0):
-        raise ValueError(f"eps: expected a positive number, got {eps}")
+    if not (eps >= 0):
+        raise ValueError(f"eps: expected a non-negative number (0: run max_iter), got {eps}")
     if int(max_iter) < 1:
         raise ValueError(f"max_iter: expected a positive integer, got {max_iter}")
     if not (1.0 <= relax < 2.0):
@@ -209,6 +217,7 @@ def solve_ssc_admm(
     rho_k = float(rho)
     c_old = torch.empty_like(C) if accelerate else None
     last_rho_change = 0
+    n_changes = 0
     try:
         for it in range(1, int(max_iter) + 1):
             A, YA = solver.step_a(C, lam, d1s, E, e_nonzero)
@@ -229,10 +238,14 @@ def solve_ssc_admm(
             torch.sub(A, lam_new, out=C)  # soft(T, 1/rho) with a zero diagonal
             lam.sub_(lam_new).abs_()  # |A - C| = |Lam_new - Lam_old|
             primal = float(lam.sum(dim=1).max())
+            if adaptive_rho:
+                fro_primal = float(torch.linalg.vector_norm(lam))
             lam = lam_new
             if accelerate:
                 c_old.sub_(C).abs_()
                 dual = float(c_old.sum(dim=1).max())
+                if adaptive_rho:
+                    fro_dual = float(torch.linalg.vector_norm(c_old))
                 residual = max(primal, dual)
             else:
                 residual = primal
@@ -243,26 +256,30 @@ def solve_ssc_admm(
                 )
             if keep_history:
                 history.append(residual)
+            if callback is not None:
+                callback(it, C, residual)
             bar.update(it, residual)
             if residual < eps:
                 converged = True
                 break
-            if adaptive_rho and it - last_rho_change >= 10:
-                # residual balancing (Boyd et al. 2011, section 3.4.1) on the A = C coupling
-                r_scale = primal
-                s_scale = rho_k * dual
-                factor = 0.0
-                if r_scale > 10.0 * s_scale:
-                    factor = 2.0
-                elif s_scale > 10.0 * r_scale:
-                    factor = 0.5
-                if factor:
+            if adaptive_rho and it - last_rho_change >= _ADAPT["every"] and n_changes < _ADAPT["max_changes"]:
+                # residual balancing on relative residuals (Wohlberg 2017)
+                r_rel = fro_primal / max(float(torch.linalg.vector_norm(C)), 1e-30)
+                s_rel = fro_dual / max(float(torch.linalg.vector_norm(lam)), 1e-30)
+                q = r_rel / max(s_rel, 1e-30)
+                factor = 1.0
+                if q > _ADAPT["mu"]:
+                    factor = min(math.sqrt(q / _ADAPT["xi"]), _ADAPT["tau"])
+                elif q < 1.0 / _ADAPT["mu"]:
+                    factor = 1.0 / min(math.sqrt(_ADAPT["xi"] / q), _ADAPT["tau"])
+                if factor != 1.0:
                     lam.mul_(1.0 / factor)  # keep Delta2 = rho * Lam fixed
                     if affine:
                         d1s.mul_(1.0 / factor)  # and Delta1
                     rho_k *= factor
                     solver.refactor(rho_k)
                     last_rho_change = it
+                    n_changes += 1
     finally:
         bar.close()
     _sync(device)

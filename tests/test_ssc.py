@@ -1,0 +1,336 @@
+"""SSC-ADMM: iterates against the float64 reference, recovery, accuracy, errors, backends."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+import videoanchor
+from videoanchor.anchor import (
+    SSCMemoryError,
+    _inputs,
+    compute_anchor_scores,
+    solve_ssc_admm,
+    sparse_subspace_clustering,
+    ssc_lambdas,
+)
+from videoanchor.anchor.cupy_backend import solve_ssc_admm_cupy
+from videoanchor.anchor.reference import authors_admm, authors_lambdas
+
+
+def union_of_subspaces(n_per, k, d, dim, *, noise=0.0, corrupt=0.0, offset=0.0, seed=0):
+    """``k`` random ``dim``-dimensional subspaces of R^d, ``n_per`` points each (rows)."""
+    g = torch.Generator().manual_seed(seed)
+    xs, labels = [], []
+    for c in range(k):
+        basis = torch.randn(d, dim, generator=g, dtype=torch.float64)
+        xs.append((basis @ torch.randn(dim, n_per, generator=g, dtype=torch.float64)).T)
+        labels += [c] * n_per
+    x = torch.cat(xs)
+    if offset:
+        x = x + offset * torch.randn(d, generator=g, dtype=torch.float64)
+    if noise:
+        x = x + noise * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    if corrupt:
+        mask = torch.rand(x.shape, generator=g, dtype=torch.float64) < corrupt
+        x = x + mask * 20 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    return x, torch.tensor(labels)
+
+
+def rel_fro(a, b):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return float((a - b).norm() / b.norm())
+
+
+MODELS = [
+    pytest.param(True, True, id="affine-outliers"),
+    pytest.param(True, False, id="affine"),
+    pytest.param(False, True, id="outliers"),
+    pytest.param(False, False, id="lasso"),
+]
+
+
+@pytest.mark.parametrize("strategy", ["dense", "woodbury"])
+@pytest.mark.parametrize("affine,outliers", MODELS)
+def test_iterates_match_float64_reference(strategy, affine, outliers):
+    # odd sizes; corruption makes E non-zero so the outlier path is exercised
+    x, _ = union_of_subspaces(13, 3, 23, 3, noise=0.01, corrupt=0.08, seed=1)
+    y = x.numpy().T
+    ref_iterates = []
+    authors_admm(
+        y,
+        max_iter=40,
+        eps=0.0,
+        affine=affine,
+        outliers=outliers,
+        callback=lambda it, A, C, E: ref_iterates.append((C.copy(), E.copy())),
+    )
+    ours = []
+    solve_ssc_admm(
+        x,
+        dtype=torch.float64,
+        max_iter=40,
+        eps=0.0,
+        strategy=strategy,
+        affine=affine,
+        outliers=outliers,
+        callback=lambda it, C, res: ours.append(C.clone()),
+    )
+    assert len(ours) == len(ref_iterates) == 40
+    scale = max(np.abs(c).max() for c, _ in ref_iterates)
+    for it, (mine, (c_ref, _)) in enumerate(zip(ours, ref_iterates, strict=True), start=1):
+        err = np.abs(mine.numpy() - c_ref).max()
+        assert err <= 1e-9 * scale, f"iteration {it}: max |C - C_ref| = {err:.3e}"
+    if outliers:
+        r = solve_ssc_admm(x, dtype=torch.float64, max_iter=40, eps=0.0, strategy=strategy)
+        assert bool(r.outliers.ne(0).any()), "the test data should exercise the E term"
+
+
+def test_stops_where_the_reference_stops():
+    x, _ = union_of_subspaces(11, 3, 17, 2, noise=0.02, seed=2)
+    c_ref, it_ref, ok_ref = authors_admm(x.numpy().T, eps=2e-4, max_iter=3000)
+    r = solve_ssc_admm(x, dtype=torch.float64, eps=2e-4, max_iter=3000)
+    assert ok_ref and r.converged
+    assert r.iterations == it_ref
+    assert np.abs(r.coef.numpy() - c_ref).max() < 1e-9
+
+
+def test_lambdas_match_the_python_loop():
+    x, _ = union_of_subspaces(9, 3, 19, 2, noise=0.1, seed=3)
+    lam_e, lam_z, _, _ = ssc_lambdas(x, 800.0, 20.0)
+    ref_e, ref_z = authors_lambdas(x.numpy().T, 800.0, 20.0)
+    assert math.isclose(lam_e, ref_e, rel_tol=1e-12)
+    assert math.isclose(lam_z, ref_z, rel_tol=1e-12)
+
+
+def test_lambdas_with_a_tied_largest_norm():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.2, 0.1]], dtype=torch.float64)
+    lam_e, lam_z, mu_e, mu_z = ssc_lambdas(x, 1.0, 1.0)
+    ref_e, ref_z = authors_lambdas(x.numpy().T, 1.0, 1.0)
+    assert mu_e == 1.0 and math.isclose(lam_e, ref_e) and math.isclose(lam_z, ref_z)
+
+
+@pytest.mark.parametrize("strategy", ["dense", "woodbury"])
+def test_float32_close_to_float64(strategy):
+    x, _ = union_of_subspaces(20, 4, 31, 3, noise=0.02, offset=1.0, seed=4)
+    r64 = solve_ssc_admm(x, dtype=torch.float64, strategy=strategy, max_iter=3000)
+    r32 = solve_ssc_admm(x.float(), strategy=strategy, max_iter=3000)
+    assert r32.coef.dtype == torch.float32 and r64.converged and r32.converged
+    assert abs(r32.iterations - r64.iterations) <= max(3, r64.iterations // 50)
+    assert rel_fro(r32.coef, r64.coef) < 2e-3
+
+
+def _objective(x, coef, lam_e, lam_z):
+    """SSC objective with E at its optimum for this C (a Huber-type data term)."""
+    y = x.T.double()
+    r = y - y @ coef.double()
+    t = lam_e / lam_z
+    e = torch.sign(r) * (r.abs() - t).clamp_min(0)
+    return float(coef.abs().sum() + lam_e * e.abs().sum() + lam_z / 2 * ((r - e) ** 2).sum())
+
+
+def test_accelerated_reaches_the_minimiser_of_the_faithful_iteration():
+    x, _ = union_of_subspaces(12, 3, 20, 3, noise=0.05, offset=0.5, seed=5)
+    # the authors' iteration run far past its default tolerance: the minimiser
+    ref = solve_ssc_admm(x, dtype=torch.float64, eps=1e-10, max_iter=100000)
+    fast = solve_ssc_admm(
+        x, dtype=torch.float64, eps=1e-10, max_iter=20000, relax=1.8, adaptive_rho=True
+    )
+    assert ref.converged and fast.converged
+    assert fast.iterations < ref.iterations / 3
+    assert rel_fro(fast.coef, ref.coef) < 2e-5
+    # the authors' default stopping point is further from the minimiser than ours
+    default = solve_ssc_admm(x, dtype=torch.float64)
+    quick = solve_ssc_admm(x, dtype=torch.float64, relax=1.8, adaptive_rho=True)
+    assert rel_fro(quick.coef, ref.coef) < rel_fro(default.coef, ref.coef)
+    f_min = _objective(x, ref.coef, ref.lambda_e, ref.lambda_z)
+    assert _objective(x, quick.coef, ref.lambda_e, ref.lambda_z) <= f_min * (1 + 1e-4)
+
+
+def affine_subspaces(n_per, k, d, dim, *, seed=0):
+    """``k`` random ``dim``-dimensional affine subspaces of R^d (each with its own offset)."""
+    g = torch.Generator().manual_seed(seed)
+    xs, labels = [], []
+    for c in range(k):
+        basis = torch.randn(d, dim, generator=g, dtype=torch.float64)
+        offset = 2 * torch.randn(d, generator=g, dtype=torch.float64)
+        coords = torch.randn(dim, n_per, generator=g, dtype=torch.float64)
+        xs.append(offset + (basis @ coords).T)
+        labels += [c] * n_per
+    return torch.cat(xs), torch.tensor(labels)
+
+
+def _cross_mass(coef, labels):
+    same = labels[:, None] == labels[None, :]
+    c = coef.abs()
+    return float(c[~same].sum()) / float(c[same].sum())
+
+
+# The noiseless program (lambda_z -> infinity) is subspace preserving for independent
+# subspaces (Elhamifar & Vidal 2013, Thm. 1); alpha = 1e5 is that regime.
+@pytest.mark.parametrize("solver", ["faithful", "accelerated"])
+def test_exact_recovery_of_independent_affine_subspaces(solver):
+    # 4 affine 3-dim subspaces of R^30: 4 * (3 + 1) = 16 <= 30, so affinely independent
+    x, labels = affine_subspaces(15, 4, 30, 3, seed=6)
+    res = sparse_subspace_clustering(
+        x,
+        4,
+        solver=solver,
+        alpha_e=1e5,
+        alpha_z=1e5,
+        eps=1e-6,
+        max_iter=1000,
+        dtype=torch.float64,
+    )
+    assert adjusted_rand_score(labels.numpy(), res.labels.numpy()) == 1.0
+    assert _cross_mass(res.coef, labels) == 0.0
+    assert float(res.coef.diagonal().abs().max()) == 0.0
+    col_sums = res.coef.sum(dim=0)
+    assert torch.allclose(col_sums, torch.ones_like(col_sums), atol=1e-3)
+
+
+def test_exact_recovery_of_independent_linear_subspaces_without_affine_constraint():
+    x, labels = union_of_subspaces(14, 4, 30, 3, seed=12)  # 4 * 3 = 12 <= 30
+    res = sparse_subspace_clustering(
+        x,
+        4,
+        affine=False,
+        outliers=False,
+        alpha_z=1e5,
+        eps=1e-6,
+        max_iter=1000,
+        dtype=torch.float64,
+    )
+    assert adjusted_rand_score(labels.numpy(), res.labels.numpy()) == 1.0
+    assert _cross_mass(res.coef, labels) == 0.0
+
+
+def test_default_parameters_nearly_subspace_preserving():
+    x, labels = affine_subspaces(15, 4, 30, 3, seed=6)
+    res = sparse_subspace_clustering(x, 4, dtype=torch.float64, solver="accelerated")
+    assert adjusted_rand_score(labels.numpy(), res.labels.numpy()) == 1.0
+    assert _cross_mass(res.coef, labels) < 1e-3
+
+
+def test_compute_anchor_scores_outputs():
+    x, _ = union_of_subspaces(10, 5, 27, 3, noise=0.02, offset=1.0, seed=7)
+    x = x.float()
+    x_before = x.clone()
+    res = videoanchor.compute_anchor_scores(x, n_clusters=5)
+    assert torch.equal(x, x_before), "the input must not be modified"
+    n = x.shape[0]
+    assert res.scores.shape == (n,) and res.scores.dtype == torch.float32
+    assert res.labels.shape == (n,) and res.labels.dtype == torch.int64
+    assert res.coef.shape == (n, n)
+    assert float(res.scores.min()) >= 0.0 and float(res.scores.max()) < 1.0
+    assert res.converged and res.iterations >= 1
+    for stage in ("lambdas", "factor", "admm", "spectral", "scores", "total"):
+        assert res.timings[stage] >= 0.0
+    assert set(res.labels.tolist()) <= set(range(5))
+
+
+def test_numpy_input_and_pca_rank():
+    x, _ = union_of_subspaces(8, 3, 40, 2, noise=0.01, seed=8)
+    res = compute_anchor_scores(x.numpy(), n_clusters=3, pca_rank=12, solver="faithful")
+    direct = compute_anchor_scores(
+        videoanchor.anchor.pca_reduce(x, 12), n_clusters=3, solver="faithful"
+    )
+    assert torch.allclose(res.coef, direct.coef, atol=1e-6)
+    assert torch.equal(res.labels, direct.labels)
+
+
+def test_progress_bar_shows_residual(capsys):
+    x, _ = union_of_subspaces(6, 2, 9, 2, noise=0.05, seed=9)
+    solve_ssc_admm(x, progress=True, max_iter=30, eps=0.0)
+    err = capsys.readouterr().err
+    assert "SSC-ADMM" in err and "residual" in err
+
+
+@pytest.mark.parametrize(
+    "bad,exc,match",
+    [
+        (torch.zeros(0, 5), ValueError, "at least one token"),
+        (torch.tensor([[1.0, float("nan")], [0.0, 1.0], [1.0, 1.0]]), ValueError, "NaN/Inf"),
+        (torch.tensor([[1.0, float("inf")], [0.0, 1.0], [1.0, 1.0]]), ValueError, "NaN/Inf"),
+        (torch.randn(5), ValueError, "2-D"),
+        (torch.randn(3, 4, dtype=torch.complex64), TypeError, "real"),
+        (np.array([["a", "b"], ["c", "d"]]), TypeError, "numeric"),
+    ],
+    ids=["empty", "nan", "inf", "1d", "complex", "strings"],
+)
+def test_bad_features_raise(bad, exc, match):
+    with pytest.raises(exc, match=match):
+        compute_anchor_scores(bad, n_clusters=2)
+
+
+def test_fewer_tokens_than_clusters_raises():
+    with pytest.raises(ValueError, match="n_clusters = 24 tokens, got N = 10"):
+        compute_anchor_scores(torch.randn(10, 8))
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"rho": -1.0}, "rho"),
+        ({"eps": -1.0}, "eps"),
+        ({"max_iter": 0}, "max_iter"),
+        ({"alpha_e": 0.0}, "alpha_e"),
+        ({"backend": "jax"}, "backend"),
+        ({"solver": "fast"}, "solver"),
+        ({"dtype": torch.float16}, "dtype"),
+        ({"pca_rank": -2}, "pca_rank"),
+    ],
+    ids=["rho", "eps", "max_iter", "alpha", "backend", "solver", "dtype", "pca"],
+)
+def test_bad_parameters_raise(kw, match):
+    with pytest.raises(ValueError, match=match):
+        compute_anchor_scores(torch.randn(12, 6), n_clusters=3, **kw)
+
+
+def test_too_large_for_memory_raises(monkeypatch):
+    monkeypatch.setattr(_inputs, "free_memory_bytes", lambda device: 1 << 20)
+    with pytest.raises(SSCMemoryError, match=r"N = 600 tokens.*needs about .*pca_rank"):
+        compute_anchor_scores(torch.randn(600, 16), n_clusters=4)
+    assert issubclass(SSCMemoryError, MemoryError)
+
+
+def test_array_module_backend_matches_torch():
+    # the CuPy backend's code, run with NumPy as its array module
+    x, _ = union_of_subspaces(9, 3, 21, 2, noise=0.02, corrupt=0.05, seed=10)
+    for strategy in ("dense", "woodbury"):
+        for relax, adaptive in ((1.0, False), (1.8, True)):
+            kw = dict(dtype=torch.float64, strategy=strategy, relax=relax, adaptive_rho=adaptive)
+            a = solve_ssc_admm(x, max_iter=400, **kw)
+            b = solve_ssc_admm_cupy(x, max_iter=400, xp=np, **kw)
+            assert a.iterations == b.iterations
+            assert torch.allclose(a.coef, b.coef, atol=1e-7, rtol=0)
+
+
+def test_cupy_backend_without_cuda_raises_clearly():
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="CuPy"):
+            compute_anchor_scores(torch.randn(12, 6), n_clusters=3, backend="cupy")
+        return
+    if not torch.cuda.is_available():
+        pytest.skip("CuPy without CUDA")
+    with pytest.raises(ValueError, match="CUDA"):
+        compute_anchor_scores(torch.randn(12, 6), n_clusters=3, backend="cupy")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "cupy"])
+def test_cuda_matches_cpu(backend):
+    if backend == "cupy":
+        pytest.importorskip("cupy")
+    x, _ = union_of_subspaces(30, 6, 64, 4, noise=0.02, offset=1.0, seed=11)
+    x = x.float()
+    cpu = compute_anchor_scores(x, n_clusters=6, dtype=torch.float64)
+    gpu = compute_anchor_scores(x.cuda(), n_clusters=6, backend=backend, dtype=torch.float64)
+    assert gpu.scores.is_cuda and gpu.labels.is_cuda and gpu.coef.is_cuda
+    assert torch.allclose(gpu.coef.cpu(), cpu.coef, atol=1e-7)
+    assert torch.equal(gpu.labels.cpu(), cpu.labels)
+    assert torch.allclose(gpu.scores.cpu(), cpu.scores, atol=1e-5)
