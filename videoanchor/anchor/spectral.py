@@ -231,7 +231,7 @@ def kmeans(
             centers = torch.where(empty[:, None], centers, sums / counts.clamp_min(1)[:, None])
         dist = sq[:, None] - 2 * x @ centers.T + (centers * centers).sum(dim=1)[None, :]
         inertia = float(dist.gather(1, labels[:, None]).clamp_min(0).sum())
-        if inertia < best_inertia - 1e-12 * max(1.0, abs(best_inertia)):
+        if best is None or inertia < best_inertia * (1 - 1e-12):
             best, best_inertia = labels, inertia
     return _relabel_by_first_appearance(best)
 
