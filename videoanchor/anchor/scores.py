@@ -154,7 +154,9 @@ def _solve(x, *, backend, solver, dtype, **kw):
         from videoanchor.anchor.cupy_backend import solve_ssc_admm_cupy
 
         return solve_ssc_admm_cupy(x, dtype=dtype, relax=relax, adaptive_rho=adaptive, **kw)
-    return solve_ssc_admm(x, dtype=dtype, relax=relax, adaptive_rho=adaptive, **kw)
+    return solve_ssc_admm(
+        x, dtype=dtype, relax=relax, adaptive_rho=adaptive, e_every=3 if adaptive else 1, **kw
+    )
 
 
 def sparse_subspace_clustering(
@@ -199,7 +201,7 @@ def sparse_subspace_clustering(
     if backend == "auto":
         backend = "torch"
     if solver == "auto":
-        solver = "faithful"
+        solver = "accelerated"
     if pca_rank:
         x = pca_reduce(x, pca_rank)
     admm = _solve(

@@ -113,7 +113,7 @@ def spectral_embedding(
     s, dd = _normalized_affinity(affinity)
     if tol is None:
         tol = 1e-4 if s.dtype == torch.float32 else 1e-7
-    limit = 2048 if s.device.type == "cuda" else 1024
+    limit = 256
     use_eigh = eigen_solver == "eigh" or (eigen_solver == "auto" and n <= limit)
     if n < 4 * (n_components + 8):
         use_eigh = True
@@ -267,4 +267,4 @@ def spectral_clustering(
         return discretize(emb, seed=seed)
     rn = emb.norm(dim=1, keepdim=True)
     emb = torch.where(rn > 0, emb / rn.clamp_min(torch.finfo(emb.dtype).tiny), emb)
-    return kmeans(emb, n_clusters, seed=seed)
+    return kmeans(emb, n_clusters, seed=seed, n_init=20)

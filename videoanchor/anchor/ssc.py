@@ -85,6 +85,7 @@ class ADMMResult:
     lambda_z: float
     rho: float
     strategy: str
+    rho_changes: int = 0
     outliers: torch.Tensor | None = None
     history: list[float] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -160,6 +161,7 @@ def solve_ssc_admm(
     keep_history: bool = False,
     check_memory_first: bool = True,
     callback=None,
+    e_every: int = 1,
 ) -> ADMMResult:
     """Solve the SSC program for ``features`` (``N x D``, one row per point) on their device.
 
@@ -218,10 +220,15 @@ def solve_ssc_admm(
     c_old = torch.empty_like(C) if accelerate else None
     last_rho_change = 0
     n_changes = 0
+    # With acceleration and the dense strategy, Y A (a D x N x N product) only feeds the
+    # E-step; refreshing E every few iterations is an inexact block update with the same
+    # fixed points, and convergence is only declared right after an exact E-step.
+    e_every = max(1, int(e_every)) if accelerate and strategy == "dense" else 1
     try:
         for it in range(1, int(max_iter) + 1):
-            A, YA = solver.step_a(C, lam, d1s, E, e_nonzero)
-            if outliers:
+            e_step = outliers and (it % e_every == 0 or it <= e_every)
+            A, YA = solver.step_a(C, lam, d1s, E, e_nonzero, e_step)
+            if e_step:
                 # E = soft(Y - Y A, lambda_e / lambda_z), written into YA's buffer
                 YA.neg_().add_(solver.yw)
                 E = YA.sign() * (YA.abs_().sub_(thr_e).clamp_(min=0))
@@ -259,7 +266,7 @@ def solve_ssc_admm(
             if callback is not None:
                 callback(it, C, residual)
             bar.update(it, residual)
-            if residual < eps:
+            if residual < eps and (e_step or not outliers):
                 converged = True
                 break
             if adaptive_rho and it - last_rho_change >= _ADAPT["every"] and n_changes < _ADAPT["max_changes"]:
@@ -292,6 +299,7 @@ def solve_ssc_admm(
         lambda_e=lam_e,
         lambda_z=lam_z,
         rho=rho_k,
+        rho_changes=n_changes,
         strategy=strategy,
         outliers=E,
         history=history,
@@ -359,8 +367,8 @@ class _Solver:
                 raise FloatingPointError("SSC: the A-step system is not positive definite")
             self.kinv = torch.cholesky_inverse(chol).to(self.work)
 
-    def step_a(self, C, lam, d1s, E, e_nonzero: bool):
-        """Return ``(A, Y A)``; ``Y A`` only when outliers are modelled.
+    def step_a(self, C, lam, d1s, E, e_nonzero: bool, want_ya: bool = True):
+        """Return ``(A, Y A)``; ``Y A`` only when outliers are modelled and ``want_ya``.
 
         ``d1s = Delta1 / rho``; ``E`` is skipped when ``e_nonzero`` is False.
         """
@@ -374,7 +382,7 @@ class _Solver:
             del t1
             if self.affine:
                 a.addr_(self.ru, d1s, alpha=-1.0)
-            ya = torch.mm(y, a) if self.outliers else None
+            ya = torch.mm(y, a) if self.outliers and want_ya else None
             return a, ya
         # Woodbury: M^{-1} = (I - U K^{-1} U^T) / rho with U = [sqrt(lz) X, sqrt(rho) 1]
         d = self.d
@@ -401,7 +409,7 @@ class _Solver:
             col = zr[d] * math.sqrt(rho) - d1s
             a.add_(col)
         ya = None
-        if self.outliers:
+        if self.outliers and want_ya:
             ya = torch.addmm(yt1, self.gram_d_w, q)
             if self.affine:
                 ya.addr_(self.s_w, col)
