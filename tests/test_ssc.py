@@ -16,6 +16,7 @@ from videoanchor.anchor import (
     sparse_subspace_clustering,
     ssc_lambdas,
 )
+from videoanchor.anchor import ssc as ssc_module
 from videoanchor.anchor.cupy_backend import solve_ssc_admm_cupy
 from videoanchor.anchor.reference import authors_admm, authors_lambdas
 
@@ -52,11 +53,15 @@ MODELS = [
 ]
 
 
+@pytest.mark.parametrize("sparse_e", [False, True], ids=["dense-E", "sparse-E"])
 @pytest.mark.parametrize("strategy", ["dense", "woodbury"])
 @pytest.mark.parametrize("affine,outliers", MODELS)
-def test_iterates_match_float64_reference(strategy, affine, outliers):
+def test_iterates_match_float64_reference(strategy, affine, outliers, sparse_e, monkeypatch):
     # odd sizes; corruption makes E non-zero so the outlier path is exercised
     x, _ = union_of_subspaces(13, 3, 23, 3, noise=0.01, corrupt=0.08, seed=1)
+    if sparse_e:
+        monkeypatch.setattr(ssc_module, "_SPARSE_E_ON_CPU", True)
+        monkeypatch.setattr(ssc_module, "_SPARSE_E_DENSITY", 1.0)
     y = x.numpy().T
     ref_iterates = []
     authors_admm(
