@@ -76,8 +76,6 @@ class _XpSolver:
         else:
             self.gram_d = x64.T @ x64
             self.s = x64.sum(axis=0)
-            self.gram_d_w = self.gram_d.astype(xw.dtype)
-            self.s_w = self.s.astype(xw.dtype)
         self.refactor(rho)
 
     def _spd_inverse(self, m):
@@ -111,7 +109,7 @@ class _XpSolver:
                 kmat[d, :d] = kmat[:d, d]
                 kmat[d, d] = rho * n
             kmat += rho * xp.eye(k)
-            self.kinv = self._spd_inverse(kmat).astype(work)
+            self.kinv = self._spd_inverse(kmat)  # float64, as in the torch solver
 
     def step_a(self, C, lam, d1s, E, e_nonzero):
         lz, rho, x, y = self.lam_z, self.rho, self.xw, self.yw
@@ -123,18 +121,25 @@ class _XpSolver:
             if self.affine:
                 a -= self.ru[:, None] * d1s[None, :]
             return a, (y @ a if self.outliers else None)
-        d = self.d
+        # Woodbury in float64 (see videoanchor.anchor.ssc._Solver.step_a)
+        d, work = self.d, self.xw.dtype
+        x, y = self.x64, self.x64.T
+        t1 = t1.astype(self.xp.float64)
+        if self.affine:
+            d1s = d1s.astype(self.xp.float64)
+        if e_nonzero:
+            E = E.astype(self.xp.float64)
         yt1 = y @ t1
         yv = y - yt1
         if self.affine:
-            yv += self.s_w[:, None] * d1s[None, :]
+            yv += self.s[:, None] * d1s[None, :]
         if e_nonzero:
-            yv += (lz / rho) * (self.gram_d_w @ E)
+            yv += (lz / rho) * (self.gram_d @ E)
         yv *= math.sqrt(lz)
         if self.affine:
             ov = 1.0 - t1.sum(axis=0) + d1s * self.n
             if e_nonzero:
-                ov += (lz / rho) * (self.s_w @ E)
+                ov += (lz / rho) * (self.s @ E)
             utv = self.xp.concatenate([yv, (ov * math.sqrt(rho))[None, :]], axis=0)
         else:
             utv = yv
@@ -149,9 +154,11 @@ class _XpSolver:
             a += col[None, :]
         ya = None
         if self.outliers:
-            ya = yt1 + self.gram_d_w @ q
+            ya = yt1 + self.gram_d @ q
             if self.affine:
-                ya += self.s_w[:, None] * col[None, :]
+                ya += self.s[:, None] * col[None, :]
+            ya = ya.astype(work)
+        a = a.astype(work)
         return a, ya
 
 
@@ -197,7 +204,7 @@ def solve_ssc_admm_cupy(
     work_t = resolve_dtype(dtype, x_t.device)
     n, d = x_t.shape
     if strategy == "auto":
-        strategy = choose_strategy(n, d, outliers)
+        strategy = choose_strategy(n, d, outliers, "cuda" if xp.__name__ == "cupy" else "cpu")
     itemsize = torch.finfo(work_t).bits // 8
     check_memory(admm_bytes(n, d, itemsize, strategy), x_t.device, n=n, d=d, what="Dense SSC")
     is_cupy = xp.__name__ == "cupy"
