@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from videoanchor.anchor import _inputs
 from videoanchor.anchor._inputs import as_feature_tensor, resolve_dtype
+from videoanchor.anchor.scalable import scalable_anchor_scores
 from videoanchor.anchor.spectral import spectral_clustering, ssc_affinity
-from videoanchor.anchor.ssc import solve_ssc_admm
+from videoanchor.anchor.ssc import admm_bytes, choose_strategy, solve_ssc_admm
 
 __all__ = [
     "AnchorResult",
@@ -22,6 +24,8 @@ __all__ = [
 
 _BACKENDS = ("auto", "torch", "cupy")
 _SOLVERS = ("auto", "faithful", "accelerated")
+_MODES = ("auto", "exact", "scalable")
+SCALABLE_THRESHOLD = 16384  # mode="auto": exact SSC up to this many tokens
 ACCEL_RELAX = 1.8  # over-relaxation of the accelerated solver (Eckstein & Bertsekas)
 
 
@@ -148,6 +152,18 @@ def _check_common(n_clusters, n, alpha_e, alpha_z, backend, solver):
         raise ValueError(f"solver: expected one of {_SOLVERS}, got {solver!r}")
 
 
+def _exact_fits(x: torch.Tensor, dtype, pca_rank: int) -> bool:
+    n, d = x.shape
+    if n > SCALABLE_THRESHOLD:
+        return False
+    d = min(d, pca_rank) if pca_rank else d
+    work = resolve_dtype(dtype, x.device)
+    itemsize = torch.finfo(work).bits // 8
+    need = admm_bytes(n, d, itemsize, choose_strategy(n, d, True, x.device.type))
+    free = _inputs.free_memory_bytes(x.device)
+    return free is None or need <= free
+
+
 def _solve(x, *, backend, solver, dtype, **kw):
     relax, adaptive = (1.0, False) if solver == "faithful" else (ACCEL_RELAX, True)
     if backend == "cupy":
@@ -259,6 +275,8 @@ def compute_anchor_scores(
     progress: bool = False,
     solver: str = "auto",
     eigen_solver: str = "auto",
+    mode: str = "auto",
+    candidates: int = 32,
 ) -> AnchorResult:
     """VideoAnchor scores of ``features`` (``N x D`` visual tokens of one request).
 
@@ -267,11 +285,36 @@ def compute_anchor_scores(
     the features' device; ``scores`` (N,) float32 in [0, 1), ``labels`` (N,) int64 and
     ``coef`` (N, N) are returned there.
 
+    ``solver``: ``"accelerated"`` (default through ``"auto"``: over-relaxed ADMM with
+    residual balancing, converges to the minimiser of the authors' program) or
+    ``"faithful"`` (the authors' iteration and stopping rule, iterate for iterate).
+
+    ``mode``: ``"exact"`` (dense ``N x N`` SSC), ``"scalable"`` (each token coded over
+    its ``candidates`` most correlated tokens, same program and lambdas, no ``O(N^2)``
+    memory; ``coef`` is then a sparse COO tensor) or ``"auto"``: exact up to
+    ``N = 16384`` tokens when it fits in memory, scalable above.
+
     Raises ``ValueError`` for N = 0, fewer tokens than clusters or non-finite features,
     ``TypeError`` for non-numeric input, and ``SSCMemoryError`` (a ``MemoryError``) with
     the size it would need when the dense problem does not fit on the device.
     """
     t0 = time.perf_counter()
+    if mode not in _MODES:
+        raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
+    if mode != "exact":
+        x = as_feature_tensor(features)
+        _check_common(n_clusters, x.shape[0], alpha_e, alpha_z, backend, solver)
+        if mode == "auto":
+            mode = "exact" if _exact_fits(x, dtype, pca_rank) else "scalable"
+        if mode == "scalable":
+            if pca_rank:
+                x = pca_reduce(x, pca_rank)
+            out = scalable_anchor_scores(
+                x, n_clusters, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
+                max_iter=max_iter, seed=seed, dtype=dtype, candidates=candidates,
+            )  # fmt: skip
+            return AnchorResult(backend="torch", solver="restricted", mode="scalable", **out)
+        features = x
     res = sparse_subspace_clustering(
         features,
         n_clusters,
