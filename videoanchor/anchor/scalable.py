@@ -288,7 +288,9 @@ def _sparse_affinity(idx: torch.Tensor, values: torch.Tensor, n: int) -> torch.T
     rows, cols, v = rows[keep], cols[keep], v[keep]
     ii = torch.cat([rows, cols])
     jj = torch.cat([cols, rows])
-    return torch.sparse_coo_tensor(torch.stack([ii, jj]), torch.cat([v, v]), (n, n)).coalesce()
+    return torch.sparse_coo_tensor(
+        torch.stack([ii, jj]), torch.cat([v, v]), (n, n), check_invariants=False
+    ).coalesce()
 
 
 def sparse_spectral_clustering(
@@ -305,7 +307,9 @@ def sparse_spectral_clustering(
     offdiag = ind[0] != ind[1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # sparse CSR is "beta"
-        s = torch.sparse_coo_tensor(ind[:, offdiag], s_val[offdiag], (n, n)).to_sparse_csr()
+        s = torch.sparse_coo_tensor(
+            ind[:, offdiag], s_val[offdiag], (n, n), check_invariants=False
+        ).to_sparse_csr()
         if n < 4 * (n_clusters + 8):
             _, v = torch.linalg.eigh(s.to_dense())
             vecs = v[:, -n_clusters:].flip(1)
@@ -347,6 +351,7 @@ def scalable_anchor_scores(
     outliers: bool = True,
     refine: int = 3,
     kkt_tol: float = 1e-3,
+    round_iter: int = 500,
 ) -> dict:
     """The scalable pipeline; returns the fields of an ``AnchorResult`` as a dict."""
     t0 = time.perf_counter()
@@ -369,7 +374,8 @@ def scalable_anchor_scores(
     n_new = max(1, k // 4)
     for rounds in range(refine + 1):
         values, its, ok, extra = solve_ssc_restricted(
-            xw, idx, inner, lam_e, lam_z, rho=rho, eps=eps, max_iter=max_iter, affine=affine,
+            xw, idx, inner, lam_e, lam_z, rho=rho, eps=eps, max_iter=min(max_iter, round_iter),
+            affine=affine,
             outliers=outliers, work=work, warm=warm, want_residual=rounds < refine,
         )  # fmt: skip
         iterations += its
@@ -396,7 +402,10 @@ def scalable_anchor_scores(
     scores = scores_from_row_sums(r, labels)
     cols = torch.arange(n, device=x.device).repeat_interleave(k)
     coef = torch.sparse_coo_tensor(
-        torch.stack([idx.reshape(-1), cols]), values.reshape(-1).to(work), (n, n)
+        torch.stack([idx.reshape(-1), cols]),
+        values.reshape(-1).to(work),
+        (n, n),
+        check_invariants=False,
     ).coalesce()
     _sync(x.device)
     t4 = time.perf_counter()

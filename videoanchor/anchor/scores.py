@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -306,6 +307,14 @@ def compute_anchor_scores(
         _check_common(n_clusters, x.shape[0], alpha_e, alpha_z, backend, solver)
         if mode == "auto":
             mode = "exact" if _exact_fits(x, dtype, pca_rank) else "scalable"
+            if mode == "scalable":
+                warnings.warn(
+                    f"compute_anchor_scores: N = {x.shape[0]} tokens is above the exact "
+                    f"mode's limit ({SCALABLE_THRESHOLD} tokens or the free memory); using "
+                    "mode='scalable', an approximation (see the README's Limitations)",
+                    UserWarning,
+                    stacklevel=2,
+                )
         if mode == "scalable":
             if pca_rank:
                 x = pca_reduce(x, pca_rank)

@@ -1,0 +1,188 @@
+"""Scalable anchor scoring (mode="scalable") against the exact mode, and its cost against N.
+
+Two synthetic token sets, seeded:
+  subspaces   the tokens of bench_ssc.py (24 random 6-dim subspaces, shared mean, noise,
+              0.2% corruptions), each token independent: no redundancy between frames,
+              the exact C is dense-ish (hundreds of non-zeros per column), a hard case.
+  video       256 tokens per frame; frame t+1 is frame t with small drift (noise 0.05),
+              5% of the tokens replaced by new ones from the same subspaces: the
+              temporal redundancy of real videos.
+
+Agreement (exact mode run in the same process, accelerated solver): Spearman correlation
+of the scores and of the row sums of C, adjusted Rand index of the labels.
+Cost: time of the whole scalable pipeline and peak memory against N
+(``torch.cuda.max_memory_allocated`` on a GPU; on the CPU the peak resident set size of
+the process, which only grows, so the CPU rows give an upper bound).
+
+    python benchmarks/bench_scalable_scoring.py --device cpu    # agreement at the CPU's sizes
+    python benchmarks/bench_scalable_scoring.py --device cuda   # N = 4k/8k agreement, D = 3584,
+                                                                 # and N up to 65536
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_ssc import synthetic_tokens  # noqa: E402
+from benchmarks.common import environment, print_table, write_result  # noqa: E402
+from videoanchor.anchor import compute_anchor_scores  # noqa: E402
+
+
+def video_tokens(n, d, *, per_frame=256, k=24, sub_dim=6, drift=0.05, churn=0.05, seed=0):
+    """Token-like features with temporal redundancy (see the module docstring)."""
+    g = torch.Generator().manual_seed(seed)
+    bases = torch.randn(k, d, sub_dim, generator=g) / sub_dim**0.5
+    mean = 0.5 * torch.randn(d, generator=g)
+
+    def fresh(m):
+        c = torch.randint(0, k, (m,), generator=g)
+        coords = torch.randn(m, sub_dim, 1, generator=g)
+        return (bases[c] @ coords).squeeze(2) + mean
+
+    frames = [fresh(per_frame)]
+    while sum(f.shape[0] for f in frames) < n:
+        f = frames[-1] + drift * torch.randn(per_frame, d, generator=g)
+        swap = torch.rand(per_frame, generator=g) < churn
+        if bool(swap.any()):
+            f[swap] = fresh(int(swap.sum()))
+        frames.append(f)
+    return torch.cat(frames)[:n].contiguous()
+
+
+def _rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _agreement(exact, fast) -> dict:
+    from scipy.stats import spearmanr
+    from sklearn.metrics import adjusted_rand_score
+
+    r_exact = exact.coef.double().sum(dim=1).cpu().numpy()
+    r_fast = torch.sparse.sum(fast.coef.double(), dim=1).to_dense().cpu().numpy()
+    return {
+        "spearman_scores": float(
+            spearmanr(exact.scores.cpu().numpy(), fast.scores.cpu().numpy())[0]
+        ),
+        "spearman_row_sums": float(spearmanr(r_exact, r_fast)[0]),
+        "labels_ari": float(
+            adjusted_rand_score(exact.labels.cpu().numpy(), fast.labels.cpu().numpy())
+        ),
+    }
+
+
+def _run(x, device, **kw):
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    t = time.perf_counter()
+    res = compute_anchor_scores(x, n_clusters=24, **kw)
+    _sync(device)
+    dt = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else _rss_gb()
+    return res, dt, peak
+
+
+def agreement_rows(device, sizes, candidates):
+    rows = []
+    for data in ("subspaces", "video"):
+        for n, d in sizes:
+            make = synthetic_tokens if data == "subspaces" else video_tokens
+            x = make(n, d, seed=7).to(device)
+            exact, t_exact, _ = _run(x, device, mode="exact")
+            print(f"{data} N={n} D={d}: exact {t_exact:.1f}s", flush=True)
+            for k in candidates:
+                fast, t_fast, peak = _run(x, device, mode="scalable", candidates=k)
+                row = {
+                    "case": "agreement",
+                    "data": data,
+                    "n": n,
+                    "d": d,
+                    "candidates": k,
+                    "exact_s": t_exact,
+                    "exact_iterations": exact.iterations,
+                    "scalable_s": t_fast,
+                    "scalable_iterations": fast.iterations,
+                    "kkt_worst_violation": fast.residual,
+                    "peak_gb": peak,
+                    **_agreement(exact, fast),
+                }
+                rows.append(row)
+                print_table(
+                    [row],
+                    ["data", "n", "candidates", "scalable_s", "spearman_scores", "labels_ari"],
+                )
+            del x, exact
+    return rows
+
+
+def scaling_rows(device, ns, d, reps):
+    rows = []
+    for n in ns:
+        x = video_tokens(n, d, seed=8).to(device)
+        times, peak, res = [], 0.0, None
+        for _ in range(reps):
+            res, dt, peak = _run(x, device, mode="scalable")
+            times.append(dt)
+        rows.append(
+            {
+                "case": "scaling",
+                "data": "video",
+                "n": n,
+                "d": d,
+                "candidates": 32,
+                "scalable_s": statistics.median(times),
+                "scalable_s_runs": times,
+                "scalable_iterations": res.iterations,
+                "peak_gb": peak,
+                "dense_n2_float32_gb": n * n * 4 / 2**30,
+                "timings": res.timings,
+            }
+        )
+        print_table(rows[-1:], ["n", "d", "scalable_s", "peak_gb", "dense_n2_float32_gb"])
+        del x, res
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    meta = environment(device)
+    meta["torch_threads"] = torch.get_num_threads()
+    if device == "cpu":
+        sizes = [(512, 64)] if args.quick else [(1024, 128), (2048, 128)]
+        rows = agreement_rows(device, sizes, [32] if args.quick else [32, 64])
+        rows += scaling_rows(device, [1024] if args.quick else [2048, 4096, 8192], 128, 1)
+    else:
+        sizes = [(4096, 3584)] if args.quick else [(4096, 3584), (8192, 3584)]
+        rows = agreement_rows(device, sizes, [32, 64])
+        ns = [8192, 16384] if args.quick else [8192, 16384, 32768, 65536]
+        rows += scaling_rows(device, ns, 3584, 3)
+    meta["loadavg_end"] = list(np.round(np.array(__import__("os").getloadavg()), 2))
+    path = write_result("scalable", meta, rows, args.out_dir)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
