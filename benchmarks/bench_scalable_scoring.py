@@ -172,8 +172,8 @@ def main(argv=None):
     meta["torch_threads"] = torch.get_num_threads()
     if device == "cpu":
         sizes = [(512, 64)] if args.quick else [(1024, 128), (2048, 128)]
-        rows = agreement_rows(device, sizes, [32] if args.quick else [32, 64])
-        rows += scaling_rows(device, [1024] if args.quick else [2048, 4096, 8192], 128, 1)
+        rows = agreement_rows(device, sizes, [32])
+        rows += scaling_rows(device, [1024] if args.quick else [2048, 4096], 128, 1)
     else:
         sizes = [(4096, 3584)] if args.quick else [(4096, 3584), (8192, 3584)]
         rows = agreement_rows(device, sizes, [32, 64])

@@ -95,7 +95,9 @@ def test_scalable_mode_outputs():
 def test_scalable_with_every_candidate_agrees_with_exact():
     x = tokens(9, 3, 14, seed=7)
     n = x.shape[0]
-    exact = compute_anchor_scores(x, n_clusters=3, mode="exact", dtype=torch.float64, eps=1e-7)
+    exact = compute_anchor_scores(
+        x, n_clusters=3, mode="exact", solver="accelerated", dtype=torch.float64, eps=1e-7
+    )
     fast = compute_anchor_scores(
         x, n_clusters=3, mode="scalable", candidates=n - 1, dtype=torch.float64, eps=1e-7
     )
