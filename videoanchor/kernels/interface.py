@@ -100,27 +100,33 @@ def _check_one_device(named):
         raise ValueError(f"expected all tensors on one device, got {found}")
 
 
-def _validate(q, k, v, key_bias, value_scale, key_padding_mask, backend, cache_seqlens=None):
-    _check_tensor("q", q, 4)
-    _check_tensor("k", k, 4)
-    _check_tensor("v", v, 4)
+def _check_qkv(q, k, v, backend, kv_layout):
+    """Checks shared by the dense (B, H, S, D) and varlen (S, H, D) entry points."""
+    ndim = len(kv_layout.split(","))
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, ndim)
     if backend not in _BACKENDS:
         raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
     _check_dtypes(q, k, v)
-    B, Hq, Sq, D = q.shape
     if k.shape != v.shape:
         raise ValueError(
-            f"k, v: expected the same shape (B, Hkv, Skv, D), got {tuple(k.shape)} and {tuple(v.shape)}"
+            f"k, v: expected the same shape ({kv_layout}), got {tuple(k.shape)} and {tuple(v.shape)}"
         )
-    Bk, Hkv, Skv, Dk = k.shape
-    if Bk != B:
-        raise ValueError(f"k: expected batch {B} (from q), got {Bk}")
-    if Dk != D:
-        raise ValueError(f"k: expected head dim {D} (from q), got {Dk}")
+    Hq, Hkv = q.shape[1], k.shape[1]  # (B, H, S, D) and (S, H, D) both keep heads at 1
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k: expected head dim {q.shape[-1]} (from q), got {k.shape[-1]}")
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(
             f"expected the number of query heads to be a multiple of the KV heads, got Hq={Hq}, Hkv={Hkv}"
         )
+
+
+def _validate(q, k, v, key_bias, value_scale, key_padding_mask, backend, cache_seqlens=None):
+    _check_qkv(q, k, v, backend, "B, Hkv, Skv, D")
+    B = q.shape[0]
+    Bk, Skv = k.shape[0], k.shape[2]
+    if Bk != B:
+        raise ValueError(f"k: expected batch {B} (from q), got {Bk}")
     for name, t, dtypes in (
         ("key_bias", key_bias, "float"),
         ("value_scale", value_scale, "float"),
@@ -299,24 +305,8 @@ def anchored_attention(
 def _validate_varlen(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, key_bias, value_scale, backend
 ):
-    _check_tensor("q", q, 3)
-    _check_tensor("k", k, 3)
-    _check_tensor("v", v, 3)
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
-    _check_dtypes(q, k, v)
-    if k.shape != v.shape:
-        raise ValueError(
-            f"k, v: expected the same shape (total_k, Hkv, D), got {tuple(k.shape)} and {tuple(v.shape)}"
-        )
-    _, Hq, D = q.shape
-    total_k, Hkv, Dk = k.shape
-    if Dk != D:
-        raise ValueError(f"k: expected head dim {D} (from q), got {Dk}")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(
-            f"expected the number of query heads to be a multiple of the KV heads, got Hq={Hq}, Hkv={Hkv}"
-        )
+    _check_qkv(q, k, v, backend, "total_k, Hkv, D")
+    total_k = k.shape[0]
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         _check_tensor(name, cu, 1)
         if cu.dtype not in (torch.int32, torch.int64):
