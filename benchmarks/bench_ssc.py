@@ -311,7 +311,7 @@ def _gpu_run(n, d, reps, **kw):
 
 def cases_gpu(quick: bool):
     rows = []
-    targets = [(2048, 4096, 5, 0.150), (16384, 3584, 3, 3.0)]
+    targets = [(2048, 4096, 5, 0.150), (16384, 3584, 1, 3.0)]
     if quick:
         targets = targets[:1]
     for n, d, reps, limit in targets:
@@ -325,7 +325,7 @@ def cases_gpu(quick: bool):
     rows.append(r)
     ns = [1024, 2048, 4096, 8192] + ([] if quick else [16384])
     for n in ns:
-        r = _gpu_run(n, 3584, 3)
+        r = _gpu_run(n, 3584, 1 if n >= 16384 else 3)
         r.update(case="scaling_n")
         rows.append(r)
     for d in [1024, 2048, 4096] + ([] if quick else [8192]):
