@@ -8,7 +8,7 @@ Two synthetic token sets, seeded:
               5% of the tokens replaced by new ones from the same subspaces: the
               temporal redundancy of real videos.
 
-Agreement (exact mode run in the same process, accelerated solver): Spearman correlation
+Agreement (exact mode, default solver, run in the same process): Spearman correlation
 of the scores and of the row sums of C, adjusted Rand index of the labels.
 Cost: time of the whole scalable pipeline and peak memory against N
 (``torch.cuda.max_memory_allocated`` on a GPU; on the CPU the peak resident set size of
