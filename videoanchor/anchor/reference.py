@@ -6,6 +6,9 @@
   of the ``N x N`` system at every ADMM iteration, and scikit-learn's
   ``SpectralClustering(affinity="precomputed", assign_labels="discretize")``. This is the
   baseline of ``benchmarks/bench_ssc.py``.
+* :func:`elhamifar_vidal_outlier_admm`: the constrained outlier program of Elhamifar &
+  Vidal's SSC-ADMM code (``admmOutlier_mat_func``, no affine constraint), transcribed
+  with its explicit ``(N + D) x (N + D)`` inverse; baseline of ``bench_yaleb.py``.
 * :func:`reference_scores`: METHOD.md section 3 written as loops.
 """
 
@@ -18,6 +21,7 @@ __all__ = [
     "authors_admm",
     "authors_spectral_labels",
     "authors_pipeline",
+    "elhamifar_vidal_outlier_admm",
     "reference_scores",
 ]
 
@@ -122,3 +126,49 @@ def authors_pipeline(features: np.ndarray, n_clusters: int = 24, seed=None, **ad
     s_hat = counts[labels] / coef.shape[0] * r
     scores = (s_hat - s_hat.min()) / (s_hat.max() - s_hat.min() + 1e-5)
     return {"scores": scores, "labels": labels, "coef": coef, "iterations": it, "converged": ok}
+
+
+def elhamifar_vidal_outlier_admm(
+    y: np.ndarray,
+    *,
+    alpha: float = 20.0,
+    eps: float = 2e-4,
+    max_iter: int = 150,
+    callback=None,
+) -> tuple[np.ndarray, int, bool]:
+    """E&V's ``admmOutlier_mat_func(Y, false, alpha)`` in NumPy float64, line for line.
+
+    ``y`` is ``D x N``. ``min ||C||_1 + gamma ||E||_1 s.t. Y = Y C + E, diag(C) = 0`` with
+    ``P = [Y, I / gamma]``, ``gamma = alpha / ||Y||_1``, ``mu1 = alpha / lambda(Y, P)``,
+    ``mu2 = alpha``; at most ``max_iter - 1`` iterations, as in their loop. Returns
+    ``(C, iterations, converged)``; ``callback(it, C, E)`` sees every iterate.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    d, n = y.shape
+    gamma = alpha / np.abs(y).sum(axis=0).max()
+    p = np.hstack([y, np.eye(d) / gamma])
+    t = np.abs(p.T @ y)
+    t[:n] -= np.diag(np.diag(t[:n]))
+    mu1 = alpha / t.max(axis=0).min()
+    mu2 = alpha
+    a = np.linalg.inv(mu1 * (p.T @ p) + mu2 * np.eye(n + d))
+    c1 = np.zeros((n + d, n))
+    lam1 = np.zeros((d, n))
+    lam2 = np.zeros((n + d, n))
+    it, err1, err2 = 1, 10 * eps, 10 * eps
+    while (err1 > eps or err2 > eps) and it < max_iter:
+        z = a @ (mu1 * p.T @ (y + lam1 / mu1) + mu2 * (c1 - lam2 / mu2))
+        z[:n] -= np.diag(np.diag(z[:n]))
+        v = z + lam2 / mu2
+        c2 = np.maximum(0.0, np.abs(v) - 1.0 / mu2) * np.sign(v)
+        c2[:n] -= np.diag(np.diag(c2[:n]))
+        lam1 = lam1 + mu1 * (y - p @ z)
+        lam2 = lam2 + mu2 * (z - c2)
+        err1 = np.abs(z - c2).max()
+        y0 = y - p[:, n:] @ z[n:]
+        err2 = np.sqrt((((y0 - y @ z[:n]) / np.linalg.norm(y0, axis=0)) ** 2).sum(axis=0).max())
+        c1 = c2
+        if callback is not None:
+            callback(it, c1[:n], c1[n:] / gamma)
+        it += 1
+    return c1[:n], it - 1, bool(err1 <= eps and err2 <= eps)

@@ -13,6 +13,7 @@ from videoanchor.anchor._inputs import as_feature_tensor, resolve_dtype
 from videoanchor.anchor.scalable import scalable_anchor_scores
 from videoanchor.anchor.spectral import spectral_clustering, ssc_affinity
 from videoanchor.anchor.ssc import admm_bytes, choose_strategy, solve_ssc_admm
+from videoanchor.anchor.ssc_equality import solve_ssc_equality
 
 __all__ = [
     "AnchorResult",
@@ -26,6 +27,7 @@ __all__ = [
 _BACKENDS = ("auto", "torch", "cupy")
 _SOLVERS = ("auto", "faithful", "accelerated")
 _MODES = ("auto", "exact", "scalable")
+_DATA_TERMS = ("squared", "exact")
 SCALABLE_THRESHOLD = 16384  # mode="auto": exact SSC up to this many tokens
 ACCEL_RELAX = 1.8  # over-relaxation of the accelerated solver (Eckstein & Bertsekas)
 
@@ -187,6 +189,7 @@ def sparse_subspace_clustering(
     max_iter: int = 10000,
     affine: bool = True,
     outliers: bool = True,
+    data_term: str = "squared",
     pca_rank: int = 0,
     affinity: str = "symmetric",
     assign_labels: str = "discretize",
@@ -205,11 +208,35 @@ def sparse_subspace_clustering(
     column of ``|C|`` scaled by its largest entry first). ``solver="faithful"`` runs the
     authors' iteration; ``"accelerated"`` an over-relaxed ADMM with residual balancing that
     converges to the minimiser of the same program; ``"auto"`` picks ``"faithful"``.
+
+    ``data_term="exact"`` solves Elhamifar & Vidal's constrained outlier program instead,
+    ``min ||C||_1 + gamma ||E||_1 s.t. Y = Y C + E, diag(C) = 0``, by their ADMM
+    (:mod:`videoanchor.anchor.ssc_equality`; ``rho`` is their ``mu2``, which their face
+    experiments set to ``alpha = 20``, with ``max_iter = 149``). It needs ``outliers=True``,
+    ``affine=False``, the torch backend and the faithful solver.
     """
     t0 = time.perf_counter()
     x = as_feature_tensor(features)
     n = x.shape[0]
     _check_common(n_clusters, n, alpha_e, alpha_z, backend, solver)
+    if data_term not in _DATA_TERMS:
+        raise ValueError(f"data_term: expected one of {_DATA_TERMS}, got {data_term!r}")
+    if data_term == "exact":
+        unsupported = [
+            msg
+            for bad, msg in (
+                (not outliers, "outliers=False (the constraint Y = Y C + E needs E)"),
+                (affine, "affine=True (not implemented for the constrained program)"),
+                (backend == "cupy", "backend='cupy' (torch only)"),
+                (solver == "accelerated", "solver='accelerated' (faithful only)"),
+            )
+            if bad
+        ]
+        if unsupported:
+            raise ValueError(
+                "data_term='exact' (Elhamifar & Vidal's constrained outlier program) does "
+                "not support " + "; ".join(unsupported)
+            )
     if affinity not in ("symmetric", "column_max"):
         raise ValueError(f"affinity: expected 'symmetric' or 'column_max', got {affinity!r}")
     if isinstance(pca_rank, bool) or not isinstance(pca_rank, int) or pca_rank < 0:
@@ -221,20 +248,32 @@ def sparse_subspace_clustering(
         solver = "faithful"
     if pca_rank:
         x = pca_reduce(x, pca_rank)
-    admm = _solve(
-        x,
-        backend=backend,
-        solver=solver,
-        dtype=work,
-        alpha_e=alpha_e,
-        alpha_z=alpha_z,
-        rho=rho,
-        eps=eps,
-        max_iter=max_iter,
-        affine=affine,
-        outliers=outliers,
-        progress=progress,
-    )
+    if data_term == "exact":
+        admm = solve_ssc_equality(
+            x,
+            alpha_e=alpha_e,
+            alpha_z=alpha_z,
+            rho=rho,
+            eps=eps,
+            max_iter=max_iter,
+            dtype=work,
+            progress=progress,
+        )
+    else:
+        admm = _solve(
+            x,
+            backend=backend,
+            solver=solver,
+            dtype=work,
+            alpha_e=alpha_e,
+            alpha_z=alpha_z,
+            rho=rho,
+            eps=eps,
+            max_iter=max_iter,
+            affine=affine,
+            outliers=outliers,
+            progress=progress,
+        )
     coef = admm.coef
     t1 = time.perf_counter()
     w = ssc_affinity(coef, normalize="column_max" if affinity == "column_max" else "none")

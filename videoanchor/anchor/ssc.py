@@ -37,7 +37,7 @@ from videoanchor.anchor._inputs import (
     resolve_dtype,
 )
 
-__all__ = ["ssc_lambdas", "solve_ssc_admm", "ADMMResult", "SSCMemoryError"]
+__all__ = ["ssc_lambdas", "gram_row_max", "solve_ssc_admm", "ADMMResult", "SSCMemoryError"]
 
 
 def ssc_lambdas(
@@ -54,13 +54,7 @@ def ssc_lambdas(
         raise ValueError(f"SSC needs at least 2 points, got {n}")
     norms = x.abs().sum(dim=1, dtype=torch.float64)
     mu_e = float(torch.topk(norms, 2).values[1])
-    row_max = torch.empty(n, dtype=torch.float64, device=x.device)
-    for a in range(0, n, block):
-        b = min(n, a + block)
-        g = (x[a:b] @ x.T).abs_()
-        g[torch.arange(b - a, device=x.device), torch.arange(a, b, device=x.device)] = 0
-        row_max[a:b] = g.amax(dim=1)
-    mu_z = float(row_max.min())
+    mu_z = float(gram_row_max(x, block=block).min())
     if not (mu_e > 0):
         raise ValueError("SSC: at most one point is non-zero (mu_e = 0); lambda_e is undefined")
     if not (mu_z > 0):
@@ -68,6 +62,18 @@ def ssc_lambdas(
             "SSC: some point is orthogonal to every other point (mu_z = 0); lambda_z is undefined"
         )
     return alpha_e / mu_e, alpha_z / mu_z, mu_e, mu_z
+
+
+def gram_row_max(x: torch.Tensor, *, block: int = 4096) -> torch.Tensor:
+    """``max_{j != i} |y_i^T y_j|`` for every point ``i`` (float64), ``block`` rows at a time."""
+    n = x.shape[0]
+    row_max = torch.empty(n, dtype=torch.float64, device=x.device)
+    for a in range(0, n, block):
+        b = min(n, a + block)
+        g = (x[a:b] @ x.T).abs_()
+        g[torch.arange(b - a, device=x.device), torch.arange(a, b, device=x.device)] = 0
+        row_max[a:b] = g.amax(dim=1)
+    return row_max
 
 
 @dataclass
