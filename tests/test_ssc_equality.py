@@ -18,22 +18,23 @@ def _points(n, d, *, seed, corrupt=3):
     return x
 
 
-def _reference_iterates(x, max_iter, eps=1e-12):
+def _reference_iterates(x, max_iter, eps=1e-12, affine=False):
     seen = {}
     coef, it, ok = elhamifar_vidal_outlier_admm(
-        x.T, max_iter=max_iter + 1, eps=eps,
+        x.T, max_iter=max_iter + 1, eps=eps, affine=affine,
         callback=lambda i, c, e: seen.__setitem__(i, (c.copy(), e.copy())),
     )  # fmt: skip
     return seen, coef, it, ok
 
 
+@pytest.mark.parametrize("affine", [False, True], ids=["linear", "affine"])
 @pytest.mark.parametrize("n,d", [(29, 47), (37, 11)], ids=["D>N (N-space)", "D<N (D-space)"])
-def test_iterates_match_the_transcription_of_their_code(n, d):
+def test_iterates_match_the_transcription_of_their_code(n, d, affine):
     x = _points(n, d, seed=n)
-    ref, _, _, _ = _reference_iterates(x, 25)
+    ref, _, _, _ = _reference_iterates(x, 25, affine=affine)
     ours = {}
     res = solve_ssc_equality(
-        torch.from_numpy(x), max_iter=25, eps=1e-12, dtype=torch.float64,
+        torch.from_numpy(x), max_iter=25, eps=1e-12, dtype=torch.float64, affine=affine,
         callback=lambda i, c, e: ours.__setitem__(i, (c.clone(), e.clone())),
     )  # fmt: skip
     assert res.strategy == ("n-space" if d > n else "d-space")
@@ -56,14 +57,20 @@ def test_parameters_match_their_formulas():
     assert mu1 == pytest.approx(30.0 / t.max(axis=0).min(), rel=1e-12)
 
 
-def test_stops_where_their_code_stops():
+@pytest.mark.parametrize("affine", [False, True], ids=["linear", "affine"])
+def test_stops_where_their_code_stops(affine):
     x = _points(21, 30, seed=3, corrupt=0)
-    _, coef, it, ok = _reference_iterates(x, 2000, eps=1e-3)
+    _, coef, it, ok = _reference_iterates(x, 2000, eps=1e-3, affine=affine)
     assert ok and it < 2000
-    res = solve_ssc_equality(torch.from_numpy(x), eps=1e-3, max_iter=2000, dtype=torch.float64)
+    res = solve_ssc_equality(
+        torch.from_numpy(x), eps=1e-3, max_iter=2000, dtype=torch.float64, affine=affine
+    )
     assert res.converged and res.iterations == it
     assert res.residual <= 1e-3
     np.testing.assert_allclose(res.coef.numpy(), coef, atol=1e-10)
+    if affine:  # the constraint 1^T C = 1^T holds to the tolerance (C is Z soft-thresholded)
+        np.testing.assert_allclose(coef.sum(axis=0), 1.0, atol=0.05)
+        np.testing.assert_allclose(res.coef.sum(dim=0).numpy(), coef.sum(axis=0), atol=1e-10)
 
 
 def test_float32_close_to_float64():
@@ -104,7 +111,6 @@ def test_recovers_independent_subspaces_with_gross_errors():
 @pytest.mark.parametrize(
     "kw,match",
     [
-        (dict(affine=True), "affine=True"),
         (dict(affine=False, outliers=False), "outliers=False"),
         (dict(affine=False, backend="cupy"), "backend='cupy'"),
         (dict(affine=False, solver="accelerated"), "solver='accelerated'"),
@@ -134,3 +140,16 @@ def test_bad_parameters_raise(kw, match):
 def test_zero_points_raise_clearly():
     with pytest.raises(ValueError, match="every point is zero"):
         solve_ssc_equality(torch.zeros(5, 4))
+
+
+@pytest.mark.parametrize("affine", [False, True], ids=["linear", "affine"])
+def test_sparse_subspace_clustering_passes_the_program_through(affine):
+    x = _points(24, 16, seed=8)
+    _, coef, it, _ = _reference_iterates(x, 30, affine=affine)
+    res = sparse_subspace_clustering(
+        torch.from_numpy(x), 3, data_term="exact", affine=affine, alpha_e=20.0, alpha_z=20.0,
+        rho=20.0, eps=1e-12, max_iter=30, dtype=torch.float64,
+    )  # fmt: skip
+    assert res.iterations == it == 30
+    np.testing.assert_allclose(res.coef.numpy(), coef, atol=1e-10)
+    assert res.labels.shape == (24,)

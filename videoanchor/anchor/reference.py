@@ -7,7 +7,7 @@
   ``SpectralClustering(affinity="precomputed", assign_labels="discretize")``. This is the
   baseline of ``benchmarks/bench_ssc.py``.
 * :func:`elhamifar_vidal_outlier_admm`: the constrained outlier program of Elhamifar &
-  Vidal's SSC-ADMM code (``admmOutlier_mat_func``, no affine constraint), transcribed
+  Vidal's SSC-ADMM code (``admmOutlier_mat_func``, with or without the affine constraint), transcribed
   with its explicit ``(N + D) x (N + D)`` inverse; baseline of ``bench_yaleb.py``.
 * :func:`reference_scores`: METHOD.md section 3 written as loops.
 """
@@ -132,16 +132,18 @@ def elhamifar_vidal_outlier_admm(
     y: np.ndarray,
     *,
     alpha: float = 20.0,
+    affine: bool = False,
     eps: float = 2e-4,
     max_iter: int = 150,
     callback=None,
 ) -> tuple[np.ndarray, int, bool]:
-    """E&V's ``admmOutlier_mat_func(Y, false, alpha)`` in NumPy float64, line for line.
+    """E&V's ``admmOutlier_mat_func(Y, affine, alpha)`` in NumPy float64, line for line.
 
-    ``y`` is ``D x N``. ``min ||C||_1 + gamma ||E||_1 s.t. Y = Y C + E, diag(C) = 0`` with
-    ``P = [Y, I / gamma]``, ``gamma = alpha / ||Y||_1``, ``mu1 = alpha / lambda(Y, P)``,
-    ``mu2 = alpha``; at most ``max_iter - 1`` iterations, as in their loop. Returns
-    ``(C, iterations, converged)``; ``callback(it, C, E)`` sees every iterate.
+    ``y`` is ``D x N``. ``min ||C||_1 + gamma ||E||_1 s.t. Y = Y C + E, diag(C) = 0`` (and
+    ``1^T C = 1^T`` when ``affine``) with ``P = [Y, I / gamma]``, ``gamma = alpha / ||Y||_1``,
+    ``mu1 = alpha / lambda(Y, P)``, ``mu2 = alpha``; at most ``max_iter - 1`` iterations, as
+    in their loop. Returns ``(C, iterations, converged)``; ``callback(it, C, E)`` sees every
+    iterate.
     """
     y = np.asarray(y, dtype=np.float64)
     d, n = y.shape
@@ -151,13 +153,21 @@ def elhamifar_vidal_outlier_admm(
     t[:n] -= np.diag(np.diag(t[:n]))
     mu1 = alpha / t.max(axis=0).min()
     mu2 = alpha
-    a = np.linalg.inv(mu1 * (p.T @ p) + mu2 * np.eye(n + d))
+    delta = np.concatenate([np.ones(n), np.zeros(d)])[:, None]
+    system = mu1 * (p.T @ p) + mu2 * np.eye(n + d)
+    if affine:
+        system = system + mu2 * (delta @ delta.T)
+    a = np.linalg.inv(system)
     c1 = np.zeros((n + d, n))
     lam1 = np.zeros((d, n))
     lam2 = np.zeros((n + d, n))
-    it, err1, err2 = 1, 10 * eps, 10 * eps
-    while (err1 > eps or err2 > eps) and it < max_iter:
-        z = a @ (mu1 * p.T @ (y + lam1 / mu1) + mu2 * (c1 - lam2 / mu2))
+    lam3 = np.zeros((1, n))
+    it, err1, err2, err3 = 1, 10 * eps, 10 * eps, 10 * eps if affine else 0.0
+    while (err1 > eps or err2 > eps or err3 > eps) and it < max_iter:
+        rhs = mu1 * p.T @ (y + lam1 / mu1) + mu2 * (c1 - lam2 / mu2)
+        if affine:
+            rhs = rhs + mu2 * delta @ (np.ones((1, n)) - lam3 / mu2)
+        z = a @ rhs
         z[:n] -= np.diag(np.diag(z[:n]))
         v = z + lam2 / mu2
         c2 = np.maximum(0.0, np.abs(v) - 1.0 / mu2) * np.sign(v)
@@ -167,8 +177,11 @@ def elhamifar_vidal_outlier_admm(
         err1 = np.abs(z - c2).max()
         y0 = y - p[:, n:] @ z[n:]
         err2 = np.sqrt((((y0 - y @ z[:n]) / np.linalg.norm(y0, axis=0)) ** 2).sum(axis=0).max())
+        if affine:
+            lam3 = lam3 + mu2 * (delta.T @ z - np.ones((1, n)))
+            err3 = np.abs(delta.T @ z - np.ones((1, n))).max()
         c1 = c2
         if callback is not None:
             callback(it, c1[:n], c1[n:] / gamma)
         it += 1
-    return c1[:n], it - 1, bool(err1 <= eps and err2 <= eps)
+    return c1[:n], it - 1, bool(err1 <= eps and err2 <= eps and err3 <= eps)

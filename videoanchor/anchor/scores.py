@@ -212,8 +212,8 @@ def sparse_subspace_clustering(
     ``data_term="exact"`` solves Elhamifar & Vidal's constrained outlier program instead,
     ``min ||C||_1 + gamma ||E||_1 s.t. Y = Y C + E, diag(C) = 0``, by their ADMM
     (:mod:`videoanchor.anchor.ssc_equality`; ``rho`` is their ``mu2``, which their face
-    experiments set to ``alpha = 20``, with ``max_iter = 149``). It needs ``outliers=True``,
-    ``affine=False``, the torch backend and the faithful solver.
+    experiments set to ``alpha = 20``, with ``max_iter = 149`` and ``affine=False``). It
+    needs ``outliers=True``, the torch backend and the faithful solver.
     """
     t0 = time.perf_counter()
     x = as_feature_tensor(features)
@@ -226,7 +226,6 @@ def sparse_subspace_clustering(
             msg
             for bad, msg in (
                 (not outliers, "outliers=False (the constraint Y = Y C + E needs E)"),
-                (affine, "affine=True (not implemented for the constrained program)"),
                 (backend == "cupy", "backend='cupy' (torch only)"),
                 (solver == "accelerated", "solver='accelerated' (faithful only)"),
             )
@@ -256,6 +255,7 @@ def sparse_subspace_clustering(
             rho=rho,
             eps=eps,
             max_iter=max_iter,
+            affine=affine,
             dtype=work,
             progress=progress,
         )

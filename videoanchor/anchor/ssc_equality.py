@@ -3,7 +3,7 @@
 The program of their face experiments (``admmOutlier_mat_func`` in the SSC-ADMM code),
 with ``Y = X^T`` (``D x N``):
 
-    min ||C||_1 + gamma ||E||_1    s.t.  Y = Y C + E,  diag(C) = 0
+    min ||C||_1 + gamma ||E||_1    s.t.  Y = Y C + E,  diag(C) = 0  (and 1^T C = 1^T if affine)
 
 VideoAnchor (METHOD.md section 2) replaces the constraint by a squared penalty; this
 module is the constrained form, for users of SSC as a clustering method (it is what
@@ -17,6 +17,10 @@ Their ADMM, reproduced iterate for iterate: with ``P = [Y, I / gamma]`` and
     L1 += mu1 (Y - P Z),   L2 += mu2 (Z - C)
     stop when max |Z - C| <= eps and max_i ||y_i - e_i - Y z_i|| / ||y_i - e_i|| <= eps
 
+and, with the affine constraint, ``mu2 delta delta^T`` added to the system and
+``mu2 delta (1 - lambda3 / mu2)^T`` to the right-hand side (``delta = [1_N; 0_D]``),
+``lambda3 += mu2 (1^T Z_C - 1)``, and ``max |1^T Z_C - 1| <= eps`` added to the stop.
+
 with ``gamma = alpha_e / max_j ||y_j||_1``, ``mu1 = alpha_z / min_i max(max_{j != i}
 |y_j^T y_i|, max_d |Y_di| / gamma)`` and ``mu2 = rho`` (their code: ``mu2 = alpha``).
 
@@ -25,7 +29,8 @@ Woodbury, ``(mu1 P^T P + mu2 I)^{-1} = (I - P^T K^{-1} P) / mu2`` with the ``D x
 matrix ``K = c I + Y Y^T``, ``c = mu2 / mu1 + 1 / gamma^2``; when ``D > N`` (faces:
 ``D = 2016``) ``K^{-1}`` is applied through the ``N x N`` matrix ``(c I + Y^T Y)^{-1}``.
 One iteration costs ``5 D N^2 + 2 N^3`` multiply-adds (theirs: ``(N + D)^2 N``), in the
-working dtype; the factorisation is float64.
+working dtype; the factorisation is float64. The affine term is a rank-one correction
+(Sherman-Morrison) on top.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ def solve_ssc_equality(
     rho: float = 20.0,
     eps: float = 2e-4,
     max_iter: int = 10000,
+    affine: bool = False,
     dtype=None,
     progress: bool = False,
     check_memory_first: bool = True,
@@ -82,6 +88,7 @@ def solve_ssc_equality(
 ) -> ADMMResult:
     """Solve ``min ||C||_1 + gamma ||E||_1 s.t. Y = Y C + E, diag(C) = 0`` (module docstring).
 
+    ``affine=True`` adds ``1^T C = 1^T`` (their ``affine`` argument).
     ``features`` is ``N x D`` (one row per point); work happens on its device. ``rho`` is
     the ADMM penalty ``mu2`` (E&V: equal to ``alpha``); their code runs at most 149
     iterations (``maxIter = 150``). Returns an :class:`ADMMResult` whose ``coef`` is ``C``,
@@ -147,20 +154,40 @@ def solve_ssc_equality(
     bar = _Progress(progress, int(max_iter))
     it, converged, residual = 0, False, math.inf
     inv_g, inv_mu2 = 1.0 / gamma, 1.0 / mu2
+
+    def apply_a0(rc, re):
+        """``(mu1 P^T P + mu2 I)^{-1} [rc; re]`` (overwrites ``rc`` and ``re``)."""
+        pr = torch.addmm(re, y, rc, beta=inv_g)  # P R = Y R_C + R_E / g
+        if n_space:
+            ytpr = yt @ pr
+            w = torch.addmm(pr, y, h_w @ ytpr, alpha=-1.0).div_(c)  # K^{-1} P R
+            zc = rc.sub_(m_w @ ytpr).mul_(inv_mu2)  # (R_C - Y^T W) / mu2
+        else:
+            w = kinv_w @ pr
+            zc = torch.addmm(rc, yt, w, alpha=-1.0).mul_(inv_mu2)
+        return zc, re.sub_(w, alpha=inv_g).mul_(inv_mu2)  # (R_E - W / g) / mu2
+
+    if affine:
+        # The affine system adds mu2 delta delta^T (delta = [1_N; 0_D]): Sherman-Morrison
+        # with u = A0 delta, so its inverse is A0 - s u u^T.
+        uc, ue = apply_a0(
+            torch.ones(n, 1, dtype=work, device=device), zero(d, 1, dtype=work, device=device)
+        )
+        uc, ue = uc.squeeze(1), ue.squeeze(1)
+        s_aff = mu2 / (1.0 + mu2 * float(uc.sum()))
+        lam3 = zero(n, dtype=work, device=device)
     try:
         for it in range(1, int(max_iter) + 1):
             b = torch.add(l1, y, alpha=mu1)  # mu1 Y + L1
             rc = torch.addmm(l2c, yt, b, beta=-1.0).add_(cc, alpha=mu2)  # Y^T B + mu2 C - L2
             re = torch.add(ce, b, alpha=inv_g / mu2).mul_(mu2).sub_(l2e)  # B/g + mu2 C - L2
-            pr = torch.addmm(re, y, rc, beta=inv_g)  # P R = Y R_C + R_E / g
-            if n_space:
-                ytpr = yt @ pr
-                w = torch.addmm(pr, y, h_w @ ytpr, alpha=-1.0).div_(c)  # K^{-1} P R
-                zc = rc.sub_(m_w @ ytpr).mul_(inv_mu2)  # (R_C - Y^T W) / mu2
-            else:
-                w = kinv_w @ pr
-                zc = torch.addmm(rc, yt, w, alpha=-1.0).mul_(inv_mu2)
-            ze = re.sub_(w, alpha=inv_g).mul_(inv_mu2)  # (R_E - W / g) / mu2
+            if affine:
+                rc.add_(lam3.neg().add_(mu2))  # + mu2 delta (1 - lambda3 / mu2)^T
+                utr = torch.addmv(uc @ rc, re.T, ue)  # u^T R
+            zc, ze = apply_a0(rc, re)
+            if affine:
+                zc.addr_(uc, utr, alpha=-s_aff)
+                ze.addr_(ue, utr, alpha=-s_aff)
             zc[eye, eye] = 0
             cc_new = _soft(zc + l2c * inv_mu2, inv_mu2)
             cc_new[eye, eye] = 0
@@ -169,12 +196,18 @@ def solve_ssc_equality(
             y0 = torch.sub(y, ze, alpha=inv_g)
             r = torch.addmm(y0, y, zc, alpha=-1.0)
             l1.add_(r, alpha=mu1)
+            if affine:
+                colsum = zc.sum(dim=0).sub_(1.0)  # delta^T Z - 1
+                lam3.add_(colsum, alpha=mu2)
+                err3 = float(colsum.abs().max())
             dc, de = zc.sub_(cc_new), ze.sub_(ce_new)  # Z - C
             l2c.add_(dc, alpha=mu2)
             l2e.add_(de, alpha=mu2)
             err1 = max(float(dc.abs().max()), float(de.abs().max()))
             err2 = float((r.norm(dim=0) / y0.norm(dim=0).clamp_min(torch.finfo(work).tiny)).max())
             cc, ce = cc_new, ce_new
+            if affine:
+                err1 = max(err1, err3)  # their loop tests err3 against thr1 too
             residual = max(err1, err2)
             if not math.isfinite(residual):
                 raise FloatingPointError(
