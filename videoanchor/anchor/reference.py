@@ -7,8 +7,9 @@
   ``SpectralClustering(affinity="precomputed", assign_labels="discretize")``. This is the
   baseline of ``benchmarks/bench_ssc.py``.
 * :func:`elhamifar_vidal_outlier_admm`: the constrained outlier program of Elhamifar &
-  Vidal's SSC-ADMM code (``admmOutlier_mat_func``, with or without the affine constraint), transcribed
-  with its explicit ``(N + D) x (N + D)`` inverse; baseline of ``bench_yaleb.py``.
+  Vidal's SSC-ADMM code (``admmOutlier_mat_func``, with or without the affine
+  constraint), transcribed with its explicit ``(N + D) x (N + D)`` inverse; baseline of
+  ``bench_yaleb.py``.
 * :func:`reference_scores`: METHOD.md section 3 written as loops.
 """
 
