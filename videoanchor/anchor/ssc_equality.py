@@ -89,12 +89,13 @@ def solve_ssc_equality(
     """Solve ``min ||C||_1 + gamma ||E||_1 s.t. Y = Y C + E, diag(C) = 0`` (module docstring).
 
     ``affine=True`` adds ``1^T C = 1^T`` (their ``affine`` argument).
+
     ``features`` is ``N x D`` (one row per point); work happens on its device. ``rho`` is
     the ADMM penalty ``mu2`` (E&V: equal to ``alpha``); their code runs at most 149
     iterations (``maxIter = 150``). Returns an :class:`ADMMResult` whose ``coef`` is ``C``,
-    ``outliers`` is ``E`` (``D x N``), ``residual`` is ``max(err1, err2)`` of the stopping
-    rule, ``lambda_e = gamma`` and ``lambda_z = mu1``. ``callback(it, C, E)`` sees every
-    iterate.
+    ``outliers`` is ``E`` (``D x N``), ``residual`` is the largest of the stopping rule's
+    errors (``err1``, ``err2`` and, when affine, ``err3``), ``lambda_e = gamma`` and
+    ``lambda_z = mu1``. ``callback(it, C, E)`` sees every iterate.
     """
     t0 = time.perf_counter()
     x = as_feature_tensor(features)
