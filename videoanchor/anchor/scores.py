@@ -247,33 +247,14 @@ def sparse_subspace_clustering(
         solver = "faithful"
     if pca_rank:
         x = pca_reduce(x, pca_rank)
+    program = dict(
+        alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps, max_iter=max_iter, affine=affine,
+        dtype=work, progress=progress,
+    )  # fmt: skip
     if data_term == "exact":
-        admm = solve_ssc_equality(
-            x,
-            alpha_e=alpha_e,
-            alpha_z=alpha_z,
-            rho=rho,
-            eps=eps,
-            max_iter=max_iter,
-            affine=affine,
-            dtype=work,
-            progress=progress,
-        )
+        admm = solve_ssc_equality(x, **program)
     else:
-        admm = _solve(
-            x,
-            backend=backend,
-            solver=solver,
-            dtype=work,
-            alpha_e=alpha_e,
-            alpha_z=alpha_z,
-            rho=rho,
-            eps=eps,
-            max_iter=max_iter,
-            affine=affine,
-            outliers=outliers,
-            progress=progress,
-        )
+        admm = _solve(x, backend=backend, solver=solver, outliers=outliers, **program)
     coef = admm.coef
     t1 = time.perf_counter()
     w = ssc_affinity(coef, normalize="column_max" if affinity == "column_max" else "none")

@@ -110,6 +110,18 @@ _SPARSE_E_ON_CPU = False
 _ADAPT = {"every": 5, "max_changes": 20, "mu": 3.0, "tau": 10.0, "xi": 1.0}
 
 
+def check_admm_parameters(n: int, rho: float, eps: float, max_iter: int) -> None:
+    """The checks every ADMM entry point makes on its size and iteration parameters."""
+    if n < 2:
+        raise ValueError(f"SSC needs at least 2 points, got N = {n}")
+    if not (rho > 0 and math.isfinite(rho)):
+        raise ValueError(f"rho: expected a positive finite number, got {rho}")
+    if not (eps >= 0):
+        raise ValueError(f"eps: expected a non-negative number (0: run max_iter), got {eps}")
+    if int(max_iter) < 1:
+        raise ValueError(f"max_iter: expected a positive integer, got {max_iter}")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -195,14 +207,7 @@ def solve_ssc_admm(
     device = x.device
     work = resolve_dtype(dtype, device)
     n, d = x.shape
-    if n < 2:
-        raise ValueError(f"SSC needs at least 2 points, got N = {n}")
-    if not (rho > 0 and math.isfinite(rho)):
-        raise ValueError(f"rho: expected a positive finite number, got {rho}")
-    if not (eps >= 0):
-        raise ValueError(f"eps: expected a non-negative number (0: run max_iter), got {eps}")
-    if int(max_iter) < 1:
-        raise ValueError(f"max_iter: expected a positive integer, got {max_iter}")
+    check_admm_parameters(n, rho, eps, max_iter)
     if not (1.0 <= relax < 2.0):
         raise ValueError(f"relax: expected a value in [1, 2), got {relax}")
     if strategy == "auto":

@@ -41,7 +41,13 @@ import time
 import torch
 
 from videoanchor.anchor._inputs import as_feature_tensor, check_memory, resolve_dtype
-from videoanchor.anchor.ssc import ADMMResult, _Progress, _sync, gram_row_max
+from videoanchor.anchor.ssc import (
+    ADMMResult,
+    _Progress,
+    _sync,
+    check_admm_parameters,
+    gram_row_max,
+)
 
 __all__ = ["equality_parameters", "solve_ssc_equality"]
 
@@ -102,14 +108,7 @@ def solve_ssc_equality(
     device = x.device
     work = resolve_dtype(dtype, device)
     n, d = x.shape
-    if n < 2:
-        raise ValueError(f"SSC needs at least 2 points, got N = {n}")
-    if not (rho > 0 and math.isfinite(rho)):
-        raise ValueError(f"rho: expected a positive finite number, got {rho}")
-    if not (eps >= 0):
-        raise ValueError(f"eps: expected a non-negative number (0: run max_iter), got {eps}")
-    if int(max_iter) < 1:
-        raise ValueError(f"max_iter: expected a positive integer, got {max_iter}")
+    check_admm_parameters(n, rho, eps, max_iter)
     for name, v in (("alpha_e", alpha_e), ("alpha_z", alpha_z)):
         if not v > 0:
             raise ValueError(f"{name}: expected a positive number, got {v}")
