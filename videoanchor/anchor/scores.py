@@ -10,7 +10,7 @@ import torch
 
 from videoanchor.anchor import _inputs
 from videoanchor.anchor._inputs import as_feature_tensor, resolve_dtype
-from videoanchor.anchor.scalable import scalable_anchor_scores
+from videoanchor.anchor.scalable import scalable_anchor_scores, scores_from_row_sums
 from videoanchor.anchor.spectral import spectral_clustering, ssc_affinity
 from videoanchor.anchor.ssc import admm_bytes, choose_strategy, solve_ssc_admm
 from videoanchor.anchor.ssc_equality import solve_ssc_equality
@@ -52,14 +52,7 @@ def anchor_scores(coef: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if bool((labels < 0).any()):
         raise ValueError("labels: expected non-negative cluster ids")
     labels = labels.to(device=coef.device, dtype=torch.long)
-    r = coef.to(torch.float64).sum(dim=1)
-    counts = torch.bincount(labels)
-    pi = counts[labels].to(torch.float64) / n
-    s_hat = pi * r
-    lo, hi = s_hat.min(), s_hat.max()
-    s = ((s_hat - lo) / (hi - lo + 1e-5)).to(torch.float32)
-    below_one = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item()
-    return s.clamp_(0.0, below_one)
+    return scores_from_row_sums(coef.to(torch.float64).sum(dim=1), labels)
 
 
 def pca_reduce(x: torch.Tensor, rank: int) -> torch.Tensor:
