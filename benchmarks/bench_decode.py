@@ -181,6 +181,68 @@ def varlen_rows():
     return rows
 
 
+def varlen_decode_rows():
+    """One new token per sequence against packed caches of different lengths (continuous
+    batching): the split-KV varlen path, the same call forced through the prefill kernel,
+    and a left-padded dense batch with a key mask."""
+    from videoanchor.kernels import interface as api
+
+    rows = []
+    lengths = [31000, 4096, 17000, 900, 65536, 12000, 2500, 28000]
+    dtype = torch.bfloat16
+    B, total, Smax = len(lengths), sum(lengths), max(lengths)
+    q = torch.randn(B, HQ, D, device="cuda", dtype=dtype)
+    k = torch.randn(total, HKV, D, device="cuda", dtype=dtype)
+    v = torch.randn(total, HKV, D, device="cuda", dtype=dtype)
+    kb, vs = videoanchor.anchor_gates(torch.rand(total, device="cuda"), 9.5, 2.5)
+    cu_q = torch.arange(B + 1, dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor(
+        [0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda"
+    )
+    kp = torch.zeros(B, HKV, Smax, D, device="cuda", dtype=dtype)
+    vp = torch.zeros_like(kp)
+    kbp = torch.zeros(B, Smax, device="cuda")
+    vsp = torch.ones(B, Smax, device="cuda")
+    mask = torch.zeros(B, Smax, dtype=torch.bool, device="cuda")
+    for b, n in enumerate(lengths):
+        a, e = cu_k[b].item(), cu_k[b + 1].item()
+        kp[b, :, Smax - n :], vp[b, :, Smax - n :] = k[a:e].transpose(0, 1), v[a:e].transpose(0, 1)
+        kbp[b, Smax - n :], vsp[b, Smax - n :], mask[b, Smax - n :] = kb[a:e], vs[a:e], True
+
+    def packed():
+        return videoanchor.anchored_attention_varlen(q, k, v, cu_q, cu_k, 1, Smax, kb, vs)
+
+    def packed_prefill_kernel():
+        saved = api.DECODE_MAX_SQ
+        api.DECODE_MAX_SQ = 0
+        try:
+            return packed()
+        finally:
+            api.DECODE_MAX_SQ = saved
+
+    def padded():
+        out = videoanchor.anchored_attention(q[:, :, None], kp, vp, kbp, vsp, key_padding_mask=mask)
+        return out[:, :, 0]
+
+    ref = padded().float()
+    kv_bytes = 2 * total * HKV * D * k.element_size()
+    for name, fn in (
+        ("varlen_split_kv", packed),
+        ("varlen_prefill_kernel", packed_prefill_kernel),
+        ("padded_with_mask", padded),
+    ):
+        err = (fn().float() - ref).abs().max().item()
+        ms, lo, hi = bench(fn)
+        rows.append(
+            dict(section="varlen_decode", provider=name, lengths=lengths, ms=ms, ms_p20=lo,
+                 ms_p80=hi, kv_gbs=kv_bytes / (ms * 1e-3) / 1e9, max_diff_vs_padded=err,
+                 peak_mib=peak_mib(fn))
+        )  # fmt: skip
+        print(rows[-1], flush=True)
+    _ratios(rows, "varlen_split_kv", ("section",))
+    return rows
+
+
 def chunked_rows(quick):
     rows = []
     S, chunk = (8192, 2048) if quick else (16384, 2048)
@@ -243,7 +305,7 @@ def main(argv=None):
     meta = environment("cuda")
     rows, copy_gbs = decode_rows(args.quick)
     meta["copy_bandwidth_gbs"] = copy_gbs
-    rows += varlen_rows() + chunked_rows(args.quick)
+    rows += varlen_rows() + varlen_decode_rows() + chunked_rows(args.quick)
     path = write_result("decode", meta, rows, args.out_dir)
     print_table(
         rows,

@@ -158,8 +158,13 @@ def test_varlen_matches_per_sequence_reference(dtype, backend, causal):
             q, k, v, cu_q, cu_k, max(seq_q), None, kb, vs,
             causal=causal, backend=backend, return_lse=True,
         )  # fmt: skip
-    assert not out.isnan().any()
-    for b in range(len(seq_q)):
+    check_varlen(out, lse, q, k, v, kb, vs, cu_q, cu_k, causal, dtype)
+
+
+def check_varlen(out, lse, q, k, v, kb, vs, cu_q, cu_k, causal, dtype):
+    """Each packed sequence against the float64 reference run on it alone."""
+    assert not out.isnan().any() and not lse.isnan().any(), "unwritten rows"
+    for b in range(cu_q.numel() - 1):
         q0, q1, k0, k1 = cu_q[b].item(), cu_q[b + 1].item(), cu_k[b].item(), cu_k[b + 1].item()
         if q1 == q0:  # an empty query sequence has nothing to check
             continue
@@ -173,7 +178,49 @@ def test_varlen_matches_per_sequence_reference(dtype, backend, causal):
         )
         base = native_error(*args, kb[None, k0:k1], vs[None, k0:k1], None, causal, ref)
         check_close(out[None, q0:q1].transpose(1, 2), ref, base, dtype)
-        torch.testing.assert_close(lse[:, q0:q1].double(), ref_lse[0], atol=1e-3, rtol=1e-4)
+        finite = torch.isfinite(ref_lse[0])
+        assert torch.equal(torch.isfinite(lse[:, q0:q1]), finite)
+        torch.testing.assert_close(
+            lse[:, q0:q1][finite].double(), ref_lse[0][finite], atol=1e-3, rtol=1e-4
+        )
+
+
+@pytest.mark.parametrize("n_split", [1, 3, 7])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_varlen_split_kv_matches_per_sequence_reference(dtype, causal, n_split):
+    """Packed decode / short chunks against packed caches through the split-KV kernel:
+    1 to 5 queries per sequence, an empty query sequence, a sequence with no keys, one
+    with fewer keys than queries, caches shorter than a split and longer than several."""
+    seq_q, seq_k = [1, 5, 0, 2, 3, 1], [70, 41, 9, 0, 2, 130]
+    q, k, v, kb, vs, cu_q, cu_k = pack(seq_q, seq_k, 8, 2, 80, dtype, seed=3)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((8, q.shape[0]), float("nan"), device=DEVICE)
+    triton_decode.launch_decode(
+        q, k, v, kb, vs, None, out, lse, causal=causal, sm_scale=1 / math.sqrt(80),
+        interpret=not q.is_cuda, n_split=n_split, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+        max_seqlen_q=max(seq_q), max_seqlen_k=max(seq_k),
+    )  # fmt: skip
+    check_varlen(out, lse, q, k, v, kb, vs, cu_q, cu_k, causal, dtype)
+
+
+@pytest.mark.parametrize("hint", [None, 1, 10**6], ids=["no-hint", "too-small", "too-large"])
+def test_varlen_public_api_split_kv_any_hint(hint, monkeypatch):
+    """The public varlen call takes the split-KV path for short query blocks, and the
+    max_seqlen_k hint only changes the number of splits, never the result."""
+    calls = []
+    real = triton_decode.launch_decode
+    monkeypatch.setattr(
+        triton_decode, "launch_decode", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
+    monkeypatch.setattr(api, "DECODE_MIN_SKV", 0)
+    seq_q, seq_k = [1, 1, 4], [37, 90, 64]
+    q, k, v, kb, vs, cu_q, cu_k = pack(seq_q, seq_k, 4, 4, 64, torch.float32, seed=1)
+    out, lse = videoanchor.anchored_attention_varlen(
+        q, k, v, cu_q, cu_k, 4, hint, kb, vs, backend="triton", return_lse=True
+    )
+    assert calls, "a decode-shaped varlen call should take the split-KV path"
+    check_varlen(out, lse, q, k, v, kb, vs, cu_q, cu_k, True, torch.float32)
 
 
 def test_varlen_public_triton_and_errors():
@@ -189,6 +236,10 @@ def test_varlen_public_triton_and_errors():
         videoanchor.anchored_attention_varlen(q, k, v, cu_q, cu_k, 9, 9, kb[:3])
     with pytest.raises(ValueError, match="max_seqlen_q"):
         videoanchor.anchored_attention_varlen(q, k, v, cu_q, cu_k, -1)
+    with pytest.raises(ValueError, match="max_seqlen_k"):
+        videoanchor.anchored_attention_varlen(q, k, v, cu_q, cu_k, 9, -3)
+    with pytest.raises(ValueError, match="sequence 1 has 9 queries"):
+        videoanchor.anchored_attention_varlen(q, k, v, cu_q, cu_k, 5, backend="torch")
 
 
 # ---- GPU only ----------------------------------------------------------------------------
@@ -203,6 +254,17 @@ def test_gpu_decode(dtype, Sq, Skv):
     ref = anchored_attention_reference(q, k, v, kb, vs, key_padding_mask=mask)
     out = videoanchor.anchored_attention(q, k, v, kb, vs, key_padding_mask=mask)
     check_close(out, ref, native_error(q, k, v, kb, vs, mask, True, ref), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_gpu_varlen_decode(dtype):
+    seq_q, seq_k = [1, 1, 4, 1, 16], [8192, 300, 5000, 0, 2049]
+    q, k, v, kb, vs, cu_q, cu_k = pack(seq_q, seq_k, 28, 4, 128, dtype)
+    out, lse = videoanchor.anchored_attention_varlen(
+        q, k, v, cu_q, cu_k, max(seq_q), max(seq_k), kb, vs, return_lse=True
+    )
+    check_varlen(out, lse, q, k, v, kb, vs, cu_q, cu_k, True, dtype)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])

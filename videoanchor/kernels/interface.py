@@ -303,8 +303,9 @@ def anchored_attention(
 
 
 def _validate_varlen(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, key_bias, value_scale, backend
-):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias, value_scale,
+    backend,
+):  # fmt: skip
     _check_qkv(q, k, v, backend, "total_k, Hkv, D")
     total_k = k.shape[0]
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
@@ -320,6 +321,8 @@ def _validate_varlen(
         )
     if not isinstance(max_seqlen_q, int) or max_seqlen_q < 0:
         raise ValueError(f"max_seqlen_q: expected a non-negative int, got {max_seqlen_q!r}")
+    if max_seqlen_k is not None and (not isinstance(max_seqlen_k, int) or max_seqlen_k < 0):
+        raise ValueError(f"max_seqlen_k: expected None or a non-negative int, got {max_seqlen_k!r}")
     for name, t in (("key_bias", key_bias), ("value_scale", value_scale)):
         if t is None:
             continue
@@ -344,6 +347,7 @@ def _anchored_attention_varlen_fwd(
     cu_seqlens_q: torch.Tensor,
     cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int,
+    max_seqlen_k: int,
     key_bias: torch.Tensor | None,
     value_scale: torch.Tensor | None,
     causal: bool,
@@ -355,12 +359,22 @@ def _anchored_attention_varlen_fwd(
     lse = torch.empty((Hq, total_q) if return_lse else (0,), dtype=torch.float32, device=q.device)
     if total_q == 0 or max_seqlen_q == 0 or cu_seqlens_q.numel() < 2:
         return out, lse
+    if k.shape[0] == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
     device_ctx = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+    # max_seqlen_k < 0: unknown; the mean sequence length stands in for the choice.
+    hint_k = max_seqlen_k if max_seqlen_k >= 0 else k.shape[0] // (cu_seqlens_q.numel() - 1)
+    use_split_kv = max_seqlen_q <= DECODE_MAX_SQ and hint_k >= DECODE_MIN_SKV
+    launch = triton_decode.launch_decode if use_split_kv else triton_prefill.launch_prefill
+    extra = {"max_seqlen_k": max_seqlen_k if max_seqlen_k >= 0 else None} if use_split_kv else {}
     with device_ctx:
-        triton_prefill.launch_prefill(
+        launch(
             q, k, v, key_bias, value_scale, None, out, lse if return_lse else None,
             causal=causal, sm_scale=sm_scale, interpret=not q.is_cuda,
             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+            **extra,
         )  # fmt: skip
     return out, lse
 
@@ -373,6 +387,7 @@ def _(
     cu_seqlens_q,
     cu_seqlens_k,
     max_seqlen_q,
+    max_seqlen_k,
     key_bias,
     value_scale,
     causal,
@@ -385,7 +400,7 @@ def _(
     return out, lse
 
 
-def _varlen_torch(q, k, v, cu_q, cu_k, key_bias, value_scale, causal, sm_scale):
+def _varlen_torch(q, k, v, cu_q, cu_k, max_seqlen_q, key_bias, value_scale, causal, sm_scale):
     total_q, Hq, D = q.shape
     out = torch.zeros(total_q, Hq, D, dtype=q.dtype, device=q.device)
     lse = torch.full((Hq, total_q), float("-inf"), dtype=torch.float32, device=q.device)
@@ -396,6 +411,11 @@ def _varlen_torch(q, k, v, cu_q, cu_k, key_bias, value_scale, causal, sm_scale):
             raise ValueError(
                 f"cu_seqlens: expected non-decreasing offsets within q ({total_q} tokens) and "
                 f"k ({k.shape[0]} tokens), got sequence {b}: q[{q0}:{q1}], k[{k0}:{k1}]"
+            )
+        if q1 - q0 > max_seqlen_q:
+            raise ValueError(
+                f"max_seqlen_q: expected at least the longest query sequence, got "
+                f"{max_seqlen_q} but sequence {b} has {q1 - q0} queries"
             )
         gates = [None if t is None else t[None, k0:k1] for t in (key_bias, value_scale)]
         o, l = anchored_attention_torch(
@@ -432,7 +452,12 @@ def anchored_attention_varlen(
         cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32 offsets; sequence b is
             ``q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]]`` and likewise for k, v.
         max_seqlen_q: the longest query sequence (sizes the launch grid without a device
-            sync). ``max_seqlen_k`` is accepted for flash-attention compatibility.
+            sync). It must be at least the longest; like flash-attention, this is not
+            checked on the device (with ``backend="torch"`` it is).
+        max_seqlen_k: the longest key sequence, or None. A hint only: with
+            ``max_seqlen_q <= 64`` and long keys (decode against packed caches) the
+            split-KV path is used, and this sizes its number of splits; each sequence
+            still splits its own keys, so a wrong value costs speed, not correctness.
         key_bias, value_scale: (total_k,) per-key gates, or None.
         causal: bottom-right aligned per sequence (see :func:`anchored_attention`).
 
@@ -441,16 +466,19 @@ def anchored_attention_varlen(
         ``return_lse``.
     """
     _validate_varlen(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, key_bias, value_scale, backend
-    )
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias, value_scale,
+        backend,
+    )  # fmt: skip
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if _pick_backend(q, backend) == "triton":
         out, lse = _anchored_attention_varlen_fwd(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, key_bias, value_scale,
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+            -1 if max_seqlen_k is None else max_seqlen_k, key_bias, value_scale,
             causal, scale, return_lse,
         )  # fmt: skip
     else:
         out, lse = _varlen_torch(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, key_bias, value_scale, causal, scale
-        )
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, key_bias, value_scale, causal,
+            scale,
+        )  # fmt: skip
     return (out, lse) if return_lse else out

@@ -26,12 +26,16 @@ def anchored_attention_reference(
     """``softmax(q k^T * sm_scale + key_bias[j] + mask) @ (value_scale[j] * v)`` in float64.
 
     Shapes as in :func:`videoanchor.anchored_attention`; ``cache_seqlens`` (B,) limits
-    sample b to its first ``cache_seqlens[b]`` keys and aligns the causal diagonal to it. Rows with no visible key give
-    zeros (and an lse of ``-inf``). Returns float64 ``out`` of shape (B, Hq, Sq, D), and
+    sample b to its first ``cache_seqlens[b]`` keys and aligns the causal
+    diagonal to it. Rows with no visible key (or ``Skv = 0``) give zeros (and an lse of ``-inf``). Returns float64 ``out`` of shape (B, Hq, Sq, D), and
     ``lse`` of shape (B, Hq, Sq) (natural log) when ``return_lse``.
     """
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
+    if Skv == 0:  # no key at all: every row is empty
+        out = q.new_zeros(q.shape, dtype=torch.float64)
+        lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float64, device=q.device)
+        return (out, lse) if return_lse else out
     group = Hq // Hkv
     scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     q64, k64, v64 = q.double(), k.double(), v.double()

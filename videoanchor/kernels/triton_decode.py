@@ -10,6 +10,9 @@ output and its log-sum-exp.
 Stage 2: one program per output row merges the partials by log-sum-exp.
 Per-key bias, value scale, padding and bottom-right causal masking are exactly as in the
 prefill kernel (the same inner loop).
+Dense batches (B, H, S, D), optionally with ``cache_seqlens``, and packed varlen batches
+(``cu_seqlens_q`` / ``cu_seqlens_k``) share both kernels; a packed sequence divides its
+own keys among the splits.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ def _anchored_decode_split_kernel(
     Scale,
     Mask,
     SeqLensK,
+    CuSeqQ,
+    CuSeqK,
     OPart,
     LsePart,
     stride_qb,
@@ -67,6 +72,7 @@ def _anchored_decode_split_kernel(
     HAS_SCALE: tl.constexpr,
     HAS_MASK: tl.constexpr,
     SEQLENS_K: tl.constexpr,
+    VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     i_s = tl.program_id(0)
@@ -74,27 +80,42 @@ def _anchored_decode_split_kernel(
     pid_bh = tl.program_id(2)
     i_b = pid_bh // Hkv
     i_hk = pid_bh % Hkv
-    if SEQLENS_K:
-        Skv = tl.load(SeqLensK + i_b).to(tl.int32)  # splits past it stay empty
+    # Sq is the packing stride of the rows (max_seqlen_q for packed sequences); sq_b is
+    # this sequence's number of queries.
+    sq_b = Sq
+    if VARLEN:
+        # Packed sequences: batch strides are 0; sequence b starts at CuSeq[b]. Its split
+        # length comes from its own key count, so no host-side length hint can drop keys.
+        q_start = tl.load(CuSeqQ + i_b).to(tl.int64)
+        k_start = tl.load(CuSeqK + i_b).to(tl.int64)
+        sq_b = (tl.load(CuSeqQ + i_b + 1) - q_start).to(tl.int32)
+        Skv = (tl.load(CuSeqK + i_b + 1) - k_start).to(tl.int32)
+        split_len = tl.cdiv(tl.cdiv(Skv, n_split), BLOCK_N) * BLOCK_N
+    else:
+        q_start = i_b.to(tl.int64) * 0
+        k_start = q_start
+        if SEQLENS_K:
+            Skv = tl.load(SeqLensK + i_b).to(tl.int32)  # splits past it stay empty
 
     o_r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)  # packed row ids
     m_r = o_r < group * Sq
     i_g = o_r // Sq  # group member
     i_q = o_r % Sq  # query position
+    m_q = m_r & (i_q < sq_b)
     offs_d = tl.arange(0, BLOCK_D)
     m_d = offs_d < HEAD_DIM
 
     p_q = Q + i_b.to(tl.int64) * stride_qb + (i_hk * group + i_g).to(tl.int64)[:, None] * stride_qh
-    p_q = p_q + i_q[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    p_q = p_q + (q_start + i_q)[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    b_q = tl.load(p_q, mask=m_q[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
 
-    p_k = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+    p_k = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh + k_start * stride_kn
     p_k = p_k + offs_d[:, None] * stride_kd
-    p_v = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+    p_v = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh + k_start * stride_vn
     p_v = p_v + offs_d[None, :] * stride_vd
-    p_bias = Bias + i_b.to(tl.int64) * stride_bias_b
-    p_scale = Scale + i_b.to(tl.int64) * stride_scale_b
-    p_mask = Mask + i_b.to(tl.int64) * stride_mask_b
+    p_bias = Bias + i_b.to(tl.int64) * stride_bias_b + k_start * stride_bias_n
+    p_scale = Scale + i_b.to(tl.int64) * stride_scale_b + k_start * stride_scale_n
+    p_mask = Mask + i_b.to(tl.int64) * stride_mask_b + k_start * stride_mask_n
 
     lo = i_s * split_len
     hi = tl.minimum(lo + split_len, Skv)
@@ -104,7 +125,7 @@ def _anchored_decode_split_kernel(
     acc, l_i, m_i = _attend_key_range(
         acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
         stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
-        i_q, offs_d, lo, hi, Skv, Skv - Sq, qk_scale,
+        i_q, offs_d, lo, hi, Skv, Skv - sq_b, qk_scale,
         BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
     )  # fmt: skip
 
@@ -125,12 +146,14 @@ def _anchored_decode_merge_kernel(
     LsePart,
     Out,
     Lse,
+    CuSeqQ,
     stride_ob,
     stride_oh,
     stride_om,
     stride_od,
     stride_lse_b,
     stride_lse_h,
+    stride_lse_m,
     Hq,
     group,
     Sq,
@@ -140,12 +163,19 @@ def _anchored_decode_merge_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     STORE_LSE: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     pid = tl.program_id(0)  # over B * Hq * Sq output rows
     i_q = pid % Sq
     i_bh = pid // Sq
     i_b = i_bh // Hq
     i_h = i_bh % Hq
+    if VARLEN:
+        q_start = tl.load(CuSeqQ + i_b).to(tl.int64)
+        if i_q >= tl.load(CuSeqQ + i_b + 1) - q_start:
+            return  # past this sequence's queries
+    else:
+        q_start = i_b.to(tl.int64) * 0
     i_hk = i_h // group
     row = (i_h % group) * Sq + i_q
 
@@ -160,11 +190,13 @@ def _anchored_decode_merge_kernel(
     b_sum = tl.sum(b_w, 0)
     b_op = tl.load(OPart + base[:, None] * BLOCK_D + offs_d[None, :], mask=m_s[:, None], other=0.0)
     b_o = tl.sum(b_op * b_w[:, None], 0) / tl.where(b_sum > 0, b_sum, 1.0)  # [BLOCK_D]
-    p_o = Out + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh + i_q * stride_om
+    p_o = Out + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+    p_o = p_o + (q_start + i_q) * stride_om
     tl.store(p_o + offs_d * stride_od, b_o.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
     if STORE_LSE:
         lse = tl.where(b_sum > 0, (b_max + tl.log2(tl.where(b_sum > 0, b_sum, 1.0))), float("-inf"))
-        p_lse = Lse + i_b.to(tl.int64) * stride_lse_b + i_h.to(tl.int64) * stride_lse_h + i_q
+        p_lse = Lse + i_b.to(tl.int64) * stride_lse_b + i_h.to(tl.int64) * stride_lse_h
+        p_lse = p_lse + (q_start + i_q) * stride_lse_m
         tl.store(p_lse, lse * 0.6931471805599453)
 
 
@@ -199,11 +231,36 @@ def num_splits(batch_heads: int, row_blocks: int, Skv: int, block_n: int, device
 
 def launch_decode(
     q, k, v, key_bias, value_scale, key_padding_mask, out, lse, *, causal, sm_scale, interpret,
-    n_split=None, cache_seqlens=None,
+    n_split=None, cache_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+    max_seqlen_k=None,
 ):  # fmt: skip
-    """Split-KV launch on validated inputs with Sq <= 64; writes ``out`` and ``lse``."""
-    B, Hq, Sq, D = q.shape
-    Hkv, Skv = k.shape[1], k.shape[2]
+    """Split-KV launch on validated inputs with Sq <= 64; writes ``out`` and ``lse``.
+
+    Dense: q (B, Hq, Sq, D), k/v (B, Hkv, Skv, D), out (B, Hq, Sq, D), lse (B, Hq, Sq).
+    Varlen (``cu_seqlens_q`` given): q (total_q, Hq, D), k/v (total_k, Hkv, D), gates
+    (total_k,), out (total_q, Hq, D), lse (Hq, total_q), ``max_seqlen_q`` queries at most
+    per sequence. ``max_seqlen_k`` only sizes the number of splits (each sequence divides
+    its own keys among them), so a wrong hint costs speed, never correctness; None uses
+    the mean length.
+    """
+    varlen = cu_seqlens_q is not None
+    D = q.shape[-1]
+    if varlen:
+        _, Hq, _ = q.shape
+        Hkv = k.shape[1]
+        B = cu_seqlens_q.numel() - 1
+        Sq = max_seqlen_q
+        Skv = max_seqlen_k if max_seqlen_k is not None else triton.cdiv(k.shape[0], max(B, 1))
+        sq = (0, q.stride(1), q.stride(0), q.stride(2))
+        sk = (0, k.stride(1), k.stride(0), k.stride(2))
+        sv = (0, v.stride(1), v.stride(0), v.stride(2))
+        so = (0, out.stride(1), out.stride(0), out.stride(2))
+        sl = (0, lse.stride(0), lse.stride(1)) if lse is not None else (0, 0, 0)
+    else:
+        B, Hq, Sq, _ = q.shape
+        Hkv, Skv = k.shape[1], k.shape[2]
+        sq, sk, sv, so = q.stride(), k.stride(), v.stride(), out.stride()
+        sl = (*lse.stride(),) if lse is not None else (0, 0, 0)
     group = Hq // Hkv
     rows = group * Sq
     block_d = max(16, triton.next_power_of_2(D))
@@ -211,30 +268,34 @@ def launch_decode(
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
     row_blocks = triton.cdiv(rows, block_m)
     if n_split is None:
-        n_split = num_splits(B * Hkv, row_blocks, Skv, cfg["BLOCK_N"], q.device)
-    split_len = triton.cdiv(triton.cdiv(Skv, n_split), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
-    n_split = triton.cdiv(Skv, split_len)
+        n_split = num_splits(B * Hkv, row_blocks, max(Skv, 1), cfg["BLOCK_N"], q.device)
+    split_len = triton.cdiv(triton.cdiv(max(Skv, 1), n_split), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    if not varlen:
+        n_split = triton.cdiv(Skv, split_len)
 
     o_part = torch.empty(B * Hkv, n_split, rows, block_d, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B * Hkv, n_split, rows, dtype=torch.float32, device=q.device)
     (bias, scale, mask), gate_strides = _gate_args(q, key_bias, value_scale, key_padding_mask)
+    cu_q = cu_seqlens_q if varlen else q
+    cu_k = cu_seqlens_k if varlen else q
     _anchored_decode_split_kernel[(n_split, row_blocks, B * Hkv)](
         q, k, v, bias, scale, mask, cache_seqlens if cache_seqlens is not None else q,
-        o_part, lse_part,
-        *q.stride(), *k.stride(), *v.stride(), *gate_strides,
+        cu_q, cu_k, o_part, lse_part,
+        *sq, *sk, *sv, *gate_strides,
         Hkv, group, Sq, Skv, split_len, rows, n_split, sm_scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m,
         BLOCK_N=cfg["BLOCK_N"], CAUSAL=causal, HAS_BIAS=key_bias is not None,
         HAS_SCALE=value_scale is not None, HAS_MASK=key_padding_mask is not None,
-        SEQLENS_K=cache_seqlens is not None, DOT_PRECISION="ieee" if q.element_size() == 4 else "tf32",
+        SEQLENS_K=cache_seqlens is not None, VARLEN=varlen,
+        DOT_PRECISION="ieee" if q.element_size() == 4 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     store_lse = lse is not None
     _anchored_decode_merge_kernel[(B * Hq * Sq,)](
-        o_part, lse_part, out, lse if store_lse else out,
-        *out.stride(), *((lse.stride(0), lse.stride(1)) if store_lse else (0, 0)),
+        o_part, lse_part, out, lse if store_lse else out, cu_q,
+        *so, *(sl if store_lse else (0, 0, 0)),
         Hq, group, Sq, rows, n_split,
         HEAD_DIM=D, BLOCK_D=block_d,
-        BLOCK_S=max(2, triton.next_power_of_2(n_split)), STORE_LSE=store_lse,
+        BLOCK_S=max(2, triton.next_power_of_2(n_split)), STORE_LSE=store_lse, VARLEN=varlen,
         num_warps=4 if block_d <= 128 else 8,
     )  # fmt: skip
