@@ -305,7 +305,14 @@ def main(argv=None):
     meta = environment("cuda")
     rows, copy_gbs = decode_rows(args.quick)
     meta["copy_bandwidth_gbs"] = copy_gbs
-    rows += varlen_rows() + varlen_decode_rows() + chunked_rows(args.quick)
+    for section in (varlen_rows, varlen_decode_rows, lambda: chunked_rows(args.quick)):
+        try:  # a failing section is recorded, and does not lose the others' rows
+            rows += section()
+        except Exception as exc:  # noqa: BLE001
+            rows.append({"section": getattr(section, "__name__", "chunked_rows"),
+                         "failed": f"{type(exc).__name__}: {exc}"})  # fmt: skip
+            print(rows[-1], flush=True)
+        torch.cuda.empty_cache()
     path = write_result("decode", meta, rows, args.out_dir)
     print_table(
         rows,

@@ -22,6 +22,8 @@ the process, which only grows, so the CPU rows give an upper bound).
                                                                  # and N up to 65536
     python benchmarks/bench_scalable_scoring.py --sizes 2048x128 --candidates 32 96 160 \
         --no-scaling --tag ksweep                                # agreement against K only
+    python benchmarks/bench_scalable_scoring.py --sizes 1024x128 --early-stopping \
+        --tag stopping                                           # exact mode vs a tighter eps
 """
 
 from __future__ import annotations
@@ -158,6 +160,61 @@ def agreement_rows(device, sizes, candidates, datasets=("subspaces", "video")):
     return rows
 
 
+def stopping_rows(device, sizes, datasets, factors=(10, 100)):
+    """How far the exact mode's answer is from the minimiser it approaches: the exact mode
+    at the default eps against the same solver run to ``eps / factor``. The relative
+    Frobenius distance of C shows the early stop; the Spearman correlation of the row sums
+    and scores says how much of it reaches the anchor scores, i.e. whether agreement with
+    the exact mode is a well-posed target for a solver that follows another path."""
+    from scipy.stats import spearmanr
+
+    rows = []
+    for data in datasets:
+        for n, d in sizes:
+            make = synthetic_tokens if data == "subspaces" else video_tokens
+            x = make(n, d, seed=7).to(device)
+            runs = {}
+            for f in (1, *factors):
+                # float64: a float32 residual may not get below the tightest eps
+                res, dt, _ = _run(
+                    x, device, mode="exact", eps=2e-4 / f, max_iter=50000, dtype=torch.float64
+                )
+                runs[f] = (res, dt)
+                print(f"{data} N={n} D={d} eps={2e-4 / f:.0e}: {res.iterations} it, {dt:.1f}s")
+            tight, _ = runs[factors[-1]]
+            c_t = tight.coef.double()
+            for f in (1, *factors[:-1]):
+                res, dt = runs[f]
+                c = res.coef.double()
+                rows.append(
+                    {
+                        "case": "early_stopping",
+                        "data": data,
+                        "n": n,
+                        "d": d,
+                        "eps": 2e-4 / f,
+                        "tight_eps": 2e-4 / factors[-1],
+                        "iterations": res.iterations,
+                        "tight_iterations": tight.iterations,
+                        "seconds": dt,
+                        "tight_seconds": runs[factors[-1]][1],
+                        "coef_rel_fro_to_tight": float((c - c_t).norm() / c_t.norm()),
+                        "spearman_row_sums_to_tight": float(
+                            spearmanr(c.sum(1).cpu().numpy(), c_t.sum(1).cpu().numpy())[0]
+                        ),
+                        "spearman_scores_to_tight": float(
+                            spearmanr(res.scores.cpu().numpy(), tight.scores.cpu().numpy())[0]
+                        ),
+                    }
+                )
+                print_table(
+                    rows[-1:],
+                    ["data", "eps", "coef_rel_fro_to_tight", "spearman_row_sums_to_tight"],
+                )
+            del x, runs, tight
+    return rows
+
+
 def scaling_rows(device, ns, d, reps):
     rows = []
     for n in ns:
@@ -198,6 +255,11 @@ def main(argv=None):
     ap.add_argument("--candidates", type=int, nargs="+", default=None)
     ap.add_argument("--data", nargs="+", choices=["subspaces", "video"], default=None)
     ap.add_argument("--no-scaling", action="store_true", help="agreement rows only")
+    ap.add_argument(
+        "--early-stopping",
+        action="store_true",
+        help="only the exact mode at eps against eps / 10 and eps / 100 (no scalable runs)",
+    )
     ap.add_argument("--tag", default="", help="suffix of the result file name")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
@@ -214,9 +276,13 @@ def main(argv=None):
     if args.sizes:
         sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes]
     candidates = args.candidates or candidates
-    rows = agreement_rows(device, sizes, candidates, tuple(args.data or ("subspaces", "video")))
-    if not args.no_scaling:
-        rows += scaling_rows(device, ns, d_scale, reps)
+    datasets = tuple(args.data or ("subspaces", "video"))
+    if args.early_stopping:
+        rows = stopping_rows(device, sizes, datasets)
+    else:
+        rows = agreement_rows(device, sizes, candidates, datasets)
+        if not args.no_scaling:
+            rows += scaling_rows(device, ns, d_scale, reps)
     meta["loadavg_end"] = list(np.round(np.array(__import__("os").getloadavg()), 2))
     path = write_result("scalable" + (f"_{args.tag}" if args.tag else ""), meta, rows, args.out_dir)
     print(f"wrote {path}")
