@@ -59,8 +59,10 @@ MODELS = [
 def test_iterates_match_float64_reference(strategy, affine, outliers, sparse_e, monkeypatch):
     # odd sizes; corruption makes E non-zero so the outlier path is exercised
     x, _ = union_of_subspaces(13, 3, 23, 3, noise=0.01, corrupt=0.08, seed=1)
+    # each product Y^T E path on its own: the sparse (gather + index_add_) one at any
+    # density, or the dense one
+    monkeypatch.setattr(ssc_module, "_SPARSE_E_ON_CPU", sparse_e)
     if sparse_e:
-        monkeypatch.setattr(ssc_module, "_SPARSE_E_ON_CPU", True)
         monkeypatch.setattr(ssc_module, "_SPARSE_E_DENSITY", 1.0)
     y = x.numpy().T
     ref_iterates = []

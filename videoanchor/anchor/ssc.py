@@ -102,10 +102,11 @@ class ADMMResult:
 # the primal/dual ratio leaves [1/mu, mu], scale rho by sqrt(ratio / xi), at most tau.
 # At most `max_changes` changes, so the penalty is eventually fixed and ADMM's convergence
 # theory applies; each change refactors the A-step system.
-# Below this fraction of non-zeros, Y^T E is a sparse product on CUDA (cuSPARSE). On the
-# CPU it measured no faster than the dense product, so it is off there (tests switch it on).
+# Below this fraction of non-zeros, Y^T E is a sparse product: cuSPARSE on CUDA; on the
+# CPU a gather of the columns of X that E touches, scattered by index_add_ (deterministic;
+# CSR products measured no faster than the dense one there).
 _SPARSE_E_DENSITY = 0.02
-_SPARSE_E_ON_CPU = False
+_SPARSE_E_ON_CPU = True
 
 _ADAPT = {"every": 5, "max_changes": 20, "mu": 3.0, "tau": 10.0, "xi": 1.0}
 
@@ -151,8 +152,9 @@ def admm_bytes(n: int, d: int, itemsize: int, strategy: str) -> int:
     """Peak bytes of :func:`solve_ssc_admm` (working buffers plus the float64 factorisation)."""
     nn = n * n
     if strategy == "dense":
-        # float64 factorisation (M and its inverse), then A, C, Lam, Minv, R in work dtype
-        return max(2 * nn * 8, nn * 8 + nn * itemsize) + 5 * nn * itemsize + 6 * n * d * itemsize
+        # float64 factorisation (M and its inverse), then A, C, Lam, Minv, R in work dtype;
+        # with outliers Minv, B0 and A carry D extra rows (Y Minv, Y B0, Y A)
+        return max(2 * nn * 8, nn * 8 + nn * itemsize) + 5 * nn * itemsize + 9 * n * d * itemsize
     return 4 * nn * itemsize + 3 * nn * 8 + 8 * n * d * 8 + 3 * (d + 1) ** 2 * 8
 
 
@@ -374,11 +376,13 @@ class _Solver:
             del m
             minv = torch.cholesky_inverse(chol).mul_(rho)  # rho M^{-1}
             del chol
-            self.rminv = minv.to(self.work, copy=True)
+            # With outliers, Y A is needed too: stacking [I; Y] on the left of every
+            # operator gives (A, Y A) from one (N + D) x N x N product instead of two.
+            self.rminv = self._stack_y(minv)
             if self.affine:
-                self.ru = minv.sum(dim=1).to(self.work)  # rho M^{-1} 1
+                self.ru = self._stack_y(minv.sum(dim=1, keepdim=True)).squeeze(1)
             minv.neg_().diagonal().add_(1.0)  # B0 = I - rho M^{-1}
-            self.b0 = minv.to(self.work)
+            self.b0 = self._stack_y(minv)
             del minv
         else:
             d = self.d
@@ -395,19 +399,34 @@ class _Solver:
                 raise FloatingPointError("SSC: the A-step system is not positive definite")
             self.kinv = torch.cholesky_inverse(chol)  # float64: see step_a
 
+    def _stack_y(self, t: torch.Tensor) -> torch.Tensor:
+        """``[t; Y t]`` in the working dtype when outliers are modelled, else ``t``."""
+        if not self.outliers:
+            return t.to(self.work, copy=True)  # never an alias: B0 is built from t in place
+        out = torch.empty(self.n + self.d, t.shape[1], dtype=self.work, device=t.device)
+        out[: self.n] = t
+        out[self.n :] = self.x64.T @ t
+        return out
+
     def _left_times_e(self, m: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
         """``m @ E`` (``m`` is ``X`` or ``Y Y^T``); a sparse product when ``E`` is sparse."""
-        if (E.is_cuda or _SPARSE_E_ON_CPU) and int(
-            torch.count_nonzero(E)
-        ) < _SPARSE_E_DENSITY * E.numel():
-            key = id(m)
-            if key not in self._mt:
-                self._mt[key] = m.T.contiguous()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # "sparse CSR is in beta"
-                e_t = E.T.to_sparse_csr()  # N x D
-                return torch.sparse.mm(e_t, self._mt[key]).T
-        return torch.mm(m, E)
+        if not (E.is_cuda or _SPARSE_E_ON_CPU):
+            return torch.mm(m, E)
+        nnz = int(torch.count_nonzero(E))
+        if nnz >= _SPARSE_E_DENSITY * E.numel():
+            return torch.mm(m, E)
+        if not E.is_cuda:
+            # column i of m @ E is sum_d m[:, d] E[d, i] over E's few non-zeros
+            rows, cols = E.nonzero(as_tuple=True)
+            out = torch.zeros(m.shape[0], E.shape[1], dtype=E.dtype, device=E.device)
+            return out.index_add_(1, cols, m[:, rows] * E[rows, cols])
+        key = id(m)
+        if key not in self._mt:
+            self._mt[key] = m.T.contiguous()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR is in beta"
+            e_t = E.T.to_sparse_csr()  # N x D
+            return torch.sparse.mm(e_t, self._mt[key]).T
 
     def step_a(self, C, lam, d1s, E, e_nonzero: bool, want_ya: bool = True):
         """Return ``(A, Y A)``; ``Y A`` only when outliers are modelled and ``want_ya``.
@@ -420,12 +439,14 @@ class _Solver:
         if self.strategy == "dense":
             if e_nonzero:
                 t1.sub_(self._left_times_e(x, E), alpha=lz / rho)
-            a = torch.addmm(self.b0, self.rminv, t1)
+            n = self.n
+            rows = self.rminv.shape[0] if want_ya else n  # with Y A, or A alone
+            a = torch.addmm(self.b0[:rows], self.rminv[:rows], t1)
             del t1
             if self.affine:
-                a.addr_(self.ru, d1s, alpha=-1.0)
-            ya = torch.mm(y, a) if self.outliers and want_ya else None
-            return a, ya
+                a.addr_(self.ru[:rows], d1s, alpha=-1.0)
+            ya = a[n:] if self.outliers and want_ya else None
+            return a[:n], ya
         # Woodbury: M^{-1} = (I - U K^{-1} U^T) / rho with U = [sqrt(lz) X, sqrt(rho) 1].
         # In float64: Y (C - Lam) nearly cancels Y, and float32 left the residual at ~1e-2.
         f64 = torch.float64
