@@ -53,6 +53,22 @@ MODELS = [
 ]
 
 
+@pytest.mark.parametrize("nnz", [0, 1, 17, 40, 200], ids=lambda n: f"nnz{n}")
+def test_sparse_e_product_equals_dense(nnz, monkeypatch):
+    """Y^T E through the CPU gather path (at most one non-zero per column on average) and
+    its dense fallback, against the plain product; duplicate columns included."""
+    monkeypatch.setattr(ssc_module, "_SPARSE_E_DENSITY", 1.0)  # only the per-column cap
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 12, generator=g, dtype=torch.float64)
+    solver = ssc_module._Solver(x, x, 3.0, 300.0, True, True, "dense")
+    e = torch.zeros(12, 40, dtype=torch.float64)
+    flat = torch.randperm(e.numel(), generator=g)[:nnz]
+    e.view(-1)[flat] = torch.randn(nnz, generator=g, dtype=torch.float64)
+    for m in (x, solver.x64.T @ solver.x64):
+        got = solver._left_times_e(m, e)
+        torch.testing.assert_close(got, m @ e, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("sparse_e", [False, True], ids=["dense-E", "sparse-E"])
 @pytest.mark.parametrize("strategy", ["dense", "woodbury"])
 @pytest.mark.parametrize("affine,outliers", MODELS)

@@ -103,8 +103,9 @@ class ADMMResult:
 # At most `max_changes` changes, so the penalty is eventually fixed and ADMM's convergence
 # theory applies; each change refactors the A-step system.
 # Below this fraction of non-zeros, Y^T E is a sparse product: cuSPARSE on CUDA; on the
-# CPU a gather of the columns of X that E touches, scattered by index_add_ (deterministic;
-# CSR products measured no faster than the dense one there).
+# CPU, with at most one non-zero per column on average, a gather of the columns of X that
+# E touches, scattered by index_add_ (deterministic; CSR products measured no faster than
+# the dense one there).
 _SPARSE_E_DENSITY = 0.02
 _SPARSE_E_ON_CPU = True
 
@@ -416,6 +417,9 @@ class _Solver:
         if nnz >= _SPARSE_E_DENSITY * E.numel():
             return torch.mm(m, E)
         if not E.is_cuda:
+            if nnz > E.shape[1]:
+                # the gather below holds m.shape[0] x nnz values: keep it within the output
+                return torch.mm(m, E)
             # column i of m @ E is sum_d m[:, d] E[d, i] over E's few non-zeros
             rows, cols = E.nonzero(as_tuple=True)
             out = torch.zeros(m.shape[0], E.shape[1], dtype=E.dtype, device=E.device)
