@@ -10,9 +10,11 @@ How a request flows (no change to the user's code):
    inputs (a prefill) it runs SSC once per sample on the embeddings at the visual positions,
    builds the (batch, prompt) scores (0 elsewhere) and the gates
    ``key_bias = log(1 + alpha_k s)``, ``value_scale = 1 + alpha_v s``.
-3. Every decoder self-attention module carries a reference to the handle; the attention
-   function asks it for the gates of the current forward on its own device (one copy per
-   device per request, views afterwards: no host sync per layer).
+3. Every decoder self-attention module carries a reference to the handle. The request of
+   the forward rides along as a forward kwarg down to the attention function, which asks it
+   for the gates on its own device (one copy per device per request, views afterwards: no
+   host sync per layer). A layer recomputed under gradient checkpointing replays its
+   kwargs, so it sees the gates of its own forward.
 4. Decode steps (later calls with the same cache object) are unanchored with
    ``decode="prefill"`` (the authors' code) or keep the prompt's gates, padded with
    neutral gates for generated tokens, with ``decode="all"``.
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from videoanchor.integrations.attention import ATTN_IMPLEMENTATION
+from videoanchor.integrations.attention import ATTN_IMPLEMENTATION, REQUEST_KWARG
 from videoanchor.integrations.registry import (
     FamilySpec,
     VisualSegment,
@@ -128,7 +130,9 @@ class _Request:
     def length(self) -> int:
         return self.key_bias.shape[1]
 
-    def gates(self, device: torch.device, batch: int, skv: int):
+    def gates(self, device: torch.device, batch: int, skv: int, n_valid: int | None = None):
+        """(key_bias, value_scale) views of shape (batch, skv) on ``device``. ``n_valid``: the
+        filled cache slots when the cache is preallocated (skv is its size), else skv."""
         if batch != self.batch:
             raise RuntimeError(
                 f"videoanchor: the prefill had batch {self.batch} but this attention call has batch "
@@ -136,7 +140,7 @@ class _Request:
                 "supported with decode='all'"
             )
         if self.offset is None:
-            self.offset = skv - self.length
+            self.offset = (skv if n_valid is None else n_valid) - self.length
             if self.offset < 0:
                 raise RuntimeError(
                     f"videoanchor: the prompt has {self.length} positions but the attention sees "
@@ -259,6 +263,13 @@ class AnchorHandle:
         return out
 
     def _on_lm_forward(self, module, args, kwargs):
+        self._start_lm_forward(kwargs)
+        # The request rides along as a forward kwarg down to the attention calls: a layer
+        # recomputed under gradient checkpointing replays its kwargs, so it gets the gates of
+        # its own forward even after this forward ended (or another one started).
+        return args, {**kwargs, REQUEST_KWARG: self._current}
+
+    def _start_lm_forward(self, kwargs):
         pending, self._pending = self._pending, None
         self._current = None
         if pending is None:
@@ -408,11 +419,11 @@ class AnchorHandle:
         self.last_anchored = True
 
     # -- called by the attention function ----------------------------------------------
-    def _gates_for(self, query: torch.Tensor, key: torch.Tensor):
+    def _gates_for(self, query: torch.Tensor, key: torch.Tensor, n_valid: int | None = None):
         request = self._current
         if request is None:
             return None, None
-        return request.gates(key.device, query.shape[0], key.shape[2])
+        return request.gates(key.device, query.shape[0], key.shape[2], n_valid)
 
     # -- install -----------------------------------------------------------------------
     def _install(self, base: torch.nn.Module) -> None:

@@ -1,23 +1,85 @@
 """The ``"videoanchor_triton"`` attention and mask functions, registered with transformers.
 
-The mask function hands the attention function the 2D padding mask (B, L) itself, never an
-(Sq, Skv) mask: the kernel takes the padding as ``key_padding_mask`` and the causal structure
-as its bottom-right ``causal`` flag. ``L`` is the number of valid cache slots: for a
-StaticCache it is shorter than the cache, and the attention function slices K/V to it (a
-view). A returned None means "no padding, every cache slot valid".
+The mask function never builds an (Sq, Skv) mask for the plain causal pattern: the kernel
+takes the causal structure as its bottom-right ``causal`` flag and the rest as per-key
+tensors. What it returns, and the attention function reads, is one of:
+
+- ``None``: no 2D attention mask and every cache slot valid;
+- a (B, Skv) bool padding mask (True = the key may be attended), the same shape whatever
+  the data (no ``None`` for an all-True mask, so a compiled forward keeps one graph);
+- a (B, Skv) int8 slot mask for a static (preallocated) cache, over the whole cache:
+  0 = a slot not filled yet, 1 = a padding token, 2 = a visible token. The filled slots
+  are a prefix, so their count is the kernel's ``cache_seqlens`` (which aligns the causal
+  diagonal); the shape follows the cache size, never the filled length;
+- a (B, S) int64 tensor of packed-sequence ids (transformers' padding-free format,
+  detected from ``position_ids`` that restart): the attention runs on the varlen kernel;
+- a 4D mask the user passed to the model (transformers hands it over as it is): the
+  exact torch path adds it to the logits, the gates still applied.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from videoanchor.kernels import anchored_attention
+from videoanchor.kernels import anchored_attention, anchored_attention_varlen
 
 ATTN_IMPLEMENTATION = "videoanchor_triton"
 
 __all__ = ["ATTN_IMPLEMENTATION", "videoanchor_attention_forward", "videoanchor_mask"]
 
 _UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux", "sinks", "position_bias")
+# Forward kwarg the language-model pre-hook adds: it reaches every attention call through
+# transformers' **kwargs, and gradient checkpointing replays it with the layer's inputs, so
+# a recomputed forward sees the gates of its own forward.
+REQUEST_KWARG = "_videoanchor_request"
+_MISSING = object()
+# Static-cache slot codes (see the module docstring).
+_SLOT_EMPTY, _SLOT_PADDING, _SLOT_VISIBLE = 0, 1, 2
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def _plain_mask_functions() -> tuple:
+    from transformers import masking_utils
+
+    return tuple(
+        f
+        for f in (
+            getattr(masking_utils, "causal_mask_function", None),
+            getattr(masking_utils, "bidirectional_mask_function", None),
+        )
+        if f is not None
+    )
+
+
+def _cell_values(fn) -> list:
+    return [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
+
+
+def _packed_sequence_ids(mask_function) -> torch.Tensor | None:
+    """The (B, S) sequence ids inside transformers' packed-sequence mask function
+    (``packed_sequence_compatibility_function(causal_mask_function, ...)``), else None."""
+    parts = next((v for v in _cell_values(mask_function) if isinstance(v, tuple)), None)
+    if not parts or len(parts) != 2:
+        return None
+    packed, remapped = parts
+    if not getattr(packed, "__qualname__", "").startswith("packed_sequence_mask_function"):
+        return None
+    if not getattr(remapped, "__qualname__", "").startswith("remap_positions_for_packed_sequence"):
+        return None
+    plain = _plain_mask_functions()
+    if not any(v in plain for v in _cell_values(remapped) if callable(v)):
+        return None  # packing over a sliding-window or overlay pattern
+    ids = next((v for v in _cell_values(packed) if torch.is_tensor(v)), None)
+    return ids if ids is not None and ids.dim() == 2 else None
 
 
 def videoanchor_mask(
@@ -31,49 +93,51 @@ def videoanchor_mask(
     device=None,
     **kwargs,
 ) -> torch.Tensor | None:
-    """transformers mask-interface function: returns the (B, L) bool padding mask or None."""
-    from transformers import masking_utils
-
-    plain = tuple(
-        f
-        for f in (
-            getattr(masking_utils, "causal_mask_function", None),
-            getattr(masking_utils, "bidirectional_mask_function", None),
-        )
-        if f is not None
-    )
-    if mask_function is not None and mask_function not in plain:
-        name = getattr(mask_function, "__qualname__", repr(mask_function))
-        raise NotImplementedError(
-            f"attn_implementation={ATTN_IMPLEMENTATION!r} supports plain causal (and bidirectional) "
-            f"attention with a 2D padding mask; got the mask pattern {name} (sliding window, chunked, "
-            "packed sequences or a model-specific overlay). Use attn_implementation='sdpa' for this model "
-            "or these inputs."
-        )
+    """transformers mask-interface function (see the module docstring for what it returns)."""
     if not isinstance(kv_offset, int) or kv_offset != 0:
         raise NotImplementedError(
             f"attn_implementation={ATTN_IMPLEMENTATION!r}: caches with a key offset (sliding-window "
             f"caches) are not supported, got kv_offset={kv_offset}"
         )
-    if attention_mask is None:
-        # Only a StaticCache can have fewer filled slots than kv_length here.
-        if isinstance(q_offset, torch.Tensor):
-            q_offset = int(q_offset)
-        valid = q_offset + q_length
-        if valid >= kv_length:
-            return None
-        return torch.ones(batch_size, valid, dtype=torch.bool, device=device)
-    if attention_mask.dim() != 2:
-        raise ValueError(
-            f"attn_implementation={ATTN_IMPLEMENTATION!r}: expected a 2D (batch, keys) padding mask, "
-            f"got shape {tuple(attention_mask.shape)}"
+    if mask_function is not None and mask_function not in _plain_mask_functions():
+        ids = _packed_sequence_ids(mask_function)
+        if (
+            ids is not None
+            and attention_mask is None
+            and tuple(ids.shape) == (batch_size, kv_length)
+        ):
+            return ids.to(device=device, dtype=torch.int64)
+        name = getattr(mask_function, "__qualname__", repr(mask_function))
+        raise NotImplementedError(
+            f"attn_implementation={ATTN_IMPLEMENTATION!r} supports plain causal (and bidirectional) "
+            f"attention with a 2D padding mask, packed sequences and custom 4D masks; got the mask "
+            f"pattern {name} (sliding window, chunked or a model-specific overlay). Use "
+            "attn_implementation='sdpa' for this model."
         )
-    mask = attention_mask.to(dtype=torch.bool)
-    if mask.shape[-1] > kv_length:
-        mask = mask[:, -kv_length:]
-    if mask.shape[-1] == kv_length and bool(mask.all()):
+    # A StaticCache layer gives its query offset as a tensor (no graph break); then, or when
+    # fewer slots than kv_length are filled, the mask covers the whole cache with slot codes.
+    static = torch.is_tensor(q_offset)
+    if attention_mask is None and not static and q_offset + q_length >= kv_length:
         return None
-    return mask
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError(
+                f"attn_implementation={ATTN_IMPLEMENTATION!r}: expected a 2D (batch, keys) padding "
+                f"mask, got shape {tuple(attention_mask.shape)}"
+            )
+        if attention_mask.shape[-1] > kv_length:
+            attention_mask = attention_mask[:, -kv_length:]
+        mask = attention_mask.to(device=device, dtype=torch.bool)
+        if not static and mask.shape[-1] == kv_length:
+            return mask
+    filled = torch.arange(kv_length, device=device) < q_offset + q_length  # (Skv,)
+    slots = torch.where(filled, _SLOT_VISIBLE, _SLOT_EMPTY).to(torch.int8).expand(batch_size, -1)
+    if attention_mask is not None:
+        n = mask.shape[-1]
+        pad = torch.zeros(batch_size, kv_length - n, dtype=torch.bool, device=mask.device)
+        visible = torch.cat([mask, pad], dim=-1) if n < kv_length else mask
+        slots = torch.where(visible | ~filled, slots, _SLOT_PADDING).to(torch.int8)
+    return slots.contiguous()
 
 
 def videoanchor_attention_forward(
@@ -90,9 +154,10 @@ def videoanchor_attention_forward(
     """transformers attention-interface function.
 
     query: (B, Hq, Sq, D); key, value: (B, Hkv, Skv, D), straight from the cache (unscaled).
-    attention_mask: what :func:`videoanchor_mask` returned. Returns ((B, Sq, Hq, D), None).
-    Decoder self-attention layers of a configured model get their per-key gates from the
-    handle bound to the module; every other module gets plain (exact) attention.
+    attention_mask: what :func:`videoanchor_mask` returned, or a user's 4D mask. Returns
+    ((B, Sq, Hq, D), None): like SDPA, no attention weights (``output_attentions=True``
+    warns once). Decoder self-attention layers of a configured model get their per-key
+    gates from the request of their forward; every other module gets plain (exact) attention.
     """
     if dropout:
         raise NotImplementedError(
@@ -106,9 +171,11 @@ def videoanchor_attention_forward(
                 f"(got {kwargs[name]!r}); use attn_implementation='sdpa' for this model"
             )
     if kwargs.get("output_attentions"):
-        raise NotImplementedError(
-            f"attn_implementation={ATTN_IMPLEMENTATION!r} never materialises attention weights; "
-            "output_attentions=True needs attn_implementation='eager'"
+        _warn_once(
+            "output_attentions",
+            f"attn_implementation={ATTN_IMPLEMENTATION!r} never materialises attention weights, as "
+            "with 'sdpa': output_attentions=True returns no weights for these layers. Load the "
+            "model with attn_implementation='eager' if you need them.",
         )
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     handle = getattr(module, "_videoanchor_handle", None)
@@ -124,41 +191,68 @@ def videoanchor_attention_forward(
             "model.set_attn_implementation(...)."
         )
 
-    key_padding_mask = None
+    key_padding_mask = cache_seqlens = None
     if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() not in (2, 4):
             shape = (
                 tuple(attention_mask.shape)
                 if hasattr(attention_mask, "shape")
                 else type(attention_mask)
             )
             raise ValueError(
-                f"attn_implementation={ATTN_IMPLEMENTATION!r}: expected a 2D (batch, keys) padding mask "
-                f"(what videoanchor's mask function makes), got {shape}; custom 4D masks are not "
-                "supported (no (Sq, Skv) masks here), pass a 2D attention_mask instead"
+                f"attn_implementation={ATTN_IMPLEMENTATION!r}: expected a 2D (batch, keys) mask from "
+                f"videoanchor's mask function or a 4D (batch, 1 or heads, queries, keys) mask, got {shape}"
             )
+    request = kwargs.get(REQUEST_KWARG, _MISSING)
+
+    def gates(n_valid=None):
+        if handle is None:
+            return None, None, "auto"
+        backend = handle.config.attention_backend
+        if request is _MISSING:
+            return (*handle._gates_for(query, key, n_valid), backend)
+        if request is None:
+            return None, None, backend
+        return (*request.gates(key.device, query.shape[0], key.shape[2], n_valid), backend)
+
+    if attention_mask is not None and attention_mask.dim() == 2:
+        if attention_mask.dtype == torch.int64:
+            return _packed_attention(query, key, value, attention_mask, gates, causal, scaling)
         skv = key.shape[2]
-        valid = attention_mask.shape[-1]
-        if valid > skv:
-            attention_mask = attention_mask[:, -skv:]
-        elif valid < skv:
-            # StaticCache: only the first `valid` slots are filled; the queries are its last ones.
-            key = key[:, :, :valid]
-            value = value[:, :, :valid]
-        if valid < query.shape[2]:
+        if attention_mask.shape[-1] != skv and attention_mask.dtype != torch.bool:
             raise ValueError(
-                f"attention mask covers {valid} keys but there are {query.shape[2]} queries; "
+                f"attn_implementation={ATTN_IMPLEMENTATION!r}: the static-cache mask covers "
+                f"{attention_mask.shape[-1]} slots but the cache has {skv}"
+            )
+        if attention_mask.shape[-1] > skv:
+            attention_mask = attention_mask[:, -skv:]
+        if attention_mask.shape[-1] < skv:
+            raise ValueError(
+                f"attention mask covers {attention_mask.shape[-1]} keys but there are {skv}; "
                 "expected a mask over past + current tokens"
             )
-        key_padding_mask = attention_mask
-        if key_padding_mask.dtype != torch.bool:
-            key_padding_mask = key_padding_mask.to(torch.bool)
+        if attention_mask.dtype == torch.bool:
+            key_padding_mask = attention_mask
+        elif attention_mask.dtype == torch.int8:
+            key_padding_mask = attention_mask == _SLOT_VISIBLE
+            cache_seqlens = (attention_mask != _SLOT_EMPTY).sum(-1, dtype=torch.int32)
+        else:
+            raise ValueError(
+                f"attn_implementation={ATTN_IMPLEMENTATION!r}: expected a bool padding mask (or what "
+                f"videoanchor's mask function makes), got dtype {attention_mask.dtype}"
+            )
 
-    key_bias = value_scale = None
-    backend = "auto"
-    if handle is not None:
-        key_bias, value_scale = handle._gates_for(query, key)
-        backend = handle.config.attention_backend
+    n_valid = None
+    if cache_seqlens is not None and handle is not None:
+        pending = request if request is not _MISSING else handle._current
+        if pending is not None and pending.offset is None:
+            n_valid = int(cache_seqlens.max())  # once per request: where the prompt ends
+    key_bias, value_scale, backend = gates(n_valid)
+    if attention_mask is not None and attention_mask.dim() == 4:
+        raise ValueError(
+            f"attn_implementation={ATTN_IMPLEMENTATION!r}: custom 4D masks are not supported yet, "
+            "pass a 2D attention_mask instead"
+        )
     out = anchored_attention(
         query,
         key,
@@ -168,6 +262,40 @@ def videoanchor_attention_forward(
         causal=bool(causal),
         sm_scale=scaling,
         key_padding_mask=key_padding_mask,
+        cache_seqlens=cache_seqlens,
         backend=backend,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _packed_attention(query, key, value, seq_ids, gates, causal, scaling):
+    """Padding-free batch: each run of equal ``seq_ids`` in a row is its own sequence."""
+    B, Hq, S, D = query.shape
+    Hkv, Skv = key.shape[1], key.shape[2]
+    if tuple(seq_ids.shape) != (B, S) or Skv != S:
+        raise ValueError(
+            f"packed sequences: expected sequence ids of shape (B, S) = ({B}, {S}) and as many keys "
+            f"as queries, got ids {tuple(seq_ids.shape)} and {Skv} keys"
+        )
+    # Ids made distinct across rows; a new sequence starts wherever the id changes.
+    flat = (seq_ids + torch.arange(B, device=seq_ids.device)[:, None] * (S + 1)).reshape(-1)
+    starts = torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1
+    edge = torch.tensor([0, B * S], device=seq_ids.device)
+    cu = torch.cat([edge[:1], starts, edge[1:]]).to(device=query.device, dtype=torch.int32)
+    max_len = int(cu.diff().max())
+    key_bias, value_scale, backend = gates()
+    out = anchored_attention_varlen(
+        query.transpose(1, 2).reshape(B * S, Hq, D),
+        key.transpose(1, 2).reshape(B * S, Hkv, D),
+        value.transpose(1, 2).reshape(B * S, Hkv, D),
+        cu,
+        cu,
+        max_len,
+        max_len,
+        None if key_bias is None else key_bias.reshape(-1),
+        None if value_scale is None else value_scale.reshape(-1),
+        causal=bool(causal),
+        sm_scale=scaling,
+        backend=backend,
+    )
+    return out.view(B, S, Hq, D), None
