@@ -107,3 +107,58 @@ def test_model_outputs_equivalence_with_output_attentions(saved, fresh_warnings)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(**clone_inputs(inputs), output_attentions=True)  # warns once only
+
+
+# ---- padding-free (packed) batches --------------------------------------------------------
+
+
+def _packed(model, samples):
+    """The samples concatenated into one row, with position_ids that restart per sample (and,
+    for the Qwen families, the 3D rope positions of each sample under the text positions)."""
+    ids = torch.cat([s["input_ids"] for s in samples], dim=1)
+    text_pos = torch.cat([torch.arange(s["input_ids"].shape[1]) for s in samples])[None]
+    out = {"input_ids": ids}
+    if model.config.model_type.startswith("qwen"):
+        rope = [
+            model.model.get_rope_index(
+                s["input_ids"],
+                mm_token_type_ids=s["mm_token_type_ids"],
+                video_grid_thw=s["video_grid_thw"],
+            )[0]
+            for s in samples
+        ]
+        out["position_ids"] = torch.cat([text_pos[None], torch.cat(rope, dim=2)], dim=0)
+        out["mm_token_type_ids"] = torch.cat([s["mm_token_type_ids"] for s in samples], dim=1)
+        out["video_grid_thw"] = torch.cat([s["video_grid_thw"] for s in samples])
+    else:
+        out["position_ids"] = text_pos
+    out["pixel_values_videos"] = torch.cat([s["pixel_values_videos"] for s in samples])
+    return out
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_sdpa_padding_matches_padding_free_with_position_ids(saved, family):
+    from videoanchor.integrations.testing import collate
+
+    model = _load(saved[family])
+    handle = videoanchor.configure(model, **SSC)
+    vids = ([4], [2], [2]) if family == "qwen2_5_vl" else ([2], [2, 2], [2])
+    samples = [
+        tiny_sample(model.config, v, text=3 + 2 * i, seed=30 + i) for i, v in enumerate(vids)
+    ]
+    padded = collate(samples, padding_side="right")
+    ref = model(**padded, use_cache=False).logits
+    ref_scores = handle.last_scores.clone()
+    assert handle.last_anchored
+    out = model(**_packed(model, samples), use_cache=False).logits
+    assert len(handle.last_result) == len(samples)  # one SSC problem per packed sequence
+    start = 0
+    for b, s in enumerate(samples):
+        n = s["input_ids"].shape[1]
+        torch.testing.assert_close(out[0, start : start + n], ref[b, :n], atol=2e-5, rtol=1e-4)
+        assert torch.equal(handle.last_scores[0, start : start + n], ref_scores[b, :n])
+        start += n
+    # With a cache, transformers does not treat the row as packed (nor do we: one SSC problem).
+    model(**_packed(model, samples), use_cache=True)
+    assert len(handle.last_result) == 1

@@ -121,6 +121,15 @@ class _Request:
     cache_ref: weakref.ref | None = None
     offset: int | None = None  # cache slot of prompt position 0
     buffers: dict = field(default_factory=dict)  # device -> (key_bias buf, value_scale buf)
+    packed: bool = False  # scored per sequence of a padding-free row
+
+    def check_packed(self, packed: bool) -> None:
+        if packed != self.packed:
+            raise RuntimeError(
+                f"videoanchor: the scores were computed {'per packed sequence' if self.packed else 'per row'}"
+                f" but the attention mask is {'packed' if packed else 'not packed'}; expected both "
+                "decided by the same rule (position_ids that restart, no attention_mask, no cache)"
+            )
 
     @property
     def batch(self) -> int:
@@ -170,9 +179,9 @@ class AnchorHandle:
         family: the registry entry of the model.
         last_scores: (batch, prompt_len) float32 anchor scores of the last prefill, on the
             language model's input device; 0 at text, padding and unscored positions.
-        last_result: list, per sample, of the SSC :class:`~videoanchor.anchor.AnchorResult`
+        last_result: list, per sample (per sequence of a packed row), of the SSC :class:`~videoanchor.anchor.AnchorResult`
             (None for a sample without scored visual tokens).
-        last_visual_positions: list, per sample, of a LongTensor (CPU) with the prompt columns
+        last_visual_positions: list, per sample (per sequence of a packed row), of a LongTensor (CPU) with the prompt columns
             of the scored visual tokens, in prompt order (left padding included in the column).
         last_segments: list, per sample, of :class:`VisualSegment` (kind, start, length, grid,
             order): the images/videos of the sample; ``start`` indexes
@@ -263,13 +272,13 @@ class AnchorHandle:
         return out
 
     def _on_lm_forward(self, module, args, kwargs):
-        self._start_lm_forward(kwargs)
+        self._start_lm_forward(module, kwargs)
         # The request rides along as a forward kwarg down to the attention calls: a layer
         # recomputed under gradient checkpointing replays its kwargs, so it gets the gates of
         # its own forward even after this forward ended (or another one started).
         return args, {**kwargs, REQUEST_KWARG: self._current}
 
-    def _start_lm_forward(self, kwargs):
+    def _start_lm_forward(self, module, kwargs):
         pending, self._pending = self._pending, None
         self._current = None
         if pending is None:
@@ -302,7 +311,8 @@ class AnchorHandle:
             )
             return None
         with torch.no_grad():
-            self._start_request(pending, embeds)
+            packed = _packed_sequence_ids(module, kwargs, embeds.shape[0])
+            self._start_request(pending, embeds, packed)
         return None
 
     def _on_lm_output(self, module, args, kwargs, output):
@@ -336,7 +346,9 @@ class AnchorHandle:
             masks = {k: m & valid for k, m in masks.items()}
         return masks
 
-    def _start_request(self, pending: _Pending, embeds: torch.Tensor) -> None:
+    def _start_request(
+        self, pending: _Pending, embeds: torch.Tensor, packed: torch.Tensor | None = None
+    ) -> None:
         from videoanchor.anchor import compute_anchor_scores
         from videoanchor.kernels import anchor_gates
 
@@ -350,8 +362,17 @@ class AnchorHandle:
         results: list = []
         positions: list[torch.Tensor] = []
         seen: list[tuple[torch.Tensor, object]] = []
-        for b in range(B):
-            cols = torch.nonzero(any_mask[b]).flatten()
+        # SSC runs per sample: per row, or per sequence of a padding-free (packed) row.
+        units = [(b, any_mask[b]) for b in range(B)]
+        if packed is not None:
+            packed = packed.to(any_mask.device)
+            units = [
+                (b, any_mask[b] & (packed[b] == g))
+                for b in range(B)
+                for g in torch.unique(packed[b]).tolist()
+            ]
+        for b, unit in units:
+            cols = torch.nonzero(unit).flatten()
             positions.append(cols.cpu())
             n = cols.numel()
             if n == 0:
@@ -412,7 +433,9 @@ class AnchorHandle:
             return
         key_bias, value_scale = anchor_gates(scores, cfg.alpha_k, cfg.alpha_v)
         anchor_gates(scores, cfg.alpha_q, 0.0)  # validates the (no-op) query gate
-        self._request = _Request(key_bias=key_bias, value_scale=value_scale)
+        self._request = _Request(
+            key_bias=key_bias, value_scale=value_scale, packed=packed is not None
+        )
         if pending.cache is not None:
             self._request.cache_ref = weakref.ref(pending.cache)
         self._current = self._request
@@ -457,6 +480,31 @@ def _given(value) -> bool:
     if isinstance(value, (dict, list, tuple)):
         return len(value) > 0
     return True
+
+
+def _packed_sequence_ids(lm: torch.nn.Module, lm_kwargs: dict, batch: int) -> torch.Tensor | None:
+    """(B, S) ids of the sequences packed in each row (padding-free batches), decided as
+    transformers' mask builder will: position_ids that restart, no 2D mask and no cache (the
+    language model makes one when use_cache resolves to True). Qwen-VL models carry the text
+    positions as row 0 of a (4, B, S) position_ids. The attention function checks that its
+    mask agrees (:meth:`_Request.check_packed`)."""
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    use_cache = lm_kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(lm.config, "use_cache", False)
+    if getattr(lm, "gradient_checkpointing", False) and lm.training:
+        use_cache = False
+    if use_cache or lm_kwargs.get("past_key_values") is not None:
+        return None
+    if lm_kwargs.get("attention_mask") is not None:
+        return None
+    pos = lm_kwargs.get("position_ids")
+    if torch.is_tensor(pos) and pos.dim() == 3 and pos.shape[0] == 4:
+        pos = pos[0]
+    if not torch.is_tensor(pos) or pos.dim() != 2:
+        return None
+    return find_packed_sequence_indices(pos.expand(batch, -1))
 
 
 def _is_decoder_self_attention(m: torch.nn.Module) -> bool:

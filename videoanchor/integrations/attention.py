@@ -205,14 +205,16 @@ def videoanchor_attention_forward(
             )
     request = kwargs.get(REQUEST_KWARG, _MISSING)
 
-    def gates(n_valid=None):
+    def gates(n_valid=None, packed=False):
         if handle is None:
             return None, None, "auto"
         backend = handle.config.attention_backend
+        current = handle._current if request is _MISSING else request
+        if current is None:
+            return None, None, backend
+        current.check_packed(packed)
         if request is _MISSING:
             return (*handle._gates_for(query, key, n_valid), backend)
-        if request is None:
-            return None, None, backend
         return (*request.gates(key.device, query.shape[0], key.shape[2], n_valid), backend)
 
     if attention_mask is not None and attention_mask.dim() == 2:
@@ -283,7 +285,7 @@ def _packed_attention(query, key, value, seq_ids, gates, causal, scaling):
     edge = torch.tensor([0, B * S], device=seq_ids.device)
     cu = torch.cat([edge[:1], starts, edge[1:]]).to(device=query.device, dtype=torch.int32)
     max_len = int(cu.diff().max())
-    key_bias, value_scale, backend = gates()
+    key_bias, value_scale, backend = gates(packed=True)
     out = anchored_attention_varlen(
         query.transpose(1, 2).reshape(B * S, Hq, D),
         key.transpose(1, 2).reshape(B * S, Hkv, D),
