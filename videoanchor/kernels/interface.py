@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 
 import torch
 
@@ -159,6 +160,43 @@ def _validate(q, k, v, key_bias, value_scale, key_padding_mask, backend, cache_s
     )  # fmt: skip
 
 
+def _check_attn_mask(attn_mask, q, k):
+    if attn_mask is None:
+        return
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask: expected a torch.Tensor, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(
+            "attn_mask: expected dtype torch.bool (True = may attend) or a floating dtype "
+            f"(added to the logits), got {attn_mask.dtype}"
+        )
+    B, Hq, Sq, _ = q.shape
+    target = (B, Hq, Sq, k.shape[2])
+    shape = tuple(attn_mask.shape)
+    padded = (1,) * (4 - len(shape)) + shape
+    if len(shape) > 4 or any(n not in (1, t) for n, t in zip(padded, target, strict=True)):
+        want = f"a shape broadcastable to (B, Hq, Sq, Skv) = {target}"
+        raise ValueError(f"attn_mask: expected {want}, got {shape}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"expected all tensors on one device, got q on {q.device}, "
+                         f"attn_mask on {attn_mask.device}")  # fmt: skip
+
+
+_ATTN_MASK_WARNED = False
+
+
+def _warn_attn_mask_fallback():
+    global _ATTN_MASK_WARNED
+    if not _ATTN_MASK_WARNED:
+        _ATTN_MASK_WARNED = True
+        warnings.warn(
+            "anchored_attention: attn_mask is served by the exact PyTorch path (chunked, "
+            "bounded memory), not the fused Triton kernel; pass key_padding_mask / causal / "
+            "cache_seqlens instead when they describe the mask, to keep the fused kernel",
+            stacklevel=3,
+        )
+
+
 def _pick_backend(q, backend):
     if backend == "torch":
         return "torch"
@@ -240,6 +278,7 @@ def anchored_attention(
     backend: str = "auto",
     return_lse: bool = False,
     cache_seqlens: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
 ):
     """Attention with VideoAnchor's per-key gate, fused (no (Sq, Skv) tensor is built).
 
@@ -279,14 +318,27 @@ def anchored_attention(
             its first ``cache_seqlens[b]`` keys (those of the current queries included), and
             the causal diagonal is aligned to that length, as in flash-attention's
             ``flash_attn_with_kvcache``. Values must lie in [0, Skv] (not checked on device).
+        attn_mask: a general mask broadcastable to (B, Hq, Sq, Skv), as in SDPA: bool
+            (True = may attend) or floating (added to the logits after ``key_bias``), on
+            top of ``causal``, ``key_padding_mask`` and ``cache_seqlens``; the gates still
+            apply. It is served by the exact PyTorch path (a one-time warning says so when
+            the Triton kernel would have run). A row with no visible key returns 0; a
+            float mask of large finite negatives (``finfo.min``) is a logit like any other.
 
     Returns:
         ``out`` (B, Hq, Sq, D) in q's dtype, stored as (B, Sq, Hq, D) so that
         ``out.transpose(1, 2)`` is contiguous, or ``(out, lse)`` when ``return_lse``.
     """
     _validate(q, k, v, key_bias, value_scale, key_padding_mask, backend, cache_seqlens)
+    _check_attn_mask(attn_mask, q, k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    if _pick_backend(q, backend) == "triton":
+    if attn_mask is not None:
+        if backend == "triton" or (backend == "auto" and q.is_cuda):
+            _warn_attn_mask_fallback()
+        use_triton = False
+    else:
+        use_triton = _pick_backend(q, backend) == "triton"
+    if use_triton:
         out, lse = _anchored_attention_fwd(
             q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, causal, scale,
             return_lse,
@@ -294,7 +346,7 @@ def anchored_attention(
     else:
         out, lse = anchored_attention_torch(
             q, k, v, key_bias, value_scale, causal=causal, sm_scale=scale,
-            key_padding_mask=key_padding_mask, cache_seqlens=cache_seqlens,
+            key_padding_mask=key_padding_mask, cache_seqlens=cache_seqlens, attn_mask=attn_mask,
         )  # fmt: skip
     return (out, lse) if return_lse else out
 

@@ -22,12 +22,16 @@ def anchored_attention_reference(
     key_padding_mask: torch.Tensor | None = None,
     cache_seqlens: torch.Tensor | None = None,
     return_lse: bool = False,
+    attn_mask: torch.Tensor | None = None,
 ):
     """``softmax(q k^T * sm_scale + key_bias[j] + mask) @ (value_scale[j] * v)`` in float64.
 
     Shapes as in :func:`videoanchor.anchored_attention`; ``cache_seqlens`` (B,) limits
     sample b to its first ``cache_seqlens[b]`` keys and aligns the causal
-    diagonal to it. Rows with no visible key (or ``Skv = 0``) give zeros (and an lse of ``-inf``). Returns float64 ``out`` of shape (B, Hq, Sq, D), and
+    diagonal to it. ``attn_mask`` (broadcastable to (B, Hq, Sq, Skv)) is added to the
+    logits (float) or hides keys where False (bool). Rows with no visible key (or
+    ``Skv = 0``) give zeros (and an lse of ``-inf``). Differentiable (plain autograd).
+    Returns float64 ``out`` of shape (B, Hq, Sq, D), and
     ``lse`` of shape (B, Hq, Sq) (natural log) when ``return_lse``.
     """
     B, Hq, Sq, D = q.shape
@@ -45,6 +49,8 @@ def anchored_attention_reference(
     logits = torch.einsum("bhid,bhjd->bhij", q64, k64) * scale
     if key_bias is not None:
         logits = logits + key_bias.double()[:, None, None, :]
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        logits = logits + attn_mask.double()
     visible = torch.ones(B, 1, Sq, Skv, dtype=torch.bool, device=q.device)
     i = torch.arange(Sq, device=q.device)[:, None]
     j = torch.arange(Skv, device=q.device)[None, :]
@@ -58,6 +64,8 @@ def anchored_attention_reference(
         visible = visible & (j <= i + n_valid - Sq)
     if key_padding_mask is not None:
         visible = visible & key_padding_mask[:, None, None, :].bool()
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        visible = visible & attn_mask
     logits = logits.masked_fill(~visible, float("-inf"))
 
     row_max = logits.amax(dim=-1, keepdim=True)

@@ -1,8 +1,12 @@
-"""Exact pure-PyTorch anchored attention with bounded memory.
+"""Exact pure-PyTorch anchored attention with bounded memory, differentiable.
 
 Same semantics as the Triton kernel. Queries are processed in chunks so that the
 (chunk, Skv) logits never exceed a fixed budget: a 32k prompt never materialises its full
 (B, H, Sq, Skv) logits. Computation is in float32 (float64 inputs stay float64).
+
+When an input requires grad, a custom autograd function runs the same chunked forward
+and, in backward, recomputes each chunk's probabilities (FlashAttention style): nothing of
+size (Sq, Skv) is saved for backward either, and backward stays within a few chunk budgets.
 """
 
 from __future__ import annotations
@@ -11,6 +15,236 @@ import torch
 
 # Bytes allowed for one chunk's logits (turned into probabilities in place).
 _CHUNK_BUDGET_BYTES = 64 * 1024 * 1024
+
+
+class _Prepared:
+    """Shared forward/backward state: upcast K^T, scaled and masked V, broadcast masks."""
+
+    def __init__(
+        self, q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, attn_mask,
+        causal, sm_scale, chunk_budget_bytes,
+    ):  # fmt: skip
+        B, Hq, Sq, D = q.shape
+        Hkv, Skv = k.shape[1], k.shape[2]
+        self.B, self.Hq, self.Sq, self.D, self.Hkv, self.Skv = B, Hq, Sq, D, Hkv, Skv
+        self.group = Hq // Hkv
+        self.acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        self.device = q.device
+        self.causal, self.sm_scale = causal, sm_scale
+        acc = self.acc
+        # K^T [B, Hkv, D, Skv] and scaled V [B, Hkv, Skv, D]; the query heads of a group
+        # are stacked along the rows, so K and V are never repeated per query head.
+        self.k = k.to(acc)
+        self.k_t = self.k.transpose(-1, -2)
+        v_s = v.to(acc)
+        if value_scale is not None:
+            v_s = v_s * value_scale.to(acc)[:, None, :, None]
+        self.bias = None if key_bias is None else key_bias.to(acc)[:, None, None, None, :]
+        self.pad = None if key_padding_mask is None else key_padding_mask[:, None, None, None, :]
+        # Per-sample valid key count (B, 1, 1, 1, 1); the causal diagonal follows it.
+        self.n_valid = None if cache_seqlens is None else cache_seqlens.view(B, 1, 1, 1, 1)
+        # Hidden keys (padding, slots past a sample's cache length) must not reach the
+        # output whatever their values hold (0 * NaN would).
+        readable = key_padding_mask
+        if cache_seqlens is not None:
+            in_cache = torch.arange(Skv, device=q.device)[None, :] < cache_seqlens[:, None]
+            readable = in_cache if readable is None else readable & in_cache
+        self.readable = readable
+        if readable is not None:
+            v_s = torch.where(readable[:, None, :, None], v_s, 0)
+        self.v_s = v_s
+        # attn_mask as a (B, Hkv, G, Sq, Skv) view (broadcast dims have stride 0).
+        self.mask_bool = self.mask_add = None
+        if attn_mask is not None:
+            m = attn_mask.expand(B, Hq, Sq, Skv).unflatten(1, (Hkv, self.group))
+            if attn_mask.dtype == torch.bool:
+                self.mask_bool = m
+            else:
+                self.mask_add = m
+        bytes_per_row = max(1, B * Hq * Skv * torch.finfo(acc).bits // 8)
+        chunk = max(1, min(Sq, chunk_budget_bytes // bytes_per_row))
+        if causal:
+            # Smaller chunks let each one stop at its causal horizon (about half the work).
+            chunk = min(chunk, max(64, -(-Sq // 8)))
+        self.chunk = chunk
+
+    def chunks(self):
+        """Yields ``(i0, i1, n_kv)``: query rows [i0, i1) see at most keys [0, n_kv)."""
+        Sq, Skv = self.Sq, self.Skv
+        for i0 in range(0, Sq, self.chunk):
+            i1 = min(Sq, i0 + self.chunk)
+            # Keys past the last row's causal horizon are invisible to the whole chunk.
+            exact = self.causal and self.n_valid is None
+            yield i0, i1, (max(0, min(Skv, i1 + Skv - Sq)) if exact else Skv)
+
+    def probs(self, q_g, i0, i1, n_kv):
+        """Chunk queries (B, Hkv, rows, D) and unnormalised probabilities
+        (B, Hkv, G, rows, n_kv) with their row max and row sum."""
+        B, Hkv, group, D = self.B, self.Hkv, self.group, self.D
+        rows_c = group * (i1 - i0)
+        q_c = q_g[:, :, :, i0:i1].to(self.acc).reshape(B, Hkv, rows_c, D)
+        logits = torch.matmul(q_c, self.k_t[..., :n_kv]).view(B, Hkv, group, i1 - i0, n_kv)
+        logits.mul_(self.sm_scale)
+        if self.bias is not None:
+            logits.add_(self.bias[..., :n_kv])
+        if self.mask_add is not None:
+            logits.add_(self.mask_add[:, :, :, i0:i1, :n_kv])
+        hidden = None
+        cols = torch.arange(n_kv, device=self.device)
+        if self.n_valid is not None:
+            hidden = cols >= self.n_valid
+        if self.causal:
+            rows = torch.arange(i0, i1, device=self.device)[:, None]
+            diag = (self.Skv - self.Sq) if self.n_valid is None else (self.n_valid - self.Sq)
+            after = cols[None, :] > rows + diag
+            hidden = after if hidden is None else hidden | after
+        if self.pad is not None:
+            pad = ~self.pad[..., :n_kv]
+            hidden = pad if hidden is None else hidden | pad
+        if self.mask_bool is not None:
+            blocked = ~self.mask_bool[:, :, :, i0:i1, :n_kv]
+            hidden = blocked if hidden is None else hidden | blocked
+        if hidden is not None:
+            logits.masked_fill_(hidden, float("-inf"))
+        row_max = logits.amax(dim=-1, keepdim=True)
+        # A row with no visible key keeps -inf logits: subtract 0, never -inf - -inf.
+        row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
+        probs = logits.sub_(row_max).exp_()
+        return q_c, probs, row_max, probs.sum(dim=-1, keepdim=True)
+
+
+def _forward(prep: _Prepared, q: torch.Tensor, out_dtype: torch.dtype):
+    B, Hq, Sq, D, Hkv, group = prep.B, prep.Hq, prep.Sq, prep.D, prep.Hkv, prep.group
+    out = torch.empty(B, Sq, Hq, D, dtype=out_dtype, device=prep.device).transpose(1, 2)
+    lse = torch.empty(B, Hq, Sq, dtype=prep.acc, device=prep.device)
+    if Sq == 0:
+        return out, lse
+    if prep.Skv == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    q_g = q.unflatten(1, (Hkv, group))  # [B, Hkv, G, Sq, D], a view
+    out_g = out.unflatten(1, (Hkv, group))
+    lse_g = lse.unflatten(1, (Hkv, group))
+    for i0, i1, n_kv in prep.chunks():
+        if n_kv == 0:
+            out_g[:, :, :, i0:i1] = 0
+            lse_g[:, :, :, i0:i1] = float("-inf")
+            continue
+        _, probs, row_max, denom = prep.probs(q_g, i0, i1, n_kv)
+        rows_c = group * (i1 - i0)
+        o = torch.matmul(probs.view(B, Hkv, rows_c, n_kv), prep.v_s[:, :, :n_kv])
+        o = o.view(B, Hkv, group, i1 - i0, D) / torch.where(denom > 0, denom, 1.0)
+        out_g[:, :, :, i0:i1] = o.to(out_dtype)
+        lse_g[:, :, :, i0:i1] = (row_max + torch.log(denom)).squeeze(-1)
+    return out, lse
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _sum_to(g: torch.Tensor, shape) -> torch.Tensor:
+    """Sums ``g`` over the dims where ``shape`` broadcasts (size 1), keeping them."""
+    dims = [d for d, n in enumerate(shape) if n == 1 and g.shape[d] != 1]
+    return g.sum(dim=dims, keepdim=True) if dims else g
+
+
+class _AnchoredAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, attn_mask,
+        causal, sm_scale, chunk_budget_bytes,
+    ):  # fmt: skip
+        prep = _Prepared(
+            q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, attn_mask,
+            causal, sm_scale, chunk_budget_bytes,
+        )  # fmt: skip
+        out, lse = _forward(prep, q, q.dtype)
+        ctx.save_for_backward(q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens,
+                              attn_mask)  # fmt: skip
+        ctx.args = (causal, sm_scale, chunk_budget_bytes)
+        ctx.set_materialize_grads(False)
+        return out, lse.to(_lse_dtype(q))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, attn_mask = (
+            ctx.saved_tensors
+        )
+        causal, sm_scale, budget = ctx.args
+        need = ctx.needs_input_grad
+        grads = [None] * 11
+        if grad_out is None and grad_lse is None:
+            return tuple(grads)
+        # The backward holds about four chunk-sized tensors: halve the chunk.
+        prep = _Prepared(
+            q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, attn_mask,
+            causal, sm_scale, max(1, budget // 2),
+        )  # fmt: skip
+        B, Hq, Sq, D = q.shape
+        Hkv, Skv, group = prep.Hkv, prep.Skv, prep.group
+        acc = prep.acc
+        dq = torch.zeros(B, Hkv, group, Sq, D, dtype=acc, device=q.device)
+        dk = torch.zeros(B, Hkv, Skv, D, dtype=acc, device=q.device)
+        dv_s = torch.zeros(B, Hkv, Skv, D, dtype=acc, device=q.device)
+        dbias = torch.zeros(B, Skv, dtype=acc, device=q.device)
+        mask_grad = attn_mask is not None and need[7]
+        if mask_grad:
+            m4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+            dmask = torch.zeros(m4.shape, dtype=acc, device=q.device)
+        q_g = q.unflatten(1, (Hkv, group))
+        go_g = None if grad_out is None else grad_out.unflatten(1, (Hkv, group))
+        gl_g = None if grad_lse is None else grad_lse.unflatten(1, (Hkv, group))
+        for i0, i1, n_kv in prep.chunks():
+            if n_kv == 0 or Skv == 0:
+                continue
+            c, rows_c = i1 - i0, group * (i1 - i0)
+            q_c, probs, _, denom = prep.probs(q_g, i0, i1, n_kv)
+            p = probs.div_(torch.where(denom > 0, denom, 1.0))  # [B, Hkv, G, c, n]
+            p_r = p.view(B, Hkv, rows_c, n_kv)
+            if go_g is not None:
+                go_c = go_g[:, :, :, i0:i1].to(acc).reshape(B, Hkv, rows_c, D)
+                dp = torch.matmul(go_c, prep.v_s[:, :, :n_kv].transpose(-1, -2))
+                dp = dp.view(B, Hkv, group, c, n_kv)
+                dv_s[:, :, :n_kv] += torch.matmul(p_r.transpose(-1, -2), go_c)
+                # delta_i = sum_j p_ij dp_ij (= dO_i . O_i, here exact)
+                delta = (p * dp).sum(dim=-1, keepdim=True)
+            else:
+                dp = torch.zeros_like(p)
+                delta = torch.zeros_like(denom)
+            if gl_g is not None:
+                # d lse_i / d logit_ij = p_ij
+                delta = delta - gl_g[:, :, :, i0:i1, None].to(acc)
+            ds = dp.sub_(delta).mul_(p)  # d loss / d logit, [B, Hkv, G, c, n]
+            ds_r = ds.view(B, Hkv, rows_c, n_kv)
+            dq[:, :, :, i0:i1] = (torch.matmul(ds_r, prep.k[:, :, :n_kv]) * sm_scale).view(
+                B, Hkv, group, c, D
+            )
+            dk[:, :, :n_kv] += torch.matmul(ds_r.transpose(-1, -2), q_c) * sm_scale
+            if key_bias is not None and need[3]:
+                dbias[:, :n_kv] += ds.sum(dim=(1, 2, 3))
+            if mask_grad:
+                g = _sum_to(ds.reshape(B, Hq, c, n_kv), m4.shape)
+                rows = slice(i0, i1) if m4.shape[2] != 1 else slice(None)
+                cols = slice(0, n_kv) if m4.shape[3] != 1 else slice(None)
+                dmask[:, :, rows, cols] += g
+        if need[0]:
+            grads[0] = dq.view(B, Hq, Sq, D).to(q.dtype)
+        if need[1]:
+            grads[1] = dk.to(k.dtype)
+        if need[2] or (value_scale is not None and need[4]):
+            if prep.readable is not None:
+                dv_s = torch.where(prep.readable[:, None, :, None], dv_s, 0)
+            if need[2]:
+                dv = dv_s if value_scale is None else dv_s * value_scale.to(acc)[:, None, :, None]
+                grads[2] = dv.to(v.dtype)
+            if value_scale is not None and need[4]:
+                grads[4] = (dv_s * v.to(acc)).sum(dim=(1, 3)).to(value_scale.dtype)
+        if key_bias is not None and need[3]:
+            grads[3] = dbias.to(key_bias.dtype)
+        if mask_grad:
+            grads[7] = dmask.view(attn_mask.shape).to(attn_mask.dtype)
+        return tuple(grads)
 
 
 def anchored_attention_torch(
@@ -24,85 +258,26 @@ def anchored_attention_torch(
     sm_scale: float,
     key_padding_mask: torch.Tensor | None,
     cache_seqlens: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
     chunk_budget_bytes: int = _CHUNK_BUDGET_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(out, lse)``: out (B, Hq, Sq, D) in q's dtype, lse (B, Hq, Sq) float32.
+    """Returns ``(out, lse)``: out (B, Hq, Sq, D) in q's dtype, lse (B, Hq, Sq) float32
+    (float64 for float64 inputs).
 
-    Inputs are assumed validated by :func:`videoanchor.anchored_attention`.
+    ``attn_mask`` (broadcastable to (B, Hq, Sq, Skv)) is added to the logits after the
+    key bias (float) or hides the keys where it is False (bool), on top of the other masks.
+    Differentiable in q, k, v, key_bias, value_scale and a floating attn_mask (and through
+    both outputs). Inputs are assumed validated by :func:`videoanchor.anchored_attention`.
     """
-    B, Hq, Sq, D = q.shape
-    Hkv, Skv = k.shape[1], k.shape[2]
-    group = Hq // Hkv
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    device = q.device
-
-    out = torch.empty(B, Sq, Hq, D, dtype=q.dtype, device=device).transpose(1, 2)
-    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=device)
-    if Sq == 0:
-        return out, lse
-    if Skv == 0:
-        return out.zero_(), lse.fill_(float("-inf"))
-
-    # K^T [B, Hkv, D, Skv] and scaled V [B, Hkv, Skv, D]; the query heads of a group are
-    # stacked along the rows, so K and V are never repeated per query head.
-    k_t = k.to(acc_dtype).transpose(-1, -2)
-    v_s = v.to(acc_dtype)
-    if value_scale is not None:
-        v_s = v_s * value_scale.to(acc_dtype)[:, None, :, None]
-    bias = None if key_bias is None else key_bias.to(acc_dtype)[:, None, None, None, :]
-    pad = None if key_padding_mask is None else key_padding_mask[:, None, None, None, :]
-    # Per-sample valid key count (B, 1, 1, 1, 1); the causal diagonal follows it.
-    n_valid = None if cache_seqlens is None else cache_seqlens.view(B, 1, 1, 1, 1)
-    # Hidden keys (padding, slots past a sample's cache length) must not reach the output
-    # whatever their values hold (0 * NaN would).
-    readable = key_padding_mask
-    if n_valid is not None:
-        in_cache = torch.arange(Skv, device=device)[None, :] < cache_seqlens[:, None]
-        readable = in_cache if readable is None else readable & in_cache
-    if readable is not None:
-        v_s = torch.where(readable[:, None, :, None], v_s, 0)
-
-    q_g = q.unflatten(1, (Hkv, group))  # [B, Hkv, G, Sq, D], a view
-    out_g = out.unflatten(1, (Hkv, group))
-    lse_g = lse.unflatten(1, (Hkv, group))
-    bytes_per_row = max(1, B * Hq * Skv * torch.finfo(acc_dtype).bits // 8)
-    chunk = max(1, min(Sq, chunk_budget_bytes // bytes_per_row))
-    if causal:
-        # Smaller chunks let each one stop at its causal horizon (about half the work).
-        chunk = min(chunk, max(64, -(-Sq // 8)))
-    for i0 in range(0, Sq, chunk):
-        i1 = min(Sq, i0 + chunk)
-        # Keys past the last row's causal horizon are invisible to the whole chunk.
-        n_kv = max(0, min(Skv, i1 + Skv - Sq)) if causal and n_valid is None else Skv
-        if n_kv == 0:
-            out_g[:, :, :, i0:i1] = 0
-            lse_g[:, :, :, i0:i1] = float("-inf")
-            continue
-        rows_c = group * (i1 - i0)
-        q_c = q_g[:, :, :, i0:i1].to(acc_dtype).reshape(B, Hkv, rows_c, D)
-        logits = torch.matmul(q_c, k_t[..., :n_kv]).view(B, Hkv, group, i1 - i0, n_kv)
-        logits.mul_(sm_scale)
-        if bias is not None:
-            logits.add_(bias[..., :n_kv])
-        hidden = None
-        cols = torch.arange(n_kv, device=device)
-        if n_valid is not None:
-            hidden = cols >= n_valid
-        if causal:
-            rows = torch.arange(i0, i1, device=device)[:, None]
-            diag = (Skv - Sq) if n_valid is None else (n_valid - Sq)
-            after = cols[None, :] > rows + diag
-            hidden = after if hidden is None else hidden | after
-        if pad is not None:
-            hidden = ~pad[..., :n_kv] if hidden is None else hidden | ~pad[..., :n_kv]
-        if hidden is not None:
-            logits.masked_fill_(hidden, float("-inf"))
-        row_max = logits.amax(dim=-1, keepdim=True)
-        row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
-        probs = logits.sub_(row_max).exp_()
-        denom = probs.sum(dim=-1, keepdim=True)
-        o = torch.matmul(probs.view(B, Hkv, rows_c, n_kv), v_s[:, :, :n_kv])
-        o = o.view(B, Hkv, group, i1 - i0, D) / torch.where(denom > 0, denom, 1.0)
-        out_g[:, :, :, i0:i1] = o.to(q.dtype)
-        lse_g[:, :, :, i0:i1] = (row_max + torch.log(denom)).squeeze(-1).to(torch.float32)
-    return out, lse
+    tensors = (q, k, v, key_bias, value_scale, attn_mask)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _AnchoredAttentionFn.apply(
+            q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, attn_mask,
+            causal, sm_scale, chunk_budget_bytes,
+        )  # fmt: skip
+    prep = _Prepared(
+        q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, attn_mask,
+        causal, sm_scale, chunk_budget_bytes,
+    )  # fmt: skip
+    out, lse = _forward(prep, q, q.dtype)
+    return out, lse.to(_lse_dtype(q))

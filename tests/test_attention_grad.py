@@ -1,0 +1,282 @@
+"""Differentiable torch path and the general attn_mask: gradcheck in float64, gradients
+against autograd of the float64 reference (2x-PyTorch-error rule in fp32/fp16), and
+SDPA-style bool/additive masks with the gates still applied."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+import videoanchor
+from videoanchor.kernels import interface
+from videoanchor.kernels.reference import anchored_attention_reference
+from videoanchor.kernels.torch_attention import anchored_attention_torch
+
+GRAD_FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+def make(B, Hq, Hkv, Sq, Skv, D, dtype, *, seed=0, grad=True):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Sq, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, Skv, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, Skv, D, generator=g).to(dtype)
+    s = torch.rand(B, Skv, generator=g)
+    kb = torch.log1p(9.5 * s).to(dtype if dtype == torch.float64 else torch.float32)
+    vs = (1 + 2.5 * s).to(kb.dtype)
+    return [t.requires_grad_(grad) for t in (q, k, v, kb, vs)]
+
+
+# (B, Hq, Hkv, Sq, Skv, D), keyword arguments; no case has a row without keys so that
+# lse (an output too) stays finite for gradcheck's finite differences.
+GRADCHECK_CASES = {
+    "gqa-causal-Sq5-Skv7": ((2, 4, 2, 5, 7, 3), dict(causal=True)),
+    "mha-full-Sq6-Skv3": ((1, 2, 2, 6, 3, 5), dict(causal=False)),
+    "mqa-causal-square": ((1, 3, 1, 4, 4, 2), dict(causal=True)),
+    "padding-full": ((2, 2, 1, 3, 5, 3), dict(causal=False, pad=True)),
+    "cache-seqlens": ((2, 2, 1, 3, 6, 3), dict(causal=True, cache_seqlens=[6, 4])),
+    "float-mask": ((2, 4, 2, 3, 5, 3), dict(causal=True, attn_mask="float")),
+    "bool-mask": ((2, 2, 1, 4, 5, 3), dict(causal=False, attn_mask="bool")),
+}
+
+
+def case_kwargs(shape, opts, dtype=torch.float64, seed=1):
+    B, Hq, Hkv, Sq, Skv, D = shape
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(causal=opts["causal"], key_padding_mask=None)
+    if opts.get("pad"):
+        pad = torch.rand(B, Skv, generator=g) > 0.4
+        pad[:, 0] = True  # every row keeps a key
+        kw["key_padding_mask"] = pad
+    if "cache_seqlens" in opts:
+        kw["cache_seqlens"] = torch.tensor(opts["cache_seqlens"], dtype=torch.int32)
+    if opts.get("attn_mask") == "float":
+        # (B, 1, Sq, Skv): broadcast over heads; a gradient flows into it.
+        kw["attn_mask"] = torch.randn(B, 1, Sq, Skv, generator=g, dtype=dtype).requires_grad_()
+    elif opts.get("attn_mask") == "bool":
+        m = torch.rand(Hq, Sq, Skv, generator=g) > 0.4
+        m[..., 0] = True
+        kw["attn_mask"] = m
+    return kw
+
+
+@pytest.mark.parametrize("case", list(GRADCHECK_CASES))
+def test_torch_path_gradcheck(case):
+    shape, opts = GRADCHECK_CASES[case]
+    inputs = make(*shape, torch.float64)
+    kw = case_kwargs(shape, opts)
+    mask = kw.pop("attn_mask", None)
+    extra = (mask,) if mask is not None and mask.requires_grad else ()
+
+    def fn(q, k, v, kb, vs, *m):
+        return anchored_attention_torch(
+            q, k, v, kb, vs, sm_scale=0.4, chunk_budget_bytes=1,
+            attn_mask=m[0] if m else mask, **kw,
+        )  # fmt: skip
+
+    # fast_mode compares u^T J v for random u, v: any wrong Jacobian entry shows.
+    assert torch.autograd.gradcheck(fn, (*inputs, *extra), fast_mode=True)
+
+
+def reference_grads(inputs, go, kw, dtype=torch.float64):
+    """Gradients of sum(out * go) through autograd of the float64 reference."""
+    leaves = [t.detach().double().requires_grad_() for t in inputs]
+    out = anchored_attention_reference(*leaves, **kw)
+    return torch.autograd.grad(out, leaves, go.double())
+
+
+def native_grads(inputs, go, kw, dtype):
+    """Gradients of eager PyTorch attention computed in the input dtype (the baseline)."""
+    q, k, v, kb, vs = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    kk = k.repeat_interleave(Hq // Hkv, 1)
+    vv = v.repeat_interleave(Hq // Hkv, 1) * vs[:, None, :, None]
+    logits = (q @ kk.transpose(-1, -2)) / math.sqrt(D) + kb[:, None, None, :]
+    hidden = torch.zeros(B, 1, Sq, Skv, dtype=torch.bool)
+    if kw.get("causal"):
+        hidden |= torch.ones(Sq, Skv, dtype=torch.bool).triu(Skv - Sq + 1)
+    if kw.get("key_padding_mask") is not None:
+        hidden |= ~kw["key_padding_mask"][:, None, None, :]
+    p = torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1)
+    out = p @ vv
+    return torch.autograd.grad(out, (q, k, v, kb, vs), go.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_torch_path_grads_within_twice_pytorch_error(dtype, causal):
+    """B2 Hq6 Hkv2 Sq13 Skv17 D24, padding, strong gates: each gradient's max error vs
+    the float64 reference is at most 2x that of eager PyTorch attention in the same dtype."""
+    inputs = make(2, 6, 2, 13, 17, 24, dtype)
+    pad = torch.ones(2, 17, dtype=torch.bool)
+    pad[1, :4] = False
+    kw = dict(causal=causal, key_padding_mask=pad)
+    go = torch.randn(2, 6, 13, 24, generator=torch.Generator().manual_seed(3))
+    ref = reference_grads(inputs, go, kw)
+    base = native_grads(inputs, go, kw, dtype)
+    out = videoanchor.anchored_attention(*inputs, backend="torch", **kw)
+    got = torch.autograd.grad(out, inputs, go.to(dtype))
+    names = ("q", "k", "v", "key_bias", "value_scale")
+    for name, inp, g, r, b in zip(names, inputs, got, ref, base, strict=True):
+        assert g.dtype == inp.dtype, name
+        assert torch.isfinite(g).all(), name
+        err = (g.double() - r).abs().max().item()
+        base_err = (b.double() - r).abs().max().item()
+        tol = max(2 * base_err, GRAD_FLOOR[dtype] * max(1.0, r.abs().max().item()))
+        assert err <= tol, f"d{name}: error {err:.3g} > tol {tol:.3g} (eager {base_err:.3g})"
+
+
+def test_grads_with_empty_rows_are_finite_and_exact():
+    """Causal Sq > Skv and a fully padded sample: rows with no key return 0 and pass no
+    gradient; everything matches the float64 reference's autograd, with no NaN."""
+    inputs = make(2, 2, 1, 7, 4, 8, torch.float64)
+    pad = torch.ones(2, 4, dtype=torch.bool)
+    pad[1] = False
+    kw = dict(causal=True, key_padding_mask=pad)
+    go = torch.randn(2, 2, 7, 8, dtype=torch.float64)
+    out, lse = videoanchor.anchored_attention(*[t.float() for t in inputs], backend="torch",
+                                               return_lse=True, **kw)  # fmt: skip
+    assert torch.isneginf(lse[1]).all() and torch.isneginf(lse[0, :, :3]).all()
+    out = anchored_attention_torch(*inputs, sm_scale=1 / math.sqrt(8), chunk_budget_bytes=1,
+                                   **kw)[0]  # fmt: skip
+    got = torch.autograd.grad(out, inputs, go)
+    for g, r in zip(got, reference_grads(inputs, go, kw), strict=True):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-10)
+    assert torch.equal(got[0][1], torch.zeros_like(got[0][1]))
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["nonreentrant", "reentrant"])
+def test_backward_under_checkpoint_matches_plain(use_reentrant):
+    """The bug of issue 13: in-place logits gave 'modified by an inplace operation' or,
+    under checkpointing, NaN gradients. Both must give the same finite gradients."""
+    inputs = make(1, 4, 2, 9, 9, 16, torch.float32)
+    proj = torch.nn.Linear(16, 16)
+
+    def layer(q, k, v, kb, vs):
+        out = videoanchor.anchored_attention(proj(q), k, v, kb, vs, backend="torch")
+        return out.square().sum()
+
+    leaves = [*inputs, proj.weight]
+
+    def grads(loss):
+        for t in leaves:
+            t.grad = None
+        loss.backward()  # reentrant checkpointing does not support autograd.grad
+        return [t.grad.clone() for t in leaves]
+
+    plain = grads(layer(*inputs))
+    ckpt = grads(checkpoint(layer, *inputs, use_reentrant=use_reentrant))
+    for a, b in zip(plain, ckpt, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_no_grad_path_unchanged():
+    """Without grad the fast in-place path runs and agrees with the autograd path."""
+    inputs = make(2, 4, 2, 11, 13, 16, torch.float32)
+    with_grad = videoanchor.anchored_attention(*inputs, backend="torch")
+    assert with_grad.grad_fn is not None
+    with torch.no_grad():
+        without = videoanchor.anchored_attention(*inputs, backend="torch")
+    assert without.grad_fn is None
+    assert torch.equal(with_grad.detach(), without)
+    assert with_grad.transpose(1, 2).is_contiguous()
+
+
+# ---- attn_mask ----------------------------------------------------------------------
+
+
+MASK_SHAPES = {
+    "B1SqSkv": lambda B, H, Sq, Skv: (B, 1, Sq, Skv),
+    "BHSqSkv": lambda B, H, Sq, Skv: (B, H, Sq, Skv),
+    "SqSkv": lambda B, H, Sq, Skv: (Sq, Skv),
+    "B11Skv": lambda B, H, Sq, Skv: (B, 1, 1, Skv),
+    "HSq1": lambda B, H, Sq, Skv: (H, Sq, 1),
+}
+
+
+@pytest.mark.parametrize("kind", ["bool", "float", "float-inf"])
+@pytest.mark.parametrize("mshape", list(MASK_SHAPES))
+def test_attn_mask_matches_reference(mshape, kind):
+    B, Hq, Hkv, Sq, Skv, D = 2, 4, 2, 7, 11, 16
+    q, k, v, kb, vs = make(B, Hq, Hkv, Sq, Skv, D, torch.float32, grad=False)
+    g = torch.Generator().manual_seed(5)
+    shape = MASK_SHAPES[mshape](B, Hq, Sq, Skv)
+    keep = torch.rand(shape, generator=g) > 0.35
+    if kind == "bool":
+        mask = keep
+    elif kind == "float":
+        mask = torch.randn(shape, generator=g)
+    else:
+        mask = torch.where(keep, torch.randn(shape, generator=g), float("-inf"))
+    kw = dict(causal=True, attn_mask=mask)
+    ref = anchored_attention_reference(q, k, v, kb, vs, **kw)
+    out = videoanchor.anchored_attention(q, k, v, kb, vs, backend="torch", **kw)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+    # The mask matters (removing it changes the answer) and the gates still apply.
+    plain = videoanchor.anchored_attention(q, k, v, kb, vs, backend="torch", causal=True)
+    ungated = videoanchor.anchored_attention(q, k, v, backend="torch", **kw)
+    if mshape != "HSq1" or kind != "float":  # a per-row constant shift cancels in softmax
+        assert (out - plain).abs().max() > 1e-2
+    assert (out - ungated).abs().max() > 1e-2
+
+
+def test_transformers_style_4d_mask_equals_causal_and_padding():
+    """A (B, 1, Sq, Skv) additive mask with finfo.min (transformers' format) gives the same
+    result as causal + key_padding_mask; its bool twin too; a fully masked (-inf) row is 0."""
+    B, Hq, Hkv, S, D = 2, 4, 2, 9, 16
+    q, k, v, kb, vs = make(B, Hq, Hkv, S, S, D, torch.float32, grad=False)
+    pad = torch.ones(B, S, dtype=torch.bool)
+    pad[1, :3] = False  # left padding
+    allowed = torch.ones(S, S, dtype=torch.bool).tril()[None, None] & pad[:, None, None, :]
+    additive = torch.zeros(B, 1, S, S).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    direct = videoanchor.anchored_attention(q, k, v, kb, vs, key_padding_mask=pad, backend="torch")
+    for m in (allowed, additive):
+        out = videoanchor.anchored_attention(
+            q, k, v, kb, vs, causal=False, attn_mask=m, backend="torch"
+        )
+        # Rows 0-2 of sample 1 see no key: bool gives 0, finfo.min a uniform average (as SDPA).
+        torch.testing.assert_close(out[0], direct[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(out[1, :, 3:], direct[1, :, 3:], atol=1e-6, rtol=0)
+    inf_mask = additive.masked_fill(~allowed, float("-inf"))
+    out, lse = videoanchor.anchored_attention(
+        q, k, v, kb, vs, causal=False, attn_mask=inf_mask, backend="torch", return_lse=True
+    )
+    assert torch.equal(out[1, :, :3], torch.zeros_like(out[1, :, :3]))
+    assert torch.isneginf(lse[1, :, :3]).all() and not out.isnan().any()
+
+
+def test_attn_mask_with_triton_backend_warns_once_and_is_exact(monkeypatch):
+    monkeypatch.setattr(interface, "_ATTN_MASK_WARNED", False)
+    q, k, v, kb, vs = make(1, 2, 1, 5, 6, 16, torch.float32, grad=False)
+    mask = torch.rand(1, 1, 5, 6) > 0.3
+    with pytest.warns(UserWarning, match="not the fused Triton kernel"):
+        out = videoanchor.anchored_attention(q, k, v, kb, vs, attn_mask=mask, backend="triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = videoanchor.anchored_attention(q, k, v, kb, vs, attn_mask=mask, backend="triton")
+    ref = anchored_attention_reference(q, k, v, kb, vs, attn_mask=mask)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+    assert torch.equal(out, again)
+
+
+def test_attn_mask_errors():
+    q, k, v, kb, vs = make(2, 4, 2, 5, 6, 16, torch.float32, grad=False)
+    attn = videoanchor.anchored_attention
+    with pytest.raises(ValueError, match=r"broadcastable to \(B, Hq, Sq, Skv\) = \(2, 4, 5, 6\), "
+                       r"got \(2, 1, 5, 7\)"):  # fmt: skip
+        attn(q, k, v, attn_mask=torch.zeros(2, 1, 5, 7))
+    with pytest.raises(ValueError, match="broadcastable"):
+        attn(q, k, v, attn_mask=torch.zeros(1, 2, 4, 5, 6))
+    with pytest.raises(ValueError, match="broadcastable"):
+        attn(q, k, v, attn_mask=torch.zeros(3, 5, 6))
+    with pytest.raises(TypeError, match="attn_mask: expected dtype torch.bool .* got torch.int64"):
+        attn(q, k, v, attn_mask=torch.zeros(5, 6, dtype=torch.int64))
+    with pytest.raises(TypeError, match="attn_mask: expected a torch.Tensor"):
+        attn(q, k, v, attn_mask=[[True]])
+    with pytest.raises(ValueError, match="one device"):
+        attn(q, k, v, attn_mask=torch.zeros(5, 6, device="meta"))
