@@ -196,16 +196,6 @@ def test_sdpa_model_needs_the_attention_name_then_switches(saved):
 
 
 @torch.no_grad()
-def test_custom_4d_mask_is_rejected(saved):
-    model = _load(saved["llava_onevision"])
-    videoanchor.configure(model, enabled=False)
-    ids = torch.randint(3, 100, (1, 5))
-    mask = torch.ones(1, 1, 5, 5, dtype=torch.bool).tril()
-    with pytest.raises(ValueError, match="2D"):
-        model(input_ids=ids, attention_mask=mask)
-
-
-@torch.no_grad()
 def test_triton_kernel_path_matches_torch_path(tmp_path):
     # head_dim 16: the smallest head dim the Triton kernel takes (runs in the interpreter on CPU).
     tiny_model("qwen2_5_vl", seed=4, hidden=64, layers=1).save_pretrained(tmp_path)

@@ -12,7 +12,13 @@ import torch
 
 import videoanchor
 from videoanchor.integrations import attention as va_attention
-from videoanchor.integrations.testing import clone_inputs, tiny_inputs, tiny_model, tiny_sample
+from videoanchor.integrations.testing import (
+    EagerAnchorReference,
+    clone_inputs,
+    tiny_inputs,
+    tiny_model,
+    tiny_sample,
+)
 
 SSC = {"n_clusters": 3, "max_iter": 300}
 
@@ -162,3 +168,177 @@ def test_sdpa_padding_matches_padding_free_with_position_ids(saved, family):
     # With a cache, transformers does not treat the row as packed (nor do we: one SSC problem).
     model(**_packed(model, samples), use_cache=True)
     assert len(handle.last_result) == 1
+
+
+# ---- training, gradient checkpointing ------------------------------------------------------
+
+REFERENCE = EagerAnchorReference(name="videoanchor_parity_reference").register()
+TRAIN_SAMPLES = {"qwen2_5_vl": ([4], [2]), "llava_onevision": ([2], [2, 2])}
+
+
+def _enable_checkpointing(model, reentrant):
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _step(model, inputs):
+    model.zero_grad(set_to_none=True)
+    out = model(**clone_inputs(inputs), labels=inputs["input_ids"], use_cache=False)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.loss.detach(), grads
+
+
+def _assert_grads_close(grads, ref, tol=1e-4):
+    assert grads.keys() == ref.keys() and grads
+    for name, g in grads.items():
+        assert torch.isfinite(g).all(), name
+        err = (g - ref[name]).norm().item()
+        assert err <= tol * ref[name].norm().item() + 1e-7, (name, err, ref[name].norm().item())
+
+
+def _train_and_compare(
+    saved, family, *, anchored, reentrant=None, steps=3, trainable=None, input_grads=False
+):
+    """A few SGD steps of our model and of the eager float64 reference with the same gates
+    (METHOD.md section 4, written out with no code shared with our kernels or hooks), from
+    the same weights: the losses and every gradient must agree at every step."""
+    ours = _load(saved[family]).train()
+    handle = videoanchor.configure(ours, enabled=anchored, **SSC)
+    ref = REFERENCE.load(saved[family]).train()
+    for model in (ours, ref):
+        if trainable is not None:
+            for name, p in model.named_parameters():
+                p.requires_grad_(trainable in name)
+    if input_grads:
+        ours.enable_input_require_grads()
+    if reentrant is not None:
+        _enable_checkpointing(ours, reentrant)
+    inputs = tiny_inputs(ours.config, TRAIN_SAMPLES[family], text=[3, 6], seed=11)
+    opt = [
+        torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05)
+        for m in (ours, ref)
+    ]
+    c = handle.config
+    REFERENCE.alphas = (c.alpha_q, c.alpha_k, c.alpha_v)
+    losses = []
+    try:
+        for _ in range(steps):
+            loss, grads = _step(ours, inputs)
+            assert handle.last_anchored == anchored
+            REFERENCE.scores = handle.last_scores if anchored else None
+            ref_loss, ref_grads = _step(ref, inputs)
+            torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+            _assert_grads_close(grads, ref_grads)
+            losses.append(loss.item())
+            for o in opt:
+                o.step()
+        if anchored:  # the gates change the gradients by far more than the tolerance
+            REFERENCE.scores = None
+            _, plain = _step(ref, inputs)
+            with pytest.raises(AssertionError):
+                _assert_grads_close(grads, plain, tol=1e-2)
+    finally:
+        REFERENCE.scores = None
+    assert losses[-1] < losses[0]
+    return grads
+
+
+@pytest.mark.parametrize("anchored", [True, False], ids=["anchored", "plain"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_training(saved, family, anchored):
+    _train_and_compare(saved, family, anchored=anchored)
+
+
+@pytest.mark.parametrize(
+    ("family", "reentrant"),
+    [
+        ("qwen2_5_vl", False),
+        ("qwen2_5_vl", True),
+        ("llava_onevision", False),
+        ("llava_onevision", True),
+    ],
+    ids=[
+        "qwen2_5_vl-use_reentrant_false",
+        "qwen2_5_vl-use_reentrant_true",
+        "llava_onevision-use_reentrant_false",
+        "llava_onevision-use_reentrant_true",
+    ],
+)
+def test_training_gradient_checkpointing(saved, family, reentrant):
+    # The recomputed forward of each checkpointed layer must see the same gates as the first.
+    _train_and_compare(saved, family, anchored=True, reentrant=reentrant, steps=2)
+
+
+def test_enable_input_require_grads_with_gradient_checkpointing(saved):
+    # Frozen model, only one query projection of the language model trains (as with
+    # adapters): under reentrant checkpointing its gradient arrives only because the input
+    # embeddings require grad.
+    grads = _train_and_compare(
+        saved,
+        "qwen2_5_vl",
+        anchored=True,
+        reentrant=True,
+        steps=2,
+        trainable="language_model.layers.0.self_attn.q_proj",
+        input_grads=True,
+    )
+    assert len(grads) == 2 and all(g.abs().sum() > 0 for g in grads.values())
+
+
+# ---- custom 4D masks -----------------------------------------------------------------------
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_custom_4d_attention_mask(saved, kind, fresh_warnings):
+    # Two continuations share one prompt (text + video) in a single row: a 4D mask keeps each
+    # continuation from seeing the other, position_ids restart after the prompt. Each must
+    # match the same continuation run as its own sequence, anchored by the same gates.
+    from videoanchor.integrations.testing import collate
+
+    model = _load(saved["llava_onevision"])
+    handle = videoanchor.configure(model, **SSC)
+    prompt = tiny_sample(model.config, [2], text=3, seed=40)
+    conts = [torch.tensor([[5, 17, 33, 41]]), torch.tensor([[66, 8]])]
+    P, (a, b) = prompt["input_ids"].shape[1], (c.shape[1] for c in conts)
+    separate = [
+        {
+            "input_ids": torch.cat([prompt["input_ids"], c], dim=1),
+            "attention_mask": torch.ones(1, P + c.shape[1], dtype=torch.long),
+            "pixel_values_videos": prompt["pixel_values_videos"],
+        }
+        for c in conts
+    ]
+    ref = model(**collate(separate, padding_side="right")).logits
+    ref_scores = handle.last_scores[0, :P].clone()
+
+    L = P + a + b
+    seq = torch.tensor([0] * P + [1] * a + [2] * b)
+    pos = torch.cat([torch.arange(P), P + torch.arange(a), P + torch.arange(b)])
+    visible = (pos[:, None] >= pos[None, :]) & (
+        (seq[:, None] == seq[None, :]) | (seq[None, :] == 0)
+    )
+    mask = visible[None, None]
+    if kind == "additive":
+        mask = torch.where(mask, 0.0, torch.finfo(torch.float32).min)
+    packed = {
+        "input_ids": torch.cat([prompt["input_ids"], *conts], dim=1),
+        "attention_mask": mask,
+        "position_ids": pos[None],
+        "pixel_values_videos": prompt["pixel_values_videos"],
+    }
+    with pytest.warns(UserWarning, match="custom 4D attention mask runs on the exact PyTorch path"):
+        out = model(**packed).logits
+    assert out.shape[1] == L and handle.last_anchored
+    assert torch.equal(handle.last_scores[0, :P], ref_scores)
+    tol = {"atol": 2e-5, "rtol": 1e-4}
+    torch.testing.assert_close(out[0, : P + a], ref[0, : P + a], **tol)
+    torch.testing.assert_close(out[0, P + a :], ref[1, P : P + b], **tol)
+    # The gates apply on this path too: unanchored logits differ.
+    videoanchor.configure(model, enabled=False)
+    plain = model(**packed).logits
+    assert (plain - out).abs().max().item() > 1e-2

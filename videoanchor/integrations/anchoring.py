@@ -273,6 +273,8 @@ class AnchorHandle:
 
     def _on_lm_forward(self, module, args, kwargs):
         self._start_lm_forward(module, kwargs)
+        if self._text_config()._attn_implementation != ATTN_IMPLEMENTATION:
+            return None  # another attention implementation gets no extra kwarg
         # The request rides along as a forward kwarg down to the attention calls: a layer
         # recomputed under gradient checkpointing replays its kwargs, so it gets the gates of
         # its own forward even after this forward ended (or another one started).

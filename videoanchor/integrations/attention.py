@@ -251,10 +251,26 @@ def videoanchor_attention_forward(
             n_valid = int(cache_seqlens.max())  # once per request: where the prompt ends
     key_bias, value_scale, backend = gates(n_valid)
     if attention_mask is not None and attention_mask.dim() == 4:
-        raise ValueError(
-            f"attn_implementation={ATTN_IMPLEMENTATION!r}: custom 4D masks are not supported yet, "
-            "pass a 2D attention_mask instead"
+        # A user's mask, as transformers passes it: as with SDPA it is the whole mask (no
+        # causal flag on top) and may be longer than the keys.
+        _warn_once(
+            "4d-mask",
+            f"attn_implementation={ATTN_IMPLEMENTATION!r}: a custom 4D attention mask runs on the "
+            "exact PyTorch path (gates applied), not the fused kernel; pass a 2D attention_mask "
+            "when it describes the mask, to keep the fused kernel",
         )
+        out = anchored_attention(
+            query,
+            key,
+            value,
+            key_bias,
+            value_scale,
+            causal=False,
+            sm_scale=scaling,
+            attn_mask=attention_mask[:, :, :, : key.shape[2]],
+            backend="torch",
+        )
+        return out.transpose(1, 2).contiguous(), None
     out = anchored_attention(
         query,
         key,
