@@ -342,3 +342,30 @@ def test_custom_4d_attention_mask(saved, kind, fresh_warnings):
     videoanchor.configure(model, enabled=False)
     plain = model(**packed).logits
     assert (plain - out).abs().max().item() > 1e-2
+
+
+def test_training_padding_free_matches_padded(saved):
+    # Padding-free fine-tuning (packed rows, as with flash-attention's data collators): the
+    # gradients equal those of the padded batch.
+    from videoanchor.integrations.testing import collate
+
+    model = _load(saved["llava_onevision"]).train()
+    handle = videoanchor.configure(model, **SSC)
+    samples = [
+        tiny_sample(model.config, v, text=3 + 2 * i, seed=50 + i)
+        for i, v in enumerate(([2], [2, 2]))
+    ]
+    lengths = [s["input_ids"].shape[1] for s in samples]
+    weights = [torch.randn(n, model.config.text_config.vocab_size) for n in lengths]
+
+    def grads_of(logits_rows):
+        model.zero_grad(set_to_none=True)
+        sum(((rows * w).sum() for rows, w in zip(logits_rows, weights, strict=True))).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    padded = model(**collate(samples, padding_side="right"), use_cache=False).logits
+    ref = grads_of([padded[b, :n] for b, n in enumerate(lengths)])
+    packed = model(**_packed(model, samples), use_cache=False).logits[0]
+    assert len(handle.last_result) == len(samples)
+    out = grads_of(list(packed.split(lengths)))
+    _assert_grads_close(out, ref)
