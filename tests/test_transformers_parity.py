@@ -374,8 +374,10 @@ def test_training_padding_free_matches_padded(saved):
 @torch.no_grad()
 def test_triton_kernel_serves_packed_and_static_cache_masks(tmp_path):
     # head_dim 16: the smallest the Triton kernel takes (the interpreter runs it on CPU). The
-    # varlen route and the static-cache slot mask (cache_seqlens + key padding) must give
-    # the torch path's results.
+    # varlen route and the static-cache slot mask (cache_seqlens + key padding; 260 slots,
+    # so that the split-KV path serves the decode steps) must give the torch path's results.
+    from transformers import StaticCache
+
     tiny_model("llava_onevision", seed=4, hidden=64, layers=1).save_pretrained(tmp_path)
     model = _load(tmp_path)
     videoanchor.configure(model, decode="all", **SSC)
@@ -384,13 +386,14 @@ def test_triton_kernel_serves_packed_and_static_cache_masks(tmp_path):
         for i, v in enumerate(([2], [2, 2]))
     ]
     inputs = tiny_inputs(model.config, [[2], [2, 2]], text=[3, 6])
-    gen = dict(max_new_tokens=2, min_new_tokens=2, do_sample=False, cache_implementation="static")
+    gen = dict(max_new_tokens=2, min_new_tokens=2, do_sample=False)
     gen.update(output_logits=True, return_dict_in_generate=True)
     results = {}
     for backend in ("torch", "triton"):
         videoanchor.configure(model, attention_backend=backend)
         packed = model(**_packed(model, samples), use_cache=False).logits
-        steps = model.generate(**clone_inputs(inputs), **gen).logits
+        cache = StaticCache(config=model.config.text_config, max_cache_len=260)
+        steps = model.generate(**clone_inputs(inputs), past_key_values=cache, **gen).logits
         results[backend] = (packed, torch.stack(steps))
     for got, want in zip(results["triton"], results["torch"], strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
