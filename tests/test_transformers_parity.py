@@ -397,3 +397,40 @@ def test_triton_kernel_serves_packed_and_static_cache_masks(tmp_path):
         results[backend] = (packed, torch.stack(steps))
     for got, want in zip(results["triton"], results["torch"], strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "reentrant", [False, True], ids=["use_reentrant_false", "use_reentrant_true"]
+)
+def test_gradient_checkpointing_two_forwards_before_backward(saved, reentrant):
+    # As in preference training: two anchored forwards (different videos, so different gates),
+    # one backward. Each recomputed layer must replay the gates of its own forward, not the
+    # handle's latest request.
+    ours = _load(saved["llava_onevision"]).train()
+    handle = videoanchor.configure(ours, **SSC)
+    _enable_checkpointing(ours, reentrant)
+    ref = REFERENCE.load(saved["llava_onevision"]).train()
+    c = handle.config
+    REFERENCE.alphas = (c.alpha_q, c.alpha_k, c.alpha_v)
+    batches = [tiny_inputs(ours.config, [[2], [2, 2]], text=[3, 6], seed=s) for s in (60, 61)]
+
+    def loss(model, inputs):
+        return model(**clone_inputs(inputs), labels=inputs["input_ids"], use_cache=False).loss
+
+    total, scores = 0, []
+    for inputs in batches:
+        total = total + loss(ours, inputs)
+        scores.append(handle.last_scores)
+    total.backward()
+    ref_total = 0
+    try:
+        for inputs, s in zip(batches, scores, strict=True):
+            REFERENCE.scores = s
+            ref_total = ref_total + loss(ref, inputs)
+    finally:
+        REFERENCE.scores = None
+    ref_total.backward()
+    assert not torch.equal(scores[0], scores[1])
+    torch.testing.assert_close(total.detach(), ref_total.detach(), atol=1e-5, rtol=1e-5)
+    grads = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
+    _assert_grads_close(grads, {n: p.grad for n, p in ref.named_parameters() if p.grad is not None})
