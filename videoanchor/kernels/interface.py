@@ -14,11 +14,11 @@ from videoanchor.kernels.torch_attention import anchored_attention_torch
 try:
     import triton  # noqa: F401
 
-    from videoanchor.kernels import triton_decode, triton_prefill
+    from videoanchor.kernels import triton_backward, triton_decode, triton_prefill
 
     _TRITON_ERROR: Exception | None = None
 except Exception as exc:  # triton missing or unusable on this platform
-    triton_prefill = triton_decode = None
+    triton_prefill = triton_decode = triton_backward = None
     _TRITON_ERROR = exc
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -265,6 +265,14 @@ def _(
     return out, lse
 
 
+if triton_backward is not None:
+    triton_backward.register_autograd(_anchored_attention_fwd)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def anchored_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -339,9 +347,11 @@ def anchored_attention(
     else:
         use_triton = _pick_backend(q, backend) == "triton"
     if use_triton:
+        # Training saves the lse for the backward kernel.
+        want_lse = return_lse or _needs_grad(q, k, v, key_bias, value_scale)
         out, lse = _anchored_attention_fwd(
             q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, causal, scale,
-            return_lse,
+            want_lse,
         )  # fmt: skip
     else:
         out, lse = anchored_attention_torch(
