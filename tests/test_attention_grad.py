@@ -419,3 +419,64 @@ def test_triton_backward_opcheck_and_compiled_training():
     got = torch.autograd.grad(compiled(q, k, v, kb, vs), (q, k, v, kb, vs))
     for a, b in zip(eager, got, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_varlen_backward_within_twice_pytorch_error(dtype):
+    """Packed sequences (query lengths 5, 0, 9 against 7, 3, 9 keys, one trailing token
+    in no sequence), GQA, causal: gradients of anchored_attention_varlen on the Triton
+    path against the float64 reference run sequence by sequence, 2x-PyTorch-error rule;
+    tokens outside every sequence get a zero gradient."""
+    lq, lk = [5, 0, 9], [7, 3, 9]
+    Hq, Hkv, D = 4, 2, 16
+    cu_q = torch.tensor([0, 5, 5, 14], dtype=torch.int32)
+    cu_k = torch.tensor([0, 7, 10, 19], dtype=torch.int32)
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(15, Hq, D, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(20, Hkv, D, generator=g).to(dtype).requires_grad_()
+    v = torch.randn(20, Hkv, D, generator=g).to(dtype).requires_grad_()
+    s = torch.rand(20, generator=g)
+    kb = torch.log1p(9.5 * s).requires_grad_()
+    vs = (1 + 2.5 * s).requires_grad_()
+    inputs = (q, k, v, kb, vs)
+    go = torch.randn(15, Hq, D, generator=g)
+    gl = torch.randn(Hq, 15, generator=g)
+
+    out, lse = videoanchor.anchored_attention_varlen(
+        q, k, v, cu_q, cu_k, 9, None, kb, vs, backend="triton", return_lse=True
+    )
+    got = torch.autograd.grad(attention_loss(out[:14], lse[:, :14], go[:14].to(dtype),
+                                             gl[:, :14]), inputs)  # fmt: skip
+
+    def per_sequence(q, k, v, kb, vs, attend):
+        loss = 0
+        for b in range(3):
+            q0, k0 = int(cu_q[b]), int(cu_k[b])
+            sl_q, sl_k = slice(q0, q0 + lq[b]), slice(k0, k0 + lk[b])
+            o, l = attend(q[sl_q].transpose(0, 1)[None], k[sl_k].transpose(0, 1)[None],
+                          v[sl_k].transpose(0, 1)[None], kb[None, sl_k], vs[None, sl_k])  # fmt: skip
+            gq = go[sl_q].transpose(0, 1)[None].to(o.dtype)
+            loss = loss + attention_loss(o, l, gq, gl[None, :, sl_q].to(l.dtype))
+        return loss
+
+    def reference(*a):
+        return anchored_attention_reference(*a, causal=True, return_lse=True)
+
+    def eager(q, k, v, kb, vs):
+        vis = visible_mask(1, q.shape[2], k.shape[2], True, None, None)
+        o, l = eager_attention(q, k, v, kb, vs, vis, 1 / math.sqrt(D))
+        return o, l.float()
+
+    leaves = [t.detach().double().requires_grad_() for t in inputs]
+    ref = torch.autograd.grad(per_sequence(*leaves, reference), leaves)
+    eager_in = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    base = torch.autograd.grad(per_sequence(*eager_in, eager), eager_in)
+    names = ("q", "k", "v", "key_bias", "value_scale")
+    for name, gt, r, b in zip(names, got, ref, base, strict=True):
+        assert not gt.isnan().any(), name
+        err = (gt.double() - r).abs().max().item()
+        base_err = (b.double() - r).abs().max().item()
+        tol = max(2 * base_err, GRAD_FLOOR[dtype] * max(1.0, r.abs().max().item()))
+        assert err <= tol, f"d{name}: error {err:.3g} > tol {tol:.3g} (eager {base_err:.3g})"
+    assert torch.equal(got[0][14], torch.zeros_like(got[0][14]))  # token in no sequence
+    assert torch.equal(got[1][19], torch.zeros_like(got[1][19]))

@@ -265,10 +265,6 @@ def _(
     return out, lse
 
 
-if triton_backward is not None:
-    triton_backward.register_autograd(_anchored_attention_fwd)
-
-
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -462,6 +458,10 @@ def _(
     return out, lse
 
 
+if triton_backward is not None:
+    triton_backward.register_autograd(_anchored_attention_fwd, _anchored_attention_varlen_fwd)
+
+
 def _varlen_torch(q, k, v, cu_q, cu_k, max_seqlen_q, key_bias, value_scale, causal, sm_scale):
     total_q, Hq, D = q.shape
     out = torch.zeros(total_q, Hq, D, dtype=q.dtype, device=q.device)
@@ -533,10 +533,11 @@ def anchored_attention_varlen(
     )  # fmt: skip
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if _pick_backend(q, backend) == "triton":
+        want_lse = return_lse or _needs_grad(q, k, v, key_bias, value_scale)
         out, lse = _anchored_attention_varlen_fwd(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
             -1 if max_seqlen_k is None else max_seqlen_k, key_bias, value_scale,
-            causal, scale, return_lse,
+            causal, scale, want_lse,
         )  # fmt: skip
     else:
         out, lse = _varlen_torch(

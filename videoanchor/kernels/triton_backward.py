@@ -48,7 +48,7 @@ def _probs_block(
 
 @triton.jit(do_not_specialize=["Sq", "Skv"])
 def _anchored_bwd_dkdv_kernel(
-    Q, K, V, Bias, Scale, Mask, DO, Lse, Delta, DK, DV, DBias, DScale, SeqK,
+    Q, K, V, Bias, Scale, Mask, DO, Lse, Delta, DK, DV, DBias, DScale, SeqQ, SeqK,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -63,12 +63,23 @@ def _anchored_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, SEQLENS_K: tl.constexpr,
+    VARLEN: tl.constexpr,
     WANT_DBIAS: tl.constexpr, WANT_DSCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
     i_b = (pid_bh // Hkv).to(tl.int64)
     i_hk = (pid_bh % Hkv).to(tl.int64)
     start_n = tl.program_id(1) * BLOCK_N
+    q_start = i_b * 0
+    k_start = q_start
+    if VARLEN:
+        # Packed sequences: batch strides are 0; sequence b starts at SeqQ/SeqK[b].
+        q_start = tl.load(SeqQ + i_b).to(tl.int64)
+        k_start = tl.load(SeqK + i_b).to(tl.int64)
+        Sq = (tl.load(SeqQ + i_b + 1) - q_start).to(tl.int32)
+        Skv = (tl.load(SeqK + i_b + 1) - k_start).to(tl.int32)
+        if start_n >= Skv:
+            return
     # Keys visible to this sample: all Skv stored ones, or its cache length.
     n_valid = Skv
     if SEQLENS_K:
@@ -79,7 +90,7 @@ def _anchored_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_n = offs_n < n_valid
     m_d = offs_d < HEAD_DIM
-    o_n = offs_n.to(tl.int64)
+    o_n = k_start + offs_n.to(tl.int64)
     b_keep = tl.full([BLOCK_N], 1, dtype=tl.int8)
     if HAS_MASK:
         p_mask = Mask + i_b * stride_mask_b + o_n * stride_mask_n
@@ -115,7 +126,7 @@ def _anchored_bwd_dkdv_kernel(
         for start_m in tl.range(lo, Sq, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_m = offs_m < Sq
-            o_m = offs_m.to(tl.int64)
+            o_m = q_start + offs_m.to(tl.int64)
             m_md = m_m[:, None] & m_d[None, :]
             b_q = tl.load(p_q + o_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                           mask=m_md, other=0.0)  # fmt: skip
@@ -140,7 +151,7 @@ def _anchored_bwd_dkdv_kernel(
 
     o_store = start_n + tl.arange(0, BLOCK_N)
     m_store = o_store < Skv  # every stored key gets a gradient (0 when hidden)
-    o_store = o_store.to(tl.int64)
+    o_store = k_start + o_store.to(tl.int64)
     m_sd = m_store[:, None] & m_d[None, :]
     p_dk = DK + i_b * stride_dkb + i_hk * stride_dkh + o_store[:, None] * stride_dkn
     tl.store(p_dk + offs_d[None, :] * stride_dkd, (b_dk * sm_scale).to(DK.dtype.element_ty),
@@ -157,7 +168,7 @@ def _anchored_bwd_dkdv_kernel(
 
 @triton.jit(do_not_specialize=["Sq", "Skv"])
 def _anchored_bwd_dq_kernel(
-    Q, K, V, Bias, Scale, Mask, DO, Lse, Delta, DQ, SeqK,
+    Q, K, V, Bias, Scale, Mask, DO, Lse, Delta, DQ, SeqQ, SeqK,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -170,6 +181,7 @@ def _anchored_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, SEQLENS_K: tl.constexpr,
+    VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
@@ -177,6 +189,15 @@ def _anchored_bwd_dq_kernel(
     i_h = (pid_bh % Hq).to(tl.int64)
     i_hk = i_h // group
     start_m = tl.program_id(1) * BLOCK_M
+    q_start = i_b * 0
+    k_start = q_start
+    if VARLEN:
+        q_start = tl.load(SeqQ + i_b).to(tl.int64)
+        k_start = tl.load(SeqK + i_b).to(tl.int64)
+        Sq = (tl.load(SeqQ + i_b + 1) - q_start).to(tl.int32)
+        Skv = (tl.load(SeqK + i_b + 1) - k_start).to(tl.int32)
+        if start_m >= Sq:
+            return
     n_valid = Skv
     if SEQLENS_K:
         n_valid = tl.load(SeqK + i_b).to(tl.int32)
@@ -186,7 +207,7 @@ def _anchored_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_m = offs_m < Sq
     m_d = offs_d < HEAD_DIM
-    o_m = offs_m.to(tl.int64)
+    o_m = q_start + offs_m.to(tl.int64)
     m_md = m_m[:, None] & m_d[None, :]
     p_q = Q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qm
     b_q = tl.load(p_q + offs_d[None, :] * stride_qd, mask=m_md, other=0.0)
@@ -205,7 +226,7 @@ def _anchored_bwd_dq_kernel(
     for start_n in tl.range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         m_n = offs_n < n_valid
-        o_n = offs_n.to(tl.int64)
+        o_n = k_start + offs_n.to(tl.int64)
         b_keep = tl.full([BLOCK_N], 1, dtype=tl.int8)
         if HAS_MASK:
             b_keep = tl.load(Mask + i_b * stride_mask_b + o_n * stride_mask_n, mask=m_n,
@@ -251,76 +272,109 @@ def _empty(shape, dtype, device):
 
 
 def _strides(t, n):
-    return t.stride() if t is not None else (0,) * n
+    """Strides of an optional input; a 1-D (packed) gate gets batch stride 0."""
+    if t is None:
+        return (0,) * n
+    return (0, t.stride(0)) if t.dim() == 1 else t.stride()
+
+
+def _packed(t):
+    """(total, H, D) strides as (batch 0, head, token, dim)."""
+    return (0, t.stride(1), t.stride(0), t.stride(2))
 
 
 def launch_backward(
     grad_out, q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, out, lse,
     grad_lse, *, causal, sm_scale, want_dbias, want_dscale, interpret,
+    cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
 ):  # fmt: skip
-    """Gradients of anchored attention (dense layout), on validated inputs.
+    """Gradients of anchored attention, on validated inputs. Returns
+    ``(dq, dk, dv, d_key_bias, d_value_scale)``, the last two float32 or None.
 
-    q, grad_out, out (B, Hq, Sq, D); k, v (B, Hkv, Skv, D); lse (B, Hq, Sq) float32 (the
-    forward's natural-log lse); grad_lse (B, Hq, Sq) or None. Returns
-    ``(dq, dk, dv, d_key_bias, d_value_scale)``; the last two (B, Skv) float32 or None.
+    Dense: q, grad_out, out (B, Hq, Sq, D); k, v (B, Hkv, Skv, D); gates (B, Skv); lse and
+    grad_lse (B, Hq, Sq) (the forward's natural-log lse, float32; grad_lse may be None).
+    Varlen (``cu_seqlens_q`` given): q, grad_out, out (total_q, Hq, D); k, v (total_k, Hkv,
+    D); gates (total_k,); lse, grad_lse (Hq, total_q); no padding mask or cache_seqlens.
     """
-    B, Hq, Sq, D = q.shape
-    Hkv, Skv = k.shape[1], k.shape[2]
+    varlen = cu_seqlens_q is not None
     # delta_i = dO_i . out_i (= sum_j p_ij dp_ij); an lse gradient enters as -dlse_i.
     delta = (grad_out.float() * out.float()).sum(-1)
+    if varlen:
+        delta = delta.t()  # (Hq, total_q), the lse layout
     if grad_lse is not None:
         delta = delta - grad_lse.float()
     delta = delta.contiguous()
     lse = lse.contiguous()
-    dq, dk, dv = (
-        _empty(q.shape, q.dtype, q.device),
-        _empty(k.shape, k.dtype, k.device),
-        _empty(v.shape, v.dtype, v.device),
-    )
     want_dbias = bool(want_dbias and key_bias is not None)
     want_dscale = bool(want_dscale and value_scale is not None)
-    red = _empty((2 if want_dbias and want_dscale else 1, B, Hkv, Skv), torch.float32, q.device)
-    red_bias, red_scale = red[0], red[-1]  # per (b, KV head, key) partial sums
-    if Sq == 0 or Skv == 0:
-        zero = [t.zero_() for t in (dq, dk, dv)]
-        red.zero_()
-        return (*zero, red_bias.sum(1) if want_dbias else None,
-                red_scale.sum(1) if want_dscale else None)  # fmt: skip
+    n_red = 2 if want_dbias and want_dscale else 1
+    if varlen:
+        _, Hq, D = q.shape
+        Hkv, Skv_total = k.shape[1], k.shape[0]
+        B = cu_seqlens_q.numel() - 1
+        Sq = Skv = 0  # read per sequence from cu_seqlens inside the kernels
+        # Tokens outside every sequence get a zero gradient, not garbage.
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        red = torch.zeros(n_red, Hkv, Skv_total, dtype=torch.float32, device=q.device)
+        strides = [_packed(t) for t in (q, k, v, grad_out, dq, dk, dv)]
+        s_lse = (0, *lse.stride())
+        s_red = (0, *red.stride()[1:])
+        if max_seqlen_k is None or max_seqlen_k < 0:
+            max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if B > 0 else 0
+        rows_q, rows_k = max_seqlen_q, max_seqlen_k
+        seqq, seqk = cu_seqlens_q, cu_seqlens_k
+        empty = B <= 0 or rows_q == 0 or rows_k == 0 or q.shape[0] == 0 or Skv_total == 0
+    else:
+        B, Hq, Sq, D = q.shape
+        Hkv, Skv = k.shape[1], k.shape[2]
+        dq = _empty(q.shape, q.dtype, q.device)
+        dk = _empty(k.shape, k.dtype, k.device)
+        dv = _empty(v.shape, v.dtype, v.device)
+        red = _empty((n_red, B, Hkv, Skv), torch.float32, q.device)
+        strides = [t.stride() for t in (q, k, v, grad_out, dq, dk, dv)]
+        s_lse = lse.stride()
+        s_red = red.stride()[1:]
+        rows_q, rows_k = Sq, Skv
+        seqq, seqk = q, (cache_seqlens if cache_seqlens is not None else q)
+        empty = Sq == 0 or Skv == 0
+    red_bias, red_scale = red[0], red[-1]  # per (sample, KV head, key) partial sums
+
+    def reduce(r, want):
+        return r.sum(0 if varlen else 1) if want else None
+
+    if empty:
+        for t in (dq, dk, dv, red):
+            t.zero_()
+        return dq, dk, dv, reduce(red_bias, want_dbias), reduce(red_scale, want_dscale)
 
     block_d = max(16, triton.next_power_of_2(D))
     cfg = backward_config(block_d, q.element_size(), interpret)
     bias = key_bias if key_bias is not None else q
     scale = value_scale if value_scale is not None else q
     mask = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
-    seqk = cache_seqlens if cache_seqlens is not None else q
     gate_strides = (*_strides(key_bias, 2), *_strides(value_scale, 2),
                     *_strides(key_padding_mask, 2))  # fmt: skip
+    s_q, s_k, s_v, s_do, s_dq, s_dk, s_dv = strides
     common = dict(
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         CAUSAL=causal, HAS_BIAS=key_bias is not None, HAS_SCALE=value_scale is not None,
         HAS_MASK=key_padding_mask is not None, SEQLENS_K=cache_seqlens is not None,
-        DOT_PRECISION="ieee" if q.element_size() == 4 else "tf32",
+        VARLEN=varlen, DOT_PRECISION="ieee" if q.element_size() == 4 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     qk_scale = sm_scale * LOG2E
-    _anchored_bwd_dkdv_kernel[(B * Hkv, triton.cdiv(Skv, cfg["BLOCK_N"]))](
-        q, k, v, bias, scale, mask, grad_out, lse, delta, dk, dv, red_bias, red_scale, seqk,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-        *gate_strides, *lse.stride(), *red_bias.stride(),
+    _anchored_bwd_dkdv_kernel[(B * Hkv, triton.cdiv(rows_k, cfg["BLOCK_N"]))](
+        q, k, v, bias, scale, mask, grad_out, lse, delta, dk, dv, red_bias, red_scale,
+        seqq, seqk, *s_q, *s_k, *s_v, *s_do, *s_dk, *s_dv, *gate_strides, *s_lse, *s_red,
         Hkv, Hq // Hkv, Sq, Skv, qk_scale, sm_scale,
         WANT_DBIAS=want_dbias, WANT_DSCALE=want_dscale, **common,
     )  # fmt: skip
-    _anchored_bwd_dq_kernel[(B * Hq, triton.cdiv(Sq, cfg["BLOCK_M"]))](
-        q, k, v, bias, scale, mask, grad_out, lse, delta, dq, seqk,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-        *gate_strides, *lse.stride(),
+    _anchored_bwd_dq_kernel[(B * Hq, triton.cdiv(rows_q, cfg["BLOCK_M"]))](
+        q, k, v, bias, scale, mask, grad_out, lse, delta, dq, seqq, seqk,
+        *s_q, *s_k, *s_v, *s_do, *s_dq, *gate_strides, *s_lse,
         Hq, Hq // Hkv, Sq, Skv, qk_scale, sm_scale, **common,
     )  # fmt: skip
-    return (
-        dq, dk, dv,
-        red_bias.sum(1) if want_dbias else None,
-        red_scale.sum(1) if want_dscale else None,
-    )  # fmt: skip
+    return dq, dk, dv, reduce(red_bias, want_dbias), reduce(red_scale, want_dscale)
 
 
 @torch.library.custom_op("videoanchor::anchored_attention_bwd", mutates_args=())
@@ -399,6 +453,83 @@ def _backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, dbias, dscale, None, None, None, None, None
 
 
-def register_autograd(fwd_op) -> None:
-    """Makes ``videoanchor::anchored_attention_fwd`` differentiable with these kernels."""
+@torch.library.custom_op("videoanchor::anchored_attention_varlen_bwd", mutates_args=())
+def _anchored_attention_varlen_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    key_bias: torch.Tensor | None,
+    value_scale: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    causal: bool,
+    sm_scale: float,
+    want_dbias: bool,
+    want_dscale: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    device_ctx = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+    with device_ctx:
+        dq, dk, dv, dbias, dscale = launch_backward(
+            grad_out, q, k, v, key_bias, value_scale, None, None, out, lse, grad_lse,
+            causal=causal, sm_scale=sm_scale, want_dbias=want_dbias, want_dscale=want_dscale,
+            interpret=not q.is_cuda, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        )  # fmt: skip
+    dbias = q.new_empty(0, dtype=torch.float32) if dbias is None else dbias
+    dscale = q.new_empty(0, dtype=torch.float32) if dscale is None else dscale
+    return dq, dk, dv, dbias, dscale
+
+
+@_anchored_attention_varlen_bwd.register_fake
+def _(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias,
+      value_scale, out, lse, grad_lse, causal, sm_scale, want_dbias, want_dscale):  # fmt: skip
+    def gate(want, t):
+        shape = (k.shape[0],) if want and t is not None else (0,)
+        return q.new_empty(shape, dtype=torch.float32)
+
+    return (
+        torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+        gate(want_dbias, key_bias), gate(want_dscale, value_scale),
+    )  # fmt: skip
+
+
+def _setup_context_varlen(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, key_bias, value_scale, causal, sm_scale, _ = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, cu_q, cu_k, key_bias, value_scale, out, lse)
+    ctx.args = (max_q, max_k, causal, sm_scale)
+
+
+def _backward_varlen(ctx, grad_out, grad_lse):
+    q, k, v, cu_q, cu_k, key_bias, value_scale, out, lse = ctx.saved_tensors
+    max_q, max_k, causal, sm_scale = ctx.args
+    if lse.dim() != 2:  # called without return_lse: recompute it
+        out, lse = torch.ops.videoanchor.anchored_attention_varlen_fwd(
+            q, k, v, cu_q, cu_k, max_q, max_k, key_bias, value_scale, causal, sm_scale, True
+        )
+        grad_lse = None
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    need = ctx.needs_input_grad
+    dq, dk, dv, dbias, dscale = _anchored_attention_varlen_bwd(
+        grad_out, q, k, v, cu_q, cu_k, max_q, max_k, key_bias, value_scale, out, lse,
+        grad_lse, causal, sm_scale, bool(need[7]), bool(need[8]),
+    )  # fmt: skip
+    dbias = dbias.to(key_bias.dtype) if key_bias is not None and need[7] else None
+    dscale = dscale.to(value_scale.dtype) if value_scale is not None and need[8] else None
+    return dq, dk, dv, None, None, None, None, dbias, dscale, None, None, None
+
+
+def register_autograd(fwd_op, varlen_fwd_op) -> None:
+    """Makes ``videoanchor::anchored_attention_fwd`` and its varlen twin differentiable
+    with these kernels."""
     torch.library.register_autograd(fwd_op, _backward, setup_context=_setup_context)
+    torch.library.register_autograd(
+        varlen_fwd_op, _backward_varlen, setup_context=_setup_context_varlen
+    )
