@@ -280,3 +280,203 @@ def test_attn_mask_errors():
         attn(q, k, v, attn_mask=[[True]])
     with pytest.raises(ValueError, match="one device"):
         attn(q, k, v, attn_mask=torch.zeros(5, 6, device="meta"))
+
+
+# ---- Triton backward kernel (interpreter on CPU) ------------------------------------
+
+
+def visible_mask(B, Sq, Skv, causal, pad, cache_seqlens):
+    """(B, 1, Sq, Skv) bool: which keys each query sees."""
+    i = torch.arange(Sq)[:, None]
+    j = torch.arange(Skv)[None, :]
+    n = torch.full((B,), Skv) if cache_seqlens is None else cache_seqlens.long()
+    n = n.view(B, 1, 1, 1)
+    vis = (j < n) & ((j <= i + n - Sq) if causal else True)
+    if pad is not None:
+        vis = vis & pad[:, None, None, :]
+    return vis
+
+
+def eager_attention(q, k, v, kb, vs, vis, sm_scale):
+    """Plain PyTorch attention in the inputs' dtype: (out, lse)."""
+    Hq, Hkv = q.shape[1], k.shape[1]
+    kk = k.repeat_interleave(Hq // Hkv, 1)
+    vv = v.repeat_interleave(Hq // Hkv, 1) * vs[:, None, :, None]
+    logits = (q @ kk.transpose(-1, -2)) * sm_scale + kb[:, None, None, :]
+    logits = logits.masked_fill(~vis, float("-inf"))
+    p = torch.softmax(logits, dim=-1)
+    p = torch.where(vis.any(-1, keepdim=True), p, 0)  # rows without keys: 0, not NaN
+    return p @ vv, torch.logsumexp(logits, dim=-1)
+
+
+def attention_loss(out, lse, go, gl):
+    """sum(out * go) + sum(lse * gl) over rows with a finite lse."""
+    finite = torch.isfinite(lse)
+    return (out * go).sum() + (torch.where(finite, lse, 0) * torch.where(finite, gl, 0)).sum()
+
+
+TRITON_CASES = {
+    "gqa-causal-Sq13-Skv21": ((2, 4, 2, 13, 21, 16), dict(causal=True)),
+    "gqa-full-pad": ((2, 4, 2, 13, 21, 16), dict(causal=False, pad="random")),
+    "mha-causal-leftpad-D40": ((2, 3, 3, 17, 17, 40), dict(causal=True, pad="left")),
+    "causal-Sq21-Skv9-empty-rows": ((1, 2, 1, 21, 9, 24), dict(causal=True)),
+    "cache-seqlens": ((2, 2, 1, 5, 20, 16), dict(causal=True, cache_seqlens=[20, 11])),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", list(TRITON_CASES))
+def test_triton_backward_within_twice_pytorch_error(case, dtype, monkeypatch):
+    """dq, dk, dv, d key_bias, d value_scale from the Triton backward (NaN-poisoned
+    buffers) against autograd of the float64 reference, through both out and lse; each
+    error at most 2x that of eager PyTorch attention's autograd in the same dtype."""
+    from videoanchor.kernels import triton_backward
+
+    monkeypatch.setattr(
+        triton_backward, "_empty",
+        lambda shape, dt, dev: torch.full(shape, float("nan"), dtype=dt, device=dev),
+    )  # fmt: skip
+    (B, Hq, Hkv, Sq, Skv, D), opts = TRITON_CASES[case]
+    inputs = make(B, Hq, Hkv, Sq, Skv, D, dtype)
+    g = torch.Generator().manual_seed(7)
+    pad = None
+    if opts.get("pad") == "random":
+        pad = torch.rand(B, Skv, generator=g) > 0.3
+    elif opts.get("pad") == "left":
+        pad = torch.arange(Skv)[None, :] >= torch.tensor([0, 6])[:, None]
+    cs = opts.get("cache_seqlens")
+    cs = None if cs is None else torch.tensor(cs, dtype=torch.int32)
+    kw = dict(causal=opts["causal"], key_padding_mask=pad, cache_seqlens=cs)
+    go = torch.randn(B, Hq, Sq, D, generator=g)
+    gl = torch.randn(B, Hq, Sq, generator=g)
+
+    out, lse = videoanchor.anchored_attention(*inputs, backend="triton", return_lse=True, **kw)
+    got = torch.autograd.grad(attention_loss(out, lse, go.to(dtype), gl), inputs)
+    leaves = [t.detach().double().requires_grad_() for t in inputs]
+    ro, rl = anchored_attention_reference(*leaves, return_lse=True, **kw)
+    ref = torch.autograd.grad(attention_loss(ro, rl, go.double(), gl.double()), leaves)
+    eager_in = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    vis = visible_mask(B, Sq, Skv, opts["causal"], pad, cs)
+    eo, el = eager_attention(*eager_in, vis, 1 / math.sqrt(D))
+    base = torch.autograd.grad(attention_loss(eo, el.float(), go.to(dtype), gl), eager_in)
+    names = ("q", "k", "v", "key_bias", "value_scale")
+    for name, inp, gt, r, b in zip(names, inputs, got, ref, base, strict=True):
+        assert gt.dtype == inp.dtype and gt.shape == inp.shape, name
+        assert not gt.isnan().any(), f"d{name} has NaN (unwritten or 0/0)"
+        err = (gt.double() - r).abs().max().item()
+        base_err = (b.double() - r).abs().max().item()
+        tol = max(2 * base_err, GRAD_FLOOR[dtype] * max(1.0, r.abs().max().item()))
+        assert err <= tol, f"d{name}: error {err:.3g} > tol {tol:.3g} (eager {base_err:.3g})"
+
+
+def test_triton_backward_without_return_lse_and_partial_grads():
+    """Gradients without return_lse (the wrapper saves the lse anyway), the raw op called
+    with return_lse=False (backward recomputes it), and only some inputs requiring grad."""
+    q, k, v, kb, vs = make(1, 4, 2, 11, 14, 16, torch.float32)
+    go = torch.randn(1, 4, 11, 16)
+    out = videoanchor.anchored_attention(q, k, v, kb, vs, backend="triton")
+    full = torch.autograd.grad(out, (q, k, v, kb, vs), go)
+    raw, lse = torch.ops.videoanchor.anchored_attention_fwd(
+        q, k, v, kb, vs, None, None, True, 0.25, False
+    )
+    assert lse.numel() == 0
+    again = torch.autograd.grad(raw, (q, k, v, kb, vs), go)
+    for a, b in zip(full, again, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    kb2, vs2 = kb.detach(), vs.detach()
+    out = videoanchor.anchored_attention(q, k.detach(), v.detach(), kb2, vs2, backend="triton")
+    (dq,) = torch.autograd.grad(out, (q,), go)
+    torch.testing.assert_close(dq, full[0], atol=0, rtol=0)
+
+
+def test_triton_backward_opcheck_and_compiled_training():
+    """The forward op's autograd registration and the backward op's fake pass opcheck;
+    a compiled (aot_eager) forward + backward gives the eager gradients."""
+    q, k, v, kb, vs = make(1, 2, 1, 9, 9, 16, torch.float32)
+    pad = torch.ones(1, 9, dtype=torch.bool)
+    pad[0, :2] = False
+    torch.library.opcheck(
+        torch.ops.videoanchor.anchored_attention_fwd.default,
+        (q, k, v, kb, vs, pad, None, True, 0.25, True),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+    out, lse = torch.ops.videoanchor.anchored_attention_fwd(
+        q, k, v, kb, vs, pad, None, True, 0.25, True
+    )
+    torch.library.opcheck(
+        torch.ops.videoanchor.anchored_attention_bwd.default,
+        (torch.randn_like(out), q.detach(), k.detach(), v.detach(), kb.detach(), vs.detach(),
+         pad, None, out.detach(), lse.detach(), None, True, 0.25, True, True),
+        test_utils=("test_schema", "test_faketensor"),
+    )  # fmt: skip
+
+    def loss(q, k, v, kb, vs):
+        o = videoanchor.anchored_attention(q, k, v, kb, vs, key_padding_mask=pad, backend="triton")
+        return o.square().sum()
+
+    eager = torch.autograd.grad(loss(q, k, v, kb, vs), (q, k, v, kb, vs))
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(q, k, v, kb, vs), (q, k, v, kb, vs))
+    for a, b in zip(eager, got, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_varlen_backward_within_twice_pytorch_error(dtype):
+    """Packed sequences (query lengths 5, 0, 9 against 7, 3, 9 keys, one trailing token
+    in no sequence), GQA, causal: gradients of anchored_attention_varlen on the Triton
+    path against the float64 reference run sequence by sequence, 2x-PyTorch-error rule;
+    tokens outside every sequence get a zero gradient."""
+    lq, lk = [5, 0, 9], [7, 3, 9]
+    Hq, Hkv, D = 4, 2, 16
+    cu_q = torch.tensor([0, 5, 5, 14], dtype=torch.int32)
+    cu_k = torch.tensor([0, 7, 10, 19], dtype=torch.int32)
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(15, Hq, D, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(20, Hkv, D, generator=g).to(dtype).requires_grad_()
+    v = torch.randn(20, Hkv, D, generator=g).to(dtype).requires_grad_()
+    s = torch.rand(20, generator=g)
+    kb = torch.log1p(9.5 * s).requires_grad_()
+    vs = (1 + 2.5 * s).requires_grad_()
+    inputs = (q, k, v, kb, vs)
+    go = torch.randn(15, Hq, D, generator=g)
+    gl = torch.randn(Hq, 15, generator=g)
+
+    out, lse = videoanchor.anchored_attention_varlen(
+        q, k, v, cu_q, cu_k, 9, None, kb, vs, backend="triton", return_lse=True
+    )
+    got = torch.autograd.grad(attention_loss(out[:14], lse[:, :14], go[:14].to(dtype),
+                                             gl[:, :14]), inputs)  # fmt: skip
+
+    def per_sequence(q, k, v, kb, vs, attend):
+        loss = 0
+        for b in range(3):
+            q0, k0 = int(cu_q[b]), int(cu_k[b])
+            sl_q, sl_k = slice(q0, q0 + lq[b]), slice(k0, k0 + lk[b])
+            o, l = attend(q[sl_q].transpose(0, 1)[None], k[sl_k].transpose(0, 1)[None],
+                          v[sl_k].transpose(0, 1)[None], kb[None, sl_k], vs[None, sl_k])  # fmt: skip
+            gq = go[sl_q].transpose(0, 1)[None].to(o.dtype)
+            loss = loss + attention_loss(o, l, gq, gl[None, :, sl_q].to(l.dtype))
+        return loss
+
+    def reference(*a):
+        return anchored_attention_reference(*a, causal=True, return_lse=True)
+
+    def eager(q, k, v, kb, vs):
+        vis = visible_mask(1, q.shape[2], k.shape[2], True, None, None)
+        o, l = eager_attention(q, k, v, kb, vs, vis, 1 / math.sqrt(D))
+        return o, l.float()
+
+    leaves = [t.detach().double().requires_grad_() for t in inputs]
+    ref = torch.autograd.grad(per_sequence(*leaves, reference), leaves)
+    eager_in = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    base = torch.autograd.grad(per_sequence(*eager_in, eager), eager_in)
+    names = ("q", "k", "v", "key_bias", "value_scale")
+    for name, gt, r, b in zip(names, got, ref, base, strict=True):
+        assert not gt.isnan().any(), name
+        err = (gt.double() - r).abs().max().item()
+        base_err = (b.double() - r).abs().max().item()
+        tol = max(2 * base_err, GRAD_FLOOR[dtype] * max(1.0, r.abs().max().item()))
+        assert err <= tol, f"d{name}: error {err:.3g} > tol {tol:.3g} (eager {base_err:.3g})"
+    assert torch.equal(got[0][14], torch.zeros_like(got[0][14]))  # token in no sequence
+    assert torch.equal(got[1][19], torch.zeros_like(got[1][19]))

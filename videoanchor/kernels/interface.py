@@ -14,11 +14,11 @@ from videoanchor.kernels.torch_attention import anchored_attention_torch
 try:
     import triton  # noqa: F401
 
-    from videoanchor.kernels import triton_decode, triton_prefill
+    from videoanchor.kernels import triton_backward, triton_decode, triton_prefill
 
     _TRITON_ERROR: Exception | None = None
 except Exception as exc:  # triton missing or unusable on this platform
-    triton_prefill = triton_decode = None
+    triton_prefill = triton_decode = triton_backward = None
     _TRITON_ERROR = exc
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -265,6 +265,10 @@ def _(
     return out, lse
 
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def anchored_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -339,9 +343,11 @@ def anchored_attention(
     else:
         use_triton = _pick_backend(q, backend) == "triton"
     if use_triton:
+        # Training saves the lse for the backward kernel.
+        want_lse = return_lse or _needs_grad(q, k, v, key_bias, value_scale)
         out, lse = _anchored_attention_fwd(
             q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, causal, scale,
-            return_lse,
+            want_lse,
         )  # fmt: skip
     else:
         out, lse = anchored_attention_torch(
@@ -452,6 +458,10 @@ def _(
     return out, lse
 
 
+if triton_backward is not None:
+    triton_backward.register_autograd(_anchored_attention_fwd, _anchored_attention_varlen_fwd)
+
+
 def _varlen_torch(q, k, v, cu_q, cu_k, max_seqlen_q, key_bias, value_scale, causal, sm_scale):
     total_q, Hq, D = q.shape
     out = torch.zeros(total_q, Hq, D, dtype=q.dtype, device=q.device)
@@ -523,10 +533,11 @@ def anchored_attention_varlen(
     )  # fmt: skip
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if _pick_backend(q, backend) == "triton":
+        want_lse = return_lse or _needs_grad(q, k, v, key_bias, value_scale)
         out, lse = _anchored_attention_varlen_fwd(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
             -1 if max_seqlen_k is None else max_seqlen_k, key_bias, value_scale,
-            causal, scale, return_lse,
+            causal, scale, want_lse,
         )  # fmt: skip
     else:
         out, lse = _varlen_torch(
