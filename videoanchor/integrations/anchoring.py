@@ -125,10 +125,11 @@ class _Request:
 
     def check_packed(self, packed: bool) -> None:
         if packed != self.packed:
+            scored = "per packed sequence" if self.packed else "per row"
             raise RuntimeError(
-                f"videoanchor: the scores were computed {'per packed sequence' if self.packed else 'per row'}"
-                f" but the attention mask is {'packed' if packed else 'not packed'}; expected both "
-                "decided by the same rule (position_ids that restart, no attention_mask, no cache)"
+                f"videoanchor: the scores were computed {scored} but the attention mask is "
+                f"{'packed' if packed else 'not packed'}; expected both decided by the same rule "
+                "(position_ids that restart, no attention_mask, no cache)"
             )
 
     @property
@@ -179,10 +180,12 @@ class AnchorHandle:
         family: the registry entry of the model.
         last_scores: (batch, prompt_len) float32 anchor scores of the last prefill, on the
             language model's input device; 0 at text, padding and unscored positions.
-        last_result: list, per sample (per sequence of a packed row), of the SSC :class:`~videoanchor.anchor.AnchorResult`
-            (None for a sample without scored visual tokens).
-        last_visual_positions: list, per sample (per sequence of a packed row), of a LongTensor (CPU) with the prompt columns
-            of the scored visual tokens, in prompt order (left padding included in the column).
+        last_result: list, per sample (per sequence of a padding-free row), of the SSC
+            :class:`~videoanchor.anchor.AnchorResult` (None for a sample without scored
+            visual tokens).
+        last_visual_positions: list, per sample (per sequence of a padding-free row), of a
+            LongTensor (CPU) with the prompt columns of the scored visual tokens, in prompt
+            order (left padding included in the column).
         last_segments: list, per sample, of :class:`VisualSegment` (kind, start, length, grid,
             order): the images/videos of the sample; ``start`` indexes
             ``last_visual_positions[b]``.
