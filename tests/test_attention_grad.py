@@ -14,7 +14,7 @@ from videoanchor.kernels import interface
 from videoanchor.kernels.reference import anchored_attention_reference
 from videoanchor.kernels.torch_attention import anchored_attention_torch
 
-GRAD_FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3}
+GRAD_FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def make(B, Hq, Hkv, Sq, Skv, D, dtype, *, seed=0, grad=True):
@@ -324,20 +324,12 @@ TRITON_CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("case", list(TRITON_CASES))
-def test_triton_backward_within_twice_pytorch_error(case, dtype, monkeypatch):
-    """dq, dk, dv, d key_bias, d value_scale from the Triton backward (NaN-poisoned
-    buffers) against autograd of the float64 reference, through both out and lse; each
-    error at most 2x that of eager PyTorch attention's autograd in the same dtype."""
-    from videoanchor.kernels import triton_backward
-
-    monkeypatch.setattr(
-        triton_backward, "_empty",
-        lambda shape, dt, dev: torch.full(shape, float("nan"), dtype=dt, device=dev),
-    )  # fmt: skip
-    (B, Hq, Hkv, Sq, Skv, D), opts = TRITON_CASES[case]
-    inputs = make(B, Hq, Hkv, Sq, Skv, D, dtype)
+def check_triton_grads(shape, opts, dtype, device):
+    """dq, dk, dv, d key_bias, d value_scale from the Triton backward against autograd of
+    the float64 reference, through both out and lse; each error at most 2x that of eager
+    PyTorch attention's autograd in the same dtype."""
+    B, Hq, Hkv, Sq, Skv, D = shape
+    inputs = [t.detach().to(device).requires_grad_() for t in make(*shape, dtype)]
     g = torch.Generator().manual_seed(7)
     pad = None
     if opts.get("pad") == "random":
@@ -346,9 +338,11 @@ def test_triton_backward_within_twice_pytorch_error(case, dtype, monkeypatch):
         pad = torch.arange(Skv)[None, :] >= torch.tensor([0, 6])[:, None]
     cs = opts.get("cache_seqlens")
     cs = None if cs is None else torch.tensor(cs, dtype=torch.int32)
+    vis = visible_mask(B, Sq, Skv, opts["causal"], pad, cs).to(device)
+    pad, cs = (None if t is None else t.to(device) for t in (pad, cs))
     kw = dict(causal=opts["causal"], key_padding_mask=pad, cache_seqlens=cs)
-    go = torch.randn(B, Hq, Sq, D, generator=g)
-    gl = torch.randn(B, Hq, Sq, generator=g)
+    go = torch.randn(B, Hq, Sq, D, generator=g).to(device)
+    gl = torch.randn(B, Hq, Sq, generator=g).to(device)
 
     out, lse = videoanchor.anchored_attention(*inputs, backend="triton", return_lse=True, **kw)
     got = torch.autograd.grad(attention_loss(out, lse, go.to(dtype), gl), inputs)
@@ -356,7 +350,6 @@ def test_triton_backward_within_twice_pytorch_error(case, dtype, monkeypatch):
     ro, rl = anchored_attention_reference(*leaves, return_lse=True, **kw)
     ref = torch.autograd.grad(attention_loss(ro, rl, go.double(), gl.double()), leaves)
     eager_in = [t.detach().to(dtype).requires_grad_() for t in inputs]
-    vis = visible_mask(B, Sq, Skv, opts["causal"], pad, cs)
     eo, el = eager_attention(*eager_in, vis, 1 / math.sqrt(D))
     base = torch.autograd.grad(attention_loss(eo, el.float(), go.to(dtype), gl), eager_in)
     names = ("q", "k", "v", "key_bias", "value_scale")
@@ -367,6 +360,29 @@ def test_triton_backward_within_twice_pytorch_error(case, dtype, monkeypatch):
         base_err = (b.double() - r).abs().max().item()
         tol = max(2 * base_err, GRAD_FLOOR[dtype] * max(1.0, r.abs().max().item()))
         assert err <= tol, f"d{name}: error {err:.3g} > tol {tol:.3g} (eager {base_err:.3g})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", list(TRITON_CASES))
+def test_triton_backward_within_twice_pytorch_error(case, dtype, monkeypatch):
+    """The interpreter on CPU, buffers poisoned with NaN before the kernels write them."""
+    from videoanchor.kernels import triton_backward
+
+    monkeypatch.setattr(
+        triton_backward, "_empty",
+        lambda shape, dt, dev: torch.full(shape, float("nan"), dtype=dt, device=dev),
+    )  # fmt: skip
+    shape, opts = TRITON_CASES[case]
+    check_triton_grads(shape, opts, dtype, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=["fp16", "bf16", "fp32"])  # fmt: skip
+def test_gpu_triton_backward(dtype, D):
+    """Real tile sizes on the GPU (bf16 included, which the interpreter cannot run)."""
+    check_triton_grads((2, 8, 2, 300, 333, D), dict(causal=True, pad="left"), dtype, "cuda")
 
 
 def test_triton_backward_without_return_lse_and_partial_grads():
@@ -480,3 +496,20 @@ def test_triton_varlen_backward_within_twice_pytorch_error(dtype):
         assert err <= tol, f"d{name}: error {err:.3g} > tol {tol:.3g} (eager {base_err:.3g})"
     assert torch.equal(got[0][14], torch.zeros_like(got[0][14]))  # token in no sequence
     assert torch.equal(got[1][19], torch.zeros_like(got[1][19]))
+
+
+def test_triton_backward_after_split_kv_forward():
+    """Sq = 3 against 260 keys takes the split-KV (decode) forward; its lse feeds the
+    backward kernel: gradients match autograd of the float64 reference."""
+    from videoanchor.kernels.interface import DECODE_MAX_SQ, DECODE_MIN_SKV
+
+    Sq, Skv = 3, 260
+    assert Sq <= DECODE_MAX_SQ and Skv >= DECODE_MIN_SKV
+    inputs = make(1, 4, 2, Sq, Skv, 16, torch.float32)
+    go = torch.randn(1, 4, Sq, 16)
+    out = videoanchor.anchored_attention(*inputs, backend="triton")
+    got = torch.autograd.grad(out, inputs, go)
+    leaves = [t.detach().double().requires_grad_() for t in inputs]
+    ref = torch.autograd.grad(anchored_attention_reference(*leaves), leaves, go.double())
+    for gt, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(gt.double(), r, atol=2e-5, rtol=1e-4)
