@@ -30,6 +30,12 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from videoanchor.integrations.attention import ATTN_IMPLEMENTATION
+from videoanchor.integrations.distributed import (
+    check_same_request,
+    resolve_group,
+    score_on_source,
+    validate_group_option,
+)
 from videoanchor.integrations.registry import (
     FamilySpec,
     VisualSegment,
@@ -65,6 +71,7 @@ class AnchorConfig:
     ssc_backend: str = "auto"
     ssc_dtype: torch.dtype | None = None
     attention_backend: str = "auto"
+    process_group: object = "auto"
 
 
 def _validate(cfg: AnchorConfig) -> AnchorConfig:
@@ -94,6 +101,7 @@ def _validate(cfg: AnchorConfig) -> AnchorConfig:
         raise ValueError(
             f"attention_backend: expected one of {_ATTN_BACKENDS}, got {cfg.attention_backend!r}"
         )
+    validate_group_option(cfg.process_group)
     return replace(cfg, tokens=tokens, alpha_q=float(cfg.alpha_q), alpha_k=float(cfg.alpha_k),
                    alpha_v=float(cfg.alpha_v))  # fmt: skip
 
@@ -335,6 +343,11 @@ class AnchorHandle:
         any_mask = torch.zeros(B, S, dtype=torch.bool, device=embeds.device)
         for m in masks.values():
             any_mask |= m
+        group = resolve_group(
+            cfg.process_group, getattr(self.model, self.family.language_model_attr)
+        )
+        if group is not None:
+            check_same_request(group, embeds, any_mask)
         scores = torch.zeros(B, S, dtype=torch.float32, device=embeds.device)
         results: list = []
         positions: list[torch.Tensor] = []
@@ -366,19 +379,24 @@ class AnchorHandle:
                         f"videoanchor: a sample has {n} visual tokens, fewer than n_clusters="
                         f"{cfg.n_clusters}; using n_clusters={k} for it",
                     )
-                res = compute_anchor_scores(
-                    feats,
-                    k,
-                    alpha_e=cfg.alpha_e,
-                    alpha_z=cfg.alpha_z,
-                    rho=cfg.rho,
-                    eps=cfg.eps,
-                    max_iter=cfg.max_iter,
-                    pca_rank=cfg.pca_rank,
-                    seed=cfg.seed,
-                    backend=cfg.ssc_backend,
-                    dtype=cfg.ssc_dtype,
-                )
+
+                def compute(feats=feats, k=k):
+                    return compute_anchor_scores(
+                        feats,
+                        k,
+                        alpha_e=cfg.alpha_e,
+                        alpha_z=cfg.alpha_z,
+                        rho=cfg.rho,
+                        eps=cfg.eps,
+                        max_iter=cfg.max_iter,
+                        pca_rank=cfg.pca_rank,
+                        seed=cfg.seed,
+                        backend=cfg.ssc_backend,
+                        dtype=cfg.ssc_dtype,
+                    )
+
+                # Under a process group only its rank 0 scores; the others receive its result.
+                res = compute() if group is None else score_on_source(group, compute, feats.device)
                 seen.append((feats, res))
             results.append(res)
             scores[b, cols] = res.scores.to(device=scores.device, dtype=torch.float32)
@@ -522,6 +540,7 @@ def configure(
     ssc_backend=_UNSET,
     ssc_dtype=_UNSET,
     attention_backend=_UNSET,
+    process_group=_UNSET,
 ) -> AnchorHandle:
     """Configure VideoAnchor on a model loaded with ``attn_implementation="videoanchor_triton"``.
 
@@ -541,6 +560,12 @@ def configure(
         alpha_e, alpha_z, rho, eps, max_iter, pca_rank, seed, ssc_backend, ssc_dtype: passed
             to :func:`videoanchor.compute_anchor_scores` (``backend=ssc_backend``, ``dtype=ssc_dtype``).
         attention_backend: "auto" (Triton on CUDA, exact torch path on CPU), "triton" or "torch".
+        process_group: the ranks that share one request's scores (tensor parallelism):
+            "auto" (default) takes the "tp" group of the model's DTensor parameters when it
+            was loaded with ``tp_plan``, else none; a ``torch.distributed.ProcessGroup``; or
+            None (every process scores its own requests, e.g. data parallel). With a group,
+            rank 0 runs SSC and sends the scores to the others, so every rank applies the
+            same gates; ``last_result[b].coef`` is None on the other ranks.
 
     Raises ValueError for an unsupported family (naming the supported ones), a model not
     loaded with the videoanchor attention, or invalid options.
@@ -588,6 +613,7 @@ def configure(
             ssc_backend=ssc_backend,
             ssc_dtype=ssc_dtype,
             attention_backend=attention_backend,
+            process_group=process_group,
         ).items()
         if v is not _UNSET
     }
