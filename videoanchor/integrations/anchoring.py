@@ -160,8 +160,11 @@ class _Request:
                 cap = max(cap, end + 256)
             kb = torch.zeros(self.batch, cap, dtype=torch.float32, device=device)
             vs = torch.ones(self.batch, cap, dtype=torch.float32, device=device)
-            kb[:, self.offset : end] = self.key_bias.to(device, non_blocking=True)
-            vs[:, self.offset : end] = self.value_scale.to(device, non_blocking=True)
+            # A non-blocking copy to the host would be read before it lands (device_map with
+            # layers on the CPU); to another GPU it is stream-ordered.
+            async_copy = device.type != "cpu"
+            kb[:, self.offset : end] = self.key_bias.to(device, non_blocking=async_copy)
+            vs[:, self.offset : end] = self.value_scale.to(device, non_blocking=async_copy)
             buf = self.buffers[device] = (kb, vs)
         return buf[0][:, :skv], buf[1][:, :skv]
 
