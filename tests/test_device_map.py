@@ -124,6 +124,7 @@ def test_one_gate_copy_per_device(saved):
 @pytest.mark.gpu
 @torch.no_grad()
 def test_gpu_layers_on_two_devices(saved):
+    pytest.importorskip("accelerate", reason="transformers needs accelerate for a device_map")
     second = "cuda:1" if torch.cuda.device_count() > 1 else "cpu"
     single = _load(saved, device_map={"": "cuda:0"})
     split = _load(saved, device_map=_device_map("cuda:0", second))
