@@ -14,9 +14,10 @@ on rank 0, saved to ``--model-dir`` and loaded by every rank. One video of ``--f
 processes, interleaved rep by rep:
 
   sdpa         transformers' SDPA, unanchored (what TP users run today)
-  videoanchor  attn_implementation="videoanchor_triton": SSC on rank 0, scores sent to the
-               other ranks (configure's process_group="auto"), the fused anchored kernel on
-               each rank's own heads
+  videoanchor  attn_implementation="videoanchor_triton": dense SSC on rank 0 and its scores
+               sent to the other ranks, or (``--frames`` beyond the dense limit, or
+               ``--force-blocked``) the blocked solver spread over the ranks (configure's
+               process_group="auto"); the fused anchored kernel on each rank's own heads
 
 Timing: a fixed number of reps on every rank (collectives inside the forward forbid
 per-rank adaptive counts such as triton.testing.do_bench's), each rep between a device
@@ -65,13 +66,13 @@ QWEN25_VL_72B_VISION = dict(QWEN25_VL_7B_VISION, out_hidden_size=8192)
 
 
 class ShareTimer:
-    """Host time spent in the request check and the score broadcast, SSC excluded (on rank 0
-    the SSC runs inside score_on_source and is timed apart; on the other ranks this includes
-    the wait for rank 0's SSC)."""
+    """Host time spent in the request check and the score broadcast, SSC excluded (the SSC
+    runs inside shared_scores and is timed apart; on ranks other than 0 this includes the
+    wait for rank 0's dense SSC; the blocked solver's own collectives count as SSC)."""
 
     def __init__(self):
         self.seconds = 0.0
-        self._check, self._score = anchoring.check_same_request, anchoring.score_on_source
+        self._check, self._score = anchoring.check_same_request, anchoring.shared_scores
 
         def check(*args, **kwargs):
             t0 = time.perf_counter()
@@ -80,23 +81,23 @@ class ShareTimer:
             finally:
                 self.seconds += time.perf_counter() - t0
 
-        def score(group, compute, device):
+        def score(group, compute, device, spread=None):
             inner = [0.0]
 
-            def timed_compute():
+            def timed_compute(**kw):
                 t1 = time.perf_counter()
                 try:
-                    return compute()
+                    return compute(**kw)
                 finally:
                     inner[0] += time.perf_counter() - t1
 
             t0 = time.perf_counter()
             try:
-                return self._score(group, timed_compute, device)
+                return self._score(group, timed_compute, device, spread=spread)
             finally:
                 self.seconds += time.perf_counter() - t0 - inner[0]
 
-        anchoring.check_same_request, anchoring.score_on_source = check, score
+        anchoring.check_same_request, anchoring.shared_scores = check, score
 
 
 def timed(fn, cuda: bool, warmup: int, reps: int) -> list[float]:
@@ -157,6 +158,11 @@ def main(argv=None):
     p.add_argument("--model-dir", default=None, help="where rank 0 saves the random model")
     p.add_argument("--tiny", action="store_true", help="tiny CPU configuration (no CUDA)")
     p.add_argument("--quick", action="store_true", help="16 frames only")
+    p.add_argument(
+        "--force-blocked",
+        action="store_true",
+        help="score with the blocked solver spread over the ranks at every size",
+    )
     p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
     if args.quick:
@@ -187,6 +193,10 @@ def main(argv=None):
         if cuda
         else [],
     )
+    if args.force_blocked:
+        import videoanchor.anchor.scores as scores_mod
+
+        scores_mod._exact_fits = lambda *a, **k: False
     model = load(args, world, device)
     videoanchor.configure(model)
     handle = videoanchor.integrations.find_handle(model)
@@ -240,6 +250,8 @@ def main(argv=None):
                     "top5_next_tokens": top5[provider],
                 }
                 if provider == "videoanchor":
+                    row["ssc_mode"] = ssc.mode
+                    row["ssc_iterations"] = ssc.iterations
                     row["ssc_ms"] = 1e3 * ssc.timings.get("total", float("nan"))
                     row["share_ms"] = share_ms
                     row["scores_identical_across_ranks"] = identical
@@ -248,12 +260,13 @@ def main(argv=None):
             rows[-1]["vs_sdpa"] = rows[-1]["prefill_ms"] / sdpa
     meta["loadavg_end"] = os.getloadavg()
     if rank == 0:
-        name = f"tp{world}" if cuda else f"tp{world}_cpu_smoke"
+        name = f"tp{world}" + ("_blocked" if args.force_blocked else "")
+        name += "" if cuda else "_cpu_smoke"
         path = write_result(name, meta, rows, args.out_dir)
         print_table(
             rows,
             ["world_size", "visual_tokens", "provider", "prefill_ms", "p20_ms", "p80_ms",
-             "vs_sdpa", "ssc_ms", "share_ms", "scores_identical_across_ranks"],
+             "vs_sdpa", "ssc_mode", "ssc_ms", "share_ms", "scores_identical_across_ranks"],
         )  # fmt: skip
         print(f"wrote {path}")
     if dist.is_initialized():

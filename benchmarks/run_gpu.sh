@@ -27,6 +27,9 @@ else
     echo "== bench_tp (nproc_per_node $n)"
     python -m torch.distributed.run --standalone --nproc_per_node "$n" benchmarks/bench_tp.py \
       --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/bench_tp_$n.log" || status=1
+    # The blocked solver spread over the ranks (what long videos take), at the same sizes.
+    python -m torch.distributed.run --standalone --nproc_per_node "$n" benchmarks/bench_tp.py \
+      --force-blocked --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/bench_tp_blocked_$n.log" || status=1
   done
 fi
 exit $status

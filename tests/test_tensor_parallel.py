@@ -60,6 +60,7 @@ def _rank_main(rank, path, port, out_dir):
     from transformers import AutoModelForImageTextToText
 
     import videoanchor.anchor as anchor
+    import videoanchor.anchor.scores as scores_mod
 
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
     report = {}
@@ -72,9 +73,9 @@ def _rank_main(rank, path, port, out_dir):
         calls = []
 
         def spy(*args, **kwargs):
-            calls.append(rank)
-            if rank != 0:
-                raise AssertionError("SSC ran on rank 1: the scores must come from rank 0")
+            calls.append(kwargs.get("process_group") is not None)
+            if rank != 0 and kwargs.get("process_group") is None:
+                raise AssertionError("SSC ran alone on rank 1: the scores must come from rank 0")
             return original(*args, **kwargs)
 
         anchor.compute_anchor_scores = spy
@@ -94,10 +95,22 @@ def _rank_main(rank, path, port, out_dir):
             report["scores"] = handle.last_scores.clone()
             report["prefill_seen"] = list(seen)
             report["tokens"] = model.generate(**batch, **GEN)
-        report["ssc_calls"] = len(calls)
+        report["ssc_calls"] = list(calls)
         report["coef_none"] = [r is None or r.coef is None for r in handle.last_result]
         report["labels"] = [None if r is None else r.labels for r in handle.last_result]
         report["heads"] = sorted({(q, k) for q, k, _ in seen})
+
+        # Long videos: where one process would take the blocked solver (the dense one "does
+        # not fit", forced here), its column blocks are divided among the ranks.
+        fits, scores_mod._exact_fits = scores_mod._exact_fits, lambda *a, **k: False
+        calls.clear()
+        with torch.no_grad():
+            report["blocked_logits"] = model(**batch).logits
+        scores_mod._exact_fits = fits
+        report["blocked_scores"] = handle.last_scores.clone()
+        report["blocked_calls"] = list(calls)
+        report["blocked_modes"] = [r.mode for r in handle.last_result]
+        report["blocked_coef"] = [r.coef is not None for r in handle.last_result]
 
         # Different requests on the ranks (same shapes, other pixels): every rank must raise.
         other = _batch(model.config, seed=10 + 7 * rank)
@@ -143,12 +156,21 @@ def runs(tmp_path_factory):
     ).eval()
     handle = videoanchor.configure(single, **SSC, decode="all")
     batch = _batch(single.config)
+    import videoanchor.anchor.scores as scores_mod
+
     with torch.no_grad():
         ref = {
             "logits": single(**batch).logits,
             "scores": handle.last_scores.clone(),
             "tokens": single.generate(**batch, **GEN),
         }
+        fits, scores_mod._exact_fits = scores_mod._exact_fits, lambda *a, **k: False
+        try:
+            ref["blocked_logits"] = single(**batch).logits
+        finally:
+            scores_mod._exact_fits = fits
+        ref["blocked_scores"] = handle.last_scores.clone()
+        ref["blocked_modes"] = [r.mode for r in handle.last_result]
 
     ctx = mp.start_processes(
         _rank_main,
@@ -181,8 +203,9 @@ def test_each_rank_sees_its_own_heads(runs):
 
 def test_scores_computed_once_and_gates_identical_on_every_rank(runs):
     ref, ranks, _ = runs
-    assert ranks[0]["ssc_calls"] == 2 * 2  # (forward + generate) x samples, rank 0 only
-    assert ranks[1]["ssc_calls"] == 0
+    # (forward + generate) x samples, on rank 0 only, alone
+    assert ranks[0]["ssc_calls"] == [False] * (2 * 2)
+    assert ranks[1]["ssc_calls"] == []
     for rep in ranks:
         assert torch.equal(rep["scores"], ranks[0]["scores"])
         for a, b in zip(rep["labels"], ranks[0]["labels"], strict=True):
@@ -208,6 +231,20 @@ def test_logits_and_greedy_tokens_equal_single_process(runs):
         assert diff < 2e-5
         assert torch.equal(rep["tokens"], ref["tokens"])
     assert ref["tokens"].shape[1] == batch["input_ids"].shape[1] + GEN["max_new_tokens"]
+
+
+def test_blocked_solver_spread_over_the_ranks(runs):
+    ref, ranks, batch = runs
+    assert ref["blocked_modes"] == ["blocked", "blocked"]
+    valid = batch["attention_mask"].bool()
+    for rep in ranks:
+        assert rep["blocked_calls"] == [True, True]  # every rank, with the group, per sample
+        assert rep["blocked_modes"] == ["blocked", "blocked"]
+        assert rep["blocked_coef"] == [True, True]
+        assert torch.equal(rep["blocked_scores"], ranks[0]["blocked_scores"])
+        assert torch.allclose(rep["blocked_scores"], ref["blocked_scores"], rtol=0, atol=1e-6)
+        diff = (rep["blocked_logits"].double() - ref["blocked_logits"].double())[valid]
+        assert diff.abs().max().item() < 2e-5
 
 
 def test_ranks_with_different_requests_all_raise(runs):

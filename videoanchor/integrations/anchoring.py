@@ -33,7 +33,7 @@ from videoanchor.integrations.attention import ATTN_IMPLEMENTATION
 from videoanchor.integrations.distributed import (
     check_same_request,
     resolve_group,
-    score_on_source,
+    shared_scores,
     validate_group_option,
 )
 from videoanchor.integrations.registry import (
@@ -383,7 +383,7 @@ class AnchorHandle:
                         f"{cfg.n_clusters}; using n_clusters={k} for it",
                     )
 
-                def compute(feats=feats, k=k):
+                def compute(feats=feats, k=k, **spread_over):
                     return compute_anchor_scores(
                         feats,
                         k,
@@ -396,10 +396,20 @@ class AnchorHandle:
                         seed=cfg.seed,
                         backend=cfg.ssc_backend,
                         dtype=cfg.ssc_dtype,
+                        **spread_over,
                     )
 
-                # Under a process group only its rank 0 scores; the others receive its result.
-                res = compute() if group is None else score_on_source(group, compute, feats.device)
+                def blocked(feats=feats):  # what mode="auto" picks on one process
+                    from videoanchor.anchor.scores import _exact_fits
+
+                    return not _exact_fits(feats, cfg.ssc_dtype, cfg.pca_rank)
+
+                # Under a process group the ranks get the same result (distributed.py).
+                res = (
+                    compute()
+                    if group is None
+                    else shared_scores(group, compute, feats.device, spread=blocked)
+                )
                 seen.append((feats, res))
             results.append(res)
             scores[b, cols] = res.scores.to(device=scores.device, dtype=torch.float32)
@@ -566,9 +576,11 @@ def configure(
         process_group: the ranks that share one request's scores (tensor parallelism):
             "auto" (default) takes the "tp" group of the model's DTensor parameters when it
             was loaded with ``tp_plan``, else none; a ``torch.distributed.ProcessGroup``; or
-            None (every process scores its own requests, e.g. data parallel). With a group,
-            rank 0 runs SSC and sends the scores to the others, so every rank applies the
-            same gates; ``last_result[b].coef`` is None on the other ranks.
+            None (every process scores its own requests, e.g. data parallel). With a group
+            every rank applies the same gates: rank 0 runs the dense SSC and sends the
+            scores to the others (``last_result[b].coef`` is None there), or, where one
+            process would take the blocked solver, its column blocks are divided among the
+            ranks.
 
     Raises ValueError for an unsupported family (naming the supported ones), a model not
     loaded with the videoanchor attention, or invalid options.

@@ -2,17 +2,21 @@
 
 Under transformers' tensor parallelism (``tp_plan="auto"`` under ``torchrun``) every rank
 runs the same request, and each rank's attention sees only its own query/KV heads. The
-gates are per key, so every rank must apply the same ones. The scores of a request are
-therefore computed on one rank (rank 0 of the group) and sent to the others, which never
-run SSC: the ranks cannot disagree, even where SSC is not bitwise reproducible across
-devices. Before any scoring the ranks compare a fingerprint of the request (shapes, visual
+gates are per key, so every rank must apply the same ones. Where one process would run the
+dense exact SSC, it runs on rank 0 of the group and its scores are sent to the others,
+which never run SSC: the ranks cannot disagree, even where SSC is not bitwise reproducible
+across devices. Where one process would take the column-blocked exact solver (long videos:
+the dense one does not fit), the blocks are divided among the ranks by
+``compute_anchor_scores(process_group=...)``, which clusters on rank 0 and broadcasts the
+labels and scores. Either way the result equals the single-process one. Before any scoring the ranks compare a fingerprint of the request (shapes, visual
 token counts, sums of the visual features), so that a data-parallel run (different requests
 per rank) configured with a group fails loudly instead of mixing requests.
 
 Collectives per prefill with visual tokens: one ``all_gather_object`` (the fingerprints)
-plus one ``broadcast_object_list`` per distinct scored sample. Decode steps communicate
-nothing. The payload is the scores and labels (N floats and ints per sample), never the
-N x N coefficient matrix: ``coef`` is None in the results received from the source.
+plus one ``broadcast_object_list`` per distinct scored sample (and the blocked solver's own
+collectives when it is spread). Decode steps communicate nothing. From the dense path the
+payload is the scores and labels (N floats and ints per sample), never the N x N
+coefficient matrix: ``coef`` is None in the results received from rank 0.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import dataclasses
 
 import torch
 
-__all__ = ["check_same_request", "resolve_group", "score_on_source", "tensor_parallel_group"]
+__all__ = ["check_same_request", "resolve_group", "shared_scores", "tensor_parallel_group"]
 
 _AUTO = "auto"
 
@@ -119,10 +123,17 @@ def check_same_request(group, embeds: torch.Tensor, visual: torch.Tensor) -> Non
             )
 
 
-def score_on_source(group, compute, device: torch.device):
-    """Run ``compute()`` (returning an AnchorResult) on rank 0 of ``group`` only and hand its
-    scores, labels and statistics to every rank (``coef`` None off the source). If it raises
-    on the source, every rank raises (the source its own error) instead of waiting forever."""
+def shared_scores(group, compute, device: torch.device, spread=None):
+    """The AnchorResult of one sample, the same on every rank of ``group``.
+
+    ``compute(**kw)`` runs ``compute_anchor_scores``; ``spread()`` (asked on rank 0 only)
+    says whether a single process would take the column-blocked exact solver (the dense one
+    does not fit). Then every rank calls ``compute(process_group=group)``: the blocks are
+    divided among the ranks and every rank gets the same result. Otherwise rank 0 alone
+    runs ``compute()`` and hands its scores, labels and statistics to the other ranks
+    (``coef`` None there). If rank 0 fails, every rank raises (rank 0 its own error)
+    instead of waiting forever.
+    """
     import torch.distributed as dist
 
     is_source = dist.get_rank(group) == 0
@@ -130,13 +141,16 @@ def score_on_source(group, compute, device: torch.device):
     result = error = None
     if is_source:
         try:
-            result = compute()
-            payload[0] = (
-                "ok",
-                dataclasses.replace(
-                    result, scores=result.scores.cpu(), labels=result.labels.cpu(), coef=None
-                ),
-            )
+            if spread is not None and spread():
+                payload[0] = ("spread", None)
+            else:
+                result = compute()
+                payload[0] = (
+                    "ok",
+                    dataclasses.replace(
+                        result, scores=result.scores.cpu(), labels=result.labels.cpu(), coef=None
+                    ),
+                )
         except Exception as exc:  # sent to the other ranks, then re-raised below
             error = exc
             payload[0] = ("error", f"{type(exc).__name__}: {exc}")
@@ -144,6 +158,8 @@ def score_on_source(group, compute, device: torch.device):
     status, body = payload[0]
     if error is not None:
         raise error
+    if status == "spread":
+        return compute(process_group=group)
     if status != "ok":
         raise RuntimeError(f"videoanchor: rank 0 of the anchoring process group failed: {body}")
     if is_source:
