@@ -44,6 +44,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _groups(model, dist):
+    """Ranks of the group "auto" finds on the TP model, and on a model sharded over a mesh
+    whose only dimension is "fsdp" (not tensor parallel: None)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    from videoanchor.integrations.distributed import tensor_parallel_group
+
+    tp = tensor_parallel_group(model.model.language_model)
+    fsdp = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("fsdp",))
+    lin = torch.nn.Linear(3, 3)
+    lin.weight = torch.nn.Parameter(distribute_tensor(lin.weight.data, fsdp, [Replicate()]))
+    return {
+        "tp": dist.get_process_group_ranks(tp),
+        "model_tp": dist.get_process_group_ranks(model._device_mesh["tp"].get_group()),
+        "fsdp": tensor_parallel_group(lin),
+    }
+
+
 def _rank_main(rank, path, port, out_dir):
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -69,6 +88,7 @@ def _rank_main(rank, path, port, out_dir):
             path, attn_implementation="videoanchor_triton", tp_plan="auto"
         ).eval()
         handle = videoanchor.configure(model, **SSC, decode="all")
+        report["groups"] = _groups(model, dist)
         original = anchor.compute_anchor_scores
         calls = []
 
@@ -193,6 +213,12 @@ def runs(tmp_path_factory):
         assert "crash" not in rep, f"rank {r} failed:\n{rep['crash']}"
         ranks.append(rep)
     return ref, ranks, batch
+
+
+def test_auto_finds_the_tensor_parallel_group_only(runs):
+    _, ranks, _ = runs
+    for rep in ranks:
+        assert rep["groups"] == {"tp": [0, 1], "model_tp": [0, 1], "fsdp": None}
 
 
 def test_each_rank_sees_its_own_heads(runs):

@@ -31,8 +31,10 @@ _AUTO = "auto"
 
 
 def tensor_parallel_group(module: torch.nn.Module):
-    """The process group of the "tp" mesh dimension that shards ``module``'s parameters, or
-    None when none of them is a DTensor (the model is not tensor parallel)."""
+    """The process group of the "tp" dimension of the device mesh that shards ``module``'s
+    DTensor parameters (an unnamed 1-D mesh counts as tensor parallel, as transformers'
+    legacy TP builds it), or None: no DTensor parameter, or a mesh without a "tp"
+    dimension (data parallel or FSDP ranks run different requests)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch built without distributed support
@@ -40,16 +42,12 @@ def tensor_parallel_group(module: torch.nn.Module):
     for p in module.parameters():
         if isinstance(p, DTensor):
             mesh = p.device_mesh
-            names = mesh.mesh_dim_names or ()
-            if "tp" in names:
-                return mesh["tp"].get_group()
-            if mesh.ndim == 1:
+            names = mesh.mesh_dim_names
+            if names and "tp" in names:
+                return mesh["tp"].get_group() if mesh.ndim > 1 else mesh.get_group()
+            if not names and mesh.ndim == 1:
                 return mesh.get_group()
-            raise RuntimeError(
-                f"videoanchor: the model's parameters are sharded over a {mesh.ndim}-D device mesh "
-                f"with dimensions {names} and none is named 'tp'; pass the tensor-parallel group "
-                "explicitly with configure(model, process_group=...)"
-            )
+            return None
     return None
 
 
