@@ -8,10 +8,28 @@ OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
 status=0
 python -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" || status=1
-for script in bench_attention bench_decode bench_ssc bench_scalable_scoring bench_integration; do
+for script in bench_attention bench_decode bench_ssc bench_scalable_scoring bench_blocked bench_integration; do
   if [ -f "benchmarks/$script.py" ]; then
     echo "== $script"
     python "benchmarks/$script.py" --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/$script.log" || status=1
   fi
 done
+# Tensor parallelism: one torchrun per world size, on as many GPUs as there are (at least 2).
+ngpu=$(python -c "import torch; print(torch.cuda.device_count())")
+if [ "$ngpu" -lt 2 ]; then
+  echo "== bench_tp skipped: needs at least 2 GPUs, found $ngpu"
+elif ! python -c "import accelerate" 2>/dev/null; then
+  echo "== bench_tp skipped: transformers needs accelerate for tp_plan; install or carry its wheel"
+  status=1
+else
+  for n in 1 2 4; do
+    [ "$n" -le "$ngpu" ] || continue
+    echo "== bench_tp (nproc_per_node $n)"
+    python -m torch.distributed.run --standalone --nproc_per_node "$n" benchmarks/bench_tp.py \
+      --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/bench_tp_$n.log" || status=1
+    # The blocked solver spread over the ranks (what long videos take), at the same sizes.
+    python -m torch.distributed.run --standalone --nproc_per_node "$n" benchmarks/bench_tp.py \
+      --force-blocked --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/bench_tp_blocked_$n.log" || status=1
+  done
+fi
 exit $status

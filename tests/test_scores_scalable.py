@@ -111,13 +111,13 @@ def test_scalable_with_every_candidate_agrees_with_exact():
 def test_auto_mode_threshold_and_memory(monkeypatch):
     x = tokens(6, 3, 12, seed=5)
     assert compute_anchor_scores(x, n_clusters=3).mode == "exact"
+    # beyond the dense limit, auto takes the blocked exact solver, never the approximation
     monkeypatch.setattr(scores, "SCALABLE_THRESHOLD", 10)
-    with pytest.warns(UserWarning, match="scalable"):
-        assert compute_anchor_scores(x, n_clusters=3).mode == "scalable"
+    assert compute_anchor_scores(x, n_clusters=3).mode == "blocked"
     monkeypatch.setattr(scores, "SCALABLE_THRESHOLD", 10**9)
     monkeypatch.setattr(_inputs, "free_memory_bytes", lambda device: 1024)
-    with pytest.warns(UserWarning, match="scalable"):
-        assert compute_anchor_scores(x, n_clusters=3).mode == "scalable"
+    with pytest.raises(MemoryError, match="Blocked SSC.*mode='scalable'"):
+        compute_anchor_scores(x, n_clusters=3)
     with pytest.raises(MemoryError, match="mode='scalable'"):
         compute_anchor_scores(x, n_clusters=3, mode="exact")
 

@@ -4,6 +4,7 @@ Never imports ``videoanchor.kernels`` or ``transformers``.
 """
 
 from videoanchor.anchor._inputs import SSCMemoryError
+from videoanchor.anchor.blocked import solve_ssc_blocked
 from videoanchor.anchor.scores import (
     AnchorResult,
     SSCResult,
@@ -23,6 +24,7 @@ __all__ = [
     "compute_anchor_scores",
     "pca_reduce",
     "solve_ssc_admm",
+    "solve_ssc_blocked",
     "sparse_subspace_clustering",
     "spectral_clustering",
     "ssc_affinity",

@@ -92,5 +92,6 @@ def check_memory(required: int, device: torch.device, *, n: int, d: int, what: s
         f"{what} with N = {n} tokens and D = {d} features needs about {_fmt_bytes(required)} "
         f"on {device}, but only {_fmt_bytes(free)} is free. Options: reduce the feature "
         f"dimension with pca_rank=..., use fewer frames (fewer tokens; memory grows as N^2), "
-        f"run on the CPU (features.cpu()), or use mode='scalable'."
+        f"run on the CPU (features.cpu()), use mode='blocked' (exact, no N x N buffer; "
+        f"smaller block_columns=...) or mode='scalable' (an approximation)."
     )

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from videoanchor.anchor import _inputs
 from videoanchor.anchor._inputs import as_feature_tensor, resolve_dtype
-from videoanchor.anchor.scalable import scalable_anchor_scores, scores_from_row_sums
+from videoanchor.anchor.blocked import (
+    _group,
+    comm_device,
+    solve_ssc_blocked,
+    sparse_row_sums,
+    sparse_ssc_affinity,
+)
+from videoanchor.anchor.scalable import (
+    scalable_anchor_scores,
+    scores_from_row_sums,
+    sparse_spectral_clustering,
+)
 from videoanchor.anchor.spectral import spectral_clustering, ssc_affinity
 from videoanchor.anchor.ssc import admm_bytes, choose_strategy, solve_ssc_admm
 from videoanchor.anchor.ssc_equality import solve_ssc_equality
@@ -26,16 +36,19 @@ __all__ = [
 
 _BACKENDS = ("auto", "torch", "cupy")
 _SOLVERS = ("auto", "faithful", "accelerated")
-_MODES = ("auto", "exact", "scalable")
+_MODES = ("auto", "exact", "blocked", "scalable")
 _DATA_TERMS = ("squared", "exact")
-SCALABLE_THRESHOLD = 16384  # mode="auto": exact SSC up to this many tokens
+# mode="auto": the dense exact solver up to this many tokens (and the free memory), the
+# column-blocked exact solver above (the name predates the blocked solver)
+SCALABLE_THRESHOLD = 16384
 ACCEL_RELAX = 1.8  # over-relaxation of the accelerated solver (Eckstein & Bertsekas)
 
 
 def anchor_scores(coef: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Anchor score of every token from ``C`` and cluster labels (METHOD.md section 3).
 
-    ``r_j = sum_i C[j, i]`` (row sum of the signed ``C``, ``Y = Y C`` convention),
+    ``r_j = sum_i C[j, i]`` (row sum of the signed ``C``, ``Y = Y C`` convention; ``coef``
+    dense or sparse COO, which is never densified),
     ``pi_j`` = share of tokens in ``j``'s cluster, ``s^ = pi * r``, and
     ``s = (s^ - min s^) / (max s^ - min s^ + 1e-5)``. Computed in float64 and returned
     as float32 in ``[0, 1)`` (clamped below 1 where float32 rounding would reach it).
@@ -52,6 +65,8 @@ def anchor_scores(coef: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if bool((labels < 0).any()):
         raise ValueError("labels: expected non-negative cluster ids")
     labels = labels.to(device=coef.device, dtype=torch.long)
+    if coef.is_sparse:
+        return scores_from_row_sums(sparse_row_sums(coef), labels)
     return scores_from_row_sums(coef.to(torch.float64).sum(dim=1), labels)
 
 
@@ -291,6 +306,8 @@ def compute_anchor_scores(
     eigen_solver: str = "auto",
     mode: str = "auto",
     candidates: int = 32,
+    block_columns: int | None = None,
+    process_group=None,
 ) -> AnchorResult:
     """VideoAnchor scores of ``features`` (``N x D`` visual tokens of one request).
 
@@ -305,10 +322,22 @@ def compute_anchor_scores(
     residual: it converges to the minimiser of the authors' program, which the authors'
     stopping rule leaves several percent away from; not always fewer iterations).
 
-    ``mode``: ``"exact"`` (dense ``N x N`` SSC), ``"scalable"`` (each token coded over
-    its ``candidates`` most correlated tokens, same program and lambdas, no ``O(N^2)``
-    memory; ``coef`` is then a sparse COO tensor) or ``"auto"``: exact up to
-    ``N = 16384`` tokens when it fits in memory, scalable above.
+    ``mode``: ``"exact"`` (dense ``N x N`` SSC), ``"blocked"`` (the same exact program and
+    iteration on ``block_columns`` columns of ``C`` at a time against all tokens, no
+    ``N x N`` buffer, each block stopped by its own part of the authors' criterion; see
+    :mod:`videoanchor.anchor.blocked`; ``coef`` is then a sparse COO tensor and the
+    spectral step runs on the sparse affinity), ``"scalable"`` (an approximation: each
+    token coded over its ``candidates`` most correlated tokens only; ``coef`` sparse COO)
+    or ``"auto"``: dense exact up to ``N = 16384`` tokens when it fits in memory, blocked
+    exact above. The approximation is only used when asked for.
+
+    ``process_group``: a ``torch.distributed`` process group (any backend: gloo, NCCL).
+    Every rank of the group must call this with features of the same shape; rank 0's
+    features are used. The column blocks are divided among the ranks (``mode="auto"`` or
+    ``"blocked"``; other modes raise ``ValueError``), the sparse columns of ``C`` are
+    all-gathered, clustering and scores are computed once on rank 0 and broadcast, and
+    every rank returns the same ``AnchorResult`` (``timings`` are each rank's own). The
+    result equals the single-process ``mode="blocked"`` result.
 
     Raises ``ValueError`` for N = 0, fewer tokens than clusters or non-finite features,
     ``TypeError`` for non-numeric input, and ``SSCMemoryError`` (a ``MemoryError``) with
@@ -317,19 +346,27 @@ def compute_anchor_scores(
     t0 = time.perf_counter()
     if mode not in _MODES:
         raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
+    if process_group is not None:
+        _group(process_group)  # checks that it is an initialised process group
+        if mode == "auto":
+            mode = "blocked"
+        elif mode != "blocked":
+            raise ValueError(
+                f"process_group: only the blocked exact solver is spread over processes; "
+                f"expected mode='auto' or 'blocked', got mode={mode!r}"
+            )
     if mode != "exact":
         x = as_feature_tensor(features)
         _check_common(n_clusters, x.shape[0], alpha_e, alpha_z, backend, solver)
         if mode == "auto":
-            mode = "exact" if _exact_fits(x, dtype, pca_rank) else "scalable"
-            if mode == "scalable":
-                warnings.warn(
-                    f"compute_anchor_scores: N = {x.shape[0]} tokens is above the exact "
-                    f"mode's limit ({SCALABLE_THRESHOLD} tokens or the free memory); using "
-                    "mode='scalable', an approximation (see the README's Limitations)",
-                    UserWarning,
-                    stacklevel=2,
-                )
+            mode = "exact" if _exact_fits(x, dtype, pca_rank) else "blocked"
+        if mode == "blocked":
+            return _blocked_anchor_scores(
+                x, n_clusters, t0=t0, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
+                max_iter=max_iter, pca_rank=pca_rank, seed=seed, backend=backend, dtype=dtype,
+                solver=solver, eigen_solver=eigen_solver, block_columns=block_columns,
+                process_group=process_group,
+            )  # fmt: skip
         if mode == "scalable":
             if pca_rank:
                 x = pca_reduce(x, pca_rank)
@@ -373,5 +410,83 @@ def compute_anchor_scores(
         lambda_z=res.lambda_z,
         backend=res.backend,
         solver=res.solver,
+        timings=timings,
+    )
+
+
+def _blocked_anchor_scores(
+    x, n_clusters, *, t0, alpha_e, alpha_z, rho, eps, max_iter, pca_rank, seed, backend,
+    dtype, solver, eigen_solver, block_columns, process_group,
+) -> AnchorResult:  # fmt: skip
+    """``mode="blocked"`` of :func:`compute_anchor_scores`, on one process or a group."""
+    unsupported = [
+        msg
+        for bad, msg in (
+            (solver == "accelerated", "solver='accelerated' (the authors' iteration only)"),
+            (backend == "cupy", "backend='cupy' (torch only)"),
+            (eigen_solver == "eigh", "eigen_solver='eigh' (it would densify the affinity)"),
+        )
+        if bad
+    ]
+    if unsupported:
+        raise ValueError("mode='blocked' does not support " + "; ".join(unsupported))
+    if eigen_solver not in ("auto", "subspace"):
+        raise ValueError(f"eigen_solver: expected 'auto' or 'subspace', got {eigen_solver!r}")
+    if pca_rank:
+        x = pca_reduce(x, pca_rank)
+    admm = solve_ssc_blocked(
+        x, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps, max_iter=max_iter,
+        dtype=dtype, block_columns=block_columns, process_group=process_group,
+    )  # fmt: skip
+    coef = admm.coef
+    t1 = time.perf_counter()
+    group, rank, _ = _group(process_group)
+    n = coef.shape[0]
+    labels = torch.empty(n, dtype=torch.long, device=x.device)
+    scores = torch.empty(n, dtype=torch.float32, device=x.device)
+    error = None
+    if rank == 0:
+        try:
+            w = sparse_ssc_affinity(coef)
+            labels = sparse_spectral_clustering(w, n_clusters, seed=seed).to(x.device)
+            del w
+            scores = anchor_scores(coef, labels)
+        except Exception as exc:  # re-raised below, after the other ranks are told
+            error = exc
+    if group is not None:
+        import torch.distributed as dist
+
+        dev = comm_device(group, x.device)
+        src = dist.get_global_rank(group, 0)
+        flag = torch.tensor([0 if error is None else 1], device=dev)
+        dist.broadcast(flag, src=src, group=group)
+        if int(flag) != 0:
+            if error is not None:
+                raise error
+            raise RuntimeError("compute_anchor_scores: clustering failed on rank 0 of the group")
+        buf_l, buf_s = labels.to(dev), scores.to(dev)
+        dist.broadcast(buf_l, src=src, group=group)
+        dist.broadcast(buf_s, src=src, group=group)
+        labels, scores = buf_l.to(x.device), buf_s.to(x.device)
+    elif error is not None:
+        raise error
+    _sync(x.device)
+    t2 = time.perf_counter()
+    timings = dict(admm.timings)
+    timings["spectral"] = t2 - t1
+    timings["scores"] = 0.0  # computed with the clustering on rank 0
+    timings["total"] = t2 - t0
+    return AnchorResult(
+        scores=scores,
+        labels=labels,
+        coef=coef,
+        iterations=admm.iterations,
+        converged=admm.converged,
+        residual=admm.residual,
+        lambda_e=admm.lambda_e,
+        lambda_z=admm.lambda_z,
+        backend="torch",
+        solver="faithful",
+        mode="blocked",
         timings=timings,
     )

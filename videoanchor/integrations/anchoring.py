@@ -32,6 +32,12 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from videoanchor.integrations.attention import ATTN_IMPLEMENTATION, REQUEST_KWARG
+from videoanchor.integrations.distributed import (
+    check_same_request,
+    resolve_group,
+    shared_scores,
+    validate_group_option,
+)
 from videoanchor.integrations.registry import (
     FamilySpec,
     VisualSegment,
@@ -67,6 +73,7 @@ class AnchorConfig:
     ssc_backend: str = "auto"
     ssc_dtype: torch.dtype | None = None
     attention_backend: str = "auto"
+    process_group: object = "auto"
 
 
 def _validate(cfg: AnchorConfig) -> AnchorConfig:
@@ -96,6 +103,7 @@ def _validate(cfg: AnchorConfig) -> AnchorConfig:
         raise ValueError(
             f"attention_backend: expected one of {_ATTN_BACKENDS}, got {cfg.attention_backend!r}"
         )
+    validate_group_option(cfg.process_group)
     return replace(cfg, tokens=tokens, alpha_q=float(cfg.alpha_q), alpha_k=float(cfg.alpha_k),
                    alpha_v=float(cfg.alpha_v))  # fmt: skip
 
@@ -166,8 +174,11 @@ class _Request:
                 cap = max(cap, end + 256)
             kb = torch.zeros(self.batch, cap, dtype=torch.float32, device=device)
             vs = torch.ones(self.batch, cap, dtype=torch.float32, device=device)
-            kb[:, self.offset : end] = self.key_bias.to(device, non_blocking=True)
-            vs[:, self.offset : end] = self.value_scale.to(device, non_blocking=True)
+            # A non-blocking copy to the host would be read before it lands (device_map with
+            # layers on the CPU); to another GPU it is stream-ordered.
+            async_copy = device.type != "cpu"
+            kb[:, self.offset : end] = self.key_bias.to(device, non_blocking=async_copy)
+            vs[:, self.offset : end] = self.value_scale.to(device, non_blocking=async_copy)
             buf = self.buffers[device] = (kb, vs)
         return buf[0][:, :skv], buf[1][:, :skv]
 
@@ -363,6 +374,11 @@ class AnchorHandle:
         any_mask = torch.zeros(B, S, dtype=torch.bool, device=embeds.device)
         for m in masks.values():
             any_mask |= m
+        group = resolve_group(
+            cfg.process_group, getattr(self.model, self.family.language_model_attr)
+        )
+        if group is not None:
+            check_same_request(group, embeds, any_mask)
         scores = torch.zeros(B, S, dtype=torch.float32, device=embeds.device)
         results: list = []
         positions: list[torch.Tensor] = []
@@ -403,18 +419,33 @@ class AnchorHandle:
                         f"videoanchor: a sample has {n} visual tokens, fewer than n_clusters="
                         f"{cfg.n_clusters}; using n_clusters={k} for it",
                     )
-                res = compute_anchor_scores(
-                    feats,
-                    k,
-                    alpha_e=cfg.alpha_e,
-                    alpha_z=cfg.alpha_z,
-                    rho=cfg.rho,
-                    eps=cfg.eps,
-                    max_iter=cfg.max_iter,
-                    pca_rank=cfg.pca_rank,
-                    seed=cfg.seed,
-                    backend=cfg.ssc_backend,
-                    dtype=cfg.ssc_dtype,
+
+                def compute(feats=feats, k=k, **spread_over):
+                    return compute_anchor_scores(
+                        feats,
+                        k,
+                        alpha_e=cfg.alpha_e,
+                        alpha_z=cfg.alpha_z,
+                        rho=cfg.rho,
+                        eps=cfg.eps,
+                        max_iter=cfg.max_iter,
+                        pca_rank=cfg.pca_rank,
+                        seed=cfg.seed,
+                        backend=cfg.ssc_backend,
+                        dtype=cfg.ssc_dtype,
+                        **spread_over,
+                    )
+
+                def blocked(feats=feats):  # what mode="auto" picks on one process
+                    from videoanchor.anchor.scores import _exact_fits
+
+                    return not _exact_fits(feats, cfg.ssc_dtype, cfg.pca_rank)
+
+                # Under a process group the ranks get the same result (distributed.py).
+                res = (
+                    compute()
+                    if group is None
+                    else shared_scores(group, compute, feats.device, spread=blocked)
                 )
                 seen.append((feats, res))
             results.append(res)
@@ -586,6 +617,7 @@ def configure(
     ssc_backend=_UNSET,
     ssc_dtype=_UNSET,
     attention_backend=_UNSET,
+    process_group=_UNSET,
 ) -> AnchorHandle:
     """Configure VideoAnchor on a model loaded with ``attn_implementation="videoanchor_triton"``.
 
@@ -605,6 +637,14 @@ def configure(
         alpha_e, alpha_z, rho, eps, max_iter, pca_rank, seed, ssc_backend, ssc_dtype: passed
             to :func:`videoanchor.compute_anchor_scores` (``backend=ssc_backend``, ``dtype=ssc_dtype``).
         attention_backend: "auto" (Triton on CUDA, exact torch path on CPU), "triton" or "torch".
+        process_group: the ranks that share one request's scores (tensor parallelism):
+            "auto" (default) takes the "tp" group of the model's DTensor parameters when it
+            was loaded with ``tp_plan``, else none; a ``torch.distributed.ProcessGroup``; or
+            None (every process scores its own requests, e.g. data parallel). With a group
+            every rank applies the same gates: rank 0 runs the dense SSC and sends the
+            scores to the others (``last_result[b].coef`` is None there), or, where one
+            process would take the blocked solver, its column blocks are divided among the
+            ranks.
 
     Raises ValueError for an unsupported family (naming the supported ones), a model not
     loaded with the videoanchor attention, or invalid options.
@@ -652,6 +692,7 @@ def configure(
             ssc_backend=ssc_backend,
             ssc_dtype=ssc_dtype,
             attention_backend=attention_backend,
+            process_group=process_group,
         ).items()
         if v is not _UNSET
     }

@@ -1,0 +1,429 @@
+"""Exact SSC, column-blocked: the authors' ADMM on ``b`` columns of ``C`` at a time.
+
+The SSC program of METHOD.md section 2 separates over the columns of ``C`` (see the
+module docstring of :mod:`videoanchor.anchor.scalable`): column ``i`` is coupled to the
+others only through the global ``lambda_e`` and ``lambda_z``. Every step of the authors'
+iteration is column-wise too:
+
+* the A-step applies the fixed inverse ``M^{-1}`` to the block's right-hand side through
+  its Woodbury form (``rho I`` plus a rank-``(D + 1)`` term: ``N x (D + 1)`` factors,
+  built once, float64 as in :func:`~videoanchor.anchor.ssc.solve_ssc_admm`);
+* the C-step (shrinkage, zero diagonal), the E-step and the dual updates act per column.
+
+So a block of columns runs the authors' iteration against the full dictionary ``Y`` in
+``O(N D b)`` per iteration and ``O(N b + N D)`` memory, and at a fixed iteration count its
+columns equal the dense solver's (same arithmetic, up to the summation order of the
+products). The dual ``Delta2`` is dense, so blocks run one after another (each to its own
+end) rather than in lockstep; shrinkage makes exact zeros, so the finished columns of
+``C`` are kept sparse and no ``N x N`` buffer is ever allocated.
+
+Stopping rule: the authors stop when ``max_i sum_j |A - C|_ij < eps`` over all columns; a
+block stops when its own part of that norm holds, ``max_i sum_{j in block} |A - C|_ij <
+eps`` (``block_eps="own"``, the default). Each block's part is at most the whole, so a
+block never runs longer than the dense solver would; the union of blocks that each met
+``eps`` can be up to ``n_blocks * eps`` away in the authors' norm. ``block_eps="share"``
+gives each block ``eps * b / N`` instead, so the assembled ``C`` meets the authors'
+criterion over all columns (at the cost of more iterations per block).
+``block_columns = N`` is exactly the authors' rule with either.
+
+Across processes: the blocks are dealt round-robin to the ranks of a
+``torch.distributed`` process group, each rank solves its blocks, and the sparse columns
+are all-gathered. The block partition depends only on ``N``, ``D``, the dtype and the
+device type, never on the number of ranks, so every rank count computes every column
+with the same arithmetic and gives the same ``C``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from videoanchor.anchor._inputs import as_feature_tensor, check_memory, resolve_dtype
+from videoanchor.anchor.ssc import _Solver, check_admm_parameters, ssc_lambdas
+
+__all__ = [
+    "BlockedADMMResult",
+    "default_block_columns",
+    "solve_ssc_blocked",
+    "sparse_row_sums",
+    "sparse_ssc_affinity",
+]
+
+# Working-set budget of one block (bytes): on a GPU large blocks keep the products
+# efficient; on the CPU a small one keeps the peak low. Fixed per device type (not read
+# from the free memory) so that every rank of a process group picks the same blocks.
+_BLOCK_BUDGET = {"cpu": 256 * 2**20, "cuda": 4 * 2**30}
+_BLOCK_ALIGN = 64
+
+
+def _column_bytes(n: int, itemsize: int) -> int:
+    """Bytes per column of a block's working set: C, Lam, A, the new Lam and a temporary
+    in the working dtype, and the float64 right-hand side and A-step output."""
+    return n * (5 * itemsize + 2 * 8)
+
+
+def default_block_columns(n: int, d: int, dtype: torch.dtype, device_type: str) -> int:
+    """Columns per block: the largest multiple of 64 whose working set fits the device
+    type's budget (256 MiB on the CPU, 4 GiB on CUDA), at least 64, at most ``N``."""
+    itemsize = torch.finfo(dtype).bits // 8
+    budget = _BLOCK_BUDGET.get(device_type, _BLOCK_BUDGET["cpu"])
+    b = budget // _column_bytes(n, itemsize)
+    b = max(_BLOCK_ALIGN, (b // _BLOCK_ALIGN) * _BLOCK_ALIGN)
+    return int(min(n, b))
+
+
+def blocked_admm_bytes(n: int, d: int, itemsize: int, block: int) -> int:
+    """Working memory of :func:`solve_ssc_blocked` without the sparse ``C`` (whose size is
+    only known at the end): one block's buffers plus the ``O(N D)`` factors."""
+    return block * _column_bytes(n, itemsize) + 4 * n * d * 8 + block * d * 8 * 4
+
+
+@dataclass
+class BlockedADMMResult:
+    """Output of :func:`solve_ssc_blocked`.
+
+    ``coef`` is ``C`` as a coalesced sparse COO tensor (``N x N``, working dtype, column
+    ``i`` reconstructs point ``i``, no diagonal entries). ``iterations`` is the largest
+    iteration count of any block, ``converged`` whether every block met its criterion,
+    ``residual`` the largest final block residual. ``block_iterations`` and
+    ``block_residuals`` have one entry per block, in column order (every rank has all).
+    """
+
+    coef: torch.Tensor
+    iterations: int
+    converged: bool
+    residual: float
+    lambda_e: float
+    lambda_z: float
+    rho: float
+    block_columns: int
+    block_iterations: list[int] = field(default_factory=list)
+    block_residuals: list[float] = field(default_factory=list)
+    history: dict[int, list[float]] = field(default_factory=dict)
+    world_size: int = 1
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _BlockStep:
+    """The Woodbury A-step of :class:`videoanchor.anchor.ssc._Solver` restricted to the
+    columns ``a:b``; the factorisation (``K^{-1}``, ``Y Y^T``, ``Y 1``) is the solver's."""
+
+    def __init__(self, solver: _Solver):
+        self.sv = solver
+
+    def __call__(self, a: int, b: int, C, lam, d1s, E, e_nonzero: bool):
+        sv = self.sv
+        lz, rho = sv.lam_z, sv.rho
+        f64 = torch.float64
+        d, n = sv.d, sv.n
+        x, y = sv.x64, sv.x64.T
+        t1 = torch.sub(C, lam).to(f64)  # C - Lam
+        d1 = d1s.to(f64) if sv.affine else None
+        e = E.to(f64) if e_nonzero else None
+        yt1 = torch.mm(y, t1)  # Y (C - Lam), D x b
+        yv = torch.sub(y[:, a:b], yt1)  # Y V / rho: the identity's columns a:b are Y's
+        if sv.affine:
+            yv.addr_(sv.s, d1)
+        if e_nonzero:
+            yv.add_(torch.mm(sv.gram_d, e), alpha=lz / rho)
+        yv.mul_(math.sqrt(lz))
+        if sv.affine:
+            ov = 1.0 - t1.sum(dim=0) + d1 * n  # 1^T V / rho
+            if e_nonzero:
+                ov.add_(sv.s @ e, alpha=lz / rho)
+            utv = torch.cat([yv, (ov * math.sqrt(rho)).unsqueeze(0)], dim=0)
+        else:
+            utv = yv
+        zr = torch.mm(sv.kinv, utv)
+        q = zr[:d].mul_(math.sqrt(lz))
+        if e_nonzero:
+            q.add_(e, alpha=-lz / rho)
+        out = torch.addmm(t1, x, q)
+        del t1
+        if sv.affine:
+            col = zr[d] * math.sqrt(rho) - d1
+            out.add_(col)
+        ya = None
+        if sv.outliers:
+            ya = torch.addmm(yt1, sv.gram_d, q)
+            if sv.affine:
+                ya.addr_(sv.s, col)
+            ya = ya.to(sv.work)
+        return out.to(sv.work), ya
+
+
+def _solve_block(step, yw, a, b, thr_e, eps, max_iter, keep_history):
+    """Run the authors' iteration on columns ``a:b``; return the block's sparse columns
+    ``(rows, cols, values)``, its iteration count, final residual and history."""
+    sv = step.sv
+    n, d = sv.n, sv.d
+    work, device = sv.work, sv.x64.device
+    nb = b - a
+    C = torch.zeros(n, nb, dtype=work, device=device)
+    lam = torch.zeros(n, nb, dtype=work, device=device)  # Delta2 / rho
+    d1s = torch.zeros(nb, dtype=work, device=device) if sv.affine else None  # Delta1 / rho
+    E = torch.zeros(d, nb, dtype=work, device=device) if sv.outliers else None
+    e_nonzero = False
+    diag_r = torch.arange(a, b, device=device)
+    diag_c = torch.arange(nb, device=device)
+    inv_rho = 1.0 / sv.rho
+    history: list[float] = []
+    residual, it = math.inf, 0
+    for it in range(1, int(max_iter) + 1):
+        A, YA = step(a, b, C, lam, d1s, E, e_nonzero)
+        if sv.outliers:
+            YA.neg_().add_(yw[:, a:b])  # Y - Y A on the block's columns
+            E = YA.sign() * (YA.abs_().sub_(thr_e).clamp_(min=0))
+            e_nonzero = bool(E.any())
+            del YA
+        if sv.affine:
+            d1s.add_(A.sum(dim=0).sub_(1.0))
+        A.add_(lam)  # T = A + Delta2 / rho
+        lam_new = A.clamp(-inv_rho, inv_rho)
+        lam_new[diag_r, diag_c] = A[diag_r, diag_c]
+        torch.sub(A, lam_new, out=C)  # soft(T, 1/rho) with a zero diagonal
+        del A
+        lam.sub_(lam_new).abs_()  # |A - C| on the block's columns
+        residual = float(lam.sum(dim=1).max())
+        lam = lam_new
+        if not math.isfinite(residual):
+            raise FloatingPointError(
+                f"blocked SSC-ADMM diverged at iteration {it} on columns {a}:{b} "
+                f"(residual {residual}); try dtype=torch.float64 or a larger rho"
+            )
+        if keep_history:
+            history.append(residual)
+        if residual < eps:
+            break
+    rows, cols = C.nonzero(as_tuple=True)
+    vals = C[rows, cols]
+    return rows, cols + a, vals, it, residual, residual < eps, history
+
+
+def _group(process_group):
+    """``(group, rank, world_size)``; ``(None, 0, 1)`` without a process group."""
+    if process_group is None:
+        return None, 0, 1
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            "process_group: torch.distributed is not initialised; call "
+            "torch.distributed.init_process_group(...) first (or pass process_group=None)"
+        )
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            f"process_group: expected a torch.distributed.ProcessGroup (e.g. "
+            f"torch.distributed.group.WORLD), got {type(process_group).__name__}"
+        )
+    return process_group, dist.get_rank(process_group), dist.get_world_size(process_group)
+
+
+def comm_device(group, device: torch.device) -> torch.device:
+    """The device collectives of ``group`` run on: CUDA for NCCL, the CPU otherwise."""
+    import torch.distributed as dist
+
+    if "nccl" in str(dist.get_backend(group)).lower():
+        if device.type == "cuda":
+            return device
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def share_features(x: torch.Tensor, group) -> torch.Tensor:
+    """Rank 0's ``x`` on every rank of ``group`` (one source of truth for ``Y``).
+
+    Every rank must pass a matrix of the same shape and dtype: a ``ValueError`` on every
+    rank otherwise (the check is collective, so no rank is left waiting).
+    """
+    import torch.distributed as dist
+
+    dev = comm_device(group, x.device)
+    codes = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+    mine = torch.tensor([x.shape[0], x.shape[1], codes.get(x.dtype, 9)], device=dev)
+    world = dist.get_world_size(group)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine, group=group)
+    shapes = [tuple(int(v) for v in t.tolist()) for t in every]
+    if any(s != shapes[0] for s in shapes):
+        raise ValueError(
+            "process_group: every rank must pass the same features; got (N, D, dtype code) "
+            f"= {shapes} per rank"
+        )
+    buf = x.to(dev).contiguous()
+    dist.broadcast(buf, src=dist.get_global_rank(group, 0), group=group)
+    return buf.to(x.device)
+
+
+def _all_gather_rows(t: torch.Tensor, group, dev: torch.device) -> list[torch.Tensor]:
+    """All-gather tensors whose first dimension differs between ranks."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    size = torch.tensor([t.shape[0]], device=dev)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    sizes = [int(s) for s in sizes]
+    top = max(sizes)
+    pad = torch.zeros((top,) + tuple(t.shape[1:]), dtype=t.dtype, device=dev)
+    pad[: t.shape[0]] = t.to(dev)
+    out = [torch.empty_like(pad) for _ in range(world)]
+    dist.all_gather(out, pad, group=group)
+    return [o[:s].to(t.device) for o, s in zip(out, sizes, strict=True)]
+
+
+def solve_ssc_blocked(
+    features,
+    *,
+    alpha_e: float = 800.0,
+    alpha_z: float = 800.0,
+    rho: float = 300.0,
+    eps: float = 2e-4,
+    max_iter: int = 10000,
+    affine: bool = True,
+    outliers: bool = True,
+    dtype=None,
+    block_columns: int | None = None,
+    process_group=None,
+    block_eps: str = "own",
+    keep_history: bool = False,
+    check_memory_first: bool = True,
+) -> BlockedADMMResult:
+    """Solve the SSC program for ``features`` (``N x D``) column block by column block.
+
+    The authors' iteration (METHOD.md section 2; the faithful solver of
+    :func:`~videoanchor.anchor.ssc.solve_ssc_admm`) on ``block_columns`` columns at a
+    time (default :func:`default_block_columns`), each block stopped by its own part of
+    the authors' criterion (``block_eps``, module docstring). ``C`` comes back sparse.
+
+    ``process_group``: a ``torch.distributed`` process group (any backend); the blocks
+    are divided among its ranks, rank 0's features are used on every rank, and every rank
+    returns the same ``C``. Every rank of the group must call this function.
+    """
+    t0 = time.perf_counter()
+    group, rank, world = _group(process_group)
+    x = as_feature_tensor(features)
+    device = x.device
+    work = resolve_dtype(dtype, device)
+    n, d = x.shape
+    check_admm_parameters(n, rho, eps, max_iter)
+    if block_columns is None:
+        block_columns = default_block_columns(n, d, work, device.type)
+    if isinstance(block_columns, bool) or not isinstance(block_columns, int) or block_columns < 1:
+        raise ValueError(f"block_columns: expected a positive int, got {block_columns!r}")
+    block = min(int(block_columns), n)
+    if block_eps not in ("own", "share"):
+        raise ValueError(f"block_eps: expected 'own' or 'share', got {block_eps!r}")
+    itemsize = torch.finfo(work).bits // 8
+    if check_memory_first:
+        check_memory(
+            blocked_admm_bytes(n, d, itemsize, block), device, n=n, d=d, what="Blocked SSC"
+        )
+    if group is not None:
+        x = share_features(x, group)
+
+    x64 = x.to(torch.float64)
+    xw = x.to(work)
+    # the lambdas' Gram pass in row blocks of at most the block budget
+    lam_rows = max(1, min(4096, _BLOCK_BUDGET.get(device.type, _BLOCK_BUDGET["cpu"]) // (8 * n)))
+    lam_e, lam_z, _, _ = ssc_lambdas(
+        xw if work == torch.float64 else x64, alpha_e, alpha_z, block=lam_rows
+    )
+    _sync(device)
+    t1 = time.perf_counter()
+    solver = _Solver(x64, xw, lam_z, rho, affine, outliers, "woodbury")
+    step = _BlockStep(solver)
+    _sync(device)
+    t2 = time.perf_counter()
+
+    starts = list(range(0, n, block))
+    mine = [k for k in range(len(starts)) if k % world == rank]
+    rows, cols, vals, stats = [], [], [], []
+    history: dict[int, list[float]] = {}
+    for k in mine:
+        a = starts[k]
+        b = min(n, a + block)
+        eps_k = eps if block_eps == "own" else eps * (b - a) / n
+        r, c, v, its, res, ok, hist = _solve_block(
+            step, solver.yw, a, b, lam_e / lam_z, eps_k, max_iter, keep_history
+        )
+        rows.append(r)
+        cols.append(c)
+        vals.append(v)
+        stats.append([float(k), float(its), res, float(ok)])
+        if keep_history:
+            history[k] = hist
+    idx = torch.stack([torch.cat(rows), torch.cat(cols)]) if rows else None
+    if idx is None:
+        idx = torch.empty(2, 0, dtype=torch.long, device=device)
+        vals_t = torch.empty(0, dtype=work, device=device)
+    else:
+        vals_t = torch.cat(vals)
+    del rows, cols, vals
+    stats_t = torch.tensor(stats, dtype=torch.float64).reshape(-1, 4)
+    _sync(device)
+    t3 = time.perf_counter()
+
+    if group is not None:
+        dev = comm_device(group, device)
+        idx = torch.cat(_all_gather_rows(idx.T.contiguous(), group, dev)).T
+        vals_t = torch.cat(_all_gather_rows(vals_t, group, dev))
+        stats_t = torch.cat(_all_gather_rows(stats_t, group, dev))
+        if keep_history:
+            import torch.distributed as dist
+
+            every: list[dict] = [{} for _ in range(world)]
+            dist.all_gather_object(every, history, group=group)
+            history = {k: h for part in every for k, h in part.items()}
+    order = torch.argsort(stats_t[:, 0])
+    stats_t = stats_t[order]
+    coef = torch.sparse_coo_tensor(idx, vals_t, (n, n), check_invariants=False).coalesce()
+    del idx, vals_t
+    _sync(device)
+    t4 = time.perf_counter()
+    block_its = [int(v) for v in stats_t[:, 1].tolist()]
+    block_res = [float(v) for v in stats_t[:, 2].tolist()]
+    return BlockedADMMResult(
+        coef=coef,
+        iterations=max(block_its),
+        converged=bool((stats_t[:, 3] > 0).all()),
+        residual=max(block_res),
+        lambda_e=lam_e,
+        lambda_z=lam_z,
+        rho=float(rho),
+        block_columns=block,
+        block_iterations=block_its,
+        block_residuals=block_res,
+        history=history,
+        world_size=world,
+        timings={"lambdas": t1 - t0, "factor": t2 - t1, "admm": t3 - t2, "gather": t4 - t3},
+    )
+
+
+def sparse_row_sums(coef: torch.Tensor) -> torch.Tensor:
+    """``r_j = sum_i C[j, i]`` of a sparse COO ``C`` (float64, ``N``), no densifying."""
+    c = coef.coalesce()
+    ind = c.indices()
+    out = torch.zeros(c.shape[0], dtype=torch.float64, device=c.device)
+    return out.index_add_(0, ind[0], c.values().to(torch.float64))
+
+
+def sparse_ssc_affinity(coef: torch.Tensor) -> torch.Tensor:
+    """``W = |C| + |C|^T`` of a sparse COO ``C``: coalesced sparse COO, float64."""
+    c = coef.coalesce()
+    ind, v = c.indices(), c.values().abs().to(torch.float64)
+    keep = v > 0
+    ind, v = ind[:, keep], v[keep]
+    both = torch.cat([ind, ind.flip(0)], dim=1)
+    n = c.shape[0]
+    return torch.sparse_coo_tensor(
+        both, torch.cat([v, v]), (n, n), check_invariants=False
+    ).coalesce()
