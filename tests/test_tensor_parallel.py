@@ -99,16 +99,18 @@ def _rank_main(rank, path, port, out_dir):
             return original(*args, **kwargs)
 
         anchor.compute_anchor_scores = spy
+        # What every attention call hands the kernel: its heads and the gates.
+        import videoanchor.integrations.attention as attention_mod
+
         seen = []
-        gates_for = handle._gates_for
+        kernel = attention_mod.anchored_attention
 
-        def record(query, key):
-            kb, vs = gates_for(query, key)
-            gates = None if kb is None else (kb.clone(), vs.clone())
+        def record(query, key, value, key_bias=None, value_scale=None, **kw):
+            gates = None if key_bias is None else (key_bias.clone(), value_scale.clone())
             seen.append((query.shape[1], key.shape[1], gates))
-            return kb, vs
+            return kernel(query, key, value, key_bias, value_scale, **kw)
 
-        handle._gates_for = record
+        attention_mod.anchored_attention = record
         batch = _batch(model.config)
         with torch.no_grad():
             report["logits"] = model(**batch).logits
