@@ -164,11 +164,11 @@ class VideoAnchorLMMCore:
         )
         trust_remote_code = _as_bool(trust_remote_code, "trust_remote_code")
 
-        from videoanchor.cli import CLIError, check_model, load_vlm
+        from videoanchor.pipeline import PipelineError, check_model, load_vlm
 
         try:
             config = check_model(pretrained, trust_remote_code=trust_remote_code)
-        except CLIError as err:
+        except PipelineError as err:
             raise ValueError(str(err)) from err
         self.family = config.model_type
         if self.expected_family is not None and self.family != self.expected_family:
@@ -196,7 +196,7 @@ class VideoAnchorLMMCore:
                 dtype=dtype,
                 trust_remote_code=trust_remote_code,
             )
-        except CLIError as err:
+        except PipelineError as err:
             raise ValueError(str(err)) from err
 
         import videoanchor
@@ -257,7 +257,7 @@ class VideoAnchorLMMCore:
 
     def answer(self, context: str, video_path: str, gen_kwargs: dict | None = None) -> str:
         """One request: sample the video, run the model (greedy), cut at the stop strings."""
-        from videoanchor.cli import generate_answer, video_inputs
+        from videoanchor.pipeline import generate_answer, video_inputs
         from videoanchor.video import read_video_frames
 
         gen_kwargs = dict(gen_kwargs or {})
