@@ -3,6 +3,8 @@
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "videoanchor"
 
 
@@ -31,3 +33,23 @@ def test_lmms_eval_wrapper_uses_the_pipeline():
     wrapper = _imported_modules(PACKAGE / "integrations" / "lmms_eval.py")
     assert "videoanchor.pipeline" in wrapper
     assert "videoanchor.pipeline" in _imported_modules(PACKAGE / "cli.py")
+
+
+@pytest.mark.parametrize("kind", ["linear", "text_only_lm"])
+def test_configure_rejects_a_model_that_is_not_a_vlm(kind):
+    import torch
+
+    import videoanchor
+
+    if kind == "linear":
+        model, got = torch.nn.Linear(3, 3), "got Linear (no transformers config"
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                          num_attention_heads=2, intermediate_size=32)  # fmt: skip
+        model, got = LlamaForCausalLM(cfg), "got LlamaForCausalLM (model_type 'llama'"
+    with pytest.raises(TypeError, match="expected a vision-language model") as exc:
+        videoanchor.configure(model)
+    assert got in str(exc.value)
+    assert "qwen2_5_vl" in str(exc.value) and "llava_onevision" in str(exc.value)
