@@ -1,6 +1,7 @@
 """The ``videoanchor`` command: ask a VLM about a video, look at the anchors, time the kernels.
 
     videoanchor run --video clip.mp4 --question "How many chairs are in the room?" --compare
+    videoanchor run --images a.jpg b.jpg c.jpg --question "Which view shows the door?"
     videoanchor anchors --video clip.mp4 --out anchors.png
     videoanchor bench --quick
 
@@ -25,9 +26,12 @@ from videoanchor.pipeline import (
     PipelineError,
     _first_line,
     anchor_token_maps,
+    anchor_view_maps,
     check_model,
     generate_answer,
+    image_inputs,
     load_vlm,
+    read_images,
     run_prefill,
     video_inputs,
 )
@@ -36,6 +40,8 @@ __all__ = ["DEFAULT_MODEL", "CLIError", "build_parser", "main"]
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 DEFAULT_ANCHOR_QUESTION = "Describe the video."
+DEFAULT_VIEWS_QUESTION = "Describe the scene."
+DEFAULT_FRAMES = 16
 
 
 class CLIError(PipelineError):
@@ -46,17 +52,52 @@ class CLIError(PipelineError):
 # commands
 
 
-def _read_video(path: str, frames: int, progress: bool):
-    from videoanchor.video import read_video_frames
-
-    return read_video_frames(path, frames, progress=progress)
-
-
 def _check_video_path(path: str) -> None:
     if not os.path.exists(path):
         raise CLIError(f"video file not found: '{path}'")
     if os.path.isdir(path):
         raise CLIError(f"'{path}' is a directory, expected a video file")
+
+
+def _visual_kind(args) -> str:
+    """'video' or 'images', after checking the flags agree; paths are checked too."""
+    if args.video is not None and args.images is not None:
+        raise CLIError(
+            "--video and --images cannot be mixed: give one video, or several views of one "
+            "scene as images"
+        )
+    if args.video is None and args.images is None:
+        raise CLIError("expected --video FILE or --images FILE [FILE ...]")
+    if args.video is not None:
+        _check_video_path(args.video)
+        return "video"
+    if args.frames is not None:
+        raise CLIError("--frames applies to --video only; every image is one view")
+    for path in args.images:
+        if not os.path.exists(path):
+            raise CLIError(f"image file not found: '{path}'")
+    return "images"
+
+
+def _read_visual(args, kind: str):
+    """The sampled video or the list of views, with a log line."""
+    if kind == "video":
+        from videoanchor.video import read_video_frames
+
+        frames = DEFAULT_FRAMES if args.frames is None else args.frames
+        video = read_video_frames(args.video, frames, progress=not args.quiet)
+        _log(args, f"sampled {video.num_frames} of {video.total_frames} frames from {args.video}")
+        return video
+    views = read_images(args.images)
+    sizes = ", ".join(f"{v.shape[1]}x{v.shape[0]}" for v in views)
+    _log(args, f"read {len(views)} view(s) ({sizes})")
+    return views
+
+
+def _inputs(processor, kind, visual, question, model):
+    if kind == "video":
+        return video_inputs(processor, visual, question, device=model.device, dtype=model.dtype)
+    return image_inputs(processor, visual, question, device=model.device, dtype=model.dtype)
 
 
 def _configure(handle, args, enabled: bool):
@@ -84,14 +125,13 @@ def _fmt_s(x: float | None) -> str:
 
 
 def cmd_run(args) -> int:
-    _check_video_path(args.video)
+    kind = _visual_kind(args)
     check_model(args.model, trust_remote_code=args.trust_remote_code)
-    video = _read_video(args.video, args.frames, not args.quiet)
-    _log(args, f"sampled {video.num_frames} of {video.total_frames} frames from {args.video}")
+    visual = _read_visual(args, kind)
     model, processor, handle = load_vlm(
         args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
     )
-    inputs = video_inputs(processor, video, args.question, device=model.device, dtype=model.dtype)
+    inputs = _inputs(processor, kind, visual, args.question, model)
     runs = [("anchored", True)]
     if args.no_anchor:
         runs = [("baseline", False)]
@@ -138,36 +178,59 @@ def cmd_run(args) -> int:
 
 
 def cmd_anchors(args) -> int:
-    from videoanchor.visualize import save_anchor_figure
-
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise CLIError(f"--out must be a .png file, got '{args.out}'")
     npz = Path(args.npz) if args.npz else out.with_suffix(".npz")
-    _check_video_path(args.video)
+    kind = _visual_kind(args)
     check_model(args.model, trust_remote_code=args.trust_remote_code)
-    video = _read_video(args.video, args.frames, not args.quiet)
-    _log(args, f"sampled {video.num_frames} of {video.total_frames} frames from {args.video}")
+    visual = _read_visual(args, kind)
     model, processor, handle = load_vlm(
         args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
     )
     handle = _configure(handle, args, True)
-    inputs = video_inputs(processor, video, args.question, device=model.device, dtype=model.dtype)
+    question = args.question
+    if question is None:
+        question = DEFAULT_ANCHOR_QUESTION if kind == "video" else DEFAULT_VIEWS_QUESTION
+    inputs = _inputs(processor, kind, visual, question, model)
     run_prefill(model, inputs, progress=not args.quiet)
+    c = handle.config
+    res = handle.last_result[0]
+    common = dict(
+        scores=handle.last_scores.float().cpu().numpy(),
+        input_ids=inputs["input_ids"].cpu().numpy(),
+        visual_positions=handle.last_visual_positions[0].numpy(),
+        alphas=np.array([c.alpha_q, c.alpha_k, c.alpha_v]),
+        n_clusters=np.array(c.n_clusters),
+        ssc_iterations=np.array(res.iterations),
+        ssc_converged=np.array(res.converged),
+        model=np.array(args.model),
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    npz.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "video":
+        image, strongest = _draw_video_anchors(args, handle, visual, out, npz, common)
+    else:
+        image, strongest = _draw_view_anchors(args, handle, visual, out, npz, common)
+    print(f"wrote {out} ({image.size[0]}x{image.size[1]}) and {npz}")
+    _log(args, f"strongest anchors: {strongest}")
+    return 0
+
+
+def _draw_video_anchors(args, handle, video, out, npz, common):
+    from videoanchor.visualize import save_anchor_figure
+
     maps = anchor_token_maps(handle, 0)
     if maps.grid[0] > video.num_frames:
         raise CLIError(
             f"the model made {maps.grid[0]} time slices from {video.num_frames} frames; "
             "cannot match slices to frames"
         )
-    c = handle.config
-    res = handle.last_result[0]
     title = (
         f"VideoAnchor anchors | {args.model} | {video.num_frames} frames | "
         f"{maps.scores.size} visual tokens on a {'x'.join(map(str, maps.grid))} grid | "
         f"{int(maps.labels.max()) + 1} SSC clusters"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
     image = save_anchor_figure(
         out,
         video.frames,
@@ -179,34 +242,72 @@ def cmd_anchors(args) -> int:
         columns=args.columns,
         tile_width=args.tile_width,
     )
-    npz.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
         npz,
-        scores=handle.last_scores.float().cpu().numpy(),
-        input_ids=inputs["input_ids"].cpu().numpy(),
-        visual_positions=handle.last_visual_positions[0].numpy(),
+        **common,
         grid=np.array(maps.grid, dtype=np.int64),
         grid_scores=maps.scores,
         grid_labels=maps.labels,
         grid_columns=maps.columns,
         frame_indices=video.indices,
         timestamps=video.timestamps,
-        alphas=np.array([c.alpha_q, c.alpha_k, c.alpha_v]),
-        n_clusters=np.array(c.n_clusters),
-        ssc_iterations=np.array(res.iterations),
-        ssc_converged=np.array(res.converged),
-        model=np.array(args.model),
         video=np.array(os.path.abspath(args.video)),
     )
-    print(f"wrote {out} ({image.size[0]}x{image.size[1]}) and {npz}")
     top = np.argsort(maps.scores.ravel())[::-1][:3]
     tt, gh, gw = maps.grid
     cells = ", ".join(
         f"slice {i // (gh * gw)} row {(i // gw) % gh} col {i % gw} ({maps.scores.ravel()[i]:.2f})"
         for i in top
     )
-    _log(args, f"strongest anchors: {cells}")
-    return 0
+    return image, cells
+
+
+def _draw_view_anchors(args, handle, views, out, npz, common):
+    from videoanchor.visualize import save_view_figure
+
+    maps = anchor_view_maps(handle, 0)
+    if len(maps) != len(views):
+        raise CLIError(f"the model reported {len(maps)} image segments for {len(views)} views")
+    tokens = sum(m.scores.size for m in maps)
+    clusters = int(max(m.labels.max() for m in maps)) + 1
+    title = (
+        f"VideoAnchor anchors | {args.model} | {len(views)} views | {tokens} visual tokens | "
+        f"{clusters} SSC clusters"
+    )
+    captions = [
+        f"view {k}: {Path(p).name} ({m.grid[1]}x{m.grid[2]} tokens)"
+        for k, (p, m) in enumerate(zip(args.images, maps, strict=True))
+    ]
+    image = save_view_figure(
+        out,
+        views,
+        [m.scores[0] for m in maps],
+        labels=None if args.no_clusters else [m.labels[0] for m in maps],
+        captions=captions,
+        title=title,
+        columns=args.columns,
+        tile_width=args.tile_width,
+    )
+    per_view = {}
+    for k, m in enumerate(maps):
+        per_view[f"view{k}_scores"] = m.scores[0]
+        per_view[f"view{k}_labels"] = m.labels[0]
+        per_view[f"view{k}_columns"] = m.columns
+    np.savez_compressed(
+        npz,
+        **common,
+        **per_view,
+        view_grids=np.array([m.grid[1:] for m in maps], dtype=np.int64),
+        images=np.array([os.path.abspath(p) for p in args.images]),
+    )
+    best = []
+    for k, m in enumerate(maps):
+        i = int(np.argmax(m.scores[0]))
+        gw = m.grid[2]
+        best.append((float(m.scores[0].ravel()[i]), k, i // gw, i % gw))
+    best.sort(reverse=True)
+    cells = ", ".join(f"view {k} row {r} col {col} ({s:.2f})" for s, k, r, col in best[:3])
+    return image, cells
 
 
 def _bench_dir() -> Path | None:
@@ -366,13 +467,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow the model's own code from its repository (as transformers does)",
     )
-    v = p.add_argument_group("video")
-    v.add_argument("--video", required=True, help="video file (anything FFmpeg/PyAV decodes)")
+    v = p.add_argument_group("visual input (one of --video or --images)")
+    v.add_argument("--video", default=None, help="video file (anything FFmpeg/PyAV decodes)")
+    v.add_argument(
+        "--images",
+        nargs="+",
+        default=None,
+        metavar="IMAGE",
+        help="several views of one scene as image files, one request anchored over the image "
+        "tokens of all views together (as the paper does on All-Angles-Bench and SPAR-Bench)",
+    )
     v.add_argument(
         "--frames",
         type=_positive_int,
-        default=16,
-        help="frames sampled uniformly over the whole video, first and last included (default 16)",
+        default=None,
+        help="frames sampled uniformly over the whole video, first and last included "
+        f"(default {DEFAULT_FRAMES}; videos only)",
     )
     a = p.add_argument_group("anchoring (defaults: the family's values in the registry)")
     a.add_argument("--alpha-k", type=float, default=None, help="key gate strength alpha_K")
@@ -416,8 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.HelpFormatter
     parser = argparse.ArgumentParser(
         prog="videoanchor",
-        description="VideoAnchor for video VLMs: ask a question about a video with anchored "
-        "attention, look at which regions became anchors, time the kernels.",
+        description="VideoAnchor for video VLMs: ask a question about a video (or several views "
+        "of a scene) with anchored attention, look at which regions became anchors, time the "
+        "kernels.",
         epilog=_families_text(),
         formatter_class=fmt,
     )
@@ -429,15 +540,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser(
         "run",
-        help="answer a question about a video, with anchoring (and optionally without)",
-        description="Sample frames uniformly, run the model with VideoAnchor (greedy decoding) "
+        help="answer a question about a video or views, with anchoring (and optionally without)",
+        description="Sample frames uniformly (or read the views), run the model with VideoAnchor (greedy decoding) "
         "and print the answer. --compare also runs it without anchoring and prints both answers "
         "with prefill / SSC / decode times.",
         epilog=_families_text(),
         formatter_class=fmt,
     )
     _add_model_args(run)
-    run.add_argument("--question", required=True, help="the question to ask about the video")
+    run.add_argument(
+        "--question", required=True, help="the question to ask about the video or views"
+    )
     run.add_argument("--max-new-tokens", type=_positive_int, default=128,
                      help="answer length limit (default 128)")  # fmt: skip
     mode = run.add_mutually_exclusive_group()
@@ -457,7 +570,10 @@ def build_parser() -> argparse.ArgumentParser:
         "each overlaid with its tokens' anchor scores as a heat map, and below each frame its "
         "SSC cluster labels as colours. The scores go to an .npz next to the PNG: `scores` is "
         "the (batch, prompt_len) score of every prompt position (0 at text), `grid_scores` and "
-        "`grid_labels` are the video's tokens on the model's (time, rows, cols) grid.",
+        "`grid_labels` are the video's tokens on the model's (time, rows, cols) grid. With "
+        "--images each view is drawn with its tokens' scores, and `view_grids` (V, 2) holds "
+        "each view's (rows, cols) token grid, `view{k}_scores`, `view{k}_labels` and "
+        "`view{k}_columns` view k's maps and prompt columns.",
         epilog=_families_text(),
         formatter_class=fmt,
     )
@@ -466,8 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
     anchors.add_argument("--npz", default=None, help="scores file (default: --out with .npz)")
     anchors.add_argument(
         "--question",
-        default=DEFAULT_ANCHOR_QUESTION,
-        help="text after the video in the prompt (SSC does not depend on it)",
+        default=None,
+        help="text after the video or images in the prompt (SSC does not depend on it; "
+        f"default '{DEFAULT_ANCHOR_QUESTION}' or '{DEFAULT_VIEWS_QUESTION}')",
     )
     anchors.add_argument(
         "--no-clusters",

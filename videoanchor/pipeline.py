@@ -22,10 +22,16 @@ __all__ = [
     "PipelineError",
     "TokenMaps",
     "anchor_token_maps",
+    "anchor_view_maps",
     "check_model",
     "generate_answer",
+    "generate_answers",
+    "image_batch_inputs",
+    "image_inputs",
     "load_vlm",
+    "read_images",
     "run_prefill",
+    "video_batch_inputs",
     "video_inputs",
 ]
 
@@ -213,6 +219,74 @@ def load_vlm(
     return model, processor, handle
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def read_images(paths) -> list[np.ndarray]:
+    """Read image files as (H, W, 3) uint8 RGB arrays, in order (the views of one scene).
+
+    Raises PipelineError naming the file for a missing, unreadable or non-image file.
+    """
+    import os
+
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        paths = [paths]
+    views = []
+    for path in paths:
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise PipelineError(f"image file not found: '{path}'")
+        if os.path.isdir(path):
+            raise PipelineError(f"'{path}' is a directory, expected an image file")
+        try:
+            with Image.open(path) as img:
+                views.append(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            raise PipelineError(f"cannot read image '{path}': {_first_line(err)}") from err
+    if not views:
+        raise PipelineError("expected at least one image, got none")
+    return views
+
+
+def _as_view(image) -> np.ndarray:
+    """One view as (H, W, 3) uint8 RGB from a PIL image or an array."""
+    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL.Image.Image
+        return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+        raise TypeError(
+            f"expected an image as a PIL image or an (H, W, 3) uint8 array, got "
+            f"{type(image).__name__} with shape {getattr(arr, 'shape', None)} and dtype {arr.dtype}"
+        )
+    return arr
+
+
+def _prompt(processor, question: str, kind: str, count: int) -> str:
+    if not isinstance(question, str):
+        raise TypeError(f"expected the question as a str, got {type(question).__name__}")
+    content = [{"type": kind} for _ in range(count)] + [{"type": "text", "text": question}]
+    messages = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+class _LeftPadding:
+    """Left-pad the prompts of a batch (what batched ``generate`` needs), then restore."""
+
+    def __init__(self, processor):
+        self.tokenizer = getattr(processor, "tokenizer", None)
+        self.side = getattr(self.tokenizer, "padding_side", None)
+
+    def __enter__(self):
+        if self.side is not None:
+            self.tokenizer.padding_side = "left"
+
+    def __exit__(self, *exc):
+        if self.side is not None:
+            self.tokenizer.padding_side = self.side
+
+
 def video_inputs(processor, video, question: str, device=None, dtype=None, **processor_kwargs):
     """Processor inputs for one video and one question (a single user turn, chat template).
 
@@ -222,34 +296,97 @@ def video_inputs(processor, video, question: str, device=None, dtype=None, **pro
     the processor call (e.g. ``size=...`` for the Qwen video processor). Tensors are moved to
     ``device`` and floating ones cast to ``dtype``.
     """
+    return video_batch_inputs(processor, [video], [question], device, dtype, **processor_kwargs)
+
+
+def video_batch_inputs(processor, videos, questions, device=None, dtype=None, **processor_kwargs):
+    """As :func:`video_inputs` for a batch: one video and one question per sample, prompts
+    left-padded to a common length (for batched ``generate``)."""
     from transformers.video_utils import VideoMetadata
 
-    messages = [
-        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}
-    ]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    metadata = VideoMetadata(
-        total_num_frames=int(video.total_frames),
-        fps=float(video.fps) if video.fps else None,
-        frames_indices=[int(i) for i in video.indices],
-        height=int(video.frames.shape[1]),
-        width=int(video.frames.shape[2]),
-    )
-    try:
-        inputs = processor(
-            text=[prompt],
-            videos=[video.frames],
-            video_metadata=[metadata],
-            do_sample_frames=False,
-            return_tensors="pt",
-            **processor_kwargs,
+    if len(videos) != len(questions) or not videos:
+        raise ValueError(
+            f"expected one video per question, got {len(videos)} videos and "
+            f"{len(questions)} questions"
         )
+    prompts = [_prompt(processor, q, "video", 1) for q in questions]
+    metadata = [
+        VideoMetadata(
+            total_num_frames=int(v.total_frames),
+            fps=float(v.fps) if v.fps else None,
+            frames_indices=[int(i) for i in v.indices],
+            height=int(v.frames.shape[1]),
+            width=int(v.frames.shape[2]),
+        )
+        for v in videos
+    ]
+    try:
+        with _LeftPadding(processor):
+            inputs = processor(
+                text=prompts,
+                videos=[v.frames for v in videos],
+                video_metadata=metadata,
+                do_sample_frames=False,
+                padding=True,
+                return_tensors="pt",
+                **processor_kwargs,
+            )
     except ImportError as err:
         raise PipelineError(
             "processing the video needs a package that is missing "
             f"(transformers' video processors need torchvision): {_first_line(err)}"
         ) from err
     return _to_device(inputs, device, dtype)
+
+
+def image_inputs(processor, images, question: str, device=None, dtype=None, **processor_kwargs):
+    """Processor inputs for several views of one scene and one question: one user turn with
+    one image placeholder per view, then the question (the views are one request, anchored
+    together). ``images``: PIL images or (H, W, 3) uint8 arrays, in order."""
+    return image_batch_inputs(processor, [images], [question], device, dtype, **processor_kwargs)
+
+
+def image_batch_inputs(processor, views, questions, device=None, dtype=None, **processor_kwargs):
+    """As :func:`image_inputs` for a batch: ``views[b]`` is the list of images of sample b.
+
+    Raises PipelineError when the family's processor cannot take several images in a prompt.
+    """
+    if len(views) != len(questions) or not views:
+        raise ValueError(
+            f"expected one list of views per question, got {len(views)} and {len(questions)}"
+        )
+    views = [[_as_view(im) for im in sample] for sample in views]
+    if any(not sample for sample in views):
+        raise ValueError("expected at least one image per sample, got an empty list")
+    prompts = [
+        _prompt(processor, q, "image", len(s)) for q, s in zip(questions, views, strict=True)
+    ]
+    most = max(len(s) for s in views)
+    try:
+        with _LeftPadding(processor):
+            inputs = processor(
+                text=prompts,
+                images=[[_pil(im) for im in sample] for sample in views],
+                padding=True,
+                return_tensors="pt",
+                **processor_kwargs,
+            )
+    except ImportError as err:
+        raise PipelineError(
+            f"processing the images needs a package that is missing: {_first_line(err)}"
+        ) from err
+    except (TypeError, ValueError, NotImplementedError) as err:
+        raise PipelineError(
+            f"the processor {type(processor).__name__} cannot take {most} image(s) in one "
+            f"prompt: {_first_line(err)}"
+        ) from err
+    return _to_device(inputs, device, dtype)
+
+
+def _pil(view: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(view)
 
 
 def _to_device(inputs, device, dtype):
@@ -287,7 +424,20 @@ class GenerationTimings:
 
 
 def generate_answer(model, processor, inputs, handle, *, max_new_tokens=128, progress=True):
-    """Greedy decoding (the paper's setting); returns ``(answer, GenerationTimings)``."""
+    """Greedy decoding (the paper's setting) of one prompt; returns ``(answer, GenerationTimings)``."""
+    rows = inputs["input_ids"].shape[0]
+    if rows != 1:
+        raise ValueError(f"expected inputs of one prompt, got {rows}; use generate_answers")
+    answers, timings = generate_answers(
+        model, processor, inputs, handle, max_new_tokens=max_new_tokens, progress=progress
+    )
+    return answers[0], timings
+
+
+def generate_answers(model, processor, inputs, handle, *, max_new_tokens=128, progress=True):
+    """Greedy decoding of a batch of left-padded prompts in one ``generate`` call (SSC runs
+    per sample inside the prefill); returns ``(answers, GenerationTimings)``, one answer per
+    prompt, in order."""
     import torch
 
     if (
@@ -296,6 +446,13 @@ def generate_answer(model, processor, inputs, handle, *, max_new_tokens=128, pro
         or max_new_tokens < 1
     ):
         raise ValueError(f"expected max_new_tokens >= 1, got {max_new_tokens!r}")
+    mask = inputs.get("attention_mask")
+    if mask is not None and mask.shape[0] > 1 and not bool(mask[:, -1].all()):
+        raise ValueError(
+            "expected left-padded prompts for batched generation (every prompt's last "
+            "position attended), got right padding; build the inputs with video_batch_inputs "
+            "or image_batch_inputs"
+        )
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     streamer = _streamer(max_new_tokens, progress)
     sync()
@@ -311,7 +468,9 @@ def generate_answer(model, processor, inputs, handle, *, max_new_tokens=128, pro
     sync()
     t_end = time.perf_counter()
     prompt_len = inputs["input_ids"].shape[1]
-    answer = processor.batch_decode(out[:, prompt_len:], skip_special_tokens=True)[0].strip()
+    answers = [
+        a.strip() for a in processor.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
+    ]
     t_first = streamer.t_first if streamer.t_first is not None else t_end
     ssc = None
     if handle is not None and handle.config.enabled and handle.last_anchored:
@@ -322,7 +481,7 @@ def generate_answer(model, processor, inputs, handle, *, max_new_tokens=128, pro
         decode_s=t_end - t_first,
         new_tokens=int(out.shape[1] - prompt_len),
     )
-    return answer, timings
+    return answers, timings
 
 
 def run_prefill(model, inputs, *, progress: bool = True) -> None:
@@ -394,3 +553,48 @@ def anchor_token_maps(handle, sample: int = 0) -> TokenMaps:
         grid=(tt, gh, gw),
         columns=columns.astype(np.int64),
     )
+
+
+def anchor_view_maps(handle, sample: int = 0) -> list[TokenMaps]:
+    """Per view (image) of ``sample``, the last prefill's scores on that view's token grid.
+
+    Each image is one segment of the handle; its maps have grid ``(1, Gh, Gw)`` (views of
+    different sizes have different grids). Raises PipelineError when an image's tokens have no
+    single grid (LLaVA anyres images, an InternVL image split into several tiles).
+    """
+    if handle.last_scores is None or not handle.last_anchored:
+        raise PipelineError("the model produced no anchor scores (no visual tokens were scored)")
+    segments = handle.last_segments[sample]
+    result = handle.last_result[sample]
+    positions = handle.last_visual_positions[sample].numpy()
+    scores_all = handle.last_scores[sample].float().cpu().numpy()
+    labels_all = result.labels.cpu().numpy()
+    views = [s for s in segments if s.kind == "image"]
+    if not views:
+        raise PipelineError("the model reported no image segments for this prompt")
+    maps = []
+    for k, s in enumerate(views):
+        if s.grid is None or s.order not in ("thw", "tiles"):
+            raise PipelineError(
+                f"cannot draw anchors: the image tokens of this family have no grid layout "
+                f"(layout {s.order!r})"
+            )
+        if s.grid[0] != 1:
+            raise PipelineError(
+                f"cannot draw anchors: view {k} became {s.grid[0]} token slices or tiles "
+                f"(grid {s.grid}); expected one grid per view"
+            )
+        _, gh, gw = s.grid
+        if gh * gw > s.length:
+            raise PipelineError(f"segment of {s.length} tokens is smaller than its grid {s.grid}")
+        idx = np.arange(s.start, s.start + gh * gw)
+        columns = positions[idx]
+        maps.append(
+            TokenMaps(
+                scores=scores_all[columns].reshape(1, gh, gw).astype(np.float32),
+                labels=labels_all[idx].reshape(1, gh, gw).astype(np.int64),
+                grid=(1, gh, gw),
+                columns=columns.astype(np.int64),
+            )
+        )
+    return maps
