@@ -272,6 +272,9 @@ def test_bad_model_args_and_requests(lmms_eval_modules, assets):
     lm.task_dict = task_dict
     with pytest.raises(ValueError, match="one video file path"):
         lm.generate_until(reqs[:1])
+    task_dict["toy_vsi"]["test"][0]["video"] = str(assets / "missing.png")
+    with pytest.raises(ValueError, match="toy_vsi doc 0: image file not found"):
+        lm.generate_until(reqs[:1])
     with pytest.raises(NotImplementedError, match="loglikelihood"):
         lm.loglikelihood(reqs)
 

@@ -53,3 +53,44 @@ def test_configure_rejects_a_model_that_is_not_a_vlm(kind):
         videoanchor.configure(model)
     assert got in str(exc.value)
     assert "qwen2_5_vl" in str(exc.value) and "llava_onevision" in str(exc.value)
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "internvl", "llava_onevision"])
+def test_batched_prefill_matches_single_prompts(family, tmp_path):
+    """Left-padded batches: each sample's scores and next-token logits are those of its own
+    single-prompt prefill (SSC per sample, padding ignored)."""
+    import torch
+    from test_cli_support import moving_shapes, save_tiny_checkpoint
+
+    import videoanchor
+    from videoanchor.pipeline import load_vlm, video_batch_inputs
+    from videoanchor.video import read_video_frames, write_video
+
+    save_tiny_checkpoint(family, tmp_path / "ckpt")
+    videos = []
+    for i, n in enumerate((9, 14, 11)):
+        write_video(tmp_path / f"{i}.mp4", moving_shapes(n, 64, 96, seed=i), fps=10)
+        videos.append(read_video_frames(tmp_path / f"{i}.mp4", 4, progress=False))
+    questions = ["where?", "what colour is the disc, and where is the box?", "how many?"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, processor, _ = load_vlm(str(tmp_path / "ckpt"), device="cpu", trust_remote_code=True)
+        handle = videoanchor.configure(model, n_clusters=4, alpha_k=40.0, alpha_v=6.0)
+        batch = video_batch_inputs(processor, videos, questions)
+        mask = batch["attention_mask"]
+        assert not mask[:, 0].all() and mask[:, -1].all()  # left-padded
+        with torch.inference_mode():
+            logits = model(**batch).logits[:, -1].double()
+            scores = handle.last_scores.double().clone()
+            for b in range(3):
+                one = video_batch_inputs(processor, videos[b : b + 1], questions[b : b + 1])
+                single = model(**one).logits[0, -1].double()
+                torch.testing.assert_close(logits[b], single, rtol=0, atol=1e-4)
+                n = one["input_ids"].shape[1]
+                torch.testing.assert_close(
+                    scores[b, -n:], handle.last_scores[0].double(), rtol=0, atol=1e-5
+                )
+                assert (scores[b, :-n] == 0).all()  # padding is never scored
+    finally:
+        torch.set_num_threads(threads)

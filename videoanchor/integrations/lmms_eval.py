@@ -302,7 +302,7 @@ class VideoAnchorLMMCore:
         """``("video", path)`` or ``("images", [views])`` from a document's visuals."""
         import os
 
-        from videoanchor.pipeline import IMAGE_SUFFIXES, read_images
+        from videoanchor.pipeline import IMAGE_SUFFIXES, PipelineError, read_images
 
         if visuals is None:
             raise ValueError(
@@ -324,7 +324,10 @@ class VideoAnchorLMMCore:
         if len(items) == 1 and is_path(items[0]) and not is_image(items[0]):
             return "video", os.fspath(items[0])
         if items and all(is_image(v) for v in items):
-            views = [read_images([v])[0] if is_path(v) else v for v in items]
+            try:
+                views = [read_images([v])[0] if is_path(v) else v for v in items]
+            except PipelineError as err:
+                raise ValueError(f"{task} doc {doc_id}: {err}") from err
             return "images", views
         kinds = sorted({type(v).__name__ for v in items})
         raise ValueError(
