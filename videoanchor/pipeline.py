@@ -1,9 +1,11 @@
 """The library layer the ``videoanchor`` command and the lmms-eval wrapper share.
 
-``load_vlm`` loads a supported VLM with the videoanchor attention and its processor,
-``video_inputs`` turns a sampled video and a question into processor inputs,
-``generate_answer`` decodes greedily and times prefill / SSC / decode, and
-``anchor_token_maps`` lays the last prefill's anchor scores out on the model's token grid.
+``load_vlm`` loads a supported VLM with the videoanchor attention and its processor;
+``video_inputs`` / ``image_inputs`` turn a sampled video, or several views of one scene,
+and a question into processor inputs (``video_batch_inputs`` / ``image_batch_inputs``:
+left-padded batches); ``generate_answer(s)`` decodes greedily and times prefill / SSC /
+decode; ``anchor_token_maps`` / ``anchor_view_maps`` lay the last prefill's anchor scores
+out on the video's token grid or on each view's.
 Failures a user can fix (unsupported family, missing model, missing package) raise
 :class:`PipelineError` with a one-line message.
 """
