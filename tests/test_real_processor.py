@@ -178,3 +178,31 @@ def test_anchors_on_a_video_and_on_views_with_the_real_processors(
     )
     for k in range(2):
         assert data[f"view{k}_scores"].shape == tuple(merged[k])
+
+
+def test_run_on_views_with_the_real_processors(checkpoint, media, capsys):
+    from PIL import Image
+
+    from videoanchor.cli import main
+
+    _, views = media
+    question = "which view shows the disc?"
+    argv = ["run", "--model", str(checkpoint), "--images", *map(str, views),
+            "--question", question, "--max-new-tokens", "5", *OPTS]  # fmt: skip
+    assert main(argv) == 0
+    answer = capsys.readouterr().out.rstrip("\n")
+
+    model, processor, handle = _load(checkpoint)
+    images = [Image.open(p).convert("RGB") for p in views]
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": question}]
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+    inputs = processor(text=[prompt], images=[images], return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    expected = processor.batch_decode(
+        out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+    )
+    assert answer == expected[0].strip() and answer
+    assert [s.kind for s in handle.last_segments[0]] == ["image", "image"]
