@@ -94,3 +94,25 @@ def test_batched_prefill_matches_single_prompts(family, tmp_path):
                 assert (scores[b, :-n] == 0).all()  # padding is never scored
     finally:
         torch.set_num_threads(threads)
+
+
+def test_bad_inputs_are_clear_errors():
+    import numpy as np
+    import torch
+
+    from videoanchor.pipeline import generate_answer, generate_answers, image_batch_inputs
+
+    right_padded = {
+        "input_ids": torch.ones(2, 5, dtype=torch.long),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+    }
+    with pytest.raises(ValueError, match="expected left-padded prompts"):
+        generate_answers(None, None, right_padded, None, max_new_tokens=2)
+    with pytest.raises(ValueError, match="expected inputs of one prompt, got 2"):
+        generate_answer(None, None, right_padded, None, max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens >= 1"):
+        generate_answers(None, None, right_padded, None, max_new_tokens=0)
+    with pytest.raises(TypeError, match=r"\(H, W, 3\) uint8 array"):
+        image_batch_inputs(None, [[np.zeros((4, 4, 3), np.float32)]], ["q"])
+    with pytest.raises(ValueError, match="one list of views per question"):
+        image_batch_inputs(None, [[np.zeros((4, 4, 3), np.uint8)]], ["q", "r"])
