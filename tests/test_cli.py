@@ -66,7 +66,7 @@ def test_help_on_every_subcommand(command, capsys):
     out = capsys.readouterr().out
     assert "usage: videoanchor" in out
     if command in ("run", "anchors"):
-        for flag in ("--model", "--video", "--frames", "--alpha-k", "--alpha-v"):
+        for flag in ("--model", "--video", "--images", "--frames", "--alpha-k", "--alpha-v"):
             assert flag in out
         assert "qwen2_5_vl" in out  # the supported families are listed
     if command == "run":
