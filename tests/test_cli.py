@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_cli_support import direct_inputs, greedy_answer, moving_shapes, save_tiny_checkpoint
 
-from videoanchor.cli import build_parser, main
+from videoanchor.cli import DEFAULT_FRAMES, build_parser, main
 from videoanchor.video import write_video
 from videoanchor.visualize import anchor_figure_layout
 
@@ -66,7 +66,7 @@ def test_help_on_every_subcommand(command, capsys):
     out = capsys.readouterr().out
     assert "usage: videoanchor" in out
     if command in ("run", "anchors"):
-        for flag in ("--model", "--video", "--frames", "--alpha-k", "--alpha-v"):
+        for flag in ("--model", "--video", "--images", "--frames", "--alpha-k", "--alpha-v"):
             assert flag in out
         assert "qwen2_5_vl" in out  # the supported families are listed
     if command == "run":
@@ -77,7 +77,8 @@ def test_help_on_every_subcommand(command, capsys):
 
 def test_parser_defaults_to_a_real_supported_model():
     args = build_parser().parse_args(["run", "--video", "x.mp4", "--question", "q"])
-    assert args.model == "Qwen/Qwen2.5-VL-7B-Instruct" and args.frames == 16
+    assert args.model == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert args.frames is None and DEFAULT_FRAMES == 16  # None: 16 for a video, --images refuse it
     assert args.alpha_k is None and args.alpha_v is None  # registry defaults
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--video", "x.mp4", "--question", "q", "--frames", "0"])

@@ -45,6 +45,11 @@ _VIDEO_IN_TEMPLATE = {
     "internvl": "<video>\n",
     "llava": "<video>\n",
 }
+_IMAGE_IN_TEMPLATE = {
+    "qwen": "<|vision_start|><|image_pad|><|vision_end|>",
+    "internvl": "<IMG_CONTEXT>\n",
+    "llava": "<image>\n",
+}
 _CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 \n.,:;!?'\"-()/<>"
 
 
@@ -75,10 +80,15 @@ def tiny_tokenizer(model_type: str):
     specials = [t for t in vocab if len(t) > 1]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     video = _VIDEO_IN_TEMPLATE[_kind(model_type)]
+    image = _IMAGE_IN_TEMPLATE[_kind(model_type)]
     template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
         "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-        "{% if c['type'] == 'video' %}" + video + "{% elif c['type'] == 'text' %}{{ c['text'] }}"
+        "{% if c['type'] == 'video' %}"
+        + video
+        + "{% elif c['type'] == 'image' %}"
+        + image
+        + "{% elif c['type'] == 'text' %}{{ c['text'] }}"
         "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )

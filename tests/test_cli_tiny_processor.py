@@ -65,9 +65,16 @@ class TinyVideoProcessor:
         x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
         return (x - 0.5) / 0.5
 
-    def __call__(self, text=None, videos=None, video_metadata=None, return_tensors="pt", **kwargs):
+    def __call__(self, text=None, videos=None, video_metadata=None, return_tensors="pt",
+                 images=None, padding_side=None, **kwargs):  # fmt: skip
         if isinstance(text, str):
             text = [text]
+        if padding_side is not None:
+            self.tokenizer.padding_side = padding_side
+        if images is not None:
+            if videos is not None:
+                raise ValueError("the tiny processor takes images or videos, not both")
+            return self._images(text, images)
         if videos is None or len(videos) != len(text):
             raise ValueError("the tiny processor expects one video per prompt")
         prompts, pixels, grids = [], [], []
@@ -95,6 +102,50 @@ class TinyVideoProcessor:
         else:
             out["pixel_values_videos"] = torch.stack(pixels)
         return BatchFeature(out, tensor_type=None)
+
+    def _images(self, text, images):
+        # images: per prompt, the list of its views (PIL images), in order.
+        if self.family not in QWEN + ("internvl",):
+            raise ValueError(f"the tiny {self.family} processor takes videos only, not images")
+        if len(images) != len(text):
+            raise ValueError("the tiny processor expects one list of images per prompt")
+        qwen = self.family in QWEN
+        placeholder = "<|vision_start|><|image_pad|><|vision_end|>" if qwen else "<IMG_CONTEXT>\n"
+        merged, pixels, grids = [], [], []
+        for prompt, views in zip(text, images, strict=True):
+            pieces = prompt.split(placeholder)
+            if len(pieces) - 1 != len(views):
+                raise ValueError(f"{len(views)} images for {len(pieces) - 1} image placeholders")
+            parts = [pieces[0]]
+            for view, piece in zip(views, pieces[1:], strict=True):
+                frame = np.array(view.convert("RGB"))[None]
+                x = self._frames(frame, self.frame_size)
+                if qwen:
+                    x = x.expand(self.temporal_patch_size, -1, -1, -1)
+                    px, grid, body = self._qwen_patches(x, "<|image_pad|>")
+                    grids.append(grid)
+                else:
+                    px = x
+                    body = "<img>" + "<IMG_CONTEXT>" * int(self.pooled) ** 2 + "</img>\n"
+                parts += [body, piece]
+                pixels.append(px)
+            merged.append("".join(parts))
+        enc = self.tokenizer(merged, padding=True, return_tensors="pt")
+        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        out["pixel_values"] = torch.cat(pixels)
+        if self.family in QWEN:
+            out["image_grid_thw"] = torch.tensor(grids, dtype=torch.long)
+            img = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+            out["mm_token_type_ids"] = (enc["input_ids"] == img).long()
+        return BatchFeature(out, tensor_type=None)
+
+    def _qwen_patches(self, x, pad):
+        tp, ps, m = self.temporal_patch_size, self.patch_size, self.merge_size
+        gt, gh, gw = x.shape[0] // tp, self.frame_size[0] // ps, self.frame_size[1] // ps
+        px = x.reshape(gt, tp, 3, gh // m, m, ps, gw // m, m, ps)
+        px = px.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(gt * gh * gw, 3 * tp * ps * ps)
+        body = "<|vision_start|>" + pad * (gt * (gh // m) * (gw // m)) + "<|vision_end|>"
+        return px, [gt, gh, gw], body
 
     def _one(self, prompt, video, meta):
         fam = self.family

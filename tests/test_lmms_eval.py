@@ -262,7 +262,7 @@ def test_bad_model_args_and_requests(lmms_eval_modules, assets):
         _make("videoanchor", assets, ",alpha_x=3")
     with pytest.raises(ValueError, match="batch_size"):
         resolve("videoanchor").create_from_arg_string(
-            f"pretrained={assets / 'ckpt'},trust_remote_code=True", {"batch_size": 4}
+            f"pretrained={assets / 'ckpt'},trust_remote_code=True", {"batch_size": 0}
         )
     with pytest.raises(ValueError, match="anchor"):
         _make("videoanchor", assets, ",anchor=maybe")
@@ -272,5 +272,112 @@ def test_bad_model_args_and_requests(lmms_eval_modules, assets):
     lm.task_dict = task_dict
     with pytest.raises(ValueError, match="one video file path"):
         lm.generate_until(reqs[:1])
+    task_dict["toy_vsi"]["test"][0]["video"] = str(assets / "missing.png")
+    with pytest.raises(ValueError, match="toy_vsi doc 0: image file not found"):
+        lm.generate_until(reqs[:1])
     with pytest.raises(NotImplementedError, match="loglikelihood"):
         lm.loglikelihood(reqs)
+
+
+def _mixed_requests(assets, gen_kwargs):
+    """Video and multi-view image documents interleaved, as lmms-eval hands them over."""
+    from lmms_eval.api.instance import Instance
+    from PIL import Image
+
+    frames = moving_shapes(12, 64, 96, seed=2)
+    views_a = [Image.fromarray(frames[t]) for t in (0, 5, 11)]
+    view_file = assets / "view.png"
+    Image.fromarray(frames[7]).resize((80, 56)).save(view_file)
+    docs = [
+        {"visual": [str(assets / "a.mp4")], "question": "where is the box?"},
+        {"visual": [str(assets / "b.mp4")], "question": "how many discs?"},
+        {"visual": views_a, "question": "which view shows the disc?"},
+        {"visual": [views_a[1], str(view_file)], "question": "same scene?"},
+        {"visual": [str(assets / "a.mp4")], "question": "what colour is the disc?"},
+    ]
+    task_dict = {"toy_mixed": {"test": docs}}
+
+    def doc_to_visual(doc):
+        return doc["visual"]
+
+    reqs = [
+        Instance(
+            request_type="generate_until",
+            arguments=(d["question"], dict(gen_kwargs), doc_to_visual, i, "toy_mixed", "test"),
+            idx=0,
+            metadata={"task": "toy_mixed", "doc_id": i, "repeats": 1},
+        )
+        for i, d in enumerate(docs)
+    ]
+    return reqs, task_dict, docs
+
+
+def test_batched_answers_equal_single_requests(lmms_eval_modules, assets):
+    single = _make("videoanchor_qwen2_5_vl", assets, ",alpha_k=40,alpha_v=6")
+    reqs, task_dict, _ = _mixed_requests(assets, {"max_new_tokens": 5})
+    single.task_dict = task_dict
+    one_by_one = single.generate_until(reqs)
+    assert single.batch_size == 1
+
+    cls = resolve("videoanchor_qwen2_5_vl")
+    batched = cls.create_from_arg_string(
+        f"pretrained={assets / 'ckpt'},max_num_frames={FRAMES},n_clusters=4,"
+        "trust_remote_code=True,device=cpu,alpha_k=40,alpha_v=6",
+        {"batch_size": 3, "max_batch_size": None, "device": None},
+    )
+    assert batched.batch_size == 3
+    batched.task_dict = task_dict
+    calls = []
+    original = batched.answer_batch
+    batched.answer_batch = lambda c, v, max_new_tokens: (
+        calls.append(len(c)) or original(c, v, max_new_tokens)
+    )
+    answers = batched.generate_until(reqs)
+    assert calls == [2, 2, 1]  # videos, images, video: consecutive same-kind requests batched
+    assert answers == one_by_one and all(answers)
+    # SSC ran per sample in the last batch (one result per prompt).
+    assert len(batched.handle.last_result) == 1
+    reqs, _, _ = _mixed_requests(assets, {"max_new_tokens": 5})
+    batched.answer_batch = original
+    batched.generate_until(reqs[:2])
+    assert len(batched.handle.last_result) == 2 and all(
+        r is not None for r in batched.handle.last_result
+    )
+
+
+def test_image_documents_match_the_direct_path(lmms_eval_modules, assets):
+    import videoanchor
+    from videoanchor.pipeline import image_inputs, load_vlm
+
+    lm = _make("videoanchor", assets, ",alpha_k=40,alpha_v=6")
+    reqs, task_dict, docs = _mixed_requests(assets, {"max_new_tokens": 6})
+    lm.task_dict = task_dict
+    got = lm.generate_until(reqs[2:4])
+    model, processor, _ = load_vlm(str(assets / "ckpt"), device="cpu", trust_remote_code=True)
+    handle = videoanchor.configure(model, n_clusters=4, alpha_k=40.0, alpha_v=6.0)
+    from PIL import Image
+
+    for doc, answer in zip(docs[2:4], got, strict=True):
+        views = [Image.open(v) if isinstance(v, str) else v for v in doc["visual"]]
+        inputs = image_inputs(processor, views, doc["question"])
+        assert answer == greedy_answer(model, processor, inputs, 6)
+        assert [s.kind for s in handle.last_segments[0]] == ["image"] * len(views)
+
+
+def test_rank_aware_device_and_data_parallel_split(lmms_eval_modules, assets, monkeypatch):
+    from videoanchor.integrations import lmms_eval as wrapper
+
+    assert wrapper._rank_device("auto", 1, 2, cuda_available=True) == "cuda:1"
+    assert wrapper._rank_device(None, 3, 4, cuda_available=True) == "cuda:3"
+    assert wrapper._rank_device("auto", 1, 2, cuda_available=False) == "auto"
+    assert wrapper._rank_device("auto", 0, 1, cuda_available=True) == "auto"
+    assert wrapper._rank_device("cuda:0", 1, 2, cuda_available=True) == "cuda:0"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    lm = _make("videoanchor", assets)
+    assert (lm.rank, lm.world_size) == (1, 2)
+    assert str(lm.device) == "cpu"  # device=cpu was asked for
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match="RANK < WORLD_SIZE"):
+        _make("videoanchor", assets)

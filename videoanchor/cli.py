@@ -1,11 +1,13 @@
 """The ``videoanchor`` command: ask a VLM about a video, look at the anchors, time the kernels.
 
     videoanchor run --video clip.mp4 --question "How many chairs are in the room?" --compare
+    videoanchor run --images a.jpg b.jpg c.jpg --question "Which view shows the door?"
     videoanchor anchors --video clip.mp4 --out anchors.png
     videoanchor bench --quick
 
-The functions below the parser (``load_vlm``, ``video_inputs``, ``generate_answer``,
-``anchor_token_maps``) are what the commands (and the lmms-eval wrapper) are made of.
+This module holds the argument parsing and the commands only; what they are made of
+(``load_vlm``, ``video_inputs``, ``generate_answer``, ``anchor_token_maps``) lives in
+:mod:`videoanchor.pipeline`, which the lmms-eval wrapper uses too. Nothing imports this module.
 """
 
 from __future__ import annotations
@@ -16,404 +18,38 @@ import os
 import re
 import subprocess
 import sys
-import threading
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "CLIError",
-    "GenerationTimings",
-    "TokenMaps",
-    "anchor_token_maps",
-    "build_parser",
-    "check_model",
-    "generate_answer",
-    "load_vlm",
-    "main",
-    "video_inputs",
-]
+from videoanchor.pipeline import (
+    PipelineError,
+    _first_line,
+    anchor_token_maps,
+    anchor_view_maps,
+    check_model,
+    generate_answer,
+    image_inputs,
+    load_vlm,
+    read_images,
+    run_prefill,
+    video_inputs,
+)
+
+__all__ = ["DEFAULT_MODEL", "CLIError", "build_parser", "main"]
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 DEFAULT_ANCHOR_QUESTION = "Describe the video."
+DEFAULT_VIEWS_QUESTION = "Describe the scene."
+DEFAULT_FRAMES = 16
 
 
-class CLIError(Exception):
-    """A user-facing failure: printed as one line, exit status 1."""
-
-
-# ----------------------------------------------------------------------------------------
-# progress
-
-
-class _Ticker:
-    """A progress bar with unknown total that shows elapsed time while a blocking call runs.
-
-    It appears only if the phase lasts longer than ``delay`` seconds (tqdm's ``delay``), and
-    is drawn from a background thread, because the phase itself (a model forward with SSC)
-    cannot report progress.
-    """
-
-    def __init__(self, desc: str, enabled: bool, delay: float = 1.0):
-        self.desc, self.enabled, self.delay = desc, enabled, delay
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> _Ticker:
-        if self.enabled and sys.stderr.isatty():
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        if self._stop.wait(self.delay):
-            return
-        from tqdm.auto import tqdm
-
-        bar = tqdm(desc=self.desc, bar_format="{desc}: {elapsed}", leave=False)
-        while not self._stop.wait(0.25):
-            bar.refresh()
-        bar.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-    def __enter__(self) -> _Ticker:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def _streamer(max_new_tokens: int, progress: bool):
-    """A generate() streamer that times the first token and shows a bar for the others."""
-    from transformers.generation.streamers import BaseStreamer
-
-    class _Timing(BaseStreamer):
-        def __init__(self):
-            self.t_start = time.perf_counter()
-            self.t_first: float | None = None
-            self.t_end: float | None = None
-            self.steps = 0
-            self._prompt_seen = False
-            self._ticker = _Ticker("prefill (vision encoder, SSC, language model)", progress)
-            self._ticker.start()
-            self._bar = None
-
-        def put(self, value):
-            if not self._prompt_seen:  # generate() first pushes the prompt
-                self._prompt_seen = True
-                return
-            if self.t_first is None:
-                self.t_first = time.perf_counter()
-                self._ticker.stop()
-                from tqdm.auto import tqdm
-
-                self._bar = tqdm(
-                    total=max_new_tokens, desc="generating", unit="tok", delay=1.0,
-                    disable=None if progress else True, leave=False,
-                )  # fmt: skip
-            self.steps += 1
-            self._bar.update(1)
-
-        def end(self):
-            self.t_end = time.perf_counter()
-            self._ticker.stop()
-            if self._bar is not None:
-                self._bar.close()
-
-    return _Timing()
-
-
-# ----------------------------------------------------------------------------------------
-# model, inputs, generation
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    line = text.splitlines()[0].strip() if text else type(err).__name__
-    return line
-
-
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError(f"--device {device} was asked for but torch sees no CUDA device")
-    return device
-
-
-def _resolve_dtype(dtype: str, device: str):
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    table = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-    return table[dtype]
-
-
-def check_model(model_name: str, *, trust_remote_code: bool = False):
-    """Load only the model's config and check its family is supported; returns the config.
-
-    Cheap (no weights), so the commands call it before decoding the video. Raises CLIError.
-    """
-    import transformers
-
-    from videoanchor.integrations import get_family
-
-    try:
-        config = transformers.AutoConfig.from_pretrained(
-            model_name, trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError) as err:
-        raise CLIError(f"cannot load model '{model_name}': {_first_line(err)}") from err
-    try:
-        get_family(config)
-    except ValueError as err:
-        raise CLIError(_first_line(err)) from err
-    return config
-
-
-def load_vlm(
-    model_name: str,
-    *,
-    device: str = "auto",
-    dtype: str = "auto",
-    trust_remote_code: bool = False,
-):
-    """Load a supported VLM with the videoanchor attention, and its processor.
-
-    Returns ``(model, processor, handle)``; the handle comes from ``videoanchor.configure``
-    with the family's defaults. Raises CLIError (one line) for an unsupported family, a
-    model that cannot be found, or a processor that cannot be built.
-    """
-    import transformers
-
-    import videoanchor
-    from videoanchor.integrations import ATTN_IMPLEMENTATION
-
-    check_model(model_name, trust_remote_code=trust_remote_code)
-    device = _resolve_device(device)
-    torch_dtype = _resolve_dtype(dtype, device)
-    try:
-        model = transformers.AutoModelForImageTextToText.from_pretrained(
-            model_name,
-            attn_implementation=ATTN_IMPLEMENTATION,
-            dtype=torch_dtype,
-            trust_remote_code=trust_remote_code,
-        )
-    except (OSError, ValueError) as err:
-        raise CLIError(f"cannot load model '{model_name}': {_first_line(err)}") from err
-    model = model.to(device).eval()
-    try:
-        processor = transformers.AutoProcessor.from_pretrained(
-            model_name, trust_remote_code=trust_remote_code
-        )
-    except ImportError as err:
-        hint = ""
-        if "torchvision" in str(err).lower():
-            hint = " (transformers' video processors need torchvision: pip install torchvision)"
-        raise CLIError(
-            f"cannot build the processor of '{model_name}'{hint}: {_first_line(err)}"
-        ) from err
-    except (OSError, ValueError) as err:
-        raise CLIError(f"cannot load the processor of '{model_name}': {_first_line(err)}") from err
-    handle = videoanchor.configure(model)
-    return model, processor, handle
-
-
-def video_inputs(processor, video, question: str, device=None, dtype=None, **processor_kwargs):
-    """Processor inputs for one video and one question (a single user turn, chat template).
-
-    ``video`` is a :class:`videoanchor.video.SampledVideo`; its frames are passed as already
-    sampled (``do_sample_frames=False``) with their true indices and frame rate, so models that
-    encode time (Qwen2.5-VL, Qwen3-VL) see the real timestamps. ``processor_kwargs`` go to
-    the processor call (e.g. ``size=...`` for the Qwen video processor). Tensors are moved to
-    ``device`` and floating ones cast to ``dtype``.
-    """
-    from transformers.video_utils import VideoMetadata
-
-    messages = [
-        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}
-    ]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    metadata = VideoMetadata(
-        total_num_frames=int(video.total_frames),
-        fps=float(video.fps) if video.fps else None,
-        frames_indices=[int(i) for i in video.indices],
-        height=int(video.frames.shape[1]),
-        width=int(video.frames.shape[2]),
-    )
-    try:
-        inputs = processor(
-            text=[prompt],
-            videos=[video.frames],
-            video_metadata=[metadata],
-            do_sample_frames=False,
-            return_tensors="pt",
-            **processor_kwargs,
-        )
-    except ImportError as err:
-        raise CLIError(
-            "processing the video needs a package that is missing "
-            f"(transformers' video processors need torchvision): {_first_line(err)}"
-        ) from err
-    return _to_device(inputs, device, dtype)
-
-
-def _to_device(inputs, device, dtype):
-    import torch
-
-    out = {}
-    for key, value in dict(inputs).items():
-        if torch.is_tensor(value):
-            if device is not None:
-                value = value.to(device)
-            if dtype is not None and value.is_floating_point():
-                value = value.to(dtype)
-        out[key] = value
-    return out
-
-
-@dataclass
-class GenerationTimings:
-    """Wall-clock seconds of one generate() call.
-
-    prefill_s: until the first new token (vision encoder, SSC when anchored, LLM prefill).
-    ssc_s: SSC and scores inside the prefill (from the SSC results), None when unanchored.
-    decode_s: the remaining tokens. new_tokens: tokens generated.
-    """
-
-    prefill_s: float
-    ssc_s: float | None
-    decode_s: float
-    new_tokens: int
-
-    @property
-    def tokens_per_s(self) -> float | None:
-        steps = self.new_tokens - 1
-        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else None
-
-
-def generate_answer(model, processor, inputs, handle, *, max_new_tokens=128, progress=True):
-    """Greedy decoding (the paper's setting); returns ``(answer, GenerationTimings)``."""
-    import torch
-
-    if (
-        isinstance(max_new_tokens, bool)
-        or not isinstance(max_new_tokens, int)
-        or max_new_tokens < 1
-    ):
-        raise ValueError(f"expected max_new_tokens >= 1, got {max_new_tokens!r}")
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    streamer = _streamer(max_new_tokens, progress)
-    sync()
-    streamer.t_start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            streamer=streamer,
-        )
-    sync()
-    t_end = time.perf_counter()
-    prompt_len = inputs["input_ids"].shape[1]
-    answer = processor.batch_decode(out[:, prompt_len:], skip_special_tokens=True)[0].strip()
-    t_first = streamer.t_first if streamer.t_first is not None else t_end
-    ssc = None
-    if handle is not None and handle.config.enabled and handle.last_anchored:
-        ssc = sum(float(r.timings.get("total", 0.0)) for r in handle.last_result if r is not None)
-    timings = GenerationTimings(
-        prefill_s=t_first - streamer.t_start,
-        ssc_s=ssc,
-        decode_s=t_end - t_first,
-        new_tokens=int(out.shape[1] - prompt_len),
-    )
-    return answer, timings
-
-
-# ----------------------------------------------------------------------------------------
-# anchors on the token grid
-
-
-@dataclass
-class TokenMaps:
-    """One sample's anchor scores and cluster labels laid out on the model's token grid.
-
-    scores, labels: (Tt, Gh, Gw) float32 / int64; grid: (Tt, Gh, Gw);
-    columns: (Tt * Gh * Gw,) prompt columns of these tokens in grid order.
-    """
-
-    scores: np.ndarray
-    labels: np.ndarray
-    grid: tuple[int, int, int]
-    columns: np.ndarray
-
-
-_GRID_ORDERS = ("thw", "thw+newline", "tiles")
-
-
-def anchor_token_maps(handle, sample: int = 0) -> TokenMaps:
-    """Lay the last prefill's scores of ``sample`` out on its video's token grid.
-
-    Uses the handle's segments: a Qwen video is one ``thw`` segment, LLaVA-OneVision adds one
-    newline token (dropped here), InternVL has one ``tiles`` segment per frame (stacked in time).
-    Raises CLIError when the layout is not a grid (e.g. LLaVA anyres images).
-    """
-    if handle.last_scores is None or not handle.last_anchored:
-        raise CLIError("the model produced no anchor scores (no visual tokens were scored)")
-    segments = handle.last_segments[sample]
-    result = handle.last_result[sample]
-    positions = handle.last_visual_positions[sample].numpy()
-    scores_all = handle.last_scores[sample].float().cpu().numpy()
-    labels_all = result.labels.cpu().numpy()
-    if not segments:
-        raise CLIError("the model reported no visual segments for this prompt")
-    bad = [s for s in segments if s.grid is None or s.order not in _GRID_ORDERS]
-    if bad:
-        raise CLIError(
-            f"cannot draw anchors: the {bad[0].kind} tokens of this family have no grid layout "
-            f"(layout {bad[0].order!r})"
-        )
-    spatial = {tuple(s.grid[1:]) for s in segments}
-    if len(spatial) != 1:
-        raise CLIError(f"cannot draw anchors: the visual segments have different grids {spatial}")
-    gh, gw = spatial.pop()
-    idx = []
-    for s in segments:
-        n = s.grid[0] * gh * gw
-        if n > s.length:
-            raise CLIError(f"segment of {s.length} tokens is smaller than its grid {s.grid}")
-        idx.append(np.arange(s.start, s.start + n))
-    idx = np.concatenate(idx)
-    tt = len(idx) // (gh * gw)
-    columns = positions[idx]
-    return TokenMaps(
-        scores=scores_all[columns].reshape(tt, gh, gw).astype(np.float32),
-        labels=labels_all[idx].reshape(tt, gh, gw).astype(np.int64),
-        grid=(tt, gh, gw),
-        columns=columns.astype(np.int64),
-    )
+class CLIError(PipelineError):
+    """A user-facing failure of a command: printed as one line, exit status 1."""
 
 
 # ----------------------------------------------------------------------------------------
 # commands
-
-
-def _read_video(path: str, frames: int, progress: bool):
-    from videoanchor.video import read_video_frames
-
-    return read_video_frames(path, frames, progress=progress)
 
 
 def _check_video_path(path: str) -> None:
@@ -421,6 +57,47 @@ def _check_video_path(path: str) -> None:
         raise CLIError(f"video file not found: '{path}'")
     if os.path.isdir(path):
         raise CLIError(f"'{path}' is a directory, expected a video file")
+
+
+def _visual_kind(args) -> str:
+    """'video' or 'images', after checking the flags agree; paths are checked too."""
+    if args.video is not None and args.images is not None:
+        raise CLIError(
+            "--video and --images cannot be mixed: give one video, or several views of one "
+            "scene as images"
+        )
+    if args.video is None and args.images is None:
+        raise CLIError("expected --video FILE or --images FILE [FILE ...]")
+    if args.video is not None:
+        _check_video_path(args.video)
+        return "video"
+    if args.frames is not None:
+        raise CLIError("--frames applies to --video only; every image is one view")
+    for path in args.images:
+        if not os.path.exists(path):
+            raise CLIError(f"image file not found: '{path}'")
+    return "images"
+
+
+def _read_visual(args, kind: str):
+    """The sampled video or the list of views, with a log line."""
+    if kind == "video":
+        from videoanchor.video import read_video_frames
+
+        frames = DEFAULT_FRAMES if args.frames is None else args.frames
+        video = read_video_frames(args.video, frames, progress=not args.quiet)
+        _log(args, f"sampled {video.num_frames} of {video.total_frames} frames from {args.video}")
+        return video
+    views = read_images(args.images)
+    sizes = ", ".join(f"{v.shape[1]}x{v.shape[0]}" for v in views)
+    _log(args, f"read {len(views)} view(s) ({sizes})")
+    return views
+
+
+def _inputs(processor, kind, visual, question, model):
+    if kind == "video":
+        return video_inputs(processor, visual, question, device=model.device, dtype=model.dtype)
+    return image_inputs(processor, visual, question, device=model.device, dtype=model.dtype)
 
 
 def _configure(handle, args, enabled: bool):
@@ -448,14 +125,13 @@ def _fmt_s(x: float | None) -> str:
 
 
 def cmd_run(args) -> int:
-    _check_video_path(args.video)
+    kind = _visual_kind(args)
     check_model(args.model, trust_remote_code=args.trust_remote_code)
-    video = _read_video(args.video, args.frames, not args.quiet)
-    _log(args, f"sampled {video.num_frames} of {video.total_frames} frames from {args.video}")
+    visual = _read_visual(args, kind)
     model, processor, handle = load_vlm(
         args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
     )
-    inputs = video_inputs(processor, video, args.question, device=model.device, dtype=model.dtype)
+    inputs = _inputs(processor, kind, visual, args.question, model)
     runs = [("anchored", True)]
     if args.no_anchor:
         runs = [("baseline", False)]
@@ -502,39 +178,59 @@ def cmd_run(args) -> int:
 
 
 def cmd_anchors(args) -> int:
-    import torch
-
-    from videoanchor.visualize import save_anchor_figure
-
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise CLIError(f"--out must be a .png file, got '{args.out}'")
     npz = Path(args.npz) if args.npz else out.with_suffix(".npz")
-    _check_video_path(args.video)
+    kind = _visual_kind(args)
     check_model(args.model, trust_remote_code=args.trust_remote_code)
-    video = _read_video(args.video, args.frames, not args.quiet)
-    _log(args, f"sampled {video.num_frames} of {video.total_frames} frames from {args.video}")
+    visual = _read_visual(args, kind)
     model, processor, handle = load_vlm(
         args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
     )
     handle = _configure(handle, args, True)
-    inputs = video_inputs(processor, video, args.question, device=model.device, dtype=model.dtype)
-    with _Ticker("prefill (vision encoder, SSC)", not args.quiet), torch.inference_mode():
-        model(**inputs, use_cache=False)
+    question = args.question
+    if question is None:
+        question = DEFAULT_ANCHOR_QUESTION if kind == "video" else DEFAULT_VIEWS_QUESTION
+    inputs = _inputs(processor, kind, visual, question, model)
+    run_prefill(model, inputs, progress=not args.quiet)
+    c = handle.config
+    res = handle.last_result[0]
+    common = dict(
+        scores=handle.last_scores.float().cpu().numpy(),
+        input_ids=inputs["input_ids"].cpu().numpy(),
+        visual_positions=handle.last_visual_positions[0].numpy(),
+        alphas=np.array([c.alpha_q, c.alpha_k, c.alpha_v]),
+        n_clusters=np.array(c.n_clusters),
+        ssc_iterations=np.array(res.iterations),
+        ssc_converged=np.array(res.converged),
+        model=np.array(args.model),
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    npz.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "video":
+        image, strongest = _draw_video_anchors(args, handle, visual, out, npz, common)
+    else:
+        image, strongest = _draw_view_anchors(args, handle, visual, out, npz, common)
+    print(f"wrote {out} ({image.size[0]}x{image.size[1]}) and {npz}")
+    _log(args, f"strongest anchors: {strongest}")
+    return 0
+
+
+def _draw_video_anchors(args, handle, video, out, npz, common):
+    from videoanchor.visualize import save_anchor_figure
+
     maps = anchor_token_maps(handle, 0)
     if maps.grid[0] > video.num_frames:
         raise CLIError(
             f"the model made {maps.grid[0]} time slices from {video.num_frames} frames; "
             "cannot match slices to frames"
         )
-    c = handle.config
-    res = handle.last_result[0]
     title = (
         f"VideoAnchor anchors | {args.model} | {video.num_frames} frames | "
         f"{maps.scores.size} visual tokens on a {'x'.join(map(str, maps.grid))} grid | "
         f"{int(maps.labels.max()) + 1} SSC clusters"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
     image = save_anchor_figure(
         out,
         video.frames,
@@ -546,34 +242,72 @@ def cmd_anchors(args) -> int:
         columns=args.columns,
         tile_width=args.tile_width,
     )
-    npz.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
         npz,
-        scores=handle.last_scores.float().cpu().numpy(),
-        input_ids=inputs["input_ids"].cpu().numpy(),
-        visual_positions=handle.last_visual_positions[0].numpy(),
+        **common,
         grid=np.array(maps.grid, dtype=np.int64),
         grid_scores=maps.scores,
         grid_labels=maps.labels,
         grid_columns=maps.columns,
         frame_indices=video.indices,
         timestamps=video.timestamps,
-        alphas=np.array([c.alpha_q, c.alpha_k, c.alpha_v]),
-        n_clusters=np.array(c.n_clusters),
-        ssc_iterations=np.array(res.iterations),
-        ssc_converged=np.array(res.converged),
-        model=np.array(args.model),
         video=np.array(os.path.abspath(args.video)),
     )
-    print(f"wrote {out} ({image.size[0]}x{image.size[1]}) and {npz}")
     top = np.argsort(maps.scores.ravel())[::-1][:3]
     tt, gh, gw = maps.grid
     cells = ", ".join(
         f"slice {i // (gh * gw)} row {(i // gw) % gh} col {i % gw} ({maps.scores.ravel()[i]:.2f})"
         for i in top
     )
-    _log(args, f"strongest anchors: {cells}")
-    return 0
+    return image, cells
+
+
+def _draw_view_anchors(args, handle, views, out, npz, common):
+    from videoanchor.visualize import save_view_figure
+
+    maps = anchor_view_maps(handle, 0)
+    if len(maps) != len(views):
+        raise CLIError(f"the model reported {len(maps)} image segments for {len(views)} views")
+    tokens = sum(m.scores.size for m in maps)
+    clusters = int(max(m.labels.max() for m in maps)) + 1
+    title = (
+        f"VideoAnchor anchors | {args.model} | {len(views)} views | {tokens} visual tokens | "
+        f"{clusters} SSC clusters"
+    )
+    captions = [
+        f"view {k}: {Path(p).name} ({m.grid[1]}x{m.grid[2]} tokens)"
+        for k, (p, m) in enumerate(zip(args.images, maps, strict=True))
+    ]
+    image = save_view_figure(
+        out,
+        views,
+        [m.scores[0] for m in maps],
+        labels=None if args.no_clusters else [m.labels[0] for m in maps],
+        captions=captions,
+        title=title,
+        columns=args.columns,
+        tile_width=args.tile_width,
+    )
+    per_view = {}
+    for k, m in enumerate(maps):
+        per_view[f"view{k}_scores"] = m.scores[0]
+        per_view[f"view{k}_labels"] = m.labels[0]
+        per_view[f"view{k}_columns"] = m.columns
+    np.savez_compressed(
+        npz,
+        **common,
+        **per_view,
+        view_grids=np.array([m.grid[1:] for m in maps], dtype=np.int64),
+        images=np.array([os.path.abspath(p) for p in args.images]),
+    )
+    best = []
+    for k, m in enumerate(maps):
+        i = int(np.argmax(m.scores[0]))
+        gw = m.grid[2]
+        best.append((float(m.scores[0].ravel()[i]), k, i // gw, i % gw))
+    best.sort(reverse=True)
+    cells = ", ".join(f"view {k} row {r} col {col} ({s:.2f})" for s, k, r, col in best[:3])
+    return image, cells
 
 
 def _bench_dir() -> Path | None:
@@ -733,13 +467,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow the model's own code from its repository (as transformers does)",
     )
-    v = p.add_argument_group("video")
-    v.add_argument("--video", required=True, help="video file (anything FFmpeg/PyAV decodes)")
+    v = p.add_argument_group("visual input (one of --video or --images)")
+    v.add_argument("--video", default=None, help="video file (anything FFmpeg/PyAV decodes)")
+    v.add_argument(
+        "--images",
+        nargs="+",
+        default=None,
+        metavar="IMAGE",
+        help="several views of one scene as image files, one request anchored over the image "
+        "tokens of all views together (as the paper does on All-Angles-Bench and SPAR-Bench)",
+    )
     v.add_argument(
         "--frames",
         type=_positive_int,
-        default=16,
-        help="frames sampled uniformly over the whole video, first and last included (default 16)",
+        default=None,
+        help="frames sampled uniformly over the whole video, first and last included "
+        f"(default {DEFAULT_FRAMES}; videos only)",
     )
     a = p.add_argument_group("anchoring (defaults: the family's values in the registry)")
     a.add_argument("--alpha-k", type=float, default=None, help="key gate strength alpha_K")
@@ -783,8 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.HelpFormatter
     parser = argparse.ArgumentParser(
         prog="videoanchor",
-        description="VideoAnchor for video VLMs: ask a question about a video with anchored "
-        "attention, look at which regions became anchors, time the kernels.",
+        description="VideoAnchor for video VLMs: ask a question about a video (or several views "
+        "of a scene) with anchored attention, look at which regions became anchors, time the "
+        "kernels.",
         epilog=_families_text(),
         formatter_class=fmt,
     )
@@ -796,15 +540,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser(
         "run",
-        help="answer a question about a video, with anchoring (and optionally without)",
-        description="Sample frames uniformly, run the model with VideoAnchor (greedy decoding) "
+        help="answer a question about a video or views, with anchoring (and optionally without)",
+        description="Sample frames uniformly (or read the views), run the model with VideoAnchor (greedy decoding) "
         "and print the answer. --compare also runs it without anchoring and prints both answers "
         "with prefill / SSC / decode times.",
         epilog=_families_text(),
         formatter_class=fmt,
     )
     _add_model_args(run)
-    run.add_argument("--question", required=True, help="the question to ask about the video")
+    run.add_argument(
+        "--question", required=True, help="the question to ask about the video or views"
+    )
     run.add_argument("--max-new-tokens", type=_positive_int, default=128,
                      help="answer length limit (default 128)")  # fmt: skip
     mode = run.add_mutually_exclusive_group()
@@ -824,7 +570,10 @@ def build_parser() -> argparse.ArgumentParser:
         "each overlaid with its tokens' anchor scores as a heat map, and below each frame its "
         "SSC cluster labels as colours. The scores go to an .npz next to the PNG: `scores` is "
         "the (batch, prompt_len) score of every prompt position (0 at text), `grid_scores` and "
-        "`grid_labels` are the video's tokens on the model's (time, rows, cols) grid.",
+        "`grid_labels` are the video's tokens on the model's (time, rows, cols) grid. With "
+        "--images each view is drawn with its tokens' scores, and `view_grids` (V, 2) holds "
+        "each view's (rows, cols) token grid, `view{k}_scores`, `view{k}_labels` and "
+        "`view{k}_columns` view k's maps and prompt columns.",
         epilog=_families_text(),
         formatter_class=fmt,
     )
@@ -833,8 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
     anchors.add_argument("--npz", default=None, help="scores file (default: --out with .npz)")
     anchors.add_argument(
         "--question",
-        default=DEFAULT_ANCHOR_QUESTION,
-        help="text after the video in the prompt (SSC does not depend on it)",
+        default=None,
+        help="text after the video or images in the prompt (SSC does not depend on it; "
+        f"default '{DEFAULT_ANCHOR_QUESTION}' or '{DEFAULT_VIEWS_QUESTION}')",
     )
     anchors.add_argument(
         "--no-clusters",
@@ -895,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from videoanchor.video import VideoReadError
 
-        if isinstance(err, (CLIError, FileNotFoundError, VideoReadError)):
+        if isinstance(err, (PipelineError, FileNotFoundError, VideoReadError)):
             message = _first_line(err)
         else:
             message = f"{type(err).__name__}: {_first_line(err)} (rerun with --debug for details)"

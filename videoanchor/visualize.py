@@ -25,7 +25,9 @@ __all__ = [
     "anchor_figure_layout",
     "frame_to_token_slice",
     "render_anchor_figure",
+    "render_view_figure",
     "save_anchor_figure",
+    "save_view_figure",
     "score_colormap",
 ]
 
@@ -332,5 +334,89 @@ def _draw_colorbar(draw, layout, font, with_labels):
 def save_anchor_figure(path: str | os.PathLike, *args, **kwargs):
     """`render_anchor_figure(*args, **kwargs)` saved as PNG at `path`; returns the image."""
     image = render_anchor_figure(*args, **kwargs)
+    image.save(os.fspath(path), format="PNG")
+    return image
+
+
+def render_view_figure(
+    views: Sequence[np.ndarray],
+    scores: Sequence[np.ndarray],
+    *,
+    labels: Sequence[np.ndarray] | None = None,
+    captions: Sequence[str] | None = None,
+    title: str | None = None,
+    columns: int | None = None,
+    tile_width: int = 240,
+    alpha: float = 0.7,
+):
+    """The anchors picture of several views of one scene (multi-view images).
+
+    views:    V images, each (H_k, W_k, 3) uint8 RGB (sizes may differ).
+    scores:   V score maps in [0, 1], each (Gh_k, Gw_k) on that view's own token grid.
+    labels:   optional V int cluster-label maps with the scores' shapes.
+    captions: optional V lines shown above the tiles (default "view k").
+
+    Tiles have the first view's aspect ratio (other views are resized to it for display);
+    the layout is `anchor_figure_layout(V, H_0, W_0, ...)`, as for `render_anchor_figure`.
+    """
+    from PIL import Image, ImageDraw
+
+    n = len(views)
+    if n < 1:
+        raise ValueError("expected at least one view, got none")
+    if len(scores) != n:
+        raise ValueError(f"expected one score map per view ({n}), got {len(scores)}")
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"expected one label map per view ({n}), got {len(labels)}")
+    if captions is not None and len(captions) != n:
+        raise ValueError(f"expected one caption per view ({n}), got {len(captions)}")
+    if not 0.0 < float(alpha) <= 1.0:
+        raise ValueError(f"expected 0 < alpha <= 1, got {alpha}")
+    checked = []
+    for k in range(n):
+        view = views[k]
+        if not isinstance(view, np.ndarray) or view.ndim != 3:
+            got = getattr(view, "shape", type(view).__name__)
+            raise ValueError(f"view {k}: expected an (H, W, 3) uint8 image, got {got}")
+        s = np.asarray(scores[k])
+        if s.ndim != 2:
+            raise ValueError(f"view {k}: expected a (Gh, Gw) score map, got shape {s.shape}")
+        lab = None if labels is None else np.asarray(labels[k])[None]
+        s, lab = _check_inputs(view[None], s[None], lab, None, None)
+        checked.append((view, s[0], None if lab is None else lab[0]))
+    layout = anchor_figure_layout(
+        n,
+        views[0].shape[0],
+        views[0].shape[1],
+        columns=columns,
+        tile_width=tile_width,
+        with_labels=labels is not None,
+        with_title=title is not None,
+    )
+    canvas = Image.new("RGB", layout.size, (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    small, big = _font(12), _font(15)
+    if title is not None:
+        text = " ".join(str(title).split())
+        max_chars = max(10, (layout.size[0] - 2 * PAD) // 8)
+        if len(text) > max_chars:
+            text = text[: max_chars - 3] + "..."
+        draw.text((PAD, PAD + 4), text, fill=(20, 20, 20), font=big)
+    for k, (view, smap, lmap) in enumerate(checked):
+        x, y = layout.tile_origin(k)
+        caption = captions[k] if captions is not None else f"view {k}"
+        draw.text((x, y + 3), caption, fill=(40, 40, 40), font=small)
+        ty = y + CAPTION_H
+        canvas.paste(_heat_tile(view, smap, layout.tile_w, layout.tile_h, alpha), (x, ty))
+        if lmap is not None:
+            tile = _label_tile(view, lmap, layout.tile_w, layout.tile_h)
+            canvas.paste(tile, (x, ty + layout.tile_h + LABEL_GAP))
+    _draw_colorbar(draw, layout, small, labels is not None)
+    return canvas
+
+
+def save_view_figure(path: str | os.PathLike, *args, **kwargs):
+    """`render_view_figure(*args, **kwargs)` saved as PNG at `path`; returns the image."""
+    image = render_view_figure(*args, **kwargs)
     image.save(os.fspath(path), format="PNG")
     return image

@@ -646,8 +646,9 @@ def configure(
             process would take the blocked solver, its column blocks are divided among the
             ranks.
 
-    Raises ValueError for an unsupported family (naming the supported ones), a model not
-    loaded with the videoanchor attention, or invalid options.
+    Raises TypeError for a model that is not a vision-language model (e.g. a plain module or
+    a text-only LM), ValueError for an unsupported VLM family (both name the supported ones),
+    a model not loaded with the videoanchor attention, or invalid options.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(
@@ -657,10 +658,15 @@ def configure(
     if handle is None:
         base = _base_model(model)
         if base is None:
-            get_family(model.config)  # raises the unsupported-family error if that is the cause
-            raise ValueError(
-                f"videoanchor: found no language_model inside {type(model).__name__}; expected a "
-                "vision-language model of a supported family"
+            from videoanchor.integrations.registry import FAMILIES
+
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            raise TypeError(
+                "videoanchor.configure: expected a vision-language model of a supported family "
+                f"(config.model_type one of {', '.join(sorted(FAMILIES))}), got "
+                f"{type(model).__name__} ("
+                + (f"model_type {model_type!r}" if model_type else "no transformers config")
+                + ", no language_model inside)"
             )
         get_family(base.config)
         text_config = getattr(base.config, "text_config", base.config)

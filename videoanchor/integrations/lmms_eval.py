@@ -21,7 +21,19 @@ or "all"); ``pca_rank`` (0); ``ssc_max_iter`` (10000); ``max_num_frames`` (16, s
 uniformly over the whole video, first and last frame included); ``max_new_tokens`` (default:
 the task's); ``min_pixels``/``max_pixels`` (Qwen families: the per-frame pixel range of the
 video processor); ``device`` ("auto"), ``dtype`` ("auto": bfloat16 on CUDA);
-``trust_remote_code``; ``batch_size`` (1 only: one request per forward).
+``trust_remote_code``; ``batch_size`` (lmms-eval's ``--batch_size``: consecutive requests
+with the same kind of visual input and the same ``max_new_tokens`` are answered in one
+left-padded ``generate`` call; SSC runs per sample, so the answers are those of
+``batch_size=1``).
+
+Documents may hold one video (a file path: VSI-Bench, Video-MME) or a list of images (PIL
+images, arrays or image files: SPAR-Bench's views); the images of one document are one
+request, anchored over the image tokens of all views together.
+
+Data parallelism: under ``accelerate launch`` (or torchrun) each process reads its rank from
+``RANK``/``WORLD_SIZE``/``LOCAL_RANK``, exposes them as ``rank``/``world_size`` (lmms-eval
+hands each rank its own share of the documents) and, with ``device=auto`` on a CUDA machine,
+loads the model on ``cuda:LOCAL_RANK``.
 
 The lmms-eval base class is imported only when lmms-eval asks for a class
 (``module.__getattr__``), so importing this module never needs lmms-eval.
@@ -29,7 +41,8 @@ The lmms-eval base class is imported only when lmms-eval asks for a class
 Request contract (lmms-eval ``simple`` models, read from lmms-eval 0.5-0.7.3 sources):
 ``Instance.args`` of a ``generate_until`` request is ``(context, gen_kwargs, doc_to_visual,
 doc_id, task, split)`` and the visuals are ``doc_to_visual(self.task_dict[task][split][doc_id])``
-(VSI-Bench: ``[video_path]``). ``generate_until`` returns one string per request, in order.
+(VSI-Bench: ``[video_path]``; SPAR-Bench: the document's list of images). ``generate_until``
+returns one string per request, in order.
 """
 
 from __future__ import annotations
@@ -104,6 +117,52 @@ def _as_int(value, name: str, minimum: int) -> int:
     return out
 
 
+def _cut(text: str, until) -> str:
+    for stop in until:
+        if stop:
+            text = text.split(stop)[0]
+    return text
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the launcher's environment (accelerate launch and
+    torchrun set RANK, WORLD_SIZE, LOCAL_RANK); (0, 1, 0) for a single process."""
+    import os
+
+    def read(name, default):
+        value = os.environ.get(name)
+        try:
+            return int(value) if value not in (None, "") else default
+        except ValueError:
+            raise ValueError(f"environment {name}: expected an integer, got {value!r}") from None
+
+    world = read("WORLD_SIZE", 1)
+    rank = read("RANK", 0)
+    local = read("LOCAL_RANK", rank)
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise ValueError(
+            f"expected 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0, got RANK={rank}, "
+            f"WORLD_SIZE={world}, LOCAL_RANK={local}"
+        )
+    return rank, world, local
+
+
+def _rank_device(device, local_rank: int, world_size: int, cuda_available: bool) -> str:
+    """The device of this process: with several processes and a CUDA machine, "auto" is the
+    process's own GPU (``cuda:LOCAL_RANK``), so ranks never share one."""
+    if device not in (None, "auto"):
+        return str(device)
+    if world_size > 1 and cuda_available:
+        return f"cuda:{local_rank}"
+    return "auto"
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 class VideoAnchorLMMCore:
     """The wrapper's logic, independent of lmms-eval (the registered classes add its base).
 
@@ -146,17 +205,18 @@ class VideoAnchorLMMCore:
                 "max_num_frames, max_new_tokens, min_pixels, max_pixels, device, dtype, "
                 "trust_remote_code, batch_size"
             )
-        for attr, value in (("_rank", 0), ("_world_size", 1), ("task_dict", {})):
-            if not hasattr(self, attr):
-                setattr(self, attr, value)
+        if not hasattr(self, "task_dict"):
+            self.task_dict = {}
+        # Data parallelism (accelerate launch / torchrun): each process is one rank; lmms-eval
+        # gives each rank its share of the documents through ``rank``/``world_size``.
+        self._rank, self._world_size, self._local_rank = _distributed()
         pretrained = pretrained or self.default_pretrained
         if not pretrained:
             raise ValueError("pretrained: expected a model id or directory, got none")
-        if batch_size not in (None, "auto") and _as_int(batch_size, "batch_size", 1) != 1:
-            raise ValueError(
-                f"batch_size: this wrapper runs one request per forward (SSC is per request); "
-                f"expected 1, got {batch_size!r}"
-            )
+        if batch_size in (None, "auto"):
+            self._batch_size = 1
+        else:
+            self._batch_size = _as_int(batch_size, "batch_size", 1)
         self.anchor = _as_bool(anchor, "anchor")
         self.max_num_frames = _as_int(max_num_frames, "max_num_frames", 1)
         self.max_new_tokens = (
@@ -164,11 +224,11 @@ class VideoAnchorLMMCore:
         )
         trust_remote_code = _as_bool(trust_remote_code, "trust_remote_code")
 
-        from videoanchor.cli import CLIError, check_model, load_vlm
+        from videoanchor.pipeline import PipelineError, check_model, load_vlm
 
         try:
             config = check_model(pretrained, trust_remote_code=trust_remote_code)
-        except CLIError as err:
+        except PipelineError as err:
             raise ValueError(str(err)) from err
         self.family = config.model_type
         if self.expected_family is not None and self.family != self.expected_family:
@@ -192,11 +252,11 @@ class VideoAnchorLMMCore:
         try:
             self.model, self.processor, handle = load_vlm(
                 pretrained,
-                device="auto" if device in (None, "auto") else str(device),
+                device=_rank_device(device, self._local_rank, self._world_size, _cuda_available()),
                 dtype=dtype,
                 trust_remote_code=trust_remote_code,
             )
-        except CLIError as err:
+        except PipelineError as err:
             raise ValueError(str(err)) from err
 
         import videoanchor
@@ -227,7 +287,7 @@ class VideoAnchorLMMCore:
 
     @property
     def batch_size(self):
-        return 1
+        return self._batch_size
 
     @property
     def device(self):
@@ -238,38 +298,44 @@ class VideoAnchorLMMCore:
             self._warned.add(key)
             warnings.warn(message, stacklevel=3)
 
-    def _video_path(self, visuals, doc_id, task) -> str:
-        if visuals is None:
-            raise ValueError(
-                f"{task} doc {doc_id}: no visual input; this wrapper answers about videos"
-            )
-        items = list(visuals) if isinstance(visuals, (list, tuple)) else [visuals]
-        paths = [v for v in items if isinstance(v, (str, bytes)) or hasattr(v, "__fspath__")]
-        if len(paths) != 1 or len(items) != 1:
-            kinds = sorted({type(v).__name__ for v in items})
-            raise ValueError(
-                f"{task} doc {doc_id}: expected exactly one video file path, got {len(items)} "
-                f"visual(s) of type {kinds}; image tasks are not supported by this wrapper"
-            )
+    def _visual(self, visuals, doc_id, task):
+        """``("video", path)`` or ``("images", [views])`` from a document's visuals."""
         import os
 
-        return os.fspath(paths[0])
+        from videoanchor.pipeline import IMAGE_SUFFIXES, PipelineError, read_images
 
-    def answer(self, context: str, video_path: str, gen_kwargs: dict | None = None) -> str:
-        """One request: sample the video, run the model (greedy), cut at the stop strings."""
-        from videoanchor.cli import generate_answer, video_inputs
-        from videoanchor.video import read_video_frames
-
-        gen_kwargs = dict(gen_kwargs or {})
-        until = gen_kwargs.get("until")
-        if until is None:
-            until = []
-        elif isinstance(until, str):
-            until = [until]
-        elif not isinstance(until, (list, tuple)):
+        if visuals is None:
             raise ValueError(
-                f"gen_kwargs['until']: expected a str or list, got {type(until).__name__}"
+                f"{task} doc {doc_id}: no visual input; this wrapper answers about a video or "
+                "several images"
             )
+        items = list(visuals) if isinstance(visuals, (list, tuple)) else [visuals]
+
+        def is_path(v):
+            return isinstance(v, str) or hasattr(v, "__fspath__")
+
+        def is_image(v):
+            if is_path(v):
+                return os.fspath(v).lower().endswith(IMAGE_SUFFIXES)
+            return (hasattr(v, "convert") and hasattr(v, "size")) or (
+                hasattr(v, "ndim") and getattr(v, "ndim", 0) == 3
+            )
+
+        if len(items) == 1 and is_path(items[0]) and not is_image(items[0]):
+            return "video", os.fspath(items[0])
+        if items and all(is_image(v) for v in items):
+            try:
+                views = [read_images([v])[0] if is_path(v) else v for v in items]
+            except PipelineError as err:
+                raise ValueError(f"{task} doc {doc_id}: {err}") from err
+            return "images", views
+        kinds = sorted({type(v).__name__ for v in items})
+        raise ValueError(
+            f"{task} doc {doc_id}: expected exactly one video file path or a list of images "
+            f"(PIL images, arrays or image files), got {len(items)} visual(s) of type {kinds}"
+        )
+
+    def _max_new_tokens(self, gen_kwargs: dict) -> int:
         temperature = gen_kwargs.get("temperature") or 0
         if temperature > 0 or gen_kwargs.get("do_sample"):
             self._warn_once(
@@ -279,25 +345,61 @@ class VideoAnchorLMMCore:
             )
         if int(gen_kwargs.get("num_beams") or 1) != 1:
             self._warn_once("beams", "videoanchor lmms-eval wrapper: num_beams ignored, using 1")
-        max_new = self.max_new_tokens or int(gen_kwargs.get("max_new_tokens") or 128)
-        video = read_video_frames(video_path, self.max_num_frames, progress=False)
-        inputs = video_inputs(
-            self.processor, video, context, device=self.model.device, dtype=self.model.dtype,
-            **self.processor_kwargs,
+        return self.max_new_tokens or int(gen_kwargs.get("max_new_tokens") or 128)
+
+    @staticmethod
+    def _until(gen_kwargs: dict) -> list[str]:
+        until = gen_kwargs.get("until")
+        if until is None:
+            return []
+        if isinstance(until, str):
+            return [until]
+        if not isinstance(until, (list, tuple)):
+            raise ValueError(
+                f"gen_kwargs['until']: expected a str or list, got {type(until).__name__}"
+            )
+        return list(until)
+
+    def answer_batch(self, contexts, visuals, max_new_tokens: int) -> list[str]:
+        """One left-padded batch: ``visuals`` are all ``("video", path)`` or all
+        ``("images", views)``; greedy decoding in one ``generate`` call, SSC per sample."""
+        from videoanchor.pipeline import generate_answers, image_batch_inputs, video_batch_inputs
+        from videoanchor.video import read_video_frames
+
+        kinds = {kind for kind, _ in visuals}
+        if len(kinds) != 1:
+            raise ValueError(f"expected one kind of visual input per batch, got {sorted(kinds)}")
+        opts = dict(device=self.model.device, dtype=self.model.dtype, **self.processor_kwargs)
+        if kinds == {"video"}:
+            videos = [
+                read_video_frames(path, self.max_num_frames, progress=False) for _, path in visuals
+            ]
+            inputs = video_batch_inputs(self.processor, videos, list(contexts), **opts)
+        else:
+            views = [v for _, v in visuals]
+            inputs = image_batch_inputs(self.processor, views, list(contexts), **opts)
+        answers, _ = generate_answers(
+            self.model, self.processor, inputs, self.handle,
+            max_new_tokens=max_new_tokens, progress=False,
         )  # fmt: skip
-        text, _ = generate_answer(
-            self.model, self.processor, inputs, self.handle, max_new_tokens=max_new, progress=False
-        )
-        for stop in until:
-            if stop:
-                text = text.split(stop)[0]
-        return text
+        return answers
+
+    def answer(self, context: str, video_path: str, gen_kwargs: dict | None = None) -> str:
+        """One request about one video: sample it, run the model (greedy), cut at the stops."""
+        gen_kwargs = dict(gen_kwargs or {})
+        until = self._until(gen_kwargs)
+        text = self.answer_batch(
+            [context], [("video", video_path)], self._max_new_tokens(gen_kwargs)
+        )[0]
+        return _cut(text, until)
 
     def generate_until(self, requests) -> list[str]:
+        """Answers in request order. Consecutive requests with the same kind of visual input
+        and the same ``max_new_tokens`` are answered together, ``batch_size`` at a time."""
         from tqdm.auto import tqdm
 
-        out = []
-        for request in tqdm(requests, desc="videoanchor", disable=self.rank != 0):
+        parsed = []
+        for request in requests:
             args = request.args
             if len(args) != 6:
                 raise ValueError(
@@ -305,12 +407,34 @@ class VideoAnchorLMMCore:
                     f"doc_id, task, split), got a tuple of {len(args)}"
                 )
             context, gen_kwargs, doc_to_visual, doc_id, task, split = args
-            visuals = doc_to_visual(self.task_dict[task][split][doc_id])
-            text = self.answer(context, self._video_path(visuals, doc_id, task), gen_kwargs)
+            gen_kwargs = dict(gen_kwargs or {})
+            visual = self._visual(doc_to_visual(self.task_dict[task][split][doc_id]), doc_id, task)
+            key = (visual[0], self._max_new_tokens(gen_kwargs))
+            parsed.append((context, gen_kwargs, visual, key))
+        out: list[str] = []
+        bar = tqdm(total=len(parsed), desc="videoanchor", disable=self.rank != 0)
+        start = 0
+        while start < len(parsed):
+            stop = start + 1
+            while (
+                stop < len(parsed)
+                and stop - start < self._batch_size
+                and parsed[stop][3] == parsed[start][3]
+            ):
+                stop += 1
+            chunk = parsed[start:stop]
+            texts = self.answer_batch(
+                [c[0] for c in chunk], [c[2] for c in chunk], max_new_tokens=chunk[0][3][1]
+            )
             hook = getattr(self, "cache_hook", None)
-            if hook is not None:
-                hook.add_partial("generate_until", (context, gen_kwargs), text)
-            out.append(text)
+            for (context, gen_kwargs, _, _), text in zip(chunk, texts, strict=True):
+                text = _cut(text, self._until(gen_kwargs))
+                if hook is not None:
+                    hook.add_partial("generate_until", (context, gen_kwargs), text)
+                out.append(text)
+            bar.update(len(chunk))
+            start = stop
+        bar.close()
         return out
 
     def loglikelihood(self, requests):
