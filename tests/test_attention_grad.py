@@ -513,3 +513,14 @@ def test_triton_backward_after_split_kv_forward():
     ref = torch.autograd.grad(anchored_attention_reference(*leaves), leaves, go.double())
     for gt, r in zip(got, ref, strict=True):
         torch.testing.assert_close(gt.double(), r, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("sq, skv", [(0, 7), (7, 0)])
+def test_backward_of_empty_sequences(backend, sq, skv):
+    """No query or no key: the output is empty or zero and every gradient is zero."""
+    inputs = make(1, 2, 1, sq, skv, 16, torch.float32)
+    out = videoanchor.anchored_attention(*inputs, backend=backend)
+    grads = torch.autograd.grad(out.sum(), inputs)
+    for t, g in zip(inputs, grads, strict=True):
+        assert g.shape == t.shape and torch.equal(g, torch.zeros_like(g))
