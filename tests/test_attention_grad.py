@@ -437,11 +437,12 @@ def test_triton_backward_opcheck_and_compiled_training():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_triton_varlen_backward_within_twice_pytorch_error(dtype):
+def test_varlen_backward_within_twice_pytorch_error(dtype, backend):
     """Packed sequences (query lengths 5, 0, 9 against 7, 3, 9 keys, one trailing token
-    in no sequence), GQA, causal: gradients of anchored_attention_varlen on the Triton
-    path against the float64 reference run sequence by sequence, 2x-PyTorch-error rule;
+    in no sequence), GQA, causal: gradients of anchored_attention_varlen on either
+    backend against the float64 reference run sequence by sequence, 2x-PyTorch-error rule;
     tokens outside every sequence get a zero gradient."""
     lq, lk = [5, 0, 9], [7, 3, 9]
     Hq, Hkv, D = 4, 2, 16
@@ -459,7 +460,7 @@ def test_triton_varlen_backward_within_twice_pytorch_error(dtype):
     gl = torch.randn(Hq, 15, generator=g)
 
     out, lse = videoanchor.anchored_attention_varlen(
-        q, k, v, cu_q, cu_k, 9, None, kb, vs, backend="triton", return_lse=True
+        q, k, v, cu_q, cu_k, 9, None, kb, vs, backend=backend, return_lse=True
     )
     got = torch.autograd.grad(attention_loss(out[:14], lse[:, :14], go[:14].to(dtype),
                                              gl[:, :14]), inputs)  # fmt: skip
