@@ -525,3 +525,32 @@ def test_backward_of_empty_sequences(backend, sq, skv):
     grads = torch.autograd.grad(out.sum(), inputs)
     for t, g in zip(inputs, grads, strict=True):
         assert g.shape == t.shape and torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("hide", ["padding", "cache_seqlens"])
+def test_hidden_keys_never_reach_gradients(backend, hide):
+    """NaN in the K/V/gates of padded keys (or cache slots past a sample's length) must
+    reach no gradient: every gradient is finite and equals the one from clean inputs."""
+    B, Hq, Hkv, Sq, Skv, D = 2, 4, 2, 6, 13, 16
+    clean = make(B, Hq, Hkv, Sq, Skv, D, torch.float32, grad=False)
+    lens = torch.tensor([13, 8])
+    kw = dict(causal=False)
+    if hide == "padding":
+        kw["key_padding_mask"] = torch.arange(Skv)[None, :] >= (Skv - lens)[:, None]
+        hidden = ~kw["key_padding_mask"]
+    else:
+        kw["cache_seqlens"] = lens.to(torch.int32)
+        hidden = torch.arange(Skv)[None, :] >= lens[:, None]
+    dirty = [t.clone() for t in clean]
+    dirty[1][:, 0][hidden], dirty[2][:, 1][hidden] = float("nan"), float("nan")
+    dirty[3][hidden], dirty[4][hidden] = float("nan"), float("nan")
+    go = torch.randn(B, Hq, Sq, D)
+    grads = []
+    for inputs in (clean, dirty):
+        inputs = [t.requires_grad_() for t in inputs]
+        out = videoanchor.anchored_attention(*inputs, backend=backend, **kw)
+        grads.append(torch.autograd.grad(out, inputs, go))
+    for g_clean, g_dirty in zip(*grads, strict=True):
+        assert torch.isfinite(g_dirty).all()
+        torch.testing.assert_close(g_dirty, g_clean, atol=1e-6, rtol=1e-6)
