@@ -22,7 +22,7 @@ class _Prepared:
 
     def __init__(
         self, q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, attn_mask,
-        causal, sm_scale, chunk_budget_bytes,
+        causal, sm_scale, chunk_budget_bytes, backward=False,
     ):  # fmt: skip
         B, Hq, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
@@ -51,8 +51,10 @@ class _Prepared:
             readable = in_cache if readable is None else readable & in_cache
         self.readable = readable
         if readable is not None:
-            # K too: backward multiplies it by zero weights (dq), and 0 * NaN = NaN.
-            k, v_r, v_s = (torch.where(readable[:, None, :, None], t, 0) for t in (k, v_r, v_s))
+            v_s = torch.where(readable[:, None, :, None], v_s, 0)
+            if backward:
+                # Backward multiplies K and V by zero weights there (dq, d value_scale).
+                k, v_r = (torch.where(readable[:, None, :, None], t, 0) for t in (k, v_r))
         self.k, self.k_t = k, k.transpose(-1, -2)
         self.v_s, self.v_r = v_s, v_r
         # attn_mask as a (B, Hkv, G, Sq, Skv) view (broadcast dims have stride 0).
@@ -181,7 +183,7 @@ class _AnchoredAttentionFn(torch.autograd.Function):
         # The backward holds about four chunk-sized tensors: halve the chunk.
         prep = _Prepared(
             q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, attn_mask,
-            causal, sm_scale, max(1, budget // 2),
+            causal, sm_scale, max(1, budget // 2), backward=True,
         )  # fmt: skip
         B, Hq, Sq, D = q.shape
         Hkv, Skv, group = prep.Hkv, prep.Skv, prep.group
