@@ -368,10 +368,12 @@ def test_triton_backward_within_twice_pytorch_error(case, dtype, monkeypatch):
     """The interpreter on CPU, buffers poisoned with NaN before the kernels write them."""
     from videoanchor.kernels import triton_backward
 
-    monkeypatch.setattr(
-        triton_backward, "_empty",
-        lambda shape, dt, dev: torch.full(shape, float("nan"), dtype=dt, device=dev),
-    )  # fmt: skip
+    def poisoned(like_or_shape, dtype=None, device=None):
+        if isinstance(like_or_shape, torch.Tensor):
+            return torch.full_like(like_or_shape, float("nan"))
+        return torch.full(like_or_shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(triton_backward, "_empty", poisoned)
     shape, opts = TRITON_CASES[case]
     check_triton_grads(shape, opts, dtype, "cpu")
 
@@ -409,6 +411,8 @@ def test_triton_backward_opcheck_and_compiled_training():
     """The forward op's autograd registration and the backward op's fake pass opcheck;
     a compiled (aot_eager) forward + backward gives the eager gradients."""
     q, k, v, kb, vs = make(1, 2, 1, 9, 9, 16, torch.float32)
+    # q stored as (B, S, H, D), as transformers hands it over: gradients keep its strides.
+    q = q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
     pad = torch.ones(1, 9, dtype=torch.bool)
     pad[0, :2] = False
     torch.library.opcheck(
@@ -431,6 +435,9 @@ def test_triton_backward_opcheck_and_compiled_training():
         return o.square().sum()
 
     eager = torch.autograd.grad(loss(q, k, v, kb, vs), (q, k, v, kb, vs))
+    dense = [t.detach().contiguous().requires_grad_() for t in (q, k, v, kb, vs)]
+    for a, b in zip(eager, torch.autograd.grad(loss(*dense), dense), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
     got = torch.autograd.grad(compiled(q, k, v, kb, vs), (q, k, v, kb, vs))
     for a, b in zip(eager, got, strict=True):
