@@ -430,6 +430,24 @@ def test_triton_backward_opcheck_and_compiled_training():
         test_utils=("test_schema", "test_faketensor"),
     )  # fmt: skip
 
+    # The varlen pair: q (total_q, Hq, D) as two sequences of 4 and 5 queries.
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    vq, vk, vv = (t.detach()[0].transpose(0, 1).requires_grad_() for t in (q, k, v))
+    vkb, vvs = kb.detach()[0].requires_grad_(), vs.detach()[0].requires_grad_()
+    varlen_args = (vq, vk, vv, cu, cu, 5, 5, vkb, vvs, True, 0.25, True)
+    torch.library.opcheck(
+        torch.ops.videoanchor.anchored_attention_varlen_fwd.default, varlen_args,
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )  # fmt: skip
+    vout, vlse = torch.ops.videoanchor.anchored_attention_varlen_fwd(*varlen_args)
+    torch.library.opcheck(
+        torch.ops.videoanchor.anchored_attention_varlen_bwd.default,
+        (torch.randn_like(vout), vq.detach(), vk.detach(), vv.detach(), cu, cu, 5, 5,
+         vkb.detach(), vvs.detach(), vout.detach(), vlse.detach(), None, True, 0.25, True,
+         True),
+        test_utils=("test_schema", "test_faketensor"),
+    )  # fmt: skip
+
     def loss(q, k, v, kb, vs):
         o = videoanchor.anchored_attention(q, k, v, kb, vs, key_padding_mask=pad, backend="triton")
         return o.square().sum()
