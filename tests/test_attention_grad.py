@@ -368,10 +368,12 @@ def test_triton_backward_within_twice_pytorch_error(case, dtype, monkeypatch):
     """The interpreter on CPU, buffers poisoned with NaN before the kernels write them."""
     from videoanchor.kernels import triton_backward
 
-    monkeypatch.setattr(
-        triton_backward, "_empty",
-        lambda shape, dt, dev: torch.full(shape, float("nan"), dtype=dt, device=dev),
-    )  # fmt: skip
+    def poisoned(like_or_shape, dtype=None, device=None):
+        if isinstance(like_or_shape, torch.Tensor):
+            return torch.full_like(like_or_shape, float("nan"))
+        return torch.full(like_or_shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(triton_backward, "_empty", poisoned)
     shape, opts = TRITON_CASES[case]
     check_triton_grads(shape, opts, dtype, "cpu")
 
@@ -409,6 +411,8 @@ def test_triton_backward_opcheck_and_compiled_training():
     """The forward op's autograd registration and the backward op's fake pass opcheck;
     a compiled (aot_eager) forward + backward gives the eager gradients."""
     q, k, v, kb, vs = make(1, 2, 1, 9, 9, 16, torch.float32)
+    # q stored as (B, S, H, D), as transformers hands it over: gradients keep its strides.
+    q = q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
     pad = torch.ones(1, 9, dtype=torch.bool)
     pad[0, :2] = False
     torch.library.opcheck(
@@ -426,22 +430,44 @@ def test_triton_backward_opcheck_and_compiled_training():
         test_utils=("test_schema", "test_faketensor"),
     )  # fmt: skip
 
+    # The varlen pair: q (total_q, Hq, D) as two sequences of 4 and 5 queries.
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    vq, vk, vv = (t.detach()[0].transpose(0, 1).requires_grad_() for t in (q, k, v))
+    vkb, vvs = kb.detach()[0].requires_grad_(), vs.detach()[0].requires_grad_()
+    varlen_args = (vq, vk, vv, cu, cu, 5, 5, vkb, vvs, True, 0.25, True)
+    torch.library.opcheck(
+        torch.ops.videoanchor.anchored_attention_varlen_fwd.default, varlen_args,
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )  # fmt: skip
+    vout, vlse = torch.ops.videoanchor.anchored_attention_varlen_fwd(*varlen_args)
+    torch.library.opcheck(
+        torch.ops.videoanchor.anchored_attention_varlen_bwd.default,
+        (torch.randn_like(vout), vq.detach(), vk.detach(), vv.detach(), cu, cu, 5, 5,
+         vkb.detach(), vvs.detach(), vout.detach(), vlse.detach(), None, True, 0.25, True,
+         True),
+        test_utils=("test_schema", "test_faketensor"),
+    )  # fmt: skip
+
     def loss(q, k, v, kb, vs):
         o = videoanchor.anchored_attention(q, k, v, kb, vs, key_padding_mask=pad, backend="triton")
         return o.square().sum()
 
     eager = torch.autograd.grad(loss(q, k, v, kb, vs), (q, k, v, kb, vs))
+    dense = [t.detach().contiguous().requires_grad_() for t in (q, k, v, kb, vs)]
+    for a, b in zip(eager, torch.autograd.grad(loss(*dense), dense), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
     got = torch.autograd.grad(compiled(q, k, v, kb, vs), (q, k, v, kb, vs))
     for a, b in zip(eager, got, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_triton_varlen_backward_within_twice_pytorch_error(dtype):
+def test_varlen_backward_within_twice_pytorch_error(dtype, backend):
     """Packed sequences (query lengths 5, 0, 9 against 7, 3, 9 keys, one trailing token
-    in no sequence), GQA, causal: gradients of anchored_attention_varlen on the Triton
-    path against the float64 reference run sequence by sequence, 2x-PyTorch-error rule;
+    in no sequence), GQA, causal: gradients of anchored_attention_varlen on either
+    backend against the float64 reference run sequence by sequence, 2x-PyTorch-error rule;
     tokens outside every sequence get a zero gradient."""
     lq, lk = [5, 0, 9], [7, 3, 9]
     Hq, Hkv, D = 4, 2, 16
@@ -459,7 +485,7 @@ def test_triton_varlen_backward_within_twice_pytorch_error(dtype):
     gl = torch.randn(Hq, 15, generator=g)
 
     out, lse = videoanchor.anchored_attention_varlen(
-        q, k, v, cu_q, cu_k, 9, None, kb, vs, backend="triton", return_lse=True
+        q, k, v, cu_q, cu_k, 9, None, kb, vs, backend=backend, return_lse=True
     )
     got = torch.autograd.grad(attention_loss(out[:14], lse[:, :14], go[:14].to(dtype),
                                              gl[:, :14]), inputs)  # fmt: skip
@@ -513,3 +539,43 @@ def test_triton_backward_after_split_kv_forward():
     ref = torch.autograd.grad(anchored_attention_reference(*leaves), leaves, go.double())
     for gt, r in zip(got, ref, strict=True):
         torch.testing.assert_close(gt.double(), r, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("sq, skv", [(0, 7), (7, 0)])
+def test_backward_of_empty_sequences(backend, sq, skv):
+    """No query or no key: the output is empty or zero and every gradient is zero."""
+    inputs = make(1, 2, 1, sq, skv, 16, torch.float32)
+    out = videoanchor.anchored_attention(*inputs, backend=backend)
+    grads = torch.autograd.grad(out.sum(), inputs)
+    for t, g in zip(inputs, grads, strict=True):
+        assert g.shape == t.shape and torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("hide", ["padding", "cache_seqlens"])
+def test_hidden_keys_never_reach_gradients(backend, hide):
+    """NaN in the K/V/gates of padded keys (or cache slots past a sample's length) must
+    reach no gradient: every gradient is finite and equals the one from clean inputs."""
+    B, Hq, Hkv, Sq, Skv, D = 2, 4, 2, 6, 13, 16
+    clean = make(B, Hq, Hkv, Sq, Skv, D, torch.float32, grad=False)
+    lens = torch.tensor([13, 8])
+    kw = dict(causal=False)
+    if hide == "padding":
+        kw["key_padding_mask"] = torch.arange(Skv)[None, :] >= (Skv - lens)[:, None]
+        hidden = ~kw["key_padding_mask"]
+    else:
+        kw["cache_seqlens"] = lens.to(torch.int32)
+        hidden = torch.arange(Skv)[None, :] >= lens[:, None]
+    dirty = [t.clone() for t in clean]
+    dirty[1][:, 0][hidden], dirty[2][:, 1][hidden] = float("nan"), float("nan")
+    dirty[3][hidden], dirty[4][hidden] = float("nan"), float("nan")
+    go = torch.randn(B, Hq, Sq, D)
+    grads = []
+    for inputs in (clean, dirty):
+        inputs = [t.requires_grad_() for t in inputs]
+        out = videoanchor.anchored_attention(*inputs, backend=backend, **kw)
+        grads.append(torch.autograd.grad(out, inputs, go))
+    for g_clean, g_dirty in zip(*grads, strict=True):
+        assert torch.isfinite(g_dirty).all()
+        torch.testing.assert_close(g_dirty, g_clean, atol=1e-6, rtol=1e-6)

@@ -288,6 +288,9 @@ def anchored_attention(
 
     ``out[b, h, i] = sum_j softmax_j(q_i . k_j * sm_scale + key_bias[b, j]) * value_scale[b, j] * v_j``
 
+    Differentiable in q, k, v, key_bias and value_scale (and through lse): the Triton
+    backend has a fused backward kernel, the torch backend a chunked exact one.
+
     Args:
         q: (B, Hq, Sq, D) float16, bfloat16 or float32, any strides.
         k, v: (B, Hkv, Skv, D), same dtype and device; ``Hq % Hkv == 0`` (GQA/MQA: query
@@ -507,7 +510,8 @@ def anchored_attention_varlen(
     return_lse: bool = False,
 ):
     """Anchored attention over packed variable-length sequences (flash-attention's varlen
-    layout): no padding tokens are stored or computed.
+    layout): no padding tokens are stored or computed. Differentiable like
+    :func:`anchored_attention`.
 
     Args:
         q: (total_q, Hq, D); k, v: (total_k, Hkv, D); any strides.

@@ -22,7 +22,7 @@ class _Prepared:
 
     def __init__(
         self, q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, attn_mask,
-        causal, sm_scale, chunk_budget_bytes,
+        causal, sm_scale, chunk_budget_bytes, backward=False,
     ):  # fmt: skip
         B, Hq, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
@@ -34,9 +34,9 @@ class _Prepared:
         acc = self.acc
         # K^T [B, Hkv, D, Skv] and scaled V [B, Hkv, Skv, D]; the query heads of a group
         # are stacked along the rows, so K and V are never repeated per query head.
-        self.k = k.to(acc)
-        self.k_t = self.k.transpose(-1, -2)
-        v_s = v.to(acc)
+        k = k.to(acc)
+        v_r = v.to(acc)
+        v_s = v_r
         if value_scale is not None:
             v_s = v_s * value_scale.to(acc)[:, None, :, None]
         self.bias = None if key_bias is None else key_bias.to(acc)[:, None, None, None, :]
@@ -52,7 +52,11 @@ class _Prepared:
         self.readable = readable
         if readable is not None:
             v_s = torch.where(readable[:, None, :, None], v_s, 0)
-        self.v_s = v_s
+            if backward:
+                # Backward multiplies K and V by zero weights there (dq, d value_scale).
+                k, v_r = (torch.where(readable[:, None, :, None], t, 0) for t in (k, v_r))
+        self.k, self.k_t = k, k.transpose(-1, -2)
+        self.v_s, self.v_r = v_s, v_r
         # attn_mask as a (B, Hkv, G, Sq, Skv) view (broadcast dims have stride 0).
         self.mask_bool = self.mask_add = None
         if attn_mask is not None:
@@ -179,7 +183,7 @@ class _AnchoredAttentionFn(torch.autograd.Function):
         # The backward holds about four chunk-sized tensors: halve the chunk.
         prep = _Prepared(
             q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, attn_mask,
-            causal, sm_scale, max(1, budget // 2),
+            causal, sm_scale, max(1, budget // 2), backward=True,
         )  # fmt: skip
         B, Hq, Sq, D = q.shape
         Hkv, Skv, group = prep.Hkv, prep.Skv, prep.group
@@ -236,10 +240,14 @@ class _AnchoredAttentionFn(torch.autograd.Function):
             if prep.readable is not None:
                 dv_s = torch.where(prep.readable[:, None, :, None], dv_s, 0)
             if need[2]:
-                dv = dv_s if value_scale is None else dv_s * value_scale.to(acc)[:, None, :, None]
+                dv = dv_s
+                if value_scale is not None:
+                    dv = dv_s * value_scale.to(acc)[:, None, :, None]
+                    if prep.readable is not None:  # a hidden key's scale may hold NaN
+                        dv = torch.where(prep.readable[:, None, :, None], dv, 0)
                 grads[2] = dv.to(v.dtype)
             if value_scale is not None and need[4]:
-                grads[4] = (dv_s * v.to(acc)).sum(dim=(1, 3)).to(value_scale.dtype)
+                grads[4] = (dv_s * prep.v_r).sum(dim=(1, 3)).to(value_scale.dtype)
         if key_bias is not None and need[3]:
             grads[3] = dbias.to(key_bias.dtype)
         if mask_grad:

@@ -266,9 +266,12 @@ def backward_config(head_dim_padded: int, elem_bytes: int, interpret: bool) -> d
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
 
 
-def _empty(shape, dtype, device):
-    """Allocates every buffer the kernels fill (tests poison it with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+def _empty(like_or_shape, dtype=None, device=None):
+    """Allocates every buffer the kernels fill (tests poison it with NaN). A tensor
+    argument gives ``empty_like`` (its strides, as the fake implementation promises)."""
+    if isinstance(like_or_shape, torch.Tensor):
+        return torch.empty_like(like_or_shape)
+    return torch.empty(like_or_shape, dtype=dtype, device=device)
 
 
 def _strides(t, n):
@@ -327,9 +330,7 @@ def launch_backward(
     else:
         B, Hq, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
-        dq = _empty(q.shape, q.dtype, q.device)
-        dk = _empty(k.shape, k.dtype, k.device)
-        dv = _empty(v.shape, v.dtype, v.device)
+        dq, dk, dv = _empty(q), _empty(k), _empty(v)
         red = _empty((n_red, B, Hkv, Skv), torch.float32, q.device)
         strides = [t.stride() for t in (q, k, v, grad_out, dq, dk, dv)]
         s_lse = lse.stride()
