@@ -172,6 +172,20 @@ def test_krylov_budget_falls_back_to_eigh_with_a_warning(monkeypatch):
         spectral_embedding(w, 6, eigen_solver="krylov", seed=1, max_iter=1)
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support:UserWarning")
+def test_sparse_operator_and_its_budget_warning():
+    """The scalable mode's entry point: a sparse CSR operator; out of budget it warns."""
+    w, _ = sparse_group_affinity(240, 5, nnz=6, p_out=0.05, seed=14, dtype=torch.float64)
+    s = _normalized(w)
+    s_csr = s.to_sparse_csr()
+    gen = torch.Generator().manual_seed(0)
+    theta, q, _, ok = spectral_module._top_eigvecs_subspace(s_csr, 5, gen, 1e-8, 200)
+    assert ok
+    torch.testing.assert_close(theta, torch.linalg.eigvalsh(s).flip(0)[:5], atol=1e-8, rtol=0)
+    with pytest.warns(RuntimeWarning, match="budget"):
+        spectral_module._top_eigvecs_subspace(s_csr, 5, gen, 1e-14, 1)
+
+
 def test_dense_partial_eigh_equals_full_eigh():
     w, _ = block_affinity([13, 21, 17, 30], p_out=0.2, seed=13)
     s = _normalized(w)
