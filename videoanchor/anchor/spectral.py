@@ -62,15 +62,20 @@ def _normalized_affinity(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # Dense eigensolver versus block Krylov, by measured cost. Both constants are set by
-# benchmarks/results/spectral_cpu.json (bench_spectral.py, one thread, shared 2-core CPU):
-# - EIGH_CROSSOVER["cpu"]: LAPACK's partial solver (?syevx, k vectors) against the block
-#   Krylov solver on affinities with and without a gap at k; dense is used up to this N.
-# - EIGH_COST: the partial eigh costs about this many N^3 multiply-adds of matrix-product
-#   work (its time times the measured GEMM rate over N^3), which is the Krylov budget.
+# benchmarks/results/spectral_cpu.json (bench_spectral.py, one thread, shared 2-core CPU,
+# k = 24, float32, with and without a gap at k):
+# - EIGH_CROSSOVER["cpu"]: whole clustering with dense (LAPACK's partial ?syevx, 24
+#   vectors) against Krylov ("ours_eigh", "ours_krylov"). At N = 1024 dense wins on
+#   every affinity (0.12-0.22 s against 0.22-0.83 s); at N = 2048 it is a draw (dense
+#   2.2 s on both; Krylov 1.1 s with a gap, 3.0 s without); at N = 4096 Krylov wins
+#   (3.9 / 16.5 s against 26.1 / 32.6 s). So dense up to 2048.
+# - EIGH_COST: the partial eigh's time times the measured GEMM rate over N^3
+#   ("eigh_cost_n3" there: 1.1 to 8.5, median 2.7): the Krylov budget in flops is
+#   EIGH_COST * N^3, about one dense eigh, so "auto" never costs much over 2x eigh.
 # On CUDA neither is measured yet (bench_spectral.py --device cuda is ready to run): the
 # crossover keeps the earlier value, 2048.
 EIGH_CROSSOVER = {"cpu": 2048, "cuda": 2048}
-EIGH_COST = 2.5
+EIGH_COST = 2.7
 
 
 def _orthonormal_complement(w: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
