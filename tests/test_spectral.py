@@ -186,6 +186,19 @@ def test_sparse_operator_and_its_budget_warning():
         spectral_module._top_eigvecs_subspace(s_csr, 5, gen, 1e-14, 1)
 
 
+@pytest.mark.parametrize("n", [29, 41], ids=lambda n: f"n{n}")
+def test_krylov_when_the_basis_can_span_everything(n):
+    """A block of 18 on N = 29 or 41 (under 3 blocks): the basis is capped at N columns."""
+    w, _ = block_affinity([n // 3, n // 3, n - 2 * (n // 3)], p_out=0.3, seed=15)
+    s = _normalized(w)
+    theta, q, info = block_krylov_eigvecs(
+        lambda x: s @ x, n, 10, dtype=s.dtype, device=s.device, tol=1e-9, matmul_flops=2 * n * n
+    )
+    assert info["converged"]
+    torch.testing.assert_close(theta, torch.linalg.eigvalsh(s).flip(0)[:10], atol=1e-9, rtol=0)
+    torch.testing.assert_close(q.T @ q, torch.eye(10, dtype=q.dtype), atol=1e-9, rtol=0)
+
+
 def test_dense_partial_eigh_equals_full_eigh():
     w, _ = block_affinity([13, 21, 17, 30], p_out=0.2, seed=13)
     s = _normalized(w)

@@ -159,8 +159,9 @@ def block_krylov_eigvecs(
             v, sv = [vc @ ym], [svc @ ym]
             vc, h = v[0], torch.diag(theta[:m])
             flops += 4 * n * p * m
-        w = _orthonormal_complement(sv[-1], vc)
-        b, pp = w.shape[1], vc.shape[1]
+        pp = vc.shape[1]
+        w = _orthonormal_complement(sv[-1][:, : n - pp], vc)  # never more than N columns
+        b = w.shape[1]
         sw = matmul(w)
         v.append(w)
         sv.append(sw)
