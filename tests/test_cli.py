@@ -80,8 +80,24 @@ def test_parser_defaults_to_a_real_supported_model():
     assert args.model == "Qwen/Qwen2.5-VL-7B-Instruct"
     assert args.frames is None and DEFAULT_FRAMES == 16  # None: 16 for a video, --images refuse it
     assert args.alpha_k is None and args.alpha_v is None  # registry defaults
+    assert args.label_draws == 1  # the paper's single label draw
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--video", "x.mp4", "--question", "q", "--frames", "0"])
+
+
+def test_label_draws_flag_reaches_configure(monkeypatch):
+    import videoanchor
+    from videoanchor import cli
+
+    args = build_parser().parse_args(
+        ["run", "--video", "x", "--question", "q", "--label-draws", "4"]
+    )
+    seen = {}
+    monkeypatch.setattr(videoanchor, "configure", lambda model, **kw: seen.update(kw))
+    cli._configure(type("H", (), {"model": None})(), args, True)
+    assert seen["label_draws"] == 4
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--video", "x", "--question", "q", "--label-draws", "0"])
 
 
 def test_run_prints_the_anchored_answer(tmp_path_factory, video, capsys):

@@ -206,10 +206,11 @@ def test_module_imports_without_lmms_eval(monkeypatch):
 
 
 def test_generate_until_answers_every_request_with_anchoring(lmms_eval_modules, assets):
-    lm = _make("videoanchor_qwen2_5_vl", assets, ",alpha_k=40,alpha_v=6")
+    lm = _make("videoanchor_qwen2_5_vl", assets, ",alpha_k=40,alpha_v=6,label_draws=2")
     # The anchoring settings reached the model.
     c = lm.handle.config
     assert (c.enabled, c.alpha_k, c.alpha_v, c.n_clusters) == (True, 40.0, 6.0, 4)
+    assert c.label_draws == 2
     reqs, task_dict, docs = _requests(assets, {"max_new_tokens": 5, "temperature": 0})
     lm.task_dict = task_dict
     answers = lm.generate_until(reqs)
@@ -219,7 +220,7 @@ def test_generate_until_answers_every_request_with_anchoring(lmms_eval_modules, 
     for doc, got in zip(docs, answers, strict=True):
         model, processor, handle, inputs = direct_inputs(
             assets / "ckpt", doc["video"], doc["question"], FRAMES,
-            n_clusters=4, alpha_k=40.0, alpha_v=6.0,
+            n_clusters=4, alpha_k=40.0, alpha_v=6.0, label_draws=2,
         )  # fmt: skip
         assert got == greedy_answer(model, processor, inputs, 5)
         assert handle.last_anchored

@@ -104,7 +104,7 @@ def _configure(handle, args, enabled: bool):
     import videoanchor
 
     opts = dict(enabled=enabled, n_clusters=args.n_clusters, decode=args.decode, seed=args.seed)
-    opts.update(pca_rank=args.pca_rank, max_iter=args.ssc_max_iter)
+    opts.update(pca_rank=args.pca_rank, max_iter=args.ssc_max_iter, label_draws=args.label_draws)
     for name in ("alpha_q", "alpha_k", "alpha_v"):
         value = getattr(args, name)
         if value is not None:
@@ -518,6 +518,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="ADMM iteration limit of SSC (default 10000, the authors')",
     )
     a.add_argument("--seed", type=int, default=0, help="seed of the spectral clustering")
+    a.add_argument(
+        "--label-draws",
+        type=_positive_int,
+        default=1,
+        help="label draws from one spectral embedding, cluster shares averaged: scores that "
+        "depend less on the seed (default 1, the paper's single draw)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")  # fmt: skip
 

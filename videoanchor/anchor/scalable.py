@@ -38,12 +38,7 @@ import warnings
 import torch
 
 from videoanchor.anchor._inputs import as_feature_tensor, resolve_dtype
-from videoanchor.anchor.spectral import (
-    _relabel_by_first_appearance,
-    _top_eigvecs_subspace,
-    discretize,
-    kmeans,
-)
+from videoanchor.anchor.spectral import _top_eigvecs_subspace, labels_from_embedding
 
 __all__ = ["knn_candidates", "solve_ssc_restricted", "sparse_spectral_clustering"]
 
@@ -302,13 +297,19 @@ def _sparse_affinity(idx: torch.Tensor, values: torch.Tensor, n: int) -> torch.T
     ).coalesce()
 
 
-def sparse_spectral_clustering(
-    w: torch.Tensor, n_clusters: int, *, seed: int = 0, assign_labels: str = "discretize"
+def sparse_spectral_labels(
+    w: torch.Tensor,
+    n_clusters: int,
+    *,
+    seed: int = 0,
+    assign_labels: str = "discretize",
+    draws: int = 1,
 ) -> torch.Tensor:
-    """Spectral clustering of a sparse symmetric affinity (COO), without densifying it."""
+    """``(draws, N)`` labels of a sparse symmetric affinity (COO), without densifying it:
+    one embedding, ``draws`` label assignments (``spectral.labels_from_embedding``)."""
     n = w.shape[0]
     if n_clusters == 1:
-        return torch.zeros(n, dtype=torch.long, device=w.device)
+        return torch.zeros(draws, n, dtype=torch.long, device=w.device)
     ind, val = w.indices(), w.values()
     deg = torch.zeros(n, dtype=val.dtype, device=w.device).index_add_(0, ind[0], val)
     dd = torch.where(deg > 0, deg.sqrt(), torch.ones_like(deg))
@@ -326,17 +327,26 @@ def sparse_spectral_clustering(
             gen = torch.Generator().manual_seed(int(seed))
             _, vecs, _, _ = _top_eigvecs_subspace(s, n_clusters, gen, 1e-7, 200)
     emb = vecs / dd[:, None]
-    if assign_labels == "discretize":
-        return discretize(emb, seed=seed)
-    rn = emb.norm(dim=1, keepdim=True)
-    emb = torch.where(rn > 0, emb / rn.clamp_min(torch.finfo(emb.dtype).tiny), emb)
-    return _relabel_by_first_appearance(kmeans(emb, n_clusters, seed=seed, n_init=20))
+    return labels_from_embedding(
+        emb, n_clusters, seed=seed, assign_labels=assign_labels, draws=draws
+    )
+
+
+def sparse_spectral_clustering(
+    w: torch.Tensor, n_clusters: int, *, seed: int = 0, assign_labels: str = "discretize"
+) -> torch.Tensor:
+    """Spectral clustering of a sparse symmetric affinity (COO), without densifying it."""
+    return sparse_spectral_labels(w, n_clusters, seed=seed, assign_labels=assign_labels)[0]
 
 
 def scores_from_row_sums(r: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """METHOD.md section 3 from the row sums ``r`` of ``C`` and the labels (float32)."""
+    """METHOD.md section 3 from the row sums ``r`` of ``C`` and the labels (float32).
+
+    ``labels`` (N,) or (draws, N): with several draws, ``pi_j`` is token ``j``'s cluster
+    share averaged over them."""
     n = r.numel()
-    pi = torch.bincount(labels)[labels].to(torch.float64) / n
+    lab = labels.reshape(-1, n)
+    pi = torch.stack([torch.bincount(row)[row] for row in lab]).to(torch.float64).mean(0) / n
     s_hat = pi * r.to(torch.float64)
     lo, hi = s_hat.min(), s_hat.max()
     s = ((s_hat - lo) / (hi - lo + 1e-5)).to(torch.float32)
@@ -356,6 +366,7 @@ def scalable_anchor_scores(
     seed: int,
     dtype,
     candidates: int = 32,
+    label_draws: int = 1,
     affine: bool = True,
     outliers: bool = True,
     refine: int = 3,
@@ -402,13 +413,14 @@ def scalable_anchor_scores(
     _sync(x.device)
     t2 = time.perf_counter()
     w = _sparse_affinity(idx, values, n)
-    labels = sparse_spectral_clustering(w, n_clusters, seed=seed)
+    draws = sparse_spectral_labels(w, n_clusters, seed=seed, draws=label_draws)
+    labels = draws[0]
     _sync(x.device)
     t3 = time.perf_counter()
     r = torch.zeros(n, dtype=torch.float64, device=x.device).index_add_(
         0, idx.reshape(-1), values.reshape(-1)
     )
-    scores = scores_from_row_sums(r, labels)
+    scores = scores_from_row_sums(r, draws)
     cols = torch.arange(n, device=x.device).repeat_interleave(k)
     coef = torch.sparse_coo_tensor(
         torch.stack([idx.reshape(-1), cols]),

@@ -21,7 +21,7 @@ from videoanchor.anchor.scalable import (
     scores_from_row_sums,
     sparse_spectral_clustering,
 )
-from videoanchor.anchor.spectral import spectral_clustering, ssc_affinity
+from videoanchor.anchor.spectral import _check_draws, spectral_clustering, spectral_labels, ssc_affinity
 from videoanchor.anchor.ssc import admm_bytes, choose_strategy, solve_ssc_admm
 from videoanchor.anchor.ssc_equality import solve_ssc_equality
 
@@ -52,12 +52,16 @@ def anchor_scores(coef: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     ``pi_j`` = share of tokens in ``j``'s cluster, ``s^ = pi * r``, and
     ``s = (s^ - min s^) / (max s^ - min s^ + 1e-5)``. Computed in float64 and returned
     as float32 in ``[0, 1)`` (clamped below 1 where float32 rounding would reach it).
+    ``labels`` may also be ``(draws, N)``, several label draws of one clustering: then
+    ``pi_j`` is token ``j``'s cluster share averaged over the draws (``label_draws``).
     """
     if coef.dim() != 2 or coef.shape[0] != coef.shape[1]:
         raise ValueError(f"coef: expected a square (N, N) matrix, got shape {tuple(coef.shape)}")
     n = coef.shape[0]
-    if labels.shape != (n,):
-        raise ValueError(f"labels: expected shape ({n},), got {tuple(labels.shape)}")
+    if labels.dim() not in (1, 2) or labels.shape[-1] != n or labels.shape[0] == 0 < n:
+        raise ValueError(
+            f"labels: expected shape ({n},) or (draws, {n}), got {tuple(labels.shape)}"
+        )
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(f"labels: expected an integer tensor, got {labels.dtype}")
     if n == 0:
@@ -98,7 +102,7 @@ class SSCResult:
 
     ``labels`` (N,) int64; ``coef`` C (N, N), column ``i`` reconstructs point ``i``;
     ``timings`` seconds per stage (``lambdas``, ``factor``, ``admm``, ``spectral``,
-    ``total``).
+    ``total``); ``label_draws`` (draws, N) int64, every label draw (row 0 is ``labels``).
     """
 
     labels: torch.Tensor
@@ -111,6 +115,7 @@ class SSCResult:
     backend: str
     solver: str
     timings: dict[str, float] = field(default_factory=dict)
+    label_draws: torch.Tensor | None = None
 
 
 @dataclass
@@ -118,7 +123,8 @@ class AnchorResult:
     """Output of :func:`compute_anchor_scores`.
 
     ``scores`` (N,) float32 in [0, 1); ``labels`` (N,) int64 cluster ids; ``coef`` C
-    (N, N) in the ``Y = Y C`` convention with ``Y = features.T``; ``iterations`` and
+    (N, N) in the ``Y = Y C`` convention with ``Y = features.T`` (labels of the first
+    label draw when ``label_draws > 1``); ``iterations`` and
     ``converged`` of the ADMM; ``timings`` seconds per stage (``lambdas``, ``factor``,
     ``admm``, ``spectral``, ``scores``, ``total``).
     """
@@ -203,6 +209,7 @@ def sparse_subspace_clustering(
     assign_labels: str = "discretize",
     eigen_solver: str = "auto",
     seed: int = 0,
+    label_draws: int = 1,
     backend: str = "auto",
     solver: str = "faithful",
     dtype=None,
@@ -222,11 +229,15 @@ def sparse_subspace_clustering(
     (:mod:`videoanchor.anchor.ssc_equality`; ``rho`` is their ``mu2``, which their face
     experiments set to ``alpha = 20``, with ``max_iter = 149`` and ``affine=False``). It
     needs ``outliers=True``, the torch backend and the faithful solver.
+
+    ``label_draws``: label assignments drawn from the one spectral embedding (see
+    :func:`compute_anchor_scores`); ``labels`` is the first, ``label_draws`` holds all.
     """
     t0 = time.perf_counter()
     x = as_feature_tensor(features)
     n = x.shape[0]
     _check_common(n_clusters, n, alpha_e, alpha_z, backend, solver)
+    _check_draws(label_draws)
     if data_term not in _DATA_TERMS:
         raise ValueError(f"data_term: expected one of {_DATA_TERMS}, got {data_term!r}")
     if data_term == "exact":
@@ -266,16 +277,17 @@ def sparse_subspace_clustering(
     coef = admm.coef
     t1 = time.perf_counter()
     w = ssc_affinity(coef, normalize="column_max" if affinity == "column_max" else "none")
-    labels = spectral_clustering(
-        w, n_clusters, seed=seed, assign_labels=assign_labels, eigen_solver=eigen_solver
-    )
+    draws = spectral_labels(
+        w, n_clusters, seed=seed, assign_labels=assign_labels, eigen_solver=eigen_solver,
+        draws=label_draws,
+    )  # fmt: skip
     _sync(x.device)
     t2 = time.perf_counter()
     timings = dict(admm.timings)
     timings["spectral"] = t2 - t1
     timings["total"] = t2 - t0
     return SSCResult(
-        labels=labels,
+        labels=draws[0],
         coef=coef,
         iterations=admm.iterations,
         converged=admm.converged,
@@ -285,6 +297,7 @@ def sparse_subspace_clustering(
         backend=backend,
         solver=solver,
         timings=timings,
+        label_draws=draws,
     )
 
 
@@ -308,6 +321,7 @@ def compute_anchor_scores(
     candidates: int = 32,
     block_columns: int | None = None,
     process_group=None,
+    label_draws: int = 1,
 ) -> AnchorResult:
     """VideoAnchor scores of ``features`` (``N x D`` visual tokens of one request).
 
@@ -339,6 +353,12 @@ def compute_anchor_scores(
     every rank returns the same ``AnchorResult`` (``timings`` are each rank's own). The
     result equals the single-process ``mode="blocked"`` result.
 
+    ``label_draws`` (beyond the paper): the default 1 is the paper's single random label
+    assignment (the authors' scikit-learn call, seed-compatible). With ``R > 1``, ``R``
+    assignments are drawn from the one spectral embedding (one random stream, the first
+    draw being the default's) and each token's cluster share ``pi_j`` is averaged over
+    them, so the scores depend much less on the seed; the embedding is computed once.
+
     Raises ``ValueError`` for N = 0, fewer tokens than clusters or non-finite features,
     ``TypeError`` for non-numeric input, and ``SSCMemoryError`` (a ``MemoryError``) with
     the size it would need when the dense problem does not fit on the device.
@@ -346,6 +366,7 @@ def compute_anchor_scores(
     t0 = time.perf_counter()
     if mode not in _MODES:
         raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
+    _check_draws(label_draws)
     if process_group is not None:
         _group(process_group)  # checks that it is an initialised process group
         if mode == "auto":
@@ -373,6 +394,7 @@ def compute_anchor_scores(
             out = scalable_anchor_scores(
                 x, n_clusters, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
                 max_iter=max_iter, seed=seed, dtype=dtype, candidates=candidates,
+                label_draws=label_draws,
             )  # fmt: skip
             return AnchorResult(backend="torch", solver="restricted", mode="scalable", **out)
         features = x
@@ -391,9 +413,10 @@ def compute_anchor_scores(
         dtype=dtype,
         progress=progress,
         eigen_solver=eigen_solver,
+        label_draws=label_draws,
     )
     t1 = time.perf_counter()
-    scores = anchor_scores(res.coef, res.labels)
+    scores = anchor_scores(res.coef, res.label_draws)
     _sync(scores.device)
     t2 = time.perf_counter()
     timings = dict(res.timings)

@@ -4,25 +4,40 @@ Normalised spectral clustering (Shi & Malik / Ng, Jordan & Weiss):
 
 1. affinity ``W`` (symmetric, non-negative), degrees ``d = W 1``;
 2. the ``k`` leading eigenvectors of ``S = D^{-1/2} W D^{-1/2}`` (the ``k`` smallest of the
-   normalised Laplacian ``I - S``), by dense ``eigh`` for small ``N`` or by
-   Chebyshev-filtered block subspace iteration with Rayleigh-Ritz (``O(N^2 k)`` per
-   iteration, no ``O(N^3)`` step) for large ``N``;
+   normalised Laplacian ``I - S``), by a dense eigensolver up to a crossover measured per
+   device, or by a thick-restart block Krylov solver (``O(N^2 k)`` per step, stopped on
+   the residual of the whole ``k``-dimensional block, work bounded) above it;
 3. labels by the Yu & Shi discretisation that scikit-learn's
    ``SpectralClustering(assign_labels="discretize")`` uses (a port of its algorithm), or
    by seeded k-means++ / Lloyd on the row-normalised embedding.
 
-All randomness comes from a CPU ``torch.Generator`` seeded with ``seed``, so the same
-input and seed give the same labels on every device (up to floating-point ties).
+Seeds follow scikit-learn: ``SpectralClustering(random_state=s)`` draws ARPACK's start
+vector (``N`` uniform numbers) before ``discretize`` draws its start row, and so does
+:func:`spectral_clustering`, so ``seed=s`` gives the labels of the authors' code after
+``np.random.seed(s)`` wherever the clustering is well-posed. The Krylov start block comes
+from a CPU ``torch.Generator`` seeded with ``seed``: the same input and seed give the
+same labels on every device (up to floating-point ties).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
 
-__all__ = ["ssc_affinity", "spectral_embedding", "discretize", "kmeans", "spectral_clustering"]
+__all__ = [
+    "ssc_affinity",
+    "spectral_embedding",
+    "block_krylov_eigvecs",
+    "discretize",
+    "kmeans",
+    "label_random_state",
+    "labels_from_embedding",
+    "spectral_labels",
+    "spectral_clustering",
+]
 
 
 def ssc_affinity(coef: torch.Tensor, *, normalize: str = "none") -> torch.Tensor:
@@ -46,44 +61,157 @@ def _normalized_affinity(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return s, dd
 
 
-def _rayleigh_ritz(s: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    h = (x.T @ (s @ x)).double().cpu()
+# Dense eigensolver versus block Krylov, by measured cost. Both constants are set by
+# benchmarks/results/spectral_cpu.json (bench_spectral.py, one thread, shared 2-core CPU,
+# k = 24, float32, with and without a gap at k):
+# - EIGH_CROSSOVER["cpu"]: whole clustering with dense (LAPACK's partial ?syevx, 24
+#   vectors) against Krylov ("ours_eigh", "ours_krylov"). At N = 1024 dense wins on
+#   every affinity (0.12-0.22 s against 0.22-0.83 s); at N = 2048 it is a draw (dense
+#   2.2 s on both; Krylov 1.1 s with a gap, 3.0 s without); at N = 4096 Krylov wins
+#   (3.9 / 16.5 s against 26.1 / 32.6 s). So dense up to 2048.
+# - EIGH_COST: the partial eigh's time times the measured GEMM rate over N^3
+#   ("eigh_cost_n3" there: 1.1 to 8.5, median 2.7): the Krylov budget in flops is
+#   EIGH_COST * N^3, about one dense eigh, so "auto" never costs much over 2x eigh.
+# On CUDA neither is measured yet (bench_spectral.py --device cuda is ready to run): the
+# crossover keeps the earlier value, 2048.
+EIGH_CROSSOVER = {"cpu": 2048, "cuda": 2048}
+EIGH_COST = 2.7
+
+
+def _orthonormal_complement(w: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
+    """An orthonormal basis of ``w``'s columns with ``span(v)`` projected out (CGS2 + QR)."""
+    for _ in range(2):
+        if v is not None:
+            w = w - v @ (v.T @ w)
+    q, _ = torch.linalg.qr(w)
+    if v is not None:  # QR of a nearly dependent block can re-admit span(v)
+        q = q - v @ (v.T @ q)
+        q, _ = torch.linalg.qr(q)
+    return q
+
+
+def block_krylov_eigvecs(
+    matmul,
+    n: int,
+    k: int,
+    *,
+    dtype: torch.dtype,
+    device,
+    seed: int = 0,
+    tol: float = 1e-4,
+    max_flops: float = math.inf,
+    max_steps: int | None = None,
+    matmul_flops: float,
+    block: int | None = None,
+    max_basis: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The ``k`` leading eigenpairs of a symmetric ``N x N`` operator (``matmul(X) = S X``).
+
+    Thick-restart block Lanczos: a block of ``k`` wanted plus ``max(8, k // 2)`` guard
+    vectors, full re-orthogonalisation, Rayleigh-Ritz on the whole basis (float64), and a
+    restart on the leading Ritz vectors when the basis reaches ``max_basis`` columns.
+
+    Convergence is judged on the invariant subspace the clustering uses, not per vector:
+    ``||S Q - Q diag(theta)||_F <= tol`` for the ``N x k`` Ritz block ``Q`` (the same for
+    any orthonormal basis of span ``Q``), confirmed with a fresh product. Clustered
+    eigenvalues inside the block do not slow it down, and with no gap at ``k`` any nearly
+    invariant block is accepted. The work is bounded: after ``max_flops`` (counted from
+    ``matmul_flops`` per column plus the orthogonalisation) or ``max_steps`` block steps it
+    stops with ``info["converged"] = False``.
+
+    Returns ``(theta (k,) descending, Q (N, k), info)``; ``info`` has ``converged``,
+    ``steps``, ``flops``, ``residual``.
+    """
+    m = min(n, block or k + max(8, k // 2))
+    max_basis = min(n, max_basis or 6 * m)
+    gen = torch.Generator().manual_seed(int(seed))
+    x0 = torch.randn(n, m, generator=gen, dtype=torch.float64).to(device, dtype)
+    v = [_orthonormal_complement(x0, None)]
+    sv = [matmul(v[0])]
+    flops = matmul_flops * m + 8 * n * m * m
+    h = (v[0].T @ sv[0]).double().cpu()
     h = (h + h.T) / 2
-    theta, v = torch.linalg.eigh(h)
-    theta, v = theta.flip(0), v.flip(1)
-    return theta.to(x.device, x.dtype), x @ v.to(x.device, x.dtype)
+    steps = 0
+    while True:
+        steps += 1
+        theta, y = torch.linalg.eigh(h)
+        theta, y = theta.flip(0), y.flip(1)
+        vc, svc = torch.cat(v, 1), torch.cat(sv, 1)
+        p = vc.shape[1]
+        yk = y[:, :k].to(device, dtype)
+        thk = theta[:k].to(device, dtype)
+        q = vc @ yk
+        res = float((svc @ yk - q * thk).norm())
+        flops += 4 * n * p * k
+        if res <= tol or p >= n:
+            true_res = float((matmul(q) - q * thk).norm())  # the stored images may drift
+            flops += matmul_flops * k
+            if true_res <= tol or p >= n:
+                info = dict(converged=true_res <= tol, steps=steps, flops=flops, residual=true_res)
+                return theta[:k], q, info
+            sv = [matmul(vc)]
+            flops += matmul_flops * p
+            continue
+        if flops >= max_flops or (max_steps is not None and steps >= max_steps):
+            return theta[:k], q, dict(converged=False, steps=steps, flops=flops, residual=res)
+        if p + m > max_basis:  # thick restart on the leading m Ritz vectors
+            ym = y[:, :m].to(device, dtype)
+            v, sv = [vc @ ym], [svc @ ym]
+            vc, h = v[0], torch.diag(theta[:m])
+            flops += 4 * n * p * m
+        pp = vc.shape[1]
+        w = _orthonormal_complement(sv[-1][:, : n - pp], vc)  # never more than N columns
+        b = w.shape[1]
+        sw = matmul(w)
+        v.append(w)
+        sv.append(sw)
+        c = (torch.cat([vc, w], 1).T @ sw).double().cpu()
+        h2 = torch.zeros(pp + b, pp + b, dtype=torch.float64)
+        h2[:pp, :pp] = h
+        h2[:, pp:] = c
+        h2[pp:, :pp] = c[:pp].T
+        h2[pp:, pp:] = (c[pp:] + c[pp:].T) / 2
+        h = h2
+        flops += matmul_flops * b + 6 * n * pp * b + 16 * n * b * b + 2 * n * (pp + b) * b
 
 
-def _chebyshev_filter(s, x, degree: int, lo: float, hi: float) -> torch.Tensor:
-    """``T_degree`` of ``S`` mapped so that ``[lo, hi]`` is damped, applied to ``x``."""
-    e = (hi - lo) / 2.0
-    c = (hi + lo) / 2.0
-    y = (s @ x - c * x) / e
-    prev = x
-    for _ in range(2, degree + 1):
-        y_new = (s @ y - c * y) * (2.0 / e) - prev
-        prev, y = y, y_new
-    return y
+def _dense_top_eigvecs(s: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` leading eigenvectors of the symmetric ``s``, descending. On the CPU by
+    LAPACK's partial solver (only ``k`` vectors are formed), elsewhere by ``eigh``."""
+    n = s.shape[0]
+    if s.device.type == "cpu":
+        import scipy.linalg
+
+        try:
+            _, vec = scipy.linalg.eigh(
+                s.numpy(), subset_by_index=[n - k, n - 1], driver="evx", check_finite=False
+            )
+            return torch.from_numpy(vec[:, ::-1].copy())
+        except (np.linalg.LinAlgError, ValueError):  # pragma: no cover - LAPACK failure
+            pass
+    _, v = torch.linalg.eigh(s)
+    return v[:, -k:].flip(1)
 
 
 def _top_eigvecs_subspace(s, k: int, gen: torch.Generator, tol: float, max_iter: int):
+    """Kept for callers of the former subspace iteration (the sparse affinity of the
+    scalable mode): the block Krylov solver with a budget of ``max_iter`` block steps,
+    warning if it runs out. Returns ``(theta, vectors, steps, converged)``."""
     n = s.shape[0]
-    m = min(n, k + max(8, k // 2))
-    x0 = torch.randn(n, m, generator=gen, dtype=torch.float64).to(s.device, s.dtype)
-    x, _ = torch.linalg.qr(x0)
-    theta, x = _rayleigh_ritz(s, x)
-    degree = 8
-    for it in range(1, max_iter + 1):
-        cut = float(theta[-1])
-        hi = min(cut, float(theta[k - 1]) - 1e-3) if k < m else cut
-        x = _chebyshev_filter(s, x, degree, -1.0, max(hi, -0.999))
-        x, _ = torch.linalg.qr(x)
-        theta, x = _rayleigh_ritz(s, x)
-        res = (s @ x[:, :k] - x[:, :k] * theta[:k]).norm(dim=0)
-        if float(res.max()) < tol:
-            return theta[:k], x[:, :k], it, True
-        degree = min(2 * degree, 32)
-    return theta[:k], x[:, :k], max_iter, False
+    seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
+    nnz = s._nnz() if s.layout != torch.strided else n * n
+    theta, q, info = block_krylov_eigvecs(
+        lambda x: s @ x, n, k, dtype=s.dtype, device=s.device, seed=seed, tol=tol,
+        matmul_flops=2 * nnz, max_steps=max_iter,
+    )  # fmt: skip
+    if not info["converged"]:
+        warnings.warn(
+            f"spectral: the Krylov solver stopped at its budget of {max_iter} block steps "
+            f"(block residual {info['residual']:.2e} > tol {tol:.0e}); using its Ritz vectors",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return theta, q, info["steps"], info["converged"]
 
 
 def spectral_embedding(
@@ -93,39 +221,63 @@ def spectral_embedding(
     seed: int = 0,
     eigen_solver: str = "auto",
     tol: float | None = None,
-    max_iter: int = 100,
+    max_iter: int | None = None,
 ) -> torch.Tensor:
     """The ``(N, n_components)`` spectral embedding ``D^{-1/2} V`` of ``affinity``.
 
     ``V`` holds the leading eigenvectors of the normalised affinity, in descending
-    eigenvalue order. ``eigen_solver``: ``"eigh"`` (dense, ``O(N^3)``), ``"subspace"``
-    (Chebyshev-filtered subspace iteration) or ``"auto"`` (``eigh`` up to ``N = 1024``
-    on the CPU and ``N = 2048`` on a GPU, subspace iteration above; it falls back to
-    ``eigh`` if it has not converged after ``max_iter`` filter rounds).
+    eigenvalue order. ``eigen_solver``:
+
+    - ``"eigh"``: dense (on the CPU LAPACK's partial solver for the ``n_components``
+      vectors, ``O(N^3)``);
+    - ``"krylov"`` (alias ``"subspace"``): :func:`block_krylov_eigvecs`, ``O(N^2)`` per
+      step, stopped on the residual of the whole block (``tol``: 1e-4 in float32, 1e-7
+      in float64);
+    - ``"auto"``: ``eigh`` up to ``EIGH_CROSSOVER`` tokens for the device (2048 on the
+      CPU, measured in ``benchmarks/results/spectral_cpu.json``), Krylov above, with a
+      budget of about one dense ``eigh``'s work (``EIGH_COST * N^3``; ``max_iter``, if
+      given, also caps the block steps); if the budget runs out it says so (``RuntimeWarning``) and
+      finishes with ``eigh``, so it never costs more than about twice ``eigh``.
     """
     n = affinity.shape[0]
     if not 1 <= n_components <= n:
         raise ValueError(f"n_components: expected 1 <= n_components <= N = {n}, got {n_components}")
-    if eigen_solver not in ("auto", "eigh", "subspace"):
-        raise ValueError(
-            f"eigen_solver: expected 'auto', 'eigh' or 'subspace', got {eigen_solver!r}"
-        )
+    if eigen_solver not in ("auto", "eigh", "krylov", "subspace"):
+        raise ValueError(f"eigen_solver: expected 'auto', 'eigh' or 'krylov', got {eigen_solver!r}")
     s, dd = _normalized_affinity(affinity)
     if tol is None:
         tol = 1e-4 if s.dtype == torch.float32 else 1e-7
-    limit = 256
+    limit = EIGH_CROSSOVER.get(s.device.type, EIGH_CROSSOVER["cuda"])
     use_eigh = eigen_solver == "eigh" or (eigen_solver == "auto" and n <= limit)
     if n < 4 * (n_components + 8):
         use_eigh = True
     vecs = None
     if not use_eigh:
-        gen = torch.Generator().manual_seed(int(seed))
-        _, vecs, _, ok = _top_eigvecs_subspace(s, n_components, gen, tol, max_iter)
-        if not ok and eigen_solver == "auto":
-            vecs = None
+        budget = math.inf if eigen_solver != "auto" else EIGH_COST * float(n) ** 3
+        _, vecs, info = block_krylov_eigvecs(
+            lambda x: s @ x, n, n_components, dtype=s.dtype, device=s.device, seed=seed,
+            tol=tol, matmul_flops=2.0 * n * n, max_flops=budget, max_steps=max_iter,
+        )  # fmt: skip
+        if not info["converged"]:
+            if eigen_solver == "auto":
+                warnings.warn(
+                    f"spectral_embedding: the Krylov solver stopped at its budget after "
+                    f"{info['steps']} steps (block residual {info['residual']:.2e} > tol "
+                    f"{tol:.0e}); finishing with dense eigh (N = {n})",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                vecs = None
+            else:
+                warnings.warn(
+                    f"spectral_embedding: the Krylov solver did not converge after "
+                    f"{info['steps']} steps (block residual {info['residual']:.2e} > tol "
+                    f"{tol:.0e}); using its last Ritz vectors",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
     if vecs is None:
-        _, v = torch.linalg.eigh(s)
-        vecs = v[:, -n_components:].flip(1)
+        vecs = _dense_top_eigvecs(s, n_components).to(s.device, s.dtype)
     return vecs / dd[:, None]
 
 
@@ -143,15 +295,21 @@ def _relabel_by_first_appearance(labels: torch.Tensor) -> torch.Tensor:
 
 
 def discretize(
-    vectors: torch.Tensor, *, seed: int = 0, n_iter_max: int = 20, max_svd_restarts: int = 30
+    vectors: torch.Tensor,
+    *,
+    seed: int = 0,
+    random_state: np.random.RandomState | None = None,
+    n_iter_max: int = 20,
+    max_svd_restarts: int = 30,
 ) -> torch.Tensor:
     """Yu & Shi's discretisation of a spectral embedding (``N x k``), as in scikit-learn.
 
     Returns int64 labels. The one random draw (the first row of the initial rotation) is
-    ``numpy.random.RandomState(seed).randint(N)``, as in ``sklearn.cluster.discretize(...,
-    random_state=seed)``, so both give the same partition for the same embedding.
+    ``random_state.randint(N)``, by default from ``numpy.random.RandomState(seed)``, as in
+    ``sklearn.cluster.discretize(..., random_state=seed)``, so both give the same
+    partition for the same embedding. A ``random_state`` passed in is advanced.
     """
-    rng = np.random.RandomState(int(seed))
+    rng = np.random.RandomState(int(seed)) if random_state is None else random_state
     v = vectors.to(torch.float64).clone()
     n, k = v.shape
     v = v / v.norm(dim=0, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny) * math.sqrt(n)
@@ -236,6 +394,88 @@ def kmeans(
     return _relabel_by_first_appearance(best)
 
 
+def label_random_state(seed: int, n: int) -> np.random.RandomState:
+    """``RandomState(seed)`` advanced as scikit-learn's ``SpectralClustering`` advances it
+    before ``discretize``: by ARPACK's start vector, ``uniform(-1, 1, N)``."""
+    rng = np.random.RandomState(int(seed))
+    rng.uniform(-1, 1, n)
+    return rng
+
+
+def _check_draws(draws) -> int:
+    if isinstance(draws, bool) or not isinstance(draws, int):
+        raise TypeError(f"label_draws: expected an int, got {type(draws).__name__}")
+    if draws < 1:
+        raise ValueError(f"label_draws: expected at least 1, got {draws}")
+    return draws
+
+
+def labels_from_embedding(
+    embedding: torch.Tensor,
+    n_clusters: int,
+    *,
+    seed: int = 0,
+    assign_labels: str = "discretize",
+    draws: int = 1,
+) -> torch.Tensor:
+    """``(draws, N)`` int64 labels from one spectral embedding (``N x n_clusters``).
+
+    ``"discretize"``: successive draws of one :func:`label_random_state` stream, so draw
+    0 is scikit-learn's ``SpectralClustering(random_state=seed)`` labels (for the same
+    embedding) and the others continue its random sequence. ``"kmeans"``: seeded k-means
+    on the row-normalised embedding, draw ``r`` seeded by the ``r``-th number of
+    ``RandomState(seed)`` (draw 0 by ``seed`` itself).
+    """
+    draws = _check_draws(draws)
+    n = embedding.shape[0]
+    out = torch.empty(draws, n, dtype=torch.long, device=embedding.device)
+    if assign_labels == "discretize":
+        rng = label_random_state(seed, n)
+        for r in range(draws):
+            out[r] = discretize(embedding, random_state=rng)
+        return out
+    rn = embedding.norm(dim=1, keepdim=True)
+    emb = torch.where(
+        rn > 0, embedding / rn.clamp_min(torch.finfo(embedding.dtype).tiny), embedding
+    )
+    seeds = [int(seed)] + np.random.RandomState(int(seed)).randint(
+        2**31 - 1, size=draws - 1
+    ).tolist()
+    for r, s in enumerate(seeds):
+        out[r] = kmeans(emb, n_clusters, seed=s, n_init=20)
+    return out
+
+
+def spectral_labels(
+    affinity: torch.Tensor,
+    n_clusters: int,
+    *,
+    seed: int = 0,
+    assign_labels: str = "discretize",
+    eigen_solver: str = "auto",
+    draws: int = 1,
+) -> torch.Tensor:
+    """``(draws, N)`` labels of a precomputed affinity: one spectral embedding, ``draws``
+    label assignments from it (:func:`labels_from_embedding`). Row 0 is
+    :func:`spectral_clustering`'s answer."""
+    if affinity.dim() != 2 or affinity.shape[0] != affinity.shape[1]:
+        raise ValueError(
+            f"affinity: expected a square (N, N) matrix, got shape {tuple(affinity.shape)}"
+        )
+    n = affinity.shape[0]
+    if not 1 <= n_clusters <= n:
+        raise ValueError(f"n_clusters: expected 1 <= n_clusters <= N = {n}, got {n_clusters}")
+    if assign_labels not in ("discretize", "kmeans"):
+        raise ValueError(f"assign_labels: expected 'discretize' or 'kmeans', got {assign_labels!r}")
+    draws = _check_draws(draws)
+    if n_clusters == 1:
+        return torch.zeros(draws, n, dtype=torch.long, device=affinity.device)
+    emb = spectral_embedding(affinity, n_clusters, seed=seed, eigen_solver=eigen_solver)
+    return labels_from_embedding(
+        emb, n_clusters, seed=seed, assign_labels=assign_labels, draws=draws
+    )
+
+
 def spectral_clustering(
     affinity: torch.Tensor,
     n_clusters: int,
@@ -247,24 +487,11 @@ def spectral_clustering(
     """Labels (``N``, int64, canonical ids by first appearance) of a precomputed affinity.
 
     ``assign_labels="discretize"`` follows scikit-learn's
-    ``SpectralClustering(affinity="precomputed", assign_labels="discretize")``, seeded;
+    ``SpectralClustering(affinity="precomputed", assign_labels="discretize",
+    random_state=seed)``, random draws included (see the module docstring);
     ``"kmeans"`` runs seeded k-means on the row-normalised eigenvectors (Ng-Jordan-Weiss,
     as in Elhamifar & Vidal's code).
     """
-    if affinity.dim() != 2 or affinity.shape[0] != affinity.shape[1]:
-        raise ValueError(
-            f"affinity: expected a square (N, N) matrix, got shape {tuple(affinity.shape)}"
-        )
-    n = affinity.shape[0]
-    if not 1 <= n_clusters <= n:
-        raise ValueError(f"n_clusters: expected 1 <= n_clusters <= N = {n}, got {n_clusters}")
-    if assign_labels not in ("discretize", "kmeans"):
-        raise ValueError(f"assign_labels: expected 'discretize' or 'kmeans', got {assign_labels!r}")
-    if n_clusters == 1:
-        return torch.zeros(n, dtype=torch.long, device=affinity.device)
-    emb = spectral_embedding(affinity, n_clusters, seed=seed, eigen_solver=eigen_solver)
-    if assign_labels == "discretize":
-        return discretize(emb, seed=seed)
-    rn = emb.norm(dim=1, keepdim=True)
-    emb = torch.where(rn > 0, emb / rn.clamp_min(torch.finfo(emb.dtype).tiny), emb)
-    return kmeans(emb, n_clusters, seed=seed, n_init=20)
+    return spectral_labels(
+        affinity, n_clusters, seed=seed, assign_labels=assign_labels, eigen_solver=eigen_solver
+    )[0]

@@ -70,6 +70,7 @@ class AnchorConfig:
     max_iter: int = 10000
     pca_rank: int = 0
     seed: int = 0
+    label_draws: int = 1
     ssc_backend: str = "auto"
     ssc_dtype: torch.dtype | None = None
     attention_backend: str = "auto"
@@ -94,6 +95,12 @@ def _validate(cfg: AnchorConfig) -> AnchorConfig:
         or cfg.n_clusters < 1
     ):
         raise ValueError(f"n_clusters: expected a positive int, got {cfg.n_clusters!r}")
+    if (
+        isinstance(cfg.label_draws, bool)
+        or not isinstance(cfg.label_draws, int)
+        or cfg.label_draws < 1
+    ):
+        raise ValueError(f"label_draws: expected a positive int, got {cfg.label_draws!r}")
     if cfg.decode not in _DECODE_MODES:
         raise ValueError(f"decode: expected one of {_DECODE_MODES}, got {cfg.decode!r}")
     tokens = (cfg.tokens,) if isinstance(cfg.tokens, str) else tuple(cfg.tokens)
@@ -431,6 +438,7 @@ class AnchorHandle:
                         max_iter=cfg.max_iter,
                         pca_rank=cfg.pca_rank,
                         seed=cfg.seed,
+                        label_draws=cfg.label_draws,
                         backend=cfg.ssc_backend,
                         dtype=cfg.ssc_dtype,
                         **spread_over,
@@ -614,6 +622,7 @@ def configure(
     max_iter=_UNSET,
     pca_rank=_UNSET,
     seed=_UNSET,
+    label_draws=_UNSET,
     ssc_backend=_UNSET,
     ssc_dtype=_UNSET,
     attention_backend=_UNSET,
@@ -636,6 +645,9 @@ def configure(
         tokens: which placeholders are scored: ("video", "image"), ("video",) or ("image",).
         alpha_e, alpha_z, rho, eps, max_iter, pca_rank, seed, ssc_backend, ssc_dtype: passed
             to :func:`videoanchor.compute_anchor_scores` (``backend=ssc_backend``, ``dtype=ssc_dtype``).
+        label_draws: 1 (default, the paper's single random label draw) or R > 1: R label
+            draws from one spectral embedding with the cluster shares averaged, for scores
+            that depend much less on the seed (beyond the paper).
         attention_backend: "auto" (Triton on CUDA, exact torch path on CPU), "triton" or "torch".
         process_group: the ranks that share one request's scores (tensor parallelism):
             "auto" (default) takes the "tp" group of the model's DTensor parameters when it
@@ -695,6 +707,7 @@ def configure(
             max_iter=max_iter,
             pca_rank=pca_rank,
             seed=seed,
+            label_draws=label_draws,
             ssc_backend=ssc_backend,
             ssc_dtype=ssc_dtype,
             attention_backend=attention_backend,

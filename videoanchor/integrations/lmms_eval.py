@@ -17,9 +17,10 @@ One name per family (``videoanchor_qwen2_vl``, ``videoanchor_qwen2_5_vl``,
 Model arguments (``--model_args k=v,...``): ``pretrained``; ``anchor`` (True: VideoAnchor,
 False: the same model with plain attention); ``alpha_q``, ``alpha_k``, ``alpha_v`` (default:
 the family's values in the registry); ``n_clusters`` (24); ``decode`` ("prefill", the paper,
-or "all"); ``pca_rank`` (0); ``ssc_max_iter`` (10000); ``max_num_frames`` (16, sampled
-uniformly over the whole video, first and last frame included); ``max_new_tokens`` (default:
-the task's); ``min_pixels``/``max_pixels`` (Qwen families: the per-frame pixel range of the
+or "all"); ``pca_rank`` (0); ``ssc_max_iter`` (10000); ``label_draws`` (1, the paper's
+single label draw; R > 1 averages R draws for seed-stable scores); ``max_num_frames``
+(16, sampled uniformly over the whole video, first and last frame included);
+``max_new_tokens`` (default: the task's); ``min_pixels``/``max_pixels`` (Qwen families: the per-frame pixel range of the
 video processor); ``device`` ("auto"), ``dtype`` ("auto": bfloat16 on CUDA);
 ``trust_remote_code``; ``batch_size`` (lmms-eval's ``--batch_size``: consecutive requests
 with the same kind of visual input and the same ``max_new_tokens`` are answered in one
@@ -186,6 +187,7 @@ class VideoAnchorLMMCore:
         decode: str = "prefill",
         pca_rank=0,
         ssc_max_iter=10000,
+        label_draws=1,
         max_num_frames=16,
         max_new_tokens=None,
         min_pixels=None,
@@ -202,8 +204,8 @@ class VideoAnchorLMMCore:
             raise TypeError(
                 f"unexpected model_args {sorted(kwargs)}; expected some of: pretrained, anchor, "
                 "alpha_q, alpha_k, alpha_v, n_clusters, decode, pca_rank, ssc_max_iter, "
-                "max_num_frames, max_new_tokens, min_pixels, max_pixels, device, dtype, "
-                "trust_remote_code, batch_size"
+                "label_draws, max_num_frames, max_new_tokens, min_pixels, max_pixels, device, "
+                "dtype, trust_remote_code, batch_size"
             )
         if not hasattr(self, "task_dict"):
             self.task_dict = {}
@@ -267,6 +269,7 @@ class VideoAnchorLMMCore:
             "decode": decode,
             "pca_rank": _as_int(pca_rank, "pca_rank", 0),
             "max_iter": _as_int(ssc_max_iter, "ssc_max_iter", 1),
+            "label_draws": _as_int(label_draws, "label_draws", 1),
         }
         for name, value in (("alpha_q", alpha_q), ("alpha_k", alpha_k), ("alpha_v", alpha_v)):
             value = _as_float(value, name)
