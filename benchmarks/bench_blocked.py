@@ -306,6 +306,8 @@ def cases_gpu(quick: bool, max_iter: int, timeout: float, tmp: str) -> list[dict
 
 def run(args) -> Path:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.timeout is None:
+        args.timeout = 3600.0 if device == "cpu" else 540.0
     meta = environment(device)
     meta["threads_per_process"] = args.threads
     meta["data"] = (
@@ -354,7 +356,11 @@ def main(argv=None):
     ap.add_argument("--cases", default="equality,large,processes", help="CPU cases to run")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (CPU)")
     ap.add_argument("--max-iter", type=int, default=10000, help="GPU runs: iteration cap")
-    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per subprocess")
+    ap.add_argument(
+        "--timeout", type=float, default=None,
+        help="seconds per subprocess (default 3600 on the CPU, 540 on CUDA: a lent GPU "
+        "machine allows 10 minutes per command)",
+    )  # fmt: skip
     ap.add_argument("--out-dir", default=None, help="default benchmarks/results")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
