@@ -339,6 +339,9 @@ def run(args) -> Path:
         else:
             rows += cases_gpu(args.quick, args.max_iter, args.timeout, tmp)
     meta["loadavg_end"] = _load()
+    first = ["case", "provider", "n", "d", "world", "block_columns", "n_blocks", "iterations",
+             "admm_ms_per_iter", "admm_s", "wall_s", "peak_mem_gb"]  # fmt: skip
+    rows = [{**{k: r[k] for k in first if k in r}, **r} for r in rows]
     path = write_result("blocked", meta, rows, args.out_dir)
     print_table(rows, ["case", "provider", "n", "d", "iterations", "admm_ms_per_iter",
                        "wall_s", "peak_mem_gb", "peak_mem_ratio_to_dense", "coef_rel_to_dense",
