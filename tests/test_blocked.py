@@ -127,6 +127,14 @@ def test_blocked_mode_matches_exact_mode():
     assert float((blocked.scores - exact.scores).abs().max()) < 1e-6
 
 
+def test_block_eps_reaches_the_solver():
+    x = tokens(6, 3, 9, seed=8)
+    kw = dict(n_clusters=3, mode="blocked", block_columns=5, eps=1e-3, dtype=torch.float64)
+    own = compute_anchor_scores(x, **kw)
+    shared = compute_anchor_scores(x, block_eps="share", **kw)
+    assert shared.iterations > own.iterations
+
+
 def test_auto_mode_uses_the_blocked_exact_solver_beyond_the_dense_limit(monkeypatch, recwarn):
     x = tokens(40, 3, 5, seed=5)
     n, d = x.shape
@@ -151,6 +159,8 @@ def test_blocked_bad_input():
         solve_ssc_blocked(x, block_columns=0)
     with pytest.raises(ValueError, match="block_eps"):
         solve_ssc_blocked(x, block_eps="global")
+    with pytest.raises(ValueError, match="block_eps"):
+        compute_anchor_scores(x, n_clusters=3, mode="blocked", block_eps="global")
     with pytest.raises(ValueError, match="accelerated"):
         compute_anchor_scores(x, n_clusters=3, mode="blocked", solver="accelerated")
     with pytest.raises(ValueError, match="eigh"):

@@ -307,6 +307,7 @@ def compute_anchor_scores(
     mode: str = "auto",
     candidates: int = 32,
     block_columns: int | None = None,
+    block_eps: str = "own",
     process_group=None,
 ) -> AnchorResult:
     """VideoAnchor scores of ``features`` (``N x D`` visual tokens of one request).
@@ -325,7 +326,9 @@ def compute_anchor_scores(
     ``mode``: ``"exact"`` (dense ``N x N`` SSC), ``"blocked"`` (the same exact program and
     iteration on ``block_columns`` columns of ``C`` at a time against all tokens, no
     ``N x N`` buffer, each block stopped by its own part of the authors' criterion; see
-    :mod:`videoanchor.anchor.blocked`; ``coef`` is then a sparse COO tensor and the
+    :mod:`videoanchor.anchor.blocked`; ``block_eps="share"`` gives each block
+    ``eps * b / N`` so that the assembled ``C`` meets the authors' criterion over all
+    columns; ``coef`` is then a sparse COO tensor and the
     spectral step runs on the sparse affinity), ``"scalable"`` (an approximation: each
     token coded over its ``candidates`` most correlated tokens only; ``coef`` sparse COO)
     or ``"auto"``: dense exact up to ``N = 16384`` tokens when it fits in memory, blocked
@@ -365,7 +368,7 @@ def compute_anchor_scores(
                 x, n_clusters, t0=t0, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
                 max_iter=max_iter, pca_rank=pca_rank, seed=seed, backend=backend, dtype=dtype,
                 solver=solver, eigen_solver=eigen_solver, block_columns=block_columns,
-                process_group=process_group,
+                block_eps=block_eps, process_group=process_group,
             )  # fmt: skip
         if mode == "scalable":
             if pca_rank:
@@ -416,7 +419,7 @@ def compute_anchor_scores(
 
 def _blocked_anchor_scores(
     x, n_clusters, *, t0, alpha_e, alpha_z, rho, eps, max_iter, pca_rank, seed, backend,
-    dtype, solver, eigen_solver, block_columns, process_group,
+    dtype, solver, eigen_solver, block_columns, block_eps, process_group,
 ) -> AnchorResult:  # fmt: skip
     """``mode="blocked"`` of :func:`compute_anchor_scores`, on one process or a group."""
     unsupported = [
@@ -436,7 +439,8 @@ def _blocked_anchor_scores(
         x = pca_reduce(x, pca_rank)
     admm = solve_ssc_blocked(
         x, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps, max_iter=max_iter,
-        dtype=dtype, block_columns=block_columns, process_group=process_group,
+        dtype=dtype, block_columns=block_columns, block_eps=block_eps,
+        process_group=process_group,
     )  # fmt: skip
     coef = admm.coef
     t1 = time.perf_counter()
