@@ -336,17 +336,19 @@ def case_convergence(n, d, block, threads):
 
 
 def cases_gpu(quick: bool, max_iter: int, timeout: float, tmp: str) -> list[dict]:
-    rows = []
     big = 16384 if quick else 65536
-    # one GPU: the target size, then growth in N (D = 3584 -> pca 512) and in the PCA rank
-    sizes = [(big, 512)] + [(n, 512) for n in (8192, 16384, 32768) if n < big]
+    # the target size on 1, 2 and 4 GPUs (each compared with the 1-GPU result) ...
+    rows = case_processes(big, 3584, max_iter, [1, 2, 4], "cuda", 1, timeout, tmp,
+                          eps=2e-4, pca_rank=512)  # fmt: skip
+    # ... then its growth in N (D = 3584 -> pca 512) and in the PCA rank, on one GPU
+    sizes = [(n, 512) for n in (8192, 16384, 32768) if n < big]
     sizes += [(big // 2, r) for r in (256, 1024)]
     for n, rank in sizes:
-        rows += case_processes(n, 3584, max_iter, [1], "cuda", 1, timeout, tmp,
-                               eps=2e-4, pca_rank=rank)  # fmt: skip
-        rows[-1]["case"] = "gpu_scaling"
-    rows += case_processes(big, 3584, max_iter, [1, 2, 4], "cuda", 1, timeout, tmp,
-                           eps=2e-4, pca_rank=512)  # fmt: skip
+        got = case_processes(n, 3584, max_iter, [1], "cuda", 1, timeout, tmp,
+                             eps=2e-4, pca_rank=rank)  # fmt: skip
+        for r in got:
+            r["case"] = "gpu_scaling"
+        rows += got
     return rows
 
 

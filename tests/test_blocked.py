@@ -125,6 +125,10 @@ def test_blocked_mode_matches_exact_mode():
     assert adjusted_rand_score(exact.labels.numpy(), blocked.labels.numpy()) == 1.0
     assert blocked.scores.dtype == torch.float32 and blocked.scores.shape == (36,)
     assert float((blocked.scores - exact.scores).abs().max()) < 1e-6
+    kw.update(pca_rank=5, max_iter=40)
+    exact = compute_anchor_scores(x, mode="exact", **kw)
+    blocked = compute_anchor_scores(x, mode="blocked", block_columns=10, **kw)
+    assert _rel(blocked.coef.to_dense(), exact.coef) < 1e-9
 
 
 def test_block_eps_reaches_the_solver():
