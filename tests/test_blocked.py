@@ -1,6 +1,7 @@
 """Column-blocked exact SSC: equal to the dense iterates, per-block stopping, sparse C and
 its affinity, mode="auto", and the same result spread over 2 CPU processes (gloo)."""
 
+import datetime
 import os
 
 import pytest
@@ -179,7 +180,11 @@ def _worker(rank, world, store, x, kw, out):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    # a collective that waits on a rank that left raises after the timeout instead of hanging
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )  # fmt: skip
     try:
         group = dist.group.WORLD
         # rank 1's features differ slightly: rank 0's are used everywhere
@@ -195,6 +200,15 @@ def _worker(rank, world, store, x, kw, out):
             mode_error = None
         except ValueError as exc:
             mode_error = str(exc)
+        # bad features on one rank: every rank raises (no rank left waiting)
+        bad = x.clone()
+        if rank == 1:
+            bad[2, 3] = float("nan")
+        try:
+            compute_anchor_scores(bad, process_group=group, **kw)
+            nan_error = None
+        except (ValueError, RuntimeError) as exc:
+            nan_error = f"{type(exc).__name__}: {exc}"
         torch.save(
             {
                 "coef": res.coef,
@@ -204,6 +218,7 @@ def _worker(rank, world, store, x, kw, out):
                 "iterations": res.iterations,
                 "shape_error": shape_error,
                 "mode_error": mode_error,
+                "nan_error": nan_error,
             },
             os.path.join(out, f"rank{rank}.pt"),
         )
@@ -226,6 +241,8 @@ def test_two_gloo_processes_equal_one(tmp_path):
         assert torch.allclose(g["scores"], single.scores, rtol=0, atol=1e-6)
         assert "same features" in g["shape_error"]
         assert "mode='exact'" in g["mode_error"]
+    assert got[0]["nan_error"].startswith("RuntimeError: videoanchor: another rank")
+    assert got[1]["nan_error"].startswith("ValueError: features: expected finite values")
     # and the ranks agree with each other exactly
     assert torch.equal(got[0]["coef"].to_dense(), got[1]["coef"].to_dense())
     assert torch.equal(got[0]["scores"], got[1]["scores"])

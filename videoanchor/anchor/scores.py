@@ -12,6 +12,7 @@ from videoanchor.anchor._inputs import as_feature_tensor, resolve_dtype
 from videoanchor.anchor.blocked import (
     _group,
     comm_device,
+    raise_together,
     solve_ssc_blocked,
     sparse_row_sums,
     sparse_ssc_affinity,
@@ -358,6 +359,14 @@ def compute_anchor_scores(
                 f"process_group: only the blocked exact solver is spread over processes; "
                 f"expected mode='auto' or 'blocked', got mode={mode!r}"
             )
+        x, error = None, None
+        try:
+            x = as_feature_tensor(features)
+            _check_common(n_clusters, x.shape[0], alpha_e, alpha_z, backend, solver)
+        except (TypeError, ValueError) as exc:
+            error = exc
+        # a rank that rejects its input raises on every rank, instead of a hang
+        raise_together(process_group, error, x.device if x is not None else torch.device("cpu"))
     if mode != "exact":
         x = as_feature_tensor(features)
         _check_common(n_clusters, x.shape[0], alpha_e, alpha_z, backend, solver)
