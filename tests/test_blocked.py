@@ -170,6 +170,8 @@ def test_blocked_bad_input():
         compute_anchor_scores(x, n_clusters=3, mode="blocked", solver="accelerated")
     with pytest.raises(ValueError, match="eigh"):
         compute_anchor_scores(x, n_clusters=3, mode="blocked", eigen_solver="eigh")
+    with pytest.raises(ValueError, match="pca_rank"):
+        compute_anchor_scores(x, n_clusters=3, mode="blocked", pca_rank=2.5)
     with pytest.raises(ValueError, match="not initialised"):
         compute_anchor_scores(x, n_clusters=3, process_group=object())
     with pytest.raises(ValueError, match="finite"):

@@ -444,6 +444,8 @@ def _blocked_anchor_scores(
         raise ValueError("mode='blocked' does not support " + "; ".join(unsupported))
     if eigen_solver not in ("auto", "subspace"):
         raise ValueError(f"eigen_solver: expected 'auto' or 'subspace', got {eigen_solver!r}")
+    if isinstance(pca_rank, bool) or not isinstance(pca_rank, int) or pca_rank < 0:
+        raise ValueError(f"pca_rank: expected a non-negative int, got {pca_rank!r}")
     if pca_rank:
         x = pca_reduce(x, pca_rank)
     admm = solve_ssc_blocked(
