@@ -8,7 +8,10 @@ CPU cases (``--device cpu``):
   large       N = 16384, D = 64, 50 iterations: the blocked solver's peak memory and time
               per iteration (the dense one would need N^2 buffers: not run);
   processes   N = 4096, D = 64, 20 iterations, whole compute_anchor_scores(mode="blocked"):
-              1 process against 2 processes over gloo, time and equality (labels, C).
+              1 process against 2 processes over gloo, time and equality (labels, C);
+  convergence (not in the default list) N = 1024, D = 64 to eps = 2e-4: the dense mode
+              against the blocked solver (8 blocks) with block_eps "own" and "share":
+              iterations, C apart, scores Spearman and labels ARI against the dense mode.
 GPU cases (``--device cuda``): N = 65,536, D = 3584, pca_rank = 512 to eps = 2e-4 (capped
 by ``--max-iter``), its growth in N and in the PCA rank, and the same over 2 and 4 GPUs
 (NCCL, one process per GPU; rows say "skipped" when the machine has fewer GPUs).
@@ -21,6 +24,7 @@ synthetic tokens of bench_ssc.py. Times: wall clock inside the subprocess (synch
 on CUDA), one thread per process on the CPU (``--threads``).
 
     python benchmarks/bench_blocked.py --device cpu
+    python benchmarks/bench_blocked.py --device cpu --cases convergence --tag convergence
     python benchmarks/bench_blocked.py --device cuda [--quick]
 """
 
@@ -289,23 +293,69 @@ def case_processes(n, d, iters, worlds, device, threads, timeout, tmp, **extra):
     return rows
 
 
+def case_convergence(n, d, block, threads):
+    """To the authors' eps (2e-4): the dense exact mode against the blocked solver with each
+    block's own eps and with the shared one (``block_eps``), clustered and scored as in
+    ``mode="blocked"``; same process, one after the other."""
+    import numpy as np
+    from scipy.stats import spearmanr
+    from sklearn.metrics import adjusted_rand_score
+
+    from videoanchor.anchor import anchor_scores, compute_anchor_scores, solve_ssc_blocked
+    from videoanchor.anchor.blocked import sparse_ssc_affinity
+    from videoanchor.anchor.scalable import sparse_spectral_clustering
+
+    torch.set_num_threads(threads)
+    x = _tokens({"n": n, "d": d})
+    rows, ref = [], None
+    for provider in ("dense", "blocked_own", "blocked_share"):
+        t0 = time.perf_counter()
+        row = {"case": "convergence", "provider": provider, "n": n, "d": d}
+        if provider == "dense":
+            res = compute_anchor_scores(x, mode="exact")
+            coef, its, ok = res.coef, res.iterations, res.converged
+            scores, labels = res.scores, res.labels
+        else:
+            b = solve_ssc_blocked(x, block_columns=block, block_eps=provider.split("_")[1])
+            labels = sparse_spectral_clustering(sparse_ssc_affinity(b.coef), 24, seed=0)
+            scores = anchor_scores(b.coef, labels)
+            coef, its, ok = b.coef.to_dense(), b.iterations, b.converged
+            row.update(block_columns=block, block_iterations_min=min(b.block_iterations),
+                       block_iterations_max=max(b.block_iterations))  # fmt: skip
+        row.update(iterations=its, converged=ok, pipeline_s=time.perf_counter() - t0)
+        if ref is None:
+            ref = (coef, scores.numpy(), labels.numpy())
+        else:
+            row["coef_rel_to_dense"] = _rel(coef, ref[0])
+            row["scores_spearman_vs_dense"] = float(spearmanr(scores.numpy(), ref[1])[0])
+            row["scores_max_abs_diff"] = float(np.abs(scores.numpy() - ref[1]).max())
+            row["labels_ari_vs_dense"] = float(adjusted_rand_score(ref[2], labels.numpy()))
+        row["loadavg"] = _load()
+        rows.append(row)
+    return rows
+
+
 def cases_gpu(quick: bool, max_iter: int, timeout: float, tmp: str) -> list[dict]:
-    rows = []
     big = 16384 if quick else 65536
-    # one GPU: the target size, then growth in N (D = 3584 -> pca 512) and in the PCA rank
-    sizes = [(big, 512)] + [(n, 512) for n in (8192, 16384, 32768) if n < big]
+    # the target size on 1, 2 and 4 GPUs (each compared with the 1-GPU result) ...
+    rows = case_processes(big, 3584, max_iter, [1, 2, 4], "cuda", 1, timeout, tmp,
+                          eps=2e-4, pca_rank=512)  # fmt: skip
+    # ... then its growth in N (D = 3584 -> pca 512) and in the PCA rank, on one GPU
+    sizes = [(n, 512) for n in (8192, 16384, 32768) if n < big]
     sizes += [(big // 2, r) for r in (256, 1024)]
     for n, rank in sizes:
-        rows += case_processes(n, 3584, max_iter, [1], "cuda", 1, timeout, tmp,
-                               eps=2e-4, pca_rank=rank)  # fmt: skip
-        rows[-1]["case"] = "gpu_scaling"
-    rows += case_processes(big, 3584, max_iter, [1, 2, 4], "cuda", 1, timeout, tmp,
-                           eps=2e-4, pca_rank=512)  # fmt: skip
+        got = case_processes(n, 3584, max_iter, [1], "cuda", 1, timeout, tmp,
+                             eps=2e-4, pca_rank=rank)  # fmt: skip
+        for r in got:
+            r["case"] = "gpu_scaling"
+        rows += got
     return rows
 
 
 def run(args) -> Path:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.timeout is None:
+        args.timeout = 3600.0 if device == "cpu" else 540.0
     meta = environment(device)
     meta["threads_per_process"] = args.threads
     meta["data"] = (
@@ -330,6 +380,9 @@ def run(args) -> Path:
             if "large" in cases:
                 n = 4096 if args.quick else 16384
                 rows += case_large(n, 64, 50, args.threads, args.timeout, dense_peak)
+            if "convergence" in cases:
+                n = 256 if args.quick else 1024
+                rows += case_convergence(n, 64, n // 8, args.threads)
             if "processes" in cases:
                 n = 1024 if args.quick else 4096
                 rows += case_processes(n, 64, 20, [1, 2], "cpu", args.threads, args.timeout,
@@ -337,7 +390,11 @@ def run(args) -> Path:
         else:
             rows += cases_gpu(args.quick, args.max_iter, args.timeout, tmp)
     meta["loadavg_end"] = _load()
-    path = write_result("blocked", meta, rows, args.out_dir)
+    first = ["case", "provider", "n", "d", "world", "block_columns", "n_blocks", "iterations",
+             "admm_ms_per_iter", "admm_s", "wall_s", "peak_mem_gb"]  # fmt: skip
+    rows = [{**{k: r[k] for k in first if k in r}, **r} for r in rows]
+    name = "blocked" + (f"_{args.tag}" if args.tag else "")
+    path = write_result(name, meta, rows, args.out_dir)
     print_table(rows, ["case", "provider", "n", "d", "iterations", "admm_ms_per_iter",
                        "wall_s", "peak_mem_gb", "peak_mem_ratio_to_dense", "coef_rel_to_dense",
                        "coef_rel_to_1", "labels_identical", "speedup_vs_1", "error", "note"])  # fmt: skip
@@ -354,8 +411,13 @@ def main(argv=None):
     ap.add_argument("--cases", default="equality,large,processes", help="CPU cases to run")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (CPU)")
     ap.add_argument("--max-iter", type=int, default=10000, help="GPU runs: iteration cap")
-    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per subprocess")
+    ap.add_argument(
+        "--timeout", type=float, default=None,
+        help="seconds per subprocess (default 3600 on the CPU, 540 on CUDA: a lent GPU "
+        "machine allows 10 minutes per command)",
+    )  # fmt: skip
     ap.add_argument("--out-dir", default=None, help="default benchmarks/results")
+    ap.add_argument("--tag", default="", help="result file blocked_<tag>_<device>.json")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child is not None:

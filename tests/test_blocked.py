@@ -1,6 +1,7 @@
 """Column-blocked exact SSC: equal to the dense iterates, per-block stopping, sparse C and
 its affinity, mode="auto", and the same result spread over 2 CPU processes (gloo)."""
 
+import datetime
 import os
 
 import pytest
@@ -125,6 +126,18 @@ def test_blocked_mode_matches_exact_mode():
     assert adjusted_rand_score(exact.labels.numpy(), blocked.labels.numpy()) == 1.0
     assert blocked.scores.dtype == torch.float32 and blocked.scores.shape == (36,)
     assert float((blocked.scores - exact.scores).abs().max()) < 1e-6
+    kw.update(pca_rank=5, max_iter=40)
+    exact = compute_anchor_scores(x, mode="exact", **kw)
+    blocked = compute_anchor_scores(x, mode="blocked", block_columns=10, **kw)
+    assert _rel(blocked.coef.to_dense(), exact.coef) < 1e-9
+
+
+def test_block_eps_reaches_the_solver():
+    x = tokens(6, 3, 9, seed=8)
+    kw = dict(n_clusters=3, mode="blocked", block_columns=5, eps=1e-3, dtype=torch.float64)
+    own = compute_anchor_scores(x, **kw)
+    shared = compute_anchor_scores(x, block_eps="share", **kw)
+    assert shared.iterations > own.iterations
 
 
 def test_auto_mode_uses_the_blocked_exact_solver_beyond_the_dense_limit(monkeypatch, recwarn):
@@ -151,10 +164,14 @@ def test_blocked_bad_input():
         solve_ssc_blocked(x, block_columns=0)
     with pytest.raises(ValueError, match="block_eps"):
         solve_ssc_blocked(x, block_eps="global")
+    with pytest.raises(ValueError, match="block_eps"):
+        compute_anchor_scores(x, n_clusters=3, mode="blocked", block_eps="global")
     with pytest.raises(ValueError, match="accelerated"):
         compute_anchor_scores(x, n_clusters=3, mode="blocked", solver="accelerated")
     with pytest.raises(ValueError, match="eigh"):
         compute_anchor_scores(x, n_clusters=3, mode="blocked", eigen_solver="eigh")
+    with pytest.raises(ValueError, match="pca_rank"):
+        compute_anchor_scores(x, n_clusters=3, mode="blocked", pca_rank=2.5)
     with pytest.raises(ValueError, match="not initialised"):
         compute_anchor_scores(x, n_clusters=3, process_group=object())
     with pytest.raises(ValueError, match="finite"):
@@ -165,7 +182,11 @@ def _worker(rank, world, store, x, kw, out):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    # a collective that waits on a rank that left raises after the timeout instead of hanging
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )  # fmt: skip
     try:
         group = dist.group.WORLD
         # rank 1's features differ slightly: rank 0's are used everywhere
@@ -181,6 +202,15 @@ def _worker(rank, world, store, x, kw, out):
             mode_error = None
         except ValueError as exc:
             mode_error = str(exc)
+        # bad features on one rank: every rank raises (no rank left waiting)
+        bad = x.clone()
+        if rank == 1:
+            bad[2, 3] = float("nan")
+        try:
+            compute_anchor_scores(bad, process_group=group, **kw)
+            nan_error = None
+        except (ValueError, RuntimeError) as exc:
+            nan_error = f"{type(exc).__name__}: {exc}"
         torch.save(
             {
                 "coef": res.coef,
@@ -190,6 +220,7 @@ def _worker(rank, world, store, x, kw, out):
                 "iterations": res.iterations,
                 "shape_error": shape_error,
                 "mode_error": mode_error,
+                "nan_error": nan_error,
             },
             os.path.join(out, f"rank{rank}.pt"),
         )
@@ -212,6 +243,8 @@ def test_two_gloo_processes_equal_one(tmp_path):
         assert torch.allclose(g["scores"], single.scores, rtol=0, atol=1e-6)
         assert "same features" in g["shape_error"]
         assert "mode='exact'" in g["mode_error"]
+    assert got[0]["nan_error"].startswith("RuntimeError: videoanchor: another rank")
+    assert got[1]["nan_error"].startswith("ValueError: features: expected finite values")
     # and the ranks agree with each other exactly
     assert torch.equal(got[0]["coef"].to_dense(), got[1]["coef"].to_dense())
     assert torch.equal(got[0]["scores"], got[1]["scores"])

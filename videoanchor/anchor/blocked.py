@@ -238,6 +238,29 @@ def comm_device(group, device: torch.device) -> torch.device:
     return torch.device("cpu")
 
 
+def raise_together(group, error: BaseException | None, device: torch.device) -> None:
+    """Collective: raise on every rank of ``group`` when any rank hit ``error``.
+
+    The failing rank re-raises its own error, the others a ``RuntimeError`` naming it, so
+    that no rank is left waiting in a later collective. ``group=None``: raise ``error``.
+    """
+    if group is None:
+        if error is not None:
+            raise error
+        return
+    import torch.distributed as dist
+
+    flag = torch.tensor([0 if error is None else 1], device=comm_device(group, device))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if error is not None:
+        raise error
+    if int(flag) != 0:
+        raise RuntimeError(
+            "videoanchor: another rank of the process group failed (see its error); "
+            "every rank stops"
+        )
+
+
 def share_features(x: torch.Tensor, group) -> torch.Tensor:
     """Rank 0's ``x`` on every rank of ``group`` (one source of truth for ``Y``).
 
@@ -310,23 +333,34 @@ def solve_ssc_blocked(
     """
     t0 = time.perf_counter()
     group, rank, world = _group(process_group)
-    x = as_feature_tensor(features)
+    x, error = None, None
+    try:
+        x = as_feature_tensor(features)
+        work = resolve_dtype(dtype, x.device)
+        n, d = x.shape
+        check_admm_parameters(n, rho, eps, max_iter)
+        if block_columns is None:
+            block_columns = default_block_columns(n, d, work, x.device.type)
+        if (
+            isinstance(block_columns, bool)
+            or not isinstance(block_columns, int)
+            or block_columns < 1
+        ):
+            raise ValueError(f"block_columns: expected a positive int, got {block_columns!r}")
+        block = min(int(block_columns), n)
+        if block_eps not in ("own", "share"):
+            raise ValueError(f"block_eps: expected 'own' or 'share', got {block_eps!r}")
+        itemsize = torch.finfo(work).bits // 8
+        if check_memory_first:
+            check_memory(
+                blocked_admm_bytes(n, d, itemsize, block), x.device, n=n, d=d,
+                what="Blocked SSC",
+            )  # fmt: skip
+    except (TypeError, ValueError, MemoryError) as exc:
+        error = exc
+    # a rank that rejects its input must not leave the others waiting
+    raise_together(group, error, x.device if x is not None else torch.device("cpu"))
     device = x.device
-    work = resolve_dtype(dtype, device)
-    n, d = x.shape
-    check_admm_parameters(n, rho, eps, max_iter)
-    if block_columns is None:
-        block_columns = default_block_columns(n, d, work, device.type)
-    if isinstance(block_columns, bool) or not isinstance(block_columns, int) or block_columns < 1:
-        raise ValueError(f"block_columns: expected a positive int, got {block_columns!r}")
-    block = min(int(block_columns), n)
-    if block_eps not in ("own", "share"):
-        raise ValueError(f"block_eps: expected 'own' or 'share', got {block_eps!r}")
-    itemsize = torch.finfo(work).bits // 8
-    if check_memory_first:
-        check_memory(
-            blocked_admm_bytes(n, d, itemsize, block), device, n=n, d=d, what="Blocked SSC"
-        )
     if group is not None:
         x = share_features(x, group)
 
@@ -348,19 +382,24 @@ def solve_ssc_blocked(
     mine = [k for k in range(len(starts)) if k % world == rank]
     rows, cols, vals, stats = [], [], [], []
     history: dict[int, list[float]] = {}
-    for k in mine:
-        a = starts[k]
-        b = min(n, a + block)
-        eps_k = eps if block_eps == "own" else eps * (b - a) / n
-        r, c, v, its, res, ok, hist = _solve_block(
-            step, solver.yw, a, b, lam_e / lam_z, eps_k, max_iter, keep_history
-        )
-        rows.append(r)
-        cols.append(c)
-        vals.append(v)
-        stats.append([float(k), float(its), res, float(ok)])
-        if keep_history:
-            history[k] = hist
+    error = None
+    try:
+        for k in mine:
+            a = starts[k]
+            b = min(n, a + block)
+            eps_k = eps if block_eps == "own" else eps * (b - a) / n
+            r, c, v, its, res, ok, hist = _solve_block(
+                step, solver.yw, a, b, lam_e / lam_z, eps_k, max_iter, keep_history
+            )
+            rows.append(r)
+            cols.append(c)
+            vals.append(v)
+            stats.append([float(k), float(its), res, float(ok)])
+            if keep_history:
+                history[k] = hist
+    except (FloatingPointError, RuntimeError, MemoryError) as exc:
+        error = exc
+    raise_together(group, error, device)
     idx = torch.stack([torch.cat(rows), torch.cat(cols)]) if rows else None
     if idx is None:
         idx = torch.empty(2, 0, dtype=torch.long, device=device)

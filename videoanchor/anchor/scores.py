@@ -12,6 +12,7 @@ from videoanchor.anchor._inputs import as_feature_tensor, resolve_dtype
 from videoanchor.anchor.blocked import (
     _group,
     comm_device,
+    raise_together,
     solve_ssc_blocked,
     sparse_row_sums,
     sparse_ssc_affinity,
@@ -320,6 +321,7 @@ def compute_anchor_scores(
     mode: str = "auto",
     candidates: int = 32,
     block_columns: int | None = None,
+    block_eps: str = "own",
     process_group=None,
     label_draws: int = 1,
 ) -> AnchorResult:
@@ -339,7 +341,9 @@ def compute_anchor_scores(
     ``mode``: ``"exact"`` (dense ``N x N`` SSC), ``"blocked"`` (the same exact program and
     iteration on ``block_columns`` columns of ``C`` at a time against all tokens, no
     ``N x N`` buffer, each block stopped by its own part of the authors' criterion; see
-    :mod:`videoanchor.anchor.blocked`; ``coef`` is then a sparse COO tensor and the
+    :mod:`videoanchor.anchor.blocked`; ``block_eps="share"`` gives each block
+    ``eps * b / N`` so that the assembled ``C`` meets the authors' criterion over all
+    columns; ``coef`` is then a sparse COO tensor and the
     spectral step runs on the sparse affinity), ``"scalable"`` (an approximation: each
     token coded over its ``candidates`` most correlated tokens only; ``coef`` sparse COO)
     or ``"auto"``: dense exact up to ``N = 16384`` tokens when it fits in memory, blocked
@@ -376,6 +380,14 @@ def compute_anchor_scores(
                 f"process_group: only the blocked exact solver is spread over processes; "
                 f"expected mode='auto' or 'blocked', got mode={mode!r}"
             )
+        x, error = None, None
+        try:
+            x = as_feature_tensor(features)
+            _check_common(n_clusters, x.shape[0], alpha_e, alpha_z, backend, solver)
+        except (TypeError, ValueError) as exc:
+            error = exc
+        # a rank that rejects its input raises on every rank, instead of a hang
+        raise_together(process_group, error, x.device if x is not None else torch.device("cpu"))
     if mode != "exact":
         x = as_feature_tensor(features)
         _check_common(n_clusters, x.shape[0], alpha_e, alpha_z, backend, solver)
@@ -386,7 +398,7 @@ def compute_anchor_scores(
                 x, n_clusters, t0=t0, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
                 max_iter=max_iter, pca_rank=pca_rank, seed=seed, backend=backend, dtype=dtype,
                 solver=solver, eigen_solver=eigen_solver, block_columns=block_columns,
-                process_group=process_group,
+                block_eps=block_eps, process_group=process_group,
             )  # fmt: skip
         if mode == "scalable":
             if pca_rank:
@@ -439,7 +451,7 @@ def compute_anchor_scores(
 
 def _blocked_anchor_scores(
     x, n_clusters, *, t0, alpha_e, alpha_z, rho, eps, max_iter, pca_rank, seed, backend,
-    dtype, solver, eigen_solver, block_columns, process_group,
+    dtype, solver, eigen_solver, block_columns, block_eps, process_group,
 ) -> AnchorResult:  # fmt: skip
     """``mode="blocked"`` of :func:`compute_anchor_scores`, on one process or a group."""
     unsupported = [
@@ -455,11 +467,14 @@ def _blocked_anchor_scores(
         raise ValueError("mode='blocked' does not support " + "; ".join(unsupported))
     if eigen_solver not in ("auto", "subspace"):
         raise ValueError(f"eigen_solver: expected 'auto' or 'subspace', got {eigen_solver!r}")
+    if isinstance(pca_rank, bool) or not isinstance(pca_rank, int) or pca_rank < 0:
+        raise ValueError(f"pca_rank: expected a non-negative int, got {pca_rank!r}")
     if pca_rank:
         x = pca_reduce(x, pca_rank)
     admm = solve_ssc_blocked(
         x, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps, max_iter=max_iter,
-        dtype=dtype, block_columns=block_columns, process_group=process_group,
+        dtype=dtype, block_columns=block_columns, block_eps=block_eps,
+        process_group=process_group,
     )  # fmt: skip
     coef = admm.coef
     t1 = time.perf_counter()
