@@ -24,6 +24,7 @@ from videoanchor.anchor.blocked import (
     sparse_row_sums,
     sparse_ssc_affinity,
 )
+from videoanchor.anchor.scalable import sparse_spectral_labels
 from videoanchor.anchor.ssc import admm_bytes
 
 
@@ -130,6 +131,18 @@ def test_blocked_mode_matches_exact_mode():
     exact = compute_anchor_scores(x, mode="exact", **kw)
     blocked = compute_anchor_scores(x, mode="blocked", block_columns=10, **kw)
     assert _rel(blocked.coef.to_dense(), exact.coef) < 1e-9
+
+
+def test_label_draws_reach_the_blocked_mode():
+    # More clusters than groups: the label draws differ, so averaging them changes the scores.
+    x = tokens(10, 3, 12, seed=5)
+    kw = dict(n_clusters=7, mode="blocked", block_columns=8, eps=1e-3, dtype=torch.float64)
+    one = compute_anchor_scores(x, **kw)
+    four = compute_anchor_scores(x, label_draws=4, **kw)
+    draws = sparse_spectral_labels(sparse_ssc_affinity(four.coef), 7, seed=0, draws=4)
+    assert torch.equal(four.labels, one.labels) and torch.equal(four.labels, draws[0])
+    assert torch.equal(four.scores, anchor_scores(four.coef, draws))
+    assert not torch.equal(four.scores, one.scores)
 
 
 def test_block_eps_reaches_the_solver():

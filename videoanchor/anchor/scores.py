@@ -20,9 +20,9 @@ from videoanchor.anchor.blocked import (
 from videoanchor.anchor.scalable import (
     scalable_anchor_scores,
     scores_from_row_sums,
-    sparse_spectral_clustering,
+    sparse_spectral_labels,
 )
-from videoanchor.anchor.spectral import _check_draws, spectral_clustering, spectral_labels, ssc_affinity
+from videoanchor.anchor.spectral import _check_draws, spectral_labels, ssc_affinity
 from videoanchor.anchor.ssc import admm_bytes, choose_strategy, solve_ssc_admm
 from videoanchor.anchor.ssc_equality import solve_ssc_equality
 
@@ -398,7 +398,7 @@ def compute_anchor_scores(
                 x, n_clusters, t0=t0, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
                 max_iter=max_iter, pca_rank=pca_rank, seed=seed, backend=backend, dtype=dtype,
                 solver=solver, eigen_solver=eigen_solver, block_columns=block_columns,
-                block_eps=block_eps, process_group=process_group,
+                block_eps=block_eps, process_group=process_group, label_draws=label_draws,
             )  # fmt: skip
         if mode == "scalable":
             if pca_rank:
@@ -451,7 +451,7 @@ def compute_anchor_scores(
 
 def _blocked_anchor_scores(
     x, n_clusters, *, t0, alpha_e, alpha_z, rho, eps, max_iter, pca_rank, seed, backend,
-    dtype, solver, eigen_solver, block_columns, block_eps, process_group,
+    dtype, solver, eigen_solver, block_columns, block_eps, process_group, label_draws=1,
 ) -> AnchorResult:  # fmt: skip
     """``mode="blocked"`` of :func:`compute_anchor_scores`, on one process or a group."""
     unsupported = [
@@ -480,15 +480,16 @@ def _blocked_anchor_scores(
     t1 = time.perf_counter()
     group, rank, _ = _group(process_group)
     n = coef.shape[0]
-    labels = torch.empty(n, dtype=torch.long, device=x.device)
+    draws = torch.empty(label_draws, n, dtype=torch.long, device=x.device)
     scores = torch.empty(n, dtype=torch.float32, device=x.device)
     error = None
     if rank == 0:
         try:
             w = sparse_ssc_affinity(coef)
-            labels = sparse_spectral_clustering(w, n_clusters, seed=seed).to(x.device)
+            draws = sparse_spectral_labels(w, n_clusters, seed=seed, draws=label_draws)
+            draws = draws.to(x.device)
             del w
-            scores = anchor_scores(coef, labels)
+            scores = anchor_scores(coef, draws)
         except Exception as exc:  # re-raised below, after the other ranks are told
             error = exc
     if group is not None:
@@ -502,10 +503,10 @@ def _blocked_anchor_scores(
             if error is not None:
                 raise error
             raise RuntimeError("compute_anchor_scores: clustering failed on rank 0 of the group")
-        buf_l, buf_s = labels.to(dev), scores.to(dev)
+        buf_l, buf_s = draws.to(dev), scores.to(dev)
         dist.broadcast(buf_l, src=src, group=group)
         dist.broadcast(buf_s, src=src, group=group)
-        labels, scores = buf_l.to(x.device), buf_s.to(x.device)
+        draws, scores = buf_l.to(x.device), buf_s.to(x.device)
     elif error is not None:
         raise error
     _sync(x.device)
@@ -516,7 +517,7 @@ def _blocked_anchor_scores(
     timings["total"] = t2 - t0
     return AnchorResult(
         scores=scores,
-        labels=labels,
+        labels=draws[0],
         coef=coef,
         iterations=admm.iterations,
         converged=admm.converged,
