@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import videoanchor
-from videoanchor.integrations import find_handle
+from videoanchor.integrations import anchoring, find_handle
 from videoanchor.integrations.testing import TOKENS, collate, tiny_model, tiny_sample
 
 SSC = {"n_clusters": 3, "max_iter": 300}
@@ -62,24 +62,23 @@ def _load(path, **kwargs):
     return model
 
 
-def _spy_devices(handle) -> list:
+def _spy_devices(monkeypatch) -> list:
     """Record the device of every gate request (one per anchored attention call)."""
     devices = []
-    original = handle._gates_for
+    original = anchoring._Request.gates
 
-    def spy(query, key):
-        kb, vs = original(query, key)
-        if kb is not None:
-            assert kb.device == key.device and vs.device == key.device
-            devices.append(key.device)
+    def spy(self, device, *args, **kwargs):
+        kb, vs = original(self, device, *args, **kwargs)
+        assert kb.device == device and vs.device == device
+        devices.append(device)
         return kb, vs
 
-    handle._gates_for = spy
+    monkeypatch.setattr(anchoring._Request, "gates", spy)
     return devices
 
 
 @torch.no_grad()
-def test_accelerate_offload_hooks_keep_anchored_logits(saved, tmp_path):
+def test_accelerate_offload_hooks_keep_anchored_logits(saved, tmp_path, monkeypatch):
     plain = _load(saved)
     split = _load(saved, device_map=_device_map("cpu", "disk"), offload_folder=str(tmp_path))
     layer1 = split.model.language_model.layers[1]
@@ -87,7 +86,7 @@ def test_accelerate_offload_hooks_keep_anchored_logits(saved, tmp_path):
     assert layer1.self_attn.q_proj.weight.device.type == "meta"
     batch = _batch(plain.config)
     ref = plain(**batch).logits
-    devices = _spy_devices(find_handle(split))
+    devices = _spy_devices(monkeypatch)
     out = split(**batch).logits
     handle = find_handle(split)
     assert handle.last_anchored and len(devices) == 2
@@ -123,14 +122,14 @@ def test_one_gate_copy_per_device(saved):
 
 @pytest.mark.gpu
 @torch.no_grad()
-def test_gpu_layers_on_two_devices(saved):
+def test_gpu_layers_on_two_devices(saved, monkeypatch):
     pytest.importorskip("accelerate", reason="transformers needs accelerate for a device_map")
     second = "cuda:1" if torch.cuda.device_count() > 1 else "cpu"
     single = _load(saved, device_map={"": "cuda:0"})
     split = _load(saved, device_map=_device_map("cuda:0", second))
     batch = {k: v.to("cuda:0") for k, v in _batch(single.config).items()}
     ref = single(**batch).logits
-    devices = _spy_devices(find_handle(split))
+    devices = _spy_devices(monkeypatch)
     out = split(**batch).logits
     assert {str(d) for d in devices} == {"cuda:0", second}
     valid = batch["attention_mask"].bool()
