@@ -8,6 +8,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+import torchvision_shim  # noqa: E402
+
+# Before anything imports torchvision (transformers does, for its processors): makes a
+# torchvision whose compiled ops cannot load (the CUDA-only wheels on this package index, with
+# torch+cpu) importable for its pure-Python transforms; a no-op anywhere else. Test-only.
+torchvision_shim.apply()
+
+
+def pytest_report_header(config):
+    return f"torchvision shim: {torchvision_shim.applied or 'not applied'}"
 
 
 @pytest.fixture(autouse=True)

@@ -4,12 +4,12 @@ encodes itself."""
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torchvision_shim
 from test_cli_support import direct_inputs, greedy_answer, moving_shapes, save_tiny_checkpoint
 
 from videoanchor.cli import DEFAULT_FRAMES, build_parser, main
@@ -225,9 +225,9 @@ def test_unknown_model_path_is_one_line_and_nonzero(tmp_path, video, capsys):
 
 def test_console_script_exit_status(tmp_path):
     # The real process: `python -m videoanchor.cli` is what the console script calls.
-    proc = subprocess.run(
-        [sys.executable, "-m", "videoanchor.cli", "run", "--video", str(tmp_path / "x.mp4"),
-         "--question", "q"],
+    proc = subprocess.run(  # torchvision_shim: see tests/conftest.py
+        torchvision_shim.python_m("videoanchor.cli", "run", "--video", str(tmp_path / "x.mp4"),
+                                  "--question", "q"),
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 1
