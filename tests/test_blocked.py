@@ -7,9 +7,14 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torchvision_shim
 from sklearn.metrics import adjusted_rand_score
 
-from videoanchor.anchor import (
+# A spawned rank imports this module but not conftest.py: apply the test-only shim here too,
+# before videoanchor imports transformers (a no-op where torchvision is absent or loads).
+torchvision_shim.apply()
+
+from videoanchor.anchor import (  # noqa: E402
     _inputs,
     anchor_scores,
     compute_anchor_scores,
@@ -18,14 +23,14 @@ from videoanchor.anchor import (
     solve_ssc_blocked,
     ssc_affinity,
 )
-from videoanchor.anchor.blocked import (
+from videoanchor.anchor.blocked import (  # noqa: E402
     blocked_admm_bytes,
     default_block_columns,
     sparse_row_sums,
     sparse_ssc_affinity,
 )
-from videoanchor.anchor.scalable import sparse_spectral_labels
-from videoanchor.anchor.ssc import admm_bytes
+from videoanchor.anchor.scalable import sparse_spectral_labels  # noqa: E402
+from videoanchor.anchor.ssc import admm_bytes  # noqa: E402
 
 
 def tokens(n_per, k, d, *, noise=0.05, seed=0):

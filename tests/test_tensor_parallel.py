@@ -15,9 +15,14 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torchvision_shim
 
-import videoanchor
-from videoanchor.integrations.testing import TOKENS, collate, tiny_model, tiny_sample
+# A spawned rank imports this module but not conftest.py: apply the test-only shim here too,
+# before videoanchor imports transformers (a no-op where torchvision is absent or loads).
+torchvision_shim.apply()
+
+import videoanchor  # noqa: E402
+from videoanchor.integrations.testing import TOKENS, collate, tiny_model, tiny_sample  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
