@@ -271,8 +271,6 @@ def render_anchor_figure(
     The image size is `anchor_figure_layout(T, H, W, columns=..., tile_width=...,
     with_labels=labels is not None, with_title=title is not None).size`.
     """
-    from PIL import Image, ImageDraw
-
     scores, labels = _check_inputs(frames, scores, labels, frame_indices, timestamps)
     if not 0.0 < float(alpha) <= 1.0:
         raise ValueError(f"expected 0 < alpha <= 1, got {alpha}")
@@ -286,29 +284,38 @@ def render_anchor_figure(
         with_labels=labels is not None,
         with_title=title is not None,
     )
+    num_slices = scores.shape[0]
+    tiles = []
+    for k in range(num_frames):
+        s = frame_to_token_slice(k, num_frames, num_slices)
+        lmap = None if labels is None else labels[s]
+        tiles.append((_caption(k, frame_indices, timestamps), frames[k], scores[s], lmap))
+    return _compose(layout, title, tiles, alpha, labels is not None)
+
+
+def _compose(layout, title, tiles, alpha, with_labels):
+    """The figure: optional title, one (caption, image, score map, label map or None) tile
+    per frame or view at ``layout``'s positions, and the colour bar."""
+    from PIL import Image, ImageDraw
+
     canvas = Image.new("RGB", layout.size, (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     small, big = _font(12), _font(15)
-
     if title is not None:
         text = " ".join(str(title).split())
         max_chars = max(10, (layout.size[0] - 2 * PAD) // 8)
         if len(text) > max_chars:
             text = text[: max_chars - 3] + "..."
         draw.text((PAD, PAD + 4), text, fill=(20, 20, 20), font=big)
-
-    num_slices = scores.shape[0]
-    for k in range(num_frames):
-        s = frame_to_token_slice(k, num_frames, num_slices)
+    for k, (caption, image, smap, lmap) in enumerate(tiles):
         x, y = layout.tile_origin(k)
-        draw.text((x, y + 3), _caption(k, frame_indices, timestamps), fill=(40, 40, 40), font=small)
+        draw.text((x, y + 3), caption, fill=(40, 40, 40), font=small)
         ty = y + CAPTION_H
-        canvas.paste(_heat_tile(frames[k], scores[s], layout.tile_w, layout.tile_h, alpha), (x, ty))
-        if labels is not None:
-            tile = _label_tile(frames[k], labels[s], layout.tile_w, layout.tile_h)
+        canvas.paste(_heat_tile(image, smap, layout.tile_w, layout.tile_h, alpha), (x, ty))
+        if lmap is not None:
+            tile = _label_tile(image, lmap, layout.tile_w, layout.tile_h)
             canvas.paste(tile, (x, ty + layout.tile_h + LABEL_GAP))
-
-    _draw_colorbar(draw, layout, small, labels is not None)
+    _draw_colorbar(draw, layout, small, with_labels)
     return canvas
 
 
@@ -359,8 +366,6 @@ def render_view_figure(
     Tiles have the first view's aspect ratio (other views are resized to it for display);
     the layout is `anchor_figure_layout(V, H_0, W_0, ...)`, as for `render_anchor_figure`.
     """
-    from PIL import Image, ImageDraw
-
     n = len(views)
     if n < 1:
         raise ValueError("expected at least one view, got none")
@@ -393,26 +398,11 @@ def render_view_figure(
         with_labels=labels is not None,
         with_title=title is not None,
     )
-    canvas = Image.new("RGB", layout.size, (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    small, big = _font(12), _font(15)
-    if title is not None:
-        text = " ".join(str(title).split())
-        max_chars = max(10, (layout.size[0] - 2 * PAD) // 8)
-        if len(text) > max_chars:
-            text = text[: max_chars - 3] + "..."
-        draw.text((PAD, PAD + 4), text, fill=(20, 20, 20), font=big)
-    for k, (view, smap, lmap) in enumerate(checked):
-        x, y = layout.tile_origin(k)
-        caption = captions[k] if captions is not None else f"view {k}"
-        draw.text((x, y + 3), caption, fill=(40, 40, 40), font=small)
-        ty = y + CAPTION_H
-        canvas.paste(_heat_tile(view, smap, layout.tile_w, layout.tile_h, alpha), (x, ty))
-        if lmap is not None:
-            tile = _label_tile(view, lmap, layout.tile_w, layout.tile_h)
-            canvas.paste(tile, (x, ty + layout.tile_h + LABEL_GAP))
-    _draw_colorbar(draw, layout, small, labels is not None)
-    return canvas
+    tiles = [
+        (captions[k] if captions is not None else f"view {k}", view, smap, lmap)
+        for k, (view, smap, lmap) in enumerate(checked)
+    ]
+    return _compose(layout, title, tiles, alpha, labels is not None)
 
 
 def save_view_figure(path: str | os.PathLike, *args, **kwargs):
