@@ -512,6 +512,19 @@ class TokenMaps:
 _GRID_ORDERS = ("thw", "thw+newline", "tiles")
 
 
+def _last_prefill(handle, sample: int):
+    """The last prefill of ``sample``: its visual segments, the sequence positions of its
+    scored tokens, its scores over the whole sequence and its tokens' cluster labels."""
+    if handle.last_scores is None or not handle.last_anchored:
+        raise PipelineError("the model produced no anchor scores (no visual tokens were scored)")
+    return (
+        handle.last_segments[sample],
+        handle.last_visual_positions[sample].numpy(),
+        handle.last_scores[sample].float().cpu().numpy(),
+        handle.last_result[sample].labels.cpu().numpy(),
+    )
+
+
 def anchor_token_maps(handle, sample: int = 0) -> TokenMaps:
     """Lay the last prefill's scores of ``sample`` out on its video's token grid.
 
@@ -519,13 +532,7 @@ def anchor_token_maps(handle, sample: int = 0) -> TokenMaps:
     newline token (dropped here), InternVL has one ``tiles`` segment per frame (stacked in time).
     Raises PipelineError when the layout is not a grid (e.g. LLaVA anyres images).
     """
-    if handle.last_scores is None or not handle.last_anchored:
-        raise PipelineError("the model produced no anchor scores (no visual tokens were scored)")
-    segments = handle.last_segments[sample]
-    result = handle.last_result[sample]
-    positions = handle.last_visual_positions[sample].numpy()
-    scores_all = handle.last_scores[sample].float().cpu().numpy()
-    labels_all = result.labels.cpu().numpy()
+    segments, positions, scores_all, labels_all = _last_prefill(handle, sample)
     if not segments:
         raise PipelineError("the model reported no visual segments for this prompt")
     bad = [s for s in segments if s.grid is None or s.order not in _GRID_ORDERS]
@@ -564,13 +571,7 @@ def anchor_view_maps(handle, sample: int = 0) -> list[TokenMaps]:
     different sizes have different grids). Raises PipelineError when an image's tokens have no
     single grid (LLaVA anyres images, an InternVL image split into several tiles).
     """
-    if handle.last_scores is None or not handle.last_anchored:
-        raise PipelineError("the model produced no anchor scores (no visual tokens were scored)")
-    segments = handle.last_segments[sample]
-    result = handle.last_result[sample]
-    positions = handle.last_visual_positions[sample].numpy()
-    scores_all = handle.last_scores[sample].float().cpu().numpy()
-    labels_all = result.labels.cpu().numpy()
+    segments, positions, scores_all, labels_all = _last_prefill(handle, sample)
     views = [s for s in segments if s.kind == "image"]
     if not views:
         raise PipelineError("the model reported no image segments for this prompt")
