@@ -188,7 +188,6 @@ def main() -> None:
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
         raise SystemExit("run with TRITON_INTERPRET=0 (the kernels must be real JIT functions)")
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     run(args.cc, args.jobs, args.quick, args.out)
 
 

@@ -166,3 +166,18 @@ def test_tile_choice_by_compute_capability():
 
 
 CCS = [(8, 0), (8, 6), (8, 9), (9, 0)]
+
+
+@pytest.mark.parametrize("path", ["prefill", "decode"])
+def test_fp_fusion_chosen_at_every_launch(path):
+    """Every launch passes enable_fp_fusion itself (Triton 3.10 changes the default)."""
+    q, k, v = (torch.randn(1, 2, 5, 16) for _ in range(3))
+    out = torch.empty_like(q)
+    fn = triton_prefill.launch_prefill if path == "prefill" else triton_decode.launch_decode
+    for cc in (None, (8, 0), (9, 0)):
+        launches = _capture(
+            fn, q, k, v, None, None, None, out, None, causal=True, sm_scale=0.25,
+            interpret=cc is None, capability=cc,
+        )  # fmt: skip
+        assert len(launches) == (1 if path == "prefill" else 2)
+        assert all(rec.kwargs.get("enable_fp_fusion") is True for rec in launches)

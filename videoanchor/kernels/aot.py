@@ -218,7 +218,8 @@ def compile_in_subprocess(cases: list[tuple[dict, int]], timeout: float = 900) -
     """Compile (case, cc) pairs in a fresh Python with ``TRITON_INTERPRET=0`` (so the
     kernels are real JIT functions even when this process runs the interpreter).
     A case that fails to compile gives a row with its ``error``."""
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    # Default fp fusion off: a compiled kernel reports fusion on only if its launcher chose it.
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="0")
     proc = subprocess.run(
         [sys.executable, "-m", "videoanchor.kernels.aot"],
         input=json.dumps([[c, cc] for c, cc in cases]), capture_output=True, text=True,

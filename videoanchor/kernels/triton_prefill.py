@@ -270,12 +270,13 @@ def prefill_config(dtype: torch.dtype, head_dim: int, capability: tuple[int, int
         return dict(common, BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         # ptxas on 64 x 32 tiles at D 128: ~3.8 KB spilled per thread on sm_90, 27 KB of
-        # spill traffic on sm_80. 3xTF32 ("tf32x3") spills too at every tile with M >= 32
-        # tried on sm_90 (it keeps hi and lo halves of Q in registers), so float32 stays exact ("ieee")
-        # on 32 x 16 tiles, which compile without spills on sm_80 and sm_90.
-        if block_d <= 128:
-            return dict(common, BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2)
-        return dict(common, BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1)
+        # spill traffic on sm_80. 3xTF32 ("tf32x3") spilled too at every tile with M >= 32
+        # tried on sm_90 (it keeps hi and lo halves of Q in registers), so float32 stays
+        # exact ("ieee") on 32 x 16 tiles in 8 warps (4 warps still spilled at D 80/96 and
+        # with a padding mask), which compile without spills on sm_80 and sm_90.
+        return dict(
+            common, BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2 if block_d <= 128 else 1
+        )
     if block_d <= 64:
         return dict(common, BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
     # sm_90/sm_100 (wgmma, 227 KB of shared memory) take the larger tiles. Elsewhere
