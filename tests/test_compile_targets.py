@@ -18,6 +18,7 @@ CASES = [
     ("prefill-bf16-d128-causal-gates", dict(kind=P, dtype="bf16", D=128), (80, 86, 90)),
     ("prefill-fp16-d64-full-mask-lse",
      dict(kind=P, dtype="fp16", D=64, causal=False, gates=False, mask=True, lse=True), (90,)),
+    ("prefill-bf16-d64-gates-mask", dict(kind=P, dtype="bf16", D=64, mask=True), (80,)),
     ("prefill-fp16-d96-full-mask", dict(kind=P, dtype="fp16", D=96, causal=False, mask=True), (80,)),
     ("prefill-bf16-d80-cache-lse", dict(kind=P, dtype="bf16", D=80, cache_seqlens=True, lse=True),
      (90,)),

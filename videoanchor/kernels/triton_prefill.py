@@ -277,13 +277,15 @@ def prefill_config(dtype: torch.dtype, head_dim: int, capability: tuple[int, int
         return dict(
             common, BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2 if block_d <= 128 else 1
         )
-    if block_d <= 64:
-        return dict(common, BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
     # sm_90/sm_100 (wgmma, 227 KB of shared memory) take the larger tiles. Elsewhere
-    # (ptxas, triton 3.9): on sm_80 128 x 64 tiles spill at D 96/128 with a padding mask
-    # and 64 x 32 tiles in 4 warps spill at D 256; on sm_86/89/120 (99 KB per block)
-    # 128 x 64 tiles in 3 stages take 97 KB, 2 KB short of the limit; 128 x 32 takes 65 KB.
+    # (ptxas, triton 3.9): on sm_80, 4-warp tiles spill at D 64 with gates and a padding
+    # mask (128 x 64, 128 x 32, 64 x 64), 128 x 64 tiles in 8 warps spill at D 96/128
+    # with a padding mask, 64 x 32 tiles in 4 warps at D 256; on sm_86/89/120 (99 KB per
+    # block) 128 x 64 tiles in 3 stages take 97 KB at D 128, 2 KB short of the limit.
+    # 128 x 32 in 8 warps spills in none of the cases compiled (compile_sm80.json), 65 KB.
     hopper = capability[0] in (9, 10)
+    if block_d <= 64 and hopper:
+        return dict(common, BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
     if block_d <= 128:
         return dict(common, BLOCK_M=128, BLOCK_N=64 if hopper else 32, num_warps=8, num_stages=3)
     return dict(common, BLOCK_M=64, BLOCK_N=32, num_warps=4 if hopper else 8, num_stages=2)
