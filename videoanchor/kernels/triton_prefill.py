@@ -274,9 +274,10 @@ def prefill_config(dtype: torch.dtype, head_dim: int, capability: tuple[int, int
         # tried on sm_90 (it keeps hi and lo halves of Q in registers), so float32 stays
         # exact ("ieee") on small tiles: 32 x 16 in 8 warps (4 warps spilled at D 80/96
         # and with a padding mask on sm_90); on sm_8x ptxas gives those only 64-80
-        # registers and spills at D 80/96, so 16 x 16 in 4 warps there below D 256.
+        # registers and spills at D 80/96, so 16 x 16 in 4 warps there below D 256, in one
+        # stage (two spilled 8 B on sm_86 with varlen + LSE).
         if block_d <= 128 and capability[0] < 9:
-            return dict(common, BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
+            return dict(common, BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
         return dict(
             common, BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2 if block_d <= 128 else 1
         )
