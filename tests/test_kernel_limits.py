@@ -39,6 +39,7 @@ def _huge_strided(n_rows, D, dtype, seed):
     return q, k, v, out, dense
 
 
+@pytest.mark.skipif(not api.triton_interpret_enabled(), reason="runs Triton's CPU interpreter")
 @pytest.mark.parametrize("path", ["prefill", "decode"])
 def test_offsets_past_2_31_elements(path):
     """Positions 16.. of q, k, v and out lie past element 2^31 of their storage: with
