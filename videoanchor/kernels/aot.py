@@ -214,14 +214,17 @@ def compile_case(case: dict, cc: int, keep_cubin: bool = False) -> list[dict]:
     return rows
 
 
-def compile_in_subprocess(cases: list[tuple[dict, int]], timeout: float = 900) -> list[dict]:
+def compile_in_subprocess(
+    cases: list[tuple[dict, int]], timeout: float = 900, argv: list[str] | None = None
+) -> list[dict]:
     """Compile (case, cc) pairs in a fresh Python with ``TRITON_INTERPRET=0`` (so the
     kernels are real JIT functions even when this process runs the interpreter).
+    ``argv`` runs this module in the child (default ``python -m videoanchor.kernels.aot``).
     A case that fails to compile gives a row with its ``error``."""
     # Default fp fusion off: a compiled kernel reports fusion on only if its launcher chose it.
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="0")
     proc = subprocess.run(
-        [sys.executable, "-m", "videoanchor.kernels.aot"],
+        argv or [sys.executable, "-m", "videoanchor.kernels.aot"],
         input=json.dumps([[c, cc] for c, cc in cases]), capture_output=True, text=True,
         env=env, timeout=timeout,
     )  # fmt: skip
