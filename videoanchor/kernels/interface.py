@@ -9,6 +9,7 @@ import warnings
 
 import torch
 
+from videoanchor.kernels.launch import MIN_CAPABILITY, device_capability
 from videoanchor.kernels.torch_attention import anchored_attention_torch
 
 try:
@@ -197,28 +198,62 @@ def _warn_attn_mask_fallback():
         )
 
 
-def _pick_backend(q, backend):
+def triton_unsupported_reason(capability: tuple[int, int] | None, head_dim: int) -> str | None:
+    """Why the Triton kernels cannot serve this device and head dim, or None if they can.
+    ``capability`` is the CUDA compute capability (None: the CPU interpreter)."""
+    lo, hi = _TRITON_HEAD_DIMS
+    if not lo <= head_dim <= hi:
+        return f"expected head dim in [{lo}, {hi}], got {head_dim}"
+    if capability is not None and tuple(capability) < MIN_CAPABILITY:
+        major, minor = capability
+        return (
+            f"expected compute capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}, got "
+            f"{major}.{minor}: Triton emits no tensor-core MMA there and the D >= 128 prefill "
+            "tiles need more shared memory than its 64 KB"
+        )
+    return None
+
+
+_FALLBACK_WARNED: set[str] = set()
+
+
+def choose_backend(backend: str, *, is_cuda: bool, capability, head_dim: int) -> str:
+    """The backend a call runs on, from the request and the device (no tensors needed, so
+    the choice can be tested for any compute capability). ``"auto"`` never picks a kernel
+    that cannot run on the device: it falls back to the exact torch path and says why once."""
     if backend == "torch":
         return "torch"
-    triton_ok = triton_prefill is not None and (q.is_cuda or triton_interpret_enabled())
     if backend == "auto":
-        return "triton" if (q.is_cuda and triton_prefill is not None) else "torch"
+        if not is_cuda or triton_prefill is None:
+            return "torch"
+        reason = triton_unsupported_reason(capability, head_dim)
+        if reason is None:
+            return "triton"
+        if reason not in _FALLBACK_WARNED:
+            _FALLBACK_WARNED.add(reason)
+            warnings.warn(
+                f"videoanchor: backend='auto' uses the exact torch path on this device ({reason})",
+                stacklevel=3,
+            )
+        return "torch"
     if triton_prefill is None:
         raise ValueError(
             f"backend='triton': Triton is not usable here ({_TRITON_ERROR}); use backend='torch'"
         )
-    if not triton_ok:
+    if not (is_cuda or triton_interpret_enabled()):
         raise ValueError(
-            f"backend='triton': expected CUDA tensors, got device {q.device}; set TRITON_INTERPRET=1 "
+            "backend='triton': expected CUDA tensors, got CPU tensors; set TRITON_INTERPRET=1 "
             "before importing videoanchor to run the kernel on CPU, or use backend='torch'"
         )
-    D = q.shape[-1]
-    lo, hi = _TRITON_HEAD_DIMS
-    if not lo <= D <= hi:
-        raise ValueError(
-            f"backend='triton': expected head dim in [{lo}, {hi}], got {D}; use backend='torch'"
-        )
+    reason = triton_unsupported_reason(capability if is_cuda else None, head_dim)
+    if reason is not None:
+        raise ValueError(f"backend='triton': {reason}; use backend='torch' or 'auto'")
     return "triton"
+
+
+def _pick_backend(q, backend):
+    capability = device_capability(q.device) if q.is_cuda else None
+    return choose_backend(backend, is_cuda=q.is_cuda, capability=capability, head_dim=q.shape[-1])
 
 
 @torch.library.custom_op("videoanchor::anchored_attention_fwd", mutates_args=())

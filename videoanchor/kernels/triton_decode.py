@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from videoanchor.kernels.triton_prefill import LOG2E, _attend_key_range, _gate_args
+from videoanchor.kernels.launch import device_capability, launch
+from videoanchor.kernels.triton_prefill import LOG2E, _attend_key_range, _gate_args, dot_precision
 
 
 @triton.jit(do_not_specialize=["Sq", "Skv", "split_len", "rows", "n_split"])
@@ -75,9 +76,10 @@ def _anchored_decode_split_kernel(
     VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    i_s = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    pid_bh = tl.program_id(2)
+    # Batch * KV heads on grid axis 0, the only one that allows more than 65,535 blocks.
+    pid_bh = tl.program_id(0)
+    i_s = tl.program_id(1)
+    pid_r = tl.program_id(2)
     i_b = pid_bh // Hkv
     i_hk = pid_bh % Hkv
     # Sq is the packing stride of the rows (max_seqlen_q for packed sequences); sq_b is
@@ -104,15 +106,16 @@ def _anchored_decode_split_kernel(
     m_q = m_r & (i_q < sq_b)
     offs_d = tl.arange(0, BLOCK_D)
     m_d = offs_d < HEAD_DIM
+    o_d = offs_d.to(tl.int64)
 
     p_q = Q + i_b.to(tl.int64) * stride_qb + (i_hk * group + i_g).to(tl.int64)[:, None] * stride_qh
-    p_q = p_q + (q_start + i_q)[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    p_q = p_q + (q_start + i_q)[:, None] * stride_qm + o_d[None, :] * stride_qd
     b_q = tl.load(p_q, mask=m_q[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
 
     p_k = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh + k_start * stride_kn
-    p_k = p_k + offs_d[:, None] * stride_kd
+    p_k = p_k + o_d[:, None] * stride_kd
     p_v = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh + k_start * stride_vn
-    p_v = p_v + offs_d[None, :] * stride_vd
+    p_v = p_v + o_d[None, :] * stride_vd
     p_bias = Bias + i_b.to(tl.int64) * stride_bias_b + k_start * stride_bias_n
     p_scale = Scale + i_b.to(tl.int64) * stride_scale_b + k_start * stride_scale_n
     p_mask = Mask + i_b.to(tl.int64) * stride_mask_b + k_start * stride_mask_n
@@ -192,7 +195,9 @@ def _anchored_decode_merge_kernel(
     b_o = tl.sum(b_op * b_w[:, None], 0) / tl.where(b_sum > 0, b_sum, 1.0)  # [BLOCK_D]
     p_o = Out + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
     p_o = p_o + (q_start + i_q) * stride_om
-    tl.store(p_o + offs_d * stride_od, b_o.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(
+        p_o + offs_d.to(tl.int64) * stride_od, b_o.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM
+    )
     if STORE_LSE:
         lse = tl.where(b_sum > 0, (b_max + tl.log2(tl.where(b_sum > 0, b_sum, 1.0))), float("-inf"))
         p_lse = Lse + i_b.to(tl.int64) * stride_lse_b + i_h.to(tl.int64) * stride_lse_h
@@ -210,12 +215,29 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def decode_config(head_dim_padded: int, elem_bytes: int, interpret: bool) -> dict:
-    if interpret:
-        return dict(BLOCK_N=16, num_warps=4, num_stages=1)
-    if elem_bytes == 4 or head_dim_padded > 128:
-        return dict(BLOCK_N=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_N=64, num_warps=4, num_stages=3)
+def decode_config(dtype: torch.dtype, head_dim: int, capability: tuple[int, int] | None) -> dict:
+    """Tile sizes and compile options of the split-KV kernel, a pure function of the input
+    dtype, head dim and target compute capability (None: the CPU interpreter). BLOCK_M is
+    chosen per launch from the number of packed rows."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    common = dict(BLOCK_D=block_d, DOT_PRECISION=dot_precision(dtype), enable_fp_fusion=True)
+    if capability is None:
+        return dict(common, BLOCK_M_MAX=64, BLOCK_N=16, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        # Exact float32 dots are FMA loops: 64 x 32 tiles in 4 warps spilled 2.6 KB per
+        # thread (ptxas, sm_90, D 128); 32 x 16 in 8 warps spills nothing on sm_90, but on
+        # sm_80 (where ptxas gives it 64 registers), so 16 x 16 in 4 warps there.
+        if capability[0] < 9:
+            return dict(common, BLOCK_M_MAX=16, BLOCK_N=16, num_warps=4, num_stages=2)
+        return dict(common, BLOCK_M_MAX=32, BLOCK_N=16, num_warps=8, num_stages=2)
+    if block_d > 128:
+        return dict(common, BLOCK_M_MAX=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    return dict(common, BLOCK_M_MAX=64, BLOCK_N=64, num_warps=4, num_stages=3)
+
+
+def merge_config(head_dim: int) -> dict:
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    return dict(BLOCK_D=block_d, num_warps=4 if block_d <= 128 else 8, enable_fp_fusion=True)
 
 
 def num_splits(batch_heads: int, row_blocks: int, Skv: int, block_n: int, device) -> int:
@@ -232,7 +254,7 @@ def num_splits(batch_heads: int, row_blocks: int, Skv: int, block_n: int, device
 def launch_decode(
     q, k, v, key_bias, value_scale, key_padding_mask, out, lse, *, causal, sm_scale, interpret,
     n_split=None, cache_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
-    max_seqlen_k=None,
+    max_seqlen_k=None, capability=None,
 ):  # fmt: skip
     """Split-KV launch on validated inputs with Sq <= 64; writes ``out`` and ``lse``.
 
@@ -241,7 +263,8 @@ def launch_decode(
     (total_k,), out (total_q, Hq, D), lse (Hq, total_q), ``max_seqlen_q`` queries at most
     per sequence. ``max_seqlen_k`` only sizes the number of splits (each sequence divides
     its own keys among them), so a wrong hint costs speed, never correctness; None uses
-    the mean length.
+    the mean length. ``capability``: the compute capability to configure for; default:
+    q's device (None under the interpreter).
     """
     varlen = cu_seqlens_q is not None
     D = q.shape[-1]
@@ -261,11 +284,13 @@ def launch_decode(
         Hkv, Skv = k.shape[1], k.shape[2]
         sq, sk, sv, so = q.stride(), k.stride(), v.stride(), out.stride()
         sl = (*lse.stride(),) if lse is not None else (0, 0, 0)
+    if capability is None and not interpret:
+        capability = device_capability(q.device)
     group = Hq // Hkv
     rows = group * Sq
-    block_d = max(16, triton.next_power_of_2(D))
-    cfg = decode_config(block_d, q.element_size(), interpret)
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    cfg = decode_config(q.dtype, D, None if interpret else capability)
+    block_d = cfg["BLOCK_D"]
+    block_m = min(cfg["BLOCK_M_MAX"], max(16, triton.next_power_of_2(rows)))
     row_blocks = triton.cdiv(rows, block_m)
     if n_split is None:
         n_split = num_splits(B * Hkv, row_blocks, max(Skv, 1), cfg["BLOCK_N"], q.device)
@@ -278,24 +303,31 @@ def launch_decode(
     (bias, scale, mask), gate_strides = _gate_args(q, key_bias, value_scale, key_padding_mask)
     cu_q = cu_seqlens_q if varlen else q
     cu_k = cu_seqlens_k if varlen else q
-    _anchored_decode_split_kernel[(n_split, row_blocks, B * Hkv)](
+    args = (
         q, k, v, bias, scale, mask, cache_seqlens if cache_seqlens is not None else q,
         cu_q, cu_k, o_part, lse_part,
         *sq, *sk, *sv, *gate_strides,
         Hkv, group, Sq, Skv, split_len, rows, n_split, sm_scale * LOG2E,
+    )  # fmt: skip
+    kwargs = dict(
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m,
         BLOCK_N=cfg["BLOCK_N"], CAUSAL=causal, HAS_BIAS=key_bias is not None,
         HAS_SCALE=value_scale is not None, HAS_MASK=key_padding_mask is not None,
         SEQLENS_K=cache_seqlens is not None, VARLEN=varlen,
-        DOT_PRECISION="ieee" if q.element_size() == 4 else "tf32",
+        DOT_PRECISION=cfg["DOT_PRECISION"], enable_fp_fusion=cfg["enable_fp_fusion"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
+    launch(_anchored_decode_split_kernel, (B * Hkv, n_split, row_blocks), args, kwargs)
     store_lse = lse is not None
-    _anchored_decode_merge_kernel[(B * Hq * Sq,)](
+    mcfg = merge_config(D)
+    args = (
         o_part, lse_part, out, lse if store_lse else out, cu_q,
         *so, *(sl if store_lse else (0, 0, 0)),
         Hq, group, Sq, rows, n_split,
+    )  # fmt: skip
+    kwargs = dict(
         HEAD_DIM=D, BLOCK_D=block_d,
         BLOCK_S=max(2, triton.next_power_of_2(n_split)), STORE_LSE=store_lse, VARLEN=varlen,
-        num_warps=4 if block_d <= 128 else 8,
+        num_warps=mcfg["num_warps"], enable_fp_fusion=mcfg["enable_fp_fusion"],
     )  # fmt: skip
+    launch(_anchored_decode_merge_kernel, (B * Hq * Sq,), args, kwargs)

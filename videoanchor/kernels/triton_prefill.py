@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from videoanchor.kernels.launch import device_capability, launch
+
 LOG2E = 1.4426950408889634
 
 
@@ -52,24 +54,27 @@ def _attend_key_range(
     o_n = tl.arange(0, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + o_n
+        # Positions times strides in 64 bits: a (B, S, H, D) cache passes 2^31 elements
+        # at S * H * D > 2^31 (e.g. 600k tokens of 28 x 128 heads).
+        o_kn = offs_n.to(tl.int64)
         m_n = offs_n < Skv
         if BOUNDARY:
             b_kt = tl.load(
-                p_k + offs_n[None, :] * stride_kn, mask=m_d[:, None] & m_n[None, :], other=0.0
+                p_k + o_kn[None, :] * stride_kn, mask=m_d[:, None] & m_n[None, :], other=0.0
             )
         else:
-            b_kt = tl.load(p_k + offs_n[None, :] * stride_kn, mask=m_d[:, None], other=0.0)
+            b_kt = tl.load(p_k + o_kn[None, :] * stride_kn, mask=m_d[:, None], other=0.0)
         # [BLOCK_M, BLOCK_N] logits in log2 units
         b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale
         if HAS_BIAS:
-            b_bias = tl.load(p_bias + offs_n * stride_bias_n, mask=m_n, other=0.0).to(tl.float32)
+            b_bias = tl.load(p_bias + o_kn * stride_bias_n, mask=m_n, other=0.0).to(tl.float32)
             b_s += b_bias[None, :] * 1.4426950408889634
         if BOUNDARY:
             b_s = tl.where(m_n[None, :], b_s, float("-inf"))
         if CAUSAL:
             b_s = tl.where(offs_n[None, :] <= offs_m[:, None] + diag, b_s, float("-inf"))
         if HAS_MASK:
-            b_keep = tl.load(p_mask + offs_n * stride_mask_n, mask=m_n, other=0)
+            b_keep = tl.load(p_mask + o_kn * stride_mask_n, mask=m_n, other=0)
             b_s = tl.where(b_keep[None, :] != 0, b_s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(b_s, 1))
         # A row that has seen no visible key keeps m = -inf; subtract 0 instead so that
@@ -86,24 +91,24 @@ def _attend_key_range(
         else:
             m_v = m_n
         if HAS_SCALE:
-            b_vs = tl.load(p_scale + offs_n * stride_scale_n, mask=m_v, other=0.0).to(tl.float32)
+            b_vs = tl.load(p_scale + o_kn * stride_scale_n, mask=m_v, other=0.0).to(tl.float32)
             b_p = b_p * b_vs[None, :]
         if HAS_MASK:
             b_v = tl.load(
-                p_v + offs_n[:, None] * stride_vn, mask=m_v[:, None] & m_d[None, :], other=0.0
+                p_v + o_kn[:, None] * stride_vn, mask=m_v[:, None] & m_d[None, :], other=0.0
             )
         elif BOUNDARY:
             b_v = tl.load(
-                p_v + offs_n[:, None] * stride_vn, mask=m_n[:, None] & m_d[None, :], other=0.0
+                p_v + o_kn[:, None] * stride_vn, mask=m_n[:, None] & m_d[None, :], other=0.0
             )
         else:
-            b_v = tl.load(p_v + offs_n[:, None] * stride_vn, mask=m_d[None, :], other=0.0)
+            b_v = tl.load(p_v + o_kn[:, None] * stride_vn, mask=m_d[None, :], other=0.0)
         acc = tl.dot(b_p.to(b_v.dtype), b_v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["Sq", "Skv"])
+@triton.jit(do_not_specialize=["Sq", "Skv", "n_blocks_m"])
 def _anchored_prefill_kernel(
     Q,
     K,
@@ -144,6 +149,7 @@ def _anchored_prefill_kernel(
     group,
     Sq,
     Skv,
+    n_blocks_m,
     qk_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -158,10 +164,12 @@ def _anchored_prefill_kernel(
     SEQLENS_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # Under causal masking the last query blocks do the most work: start them first so
-    # the tail of the launch is made of short blocks.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # One grid axis (CUDA allows 2^31 - 1 blocks on x, 65,535 on y and z), query blocks
+    # fastest. Under causal masking the last query blocks do the most work: start them
+    # first so the tail of the launch is made of short blocks.
+    pid = tl.program_id(0)
+    pid_m = n_blocks_m - 1 - pid % n_blocks_m
+    pid_bh = pid // n_blocks_m
     i_b = pid_bh // Hq
     i_h = pid_bh % Hq
     i_hk = i_h // group
@@ -188,13 +196,15 @@ def _anchored_prefill_kernel(
     m_d = offs_d < HEAD_DIM
 
     p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh + q_start * stride_qm
-    p_q = p_q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    o_qm = offs_m.to(tl.int64)
+    o_d = offs_d.to(tl.int64)
+    p_q = p_q + o_qm[:, None] * stride_qm + o_d[None, :] * stride_qd
     b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
 
     p_k = K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh + k_start * stride_kn
-    p_k = p_k + offs_d[:, None] * stride_kd
+    p_k = p_k + o_d[:, None] * stride_kd
     p_v = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh + k_start * stride_vn
-    p_v = p_v + offs_d[None, :] * stride_vd
+    p_v = p_v + o_d[None, :] * stride_vd
     p_bias = Bias + i_b.to(tl.int64) * stride_bias_b + k_start * stride_bias_n
     p_scale = Scale + i_b.to(tl.int64) * stride_scale_b + k_start * stride_scale_n
     p_mask = Mask + i_b.to(tl.int64) * stride_mask_b + k_start * stride_mask_n
@@ -230,7 +240,7 @@ def _anchored_prefill_kernel(
     has_key = l_i > 0
     b_o = acc / tl.where(has_key, l_i, 1.0)[:, None]
     p_o = Out + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh + q_start * stride_om
-    p_o = p_o + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    p_o = p_o + o_qm[:, None] * stride_om + o_d[None, :] * stride_od
     tl.store(p_o, b_o.to(Out.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
     if STORE_LSE:
         l_log2 = tl.log2(tl.where(has_key, l_i, 1.0))
@@ -239,21 +249,49 @@ def _anchored_prefill_kernel(
         tl.store(p_lse + (q_start + offs_m) * stride_lse_m, lse, mask=m_m)
 
 
-def prefill_config(head_dim_padded: int, elem_bytes: int, interpret: bool) -> dict:
-    """Tile sizes. Chosen by rule rather than autotuned, so the first call inside a CUDA
-    graph capture or torch.compile does not benchmark. Not yet tuned on a GPU."""
-    if interpret:
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: 16-bit inputs multiply exactly on the tensor cores;
+    float32 keeps exact float32 products ("ieee", FMA loops), with tiles small enough not
+    to spill (see :func:`prefill_config`)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def prefill_config(dtype: torch.dtype, head_dim: int, capability: tuple[int, int] | None) -> dict:
+    """Tile sizes and compile options of a prefill launch, a pure function of the input
+    dtype, head dim and target compute capability (None: the CPU interpreter). Chosen by
+    rule rather than autotuned, so the first call inside a CUDA graph capture or
+    torch.compile does not benchmark; checked for spills and shared memory by compiling
+    for each target (tests/test_compile_targets.py), not yet timed on a GPU."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    # Fused multiply-add chosen explicitly: Triton 3.10 changes the default to off.
+    common = dict(BLOCK_D=block_d, DOT_PRECISION=dot_precision(dtype), enable_fp_fusion=True)
+    if capability is None:
         # Small tiles keep the CPU interpreter fast and exercise the multi-block paths.
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    if elem_bytes == 4:
-        if head_dim_padded <= 128:
-            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-    if head_dim_padded <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    if head_dim_padded <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+        return dict(common, BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        # ptxas on 64 x 32 tiles at D 128: ~3.8 KB spilled per thread on sm_90, 27 KB of
+        # spill traffic on sm_80. 3xTF32 ("tf32x3") spilled too at every tile with M >= 32
+        # tried on sm_90 (it keeps hi and lo halves of Q in registers), so float32 stays
+        # exact ("ieee") on small tiles: 32 x 16 in 8 warps (4 warps spilled at D 80/96
+        # and with a padding mask on sm_90); on sm_8x ptxas gives those only 64-80
+        # registers and spills at D 80/96, so 16 x 16 in 4 warps there below D 256.
+        if block_d <= 128 and capability[0] < 9:
+            return dict(common, BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
+        return dict(
+            common, BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2 if block_d <= 128 else 1
+        )
+    # sm_90/sm_100 (wgmma, 227 KB of shared memory) take the larger tiles. Elsewhere
+    # (ptxas, triton 3.9): on sm_80, 4-warp tiles spill at D 64 with gates and a padding
+    # mask (128 x 64, 128 x 32, 64 x 64), 128 x 64 tiles in 8 warps spill at D 96/128
+    # with a padding mask, 64 x 32 tiles in 4 warps at D 256; on sm_86/89/120 (99 KB per
+    # block) 128 x 64 tiles in 3 stages take 97 KB at D 128, 2 KB short of the limit.
+    # 128 x 32 in 8 warps spills in none of the cases compiled (compile_sm80.json), 65 KB.
+    hopper = capability[0] in (9, 10)
+    if block_d <= 64 and hopper:
+        return dict(common, BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    if block_d <= 128:
+        return dict(common, BLOCK_M=128, BLOCK_N=64 if hopper else 32, num_warps=8, num_stages=3)
+    return dict(common, BLOCK_M=64, BLOCK_N=32, num_warps=4 if hopper else 8, num_stages=2)
 
 
 def _gate_args(q, key_bias, value_scale, key_padding_mask):
@@ -275,6 +313,7 @@ def _gate_args(q, key_bias, value_scale, key_padding_mask):
 def launch_prefill(
     q, k, v, key_bias, value_scale, key_padding_mask, out, lse, *, causal, sm_scale, interpret,
     cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, cache_seqlens=None,
+    capability=None,
 ):  # fmt: skip
     """Launch on validated inputs; writes ``out`` and, when ``lse`` is not None, the
     natural-log log-sum-exp (float32).
@@ -284,6 +323,8 @@ def launch_prefill(
     (total_k,), out (total_q, Hq, D), lse (Hq, total_q); no padding mask.
     ``cache_seqlens`` (B,) (dense only): keys at or past ``cache_seqlens[b]`` are invisible
     and causal alignment uses that length.
+    ``capability``: the compute capability to configure for; default: q's device (None
+    under the interpreter).
     """
     varlen = cu_seqlens_q is not None
     if varlen:
@@ -306,18 +347,22 @@ def launch_prefill(
         rows = Sq
         cu_q = q
         cu_k = cache_seqlens if cache_seqlens is not None else q
-    block_d = max(16, triton.next_power_of_2(D))
-    cfg = prefill_config(block_d, q.element_size(), interpret)
+    if capability is None and not interpret:
+        capability = device_capability(q.device)
+    cfg = prefill_config(q.dtype, D, None if interpret else capability)
     (bias, scale, mask), gate_strides = _gate_args(q, key_bias, value_scale, key_padding_mask)
-    grid = (triton.cdiv(rows, cfg["BLOCK_M"]), B * Hq)
-    _anchored_prefill_kernel[grid](
+    n_blocks_m = triton.cdiv(rows, cfg["BLOCK_M"])
+    args = (
         q, k, v, bias, scale, mask, out, lse if lse is not None else out, cu_q, cu_k,
         *sq, *sk, *sv, *so, *gate_strides, *sl,
-        Hq, Hq // Hkv, Sq, Skv, sm_scale * LOG2E,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        Hq, Hq // Hkv, Sq, Skv, n_blocks_m, sm_scale * LOG2E,
+    )  # fmt: skip
+    kwargs = dict(
+        HEAD_DIM=D, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         CAUSAL=causal, HAS_BIAS=key_bias is not None, HAS_SCALE=value_scale is not None,
         HAS_MASK=key_padding_mask is not None, STORE_LSE=lse is not None, VARLEN=varlen,
-        SEQLENS_K=cache_seqlens is not None,
-        DOT_PRECISION="ieee" if q.element_size() == 4 else "tf32",
+        SEQLENS_K=cache_seqlens is not None, DOT_PRECISION=cfg["DOT_PRECISION"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        enable_fp_fusion=cfg["enable_fp_fusion"],
     )  # fmt: skip
+    launch(_anchored_prefill_kernel, (n_blocks_m * B * Hq,), args, kwargs)
