@@ -276,16 +276,20 @@ def backward_config(dtype: torch.dtype, head_dim: int, capability: tuple[int, in
     if capability is None:
         # Small tiles keep the CPU interpreter fast and exercise the multi-block paths.
         return dict(common, dkdv=tiles(16, 16, 4, 1), dq=tiles(16, 16, 4, 1))
-    # Measured with ptxas (triton 3.9, the AOT harness, D 128 with gates and a padding
-    # mask, the worst case compiled). dK/dV keeps K, V and two [BLOCK_N, D] float32
+    # Tiles are BLOCK_M x BLOCK_N, measured with ptxas (triton 3.9, the AOT harness, D 128
+    # with gates and a padding mask, the worst case compiled). dK/dV keeps K, V and two [BLOCK_N, D] float32
     # accumulators live: 64 x 64 tiles in 4 warps spilled 200-760 B on sm_80 and sm_90
     # (D 64 too), 64 x 128 and 16 x 128 in 8 warps spilled on sm_90; 32 x 64 in 8 warps
     # in one stage is the largest that did not, and keeps wgmma (BLOCK_N 64 rows) on
     # sm_90. dQ: 64 x 64 in 4 warps (wgmma) on sm_90; 4 warps spilled on sm_80, 8 do not
     # (82 KB of shared memory, within sm_86's 99 KB with headroom).
-    if dtype == torch.float32 or block_d > 128:
-        # float32 (exact "ieee" FMA loops): 32 x 32 tiles in 4 warps spilled 1-1.3 KB per
-        # thread on sm_90; 16 x 32 in 8 warps in one stage spills nothing on sm_80/sm_90.
+    if dtype == torch.float32:
+        # Exact "ieee" FMA loops: 32 x 32 tiles in 4 warps spilled 1-1.3 KB per thread on
+        # sm_90; 16 x 32 in 8 warps spilled 12-16 B at D 80 and varlen D 128 and 348 B at
+        # D 256 on sm_90; 16 x 16 in 8 warps spills nothing on sm_80/sm_90 at D 64-256.
+        return dict(common, dkdv=tiles(16, 16, 8, 1), dq=tiles(16, 16, 8, 1))
+    if block_d > 128:
+        # 16-bit D 256: 16 x 32 in 8 warps spills nothing on sm_80/sm_90 (mma.sync).
         return dict(common, dkdv=tiles(16, 32, 8, 1), dq=tiles(16, 32, 8, 1))
     hopper = capability[0] in (9, 10)
     dq = tiles(64, 64, 4 if hopper else 8, 2)
