@@ -11,6 +11,7 @@ from test_kernel_limits import ROW_STRIDE
 
 from videoanchor.kernels import launch as launch_mod
 from videoanchor.kernels import triton_backward, triton_prefill
+from videoanchor.kernels.interface import triton_interpret_enabled
 
 CCS = [(8, 0), (8, 6), (8, 9), (9, 0)]
 
@@ -23,6 +24,7 @@ def _backward(q, k, v, kb, vs, out, lse, go, **kw):
     )  # fmt: skip
 
 
+@pytest.mark.skipif(not triton_interpret_enabled(), reason="runs Triton's CPU interpreter")
 def test_backward_offsets_past_2_31_elements():
     """q, k, v and dO rows 16.. lie past element 2^31 of one storage: with 32-bit offsets
     the kernels read wrapped addresses. The gradients equal, bit for bit, those of the

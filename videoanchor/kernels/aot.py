@@ -201,7 +201,8 @@ def capture_backward(case: dict, cc: int) -> list[_launch.Launch]:
     from videoanchor.kernels import triton_backward
 
     (q, k, v, kb, vs, mask, out, lse), kwargs = case_inputs(dict(case, kind="prefill", lse=True))
-    out.zero_(), lse.zero_()
+    out.zero_()
+    lse.zero_()
     grad_out = torch.randn_like(out)
     grad_lse = torch.randn_like(lse) if case.get("grad_lse", False) else None
     cache_seqlens = kwargs.pop("cache_seqlens", None)
