@@ -56,6 +56,18 @@ def matrix(quick: bool = False) -> list[dict]:
         for D in (64, 256):
             cases.append(dict(kind=DEC, dtype="bf16", D=D, group=7, mask=True, lse=True))
         cases.append(dict(kind=DEC, dtype="bf16", D=128, group=7, varlen=True))
+    # The backward kernels (dK/dV and dQ) of the prefill cases, gates and their gradients on.
+    for dtype in dtypes:
+        for D in (128,) if quick else (64, 80, 128, 256):
+            cases.append(dict(kind="backward", dtype=dtype, D=D))
+    if not quick:
+        for dtype in ("fp16", "bf16", "fp32"):
+            cases += [
+                dict(kind="backward", dtype=dtype, D=128, causal=False, mask=True),
+                dict(kind="backward", dtype=dtype, D=64, mask=True, cache_seqlens=True),
+                dict(kind="backward", dtype=dtype, D=128, varlen=True, grad_lse=True),
+                dict(kind="backward", dtype=dtype, D=128, group=1, gates=False),
+            ]
     return cases
 
 

@@ -1,5 +1,5 @@
-"""bfloat16, the production dtype, checked on the CPU: prefill, split-KV decode and packed
-varlen in bf16 against float64, with the 2x-PyTorch-error rule, through Triton's
+"""bfloat16, the production dtype, checked on the CPU: prefill, split-KV decode, packed
+varlen and the backward kernels in bf16 against float64, with the 2x-PyTorch-error rule, through Triton's
 interpreter with the test-only bf16 shim (tests/bf16_interpreter.py). This includes the
 rounding of the value-scaled probabilities to bf16 before P @ V."""
 
@@ -114,3 +114,34 @@ def test_varlen_bf16(shim):
         ref = anchored_attention_reference(qb, kb_, vb, *gates, causal=True)
         got = out[q0 : q0 + lq[b]].transpose(0, 1)[None]
         check_close(got, ref, native_error(qb, kb_, vb, *gates, None, True, ref), BF16)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["gqa-full-pad", "mha-causal-leftpad-D40", "cache-seqlens", "causal-Sq21-Skv9-empty-rows"],
+)
+def test_backward_bf16(shim, case, monkeypatch):
+    """The backward kernels (dK/dV and dQ) in bf16: dq, dk, dv, d key_bias and d value_scale
+    against autograd of the float64 reference, each within 2x the error of eager bf16
+    PyTorch attention's autograd; output buffers poisoned with NaN before the kernels
+    write them."""
+    from test_attention_grad import TRITON_CASES, check_triton_grads
+
+    from videoanchor.kernels import triton_backward
+
+    def poisoned(like_or_shape, dtype=None, device=None):
+        if isinstance(like_or_shape, torch.Tensor):
+            return torch.full_like(like_or_shape, float("nan"))
+        return torch.full(like_or_shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(triton_backward, "_empty", poisoned)
+    shape, opts = TRITON_CASES[case]
+    check_triton_grads(shape, opts, BF16, "cpu")
+
+
+def test_varlen_backward_bf16(shim):
+    """Packed sequences (lengths 5, 0, 9 against 7, 3, 9 keys, a token in no sequence),
+    GQA, causal, in bf16: the fp32/fp16 varlen backward test's check and 2x rule."""
+    from test_attention_grad import test_varlen_backward_within_twice_pytorch_error as check
+
+    check(BF16, "triton")

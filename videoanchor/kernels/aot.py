@@ -194,10 +194,35 @@ def case_inputs(case: dict):
     return (q, k, v, kb, vs, mask, out, lse), kwargs
 
 
+def capture_backward(case: dict, cc: int) -> list[_launch.Launch]:
+    """The launches (dK/dV, then dQ) of the backward of a prefill ``case`` on ``sm_<cc>``:
+    the forward's inputs, an output gradient in the output's layout, its float32 lse, and
+    the gate gradients wanted when there are gates."""
+    from videoanchor.kernels import triton_backward
+
+    (q, k, v, kb, vs, mask, out, lse), kwargs = case_inputs(dict(case, kind="prefill", lse=True))
+    out.zero_()
+    lse.zero_()
+    grad_out = torch.randn_like(out)
+    grad_lse = torch.randn_like(lse) if case.get("grad_lse", False) else None
+    cache_seqlens = kwargs.pop("cache_seqlens", None)
+    if "cu_seqlens_k" in kwargs:
+        kwargs["max_seqlen_k"] = int(k.shape[0] // (kwargs["cu_seqlens_k"].numel() - 1))
+    with _launch.capture_launches() as launches:
+        triton_backward.launch_backward(
+            grad_out, q, k, v, kb, vs, mask, cache_seqlens, out, lse, grad_lse,
+            want_dbias=kb is not None, want_dscale=vs is not None,
+            capability=(cc // 10, cc % 10), **kwargs,
+        )  # fmt: skip
+    return launches
+
+
 def capture_case(case: dict, cc: int) -> list[_launch.Launch]:
     """The launches the package's launcher makes for ``case`` on ``sm_<cc>``."""
     from videoanchor.kernels import triton_decode, triton_prefill
 
+    if case["kind"] == "backward":
+        return capture_backward(case, cc)
     args, kwargs = case_inputs(case)
     fn = triton_prefill.launch_prefill if case["kind"] == "prefill" else triton_decode.launch_decode
     with _launch.capture_launches() as launches:

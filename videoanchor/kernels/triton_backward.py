@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from videoanchor.kernels.triton_prefill import LOG2E
+from videoanchor.kernels.launch import device_capability, launch
+from videoanchor.kernels.triton_prefill import LOG2E, dot_precision
 
 
 @triton.jit
@@ -257,13 +258,47 @@ def _anchored_bwd_dq_kernel(
              mask=m_md)  # fmt: skip
 
 
-def backward_config(head_dim_padded: int, elem_bytes: int, interpret: bool) -> dict:
-    """Tile sizes, by rule (no autotuning). Not yet tuned on a GPU."""
-    if interpret:
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    if elem_bytes == 4 or head_dim_padded > 128:
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+def backward_config(dtype: torch.dtype, head_dim: int, capability: tuple[int, int] | None) -> dict:
+    """Tile sizes and compile options of the two backward launches, a pure function of the
+    input dtype, head dim and target compute capability (None: the CPU interpreter), as
+    :func:`videoanchor.kernels.triton_prefill.prefill_config` is for the forward. The
+    shared options at the top level; ``dkdv`` and ``dq`` hold each kernel's BLOCK_M (query
+    rows per step or per program), BLOCK_N, num_warps and num_stages. Chosen by rule (no
+    autotuning); checked for spills and shared memory by compiling for each target
+    (tests/test_compile_targets_backward.py), not yet timed on a GPU."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    # Fused multiply-add chosen explicitly: Triton 3.10 changes the default to off.
+    common = dict(BLOCK_D=block_d, DOT_PRECISION=dot_precision(dtype), enable_fp_fusion=True)
+
+    def tiles(m, n, warps, stages):
+        return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
+
+    if capability is None:
+        # Small tiles keep the CPU interpreter fast and exercise the multi-block paths.
+        return dict(common, dkdv=tiles(16, 16, 4, 1), dq=tiles(16, 16, 4, 1))
+    # Tiles are BLOCK_M x BLOCK_N, measured with ptxas (triton 3.9, the AOT harness, D 128
+    # with gates and a padding mask, the worst case compiled). dK/dV keeps K, V and two [BLOCK_N, D] float32
+    # accumulators live: 64 x 64 tiles in 4 warps spilled 200-760 B on sm_80 and sm_90
+    # (D 64 too), 64 x 128 and 16 x 128 in 8 warps spilled on sm_90; 32 x 64 in 8 warps
+    # in one stage is the largest that did not, and keeps wgmma (BLOCK_N 64 rows) on
+    # sm_90. dQ: 64 x 64 in 4 warps (wgmma) on sm_90; 4 warps spilled on sm_80, 8 do not
+    # (82 KB of shared memory, within sm_86's 99 KB with headroom).
+    if dtype == torch.float32:
+        # Exact "ieee" FMA loops: 32 x 32 tiles in 4 warps spilled 1-1.3 KB per thread on
+        # sm_90; 16 x 32 in 8 warps spilled 12-16 B at D 80 and varlen D 128 and 348 B at
+        # D 256 on sm_90; 16 x 16 in 8 warps spills nothing on sm_80/sm_90 at D 64-256.
+        return dict(common, dkdv=tiles(16, 16, 8, 1), dq=tiles(16, 16, 8, 1))
+    if block_d > 128:
+        # 16-bit D 256: 16 x 32 in 8 warps spills nothing on sm_80/sm_90 (mma.sync).
+        return dict(common, dkdv=tiles(16, 32, 8, 1), dq=tiles(16, 32, 8, 1))
+    hopper = capability[0] in (9, 10)
+    dq = tiles(64, 64, 4 if hopper else 8, 2)
+    if block_d <= 64 and not hopper:
+        # At D 64 on sm_80/86, 32 x 64 (8 warps) took 255 registers and spilled 60-84 B
+        # without causal masking, 16 x 64 spilled 32-48 B with cache_seqlens; 32 x 32 in
+        # 4 warps takes 128 registers and spills nothing.
+        return dict(common, dkdv=tiles(32, 32, 4, 1), dq=dq)
+    return dict(common, dkdv=tiles(32, 64, 8, 1), dq=dq)
 
 
 def _empty(like_or_shape, dtype=None, device=None):
@@ -290,6 +325,7 @@ def launch_backward(
     grad_out, q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, out, lse,
     grad_lse, *, causal, sm_scale, want_dbias, want_dscale, interpret,
     cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+    capability=None,
 ):  # fmt: skip
     """Gradients of anchored attention, on validated inputs. Returns
     ``(dq, dk, dv, d_key_bias, d_value_scale)``, the last two float32 or None.
@@ -298,6 +334,8 @@ def launch_backward(
     grad_lse (B, Hq, Sq) (the forward's natural-log lse, float32; grad_lse may be None).
     Varlen (``cu_seqlens_q`` given): q, grad_out, out (total_q, Hq, D); k, v (total_k, Hkv,
     D); gates (total_k,); lse, grad_lse (Hq, total_q); no padding mask or cache_seqlens.
+    ``capability``: the compute capability to configure for; default: q's device (None
+    under the interpreter).
     """
     varlen = cu_seqlens_q is not None
     # delta_i = dO_i . out_i (= sum_j p_ij dp_ij); an lse gradient enters as -dlse_i.
@@ -348,8 +386,9 @@ def launch_backward(
             t.zero_()
         return dq, dk, dv, reduce(red_bias, want_dbias), reduce(red_scale, want_dscale)
 
-    block_d = max(16, triton.next_power_of_2(D))
-    cfg = backward_config(block_d, q.element_size(), interpret)
+    if capability is None and not interpret:
+        capability = device_capability(q.device)
+    cfg = backward_config(q.dtype, D, None if interpret else capability)
     bias = key_bias if key_bias is not None else q
     scale = value_scale if value_scale is not None else q
     mask = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
@@ -357,23 +396,30 @@ def launch_backward(
                     *_strides(key_padding_mask, 2))  # fmt: skip
     s_q, s_k, s_v, s_do, s_dq, s_dk, s_dv = strides
     common = dict(
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        HEAD_DIM=D, BLOCK_D=cfg["BLOCK_D"],
         CAUSAL=causal, HAS_BIAS=key_bias is not None, HAS_SCALE=value_scale is not None,
         HAS_MASK=key_padding_mask is not None, SEQLENS_K=cache_seqlens is not None,
-        VARLEN=varlen, DOT_PRECISION="ieee" if q.element_size() == 4 else "tf32",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        VARLEN=varlen, DOT_PRECISION=cfg["DOT_PRECISION"],
+        enable_fp_fusion=cfg["enable_fp_fusion"],
     )  # fmt: skip
     qk_scale = sm_scale * LOG2E
-    _anchored_bwd_dkdv_kernel[(B * Hkv, triton.cdiv(rows_k, cfg["BLOCK_N"]))](
-        q, k, v, bias, scale, mask, grad_out, lse, delta, dk, dv, red_bias, red_scale,
-        seqq, seqk, *s_q, *s_k, *s_v, *s_do, *s_dk, *s_dv, *gate_strides, *s_lse, *s_red,
-        Hkv, Hq // Hkv, Sq, Skv, qk_scale, sm_scale,
-        WANT_DBIAS=want_dbias, WANT_DSCALE=want_dscale, **common,
+    # Grids: batch * heads on axis 0 (up to 2^31 - 1), blocks of the sequence on axis 1;
+    # launch() refuses a grid past CUDA's limits with a ValueError.
+    launch(
+        _anchored_bwd_dkdv_kernel,
+        (B * Hkv, triton.cdiv(rows_k, cfg["dkdv"]["BLOCK_N"])),
+        (q, k, v, bias, scale, mask, grad_out, lse, delta, dk, dv, red_bias, red_scale,
+         seqq, seqk, *s_q, *s_k, *s_v, *s_do, *s_dk, *s_dv, *gate_strides, *s_lse, *s_red,
+         Hkv, Hq // Hkv, Sq, Skv, qk_scale, sm_scale),
+        dict(WANT_DBIAS=want_dbias, WANT_DSCALE=want_dscale, **common, **cfg["dkdv"]),
     )  # fmt: skip
-    _anchored_bwd_dq_kernel[(B * Hq, triton.cdiv(rows_q, cfg["BLOCK_M"]))](
-        q, k, v, bias, scale, mask, grad_out, lse, delta, dq, seqq, seqk,
-        *s_q, *s_k, *s_v, *s_do, *s_dq, *gate_strides, *s_lse,
-        Hq, Hq // Hkv, Sq, Skv, qk_scale, sm_scale, **common,
+    launch(
+        _anchored_bwd_dq_kernel,
+        (B * Hq, triton.cdiv(rows_q, cfg["dq"]["BLOCK_M"])),
+        (q, k, v, bias, scale, mask, grad_out, lse, delta, dq, seqq, seqk,
+         *s_q, *s_k, *s_v, *s_do, *s_dq, *gate_strides, *s_lse,
+         Hq, Hq // Hkv, Sq, Skv, qk_scale, sm_scale),
+        dict(common, **cfg["dq"]),
     )  # fmt: skip
     return dq, dk, dv, reduce(red_bias, want_dbias), reduce(red_scale, want_dscale)
 
