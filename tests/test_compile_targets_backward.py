@@ -10,6 +10,7 @@ dots use tensor cores, wgmma on sm_90. Every figure is static, read from compile
 import concurrent.futures
 
 import pytest
+import torchvision_shim
 
 from videoanchor.kernels import aot
 
@@ -40,7 +41,9 @@ def compiled():
     # Two compiler processes (CI has two cores), cases split round-robin.
     halves = [jobs[0::2], jobs[1::2]]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        parts = list(pool.map(aot.compile_in_subprocess, halves))
+        # The child does not run conftest.py: python_m applies the torchvision shim there too.
+        argv = torchvision_shim.python_m("videoanchor.kernels.aot")
+        parts = list(pool.map(lambda half: aot.compile_in_subprocess(half, argv=argv), halves))
     rows = {}
     for half, part in zip(halves, parts, strict=True):
         for case, cc in half:
