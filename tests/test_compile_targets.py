@@ -6,12 +6,8 @@ architecture; the 16-bit prefill uses wgmma on sm_90. A representative subset of
 matrix in benchmarks/compile_report.py, so CI stays within its budget.
 """
 
-import concurrent.futures
-
 import pytest
-import torchvision_shim
-
-from videoanchor.kernels import aot
+from compile_cases import compile_cases
 
 P, D_ = "prefill", "decode"
 # (id, case, compute capabilities)
@@ -39,21 +35,7 @@ IDS = [f"{name}-sm{cc}" for name, _, ccs in CASES for cc in ccs]
 
 @pytest.fixture(scope="module")
 def compiled():
-    reason = aot.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    jobs = [(case, cc) for _, case, ccs in CASES for cc in ccs]
-    # Two compiler processes (CI has two cores), cases split round-robin.
-    halves = [jobs[0::2], jobs[1::2]]
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        # The child does not run conftest.py: python_m applies the torchvision shim there too.
-        argv = torchvision_shim.python_m("videoanchor.kernels.aot")
-        parts = list(pool.map(lambda half: aot.compile_in_subprocess(half, argv=argv), halves))
-    rows = {}
-    for half, part in zip(halves, parts, strict=True):
-        for case, cc in half:
-            rows[(repr(case), cc)] = [r for r in part if r["case"] == case and r["cc"] == cc]
-    return rows
+    return compile_cases([(case, cc) for _, case, ccs in CASES for cc in ccs])
 
 
 @pytest.mark.parametrize(

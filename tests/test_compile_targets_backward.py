@@ -7,12 +7,8 @@ the architecture (with headroom on sm_86); fp fusion was chosen by the launcher;
 dots use tensor cores, wgmma on sm_90. Every figure is static, read from compiled code.
 """
 
-import concurrent.futures
-
 import pytest
-import torchvision_shim
-
-from videoanchor.kernels import aot
+from compile_cases import compile_cases
 
 B_ = "backward"
 # (id, case, compute capabilities); prefill-shaped inputs (Qwen2.5-7B heads: 28 query
@@ -34,21 +30,7 @@ KERNELS = {"_anchored_bwd_dkdv_kernel", "_anchored_bwd_dq_kernel"}
 
 @pytest.fixture(scope="module")
 def compiled():
-    reason = aot.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    jobs = [(case, cc) for _, case, cc in JOBS]
-    # Two compiler processes (CI has two cores), cases split round-robin.
-    halves = [jobs[0::2], jobs[1::2]]
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        # The child does not run conftest.py: python_m applies the torchvision shim there too.
-        argv = torchvision_shim.python_m("videoanchor.kernels.aot")
-        parts = list(pool.map(lambda half: aot.compile_in_subprocess(half, argv=argv), halves))
-    rows = {}
-    for half, part in zip(halves, parts, strict=True):
-        for case, cc in half:
-            rows[(repr(case), cc)] = [r for r in part if r["case"] == case and r["cc"] == cc]
-    return rows
+    return compile_cases([(case, cc) for _, case, cc in JOBS])
 
 
 @pytest.mark.parametrize("name, case, cc", JOBS, ids=[f"{n}-sm{cc}" for n, _, cc in JOBS])
