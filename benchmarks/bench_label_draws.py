@@ -30,22 +30,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_spectral import example_tokens  # noqa: E402
 from benchmarks.common import environment, print_table, write_result  # noqa: E402
 from videoanchor.anchor import anchor_scores, solve_ssc_admm  # noqa: E402
 from videoanchor.anchor.spectral import spectral_labels, ssc_affinity  # noqa: E402
 
 K = 24
 
-
-def example_tokens(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    xs = []
-    for _ in range(16):
-        basis, _ = torch.linalg.qr(torch.randn(512, 8, generator=g, dtype=torch.float64))
-        a = torch.randn(8, 64, generator=g, dtype=torch.float64)
-        xs.append((basis @ (a / a.norm(dim=0))).T)
-    x = torch.cat(xs)
-    return (x + 0.02 * torch.randn(x.shape, generator=g, dtype=torch.float64)).float()
 
 
 def _spearman(a, b):

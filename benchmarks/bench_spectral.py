@@ -71,10 +71,9 @@ def group_affinity(n, groups, nnz, p_out, *, seed=0):
     return c + c.T
 
 
-def ssc_example_affinity(seed=0):
-    """The issue's example: 16 subspaces of dim 8, 64 points each, D = 512, noise 0.02."""
-    from videoanchor.anchor import solve_ssc_admm
-
+def example_tokens(seed=0):
+    """The issue's example: 16 subspaces of dim 8, 64 points each, D = 512, noise 0.02
+    (float32 N x D tokens)."""
     g = torch.Generator().manual_seed(seed)
     xs = []
     for _ in range(16):
@@ -82,8 +81,14 @@ def ssc_example_affinity(seed=0):
         a = torch.randn(8, 64, generator=g, dtype=torch.float64)
         xs.append((basis @ (a / a.norm(dim=0))).T)
     x = torch.cat(xs)
-    x = (x + 0.02 * torch.randn(x.shape, generator=g, dtype=torch.float64)).float()
-    return ssc_affinity(solve_ssc_admm(x, max_iter=60).coef)
+    return (x + 0.02 * torch.randn(x.shape, generator=g, dtype=torch.float64)).float()
+
+
+def ssc_example_affinity(seed=0):
+    """The affinity of the issue's example after 60 iterations of the authors' ADMM."""
+    from videoanchor.anchor import solve_ssc_admm
+
+    return ssc_affinity(solve_ssc_admm(example_tokens(seed), max_iter=60).coef)
 
 
 def _load():
