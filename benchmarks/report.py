@@ -43,11 +43,51 @@ def table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def compile_table(path: Path) -> str:
+    """A compile report (``compile_sm*.json``, STATIC figures read from compiled code) in
+    brief: per kernel the worst case over its configurations, then the main-loop mix."""
+    data = json.loads(path.read_text())
+    meta, rows = data.get("meta", {}), data.get("rows", [])
+    summary = ", ".join(f"{k} {_fmt(v)}" for k, v in data.get("summary", {}).items())
+    lines = [
+        f"**{path.stem}** (STATIC, read from compiled code; not a timing): "
+        f"triton {meta.get('triton', '?')}, git {str(meta.get('git_sha', '?'))[:12]}; {summary}",
+        "",
+        "| kernel | configurations | max registers | spill bytes (max) | max shared bytes "
+        "| shared limit | MMA kinds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in sorted({r["kernel"] for r in rows if "kernel" in r}):
+        rs = [r for r in rows if r.get("kernel") == name and "error" not in r]
+        spills = max(r["spill_stores"] + r["spill_loads"] for r in rs)
+        kinds = "/".join(sorted({str(r["mma"]) for r in rs}))
+        lines.append(
+            f"| {name} | {len(rs)} | {max(r['registers'] for r in rs)} | {spills} "
+            f"| {max(r['shared_bytes'] for r in rs)} | {rs[0]['shared_limit']} | {kinds} |"
+        )
+    mix = data.get("instruction_mix", [])
+    if mix:
+        lines += [
+            "",
+            "| main loop | anchored non-MMA per MMA | plain non-MMA per MMA | ratio |",
+            "|---|---|---|---|",
+        ]
+        for m in mix:
+            label = f"{m['dtype']} D {m['D']}" + (" causal" if m.get("causal") else "")
+            lines.append(
+                f"| {label} | {_fmt(m['anchored']['non_mma_per_mma'])} "
+                f"| {_fmt(m['plain']['non_mma_per_mma'])} | {m['ratio_non_mma_per_mma']:.3f} |"
+            )
+    return "\n".join(lines)
+
+
 def section() -> str:
     files = sorted(RESULTS.glob("*.json"))
     if not files:
         return "No benchmark result has been committed yet."
-    return "\n\n".join(table(f) for f in files)
+    return "\n\n".join(
+        compile_table(f) if f.stem.startswith("compile_") else table(f) for f in files
+    )
 
 
 def main(argv=None):
