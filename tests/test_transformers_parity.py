@@ -451,3 +451,30 @@ def test_gradient_checkpointing_two_forwards_before_backward(saved, reentrant):
     torch.testing.assert_close(total.detach(), ref_total.detach(), atol=1e-5, rtol=1e-5)
     grads = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
     _assert_grads_close(grads, {n: p.grad for n, p in ref.named_parameters() if p.grad is not None})
+
+
+@torch.no_grad()
+def test_unconfigured_text_model_runs_as_sdpa(monkeypatch):
+    """A causal model that is not a configured VLM (a text-only LM, or a VLM's text model on
+    its own, as transformers' Qwen3-VL position-id tests build) attends as SDPA would,
+    unanchored, with a one-time warning saying so."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    monkeypatch.setattr(va_attention, "_warned", set())
+    cfg = Qwen2Config(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    ref = Qwen2ForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
+    ours = Qwen2ForCausalLM._from_config(cfg, attn_implementation="videoanchor_triton").eval()
+    ours.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, 97, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    with pytest.warns(UserWarning, match="not part of a configured VideoAnchor model"):
+        out = ours(input_ids=ids, attention_mask=mask).logits
+    expected = ref(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    assert torch.allclose(out[valid], expected[valid], rtol=0, atol=1e-5)
+    gen = dict(attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(ours.generate(ids, **gen), ref.generate(ids, **gen))

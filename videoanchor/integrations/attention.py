@@ -182,13 +182,17 @@ def videoanchor_attention_forward(
     if handle is None and causal:
         from videoanchor.integrations.registry import supported_families
 
-        raise RuntimeError(
+        # As SDPA would: the module still attends (plain attention, no gates), e.g. a text-only
+        # model or a VLM's language model used on its own; anchoring needs a configured VLM.
+        _warn_once(
+            "unconfigured",
             f"attn_implementation={ATTN_IMPLEMENTATION!r} reached the causal attention module "
-            f"{type(module).__name__} (config model_type {getattr(getattr(module, 'config', None), 'model_type', '?')!r}) "
-            "that is not part of a configured VideoAnchor model. Load one of the supported families "
-            f"({', '.join(supported_families())}) with from_pretrained(..., attn_implementation="
-            f"{ATTN_IMPLEMENTATION!r}), or call videoanchor.configure(model) after "
-            "model.set_attn_implementation(...)."
+            f"{type(module).__name__} (config model_type "
+            f"{getattr(getattr(module, 'config', None), 'model_type', '?')!r}), which is not part "
+            "of a configured VideoAnchor model: it runs as plain attention (unanchored). Load one "
+            f"of the supported families ({', '.join(supported_families())}) with "
+            f"from_pretrained(..., attn_implementation={ATTN_IMPLEMENTATION!r}), or call "
+            "videoanchor.configure(model), to anchor it.",
         )
 
     key_padding_mask = cache_seqlens = None
