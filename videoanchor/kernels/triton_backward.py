@@ -28,6 +28,24 @@ from videoanchor.kernels.triton_prefill import LOG2E, dot_precision
 
 
 @triton.jit
+def _sequence_bounds(SeqQ, SeqK, i_b, Sq, Skv, VARLEN: tl.constexpr, SEQLENS_K: tl.constexpr):
+    """Where sample ``i_b`` starts (int64 token offsets of its queries and keys), its
+    lengths, and how many of its keys are visible (all ``Skv``, or its cache length). Packed
+    sequences: batch strides are 0 and sequence b starts at SeqQ/SeqK[b]."""
+    q_start = i_b * 0
+    k_start = q_start
+    if VARLEN:
+        q_start = tl.load(SeqQ + i_b).to(tl.int64)
+        k_start = tl.load(SeqK + i_b).to(tl.int64)
+        Sq = (tl.load(SeqQ + i_b + 1) - q_start).to(tl.int32)
+        Skv = (tl.load(SeqK + i_b + 1) - k_start).to(tl.int32)
+    n_valid = Skv
+    if SEQLENS_K:
+        n_valid = tl.load(SeqK + i_b).to(tl.int32)
+    return q_start, k_start, Sq, Skv, n_valid
+
+
+@triton.jit
 def _probs_block(
     b_q, b_k, b_bias, b_keep, offs_m, offs_n, m_m, m_n, b_lse, diag, qk_scale,
     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -71,20 +89,12 @@ def _anchored_bwd_dkdv_kernel(
     i_b = (pid_bh // Hkv).to(tl.int64)
     i_hk = (pid_bh % Hkv).to(tl.int64)
     start_n = tl.program_id(1) * BLOCK_N
-    q_start = i_b * 0
-    k_start = q_start
+    q_start, k_start, Sq, Skv, n_valid = _sequence_bounds(
+        SeqQ, SeqK, i_b, Sq, Skv, VARLEN, SEQLENS_K
+    )
     if VARLEN:
-        # Packed sequences: batch strides are 0; sequence b starts at SeqQ/SeqK[b].
-        q_start = tl.load(SeqQ + i_b).to(tl.int64)
-        k_start = tl.load(SeqK + i_b).to(tl.int64)
-        Sq = (tl.load(SeqQ + i_b + 1) - q_start).to(tl.int32)
-        Skv = (tl.load(SeqK + i_b + 1) - k_start).to(tl.int32)
         if start_n >= Skv:
             return
-    # Keys visible to this sample: all Skv stored ones, or its cache length.
-    n_valid = Skv
-    if SEQLENS_K:
-        n_valid = tl.load(SeqK + i_b).to(tl.int32)
     diag = n_valid - Sq  # bottom-right causal: query i sees key j iff j <= i + diag
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -190,18 +200,12 @@ def _anchored_bwd_dq_kernel(
     i_h = (pid_bh % Hq).to(tl.int64)
     i_hk = i_h // group
     start_m = tl.program_id(1) * BLOCK_M
-    q_start = i_b * 0
-    k_start = q_start
+    q_start, k_start, Sq, Skv, n_valid = _sequence_bounds(
+        SeqQ, SeqK, i_b, Sq, Skv, VARLEN, SEQLENS_K
+    )
     if VARLEN:
-        q_start = tl.load(SeqQ + i_b).to(tl.int64)
-        k_start = tl.load(SeqK + i_b).to(tl.int64)
-        Sq = (tl.load(SeqQ + i_b + 1) - q_start).to(tl.int32)
-        Skv = (tl.load(SeqK + i_b + 1) - k_start).to(tl.int32)
         if start_m >= Sq:
             return
-    n_valid = Skv
-    if SEQLENS_K:
-        n_valid = tl.load(SeqK + i_b).to(tl.int32)
     diag = n_valid - Sq
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
