@@ -19,7 +19,7 @@ import torch
 
 import videoanchor
 from videoanchor.integrations import anchoring, find_handle
-from videoanchor.integrations.testing import TOKENS, collate, tiny_model, tiny_sample
+from videoanchor.integrations.testing import TOKENS, collate, load_saved, tiny_model, tiny_sample
 
 SSC = {"n_clusters": 3, "max_iter": 300}
 SPECIAL = [TOKENS[k] for k in ("image", "video", "vision_start", "vision_end", "eos", "pad")]
@@ -53,11 +53,7 @@ def saved(tmp_path_factory):
 
 
 def _load(path, **kwargs):
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(
-        path, attn_implementation="videoanchor_triton", **kwargs
-    ).eval()
+    model = load_saved(path, **kwargs)
     videoanchor.configure(model, **SSC, decode="all")
     return model
 

@@ -8,17 +8,18 @@ import torch
 
 import videoanchor
 from videoanchor.integrations.anchoring import _Request
-from videoanchor.integrations.testing import TOKENS, collate, tiny_config, tiny_model, tiny_sample
+from videoanchor.integrations.testing import (
+    TOKENS,
+    collate,
+    load_saved,
+    tiny_config,
+    tiny_model,
+    tiny_sample,
+)
 
 SSC = {"n_clusters": 3, "max_iter": 300}
 SPECIAL = [TOKENS[k] for k in ("image", "video", "vision_start", "vision_end", "eos", "pad")]
 GEN = {"max_new_tokens": 3, "min_new_tokens": 3, "suppress_tokens": SPECIAL}
-
-
-def _load(path, attn="videoanchor_triton", **kw):
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attn, **kw).eval()
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def saved(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "llava_onevision"])
 def model(request, saved):
-    return _load(saved[request.param])
+    return load_saved(saved[request.param])
 
 
 def _batch(model):
@@ -100,8 +101,8 @@ def test_sampling_with_top_k_1_equals_greedy(model):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_precision_close_to_fp32(saved, dtype):
     path = saved["qwen2_5_vl"]
-    full = _load(path)
-    half = _load(path, dtype=dtype)
+    full = load_saved(path)
+    half = load_saved(path, dtype=dtype)
     samples, _ = _batch(full)
     inputs = samples[0]
     h32 = videoanchor.configure(full, enabled=True, **SSC)
@@ -118,7 +119,7 @@ def test_half_precision_close_to_fp32(saved, dtype):
 
 @torch.no_grad()
 def test_text_only_prompt_runs_unanchored_and_warns_once(saved):
-    ours, plain = _load(saved["llava_onevision"]), _load(saved["llava_onevision"], attn="sdpa")
+    ours, plain = load_saved(saved["llava_onevision"]), load_saved(saved["llava_onevision"], "sdpa")
     handle = videoanchor.configure(ours, enabled=True, **SSC)
     ids = torch.randint(3, 100, (1, 9))
     with pytest.warns(UserWarning, match="no visual inputs"):
@@ -132,7 +133,7 @@ def test_text_only_prompt_runs_unanchored_and_warns_once(saved):
 
 @torch.no_grad()
 def test_token_kinds_are_configurable(saved):
-    model = _load(saved["qwen2_5_vl"])
+    model = load_saved(saved["qwen2_5_vl"])
     samples, _ = _batch(model)
     handle = videoanchor.configure(model, enabled=True, tokens=("image",), **SSC)
     with pytest.warns(UserWarning, match="unanchored"):
@@ -161,11 +162,11 @@ def test_unsupported_family_names_the_supported_ones(tmp_path):
     )
     LlavaForConditionalGeneration(cfg).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="'llava' is not supported.*qwen2_5_vl"):
-        _load(tmp_path)
+        load_saved(tmp_path)
 
 
 def test_configure_errors(saved):
-    model = _load(saved["qwen2_5_vl"])
+    model = load_saved(saved["qwen2_5_vl"])
     with pytest.raises(ValueError, match="alpha_k=-2.0 makes the gate"):
         videoanchor.configure(model, alpha_k=-2.0)
     with pytest.raises(ValueError, match="decode"):
@@ -182,7 +183,7 @@ def test_configure_errors(saved):
 
 @torch.no_grad()
 def test_sdpa_model_needs_the_attention_name_then_switches(saved):
-    model = _load(saved["qwen2_5_vl"], attn="sdpa")
+    model = load_saved(saved["qwen2_5_vl"], "sdpa")
     samples, _ = _batch(model)
     plain = model(**samples[0]).logits
     with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
@@ -199,7 +200,7 @@ def test_sdpa_model_needs_the_attention_name_then_switches(saved):
 def test_triton_kernel_path_matches_torch_path(tmp_path):
     # head_dim 16: the smallest head dim the Triton kernel takes (runs in the interpreter on CPU).
     tiny_model("qwen2_5_vl", seed=4, hidden=64, layers=1).save_pretrained(tmp_path)
-    model = _load(tmp_path)
+    model = load_saved(tmp_path)
     inputs = tiny_sample(model.config, [2], text=3, seed=5)
     videoanchor.configure(model, enabled=True, attention_backend="torch", **SSC)
     ref = model(**inputs).logits

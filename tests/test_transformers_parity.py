@@ -15,18 +15,13 @@ from videoanchor.integrations import attention as va_attention
 from videoanchor.integrations.testing import (
     EagerAnchorReference,
     clone_inputs,
+    load_saved,
     tiny_inputs,
     tiny_model,
     tiny_sample,
 )
 
 SSC = {"n_clusters": 3, "max_iter": 300}
-
-
-def _load(path, attn="videoanchor_triton", **kw):
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attn, **kw).eval()
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +67,7 @@ def test_generate_compile_model_forward_fullgraph(saved, decode):
     from torch._dynamo.utils import counters
     from transformers import CompileConfig
 
-    model = _load(saved["qwen2_5_vl"])
+    model = load_saved(saved["qwen2_5_vl"])
     videoanchor.configure(model, decode=decode, **SSC)
     inputs = tiny_inputs(model.config, [[4], [2]], text=[3, 6], seed=7)  # left-padded batch
     gen = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, cache_implementation="static")
@@ -99,8 +94,8 @@ def test_generate_compile_model_forward_fullgraph(saved, decode):
 
 @torch.no_grad()
 def test_model_outputs_equivalence_with_output_attentions(saved, fresh_warnings):
-    sdpa = _load(saved["llava_onevision"], attn="sdpa")
-    model = _load(saved["llava_onevision"])
+    sdpa = load_saved(saved["llava_onevision"], "sdpa")
+    model = load_saved(saved["llava_onevision"])
     videoanchor.configure(model, **SSC)
     inputs = tiny_sample(model.config, [2], text=4, seed=1)
     plain = model(**clone_inputs(inputs))
@@ -147,7 +142,7 @@ def _packed(model, samples):
 def test_sdpa_padding_matches_padding_free_with_position_ids(saved, family):
     from videoanchor.integrations.testing import collate
 
-    model = _load(saved[family])
+    model = load_saved(saved[family])
     handle = videoanchor.configure(model, **SSC)
     vids = ([4], [2], [2]) if family == "qwen2_5_vl" else ([2], [2, 2], [2])
     samples = [
@@ -214,7 +209,7 @@ def _train_and_compare(
     """A few SGD steps of our model and of the eager float64 reference with the same gates
     (METHOD.md section 4, written out with no code shared with our kernels or hooks), from
     the same weights: the losses and every gradient must agree at every step."""
-    ours = _load(saved[family]).train()
+    ours = load_saved(saved[family]).train()
     handle = videoanchor.configure(ours, enabled=anchored, attention_backend=backend, **SSC)
     ref = REFERENCE.load(saved[family]).train()
     for model in (ours, ref):
@@ -317,7 +312,7 @@ def test_custom_4d_attention_mask(saved, kind, fresh_warnings):
     # match the same continuation run as its own sequence, anchored by the same gates.
     from videoanchor.integrations.testing import collate
 
-    model = _load(saved["llava_onevision"])
+    model = load_saved(saved["llava_onevision"])
     handle = videoanchor.configure(model, **SSC)
     prompt = tiny_sample(model.config, [2], text=3, seed=40)
     conts = [torch.tensor([[5, 17, 33, 41]]), torch.tensor([[66, 8]])]
@@ -366,7 +361,7 @@ def test_training_padding_free_matches_padded(saved):
     # gradients equal those of the padded batch.
     from videoanchor.integrations.testing import collate
 
-    model = _load(saved["llava_onevision"]).train()
+    model = load_saved(saved["llava_onevision"]).train()
     handle = videoanchor.configure(model, **SSC)
     samples = [
         tiny_sample(model.config, v, text=3 + 2 * i, seed=50 + i)
@@ -396,7 +391,7 @@ def test_triton_kernel_serves_packed_and_static_cache_masks(tmp_path):
     from transformers import StaticCache
 
     tiny_model("llava_onevision", seed=4, hidden=64, layers=1).save_pretrained(tmp_path)
-    model = _load(tmp_path)
+    model = load_saved(tmp_path)
     videoanchor.configure(model, decode="all", **SSC)
     samples = [
         tiny_sample(model.config, v, text=3 + 2 * i, seed=30 + i)
@@ -423,7 +418,7 @@ def test_gradient_checkpointing_two_forwards_before_backward(saved, reentrant):
     # As in preference training: two anchored forwards (different videos, so different gates),
     # one backward. Each recomputed layer must replay the gates of its own forward, not the
     # handle's latest request.
-    ours = _load(saved["llava_onevision"]).train()
+    ours = load_saved(saved["llava_onevision"]).train()
     handle = videoanchor.configure(ours, **SSC)
     _enable_checkpointing(ours, reentrant)
     ref = REFERENCE.load(saved["llava_onevision"]).train()

@@ -23,6 +23,7 @@ __all__ = [
     "VOCAB",
     "clone_inputs",
     "collate",
+    "load_saved",
     "tiny_config",
     "tiny_inputs",
     "tiny_model",
@@ -250,6 +251,16 @@ def tiny_model(
                     else:
                         p.copy_(std * torch.randn_like(p))
     return model.eval()
+
+
+def load_saved(path, attn_implementation: str = "videoanchor_triton", **kwargs):
+    """A tiny model saved with ``save_pretrained``, loaded back in eval mode (``kwargs`` go
+    to ``from_pretrained``: ``device_map``, ``tp_plan``, ...)."""
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(
+        path, attn_implementation=attn_implementation, **kwargs
+    ).eval()
 
 
 def tiny_sample(
