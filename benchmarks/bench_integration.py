@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import videoanchor  # noqa: E402
 from benchmarks.common import environment, print_table, write_result  # noqa: E402
-from videoanchor.integrations.testing import EagerAnchorReference  # noqa: E402
+from videoanchor.integrations.transformers.testing import EagerAnchorReference  # noqa: E402
 
 EAGER = EagerAnchorReference(name="videoanchor_bench_eager")
 

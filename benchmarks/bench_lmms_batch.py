@@ -69,7 +69,7 @@ def main(argv=None) -> int:
 
     from test_cli_support import moving_shapes, save_tiny_checkpoint
 
-    from videoanchor.integrations.lmms_eval import VideoAnchorLMMCore
+    from videoanchor.lmms_eval import VideoAnchorLMMCore
     from videoanchor.video import write_video
 
     meta = environment()

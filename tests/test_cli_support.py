@@ -31,7 +31,7 @@ def box_left_edge(frame: np.ndarray, height: int) -> int:
     return int(white[0])
 
 
-# Token names of the tiny checkpoints, by the ids videoanchor.integrations.testing uses.
+# Token names of the tiny checkpoints, by the ids videoanchor.integrations.transformers.testing uses.
 _FAMILY_TOKENS = {
     "qwen": {"image": "<|image_pad|>", "video": "<|video_pad|>",
              "vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>"},
@@ -62,7 +62,7 @@ def tiny_tokenizer(model_type: str):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from videoanchor.integrations.testing import TEXT_HI, TEXT_LO, TOKENS, VOCAB
+    from videoanchor.integrations.transformers.testing import TEXT_HI, TEXT_LO, TOKENS, VOCAB
 
     names = {TOKENS["pad"]: "<pad>", TOKENS["bos"]: "<s>", TOKENS["eos"]: "</s>",
              124: "<|im_start|>", 125: "<|im_end|>"}  # fmt: skip
@@ -106,7 +106,7 @@ def save_tiny_checkpoint(model_type: str, path) -> None:
     import shutil
     from pathlib import Path
 
-    from videoanchor.integrations.testing import tiny_model
+    from videoanchor.integrations.transformers.testing import tiny_model
 
     path = Path(path)
     model = tiny_model(model_type)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import videoanchor
-from videoanchor.integrations.registry import FAMILIES
-from videoanchor.integrations.testing import (
+from videoanchor.integrations.transformers.registry import FAMILIES
+from videoanchor.integrations.transformers.testing import (
     TINY_FAMILIES,
     TOKENS,
     EagerAnchorReference,

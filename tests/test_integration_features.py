@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import videoanchor
-from videoanchor.integrations.anchoring import _Request
-from videoanchor.integrations.testing import (
+from videoanchor.integrations.transformers.anchoring import _Request
+from videoanchor.integrations.transformers.testing import (
     TOKENS,
     collate,
     load_saved,

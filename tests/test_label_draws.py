@@ -85,7 +85,7 @@ def test_anchor_scores_checks_the_draws_shape():
 def test_configure_passes_label_draws(monkeypatch):
     from transformers import AutoModelForImageTextToText
 
-    from videoanchor.integrations.testing import tiny_model, tiny_sample
+    from videoanchor.integrations.transformers.testing import tiny_model, tiny_sample
 
     model = tiny_model("qwen2_5_vl", seed=2)
     model = AutoModelForImageTextToText.from_config(

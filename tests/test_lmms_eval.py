@@ -112,7 +112,7 @@ def lmms_eval_modules(monkeypatch):
         for name, module in _fake_lmms_eval().items():
             monkeypatch.setitem(sys.modules, name, module)
     # The wrapper builds its classes on first use; start each test from a clean cache.
-    from videoanchor.integrations import lmms_eval as wrapper
+    from videoanchor.integrations.transformers import lmms_eval as wrapper
 
     monkeypatch.setattr(wrapper, "_CLASSES", {})
     torch.set_num_threads(1)  # tiny matmuls: see tests/test_cli.py
@@ -127,7 +127,7 @@ def resolve(model_name: str):
     """What lmms-eval's registry does with our entry point's payload for `model_name`."""
     from lmms_eval.api.model import lmms
 
-    from videoanchor.integrations.lmms_eval import model_manifests
+    from videoanchor.lmms_eval import model_manifests
 
     manifest = {m.model_id: m for m in model_manifests()}[model_name]
     assert manifest.chat_class_path is None  # a "simple" model
@@ -183,12 +183,12 @@ def test_entry_point_is_declared():
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     target = project["entry-points"]["lmms_eval.models"]["videoanchor"]
-    assert target == "videoanchor.integrations.lmms_eval:model_manifests"
+    assert target == "videoanchor.lmms_eval:model_manifests"
     assert any(dep.startswith("lmms-eval") for dep in project["optional-dependencies"]["eval"])
 
 
 def test_every_model_name_resolves(lmms_eval_modules):
-    from videoanchor.integrations.lmms_eval import MODEL_NAMES
+    from videoanchor.lmms_eval import MODEL_NAMES
 
     for name, (family, _) in MODEL_NAMES.items():
         cls = resolve(name)
@@ -199,7 +199,7 @@ def test_every_model_name_resolves(lmms_eval_modules):
 def test_module_imports_without_lmms_eval(monkeypatch):
     for name in [n for n in sys.modules if n.split(".")[0] == "lmms_eval"] + ["lmms_eval"]:
         monkeypatch.setitem(sys.modules, name, None)  # any import of lmms_eval fails
-    module = importlib.reload(importlib.import_module("videoanchor.integrations.lmms_eval"))
+    module = importlib.reload(importlib.import_module("videoanchor.lmms_eval"))
     assert "videoanchor_qwen2_5_vl" in module.MODEL_NAMES
     with pytest.raises(ImportError):
         module.VideoanchorQwen25VlLMM  # noqa: B018 - building the class needs lmms-eval
@@ -366,7 +366,7 @@ def test_image_documents_match_the_direct_path(lmms_eval_modules, assets):
 
 
 def test_rank_aware_device_and_data_parallel_split(lmms_eval_modules, assets, monkeypatch):
-    from videoanchor.integrations import lmms_eval as wrapper
+    from videoanchor.integrations.transformers import lmms_eval as wrapper
 
     assert wrapper._rank_device("auto", 1, 2, cuda_available=True) == "cuda:1"
     assert wrapper._rank_device(None, 3, 4, cuda_available=True) == "cuda:3"

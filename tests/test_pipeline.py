@@ -30,7 +30,7 @@ def test_nothing_in_the_package_imports_the_cli():
 
 
 def test_lmms_eval_wrapper_uses_the_pipeline():
-    wrapper = _imported_modules(PACKAGE / "integrations" / "lmms_eval.py")
+    wrapper = _imported_modules(PACKAGE / "lmms_eval.py")
     assert "videoanchor.pipeline" in wrapper
     assert "videoanchor.pipeline" in _imported_modules(PACKAGE / "cli.py")
 

@@ -64,7 +64,7 @@ def checkpoint(tmp_path_factory):
         Qwen2VLVideoProcessor,
     )
 
-    from videoanchor.integrations.testing import tiny_config
+    from videoanchor.integrations.transformers.testing import tiny_config
 
     path = tmp_path_factory.mktemp("real_qwen2_5_vl")
     config = tiny_config("qwen2_5_vl")

@@ -22,7 +22,7 @@ import torchvision_shim
 torchvision_shim.apply()
 
 import videoanchor  # noqa: E402
-from videoanchor.integrations.testing import TOKENS, collate, tiny_model, tiny_sample  # noqa: E402
+from videoanchor.integrations.transformers.testing import TOKENS, collate, tiny_model, tiny_sample  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -55,7 +55,7 @@ def _groups(model, dist):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, distribute_tensor
 
-    from videoanchor.integrations.distributed import tensor_parallel_group
+    from videoanchor.integrations.transformers.distributed import tensor_parallel_group
 
     tp = tensor_parallel_group(model.model.language_model)
     fsdp = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("fsdp",))
@@ -105,7 +105,7 @@ def _rank_main(rank, path, port, out_dir):
 
         anchor.compute_anchor_scores = spy
         # What every attention call hands the kernel: its heads and the gates.
-        import videoanchor.integrations.attention as attention_mod
+        import videoanchor.integrations.transformers.attention as attention_mod
 
         seen = []
         kernel = attention_mod.anchored_attention
@@ -300,6 +300,6 @@ def test_process_group_option_is_validated():
     handle = videoanchor.configure(model, process_group=None)
     assert handle.config.process_group is None
     # Not tensor parallel: "auto" finds no group and nothing is communicated.
-    from videoanchor.integrations.distributed import resolve_group
+    from videoanchor.integrations.transformers.distributed import resolve_group
 
     assert resolve_group("auto", model.model.language_model) is None

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import videoanchor
-from videoanchor.integrations import attention as va_attention
-from videoanchor.integrations.testing import (
+from videoanchor.integrations.transformers import attention as va_attention
+from videoanchor.integrations.transformers.testing import (
     EagerAnchorReference,
     clone_inputs,
     load_saved,
@@ -140,7 +140,7 @@ def _packed(model, samples):
 @torch.no_grad()
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
 def test_sdpa_padding_matches_padding_free_with_position_ids(saved, family):
-    from videoanchor.integrations.testing import collate
+    from videoanchor.integrations.transformers.testing import collate
 
     model = load_saved(saved[family])
     handle = videoanchor.configure(model, **SSC)
@@ -310,7 +310,7 @@ def test_custom_4d_attention_mask(saved, kind, fresh_warnings):
     # Two continuations share one prompt (text + video) in a single row: a 4D mask keeps each
     # continuation from seeing the other, position_ids restart after the prompt. Each must
     # match the same continuation run as its own sequence, anchored by the same gates.
-    from videoanchor.integrations.testing import collate
+    from videoanchor.integrations.transformers.testing import collate
 
     model = load_saved(saved["llava_onevision"])
     handle = videoanchor.configure(model, **SSC)
@@ -359,7 +359,7 @@ def test_custom_4d_attention_mask(saved, kind, fresh_warnings):
 def test_training_padding_free_matches_padded(saved):
     # Padding-free fine-tuning (packed rows, as with flash-attention's data collators): the
     # gradients equal those of the padded batch.
-    from videoanchor.integrations.testing import collate
+    from videoanchor.integrations.transformers.testing import collate
 
     model = load_saved(saved["llava_onevision"]).train()
     handle = videoanchor.configure(model, **SSC)

@@ -3,17 +3,18 @@
 Layers (dependencies run one way):
     videoanchor.kernels       fused anchored attention (Triton, exact torch path, float64 reference)
     videoanchor.anchor        sparse subspace clustering and anchor scores
-    videoanchor.integrations  transformers shims and the per-family registry
+    videoanchor.integrations  one subpackage per engine (transformers shims, per-family registry)
+    videoanchor.pipeline      load a VLM, build inputs, generate
+    videoanchor.cli, videoanchor.lmms_eval   applications of the pipeline
 """
 
 from videoanchor.anchor import AnchorResult, compute_anchor_scores, sparse_subspace_clustering
-from videoanchor.integrations import configure
-from videoanchor.integrations import register as _register_transformers
+from videoanchor._version import __version__
+from videoanchor.integrations.transformers import configure
+from videoanchor.integrations.transformers import register as _register_transformers
 from videoanchor.kernels import anchor_gates, anchored_attention, anchored_attention_varlen
 
 _register_transformers()
-
-__version__ = "0.1.0"
 
 __all__ = [
     "anchored_attention",

@@ -437,7 +437,7 @@ def _nonneg_int(text: str) -> int:
 
 def _families_text() -> str:
     try:
-        from videoanchor.integrations.registry import FAMILIES
+        from videoanchor.integrations.transformers.registry import FAMILIES
     except Exception:  # pragma: no cover - only when the package is broken
         return ""
     names = ", ".join(f"{spec.name} ({key})" for key, spec in sorted(FAMILIES.items()))
@@ -539,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_families_text(),
         formatter_class=fmt,
     )
-    from videoanchor import __version__
+    from videoanchor._version import __version__
 
     parser.add_argument("--version", action="version", version=f"videoanchor {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

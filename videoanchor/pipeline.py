@@ -156,7 +156,7 @@ def check_model(model_name: str, *, trust_remote_code: bool = False):
     """
     import transformers
 
-    from videoanchor.integrations import get_family
+    from videoanchor.integrations.transformers import get_family
 
     try:
         config = transformers.AutoConfig.from_pretrained(
@@ -186,8 +186,9 @@ def load_vlm(
     """
     import transformers
 
-    import videoanchor
-    from videoanchor.integrations import ATTN_IMPLEMENTATION
+    from videoanchor.integrations.transformers import ATTN_IMPLEMENTATION, configure, register
+
+    register()  # idempotent; importing the package root does it too
 
     check_model(model_name, trust_remote_code=trust_remote_code)
     device = _resolve_device(device)
@@ -217,7 +218,7 @@ def load_vlm(
         raise PipelineError(
             f"cannot load the processor of '{model_name}': {_first_line(err)}"
         ) from err
-    handle = videoanchor.configure(model)
+    handle = configure(model)
     return model, processor, handle
 
 

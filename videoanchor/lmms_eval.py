@@ -168,7 +168,7 @@ class VideoAnchorLMMCore:
     """The wrapper's logic, independent of lmms-eval (the registered classes add its base).
 
     Attributes after construction: ``model``, ``processor``, ``handle`` (the model's
-    :class:`~videoanchor.integrations.AnchorHandle`, whose ``config`` holds the anchoring
+    :class:`~videoanchor.integrations.transformers.AnchorHandle`, whose ``config`` holds the anchoring
     settings in force), ``family`` (``config.model_type``), ``task_dict`` (filled by lmms-eval).
     """
 

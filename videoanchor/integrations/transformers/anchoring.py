@@ -31,14 +31,14 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from videoanchor.integrations.attention import ATTN_IMPLEMENTATION, REQUEST_KWARG
-from videoanchor.integrations.distributed import (
+from videoanchor.integrations.transformers.attention import ATTN_IMPLEMENTATION, REQUEST_KWARG
+from videoanchor.integrations.transformers.distributed import (
     check_same_request,
     resolve_group,
     shared_scores,
     validate_group_option,
 )
-from videoanchor.integrations.registry import (
+from videoanchor.integrations.transformers.registry import (
     FamilySpec,
     VisualSegment,
     get_family,
@@ -670,7 +670,7 @@ def configure(
     if handle is None:
         base = _base_model(model)
         if base is None:
-            from videoanchor.integrations.registry import FAMILIES
+            from videoanchor.integrations.transformers.registry import FAMILIES
 
             model_type = getattr(getattr(model, "config", None), "model_type", None)
             raise TypeError(

@@ -180,7 +180,7 @@ def videoanchor_attention_forward(
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     handle = getattr(module, "_videoanchor_handle", None)
     if handle is None and causal:
-        from videoanchor.integrations.registry import supported_families
+        from videoanchor.integrations.transformers.registry import supported_families
 
         # As SDPA would: the module still attends (plain attention, no gates), e.g. a text-only
         # model or a VLM's language model used on its own; anchoring needs a configured VLM.
