@@ -7,7 +7,8 @@ Two jobs, so that ``mkdocs build --strict`` checks the docstrings instead of hid
   entry; this splits such an entry into one entry per name, each with the shared text, so
   griffe can still warn about a documented parameter that is not in the signature.
 - Sphinx roles (``:func:`x```, ``:class:`~a.b.C```) are shown as code (``x``, ``C``) instead
-  of their raw markup.
+  of their raw markup, and a reST literal-block marker (``text::``) as ``text:`` (the
+  indented block after it is already a Markdown code block).
 - Every object a module exports (``__all__``) that is a function or a class, and every public
   method or property of such a class, must have a docstring: a missing one is a warning
   (an error under ``--strict``).
@@ -72,7 +73,8 @@ def split_grouped_params(text: str) -> str:
 
 
 def plain_roles(text: str) -> str:
-    """``:func:`a.b``` -> ```a.b```; ``:class:`~a.b.C``` -> ```C```."""
+    """``:func:`a.b``` -> ```a.b```; ``:class:`~a.b.C``` -> ```C```; ``text::`` -> ``text:``."""
+    text = re.sub(r"(?<=\S)::[ \t]*$", ":", text, flags=re.M)
     return _ROLE.sub(
         lambda m: f"`{m.group(2).rsplit('.', 1)[-1] if m.group(1) else m.group(2)}`", text
     )
