@@ -529,6 +529,61 @@ def fig_lmms_batch(r: Result, results):
     )
 
 
+def fig_attention(r: Result, results):
+    """Speedup of the anchored kernel over each baseline against S, one panel per model."""
+    rows = [x for x in r.rows if x.get("ms") is not None and "S" in x]
+    models = list(dict.fromkeys(x.get("model") for x in rows))
+    if not any(x["provider"] == "anchored" for x in rows):
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.0), squeeze=False,
+                             sharey=True)  # fmt: skip
+    for ax, model in zip(axes[0], models, strict=True):
+        rs = [x for x in rows if x.get("model") == model]
+        ours = {x["S"]: x["ms"] for x in rs if x["provider"] == "anchored"}
+        baselines = [p for p in dict.fromkeys(x["provider"] for x in rs) if p != "anchored"]
+        for i, provider in enumerate(baselines):
+            pts = sorted((x["S"], x["ms"] / ours[x["S"]]) for x in rs
+                         if x["provider"] == provider and x["S"] in ours)  # fmt: skip
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="os^vD"[i % 5], color=f"C{i + 1}",
+                        label=provider)  # fmt: skip
+        ax.axhline(1.0, color="0.3", lw=1, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length S")
+        ax.set_title(str(model))
+    axes[0][0].set_ylabel("baseline time / anchored time (> 1: ours faster)")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center",
+               ncol=4, fontsize=7)  # fmt: skip
+    fig.suptitle(f"Prefill attention, {rows[0].get('dtype')}: speedup of the anchored kernel")
+    return fig, (
+        "Each baseline's time over the anchored kernel's, same shapes and gates, measured in "
+        "the same process (a missing point: the baseline failed or ran out of memory there)."
+    )
+
+
+def fig_prefill(r: Result, results):
+    """A whole-model prefill per provider (bench_integration, bench_tp)."""
+    rows = [x for x in r.rows if x.get("prefill_ms") is not None and "provider" in x]
+    size = "world_size" if r.area == "tp" else "visual_tokens"
+    if not rows or not all(size in x for x in rows):
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.0, 3.0))
+    for i, provider in enumerate(dict.fromkeys(x["provider"] for x in rows)):
+        pts = sorted((x[size], x["prefill_ms"]) for x in rows if x["provider"] == provider)
+        ax.plot(*zip(*pts, strict=True), marker="os^vD"[i % 5], label=provider,
+                color="C0" if provider == "videoanchor" else f"C{i + 1}")  # fmt: skip
+    ax.set_xlabel("GPUs (tensor parallel)" if size == "world_size" else "visual tokens")
+    ax.set_ylabel("prefill ms (lower is better)")
+    ax.legend(fontsize=7)
+    ax.set_title(f"{rows[0].get('model', rows[0].get('dims', ''))}, {rows[0].get('dtype', '')}")
+    return fig, (
+        "Time to the first token of a whole model's prefill per attention implementation; "
+        "`videoanchor` includes its SSC (see `ssc_ms` in the table)."
+    )
+
+
 FIGURES_BY_AREA = {
     "ssc": fig_ssc,
     "spectral": fig_spectral,
@@ -539,6 +594,9 @@ FIGURES_BY_AREA = {
     "backward": fig_backward,
     "compile": fig_compile,
     "lmms_batch": fig_lmms_batch,
+    "attention": fig_attention,
+    "integration": fig_prefill,
+    "tp": fig_prefill,
 }
 
 
