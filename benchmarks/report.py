@@ -40,11 +40,7 @@ with its rows, and compares against a baseline measured in the same process. A f
 drawn only from such a file. Each section names its file; the full table is one click away
 under each figure.
 
-**What has not been measured.** No kernel of this package has run on a GPU yet: there is
-no GPU timing (the attention, decode, integration and tensor-parallel benchmarks are
-written and wait for a GPU machine). The CPU results below ran on a shared 2-core x86_64
-machine with other jobs running, so their times are pessimistic and noisy. The compile
-reports are **STATIC**: figures read from compiled code, not timings.
+{status}
 
 Run the benchmarks (each writes `benchmarks/results/<area>_<device>.json`):
 
@@ -169,6 +165,9 @@ def provenance(r: Result) -> str:
     parts.append(f"git {str(m.get('git_sha', '?'))[:12]}")
     if m.get("date"):
         parts.append(str(m["date"])[:10])
+    load = m.get("loadavg")
+    if isinstance(load, list) and load:
+        parts.append(f"load average {float(load[0]):.1f}")
     return f"`benchmarks/results/{r.path.name}`: " + ", ".join(parts)
 
 
@@ -622,10 +621,37 @@ def _details(title: str, body: str) -> str:
     )
 
 
+def _status(results: list[Result]) -> str:
+    """What was measured where, from the files' own metadata."""
+    timed = [r for r in results if r.area != "compile"]
+    gpu = sorted(r.path.name for r in timed if not str(r.meta.get("device", "")).startswith("cpu"))
+    cpu = sorted({str(r.meta.get("device")) for r in timed if r.path.name not in gpu})
+    parts = []
+    if gpu:
+        parts.append("GPU results: " + ", ".join(f"`{n}`" for n in gpu) + ".")
+    else:
+        parts.append(
+            "**No GPU result has been committed yet: there is no GPU timing.** Every result "
+            "file gets its table here once committed; the attention, integration and "
+            "tensor-parallel benchmarks also have their figures ready."
+        )
+    if cpu:
+        parts.append(
+            f"The CPU results ran on {', '.join(cpu)}, a machine shared with other jobs (the "
+            "load average at the start is in each source line), so their times are "
+            "pessimistic and noisy."
+        )
+    if any(r.area == "compile" for r in results):
+        parts.append(
+            "The compile reports are **STATIC**: figures read from compiled code, not timings."
+        )
+    return " ".join(parts)
+
+
 def build(results: list[Result], uncommitted: list[str]):
     """Return (markdown, {figure file name: svg bytes})."""
     figures: dict[str, bytes] = {}
-    out = [HEADER]
+    out = [HEADER.replace("{status}", _status(results))]
     placed = set()
     sections = list(SECTIONS)
     known = {a for _, areas in SECTIONS for a in areas}
