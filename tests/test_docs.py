@@ -143,3 +143,6 @@ def test_api_reference_renders_every_public_name():
 
     top = set(videoanchor.__all__) - {"__version__"}
     assert top <= exported, f"videoanchor names not in any API page: {sorted(top - exported)}"
+    overview = (DOCS / "api" / "index.md").read_text()
+    missing = sorted(n for n in videoanchor.__all__ if f"`videoanchor.{n}`" not in overview)
+    assert not missing, f"docs/api/index.md does not list {missing}"
