@@ -561,6 +561,35 @@ def fig_attention(r: Result, results):
     )
 
 
+def fig_decode(r: Result, results):
+    """Decode: KV bytes read per second as a fraction of the device's copy bandwidth."""
+    rows = [x for x in r.rows if x.get("section") == "decode" and x.get("fraction_of_copy_bw")]
+    if not rows:
+        return None
+    batches = sorted({x["B"] for x in rows})
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(batches), figsize=(3.6 * len(batches), 3.0), squeeze=False,
+                             sharey=True)  # fmt: skip
+    for ax, B in zip(axes[0], batches, strict=True):
+        for i, provider in enumerate(dict.fromkeys(x["provider"] for x in rows)):
+            pts = sorted((x["S"], x["fraction_of_copy_bw"]) for x in rows
+                         if x["B"] == B and x["provider"] == provider)  # fmt: skip
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="os^vD"[i % 5], label=provider,
+                        color=f"C{i}")  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("cached tokens S")
+        ax.set_title(f"batch {B}")
+    axes[0][0].set_ylabel("KV read rate / copy bandwidth")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center",
+               ncol=3, fontsize=7)  # fmt: skip
+    fig.suptitle("Decode (one query token): fraction of the copy bandwidth reached")
+    return fig, (
+        "Bytes of K and V read per second by one decode step, over the device's measured copy "
+        "bandwidth (1.0 would read the cache as fast as a copy does), per implementation."
+    )
+
+
 def fig_prefill(r: Result, results):
     """A whole-model prefill per provider (bench_integration, bench_tp)."""
     rows = [x for x in r.rows if x.get("prefill_ms") is not None and "provider" in x]
@@ -594,6 +623,7 @@ FIGURES_BY_AREA = {
     "compile": fig_compile,
     "lmms_batch": fig_lmms_batch,
     "attention": fig_attention,
+    "decode": fig_decode,
     "integration": fig_prefill,
     "tp": fig_prefill,
 }
@@ -632,7 +662,7 @@ def _status(results: list[Result]) -> str:
     else:
         parts.append(
             "**No GPU result has been committed yet: there is no GPU timing.** Every result "
-            "file gets its table here once committed; the attention, integration and "
+            "file gets its table here once committed; the attention, decode, integration and "
             "tensor-parallel benchmarks also have their figures ready."
         )
     if cpu:

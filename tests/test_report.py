@@ -42,6 +42,15 @@ def _attention_rows():
     return rows
 
 
+def _decode_rows():
+    rows = [
+        dict(section="decode", B=B, S=S, provider=p, ms=0.1, fraction_of_copy_bw=f * S / 65536)
+        for B in (1, 8) for S in (4096, 65536)
+        for p, f in (("anchored_split_kv", 0.8), ("sdpa_mask", 0.4), ("flex", 0.5))
+    ]  # fmt: skip
+    return rows + [dict(section="varlen", provider="anchored", lengths=[1, 2], ms=0.2)]
+
+
 def _prefill_rows(size_key):
     return [
         {size_key: n, "provider": p, "prefill_ms": 10.0 * n * (1 + i), "dtype": "bfloat16",
@@ -53,6 +62,7 @@ def _prefill_rows(size_key):
 def test_figures_for_benchmarks_not_run_yet(tmp_path):
     cases = [
         _result(tmp_path, "attention_nvidia-h100", _attention_rows()),
+        _result(tmp_path, "decode_nvidia-h100", _decode_rows()),
         _result(tmp_path, "integration_nvidia-h100", _prefill_rows("visual_tokens")),
         _result(tmp_path, "tp_nvidia-h100", _prefill_rows("world_size")),
     ]
