@@ -20,7 +20,6 @@ from videoanchor.anchor._inputs import (
 from videoanchor.anchor.blocked import (
     _group,
     comm_device,
-    raise_together,
     solve_ssc_blocked,
     sparse_row_sums,
     sparse_ssc_affinity,

@@ -27,7 +27,12 @@ __all__ = ["check_cache_seqlens", "check_cu_seqlens", "device_checks_enabled"]
 
 def device_checks_enabled() -> bool:
     """False when ``VIDEOANCHOR_DEVICE_CHECKS`` is 0/false/no/off (read on every call)."""
-    return os.environ.get("VIDEOANCHOR_DEVICE_CHECKS", "1").lower() not in ("0", "false", "no", "off")
+    return os.environ.get("VIDEOANCHOR_DEVICE_CHECKS", "1").lower() not in (
+        "0",
+        "false",
+        "no",
+        "off",
+    )
 
 
 def _on_device(t: torch.Tensor) -> bool:
