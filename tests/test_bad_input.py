@@ -583,3 +583,43 @@ def test_lmms_eval_checks_options_before_loading(case, tmp_path):
     kw, phrase = _LMMS_BAD[case]
     with pytest.raises(ValueError, match=_re(phrase)):
         VideoAnchorLMMCore(pretrained=str(tmp_path / "no-such-model"), **kw)
+
+
+# ---- the device-side (no sync) checks, run on the CPU: torch._assert_async raises there --
+
+
+@pytest.fixture
+def as_if_on_gpu(monkeypatch):
+    from videoanchor.kernels import checks
+
+    monkeypatch.setattr(checks, "_on_device", lambda t: True)
+    monkeypatch.setattr(checks, "_CHECKED", {})
+    return checks
+
+
+@pytest.mark.parametrize(
+    "offsets,total,longest",
+    [([0, 5, 3, 7], 7, 9), ([0, 3, 9], 7, 9), ([1, 3, 7], 7, 9), ([0, 3, 7], 7, 3),
+     ([0, -1, 7], 7, 9)],
+    ids=["non-monotonic", "past-total", "start", "max_seqlen", "negative"],
+)  # fmt: skip
+def test_device_cu_seqlens_assert(as_if_on_gpu, offsets, total, longest):
+    with pytest.raises(RuntimeError, match="cu_seqlens_q must start at 0"):
+        as_if_on_gpu.check_cu_seqlens("cu_seqlens_q", torch.tensor(offsets), total, longest)
+
+
+def test_device_checks_run_once_per_tensor_version(as_if_on_gpu):
+    cs = torch.tensor([3, 9])
+    as_if_on_gpu.check_cache_seqlens(cs, 9)
+    as_if_on_gpu.check_cache_seqlens(cs, 9)  # same tensor, same version: skipped
+    cs[0] = 10  # an in-place change is seen: checked again
+    with pytest.raises(RuntimeError, match=r"cache_seqlens outside \[0, Skv=9\]"):
+        as_if_on_gpu.check_cache_seqlens(cs, 9)
+    with pytest.raises(RuntimeError, match="cache_seqlens outside"):
+        as_if_on_gpu.check_cache_seqlens(torch.tensor([2**40]), 9)
+    as_if_on_gpu.check_cu_seqlens("cu_seqlens_q", torch.tensor([0, 3, 7]), 7, 4)  # fine
+
+
+def test_device_checks_can_be_switched_off(as_if_on_gpu, monkeypatch):
+    monkeypatch.setenv("VIDEOANCHOR_DEVICE_CHECKS", "0")
+    as_if_on_gpu.check_cache_seqlens(torch.tensor([99]), 9)  # the caller vouches for it

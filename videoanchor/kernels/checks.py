@@ -19,6 +19,7 @@ the same inputs.
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 
@@ -39,12 +40,26 @@ def _on_device(t: torch.Tensor) -> bool:
     return t.device.type != "cpu" and t.device.type != "meta"
 
 
+# The last device tensors checked, with their version counter and the bound they were
+# checked against: every decoder layer of one forward passes the same metadata tensor, so
+# only the first layer pays for the check kernels (an in-place change bumps the version).
+_CHECKED: dict[str, tuple] = {}
+
+
+def _already_checked(kind: str, t: torch.Tensor, bound) -> bool:
+    seen = _CHECKED.get(kind)
+    if seen is not None and seen[0]() is t and seen[1] == t._version and seen[2] == bound:
+        return True
+    _CHECKED[kind] = (weakref.ref(t), t._version, bound)
+    return False
+
+
 def check_cache_seqlens(cache_seqlens: torch.Tensor, skv: int) -> None:
     """Every ``cache_seqlens[b]`` must lie in ``[0, skv]`` (the slots of the cache)."""
     if cache_seqlens.numel() == 0 or cache_seqlens.device.type == "meta":
         return
     if _on_device(cache_seqlens):
-        if device_checks_enabled():
+        if device_checks_enabled() and not _already_checked("cache", cache_seqlens, skv):
             ok = ((cache_seqlens >= 0) & (cache_seqlens <= skv)).all()
             torch._assert_async(ok, f"videoanchor: cache_seqlens outside [0, Skv={skv}]")
         return
@@ -65,7 +80,7 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_seqlen: int | 
     if cu.device.type == "meta":
         return
     if _on_device(cu):
-        if not device_checks_enabled():
+        if not device_checks_enabled() or _already_checked(name, cu, (total, max_seqlen)):
             return
         ok = (cu[0] == 0) & (cu[-1] == total)
         if cu.numel() > 1:
