@@ -623,3 +623,13 @@ def test_device_checks_run_once_per_tensor_version(as_if_on_gpu):
 def test_device_checks_can_be_switched_off(as_if_on_gpu, monkeypatch):
     monkeypatch.setenv("VIDEOANCHOR_DEVICE_CHECKS", "0")
     as_if_on_gpu.check_cache_seqlens(torch.tensor([99]), 9)  # the caller vouches for it
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_scalars_are_numbers(backend):
+    q, k, v = _qkv()
+    a = anchored_attention(
+        q, k, v, sm_scale=np.float32(0.25), causal=np.bool_(True), backend=backend
+    )
+    b = anchored_attention(q, k, v, sm_scale=0.25, causal=True, backend=backend)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)

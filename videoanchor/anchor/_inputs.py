@@ -155,7 +155,8 @@ def check_choice(name: str, value, choices) -> str:
 
 
 def check_flag(name: str, value) -> bool:
-    if not (isinstance(value, bool) or type(value).__name__ == "bool_"):
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if not (isinstance(value, bool) or numpy_bool):
         raise TypeError(f"{name}: expected True or False, got {value!r}")
     return bool(value)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import warnings
 
@@ -63,7 +64,7 @@ def anchor_gates(
     if not scores.is_floating_point():
         raise TypeError(f"scores: expected a floating-point tensor, got dtype {scores.dtype}")
     for name, alpha in (("alpha_k", alpha_k), ("alpha_v", alpha_v)):
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
             raise TypeError(f"{name}: expected a finite number, got {type(alpha).__name__}")
         if not math.isfinite(alpha):
             raise ValueError(f"{name}: expected a finite number, got {alpha!r}")
@@ -88,14 +89,15 @@ def anchor_gates(
 
 def _check_bool(name, value):
     """A flag must be a bool: a truthy string such as "no" must not switch it on."""
-    if not (isinstance(value, bool) or type(value).__name__ == "bool_"):  # numpy.bool_ too
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if not (isinstance(value, bool) or numpy_bool):
         raise TypeError(f"{name}: expected True or False, got {value!r}; try {name}=False")
 
 
 def _check_sm_scale(sm_scale):
     if sm_scale is None:
         return
-    if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)):
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real):
         raise TypeError(
             f"sm_scale: expected None or a finite float, got {type(sm_scale).__name__}"
         )
@@ -416,6 +418,7 @@ def anchored_attention(
         ``out.transpose(1, 2)`` is contiguous, or ``(out, lse)`` when ``return_lse``.
     """
     _check_options(causal, return_lse, sm_scale)
+    causal, return_lse = bool(causal), bool(return_lse)
     _validate(q, k, v, key_bias, value_scale, key_padding_mask, backend, cache_seqlens)
     _check_attn_mask(attn_mask, q, k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
@@ -613,6 +616,7 @@ def anchored_attention_varlen(
         ``return_lse``.
     """
     _check_options(causal, return_lse, sm_scale)
+    causal, return_lse = bool(causal), bool(return_lse)
     _validate_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias, value_scale,
         backend,
