@@ -633,3 +633,17 @@ def test_numpy_scalars_are_numbers(backend):
     )
     b = anchored_attention(q, k, v, sm_scale=0.25, causal=True, backend=backend)
     torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_blank_video_through_the_model_scores_zero(tiny):
+    from videoanchor.integrations.transformers.testing import tiny_sample
+
+    handle = videoanchor.configure(tiny, enabled=True, n_clusters=3, max_iter=300)
+    sample = tiny_sample(tiny.config, [4], text=4, seed=20)
+    sample["pixel_values_videos"] = torch.zeros_like(sample["pixel_values_videos"])
+    with pytest.warns(UserWarning, match="every anchor score is 0") as caught:
+        tiny(**sample)
+    assert sum("anchor score is 0" in str(w.message) for w in caught) == 1  # said once
+    visual = handle.last_visual_positions[0]
+    assert visual.numel() > 0 and bool((handle.last_scores[0, visual] == 0).all())

@@ -342,6 +342,8 @@ def tie_duplicate_scores(x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     x64 = x.to(torch.float64)
     spread = float((x64 - x64.mean(dim=0, keepdim=True)).norm(dim=1).max())
     if spread <= FLAT_FEATURES_RTOL * float(x64.norm(dim=1).max()):
+        if not bool(scores.any()):  # already all 0 (flat row sums, warned there)
+            return torch.zeros_like(scores)
         warnings.warn(
             f"videoanchor: the {n} tokens are identical to within {FLAT_FEATURES_RTOL:g} of "
             "their norm (e.g. a static or blank video); no token stands out, so every anchor "
