@@ -383,6 +383,16 @@ def compute_anchor_scores(
     draw being the default's) and each token's cluster share ``pi_j`` is averaged over
     them, so the scores depend much less on the seed; the embedding is computed once.
 
+    Identical tokens get identical scores (bitwise-identical rows share the mean of their
+    scores); when all tokens are one point, or the row sums of ``C`` agree to 1e-3, every
+    score is 0 and a warning says so (docs/validation.md). ``seed=None`` draws a seed from
+    NumPy's global generator, as scikit-learn's ``random_state=None`` does.
+
+    Every option is checked before any work, in every mode; an option the chosen mode
+    would ignore is a ``ValueError``. Under a ``process_group`` the checks and a
+    fingerprint of all options meet in one collective that every rank reaches first, so
+    every rank raises the same error or none does.
+
     Raises ``ValueError`` for N = 0, fewer tokens than clusters or non-finite features,
     ``TypeError`` for non-numeric input, and ``SSCMemoryError`` (a ``MemoryError``) with
     the size it would need when the dense problem does not fit on the device.
