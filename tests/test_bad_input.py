@@ -21,6 +21,7 @@ import torchvision_shim
 torchvision_shim.apply()  # a spawned rank imports this module but not conftest.py
 
 import videoanchor  # noqa: E402
+import videoanchor.cli  # noqa: E402
 from videoanchor.anchor import compute_anchor_scores, sparse_subspace_clustering  # noqa: E402
 from videoanchor.kernels import anchor_gates, anchored_attention  # noqa: E402
 from videoanchor.kernels.interface import anchored_attention_varlen  # noqa: E402
@@ -647,3 +648,57 @@ def test_blank_video_through_the_model_scores_zero(tiny):
     assert sum("anchor score is 0" in str(w.message) for w in caught) == 1  # said once
     visual = handle.last_visual_positions[0]
     assert visual.numel() > 0 and bool((handle.last_scores[0, visual] == 0).all())
+
+
+# ---- the CLI end to end on a tiny checkpoint: short clips, interrupted output -----------
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from test_cli_support import save_tiny_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny_ckpt")
+    save_tiny_checkpoint("qwen2_5_vl", path)
+    return path
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls on a loaded 2-core machine: see test_cli.py
+    yield
+    torch.set_num_threads(n)
+
+
+def _anchors_argv(ckpt, video, out):
+    return ["anchors", "--model", str(ckpt), "--trust-remote-code", "--video", str(video),
+            "--n-clusters", "2", "--ssc-max-iter", "200", "-q", "--out", str(out)]  # fmt: skip
+
+
+def test_cli_one_frame_clip_is_one_frame(tiny_checkpoint, clips, tmp_path, capsys, one_thread):
+    out = tmp_path / "a.png"
+    assert videoanchor.cli.main(_anchors_argv(tiny_checkpoint, clips[1], out)) == 0
+    err = capsys.readouterr().err
+    assert "has 1 frames, fewer than the 16 asked for" in err
+    data = np.load(out.with_suffix(".npz"))
+    np.testing.assert_array_equal(data["frame_indices"], [0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "a.png"]  # no temp files
+
+
+def test_cli_interrupted_output_leaves_no_partial_file(
+    tiny_checkpoint, clips, tmp_path, capsys, monkeypatch, one_thread
+):
+    import videoanchor.visualize as vis
+
+    real = vis.save_anchor_figure
+
+    def interrupted(path, *args, **kwargs):
+        real(path, *args, **kwargs)
+        with open(path, "r+b") as f:  # half-written, then the user presses Ctrl-C
+            f.truncate(10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vis, "save_anchor_figure", interrupted)
+    out = tmp_path / "b.png"
+    assert videoanchor.cli.main(_anchors_argv(tiny_checkpoint, clips[5], out)) == 130
+    assert list(tmp_path.iterdir()) == []  # neither file, no temporary left behind
