@@ -166,7 +166,7 @@ def check_load_options(device: str = "auto", dtype: str = "auto"):
         raise PipelineError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     import re
 
-    if device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps|xpu(:\d+)?", device):
+    if device != "auto" and not re.fullmatch(r"(cpu|cuda|xpu|mps)(:\d+)?", device):
         raise PipelineError(
             f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}; try device=auto"
         )
