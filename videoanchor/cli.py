@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -85,8 +86,12 @@ def _read_visual(args, kind: str):
         from videoanchor.video import read_video_frames
 
         frames = DEFAULT_FRAMES if args.frames is None else args.frames
-        video = read_video_frames(args.video, frames, progress=not args.quiet)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            video = read_video_frames(args.video, frames, progress=not args.quiet)
         _log(args, f"sampled {video.num_frames} of {video.total_frames} frames from {args.video}")
+        for w in caught:  # e.g. fewer frames than --frames: each frame once, never repeated
+            print(f"videoanchor: note: {w.message}", file=sys.stderr, flush=True)
         return video
     views = read_images(args.images)
     sizes = ", ".join(f"{v.shape[1]}x{v.shape[0]}" for v in views)
@@ -100,19 +105,50 @@ def _inputs(processor, kind, visual, question, model):
     return image_inputs(processor, visual, question, device=model.device, dtype=model.dtype)
 
 
-def _configure(handle, args, enabled: bool):
-    import videoanchor
-
+def _anchor_options(args, enabled: bool) -> dict:
     opts = dict(enabled=enabled, n_clusters=args.n_clusters, decode=args.decode, seed=args.seed)
     opts.update(pca_rank=args.pca_rank, max_iter=args.ssc_max_iter, label_draws=args.label_draws)
     for name in ("alpha_q", "alpha_k", "alpha_v"):
         value = getattr(args, name)
         if value is not None:
             opts[name] = value
+    return opts
+
+
+def _configure(handle, args, enabled: bool):
+    import videoanchor
+
     try:
-        return videoanchor.configure(handle.model, **opts)
+        return videoanchor.configure(handle.model, **_anchor_options(args, enabled))
     except (TypeError, ValueError) as err:
         raise CLIError(_first_line(err)) from err
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    """The file can be created: its folder exists (or can be made) and is writable."""
+    if path.exists() and path.is_dir():
+        raise CLIError(f"{flag}: expected a file path, got the directory '{path}'")
+    parent = path.parent if str(path.parent) else Path(".")
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CLIError(f"{flag}: cannot create '{path}': '{probe}' is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CLIError(f"{flag}: cannot write '{path}': '{probe}' is not writable")
+
+
+def _check_args(args, kind: str) -> None:
+    """Everything the command needs from its flags, checked before any slow step (reading
+    the video, loading the model): one place, so a typo costs nothing."""
+    from videoanchor.integrations.transformers.anchoring import check_options
+    from videoanchor.pipeline import check_load_options
+
+    try:
+        check_options(**_anchor_options(args, True))
+    except (TypeError, ValueError) as err:
+        raise CLIError(_first_line(err).replace("max_iter", "--ssc-max-iter")) from err
+    check_load_options(args.device, args.dtype)
 
 
 def _log(args, message: str) -> None:
@@ -126,6 +162,7 @@ def _fmt_s(x: float | None) -> str:
 
 def cmd_run(args) -> int:
     kind = _visual_kind(args)
+    _check_args(args, kind)
     check_model(args.model, trust_remote_code=args.trust_remote_code)
     visual = _read_visual(args, kind)
     model, processor, handle = load_vlm(
@@ -182,7 +219,14 @@ def cmd_anchors(args) -> int:
     if out.suffix.lower() != ".png":
         raise CLIError(f"--out must be a .png file, got '{args.out}'")
     npz = Path(args.npz) if args.npz else out.with_suffix(".npz")
+    if npz.suffix.lower() != ".npz":
+        raise CLIError(f"--npz must be a .npz file, got '{args.npz}'")
+    if npz.resolve() == out.resolve():
+        raise CLIError("--npz and --out must be different files")
+    _check_writable(out, "--out")
+    _check_writable(npz, "--npz")
     kind = _visual_kind(args)
+    _check_args(args, kind)
     check_model(args.model, trust_remote_code=args.trust_remote_code)
     visual = _read_visual(args, kind)
     model, processor, handle = load_vlm(
@@ -208,10 +252,20 @@ def cmd_anchors(args) -> int:
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     npz.parent.mkdir(parents=True, exist_ok=True)
-    if kind == "video":
-        image, strongest = _draw_video_anchors(args, handle, visual, out, npz, common)
-    else:
-        image, strongest = _draw_view_anchors(args, handle, visual, out, npz, common)
+    # Written under temporary names and renamed into place: an interrupted run leaves each
+    # file complete or absent, never a truncated .npz beside a complete PNG.
+    tmp_out = out.with_name(f".{out.stem}.{os.getpid()}.tmp.png")
+    tmp_npz = npz.with_name(f".{npz.stem}.{os.getpid()}.tmp.npz")
+    try:
+        if kind == "video":
+            image, strongest = _draw_video_anchors(args, handle, visual, tmp_out, tmp_npz, common)
+        else:
+            image, strongest = _draw_view_anchors(args, handle, visual, tmp_out, tmp_npz, common)
+        os.replace(tmp_npz, npz)
+        os.replace(tmp_out, out)
+    finally:
+        for tmp in (tmp_out, tmp_npz):
+            tmp.unlink(missing_ok=True)
     print(f"wrote {out} ({image.size[0]}x{image.size[1]}) and {npz}")
     _log(args, f"strongest anchors: {strongest}")
     return 0

@@ -226,7 +226,33 @@ class VideoAnchorLMMCore:
         )
         trust_remote_code = _as_bool(trust_remote_code, "trust_remote_code")
 
-        from videoanchor.pipeline import PipelineError, check_model, load_vlm
+        from videoanchor.integrations.transformers.anchoring import check_options
+        from videoanchor.pipeline import PipelineError, check_load_options, check_model, load_vlm
+
+        # Every option is checked here, before the config or the weights are read.
+        opts = {
+            "enabled": self.anchor,
+            "n_clusters": _as_int(n_clusters, "n_clusters", 1),
+            "decode": decode,
+            "pca_rank": _as_int(pca_rank, "pca_rank", 0),
+            "max_iter": _as_int(ssc_max_iter, "ssc_max_iter", 1),
+            "label_draws": _as_int(label_draws, "label_draws", 1),
+        }
+        for name, value in (("alpha_q", alpha_q), ("alpha_k", alpha_k), ("alpha_v", alpha_v)):
+            value = _as_float(value, name)
+            if value is not None:
+                opts[name] = value
+        check_options(**opts)
+        pixel_range = {}
+        if min_pixels is not None:
+            pixel_range["shortest_edge"] = _as_int(min_pixels, "min_pixels", 1)
+        if max_pixels is not None:
+            pixel_range["longest_edge"] = _as_int(max_pixels, "max_pixels", 1)
+        load_device = _rank_device(device, self._local_rank, self._world_size, _cuda_available())
+        try:
+            check_load_options(load_device, dtype)
+        except PipelineError as err:
+            raise ValueError(str(err)) from err
 
         try:
             config = check_model(pretrained, trust_remote_code=trust_remote_code)
@@ -245,16 +271,11 @@ class VideoAnchorLMMCore:
                     f"min_pixels/max_pixels: only the Qwen families take a pixel range, "
                     f"this is {self.family!r}"
                 )
-            size = {}
-            if min_pixels is not None:
-                size["shortest_edge"] = _as_int(min_pixels, "min_pixels", 1)
-            if max_pixels is not None:
-                size["longest_edge"] = _as_int(max_pixels, "max_pixels", 1)
-            self.processor_kwargs["size"] = size
+            self.processor_kwargs["size"] = pixel_range
         try:
             self.model, self.processor, handle = load_vlm(
                 pretrained,
-                device=_rank_device(device, self._local_rank, self._world_size, _cuda_available()),
+                device=load_device,
                 dtype=dtype,
                 trust_remote_code=trust_remote_code,
             )
@@ -263,18 +284,6 @@ class VideoAnchorLMMCore:
 
         import videoanchor
 
-        opts = {
-            "enabled": self.anchor,
-            "n_clusters": _as_int(n_clusters, "n_clusters", 1),
-            "decode": decode,
-            "pca_rank": _as_int(pca_rank, "pca_rank", 0),
-            "max_iter": _as_int(ssc_max_iter, "ssc_max_iter", 1),
-            "label_draws": _as_int(label_draws, "label_draws", 1),
-        }
-        for name, value in (("alpha_q", alpha_q), ("alpha_k", alpha_k), ("alpha_v", alpha_v)):
-            value = _as_float(value, name)
-            if value is not None:
-                opts[name] = value
         self.handle = videoanchor.configure(self.model, **opts)
         self.pretrained = pretrained
         self._warned: set[str] = set()

@@ -25,6 +25,7 @@ __all__ = [
     "TokenMaps",
     "anchor_token_maps",
     "anchor_view_maps",
+    "check_load_options",
     "check_model",
     "generate_answer",
     "generate_answers",
@@ -140,13 +141,37 @@ def _resolve_device(device: str) -> str:
     return device
 
 
+LOAD_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
 def _resolve_dtype(dtype: str, device: str):
     import torch
 
+    if not isinstance(dtype, str) or dtype not in LOAD_DTYPES:
+        raise PipelineError(
+            f"dtype: expected one of {', '.join(LOAD_DTYPES)}, got {dtype!r}; try dtype=auto "
+            "(bfloat16 on CUDA, float32 on CPU)"
+        )
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     table = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     return table[dtype]
+
+
+def check_load_options(device: str = "auto", dtype: str = "auto"):
+    """Check ``load_vlm``'s device and dtype without loading anything; returns the resolved
+    ``(device, torch dtype)``. Raises PipelineError (one line). Callers run it before
+    any slow step (reading a video, loading weights)."""
+    if not isinstance(device, str) or not device:
+        raise PipelineError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    import re
+
+    if device != "auto" and not re.fullmatch(r"(cpu|cuda|xpu|mps)(:\d+)?", device):
+        raise PipelineError(
+            f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}; try device=auto"
+        )
+    resolved = _resolve_device(device)
+    return resolved, _resolve_dtype(dtype, resolved)
 
 
 def check_model(model_name: str, *, trust_remote_code: bool = False):
@@ -190,9 +215,8 @@ def load_vlm(
 
     register()  # idempotent; importing the package root does it too
 
+    device, torch_dtype = check_load_options(device, dtype)
     check_model(model_name, trust_remote_code=trust_remote_code)
-    device = _resolve_device(device)
-    torch_dtype = _resolve_dtype(dtype, device)
     try:
         model = transformers.AutoModelForImageTextToText.from_pretrained(
             model_name,

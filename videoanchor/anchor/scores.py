@@ -8,11 +8,18 @@ from dataclasses import dataclass, field
 import torch
 
 from videoanchor.anchor import _inputs
-from videoanchor.anchor._inputs import as_feature_tensor, resolve_dtype
+from videoanchor.anchor._inputs import (
+    EIGEN_SOLVERS,
+    agree_across_ranks,
+    as_feature_tensor,
+    check_flag,
+    check_ssc_options,
+    resolve_dtype,
+    tie_duplicate_scores,
+)
 from videoanchor.anchor.blocked import (
     _group,
     comm_device,
-    raise_together,
     solve_ssc_blocked,
     sparse_row_sums,
     sparse_ssc_affinity,
@@ -235,6 +242,15 @@ def sparse_subspace_clustering(
     :func:`compute_anchor_scores`); ``labels`` is the first, ``label_draws`` holds all.
     """
     t0 = time.perf_counter()
+    opts = check_ssc_options(
+        n_clusters=n_clusters, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
+        max_iter=max_iter, pca_rank=pca_rank, seed=seed, label_draws=label_draws,
+        backend=backend, solver=solver, eigen_solver=eigen_solver, dtype=dtype,
+        progress=progress,
+    )  # fmt: skip
+    check_flag("affine", affine)
+    check_flag("outliers", outliers)
+    seed, n_clusters = opts["seed"], opts["n_clusters"]
     x = as_feature_tensor(features)
     n = x.shape[0]
     _check_common(n_clusters, n, alpha_e, alpha_z, backend, solver)
@@ -258,6 +274,10 @@ def sparse_subspace_clustering(
             )
     if affinity not in ("symmetric", "column_max"):
         raise ValueError(f"affinity: expected 'symmetric' or 'column_max', got {affinity!r}")
+    if assign_labels not in ("discretize", "kmeans"):
+        raise ValueError(
+            f"assign_labels: expected 'discretize' or 'kmeans', got {assign_labels!r}"
+        )
     if isinstance(pca_rank, bool) or not isinstance(pca_rank, int) or pca_rank < 0:
         raise ValueError(f"pca_rank: expected a non-negative int, got {pca_rank!r}")
     work = resolve_dtype(dtype, x.device)
@@ -363,36 +383,66 @@ def compute_anchor_scores(
     draw being the default's) and each token's cluster share ``pi_j`` is averaged over
     them, so the scores depend much less on the seed; the embedding is computed once.
 
+    Identical tokens get identical scores (bitwise-identical rows share the mean of their
+    scores); when all tokens are one point, or the row sums of ``C`` agree to 1e-3, every
+    score is 0 and a warning says so (docs/validation.md). ``seed=None`` draws a seed from
+    NumPy's global generator, as scikit-learn's ``random_state=None`` does.
+
+    Every option is checked before any work, in every mode; an option the chosen mode
+    would ignore is a ``ValueError``. Under a ``process_group`` the checks and a
+    fingerprint of all options meet in one collective that every rank reaches first, so
+    every rank raises the same error or none does.
+
     Raises ``ValueError`` for N = 0, fewer tokens than clusters or non-finite features,
     ``TypeError`` for non-numeric input, and ``SSCMemoryError`` (a ``MemoryError``) with
     the size it would need when the dense problem does not fit on the device.
     """
     t0 = time.perf_counter()
-    if mode not in _MODES:
-        raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
-    _check_draws(label_draws)
-    if process_group is not None:
-        _group(process_group)  # checks that it is an initialised process group
-        if mode == "auto":
-            mode = "blocked"
-        elif mode != "blocked":
+    opts, x, error = None, None, None
+    try:
+        opts = check_ssc_options(
+            n_clusters=n_clusters, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
+            max_iter=max_iter, pca_rank=pca_rank, seed=seed, label_draws=label_draws,
+            backend=backend, solver=solver, eigen_solver=eigen_solver, dtype=dtype,
+            progress=progress, mode=mode, candidates=candidates, block_columns=block_columns,
+            block_eps=block_eps,
+        )  # fmt: skip
+        if process_group is not None and opts["mode"] not in ("auto", "blocked"):
             raise ValueError(
                 f"process_group: only the blocked exact solver is spread over processes; "
                 f"expected mode='auto' or 'blocked', got mode={mode!r}"
             )
-        x, error = None, None
-        try:
-            x = as_feature_tensor(features)
-            _check_common(n_clusters, x.shape[0], alpha_e, alpha_z, backend, solver)
-        except (TypeError, ValueError) as exc:
-            error = exc
-        # a rank that rejects its input raises on every rank, instead of a hang
-        raise_together(process_group, error, x.device if x is not None else torch.device("cpu"))
-    if mode != "exact":
         x = as_feature_tensor(features)
-        _check_common(n_clusters, x.shape[0], alpha_e, alpha_z, backend, solver)
+        _check_common(opts["n_clusters"], x.shape[0], alpha_e, alpha_z, backend, solver)
+    except (TypeError, ValueError) as exc:
+        if process_group is None:
+            raise
+        error = exc
+    if process_group is not None:
+        _group(process_group)  # checks that it is an initialised process group
+        # Every rank reaches this one collective before any can fail: all raise the same
+        # error (a rank's own bad input, or options that differ between ranks), or none.
+        fingerprint = dict(
+            n_clusters=n_clusters, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
+            max_iter=max_iter, pca_rank=pca_rank, seed=seed, label_draws=label_draws,
+            backend=backend, solver=solver, eigen_solver=eigen_solver, dtype=dtype,
+            mode=mode, candidates=candidates, block_columns=block_columns, block_eps=block_eps,
+            features=None if x is None else (tuple(x.shape), str(x.dtype)),
+        )  # fmt: skip
+        agree_across_ranks(process_group, fingerprint, error)
+    n_clusters, seed = opts["n_clusters"], opts["seed"]
+    mode = opts["mode"]
+    if process_group is not None and mode == "auto":
+        mode = "blocked"
+    if mode != "exact":
         if mode == "auto":
             mode = "exact" if _exact_fits(x, dtype, pca_rank) else "blocked"
+            if eigen_solver not in EIGEN_SOLVERS[mode]:
+                raise ValueError(
+                    f"mode='auto' chose {mode!r} for N = {x.shape[0]} tokens; expected "
+                    f"eigen_solver in {EIGEN_SOLVERS[mode]}, got {eigen_solver!r}; try "
+                    "eigen_solver='auto'"
+                )
         if mode == "blocked":
             return _blocked_anchor_scores(
                 x, n_clusters, t0=t0, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
@@ -408,8 +458,9 @@ def compute_anchor_scores(
                 max_iter=max_iter, seed=seed, dtype=dtype, candidates=candidates,
                 label_draws=label_draws,
             )  # fmt: skip
+            out["scores"] = tie_duplicate_scores(x, out["scores"])
             return AnchorResult(backend="torch", solver="restricted", mode="scalable", **out)
-        features = x
+    features = x
     res = sparse_subspace_clustering(
         features,
         n_clusters,
@@ -428,7 +479,7 @@ def compute_anchor_scores(
         label_draws=label_draws,
     )
     t1 = time.perf_counter()
-    scores = anchor_scores(res.coef, res.label_draws)
+    scores = tie_duplicate_scores(x, anchor_scores(res.coef, res.label_draws))
     _sync(scores.device)
     t2 = time.perf_counter()
     timings = dict(res.timings)
@@ -489,7 +540,7 @@ def _blocked_anchor_scores(
             draws = sparse_spectral_labels(w, n_clusters, seed=seed, draws=label_draws)
             draws = draws.to(x.device)
             del w
-            scores = anchor_scores(coef, draws)
+            scores = tie_duplicate_scores(x, anchor_scores(coef, draws))
         except Exception as exc:  # re-raised below, after the other ranks are told
             error = exc
     if group is not None:

@@ -24,6 +24,7 @@ The KV cache only ever holds the unscaled K and V: the gates enter inside the ke
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 import weakref
@@ -45,7 +46,7 @@ from videoanchor.integrations.transformers.registry import (
     segments_for_batch,
 )
 
-__all__ = ["AnchorConfig", "AnchorHandle", "configure", "find_handle"]
+__all__ = ["AnchorConfig", "AnchorHandle", "check_options", "configure", "find_handle"]
 
 _DECODE_MODES = ("prefill", "all")
 _KINDS = ("video", "image")
@@ -111,8 +112,24 @@ def _validate(cfg: AnchorConfig) -> AnchorConfig:
             f"attention_backend: expected one of {_ATTN_BACKENDS}, got {cfg.attention_backend!r}"
         )
     validate_group_option(cfg.process_group)
+    _validate_ssc_options(cfg)
     return replace(cfg, tokens=tokens, alpha_q=float(cfg.alpha_q), alpha_k=float(cfg.alpha_k),
                    alpha_v=float(cfg.alpha_v))  # fmt: skip
+
+
+def _validate_ssc_options(cfg: AnchorConfig) -> None:
+    """The SSC options, checked at configure() time by the same function
+    compute_anchor_scores uses (so a bad ssc_dtype or ssc_backend fails here, not at
+    generate)."""
+    from videoanchor.anchor._inputs import check_ssc_options
+
+    check_ssc_options(
+        n_clusters=cfg.n_clusters, alpha_e=cfg.alpha_e, alpha_z=cfg.alpha_z, rho=cfg.rho,
+        eps=cfg.eps, max_iter=cfg.max_iter, pca_rank=cfg.pca_rank,
+        seed=0 if cfg.seed is None else cfg.seed, label_draws=cfg.label_draws,
+        backend=cfg.ssc_backend, solver="auto", eigen_solver="auto", dtype=cfg.ssc_dtype,
+        progress=False, mode="auto",
+    )  # fmt: skip
 
 
 @dataclass
@@ -386,7 +403,12 @@ class AnchorHandle:
             cfg.process_group, getattr(self.model, self.family.language_model_attr)
         )
         if group is not None:
-            check_same_request(group, embeds, any_mask)
+            options = {
+                f.name: getattr(cfg, f.name)
+                for f in dataclasses.fields(cfg)
+                if f.name not in ("process_group", "attention_backend")
+            }
+            check_same_request(group, embeds, any_mask, options=options)
         scores = torch.zeros(B, S, dtype=torch.float32, device=embeds.device)
         results: list = []
         positions: list[torch.Tensor] = []
@@ -606,6 +628,16 @@ def maybe_install(model: torch.nn.Module) -> None:
 _UNSET = object()
 
 
+def check_options(**options) -> AnchorConfig:
+    """Check :func:`configure`'s options without a model (the family's alphas stand in
+    as the defaults): applications call it before loading a model. Returns the config
+    those options give; raises TypeError / ValueError as :func:`configure` would."""
+    unknown = sorted(set(options) - set(AnchorConfig.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"unexpected option(s) {unknown}; expected some of {sorted(AnchorConfig.__dataclass_fields__)}")
+    return _validate(AnchorConfig(**options))
+
+
 def configure(
     model: torch.nn.Module,
     *,
@@ -716,8 +748,19 @@ def configure(
         ).items()
         if v is not _UNSET
     }
-    handle.config = _validate(replace(handle.config, **given))
+    old = handle.config
+    handle.config = _validate(replace(old, **given))
     handle._keep_vision_on_sdpa()
-    handle._request = None
-    handle._current = None
+    request = handle._request
+    if request is not None and (old.alpha_k, old.alpha_v) != (
+        handle.config.alpha_k, handle.config.alpha_v
+    ) and handle.last_scores is not None:
+        # Called between the steps of a generate (decode="all"): the prompt's scores stay,
+        # its gates follow the new strengths from the next step on.
+        from videoanchor.kernels import anchor_gates
+
+        request.key_bias, request.value_scale = anchor_gates(
+            handle.last_scores, handle.config.alpha_k, handle.config.alpha_v
+        )
+        request.buffers.clear()
     return handle
