@@ -608,6 +608,21 @@ def build_parser() -> argparse.ArgumentParser:
                          help="width of one frame in the picture, in pixels (default 240)")  # fmt: skip
     anchors.set_defaults(func=cmd_anchors)
 
+    from videoanchor import tune as _tune
+
+    tune = sub.add_parser(
+        "tune",
+        help="sweep alpha_K x alpha_V x n_clusters on a dev set (vision encoder and SSC once)",
+        description="Answer a JSONL dev set unanchored and under every alpha_K x alpha_V x "
+        "n_clusters setting. The vision encoder and SSC run once per item, the labels once per "
+        "item and cluster count, the language model once per setting (settings share a "
+        "batch); all of it is cached on disk. Writes results.json (accuracy, paired delta and "
+        "its bootstrap interval per setting), summary.json and one heat map per cluster count.",
+        formatter_class=fmt,
+    )
+    _tune.add_arguments(tune)
+    tune.set_defaults(func=_tune.run_tune)
+
     bench = sub.add_parser(
         "bench",
         help="run the kernel and SSC benchmarks on this machine and print a table",

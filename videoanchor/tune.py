@@ -26,7 +26,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -423,7 +423,8 @@ def sweep(model, processor, handle, cache, items: list[Item], settings: list[Set
                     for s, answer in zip(chunk, outs, strict=True):
                         answers.add(item.id, s.key, answer, score_answer(item, answer))
                     bar.update(len(chunk))
-            encoded.clear() if len(encoded) > 64 else None
+            if len(encoded) > 64:  # bound the memory; the disk cache still holds them
+                encoded.clear()
     finally:
         bar.close()
 
