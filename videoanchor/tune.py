@@ -130,7 +130,11 @@ def _item(obj: dict, where: str, base: Path, index: int) -> Item:
     else:
         if isinstance(images, str):
             images = [images]
-        if not isinstance(images, list) or not images or not all(isinstance(p, str) for p in images):
+        if (
+            not isinstance(images, list)
+            or not images
+            or not all(isinstance(p, str) for p in images)
+        ):
             raise TuneError(f"{where}: expected 'images' to be a non-empty list of paths")
         images = tuple(str(base / p) for p in images)
         for p in images:
@@ -138,8 +142,11 @@ def _item(obj: dict, where: str, base: Path, index: int) -> Item:
                 raise TuneError(f"{where}: image file not found: '{p}'")
     options = obj.get("options")
     if options is not None:
-        if not isinstance(options, list) or not options or len(options) > 26 or not all(
-            isinstance(o, str) for o in options
+        if (
+            not isinstance(options, list)
+            or not options
+            or len(options) > 26
+            or not all(isinstance(o, str) for o in options)
         ):
             raise TuneError(f"{where}: expected 'options' to be a list of 1-26 strings")
         options = tuple(options)
@@ -252,7 +259,9 @@ def parse_grid(text: str, name: str, kind=float) -> list:
         except ValueError as err:
             raise TuneError(f"{name}: expected {kind.__name__} values, got {p!r}") from err
         if kind is float and (not math.isfinite(v) or v < -1):
-            raise TuneError(f"{name}: expected finite values >= -1 (gates 1 + alpha s > 0), got {p}")
+            raise TuneError(
+                f"{name}: expected finite values >= -1 (gates 1 + alpha s > 0), got {p}"
+            )
         if kind is int and v < 1:
             raise TuneError(f"{name}: expected positive cluster counts, got {v}")
         if v not in values:
@@ -478,8 +487,9 @@ def format_table(rows: list[dict], baseline: float | None) -> str:
 
 
 def save_heatmaps(rows: list[dict], out: Path, title: str = "") -> list[Path]:
-    """One PNG per cluster count: accuracy delta (anchored - unanchored) on the alpha_K x
-    alpha_V grid, each cell labelled with its delta; blue below zero, red above."""
+    """One PNG per cluster count, ``heatmap_k{K}.png``: the alpha_K x alpha_V grid, each
+    cell coloured by its accuracy delta against the unanchored baseline (red above zero,
+    blue below, white at zero) and labelled with the delta and the accuracy."""
     from PIL import Image, ImageDraw
 
     from videoanchor.visualize import _font
@@ -489,27 +499,31 @@ def save_heatmaps(rows: list[dict], out: Path, title: str = "") -> list[Path]:
         sub = [r for r in rows if r["n_clusters"] == k]
         aks = sorted({r["alpha_k"] for r in sub})
         avs = sorted({r["alpha_v"] for r in sub})
-        cell, left, top = 64, 70, 56
-        w, h = left + cell * len(aks) + 20, top + cell * len(avs) + 40
+        cell, left, top = 84, 78, 60
+        w, h = max(left + cell * len(aks) + 16, 360), top + cell * len(avs) + 44
         img = Image.new("RGB", (w, h), (255, 255, 255))
         draw = ImageDraw.Draw(img)
-        font, small = _font(13), _font(11)
+        font, small = _font(14), _font(12)
         span = max([abs(r["delta"]) for r in sub] + [1e-9])
-        draw.text((8, 6), f"{title} n_clusters={k}".strip(), fill=(0, 0, 0), font=font)
-        draw.text((8, 24), "cell: accuracy delta vs unanchored", fill=(80, 80, 80), font=small)
+        draw.text((8, 6), f"{title}  n_clusters={k}".strip(), fill=(0, 0, 0), font=font)
+        draw.text((8, 28), "cell: delta vs unanchored / accuracy", fill=(90, 90, 90), font=small)
         for i, av in enumerate(reversed(avs)):
-            draw.text((8, top + i * cell + cell // 2 - 6), f"aV={av:g}", fill=(0, 0, 0), font=small)
+            draw.text((8, top + i * cell + cell // 2 - 7), f"aV={av:g}", fill=(0, 0, 0), font=small)
         for j, ak in enumerate(aks):
-            draw.text((left + j * cell + 8, top + cell * len(avs) + 6), f"aK={ak:g}",
+            draw.text((left + j * cell + 10, top + cell * len(avs) + 8), f"aK={ak:g}",
                       fill=(0, 0, 0), font=small)  # fmt: skip
         for r in sub:
             j, i = aks.index(r["alpha_k"]), len(avs) - 1 - avs.index(r["alpha_v"])
-            t = r["delta"] / span  # in [-1, 1]
-            colour = (255, int(255 * (1 - t)), int(255 * (1 - t))) if t >= 0 else (
-                int(255 * (1 + t)), int(255 * (1 + t)), 255)  # fmt: skip
+            t = 0.7 * r["delta"] / span  # in [-0.7, 0.7]: text stays readable
+            fade = int(255 * (1 - abs(t)))
+            colour = (255, fade, fade) if t >= 0 else (fade, fade, 255)
             x0, y0 = left + j * cell, top + i * cell
             draw.rectangle([x0, y0, x0 + cell - 2, y0 + cell - 2], fill=colour)
-            draw.text((x0 + 6, y0 + cell // 2 - 7), f"{r['delta']:+.2f}", fill=(0, 0, 0), font=small)
+            sign = "+" if r["delta"] >= 0 else "-"
+            draw.text((x0 + 8, y0 + cell // 2 - 16), f"{sign}{abs(r['delta']):.3f}",
+                      fill=(0, 0, 0), font=font)  # fmt: skip
+            draw.text((x0 + 8, y0 + cell // 2 + 4), f"acc {r['accuracy']:.3f}",
+                      fill=(40, 40, 40), font=small)  # fmt: skip
         path = out / f"heatmap_k{k}.png"
         img.save(path)
         paths.append(path)
@@ -560,8 +574,11 @@ def add_arguments(p) -> None:
     o.add_argument("--cache-dir", default=None,
                    help="where vision features, SSC and labels are kept (default "
                    "$VIDEOANCHOR_CACHE or ~/.cache/videoanchor)")  # fmt: skip
-    o.add_argument("--no-cache", action="store_true",
-                   help="keep nothing on disk (still computed once per item within this run)")
+    o.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="keep nothing on disk (still computed once per item within this run)",
+    )
     a = p.add_argument_group("SSC (fixed during the sweep)")
     a.add_argument("--decode", choices=["prefill", "all"], default="prefill")
     a.add_argument("--pca-rank", type=int, default=0)
