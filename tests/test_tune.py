@@ -297,3 +297,26 @@ def test_parse_grid():
     assert parse_grid("16,24", "--n-clusters", int) == [16, 24]
     with pytest.raises(TuneError, match="expected int values"):
         parse_grid("16,2.5", "--n-clusters", int)
+
+
+def test_second_run_and_anchors_skip_vision_and_ssc(setup, tmp_path, monkeypatch, capsys):
+    counters = _count(monkeypatch)
+    video = setup["data"].parent / "v1.mp4"
+    common = ["--model", str(setup["model"]), "--trust-remote-code", "--video", str(video),
+              "--frames", "4", "--n-clusters", "3", "--quiet", "--cache-dir", str(tmp_path / "c")]  # fmt: skip
+    run = ["run", *common, "--question", "What?", "--max-new-tokens", "3"]
+    assert main(run) == 0
+    first = capsys.readouterr().out
+    assert (counters["vision"].calls, counters["ssc"].calls) == (1, 1)
+    assert main(run + ["--alpha-k", "2"]) == 0  # other alphas: still no vision pass nor SSC
+    assert main(run) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == first.strip()
+    assert (counters["vision"].calls, counters["ssc"].calls) == (1, 1)
+    assert main(["anchors", *common, "--out", str(tmp_path / "a.png")]) == 0
+    assert (counters["vision"].calls, counters["ssc"].calls) == (1, 1)
+    assert main(["anchors", *[a for a in common if a != "--quiet"], "--quiet", "--no-cache",
+                 "--out", str(tmp_path / "b.png")]) == 0  # fmt: skip
+    assert (counters["vision"].calls, counters["ssc"].calls) == (2, 2)
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    np.testing.assert_array_equal(a["scores"], b["scores"])
+    np.testing.assert_array_equal(a["grid_labels"], b["grid_labels"])

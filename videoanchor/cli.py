@@ -115,6 +115,27 @@ def _configure(handle, args, enabled: bool):
         raise CLIError(_first_line(err)) from err
 
 
+def _use_cache(args, model, handle, inputs):
+    """Unless --no-cache: the handle takes SSC and the labels from the on-disk cache and the
+    inputs carry the cached vision-encoder output instead of pixels (a second run on the same
+    video skips the vision encoder and SSC)."""
+    if getattr(args, "no_cache", False):
+        return inputs
+    from videoanchor.integrations.transformers.cache import (
+        AnchorCache,
+        default_cache_dir,
+        model_fingerprint,
+    )
+
+    root = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    handle.cache = AnchorCache(root, model_key=model_fingerprint(model))
+    inputs = handle.cache.encode(model, inputs)
+    hits = handle.cache.stats["vision_hits"]
+    if hits:
+        _log(args, f"vision features from the cache in {root}")
+    return inputs
+
+
 def _log(args, message: str) -> None:
     if not args.quiet:
         print(message, file=sys.stderr, flush=True)
@@ -131,7 +152,7 @@ def cmd_run(args) -> int:
     model, processor, handle = load_vlm(
         args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
     )
-    inputs = _inputs(processor, kind, visual, args.question, model)
+    inputs = _use_cache(args, model, handle, _inputs(processor, kind, visual, args.question, model))
     runs = [("anchored", True)]
     if args.no_anchor:
         runs = [("baseline", False)]
@@ -192,7 +213,7 @@ def cmd_anchors(args) -> int:
     question = args.question
     if question is None:
         question = DEFAULT_ANCHOR_QUESTION if kind == "video" else DEFAULT_VIEWS_QUESTION
-    inputs = _inputs(processor, kind, visual, question, model)
+    inputs = _use_cache(args, model, handle, _inputs(processor, kind, visual, question, model))
     run_prefill(model, inputs, progress=not args.quiet)
     c = handle.config
     res = handle.last_result[0]
@@ -525,6 +546,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="label draws from one spectral embedding, cluster shares averaged: scores that "
         "depend less on the seed (default 1, the paper's single draw)",
     )
+    c = p.add_argument_group("cache (vision features, SSC and labels, reused by later runs)")
+    c.add_argument("--cache-dir", default=None,
+                   help="cache directory (default $VIDEOANCHOR_CACHE or ~/.cache/videoanchor)")  # fmt: skip
+    c.add_argument("--no-cache", action="store_true",
+                   help="run the vision encoder and SSC afresh and store nothing")  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")  # fmt: skip
 

@@ -589,12 +589,6 @@ def add_arguments(p) -> None:
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
-def default_cache_dir() -> Path:
-    """``$VIDEOANCHOR_CACHE``, else ``~/.cache/videoanchor``."""
-    env = os.environ.get("VIDEOANCHOR_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "videoanchor"
-
-
 def _log(args, message: str) -> None:
     if not args.quiet:
         print(message, file=sys.stderr, flush=True)
@@ -607,7 +601,11 @@ def _check_positive(name: str, value: int) -> None:
 
 def run_tune(args) -> int:
     """The ``videoanchor tune`` command (parsed arguments in, exit status out)."""
-    from videoanchor.integrations.transformers.cache import AnchorCache
+    from videoanchor.integrations.transformers.cache import (
+        AnchorCache,
+        default_cache_dir,
+        model_fingerprint,
+    )
     from videoanchor.pipeline import check_model, load_vlm
 
     # Everything a user can get wrong is checked before the model loads.
@@ -645,7 +643,7 @@ def run_tune(args) -> int:
         except (TypeError, ValueError) as err:
             raise TuneError(_first_line(err)) from err
         root = None if args.no_cache else Path(args.cache_dir or default_cache_dir())
-        cache = AnchorCache(root, model_key=f"{args.model}|{model.dtype}")
+        cache = AnchorCache(root, model_key=model_fingerprint(model))
         opts = TuneOptions(frames=args.frames, max_new_tokens=args.max_new_tokens,
                            batch_size=args.batch_size, n_boot=args.bootstrap, seed=args.seed,
                            progress=not args.quiet)  # fmt: skip

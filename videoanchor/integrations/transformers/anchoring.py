@@ -311,7 +311,8 @@ class AnchorHandle:
         if input_ids is None and has_visual and kwargs.get("inputs_embeds") is not None:
             from_embeds = self._placeholder_mask_from_embeds(module, kwargs["inputs_embeds"])
         layout = {
-            k: kwargs.get(k) for k in ("video_grid_thw", "image_grid_thw", "pixel_values_videos")
+            k: kwargs.get(k)
+            for k in ("video_grid_thw", "image_grid_thw", "pixel_values_videos", "mm_encoder_outputs")
         }
         mask = kwargs.get("attention_mask")
         self._pending = _Pending(

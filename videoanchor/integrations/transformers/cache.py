@@ -29,7 +29,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["AnchorCache", "CacheStats", "concat_encoder_outputs", "content_hash", "repeat_prompt"]
+__all__ = [
+    "AnchorCache",
+    "CacheStats",
+    "concat_encoder_outputs",
+    "content_hash",
+    "default_cache_dir",
+    "model_fingerprint",
+    "repeat_prompt",
+]
 
 # Inputs of the vision encoder that the processor produces (any family); what is not in the
 # encoder's signature is ignored.
@@ -38,6 +46,27 @@ _PIXEL_KEYS = ("pixel_values", "pixel_values_videos", "pixel_values_images", "im
 _DROP_FIELDS = ("last_hidden_state", "hidden_states", "attentions")
 _SSC_OPTIONS = ("alpha_e", "alpha_z", "rho", "eps", "max_iter", "pca_rank", "ssc_backend")
 FORMAT = 1  # bump when the stored layout changes: old entries are then ignored
+
+
+def default_cache_dir() -> Path:
+    """``$VIDEOANCHOR_CACHE``, else ``~/.cache/videoanchor``."""
+    env = os.environ.get("VIDEOANCHOR_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "videoanchor"
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """What names a loaded model's weights in the vision keys: its ``name_or_path``, the hub
+    commit when known, the dtype, and for a local directory the size and modification time
+    of its weight files (a re-saved checkpoint gets new keys)."""
+    config = getattr(model, "config", None)
+    name = str(getattr(config, "_name_or_path", "") or type(model).__name__)
+    parts = [name, str(getattr(config, "_commit_hash", None)), str(getattr(model, "dtype", ""))]
+    path = Path(name)
+    if path.is_dir():
+        for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+            st = f.stat()
+            parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
 
 
 def content_hash(*parts) -> str:
