@@ -276,7 +276,7 @@ def test_bad_input_is_one_line_and_leaves_the_cache(setup, tmp_path, capsys):
     (bad_model / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     cases = [
         (["--data", str(tmp_path / "missing.jsonl")], "file not found"),
-        (["--data", "videomme"], "lmms-eval task names are not supported by tune yet"),
+        (["--data", "no_such_task_xyz"], "lmms-eval"),
         (["--alpha-k", ""], "empty grid"),
         (["--alpha-v", "1,,2"], "empty entry"),
         (["--n-clusters", "0"], "positive cluster counts"),

@@ -26,7 +26,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +71,10 @@ class Item:
     question: str
     answer: str
     video: str | None = None
-    images: tuple[str, ...] | None = None
+    images: tuple | None = None
     options: tuple[str, ...] | None = None
+    prompt: str | None = None  # the exact text sent (lmms-eval: the task's doc_to_text)
+    scorer: object = field(default=None, compare=False, repr=False)  # prediction -> float
 
 
 def load_items(path: str | os.PathLike) -> list[Item]:
@@ -154,9 +156,111 @@ def _item(obj: dict, where: str, base: Path, index: int) -> Item:
                 video=video, images=images, options=options)  # fmt: skip
 
 
+_VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".flv", ".mpeg", ".mpg")
+
+
+def load_lmms_task(name: str, *, include_path=None, limit: int | None = None) -> list[Item]:
+    """The documents of an lmms-eval task as items: its ``doc_to_visual`` (one video path, or
+    images), its ``doc_to_text`` prompt, its ``generation_kwargs`` stop strings, and its
+    ``process_results`` as the metric (the first metric of its ``metric_list``, which must be
+    a number per document). ``include_path``: a directory of local task YAML files."""
+    try:
+        from lmms_eval.tasks import TaskManager, get_task_dict
+    except ImportError as err:
+        raise TuneError(
+            f"--data '{name}' is not a file; to use it as an lmms-eval task install lmms-eval "
+            f"(pip install 'videoanchor[eval]'): {_first_line(err)}"
+        ) from err
+    manager = TaskManager(include_path=include_path)
+    if name not in manager.all_tasks:
+        raise TuneError(
+            f"--data '{name}' is neither a file nor an lmms-eval task; expected a JSONL file or "
+            "a task name (local task YAML: --include-path DIR)"
+        )
+    task = get_task_dict([name], manager).get(name)
+    if task is None or not hasattr(task, "process_results"):
+        raise TuneError(f"--data '{name}' is an lmms-eval group; expected one task of it")
+    if getattr(task, "OUTPUT_TYPE", None) != "generate_until":
+        raise TuneError(
+            f"lmms-eval task '{name}' has output_type {task.OUTPUT_TYPE!r}; tune answers "
+            "generate_until tasks"
+        )
+    cfg = task.config
+    if not callable(cfg.process_results) and cfg.doc_to_target is None:
+        raise TuneError(
+            f"lmms-eval task '{name}' has no answers (neither process_results nor "
+            "doc_to_target); expected a task that scores its documents"
+        )
+    metrics = [m["metric"] for m in (cfg.metric_list or []) if isinstance(m, dict) and "metric" in m]
+    if not metrics:
+        raise TuneError(f"lmms-eval task '{name}' lists no metric; expected a metric_list")
+    until = (cfg.generation_kwargs or {}).get("until") or []
+    until = [until] if isinstance(until, str) else list(until)
+    docs = task.eval_docs
+    count = len(docs) if limit is None else min(limit, len(docs))
+    items = []
+    for i in range(count):
+        doc = docs[i]
+        if cfg.doc_to_target is not None:
+            try:
+                target = task.doc_to_target(doc)
+            except (KeyError, IndexError, TypeError) as err:
+                raise TuneError(
+                    f"lmms-eval task '{name}', document {i}: no answer (doc_to_target failed: "
+                    f"{_first_line(err)}); expected documents with answers"
+                ) from err
+        else:
+            target = ""
+        visuals = task.doc_to_visual(doc)
+        visuals = [visuals] if not isinstance(visuals, (list, tuple)) else list(visuals)
+        if len(visuals) == 1 and isinstance(visuals[0], str) and visuals[0].lower().endswith(
+            _VIDEO_SUFFIXES
+        ):
+            video, images = visuals[0], None
+        elif visuals:
+            video, images = None, tuple(visuals)
+        else:
+            raise TuneError(f"lmms-eval task '{name}', document {i}: no visual input")
+        scorer = _LmmsScorer(task, doc, metrics[0], until, name, i)
+        items.append(Item(id=f"{name}/{i}", question=str(task.doc_to_text(doc)),
+                          answer=str(target), video=video, images=images,
+                          prompt=str(task.doc_to_text(doc)), scorer=scorer))  # fmt: skip
+    if not items:
+        raise TuneError(f"lmms-eval task '{name}' has no documents")
+    return items
+
+
+class _LmmsScorer:
+    """An lmms-eval document's own metric: the answer cut at the task's stop strings, then
+    ``process_results(doc, [answer])[metric]`` (a number)."""
+
+    def __init__(self, task, doc, metric, until, name, index):
+        self.task, self.doc, self.metric, self.until = task, doc, metric, until
+        self.where = f"lmms-eval task '{name}', document {index}"
+
+    def __call__(self, prediction: str) -> float:
+        for stop in self.until:
+            if stop:
+                prediction = prediction.split(stop)[0]
+        try:
+            out = self.task.process_results(self.doc, [prediction])
+        except (KeyError, IndexError) as err:
+            raise TuneError(f"{self.where}: process_results failed ({_first_line(err)}); "
+                            "expected documents with answers") from err  # fmt: skip
+        value = out.get(self.metric) if isinstance(out, dict) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TuneError(
+                f"{self.where}: metric {self.metric!r} of process_results is "
+                f"{type(value).__name__}, expected a number per document"
+            )
+        return float(value)
+
+
 def prompt_text(item: Item) -> str:
     """The question as sent to the model: with options, one ``A. text`` line each and an
     instruction to answer with the letter."""
+    if item.prompt is not None:
+        return item.prompt
     if not item.options:
         return item.question
     lines = [item.question] + [f"{chr(65 + i)}. {o}" for i, o in enumerate(item.options)]
@@ -217,7 +321,10 @@ def _as_number(text: str) -> float | None:
 
 def score_answer(item: Item, prediction: str) -> float:
     """The built-in metric: multiple-choice letter match when the item has options,
-    mean relative accuracy when its answer is a number, else normalised exact match."""
+    mean relative accuracy when its answer is a number, else normalised exact match; an
+    lmms-eval item is scored by its task's own ``process_results``."""
+    if item.scorer is not None:
+        return item.scorer(prediction)
     if item.options:
         return multiple_choice_correct(prediction, item.answer, item.options)
     number = _as_number(item.answer)
@@ -373,7 +480,9 @@ def _inputs_of(item: Item, processor, model, frames: int):
         video = read_video_frames(item.video, frames, progress=False)
         return video_inputs(processor, video, prompt_text(item), device=model.device,
                             dtype=model.dtype)  # fmt: skip
-    views = read_images(item.images)
+    views = read_images(item.images) if all(isinstance(v, str) for v in item.images) else list(
+        item.images
+    )
     return image_inputs(processor, views, prompt_text(item), device=model.device, dtype=model.dtype)
 
 
@@ -557,7 +666,11 @@ def add_arguments(p) -> None:
     d = p.add_argument_group("data and grid")
     d.add_argument("--data", required=True,
                    help="JSONL dev set: per line video (path) or images (paths), question, "
-                   "answer, optional options (list)")  # fmt: skip
+                   "answer, optional options (list); or an lmms-eval task name (its prompts "
+                   "and its process_results metric)")  # fmt: skip
+    d.add_argument("--limit", type=int, default=None, help="use only the first N items")
+    d.add_argument("--include-path", default=None,
+                   help="directory of local lmms-eval task YAML files")  # fmt: skip
     d.add_argument("--alpha-k", default="0,2,4,9.5", help="alpha_K values (default 0,2,4,9.5)")
     d.add_argument("--alpha-v", default="0,1,2.5", help="alpha_V values (default 0,1,2.5)")
     d.add_argument("--n-clusters", default="24", help="cluster counts (default 24)")
@@ -615,18 +728,20 @@ def run_tune(args) -> int:
     for name in ("frames", "max_new_tokens", "batch_size", "bootstrap", "ssc_max_iter",
                  "label_draws"):  # fmt: skip
         _check_positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.limit is not None:
+        _check_positive("--limit", args.limit)
     if str(args.data).endswith(".jsonl") or os.path.exists(args.data):
         items = load_items(args.data)
+        if args.limit is not None:
+            items = items[: args.limit]
     else:
-        raise TuneError(
-            f"--data: '{args.data}' is not a file; expected a JSONL dev set (lmms-eval task "
-            "names are not supported by tune yet)"
-        )
+        items = load_lmms_task(args.data, include_path=args.include_path, limit=args.limit)
     search, held = split_holdout(items, args.holdout, args.seed)
     settings = [Setting(a, b, k) for k in ks for a in aks for b in avs]
     check_model(args.model, trust_remote_code=args.trust_remote_code)
     out = Path(args.out)
-    signature = {"model": str(args.model), "data": str(Path(args.data).resolve()),
+    data = str(Path(args.data).resolve()) if os.path.exists(args.data) else str(args.data)
+    signature = {"model": str(args.model), "data": data, "limit": args.limit,
                  "frames": args.frames, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
                  "decode": args.decode, "pca_rank": args.pca_rank, "seed": args.seed,
                  "ssc_max_iter": args.ssc_max_iter, "label_draws": args.label_draws,

@@ -32,6 +32,7 @@ import torch
 __all__ = [
     "AnchorCache",
     "CacheStats",
+    "batch_prompts",
     "concat_encoder_outputs",
     "content_hash",
     "default_cache_dir",
@@ -360,4 +361,32 @@ def repeat_prompt(inputs: dict, rows: int) -> dict:
             out[k] = type(v)(list(v) * rows)
         else:
             out[k] = v
+    return out
+
+
+def batch_prompts(prompts: list[dict], pad_token_id: int) -> dict:
+    """One left-padded batch from several single-prompt (encoded) inputs, as the processor
+    lays a batch out: per-token tensors ``(1, S_i)`` left-padded to the longest (``input_ids``
+    with ``pad_token_id``, the others with 0), per-visual tensors joined along dim 0, lists
+    joined, ``mm_encoder_outputs`` joined with :func:`concat_encoder_outputs`."""
+    if not prompts:
+        raise ValueError("expected at least one prompt, got none")
+    lengths = [int(p["input_ids"].shape[1]) for p in prompts]
+    width = max(lengths)
+    out = {}
+    for key in prompts[0]:
+        values = [p.get(key) for p in prompts]
+        if key == "mm_encoder_outputs":
+            out[key] = concat_encoder_outputs([v for v in values if v])
+        elif all(torch.is_tensor(v) and v.dim() == 2 and v.shape == (1, n)
+                 for v, n in zip(values, lengths, strict=True)):  # fmt: skip
+            fill = pad_token_id if key == "input_ids" else 0
+            rows = [torch.nn.functional.pad(v, (width - v.shape[1], 0), value=fill) for v in values]
+            out[key] = torch.cat(rows, dim=0)
+        elif all(torch.is_tensor(v) and v.dim() > 0 for v in values):
+            out[key] = torch.cat(values, dim=0)
+        elif all(isinstance(v, (list, tuple)) for v in values):
+            out[key] = [x for v in values for x in v]
+        else:
+            out[key] = values[0]
     return out
