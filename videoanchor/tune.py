@@ -177,7 +177,12 @@ def load_lmms_task(name: str, *, include_path=None, limit: int | None = None) ->
             f"--data '{name}' is neither a file nor an lmms-eval task; expected a JSONL file or "
             "a task name (local task YAML: --include-path DIR)"
         )
-    task = get_task_dict([name], manager).get(name)
+    try:
+        task = get_task_dict([name], manager).get(name)
+    except Exception as err:  # lmms-eval raises many kinds while building a task
+        raise TuneError(
+            f"cannot load lmms-eval task '{name}': {type(err).__name__}: {_first_line(err)}"
+        ) from err
     if task is None or not hasattr(task, "process_results"):
         raise TuneError(f"--data '{name}' is an lmms-eval group; expected one task of it")
     if getattr(task, "OUTPUT_TYPE", None) != "generate_until":
@@ -222,6 +227,7 @@ def load_lmms_task(name: str, *, include_path=None, limit: int | None = None) ->
         else:
             raise TuneError(f"lmms-eval task '{name}', document {i}: no visual input")
         scorer = _LmmsScorer(task, doc, metrics[0], until, name, i)
+        scorer("")  # before any model runs: the document has an answer and a number metric
         items.append(Item(id=f"{name}/{i}", question=str(task.doc_to_text(doc)),
                           answer=str(target), video=video, images=images,
                           prompt=str(task.doc_to_text(doc)), scorer=scorer))  # fmt: skip
@@ -242,11 +248,17 @@ class _LmmsScorer:
         for stop in self.until:
             if stop:
                 prediction = prediction.split(stop)[0]
+        own = self.task.config.process_results
         try:
-            out = self.task.process_results(self.doc, [prediction])
+            # the task's own function directly (lmms-eval's method wraps it in retries)
+            if callable(own):
+                out = own(self.doc, [prediction.strip()])
+            else:
+                out = self.task.process_results(self.doc, [prediction])
         except (KeyError, IndexError) as err:
-            raise TuneError(f"{self.where}: process_results failed ({_first_line(err)}); "
-                            "expected documents with answers") from err  # fmt: skip
+            raise TuneError(f"{self.where}: no answer (process_results failed: "
+                            f"{type(err).__name__} {_first_line(err)}); expected documents "
+                            "with answers") from err  # fmt: skip
         value = out.get(self.metric) if isinstance(out, dict) else None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TuneError(
