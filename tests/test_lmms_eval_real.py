@@ -33,7 +33,7 @@ TESTS = Path(__file__).resolve().parent
 FRAMES = 4
 DOCS = 2
 
-_UTILS = '''
+_UTILS = """
 def doc_to_visual(doc):
     return [doc["video"]]
 
@@ -44,12 +44,13 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 def process_results(doc, results):
     return {"accuracy": float(doc["answer"] in results[0])}
-'''
+"""
 
 
 def _task_yaml(name, data):
     scoring = "doc_to_target: answer\nprocess_results: !function utils.process_results\n"
-    return textwrap.dedent(f"""\
+    return (
+        textwrap.dedent(f"""\
         task: {name}
         dataset_path: json
         dataset_kwargs:
@@ -65,7 +66,9 @@ def _task_yaml(name, data):
           - metric: accuracy
             aggregation: mean
             higher_is_better: true
-        """) + scoring
+        """)
+        + scoring
+    )
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +94,9 @@ def task(tmp_path_factory):
 
 def test_lmms_eval_cli_runs_the_videoanchor_model(task, tmp_path):
     out = tmp_path / "out"
-    model_args = f"pretrained={task['model']},trust_remote_code=True,max_num_frames={FRAMES},n_clusters=3"
+    model_args = (
+        f"pretrained={task['model']},trust_remote_code=True,max_num_frames={FRAMES},n_clusters=3"
+    )
     code = (
         "import sys, torchvision_shim; torchvision_shim.apply()\n"
         "from lmms_eval.__main__ import cli_evaluate\n"

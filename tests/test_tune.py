@@ -96,7 +96,9 @@ def _answers(out):
     return {(r["item"], r["setting"]): r["answer"] for r in map(json.loads, lines)}
 
 
-def test_vision_and_ssc_run_once_per_item_and_cache_gives_same_answers(setup, tmp_path, monkeypatch):
+def test_vision_and_ssc_run_once_per_item_and_cache_gives_same_answers(
+    setup, tmp_path, monkeypatch
+):
     counters = _count(monkeypatch)
     assert _tune(setup, tmp_path / "nocache", "--no-cache") == 0
     # 8 settings + the baseline per item, yet one vision pass and one SSC per item, and the
@@ -236,7 +238,9 @@ def test_metrics():
     assert multiple_choice_correct("blue", "blue", ["red", "blue"]) == 1.0
     assert multiple_choice_correct("nothing", "A", ["red", "blue"]) == 0.0
     assert mean_relative_accuracy("10", 10.0) == 1.0
-    assert mean_relative_accuracy("about 12 m", 10.0) == pytest.approx(0.6)  # rel 0.2 < 1-t for t<0.8
+    assert mean_relative_accuracy("about 12 m", 10.0) == pytest.approx(
+        0.6
+    )  # rel 0.2 < 1-t for t<0.8
     assert mean_relative_accuracy("none", 10.0) == 0.0
     assert mean_relative_accuracy("30", 10.0) == 0.0
 
@@ -248,7 +252,7 @@ def test_metrics():
         ('{"video": "v0.mp4", "answer": "a"}', "missing 'question'"),
         ('{"video": "nope.mp4", "question": "q", "answer": "a"}', "video file not found"),
         ('{"question": "q", "answer": "a"}', "exactly one of 'video'"),
-        ('[1, 2]', "expected a JSON object"),
+        ("[1, 2]", "expected a JSON object"),
     ],
 )
 def test_malformed_lines_name_the_line(setup, tmp_path, line, message):
@@ -320,3 +324,23 @@ def test_second_run_and_anchors_skip_vision_and_ssc(setup, tmp_path, monkeypatch
     a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
     np.testing.assert_array_equal(a["scores"], b["scores"])
     np.testing.assert_array_equal(a["grid_labels"], b["grid_labels"])
+
+
+def test_lmms_scorer_reads_a_number_or_the_field_a_vsibench_style_task_adds():
+    import types
+
+    from videoanchor.tune import _LmmsScorer
+
+    def vsi_like(doc, results):  # fills the document in, as VSI-Bench's process_results does
+        doc["prediction"] = results[0]
+        doc["MRA:.5:.95:.05"] = mean_relative_accuracy(results[0], float(doc["ground_truth"]))
+        return {"vsibench_overall": doc}
+
+    task = types.SimpleNamespace(config=types.SimpleNamespace(process_results=vsi_like))
+    doc = {"question": "how many?", "ground_truth": "10"}
+    score = _LmmsScorer(task, doc, "vsibench_overall", ["\n"], "t", 0)
+    assert score("12\nmore") == pytest.approx(0.6)
+    assert "prediction" not in doc  # the dataset's document is left as it was
+    task.config.process_results = lambda doc, results: {"acc": "yes"}
+    with pytest.raises(TuneError, match="expected a number per document"):
+        _LmmsScorer(task, doc, "acc", [], "t", 0)("x")

@@ -196,7 +196,9 @@ def load_lmms_task(name: str, *, include_path=None, limit: int | None = None) ->
             f"lmms-eval task '{name}' has no answers (neither process_results nor "
             "doc_to_target); expected a task that scores its documents"
         )
-    metrics = [m["metric"] for m in (cfg.metric_list or []) if isinstance(m, dict) and "metric" in m]
+    metrics = [
+        m["metric"] for m in (cfg.metric_list or []) if isinstance(m, dict) and "metric" in m
+    ]
     if not metrics:
         raise TuneError(f"lmms-eval task '{name}' lists no metric; expected a metric_list")
     until = (cfg.generation_kwargs or {}).get("until") or []
@@ -218,8 +220,10 @@ def load_lmms_task(name: str, *, include_path=None, limit: int | None = None) ->
             target = ""
         visuals = task.doc_to_visual(doc)
         visuals = [visuals] if not isinstance(visuals, (list, tuple)) else list(visuals)
-        if len(visuals) == 1 and isinstance(visuals[0], str) and visuals[0].lower().endswith(
-            _VIDEO_SUFFIXES
+        if (
+            len(visuals) == 1
+            and isinstance(visuals[0], str)
+            and visuals[0].lower().endswith(_VIDEO_SUFFIXES)
         ):
             video, images = visuals[0], None
         elif visuals:
@@ -252,7 +256,7 @@ class _LmmsScorer:
         try:
             # the task's own function directly (lmms-eval's method wraps it in retries)
             if callable(own):
-                out = own(self.doc, [prediction.strip()])
+                out = own(dict(self.doc), [prediction.strip()])  # a copy: some fill it in
             else:
                 out = self.task.process_results(self.doc, [prediction])
         except (KeyError, IndexError) as err:
@@ -260,6 +264,13 @@ class _LmmsScorer:
                             f"{type(err).__name__} {_first_line(err)}); expected documents "
                             "with answers") from err  # fmt: skip
         value = out.get(self.metric) if isinstance(out, dict) else None
+        if isinstance(value, dict):
+            # VSI-Bench & co. return the document with the per-question score filled in and
+            # aggregate later: the one numeric field process_results added is the score.
+            added = [k for k, v in value.items() if k not in self.doc and k != "prediction"
+                     and not isinstance(v, bool) and isinstance(v, (int, float))]  # fmt: skip
+            if len(added) == 1:
+                value = value[added[0]]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TuneError(
                 f"{self.where}: metric {self.metric!r} of process_results is "
@@ -492,8 +503,10 @@ def _inputs_of(item: Item, processor, model, frames: int):
         video = read_video_frames(item.video, frames, progress=False)
         return video_inputs(processor, video, prompt_text(item), device=model.device,
                             dtype=model.dtype)  # fmt: skip
-    views = read_images(item.images) if all(isinstance(v, str) for v in item.images) else list(
-        item.images
+    views = (
+        read_images(item.images)
+        if all(isinstance(v, str) for v in item.images)
+        else list(item.images)
     )
     return image_inputs(processor, views, prompt_text(item), device=model.device, dtype=model.dtype)
 

@@ -251,7 +251,9 @@ class AnchorCache:
             self._put("ssc", ssc_key, entry)
         ssc = SSCCoefficients(**{k: v for k, v in entry.items() if k != "format"})
         ssc.coef = ssc.coef.to(device)
-        label_key = content_hash(ssc_key, int(n_clusters), int(config.seed), int(config.label_draws))
+        label_key = content_hash(
+            ssc_key, int(n_clusters), int(config.seed), int(config.label_draws)
+        )
         labels = self._get("labels", label_key)
         self.stats.add("labels", labels is not None)
         if labels is None:
