@@ -171,7 +171,13 @@ def load_lmms_task(name: str, *, include_path=None, limit: int | None = None) ->
             f"--data '{name}' is not a file; to use it as an lmms-eval task install lmms-eval "
             f"(pip install 'videoanchor[eval]'): {_first_line(err)}"
         ) from err
-    manager = TaskManager(include_path=include_path)
+    manager = None
+    if include_path is not None:  # local tasks first: indexing lmms-eval's own takes seconds
+        manager = TaskManager(include_path=include_path, include_defaults=False)
+        if name not in manager.all_tasks:
+            manager = None
+    if manager is None:
+        manager = TaskManager(include_path=include_path)
     if name not in manager.all_tasks:
         raise TuneError(
             f"--data '{name}' is neither a file nor an lmms-eval task; expected a JSONL file or "
