@@ -171,6 +171,20 @@ def load_lmms_task(name: str, *, include_path=None, limit: int | None = None) ->
             f"--data '{name}' is not a file; to use it as an lmms-eval task install lmms-eval "
             f"(pip install 'videoanchor[eval]'): {_first_line(err)}"
         ) from err
+    try:  # lmms-eval logs every YAML it indexes (loguru, DEBUG) to stderr
+        from loguru import logger
+
+        logger.disable("lmms_eval")
+    except ImportError:
+        logger = None
+    try:
+        return _lmms_items(name, include_path, limit, TaskManager, get_task_dict)
+    finally:
+        if logger is not None:
+            logger.enable("lmms_eval")
+
+
+def _lmms_items(name, include_path, limit, TaskManager, get_task_dict) -> list[Item]:  # noqa: N803
     manager = None
     if include_path is not None:  # local tasks first: indexing lmms-eval's own takes seconds
         manager = TaskManager(include_path=include_path, include_defaults=False)
