@@ -486,6 +486,8 @@ class _Answers:
                     continue  # a line cut by an interrupt: that answer is computed again
                 self.done[(rec["item"], rec["setting"])] = rec
             self._f = open(path, "a", encoding="utf-8")
+            if not path.read_bytes().endswith(b"\n"):
+                self._f.write("\n")  # after a line cut by an interrupt
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._f = open(path, "w", encoding="utf-8")
