@@ -344,3 +344,19 @@ def test_lmms_scorer_reads_a_number_or_the_field_a_vsibench_style_task_adds():
     task.config.process_results = lambda doc, results: {"acc": "yes"}
     with pytest.raises(TuneError, match="expected a number per document"):
         _LmmsScorer(task, doc, "acc", [], "t", 0)("x")
+
+
+def test_cache_memory_budget_evicts_to_disk_and_results_stay_equal(tmp_path, monkeypatch):
+    counters = _count(monkeypatch)
+    cfg = videoanchor.integrations.transformers.AnchorConfig()
+    gen = torch.Generator().manual_seed(0)
+    feats = [torch.randn(20, 5, generator=gen) for _ in range(3)]
+    small = AnchorCache(tmp_path / "c", memory_bytes=1)  # keeps one entry in memory
+    first = [small.anchor_result(f, 3, cfg) for f in feats]
+    again = [small.anchor_result(f, 3, cfg) for f in feats]  # evicted: read back from disk
+    assert counters["ssc"].calls == 3
+    assert small.stats["ssc_hits"] == 3 and small.stats["labels_hits"] == 3
+    for a, b, f in zip(first, again, feats, strict=True):
+        assert torch.equal(a.scores, b.scores) and torch.equal(a.labels, b.labels)
+        ref = compute_anchor_scores(f, 3, mode="exact")
+        assert torch.equal(a.scores, ref.scores)

@@ -26,6 +26,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -561,8 +562,10 @@ def sweep(model, processor, handle, cache, items: list[Item], settings: list[Set
                dynamic_ncols=True)  # fmt: skip
     encoded: dict[str, dict] = {}
 
-    def enc(item):  # the vision encoder runs at most once per item (cache)
+    def enc(item):  # the vision encoder runs at most once per item (the cache)
         if item.id not in encoded:
+            if len(encoded) >= 4:  # a few prompts on the device; the cache holds the rest
+                encoded.pop(next(iter(encoded)))
             encoded[item.id] = cache.encode(model, _inputs_of(item, processor, model, opts.frames))
         return encoded[item.id]
 
@@ -588,8 +591,6 @@ def sweep(model, processor, handle, cache, items: list[Item], settings: list[Set
                     for s, answer in zip(chunk, outs, strict=True):
                         answers.add(item.id, s.key, answer, score_answer(item, answer))
                     bar.update(len(chunk))
-            if len(encoded) > 64:  # bound the memory; the disk cache still holds them
-                encoded.clear()
     finally:
         bar.close()
 
@@ -804,7 +805,11 @@ def run_tune(args) -> int:
                                   max_iter=args.ssc_max_iter, label_draws=args.label_draws)  # fmt: skip
         except (TypeError, ValueError) as err:
             raise TuneError(_first_line(err)) from err
-        root = None if args.no_cache else Path(args.cache_dir or default_cache_dir())
+        if args.no_cache:  # nothing kept after the run; within it, each item once
+            scratch = tempfile.TemporaryDirectory(prefix="videoanchor-tune-")
+            root = Path(scratch.name)
+        else:
+            root = Path(args.cache_dir or default_cache_dir())
         cache = AnchorCache(root, model_key=model_fingerprint(model))
         opts = TuneOptions(frames=args.frames, max_new_tokens=args.max_new_tokens,
                            batch_size=args.batch_size, n_boot=args.bootstrap, seed=args.seed,

@@ -24,6 +24,7 @@ import importlib
 import inspect
 import os
 import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,14 +120,32 @@ class AnchorCache:
             memory only.
         model_key: names the model in the vision keys (e.g. its path or hub id and dtype);
             the features' own hash keys the SSC and label entries, so they need none.
-        memory: keep entries in memory too (a sweep reads each many times).
+        memory_bytes: keep the most recently used entries in memory too, up to this many
+            bytes of tensors (a sweep reads each many times); 0 for none. Without ``root``
+            nothing is evicted (memory is then the only store).
     """
 
-    def __init__(self, root: str | os.PathLike | None, *, model_key: str = "", memory: bool = True):
+    def __init__(self, root: str | os.PathLike | None, *, model_key: str = "",
+                 memory_bytes: int = 2**30):  # fmt: skip
         self.root = None if root is None else Path(root)
         self.model_key = str(model_key)
-        self._memory: dict[str, object] | None = {} if memory else None
+        self._memory: OrderedDict[str, tuple[object, int]] = OrderedDict()
+        self._memory_bytes = int(memory_bytes)
+        self._held = 0
         self.stats = CacheStats()
+
+    def _remember(self, mkey: str, entry) -> None:
+        if self.root is not None and self._memory_bytes <= 0:
+            return
+        size = _nbytes(entry)
+        old = self._memory.pop(mkey, None)
+        if old is not None:
+            self._held -= old[1]
+        self._memory[mkey] = (entry, size)
+        self._held += size
+        while self.root is not None and self._held > self._memory_bytes and len(self._memory) > 1:
+            _, (_, freed) = self._memory.popitem(last=False)
+            self._held -= freed
 
     # -- storage -------------------------------------------------------------------------
     def _path(self, kind: str, key: str) -> Path | None:
@@ -136,8 +155,9 @@ class AnchorCache:
 
     def _get(self, kind: str, key: str):
         mkey = f"{kind}/{key}"
-        if self._memory is not None and mkey in self._memory:
-            return self._memory[mkey]
+        if mkey in self._memory:
+            self._memory.move_to_end(mkey)
+            return self._memory[mkey][0]
         path = self._path(kind, key)
         if path is None or not path.exists():
             return None
@@ -147,14 +167,12 @@ class AnchorCache:
             return None
         if not isinstance(entry, dict) or entry.get("format") != FORMAT:
             return None
-        if self._memory is not None:
-            self._memory[mkey] = entry
+        self._remember(mkey, entry)
         return entry
 
     def _put(self, kind: str, key: str, entry: dict) -> None:
         entry = {**entry, "format": FORMAT}
-        if self._memory is not None:
-            self._memory[f"{kind}/{key}"] = entry
+        self._remember(f"{kind}/{key}", entry)
         path = self._path(kind, key)
         if path is None:
             return
@@ -271,6 +289,16 @@ class AnchorCache:
             residual=ssc.residual, lambda_e=ssc.lambda_e, lambda_z=ssc.lambda_z,
             backend=ssc.backend, solver=ssc.solver, timings={"total": 0.0, "cached": 1.0},
         )  # fmt: skip
+
+
+def _nbytes(x) -> int:
+    if torch.is_tensor(x):
+        return x.numel() * x.element_size()
+    if isinstance(x, dict):
+        return sum(_nbytes(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(v) for v in x)
+    return 0
 
 
 def _device_of(inputs: dict):
