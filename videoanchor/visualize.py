@@ -98,11 +98,13 @@ class AnchorFigureLayout:
 
     @property
     def cell_h(self) -> int:
+        """Height in pixels of one frame's cell: caption, heat map, and label tile if drawn."""
         extra = LABEL_GAP + self.tile_h if self.with_labels else 0
         return CAPTION_H + self.tile_h + extra
 
     @property
     def size(self) -> tuple[int, int]:
+        """The PNG's (width, height) in pixels."""
         width = max(PAD + self.columns * (self.tile_w + PAD), MIN_WIDTH)
         height = PAD + self.title_h + self.rows * (self.cell_h + PAD) + COLORBAR_H
         return width, height
