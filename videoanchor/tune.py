@@ -392,6 +392,7 @@ class Setting:
 
     @property
     def key(self) -> str:
+        """The setting's name in ``answers.jsonl``, e.g. ``k9.5_v2.5_c24``."""
         return f"k{self.alpha_k:g}_v{self.alpha_v:g}_c{self.n_clusters}"
 
 

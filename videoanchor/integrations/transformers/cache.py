@@ -105,6 +105,7 @@ class CacheStats:
     counts: dict = field(default_factory=dict)
 
     def add(self, kind: str, hit: bool) -> None:
+        """Count one lookup of ``kind`` (``vision``, ``ssc``, ``labels``)."""
         key = f"{kind}_{'hits' if hit else 'misses'}"
         self.counts[key] = self.counts.get(key, 0) + 1
 
