@@ -151,6 +151,27 @@ def _check_args(args, kind: str) -> None:
     check_load_options(args.device, args.dtype)
 
 
+def _use_cache(args, model, handle, inputs):
+    """Unless --no-cache: the handle takes SSC and the labels from the on-disk cache and the
+    inputs carry the cached vision-encoder output instead of pixels (a second run on the same
+    video skips the vision encoder and SSC)."""
+    if getattr(args, "no_cache", False):
+        return inputs
+    from videoanchor.integrations.transformers.cache import (
+        AnchorCache,
+        default_cache_dir,
+        model_fingerprint,
+    )
+
+    root = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    handle.cache = AnchorCache(root, model_key=model_fingerprint(model))
+    inputs = handle.cache.encode(model, inputs)
+    hits = handle.cache.stats["vision_hits"]
+    if hits:
+        _log(args, f"vision features from the cache in {root}")
+    return inputs
+
+
 def _log(args, message: str) -> None:
     if not args.quiet:
         print(message, file=sys.stderr, flush=True)
@@ -168,7 +189,7 @@ def cmd_run(args) -> int:
     model, processor, handle = load_vlm(
         args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
     )
-    inputs = _inputs(processor, kind, visual, args.question, model)
+    inputs = _use_cache(args, model, handle, _inputs(processor, kind, visual, args.question, model))
     runs = [("anchored", True)]
     if args.no_anchor:
         runs = [("baseline", False)]
@@ -236,7 +257,7 @@ def cmd_anchors(args) -> int:
     question = args.question
     if question is None:
         question = DEFAULT_ANCHOR_QUESTION if kind == "video" else DEFAULT_VIEWS_QUESTION
-    inputs = _inputs(processor, kind, visual, question, model)
+    inputs = _use_cache(args, model, handle, _inputs(processor, kind, visual, question, model))
     run_prefill(model, inputs, progress=not args.quiet)
     c = handle.config
     res = handle.last_result[0]
@@ -579,6 +600,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="label draws from one spectral embedding, cluster shares averaged: scores that "
         "depend less on the seed (default 1, the paper's single draw)",
     )
+    c = p.add_argument_group("cache (vision features, SSC and labels, reused by later runs)")
+    c.add_argument("--cache-dir", default=None,
+                   help="cache directory (default $VIDEOANCHOR_CACHE or ~/.cache/videoanchor)")  # fmt: skip
+    c.add_argument("--no-cache", action="store_true",
+                   help="run the vision encoder and SSC afresh and store nothing")  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")  # fmt: skip
 
@@ -662,6 +688,21 @@ def build_parser() -> argparse.ArgumentParser:
     anchors.add_argument("--tile-width", type=_positive_int, default=240,
                          help="width of one frame in the picture, in pixels (default 240)")  # fmt: skip
     anchors.set_defaults(func=cmd_anchors)
+
+    from videoanchor import tune as _tune
+
+    tune = sub.add_parser(
+        "tune",
+        help="sweep alpha_K x alpha_V x n_clusters on a dev set (vision encoder and SSC once)",
+        description="Answer a JSONL dev set unanchored and under every alpha_K x alpha_V x "
+        "n_clusters setting. The vision encoder and SSC run once per item, the labels once per "
+        "item and cluster count, the language model once per setting (settings share a "
+        "batch); all of it is cached on disk. Writes results.json (accuracy, paired delta and "
+        "its bootstrap interval per setting), summary.json and one heat map per cluster count.",
+        formatter_class=fmt,
+    )
+    _tune.add_arguments(tune)
+    tune.set_defaults(func=_tune.run_tune)
 
     bench = sub.add_parser(
         "bench",

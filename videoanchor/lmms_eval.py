@@ -197,6 +197,8 @@ class VideoAnchorLMMCore:
         trust_remote_code=False,
         batch_size=1,
         max_batch_size=None,
+        cache=True,
+        cache_dir=None,
         **kwargs,
     ) -> None:
         super().__init__()
@@ -205,7 +207,7 @@ class VideoAnchorLMMCore:
                 f"unexpected model_args {sorted(kwargs)}; expected some of: pretrained, anchor, "
                 "alpha_q, alpha_k, alpha_v, n_clusters, decode, pca_rank, ssc_max_iter, "
                 "label_draws, max_num_frames, max_new_tokens, min_pixels, max_pixels, device, "
-                "dtype, trust_remote_code, batch_size"
+                "dtype, trust_remote_code, batch_size, cache, cache_dir"
             )
         if not hasattr(self, "task_dict"):
             self.task_dict = {}
@@ -285,6 +287,18 @@ class VideoAnchorLMMCore:
         import videoanchor
 
         self.handle = videoanchor.configure(self.model, **opts)
+        # Vision features, SSC and labels on disk: a re-run with other alphas skips them.
+        self.cache = None
+        if _as_bool(cache, "cache"):
+            from videoanchor.integrations.transformers.cache import (
+                AnchorCache,
+                default_cache_dir,
+                model_fingerprint,
+            )
+
+            root = cache_dir or default_cache_dir()
+            self.cache = AnchorCache(root, model_key=model_fingerprint(self.model))
+            self.handle.cache = self.cache
         self.pretrained = pretrained
         self._warned: set[str] = set()
 
@@ -390,10 +404,19 @@ class VideoAnchorLMMCore:
             videos = [
                 read_video_frames(path, self.max_num_frames, progress=False) for _, path in visuals
             ]
-            inputs = video_batch_inputs(self.processor, videos, list(contexts), **opts)
+            build, samples = video_batch_inputs, videos
         else:
-            views = [v for _, v in visuals]
-            inputs = image_batch_inputs(self.processor, views, list(contexts), **opts)
+            build, samples = image_batch_inputs, [v for _, v in visuals]
+        if self.cache is None:
+            inputs = build(self.processor, samples, list(contexts), **opts)
+        else:  # each prompt's vision features from the cache, then one left-padded batch
+            from videoanchor.integrations.transformers.cache import batch_prompts
+
+            inputs = batch_prompts(
+                [self.cache.encode(self.model, build(self.processor, [s], [c], **opts))
+                 for s, c in zip(samples, contexts, strict=True)],
+                self.processor.tokenizer.pad_token_id,
+            )  # fmt: skip
         answers, _ = generate_answers(
             self.model, self.processor, inputs, self.handle,
             max_new_tokens=max_new_tokens, progress=False,

@@ -37,8 +37,11 @@ __all__ = [
     "AnchorResult",
     "SSCResult",
     "anchor_scores",
+    "SSCCoefficients",
+    "anchor_result_from_coefficients",
     "compute_anchor_scores",
     "sparse_subspace_clustering",
+    "ssc_coefficients",
     "pca_reduce",
 ]
 
@@ -498,6 +501,102 @@ def compute_anchor_scores(
         solver=res.solver,
         timings=timings,
     )
+
+
+@dataclass
+class SSCCoefficients:
+    """The SSC step of :func:`compute_anchor_scores` (``mode="exact"``) on its own.
+
+    ``coef`` C (N, N) dense, in the ``Y = Y C`` convention; the other fields as in
+    :class:`AnchorResult`. It depends on the features and the SSC options only, not on
+    ``n_clusters`` or the seed: :func:`anchor_result_from_coefficients` finishes it.
+    """
+
+    coef: torch.Tensor
+    iterations: int
+    converged: bool
+    residual: float
+    lambda_e: float
+    lambda_z: float
+    backend: str
+    solver: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def ssc_coefficients(
+    features,
+    *,
+    alpha_e: float = 800.0,
+    alpha_z: float = 800.0,
+    rho: float = 300.0,
+    eps: float = 2e-4,
+    max_iter: int = 10000,
+    pca_rank: int = 0,
+    backend: str = "auto",
+    solver: str = "auto",
+    dtype=None,
+) -> SSCCoefficients:
+    """Solve SSC on ``features`` (``N x D``) as :func:`compute_anchor_scores` does with
+    ``mode="exact"`` (the authors' program, affine, with outliers), without clustering.
+
+    ``compute_anchor_scores(x, k, mode="exact", ...)`` equals
+    ``anchor_result_from_coefficients(ssc_coefficients(x, ...), k, seed=..., label_draws=...)``
+    for the same options: the split lets a sweep over ``n_clusters`` solve SSC once.
+    """
+    t0 = time.perf_counter()
+    x = as_feature_tensor(features)
+    _check_common(1, x.shape[0], alpha_e, alpha_z, backend, solver)
+    if isinstance(pca_rank, bool) or not isinstance(pca_rank, int) or pca_rank < 0:
+        raise ValueError(f"pca_rank: expected a non-negative int, got {pca_rank!r}")
+    work = resolve_dtype(dtype, x.device)
+    backend = "torch" if backend == "auto" else backend
+    solver = "faithful" if solver == "auto" else solver
+    if pca_rank:
+        x = pca_reduce(x, pca_rank)
+    admm = _solve(
+        x, backend=backend, solver=solver, outliers=True, alpha_e=alpha_e, alpha_z=alpha_z,
+        rho=rho, eps=eps, max_iter=max_iter, affine=True, dtype=work, progress=False,
+    )  # fmt: skip
+    _sync(x.device)
+    timings = dict(admm.timings)
+    timings["total"] = time.perf_counter() - t0
+    return SSCCoefficients(
+        coef=admm.coef, iterations=admm.iterations, converged=admm.converged,
+        residual=admm.residual, lambda_e=admm.lambda_e, lambda_z=admm.lambda_z,
+        backend=backend, solver=solver, timings=timings,
+    )  # fmt: skip
+
+
+def anchor_result_from_coefficients(
+    ssc: SSCCoefficients,
+    n_clusters: int,
+    *,
+    seed: int = 0,
+    label_draws: int = 1,
+    eigen_solver: str = "auto",
+) -> AnchorResult:
+    """Spectral clustering of ``ssc.coef`` into ``n_clusters`` (seeded) and the anchor
+    scores: the rest of :func:`compute_anchor_scores` after :func:`ssc_coefficients`."""
+    t0 = time.perf_counter()
+    n = ssc.coef.shape[0]
+    _check_common(n_clusters, n, 1.0, 1.0, "auto", "auto")
+    _check_draws(label_draws)
+    w = ssc_affinity(ssc.coef, normalize="none")
+    draws = spectral_labels(
+        w, n_clusters, seed=seed, assign_labels="discretize", eigen_solver=eigen_solver,
+        draws=label_draws,
+    )  # fmt: skip
+    t1 = time.perf_counter()
+    scores = anchor_scores(ssc.coef, draws)
+    _sync(scores.device)
+    t2 = time.perf_counter()
+    timings = dict(ssc.timings)
+    timings.update(spectral=t1 - t0, scores=t2 - t1, total=timings.get("total", 0.0) + t2 - t0)
+    return AnchorResult(
+        scores=scores, labels=draws[0], coef=ssc.coef, iterations=ssc.iterations,
+        converged=ssc.converged, residual=ssc.residual, lambda_e=ssc.lambda_e,
+        lambda_z=ssc.lambda_z, backend=ssc.backend, solver=ssc.solver, timings=timings,
+    )  # fmt: skip
 
 
 def _blocked_anchor_scores(

@@ -46,7 +46,7 @@ from videoanchor.integrations.transformers.registry import (
     segments_for_batch,
 )
 
-__all__ = ["AnchorConfig", "AnchorHandle", "check_options", "configure", "find_handle"]
+__all__ = ["AnchorConfig", "AnchorHandle", "RowSetting", "check_options", "configure", "find_handle"]
 
 _DECODE_MODES = ("prefill", "all")
 _KINDS = ("video", "image")
@@ -130,6 +130,27 @@ def _validate_ssc_options(cfg: AnchorConfig) -> None:
         backend=cfg.ssc_backend, solver="auto", eigen_solver="auto", dtype=cfg.ssc_dtype,
         progress=False, mode="auto",
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RowSetting:
+    """The anchoring of one batch row (see :meth:`AnchorHandle.per_row`)."""
+
+    alpha_k: float
+    alpha_v: float
+    n_clusters: int
+
+
+class _RowScope:
+    def __init__(self, handle, settings):
+        self.handle, self.settings = handle, settings
+
+    def __enter__(self):
+        self.previous, self.handle.row_settings = self.handle.row_settings, self.settings
+        return self.handle
+
+    def __exit__(self, *exc):
+        self.handle.row_settings = self.previous
 
 
 @dataclass
@@ -225,6 +246,15 @@ class AnchorHandle:
             order): the images/videos of the sample; ``start`` indexes
             ``last_visual_positions[b]``.
         last_anchored: True when the last forward with a fresh request was anchored.
+        cache: None, or an object with ``anchor_result(features, n_clusters, config)``
+            returning the :class:`~videoanchor.anchor.AnchorResult` of one sample (e.g.
+            :class:`~videoanchor.integrations.transformers.cache.AnchorCache`, which stores
+            C once per features and the labels once per ``n_clusters``); used instead of
+            running SSC for samples the dense exact solver takes, on one process.
+        row_settings: None, or one :class:`RowSetting` per batch row of the next prefills:
+            each row gets its own alpha_k, alpha_v and n_clusters (settings of a sweep
+            sharing a batch); the config's values otherwise. Set it with
+            :meth:`per_row`.
     """
 
     def __init__(self, model: torch.nn.Module, family: FamilySpec, config: AnchorConfig):
@@ -241,6 +271,17 @@ class AnchorHandle:
         self._current: _Request | None = None
         self._warned: set[str] = set()
         self._hooks: list = []
+        self.cache = None
+        self.row_settings: list[RowSetting] | None = None
+
+    def per_row(self, settings) -> _RowScope:
+        """Context manager: the prefills inside use ``settings[b]`` (a :class:`RowSetting`)
+        for batch row b. Validates each alpha as :func:`configure` does."""
+        settings = [RowSetting(*s) if not isinstance(s, RowSetting) else s for s in settings]
+        for s in settings:
+            _validate(replace(self.config, alpha_k=s.alpha_k, alpha_v=s.alpha_v,
+                              n_clusters=s.n_clusters))  # fmt: skip
+        return _RowScope(self, settings)
 
     def __repr__(self) -> str:
         c = self.config
@@ -288,7 +329,8 @@ class AnchorHandle:
         if input_ids is None and has_visual and kwargs.get("inputs_embeds") is not None:
             from_embeds = self._placeholder_mask_from_embeds(module, kwargs["inputs_embeds"])
         layout = {
-            k: kwargs.get(k) for k in ("video_grid_thw", "image_grid_thw", "pixel_values_videos")
+            k: kwargs.get(k)
+            for k in ("video_grid_thw", "image_grid_thw", "pixel_values_videos", "mm_encoder_outputs")
         }
         mask = kwargs.get("attention_mask")
         self._pending = _Pending(
@@ -412,7 +454,13 @@ class AnchorHandle:
         scores = torch.zeros(B, S, dtype=torch.float32, device=embeds.device)
         results: list = []
         positions: list[torch.Tensor] = []
-        seen: list[tuple[torch.Tensor, object]] = []
+        seen: list[tuple[int, torch.Tensor, object]] = []
+        rows = self.row_settings
+        if rows is not None and len(rows) != B:
+            raise ValueError(
+                f"videoanchor: per_row got {len(rows)} settings but the batch has {B} rows; "
+                "expected one setting per row"
+            )
         # SSC runs per sample: per row, or per sequence of a padding-free (packed) row.
         units = [(b, any_mask[b]) for b in range(B)]
         if packed is not None:
@@ -438,16 +486,22 @@ class AnchorHandle:
                 results.append(None)
                 continue
             feats = embeds[b, cols]
+            want = cfg.n_clusters if rows is None else rows[b].n_clusters
+            k = min(want, n)
             res = next(
-                (r for f, r in seen if f.shape == feats.shape and torch.equal(f, feats)), None
+                (
+                    r
+                    for kk, f, r in seen
+                    if kk == k and f.shape == feats.shape and torch.equal(f, feats)
+                ),
+                None,
             )
             if res is None:
-                k = min(cfg.n_clusters, n)
-                if k < cfg.n_clusters:
+                if k < want:
                     self._warn_once(
                         "clusters",
                         f"videoanchor: a sample has {n} visual tokens, fewer than n_clusters="
-                        f"{cfg.n_clusters}; using n_clusters={k} for it",
+                        f"{want}; using n_clusters={k} for it",
                     )
 
                 def compute(feats=feats, k=k, **spread_over):
@@ -473,12 +527,13 @@ class AnchorHandle:
                     return not _exact_fits(feats, cfg.ssc_dtype, cfg.pca_rank)
 
                 # Under a process group the ranks get the same result (distributed.py).
-                res = (
-                    compute()
-                    if group is None
-                    else shared_scores(group, compute, feats.device, spread=blocked)
-                )
-                seen.append((feats, res))
+                if group is not None:
+                    res = shared_scores(group, compute, feats.device, spread=blocked)
+                elif self.cache is not None and not blocked():
+                    res = self.cache.anchor_result(feats, k, cfg)
+                else:
+                    res = compute()
+                seen.append((k, feats, res))
             results.append(res)
             scores[b, cols] = res.scores.to(device=scores.device, dtype=torch.float32)
         self.last_scores = scores
@@ -498,7 +553,13 @@ class AnchorHandle:
                 "prompt; it runs unanchored (plain attention)",
             )
             return
-        key_bias, value_scale = anchor_gates(scores, cfg.alpha_k, cfg.alpha_v)
+        if rows is None:
+            key_bias, value_scale = anchor_gates(scores, cfg.alpha_k, cfg.alpha_v)
+        else:  # one row at a time: each row of the batch has its own gates
+            gates = [anchor_gates(scores[b : b + 1], r.alpha_k, r.alpha_v) for b, r in
+                     enumerate(rows)]  # fmt: skip
+            key_bias = torch.cat([g[0] for g in gates])
+            value_scale = torch.cat([g[1] for g in gates])
         anchor_gates(scores, cfg.alpha_q, 0.0)  # validates the (no-op) query gate
         self._request = _Request(
             key_bias=key_bias, value_scale=value_scale, packed=packed is not None
