@@ -281,6 +281,28 @@ def test_slot_mask_current_tokens():
     assert got.tolist() == [[False, True, True, True], [True, True, True, True]]
 
 
+def test_slot_mask_with_symbolic_offsets_under_compile():
+    # Under dynamic-shape compilation a dynamic cache's offsets are SymInts: the mask
+    # function traces in one graph and returns what it returns eagerly.
+    def mask_for(user, q, spare):
+        return va_attention.videoanchor_mask(
+            batch_size=2,
+            q_length=q.shape[-1],
+            kv_length=user.shape[-1] + spare.shape[-1],
+            q_offset=user.shape[-1] - q.shape[-1],
+            attention_mask=user,
+        )
+
+    compiled = torch.compile(mask_for, fullgraph=True, dynamic=True, backend="eager")
+    for n, spare in ((6, 0), (8, 0), (6, 3), (9, 3)):
+        user = torch.ones(2, n, dtype=torch.long)
+        user[0, :2] = 0
+        args = (user, torch.zeros(1, 2), torch.zeros(spare))
+        eager, traced = mask_for(*args), compiled(*args)
+        assert eager.dtype == (torch.bool if spare == 0 else torch.int8)
+        assert traced.dtype == eager.dtype and torch.equal(traced, eager)
+
+
 @torch.no_grad()
 @pytest.mark.filterwarnings("ignore:.*not part of a configured VideoAnchor model")
 @pytest.mark.parametrize("q_length", [3, 1])
