@@ -169,12 +169,12 @@ def current_tokens_of_slot_mask(slots: torch.Tensor, n_tokens: int) -> torch.Ten
     """(B, n_tokens) bool: which of the last ``n_tokens`` filled slots of a (B, Skv) int8
     slot mask (what :func:`videoanchor_mask` makes over a static cache, and ``generate``
     hands to a model) hold visible tokens. Those are the tokens of the current forward."""
-    end = (slots != _SLOT_EMPTY).sum(-1, keepdim=True)  # (B, 1), the same in every row
-    cols = end - n_tokens + torch.arange(n_tokens, device=slots.device)
     if n_tokens > slots.shape[-1]:
         raise ValueError(
             f"expected at most {slots.shape[-1]} current tokens in the slot mask, got {n_tokens}"
         )
+    end = (slots != _SLOT_EMPTY).sum(-1, keepdim=True)  # (B, 1), the same in every row
+    cols = end - n_tokens + torch.arange(n_tokens, device=slots.device)
     return slots.gather(1, cols.clamp(min=0)) == _SLOT_VISIBLE
 
 
