@@ -32,7 +32,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from videoanchor.integrations.transformers.attention import ATTN_IMPLEMENTATION, REQUEST_KWARG
+from videoanchor.integrations.transformers.attention import (
+    ATTN_IMPLEMENTATION,
+    REQUEST_KWARG,
+    current_tokens_of_slot_mask,
+)
 from videoanchor.integrations.transformers.distributed import (
     check_same_request,
     resolve_group,
@@ -424,6 +428,8 @@ class AnchorHandle:
             token_ids = self.family.token_ids(self.model.config, self.config.tokens)
             masks = {kind: ids.to(embeds.device) == tid for kind, tid in token_ids.items()}
         am = pending.attention_mask
+        if am is not None and am.dtype == torch.int8:
+            am = current_tokens_of_slot_mask(am, S)  # generate's mask over a static cache
         if am is not None and am.shape[0] == B and am.shape[-1] >= S:
             valid = am[:, -S:].to(device=embeds.device, dtype=torch.bool)
             masks = {k: m & valid for k, m in masks.items()}
