@@ -214,7 +214,7 @@ def sparse_subspace_clustering(
     backend: str = "auto",
     solver: str = "faithful",
     dtype=None,
-    progress: bool = False,
+    progress=None,
 ) -> SSCResult:
     """Sparse subspace clustering of the rows of ``features`` (``N x D``) into ``n_clusters``.
 
@@ -315,7 +315,7 @@ def compute_anchor_scores(
     seed: int = 0,
     backend: str = "auto",
     dtype=None,
-    progress: bool = False,
+    progress=None,
     solver: str = "auto",
     eigen_solver: str = "auto",
     mode: str = "auto",
@@ -363,6 +363,12 @@ def compute_anchor_scores(
     draw being the default's) and each token's cluster share ``pi_j`` is averaged over
     them, so the scores depend much less on the seed; the embedding is computed once.
 
+    ``progress``: False, True, None (default: a progress bar on a terminal, log lines on
+    the ``videoanchor.progress`` logger otherwise, once a run lasts a few seconds) or an
+    :class:`~videoanchor.anchor.progress.SSCProgress` (its ``time_budget`` stops the ADMM
+    at the iterate reached: ``converged=False``, not the paper's answer). Exact and blocked
+    modes report; ``mode="scalable"`` does not.
+
     Raises ``ValueError`` for N = 0, fewer tokens than clusters or non-finite features,
     ``TypeError`` for non-numeric input, and ``SSCMemoryError`` (a ``MemoryError``) with
     the size it would need when the dense problem does not fit on the device.
@@ -399,8 +405,11 @@ def compute_anchor_scores(
                 max_iter=max_iter, pca_rank=pca_rank, seed=seed, backend=backend, dtype=dtype,
                 solver=solver, eigen_solver=eigen_solver, block_columns=block_columns,
                 block_eps=block_eps, process_group=process_group, label_draws=label_draws,
+                progress=progress,
             )  # fmt: skip
         if mode == "scalable":
+            if getattr(progress, "time_budget", None) is not None:
+                raise ValueError("progress: a time budget needs mode='exact' or 'blocked'")
             if pca_rank:
                 x = pca_reduce(x, pca_rank)
             out = scalable_anchor_scores(
@@ -452,6 +461,7 @@ def compute_anchor_scores(
 def _blocked_anchor_scores(
     x, n_clusters, *, t0, alpha_e, alpha_z, rho, eps, max_iter, pca_rank, seed, backend,
     dtype, solver, eigen_solver, block_columns, block_eps, process_group, label_draws=1,
+    progress=None,
 ) -> AnchorResult:  # fmt: skip
     """``mode="blocked"`` of :func:`compute_anchor_scores`, on one process or a group."""
     unsupported = [
@@ -474,7 +484,7 @@ def _blocked_anchor_scores(
     admm = solve_ssc_blocked(
         x, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps, max_iter=max_iter,
         dtype=dtype, block_columns=block_columns, block_eps=block_eps,
-        process_group=process_group,
+        process_group=process_group, progress=progress,
     )  # fmt: skip
     coef = admm.coef
     t1 = time.perf_counter()
