@@ -340,7 +340,7 @@ class SSCProgress:
                     bar_format="{desc} |{bar:16}| {elapsed}",
                 )  # fmt: skip
             self._bar.n = self.block * self.max_iter + self._it
-            if now - self._last_post >= 0.5 or self._last_post == 0.0:
+            if now - self._last_post >= 0.5 or self._it == 1:  # and when a block starts
                 self._last_post = now
                 self._bar.set_description_str(f"{self.desc} {self._status(now)}", refresh=False)
             self._bar.refresh()
