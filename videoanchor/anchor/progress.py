@@ -37,12 +37,23 @@ import sys
 import time
 from dataclasses import dataclass
 
-__all__ = ["SSCProgress", "SSCRunSummary", "as_reporter", "format_seconds"]
+__all__ = [
+    "SSCConvergenceWarning",
+    "SSCProgress",
+    "SSCRunSummary",
+    "as_reporter",
+    "format_seconds",
+]
 
 logger = logging.getLogger("videoanchor.progress")
 
 _AUTO_DELAY = 5.0  # seconds before an automatic report appears
 _FIT_MIN_POINTS = 5
+
+
+class SSCConvergenceWarning(UserWarning):
+    """An SSC run stopped before its residual reached ``eps`` (iteration limit or time
+    budget): its scores come from an unconverged iterate."""
 
 
 def format_seconds(s: float | None) -> str:
@@ -112,7 +123,7 @@ class SSCProgress:
         stream=None,
         log_every: float = 30.0,
         delay: float | None = None,
-        estimate_after: int = 5,
+        estimate_after: int = 10,
         desc: str = "SSC",
     ):
         if enabled not in (True, False, "auto"):
@@ -283,6 +294,13 @@ class SSCProgress:
             f"{self._done} iterations; the iteration limit ({self.max_iter}{blocks}) would "
             f"take at most {format_seconds(spi * self.max_iter * self.blocks)}"
         )
+        proj = self.projected_iterations()
+        if proj is not None and spi is not None:
+            text += (
+                f"; the residual's trend so far projects ~{proj} iterations"
+                f"{' per block' if self.blocks > 1 else ''} "
+                f"(~{format_seconds(spi * proj * self.blocks)}; rough)"
+            )
         if self.time_budget is not None:
             text += f"; time budget {format_seconds(self.time_budget)}"
         return text

@@ -75,6 +75,8 @@ class AnchorConfig:
     ssc_dtype: torch.dtype | None = None
     attention_backend: str = "auto"
     process_group: object = "auto"
+    ssc_progress: object = "auto"
+    ssc_time_budget: float | None = None
 
 
 def _validate(cfg: AnchorConfig) -> AnchorConfig:
@@ -111,6 +113,13 @@ def _validate(cfg: AnchorConfig) -> AnchorConfig:
             f"attention_backend: expected one of {_ATTN_BACKENDS}, got {cfg.attention_backend!r}"
         )
     validate_group_option(cfg.process_group)
+    if cfg.ssc_progress not in (True, False, "auto"):
+        raise ValueError(
+            f"ssc_progress: expected True, False or 'auto', got {cfg.ssc_progress!r}"
+        )
+    from videoanchor.anchor.progress import SSCProgress
+
+    SSCProgress(time_budget=cfg.ssc_time_budget)  # validates the budget
     return replace(cfg, tokens=tokens, alpha_q=float(cfg.alpha_q), alpha_k=float(cfg.alpha_k),
                    alpha_v=float(cfg.alpha_v))  # fmt: skip
 
@@ -208,6 +217,10 @@ class AnchorHandle:
             order): the images/videos of the sample; ``start`` indexes
             ``last_visual_positions[b]``.
         last_anchored: True when the last forward with a fresh request was anchored.
+        last_ssc_runs: list, per entry of ``last_result``, of the
+            :class:`~videoanchor.anchor.progress.SSCRunSummary` of its SSC (converged or
+            not, iterations, residual vs eps, stopped by the time budget; None where no
+            SSC ran on this process).
     """
 
     def __init__(self, model: torch.nn.Module, family: FamilySpec, config: AnchorConfig):
@@ -219,6 +232,7 @@ class AnchorHandle:
         self.last_visual_positions: list[torch.Tensor] = []
         self.last_segments: list[list[VisualSegment]] = []
         self.last_anchored = False
+        self.last_ssc_runs: list = []
         self._pending: _Pending | None = None
         self._request: _Request | None = None
         self._current: _Request | None = None
@@ -373,6 +387,7 @@ class AnchorHandle:
         self, pending: _Pending, embeds: torch.Tensor, packed: torch.Tensor | None = None
     ) -> None:
         from videoanchor.anchor import compute_anchor_scores
+        from videoanchor.anchor.progress import SSCProgress
         from videoanchor.kernels import anchor_gates
 
         cfg = self.config
@@ -388,6 +403,7 @@ class AnchorHandle:
             check_same_request(group, embeds, any_mask)
         scores = torch.zeros(B, S, dtype=torch.float32, device=embeds.device)
         results: list = []
+        runs: list = []
         positions: list[torch.Tensor] = []
         seen: list[tuple[torch.Tensor, object]] = []
         # SSC runs per sample: per row, or per sequence of a padding-free (packed) row.
@@ -405,6 +421,7 @@ class AnchorHandle:
             n = cols.numel()
             if n == 0:
                 results.append(None)
+                runs.append(None)
                 continue
             if n < 3:
                 self._warn_once(
@@ -413,12 +430,18 @@ class AnchorHandle:
                     "scores are 0 (unanchored)",
                 )
                 results.append(None)
+                runs.append(None)
                 continue
             feats = embeds[b, cols]
-            res = next(
-                (r for f, r in seen if f.shape == feats.shape and torch.equal(f, feats)), None
+            res, run = next(
+                ((r, u) for f, r, u in seen if f.shape == feats.shape and torch.equal(f, feats)),
+                (None, None),
             )
             if res is None:
+                reporter = SSCProgress(
+                    enabled=cfg.ssc_progress, time_budget=cfg.ssc_time_budget,
+                    desc=f"SSC sample {b}" if len(units) > 1 else "SSC",
+                )  # fmt: skip
                 k = min(cfg.n_clusters, n)
                 if k < cfg.n_clusters:
                     self._warn_once(
@@ -441,6 +464,7 @@ class AnchorHandle:
                         label_draws=cfg.label_draws,
                         backend=cfg.ssc_backend,
                         dtype=cfg.ssc_dtype,
+                        progress=reporter,
                         **spread_over,
                     )
 
@@ -455,11 +479,16 @@ class AnchorHandle:
                     if group is None
                     else shared_scores(group, compute, feats.device, spread=blocked)
                 )
-                seen.append((feats, res))
+                run = reporter.runs[-1] if reporter.runs else None
+                if not res.converged:
+                    _warn_unconverged(res, run, cfg)
+                seen.append((feats, res, run))
             results.append(res)
+            runs.append(run)
             scores[b, cols] = res.scores.to(device=scores.device, dtype=torch.float32)
         self.last_scores = scores
         self.last_result = results
+        self.last_ssc_runs = runs
         self.last_visual_positions = positions
         if pending.input_ids is not None:
             self.last_segments = segments_for_batch(
@@ -515,6 +544,20 @@ class AnchorHandle:
         vc = getattr(self.model.config, self.family.vision_config_attr, None)
         if vc is not None and getattr(vc, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
             vc._attn_implementation_internal = "sdpa"
+
+
+def _warn_unconverged(res, run, cfg: AnchorConfig) -> None:
+    """Say that a sample's SSC stopped before ``eps`` (iteration limit or time budget)."""
+    from videoanchor.anchor.progress import SSCConvergenceWarning
+
+    if run is not None:
+        text = run.message()
+    else:  # computed on another rank of the group
+        text = (
+            f"SSC stopped after {res.iterations} iterations (max_iter={cfg.max_iter}) at "
+            f"residual {res.residual:.3g} vs eps {cfg.eps:.3g}: NOT converged"
+        )
+    warnings.warn(f"videoanchor: {text}", SSCConvergenceWarning, stacklevel=2)
 
 
 def _given(value) -> bool:
@@ -627,6 +670,8 @@ def configure(
     ssc_dtype=_UNSET,
     attention_backend=_UNSET,
     process_group=_UNSET,
+    ssc_progress=_UNSET,
+    ssc_time_budget=_UNSET,
 ) -> AnchorHandle:
     """Configure VideoAnchor on a model loaded with ``attn_implementation="videoanchor_triton"``.
 
@@ -657,6 +702,15 @@ def configure(
             scores to the others (``last_result[b].coef`` is None there), or, where one
             process would take the blocked solver, its column blocks are divided among the
             ranks.
+
+        ssc_progress: "auto" (default: a progress bar on a terminal, else log lines on the
+            ``videoanchor.progress`` logger, once an SSC run lasts 5 s), True or False.
+        ssc_time_budget: seconds, or None (default: run to ``eps`` or ``max_iter``, the
+            paper). With a budget the SSC stops at the iterate reached when it runs out:
+            NOT the paper's converged answer. Either way, an SSC that stops before ``eps``
+            is reported with an :class:`~videoanchor.anchor.progress.SSCConvergenceWarning`
+            naming the residual reached, ``eps`` and the iteration limit, and in
+            ``handle.last_ssc_runs``.
 
     Raises TypeError for a model that is not a vision-language model (e.g. a plain module or
     a text-only LM), ValueError for an unsupported VLM family (both name the supported ones),
@@ -712,6 +766,8 @@ def configure(
             ssc_dtype=ssc_dtype,
             attention_backend=attention_backend,
             process_group=process_group,
+            ssc_progress=ssc_progress,
+            ssc_time_budget=ssc_time_budget,
         ).items()
         if v is not _UNSET
     }
