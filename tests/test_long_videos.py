@@ -57,3 +57,72 @@ def test_bad_options(model):
     with pytest.raises(ValueError, match="time_budget"):
         videoanchor.configure(model, ssc_time_budget=-5)
     videoanchor.configure(model, ssc_progress="auto", ssc_time_budget=None)
+
+
+# ---- the command line --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    from test_cli_support import moving_shapes, save_tiny_checkpoint
+
+    from videoanchor.video import write_video
+
+    root = tmp_path_factory.mktemp("long_cli")
+    save_tiny_checkpoint("qwen2_5_vl", root / "model")
+    write_video(root / "v.mp4", moving_shapes(12, 64, 96), fps=10)
+    return root
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls on a loaded 2-core machine (see test_cli.py)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cli(root, *extra):
+    return ["--model", str(root / "model"), "--trust-remote-code", "--video",
+            str(root / "v.mp4"), "--frames", "4", "--n-clusters", "3", *extra]  # fmt: skip
+
+
+def test_cli_anchors_reports_the_plan_progress_and_non_convergence(
+    cli_files, tmp_path, capsys, one_thread
+):
+    import numpy as np
+
+    from videoanchor.cli import main
+
+    png = tmp_path / "a.png"
+    assert main(["anchors", *_cli(cli_files, "--ssc-max-iter", "12"), "--out", str(png)]) == 0
+    err = capsys.readouterr().err
+    # stderr is not a terminal here: log lines, then the outcome
+    assert "SSC plan: " in err and "dense exact" in err and "iteration limit 12" in err
+    assert "SSC cost estimate: " in err and "/iteration measured over the first 10" in err
+    assert "SSC: 1/12, residual" in err  # the first line; then one every 30 s
+    assert "stopped at its iteration limit max_iter=12" in err and "NOT converged" in err
+    data = np.load(png.with_suffix(".npz"))
+    assert not bool(data["ssc_converged"]) and float(data["ssc_residual"]) > 2e-4
+    assert float(data["ssc_eps"]) == 2e-4 and not bool(data["ssc_stopped_by_budget"])
+    # --quiet: no progress, but the non-convergence is still said
+    assert main(["anchors", *_cli(cli_files, "--ssc-max-iter", "3", "-q"), "--out", str(png)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("videoanchor: warning: SSC (")
+    assert "max_iter=3" in err[0]
+
+
+def test_cli_time_budget_stops_and_says_it_is_not_the_paper_answer(
+    cli_files, tmp_path, capsys, one_thread
+):
+    from videoanchor.cli import main
+
+    argv = ["run", *_cli(cli_files, "--ssc-time-budget", "1e-9", "-q"), "--question", "q",
+            "--max-new-tokens", "2"]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "stopped by the time budget after 1 iterations" in err
+    assert "not from the paper's converged solution" in err
+    with pytest.raises(SystemExit):
+        main(["run", *_cli(cli_files, "--ssc-time-budget", "0"), "--question", "q"])
+    assert "expected a positive finite number" in capsys.readouterr().err

@@ -36,7 +36,7 @@ def test_terminal_shows_a_bar_with_iteration_residual_eps_and_the_outcome():
     assert not res.converged and res.iterations == 12
     assert "\r" in text  # tqdm redraws the line
     assert "/12, residual" in text and "(eps 1.0e-09)" in text
-    assert "SSC cost estimate: 30 tokens" in text  # after the first 5 iterations
+    assert "SSC cost estimate: 30 tokens" in text  # after the first 10 iterations
     last = text.strip().splitlines()[-1]
     assert "stopped at its iteration limit max_iter=12" in last and "NOT converged" in last
     assert f"{res.residual:.3g}" in last
@@ -47,10 +47,10 @@ def test_without_a_terminal_it_logs_lines(caplog):
     out = _Pipe()
     p = SSCProgress(enabled=True, stream=out, log_every=1e-9)
     with caplog.at_level(logging.INFO, logger="videoanchor.progress"):
-        res = solve_ssc_admm(_tokens(), max_iter=8, eps=1e-9, progress=p, dtype=torch.float64)
+        res = solve_ssc_admm(_tokens(), max_iter=12, eps=1e-9, progress=p, dtype=torch.float64)
     assert out.getvalue() == ""  # nothing drawn on a pipe
     lines = [r.getMessage() for r in caplog.records if r.name == "videoanchor.progress"]
-    assert any(line.startswith("SSC: 8/8, residual") for line in lines)
+    assert any(line.startswith("SSC: 12/12, residual") for line in lines)
     assert any("cost estimate" in line for line in lines)
     ends = [r for r in caplog.records if "NOT converged" in r.getMessage()]
     assert len(ends) == 1 and ends[0].levelno == logging.WARNING
@@ -129,3 +129,4 @@ def test_bad_options():
         as_reporter("verbose", max_iter=10, eps=1e-3)
     assert format_seconds(5) == "5.0 s" and format_seconds(125) == "2 min 05 s"
     assert format_seconds(7322) == "2 h 02 min" and format_seconds(None) == "?"
+    assert format_seconds(0.0125) == "12.5 ms"

@@ -33,6 +33,7 @@ from videoanchor.pipeline import (
     load_vlm,
     read_images,
     run_prefill,
+    ssc_plan,
     video_inputs,
 )
 
@@ -105,6 +106,7 @@ def _configure(handle, args, enabled: bool):
 
     opts = dict(enabled=enabled, n_clusters=args.n_clusters, decode=args.decode, seed=args.seed)
     opts.update(pca_rank=args.pca_rank, max_iter=args.ssc_max_iter, label_draws=args.label_draws)
+    opts.update(ssc_progress=not args.quiet, ssc_time_budget=args.ssc_time_budget)
     for name in ("alpha_q", "alpha_k", "alpha_v"):
         value = getattr(args, name)
         if value is not None:
@@ -118,6 +120,14 @@ def _configure(handle, args, enabled: bool):
 def _log(args, message: str) -> None:
     if not args.quiet:
         print(message, file=sys.stderr, flush=True)
+
+
+def _report_ssc(args, runs) -> None:
+    """How each SSC ended. Without --quiet the progress reporter has already said it; with
+    --quiet an unconverged SSC is still reported (stderr), a converged one is not."""
+    for run in runs:
+        if run is not None and not run.converged and args.quiet:
+            print(f"videoanchor: warning: {run.message()}", file=sys.stderr, flush=True)
 
 
 def _fmt_s(x: float | None) -> str:
@@ -141,6 +151,9 @@ def cmd_run(args) -> int:
     for label, enabled in runs:
         handle = _configure(handle, args, enabled)
         c = handle.config
+        plan = ssc_plan(model, handle, inputs)
+        if plan is not None:
+            _log(args, plan)
         detail = (
             f"alpha_k={c.alpha_k:g}, alpha_v={c.alpha_v:g}, n_clusters={c.n_clusters}"
             if enabled
@@ -151,6 +164,7 @@ def cmd_run(args) -> int:
             model, processor, inputs, handle,
             max_new_tokens=args.max_new_tokens, progress=not args.quiet,
         )  # fmt: skip
+        _report_ssc(args, timings.ssc_runs)
         results.append((label, detail, answer, timings))
     if len(results) == 1:
         label, detail, answer, t = results[0]
@@ -193,9 +207,14 @@ def cmd_anchors(args) -> int:
     if question is None:
         question = DEFAULT_ANCHOR_QUESTION if kind == "video" else DEFAULT_VIEWS_QUESTION
     inputs = _inputs(processor, kind, visual, question, model)
+    plan = ssc_plan(model, handle, inputs)
+    if plan is not None:
+        _log(args, plan)
     run_prefill(model, inputs, progress=not args.quiet)
     c = handle.config
     res = handle.last_result[0]
+    run = handle.last_ssc_runs[0] if handle.last_ssc_runs else None
+    _report_ssc(args, [run])
     common = dict(
         scores=handle.last_scores.float().cpu().numpy(),
         input_ids=inputs["input_ids"].cpu().numpy(),
@@ -204,6 +223,9 @@ def cmd_anchors(args) -> int:
         n_clusters=np.array(c.n_clusters),
         ssc_iterations=np.array(res.iterations),
         ssc_converged=np.array(res.converged),
+        ssc_residual=np.array(res.residual),
+        ssc_eps=np.array(c.eps),
+        ssc_stopped_by_budget=np.array(bool(run is not None and run.stopped_by_budget)),
         model=np.array(args.model),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -425,6 +447,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got '{text}'") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value}")
+    return value
+
+
 def _nonneg_int(text: str) -> int:
     try:
         value = int(text)
@@ -516,6 +548,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=10000,
         help="ADMM iteration limit of SSC (default 10000, the authors')",
+    )
+    a.add_argument(
+        "--ssc-time-budget",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="stop the SSC after about this many seconds at the iterate reached (reported; NOT "
+        "the paper's converged answer). Default: none, run to eps or --ssc-max-iter",
     )
     a.add_argument("--seed", type=int, default=0, help="seed of the spectral clustering")
     a.add_argument(
@@ -642,8 +682,24 @@ def main(argv: list[str] | None = None) -> int:
     bars_were_on = hf_logging.is_progress_bar_enabled()
     if getattr(args, "quiet", False):
         hf_logging.disable_progress_bar()
+    import logging
+    import warnings
+
+    from videoanchor.anchor.progress import SSCConvergenceWarning
+
+    # SSC progress lines (when stderr is not a terminal) and the outcome of every SSC run
+    progress_log = logging.getLogger("videoanchor.progress")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("videoanchor: %(message)s"))
+    level = progress_log.level
+    if not getattr(args, "quiet", False):
+        progress_log.addHandler(handler)
+        progress_log.setLevel(logging.INFO)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            # the command reports how SSC ended itself (_report_ssc / the progress reporter)
+            warnings.simplefilter("ignore", SSCConvergenceWarning)
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("videoanchor: interrupted", file=sys.stderr)
         return 130
@@ -659,6 +715,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"videoanchor {args.command}: error: {message}", file=sys.stderr)
         return 1
     finally:
+        progress_log.removeHandler(handler)
+        progress_log.setLevel(level)
         if bars_were_on:
             hf_logging.enable_progress_bar()
 

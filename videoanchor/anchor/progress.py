@@ -57,10 +57,12 @@ class SSCConvergenceWarning(UserWarning):
 
 
 def format_seconds(s: float | None) -> str:
-    """``'42 s'``, ``'3 min 05 s'``, ``'2 h 07 min'`` (``'?'`` for None or inf)."""
+    """``'12.5 ms'``, ``'42 s'``, ``'3 min 05 s'``, ``'2 h 07 min'`` (``'?'`` for None/inf)."""
     if s is None or not math.isfinite(s):
         return "?"
     s = max(0.0, float(s))
+    if s < 1:
+        return f"{s * 1000:.3g} ms"
     if s < 60:
         return f"{s:.1f} s" if s < 10 else f"{s:.0f} s"
     if s < 3600:

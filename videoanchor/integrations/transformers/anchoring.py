@@ -450,7 +450,7 @@ class AnchorHandle:
                         f"{cfg.n_clusters}; using n_clusters={k} for it",
                     )
 
-                def compute(feats=feats, k=k, **spread_over):
+                def compute(feats=feats, k=k, reporter=reporter, **spread_over):
                     return compute_anchor_scores(
                         feats,
                         k,
