@@ -126,3 +126,32 @@ def test_cli_time_budget_stops_and_says_it_is_not_the_paper_answer(
     with pytest.raises(SystemExit):
         main(["run", *_cli(cli_files, "--ssc-time-budget", "0"), "--question", "q"])
     assert "expected a positive finite number" in capsys.readouterr().err
+
+
+def test_lmms_eval_wrapper_reports_unconverged_requests(cli_files, one_thread):
+    from types import SimpleNamespace
+
+    from videoanchor.lmms_eval import VideoAnchorLMMCore
+
+    lm = VideoAnchorLMMCore(
+        pretrained=str(cli_files / "model"), trust_remote_code=True, device="cpu",
+        n_clusters=3, max_num_frames=4, ssc_max_iter=3, ssc_progress=False,
+    )  # fmt: skip
+    assert lm.handle.config.max_iter == 3 and lm.handle.config.ssc_progress is False
+    lm.task_dict = {"toy": {"test": [{"v": str(cli_files / "v.mp4")}] * 2}}
+    reqs = [
+        SimpleNamespace(args=("q", {"max_new_tokens": 2}, lambda d: [d["v"]], i, "toy", "test"))
+        for i in range(2)
+    ]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert len(lm.generate_until(reqs)) == 2
+    texts = [str(w.message) for w in seen]
+    assert not [w for w in seen if issubclass(w.category, SSCConvergenceWarning)]  # gathered
+    assert sum("max_iter=3" in t and "further requests" in t for t in texts) == 1
+    summary = [t for t in texts if "SSC stopped before eps on 2 of 2 requests" in t]
+    assert len(summary) == 1 and "0 by the time budget, 2 at the iteration limit" in summary[0]
+    assert lm.ssc_unconverged == 2
+    with pytest.raises(ValueError, match="time_budget"):
+        VideoAnchorLMMCore(pretrained=str(cli_files / "model"), trust_remote_code=True,
+                           device="cpu", ssc_time_budget=-1)  # fmt: skip
