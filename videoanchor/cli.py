@@ -230,17 +230,19 @@ def cmd_anchors(args) -> int:
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     npz.parent.mkdir(parents=True, exist_ok=True)
+    more = []
     if kind == "video":
-        image, strongest = _draw_video_anchors(args, handle, visual, out, npz, common)
+        image, strongest, more = _draw_video_anchors(args, handle, visual, out, npz, common)
     else:
         image, strongest = _draw_view_anchors(args, handle, visual, out, npz, common)
-    print(f"wrote {out} ({image.size[0]}x{image.size[1]}) and {npz}")
+    pages = f"; {len(more) + 1} pages, also {', '.join(more)}" if more else ""
+    print(f"wrote {out} ({image.size[0]}x{image.size[1]}{pages}) and {npz}")
     _log(args, f"strongest anchors: {strongest}")
     return 0
 
 
 def _draw_video_anchors(args, handle, video, out, npz, common):
-    from videoanchor.visualize import save_anchor_figure
+    from videoanchor.visualize import save_anchor_pages
 
     maps = anchor_token_maps(handle, 0)
     if maps.grid[0] > video.num_frames:
@@ -253,17 +255,22 @@ def _draw_video_anchors(args, handle, video, out, npz, common):
         f"{maps.scores.size} visual tokens on a {'x'.join(map(str, maps.grid))} grid | "
         f"{int(maps.labels.max()) + 1} SSC clusters"
     )
-    image = save_anchor_figure(
-        out,
-        video.frames,
-        maps.scores,
-        labels=None if args.no_clusters else maps.labels,
-        frame_indices=video.indices,
-        timestamps=video.timestamps,
-        title=title,
-        columns=args.columns,
-        tile_width=args.tile_width,
-    )
+    try:
+        pages = save_anchor_pages(
+            out,
+            video.frames,
+            maps.scores,
+            labels=None if args.no_clusters else maps.labels,
+            frame_indices=video.indices,
+            timestamps=video.timestamps,
+            title=title,
+            columns=args.columns,
+            tile_width=args.tile_width,
+            max_height=args.page_height,
+        )
+    except ValueError as err:  # a row wider than the picture allows
+        raise CLIError(_first_line(err)) from err
+    image = pages[0][1]
     np.savez_compressed(
         npz,
         **common,
@@ -281,7 +288,7 @@ def _draw_video_anchors(args, handle, video, out, npz, common):
         f"slice {i // (gh * gw)} row {(i // gw) % gh} col {i % gw} ({maps.scores.ravel()[i]:.2f})"
         for i in top
     )
-    return image, cells
+    return image, cells, [f for f, _ in pages[1:]]
 
 
 def _draw_view_anchors(args, handle, views, out, npz, common):
@@ -642,7 +649,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--columns",
         type=_positive_int,
         default=None,
-        help="frames per row (default min(frames, 4))",
+        help="frames per row (default min(frames, 4); 8 beyond 16 frames)",
+    )
+    anchors.add_argument(
+        "--page-height",
+        type=_positive_int,
+        default=2400,
+        metavar="PIXELS",
+        help="split a long video's picture into pages (PNG files) of at most this height, "
+        "each with its own colour bar: OUT.png, OUT-p2.png, ... (default 2400)",
     )
     anchors.add_argument("--tile-width", type=_positive_int, default=240,
                          help="width of one frame in the picture, in pixels (default 240)")  # fmt: skip
