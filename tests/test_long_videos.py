@@ -2,6 +2,7 @@
 integration (inside generate / forward), on a tiny random-weight model."""
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,6 +63,9 @@ def test_bad_options(model):
 # ---- the command line --------------------------------------------------------------------
 
 
+MODEL = "tiny-qwen2_5_vl-random-weights"
+
+
 @pytest.fixture(scope="module")
 def cli_files(tmp_path_factory):
     from test_cli_support import moving_shapes, save_tiny_checkpoint
@@ -69,7 +73,7 @@ def cli_files(tmp_path_factory):
     from videoanchor.video import write_video
 
     root = tmp_path_factory.mktemp("long_cli")
-    save_tiny_checkpoint("qwen2_5_vl", root / "model")
+    save_tiny_checkpoint("qwen2_5_vl", root / MODEL)
     write_video(root / "v.mp4", moving_shapes(12, 64, 96), fps=10)
     return root
 
@@ -83,7 +87,7 @@ def one_thread():
 
 
 def _cli(root, *extra):
-    return ["--model", str(root / "model"), "--trust-remote-code", "--video",
+    return ["--model", str(root / MODEL), "--trust-remote-code", "--video",
             str(root / "v.mp4"), "--frames", "4", "--n-clusters", "3", *extra]  # fmt: skip
 
 
@@ -134,7 +138,7 @@ def test_lmms_eval_wrapper_reports_unconverged_requests(cli_files, one_thread):
     from videoanchor.lmms_eval import VideoAnchorLMMCore
 
     lm = VideoAnchorLMMCore(
-        pretrained=str(cli_files / "model"), trust_remote_code=True, device="cpu",
+        pretrained=str(cli_files / MODEL), trust_remote_code=True, device="cpu",
         n_clusters=3, max_num_frames=4, ssc_max_iter=3, ssc_progress=False,
     )  # fmt: skip
     assert lm.handle.config.max_iter == 3 and lm.handle.config.ssc_progress is False
@@ -153,5 +157,48 @@ def test_lmms_eval_wrapper_reports_unconverged_requests(cli_files, one_thread):
     assert len(summary) == 1 and "0 by the time budget, 2 at the iteration limit" in summary[0]
     assert lm.ssc_unconverged == 2
     with pytest.raises(ValueError, match="time_budget"):
-        VideoAnchorLMMCore(pretrained=str(cli_files / "model"), trust_remote_code=True,
+        VideoAnchorLMMCore(pretrained=str(cli_files / MODEL), trust_remote_code=True,
                            device="cpu", ssc_time_budget=-1)  # fmt: skip
+
+
+FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "anchors-long-video.png"
+
+
+def test_cli_long_video_picture_pages_and_the_readme_example(
+    tmp_path, cli_files, capsys, one_thread, monkeypatch
+):
+    """32 frames of the tiny Qwen2.5-VL: the long layout (8 columns, summary strip, patches
+    marked). With VIDEOANCHOR_UPDATE_FIGURES=1 the picture replaces docs/figures' example."""
+    import os
+    import shutil
+
+    from PIL import Image
+    from test_cli_support import moving_shapes
+
+    from videoanchor.cli import main
+    from videoanchor.video import write_video
+    from videoanchor.visualize import MAX_HEIGHT
+
+    video = tmp_path / "long.mp4"
+    write_video(video, moving_shapes(48, 64, 96, seed=2), fps=8)
+    monkeypatch.chdir(cli_files)  # the model's name in the picture's title: no temporary path
+    common = ["--model", MODEL, "--trust-remote-code", "--video", str(video),
+              "--frames", "32", "--n-clusters", "4", "--tile-width", "160", "-q"]  # fmt: skip
+    png = tmp_path / "anchors.png"
+    assert main(["anchors", *common, "--out", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {png}" in out and "pages" not in out  # one page under 2400 px
+    with Image.open(png) as img:
+        width, height = img.size
+    assert width == 12 + 8 * (160 + 12) and height <= MAX_HEIGHT
+    if os.environ.get("VIDEOANCHOR_UPDATE_FIGURES") == "1":
+        FIGURE.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(png, FIGURE)
+    # a lower page height splits it into files, each with the full width
+    assert main(["anchors", *common, "--out", str(png), "--page-height", "500"]) == 0
+    out = capsys.readouterr().out
+    names = sorted(p.name for p in tmp_path.glob("anchors*.png"))
+    assert len(names) >= 3 and f"{len(names)} pages, also" in out
+    for name in names:
+        with Image.open(tmp_path / name) as img:
+            assert img.size[0] == width and img.size[1] <= 500
