@@ -100,21 +100,22 @@ def test_time_budget_stops_at_the_iterate_reached_and_is_reported():
 
 
 def test_projection_extrapolates_the_log_residual():
-    p = SSCProgress(enabled=False).begin(max_iter=100, eps=1e-3)
-    for it in range(1, 11):
+    p = SSCProgress(enabled=False).begin(max_iter=100, eps=1e-9)
+    for it in range(1, 21):
         assert not p.update(it, 0.5**it)
-    # log2(1 / 1e-3) = 9.97: a halving residual reaches 1e-3 at iteration 10
-    assert p.projected_iterations() == 10
+        assert (p.projected_iterations() is None) == (it < 20)  # needs 20 iterations
+    # log2(1 / 1e-9) = 29.9: a halving residual reaches 1e-9 at iteration 30
+    assert p.projected_iterations() == 30
     p = SSCProgress(enabled=False).begin(max_iter=100, eps=1e-3)
-    for it in range(1, 11):
+    for it in range(1, 21):
         p.update(it, 0.9**it)  # 0.9^66 = 9.6e-4: iteration 66
     assert p.projected_iterations() == math.ceil(math.log(1e-3) / math.log(0.9))
     p = SSCProgress(enabled=False).begin(max_iter=30, eps=1e-3)
-    for it in range(1, 11):
+    for it in range(1, 21):
         p.update(it, 0.9**it)
     assert p.projected_iterations() == 30  # capped at the limit
     p = SSCProgress(enabled=False).begin(max_iter=100, eps=1e-3)
-    for it in range(1, 11):
+    for it in range(1, 21):
         p.update(it, 1.0 + 0.01 * it)  # rising: no projection
     assert p.projected_iterations() is None
 

@@ -9,10 +9,11 @@ report their iterations to an :class:`SSCProgress`:
   logger (level INFO) every ``log_every`` seconds.
 
 After the first ``estimate_after`` iterations it reports the cost once: tokens, seconds per
-iteration measured on those iterations, the time the iteration limit would take and, once
-the residual falls, the iterations projected to reach ``eps``. The projection extrapolates
-``log(residual)`` linearly over the last half of the iterations (ADMM converges linearly
-in its late phase); it is a rough guide, not a promise.
+iteration measured on those iterations and the time the iteration limit would take. From
+the 20th iteration on, the bar and the log lines add the iterations projected to reach
+``eps``: ``log(residual)`` extrapolated linearly over the last half of the iterations (ADMM
+converges linearly in its late phase; its first iterations fall much faster, hence the
+wait). It is a rough guide, not a promise.
 
 ``time_budget`` (seconds): :meth:`SSCProgress.update` returns True once the run has used
 its budget, and the solver stops at the iterate it has reached. That iterate is **not**
@@ -48,7 +49,7 @@ __all__ = [
 logger = logging.getLogger("videoanchor.progress")
 
 _AUTO_DELAY = 5.0  # seconds before an automatic report appears
-_FIT_MIN_POINTS = 5
+_FIT_MIN_POINTS = 10  # the projection needs 20 iterations (fit over the last half)
 
 
 class SSCConvergenceWarning(UserWarning):
@@ -258,7 +259,7 @@ class SSCProgress:
         if self.residual < self.eps:
             return self._it
         pts = [v for v in self._log_r[len(self._log_r) // 2 :] if math.isfinite(v)]
-        if len(pts) < _FIT_MIN_POINTS or self.eps <= 0:
+        if len(self._log_r) < 2 * _FIT_MIN_POINTS or len(pts) < _FIT_MIN_POINTS or self.eps <= 0:
             return None
         m = len(pts)
         xm = (m - 1) / 2.0
@@ -296,13 +297,8 @@ class SSCProgress:
             f"{self._done} iterations; the iteration limit ({self.max_iter}{blocks}) would "
             f"take at most {format_seconds(spi * self.max_iter * self.blocks)}"
         )
-        proj = self.projected_iterations()
-        if proj is not None and spi is not None:
-            text += (
-                f"; the residual's trend so far projects ~{proj} iterations"
-                f"{' per block' if self.blocks > 1 else ''} "
-                f"(~{format_seconds(spi * proj * self.blocks)}; rough)"
-            )
+        # no projection yet: the first iterations fall much faster than the later ones
+        text += "; the ETA from the residual's trend follows in the progress"
         if self.time_budget is not None:
             text += f"; time budget {format_seconds(self.time_budget)}"
         return text
