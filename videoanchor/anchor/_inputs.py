@@ -135,9 +135,13 @@ def read_available_memory(device: torch.device) -> MemoryReading | None:
     return None
 
 
+_LAST_READING: dict[str, MemoryReading | None] = {}
+
+
 def free_memory_bytes(device: torch.device) -> int | None:
     """Bytes the SSC may use on ``device`` (the memory rule's budget), or None when unknown."""
     reading = read_available_memory(device)
+    _LAST_READING[device.type] = reading  # for check_memory's message
     return None if reading is None else reading.budget
 
 
@@ -152,9 +156,17 @@ def _fmt_bytes(n: float) -> str:
 def check_memory(required: int, device: torch.device, *, n: int, d: int, what: str) -> None:
     """Raise ``SSCMemoryError`` when ``required`` bytes exceed the memory rule's budget on
     ``device`` (``MEMORY_FRACTION`` of the available memory; no check when unknown)."""
-    reading = read_available_memory(device)
-    if reading is None or required <= reading.budget:
+    budget = free_memory_bytes(device)
+    if budget is None or required <= budget:
         return
+    reading = _LAST_READING.get(device.type)
+    if reading is not None and reading.budget == budget:
+        room = (
+            f"{_fmt_bytes(reading.available)} is available ({reading.source}) and the SSC may "
+            f"use {MEMORY_FRACTION:.0%} of it, {_fmt_bytes(budget)}"
+        )
+    else:
+        room = f"the SSC may use {_fmt_bytes(budget)}"
     if device.type == "cuda":
         where = (
             "run on the CPU (features.cpu()) if it has more memory, free GPU memory first "
@@ -164,9 +176,7 @@ def check_memory(required: int, device: torch.device, *, n: int, d: int, what: s
         where = "close other programs or use a machine (or a GPU) with more memory"
     raise SSCMemoryError(
         f"{what} with N = {n} tokens and D = {d} features needs about {_fmt_bytes(required)} "
-        f"on {device}, but {_fmt_bytes(reading.available)} is available "
-        f"({reading.source}) and the SSC may use {MEMORY_FRACTION:.0%} of it, "
-        f"{_fmt_bytes(reading.budget)}. Options: use mode='blocked' (exact, no N x N "
+        f"on {device}, but {room}. Options: use mode='blocked' (exact, no N x N "
         f"buffer; smaller block_columns=...), use fewer frames (fewer tokens; memory grows "
         f"as N^2), reduce the feature dimension with pca_rank=..., {where}, or "
         f"mode='scalable' (an approximation)."
