@@ -112,7 +112,7 @@ def lmms_eval_modules(monkeypatch):
         for name, module in _fake_lmms_eval().items():
             monkeypatch.setitem(sys.modules, name, module)
     # The wrapper builds its classes on first use; start each test from a clean cache.
-    from videoanchor.integrations.transformers import lmms_eval as wrapper
+    from videoanchor import lmms_eval as wrapper
 
     monkeypatch.setattr(wrapper, "_CLASSES", {})
     torch.set_num_threads(1)  # tiny matmuls: see tests/test_cli.py
@@ -366,7 +366,7 @@ def test_image_documents_match_the_direct_path(lmms_eval_modules, assets):
 
 
 def test_rank_aware_device_and_data_parallel_split(lmms_eval_modules, assets, monkeypatch):
-    from videoanchor.integrations.transformers import lmms_eval as wrapper
+    from videoanchor import lmms_eval as wrapper
 
     assert wrapper._rank_device("auto", 1, 2, cuda_available=True) == "cuda:1"
     assert wrapper._rank_device(None, 3, 4, cuda_available=True) == "cuda:3"

@@ -577,6 +577,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``videoanchor`` argument parser, with its ``run``, ``anchors`` and ``bench`` commands."""
     fmt = argparse.HelpFormatter
     parser = argparse.ArgumentParser(
         prog="videoanchor",

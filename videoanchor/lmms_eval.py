@@ -297,18 +297,22 @@ class VideoAnchorLMMCore:
     # lmms-eval reads these
     @property
     def rank(self):
+        """This process's rank (from ``RANK``; 0 without a launcher)."""
         return self._rank
 
     @property
     def world_size(self):
+        """Number of evaluation processes (from ``WORLD_SIZE``; 1 without a launcher)."""
         return self._world_size
 
     @property
     def batch_size(self):
+        """Requests answered per ``generate`` call (lmms-eval's ``--batch_size``)."""
         return self._batch_size
 
     @property
     def device(self):
+        """The device of the model's parameters."""
         return self.model.device
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -482,12 +486,14 @@ class VideoAnchorLMMCore:
         return out
 
     def loglikelihood(self, requests):
+        """Not implemented: raises NotImplementedError (the paper's benchmarks generate)."""
         raise NotImplementedError(
             "videoanchor lmms-eval wrapper: loglikelihood is not implemented (VSI-Bench and the "
             "paper's benchmarks use generate_until)"
         )
 
     def generate_until_multi_round(self, requests):
+        """Not implemented: raises NotImplementedError."""
         raise NotImplementedError(
             "videoanchor lmms-eval wrapper: multi-round generation is not implemented"
         )

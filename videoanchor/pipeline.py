@@ -432,6 +432,7 @@ class GenerationTimings:
 
     @property
     def tokens_per_s(self) -> float | None:
+        """Decode speed, ``(new_tokens - 1) / decode_s``; None with fewer than 2 new tokens."""
         steps = self.new_tokens - 1
         return steps / self.decode_s if steps > 0 and self.decode_s > 0 else None
 

@@ -47,6 +47,7 @@ class SampledVideo:
 
     @property
     def num_frames(self) -> int:
+        """T, the number of sampled frames."""
         return int(self.frames.shape[0])
 
 

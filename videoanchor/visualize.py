@@ -132,17 +132,20 @@ class AnchorFigureLayout:
 
     @property
     def cell_h(self) -> int:
+        """Height in pixels of one frame's cell: caption, heat map, and label tile if drawn."""
         extra = LABEL_GAP + self.tile_h if self.with_labels else 0
         return CAPTION_H + self.tile_h + extra
 
     @property
     def pages(self) -> int:
+        """Number of pages (PNG files)."""
         if not self.rows_per_page:
             return 1
         return max(1, math.ceil(self.rows / self.rows_per_page))
 
     @property
     def width(self) -> int:
+        """Width in pixels of every page."""
         return max(PAD + self.columns * (self.tile_w + PAD), MIN_WIDTH)
 
     def page_rows(self, page: int) -> int:
@@ -152,12 +155,14 @@ class AnchorFigureLayout:
         return max(0, min(self.rows_per_page, self.rows - page * self.rows_per_page))
 
     def page_size(self, page: int) -> tuple[int, int]:
+        """Page ``page``'s (0-based) PNG (width, height) in pixels."""
         strip = self.strip_h if page == 0 else 0
         rows = self.page_rows(page)
         return self.width, PAD + self.title_h + strip + rows * (self.cell_h + PAD) + COLORBAR_H
 
     @property
     def size(self) -> tuple[int, int]:
+        """Page 1's PNG (width, height) in pixels (the whole picture when it has one page)."""
         return self.page_size(0)
 
     def tile_page(self, k: int) -> int:

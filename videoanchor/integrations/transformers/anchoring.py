@@ -249,6 +249,7 @@ class AnchorHandle:
 
     @property
     def model(self) -> torch.nn.Module | None:
+        """The base VLM the handle is installed on (a weak reference: None once it is freed)."""
         return self._model_ref()
 
     def _text_config(self):

@@ -197,6 +197,7 @@ FAMILIES: dict[str, FamilySpec] = {
 
 
 def supported_families() -> list[str]:
+    """The supported ``config.model_type`` values, sorted."""
     return sorted(FAMILIES)
 
 
