@@ -99,6 +99,13 @@ def test_time_budget_stops_at_the_iterate_reached_and_is_reported():
         compute_anchor_scores(x, n_clusters=3, mode="scalable", progress=p)
 
 
+def test_meeting_eps_as_the_budget_runs_out_is_converged():
+    p = SSCProgress(enabled=False, time_budget=1e-9).begin(max_iter=10, eps=1e-3)
+    assert p.update(1, 1e-4)  # the budget says stop, but this iterate met eps
+    run = p.close(converged=True, iterations=1, residual=1e-4)
+    assert run.converged and not run.stopped_by_budget and "converged in 1" in run.message()
+
+
 def test_projection_extrapolates_the_log_residual():
     p = SSCProgress(enabled=False).begin(max_iter=100, eps=1e-9)
     for it in range(1, 21):

@@ -153,6 +153,13 @@ class SSCProgress:
         self._bar = None
         self._open = False
 
+    def __repr__(self) -> str:
+        # stable (no id): callers key caches on the options of an SSC call
+        return (
+            f"SSCProgress(enabled={self.enabled!r}, time_budget={self.time_budget!r}, "
+            f"desc={self.desc!r})"
+        )
+
     # ---- what the solvers call -----------------------------------------------------------
     def begin(self, *, max_iter: int, eps: float, tokens: int | None = None, blocks: int = 1):
         """Start one run (resets the clock and the per-run state)."""
@@ -227,8 +234,10 @@ class SSCProgress:
             self._bar = None
         if converged is None:
             converged = self.residual < self.eps
+        # a run that met eps on the iteration its budget ran out converged all the same
+        self.stopped_by_budget = self.stopped_by_budget and not converged
         summary = SSCRunSummary(
-            converged=bool(converged) and not self.stopped_by_budget,
+            converged=bool(converged),
             iterations=int(self._it if iterations is None else iterations),
             residual=float(self.residual if residual is None else residual),
             best_residual=float(self.best_residual),
@@ -355,11 +364,11 @@ class SSCProgress:
                     file=self.stream if self.stream is not None else sys.stderr,
                     bar_format="{desc} |{bar:16}| {elapsed}",
                 )  # fmt: skip
-            self._bar.n = self.block * self.max_iter + self._it
-            if now - self._last_post >= 0.5 or self._it == 1:  # and when a block starts
+            if now - self._last_post >= 0.2 or self._it == 1:  # and when a block starts
                 self._last_post = now
+                self._bar.n = self.block * self.max_iter + self._it
                 self._bar.set_description_str(f"{self.desc} {self._status(now)}", refresh=False)
-            self._bar.refresh()
+                self._bar.refresh()
         elif now - self._last_log >= self.log_every or self._last_log == self.t0:
             self._last_log = now
             logger.info("%s: %s", self.desc, self._status(now))
