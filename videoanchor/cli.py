@@ -16,8 +16,10 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from videoanchor.pipeline import (
     load_vlm,
     read_images,
     run_prefill,
+    ssc_plan,
     video_inputs,
 )
 
@@ -108,6 +111,7 @@ def _inputs(processor, kind, visual, question, model):
 def _anchor_options(args, enabled: bool) -> dict:
     opts = dict(enabled=enabled, n_clusters=args.n_clusters, decode=args.decode, seed=args.seed)
     opts.update(pca_rank=args.pca_rank, max_iter=args.ssc_max_iter, label_draws=args.label_draws)
+    opts.update(ssc_progress=not args.quiet, ssc_time_budget=args.ssc_time_budget)
     for name in ("alpha_q", "alpha_k", "alpha_v"):
         value = getattr(args, name)
         if value is not None:
@@ -177,6 +181,14 @@ def _log(args, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def _report_ssc(args, runs) -> None:
+    """How each SSC ended. Without --quiet the progress reporter has already said it; with
+    --quiet an unconverged SSC is still reported (stderr), a converged one is not."""
+    for run in runs:
+        if run is not None and not run.converged and args.quiet:
+            print(f"videoanchor: warning: {run.message()}", file=sys.stderr, flush=True)
+
+
 def _fmt_s(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f} s"
 
@@ -199,6 +211,9 @@ def cmd_run(args) -> int:
     for label, enabled in runs:
         handle = _configure(handle, args, enabled)
         c = handle.config
+        plan = ssc_plan(model, handle, inputs)
+        if plan is not None:
+            _log(args, plan)
         detail = (
             f"alpha_k={c.alpha_k:g}, alpha_v={c.alpha_v:g}, n_clusters={c.n_clusters}"
             if enabled
@@ -209,6 +224,7 @@ def cmd_run(args) -> int:
             model, processor, inputs, handle,
             max_new_tokens=args.max_new_tokens, progress=not args.quiet,
         )  # fmt: skip
+        _report_ssc(args, timings.ssc_runs)
         results.append((label, detail, answer, timings))
     if len(results) == 1:
         label, detail, answer, t = results[0]
@@ -258,9 +274,14 @@ def cmd_anchors(args) -> int:
     if question is None:
         question = DEFAULT_ANCHOR_QUESTION if kind == "video" else DEFAULT_VIEWS_QUESTION
     inputs = _use_cache(args, model, handle, _inputs(processor, kind, visual, question, model))
+    plan = ssc_plan(model, handle, inputs)
+    if plan is not None:
+        _log(args, plan)
     run_prefill(model, inputs, progress=not args.quiet)
     c = handle.config
     res = handle.last_result[0]
+    run = handle.last_ssc_runs[0] if handle.last_ssc_runs else None
+    _report_ssc(args, [run])
     common = dict(
         scores=handle.last_scores.float().cpu().numpy(),
         input_ids=inputs["input_ids"].cpu().numpy(),
@@ -269,31 +290,42 @@ def cmd_anchors(args) -> int:
         n_clusters=np.array(c.n_clusters),
         ssc_iterations=np.array(res.iterations),
         ssc_converged=np.array(res.converged),
+        ssc_residual=np.array(res.residual),
+        ssc_eps=np.array(c.eps),
+        ssc_stopped_by_budget=np.array(bool(run is not None and run.stopped_by_budget)),
         model=np.array(args.model),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     npz.parent.mkdir(parents=True, exist_ok=True)
-    # Written under temporary names and renamed into place: an interrupted run leaves each
-    # file complete or absent, never a truncated .npz beside a complete PNG.
-    tmp_out = out.with_name(f".{out.stem}.{os.getpid()}.tmp.png")
-    tmp_npz = npz.with_name(f".{npz.stem}.{os.getpid()}.tmp.npz")
+    # Written into a temporary folder beside the output and renamed into place (the .npz
+    # first, the first page last): an interrupted run leaves each file complete or absent,
+    # never a truncated .npz beside a complete PNG.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.stem}.", suffix=".tmp", dir=out.parent))
     try:
+        more = []
         if kind == "video":
-            image, strongest = _draw_video_anchors(args, handle, visual, tmp_out, tmp_npz, common)
+            image, strongest, more = _draw_video_anchors(
+                args, handle, visual, tmp / out.name, tmp / npz.name, common
+            )
         else:
-            image, strongest = _draw_view_anchors(args, handle, visual, tmp_out, tmp_npz, common)
-        os.replace(tmp_npz, npz)
-        os.replace(tmp_out, out)
+            image, strongest = _draw_view_anchors(
+                args, handle, visual, tmp / out.name, tmp / npz.name, common
+            )
+        os.replace(tmp / npz.name, npz)
+        more = [str(out.parent / Path(f).name) for f in more]
+        for f in more:
+            os.replace(tmp / Path(f).name, f)
+        os.replace(tmp / out.name, out)
     finally:
-        for tmp in (tmp_out, tmp_npz):
-            tmp.unlink(missing_ok=True)
-    print(f"wrote {out} ({image.size[0]}x{image.size[1]}) and {npz}")
+        shutil.rmtree(tmp, ignore_errors=True)
+    pages = f"; {len(more) + 1} pages, also {', '.join(more)}" if more else ""
+    print(f"wrote {out} ({image.size[0]}x{image.size[1]}{pages}) and {npz}")
     _log(args, f"strongest anchors: {strongest}")
     return 0
 
 
 def _draw_video_anchors(args, handle, video, out, npz, common):
-    from videoanchor.visualize import save_anchor_figure
+    from videoanchor.visualize import save_anchor_pages
 
     maps = anchor_token_maps(handle, 0)
     if maps.grid[0] > video.num_frames:
@@ -306,17 +338,22 @@ def _draw_video_anchors(args, handle, video, out, npz, common):
         f"{maps.scores.size} visual tokens on a {'x'.join(map(str, maps.grid))} grid | "
         f"{int(maps.labels.max()) + 1} SSC clusters"
     )
-    image = save_anchor_figure(
-        out,
-        video.frames,
-        maps.scores,
-        labels=None if args.no_clusters else maps.labels,
-        frame_indices=video.indices,
-        timestamps=video.timestamps,
-        title=title,
-        columns=args.columns,
-        tile_width=args.tile_width,
-    )
+    try:
+        pages = save_anchor_pages(
+            out,
+            video.frames,
+            maps.scores,
+            labels=None if args.no_clusters else maps.labels,
+            frame_indices=video.indices,
+            timestamps=video.timestamps,
+            title=title,
+            columns=args.columns,
+            tile_width=args.tile_width,
+            max_height=args.page_height,
+        )
+    except ValueError as err:  # a row wider than the picture allows
+        raise CLIError(_first_line(err)) from err
+    image = pages[0][1]
     np.savez_compressed(
         npz,
         **common,
@@ -334,7 +371,7 @@ def _draw_video_anchors(args, handle, video, out, npz, common):
         f"slice {i // (gh * gw)} row {(i // gw) % gh} col {i % gw} ({maps.scores.ravel()[i]:.2f})"
         for i in top
     )
-    return image, cells
+    return image, cells, [f for f, _ in pages[1:]]
 
 
 def _draw_view_anchors(args, handle, views, out, npz, common):
@@ -500,6 +537,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got '{text}'") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value}")
+    return value
+
+
 def _nonneg_int(text: str) -> int:
     try:
         value = int(text)
@@ -592,6 +639,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default=10000,
         help="ADMM iteration limit of SSC (default 10000, the authors')",
     )
+    a.add_argument(
+        "--ssc-time-budget",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="stop the SSC after about this many seconds at the iterate reached (reported; NOT "
+        "the paper's converged answer). Default: none, run to eps or --ssc-max-iter",
+    )
     a.add_argument("--seed", type=int, default=0, help="seed of the spectral clustering")
     a.add_argument(
         "--label-draws",
@@ -683,7 +738,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--columns",
         type=_positive_int,
         default=None,
-        help="frames per row (default min(frames, 4))",
+        help="frames per row (default min(frames, 4); 8 beyond 16 frames)",
+    )
+    anchors.add_argument(
+        "--page-height",
+        type=_positive_int,
+        default=2400,
+        metavar="PIXELS",
+        help="split a long video's picture into pages (PNG files) of at most this height, "
+        "each with its own colour bar: OUT.png, OUT-p2.png, ... (default 2400)",
     )
     anchors.add_argument("--tile-width", type=_positive_int, default=240,
                          help="width of one frame in the picture, in pixels (default 240)")  # fmt: skip
@@ -738,8 +801,24 @@ def main(argv: list[str] | None = None) -> int:
     bars_were_on = hf_logging.is_progress_bar_enabled()
     if getattr(args, "quiet", False):
         hf_logging.disable_progress_bar()
+    import logging
+    import warnings
+
+    from videoanchor.anchor.progress import SSCConvergenceWarning
+
+    # SSC progress lines (when stderr is not a terminal) and the outcome of every SSC run
+    progress_log = logging.getLogger("videoanchor.progress")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("videoanchor: %(message)s"))
+    level = progress_log.level
+    if not getattr(args, "quiet", False):
+        progress_log.addHandler(handler)
+        progress_log.setLevel(logging.INFO)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            # the command reports how SSC ended itself (_report_ssc / the progress reporter)
+            warnings.simplefilter("ignore", SSCConvergenceWarning)
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("videoanchor: interrupted", file=sys.stderr)
         return 130
@@ -755,6 +834,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"videoanchor {args.command}: error: {message}", file=sys.stderr)
         return 1
     finally:
+        progress_log.removeHandler(handler)
+        progress_log.setLevel(level)
         if bars_were_on:
             hf_logging.enable_progress_bar()
 

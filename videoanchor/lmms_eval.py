@@ -18,7 +18,10 @@ Model arguments (``--model_args k=v,...``): ``pretrained``; ``anchor`` (True: Vi
 False: the same model with plain attention); ``alpha_q``, ``alpha_k``, ``alpha_v`` (default:
 the family's values in the registry); ``n_clusters`` (24); ``decode`` ("prefill", the paper,
 or "all"); ``pca_rank`` (0); ``ssc_max_iter`` (10000); ``label_draws`` (1, the paper's
-single label draw; R > 1 averages R draws for seed-stable scores); ``max_num_frames``
+single label draw; R > 1 averages R draws for seed-stable scores); ``ssc_time_budget``
+(seconds per SSC run, default none: SSC runs to eps or the limit; a budget stops it at the
+iterate reached, which is NOT the paper's answer); ``ssc_progress`` ("auto", True, False:
+a bar on a terminal or log lines, for SSC runs longer than 5 s); ``max_num_frames``
 (16, sampled uniformly over the whole video, first and last frame included);
 ``max_new_tokens`` (default: the task's); ``min_pixels``/``max_pixels`` (Qwen families: the per-frame pixel range of the
 video processor); ``device`` ("auto"), ``dtype`` ("auto": bfloat16 on CUDA);
@@ -26,6 +29,10 @@ video processor); ``device`` ("auto"), ``dtype`` ("auto": bfloat16 on CUDA);
 with the same kind of visual input and the same ``max_new_tokens`` are answered in one
 left-padded ``generate`` call; SSC runs per sample, so the answers are those of
 ``batch_size=1``).
+
+An SSC that stops before eps (iteration limit or time budget) is reported: a warning at the
+first such request, and at the end of ``generate_until`` how many requests it hit with the
+largest residual reached (``ssc_unconverged`` counts them over the wrapper's life).
 
 Documents may hold one video (a file path: VSI-Bench, Video-MME) or a list of images (PIL
 images, arrays or image files: SPAR-Bench's views); the images of one document are one
@@ -187,6 +194,8 @@ class VideoAnchorLMMCore:
         decode: str = "prefill",
         pca_rank=0,
         ssc_max_iter=10000,
+        ssc_time_budget=None,
+        ssc_progress="auto",
         label_draws=1,
         max_num_frames=16,
         max_new_tokens=None,
@@ -206,8 +215,9 @@ class VideoAnchorLMMCore:
             raise TypeError(
                 f"unexpected model_args {sorted(kwargs)}; expected some of: pretrained, anchor, "
                 "alpha_q, alpha_k, alpha_v, n_clusters, decode, pca_rank, ssc_max_iter, "
-                "label_draws, max_num_frames, max_new_tokens, min_pixels, max_pixels, device, "
-                "dtype, trust_remote_code, batch_size, cache, cache_dir"
+                "ssc_time_budget, ssc_progress, label_draws, max_num_frames, max_new_tokens, "
+                "min_pixels, max_pixels, device, dtype, trust_remote_code, batch_size, cache, "
+                "cache_dir"
             )
         if not hasattr(self, "task_dict"):
             self.task_dict = {}
@@ -239,6 +249,10 @@ class VideoAnchorLMMCore:
             "pca_rank": _as_int(pca_rank, "pca_rank", 0),
             "max_iter": _as_int(ssc_max_iter, "ssc_max_iter", 1),
             "label_draws": _as_int(label_draws, "label_draws", 1),
+            "ssc_time_budget": _as_float(ssc_time_budget, "ssc_time_budget"),
+            "ssc_progress": ssc_progress if ssc_progress == "auto" else _as_bool(
+                ssc_progress, "ssc_progress"
+            ),
         }
         for name, value in (("alpha_q", alpha_q), ("alpha_k", alpha_k), ("alpha_v", alpha_v)):
             value = _as_float(value, name)
@@ -301,6 +315,8 @@ class VideoAnchorLMMCore:
             self.handle.cache = self.cache
         self.pretrained = pretrained
         self._warned: set[str] = set()
+        self.ssc_unconverged = 0  # requests whose SSC stopped before eps
+        self._unconverged_now: list = []
 
     # lmms-eval reads these
     @property
@@ -417,10 +433,23 @@ class VideoAnchorLMMCore:
                  for s, c in zip(samples, contexts, strict=True)],
                 self.processor.tokenizer.pad_token_id,
             )  # fmt: skip
-        answers, _ = generate_answers(
-            self.model, self.processor, inputs, self.handle,
-            max_new_tokens=max_new_tokens, progress=False,
-        )  # fmt: skip
+        from videoanchor.anchor.progress import SSCConvergenceWarning
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SSCConvergenceWarning)  # reported below, once
+            answers, timings = generate_answers(
+                self.model, self.processor, inputs, self.handle,
+                max_new_tokens=max_new_tokens, progress=False,
+            )  # fmt: skip
+        bad = [r for r in timings.ssc_runs if r is not None and not r.converged]
+        if bad:
+            self.ssc_unconverged += len(bad)
+            self._unconverged_now += bad
+            self._warn_once(
+                "ssc-unconverged",
+                f"videoanchor lmms-eval wrapper: {bad[0].message()} (further requests are "
+                "counted and summarised at the end)",
+            )
         return answers
 
     def answer(self, context: str, video_path: str, gen_kwargs: dict | None = None) -> str:
@@ -451,6 +480,7 @@ class VideoAnchorLMMCore:
             key = (visual[0], self._max_new_tokens(gen_kwargs))
             parsed.append((context, gen_kwargs, visual, key))
         out: list[str] = []
+        self._unconverged_now = []
         bar = tqdm(total=len(parsed), desc="videoanchor", disable=self.rank != 0)
         start = 0
         while start < len(parsed):
@@ -474,6 +504,18 @@ class VideoAnchorLMMCore:
             bar.update(len(chunk))
             start = stop
         bar.close()
+        if self._unconverged_now:
+            runs = self._unconverged_now
+            worst = max(runs, key=lambda r: r.residual / max(r.eps, 1e-300))
+            budget = sum(r.stopped_by_budget for r in runs)
+            warnings.warn(
+                f"videoanchor lmms-eval wrapper: SSC stopped before eps on {len(runs)} of "
+                f"{len(parsed)} requests ({budget} by the time budget, {len(runs) - budget} at "
+                f"the iteration limit max_iter={worst.max_iter}); largest residual "
+                f"{worst.residual:.3g} vs eps {worst.eps:.3g}. Their scores are not the "
+                "paper's converged ones; raise ssc_max_iter (or drop ssc_time_budget)",
+                stacklevel=2,
+            )
         return out
 
     def loglikelihood(self, requests):

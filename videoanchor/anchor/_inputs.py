@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -66,18 +67,87 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def free_memory_bytes(device: torch.device) -> int | None:
-    """Free memory on ``device`` in bytes, or None when it cannot be measured."""
+# The memory rule (docs/long-videos.md). The SSC may use MEMORY_FRACTION of the memory the
+# device has available when the check runs:
+# * CPU: ``MemAvailable`` of /proc/meminfo (the kernel's estimate of what new allocations can
+#   get without swapping: free pages plus reclaimable page cache), lowered to the cgroup v2
+#   limit left (``memory.max - memory.current + inactive_file``) when a limit is set; where
+#   /proc/meminfo does not exist (macOS, Windows), no check is made;
+# * CUDA: ``torch.cuda.mem_get_info`` free bytes plus what PyTorch's allocator holds
+#   reserved but unallocated (it is reused before new memory is asked of the driver).
+# The fraction leaves room for the rest of the process (model, activations, allocator
+# fragmentation). One reading, one rule: the same reading always gives the same decision.
+MEMORY_FRACTION = 0.9
+
+
+@dataclass(frozen=True)
+class MemoryReading:
+    """Memory available on a device: ``available`` bytes and where it was read (``source``)."""
+
+    available: int
+    source: str
+
+    @property
+    def budget(self) -> int:
+        """Bytes the SSC may use: ``MEMORY_FRACTION`` of ``available``."""
+        return int(self.available * MEMORY_FRACTION)
+
+
+def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the kernel reports kB (KiB)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cgroup_available(root: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes left under a cgroup v2 memory limit, reclaimable file cache counted as free."""
+    try:
+        with open(os.path.join(root, "memory.max")) as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None
+        with open(os.path.join(root, "memory.current")) as f:
+            current = int(f.read().strip())
+        inactive = 0
+        with open(os.path.join(root, "memory.stat")) as f:
+            for line in f:
+                if line.startswith("inactive_file "):
+                    inactive = int(line.split()[1])
+        return max(0, int(limit) - current + inactive)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def read_available_memory(device: torch.device) -> MemoryReading | None:
+    """What ``device`` has available now (see the memory rule above), or None when unknown."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        # memory cached by PyTorch's allocator is free for our purposes too
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return MemoryReading(int(free + cached), "torch.cuda.mem_get_info + PyTorch's cache")
     if device.type == "cpu":
-        try:
-            return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-        except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        avail = _meminfo_available()
+        if avail is None:
             return None
+        cg = _cgroup_available()
+        if cg is not None and cg < avail:
+            return MemoryReading(cg, "cgroup memory.max - memory.current + inactive_file")
+        return MemoryReading(avail, "MemAvailable in /proc/meminfo")
     return None
+
+
+_LAST_READING: dict[str, MemoryReading | None] = {}
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Bytes the SSC may use on ``device`` (the memory rule's budget), or None when unknown."""
+    reading = read_available_memory(device)
+    _LAST_READING[device.type] = reading  # for check_memory's message
+    return None if reading is None else reading.budget
 
 
 def _fmt_bytes(n: float) -> str:
@@ -89,16 +159,32 @@ def _fmt_bytes(n: float) -> str:
 
 
 def check_memory(required: int, device: torch.device, *, n: int, d: int, what: str) -> None:
-    """Raise ``SSCMemoryError`` when ``required`` bytes exceed the free memory of ``device``."""
-    free = free_memory_bytes(device)
-    if free is None or required <= free:
+    """Raise ``SSCMemoryError`` when ``required`` bytes exceed the memory rule's budget on
+    ``device`` (``MEMORY_FRACTION`` of the available memory; no check when unknown)."""
+    budget = free_memory_bytes(device)
+    if budget is None or required <= budget:
         return
+    reading = _LAST_READING.get(device.type)
+    if reading is not None and reading.budget == budget:
+        room = (
+            f"{_fmt_bytes(reading.available)} is available ({reading.source}) and the SSC may "
+            f"use {MEMORY_FRACTION:.0%} of it, {_fmt_bytes(budget)}"
+        )
+    else:
+        room = f"the SSC may use {_fmt_bytes(budget)}"
+    if device.type == "cuda":
+        where = (
+            "run on the CPU (features.cpu()) if it has more memory, free GPU memory first "
+            "(torch.cuda.empty_cache(), other processes)"
+        )
+    else:
+        where = "close other programs or use a machine (or a GPU) with more memory"
     raise SSCMemoryError(
         f"{what} with N = {n} tokens and D = {d} features needs about {_fmt_bytes(required)} "
-        f"on {device}, but only {_fmt_bytes(free)} is free. Options: reduce the feature "
-        f"dimension with pca_rank=..., use fewer frames (fewer tokens; memory grows as N^2), "
-        f"run on the CPU (features.cpu()), use mode='blocked' (exact, no N x N buffer; "
-        f"smaller block_columns=...) or mode='scalable' (an approximation)."
+        f"on {device}, but {room}. Options: use mode='blocked' (exact, no N x N "
+        f"buffer; smaller block_columns=...), use fewer frames (fewer tokens; memory grows "
+        f"as N^2), reduce the feature dimension with pca_rank=..., {where}, or "
+        f"mode='scalable' (an approximation)."
     )
 
 
@@ -161,6 +247,21 @@ def check_flag(name: str, value) -> bool:
     return bool(value)
 
 
+def check_progress(value):
+    """The ``progress=`` option: True, False, None or "auto" (a bar on a terminal, log lines
+    otherwise), or an :class:`~videoanchor.anchor.progress.SSCProgress`; returned as given."""
+    from videoanchor.anchor.progress import SSCProgress
+
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return value
+    if isinstance(value, (bool, SSCProgress)) or numpy_bool:
+        return bool(value) if numpy_bool else value
+    raise TypeError(
+        f"progress: expected True, False, None, 'auto' or an SSCProgress, got {value!r}"
+    )
+
+
 def resolve_seed(seed) -> int:
     """An int seed in [0, 2**32 - 1]; ``None`` draws one from NumPy's global generator, as
     scikit-learn's ``random_state=None`` does (so ``numpy.random.seed`` makes it repeatable)."""
@@ -211,7 +312,7 @@ def check_ssc_options(
         label_draws=check_int("label_draws", label_draws, 1),
         backend=check_choice("backend", backend, SSC_BACKENDS),
         solver=check_choice("solver", solver, SSC_SOLVERS),
-        progress=check_flag("progress", progress),
+        progress=check_progress(progress),
         mode=mode,
     )
     if not isinstance(eigen_solver, str) or eigen_solver not in (

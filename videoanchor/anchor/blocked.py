@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from videoanchor.anchor._inputs import as_feature_tensor, check_memory, resolve_dtype
+from videoanchor.anchor.progress import as_reporter
 from videoanchor.anchor.ssc import _Solver, check_admm_parameters, ssc_lambdas
 
 __all__ = [
@@ -160,7 +161,7 @@ class _BlockStep:
         return out.to(sv.work), ya
 
 
-def _solve_block(step, yw, a, b, thr_e, eps, max_iter, keep_history):
+def _solve_block(step, yw, a, b, thr_e, eps, max_iter, keep_history, reporter=None):
     """Run the authors' iteration on columns ``a:b``; return the block's sparse columns
     ``(rows, cols, values)``, its iteration count, final residual and history."""
     sv = step.sv
@@ -201,7 +202,8 @@ def _solve_block(step, yw, a, b, thr_e, eps, max_iter, keep_history):
             )
         if keep_history:
             history.append(residual)
-        if residual < eps:
+        stop = reporter is not None and reporter.update(it, residual)  # True: time budget
+        if residual < eps or stop:
             break
     rows, cols = C.nonzero(as_tuple=True)
     vals = C[rows, cols]
@@ -319,6 +321,7 @@ def solve_ssc_blocked(
     block_eps: str = "own",
     keep_history: bool = False,
     check_memory_first: bool = True,
+    progress=None,
 ) -> BlockedADMMResult:
     """Solve the SSC program for ``features`` (``N x D``) column block by column block.
 
@@ -330,6 +333,9 @@ def solve_ssc_blocked(
     ``process_group``: a ``torch.distributed`` process group (any backend); the blocks
     are divided among its ranks, rank 0's features are used on every rank, and every rank
     returns the same ``C``. Every rank of the group must call this function.
+
+    ``progress``: as for :func:`~videoanchor.anchor.ssc.solve_ssc_admm` (each rank reports
+    its own blocks); a time budget gives block ``k`` of ``B`` until ``(k + 1) / B`` of it.
     """
     t0 = time.perf_counter()
     group, rank, world = _group(process_group)
@@ -383,14 +389,16 @@ def solve_ssc_blocked(
     rows, cols, vals, stats = [], [], [], []
     history: dict[int, list[float]] = {}
     error = None
+    bar = as_reporter(progress, max_iter=max_iter, eps=eps, tokens=n, blocks=len(mine))
     try:
         for k in mine:
             a = starts[k]
             b = min(n, a + block)
             eps_k = eps if block_eps == "own" else eps * (b - a) / n
             r, c, v, its, res, ok, hist = _solve_block(
-                step, solver.yw, a, b, lam_e / lam_z, eps_k, max_iter, keep_history
+                step, solver.yw, a, b, lam_e / lam_z, eps_k, max_iter, keep_history, bar
             )
+            bar.next_block()
             rows.append(r)
             cols.append(c)
             vals.append(v)
@@ -399,6 +407,11 @@ def solve_ssc_blocked(
                 history[k] = hist
     except (FloatingPointError, RuntimeError, MemoryError) as exc:
         error = exc
+    finally:
+        bar.close(
+            all(s[3] > 0 for s in stats), max((int(s[1]) for s in stats), default=0),
+            max((s[2] for s in stats), default=0.0),
+        )  # fmt: skip
     raise_together(group, error, device)
     idx = torch.stack([torch.cat(rows), torch.cat(cols)]) if rows else None
     if idx is None:

@@ -231,7 +231,7 @@ def solve_ssc_admm_cupy(
     diag = xp.arange(n)
     rho_k = float(rho)
     accelerate = relax != 1.0 or adaptive_rho
-    bar = _Progress(progress, int(max_iter))
+    bar = _Progress(progress, int(max_iter), eps, n)
     residual, converged, it = math.inf, False, 0
     last_change, n_changes = 0, 0
     try:
@@ -269,9 +269,11 @@ def solve_ssc_admm_cupy(
                     f"SSC-ADMM diverged at iteration {it} (residual {residual}); "
                     "try dtype=torch.float64 or a larger rho"
                 )
-            bar.update(it, residual)
+            stop = bar.update(it, residual)  # True when a time budget ran out
             if residual < eps:
                 converged = True
+                break
+            if stop:
                 break
             if (
                 adaptive_rho
@@ -295,7 +297,7 @@ def solve_ssc_admm_cupy(
                     last_change = it
                     n_changes += 1
     finally:
-        bar.close()
+        bar.close(converged, it, residual)
     _sync(x_t.device)
     t3 = time.perf_counter()
     coef = torch.from_dlpack(C)

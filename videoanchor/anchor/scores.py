@@ -224,7 +224,7 @@ def sparse_subspace_clustering(
     backend: str = "auto",
     solver: str = "faithful",
     dtype=None,
-    progress: bool = False,
+    progress=None,
 ) -> SSCResult:
     """Sparse subspace clustering of the rows of ``features`` (``N x D``) into ``n_clusters``.
 
@@ -338,7 +338,7 @@ def compute_anchor_scores(
     seed: int = 0,
     backend: str = "auto",
     dtype=None,
-    progress: bool = False,
+    progress=None,
     solver: str = "auto",
     eigen_solver: str = "auto",
     mode: str = "auto",
@@ -396,6 +396,12 @@ def compute_anchor_scores(
     fingerprint of all options meet in one collective that every rank reaches first, so
     every rank raises the same error or none does.
 
+    ``progress``: False, True, None (default: a progress bar on a terminal, log lines on
+    the ``videoanchor.progress`` logger otherwise, once a run lasts a few seconds) or an
+    :class:`~videoanchor.anchor.progress.SSCProgress` (its ``time_budget`` stops the ADMM
+    at the iterate reached: ``converged=False``, not the paper's answer). Exact and blocked
+    modes report; ``mode="scalable"`` does not.
+
     Raises ``ValueError`` for N = 0, fewer tokens than clusters or non-finite features,
     ``TypeError`` for non-numeric input, and ``SSCMemoryError`` (a ``MemoryError``) with
     the size it would need when the dense problem does not fit on the device.
@@ -452,8 +458,11 @@ def compute_anchor_scores(
                 max_iter=max_iter, pca_rank=pca_rank, seed=seed, backend=backend, dtype=dtype,
                 solver=solver, eigen_solver=eigen_solver, block_columns=block_columns,
                 block_eps=block_eps, process_group=process_group, label_draws=label_draws,
+                progress=progress,
             )  # fmt: skip
         if mode == "scalable":
+            if getattr(progress, "time_budget", None) is not None:
+                raise ValueError("progress: a time budget needs mode='exact' or 'blocked'")
             if pca_rank:
                 x = pca_reduce(x, pca_rank)
             out = scalable_anchor_scores(
@@ -535,6 +544,7 @@ def ssc_coefficients(
     backend: str = "auto",
     solver: str = "auto",
     dtype=None,
+    progress=False,
 ) -> SSCCoefficients:
     """Solve SSC on ``features`` (``N x D``) as :func:`compute_anchor_scores` does with
     ``mode="exact"`` (the authors' program, affine, with outliers), without clustering.
@@ -542,6 +552,7 @@ def ssc_coefficients(
     ``compute_anchor_scores(x, k, mode="exact", ...)`` equals
     ``anchor_result_from_coefficients(ssc_coefficients(x, ...), k, seed=..., label_draws=...)``
     for the same options: the split lets a sweep over ``n_clusters`` solve SSC once.
+    ``progress`` as in :func:`compute_anchor_scores`.
     """
     t0 = time.perf_counter()
     x = as_feature_tensor(features)
@@ -555,7 +566,7 @@ def ssc_coefficients(
         x = pca_reduce(x, pca_rank)
     admm = _solve(
         x, backend=backend, solver=solver, outliers=True, alpha_e=alpha_e, alpha_z=alpha_z,
-        rho=rho, eps=eps, max_iter=max_iter, affine=True, dtype=work, progress=False,
+        rho=rho, eps=eps, max_iter=max_iter, affine=True, dtype=work, progress=progress,
     )  # fmt: skip
     _sync(x.device)
     timings = dict(admm.timings)
@@ -574,9 +585,12 @@ def anchor_result_from_coefficients(
     seed: int = 0,
     label_draws: int = 1,
     eigen_solver: str = "auto",
+    features=None,
 ) -> AnchorResult:
     """Spectral clustering of ``ssc.coef`` into ``n_clusters`` (seeded) and the anchor
-    scores: the rest of :func:`compute_anchor_scores` after :func:`ssc_coefficients`."""
+    scores: the rest of :func:`compute_anchor_scores` after :func:`ssc_coefficients`.
+    ``features``: the (N, D) tokens C was solved on; when given, identical tokens get
+    identical scores as in :func:`compute_anchor_scores` (pass them for the same answer)."""
     t0 = time.perf_counter()
     n = ssc.coef.shape[0]
     _check_common(n_clusters, n, 1.0, 1.0, "auto", "auto")
@@ -588,6 +602,8 @@ def anchor_result_from_coefficients(
     )  # fmt: skip
     t1 = time.perf_counter()
     scores = anchor_scores(ssc.coef, draws)
+    if features is not None:
+        scores = tie_duplicate_scores(as_feature_tensor(features), scores)
     _sync(scores.device)
     t2 = time.perf_counter()
     timings = dict(ssc.timings)
@@ -602,6 +618,7 @@ def anchor_result_from_coefficients(
 def _blocked_anchor_scores(
     x, n_clusters, *, t0, alpha_e, alpha_z, rho, eps, max_iter, pca_rank, seed, backend,
     dtype, solver, eigen_solver, block_columns, block_eps, process_group, label_draws=1,
+    progress=None,
 ) -> AnchorResult:  # fmt: skip
     """``mode="blocked"`` of :func:`compute_anchor_scores`, on one process or a group."""
     unsupported = [
@@ -624,7 +641,7 @@ def _blocked_anchor_scores(
     admm = solve_ssc_blocked(
         x, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps, max_iter=max_iter,
         dtype=dtype, block_columns=block_columns, block_eps=block_eps,
-        process_group=process_group,
+        process_group=process_group, progress=progress,
     )  # fmt: skip
     coef = admm.coef
     t1 = time.perf_counter()

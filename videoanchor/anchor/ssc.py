@@ -36,6 +36,7 @@ from videoanchor.anchor._inputs import (
     check_memory,
     resolve_dtype,
 )
+from videoanchor.anchor.progress import as_reporter
 
 __all__ = ["ssc_lambdas", "gram_row_max", "solve_ssc_admm", "ADMMResult", "SSCMemoryError"]
 
@@ -159,23 +160,9 @@ def admm_bytes(n: int, d: int, itemsize: int, strategy: str) -> int:
     return 4 * nn * itemsize + 3 * nn * 8 + 8 * n * d * 8 + 3 * (d + 1) ** 2 * 8
 
 
-class _Progress:
-    def __init__(self, enabled: bool, total: int):
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc="SSC-ADMM", unit="it", leave=False)
-
-    def update(self, it: int, residual: float) -> None:
-        if self.bar is not None and (it % 10 == 0 or it == 1):
-            self.bar.n = it
-            self.bar.set_postfix(residual=f"{residual:.2e}", refresh=False)
-            self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def _Progress(progress, total: int, eps: float = 0.0, n: int | None = None):
+    """The run's :class:`~videoanchor.anchor.progress.SSCProgress` (``progress=`` option)."""
+    return as_reporter(progress, max_iter=total, eps=eps, tokens=n)
 
 
 def solve_ssc_admm(
@@ -192,7 +179,7 @@ def solve_ssc_admm(
     strategy: str = "auto",
     relax: float = 1.0,
     adaptive_rho: bool = False,
-    progress: bool = False,
+    progress=None,
     keep_history: bool = False,
     check_memory_first: bool = True,
     callback=None,
@@ -204,6 +191,10 @@ def solve_ssc_admm(
     (METHOD.md section 2) and stops when ``max_i sum_j |A - C|_ij < eps``. With
     acceleration it stops when both that primal residual and the change of ``C`` between
     iterations (the dual residual, same norm) are below ``eps``.
+
+    ``progress``: False, True, None (default: a bar or log lines once a run lasts a few
+    seconds) or an :class:`~videoanchor.anchor.progress.SSCProgress`, whose time budget
+    stops the iterations early (``converged=False``).
     """
     t0 = time.perf_counter()
     x = as_feature_tensor(features)
@@ -239,7 +230,7 @@ def solve_ssc_admm(
     e_nonzero = False
     eye_idx = torch.arange(n, device=device)
     history: list[float] = []
-    bar = _Progress(progress, int(max_iter))
+    bar = _Progress(progress, int(max_iter), eps, n)
     residual = math.inf
     converged = False
     it = 0
@@ -293,9 +284,11 @@ def solve_ssc_admm(
                 history.append(residual)
             if callback is not None:
                 callback(it, C, residual)
-            bar.update(it, residual)
+            stop = bar.update(it, residual)  # progress; True when a time budget ran out
             if residual < eps and (e_step or not outliers):
                 converged = True
+                break
+            if stop:
                 break
             if (
                 adaptive_rho
@@ -320,7 +313,7 @@ def solve_ssc_admm(
                     last_rho_change = it
                     n_changes += 1
     finally:
-        bar.close()
+        bar.close(converged, it, residual)
     _sync(device)
     t3 = time.perf_counter()
     return ADMMResult(

@@ -151,7 +151,7 @@ def solve_ssc_equality(
     l2e = zero(d, n, dtype=work, device=device)
     l1 = zero(d, n, dtype=work, device=device)
     eye = torch.arange(n, device=device)
-    bar = _Progress(progress, int(max_iter))
+    bar = _Progress(progress, int(max_iter), eps, n)
     it, converged, residual = 0, False, math.inf
     inv_g, inv_mu2 = 1.0 / gamma, 1.0 / mu2
 
@@ -216,12 +216,14 @@ def solve_ssc_equality(
                 )
             if callback is not None:
                 callback(it, cc, ce * inv_g)
-            bar.update(it, residual)
+            stop = bar.update(it, residual)  # True when a time budget ran out
             if err1 <= eps and err2 <= eps:
                 converged = True
                 break
+            if stop:
+                break
     finally:
-        bar.close()
+        bar.close(converged, it, residual)
     _sync(device)
     t3 = time.perf_counter()
     return ADMMResult(

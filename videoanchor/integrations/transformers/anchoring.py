@@ -80,6 +80,8 @@ class AnchorConfig:
     ssc_dtype: torch.dtype | None = None
     attention_backend: str = "auto"
     process_group: object = "auto"
+    ssc_progress: object = "auto"
+    ssc_time_budget: float | None = None
 
 
 def _validate(cfg: AnchorConfig) -> AnchorConfig:
@@ -117,6 +119,13 @@ def _validate(cfg: AnchorConfig) -> AnchorConfig:
         )
     validate_group_option(cfg.process_group)
     _validate_ssc_options(cfg)
+    if cfg.ssc_progress not in (True, False, "auto"):
+        raise ValueError(
+            f"ssc_progress: expected True, False or 'auto', got {cfg.ssc_progress!r}"
+        )
+    from videoanchor.anchor.progress import SSCProgress
+
+    SSCProgress(time_budget=cfg.ssc_time_budget)  # validates the budget
     return replace(cfg, tokens=tokens, alpha_q=float(cfg.alpha_q), alpha_k=float(cfg.alpha_k),
                    alpha_v=float(cfg.alpha_v))  # fmt: skip
 
@@ -259,6 +268,10 @@ class AnchorHandle:
             each row gets its own alpha_k, alpha_v and n_clusters (settings of a sweep
             sharing a batch); the config's values otherwise. Set it with
             :meth:`per_row`.
+        last_ssc_runs: list, per entry of ``last_result``, of the
+            :class:`~videoanchor.anchor.progress.SSCRunSummary` of its SSC (converged or
+            not, iterations, residual vs eps, stopped by the time budget; None where no
+            SSC ran on this process).
     """
 
     def __init__(self, model: torch.nn.Module, family: FamilySpec, config: AnchorConfig):
@@ -270,6 +283,7 @@ class AnchorHandle:
         self.last_visual_positions: list[torch.Tensor] = []
         self.last_segments: list[list[VisualSegment]] = []
         self.last_anchored = False
+        self.last_ssc_runs: list = []
         self._pending: _Pending | None = None
         self._request: _Request | None = None
         self._current: _Request | None = None
@@ -439,6 +453,7 @@ class AnchorHandle:
         self, pending: _Pending, embeds: torch.Tensor, packed: torch.Tensor | None = None
     ) -> None:
         from videoanchor.anchor import compute_anchor_scores
+        from videoanchor.anchor.progress import SSCProgress
         from videoanchor.kernels import anchor_gates
 
         cfg = self.config
@@ -459,6 +474,7 @@ class AnchorHandle:
             check_same_request(group, embeds, any_mask, options=options)
         scores = torch.zeros(B, S, dtype=torch.float32, device=embeds.device)
         results: list = []
+        runs: list = []
         positions: list[torch.Tensor] = []
         seen: list[tuple[int, torch.Tensor, object]] = []
         rows = self.row_settings
@@ -482,6 +498,7 @@ class AnchorHandle:
             n = cols.numel()
             if n == 0:
                 results.append(None)
+                runs.append(None)
                 continue
             if n < 3:
                 self._warn_once(
@@ -490,19 +507,24 @@ class AnchorHandle:
                     "scores are 0 (unanchored)",
                 )
                 results.append(None)
+                runs.append(None)
                 continue
             feats = embeds[b, cols]
             want = cfg.n_clusters if rows is None else rows[b].n_clusters
             k = min(want, n)
-            res = next(
+            res, run = next(
                 (
-                    r
-                    for kk, f, r in seen
+                    (r, u)
+                    for kk, f, r, u in seen
                     if kk == k and f.shape == feats.shape and torch.equal(f, feats)
                 ),
-                None,
+                (None, None),
             )
             if res is None:
+                reporter = SSCProgress(
+                    enabled=cfg.ssc_progress, time_budget=cfg.ssc_time_budget,
+                    desc=f"SSC sample {b}" if len(units) > 1 else "SSC",
+                )  # fmt: skip
                 if k < want:
                     self._warn_once(
                         "clusters",
@@ -510,7 +532,7 @@ class AnchorHandle:
                         f"{want}; using n_clusters={k} for it",
                     )
 
-                def compute(feats=feats, k=k, **spread_over):
+                def compute(feats=feats, k=k, reporter=reporter, **spread_over):
                     return compute_anchor_scores(
                         feats,
                         k,
@@ -524,6 +546,7 @@ class AnchorHandle:
                         label_draws=cfg.label_draws,
                         backend=cfg.ssc_backend,
                         dtype=cfg.ssc_dtype,
+                        progress=reporter,
                         **spread_over,
                     )
 
@@ -535,15 +558,21 @@ class AnchorHandle:
                 # Under a process group the ranks get the same result (distributed.py).
                 if group is not None:
                     res = shared_scores(group, compute, feats.device, spread=blocked)
-                elif self.cache is not None and not blocked():
-                    res = self.cache.anchor_result(feats, k, cfg)
+                elif self.cache is not None and cfg.ssc_time_budget is None and not blocked():
+                    # (a budget-stopped C depends on timing: never cached)
+                    res = self.cache.anchor_result(feats, k, cfg, progress=reporter)
                 else:
                     res = compute()
-                seen.append((k, feats, res))
+                run = reporter.runs[-1] if reporter.runs else None
+                if not res.converged:
+                    _warn_unconverged(res, run, cfg)
+                seen.append((k, feats, res, run))
             results.append(res)
+            runs.append(run)
             scores[b, cols] = res.scores.to(device=scores.device, dtype=torch.float32)
         self.last_scores = scores
         self.last_result = results
+        self.last_ssc_runs = runs
         self.last_visual_positions = positions
         if pending.input_ids is not None:
             self.last_segments = segments_for_batch(
@@ -605,6 +634,20 @@ class AnchorHandle:
         vc = getattr(self.model.config, self.family.vision_config_attr, None)
         if vc is not None and getattr(vc, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
             vc._attn_implementation_internal = "sdpa"
+
+
+def _warn_unconverged(res, run, cfg: AnchorConfig) -> None:
+    """Say that a sample's SSC stopped before ``eps`` (iteration limit or time budget)."""
+    from videoanchor.anchor.progress import SSCConvergenceWarning
+
+    if run is not None:
+        text = run.message()
+    else:  # computed on another rank of the group
+        text = (
+            f"SSC stopped after {res.iterations} iterations (max_iter={cfg.max_iter}) at "
+            f"residual {res.residual:.3g} vs eps {cfg.eps:.3g}: NOT converged"
+        )
+    warnings.warn(f"videoanchor: {text}", SSCConvergenceWarning, stacklevel=2)
 
 
 def _given(value) -> bool:
@@ -727,6 +770,8 @@ def configure(
     ssc_dtype=_UNSET,
     attention_backend=_UNSET,
     process_group=_UNSET,
+    ssc_progress=_UNSET,
+    ssc_time_budget=_UNSET,
 ) -> AnchorHandle:
     """Configure VideoAnchor on a model loaded with ``attn_implementation="videoanchor_triton"``.
 
@@ -757,6 +802,15 @@ def configure(
             scores to the others (``last_result[b].coef`` is None there), or, where one
             process would take the blocked solver, its column blocks are divided among the
             ranks.
+
+        ssc_progress: "auto" (default: a progress bar on a terminal, else log lines on the
+            ``videoanchor.progress`` logger, once an SSC run lasts 5 s), True or False.
+        ssc_time_budget: seconds, or None (default: run to ``eps`` or ``max_iter``, the
+            paper). With a budget the SSC stops at the iterate reached when it runs out:
+            NOT the paper's converged answer. Either way, an SSC that stops before ``eps``
+            is reported with an :class:`~videoanchor.anchor.progress.SSCConvergenceWarning`
+            naming the residual reached, ``eps`` and the iteration limit, and in
+            ``handle.last_ssc_runs``.
 
     Raises TypeError for a model that is not a vision-language model (e.g. a plain module or
     a text-only LM), ValueError for an unsupported VLM family (both name the supported ones),
@@ -812,6 +866,8 @@ def configure(
             ssc_dtype=ssc_dtype,
             attention_backend=attention_backend,
             process_group=process_group,
+            ssc_progress=ssc_progress,
+            ssc_time_budget=ssc_time_budget,
         ).items()
         if v is not _UNSET
     }

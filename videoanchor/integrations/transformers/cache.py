@@ -237,11 +237,12 @@ class AnchorCache:
         return out
 
     # -- SSC ------------------------------------------------------------------------------
-    def anchor_result(self, features: torch.Tensor, n_clusters: int, config):
+    def anchor_result(self, features: torch.Tensor, n_clusters: int, config, progress=False):
         """The :class:`~videoanchor.anchor.AnchorResult` of one sample's visual tokens
         (``features`` (N, D)), as ``compute_anchor_scores(mode="exact")`` with ``config``'s
         SSC options would return it: C from the cache or solved once per features, labels
-        and scores once per ``n_clusters``, seed and label draws."""
+        and scores once per ``n_clusters``, seed and label draws. ``progress`` reports an SSC
+        that runs (see :func:`~videoanchor.anchor.compute_anchor_scores`)."""
         from videoanchor.anchor import (
             SSCCoefficients,
             anchor_result_from_coefficients,
@@ -258,7 +259,7 @@ class AnchorCache:
             c = ssc_coefficients(
                 features, alpha_e=config.alpha_e, alpha_z=config.alpha_z, rho=config.rho,
                 eps=config.eps, max_iter=config.max_iter, pca_rank=config.pca_rank,
-                backend=config.ssc_backend, dtype=config.ssc_dtype,
+                backend=config.ssc_backend, dtype=config.ssc_dtype, progress=progress,
             )  # fmt: skip
             entry = {
                 "coef": c.coef.cpu(), "iterations": int(c.iterations),
@@ -277,7 +278,8 @@ class AnchorCache:
         self.stats.add("labels", labels is not None)
         if labels is None:
             res = anchor_result_from_coefficients(
-                ssc, int(n_clusters), seed=int(config.seed), label_draws=int(config.label_draws)
+                ssc, int(n_clusters), seed=int(config.seed), label_draws=int(config.label_draws),
+                features=features,
             )
             self._put("labels", label_key, {"labels": res.labels.cpu(), "scores": res.scores.cpu(),
                                             "timings": dict(res.timings)})  # fmt: skip
