@@ -237,7 +237,7 @@ _SSC_BAD = {
     "backend-jax": (dict(backend="jax"), ValueError, "backend: expected one of"),
     "dtype-half": (dict(dtype=torch.float16), ValueError, "dtype: expected torch.float32 or torch.float64"),
     "dtype-int": (dict(dtype=3), TypeError, "dtype: expected None, torch.float32"),
-    "progress-str": (dict(progress="no"), TypeError, "progress: expected True or False"),
+    "progress-str": (dict(progress="no"), TypeError, "progress: expected True, False"),
     "n_clusters-float": (dict(n_clusters=3.0), TypeError, "n_clusters: expected an int >= 1"),
     "eigen-bogus": (dict(eigen_solver="arpack"), ValueError, "eigen_solver: expected one of"),
 }  # fmt: skip
@@ -690,7 +690,7 @@ def test_cli_interrupted_output_leaves_no_partial_file(
 ):
     import videoanchor.visualize as vis
 
-    real = vis.save_anchor_figure
+    real = vis.save_anchor_pages
 
     def interrupted(path, *args, **kwargs):
         real(path, *args, **kwargs)
@@ -698,7 +698,7 @@ def test_cli_interrupted_output_leaves_no_partial_file(
             f.truncate(10)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(vis, "save_anchor_figure", interrupted)
+    monkeypatch.setattr(vis, "save_anchor_pages", interrupted)
     out = tmp_path / "b.png"
     assert videoanchor.cli.main(_anchors_argv(tiny_checkpoint, clips[5], out)) == 130
     assert list(tmp_path.iterdir()) == []  # neither file, no temporary left behind

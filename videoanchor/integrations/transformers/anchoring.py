@@ -564,6 +564,17 @@ class AnchorHandle:
                 else:
                     res = compute()
                 run = reporter.runs[-1] if reporter.runs else None
+                if run is None and group is None:
+                    # Taken from the anchor cache: no SSC ran now; the stored result says how
+                    # that run ended, so an unconverged C is still reported as such.
+                    from videoanchor.anchor.progress import SSCRunSummary
+
+                    run = SSCRunSummary(
+                        converged=bool(res.converged), iterations=int(res.iterations),
+                        residual=float(res.residual), best_residual=float(res.residual),
+                        eps=float(cfg.eps), max_iter=int(cfg.max_iter), seconds=0.0,
+                        stopped_by_budget=False, tokens=n,
+                    )  # fmt: skip
                 if not res.converged:
                     _warn_unconverged(res, run, cfg)
                 seen.append((k, feats, res, run))
