@@ -89,17 +89,19 @@ def _validate_paged(
 
 
 def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, seq_lens: list[int]):
-    """The slots of each sequence, packed: ``cache`` (num_blocks, block_size, ...) ->
-    (sum(seq_lens), ...), sequence b's positions 0..seq_lens[b]-1 in order."""
+    """The slots of each sequence, packed: ``cache`` (num_blocks, block_size, ...), any
+    strides -> (sum(seq_lens), ...), sequence b's positions 0..seq_lens[b]-1 in order."""
     block_size = cache.shape[1]
-    flat = cache.reshape(cache.shape[0] * block_size, *cache.shape[2:])
-    idx = []
+    blocks, offs = [], []
     for b, n in enumerate(seq_lens):
         pos = torch.arange(n, device=cache.device)
-        blocks = block_table[b, pos // block_size].to(torch.long)
-        idx.append(blocks * block_size + pos % block_size)
-    idx = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long, device=cache.device)
-    return flat.index_select(0, idx)
+        blocks.append(block_table[b, pos // block_size].to(torch.long))
+        offs.append(pos % block_size)
+    if not blocks:
+        return cache[:0, 0]
+    # Advanced indexing on the two leading dims: reads only the listed slots, also from a
+    # strided view of a cache stored in another order (no copy of the whole cache).
+    return cache[torch.cat(blocks), torch.cat(offs)]
 
 
 def anchored_attention_paged(
