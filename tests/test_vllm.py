@@ -150,9 +150,10 @@ def test_anchored_equals_the_transformers_path_and_differs_from_plain(anchored, 
     _close(_res(anchored, 1), _res(reference, 1))
     # Anchoring has an effect: plain vLLM's answer to the video differs.
     a, p = _res(anchored, 1), _res(plain, 0, 1)
-    assert a["tokens"] != p["tokens"] or max(
-        abs(x - y) for x, y in zip(a["logprobs"], p["logprobs"], strict=False)
-    ) > 1e-3
+    assert (
+        a["tokens"] != p["tokens"]
+        or max(abs(x - y) for x, y in zip(a["logprobs"], p["logprobs"], strict=False)) > 1e-3
+    )
 
 
 def test_chunked_prefill_gives_the_whole_prefill_result(anchored, chunked_cached):

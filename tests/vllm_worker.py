@@ -108,7 +108,7 @@ def run_transformers(spec):
             opts = dict(vs.SSC)
             for k, v in (req.get("extra_args") or {}).items():
                 if k.startswith("videoanchor_"):
-                    opts[k[len("videoanchor_"):]] = v
+                    opts[k[len("videoanchor_") :]] = v
             videoanchor.configure(model, **opts)
             kind, data = _media(req["media"])
             kw = {"images": [data]} if kind == "image" else {}
@@ -124,8 +124,11 @@ def run_transformers(spec):
                     **inputs, max_new_tokens=req.get("max_tokens", 6), do_sample=False,
                     output_logits=True, return_dict_in_generate=True,
                 )  # fmt: skip
-            toks = gen.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-            lps = [float(torch.log_softmax(lg[0].float(), -1)[t]) for lg, t in zip(gen.logits, toks, strict=True)]
+            toks = gen.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+            lps = [
+                float(torch.log_softmax(lg[0].float(), -1)[t])
+                for lg, t in zip(gen.logits, toks, strict=True)
+            ]
             results.append({"tokens": toks, "logprobs": lps,
                             "prompt_len": int(inputs["input_ids"].shape[1])})  # fmt: skip
         out["batches"].append({"results": results})

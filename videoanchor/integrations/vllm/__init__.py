@@ -48,6 +48,15 @@ def _validate_at_startup(vllm_config) -> None:
 
     if engine_config(vllm_config.additional_config) is not None:
         check_vllm_version()
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            raise NotImplementedError(
+                "additional_config['videoanchor']: this version of the plugin anchors on "
+                f"vLLM's CPU platform only (found {type(current_platform).__name__}); the "
+                "CUDA backend (Triton paged kernels) is not wired yet. Start the engine "
+                "without additional_config['videoanchor'] to serve unanchored"
+            )
 
 
 def register() -> None:
