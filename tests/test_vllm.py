@@ -27,6 +27,9 @@ except Exception as err:  # ImportError, or a broken install
 pytestmark = pytest.mark.skipif(_PROBLEM is not None, reason=_PROBLEM or "")
 
 HERE = Path(__file__).resolve().parent
+# One unbound OpenMP thread per engine: tiny matmuls, and a shared 2-core CI machine where
+# vLLM's default binding of one spinning thread per core slows everything down.
+_THREADS = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
 SSC = {"n_clusters": 4, "max_iter": 200}
 IMG = {"media": "image:0"}
 VID = {"media": "video:4:0"}
@@ -45,6 +48,7 @@ def _run(tmp, name, spec, plugins=None):
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ)
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    env.update(_THREADS)
     root = str(HERE.parent)
     env["PYTHONPATH"] = os.pathsep.join([root, str(HERE / "vllm_site"), str(HERE)])
     if plugins is not None:
