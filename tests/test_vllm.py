@@ -28,11 +28,18 @@ pytestmark = pytest.mark.skipif(_PROBLEM is not None, reason=_PROBLEM or "")
 
 HERE = Path(__file__).resolve().parent
 # One unbound OpenMP thread per engine: tiny matmuls, and a shared 2-core CI machine where
-# vLLM's default binding of one spinning thread per core slows everything down.
-_THREADS = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+# vLLM's default binding of one spinning thread per core slows everything down. No dynamo:
+# vLLM's sampler torch.compiles its logprob-rank helper with inductor on the first request
+# asking for logprobs (~40 s of gcc per engine process here); eager gives the same ranks.
+_THREADS = {
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "OMP_NUM_THREADS": "1",
+    "TORCHDYNAMO_DISABLE": "1",
+}
 SSC = {"n_clusters": 4, "max_iter": 200}
 IMG = {"media": "image:0"}
 VID = {"media": "video:4:0"}
+MULTI = {"media": "videos:4:5,4:6"}  # two videos in one request: one joint SSC
 B_ALPHAS = {"videoanchor_alpha_k": 3.0, "videoanchor_alpha_v": 1.0}
 # 8 concurrent requests: different videos and alphas, one with anchoring off.
 EIGHT = [
@@ -102,6 +109,7 @@ def anchored(checkpoint, work):
     batches += [[r] for r in EIGHT] + [EIGHT]
     batches += [[{**VID, "extra_args": {"videoanchor_alpha_k": -3.0}}, VID]]  # bad one + good
     batches += [[{**IMG, "extra_args": {"videoanchor_n_clusters": 500}}], [VID]]
+    batches += [[MULTI]]
     spec = {"checkpoint": checkpoint,
             "engine": {"enable_prefix_caching": False,
                        "additional_config": {"videoanchor": SSC}},
@@ -117,14 +125,14 @@ def chunked_cached(checkpoint, work):
             "engine": {"enable_prefix_caching": True, "enable_chunked_prefill": True,
                        "max_num_batched_tokens": 64,
                        "additional_config": {"videoanchor": SSC}},
-            "batches": [[VID], [{**VID, "extra_args": B_ALPHAS}], [VID]]}  # fmt: skip
+            "batches": [[VID], [{**VID, "extra_args": B_ALPHAS}], [VID], [MULTI]]}  # fmt: skip
     return _run(work, "chunked_cached", spec)
 
 
 @pytest.fixture(scope="module")
 def reference(checkpoint, work):
     """transformers + videoanchor_triton (the torch path on CPU), same checkpoint/inputs."""
-    spec = {"mode": "transformers", "checkpoint": checkpoint, "batches": [[IMG], [VID]]}
+    spec = {"mode": "transformers", "checkpoint": checkpoint, "batches": [[IMG], [VID], [MULTI]]}
     return _run(work, "transformers", spec)
 
 
@@ -158,6 +166,14 @@ def test_anchored_equals_the_transformers_path_and_differs_from_plain(anchored, 
         a["tokens"] != p["tokens"]
         or max(abs(x - y) for x, y in zip(a["logprobs"], p["logprobs"], strict=False)) > 1e-3
     )
+
+
+def test_several_videos_get_one_joint_ssc_as_in_transformers(anchored, chunked_cached, reference):
+    multi = _res(anchored, len(anchored["batches"]) - 1)
+    _close(multi, _res(reference, 2))
+    # Chunked (64-token steps): the first chunk reaches the first video before the scheduler
+    # encoded the second; the plugin encodes it itself for the joint SSC.
+    _close(_res(chunked_cached, 3), multi)
 
 
 def test_chunked_prefill_gives_the_whole_prefill_result(anchored, chunked_cached):

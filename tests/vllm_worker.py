@@ -28,14 +28,23 @@ def _media(spec: str):
     if kind == "image":
         return "image", Image.fromarray(vs.frames(1, seed=int(rest[0]))[0])
     if kind == "video":
-        n, seed = int(rest[0]), int(rest[1])
-        meta = {"fps": FPS, "total_num_frames": n, "duration": n / FPS,
-                "frames_indices": list(range(n)), "video_backend": "opencv"}  # fmt: skip
-        return "video", (vs.frames(n, seed=seed), meta)
+        return "video", _video(int(rest[0]), int(rest[1]))
+    if kind == "videos":  # several videos in one request: "videos:N:SEED,N:SEED"
+        items = [p.split(":") for p in spec[len("videos:") :].split(",")]
+        return "videos", [_video(int(n), int(seed)) for n, seed in items]
     return None, None
 
 
-def _prompt(kind):
+def _video(n, seed):
+    meta = {"fps": FPS, "total_num_frames": n, "duration": n / FPS,
+            "frames_indices": list(range(n)), "video_backend": "opencv"}  # fmt: skip
+    return (vs.frames(n, seed=seed), meta)
+
+
+def _prompt(kind, data=None):
+    if kind == "videos":
+        one = "<|vision_start|><|video_pad|><|vision_end|>"
+        return f"<|im_start|>user\n{one * len(data)}what moves?<|im_end|>\n<|im_start|>assistant\n"
     return {"image": vs.IMAGE_PROMPT, "video": vs.VIDEO_PROMPT}.get(
         kind, "<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n"
     )
@@ -61,9 +70,9 @@ def run_vllm(spec):
         prompts, params, slots = [], [], []
         for i, req in enumerate(batch):
             kind, data = _media(req.get("media", "none"))
-            prompt = {"prompt": _prompt(kind)}
+            prompt = {"prompt": _prompt(kind, data)}
             if kind is not None:
-                prompt["multi_modal_data"] = {kind: data}
+                prompt["multi_modal_data"] = {kind.rstrip("s"): data}
             try:
                 sp = SamplingParams(
                     temperature=0.0, max_tokens=req.get("max_tokens", 6), logprobs=1,
@@ -112,13 +121,14 @@ def run_transformers(spec):
             videoanchor.configure(model, **opts)
             kind, data = _media(req["media"])
             kw = {"images": [data]} if kind == "image" else {}
-            if kind == "video":
+            if kind in ("video", "videos"):
                 from transformers.video_utils import VideoMetadata
 
-                frames, meta = data
-                kw = {"videos": [frames], "video_metadata": [VideoMetadata(**meta)],
+                items = [data] if kind == "video" else data
+                kw = {"videos": [f for f, _ in items],
+                      "video_metadata": [VideoMetadata(**m) for _, m in items],
                       "do_sample_frames": False}  # fmt: skip
-            inputs = processor(text=[_prompt(kind)], return_tensors="pt", **kw)
+            inputs = processor(text=[_prompt(kind, data)], return_tensors="pt", **kw)
             with torch.no_grad():
                 gen = model.generate(
                     **inputs, max_new_tokens=req.get("max_tokens", 6), do_sample=False,
