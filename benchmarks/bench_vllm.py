@@ -144,6 +144,9 @@ def main() -> None:
         vllm_support.save_checkpoint(args.model)
     env = dict(os.environ)
     env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if args.cpu:  # as tests/test_vllm.py: vLLM's default thread binding stalls a shared box
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONPATH"] = os.pathsep.join(
         [str(HERE.parent), str(TESTS / "vllm_site"), str(TESTS), env.get("PYTHONPATH", "")]
     )
@@ -167,7 +170,9 @@ def main() -> None:
     meta.update(vllm=vllm.__version__, model=args.model if args.model and "tiny" not in args.model
                 else "tiny Qwen2.5-VL (tests/vllm_support.py)", frames=args.frames,
                 size=args.size, max_tokens=args.max_tokens, running=args.running,
-                dtype=args.dtype, n_clusters=args.n_clusters, max_iter=args.max_iter)  # fmt: skip
+                dtype=args.dtype, n_clusters=args.n_clusters, max_iter=args.max_iter,
+                env={k: env.get(k) for k in ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS",
+                                             "VLLM_ENABLE_V1_MULTIPROCESSING")})  # fmt: skip
     print_table(rows, ["anchored", "requests_per_s", "output_tokens_per_s", "ratio_vs_plain",
                        "median_decode_step_s", "video_prefill_step_s", "stall_s"])  # fmt: skip
     print(f"anchored / plain output tokens/s: {ratio:.3f}")

