@@ -138,6 +138,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_vllm_"))
     if args.model is None:
         sys.path.insert(0, str(TESTS))
+        import torchvision_shim  # the tiny checkpoint's real processors import torchvision
+
+        torchvision_shim.apply()
         import vllm_support
 
         args.model = str(tmp / "tiny_qwen2_5_vl")

@@ -41,6 +41,7 @@ IMG = {"media": "image:0"}
 VID = {"media": "video:4:0"}
 MULTI = {"media": "videos:4:5,4:6"}  # two videos in one request: one joint SSC
 B_ALPHAS = {"videoanchor_alpha_k": 3.0, "videoanchor_alpha_v": 1.0}
+ALL = {**VID, "extra_args": {**B_ALPHAS, "videoanchor_decode": "all"}}  # decode steps gated
 # 8 concurrent requests: different videos and alphas, one with anchoring off.
 EIGHT = [
     {"media": f"video:{2 + 2 * (i % 2)}:{i}", "max_tokens": 5,
@@ -109,7 +110,7 @@ def anchored(checkpoint, work):
     batches += [[r] for r in EIGHT] + [EIGHT]
     batches += [[{**VID, "extra_args": {"videoanchor_alpha_k": -3.0}}, VID]]  # bad one + good
     batches += [[{**IMG, "extra_args": {"videoanchor_n_clusters": 500}}], [VID]]
-    batches += [[MULTI]]
+    batches += [[ALL], [MULTI]]
     spec = {"checkpoint": checkpoint,
             "engine": {"enable_prefix_caching": False,
                        "additional_config": {"videoanchor": SSC}},
@@ -132,7 +133,11 @@ def chunked_cached(checkpoint, work):
 @pytest.fixture(scope="module")
 def reference(checkpoint, work):
     """transformers + videoanchor_triton (the torch path on CPU), same checkpoint/inputs."""
-    spec = {"mode": "transformers", "checkpoint": checkpoint, "batches": [[IMG], [VID], [MULTI]]}
+    spec = {
+        "mode": "transformers",
+        "checkpoint": checkpoint,
+        "batches": [[IMG], [VID], [MULTI], [ALL]],
+    }
     return _run(work, "transformers", spec)
 
 
@@ -166,6 +171,12 @@ def test_anchored_equals_the_transformers_path_and_differs_from_plain(anchored, 
         a["tokens"] != p["tokens"]
         or max(abs(x - y) for x, y in zip(a["logprobs"], p["logprobs"], strict=False)) > 1e-3
     )
+
+
+def test_decode_all_equals_the_transformers_path(anchored, reference):
+    dec_all = _res(anchored, len(anchored["batches"]) - 2)
+    _close(dec_all, _res(reference, 3))
+    assert dec_all != _res(anchored, 2)  # same alphas, decode="prefill": other decode steps
 
 
 def test_several_videos_get_one_joint_ssc_as_in_transformers(anchored, chunked_cached, reference):

@@ -114,7 +114,12 @@ def run_transformers(spec):
     for batch in spec["batches"]:
         results = []
         for req in batch:
-            opts = dict(vs.SSC)
+            from videoanchor.integrations.options import AnchorConfig
+
+            d = AnchorConfig()  # every request starts from the defaults (configure() keeps
+            # the previous call's values for options not given)
+            opts = dict(alpha_q=d.alpha_q, alpha_k=d.alpha_k, alpha_v=d.alpha_v,
+                        decode=d.decode, seed=d.seed, **vs.SSC)  # fmt: skip
             for k, v in (req.get("extra_args") or {}).items():
                 if k.startswith("videoanchor_"):
                     opts[k[len("videoanchor_") :]] = v
