@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import asdict, fields, replace
 
-from videoanchor.integrations.options import AnchorConfig, validate_options
+from videoanchor.integrations.options import AnchorConfig, validate_options, validate_ssc_options
 
 __all__ = [
     "ENGINE_KEYS",
@@ -53,7 +53,9 @@ def engine_config(additional_config) -> AnchorConfig | None:
     if "tokens" in given and isinstance(given["tokens"], list):
         given = {**given, "tokens": tuple(given["tokens"])}
     try:
-        return validate_options(AnchorConfig(**given))
+        cfg = validate_options(AnchorConfig(**given))
+        validate_ssc_options(cfg)
+        return cfg
     except (TypeError, ValueError) as err:
         raise type(err)(f"additional_config['videoanchor']: {err}") from None
 
@@ -84,7 +86,7 @@ def request_overrides(extra_args) -> dict:
             out[name] = value
     if out:
         try:
-            validate_options(replace(AnchorConfig(), **out))
+            validate_ssc_options(validate_options(replace(AnchorConfig(), **out)))
         except (TypeError, ValueError) as err:
             key = _key_of(err, out)
             raise ValueError(f"extra_args[{key!r}]: {err}") from None
