@@ -35,7 +35,6 @@ with the same arithmetic and gives the same ``C``.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -121,6 +120,15 @@ def _solve_block(dic, factor, a, b, *, thr_e, eps, max_iter, hook):
     out = admm.run(step, max_iter, hook, what=f"blocked SSC-ADMM on columns {a}:{b}")
     rows, cols = step.C.nonzero(as_tuple=True)
     return rows, cols + a, step.C[rows, cols], out
+
+
+def _recorder(history: list[float]):
+    """A hook that appends every residual to ``history``."""
+
+    def hook(it: int, residual: float) -> None:
+        history.append(residual)
+
+    return hook
 
 
 def _group(process_group):
@@ -313,8 +321,7 @@ def solve_ssc_blocked(
             try:
                 r, c, v, out = _solve_block(
                     dic, factor, a, b, thr_e=lam_e / lam_z, eps=eps_k, max_iter=max_iter,
-                    hook=admm.chain((lambda it, res: hist.append(res)) if keep_history
-                                    else None, hook),
+                    hook=admm.chain(_recorder(hist) if keep_history else None, hook),
                 )  # fmt: skip
             finally:
                 close()

@@ -9,10 +9,8 @@ on the CPU with the array-API C-step, which is how the CPU test suite checks it.
 
 from __future__ import annotations
 
-import torch
-
 from videoanchor.anchor.admm import Kernels
-from videoanchor.anchor.ssc import ADMMResult, solve_dense
+from videoanchor.anchor.ssc import ADMMResult, solve_ssc_admm
 
 __all__ = ["solve_ssc_admm_cupy"]
 
@@ -59,25 +57,15 @@ class CupyKernels(Kernels):
         self.cp.cuda.get_current_stream().synchronize()
 
 
-def solve_ssc_admm_cupy(
-    features,
-    *,
-    dtype=None,
-    progress=False,
-    xp=None,
-    **program,
-) -> ADMMResult:
-    """Same contract and options as :func:`videoanchor.anchor.ssc.solve_ssc_admm`, computed
+def solve_ssc_admm_cupy(features, *, xp=None, **options) -> ADMMResult:
+    """:func:`videoanchor.anchor.ssc.solve_ssc_admm` (same options and result) computed
     with CuPy.
 
-    ``features`` must be a CUDA tensor (or a CuPy array) unless ``xp`` is given (an array
+    ``features`` must be a CUDA tensor unless ``xp`` is given (an array
     module, e.g. ``numpy``: the same code on the CPU); ``coef`` and ``outliers`` come back
     as torch tensors on the features' device.
     """
-    from videoanchor.anchor._inputs import as_feature_tensor, resolve_dtype
-
-    x_t = as_feature_tensor(features)
-    kernels = Kernels()
+    kernels = None
     if xp is None:
         try:
             import cupy as xp
@@ -86,17 +74,12 @@ def solve_ssc_admm_cupy(
                 "backend='cupy' needs CuPy (pip install cupy-cuda12x or cupy-cuda13x); "
                 "backend='torch' computes the same result"
             ) from exc
-        if x_t.device.type != "cuda":
+        device = getattr(features, "device", "cpu")
+        if getattr(device, "type", None) != "cuda":
             raise ValueError(
-                f"backend='cupy' expected features on a CUDA device, got {x_t.device}; "
+                f"backend='cupy' expected features on a CUDA device, got {device}; "
                 "use backend='torch' on the CPU"
             )
-        xp.cuda.Device(x_t.device.index if x_t.device.index is not None else 0).use()
+        xp.cuda.Device(device.index if device.index is not None else 0).use()
         kernels = CupyKernels(xp)
-    work = xp.float32 if resolve_dtype(dtype, x_t.device) == torch.float32 else xp.float64
-    x = xp.from_dlpack(x_t.contiguous())
-    res = solve_dense(x, work, kernels, device=x_t.device, progress=progress, **program)
-    res.coef = torch.from_dlpack(res.coef)
-    if res.outliers is not None:
-        res.outliers = torch.from_dlpack(res.outliers)
-    return res
+    return solve_ssc_admm(features, xp=xp, kernels=kernels, **options)

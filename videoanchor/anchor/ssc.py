@@ -108,6 +108,12 @@ class ADMMResult:
     timings: dict[str, float] = field(default_factory=dict)
     stopped: bool = False
 
+    @classmethod
+    def from_run(cls, out: admm.Outcome, **fields) -> ADMMResult:
+        """The result of a run of :func:`videoanchor.anchor.admm.run` with ``fields``."""
+        return cls(iterations=out.iterations, converged=out.converged, stopped=out.stopped,
+                   residual=out.residual, **fields)  # fmt: skip
+
 def check_admm_parameters(n: int, rho: float, eps: float, max_iter: int) -> None:
     """The checks every ADMM entry point makes on its size and iteration parameters."""
     if n < 2:
@@ -215,6 +221,8 @@ def solve_ssc_admm(
     check_memory_first: bool = True,
     callback=None,
     e_every: int = 1,
+    xp=None,
+    kernels: admm.Kernels | None = None,
 ) -> ADMMResult:
     """Solve the SSC program for ``features`` (``N x D``, one row per point) on their device.
 
@@ -226,30 +234,17 @@ def solve_ssc_admm(
     ``progress``: ``True`` shows a progress bar; a callable ``progress(iteration,
     residual)`` is called after every iteration instead, and a true return stops the run
     (``stopped``). ``callback(iteration, C, residual)`` sees every iterate.
+
+    ``xp``: an array module (``numpy``, ``cupy``) to run the same iteration with instead
+    of torch, the features going in and ``C`` coming out through DLPack; ``kernels`` its
+    :class:`~videoanchor.anchor.admm.Kernels` (default: the array-API forms). See
+    :func:`videoanchor.anchor.cupy_backend.solve_ssc_admm_cupy`.
     """
-    x = as_feature_tensor(features)
-    work = resolve_dtype(dtype, x.device)
-    return solve_dense(
-        x, work, TorchKernels(x.device), device=x.device, alpha_e=alpha_e, alpha_z=alpha_z,
-        rho=rho, eps=eps, max_iter=max_iter, affine=affine, outliers=outliers,
-        strategy=strategy, relax=relax, adaptive_rho=adaptive_rho, progress=progress,
-        keep_history=keep_history, check_memory_first=check_memory_first, callback=callback,
-        e_every=e_every,
-    )  # fmt: skip
-
-
-def solve_dense(x, work, kernels: admm.Kernels, *, device: torch.device, alpha_e=800.0,
-                alpha_z=800.0, rho=300.0, eps=2e-4, max_iter=10000, affine=True,
-                outliers=True, strategy="auto", relax=1.0,
-                adaptive_rho=False, progress=False, keep_history=False,
-                check_memory_first=True, callback=None, e_every=1) -> ADMMResult:  # fmt: skip
-    """:func:`solve_ssc_admm` on any array namespace: ``x`` (``N x D``) a torch, NumPy or
-    CuPy array, ``work`` its namespace's working dtype, ``kernels`` the backend's
-    :class:`~videoanchor.anchor.admm.Kernels`; ``device`` (torch) is where the memory check
-    looks. ``coef`` and ``outliers`` come back in ``x``'s namespace."""
     t0 = time.perf_counter()
-    xp = array_api_compat.array_namespace(x)
-    n, d = x.shape
+    x_t = as_feature_tensor(features)
+    device = x_t.device
+    work_t = resolve_dtype(dtype, device)
+    n, d = x_t.shape
     check_admm_parameters(n, rho, eps, max_iter)
     if not (1.0 <= relax < 2.0):
         raise ValueError(f"relax: expected a value in [1, 2), got {relax}")
@@ -258,8 +253,15 @@ def solve_dense(x, work, kernels: admm.Kernels, *, device: torch.device, alpha_e
     if strategy not in ("dense", "woodbury"):
         raise ValueError(f"strategy: expected 'auto', 'dense' or 'woodbury', got {strategy!r}")
     if check_memory_first:
-        itemsize = xp.finfo(work).bits // 8
+        itemsize = torch.finfo(work_t).bits // 8
         check_memory(admm_bytes(n, d, itemsize, strategy), device, n=n, d=d, what="Dense SSC")
+    if xp is None:
+        x, work, kernels = x_t, work_t, TorchKernels(device)
+    else:
+        x = xp.from_dlpack(x_t.contiguous())
+        work = xp.float32 if work_t == torch.float32 else xp.float64
+        kernels = kernels or admm.Kernels()
+    xp = array_api_compat.array_namespace(x)
     hook, close = admm.progress_hook(progress, max_iter)
     try:
         lam_e, lam_z, _, _ = ssc_lambdas(xp.astype(x, xp.float64, copy=False), alpha_e, alpha_z)
@@ -289,18 +291,20 @@ def solve_dense(x, work, kernels: admm.Kernels, *, device: torch.device, alpha_e
         close()
     kernels.sync()
     t3 = time.perf_counter()
-    return ADMMResult(
-        coef=step.C,
-        iterations=out.iterations,
-        converged=out.converged,
-        stopped=out.stopped,
-        residual=out.residual,
+    return ADMMResult.from_run(
+        out,
+        coef=_as_torch(step.C),
         lambda_e=lam_e,
         lambda_z=lam_z,
         rho=step.rho,
         rho_changes=step.rho_changes,
         strategy=strategy,
-        outliers=step.E,
+        outliers=None if step.E is None else _as_torch(step.E),
         history=history,
         timings={"lambdas": t1 - t0, "factor": t2 - t1, "admm": t3 - t2},
     )
+
+
+def _as_torch(a) -> torch.Tensor:
+    """``a`` as a torch tensor (through DLPack, no copy, when it is another namespace's)."""
+    return a if isinstance(a, torch.Tensor) else torch.from_dlpack(a)

@@ -131,12 +131,9 @@ def solve_ssc_equality(
         close()
     kernels.sync()
     t3 = time.perf_counter()
-    return ADMMResult(
+    return ADMMResult.from_run(
+        out,
         coef=step.cc,
-        iterations=out.iterations,
-        converged=out.converged,
-        stopped=out.stopped,
-        residual=out.residual,
         lambda_e=gamma,
         lambda_z=mu1,
         rho=float(rho),
