@@ -183,12 +183,12 @@ def _exact_fits(x: torch.Tensor, dtype, pca_rank: int) -> bool:
 
 
 def _solve(x, *, backend, solver, dtype, **kw):
+    """The dense solver of ``backend`` (one iteration, two array namespaces)."""
     relax, adaptive = (1.0, False) if solver == "faithful" else (ACCEL_RELAX, True)
+    solve = solve_ssc_admm
     if backend == "cupy":
-        from videoanchor.anchor.cupy_backend import solve_ssc_admm_cupy
-
-        return solve_ssc_admm_cupy(x, dtype=dtype, relax=relax, adaptive_rho=adaptive, **kw)
-    return solve_ssc_admm(
+        from videoanchor.anchor.cupy_backend import solve_ssc_admm_cupy as solve
+    return solve(
         x, dtype=dtype, relax=relax, adaptive_rho=adaptive, e_every=3 if adaptive else 1, **kw
     )
 
@@ -399,6 +399,7 @@ def compute_anchor_scores(
                 max_iter=max_iter, pca_rank=pca_rank, seed=seed, backend=backend, dtype=dtype,
                 solver=solver, eigen_solver=eigen_solver, block_columns=block_columns,
                 block_eps=block_eps, process_group=process_group, label_draws=label_draws,
+                progress=progress,
             )  # fmt: skip
         if mode == "scalable":
             if pca_rank:
@@ -452,6 +453,7 @@ def compute_anchor_scores(
 def _blocked_anchor_scores(
     x, n_clusters, *, t0, alpha_e, alpha_z, rho, eps, max_iter, pca_rank, seed, backend,
     dtype, solver, eigen_solver, block_columns, block_eps, process_group, label_draws=1,
+    progress=False,
 ) -> AnchorResult:  # fmt: skip
     """``mode="blocked"`` of :func:`compute_anchor_scores`, on one process or a group."""
     unsupported = [
@@ -474,7 +476,7 @@ def _blocked_anchor_scores(
     admm = solve_ssc_blocked(
         x, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps, max_iter=max_iter,
         dtype=dtype, block_columns=block_columns, block_eps=block_eps,
-        process_group=process_group,
+        process_group=process_group, progress=progress,
     )  # fmt: skip
     coef = admm.coef
     t1 = time.perf_counter()
