@@ -204,13 +204,13 @@ class Dictionary:
 
 
 class DenseInverse:
-    """The A-step through the explicit inverse: with ``R = rho M^{-1}``, ``B0 = I - R`` and
-    ``T = C - Lam - 1 d1s^T - (lambda_z / rho) Y^T E``, ``A = B0 + R T``, ``O(N^3)``.
+    """The A-step through the explicit inverse ``R = rho M^{-1}``, ``O(N^3)``: with
+    ``T = C - Lam - 1 d1s^T - (lambda_z / rho) Y^T E``, ``A = I + R (T - I)``.
 
     ``M = lambda_z Y^T Y + rho I (+ rho 1 1^T)`` is the authors' system; writing the
     right-hand side as ``M + rho (T - I)`` keeps the float32 entries O(1) instead of
-    O(lambda_z Y^T Y). With outliers, ``[I; Y]`` is stacked on the left of ``R`` and
-    ``B0``, so one ``(N + D) x N x N`` product gives ``A`` and ``Y A``.
+    O(lambda_z Y^T Y). With outliers, ``Y R`` is stacked under ``R``, so one
+    ``(N + D) x N x N`` product gives ``A`` and ``Y A = Y + Y R (T - I)``.
     """
 
     def __init__(self, dic: Dictionary, rho: float):
@@ -229,35 +229,29 @@ class DenseInverse:
         r = spd_inverse(xp, m)
         del m
         r *= rho
-        self.r = self._stack_y(r)
-        r *= -1.0
-        r[eye, eye] += 1.0  # B0 = I - R
-        self.b0 = self._stack_y(r)
+        rows = dic.n + dic.d if dic.outliers else dic.n
+        self.r = xp.empty((rows, dic.n), dtype=dic.work, device=dic.device)  # [R; Y R]
+        self.r[: dic.n, :] = xp.astype(r, dic.work, copy=False)
+        if dic.outliers:
+            self.r[dic.n :, :] = xp.astype(dic.x64.T @ r, dic.work, copy=False)
 
-    def _stack_y(self, t):
-        """``[t; Y t]`` in the working dtype when outliers are modelled, else ``t``."""
-        dic, xp = self.dic, self.dic.xp
-        if not dic.outliers:
-            return xp.astype(t, dic.work, copy=True)  # never an alias: B0 is built from t
-        out = xp.empty((dic.n + dic.d, dic.n), dtype=dic.work, device=dic.device)
-        out[: dic.n, :] = xp.astype(t, dic.work, copy=False)
-        out[dic.n :, :] = xp.astype(dic.x64.T @ t, dic.work, copy=False)
-        return out
-
-    def step_a(self, t, d1s, e, cols: slice, want_ya: bool):
-        """``(A, Y A)`` for the columns ``cols`` from ``t = C - Lam`` (overwritten);
-        ``e`` is ``E`` (``None`` when zero); ``Y A`` only with outliers and ``want_ya``."""
+    def step_a(self, t, d1s, e, cols: slice, want_ya: bool, diag):
+        """``(A, Y A)`` for the columns ``cols`` (diagonal ``diag``) from ``t = C - Lam``
+        (overwritten); ``e`` is ``E`` (``None`` when zero); ``Y A`` only with outliers and
+        ``want_ya``."""
         dic = self.dic
         if dic.affine:
             t -= d1s
         if e is not None:
-            ye = dic.kernels.times_e(dic.xw, e)
-            ye *= dic.lam_z / self.rho
-            t -= ye
+            t -= dic.kernels.times_e(dic.xw, e * (dic.lam_z / self.rho))
+        t[diag.rows, diag.cols] -= 1.0  # T - I
         rows = self.r.shape[0] if want_ya else dic.n
         a = self.r[:rows, :] @ t
-        a += self.b0[:rows, cols]
-        ya = a[dic.n :, :] if dic.outliers and want_ya else None
+        a[diag.rows, diag.cols] += 1.0
+        ya = None
+        if dic.outliers and want_ya:
+            ya = a[dic.n :, :]
+            ya += dic.yw[:, cols]
         return a[: dic.n, :], ya
 
 
@@ -292,7 +286,7 @@ class Woodbury:
         kmat[diag, diag] += rho
         self.kinv = spd_inverse(xp, kmat)
 
-    def step_a(self, t, d1s, e, cols: slice, want_ya: bool):
+    def step_a(self, t, d1s, e, cols: slice, want_ya: bool, diag):
         """Same contract as :meth:`DenseInverse.step_a`."""
         dic, xp = self.dic, self.dic.xp
         lz, rho, d, f64 = dic.lam_z, self.rho, dic.d, xp.float64
@@ -307,9 +301,7 @@ class Woodbury:
         if dic.affine:
             yv += self.s[:, None] * d1s[None, :]
         if e is not None:
-            ge = dic.kernels.times_e(self.gram_d, e)
-            ge *= lz / rho
-            yv += ge
+            yv += dic.kernels.times_e(self.gram_d, e * (lz / rho))
         yv *= math.sqrt(lz)
         if dic.affine:
             ov = 1.0 - xp.sum(t, axis=0) + d1s * dic.n  # 1^T V / rho
@@ -380,7 +372,7 @@ class SquaredStep:
         dic, xp = self.dic, self.dic.xp
         e_step = dic.outliers and (it % self.e_every == 0 or it <= self.e_every)
         e = self.E if self.e_nonzero else None
-        a, ya = self.factor.step_a(self.C - self.lam, self.d1s, e, self.cols, e_step)
+        a, ya = self.factor.step_a(self.C - self.lam, self.d1s, e, self.cols, e_step, self.diag)
         if e_step:
             ya *= -1.0
             ya += dic.yw[:, self.cols]  # Y - Y A
