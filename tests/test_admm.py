@@ -89,10 +89,11 @@ def test_progress_callable_sees_every_iteration_and_can_stop(name):
         assert [it for it, _ in seen] == [1, 2, 3, 4, 5, 6, 7] * 3
         assert res.block_iterations == [7, 7, 7]
     else:
-        assert res.stopped
         assert [it for it, _ in seen] == list(range(1, 8))
         assert seen[-1][1] == res.residual
+    assert res.stopped
     full = SOLVERS[name](x, eps=0.0, max_iter=7, dtype=torch.float64)
+    assert not full.stopped
     assert torch.equal(full.coef.to_dense(), res.coef.to_dense()), "stopping is not changing"
 
 

@@ -89,7 +89,8 @@ class BlockedADMMResult:
     ``i`` reconstructs point ``i``, no diagonal entries). ``iterations`` is the largest
     iteration count of any block, ``converged`` whether every block met its criterion,
     ``residual`` the largest final block residual. ``block_iterations`` and
-    ``block_residuals`` have one entry per block, in column order (every rank has all).
+    ``block_residuals`` have one entry per block, in column order (every rank has all);
+    ``stopped`` whether the ``progress`` hook ended any block.
     """
 
     coef: torch.Tensor
@@ -104,6 +105,7 @@ class BlockedADMMResult:
     block_residuals: list[float] = field(default_factory=list)
     history: dict[int, list[float]] = field(default_factory=dict)
     world_size: int = 1
+    stopped: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -328,7 +330,9 @@ def solve_ssc_blocked(
             rows.append(r)
             cols.append(c)
             vals.append(v)
-            stats.append([float(k), float(out.iterations), out.residual, float(out.converged)])
+            stats.append(
+                [float(k), float(out.iterations), out.residual, out.converged, out.stopped]
+            )
             if keep_history:
                 history[k] = hist
     except (FloatingPointError, RuntimeError, MemoryError) as exc:
@@ -341,7 +345,7 @@ def solve_ssc_blocked(
     else:
         vals_t = torch.cat(vals)
     del rows, cols, vals
-    stats_t = torch.tensor(stats, dtype=torch.float64).reshape(-1, 4)
+    stats_t = torch.tensor(stats, dtype=torch.float64).reshape(-1, 5)
     _sync(device)
     t3 = time.perf_counter()
 
@@ -368,6 +372,7 @@ def solve_ssc_blocked(
         coef=coef,
         iterations=max(block_its),
         converged=bool((stats_t[:, 3] > 0).all()),
+        stopped=bool((stats_t[:, 4] > 0).any()),
         residual=max(block_res),
         lambda_e=lam_e,
         lambda_z=lam_z,
