@@ -199,7 +199,7 @@ def main(argv=None):
         scores_mod._exact_fits = lambda *a, **k: False
     model = load(args, world, device)
     videoanchor.configure(model)
-    handle = videoanchor.integrations.find_handle(model)
+    handle = videoanchor.integrations.transformers.find_handle(model)
     timer = ShareTimer()
     rows = []
     with torch.no_grad():

@@ -14,6 +14,9 @@ for script in bench_attention bench_decode bench_backward bench_ssc bench_scalab
     python "benchmarks/$script.py" --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/$script.log" || status=1
   fi
 done
+# tune's sweep vs the naive loop (the tiny model unless --model names a local checkpoint)
+echo "== bench_tune"
+python benchmarks/bench_tune.py --device cuda --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/bench_tune.log" || status=1
 # Tensor parallelism: one torchrun per world size, on as many GPUs as there are (at least 2).
 ngpu=$(python -c "import torch; print(torch.cuda.device_count())")
 if [ "$ngpu" -lt 2 ]; then

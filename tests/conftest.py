@@ -33,3 +33,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_in_tmp(tmp_path_factory):
+    # `videoanchor run/anchors/tune` and the lmms-eval wrapper cache vision features and SSC
+    # on disk by default: the tests keep that cache out of the home directory.
+    old = os.environ.get("VIDEOANCHOR_CACHE")
+    os.environ["VIDEOANCHOR_CACHE"] = str(tmp_path_factory.mktemp("videoanchor_cache"))
+    yield
+    if old is None:
+        os.environ.pop("VIDEOANCHOR_CACHE", None)
+    else:
+        os.environ["VIDEOANCHOR_CACHE"] = old

@@ -188,7 +188,7 @@ def test_blocked_bad_input():
         compute_anchor_scores(x, n_clusters=3, mode="blocked", solver="accelerated")
     with pytest.raises(ValueError, match="eigh"):
         compute_anchor_scores(x, n_clusters=3, mode="blocked", eigen_solver="eigh")
-    with pytest.raises(ValueError, match="pca_rank"):
+    with pytest.raises(TypeError, match="pca_rank"):
         compute_anchor_scores(x, n_clusters=3, mode="blocked", pca_rank=2.5)
     with pytest.raises(ValueError, match="not initialised"):
         compute_anchor_scores(x, n_clusters=3, process_group=object())
@@ -261,7 +261,9 @@ def test_two_gloo_processes_equal_one(tmp_path):
         assert torch.allclose(g["scores"], single.scores, rtol=0, atol=1e-6)
         assert "same features" in g["shape_error"]
         assert "mode='exact'" in g["mode_error"]
-    assert got[0]["nan_error"].startswith("RuntimeError: videoanchor: another rank")
+    # the same error on every rank (issue 23), naming the rank it came from
+    assert got[0]["nan_error"].startswith("ValueError: features: expected finite values")
+    assert "raised on rank 1" in got[0]["nan_error"]
     assert got[1]["nan_error"].startswith("ValueError: features: expected finite values")
     # and the ranks agree with each other exactly
     assert torch.equal(got[0]["coef"].to_dense(), got[1]["coef"].to_dense())

@@ -50,12 +50,12 @@ def test_mask_keeps_one_shape_over_a_static_cache():
     for filled in (5, 6, 7, 16):
         m = mask(2, 1, 16, q_offset=torch.tensor(filled - 1), attention_mask=None)
         shapes.add((tuple(m.shape), m.dtype))
-        assert m.tolist() == [[2] * filled + [0] * (16 - filled)] * 2
+        assert m.tolist() == [[1] * filled + [-1] * (16 - filled)] * 2
     assert shapes == {((2, 16), torch.int8)}
-    # Left padding: padding slots are 1, visible 2, unfilled 0.
+    # Left padding: padding slots are 0, visible 1, unfilled -1.
     am = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
     m = mask(2, 1, 8, q_offset=torch.tensor(3), attention_mask=am)
-    assert m.tolist() == [[1, 2, 2, 2, 0, 0, 0, 0], [2, 2, 2, 2, 0, 0, 0, 0]]
+    assert m.tolist() == [[0, 1, 1, 1, -1, -1, -1, -1], [1, 1, 1, 1, -1, -1, -1, -1]]
     # Dynamic cache: the bool mask is returned even when all True (no data-dependent None).
     m = mask(2, 1, 4, q_offset=3, attention_mask=torch.ones(2, 4, dtype=torch.long))
     assert m.dtype == torch.bool and m.shape == (2, 4) and bool(m.all())

@@ -56,7 +56,8 @@ def test_read_video_frames_samples_the_right_frames(video_path):
 
 
 def test_read_video_frames_repeats_frames_of_a_short_video(video_path):
-    video = read_video_frames(video_path, 30, progress=False)
+    with pytest.warns(UserWarning, match="some repeated"):
+        video = read_video_frames(video_path, 30, progress=False, repeat=True)
     assert video.frames.shape[0] == 30
     np.testing.assert_array_equal(video.indices, uniform_frame_indices(23, 30))
     dup = int(np.flatnonzero(np.diff(video.indices) == 0)[0])

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 from test_cli_support import moving_shapes
@@ -111,3 +113,90 @@ def test_render_rejects_bad_input(kwargs, error, match):
     frames, scores = args.pop("frames"), args.pop("scores")
     with pytest.raises(error, match=match):
         render_anchor_figure(frames, scores, **args)
+
+
+# ---- long videos: pages, a colour bar per page, the summary strip, shared temporal patches
+
+
+@pytest.mark.parametrize("num_frames", [64, 256])
+def test_long_video_picture_is_paged_and_each_page_is_readable(tmp_path, num_frames):
+    from PIL import Image
+
+    from videoanchor.visualize import (
+        _BAND_COLOURS,
+        BAND_H,
+        COLORBAR_H,
+        MAX_HEIGHT,
+        MAX_WIDTH,
+        PAD,
+        TITLE_H,
+        save_anchor_pages,
+    )
+
+    tt, gh, gw = num_frames // 2, 3, 5  # two frames per temporal patch, as Qwen does
+    frames = np.zeros((num_frames, 18, 32, 3), np.uint8) + 100
+    rng = np.random.default_rng(num_frames)
+    scores = rng.random((tt, gh, gw))
+    labels = rng.integers(0, 24, (tt, gh, gw))
+    tile_width = 240 if num_frames == 64 else 96
+    pages = save_anchor_pages(
+        tmp_path / "a.png", frames, scores, labels=labels, title="long",
+        frame_indices=np.arange(num_frames) * 2, timestamps=np.arange(num_frames) * 0.5,
+        tile_width=tile_width,
+    )  # fmt: skip
+    layout = anchor_figure_layout(
+        num_frames, 18, 32, tile_width=tile_width, with_labels=True, max_height=MAX_HEIGHT,
+        num_slices=tt, token_rows=gh,
+    )  # fmt: skip
+    assert layout.columns == 8 and layout.rows == num_frames // 8
+    assert layout.pages == len(pages) and len(pages) > 1
+    assert layout.tile_page(num_frames - 1) == len(pages) - 1  # every frame is drawn
+    expected_names = ["a.png"] + [f"a-p{p}.png" for p in range(2, len(pages) + 1)]
+    assert [Path(f).name for f, _ in pages] == expected_names
+    per_page = [layout.page_rows(p) for p in range(layout.pages)]
+    assert sum(per_page) == layout.rows and max(per_page) - min(per_page) <= 1  # balanced
+    for p, (f, _) in enumerate(pages):
+        with Image.open(f) as img:
+            size, px = img.size, np.asarray(img.convert("RGB")).astype(int)
+        assert size == layout.page_size(p)
+        assert size[0] <= MAX_WIDTH and size[1] <= MAX_HEIGHT
+        # every page ends with its own colour bar: 0 at the left end, 1 at the right end
+        y = size[1] - COLORBAR_H + 6 + 5
+        bar_w = min(320, size[0] - 2 * PAD)
+        np.testing.assert_array_equal(px[y, PAD], score_colormap(0.0))
+        np.testing.assert_array_equal(px[y, PAD + bar_w - 1], score_colormap(1.0))
+    first = np.asarray(pages[0][1]).astype(int)
+    # page 1's summary strip: cell (patch t, row r) is the row's largest score
+    from videoanchor.visualize import STRIP_CAPTION_H, _strip_geometry
+
+    cw, rh, strip_h = _strip_geometry(tt, gh, layout.width)
+    assert layout.strip_h == strip_h > 0
+    ys = PAD + TITLE_H + STRIP_CAPTION_H
+    for t, r in ((0, 0), (tt - 1, gh - 1), (tt // 3, 1)):
+        cell = first[ys + r * rh + rh // 2, PAD + t * cw + cw // 2]
+        np.testing.assert_array_equal(cell, score_colormap(scores[t, r].max()))
+    # frames 0 and 1 share patch 0 (one band across both and the gap), frame 2 starts patch 1
+    x0, y0 = layout.tile_origin(0)
+    yb = y0 + 20 - BAND_H  # CAPTION_H - BAND_H - 1, middle row of the band
+    np.testing.assert_array_equal(first[yb, x0 + 5], _BAND_COLOURS[0])
+    np.testing.assert_array_equal(first[yb, x0 + layout.tile_w + PAD // 2], _BAND_COLOURS[0])
+    x2, _ = layout.tile_origin(2)
+    np.testing.assert_array_equal(first[yb, x2 + 5], _BAND_COLOURS[1])
+    np.testing.assert_array_equal(first[yb, x2 - PAD // 2], [255, 255, 255])  # no band between
+
+
+def test_heat_overlay_contrast_between_score_0_and_1():
+    frames = np.full((2, 16, 16, 3), 128, np.uint8)
+    scores = np.stack([np.zeros((2, 2)), np.ones((2, 2))])
+    img = np.asarray(render_anchor_figure(frames, scores, tile_width=32, title=None)).astype(int)
+    layout = anchor_figure_layout(2, 16, 16, tile_width=32, with_title=False)
+    lum = []
+    for k in range(2):
+        x, y = layout.tile_origin(k)
+        lum.append(img[y + CAPTION_H + 16, x + 16] @ np.array([0.299, 0.587, 0.114]))
+    assert lum[1] - lum[0] > 110, lum  # the earlier overlay gave about 90 here
+
+
+def test_layout_rejects_a_picture_too_wide():
+    with pytest.raises(ValueError, match="fewer columns"):
+        anchor_figure_layout(64, 90, 160, columns=64, tile_width=240)

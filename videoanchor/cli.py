@@ -16,8 +16,11 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,7 @@ from videoanchor.pipeline import (
     load_vlm,
     read_images,
     run_prefill,
+    ssc_plan,
     video_inputs,
 )
 
@@ -85,8 +89,12 @@ def _read_visual(args, kind: str):
         from videoanchor.video import read_video_frames
 
         frames = DEFAULT_FRAMES if args.frames is None else args.frames
-        video = read_video_frames(args.video, frames, progress=not args.quiet)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            video = read_video_frames(args.video, frames, progress=not args.quiet)
         _log(args, f"sampled {video.num_frames} of {video.total_frames} frames from {args.video}")
+        for w in caught:  # e.g. fewer frames than --frames: each frame once, never repeated
+            print(f"videoanchor: note: {w.message}", file=sys.stderr, flush=True)
         return video
     views = read_images(args.images)
     sizes = ", ".join(f"{v.shape[1]}x{v.shape[0]}" for v in views)
@@ -100,24 +108,85 @@ def _inputs(processor, kind, visual, question, model):
     return image_inputs(processor, visual, question, device=model.device, dtype=model.dtype)
 
 
-def _configure(handle, args, enabled: bool):
-    import videoanchor
-
+def _anchor_options(args, enabled: bool) -> dict:
     opts = dict(enabled=enabled, n_clusters=args.n_clusters, decode=args.decode, seed=args.seed)
     opts.update(pca_rank=args.pca_rank, max_iter=args.ssc_max_iter, label_draws=args.label_draws)
+    opts.update(ssc_progress=not args.quiet, ssc_time_budget=args.ssc_time_budget)
     for name in ("alpha_q", "alpha_k", "alpha_v"):
         value = getattr(args, name)
         if value is not None:
             opts[name] = value
+    return opts
+
+
+def _configure(handle, args, enabled: bool):
+    import videoanchor
+
     try:
-        return videoanchor.configure(handle.model, **opts)
+        return videoanchor.configure(handle.model, **_anchor_options(args, enabled))
     except (TypeError, ValueError) as err:
         raise CLIError(_first_line(err)) from err
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    """The file can be created: its folder exists (or can be made) and is writable."""
+    if path.exists() and path.is_dir():
+        raise CLIError(f"{flag}: expected a file path, got the directory '{path}'")
+    parent = path.parent if str(path.parent) else Path(".")
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CLIError(f"{flag}: cannot create '{path}': '{probe}' is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CLIError(f"{flag}: cannot write '{path}': '{probe}' is not writable")
+
+
+def _check_args(args, kind: str) -> None:
+    """Everything the command needs from its flags, checked before any slow step (reading
+    the video, loading the model): one place, so a typo costs nothing."""
+    from videoanchor.integrations.transformers.anchoring import check_options
+    from videoanchor.pipeline import check_load_options
+
+    try:
+        check_options(**_anchor_options(args, True))
+    except (TypeError, ValueError) as err:
+        raise CLIError(_first_line(err).replace("max_iter", "--ssc-max-iter")) from err
+    check_load_options(args.device, args.dtype)
+
+
+def _use_cache(args, model, handle, inputs):
+    """Unless --no-cache: the handle takes SSC and the labels from the on-disk cache and the
+    inputs carry the cached vision-encoder output instead of pixels (a second run on the same
+    video skips the vision encoder and SSC)."""
+    if getattr(args, "no_cache", False):
+        return inputs
+    from videoanchor.integrations.transformers.cache import (
+        AnchorCache,
+        default_cache_dir,
+        model_fingerprint,
+    )
+
+    root = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    handle.cache = AnchorCache(root, model_key=model_fingerprint(model))
+    inputs = handle.cache.encode(model, inputs)
+    hits = handle.cache.stats["vision_hits"]
+    if hits:
+        _log(args, f"vision features from the cache in {root}")
+    return inputs
 
 
 def _log(args, message: str) -> None:
     if not args.quiet:
         print(message, file=sys.stderr, flush=True)
+
+
+def _report_ssc(args, runs) -> None:
+    """How each SSC ended. Without --quiet the progress reporter has already said it; with
+    --quiet an unconverged SSC is still reported (stderr), a converged one is not."""
+    for run in runs:
+        if run is not None and not run.converged and args.quiet:
+            print(f"videoanchor: warning: {run.message()}", file=sys.stderr, flush=True)
 
 
 def _fmt_s(x: float | None) -> str:
@@ -126,12 +195,13 @@ def _fmt_s(x: float | None) -> str:
 
 def cmd_run(args) -> int:
     kind = _visual_kind(args)
+    _check_args(args, kind)
     check_model(args.model, trust_remote_code=args.trust_remote_code)
     visual = _read_visual(args, kind)
     model, processor, handle = load_vlm(
         args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
     )
-    inputs = _inputs(processor, kind, visual, args.question, model)
+    inputs = _use_cache(args, model, handle, _inputs(processor, kind, visual, args.question, model))
     runs = [("anchored", True)]
     if args.no_anchor:
         runs = [("baseline", False)]
@@ -141,6 +211,9 @@ def cmd_run(args) -> int:
     for label, enabled in runs:
         handle = _configure(handle, args, enabled)
         c = handle.config
+        plan = ssc_plan(model, handle, inputs)
+        if plan is not None:
+            _log(args, plan)
         detail = (
             f"alpha_k={c.alpha_k:g}, alpha_v={c.alpha_v:g}, n_clusters={c.n_clusters}"
             if enabled
@@ -151,6 +224,7 @@ def cmd_run(args) -> int:
             model, processor, inputs, handle,
             max_new_tokens=args.max_new_tokens, progress=not args.quiet,
         )  # fmt: skip
+        _report_ssc(args, timings.ssc_runs)
         results.append((label, detail, answer, timings))
     if len(results) == 1:
         label, detail, answer, t = results[0]
@@ -182,7 +256,14 @@ def cmd_anchors(args) -> int:
     if out.suffix.lower() != ".png":
         raise CLIError(f"--out must be a .png file, got '{args.out}'")
     npz = Path(args.npz) if args.npz else out.with_suffix(".npz")
+    if npz.suffix.lower() != ".npz":
+        raise CLIError(f"--npz must be a .npz file, got '{args.npz}'")
+    if npz.resolve() == out.resolve():
+        raise CLIError("--npz and --out must be different files")
+    _check_writable(out, "--out")
+    _check_writable(npz, "--npz")
     kind = _visual_kind(args)
+    _check_args(args, kind)
     check_model(args.model, trust_remote_code=args.trust_remote_code)
     visual = _read_visual(args, kind)
     model, processor, handle = load_vlm(
@@ -192,10 +273,15 @@ def cmd_anchors(args) -> int:
     question = args.question
     if question is None:
         question = DEFAULT_ANCHOR_QUESTION if kind == "video" else DEFAULT_VIEWS_QUESTION
-    inputs = _inputs(processor, kind, visual, question, model)
+    inputs = _use_cache(args, model, handle, _inputs(processor, kind, visual, question, model))
+    plan = ssc_plan(model, handle, inputs)
+    if plan is not None:
+        _log(args, plan)
     run_prefill(model, inputs, progress=not args.quiet)
     c = handle.config
     res = handle.last_result[0]
+    run = handle.last_ssc_runs[0] if handle.last_ssc_runs else None
+    _report_ssc(args, [run])
     common = dict(
         scores=handle.last_scores.float().cpu().numpy(),
         input_ids=inputs["input_ids"].cpu().numpy(),
@@ -204,21 +290,42 @@ def cmd_anchors(args) -> int:
         n_clusters=np.array(c.n_clusters),
         ssc_iterations=np.array(res.iterations),
         ssc_converged=np.array(res.converged),
+        ssc_residual=np.array(res.residual),
+        ssc_eps=np.array(c.eps),
+        ssc_stopped_by_budget=np.array(bool(run is not None and run.stopped_by_budget)),
         model=np.array(args.model),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     npz.parent.mkdir(parents=True, exist_ok=True)
-    if kind == "video":
-        image, strongest = _draw_video_anchors(args, handle, visual, out, npz, common)
-    else:
-        image, strongest = _draw_view_anchors(args, handle, visual, out, npz, common)
-    print(f"wrote {out} ({image.size[0]}x{image.size[1]}) and {npz}")
+    # Written into a temporary folder beside the output and renamed into place (the .npz
+    # first, the first page last): an interrupted run leaves each file complete or absent,
+    # never a truncated .npz beside a complete PNG.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.stem}.", suffix=".tmp", dir=out.parent))
+    try:
+        more = []
+        if kind == "video":
+            image, strongest, more = _draw_video_anchors(
+                args, handle, visual, tmp / out.name, tmp / npz.name, common
+            )
+        else:
+            image, strongest = _draw_view_anchors(
+                args, handle, visual, tmp / out.name, tmp / npz.name, common
+            )
+        os.replace(tmp / npz.name, npz)
+        more = [str(out.parent / Path(f).name) for f in more]
+        for f in more:
+            os.replace(tmp / Path(f).name, f)
+        os.replace(tmp / out.name, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    pages = f"; {len(more) + 1} pages, also {', '.join(more)}" if more else ""
+    print(f"wrote {out} ({image.size[0]}x{image.size[1]}{pages}) and {npz}")
     _log(args, f"strongest anchors: {strongest}")
     return 0
 
 
 def _draw_video_anchors(args, handle, video, out, npz, common):
-    from videoanchor.visualize import save_anchor_figure
+    from videoanchor.visualize import save_anchor_pages
 
     maps = anchor_token_maps(handle, 0)
     if maps.grid[0] > video.num_frames:
@@ -231,17 +338,22 @@ def _draw_video_anchors(args, handle, video, out, npz, common):
         f"{maps.scores.size} visual tokens on a {'x'.join(map(str, maps.grid))} grid | "
         f"{int(maps.labels.max()) + 1} SSC clusters"
     )
-    image = save_anchor_figure(
-        out,
-        video.frames,
-        maps.scores,
-        labels=None if args.no_clusters else maps.labels,
-        frame_indices=video.indices,
-        timestamps=video.timestamps,
-        title=title,
-        columns=args.columns,
-        tile_width=args.tile_width,
-    )
+    try:
+        pages = save_anchor_pages(
+            out,
+            video.frames,
+            maps.scores,
+            labels=None if args.no_clusters else maps.labels,
+            frame_indices=video.indices,
+            timestamps=video.timestamps,
+            title=title,
+            columns=args.columns,
+            tile_width=args.tile_width,
+            max_height=args.page_height,
+        )
+    except ValueError as err:  # a row wider than the picture allows
+        raise CLIError(_first_line(err)) from err
+    image = pages[0][1]
     np.savez_compressed(
         npz,
         **common,
@@ -259,7 +371,7 @@ def _draw_video_anchors(args, handle, video, out, npz, common):
         f"slice {i // (gh * gw)} row {(i // gw) % gh} col {i % gw} ({maps.scores.ravel()[i]:.2f})"
         for i in top
     )
-    return image, cells
+    return image, cells, [f for f, _ in pages[1:]]
 
 
 def _draw_view_anchors(args, handle, views, out, npz, common):
@@ -425,6 +537,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got '{text}'") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value}")
+    return value
+
+
 def _nonneg_int(text: str) -> int:
     try:
         value = int(text)
@@ -517,6 +639,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default=10000,
         help="ADMM iteration limit of SSC (default 10000, the authors')",
     )
+    a.add_argument(
+        "--ssc-time-budget",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="stop the SSC after about this many seconds at the iterate reached (reported; NOT "
+        "the paper's converged answer). Default: none, run to eps or --ssc-max-iter",
+    )
     a.add_argument("--seed", type=int, default=0, help="seed of the spectral clustering")
     a.add_argument(
         "--label-draws",
@@ -525,11 +655,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="label draws from one spectral embedding, cluster shares averaged: scores that "
         "depend less on the seed (default 1, the paper's single draw)",
     )
+    c = p.add_argument_group("cache (vision features, SSC and labels, reused by later runs)")
+    c.add_argument("--cache-dir", default=None,
+                   help="cache directory (default $VIDEOANCHOR_CACHE or ~/.cache/videoanchor)")  # fmt: skip
+    c.add_argument("--no-cache", action="store_true",
+                   help="run the vision encoder and SSC afresh and store nothing")  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``videoanchor`` argument parser, with its ``run``, ``anchors`` and ``bench`` commands."""
     fmt = argparse.HelpFormatter
     parser = argparse.ArgumentParser(
         prog="videoanchor",
@@ -602,11 +738,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--columns",
         type=_positive_int,
         default=None,
-        help="frames per row (default min(frames, 4))",
+        help="frames per row (default min(frames, 4); 8 beyond 16 frames)",
+    )
+    anchors.add_argument(
+        "--page-height",
+        type=_positive_int,
+        default=2400,
+        metavar="PIXELS",
+        help="split a long video's picture into pages (PNG files) of at most this height, "
+        "each with its own colour bar: OUT.png, OUT-p2.png, ... (default 2400)",
     )
     anchors.add_argument("--tile-width", type=_positive_int, default=240,
                          help="width of one frame in the picture, in pixels (default 240)")  # fmt: skip
     anchors.set_defaults(func=cmd_anchors)
+
+    from videoanchor import tune as _tune
+
+    tune = sub.add_parser(
+        "tune",
+        help="sweep alpha_K x alpha_V x n_clusters on a dev set (vision encoder and SSC once)",
+        description="Answer a JSONL dev set unanchored and under every alpha_K x alpha_V x "
+        "n_clusters setting. The vision encoder and SSC run once per item, the labels once per "
+        "item and cluster count, the language model once per setting (settings share a "
+        "batch); all of it is cached on disk. Writes results.json (accuracy, paired delta and "
+        "its bootstrap interval per setting), summary.json and one heat map per cluster count.",
+        formatter_class=fmt,
+    )
+    _tune.add_arguments(tune)
+    tune.set_defaults(func=_tune.run_tune)
 
     bench = sub.add_parser(
         "bench",
@@ -642,8 +801,24 @@ def main(argv: list[str] | None = None) -> int:
     bars_were_on = hf_logging.is_progress_bar_enabled()
     if getattr(args, "quiet", False):
         hf_logging.disable_progress_bar()
+    import logging
+    import warnings
+
+    from videoanchor.anchor.progress import SSCConvergenceWarning
+
+    # SSC progress lines (when stderr is not a terminal) and the outcome of every SSC run
+    progress_log = logging.getLogger("videoanchor.progress")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("videoanchor: %(message)s"))
+    level = progress_log.level
+    if not getattr(args, "quiet", False):
+        progress_log.addHandler(handler)
+        progress_log.setLevel(logging.INFO)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            # the command reports how SSC ended itself (_report_ssc / the progress reporter)
+            warnings.simplefilter("ignore", SSCConvergenceWarning)
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("videoanchor: interrupted", file=sys.stderr)
         return 130
@@ -659,6 +834,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"videoanchor {args.command}: error: {message}", file=sys.stderr)
         return 1
     finally:
+        progress_log.removeHandler(handler)
+        progress_log.setLevel(level)
         if bars_were_on:
             hf_logging.enable_progress_bar()
 

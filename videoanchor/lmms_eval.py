@@ -18,7 +18,10 @@ Model arguments (``--model_args k=v,...``): ``pretrained``; ``anchor`` (True: Vi
 False: the same model with plain attention); ``alpha_q``, ``alpha_k``, ``alpha_v`` (default:
 the family's values in the registry); ``n_clusters`` (24); ``decode`` ("prefill", the paper,
 or "all"); ``pca_rank`` (0); ``ssc_max_iter`` (10000); ``label_draws`` (1, the paper's
-single label draw; R > 1 averages R draws for seed-stable scores); ``max_num_frames``
+single label draw; R > 1 averages R draws for seed-stable scores); ``ssc_time_budget``
+(seconds per SSC run, default none: SSC runs to eps or the limit; a budget stops it at the
+iterate reached, which is NOT the paper's answer); ``ssc_progress`` ("auto", True, False:
+a bar on a terminal or log lines, for SSC runs longer than 5 s); ``max_num_frames``
 (16, sampled uniformly over the whole video, first and last frame included);
 ``max_new_tokens`` (default: the task's); ``min_pixels``/``max_pixels`` (Qwen families: the per-frame pixel range of the
 video processor); ``device`` ("auto"), ``dtype`` ("auto": bfloat16 on CUDA);
@@ -26,6 +29,10 @@ video processor); ``device`` ("auto"), ``dtype`` ("auto": bfloat16 on CUDA);
 with the same kind of visual input and the same ``max_new_tokens`` are answered in one
 left-padded ``generate`` call; SSC runs per sample, so the answers are those of
 ``batch_size=1``).
+
+An SSC that stops before eps (iteration limit or time budget) is reported: a warning at the
+first such request, and at the end of ``generate_until`` how many requests it hit with the
+largest residual reached (``ssc_unconverged`` counts them over the wrapper's life).
 
 Documents may hold one video (a file path: VSI-Bench, Video-MME) or a list of images (PIL
 images, arrays or image files: SPAR-Bench's views); the images of one document are one
@@ -187,6 +194,8 @@ class VideoAnchorLMMCore:
         decode: str = "prefill",
         pca_rank=0,
         ssc_max_iter=10000,
+        ssc_time_budget=None,
+        ssc_progress="auto",
         label_draws=1,
         max_num_frames=16,
         max_new_tokens=None,
@@ -197,6 +206,8 @@ class VideoAnchorLMMCore:
         trust_remote_code=False,
         batch_size=1,
         max_batch_size=None,
+        cache=True,
+        cache_dir=None,
         **kwargs,
     ) -> None:
         super().__init__()
@@ -204,8 +215,9 @@ class VideoAnchorLMMCore:
             raise TypeError(
                 f"unexpected model_args {sorted(kwargs)}; expected some of: pretrained, anchor, "
                 "alpha_q, alpha_k, alpha_v, n_clusters, decode, pca_rank, ssc_max_iter, "
-                "label_draws, max_num_frames, max_new_tokens, min_pixels, max_pixels, device, "
-                "dtype, trust_remote_code, batch_size"
+                "ssc_time_budget, ssc_progress, label_draws, max_num_frames, max_new_tokens, "
+                "min_pixels, max_pixels, device, dtype, trust_remote_code, batch_size, cache, "
+                "cache_dir"
             )
         if not hasattr(self, "task_dict"):
             self.task_dict = {}
@@ -226,7 +238,37 @@ class VideoAnchorLMMCore:
         )
         trust_remote_code = _as_bool(trust_remote_code, "trust_remote_code")
 
-        from videoanchor.pipeline import PipelineError, check_model, load_vlm
+        from videoanchor.integrations.transformers.anchoring import check_options
+        from videoanchor.pipeline import PipelineError, check_load_options, check_model, load_vlm
+
+        # Every option is checked here, before the config or the weights are read.
+        opts = {
+            "enabled": self.anchor,
+            "n_clusters": _as_int(n_clusters, "n_clusters", 1),
+            "decode": decode,
+            "pca_rank": _as_int(pca_rank, "pca_rank", 0),
+            "max_iter": _as_int(ssc_max_iter, "ssc_max_iter", 1),
+            "label_draws": _as_int(label_draws, "label_draws", 1),
+            "ssc_time_budget": _as_float(ssc_time_budget, "ssc_time_budget"),
+            "ssc_progress": ssc_progress if ssc_progress == "auto" else _as_bool(
+                ssc_progress, "ssc_progress"
+            ),
+        }
+        for name, value in (("alpha_q", alpha_q), ("alpha_k", alpha_k), ("alpha_v", alpha_v)):
+            value = _as_float(value, name)
+            if value is not None:
+                opts[name] = value
+        check_options(**opts)
+        pixel_range = {}
+        if min_pixels is not None:
+            pixel_range["shortest_edge"] = _as_int(min_pixels, "min_pixels", 1)
+        if max_pixels is not None:
+            pixel_range["longest_edge"] = _as_int(max_pixels, "max_pixels", 1)
+        load_device = _rank_device(device, self._local_rank, self._world_size, _cuda_available())
+        try:
+            check_load_options(load_device, dtype)
+        except PipelineError as err:
+            raise ValueError(str(err)) from err
 
         try:
             config = check_model(pretrained, trust_remote_code=trust_remote_code)
@@ -245,16 +287,11 @@ class VideoAnchorLMMCore:
                     f"min_pixels/max_pixels: only the Qwen families take a pixel range, "
                     f"this is {self.family!r}"
                 )
-            size = {}
-            if min_pixels is not None:
-                size["shortest_edge"] = _as_int(min_pixels, "min_pixels", 1)
-            if max_pixels is not None:
-                size["longest_edge"] = _as_int(max_pixels, "max_pixels", 1)
-            self.processor_kwargs["size"] = size
+            self.processor_kwargs["size"] = pixel_range
         try:
             self.model, self.processor, handle = load_vlm(
                 pretrained,
-                device=_rank_device(device, self._local_rank, self._world_size, _cuda_available()),
+                device=load_device,
                 dtype=dtype,
                 trust_remote_code=trust_remote_code,
             )
@@ -263,37 +300,43 @@ class VideoAnchorLMMCore:
 
         import videoanchor
 
-        opts = {
-            "enabled": self.anchor,
-            "n_clusters": _as_int(n_clusters, "n_clusters", 1),
-            "decode": decode,
-            "pca_rank": _as_int(pca_rank, "pca_rank", 0),
-            "max_iter": _as_int(ssc_max_iter, "ssc_max_iter", 1),
-            "label_draws": _as_int(label_draws, "label_draws", 1),
-        }
-        for name, value in (("alpha_q", alpha_q), ("alpha_k", alpha_k), ("alpha_v", alpha_v)):
-            value = _as_float(value, name)
-            if value is not None:
-                opts[name] = value
         self.handle = videoanchor.configure(self.model, **opts)
+        # Vision features, SSC and labels on disk: a re-run with other alphas skips them.
+        self.cache = None
+        if _as_bool(cache, "cache"):
+            from videoanchor.integrations.transformers.cache import (
+                AnchorCache,
+                default_cache_dir,
+                model_fingerprint,
+            )
+
+            root = cache_dir or default_cache_dir()
+            self.cache = AnchorCache(root, model_key=model_fingerprint(self.model))
+            self.handle.cache = self.cache
         self.pretrained = pretrained
         self._warned: set[str] = set()
+        self.ssc_unconverged = 0  # requests whose SSC stopped before eps
+        self._unconverged_now: list = []
 
     # lmms-eval reads these
     @property
     def rank(self):
+        """This process's rank (from ``RANK``; 0 without a launcher)."""
         return self._rank
 
     @property
     def world_size(self):
+        """Number of evaluation processes (from ``WORLD_SIZE``; 1 without a launcher)."""
         return self._world_size
 
     @property
     def batch_size(self):
+        """Requests answered per ``generate`` call (lmms-eval's ``--batch_size``)."""
         return self._batch_size
 
     @property
     def device(self):
+        """The device of the model's parameters."""
         return self.model.device
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -377,14 +420,36 @@ class VideoAnchorLMMCore:
             videos = [
                 read_video_frames(path, self.max_num_frames, progress=False) for _, path in visuals
             ]
-            inputs = video_batch_inputs(self.processor, videos, list(contexts), **opts)
+            build, samples = video_batch_inputs, videos
         else:
-            views = [v for _, v in visuals]
-            inputs = image_batch_inputs(self.processor, views, list(contexts), **opts)
-        answers, _ = generate_answers(
-            self.model, self.processor, inputs, self.handle,
-            max_new_tokens=max_new_tokens, progress=False,
-        )  # fmt: skip
+            build, samples = image_batch_inputs, [v for _, v in visuals]
+        if self.cache is None:
+            inputs = build(self.processor, samples, list(contexts), **opts)
+        else:  # each prompt's vision features from the cache, then one left-padded batch
+            from videoanchor.integrations.transformers.cache import batch_prompts
+
+            inputs = batch_prompts(
+                [self.cache.encode(self.model, build(self.processor, [s], [c], **opts))
+                 for s, c in zip(samples, contexts, strict=True)],
+                self.processor.tokenizer.pad_token_id,
+            )  # fmt: skip
+        from videoanchor.anchor.progress import SSCConvergenceWarning
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SSCConvergenceWarning)  # reported below, once
+            answers, timings = generate_answers(
+                self.model, self.processor, inputs, self.handle,
+                max_new_tokens=max_new_tokens, progress=False,
+            )  # fmt: skip
+        bad = [r for r in timings.ssc_runs if r is not None and not r.converged]
+        if bad:
+            self.ssc_unconverged += len(bad)
+            self._unconverged_now += bad
+            self._warn_once(
+                "ssc-unconverged",
+                f"videoanchor lmms-eval wrapper: {bad[0].message()} (further requests are "
+                "counted and summarised at the end)",
+            )
         return answers
 
     def answer(self, context: str, video_path: str, gen_kwargs: dict | None = None) -> str:
@@ -415,6 +480,7 @@ class VideoAnchorLMMCore:
             key = (visual[0], self._max_new_tokens(gen_kwargs))
             parsed.append((context, gen_kwargs, visual, key))
         out: list[str] = []
+        self._unconverged_now = []
         bar = tqdm(total=len(parsed), desc="videoanchor", disable=self.rank != 0)
         start = 0
         while start < len(parsed):
@@ -438,15 +504,29 @@ class VideoAnchorLMMCore:
             bar.update(len(chunk))
             start = stop
         bar.close()
+        if self._unconverged_now:
+            runs = self._unconverged_now
+            worst = max(runs, key=lambda r: r.residual / max(r.eps, 1e-300))
+            budget = sum(r.stopped_by_budget for r in runs)
+            warnings.warn(
+                f"videoanchor lmms-eval wrapper: SSC stopped before eps on {len(runs)} of "
+                f"{len(parsed)} requests ({budget} by the time budget, {len(runs) - budget} at "
+                f"the iteration limit max_iter={worst.max_iter}); largest residual "
+                f"{worst.residual:.3g} vs eps {worst.eps:.3g}. Their scores are not the "
+                "paper's converged ones; raise ssc_max_iter (or drop ssc_time_budget)",
+                stacklevel=2,
+            )
         return out
 
     def loglikelihood(self, requests):
+        """Not implemented: raises NotImplementedError (the paper's benchmarks generate)."""
         raise NotImplementedError(
             "videoanchor lmms-eval wrapper: loglikelihood is not implemented (VSI-Bench and the "
             "paper's benchmarks use generate_until)"
         )
 
     def generate_until_multi_round(self, requests):
+        """Not implemented: raises NotImplementedError."""
         raise NotImplementedError(
             "videoanchor lmms-eval wrapper: multi-round generation is not implemented"
         )

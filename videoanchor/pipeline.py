@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,6 +25,7 @@ __all__ = [
     "TokenMaps",
     "anchor_token_maps",
     "anchor_view_maps",
+    "check_load_options",
     "check_model",
     "generate_answer",
     "generate_answers",
@@ -33,6 +34,7 @@ __all__ = [
     "load_vlm",
     "read_images",
     "run_prefill",
+    "ssc_plan",
     "video_batch_inputs",
     "video_inputs",
 ]
@@ -140,13 +142,37 @@ def _resolve_device(device: str) -> str:
     return device
 
 
+LOAD_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
 def _resolve_dtype(dtype: str, device: str):
     import torch
 
+    if not isinstance(dtype, str) or dtype not in LOAD_DTYPES:
+        raise PipelineError(
+            f"dtype: expected one of {', '.join(LOAD_DTYPES)}, got {dtype!r}; try dtype=auto "
+            "(bfloat16 on CUDA, float32 on CPU)"
+        )
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     table = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     return table[dtype]
+
+
+def check_load_options(device: str = "auto", dtype: str = "auto"):
+    """Check ``load_vlm``'s device and dtype without loading anything; returns the resolved
+    ``(device, torch dtype)``. Raises PipelineError (one line). Callers run it before
+    any slow step (reading a video, loading weights)."""
+    if not isinstance(device, str) or not device:
+        raise PipelineError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    import re
+
+    if device != "auto" and not re.fullmatch(r"(cpu|cuda|xpu|mps)(:\d+)?", device):
+        raise PipelineError(
+            f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}; try device=auto"
+        )
+    resolved = _resolve_device(device)
+    return resolved, _resolve_dtype(dtype, resolved)
 
 
 def check_model(model_name: str, *, trust_remote_code: bool = False):
@@ -190,9 +216,8 @@ def load_vlm(
 
     register()  # idempotent; importing the package root does it too
 
+    device, torch_dtype = check_load_options(device, dtype)
     check_model(model_name, trust_remote_code=trust_remote_code)
-    device = _resolve_device(device)
-    torch_dtype = _resolve_dtype(dtype, device)
     try:
         model = transformers.AutoModelForImageTextToText.from_pretrained(
             model_name,
@@ -413,15 +438,25 @@ class GenerationTimings:
     prefill_s: until the first new token (vision encoder, SSC when anchored, LLM prefill).
     ssc_s: SSC and scores inside the prefill (from the SSC results), None when unanchored.
     decode_s: the remaining tokens. new_tokens: tokens generated.
+    ssc_runs: per sample, how its SSC ended (:class:`~videoanchor.anchor.progress.SSCRunSummary`:
+    converged, iterations, residual vs eps, stopped by a time budget), empty when unanchored.
     """
 
     prefill_s: float
     ssc_s: float | None
     decode_s: float
     new_tokens: int
+    ssc_runs: list = field(default_factory=list)
+
+    @property
+    def ssc_converged(self) -> bool | None:
+        """True when every sample's SSC converged, None when no SSC ran."""
+        runs = [r for r in self.ssc_runs if r is not None]
+        return all(r.converged for r in runs) if runs else None
 
     @property
     def tokens_per_s(self) -> float | None:
+        """Decode speed, ``(new_tokens - 1) / decode_s``; None with fewer than 2 new tokens."""
         steps = self.new_tokens - 1
         return steps / self.decode_s if steps > 0 and self.decode_s > 0 else None
 
@@ -475,14 +510,16 @@ def generate_answers(model, processor, inputs, handle, *, max_new_tokens=128, pr
         a.strip() for a in processor.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
     ]
     t_first = streamer.t_first if streamer.t_first is not None else t_end
-    ssc = None
+    ssc, runs = None, []
     if handle is not None and handle.config.enabled and handle.last_anchored:
         ssc = sum(float(r.timings.get("total", 0.0)) for r in handle.last_result if r is not None)
+        runs = list(handle.last_ssc_runs)
     timings = GenerationTimings(
         prefill_s=t_first - streamer.t_start,
         ssc_s=ssc,
         decode_s=t_end - t_first,
         new_tokens=int(out.shape[1] - prompt_len),
+        ssc_runs=runs,
     )
     return answers, timings
 
@@ -494,6 +531,50 @@ def run_prefill(model, inputs, *, progress: bool = True) -> None:
 
     with _Ticker("prefill (vision encoder, SSC)", progress), torch.inference_mode():
         model(**inputs, use_cache=False)
+
+
+def ssc_plan(model, handle, inputs) -> str | None:
+    """One line on the SSC a prefill of ``inputs`` will run, before it runs: visual tokens
+    per sample, the solver the memory rule picks, its memory need against the budget, the
+    iteration limit and the time budget. None when anchoring is off or no token is scored."""
+    from videoanchor.anchor import _inputs
+    from videoanchor.anchor.scores import SCALABLE_THRESHOLD
+    from videoanchor.anchor.ssc import admm_bytes, choose_strategy
+
+    cfg = handle.config
+    if not cfg.enabled:
+        return None
+    ids = handle.family.token_ids(model.config, cfg.tokens)
+    input_ids = inputs.get("input_ids")
+    if not ids or input_ids is None:
+        return None
+    is_visual = sum((input_ids == i) for i in ids.values()).bool()
+    counts = [int(c) for c in is_visual.sum(dim=1).tolist()]
+    n = max(counts)
+    if n < 3:
+        return None
+    text_cfg = getattr(model.config, "text_config", model.config)
+    d = int(getattr(text_cfg, "hidden_size", 0)) or 1
+    if cfg.pca_rank:
+        d = min(d, cfg.pca_rank)
+    device = model.device
+    need = admm_bytes(n, d, 4, choose_strategy(n, d, True, device.type))
+    budget = _inputs.free_memory_bytes(device)
+    dense = n <= SCALABLE_THRESHOLD and (budget is None or need <= budget)
+    room = "unknown" if budget is None else _inputs._fmt_bytes(budget)
+    solver = (
+        f"dense exact (needs ~{_inputs._fmt_bytes(need)}, budget {room})"
+        if dense
+        else f"column-blocked exact (dense would need ~{_inputs._fmt_bytes(need)}, budget {room})"
+    )
+    tokens = "/".join(str(c) for c in counts)
+    line = (
+        f"SSC plan: {tokens} visual tokens x {d} features on {device}, {solver}, "
+        f"iteration limit {cfg.max_iter}, eps {cfg.eps:g}"
+    )
+    if cfg.ssc_time_budget is not None:
+        line += f", time budget {cfg.ssc_time_budget:g} s (stops unconverged when it runs out)"
+    return line + "; seconds per iteration are measured on its first iterations"
 
 
 @dataclass

@@ -9,6 +9,7 @@ is imported on first use, so the rest of the package does not need it.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +48,7 @@ class SampledVideo:
 
     @property
     def num_frames(self) -> int:
+        """T, the number of sampled frames."""
         return int(self.frames.shape[0])
 
 
@@ -166,9 +168,14 @@ def _decode_selected(av, path: str, wanted: np.ndarray, progress: bool):
 
 
 def read_video_frames(
-    path: str | os.PathLike, num_frames: int, *, progress: bool = True
+    path: str | os.PathLike, num_frames: int, *, progress: bool = True, repeat: bool = False
 ) -> SampledVideo:
     """Decode `num_frames` frames spread uniformly over the video at `path`.
+
+    A video with fewer frames than `num_frames` gives each of its frames once (a
+    `UserWarning` says how many), never the same frame twice: repeated frames are
+    identical visual tokens, which carry no information for the anchors. `repeat=True`
+    keeps the old rule (exactly `num_frames` frames, some repeated; warned too).
 
     Raises FileNotFoundError when `path` does not exist and VideoReadError (a ValueError)
     when it cannot be decoded as video. A progress bar appears when decoding takes longer
@@ -185,11 +192,15 @@ def read_video_frames(
         raise TypeError(f"num_frames must be an int, got {type(num_frames).__name__}")
     if num_frames < 1:
         raise ValueError(f"expected num_frames >= 1, got {num_frames}")
+    if not isinstance(repeat, bool):
+        raise TypeError(f"repeat: expected True or False, got {repeat!r}")
+    asked = int(num_frames)
 
     av = _import_av()
     total = _count_frames(av, path)
     if total < 1:
         raise VideoReadError(f"cannot read video '{path}': the video stream has no frames")
+    num_frames = asked if repeat else min(asked, total)
     indices = uniform_frame_indices(total, num_frames)
     kept, times, decoded, fps = _decode_selected(av, path, np.unique(indices), progress)
     if decoded == 0:
@@ -198,6 +209,7 @@ def read_video_frames(
         # The header over-counted (common for variable-frame-rate files): the stream ended
         # at `decoded` frames. Sample again over what is really there.
         total = decoded
+        num_frames = asked if repeat else min(asked, total)
         indices = uniform_frame_indices(total, num_frames)
         kept, times, decoded, fps = _decode_selected(av, path, np.unique(indices), progress)
         if len(kept) < len(np.unique(indices)):
@@ -205,6 +217,16 @@ def read_video_frames(
                 f"cannot read video '{path}': the stream ended after {decoded} frames while "
                 f"frame {int(indices.max())} was expected"
             )
+    if asked > total:
+        warnings.warn(
+            f"video '{path}' has {total} frames, fewer than the {asked} asked for: "
+            + (
+                f"{asked} frames sampled, some repeated (repeat=True)"
+                if repeat
+                else f"using each of its {total} frames once"
+            ),
+            stacklevel=2,
+        )
     frames = np.stack([kept[int(i)] for i in indices])
     timestamps = np.array([times[int(i)] for i in indices], dtype=np.float64)
     return SampledVideo(

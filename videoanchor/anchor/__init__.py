@@ -7,19 +7,24 @@ from videoanchor.anchor._inputs import SSCMemoryError
 from videoanchor.anchor.blocked import solve_ssc_blocked
 from videoanchor.anchor.scores import (
     AnchorResult,
+    SSCCoefficients,
     SSCResult,
+    anchor_result_from_coefficients,
     anchor_scores,
     compute_anchor_scores,
     pca_reduce,
     sparse_subspace_clustering,
+    ssc_coefficients,
 )
 from videoanchor.anchor.spectral import spectral_clustering, ssc_affinity
 from videoanchor.anchor.ssc import solve_ssc_admm, ssc_lambdas
 
 __all__ = [
     "AnchorResult",
+    "SSCCoefficients",
     "SSCResult",
     "SSCMemoryError",
+    "anchor_result_from_coefficients",
     "anchor_scores",
     "compute_anchor_scores",
     "pca_reduce",
@@ -28,5 +33,6 @@ __all__ = [
     "sparse_subspace_clustering",
     "spectral_clustering",
     "ssc_affinity",
+    "ssc_coefficients",
     "ssc_lambdas",
 ]

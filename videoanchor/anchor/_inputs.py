@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -57,22 +60,94 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "float64": torch.float64}.get(dtype, dtype)
     if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype: expected torch.float32 or torch.float64, got {dtype!r}")
+        raise ValueError(
+            f"dtype: expected torch.float32 or torch.float64, got {dtype!r}; SSC's ADMM needs "
+            "at least float32 (try dtype=None, float32)"
+        )
     return dtype
 
 
-def free_memory_bytes(device: torch.device) -> int | None:
-    """Free memory on ``device`` in bytes, or None when it cannot be measured."""
+# The memory rule (docs/long-videos.md). The SSC may use MEMORY_FRACTION of the memory the
+# device has available when the check runs:
+# * CPU: ``MemAvailable`` of /proc/meminfo (the kernel's estimate of what new allocations can
+#   get without swapping: free pages plus reclaimable page cache), lowered to the cgroup v2
+#   limit left (``memory.max - memory.current + inactive_file``) when a limit is set; where
+#   /proc/meminfo does not exist (macOS, Windows), no check is made;
+# * CUDA: ``torch.cuda.mem_get_info`` free bytes plus what PyTorch's allocator holds
+#   reserved but unallocated (it is reused before new memory is asked of the driver).
+# The fraction leaves room for the rest of the process (model, activations, allocator
+# fragmentation). One reading, one rule: the same reading always gives the same decision.
+MEMORY_FRACTION = 0.9
+
+
+@dataclass(frozen=True)
+class MemoryReading:
+    """Memory available on a device: ``available`` bytes and where it was read (``source``)."""
+
+    available: int
+    source: str
+
+    @property
+    def budget(self) -> int:
+        """Bytes the SSC may use: ``MEMORY_FRACTION`` of ``available``."""
+        return int(self.available * MEMORY_FRACTION)
+
+
+def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the kernel reports kB (KiB)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cgroup_available(root: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes left under a cgroup v2 memory limit, reclaimable file cache counted as free."""
+    try:
+        with open(os.path.join(root, "memory.max")) as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None
+        with open(os.path.join(root, "memory.current")) as f:
+            current = int(f.read().strip())
+        inactive = 0
+        with open(os.path.join(root, "memory.stat")) as f:
+            for line in f:
+                if line.startswith("inactive_file "):
+                    inactive = int(line.split()[1])
+        return max(0, int(limit) - current + inactive)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def read_available_memory(device: torch.device) -> MemoryReading | None:
+    """What ``device`` has available now (see the memory rule above), or None when unknown."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        # memory cached by PyTorch's allocator is free for our purposes too
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return MemoryReading(int(free + cached), "torch.cuda.mem_get_info + PyTorch's cache")
     if device.type == "cpu":
-        try:
-            return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-        except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        avail = _meminfo_available()
+        if avail is None:
             return None
+        cg = _cgroup_available()
+        if cg is not None and cg < avail:
+            return MemoryReading(cg, "cgroup memory.max - memory.current + inactive_file")
+        return MemoryReading(avail, "MemAvailable in /proc/meminfo")
     return None
+
+
+_LAST_READING: dict[str, MemoryReading | None] = {}
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Bytes the SSC may use on ``device`` (the memory rule's budget), or None when unknown."""
+    reading = read_available_memory(device)
+    _LAST_READING[device.type] = reading  # for check_memory's message
+    return None if reading is None else reading.budget
 
 
 def _fmt_bytes(n: float) -> str:
@@ -84,14 +159,311 @@ def _fmt_bytes(n: float) -> str:
 
 
 def check_memory(required: int, device: torch.device, *, n: int, d: int, what: str) -> None:
-    """Raise ``SSCMemoryError`` when ``required`` bytes exceed the free memory of ``device``."""
-    free = free_memory_bytes(device)
-    if free is None or required <= free:
+    """Raise ``SSCMemoryError`` when ``required`` bytes exceed the memory rule's budget on
+    ``device`` (``MEMORY_FRACTION`` of the available memory; no check when unknown)."""
+    budget = free_memory_bytes(device)
+    if budget is None or required <= budget:
         return
+    reading = _LAST_READING.get(device.type)
+    if reading is not None and reading.budget == budget:
+        room = (
+            f"{_fmt_bytes(reading.available)} is available ({reading.source}) and the SSC may "
+            f"use {MEMORY_FRACTION:.0%} of it, {_fmt_bytes(budget)}"
+        )
+    else:
+        room = f"the SSC may use {_fmt_bytes(budget)}"
+    if device.type == "cuda":
+        where = (
+            "run on the CPU (features.cpu()) if it has more memory, free GPU memory first "
+            "(torch.cuda.empty_cache(), other processes)"
+        )
+    else:
+        where = "close other programs or use a machine (or a GPU) with more memory"
     raise SSCMemoryError(
         f"{what} with N = {n} tokens and D = {d} features needs about {_fmt_bytes(required)} "
-        f"on {device}, but only {_fmt_bytes(free)} is free. Options: reduce the feature "
-        f"dimension with pca_rank=..., use fewer frames (fewer tokens; memory grows as N^2), "
-        f"run on the CPU (features.cpu()), use mode='blocked' (exact, no N x N buffer; "
-        f"smaller block_columns=...) or mode='scalable' (an approximation)."
+        f"on {device}, but {room}. Options: use mode='blocked' (exact, no N x N "
+        f"buffer; smaller block_columns=...), use fewer frames (fewer tokens; memory grows "
+        f"as N^2), reduce the feature dimension with pca_rank=..., {where}, or "
+        f"mode='scalable' (an approximation)."
     )
+
+
+# ---- options of the SSC entry points: checked once, before any work ----------------------
+
+SSC_BACKENDS = ("auto", "torch", "cupy")
+SSC_SOLVERS = ("auto", "faithful", "accelerated")
+SSC_MODES = ("auto", "exact", "blocked", "scalable")
+EIGEN_SOLVERS = {  # per mode: what the spectral step of that mode can run
+    "exact": ("auto", "eigh", "krylov"),
+    "auto": ("auto",),
+    "blocked": ("auto", "subspace"),
+    "scalable": ("auto",),
+}
+DEFAULT_CANDIDATES = 32
+
+
+def _is_int(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
+
+
+def check_int(name: str, value, minimum: int, hint: str = "") -> int:
+    """``value`` as an int >= ``minimum``: TypeError for a non-int (a float, even a whole
+    one, or inf), ValueError below the minimum."""
+    if not _is_int(value):
+        raise TypeError(
+            f"{name}: expected an int >= {minimum}, got {value!r} ({type(value).__name__})"
+            + (f"; try {hint}" if hint else "")
+        )
+    if value < minimum:
+        raise ValueError(
+            f"{name}: expected an int >= {minimum}, got {value}" + (f"; try {hint}" if hint else "")
+        )
+    return int(value)
+
+
+def check_number(name: str, value, *, positive: bool, hint: str = "") -> float:
+    """``value`` as a finite float, > 0 (``positive``) or >= 0: TypeError for a non-number,
+    ValueError for NaN, inf or the wrong sign."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a finite number, got {type(value).__name__}")
+    v = float(value)
+    ok = math.isfinite(v) and (v > 0 if positive else v >= 0)
+    if not ok:
+        want = "a positive finite number" if positive else "a finite number >= 0"
+        raise ValueError(f"{name}: expected {want}, got {value!r}" + (f"; try {hint}" if hint else ""))
+    return v
+
+
+def check_choice(name: str, value, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_flag(name: str, value) -> bool:
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if not (isinstance(value, bool) or numpy_bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return bool(value)
+
+
+def check_progress(value):
+    """The ``progress=`` option: True, False, None or "auto" (a bar on a terminal, log lines
+    otherwise), or an :class:`~videoanchor.anchor.progress.SSCProgress`; returned as given."""
+    from videoanchor.anchor.progress import SSCProgress
+
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return value
+    if isinstance(value, (bool, SSCProgress)) or numpy_bool:
+        return bool(value) if numpy_bool else value
+    raise TypeError(
+        f"progress: expected True, False, None, 'auto' or an SSCProgress, got {value!r}"
+    )
+
+
+def resolve_seed(seed) -> int:
+    """An int seed in [0, 2**32 - 1]; ``None`` draws one from NumPy's global generator, as
+    scikit-learn's ``random_state=None`` does (so ``numpy.random.seed`` makes it repeatable)."""
+    if seed is None:
+        return int(np.random.randint(0, 2**31 - 1))
+    if not _is_int(seed):
+        raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+    if not 0 <= seed <= 2**32 - 1:
+        raise ValueError(f"seed: expected an int in [0, 2**32 - 1] or None, got {seed}")
+    return int(seed)
+
+
+def check_ssc_options(
+    *,
+    n_clusters,
+    alpha_e,
+    alpha_z,
+    rho,
+    eps,
+    max_iter,
+    pca_rank,
+    seed,
+    label_draws,
+    backend,
+    solver,
+    eigen_solver,
+    dtype,
+    progress,
+    mode="exact",
+    candidates=DEFAULT_CANDIDATES,
+    block_columns=None,
+    block_eps="own",
+) -> dict:
+    """Every option of ``compute_anchor_scores`` / ``sparse_subspace_clustering``, checked
+    before any work (the features are checked by :func:`as_feature_tensor`). Returns them
+    normalised (``seed=None`` resolved). Raises TypeError / ValueError of the form
+    "expected X, got Y"; an option the chosen ``mode`` would ignore is a ValueError."""
+    mode = check_choice("mode", mode, SSC_MODES)
+    out = dict(
+        n_clusters=check_int("n_clusters", n_clusters, 1),
+        alpha_e=check_number("alpha_e", alpha_e, positive=True, hint="the authors' 800"),
+        alpha_z=check_number("alpha_z", alpha_z, positive=True, hint="the authors' 800"),
+        rho=check_number("rho", rho, positive=True, hint="the authors' 300"),
+        eps=check_number("eps", eps, positive=False, hint="2e-4 (0: run max_iter iterations)"),
+        max_iter=check_int("max_iter", max_iter, 1, hint="max_iter=10000"),
+        pca_rank=check_int("pca_rank", pca_rank, 0, hint="0 (no PCA)"),
+        seed=resolve_seed(seed),
+        label_draws=check_int("label_draws", label_draws, 1),
+        backend=check_choice("backend", backend, SSC_BACKENDS),
+        solver=check_choice("solver", solver, SSC_SOLVERS),
+        progress=check_progress(progress),
+        mode=mode,
+    )
+    if not isinstance(eigen_solver, str) or eigen_solver not in (
+        "auto", "eigh", "krylov", "subspace"
+    ):  # fmt: skip
+        raise ValueError(
+            f"eigen_solver: expected one of ('auto', 'eigh', 'krylov', 'subspace'), got "
+            f"{eigen_solver!r}"
+        )
+    if eigen_solver not in EIGEN_SOLVERS[mode]:
+        raise ValueError(
+            f"mode={mode!r}: expected eigen_solver in {EIGEN_SOLVERS[mode]}, got "
+            f"{eigen_solver!r}; try eigen_solver='auto'"
+        )
+    out["eigen_solver"] = eigen_solver
+    if dtype is not None and not isinstance(dtype, (str, torch.dtype)):
+        raise TypeError(
+            f"dtype: expected None, torch.float32 or torch.float64, got {type(dtype).__name__}"
+        )
+    out["dtype"] = resolve_dtype(dtype, torch.device("cpu"))
+    if mode == "scalable":
+        if backend == "cupy":
+            raise ValueError("mode='scalable': expected backend 'auto' or 'torch', got 'cupy'")
+        if solver != "auto":
+            raise ValueError(
+                f"mode='scalable' runs its own batched solver; expected solver='auto', got "
+                f"{solver!r}"
+            )
+    if mode == "blocked":
+        if backend == "cupy":
+            raise ValueError("mode='blocked': expected backend 'auto' or 'torch', got 'cupy'")
+        if solver == "accelerated":
+            raise ValueError(
+                "mode='blocked' runs the authors' iteration only; expected solver 'auto' or "
+                "'faithful', got 'accelerated'"
+            )
+    out["candidates"] = check_int("candidates", candidates, 1)
+    if mode != "scalable" and out["candidates"] != DEFAULT_CANDIDATES:
+        raise ValueError(
+            f"candidates: applies to mode='scalable' only, got candidates={candidates} with "
+            f"mode={mode!r}; try mode='scalable'"
+        )
+    if block_columns is not None:
+        block_columns = check_int("block_columns", block_columns, 1)
+        if mode not in ("blocked", "auto"):
+            raise ValueError(
+                f"block_columns: applies to mode='blocked' (or 'auto') only, got mode={mode!r}"
+            )
+    out["block_columns"] = block_columns
+    out["block_eps"] = check_choice("block_eps", block_eps, ("own", "share"))
+    if block_eps != "own" and mode not in ("blocked", "auto"):
+        raise ValueError(
+            f"block_eps: applies to mode='blocked' (or 'auto') only, got mode={mode!r}"
+        )
+    return out
+
+
+# ---- ranks of a process group: one collective, the same outcome everywhere ----------------
+
+
+def _canonical(value) -> str:
+    """A text form of an option that is equal on two ranks exactly when the option is."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return repr(value)
+    if isinstance(value, (int, np.integer)):
+        return repr(int(value))
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value))
+    return repr(value)
+
+
+def agree_across_ranks(group, options: dict, error: BaseException | None) -> None:
+    """Collective over ``group`` (one ``all_gather_object``), reached by every rank before
+    any rank may raise: every rank raises the same error or none does.
+
+    - A rank whose own input or options were rejected (``error``): the lowest such rank's
+      error is raised on every rank (that rank re-raises its own; the others raise the same
+      type with the same message, naming the rank).
+    - Options that differ between ranks (``options``, compared as text): a ValueError
+      on every rank naming the first option that differs.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    mine = (
+        {k: _canonical(v) for k, v in options.items()},
+        None if error is None else (type(error).__name__, str(error)),
+    )
+    seen: list = [None] * world
+    dist.all_gather_object(seen, mine, group=group)
+    for rank, (_, err) in enumerate(seen):
+        if err is None:
+            continue
+        if error is not None and rank == dist.get_rank(group):
+            raise error
+        kind = {"TypeError": TypeError, "ValueError": ValueError}.get(err[0], RuntimeError)
+        raise kind(f"{err[1]} (raised on rank {rank} of the process group; every rank stops)")
+    ref = seen[0][0]
+    for rank, (opts, _) in enumerate(seen[1:], start=1):
+        for key in ref:
+            if opts.get(key) != ref[key]:
+                raise ValueError(
+                    f"process_group: expected the same {key} on every rank, got {key}="
+                    f"{ref[key]} on rank 0 and {key}={opts.get(key)} on rank {rank}; try "
+                    "passing identical arguments on every rank"
+                )
+
+
+# ---- identical tokens get identical scores ------------------------------------------------
+
+
+# Tokens within this distance of their mean (relative to the largest norm) are one point.
+FLAT_FEATURES_RTOL = 1e-3
+
+
+def tie_duplicate_scores(x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Scores of bitwise-identical rows of ``x`` replaced by their mean; all 0 (with a
+    warning) when every row lies within ``FLAT_FEATURES_RTOL`` of the rows' mean.
+
+    SSC treats identical tokens symmetrically, but its solution among them is not unique
+    and the ADMM splits the weight unevenly; by symmetry identical tokens get one score
+    (the mean of theirs, which keeps the scores' range). A row hash finds candidates in
+    O(N D); only rows whose hashes collide are compared exactly.
+    """
+    n = x.shape[0]
+    if n < 2 or scores.numel() != n:
+        return scores
+    x64 = x.to(torch.float64)
+    spread = float((x64 - x64.mean(dim=0, keepdim=True)).norm(dim=1).max())
+    if spread <= FLAT_FEATURES_RTOL * float(x64.norm(dim=1).max()):
+        if not bool(scores.any()):  # already all 0 (flat row sums, warned there)
+            return torch.zeros_like(scores)
+        warnings.warn(
+            f"videoanchor: the {n} tokens are identical to within {FLAT_FEATURES_RTOL:g} of "
+            "their norm (e.g. a static or blank video); no token stands out, so every anchor "
+            "score is 0 (unanchored)",
+            stacklevel=3,
+        )
+        return torch.zeros_like(scores)
+    gen = torch.Generator(device="cpu").manual_seed(12345)
+    probe = torch.rand(x.shape[1], generator=gen, dtype=torch.float64).to(x.device)
+    h = x.to(torch.float64) @ probe
+    _, inv_h, counts_h = torch.unique(h, return_inverse=True, return_counts=True)
+    if int(counts_h.max()) < 2:
+        return scores
+    cand = torch.nonzero(counts_h[inv_h] > 1).flatten()
+    _, inverse, counts = torch.unique(x[cand], dim=0, return_inverse=True, return_counts=True)
+    if int(counts.max()) < 2:
+        return scores
+    sums = torch.zeros(counts.numel(), dtype=torch.float64, device=scores.device)
+    sums.index_add_(0, inverse.to(scores.device), scores[cand.to(scores.device)].to(torch.float64))
+    out = scores.clone()
+    out[cand.to(scores.device)] = (sums / counts.to(sums))[inverse.to(scores.device)].to(out.dtype)
+    return out

@@ -30,11 +30,10 @@ __all__ = [
     "Dictionary",
     "EqualityStep",
     "Kernels",
-    "ProgressBar",
+    "Reporting",
     "SquaredStep",
     "Woodbury",
     "chain",
-    "progress_hook",
     "run",
     "spd_inverse",
 ]
@@ -95,42 +94,33 @@ def chain(*hooks: Hook | None) -> Hook | None:
     return hook
 
 
-class ProgressBar:
-    """A tqdm bar on stderr: iteration and residual, refreshed every 10 iterations."""
+class Reporting:
+    """A solver's ``progress`` option as the loop's hook.
 
-    def __init__(self, total: int, desc: str = "SSC-ADMM"):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, desc=desc, unit="it", leave=False)
-
-    def __call__(self, it: int, residual: float) -> bool:
-        if it % 10 == 0 or it == 1:
-            self.bar.n = it
-            self.bar.set_postfix(residual=f"{residual:.2e}", refresh=False)
-            self.bar.refresh()
-        return False
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def progress_hook(progress, total: int, desc: str = "SSC-ADMM"):
-    """``(hook, close)`` for a solver's ``progress`` option.
-
-    ``False``/``None``: no hook; ``True``: a :class:`ProgressBar`; a callable: used as
-    the hook itself (``progress(iteration, residual)``, a true return stops the solver).
+    ``False``/``True``/``None``/``"auto"``/an :class:`~videoanchor.anchor.progress.SSCProgress`:
+    that reporter (bar or log lines, ETA, time budget; :func:`~videoanchor.anchor.progress.
+    as_reporter`); any other callable ``progress(iteration, residual)`` is the hook itself
+    (a true return stops the run).
     """
-    if progress is None or progress is False:
-        return None, lambda: None
-    if progress is True:
-        bar = ProgressBar(int(total), desc)
-        return bar, bar.close
-    if callable(progress):
-        return progress, lambda: None
-    raise TypeError(
-        f"progress: expected a bool or a callable (iteration, residual) -> bool, "
-        f"got {type(progress).__name__}"
-    )
+
+    def __init__(self, progress, *, max_iter: int, eps: float, tokens: int, blocks: int = 1):
+        from videoanchor.anchor.progress import SSCProgress, as_reporter
+
+        self.reporter = None
+        if callable(progress) and not isinstance(progress, SSCProgress):
+            self.hook = progress
+        else:
+            self.reporter = as_reporter(progress, max_iter=max_iter, eps=eps, tokens=tokens,
+                                        blocks=blocks)  # fmt: skip
+            self.hook = self.reporter.update
+
+    def next_block(self) -> None:
+        if self.reporter is not None:
+            self.reporter.next_block()
+
+    def close(self, converged: bool, iterations: int | None, residual: float | None) -> None:
+        if self.reporter is not None:
+            self.reporter.close(converged, iterations, residual)
 
 
 def spd_inverse(xp, m, what: str = "the A-step system"):

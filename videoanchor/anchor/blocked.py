@@ -244,7 +244,7 @@ def solve_ssc_blocked(
     block_eps: str = "own",
     keep_history: bool = False,
     check_memory_first: bool = True,
-    progress=False,
+    progress=None,
 ) -> BlockedADMMResult:
     """Solve the SSC program for ``features`` (``N x D``) column block by column block.
 
@@ -257,9 +257,10 @@ def solve_ssc_blocked(
     are divided among its ranks, rank 0's features are used on every rank, and every rank
     returns the same ``C``. Every rank of the group must call this function.
 
-    ``progress``: ``True`` shows a progress bar per block (``SSC-ADMM block k/K``); a
-    callable ``progress(iteration, residual)`` is called after every iteration of every
-    block (``iteration`` counts within the block), and a true return ends that block.
+    ``progress``: as for :func:`~videoanchor.anchor.ssc.solve_ssc_admm` (each rank reports
+    its own blocks); a time budget gives block ``k`` of ``B`` until ``(k + 1) / B`` of it. A
+    plain callable ``progress(iteration, residual)`` is called in every block
+    (``iteration`` counts within the block), and a true return ends that block.
     """
     t0 = time.perf_counter()
     group, rank, world = _group(process_group)
@@ -311,22 +312,18 @@ def solve_ssc_blocked(
     rows, cols, vals, stats = [], [], [], []
     history: dict[int, list[float]] = {}
     error = None
+    report = admm.Reporting(progress, max_iter=max_iter, eps=eps, tokens=n, blocks=len(mine))
     try:
         for k in mine:
             a = starts[k]
             b = min(n, a + block)
             eps_k = eps if block_eps == "own" else eps * (b - a) / n
             hist: list[float] = []
-            hook, close = admm.progress_hook(
-                progress, max_iter, f"SSC-ADMM block {k + 1}/{len(starts)}"
-            )
-            try:
-                r, c, v, out = _solve_block(
-                    dic, factor, a, b, thr_e=lam_e / lam_z, eps=eps_k, max_iter=max_iter,
-                    hook=admm.chain(_recorder(hist) if keep_history else None, hook),
-                )  # fmt: skip
-            finally:
-                close()
+            r, c, v, out = _solve_block(
+                dic, factor, a, b, thr_e=lam_e / lam_z, eps=eps_k, max_iter=max_iter,
+                hook=admm.chain(_recorder(hist) if keep_history else None, report.hook),
+            )  # fmt: skip
+            report.next_block()
             rows.append(r)
             cols.append(c)
             vals.append(v)
@@ -337,6 +334,11 @@ def solve_ssc_blocked(
                 history[k] = hist
     except (FloatingPointError, RuntimeError, MemoryError) as exc:
         error = exc
+    finally:
+        report.close(
+            all(s[3] > 0 for s in stats), max((int(s[1]) for s in stats), default=0),
+            max((s[2] for s in stats), default=0.0),
+        )  # fmt: skip
     raise_together(group, error, device)
     idx = torch.stack([torch.cat(rows), torch.cat(cols)]) if rows else None
     if idx is None:

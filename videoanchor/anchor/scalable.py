@@ -339,15 +339,37 @@ def sparse_spectral_clustering(
     return sparse_spectral_labels(w, n_clusters, seed=seed, assign_labels=assign_labels)[0]
 
 
+# Row sums of C that agree to this relative tolerance are "flat": within what the ADMM's
+# stopping rule (eps = 2e-4 per column) leaves, measured at 1e-6 for identical tokens and
+# 1e-3 for tokens that differ by 1e-3 of their norm (docs/validation.md).
+FLAT_ROW_SUM_RTOL = 1e-3
+
+
 def scores_from_row_sums(r: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """METHOD.md section 3 from the row sums ``r`` of ``C`` and the labels (float32).
+
+    Degenerate case: when the row sums agree within ``FLAT_ROW_SUM_RTOL`` of their size
+    (identical or near-identical tokens), every score is 0 and a warning says so, instead
+    of min-max normalisation stretching the solver's noise over [0, 1).
 
     ``labels`` (N,) or (draws, N): with several draws, ``pi_j`` is token ``j``'s cluster
     share averaged over them."""
     n = r.numel()
     lab = labels.reshape(-1, n)
+    r64 = r.to(torch.float64)
+    if n > 1 and float(r64.max() - r64.min()) <= FLAT_ROW_SUM_RTOL * float(r64.abs().max()):
+        # Identical (or near-identical) tokens: the row sums agree within the solver's
+        # tolerance, so min-max normalisation would stretch solver noise over [0, 1).
+        warnings.warn(
+            f"videoanchor: the {n} tokens' SSC row sums agree to within "
+            f"{FLAT_ROW_SUM_RTOL:g} of their size (identical or near-identical tokens, e.g. "
+            "a static or blank video); no token stands out, so every anchor score is 0 "
+            "(unanchored)",
+            stacklevel=3,
+        )
+        return torch.zeros(n, dtype=torch.float32, device=r.device)
     pi = torch.stack([torch.bincount(row)[row] for row in lab]).to(torch.float64).mean(0) / n
-    s_hat = pi * r.to(torch.float64)
+    s_hat = pi * r64
     lo, hi = s_hat.min(), s_hat.max()
     s = ((s_hat - lo) / (hi - lo + 1e-5)).to(torch.float32)
     below_one = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item()

@@ -8,11 +8,18 @@ from dataclasses import dataclass, field
 import torch
 
 from videoanchor.anchor import _inputs
-from videoanchor.anchor._inputs import as_feature_tensor, resolve_dtype
+from videoanchor.anchor._inputs import (
+    EIGEN_SOLVERS,
+    agree_across_ranks,
+    as_feature_tensor,
+    check_flag,
+    check_ssc_options,
+    resolve_dtype,
+    tie_duplicate_scores,
+)
 from videoanchor.anchor.blocked import (
     _group,
     comm_device,
-    raise_together,
     solve_ssc_blocked,
     sparse_row_sums,
     sparse_ssc_affinity,
@@ -30,8 +37,11 @@ __all__ = [
     "AnchorResult",
     "SSCResult",
     "anchor_scores",
+    "SSCCoefficients",
+    "anchor_result_from_coefficients",
     "compute_anchor_scores",
     "sparse_subspace_clustering",
+    "ssc_coefficients",
     "pca_reduce",
 ]
 
@@ -214,7 +224,7 @@ def sparse_subspace_clustering(
     backend: str = "auto",
     solver: str = "faithful",
     dtype=None,
-    progress: bool = False,
+    progress=None,
 ) -> SSCResult:
     """Sparse subspace clustering of the rows of ``features`` (``N x D``) into ``n_clusters``.
 
@@ -235,6 +245,15 @@ def sparse_subspace_clustering(
     :func:`compute_anchor_scores`); ``labels`` is the first, ``label_draws`` holds all.
     """
     t0 = time.perf_counter()
+    opts = check_ssc_options(
+        n_clusters=n_clusters, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
+        max_iter=max_iter, pca_rank=pca_rank, seed=seed, label_draws=label_draws,
+        backend=backend, solver=solver, eigen_solver=eigen_solver, dtype=dtype,
+        progress=progress,
+    )  # fmt: skip
+    check_flag("affine", affine)
+    check_flag("outliers", outliers)
+    seed, n_clusters = opts["seed"], opts["n_clusters"]
     x = as_feature_tensor(features)
     n = x.shape[0]
     _check_common(n_clusters, n, alpha_e, alpha_z, backend, solver)
@@ -258,6 +277,10 @@ def sparse_subspace_clustering(
             )
     if affinity not in ("symmetric", "column_max"):
         raise ValueError(f"affinity: expected 'symmetric' or 'column_max', got {affinity!r}")
+    if assign_labels not in ("discretize", "kmeans"):
+        raise ValueError(
+            f"assign_labels: expected 'discretize' or 'kmeans', got {assign_labels!r}"
+        )
     if isinstance(pca_rank, bool) or not isinstance(pca_rank, int) or pca_rank < 0:
         raise ValueError(f"pca_rank: expected a non-negative int, got {pca_rank!r}")
     work = resolve_dtype(dtype, x.device)
@@ -315,7 +338,7 @@ def compute_anchor_scores(
     seed: int = 0,
     backend: str = "auto",
     dtype=None,
-    progress: bool = False,
+    progress=None,
     solver: str = "auto",
     eigen_solver: str = "auto",
     mode: str = "auto",
@@ -363,36 +386,72 @@ def compute_anchor_scores(
     draw being the default's) and each token's cluster share ``pi_j`` is averaged over
     them, so the scores depend much less on the seed; the embedding is computed once.
 
+    Identical tokens get identical scores (bitwise-identical rows share the mean of their
+    scores); when all tokens are one point, or the row sums of ``C`` agree to 1e-3, every
+    score is 0 and a warning says so (docs/validation.md). ``seed=None`` draws a seed from
+    NumPy's global generator, as scikit-learn's ``random_state=None`` does.
+
+    Every option is checked before any work, in every mode; an option the chosen mode
+    would ignore is a ``ValueError``. Under a ``process_group`` the checks and a
+    fingerprint of all options meet in one collective that every rank reaches first, so
+    every rank raises the same error or none does.
+
+    ``progress``: False, True, None (default: a progress bar on a terminal, log lines on
+    the ``videoanchor.progress`` logger otherwise, once a run lasts a few seconds) or an
+    :class:`~videoanchor.anchor.progress.SSCProgress` (its ``time_budget`` stops the ADMM
+    at the iterate reached: ``converged=False``, not the paper's answer). Exact and blocked
+    modes report; ``mode="scalable"`` does not.
+
     Raises ``ValueError`` for N = 0, fewer tokens than clusters or non-finite features,
     ``TypeError`` for non-numeric input, and ``SSCMemoryError`` (a ``MemoryError``) with
     the size it would need when the dense problem does not fit on the device.
     """
     t0 = time.perf_counter()
-    if mode not in _MODES:
-        raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
-    _check_draws(label_draws)
-    if process_group is not None:
-        _group(process_group)  # checks that it is an initialised process group
-        if mode == "auto":
-            mode = "blocked"
-        elif mode != "blocked":
+    opts, x, error = None, None, None
+    try:
+        opts = check_ssc_options(
+            n_clusters=n_clusters, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
+            max_iter=max_iter, pca_rank=pca_rank, seed=seed, label_draws=label_draws,
+            backend=backend, solver=solver, eigen_solver=eigen_solver, dtype=dtype,
+            progress=progress, mode=mode, candidates=candidates, block_columns=block_columns,
+            block_eps=block_eps,
+        )  # fmt: skip
+        if process_group is not None and opts["mode"] not in ("auto", "blocked"):
             raise ValueError(
                 f"process_group: only the blocked exact solver is spread over processes; "
                 f"expected mode='auto' or 'blocked', got mode={mode!r}"
             )
-        x, error = None, None
-        try:
-            x = as_feature_tensor(features)
-            _check_common(n_clusters, x.shape[0], alpha_e, alpha_z, backend, solver)
-        except (TypeError, ValueError) as exc:
-            error = exc
-        # a rank that rejects its input raises on every rank, instead of a hang
-        raise_together(process_group, error, x.device if x is not None else torch.device("cpu"))
-    if mode != "exact":
         x = as_feature_tensor(features)
-        _check_common(n_clusters, x.shape[0], alpha_e, alpha_z, backend, solver)
+        _check_common(opts["n_clusters"], x.shape[0], alpha_e, alpha_z, backend, solver)
+    except (TypeError, ValueError) as exc:
+        if process_group is None:
+            raise
+        error = exc
+    if process_group is not None:
+        _group(process_group)  # checks that it is an initialised process group
+        # Every rank reaches this one collective before any can fail: all raise the same
+        # error (a rank's own bad input, or options that differ between ranks), or none.
+        fingerprint = dict(
+            n_clusters=n_clusters, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
+            max_iter=max_iter, pca_rank=pca_rank, seed=seed, label_draws=label_draws,
+            backend=backend, solver=solver, eigen_solver=eigen_solver, dtype=dtype,
+            mode=mode, candidates=candidates, block_columns=block_columns, block_eps=block_eps,
+            features=None if x is None else (tuple(x.shape), str(x.dtype)),
+        )  # fmt: skip
+        agree_across_ranks(process_group, fingerprint, error)
+    n_clusters, seed = opts["n_clusters"], opts["seed"]
+    mode = opts["mode"]
+    if process_group is not None and mode == "auto":
+        mode = "blocked"
+    if mode != "exact":
         if mode == "auto":
             mode = "exact" if _exact_fits(x, dtype, pca_rank) else "blocked"
+            if eigen_solver not in EIGEN_SOLVERS[mode]:
+                raise ValueError(
+                    f"mode='auto' chose {mode!r} for N = {x.shape[0]} tokens; expected "
+                    f"eigen_solver in {EIGEN_SOLVERS[mode]}, got {eigen_solver!r}; try "
+                    "eigen_solver='auto'"
+                )
         if mode == "blocked":
             return _blocked_anchor_scores(
                 x, n_clusters, t0=t0, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
@@ -402,6 +461,8 @@ def compute_anchor_scores(
                 progress=progress,
             )  # fmt: skip
         if mode == "scalable":
+            if getattr(progress, "time_budget", None) is not None:
+                raise ValueError("progress: a time budget needs mode='exact' or 'blocked'")
             if pca_rank:
                 x = pca_reduce(x, pca_rank)
             out = scalable_anchor_scores(
@@ -409,8 +470,9 @@ def compute_anchor_scores(
                 max_iter=max_iter, seed=seed, dtype=dtype, candidates=candidates,
                 label_draws=label_draws,
             )  # fmt: skip
+            out["scores"] = tie_duplicate_scores(x, out["scores"])
             return AnchorResult(backend="torch", solver="restricted", mode="scalable", **out)
-        features = x
+    features = x
     res = sparse_subspace_clustering(
         features,
         n_clusters,
@@ -429,7 +491,7 @@ def compute_anchor_scores(
         label_draws=label_draws,
     )
     t1 = time.perf_counter()
-    scores = anchor_scores(res.coef, res.label_draws)
+    scores = tie_duplicate_scores(x, anchor_scores(res.coef, res.label_draws))
     _sync(scores.device)
     t2 = time.perf_counter()
     timings = dict(res.timings)
@@ -450,10 +512,113 @@ def compute_anchor_scores(
     )
 
 
+@dataclass
+class SSCCoefficients:
+    """The SSC step of :func:`compute_anchor_scores` (``mode="exact"``) on its own.
+
+    ``coef`` C (N, N) dense, in the ``Y = Y C`` convention; the other fields as in
+    :class:`AnchorResult`. It depends on the features and the SSC options only, not on
+    ``n_clusters`` or the seed: :func:`anchor_result_from_coefficients` finishes it.
+    """
+
+    coef: torch.Tensor
+    iterations: int
+    converged: bool
+    residual: float
+    lambda_e: float
+    lambda_z: float
+    backend: str
+    solver: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def ssc_coefficients(
+    features,
+    *,
+    alpha_e: float = 800.0,
+    alpha_z: float = 800.0,
+    rho: float = 300.0,
+    eps: float = 2e-4,
+    max_iter: int = 10000,
+    pca_rank: int = 0,
+    backend: str = "auto",
+    solver: str = "auto",
+    dtype=None,
+    progress=False,
+) -> SSCCoefficients:
+    """Solve SSC on ``features`` (``N x D``) as :func:`compute_anchor_scores` does with
+    ``mode="exact"`` (the authors' program, affine, with outliers), without clustering.
+
+    ``compute_anchor_scores(x, k, mode="exact", ...)`` equals
+    ``anchor_result_from_coefficients(ssc_coefficients(x, ...), k, seed=..., label_draws=...)``
+    for the same options: the split lets a sweep over ``n_clusters`` solve SSC once.
+    ``progress`` as in :func:`compute_anchor_scores`.
+    """
+    t0 = time.perf_counter()
+    x = as_feature_tensor(features)
+    _check_common(1, x.shape[0], alpha_e, alpha_z, backend, solver)
+    if isinstance(pca_rank, bool) or not isinstance(pca_rank, int) or pca_rank < 0:
+        raise ValueError(f"pca_rank: expected a non-negative int, got {pca_rank!r}")
+    work = resolve_dtype(dtype, x.device)
+    backend = "torch" if backend == "auto" else backend
+    solver = "faithful" if solver == "auto" else solver
+    if pca_rank:
+        x = pca_reduce(x, pca_rank)
+    admm = _solve(
+        x, backend=backend, solver=solver, outliers=True, alpha_e=alpha_e, alpha_z=alpha_z,
+        rho=rho, eps=eps, max_iter=max_iter, affine=True, dtype=work, progress=progress,
+    )  # fmt: skip
+    _sync(x.device)
+    timings = dict(admm.timings)
+    timings["total"] = time.perf_counter() - t0
+    return SSCCoefficients(
+        coef=admm.coef, iterations=admm.iterations, converged=admm.converged,
+        residual=admm.residual, lambda_e=admm.lambda_e, lambda_z=admm.lambda_z,
+        backend=backend, solver=solver, timings=timings,
+    )  # fmt: skip
+
+
+def anchor_result_from_coefficients(
+    ssc: SSCCoefficients,
+    n_clusters: int,
+    *,
+    seed: int = 0,
+    label_draws: int = 1,
+    eigen_solver: str = "auto",
+    features=None,
+) -> AnchorResult:
+    """Spectral clustering of ``ssc.coef`` into ``n_clusters`` (seeded) and the anchor
+    scores: the rest of :func:`compute_anchor_scores` after :func:`ssc_coefficients`.
+    ``features``: the (N, D) tokens C was solved on; when given, identical tokens get
+    identical scores as in :func:`compute_anchor_scores` (pass them for the same answer)."""
+    t0 = time.perf_counter()
+    n = ssc.coef.shape[0]
+    _check_common(n_clusters, n, 1.0, 1.0, "auto", "auto")
+    _check_draws(label_draws)
+    w = ssc_affinity(ssc.coef, normalize="none")
+    draws = spectral_labels(
+        w, n_clusters, seed=seed, assign_labels="discretize", eigen_solver=eigen_solver,
+        draws=label_draws,
+    )  # fmt: skip
+    t1 = time.perf_counter()
+    scores = anchor_scores(ssc.coef, draws)
+    if features is not None:
+        scores = tie_duplicate_scores(as_feature_tensor(features), scores)
+    _sync(scores.device)
+    t2 = time.perf_counter()
+    timings = dict(ssc.timings)
+    timings.update(spectral=t1 - t0, scores=t2 - t1, total=timings.get("total", 0.0) + t2 - t0)
+    return AnchorResult(
+        scores=scores, labels=draws[0], coef=ssc.coef, iterations=ssc.iterations,
+        converged=ssc.converged, residual=ssc.residual, lambda_e=ssc.lambda_e,
+        lambda_z=ssc.lambda_z, backend=ssc.backend, solver=ssc.solver, timings=timings,
+    )  # fmt: skip
+
+
 def _blocked_anchor_scores(
     x, n_clusters, *, t0, alpha_e, alpha_z, rho, eps, max_iter, pca_rank, seed, backend,
     dtype, solver, eigen_solver, block_columns, block_eps, process_group, label_draws=1,
-    progress=False,
+    progress=None,
 ) -> AnchorResult:  # fmt: skip
     """``mode="blocked"`` of :func:`compute_anchor_scores`, on one process or a group."""
     unsupported = [
@@ -491,7 +656,7 @@ def _blocked_anchor_scores(
             draws = sparse_spectral_labels(w, n_clusters, seed=seed, draws=label_draws)
             draws = draws.to(x.device)
             del w
-            scores = anchor_scores(coef, draws)
+            scores = tie_duplicate_scores(x, anchor_scores(coef, draws))
         except Exception as exc:  # re-raised below, after the other ranks are told
             error = exc
     if group is not None:

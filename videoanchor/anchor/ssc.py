@@ -216,7 +216,7 @@ def solve_ssc_admm(
     strategy: str = "auto",
     relax: float = 1.0,
     adaptive_rho: bool = False,
-    progress=False,
+    progress=None,
     keep_history: bool = False,
     check_memory_first: bool = True,
     callback=None,
@@ -231,9 +231,11 @@ def solve_ssc_admm(
     acceleration it stops when both that primal residual and the change of ``C`` between
     iterations (the dual residual, same norm) are below ``eps``.
 
-    ``progress``: ``True`` shows a progress bar; a callable ``progress(iteration,
-    residual)`` is called after every iteration instead, and a true return stops the run
-    (``stopped``). ``callback(iteration, C, residual)`` sees every iterate.
+    ``progress``: False, True, None (default: a bar or log lines once a run lasts a few
+    seconds) or an :class:`~videoanchor.anchor.progress.SSCProgress`, whose time budget
+    stops the iterations early (``converged=False``, ``stopped=True``); any other callable
+    ``progress(iteration, residual)`` is called after every iteration instead, and a true
+    return stops the run. ``callback(iteration, C, residual)`` sees every iterate.
 
     ``xp``: an array module (``numpy``, ``cupy``) to run the same iteration with instead
     of torch, the features going in and ``C`` coming out through DLPack; ``kernels`` its
@@ -262,7 +264,8 @@ def solve_ssc_admm(
         work = xp.float32 if work_t == torch.float32 else xp.float64
         kernels = kernels or admm.Kernels()
     xp = array_api_compat.array_namespace(x)
-    hook, close = admm.progress_hook(progress, max_iter)
+    report = admm.Reporting(progress, max_iter=max_iter, eps=eps, tokens=n)
+    out = None
     try:
         lam_e, lam_z, _, _ = ssc_lambdas(xp.astype(x, xp.float64, copy=False), alpha_e, alpha_z)
         kernels.sync()
@@ -285,10 +288,10 @@ def solve_ssc_admm(
         out = admm.run(step, max_iter, admm.chain(
             (lambda it, r: history.append(r)) if keep_history else None,
             (lambda it, r: callback(it, step.C, r)) if callback is not None else None,
-            hook,
+            report.hook,
         ))  # fmt: skip
     finally:
-        close()
+        report.close(*((out.converged, out.iterations, out.residual) if out else (False,) * 3))
     kernels.sync()
     t3 = time.perf_counter()
     return ADMMResult.from_run(

@@ -117,7 +117,8 @@ def solve_ssc_equality(
     kernels = TorchKernels(device)
     kernels.sync()
     t1 = time.perf_counter()
-    hook, close = admm.progress_hook(progress, max_iter)
+    report = admm.Reporting(progress, max_iter=max_iter, eps=eps, tokens=n)
+    out = None
     try:
         dic = admm.Dictionary(x, work, lam_z=mu1, affine=affine, outliers=True, kernels=kernels)
         step = admm.EqualityStep(dic, gamma=gamma, mu1=mu1, mu2=float(rho), eps=eps)
@@ -126,9 +127,9 @@ def solve_ssc_equality(
         inspect = None
         if callback is not None:
             inspect = lambda it, res: callback(it, step.cc, step.outliers)  # noqa: E731
-        out = admm.run(step, max_iter, admm.chain(inspect, hook), what="constrained SSC")
+        out = admm.run(step, max_iter, admm.chain(inspect, report.hook), what="constrained SSC")
     finally:
-        close()
+        report.close(*((out.converged, out.iterations, out.residual) if out else (False,) * 3))
     kernels.sync()
     t3 = time.perf_counter()
     return ADMMResult.from_run(

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import warnings
 
 import torch
 
+from videoanchor.kernels.checks import check_cache_seqlens, check_cu_seqlens
 from videoanchor.kernels.launch import MIN_CAPABILITY, device_capability
 from videoanchor.kernels.torch_attention import anchored_attention_torch
 
@@ -62,7 +64,9 @@ def anchor_gates(
     if not scores.is_floating_point():
         raise TypeError(f"scores: expected a floating-point tensor, got dtype {scores.dtype}")
     for name, alpha in (("alpha_k", alpha_k), ("alpha_v", alpha_v)):
-        if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+            raise TypeError(f"{name}: expected a finite number, got {type(alpha).__name__}")
+        if not math.isfinite(alpha):
             raise ValueError(f"{name}: expected a finite number, got {alpha!r}")
     s = scores.to(torch.float32)
     if not bool(torch.isfinite(s).all()):
@@ -78,6 +82,41 @@ def anchor_gates(
                 f"{float(s.max()):.4g}]"
             )
     return torch.log1p(alpha_k * s), gamma_v
+
+
+# ---- host-side validation of the options (one place per entry point) -----------------
+
+
+def _check_bool(name, value):
+    """A flag must be a bool: a truthy string such as "no" must not switch it on."""
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if not (isinstance(value, bool) or numpy_bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}; try {name}=False")
+
+
+def _check_sm_scale(sm_scale):
+    if sm_scale is None:
+        return
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real):
+        raise TypeError(
+            f"sm_scale: expected None or a finite float, got {type(sm_scale).__name__}"
+        )
+    if not math.isfinite(sm_scale):
+        raise ValueError(f"sm_scale: expected None or a finite float, got {sm_scale!r}")
+
+
+def _check_options(causal, return_lse, sm_scale):
+    _check_bool("causal", causal)
+    _check_bool("return_lse", return_lse)
+    _check_sm_scale(sm_scale)
+
+
+def _check_max_seqlen(name, value, allow_none):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        want = "None or a non-negative int" if allow_none else "a non-negative int"
+        raise ValueError(f"{name}: expected {want}, got {value!r}")
 
 
 def _check_tensor(name, t, ndim):
@@ -115,6 +154,10 @@ def _check_qkv(q, k, v, backend, kv_layout):
             f"k, v: expected the same shape ({kv_layout}), got {tuple(k.shape)} and {tuple(v.shape)}"
         )
     Hq, Hkv = q.shape[1], k.shape[1]  # (B, H, S, D) and (S, H, D) both keep heads at 1
+    if q.shape[-1] == 0:
+        raise ValueError(
+            f"q: expected a head dim D >= 1, got shape {tuple(q.shape)}; try D = 64 or 128"
+        )
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"k: expected head dim {q.shape[-1]} (from q), got {k.shape[-1]}")
     if Hkv == 0 or Hq % Hkv != 0:
@@ -159,6 +202,8 @@ def _validate(q, k, v, key_bias, value_scale, key_padding_mask, backend, cache_s
         (("q", q), ("k", k), ("v", v), ("key_bias", key_bias), ("value_scale", value_scale),
          ("key_padding_mask", key_padding_mask), ("cache_seqlens", cache_seqlens))
     )  # fmt: skip
+    if cache_seqlens is not None:
+        check_cache_seqlens(cache_seqlens, Skv)
 
 
 def _check_attn_mask(attn_mask, q, k):
@@ -359,7 +404,8 @@ def anchored_attention(
         cache_seqlens: (B,) int32, for a preallocated (static) KV cache: sample b uses only
             its first ``cache_seqlens[b]`` keys (those of the current queries included), and
             the causal diagonal is aligned to that length, as in flash-attention's
-            ``flash_attn_with_kvcache``. Values must lie in [0, Skv] (not checked on device).
+            ``flash_attn_with_kvcache``. Values must lie in [0, Skv]: a ValueError on the host,
+            a device-side assertion (no sync) for CUDA tensors (see ``kernels/checks.py``).
         attn_mask: a general mask broadcastable to (B, Hq, Sq, Skv), as in SDPA: bool
             (True = may attend) or floating (added to the logits after ``key_bias``), on
             top of ``causal``, ``key_padding_mask`` and ``cache_seqlens``; the gates still
@@ -371,6 +417,8 @@ def anchored_attention(
         ``out`` (B, Hq, Sq, D) in q's dtype, stored as (B, Sq, Hq, D) so that
         ``out.transpose(1, 2)`` is contiguous, or ``(out, lse)`` when ``return_lse``.
     """
+    _check_options(causal, return_lse, sm_scale)
+    causal, return_lse = bool(causal), bool(return_lse)
     _validate(q, k, v, key_bias, value_scale, key_padding_mask, backend, cache_seqlens)
     _check_attn_mask(attn_mask, q, k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
@@ -415,10 +463,8 @@ def _validate_varlen(
             "cu_seqlens_q, cu_seqlens_k: expected the same number of sequences, got "
             f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}"
         )
-    if not isinstance(max_seqlen_q, int) or max_seqlen_q < 0:
-        raise ValueError(f"max_seqlen_q: expected a non-negative int, got {max_seqlen_q!r}")
-    if max_seqlen_k is not None and (not isinstance(max_seqlen_k, int) or max_seqlen_k < 0):
-        raise ValueError(f"max_seqlen_k: expected None or a non-negative int, got {max_seqlen_k!r}")
+    _check_max_seqlen("max_seqlen_q", max_seqlen_q, allow_none=False)
+    _check_max_seqlen("max_seqlen_k", max_seqlen_k, allow_none=True)
     for name, t in (("key_bias", key_bias), ("value_scale", value_scale)):
         if t is None:
             continue
@@ -433,6 +479,8 @@ def _validate_varlen(
         (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q),
          ("cu_seqlens_k", cu_seqlens_k), ("key_bias", key_bias), ("value_scale", value_scale))
     )  # fmt: skip
+    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
+    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, None)
 
 
 @torch.library.custom_op("videoanchor::anchored_attention_varlen_fwd", mutates_args=())
@@ -551,10 +599,11 @@ def anchored_attention_varlen(
     Args:
         q: (total_q, Hq, D); k, v: (total_k, Hkv, D); any strides.
         cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32 offsets; sequence b is
-            ``q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]]`` and likewise for k, v.
+            ``q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]]`` and likewise for k, v. They must
+            start at 0, never decrease and end at total_q (total_k): a ValueError on the
+            host, a device-side assertion (no sync) for CUDA tensors.
         max_seqlen_q: the longest query sequence (sizes the launch grid without a device
-            sync). It must be at least the longest; like flash-attention, this is not
-            checked on the device (with ``backend="torch"`` it is).
+            sync). It must be at least the longest (checked like the offsets).
         max_seqlen_k: the longest key sequence, or None. A hint only: with
             ``max_seqlen_q <= 64`` and long keys (decode against packed caches) the
             split-KV path is used, and this sizes its number of splits; each sequence
@@ -566,6 +615,8 @@ def anchored_attention_varlen(
         ``out`` (total_q, Hq, D), or ``(out, lse)`` with lse (Hq, total_q) float32 when
         ``return_lse``.
     """
+    _check_options(causal, return_lse, sm_scale)
+    causal, return_lse = bool(causal), bool(return_lse)
     _validate_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias, value_scale,
         backend,

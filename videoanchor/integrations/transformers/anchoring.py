@@ -24,14 +24,24 @@ The KV cache only ever holds the unscaled K and V: the gates enter inside the ke
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import warnings
 import weakref
 from dataclasses import dataclass, field, replace
 
 import torch
 
-from videoanchor.integrations.transformers.attention import ATTN_IMPLEMENTATION, REQUEST_KWARG
+from videoanchor.integrations.options import (
+    AnchorConfig,
+    ssc_kwargs,
+    validate_options,
+    validate_ssc_options,
+)
+from videoanchor.integrations.transformers.attention import (
+    ATTN_IMPLEMENTATION,
+    REQUEST_KWARG,
+    current_tokens_of_slot_mask,
+)
 from videoanchor.integrations.transformers.distributed import (
     check_same_request,
     resolve_group,
@@ -45,74 +55,34 @@ from videoanchor.integrations.transformers.registry import (
     segments_for_batch,
 )
 
-__all__ = ["AnchorConfig", "AnchorHandle", "configure", "find_handle"]
+__all__ = ["AnchorConfig", "AnchorHandle", "RowSetting", "check_options", "configure", "find_handle"]
 
-_DECODE_MODES = ("prefill", "all")
-_KINDS = ("video", "image")
-_ATTN_BACKENDS = ("auto", "triton", "torch")
+def _validate(cfg: AnchorConfig) -> AnchorConfig:
+    cfg = validate_options(cfg)
+    validate_group_option(cfg.process_group)
+    validate_ssc_options(cfg)
+    return cfg
 
 
 @dataclass(frozen=True)
-class AnchorConfig:
-    """Options of one configured model (see :func:`configure`)."""
+class RowSetting:
+    """The anchoring of one batch row (see :meth:`AnchorHandle.per_row`)."""
 
-    enabled: bool = True
-    alpha_q: float = 4.0
-    alpha_k: float = 9.5
-    alpha_v: float = 2.5
-    n_clusters: int = 24
-    decode: str = "prefill"
-    tokens: tuple[str, ...] = _KINDS
-    alpha_e: float = 800.0
-    alpha_z: float = 800.0
-    rho: float = 300.0
-    eps: float = 2e-4
-    max_iter: int = 10000
-    pca_rank: int = 0
-    seed: int = 0
-    label_draws: int = 1
-    ssc_backend: str = "auto"
-    ssc_dtype: torch.dtype | None = None
-    attention_backend: str = "auto"
-    process_group: object = "auto"
+    alpha_k: float
+    alpha_v: float
+    n_clusters: int
 
 
-def _validate(cfg: AnchorConfig) -> AnchorConfig:
-    if not isinstance(cfg.enabled, bool):
-        raise TypeError(f"enabled: expected a bool, got {cfg.enabled!r}")
-    for name in ("alpha_q", "alpha_k", "alpha_v"):
-        a = getattr(cfg, name)
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
-            raise ValueError(f"{name}: expected a finite number, got {a!r}")
-        if a < -1.0:
-            raise ValueError(
-                f"{name}={a} makes the gate 1 + {name} * s non-positive for the highest-scored "
-                f"tokens (scores lie in [0, 1)); expected {name} >= -1"
-            )
-    if (
-        isinstance(cfg.n_clusters, bool)
-        or not isinstance(cfg.n_clusters, int)
-        or cfg.n_clusters < 1
-    ):
-        raise ValueError(f"n_clusters: expected a positive int, got {cfg.n_clusters!r}")
-    if (
-        isinstance(cfg.label_draws, bool)
-        or not isinstance(cfg.label_draws, int)
-        or cfg.label_draws < 1
-    ):
-        raise ValueError(f"label_draws: expected a positive int, got {cfg.label_draws!r}")
-    if cfg.decode not in _DECODE_MODES:
-        raise ValueError(f"decode: expected one of {_DECODE_MODES}, got {cfg.decode!r}")
-    tokens = (cfg.tokens,) if isinstance(cfg.tokens, str) else tuple(cfg.tokens)
-    if not tokens or any(t not in _KINDS for t in tokens):
-        raise ValueError(f"tokens: expected a non-empty subset of {_KINDS}, got {cfg.tokens!r}")
-    if cfg.attention_backend not in _ATTN_BACKENDS:
-        raise ValueError(
-            f"attention_backend: expected one of {_ATTN_BACKENDS}, got {cfg.attention_backend!r}"
-        )
-    validate_group_option(cfg.process_group)
-    return replace(cfg, tokens=tokens, alpha_q=float(cfg.alpha_q), alpha_k=float(cfg.alpha_k),
-                   alpha_v=float(cfg.alpha_v))  # fmt: skip
+class _RowScope:
+    def __init__(self, handle, settings):
+        self.handle, self.settings = handle, settings
+
+    def __enter__(self):
+        self.previous, self.handle.row_settings = self.handle.row_settings, self.settings
+        return self.handle
+
+    def __exit__(self, *exc):
+        self.handle.row_settings = self.previous
 
 
 @dataclass
@@ -208,6 +178,19 @@ class AnchorHandle:
             order): the images/videos of the sample; ``start`` indexes
             ``last_visual_positions[b]``.
         last_anchored: True when the last forward with a fresh request was anchored.
+        cache: None, or an object with ``anchor_result(features, n_clusters, config)``
+            returning the :class:`~videoanchor.anchor.AnchorResult` of one sample (e.g.
+            :class:`~videoanchor.integrations.transformers.cache.AnchorCache`, which stores
+            C once per features and the labels once per ``n_clusters``); used instead of
+            running SSC for samples the dense exact solver takes, on one process.
+        row_settings: None, or one :class:`RowSetting` per batch row of the next prefills:
+            each row gets its own alpha_k, alpha_v and n_clusters (settings of a sweep
+            sharing a batch); the config's values otherwise. Set it with
+            :meth:`per_row`.
+        last_ssc_runs: list, per entry of ``last_result``, of the
+            :class:`~videoanchor.anchor.progress.SSCRunSummary` of its SSC (converged or
+            not, iterations, residual vs eps, stopped by the time budget; None where no
+            SSC ran on this process).
     """
 
     def __init__(self, model: torch.nn.Module, family: FamilySpec, config: AnchorConfig):
@@ -219,11 +202,23 @@ class AnchorHandle:
         self.last_visual_positions: list[torch.Tensor] = []
         self.last_segments: list[list[VisualSegment]] = []
         self.last_anchored = False
+        self.last_ssc_runs: list = []
         self._pending: _Pending | None = None
         self._request: _Request | None = None
         self._current: _Request | None = None
         self._warned: set[str] = set()
         self._hooks: list = []
+        self.cache = None
+        self.row_settings: list[RowSetting] | None = None
+
+    def per_row(self, settings) -> _RowScope:
+        """Context manager: the prefills inside use ``settings[b]`` (a :class:`RowSetting`)
+        for batch row b. Validates each alpha as :func:`configure` does."""
+        settings = [RowSetting(*s) if not isinstance(s, RowSetting) else s for s in settings]
+        for s in settings:
+            _validate(replace(self.config, alpha_k=s.alpha_k, alpha_v=s.alpha_v,
+                              n_clusters=s.n_clusters))  # fmt: skip
+        return _RowScope(self, settings)
 
     def __repr__(self) -> str:
         c = self.config
@@ -235,6 +230,7 @@ class AnchorHandle:
 
     @property
     def model(self) -> torch.nn.Module | None:
+        """The base VLM the handle is installed on (a weak reference: None once it is freed)."""
         return self._model_ref()
 
     def _text_config(self):
@@ -270,7 +266,8 @@ class AnchorHandle:
         if input_ids is None and has_visual and kwargs.get("inputs_embeds") is not None:
             from_embeds = self._placeholder_mask_from_embeds(module, kwargs["inputs_embeds"])
         layout = {
-            k: kwargs.get(k) for k in ("video_grid_thw", "image_grid_thw", "pixel_values_videos")
+            k: kwargs.get(k)
+            for k in ("video_grid_thw", "image_grid_thw", "pixel_values_videos", "mm_encoder_outputs")
         }
         mask = kwargs.get("attention_mask")
         self._pending = _Pending(
@@ -364,6 +361,8 @@ class AnchorHandle:
             token_ids = self.family.token_ids(self.model.config, self.config.tokens)
             masks = {kind: ids.to(embeds.device) == tid for kind, tid in token_ids.items()}
         am = pending.attention_mask
+        if am is not None and am.dtype == torch.int8:
+            am = current_tokens_of_slot_mask(am, S)  # generate's mask over a static cache
         if am is not None and am.shape[0] == B and am.shape[-1] >= S:
             valid = am[:, -S:].to(device=embeds.device, dtype=torch.bool)
             masks = {k: m & valid for k, m in masks.items()}
@@ -373,6 +372,7 @@ class AnchorHandle:
         self, pending: _Pending, embeds: torch.Tensor, packed: torch.Tensor | None = None
     ) -> None:
         from videoanchor.anchor import compute_anchor_scores
+        from videoanchor.anchor.progress import SSCProgress
         from videoanchor.kernels import anchor_gates
 
         cfg = self.config
@@ -385,11 +385,23 @@ class AnchorHandle:
             cfg.process_group, getattr(self.model, self.family.language_model_attr)
         )
         if group is not None:
-            check_same_request(group, embeds, any_mask)
+            options = {
+                f.name: getattr(cfg, f.name)
+                for f in dataclasses.fields(cfg)
+                if f.name not in ("process_group", "attention_backend")
+            }
+            check_same_request(group, embeds, any_mask, options=options)
         scores = torch.zeros(B, S, dtype=torch.float32, device=embeds.device)
         results: list = []
+        runs: list = []
         positions: list[torch.Tensor] = []
-        seen: list[tuple[torch.Tensor, object]] = []
+        seen: list[tuple[int, torch.Tensor, object]] = []
+        rows = self.row_settings
+        if rows is not None and len(rows) != B:
+            raise ValueError(
+                f"videoanchor: per_row got {len(rows)} settings but the batch has {B} rows; "
+                "expected one setting per row"
+            )
         # SSC runs per sample: per row, or per sequence of a padding-free (packed) row.
         units = [(b, any_mask[b]) for b in range(B)]
         if packed is not None:
@@ -405,6 +417,7 @@ class AnchorHandle:
             n = cols.numel()
             if n == 0:
                 results.append(None)
+                runs.append(None)
                 continue
             if n < 3:
                 self._warn_once(
@@ -413,35 +426,34 @@ class AnchorHandle:
                     "scores are 0 (unanchored)",
                 )
                 results.append(None)
+                runs.append(None)
                 continue
             feats = embeds[b, cols]
-            res = next(
-                (r for f, r in seen if f.shape == feats.shape and torch.equal(f, feats)), None
+            want = cfg.n_clusters if rows is None else rows[b].n_clusters
+            k = min(want, n)
+            res, run = next(
+                (
+                    (r, u)
+                    for kk, f, r, u in seen
+                    if kk == k and f.shape == feats.shape and torch.equal(f, feats)
+                ),
+                (None, None),
             )
             if res is None:
-                k = min(cfg.n_clusters, n)
-                if k < cfg.n_clusters:
+                reporter = SSCProgress(
+                    enabled=cfg.ssc_progress, time_budget=cfg.ssc_time_budget,
+                    desc=f"SSC sample {b}" if len(units) > 1 else "SSC",
+                )  # fmt: skip
+                if k < want:
                     self._warn_once(
                         "clusters",
                         f"videoanchor: a sample has {n} visual tokens, fewer than n_clusters="
-                        f"{cfg.n_clusters}; using n_clusters={k} for it",
+                        f"{want}; using n_clusters={k} for it",
                     )
 
-                def compute(feats=feats, k=k, **spread_over):
+                def compute(feats=feats, k=k, reporter=reporter, **spread_over):
                     return compute_anchor_scores(
-                        feats,
-                        k,
-                        alpha_e=cfg.alpha_e,
-                        alpha_z=cfg.alpha_z,
-                        rho=cfg.rho,
-                        eps=cfg.eps,
-                        max_iter=cfg.max_iter,
-                        pca_rank=cfg.pca_rank,
-                        seed=cfg.seed,
-                        label_draws=cfg.label_draws,
-                        backend=cfg.ssc_backend,
-                        dtype=cfg.ssc_dtype,
-                        **spread_over,
+                        feats, k, **ssc_kwargs(cfg), progress=reporter, **spread_over
                     )
 
                 def blocked(feats=feats):  # what mode="auto" picks on one process
@@ -450,16 +462,34 @@ class AnchorHandle:
                     return not _exact_fits(feats, cfg.ssc_dtype, cfg.pca_rank)
 
                 # Under a process group the ranks get the same result (distributed.py).
-                res = (
-                    compute()
-                    if group is None
-                    else shared_scores(group, compute, feats.device, spread=blocked)
-                )
-                seen.append((feats, res))
+                if group is not None:
+                    res = shared_scores(group, compute, feats.device, spread=blocked)
+                elif self.cache is not None and cfg.ssc_time_budget is None and not blocked():
+                    # (a budget-stopped C depends on timing: never cached)
+                    res = self.cache.anchor_result(feats, k, cfg, progress=reporter)
+                else:
+                    res = compute()
+                run = reporter.runs[-1] if reporter.runs else None
+                if run is None and group is None:
+                    # Taken from the anchor cache: no SSC ran now; the stored result says how
+                    # that run ended, so an unconverged C is still reported as such.
+                    from videoanchor.anchor.progress import SSCRunSummary
+
+                    run = SSCRunSummary(
+                        converged=bool(res.converged), iterations=int(res.iterations),
+                        residual=float(res.residual), best_residual=float(res.residual),
+                        eps=float(cfg.eps), max_iter=int(cfg.max_iter), seconds=0.0,
+                        stopped_by_budget=False, tokens=n,
+                    )  # fmt: skip
+                if not res.converged:
+                    _warn_unconverged(res, run, cfg)
+                seen.append((k, feats, res, run))
             results.append(res)
+            runs.append(run)
             scores[b, cols] = res.scores.to(device=scores.device, dtype=torch.float32)
         self.last_scores = scores
         self.last_result = results
+        self.last_ssc_runs = runs
         self.last_visual_positions = positions
         if pending.input_ids is not None:
             self.last_segments = segments_for_batch(
@@ -475,7 +505,13 @@ class AnchorHandle:
                 "prompt; it runs unanchored (plain attention)",
             )
             return
-        key_bias, value_scale = anchor_gates(scores, cfg.alpha_k, cfg.alpha_v)
+        if rows is None:
+            key_bias, value_scale = anchor_gates(scores, cfg.alpha_k, cfg.alpha_v)
+        else:  # one row at a time: each row of the batch has its own gates
+            gates = [anchor_gates(scores[b : b + 1], r.alpha_k, r.alpha_v) for b, r in
+                     enumerate(rows)]  # fmt: skip
+            key_bias = torch.cat([g[0] for g in gates])
+            value_scale = torch.cat([g[1] for g in gates])
         anchor_gates(scores, cfg.alpha_q, 0.0)  # validates the (no-op) query gate
         self._request = _Request(
             key_bias=key_bias, value_scale=value_scale, packed=packed is not None
@@ -515,6 +551,20 @@ class AnchorHandle:
         vc = getattr(self.model.config, self.family.vision_config_attr, None)
         if vc is not None and getattr(vc, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
             vc._attn_implementation_internal = "sdpa"
+
+
+def _warn_unconverged(res, run, cfg: AnchorConfig) -> None:
+    """Say that a sample's SSC stopped before ``eps`` (iteration limit or time budget)."""
+    from videoanchor.anchor.progress import SSCConvergenceWarning
+
+    if run is not None:
+        text = run.message()
+    else:  # computed on another rank of the group
+        text = (
+            f"SSC stopped after {res.iterations} iterations (max_iter={cfg.max_iter}) at "
+            f"residual {res.residual:.3g} vs eps {cfg.eps:.3g}: NOT converged"
+        )
+    warnings.warn(f"videoanchor: {text}", SSCConvergenceWarning, stacklevel=2)
 
 
 def _given(value) -> bool:
@@ -605,6 +655,16 @@ def maybe_install(model: torch.nn.Module) -> None:
 _UNSET = object()
 
 
+def check_options(**options) -> AnchorConfig:
+    """Check :func:`configure`'s options without a model (the family's alphas stand in
+    as the defaults): applications call it before loading a model. Returns the config
+    those options give; raises TypeError / ValueError as :func:`configure` would."""
+    unknown = sorted(set(options) - set(AnchorConfig.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"unexpected option(s) {unknown}; expected some of {sorted(AnchorConfig.__dataclass_fields__)}")
+    return _validate(AnchorConfig(**options))
+
+
 def configure(
     model: torch.nn.Module,
     *,
@@ -627,6 +687,8 @@ def configure(
     ssc_dtype=_UNSET,
     attention_backend=_UNSET,
     process_group=_UNSET,
+    ssc_progress=_UNSET,
+    ssc_time_budget=_UNSET,
 ) -> AnchorHandle:
     """Configure VideoAnchor on a model loaded with ``attn_implementation="videoanchor_triton"``.
 
@@ -657,6 +719,15 @@ def configure(
             scores to the others (``last_result[b].coef`` is None there), or, where one
             process would take the blocked solver, its column blocks are divided among the
             ranks.
+
+        ssc_progress: "auto" (default: a progress bar on a terminal, else log lines on the
+            ``videoanchor.progress`` logger, once an SSC run lasts 5 s), True or False.
+        ssc_time_budget: seconds, or None (default: run to ``eps`` or ``max_iter``, the
+            paper). With a budget the SSC stops at the iterate reached when it runs out:
+            NOT the paper's converged answer. Either way, an SSC that stops before ``eps``
+            is reported with an :class:`~videoanchor.anchor.progress.SSCConvergenceWarning`
+            naming the residual reached, ``eps`` and the iteration limit, and in
+            ``handle.last_ssc_runs``.
 
     Raises TypeError for a model that is not a vision-language model (e.g. a plain module or
     a text-only LM), ValueError for an unsupported VLM family (both name the supported ones),
@@ -712,11 +783,24 @@ def configure(
             ssc_dtype=ssc_dtype,
             attention_backend=attention_backend,
             process_group=process_group,
+            ssc_progress=ssc_progress,
+            ssc_time_budget=ssc_time_budget,
         ).items()
         if v is not _UNSET
     }
-    handle.config = _validate(replace(handle.config, **given))
+    old = handle.config
+    handle.config = _validate(replace(old, **given))
     handle._keep_vision_on_sdpa()
-    handle._request = None
-    handle._current = None
+    request = handle._request
+    if request is not None and (old.alpha_k, old.alpha_v) != (
+        handle.config.alpha_k, handle.config.alpha_v
+    ) and handle.last_scores is not None:
+        # Called between the steps of a generate (decode="all"): the prompt's scores stay,
+        # its gates follow the new strengths from the next step on.
+        from videoanchor.kernels import anchor_gates
+
+        request.key_bias, request.value_scale = anchor_gates(
+            handle.last_scores, handle.config.alpha_k, handle.config.alpha_v
+        )
+        request.buffers.clear()
     return handle

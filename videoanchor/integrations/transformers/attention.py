@@ -7,10 +7,16 @@ tensors. What it returns, and the attention function reads, is one of:
 - ``None``: no 2D attention mask and every cache slot valid;
 - a (B, Skv) bool padding mask (True = the key may be attended), the same shape whatever
   the data (no ``None`` for an all-True mask, so a compiled forward keeps one graph);
-- a (B, Skv) int8 slot mask for a static (preallocated) cache, over the whole cache:
-  0 = a slot not filled yet, 1 = a padding token, 2 = a visible token. The filled slots
-  are a prefix, so their count is the kernel's ``cache_seqlens`` (which aligns the causal
-  diagonal); the shape follows the cache size, never the filled length;
+- a (B, Skv) int8 slot mask whenever the keys are not exactly the past plus the current
+  tokens (a static, preallocated cache; or any cache whose query offset is a tensor), over
+  all ``kv_length`` slots: -1 = a slot not filled yet, 0 = a padding token, 1 = a visible
+  token. The filled slots are a prefix, so their count is the kernel's ``cache_seqlens``
+  (which aligns the causal diagonal); the shape follows the cache size, never the filled
+  length. The codes are chosen so that the mask survives transformers reinterpreting it:
+  a model that rebuilds its mask from the one ``generate`` made (Llama, Qwen3-VL) casts it
+  to bool (padding stays False, filled tokens True) and calls this function again, which
+  takes the filled count from the cache's query offset, never from the mask, and so
+  returns the same slot mask (a fixed point, whatever the type of ``q_offset``);
 - a (B, S) int64 tensor of packed-sequence ids (transformers' padding-free format,
   detected from ``position_ids`` that restart): the attention runs on the varlen kernel;
 - a 4D mask the user passed to the model (transformers hands it over as it is): the
@@ -35,8 +41,9 @@ _UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux", "sinks", "position_
 # a recomputed forward sees the gates of its own forward.
 REQUEST_KWARG = "_videoanchor_request"
 _MISSING = object()
-# Static-cache slot codes (see the module docstring).
-_SLOT_EMPTY, _SLOT_PADDING, _SLOT_VISIBLE = 0, 1, 2
+# Static-cache slot codes (see the module docstring): padding is the only code that casts to
+# False, so a bool cast keeps which filled slots are visible.
+_SLOT_EMPTY, _SLOT_PADDING, _SLOT_VISIBLE = -1, 0, 1
 
 _warned: set[str] = set()
 
@@ -114,30 +121,61 @@ def videoanchor_mask(
             f"pattern {name} (sliding window, chunked or a model-specific overlay). Use "
             "attn_implementation='sdpa' for this model."
         )
-    # A StaticCache layer gives its query offset as a tensor (no graph break); then, or when
-    # fewer slots than kv_length are filled, the mask covers the whole cache with slot codes.
-    static = torch.is_tensor(q_offset)
-    if attention_mask is None and not static and q_offset + q_length >= kv_length:
-        return None
-    if attention_mask is not None:
-        if attention_mask.dim() != 2:
-            raise ValueError(
-                f"attn_implementation={ATTN_IMPLEMENTATION!r}: expected a 2D (batch, keys) padding "
-                f"mask, got shape {tuple(attention_mask.shape)}"
+    # Query i sits at cache slot q_offset + i (SDPA's convention), so `end` slots are in use
+    # after this forward. A StaticCache layer gives q_offset as a tensor (no graph break), or
+    # the int 0 before its first update; a dynamic cache an int (a SymInt when compiled).
+    end = q_offset + q_length
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"attn_implementation={ATTN_IMPLEMENTATION!r}: expected a 2D (batch, keys) padding "
+            f"mask, got shape {tuple(attention_mask.shape)}"
+        )
+    if not torch.is_tensor(end):
+        if end > kv_length:
+            raise NotImplementedError(
+                f"attn_implementation={ATTN_IMPLEMENTATION!r}: queries ending at position {end} "
+                f"past the {kv_length} keys (a cache with shifted queries) are not supported"
             )
-        if attention_mask.shape[-1] > kv_length:
-            attention_mask = attention_mask[:, -kv_length:]
-        mask = attention_mask.to(device=device, dtype=torch.bool)
-        if not static and mask.shape[-1] == kv_length:
+        if end == kv_length:
+            # Every key is a past or current token: the kernel's bottom-right causal diagonal
+            # is right as it is, and only padding needs a mask.
+            if attention_mask is None:
+                return None
+            mask = attention_mask[:, -kv_length:].to(device=device, dtype=torch.bool)
+            n = mask.shape[-1]
+            if n < kv_length:  # keys the mask does not cover are masked, as in sdpa_mask
+                pad = torch.zeros(batch_size, kv_length - n, dtype=torch.bool, device=device)
+                mask = torch.cat([mask, pad], dim=-1)
             return mask
-    filled = torch.arange(kv_length, device=device) < q_offset + q_length  # (Skv,)
-    slots = torch.where(filled, _SLOT_VISIBLE, _SLOT_EMPTY).to(torch.int8).expand(batch_size, -1)
-    if attention_mask is not None:
+    # Preallocated slots: the filled count comes from the cache's query offset only. An
+    # incoming mask is the user's 0/1 mask or this function's own slot mask cast to bool by
+    # transformers; in both, the filled slots that cast to False are padding.
+    filled = torch.arange(kv_length, device=device) < end  # (Skv,)
+    if attention_mask is None:
+        visible = filled.expand(batch_size, -1)
+    else:
+        mask = attention_mask[:, :kv_length].to(device=device, dtype=torch.bool)
         n = mask.shape[-1]
-        pad = torch.zeros(batch_size, kv_length - n, dtype=torch.bool, device=mask.device)
-        visible = torch.cat([mask, pad], dim=-1) if n < kv_length else mask
-        slots = torch.where(visible | ~filled, slots, _SLOT_PADDING).to(torch.int8)
-    return slots.contiguous()
+        if n < kv_length:
+            pad = torch.zeros(batch_size, kv_length - n, dtype=torch.bool, device=device)
+            mask = torch.cat([mask, pad], dim=-1)
+        visible = mask & filled
+    slots = torch.where(filled, _SLOT_PADDING, _SLOT_EMPTY).to(torch.int8)
+    slots = torch.where(visible, _SLOT_VISIBLE, slots)  # int8: a Python scalar does not promote
+    return slots.expand(batch_size, -1).contiguous()
+
+
+def current_tokens_of_slot_mask(slots: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """(B, n_tokens) bool: which of the last ``n_tokens`` filled slots of a (B, Skv) int8
+    slot mask (what :func:`videoanchor_mask` makes over a static cache, and ``generate``
+    hands to a model) hold visible tokens. Those are the tokens of the current forward."""
+    if n_tokens > slots.shape[-1]:
+        raise ValueError(
+            f"expected at most {slots.shape[-1]} current tokens in the slot mask, got {n_tokens}"
+        )
+    end = (slots != _SLOT_EMPTY).sum(-1, keepdim=True)  # (B, 1), the same in every row
+    cols = end - n_tokens + torch.arange(n_tokens, device=slots.device)
+    return slots.gather(1, cols.clamp(min=0)) == _SLOT_VISIBLE
 
 
 def videoanchor_attention_forward(

@@ -91,10 +91,14 @@ def _source(group) -> int:
     return dist.get_global_rank(group, 0)
 
 
-def check_same_request(group, embeds: torch.Tensor, visual: torch.Tensor) -> None:
+def check_same_request(
+    group, embeds: torch.Tensor, visual: torch.Tensor, options: dict | None = None
+) -> None:
     """All ranks of ``group`` must hold the same request: same (batch, length), same visual
     token positions and (to 1e-4 of their magnitude) the same visual features. Raises the same
-    RuntimeError on every rank otherwise."""
+    RuntimeError on every rank otherwise. ``options`` (name -> value, compared as text): the
+    anchoring options, which must agree too, else the same ValueError on every rank (rank 0
+    scores for all, so another rank's options would be silently ignored)."""
     import torch.distributed as dist
 
     feats = embeds[visual].detach().to(torch.float64)
@@ -104,10 +108,19 @@ def check_same_request(group, embeds: torch.Tensor, visual: torch.Tensor) -> Non
         int(torch.nonzero(visual).sum()),
         float(feats.sum()),
         float(feats.abs().sum()),
+        {k: repr(v) for k, v in (options or {}).items()},
     )
     seen = [None] * dist.get_world_size(group)
     dist.all_gather_object(seen, mine, group=group)
     ref = seen[0]
+    for rank, fp in enumerate(seen):
+        for key, value in ref[5].items():
+            if fp[5].get(key) != value:
+                raise ValueError(
+                    f"videoanchor: expected the same {key} on every rank of the anchoring "
+                    f"process group, got {key}={value} on rank 0 and {key}={fp[5].get(key)} "
+                    f"on rank {rank}; try the same configure(...) call on every rank"
+                )
     for rank, fp in enumerate(seen):
         tol = 1e-4 * max(ref[4], 1e-30)
         same = fp[:3] == ref[:3] and abs(fp[3] - ref[3]) <= tol and abs(fp[4] - ref[4]) <= tol

@@ -121,14 +121,22 @@ def _llava_video_layout(newline: bool):
     def layout(config, kwargs, kind):
         if kind != "video":
             return None  # anyres images: layout depends on image_sizes and packing
-        pv = kwargs.get("pixel_values_videos")
-        if pv is None or pv.dim() != 5:
-            return None
-        n_videos, frames = int(pv.shape[0]), int(pv.shape[1])
         vc = config.vision_config
         side = vc.image_size // vc.patch_size
         stride = int(getattr(config, "spatial_pool_stride", 2) or 2)
         pooled = math.ceil(side / stride) if newline else side // stride
+        pv = kwargs.get("pixel_values_videos")
+        if pv is not None and pv.dim() == 5:
+            n_videos, frames = int(pv.shape[0]), int(pv.shape[1])
+        else:  # precomputed features (mm_encoder_outputs): (videos, frames * pooled^2 [+ 1], D)
+            encoded = (kwargs.get("mm_encoder_outputs") or {}).get("video")
+            po = getattr(encoded, "pooler_output", None)
+            if not torch.is_tensor(po) or po.dim() != 3:
+                return None
+            n_videos, tokens = int(po.shape[0]), int(po.shape[1]) - (1 if newline else 0)
+            if tokens <= 0 or tokens % (pooled * pooled):
+                return None
+            frames = tokens // (pooled * pooled)
         g = (frames, pooled, pooled)
         length = frames * pooled * pooled + (1 if newline else 0)
         return [(length, g, "thw+newline" if newline else "thw")] * n_videos
@@ -197,6 +205,7 @@ FAMILIES: dict[str, FamilySpec] = {
 
 
 def supported_families() -> list[str]:
+    """The supported ``config.model_type`` values, sorted."""
     return sorted(FAMILIES)
 
 

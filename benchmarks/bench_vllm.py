@@ -1,0 +1,192 @@
+"""Serving throughput of the vLLM plugin: anchored against plain vLLM on the same engine
+settings, and the stall a new video's SSC puts on the decode steps of running requests.
+
+Each engine runs in its own process (one ``LLM`` per process; "plain" is the same settings
+without ``additional_config["videoanchor"]``). Measured per engine:
+
+- ``requests/s`` and ``output tokens/s`` for N concurrent video requests (one ``generate``
+  call, greedy, ``--max-tokens`` each, ``ignore_eos``);
+- the stall: M text requests decode; a new video request arrives; the duration of each
+  ``LLMEngine.step()`` is recorded. ``stall_s`` = the step that prefills the video (the
+  encoder, the prefill and, anchored, the SSC run inside it) minus the median decode step.
+
+CPU (in the vLLM venv of .ci/run; builds the tiny checkpoint of tests/vllm_support.py):
+    python benchmarks/bench_vllm.py
+GPU (once the CUDA backend is wired; today the plugin refuses CUDA at start-up):
+    python benchmarks/bench_vllm.py --model Qwen/Qwen2.5-VL-7B-Instruct --frames 16 \\
+        --size 336 --requests 16 --max-tokens 64 --dtype bfloat16 --n-clusters 24
+Writes benchmarks/results/vllm_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TESTS = HERE.parent / "tests"
+
+
+def _frames(n, seed, size):
+    sys.path.insert(0, str(TESTS))
+    from test_cli_support import moving_shapes
+
+    return moving_shapes(n, size, size * 3 // 2, seed=seed)
+
+
+def _video(args, seed):
+    meta = {"fps": 4.0, "total_num_frames": args.frames, "duration": args.frames / 4.0,
+            "frames_indices": list(range(args.frames)), "video_backend": "opencv"}  # fmt: skip
+    return (_frames(args.frames, seed, args.size), meta)
+
+
+def _prompt(args, kind):
+    if kind == "video":
+        return ("<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>Describe the "
+                "video.<|im_end|>\n<|im_start|>assistant\n")  # fmt: skip
+    return "<|im_start|>user\nCount from one to fifty.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def worker(args) -> dict:
+    """One engine: throughput, then the stall measurement."""
+    from vllm import LLM, SamplingParams
+
+    engine = dict(dtype=args.dtype, max_model_len=args.max_model_len, seed=0,
+                  limit_mm_per_prompt={"video": 1}, enable_prefix_caching=False)  # fmt: skip
+    if args.cpu:
+        engine.update(enforce_eager=True, gpu_memory_utilization=0.05,
+                      kv_cache_memory_bytes=512 << 20)  # fmt: skip
+    if args.anchored:
+        engine["additional_config"] = {
+            "videoanchor": {"n_clusters": args.n_clusters, "max_iter": args.max_iter}
+        }
+    t0 = time.perf_counter()
+    llm = LLM(model=args.model, **engine)
+    startup = time.perf_counter() - t0
+    sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    reqs = [{"prompt": _prompt(args, "video"), "multi_modal_data": {"video": _video(args, i)}}
+            for i in range(args.requests)]  # fmt: skip
+    llm.generate(reqs[:1], sp, use_tqdm=False)  # warm-up
+    t = time.perf_counter()
+    outs = llm.generate(reqs, sp, use_tqdm=False)
+    elapsed = time.perf_counter() - t
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    # The stall: M text requests decoding, then one new video.
+    eng = llm.llm_engine
+    dec = SamplingParams(temperature=0.0, max_tokens=args.stall_decode_tokens, ignore_eos=True)
+    for i in range(args.running):
+        eng.add_request(f"run{i}", {"prompt": _prompt(args, "text")}, dec)
+    steps = []
+    for _ in range(3):  # their prefills, then steady decode
+        eng.step()
+    for _ in range(4):
+        t = time.perf_counter()
+        eng.step()
+        steps.append(("decode", time.perf_counter() - t))
+    eng.add_request("new_video", {"prompt": _prompt(args, "video"),
+                                  "multi_modal_data": {"video": _video(args, 999)}},
+                    SamplingParams(temperature=0.0, max_tokens=2))  # fmt: skip
+    t = time.perf_counter()
+    eng.step()
+    steps.append(("video_prefill", time.perf_counter() - t))
+    while eng.has_unfinished_requests():
+        eng.step()
+    decode = [s for k, s in steps if k == "decode"]
+    prefill = [s for k, s in steps if k == "video_prefill"][0]
+    return {
+        "anchored": args.anchored,
+        "startup_s": startup,
+        "requests": args.requests,
+        "seconds": elapsed,
+        "requests_per_s": args.requests / elapsed,
+        "output_tokens_per_s": n_out / elapsed,
+        "median_decode_step_s": statistics.median(decode),
+        "video_prefill_step_s": prefill,
+        "stall_s": prefill - statistics.median(decode),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="checkpoint (default: the tiny test model)")
+    p.add_argument("--frames", type=int, default=4)
+    p.add_argument("--size", type=int, default=56, help="frame height in pixels")
+    p.add_argument("--requests", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--running", type=int, default=4, help="decoding requests for the stall")
+    p.add_argument("--stall-decode-tokens", type=int, default=24)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--n-clusters", type=int, default=4)
+    p.add_argument("--max-iter", type=int, default=200)
+    p.add_argument("--out-dir", default=None)
+    p.add_argument("--worker", choices=["plain", "anchored"], default=None)
+    p.add_argument("--json-out", default=None)
+    args = p.parse_args()
+    args.cpu = not _cuda()
+    if args.worker:
+        args.anchored = args.worker == "anchored"
+        Path(args.json_out).write_text(json.dumps(worker(args)))
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="bench_vllm_"))
+    if args.model is None:
+        sys.path.insert(0, str(TESTS))
+        import torchvision_shim  # the tiny checkpoint's real processors import torchvision
+
+        torchvision_shim.apply()
+        import vllm_support
+
+        args.model = str(tmp / "tiny_qwen2_5_vl")
+        vllm_support.save_checkpoint(args.model)
+    env = dict(os.environ)
+    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if args.cpu:  # as tests/test_vllm.py: vLLM's default thread binding stalls a shared box
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(HERE.parent), str(TESTS / "vllm_site"), str(TESTS), env.get("PYTHONPATH", "")]
+    )
+    rows = []
+    for kind in ("plain", "anchored"):
+        out = tmp / f"{kind}.json"
+        cmd = [sys.executable, __file__, "--worker", kind, "--json-out", str(out)]
+        cmd += sys.argv[1:] if "--model" in sys.argv else sys.argv[1:] + ["--model", args.model]
+        subprocess.run(cmd, env=env, check=True)
+        rows.append(json.loads(out.read_text()))
+    plain, anchored = rows
+    ratio = anchored["output_tokens_per_s"] / plain["output_tokens_per_s"]
+    for r in rows:
+        r["ratio_vs_plain"] = r["output_tokens_per_s"] / plain["output_tokens_per_s"]
+    sys.path.insert(0, str(HERE.parent))
+    import vllm
+
+    from benchmarks.common import environment, print_table, write_result
+
+    meta = environment()
+    meta.update(vllm=vllm.__version__, model=args.model if args.model and "tiny" not in args.model
+                else "tiny Qwen2.5-VL (tests/vllm_support.py)", frames=args.frames,
+                size=args.size, max_tokens=args.max_tokens, running=args.running,
+                dtype=args.dtype, n_clusters=args.n_clusters, max_iter=args.max_iter,
+                env={k: env.get(k) for k in ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS",
+                                             "VLLM_ENABLE_V1_MULTIPROCESSING")})  # fmt: skip
+    print_table(rows, ["anchored", "requests_per_s", "output_tokens_per_s", "ratio_vs_plain",
+                       "median_decode_step_s", "video_prefill_step_s", "stall_s"])  # fmt: skip
+    print(f"anchored / plain output tokens/s: {ratio:.3f}")
+    print("wrote", write_result("vllm", meta, rows, args.out_dir))
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    main()

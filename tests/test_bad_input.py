@@ -1,0 +1,704 @@
+"""Bad input at every public entry point (issue 23): each case asserts the exact error type
+and a phrase of its message, or the correct result. No case may hang (the distributed
+cases run under a 20 s collective timeout) or crash the process.
+
+Cost here (2 CPU cores): about a minute, most of it the tiny-model and 2-process cases.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torchvision_shim
+
+torchvision_shim.apply()  # a spawned rank imports this module but not conftest.py
+
+import videoanchor  # noqa: E402
+import videoanchor.cli  # noqa: E402
+from videoanchor.anchor import compute_anchor_scores, sparse_subspace_clustering  # noqa: E402
+from videoanchor.kernels import anchor_gates, anchored_attention  # noqa: E402
+from videoanchor.kernels.interface import anchored_attention_varlen  # noqa: E402
+
+BACKENDS = ["torch", "triton"]  # triton runs under TRITON_INTERPRET=1 on the CPU
+
+
+def _qkv(B=1, H=2, S=5, D=16, Skv=None, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    Skv = S if Skv is None else Skv
+    q = torch.randn(B, H, S, D, generator=g, dtype=dtype)
+    k = torch.randn(B, H, Skv, D, generator=g, dtype=dtype)
+    v = torch.randn(B, H, Skv, D, generator=g, dtype=dtype)
+    return q, k, v
+
+
+# ---- anchored_attention: both backends reject the same inputs ----------------------------
+
+_DENSE_BAD = {
+    "causal-str": (dict(causal="no"), TypeError, "causal: expected True or False"),
+    "causal-int": (dict(causal=1), TypeError, "causal: expected True or False"),
+    "causal-none": (dict(causal=None), TypeError, "causal: expected True or False"),
+    "return_lse-str": (dict(return_lse="yes"), TypeError, "return_lse: expected True or False"),
+    "sm_scale-nan": (dict(sm_scale=float("nan")), ValueError, "sm_scale: expected None or a finite"),
+    "sm_scale-inf": (dict(sm_scale=math.inf), ValueError, "sm_scale: expected None or a finite"),
+    "sm_scale-str": (dict(sm_scale="0.1"), TypeError, "sm_scale: expected None or a finite"),
+    "backend": (dict(backend="cuda"), ValueError, "backend: expected one of"),
+    "cache-too-long": (
+        dict(cache_seqlens=torch.tensor([6], dtype=torch.int32)), ValueError, "cache_seqlens: expected values in [0, Skv]"
+    ),
+    "cache-2pow40": (
+        dict(cache_seqlens=torch.tensor([2**40])), ValueError, "cache_seqlens: expected values in [0, Skv]"
+    ),
+    "cache-negative": (
+        dict(cache_seqlens=torch.tensor([-1], dtype=torch.int32)), ValueError, "cache_seqlens: expected values"
+    ),
+    "cache-float": (dict(cache_seqlens=torch.tensor([3.0])), TypeError, "cache_seqlens: expected dtype int32"),
+    "cache-shape": (
+        dict(cache_seqlens=torch.tensor([3, 3], dtype=torch.int32)), ValueError, "cache_seqlens: expected shape (B,)"
+    ),
+    "key_bias-shape": (dict(key_bias=torch.zeros(1, 4)), ValueError, "key_bias: expected shape (B, Skv)"),
+    "key_bias-int": (dict(key_bias=torch.zeros(1, 5, dtype=torch.long)), TypeError, "key_bias: expected a floating"),
+    "value_scale-3d": (dict(value_scale=torch.ones(1, 5, 1)), ValueError, "value_scale: expected 2 dims"),
+    "mask-float": (dict(key_padding_mask=torch.ones(1, 5)), TypeError, "key_padding_mask: expected dtype torch.bool"),
+    "attn_mask-shape": (dict(attn_mask=torch.ones(2, 2, 5, 5, dtype=torch.bool)), ValueError, "attn_mask: expected a shape"),
+    "attn_mask-int": (dict(attn_mask=torch.ones(5, 5, dtype=torch.int32)), TypeError, "attn_mask: expected dtype"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(_DENSE_BAD), ids=list(_DENSE_BAD))
+def test_dense_bad_option(backend, case):
+    kw, exc, phrase = _DENSE_BAD[case]
+    kw = {"backend": backend, **kw}
+    q, k, v = _qkv()
+    with pytest.raises(exc, match=_re(phrase)):
+        anchored_attention(q, k, v, **kw)
+
+
+def _re(phrase: str) -> str:
+    import re
+
+    return re.escape(phrase)
+
+
+_DENSE_BAD_TENSORS = {
+    "D=0": (lambda: _qkv(D=0), ValueError, "head dim D >= 1"),
+    "q-3d": (lambda: (torch.randn(2, 5, 16),) + _qkv()[1:], ValueError, "q: expected 4 dims"),
+    "q-list": (lambda: ([[1.0]],) + _qkv()[1:], TypeError, "q: expected a torch.Tensor"),
+    "int-dtype": (lambda: tuple(t.long() for t in _qkv()), TypeError, "expected dtype float16"),
+    "mixed-dtype": (lambda: (_qkv()[0].half(),) + _qkv()[1:], TypeError, "expected one dtype"),
+    "float64": (lambda: _qkv(dtype=torch.float64), TypeError, "expected dtype float16, bfloat16 or float32"),
+    "kv-shape": (lambda: _qkv()[:2] + (torch.randn(1, 2, 4, 16),), ValueError, "k, v: expected the same shape"),
+    "gqa": (lambda: (torch.randn(1, 3, 5, 16),) + _qkv()[1:], ValueError, "multiple of the KV heads"),
+    "head-dim": (lambda: (_qkv()[0], torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)), ValueError, "k: expected head dim"),
+    "batch": (lambda: (_qkv(B=2)[0],) + _qkv()[1:], ValueError, "k: expected batch 2"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(_DENSE_BAD_TENSORS), ids=list(_DENSE_BAD_TENSORS))
+def test_dense_bad_tensors(backend, case):
+    make, exc, phrase = _DENSE_BAD_TENSORS[case]
+    with pytest.raises(exc, match=_re(phrase)):
+        anchored_attention(*make(), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n_valid", [0, 3, 9], ids=["empty", "partial", "full"])
+def test_cache_seqlens_in_range_agrees_across_backends(backend, n_valid):
+    q, k, v = _qkv(S=2, Skv=9)
+    cs = torch.tensor([n_valid], dtype=torch.int32)
+    out = anchored_attention(q, k, v, cache_seqlens=cs, backend=backend)
+    # reference: the first n_valid keys only, causal diagonal aligned to n_valid
+    ref = anchored_attention(q, k[:, :, :n_valid], v[:, :, :n_valid], backend="torch")
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=0)
+    assert bool(torch.isfinite(out).all())
+
+
+# ---- anchored_attention_varlen ----------------------------------------------------------
+
+
+def _packed(lens=(3, 4), H=2, D=16):
+    total = sum(lens)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(total, H, D, generator=g) for _ in range(3))
+    cu = torch.tensor([0, *np.cumsum(lens).tolist()], dtype=torch.int32)
+    return q, k, v, cu
+
+
+_VARLEN_BAD = {
+    "non-monotonic": ([0, 5, 3, 7], 7, ValueError, "cu_seqlens_q: expected non-decreasing offsets"),
+    "negative": ([0, -2, 7], 7, ValueError, "expected non-decreasing offsets"),
+    "start-not-0": ([1, 3, 7], 7, ValueError, "expected the first offset to be 0"),
+    "past-total": ([0, 3, 9], 7, ValueError, "expected the last offset to equal the packed length 7"),
+    "short-of-total": ([0, 3, 5], 7, ValueError, "expected the last offset to equal the packed length 7"),
+    "max_seqlen_q-0": ([0, 3, 7], 0, ValueError, "max_seqlen_q: expected at least the longest sequence"),
+    "max_seqlen_q-short": ([0, 3, 7], 3, ValueError, "sequence 1 has 4 queries"),
+    "huge-int64": ([0, 3, 2**40], 7, ValueError, "expected the last offset to equal the packed length"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(_VARLEN_BAD), ids=list(_VARLEN_BAD))
+def test_varlen_bad_offsets(backend, case):
+    offsets, max_q, exc, phrase = _VARLEN_BAD[case]
+    q, k, v, _ = _packed()
+    cu = torch.tensor(offsets, dtype=torch.int64)
+    with pytest.raises(exc, match=_re(phrase)):
+        anchored_attention_varlen(q, k, v, cu, cu, max_q, backend=backend)
+
+
+_VARLEN_BAD_OPTS = {
+    "causal-str": (dict(causal="no"), TypeError, "causal: expected True or False"),
+    "max_seqlen_q-bool": (dict(max_seqlen_q=True), ValueError, "max_seqlen_q: expected a non-negative int"),
+    "max_seqlen_q-float": (dict(max_seqlen_q=4.0), ValueError, "max_seqlen_q: expected a non-negative int"),
+    "max_seqlen_k-neg": (dict(max_seqlen_k=-1), ValueError, "max_seqlen_k: expected None or a non-negative int"),
+    "cu-empty": (dict(cu=torch.zeros(0, dtype=torch.int32)), ValueError, "expected batch + 1 >= 1 offsets"),
+    "cu-float": (dict(cu=torch.tensor([0.0, 7.0])), TypeError, "expected dtype int32"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(_VARLEN_BAD_OPTS), ids=list(_VARLEN_BAD_OPTS))
+def test_varlen_bad_options(backend, case):
+    kw, exc, phrase = _VARLEN_BAD_OPTS[case]
+    q, k, v, cu = _packed()
+    kw = dict(kw)
+    cu = kw.pop("cu", cu)
+    max_q = kw.pop("max_seqlen_q", 4)
+    with pytest.raises(exc, match=_re(phrase)):
+        anchored_attention_varlen(q, k, v, cu, cu, max_q, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_empty_batch_and_empty_sequence(backend):
+    q, k, v, _ = _packed(lens=(0,))
+    out = anchored_attention_varlen(q, k, v, torch.tensor([0], dtype=torch.int32),
+                                    torch.tensor([0], dtype=torch.int32), 0, backend=backend)  # fmt: skip
+    assert out.shape == (0, 2, 16)
+    q, k, v, cu = _packed(lens=(3, 0, 4))
+    out = anchored_attention_varlen(q, k, v, cu, cu, 4, backend=backend)
+    ref = anchored_attention_varlen(q, k, v, cu, cu, 4, backend="torch")
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=0)
+
+
+# ---- anchor_gates -----------------------------------------------------------------------
+
+_GATES_BAD = {
+    "nan-score": (torch.tensor([0.1, float("nan")]), 1.0, 1.0, ValueError, "scores: expected finite values"),
+    "alpha-inf": (torch.tensor([0.1]), math.inf, 1.0, ValueError, "alpha_k: expected a finite number"),
+    "alpha-nan": (torch.tensor([0.1]), 1.0, float("nan"), ValueError, "alpha_v: expected a finite number"),
+    "alpha-str": (torch.tensor([0.1]), "1", 1.0, TypeError, "alpha_k: expected a finite number"),
+    "alpha-bool": (torch.tensor([0.1]), True, 1.0, TypeError, "alpha_k: expected a finite number"),
+    "int-scores": (torch.tensor([1, 0]), 1.0, 1.0, TypeError, "scores: expected a floating-point tensor"),
+    "list-scores": ([0.1], 1.0, 1.0, TypeError, "scores: expected a torch.Tensor"),
+    "gate<=0": (torch.tensor([0.0, 0.9]), -2.0, 1.0, ValueError, "makes the gate 1 + alpha_k * s non-positive"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(_GATES_BAD), ids=list(_GATES_BAD))
+def test_anchor_gates_bad(case):
+    s, ak, av, exc, phrase = _GATES_BAD[case]
+    with pytest.raises(exc, match=_re(phrase)):
+        anchor_gates(s, ak, av)
+
+
+def test_anchor_gates_values():
+    s = torch.tensor([0.0, 0.5])
+    kb, vs = anchor_gates(s, 2.0, 3.0)
+    torch.testing.assert_close(kb, torch.log1p(2.0 * s))
+    torch.testing.assert_close(vs, 1 + 3.0 * s)
+
+
+# ---- compute_anchor_scores / sparse_subspace_clustering in every mode ---------------------
+
+MODES = ["exact", "blocked", "scalable", "auto"]
+X = torch.randn(18, 6, generator=torch.Generator().manual_seed(3))
+
+_SSC_BAD = {
+    "max_iter-0": (dict(max_iter=0), ValueError, "max_iter: expected an int >= 1"),
+    "max_iter-inf": (dict(max_iter=math.inf), TypeError, "max_iter: expected an int >= 1"),
+    "max_iter-float": (dict(max_iter=10.0), TypeError, "max_iter: expected an int >= 1"),
+    "eps-neg": (dict(eps=-1e-3), ValueError, "eps: expected a finite number >= 0"),
+    "eps-nan": (dict(eps=float("nan")), ValueError, "eps: expected a finite number >= 0"),
+    "rho-0": (dict(rho=0.0), ValueError, "rho: expected a positive finite number"),
+    "alpha_z-inf": (dict(alpha_z=math.inf), ValueError, "alpha_z: expected a positive finite number"),
+    "alpha_e-str": (dict(alpha_e="800"), TypeError, "alpha_e: expected a finite number"),
+    "seed-str": (dict(seed="0"), TypeError, "seed: expected an int or None"),
+    "seed-neg": (dict(seed=-1), ValueError, "seed: expected an int in [0, 2**32 - 1]"),
+    "pca_rank-float": (dict(pca_rank=2.5), TypeError, "pca_rank: expected an int >= 0"),
+    "label_draws-0": (dict(label_draws=0), ValueError, "label_draws: expected an int >= 1"),
+    "backend-jax": (dict(backend="jax"), ValueError, "backend: expected one of"),
+    "dtype-half": (dict(dtype=torch.float16), ValueError, "dtype: expected torch.float32 or torch.float64"),
+    "dtype-int": (dict(dtype=3), TypeError, "dtype: expected None, torch.float32"),
+    "progress-str": (dict(progress="no"), TypeError, "progress: expected True, False"),
+    "n_clusters-float": (dict(n_clusters=3.0), TypeError, "n_clusters: expected an int >= 1"),
+    "eigen-bogus": (dict(eigen_solver="arpack"), ValueError, "eigen_solver: expected one of"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", list(_SSC_BAD), ids=list(_SSC_BAD))
+def test_scores_bad_option_every_mode(mode, case):
+    kw, exc, phrase = _SSC_BAD[case]
+    kw = {"n_clusters": 3, "max_iter": 50, **kw}
+    with pytest.raises(exc, match=_re(phrase)):
+        compute_anchor_scores(X, mode=mode, **kw)
+
+
+_MODE_SPECIFIC = {
+    "scalable-cupy": (dict(mode="scalable", backend="cupy"), "mode='scalable': expected backend"),
+    "scalable-solver": (dict(mode="scalable", solver="faithful"), "expected solver='auto'"),
+    "scalable-eigh": (dict(mode="scalable", eigen_solver="eigh"), "mode='scalable': expected eigen_solver"),
+    "blocked-eigh": (dict(mode="blocked", eigen_solver="eigh"), "mode='blocked': expected eigen_solver"),
+    "blocked-accel": (dict(mode="blocked", solver="accelerated"), "expected solver 'auto' or 'faithful'"),
+    "exact-subspace": (dict(mode="exact", eigen_solver="subspace"), "mode='exact': expected eigen_solver"),
+    "exact-candidates": (dict(mode="exact", candidates=8), "candidates: applies to mode='scalable' only"),
+    "exact-block_columns": (dict(mode="exact", block_columns=4), "block_columns: applies to mode='blocked'"),
+    "scalable-block_eps": (dict(mode="scalable", block_eps="share"), "block_eps: applies to mode='blocked'"),
+    "mode-bogus": (dict(mode="fast"), "mode: expected one of"),
+    "pg-uninit": (dict(mode="exact", process_group=object()), "torch.distributed is not initialised"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(_MODE_SPECIFIC), ids=list(_MODE_SPECIFIC))
+def test_scores_option_ignored_by_mode_is_an_error(case):
+    kw, phrase = _MODE_SPECIFIC[case]
+    with pytest.raises(ValueError, match=_re(phrase)):
+        compute_anchor_scores(X, n_clusters=3, max_iter=50, **kw)
+
+
+_FEATURES_BAD = {
+    "D=0": (torch.zeros(5, 0), ValueError, "expected at least one token and one feature"),
+    "N=0": (torch.zeros(0, 4), ValueError, "expected at least one token and one feature"),
+    "nan": (torch.tensor([[1.0, float("nan")]] * 4), ValueError, "expected finite values"),
+    "1d": (torch.zeros(5), ValueError, "expected a 2-D (N, D) matrix"),
+    "strings": (np.array([["a"]] * 4), TypeError, "expected a numeric array"),
+    "too-few": (torch.randn(2, 4), ValueError, "expected at least n_clusters = 3 tokens"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["exact", "blocked", "scalable"])
+@pytest.mark.parametrize("case", list(_FEATURES_BAD), ids=list(_FEATURES_BAD))
+def test_scores_bad_features(mode, case):
+    x, exc, phrase = _FEATURES_BAD[case]
+    with pytest.raises(exc, match=_re(phrase)):
+        compute_anchor_scores(x, n_clusters=3, mode=mode, max_iter=50)
+
+
+_SSC_FN_BAD = {
+    "affine-str": (dict(affine="no"), TypeError, "affine: expected True or False"),
+    "outliers-int": (dict(outliers=0), TypeError, "outliers: expected True or False"),
+    "assign": (dict(assign_labels="gmm"), ValueError, "assign_labels: expected 'discretize' or 'kmeans'"),
+    "affinity": (dict(affinity="knn"), ValueError, "affinity: expected 'symmetric' or 'column_max'"),
+    "data_term": (dict(data_term="l2"), ValueError, "data_term: expected one of"),
+    "max_iter-0": (dict(max_iter=0), ValueError, "max_iter: expected an int >= 1"),
+    "eigen-subspace": (dict(eigen_solver="subspace"), ValueError, "mode='exact': expected eigen_solver"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(_SSC_FN_BAD), ids=list(_SSC_FN_BAD))
+def test_sparse_subspace_clustering_bad(case):
+    kw, exc, phrase = _SSC_FN_BAD[case]
+    with pytest.raises(exc, match=_re(phrase)):
+        sparse_subspace_clustering(X, 3, **{"max_iter": 50, **kw})
+
+
+@pytest.mark.parametrize("mode", ["exact", "blocked", "scalable"])
+@pytest.mark.parametrize("noise", [0.0, 1e-6], ids=["identical", "near-identical"])
+def test_identical_tokens_score_zero(mode, noise):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 8, generator=g).repeat(24, 1) + noise * torch.randn(24, 8, generator=g)
+    with pytest.warns(UserWarning, match="every anchor score is 0"):
+        res = compute_anchor_scores(x, 3, mode=mode, max_iter=300)
+    assert torch.equal(res.scores, torch.zeros(24))
+
+
+@pytest.mark.parametrize("mode", ["exact", "blocked", "scalable"])
+def test_duplicate_tokens_get_one_score(mode):
+    g = torch.Generator().manual_seed(5)
+    x = torch.cat([torch.randn(1, 8, generator=g).repeat(6, 1), torch.randn(12, 8, generator=g)])
+    res = compute_anchor_scores(x, 3, mode=mode, max_iter=40)
+    assert float(res.scores[:6].max() - res.scores[:6].min()) == 0.0
+    assert float(res.scores.max() - res.scores.min()) > 0.1  # the other tokens still differ
+
+
+def test_seed_none_works_like_scikit_learn():
+    np.random.seed(7)
+    a = compute_anchor_scores(X, 3, seed=None, max_iter=100)
+    np.random.seed(7)
+    b = compute_anchor_scores(X, 3, seed=None, max_iter=100)
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.scores, b.scores)
+    assert bool(((a.scores >= 0) & (a.scores < 1)).all())
+
+
+def test_scalable_max_iter_is_respected():
+    res = compute_anchor_scores(X, 3, mode="scalable", max_iter=1)
+    assert res.iterations >= 1 and bool(res.scores.max() > 0)
+
+
+# ---- process_group: 2 gloo processes, short collective timeout ---------------------------
+
+_DIST_CASES = {
+    # name: (kwargs on rank 0, kwargs on rank 1, expected type, phrase)
+    "max_iter-differs": (dict(max_iter=20), dict(max_iter=21), ValueError, "expected the same max_iter on every rank"),
+    "seed-differs": (dict(seed=0), dict(seed=1), ValueError, "expected the same seed on every rank"),
+    "eps-differs": (dict(eps=1e-3), dict(eps=2e-3), ValueError, "expected the same eps on every rank"),
+    "mode-bad-on-1": (dict(), dict(mode="windowed"), ValueError, "mode: expected one of"),
+    "pca-bad-on-1": (dict(), dict(pca_rank=-1), ValueError, "pca_rank: expected an int >= 0"),
+    "eigen-bad-on-1": (dict(), dict(eigen_solver="eigh"), ValueError, "expected eigen_solver"),
+    "draws-bad-on-1": (dict(), dict(label_draws=0), ValueError, "label_draws: expected an int >= 1"),
+    "draws-type-on-0": (dict(label_draws=1.5), dict(), TypeError, "label_draws: expected an int >= 1"),
+    "nan-on-1": (dict(), dict(nan=True), ValueError, "expected finite values"),
+    "shape-differs": (dict(), dict(rows=17), ValueError, "expected the same features on every rank"),
+    "same": (dict(), dict(), None, None),
+}  # fmt: skip
+
+
+def _dist_worker(rank, store, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+        timeout=datetime.timedelta(seconds=20),
+    )  # fmt: skip
+    results = {}
+    try:
+        for name, (kw0, kw1) in ((n, c[:2]) for n, c in _DIST_CASES.items()):
+            kw = dict(kw0 if rank == 0 else kw1)
+            x = X.clone()
+            if kw.pop("nan", False):
+                x[1, 1] = float("nan")
+            x = x[: kw.pop("rows", x.shape[0])]
+            kw = {"n_clusters": 3, "max_iter": 20, **kw}
+            try:
+                res = compute_anchor_scores(x, process_group=dist.group.WORLD, **kw)
+                results[name] = ("ok", res.scores)
+            except Exception as exc:  # recorded for the assertions in the parent
+                results[name] = (type(exc).__name__, str(exc))
+    finally:
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def dist_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    mp.spawn(_dist_worker, args=(str(tmp / "store"), str(tmp)), nprocs=2, join=True)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", list(_DIST_CASES), ids=list(_DIST_CASES))
+def test_process_group_ranks_fail_together(dist_results, case):
+    *_, exc, phrase = _DIST_CASES[case]
+    got = [r[case] for r in dist_results]
+    if exc is None:
+        assert got[0][0] == got[1][0] == "ok"
+        assert torch.equal(got[0][1], got[1][1])
+        single = compute_anchor_scores(X, 3, max_iter=20, mode="blocked")
+        torch.testing.assert_close(got[0][1], single.scores, atol=1e-6, rtol=0)
+        return
+    for kind, message in got:
+        assert kind == exc.__name__, got
+        assert phrase in message, got
+
+
+# ---- configure() ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from videoanchor.integrations.transformers.testing import load_saved, tiny_model
+
+    path = tmp_path_factory.mktemp("qwen")
+    tiny_model("qwen2_5_vl", seed=2).save_pretrained(path)
+    return load_saved(path)
+
+
+_CONFIGURE_BAD = {
+    "ssc_dtype-half": (dict(ssc_dtype=torch.float16), ValueError, "dtype: expected torch.float32 or torch.float64"),
+    "ssc_backend-jax": (dict(ssc_backend="jax"), ValueError, "backend: expected one of"),
+    "max_iter-inf": (dict(max_iter=math.inf), TypeError, "max_iter: expected an int >= 1"),
+    "eps-nan": (dict(eps=float("nan")), ValueError, "eps: expected a finite number >= 0"),
+    "alpha_z-inf": (dict(alpha_z=math.inf), ValueError, "alpha_z: expected a positive finite number"),
+    "seed-str": (dict(seed="1"), TypeError, "seed: expected an int or None"),
+    "enabled-str": (dict(enabled="no"), TypeError, "enabled: expected a bool"),
+    "alpha_k-inf": (dict(alpha_k=math.inf), ValueError, "alpha_k: expected a finite number"),
+    "alpha_v<-1": (dict(alpha_v=-2.0), ValueError, "expected alpha_v >= -1"),
+    "decode": (dict(decode="some"), ValueError, "decode: expected one of"),
+    "tokens": (dict(tokens=("audio",)), ValueError, "tokens: expected a non-empty subset"),
+    "attention_backend": (dict(attention_backend="flash"), ValueError, "attention_backend: expected one of"),
+    "process_group": (dict(process_group="tp"), TypeError, "process_group: expected 'auto'"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(_CONFIGURE_BAD), ids=list(_CONFIGURE_BAD))
+def test_configure_bad_option(tiny, case):
+    kw, exc, phrase = _CONFIGURE_BAD[case]
+    before = videoanchor.configure(tiny).config
+    with pytest.raises(exc, match=_re(phrase)):
+        videoanchor.configure(tiny, **kw)
+    assert videoanchor.configure(tiny).config == before  # nothing half-applied
+
+
+def test_configure_rejects_non_model():
+    with pytest.raises(TypeError, match="expected a transformers model"):
+        videoanchor.configure("Qwen/Qwen2.5-VL-7B-Instruct")
+
+
+@torch.no_grad()
+def test_configure_during_generate_keeps_anchoring(tiny):
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from videoanchor.integrations.transformers.testing import TOKENS, tiny_sample
+
+    special = [TOKENS[k] for k in ("image", "video", "vision_start", "vision_end", "eos", "pad")]
+    gen = dict(max_new_tokens=4, min_new_tokens=4, suppress_tokens=special, do_sample=False,
+               output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    sample = tiny_sample(tiny.config, [4], text=4, seed=20)
+
+    class Reconfigure(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            videoanchor.configure(tiny, alpha_v=handle.config.alpha_v)  # a no-op
+            return scores
+
+    handle = videoanchor.configure(tiny, enabled=True, decode="all", n_clusters=3, max_iter=300)
+    plain = tiny.generate(**sample, **gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "no visual inputs" warning mid-generate
+        poked = tiny.generate(
+            **sample, **gen, logits_processor=LogitsProcessorList([Reconfigure()])
+        )
+    assert torch.equal(plain.sequences, poked.sequences)
+    for a, b in zip(plain.scores, poked.scores, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    handle = videoanchor.configure(tiny, decode="prefill")
+
+
+# ---- the video reader and the CLI -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    from videoanchor.video import write_video
+
+    tmp = tmp_path_factory.mktemp("clips")
+    g = np.random.default_rng(0)
+    paths = {}
+    for n in (1, 5):
+        paths[n] = tmp / f"c{n}.mp4"
+        write_video(paths[n], g.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8), fps=5)
+    return paths
+
+
+@pytest.mark.parametrize(
+    "n,asked", [(1, 16), (5, 16), (5, 100000)], ids=["1-frame", "5of16", "cap"]
+)
+def test_video_never_repeats_frames_silently(clips, n, asked):
+    from videoanchor.video import read_video_frames
+
+    with pytest.warns(UserWarning, match=f"has {n} frames, fewer than the {asked} asked for"):
+        video = read_video_frames(clips[n], asked, progress=False)
+    assert video.num_frames == n and len(np.unique(video.indices)) == n
+
+
+def test_video_bad_repeat_flag(clips):
+    from videoanchor.video import read_video_frames
+
+    with pytest.raises(TypeError, match="repeat: expected True or False"):
+        read_video_frames(clips[5], 3, repeat="yes")
+
+
+def _cli(argv, capsys):
+    from videoanchor.cli import main
+
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+_CLI_BAD = {
+    "seed-neg": (["--seed", "-1"], "seed: expected an int in [0, 2**32 - 1]"),
+    "alpha_k-inf": (["--alpha-k", "inf"], "alpha_k: expected a finite number"),
+    "alpha_v-nan": (["--alpha-v", "nan"], "alpha_v: expected a finite number"),
+    "alpha_v<-1": (["--alpha-v", "-3"], "expected alpha_v >= -1"),
+    "device": (["--device", "gpu0"], "device: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    "out-dir": (["--out", "."], "--out must be a .png file"),
+    "out-not-png": (["--out", "a.jpg"], "--out must be a .png file"),
+    "npz-suffix": (["--npz", "scores.txt"], "--npz must be a .npz file"),
+    "out-under-file": (["--out", "FILE/x.png"], "is a file, not a folder"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(_CLI_BAD), ids=list(_CLI_BAD))
+def test_cli_anchors_checks_flags_before_the_model(clips, tmp_path, capsys, case):
+    extra, phrase = _CLI_BAD[case]
+    (tmp_path / "FILE").write_text("x")
+    extra = [str(tmp_path / e) if e.startswith("FILE/") else e for e in extra]
+    os.chdir(tmp_path)
+    argv = ["anchors", "--video", str(clips[5]), "--model", str(tmp_path / "no-such-model"), "-q"]
+    code, err = _cli(argv + extra, capsys)
+    assert code == 1
+    assert phrase in err and "no-such-model" not in err, err
+
+
+@pytest.mark.parametrize(
+    "extra,phrase",
+    [(["--seed", "-5"], "seed: expected an int"), (["--dtype", "float64"], "invalid choice")],
+    ids=["seed", "dtype"],
+)
+def test_cli_run_checks_flags_before_the_model(clips, tmp_path, capsys, extra, phrase):
+    argv = ["run", "--video", str(clips[5]), "--question", "q", "--model", str(tmp_path / "nope")]
+    try:
+        code, err = _cli(argv + extra, capsys)
+    except SystemExit as exc:  # argparse rejects a bad choice itself
+        code, err = exc.code, capsys.readouterr().err
+    assert code in (1, 2) and phrase in err, err
+
+
+# ---- the lmms-eval wrapper --------------------------------------------------------------
+
+_LMMS_BAD = {
+    "dtype-float64": (dict(dtype="float64"), "dtype: expected one of auto, bfloat16, float16, float32"),
+    "alpha_k-inf": (dict(alpha_k="inf"), "alpha_k: expected a finite number"),
+    "n_clusters-0": (dict(n_clusters=0), "n_clusters: expected an integer >= 1"),
+    "decode": (dict(decode="both"), "decode: expected one of"),
+    "anchor": (dict(anchor="maybe"), "anchor: expected True or False"),
+    "max_num_frames": (dict(max_num_frames="x"), "max_num_frames: expected an integer >= 1"),
+    "device": (dict(device="gpu"), "device: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    "ssc_max_iter": (dict(ssc_max_iter=0), "ssc_max_iter: expected an integer >= 1"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(_LMMS_BAD), ids=list(_LMMS_BAD))
+def test_lmms_eval_checks_options_before_loading(case, tmp_path):
+    from videoanchor.lmms_eval import VideoAnchorLMMCore
+
+    kw, phrase = _LMMS_BAD[case]
+    with pytest.raises(ValueError, match=_re(phrase)):
+        VideoAnchorLMMCore(pretrained=str(tmp_path / "no-such-model"), **kw)
+
+
+# ---- the device-side (no sync) checks, run on the CPU: torch._assert_async raises there --
+
+
+@pytest.fixture
+def as_if_on_gpu(monkeypatch):
+    from videoanchor.kernels import checks
+
+    monkeypatch.setattr(checks, "_on_device", lambda t: True)
+    monkeypatch.setattr(checks, "_CHECKED", {})
+    return checks
+
+
+@pytest.mark.parametrize(
+    "offsets,total,longest",
+    [([0, 5, 3, 7], 7, 9), ([0, 3, 9], 7, 9), ([1, 3, 7], 7, 9), ([0, 3, 7], 7, 3),
+     ([0, -1, 7], 7, 9)],
+    ids=["non-monotonic", "past-total", "start", "max_seqlen", "negative"],
+)  # fmt: skip
+def test_device_cu_seqlens_assert(as_if_on_gpu, offsets, total, longest):
+    with pytest.raises(RuntimeError, match="cu_seqlens_q must start at 0"):
+        as_if_on_gpu.check_cu_seqlens("cu_seqlens_q", torch.tensor(offsets), total, longest)
+
+
+def test_device_checks_run_once_per_tensor_version(as_if_on_gpu):
+    cs = torch.tensor([3, 9])
+    as_if_on_gpu.check_cache_seqlens(cs, 9)
+    as_if_on_gpu.check_cache_seqlens(cs, 9)  # same tensor, same version: skipped
+    cs[0] = 10  # an in-place change is seen: checked again
+    with pytest.raises(RuntimeError, match=r"cache_seqlens outside \[0, Skv=9\]"):
+        as_if_on_gpu.check_cache_seqlens(cs, 9)
+    with pytest.raises(RuntimeError, match="cache_seqlens outside"):
+        as_if_on_gpu.check_cache_seqlens(torch.tensor([2**40]), 9)
+    as_if_on_gpu.check_cu_seqlens("cu_seqlens_q", torch.tensor([0, 3, 7]), 7, 4)  # fine
+
+
+def test_device_checks_can_be_switched_off(as_if_on_gpu, monkeypatch):
+    monkeypatch.setenv("VIDEOANCHOR_DEVICE_CHECKS", "0")
+    as_if_on_gpu.check_cache_seqlens(torch.tensor([99]), 9)  # the caller vouches for it
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_scalars_are_numbers(backend):
+    q, k, v = _qkv()
+    a = anchored_attention(
+        q, k, v, sm_scale=np.float32(0.25), causal=np.bool_(True), backend=backend
+    )
+    b = anchored_attention(q, k, v, sm_scale=0.25, causal=True, backend=backend)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_blank_video_through_the_model_scores_zero(tiny):
+    from videoanchor.integrations.transformers.testing import tiny_sample
+
+    handle = videoanchor.configure(tiny, enabled=True, n_clusters=3, max_iter=300)
+    sample = tiny_sample(tiny.config, [4], text=4, seed=20)
+    sample["pixel_values_videos"] = torch.zeros_like(sample["pixel_values_videos"])
+    with pytest.warns(UserWarning, match="every anchor score is 0") as caught:
+        tiny(**sample)
+    assert sum("anchor score is 0" in str(w.message) for w in caught) == 1  # said once
+    visual = handle.last_visual_positions[0]
+    assert visual.numel() > 0 and bool((handle.last_scores[0, visual] == 0).all())
+
+
+# ---- the CLI end to end on a tiny checkpoint: short clips, interrupted output -----------
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from test_cli_support import save_tiny_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny_ckpt")
+    save_tiny_checkpoint("qwen2_5_vl", path)
+    return path
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls on a loaded 2-core machine: see test_cli.py
+    yield
+    torch.set_num_threads(n)
+
+
+def _anchors_argv(ckpt, video, out):
+    return ["anchors", "--model", str(ckpt), "--trust-remote-code", "--video", str(video),
+            "--n-clusters", "2", "--ssc-max-iter", "200", "-q", "--out", str(out)]  # fmt: skip
+
+
+def test_cli_one_frame_clip_is_one_frame(tiny_checkpoint, clips, tmp_path, capsys, one_thread):
+    out = tmp_path / "a.png"
+    assert videoanchor.cli.main(_anchors_argv(tiny_checkpoint, clips[1], out)) == 0
+    err = capsys.readouterr().err
+    assert "has 1 frames, fewer than the 16 asked for" in err
+    data = np.load(out.with_suffix(".npz"))
+    np.testing.assert_array_equal(data["frame_indices"], [0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "a.png"]  # no temp files
+
+
+def test_cli_interrupted_output_leaves_no_partial_file(
+    tiny_checkpoint, clips, tmp_path, capsys, monkeypatch, one_thread
+):
+    import videoanchor.visualize as vis
+
+    real = vis.save_anchor_pages
+
+    def interrupted(path, *args, **kwargs):
+        real(path, *args, **kwargs)
+        with open(path, "r+b") as f:  # half-written, then the user presses Ctrl-C
+            f.truncate(10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vis, "save_anchor_pages", interrupted)
+    out = tmp_path / "b.png"
+    assert videoanchor.cli.main(_anchors_argv(tiny_checkpoint, clips[5], out)) == 130
+    assert list(tmp_path.iterdir()) == []  # neither file, no temporary left behind

@@ -1,0 +1,97 @@
+"""benchmarks/report.py: every figure draws, from the committed results and from rows shaped
+like those of the benchmarks that have not run yet (GPU), and the page lists every file.
+
+Needs matplotlib (the ``docs`` extra); CI runs this file again after installing it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib", reason="the docs extra (matplotlib) is not installed")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import report  # noqa: E402
+
+META = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.13.0", "git_sha": "0" * 40, "date": "x"}
+
+
+def _result(tmp_path, stem, rows, **extra) -> report.Result:
+    path = tmp_path / f"{stem}.json"
+    data = {"meta": META, "rows": rows, **extra}
+    path.write_text(json.dumps(data))
+    return report.Result(path, data)
+
+
+def _attention_rows():
+    rows = []
+    for model in ("qwen2.5-vl-7b", "internvl2-8b"):
+        for S in (2048, 8192):
+            for i, provider in enumerate(("anchored", "sdpa_mask", "flex", "eager")):
+                row = dict(model=model, S=S, B=1, dtype="bfloat16", provider=provider)
+                if provider == "eager" and S == 8192:
+                    row["error"] = "out of memory"
+                else:
+                    row.update(ms=1.0 + i * S / 4096, tflops=100.0)
+                rows.append(row)
+    return rows
+
+
+def _decode_rows():
+    rows = [
+        dict(section="decode", B=B, S=S, provider=p, ms=0.1, fraction_of_copy_bw=f * S / 65536)
+        for B in (1, 8) for S in (4096, 65536)
+        for p, f in (("anchored_split_kv", 0.8), ("sdpa_mask", 0.4), ("flex", 0.5))
+    ]  # fmt: skip
+    return rows + [dict(section="varlen", provider="anchored", lengths=[1, 2], ms=0.2)]
+
+
+def _prefill_rows(size_key):
+    return [
+        {size_key: n, "provider": p, "prefill_ms": 10.0 * n * (1 + i), "dtype": "bfloat16",
+         "model": "qwen2.5-vl-7b-dims"}
+        for n in (1, 2, 4) for i, p in enumerate(("sdpa", "videoanchor", "eager"))
+    ]  # fmt: skip
+
+
+def test_figures_for_benchmarks_not_run_yet(tmp_path):
+    cases = [
+        _result(tmp_path, "attention_nvidia-h100", _attention_rows()),
+        _result(tmp_path, "decode_nvidia-h100", _decode_rows()),
+        _result(tmp_path, "integration_nvidia-h100", _prefill_rows("visual_tokens")),
+        _result(tmp_path, "tp_nvidia-h100", _prefill_rows("world_size")),
+    ]
+    for r in cases:
+        fn = report.FIGURES_BY_AREA[r.area]
+        fig, caption = fn(r, cases)
+        svg = report.svg_bytes(fig)
+        assert svg.startswith(b"<?xml") and len(svg) > 2000 and caption
+    # the speedup lines are the baseline's time over ours: 3 baselines x 2 models panels
+    fig, _ = report.fig_attention(cases[0], cases)
+    lines = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_label() != "_nolegend_"]
+    ys = {(ln.get_label(), tuple(ln.get_xdata())): tuple(ln.get_ydata()) for ln in lines}
+    assert ys[("sdpa_mask", (2048, 8192))] == pytest.approx((1.5, 3.0))
+    assert ys[("eager", (2048,))] == pytest.approx((2.5,))  # the OOM point is left out
+
+
+def test_figure_needs_the_rows_it_draws(tmp_path):
+    for area, fn in report.FIGURES_BY_AREA.items():
+        r = _result(tmp_path, f"{area}_cpu", [])
+        assert fn(r, [r]) is None, area
+
+
+def test_page_lists_every_committed_result():
+    results, _ = report.committed_results()
+    assert results, "no committed benchmark results found"
+    text, figures = report.build(results, [])
+    for r in results:
+        assert f"Table: {r.path.name}" in text
+        assert f"`benchmarks/results/{r.path.name}`" in text
+        if r.area in report.FIGURES_BY_AREA:
+            assert f"](figures/{r.stem}.svg)" in text and f"{r.stem}.svg" in figures
+    assert all(data.startswith(b"<?xml") for data in figures.values())

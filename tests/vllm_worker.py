@@ -1,0 +1,174 @@
+"""Runs one vLLM engine (or the transformers reference) on requests described in JSON and
+writes tokens / logprobs as JSON: ``python vllm_worker.py SPEC.json OUT.json``.
+
+tests/test_vllm.py runs each engine configuration in its own process (vLLM keeps
+process-wide state, and "vLLM without the plugin" needs VLLM_PLUGINS set before it loads),
+with VLLM_ENABLE_V1_MULTIPROCESSING=0 so the engine core runs in this process.
+Spec: {"mode": "vllm"|"transformers", "checkpoint": path, "engine": {LLM kwargs},
+"batches": [[request, ...], ...]}; request: {"media": "image:SEED" | "video:FRAMES:SEED" |
+"none", "max_tokens": n, "extra_args": {...}}. Each batch is one ``generate`` call.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+
+import vllm_support as vs
+
+FPS = 4.0
+
+
+def _media(spec: str):
+    from PIL import Image
+
+    kind, *rest = spec.split(":")
+    if kind == "image":
+        return "image", Image.fromarray(vs.frames(1, seed=int(rest[0]))[0])
+    if kind == "video":
+        return "video", _video(int(rest[0]), int(rest[1]))
+    if kind == "videos":  # several videos in one request: "videos:N:SEED,N:SEED"
+        items = [p.split(":") for p in spec[len("videos:") :].split(",")]
+        return "videos", [_video(int(n), int(seed)) for n, seed in items]
+    return None, None
+
+
+def _video(n, seed):
+    meta = {"fps": FPS, "total_num_frames": n, "duration": n / FPS,
+            "frames_indices": list(range(n)), "video_backend": "opencv"}  # fmt: skip
+    return (vs.frames(n, seed=seed), meta)
+
+
+def _prompt(kind, data=None):
+    if kind == "videos":
+        one = "<|vision_start|><|video_pad|><|vision_end|>"
+        return f"<|im_start|>user\n{one * len(data)}what moves?<|im_end|>\n<|im_start|>assistant\n"
+    return {"image": vs.IMAGE_PROMPT, "video": vs.VIDEO_PROMPT}.get(
+        kind, "<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def run_vllm(spec):
+    from vllm import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    engine = dict(
+        dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
+        gpu_memory_utilization=0.05, kv_cache_memory_bytes=256 << 20,
+        limit_mm_per_prompt={"video": 2, "image": 2},
+    )  # fmt: skip
+    engine.update(spec.get("engine", {}))
+    try:
+        llm = LLM(model=spec["checkpoint"], **engine)
+    except Exception as err:  # start-up failure: the test checks the message
+        return {"startup_error": f"{type(err).__name__}: {err}"}
+    out = {"startup_s": time.perf_counter() - t0, "batches": []}
+    for batch in spec["batches"]:
+        results = []
+        prompts, params, slots = [], [], []
+        for i, req in enumerate(batch):
+            kind, data = _media(req.get("media", "none"))
+            prompt = {"prompt": _prompt(kind, data)}
+            if kind is not None:
+                prompt["multi_modal_data"] = {kind.rstrip("s"): data}
+            try:
+                sp = SamplingParams(
+                    temperature=0.0, max_tokens=req.get("max_tokens", 6), logprobs=1,
+                    extra_args=req.get("extra_args"),
+                )  # fmt: skip
+            except Exception as err:
+                results.append({"error": f"{type(err).__name__}: {err}"})
+                continue
+            results.append(None)
+            prompts.append(prompt)
+            params.append(sp)
+            slots.append(i)
+        t = time.perf_counter()
+        gens = llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        elapsed = time.perf_counter() - t
+        for i, g in zip(slots, gens, strict=True):
+            o = g.outputs[0]
+            results[i] = {
+                "tokens": list(o.token_ids),
+                "logprobs": [lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids, strict=True)],
+                "prompt_len": len(g.prompt_token_ids),
+                "cached": g.num_cached_tokens,
+            }
+        out["batches"].append({"results": results, "seconds": elapsed})
+    return out
+
+
+def run_transformers(spec):
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import videoanchor
+
+    processor = AutoProcessor.from_pretrained(spec["checkpoint"])
+    model = AutoModelForImageTextToText.from_pretrained(
+        spec["checkpoint"], attn_implementation="videoanchor_triton", dtype=torch.float32
+    ).eval()
+    out = {"batches": []}
+    for batch in spec["batches"]:
+        results = []
+        for req in batch:
+            from videoanchor.integrations.options import AnchorConfig
+
+            d = AnchorConfig()  # every request starts from the defaults (configure() keeps
+            # the previous call's values for options not given)
+            opts = dict(alpha_q=d.alpha_q, alpha_k=d.alpha_k, alpha_v=d.alpha_v,
+                        decode=d.decode, seed=d.seed, **vs.SSC)  # fmt: skip
+            for k, v in (req.get("extra_args") or {}).items():
+                if k.startswith("videoanchor_"):
+                    opts[k[len("videoanchor_") :]] = v
+            videoanchor.configure(model, **opts)
+            kind, data = _media(req["media"])
+            kw = {"images": [data]} if kind == "image" else {}
+            if kind in ("video", "videos"):
+                from transformers.video_utils import VideoMetadata
+
+                items = [data] if kind == "video" else data
+                kw = {"videos": [f for f, _ in items],
+                      "video_metadata": [VideoMetadata(**m) for _, m in items],
+                      "do_sample_frames": False}  # fmt: skip
+            inputs = processor(text=[_prompt(kind, data)], return_tensors="pt", **kw)
+            with torch.no_grad():
+                gen = model.generate(
+                    **inputs, max_new_tokens=req.get("max_tokens", 6), do_sample=False,
+                    output_logits=True, return_dict_in_generate=True,
+                )  # fmt: skip
+            toks = gen.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+            lps = [
+                float(torch.log_softmax(lg[0].float(), -1)[t])
+                for lg, t in zip(gen.logits, toks, strict=True)
+            ]
+            results.append({"tokens": toks, "logprobs": lps,
+                            "prompt_len": int(inputs["input_ids"].shape[1])})  # fmt: skip
+        out["batches"].append({"results": results})
+    return out
+
+
+def run_startup(spec):
+    """Engines that must fail at start-up: the error of each."""
+    errors = []
+    for engine in spec["engines"]:
+        out = run_vllm({**spec, "engine": engine, "batches": []})
+        errors.append(out.get("startup_error"))
+    return {"errors": errors}
+
+
+def main():
+    spec = json.load(open(sys.argv[1]))
+    mode = spec.get("mode", "vllm")
+    run = {"vllm": run_vllm, "transformers": run_transformers, "startup": run_startup}[mode]
+    try:
+        out = run(spec)
+    except Exception:
+        out = {"crash": traceback.format_exc()}
+    json.dump(out, open(sys.argv[2], "w"))
+
+
+if __name__ == "__main__":
+    main()

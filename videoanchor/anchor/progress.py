@@ -1,0 +1,391 @@
+"""Progress, ETA and an optional time budget for the SSC iterations.
+
+An SSC run at a few thousand tokens takes minutes to an hour on a CPU, so the solvers
+report their iterations to an :class:`SSCProgress`:
+
+* on a terminal (``stream.isatty()``), a tqdm bar with the iteration, the residual against
+  ``eps`` and an estimated time to convergence;
+* otherwise (logs, CI, notebooks writing to files), a line on the ``videoanchor.progress``
+  logger (level INFO) every ``log_every`` seconds.
+
+After the first ``estimate_after`` iterations it reports the cost once: tokens, seconds per
+iteration measured on those iterations and the time the iteration limit would take. From
+the 20th iteration on, the bar and the log lines add the iterations projected to reach
+``eps``: ``log(residual)`` extrapolated linearly over the last half of the iterations (ADMM
+converges linearly in its late phase; its first iterations fall much faster, hence the
+wait). It is a rough guide, not a promise.
+
+``time_budget`` (seconds): :meth:`SSCProgress.update` returns True once the run has used
+its budget, and the solver stops at the iterate it has reached. That iterate is **not**
+the paper's answer (the authors iterate until ``max_i sum_j |A - C|_ij < eps``); the run
+is reported as unconverged with the residual reached (:attr:`SSCProgress.stopped_by_budget`).
+Over ``B`` column blocks (``mode="blocked"``), block ``k`` must finish by
+``(k + 1) / B`` of the budget, so every block gets its share instead of the last ones none.
+
+The solvers call ``begin(...)`` once, ``update(iteration, residual)`` every iteration (its
+return value: stop now), ``next_block()`` between column blocks, and
+``close(converged, iterations, residual)`` at the end. ``progress=`` of the SSC entry points
+takes ``False`` (silent), ``True`` (report from the first iteration), ``None``/``"auto"``
+(report only once a run lasts longer than ``delay`` seconds; the default) or an
+:class:`SSCProgress` (reused across runs; it keeps the summary of each in ``runs``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+__all__ = [
+    "SSCConvergenceWarning",
+    "SSCProgress",
+    "SSCRunSummary",
+    "as_reporter",
+    "format_seconds",
+]
+
+logger = logging.getLogger("videoanchor.progress")
+
+_AUTO_DELAY = 5.0  # seconds before an automatic report appears
+_FIT_MIN_POINTS = 10  # the projection needs 20 iterations (fit over the last half)
+
+
+class SSCConvergenceWarning(UserWarning):
+    """An SSC run stopped before its residual reached ``eps`` (iteration limit or time
+    budget): its scores come from an unconverged iterate."""
+
+
+def format_seconds(s: float | None) -> str:
+    """``'12.5 ms'``, ``'42 s'``, ``'3 min 05 s'``, ``'2 h 07 min'`` (``'?'`` for None/inf)."""
+    if s is None or not math.isfinite(s):
+        return "?"
+    s = max(0.0, float(s))
+    if s < 1:
+        return f"{s * 1000:.3g} ms"
+    if s < 60:
+        return f"{s:.1f} s" if s < 10 else f"{s:.0f} s"
+    if s < 3600:
+        m, sec = divmod(int(round(s)), 60)
+        return f"{m} min {sec:02d} s"
+    h, rem = divmod(int(round(s)), 3600)
+    return f"{h} h {rem // 60:02d} min"
+
+
+@dataclass
+class SSCRunSummary:
+    """How one SSC run ended: ``converged``, ``iterations`` (the largest of any block),
+    the final ``residual`` (the largest of any block), the smallest ``best_residual`` seen,
+    ``seconds`` spent iterating and whether the time budget stopped it."""
+
+    converged: bool
+    iterations: int
+    residual: float
+    best_residual: float
+    eps: float
+    max_iter: int
+    seconds: float
+    stopped_by_budget: bool
+    tokens: int | None = None
+
+    def message(self) -> str:
+        """One line: converged or not, residual vs eps, why it stopped."""
+        what = f"SSC{'' if self.tokens is None else f' ({self.tokens} tokens)'}"
+        res = f"residual {self.residual:.3g} vs eps {self.eps:.3g}"
+        took = format_seconds(self.seconds)
+        if self.converged:
+            return f"{what} converged in {self.iterations} iterations ({res}, {took})"
+        if self.stopped_by_budget:
+            return (
+                f"{what} stopped by the time budget after {self.iterations} iterations "
+                f"({took}) at {res}: NOT converged; the scores come from the iterate "
+                "reached, not from the paper's converged solution"
+            )
+        return (
+            f"{what} stopped at its iteration limit max_iter={self.max_iter} ({took}) at "
+            f"{res}: NOT converged; raise max_iter (--ssc-max-iter) for the paper's answer"
+        )
+
+
+class SSCProgress:
+    """Progress of SSC runs (module docstring): a tqdm bar on a terminal, log lines
+    otherwise, a one-time cost estimate, and an optional ``time_budget`` in seconds.
+
+    ``enabled``: True (report from the start), False (silent; the budget still applies) or
+    ``"auto"`` (report once a run lasts ``delay`` seconds). ``stream``: where the bar goes
+    (default ``sys.stderr``); it also decides terminal or not. ``log_every``: seconds
+    between log lines. ``desc``: the bar's label.
+    """
+
+    def __init__(
+        self,
+        *,
+        enabled: bool | str = True,
+        time_budget: float | None = None,
+        stream=None,
+        log_every: float = 30.0,
+        delay: float | None = None,
+        estimate_after: int = 10,
+        desc: str = "SSC",
+    ):
+        if enabled not in (True, False, "auto"):
+            raise ValueError(f"enabled: expected True, False or 'auto', got {enabled!r}")
+        if time_budget is not None and not (
+            isinstance(time_budget, (int, float))
+            and not isinstance(time_budget, bool)
+            and time_budget > 0
+            and math.isfinite(time_budget)
+        ):
+            raise ValueError(
+                f"time_budget: expected a positive number of seconds or None, got {time_budget!r}"
+            )
+        if not (log_every > 0):
+            raise ValueError(f"log_every: expected a positive number of seconds, got {log_every}")
+        self.enabled = enabled
+        self.time_budget = None if time_budget is None else float(time_budget)
+        self.stream = stream
+        self.log_every = float(log_every)
+        self.delay = (_AUTO_DELAY if enabled == "auto" else 0.0) if delay is None else delay
+        self.estimate_after = max(1, int(estimate_after))
+        self.desc = desc
+        self.runs: list[SSCRunSummary] = []
+        self._bar = None
+        self._open = False
+
+    def __repr__(self) -> str:
+        # stable (no id): callers key caches on the options of an SSC call
+        return (
+            f"SSCProgress(enabled={self.enabled!r}, time_budget={self.time_budget!r}, "
+            f"desc={self.desc!r})"
+        )
+
+    # ---- what the solvers call -----------------------------------------------------------
+    def begin(self, *, max_iter: int, eps: float, tokens: int | None = None, blocks: int = 1):
+        """Start one run (resets the clock and the per-run state)."""
+        self.max_iter, self.eps, self.tokens = int(max_iter), float(eps), tokens
+        self.blocks, self.block = max(1, int(blocks)), 0
+        self.t0 = time.perf_counter()
+        self._t_block = self.t0
+        self._block_seconds: list[float] = []
+        self._it = 0  # iteration within the block
+        self._done = 0  # iterations over all blocks
+        self._log_r: list[float] = []
+        self.residual = math.inf
+        self.best_residual = math.inf
+        self.stopped_by_budget = False
+        self.estimate: str | None = None
+        self._t_first: float | None = None
+        self._t_est: float | None = None
+        self._last_log = self.t0
+        self._last_post = 0.0
+        self._shown = False
+        self._bar = None
+        self._open = True
+        return self
+
+    def update(self, iteration: int, residual: float) -> bool:
+        """Record iteration ``iteration`` (1-based within the block) and its residual;
+        returns True when the time budget says stop."""
+        if not self._open:  # a solver that did not call begin(): start with what we know
+            self.begin(max_iter=max(iteration, 1), eps=0.0)
+        now = time.perf_counter()
+        if iteration < self._it:  # a solver that does not call next_block()
+            self._log_r = []
+        self._done += max(0, iteration - self._it)
+        self._it = iteration
+        self.residual = float(residual)
+        if residual < self.best_residual:
+            self.best_residual = float(residual)
+        self._log_r.append(math.log(residual) if residual > 0 else -math.inf)
+        if self._t_first is None:
+            self._t_first = now
+        elif self._t_est is None and self._done >= self.estimate_after:
+            self._t_est = now
+            self.estimate = self._estimate_text(now)
+        if self.enabled is not False:
+            self._report(now)
+        if self.time_budget is not None:
+            allowed = self.time_budget * (self.block + 1) / self.blocks
+            if now - self.t0 >= allowed:
+                self.stopped_by_budget = True
+                return True
+        return False
+
+    __call__ = update  # the ``callback(iteration, residual) -> stop`` form
+
+    def next_block(self) -> None:
+        """The current column block finished; the next one starts at iteration 1."""
+        now = time.perf_counter()
+        self._block_seconds.append(now - self._t_block)
+        self._t_block = now
+        self.block += 1
+        self._it = 0
+        self._log_r = []
+
+    def close(self, converged: bool | None = None, iterations: int | None = None,
+              residual: float | None = None) -> SSCRunSummary | None:  # fmt: skip
+        """End the run: close the bar, log the outcome, keep its summary in ``runs``."""
+        if not self._open:
+            return None
+        self._open = False
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if converged is None:
+            converged = self.residual < self.eps
+        # a run that met eps on the iteration its budget ran out converged all the same
+        self.stopped_by_budget = self.stopped_by_budget and not converged
+        summary = SSCRunSummary(
+            converged=bool(converged),
+            iterations=int(self._it if iterations is None else iterations),
+            residual=float(self.residual if residual is None else residual),
+            best_residual=float(self.best_residual),
+            eps=self.eps,
+            max_iter=self.max_iter,
+            seconds=time.perf_counter() - self.t0,
+            stopped_by_budget=self.stopped_by_budget,
+            tokens=self.tokens,
+        )
+        self.runs.append(summary)
+        if self._shown:  # the user saw the bar or the log lines: say how it ended
+            level = logging.INFO if summary.converged else logging.WARNING
+            self._emit(summary.message(), level=level)
+        return summary
+
+    # ---- estimates -----------------------------------------------------------------------
+    def seconds_per_iteration(self, now: float | None = None) -> float | None:
+        """Mean seconds per iteration since the first one (None before the second)."""
+        if self._t_first is None or self._done < 2:
+            return None
+        now = time.perf_counter() if now is None else now
+        return (now - self._t_first) / (self._done - 1)
+
+    def projected_iterations(self) -> int | None:
+        """Iterations of the current block projected to reach ``eps`` (capped at
+        ``max_iter``), from a line fitted to ``log(residual)`` over the last half of the
+        iterations; None while the residual does not fall."""
+        if self.residual < self.eps:
+            return self._it
+        pts = [v for v in self._log_r[len(self._log_r) // 2 :] if math.isfinite(v)]
+        if len(self._log_r) < 2 * _FIT_MIN_POINTS or len(pts) < _FIT_MIN_POINTS or self.eps <= 0:
+            return None
+        m = len(pts)
+        xm = (m - 1) / 2.0
+        ym = sum(pts) / m
+        sxx = sum((i - xm) ** 2 for i in range(m))
+        slope = sum((i - xm) * (v - ym) for i, v in enumerate(pts)) / sxx
+        if not slope < 0:
+            return None
+        left = (math.log(self.eps) - pts[-1]) / slope
+        return int(min(self.max_iter, self._it + max(0.0, math.ceil(left))))
+
+    def eta_seconds(self, now: float | None = None) -> tuple[float | None, float | None]:
+        """``(projected, at_limit)``: seconds left to the projected convergence and to the
+        iteration limit (of every block left), None when unknown."""
+        spi = self.seconds_per_iteration(now)
+        if spi is None:
+            return None, None
+        blocks_left = self.blocks - self.block - 1
+        proj = self.projected_iterations()
+        at_limit = (self.max_iter - self._it + blocks_left * self.max_iter) * spi
+        if proj is None:
+            return None, at_limit
+        if blocks_left and self._block_seconds:
+            per_block = sum(self._block_seconds) / len(self._block_seconds)
+        else:
+            per_block = proj * spi
+        return (proj - self._it) * spi + blocks_left * per_block, at_limit
+
+    def _estimate_text(self, now: float) -> str:
+        spi = self.seconds_per_iteration(now)
+        n = "" if self.tokens is None else f"{self.tokens} tokens, "
+        blocks = f" in each of {self.blocks} column blocks" if self.blocks > 1 else ""
+        text = (
+            f"SSC cost estimate: {n}{format_seconds(spi)}/iteration measured over the first "
+            f"{self._done} iterations; the iteration limit ({self.max_iter}{blocks}) would "
+            f"take at most {format_seconds(spi * self.max_iter * self.blocks)}"
+        )
+        # no projection yet: the first iterations fall much faster than the later ones
+        text += "; the ETA from the residual's trend follows in the progress"
+        if self.time_budget is not None:
+            text += f"; time budget {format_seconds(self.time_budget)}"
+        return text
+
+    # ---- output --------------------------------------------------------------------------
+    def _terminal(self) -> bool:
+        stream = self.stream if self.stream is not None else sys.stderr
+        try:
+            return bool(stream.isatty())
+        except (AttributeError, ValueError):
+            return False
+
+    def _emit(self, text: str, level: int = logging.INFO) -> None:
+        if self._terminal():
+            from tqdm.auto import tqdm
+
+            tqdm.write(text, file=self.stream if self.stream is not None else sys.stderr)
+        else:
+            logger.log(level, text)
+
+    def _status(self, now: float) -> str:
+        proj, at_limit = self.eta_seconds(now)
+        it = f"{self._it}/{self.max_iter}"
+        if self.blocks > 1:
+            it = f"block {self.block + 1}/{self.blocks} it {it}"
+        if proj is None:
+            eta = f"ETA at most {format_seconds(at_limit)} (residual not falling yet)"
+        elif self.projected_iterations() >= self.max_iter and self.residual >= self.eps:
+            eta = f"iteration limit in ~{format_seconds(proj)}, before reaching eps"
+        else:
+            eta = f"ETA ~{format_seconds(proj)}"
+        if self._done < 2:
+            eta = "measuring"
+
+        if self.time_budget is not None:
+            eta += f", budget {format_seconds(max(0.0, self.time_budget - (now - self.t0)))} left"
+        return f"{it}, residual {self.residual:.2e} (eps {self.eps:.1e}), {eta}"
+
+    def _report(self, now: float) -> None:
+        if now - self.t0 < self.delay:
+            return
+        if not self._shown:
+            self._shown = True
+            if self.estimate is not None:
+                self._emit(self.estimate)
+        elif self._t_est == now:
+            self._emit(self.estimate)
+        if self._terminal():
+            if self._bar is None:
+                from tqdm.auto import tqdm
+
+                self._bar = tqdm(
+                    total=self.max_iter * self.blocks, desc=self.desc, unit="it", leave=False,
+                    file=self.stream if self.stream is not None else sys.stderr,
+                    bar_format="{desc} |{bar:16}| {elapsed}",
+                )  # fmt: skip
+            if now - self._last_post >= 0.2 or self._it == 1:  # and when a block starts
+                self._last_post = now
+                self._bar.n = self.block * self.max_iter + self._it
+                self._bar.set_description_str(f"{self.desc} {self._status(now)}", refresh=False)
+                self._bar.refresh()
+        elif now - self._last_log >= self.log_every or self._last_log == self.t0:
+            self._last_log = now
+            logger.info("%s: %s", self.desc, self._status(now))
+
+
+def as_reporter(progress, *, max_iter: int, eps: float, tokens: int | None = None,
+                blocks: int = 1) -> SSCProgress:  # fmt: skip
+    """The reporter of one run for the ``progress=`` option of the SSC entry points
+    (False, True, None/"auto" or an :class:`SSCProgress`), begun."""
+    if isinstance(progress, SSCProgress):
+        reporter = progress
+    elif progress is None or progress == "auto":
+        reporter = SSCProgress(enabled="auto")
+    elif progress is True or progress is False:
+        reporter = SSCProgress(enabled=progress)
+    else:
+        raise ValueError(
+            f"progress: expected True, False, None, 'auto' or an SSCProgress, got {progress!r}"
+        )
+    return reporter.begin(max_iter=max_iter, eps=eps, tokens=tokens, blocks=blocks)
