@@ -156,6 +156,10 @@ class Kernels:
         lam -= lam_new
         return t, lam_new, xp.abs(lam)
 
+    def spd_inverse(self, xp, m, what: str = "the A-step system"):
+        """:func:`spd_inverse` (the factorisations; also after every change of ``rho``)."""
+        return spd_inverse(xp, m, what)
+
     def times_e(self, m, e):
         """``m @ e`` (``e`` is the outlier matrix ``E`` or a block of it, often sparse)."""
         return m @ e
@@ -216,7 +220,7 @@ class DenseInverse:
         m[eye, eye] += rho
         if dic.affine:
             m += rho
-        r = spd_inverse(xp, m)
+        r = dic.kernels.spd_inverse(xp, m)
         del m
         r *= rho
         rows = dic.n + dic.d if dic.outliers else dic.n
@@ -274,7 +278,7 @@ class Woodbury:
             kmat[d, d] = rho * dic.n
         diag = xp.arange(k, device=dic.device)
         kmat[diag, diag] += rho
-        self.kinv = spd_inverse(xp, kmat)
+        self.kinv = dic.kernels.spd_inverse(xp, kmat)
 
     def step_a(self, t, d1s, e, cols: slice, want_ya: bool, diag):
         """Same contract as :meth:`DenseInverse.step_a`."""
@@ -372,15 +376,17 @@ class SquaredStep:
         if dic.affine:
             self.d1s += xp.sum(a, axis=0) - 1.0
         c_old = self.C
-        if self.relax != 1.0:
+        if self.relax != 1.0:  # relax A + (1 - relax) C, in place
+            a -= c_old
             a *= self.relax
-            a += (1.0 - self.relax) * c_old
+            a += c_old
         a += self.lam  # T
         self.C, self.lam, absd = dic.kernels.shrink(xp, a, self.lam, 1.0 / self.rho, self.diag)
         primal = float(xp.max(xp.sum(absd, axis=1)))
         residual = primal
         if self.accelerate:
-            dc = xp.abs(c_old - self.C)
+            c_old -= self.C  # the previous C is not needed any more
+            dc = xp.abs(c_old)
             residual = max(primal, float(xp.max(xp.sum(dc, axis=1))))
         done = residual < self.eps and (e_step or not dic.outliers)
         if self.adaptive and not done:
@@ -434,7 +440,7 @@ class EqualityStep:
             h = xp.asarray(g0, copy=True)
             eye = xp.arange(n, device=dic.device)
             h[eye, eye] += self.c
-            h = spd_inverse(xp, h, "the Z-step system")  # (c I + Y^T Y)^{-1}
+            h = dic.kernels.spd_inverse(xp, h, "the Z-step system")  # (c I + Y^T Y)^{-1}
             # Y^T K^{-1} = (I - Y^T Y H) Y^T / c: applied to Y^T (P R) it saves a D x N x N
             m = -(g0 @ h)
             m[eye, eye] += 1.0
@@ -445,7 +451,7 @@ class EqualityStep:
             k = x64.T @ x64
             eye = xp.arange(d, device=dic.device)
             k[eye, eye] += self.c
-            self.kinv_w = xp.astype(spd_inverse(xp, k, "the Z-step system"), dic.work)
+            self.kinv_w = xp.astype(dic.kernels.spd_inverse(xp, k, "the Z-step system"), dic.work)
         self.cc, self.ce = dic.zeros(n, n), dic.zeros(d, n)  # C and gamma E
         self.lc, self.le = dic.zeros(n, n), dic.zeros(d, n)  # L2 / mu2, by block
         self.l1 = dic.zeros(d, n)

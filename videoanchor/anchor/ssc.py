@@ -163,7 +163,8 @@ _SPARSE_E_ON_CPU = True
 
 class TorchKernels(admm.Kernels):
     """The torch forms of :class:`videoanchor.anchor.admm.Kernels`: the product with a
-    sparse ``E`` (gather on the CPU, cuSPARSE on CUDA) and the C-step in place."""
+    sparse ``E`` (gather on the CPU, cuSPARSE on CUDA), the C-step in place and the
+    inverse from the Cholesky factor."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -175,6 +176,12 @@ class TorchKernels(admm.Kernels):
             lam_new[diag.rows, diag.cols] = t[diag.rows, diag.cols]
         t.sub_(lam_new)
         return t, lam_new, lam.sub_(lam_new).abs_()
+
+    def spd_inverse(self, xp, m, what: str = "the A-step system"):
+        chol, info = torch.linalg.cholesky_ex(m)
+        if int(info) != 0:
+            raise FloatingPointError(f"SSC: {what} is not positive definite")
+        return torch.cholesky_inverse(chol)  # half the flops of an LU inverse
 
     def times_e(self, m, e):
         if not (e.is_cuda or _SPARSE_E_ON_CPU):
