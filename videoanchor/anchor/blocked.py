@@ -35,15 +35,14 @@ with the same arithmetic and gives the same ``C``.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from videoanchor.anchor import admm
 from videoanchor.anchor._inputs import as_feature_tensor, check_memory, resolve_dtype
-from videoanchor.anchor.progress import as_reporter
-from videoanchor.anchor.ssc import _Solver, check_admm_parameters, ssc_lambdas
+from videoanchor.anchor.ssc import TorchKernels, check_admm_parameters, ssc_lambdas
 
 __all__ = [
     "BlockedADMMResult",
@@ -90,7 +89,8 @@ class BlockedADMMResult:
     ``i`` reconstructs point ``i``, no diagonal entries). ``iterations`` is the largest
     iteration count of any block, ``converged`` whether every block met its criterion,
     ``residual`` the largest final block residual. ``block_iterations`` and
-    ``block_residuals`` have one entry per block, in column order (every rank has all).
+    ``block_residuals`` have one entry per block, in column order (every rank has all);
+    ``stopped`` whether the ``progress`` hook ended any block.
     """
 
     coef: torch.Tensor
@@ -105,6 +105,7 @@ class BlockedADMMResult:
     block_residuals: list[float] = field(default_factory=list)
     history: dict[int, list[float]] = field(default_factory=dict)
     world_size: int = 1
+    stopped: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -113,101 +114,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _BlockStep:
-    """The Woodbury A-step of :class:`videoanchor.anchor.ssc._Solver` restricted to the
-    columns ``a:b``; the factorisation (``K^{-1}``, ``Y Y^T``, ``Y 1``) is the solver's."""
-
-    def __init__(self, solver: _Solver):
-        self.sv = solver
-
-    def __call__(self, a: int, b: int, C, lam, d1s, E, e_nonzero: bool):
-        sv = self.sv
-        lz, rho = sv.lam_z, sv.rho
-        f64 = torch.float64
-        d, n = sv.d, sv.n
-        x, y = sv.x64, sv.x64.T
-        t1 = torch.sub(C, lam).to(f64)  # C - Lam
-        d1 = d1s.to(f64) if sv.affine else None
-        e = E.to(f64) if e_nonzero else None
-        yt1 = torch.mm(y, t1)  # Y (C - Lam), D x b
-        yv = torch.sub(y[:, a:b], yt1)  # Y V / rho: the identity's columns a:b are Y's
-        if sv.affine:
-            yv.addr_(sv.s, d1)
-        if e_nonzero:
-            yv.add_(torch.mm(sv.gram_d, e), alpha=lz / rho)
-        yv.mul_(math.sqrt(lz))
-        if sv.affine:
-            ov = 1.0 - t1.sum(dim=0) + d1 * n  # 1^T V / rho
-            if e_nonzero:
-                ov.add_(sv.s @ e, alpha=lz / rho)
-            utv = torch.cat([yv, (ov * math.sqrt(rho)).unsqueeze(0)], dim=0)
-        else:
-            utv = yv
-        zr = torch.mm(sv.kinv, utv)
-        q = zr[:d].mul_(math.sqrt(lz))
-        if e_nonzero:
-            q.add_(e, alpha=-lz / rho)
-        out = torch.addmm(t1, x, q)
-        del t1
-        if sv.affine:
-            col = zr[d] * math.sqrt(rho) - d1
-            out.add_(col)
-        ya = None
-        if sv.outliers:
-            ya = torch.addmm(yt1, sv.gram_d, q)
-            if sv.affine:
-                ya.addr_(sv.s, col)
-            ya = ya.to(sv.work)
-        return out.to(sv.work), ya
+def _solve_block(dic, factor, a, b, *, thr_e, eps, max_iter, hook):
+    """Run the authors' iteration (:class:`~videoanchor.anchor.admm.SquaredStep`) on
+    columns ``a:b``; return the block's sparse columns ``(rows, cols, values)`` and the
+    loop's :class:`~videoanchor.anchor.admm.Outcome`."""
+    step = admm.SquaredStep(dic, factor, a, b, thr_e=thr_e, eps=eps)
+    out = admm.run(step, max_iter, hook, what=f"blocked SSC-ADMM on columns {a}:{b}")
+    rows, cols = step.C.nonzero(as_tuple=True)
+    return rows, cols + a, step.C[rows, cols], out
 
 
-def _solve_block(step, yw, a, b, thr_e, eps, max_iter, keep_history, reporter=None):
-    """Run the authors' iteration on columns ``a:b``; return the block's sparse columns
-    ``(rows, cols, values)``, its iteration count, final residual and history."""
-    sv = step.sv
-    n, d = sv.n, sv.d
-    work, device = sv.work, sv.x64.device
-    nb = b - a
-    C = torch.zeros(n, nb, dtype=work, device=device)
-    lam = torch.zeros(n, nb, dtype=work, device=device)  # Delta2 / rho
-    d1s = torch.zeros(nb, dtype=work, device=device) if sv.affine else None  # Delta1 / rho
-    E = torch.zeros(d, nb, dtype=work, device=device) if sv.outliers else None
-    e_nonzero = False
-    diag_r = torch.arange(a, b, device=device)
-    diag_c = torch.arange(nb, device=device)
-    inv_rho = 1.0 / sv.rho
-    history: list[float] = []
-    residual, it = math.inf, 0
-    for it in range(1, int(max_iter) + 1):
-        A, YA = step(a, b, C, lam, d1s, E, e_nonzero)
-        if sv.outliers:
-            YA.neg_().add_(yw[:, a:b])  # Y - Y A on the block's columns
-            E = YA.sign() * (YA.abs_().sub_(thr_e).clamp_(min=0))
-            e_nonzero = bool(E.any())
-            del YA
-        if sv.affine:
-            d1s.add_(A.sum(dim=0).sub_(1.0))
-        A.add_(lam)  # T = A + Delta2 / rho
-        lam_new = A.clamp(-inv_rho, inv_rho)
-        lam_new[diag_r, diag_c] = A[diag_r, diag_c]
-        torch.sub(A, lam_new, out=C)  # soft(T, 1/rho) with a zero diagonal
-        del A
-        lam.sub_(lam_new).abs_()  # |A - C| on the block's columns
-        residual = float(lam.sum(dim=1).max())
-        lam = lam_new
-        if not math.isfinite(residual):
-            raise FloatingPointError(
-                f"blocked SSC-ADMM diverged at iteration {it} on columns {a}:{b} "
-                f"(residual {residual}); try dtype=torch.float64 or a larger rho"
-            )
-        if keep_history:
-            history.append(residual)
-        stop = reporter is not None and reporter.update(it, residual)  # True: time budget
-        if residual < eps or stop:
-            break
-    rows, cols = C.nonzero(as_tuple=True)
-    vals = C[rows, cols]
-    return rows, cols + a, vals, it, residual, residual < eps, history
+def _recorder(history: list[float]):
+    """A hook that appends every residual to ``history``."""
+
+    def hook(it: int, residual: float) -> None:
+        history.append(residual)
+
+    return hook
 
 
 def _group(process_group):
@@ -335,7 +258,9 @@ def solve_ssc_blocked(
     returns the same ``C``. Every rank of the group must call this function.
 
     ``progress``: as for :func:`~videoanchor.anchor.ssc.solve_ssc_admm` (each rank reports
-    its own blocks); a time budget gives block ``k`` of ``B`` until ``(k + 1) / B`` of it.
+    its own blocks); a time budget gives block ``k`` of ``B`` until ``(k + 1) / B`` of it. A
+    plain callable ``progress(iteration, residual)`` is called in every block
+    (``iteration`` counts within the block), and a true return ends that block.
     """
     t0 = time.perf_counter()
     group, rank, world = _group(process_group)
@@ -371,16 +296,14 @@ def solve_ssc_blocked(
         x = share_features(x, group)
 
     x64 = x.to(torch.float64)
-    xw = x.to(work)
     # the lambdas' Gram pass in row blocks of at most the block budget
     lam_rows = max(1, min(4096, _BLOCK_BUDGET.get(device.type, _BLOCK_BUDGET["cpu"]) // (8 * n)))
-    lam_e, lam_z, _, _ = ssc_lambdas(
-        xw if work == torch.float64 else x64, alpha_e, alpha_z, block=lam_rows
-    )
+    lam_e, lam_z, _, _ = ssc_lambdas(x64, alpha_e, alpha_z, block=lam_rows)
     _sync(device)
     t1 = time.perf_counter()
-    solver = _Solver(x64, xw, lam_z, rho, affine, outliers, "woodbury")
-    step = _BlockStep(solver)
+    dic = admm.Dictionary(x, work, lam_z=lam_z, affine=affine, outliers=outliers,
+                          kernels=TorchKernels(device))  # fmt: skip
+    factor = admm.Woodbury(dic, rho)
     _sync(device)
     t2 = time.perf_counter()
 
@@ -389,26 +312,30 @@ def solve_ssc_blocked(
     rows, cols, vals, stats = [], [], [], []
     history: dict[int, list[float]] = {}
     error = None
-    bar = as_reporter(progress, max_iter=max_iter, eps=eps, tokens=n, blocks=len(mine))
+    report = admm.Reporting(progress, max_iter=max_iter, eps=eps, tokens=n, blocks=len(mine))
     try:
         for k in mine:
             a = starts[k]
             b = min(n, a + block)
             eps_k = eps if block_eps == "own" else eps * (b - a) / n
-            r, c, v, its, res, ok, hist = _solve_block(
-                step, solver.yw, a, b, lam_e / lam_z, eps_k, max_iter, keep_history, bar
-            )
-            bar.next_block()
+            hist: list[float] = []
+            r, c, v, out = _solve_block(
+                dic, factor, a, b, thr_e=lam_e / lam_z, eps=eps_k, max_iter=max_iter,
+                hook=admm.chain(_recorder(hist) if keep_history else None, report.hook),
+            )  # fmt: skip
+            report.next_block()
             rows.append(r)
             cols.append(c)
             vals.append(v)
-            stats.append([float(k), float(its), res, float(ok)])
+            stats.append(
+                [float(k), float(out.iterations), out.residual, out.converged, out.stopped]
+            )
             if keep_history:
                 history[k] = hist
     except (FloatingPointError, RuntimeError, MemoryError) as exc:
         error = exc
     finally:
-        bar.close(
+        report.close(
             all(s[3] > 0 for s in stats), max((int(s[1]) for s in stats), default=0),
             max((s[2] for s in stats), default=0.0),
         )  # fmt: skip
@@ -420,7 +347,7 @@ def solve_ssc_blocked(
     else:
         vals_t = torch.cat(vals)
     del rows, cols, vals
-    stats_t = torch.tensor(stats, dtype=torch.float64).reshape(-1, 4)
+    stats_t = torch.tensor(stats, dtype=torch.float64).reshape(-1, 5)
     _sync(device)
     t3 = time.perf_counter()
 
@@ -447,6 +374,7 @@ def solve_ssc_blocked(
         coef=coef,
         iterations=max(block_its),
         converged=bool((stats_t[:, 3] > 0).all()),
+        stopped=bool((stats_t[:, 4] > 0).any()),
         residual=max(block_res),
         lambda_e=lam_e,
         lambda_z=lam_z,

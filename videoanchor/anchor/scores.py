@@ -193,12 +193,12 @@ def _exact_fits(x: torch.Tensor, dtype, pca_rank: int) -> bool:
 
 
 def _solve(x, *, backend, solver, dtype, **kw):
+    """The dense solver of ``backend`` (one iteration, two array namespaces)."""
     relax, adaptive = (1.0, False) if solver == "faithful" else (ACCEL_RELAX, True)
+    solve = solve_ssc_admm
     if backend == "cupy":
-        from videoanchor.anchor.cupy_backend import solve_ssc_admm_cupy
-
-        return solve_ssc_admm_cupy(x, dtype=dtype, relax=relax, adaptive_rho=adaptive, **kw)
-    return solve_ssc_admm(
+        from videoanchor.anchor.cupy_backend import solve_ssc_admm_cupy as solve
+    return solve(
         x, dtype=dtype, relax=relax, adaptive_rho=adaptive, e_every=3 if adaptive else 1, **kw
     )
 

@@ -19,6 +19,11 @@ The factorisation is done in float64 and the iterations in the working dtype
 (float32 by default). ``relax`` (over-relaxation) and ``adaptive_rho`` (residual
 balancing) are optional accelerations that converge to the same minimiser; with both
 off the iterates are the authors' iterates.
+
+The iteration itself is :mod:`videoanchor.anchor.admm`, shared with the column-blocked
+solver, the CuPy backend (:mod:`videoanchor.anchor.cupy_backend`, the same code on CuPy
+arrays) and the constrained variant; this module holds the torch entry point, the
+lambdas and the cost model.
 """
 
 from __future__ import annotations
@@ -28,34 +33,35 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
+import array_api_compat
 import torch
 
+from videoanchor.anchor import admm
 from videoanchor.anchor._inputs import (
     SSCMemoryError,
     as_feature_tensor,
     check_memory,
     resolve_dtype,
 )
-from videoanchor.anchor.progress import as_reporter
 
 __all__ = ["ssc_lambdas", "gram_row_max", "solve_ssc_admm", "ADMMResult", "SSCMemoryError"]
 
 
-def ssc_lambdas(
-    x: torch.Tensor, alpha_e: float, alpha_z: float, *, block: int = 4096
-) -> tuple[float, float, float, float]:
+def ssc_lambdas(x, alpha_e: float, alpha_z: float, *, block: int = 4096):
     """``(lambda_e, lambda_z, mu_e, mu_z)`` for points ``x`` (``N x D``, one row per point).
 
     ``mu_e = min_i max_{j != i} ||y_j||_1`` and ``mu_z = min_i max_{j != i} |y_i^T y_j|``,
     computed without the authors' ``O(N^2)`` Python loop: ``mu_e`` is the second largest
     point L1 norm, ``mu_z`` a blocked pass over the Gram matrix (no ``N x N`` allocation).
+    Any array-API array (torch, NumPy, CuPy).
     """
+    xp = array_api_compat.array_namespace(x)
     n = x.shape[0]
     if n < 2:
         raise ValueError(f"SSC needs at least 2 points, got {n}")
-    norms = x.abs().sum(dim=1, dtype=torch.float64)
-    mu_e = float(torch.topk(norms, 2).values[1])
-    mu_z = float(gram_row_max(x, block=block).min())
+    norms = xp.sum(xp.abs(x), axis=1, dtype=xp.float64)
+    mu_e = float(xp.sort(norms)[-2])
+    mu_z = float(xp.min(gram_row_max(x, block=block)))
     if not (mu_e > 0):
         raise ValueError("SSC: at most one point is non-zero (mu_e = 0); lambda_e is undefined")
     if not (mu_z > 0):
@@ -65,24 +71,27 @@ def ssc_lambdas(
     return alpha_e / mu_e, alpha_z / mu_z, mu_e, mu_z
 
 
-def gram_row_max(x: torch.Tensor, *, block: int = 4096) -> torch.Tensor:
+def gram_row_max(x, *, block: int = 4096):
     """``max_{j != i} |y_i^T y_j|`` for every point ``i`` (float64), ``block`` rows at a time."""
+    xp = array_api_compat.array_namespace(x)
+    dev = array_api_compat.device(x)
     n = x.shape[0]
-    row_max = torch.empty(n, dtype=torch.float64, device=x.device)
+    row_max = xp.empty(n, dtype=xp.float64, device=dev)
     for a in range(0, n, block):
         b = min(n, a + block)
-        g = (x[a:b] @ x.T).abs_()
-        g[torch.arange(b - a, device=x.device), torch.arange(a, b, device=x.device)] = 0
-        row_max[a:b] = g.amax(dim=1)
+        g = xp.abs(x[a:b, :] @ x.T)
+        g[xp.arange(b - a, device=dev), xp.arange(a, b, device=dev)] = 0
+        row_max[a:b] = xp.astype(xp.max(g, axis=1), xp.float64)
     return row_max
-
 
 @dataclass
 class ADMMResult:
     """Output of :func:`solve_ssc_admm`.
 
     ``coef`` is ``C`` (``N x N``, column ``i`` reconstructs point ``i``, zero diagonal);
-    ``residual`` the last ``max_i sum_j |A - C|_ij``; ``timings`` seconds per stage.
+    ``residual`` the last ``max_i sum_j |A - C|_ij``; ``converged`` whether the stopping
+    rule held; ``stopped`` whether the ``progress`` hook ended the run first;
+    ``timings`` seconds per stage.
     """
 
     coef: torch.Tensor
@@ -97,21 +106,13 @@ class ADMMResult:
     outliers: torch.Tensor | None = None
     history: list[float] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    stopped: bool = False
 
-
-# Residual balancing on relative residuals (Wohlberg 2017): every `every` iterations, if
-# the primal/dual ratio leaves [1/mu, mu], scale rho by sqrt(ratio / xi), at most tau.
-# At most `max_changes` changes, so the penalty is eventually fixed and ADMM's convergence
-# theory applies; each change refactors the A-step system.
-# Below this fraction of non-zeros, Y^T E is a sparse product: cuSPARSE on CUDA; on the
-# CPU, with at most one non-zero per column on average, a gather of the columns of X that
-# E touches, scattered by index_add_ (deterministic; CSR products measured no faster than
-# the dense one there).
-_SPARSE_E_DENSITY = 0.02
-_SPARSE_E_ON_CPU = True
-
-_ADAPT = {"every": 5, "max_changes": 20, "mu": 3.0, "tau": 10.0, "xi": 1.0}
-
+    @classmethod
+    def from_run(cls, out: admm.Outcome, **fields) -> ADMMResult:
+        """The result of a run of :func:`videoanchor.anchor.admm.run` with ``fields``."""
+        return cls(iterations=out.iterations, converged=out.converged, stopped=out.stopped,
+                   residual=out.residual, **fields)  # fmt: skip
 
 def check_admm_parameters(n: int, rho: float, eps: float, max_iter: int) -> None:
     """The checks every ADMM entry point makes on its size and iteration parameters."""
@@ -124,18 +125,11 @@ def check_admm_parameters(n: int, rho: float, eps: float, max_iter: int) -> None
     if int(max_iter) < 1:
         raise ValueError(f"max_iter: expected a positive integer, got {max_iter}")
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _flops(n: int, d: int, outliers: bool) -> dict[str, float]:
     """Multiply-adds per iteration (E = 0), counting the products that dominate."""
     dense = n**3 + (d * n * n if outliers else 0.0)
     woodbury = 2.0 * d * n * n + 2.0 * d * d * n
     return {"dense": dense, "woodbury": woodbury}
-
 
 def choose_strategy(n: int, d: int, outliers: bool = True, device_type: str = "cpu") -> str:
     """The cheaper way to apply the system inverse: ``"dense"`` or ``"woodbury"``.
@@ -149,7 +143,6 @@ def choose_strategy(n: int, d: int, outliers: bool = True, device_type: str = "c
     f64_cost = 1.2 if device_type == "cuda" else 2.0
     return "woodbury" if f64_cost * f["woodbury"] < 0.8 * f["dense"] else "dense"
 
-
 def admm_bytes(n: int, d: int, itemsize: int, strategy: str) -> int:
     """Peak bytes of :func:`solve_ssc_admm` (working buffers plus the float64 factorisation)."""
     nn = n * n
@@ -160,9 +153,60 @@ def admm_bytes(n: int, d: int, itemsize: int, strategy: str) -> int:
     return 4 * nn * itemsize + 3 * nn * 8 + 8 * n * d * 8 + 3 * (d + 1) ** 2 * 8
 
 
-def _Progress(progress, total: int, eps: float = 0.0, n: int | None = None):
-    """The run's :class:`~videoanchor.anchor.progress.SSCProgress` (``progress=`` option)."""
-    return as_reporter(progress, max_iter=total, eps=eps, tokens=n)
+# Below this fraction of non-zeros, Y^T E is a sparse product: cuSPARSE on CUDA; on the
+# CPU, with at most one non-zero per column on average, a gather of the columns of X that
+# E touches, scattered by index_add_ (deterministic; CSR products measured no faster than
+# the dense one there).
+_SPARSE_E_DENSITY = 0.02
+_SPARSE_E_ON_CPU = True
+
+
+class TorchKernels(admm.Kernels):
+    """The torch forms of :class:`videoanchor.anchor.admm.Kernels`: the product with a
+    sparse ``E`` (gather on the CPU, cuSPARSE on CUDA), the C-step in place and the
+    inverse from the Cholesky factor."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._mt: dict[int, torch.Tensor] = {}
+
+    def shrink(self, xp, t, lam, thr, diag):
+        lam_new = t.clamp(-thr, thr)
+        if diag is not None:
+            lam_new[diag.rows, diag.cols] = t[diag.rows, diag.cols]
+        t.sub_(lam_new)
+        return t, lam_new, lam.sub_(lam_new).abs_()
+
+    def spd_inverse(self, xp, m, what: str = "the A-step system"):
+        chol, info = torch.linalg.cholesky_ex(m)
+        if int(info) != 0:
+            raise FloatingPointError(f"SSC: {what} is not positive definite")
+        return torch.cholesky_inverse(chol)  # half the flops of an LU inverse
+
+    def times_e(self, m, e):
+        if not (e.is_cuda or _SPARSE_E_ON_CPU):
+            return torch.mm(m, e)
+        nnz = int(torch.count_nonzero(e))
+        if nnz >= _SPARSE_E_DENSITY * e.numel():
+            return torch.mm(m, e)
+        if not e.is_cuda:
+            if nnz > e.shape[1]:
+                # the gather below holds m.shape[0] x nnz values: keep it within the output
+                return torch.mm(m, e)
+            # column i of m @ E is sum_d m[:, d] E[d, i] over E's few non-zeros
+            rows, cols = e.nonzero(as_tuple=True)
+            out = torch.zeros(m.shape[0], e.shape[1], dtype=e.dtype, device=e.device)
+            return out.index_add_(1, cols, m[:, rows] * e[rows, cols])
+        key = id(m)
+        if key not in self._mt:
+            self._mt[key] = m.T.contiguous()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR is in beta"
+            return torch.sparse.mm(e.T.to_sparse_csr(), self._mt[key]).T
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 def solve_ssc_admm(
@@ -184,6 +228,8 @@ def solve_ssc_admm(
     check_memory_first: bool = True,
     callback=None,
     e_every: int = 1,
+    xp=None,
+    kernels: admm.Kernels | None = None,
 ) -> ADMMResult:
     """Solve the SSC program for ``features`` (``N x D``, one row per point) on their device.
 
@@ -194,13 +240,20 @@ def solve_ssc_admm(
 
     ``progress``: False, True, None (default: a bar or log lines once a run lasts a few
     seconds) or an :class:`~videoanchor.anchor.progress.SSCProgress`, whose time budget
-    stops the iterations early (``converged=False``).
+    stops the iterations early (``converged=False``, ``stopped=True``); any other callable
+    ``progress(iteration, residual)`` is called after every iteration instead, and a true
+    return stops the run. ``callback(iteration, C, residual)`` sees every iterate.
+
+    ``xp``: an array module (``numpy``, ``cupy``) to run the same iteration with instead
+    of torch, the features going in and ``C`` coming out through DLPack; ``kernels`` its
+    :class:`~videoanchor.anchor.admm.Kernels` (default: the array-API forms). See
+    :func:`videoanchor.anchor.cupy_backend.solve_ssc_admm_cupy`.
     """
     t0 = time.perf_counter()
-    x = as_feature_tensor(features)
-    device = x.device
-    work = resolve_dtype(dtype, device)
-    n, d = x.shape
+    x_t = as_feature_tensor(features)
+    device = x_t.device
+    work_t = resolve_dtype(dtype, device)
+    n, d = x_t.shape
     check_admm_parameters(n, rho, eps, max_iter)
     if not (1.0 <= relax < 2.0):
         raise ValueError(f"relax: expected a value in [1, 2), got {relax}")
@@ -208,277 +261,60 @@ def solve_ssc_admm(
         strategy = choose_strategy(n, d, outliers, device.type)
     if strategy not in ("dense", "woodbury"):
         raise ValueError(f"strategy: expected 'auto', 'dense' or 'woodbury', got {strategy!r}")
-    itemsize = torch.finfo(work).bits // 8
     if check_memory_first:
+        itemsize = torch.finfo(work_t).bits // 8
         check_memory(admm_bytes(n, d, itemsize, strategy), device, n=n, d=d, what="Dense SSC")
-
-    x64 = x.to(torch.float64)
-    xw = x.to(work)
-    lam_e, lam_z, _, _ = ssc_lambdas(xw if work == torch.float64 else x64, alpha_e, alpha_z)
-    thr_e = lam_e / lam_z
-    _sync(device)
-    t1 = time.perf_counter()
-
-    solver = _Solver(x64, xw, lam_z, rho, affine, outliers, strategy)
-    _sync(device)
-    t2 = time.perf_counter()
-
-    C = torch.zeros(n, n, dtype=work, device=device)
-    lam = torch.zeros(n, n, dtype=work, device=device)  # scaled dual Delta2 / rho
-    d1s = torch.zeros(n, dtype=work, device=device) if affine else None  # Delta1 / rho
-    E = torch.zeros(d, n, dtype=work, device=device) if outliers else None
-    e_nonzero = False
-    eye_idx = torch.arange(n, device=device)
-    history: list[float] = []
-    bar = _Progress(progress, int(max_iter), eps, n)
-    residual = math.inf
-    converged = False
-    it = 0
-    accelerate = relax != 1.0 or adaptive_rho
-    rho_k = float(rho)
-    c_old = torch.empty_like(C) if accelerate else None
-    last_rho_change = 0
-    n_changes = 0
-    # With acceleration and the dense strategy, Y A (a D x N x N product) only feeds the
-    # E-step; refreshing E every few iterations is an inexact block update with the same
-    # fixed points, and convergence is only declared right after an exact E-step.
-    e_every = max(1, int(e_every)) if accelerate and strategy == "dense" else 1
+    if xp is None:
+        x, work, kernels = x_t, work_t, TorchKernels(device)
+    else:
+        x = xp.from_dlpack(x_t.contiguous())
+        work = xp.float32 if work_t == torch.float32 else xp.float64
+        kernels = kernels or admm.Kernels()
+    xp = array_api_compat.array_namespace(x)
+    report = admm.Reporting(progress, max_iter=max_iter, eps=eps, tokens=n)
+    out = None
     try:
-        for it in range(1, int(max_iter) + 1):
-            e_step = outliers and (it % e_every == 0 or it <= e_every)
-            A, YA = solver.step_a(C, lam, d1s, E, e_nonzero, e_step)
-            if e_step:
-                # E = soft(Y - Y A, lambda_e / lambda_z), written into YA's buffer
-                YA.neg_().add_(solver.yw)
-                E = YA.sign() * (YA.abs_().sub_(thr_e).clamp_(min=0))
-                e_nonzero = bool(E.any())
-            if affine:
-                d1s.add_(A.sum(dim=0).sub_(1.0))
-            if accelerate:
-                c_old.copy_(C)
-            if relax != 1.0:
-                A.mul_(relax).add_(C, alpha=1.0 - relax)
-            A.add_(lam)  # T = A + Delta2 / rho
-            lam_new = A.clamp(-1.0 / rho_k, 1.0 / rho_k)
-            lam_new[eye_idx, eye_idx] = A[eye_idx, eye_idx]
-            torch.sub(A, lam_new, out=C)  # soft(T, 1/rho) with a zero diagonal
-            lam.sub_(lam_new).abs_()  # |A - C| = |Lam_new - Lam_old|
-            primal = float(lam.sum(dim=1).max())
-            if adaptive_rho:
-                fro_primal = float(torch.linalg.vector_norm(lam))
-            lam = lam_new
-            if accelerate:
-                c_old.sub_(C).abs_()
-                dual = float(c_old.sum(dim=1).max())
-                if adaptive_rho:
-                    fro_dual = float(torch.linalg.vector_norm(c_old))
-                residual = max(primal, dual)
-            else:
-                residual = primal
-            if not math.isfinite(residual):
-                raise FloatingPointError(
-                    f"SSC-ADMM diverged at iteration {it} (residual {residual}); "
-                    "try dtype=torch.float64 or a larger rho"
-                )
-            if keep_history:
-                history.append(residual)
-            if callback is not None:
-                callback(it, C, residual)
-            stop = bar.update(it, residual)  # progress; True when a time budget ran out
-            if residual < eps and (e_step or not outliers):
-                converged = True
-                break
-            if stop:
-                break
-            if (
-                adaptive_rho
-                and it - last_rho_change >= _ADAPT["every"]
-                and n_changes < _ADAPT["max_changes"]
-            ):
-                # residual balancing on relative residuals (Wohlberg 2017)
-                r_rel = fro_primal / max(float(torch.linalg.vector_norm(C)), 1e-30)
-                s_rel = fro_dual / max(float(torch.linalg.vector_norm(lam)), 1e-30)
-                q = r_rel / max(s_rel, 1e-30)
-                factor = 1.0
-                if q > _ADAPT["mu"]:
-                    factor = min(math.sqrt(q / _ADAPT["xi"]), _ADAPT["tau"])
-                elif q < 1.0 / _ADAPT["mu"]:
-                    factor = 1.0 / min(math.sqrt(_ADAPT["xi"] / q), _ADAPT["tau"])
-                if factor != 1.0:
-                    lam.mul_(1.0 / factor)  # keep Delta2 = rho * Lam fixed
-                    if affine:
-                        d1s.mul_(1.0 / factor)  # and Delta1
-                    rho_k *= factor
-                    solver.refactor(rho_k)
-                    last_rho_change = it
-                    n_changes += 1
+        lam_e, lam_z, _, _ = ssc_lambdas(xp.astype(x, xp.float64, copy=False), alpha_e, alpha_z)
+        kernels.sync()
+        t1 = time.perf_counter()
+        dic = admm.Dictionary(x, work, lam_z=lam_z, affine=affine, outliers=outliers,
+                              kernels=kernels)  # fmt: skip
+        factor = (admm.DenseInverse if strategy == "dense" else admm.Woodbury)(dic, rho)
+        kernels.sync()
+        t2 = time.perf_counter()
+        accelerate = relax != 1.0 or adaptive_rho
+        # With acceleration and the dense strategy, Y A (a D x N x N product) only feeds the
+        # E-step; refreshing E every few iterations is an inexact block update with the same
+        # fixed points, and convergence is only declared right after an exact E-step.
+        e_every = max(1, int(e_every)) if accelerate and strategy == "dense" else 1
+        step = admm.SquaredStep(
+            dic, factor, 0, n, thr_e=lam_e / lam_z, eps=eps, relax=relax,
+            adaptive=adaptive_rho, e_every=e_every,
+        )  # fmt: skip
+        history: list[float] = []
+        out = admm.run(step, max_iter, admm.chain(
+            (lambda it, r: history.append(r)) if keep_history else None,
+            (lambda it, r: callback(it, step.C, r)) if callback is not None else None,
+            report.hook,
+        ))  # fmt: skip
     finally:
-        bar.close(converged, it, residual)
-    _sync(device)
+        report.close(*((out.converged, out.iterations, out.residual) if out else (False,) * 3))
+    kernels.sync()
     t3 = time.perf_counter()
-    return ADMMResult(
-        coef=C,
-        iterations=it,
-        converged=converged,
-        residual=residual,
+    return ADMMResult.from_run(
+        out,
+        coef=_as_torch(step.C),
         lambda_e=lam_e,
         lambda_z=lam_z,
-        rho=rho_k,
-        rho_changes=n_changes,
+        rho=step.rho,
+        rho_changes=step.rho_changes,
         strategy=strategy,
-        outliers=E,
+        outliers=None if step.E is None else _as_torch(step.E),
         history=history,
         timings={"lambdas": t1 - t0, "factor": t2 - t1, "admm": t3 - t2},
     )
 
 
-class _Solver:
-    """Applies the A-step for one strategy.
-
-    The A-step is written as ``A = I - M^{-1} V`` with
-    ``V = rho (I - C + Lam) + 1 D1^T + lambda_z Y^T E`` (``Lam = Delta2 / rho``), which
-    is the authors' right-hand side minus ``M`` itself: the entries stay O(1) instead of
-    O(lambda_z Y^T Y), so the float32 iterations do not lose their last digits to
-    cancellation.
-    """
-
-    def __init__(self, x64, xw, lam_z, rho, affine, outliers, strategy):
-        self.x64, self.xw = x64, xw
-        self.yw = xw.T  # Y, D x N view
-        self.lam_z, self.affine, self.outliers, self.strategy = lam_z, affine, outliers, strategy
-        self.n, self.d = x64.shape
-        self.work = xw.dtype
-        self._mt: dict[int, torch.Tensor] = {}
-        if strategy == "dense":
-            self.gram = x64 @ x64.T  # float64, N x N
-        else:
-            self.gram_d = x64.T @ x64  # float64, D x D
-            self.s = x64.sum(dim=0)  # Y 1
-        self.refactor(rho)
-
-    def refactor(self, rho: float) -> None:
-        self.rho = rho
-        n, lz = self.n, self.lam_z
-        if self.strategy == "dense":
-            m = self.gram * lz
-            m.diagonal().add_(rho)
-            if self.affine:
-                m.add_(rho)
-            chol, info = torch.linalg.cholesky_ex(m)
-            if int(info) != 0:
-                raise FloatingPointError("SSC: the A-step system is not positive definite")
-            del m
-            minv = torch.cholesky_inverse(chol).mul_(rho)  # rho M^{-1}
-            del chol
-            # With outliers, Y A is needed too: stacking [I; Y] on the left of every
-            # operator gives (A, Y A) from one (N + D) x N x N product instead of two.
-            self.rminv = self._stack_y(minv)
-            if self.affine:
-                self.ru = self._stack_y(minv.sum(dim=1, keepdim=True)).squeeze(1)
-            minv.neg_().diagonal().add_(1.0)  # B0 = I - rho M^{-1}
-            self.b0 = self._stack_y(minv)
-            del minv
-        else:
-            d = self.d
-            k = d + 1 if self.affine else d
-            kmat = torch.empty(k, k, dtype=torch.float64, device=self.x64.device)
-            kmat[:d, :d] = self.gram_d * lz
-            if self.affine:
-                kmat[:d, d] = self.s * math.sqrt(lz * rho)
-                kmat[d, :d] = kmat[:d, d]
-                kmat[d, d] = rho * n
-            kmat.diagonal().add_(rho)
-            chol, info = torch.linalg.cholesky_ex(kmat)
-            if int(info) != 0:
-                raise FloatingPointError("SSC: the A-step system is not positive definite")
-            self.kinv = torch.cholesky_inverse(chol)  # float64: see step_a
-
-    def _stack_y(self, t: torch.Tensor) -> torch.Tensor:
-        """``[t; Y t]`` in the working dtype when outliers are modelled, else ``t``."""
-        if not self.outliers:
-            return t.to(self.work, copy=True)  # never an alias: B0 is built from t in place
-        out = torch.empty(self.n + self.d, t.shape[1], dtype=self.work, device=t.device)
-        out[: self.n] = t
-        out[self.n :] = self.x64.T @ t
-        return out
-
-    def _left_times_e(self, m: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
-        """``m @ E`` (``m`` is ``X`` or ``Y Y^T``); a sparse product when ``E`` is sparse."""
-        if not (E.is_cuda or _SPARSE_E_ON_CPU):
-            return torch.mm(m, E)
-        nnz = int(torch.count_nonzero(E))
-        if nnz >= _SPARSE_E_DENSITY * E.numel():
-            return torch.mm(m, E)
-        if not E.is_cuda:
-            if nnz > E.shape[1]:
-                # the gather below holds m.shape[0] x nnz values: keep it within the output
-                return torch.mm(m, E)
-            # column i of m @ E is sum_d m[:, d] E[d, i] over E's few non-zeros
-            rows, cols = E.nonzero(as_tuple=True)
-            out = torch.zeros(m.shape[0], E.shape[1], dtype=E.dtype, device=E.device)
-            return out.index_add_(1, cols, m[:, rows] * E[rows, cols])
-        key = id(m)
-        if key not in self._mt:
-            self._mt[key] = m.T.contiguous()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR is in beta"
-            e_t = E.T.to_sparse_csr()  # N x D
-            return torch.sparse.mm(e_t, self._mt[key]).T
-
-    def step_a(self, C, lam, d1s, E, e_nonzero: bool, want_ya: bool = True):
-        """Return ``(A, Y A)``; ``Y A`` only when outliers are modelled and ``want_ya``.
-
-        ``d1s = Delta1 / rho``; ``E`` is skipped when ``e_nonzero`` is False.
-        """
-        lz, rho = self.lam_z, self.rho
-        x, y = self.xw, self.yw
-        t1 = torch.sub(C, lam)  # C - Lam
-        if self.strategy == "dense":
-            if e_nonzero:
-                t1.sub_(self._left_times_e(x, E), alpha=lz / rho)
-            n = self.n
-            rows = self.rminv.shape[0] if want_ya else n  # with Y A, or A alone
-            a = torch.addmm(self.b0[:rows], self.rminv[:rows], t1)
-            del t1
-            if self.affine:
-                a.addr_(self.ru[:rows], d1s, alpha=-1.0)
-            ya = a[n:] if self.outliers and want_ya else None
-            return a[:n], ya
-        # Woodbury: M^{-1} = (I - U K^{-1} U^T) / rho with U = [sqrt(lz) X, sqrt(rho) 1].
-        # In float64: Y (C - Lam) nearly cancels Y, and float32 left the residual at ~1e-2.
-        f64 = torch.float64
-        d = self.d
-        x, y = self.x64, self.x64.T
-        t1 = t1.to(f64)
-        d1s = d1s.to(f64) if self.affine else None
-        E = E.to(f64) if e_nonzero else None
-        yt1 = torch.mm(y, t1)  # Y (C - Lam), D x N
-        yv = torch.sub(y, yt1)  # Y V / rho
-        if self.affine:
-            yv.addr_(self.s, d1s)
-        if e_nonzero:
-            yv.add_(self._left_times_e(self.gram_d, E), alpha=lz / rho)
-        yv.mul_(math.sqrt(lz))
-        if self.affine:
-            ov = 1.0 - t1.sum(dim=0) + d1s * self.n  # 1^T V / rho
-            if e_nonzero:
-                ov.add_(self.s @ E, alpha=lz / rho)
-            utv = torch.cat([yv, (ov * math.sqrt(rho)).unsqueeze(0)], dim=0)
-        else:
-            utv = yv
-        zr = torch.mm(self.kinv, utv)  # K^{-1} U^T V / rho
-        q = zr[:d].mul_(math.sqrt(lz))
-        if e_nonzero:
-            q.add_(E, alpha=-lz / rho)
-        a = torch.addmm(t1, x, q)
-        if self.affine:
-            col = zr[d] * math.sqrt(rho) - d1s
-            a.add_(col)
-        ya = None
-        if self.outliers and want_ya:
-            ya = torch.addmm(yt1, self.gram_d, q)
-            if self.affine:
-                ya.addr_(self.s, col)
-            ya = ya.to(self.work)
-        a = a.to(self.work)
-        return a, ya
+def _as_torch(a) -> torch.Tensor:
+    """``a`` as a torch tensor (through DLPack, no copy, when it is another namespace's)."""
+    return a if isinstance(a, torch.Tensor) else torch.from_dlpack(a)

@@ -9,7 +9,8 @@ VideoAnchor (METHOD.md section 2) replaces the constraint by a squared penalty; 
 module is the constrained form, for users of SSC as a clustering method (it is what
 reproduces the published Extended Yale B errors, ``benchmarks/bench_yaleb.py``).
 
-Their ADMM, reproduced iterate for iterate: with ``P = [Y, I / gamma]`` and
+Their ADMM, reproduced iterate for iterate (the loop of
+:class:`videoanchor.anchor.admm.EqualityStep`: the shared C-step with this data term): with ``P = [Y, I / gamma]`` and
 ``Z = [C; gamma E]`` (``(N + D) x N``),
 
     Z  = (mu1 P^T P + mu2 I)^{-1} (P^T (mu1 Y + L1) + mu2 C - L2),  diag(Z_C) = 0
@@ -35,19 +36,13 @@ working dtype; the factorisation is float64. The affine term is a rank-one corre
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 
+from videoanchor.anchor import admm
 from videoanchor.anchor._inputs import as_feature_tensor, check_memory, resolve_dtype
-from videoanchor.anchor.ssc import (
-    ADMMResult,
-    _Progress,
-    _sync,
-    check_admm_parameters,
-    gram_row_max,
-)
+from videoanchor.anchor.ssc import ADMMResult, TorchKernels, check_admm_parameters, gram_row_max
 
 __all__ = ["equality_parameters", "solve_ssc_equality"]
 
@@ -88,7 +83,7 @@ def solve_ssc_equality(
     max_iter: int = 10000,
     affine: bool = False,
     dtype=None,
-    progress: bool = False,
+    progress=False,
     check_memory_first: bool = True,
     callback=None,
 ) -> ADMMResult:
@@ -101,7 +96,8 @@ def solve_ssc_equality(
     iterations (``maxIter = 150``). Returns an :class:`ADMMResult` whose ``coef`` is ``C``,
     ``outliers`` is ``E`` (``D x N``), ``residual`` is the largest of the stopping rule's
     errors (``err1``, ``err2`` and, when affine, ``err3``), ``lambda_e = gamma`` and
-    ``lambda_z = mu1``. ``callback(it, C, E)`` sees every iterate.
+    ``lambda_z = mu1``. ``callback(it, C, E)`` sees every iterate; ``progress`` as in
+    :func:`~videoanchor.anchor.ssc.solve_ssc_admm`.
     """
     t0 = time.perf_counter()
     x = as_feature_tensor(features)
@@ -118,134 +114,31 @@ def solve_ssc_equality(
 
     x64 = x.to(torch.float64)
     gamma, mu1 = equality_parameters(x64, alpha_e, alpha_z)
-    mu2 = float(rho)
-    _sync(device)
+    kernels = TorchKernels(device)
+    kernels.sync()
     t1 = time.perf_counter()
-
-    # K = c I + Y Y^T (D x D); K^{-1} applied directly (D <= N) or through N-space.
-    c = mu2 / mu1 + 1.0 / gamma**2
-    n_space = d > n
-    if n_space:
-        g0 = x64 @ x64.T  # Y^T Y
-        h = g0.clone()
-        h.diagonal().add_(c)
-        h = torch.cholesky_inverse(_cholesky(h))  # (c I + Y^T Y)^{-1}
-        # Y^T K^{-1} = (I - Y^T Y H) Y^T / c: applied to Y^T (P R) it saves a D x N x N product.
-        m = torch.eye(n, dtype=torch.float64, device=device).sub_(g0 @ h).div_(c)
-        h_w, m_w = h.to(work), m.to(work)
-        del g0, h, m
-    else:
-        k = x64.T @ x64
-        k.diagonal().add_(c)
-        kinv_w = torch.cholesky_inverse(_cholesky(k)).to(work)
-        del k
-    _sync(device)
-    t2 = time.perf_counter()
-
-    y = x.to(work).T  # D x N view
-    yt = y.T
-    zero = torch.zeros
-    cc = zero(n, n, dtype=work, device=device)  # C block of C
-    ce = zero(d, n, dtype=work, device=device)  # gamma E block
-    l2c = zero(n, n, dtype=work, device=device)
-    l2e = zero(d, n, dtype=work, device=device)
-    l1 = zero(d, n, dtype=work, device=device)
-    eye = torch.arange(n, device=device)
-    bar = _Progress(progress, int(max_iter), eps, n)
-    it, converged, residual = 0, False, math.inf
-    inv_g, inv_mu2 = 1.0 / gamma, 1.0 / mu2
-
-    def apply_a0(rc, re):
-        """``(mu1 P^T P + mu2 I)^{-1} [rc; re]`` (overwrites ``rc`` and ``re``)."""
-        pr = torch.addmm(re, y, rc, beta=inv_g)  # P R = Y R_C + R_E / g
-        if n_space:
-            ytpr = yt @ pr
-            w = torch.addmm(pr, y, h_w @ ytpr, alpha=-1.0).div_(c)  # K^{-1} P R
-            zc = rc.sub_(m_w @ ytpr).mul_(inv_mu2)  # (R_C - Y^T W) / mu2
-        else:
-            w = kinv_w @ pr
-            zc = torch.addmm(rc, yt, w, alpha=-1.0).mul_(inv_mu2)
-        return zc, re.sub_(w, alpha=inv_g).mul_(inv_mu2)  # (R_E - W / g) / mu2
-
-    if affine:
-        # The affine system adds mu2 delta delta^T (delta = [1_N; 0_D]): Sherman-Morrison
-        # with u = A0 delta, so its inverse is A0 - s u u^T.
-        uc, ue = apply_a0(
-            torch.ones(n, 1, dtype=work, device=device), zero(d, 1, dtype=work, device=device)
-        )
-        uc, ue = uc.squeeze(1), ue.squeeze(1)
-        s_aff = mu2 / (1.0 + mu2 * float(uc.sum()))
-        lam3 = zero(n, dtype=work, device=device)
+    report = admm.Reporting(progress, max_iter=max_iter, eps=eps, tokens=n)
+    out = None
     try:
-        for it in range(1, int(max_iter) + 1):
-            b = torch.add(l1, y, alpha=mu1)  # mu1 Y + L1
-            rc = torch.addmm(l2c, yt, b, beta=-1.0).add_(cc, alpha=mu2)  # Y^T B + mu2 C - L2
-            re = torch.add(ce, b, alpha=inv_g / mu2).mul_(mu2).sub_(l2e)  # B/g + mu2 C - L2
-            if affine:
-                rc.add_(lam3.neg().add_(mu2))  # + mu2 delta (1 - lambda3 / mu2)^T
-                utr = torch.addmv(uc @ rc, re.T, ue)  # u^T R
-            zc, ze = apply_a0(rc, re)
-            if affine:
-                zc.addr_(uc, utr, alpha=-s_aff)
-                ze.addr_(ue, utr, alpha=-s_aff)
-            zc[eye, eye] = 0
-            cc_new = _soft(zc + l2c * inv_mu2, inv_mu2)
-            cc_new[eye, eye] = 0
-            ce_new = _soft(ze + l2e * inv_mu2, inv_mu2)
-            # r = Y - P Z = (Y - E) - Y Z_C; err2 normalises each column by ||y_i - e_i||
-            y0 = torch.sub(y, ze, alpha=inv_g)
-            r = torch.addmm(y0, y, zc, alpha=-1.0)
-            l1.add_(r, alpha=mu1)
-            if affine:
-                colsum = zc.sum(dim=0).sub_(1.0)  # delta^T Z - 1
-                lam3.add_(colsum, alpha=mu2)
-                err3 = float(colsum.abs().max())
-            dc, de = zc.sub_(cc_new), ze.sub_(ce_new)  # Z - C
-            l2c.add_(dc, alpha=mu2)
-            l2e.add_(de, alpha=mu2)
-            err1 = max(float(dc.abs().max()), float(de.abs().max()))
-            err2 = float((r.norm(dim=0) / y0.norm(dim=0).clamp_min(torch.finfo(work).tiny)).max())
-            cc, ce = cc_new, ce_new
-            if affine:
-                err1 = max(err1, err3)  # their loop tests err3 against thr1 too
-            residual = max(err1, err2)
-            if not math.isfinite(residual):
-                raise FloatingPointError(
-                    f"constrained SSC diverged at iteration {it} (residual {residual}); "
-                    "try dtype=torch.float64"
-                )
-            if callback is not None:
-                callback(it, cc, ce * inv_g)
-            stop = bar.update(it, residual)  # True when a time budget ran out
-            if err1 <= eps and err2 <= eps:
-                converged = True
-                break
-            if stop:
-                break
+        dic = admm.Dictionary(x, work, lam_z=mu1, affine=affine, outliers=True, kernels=kernels)
+        step = admm.EqualityStep(dic, gamma=gamma, mu1=mu1, mu2=float(rho), eps=eps)
+        kernels.sync()
+        t2 = time.perf_counter()
+        inspect = None
+        if callback is not None:
+            inspect = lambda it, res: callback(it, step.cc, step.outliers)  # noqa: E731
+        out = admm.run(step, max_iter, admm.chain(inspect, report.hook), what="constrained SSC")
     finally:
-        bar.close(converged, it, residual)
-    _sync(device)
+        report.close(*((out.converged, out.iterations, out.residual) if out else (False,) * 3))
+    kernels.sync()
     t3 = time.perf_counter()
-    return ADMMResult(
-        coef=cc,
-        iterations=it,
-        converged=converged,
-        residual=residual,
+    return ADMMResult.from_run(
+        out,
+        coef=step.cc,
         lambda_e=gamma,
         lambda_z=mu1,
-        rho=mu2,
-        strategy="n-space" if n_space else "d-space",
-        outliers=ce * inv_g,
+        rho=float(rho),
+        strategy="n-space" if step.n_space else "d-space",
+        outliers=step.outliers,
         timings={"lambdas": t1 - t0, "factor": t2 - t1, "admm": t3 - t2},
     )
-
-
-def _cholesky(m: torch.Tensor) -> torch.Tensor:
-    chol, info = torch.linalg.cholesky_ex(m)
-    if int(info) != 0:
-        raise FloatingPointError("constrained SSC: the Z-step system is not positive definite")
-    return chol
-
-
-def _soft(v: torch.Tensor, t: float) -> torch.Tensor:
-    return v.sign().mul_(v.abs().sub_(t).clamp_(min=0))

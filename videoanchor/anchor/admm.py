@@ -1,0 +1,525 @@
+"""The SSC-ADMM iteration, written once for every array namespace (docs/ssc.md).
+
+Every SSC solver of the package runs :func:`run` on a step object of this module:
+
+* :class:`SquaredStep`: VideoAnchor's program (METHOD.md section 2), on all the columns
+  of ``C`` (:func:`videoanchor.anchor.ssc.solve_ssc_admm`, torch or CuPy) or on one
+  column block (:func:`videoanchor.anchor.blocked.solve_ssc_blocked`);
+* :class:`EqualityStep`: Elhamifar & Vidal's constrained program
+  (:mod:`videoanchor.anchor.ssc_equality`), the same C-step and dual update with its own
+  data term.
+
+The steps are written against the array-API standard (``array_api_compat``), so the
+same lines run on torch tensors, NumPy arrays and CuPy arrays. What differs between the
+backends is a :class:`Kernels` object: the C-step element-wise pass (fused into one
+kernel on CuPy) and the product with the sparse outlier matrix ``E`` (a gather on torch).
+
+Notation (scaled duals): ``Lam = Delta2 / rho``, ``d1s = Delta1 / rho``; ``T = A + Lam``;
+``soft(v, t) = v - clip(v, -t, t)``, which is ``sign(v) max(|v| - t, 0)`` to the bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import array_api_compat
+
+__all__ = [
+    "DenseInverse",
+    "Dictionary",
+    "EqualityStep",
+    "Kernels",
+    "Reporting",
+    "SquaredStep",
+    "Woodbury",
+    "chain",
+    "run",
+    "spd_inverse",
+]
+
+# A per-iteration hook: ``hook(iteration, residual)``; a true return stops the loop.
+Hook = Callable[[int, float], "bool | None"]
+
+# Residual balancing on relative residuals (Wohlberg 2017): every `every` iterations, if
+# the primal/dual ratio leaves [1/mu, mu], scale rho by sqrt(ratio / xi), at most tau.
+# At most `max_changes` changes, so the penalty is eventually fixed and ADMM's convergence
+# theory applies; each change refactors the A-step system.
+ADAPT = {"every": 5, "max_changes": 20, "mu": 3.0, "tau": 10.0, "xi": 1.0}
+
+
+class Outcome:
+    """What :func:`run` reports: ``iterations`` run, last ``residual``, ``converged``
+    (the step's stopping rule held) and ``stopped`` (the hook asked to stop first)."""
+
+    __slots__ = ("iterations", "residual", "converged", "stopped")
+
+    def __init__(self, iterations: int, residual: float, converged: bool, stopped: bool):
+        self.iterations, self.residual = iterations, residual
+        self.converged, self.stopped = converged, stopped
+
+
+def run(step, max_iter: int, hook: Hook | None = None, *, what: str = "SSC-ADMM") -> Outcome:
+    """The ADMM loop of every solver: ``step(it) -> (residual, done)`` until ``done``.
+
+    ``hook(it, residual)`` is called after every iteration (progress bars, histories,
+    iterate inspection, time budgets); a true return ends the loop there. A non-finite
+    residual raises ``FloatingPointError``.
+    """
+    residual, it = math.inf, 0
+    for it in range(1, int(max_iter) + 1):
+        residual, done = step(it)
+        if not math.isfinite(residual):
+            raise FloatingPointError(
+                f"{what} diverged at iteration {it} (residual {residual}); "
+                "try dtype=torch.float64 or a larger rho"
+            )
+        stop = hook is not None and bool(hook(it, residual))
+        if done or stop:
+            return Outcome(it, residual, bool(done), stop and not done)
+    return Outcome(it, residual, False, False)
+
+
+def chain(*hooks: Hook | None) -> Hook | None:
+    """One hook calling each of ``hooks`` (``None`` entries skipped); stop if any says so."""
+    live = [h for h in hooks if h is not None]
+    if not live:
+        return None
+    if len(live) == 1:
+        return live[0]
+
+    def hook(it: int, residual: float) -> bool:
+        return any([bool(h(it, residual)) for h in live])
+
+    return hook
+
+
+class Reporting:
+    """A solver's ``progress`` option as the loop's hook.
+
+    ``False``/``True``/``None``/``"auto"``/an :class:`~videoanchor.anchor.progress.SSCProgress`:
+    that reporter (bar or log lines, ETA, time budget; :func:`~videoanchor.anchor.progress.
+    as_reporter`); any other callable ``progress(iteration, residual)`` is the hook itself
+    (a true return stops the run).
+    """
+
+    def __init__(self, progress, *, max_iter: int, eps: float, tokens: int, blocks: int = 1):
+        from videoanchor.anchor.progress import SSCProgress, as_reporter
+
+        self.reporter = None
+        if callable(progress) and not isinstance(progress, SSCProgress):
+            self.hook = progress
+        else:
+            self.reporter = as_reporter(progress, max_iter=max_iter, eps=eps, tokens=tokens,
+                                        blocks=blocks)  # fmt: skip
+            self.hook = self.reporter.update
+
+    def next_block(self) -> None:
+        if self.reporter is not None:
+            self.reporter.next_block()
+
+    def close(self, converged: bool, iterations: int | None, residual: float | None) -> None:
+        if self.reporter is not None:
+            self.reporter.close(converged, iterations, residual)
+
+
+def spd_inverse(xp, m, what: str = "the A-step system"):
+    """Inverse of the symmetric positive definite ``m``; ``FloatingPointError`` if it is
+    not positive definite (checked by a Cholesky factorisation)."""
+    try:
+        chol = xp.linalg.cholesky(m)
+    except Exception as exc:  # torch / NumPy / CuPy LinAlgError
+        raise FloatingPointError(f"SSC: {what} is not positive definite") from exc
+    if not bool(xp.all(xp.isfinite(chol[-1:, -1:]))):  # CuPy may return NaN instead
+        raise FloatingPointError(f"SSC: {what} is not positive definite")
+    del chol
+    return xp.linalg.inv(m)
+
+
+class Kernels:
+    """The backend-specific parts of the iteration; these defaults are the array-API forms.
+
+    ``shrink`` is the C-step with the dual update, ``times_e`` the product with ``E``;
+    backends override them with faster forms of the same arithmetic.
+    """
+
+    def shrink(self, xp, t, lam, thr: float, diag):
+        """``(C, Lam_new, |Lam - Lam_new|)`` from ``T``: ``Lam_new = clip(T, +-thr)`` (``T``
+        on the diagonal ``diag``), ``C = T - Lam_new = soft(T, thr)`` (zero diagonal).
+
+        Overwrites ``t`` (it becomes ``C``) and ``lam``.
+        """
+        lam_new = xp.clip(t, -thr, thr)
+        if diag is not None:
+            lam_new[diag.rows, diag.cols] = t[diag.rows, diag.cols]
+        t -= lam_new
+        lam -= lam_new
+        return t, lam_new, xp.abs(lam)
+
+    def spd_inverse(self, xp, m, what: str = "the A-step system"):
+        """:func:`spd_inverse` (the factorisations; also after every change of ``rho``)."""
+        return spd_inverse(xp, m, what)
+
+    def times_e(self, m, e):
+        """``m @ e`` (``e`` is the outlier matrix ``E`` or a block of it, often sparse)."""
+        return m @ e
+
+    def sync(self) -> None:
+        """Wait for the device (for timings)."""
+
+
+class Diagonal:
+    """Where the zero diagonal of ``C`` lies in the column block ``start:stop``: element
+    ``(start + j, j)``; ``offset`` for fused kernels, ``rows``/``cols`` for indexing."""
+
+    def __init__(self, xp, device, start: int, stop: int):
+        self.offset = start
+        self.rows = xp.arange(start, stop, device=device)
+        self.cols = xp.arange(stop - start, device=device)
+
+
+class Dictionary:
+    """The points ``Y`` (``x`` is ``N x D``, one row per point) as the iteration uses them:
+    ``x64`` in float64 for the factorisations, ``xw`` in the working dtype ``work``."""
+
+    def __init__(self, x, work, *, lam_z: float, affine: bool, outliers: bool, kernels):
+        xp = array_api_compat.array_namespace(x)
+        self.xp, self.device = xp, array_api_compat.device(x)
+        self.x64 = xp.astype(x, xp.float64, copy=False)
+        self.xw = xp.astype(x, work, copy=False)
+        self.yw = self.xw.T  # D x N
+        self.work = work
+        self.n, self.d = x.shape
+        self.lam_z, self.affine, self.outliers = lam_z, affine, outliers
+        self.kernels = kernels
+
+    def zeros(self, *shape, dtype=None):
+        return self.xp.zeros(shape, dtype=dtype or self.work, device=self.device)
+
+
+class DenseInverse:
+    """The A-step through the explicit inverse ``R = rho M^{-1}``, ``O(N^3)``: with
+    ``T = C - Lam - 1 d1s^T - (lambda_z / rho) Y^T E``, ``A = I + R (T - I)``.
+
+    ``M = lambda_z Y^T Y + rho I (+ rho 1 1^T)`` is the authors' system; writing the
+    right-hand side as ``M + rho (T - I)`` keeps the float32 entries O(1) instead of
+    O(lambda_z Y^T Y). With outliers, ``Y R`` is stacked under ``R``, so one
+    ``(N + D) x N x N`` product gives ``A`` and ``Y A = Y + Y R (T - I)``.
+    """
+
+    def __init__(self, dic: Dictionary, rho: float):
+        self.dic = dic
+        self.gram = dic.x64 @ dic.x64.T  # float64, N x N
+        self.refactor(rho)
+
+    def refactor(self, rho: float) -> None:
+        dic, xp = self.dic, self.dic.xp
+        self.rho = rho
+        m = self.gram * dic.lam_z
+        eye = xp.arange(dic.n, device=dic.device)
+        m[eye, eye] += rho
+        if dic.affine:
+            m += rho
+        r = dic.kernels.spd_inverse(xp, m)
+        del m
+        r *= rho
+        rows = dic.n + dic.d if dic.outliers else dic.n
+        self.r = xp.empty((rows, dic.n), dtype=dic.work, device=dic.device)  # [R; Y R]
+        self.r[: dic.n, :] = xp.astype(r, dic.work, copy=False)
+        if dic.outliers:
+            self.r[dic.n :, :] = xp.astype(dic.x64.T @ r, dic.work, copy=False)
+
+    def step_a(self, t, d1s, e, cols: slice, want_ya: bool, diag):
+        """``(A, Y A)`` for the columns ``cols`` (diagonal ``diag``) from ``t = C - Lam``
+        (overwritten); ``e`` is ``E`` (``None`` when zero); ``Y A`` only with outliers and
+        ``want_ya``."""
+        dic = self.dic
+        if dic.affine:
+            t -= d1s
+        if e is not None:
+            t -= dic.kernels.times_e(dic.xw, e * (dic.lam_z / self.rho))
+        t[diag.rows, diag.cols] -= 1.0  # T - I
+        rows = self.r.shape[0] if want_ya else dic.n
+        a = self.r[:rows, :] @ t
+        a[diag.rows, diag.cols] += 1.0
+        ya = None
+        if dic.outliers and want_ya:
+            ya = a[dic.n :, :]
+            ya += dic.yw[:, cols]
+        return a[: dic.n, :], ya
+
+
+class Woodbury:
+    """The A-step through Woodbury's identity, ``O(N^2 D)``: ``M = rho I + U U^T`` with
+    ``U = [sqrt(lambda_z) Y^T, sqrt(rho) 1]``, so ``rho M^{-1} = I - U K^{-1} U^T`` with
+    the ``(D + 1) x (D + 1)`` matrix ``K = rho I + U^T U``.
+
+    Runs in float64: ``Y (C - Lam)`` nearly cancels ``Y`` and float32 left the residual at
+    ~1e-2. The ``E`` terms enter through ``Y Y^T E`` (``D x D x N``), never ``Y^T E``.
+    """
+
+    def __init__(self, dic: Dictionary, rho: float):
+        xp = dic.xp
+        self.dic = dic
+        self.gram_d = dic.x64.T @ dic.x64  # float64, D x D
+        self.s = xp.sum(dic.x64, axis=0)  # Y 1
+        self.refactor(rho)
+
+    def refactor(self, rho: float) -> None:
+        dic, xp = self.dic, self.dic.xp
+        self.rho = rho
+        d, lz = dic.d, dic.lam_z
+        k = d + 1 if dic.affine else d
+        kmat = xp.zeros((k, k), dtype=xp.float64, device=dic.device)
+        kmat[:d, :d] = self.gram_d * lz
+        if dic.affine:
+            kmat[:d, d] = self.s * math.sqrt(lz * rho)
+            kmat[d, :d] = kmat[:d, d]
+            kmat[d, d] = rho * dic.n
+        diag = xp.arange(k, device=dic.device)
+        kmat[diag, diag] += rho
+        self.kinv = dic.kernels.spd_inverse(xp, kmat)
+
+    def step_a(self, t, d1s, e, cols: slice, want_ya: bool, diag):
+        """Same contract as :meth:`DenseInverse.step_a`."""
+        dic, xp = self.dic, self.dic.xp
+        lz, rho, d, f64 = dic.lam_z, self.rho, dic.d, xp.float64
+        x, y = dic.x64, dic.x64.T
+        t = xp.astype(t, f64, copy=False)
+        if dic.affine:
+            d1s = xp.astype(d1s, f64, copy=False)
+        if e is not None:
+            e = xp.astype(e, f64, copy=False)
+        yt = y @ t  # Y (C - Lam), D x b
+        yv = y[:, cols] - yt  # Y V / rho: the identity's columns are Y's
+        if dic.affine:
+            yv += self.s[:, None] * d1s[None, :]
+        if e is not None:
+            yv += dic.kernels.times_e(self.gram_d, e * (lz / rho))
+        yv *= math.sqrt(lz)
+        if dic.affine:
+            ov = 1.0 - xp.sum(t, axis=0) + d1s * dic.n  # 1^T V / rho
+            if e is not None:
+                ov += (lz / rho) * (self.s @ e)
+            utv = xp.concat([yv, (ov * math.sqrt(rho))[None, :]], axis=0)
+        else:
+            utv = yv
+        zr = self.kinv @ utv  # K^{-1} U^T V / rho
+        q = zr[:d, :] * math.sqrt(lz)
+        if e is not None:
+            q -= (lz / rho) * e
+        a = x @ q
+        a += t
+        if dic.affine:
+            col = zr[d, :] * math.sqrt(rho) - d1s
+            a += col
+        ya = None
+        if dic.outliers and want_ya:
+            ya = self.gram_d @ q
+            ya += yt
+            if dic.affine:
+                ya += self.s[:, None] * col[None, :]
+            ya = xp.astype(ya, dic.work, copy=False)
+        return xp.astype(a, dic.work, copy=False), ya
+
+
+class SquaredStep:
+    """One iteration of VideoAnchor's program on the columns ``start:stop`` of ``C``.
+
+    ``min ||C||_1 + lambda_e ||E||_1 + lambda_z / 2 ||Y - Y C - E||_F^2`` s.t.
+    ``1^T C = 1^T`` (``affine``), ``diag(C) = 0``, by the authors' ADMM:
+
+    1. A-step: ``A`` from the factored system (``factor``: :class:`DenseInverse` or
+       :class:`Woodbury`);
+    2. E-step: ``E = soft(Y - Y A, lambda_e / lambda_z)``;
+    3. ``d1s += 1^T A - 1`` (affine);
+    4. C-step and dual: ``T = A + Lam``, ``C = soft(T, 1 / rho)`` with a zero diagonal,
+       ``Lam += A - C`` (``Kernels.shrink``);
+    5. stop when ``max_i sum_j |A - C|_ij < eps`` (over this block's columns).
+
+    ``relax`` (over-relaxation, ``A <- relax A + (1 - relax) C`` before step 4) and
+    ``adaptive`` (residual balancing, :data:`ADAPT`) accelerate it; with either, the change
+    of ``C`` (same norm) must be below ``eps`` too. ``e_every > 1`` refreshes ``E`` every
+    few iterations only (dense accelerated solver), and convergence is declared right
+    after an exact E-step. The columns need not be all of them: blocks of columns are
+    independent problems against the whole dictionary.
+    """
+
+    def __init__(self, dic: Dictionary, factor, start: int, stop: int, *, thr_e: float,
+                 eps: float, relax: float = 1.0, adaptive: bool = False, e_every: int = 1):  # fmt: skip
+        nb = stop - start
+        self.dic, self.factor, self.cols = dic, factor, slice(start, stop)
+        self.thr_e, self.eps, self.relax, self.adaptive = thr_e, eps, relax, adaptive
+        self.accelerate = relax != 1.0 or adaptive
+        self.e_every = max(1, int(e_every))
+        self.C = dic.zeros(dic.n, nb)
+        self.lam = dic.zeros(dic.n, nb)
+        self.d1s = dic.zeros(nb) if dic.affine else None
+        self.E = dic.zeros(dic.d, nb) if dic.outliers else None
+        self.e_nonzero = False
+        self.diag = Diagonal(dic.xp, dic.device, start, stop)
+        self.rho = factor.rho
+        self.rho_changes = 0
+        self._last_change = 0
+
+    def __call__(self, it: int) -> tuple[float, bool]:
+        dic, xp = self.dic, self.dic.xp
+        e_step = dic.outliers and (it % self.e_every == 0 or it <= self.e_every)
+        e = self.E if self.e_nonzero else None
+        a, ya = self.factor.step_a(self.C - self.lam, self.d1s, e, self.cols, e_step, self.diag)
+        if e_step:
+            ya *= -1.0
+            ya += dic.yw[:, self.cols]  # Y - Y A
+            ya -= xp.clip(ya, -self.thr_e, self.thr_e)  # soft, in place
+            self.E = ya
+            self.e_nonzero = bool(xp.any(ya != 0))
+        if dic.affine:
+            self.d1s += xp.sum(a, axis=0) - 1.0
+        c_old = self.C
+        if self.relax != 1.0:  # relax A + (1 - relax) C, in place
+            a -= c_old
+            a *= self.relax
+            a += c_old
+        a += self.lam  # T
+        self.C, self.lam, absd = dic.kernels.shrink(xp, a, self.lam, 1.0 / self.rho, self.diag)
+        primal = float(xp.max(xp.sum(absd, axis=1)))
+        residual = primal
+        if self.accelerate:
+            c_old -= self.C  # the previous C is not needed any more
+            dc = xp.abs(c_old)
+            residual = max(primal, float(xp.max(xp.sum(dc, axis=1))))
+        done = residual < self.eps and (e_step or not dic.outliers)
+        if self.adaptive and not done:
+            self._balance(it, absd, dc)
+        return residual, done
+
+    def _balance(self, it: int, absd, dc) -> None:
+        """Residual balancing on relative residuals (Wohlberg 2017), see :data:`ADAPT`."""
+        if it - self._last_change < ADAPT["every"] or self.rho_changes >= ADAPT["max_changes"]:
+            return
+        norm = self.dic.xp.linalg.vector_norm
+        r_rel = float(norm(absd)) / max(float(norm(self.C)), 1e-30)
+        s_rel = float(norm(dc)) / max(float(norm(self.lam)), 1e-30)
+        q = r_rel / max(s_rel, 1e-30)
+        factor = 1.0
+        if q > ADAPT["mu"]:
+            factor = min(math.sqrt(q / ADAPT["xi"]), ADAPT["tau"])
+        elif q < 1.0 / ADAPT["mu"]:
+            factor = 1.0 / min(math.sqrt(ADAPT["xi"] / q), ADAPT["tau"])
+        if factor != 1.0:
+            self.lam *= 1.0 / factor  # keep Delta2 = rho * Lam fixed
+            if self.dic.affine:
+                self.d1s *= 1.0 / factor  # and Delta1
+            self.rho *= factor
+            self.factor.refactor(self.rho)
+            self._last_change = it
+            self.rho_changes += 1
+
+
+class EqualityStep:
+    """One iteration of Elhamifar & Vidal's constrained program (module
+    :mod:`videoanchor.anchor.ssc_equality`): the same C-step and dual update as
+    :class:`SquaredStep` (``Kernels.shrink``, on ``Z = [C; gamma E]``), its own data term.
+
+    Z-step: ``Z = (mu1 P^T P + mu2 I)^{-1} (P^T (mu1 Y + L1) + mu2 (C - Lam))`` with
+    ``P = [Y, I / gamma]`` (``Lam = L2 / mu2``), applied by Woodbury through a ``D x D``
+    (``"d-space"``) or ``N x N`` (``"n-space"``) matrix, plus a Sherman-Morrison term when
+    affine; ``L1 += mu1 (Y - P Z)``. Stops when ``max |Z - C| <= eps`` and ``max_i ||y_i -
+    e_i - Y z_i|| / ||y_i - e_i|| <= eps`` (and ``max |1^T Z_C - 1| <= eps`` if affine).
+    """
+
+    def __init__(self, dic: Dictionary, *, gamma: float, mu1: float, mu2: float, eps: float):
+        xp, n, d = dic.xp, dic.n, dic.d
+        self.dic, self.eps = dic, eps
+        self.inv_g, self.mu1, self.mu2 = 1.0 / gamma, mu1, mu2
+        self.c = mu2 / mu1 + 1.0 / gamma**2  # K = c I + Y Y^T
+        x64 = dic.x64
+        self.n_space = d > n
+        if self.n_space:
+            g0 = x64 @ x64.T  # Y^T Y
+            h = xp.asarray(g0, copy=True)
+            eye = xp.arange(n, device=dic.device)
+            h[eye, eye] += self.c
+            h = dic.kernels.spd_inverse(xp, h, "the Z-step system")  # (c I + Y^T Y)^{-1}
+            # Y^T K^{-1} = (I - Y^T Y H) Y^T / c: applied to Y^T (P R) it saves a D x N x N
+            m = -(g0 @ h)
+            m[eye, eye] += 1.0
+            m /= self.c
+            self.h_w = xp.astype(h, dic.work)
+            self.m_w = xp.astype(m, dic.work)
+        else:
+            k = x64.T @ x64
+            eye = xp.arange(d, device=dic.device)
+            k[eye, eye] += self.c
+            self.kinv_w = xp.astype(dic.kernels.spd_inverse(xp, k, "the Z-step system"), dic.work)
+        self.cc, self.ce = dic.zeros(n, n), dic.zeros(d, n)  # C and gamma E
+        self.lc, self.le = dic.zeros(n, n), dic.zeros(d, n)  # L2 / mu2, by block
+        self.l1 = dic.zeros(d, n)
+        self.diag = Diagonal(xp, dic.device, 0, n)
+        if dic.affine:
+            # the affine system adds mu2 delta delta^T (delta = [1_N; 0_D]): Sherman-Morrison
+            # with u = A0 delta, so its inverse is A0 - s u u^T
+            uc, ue = self._apply_a0(dic.zeros(n, 1) + 1.0, dic.zeros(d, 1))
+            self.uc, self.ue = uc[:, 0], ue[:, 0]
+            self.s_aff = mu2 / (1.0 + mu2 * float(xp.sum(self.uc)))
+            self.lam3 = dic.zeros(n)
+
+    @property
+    def outliers(self):
+        """``E`` (``D x N``)."""
+        return self.ce * self.inv_g
+
+    def _apply_a0(self, rc, re):
+        """``(mu1 P^T P + mu2 I)^{-1} [rc; re]`` (overwrites ``rc`` and ``re``)."""
+        y, inv_g, inv_mu2 = self.dic.yw, self.inv_g, 1.0 / self.mu2
+        pr = y @ rc
+        pr += re * inv_g  # P R = Y R_C + R_E / g
+        if self.n_space:
+            ytpr = y.T @ pr
+            w = pr - y @ (self.h_w @ ytpr)
+            w /= self.c  # K^{-1} P R
+            rc -= self.m_w @ ytpr
+        else:
+            w = self.kinv_w @ pr
+            rc -= y.T @ w
+        rc *= inv_mu2  # (R_C - Y^T W) / mu2
+        re -= w * inv_g
+        re *= inv_mu2  # (R_E - W / g) / mu2
+        return rc, re
+
+    def __call__(self, it: int) -> tuple[float, bool]:
+        dic, xp = self.dic, self.dic.xp
+        y, mu1, mu2, inv_g = dic.yw, self.mu1, self.mu2, self.inv_g
+        b = y * mu1
+        b += self.l1  # mu1 Y + L1
+        rc = y.T @ b
+        rc += mu2 * (self.cc - self.lc)  # Y^T B + mu2 (C - Lam)
+        re = b * inv_g
+        re += mu2 * (self.ce - self.le)  # B / g + mu2 (C - Lam)
+        if dic.affine:
+            rc += mu2 - self.lam3  # + mu2 delta (1 - lambda3 / mu2)^T
+            utr = self.uc @ rc + self.ue @ re  # u^T R
+        zc, ze = self._apply_a0(rc, re)
+        if dic.affine:
+            zc -= self.s_aff * (self.uc[:, None] * utr[None, :])
+            ze -= self.s_aff * (self.ue[:, None] * utr[None, :])
+        zc[self.diag.rows, self.diag.cols] = 0.0
+        # r = Y - P Z = (Y - E) - Y Z_C; err2 normalises each column by ||y_i - e_i||
+        y0 = y - ze * inv_g
+        r = y0 - y @ zc
+        self.l1 += mu1 * r
+        err1 = 0.0
+        if dic.affine:
+            colsum = xp.sum(zc, axis=0) - 1.0  # delta^T Z - 1
+            self.lam3 += mu2 * colsum
+            err1 = float(xp.max(xp.abs(colsum)))  # their loop tests err3 against thr1 too
+        shrink = dic.kernels.shrink
+        zc += self.lc
+        self.cc, self.lc, dc = shrink(xp, zc, self.lc, 1.0 / mu2, self.diag)
+        ze += self.le
+        self.ce, self.le, de = shrink(xp, ze, self.le, 1.0 / mu2, None)
+        err1 = max(err1, float(xp.max(dc)), float(xp.max(de)))  # max |Z - C|
+        norm = xp.linalg.vector_norm
+        tiny = xp.finfo(dic.work).tiny
+        err2 = float(xp.max(norm(r, axis=0) / xp.clip(norm(y0, axis=0), tiny, None)))
+        return max(err1, err2), err1 <= self.eps and err2 <= self.eps
