@@ -115,10 +115,12 @@ class Reporting:
             self.hook = self.reporter.update
 
     def next_block(self) -> None:
+        """Tell the reporter a new column block starts (blocked mode)."""
         if self.reporter is not None:
             self.reporter.next_block()
 
     def close(self, converged: bool, iterations: int | None, residual: float | None) -> None:
+        """End the run: how it stopped goes to the reporter (if any)."""
         if self.reporter is not None:
             self.reporter.close(converged, iterations, residual)
 
@@ -194,6 +196,7 @@ class Dictionary:
         self.kernels = kernels
 
     def zeros(self, *shape, dtype=None):
+        """A zero array of ``shape`` in the working dtype (or ``dtype``) on this device."""
         return self.xp.zeros(shape, dtype=dtype or self.work, device=self.device)
 
 
@@ -213,6 +216,7 @@ class DenseInverse:
         self.refactor(rho)
 
     def refactor(self, rho: float) -> None:
+        """Factor the system matrix again for a new penalty ``rho`` (adaptive rho)."""
         dic, xp = self.dic, self.dic.xp
         self.rho = rho
         m = self.gram * dic.lam_z
@@ -266,6 +270,7 @@ class Woodbury:
         self.refactor(rho)
 
     def refactor(self, rho: float) -> None:
+        """Factor the small Woodbury core again for a new penalty ``rho`` (adaptive rho)."""
         dic, xp = self.dic, self.dic.xp
         self.rho = rho
         d, lz = dic.d, dic.lam_z
