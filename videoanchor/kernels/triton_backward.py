@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from videoanchor.kernels.launch import device_capability, launch
-from videoanchor.kernels.triton_prefill import LOG2E, dot_precision
+from videoanchor.kernels.triton_prefill import LOG2E, bias_shift, dot_precision
 
 
 @triton.jit
@@ -291,6 +291,11 @@ def backward_config(dtype: torch.dtype, head_dim: int, capability: tuple[int, in
         # Exact "ieee" FMA loops: 32 x 32 tiles in 4 warps spilled 1-1.3 KB per thread on
         # sm_90; 16 x 32 in 8 warps spilled 12-16 B at D 80 and varlen D 128 and 348 B at
         # D 256 on sm_90; 16 x 16 in 8 warps spills nothing on sm_80/sm_90 at D 64-256.
+        if capability[0] < 9:
+            # sm_8x: in 8 warps ptxas held dK/dV to 62-64 registers and spilled 16 B on sm_86
+            # (D 80; D 128 with a padding mask); 4 warps (128 registers) still spilled 8-16 B.
+            # A register budget of 96 per thread (maxnreg) spills nothing.
+            return dict(common, dkdv=dict(tiles(16, 16, 8, 1), maxnreg=96), dq=tiles(16, 16, 8, 1))
         return dict(common, dkdv=tiles(16, 16, 8, 1), dq=tiles(16, 16, 8, 1))
     if block_d > 128:
         # 16-bit D 256: 16 x 32 in 8 warps spills nothing on sm_80/sm_90 (mma.sync).
@@ -393,6 +398,13 @@ def launch_backward(
     if capability is None and not interpret:
         capability = device_capability(q.device)
     cfg = backward_config(q.dtype, D, None if interpret else capability)
+    if key_bias is not None:
+        # As in the forward (triton_prefill._gate_args): the bias shifted by its maximum per
+        # sample, and the lse by the same amount, so large biases keep float32 precision.
+        kb = key_bias.to(torch.float32)
+        top = bias_shift(kb, key_padding_mask, cache_seqlens, varlen)
+        key_bias = kb - (top if varlen else top[:, None])
+        lse = (lse - (top if varlen else top[:, None, None])).contiguous()
     bias = key_bias if key_bias is not None else q
     scale = value_scale if value_scale is not None else q
     mask = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
@@ -475,11 +487,12 @@ def _(grad_out, q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens,
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, causal, sm_scale, _ = inputs
+    q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, causal, sm_scale = inputs[:9]
     out, lse = output
     ctx.save_for_backward(q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens,
                           out, lse)  # fmt: skip
     ctx.causal, ctx.sm_scale = causal, sm_scale
+    ctx.v_prescale = inputs[10] if len(inputs) > 10 else 0.0
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -489,7 +502,7 @@ def _backward(ctx, grad_out, grad_lse):
         # needed): recompute the forward once to get it; the output is deterministic.
         out, lse = torch.ops.videoanchor.anchored_attention_fwd(
             q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, ctx.causal,
-            ctx.sm_scale, True,
+            ctx.sm_scale, True, ctx.v_prescale,
         )  # fmt: skip
         grad_lse = None
     if grad_out is None:
@@ -501,7 +514,7 @@ def _backward(ctx, grad_out, grad_lse):
     )  # fmt: skip
     dbias = dbias.to(key_bias.dtype) if key_bias is not None and need[3] else None
     dscale = dscale.to(value_scale.dtype) if value_scale is not None and need[4] else None
-    return dq, dk, dv, dbias, dscale, None, None, None, None, None
+    return dq, dk, dv, dbias, dscale, None, None, None, None, None, None
 
 
 @torch.library.custom_op("videoanchor::anchored_attention_varlen_bwd", mutates_args=())
@@ -551,18 +564,19 @@ def _(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
 
 
 def _setup_context_varlen(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, key_bias, value_scale, causal, sm_scale, _ = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, key_bias, value_scale, causal, sm_scale = inputs[:11]
     out, lse = output
     ctx.save_for_backward(q, k, v, cu_q, cu_k, key_bias, value_scale, out, lse)
-    ctx.args = (max_q, max_k, causal, sm_scale)
+    ctx.args = (max_q, max_k, causal, sm_scale, inputs[12] if len(inputs) > 12 else 0.0)
 
 
 def _backward_varlen(ctx, grad_out, grad_lse):
     q, k, v, cu_q, cu_k, key_bias, value_scale, out, lse = ctx.saved_tensors
-    max_q, max_k, causal, sm_scale = ctx.args
+    max_q, max_k, causal, sm_scale, v_prescale = ctx.args
     if lse.dim() != 2:  # called without return_lse: recompute it
         out, lse = torch.ops.videoanchor.anchored_attention_varlen_fwd(
-            q, k, v, cu_q, cu_k, max_q, max_k, key_bias, value_scale, causal, sm_scale, True
+            q, k, v, cu_q, cu_k, max_q, max_k, key_bias, value_scale, causal, sm_scale, True,
+            v_prescale,
         )
         grad_lse = None
     if grad_out is None:
@@ -574,7 +588,7 @@ def _backward_varlen(ctx, grad_out, grad_lse):
     )  # fmt: skip
     dbias = dbias.to(key_bias.dtype) if key_bias is not None and need[7] else None
     dscale = dscale.to(value_scale.dtype) if value_scale is not None and need[8] else None
-    return dq, dk, dv, None, None, None, None, dbias, dscale, None, None, None
+    return dq, dk, dv, None, None, None, None, dbias, dscale, None, None, None, None
 
 
 def register_autograd(fwd_op, varlen_fwd_op) -> None:
