@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import os
 import time
@@ -84,8 +85,8 @@ def mix_cases() -> list[dict]:
     - prefill: the fast form (pre-scaled V, what the VLM paths run), the general form
       (value scale in the loop) and plain; bf16/fp16, D 64/128, causal or not;
     - decode (split-KV, 7 query heads per KV head, one query): gates vs plain;
-    - backward (dK/dV and dQ kernels): fixed gates (no gate gradients), gates with their
-      gradients, and plain.
+    - backward (dK/dV and dQ kernels): fixed gates (no gate gradients) in the fast form
+      (pre-scaled V), gates with their gradients (general form), and plain.
     """
     cases = []
     for dtype in ("bf16", "fp16"):
@@ -96,7 +97,7 @@ def mix_cases() -> list[dict]:
             base = dict(kind=DEC, dtype=dtype, D=D, group=7, mix=True)
             cases += [dict(base), dict(base, gates=False)]
             base = dict(kind="backward", dtype=dtype, D=D, mix=True)
-            cases += [dict(base, gate_grads=False), dict(base), dict(base, gates=False)]
+            cases += [dict(base, gate_grads=False, fast=True), dict(base), dict(base, gates=False)]
     return cases
 
 
@@ -125,7 +126,7 @@ def instruction_mix(rows: list[dict], cc: int) -> list[dict]:
         kind = case["kind"]
         if kind == P and not case.get("fast"):
             continue  # the general form is reported with the fast one
-        if kind == "backward" and case.get("gate_grads", True):
+        if kind == "backward" and not case.get("fast"):
             continue
         plain_case = {k: v for k, v in case.items() if k not in ("fast", "gate_grads")}
         plain_case["gates"] = False
@@ -137,8 +138,8 @@ def instruction_mix(rows: list[dict], cc: int) -> list[dict]:
             other_case = other_name = None
         else:
             kernels = ["_anchored_bwd_dkdv_kernel", "_anchored_bwd_dq_kernel"]
-            other_case = {k: v for k, v in case.items() if k != "gate_grads"}
-            other_name = "with_gate_gradients"
+            other_case = {k: v for k, v in case.items() if k not in ("gate_grads", "fast")}
+            other_name = "with gate gradients"
         for kernel in kernels:
             a, p = find(case, kernel), find(plain_case, kernel)
             if a is None or p is None:
@@ -149,7 +150,7 @@ def instruction_mix(rows: list[dict], cc: int) -> list[dict]:
                 kernel=kernel, dtype=case["dtype"], D=case["D"],
                 causal=case.get("causal", True), cc=cc,
                 form={P: "fast (pre-scaled V)", DEC: "general (scale in loop)"}.get(
-                    kind, "fixed gates (no gate gradients)"),
+                    kind, "fast, fixed gates (no gate gradients)"),
                 anchored=a, plain=p, ratio_non_mma_per_mma=ratio, ratio_instructions=ratio_insn,
                 meets_target=ratio <= TARGET,
             )  # fmt: skip
@@ -186,7 +187,7 @@ def mix_table(paths) -> str:
     return "\n".join(lines)
 
 
-def run(ccs, jobs: int, quick: bool, out_dir: Path) -> None:
+def run(ccs, jobs: int, quick: bool, out_dir: Path, child_argv=None) -> None:
     from videoanchor.kernels import aot
 
     reason = aot.unavailable_reason()
@@ -204,7 +205,8 @@ def run(ccs, jobs: int, quick: bool, out_dir: Path) -> None:
         todo = cases + mixes
         chunks = [[(c, cc) for c in todo[i::jobs]] for i in range(jobs)]
         with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-            got = [r for part in pool.map(aot.compile_in_subprocess, chunks) for r in part]
+            compile_part = functools.partial(aot.compile_in_subprocess, argv=child_argv)
+            got = [r for part in pool.map(compile_part, chunks) for r in part]
         rows = [r for r in got if not r.get("case", {}).get("mix")]
         mix = instruction_mix([r for r in got if r.get("case", {}).get("mix")], cc)
         meta["compile_seconds"] = round(time.time() - start, 1)
@@ -242,6 +244,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="D 128 only")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR)
     ap.add_argument(
+        "--torchvision-shim", action="store_true", help="apply tests/torchvision_shim.py"
+    )
+    ap.add_argument(
         "--table", action="store_true", help="print the main-loop table of the committed files"
     )
     args = ap.parse_args()
@@ -250,7 +255,18 @@ def main() -> None:
         return
     if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
         raise SystemExit("run with TRITON_INTERPRET=0 (the kernels must be real JIT functions)")
-    run(args.cc, args.jobs, args.quick, args.out)
+    child_argv = None
+    if args.torchvision_shim:
+        # Machines whose torchvision cannot load (see tests/torchvision_shim.py): the shim is
+        # applied here and in the compile children.
+        import sys
+
+        sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))
+        import torchvision_shim
+
+        torchvision_shim.apply()
+        child_argv = torchvision_shim.python_m("videoanchor.kernels.aot")
+    run(args.cc, args.jobs, args.quick, args.out, child_argv)
 
 
 if __name__ == "__main__":

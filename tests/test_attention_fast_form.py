@@ -210,3 +210,45 @@ def test_vlm_path_takes_the_fast_form(tmp_path, monkeypatch):
     out = model(**inputs).logits
     assert len(calls) == 2 and all(c >= 1.0 for c in calls)  # one per decoder layer
     assert (out - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_backward_fast_form_with_fixed_gates(varlen, monkeypatch):
+    """Gates without gradients (the VLM case): the backward kernels read a pre-scaled V too
+    (no per-logit value-scale multiply); gradients of q, k, v and key_bias equal the general
+    form's, and the float64 reference's."""
+    from videoanchor.kernels import triton_prefill
+
+    calls = []
+    real = triton_prefill.prescale_values
+    monkeypatch.setattr(triton_prefill, "prescale_values",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))  # fmt: skip
+    g = torch.Generator().manual_seed(8)
+    if varlen:
+        cu = torch.tensor([0, 6, 17], dtype=torch.int32)
+        q, k, v = (torch.randn(17, h, 16, generator=g, requires_grad=True) for h in (4, 2, 2))
+        s = torch.rand(17, generator=g)
+    else:
+        q = torch.randn(2, 4, 9, 16, generator=g, requires_grad=True)
+        k, v = (torch.randn(2, 2, 11, 16, generator=g, requires_grad=True) for _ in range(2))
+        s = torch.rand(2, 11, generator=g)
+    kb = torch.log1p(9.5 * s).requires_grad_()
+    vs = 1 + 2.5 * s  # no gradient: the fast backward applies
+    inputs = (q, k, v, kb)
+    grads = []
+    for rng in (None, RANGE):
+        if varlen:
+            out = videoanchor.anchored_attention_varlen(
+                q, k, v, cu, cu, 11, 11, kb, vs, backend="triton", value_scale_range=rng)
+        else:
+            out = videoanchor.anchored_attention(q, k, v, kb, vs, backend="triton",
+                                                 value_scale_range=rng)  # fmt: skip
+        grads.append(torch.autograd.grad(out.sin().sum(), inputs))
+    assert len(calls) == 2  # the fast forward and the fast backward
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-5)
+    if not varlen:
+        ref = anchored_attention_reference(*(t.double() for t in inputs), vs.double())
+        gref = torch.autograd.grad(ref.sin().sum(), inputs)
+        for a, b in zip(gref, grads[1], strict=True):
+            torch.testing.assert_close(b.double(), a.double(), atol=1e-4, rtol=1e-4)

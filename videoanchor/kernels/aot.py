@@ -277,6 +277,7 @@ def capture_backward(case: dict, cc: int) -> list[_launch.Launch]:
         triton_backward.launch_backward(
             grad_out, q, k, v, kb, vs, mask, cache_seqlens, out, lse, grad_lse,
             want_dbias=kb is not None and gate_grads, want_dscale=vs is not None and gate_grads,
+            v_prescale=kwargs.pop("v_prescale", 0.0),
             capability=(cc // 10, cc % 10), **kwargs,
         )  # fmt: skip
     return launches
