@@ -2,7 +2,8 @@
 (query block, batch * query head), online softmax in base 2.
 
 Per key j the logit gets ``key_bias[b, j]`` before the running max: the launcher hands the
-kernel the bias in log2 units (``key_bias * log2(e)``, an O(Skv) float32 copy), so it
+kernel the bias in log2 units (``(key_bias - shift) * log2(e)``, an O(Skv) float32 copy,
+shifted by its largest visible value per sample: see :func:`_gate_args`), so it
 enters the logit in the fused multiply-add that applies the softmax scale
 (``s = qk * qk_scale + bias``), the instruction the plain loop spends on ``qk * qk_scale``.
 
