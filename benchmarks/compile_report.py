@@ -73,7 +73,6 @@ def matrix(quick: bool = False) -> list[dict]:
     return cases
 
 
-# Re-exported for older callers: the SASS reader lives with the AOT harness.
 
 TARGET = 1.05  # the goal: anchored main loop <= 1.05x the plain loop's non-MMA/MMA
 
