@@ -103,7 +103,7 @@ def test_backward_tile_choice_and_fp_fusion():
                 tiles = {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
                 assert set(c["dq"]) == tiles
                 # fp32 dK/dV on sm_8x also sets a register budget (ptxas spilled without).
-                budget = dt == torch.float32 and cc is not None and cc[0] < 9
+                budget = dt == torch.float32 and cc is not None and cc[0] < 9 and D <= 128
                 assert set(c["dkdv"]) == (tiles | {"maxnreg"} if budget else tiles)
     # sm_90 keeps 64-row operands for wgmma in both kernels at D 128 (16-bit).
     c = triton_backward.backward_config(torch.bfloat16, 128, (9, 0))

@@ -294,10 +294,11 @@ def backward_config(dtype: torch.dtype, head_dim: int, capability: tuple[int, in
         # Exact "ieee" FMA loops: 32 x 32 tiles in 4 warps spilled 1-1.3 KB per thread on
         # sm_90; 16 x 32 in 8 warps spilled 12-16 B at D 80 and varlen D 128 and 348 B at
         # D 256 on sm_90; 16 x 16 in 8 warps spills nothing on sm_80/sm_90 at D 64-256.
-        if capability[0] < 9:
+        if capability[0] < 9 and block_d <= 128:
             # sm_8x: in 8 warps ptxas held dK/dV to 62-64 registers and spilled 16 B on sm_86
             # (D 80; D 128 with a padding mask); 4 warps (128 registers) still spilled 8-16 B.
-            # A register budget of 96 per thread (maxnreg) spills nothing.
+            # A register budget of 96 per thread (maxnreg) spills nothing. (At D 256 the budget
+            # spilled 64 B on sm_80; 8 warps alone do not spill there.)
             return dict(common, dkdv=dict(tiles(16, 16, 8, 1), maxnreg=96), dq=tiles(16, 16, 8, 1))
         return dict(common, dkdv=tiles(16, 16, 8, 1), dq=tiles(16, 16, 8, 1))
     if block_d > 128:
