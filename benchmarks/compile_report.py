@@ -163,6 +163,31 @@ def instruction_mix(rows: list[dict], cc: int) -> list[dict]:
     return out
 
 
+def spill_table(paths) -> str:
+    """Markdown table of the compile files' summaries: per target, per kernel, the
+    configurations compiled, the largest spill and register count (STATIC, ptxas)."""
+    lines = [
+        "| target | kernel | configurations | max registers | max spill bytes | failures |",
+        "|---|---|---|---|---|---|",
+    ]
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        rows = data["rows"]
+        target = data["meta"].get("target", Path(path).stem)
+        for name in sorted({r["kernel"] for r in rows if "kernel" in r}):
+            rs = [r for r in rows if r.get("kernel") == name and "error" not in r]
+            spill = max(r["spill_stores"] + r["spill_loads"] for r in rs)
+            errors = sum(1 for r in rows if r.get("kernel") == name and "error" in r)
+            lines.append(
+                f"| {target} | {name} | {len(rs)} | {max(r['registers'] for r in rs)} "
+                f"| {spill} | {errors} |"
+            )
+        errors = [r for r in rows if "error" in r and "kernel" not in r]
+        if errors:
+            lines.append(f"| {target} | (cases that failed to compile) | {len(errors)} | | | |")
+    return "\n".join(lines)
+
+
 def mix_table(paths) -> str:
     """Markdown table of the anchored/plain main-loop ratios of compile_sm*.json files
     (STATIC: instruction counts read from the SASS), for docs/kernels-internals.md."""
@@ -253,7 +278,10 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.table:
-        print(mix_table(sorted(args.out.glob("compile_sm*.json"))))
+        paths = sorted(args.out.glob("compile_sm*.json"))
+        print(mix_table(p for p in paths if p.stem in ("compile_sm80", "compile_sm90")))
+        print()
+        print(spill_table(paths))
         return
     if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
         raise SystemExit("run with TRITON_INTERPRET=0 (the kernels must be real JIT functions)")
