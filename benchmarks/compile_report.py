@@ -235,7 +235,7 @@ def run(ccs, jobs: int, quick: bool, out_dir: Path, child_argv=None) -> None:
             )
             got = [r for part in pool.map(compile_part, chunks) for r in part]
         rows = [r for r in got if not r.get("case", {}).get("mix")]
-        mix = instruction_mix([r for r in got if r.get("case", {}).get("mix")], cc)
+        mix = instruction_mix([r for r in got if r.get("case", {}).get("mix")], cc) if mixes else []
         meta["compile_seconds"] = round(time.time() - start, 1)
         meta["loadavg_end"] = os.getloadavg()
         bad = [r for r in rows if "error" in r or r.get("spill_stores") or r.get("spill_loads")]
