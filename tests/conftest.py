@@ -16,6 +16,21 @@ import torchvision_shim  # noqa: E402
 torchvision_shim.apply()
 
 
+# Property-based tests (tests/test_fuzz_kernels.py): "ci" is the default, derandomised (the
+# same examples every run) and sized for CI; "long" runs on demand with
+# `pytest --hypothesis-profile=long tests/test_fuzz_kernels.py`.
+try:
+    from hypothesis import settings as _hyp_settings
+
+    _hyp_settings.register_profile(
+        "ci", max_examples=30, derandomize=True, deadline=None, print_blob=True
+    )
+    _hyp_settings.register_profile("long", max_examples=600, deadline=None, print_blob=True)
+    _hyp_settings.load_profile("ci")
+except ImportError:  # hypothesis is a test extra; the fuzz tests import it themselves
+    pass
+
+
 def pytest_report_header(config):
     return f"torchvision shim: {torchvision_shim.applied or 'not applied'}"
 

@@ -100,9 +100,11 @@ def test_backward_tile_choice_and_fp_fusion():
                 assert c["enable_fp_fusion"] is True
                 assert c["BLOCK_D"] == max(16, 2 ** math.ceil(math.log2(D)))
                 assert c["DOT_PRECISION"] == ("ieee" if dt == torch.float32 else "tf32")
-                assert set(c["dkdv"]) == set(c["dq"]) == {
-                    "BLOCK_M", "BLOCK_N", "num_warps", "num_stages",
-                }  # fmt: skip
+                tiles = {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
+                assert set(c["dq"]) == tiles
+                # fp32 dK/dV on sm_8x also sets a register budget (ptxas spilled without).
+                budget = dt == torch.float32 and cc is not None and cc[0] < 9 and D <= 128
+                assert set(c["dkdv"]) == (tiles | {"maxnreg"} if budget else tiles)
     # sm_90 keeps 64-row operands for wgmma in both kernels at D 128 (16-bit).
     c = triton_backward.backward_config(torch.bfloat16, 128, (9, 0))
     assert c["dkdv"]["BLOCK_N"] == 64 and c["dq"]["BLOCK_M"] == 64

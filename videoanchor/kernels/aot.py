@@ -90,6 +90,67 @@ def mma_kind(ptx: str) -> str:
     return "none (FMA)"
 
 
+_INSN = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH = re.compile(r"BRA\s+`\((\.L_x_\d+)\)")
+
+
+def _nvdisasm() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+
+
+def main_loop_mix(cubin: bytes) -> dict:
+    """Instruction counts of a kernel's main loop, read from its SASS (``nvdisasm``, shipped
+    with Triton): among the loops (backward branches) with the most MMA instructions, the
+    one with the fewest instructions (the innermost; for the prefill kernel the loop over
+    key blocks that need no masking). STATIC: a count, not a timing."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        sass = subprocess.run(
+            [_nvdisasm(), "-c", path], capture_output=True, text=True, check=True
+        ).stdout
+    finally:
+        os.unlink(path)
+    insns, labels = [], {}
+    for line in sass.splitlines():
+        m = _LABEL.match(line.strip())
+        if m:
+            labels[m.group(1)] = len(insns)
+            continue
+        m = _INSN.search(line)
+        if m:
+            insns.append(m.group(1))
+    loops = []
+    for i, insn in enumerate(insns):
+        m = _BRANCH.search(insn)
+        if m and m.group(1) in labels and labels[m.group(1)] <= i:
+            body = insns[labels[m.group(1)] : i + 1]
+            ops = [re.sub(r"^@!?U?P\w+\s+", "", x).split()[0] for x in body]
+            mma = sum(op.split(".")[0] in ("HGMMA", "HMMA") for op in ops)
+            loops.append(dict(start=labels[m.group(1)], instructions=len(body), mma=mma, ops=ops))
+    if not loops:
+        raise RuntimeError("no loop found in the SASS")
+    best = max(loops, key=lambda lp: (lp["mma"], -lp["instructions"], -lp["start"]))
+    hist: dict[str, int] = {}
+    for op in best["ops"]:
+        hist[op.split(".")[0]] = hist.get(op.split(".")[0], 0) + 1
+    non_mma = best["instructions"] - best["mma"]
+    return dict(
+        loops=len(loops),
+        instructions=best["instructions"],
+        mma=best["mma"],
+        non_mma=non_mma,
+        non_mma_per_mma=round(non_mma / best["mma"], 3) if best["mma"] else None,
+        opcodes=dict(sorted(hist.items(), key=lambda kv: -kv[1])),
+    )
+
+
 def compile_launch(rec: _launch.Launch, cc: int, keep_cubin: bool = False) -> dict:
     """Compile one captured launch for ``sm_<cc>``; returns its static summary."""
     import triton
@@ -191,6 +252,9 @@ def case_inputs(case: dict):
         )
     if case.get("cache_seqlens", False) and not varlen:
         kwargs["cache_seqlens"] = torch.full((B,), n_keys, dtype=torch.int32)
+    if case.get("fast", False) and case["kind"] == "prefill":
+        # The fast form: V pre-scaled by value_scale / c (gates in [1, 2] here: c = 2).
+        kwargs["v_prescale"] = 2.0
     return (q, k, v, kb, vs, mask, out, lse), kwargs
 
 
@@ -208,10 +272,12 @@ def capture_backward(case: dict, cc: int) -> list[_launch.Launch]:
     cache_seqlens = kwargs.pop("cache_seqlens", None)
     if "cu_seqlens_k" in kwargs:
         kwargs["max_seqlen_k"] = int(k.shape[0] // (kwargs["cu_seqlens_k"].numel() - 1))
+    gate_grads = case.get("gate_grads", True)
     with _launch.capture_launches() as launches:
         triton_backward.launch_backward(
             grad_out, q, k, v, kb, vs, mask, cache_seqlens, out, lse, grad_lse,
-            want_dbias=kb is not None, want_dscale=vs is not None,
+            want_dbias=kb is not None and gate_grads, want_dscale=vs is not None and gate_grads,
+            v_prescale=kwargs.pop("v_prescale", 0.0),
             capability=(cc // 10, cc % 10), **kwargs,
         )  # fmt: skip
     return launches
@@ -231,10 +297,16 @@ def capture_case(case: dict, cc: int) -> list[_launch.Launch]:
 
 
 def compile_case(case: dict, cc: int, keep_cubin: bool = False) -> list[dict]:
-    """Compile every launch of ``case`` for ``sm_<cc>``: one row per kernel."""
+    """Compile every launch of ``case`` for ``sm_<cc>``: one row per kernel. With
+    ``case["mix"]`` true each row also has the ``main_loop`` instruction mix (kernels with
+    an MMA loop)."""
     rows = []
     for rec in capture_case(case, cc):
-        row = compile_launch(rec, cc, keep_cubin=keep_cubin)
+        row = compile_launch(rec, cc, keep_cubin=keep_cubin or case.get("mix", False))
+        if case.get("mix", False):
+            cubin = row["_cubin"] if keep_cubin else row.pop("_cubin")
+            if row["mma"] != "none (FMA)":
+                row["main_loop"] = main_loop_mix(cubin)
         rows.append(dict(case=case, **row))
     return rows
 

@@ -119,6 +119,48 @@ def _check_max_seqlen(name, value, allow_none):
         raise ValueError(f"{name}: expected {want}, got {value!r}")
 
 
+# Fast form (pre-scaled V) eligibility: the largest ratio hi / lo of a declared value-scale
+# range per dtype. V' = V * value_scale / c (c = the power of two >= hi) keeps
+# |V'| >= |V| * lo / (2 hi): with fp16's 5 exponent bits a ratio of 2^8 leaves V' normal for
+# |V| >= 2^-5 and bounds the absolute error of the subnormal part of the output by
+# 2^-25 * c; bf16 and float32 have 8 exponent bits.
+FAST_FORM_MAX_RATIO = {torch.float16: 2.0**8, torch.bfloat16: 2.0**32, torch.float32: 2.0**32}
+
+
+def value_scale_range_of(value_scale: torch.Tensor) -> tuple[float, float]:
+    """``(min, max)`` of a value-scale tensor, with 1.0 included (the scale of keys outside
+    the anchored prompt), for ``value_scale_range=``. Synchronises with the device: call it
+    once per request (next to :func:`anchor_gates`), never per layer."""
+    if value_scale.numel() == 0:
+        return (1.0, 1.0)
+    lo, hi = torch.aminmax(value_scale.detach().to(torch.float32))
+    return (min(1.0, float(lo)), max(1.0, float(hi)))
+
+
+def fast_form_scale(value_scale_range, dtype: torch.dtype) -> float:
+    """The power of two ``c`` that divides V in the fast form, or 0.0 for the general form.
+
+    ``value_scale_range``: None, or ``(lo, hi)`` with ``0 < lo <= hi`` finite; the fast form
+    needs ``hi / lo <= FAST_FORM_MAX_RATIO[dtype]``. Raises ValueError on a malformed range.
+    """
+    if value_scale_range is None:
+        return 0.0
+    try:
+        lo, hi = (float(x) for x in value_scale_range)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"value_scale_range: expected None or (lo, hi) floats, got {value_scale_range!r}"
+        ) from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+        raise ValueError(
+            f"value_scale_range: expected finite 0 < lo <= hi, got ({lo!r}, {hi!r}); pass "
+            "None for value scales that are not bounded away from 0"
+        )
+    if hi / lo > FAST_FORM_MAX_RATIO.get(dtype, 0.0):
+        return 0.0
+    return 2.0 ** math.ceil(math.log2(hi))
+
+
 def _check_tensor(name, t, ndim):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -313,6 +355,7 @@ def _anchored_attention_fwd(
     causal: bool,
     sm_scale: float,
     return_lse: bool,
+    v_prescale: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, Hq, Sq, D = q.shape
     Skv = k.shape[2]
@@ -327,17 +370,21 @@ def _anchored_attention_fwd(
     device_ctx = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
     use_split_kv = Sq <= DECODE_MAX_SQ and Skv >= DECODE_MIN_SKV
     launch = triton_decode.launch_decode if use_split_kv else triton_prefill.launch_prefill
+    # The split-KV path streams the cache once: a pre-scaled V copy would triple its V traffic.
+    extra = {} if use_split_kv else {"v_prescale": v_prescale}
     with device_ctx:
         launch(
             q, k, v, key_bias, value_scale, key_padding_mask, out, lse if return_lse else None,
             causal=causal, sm_scale=sm_scale, interpret=not q.is_cuda, cache_seqlens=cache_seqlens,
+            **extra,
         )  # fmt: skip
     return out, lse
 
 
 @_anchored_attention_fwd.register_fake
 def _(
-    q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, causal, sm_scale, return_lse
+    q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, causal, sm_scale, return_lse,
+    v_prescale=0.0,
 ):
     B, Hq, Sq, D = q.shape
     out = empty_output(q)
@@ -363,6 +410,7 @@ def anchored_attention(
     return_lse: bool = False,
     cache_seqlens: torch.Tensor | None = None,
     attn_mask: torch.Tensor | None = None,
+    value_scale_range: tuple[float, float] | None = None,
 ):
     """Attention with VideoAnchor's per-key gate, fused (no (Sq, Skv) tensor is built).
 
@@ -412,6 +460,15 @@ def anchored_attention(
             apply. It is served by the exact PyTorch path (a one-time warning says so when
             the Triton kernel would have run). A row with no visible key returns 0; a
             float mask of large finite negatives (``finfo.min``) is a logit like any other.
+        value_scale_range: ``(lo, hi)``, a promise that every ``value_scale`` entry lies in
+            ``[lo, hi]`` with ``0 < lo``, e.g. :func:`value_scale_range_of` of VideoAnchor's
+            gates (``[1, 1 + alpha_V]``). It lets the Triton prefill kernel take its fast
+            form: V is replaced by a temporary ``V * value_scale / c`` (c the power of two
+            >= hi; the cache is not touched) and the main loop is the plain loop. Not
+            checked on the device: a wrong range changes no arithmetic, it only voids the
+            no-overflow guarantee ``|V'| <= |V|``. Ignored by the torch backend, by the
+            split-KV (decode) path and when ``hi / lo`` exceeds
+            ``FAST_FORM_MAX_RATIO[dtype]``. ``key_bias`` needs no bound in either form.
 
     Returns:
         ``out`` (B, Hq, Sq, D) in q's dtype, stored as (B, Sq, Hq, D) so that
@@ -421,6 +478,7 @@ def anchored_attention(
     causal, return_lse = bool(causal), bool(return_lse)
     _validate(q, k, v, key_bias, value_scale, key_padding_mask, backend, cache_seqlens)
     _check_attn_mask(attn_mask, q, k)
+    v_prescale = fast_form_scale(value_scale_range, q.dtype) if value_scale is not None else 0.0
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if attn_mask is not None:
         if backend == "triton" or (backend == "auto" and q.is_cuda):
@@ -433,7 +491,7 @@ def anchored_attention(
         want_lse = return_lse or _needs_grad(q, k, v, key_bias, value_scale)
         out, lse = _anchored_attention_fwd(
             q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, causal, scale,
-            want_lse,
+            want_lse, v_prescale,
         )  # fmt: skip
     else:
         out, lse = anchored_attention_torch(
@@ -497,6 +555,7 @@ def _anchored_attention_varlen_fwd(
     causal: bool,
     sm_scale: float,
     return_lse: bool,
+    v_prescale: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     total_q, Hq, D = q.shape
     out = torch.empty(total_q, Hq, D, dtype=q.dtype, device=q.device)
@@ -512,7 +571,10 @@ def _anchored_attention_varlen_fwd(
     hint_k = max_seqlen_k if max_seqlen_k >= 0 else k.shape[0] // (cu_seqlens_q.numel() - 1)
     use_split_kv = max_seqlen_q <= DECODE_MAX_SQ and hint_k >= DECODE_MIN_SKV
     launch = triton_decode.launch_decode if use_split_kv else triton_prefill.launch_prefill
-    extra = {"max_seqlen_k": max_seqlen_k if max_seqlen_k >= 0 else None} if use_split_kv else {}
+    if use_split_kv:
+        extra = {"max_seqlen_k": max_seqlen_k if max_seqlen_k >= 0 else None}
+    else:
+        extra = {"v_prescale": v_prescale}
     with device_ctx:
         launch(
             q, k, v, key_bias, value_scale, None, out, lse if return_lse else None,
@@ -537,6 +599,7 @@ def _(
     causal,
     sm_scale,
     return_lse,
+    v_prescale=0.0,
 ):
     total_q, Hq, D = q.shape
     out = q.new_empty(total_q, Hq, D)
@@ -591,6 +654,7 @@ def anchored_attention_varlen(
     sm_scale: float | None = None,
     backend: str = "auto",
     return_lse: bool = False,
+    value_scale_range: tuple[float, float] | None = None,
 ):
     """Anchored attention over packed variable-length sequences (flash-attention's varlen
     layout): no padding tokens are stored or computed. Differentiable like
@@ -610,6 +674,7 @@ def anchored_attention_varlen(
             still splits its own keys, so a wrong value costs speed, not correctness.
         key_bias, value_scale: (total_k,) per-key gates, or None.
         causal: bottom-right aligned per sequence (see :func:`anchored_attention`).
+        value_scale_range: as in :func:`anchored_attention` (the fast form).
 
     Returns:
         ``out`` (total_q, Hq, D), or ``(out, lse)`` with lse (Hq, total_q) float32 when
@@ -621,13 +686,14 @@ def anchored_attention_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias, value_scale,
         backend,
     )  # fmt: skip
+    v_prescale = fast_form_scale(value_scale_range, q.dtype) if value_scale is not None else 0.0
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if _pick_backend(q, backend) == "triton":
         want_lse = return_lse or _needs_grad(q, k, v, key_bias, value_scale)
         out, lse = _anchored_attention_varlen_fwd(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
             -1 if max_seqlen_k is None else max_seqlen_k, key_bias, value_scale,
-            causal, scale, want_lse,
+            causal, scale, want_lse, v_prescale,
         )  # fmt: skip
     else:
         out, lse = _varlen_torch(

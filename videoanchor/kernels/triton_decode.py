@@ -149,6 +149,7 @@ def _anchored_decode_merge_kernel(
     LsePart,
     Out,
     Lse,
+    LseShift,
     CuSeqQ,
     stride_ob,
     stride_oh,
@@ -157,6 +158,7 @@ def _anchored_decode_merge_kernel(
     stride_lse_b,
     stride_lse_h,
     stride_lse_m,
+    stride_shift_b,
     Hq,
     group,
     Sq,
@@ -166,6 +168,7 @@ def _anchored_decode_merge_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     STORE_LSE: tl.constexpr,
+    SHIFT_LSE: tl.constexpr,
     VARLEN: tl.constexpr,
 ):
     pid = tl.program_id(0)  # over B * Hq * Sq output rows
@@ -202,7 +205,10 @@ def _anchored_decode_merge_kernel(
         lse = tl.where(b_sum > 0, (b_max + tl.log2(tl.where(b_sum > 0, b_sum, 1.0))), float("-inf"))
         p_lse = Lse + i_b.to(tl.int64) * stride_lse_b + i_h.to(tl.int64) * stride_lse_h
         p_lse = p_lse + (q_start + i_q) * stride_lse_m
-        tl.store(p_lse, lse * 0.6931471805599453)
+        lse = lse * 0.6931471805599453
+        if SHIFT_LSE:  # the key bias's per-sample shift (see _gate_args)
+            lse += tl.load(LseShift + i_b.to(tl.int64) * stride_shift_b)
+        tl.store(p_lse, lse)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -300,7 +306,9 @@ def launch_decode(
 
     o_part = torch.empty(B * Hkv, n_split, rows, block_d, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B * Hkv, n_split, rows, dtype=torch.float32, device=q.device)
-    (bias, scale, mask), gate_strides = _gate_args(q, key_bias, value_scale, key_padding_mask)
+    (bias, scale, mask), gate_strides, (shift, s_shift) = _gate_args(
+        q, key_bias, value_scale, key_padding_mask, varlen=varlen, cache_seqlens=cache_seqlens
+    )
     cu_q = cu_seqlens_q if varlen else q
     cu_k = cu_seqlens_k if varlen else q
     args = (
@@ -321,13 +329,14 @@ def launch_decode(
     store_lse = lse is not None
     mcfg = merge_config(D)
     args = (
-        o_part, lse_part, out, lse if store_lse else out, cu_q,
-        *so, *(sl if store_lse else (0, 0, 0)),
+        o_part, lse_part, out, lse if store_lse else out, shift, cu_q,
+        *so, *(sl if store_lse else (0, 0, 0)), s_shift,
         Hq, group, Sq, rows, n_split,
     )  # fmt: skip
     kwargs = dict(
         HEAD_DIM=D, BLOCK_D=block_d,
-        BLOCK_S=max(2, triton.next_power_of_2(n_split)), STORE_LSE=store_lse, VARLEN=varlen,
+        BLOCK_S=max(2, triton.next_power_of_2(n_split)), STORE_LSE=store_lse,
+        SHIFT_LSE=store_lse and key_bias is not None, VARLEN=varlen,
         num_warps=mcfg["num_warps"], enable_fp_fusion=mcfg["enable_fp_fusion"],
     )  # fmt: skip
     launch(_anchored_decode_merge_kernel, (B * Hq * Sq,), args, kwargs)

@@ -1,10 +1,24 @@
 """Fused anchored attention forward (prefill): FlashAttention-2 style, one program per
 (query block, batch * query head), online softmax in base 2.
 
-Per key j the logit gets ``key_bias[b, j]`` (natural-log units, so it is multiplied by
-log2(e) here) before the running max, and the probabilities fed into ``P @ V`` are
-multiplied by ``value_scale[b, j]``; the normaliser uses the unscaled probabilities.
-Nothing of size (Sq, Skv) is ever stored.
+Per key j the logit gets ``key_bias[b, j]`` before the running max: the launcher hands the
+kernel the bias in log2 units (``(key_bias - shift) * log2(e)``, an O(Skv) float32 copy,
+shifted by its largest visible value per sample: see :func:`_gate_args`), so it
+enters the logit in the fused multiply-add that applies the softmax scale
+(``s = qk * qk_scale + bias``), the instruction the plain loop spends on ``qk * qk_scale``.
+
+The value scale has two forms, both exact:
+
+- general (any ``value_scale``): the probabilities fed into ``P @ V`` are multiplied by
+  ``value_scale[b, j]`` in the loop (one multiply per logit); the normaliser uses the
+  unscaled probabilities;
+- fast ("pre-scaled V", when the caller bounds the value scale, as VideoAnchor's gates
+  are): an O(Skv * D) pass writes a temporary ``V' = V * value_scale / c`` with ``c`` a
+  power of two >= the bound, so ``|V'| <= |V|`` (no overflow), the loop is the plain
+  loop, and the epilogue multiplies the output by ``c`` (exact). The KV cache is never
+  modified.
+
+Nothing of size (Sq, Skv) is ever stored. docs/kernels-internals.md has the details.
 """
 
 from __future__ import annotations
@@ -65,10 +79,15 @@ def _attend_key_range(
         else:
             b_kt = tl.load(p_k + o_kn[None, :] * stride_kn, mask=m_d[:, None], other=0.0)
         # [BLOCK_M, BLOCK_N] logits in log2 units
-        b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale
         if HAS_BIAS:
-            b_bias = tl.load(p_bias + o_kn * stride_bias_n, mask=m_n, other=0.0).to(tl.float32)
-            b_s += b_bias[None, :] * 1.4426950408889634
+            # The bias arrives in log2 units: it rides in the FMA that applies qk_scale.
+            if BOUNDARY:
+                b_bias = tl.load(p_bias + o_kn * stride_bias_n, mask=m_n, other=0.0)
+            else:
+                b_bias = tl.load(p_bias + o_kn * stride_bias_n)
+            b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale + b_bias[None, :]
+        else:
+            b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale
         if BOUNDARY:
             b_s = tl.where(m_n[None, :], b_s, float("-inf"))
         if CAUSAL:
@@ -118,6 +137,7 @@ def _anchored_prefill_kernel(
     Mask,
     Out,
     Lse,
+    LseShift,
     CuSeqQ,
     CuSeqK,
     stride_qb,
@@ -145,12 +165,14 @@ def _anchored_prefill_kernel(
     stride_lse_b,
     stride_lse_h,
     stride_lse_m,
+    stride_shift_b,
     Hq,
     group,
     Sq,
     Skv,
     n_blocks_m,
     qk_scale,
+    o_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -236,15 +258,18 @@ def _anchored_prefill_kernel(
         BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
     )  # fmt: skip
 
-    # Rows with no visible key have l = 0 and acc = 0: they give 0, never NaN.
+    # Rows with no visible key have l = 0 and acc = 0: they give 0, never NaN. o_scale
+    # undoes the fast form's 1 / c on V (a power of two: exact); 1.0 otherwise.
     has_key = l_i > 0
-    b_o = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    b_o = acc / tl.where(has_key, l_i, 1.0)[:, None] * o_scale
     p_o = Out + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh + q_start * stride_om
     p_o = p_o + o_qm[:, None] * stride_om + o_d[None, :] * stride_od
     tl.store(p_o, b_o.to(Out.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
     if STORE_LSE:
         l_log2 = tl.log2(tl.where(has_key, l_i, 1.0))
         lse = tl.where(has_key, (m_i + l_log2) * 0.6931471805599453, float("-inf"))
+        if HAS_BIAS:
+            lse += tl.load(LseShift + i_b.to(tl.int64) * stride_shift_b)
         p_lse = Lse + i_b.to(tl.int64) * stride_lse_b + i_h.to(tl.int64) * stride_lse_h
         tl.store(p_lse + (q_start + offs_m) * stride_lse_m, lse, mask=m_m)
 
@@ -295,9 +320,40 @@ def prefill_config(dtype: torch.dtype, head_dim: int, capability: tuple[int, int
     return dict(common, BLOCK_M=64, BLOCK_N=32, num_warps=4 if hopper else 8, num_stages=2)
 
 
-def _gate_args(q, key_bias, value_scale, key_padding_mask):
+def bias_shift(kb, key_padding_mask=None, cache_seqlens=None, varlen=False):
+    """The constant taken out of a float32 key bias ``kb``: its largest visible finite value
+    per sample (over all packed keys for varlen: a scalar), 0 where there is none. Hidden
+    keys (padding, cache slots past ``cache_seqlens``) and NaN do not take part, so what
+    they hold cannot change the result. O(Skv), on the device, no synchronisation."""
+    keep = ~torch.isnan(kb)
+    if key_padding_mask is not None:
+        keep = keep & key_padding_mask
+    if cache_seqlens is not None:
+        pos = torch.arange(kb.shape[-1], device=kb.device)
+        keep = keep & (pos[None, :] < cache_seqlens.to(kb.device)[:, None])
+    top = torch.where(keep, kb, float("-inf"))
+    top = top.amax() if varlen else top.amax(-1)
+    return torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+
+
+def _gate_args(
+    q, key_bias, value_scale, key_padding_mask, *, varlen=False, cache_seqlens=None
+):  # fmt: skip
     """Pointer and stride arguments for the optional per-key inputs. An absent input
-    gets a real tensor and zero strides so the kernel signature stays fixed."""
+    gets a real tensor and zero strides so the kernel signature stays fixed.
+
+    The key bias is handed over in log2 units, shifted by its maximum per sample (one
+    maximum over all packed keys for varlen): ``(key_bias - shift) * log2(e)`` in float32.
+    A constant per row cancels in the softmax, and a bias of large magnitude (+200 on every
+    key, or -1e4 used as a mask) then no longer costs the logits their float32 precision.
+    The lse adds the shift back. Returns ``(bias, scale, mask), strides, (shift, stride)``.
+    """
+    shift = (q, 0)
+    if key_bias is not None:
+        kb = key_bias.to(torch.float32)
+        top = bias_shift(kb, key_padding_mask, cache_seqlens, varlen).reshape(-1)
+        key_bias = (kb - (top if varlen else top[:, None])) * LOG2E
+        shift = (top, 0 if varlen else top.stride(0))
     bias = key_bias if key_bias is not None else q
     scale = value_scale if value_scale is not None else q
     mask = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
@@ -308,16 +364,75 @@ def _gate_args(q, key_bias, value_scale, key_padding_mask):
         return (0, t.stride(0)) if t.dim() == 1 else t.stride()
 
     ptrs = (bias, scale, mask)
-    return ptrs, (*strides(key_bias), *strides(value_scale), *strides(key_padding_mask))
+    return ptrs, (*strides(key_bias), *strides(value_scale), *strides(key_padding_mask)), shift
+
+
+@triton.jit
+def _prescale_values_kernel(
+    V, Scale, Out, Skv, inv_c,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_scale_b, stride_scale_n, Hkv,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """``Out[b, h, j] = V[b, h, j] * (Scale[b, j] * inv_c)``: one float32 product, one
+    rounding to V's dtype."""
+    pid_bh = tl.program_id(0)
+    i_b = (pid_bh // Hkv).to(tl.int64)
+    i_h = (pid_bh % Hkv).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_n = offs_n < Skv
+    m = m_n[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o_n = offs_n.to(tl.int64)
+    b_s = tl.load(Scale + i_b * stride_scale_b + o_n * stride_scale_n, mask=m_n, other=0.0)
+    b_s = b_s.to(tl.float32) * inv_c
+    p_v = V + i_b * stride_vb + i_h * stride_vh + o_n[:, None] * stride_vn
+    b_v = tl.load(p_v + offs_d[None, :] * stride_vd, mask=m, other=0.0).to(tl.float32)
+    p_o = Out + i_b * stride_ob + i_h * stride_oh + o_n[:, None] * stride_on
+    tl.store(p_o + offs_d[None, :] * stride_od, (b_v * b_s[:, None]).to(Out.dtype.element_ty),
+             mask=m)  # fmt: skip
+
+
+def prescale_values(v, value_scale, c: float, *, varlen: bool = False):
+    """The fast form's temporary ``V' = V * value_scale / c`` (a new tensor with v's
+    layout; ``v`` itself, e.g. a KV cache, is never written). Dense: v (B, Hkv, Skv, D),
+    value_scale (B, Skv); varlen: v (total_k, Hkv, D), value_scale (total_k,). ``c`` a
+    power of two, so the division is exact."""
+    out = torch.empty_like(v)
+    if v.numel() == 0:
+        return out
+    if varlen:
+        Skv, Hkv, D = v.shape
+        B = 1
+        sv = (0, v.stride(1), v.stride(0), v.stride(2))
+        so = (0, out.stride(1), out.stride(0), out.stride(2))
+        ss = (0, value_scale.stride(0))
+    else:
+        B, Hkv, Skv, D = v.shape
+        sv, so, ss = v.stride(), out.stride(), value_scale.stride()
+    block_d = max(16, triton.next_power_of_2(D))
+    block_s = max(1, 4096 // block_d)
+    launch(
+        _prescale_values_kernel,
+        (B * Hkv, triton.cdiv(Skv, block_s)),
+        (v, value_scale, out, Skv, 1.0 / c, *sv, *so, *ss, Hkv),
+        dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=4),
+    )
+    return out
 
 
 def launch_prefill(
     q, k, v, key_bias, value_scale, key_padding_mask, out, lse, *, causal, sm_scale, interpret,
     cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, cache_seqlens=None,
-    capability=None,
+    capability=None, v_prescale=0.0,
 ):  # fmt: skip
     """Launch on validated inputs; writes ``out`` and, when ``lse`` is not None, the
     natural-log log-sum-exp (float32).
+
+    ``v_prescale`` > 0 (a power of two c >= every ``|value_scale|``): the fast form, V is
+    replaced by the temporary ``V * value_scale / c`` and the loop runs without the
+    per-logit value-scale multiply (see the module docstring); 0: the general form.
 
     Dense: q (B, Hq, Sq, D), out (B, Hq, Sq, D), lse (B, Hq, Sq).
     Varlen (``cu_seqlens_q`` given): q (total_q, Hq, D), k/v (total_k, Hkv, D), gates
@@ -348,15 +463,31 @@ def launch_prefill(
         rows = Sq
         cu_q = q
         cu_k = cache_seqlens if cache_seqlens is not None else q
+    o_scale = 1.0
+    if value_scale is not None and v_prescale > 0:
+        v = prescale_values(v, value_scale, v_prescale, varlen=varlen)
+        sv = (0, v.stride(1), v.stride(0), v.stride(2)) if varlen else v.stride()
+        value_scale, o_scale = None, float(v_prescale)
     if capability is None and not interpret:
         capability = device_capability(q.device)
     cfg = prefill_config(q.dtype, D, None if interpret else capability)
-    (bias, scale, mask), gate_strides = _gate_args(q, key_bias, value_scale, key_padding_mask)
+    if (
+        capability is not None and not interpret and capability[0] in (9, 10)
+        and q.dtype != torch.float32 and 64 < cfg["BLOCK_D"] <= 128
+        and key_padding_mask is not None and value_scale is not None
+    ):  # fmt: skip
+        # The general form (value scale in the loop) with a padding mask at D 128 on sm_90:
+        # 128 x 64 tiles spilled 52-60 B at 255 registers (ptxas, triton 3.9); 128 x 32 take
+        # 206 and spill nothing. The fast form (value_scale_range) keeps 128 x 64.
+        cfg = dict(cfg, BLOCK_N=32)
+    (bias, scale, mask), gate_strides, (shift, s_shift) = _gate_args(
+        q, key_bias, value_scale, key_padding_mask, varlen=varlen, cache_seqlens=cache_seqlens
+    )
     n_blocks_m = triton.cdiv(rows, cfg["BLOCK_M"])
     args = (
-        q, k, v, bias, scale, mask, out, lse if lse is not None else out, cu_q, cu_k,
-        *sq, *sk, *sv, *so, *gate_strides, *sl,
-        Hq, Hq // Hkv, Sq, Skv, n_blocks_m, sm_scale * LOG2E,
+        q, k, v, bias, scale, mask, out, lse if lse is not None else out, shift, cu_q, cu_k,
+        *sq, *sk, *sv, *so, *gate_strides, *sl, s_shift,
+        Hq, Hq // Hkv, Sq, Skv, n_blocks_m, sm_scale * LOG2E, o_scale,
     )  # fmt: skip
     kwargs = dict(
         HEAD_DIM=D, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],

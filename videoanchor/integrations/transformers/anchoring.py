@@ -103,6 +103,8 @@ class _Request:
 
     key_bias: torch.Tensor  # (B, P) float32
     value_scale: torch.Tensor  # (B, P) float32
+    # (min, max) of value_scale and 1.0: lets the kernel take its fast form (pre-scaled V)
+    value_scale_range: tuple[float, float] | None = None
     cache_ref: weakref.ref | None = None
     offset: int | None = None  # cache slot of prompt position 0
     buffers: dict = field(default_factory=dict)  # device -> (key_bias buf, value_scale buf)
@@ -513,8 +515,13 @@ class AnchorHandle:
             key_bias = torch.cat([g[0] for g in gates])
             value_scale = torch.cat([g[1] for g in gates])
         anchor_gates(scores, cfg.alpha_q, 0.0)  # validates the (no-op) query gate
+        from videoanchor.kernels import value_scale_range_of
+
         self._request = _Request(
-            key_bias=key_bias, value_scale=value_scale, packed=packed is not None
+            key_bias=key_bias,
+            value_scale=value_scale,
+            value_scale_range=value_scale_range_of(value_scale),  # once per request
+            packed=packed is not None,
         )
         if pending.cache is not None:
             self._request.cache_ref = weakref.ref(pending.cache)

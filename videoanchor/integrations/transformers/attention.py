@@ -246,6 +246,7 @@ def videoanchor_attention_forward(
                 f"videoanchor's mask function or a 4D (batch, 1 or heads, queries, keys) mask, got {shape}"
             )
     request = kwargs.get(REQUEST_KWARG, _MISSING)
+    fast = {}  # the request's value-scale range: the kernel's fast form (pre-scaled V)
 
     def gates(n_valid=None, packed=False):
         if handle is None:
@@ -255,13 +256,16 @@ def videoanchor_attention_forward(
         if current is None:
             return None, None, backend
         current.check_packed(packed)
+        fast["value_scale_range"] = getattr(current, "value_scale_range", None)
         if request is _MISSING:
             return (*handle._gates_for(query, key, n_valid), backend)
         return (*request.gates(key.device, query.shape[0], key.shape[2], n_valid), backend)
 
     if attention_mask is not None and attention_mask.dim() == 2:
         if attention_mask.dtype == torch.int64:
-            return _packed_attention(query, key, value, attention_mask, gates, causal, scaling)
+            return _packed_attention(
+                query, key, value, attention_mask, gates, causal, scaling, fast
+            )
         skv = key.shape[2]
         if attention_mask.shape[-1] != skv and attention_mask.dtype != torch.bool:
             raise ValueError(
@@ -324,11 +328,12 @@ def videoanchor_attention_forward(
         key_padding_mask=key_padding_mask,
         cache_seqlens=cache_seqlens,
         backend=backend,
+        **fast,
     )
     return out.transpose(1, 2).contiguous(), None
 
 
-def _packed_attention(query, key, value, seq_ids, gates, causal, scaling):
+def _packed_attention(query, key, value, seq_ids, gates, causal, scaling, fast):
     """Padding-free batch: each run of equal ``seq_ids`` in a row is its own sequence."""
     B, Hq, S, D = query.shape
     Hkv, Skv = key.shape[1], key.shape[2]
@@ -357,5 +362,6 @@ def _packed_attention(query, key, value, seq_ids, gates, causal, scaling):
         causal=bool(causal),
         sm_scale=scaling,
         backend=backend,
+        **fast,
     )
     return out.view(B, S, Hq, D), None

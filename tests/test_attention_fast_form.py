@@ -1,0 +1,254 @@
+"""The prefill kernel's fast form (V pre-scaled by value_scale / c, the plain main loop) and
+the general form on extreme key biases, against the float64 reference with the
+2x-PyTorch-error rule (tests/test_attention.py). Interpreter on CPU; bf16 through the
+test-only shim (tests/bf16_interpreter.py)."""
+
+import pytest
+import torch
+from bf16_interpreter import bf16_interpreter, unavailable_reason
+from test_attention import DEVICE, check_close, make_inputs, native_error
+
+import videoanchor
+from videoanchor.kernels import interface, launch
+from videoanchor.kernels.interface import fast_form_scale, value_scale_range_of
+from videoanchor.kernels.reference import anchored_attention_reference
+
+RANGE = (1.0, 3.5)  # make_inputs' gates: value_scale = 1 + 2.5 s, s in [0, 1)
+
+
+def _capture(fn):
+    with launch.capture_launches() as launches:
+        fn()
+    return launches
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.float32, torch.bfloat16], ids=["fp16", "fp32", "bf16"]
+)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_fast_form_matches_reference(dtype, causal):
+    """GQA, odd lengths, a random padding mask: the fast form within 2x eager PyTorch's error."""
+    if dtype == torch.bfloat16 and unavailable_reason() is not None:
+        pytest.skip(unavailable_reason())
+    ctx = bf16_interpreter() if dtype == torch.bfloat16 else _null()
+    with ctx:
+        q, k, v, kb, vs, mask = make_inputs(2, 4, 2, 29, 37, 64, dtype, pad="random", seed=4)
+        v_before = v.clone()
+        ref = anchored_attention_reference(q, k, v, kb, vs, causal=causal, key_padding_mask=mask)
+        out = videoanchor.anchored_attention(
+            q, k, v, kb, vs, causal=causal, key_padding_mask=mask, backend="triton",
+            value_scale_range=RANGE,
+        )  # fmt: skip
+        check_close(out, ref, native_error(q, k, v, kb, vs, mask, causal, ref), dtype)
+        assert torch.equal(v, v_before), "the fast form wrote into V (the KV cache)"
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_fast_form_is_taken_and_plain_loop_runs():
+    """With a range the launcher pre-scales V (one extra launch) and runs the prefill kernel
+    with the value scale off (the plain loop) and o_scale = c; without it, the general form."""
+    q, k, v, kb, vs, _ = make_inputs(1, 2, 1, 17, 19, 32, torch.float32)
+    fast = _capture(lambda: videoanchor.anchored_attention(
+        q, k, v, kb, vs, backend="triton", value_scale_range=RANGE))  # fmt: skip
+    names = [rec.kernel.__name__ if hasattr(rec.kernel, "__name__") else str(rec.kernel)
+             for rec in fast]  # fmt: skip
+    assert names == ["_prescale_values_kernel", "_anchored_prefill_kernel"]
+    assert fast[1].kwargs["HAS_SCALE"] is False and fast[1].kwargs["HAS_BIAS"] is True
+    assert fast[1].args[-1] == 4.0  # o_scale: the power of two >= 3.5
+    general = _capture(lambda: videoanchor.anchored_attention(q, k, v, kb, vs, backend="triton"))
+    assert len(general) == 1 and general[0].kwargs["HAS_SCALE"] is True
+    assert general[0].args[-1] == 1.0
+
+
+def test_fast_form_scale_rules():
+    assert fast_form_scale(None, torch.float16) == 0.0
+    assert fast_form_scale((1.0, 3.5), torch.float16) == 4.0
+    assert fast_form_scale((1.0, 4.0), torch.bfloat16) == 4.0
+    assert fast_form_scale((0.25, 0.3), torch.float32) == 0.5
+    # fp16 keeps V' normal only for moderate ratios: wider ranges take the general form.
+    assert fast_form_scale((1.0, 1e3), torch.float16) == 0.0
+    assert fast_form_scale((1.0, 1e3), torch.bfloat16) == 1024.0
+    for bad in [(0.0, 1.0), (2.0, 1.0), (1.0, float("inf")), (1.0,), "x", (-1.0, 2.0)]:
+        with pytest.raises(ValueError, match="value_scale_range"):
+            fast_form_scale(bad, torch.float32)
+    vs = torch.tensor([[1.5, 2.0], [3.0, 1.25]])
+    assert value_scale_range_of(vs) == (1.0, 3.0)
+    assert value_scale_range_of(torch.tensor([[0.5, 0.75]])) == (0.5, 1.0)
+
+
+def test_fast_form_range_promise_broken_is_still_exact():
+    """The range only picks c: value scales past it (here 40x past) change no arithmetic."""
+    q, k, v, kb, _, _ = make_inputs(1, 2, 2, 13, 21, 16, torch.float32, seed=2)
+    vs = torch.linspace(0.5, 140.0, 21)[None].to(DEVICE)
+    ref = anchored_attention_reference(q, k, v, kb, vs, causal=True)
+    out = videoanchor.anchored_attention(q, k, v, kb, vs, backend="triton",
+                                         value_scale_range=(1.0, 3.5))  # fmt: skip
+    check_close(out, ref, native_error(q, k, v, kb, vs, None, True, ref), torch.float32)
+
+
+def test_fast_form_varlen_and_gradients_match_general():
+    """Packed sequences take the fast form too; gradients (the backward kernels read the
+    original V and value scale) equal those of the general form."""
+    g = torch.Generator().manual_seed(5)
+    Hq, Hkv, D = 4, 2, 32
+    cu_q = torch.tensor([0, 7, 7, 20], dtype=torch.int32)
+    cu_k = torch.tensor([0, 9, 12, 25], dtype=torch.int32)
+    q = torch.randn(20, Hq, D, generator=g, requires_grad=True)
+    k = torch.randn(25, Hkv, D, generator=g, requires_grad=True)
+    v = torch.randn(25, Hkv, D, generator=g, requires_grad=True)
+    s = torch.rand(25, generator=g)
+    kb, vs = torch.log1p(9.5 * s), (1 + 2.5 * s).requires_grad_()
+    outs, grads = [], []
+    for rng in (None, RANGE):
+        out = videoanchor.anchored_attention_varlen(
+            q, k, v, cu_q, cu_k, 13, 13, kb, vs, backend="triton", value_scale_range=rng
+        )
+        outs.append(out.detach())
+        grads.append(torch.autograd.grad(out.square().sum(), (q, k, v, vs)))
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=1e-5)
+    for a, b in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_path_ignores_range():
+    """The split-KV path (Sq <= 64 against >= 256 keys) keeps the in-loop scale."""
+    q, k, v, kb, vs, _ = make_inputs(1, 4, 2, 1, 300, 16, torch.float32, seed=3)
+    recs = _capture(lambda: videoanchor.anchored_attention(
+        q, k, v, kb, vs, backend="triton", value_scale_range=RANGE))  # fmt: skip
+    assert [r.kernel.__name__ for r in recs] == [
+        "_anchored_decode_split_kernel", "_anchored_decode_merge_kernel"]  # fmt: skip
+    assert recs[0].kwargs["HAS_SCALE"] is True
+    ref = anchored_attention_reference(q, k, v, kb, vs, causal=True)
+    out = videoanchor.anchored_attention(q, k, v, kb, vs, backend="triton",
+                                         value_scale_range=RANGE)  # fmt: skip
+    check_close(out, ref, native_error(q, k, v, kb, vs, None, True, ref), torch.float32)
+
+
+# ---- extreme key biases: the general API stays exact ------------------------------------
+
+EXTREME = {
+    # a mask written as a bias: -1e4 on some keys (row maxima come from the others)
+    "minus-1e4-mask": lambda s: torch.where(s > 0.6, -1e4, torch.log1p(9.5 * s)),
+    # every key of the rows hidden by -1e4: the softmax over them is exact (the bias cancels)
+    "minus-1e4-all": lambda s: torch.full_like(s, -1e4),
+    "plus-200": lambda s: torch.where(s > 0.5, 200.0, 0.0),
+    "plus-200-all": lambda s: torch.full_like(s, 200.0) + s,
+    "wide-mixed": lambda s: (s - 0.5) * 2e3,
+    "tiny": lambda s: s * 1e-30,
+}
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["general", "fast"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("bias", list(EXTREME))
+def test_extreme_key_bias_is_exact(bias, dtype, fast):
+    """Key biases far outside VideoAnchor's [0, log(1 + alpha_K)]: no overflow, no NaN, and
+    within 2x eager PyTorch's error of the float64 reference (the bias enters before the
+    running max in both forms, so its magnitude needs no bound)."""
+    q, k, v, _, vs, _ = make_inputs(2, 2, 1, 19, 23, 32, dtype, seed=7)
+    s = torch.rand(2, 23, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    kb = EXTREME[bias](s).float()
+    ref, ref_lse = anchored_attention_reference(q, k, v, kb, vs, causal=True, return_lse=True)
+    out, lse = videoanchor.anchored_attention(
+        q, k, v, kb, vs, backend="triton", return_lse=True,
+        value_scale_range=RANGE if fast else None,
+    )  # fmt: skip
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    check_close(out, ref, native_error(q, k, v, kb, vs, None, True, ref), dtype)
+    # lse carries the bias: relative precision of float32 at its magnitude.
+    tol = 1e-6 * ref_lse.abs().max().item() + 1e-4
+    assert (lse.double() - ref_lse).abs().max().item() <= tol
+    torch_out = videoanchor.anchored_attention(q, k, v, kb, vs, backend="torch")
+    assert torch.isfinite(torch_out).all()
+
+
+def test_extreme_value_scale_general_form():
+    """Value scales of any magnitude (1e-30 .. 1e30) without a range: the general form keeps
+    them in float32 on the probabilities; no overflow in fp32."""
+    q, k, v, kb, _, _ = make_inputs(1, 2, 1, 11, 17, 16, torch.float32, seed=9)
+    vs = torch.logspace(-30, 30, 17, dtype=torch.float32)[None].to(DEVICE)
+    ref = anchored_attention_reference(q, k, v, kb, vs, causal=True)
+    out = videoanchor.anchored_attention(q, k, v, kb, vs, backend="triton")
+    assert torch.isfinite(out).all()
+    # Each row is dominated by its largest visible scale: float32's relative error per row.
+    row_err = (out.double() - ref).abs().amax(-1) / ref.abs().amax(-1)
+    assert row_err.max().item() < 1e-5
+    assert interface.fast_form_scale((1e-30, 1e30), torch.float32) == 0.0
+
+
+@torch.no_grad()
+def test_vlm_path_takes_the_fast_form(tmp_path, monkeypatch):
+    """The transformers integration hands the request's value-scale range to the kernel:
+    every anchored prefill layer pre-scales V (the fast form), and the logits equal the
+    exact torch path's."""
+    from videoanchor.integrations.transformers.testing import load_saved, tiny_model, tiny_sample
+    from videoanchor.kernels import triton_prefill
+
+    calls = []
+    real = triton_prefill.prescale_values
+
+    def counting(v, value_scale, c, **kw):
+        calls.append(c)
+        return real(v, value_scale, c, **kw)
+
+    monkeypatch.setattr(triton_prefill, "prescale_values", counting)
+    tiny_model("qwen2_5_vl", seed=4, hidden=64, layers=2).save_pretrained(tmp_path)
+    model = load_saved(tmp_path)
+    inputs = tiny_sample(model.config, [2], text=3, seed=5)
+    ssc = {"n_clusters": 3, "max_iter": 300}
+    videoanchor.configure(model, enabled=True, attention_backend="torch", **ssc)
+    ref = model(**inputs).logits
+    assert not calls
+    videoanchor.configure(model, attention_backend="triton")
+    out = model(**inputs).logits
+    assert len(calls) == 2 and all(c >= 1.0 for c in calls)  # one per decoder layer
+    assert (out - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_backward_fast_form_with_fixed_gates(varlen, monkeypatch):
+    """Gates without gradients (the VLM case): the backward kernels read a pre-scaled V too
+    (no per-logit value-scale multiply); gradients of q, k, v and key_bias equal the general
+    form's, and the float64 reference's."""
+    from videoanchor.kernels import triton_prefill
+
+    calls = []
+    real = triton_prefill.prescale_values
+    monkeypatch.setattr(triton_prefill, "prescale_values",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))  # fmt: skip
+    g = torch.Generator().manual_seed(8)
+    if varlen:
+        cu = torch.tensor([0, 6, 17], dtype=torch.int32)
+        q, k, v = (torch.randn(17, h, 16, generator=g, requires_grad=True) for h in (4, 2, 2))
+        s = torch.rand(17, generator=g)
+    else:
+        q = torch.randn(2, 4, 9, 16, generator=g, requires_grad=True)
+        k, v = (torch.randn(2, 2, 11, 16, generator=g, requires_grad=True) for _ in range(2))
+        s = torch.rand(2, 11, generator=g)
+    kb = torch.log1p(9.5 * s).requires_grad_()
+    vs = 1 + 2.5 * s  # no gradient: the fast backward applies
+    inputs = (q, k, v, kb)
+    grads = []
+    for rng in (None, RANGE):
+        if varlen:
+            out = videoanchor.anchored_attention_varlen(
+                q, k, v, cu, cu, 11, 11, kb, vs, backend="triton", value_scale_range=rng)
+        else:
+            out = videoanchor.anchored_attention(q, k, v, kb, vs, backend="triton",
+                                                 value_scale_range=rng)  # fmt: skip
+        grads.append(torch.autograd.grad(out.sin().sum(), inputs))
+    assert len(calls) == 2  # the fast forward and the fast backward
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-5)
+    if not varlen:
+        ref = anchored_attention_reference(*(t.double() for t in inputs), vs.double())
+        gref = torch.autograd.grad(ref.sin().sum(), inputs)
+        for a, b in zip(gref, grads[1], strict=True):
+            torch.testing.assert_close(b.double(), a.double(), atol=1e-4, rtol=1e-4)
