@@ -38,7 +38,6 @@ from videoanchor.anchor.spectral import spectral_labels, ssc_affinity  # noqa: E
 K = 24
 
 
-
 def _spearman(a, b):
     from scipy.stats import spearmanr
 

@@ -73,7 +73,6 @@ def matrix(quick: bool = False) -> list[dict]:
     return cases
 
 
-
 TARGET = 1.05  # the goal: anchored main loop <= 1.05x the plain loop's non-MMA/MMA
 
 
@@ -259,7 +258,11 @@ def run(ccs, jobs: int, quick: bool, out_dir: Path, child_argv=None) -> None:
                 f"anchored {m['anchored']['non_mma_per_mma']} vs plain "
                 f"{m['plain']['non_mma_per_mma']} non-MMA per MMA "
                 f"(ratio {m['ratio_non_mma_per_mma']}"
-                + (f"; {m['also']['form']} {m['also']['ratio_non_mma_per_mma']}" if "also" in m else "")
+                + (
+                    f"; {m['also']['form']} {m['also']['ratio_non_mma_per_mma']}"
+                    if "also" in m
+                    else ""
+                )
                 + ")"
             )
 

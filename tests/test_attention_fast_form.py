@@ -239,7 +239,8 @@ def test_backward_fast_form_with_fixed_gates(varlen, monkeypatch):
     for rng in (None, RANGE):
         if varlen:
             out = videoanchor.anchored_attention_varlen(
-                q, k, v, cu, cu, 11, 11, kb, vs, backend="triton", value_scale_range=rng)
+                q, k, v, cu, cu, 11, 11, kb, vs, backend="triton", value_scale_range=rng
+            )
         else:
             out = videoanchor.anchored_attention(q, k, v, kb, vs, backend="triton",
                                                  value_scale_range=rng)  # fmt: skip

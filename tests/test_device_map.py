@@ -19,7 +19,13 @@ import torch
 
 import videoanchor
 from videoanchor.integrations.transformers import anchoring, find_handle
-from videoanchor.integrations.transformers.testing import TOKENS, collate, load_saved, tiny_model, tiny_sample
+from videoanchor.integrations.transformers.testing import (
+    TOKENS,
+    collate,
+    load_saved,
+    tiny_model,
+    tiny_sample,
+)
 
 SSC = {"n_clusters": 3, "max_iter": 300}
 SPECIAL = [TOKENS[k] for k in ("image", "video", "vision_start", "vision_end", "eos", "pad")]

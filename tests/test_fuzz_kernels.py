@@ -37,9 +37,7 @@ pytestmark = pytest.mark.skipif(
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 GRAD_TOL = {torch.float32: 2e-4, torch.float16: 3e-2, torch.bfloat16: 1.5e-1}
 LENGTHS = [1, 2, 3, 5, 7, 11, 13, 16, 17, 23, 31]
-DTYPES = [torch.float32, torch.float16] + (
-    [torch.bfloat16] if unavailable_reason() is None else []
-)
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if unavailable_reason() is None else [])
 
 
 def _layout(t: torch.Tensor, kind: str) -> torch.Tensor:
@@ -164,7 +162,9 @@ def run_dense(c):
     elif c["pad"] == "all-masked-row":
         mask = torch.rand(B, Skv, generator=g) > 0.3
         mask[0] = False
-    cache_seqlens = torch.randint(0, Skv + 1, (B,), generator=g).to(torch.int32) if c["cache"] else None
+    cache_seqlens = (
+        torch.randint(0, Skv + 1, (B,), generator=g).to(torch.int32) if c["cache"] else None
+    )
     kb, vs = c["kb"], c["vs"]
     if c["grad"]:
         q, k, v = (t.detach().requires_grad_() for t in (q, k, v))

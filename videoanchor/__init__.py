@@ -8,8 +8,8 @@ Layers (dependencies run one way):
     videoanchor.cli, videoanchor.lmms_eval   applications of the pipeline
 """
 
-from videoanchor.anchor import AnchorResult, compute_anchor_scores, sparse_subspace_clustering
 from videoanchor._version import __version__
+from videoanchor.anchor import AnchorResult, compute_anchor_scores, sparse_subspace_clustering
 from videoanchor.integrations.transformers import configure
 from videoanchor.integrations.transformers import register as _register_transformers
 from videoanchor.kernels import anchor_gates, anchored_attention, anchored_attention_varlen

@@ -250,9 +250,9 @@ class VideoAnchorLMMCore:
             "max_iter": _as_int(ssc_max_iter, "ssc_max_iter", 1),
             "label_draws": _as_int(label_draws, "label_draws", 1),
             "ssc_time_budget": _as_float(ssc_time_budget, "ssc_time_budget"),
-            "ssc_progress": ssc_progress if ssc_progress == "auto" else _as_bool(
-                ssc_progress, "ssc_progress"
-            ),
+            "ssc_progress": ssc_progress
+            if ssc_progress == "auto"
+            else _as_bool(ssc_progress, "ssc_progress"),
         }
         for name, value in (("alpha_q", alpha_q), ("alpha_k", alpha_k), ("alpha_v", alpha_v)):
             value = _as_float(value, name)

@@ -230,7 +230,9 @@ def check_number(name: str, value, *, positive: bool, hint: str = "") -> float:
     ok = math.isfinite(v) and (v > 0 if positive else v >= 0)
     if not ok:
         want = "a positive finite number" if positive else "a finite number >= 0"
-        raise ValueError(f"{name}: expected {want}, got {value!r}" + (f"; try {hint}" if hint else ""))
+        raise ValueError(
+            f"{name}: expected {want}, got {value!r}" + (f"; try {hint}" if hint else "")
+        )
     return v
 
 

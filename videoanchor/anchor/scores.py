@@ -278,9 +278,7 @@ def sparse_subspace_clustering(
     if affinity not in ("symmetric", "column_max"):
         raise ValueError(f"affinity: expected 'symmetric' or 'column_max', got {affinity!r}")
     if assign_labels not in ("discretize", "kmeans"):
-        raise ValueError(
-            f"assign_labels: expected 'discretize' or 'kmeans', got {assign_labels!r}"
-        )
+        raise ValueError(f"assign_labels: expected 'discretize' or 'kmeans', got {assign_labels!r}")
     if isinstance(pca_rank, bool) or not isinstance(pca_rank, int) or pca_rank < 0:
         raise ValueError(f"pca_rank: expected a non-negative int, got {pca_rank!r}")
     work = resolve_dtype(dtype, x.device)

@@ -84,6 +84,7 @@ def gram_row_max(x, *, block: int = 4096):
         row_max[a:b] = xp.astype(xp.max(g, axis=1), xp.float64)
     return row_max
 
+
 @dataclass
 class ADMMResult:
     """Output of :func:`solve_ssc_admm`.
@@ -114,6 +115,7 @@ class ADMMResult:
         return cls(iterations=out.iterations, converged=out.converged, stopped=out.stopped,
                    residual=out.residual, **fields)  # fmt: skip
 
+
 def check_admm_parameters(n: int, rho: float, eps: float, max_iter: int) -> None:
     """The checks every ADMM entry point makes on its size and iteration parameters."""
     if n < 2:
@@ -125,11 +127,13 @@ def check_admm_parameters(n: int, rho: float, eps: float, max_iter: int) -> None
     if int(max_iter) < 1:
         raise ValueError(f"max_iter: expected a positive integer, got {max_iter}")
 
+
 def _flops(n: int, d: int, outliers: bool) -> dict[str, float]:
     """Multiply-adds per iteration (E = 0), counting the products that dominate."""
     dense = n**3 + (d * n * n if outliers else 0.0)
     woodbury = 2.0 * d * n * n + 2.0 * d * d * n
     return {"dense": dense, "woodbury": woodbury}
+
 
 def choose_strategy(n: int, d: int, outliers: bool = True, device_type: str = "cpu") -> str:
     """The cheaper way to apply the system inverse: ``"dense"`` or ``"woodbury"``.
@@ -142,6 +146,7 @@ def choose_strategy(n: int, d: int, outliers: bool = True, device_type: str = "c
     f = _flops(n, d, outliers)
     f64_cost = 1.2 if device_type == "cuda" else 2.0
     return "woodbury" if f64_cost * f["woodbury"] < 0.8 * f["dense"] else "dense"
+
 
 def admm_bytes(n: int, d: int, itemsize: int, strategy: str) -> int:
     """Peak bytes of :func:`solve_ssc_admm` (working buffers plus the float64 factorisation)."""

@@ -91,9 +91,7 @@ def validate_options(cfg: AnchorConfig) -> AnchorConfig:
     if not (isinstance(cfg.ssc_progress, bool) or (
         isinstance(cfg.ssc_progress, str) and cfg.ssc_progress == "auto"
     )):  # fmt: skip
-        raise ValueError(
-            f"ssc_progress: expected True, False or 'auto', got {cfg.ssc_progress!r}"
-        )
+        raise ValueError(f"ssc_progress: expected True, False or 'auto', got {cfg.ssc_progress!r}")
     from videoanchor.anchor.progress import SSCProgress
 
     SSCProgress(time_budget=cfg.ssc_time_budget)  # validates the budget

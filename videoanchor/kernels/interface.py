@@ -98,9 +98,7 @@ def _check_sm_scale(sm_scale):
     if sm_scale is None:
         return
     if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real):
-        raise TypeError(
-            f"sm_scale: expected None or a finite float, got {type(sm_scale).__name__}"
-        )
+        raise TypeError(f"sm_scale: expected None or a finite float, got {type(sm_scale).__name__}")
     if not math.isfinite(sm_scale):
         raise ValueError(f"sm_scale: expected None or a finite float, got {sm_scale!r}")
 
@@ -383,7 +381,16 @@ def _anchored_attention_fwd(
 
 @_anchored_attention_fwd.register_fake
 def _(
-    q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, causal, sm_scale, return_lse,
+    q,
+    k,
+    v,
+    key_bias,
+    value_scale,
+    key_padding_mask,
+    cache_seqlens,
+    causal,
+    sm_scale,
+    return_lse,
     v_prescale=0.0,
 ):
     B, Hq, Sq, D = q.shape

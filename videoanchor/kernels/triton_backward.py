@@ -604,7 +604,18 @@ def _backward_varlen(ctx, grad_out, grad_lse):
     max_q, max_k, causal, sm_scale, v_prescale = ctx.args
     if lse.dim() != 2:  # called without return_lse: recompute it
         out, lse = torch.ops.videoanchor.anchored_attention_varlen_fwd(
-            q, k, v, cu_q, cu_k, max_q, max_k, key_bias, value_scale, causal, sm_scale, True,
+            q,
+            k,
+            v,
+            cu_q,
+            cu_k,
+            max_q,
+            max_k,
+            key_bias,
+            value_scale,
+            causal,
+            sm_scale,
+            True,
             v_prescale,
         )
         grad_lse = None

@@ -10,7 +10,12 @@ user needs.
 
 from __future__ import annotations
 
-from videoanchor.integrations.transformers.anchoring import AnchorConfig, AnchorHandle, configure, find_handle
+from videoanchor.integrations.transformers.anchoring import (
+    AnchorConfig,
+    AnchorHandle,
+    configure,
+    find_handle,
+)
 from videoanchor.integrations.transformers.attention import (
     ATTN_IMPLEMENTATION,
     videoanchor_attention_forward,

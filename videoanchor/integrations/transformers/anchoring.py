@@ -55,7 +55,15 @@ from videoanchor.integrations.transformers.registry import (
     segments_for_batch,
 )
 
-__all__ = ["AnchorConfig", "AnchorHandle", "RowSetting", "check_options", "configure", "find_handle"]
+__all__ = [
+    "AnchorConfig",
+    "AnchorHandle",
+    "RowSetting",
+    "check_options",
+    "configure",
+    "find_handle",
+]
+
 
 def _validate(cfg: AnchorConfig) -> AnchorConfig:
     cfg = validate_options(cfg)
@@ -269,7 +277,12 @@ class AnchorHandle:
             from_embeds = self._placeholder_mask_from_embeds(module, kwargs["inputs_embeds"])
         layout = {
             k: kwargs.get(k)
-            for k in ("video_grid_thw", "image_grid_thw", "pixel_values_videos", "mm_encoder_outputs")
+            for k in (
+                "video_grid_thw",
+                "image_grid_thw",
+                "pixel_values_videos",
+                "mm_encoder_outputs",
+            )
         }
         mask = kwargs.get("attention_mask")
         self._pending = _Pending(
@@ -668,7 +681,9 @@ def check_options(**options) -> AnchorConfig:
     those options give; raises TypeError / ValueError as :func:`configure` would."""
     unknown = sorted(set(options) - set(AnchorConfig.__dataclass_fields__))
     if unknown:
-        raise TypeError(f"unexpected option(s) {unknown}; expected some of {sorted(AnchorConfig.__dataclass_fields__)}")
+        raise TypeError(
+            f"unexpected option(s) {unknown}; expected some of {sorted(AnchorConfig.__dataclass_fields__)}"
+        )
     return _validate(AnchorConfig(**options))
 
 
@@ -799,9 +814,11 @@ def configure(
     handle.config = _validate(replace(old, **given))
     handle._keep_vision_on_sdpa()
     request = handle._request
-    if request is not None and (old.alpha_k, old.alpha_v) != (
-        handle.config.alpha_k, handle.config.alpha_v
-    ) and handle.last_scores is not None:
+    if (
+        request is not None
+        and (old.alpha_k, old.alpha_v) != (handle.config.alpha_k, handle.config.alpha_v)
+        and handle.last_scores is not None
+    ):
         # Called between the steps of a generate (decode="all"): the prompt's scores stay,
         # its gates follow the new strengths from the next step on.
         from videoanchor.kernels import anchor_gates

@@ -278,7 +278,10 @@ class AnchorCache:
         self.stats.add("labels", labels is not None)
         if labels is None:
             res = anchor_result_from_coefficients(
-                ssc, int(n_clusters), seed=int(config.seed), label_draws=int(config.label_draws),
+                ssc,
+                int(n_clusters),
+                seed=int(config.seed),
+                label_draws=int(config.label_draws),
                 features=features,
             )
             self._put("labels", label_key, {"labels": res.labels.cpu(), "scores": res.scores.cpu(),
