@@ -483,6 +483,37 @@ def test_configure_during_generate_keeps_anchoring(tiny):
     handle = videoanchor.configure(tiny, decode="prefill")
 
 
+@torch.no_grad()
+def test_configure_during_generate_updates_the_value_scale_range(tiny):
+    """New alphas mid-generate (decode="all") rebuild the gates and the range the kernel's
+    fast form divides V by, so the promise "every value scale lies in the range" holds."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from videoanchor.integrations.transformers.testing import tiny_sample
+    from videoanchor.kernels import value_scale_range_of
+
+    sample = tiny_sample(tiny.config, [4], text=4, seed=21)
+    seen = []
+
+    class Stronger(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            videoanchor.configure(tiny, alpha_v=handle.config.alpha_v + 4.0)
+            req = handle._request
+            seen.append((req.value_scale_range, value_scale_range_of(req.value_scale)))
+            return scores
+
+    handle = videoanchor.configure(tiny, enabled=True, decode="all", n_clusters=3, max_iter=300,
+                                   alpha_v=2.5)  # fmt: skip
+    try:
+        tiny.generate(**sample, max_new_tokens=3, do_sample=False,
+                      logits_processor=LogitsProcessorList([Stronger()]))  # fmt: skip
+    finally:
+        videoanchor.configure(tiny, decode="prefill", alpha_v=2.5)
+    assert len(seen) >= 2 and seen[-1][1][1] > seen[0][1][1] - 1e-6
+    for stored, actual in seen:
+        assert stored == actual
+
+
 # ---- the video reader and the CLI -------------------------------------------------------
 
 

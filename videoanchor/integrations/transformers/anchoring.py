@@ -821,10 +821,11 @@ def configure(
     ):
         # Called between the steps of a generate (decode="all"): the prompt's scores stay,
         # its gates follow the new strengths from the next step on.
-        from videoanchor.kernels import anchor_gates
+        from videoanchor.kernels import anchor_gates, value_scale_range_of
 
         request.key_bias, request.value_scale = anchor_gates(
             handle.last_scores, handle.config.alpha_k, handle.config.alpha_v
         )
+        request.value_scale_range = value_scale_range_of(request.value_scale)
         request.buffers.clear()
     return handle
