@@ -40,6 +40,12 @@ def _on_device(t: torch.Tensor) -> bool:
     return t.device.type != "cpu" and t.device.type != "meta"
 
 
+def _traced() -> bool:
+    """Inside torch.compile: checks become graph ops (``torch._assert_async``), on any
+    device, instead of reading values on the host."""
+    return torch.compiler.is_compiling()
+
+
 # The last device tensors checked, with their version counter and the bound they were
 # checked against: every decoder layer of one forward passes the same metadata tensor, so
 # only the first layer pays for the check kernels (an in-place change bumps the version).
@@ -57,6 +63,10 @@ def _already_checked(kind: str, t: torch.Tensor, bound) -> bool:
 def check_cache_seqlens(cache_seqlens: torch.Tensor, skv: int) -> None:
     """Every ``cache_seqlens[b]`` must lie in ``[0, skv]`` (the slots of the cache)."""
     if cache_seqlens.numel() == 0 or cache_seqlens.device.type == "meta":
+        return
+    if _traced():  # torch.compile: no host read of the values (a graph break in fullgraph)
+        ok = ((cache_seqlens >= 0) & (cache_seqlens <= skv)).all()
+        torch._assert_async(ok, f"videoanchor: cache_seqlens outside [0, Skv={skv}]")
         return
     if _on_device(cache_seqlens):
         if device_checks_enabled() and not _already_checked("cache", cache_seqlens, skv):
@@ -79,8 +89,11 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_seqlen: int | 
     given, no sequence longer than it."""
     if cu.device.type == "meta":
         return
-    if _on_device(cu):
-        if not device_checks_enabled() or _already_checked(name, cu, (total, max_seqlen)):
+    traced = _traced()
+    if traced or _on_device(cu):
+        if not traced and (
+            not device_checks_enabled() or _already_checked(name, cu, (total, max_seqlen))
+        ):
             return
         ok = (cu[0] == 0) & (cu[-1] == total)
         if cu.numel() > 1:

@@ -417,7 +417,7 @@ def prescale_values(v, value_scale, c: float, *, varlen: bool = False):
         _prescale_values_kernel,
         (B * Hkv, triton.cdiv(Skv, block_s)),
         (v, value_scale, out, Skv, 1.0 / c, *sv, *so, *ss, Hkv),
-        dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=4),
+        dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=4, enable_fp_fusion=True),
     )
     return out
 
