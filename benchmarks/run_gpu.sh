@@ -6,6 +6,14 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
+# Pure-Python dependencies the lent GPU machine lacks (no network there): carry their wheels
+# (`pip download --no-deps array-api-compat accelerate -d wheels/`) and install them first.
+for mod in array_api_compat accelerate; do
+  python -c "import $mod" 2>/dev/null || {
+    echo "missing Python package '$mod': pip install --no-deps wheels/<its wheel> first" >&2
+    exit 2
+  }
+done
 status=0
 python -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" || status=1
 for script in bench_attention bench_decode bench_backward bench_ssc bench_scalable_scoring bench_blocked bench_integration bench_spectral; do
