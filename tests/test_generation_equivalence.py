@@ -68,28 +68,7 @@ def _cases(anchoring=ANCHORING, padding=PADDING):
     ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _memoised_ssc():
-    """SSC is deterministic (seeded) and the same visual tokens recur across these tests."""
-    import videoanchor.anchor as anchor
-
-    original = anchor.compute_anchor_scores
-    memo = {}
-
-    def cached(features, *args, **kwargs):
-        key = (
-            tuple(features.shape),
-            features.double().numpy().tobytes(),
-            args,
-            repr(sorted(kwargs.items())),
-        )
-        if key not in memo:
-            memo[key] = original(features, *args, **kwargs)
-        return memo[key]
-
-    anchor.compute_anchor_scores = cached
-    yield
-    anchor.compute_anchor_scores = original
+pytestmark = pytest.mark.usefixtures("memoised_ssc")  # tests/conftest.py
 
 
 # ---- models and prompts ----------------------------------------------------------------

@@ -38,29 +38,7 @@ SPECIAL = [TOKENS[k] for k in ("image", "video", "vision_start", "vision_end", "
 REFERENCE = EagerAnchorReference(name="videoanchor_test_reference").register()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _memoised_ssc():
-    """SSC is deterministic (seeded); the same visual tokens recur across these tests, so its
-    results are memoised to keep the suite within its CPU budget."""
-    import videoanchor.anchor as anchor
-
-    original = anchor.compute_anchor_scores
-    memo = {}
-
-    def cached(features, *args, **kwargs):
-        key = (
-            tuple(features.shape),
-            features.double().numpy().tobytes(),
-            args,
-            repr(sorted(kwargs.items())),
-        )
-        if key not in memo:
-            memo[key] = original(features, *args, **kwargs)
-        return memo[key]
-
-    anchor.compute_anchor_scores = cached
-    yield
-    anchor.compute_anchor_scores = original
+pytestmark = pytest.mark.usefixtures("memoised_ssc")  # tests/conftest.py
 
 
 class Family:
