@@ -87,3 +87,14 @@ def memoised_ssc():
     anchor.compute_anchor_scores = cached
     yield
     anchor.compute_anchor_scores = original
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny matmuls with 2 OpenMP threads on a loaded
+    2-core machine are ~100x slower than with one (threads spin waiting for each other); the
+    results do not depend on it. Request it, or ``pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

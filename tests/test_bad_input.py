@@ -693,14 +693,6 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on a loaded 2-core machine: see test_cli.py
-    yield
-    torch.set_num_threads(n)
-
-
 def _anchors_argv(ckpt, video, out):
     return ["anchors", "--model", str(ckpt), "--trust-remote-code", "--video", str(video),
             "--n-clusters", "2", "--ssc-max-iter", "200", "-q", "--out", str(out)]  # fmt: skip

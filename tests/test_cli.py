@@ -20,14 +20,7 @@ FRAMES = 8
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls with 2 OpenMP threads on a loaded 2-core machine are ~100x slower than
-    # with one (threads spin waiting for each other); the results do not depend on it.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -78,14 +78,6 @@ def cli_files(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on a loaded 2-core machine (see test_cli.py)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cli(root, *extra):
     return ["--model", str(root / MODEL), "--trust-remote-code", "--video",
             str(root / "v.mp4"), "--frames", "4", "--n-clusters", "3", *extra]  # fmt: skip

@@ -17,12 +17,7 @@ from videoanchor.visualize import CAPTION_H, anchor_figure_layout, render_view_f
 QUESTION = "which view shows the box?"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: see tests/test_cli.py
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -39,18 +39,13 @@ def _torchvision_problem() -> str | None:
 
 _PROBLEM = _torchvision_problem()
 _REQUIRED = os.environ.get("VIDEOANCHOR_REQUIRE_TORCHVISION") == "1"
-pytestmark = pytest.mark.skipif(_PROBLEM is not None and not _REQUIRED, reason=_PROBLEM or "")
+pytestmark = [
+    pytest.mark.skipif(_PROBLEM is not None and not _REQUIRED, reason=_PROBLEM or ""),
+    pytest.mark.usefixtures("one_thread"),  # tests/conftest.py
+]
 
 FRAMES = 4
 OPTS = ["--n-clusters", "4", "--ssc-max-iter", "200", "--quiet"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: see tests/test_cli.py
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

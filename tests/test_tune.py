@@ -34,12 +34,7 @@ ITEMS = 3
 GRID = ["--alpha-k", "0,9.5", "--alpha-v", "0,2.5", "--n-clusters", "3,4"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
