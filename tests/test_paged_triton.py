@@ -210,3 +210,65 @@ def test_paged_property(data, batch, group, block_size, decode, causal):
                       dtype=torch.float32, seed=data.draw(st.integers(0, 99)))  # fmt: skip
     out = run(case, gated, causal, torch.float32)
     check_against_reference(out, case[0], case[5], case[8], gated, causal, torch.float32)
+
+
+@pytest.mark.parametrize("lens", [DECODE, PREFILL], ids=["decode", "prefill"])
+def test_paged_launch_reads_nothing_back_to_the_host(lens):
+    """With validate=False the launcher never needs a device value on the host (what a CUDA
+    graph capture and an asynchronous engine step need): under FakeTensorMode tensors have
+    no data, so any ``.item()``/``.tolist()``/``bool(t)`` raises. validate=True does read."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+    from videoanchor.kernels import launch
+
+    seq_lens, q_lens = lens
+    case = paged_case(seq_lens, q_lens, Hq=4, Hkv=2, D=16, block_size=4, dtype=torch.float16)
+    mode = FakeTensorMode()
+    with mode:
+        q, kc, vc, table, lens_t, cu_q, kb, vs = (mode.from_tensor(t) for t in case[:8])
+        gated = torch.ones(len(seq_lens), dtype=torch.int32)
+        call = dict(cu_seqlens_q=cu_q, max_seqlen_q=max(q_lens), key_bias_cache=kb,
+                    value_scale_cache=vs, seq_gated=gated, backend="triton")  # fmt: skip
+        with launch.capture_launches() as launches:
+            anchored_attention_paged(q, kc, vc, table, lens_t, validate=False, **call)
+        with pytest.raises(DataDependentOutputException):
+            anchored_attention_paged(q, kc, vc, table, lens_t, validate=True, **call)
+    names = [rec.kernel.__name__ for rec in launches]
+    kind = "prefill" if max(q_lens) > PAGED_DECODE_MAX_Q else "decode"
+    assert names == (
+        ["_anchored_prefill_kernel"]
+        if kind == "prefill"
+        else ["_anchored_decode_split_kernel", "_anchored_decode_merge_kernel"]
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_paged_in_a_cuda_graph(dtype):
+    """On a GPU: both kernels against the float64 reference, then captured in a CUDA graph
+    (validate=False, fixed num_splits) and replayed after the sequence lengths, gates and
+    flags changed in place: the replay equals an eager call on the new values."""
+    for seq_lens, q_lens in (DECODE, ([300, 41, 77], [1, 1, 1]), PREFILL):
+        case = paged_case(seq_lens, q_lens, Hq=28, Hkv=4, D=128, block_size=16, dtype=dtype)
+        case = tuple(t.cuda() if torch.is_tensor(t) else t for t in case[:8]) + (case[8],)
+        q, kc, vc, table, lens, cu_q, kb, vs = case[:8]
+        gated = torch.tensor([1, 0, 1, 1, 0][: len(seq_lens)], dtype=torch.int32, device="cuda")
+        out = torch.full_like(q, float("nan"))
+        call = dict(cu_seqlens_q=cu_q, max_seqlen_q=max(q_lens), key_bias_cache=kb,
+                    value_scale_cache=vs, seq_gated=gated, backend="triton", out=out,
+                    num_splits=4)  # fmt: skip
+        anchored_attention_paged(q, kc, vc, table, lens, **call)
+        dense = [tuple(t.cuda() for t in d) for d in case[8]]
+        check_against_reference(out, q, cu_q, dense, gated.cpu(), True, dtype)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            anchored_attention_paged(q, kc, vc, table, lens, validate=False, **call)
+        lens.sub_(torch.minimum(lens - (cu_q[1:] - cu_q[:-1]), torch.ones_like(lens)))
+        kb.mul_(0.5)
+        gated.bitwise_xor_(1)
+        out.fill_(float("nan"))
+        graph.replay()
+        eager = torch.empty_like(q)
+        anchored_attention_paged(q, kc, vc, table, lens, **dict(call, out=eager))
+        torch.testing.assert_close(out, eager, atol=0, rtol=0)

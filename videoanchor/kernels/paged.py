@@ -213,6 +213,10 @@ def launch_paged(
         launch(tp._anchored_prefill_kernel, (n_blocks_m * B * Hq,), args, kwargs)
         return out
     cfg = td.decode_config(q.dtype, D, cap)
+    if cap is not None and cap[0] < 9 and q.dtype == torch.float32:
+        # The paged address arithmetic (64-bit block offsets per key) spilled 8 B at 80
+        # registers in two stages on sm_80 at D 128 (ptxas, triton 3.9); one stage: none.
+        cfg = dict(cfg, num_stages=1)
     block_d, block_n = cfg["BLOCK_D"], cfg["BLOCK_N"]
     rows = group * max_seqlen_q
     block_m = min(cfg["BLOCK_M_MAX"], max(16, 1 << max(rows - 1, 0).bit_length()))
