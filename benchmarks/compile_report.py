@@ -61,8 +61,9 @@ def matrix(quick: bool = False) -> list[dict]:
     # Paged (the vLLM backend's kernels: vLLM's strided cache views, 16-slot blocks).
     for dtype in dtypes:
         for D in (128,) if quick else (64, 128):
-            cases.append(dict(kind=P, dtype=dtype, D=D, paged=True))
-            cases.append(dict(kind=DEC, dtype=dtype, D=D, paged=True))
+            for seq_gated in (False, True):
+                cases.append(dict(kind=P, dtype=dtype, D=D, paged=True, seq_gated=seq_gated))
+                cases.append(dict(kind=DEC, dtype=dtype, D=D, paged=True, seq_gated=seq_gated))
     # The backward kernels (dK/dV and dQ) of the prefill cases, gates and their gradients on.
     for dtype in dtypes:
         for D in (128,) if quick else (64, 80, 128, 256):
@@ -91,7 +92,8 @@ def mix_cases() -> list[dict]:
     - backward (dK/dV and dQ kernels): fixed gates (no gate gradients) in the fast form
       (pre-scaled V), gates with their gradients (general form), and plain;
     - paged prefill and decode (vLLM's layout; gates through the block table, general
-      form, per-sequence gate flag) vs the same paged kernels without gate caches.
+      form, every sequence gated) vs the same paged kernels without gate caches. With
+      per-sequence flags an ungated sequence runs the plain loop.
     """
     cases = []
     for dtype in ("bf16", "fp16"):

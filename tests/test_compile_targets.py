@@ -35,10 +35,12 @@ CASES = [
      (90,)),
     # Paged (vLLM's layout: K and V strided views of one cache, 16-slot blocks, per-slot
     # gates read through the block table, general form).
-    ("paged-prefill-bf16-d128-g7", dict(kind=P, dtype="bf16", D=128, paged=True), (80, 86, 90)),
+    ("paged-prefill-bf16-d128-g7",
+     dict(kind=P, dtype="bf16", D=128, paged=True, seq_gated=True), (80, 86, 90)),
     ("paged-prefill-fp16-d64-g4", dict(kind=P, dtype="fp16", D=64, group=4, paged=True), (90,)),
     ("paged-prefill-fp32-d128-g7", dict(kind=P, dtype="fp32", D=128, paged=True), (80, 90)),
-    ("paged-decode-bf16-d128-g7", dict(kind=D_, dtype="bf16", D=128, paged=True), (80, 90)),
+    ("paged-decode-bf16-d128-g7",
+     dict(kind=D_, dtype="bf16", D=128, paged=True, seq_gated=True), (80, 90)),
     ("paged-decode-fp16-d64-g4-sq4",
      dict(kind=D_, dtype="fp16", D=64, group=4, Sq=4, paged=True), (90,)),
     ("paged-decode-fp32-d128-g7", dict(kind=D_, dtype="fp32", D=128, paged=True), (80, 86)),

@@ -261,7 +261,7 @@ def case_inputs(case: dict):
 def paged_case_inputs(case: dict):
     """A vLLM-style paged call: one (num_blocks, Hkv, block_size, 2 * D) cache tensor whose
     K and V halves are strided views, 16-slot blocks, int32 block table and seq_lens, the
-    float32 per-slot gate caches and per-sequence gate flags."""
+    float32 per-slot gate caches and (``seq_gated``) per-sequence gate flags."""
     dtype = DTYPES[case["dtype"]]
     D, group = case["D"], case.get("group", 7)
     Hkv = case.get("Hkv", 4)
@@ -277,7 +277,9 @@ def paged_case_inputs(case: dict):
     gates = case.get("gates", True)
     kb = torch.rand(num_blocks, block_size) if gates else None
     vs = 1 + torch.rand(num_blocks, block_size) if gates else None
-    gated = torch.ones(B, dtype=torch.int32)
+    # seq_gated: each program branches on its sequence's flag (two loops in the code);
+    # without it, every sequence runs the gated loop (one loop: what "mix" measures).
+    gated = torch.ones(B, dtype=torch.int32) if case.get("seq_gated", False) else None
     args = (q, k_cache, v_cache, table, seq_lens, cu_q, Sq, kb, vs, gated, torch.empty_like(q))
     return args, dict(causal=case.get("causal", True), sm_scale=1 / math.sqrt(D), interpret=False)
 

@@ -173,15 +173,29 @@ def launch_paged(
         capability = device_capability(q.device)
     cap = None if interpret else capability
     has_bias, has_scale = key_bias_cache is not None, value_scale_cache is not None
+    # With seq_gated (and gates), each program branches once on its sequence's flag: the
+    # gated loop or the plain loop. Without, every sequence runs the gated loop.
+    seq_gate = seq_gated is not None and (has_bias or has_scale)
     if seq_gated is None:
-        seq_gated = torch.ones(B, dtype=torch.int32, device=q.device)
+        seq_gated = q
     elif seq_gated.dtype == torch.bool:
         seq_gated = seq_gated.view(torch.uint8)
     bias = key_bias_cache if has_bias else q
     scale = value_scale_cache if has_scale else q
-    s_bias = key_bias_cache.stride() if has_bias else (0, 0)
-    s_scale = value_scale_cache.stride() if has_scale else (0, 0)
     s_k, s_v = k_cache.stride(), v_cache.stride()
+    # The kernels compute one address per key for K and V, and one for both gates.
+    if s_v != s_k:
+        raise ValueError(
+            f"backend='triton': expected v_cache with k_cache's strides {s_k}, got {s_v} "
+            "(vLLM's K and V views share them); use backend='torch' for other layouts"
+        )
+    s_gate = (key_bias_cache if has_bias else value_scale_cache if has_scale else q).stride()
+    if has_bias and has_scale and value_scale_cache.stride() != s_gate:
+        raise ValueError(
+            f"backend='triton': expected value_scale_cache with key_bias_cache's strides "
+            f"{s_gate}, got {value_scale_cache.stride()}"
+        )
+    s_bias = s_scale = s_gate[:2] if (has_bias or has_scale) else (0, 0)
     # (block, slot, head, dim) strides -> the kernels' (batch, head, position, dim) with
     # batch stride 0, plus the block strides.
     sq = (0, q.stride(1), q.stride(0), q.stride(2))
@@ -194,7 +208,7 @@ def launch_paged(
     group = Hq // Hkv
     flags = dict(
         HEAD_DIM=D, CAUSAL=causal, HAS_BIAS=has_bias, HAS_SCALE=has_scale, HAS_MASK=False,
-        SEQLENS_K=False, PAGE_SIZE=page, PAGED=True,
+        SEQLENS_K=False, PAGE_SIZE=page, PAGED=True, SEQ_GATE=seq_gate,
     )  # fmt: skip
     if max_seqlen_q > PAGED_DECODE_MAX_Q:
         cfg = tp.prefill_config(q.dtype, D, cap)

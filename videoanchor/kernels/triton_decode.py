@@ -90,6 +90,7 @@ def _anchored_decode_split_kernel(
     DOT_PRECISION: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr,
+    SEQ_GATE: tl.constexpr,
 ):
     # Batch * KV heads on grid axis 0, the only one that allows more than 65,535 blocks.
     pid_bh = tl.program_id(0)
@@ -100,18 +101,16 @@ def _anchored_decode_split_kernel(
     # Sq is the packing stride of the rows (max_seqlen_q for packed sequences); sq_b is
     # this sequence's number of queries.
     sq_b = Sq
-    gate = 0.0
+    gate = 1.4426950408889634  # PAGED: the bias cache's natural-log units to log2
     if VARLEN or PAGED:
         # Packed sequences: batch strides are 0; sequence b starts at CuSeq[b]. Its split
         # length comes from its own key count, so no host-side length hint can drop keys.
         q_start = tl.load(CuSeqQ + i_b).to(tl.int64)
         sq_b = (tl.load(CuSeqQ + i_b + 1) - q_start).to(tl.int32)
         if PAGED:
-            # Keys through the block table: CuSeqK holds seq_lens; SeqGate the flag "this
-            # sequence's queries read the gates" (see _attend_key_range).
+            # Keys through the block table: CuSeqK holds seq_lens.
             k_start = q_start * 0
             Skv = tl.load(CuSeqK + i_b).to(tl.int32)
-            gate = tl.where(tl.load(SeqGate + i_b) != 0, 1.4426950408889634, 0.0)
         else:
             k_start = tl.load(CuSeqK + i_b).to(tl.int64)
             Skv = (tl.load(CuSeqK + i_b + 1) - k_start).to(tl.int32)
@@ -149,14 +148,36 @@ def _anchored_decode_split_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = _attend_key_range(
-        acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
-        stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
-        i_q, offs_d, lo, hi, Skv, Skv - sq_b, qk_scale,
-        p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
-        BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
-        PAGE_SIZE, PAGED,
-    )  # fmt: skip
+    if SEQ_GATE:
+        # Per-sequence flag "these queries read the gates" (uniform in the program): the
+        # others run the plain loop (a decode step in decode="prefill" mode).
+        if tl.load(SeqGate + i_b) != 0:
+            acc, l_i, m_i = _attend_key_range(
+                acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
+                stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
+                i_q, offs_d, lo, hi, Skv, Skv - sq_b, qk_scale,
+                p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
+                BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
+                PAGE_SIZE, PAGED,
+            )  # fmt: skip
+        else:
+            acc, l_i, m_i = _attend_key_range(
+                acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
+                stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
+                i_q, offs_d, lo, hi, Skv, Skv - sq_b, qk_scale,
+                p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
+                BLOCK_N, HEAD_DIM, True, CAUSAL, False, False, HAS_MASK, DOT_PRECISION,
+                PAGE_SIZE, PAGED,
+            )  # fmt: skip
+    else:
+        acc, l_i, m_i = _attend_key_range(
+            acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
+            stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
+            i_q, offs_d, lo, hi, Skv, Skv - sq_b, qk_scale,
+            p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
+            BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
+            PAGE_SIZE, PAGED,
+        )  # fmt: skip
 
     has_key = l_i > 0
     b_o = acc / tl.where(has_key, l_i, 1.0)[:, None]
@@ -348,6 +369,7 @@ def launch_decode(
         BLOCK_N=cfg["BLOCK_N"], CAUSAL=causal, HAS_BIAS=key_bias is not None,
         HAS_SCALE=value_scale is not None, HAS_MASK=key_padding_mask is not None,
         SEQLENS_K=cache_seqlens is not None, VARLEN=varlen, PAGE_SIZE=1, PAGED=False,
+        SEQ_GATE=False,
         DOT_PRECISION=cfg["DOT_PRECISION"], enable_fp_fusion=cfg["enable_fp_fusion"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip

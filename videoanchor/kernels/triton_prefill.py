@@ -75,10 +75,9 @@ def _attend_key_range(
     PAGED: tl.constexpr,
 ):
     # PAGED: key position p lives in block p_bt[p // PAGE_SIZE], slot p % PAGE_SIZE (K, V
-    # and the gate caches alike); the bias arrives in natural-log units and is multiplied
-    # by ``gate`` (log2(e) where this sequence's queries read the gates, else 0), and the
-    # value scale is read only where ``gate`` != 0. Otherwise p_bt, the block strides and
-    # ``gate`` are unused.
+    # and the gate caches alike; V at K's strides, the value scale at the bias's); the bias
+    # arrives in natural-log units and is multiplied by ``gate`` (log2(e)). Otherwise p_bt,
+    # the block strides and ``gate`` are unused.
     m_d = offs_d < HEAD_DIM
     o_n = tl.arange(0, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N):
@@ -90,10 +89,12 @@ def _attend_key_range(
         if PAGED:
             b_blk = tl.load(p_bt + offs_n // PAGE_SIZE, mask=m_n, other=0).to(tl.int64)
             b_slot = (offs_n % PAGE_SIZE).to(tl.int64)
+            # The launcher guarantees V shares K's strides and the two gate caches share
+            # theirs (vLLM's layout): one address computation each.
             o_k = b_blk * stride_kblk + b_slot * stride_kn
-            o_v = b_blk * stride_vblk + b_slot * stride_vn
+            o_v = o_k
             o_b = b_blk * stride_bias_blk + b_slot * stride_bias_n
-            o_s = b_blk * stride_scale_blk + b_slot * stride_scale_n
+            o_s = o_b
         else:
             o_k = o_kn * stride_kn
             o_v = o_kn * stride_vn
@@ -138,8 +139,6 @@ def _attend_key_range(
             m_v = m_n
         if HAS_SCALE:
             b_vs = tl.load(p_scale + o_s, mask=m_v, other=0.0).to(tl.float32)
-            if PAGED:
-                b_vs = tl.where(gate != 0.0, b_vs, 1.0)
             b_p = b_p * b_vs[None, :]
         if HAS_MASK:
             b_v = tl.load(p_v + o_v[:, None], mask=m_v[:, None] & m_d[None, :], other=0.0)
@@ -150,6 +149,36 @@ def _attend_key_range(
         acc = tl.dot(b_p.to(b_v.dtype), b_v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def _attend_prefill_ranges(
+    acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
+    stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
+    offs_m, offs_d, full_hi, hi, Skv, diag, qk_scale,
+    p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
+):  # fmt: skip
+    """A prefill query block's keys: the blocks every row sees (no masking), then the
+    diagonal and boundary blocks."""
+    acc, l_i, m_i = _attend_key_range(
+        acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
+        stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
+        offs_m, offs_d, 0, full_hi, Skv, diag, qk_scale,
+        p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
+        BLOCK_N, HEAD_DIM, False, False, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
+        PAGE_SIZE, PAGED,
+    )  # fmt: skip
+    return _attend_key_range(
+        acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
+        stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
+        offs_m, offs_d, full_hi, hi, Skv, diag, qk_scale,
+        p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
+        BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
+        PAGE_SIZE, PAGED,
+    )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["Sq", "Skv", "n_blocks_m"])
@@ -219,6 +248,7 @@ def _anchored_prefill_kernel(
     DOT_PRECISION: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr,
+    SEQ_GATE: tl.constexpr,
 ):
     # One grid axis (CUDA allows 2^31 - 1 blocks on x, 65,535 on y and z), query blocks
     # fastest. Under causal masking the last query blocks do the most work: start them
@@ -231,17 +261,15 @@ def _anchored_prefill_kernel(
     i_hk = i_h // group
     start_m = pid_m * BLOCK_M
 
-    gate = 0.0
+    gate = 1.4426950408889634  # PAGED: the bias cache's natural-log units to log2
     if VARLEN or PAGED:
         # Packed sequences: batch strides are 0; sequence b starts at CuSeq[b].
         q_start = tl.load(CuSeqQ + i_b).to(tl.int64)
         Sq = (tl.load(CuSeqQ + i_b + 1) - q_start).to(tl.int32)
         if PAGED:
-            # Keys through the block table; CuSeqK holds seq_lens, SeqGate the per-sequence
-            # flag "these queries read the gates".
+            # Keys through the block table; CuSeqK holds seq_lens.
             k_start = q_start * 0
             Skv = tl.load(CuSeqK + i_b).to(tl.int32)
-            gate = tl.where(tl.load(SeqGate + i_b) != 0, 1.4426950408889634, 0.0)
         else:
             k_start = tl.load(CuSeqK + i_b).to(tl.int64)
             Skv = (tl.load(CuSeqK + i_b + 1) - k_start).to(tl.int32)
@@ -288,22 +316,36 @@ def _anchored_prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = _attend_key_range(
-        acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
-        stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
-        offs_m, offs_d, 0, full_hi, Skv, diag, qk_scale,
-        p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
-        BLOCK_N, HEAD_DIM, False, False, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
-        PAGE_SIZE, PAGED,
-    )  # fmt: skip
-    acc, l_i, m_i = _attend_key_range(
-        acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
-        stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
-        offs_m, offs_d, full_hi, hi, Skv, diag, qk_scale,
-        p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
-        BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
-        PAGE_SIZE, PAGED,
-    )  # fmt: skip
+    if SEQ_GATE:
+        # Per-sequence flag (uniform in the program): gated sequences run the gated loop,
+        # the others the plain loop, so an ungated row costs nothing extra.
+        if tl.load(SeqGate + i_b) != 0:
+            acc, l_i, m_i = _attend_prefill_ranges(
+                acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
+                stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
+                offs_m, offs_d, full_hi, hi, Skv, diag, qk_scale,
+                p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
+                BLOCK_N, HEAD_DIM, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
+                PAGE_SIZE, PAGED,
+            )  # fmt: skip
+        else:
+            acc, l_i, m_i = _attend_prefill_ranges(
+                acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
+                stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
+                offs_m, offs_d, full_hi, hi, Skv, diag, qk_scale,
+                p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
+                BLOCK_N, HEAD_DIM, CAUSAL, False, False, HAS_MASK, DOT_PRECISION,
+                PAGE_SIZE, PAGED,
+            )  # fmt: skip
+    else:
+        acc, l_i, m_i = _attend_prefill_ranges(
+            acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
+            stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
+            offs_m, offs_d, full_hi, hi, Skv, diag, qk_scale,
+            p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
+            BLOCK_N, HEAD_DIM, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
+            PAGE_SIZE, PAGED,
+        )  # fmt: skip
 
     # Rows with no visible key have l = 0 and acc = 0: they give 0, never NaN. o_scale
     # undoes the fast form's 1 / c on V (a power of two: exact); 1.0 otherwise.
@@ -541,7 +583,8 @@ def launch_prefill(
         CAUSAL=causal, HAS_BIAS=key_bias is not None, HAS_SCALE=value_scale is not None,
         HAS_MASK=key_padding_mask is not None, STORE_LSE=lse is not None, VARLEN=varlen,
         SEQLENS_K=cache_seqlens is not None, DOT_PRECISION=cfg["DOT_PRECISION"],
-        PAGE_SIZE=1, PAGED=False, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PAGE_SIZE=1, PAGED=False, SEQ_GATE=False, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
         enable_fp_fusion=cfg["enable_fp_fusion"],
     )  # fmt: skip
     launch(_anchored_prefill_kernel, (n_blocks_m * B * Hq,), args, kwargs)
