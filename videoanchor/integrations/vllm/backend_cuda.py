@@ -110,9 +110,7 @@ class VideoAnchorCUDABackend(TritonAttentionBackend):
         """vLLM's checks with our narrower feature set; each reason names videoanchor, so
         vLLM's start-up error ("Selected backend CUSTOM is not valid ...") says why."""
         reasons = super().validate_configuration(*args, **kwargs)
-        return [
-            f"videoanchor's anchored CUDA attention: {r} ({_HINT})" for r in reasons
-        ]
+        return [f"videoanchor's anchored CUDA attention: {r} ({_HINT})" for r in reasons]
 
 
 class VideoAnchorCUDAMetadataBuilder(TritonAttentionMetadataBuilder):

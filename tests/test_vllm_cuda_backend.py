@@ -1,0 +1,262 @@
+"""The plugin's CUDA attention backend without a GPU (vLLM venv of .ci/run).
+
+- tests/vllm_cuda_backend_check.py (own process, TRITON_INTERPRET=1) runs the real
+  VideoAnchorCUDAImpl and vLLM's TritonAttentionImpl on CPU tensors: do_kv_cache_update +
+  forward over three engine-like steps (chunked prefill continued, prefills, decodes,
+  padding tokens, scattered blocks, GQA, gated and ungated sequences), fp32 and fp16,
+  against a float64 reference and vLLM's own Triton attention (ungated rows);
+- in this process: how an engine config picks the backend (anchored CUDA -> CUSTOM = ours,
+  unanchored -> untouched), the start-up refusals, and that the CUDA forward/update path
+  calls nothing that reads a device value on the host.
+
+Cost here: ~40 s (the interpreter subprocess; vLLM's import is ~15 s of it).
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+try:
+    import vllm  # noqa: F401
+
+    _PROBLEM = None
+except Exception as err:  # ImportError, or a broken install
+    _PROBLEM = f"vllm is not importable here ({type(err).__name__}: {err}); .ci/run runs this file in its own venv"  # fmt: skip
+
+pytestmark = pytest.mark.skipif(_PROBLEM is not None, reason=_PROBLEM or "")
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def interp(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vllm_cuda_backend") / "out.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), str(HERE / "vllm_site"), str(HERE)])
+    env["TRITON_INTERPRET"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "vllm_cuda_backend_check.py"), str(out)],
+        env=env, cwd=str(HERE), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if proc.returncode != 0 or not out.exists():
+        pytest.fail(f"check script failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    res = json.loads(out.read_text())
+    if "skip" in res:
+        pytest.skip(res["skip"])
+    return res
+
+
+# Outputs are O(1) to O(4) (value scales up to 2.5): fp16 rounding is ~1e-3 of that.
+DTYPES = {"float32": 2e-5, "float16": 5e-3}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_cuda_impl_matches_the_float64_reference(interp, dtype):
+    assert interp["kernel_backend"] == "triton"
+    res = interp[dtype]
+    assert len(res["steps"]) == 3
+    for st in res["steps"]:
+        assert st["ours_finite"], st
+        assert st["ours_vs_ref"] <= DTYPES[dtype], st
+        # The same function's exact torch path (the CPU engine's) on the same caches.
+        assert st["torch_path_vs_ref"] <= DTYPES[dtype], st
+        assert st["ours_vs_torch_path"] <= DTYPES[dtype], st
+        # Padding tokens (beyond num_actual_tokens) are not written, as in vLLM.
+        assert st["padding_rows_untouched"], st
+        # The gates have an effect on the gated rows.
+        assert st["gated_vs_plain"] is not None and st["gated_vs_plain"] > 0.1, st
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_ungated_rows_equal_vllms_own_triton_attention(interp, dtype):
+    res = interp[dtype]
+    for st in res["steps"]:
+        assert st["vllm_vs_ref_plain"] <= DTYPES[dtype], st  # the comparison is meaningful
+        assert st["ours_vs_vllm_ungated"] is not None
+        assert st["ours_vs_vllm_ungated"] <= DTYPES[dtype], st
+        assert st["kv_equal_vllm"], st  # K/V written by vLLM's own kernel, same layout
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_gates_land_in_their_slots_and_padding_in_the_dummy_slot(interp, dtype):
+    res = interp[dtype]
+    assert res["gate_cache_exact"]
+    assert res["gate_cache_shape"] == [9 * 16 + 1]
+
+
+# --- engine-config selection and start-up checks (in this process) -------------------------
+
+
+@pytest.fixture
+def registry():
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    custom = AttentionBackendEnum.CUSTOM
+    saved = custom.get_path() if custom.is_overridden() else None
+    custom.clear_override()
+    yield AttentionBackendEnum
+    custom.clear_override()
+    if saved is not None:
+        from vllm.v1.attention.backends.registry import register_backend
+
+        register_backend(custom, saved)
+
+
+def _cfg(videoanchor=None, backend=None, cache_dtype="auto", per_kind=None):
+    from vllm.config import AttentionConfig
+
+    att = AttentionConfig(backend=backend)
+    if per_kind:
+        att.backend_per_kind = per_kind
+    return SimpleNamespace(
+        additional_config={"videoanchor": videoanchor} if videoanchor is not None else {},
+        attention_config=att,
+        cache_config=SimpleNamespace(cache_dtype=cache_dtype),
+    )
+
+
+def test_unanchored_config_keeps_vllms_backend(registry):
+    from videoanchor.integrations.vllm import select_cuda_backend
+
+    for backend in (None, "FLASH_ATTN", "TRITON_ATTN"):
+        cfg = _cfg(backend=backend)
+        before = cfg.attention_config.backend
+        select_cuda_backend(cfg)
+        assert cfg.attention_config.backend == before
+    assert not registry.CUSTOM.is_overridden()
+    assert registry.TRITON_ATTN.get_path() == registry.TRITON_ATTN.value
+
+
+def test_anchored_cuda_config_selects_the_videoanchor_backend(registry):
+    from videoanchor.integrations.vllm import CUDA_BACKEND, select_cuda_backend
+    from videoanchor.integrations.vllm.backend_cuda import VideoAnchorCUDABackend
+
+    for backend in (None, "TRITON_ATTN"):
+        cfg = _cfg({"alpha_k": 2.0}, backend=backend)
+        select_cuda_backend(cfg)
+        assert cfg.attention_config.backend == registry.CUSTOM
+    assert registry.CUSTOM.get_path() == CUDA_BACKEND
+    assert registry.CUSTOM.get_class() is VideoAnchorCUDABackend
+    # vLLM's own TRITON_ATTN is not overridden: other engines in the process keep it.
+    assert not registry.TRITON_ATTN.is_overridden()
+    # The choice survives the trip to the engine-core / worker processes (enum by value).
+    import pickle
+
+    assert pickle.loads(pickle.dumps(cfg.attention_config.backend)) == registry.CUSTOM
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"backend": "FLASH_ATTN"}, "FLASH_ATTN"),
+        ({"cache_dtype": "fp8"}, "kv_cache_dtype"),
+        ({"per_kind": {"full_attention": "FLASH_ATTN"}}, "backend_per_kind"),
+    ],
+)
+def test_anchored_cuda_config_refuses_what_it_cannot_honour(registry, kwargs, needle):
+    from videoanchor.integrations.vllm import select_cuda_backend
+
+    with pytest.raises(ValueError, match=needle) as err:
+        select_cuda_backend(_cfg({"alpha_k": 2.0}, **kwargs))
+    assert "videoanchor" in str(err.value)
+
+
+def test_custom_owned_by_another_plugin_is_a_clear_error(registry):
+    from vllm.v1.attention.backends.registry import register_backend
+
+    from videoanchor.integrations.vllm import select_cuda_backend
+
+    register_backend(registry.CUSTOM, "someone.else.Backend")
+    with pytest.raises(ValueError, match="someone.else.Backend"):
+        select_cuda_backend(_cfg({"alpha_k": 2.0}))
+
+
+def test_startup_check_per_platform(registry, monkeypatch):
+    from vllm.platforms import current_platform
+
+    from videoanchor.integrations.vllm import _validate_at_startup
+
+    monkeypatch.setattr(current_platform, "is_cuda", lambda: True)
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
+    cfg = _cfg({"alpha_k": 2.0})
+    _validate_at_startup(cfg)  # CUDA: accepted, and our backend selected
+    assert cfg.attention_config.backend == registry.CUSTOM
+    plain = _cfg()
+    _validate_at_startup(plain)
+    assert plain.attention_config.backend is None
+    # Neither CPU nor CUDA (ROCm, XPU, TPU...): refused, naming the platform.
+    monkeypatch.setattr(current_platform, "is_cuda", lambda: False)
+    with pytest.raises(NotImplementedError, match="CPU and CUDA"):
+        _validate_at_startup(_cfg({"alpha_k": 2.0}))
+    _validate_at_startup(_cfg())  # unanchored: no opinion
+
+
+def test_backend_refuses_unsupported_features_with_a_named_reason():
+    import torch
+    from vllm.platforms.interface import DeviceCapability
+
+    from videoanchor.integrations.vllm.backend_cuda import (
+        VideoAnchorCUDABackend,
+        VideoAnchorCUDAImpl,
+    )
+
+    base = dict(head_size=64, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=16,
+                use_mla=False, has_sink=False, use_sparse=False, use_mm_prefix=False,
+                use_per_head_quant_scales=False, device_capability=DeviceCapability(9, 0),
+                attn_type="decoder")  # fmt: skip
+    assert VideoAnchorCUDABackend.validate_configuration(**base) == []
+    for change in ({"kv_cache_dtype": "fp8"}, {"has_sliding_window": True},
+                   {"has_sink": True}, {"use_mm_prefix": True}, {"use_non_causal": True},
+                   {"use_batch_invariant": True}):  # fmt: skip
+        reasons = VideoAnchorCUDABackend.validate_configuration(**{**base, **change})
+        assert reasons and all("videoanchor" in r for r in reasons), (change, reasons)
+    for kw, needle in (({"sliding_window": 128}, "sliding_window"),
+                       ({"logits_soft_cap": 30.0}, "logits_soft_cap"),
+                       ({"alibi_slopes": [0.5, 0.25]}, "alibi_slopes")):  # fmt: skip
+        args = dict(num_heads=2, head_size=64, scale=0.125, num_kv_heads=1, alibi_slopes=None,
+                    sliding_window=None, kv_cache_dtype="auto")  # fmt: skip
+        with pytest.raises(NotImplementedError, match=needle):
+            VideoAnchorCUDAImpl(**{**args, **kw})
+    # Non-decoder layers (encoder attention) are vLLM's own path: accepted.
+    VideoAnchorCUDAImpl(2, 64, 0.125, 1, None, 128, "auto", attn_type="encoder_only")
+
+
+def test_builder_keeps_full_cudagraph_support():
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    from videoanchor.integrations.vllm.backend_cuda import VideoAnchorCUDABackend
+
+    assert VideoAnchorCUDABackend.get_builder_cls()._cudagraph_support == AttentionCGSupport.ALWAYS
+
+
+_SYNCING_METHODS = {"item", "tolist", "cpu", "numpy", "nonzero", "any", "all", "unique"}
+_SYNCING_BUILTINS = {"bool", "int", "float", "len"}
+
+
+def test_cuda_forward_and_update_read_no_device_value_on_the_host():
+    """A static check (the GPU test runs them under torch.cuda.set_sync_debug_mode("error")):
+    the CUDA impl's per-step methods call nothing that copies a device value to the host."""
+    from videoanchor.integrations.vllm import backend_cuda
+
+    for name in ("forward", "do_kv_cache_update", "_gate_caches", "_step"):
+        src = textwrap.dedent(inspect.getsource(getattr(backend_cuda.VideoAnchorCUDAImpl, name)))
+        for node in ast.walk(ast.parse(src)):
+            if not isinstance(node, ast.Call):
+                continue
+            f = node.func
+            if isinstance(f, ast.Attribute):
+                assert f.attr not in _SYNCING_METHODS, (name, ast.unparse(node))
+            if isinstance(f, ast.Name):
+                assert f.id not in _SYNCING_BUILTINS, (name, ast.unparse(node))
+        if name == "forward":
+            assert "validate=False" in src and "num_splits=DECODE_SPLITS" in src
