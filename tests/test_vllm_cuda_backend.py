@@ -260,3 +260,35 @@ def test_cuda_forward_and_update_read_no_device_value_on_the_host():
                 assert f.id not in _SYNCING_BUILTINS, (name, ast.unparse(node))
         if name == "forward":
             assert "validate=False" in src and "num_splits=DECODE_SPLITS" in src
+
+
+def test_publish_copies_the_step_and_pads_the_flags():
+    import torch
+
+    from videoanchor.integrations.vllm import state
+
+    saved = dict(state.DEVICE_STEPS)
+    state.DEVICE_STEPS.clear()
+    try:
+        ds = state.device_step("cpu", 8, 4)
+        ds.seq_gated.fill_(1)  # a previous, larger batch
+        st = state.STEP
+        st.owner, st.step = 1, st.step + 1
+        st.key_bias = torch.tensor([0.5, 0.0, 1.5])
+        st.value_scale = torch.tensor([2.0, 1.0, 3.0])
+        st.seq_anchored = [True, False]
+        state.publish()
+        assert ds.published == st.step
+        assert ds.key_bias[:3].tolist() == [0.5, 0.0, 1.5]
+        assert ds.value_scale[:3].tolist() == [2.0, 1.0, 3.0]
+        assert ds.seq_gated.tolist() == [1, 0, 0, 0]  # padded sequences: not gated
+        st.key_bias = torch.zeros(9)
+        st.value_scale = torch.ones(9)
+        with pytest.raises(RuntimeError, match="exceeds the gate buffers"):
+            state.publish()
+        # Growing keeps the larger sizes (the builder of each KV-cache group asks).
+        assert state.device_step("cpu", 16, 2).seq_gated.numel() == 4
+    finally:
+        state.STEP.owner = None
+        state.DEVICE_STEPS.clear()
+        state.DEVICE_STEPS.update(saved)

@@ -131,6 +131,17 @@ class VideoAnchorCUDAMetadataBuilder(TritonAttentionMetadataBuilder):
         )
 
 
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        st = state.STEP
+        if st.owner is not None and self.gate_step.published != st.step:
+            raise RuntimeError(
+                "videoanchor: a model-runner hook filled this step's gates (state.STEP) "
+                "without copying them to the device (state.publish()); the CUDA backend "
+                "would read stale gates"
+            )
+        return super().build(common_prefix_len, common_attn_metadata, fast_build)
+
+
 class VideoAnchorCUDAImpl(TritonAttentionImpl):
     """Decoder self-attention with per-slot anchor gates over TRITON_ATTN's paged cache."""
 

@@ -183,7 +183,7 @@ def prepare_step(runner, scheduler_output) -> None:
     st.value_scale = torch.cat(vss) if vss else None
     st.seq_anchored = flags
     # CUDA backend: into its persistent device buffers (a no-op where it made none).
-    state.publish(runner.device)
+    state.publish()
 
 
 def clear_step() -> None:

@@ -58,6 +58,7 @@ class DeviceStep:
     key_bias: torch.Tensor  # (max_tokens,) float32
     value_scale: torch.Tensor  # (max_tokens,) float32
     seq_gated: torch.Tensor  # (max_seqs,) int32
+    published: int = -1  # the STEP.step last copied in (:func:`publish`)
 
 
 #: str(device) -> its DeviceStep (one engine worker per device per process).
@@ -118,34 +119,38 @@ def device_gate_cache(device, num_blocks: int, block_size: int) -> tuple:
     return caches
 
 
-def publish(device) -> None:
-    """Copies this step's :data:`STEP` into the :class:`DeviceStep` of ``device`` (no host
-    synchronisation: pinned staging, non-blocking copies on the current stream, so they
-    land before the forward that reads them). A no-op where no anchored CUDA backend made
-    buffers for ``device``."""
-    dev = torch.device(device)
-    ds = DEVICE_STEPS.get(str(dev))
-    if ds is None:
-        return
+def publish(device=None) -> None:
+    """Copies this step's :data:`STEP` into the :class:`DeviceStep` of ``device`` (None:
+    every DeviceStep of this process; one engine worker per process), with no host
+    synchronisation: pinned staging, non-blocking copies on the current stream, so they land
+    before the forward that reads them. Both model-runner hooks call it right after filling
+    STEP. A no-op where no anchored CUDA backend made buffers."""
+    if device is None:
+        targets = list(DEVICE_STEPS.values())
+    else:
+        ds = DEVICE_STEPS.get(str(torch.device(device)))
+        targets = [] if ds is None else [ds]
     st = STEP
     n = 0 if st.key_bias is None else st.key_bias.numel()
     flags = st.seq_anchored if st.owner is not None else []
-    if n > ds.key_bias.numel() or len(flags) > ds.seq_gated.numel():
-        raise RuntimeError(
-            f"videoanchor: a step of {n} tokens / {len(flags)} sequences exceeds the gate "
-            f"buffers ({ds.key_bias.numel()} tokens / {ds.seq_gated.numel()} sequences) sized "
-            "from max_num_batched_tokens / max_num_seqs"
-        )
-    pin = dev.type == "cuda"
-    # Fresh pinned tensors each step: the caching host allocator keeps each one until its
-    # copy has run, so a later step never overwrites data still in flight.
-    gated = torch.zeros(ds.seq_gated.numel(), dtype=torch.int32, pin_memory=pin)
-    if flags:
-        gated[: len(flags)] = torch.tensor(flags, dtype=torch.int32)
-    ds.seq_gated.copy_(gated, non_blocking=pin)
-    if n:
-        gates = torch.stack([st.key_bias, st.value_scale]).to(torch.float32)
-        if pin:
-            gates = gates.pin_memory()
-        ds.key_bias[:n].copy_(gates[0], non_blocking=pin)
-        ds.value_scale[:n].copy_(gates[1], non_blocking=pin)
+    for ds in targets:
+        if n > ds.key_bias.numel() or len(flags) > ds.seq_gated.numel():
+            raise RuntimeError(
+                f"videoanchor: a step of {n} tokens / {len(flags)} sequences exceeds the gate "
+                f"buffers ({ds.key_bias.numel()} tokens / {ds.seq_gated.numel()} sequences) "
+                "sized from max_num_batched_tokens / max_num_seqs"
+            )
+        pin = ds.seq_gated.device.type == "cuda"
+        # Fresh pinned tensors each step: the caching host allocator keeps each one until
+        # its copy has run, so a later step never overwrites data still in flight.
+        gated = torch.zeros(ds.seq_gated.numel(), dtype=torch.int32, pin_memory=pin)
+        if flags:
+            gated[: len(flags)] = torch.tensor(flags, dtype=torch.int32)
+        ds.seq_gated.copy_(gated, non_blocking=pin)
+        if n:
+            gates = torch.stack([st.key_bias, st.value_scale]).to(torch.float32)
+            if pin:
+                gates = gates.pin_memory()
+            ds.key_bias[:n].copy_(gates[0], non_blocking=pin)
+            ds.value_scale[:n].copy_(gates[1], non_blocking=pin)
+        ds.published = st.step
