@@ -199,6 +199,14 @@ def test_startup_check_per_platform(registry, monkeypatch):
     with pytest.raises(NotImplementedError, match="CPU and CUDA"):
         _validate_at_startup(_cfg({"alpha_k": 2.0}))
     _validate_at_startup(_cfg())  # unanchored: no opinion
+    # Features whose steps the runner hook does not see, on any platform.
+    for attr, value, needle in (("parallel_config", SimpleNamespace(pipeline_parallel_size=2),
+                                 "pipeline_parallel_size"),
+                                ("speculative_config", object(), "speculative")):  # fmt: skip
+        cfg = _cfg({"alpha_k": 2.0})
+        setattr(cfg, attr, value)
+        with pytest.raises(ValueError, match=needle):
+            _validate_at_startup(cfg)
 
 
 def test_backend_refuses_unsupported_features_with_a_named_reason():

@@ -91,11 +91,29 @@ def select_cuda_backend(vllm_config) -> None:
     att.backend = custom
 
 
+def _refuse_unsupported_engine_features(vllm_config) -> None:
+    """Engine features whose steps the runner hook does not see: later pipeline stages get
+    no per-step gates, and a draft model's attention steps have other tokens."""
+    parallel = getattr(vllm_config, "parallel_config", None)
+    pp = getattr(parallel, "pipeline_parallel_size", 1)
+    if pp > 1:
+        raise ValueError(
+            "additional_config['videoanchor']: expected pipeline_parallel_size 1, got "
+            f"{pp}; the gates are made on the first stage only (tensor parallelism works)"
+        )
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        raise ValueError(
+            "additional_config['videoanchor']: expected no speculative decoding, got "
+            "speculative_config; drop it or serve unanchored"
+        )
+
+
 def _validate_at_startup(vllm_config) -> None:
     from videoanchor.integrations.vllm.config import engine_config
 
     if engine_config(vllm_config.additional_config) is not None:
         check_vllm_version()
+        _refuse_unsupported_engine_features(vllm_config)
         from vllm.platforms import current_platform
 
         if current_platform.is_cuda():
