@@ -130,7 +130,6 @@ class VideoAnchorCUDAMetadataBuilder(TritonAttentionMetadataBuilder):
             max([sched.max_num_seqs, *sizes]),
         )
 
-
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         st = state.STEP
         if st.owner is not None and self.gate_step.published != st.step:
