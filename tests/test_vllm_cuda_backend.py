@@ -297,3 +297,53 @@ def test_publish_copies_the_step_and_pads_the_flags():
         state.STEP.owner = None
         state.DEVICE_STEPS.clear()
         state.DEVICE_STEPS.update(saved)
+
+
+@pytest.mark.parametrize("q_lens", [[1, 1, 1], [1, 20, 3]], ids=["decode", "mixed"])
+def test_cuda_impl_step_reads_nothing_back_to_the_host(monkeypatch, q_lens):
+    """A whole KV/gate update + forward of the CUDA impl under FakeTensorMode (tensors have
+    no data, so any ``.item()`` / ``.tolist()`` / ``bool(t)`` raises), the paged kernels'
+    launches recorded instead of run."""
+    import torch
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+    from vllm.v1.attention.backends import triton_attn
+
+    from videoanchor.integrations.vllm import backend_cuda, state
+    from videoanchor.kernels import launch
+
+    # vLLM's own K/V write launches its Triton kernel directly (not through our launcher).
+    monkeypatch.setattr(triton_attn, "triton_reshape_and_cache_flash", lambda *a, **k: None)
+    monkeypatch.setattr(state, "DEVICE_STEPS", {})
+    monkeypatch.setattr(state, "DEVICE_GATE_CACHES", {})
+    impl = backend_cuda.VideoAnchorCUDAImpl(4, 32, 0.17, 2, None, None, "auto")
+    impl.kernel_backend = "triton"  # what "auto" picks on CUDA tensors
+    b, n = len(q_lens), sum(q_lens)
+    mode = FakeTensorMode()
+    with mode:
+        ds = state.device_step("cpu", 32, 4)
+        with pytest.raises(DataDependentOutputException):  # the mode does catch host reads
+            ds.seq_gated.tolist()
+        kv = torch.empty(8, 16, 2, 64, dtype=torch.float16).permute(0, 2, 1, 3)
+        q = torch.empty(n + 2, 4, 32, dtype=torch.float16)
+        out = torch.empty(n + 2, 4, 32, dtype=torch.float16)
+        k = v = torch.empty(n + 2, 2, 32, dtype=torch.float16)
+        one = torch.ones(())
+        layer = SimpleNamespace(_k_scale=one, _v_scale=one, _q_scale=one)
+        meta = triton_attn.TritonAttentionMetadata(
+            num_actual_tokens=n, max_query_len=max(q_lens),
+            query_start_loc=torch.empty(b + 1, dtype=torch.int32), max_seq_len=64,
+            seq_lens=torch.empty(b, dtype=torch.int32),
+            block_table=torch.empty(b, 4, dtype=torch.int32),
+            slot_mapping=torch.empty(n + 2, dtype=torch.int64), seq_threshold_3D=None,
+            num_par_softmax_segments=16, softmax_segm_output=None, softmax_segm_max=None,
+            softmax_segm_expsum=None, causal=True,
+        )  # fmt: skip
+        with launch.capture_launches() as launches:
+            impl.do_kv_cache_update(layer, k, v, kv, meta.slot_mapping)
+            impl.forward(layer, q, k, v, kv, meta, out)
+    names = [rec.kernel.__name__ for rec in launches]
+    assert names == (
+        ["_anchored_decode_split_kernel", "_anchored_decode_merge_kernel"]
+        if max(q_lens) <= 16
+        else ["_anchored_prefill_kernel"]
+    ), names
