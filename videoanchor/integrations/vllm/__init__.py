@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import logging
 
-__all__ = ["CUDA_BACKEND", "SUPPORTED_VLLM", "check_vllm_version", "register", "select_cuda_backend"]
+__all__ = [
+    "CUDA_BACKEND",
+    "SUPPORTED_VLLM",
+    "check_vllm_version",
+    "register",
+    "select_cuda_backend",
+]
 
 #: vLLM versions the plugin is written and tested against: [low, high).
 SUPPORTED_VLLM = ((0, 32, 0), (0, 33, 0))
