@@ -62,6 +62,13 @@ def test_cuda_impl_matches_the_float64_reference(interp, dtype):
     assert interp["kernel_backend"] == "triton"
     res = interp[dtype]
     assert len(res["steps"]) == 3
+    # Step 1 has a query longer than 16: the paged prefill kernel; steps 2 (chunks of up to
+    # 15 queries) and 3 (decodes): the split-KV decode kernel.
+    prefill, decode = (
+        ["_anchored_prefill_kernel"],
+        sorted(["_anchored_decode_split_kernel", "_anchored_decode_merge_kernel"]),
+    )
+    assert [st["kernels"] for st in res["steps"]] == [prefill, decode, decode]
     for st in res["steps"]:
         assert st["ours_finite"], st
         assert st["ours_vs_ref"] <= DTYPES[dtype], st

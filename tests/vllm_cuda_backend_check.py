@@ -56,16 +56,33 @@ PAD = 2  # padding tokens at the end of every step (slot -1), as vLLM's padded b
 def _steps():
     """Per step, per sequence: (name, new tokens, gated). Sequence A: a 27-token prompt in
     two chunks (19 + 8) then a decode; B: a 11-token prefill then gated-off decodes
-    ("prefill" mode); C: anchoring off; D joins at step 2 and is gated at decode too
-    ("all" mode)."""
+    ("prefill" mode); C: anchoring off; D joins at step 2 with 15 tokens and is gated at
+    decode too ("all" mode; its decode fills the last slot of its block). Step 1 runs the
+    paged prefill kernel (a query longer than 16), steps 2 (chunks of up to 15 queries) and
+    3 (decodes) the split-KV decode kernel."""
     return [
         [("A", 19, True), ("B", 11, True), ("C", 6, False)],
-        [("A", 8, True), ("B", 1, False), ("C", 1, False), ("D", 17, True)],
+        [("A", 8, True), ("B", 1, False), ("C", 1, False), ("D", 15, True)],
         [("A", 1, False), ("B", 1, False), ("C", 1, False), ("D", 1, True)],
     ]
 
 
+LAUNCHED: list[str] = []
+
+
+def _record_launches() -> None:
+    """Which paged kernels each step ran (recorded, then launched as usual)."""
+    real = paged.launch
+
+    def launch(kernel, grid, args, kwargs):
+        LAUNCHED.append(getattr(kernel, "__name__", "?"))
+        return real(kernel, grid, args, kwargs)
+
+    paged.launch = launch
+
+
 def main(out_path: str) -> None:
+    _record_launches()
     # "triton": the paged Triton kernels (in the interpreter), as "auto" picks on CUDA.
     result = {"kernel_backend": "triton"}
     for dtype in (torch.float32, torch.float16):
@@ -137,7 +154,9 @@ def run(dtype, kernel) -> dict:
         out_ours = torch.full((n + PAD, HQ, D), float("nan"), dtype=dtype)
         out_vllm = torch.full((n + PAD, HQ, D), float("nan"), dtype=dtype)
         ours.do_kv_cache_update(layer, k, v, ours_cache, slot_mapping)
+        LAUNCHED.clear()
         ours.forward(layer, q, k, v, ours_cache, meta, out_ours)
+        kernels = sorted(set(LAUNCHED))
         plain.do_kv_cache_update(layer, k, v, vllm_cache, slot_mapping)
         plain.forward(layer, q, k, v, vllm_cache, meta, out_vllm)
         # The exact torch path of the same function on the same cache and gate caches.
@@ -187,6 +206,7 @@ def run(dtype, kernel) -> dict:
         gated_rows = torch.cat([torch.full((nq,), g) for _, nq, g in step])
         result["steps"].append({
             "q_lens": q_lens, "seq_lens": seq_lens, "gated": [g for *_, g in step],
+            "kernels": kernels,
             "ours_vs_ref": float((out_ours[:n].double() - ref).abs().max()),
             "ours_vs_torch_path": float((out_ours[:n] - torch_path).abs().max()),
             "torch_path_vs_ref": float((torch_path.double() - ref).abs().max()),
