@@ -354,3 +354,39 @@ def test_cuda_impl_step_reads_nothing_back_to_the_host(monkeypatch, q_lens):
         if max(q_lens) <= 16
         else ["_anchored_prefill_kernel"]
     ), names
+
+
+def test_builder_sizes_the_buffers_and_refuses_a_runner_without_hook(monkeypatch):
+    from vllm.v1.attention.backends import triton_attn
+
+    from videoanchor.integrations.vllm import backend_cuda, state
+
+    # TRITON_ATTN's own __init__ / build need a whole engine config: not under test here.
+    monkeypatch.setattr(triton_attn.TritonAttentionMetadataBuilder, "__init__",
+                        lambda self, *a: None)  # fmt: skip
+    monkeypatch.setattr(triton_attn.TritonAttentionMetadataBuilder, "build",
+                        lambda self, *a: "metadata")  # fmt: skip
+    monkeypatch.setattr(state, "DEVICE_STEPS", {})
+    monkeypatch.setattr(state, "RUNNER_HOOKS", {"v1"})
+    monkeypatch.setattr(state, "STEP", state.StepState())
+
+    def cfg(v2):
+        return SimpleNamespace(
+            use_v2_model_runner=v2,
+            scheduler_config=SimpleNamespace(max_num_batched_tokens=64, max_num_seqs=4),
+            compilation_config=SimpleNamespace(cudagraph_capture_sizes=[1, 2, 4, 8, 128]),
+        )
+
+    builder_cls = backend_cuda.VideoAnchorCUDAMetadataBuilder
+    with pytest.raises(RuntimeError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
+        builder_cls(None, [], cfg(True), "cpu")
+    builder = builder_cls(None, [], cfg(False), "cpu")
+    # Sized for the largest padded (captured) batch: 128 tokens, and 128 sequences.
+    assert builder.gate_step.key_bias.numel() == 128
+    assert builder.gate_step.seq_gated.numel() == 128
+    assert builder.build(0, None) == "metadata"  # no step filled yet (warm-up, capture)
+    state.STEP.owner, state.STEP.step = 1, 5  # a hook filled a step but did not publish it
+    with pytest.raises(RuntimeError, match="publish"):
+        builder.build(0, None)
+    builder.gate_step.published = 5
+    assert builder.build(0, None) == "metadata"

@@ -8,7 +8,8 @@ NOT RUN YET: written without a GPU; the tolerances below are what the CPU engine
 - the tiny Qwen2.5-VL of tests/vllm_support.py, anchored, with CUDA graphs on (vLLM's
   default FULL_AND_PIECEWISE: decode batches replay full graphs through our backend), equals
   the transformers ``videoanchor_triton`` path (same checkpoint, image / 4-frame video,
-  seed), equals the same engine eager, and chunked prefill equals the whole prefill;
+  seed), equals the same engine eager and on model runner V1 (V2 is CUDA's default), and
+  chunked prefill equals the whole prefill;
 - the plugin installed, engine not configured: bitwise vLLM without the plugin;
 - VideoAnchorCUDAImpl alone on CUDA tensors: do_kv_cache_update + forward under
   ``torch.cuda.set_sync_debug_mode("error")`` (no host synchronisation), and a captured CUDA
@@ -47,7 +48,7 @@ GPU_ENGINE = {"gpu_memory_utilization": 0.3, "kv_cache_memory_bytes": 1 << 30}
 TOL = 2e-3  # logprobs, GPU fp32 vs the CPU transformers reference
 
 
-def _run(tmp, name, spec, plugins=None):
+def _run(tmp, name, spec, plugins=None, env_extra=None):
     spec_path, out_path = tmp / f"{name}.json", tmp / f"{name}.out.json"
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ)
@@ -55,6 +56,7 @@ def _run(tmp, name, spec, plugins=None):
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), str(HERE / "vllm_site"), str(HERE)])
     if plugins is not None:
         env["VLLM_PLUGINS"] = plugins
+    env.update(env_extra or {})
     proc = subprocess.run(
         [sys.executable, str(HERE / "vllm_worker.py"), str(spec_path), str(out_path)],
         env=env, cwd=str(HERE), capture_output=True, text=True, timeout=900,
@@ -95,6 +97,9 @@ def runs(checkpoint, work):
         "installed": ({"engine": _engine(), "batches": [[IMG, VID]]}, None),
         "graphs": ({"engine": _engine(additional_config=anchored),
                     "batches": [[IMG], [VID], [IMG, VID]]}, None),
+        # CUDA's default runner is V2; the same engine on model runner V1.
+        "graphs_v1": ({"engine": _engine(additional_config=anchored),
+                       "batches": [[IMG], [VID]]}, None, {"VLLM_USE_V2_MODEL_RUNNER": "0"}),
         "eager": ({"engine": _engine(enforce_eager=True, additional_config=anchored),
                    "batches": [[IMG], [VID]]}, None),
         "chunked": ({"engine": _engine(enable_chunked_prefill=True, max_num_batched_tokens=64,
@@ -103,8 +108,8 @@ def runs(checkpoint, work):
         "transformers": ({"mode": "transformers", "batches": [[IMG], [VID]]}, None),
     }  # fmt: skip
     out = {}
-    for name, (spec, plugins) in specs.items():
-        out[name] = _run(work, name, {"checkpoint": checkpoint, **spec}, plugins=plugins)
+    for name, (spec, plugins, *env) in specs.items():
+        out[name] = _run(work, name, {"checkpoint": checkpoint, **spec}, plugins, *env)
     return out
 
 
@@ -140,6 +145,7 @@ def test_anchored_cuda_engine_equals_the_transformers_path(runs):
 def test_cuda_graphs_equal_eager_and_batching_equals_single_runs(runs):
     for b in range(2):
         _close(_res(runs["graphs"], b), _res(runs["eager"], b), 1e-4)
+        _close(_res(runs["graphs"], b), _res(runs["graphs_v1"], b), 1e-4)
         _close(_res(runs["graphs"], 2, b), _res(runs["graphs"], b), 1e-4)
 
 

@@ -120,6 +120,14 @@ class VideoAnchorCUDAMetadataBuilder(TritonAttentionMetadataBuilder):
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        runner = "v2" if getattr(vllm_config, "use_v2_model_runner", False) else "v1"
+        if runner not in state.RUNNER_HOOKS:
+            raise RuntimeError(
+                f"videoanchor's vLLM CUDA backend: the engine runs model runner "
+                f"{runner.upper()}, but the plugin's hook into it is not installed in this "
+                "process, so no step would get its gates"
+                + ("; set VLLM_USE_V2_MODEL_RUNNER=0" if runner == "v2" else "")
+            )
         sched = vllm_config.scheduler_config
         sizes = list(vllm_config.compilation_config.cudagraph_capture_sizes or [])
         # A captured batch is padded up to its capture size (tokens, and sequences in a

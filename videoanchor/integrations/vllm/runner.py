@@ -213,3 +213,4 @@ def install() -> None:
 
     _gather_mm_embeddings._videoanchor = True
     GPUModelRunner._gather_mm_embeddings = _gather_mm_embeddings
+    state.RUNNER_HOOKS.add("v1")

@@ -32,6 +32,9 @@ class StepState:
 
 
 STEP = StepState()
+#: The model runners whose hook is installed in this process ("v1", "v2"): the CUDA backend
+#: refuses to start under a runner whose steps would never fill STEP.
+RUNNER_HOOKS: set[str] = set()
 #: (owner, num_blocks, block_size) -> (key_bias cache, value_scale cache), each
 #: (num_blocks, block_size) float32.
 GATE_CACHES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
