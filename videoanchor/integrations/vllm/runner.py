@@ -182,6 +182,8 @@ def prepare_step(runner, scheduler_output) -> None:
     st.key_bias = torch.cat(kbs) if kbs else None
     st.value_scale = torch.cat(vss) if vss else None
     st.seq_anchored = flags
+    # CUDA backend: into its persistent device buffers (a no-op where it made none).
+    state.publish()
 
 
 def clear_step() -> None:
@@ -211,3 +213,4 @@ def install() -> None:
 
     _gather_mm_embeddings._videoanchor = True
     GPUModelRunner._gather_mm_embeddings = _gather_mm_embeddings
+    state.RUNNER_HOOKS.add("v1")
