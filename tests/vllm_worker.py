@@ -50,7 +50,19 @@ def _prompt(kind, data=None):
     )
 
 
+def _runner_info(worker):
+    """Which model runner the worker runs, and whether the plugin's V2 hook is on it."""
+    runner = worker.model_runner
+    state = getattr(runner, "model_state", None)
+    return {"module": type(runner).__module__,
+            "v2_hooked": state is not None and "_videoanchor" in state.__dict__}  # fmt: skip
+
+
 def run_vllm(spec):
+    if spec.get("model_runner") == "v2":  # before vLLM is imported
+        import vllm_v2_shim
+
+        vllm_v2_shim.apply()
     from vllm import LLM, SamplingParams
 
     t0 = time.perf_counter()
@@ -64,7 +76,8 @@ def run_vllm(spec):
         llm = LLM(model=spec["checkpoint"], **engine)
     except Exception as err:  # start-up failure: the test checks the message
         return {"startup_error": f"{type(err).__name__}: {err}"}
-    out = {"startup_s": time.perf_counter() - t0, "batches": []}
+    out = {"startup_s": time.perf_counter() - t0, "batches": [],
+           "model_runner": llm.collective_rpc(_runner_info)[0]}  # fmt: skip
     for batch in spec["batches"]:
         results = []
         prompts, params, slots = [], [], []

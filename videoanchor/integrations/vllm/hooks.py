@@ -7,7 +7,7 @@
   value fails that request only (HTTP 400 in the OpenAI server);
 - the attention backend registry: CPU_ATTN -> :class:`.backend.VideoAnchorCPUBackend`;
 - ``EngineCore``'s block hasher: salts an anchored request's ``cache_salt`` (prefix caching);
-- the model runner: :mod:`.runner`.
+- the model runners: :mod:`.runner` (V1), :mod:`.runner_v2` (V2).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def install() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
     from vllm.v1.engine.core import EngineCore
 
-    from videoanchor.integrations.vllm import _validate_at_startup, runner
+    from videoanchor.integrations.vllm import _validate_at_startup, runner, runner_v2
 
     def make_create(orig):
         def create_engine_config(self, *args, **kwargs):
@@ -90,3 +90,4 @@ def install() -> None:
 
     _once(EngineCore, "__init__", make_core_init)
     runner.install()
+    runner_v2.install()
