@@ -287,18 +287,18 @@ def install() -> None:
     process)."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    orig = GPUModelRunner._gather_mm_embeddings
-    if getattr(orig, "_videoanchor", False):
-        return
+    from videoanchor.integrations.vllm.hooks import _once
 
-    def _gather_mm_embeddings(self, scheduler_output, shift_computed_tokens=0):
-        out = orig(self, scheduler_output, shift_computed_tokens)
-        if shift_computed_tokens == 0:
-            if _engine_cfg(self) is None:
-                clear_step()
-            else:
-                prepare_step(self, scheduler_output)
-        return out
+    def make(orig):
+        def _gather_mm_embeddings(self, scheduler_output, shift_computed_tokens=0):
+            out = orig(self, scheduler_output, shift_computed_tokens)
+            if shift_computed_tokens == 0:
+                if _engine_cfg(self) is None:
+                    clear_step()
+                else:
+                    prepare_step(self, scheduler_output)
+            return out
 
-    _gather_mm_embeddings._videoanchor = True
-    GPUModelRunner._gather_mm_embeddings = _gather_mm_embeddings
+        return _gather_mm_embeddings
+
+    _once(GPUModelRunner, "_gather_mm_embeddings", make)

@@ -140,14 +140,14 @@ def install() -> None:
     """Wraps model runner V2's ``GPUModelRunner.load_model`` (once per process)."""
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner
 
-    orig = GPUModelRunner.load_model
-    if getattr(orig, "_videoanchor", False):
-        return
+    from videoanchor.integrations.vllm.hooks import _once
 
-    def load_model(self, *args, **kwargs):
-        out = orig(self, *args, **kwargs)
-        attach(self)
-        return out
+    def make(orig):
+        def load_model(self, *args, **kwargs):
+            out = orig(self, *args, **kwargs)
+            attach(self)
+            return out
 
-    load_model._videoanchor = True
-    GPUModelRunner.load_model = load_model
+        return load_model
+
+    _once(GPUModelRunner, "load_model", make)
