@@ -171,7 +171,7 @@ def fill_step(
     eng: AnchorConfig,
     store: dict,
     batch: Iterable[Scheduled],
-    live: Container[str],
+    live: Container[str] | None,
     encoder_outputs: EncoderOutputs,
     num_tokens: int = 0,
     num_seqs: int = 0,
@@ -180,11 +180,12 @@ def fill_step(
 
     ``owner``: the engine's key (the runner's id); ``eng``: its engine options; ``store``:
     the runner's per-request entries (kept between steps; entries whose id is not in
-    ``live`` are dropped); ``batch``: the step's requests in batch order; ``num_tokens`` /
+    ``live`` are dropped, unless ``live`` is None: the caller drops them); ``batch``: the step's requests in batch order; ``num_tokens`` /
     ``num_seqs``: the step's padded token / sequence counts where the runner pads (the
     padding gets neutral gates and unanchored flags)."""
-    for rid in [r for r in store if r not in live]:
-        del store[rid]
+    if live is not None:
+        for rid in [r for r in store if r not in live]:
+            del store[rid]
     kbs, vss, flags = [], [], []
     for req in batch:
         entry = store.get(req.req_id)

@@ -91,21 +91,23 @@ def encoder_outputs_of(model_state):
 
 def prepare_step(model_state, hook: _Hook, input_batch, req_states) -> None:
     """Fills :data:`.state.STEP` for this step of an anchored V2 engine."""
-    live = req_states.req_id_to_index
-    for rid in [r for r in hook.extra_args if r not in live]:
-        del hook.extra_args[rid]
     batch = batch_of(input_batch, req_states, model_state.encoder_cache.mm_features,
                      hook.extra_args)  # fmt: skip
     fill_step(
-        hook.owner, hook.eng, hook.store, batch, live, encoder_outputs_of(model_state),
+        hook.owner, hook.eng, hook.store, batch, None, encoder_outputs_of(model_state),
         num_tokens=input_batch.num_tokens_after_padding,
         num_seqs=input_batch.num_reqs_after_padding,
     )  # fmt: skip
 
 
 def attach(runner) -> None:
-    """Wraps ``runner.model_state``'s ``add_request`` and ``prepare_inputs_embeds`` (an
-    anchored engine with multimodal inputs; otherwise nothing)."""
+    """Wraps ``runner.model_state``'s ``add_request`` and ``prepare_inputs_embeds`` and
+    ``runner.finish_requests`` (an anchored engine with multimodal inputs; otherwise
+    nothing).
+
+    V2 forgets a preempted request and gets it again as a new one when it resumes; its
+    scores are kept until it finishes (as V1, which keeps preempted requests' states), so a
+    resumed request is not scored again."""
     eng = engine_config(runner.vllm_config.additional_config)
     ms = getattr(runner, "model_state", None)
     if eng is None or ms is None or getattr(ms, "encoder_runner", None) is None:
@@ -120,12 +122,21 @@ def attach(runner) -> None:
         return
     hook = ms.__dict__["_videoanchor"] = _Hook(runner, eng)
     add_request, prepare_embeds = ms.add_request, ms.prepare_inputs_embeds
+    finish_requests = runner.finish_requests
 
     def add_request_hooked(req_index, new_req_data):
         add_request(req_index, new_req_data)
-        params = new_req_data.sampling_params
-        hook.extra_args[new_req_data.req_id] = params.extra_args if params is not None else None
-        hook.store.pop(new_req_data.req_id, None)  # a re-added request starts afresh
+        rid, params = new_req_data.req_id, new_req_data.sampling_params
+        hook.extra_args[rid] = params.extra_args if params is not None else None
+        entry = hook.store.get(rid)
+        if entry is not None and entry.prompt_len != new_req_data.prompt_len:
+            del hook.store[rid]  # a streaming-input update: a new prompt
+
+    def finish_requests_hooked(scheduler_output):
+        finish_requests(scheduler_output)
+        for rid in scheduler_output.finished_req_ids:
+            hook.store.pop(rid, None)
+            hook.extra_args.pop(rid, None)
 
     def prepare_inputs_embeds_hooked(scheduled_encoder_inputs, input_batch, req_states):
         out = prepare_embeds(scheduled_encoder_inputs, input_batch, req_states)
@@ -134,6 +145,7 @@ def attach(runner) -> None:
 
     ms.add_request = add_request_hooked
     ms.prepare_inputs_embeds = prepare_inputs_embeds_hooked
+    runner.finish_requests = finish_requests_hooked
 
 
 def install() -> None:
