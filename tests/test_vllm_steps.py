@@ -66,7 +66,8 @@ def test_chunks_concurrent_requests_and_padding_match_the_reference(one_thread):
     def step(batch, **pad):
         fill_step(7, eng, store, batch, live, encoder_outputs, **pad)
         st = state.STEP
-        return st.key_bias, st.value_scale, st.seq_anchored
+        assert st.seq_anchored == [n > 0 for n in st.seq_gated_queries]
+        return st.key_bias, st.value_scale, st.seq_gated_queries
 
     # Step 1: "a" prefills 0..7 (reaches the image: one joint SSC over both items, the video
     # not reached yet); "off" its first 5 tokens. Padded to 16 tokens, 4 sequences.
@@ -76,19 +77,20 @@ def test_chunks_concurrent_requests_and_padding_match_the_reference(one_thread):
     torch.testing.assert_close(kb[:8], kb_ref[:8], rtol=0, atol=1e-6)
     torch.testing.assert_close(vs[:8], vs_ref[:8], rtol=0, atol=1e-6)
     assert kb[8:].abs().sum() == 0 and (vs[8:] == 1).all() and kb.numel() == 16
-    assert flags == [True, False, False, False]
-    # Step 2: "a" prefills the rest and its first generated token (one step past the prompt
-    # gets neutral gates); "all" (decode="all") reaches only the video.
+    assert flags == [8, 0, 0, 0]  # queries reading gates, per sequence
+    # Step 2: "a" prefills the rest and one generated token (as a preempted request's
+    # recompute does): neutral gates there, and its query reads none; "all" (decode="all")
+    # reaches only the video.
     batch = [_req("all", 10, 5, {"videoanchor_decode": "all"}), _req("a", 8, PROMPT + 1 - 8)]
     kb, vs, flags = step(batch)
     assert calls[1:] == [("all", [1, 0])]  # "a" is not scored twice
     torch.testing.assert_close(kb[:5], kb_ref[10:15], rtol=0, atol=1e-6)
     torch.testing.assert_close(kb[5:-1], kb_ref[8:], rtol=0, atol=1e-6)
     torch.testing.assert_close(vs[5:-1], vs_ref[8:], rtol=0, atol=1e-6)
-    assert kb[-1] == 0 and vs[-1] == 1 and flags == [True, True]
+    assert kb[-1] == 0 and vs[-1] == 1 and flags == [5, PROMPT - 8]
     # Step 3: decode. "prefill" mode: "a"'s queries read no gates; "all": they do.
     kb, vs, flags = step([_req("a", PROMPT + 1, 1), _req("all", PROMPT + 3, 1)])
-    assert kb.tolist() == [0.0, 0.0] and vs.tolist() == [1.0, 1.0] and flags == [False, True]
+    assert kb.tolist() == [0.0, 0.0] and vs.tolist() == [1.0, 1.0] and flags == [0, 1]
     # A request gone from the runner is forgotten.
     live.discard("off")
     step([_req("a", PROMPT + 2, 1)])

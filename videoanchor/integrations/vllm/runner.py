@@ -13,8 +13,8 @@ for each request (its ``SamplingParams.extra_args`` read the first time it is se
   :func:`videoanchor.anchor.compute_anchor_scores` and the options of ``configure()``; the
   scores (0 at text) become gates with :func:`videoanchor.kernels.anchor_gates`;
 - puts the gates of its scheduled positions into :data:`.state.STEP` (generated tokens get
-  neutral gates), and whether its queries read gates ("prefill": prompt tokens only, as the
-  paper; "all": every step).
+  neutral gates), and which of its queries read gates ("prefill": its prompt queries, as
+  the paper; "all": every query).
 
 V1: ``GPUModelRunner._gather_mm_embeddings`` (``vllm/v1/worker/gpu_model_runner.py``; the CPU
 runner inherits it) runs once per step, after the step's encoder outputs are in the runner's
@@ -141,11 +141,14 @@ def _score(req: Scheduled, entry: _Req, encoder_outputs: EncoderOutputs):
 
 
 def request_gates(req: Scheduled, entry: _Req, encoder_outputs: EncoderOutputs):
-    """The request's gates for its scheduled tokens, and whether its queries read gates.
+    """The request's gates for its scheduled tokens, and how many of its queries read them.
 
-    Returns ``(key_bias, value_scale, anchored)``: two (num_scheduled,) float32 tensors
-    (neutral 0 / 1 past the prompt and for unanchored requests) and a bool. Scores the
-    request the first time its scheduled tokens reach one of its scored items."""
+    Returns ``(key_bias, value_scale, gated)``: two (num_scheduled,) float32 tensors
+    (neutral 0 / 1 past the prompt and for unanchored requests) and the number of its first
+    scheduled queries that read gates: its prompt queries ("prefill", as the paper; a
+    preempted request's recompute also holds generated tokens, whose queries do not), all
+    ("all"), or none (unanchored). Scores the request the first time its scheduled tokens
+    reach one of its scored items."""
     nc, ns = req.num_computed, req.num_scheduled
     kb = torch.zeros(ns, dtype=torch.float32)
     vs = torch.ones(ns, dtype=torch.float32)
@@ -160,10 +163,14 @@ def request_gates(req: Scheduled, entry: _Req, encoder_outputs: EncoderOutputs):
         if entry.gates is not None and hi > nc:
             kb[: hi - nc] = entry.gates[0][nc:hi]
             vs[: hi - nc] = entry.gates[1][nc:hi]
-    # Gates are read by prompt queries ("prefill"), or always ("all"). A request whose
-    # blocks came from the prefix cache reads the gates stored with them.
-    anchored = cfg is not None and (cfg.decode == "all" or nc < entry.prompt_len)
-    return kb, vs, anchored
+    # A request whose blocks came from the prefix cache reads the gates stored with them.
+    if cfg is None:
+        gated = 0
+    elif cfg.decode == "all":
+        gated = ns
+    else:
+        gated = max(0, min(ns, entry.prompt_len - nc))
+    return kb, vs, gated
 
 
 def fill_step(
@@ -186,27 +193,28 @@ def fill_step(
     if live is not None:
         for rid in [r for r in store if r not in live]:
             del store[rid]
-    kbs, vss, flags = [], [], []
+    kbs, vss, gated = [], [], []
     for req in batch:
         entry = store.get(req.req_id)
         if entry is None:
             cfg = request_config(eng, req.extra_args)
             entry = store[req.req_id] = _Req(cfg=cfg, prompt_len=req.prompt_len)
-        kb, vs, anchored = request_gates(req, entry, encoder_outputs)
+        kb, vs, n = request_gates(req, entry, encoder_outputs)
         kbs.append(kb)
         vss.append(vs)
-        flags.append(anchored)
+        gated.append(n)
     pad = num_tokens - sum(k.numel() for k in kbs)
     if pad > 0:
         kbs.append(torch.zeros(pad, dtype=torch.float32))
         vss.append(torch.ones(pad, dtype=torch.float32))
-    flags += [False] * max(0, num_seqs - len(flags))
+    gated += [0] * max(0, num_seqs - len(gated))
     st = state.STEP
     st.owner = owner
     st.step += 1
     st.key_bias = torch.cat(kbs) if kbs else None
     st.value_scale = torch.cat(vss) if vss else None
-    st.seq_anchored = flags
+    st.seq_anchored = [n > 0 for n in gated]
+    st.seq_gated_queries = gated
 
 
 def clear_step() -> None:
@@ -214,6 +222,7 @@ def clear_step() -> None:
     st.owner = None
     st.key_bias = st.value_scale = None
     st.seq_anchored = []
+    st.seq_gated_queries = []
     st.step += 1
 
 
