@@ -122,7 +122,7 @@ def attach(runner) -> None:
         return
     hook = ms.__dict__["_videoanchor"] = _Hook(runner, eng)
     add_request, prepare_embeds = ms.add_request, ms.prepare_inputs_embeds
-    finish_requests = runner.finish_requests
+    finish_requests = type(runner).finish_requests.__get__(runner)  # not a previous wrapper
 
     def add_request_hooked(req_index, new_req_data):
         add_request(req_index, new_req_data)
