@@ -9,7 +9,7 @@
   CUSTOM -> :class:`.backend_cuda.VideoAnchorCUDABackend`, which an anchored CUDA engine's
   config selects (:func:`videoanchor.integrations.vllm.select_cuda_backend`);
 - ``EngineCore``'s block hasher: salts an anchored request's ``cache_salt`` (prefix caching);
-- the model runner: :mod:`.runner`.
+- the model runners: :mod:`.runner` (V1), :mod:`.runner_v2` (V2).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def install() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
     from vllm.v1.engine.core import EngineCore
 
-    from videoanchor.integrations.vllm import CUDA_BACKEND, _validate_at_startup, runner
+    from videoanchor.integrations.vllm import CUDA_BACKEND, _validate_at_startup, runner, runner_v2
 
     def make_create(orig):
         def create_engine_config(self, *args, **kwargs):
@@ -97,3 +97,4 @@ def install() -> None:
 
     _once(EngineCore, "__init__", make_core_init)
     runner.install()
+    runner_v2.install()
