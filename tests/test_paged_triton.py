@@ -61,19 +61,32 @@ def paged_case(seq_lens, q_lens, *, Hq, Hkv, D, block_size, dtype, seed=0, vllm_
 
 
 def check_against_reference(out, q, cu_q, dense, gated, causal, dtype, gates=True):
+    """``gated``: per sequence, bool (all its queries read the gates or none) or an int
+    count of its first queries that do."""
     assert not out.isnan().any(), "unwritten rows, or NaN from an unused slot"
     qs = cu_q.tolist()
     for b, (k, v, kb_b, vs_b) in enumerate(dense):
-        if qs[b + 1] == qs[b]:
+        nq = qs[b + 1] - qs[b]
+        if nq == 0:
             continue
-        on = gates and bool(gated[b])
-        kb_b = kb_b if on else torch.zeros_like(kb_b)
-        vs_b = vs_b if on else torch.ones_like(vs_b)
+        if not gates:
+            n_gated = 0
+        elif gated.dtype == torch.bool:
+            n_gated = nq if bool(gated[b]) else 0
+        else:
+            n_gated = min(int(gated[b]), nq)
         args = (q[None, qs[b] : qs[b + 1]].transpose(1, 2), k[None].transpose(1, 2),
                 v[None].transpose(1, 2))  # fmt: skip
-        ref = anchored_attention_reference(*args, kb_b[None], vs_b[None], causal=causal)
-        base = native_error(*args, kb_b[None], vs_b[None], None, causal, ref)
-        check_close(out[None, qs[b] : qs[b + 1]].transpose(1, 2), ref, base, dtype)
+        got = out[None, qs[b] : qs[b + 1]].transpose(1, 2)
+        for rows, (kb_r, vs_r) in (
+            (slice(0, n_gated), (kb_b, vs_b)),
+            (slice(n_gated, nq), (torch.zeros_like(kb_b), torch.ones_like(vs_b))),
+        ):
+            if rows.start == rows.stop:
+                continue
+            ref = anchored_attention_reference(*args, kb_r[None], vs_r[None], causal=causal)
+            base = native_error(*args, kb_r[None], vs_r[None], None, causal, ref)
+            check_close(got[:, :, rows], ref[:, :, rows], base, dtype)
 
 
 def run(case, gated, causal, dtype, gates=True, **kw):
@@ -120,9 +133,28 @@ def test_paged_kernels_match_reference(kind, block_size, dtype):
     seq_lens, q_lens = PREFILL if kind == "prefill" else DECODE
     assert (max(q_lens) > PAGED_DECODE_MAX_Q) == (kind == "prefill")
     case = paged_case(seq_lens, q_lens, Hq=6, Hkv=2, D=24, block_size=block_size, dtype=dtype)
-    gated = torch.tensor([1, 0, 1, 1, 0][: len(seq_lens)], dtype=torch.int32)
+    gated = torch.tensor([True, False, True, True, False][: len(seq_lens)])
     out = run(case, gated, True, dtype)
     check_against_reference(out, case[0], case[5], case[8], gated, True, dtype)
+
+
+@pytest.mark.parametrize("dtype", [DTYPES["fp32"], _dtype_param("bf16")])
+@pytest.mark.parametrize("kind", ["prefill", "decode"])
+def test_paged_counts_of_gated_queries(kind, dtype):
+    """int32 seq_gated: only each sequence's first n queries read the gates (a preempted
+    request recomputing its prompt and the tokens it generated). Counts inside a query
+    block, at 0, at and past the query count."""
+    seq_lens, q_lens = PREFILL if kind == "prefill" else DECODE
+    counts = [21, 0, 40, 1] if kind == "prefill" else [1, 2, 0, 7, 0]
+    case = paged_case(seq_lens, q_lens, Hq=4, Hkv=2, D=16, block_size=8, dtype=dtype, seed=4)
+    gated = torch.tensor(counts, dtype=torch.int32)
+    out = run(case, gated, True, dtype)
+    check_against_reference(out, case[0], case[5], case[8], gated, True, dtype)
+    torch_out = anchored_attention_paged(
+        case[0], *case[1:5], cu_seqlens_q=case[5], max_seqlen_q=max(q_lens),
+        key_bias_cache=case[6], value_scale_cache=case[7], seq_gated=gated, backend="torch",
+    )  # fmt: skip
+    check_against_reference(torch_out, case[0], case[5], case[8], gated, True, dtype)
 
 
 @pytest.mark.parametrize("kind", ["prefill", "decode"])
@@ -135,7 +167,7 @@ def test_paged_vllm_layout_no_gates_non_causal(kind):
     assert not case[1].is_contiguous()
     for gates in (False, True):
         out = run(case, None, False, torch.float32, gates=gates)
-        ones = torch.ones(len(seq_lens), dtype=torch.int32)
+        ones = torch.ones(len(seq_lens), dtype=torch.bool)
         check_against_reference(out, case[0], case[5], case[8], ones, False, torch.float32,
                                 gates=gates)  # fmt: skip
 
@@ -155,7 +187,7 @@ def test_paged_decode_any_split_count(num_splits):
 def test_triton_equals_torch_path():
     case = paged_case(*PREFILL, Hq=4, Hkv=2, D=16, block_size=16, dtype=torch.float32, seed=3)
     q, kc, vc, table, lens, cu_q, kb, vs, _ = case
-    gated = torch.tensor([0, 1, 1, 0], dtype=torch.int32)
+    gated = torch.tensor([30, 0, 20, 1], dtype=torch.int32)
     common = dict(cu_seqlens_q=cu_q, max_seqlen_q=37, key_bias_cache=kb, value_scale_cache=vs,
                   seq_gated=gated)  # fmt: skip
     tri = anchored_attention_paged(q, kc, vc, table, lens, backend="triton", **common)
@@ -172,7 +204,7 @@ def test_paged_rejects_bad_inputs():
         anchored_attention_paged(
             q, kc, vc, table, lens, seq_gated=torch.ones(3, dtype=torch.int32), **call
         )
-    with pytest.raises(TypeError, match="seq_gated: expected dtype bool or int32"):
+    with pytest.raises(TypeError, match="seq_gated: expected dtype bool"):
         anchored_attention_paged(q, kc, vc, table, lens, seq_gated=torch.ones(2), **call)
     with pytest.raises(ValueError, match="out: expected shape"):
         anchored_attention_paged(q, kc, vc, table, lens, out=q[:3], **call)
@@ -197,7 +229,8 @@ def test_paged_rejects_bad_inputs():
 )
 def test_paged_property(data, batch, group, block_size, decode, causal):
     """Hypothesis: any lengths (0 included), page sizes that do not divide a key tile,
-    GQA groups, both kernels, gated or not per sequence; against the float64 reference."""
+    GQA groups, both kernels, gated or not per sequence or per leading query; against the
+    float64 reference."""
     seq_lens = data.draw(st.lists(st.integers(0, 40), min_size=batch, max_size=batch))
     hi_q = 3 if decode else PAGED_DECODE_MAX_Q + 8
     q_lens = [data.draw(st.integers(0, min(n, hi_q))) for n in seq_lens]
@@ -205,7 +238,10 @@ def test_paged_property(data, batch, group, block_size, decode, causal):
         q_lens[0] = seq_lens[0] = max(seq_lens[0], PAGED_DECODE_MAX_Q + 1)
     if max(q_lens) == 0:
         q_lens[0] = seq_lens[0] = max(seq_lens[0], 1)
-    gated = torch.tensor(data.draw(st.lists(st.booleans(), min_size=batch, max_size=batch)))
+    if data.draw(st.booleans()):
+        gated = torch.tensor(data.draw(st.lists(st.booleans(), min_size=batch, max_size=batch)))
+    else:
+        gated = torch.tensor([data.draw(st.integers(0, n + 1)) for n in q_lens], dtype=torch.int32)
     case = paged_case(seq_lens, q_lens, Hq=2 * group, Hkv=2, D=16, block_size=block_size,
                       dtype=torch.float32, seed=data.draw(st.integers(0, 99)))  # fmt: skip
     out = run(case, gated, causal, torch.float32)
@@ -226,7 +262,7 @@ def test_paged_launch_reads_nothing_back_to_the_host(lens):
     mode = FakeTensorMode()
     with mode:
         q, kc, vc, table, lens_t, cu_q, kb, vs = (mode.from_tensor(t) for t in case[:8])
-        gated = torch.ones(len(seq_lens), dtype=torch.int32)
+        gated = torch.ones(len(seq_lens), dtype=torch.bool)
         call = dict(cu_seqlens_q=cu_q, max_seqlen_q=max(q_lens), key_bias_cache=kb,
                     value_scale_cache=vs, seq_gated=gated, backend="triton")  # fmt: skip
         with launch.capture_launches() as launches:
@@ -253,7 +289,7 @@ def test_gpu_paged_in_a_cuda_graph(dtype):
         case = paged_case(seq_lens, q_lens, Hq=28, Hkv=4, D=128, block_size=16, dtype=dtype)
         case = tuple(t.cuda() if torch.is_tensor(t) else t for t in case[:8]) + (case[8],)
         q, kc, vc, table, lens, cu_q, kb, vs = case[:8]
-        gated = torch.tensor([1, 0, 1, 1, 0][: len(seq_lens)], dtype=torch.int32, device="cuda")
+        gated = torch.tensor([9, 0, 1, 1, 0][: len(seq_lens)], dtype=torch.int32, device="cuda")
         out = torch.full_like(q, float("nan"))
         call = dict(cu_seqlens_q=cu_q, max_seqlen_q=max(q_lens), key_bias_cache=kb,
                     value_scale_cache=vs, seq_gated=gated, backend="triton", out=out,
@@ -266,7 +302,7 @@ def test_gpu_paged_in_a_cuda_graph(dtype):
             anchored_attention_paged(q, kc, vc, table, lens, validate=False, **call)
         lens.sub_(torch.minimum(lens - (cu_q[1:] - cu_q[:-1]), torch.ones_like(lens)))
         kb.mul_(0.5)
-        gated.bitwise_xor_(1)
+        gated.copy_(torch.flip(gated, [0]))
         out.fill_(float("nan"))
         graph.replay()
         eager = torch.empty_like(q)

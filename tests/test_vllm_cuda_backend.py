@@ -289,11 +289,12 @@ def test_publish_copies_the_step_and_pads_the_flags():
         st.key_bias = torch.tensor([0.5, 0.0, 1.5])
         st.value_scale = torch.tensor([2.0, 1.0, 3.0])
         st.seq_anchored = [True, False]
+        st.seq_gated_queries = [2, 0]  # how many of each sequence's first queries read gates
         state.publish()
         assert ds.published == st.step
         assert ds.key_bias[:3].tolist() == [0.5, 0.0, 1.5]
         assert ds.value_scale[:3].tolist() == [2.0, 1.0, 3.0]
-        assert ds.seq_gated.tolist() == [1, 0, 0, 0]  # padded sequences: not gated
+        assert ds.seq_gated.tolist() == [2, 0, 0, 0]  # padded sequences: not gated
         st.key_bias = torch.zeros(9)
         st.value_scale = torch.ones(9)
         with pytest.raises(RuntimeError, match="exceeds the gate buffers"):

@@ -192,6 +192,7 @@ def _fill_step(state, b, seed):
     s = torch.rand(b, generator=g)
     st.key_bias, st.value_scale = torch.log1p(3 * s), 1 + 2 * s
     st.seq_anchored = (torch.rand(b, generator=g) < 0.5).tolist()
+    st.seq_gated_queries = [int(a) for a in st.seq_anchored]  # one query per sequence
     state.publish()
 
 

@@ -138,6 +138,7 @@ def run(dtype, kernel) -> dict:
         st.key_bias = torch.cat(kbs + [torch.full((PAD,), 7.0)])
         st.value_scale = torch.cat(vss + [torch.full((PAD,), 9.0)])
         st.seq_anchored = [g for _, _, g in step]
+        st.seq_gated_queries = [nq if g else 0 for _, nq, g in step]
         state.publish("cpu")
         table = torch.zeros(len(step) + 1, max_blocks, dtype=torch.int32)  # an extra row
         for i, name in enumerate(names):

@@ -20,9 +20,10 @@ Two backends, the same result:
   in the general form (one multiply per logit: the fast form's pre-scaled V would need a
   second copy of the cache).
 
-``seq_gated`` says per sequence whether its queries read the gates (vLLM's "prefill"
-mode: a decode step of an anchored request reads K and V plainly); its keys' gates stay
-in the cache either way.
+``seq_gated`` says per sequence whether its queries read the gates, or how many of its
+first queries do (vLLM's "prefill" mode: a decode step of an anchored request reads K and
+V plainly, and so do the generated tokens a preempted request recomputes after its
+prompt); its keys' gates stay in the cache either way.
 """
 
 from __future__ import annotations
@@ -106,8 +107,11 @@ def _validate_paged(
     if seq_gated is not None:
         if not isinstance(seq_gated, torch.Tensor):
             raise TypeError(f"seq_gated: expected a torch.Tensor, got {type(seq_gated).__name__}")
-        if seq_gated.dtype not in (torch.bool, torch.int32, torch.int64, torch.uint8):
-            raise TypeError(f"seq_gated: expected dtype bool or int32, got {seq_gated.dtype}")
+        if seq_gated.dtype not in (torch.bool, torch.int32, torch.int64):
+            raise TypeError(
+                f"seq_gated: expected dtype bool (per sequence) or int32 (gated queries per "
+                f"sequence), got {seq_gated.dtype}"
+            )
         if tuple(seq_gated.shape) != (batch,):
             raise ValueError(
                 f"seq_gated: expected shape (batch,) = ({batch},) (from seq_lens), got "
@@ -173,13 +177,14 @@ def launch_paged(
         capability = device_capability(q.device)
     cap = None if interpret else capability
     has_bias, has_scale = key_bias_cache is not None, value_scale_cache is not None
-    # With seq_gated (and gates), each program branches once on its sequence's flag: the
-    # gated loop or the plain loop. Without, every sequence runs the gated loop.
+    # With seq_gated (and gates), each program branches on its sequence's count of gated
+    # queries: the gated loop, the plain loop, or (the block where the count falls) both.
+    # Without, every sequence runs the gated loop.
     seq_gate = seq_gated is not None and (has_bias or has_scale)
-    if seq_gated is None:
+    if not seq_gate:
         seq_gated = q
-    elif seq_gated.dtype == torch.bool:
-        seq_gated = seq_gated.view(torch.uint8)
+    else:
+        seq_gated = gated_counts(seq_gated)
     bias = key_bias_cache if has_bias else q
     scale = value_scale_cache if has_scale else q
     s_k, s_v = k_cache.stride(), v_cache.stride()
@@ -268,6 +273,15 @@ def launch_paged(
     return out
 
 
+def gated_counts(seq_gated: torch.Tensor) -> torch.Tensor:
+    """``seq_gated`` as int32 counts of gated leading queries per sequence: bool True (all
+    queries) becomes 2^31 - 1, False 0; integer counts are kept (clamped at 0). A device
+    operation, no host synchronisation."""
+    if seq_gated.dtype == torch.bool:
+        return seq_gated.to(torch.int32) * (2**31 - 1)
+    return seq_gated.clamp(min=0, max=2**31 - 1).to(torch.int32)
+
+
 def _check_values(q, k_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q):
     """The checks that read device values (a host synchronisation on a GPU)."""
     lens = [int(n) for n in seq_lens.tolist()]
@@ -341,8 +355,10 @@ def anchored_attention_paged(
             ``validate``).
         key_bias_cache, value_scale_cache: (num_blocks, block_size) float32 per-slot gates
             (``log(1 + alpha_k s)``, ``1 + alpha_v s``), or None (neutral).
-        seq_gated: (batch,) bool/int32: sequence b's queries read the gates where nonzero
-            (None: all do). A sequence that does not reads its keys and values plainly.
+        seq_gated: (batch,) bool: sequence b's queries read the gates where True; or
+            int32: the number of sequence b's FIRST queries that read them (e.g. a prompt's
+            queries in a chunk that also holds generated tokens). None: all do. A query
+            that does not reads its keys and values plainly.
         softmax_scale: default 1/sqrt(D).
         causal: see above; False lets every query see all seq_len keys.
         backend: ``"torch"`` (exact), ``"triton"`` (the paged kernels: CUDA, or CPU under
@@ -383,20 +399,22 @@ def anchored_attention_paged(
     v = gather_paged(v_cache, block_table, lens)
     kb = None if key_bias_cache is None else gather_paged(key_bias_cache, block_table, lens)
     vs = None if value_scale_cache is None else gather_paged(value_scale_cache, block_table, lens)
-    if seq_gated is not None and (kb is not None or vs is not None):
-        per_key = torch.repeat_interleave(
-            seq_gated.to(torch.bool), torch.tensor(lens, dtype=torch.long, device=q.device)
-        )
-        if kb is not None:
-            kb = torch.where(per_key, kb.to(torch.float32), 0.0)
-        if vs is not None:
-            vs = torch.where(per_key, vs.to(torch.float32), 1.0)
     cu_k = torch.zeros(len(lens) + 1, dtype=torch.int32, device=q.device)
     if lens:
         cu_k[1:] = torch.cumsum(torch.tensor(lens, device=q.device), 0)
-    res = anchored_attention_varlen(
-        q, k, v, cu_seqlens_q, cu_k, max_seqlen_q, max(lens, default=0), kb, vs,
-        causal=causal, sm_scale=scale, backend="torch",
-    )  # fmt: skip
-    out.copy_(res)
+    run = dict(causal=causal, sm_scale=scale, backend="torch")
+    args = (q, k, v, cu_seqlens_q, cu_k, max_seqlen_q, max(lens, default=0))
+    if seq_gated is None or (kb is None and vs is None):
+        out.copy_(anchored_attention_varlen(*args, kb, vs, **run))
+        return out
+    # Per query: rows before the sequence's count read the gates, the others do not.
+    counts = gated_counts(seq_gated).tolist()
+    qs = cu_seqlens_q.tolist()
+    row_gated = torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
+    for b, n in enumerate(counts):
+        row_gated[qs[b] : min(qs[b] + n, qs[b + 1])] = True
+    out.copy_(anchored_attention_varlen(*args, kb, vs, **run))
+    if not bool(row_gated.all()):
+        plain = anchored_attention_varlen(*args, None, None, **run)
+        out.copy_(torch.where(row_gated[:, None, None], out, plain))
     return out

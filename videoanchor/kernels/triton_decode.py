@@ -26,6 +26,7 @@ from videoanchor.kernels.triton_prefill import (
     LOG2E,
     NOT_PAGED,
     _attend_key_range,
+    _fresh_state,
     _gate_args,
     dot_precision,
 )
@@ -145,49 +146,50 @@ def _anchored_decode_split_kernel(
 
     lo = i_s * split_len
     hi = tl.minimum(lo + split_len, Skv)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    if SEQ_GATE:
-        # Per-sequence flag "these queries read the gates" (uniform in the program): the
-        # others run the plain loop (a decode step in decode="prefill" mode).
-        if tl.load(SeqGate + i_b) != 0:
-            acc, l_i, m_i = _attend_key_range(
-                acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
-                stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
-                i_q, offs_d, lo, hi, Skv, Skv - sq_b, qk_scale,
-                p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
-                BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
-                PAGE_SIZE, PAGED,
-            )  # fmt: skip
-        else:
-            acc, l_i, m_i = _attend_key_range(
-                acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
-                stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
-                i_q, offs_d, lo, hi, Skv, Skv - sq_b, qk_scale,
-                p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
-                BLOCK_N, HEAD_DIM, True, CAUSAL, False, False, HAS_MASK, DOT_PRECISION,
-                PAGE_SIZE, PAGED,
-            )  # fmt: skip
-    else:
-        acc, l_i, m_i = _attend_key_range(
-            acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
+    loop = (b_q, p_k, p_v, p_bias, p_scale, p_mask,
             stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
             i_q, offs_d, lo, hi, Skv, Skv - sq_b, qk_scale,
-            p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
-            BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
-            PAGE_SIZE, PAGED,
-        )  # fmt: skip
-
-    has_key = l_i > 0
-    b_o = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("-inf"))
+            p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate)  # fmt: skip
     # Partials: OPart [B * Hkv, n_split, rows, BLOCK_D], LsePart [B * Hkv, n_split, rows]
     # (log2 units), both contiguous.
     base = pid_bh.to(tl.int64) * n_split * rows + i_s * rows
-    p_o = OPart + (base + o_r)[:, None] * BLOCK_D + offs_d[None, :]
-    tl.store(p_o, b_o, mask=m_r[:, None])
-    tl.store(LsePart + base + o_r, lse, mask=m_r)
+    out_at = (OPart, LsePart, base, o_r, offs_d, BLOCK_D)  # pointers formed after the loop
+    if SEQ_GATE:
+        # Sequence b's first SeqGate[b] queries read the gates, the rest K and V plainly (a
+        # decode step in decode="prefill" mode): the gated loop for the gated rows, the
+        # plain loop for the others; a sequence split between the two runs both.
+        n_gated = tl.load(SeqGate + i_b)
+        if n_gated > 0:
+            acc, l_i, m_i = _attend_key_range(
+                *_fresh_state(BLOCK_M, BLOCK_D), *loop,
+                BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
+                PAGE_SIZE, PAGED,
+            )  # fmt: skip
+            _store_partial(acc, l_i, m_i, m_r & (i_q < n_gated), *out_at)
+        if n_gated < sq_b:
+            acc, l_i, m_i = _attend_key_range(
+                *_fresh_state(BLOCK_M, BLOCK_D), *loop,
+                BLOCK_N, HEAD_DIM, True, CAUSAL, False, False, HAS_MASK, DOT_PRECISION,
+                PAGE_SIZE, PAGED,
+            )  # fmt: skip
+            _store_partial(acc, l_i, m_i, m_r & (i_q >= n_gated), *out_at)
+    else:
+        acc, l_i, m_i = _attend_key_range(
+            *_fresh_state(BLOCK_M, BLOCK_D), *loop,
+            BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
+            PAGE_SIZE, PAGED,
+        )  # fmt: skip
+        _store_partial(acc, l_i, m_i, m_r, *out_at)
+
+
+@triton.jit
+def _store_partial(acc, l_i, m_i, rows, OPart, LsePart, base, o_r, offs_d, BLOCK_D: tl.constexpr):
+    """One split's normalised partial output and its log2-sum-exp, for ``rows``."""
+    has_key = l_i > 0
+    b_o = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("-inf"))
+    tl.store(OPart + (base + o_r)[:, None] * BLOCK_D + offs_d[None, :], b_o, mask=rows[:, None])
+    tl.store(LsePart + base + o_r, lse, mask=rows)
 
 
 @triton.jit(do_not_specialize=["Sq", "rows", "n_split"])

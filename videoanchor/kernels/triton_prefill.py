@@ -313,54 +313,78 @@ def _anchored_prefill_kernel(
         full_hi = (Skv // BLOCK_N) * BLOCK_N
         hi = Skv
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    # Arguments shared by every call of the key loop and of the epilogue.
+    loop = (b_q, p_k, p_v, p_bias, p_scale, p_mask,
+            stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
+            offs_m, offs_d, full_hi, hi, Skv, diag, qk_scale,
+            p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate)  # fmt: skip
+    # The epilogue's pointers are formed after the loop (a 2-D pointer tile kept live
+    # across it costs registers).
+    out_at = (Out, Lse, LseShift, i_b, i_h, q_start, o_qm, o_d, m_d,
+              stride_ob, stride_oh, stride_om, stride_od,
+              stride_lse_b, stride_lse_h, stride_lse_m, stride_shift_b, o_scale)  # fmt: skip
     if SEQ_GATE:
-        # Per-sequence flag (uniform in the program): gated sequences run the gated loop,
-        # the others the plain loop, so an ungated row costs nothing extra.
-        if tl.load(SeqGate + i_b) != 0:
+        # Sequence b's first SeqGate[b] queries read the gates, the rest K and V plainly
+        # (uniform per program except in the one block where the count falls): the gated
+        # loop for the block's gated rows, then the plain loop for the others, each storing
+        # its own rows. Only that block does both.
+        n_gated = tl.load(SeqGate + i_b)
+        if start_m < n_gated:
             acc, l_i, m_i = _attend_prefill_ranges(
-                acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
-                stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
-                offs_m, offs_d, full_hi, hi, Skv, diag, qk_scale,
-                p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
+                *_fresh_state(BLOCK_M, BLOCK_D), *loop,
                 BLOCK_N, HEAD_DIM, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
                 PAGE_SIZE, PAGED,
             )  # fmt: skip
-        else:
+            _prefill_epilogue(acc, l_i, m_i, m_m & (offs_m < n_gated), *out_at,
+                              HAS_BIAS, STORE_LSE)  # fmt: skip
+        if start_m + BLOCK_M > n_gated:
             acc, l_i, m_i = _attend_prefill_ranges(
-                acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
-                stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
-                offs_m, offs_d, full_hi, hi, Skv, diag, qk_scale,
-                p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
+                *_fresh_state(BLOCK_M, BLOCK_D), *loop,
                 BLOCK_N, HEAD_DIM, CAUSAL, False, False, HAS_MASK, DOT_PRECISION,
                 PAGE_SIZE, PAGED,
             )  # fmt: skip
+            _prefill_epilogue(acc, l_i, m_i, m_m & (offs_m >= n_gated), *out_at,
+                              False, STORE_LSE)  # fmt: skip
     else:
         acc, l_i, m_i = _attend_prefill_ranges(
-            acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
-            stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
-            offs_m, offs_d, full_hi, hi, Skv, diag, qk_scale,
-            p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
+            *_fresh_state(BLOCK_M, BLOCK_D), *loop,
             BLOCK_N, HEAD_DIM, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
             PAGE_SIZE, PAGED,
         )  # fmt: skip
+        _prefill_epilogue(acc, l_i, m_i, m_m, *out_at, HAS_BIAS, STORE_LSE)
 
+
+@triton.jit
+def _fresh_state(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The online softmax's starting accumulator, row sums and row maxima."""
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _prefill_epilogue(
+    acc, l_i, m_i, rows, Out, Lse, LseShift, i_b, i_h, q_start, o_qm, o_d, m_d,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lse_b, stride_lse_h, stride_lse_m, stride_shift_b, o_scale,
+    HAS_BIAS: tl.constexpr, STORE_LSE: tl.constexpr,
+):  # fmt: skip
+    """Normalise and store the ``rows`` of a query block (and their lse)."""
     # Rows with no visible key have l = 0 and acc = 0: they give 0, never NaN. o_scale
     # undoes the fast form's 1 / c on V (a power of two: exact); 1.0 otherwise.
     has_key = l_i > 0
     b_o = acc / tl.where(has_key, l_i, 1.0)[:, None] * o_scale
     p_o = Out + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh + q_start * stride_om
     p_o = p_o + o_qm[:, None] * stride_om + o_d[None, :] * stride_od
-    tl.store(p_o, b_o.to(Out.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+    tl.store(p_o, b_o.to(Out.dtype.element_ty), mask=rows[:, None] & m_d[None, :])
     if STORE_LSE:
         l_log2 = tl.log2(tl.where(has_key, l_i, 1.0))
         lse = tl.where(has_key, (m_i + l_log2) * 0.6931471805599453, float("-inf"))
         if HAS_BIAS:
             lse += tl.load(LseShift + i_b.to(tl.int64) * stride_shift_b)
         p_lse = Lse + i_b.to(tl.int64) * stride_lse_b + i_h.to(tl.int64) * stride_lse_h
-        tl.store(p_lse + (q_start + offs_m) * stride_lse_m, lse, mask=m_m)
+        tl.store(p_lse + (q_start + o_qm) * stride_lse_m, lse, mask=rows)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -13,7 +13,7 @@ gates (``log(1 + alpha_k s)``, ``1 + alpha_v s``) live in two flat float32 devic
 gates into them through ``slot_mapping`` (padding slots < 0 go to one extra dummy slot;
 idempotent across layers), and attention reads them through ``block_table`` / ``seq_lens``
 with :func:`videoanchor.kernels.paged.anchored_attention_paged` (the paged Triton kernels on
-CUDA); whether sequence b's queries read them is ``seq_gated[b]``, a device tensor.
+CUDA); how many of sequence b's first queries read them is ``seq_gated[b]``, a device tensor.
 
 No host synchronisation: the forward and the KV/gate update read no device value on the host
 (``validate=False``, a fixed ``num_splits`` for the decode kernel, no ``.item()``). CUDA

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from videoanchor.integrations.vllm import state
 from videoanchor.integrations.vllm.config import engine_config
 from videoanchor.integrations.vllm.runner import Scheduled, fill_step
 
@@ -163,3 +164,4 @@ def install() -> None:
         return load_model
 
     _once(GPUModelRunner, "load_model", make)
+    state.RUNNER_HOOKS.add("v2")

@@ -64,7 +64,7 @@ class DeviceStep:
 
     key_bias: torch.Tensor  # (max_tokens,) float32
     value_scale: torch.Tensor  # (max_tokens,) float32
-    seq_gated: torch.Tensor  # (max_seqs,) int32
+    seq_gated: torch.Tensor  # (max_seqs,) int32: gated leading queries per sequence
     published: int = -1  # the STEP.step last copied in (:func:`publish`)
 
 
@@ -139,7 +139,9 @@ def publish(device=None) -> None:
         targets = [] if ds is None else [ds]
     st = STEP
     n = 0 if st.key_bias is None else st.key_bias.numel()
-    flags = st.seq_anchored if st.owner is not None else []
+    # Per sequence, how many of its first queries read the gates (the paged kernels'
+    # seq_gated counts; 0: none).
+    flags = st.seq_gated_queries if st.owner is not None else []
     for ds in targets:
         if n > ds.key_bias.numel() or len(flags) > ds.seq_gated.numel():
             raise RuntimeError(
