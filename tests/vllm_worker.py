@@ -4,7 +4,8 @@ writes tokens / logprobs as JSON: ``python vllm_worker.py SPEC.json OUT.json``.
 tests/test_vllm.py runs each engine configuration in its own process (vLLM keeps
 process-wide state, and "vLLM without the plugin" needs VLLM_PLUGINS set before it loads),
 with VLLM_ENABLE_V1_MULTIPROCESSING=0 so the engine core runs in this process.
-Spec: {"mode": "vllm"|"transformers", "checkpoint": path, "engine": {LLM kwargs},
+Spec: {"mode": "vllm"|"transformers", "checkpoint": path, "family": "qwen2_5_vl" (default)
+| "llava_onevision" (the prompt format), "engine": {LLM kwargs},
 "batches": [[request, ...], ...]}; request: {"media": "image:SEED" | "video:FRAMES:SEED" |
 "none", "max_tokens": n, "extra_args": {...}}. Each batch is one ``generate`` call.
 """
@@ -41,13 +42,10 @@ def _video(n, seed):
     return (vs.frames(n, seed=seed), meta)
 
 
-def _prompt(kind, data=None):
+def _prompt(kind, data=None, family="qwen2_5_vl"):
     if kind == "videos":
-        one = "<|vision_start|><|video_pad|><|vision_end|>"
-        return f"<|im_start|>user\n{one * len(data)}what moves?<|im_end|>\n<|im_start|>assistant\n"
-    return {"image": vs.IMAGE_PROMPT, "video": vs.VIDEO_PROMPT}.get(
-        kind, "<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n"
-    )
+        return vs.prompt(family, "video", len(data))
+    return vs.prompt(family, kind)
 
 
 def run_vllm(spec):
@@ -70,7 +68,7 @@ def run_vllm(spec):
         prompts, params, slots = [], [], []
         for i, req in enumerate(batch):
             kind, data = _media(req.get("media", "none"))
-            prompt = {"prompt": _prompt(kind, data)}
+            prompt = {"prompt": _prompt(kind, data, spec.get("family", "qwen2_5_vl"))}
             if kind is not None:
                 prompt["multi_modal_data"] = {kind.rstrip("s"): data}
             try:
@@ -133,7 +131,8 @@ def run_transformers(spec):
                 kw = {"videos": [f for f, _ in items],
                       "video_metadata": [VideoMetadata(**m) for _, m in items],
                       "do_sample_frames": False}  # fmt: skip
-            inputs = processor(text=[_prompt(kind, data)], return_tensors="pt", **kw)
+            text = _prompt(kind, data, spec.get("family", "qwen2_5_vl"))
+            inputs = processor(text=[text], return_tensors="pt", **kw)
             with torch.no_grad():
                 gen = model.generate(
                     **inputs, max_new_tokens=req.get("max_tokens", 6), do_sample=False,

