@@ -69,8 +69,20 @@ def plain(checkpoint, work):
 
 @pytest.fixture(scope="module")
 def installed(checkpoint, work):
-    """The plugin loaded, engine not configured: the same requests as `plain`."""
-    return _run(work, "ov_installed", _spec(checkpoint, [[IMG, VID]]))
+    """The plugin loaded, engine not configured: the same requests as `plain`. First, in
+    the same process, an anchored engine on a family the plugin refuses (a config-only
+    Qwen3-VL: the start-up check runs before any weight is read)."""
+    from videoanchor.integrations.transformers.testing import tiny_config
+
+    qwen3 = work / "qwen3_vl_config_only"
+    config = tiny_config("qwen3_vl", hidden=256)
+    config.text_config.max_position_embeddings = 4096
+    config.save_pretrained(qwen3)
+    spec = _spec(checkpoint, [[IMG, VID]])
+    spec["startup_checks"] = [
+        {"checkpoint": str(qwen3), "engine": {"additional_config": {"videoanchor": SSC}}}
+    ]
+    return _run(work, "ov_installed", spec)
 
 
 @pytest.fixture(scope="module")
@@ -172,15 +184,7 @@ def test_check_family_accepts_the_tested_ones(caplog):
 
 
 @needs_vllm
-def test_anchored_engine_on_a_refused_family_fails_at_startup(work):
-    """A config-only Qwen3-VL: the start-up check runs before any weight is read."""
-    from videoanchor.integrations.transformers.testing import tiny_config
-
-    path = work / "qwen3_vl_config_only"
-    config = tiny_config("qwen3_vl", hidden=256)
-    config.text_config.max_position_embeddings = 4096
-    config.save_pretrained(path)
-    engines = [{"additional_config": {"videoanchor": SSC}}]
-    spec = {"mode": "startup", "checkpoint": str(path), "engines": engines}
-    (err,) = _run(work, "ov_startup", spec)["errors"]
-    assert err is not None and "qwen3_vl" in err and "deepstack" in err, err
+def test_anchored_engine_on_a_refused_family_fails_at_startup(installed):
+    (err,) = installed["startup_errors"]
+    assert err is not None and "NotImplementedError" in err, err
+    assert "'qwen3_vl'" in err and "deepstack" in err and "additional_config" in err, err

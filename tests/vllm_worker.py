@@ -6,7 +6,7 @@ process-wide state, and "vLLM without the plugin" needs VLLM_PLUGINS set before 
 with VLLM_ENABLE_V1_MULTIPROCESSING=0 so the engine core runs in this process.
 Spec: {"mode": "vllm"|"transformers", "checkpoint": path, "family": "qwen2_5_vl" (default)
 | "llava_onevision" (the prompt format), "engine": {LLM kwargs},
-"batches": [[request, ...], ...]}; request: {"media": "image:SEED" | "video:FRAMES:SEED" |
+"batches": [[request, ...], ...], "startup_checks": [...] (see run_vllm)}; request: {"media": "image:SEED" | "video:FRAMES:SEED" |
 "none", "max_tokens": n, "extra_args": {...}}. Each batch is one ``generate`` call.
 """
 
@@ -51,6 +51,14 @@ def _prompt(kind, data=None, family="qwen2_5_vl"):
 def run_vllm(spec):
     from vllm import LLM, SamplingParams
 
+    # Engines that must fail at start-up, tried first in this process (cheaper than a
+    # process of their own): {"checkpoint": path, "engine": {LLM kwargs}} each.
+    startup_errors = [
+        run_vllm({"checkpoint": c["checkpoint"], "engine": c["engine"], "batches": []}).get(
+            "startup_error"
+        )
+        for c in spec.get("startup_checks", [])
+    ]
     t0 = time.perf_counter()
     engine = dict(
         dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
@@ -62,7 +70,7 @@ def run_vllm(spec):
         llm = LLM(model=spec["checkpoint"], **engine)
     except Exception as err:  # start-up failure: the test checks the message
         return {"startup_error": f"{type(err).__name__}: {err}"}
-    out = {"startup_s": time.perf_counter() - t0, "batches": []}
+    out = {"startup_s": time.perf_counter() - t0, "batches": [], "startup_errors": startup_errors}
     for batch in spec["batches"]:
         results = []
         prompts, params, slots = [], [], []
