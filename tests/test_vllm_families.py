@@ -146,13 +146,51 @@ def test_anchored_equals_the_transformers_path_and_differs_from_plain(
     assert _differs(_res(anchored, 1), _res(anchored, 3))  # the alphas reach the engine
 
 
+# Two more families, lighter: one anchored engine and one transformers run each. Anchoring
+# having an effect is shown on the same engine by the request with anchoring turned off.
+# vLLM 0.32's LLaVA-NeXT-Video takes one video per prompt and no images.
+OFF = {"extra_args": {"videoanchor": "off"}}
+MORE = {
+    "qwen2_vl": ([[IMG], [VID], [MULTI]], {"video": 2, "image": 2}),
+    "llava_next_video": ([[VID], [{"media": "video:2:3"}]], {"video": 1}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(MORE))
+def more(request, tmp_path_factory, work):
+    import vllm_support as vs
+
+    family = request.param
+    batches, limits = MORE[family]
+    path = tmp_path_factory.mktemp(f"vllm_{family}")
+    vs.save_checkpoint(path, family)
+    spec = {"checkpoint": str(path), "family": family,
+            "engine": {"enable_prefix_caching": False, "limit_mm_per_prompt": limits,
+                       "additional_config": {"videoanchor": SSC}},
+            "batches": batches + [[{**batches[-1][0], **OFF}]]}  # fmt: skip
+    anchored = _run(work, f"{family}_anchored", spec)
+    spec = {"mode": "transformers", "checkpoint": str(path), "family": family,
+            "batches": batches}  # fmt: skip
+    return family, anchored, _run(work, f"{family}_transformers", spec)
+
+
+@needs_vllm
+def test_more_families_equal_the_transformers_path(more):
+    family, anchored, reference = more
+    n = len(MORE[family][0])
+    for b in range(n):
+        _close(_res(anchored, b), _res(reference, b))
+        assert _res(anchored, b)["prompt_len"] == _res(reference, b)["prompt_len"]
+    assert _differs(_res(anchored, n - 1), _res(anchored, n))  # anchoring has an effect
+
+
 def test_family_table():
     from videoanchor.integrations.transformers.registry import supported_families
     from videoanchor.integrations.vllm.families import FAMILIES
 
     # Every family of the transformers registry has a row (vLLM 0.32 has them all).
     assert sorted(FAMILIES) == supported_families()
-    assert {k for k, f in FAMILIES.items() if f.tested} == {"qwen2_5_vl", FAMILY}
+    assert {k for k, f in FAMILIES.items() if f.tested} == {"qwen2_5_vl", FAMILY, *MORE}
     assert not any(f.tested and f.refused for f in FAMILIES.values())
 
 
@@ -179,7 +217,7 @@ def test_check_family_accepts_the_tested_ones(caplog):
         assert check_family(FAMILY).tested and check_family("qwen2_5_vl").tested
     assert not caplog.records
     with caplog.at_level("WARNING", logger="videoanchor.vllm"):
-        assert not check_family("llava_next_video").tested
+        assert not check_family("internvl").tested
     assert "not tested end to end" in caplog.text
 
 

@@ -2,8 +2,8 @@
 saved with transformers' real processors (as tests/test_real_processor.py does) but with head
 dim 64 (vLLM's CPU attention supports head sizes 32, 64, 80, ...), and media made here.
 
-Families: Qwen2.5-VL (the default) and LLaVA-OneVision (``family="llava_onevision"``,
-tests/test_vllm_families.py)."""
+Families: Qwen2.5-VL (the default), and for tests/test_vllm_families.py LLaVA-OneVision,
+Qwen2-VL and LLaVA-NeXT-Video."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ SSC = {"n_clusters": N_CLUSTERS, "max_iter": 200}
 #: LLaVA-OneVision: SigLIP tower on 56 px frames with 8 px patches (a 7 x 7 grid, pooled to
 #: ceil(7 / 2) = 4 x 4 tokens per frame, the odd grid exercising the ceil of both engines).
 OV_SIZE, OV_PATCH = 56, 8
+#: LLaVA-NeXT-Video: CLIP on 64 px frames, 8 px patches (8 x 8, average-pooled to 4 x 4).
+NV_SIZE = 64
 
 
 def _randomise(model) -> None:
@@ -39,7 +41,11 @@ def save_checkpoint(path, family: str = "qwen2_5_vl") -> None:
         return _save_qwen2_5_vl(path)
     if family == "llava_onevision":
         return _save_llava_onevision(path)
-    raise ValueError(f"family: expected 'qwen2_5_vl' or 'llava_onevision', got {family!r}")
+    if family == "llava_next_video":
+        return _save_llava_next_video(path)
+    if family == "qwen2_vl":
+        return _save_qwen2_vl(path)
+    raise ValueError(f"family: expected one of {', '.join(_ITEM)}, got {family!r}")
 
 
 def _save_qwen2_5_vl(path) -> None:
@@ -97,13 +103,7 @@ def _save_llava_onevision(path) -> None:
         torch.manual_seed(0)
         model = AutoModelForImageTextToText.from_config(config).eval()
         _randomise(model)
-    model.save_pretrained(path)
-    _hub_vision_prefix(path)
-    loaded = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-    want, got = model.state_dict(), loaded.state_dict()
-    bad = [k for k in want if k not in got or not torch.equal(want[k], got[k])]
-    if bad or len(got) != len(want):
-        raise RuntimeError(f"the saved LLaVA-OneVision does not load back: {bad[:5]}")
+    _save_hub_layout(model, path)
     tokenizer = tiny_tokenizer("llava_onevision")
     size = {"height": s, "width": s}
     processor = LlavaOnevisionProcessor(
@@ -117,6 +117,87 @@ def _save_llava_onevision(path) -> None:
         vision_feature_select_strategy=config.vision_feature_select_strategy,
     )
     processor.save_pretrained(path)
+
+
+def _save_llava_next_video(path) -> None:
+    from test_cli_support import tiny_tokenizer
+    from transformers import (
+        AutoModelForImageTextToText,
+        LlavaNextImageProcessor,
+        LlavaNextVideoProcessor,
+        LlavaNextVideoVideoProcessor,
+    )
+
+    from videoanchor.integrations.transformers.testing import tiny_config
+
+    config = tiny_config("llava_next_video", hidden=HIDDEN)
+    s, patch = NV_SIZE, OV_PATCH
+    config.vision_config.image_size = s
+    config.vision_config.patch_size = patch
+    config.image_grid_pinpoints = [[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
+    config.text_config.max_position_embeddings = 4096
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_config(config).eval()
+        _randomise(model)
+    _save_hub_layout(model, path)
+    tokenizer = tiny_tokenizer("llava_next_video")
+    size, crop = {"shortest_edge": s}, {"height": s, "width": s}
+    processor = LlavaNextVideoProcessor(
+        video_processor=LlavaNextVideoVideoProcessor(size=size, crop_size=crop),
+        image_processor=LlavaNextImageProcessor(
+            size=size, crop_size=crop, image_grid_pinpoints=config.image_grid_pinpoints
+        ),
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+        patch_size=patch,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(path)
+
+
+def _save_qwen2_vl(path) -> None:
+    from test_cli_support import tiny_tokenizer
+    from transformers import (
+        AutoModelForImageTextToText,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    from videoanchor.integrations.transformers.testing import tiny_config
+
+    config = tiny_config("qwen2_vl", hidden=HIDDEN)
+    config.vision_config.patch_size = 14
+    config.text_config.max_position_embeddings = 4096
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_config(config).eval()
+        _randomise(model)
+    _save_hub_layout(model, path)
+    tokenizer = tiny_tokenizer("qwen2_vl")
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=tokenizer.chat_template,
+    )
+    processor.save_pretrained(path)
+
+
+def _save_hub_layout(model, path) -> None:
+    """``save_pretrained``, the vision tower renamed to the published layout, and a check
+    that transformers loads every weight back unchanged."""
+    from transformers import AutoModelForImageTextToText
+
+    model.save_pretrained(path)
+    _hub_vision_prefix(path)
+    loaded = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    want, got = model.state_dict(), loaded.state_dict()
+    bad = [k for k in want if k not in got or not torch.equal(want[k], got[k])]
+    if bad or len(got) != len(want):
+        raise RuntimeError(f"the saved {model.config.model_type} does not load back: {bad[:5]}")
 
 
 def _hub_vision_prefix(path) -> None:
@@ -152,6 +233,8 @@ _ITEM = {
                    "video": "<|vision_start|><|video_pad|><|vision_end|>"},
     "llava_onevision": {"image": "<image>\n", "video": "<video>\n"},
 }  # fmt: skip
+_ITEM["qwen2_vl"] = _ITEM["qwen2_5_vl"]
+_ITEM["llava_next_video"] = _ITEM["llava_onevision"]
 
 
 def prompt(family: str, kind: str | None, count: int = 1) -> str:

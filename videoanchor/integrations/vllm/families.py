@@ -36,9 +36,12 @@ FAMILIES: dict[str, Family] = {
     "llava_onevision": Family(
         "LLaVA-OneVision", "LlavaOnevisionForConditionalGeneration", tested=True
     ),
-    # One encoder row per placeholder, as the tested families: anchored, not tested here.
-    "qwen2_vl": Family("Qwen2-VL", "Qwen2VLForConditionalGeneration"),
-    "llava_next_video": Family("LLaVA-NeXT-Video", "LlavaNextVideoForConditionalGeneration"),
+    "qwen2_vl": Family("Qwen2-VL", "Qwen2VLForConditionalGeneration", tested=True),
+    "llava_next_video": Family(
+        "LLaVA-NeXT-Video", "LlavaNextVideoForConditionalGeneration", tested=True
+    ),
+    # One encoder row per embedded placeholder (vLLM's InternS1 module, IMG_CONTEXT rows),
+    # as the tested families: anchored, not tested end to end here.
     "internvl": Family("InternVL (HF format)", "InternVLForConditionalGeneration"),
     "qwen3_vl": Family(
         "Qwen3-VL",
