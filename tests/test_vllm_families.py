@@ -153,6 +153,7 @@ OFF = {"extra_args": {"videoanchor": "off"}}
 MORE = {
     "qwen2_vl": ([[IMG], [VID], [MULTI]], {"video": 2, "image": 2}),
     "llava_next_video": ([[VID], [{"media": "video:2:3"}]], {"video": 1}),
+    "internvl": ([[IMG], [VID], [MULTI]], {"video": 2, "image": 2}),
 }
 
 
@@ -211,13 +212,21 @@ def test_check_family_refuses_naming_the_family(model_type, words):
 
 
 def test_check_family_accepts_the_tested_ones(caplog):
+    from videoanchor.integrations.vllm import families
     from videoanchor.integrations.vllm.families import check_family
 
     with caplog.at_level("WARNING", logger="videoanchor.vllm"):
         assert check_family(FAMILY).tested and check_family("qwen2_5_vl").tested
     assert not caplog.records
     with caplog.at_level("WARNING", logger="videoanchor.vllm"):
-        assert not check_family("internvl").tested
+        assert check_family("qwen2_vl").tested
+    assert not caplog.records
+    families.FAMILIES["internvl_x"] = families.Family("X", "XForConditionalGeneration")
+    try:
+        with caplog.at_level("WARNING", logger="videoanchor.vllm"):
+            assert not check_family("internvl_x").tested
+    finally:
+        del families.FAMILIES["internvl_x"]
     assert "not tested end to end" in caplog.text
 
 

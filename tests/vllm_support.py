@@ -45,6 +45,8 @@ def save_checkpoint(path, family: str = "qwen2_5_vl") -> None:
         return _save_llava_next_video(path)
     if family == "qwen2_vl":
         return _save_qwen2_vl(path)
+    if family == "internvl":
+        return _save_internvl(path)
     raise ValueError(f"family: expected one of {', '.join(_ITEM)}, got {family!r}")
 
 
@@ -186,6 +188,52 @@ def _save_qwen2_vl(path) -> None:
     processor.save_pretrained(path)
 
 
+def _save_internvl(path) -> None:
+    from test_cli_support import tiny_tokenizer
+    from transformers import (
+        AutoModelForImageTextToText,
+        GotOcr2ImageProcessor,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+    )
+
+    from videoanchor.integrations.transformers.testing import tiny_config
+
+    config = tiny_config("internvl", hidden=HIDDEN)
+    config.text_config.max_position_embeddings = 4096
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_config(config).eval()
+        _randomise(model)
+    model.save_pretrained(path)
+    tokenizer = tiny_tokenizer("internvl")
+    tokenizer = _with_internvl_tokens(tokenizer)
+    size = {
+        "height": config.vision_config.image_size[0],
+        "width": config.vision_config.image_size[1],
+    }
+    grid = config.vision_config.image_size[0] // config.vision_config.patch_size[0]
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=True, max_patches=4),
+        tokenizer=tokenizer,
+        video_processor=InternVLVideoProcessor(size=size),
+        chat_template=tokenizer.chat_template,
+        image_seq_length=int(grid * grid * config.downsample_ratio**2),
+    )
+    processor.save_pretrained(path)
+
+
+def _with_internvl_tokens(tokenizer):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.backend_tokenizer, bos_token="<s>", eos_token="</s>",
+        pad_token="<pad>", unk_token="?", chat_template=tokenizer.chat_template,
+        extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                              "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
+    )  # fmt: skip
+
+
 def _save_hub_layout(model, path) -> None:
     """``save_pretrained``, the vision tower renamed to the published layout, and a check
     that transformers loads every weight back unchanged."""
@@ -235,6 +283,7 @@ _ITEM = {
 }  # fmt: skip
 _ITEM["qwen2_vl"] = _ITEM["qwen2_5_vl"]
 _ITEM["llava_next_video"] = _ITEM["llava_onevision"]
+_ITEM["internvl"] = {"image": "<IMG_CONTEXT>\n", "video": "<video>\n"}
 
 
 def prompt(family: str, kind: str | None, count: int = 1) -> str:

@@ -40,9 +40,8 @@ FAMILIES: dict[str, Family] = {
     "llava_next_video": Family(
         "LLaVA-NeXT-Video", "LlavaNextVideoForConditionalGeneration", tested=True
     ),
-    # One encoder row per embedded placeholder (vLLM's InternS1 module, IMG_CONTEXT rows),
-    # as the tested families: anchored, not tested end to end here.
-    "internvl": Family("InternVL (HF format)", "InternVLForConditionalGeneration"),
+    # vLLM runs the HF-format InternVL with its InternS1 module.
+    "internvl": Family("InternVL (HF format)", "InternVLForConditionalGeneration", tested=True),
     "qwen3_vl": Family(
         "Qwen3-VL",
         "Qwen3VLForConditionalGeneration",
