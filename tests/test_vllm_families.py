@@ -119,6 +119,18 @@ def _close(a, b, tol=1e-4):
     close(a, b, tol)
 
 
+def _same_prompt(a, b, family):
+    """The prompt token ids of both engines are the same. vLLM's InternVL puts the `<video>`
+    id on a video's frame context positions, where transformers puts `<IMG_CONTEXT>`: both
+    are replaced by the projector output."""
+    from videoanchor.integrations.transformers.testing import TOKENS
+
+    ids = a["prompt_ids"]
+    if family == "internvl":
+        ids = [TOKENS["image"] if t == TOKENS["video"] else t for t in ids]
+    assert ids == b["prompt_ids"], (ids, b["prompt_ids"])
+
+
 def _differs(a, b):
     return a["tokens"] != b["tokens"] or max(
         abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"], strict=False)
@@ -142,7 +154,7 @@ def test_anchored_equals_the_transformers_path_and_differs_from_plain(
     for b in range(len(ANCHORED)):  # image, video, two videos (joint SSC), other alphas
         _close(_res(anchored, b), _res(reference, b))
         # Same prompt on both engines: the video placeholders include the newline token.
-        assert _res(anchored, b)["prompt_len"] == _res(reference, b)["prompt_len"]
+        _same_prompt(_res(anchored, b), _res(reference, b), FAMILY)
     # The video's placeholders: 4 frames x ceil(7 / 2)^2 pooled tokens + the newline token.
     from transformers import AutoTokenizer
 
@@ -189,8 +201,18 @@ def test_more_families_equal_the_transformers_path(more):
     n = len(MORE[family][0])
     for b in range(n):
         _close(_res(anchored, b), _res(reference, b))
-        assert _res(anchored, b)["prompt_len"] == _res(reference, b)["prompt_len"]
+        _same_prompt(_res(anchored, b), _res(reference, b), family)
     assert _differs(_res(anchored, n - 1), _res(anchored, n))  # anchoring has an effect
+
+
+@needs_vllm
+def test_vllm_has_every_family_of_the_table():
+    from vllm.model_executor.models import ModelRegistry
+
+    from videoanchor.integrations.vllm.families import FAMILIES
+
+    archs = set(ModelRegistry.get_supported_archs())
+    assert {f.architecture for f in FAMILIES.values()} <= archs
 
 
 def test_family_table():

@@ -100,6 +100,7 @@ def run_vllm(spec):
                 "tokens": list(o.token_ids),
                 "logprobs": [lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids, strict=True)],
                 "prompt_len": len(g.prompt_token_ids),
+                "prompt_ids": list(g.prompt_token_ids),
                 "cached": g.num_cached_tokens,
             }
         out["batches"].append({"results": results, "seconds": elapsed})
@@ -152,7 +153,8 @@ def run_transformers(spec):
                 for lg, t in zip(gen.logits, toks, strict=True)
             ]
             results.append({"tokens": toks, "logprobs": lps,
-                            "prompt_len": int(inputs["input_ids"].shape[1])})  # fmt: skip
+                            "prompt_len": int(inputs["input_ids"].shape[1]),
+                            "prompt_ids": inputs["input_ids"][0].tolist()})  # fmt: skip
         out["batches"].append({"results": results})
     return out
 
