@@ -12,7 +12,9 @@ without ``additional_config["videoanchor"]``). Measured per engine:
 
 CPU (in the vLLM venv of .ci/run; builds the tiny checkpoint of tests/vllm_support.py):
     python benchmarks/bench_vllm.py
-GPU (once the CUDA backend is wired; today the plugin refuses CUDA at start-up):
+GPU (a CUDA build of vllm 0.32; anchored runs the plugin's CUDA backend, a TRITON_ATTN
+subclass with CUDA graphs on; plain is whatever vLLM picks, e.g. FLASH_ATTN; benchmarks/
+run_gpu.sh runs this with a local checkpoint in VIDEOANCHOR_QWEN25VL_7B):
     python benchmarks/bench_vllm.py --model Qwen/Qwen2.5-VL-7B-Instruct --frames 16 \\
         --size 336 --requests 16 --max-tokens 64 --dtype bfloat16 --n-clusters 24
 Writes benchmarks/results/vllm_<device>.json.

@@ -58,6 +58,12 @@ def matrix(quick: bool = False) -> list[dict]:
         for D in (64, 256):
             cases.append(dict(kind=DEC, dtype="bf16", D=D, group=7, mask=True, lse=True))
         cases.append(dict(kind=DEC, dtype="bf16", D=128, group=7, varlen=True))
+    # Paged (the vLLM backend's kernels: vLLM's strided cache views, 16-slot blocks).
+    for dtype in dtypes:
+        for D in (128,) if quick else (64, 128):
+            for seq_gated in (False, True):
+                cases.append(dict(kind=P, dtype=dtype, D=D, paged=True, seq_gated=seq_gated))
+                cases.append(dict(kind=DEC, dtype=dtype, D=D, paged=True, seq_gated=seq_gated))
     # The backward kernels (dK/dV and dQ) of the prefill cases, gates and their gradients on.
     for dtype in dtypes:
         for D in (128,) if quick else (64, 80, 128, 256):
@@ -84,7 +90,10 @@ def mix_cases() -> list[dict]:
       (value scale in the loop) and plain; bf16/fp16, D 64/128, causal or not;
     - decode (split-KV, 7 query heads per KV head, one query): gates vs plain;
     - backward (dK/dV and dQ kernels): fixed gates (no gate gradients) in the fast form
-      (pre-scaled V), gates with their gradients (general form), and plain.
+      (pre-scaled V), gates with their gradients (general form), and plain;
+    - paged prefill and decode (vLLM's layout; gates through the block table, general
+      form, every sequence gated) vs the same paged kernels without gate caches. With
+      per-sequence flags an ungated sequence runs the plain loop.
     """
     cases = []
     for dtype in ("bf16", "fp16"):
@@ -96,6 +105,9 @@ def mix_cases() -> list[dict]:
             cases += [dict(base), dict(base, gates=False)]
             base = dict(kind="backward", dtype=dtype, D=D, mix=True)
             cases += [dict(base, gate_grads=False, fast=True), dict(base), dict(base, gates=False)]
+            for kind in (P, DEC):
+                base = dict(kind=kind, dtype=dtype, D=D, paged=True, mix=True)
+                cases += [dict(base), dict(base, gates=False)]
     return cases
 
 
@@ -122,13 +134,17 @@ def instruction_mix(rows: list[dict], cc: int) -> list[dict]:
         if case.get("gates", True) is False or case.get("fast") is False:
             continue
         kind = case["kind"]
-        if kind == P and not case.get("fast"):
+        paged = case.get("paged", False)
+        if kind == P and not case.get("fast") and not paged:
             continue  # the general form is reported with the fast one
         if kind == "backward" and not case.get("fast"):
             continue
         plain_case = {k: v for k, v in case.items() if k not in ("fast", "gate_grads")}
         plain_case["gates"] = False
-        if kind == P:
+        if paged:
+            kernels = ["_anchored_prefill_kernel" if kind == P else "_anchored_decode_split_kernel"]
+            other_case = other_name = None
+        elif kind == P:
             kernels = ["_anchored_prefill_kernel"]
             other_case, other_name = {k: v for k, v in case.items() if k != "fast"}, "general"
         elif kind == DEC:
@@ -147,7 +163,8 @@ def instruction_mix(rows: list[dict], cc: int) -> list[dict]:
             entry = dict(
                 kernel=kernel, dtype=case["dtype"], D=case["D"],
                 causal=case.get("causal", True), cc=cc,
-                form={P: "fast (pre-scaled V)", DEC: "general (scale in loop)"}.get(
+                form="paged, general (scale in loop)" if paged else
+                {P: "fast (pre-scaled V)", DEC: "general (scale in loop)"}.get(
                     kind, "fast, fixed gates (no gate gradients)"),
                 anchored=a, plain=p, ratio_non_mma_per_mma=ratio, ratio_instructions=ratio_insn,
                 meets_target=ratio <= TARGET,

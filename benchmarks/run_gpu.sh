@@ -16,12 +16,26 @@ for mod in array_api_compat accelerate; do
 done
 status=0
 python -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" || status=1
-for script in bench_attention bench_decode bench_backward bench_ssc bench_scalable_scoring bench_blocked bench_integration bench_spectral; do
+for script in bench_attention bench_decode bench_paged bench_backward bench_ssc bench_scalable_scoring bench_blocked bench_integration bench_spectral; do
   if [ -f "benchmarks/$script.py" ]; then
     echo "== $script"
     python "benchmarks/$script.py" --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/$script.log" || status=1
   fi
 done
+# vLLM serving, anchored (the plugin's CUDA backend) vs plain vLLM on the same settings.
+# Needs a CUDA build of vllm 0.32 and a local Qwen2.5-VL-7B-Instruct checkpoint (no network
+# on the GPU machine): VIDEOANCHOR_QWEN25VL_7B=/path/to/checkpoint. (The tests of the
+# plugin on CUDA, tests/test_vllm_gpu.py, ran above with -m gpu, skipped without vllm.)
+if ! python -c "import sys, vllm; from vllm.platforms import current_platform as p; sys.exit(not p.is_cuda())" 2>/dev/null; then
+  echo "== bench_vllm skipped: needs a CUDA build of vllm 0.32 (pip install 'videoanchor[vllm]', or carry its wheels)"
+elif [ -z "${VIDEOANCHOR_QWEN25VL_7B:-}" ]; then
+  echo "== bench_vllm skipped: set VIDEOANCHOR_QWEN25VL_7B to a local Qwen2.5-VL-7B-Instruct checkpoint"
+else
+  echo "== bench_vllm (Qwen2.5-VL-7B, 16 frames, bf16)"
+  python benchmarks/bench_vllm.py --model "$VIDEOANCHOR_QWEN25VL_7B" --frames 16 --size 336 \
+    --requests 16 --max-tokens 64 --dtype bfloat16 --n-clusters 24 --out-dir "$OUT" \
+    2>&1 | tee "$OUT/bench_vllm.log" || status=1
+fi
 # tune's sweep vs the naive loop (the tiny model unless --model names a local checkpoint)
 echo "== bench_tune"
 python benchmarks/bench_tune.py --device cuda --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/bench_tune.log" || status=1

@@ -33,6 +33,17 @@ CASES = [
     ("prefill-bf16-d128-fast", dict(kind=P, dtype="bf16", D=128, fast=True), (80, 86, 90)),
     ("prefill-fp16-d64-fast-varlen", dict(kind=P, dtype="fp16", D=64, fast=True, varlen=True),
      (90,)),
+    # Paged (vLLM's layout: K and V strided views of one cache, 16-slot blocks, per-slot
+    # gates read through the block table, general form).
+    ("paged-prefill-bf16-d128-g7",
+     dict(kind=P, dtype="bf16", D=128, paged=True, seq_gated=True), (80, 86, 90)),
+    ("paged-prefill-fp16-d64-g4", dict(kind=P, dtype="fp16", D=64, group=4, paged=True), (90,)),
+    ("paged-prefill-fp32-d128-g7", dict(kind=P, dtype="fp32", D=128, paged=True), (80, 90)),
+    ("paged-decode-bf16-d128-g7",
+     dict(kind=D_, dtype="bf16", D=128, paged=True, seq_gated=True), (80, 90)),
+    ("paged-decode-fp16-d64-g4-sq4",
+     dict(kind=D_, dtype="fp16", D=64, group=4, Sq=4, paged=True), (90,)),
+    ("paged-decode-fp32-d128-g7", dict(kind=D_, dtype="fp32", D=128, paged=True), (80, 86)),
 ]  # fmt: skip
 IDS = [f"{name}-sm{cc}" for name, _, ccs in CASES for cc in ccs]
 

@@ -48,7 +48,36 @@ def _prompt(kind, data=None, family="qwen2_5_vl"):
     return vs.prompt(family, kind)
 
 
+def _runner_info(worker):
+    """Which model runner the worker runs, and whether the plugin's V2 hook is on it."""
+    runner = worker.model_runner
+    state = getattr(runner, "model_state", None)
+    return {"module": type(runner).__module__,
+            "v2_hooked": state is not None and "_videoanchor" in state.__dict__}  # fmt: skip
+
+
+_PREEMPTED = [0]
+
+
+def _count_preemptions():
+    """Counts the scheduler's preemptions (observation only), so a test can tell that its
+    batch was preempted."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    orig = Scheduler._preempt_request
+
+    def counted(self, *args, **kwargs):
+        _PREEMPTED[0] += 1
+        return orig(self, *args, **kwargs)
+
+    Scheduler._preempt_request = counted
+
+
 def run_vllm(spec):
+    if spec.get("model_runner") == "v2":  # before vLLM is imported
+        import vllm_v2_shim
+
+        vllm_v2_shim.apply()
     from vllm import LLM, SamplingParams
 
     # Engines that must fail at start-up, tried first in this process (cheaper than a
@@ -59,6 +88,9 @@ def run_vllm(spec):
         )
         for c in spec.get("startup_checks", [])
     ]
+    if spec.get("count_preemptions"):
+        _count_preemptions()
+
     t0 = time.perf_counter()
     engine = dict(
         dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
@@ -70,7 +102,8 @@ def run_vllm(spec):
         llm = LLM(model=spec["checkpoint"], **engine)
     except Exception as err:  # start-up failure: the test checks the message
         return {"startup_error": f"{type(err).__name__}: {err}"}
-    out = {"startup_s": time.perf_counter() - t0, "batches": [], "startup_errors": startup_errors}
+    out = {"startup_s": time.perf_counter() - t0, "batches": [], "startup_errors": startup_errors,
+           "model_runner": llm.collective_rpc(_runner_info)[0]}  # fmt: skip
     for batch in spec["batches"]:
         results = []
         prompts, params, slots = [], [], []
@@ -91,7 +124,7 @@ def run_vllm(spec):
             prompts.append(prompt)
             params.append(sp)
             slots.append(i)
-        t = time.perf_counter()
+        t, preempted = time.perf_counter(), _PREEMPTED[0]
         gens = llm.generate(prompts, params, use_tqdm=False) if prompts else []
         elapsed = time.perf_counter() - t
         for i, g in zip(slots, gens, strict=True):
@@ -103,7 +136,8 @@ def run_vllm(spec):
                 "prompt_ids": list(g.prompt_token_ids),
                 "cached": g.num_cached_tokens,
             }
-        out["batches"].append({"results": results, "seconds": elapsed})
+        out["batches"].append({"results": results, "seconds": elapsed,
+                               "preemptions": _PREEMPTED[0] - preempted})  # fmt: skip
     return out
 
 

@@ -258,6 +258,32 @@ def case_inputs(case: dict):
     return (q, k, v, kb, vs, mask, out, lse), kwargs
 
 
+def paged_case_inputs(case: dict):
+    """A vLLM-style paged call: one (num_blocks, Hkv, block_size, 2 * D) cache tensor whose
+    K and V halves are strided views, 16-slot blocks, int32 block table and seq_lens, the
+    float32 per-slot gate caches and (``seq_gated``) per-sequence gate flags."""
+    dtype = DTYPES[case["dtype"]]
+    D, group = case["D"], case.get("group", 7)
+    Hkv = case.get("Hkv", 4)
+    Hq = Hkv * group
+    B, Sq = 2, case.get("Sq", 48 if case["kind"] == "prefill" else 1)
+    block_size, num_blocks, max_blocks = case.get("block_size", 16), 64, 24
+    kv = torch.randn(num_blocks, Hkv, block_size, 2 * D).to(dtype)
+    k_cache, v_cache = kv[..., :D].transpose(1, 2), kv[..., D:].transpose(1, 2)
+    table = torch.randint(0, num_blocks, (B, max_blocks), dtype=torch.int32)
+    seq_lens = torch.full((B,), 300, dtype=torch.int32)
+    cu_q = torch.arange(0, B + 1, dtype=torch.int32) * Sq
+    q = torch.randn(B * Sq, Hq, D).to(dtype)
+    gates = case.get("gates", True)
+    kb = torch.rand(num_blocks, block_size) if gates else None
+    vs = 1 + torch.rand(num_blocks, block_size) if gates else None
+    # seq_gated: each program branches on its sequence's flag (two loops in the code);
+    # without it, every sequence runs the gated loop (one loop: what "mix" measures).
+    gated = torch.ones(B, dtype=torch.int32) if case.get("seq_gated", False) else None
+    args = (q, k_cache, v_cache, table, seq_lens, cu_q, Sq, kb, vs, gated, torch.empty_like(q))
+    return args, dict(causal=case.get("causal", True), sm_scale=1 / math.sqrt(D), interpret=False)
+
+
 def capture_backward(case: dict, cc: int) -> list[_launch.Launch]:
     """The launches (dK/dV, then dQ) of the backward of a prefill ``case`` on ``sm_<cc>``:
     the forward's inputs, an output gradient in the output's layout, its float32 lse, and
@@ -289,6 +315,13 @@ def capture_case(case: dict, cc: int) -> list[_launch.Launch]:
 
     if case["kind"] == "backward":
         return capture_backward(case, cc)
+    if case.get("paged", False):
+        from videoanchor.kernels import paged
+
+        args, kwargs = paged_case_inputs(case)
+        with _launch.capture_launches() as launches:
+            paged.launch_paged(*args, capability=(cc // 10, cc % 10), **kwargs)
+        return launches
     args, kwargs = case_inputs(case)
     fn = triton_prefill.launch_prefill if case["kind"] == "prefill" else triton_decode.launch_decode
     with _launch.capture_launches() as launches:

@@ -22,7 +22,13 @@ import triton
 import triton.language as tl
 
 from videoanchor.kernels.launch import device_capability, launch
-from videoanchor.kernels.triton_prefill import LOG2E, _attend_key_range, _gate_args, dot_precision
+from videoanchor.kernels.triton_prefill import (
+    LOG2E,
+    NOT_PAGED,
+    _attend_key_range,
+    _gate_args,
+    dot_precision,
+)
 
 
 @triton.jit(do_not_specialize=["Sq", "Skv", "split_len", "rows", "n_split"])
@@ -36,6 +42,8 @@ def _anchored_decode_split_kernel(
     SeqLensK,
     CuSeqQ,
     CuSeqK,
+    BlockTable,
+    SeqGate,
     OPart,
     LsePart,
     stride_qb,
@@ -56,6 +64,11 @@ def _anchored_decode_split_kernel(
     stride_scale_n,
     stride_mask_b,
     stride_mask_n,
+    stride_bt,
+    stride_kblk,
+    stride_vblk,
+    stride_bias_blk,
+    stride_scale_blk,
     Hkv,
     group,
     Sq,
@@ -75,6 +88,9 @@ def _anchored_decode_split_kernel(
     SEQLENS_K: tl.constexpr,
     VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    PAGED: tl.constexpr,
+    SEQ_GATE: tl.constexpr,
 ):
     # Batch * KV heads on grid axis 0, the only one that allows more than 65,535 blocks.
     pid_bh = tl.program_id(0)
@@ -85,13 +101,19 @@ def _anchored_decode_split_kernel(
     # Sq is the packing stride of the rows (max_seqlen_q for packed sequences); sq_b is
     # this sequence's number of queries.
     sq_b = Sq
-    if VARLEN:
+    gate = 1.4426950408889634  # PAGED: the bias cache's natural-log units to log2
+    if VARLEN or PAGED:
         # Packed sequences: batch strides are 0; sequence b starts at CuSeq[b]. Its split
         # length comes from its own key count, so no host-side length hint can drop keys.
         q_start = tl.load(CuSeqQ + i_b).to(tl.int64)
-        k_start = tl.load(CuSeqK + i_b).to(tl.int64)
         sq_b = (tl.load(CuSeqQ + i_b + 1) - q_start).to(tl.int32)
-        Skv = (tl.load(CuSeqK + i_b + 1) - k_start).to(tl.int32)
+        if PAGED:
+            # Keys through the block table: CuSeqK holds seq_lens.
+            k_start = q_start * 0
+            Skv = tl.load(CuSeqK + i_b).to(tl.int32)
+        else:
+            k_start = tl.load(CuSeqK + i_b).to(tl.int64)
+            Skv = (tl.load(CuSeqK + i_b + 1) - k_start).to(tl.int32)
         split_len = tl.cdiv(tl.cdiv(Skv, n_split), BLOCK_N) * BLOCK_N
     else:
         q_start = i_b.to(tl.int64) * 0
@@ -119,18 +141,43 @@ def _anchored_decode_split_kernel(
     p_bias = Bias + i_b.to(tl.int64) * stride_bias_b + k_start * stride_bias_n
     p_scale = Scale + i_b.to(tl.int64) * stride_scale_b + k_start * stride_scale_n
     p_mask = Mask + i_b.to(tl.int64) * stride_mask_b + k_start * stride_mask_n
+    p_bt = BlockTable + i_b.to(tl.int64) * stride_bt
 
     lo = i_s * split_len
     hi = tl.minimum(lo + split_len, Skv)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = _attend_key_range(
-        acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
-        stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
-        i_q, offs_d, lo, hi, Skv, Skv - sq_b, qk_scale,
-        BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
-    )  # fmt: skip
+    if SEQ_GATE:
+        # Per-sequence flag "these queries read the gates" (uniform in the program): the
+        # others run the plain loop (a decode step in decode="prefill" mode).
+        if tl.load(SeqGate + i_b) != 0:
+            acc, l_i, m_i = _attend_key_range(
+                acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
+                stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
+                i_q, offs_d, lo, hi, Skv, Skv - sq_b, qk_scale,
+                p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
+                BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
+                PAGE_SIZE, PAGED,
+            )  # fmt: skip
+        else:
+            acc, l_i, m_i = _attend_key_range(
+                acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
+                stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
+                i_q, offs_d, lo, hi, Skv, Skv - sq_b, qk_scale,
+                p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
+                BLOCK_N, HEAD_DIM, True, CAUSAL, False, False, HAS_MASK, DOT_PRECISION,
+                PAGE_SIZE, PAGED,
+            )  # fmt: skip
+    else:
+        acc, l_i, m_i = _attend_key_range(
+            acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
+            stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
+            i_q, offs_d, lo, hi, Skv, Skv - sq_b, qk_scale,
+            p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
+            BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
+            PAGE_SIZE, PAGED,
+        )  # fmt: skip
 
     has_key = l_i > 0
     b_o = acc / tl.where(has_key, l_i, 1.0)[:, None]
@@ -313,15 +360,16 @@ def launch_decode(
     cu_k = cu_seqlens_k if varlen else q
     args = (
         q, k, v, bias, scale, mask, cache_seqlens if cache_seqlens is not None else q,
-        cu_q, cu_k, o_part, lse_part,
-        *sq, *sk, *sv, *gate_strides,
+        cu_q, cu_k, q, q, o_part, lse_part,
+        *sq, *sk, *sv, *gate_strides, *NOT_PAGED,
         Hkv, group, Sq, Skv, split_len, rows, n_split, sm_scale * LOG2E,
     )  # fmt: skip
     kwargs = dict(
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m,
         BLOCK_N=cfg["BLOCK_N"], CAUSAL=causal, HAS_BIAS=key_bias is not None,
         HAS_SCALE=value_scale is not None, HAS_MASK=key_padding_mask is not None,
-        SEQLENS_K=cache_seqlens is not None, VARLEN=varlen,
+        SEQLENS_K=cache_seqlens is not None, VARLEN=varlen, PAGE_SIZE=1, PAGED=False,
+        SEQ_GATE=False,
         DOT_PRECISION=cfg["DOT_PRECISION"], enable_fp_fusion=cfg["enable_fp_fusion"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip

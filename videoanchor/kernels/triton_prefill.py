@@ -30,6 +30,8 @@ import triton.language as tl
 from videoanchor.kernels.launch import device_capability, launch
 
 LOG2E = 1.4426950408889634
+# stride_bt and the four block strides of a launch that is not paged (unused there).
+NOT_PAGED = (0, 0, 0, 0, 0)
 
 
 @triton.jit
@@ -55,6 +57,12 @@ def _attend_key_range(
     Skv,
     diag,
     qk_scale,
+    p_bt,
+    stride_kblk,
+    stride_vblk,
+    stride_bias_blk,
+    stride_scale_blk,
+    gate,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BOUNDARY: tl.constexpr,
@@ -63,7 +71,13 @@ def _attend_key_range(
     HAS_SCALE: tl.constexpr,
     HAS_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    PAGED: tl.constexpr,
 ):
+    # PAGED: key position p lives in block p_bt[p // PAGE_SIZE], slot p % PAGE_SIZE (K, V
+    # and the gate caches alike; V at K's strides, the value scale at the bias's); the bias
+    # arrives in natural-log units and is multiplied by ``gate`` (log2(e)). Otherwise p_bt,
+    # the block strides and ``gate`` are unused.
     m_d = offs_d < HEAD_DIM
     o_n = tl.arange(0, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N):
@@ -72,19 +86,33 @@ def _attend_key_range(
         # at S * H * D > 2^31 (e.g. 600k tokens of 28 x 128 heads).
         o_kn = offs_n.to(tl.int64)
         m_n = offs_n < Skv
-        if BOUNDARY:
-            b_kt = tl.load(
-                p_k + o_kn[None, :] * stride_kn, mask=m_d[:, None] & m_n[None, :], other=0.0
-            )
+        if PAGED:
+            b_blk = tl.load(p_bt + offs_n // PAGE_SIZE, mask=m_n, other=0).to(tl.int64)
+            b_slot = (offs_n % PAGE_SIZE).to(tl.int64)
+            # The launcher guarantees V shares K's strides and the two gate caches share
+            # theirs (vLLM's layout): one address computation each.
+            o_k = b_blk * stride_kblk + b_slot * stride_kn
+            o_v = o_k
+            o_b = b_blk * stride_bias_blk + b_slot * stride_bias_n
+            o_s = o_b
         else:
-            b_kt = tl.load(p_k + o_kn[None, :] * stride_kn, mask=m_d[:, None], other=0.0)
+            o_k = o_kn * stride_kn
+            o_v = o_kn * stride_vn
+            o_b = o_kn * stride_bias_n
+            o_s = o_kn * stride_scale_n
+        if BOUNDARY:
+            b_kt = tl.load(p_k + o_k[None, :], mask=m_d[:, None] & m_n[None, :], other=0.0)
+        else:
+            b_kt = tl.load(p_k + o_k[None, :], mask=m_d[:, None], other=0.0)
         # [BLOCK_M, BLOCK_N] logits in log2 units
         if HAS_BIAS:
             # The bias arrives in log2 units: it rides in the FMA that applies qk_scale.
             if BOUNDARY:
-                b_bias = tl.load(p_bias + o_kn * stride_bias_n, mask=m_n, other=0.0)
+                b_bias = tl.load(p_bias + o_b, mask=m_n, other=0.0)
             else:
-                b_bias = tl.load(p_bias + o_kn * stride_bias_n)
+                b_bias = tl.load(p_bias + o_b)
+            if PAGED:
+                b_bias = b_bias.to(tl.float32) * gate
             b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale + b_bias[None, :]
         else:
             b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale
@@ -110,21 +138,47 @@ def _attend_key_range(
         else:
             m_v = m_n
         if HAS_SCALE:
-            b_vs = tl.load(p_scale + o_kn * stride_scale_n, mask=m_v, other=0.0).to(tl.float32)
+            b_vs = tl.load(p_scale + o_s, mask=m_v, other=0.0).to(tl.float32)
             b_p = b_p * b_vs[None, :]
         if HAS_MASK:
-            b_v = tl.load(
-                p_v + o_kn[:, None] * stride_vn, mask=m_v[:, None] & m_d[None, :], other=0.0
-            )
+            b_v = tl.load(p_v + o_v[:, None], mask=m_v[:, None] & m_d[None, :], other=0.0)
         elif BOUNDARY:
-            b_v = tl.load(
-                p_v + o_kn[:, None] * stride_vn, mask=m_n[:, None] & m_d[None, :], other=0.0
-            )
+            b_v = tl.load(p_v + o_v[:, None], mask=m_n[:, None] & m_d[None, :], other=0.0)
         else:
-            b_v = tl.load(p_v + o_kn[:, None] * stride_vn, mask=m_d[None, :], other=0.0)
+            b_v = tl.load(p_v + o_v[:, None], mask=m_d[None, :], other=0.0)
         acc = tl.dot(b_p.to(b_v.dtype), b_v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def _attend_prefill_ranges(
+    acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
+    stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
+    offs_m, offs_d, full_hi, hi, Skv, diag, qk_scale,
+    p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
+):  # fmt: skip
+    """A prefill query block's keys: the blocks every row sees (no masking), then the
+    diagonal and boundary blocks."""
+    acc, l_i, m_i = _attend_key_range(
+        acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
+        stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
+        offs_m, offs_d, 0, full_hi, Skv, diag, qk_scale,
+        p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
+        BLOCK_N, HEAD_DIM, False, False, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
+        PAGE_SIZE, PAGED,
+    )  # fmt: skip
+    return _attend_key_range(
+        acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
+        stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
+        offs_m, offs_d, full_hi, hi, Skv, diag, qk_scale,
+        p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
+        BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
+        PAGE_SIZE, PAGED,
+    )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["Sq", "Skv", "n_blocks_m"])
@@ -140,6 +194,8 @@ def _anchored_prefill_kernel(
     LseShift,
     CuSeqQ,
     CuSeqK,
+    BlockTable,
+    SeqGate,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -166,6 +222,11 @@ def _anchored_prefill_kernel(
     stride_lse_h,
     stride_lse_m,
     stride_shift_b,
+    stride_bt,
+    stride_kblk,
+    stride_vblk,
+    stride_bias_blk,
+    stride_scale_blk,
     Hq,
     group,
     Sq,
@@ -185,6 +246,9 @@ def _anchored_prefill_kernel(
     VARLEN: tl.constexpr,
     SEQLENS_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    PAGED: tl.constexpr,
+    SEQ_GATE: tl.constexpr,
 ):
     # One grid axis (CUDA allows 2^31 - 1 blocks on x, 65,535 on y and z), query blocks
     # fastest. Under causal masking the last query blocks do the most work: start them
@@ -197,12 +261,18 @@ def _anchored_prefill_kernel(
     i_hk = i_h // group
     start_m = pid_m * BLOCK_M
 
-    if VARLEN:
+    gate = 1.4426950408889634  # PAGED: the bias cache's natural-log units to log2
+    if VARLEN or PAGED:
         # Packed sequences: batch strides are 0; sequence b starts at CuSeq[b].
         q_start = tl.load(CuSeqQ + i_b).to(tl.int64)
-        k_start = tl.load(CuSeqK + i_b).to(tl.int64)
         Sq = (tl.load(CuSeqQ + i_b + 1) - q_start).to(tl.int32)
-        Skv = (tl.load(CuSeqK + i_b + 1) - k_start).to(tl.int32)
+        if PAGED:
+            # Keys through the block table; CuSeqK holds seq_lens.
+            k_start = q_start * 0
+            Skv = tl.load(CuSeqK + i_b).to(tl.int32)
+        else:
+            k_start = tl.load(CuSeqK + i_b).to(tl.int64)
+            Skv = (tl.load(CuSeqK + i_b + 1) - k_start).to(tl.int32)
         if start_m >= Sq:
             return
     else:
@@ -230,6 +300,7 @@ def _anchored_prefill_kernel(
     p_bias = Bias + i_b.to(tl.int64) * stride_bias_b + k_start * stride_bias_n
     p_scale = Scale + i_b.to(tl.int64) * stride_scale_b + k_start * stride_scale_n
     p_mask = Mask + i_b.to(tl.int64) * stride_mask_b + k_start * stride_mask_n
+    p_bt = BlockTable + i_b.to(tl.int64) * stride_bt
 
     # Bottom-right causal alignment: query i sees key j iff j <= i + diag.
     diag = Skv - Sq
@@ -245,18 +316,36 @@ def _anchored_prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = _attend_key_range(
-        acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
-        stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
-        offs_m, offs_d, 0, full_hi, Skv, diag, qk_scale,
-        BLOCK_N, HEAD_DIM, False, False, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
-    )  # fmt: skip
-    acc, l_i, m_i = _attend_key_range(
-        acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
-        stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
-        offs_m, offs_d, full_hi, hi, Skv, diag, qk_scale,
-        BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
-    )  # fmt: skip
+    if SEQ_GATE:
+        # Per-sequence flag (uniform in the program): gated sequences run the gated loop,
+        # the others the plain loop, so an ungated row costs nothing extra.
+        if tl.load(SeqGate + i_b) != 0:
+            acc, l_i, m_i = _attend_prefill_ranges(
+                acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
+                stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
+                offs_m, offs_d, full_hi, hi, Skv, diag, qk_scale,
+                p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
+                BLOCK_N, HEAD_DIM, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
+                PAGE_SIZE, PAGED,
+            )  # fmt: skip
+        else:
+            acc, l_i, m_i = _attend_prefill_ranges(
+                acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
+                stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
+                offs_m, offs_d, full_hi, hi, Skv, diag, qk_scale,
+                p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
+                BLOCK_N, HEAD_DIM, CAUSAL, False, False, HAS_MASK, DOT_PRECISION,
+                PAGE_SIZE, PAGED,
+            )  # fmt: skip
+    else:
+        acc, l_i, m_i = _attend_prefill_ranges(
+            acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
+            stride_kn, stride_vn, stride_bias_n, stride_scale_n, stride_mask_n,
+            offs_m, offs_d, full_hi, hi, Skv, diag, qk_scale,
+            p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
+            BLOCK_N, HEAD_DIM, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
+            PAGE_SIZE, PAGED,
+        )  # fmt: skip
 
     # Rows with no visible key have l = 0 and acc = 0: they give 0, never NaN. o_scale
     # undoes the fast form's 1 / c on V (a power of two: exact); 1.0 otherwise.
@@ -486,7 +575,7 @@ def launch_prefill(
     n_blocks_m = triton.cdiv(rows, cfg["BLOCK_M"])
     args = (
         q, k, v, bias, scale, mask, out, lse if lse is not None else out, shift, cu_q, cu_k,
-        *sq, *sk, *sv, *so, *gate_strides, *sl, s_shift,
+        q, q, *sq, *sk, *sv, *so, *gate_strides, *sl, s_shift, *NOT_PAGED,
         Hq, Hq // Hkv, Sq, Skv, n_blocks_m, sm_scale * LOG2E, o_scale,
     )  # fmt: skip
     kwargs = dict(
@@ -494,7 +583,8 @@ def launch_prefill(
         CAUSAL=causal, HAS_BIAS=key_bias is not None, HAS_SCALE=value_scale is not None,
         HAS_MASK=key_padding_mask is not None, STORE_LSE=lse is not None, VARLEN=varlen,
         SEQLENS_K=cache_seqlens is not None, DOT_PRECISION=cfg["DOT_PRECISION"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PAGE_SIZE=1, PAGED=False, SEQ_GATE=False, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
         enable_fp_fusion=cfg["enable_fp_fusion"],
     )  # fmt: skip
     launch(_anchored_prefill_kernel, (n_blocks_m * B * Hq,), args, kwargs)

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import logging
 
-__all__ = ["SUPPORTED_VLLM", "check_vllm_version", "register"]
+__all__ = [
+    "CUDA_BACKEND",
+    "SUPPORTED_VLLM",
+    "check_vllm_version",
+    "register",
+    "select_cuda_backend",
+]
 
 #: vLLM versions the plugin is written and tested against: [low, high).
 SUPPORTED_VLLM = ((0, 32, 0), (0, 33, 0))
@@ -43,6 +49,71 @@ def check_vllm_version(version: str | None = None) -> None:
         )
 
 
+#: The class path ``AttentionBackendEnum.CUSTOM`` is registered to on an anchored CUDA engine.
+CUDA_BACKEND = "videoanchor.integrations.vllm.backend_cuda.VideoAnchorCUDABackend"
+
+
+def select_cuda_backend(vllm_config) -> None:
+    """Makes an engine config use the plugin's CUDA backend when (and only when) it has
+    ``additional_config["videoanchor"]``: ``attention_config.backend = CUSTOM``, registered
+    to :data:`CUDA_BACKEND` (a subclass of TRITON_ATTN; vLLM's ``validate_configuration``
+    of it then runs in the workers). An unanchored config is left exactly as vLLM made it.
+    Raises ValueError for a backend choice it cannot honour."""
+    from videoanchor.integrations.vllm.config import engine_config
+
+    if engine_config(vllm_config.additional_config) is None:
+        return
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    custom = AttentionBackendEnum.CUSTOM
+    if custom.is_overridden() and custom.get_path() != CUDA_BACKEND:
+        raise ValueError(
+            "additional_config['videoanchor']: the anchored CUDA engine runs its attention "
+            f"as AttentionBackendEnum.CUSTOM, but CUSTOM is already registered to "
+            f"{custom.get_path()!r} (another plugin); disable that plugin (VLLM_PLUGINS) or "
+            "serve unanchored"
+        )
+    register_backend(custom, CUDA_BACKEND)
+    att = vllm_config.attention_config
+    if att.backend_per_kind:
+        raise ValueError(
+            "additional_config['videoanchor']: expected no per-KV-group attention backends "
+            f"(attention_config.backend_per_kind), got {dict(att.backend_per_kind)}; the "
+            "anchored engine runs videoanchor's TRITON_ATTN subclass on every layer"
+        )
+    chosen = att.backend
+    if chosen not in (None, AttentionBackendEnum.TRITON_ATTN, custom):
+        raise ValueError(
+            "additional_config['videoanchor']: an anchored CUDA engine runs videoanchor's "
+            f"attention backend (a subclass of TRITON_ATTN), got attention backend "
+            f"{chosen.name}; drop --attention-backend (or pass TRITON_ATTN)"
+        )
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    if cache_dtype not in ("auto", "float16", "bfloat16"):
+        raise ValueError(
+            "additional_config['videoanchor']: expected kv_cache_dtype 'auto' (or float16 / "
+            f"bfloat16), got {cache_dtype!r}; the anchored kernels read an unquantised cache"
+        )
+    att.backend = custom
+
+
+def _refuse_unsupported_engine_features(vllm_config) -> None:
+    """Engine features whose steps the runner hook does not see: later pipeline stages get
+    no per-step gates, and a draft model's attention steps have other tokens."""
+    parallel = getattr(vllm_config, "parallel_config", None)
+    pp = getattr(parallel, "pipeline_parallel_size", 1)
+    if pp > 1:
+        raise ValueError(
+            "additional_config['videoanchor']: expected pipeline_parallel_size 1, got "
+            f"{pp}; the gates are made on the first stage only (tensor parallelism works)"
+        )
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        raise ValueError(
+            "additional_config['videoanchor']: expected no speculative decoding, got "
+            "speculative_config; drop it or serve unanchored"
+        )
+
+
 def _validate_at_startup(vllm_config) -> None:
     from videoanchor.integrations.vllm.config import engine_config
 
@@ -52,14 +123,17 @@ def _validate_at_startup(vllm_config) -> None:
 
         hf_config = getattr(vllm_config.model_config, "hf_config", None)
         check_family(getattr(hf_config, "model_type", None))
+        _refuse_unsupported_engine_features(vllm_config)
         from vllm.platforms import current_platform
 
-        if not current_platform.is_cpu():
+        if current_platform.is_cuda():
+            select_cuda_backend(vllm_config)
+        elif not current_platform.is_cpu():
             raise NotImplementedError(
-                "additional_config['videoanchor']: this version of the plugin anchors on "
-                f"vLLM's CPU platform only (found {type(current_platform).__name__}); the "
-                "CUDA backend (Triton paged kernels) is not wired yet. Start the engine "
-                "without additional_config['videoanchor'] to serve unanchored"
+                "additional_config['videoanchor']: the plugin anchors on vLLM's CPU and CUDA "
+                f"platforms, found {type(current_platform).__name__} (ROCm, XPU, TPU and "
+                "others are not supported); start the engine without "
+                "additional_config['videoanchor'] to serve unanchored"
             )
 
 

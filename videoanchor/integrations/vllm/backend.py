@@ -111,25 +111,39 @@ class VideoAnchorCPUImpl(CPUAttentionBackendImpl):
         flags = st.seq_anchored if st.owner is not None else []
         if len(flags) != num_seqs:
             flags = [False] * num_seqs
+        counts = st.seq_gated_queries if len(st.seq_gated_queries) == num_seqs else None
+        if not attn_metadata.causal:  # a piece would cut keys off: whole sequences only
+            counts = None
         gates = None
         if any(flags):
             num_blocks, _, block_size, _ = kv_cache.shape
             gates = state.gate_cache(st.owner, num_blocks, block_size, kv_cache.device)
         q = query[:n]
         out = output[:n].view(n, self.num_heads, self.head_size)
-        for flag in (False, True):
-            idx = [i for i, f in enumerate(flags) if f == flag]
-            if not idx:
+        # Pieces (sequence, first query row, end row, key length): a sequence whose first k
+        # queries read gates and the rest not (a recompute over a prompt's end and generated
+        # tokens) is two pieces; each keeps the bottom-right causal layout.
+        pieces = {False: [], True: []}
+        qsl_l, lens_l = qsl.tolist(), seq_lens.tolist()
+        for b in range(num_seqs):
+            s, e, length = qsl_l[b], qsl_l[b + 1], lens_l[b]
+            k = (e - s if counts is None else min(counts[b], e - s)) if flags[b] else 0
+            if k > 0:
+                pieces[True].append((b, s, s + k, length - (e - s - k)))
+            if k < e - s:
+                pieces[False].append((b, s + k, e, length))
+        for flag, group in pieces.items():
+            if not group:
                 continue
-            sel = torch.tensor(idx, dtype=torch.long)
-            q_lens = (qsl[1:] - qsl[:-1])[sel]
-            cu = torch.zeros(len(idx) + 1, dtype=torch.int32)
+            sel = torch.tensor([p[0] for p in group], dtype=torch.long)
+            q_lens = torch.tensor([p[2] - p[1] for p in group], dtype=torch.int32)
+            cu = torch.zeros(len(group) + 1, dtype=torch.int32)
             cu[1:] = torch.cumsum(q_lens, 0)
-            rows = torch.cat([torch.arange(int(qsl[i]), int(qsl[i + 1])) for i in idx])
+            rows = torch.cat([torch.arange(p[1], p[2]) for p in group])
             res = anchored_attention_paged(
                 q[rows], k_cache, v_cache, attn_metadata.block_table[sel],
-                seq_lens[sel].to(torch.int32), cu_seqlens_q=cu,
-                max_seqlen_q=int(q_lens.max()) if len(idx) else 0,
+                torch.tensor([p[3] for p in group], dtype=torch.int32), cu_seqlens_q=cu,
+                max_seqlen_q=int(q_lens.max()),
                 key_bias_cache=gates[0] if flag else None,
                 value_scale_cache=gates[1] if flag else None,
                 softmax_scale=self.scale, causal=bool(attn_metadata.causal),

@@ -6,8 +6,10 @@
 - ``SamplingParams._verify_extra_args``: validates a request's videoanchor entries, so a bad
   value fails that request only (HTTP 400 in the OpenAI server);
 - the attention backend registry: CPU_ATTN -> :class:`.backend.VideoAnchorCPUBackend`;
+  CUSTOM -> :class:`.backend_cuda.VideoAnchorCUDABackend`, which an anchored CUDA engine's
+  config selects (:func:`videoanchor.integrations.vllm.select_cuda_backend`);
 - ``EngineCore``'s block hasher: salts an anchored request's ``cache_salt`` (prefix caching);
-- the model runner: :mod:`.runner`.
+- the model runners: :mod:`.runner` (V1), :mod:`.runner_v2` (V2).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def install() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
     from vllm.v1.engine.core import EngineCore
 
-    from videoanchor.integrations.vllm import _validate_at_startup, runner
+    from videoanchor.integrations.vllm import CUDA_BACKEND, _validate_at_startup, runner, runner_v2
 
     def make_create(orig):
         def create_engine_config(self, *args, **kwargs):
@@ -65,6 +67,11 @@ def install() -> None:
         AttentionBackendEnum.CPU_ATTN,
         "videoanchor.integrations.vllm.backend.VideoAnchorCPUBackend",
     )
+    # CUDA: CUSTOM is only ever selected by an anchored engine's config
+    # (select_cuda_backend); register it in every process (the workers resolve it), unless
+    # another plugin owns CUSTOM (an anchored engine then fails at start-up saying so).
+    if not AttentionBackendEnum.CUSTOM.is_overridden():
+        register_backend(AttentionBackendEnum.CUSTOM, CUDA_BACKEND)
 
     def make_core_init(orig):
         def __init__(self, vllm_config, *args, **kwargs):
@@ -90,3 +97,4 @@ def install() -> None:
 
     _once(EngineCore, "__init__", make_core_init)
     runner.install()
+    runner_v2.install()

@@ -1,22 +1,32 @@
-"""Scores per request, gates per step: a wrapper around vLLM's model runner.
+"""Scores per request, gates per step: the logic shared by both of vLLM's model runners, and
+the hook into model runner V1.
 
-``GPUModelRunner._gather_mm_embeddings`` (the CPU runner inherits it) runs once per step,
-after the step's encoder outputs are in the runner's encoder cache and in the batch order
-of the attention metadata. After it, for each running request (its
-``SamplingParams.extra_args`` are visible here, in ``runner.requests``):
+Both runners (V1 here; V2 in :mod:`.runner_v2`) describe each step as a list of
+:class:`Scheduled` requests in the batch order of the attention metadata (the order of the
+step's flat tokens, i.e. of ``slot_mapping``), and give a function that returns the encoder
+outputs (projector outputs) of some of a request's multimodal items. :func:`fill_step` then,
+for each request (its ``SamplingParams.extra_args`` read the first time it is seen):
 
-- the first time its scheduled tokens reach one of its visual items, one joint SSC runs over
-  the projector outputs of ALL its scored items (an item not encoded yet is encoded here),
-  with :func:`videoanchor.anchor.compute_anchor_scores` and the options of ``configure()``;
-  the scores (0 at text) become gates with :func:`videoanchor.kernels.anchor_gates`;
-- the gates of its scheduled positions go into :data:`.state.STEP` (generated tokens get
-  neutral gates), and whether its queries read gates ("prefill": prompt tokens only, as
-  the paper; "all": every step).
+- the first time its scheduled tokens reach one of its visual items, runs one joint SSC over
+  the projector outputs of ALL its scored items (an item the scheduler has not encoded yet is
+  encoded by the runner's function and not kept), with
+  :func:`videoanchor.anchor.compute_anchor_scores` and the options of ``configure()``; the
+  scores (0 at text) become gates with :func:`videoanchor.kernels.anchor_gates`;
+- puts the gates of its scheduled positions into :data:`.state.STEP` (generated tokens get
+  neutral gates), and which of its queries read gates ("prefill": its prompt queries, as
+  the paper; "all": every query).
+
+V1: ``GPUModelRunner._gather_mm_embeddings`` (``vllm/v1/worker/gpu_model_runner.py``; the CPU
+runner inherits it) runs once per step, after the step's encoder outputs are in the runner's
+encoder cache; the wrapper reads ``runner.input_batch.req_ids`` (batch order),
+``runner.requests`` (num_computed_tokens, prompt, mm_features, sampling params) and the
+scheduler output's ``num_scheduled_tokens``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -29,11 +39,34 @@ from videoanchor.integrations.vllm.config import engine_config, request_config
 logger = logging.getLogger("videoanchor.vllm")
 _warned: set[str] = set()
 
+#: ``encoder_outputs(req_id, indices)``: the encoder outputs of the request's items
+#: ``mm_features[i]`` for i in ``indices`` (one tensor per item, rows = its embedding
+#: positions), encoding the ones not in the runner's encoder cache without keeping them.
+EncoderOutputs = Callable[[str, list[int]], list]
+
 
 def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         logger.warning(message)
+
+
+@dataclass
+class Scheduled:
+    """One request of a step, as a runner sees it (a list of these is in batch order).
+
+    ``num_computed``: its tokens already in the KV cache; ``num_scheduled``: its tokens in
+    this step (its share of the flat token order); ``prompt_len``: its prompt's length;
+    ``mm_features``: its ``MultiModalFeatureSpec`` list (``modality``, ``identifier``,
+    ``mm_position`` with ``offset``, ``length``, ``is_embed``); ``extra_args``: its
+    ``SamplingParams.extra_args`` (read only the first time the request is seen)."""
+
+    req_id: str
+    num_computed: int
+    num_scheduled: int
+    prompt_len: int
+    mm_features: list
+    extra_args: dict | None
 
 
 @dataclass
@@ -45,17 +78,10 @@ class _Req:
     scores: torch.Tensor | None = None
 
 
-def _engine_cfg(runner):
-    cached = runner.__dict__.get("_videoanchor_cfg", False)
-    if cached is False:
-        cached = engine_config(runner.vllm_config.additional_config)
-        runner.__dict__["_videoanchor_cfg"] = cached
-    return cached
-
-
-def _scored_features(req_state, cfg: AnchorConfig):
-    feats = [f for f in req_state.mm_features if f.modality in cfg.tokens]
-    return sorted(feats, key=lambda f: f.mm_position.offset)
+def _scored_items(mm_features, cfg: AnchorConfig) -> list[int]:
+    """Indices into ``mm_features`` of the items SSC scores, in prompt order."""
+    idx = [i for i, f in enumerate(mm_features) if f.modality in cfg.tokens]
+    return sorted(idx, key=lambda i: mm_features[i].mm_position.offset)
 
 
 def _touches(features, start: int, end: int) -> bool:
@@ -65,61 +91,31 @@ def _touches(features, start: int, end: int) -> bool:
     )
 
 
-def _encoder_outputs(runner, req_id, req_state, features):
-    """Projector outputs of ``features``, encoding the ones the scheduler has not run yet
-    (a later item of a chunked prompt); what is encoded here is dropped again after."""
-    missing = [
-        req_state.mm_features.index(f)
-        for f in features
-        if runner._get_encoder_output_from_cache(f.identifier) is None
-    ]
-    added = []
-    if missing:
-        before = set(runner.encoder_cache)
-        runner._execute_mm_encoder(
-            SimpleNamespace(
-                scheduled_encoder_inputs={req_id: missing},
-                ec_manager_metadata=None,
-                free_encoder_mm_hashes=[],
-            )
-        )
-        added = [h for h in runner.encoder_cache if h not in before]
-    outs = []
-    for f in features:
-        enc = runner._get_encoder_output_from_cache(f.identifier)
-        if enc is None:
-            raise RuntimeError(
-                f"videoanchor: no encoder output for the {f.modality} item {f.identifier!r} "
-                f"of request {req_id!r}"
-            )
-        outs.append(enc)
-    return outs, added
-
-
-def _score(runner, req_id, req_state, entry: _Req):
+def _score(req: Scheduled, entry: _Req, encoder_outputs: EncoderOutputs):
+    """One joint SSC over the request's scored items: gates of shape (prompt_len,), or
+    None (fewer than 3 visual tokens: unanchored)."""
     from videoanchor.anchor import compute_anchor_scores
     from videoanchor.kernels import anchor_gates
 
     cfg = entry.cfg
-    features = _scored_features(req_state, cfg)
-    outs, added = _encoder_outputs(runner, req_id, req_state, features)
+    items = _scored_items(req.mm_features, cfg)
+    outs = encoder_outputs(req.req_id, items)
     feats, cols = [], []
-    for f, enc in zip(features, outs, strict=True):
+    for i, enc in zip(items, outs, strict=True):
+        f = req.mm_features[i]
         pos = f.mm_position
         idx = pos.offset + torch.arange(pos.length)
         if pos.is_embed is not None:
             idx = idx[pos.is_embed.cpu()]
         if not torch.is_tensor(enc) or enc.shape[0] != idx.numel():
             raise RuntimeError(
-                f"videoanchor: the {f.modality} item of request {req_id!r} has "
+                f"videoanchor: the {f.modality} item of request {req.req_id!r} has "
                 f"{idx.numel()} embedding positions but its encoder output has shape "
                 f"{tuple(getattr(enc, 'shape', ()))}; this model's multimodal outputs are not "
                 "supported"
             )
         feats.append(enc)
         cols.append(idx)
-    for h in added:
-        runner.encoder_cache.pop(h, None)
     n = sum(c.numel() for c in cols)
     if n < 3:
         _warn_once(
@@ -144,44 +140,83 @@ def _score(runner, req_id, req_state, entry: _Req):
     return anchor_gates(scores, cfg.alpha_k, cfg.alpha_v)
 
 
-def prepare_step(runner, scheduler_output) -> None:
-    """Fills :data:`.state.STEP` for this step of ``runner`` (an anchored engine)."""
-    eng = _engine_cfg(runner)
-    store = runner.__dict__.setdefault("_videoanchor_requests", {})
-    for rid in [r for r in store if r not in runner.requests]:
-        del store[rid]
-    kbs, vss, flags = [], [], []
-    for req_id in runner.input_batch.req_ids:
-        ns = scheduler_output.num_scheduled_tokens[req_id]
-        rs = runner.requests[req_id]
-        nc = rs.num_computed_tokens
-        entry = store.get(req_id)
-        if entry is None:
-            params = rs.sampling_params
-            cfg = request_config(eng, params.extra_args if params is not None else None)
-            entry = store[req_id] = _Req(cfg=cfg, prompt_len=len(rs.prompt_token_ids or []))
-        kb = torch.zeros(ns, dtype=torch.float32)
-        vs = torch.ones(ns, dtype=torch.float32)
-        cfg = entry.cfg
-        if cfg is not None:
-            if not entry.scored and _touches(_scored_features(rs, cfg), nc, nc + ns):
-                entry.gates = _score(runner, req_id, rs, entry)
+def request_gates(req: Scheduled, entry: _Req, encoder_outputs: EncoderOutputs):
+    """The request's gates for its scheduled tokens, and how many of its queries read them.
+
+    Returns ``(key_bias, value_scale, gated)``: two (num_scheduled,) float32 tensors
+    (neutral 0 / 1 past the prompt and for unanchored requests) and the number of its first
+    scheduled queries that read gates: its prompt queries ("prefill", as the paper; a
+    preempted request's recompute also holds generated tokens, whose queries do not), all
+    ("all"), or none (unanchored). Scores the request the first time its scheduled tokens
+    reach one of its scored items."""
+    nc, ns = req.num_computed, req.num_scheduled
+    kb = torch.zeros(ns, dtype=torch.float32)
+    vs = torch.ones(ns, dtype=torch.float32)
+    cfg = entry.cfg
+    if cfg is not None:
+        if not entry.scored:
+            items = _scored_items(req.mm_features, cfg)
+            if _touches([req.mm_features[i] for i in items], nc, nc + ns):
+                entry.gates = _score(req, entry, encoder_outputs)
                 entry.scored = True
-            hi = min(nc + ns, entry.prompt_len)
-            if entry.gates is not None and hi > nc:
-                kb[: hi - nc] = entry.gates[0][nc:hi]
-                vs[: hi - nc] = entry.gates[1][nc:hi]
-        # Gates are read by prompt queries ("prefill"), or always ("all"). A request whose
-        # blocks came from the prefix cache reads the gates stored with them.
-        flags.append(cfg is not None and (cfg.decode == "all" or nc < entry.prompt_len))
+        hi = min(nc + ns, entry.prompt_len)
+        if entry.gates is not None and hi > nc:
+            kb[: hi - nc] = entry.gates[0][nc:hi]
+            vs[: hi - nc] = entry.gates[1][nc:hi]
+    # A request whose blocks came from the prefix cache reads the gates stored with them.
+    if cfg is None:
+        gated = 0
+    elif cfg.decode == "all":
+        gated = ns
+    else:
+        gated = max(0, min(ns, entry.prompt_len - nc))
+    return kb, vs, gated
+
+
+def fill_step(
+    owner: int,
+    eng: AnchorConfig,
+    store: dict,
+    batch: Iterable[Scheduled],
+    live: Container[str] | None,
+    encoder_outputs: EncoderOutputs,
+    num_tokens: int = 0,
+    num_seqs: int = 0,
+) -> None:
+    """Fills :data:`.state.STEP` for one step of an anchored engine (both runners).
+
+    ``owner``: the engine's key (the runner's id); ``eng``: its engine options; ``store``:
+    the runner's per-request entries (kept between steps; entries whose id is not in
+    ``live`` are dropped, unless ``live`` is None: the caller drops them); ``batch``: the step's requests in batch order; ``num_tokens`` /
+    ``num_seqs``: the step's padded token / sequence counts where the runner pads (the
+    padding gets neutral gates and unanchored flags)."""
+    if live is not None:
+        for rid in [r for r in store if r not in live]:
+            del store[rid]
+    kbs, vss, gated = [], [], []
+    for req in batch:
+        entry = store.get(req.req_id)
+        if entry is None:
+            cfg = request_config(eng, req.extra_args)
+            entry = store[req.req_id] = _Req(cfg=cfg, prompt_len=req.prompt_len)
+        kb, vs, n = request_gates(req, entry, encoder_outputs)
         kbs.append(kb)
         vss.append(vs)
+        gated.append(n)
+    pad = num_tokens - sum(k.numel() for k in kbs)
+    if pad > 0:
+        kbs.append(torch.zeros(pad, dtype=torch.float32))
+        vss.append(torch.ones(pad, dtype=torch.float32))
+    gated += [0] * max(0, num_seqs - len(gated))
     st = state.STEP
-    st.owner = id(runner)
+    st.owner = owner
     st.step += 1
     st.key_bias = torch.cat(kbs) if kbs else None
     st.value_scale = torch.cat(vss) if vss else None
-    st.seq_anchored = flags
+    st.seq_anchored = [n > 0 for n in gated]
+    st.seq_gated_queries = gated
+    # CUDA backend: into its persistent device buffers (a no-op where it made none).
+    state.publish()
 
 
 def clear_step() -> None:
@@ -189,25 +224,94 @@ def clear_step() -> None:
     st.owner = None
     st.key_bias = st.value_scale = None
     st.seq_anchored = []
+    st.seq_gated_queries = []
     st.step += 1
 
 
+# --- model runner V1 -------------------------------------------------------------------
+
+
+def _engine_cfg(runner):
+    cached = runner.__dict__.get("_videoanchor_cfg", False)
+    if cached is False:
+        cached = engine_config(runner.vllm_config.additional_config)
+        runner.__dict__["_videoanchor_cfg"] = cached
+    return cached
+
+
+def _v1_encoder_outputs(runner) -> EncoderOutputs:
+    def encoder_outputs(req_id: str, indices: list[int]) -> list:
+        features = runner.requests[req_id].mm_features
+        missing = [
+            i for i in indices if runner._get_encoder_output_from_cache(features[i].identifier)
+            is None
+        ]  # fmt: skip
+        added = []
+        if missing:
+            before = set(runner.encoder_cache)
+            runner._execute_mm_encoder(
+                SimpleNamespace(
+                    scheduled_encoder_inputs={req_id: missing},
+                    ec_manager_metadata=None,
+                    free_encoder_mm_hashes=[],
+                )
+            )
+            added = [h for h in runner.encoder_cache if h not in before]
+        outs = [runner._get_encoder_output_from_cache(features[i].identifier) for i in indices]
+        for h in added:  # not the scheduler's: dropped again
+            runner.encoder_cache.pop(h, None)
+        for i, enc in zip(indices, outs, strict=True):
+            if enc is None:
+                raise RuntimeError(
+                    f"videoanchor: no encoder output for the {features[i].modality} item "
+                    f"{features[i].identifier!r} of request {req_id!r}"
+                )
+        return outs
+
+    return encoder_outputs
+
+
+def prepare_step(runner, scheduler_output) -> None:
+    """Fills :data:`.state.STEP` for this step of a V1 ``runner`` (an anchored engine)."""
+    batch = []
+    for req_id in runner.input_batch.req_ids:
+        rs = runner.requests[req_id]
+        params = rs.sampling_params
+        batch.append(
+            Scheduled(
+                req_id=req_id,
+                num_computed=rs.num_computed_tokens,
+                num_scheduled=scheduler_output.num_scheduled_tokens[req_id],
+                prompt_len=len(rs.prompt_token_ids or []),
+                mm_features=rs.mm_features,
+                extra_args=params.extra_args if params is not None else None,
+            )
+        )
+    store = runner.__dict__.setdefault("_videoanchor_requests", {})
+    fill_step(
+        id(runner), _engine_cfg(runner), store, batch, runner.requests,
+        _v1_encoder_outputs(runner),
+    )  # fmt: skip
+
+
 def install() -> None:
-    """Wraps ``GPUModelRunner._gather_mm_embeddings`` (once per process)."""
+    """Wraps ``GPUModelRunner._gather_mm_embeddings`` of model runner V1 (once per
+    process)."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    orig = GPUModelRunner._gather_mm_embeddings
-    if getattr(orig, "_videoanchor", False):
-        return
+    from videoanchor.integrations.vllm.hooks import _once
 
-    def _gather_mm_embeddings(self, scheduler_output, shift_computed_tokens=0):
-        out = orig(self, scheduler_output, shift_computed_tokens)
-        if shift_computed_tokens == 0:
-            if _engine_cfg(self) is None:
-                clear_step()
-            else:
-                prepare_step(self, scheduler_output)
-        return out
+    def make(orig):
+        def _gather_mm_embeddings(self, scheduler_output, shift_computed_tokens=0):
+            out = orig(self, scheduler_output, shift_computed_tokens)
+            if shift_computed_tokens == 0:
+                if _engine_cfg(self) is None:
+                    clear_step()
+                else:
+                    prepare_step(self, scheduler_output)
+            return out
 
-    _gather_mm_embeddings._videoanchor = True
-    GPUModelRunner._gather_mm_embeddings = _gather_mm_embeddings
+        return _gather_mm_embeddings
+
+    _once(GPUModelRunner, "_gather_mm_embeddings", make)
+    state.RUNNER_HOOKS.add("v1")

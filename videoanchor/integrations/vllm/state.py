@@ -3,10 +3,16 @@
 The runner (:mod:`.runner`) fills it before each forward: per scheduled token, in the
 step's flat token order (the order of ``slot_mapping``), the gates to store in the token's
 slot; per sequence, in batch order (the order of ``seq_lens`` / ``block_table``), whether
-its queries read the gates. The backend (:mod:`.backend`) writes the token gates into a
+its queries read the gates, and how many of its first queries do (a chunk can hold the end
+of a prompt and generated tokens: a preempted request's recompute). The backend (:mod:`.backend`) writes the token gates into a
 per-slot gate cache through ``slot_mapping`` (once per step) and reads them through the
 block table. vLLM's CPU engine runs its worker in the engine-core process, so both run in
 the same process; one engine's runner and backend share an ``owner`` key.
+
+On CUDA (:mod:`.backend_cuda`) the backend reads no Python per-step data at all: the
+runner's :func:`publish` copies :data:`STEP` into persistent device buffers
+(:class:`DeviceStep`, fixed addresses, so a captured CUDA graph reads each step's values),
+and the gate caches are device tensors with one extra dummy slot for padding.
 """
 
 from __future__ import annotations
@@ -23,10 +29,16 @@ class StepState:
     key_bias: torch.Tensor | None = None  # (num_scheduled_tokens,) float32
     value_scale: torch.Tensor | None = None
     seq_anchored: list[bool] = field(default_factory=list)
+    # Per sequence: how many of its first scheduled queries read the gates (the others do
+    # not); its length is that of seq_anchored. Empty: all queries of a flagged sequence.
+    seq_gated_queries: list[int] = field(default_factory=list)
     written: int = -1  # the step whose gates are in the gate cache
 
 
 STEP = StepState()
+#: The model runners whose hook is installed in this process ("v1", "v2"): the CUDA backend
+#: refuses to start under a runner whose steps would never fill STEP.
+RUNNER_HOOKS: set[str] = set()
 #: (owner, num_blocks, block_size) -> (key_bias cache, value_scale cache), each
 #: (num_blocks, block_size) float32.
 GATE_CACHES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -41,3 +53,111 @@ def gate_cache(owner: int, num_blocks: int, block_size: int, device) -> tuple:
             torch.ones(num_blocks, block_size, dtype=torch.float32, device=device),
         )
     return caches
+
+
+@dataclass
+class DeviceStep:
+    """Persistent device copies of :data:`STEP` for one device (allocated once, before any
+    CUDA graph capture; addresses never change). Entries past the step's tokens/sequences
+    are don't-care (tokens: their slots are padding, redirected to the dummy slot) or
+    neutral (sequences: 0 = not gated)."""
+
+    key_bias: torch.Tensor  # (max_tokens,) float32
+    value_scale: torch.Tensor  # (max_tokens,) float32
+    seq_gated: torch.Tensor  # (max_seqs,) int32
+    published: int = -1  # the STEP.step last copied in (:func:`publish`)
+
+
+#: str(device) -> its DeviceStep (one engine worker per device per process).
+DEVICE_STEPS: dict[str, DeviceStep] = {}
+#: (str(device), num_blocks, block_size) -> flat (num_blocks * block_size + 1,) float32
+#: key-bias and value-scale caches; the last slot is the dummy slot padding tokens write to.
+DEVICE_GATE_CACHES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _capturing(device) -> bool:
+    dev = torch.device(device)
+    return dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def device_step(device, max_tokens: int, max_seqs: int) -> DeviceStep:
+    """The :class:`DeviceStep` of ``device``, made (or grown) to hold ``max_tokens`` tokens
+    and ``max_seqs`` sequences. Call before CUDA graph capture (the metadata builder does)."""
+    key = str(torch.device(device))
+    ds = DEVICE_STEPS.get(key)
+    if ds is not None and ds.key_bias.numel() >= max_tokens and ds.seq_gated.numel() >= max_seqs:
+        return ds
+    if _capturing(device):
+        raise RuntimeError(
+            "videoanchor: the per-step gate buffers must be allocated before CUDA graph "
+            "capture (the attention metadata builder allocates them)"
+        )
+    if ds is not None:
+        max_tokens = max(max_tokens, ds.key_bias.numel())
+        max_seqs = max(max_seqs, ds.seq_gated.numel())
+    ds = DEVICE_STEPS[key] = DeviceStep(
+        key_bias=torch.zeros(max_tokens, dtype=torch.float32, device=device),
+        value_scale=torch.ones(max_tokens, dtype=torch.float32, device=device),
+        seq_gated=torch.zeros(max_seqs, dtype=torch.int32, device=device),
+    )
+    return ds
+
+
+def device_gate_cache(device, num_blocks: int, block_size: int) -> tuple:
+    """Flat (num_blocks * block_size + 1,) float32 key-bias / value-scale caches on
+    ``device``: slot ``block * block_size + offset`` as in ``slot_mapping``, plus one dummy
+    slot at the end that padding tokens (slot < 0) are redirected to. Allocated on first use
+    (vLLM's warm-up run, before CUDA graph capture)."""
+    key = (str(torch.device(device)), num_blocks, block_size)
+    caches = DEVICE_GATE_CACHES.get(key)
+    if caches is None:
+        if _capturing(device):
+            raise RuntimeError(
+                "videoanchor: the gate caches were not allocated before CUDA graph capture "
+                "(vLLM runs one eager warm-up before each capture: "
+                "compilation_config.cudagraph_num_of_warmups >= 1); or serve with "
+                "compilation_config={'cudagraph_mode': 'PIECEWISE'}"
+            )
+        n = num_blocks * block_size + 1
+        caches = DEVICE_GATE_CACHES[key] = (
+            torch.zeros(n, dtype=torch.float32, device=device),
+            torch.ones(n, dtype=torch.float32, device=device),
+        )
+    return caches
+
+
+def publish(device=None) -> None:
+    """Copies this step's :data:`STEP` into the :class:`DeviceStep` of ``device`` (None:
+    every DeviceStep of this process; one engine worker per process), with no host
+    synchronisation: pinned staging, non-blocking copies on the current stream, so they land
+    before the forward that reads them. Both model-runner hooks call it right after filling
+    STEP. A no-op where no anchored CUDA backend made buffers."""
+    if device is None:
+        targets = list(DEVICE_STEPS.values())
+    else:
+        ds = DEVICE_STEPS.get(str(torch.device(device)))
+        targets = [] if ds is None else [ds]
+    st = STEP
+    n = 0 if st.key_bias is None else st.key_bias.numel()
+    flags = st.seq_anchored if st.owner is not None else []
+    for ds in targets:
+        if n > ds.key_bias.numel() or len(flags) > ds.seq_gated.numel():
+            raise RuntimeError(
+                f"videoanchor: a step of {n} tokens / {len(flags)} sequences exceeds the gate "
+                f"buffers ({ds.key_bias.numel()} tokens / {ds.seq_gated.numel()} sequences) "
+                "sized from max_num_batched_tokens / max_num_seqs"
+            )
+        pin = ds.seq_gated.device.type == "cuda"
+        # Fresh pinned tensors each step: the caching host allocator keeps each one until
+        # its copy has run, so a later step never overwrites data still in flight.
+        gated = torch.zeros(ds.seq_gated.numel(), dtype=torch.int32, pin_memory=pin)
+        if flags:
+            gated[: len(flags)] = torch.tensor(flags, dtype=torch.int32)
+        ds.seq_gated.copy_(gated, non_blocking=pin)
+        if n:
+            gates = torch.stack([st.key_bias, st.value_scale]).to(torch.float32)
+            if pin:
+                gates = gates.pin_memory()
+            ds.key_bias[:n].copy_(gates[0], non_blocking=pin)
+            ds.value_scale[:n].copy_(gates[1], non_blocking=pin)
+        ds.published = st.step
