@@ -1,6 +1,9 @@
-"""Shared by tests/test_vllm*.py and benchmarks/bench_vllm.py: a tiny Qwen2.5-VL saved with
-transformers' real processors (as tests/test_real_processor.py does) but with head dim 64
-(vLLM's CPU attention supports head sizes 32, 64, 80, ...), and media made here."""
+"""Shared by tests/test_vllm*.py and benchmarks/bench_vllm.py: tiny random-weight checkpoints
+saved with transformers' real processors (as tests/test_real_processor.py does) but with head
+dim 64 (vLLM's CPU attention supports head sizes 32, 64, 80, ...), and media made here.
+
+Families: Qwen2.5-VL (the default), and for tests/test_vllm_families.py LLaVA-OneVision,
+Qwen2-VL and LLaVA-NeXT-Video."""
 
 from __future__ import annotations
 
@@ -10,11 +13,44 @@ import torch
 HIDDEN = 256  # 4 heads of 64
 N_CLUSTERS = 4
 SSC = {"n_clusters": N_CLUSTERS, "max_iter": 200}
+#: LLaVA-OneVision: SigLIP tower on 56 px frames with 8 px patches (a 7 x 7 grid, pooled to
+#: ceil(7 / 2) = 4 x 4 tokens per frame, the odd grid exercising the ceil of both engines).
+OV_SIZE, OV_PATCH = 56, 8
+#: LLaVA-NeXT-Video: CLIP on 64 px frames, 8 px patches (8 x 8, average-pooled to 4 x 4).
+NV_SIZE = 64
 
 
-def save_checkpoint(path) -> None:
-    """Random-weight Qwen2.5-VL (2 layers, hidden 256, head dim 64, vision patch 14) with
-    Qwen2_5_VLProcessor(Qwen2VLImageProcessor, Qwen2VLVideoProcessor) and a tiny tokenizer."""
+def _randomise(model) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            std = 0.5 if "embed" in name or "newline" in name else 0.08
+            norm = "norm" in name and p.ndim == 1
+            p.copy_(1.0 + 0.1 * torch.randn_like(p) if norm else std * torch.randn_like(p))
+
+
+def save_checkpoint(path, family: str = "qwen2_5_vl") -> None:
+    """A tiny random-weight checkpoint of ``family`` with its real processor at ``path``.
+
+    ``"qwen2_5_vl"``: Qwen2.5-VL (2 layers, hidden 256, head dim 64, vision patch 14) with
+    Qwen2_5_VLProcessor(Qwen2VLImageProcessor, Qwen2VLVideoProcessor).
+    ``"llava_onevision"``: LLaVA-OneVision (Qwen2 language model of the same size, SigLIP
+    56 px / patch 8, anyres grid pinpoints of 56 px tiles) with
+    LlavaOnevisionProcessor(LlavaOnevisionImageProcessor, LlavaOnevisionVideoProcessor).
+    Both with a tiny character-level tokenizer."""
+    if family == "qwen2_5_vl":
+        return _save_qwen2_5_vl(path)
+    if family == "llava_onevision":
+        return _save_llava_onevision(path)
+    if family == "llava_next_video":
+        return _save_llava_next_video(path)
+    if family == "qwen2_vl":
+        return _save_qwen2_vl(path)
+    if family == "internvl":
+        return _save_internvl(path)
+    raise ValueError(f"family: expected one of {', '.join(_ITEM)}, got {family!r}")
+
+
+def _save_qwen2_5_vl(path) -> None:
     from test_cli_support import tiny_tokenizer
     from transformers import (
         AutoModelForImageTextToText,
@@ -47,6 +83,190 @@ def save_checkpoint(path) -> None:
     processor.save_pretrained(path)
 
 
+def _save_llava_onevision(path) -> None:
+    from test_cli_support import tiny_tokenizer
+    from transformers import (
+        AutoModelForImageTextToText,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    from videoanchor.integrations.transformers.testing import tiny_config
+
+    config = tiny_config("llava_onevision", hidden=HIDDEN)
+    config.vision_config.image_size = OV_SIZE
+    config.vision_config.patch_size = OV_PATCH
+    s = OV_SIZE
+    config.image_grid_pinpoints = [[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
+    config.text_config.max_position_embeddings = 4096
+    config.vision_config.vision_use_head = False  # as the published checkpoints
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_config(config).eval()
+        _randomise(model)
+    _save_hub_layout(model, path)
+    tokenizer = tiny_tokenizer("llava_onevision")
+    size = {"height": s, "width": s}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(
+            size=size, crop_size=size, image_grid_pinpoints=config.image_grid_pinpoints
+        ),
+        tokenizer=tokenizer,
+        video_processor=LlavaOnevisionVideoProcessor(size=size),
+        chat_template=tokenizer.chat_template,
+        num_image_tokens=(s // OV_PATCH) ** 2,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+    )
+    processor.save_pretrained(path)
+
+
+def _save_llava_next_video(path) -> None:
+    from test_cli_support import tiny_tokenizer
+    from transformers import (
+        AutoModelForImageTextToText,
+        LlavaNextImageProcessor,
+        LlavaNextVideoProcessor,
+        LlavaNextVideoVideoProcessor,
+    )
+
+    from videoanchor.integrations.transformers.testing import tiny_config
+
+    config = tiny_config("llava_next_video", hidden=HIDDEN)
+    s, patch = NV_SIZE, OV_PATCH
+    config.vision_config.image_size = s
+    config.vision_config.patch_size = patch
+    config.image_grid_pinpoints = [[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
+    config.text_config.max_position_embeddings = 4096
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_config(config).eval()
+        _randomise(model)
+    _save_hub_layout(model, path)
+    tokenizer = tiny_tokenizer("llava_next_video")
+    size, crop = {"shortest_edge": s}, {"height": s, "width": s}
+    processor = LlavaNextVideoProcessor(
+        video_processor=LlavaNextVideoVideoProcessor(size=size, crop_size=crop),
+        image_processor=LlavaNextImageProcessor(
+            size=size, crop_size=crop, image_grid_pinpoints=config.image_grid_pinpoints
+        ),
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+        patch_size=patch,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(path)
+
+
+def _save_qwen2_vl(path) -> None:
+    from test_cli_support import tiny_tokenizer
+    from transformers import (
+        AutoModelForImageTextToText,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    from videoanchor.integrations.transformers.testing import tiny_config
+
+    config = tiny_config("qwen2_vl", hidden=HIDDEN)
+    config.vision_config.patch_size = 14
+    config.text_config.max_position_embeddings = 4096
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_config(config).eval()
+        _randomise(model)
+    _save_hub_layout(model, path)
+    tokenizer = tiny_tokenizer("qwen2_vl")
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=tokenizer.chat_template,
+    )
+    processor.save_pretrained(path)
+
+
+def _save_internvl(path) -> None:
+    from test_cli_support import tiny_tokenizer
+    from transformers import (
+        AutoModelForImageTextToText,
+        GotOcr2ImageProcessor,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+    )
+
+    from videoanchor.integrations.transformers.testing import tiny_config
+
+    config = tiny_config("internvl", hidden=HIDDEN)
+    config.text_config.max_position_embeddings = 4096
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_config(config).eval()
+        _randomise(model)
+    model.save_pretrained(path)
+    tokenizer = tiny_tokenizer("internvl")
+    tokenizer = _with_internvl_tokens(tokenizer)
+    size = {
+        "height": config.vision_config.image_size[0],
+        "width": config.vision_config.image_size[1],
+    }
+    grid = config.vision_config.image_size[0] // config.vision_config.patch_size[0]
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=True, max_patches=4),
+        tokenizer=tokenizer,
+        video_processor=InternVLVideoProcessor(size=size),
+        chat_template=tokenizer.chat_template,
+        image_seq_length=int(grid * grid * config.downsample_ratio**2),
+    )
+    processor.save_pretrained(path)
+
+
+def _with_internvl_tokens(tokenizer):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.backend_tokenizer, bos_token="<s>", eos_token="</s>",
+        pad_token="<pad>", unk_token="?", chat_template=tokenizer.chat_template,
+        extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                              "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
+    )  # fmt: skip
+
+
+def _save_hub_layout(model, path) -> None:
+    """``save_pretrained``, the vision tower renamed to the published layout, and a check
+    that transformers loads every weight back unchanged."""
+    from transformers import AutoModelForImageTextToText
+
+    model.save_pretrained(path)
+    _hub_vision_prefix(path)
+    loaded = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    want, got = model.state_dict(), loaded.state_dict()
+    bad = [k for k in want if k not in got or not torch.equal(want[k], got[k])]
+    if bad or len(got) != len(want):
+        raise RuntimeError(f"the saved {model.config.model_type} does not load back: {bad[:5]}")
+
+
+def _hub_vision_prefix(path) -> None:
+    """transformers 5.x saves the SigLIP tower as ``vision_tower.<module>``; the published
+    LLaVA-OneVision checkpoints (and vLLM's loader) have ``vision_tower.vision_model.<module>``,
+    which transformers also loads. Rewrites the saved weights in the published layout."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    file = Path(path) / "model.safetensors"
+    tensors = load_file(file)
+    renamed = {
+        ("vision_tower.vision_model." + k[len("vision_tower.") :]
+         if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.")
+         else k): v
+        for k, v in tensors.items()
+    }  # fmt: skip
+    save_file(renamed, file, metadata={"format": "pt"})
+
+
 def frames(num: int, seed: int = 0, height: int = 56, width: int = 84) -> np.ndarray:
     """(T, H, W, 3) uint8 moving shapes."""
     from test_cli_support import moving_shapes
@@ -56,3 +276,21 @@ def frames(num: int, seed: int = 0, height: int = 56, width: int = 84) -> np.nda
 
 VIDEO_PROMPT = "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>what moves?<|im_end|>\n<|im_start|>assistant\n"  # fmt: skip
 IMAGE_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what is it?<|im_end|>\n<|im_start|>assistant\n"  # fmt: skip
+_ITEM = {
+    "qwen2_5_vl": {"image": "<|vision_start|><|image_pad|><|vision_end|>",
+                   "video": "<|vision_start|><|video_pad|><|vision_end|>"},
+    "llava_onevision": {"image": "<image>\n", "video": "<video>\n"},
+}  # fmt: skip
+_ITEM["qwen2_vl"] = _ITEM["qwen2_5_vl"]
+_ITEM["llava_next_video"] = _ITEM["llava_onevision"]
+_ITEM["internvl"] = {"image": "<IMG_CONTEXT>\n", "video": "<video>\n"}
+
+
+def prompt(family: str, kind: str | None, count: int = 1) -> str:
+    """The chat prompt of the tiny checkpoints: ``count`` items of ``kind`` ("image",
+    "video" or None for text only), then a question."""
+    if kind is None:
+        return "<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n"
+    question = "what is it?" if kind == "image" else "what moves?"
+    items = _ITEM[family][kind] * count
+    return f"<|im_start|>user\n{items}{question}<|im_end|>\n<|im_start|>assistant\n"

@@ -4,8 +4,9 @@ writes tokens / logprobs as JSON: ``python vllm_worker.py SPEC.json OUT.json``.
 tests/test_vllm.py runs each engine configuration in its own process (vLLM keeps
 process-wide state, and "vLLM without the plugin" needs VLLM_PLUGINS set before it loads),
 with VLLM_ENABLE_V1_MULTIPROCESSING=0 so the engine core runs in this process.
-Spec: {"mode": "vllm"|"transformers", "checkpoint": path, "engine": {LLM kwargs},
-"batches": [[request, ...], ...]}; request: {"media": "image:SEED" | "video:FRAMES:SEED" |
+Spec: {"mode": "vllm"|"transformers", "checkpoint": path, "family": "qwen2_5_vl" (default)
+| "llava_onevision" (the prompt format), "engine": {LLM kwargs},
+"batches": [[request, ...], ...], "startup_checks": [...] (see run_vllm)}; request: {"media": "image:SEED" | "video:FRAMES:SEED" |
 "none", "max_tokens": n, "extra_args": {...}}. Each batch is one ``generate`` call.
 """
 
@@ -41,13 +42,10 @@ def _video(n, seed):
     return (vs.frames(n, seed=seed), meta)
 
 
-def _prompt(kind, data=None):
+def _prompt(kind, data=None, family="qwen2_5_vl"):
     if kind == "videos":
-        one = "<|vision_start|><|video_pad|><|vision_end|>"
-        return f"<|im_start|>user\n{one * len(data)}what moves?<|im_end|>\n<|im_start|>assistant\n"
-    return {"image": vs.IMAGE_PROMPT, "video": vs.VIDEO_PROMPT}.get(
-        kind, "<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n"
-    )
+        return vs.prompt(family, "video", len(data))
+    return vs.prompt(family, kind)
 
 
 def _runner_info(worker):
@@ -82,6 +80,14 @@ def run_vllm(spec):
         vllm_v2_shim.apply()
     from vllm import LLM, SamplingParams
 
+    # Engines that must fail at start-up, tried first in this process (cheaper than a
+    # process of their own): {"checkpoint": path, "engine": {LLM kwargs}} each.
+    startup_errors = [
+        run_vllm({"checkpoint": c["checkpoint"], "engine": c["engine"], "batches": []}).get(
+            "startup_error"
+        )
+        for c in spec.get("startup_checks", [])
+    ]
     if spec.get("count_preemptions"):
         _count_preemptions()
 
@@ -96,14 +102,14 @@ def run_vllm(spec):
         llm = LLM(model=spec["checkpoint"], **engine)
     except Exception as err:  # start-up failure: the test checks the message
         return {"startup_error": f"{type(err).__name__}: {err}"}
-    out = {"startup_s": time.perf_counter() - t0, "batches": [],
+    out = {"startup_s": time.perf_counter() - t0, "batches": [], "startup_errors": startup_errors,
            "model_runner": llm.collective_rpc(_runner_info)[0]}  # fmt: skip
     for batch in spec["batches"]:
         results = []
         prompts, params, slots = [], [], []
         for i, req in enumerate(batch):
             kind, data = _media(req.get("media", "none"))
-            prompt = {"prompt": _prompt(kind, data)}
+            prompt = {"prompt": _prompt(kind, data, spec.get("family", "qwen2_5_vl"))}
             if kind is not None:
                 prompt["multi_modal_data"] = {kind.rstrip("s"): data}
             try:
@@ -127,6 +133,7 @@ def run_vllm(spec):
                 "tokens": list(o.token_ids),
                 "logprobs": [lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids, strict=True)],
                 "prompt_len": len(g.prompt_token_ids),
+                "prompt_ids": list(g.prompt_token_ids),
                 "cached": g.num_cached_tokens,
             }
         out["batches"].append({"results": results, "seconds": elapsed,
@@ -167,7 +174,8 @@ def run_transformers(spec):
                 kw = {"videos": [f for f, _ in items],
                       "video_metadata": [VideoMetadata(**m) for _, m in items],
                       "do_sample_frames": False}  # fmt: skip
-            inputs = processor(text=[_prompt(kind, data)], return_tensors="pt", **kw)
+            text = _prompt(kind, data, spec.get("family", "qwen2_5_vl"))
+            inputs = processor(text=[text], return_tensors="pt", **kw)
             with torch.no_grad():
                 gen = model.generate(
                     **inputs, max_new_tokens=req.get("max_tokens", 6), do_sample=False,
@@ -179,7 +187,8 @@ def run_transformers(spec):
                 for lg, t in zip(gen.logits, toks, strict=True)
             ]
             results.append({"tokens": toks, "logprobs": lps,
-                            "prompt_len": int(inputs["input_ids"].shape[1])})  # fmt: skip
+                            "prompt_len": int(inputs["input_ids"].shape[1]),
+                            "prompt_ids": inputs["input_ids"][0].tolist()})  # fmt: skip
         out["batches"].append({"results": results})
     return out
 

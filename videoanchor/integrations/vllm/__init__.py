@@ -119,6 +119,10 @@ def _validate_at_startup(vllm_config) -> None:
 
     if engine_config(vllm_config.additional_config) is not None:
         check_vllm_version()
+        from videoanchor.integrations.vllm.families import check_family
+
+        hf_config = getattr(vllm_config.model_config, "hf_config", None)
+        check_family(getattr(hf_config, "model_type", None))
         _refuse_unsupported_engine_features(vllm_config)
         from vllm.platforms import current_platform
 

@@ -1,0 +1,86 @@
+"""The model families the vLLM plugin anchors, keyed by ``config.model_type``.
+
+The plugin scores each request's encoder outputs (``embed_multimodal``, one row per
+embedding position of the item), which is family-agnostic only where those rows are what
+the transformers path scores (the projector output at the placeholder positions, see
+``videoanchor/integrations/transformers/registry.py``). This table says, per family of
+that registry, whether vLLM 0.32 has it, whether its encoder outputs line up, and whether
+it is tested end to end here; an anchored engine on any other family fails at start-up
+(:func:`check_family`), naming the family.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+__all__ = ["FAMILIES", "Family", "check_family"]
+
+logger = logging.getLogger("videoanchor.vllm")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One family: ``name``, vLLM's architecture class, ``tested`` (end to end on a real
+    engine against the transformers path, tests/test_vllm*.py), or ``refused`` (why the
+    plugin refuses it; empty when it anchors it)."""
+
+    name: str
+    architecture: str
+    tested: bool = False
+    refused: str = ""
+
+
+FAMILIES: dict[str, Family] = {
+    "qwen2_5_vl": Family("Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration", tested=True),
+    "llava_onevision": Family(
+        "LLaVA-OneVision", "LlavaOnevisionForConditionalGeneration", tested=True
+    ),
+    "qwen2_vl": Family("Qwen2-VL", "Qwen2VLForConditionalGeneration", tested=True),
+    "llava_next_video": Family(
+        "LLaVA-NeXT-Video", "LlavaNextVideoForConditionalGeneration", tested=True
+    ),
+    # vLLM runs the HF-format InternVL with its InternS1 module.
+    "internvl": Family("InternVL (HF format)", "InternVLForConditionalGeneration", tested=True),
+    "qwen3_vl": Family(
+        "Qwen3-VL",
+        "Qwen3VLForConditionalGeneration",
+        refused=(
+            "vLLM's Qwen3-VL encoder output concatenates the deepstack features to the "
+            "projector output (hidden_size * (1 + len(deepstack_visual_indexes)) columns), "
+            "where the transformers path scores the projector output alone, so the SSC "
+            "would not be the transformers path's"
+        ),
+    ),
+}
+
+
+def check_family(model_type: str | None) -> Family:
+    """The entry of ``model_type`` (``hf_config.model_type``) for an anchored engine.
+
+    Raises NotImplementedError naming the family when the plugin refuses it or does not
+    know it; logs a warning for a family anchored but not tested end to end."""
+    fam = FAMILIES.get(model_type or "")
+    usable = ", ".join(f"{k} ({f.name})" for k, f in FAMILIES.items() if not f.refused)
+    hint = (
+        "start the engine without additional_config['videoanchor'] to serve it unanchored, "
+        "or use the transformers path (videoanchor.configure)"
+    )
+    if fam is None:
+        raise NotImplementedError(
+            f"additional_config['videoanchor']: model family {model_type!r} is not supported "
+            f"by videoanchor's vLLM plugin; expected config.model_type one of {usable}; {hint}"
+        )
+    if fam.refused:
+        raise NotImplementedError(
+            f"additional_config['videoanchor']: model family {model_type!r} ({fam.name}) is "
+            f"not supported by videoanchor's vLLM plugin: {fam.refused}; {hint}"
+        )
+    if not fam.tested:
+        logger.warning(
+            "videoanchor: %s (%s) is anchored by the vLLM plugin but not tested end to end "
+            "against the transformers path; tested: %s",
+            model_type, fam.name,
+            ", ".join(k for k, f in FAMILIES.items() if f.tested),
+        )  # fmt: skip
+    return fam
