@@ -126,6 +126,7 @@ def _cfg(videoanchor=None, backend=None, cache_dtype="auto", per_kind=None):
         additional_config={"videoanchor": videoanchor} if videoanchor is not None else {},
         attention_config=att,
         cache_config=SimpleNamespace(cache_dtype=cache_dtype),
+        model_config=SimpleNamespace(hf_config=SimpleNamespace(model_type="qwen2_5_vl")),
     )
 
 
