@@ -18,7 +18,7 @@ from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 from videoanchor.integrations.vllm import state
-from videoanchor.integrations.vllm.config import engine_config
+from videoanchor.integrations.vllm.config import engine_config, refuse_unsupported_attention
 from videoanchor.kernels.paged import anchored_attention_paged
 
 
@@ -49,20 +49,11 @@ class VideoAnchorCPUImpl(CPUAttentionBackendImpl):
             kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks,
         )  # fmt: skip
         if attn_type == AttentionType.DECODER:
-            unsupported = {
-                "alibi_slopes": alibi_slopes is not None,
-                "sliding_window": sliding_window is not None,
-                "logits_soft_cap": bool(logits_soft_cap),
-                "sinks": sinks is not None,
-                f"kv_cache_dtype={kv_cache_dtype!r}": kv_cache_dtype != "auto",
-                "kv_sharing_target_layer_name": kv_sharing_target_layer_name is not None,
-            }
-            bad = [k for k, v in unsupported.items() if v]
-            if bad:
-                raise NotImplementedError(
-                    f"videoanchor's vLLM CPU backend: expected plain decoder attention, got "
-                    f"{', '.join(bad)}; start the engine without additional_config['videoanchor']"
-                )
+            refuse_unsupported_attention(
+                "CPU", ("auto",), alibi_slopes=alibi_slopes, sliding_window=sliding_window,
+                logits_soft_cap=logits_soft_cap, sinks=sinks, kv_cache_dtype=kv_cache_dtype,
+                kv_sharing_target_layer_name=kv_sharing_target_layer_name,
+            )  # fmt: skip
 
     def _plain(self, kv_cache):
         D = self.head_size

@@ -47,6 +47,7 @@ from vllm.v1.attention.backends.triton_attn import (
 )
 
 from videoanchor.integrations.vllm import state
+from videoanchor.integrations.vllm.config import refuse_unsupported_attention
 from videoanchor.kernels.paged import anchored_attention_paged
 
 __all__ = [
@@ -165,24 +166,15 @@ class VideoAnchorCUDAImpl(TritonAttentionImpl):
             use_alibi_sqrt, chunk_lookback,
         )  # fmt: skip
         if attn_type == AttentionType.DECODER:
-            unsupported = {
-                "alibi_slopes": alibi_slopes is not None,
-                "sliding_window": sliding_window is not None,
-                "logits_soft_cap": bool(logits_soft_cap),
-                "sinks": sinks is not None,
-                f"kv_cache_dtype={kv_cache_dtype!r}": kv_cache_dtype
-                not in ("auto", "float16", "bfloat16"),
-                "kv_sharing_target_layer_name": kv_sharing_target_layer_name is not None,
-                "use_alibi_sqrt": bool(use_alibi_sqrt),
-                f"chunk_lookback={chunk_lookback}": chunk_lookback is not None
-                and chunk_lookback > -1,
-            }
-            bad = [k for k, v in unsupported.items() if v]
-            if bad:
-                raise NotImplementedError(
-                    "videoanchor's vLLM CUDA backend: expected plain decoder self-attention, "
-                    f"got {', '.join(bad)}; {_HINT}"
-                )
+            refuse_unsupported_attention(
+                "CUDA", ("auto", "float16", "bfloat16"), alibi_slopes=alibi_slopes,
+                sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, sinks=sinks,
+                kv_cache_dtype=kv_cache_dtype,
+                kv_sharing_target_layer_name=kv_sharing_target_layer_name,
+                use_alibi_sqrt=bool(use_alibi_sqrt),
+                **{f"chunk_lookback={chunk_lookback}": chunk_lookback is not None
+                   and chunk_lookback > -1},
+            )  # fmt: skip
 
     def fused_output_quant_supported(self, quant_key) -> bool:
         return self.attn_type in _DELEGATED and super().fused_output_quant_supported(quant_key)

@@ -121,3 +121,25 @@ def salt_for(cfg: AnchorConfig, identifiers: list[str], salt: str | None) -> str
     blob = json.dumps([opts, list(identifiers)], sort_keys=True, default=str)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:32]
     return f"{salt or ''}|videoanchor:{digest}"
+
+
+def refuse_unsupported_attention(backend: str, cache_dtypes: tuple[str, ...], *, alibi_slopes,
+                                 sliding_window, logits_soft_cap, sinks, kv_cache_dtype,
+                                 kv_sharing_target_layer_name, **more) -> None:  # fmt: skip
+    """Raises NotImplementedError naming every decoder-attention feature an anchored
+    ``backend`` impl does not implement (``more``: name -> whether it is in use)."""
+    unsupported = {
+        "alibi_slopes": alibi_slopes is not None,
+        "sliding_window": sliding_window is not None,
+        "logits_soft_cap": bool(logits_soft_cap),
+        "sinks": sinks is not None,
+        f"kv_cache_dtype={kv_cache_dtype!r}": kv_cache_dtype not in cache_dtypes,
+        "kv_sharing_target_layer_name": kv_sharing_target_layer_name is not None,
+        **more,
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise NotImplementedError(
+            f"videoanchor's vLLM {backend} backend: expected plain decoder self-attention, got "
+            f"{', '.join(bad)}; start the engine without additional_config['videoanchor']"
+        )
