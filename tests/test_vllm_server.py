@@ -1,5 +1,6 @@
 """The OpenAI-compatible server with the plugin: `vllm serve` started here on 127.0.0.1
-(anchored engine, tiny Qwen2.5-VL), one chat completion with an image compared with the
+(anchored engine, tiny Qwen2.5-VL), one chat completion with an image and a video (an mp4
+sent as a data URL, decoded by vLLM's own loader; one joint SSC over both) compared with the
 same chat run offline on an engine with the same settings, a `vllm_xargs` override, a bad
 `vllm_xargs` value answered with HTTP 400 while the server keeps serving. The test stops
 the server. Skipped where vllm is not importable (see tests/test_vllm.py)."""
@@ -7,6 +8,7 @@ the server. Skipped where vllm is not importable (see tests/test_vllm.py)."""
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import os
@@ -33,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 SSC = {"n_clusters": 4, "max_iter": 200}
 ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
               gpu_memory_utilization=0.05, kv_cache_memory_bytes=256 << 20,
-              limit_mm_per_prompt={"image": 2}, enable_prefix_caching=False,
+              limit_mm_per_prompt={"image": 2, "video": 1}, enable_prefix_caching=False,
               additional_config={"videoanchor": SSC})  # fmt: skip
 
 
@@ -53,9 +55,31 @@ def _image_url():
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+@functools.cache
+def _video_url():
+    """4 frames at 2 fps as an mp4 (OpenCV's writer; vLLM decodes it with OpenCV too)."""
+    import tempfile
+
+    import cv2
+    import vllm_support as vs
+
+    frames = vs.frames(4, seed=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "clip.mp4")
+        size = (frames.shape[2], frames.shape[1])
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 2.0, size)
+        for f in frames:
+            writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+        writer.release()
+        data = Path(path).read_bytes()
+    assert data, "OpenCV wrote an empty mp4"
+    return "data:video/mp4;base64," + base64.b64encode(data).decode()
+
+
 def _messages():
     return [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": _image_url()}},
+        {"type": "video_url", "video_url": {"url": _video_url()}},
         {"type": "text", "text": "what is it?"}]}]  # fmt: skip
 
 
@@ -127,7 +151,7 @@ def server(checkpoint, tmp_path_factory):
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--enforce-eager", "--max-model-len", "2048", "--seed", "0",
            "--gpu-memory-utilization", "0.05", "--kv-cache-memory-bytes", str(256 << 20),
-           "--limit-mm-per-prompt", json.dumps({"image": 2}), "--no-enable-prefix-caching",
+           "--limit-mm-per-prompt", json.dumps(ENGINE["limit_mm_per_prompt"]), "--no-enable-prefix-caching",
            "--additional-config", json.dumps({"videoanchor": SSC})]  # fmt: skip
     proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT)
     try:
