@@ -217,7 +217,14 @@ def _save_qwen3_vl(path) -> None:
     model.save_pretrained(path)
     tokenizer = tiny_tokenizer("qwen3_vl")
     processor = Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(patch_size=Q3_PATCH),
+        # mean / std 0.5 for images as for videos, as the published Qwen3-VL: vLLM 0.32
+        # normalises both modalities inside the model with the IMAGE processor's values
+        # (vllm/model_executor/layers/fusion/mm_input_norm.py), so a checkpoint whose two
+        # processors differ (transformers' Qwen2VLImageProcessor defaults to CLIP's) gets
+        # different video features there than in transformers.
+        image_processor=Qwen2VLImageProcessor(
+            patch_size=Q3_PATCH, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        ),
         tokenizer=tokenizer,
         video_processor=Qwen3VLVideoProcessor(patch_size=Q3_PATCH),
         chat_template=tokenizer.chat_template,
