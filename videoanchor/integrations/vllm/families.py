@@ -47,8 +47,7 @@ FAMILIES: dict[str, Family] = {
     "internvl": Family("InternVL (HF format)", "InternVLForConditionalGeneration", tested=True),
     # vLLM's encoder output concatenates the deepstack features after the projector output
     # (see projector_columns); the SSC reads the projector output alone, as transformers.
-    "qwen3_vl": Family("Qwen3-VL", "Qwen3VLForConditionalGeneration", tested=True,
-                       deepstack=True),  # fmt: skip
+    "qwen3_vl": Family("Qwen3-VL", "Qwen3VLForConditionalGeneration", tested=True, deepstack=True),
 }
 
 
