@@ -179,7 +179,7 @@ MORE = {
     "internvl": ([[IMG], [VID], [MULTI]], {"video": 2, "image": 2}),
     # Its encoder output carries the deepstack features after the projector output; the
     # plugin scores the projector columns (families.projector_columns).
-    "qwen3_vl": ([[IMG], [VID]], {"video": 2, "image": 2}),
+    "qwen3_vl": ([[IMG], [VID], [MULTI]], {"video": 2, "image": 2}),
 }
 
 
@@ -210,7 +210,7 @@ def test_more_families_equal_the_transformers_path(more):
         _close(_res(anchored, b), _res(reference, b))
         _same_prompt(_res(anchored, b), _res(reference, b), family)
     assert _differs(_res(anchored, n - 1), _res(anchored, n))  # anchoring has an effect
-    if family == "qwen3_vl":  # the anchor scores themselves, image and video
+    if family == "qwen3_vl":  # the anchor scores themselves: image, video, two videos
         import torch
 
         for b in range(n):
