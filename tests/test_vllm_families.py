@@ -196,6 +196,9 @@ def more(request, tmp_path_factory, work):
                        "additional_config": {"videoanchor": SSC}},
             "batches": batches + [[{**batches[-1][0], **OFF}]],
             "record_scores": True}  # fmt: skip
+    if family == "qwen3_vl":  # EVS changes the encoder output rows: refused at start-up
+        spec["startup_checks"] = [{"checkpoint": str(path), "engine": {
+            "video_pruning_rate": 0.5, "additional_config": {"videoanchor": SSC}}}]  # fmt: skip
     anchored = _run(work, f"{family}_anchored", spec)
     spec = {"mode": "transformers", "checkpoint": str(path), "family": family,
             "batches": batches}  # fmt: skip
@@ -220,6 +223,8 @@ def test_more_families_equal_the_transformers_path(more):
             assert (got != 0).sum() >= 3
             torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
         assert anchored["batches"][n]["scores"] == []  # the request with anchoring off
+        (err,) = anchored["startup_errors"]
+        assert err is not None and "video_pruning_rate" in err and "EVS" in err, err
 
 
 @needs_vllm
