@@ -3,7 +3,9 @@
 The plugin scores each request's encoder outputs (``embed_multimodal``, one row per
 embedding position of the item), which is family-agnostic only where those rows are what
 the transformers path scores (the projector output at the placeholder positions, see
-``videoanchor/integrations/transformers/registry.py``). This table says, per family of
+``videoanchor/integrations/transformers/registry.py``); for a family whose encoder output
+also carries other features (Qwen3-VL's deepstack), :func:`projector_columns` says which
+columns are the projector output. This table says, per family of
 that registry, whether vLLM 0.32 has it, whether its encoder outputs line up, and whether
 it is tested end to end here; an anchored engine on any other family fails at start-up
 (:func:`check_family`), naming the family.
