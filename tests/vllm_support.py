@@ -222,9 +222,11 @@ def _save_qwen3_vl(path) -> None:
         # (vllm/model_executor/layers/fusion/mm_input_norm.py), so a checkpoint whose two
         # processors differ (transformers' Qwen2VLImageProcessor defaults to CLIP's) gets
         # different video features there than in transformers.
+        # min_pixels 24 merged patches: the 56 x 84 test image is upscaled to 4 x 6 tokens
         image_processor=Qwen2VLImageProcessor(
-            patch_size=Q3_PATCH, image_mean=[0.5] * 3, image_std=[0.5] * 3
-        ),
+            patch_size=Q3_PATCH, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+            size={"shortest_edge": 24 * (2 * Q3_PATCH) ** 2, "longest_edge": 1 << 20},
+        ),  # fmt: skip
         tokenizer=tokenizer,
         video_processor=Qwen3VLVideoProcessor(patch_size=Q3_PATCH),
         chat_template=tokenizer.chat_template,
