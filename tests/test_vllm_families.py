@@ -286,3 +286,29 @@ def test_anchored_engine_on_a_refused_family_fails_at_startup(installed):
     (err,) = installed["startup_errors"]
     assert err is not None and "NotImplementedError" in err, err
     assert "'qwen2'" in err and "not supported" in err and "additional_config" in err, err
+
+
+def test_projector_columns_slice_only_deepstack_families():
+    """Qwen3-VL's encoder output (projector, then one block per deepstack level) is sliced to
+    the projector columns; other families pass unchanged; sizes that do not line up fail."""
+    import torch
+
+    from videoanchor.integrations.transformers.testing import tiny_config
+    from videoanchor.integrations.vllm.families import projector_columns
+    from videoanchor.integrations.vllm.runner import projector_only
+
+    q3 = tiny_config("qwen3_vl", hidden=64)
+    q3.vision_config.deepstack_visual_indexes = [0, 1]
+    assert projector_columns(q3) == 64
+    assert projector_columns(tiny_config("qwen2_5_vl", hidden=64)) is None
+    enc = [torch.randn(5, 64 * 3), torch.randn(7, 64 * 3)]
+    outs = projector_only(lambda rid, idx: [enc[i] for i in idx], q3)("r", [1, 0])
+    assert [o.shape for o in outs] == [(7, 64), (5, 64)]
+    assert torch.equal(outs[0], enc[1][:, :64]) and torch.equal(outs[1], enc[0][:, :64])
+    same = lambda rid, idx: enc  # noqa: E731
+    assert projector_only(same, tiny_config("qwen2_5_vl", hidden=64)) is same
+    with pytest.raises(RuntimeError, match="192 columns"):
+        projector_only(lambda rid, idx: [torch.randn(5, 128)], q3)("r", [0])
+    q3.vision_config.out_hidden_size = 32
+    with pytest.raises(ValueError, match="out_hidden_size"):
+        projector_columns(q3)
