@@ -7,7 +7,10 @@ transformers' real processor (tests/vllm_support.py):
   video, two videos with one joint SSC, other alphas) and different from plain vLLM;
 - Qwen2-VL, LLaVA-NeXT-Video and InternVL (HF format): anchored equal to the transformers
   path, and different from the same request with anchoring off on the same engine;
-- the start-up refusal of a family the plugin does not anchor (Qwen3-VL), and the family
+- Qwen3-VL: the same, plus the anchor scores the plugin computes (read from the projector
+  columns of vLLM's deepstack-concatenated encoder output) equal the transformers path's
+  ``AnchorHandle.last_scores`` for an image and a video;
+- the start-up refusal of a family the plugin does not know (text Qwen2), and the family
   table (videoanchor/integrations/vllm/families.py).
 
 LLaVA-OneVision has plain 1D RoPE, so positions agree between the engines for images and
@@ -18,7 +21,7 @@ says what is compared per family.
 
 The engine tests run where vllm imports (the vLLM venv of .ci/run), in subprocesses
 (tests/vllm_worker.py, via tests/test_vllm.py's helpers); the family-table tests run
-everywhere. Cost here: six engine processes (~20-30 s each) and four transformers runs
+everywhere. Cost here: seven engine processes (~20-30 s each) and five transformers runs
 (~10 s each); see docs/serving.md for the measured total.
 """
 
@@ -78,14 +81,14 @@ def plain(checkpoint, work):
 @pytest.fixture(scope="module")
 def installed(checkpoint, work):
     """The plugin loaded, engine not configured: the same requests as `plain`. First, in
-    the same process, an anchored engine on a family the plugin refuses (a config-only
-    Qwen3-VL: the start-up check runs before any weight is read)."""
-    from videoanchor.integrations.transformers.testing import tiny_config
+    the same process, an anchored engine on a family the plugin does not know (a
+    config-only text Qwen2: the start-up check runs before any weight is read)."""
+    from transformers import Qwen2Config
 
-    qwen3 = work / "qwen3_vl_config_only"
-    config = tiny_config("qwen3_vl", hidden=256)
-    config.text_config.max_position_embeddings = 4096
-    config.save_pretrained(qwen3)
+    qwen3 = work / "qwen2_config_only"
+    Qwen2Config(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=4096).save_pretrained(qwen3)  # fmt: skip
     spec = _spec(checkpoint, [[IMG, VID]])
     spec["startup_checks"] = [
         {"checkpoint": str(qwen3), "engine": {"additional_config": {"videoanchor": SSC}}}
@@ -174,6 +177,9 @@ MORE = {
     "qwen2_vl": ([[IMG], [VID], [MULTI]], {"video": 2, "image": 2}),
     "llava_next_video": ([[VID], [{"media": "video:2:3"}]], {"video": 1}),
     "internvl": ([[IMG], [VID], [MULTI]], {"video": 2, "image": 2}),
+    # Its encoder output carries the deepstack features after the projector output; the
+    # plugin scores the projector columns (families.projector_columns).
+    "qwen3_vl": ([[IMG], [VID], [MULTI]], {"video": 2, "image": 2}),
 }
 
 
@@ -188,7 +194,11 @@ def more(request, tmp_path_factory, work):
     spec = {"checkpoint": str(path), "family": family,
             "engine": {"enable_prefix_caching": False, "limit_mm_per_prompt": limits,
                        "additional_config": {"videoanchor": SSC}},
-            "batches": batches + [[{**batches[-1][0], **OFF}]]}  # fmt: skip
+            "batches": batches + [[{**batches[-1][0], **OFF}]],
+            "record_scores": True}  # fmt: skip
+    if family == "qwen3_vl":  # EVS changes the encoder output rows: refused at start-up
+        spec["startup_checks"] = [{"checkpoint": str(path), "engine": {
+            "video_pruning_rate": 0.5, "additional_config": {"videoanchor": SSC}}}]  # fmt: skip
     anchored = _run(work, f"{family}_anchored", spec)
     spec = {"mode": "transformers", "checkpoint": str(path), "family": family,
             "batches": batches}  # fmt: skip
@@ -203,6 +213,18 @@ def test_more_families_equal_the_transformers_path(more):
         _close(_res(anchored, b), _res(reference, b))
         _same_prompt(_res(anchored, b), _res(reference, b), family)
     assert _differs(_res(anchored, n - 1), _res(anchored, n))  # anchoring has an effect
+    if family == "qwen3_vl":  # the anchor scores themselves: image, video, two videos
+        import torch
+
+        for b in range(n):
+            (got,) = anchored["batches"][b]["scores"]
+            want = torch.tensor(_res(reference, b)["scores"])
+            got = torch.tensor(got)
+            assert (got != 0).sum() >= 3
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        assert anchored["batches"][n]["scores"] == []  # the request with anchoring off
+        (err,) = anchored["startup_errors"]
+        assert err is not None and "video_pruning_rate" in err and "EVS" in err, err
 
 
 @needs_vllm
@@ -227,8 +249,7 @@ def test_family_table():
 
 @pytest.mark.parametrize(
     "model_type, words",
-    [("qwen3_vl", ("'qwen3_vl'", "Qwen3-VL", "deepstack")),
-     ("gemma3", ("'gemma3'", "not supported", "llava_onevision")),
+    [("gemma3", ("'gemma3'", "not supported", "llava_onevision")),
      (None, ("None", "not supported"))],
 )  # fmt: skip
 def test_check_family_refuses_naming_the_family(model_type, words):
@@ -264,4 +285,30 @@ def test_check_family_accepts_the_tested_ones(caplog):
 def test_anchored_engine_on_a_refused_family_fails_at_startup(installed):
     (err,) = installed["startup_errors"]
     assert err is not None and "NotImplementedError" in err, err
-    assert "'qwen3_vl'" in err and "deepstack" in err and "additional_config" in err, err
+    assert "'qwen2'" in err and "not supported" in err and "additional_config" in err, err
+
+
+def test_projector_columns_slice_only_deepstack_families():
+    """Qwen3-VL's encoder output (projector, then one block per deepstack level) is sliced to
+    the projector columns; other families pass unchanged; sizes that do not line up fail."""
+    import torch
+
+    from videoanchor.integrations.transformers.testing import tiny_config
+    from videoanchor.integrations.vllm.families import projector_columns
+    from videoanchor.integrations.vllm.runner import projector_only
+
+    q3 = tiny_config("qwen3_vl", hidden=64)
+    q3.vision_config.deepstack_visual_indexes = [0, 1]
+    assert projector_columns(q3) == 64
+    assert projector_columns(tiny_config("qwen2_5_vl", hidden=64)) is None
+    enc = [torch.randn(5, 64 * 3), torch.randn(7, 64 * 3)]
+    outs = projector_only(lambda rid, idx: [enc[i] for i in idx], q3)("r", [1, 0])
+    assert [o.shape for o in outs] == [(7, 64), (5, 64)]
+    assert torch.equal(outs[0], enc[1][:, :64]) and torch.equal(outs[1], enc[0][:, :64])
+    same = lambda rid, idx: enc  # noqa: E731
+    assert projector_only(same, tiny_config("qwen2_5_vl", hidden=64)) is same
+    with pytest.raises(RuntimeError, match="192 columns"):
+        projector_only(lambda rid, idx: [torch.randn(5, 128)], q3)("r", [0])
+    q3.vision_config.out_hidden_size = 32
+    with pytest.raises(ValueError, match="out_hidden_size"):
+        projector_columns(q3)

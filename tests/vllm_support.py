@@ -3,7 +3,7 @@ saved with transformers' real processors (as tests/test_real_processor.py does) 
 dim 64 (vLLM's CPU attention supports head sizes 32, 64, 80, ...), and media made here.
 
 Families: Qwen2.5-VL (the default), and for tests/test_vllm_families.py LLaVA-OneVision,
-Qwen2-VL and LLaVA-NeXT-Video."""
+Qwen2-VL, LLaVA-NeXT-Video, InternVL and Qwen3-VL."""
 
 from __future__ import annotations
 
@@ -47,6 +47,8 @@ def save_checkpoint(path, family: str = "qwen2_5_vl") -> None:
         return _save_qwen2_vl(path)
     if family == "internvl":
         return _save_internvl(path)
+    if family == "qwen3_vl":
+        return _save_qwen3_vl(path)
     raise ValueError(f"family: expected one of {', '.join(_ITEM)}, got {family!r}")
 
 
@@ -188,6 +190,50 @@ def _save_qwen2_vl(path) -> None:
     processor.save_pretrained(path)
 
 
+#: Qwen3-VL: vision patch 16 (the published one), position-embedding grid 4 x 4.
+Q3_PATCH = 16
+
+
+def _save_qwen3_vl(path) -> None:
+    """Qwen3-VL (2 text layers, hidden 256, head dim 64, one deepstack level) with
+    Qwen3VLProcessor(Qwen2VLImageProcessor, Qwen3VLVideoProcessor), patch 16."""
+    from test_cli_support import tiny_tokenizer
+    from transformers import (
+        AutoModelForImageTextToText,
+        Qwen2VLImageProcessor,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+
+    from videoanchor.integrations.transformers.testing import tiny_config
+
+    config = tiny_config("qwen3_vl", hidden=HIDDEN)
+    config.vision_config.patch_size = Q3_PATCH
+    config.text_config.max_position_embeddings = 4096
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_config(config).eval()
+        _randomise(model)
+    model.save_pretrained(path)
+    tokenizer = tiny_tokenizer("qwen3_vl")
+    processor = Qwen3VLProcessor(
+        # mean / std 0.5 for images as for videos, as the published Qwen3-VL: vLLM 0.32
+        # normalises both modalities inside the model with the IMAGE processor's values
+        # (vllm/model_executor/layers/fusion/mm_input_norm.py), so a checkpoint whose two
+        # processors differ (transformers' Qwen2VLImageProcessor defaults to CLIP's) gets
+        # different video features there than in transformers.
+        # min_pixels 24 merged patches: the 56 x 84 test image is upscaled to 4 x 6 tokens
+        image_processor=Qwen2VLImageProcessor(
+            patch_size=Q3_PATCH, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+            size={"shortest_edge": 24 * (2 * Q3_PATCH) ** 2, "longest_edge": 1 << 20},
+        ),  # fmt: skip
+        tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(patch_size=Q3_PATCH),
+        chat_template=tokenizer.chat_template,
+    )
+    processor.save_pretrained(path)
+
+
 def _save_internvl(path) -> None:
     from test_cli_support import tiny_tokenizer
     from transformers import (
@@ -281,7 +327,7 @@ _ITEM = {
                    "video": "<|vision_start|><|video_pad|><|vision_end|>"},
     "llava_onevision": {"image": "<image>\n", "video": "<video>\n"},
 }  # fmt: skip
-_ITEM["qwen2_vl"] = _ITEM["qwen2_5_vl"]
+_ITEM["qwen2_vl"] = _ITEM["qwen3_vl"] = _ITEM["qwen2_5_vl"]
 _ITEM["llava_next_video"] = _ITEM["llava_onevision"]
 _ITEM["internvl"] = {"image": "<IMG_CONTEXT>\n", "video": "<video>\n"}
 

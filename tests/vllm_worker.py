@@ -6,7 +6,9 @@ process-wide state, and "vLLM without the plugin" needs VLLM_PLUGINS set before 
 with VLLM_ENABLE_V1_MULTIPROCESSING=0 so the engine core runs in this process.
 Spec: {"mode": "vllm"|"transformers", "checkpoint": path, "family": "qwen2_5_vl" (default)
 | "llava_onevision" (the prompt format), "engine": {LLM kwargs},
-"batches": [[request, ...], ...], "startup_checks": [...] (see run_vllm)}; request: {"media": "image:SEED" | "video:FRAMES:SEED" |
+"batches": [[request, ...], ...], "startup_checks": [...] (see run_vllm), "record_scores":
+true (each batch gets "scores": the plugin's anchor scores of its requests; the transformers
+mode gives each result its "scores")}; request: {"media": "image:SEED" | "video:FRAMES:SEED" |
 "none", "max_tokens": n, "extra_args": {...}}. Each batch is one ``generate`` call.
 """
 
@@ -73,6 +75,24 @@ def _count_preemptions():
     Scheduler._preempt_request = counted
 
 
+_SCORES: list = []
+
+
+def _record_scores():
+    """Records the anchor scores the plugin computes (each request's (prompt_len,) scores,
+    0 at text, in the order the requests are scored; observation only)."""
+    from videoanchor.integrations.vllm import runner
+
+    orig = runner._score
+
+    def recorded(req, entry, encoder_outputs):
+        gates = orig(req, entry, encoder_outputs)
+        _SCORES.append(None if gates is None else entry.scores.tolist())
+        return gates
+
+    runner._score = recorded
+
+
 def run_vllm(spec):
     if spec.get("model_runner") == "v2":  # before vLLM is imported
         import vllm_v2_shim
@@ -90,6 +110,8 @@ def run_vllm(spec):
     ]
     if spec.get("count_preemptions"):
         _count_preemptions()
+    if spec.get("record_scores"):
+        _record_scores()
 
     t0 = time.perf_counter()
     engine = dict(
@@ -125,6 +147,7 @@ def run_vllm(spec):
             params.append(sp)
             slots.append(i)
         t, preempted = time.perf_counter(), _PREEMPTED[0]
+        _SCORES.clear()
         gens = llm.generate(prompts, params, use_tqdm=False) if prompts else []
         elapsed = time.perf_counter() - t
         for i, g in zip(slots, gens, strict=True):
@@ -136,7 +159,7 @@ def run_vllm(spec):
                 "prompt_ids": list(g.prompt_token_ids),
                 "cached": g.num_cached_tokens,
             }
-        out["batches"].append({"results": results, "seconds": elapsed,
+        out["batches"].append({"results": results, "seconds": elapsed, "scores": list(_SCORES),
                                "preemptions": _PREEMPTED[0] - preempted})  # fmt: skip
     return out
 
@@ -164,7 +187,7 @@ def run_transformers(spec):
             for k, v in (req.get("extra_args") or {}).items():
                 if k.startswith("videoanchor_"):
                     opts[k[len("videoanchor_") :]] = v
-            videoanchor.configure(model, **opts)
+            handle = videoanchor.configure(model, **opts)
             kind, data = _media(req["media"])
             kw = {"images": [data]} if kind == "image" else {}
             if kind in ("video", "videos"):
@@ -188,7 +211,9 @@ def run_transformers(spec):
             ]
             results.append({"tokens": toks, "logprobs": lps,
                             "prompt_len": int(inputs["input_ids"].shape[1]),
-                            "prompt_ids": inputs["input_ids"][0].tolist()})  # fmt: skip
+                            "prompt_ids": inputs["input_ids"][0].tolist(),
+                            "scores": (None if handle.last_scores is None
+                                       else handle.last_scores[0].tolist())})  # fmt: skip
         out["batches"].append({"results": results})
     return out
 

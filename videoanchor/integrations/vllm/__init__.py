@@ -107,6 +107,14 @@ def _refuse_unsupported_engine_features(vllm_config) -> None:
             "additional_config['videoanchor']: expected pipeline_parallel_size 1, got "
             f"{pp}; the gates are made on the first stage only (tensor parallelism works)"
         )
+    mm = getattr(getattr(vllm_config, "model_config", None), "multimodal_config", None)
+    pruning = getattr(mm, "is_multimodal_pruning_enabled", None)
+    if callable(pruning) and pruning():
+        raise ValueError(
+            "additional_config['videoanchor']: expected no multimodal pruning (EVS), got "
+            "video_pruning_rate set; its encoder outputs hold other rows than the "
+            "placeholders, so drop video_pruning_rate or serve unanchored"
+        )
     if getattr(vllm_config, "speculative_config", None) is not None:
         raise ValueError(
             "additional_config['videoanchor']: expected no speculative decoding, got "
@@ -119,10 +127,11 @@ def _validate_at_startup(vllm_config) -> None:
 
     if engine_config(vllm_config.additional_config) is not None:
         check_vllm_version()
-        from videoanchor.integrations.vllm.families import check_family
+        from videoanchor.integrations.vllm.families import check_family, projector_columns
 
         hf_config = getattr(vllm_config.model_config, "hf_config", None)
         check_family(getattr(hf_config, "model_type", None))
+        projector_columns(hf_config)  # a deepstack family: its sizes line up (ValueError)
         _refuse_unsupported_engine_features(vllm_config)
         from vllm.platforms import current_platform
 

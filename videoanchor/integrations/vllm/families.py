@@ -3,7 +3,9 @@
 The plugin scores each request's encoder outputs (``embed_multimodal``, one row per
 embedding position of the item), which is family-agnostic only where those rows are what
 the transformers path scores (the projector output at the placeholder positions, see
-``videoanchor/integrations/transformers/registry.py``). This table says, per family of
+``videoanchor/integrations/transformers/registry.py``); for a family whose encoder output
+also carries other features (Qwen3-VL's deepstack), :func:`projector_columns` says which
+columns are the projector output. This table says, per family of
 that registry, whether vLLM 0.32 has it, whether its encoder outputs line up, and whether
 it is tested end to end here; an anchored engine on any other family fails at start-up
 (:func:`check_family`), naming the family.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-__all__ = ["FAMILIES", "Family", "check_family"]
+__all__ = ["FAMILIES", "Family", "check_family", "projector_columns"]
 
 logger = logging.getLogger("videoanchor.vllm")
 
@@ -22,13 +24,16 @@ logger = logging.getLogger("videoanchor.vllm")
 @dataclass(frozen=True)
 class Family:
     """One family: ``name``, vLLM's architecture class, ``tested`` (end to end on a real
-    engine against the transformers path, tests/test_vllm*.py), or ``refused`` (why the
-    plugin refuses it; empty when it anchors it)."""
+    engine against the transformers path, tests/test_vllm*.py), ``refused`` (why the
+    plugin refuses it; empty when it anchors it), ``deepstack``: vLLM's encoder output of
+    an item is the projector output followed by the deepstack features (Qwen3-VL), see
+    :func:`projector_columns`."""
 
     name: str
     architecture: str
     tested: bool = False
     refused: str = ""
+    deepstack: bool = False
 
 
 FAMILIES: dict[str, Family] = {
@@ -42,16 +47,9 @@ FAMILIES: dict[str, Family] = {
     ),
     # vLLM runs the HF-format InternVL with its InternS1 module.
     "internvl": Family("InternVL (HF format)", "InternVLForConditionalGeneration", tested=True),
-    "qwen3_vl": Family(
-        "Qwen3-VL",
-        "Qwen3VLForConditionalGeneration",
-        refused=(
-            "vLLM's Qwen3-VL encoder output concatenates the deepstack features to the "
-            "projector output (hidden_size * (1 + len(deepstack_visual_indexes)) columns), "
-            "where the transformers path scores the projector output alone, so the SSC "
-            "would not be the transformers path's"
-        ),
-    ),
+    # vLLM's encoder output concatenates the deepstack features after the projector output
+    # (see projector_columns); the SSC reads the projector output alone, as transformers.
+    "qwen3_vl": Family("Qwen3-VL", "Qwen3VLForConditionalGeneration", tested=True, deepstack=True),
 }
 
 
@@ -84,3 +82,28 @@ def check_family(model_type: str | None) -> Family:
             ", ".join(k for k, f in FAMILIES.items() if f.tested),
         )  # fmt: skip
     return fam
+
+
+def projector_columns(hf_config) -> int | None:
+    """How many leading columns of vLLM's encoder output of an item are the projector output
+    (what the transformers path scores), or None where all of them are.
+
+    vLLM 0.32's Qwen3-VL (``vllm/model_executor/models/qwen3_vl.py``) returns from
+    ``embed_multimodal`` one (tokens, hidden * (1 + len(deepstack_visual_indexes))) tensor per
+    item: the merger output, then one block per deepstack merger; ``embed_input_ids`` splits
+    it again at ``vision_config.out_hidden_size`` (the text hidden size), putting the first
+    block into the input embeddings and the others into the deepstack layers. ``hf_config``:
+    the engine's ``model_config.hf_config``. Raises ValueError where the two sizes differ."""
+    fam = FAMILIES.get(getattr(hf_config, "model_type", None) or "")
+    if fam is None or not fam.deepstack:
+        return None
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    hidden = int(text.hidden_size)
+    out = getattr(getattr(hf_config, "vision_config", None), "out_hidden_size", hidden)
+    if int(out) != hidden:
+        raise ValueError(
+            f"videoanchor: expected the {fam.name} vision out_hidden_size to equal the text "
+            f"hidden_size, got {out} and {hidden}; this checkpoint is not supported by the "
+            "vLLM plugin"
+        )
+    return hidden

@@ -45,6 +45,34 @@ _warned: set[str] = set()
 EncoderOutputs = Callable[[str, list[int]], list]
 
 
+def projector_only(encoder_outputs: EncoderOutputs, hf_config) -> EncoderOutputs:
+    """``encoder_outputs`` keeping only the projector output columns of each item, for a
+    family whose vLLM encoder output also carries other features (Qwen3-VL's deepstack,
+    :func:`.families.projector_columns`); ``encoder_outputs`` itself for the others.
+    ``hf_config``: the engine's ``model_config.hf_config``."""
+    from videoanchor.integrations.vllm.families import projector_columns
+
+    cols = projector_columns(hf_config)
+    if cols is None:
+        return encoder_outputs
+    levels = len(getattr(hf_config.vision_config, "deepstack_visual_indexes", None) or [])
+    width = cols * (1 + levels)
+
+    def sliced(req_id: str, indices: list[int]) -> list:
+        outs = encoder_outputs(req_id, indices)
+        for enc in outs:
+            if not torch.is_tensor(enc) or enc.ndim != 2 or enc.shape[-1] != width:
+                raise RuntimeError(
+                    f"videoanchor: expected {hf_config.model_type} encoder outputs of "
+                    f"{width} columns ({cols} projector + {levels} deepstack x {cols}), got "
+                    f"shape {tuple(getattr(enc, 'shape', ()))}; this model's multimodal "
+                    "outputs are not supported (multimodal pruning on?)"
+                )
+        return [enc[:, :cols] for enc in outs]
+
+    return sliced
+
+
 def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
@@ -290,7 +318,7 @@ def prepare_step(runner, scheduler_output) -> None:
     store = runner.__dict__.setdefault("_videoanchor_requests", {})
     fill_step(
         id(runner), _engine_cfg(runner), store, batch, runner.requests,
-        _v1_encoder_outputs(runner),
+        projector_only(_v1_encoder_outputs(runner), runner.model_config.hf_config),
     )  # fmt: skip
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from videoanchor.integrations.vllm import state
 from videoanchor.integrations.vllm.config import engine_config
-from videoanchor.integrations.vllm.runner import Scheduled, fill_step
+from videoanchor.integrations.vllm.runner import Scheduled, fill_step, projector_only
 
 
 class _Hook:
@@ -39,6 +39,7 @@ class _Hook:
         self.eng = eng
         self.extra_args: dict[str, dict | None] = {}
         self.store: dict = {}
+        self.hf_config = runner.vllm_config.model_config.hf_config
 
 
 def batch_of(input_batch, req_states, mm_features, extra_args) -> list[Scheduled]:
@@ -95,7 +96,8 @@ def prepare_step(model_state, hook: _Hook, input_batch, req_states) -> None:
     batch = batch_of(input_batch, req_states, model_state.encoder_cache.mm_features,
                      hook.extra_args)  # fmt: skip
     fill_step(
-        hook.owner, hook.eng, hook.store, batch, None, encoder_outputs_of(model_state),
+        hook.owner, hook.eng, hook.store, batch, None,
+        projector_only(encoder_outputs_of(model_state), hook.hf_config),
         num_tokens=input_batch.num_tokens_after_padding,
         num_seqs=input_batch.num_reqs_after_padding,
     )  # fmt: skip
