@@ -224,7 +224,9 @@ def _save_qwen3_vl(path) -> None:
         # different video features there than in transformers.
         # min_pixels 24 merged patches: the 56 x 84 test image is upscaled to 4 x 6 tokens
         image_processor=Qwen2VLImageProcessor(
-            patch_size=Q3_PATCH, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+            patch_size=Q3_PATCH,
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
             size={"shortest_edge": 24 * (2 * Q3_PATCH) ** 2, "longest_edge": 1 << 20},
         ),  # fmt: skip
         tokenizer=tokenizer,
