@@ -72,38 +72,47 @@ class VideoAnchorCUDABackend(TritonAttentionBackend):
 
     @staticmethod
     def get_impl_cls():
+        """The anchored impl (vLLM's TRITON_ATTN impl with gates)."""
         return VideoAnchorCUDAImpl
 
     @staticmethod
     def get_builder_cls():
+        """The metadata builder that owns the per-step gate buffers."""
         return VideoAnchorCUDAMetadataBuilder
 
     @classmethod
     def supports_sink(cls) -> bool:
+        """False: the anchored kernels implement no attention sinks."""
         return False
 
     @classmethod
     def supports_sliding_window(cls) -> bool:
+        """False: the anchored kernels implement no sliding windows."""
         return False
 
     @classmethod
     def supports_rswa(cls) -> bool:
+        """False: the anchored kernels implement no R-SWA."""
         return False
 
     @classmethod
     def supports_mm_prefix(cls) -> bool:
+        """False: the anchored kernels implement no multimodal prefix attention."""
         return False
 
     @classmethod
     def supports_non_causal(cls) -> bool:
+        """False: the anchored kernels implement no non-causal decoders."""
         return False
 
     @classmethod
     def supports_batch_invariance(cls) -> bool:
+        """False: the anchored kernels implement no batch invariance."""
         return False
 
     @classmethod
     def supports_alibi_sqrt(cls) -> bool:
+        """False: the anchored kernels implement no ALiBi."""
         return False
 
     @classmethod
@@ -140,6 +149,7 @@ class VideoAnchorCUDAMetadataBuilder(TritonAttentionMetadataBuilder):
         )
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        """TRITON_ATTN's metadata, after checking that this step's gates were published."""
         st = state.STEP
         if st.owner is not None and self.gate_step.published != st.step:
             raise RuntimeError(
@@ -177,6 +187,7 @@ class VideoAnchorCUDAImpl(TritonAttentionImpl):
             )  # fmt: skip
 
     def fused_output_quant_supported(self, quant_key) -> bool:
+        """Only for the layers delegated to vLLM's own code (not decoder self-attention)."""
         return self.attn_type in _DELEGATED and super().fused_output_quant_supported(quant_key)
 
     def _gate_caches(self, kv_cache: torch.Tensor):
@@ -214,6 +225,9 @@ class VideoAnchorCUDAImpl(TritonAttentionImpl):
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):  # fmt: skip
+        """Decoder self-attention through the paged Triton kernels (gates read through the
+        block table, per-sequence gated-query counts), no host synchronisation; other
+        layers run vLLM's TRITON_ATTN."""
         if self.attn_type != AttentionType.DECODER or attn_metadata is None:
             return super().forward(
                 layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
