@@ -9,33 +9,12 @@ start-ups of ~20 s plus the requests (see docs/serving.md for the measured total
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+import vllm_support as vs
 
-try:
-    import vllm  # noqa: F401
-
-    _PROBLEM = None
-except Exception as err:  # ImportError, or a broken install
-    _PROBLEM = f"vllm is not importable here ({type(err).__name__}: {err}); .ci/run runs this file in its own venv"  # fmt: skip
-
+_PROBLEM = vs.vllm_problem()
 pytestmark = pytest.mark.skipif(_PROBLEM is not None, reason=_PROBLEM or "")
 
-HERE = Path(__file__).resolve().parent
-# One unbound OpenMP thread per engine: tiny matmuls, and a shared 2-core CI machine where
-# vLLM's default binding of one spinning thread per core slows everything down. No dynamo:
-# vLLM's sampler torch.compiles its logprob-rank helper with inductor on the first request
-# asking for logprobs (~40 s of gcc per engine process here); eager gives the same ranks.
-_THREADS = {
-    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "OMP_NUM_THREADS": "1",
-    "TORCHDYNAMO_DISABLE": "1",
-}
 SSC = {"n_clusters": 4, "max_iter": 200}
 IMG = {"media": "image:0"}
 VID = {"media": "video:4:0"}
@@ -52,25 +31,7 @@ EIGHT = [
 
 
 def _run(tmp, name, spec, plugins=None):
-    spec_path, out_path = tmp / f"{name}.json", tmp / f"{name}.out.json"
-    spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ)
-    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    env.update(_THREADS)
-    root = str(HERE.parent)
-    env["PYTHONPATH"] = os.pathsep.join([root, str(HERE / "vllm_site"), str(HERE)])
-    if plugins is not None:
-        env["VLLM_PLUGINS"] = plugins
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "vllm_worker.py"), str(spec_path), str(out_path)],
-        env=env, cwd=str(HERE), capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    if not out_path.exists():
-        pytest.fail(f"{name}: worker wrote nothing (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-    out = json.loads(out_path.read_text())
-    if "crash" in out:
-        pytest.fail(f"{name}: worker crashed:\n{out['crash']}\n{proc.stderr[-3000:]}")
-    return out
+    return vs.run_worker(tmp, name, spec, plugins)
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import vllm_support as vs
 
-try:
-    import vllm  # noqa: F401
-
-    _PROBLEM = None
-except Exception as err:  # ImportError, or a broken install
-    _PROBLEM = f"vllm is not importable here ({type(err).__name__}: {err}); .ci/run runs this file in its own venv"  # fmt: skip
-
+_PROBLEM = vs.vllm_problem()
 pytestmark = pytest.mark.skipif(_PROBLEM is not None, reason=_PROBLEM or "")
 HERE = Path(__file__).resolve().parent
 

@@ -28,13 +28,9 @@ everywhere. Cost here: seven engine processes (~20-30 s each) and five transform
 from __future__ import annotations
 
 import pytest
+import vllm_support as vs
 
-try:
-    import vllm  # noqa: F401
-
-    _PROBLEM = None
-except Exception as err:  # ImportError, or a broken install
-    _PROBLEM = f"vllm is not importable here ({type(err).__name__}: {err}); .ci/run runs this file in its own venv"  # fmt: skip
+_PROBLEM = vs.vllm_problem()
 
 needs_vllm = pytest.mark.skipif(_PROBLEM is not None, reason=_PROBLEM or "")
 
@@ -62,9 +58,7 @@ def work(tmp_path_factory):
 
 
 def _run(*args, **kwargs):
-    from test_vllm import _run as run
-
-    return run(*args, **kwargs)
+    return vs.run_worker(*args, **kwargs)
 
 
 def _spec(checkpoint, batches, **engine):

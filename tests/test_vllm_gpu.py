@@ -18,16 +18,13 @@ NOT RUN YET: written without a GPU; the tolerances below are what the CPU engine
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import vllm_support as vs
 
 try:
     import vllm
@@ -49,26 +46,8 @@ TOL = 2e-3  # logprobs, GPU fp32 vs the CPU transformers reference
 
 
 def _run(tmp, name, spec, plugins=None, env_extra=None):
-    spec_path, out_path = tmp / f"{name}.json", tmp / f"{name}.out.json"
-    spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ)
-    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), str(HERE / "vllm_site"), str(HERE)])
-    if plugins is not None:
-        env["VLLM_PLUGINS"] = plugins
-    env.update(env_extra or {})
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "vllm_worker.py"), str(spec_path), str(out_path)],
-        env=env, cwd=str(HERE), capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    if not out_path.exists():
-        pytest.fail(f"{name}: worker wrote nothing (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-    out = json.loads(out_path.read_text())
-    if "crash" in out or "startup_error" in out:
-        pytest.fail(
-            f"{name}: {out.get('crash') or out.get('startup_error')}\n{proc.stderr[-3000:]}"
-        )
-    return out
+    return vs.run_worker(tmp, name, spec, plugins, cpu=False, env_extra=env_extra,
+                         fail_on_startup_error=True)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import vllm_support as vs
 
-try:
-    import vllm  # noqa: F401
-
-    _PROBLEM = None
-except Exception as err:
-    _PROBLEM = f"vllm is not importable here ({type(err).__name__}: {err}); .ci/run runs this file in its own venv"  # fmt: skip
+_PROBLEM = vs.vllm_problem()
 
 pytestmark = pytest.mark.skipif(_PROBLEM is not None, reason=_PROBLEM or "")
 
@@ -40,10 +36,7 @@ ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
 
 
 def _env():
-    env = dict(os.environ)
-    env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1")  # fmt: skip # see test_vllm.py
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), str(HERE / "vllm_site"), str(HERE)])
-    return env
+    return vs.worker_env(single_process=False)  # the server's own engine-core process
 
 
 def _image_url():

@@ -3,12 +3,81 @@ saved with transformers' real processors (as tests/test_real_processor.py does) 
 dim 64 (vLLM's CPU attention supports head sizes 32, 64, 80, ...), and media made here.
 
 Families: Qwen2.5-VL (the default), and for tests/test_vllm_families.py LLaVA-OneVision,
-Qwen2-VL, LLaVA-NeXT-Video, InternVL and Qwen3-VL."""
+Qwen2-VL, LLaVA-NeXT-Video, InternVL and Qwen3-VL. Also what the test modules share to run
+an engine: :func:`vllm_problem` (why a module skips) and :func:`run_worker` (one engine
+configuration in a process of its own, tests/vllm_worker.py)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
+
+HERE = Path(__file__).resolve().parent
+# One unbound OpenMP thread per CPU engine: tiny matmuls, and a shared 2-core CI machine where
+# vLLM's default binding of one spinning thread per core slows everything down. No dynamo:
+# vLLM's sampler torch.compiles its logprob-rank helper with inductor on the first request
+# asking for logprobs (~40 s of gcc per engine process here); eager gives the same ranks.
+CPU_THREADS = {
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "OMP_NUM_THREADS": "1",
+    "TORCHDYNAMO_DISABLE": "1",
+}
+
+
+def vllm_problem(where: str = ".ci/run runs this file in its own venv") -> str | None:
+    """None where vllm imports, else why not (a module's skip reason)."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as err:  # ImportError, or a broken install
+        return f"vllm is not importable here ({type(err).__name__}: {err}); {where}"
+    return None
+
+
+def worker_env(plugins: str | None = None, cpu: bool = True, single_process: bool = True,
+               extra: dict | None = None) -> dict:  # fmt: skip
+    """The environment of an engine process: this checkout and the torchvision shim's
+    sitecustomize on PYTHONPATH, the engine core in-process (``single_process``), the CPU
+    thread settings (``cpu``), ``VLLM_PLUGINS`` when ``plugins`` is given ("" loads none)."""
+    env = dict(os.environ)
+    if single_process:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if cpu:
+        env.update(CPU_THREADS)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), str(HERE / "vllm_site"), str(HERE)])
+    if plugins is not None:
+        env["VLLM_PLUGINS"] = plugins
+    env.update(extra or {})
+    return env
+
+
+def run_worker(tmp, name: str, spec: dict, plugins: str | None = None, cpu: bool = True,
+               env_extra: dict | None = None, fail_on_startup_error: bool = False) -> dict:  # fmt: skip
+    """Runs tests/vllm_worker.py on ``spec`` in its own process and returns what it wrote;
+    fails the test (with the worker's stderr) when it wrote nothing or crashed, or, with
+    ``fail_on_startup_error``, when the engine did not start."""
+    import pytest
+
+    spec_path, out_path = tmp / f"{name}.json", tmp / f"{name}.out.json"
+    spec_path.write_text(json.dumps(spec))
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "vllm_worker.py"), str(spec_path), str(out_path)],
+        env=worker_env(plugins, cpu=cpu, extra=env_extra), cwd=str(HERE),
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    if not out_path.exists():
+        pytest.fail(f"{name}: worker wrote nothing (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    out = json.loads(out_path.read_text())
+    problem = out.get("crash") or (out.get("startup_error") if fail_on_startup_error else None)
+    if problem:
+        pytest.fail(f"{name}: worker failed:\n{problem}\n{proc.stderr[-3000:]}")
+    return out
+
 
 HIDDEN = 256  # 4 heads of 64
 N_CLUSTERS = 4
@@ -20,12 +89,25 @@ OV_SIZE, OV_PATCH = 56, 8
 NV_SIZE = 64
 
 
-def _randomise(model) -> None:
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            std = 0.5 if "embed" in name or "newline" in name else 0.08
-            norm = "norm" in name and p.ndim == 1
-            p.copy_(1.0 + 0.1 * torch.randn_like(p) if norm else std * torch.randn_like(p))
+def _random_model(config, qwen2_5_rule: bool = False):
+    """``AutoModelForImageTextToText`` of ``config`` with seeded random weights (seed 0, the
+    caller's RNG untouched): norms near 1, embeddings std 0.5, the rest std 0.08.
+    ``qwen2_5_rule``: the first checkpoint's rule (any "norm" parameter near 1, newline
+    embeddings at 0.08), kept so its weights do not change."""
+    from transformers import AutoModelForImageTextToText
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_config(config).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if qwen2_5_rule:
+                    std, norm = (0.5 if "embed" in name else 0.08), "norm" in name
+                else:
+                    std = 0.5 if "embed" in name or "newline" in name else 0.08
+                    norm = "norm" in name and p.ndim == 1
+                p.copy_(1.0 + 0.1 * torch.randn_like(p) if norm else std * torch.randn_like(p))
+    return model
 
 
 def save_checkpoint(path, family: str = "qwen2_5_vl") -> None:
@@ -55,7 +137,6 @@ def save_checkpoint(path, family: str = "qwen2_5_vl") -> None:
 def _save_qwen2_5_vl(path) -> None:
     from test_cli_support import tiny_tokenizer
     from transformers import (
-        AutoModelForImageTextToText,
         Qwen2_5_VLProcessor,
         Qwen2VLImageProcessor,
         Qwen2VLVideoProcessor,
@@ -67,13 +148,7 @@ def _save_qwen2_5_vl(path) -> None:
     config.vision_config.patch_size = 14
     config.vision_config.window_size = 112
     config.text_config.max_position_embeddings = 4096
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForImageTextToText.from_config(config).eval()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                std = 0.5 if "embed" in name else 0.08
-                p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else std * torch.randn_like(p))  # fmt: skip
+    model = _random_model(config, qwen2_5_rule=True)
     model.save_pretrained(path)
     tokenizer = tiny_tokenizer("qwen2_5_vl")
     processor = Qwen2_5_VLProcessor(
@@ -88,7 +163,6 @@ def _save_qwen2_5_vl(path) -> None:
 def _save_llava_onevision(path) -> None:
     from test_cli_support import tiny_tokenizer
     from transformers import (
-        AutoModelForImageTextToText,
         LlavaOnevisionImageProcessor,
         LlavaOnevisionProcessor,
         LlavaOnevisionVideoProcessor,
@@ -103,10 +177,7 @@ def _save_llava_onevision(path) -> None:
     config.image_grid_pinpoints = [[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
     config.text_config.max_position_embeddings = 4096
     config.vision_config.vision_use_head = False  # as the published checkpoints
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForImageTextToText.from_config(config).eval()
-        _randomise(model)
+    model = _random_model(config)
     _save_hub_layout(model, path)
     tokenizer = tiny_tokenizer("llava_onevision")
     size = {"height": s, "width": s}
@@ -126,7 +197,6 @@ def _save_llava_onevision(path) -> None:
 def _save_llava_next_video(path) -> None:
     from test_cli_support import tiny_tokenizer
     from transformers import (
-        AutoModelForImageTextToText,
         LlavaNextImageProcessor,
         LlavaNextVideoProcessor,
         LlavaNextVideoVideoProcessor,
@@ -140,10 +210,7 @@ def _save_llava_next_video(path) -> None:
     config.vision_config.patch_size = patch
     config.image_grid_pinpoints = [[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
     config.text_config.max_position_embeddings = 4096
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForImageTextToText.from_config(config).eval()
-        _randomise(model)
+    model = _random_model(config)
     _save_hub_layout(model, path)
     tokenizer = tiny_tokenizer("llava_next_video")
     size, crop = {"shortest_edge": s}, {"height": s, "width": s}
@@ -164,7 +231,6 @@ def _save_llava_next_video(path) -> None:
 def _save_qwen2_vl(path) -> None:
     from test_cli_support import tiny_tokenizer
     from transformers import (
-        AutoModelForImageTextToText,
         Qwen2VLImageProcessor,
         Qwen2VLProcessor,
         Qwen2VLVideoProcessor,
@@ -175,10 +241,7 @@ def _save_qwen2_vl(path) -> None:
     config = tiny_config("qwen2_vl", hidden=HIDDEN)
     config.vision_config.patch_size = 14
     config.text_config.max_position_embeddings = 4096
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForImageTextToText.from_config(config).eval()
-        _randomise(model)
+    model = _random_model(config)
     _save_hub_layout(model, path)
     tokenizer = tiny_tokenizer("qwen2_vl")
     processor = Qwen2VLProcessor(
@@ -199,7 +262,6 @@ def _save_qwen3_vl(path) -> None:
     Qwen3VLProcessor(Qwen2VLImageProcessor, Qwen3VLVideoProcessor), patch 16."""
     from test_cli_support import tiny_tokenizer
     from transformers import (
-        AutoModelForImageTextToText,
         Qwen2VLImageProcessor,
         Qwen3VLProcessor,
         Qwen3VLVideoProcessor,
@@ -210,10 +272,7 @@ def _save_qwen3_vl(path) -> None:
     config = tiny_config("qwen3_vl", hidden=HIDDEN)
     config.vision_config.patch_size = Q3_PATCH
     config.text_config.max_position_embeddings = 4096
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForImageTextToText.from_config(config).eval()
-        _randomise(model)
+    model = _random_model(config)
     model.save_pretrained(path)
     tokenizer = tiny_tokenizer("qwen3_vl")
     processor = Qwen3VLProcessor(
@@ -239,7 +298,6 @@ def _save_qwen3_vl(path) -> None:
 def _save_internvl(path) -> None:
     from test_cli_support import tiny_tokenizer
     from transformers import (
-        AutoModelForImageTextToText,
         GotOcr2ImageProcessor,
         InternVLProcessor,
         InternVLVideoProcessor,
@@ -249,10 +307,7 @@ def _save_internvl(path) -> None:
 
     config = tiny_config("internvl", hidden=HIDDEN)
     config.text_config.max_position_embeddings = 4096
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForImageTextToText.from_config(config).eval()
-        _randomise(model)
+    model = _random_model(config)
     model.save_pretrained(path)
     tokenizer = tiny_tokenizer("internvl")
     tokenizer = _with_internvl_tokens(tokenizer)
