@@ -19,6 +19,9 @@ SSC = {"n_clusters": 4, "max_iter": 200}
 IMG = {"media": "image:0"}
 VID = {"media": "video:4:0"}
 MULTI = {"media": "videos:4:5,4:6"}  # two videos in one request: one joint SSC
+# The same two videos, another question: a prefix-cache hit covers the first video and
+# most of the second, so the scores must come without re-encoding the first.
+MULTI_Q2 = {**MULTI, "question": "which shape is on the left at the end, and what colour?"}
 B_ALPHAS = {"videoanchor_alpha_k": 3.0, "videoanchor_alpha_v": 1.0}
 ALL = {**VID, "extra_args": {**B_ALPHAS, "videoanchor_decode": "all"}}  # decode steps gated
 # 8 concurrent requests: different videos and alphas, one with anchoring off.
@@ -71,7 +74,7 @@ def anchored(checkpoint, work):
     batches += [[r] for r in EIGHT] + [EIGHT]
     batches += [[{**VID, "extra_args": {"videoanchor_alpha_k": -3.0}}, VID]]  # bad one + good
     batches += [[{**IMG, "extra_args": {"videoanchor_n_clusters": 500}}], [VID]]
-    batches += [[ALL], [MULTI]]
+    batches += [[ALL], [MULTI], [MULTI_Q2]]
     spec = {"checkpoint": checkpoint,
             "engine": {"enable_prefix_caching": False,
                        "additional_config": {"videoanchor": SSC}},
@@ -87,7 +90,7 @@ def chunked_cached(checkpoint, work):
             "engine": {"enable_prefix_caching": True, "enable_chunked_prefill": True,
                        "max_num_batched_tokens": 64,
                        "additional_config": {"videoanchor": SSC}},
-            "batches": [[VID], [{**VID, "extra_args": B_ALPHAS}], [VID], [MULTI]]}  # fmt: skip
+            "batches": [[VID], [{**VID, "extra_args": B_ALPHAS}], [VID], [MULTI], [MULTI_Q2]]}  # fmt: skip
     return _run(work, "chunked_cached", spec)
 
 
@@ -163,6 +166,15 @@ def test_prefix_caching_never_shares_blocks_across_gates(anchored, chunked_cache
     ) > 1e-3  # fmt: skip
     assert b["cached"] == 0  # other alphas: other salt, no block shared
     assert a2["cached"] > 0  # same alphas and video: the prefix cache is used
+
+
+def test_prefix_hit_over_a_scored_item_reuses_its_scores(anchored, chunked_cached):
+    """Two videos, then the same two with another question: the prefix cache covers the
+    first video (vLLM neither encodes it again nor keeps its data) and ends inside the
+    second, whose tokens are scheduled. The answer equals the same request run alone."""
+    q2 = _res(chunked_cached, 4)
+    assert q2["cached"] > 0
+    _close(q2, _res(anchored, len(anchored["batches"]) - 1))
 
 
 def test_continuous_batching_each_equals_its_single_run(anchored):

@@ -389,11 +389,12 @@ _ITEM["llava_next_video"] = _ITEM["llava_onevision"]
 _ITEM["internvl"] = {"image": "<IMG_CONTEXT>\n", "video": "<video>\n"}
 
 
-def prompt(family: str, kind: str | None, count: int = 1) -> str:
+def prompt(family: str, kind: str | None, count: int = 1, question: str | None = None) -> str:
     """The chat prompt of the tiny checkpoints: ``count`` items of ``kind`` ("image",
-    "video" or None for text only), then a question."""
+    "video" or None for text only), then ``question`` (default: one per kind)."""
     if kind is None:
         return "<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n"
-    question = "what is it?" if kind == "image" else "what moves?"
+    if question is None:
+        question = "what is it?" if kind == "image" else "what moves?"
     items = _ITEM[family][kind] * count
     return f"<|im_start|>user\n{items}{question}<|im_end|>\n<|im_start|>assistant\n"

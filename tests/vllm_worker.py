@@ -9,7 +9,7 @@ Spec: {"mode": "vllm"|"transformers", "checkpoint": path, "family": "qwen2_5_vl"
 "batches": [[request, ...], ...], "startup_checks": [...] (see run_vllm), "record_scores":
 true (each batch gets "scores": the plugin's anchor scores of its requests; the transformers
 mode gives each result its "scores")}; request: {"media": "image:SEED" | "video:FRAMES:SEED" |
-"none", "max_tokens": n, "extra_args": {...}}. Each batch is one ``generate`` call.
+"none", "max_tokens": n, "extra_args": {...}, "question": text (default: the family's)}. Each batch is one ``generate`` call.
 """
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ def _video(n, seed):
     return (vs.frames(n, seed=seed), meta)
 
 
-def _prompt(kind, data=None, family="qwen2_5_vl"):
+def _prompt(kind, data=None, family="qwen2_5_vl", question=None):
     if kind == "videos":
-        return vs.prompt(family, "video", len(data))
-    return vs.prompt(family, kind)
+        return vs.prompt(family, "video", len(data), question)
+    return vs.prompt(family, kind, question=question)
 
 
 def _runner_info(worker):
@@ -131,7 +131,8 @@ def run_vllm(spec):
         prompts, params, slots = [], [], []
         for i, req in enumerate(batch):
             kind, data = _media(req.get("media", "none"))
-            prompt = {"prompt": _prompt(kind, data, spec.get("family", "qwen2_5_vl"))}
+            prompt = {"prompt": _prompt(kind, data, spec.get("family", "qwen2_5_vl"),
+                                        req.get("question"))}  # fmt: skip
             if kind is not None:
                 prompt["multi_modal_data"] = {kind.rstrip("s"): data}
             try:
@@ -197,7 +198,7 @@ def run_transformers(spec):
                 kw = {"videos": [f for f, _ in items],
                       "video_metadata": [VideoMetadata(**m) for _, m in items],
                       "do_sample_frames": False}  # fmt: skip
-            text = _prompt(kind, data, spec.get("family", "qwen2_5_vl"))
+            text = _prompt(kind, data, spec.get("family", "qwen2_5_vl"), req.get("question"))
             inputs = processor(text=[text], return_tensors="pt", **kw)
             with torch.no_grad():
                 gen = model.generate(
