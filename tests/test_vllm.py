@@ -138,13 +138,13 @@ def test_anchored_equals_the_transformers_path_and_differs_from_plain(anchored, 
 
 
 def test_decode_all_equals_the_transformers_path(anchored, reference):
-    dec_all = _res(anchored, len(anchored["batches"]) - 2)
+    dec_all = _res(anchored, len(anchored["batches"]) - 3)  # the batches end ALL, MULTI, MULTI_Q2
     _close(dec_all, _res(reference, 3))
     assert dec_all != _res(anchored, 2)  # same alphas, decode="prefill": other decode steps
 
 
 def test_several_videos_get_one_joint_ssc_as_in_transformers(anchored, chunked_cached, reference):
-    multi = _res(anchored, len(anchored["batches"]) - 1)
+    multi = _res(anchored, len(anchored["batches"]) - 2)
     _close(multi, _res(reference, 2))
     # Chunked (64-token steps): the first chunk reaches the first video before the scheduler
     # encoded the second; the plugin encodes it itself for the joint SSC.
