@@ -395,26 +395,47 @@ def anchored_attention_paged(
         )  # fmt: skip
     if lens is None:
         lens = [int(n) for n in seq_lens.tolist()]
-    k = gather_paged(k_cache, block_table, lens)
-    v = gather_paged(v_cache, block_table, lens)
-    kb = None if key_bias_cache is None else gather_paged(key_bias_cache, block_table, lens)
-    vs = None if value_scale_cache is None else gather_paged(value_scale_cache, block_table, lens)
-    cu_k = torch.zeros(len(lens) + 1, dtype=torch.int32, device=q.device)
-    if lens:
-        cu_k[1:] = torch.cumsum(torch.tensor(lens, device=q.device), 0)
-    run = dict(causal=causal, sm_scale=scale, backend="torch")
-    args = (q, k, v, cu_seqlens_q, cu_k, max_seqlen_q, max(lens, default=0))
-    if seq_gated is None or (kb is None and vs is None):
-        out.copy_(anchored_attention_varlen(*args, kb, vs, **run))
-        return out
-    # Per query: rows before the sequence's count read the gates, the others do not.
-    counts = gated_counts(seq_gated).tolist()
+    gated = key_bias_cache is not None or value_scale_cache is not None
+    counts = gated_counts(seq_gated).tolist() if gated and seq_gated is not None else None
     qs = cu_seqlens_q.tolist()
-    row_gated = torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
-    for b, n in enumerate(counts):
-        row_gated[qs[b] : min(qs[b] + n, qs[b + 1])] = True
-    out.copy_(anchored_attention_varlen(*args, kb, vs, **run))
-    if not bool(row_gated.all()):
-        plain = anchored_attention_varlen(*args, None, None, **run)
-        out.copy_(torch.where(row_gated[:, None, None], out, plain))
+    # Pieces (sequence, first query row, end row, key count), gated or not: a sequence whose
+    # first c queries read the gates and the rest not is two pieces; under causal masking
+    # the gated piece keeps the bottom-right layout by ending its keys where its last query
+    # does. Each group runs once, so no query is computed twice.
+    pieces: dict[bool, list] = {True: [], False: []}
+    for b, n in enumerate(lens):
+        s, e = qs[b], qs[b + 1]
+        c = e - s if counts is None else min(counts[b], e - s)
+        if c > 0:
+            pieces[gated].append((b, s, s + c, n - (e - s - c) if causal else n))
+        if c < e - s:
+            pieces[False].append((b, s + c, e, n))
+    for with_gates, group in pieces.items():
+        if group:
+            _torch_pieces(q, k_cache, v_cache, block_table, group, out, scale, causal,
+                          key_bias_cache if with_gates else None,
+                          value_scale_cache if with_gates else None)  # fmt: skip
     return out
+
+
+def _torch_pieces(q, k_cache, v_cache, block_table, group, out, scale, causal, kb_cache,
+                  vs_cache):  # fmt: skip
+    """The exact varlen path on ``group``'s pieces (sequence, first row, end row, keys),
+    written into their rows of ``out``."""
+    sel = torch.tensor([p[0] for p in group], dtype=torch.long, device=block_table.device)
+    table = block_table[sel]
+    lens = [p[3] for p in group]
+    q_lens = torch.tensor([p[2] - p[1] for p in group], dtype=torch.int32, device=q.device)
+    cu_q = torch.zeros(len(group) + 1, dtype=torch.int32, device=q.device)
+    cu_q[1:] = torch.cumsum(q_lens, 0)
+    cu_k = torch.zeros(len(group) + 1, dtype=torch.int32, device=q.device)
+    cu_k[1:] = torch.cumsum(torch.tensor(lens, device=q.device), 0)
+    rows = torch.cat([torch.arange(p[1], p[2], device=q.device) for p in group])
+    kb = None if kb_cache is None else gather_paged(kb_cache, table, lens)
+    vs = None if vs_cache is None else gather_paged(vs_cache, table, lens)
+    res = anchored_attention_varlen(
+        q[rows], gather_paged(k_cache, table, lens), gather_paged(v_cache, table, lens),
+        cu_q, cu_k, int(q_lens.max()), max(lens), kb, vs,
+        causal=causal, sm_scale=scale, backend="torch",
+    )  # fmt: skip
+    out[rows] = res.to(out.dtype)

@@ -105,39 +105,23 @@ class VideoAnchorCPUImpl(CPUAttentionBackendImpl):
         counts = st.seq_gated_queries if len(st.seq_gated_queries) == num_seqs else None
         if not attn_metadata.causal:  # a piece would cut keys off: whole sequences only
             counts = None
+        qsl = qsl[: num_seqs + 1]
+        q_lens = (qsl[1:] - qsl[:-1]).tolist()
+        # Per sequence, how many of its first queries read the gates (the paged path splits a
+        # partly gated sequence itself); a whole sequence where no counts were given.
+        gated = [(q_lens[b] if counts is None else counts[b]) if flags[b] else 0
+                 for b in range(num_seqs)]  # fmt: skip
         gates = None
         if any(flags):
             num_blocks, _, block_size, _ = kv_cache.shape
             gates = state.gate_cache(st.owner, num_blocks, block_size, kv_cache.device)
-        q = query[:n]
         out = output[:n].view(n, self.num_heads, self.head_size)
-        # Pieces (sequence, first query row, end row, key length): a sequence whose first k
-        # queries read gates and the rest not (a recompute over a prompt's end and generated
-        # tokens) is two pieces; each keeps the bottom-right causal layout.
-        pieces = {False: [], True: []}
-        qsl_l, lens_l = qsl.tolist(), seq_lens.tolist()
-        for b in range(num_seqs):
-            s, e, length = qsl_l[b], qsl_l[b + 1], lens_l[b]
-            k = (e - s if counts is None else min(counts[b], e - s)) if flags[b] else 0
-            if k > 0:
-                pieces[True].append((b, s, s + k, length - (e - s - k)))
-            if k < e - s:
-                pieces[False].append((b, s + k, e, length))
-        for flag, group in pieces.items():
-            if not group:
-                continue
-            sel = torch.tensor([p[0] for p in group], dtype=torch.long)
-            q_lens = torch.tensor([p[2] - p[1] for p in group], dtype=torch.int32)
-            cu = torch.zeros(len(group) + 1, dtype=torch.int32)
-            cu[1:] = torch.cumsum(q_lens, 0)
-            rows = torch.cat([torch.arange(p[1], p[2]) for p in group])
-            res = anchored_attention_paged(
-                q[rows], k_cache, v_cache, attn_metadata.block_table[sel],
-                torch.tensor([p[3] for p in group], dtype=torch.int32), cu_seqlens_q=cu,
-                max_seqlen_q=int(q_lens.max()),
-                key_bias_cache=gates[0] if flag else None,
-                value_scale_cache=gates[1] if flag else None,
-                softmax_scale=self.scale, causal=bool(attn_metadata.causal),
-            )  # fmt: skip
-            out[rows] = res.to(out.dtype)
+        anchored_attention_paged(
+            query[:n], k_cache, v_cache, attn_metadata.block_table[:num_seqs], seq_lens,
+            cu_seqlens_q=qsl, max_seqlen_q=max(q_lens, default=0),
+            key_bias_cache=None if gates is None else gates[0],
+            value_scale_cache=None if gates is None else gates[1],
+            seq_gated=torch.tensor(gated, dtype=torch.int32), softmax_scale=self.scale,
+            causal=bool(attn_metadata.causal), backend="torch", out=out,
+        )  # fmt: skip
         return output
