@@ -30,6 +30,15 @@ CPU_THREADS = {
 }
 
 
+#: ``env_extra`` of :func:`run_worker` for vLLM's default process layout: the engine core in
+#: a process of its own (``worker_env`` otherwise runs it in the worker's process); the
+#: worker's collective_rpc sends a function to it, which needs pickle.
+ENGINE_CORE_PROCESS = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+}
+
+
 def vllm_problem(where: str = ".ci/run runs this file in its own venv") -> str | None:
     """None where vllm imports, else why not (a module's skip reason)."""
     try:

@@ -149,7 +149,11 @@ def run_vllm(spec):
             slots.append(i)
         t, preempted = time.perf_counter(), _PREEMPTED[0]
         _SCORES.clear()
-        gens = llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        try:
+            gens = llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        except ValueError as err:  # refused by the front end (e.g. the operator's limits)
+            out["batches"].append({"error": f"{type(err).__name__}: {err}", "results": results})
+            continue
         elapsed = time.perf_counter() - t
         for i, g in zip(slots, gens, strict=True):
             o = g.outputs[0]

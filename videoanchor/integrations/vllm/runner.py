@@ -161,7 +161,26 @@ def _score(req: Scheduled, entry: _Req, encoder_outputs: EncoderOutputs):
             f"videoanchor: a request has {n} visual tokens, fewer than n_clusters="
             f"{cfg.n_clusters}; using n_clusters={k} for it",
         )
-    res = compute_anchor_scores(feats, k, **ssc_kwargs(cfg))
+    from videoanchor.anchor.progress import SSCProgress
+
+    # The engine's ssc_time_budget bounds the time one request's SSC holds the step; the
+    # progress lines (once a run lasts a few seconds) go to the package's logger.
+    reporter = SSCProgress(enabled="auto", time_budget=cfg.ssc_time_budget, desc="SSC")
+    res = compute_anchor_scores(feats, k, **ssc_kwargs(cfg), progress=reporter)
+    if not res.converged:
+        budget = bool(reporter.runs and reporter.runs[-1].stopped_by_budget)
+        logger.warning(
+            "videoanchor: request %s: SSC over %d visual tokens stopped %s after %d "
+            "iterations at residual %.3g (eps %.3g): NOT converged, its scores come from the "
+            "iterate reached; %s",
+            req.req_id, n,
+            f"by ssc_time_budget={cfg.ssc_time_budget} s" if budget else
+            f"at max_iter={cfg.max_iter}",
+            res.iterations, res.residual, cfg.eps,
+            "raise additional_config['videoanchor']['ssc_time_budget']" if budget else
+            "raise additional_config['videoanchor']['max_iter'] (and request_limits) or the "
+            "request's videoanchor_max_iter",
+        )  # fmt: skip
     scores = torch.zeros(entry.prompt_len, dtype=torch.float32)
     scores[cols] = res.scores.detach().to("cpu", torch.float32)
     entry.scores = scores
