@@ -83,7 +83,7 @@ def anchored(checkpoint, work):
             "engine": {"enable_prefix_caching": False,
                        "additional_config": {"videoanchor": {
                            **SSC, "request_limits": {"n_clusters": 500}}}},
-            "batches": batches}  # fmt: skip
+            "batches": batches, "record_ssc": True}  # fmt: skip
     return _run(work, "anchored", spec)
 
 
@@ -110,6 +110,7 @@ def reference(checkpoint, work):
         "mode": "transformers",
         "checkpoint": checkpoint,
         "batches": [[IMG], [VID], [MULTI], [ALL]],
+        "record_ssc": True,
     }
     return _run(work, "transformers", spec)
 
@@ -134,6 +135,11 @@ def test_installed_but_not_configured_is_bitwise_vllm(plain, installed):
 
 
 def test_anchored_equals_the_transformers_path_and_differs_from_plain(anchored, reference, plain):
+    # At the source first (issue 32): the features each engine hands to SSC and the scores
+    # SSC gives on them, for the image, the video and the two videos (one joint SSC).
+    last = len(anchored["batches"]) - 1  # the batches end ALL, MULTI, MULTI_Q2
+    for a, r in ((0, 0), (1, 1), (last - 1, 2)):
+        vs.assert_same_ssc(anchored["batches"][a], reference["batches"][r])
     # Images: transformers' and vLLM's MRoPE rules coincide (docs/serving.md).
     _close(_res(anchored, 0), _res(reference, 0))
     # A 4-frame video at fps 4: the rules coincide here too.

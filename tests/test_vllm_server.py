@@ -278,7 +278,9 @@ def test_a_hostile_request_is_bounded_by_the_operators_time_budget(server, check
     assert status == 200, reply
     times = out["times"]
     assert times[-1] > t_answered, "the stream ended before the hostile request was answered"
-    during = [b - a for a, b in zip(times, times[1:], strict=False) if b > t_hostile and a < t_answered]
+    during = [
+        b - a for a, b in zip(times, times[1:], strict=False) if b > t_hostile and a < t_answered
+    ]
     gap = max(during)
     # The budget plus the hostile request's own encoder and prefill step, on a loaded 2-core
     # machine; without the budget the SSC alone runs for minutes.
