@@ -180,7 +180,7 @@ def run_vllm(spec):
         _SSC.clear()
         try:
             gens = llm.generate(prompts, params, use_tqdm=False) if prompts else []
-        except ValueError as err:  # refused by the front end (e.g. the operator's limits)
+        except Exception as err:  # refused by the front end (e.g. the operator's limits)
             out["batches"].append({"error": f"{type(err).__name__}: {err}", "results": results})
             continue
         elapsed = time.perf_counter() - t

@@ -168,19 +168,34 @@ def _log_active(eng, policy) -> None:
     )  # fmt: skip
 
 
+class _ThroughVllm(logging.Handler):
+    """Hands the package's records to vLLM's own handlers, so they read like vLLM's lines
+    (its format, level and stream). vLLM sets its handlers up lazily, after the plugin
+    loads, so they are looked up per record. Where the application configured the root
+    logger, the records reach it by propagation instead, and this handler stays quiet."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.getLogger().handlers:
+            return
+        handlers = logging.getLogger("vllm").handlers
+        if not handlers:
+            logging.lastResort.handle(record)
+            return
+        for handler in handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+
+
 def _route_logs_through_vllm() -> None:
-    """The package's log records (this plugin's, SSC progress and warnings) go through
-    vLLM's handler and format in a vLLM process, unless the user attached handlers of their
-    own to the ``videoanchor`` logger."""
-    vllm_logger = logging.getLogger("vllm")
+    """In a vLLM process, the ``videoanchor`` logger (this plugin, SSC progress, warnings)
+    logs INFO and above through vLLM's handlers (:class:`_ThroughVllm`), unless the user gave
+    it handlers or a level of their own."""
     ours = logging.getLogger("videoanchor")
-    if ours.handlers or not vllm_logger.handlers:
+    if any(isinstance(h, _ThroughVllm) for h in ours.handlers) or ours.handlers:
         return
-    for handler in vllm_logger.handlers:
-        ours.addHandler(handler)
+    ours.addHandler(_ThroughVllm())
     if ours.level == logging.NOTSET:
-        ours.setLevel(vllm_logger.level or logging.INFO)
-    ours.propagate = False
+        ours.setLevel(logging.INFO)
 
 
 def register() -> None:

@@ -163,13 +163,18 @@ def _score(req: Scheduled, entry: _Req, encoder_outputs: EncoderOutputs):
         )
     from videoanchor.anchor.progress import SSCProgress
 
-    # The engine's ssc_time_budget bounds the time one request's SSC holds the step; the
-    # progress lines (once a run lasts a few seconds) go to the package's logger.
-    reporter = SSCProgress(enabled="auto", time_budget=cfg.ssc_time_budget, desc="SSC")
+    # The engine's ssc_time_budget bounds the time one request's SSC holds the step. No
+    # progress lines (their advice names the CLI's flags): the outcome is logged below.
+    reporter = SSCProgress(enabled=False, time_budget=cfg.ssc_time_budget)
     res = compute_anchor_scores(feats, k, **ssc_kwargs(cfg), progress=reporter)
     if not res.converged:
         budget = bool(reporter.runs and reporter.runs[-1].stopped_by_budget)
-        logger.warning(
+        # The time budget is the operator's alarm: every time. A max_iter the operator set
+        # low on purpose would say the same for every request: once, then at DEBUG.
+        level = logging.WARNING if budget or "max_iter" not in _warned else logging.DEBUG
+        _warned.add("max_iter")
+        logger.log(
+            level,
             "videoanchor: request %s: SSC over %d visual tokens stopped %s after %d "
             "iterations at residual %.3g (eps %.3g): NOT converged, its scores come from the "
             "iterate reached; %s",
