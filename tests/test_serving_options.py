@@ -157,3 +157,43 @@ def test_time_budget_is_the_operators_alone():
         engine_config({"videoanchor": {"ssc_time_budget": -1}})
     with pytest.raises(ValueError, match=r"extra_args\['videoanchor_ssc_time_budget'\]"):
         request_overrides({"videoanchor_ssc_time_budget": 100.0})
+
+
+def test_score_cache_is_an_lru_keyed_by_items_and_scoring_options():
+    import torch
+
+    from videoanchor.integrations.score_cache import ScoreCache, score_key
+
+    a = AnchorConfig()
+    key = score_key(["v1", "v2"], 4, a)
+    assert key == score_key(["v1", "v2"], 4, AnchorConfig(alpha_k=1.0, alpha_v=0.5))  # alphas
+    for other in (score_key(["v2", "v1"], 4, a), score_key(["v1"], 4, a),
+                  score_key(["v1", "v2"], 3, a), score_key(["v1", "v2"], 4, AnchorConfig(seed=1)),
+                  score_key(["v1", "v2"], 4, AnchorConfig(eps=1e-3))):  # fmt: skip
+        assert other != key
+    cache = ScoreCache(3 * 40)  # three entries of 10 float32
+    s = [torch.rand(10) for _ in range(4)]
+    assert cache.get("a") is None
+    cache.put("a", s[0])
+    cache.put("b", s[1])
+    cache.put("c", s[2])
+    assert torch.equal(cache.get("a"), s[0])  # "a" is now the most recently used
+    cache.put("d", s[3])  # evicts "b"
+    assert cache.get("b") is None and cache.get("c") is not None and len(cache) == 3
+    assert (cache.stats["scores_hits"], cache.stats["scores_misses"]) == (2, 2)
+    assert cache.stats["evictions"] == 1 and cache.bytes == 120
+    cache.put("big", torch.rand(100))  # larger than the cache: not stored
+    assert cache.get("big") is None and cache.bytes == 120
+    assert cache.summary().startswith("score cache: 2 hits, 3 misses, 1 evictions, 3 entries")
+    s[3].fill_(0)  # a copy is stored
+    assert cache.get("d").abs().sum() > 0
+
+
+def test_score_cache_size_option():
+    from videoanchor.integrations.vllm.config import SCORE_CACHE_MB, score_cache_bytes
+
+    assert score_cache_bytes({"videoanchor": {}}) == SCORE_CACHE_MB << 20
+    assert score_cache_bytes({"videoanchor": {"score_cache_mb": 0}}) == 0
+    with pytest.raises(ValueError, match=r"\['score_cache_mb'\]: expected MiB"):
+        score_cache_bytes({"videoanchor": {"score_cache_mb": -1}})
+    assert engine_config({"videoanchor": {"score_cache_mb": 8}}) == AnchorConfig()

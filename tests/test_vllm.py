@@ -83,7 +83,7 @@ def anchored(checkpoint, work):
             "engine": {"enable_prefix_caching": False,
                        "additional_config": {"videoanchor": {
                            **SSC, "request_limits": {"n_clusters": 500}}}},
-            "batches": batches, "record_ssc": True}  # fmt: skip
+            "batches": batches, "record_ssc": True, "record_scores": True}  # fmt: skip
     return _run(work, "anchored", spec)
 
 
@@ -194,6 +194,24 @@ def test_prefix_hit_over_a_scored_item_reuses_its_scores(anchored, chunked_cache
     q2 = _res(chunked_cached, 5)
     assert q2["cached"] > 0
     _close(q2, _res(anchored, len(anchored["batches"]) - 1))
+
+
+def test_a_repeated_video_runs_no_ssc_and_gets_the_same_scores(anchored):
+    """The same video with other alphas (scores do not depend on them), with decode="all",
+    and the same two videos with another question: the engine's score cache answers, so no
+    SSC runs; the answers still follow each request's own options."""
+    first, again = anchored["batches"][1], anchored["batches"][2]
+    assert len(first["ssc"]) == 1 and again["ssc"] == []
+    assert again["scores"] == first["scores"]
+    assert _res(anchored, 1)["tokens"] != _res(anchored, 2)["tokens"] or max(
+        abs(x - y)
+        for x, y in zip(_res(anchored, 1)["logprobs"], _res(anchored, 2)["logprobs"], strict=True)
+    ) > 1e-3  # fmt: skip
+    last = len(anchored["batches"]) - 1  # ALL (same video as batch 1), MULTI, MULTI_Q2
+    assert anchored["batches"][last - 2]["ssc"] == []
+    assert len(anchored["batches"][last - 1]["ssc"]) == 1 and anchored["batches"][last]["ssc"] == []
+    # The eight requests again in one batch: every one of them a hit.
+    assert anchored["batches"][3 + len(EIGHT)]["ssc"] == []
 
 
 def test_continuous_batching_each_equals_its_single_run(anchored):

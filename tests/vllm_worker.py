@@ -87,8 +87,8 @@ def _record_scores():
 
     orig = runner._score
 
-    def recorded(req, entry, encoder_outputs):
-        gates = orig(req, entry, encoder_outputs)
+    def recorded(req, entry, *args, **kwargs):
+        gates = orig(req, entry, *args, **kwargs)
         _SCORES.append(None if gates is None else entry.scores.tolist())
         return gates
 

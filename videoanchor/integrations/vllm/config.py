@@ -24,6 +24,7 @@ __all__ = [
     "request_config",
     "request_overrides",
     "salt_for",
+    "score_cache_bytes",
 ]
 
 # attention_backend, process_group, ssc_dtype and ssc_progress are transformers-only (the
@@ -34,7 +35,10 @@ ENGINE_KEYS = tuple(f.name for f in fields(AnchorConfig) if f.name not in _NOT_F
 #: The operator's keys of ``additional_config["videoanchor"]`` that are not configure()
 #: options: which options a request may set, and the limits on the costly ones
 #: (:class:`RequestPolicy`).
-POLICY_KEYS = ("request_options", "request_limits")
+POLICY_KEYS = ("request_options", "request_limits", "score_cache_mb")
+#: ``score_cache_mb`` default: MiB of anchor scores kept across requests (16k visual tokens
+#: take 64 KiB), so repeated videos run no SSC (:func:`score_cache_bytes`).
+SCORE_CACHE_MB = 64
 #: Engine-only options: ``ssc_time_budget`` is the operator's bound on one request's SSC.
 _ENGINE_ONLY = ("enabled", "ssc_time_budget")
 #: Per-request keys: ``extra_args["videoanchor_<name>"]`` (flat, since ``vllm_xargs`` values
@@ -133,12 +137,26 @@ def engine_policy(additional_config) -> RequestPolicy | None:
             f"{where}['request_limits']: unknown limit {unknown[0]!r}; expected some of "
             f"{', '.join(LIMIT_KEYS)}"
         )
+    score_cache_bytes(additional_config)
     vals = {k: limits.get(k, getattr(eng, k)) for k in LIMIT_KEYS}
     try:  # the limits are values of the options they bound: the same checks
         validate_ssc_options(validate_options(replace(eng, **vals)))
     except (TypeError, ValueError) as err:
         raise type(err)(f"{where}['request_limits']: {err}") from None
     return RequestPolicy(allowed=allowed, **vals)
+
+
+def score_cache_bytes(additional_config) -> int:
+    """Bytes of the engine's score cache (``additional_config["videoanchor"]["score_cache_mb"]``,
+    default :data:`SCORE_CACHE_MB`; 0 turns it off). Raises ValueError naming the key."""
+    given = (additional_config or {}).get("videoanchor") or {}
+    mb = given.get("score_cache_mb", SCORE_CACHE_MB) if isinstance(given, dict) else 0
+    if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not 0 <= mb < 2**20:
+        raise ValueError(
+            "additional_config['videoanchor']['score_cache_mb']: expected MiB of scores to keep "
+            f"across requests (a number >= 0; 0 turns the cache off), got {mb!r}"
+        )
+    return int(mb * 2**20)
 
 
 def check_request(policy: RequestPolicy | None, extra_args) -> None:
