@@ -151,7 +151,10 @@ def test_anchored_equals_the_transformers_path_and_differs_from_plain(
 
     for b in range(len(ANCHORED)):  # image, video, two videos (joint SSC), other alphas
         # At the source first: the features handed to SSC, then its scores; then the logprobs.
-        vs.assert_same_ssc(anchored["batches"][b], reference["batches"][b])
+        if b < 3:
+            vs.assert_same_ssc(anchored["batches"][b], reference["batches"][b])
+        else:  # the video again with other alphas: vLLM's score cache answers, no SSC
+            assert anchored["batches"][b]["ssc"] == []
         _close(_res(anchored, b), _res(reference, b))
         # Same prompt on both engines: the video placeholders include the newline token.
         _same_prompt(_res(anchored, b), _res(reference, b), FAMILY)
