@@ -8,7 +8,10 @@ without ``additional_config["videoanchor"]``). Measured per engine:
   call, greedy, ``--max-tokens`` each, ``ignore_eos``);
 - the stall: M text requests decode; a new video request arrives; the duration of each
   ``LLMEngine.step()`` is recorded. ``stall_s`` = the step that prefills the video (the
-  encoder, the prefill and, anchored, the SSC run inside it) minus the median decode step.
+  encoder, the prefill and, anchored, the SSC run inside it) minus the median decode step;
+  ``video_ttft_s`` its time to first token;
+- the same with the same video asked again with another question (``repeat_*``): anchored,
+  the engine's score cache answers it, so no SSC runs.
 
 CPU (in the vLLM venv of .ci/run; builds the tiny checkpoint of tests/vllm_support.py):
     python benchmarks/bench_vllm.py
@@ -80,28 +83,11 @@ def worker(args) -> dict:
     outs = llm.generate(reqs, sp, use_tqdm=False)
     elapsed = time.perf_counter() - t
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
-    # The stall: M text requests decoding, then one new video.
+    # The stall: M text requests decoding, then one new video; then the same again with the
+    # same video and another question (a repeat: the score cache answers, no SSC).
     eng = llm.llm_engine
-    dec = SamplingParams(temperature=0.0, max_tokens=args.stall_decode_tokens, ignore_eos=True)
-    for i in range(args.running):
-        eng.add_request(f"run{i}", {"prompt": _prompt(args, "text")}, dec)
-    steps = []
-    for _ in range(3):  # their prefills, then steady decode
-        eng.step()
-    for _ in range(4):
-        t = time.perf_counter()
-        eng.step()
-        steps.append(("decode", time.perf_counter() - t))
-    eng.add_request("new_video", {"prompt": _prompt(args, "video"),
-                                  "multi_modal_data": {"video": _video(args, 999)}},
-                    SamplingParams(temperature=0.0, max_tokens=2))  # fmt: skip
-    t = time.perf_counter()
-    eng.step()
-    steps.append(("video_prefill", time.perf_counter() - t))
-    while eng.has_unfinished_requests():
-        eng.step()
-    decode = [s for k, s in steps if k == "decode"]
-    prefill = [s for k, s in steps if k == "video_prefill"][0]
+    first = _arrival(eng, args, "new", "Describe the video.")
+    repeat = _arrival(eng, args, "repeat", "What moves in the video?")
     return {
         "anchored": args.anchored,
         "startup_s": startup,
@@ -109,10 +95,49 @@ def worker(args) -> dict:
         "seconds": elapsed,
         "requests_per_s": args.requests / elapsed,
         "output_tokens_per_s": n_out / elapsed,
-        "median_decode_step_s": statistics.median(decode),
-        "video_prefill_step_s": prefill,
-        "stall_s": prefill - statistics.median(decode),
+        "median_decode_step_s": first["median_decode_step_s"],
+        "video_prefill_step_s": first["video_prefill_step_s"],
+        "stall_s": first["stall_s"],
+        "video_ttft_s": first["ttft_s"],
+        "repeat_video_prefill_step_s": repeat["video_prefill_step_s"],
+        "repeat_stall_s": repeat["stall_s"],
+        "repeat_video_ttft_s": repeat["ttft_s"],
     }
+
+
+def _arrival(eng, args, tag: str, question: str) -> dict:
+    """M text requests decode; one video request (frames of seed 999) arrives. The step that
+    prefills it (encoder, prefill and, anchored, its SSC) against the median decode step,
+    and its time to first token (from add_request to the step that returns its first token)."""
+    from vllm import SamplingParams
+
+    dec = SamplingParams(temperature=0.0, max_tokens=args.stall_decode_tokens, ignore_eos=True)
+    for i in range(args.running):
+        eng.add_request(f"{tag}_run{i}", {"prompt": _prompt(args, "text")}, dec)
+    for _ in range(3):  # their prefills, then steady decode
+        eng.step()
+    decode = []
+    for _ in range(4):
+        t = time.perf_counter()
+        eng.step()
+        decode.append(time.perf_counter() - t)
+    prompt = _prompt(args, "video").replace("Describe the video.", question)
+    t_add = time.perf_counter()
+    eng.add_request(f"{tag}_video", {"prompt": prompt,
+                                     "multi_modal_data": {"video": _video(args, 999)}},
+                    SamplingParams(temperature=0.0, max_tokens=2))  # fmt: skip
+    prefill, ttft = None, None
+    while eng.has_unfinished_requests():
+        t = time.perf_counter()
+        outs = eng.step()
+        if prefill is None:
+            prefill = time.perf_counter() - t
+        if ttft is None and any(o.request_id.startswith(f"{tag}_video") and o.outputs
+                                and o.outputs[0].token_ids for o in outs):  # fmt: skip
+            ttft = time.perf_counter() - t_add
+    median = statistics.median(decode)
+    return {"median_decode_step_s": median, "video_prefill_step_s": prefill,
+            "stall_s": prefill - median, "ttft_s": ttft}  # fmt: skip
 
 
 def main() -> None:
@@ -179,7 +204,8 @@ def main() -> None:
                 env={k: env.get(k) for k in ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS",
                                              "VLLM_ENABLE_V1_MULTIPROCESSING")})  # fmt: skip
     print_table(rows, ["anchored", "requests_per_s", "output_tokens_per_s", "ratio_vs_plain",
-                       "median_decode_step_s", "video_prefill_step_s", "stall_s"])  # fmt: skip
+                       "median_decode_step_s", "stall_s", "video_ttft_s", "repeat_stall_s",
+                       "repeat_video_ttft_s"])  # fmt: skip
     print(f"anchored / plain output tokens/s: {ratio:.3f}")
     print("wrote", write_result("vllm", meta, rows, args.out_dir))
 

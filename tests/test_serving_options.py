@@ -85,3 +85,115 @@ def test_supported_vllm_versions():
     for bad in ("0.31.9", "0.33.0", "1.0.0"):
         with pytest.raises(RuntimeError, match=f"found vllm {bad}"):
             check_vllm_version(bad)
+
+
+def test_operator_policy_defaults_to_the_engines_own_values():
+    from videoanchor.integrations.vllm.config import REQUEST_KEYS, engine_policy
+
+    assert engine_policy({}) is None
+    p = engine_policy({"videoanchor": {"n_clusters": 8, "max_iter": 300}})
+    assert p.allowed == frozenset(REQUEST_KEYS + ("enabled",))
+    assert (p.max_iter, p.n_clusters, p.label_draws, p.eps) == (300, 8, 1, 2e-4)
+    # the policy keys are not configure() options: the engine options ignore them
+    eng = engine_config({"videoanchor": {"n_clusters": 8, "request_options": "none"}})
+    assert eng == AnchorConfig(n_clusters=8)
+
+
+@pytest.mark.parametrize(
+    "extra,phrase",
+    [({"videoanchor_max_iter": 10**7}, "expected at most 300"),
+     ({"videoanchor_label_draws": 2}, "expected at most 1"),
+     ({"videoanchor_n_clusters": 100000}, "expected at most 8"),
+     ({"videoanchor_eps": 0.0}, "expected at least 0.0002")],
+)  # fmt: skip
+def test_requests_over_the_limits_are_refused_naming_key_and_limit(extra, phrase):
+    from videoanchor.integrations.vllm.config import check_request, engine_policy
+
+    p = engine_policy({"videoanchor": {"n_clusters": 8, "max_iter": 300}})
+    key = next(iter(extra))
+    with pytest.raises(ValueError, match=rf"extra_args\['{key}'\]: {phrase}.*request_limits"):
+        check_request(p, extra)
+    check_request(p, {"videoanchor_max_iter": 300, "videoanchor_n_clusters": 3})  # within
+
+
+def test_operator_limits_and_allowed_options():
+    from videoanchor.integrations.vllm.config import check_request, engine_policy
+
+    p = engine_policy({"videoanchor": {"request_limits": {"eps": 0.0, "max_iter": 10**6},
+                                       "request_options": ["alpha_k", "enabled"]}})  # fmt: skip
+    check_request(p, {"videoanchor_alpha_k": 2.0, "videoanchor": "off"})
+    with pytest.raises(ValueError, match=r"videoanchor_eps.*does not let requests set 'eps'"):
+        check_request(p, {"videoanchor_eps": 0.0})
+    none = engine_policy({"videoanchor": {"request_options": "none"}})
+    with pytest.raises(ValueError, match=r"extra_args\['videoanchor'\].*allows: none"):
+        check_request(none, {"videoanchor": "off"})
+    check_request(none, {"unrelated": 1})  # other plugins' extra_args are not ours
+    check_request(None, {"videoanchor_eps": 0.0})  # an unanchored engine checks nothing
+
+
+@pytest.mark.parametrize(
+    "given,phrase",
+    [({"request_options": "some"}, r"\['request_options'\]: expected 'all', 'none'"),
+     ({"request_options": ["alpha_kk"]}, r"\['request_options'\]: unknown option 'alpha_kk'"),
+     ({"request_options": ["ssc_time_budget"]}, r".*unknown option 'ssc_time_budget'"),
+     ({"request_limits": [1]}, r"\['request_limits'\]: expected a dict"),
+     ({"request_limits": {"max_iters": 1}}, r"\['request_limits'\]: unknown limit 'max_iters'"),
+     ({"request_limits": {"max_iter": 0}}, r"\['request_limits'\]: max_iter"),
+     ({"request_limits": {"eps": -1.0}}, r"\['request_limits'\]: eps")],
+)  # fmt: skip
+def test_bad_operator_policy_fails_naming_the_key(given, phrase):
+    from videoanchor.integrations.vllm.config import engine_policy
+
+    with pytest.raises(
+        (TypeError, ValueError), match=r"additional_config\['videoanchor'\]" + phrase
+    ):
+        engine_policy({"videoanchor": given})
+
+
+def test_time_budget_is_the_operators_alone():
+    cfg = engine_config({"videoanchor": {"ssc_time_budget": 2.5}})
+    assert cfg.ssc_time_budget == 2.5
+    with pytest.raises(ValueError, match=r"ssc_time_budget"):
+        engine_config({"videoanchor": {"ssc_time_budget": -1}})
+    with pytest.raises(ValueError, match=r"extra_args\['videoanchor_ssc_time_budget'\]"):
+        request_overrides({"videoanchor_ssc_time_budget": 100.0})
+
+
+def test_score_cache_is_an_lru_keyed_by_items_and_scoring_options():
+    import torch
+
+    from videoanchor.integrations.score_cache import ScoreCache, score_key
+
+    a = AnchorConfig()
+    key = score_key(["v1", "v2"], 4, a)
+    assert key == score_key(["v1", "v2"], 4, AnchorConfig(alpha_k=1.0, alpha_v=0.5))  # alphas
+    for other in (score_key(["v2", "v1"], 4, a), score_key(["v1"], 4, a),
+                  score_key(["v1", "v2"], 3, a), score_key(["v1", "v2"], 4, AnchorConfig(seed=1)),
+                  score_key(["v1", "v2"], 4, AnchorConfig(eps=1e-3))):  # fmt: skip
+        assert other != key
+    cache = ScoreCache(3 * 40)  # three entries of 10 float32
+    s = [torch.rand(10) for _ in range(4)]
+    assert cache.get("a") is None
+    cache.put("a", s[0])
+    cache.put("b", s[1])
+    cache.put("c", s[2])
+    assert torch.equal(cache.get("a"), s[0])  # "a" is now the most recently used
+    cache.put("d", s[3])  # evicts "b"
+    assert cache.get("b") is None and cache.get("c") is not None and len(cache) == 3
+    assert (cache.stats["scores_hits"], cache.stats["scores_misses"]) == (2, 2)
+    assert cache.stats["evictions"] == 1 and cache.bytes == 120
+    cache.put("big", torch.rand(100))  # larger than the cache: not stored
+    assert cache.get("big") is None and cache.bytes == 120
+    assert cache.summary().startswith("score cache: 2 hits, 3 misses, 1 evictions, 3 entries")
+    s[3].fill_(0)  # a copy is stored
+    assert cache.get("d").abs().sum() > 0
+
+
+def test_score_cache_size_option():
+    from videoanchor.integrations.vllm.config import SCORE_CACHE_MB, score_cache_bytes
+
+    assert score_cache_bytes({"videoanchor": {}}) == SCORE_CACHE_MB << 20
+    assert score_cache_bytes({"videoanchor": {"score_cache_mb": 0}}) == 0
+    with pytest.raises(ValueError, match=r"\['score_cache_mb'\]: expected MiB"):
+        score_cache_bytes({"videoanchor": {"score_cache_mb": -1}})
+    assert engine_config({"videoanchor": {"score_cache_mb": 8}}) == AnchorConfig()

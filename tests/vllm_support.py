@@ -30,6 +30,15 @@ CPU_THREADS = {
 }
 
 
+#: ``env_extra`` of :func:`run_worker` for vLLM's default process layout: the engine core in
+#: a process of its own (``worker_env`` otherwise runs it in the worker's process); the
+#: worker's collective_rpc sends a function to it, which needs pickle.
+ENGINE_CORE_PROCESS = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+}
+
+
 def vllm_problem(where: str = ".ci/run runs this file in its own venv") -> str | None:
     """None where vllm imports, else why not (a module's skip reason)."""
     try:
@@ -398,3 +407,38 @@ def prompt(family: str, kind: str | None, count: int = 1, question: str | None =
         question = "what is it?" if kind == "image" else "what moves?"
     items = _ITEM[family][kind] * count
     return f"<|im_start|>user\n{items}{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def assert_same_ssc(got: dict, want: dict, feature_rtol: float = 1e-4,
+                    feature_atol: float = 1e-5, score_atol: float = 1e-4) -> None:  # fmt: skip
+    """Checks one batch's SSC at its source, for two engines' worker outputs (``record_ssc``):
+    the features each engine handed to SSC agree within the stated tolerance; given its own
+    features, each engine's scores are what SSC gives on them here (the solver is
+    deterministic); and the two engines' scores agree within ``score_atol``, which holds
+    because the default solver's scores are a continuous function of the features (the
+    faithful iterate's are not: docs/method.md)."""
+    from videoanchor.anchor import compute_anchor_scores
+
+    got_runs, want_runs = got["ssc"], want["ssc"]
+    assert len(got_runs) == len(want_runs) >= 1, (len(got_runs), len(want_runs))
+    for g, w in zip(got_runs, want_runs, strict=True):
+        fg, fw = torch.tensor(g["features"]), torch.tensor(w["features"])
+        assert fg.shape == fw.shape, (fg.shape, fw.shape)
+        torch.testing.assert_close(fg, fw, rtol=feature_rtol, atol=feature_atol)
+        assert (g["n_clusters"], g["options"]) == (w["n_clusters"], w["options"])
+        with torch.random.fork_rng(devices=[]):
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # as the engines ran it (CPU_THREADS)
+            try:
+                for rec in (g, w):
+                    again = compute_anchor_scores(
+                        torch.tensor(rec["features"]), rec["n_clusters"], **rec["options"]
+                    )
+                    torch.testing.assert_close(
+                        again.scores.float(), torch.tensor(rec["scores"]), atol=1e-6, rtol=0
+                    )
+            finally:
+                torch.set_num_threads(threads)
+        torch.testing.assert_close(
+            torch.tensor(g["scores"]), torch.tensor(w["scores"]), atol=score_atol, rtol=0
+        )

@@ -8,7 +8,9 @@ Spec: {"mode": "vllm"|"transformers", "checkpoint": path, "family": "qwen2_5_vl"
 | "llava_onevision" (the prompt format), "engine": {LLM kwargs},
 "batches": [[request, ...], ...], "startup_checks": [...] (see run_vllm), "record_scores":
 true (each batch gets "scores": the plugin's anchor scores of its requests; the transformers
-mode gives each result its "scores")}; request: {"media": "image:SEED" | "video:FRAMES:SEED" |
+mode gives each result its "scores"), "record_ssc": true (both modes: each batch gets "ssc",
+one entry per SSC run in it: the features the engine handed to ``compute_anchor_scores``, the
+cluster count, the options and the scores it returned)}; request: {"media": "image:SEED" | "video:FRAMES:SEED" |
 "none", "max_tokens": n, "extra_args": {...}, "question": text (default: the family's)}. Each batch is one ``generate`` call.
 """
 
@@ -85,12 +87,36 @@ def _record_scores():
 
     orig = runner._score
 
-    def recorded(req, entry, encoder_outputs):
-        gates = orig(req, entry, encoder_outputs)
+    def recorded(req, entry, *args, **kwargs):
+        gates = orig(req, entry, *args, **kwargs)
         _SCORES.append(None if gates is None else entry.scores.tolist())
         return gates
 
     runner._score = recorded
+
+
+_SSC: list = []
+_SSC_OPTIONS = ("alpha_e", "alpha_z", "rho", "eps", "max_iter", "pca_rank", "seed",
+                "label_draws", "solver")  # fmt: skip
+
+
+def _record_ssc():
+    """Records every ``compute_anchor_scores`` call of the engine (observation only): both
+    engines import it from ``videoanchor.anchor`` when they score a request."""
+    import videoanchor.anchor as anchor
+
+    orig = anchor.compute_anchor_scores
+
+    def recorded(features, n_clusters, **kwargs):
+        res = orig(features, n_clusters, **kwargs)
+        opts = {k: kwargs[k] for k in _SSC_OPTIONS if k in kwargs}
+        _SSC.append({"features": features.detach().to("cpu").float().tolist(),
+                     "n_clusters": int(n_clusters), "options": opts,
+                     "scores": res.scores.detach().to("cpu").float().tolist(),
+                     "iterations": int(res.iterations)})  # fmt: skip
+        return res
+
+    anchor.compute_anchor_scores = recorded
 
 
 def run_vllm(spec):
@@ -112,6 +138,8 @@ def run_vllm(spec):
         _count_preemptions()
     if spec.get("record_scores"):
         _record_scores()
+    if spec.get("record_ssc"):
+        _record_ssc()
 
     t0 = time.perf_counter()
     engine = dict(
@@ -149,7 +177,12 @@ def run_vllm(spec):
             slots.append(i)
         t, preempted = time.perf_counter(), _PREEMPTED[0]
         _SCORES.clear()
-        gens = llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        _SSC.clear()
+        try:
+            gens = llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        except Exception as err:  # refused by the front end (e.g. the operator's limits)
+            out["batches"].append({"error": f"{type(err).__name__}: {err}", "results": results})
+            continue
         elapsed = time.perf_counter() - t
         for i, g in zip(slots, gens, strict=True):
             o = g.outputs[0]
@@ -161,6 +194,7 @@ def run_vllm(spec):
                 "cached": g.num_cached_tokens,
             }
         out["batches"].append({"results": results, "seconds": elapsed, "scores": list(_SCORES),
+                               "ssc": list(_SSC),
                                "preemptions": _PREEMPTED[0] - preempted})  # fmt: skip
     return out
 
@@ -175,9 +209,12 @@ def run_transformers(spec):
     model = AutoModelForImageTextToText.from_pretrained(
         spec["checkpoint"], attn_implementation="videoanchor_triton", dtype=torch.float32
     ).eval()
+    if spec.get("record_ssc"):
+        _record_ssc()
     out = {"batches": []}
     for batch in spec["batches"]:
         results = []
+        _SSC.clear()
         for req in batch:
             from videoanchor.integrations.options import AnchorConfig
 
@@ -215,7 +252,7 @@ def run_transformers(spec):
                             "prompt_ids": inputs["input_ids"][0].tolist(),
                             "scores": (None if handle.last_scores is None
                                        else handle.last_scores[0].tolist())})  # fmt: skip
-        out["batches"].append({"results": results})
+        out["batches"].append({"results": results, "ssc": list(_SSC)})
     return out
 
 

@@ -25,10 +25,11 @@ import inspect
 import os
 import tempfile
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from videoanchor.integrations.score_cache import SSC_OPTIONS, CacheStats
 
 __all__ = [
     "AnchorCache",
@@ -46,7 +47,6 @@ __all__ = [
 _PIXEL_KEYS = ("pixel_values", "pixel_values_videos", "pixel_values_images", "image_patches")
 # Fields of a vision encoder output that the language model never reads (large).
 _DROP_FIELDS = ("last_hidden_state", "hidden_states", "attentions")
-_SSC_OPTIONS = ("alpha_e", "alpha_z", "rho", "eps", "max_iter", "pca_rank", "ssc_backend")
 FORMAT = 1  # bump when the stored layout changes: old entries are then ignored
 
 
@@ -96,21 +96,6 @@ def content_hash(*parts) -> str:
     for p in parts:
         feed(p)
     return h.hexdigest()
-
-
-@dataclass
-class CacheStats:
-    """Hits and misses per kind of entry since the cache was made."""
-
-    counts: dict = field(default_factory=dict)
-
-    def add(self, kind: str, hit: bool) -> None:
-        """Count one lookup of ``kind`` (``vision``, ``ssc``, ``labels``)."""
-        key = f"{kind}_{'hits' if hit else 'misses'}"
-        self.counts[key] = self.counts.get(key, 0) + 1
-
-    def __getitem__(self, key: str) -> int:
-        return self.counts.get(key, 0)
 
 
 class AnchorCache:
@@ -249,7 +234,7 @@ class AnchorCache:
             ssc_coefficients,
         )
 
-        opts = {k: getattr(config, k) for k in _SSC_OPTIONS}
+        opts = {k: getattr(config, k) for k in SSC_OPTIONS}
         opts["ssc_dtype"] = str(config.ssc_dtype)
         ssc_key = content_hash(FORMAT, features, opts)
         device = features.device

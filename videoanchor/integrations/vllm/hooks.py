@@ -5,17 +5,23 @@
   names the key) in the front-end process, before any engine process starts;
 - ``SamplingParams._verify_extra_args``: validates a request's videoanchor entries, so a bad
   value fails that request only (HTTP 400 in the OpenAI server);
+- ``InputProcessor._validate_params``: holds a request to the operator's policy
+  (``request_options``, ``request_limits``; HTTP 400 as well);
 - the attention backend registry: CPU_ATTN -> :class:`.backend.VideoAnchorCPUBackend`;
   CUSTOM -> :class:`.backend_cuda.VideoAnchorCUDABackend`, which an anchored CUDA engine's
   config selects (:func:`videoanchor.integrations.vllm.select_cuda_backend`);
-- ``EngineCore``'s block hasher: salts an anchored request's ``cache_salt`` (prefix caching);
+- ``EngineCore.preprocess_add_request``: checks the policy again and salts an anchored
+  request's ``cache_salt`` before its block hashes are computed (prefix caching), in
+  whatever process the engine core runs;
 - the model runners: :mod:`.runner` (V1), :mod:`.runner_v2` (V2).
 """
 
 from __future__ import annotations
 
 from videoanchor.integrations.vllm.config import (
+    check_request,
     engine_config,
+    engine_policy,
     request_config,
     request_overrides,
     salt_for,
@@ -31,11 +37,46 @@ def _once(owner, name, make):
     setattr(owner, name, new)
 
 
+def admit_request(vllm_config, request) -> None:
+    """Where an engine core admits ``request`` (an ``EngineCoreRequest``): refuses it
+    (ValueError naming the key) when it breaks the operator's :class:`.config.RequestPolicy`
+    (the front end refuses it first; this holds for any front end), and salts its
+    ``cache_salt`` when the engine and the request are anchored and it carries multimodal
+    items. A no-op on an unanchored engine."""
+    eng, policy = _engine_options_of(vllm_config)
+    if eng is None:
+        return
+    params = request.sampling_params
+    extra = params.extra_args if params is not None else None
+    check_request(policy, extra)
+    if not request.mm_features:
+        return
+    cfg = request_config(eng, extra)
+    if cfg is not None:
+        ids = [f.identifier for f in request.mm_features]
+        request.cache_salt = salt_for(cfg, ids, request.cache_salt)
+
+
+#: id(vllm_config) -> (vllm_config, engine options, request policy): parsed once per engine
+#: (the config is kept alive with its entry, so the id is never reused).
+_ENGINE_CFGS: dict[int, tuple] = {}
+
+
+def _engine_options_of(vllm_config):
+    entry = _ENGINE_CFGS.get(id(vllm_config))
+    if entry is None or entry[0] is not vllm_config:
+        extra = getattr(vllm_config, "additional_config", None)
+        entry = (vllm_config, engine_config(extra), engine_policy(extra))
+        _ENGINE_CFGS[id(vllm_config)] = entry
+    return entry[1], entry[2]
+
+
 def install() -> None:
     from vllm.engine.arg_utils import EngineArgs
     from vllm.sampling_params import SamplingParams
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
     from vllm.v1.engine.core import EngineCore
+    from vllm.v1.engine.input_processor import InputProcessor
 
     from videoanchor.integrations.vllm import CUDA_BACKEND, _validate_at_startup, runner, runner_v2
 
@@ -63,6 +104,26 @@ def install() -> None:
 
     _once(SamplingParams, "_verify_extra_args", make_verify)
 
+    # The operator's policy (which options a request may set, limits on its SSC work) needs
+    # the engine's config, which SamplingParams does not see: checked where the front end
+    # validates a request's params against its engine (an HTTP 400 in the OpenAI server).
+    def make_validate(orig):
+        def _validate_params(self, params, *args, **kwargs):
+            out = orig(self, params, *args, **kwargs)
+            extra = getattr(params, "extra_args", None)
+            if extra:
+                try:
+                    check_request(_engine_options_of(self.vllm_config)[1], extra)
+                except ValueError as err:
+                    from vllm.exceptions import VLLMValidationError
+
+                    raise VLLMValidationError(str(err), parameter="extra_args") from None
+            return out
+
+        return _validate_params
+
+    _once(InputProcessor, "_validate_params", make_validate)
+
     register_backend(
         AttentionBackendEnum.CPU_ATTN,
         "videoanchor.integrations.vllm.backend.VideoAnchorCPUBackend",
@@ -73,28 +134,20 @@ def install() -> None:
     if not AttentionBackendEnum.CUSTOM.is_overridden():
         register_backend(AttentionBackendEnum.CUSTOM, CUDA_BACKEND)
 
-    def make_core_init(orig):
-        def __init__(self, vllm_config, *args, **kwargs):
-            orig(self, vllm_config, *args, **kwargs)
-            eng = engine_config(vllm_config.additional_config)
-            inner = self.request_block_hasher
-            if eng is None or inner is None:
-                return
+    # Prefix caching: an anchored request's blocks are salted by its options and items. The
+    # salt goes onto the EngineCoreRequest in ``EngineCore.preprocess_add_request``, the one
+    # place every engine core (in-process, spawned or forked EngineCoreProc, the API server's
+    # engine process, each data-parallel engine) turns a request into the ``Request`` whose
+    # block hashes it computes. The method is looked up per request, so patching the class
+    # takes effect even when the plugin first loads inside ``EngineCore.__init__`` (a spawned
+    # engine core loads its plugins there; wrapping ``__init__`` itself came too late).
+    def make_preprocess(orig):
+        def preprocess_add_request(self, request):
+            admit_request(self.vllm_config, request)
+            return orig(self, request)
 
-            def hasher(request):
-                if not getattr(request, "_videoanchor_salted", False):
-                    request._videoanchor_salted = True
-                    params = request.sampling_params
-                    cfg = request_config(eng, params.extra_args if params else None)
-                    if cfg is not None and request.mm_features:
-                        ids = [f.identifier for f in request.mm_features]
-                        request.cache_salt = salt_for(cfg, ids, request.cache_salt)
-                return inner(request)
+        return preprocess_add_request
 
-            self.request_block_hasher = hasher
-
-        return __init__
-
-    _once(EngineCore, "__init__", make_core_init)
+    _once(EngineCore, "preprocess_add_request", make_preprocess)
     runner.install()
     runner_v2.install()

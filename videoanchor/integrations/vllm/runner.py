@@ -33,8 +33,9 @@ from types import SimpleNamespace
 import torch
 
 from videoanchor.integrations.options import AnchorConfig, clusters_for, ssc_kwargs
+from videoanchor.integrations.score_cache import ScoreCache, score_key
 from videoanchor.integrations.vllm import state
-from videoanchor.integrations.vllm.config import engine_config, request_config
+from videoanchor.integrations.vllm.config import engine_config, request_config, score_cache_bytes
 
 logger = logging.getLogger("videoanchor.vllm")
 _warned: set[str] = set()
@@ -119,31 +120,23 @@ def _touches(features, start: int, end: int) -> bool:
     )
 
 
-def _score(req: Scheduled, entry: _Req, encoder_outputs: EncoderOutputs):
+def _positions(feature) -> torch.Tensor:
+    """The prompt positions of one item's embeddings."""
+    pos = feature.mm_position
+    idx = pos.offset + torch.arange(pos.length)
+    return idx if pos.is_embed is None else idx[pos.is_embed.cpu()]
+
+
+def _score(req: Scheduled, entry: _Req, encoder_outputs: EncoderOutputs,
+           cache: ScoreCache | None = None):  # fmt: skip
     """One joint SSC over the request's scored items: gates of shape (prompt_len,), or
-    None (fewer than 3 visual tokens: unanchored)."""
-    from videoanchor.anchor import compute_anchor_scores
+    None (fewer than 3 visual tokens: unanchored). With a ``cache``, scores of the same items
+    under the same SSC options are reused: no encoder, no SSC."""
     from videoanchor.kernels import anchor_gates
 
     cfg = entry.cfg
     items = _scored_items(req.mm_features, cfg)
-    outs = encoder_outputs(req.req_id, items)
-    feats, cols = [], []
-    for i, enc in zip(items, outs, strict=True):
-        f = req.mm_features[i]
-        pos = f.mm_position
-        idx = pos.offset + torch.arange(pos.length)
-        if pos.is_embed is not None:
-            idx = idx[pos.is_embed.cpu()]
-        if not torch.is_tensor(enc) or enc.shape[0] != idx.numel():
-            raise RuntimeError(
-                f"videoanchor: the {f.modality} item of request {req.req_id!r} has "
-                f"{idx.numel()} embedding positions but its encoder output has shape "
-                f"{tuple(getattr(enc, 'shape', ()))}; this model's multimodal outputs are not "
-                "supported"
-            )
-        feats.append(enc)
-        cols.append(idx)
+    cols = [_positions(req.mm_features[i]) for i in items]
     n = sum(c.numel() for c in cols)
     if n < 3:
         _warn_once(
@@ -152,8 +145,6 @@ def _score(req: Scheduled, entry: _Req, encoder_outputs: EncoderOutputs):
             "scores are 0 (unanchored)",
         )
         return None
-    feats = torch.cat(feats)
-    cols = torch.cat(cols)
     k = clusters_for(n, cfg)
     if k < cfg.n_clusters:
         _warn_once(
@@ -161,14 +152,70 @@ def _score(req: Scheduled, entry: _Req, encoder_outputs: EncoderOutputs):
             f"videoanchor: a request has {n} visual tokens, fewer than n_clusters="
             f"{cfg.n_clusters}; using n_clusters={k} for it",
         )
-    res = compute_anchor_scores(feats, k, **ssc_kwargs(cfg))
+    key = None
+    visual = None
+    if cache is not None:
+        key = score_key([req.mm_features[i].identifier for i in items], k, cfg)
+        visual = cache.get(key)
+        lookups = cache.stats["scores_hits"] + cache.stats["scores_misses"]
+        if lookups % 100 == 0:
+            logger.info("videoanchor: %s", cache.summary())
+    if visual is None:
+        visual = _run_ssc(req, cfg, items, cols, n, k, encoder_outputs, cache, key)
     scores = torch.zeros(entry.prompt_len, dtype=torch.float32)
-    scores[cols] = res.scores.detach().to("cpu", torch.float32)
+    scores[torch.cat(cols)] = visual
     entry.scores = scores
     return anchor_gates(scores, cfg.alpha_k, cfg.alpha_v)
 
 
-def request_gates(req: Scheduled, entry: _Req, encoder_outputs: EncoderOutputs):
+def _run_ssc(req, cfg, items, cols, n, k, encoder_outputs, cache, key) -> torch.Tensor:
+    """SSC over the encoder outputs of the request's scored ``items``: (n,) float32 scores
+    on the CPU, stored in ``cache`` unless the time budget stopped it (its C depends on the
+    timing then)."""
+    from videoanchor.anchor import compute_anchor_scores
+    from videoanchor.anchor.progress import SSCProgress
+
+    outs = encoder_outputs(req.req_id, items)
+    for i, enc, idx in zip(items, outs, cols, strict=True):
+        if not torch.is_tensor(enc) or enc.shape[0] != idx.numel():
+            raise RuntimeError(
+                f"videoanchor: the {req.mm_features[i].modality} item of request "
+                f"{req.req_id!r} has {idx.numel()} embedding positions but its encoder output "
+                f"has shape {tuple(getattr(enc, 'shape', ()))}; this model's multimodal "
+                "outputs are not supported"
+            )
+    feats = torch.cat(outs)
+    # The engine's ssc_time_budget bounds the time one request's SSC holds the step. No
+    # progress lines (their advice names the CLI's flags): the outcome is logged below.
+    reporter = SSCProgress(enabled=False, time_budget=cfg.ssc_time_budget)
+    res = compute_anchor_scores(feats, k, **ssc_kwargs(cfg), progress=reporter)
+    budget = bool(reporter.runs and reporter.runs[-1].stopped_by_budget) and not res.converged
+    if not res.converged:
+        # The time budget is the operator's alarm: every time. A max_iter the operator set
+        # low on purpose would say the same for every request: once, then at DEBUG.
+        level = logging.WARNING if budget or "max_iter" not in _warned else logging.DEBUG
+        _warned.add("max_iter")
+        logger.log(
+            level,
+            "videoanchor: request %s: SSC over %d visual tokens stopped %s after %d "
+            "iterations at residual %.3g (eps %.3g): NOT converged, its scores come from the "
+            "iterate reached; %s",
+            req.req_id, n,
+            f"by ssc_time_budget={cfg.ssc_time_budget} s" if budget else
+            f"at max_iter={cfg.max_iter}",
+            res.iterations, res.residual, cfg.eps,
+            "raise additional_config['videoanchor']['ssc_time_budget']" if budget else
+            "raise additional_config['videoanchor']['max_iter'] (and request_limits) or the "
+            "request's videoanchor_max_iter",
+        )  # fmt: skip
+    visual = res.scores.detach().to("cpu", torch.float32)
+    if cache is not None and not budget:
+        cache.put(key, visual)
+    return visual
+
+
+def request_gates(req: Scheduled, entry: _Req, encoder_outputs: EncoderOutputs,
+                  cache: ScoreCache | None = None):  # fmt: skip
     """The request's gates for its scheduled tokens, and how many of its queries read them.
 
     Returns ``(key_bias, value_scale, gated)``: two (num_scheduled,) float32 tensors
@@ -185,7 +232,7 @@ def request_gates(req: Scheduled, entry: _Req, encoder_outputs: EncoderOutputs):
         if not entry.scored:
             items = _scored_items(req.mm_features, cfg)
             if _touches([req.mm_features[i] for i in items], nc, nc + ns):
-                entry.gates = _score(req, entry, encoder_outputs)
+                entry.gates = _score(req, entry, encoder_outputs, cache)
                 entry.scored = True
         hi = min(nc + ns, entry.prompt_len)
         if entry.gates is not None and hi > nc:
@@ -210,6 +257,7 @@ def fill_step(
     encoder_outputs: EncoderOutputs,
     num_tokens: int = 0,
     num_seqs: int = 0,
+    cache: ScoreCache | None = None,
 ) -> None:
     """Fills :data:`.state.STEP` for one step of an anchored engine (both runners).
 
@@ -217,7 +265,8 @@ def fill_step(
     the runner's per-request entries (kept between steps; entries whose id is not in
     ``live`` are dropped, unless ``live`` is None: the caller drops them); ``batch``: the step's requests in batch order; ``num_tokens`` /
     ``num_seqs``: the step's padded token / sequence counts where the runner pads (the
-    padding gets neutral gates and unanchored flags)."""
+    padding gets neutral gates and unanchored flags); ``cache``: the engine's
+    :class:`~videoanchor.integrations.score_cache.ScoreCache` (:func:`score_cache`)."""
     if live is not None:
         for rid in [r for r in store if r not in live]:
             del store[rid]
@@ -227,7 +276,7 @@ def fill_step(
         if entry is None:
             cfg = request_config(eng, req.extra_args)
             entry = store[req.req_id] = _Req(cfg=cfg, prompt_len=req.prompt_len)
-        kb, vs, n = request_gates(req, entry, encoder_outputs)
+        kb, vs, n = request_gates(req, entry, encoder_outputs, cache)
         kbs.append(kb)
         vss.append(vs)
         gated.append(n)
@@ -257,6 +306,22 @@ def clear_step() -> None:
 
 
 # --- model runner V1 -------------------------------------------------------------------
+
+
+#: owner (the runner's id) -> its engine's ScoreCache.
+SCORE_CACHES: dict[int, ScoreCache] = {}
+
+
+def score_cache(owner: int, additional_config) -> ScoreCache | None:
+    """The :class:`ScoreCache` of the engine whose runner is ``owner`` (made on first use,
+    ``score_cache_mb`` of its ``additional_config["videoanchor"]``), or None when it is 0."""
+    cache = SCORE_CACHES.get(owner)
+    if cache is None:
+        size = score_cache_bytes(additional_config)
+        if not size:
+            return None
+        cache = SCORE_CACHES[owner] = ScoreCache(size)
+    return cache
 
 
 def _engine_cfg(runner):
@@ -319,6 +384,7 @@ def prepare_step(runner, scheduler_output) -> None:
     fill_step(
         id(runner), _engine_cfg(runner), store, batch, runner.requests,
         projector_only(_v1_encoder_outputs(runner), runner.model_config.hf_config),
+        cache=score_cache(id(runner), runner.vllm_config.additional_config),
     )  # fmt: skip
 
 

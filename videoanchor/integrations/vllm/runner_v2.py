@@ -28,7 +28,7 @@ import numpy as np
 
 from videoanchor.integrations.vllm import state
 from videoanchor.integrations.vllm.config import engine_config
-from videoanchor.integrations.vllm.runner import Scheduled, fill_step, projector_only
+from videoanchor.integrations.vllm.runner import Scheduled, fill_step, projector_only, score_cache
 
 
 class _Hook:
@@ -40,6 +40,7 @@ class _Hook:
         self.extra_args: dict[str, dict | None] = {}
         self.store: dict = {}
         self.hf_config = runner.vllm_config.model_config.hf_config
+        self.additional_config = runner.vllm_config.additional_config
 
 
 def batch_of(input_batch, req_states, mm_features, extra_args) -> list[Scheduled]:
@@ -100,6 +101,7 @@ def prepare_step(model_state, hook: _Hook, input_batch, req_states) -> None:
         projector_only(encoder_outputs_of(model_state), hook.hf_config),
         num_tokens=input_batch.num_tokens_after_padding,
         num_seqs=input_batch.num_reqs_after_padding,
+        cache=score_cache(hook.owner, hook.additional_config),
     )  # fmt: skip
 
 

@@ -1,0 +1,107 @@
+"""Anchor scores kept across requests, in memory, least recently used first out.
+
+A request's scores depend on its visual items and on the options that change SSC's answer
+(:data:`SCORE_OPTIONS` and the cluster count), not on the question or the alphas. Serving
+and evaluation ask many questions about one video (VSI-Bench: about 17 per video), so an
+engine that keys the scores by its items' content hashes runs SSC once per video and option
+set. The vLLM plugin keys them by vLLM's multimodal item hashes (``mm_features[i].identifier``,
+a hash of the processed inputs), so a hit needs neither the encoder nor SSC. The transformers
+path keeps SSC's coefficients and labels on disk instead (:mod:`.transformers.cache`, keyed by
+the features' content), and shares :class:`CacheStats` and :data:`SCORE_OPTIONS` with this.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["SCORE_OPTIONS", "SSC_OPTIONS", "CacheStats", "ScoreCache", "score_key"]
+
+#: The options of :class:`~videoanchor.integrations.options.AnchorConfig` that change SSC's
+#: coefficient matrix C.
+SSC_OPTIONS = ("alpha_e", "alpha_z", "rho", "eps", "max_iter", "pca_rank", "ssc_backend")
+#: Those that change the scores given the features: C's, the label draws' and the dtype
+#: (the cluster count is part of the key on its own: it may be lowered per request).
+SCORE_OPTIONS = SSC_OPTIONS + ("seed", "label_draws", "ssc_dtype")
+
+
+@dataclass
+class CacheStats:
+    """Hits and misses per kind of entry since the cache was made (and ``evictions``)."""
+
+    counts: dict = field(default_factory=dict)
+
+    def add(self, kind: str, hit: bool) -> None:
+        """Count one lookup of ``kind`` (``vision``, ``ssc``, ``labels``, ``scores``)."""
+        key = f"{kind}_{'hits' if hit else 'misses'}"
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def __getitem__(self, key: str) -> int:
+        return self.counts.get(key, 0)
+
+
+def score_key(identifiers, n_clusters: int, config) -> str:
+    """The key of one request's scores: its scored items' identifiers in prompt order (the
+    SSC is joint over all of them), the cluster count it ran with and ``config``'s
+    :data:`SCORE_OPTIONS`."""
+    opts = {k: str(getattr(config, k)) for k in SCORE_OPTIONS if hasattr(config, k)}
+    solver = getattr(config, "ssc_solver", None)
+    if solver is not None:
+        opts["ssc_solver"] = str(solver)
+    blob = json.dumps([list(map(str, identifiers)), int(n_clusters), opts], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class ScoreCache:
+    """Scores of recent requests, at most ``max_bytes`` of them, the least recently used
+    evicted first. ``get`` / ``put`` take a :func:`score_key`; ``stats`` counts hits,
+    misses (kind ``scores``) and evictions. Not thread-safe (one engine step at a time)."""
+
+    def __init__(self, max_bytes: int):
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"max_bytes: expected a non-negative int, got {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+        self.stats = CacheStats()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> torch.Tensor | None:
+        """The scores stored under ``key`` (now the most recently used), or None."""
+        scores = self._entries.get(key)
+        self.stats.add("scores", scores is not None)
+        if scores is not None:
+            self._entries.move_to_end(key)
+        return scores
+
+    def put(self, key: str, scores: torch.Tensor) -> None:
+        """Store a copy of ``scores`` (on the CPU); an entry larger than the whole cache is
+        not stored."""
+        scores = scores.detach().to("cpu").clone()
+        size = scores.numel() * scores.element_size()
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.bytes -= old.numel() * old.element_size()
+        if size > self.max_bytes:
+            return
+        self._entries[key] = scores
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self.bytes -= evicted.numel() * evicted.element_size()
+            self.stats.counts["evictions"] = self.stats["evictions"] + 1
+
+    def summary(self) -> str:
+        """One line of counters for the logs."""
+        s = self.stats
+        return (
+            f"score cache: {s['scores_hits']} hits, {s['scores_misses']} misses, "
+            f"{s['evictions']} evictions, {len(self)} entries, {self.bytes / 2**20:.2f} of "
+            f"{self.max_bytes / 2**20:.0f} MiB"
+        )
