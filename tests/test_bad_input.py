@@ -725,3 +725,97 @@ def test_cli_interrupted_output_leaves_no_partial_file(
     out = tmp_path / "b.png"
     assert videoanchor.cli.main(_anchors_argv(tiny_checkpoint, clips[5], out)) == 130
     assert list(tmp_path.iterdir()) == []  # neither file, no temporary left behind
+
+
+# ---- issue 30: the last silent results and unclear errors -------------------------------
+
+
+@pytest.mark.parametrize(
+    "scores,ak,av,name",
+    [([0.0, 0.5], 1e308, 1.0, "alpha_k"), ([0.0, 0.5], 1.0, -1e39, "alpha_v"),
+     ([0.0, 2.0], 3e38, 1.0, "alpha_k"), ([0.0, 1e10], 1.0, 1e30, "alpha_v")],
+    ids=["1e308", "alpha_v-beyond-float32", "near-max", "times-big-score"],
+)  # fmt: skip
+def test_anchor_gates_overflowing_float32_is_an_error(scores, ak, av, name):
+    # finite in float64, so the finite check passes; the float32 gate is inf (and 0 * inf
+    # NaN at text positions): every attention output would be NaN
+    with pytest.raises(ValueError, match=_re(f"{name}=") + ".*overflows its dtype float32"):
+        anchor_gates(torch.tensor(scores), ak, av)
+
+
+def test_anchor_gates_largest_safe_alpha_is_finite():
+    kb, vs = anchor_gates(torch.tensor([0.0, 0.5]), 1e38, 1e38)
+    assert bool(torch.isfinite(kb).all() and torch.isfinite(vs).all())
+
+
+@pytest.mark.parametrize("name", ["alpha_k", "alpha_v", "alpha_q"])
+def test_configure_alpha_overflowing_float32_is_an_error(tiny, name):
+    before = videoanchor.configure(tiny).config
+    with pytest.raises(ValueError, match=_re(f"{name}=1e+308: the gate") + ".*overflows"):
+        videoanchor.configure(tiny, **{name: 1e308})
+    assert videoanchor.configure(tiny).config == before
+
+
+def test_cli_run_alpha_overflowing_float32_fails_before_the_model(clips, tmp_path, capsys):
+    argv = ["run", "--video", str(clips[5]), "--question", "q", "--model", str(tmp_path / "nope"),
+            "--alpha-k", "1e308", "--alpha-v", "1e308", "-q"]  # fmt: skip
+    code, err = _cli(argv, capsys)
+    assert code == 1 and "overflows its dtype float32" in err and "nope" not in err, err
+
+
+_NUMPY_CONFIGURE = {
+    "alpha_k": (np.float32(2.0), 2.0),
+    "alpha_v": (np.float64(1.5), 1.5),
+    "n_clusters": (np.int64(4), 4),
+    "pca_rank": (np.int64(5), 5),
+    "max_iter": (np.int32(50), 50),
+    "seed": (np.int64(3), 3),
+    "label_draws": (np.int64(2), 2),
+    "eps": (np.float32(0.5), 0.5),
+    "alpha_z": (np.float32(10.0), 10.0),
+    "ssc_time_budget": (np.float64(2.0), 2.0),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(_NUMPY_CONFIGURE))
+def test_configure_accepts_numpy_scalars(tiny, name):
+    value, plain = _NUMPY_CONFIGURE[name]
+    before = videoanchor.configure(tiny).config
+    try:
+        cfg = videoanchor.configure(tiny, **{name: value}).config
+        got = getattr(cfg, name)
+        assert got == plain and type(got) is type(plain)  # stored as the Python number
+    finally:
+        videoanchor.configure(tiny, **{f: getattr(before, f) for f in _NUMPY_CONFIGURE})
+
+
+@pytest.mark.parametrize("name", ["n_clusters", "label_draws", "alpha_k"])
+def test_configure_refuses_numpy_bools(tiny, name):
+    with pytest.raises(ValueError, match=_re(f"{name}: expected")):
+        videoanchor.configure(tiny, **{name: np.bool_(True)})
+
+
+@pytest.mark.parametrize("mode", ["exact", "blocked"])
+def test_scores_accept_numpy_ints(mode):
+    kw = dict(mode=mode, max_iter=40)
+    a = compute_anchor_scores(X, 3, pca_rank=4, label_draws=2, **kw)
+    b = compute_anchor_scores(X, np.int64(3), pca_rank=np.int64(4), label_draws=np.int32(2), **kw)
+    assert torch.equal(a.scores, b.scores)
+    with pytest.raises(TypeError, match=_re("label_draws: expected an int")):
+        compute_anchor_scores(X, 3, label_draws=np.bool_(True), **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_accepts_numpy_ints(backend):
+    q, k, v, cu = _packed()
+    a = anchored_attention_varlen(q, k, v, cu, cu, 4, max_seqlen_k=4, backend=backend)
+    b = anchored_attention_varlen(q, k, v, cu, cu, np.int64(4), max_seqlen_k=np.int32(4),
+                                  backend=backend)  # fmt: skip
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=_re("max_seqlen_q: expected a non-negative int")):
+        anchored_attention_varlen(q, k, v, cu, cu, np.float64(4.0), backend=backend)
+
+
+def test_configure_time_budget_error_names_the_option(tiny):
+    with pytest.raises(ValueError, match=r"^ssc_time_budget: expected a positive number"):
+        videoanchor.configure(tiny, ssc_time_budget=-1)

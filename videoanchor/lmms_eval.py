@@ -55,6 +55,7 @@ returns one string per request, in order.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 
 __all__ = ["MODEL_NAMES", "VideoAnchorLMMCore", "model_manifests"]
@@ -95,7 +96,7 @@ def _as_bool(value, name: str) -> bool:
         return value
     if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
         return value.lower() in ("true", "1")
-    if isinstance(value, int) and value in (0, 1):
+    if isinstance(value, numbers.Integral) and value in (0, 1):
         return bool(value)
     raise ValueError(f"{name}: expected True or False, got {value!r}")
 

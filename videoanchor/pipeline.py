@@ -12,6 +12,7 @@ Failures a user can fix (unsupported family, missing model, missing package) rai
 
 from __future__ import annotations
 
+import numbers
 import sys
 import threading
 import time
@@ -480,10 +481,11 @@ def generate_answers(model, processor, inputs, handle, *, max_new_tokens=128, pr
 
     if (
         isinstance(max_new_tokens, bool)
-        or not isinstance(max_new_tokens, int)
+        or not isinstance(max_new_tokens, numbers.Integral)
         or max_new_tokens < 1
     ):
         raise ValueError(f"expected max_new_tokens >= 1, got {max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)
     mask = inputs.get("attention_mask")
     if mask is not None and mask.shape[0] > 1 and not bool(mask[:, -1].all()):
         raise ValueError(

@@ -35,6 +35,7 @@ with the same arithmetic and gives the same ``C``.
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -274,7 +275,7 @@ def solve_ssc_blocked(
             block_columns = default_block_columns(n, d, work, x.device.type)
         if (
             isinstance(block_columns, bool)
-            or not isinstance(block_columns, int)
+            or not isinstance(block_columns, numbers.Integral)
             or block_columns < 1
         ):
             raise ValueError(f"block_columns: expected a positive int, got {block_columns!r}")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import sys
 import time
 from dataclasses import dataclass
@@ -132,7 +133,7 @@ class SSCProgress:
         if enabled not in (True, False, "auto"):
             raise ValueError(f"enabled: expected True, False or 'auto', got {enabled!r}")
         if time_budget is not None and not (
-            isinstance(time_budget, (int, float))
+            isinstance(time_budget, numbers.Real)
             and not isinstance(time_budget, bool)
             and time_budget > 0
             and math.isfinite(time_budget)
