@@ -819,3 +819,123 @@ def test_varlen_accepts_numpy_ints(backend):
 def test_configure_time_budget_error_names_the_option(tiny):
     with pytest.raises(ValueError, match=r"^ssc_time_budget: expected a positive number"):
         videoanchor.configure(tiny, ssc_time_budget=-1)
+
+
+@pytest.mark.parametrize("mode", ["exact", "blocked"])
+@pytest.mark.parametrize(
+    "kw,name", [(dict(alpha_z=1e300), "alpha_z"), (dict(rho=1e-300), "rho"),
+                (dict(alpha_e=1e30), "alpha_e"), (dict(alpha_z=1e300, dtype=torch.float64), "alpha_z")],
+    ids=["alpha_z", "rho", "alpha_e", "alpha_z-float64"],
+)  # fmt: skip
+def test_scores_option_beyond_the_working_dtype_names_the_option(mode, kw, name):
+    with pytest.raises(ValueError, match=rf"^{name}: expected a value in \["):
+        compute_anchor_scores(X, 3, mode=mode, max_iter=20, **kw)
+
+
+def test_a_step_failure_names_the_options():
+    # inside the up-front range, but rho is lost next to lambda_z Y^T Y in float32
+    with pytest.raises(FloatingPointError, match=r"not positive definite \(.*alpha_z.*rho"):
+        compute_anchor_scores(X, 3, mode="exact", alpha_z=1e12, rho=1e-5, max_iter=20)
+
+
+@pytest.mark.parametrize("mode", ["exact", "blocked"])
+def test_label_draws_upper_bound_is_checked_before_the_ssc(mode):
+    from videoanchor.anchor._inputs import MAX_LABEL_DRAWS
+
+    calls = []
+    with pytest.raises(
+        ValueError, match=_re(f"label_draws: expected an int in [1, {MAX_LABEL_DRAWS}]")
+    ):
+        compute_anchor_scores(X, 3, mode=mode, max_iter=20, label_draws=10**9,
+                              progress=_reporter(calls.append, enabled=False))  # fmt: skip
+    assert calls == []  # no SSC iteration ran
+    res = compute_anchor_scores(X, 3, mode=mode, max_iter=20, label_draws=10)  # within the bound
+    assert bool(torch.isfinite(res.scores).all())
+
+
+def test_configure_label_draws_upper_bound(tiny):
+    with pytest.raises(ValueError, match=_re("label_draws: expected an int in [1,")):
+        videoanchor.configure(tiny, label_draws=10**9)
+
+
+@pytest.mark.parametrize("mode", ["exact", "blocked"])
+def test_dominant_token_is_warned_about_up_front(mode):
+    x = X.clone()
+    x[7] *= 1e19  # finite in float32; its Gram entries dwarf every other token's
+    warned_at_first_iteration = []
+    with pytest.warns(UserWarning, match=r"token 7's feature norm .* times the median") as got:
+
+        def on_update(iteration):
+            if iteration == 1:
+                warned_at_first_iteration.append(any("token 7" in str(w.message) for w in got))
+
+        try:
+            compute_anchor_scores(x, 3, mode=mode, max_iter=5,
+                                  progress=_reporter(on_update, enabled=False))  # fmt: skip
+        except FloatingPointError as err:  # blocked: its A-step cannot be factorised
+            assert "dwarfing the others'" in str(err)
+    assert warned_at_first_iteration in ([], [True])  # up front: before any iteration
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an ordinary spread of norms does not warn
+        y = X.clone()
+        y[7] *= 100
+        compute_anchor_scores(y, 3, mode=mode, max_iter=5)
+
+
+@pytest.mark.parametrize("mode", ["exact", "blocked"])
+def test_meta_device_features_are_refused_clearly(mode):
+    with pytest.raises(
+        ValueError,
+        match=_re("features: expected a tensor holding values, got one on the 'meta' device"),
+    ):
+        compute_anchor_scores(torch.empty(18, 6, device="meta"), 3, mode=mode, max_iter=20)
+
+
+def _reporter(on_update, **kw):
+    """An SSC progress reporter that calls ``on_update(iteration)`` on every iteration."""
+    from videoanchor.anchor.progress import SSCProgress
+
+    class Reporter(SSCProgress):
+        def update(self, iteration, residual):
+            stop = super().update(iteration, residual)
+            on_update(iteration)
+            return stop
+
+        __call__ = update
+
+    return Reporter(**kw)
+
+
+def _ctrl_c_at(at):
+    def on_update(iteration):
+        if iteration == at:
+            raise KeyboardInterrupt
+
+    return _reporter(on_update, enabled=True, log_every=1e9)
+
+
+@pytest.mark.parametrize("mode", ["exact", "blocked"])
+def test_interrupted_ssc_says_interrupted_at_its_iteration(mode, caplog):
+    import logging
+
+    reporter = _ctrl_c_at(7)
+    with caplog.at_level(logging.INFO, logger="videoanchor.progress"):
+        with pytest.raises(KeyboardInterrupt):
+            compute_anchor_scores(X, 3, mode=mode, max_iter=10000, progress=reporter)
+    run = reporter.runs[-1]
+    assert not run.converged and run.stopped_by == "interrupted" and run.iterations == 7
+    text = caplog.text
+    assert "interrupted at iteration 7" in text and "NOT converged" in text, text
+    assert "iteration limit" not in text and "raise max_iter" not in text, text
+
+
+def test_ssc_ended_by_an_error_says_so():
+    from videoanchor.anchor.progress import SSCProgress
+
+    reporter = SSCProgress(enabled=False)
+    with pytest.raises(FloatingPointError):
+        compute_anchor_scores(X, 3, mode="exact", alpha_z=1e12, rho=1e-5, max_iter=20,
+                              progress=reporter)  # fmt: skip
+    if reporter.runs:  # the A-step fails before or at the first iteration
+        message = reporter.runs[-1].message()
+        assert "stopped by an error" in message and "iteration limit" not in message, message

@@ -21,6 +21,7 @@ Notation (scaled duals): ``Lam = Delta2 / rho``, ``d1s = Delta1 / rho``; ``T = A
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 
 import array_api_compat
@@ -119,10 +120,33 @@ class Reporting:
         if self.reporter is not None:
             self.reporter.next_block()
 
-    def close(self, converged: bool, iterations: int | None, residual: float | None) -> None:
-        """End the run: how it stopped goes to the reporter (if any)."""
-        if self.reporter is not None:
+    def close(
+        self, converged: bool, iterations: int | None, residual: float | None, error=None
+    ) -> None:
+        """End the run: how it stopped goes to the reporter (if any). Called from a
+        ``finally``: a run ended by an exception (Ctrl-C, a solver error; ``iterations`` False
+        or None when the loop itself raised) is reported as such, not as a run that reached
+        its iteration limit."""
+        if self.reporter is None:
+            return
+        if error is None:
+            current = sys.exc_info()[1]  # the exception propagating through the finally
+            if isinstance(current, KeyboardInterrupt) or (
+                current is not None and (iterations is None or iterations is False)
+            ):
+                error = current
+        if error is not None:
+            self.reporter.close(error=error)
+        else:
             self.reporter.close(converged, iterations, residual)
+
+
+#: what a failed factorisation of the A-step system says about the options behind it
+SPD_HINT = (
+    " (built from the features, lambda_z = alpha_z / mu_z and rho in the working dtype: "
+    "alpha_z too large, rho too small, or one token's features dwarfing the others' for its "
+    "precision; the authors use alpha_z=800, rho=300; or try dtype=torch.float64)"
+)
 
 
 def spd_inverse(xp, m, what: str = "the A-step system"):
@@ -131,9 +155,9 @@ def spd_inverse(xp, m, what: str = "the A-step system"):
     try:
         chol = xp.linalg.cholesky(m)
     except Exception as exc:  # torch / NumPy / CuPy LinAlgError
-        raise FloatingPointError(f"SSC: {what} is not positive definite") from exc
+        raise FloatingPointError(f"SSC: {what} is not positive definite{SPD_HINT}") from exc
     if not bool(xp.all(xp.isfinite(chol[-1:, -1:]))):  # CuPy may return NaN instead
-        raise FloatingPointError(f"SSC: {what} is not positive definite")
+        raise FloatingPointError(f"SSC: {what} is not positive definite{SPD_HINT}")
     del chol
     return xp.linalg.inv(m)
 

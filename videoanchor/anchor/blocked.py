@@ -338,7 +338,7 @@ def solve_ssc_blocked(
     finally:
         report.close(
             all(s[3] > 0 for s in stats), max((int(s[1]) for s in stats), default=0),
-            max((s[2] for s in stats), default=0.0),
+            max((s[2] for s in stats), default=0.0), error,
         )  # fmt: skip
     raise_together(group, error, device)
     idx = torch.stack([torch.cat(rows), torch.cat(cols)]) if rows else None

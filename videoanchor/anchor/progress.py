@@ -89,12 +89,25 @@ class SSCRunSummary:
     seconds: float
     stopped_by_budget: bool
     tokens: int | None = None
+    #: None, or why the run ended before its own stopping test: "interrupted" (Ctrl-C) or
+    #: the error that ended it ("FloatingPointError: ...")
+    stopped_by: str | None = None
 
     def message(self) -> str:
         """One line: converged or not, residual vs eps, why it stopped."""
         what = f"SSC{'' if self.tokens is None else f' ({self.tokens} tokens)'}"
         res = f"residual {self.residual:.3g} vs eps {self.eps:.3g}"
         took = format_seconds(self.seconds)
+        if self.stopped_by is not None:  # neither converged nor at a limit: say what ended it
+            at = (
+                f"at iteration {self.iterations}"
+                if self.iterations
+                else "before its first iteration"
+            )
+            last = f" at {res}" if math.isfinite(self.residual) else ""
+            if self.stopped_by == "interrupted":
+                return f"{what} interrupted {at} ({took}){last}: NOT converged"
+            return f"{what} stopped by an error {at} ({took}){last}: {self.stopped_by}"
         if self.converged:
             return f"{what} converged in {self.iterations} iterations ({res}, {took})"
         if self.stopped_by_budget:
@@ -225,14 +238,27 @@ class SSCProgress:
         self._log_r = []
 
     def close(self, converged: bool | None = None, iterations: int | None = None,
-              residual: float | None = None) -> SSCRunSummary | None:  # fmt: skip
-        """End the run: close the bar, log the outcome, keep its summary in ``runs``."""
+              residual: float | None = None, *,
+              error: BaseException | None = None) -> SSCRunSummary | None:  # fmt: skip
+        """End the run: close the bar, log the outcome, keep its summary in ``runs``.
+
+        ``error``: the exception that ended the run (KeyboardInterrupt included): the summary
+        says so, with the iteration and residual reached, not the iteration-limit message.
+        """
         if not self._open:
             return None
         self._open = False
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        stopped_by = None
+        if error is not None:
+            converged, iterations, residual = False, None, None
+            self.stopped_by_budget = False
+            stopped_by = (
+                "interrupted" if isinstance(error, KeyboardInterrupt)
+                else f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+            )  # fmt: skip
         if converged is None:
             converged = self.residual < self.eps
         # a run that met eps on the iteration its budget ran out converged all the same
@@ -247,6 +273,7 @@ class SSCProgress:
             seconds=time.perf_counter() - self.t0,
             stopped_by_budget=self.stopped_by_budget,
             tokens=self.tokens,
+            stopped_by=stopped_by,
         )
         self.runs.append(summary)
         if self._shown:  # the user saw the bar or the log lines: say how it ended

@@ -17,6 +17,7 @@ from videoanchor.anchor._inputs import (
     check_ssc_options,
     resolve_dtype,
     tie_duplicate_scores,
+    warn_dominant_token,
 )
 from videoanchor.anchor.blocked import (
     _group,
@@ -260,6 +261,7 @@ def sparse_subspace_clustering(
     n = x.shape[0]
     _check_common(n_clusters, n, alpha_e, alpha_z, backend, solver)
     _check_draws(label_draws)
+    warn_dominant_token(x, opts["dtype"])
     if data_term not in _DATA_TERMS:
         raise ValueError(f"data_term: expected one of {_DATA_TERMS}, got {data_term!r}")
     if data_term == "exact":
@@ -453,6 +455,7 @@ def compute_anchor_scores(
                     f"eigen_solver in {EIGEN_SOLVERS[mode]}, got {eigen_solver!r}; try "
                     "eigen_solver='auto'"
                 )
+        warn_dominant_token(x, opts["dtype"])  # (mode='exact' warns in the call below)
         if mode == "blocked":
             return _blocked_anchor_scores(
                 x, n_clusters, t0=t0, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
