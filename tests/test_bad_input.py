@@ -939,3 +939,23 @@ def test_ssc_ended_by_an_error_says_so():
     if reporter.runs:  # the A-step fails before or at the first iteration
         message = reporter.runs[-1].message()
         assert "stopped by an error" in message and "iteration limit" not in message, message
+
+
+@torch.no_grad()
+def test_last_scores_describe_a_text_only_request(tiny):
+    from videoanchor.integrations.transformers.testing import tiny_sample
+
+    handle = videoanchor.configure(tiny, enabled=True, n_clusters=3, max_iter=300)
+    video = tiny_sample(tiny.config, [4], text=4, seed=22)
+    tiny(**video)
+    assert handle.last_scores.shape == video["input_ids"].shape
+    assert bool((handle.last_scores > 0).any()) and handle.last_result[0] is not None
+    text = tiny_sample(tiny.config, [], text=2, seed=23)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "this request has no visual inputs"
+        tiny(**text)
+    assert handle.last_scores.shape == text["input_ids"].shape  # not the video request's
+    assert bool((handle.last_scores == 0).all())
+    assert handle.last_result == [None] and handle.last_ssc_runs == [None]
+    assert handle.last_visual_positions[0].numel() == 0 and handle.last_segments == [[]]
+    assert not handle.last_anchored
