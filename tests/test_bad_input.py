@@ -959,3 +959,92 @@ def test_last_scores_describe_a_text_only_request(tiny):
     assert handle.last_result == [None] and handle.last_ssc_runs == [None]
     assert handle.last_visual_positions[0].numel() == 0 and handle.last_segments == [[]]
     assert not handle.last_anchored
+
+
+def test_cli_anchors_page_height_below_one_row_fails_before_the_model(
+    tiny_checkpoint, clips, tmp_path, capsys, monkeypatch
+):
+    def no_model(*a, **k):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(videoanchor.cli, "load_vlm", no_model)
+    argv = _anchors_argv(tiny_checkpoint, clips[5], tmp_path / "a.png") + ["--page-height", "1"]
+    code, err = _cli(argv, capsys)
+    assert code == 1 and "--page-height 1: expected at least" in err, err
+    assert "the smallest page these frames fit on" in err and list(tmp_path.iterdir()) == []
+
+
+def test_page_layout_refuses_a_height_below_one_row():
+    from videoanchor.visualize import PAD, anchor_figure_layout
+
+    with pytest.raises(ValueError, match=r"max_height=1: expected at least \d+ px"):
+        anchor_figure_layout(5, 32, 32, max_height=1)
+    whole = anchor_figure_layout(9, 32, 32, columns=4)  # 3 rows on one page
+    limit = whole.page_size(0)[1] - 2 * (whole.cell_h + PAD)  # the page of one row
+    lay = anchor_figure_layout(9, 32, 32, columns=4, max_height=limit)
+    assert lay.pages == 3 and all(lay.page_size(p)[1] <= limit for p in range(lay.pages))
+    with pytest.raises(ValueError, match=f"expected at least {limit} px"):
+        anchor_figure_layout(9, 32, 32, columns=4, max_height=limit - 1)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_cli_anchors_out_probed_with_a_file_before_the_model(clips, tmp_path, capsys):
+    argv = ["anchors", "--video", str(clips[5]), "--model", str(tmp_path / "no-such-model"), "-q",
+            "--out", "/proc/x.png"]  # fmt: skip
+    code, err = _cli(argv, capsys)
+    assert code == 1 and "--out: cannot write '/proc/x.png': creating a file in '/proc'" in err, err
+    assert "no-such-model" not in err and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", ["run", "anchors"])
+def test_cli_cache_dir_that_is_a_file_fails_before_the_model(command, clips, tmp_path, capsys):
+    (tmp_path / "FILE").write_text("x")
+    argv = [command, "--video", str(clips[5]), "--model", str(tmp_path / "no-such-model"), "-q",
+            "--cache-dir", str(tmp_path / "FILE"), "--out" if command == "anchors" else "--question",
+            str(tmp_path / "a.png") if command == "anchors" else "q"]  # fmt: skip
+    code, err = _cli(argv, capsys)
+    assert (
+        code == 1 and f"--cache-dir: expected a folder, got the file '{tmp_path / 'FILE'}'" in err
+    )
+    assert "no-such-model" not in err and "NotADirectoryError" not in err, err
+
+
+@pytest.fixture
+def dev_set(clips, tmp_path):
+    import json
+
+    data = tmp_path / "dev.jsonl"
+    data.write_text(json.dumps({"video": str(clips[5]), "question": "q", "answer": "a"}) + "\n")
+    return data
+
+
+def test_cli_tune_out_that_is_a_file_fails_before_the_model(dev_set, tmp_path, capsys):
+    (tmp_path / "FILE").write_text("x")
+    argv = ["tune", "--model", str(tmp_path / "no-such-model"), "--data", str(dev_set), "-q",
+            "--out", str(tmp_path / "FILE")]  # fmt: skip
+    code, err = _cli(argv, capsys)
+    assert code == 1 and f"--out: expected a folder, got the file '{tmp_path / 'FILE'}'" in err
+    assert "FileExistsError" not in err and "no-such-model" not in err, err
+
+
+@pytest.mark.parametrize(
+    "first_line", ["{not json", "[1, 2]", ""], ids=["not-json", "no-signature", "empty-line"]
+)
+def test_cli_tune_resume_on_a_corrupt_answers_file_names_it(
+    tiny_checkpoint, dev_set, tmp_path, capsys, monkeypatch, first_line
+):
+    def no_model(*a, **k):
+        raise AssertionError("the model must not load")
+
+    import videoanchor.pipeline
+
+    monkeypatch.setattr(videoanchor.pipeline, "load_vlm", no_model)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "answers.jsonl").write_text(first_line + "\n" + '{"item": "x"}\n')
+    (out / "results.json").write_text("{corrupt")
+    argv = ["tune", "--model", str(tiny_checkpoint), "--trust-remote-code", "--data",
+            str(dev_set), "-q", "--out", str(out), "--resume"]  # fmt: skip
+    code, err = _cli(argv, capsys)
+    assert code == 1 and f"--resume: '{out / 'answers.jsonl'}' is not an answers file" in err, err
+    assert "JSONDecodeError" not in err
