@@ -1048,3 +1048,42 @@ def test_cli_tune_resume_on_a_corrupt_answers_file_names_it(
     code, err = _cli(argv, capsys)
     assert code == 1 and f"--resume: '{out / 'answers.jsonl'}' is not an answers file" in err, err
     assert "JSONDecodeError" not in err
+
+
+def _bare_lmms_core(**attrs):
+    """The lmms-eval wrapper's core without a model (only its request checks are used)."""
+    from videoanchor.lmms_eval import VideoAnchorLMMCore
+
+    core = VideoAnchorLMMCore.__new__(VideoAnchorLMMCore)
+    core.max_new_tokens, core._warned = None, set()
+    for k, v in attrs.items():
+        setattr(core, k, v)
+    return core
+
+
+@pytest.mark.parametrize(
+    "gen_kwargs,phrase",
+    [({"temperature": "hot"}, "gen_kwargs['temperature']: expected a number, got 'hot'"),
+     ({"temperature": -1}, "gen_kwargs['temperature']: expected a finite number >= 0"),
+     ({"max_new_tokens": "many"}, "gen_kwargs['max_new_tokens']: expected an integer >= 1"),
+     ({"num_beams": 0}, "gen_kwargs['num_beams']: expected an integer >= 1"),
+     ({"do_sample": "maybe"}, "gen_kwargs['do_sample']: expected True or False")],
+    ids=["temperature-str", "temperature-neg", "max_new_tokens", "num_beams", "do_sample"],
+)  # fmt: skip
+def test_lmms_eval_gen_kwargs_checked_before_the_video_is_read(gen_kwargs, phrase):
+    from types import SimpleNamespace
+
+    def doc_to_visual(doc):
+        raise AssertionError("the video must not be read")
+
+    core = _bare_lmms_core(task_dict={"t": {"test": [{}]}})
+    request = SimpleNamespace(args=("q", gen_kwargs, doc_to_visual, 0, "t", "test"))
+    with pytest.raises(ValueError, match=_re(phrase)):
+        core.generate_until([request])
+
+
+def test_lmms_eval_gen_kwargs_numbers_as_strings():
+    core = _bare_lmms_core()
+    with pytest.warns(UserWarning, match="the task asks for sampling; decoding greedily"):
+        assert core._max_new_tokens({"temperature": "0.7", "max_new_tokens": "16"}) == 16
+    assert core._max_new_tokens({"temperature": 0, "num_beams": "1"}) == 128
