@@ -1087,3 +1087,31 @@ def test_lmms_eval_gen_kwargs_numbers_as_strings():
     with pytest.warns(UserWarning, match="the task asks for sampling; decoding greedily"):
         assert core._max_new_tokens({"temperature": "0.7", "max_new_tokens": "16"}) == 16
     assert core._max_new_tokens({"temperature": 0, "num_beams": "1"}) == 128
+
+
+def test_import_with_a_torchvision_that_cannot_load_says_what_to_install(tmp_path):
+    """`import videoanchor` beside a torchvision whose compiled ops do not load with this torch
+    (the CUDA torchvision wheel with torch+cpu): one line saying what to install, not
+    transformers' "Could not import module 'AttentionInterface'". Simulated in a child process
+    with a stand-in torchvision (with its metadata) that fails on import as that wheel does."""
+    import subprocess
+    import sys
+
+    pkg = tmp_path / "torchvision"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        'raise RuntimeError("operator torchvision::nms does not exist")\n'
+    )
+    meta = tmp_path / "torchvision-0.99.0.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: torchvision\nVersion: 0.99.0\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), repo])}
+    proc = subprocess.run([sys.executable, "-c", "import videoanchor"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: videoanchor: transformers cannot be imported because "
+                           "the installed torchvision 0.99.0 does not load with torch"), proc.stderr  # fmt: skip
+    assert "operator torchvision::nms does not exist" in last and "install the torchvision" in last
+    assert "AttentionInterface" not in proc.stderr, proc.stderr
