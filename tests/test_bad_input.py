@@ -383,9 +383,18 @@ def _dist_worker(rank, store, out):
                 results[name] = ("ok", res.scores)
             except Exception as exc:  # recorded for the assertions in the parent
                 results[name] = (type(exc).__name__, str(exc))
+        # Last (it leaves the group out of step): rank 1 passes process_group=None, runs
+        # alone and leaves; rank 0 must not be left with gloo's bare "Connection closed".
+        try:
+            group = None if rank == 1 else dist.group.WORLD
+            res = compute_anchor_scores(X, 3, max_iter=20, process_group=group)
+            results["none-on-1"] = ("ok", res.scores)
+        except Exception as exc:
+            results["none-on-1"] = (type(exc).__name__, str(exc))
     finally:
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+        if rank == 0 or "none-on-1" not in results:
+            dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -409,6 +418,15 @@ def test_process_group_ranks_fail_together(dist_results, case):
     for kind, message in got:
         assert kind == exc.__name__, got
         assert phrase in message, got
+
+
+@pytest.mark.distributed
+def test_process_group_none_on_one_rank_is_explained(dist_results):
+    alone, waiting = dist_results[1]["none-on-1"], dist_results[0]["none-on-1"]
+    assert alone[0] == "ok"  # process_group=None: that rank's own single-process SSC
+    assert waiting[0] == "RuntimeError", waiting
+    assert "the SSC's agreement check across the ranks failed on rank 0" in waiting[1]
+    assert "a rank that passes process_group=None" in waiting[1], waiting
 
 
 # ---- configure() ------------------------------------------------------------------------

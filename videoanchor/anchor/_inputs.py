@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -449,6 +450,52 @@ def _canonical(value) -> str:
     return repr(value)
 
 
+#: seconds a rank waits in an agreement check before it warns that a rank may be missing
+AGREE_WARN_AFTER = 60.0
+
+
+def gather_from_every_rank(group, obj, *, what: str) -> list:
+    """``all_gather_object`` of ``obj`` over ``group`` that explains a missing rank.
+
+    A rank of the group that passes ``process_group=None`` (or skips the call) never joins
+    the collective: the others would wait until the backend's timeout, or fail with the
+    backend's "Connection closed by peer" once that rank's process ends. Here they warn after
+    ``AGREE_WARN_AFTER`` seconds of waiting, and a failed collective is a RuntimeError
+    saying what every rank was expected to do. (No collective can tell a late rank from one
+    that never comes, so the wait itself is the backend's timeout.)
+    """
+    import torch.distributed as dist
+
+    me = dist.get_rank(group)
+    hint = (
+        "expected every rank of the process group to make the same call with this "
+        "process_group; a rank that passes process_group=None (or does not make the call) "
+        "runs alone and leaves the others waiting here"
+    )
+    timer = threading.Timer(
+        AGREE_WARN_AFTER,
+        lambda: warnings.warn(
+            f"process_group: rank {me} has waited {AGREE_WARN_AFTER:g} s for the other ranks "
+            f"to reach {what}; {hint}",
+            RuntimeWarning,
+            stacklevel=1,
+        ),
+    )
+    timer.daemon = True
+    timer.start()
+    seen: list = [None] * dist.get_world_size(group)
+    try:
+        dist.all_gather_object(seen, obj, group=group)
+    except RuntimeError as exc:  # DistBackendError too: a peer gone, or the backend timeout
+        raise RuntimeError(
+            f"process_group: {what} across the ranks failed on rank {me} "
+            f"({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}); {hint}"
+        ) from exc
+    finally:
+        timer.cancel()
+    return seen
+
+
 def agree_across_ranks(group, options: dict, error: BaseException | None) -> None:
     """Collective over ``group`` (one ``all_gather_object``), reached by every rank before
     any rank may raise: every rank raises the same error or none does.
@@ -461,13 +508,11 @@ def agree_across_ranks(group, options: dict, error: BaseException | None) -> Non
     """
     import torch.distributed as dist
 
-    world = dist.get_world_size(group)
     mine = (
         {k: _canonical(v) for k, v in options.items()},
         None if error is None else (type(error).__name__, str(error)),
     )
-    seen: list = [None] * world
-    dist.all_gather_object(seen, mine, group=group)
+    seen = gather_from_every_rank(group, mine, what="the SSC's agreement check")
     for rank, (_, err) in enumerate(seen):
         if err is None:
             continue
