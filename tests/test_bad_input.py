@@ -1133,3 +1133,13 @@ def test_import_with_a_torchvision_that_cannot_load_says_what_to_install(tmp_pat
                            "the installed torchvision 0.99.0 does not load with torch"), proc.stderr  # fmt: skip
     assert "operator torchvision::nms does not exist" in last and "install the torchvision" in last
     assert "AttentionInterface" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("budget", [False, True], ids=["iteration-limit", "time-budget"])
+def test_unconverged_message_never_contradicts_itself(budget):
+    from videoanchor.anchor.progress import SSCRunSummary
+
+    run = SSCRunSummary(converged=False, iterations=10000, residual=0.0, best_residual=0.0,
+                        eps=2e-4, max_iter=10000, seconds=1.0, stopped_by_budget=budget)  # fmt: skip
+    message = run.message()
+    assert "NOT converged" in message and "below eps only at the last iteration" in message

@@ -110,6 +110,11 @@ class SSCRunSummary:
             return f"{what} stopped by an error {at} ({took}){last}: {self.stopped_by}"
         if self.converged:
             return f"{what} converged in {self.iterations} iterations ({res}, {took})"
+        if self.residual < self.eps:  # not a contradiction: say why it still did not stop
+            res += (
+                " (below eps only at the last iteration, before the solver's stopping test, "
+                "which also needs an outlier-term update, could confirm it)"
+            )
         if self.stopped_by_budget:
             return (
                 f"{what} stopped by the time budget after {self.iterations} iterations "
