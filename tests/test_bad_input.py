@@ -1143,3 +1143,11 @@ def test_unconverged_message_never_contradicts_itself(budget):
                         eps=2e-4, max_iter=10000, seconds=1.0, stopped_by_budget=budget)  # fmt: skip
     message = run.message()
     assert "NOT converged" in message and "below eps only at the last iteration" in message
+
+
+def test_cli_tune_alpha_overflowing_float32_fails_before_the_model(dev_set, tmp_path, capsys):
+    argv = ["tune", "--model", str(tmp_path / "no-such-model"), "--data", str(dev_set), "-q",
+            "--out", str(tmp_path / "out"), "--alpha-k", "0,1e308"]  # fmt: skip
+    code, err = _cli(argv, capsys)
+    assert code == 1 and "--alpha-k: alpha_k=1e+308: the gate" in err and "overflows" in err, err
+    assert "no-such-model" not in err and not (tmp_path / "out").exists()

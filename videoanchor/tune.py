@@ -806,6 +806,15 @@ def run_tune(args) -> int:
         items = load_lmms_task(args.data, include_path=args.include_path, limit=args.limit)
     search, held = split_holdout(items, args.holdout, args.seed)
     settings = [Setting(a, b, k) for k in ks for a in aks for b in avs]
+    from videoanchor.integrations.transformers.anchoring import check_options
+
+    for a in aks:  # each grid value as configure() takes it (a gate that overflows float32...)
+        for b in avs:
+            try:
+                check_options(alpha_k=a, alpha_v=b)
+            except (TypeError, ValueError) as err:
+                flag = "--alpha-k" if str(err).startswith("alpha_k") else "--alpha-v"
+                raise TuneError(f"{flag}: {_first_line(err)}") from err
     check_output_path(args.out, "--out", folder=True)
     if args.cache_dir and not args.no_cache:
         check_output_path(args.cache_dir, "--cache-dir", folder=True)
