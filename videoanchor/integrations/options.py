@@ -67,7 +67,8 @@ class AnchorConfig:
 def validate_options(cfg: AnchorConfig) -> AnchorConfig:
     """Checks every engine-neutral option of ``cfg`` (all but ``process_group``, which the
     transformers integration checks) and returns it normalised (tuple ``tokens``, float
-    alphas). Raises TypeError/ValueError naming the option."""
+    alphas, NumPy numbers as Python ints and floats). Raises TypeError/ValueError naming the
+    option."""
     if not isinstance(cfg.enabled, bool):
         raise TypeError(f"enabled: expected a bool, got {cfg.enabled!r}")
     cfg = replace(cfg, **{f.name: _plain(getattr(cfg, f.name)) for f in fields(cfg)})
