@@ -1151,3 +1151,15 @@ def test_cli_tune_alpha_overflowing_float32_fails_before_the_model(dev_set, tmp_
     code, err = _cli(argv, capsys)
     assert code == 1 and "--alpha-k: alpha_k=1e+308: the gate" in err and "overflows" in err, err
     assert "no-such-model" not in err and not (tmp_path / "out").exists()
+
+
+def test_ssc_run_inside_an_except_block_reports_its_own_outcome():
+    from videoanchor.anchor.progress import SSCProgress
+
+    reporter = SSCProgress(enabled=False)
+    try:
+        raise KeyboardInterrupt  # handled by the caller: not the SSC's
+    except KeyboardInterrupt:
+        compute_anchor_scores(X, 3, mode="exact", max_iter=5, progress=reporter)
+    run = reporter.runs[-1]
+    assert run.stopped_by is None and run.iterations == 5 and "iteration limit" in run.message()

@@ -95,6 +95,19 @@ def chain(*hooks: Hook | None) -> Hook | None:
     return hook
 
 
+def _propagating_through(frame) -> BaseException | None:
+    """The exception now unwinding through ``frame`` (called from that frame's ``finally``),
+    or None: one that a caller is merely handling (the solver ran inside an ``except``
+    block) has no traceback entry for ``frame``."""
+    exc = sys.exc_info()[1]
+    tb = None if exc is None else exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame is frame:
+            return exc
+        tb = tb.tb_next
+    return None
+
+
 class Reporting:
     """A solver's ``progress`` option as the loop's hook.
 
@@ -130,7 +143,7 @@ class Reporting:
         if self.reporter is None:
             return
         if error is None:
-            current = sys.exc_info()[1]  # the exception propagating through the finally
+            current = _propagating_through(sys._getframe(1))
             if isinstance(current, KeyboardInterrupt) or (
                 current is not None and (iterations is None or iterations is False)
             ):
