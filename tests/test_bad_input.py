@@ -383,9 +383,18 @@ def _dist_worker(rank, store, out):
                 results[name] = ("ok", res.scores)
             except Exception as exc:  # recorded for the assertions in the parent
                 results[name] = (type(exc).__name__, str(exc))
+        # Last (it leaves the group out of step): rank 1 passes process_group=None, runs
+        # alone and leaves; rank 0 must not be left with gloo's bare "Connection closed".
+        try:
+            group = None if rank == 1 else dist.group.WORLD
+            res = compute_anchor_scores(X, 3, max_iter=20, process_group=group)
+            results["none-on-1"] = ("ok", res.scores)
+        except Exception as exc:
+            results["none-on-1"] = (type(exc).__name__, str(exc))
     finally:
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+        if rank == 0 or "none-on-1" not in results:
+            dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -409,6 +418,15 @@ def test_process_group_ranks_fail_together(dist_results, case):
     for kind, message in got:
         assert kind == exc.__name__, got
         assert phrase in message, got
+
+
+@pytest.mark.distributed
+def test_process_group_none_on_one_rank_is_explained(dist_results):
+    alone, waiting = dist_results[1]["none-on-1"], dist_results[0]["none-on-1"]
+    assert alone[0] == "ok"  # process_group=None: that rank's own single-process SSC
+    assert waiting[0] == "RuntimeError", waiting
+    assert "the SSC's agreement check across the ranks failed on rank 0" in waiting[1]
+    assert "a rank that passes process_group=None" in waiting[1], waiting
 
 
 # ---- configure() ------------------------------------------------------------------------
@@ -725,3 +743,423 @@ def test_cli_interrupted_output_leaves_no_partial_file(
     out = tmp_path / "b.png"
     assert videoanchor.cli.main(_anchors_argv(tiny_checkpoint, clips[5], out)) == 130
     assert list(tmp_path.iterdir()) == []  # neither file, no temporary left behind
+
+
+# ---- issue 30: the last silent results and unclear errors -------------------------------
+
+
+@pytest.mark.parametrize(
+    "scores,ak,av,name",
+    [([0.0, 0.5], 1e308, 1.0, "alpha_k"), ([0.0, 0.5], 1.0, -1e39, "alpha_v"),
+     ([0.0, 2.0], 3e38, 1.0, "alpha_k"), ([0.0, 1e10], 1.0, 1e30, "alpha_v")],
+    ids=["1e308", "alpha_v-beyond-float32", "near-max", "times-big-score"],
+)  # fmt: skip
+def test_anchor_gates_overflowing_float32_is_an_error(scores, ak, av, name):
+    # finite in float64, so the finite check passes; the float32 gate is inf (and 0 * inf
+    # NaN at text positions): every attention output would be NaN
+    with pytest.raises(ValueError, match=_re(f"{name}=") + ".*overflows its dtype float32"):
+        anchor_gates(torch.tensor(scores), ak, av)
+
+
+def test_anchor_gates_largest_safe_alpha_is_finite():
+    kb, vs = anchor_gates(torch.tensor([0.0, 0.5]), 1e38, 1e38)
+    assert bool(torch.isfinite(kb).all() and torch.isfinite(vs).all())
+
+
+@pytest.mark.parametrize("name", ["alpha_k", "alpha_v", "alpha_q"])
+def test_configure_alpha_overflowing_float32_is_an_error(tiny, name):
+    before = videoanchor.configure(tiny).config
+    with pytest.raises(ValueError, match=_re(f"{name}=1e+308: the gate") + ".*overflows"):
+        videoanchor.configure(tiny, **{name: 1e308})
+    assert videoanchor.configure(tiny).config == before
+
+
+def test_cli_run_alpha_overflowing_float32_fails_before_the_model(clips, tmp_path, capsys):
+    argv = ["run", "--video", str(clips[5]), "--question", "q", "--model", str(tmp_path / "nope"),
+            "--alpha-k", "1e308", "--alpha-v", "1e308", "-q"]  # fmt: skip
+    code, err = _cli(argv, capsys)
+    assert code == 1 and "overflows its dtype float32" in err and "nope" not in err, err
+
+
+_NUMPY_CONFIGURE = {
+    "alpha_k": (np.float32(2.0), 2.0),
+    "alpha_v": (np.float64(1.5), 1.5),
+    "n_clusters": (np.int64(4), 4),
+    "pca_rank": (np.int64(5), 5),
+    "max_iter": (np.int32(50), 50),
+    "seed": (np.int64(3), 3),
+    "label_draws": (np.int64(2), 2),
+    "eps": (np.float32(0.5), 0.5),
+    "alpha_z": (np.float32(10.0), 10.0),
+    "ssc_time_budget": (np.float64(2.0), 2.0),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(_NUMPY_CONFIGURE))
+def test_configure_accepts_numpy_scalars(tiny, name):
+    value, plain = _NUMPY_CONFIGURE[name]
+    before = videoanchor.configure(tiny).config
+    try:
+        cfg = videoanchor.configure(tiny, **{name: value}).config
+        got = getattr(cfg, name)
+        assert got == plain and type(got) is type(plain)  # stored as the Python number
+    finally:
+        videoanchor.configure(tiny, **{f: getattr(before, f) for f in _NUMPY_CONFIGURE})
+
+
+@pytest.mark.parametrize("name", ["n_clusters", "label_draws", "alpha_k"])
+def test_configure_refuses_numpy_bools(tiny, name):
+    with pytest.raises(ValueError, match=_re(f"{name}: expected")):
+        videoanchor.configure(tiny, **{name: np.bool_(True)})
+
+
+@pytest.mark.parametrize("mode", ["exact", "blocked"])
+def test_scores_accept_numpy_ints(mode):
+    kw = dict(mode=mode, max_iter=40)
+    a = compute_anchor_scores(X, 3, pca_rank=4, label_draws=2, **kw)
+    b = compute_anchor_scores(X, np.int64(3), pca_rank=np.int64(4), label_draws=np.int32(2), **kw)
+    assert torch.equal(a.scores, b.scores)
+    with pytest.raises(TypeError, match=_re("label_draws: expected an int")):
+        compute_anchor_scores(X, 3, label_draws=np.bool_(True), **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_accepts_numpy_ints(backend):
+    q, k, v, cu = _packed()
+    a = anchored_attention_varlen(q, k, v, cu, cu, 4, max_seqlen_k=4, backend=backend)
+    b = anchored_attention_varlen(q, k, v, cu, cu, np.int64(4), max_seqlen_k=np.int32(4),
+                                  backend=backend)  # fmt: skip
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=_re("max_seqlen_q: expected a non-negative int")):
+        anchored_attention_varlen(q, k, v, cu, cu, np.float64(4.0), backend=backend)
+
+
+def test_configure_time_budget_error_names_the_option(tiny):
+    with pytest.raises(ValueError, match=r"^ssc_time_budget: expected a positive number"):
+        videoanchor.configure(tiny, ssc_time_budget=-1)
+
+
+@pytest.mark.parametrize("mode", ["exact", "blocked"])
+@pytest.mark.parametrize(
+    "kw,name", [(dict(alpha_z=1e300), "alpha_z"), (dict(rho=1e-300), "rho"),
+                (dict(alpha_e=1e30), "alpha_e"), (dict(alpha_z=1e300, dtype=torch.float64), "alpha_z")],
+    ids=["alpha_z", "rho", "alpha_e", "alpha_z-float64"],
+)  # fmt: skip
+def test_scores_option_beyond_the_working_dtype_names_the_option(mode, kw, name):
+    with pytest.raises(ValueError, match=rf"^{name}: expected a value in \["):
+        compute_anchor_scores(X, 3, mode=mode, max_iter=20, **kw)
+
+
+def test_a_step_failure_names_the_options():
+    # inside the up-front range, but rho is lost next to lambda_z Y^T Y in float32
+    with pytest.raises(FloatingPointError, match=r"not positive definite \(.*alpha_z.*rho"):
+        compute_anchor_scores(X, 3, mode="exact", alpha_z=1e12, rho=1e-5, max_iter=20)
+
+
+@pytest.mark.parametrize("mode", ["exact", "blocked"])
+def test_label_draws_upper_bound_is_checked_before_the_ssc(mode):
+    from videoanchor.anchor._inputs import MAX_LABEL_DRAWS
+
+    calls = []
+    with pytest.raises(
+        ValueError, match=_re(f"label_draws: expected an int in [1, {MAX_LABEL_DRAWS}]")
+    ):
+        compute_anchor_scores(X, 3, mode=mode, max_iter=20, label_draws=10**9,
+                              progress=_reporter(calls.append, enabled=False))  # fmt: skip
+    assert calls == []  # no SSC iteration ran
+    res = compute_anchor_scores(X, 3, mode=mode, max_iter=20, label_draws=10)  # within the bound
+    assert bool(torch.isfinite(res.scores).all())
+
+
+def test_configure_label_draws_upper_bound(tiny):
+    with pytest.raises(ValueError, match=_re("label_draws: expected an int in [1,")):
+        videoanchor.configure(tiny, label_draws=10**9)
+
+
+@pytest.mark.parametrize("mode", ["exact", "blocked"])
+def test_dominant_token_is_warned_about_up_front(mode):
+    x = X.clone()
+    x[7] *= 1e19  # finite in float32; its Gram entries dwarf every other token's
+    warned_at_first_iteration = []
+    with pytest.warns(UserWarning, match=r"token 7's feature norm .* times the median") as got:
+
+        def on_update(iteration):
+            if iteration == 1:
+                warned_at_first_iteration.append(any("token 7" in str(w.message) for w in got))
+
+        try:
+            compute_anchor_scores(x, 3, mode=mode, max_iter=5,
+                                  progress=_reporter(on_update, enabled=False))  # fmt: skip
+        except FloatingPointError as err:  # blocked: its A-step cannot be factorised
+            assert "dwarfing the others'" in str(err)
+    assert warned_at_first_iteration in ([], [True])  # up front: before any iteration
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an ordinary spread of norms does not warn
+        y = X.clone()
+        y[7] *= 100
+        compute_anchor_scores(y, 3, mode=mode, max_iter=5)
+
+
+@pytest.mark.parametrize("mode", ["exact", "blocked"])
+def test_meta_device_features_are_refused_clearly(mode):
+    with pytest.raises(
+        ValueError,
+        match=_re("features: expected a tensor holding values, got one on the 'meta' device"),
+    ):
+        compute_anchor_scores(torch.empty(18, 6, device="meta"), 3, mode=mode, max_iter=20)
+
+
+def _reporter(on_update, **kw):
+    """An SSC progress reporter that calls ``on_update(iteration)`` on every iteration."""
+    from videoanchor.anchor.progress import SSCProgress
+
+    class Reporter(SSCProgress):
+        def update(self, iteration, residual):
+            stop = super().update(iteration, residual)
+            on_update(iteration)
+            return stop
+
+        __call__ = update
+
+    return Reporter(**kw)
+
+
+def _ctrl_c_at(at):
+    def on_update(iteration):
+        if iteration == at:
+            raise KeyboardInterrupt
+
+    return _reporter(on_update, enabled=True, log_every=1e9)
+
+
+@pytest.mark.parametrize("mode", ["exact", "blocked"])
+def test_interrupted_ssc_says_interrupted_at_its_iteration(mode, caplog):
+    import logging
+
+    reporter = _ctrl_c_at(7)
+    with caplog.at_level(logging.INFO, logger="videoanchor.progress"):
+        with pytest.raises(KeyboardInterrupt):
+            compute_anchor_scores(X, 3, mode=mode, max_iter=10000, progress=reporter)
+    run = reporter.runs[-1]
+    assert not run.converged and run.stopped_by == "interrupted" and run.iterations == 7
+    text = caplog.text
+    assert "interrupted at iteration 7" in text and "NOT converged" in text, text
+    assert "iteration limit" not in text and "raise max_iter" not in text, text
+
+
+def test_ssc_ended_by_an_error_says_so():
+    from videoanchor.anchor.progress import SSCProgress
+
+    reporter = SSCProgress(enabled=False)
+    with pytest.raises(FloatingPointError):
+        compute_anchor_scores(X, 3, mode="exact", alpha_z=1e12, rho=1e-5, max_iter=20,
+                              progress=reporter)  # fmt: skip
+    if reporter.runs:  # the A-step fails before or at the first iteration
+        message = reporter.runs[-1].message()
+        assert "stopped by an error" in message and "iteration limit" not in message, message
+
+
+@torch.no_grad()
+def test_last_scores_describe_a_text_only_request(tiny):
+    from videoanchor.integrations.transformers.testing import tiny_sample
+
+    handle = videoanchor.configure(tiny, enabled=True, n_clusters=3, max_iter=300)
+    video = tiny_sample(tiny.config, [4], text=4, seed=22)
+    tiny(**video)
+    assert handle.last_scores.shape == video["input_ids"].shape
+    assert bool((handle.last_scores > 0).any()) and handle.last_result[0] is not None
+    text = tiny_sample(tiny.config, [], text=2, seed=23)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "this request has no visual inputs"
+        tiny(**text)
+    assert handle.last_scores.shape == text["input_ids"].shape  # not the video request's
+    assert bool((handle.last_scores == 0).all())
+    assert handle.last_result == [None] and handle.last_ssc_runs == [None]
+    assert handle.last_visual_positions[0].numel() == 0 and handle.last_segments == [[]]
+    assert not handle.last_anchored
+
+
+def test_cli_anchors_page_height_below_one_row_fails_before_the_model(
+    tiny_checkpoint, clips, tmp_path, capsys, monkeypatch
+):
+    def no_model(*a, **k):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(videoanchor.cli, "load_vlm", no_model)
+    argv = _anchors_argv(tiny_checkpoint, clips[5], tmp_path / "a.png") + ["--page-height", "1"]
+    code, err = _cli(argv, capsys)
+    assert code == 1 and "--page-height 1: expected at least" in err, err
+    assert "the smallest page these frames fit on" in err and list(tmp_path.iterdir()) == []
+
+
+def test_page_layout_refuses_a_height_below_one_row():
+    from videoanchor.visualize import PAD, anchor_figure_layout
+
+    with pytest.raises(ValueError, match=r"max_height=1: expected at least \d+ px"):
+        anchor_figure_layout(5, 32, 32, max_height=1)
+    whole = anchor_figure_layout(9, 32, 32, columns=4)  # 3 rows on one page
+    limit = whole.page_size(0)[1] - 2 * (whole.cell_h + PAD)  # the page of one row
+    lay = anchor_figure_layout(9, 32, 32, columns=4, max_height=limit)
+    assert lay.pages == 3 and all(lay.page_size(p)[1] <= limit for p in range(lay.pages))
+    with pytest.raises(ValueError, match=f"expected at least {limit} px"):
+        anchor_figure_layout(9, 32, 32, columns=4, max_height=limit - 1)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_cli_anchors_out_probed_with_a_file_before_the_model(clips, tmp_path, capsys):
+    argv = ["anchors", "--video", str(clips[5]), "--model", str(tmp_path / "no-such-model"), "-q",
+            "--out", "/proc/x.png"]  # fmt: skip
+    code, err = _cli(argv, capsys)
+    assert code == 1 and "--out: cannot write '/proc/x.png': creating a file in '/proc'" in err, err
+    assert "no-such-model" not in err and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", ["run", "anchors"])
+def test_cli_cache_dir_that_is_a_file_fails_before_the_model(command, clips, tmp_path, capsys):
+    (tmp_path / "FILE").write_text("x")
+    argv = [command, "--video", str(clips[5]), "--model", str(tmp_path / "no-such-model"), "-q",
+            "--cache-dir", str(tmp_path / "FILE"), "--out" if command == "anchors" else "--question",
+            str(tmp_path / "a.png") if command == "anchors" else "q"]  # fmt: skip
+    code, err = _cli(argv, capsys)
+    assert (
+        code == 1 and f"--cache-dir: expected a folder, got the file '{tmp_path / 'FILE'}'" in err
+    )
+    assert "no-such-model" not in err and "NotADirectoryError" not in err, err
+
+
+@pytest.fixture
+def dev_set(clips, tmp_path):
+    import json
+
+    data = tmp_path / "dev.jsonl"
+    data.write_text(json.dumps({"video": str(clips[5]), "question": "q", "answer": "a"}) + "\n")
+    return data
+
+
+def test_cli_tune_out_that_is_a_file_fails_before_the_model(dev_set, tmp_path, capsys):
+    (tmp_path / "FILE").write_text("x")
+    argv = ["tune", "--model", str(tmp_path / "no-such-model"), "--data", str(dev_set), "-q",
+            "--out", str(tmp_path / "FILE")]  # fmt: skip
+    code, err = _cli(argv, capsys)
+    assert code == 1 and f"--out: expected a folder, got the file '{tmp_path / 'FILE'}'" in err
+    assert "FileExistsError" not in err and "no-such-model" not in err, err
+
+
+@pytest.mark.parametrize(
+    "first_line", ["{not json", "[1, 2]", ""], ids=["not-json", "no-signature", "empty-line"]
+)
+def test_cli_tune_resume_on_a_corrupt_answers_file_names_it(
+    tiny_checkpoint, dev_set, tmp_path, capsys, monkeypatch, first_line
+):
+    def no_model(*a, **k):
+        raise AssertionError("the model must not load")
+
+    import videoanchor.pipeline
+
+    monkeypatch.setattr(videoanchor.pipeline, "load_vlm", no_model)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "answers.jsonl").write_text(first_line + "\n" + '{"item": "x"}\n')
+    (out / "results.json").write_text("{corrupt")
+    argv = ["tune", "--model", str(tiny_checkpoint), "--trust-remote-code", "--data",
+            str(dev_set), "-q", "--out", str(out), "--resume"]  # fmt: skip
+    code, err = _cli(argv, capsys)
+    assert code == 1 and f"--resume: '{out / 'answers.jsonl'}' is not an answers file" in err, err
+    assert "JSONDecodeError" not in err
+
+
+def _bare_lmms_core(**attrs):
+    """The lmms-eval wrapper's core without a model (only its request checks are used)."""
+    from videoanchor.lmms_eval import VideoAnchorLMMCore
+
+    core = VideoAnchorLMMCore.__new__(VideoAnchorLMMCore)
+    core.max_new_tokens, core._warned = None, set()
+    for k, v in attrs.items():
+        setattr(core, k, v)
+    return core
+
+
+@pytest.mark.parametrize(
+    "gen_kwargs,phrase",
+    [({"temperature": "hot"}, "gen_kwargs['temperature']: expected a number, got 'hot'"),
+     ({"temperature": -1}, "gen_kwargs['temperature']: expected a finite number >= 0"),
+     ({"max_new_tokens": "many"}, "gen_kwargs['max_new_tokens']: expected an integer >= 1"),
+     ({"num_beams": 0}, "gen_kwargs['num_beams']: expected an integer >= 1"),
+     ({"do_sample": "maybe"}, "gen_kwargs['do_sample']: expected True or False")],
+    ids=["temperature-str", "temperature-neg", "max_new_tokens", "num_beams", "do_sample"],
+)  # fmt: skip
+def test_lmms_eval_gen_kwargs_checked_before_the_video_is_read(gen_kwargs, phrase):
+    from types import SimpleNamespace
+
+    def doc_to_visual(doc):
+        raise AssertionError("the video must not be read")
+
+    core = _bare_lmms_core(task_dict={"t": {"test": [{}]}})
+    request = SimpleNamespace(args=("q", gen_kwargs, doc_to_visual, 0, "t", "test"))
+    with pytest.raises(ValueError, match=_re(phrase)):
+        core.generate_until([request])
+
+
+def test_lmms_eval_gen_kwargs_numbers_as_strings():
+    core = _bare_lmms_core()
+    with pytest.warns(UserWarning, match="the task asks for sampling; decoding greedily"):
+        assert core._max_new_tokens({"temperature": "0.7", "max_new_tokens": "16"}) == 16
+    assert core._max_new_tokens({"temperature": 0, "num_beams": "1"}) == 128
+
+
+def test_import_with_a_torchvision_that_cannot_load_says_what_to_install(tmp_path):
+    """`import videoanchor` beside a torchvision whose compiled ops do not load with this torch
+    (the CUDA torchvision wheel with torch+cpu): one line saying what to install, not
+    transformers' "Could not import module 'AttentionInterface'". Simulated in a child process
+    with a stand-in torchvision (with its metadata) that fails on import as that wheel does."""
+    import subprocess
+    import sys
+
+    pkg = tmp_path / "torchvision"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        'raise RuntimeError("operator torchvision::nms does not exist")\n'
+    )
+    meta = tmp_path / "torchvision-0.99.0.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: torchvision\nVersion: 0.99.0\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), repo])}
+    proc = subprocess.run([sys.executable, "-c", "import videoanchor"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: videoanchor: transformers cannot be imported because "
+                           "the installed torchvision 0.99.0 does not load with torch"), proc.stderr  # fmt: skip
+    assert "operator torchvision::nms does not exist" in last and "install the torchvision" in last
+    assert "AttentionInterface" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("budget", [False, True], ids=["iteration-limit", "time-budget"])
+def test_unconverged_message_never_contradicts_itself(budget):
+    from videoanchor.anchor.progress import SSCRunSummary
+
+    run = SSCRunSummary(converged=False, iterations=10000, residual=0.0, best_residual=0.0,
+                        eps=2e-4, max_iter=10000, seconds=1.0, stopped_by_budget=budget)  # fmt: skip
+    message = run.message()
+    assert "NOT converged" in message and "below eps only at the last iteration" in message
+
+
+def test_cli_tune_alpha_overflowing_float32_fails_before_the_model(dev_set, tmp_path, capsys):
+    argv = ["tune", "--model", str(tmp_path / "no-such-model"), "--data", str(dev_set), "-q",
+            "--out", str(tmp_path / "out"), "--alpha-k", "0,1e308"]  # fmt: skip
+    code, err = _cli(argv, capsys)
+    assert code == 1 and "--alpha-k: alpha_k=1e+308: the gate" in err and "overflows" in err, err
+    assert "no-such-model" not in err and not (tmp_path / "out").exists()
+
+
+def test_ssc_run_inside_an_except_block_reports_its_own_outcome():
+    from videoanchor.anchor.progress import SSCProgress
+
+    reporter = SSCProgress(enabled=False)
+    try:
+        raise KeyboardInterrupt  # handled by the caller: not the SSC's
+    except KeyboardInterrupt:
+        compute_anchor_scores(X, 3, mode="exact", max_iter=5, progress=reporter)
+    run = reporter.runs[-1]
+    assert run.stopped_by is None and run.iterations == 5 and "iteration limit" in run.message()

@@ -129,17 +129,11 @@ def _configure(handle, args, enabled: bool):
 
 
 def _check_writable(path: Path, flag: str) -> None:
-    """The file can be created: its folder exists (or can be made) and is writable."""
-    if path.exists() and path.is_dir():
-        raise CLIError(f"{flag}: expected a file path, got the directory '{path}'")
-    parent = path.parent if str(path.parent) else Path(".")
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise CLIError(f"{flag}: cannot create '{path}': '{probe}' is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise CLIError(f"{flag}: cannot write '{path}': '{probe}' is not writable")
+    """The file can be created: its folder exists (or can be made) and a file can be
+    created in it (probed with a temporary file)."""
+    from videoanchor.pipeline import check_output_path
+
+    check_output_path(path, flag, folder=False)
 
 
 def _check_args(args, kind: str) -> None:
@@ -153,6 +147,10 @@ def _check_args(args, kind: str) -> None:
     except (TypeError, ValueError) as err:
         raise CLIError(_first_line(err).replace("max_iter", "--ssc-max-iter")) from err
     check_load_options(args.device, args.dtype)
+    if args.cache_dir and not args.no_cache:
+        from videoanchor.pipeline import check_output_path
+
+        check_output_path(args.cache_dir, "--cache-dir", folder=True)
 
 
 def _use_cache(args, model, handle, inputs):
@@ -266,6 +264,8 @@ def cmd_anchors(args) -> int:
     _check_args(args, kind)
     check_model(args.model, trust_remote_code=args.trust_remote_code)
     visual = _read_visual(args, kind)
+    if kind == "video":
+        _check_page_layout(args, visual)
     model, processor, handle = load_vlm(
         args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
     )
@@ -324,6 +324,22 @@ def cmd_anchors(args) -> int:
     return 0
 
 
+def _check_page_layout(args, video) -> None:
+    """--page-height, --columns and --tile-width against the frames read, before the model
+    loads (the page layout only grows a summary strip for long videos after the SSC)."""
+    from videoanchor.visualize import anchor_figure_layout
+
+    _, height, width = video.frames.shape[:3]
+    try:
+        anchor_figure_layout(
+            video.num_frames, height, width, columns=args.columns, tile_width=args.tile_width,
+            with_labels=not args.no_clusters, max_height=args.page_height,
+        )  # fmt: skip
+    except ValueError as err:
+        message = _first_line(err).replace("max_height=", "--page-height ")
+        raise CLIError(message.replace("columns of", "columns (--columns) of")) from err
+
+
 def _draw_video_anchors(args, handle, video, out, npz, common):
     from videoanchor.visualize import save_anchor_pages
 
@@ -351,8 +367,8 @@ def _draw_video_anchors(args, handle, video, out, npz, common):
             tile_width=args.tile_width,
             max_height=args.page_height,
         )
-    except ValueError as err:  # a row wider than the picture allows
-        raise CLIError(_first_line(err)) from err
+    except ValueError as err:  # a row wider than the picture allows, a page too low
+        raise CLIError(_first_line(err).replace("max_height=", "--page-height ")) from err
     image = pages[0][1]
     np.savez_compressed(
         npz,

@@ -55,6 +55,8 @@ returns one string per request, in order.
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 
 __all__ = ["MODEL_NAMES", "VideoAnchorLMMCore", "model_manifests"]
@@ -95,7 +97,7 @@ def _as_bool(value, name: str) -> bool:
         return value
     if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
         return value.lower() in ("true", "1")
-    if isinstance(value, int) and value in (0, 1):
+    if isinstance(value, numbers.Integral) and value in (0, 1):
         return bool(value)
     raise ValueError(f"{name}: expected True or False, got {value!r}")
 
@@ -382,16 +384,30 @@ class VideoAnchorLMMCore:
         )
 
     def _max_new_tokens(self, gen_kwargs: dict) -> int:
-        temperature = gen_kwargs.get("temperature") or 0
-        if temperature > 0 or gen_kwargs.get("do_sample"):
+        """The answer length of one request; checks its gen_kwargs (before any video is read):
+        numbers may come as numbers or as the strings a task's YAML or --gen_kwargs gives."""
+        temperature = _as_float(gen_kwargs.get("temperature"), "gen_kwargs['temperature']") or 0
+        if not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(
+                f"gen_kwargs['temperature']: expected a finite number >= 0, got "
+                f"{gen_kwargs.get('temperature')!r}"
+            )
+        do_sample = gen_kwargs.get("do_sample")
+        if do_sample is not None:
+            do_sample = _as_bool(do_sample, "gen_kwargs['do_sample']")
+        beams = gen_kwargs.get("num_beams")
+        beams = 1 if beams is None else _as_int(beams, "gen_kwargs['num_beams']", 1)
+        length = gen_kwargs.get("max_new_tokens")
+        length = 128 if length is None else _as_int(length, "gen_kwargs['max_new_tokens']", 1)
+        if temperature > 0 or do_sample:
             self._warn_once(
                 "sampling",
                 "videoanchor lmms-eval wrapper: the task asks for sampling; decoding greedily "
                 "(do_sample=False, num_beams=1) as in the paper",
             )
-        if int(gen_kwargs.get("num_beams") or 1) != 1:
+        if beams != 1:
             self._warn_once("beams", "videoanchor lmms-eval wrapper: num_beams ignored, using 1")
-        return self.max_new_tokens or int(gen_kwargs.get("max_new_tokens") or 128)
+        return self.max_new_tokens or length
 
     @staticmethod
     def _until(gen_kwargs: dict) -> list[str]:
@@ -476,8 +492,9 @@ class VideoAnchorLMMCore:
                 )
             context, gen_kwargs, doc_to_visual, doc_id, task, split = args
             gen_kwargs = dict(gen_kwargs or {})
+            length = self._max_new_tokens(gen_kwargs)  # checked before the visual is read
             visual = self._visual(doc_to_visual(self.task_dict[task][split][doc_id]), doc_id, task)
-            key = (visual[0], self._max_new_tokens(gen_kwargs))
+            key = (visual[0], length)
             parsed.append((context, gen_kwargs, visual, key))
         out: list[str] = []
         self._unconverged_now = []

@@ -12,6 +12,7 @@ Failures a user can fix (unsupported family, missing model, missing package) rai
 
 from __future__ import annotations
 
+import numbers
 import sys
 import threading
 import time
@@ -173,6 +174,37 @@ def check_load_options(device: str = "auto", dtype: str = "auto"):
         )
     resolved = _resolve_device(device)
     return resolved, _resolve_dtype(dtype, resolved)
+
+
+def check_output_path(path, flag: str, *, folder: bool) -> None:
+    """Before any slow step: ``path`` (a file to write, or with ``folder`` a folder to write
+    into) can be created. Its nearest existing ancestor must be a folder in which a file can
+    actually be created: probed with a temporary file (removed at once), since permission
+    bits say nothing about read-only mounts or /proc. Raises PipelineError naming ``flag``."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    if path.exists():
+        if folder and not path.is_dir():
+            raise PipelineError(f"{flag}: expected a folder, got the file '{path}'")
+        if not folder and path.is_dir():
+            raise PipelineError(f"{flag}: expected a file path, got the directory '{path}'")
+    probe = path if folder else (path.parent if str(path.parent) else Path("."))
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise PipelineError(f"{flag}: cannot create '{path}': '{probe}' is a file, not a folder")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".videoanchor-probe-", dir=probe)
+    except OSError as err:
+        raise PipelineError(
+            f"{flag}: cannot write '{path}': creating a file in '{probe}' failed "
+            f"({err.strerror or err})"
+        ) from err
+    os.close(fd)
+    os.unlink(name)
 
 
 def check_model(model_name: str, *, trust_remote_code: bool = False):
@@ -480,10 +512,11 @@ def generate_answers(model, processor, inputs, handle, *, max_new_tokens=128, pr
 
     if (
         isinstance(max_new_tokens, bool)
-        or not isinstance(max_new_tokens, int)
+        or not isinstance(max_new_tokens, numbers.Integral)
         or max_new_tokens < 1
     ):
         raise ValueError(f"expected max_new_tokens >= 1, got {max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)
     mask = inputs.get("attention_mask")
     if mask is not None and mask.shape[0] > 1 and not bool(mask[:, -1].all()):
         raise ValueError(

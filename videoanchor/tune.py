@@ -474,8 +474,21 @@ class _Answers:
                     f"'{path.parent}' holds the answers of an earlier run; pass --resume to "
                     "continue it, or choose another --out"
                 )
-            lines = path.read_text(encoding="utf-8").splitlines()
-            head = json.loads(lines[0]) if lines else {}
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            try:
+                head = json.loads(lines[0]) if lines else {}
+            except json.JSONDecodeError as err:
+                raise TuneError(
+                    f"--resume: '{path}' is not an answers file of videoanchor tune (its first "
+                    f"line is not JSON: {err.msg}); expected the file an earlier run wrote, or "
+                    "another --out"
+                ) from err
+            if not isinstance(head, dict) or "signature" not in head:
+                raise TuneError(
+                    f"--resume: '{path}' is not an answers file of videoanchor tune (its first "
+                    "line holds no signature); expected the file an earlier run wrote, or "
+                    "another --out"
+                )
             if head.get("signature") != signature:
                 raise TuneError(
                     f"--resume: '{path}' was written with other options ({head.get('signature')}); "
@@ -486,6 +499,12 @@ class _Answers:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by an interrupt: that answer is computed again
+                if not isinstance(rec, dict) or not {"item", "setting", "score"} <= rec.keys():
+                    raise TuneError(
+                        f"--resume: '{path}' holds a line that is not an answer "
+                        f"({line[:80]!r}); expected the file an earlier run wrote, or another "
+                        "--out"
+                    )
                 self.done[(rec["item"], rec["setting"])] = rec
             self._f = open(path, "a", encoding="utf-8")
             if not path.read_bytes().endswith(b"\n"):
@@ -768,7 +787,7 @@ def run_tune(args) -> int:
         default_cache_dir,
         model_fingerprint,
     )
-    from videoanchor.pipeline import check_model, load_vlm
+    from videoanchor.pipeline import check_model, check_output_path, load_vlm
 
     # Everything a user can get wrong is checked before the model loads.
     aks = parse_grid(args.alpha_k, "--alpha-k")
@@ -787,6 +806,18 @@ def run_tune(args) -> int:
         items = load_lmms_task(args.data, include_path=args.include_path, limit=args.limit)
     search, held = split_holdout(items, args.holdout, args.seed)
     settings = [Setting(a, b, k) for k in ks for a in aks for b in avs]
+    from videoanchor.integrations.transformers.anchoring import check_options
+
+    for a in aks:  # each grid value as configure() takes it (a gate that overflows float32...)
+        for b in avs:
+            try:
+                check_options(alpha_k=a, alpha_v=b)
+            except (TypeError, ValueError) as err:
+                flag = "--alpha-k" if str(err).startswith("alpha_k") else "--alpha-v"
+                raise TuneError(f"{flag}: {_first_line(err)}") from err
+    check_output_path(args.out, "--out", folder=True)
+    if args.cache_dir and not args.no_cache:
+        check_output_path(args.cache_dir, "--cache-dir", folder=True)
     check_model(args.model, trust_remote_code=args.trust_remote_code)
     out = Path(args.out)
     data = str(Path(args.data).resolve()) if os.path.exists(args.data) else str(args.data)

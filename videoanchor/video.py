@@ -8,6 +8,7 @@ is imported on first use, so the rest of the package does not need it.
 
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 from dataclasses import dataclass
@@ -251,8 +252,9 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, *, fps: int = 10) -
         raise ValueError(
             f"expected at least one frame with even height and width, got {frames.shape}"
         )
-    if isinstance(fps, bool) or not isinstance(fps, int) or fps < 1:
+    if isinstance(fps, bool) or not isinstance(fps, numbers.Integral) or fps < 1:
         raise ValueError(f"expected fps to be a positive int, got {fps!r}")
+    fps = int(fps)
     av = _import_av()
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
     with av.open(os.fspath(path), mode="w") as container:

@@ -240,6 +240,13 @@ def anchor_figure_layout(
     if max_height is not None:
         _positive_int("max_height", max_height)
         fixed = PAD + layout.title_h + strip_h + COLORBAR_H
+        smallest = fixed + layout.cell_h + PAD  # the title, the colour bar and one row
+        if max_height < smallest:
+            raise ValueError(
+                f"max_height={max_height}: expected at least {smallest} px, the smallest page "
+                f"these frames fit on (title, colour bar and one row of {tile_width} px wide "
+                "tiles); pass a larger height or a smaller tile width"
+            )
         per_page = max(1, (int(max_height) - fixed) // (layout.cell_h + PAD))
         if per_page < layout.rows:
             pages = math.ceil(layout.rows / per_page)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -45,12 +46,46 @@ def as_feature_tensor(features, *, name: str = "features") -> torch.Tensor:
     n, d = x.shape
     if n == 0 or d == 0:
         raise ValueError(f"{name}: expected at least one token and one feature, got shape {(n, d)}")
+    if x.device.type == "meta":
+        raise ValueError(
+            f"{name}: expected a tensor holding values, got one on the 'meta' device (shape "
+            f"only, no data); SSC needs the real features: materialise the model (load its "
+            f"weights, e.g. without device_map='meta' / init_empty_weights) or pass features "
+            f"computed on the CPU or a GPU"
+        )
     if not x.is_floating_point():
         x = x.to(torch.float64)
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name}: expected finite values, got {bad} NaN/Inf entries")
     return x
+
+
+def warn_dominant_token(x: torch.Tensor, work: torch.dtype) -> None:
+    """Warn, before the SSC, when one token's feature norm dwarfs the others' beyond what the
+    working dtype can resolve: its Gram entries ``y_i^T y_j`` are ``r^2`` times the others'
+    (``r`` = its norm over the median token's), and past ``r = 1/sqrt(eps)`` of the dtype
+    the other tokens' sparse codes are lost in rounding: the ADMM then typically runs all
+    ``max_iter`` iterations without converging (minutes at the authors' 10000)."""
+    norms = torch.linalg.vector_norm(x.to(torch.float64), dim=1)
+    nonzero = norms[norms > 0]
+    if nonzero.numel() < 2:
+        return  # no tokens, or all but one zero: the flat-score warning covers it
+    median = float(nonzero.median())
+    top = int(torch.argmax(norms))
+    ratio = float(norms[top]) / median
+    limit = 1.0 / math.sqrt(float(torch.finfo(work).eps))
+    if ratio > limit:
+        warnings.warn(
+            f"features: token {top}'s feature norm ({float(norms[top]):.3g}) is {ratio:.3g} "
+            f"times the median token's ({median:.3g}), beyond what SSC's working dtype "
+            f"{str(work).replace('torch.', '')} resolves (1/sqrt(eps) = {limit:.3g}): the other "
+            "tokens' sparse codes are lost in rounding and the SSC will likely run all max_iter "
+            "iterations without converging. Rescale or drop that token (a dominant token), or "
+            "pass dtype=torch.float64",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
@@ -236,6 +271,28 @@ def check_number(name: str, value, *, positive: bool, hint: str = "") -> float:
     return v
 
 
+#: the most label draws an SSC call accepts (checked before the SSC, not at the allocation)
+MAX_LABEL_DRAWS = 10_000
+
+
+def check_option_range(opts: dict, work: torch.dtype) -> None:
+    """``alpha_e``, ``alpha_z`` and ``rho`` within ``[sqrt(tiny), sqrt(max)]`` of the
+    working dtype: the ADMM forms ``lambda_z Y^T Y + rho (I + 1 1^T)`` and ``1 / rho``, which
+    overflow or lose the ``rho`` term outside it (then "the A-step system is not positive
+    definite" would name no option)."""
+    info = torch.finfo(work)
+    lo, hi = math.sqrt(info.tiny), math.sqrt(info.max)
+    for name, hint in (("alpha_e", "800"), ("alpha_z", "800"), ("rho", "300")):
+        v = opts[name]
+        if not lo <= v <= hi:
+            raise ValueError(
+                f"{name}: expected a value in [{lo:.3g}, {hi:.3g}] for SSC's working dtype "
+                f"{str(work).replace('torch.', '')} (the A-step system lambda_z Y^T Y + rho "
+                f"(I + 1 1^T) overflows or loses its rho term outside it), got {v!r}; the "
+                f"authors use {name}={hint}"
+            )
+
+
 def check_choice(name: str, value, choices) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
@@ -335,6 +392,13 @@ def check_ssc_options(
             f"dtype: expected None, torch.float32 or torch.float64, got {type(dtype).__name__}"
         )
     out["dtype"] = resolve_dtype(dtype, torch.device("cpu"))
+    if out["label_draws"] > MAX_LABEL_DRAWS:
+        raise ValueError(
+            f"label_draws: expected an int in [1, {MAX_LABEL_DRAWS}], got {label_draws}; each "
+            f"draw runs one more spectral label assignment after the SSC and keeps an (N,) "
+            f"int64 row of labels in memory (try label_draws=16)"
+        )
+    check_option_range(out, out["dtype"])
     if mode == "scalable":
         if backend == "cupy":
             raise ValueError("mode='scalable': expected backend 'auto' or 'torch', got 'cupy'")
@@ -386,6 +450,52 @@ def _canonical(value) -> str:
     return repr(value)
 
 
+#: seconds a rank waits in an agreement check before it warns that a rank may be missing
+AGREE_WARN_AFTER = 60.0
+
+
+def gather_from_every_rank(group, obj, *, what: str) -> list:
+    """``all_gather_object`` of ``obj`` over ``group`` that explains a missing rank.
+
+    A rank of the group that passes ``process_group=None`` (or skips the call) never joins
+    the collective: the others would wait until the backend's timeout, or fail with the
+    backend's "Connection closed by peer" once that rank's process ends. Here they warn after
+    ``AGREE_WARN_AFTER`` seconds of waiting, and a failed collective is a RuntimeError
+    saying what every rank was expected to do. (No collective can tell a late rank from one
+    that never comes, so the wait itself is the backend's timeout.)
+    """
+    import torch.distributed as dist
+
+    me = dist.get_rank(group)
+    hint = (
+        "expected every rank of the process group to make the same call with this "
+        "process_group; a rank that passes process_group=None (or does not make the call) "
+        "runs alone and leaves the others waiting here"
+    )
+    timer = threading.Timer(
+        AGREE_WARN_AFTER,
+        lambda: warnings.warn(
+            f"process_group: rank {me} has waited {AGREE_WARN_AFTER:g} s for the other ranks "
+            f"to reach {what}; {hint}",
+            RuntimeWarning,
+            stacklevel=1,
+        ),
+    )
+    timer.daemon = True
+    timer.start()
+    seen: list = [None] * dist.get_world_size(group)
+    try:
+        dist.all_gather_object(seen, obj, group=group)
+    except RuntimeError as exc:  # DistBackendError too: a peer gone, or the backend timeout
+        raise RuntimeError(
+            f"process_group: {what} across the ranks failed on rank {me} "
+            f"({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}); {hint}"
+        ) from exc
+    finally:
+        timer.cancel()
+    return seen
+
+
 def agree_across_ranks(group, options: dict, error: BaseException | None) -> None:
     """Collective over ``group`` (one ``all_gather_object``), reached by every rank before
     any rank may raise: every rank raises the same error or none does.
@@ -398,13 +508,11 @@ def agree_across_ranks(group, options: dict, error: BaseException | None) -> Non
     """
     import torch.distributed as dist
 
-    world = dist.get_world_size(group)
     mine = (
         {k: _canonical(v) for k, v in options.items()},
         None if error is None else (type(error).__name__, str(error)),
     )
-    seen: list = [None] * world
-    dist.all_gather_object(seen, mine, group=group)
+    seen = gather_from_every_rank(group, mine, what="the SSC's agreement check")
     for rank, (_, err) in enumerate(seen):
         if err is None:
             continue

@@ -21,6 +21,7 @@ Notation (scaled duals): ``Lam = Delta2 / rho``, ``d1s = Delta1 / rho``; ``T = A
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 
 import array_api_compat
@@ -94,6 +95,19 @@ def chain(*hooks: Hook | None) -> Hook | None:
     return hook
 
 
+def _propagating_through(frame) -> BaseException | None:
+    """The exception now unwinding through ``frame`` (called from that frame's ``finally``),
+    or None: one that a caller is merely handling (the solver ran inside an ``except``
+    block) has no traceback entry for ``frame``."""
+    exc = sys.exc_info()[1]
+    tb = None if exc is None else exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame is frame:
+            return exc
+        tb = tb.tb_next
+    return None
+
+
 class Reporting:
     """A solver's ``progress`` option as the loop's hook.
 
@@ -119,10 +133,33 @@ class Reporting:
         if self.reporter is not None:
             self.reporter.next_block()
 
-    def close(self, converged: bool, iterations: int | None, residual: float | None) -> None:
-        """End the run: how it stopped goes to the reporter (if any)."""
-        if self.reporter is not None:
+    def close(
+        self, converged: bool, iterations: int | None, residual: float | None, error=None
+    ) -> None:
+        """End the run: how it stopped goes to the reporter (if any). Called from a
+        ``finally``: a run ended by an exception (Ctrl-C, a solver error; ``iterations`` False
+        or None when the loop itself raised) is reported as such, not as a run that reached
+        its iteration limit."""
+        if self.reporter is None:
+            return
+        if error is None:
+            current = _propagating_through(sys._getframe(1))
+            if isinstance(current, KeyboardInterrupt) or (
+                current is not None and (iterations is None or iterations is False)
+            ):
+                error = current
+        if error is not None:
+            self.reporter.close(error=error)
+        else:
             self.reporter.close(converged, iterations, residual)
+
+
+#: what a failed factorisation of the A-step system says about the options behind it
+SPD_HINT = (
+    " (built from the features, lambda_z = alpha_z / mu_z and rho in the working dtype: "
+    "alpha_z too large, rho too small, or one token's features dwarfing the others' for its "
+    "precision; the authors use alpha_z=800, rho=300; or try dtype=torch.float64)"
+)
 
 
 def spd_inverse(xp, m, what: str = "the A-step system"):
@@ -131,9 +168,9 @@ def spd_inverse(xp, m, what: str = "the A-step system"):
     try:
         chol = xp.linalg.cholesky(m)
     except Exception as exc:  # torch / NumPy / CuPy LinAlgError
-        raise FloatingPointError(f"SSC: {what} is not positive definite") from exc
+        raise FloatingPointError(f"SSC: {what} is not positive definite{SPD_HINT}") from exc
     if not bool(xp.all(xp.isfinite(chol[-1:, -1:]))):  # CuPy may return NaN instead
-        raise FloatingPointError(f"SSC: {what} is not positive definite")
+        raise FloatingPointError(f"SSC: {what} is not positive definite{SPD_HINT}")
     del chol
     return xp.linalg.inv(m)
 

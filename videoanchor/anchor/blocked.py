@@ -35,6 +35,7 @@ with the same arithmetic and gives the same ``C``.
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -274,7 +275,7 @@ def solve_ssc_blocked(
             block_columns = default_block_columns(n, d, work, x.device.type)
         if (
             isinstance(block_columns, bool)
-            or not isinstance(block_columns, int)
+            or not isinstance(block_columns, numbers.Integral)
             or block_columns < 1
         ):
             raise ValueError(f"block_columns: expected a positive int, got {block_columns!r}")
@@ -337,7 +338,7 @@ def solve_ssc_blocked(
     finally:
         report.close(
             all(s[3] > 0 for s in stats), max((int(s[1]) for s in stats), default=0),
-            max((s[2] for s in stats), default=0.0),
+            max((s[2] for s in stats), default=0.0), error,
         )  # fmt: skip
     raise_together(group, error, device)
     idx = torch.stack([torch.cat(rows), torch.cat(cols)]) if rows else None

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import sys
 import time
 from dataclasses import dataclass
@@ -88,14 +89,32 @@ class SSCRunSummary:
     seconds: float
     stopped_by_budget: bool
     tokens: int | None = None
+    #: None, or why the run ended before its own stopping test: "interrupted" (Ctrl-C) or
+    #: the error that ended it ("FloatingPointError: ...")
+    stopped_by: str | None = None
 
     def message(self) -> str:
         """One line: converged or not, residual vs eps, why it stopped."""
         what = f"SSC{'' if self.tokens is None else f' ({self.tokens} tokens)'}"
         res = f"residual {self.residual:.3g} vs eps {self.eps:.3g}"
         took = format_seconds(self.seconds)
+        if self.stopped_by is not None:  # neither converged nor at a limit: say what ended it
+            at = (
+                f"at iteration {self.iterations}"
+                if self.iterations
+                else "before its first iteration"
+            )
+            last = f" at {res}" if math.isfinite(self.residual) else ""
+            if self.stopped_by == "interrupted":
+                return f"{what} interrupted {at} ({took}){last}: NOT converged"
+            return f"{what} stopped by an error {at} ({took}){last}: {self.stopped_by}"
         if self.converged:
             return f"{what} converged in {self.iterations} iterations ({res}, {took})"
+        if self.residual < self.eps:  # not a contradiction: say why it still did not stop
+            res += (
+                " (below eps only at the last iteration, before the solver's stopping test, "
+                "which also needs an outlier-term update, could confirm it)"
+            )
         if self.stopped_by_budget:
             return (
                 f"{what} stopped by the time budget after {self.iterations} iterations "
@@ -132,7 +151,7 @@ class SSCProgress:
         if enabled not in (True, False, "auto"):
             raise ValueError(f"enabled: expected True, False or 'auto', got {enabled!r}")
         if time_budget is not None and not (
-            isinstance(time_budget, (int, float))
+            isinstance(time_budget, numbers.Real)
             and not isinstance(time_budget, bool)
             and time_budget > 0
             and math.isfinite(time_budget)
@@ -224,14 +243,27 @@ class SSCProgress:
         self._log_r = []
 
     def close(self, converged: bool | None = None, iterations: int | None = None,
-              residual: float | None = None) -> SSCRunSummary | None:  # fmt: skip
-        """End the run: close the bar, log the outcome, keep its summary in ``runs``."""
+              residual: float | None = None, *,
+              error: BaseException | None = None) -> SSCRunSummary | None:  # fmt: skip
+        """End the run: close the bar, log the outcome, keep its summary in ``runs``.
+
+        ``error``: the exception that ended the run (KeyboardInterrupt included): the summary
+        says so, with the iteration and residual reached, not the iteration-limit message.
+        """
         if not self._open:
             return None
         self._open = False
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        stopped_by = None
+        if error is not None:
+            converged, iterations, residual = False, None, None
+            self.stopped_by_budget = False
+            stopped_by = (
+                "interrupted" if isinstance(error, KeyboardInterrupt)
+                else f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+            )  # fmt: skip
         if converged is None:
             converged = self.residual < self.eps
         # a run that met eps on the iteration its budget ran out converged all the same
@@ -246,6 +278,7 @@ class SSCProgress:
             seconds=time.perf_counter() - self.t0,
             stopped_by_budget=self.stopped_by_budget,
             tokens=self.tokens,
+            stopped_by=stopped_by,
         )
         self.runs.append(summary)
         if self._shown:  # the user saw the bar or the log lines: say how it ended

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ from videoanchor.anchor._inputs import (
     check_ssc_options,
     resolve_dtype,
     tie_duplicate_scores,
+    warn_dominant_token,
 )
 from videoanchor.anchor.blocked import (
     _group,
@@ -160,7 +162,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _check_common(n_clusters, n, alpha_e, alpha_z, backend, solver):
-    if isinstance(n_clusters, bool) or not isinstance(n_clusters, int):
+    if isinstance(n_clusters, bool) or not isinstance(n_clusters, numbers.Integral):
         raise TypeError(f"n_clusters: expected an int, got {type(n_clusters).__name__}")
     if n_clusters < 1:
         raise ValueError(f"n_clusters: expected at least 1, got {n_clusters}")
@@ -254,10 +256,12 @@ def sparse_subspace_clustering(
     check_flag("affine", affine)
     check_flag("outliers", outliers)
     seed, n_clusters = opts["seed"], opts["n_clusters"]
+    pca_rank, label_draws = opts["pca_rank"], opts["label_draws"]  # NumPy ints as ints
     x = as_feature_tensor(features)
     n = x.shape[0]
     _check_common(n_clusters, n, alpha_e, alpha_z, backend, solver)
     _check_draws(label_draws)
+    warn_dominant_token(x, opts["dtype"])
     if data_term not in _DATA_TERMS:
         raise ValueError(f"data_term: expected one of {_DATA_TERMS}, got {data_term!r}")
     if data_term == "exact":
@@ -279,7 +283,7 @@ def sparse_subspace_clustering(
         raise ValueError(f"affinity: expected 'symmetric' or 'column_max', got {affinity!r}")
     if assign_labels not in ("discretize", "kmeans"):
         raise ValueError(f"assign_labels: expected 'discretize' or 'kmeans', got {assign_labels!r}")
-    if isinstance(pca_rank, bool) or not isinstance(pca_rank, int) or pca_rank < 0:
+    if isinstance(pca_rank, bool) or not isinstance(pca_rank, numbers.Integral) or pca_rank < 0:
         raise ValueError(f"pca_rank: expected a non-negative int, got {pca_rank!r}")
     work = resolve_dtype(dtype, x.device)
     if backend == "auto":
@@ -438,6 +442,7 @@ def compute_anchor_scores(
         )  # fmt: skip
         agree_across_ranks(process_group, fingerprint, error)
     n_clusters, seed = opts["n_clusters"], opts["seed"]
+    pca_rank, label_draws = opts["pca_rank"], opts["label_draws"]  # NumPy ints as ints
     mode = opts["mode"]
     if process_group is not None and mode == "auto":
         mode = "blocked"
@@ -450,6 +455,7 @@ def compute_anchor_scores(
                     f"eigen_solver in {EIGEN_SOLVERS[mode]}, got {eigen_solver!r}; try "
                     "eigen_solver='auto'"
                 )
+        warn_dominant_token(x, opts["dtype"])  # (mode='exact' warns in the call below)
         if mode == "blocked":
             return _blocked_anchor_scores(
                 x, n_clusters, t0=t0, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
@@ -555,7 +561,7 @@ def ssc_coefficients(
     t0 = time.perf_counter()
     x = as_feature_tensor(features)
     _check_common(1, x.shape[0], alpha_e, alpha_z, backend, solver)
-    if isinstance(pca_rank, bool) or not isinstance(pca_rank, int) or pca_rank < 0:
+    if isinstance(pca_rank, bool) or not isinstance(pca_rank, numbers.Integral) or pca_rank < 0:
         raise ValueError(f"pca_rank: expected a non-negative int, got {pca_rank!r}")
     work = resolve_dtype(dtype, x.device)
     backend = "torch" if backend == "auto" else backend
@@ -632,7 +638,7 @@ def _blocked_anchor_scores(
         raise ValueError("mode='blocked' does not support " + "; ".join(unsupported))
     if eigen_solver not in ("auto", "subspace"):
         raise ValueError(f"eigen_solver: expected 'auto' or 'subspace', got {eigen_solver!r}")
-    if isinstance(pca_rank, bool) or not isinstance(pca_rank, int) or pca_rank < 0:
+    if isinstance(pca_rank, bool) or not isinstance(pca_rank, numbers.Integral) or pca_rank < 0:
         raise ValueError(f"pca_rank: expected a non-negative int, got {pca_rank!r}")
     if pca_rank:
         x = pca_reduce(x, pca_rank)

@@ -22,6 +22,7 @@ same labels on every device (up to floating-point ties).
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import numpy as np
@@ -403,11 +404,11 @@ def label_random_state(seed: int, n: int) -> np.random.RandomState:
 
 
 def _check_draws(draws) -> int:
-    if isinstance(draws, bool) or not isinstance(draws, int):
+    if isinstance(draws, bool) or not isinstance(draws, numbers.Integral):
         raise TypeError(f"label_draws: expected an int, got {type(draws).__name__}")
     if draws < 1:
         raise ValueError(f"label_draws: expected at least 1, got {draws}")
-    return draws
+    return int(draws)
 
 
 def labels_from_embedding(

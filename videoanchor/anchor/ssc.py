@@ -185,7 +185,7 @@ class TorchKernels(admm.Kernels):
     def spd_inverse(self, xp, m, what: str = "the A-step system"):
         chol, info = torch.linalg.cholesky_ex(m)
         if int(info) != 0:
-            raise FloatingPointError(f"SSC: {what} is not positive definite")
+            raise FloatingPointError(f"SSC: {what} is not positive definite{admm.SPD_HINT}")
         return torch.cholesky_inverse(chol)  # half the flops of an LU inverse
 
     def times_e(self, m, e):

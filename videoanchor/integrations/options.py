@@ -8,7 +8,8 @@ same thing (name, default, accepted values, error message) whichever engine runs
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+import numbers
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -23,6 +24,17 @@ __all__ = [
 _DECODE_MODES = ("prefill", "all")
 _KINDS = ("video", "image")
 _ATTN_BACKENDS = ("auto", "triton", "torch")
+_GATE_MAX = float(torch.finfo(torch.float32).max)  # the gates are formed in float32
+
+
+def _plain(value):
+    """A NumPy number as the Python int or float it stands for (so the stored options
+    compare, print and serialise like the user's ints and floats); anything else as is."""
+    if isinstance(value, bool) or type(value) in (int, float):
+        return value
+    if not isinstance(value, numbers.Real):  # NumPy bools are not numbers.Real either
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 @dataclass(frozen=True)
@@ -55,27 +67,33 @@ class AnchorConfig:
 def validate_options(cfg: AnchorConfig) -> AnchorConfig:
     """Checks every engine-neutral option of ``cfg`` (all but ``process_group``, which the
     transformers integration checks) and returns it normalised (tuple ``tokens``, float
-    alphas). Raises TypeError/ValueError naming the option."""
+    alphas, NumPy numbers as Python ints and floats). Raises TypeError/ValueError naming the
+    option."""
     if not isinstance(cfg.enabled, bool):
         raise TypeError(f"enabled: expected a bool, got {cfg.enabled!r}")
+    cfg = replace(cfg, **{f.name: _plain(getattr(cfg, f.name)) for f in fields(cfg)})
     for name in ("alpha_q", "alpha_k", "alpha_v"):
         a = getattr(cfg, name)
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
+        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a):
             raise ValueError(f"{name}: expected a finite number, got {a!r}")
         if a < -1.0:
             raise ValueError(
                 f"{name}={a} makes the gate 1 + {name} * s non-positive for the highest-scored "
                 f"tokens (scores lie in [0, 1)); expected {name} >= -1"
             )
+        if abs(a) > _GATE_MAX:  # finite in float64, inf in the float32 gates
+            from videoanchor.kernels.interface import gate_overflow_message
+
+            raise ValueError(gate_overflow_message(name, a))
     if (
         isinstance(cfg.n_clusters, bool)
-        or not isinstance(cfg.n_clusters, int)
+        or not isinstance(cfg.n_clusters, numbers.Integral)
         or cfg.n_clusters < 1
     ):
         raise ValueError(f"n_clusters: expected a positive int, got {cfg.n_clusters!r}")
     if (
         isinstance(cfg.label_draws, bool)
-        or not isinstance(cfg.label_draws, int)
+        or not isinstance(cfg.label_draws, numbers.Integral)
         or cfg.label_draws < 1
     ):
         raise ValueError(f"label_draws: expected a positive int, got {cfg.label_draws!r}")
@@ -94,7 +112,10 @@ def validate_options(cfg: AnchorConfig) -> AnchorConfig:
         raise ValueError(f"ssc_progress: expected True, False or 'auto', got {cfg.ssc_progress!r}")
     from videoanchor.anchor.progress import SSCProgress
 
-    SSCProgress(time_budget=cfg.ssc_time_budget)  # validates the budget
+    try:
+        SSCProgress(time_budget=cfg.ssc_time_budget)  # validates the budget
+    except (TypeError, ValueError) as err:  # named as the user passed it
+        raise type(err)(f"ssc_{err}" if str(err).startswith("time_budget") else str(err)) from None
     return replace(cfg, tokens=tokens, alpha_q=float(cfg.alpha_q), alpha_k=float(cfg.alpha_k),
                    alpha_v=float(cfg.alpha_v))  # fmt: skip
 

@@ -44,6 +44,21 @@ def triton_interpret_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
+#: the gates are formed in float32 (whatever the scores' dtype): its largest finite value.
+_GATE_MAX = float(torch.finfo(torch.float32).max)
+
+
+def gate_overflow_message(name: str, alpha: float, s_max: float = 1.0) -> str:
+    """The error for a gate strength whose gate ``1 + alpha * s`` is not finite in float32
+    (finite in Python's float64, it passes the finite check but makes the gates inf and
+    every attention output NaN)."""
+    return (
+        f"{name}={alpha!r}: the gate 1 + {name} * s overflows its dtype float32 (largest "
+        f"finite {_GATE_MAX:.4g}) for scores up to {s_max:.4g}; expected |{name}| * max(s) "
+        f"well below {_GATE_MAX:.4g} (useful gate strengths are around 1 to 100)"
+    )
+
+
 def anchor_gates(
     scores: torch.Tensor, alpha_k: float, alpha_v: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,12 +83,16 @@ def anchor_gates(
             raise TypeError(f"{name}: expected a finite number, got {type(alpha).__name__}")
         if not math.isfinite(alpha):
             raise ValueError(f"{name}: expected a finite number, got {alpha!r}")
+        if abs(alpha) > _GATE_MAX:
+            raise ValueError(gate_overflow_message(name, alpha))
     s = scores.to(torch.float32)
     if not bool(torch.isfinite(s).all()):
         raise ValueError("scores: expected finite values, got NaN or Inf")
     gamma_k = 1.0 + alpha_k * s
     gamma_v = 1.0 + alpha_v * s
     for name, alpha, gamma in (("alpha_k", alpha_k, gamma_k), ("alpha_v", alpha_v, gamma_v)):
+        if not bool(torch.isfinite(gamma).all()):  # alpha finite in float64, s * alpha is not
+            raise ValueError(gate_overflow_message(name, alpha, float(s.abs().max())))
         if s.numel() and bool((gamma <= 0).any()):
             worst = float(gamma.min())
             raise ValueError(
@@ -112,7 +131,7 @@ def _check_options(causal, return_lse, sm_scale):
 def _check_max_seqlen(name, value, allow_none):
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         want = "None or a non-negative int" if allow_none else "a non-negative int"
         raise ValueError(f"{name}: expected {want}, got {value!r}")
 
@@ -689,6 +708,10 @@ def anchored_attention_varlen(
     """
     _check_options(causal, return_lse, sm_scale)
     causal, return_lse = bool(causal), bool(return_lse)
+    if isinstance(max_seqlen_q, numbers.Integral) and not isinstance(max_seqlen_q, bool):
+        max_seqlen_q = int(max_seqlen_q)  # a NumPy int, as a Python int for the launch grid
+    if isinstance(max_seqlen_k, numbers.Integral) and not isinstance(max_seqlen_k, bool):
+        max_seqlen_k = int(max_seqlen_k)
     _validate_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias, value_scale,
         backend,

@@ -29,6 +29,7 @@ prompt); its keys' gates stay in the cache either way.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -91,7 +92,11 @@ def _validate_paged(
             f"cu_seqlens_q: expected batch + 1 = {batch + 1} offsets (from seq_lens), got "
             f"{cu_seqlens_q.shape[0]}"
         )
-    if not isinstance(max_seqlen_q, int) or isinstance(max_seqlen_q, bool) or max_seqlen_q < 0:
+    if (
+        not isinstance(max_seqlen_q, numbers.Integral)
+        or isinstance(max_seqlen_q, bool)
+        or max_seqlen_q < 0
+    ):
         raise ValueError(f"max_seqlen_q: expected a non-negative int, got {max_seqlen_q!r}")
     for name, t in (("key_bias_cache", key_bias_cache), ("value_scale_cache", value_scale_cache)):
         if t is None:
@@ -379,6 +384,7 @@ def anchored_attention_paged(
         q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q,
         key_bias_cache, value_scale_cache, seq_gated, out,
     )  # fmt: skip
+    max_seqlen_q = int(max_seqlen_q)  # a NumPy int too, as a Python int for the launch grid
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {backend!r}")
     if out is None:

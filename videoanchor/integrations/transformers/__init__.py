@@ -53,7 +53,13 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from transformers import AttentionInterface, PreTrainedModel
+    try:
+        from transformers import AttentionInterface, PreTrainedModel
+    except Exception as err:  # transformers' lazy import wraps the cause in its own error
+        problem = _torchvision_problem(err)
+        if problem is None:
+            raise
+        raise ImportError(problem) from None  # the cause is in the one line
     from transformers.masking_utils import AttentionMaskInterface
 
     from videoanchor.integrations.transformers.anchoring import maybe_install
@@ -74,3 +80,41 @@ def register() -> None:
         post_init.__doc__ = original.__doc__
         PreTrainedModel.post_init = post_init
     _registered = True
+
+
+def _torchvision_problem(err: BaseException) -> str | None:
+    """One line saying what to install, when transformers failed to import because the
+    installed torchvision cannot load with this torch (e.g. a CUDA torchvision wheel beside a
+    CPU torch: its compiled ops fail, and ``import torchvision`` raises "operator
+    torchvision::nms does not exist" deep inside transformers' image utilities); else None."""
+    import importlib.metadata
+    import traceback
+
+    chain, seen = [], set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    in_torchvision = any(
+        "torchvision" in str(x)
+        or any("torchvision" in (f.filename or "") for f in traceback.extract_tb(x.__traceback__))
+        for x in chain
+    )
+    if not in_torchvision:
+        return None
+    import torch
+
+    try:
+        tv = importlib.metadata.version("torchvision")
+    except importlib.metadata.PackageNotFoundError:
+        tv = "(unknown version)"
+    root = chain[-1]
+    cause = f"{type(root).__name__}: {(str(root).strip().splitlines() or [''])[0]}"
+    return (
+        f"videoanchor: transformers cannot be imported because the installed torchvision {tv} "
+        f"does not load with torch {torch.__version__} ({cause}); install the torchvision "
+        f"built for torch {torch.__version__} (the same CPU or CUDA variant as torch), or "
+        "uninstall torchvision (pip uninstall torchvision) if you do not need transformers' "
+        "image and video processors"
+    )

@@ -177,7 +177,10 @@ class AnchorHandle:
         config: the :class:`AnchorConfig` in force.
         family: the registry entry of the model.
         last_scores: (batch, prompt_len) float32 anchor scores of the last prefill, on the
-            language model's input device; 0 at text, padding and unscored positions.
+            language model's input device; 0 at text, padding and unscored positions. After a
+            prefill without visual inputs (text only) it is all zeros of that prefill's
+            shape, and ``last_result`` / ``last_ssc_runs`` hold None per row (never the
+            previous request's).
         last_result: list, per sample (per sequence of a padding-free row), of the SSC
             :class:`~videoanchor.anchor.AnchorResult` (None for a sample without scored
             visual tokens).
@@ -340,6 +343,7 @@ class AnchorHandle:
         embeds = kwargs.get("inputs_embeds")
         if not pending.has_visual_inputs or embeds is None:
             self.last_anchored = False
+            self._forget_last_request(embeds if embeds is not None else pending.input_ids)
             self._warn_once(
                 "no-visual",
                 "videoanchor: this request has no visual inputs; it runs unanchored (plain attention)",
@@ -349,6 +353,20 @@ class AnchorHandle:
             packed = _packed_sequence_ids(module, kwargs, embeds.shape[0])
             self._start_request(pending, embeds, packed)
         return None
+
+    def _forget_last_request(self, like: torch.Tensor | None) -> None:
+        """A prefill without visual inputs: the ``last_*`` attributes describe it (zero
+        scores of its (batch, prompt_len), no SSC), not the request before it."""
+        if like is None:  # shape unknown
+            self.last_scores, self.last_result = None, None
+            self.last_visual_positions, self.last_segments, self.last_ssc_runs = [], [], []
+            return
+        B, S = like.shape[:2]
+        self.last_scores = torch.zeros(B, S, dtype=torch.float32, device=like.device)
+        self.last_result = [None] * B
+        self.last_ssc_runs = [None] * B
+        self.last_visual_positions = [torch.zeros(0, dtype=torch.long) for _ in range(B)]
+        self.last_segments = [[] for _ in range(B)]
 
     def _on_lm_output(self, module, args, kwargs, output):
         request = self._request

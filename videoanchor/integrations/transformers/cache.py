@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import numbers
 import os
 import tempfile
 from collections import OrderedDict
@@ -370,8 +371,9 @@ def repeat_prompt(inputs: dict, rows: int) -> dict:
     """A batch of ``rows`` copies of one prompt's (encoded) inputs: per-row and per-visual
     tensors are repeated along dim 0, lists are repeated, ``mm_encoder_outputs`` joined with
     :func:`concat_encoder_outputs` (so each row can carry its own anchoring settings)."""
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+    if isinstance(rows, bool) or not isinstance(rows, numbers.Integral) or rows < 1:
         raise ValueError(f"rows: expected a positive int, got {rows!r}")
+    rows = int(rows)
     out = {}
     for k, v in inputs.items():
         if k == "mm_encoder_outputs":

@@ -99,7 +99,6 @@ def check_same_request(
     RuntimeError on every rank otherwise. ``options`` (name -> value, compared as text): the
     anchoring options, which must agree too, else the same ValueError on every rank (rank 0
     scores for all, so another rank's options would be silently ignored)."""
-    import torch.distributed as dist
 
     feats = embeds[visual].detach().to(torch.float64)
     mine = (
@@ -110,8 +109,9 @@ def check_same_request(
         float(feats.abs().sum()),
         {k: repr(v) for k, v in (options or {}).items()},
     )
-    seen = [None] * dist.get_world_size(group)
-    dist.all_gather_object(seen, mine, group=group)
+    from videoanchor.anchor._inputs import gather_from_every_rank
+
+    seen = gather_from_every_rank(group, mine, what="the anchoring's same-request check")
     ref = seen[0]
     for rank, fp in enumerate(seen):
         for key, value in ref[5].items():
