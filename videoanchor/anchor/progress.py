@@ -56,6 +56,7 @@ __all__ = [
 
 logger = logging.getLogger("videoanchor.progress")
 
+
 class _StderrHandler(logging.StreamHandler):
     """The default handler: writes to whatever ``sys.stderr`` is at the time of the line."""
 
