@@ -14,13 +14,17 @@ FLOPs: 4 * B * Hq * Sq * Skv * D, halved for causal with Sq = Skv.
 
     python benchmarks/bench_attention.py            # full sweep (GPU)
     python benchmarks/bench_attention.py --quick    # S = 2k only
-Without CUDA it says so and runs a small CPU comparison of the exact torch path and SDPA.
+Without CUDA it says so and runs a CPU comparison (forward, float32, S = 512, 1024, 2048;
+--quick: 512) of the exact torch path (its fused CPU form, and the query-chunk form it
+replaced), SDPA without bias and SDPA with the full (B, 1, S, S) bias + causal mask,
+timed interleaved (one call of each per round, 5 rounds) so that load changes hit all alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +33,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import videoanchor  # noqa: E402
-from benchmarks.common import environment, print_table, write_result  # noqa: E402
+from benchmarks.common import environment, median_spread, print_table, write_result  # noqa: E402
+from videoanchor.kernels.torch_attention import anchored_attention_torch  # noqa: E402
 
 MODELS = {
     "qwen2.5-vl-7b": dict(Hq=28, Hkv=4, D=128),
@@ -53,6 +58,13 @@ def providers(q, k, v, key_bias, value_scale):
     out = {}
     out["anchored"] = lambda: videoanchor.anchored_attention(q, k, v, key_bias, value_scale)
     out["ours_plain"] = lambda: videoanchor.anchored_attention(q, k, v)
+    if not q.is_cuda:
+        # the torch path's previous forward (query chunks of matmul + softmax), kept for
+        # training and for attn_mask: what the fused CPU form replaced
+        out["anchored_chunked"] = lambda: anchored_attention_torch(
+            q, k, v, key_bias, value_scale, causal=True, sm_scale=1 / math.sqrt(D),
+            key_padding_mask=None, fused=False,
+        )[0]  # fmt: skip
 
     if q.is_cuda:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -131,16 +143,40 @@ def measure(fn, device):
     return times[len(times) // 2], times[1], times[-2], None
 
 
+def interleaved(fns: dict, rounds: int = 5) -> dict:
+    """CPU timings (ms) of every provider, one call of each per round, so that a change of
+    load on a shared machine hits all of them alike. A provider that fails is left out."""
+    import time
+
+    ok = {}
+    for name, fn in fns.items():
+        try:
+            fn()  # warm-up
+            ok[name] = fn
+        except Exception:  # noqa: BLE001 (the row records the error when it runs again)
+            pass
+    times = {name: [] for name in ok}
+    for _ in range(rounds):
+        for name, fn in ok.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def run(quick: bool, out_dir=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     meta = environment(device)
     if device == "cpu":
         print("No CUDA device: running the exact torch path against SDPA on the CPU at small S.")
         lengths, dtype, models = (
-            [512, 1024],
+            [512] if quick else [512, 1024, 2048],
             torch.float32,
             {"qwen2.5-vl-7b": MODELS["qwen2.5-vl-7b"]},
         )
+        meta["torch_threads"] = torch.get_num_threads()
+        meta["forward_only"] = True
+        meta["loadavg_start"] = list(os.getloadavg())
     else:
         lengths = [2048] if quick else [2048, 8192, 16384, 32768]
         dtype, models = torch.bfloat16, MODELS
@@ -150,7 +186,9 @@ def run(quick: bool, out_dir=None):
             q, k, v, kb, vs = make(1, dims["Hq"], dims["Hkv"], S, dims["D"], dtype, device)
             flops = 4 * dims["Hq"] * S * S * dims["D"] / 2
             ref_out = None
-            for name, fn in providers(q, k, v, kb, vs).items():
+            fns = providers(q, k, v, kb, vs)
+            cpu_times = interleaved(fns) if device == "cpu" else {}
+            for name, fn in fns.items():
                 row = dict(model=model, S=S, B=1, dtype=str(dtype).split(".")[-1], provider=name)
                 try:
                     result = fn()
@@ -158,7 +196,11 @@ def run(quick: bool, out_dir=None):
                         if ref_out is None:
                             ref_out = result.float()
                         row["max_diff_vs_anchored"] = (result.float() - ref_out).abs().max().item()
-                    ms, lo, hi, peak = measure(fn, device)
+                    if device == "cpu":
+                        ms, lo, hi = median_spread(cpu_times[name])
+                        peak = None
+                    else:
+                        ms, lo, hi, peak = measure(fn, device)
                     row.update(ms=ms, ms_p20=lo, ms_p80=hi, peak_mib=peak)
                     row["tflops"] = flops / (ms * 1e-3) / 1e12
                 except torch.OutOfMemoryError:
@@ -175,6 +217,8 @@ def run(quick: bool, out_dir=None):
                 for r in by.values():
                     if "ms" in r:
                         r["speedup_of_anchored"] = r["ms"] / by["anchored"]["ms"]
+    if device == "cpu":
+        meta["loadavg_end"] = list(os.getloadavg())
     path = write_result("attention", meta, rows, out_dir)
     cols = ["model", "S", "provider", "ms", "tflops", "peak_mib", "speedup_of_anchored", "error"]
     print_table(rows, cols)
