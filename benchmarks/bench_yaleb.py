@@ -13,7 +13,7 @@ Face settings of E&V's code (``run_SSC_Faces``: ``SSC(X, 0, false, 20, true, 1)`
   alpha = 20 (``gamma = 20 / ||Y||_1``, ``mu1 = 20 / lambda``, ADMM penalty ``mu2 = 20``),
   stopping threshold 2e-4 and ``maxIter = 150`` (149 iterations), i.e.
   ``sparse_subspace_clustering(data_term="exact", rho=20, max_iter=149)``;
-* ``--program squared``: METHOD.md's program (VideoAnchor's: squared data term,
+* ``--program squared``: docs/method.md's program (VideoAnchor's: squared data term,
   ``lambda_e ||E||_1``) with alpha_e = alpha_z = 20, no affine constraint, rho = 300, run
   to its own stopping rule: not E&V's program, kept to show the difference.
 
@@ -69,7 +69,7 @@ FACE = {
 SETTINGS = {
     "constrained": "E&V constrained outlier program (Y = YC + E), no affine constraint, "
     "alpha = 20, mu2 = 20, eps 2e-4, 149 iterations at most",
-    "squared": "METHOD.md squared data term + lambda_e ||E||_1, no affine constraint, "
+    "squared": "docs/method.md squared data term + lambda_e ||E||_1, no affine constraint, "
     "alpha_e = alpha_z = 20, rho = 300, eps 2e-4",
 }
 
@@ -252,13 +252,13 @@ def main(argv=None):
         "--solver",
         choices=["faithful", "accelerated"],
         default="faithful",
-        help="faithful: the METHOD.md iteration (default); accelerated: to the minimiser",
+        help="faithful: the docs/method.md iteration (default); accelerated: to the minimiser",
     )
     ap.add_argument(
         "--program",
         choices=["constrained", "squared"],
         default="constrained",
-        help="constrained: E&V's program (default); squared: METHOD.md's (VideoAnchor's)",
+        help="constrained: E&V's program (default); squared: docs/method.md's (VideoAnchor's)",
     )
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)

@@ -78,7 +78,7 @@ TITLES = {
     "spectral": "Spectral step against scikit-learn (the eigensolver crossover)",
     "label_draws": "Seed stability of the scores against `label_draws`",
     "yaleb": "Extended Yale B clustering error (Elhamifar & Vidal's program)",
-    "yaleb_squared": "Extended Yale B with METHOD.md's squared data term",
+    "yaleb_squared": "Extended Yale B with the method page's squared data term",
     "blocked": "Column-blocked exact SSC: equality, memory, processes",
     "blocked_convergence": "Blocked SSC to convergence: per-block stopping rules",
     "scalable": "Scalable (approximate) scoring",
@@ -378,7 +378,7 @@ def fig_yaleb(r: Result, results):
     if squared is not None:
         sq = sorted(squared.rows, key=lambda x: x["n_subjects"])
         ax.plot([x["n_subjects"] for x in sq], [x["mean_error_pct"] for x in sq], marker="s",
-                color="C3", label="ours, squared data term (METHOD.md)")  # fmt: skip
+                color="C3", label="ours, squared data term (docs/method.md)")  # fmt: skip
     ax.set_xlabel("subjects per subset")
     ax.set_ylabel("mean clustering error (%)")
     ax.set_xticks(n)
@@ -554,7 +554,11 @@ def fig_attention(r: Result, results):
     axes[0][0].set_ylabel("baseline time / anchored time (> 1: ours faster)")
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center",
                ncol=4, fontsize=7)  # fmt: skip
-    fig.suptitle(f"Prefill attention, {rows[0].get('dtype')}: speedup of the anchored kernel")
+    if str(r.meta.get("device", "")).startswith("cpu"):
+        fig.suptitle(f"Prefill attention forward on a CPU, {rows[0].get('dtype')}: the exact "
+                     "torch path (anchored) against each baseline")  # fmt: skip
+    else:
+        fig.suptitle(f"Prefill attention, {rows[0].get('dtype')}: speedup of the anchored kernel")
     return fig, (
         "Each baseline's time over the anchored kernel's, same shapes and gates, measured in "
         "the same process (a missing point: the baseline failed or ran out of memory there)."
@@ -716,6 +720,198 @@ def build(results: list[Result], uncommitted: list[str]):
     return "\n".join(out).rstrip() + "\n", figures
 
 
+# ---- generated fragments of other pages --------------------------------------------------
+# Between ``<!-- report.py:NAME -->`` and ``<!-- /report.py:NAME -->`` in these pages, the
+# text is made here from the committed results (``--check`` fails when it differs), so the
+# landing page and the Limitations page cannot drift from the JSON files.
+
+FRAGMENT_PAGES = ["README.md", "docs/index.md", "docs/limitations.md"]
+_FRAGMENT = re.compile(
+    r"^([ \t]*)(<!-- report\.py:([a-z0-9-]+) -->\n)(.*?)^[ \t]*(<!-- /report\.py:\3 -->)",
+    re.S | re.M,
+)
+
+# (component, result areas that time it, compiled kernels (name prefixes) or None, how it
+# runs on a CPU)
+COMPONENTS = [
+    ("Triton kernels: prefill, decode, paged, backward", ["decode", "paged"],
+     "_", "Triton's interpreter, in the tests"),
+    ("Exact torch attention path", ["attention", "backward"], None, "natively"),
+    ("SSC anchor scores", ["ssc", "spectral", "label_draws", "yaleb", "blocked", "scalable"],
+     None, "natively"),
+    ("transformers integration, lmms-eval", ["integration", "tp", "lmms_batch", "tune"], None,
+     "natively (tiny random models)"),
+    ("vLLM plugin", ["vllm"], None, "vLLM's CPU backend (tiny random model)"),
+]  # fmt: skip
+
+
+def _is_cpu(r: Result) -> bool:
+    return str(r.meta.get("device", "")).startswith("cpu")
+
+
+def _links(names: list[str], prefix: str) -> str:
+    shown = ", ".join(f"`{n}`" for n in names[:2])
+    more = f" and {len(names) - 2} more" if len(names) > 2 else ""
+    return f"{shown}{more} ([Benchmarks]({prefix}benchmarks.md))"
+
+
+def verification_table(results: list[Result], prefix: str) -> str:
+    """Each component against: run on a GPU / compiled for a GPU / run on the CPU / timed."""
+    compiled = [r for r in results if r.area == "compile"]
+    lines = [
+        "| Component | Run on a GPU | Compiled for a GPU (static) | Runs on the CPU | Timed |",
+        "|---|---|---|---|---|",
+    ]
+    for name, areas, kernels, cpu in COMPONENTS:
+        mine = [r for r in results if r.area in areas or r.area.split("_")[0] in areas]
+        gpu = sorted(r.path.name for r in mine if not _is_cpu(r))
+        timed_cpu = sorted(r.path.name for r in mine if _is_cpu(r))
+        if kernels:
+            per = {}
+            for r in sorted(compiled, key=lambda r: r.stem):
+                rows = [x for x in r.rows if str(x.get("kernel", "")).startswith(kernels)]
+                spills = sum(x.get("spill_stores", 0) + x.get("spill_loads", 0) for x in rows)
+                per.setdefault((len(rows), spills), []).append(str(r.meta.get("target", r.stem)))
+            comp = "; ".join(f"{', '.join(t)}: {n} kernels{' each' if len(t) > 1 else ''}, "
+                             f"{sp} spill bytes" for (n, sp), t in per.items()) or "no"  # fmt: skip
+        else:
+            comp = "not needed"
+        timed = []
+        if gpu:
+            timed.append("GPU: " + _links(gpu, prefix))
+        if timed_cpu:
+            timed.append("CPU: " + _links(timed_cpu, prefix))
+        lines.append(f"| {name} | {'yes: ' + _links(gpu, prefix) if gpu else 'not yet'} | "
+                     f"{comp} | {cpu} | {'; '.join(timed) or 'no'} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _speed_line(results: list[Result], prefix: str) -> str:
+    gpu = [r for r in results if r.area != "compile" and not _is_cpu(r)]
+    head = ("**How fast?** " + ("GPU results: " + _links(sorted(r.path.name for r in gpu), prefix)
+            + "." if gpu else "No GPU timing exists yet (nothing has run on a GPU), so there is "
+            "no GPU speed figure here."))  # fmt: skip
+    att = next((r for r in results if r.area == "attention" and _is_cpu(r)), None)
+    if att is None:
+        return head
+    by = {}
+    for x in att.rows:
+        if x.get("ms") is not None:
+            by.setdefault(x["S"], {})[x["provider"]] = x["ms"]
+    S = max((s for s, v in by.items() if {"anchored", "sdpa", "sdpa_mask"} <= set(v)), default=None)
+    if S is None:
+        return head
+    v = by[S]
+    load = att.meta.get("loadavg") or att.meta.get("loadavg_start") or [float("nan")]
+    cpu = str(att.meta.get("device", "cpu")).removeprefix("cpu").strip(" ()")
+    return (
+        head + f" What is measured: on a CPU ({cpu}, shared with other jobs, load average "
+        f"{float(load[0]):.1f}), the exact anchored attention forward at S = {S} "
+        f"(28 query heads, fp32) took {v['anchored']:.0f} ms, against {v['sdpa']:.0f} ms for "
+        f"PyTorch's SDPA without the gates and {v['sdpa_mask']:.0f} ms for SDPA given the gates "
+        f"as a full mask (`{att.path.name}`; all figures on the [Benchmarks]({prefix}"
+        "benchmarks.md) page).\n\n"
+        f"![The exact torch path against SDPA on a CPU]({prefix}figures/{figure_name(att)})"
+    )
+
+
+def _compile_summary(results: list[Result]) -> str:
+    parts = []
+    for r in sorted((r for r in results if r.area == "compile"), key=lambda r: r.stem):
+        spills = sum(x.get("spill_stores", 0) + x.get("spill_loads", 0) for x in r.rows)
+        parts.append(f"{r.meta.get('target', r.stem)}: {len(r.rows)} kernels, {spills} spill "
+                     f"bytes (`{r.path.name}`)")  # fmt: skip
+    return "The full matrix (`compile_report.py`): " + "; ".join(parts) + "." if parts else ""
+
+
+def _mix_summary(results: list[Result]) -> str:
+    r = next((r for r in results if r.stem == "compile_sm90"), None)
+    mix = [m for m in (r.data.get("instruction_mix", []) if r else [])
+           if m.get("kernel") == "_anchored_prefill_kernel" and m.get("dtype") == "bf16"
+           and m.get("D") == 128 and m.get("causal") and "paged" not in m.get("form", "")]  # fmt: skip
+    if not mix:
+        return ""
+    m = mix[0]
+    met = "met" if m.get("meets_target") else "not met"
+    general = m.get("also", {})
+    tail = ""
+    if general:
+        tail = (f" The general form (value scale inside the loop, used when V cannot be "
+                f"pre-scaled) has a ratio of {general.get('ratio_non_mma_per_mma')}.")  # fmt: skip
+    return (
+        f"In the prefill main loop for bf16, D 128, causal on sm_90 (`compile_sm90.json`, "
+        f'`instruction_mix`, form "{m.get("form")}"), the anchored kernel issues '
+        f"{m['anchored']['non_mma_per_mma']} non-MMA instructions per MMA against "
+        f"{m['plain']['non_mma_per_mma']} with the gates off, a ratio of "
+        f"{m['ratio_non_mma_per_mma']}; the target (<= 1.05) is {met}.{tail}"
+    )
+
+
+def _speed_short(results: list[Result]) -> str:
+    att = next((r for r in results if r.area == "attention" and _is_cpu(r)), None)
+    if att is None:
+        return "not timed yet."
+    parts = []
+    for S in sorted({x["S"] for x in att.rows if "S" in x}):
+        v = {x["provider"]: x["ms"] for x in att.rows if x.get("S") == S and x.get("ms")}
+        if {"anchored", "sdpa", "sdpa_mask"} <= set(v):
+            parts.append(f"S = {S}: {v['anchored']:.0f} ms against {v['sdpa']:.0f} ms (SDPA, no "
+                         f"gates) and {v['sdpa_mask']:.0f} ms (SDPA with the gates as a mask)")  # fmt: skip
+    return "; ".join(parts) + f" (`{att.path.name}`, forward, fp32)."
+
+
+def _vllm_summary(results: list[Result]) -> str:
+    r = next((r for r in results if r.area == "vllm"), None)
+    if r is None:
+        return "not measured yet."
+    by = {bool(x.get("anchored")): x for x in r.rows}
+    if not {True, False} <= set(by):
+        return "not measured yet."
+    a, p = by[True], by[False]
+    return (
+        f"on {r.meta.get('model', 'a tiny model')}, {a['ratio_vs_plain']:.2f}x plain vLLM's "
+        f"output tokens per second; a decode step {a['median_decode_step_s'] * 1e3:.1f} ms "
+        f"against {p['median_decode_step_s'] * 1e3:.1f} ms, a video prefill step "
+        f"{a['video_prefill_step_s'] * 1e3:.0f} ms against {p['video_prefill_step_s'] * 1e3:.0f} "
+        f"ms, the SSC included (`{r.path.name}`)."
+    )
+
+
+def fragments(results: list[Result], page: str) -> dict[str, str]:
+    """The generated text of each fragment name, for ``page`` (links relative to it)."""
+    prefix = "docs/" if page == "README.md" else ""
+    return {
+        "verification": verification_table(results, prefix) + "\n",
+        "speed": _speed_line(results, prefix) + "\n",
+        "compile-matrix": _compile_summary(results) + "\n",
+        "instruction-mix": _mix_summary(results) + "\n",
+        "speed-short": _speed_short(results) + "\n",
+        "vllm": _vllm_summary(results) + "\n",
+    }
+
+
+def render_fragments(results: list[Result]) -> dict[Path, str]:
+    """Each page of FRAGMENT_PAGES with its fragments regenerated (pages without any are
+    returned unchanged). An unknown fragment name is an error."""
+    out = {}
+    for page in FRAGMENT_PAGES:
+        path = ROOT / page
+        if not path.exists():
+            continue
+        gen = fragments(results, page)
+
+        def fill(m, gen=gen, page=page):
+            indent, name = m.group(1), m.group(3)
+            if name not in gen:
+                raise SystemExit(f"report.py: {page}: unknown fragment {name!r}")
+            body = "".join(indent + line if line.strip() else line
+                           for line in gen[name].splitlines(keepends=True))  # fmt: skip
+            return indent + m.group(2) + body + indent + m.group(5)
+
+        out[path] = _FRAGMENT.sub(fill, path.read_text())
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -739,6 +935,9 @@ def main(argv=None):
         stale = []
         if not PAGE.exists() or PAGE.read_text() != text:
             stale.append(str(PAGE.relative_to(ROOT)))
+        for path, page in render_fragments(results).items():
+            if path.read_text() != page:
+                stale.append(f"{path.relative_to(ROOT)} (generated fragments)")
         have = {p.name for p in FIGURES.glob("*.svg")} if FIGURES.exists() else set()
         stale += [f"docs/figures/{n} (missing)" for n in sorted(set(figures) - have)]
         stale += [
@@ -757,6 +956,10 @@ def main(argv=None):
     for name, data in figures.items():
         (FIGURES / name).write_bytes(data)
     PAGE.write_text(text)
+    for path, page in render_fragments(results).items():
+        if path.read_text() != page:
+            path.write_text(page)
+            print(f"updated the generated fragments of {path.relative_to(ROOT)}")
     print(f"wrote {PAGE.relative_to(ROOT)} and {len(figures)} figures in "
           f"{FIGURES.relative_to(ROOT)}")  # fmt: skip
     return 0
