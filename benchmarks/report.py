@@ -725,7 +725,7 @@ def build(results: list[Result], uncommitted: list[str]):
 # text is made here from the committed results (``--check`` fails when it differs), so the
 # landing page and the Limitations page cannot drift from the JSON files.
 
-FRAGMENT_PAGES = ["README.md", "docs/index.md", "docs/limitations.md"]
+FRAGMENT_PAGES = ["README.md", "docs/index.md", "docs/limitations.md", "docs/flexattention.md"]
 _FRAGMENT = re.compile(
     r"^([ \t]*)(<!-- report\.py:([a-z0-9-]+) -->\n)(.*?)^[ \t]*(<!-- /report\.py:\3 -->)",
     re.S | re.M,
@@ -877,6 +877,34 @@ def _vllm_summary(results: list[Result]) -> str:
     )
 
 
+def _flex_summary(results: list[Result]) -> str:
+    att = next((r for r in results if r.area == "attention" and _is_cpu(r)), None)
+    rows = [] if att is None else [x for x in att.rows if x.get("ms") is not None]
+    if not any(x["provider"] == "flex" for x in rows):
+        return "FlexAttention has not been timed on the CPU yet."
+    names = {"anchored": "ours (exact torch path)", "sdpa": "SDPA, no gates",
+             "sdpa_mask": "SDPA, gates as a mask", "flex": "FlexAttention (compiled)"}  # fmt: skip
+    sizes = sorted({x["S"] for x in rows})
+    lines = ["| provider | " + " | ".join(f"S = {S}" for S in sizes) + " |",
+             "|---|" + "---|" * len(sizes)]  # fmt: skip
+    for p, label in names.items():
+        v = {x["S"]: x for x in rows if x["provider"] == p}
+        if v:
+            lines.append(f"| {label} | " + " | ".join(
+                f"{v[S]['ms']:.0f} ms" if S in v else "" for S in sizes) + " |")  # fmt: skip
+    comp = [x["compile_s_first_call"] for x in rows if x.get("compile_s_first_call")]
+    diff = [x["max_diff_vs_anchored"] for x in rows
+            if x["provider"] == "flex" and x.get("max_diff_vs_anchored") is not None]  # fmt: skip
+    load = att.meta.get("loadavg_start") or att.meta.get("loadavg") or [float("nan")]
+    tail = (f"\n\n`{att.path.name}`, {att.meta.get('device')}, load average "
+            f"{float(load[0]):.1f} at the start; times exclude FlexAttention's compile, "
+            f"{min(comp):.0f} to {max(comp):.0f} s for each new shape."
+            if comp else "")  # fmt: skip
+    if diff:
+        tail += f" Its largest difference from our output: {max(diff):.1e}."
+    return "\n".join(lines) + tail
+
+
 def fragments(results: list[Result], page: str) -> dict[str, str]:
     """The generated text of each fragment name, for ``page`` (links relative to it)."""
     prefix = "docs/" if page == "README.md" else ""
@@ -887,6 +915,7 @@ def fragments(results: list[Result], page: str) -> dict[str, str]:
         "instruction-mix": _mix_summary(results) + "\n",
         "speed-short": _speed_short(results) + "\n",
         "vllm": _vllm_summary(results) + "\n",
+        "flex": _flex_summary(results) + "\n",
     }
 
 
