@@ -16,7 +16,9 @@ FLOPs: 4 * B * Hq * Sq * Skv * D, halved for causal with Sq = Skv.
     python benchmarks/bench_attention.py --quick    # S = 2k only
 Without CUDA it says so and runs a CPU comparison (forward, float32, S = 512, 1024, 2048;
 --quick: 512) of the exact torch path (its fused CPU form, and the query-chunk form it
-replaced), SDPA without bias and SDPA with the full (B, 1, S, S) bias + causal mask,
+replaced), SDPA without bias, SDPA with the full (B, 1, S, S) bias + causal mask and
+compiled FlexAttention on inductor's CPU backend (its compile time per shape is recorded
+apart, not in its time; --quick leaves it out),
 timed interleaved (one call of each per round, 5 rounds) so that load changes hit all alike.
 """
 
@@ -26,6 +28,7 @@ import argparse
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -52,7 +55,7 @@ def make(B, Hq, Hkv, S, D, dtype, device, seed=0):
     return q, k, v, key_bias, value_scale
 
 
-def providers(q, k, v, key_bias, value_scale):
+def providers(q, k, v, key_bias, value_scale, flex_on_cpu=False):
     B, Hq, S, D = q.shape
     group = Hq // k.shape[1]
     out = {}
@@ -87,7 +90,7 @@ def providers(q, k, v, key_bias, value_scale):
 
     out["sdpa_mask"] = sdpa_mask
 
-    if q.is_cuda:
+    if q.is_cuda or flex_on_cpu:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         flex = torch.compile(flex_attention, dynamic=False)
@@ -146,8 +149,6 @@ def measure(fn, device):
 def interleaved(fns: dict, rounds: int = 5) -> dict:
     """CPU timings (ms) of every provider, one call of each per round, so that a change of
     load on a shared machine hits all of them alike. A provider that fails is left out."""
-    import time
-
     ok = {}
     for name, fn in fns.items():
         try:
@@ -164,7 +165,7 @@ def interleaved(fns: dict, rounds: int = 5) -> dict:
     return times
 
 
-def run(quick: bool, out_dir=None):
+def run(quick: bool, out_dir=None, flex_cpu: bool = True):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     meta = environment(device)
     if device == "cpu":
@@ -186,7 +187,15 @@ def run(quick: bool, out_dir=None):
             q, k, v, kb, vs = make(1, dims["Hq"], dims["Hkv"], S, dims["D"], dtype, device)
             flops = 4 * dims["Hq"] * S * S * dims["D"] / 2
             ref_out = None
-            fns = providers(q, k, v, kb, vs)
+            fns = providers(q, k, v, kb, vs, flex_on_cpu=flex_cpu)
+            compile_s = {}
+            if "flex" in fns and device == "cpu":
+                t0 = time.perf_counter()
+                try:
+                    fns["flex"]()  # compiles for this shape (inductor's C++ backend)
+                    compile_s["flex"] = time.perf_counter() - t0
+                except Exception as exc:  # noqa: BLE001
+                    print(f"flex on the CPU failed: {type(exc).__name__}: {exc}"[:300])
             cpu_times = interleaved(fns) if device == "cpu" else {}
             for name, fn in fns.items():
                 row = dict(model=model, S=S, B=1, dtype=str(dtype).split(".")[-1], provider=name)
@@ -199,6 +208,8 @@ def run(quick: bool, out_dir=None):
                     if device == "cpu":
                         ms, lo, hi = median_spread(cpu_times[name])
                         peak = None
+                        if name in compile_s:
+                            row["compile_s_first_call"] = compile_s[name]
                     else:
                         ms, lo, hi, peak = measure(fn, device)
                     row.update(ms=ms, ms_p20=lo, ms_p80=hi, peak_mib=peak)
@@ -232,10 +243,15 @@ def main(argv=None):
     )
     ap.add_argument("--quick", action="store_true", help="only the shortest sequence length")
     ap.add_argument(
+        "--no-flex-cpu",
+        action="store_true",
+        help="on a CPU, leave out FlexAttention (its compile takes ~20 s a shape)",
+    )
+    ap.add_argument(
         "--out-dir", default=None, help="where to write the JSON (default benchmarks/results)"
     )
     args = ap.parse_args(argv)
-    run(args.quick, args.out_dir)
+    run(args.quick, args.out_dir, flex_cpu=not (args.no_flex_cpu or args.quick))
 
 
 if __name__ == "__main__":
