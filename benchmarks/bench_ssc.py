@@ -367,7 +367,7 @@ def run(device: str, quick: bool, out_dir, cases, limits=True):
         if "fixed60" in cases:
             rows += case_fixed60(*((512, 256) if quick else (1024, 512)))
         if "converge" in cases:
-            rows += case_converge(*((256, 128) if quick else (512, 256)), limits=limits)
+            rows += case_converge(*((128, 64) if quick else (512, 256)), limits=limits)
     else:
         rows += cases_gpu(quick)
     meta["loadavg_end"] = _load()

@@ -220,7 +220,10 @@ def compile_table(r: Result) -> str:
 
 
 def _mix_label(m: dict) -> str:
-    return f"{m['dtype']} D {m['D']}" + (" causal" if m.get("causal") else "")
+    kernel = str(m.get("kernel", "")).removeprefix("_anchored_").removesuffix("_kernel")
+    form = str(m.get("form", "")).split(",")[0].split(" (")[0]
+    return (f"{kernel} {m['dtype']} D{m['D']}" + (" causal" if m.get("causal") else "")
+            + (f", {form}" if form else ""))  # fmt: skip
 
 
 # ---- figures -----------------------------------------------------------------------------
@@ -482,7 +485,7 @@ def fig_compile(r: Result, results):
     if not mix:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.0, 2.6))
+    fig, ax = plt.subplots(figsize=(6.0, 1.2 + 0.24 * len(mix)))
     labels = [_mix_label(m) for m in mix]
     ys = range(len(mix))
     ax.barh([y + 0.2 for y in ys], [m["plain"]["non_mma_per_mma"] for m in mix], height=0.4,
@@ -535,8 +538,8 @@ def fig_attention(r: Result, results):
     if not any(x["provider"] == "anchored" for x in rows):
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.0), squeeze=False,
-                             sharey=True)  # fmt: skip
+    fig, axes = plt.subplots(1, len(models), figsize=(max(5.5, 4.2 * len(models)), 3.4),
+                             squeeze=False, sharey=True)  # fmt: skip
     for ax, model in zip(axes[0], models, strict=True):
         rs = [x for x in rows if x.get("model") == model]
         ours = {x["S"]: x["ms"] for x in rs if x["provider"] == "anchored"}
@@ -551,12 +554,12 @@ def fig_attention(r: Result, results):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length S")
         ax.set_title(str(model))
-    axes[0][0].set_ylabel("baseline time / anchored time (> 1: ours faster)")
+    axes[0][0].set_ylabel("baseline / anchored time\n(> 1: ours faster)", fontsize=8)
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center",
                ncol=4, fontsize=7)  # fmt: skip
     if str(r.meta.get("device", "")).startswith("cpu"):
-        fig.suptitle(f"Prefill attention forward on a CPU, {rows[0].get('dtype')}: the exact "
-                     "torch path (anchored) against each baseline")  # fmt: skip
+        fig.suptitle(f"Prefill attention forward on a CPU, {rows[0].get('dtype')}:\nthe exact "
+                     "torch path (anchored) against each baseline", fontsize=9)  # fmt: skip
     else:
         fig.suptitle(f"Prefill attention, {rows[0].get('dtype')}: speedup of the anchored kernel")
     return fig, (
@@ -616,6 +619,145 @@ def fig_prefill(r: Result, results):
     )
 
 
+def _hbars(
+    groups: list[str],
+    series: dict[str, list],
+    xlabel: str,
+    title: str,
+    *,
+    notes: list[str] | None = None,
+    log: bool = False,
+):
+    """Horizontal grouped bars: one group per label, one bar per series (None: no bar)."""
+    plt = _plt()
+    k = len(series)
+    fig, ax = plt.subplots(figsize=(5.0, 0.9 + 0.28 * len(groups) * k))
+    h = 0.8 / k
+    for i, (name, vals) in enumerate(series.items()):
+        ys = [g + (i - (k - 1) / 2) * h for g in range(len(groups))]
+        pts = [(y, v) for y, v in zip(ys, vals, strict=True) if v is not None]
+        if pts:
+            ax.barh([y for y, _ in pts], [v for _, v in pts], height=h * 0.9,
+                    color="0.6" if i == 0 and k > 1 else f"C{i}", label=name)  # fmt: skip
+    if notes:
+        top = {
+            g: max(v[g] for v in series.values() if v[g] is not None) for g in range(len(groups))
+        }
+        for g, note in enumerate(notes):
+            if note:
+                ax.text(top[g], g, "  " + note, va="center", fontsize=7)
+    ax.set_yticks(range(len(groups)), groups, fontsize=8)
+    ax.invert_yaxis()
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
+    if k > 1:
+        fig.legend(loc="outside lower center", ncol=k, fontsize=7)
+    ax.margins(x=0.35)
+    return fig
+
+
+def fig_blocked_convergence(r: Result, results):
+    rows = [x for x in r.rows if "pipeline_s" in x]
+    if not rows:
+        return None
+    notes = [f"{x['iterations']} it" + (f", Spearman {x['scores_spearman_vs_dense']:.3f}"
+             if "scores_spearman_vs_dense" in x else "") for x in rows]  # fmt: skip
+    fig = _hbars([x["provider"] for x in rows], {"seconds": [x["pipeline_s"] for x in rows]},
+                 "seconds to convergence (the whole pipeline)",
+                 f"N = {rows[0]['n']}, D = {rows[0]['d']}: dense against column blocks",
+                 notes=notes)  # fmt: skip
+    return fig, (
+        "Time to convergence of the dense solver and of the column-blocked one under each "
+        "stopping rule, with iterations and the scores' Spearman correlation with the dense run."
+    )
+
+
+def fig_scalable(r: Result, results):
+    rows = [x for x in r.rows if x.get("case") == "agreement" and "exact_s" in x]
+    if not rows:
+        return None
+    fig = _hbars([f"{x['data']}, N = {x['n']}" for x in rows],
+                 {"exact": [x["exact_s"] for x in rows],
+                  "scalable": [x["scalable_s"] for x in rows]},
+                 "seconds", "Exact against scalable scoring",
+                 notes=[f"Spearman {x['spearman_scores']:.2f}" for x in rows])  # fmt: skip
+    return fig, (
+        "Seconds of the exact and the scalable (approximate) scoring on the same tokens, with "
+        "the Spearman correlation of their scores: the scalable mode is faster but its scores "
+        "differ (see the table)."
+    )
+
+
+def fig_scalable_stopping(r: Result, results):
+    rows = [x for x in r.rows if "spearman_scores_to_tight" in x]
+    if not rows:
+        return None
+    fig = _hbars([f"{x['data']}, eps {x['eps']:.0e}" for x in rows],
+                 {"seconds": [x["seconds"] for x in rows]}, "seconds",
+                 f"Stopping at eps against eps = {rows[0]['tight_eps']:.0e}",
+                 notes=[f"Spearman {x['spearman_scores_to_tight']:.3f}" for x in rows])  # fmt: skip
+    return fig, (
+        "Seconds of the exact mode at each stopping tolerance, with the Spearman correlation of "
+        "its scores with a run to the tight tolerance."
+    )
+
+
+def fig_yaleb_squared(r: Result, results):
+    rows = sorted((x for x in r.rows if "ours_time_s_same_subsets" in x),
+                  key=lambda x: x["n_subjects"])  # fmt: skip
+    if not rows:
+        return None
+    fig = _hbars([f"{x['n_subjects']} subjects" for x in rows],
+                 {"reference": [x["reference_time_s_mean"] for x in rows],
+                  "ours": [x["ours_time_s_same_subsets"] for x in rows]},
+                 "seconds per subset (same subsets)", "Extended Yale B, squared data term",
+                 notes=[f"error {x['mean_error_pct']:.1f} %" for x in rows])  # fmt: skip
+    return fig, (
+        "Seconds per subset of the re-implemented reference and ours on the same subsets, with "
+        "our mean clustering error (the errors against the published ones: the Yale B figure)."
+    )
+
+
+def fig_tune(r: Result, results):
+    rows = [x for x in r.rows if "naive_s_per_setting" in x]
+    if not rows:
+        return None
+    x = rows[0]
+    fig = _hbars(["one run per setting", "sweep (cold cache)", "sweep (warm cache)"],
+                 {"seconds": [x["naive_s_per_setting"], x["sweep_s_per_setting"],
+                              x["warm_sweep_s_per_setting"]]},
+                 "seconds per setting", f"{x.get('model', '')}: {x.get('settings')} settings, "
+                 f"{x.get('items')} items")  # fmt: skip
+    return fig, (
+        "Seconds per alpha setting of `videoanchor tune` against running the model once per "
+        "setting, on a tiny random model: a measure of the sweep's reuse, not of a real model."
+    )
+
+
+def fig_vllm(r: Result, results):
+    by = {bool(x.get("anchored")): x for x in r.rows}
+    if not {True, False} <= set(by):
+        return None
+    keys = [("output_tokens_per_s", "output tokens / s"),
+            ("median_decode_step_s", "decode step (s)"),
+            ("video_prefill_step_s", "video prefill step (s)")]  # fmt: skip
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(7.5, 1.9))
+    for ax, (key, label) in zip(axes, keys, strict=True):
+        ax.barh([0, 1], [by[False][key], by[True][key]], color=["0.6", "C0"])
+        ax.set_yticks([0, 1], ["plain vLLM", "anchored"], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(label, fontsize=8)
+    fig.suptitle(f"vLLM {r.meta.get('vllm', '')} on a CPU, {r.meta.get('model', '')}", fontsize=9)
+    return fig, (
+        "The anchored engine against plain vLLM in one process on the CPU backend (the exact "
+        "torch attention path): throughput, the median decode step and the video prefill step "
+        "(SSC included)."
+    )
+
+
 FIGURES_BY_AREA = {
     "ssc": fig_ssc,
     "spectral": fig_spectral,
@@ -630,6 +772,12 @@ FIGURES_BY_AREA = {
     "decode": fig_decode,
     "integration": fig_prefill,
     "tp": fig_prefill,
+    "blocked_convergence": fig_blocked_convergence,
+    "scalable": fig_scalable,
+    "scalable_stopping": fig_scalable_stopping,
+    "yaleb_squared": fig_yaleb_squared,
+    "tune": fig_tune,
+    "vllm": fig_vllm,
 }
 
 
