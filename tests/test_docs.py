@@ -56,6 +56,13 @@ def test_readme_and_docs_home_share_the_first_screen():
                          ("Run on a GPU", "Compiled for a GPU", "Runs on the CPU", "Timed"))  # fmt: skip
 
 
+def test_the_first_screen_code_fits_the_docs_column():
+    # about 80 characters show in the docs' code blocks at 1280 px before they scroll
+    long = [line for block in _code_blocks(_first_screen(README)) for line in block.splitlines()
+            if len(line) > 80]  # fmt: skip
+    assert not long, f"first-screen code lines over 80 characters: {long}"
+
+
 @pytest.mark.slow
 def test_the_first_screen_snippet_runs_on_a_cpu_within_its_stated_time():
     import subprocess
