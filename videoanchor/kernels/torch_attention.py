@@ -299,17 +299,23 @@ def _fused_forward(q, k, v, key_bias, value_scale, key_padding_mask, cache_seqle
         out, lse = out.reshape(B, Hq, Sq, D), lse.reshape(B, Hq, Sq)
         visible = None if readable is None else readable.any(dim=-1)[:, None, None]
     else:
-        if group > 1:
-            k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
         if Sq == Skv and cache_seqlens is None:
-            out, lse = op(q, k, v, is_causal=True, attn_mask=bias[:, None, None, :],
+            # each KV head with its query heads as one batch entry: K and V broadcast over
+            # the group (stride 0), never copied per query head
+            shape = (B * Hkv, group, Sq, D)
+            k_g, v_g = (t.reshape(B * Hkv, 1, Skv, D).expand(shape) for t in (k, v))
+            mask = bias.repeat_interleave(Hkv, dim=0)[:, None, None, :]
+            out, lse = op(q.reshape(shape), k_g, v_g, is_causal=True, attn_mask=mask,
                           scale=sm_scale)  # fmt: skip
+            out, lse = out.reshape(B, Hq, Sq, D), lse.reshape(B, Hq, Sq)
             visible = None
             if readable is not None:  # row i sees a key iff the first readable one is <= i
                 first = torch.where(readable.any(-1), readable.int().argmax(-1), Skv)
                 visible = torch.arange(Sq, device=dev)[None, :] >= first[:, None]
                 visible = visible[:, None, :]
         else:
+            if group > 1:
+                k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
             n_valid = torch.full((B,), Skv, device=dev) if cache_seqlens is None else cache_seqlens
             diag = (n_valid - Sq).view(B, 1, 1)  # row i sees keys j <= i + diag
             out = torch.empty(B, Hq, Sq, D, dtype=acc, device=dev)
