@@ -14,14 +14,21 @@ FLOPs: 4 * B * Hq * Sq * Skv * D, halved for causal with Sq = Skv.
 
     python benchmarks/bench_attention.py            # full sweep (GPU)
     python benchmarks/bench_attention.py --quick    # S = 2k only
-Without CUDA it says so and runs a small CPU comparison of the exact torch path and SDPA.
+Without CUDA it says so and runs a CPU comparison (forward, float32, S = 512, 1024, 2048;
+--quick: 512) of the exact torch path (its fused CPU form, and the query-chunk form it
+replaced), SDPA without bias, SDPA with the full (B, 1, S, S) bias + causal mask and
+compiled FlexAttention on inductor's CPU backend (its compile time per shape is recorded
+apart, not in its time; --quick leaves it out),
+timed interleaved (one call of each per round, 5 rounds) so that load changes hit all alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -29,7 +36,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import videoanchor  # noqa: E402
-from benchmarks.common import environment, print_table, write_result  # noqa: E402
+from benchmarks.common import environment, median_spread, print_table, write_result  # noqa: E402
+from videoanchor.kernels.torch_attention import anchored_attention_torch  # noqa: E402
 
 MODELS = {
     "qwen2.5-vl-7b": dict(Hq=28, Hkv=4, D=128),
@@ -47,12 +55,19 @@ def make(B, Hq, Hkv, S, D, dtype, device, seed=0):
     return q, k, v, key_bias, value_scale
 
 
-def providers(q, k, v, key_bias, value_scale):
+def providers(q, k, v, key_bias, value_scale, flex_on_cpu=False):
     B, Hq, S, D = q.shape
     group = Hq // k.shape[1]
     out = {}
     out["anchored"] = lambda: videoanchor.anchored_attention(q, k, v, key_bias, value_scale)
     out["ours_plain"] = lambda: videoanchor.anchored_attention(q, k, v)
+    if not q.is_cuda:
+        # the torch path's previous forward (query chunks of matmul + softmax), kept for
+        # training and for attn_mask: what the fused CPU form replaced
+        out["anchored_chunked"] = lambda: anchored_attention_torch(
+            q, k, v, key_bias, value_scale, causal=True, sm_scale=1 / math.sqrt(D),
+            key_padding_mask=None, fused=False,
+        )[0]  # fmt: skip
 
     if q.is_cuda:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -75,7 +90,7 @@ def providers(q, k, v, key_bias, value_scale):
 
     out["sdpa_mask"] = sdpa_mask
 
-    if q.is_cuda:
+    if q.is_cuda or flex_on_cpu:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         flex = torch.compile(flex_attention, dynamic=False)
@@ -131,16 +146,38 @@ def measure(fn, device):
     return times[len(times) // 2], times[1], times[-2], None
 
 
-def run(quick: bool, out_dir=None):
+def interleaved(fns: dict, rounds: int = 5) -> dict:
+    """CPU timings (ms) of every provider, one call of each per round, so that a change of
+    load on a shared machine hits all of them alike. A provider that fails is left out."""
+    ok = {}
+    for name, fn in fns.items():
+        try:
+            fn()  # warm-up
+            ok[name] = fn
+        except Exception:  # noqa: BLE001 (the row records the error when it runs again)
+            pass
+    times = {name: [] for name in ok}
+    for _ in range(rounds):
+        for name, fn in ok.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def run(quick: bool, out_dir=None, flex_cpu: bool = True):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     meta = environment(device)
     if device == "cpu":
         print("No CUDA device: running the exact torch path against SDPA on the CPU at small S.")
         lengths, dtype, models = (
-            [512, 1024],
+            [512] if quick else [512, 1024, 2048],
             torch.float32,
             {"qwen2.5-vl-7b": MODELS["qwen2.5-vl-7b"]},
         )
+        meta["torch_threads"] = torch.get_num_threads()
+        meta["forward_only"] = True
+        meta["loadavg_start"] = list(os.getloadavg())
     else:
         lengths = [2048] if quick else [2048, 8192, 16384, 32768]
         dtype, models = torch.bfloat16, MODELS
@@ -150,7 +187,17 @@ def run(quick: bool, out_dir=None):
             q, k, v, kb, vs = make(1, dims["Hq"], dims["Hkv"], S, dims["D"], dtype, device)
             flops = 4 * dims["Hq"] * S * S * dims["D"] / 2
             ref_out = None
-            for name, fn in providers(q, k, v, kb, vs).items():
+            fns = providers(q, k, v, kb, vs, flex_on_cpu=flex_cpu)
+            compile_s = {}
+            if "flex" in fns and device == "cpu":
+                t0 = time.perf_counter()
+                try:
+                    fns["flex"]()  # compiles for this shape (inductor's C++ backend)
+                    compile_s["flex"] = time.perf_counter() - t0
+                except Exception as exc:  # noqa: BLE001
+                    print(f"flex on the CPU failed: {type(exc).__name__}: {exc}"[:300])
+            cpu_times = interleaved(fns) if device == "cpu" else {}
+            for name, fn in fns.items():
                 row = dict(model=model, S=S, B=1, dtype=str(dtype).split(".")[-1], provider=name)
                 try:
                     result = fn()
@@ -158,7 +205,13 @@ def run(quick: bool, out_dir=None):
                         if ref_out is None:
                             ref_out = result.float()
                         row["max_diff_vs_anchored"] = (result.float() - ref_out).abs().max().item()
-                    ms, lo, hi, peak = measure(fn, device)
+                    if device == "cpu":
+                        ms, lo, hi = median_spread(cpu_times[name])
+                        peak = None
+                        if name in compile_s:
+                            row["compile_s_first_call"] = compile_s[name]
+                    else:
+                        ms, lo, hi, peak = measure(fn, device)
                     row.update(ms=ms, ms_p20=lo, ms_p80=hi, peak_mib=peak)
                     row["tflops"] = flops / (ms * 1e-3) / 1e12
                 except torch.OutOfMemoryError:
@@ -175,6 +228,8 @@ def run(quick: bool, out_dir=None):
                 for r in by.values():
                     if "ms" in r:
                         r["speedup_of_anchored"] = r["ms"] / by["anchored"]["ms"]
+    if device == "cpu":
+        meta["loadavg_end"] = list(os.getloadavg())
     path = write_result("attention", meta, rows, out_dir)
     cols = ["model", "S", "provider", "ms", "tflops", "peak_mib", "speedup_of_anchored", "error"]
     print_table(rows, cols)
@@ -188,10 +243,15 @@ def main(argv=None):
     )
     ap.add_argument("--quick", action="store_true", help="only the shortest sequence length")
     ap.add_argument(
+        "--no-flex-cpu",
+        action="store_true",
+        help="on a CPU, leave out FlexAttention (its compile takes ~20 s a shape)",
+    )
+    ap.add_argument(
         "--out-dir", default=None, help="where to write the JSON (default benchmarks/results)"
     )
     args = ap.parse_args(argv)
-    run(args.quick, args.out_dir)
+    run(args.quick, args.out_dir, flex_cpu=not (args.no_flex_cpu or args.quick))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import videoanchor  # noqa: E402
-from benchmarks.common import environment, print_table, write_result  # noqa: E402
+from benchmarks.common import environment, median_spread, print_table, write_result  # noqa: E402
 from videoanchor.kernels.reference import anchored_attention_reference  # noqa: E402
 
 DIMS = dict(Hq=28, Hkv=4, D=128)  # Qwen2.5-VL-7B's attention
@@ -121,8 +120,7 @@ def time_interleaved(fns: dict, device: str, rounds: int) -> dict:
             times[n].append((time.perf_counter() - t0) * 1e3)
     res = {}
     for n, ts in times.items():
-        qs = statistics.quantiles(ts, n=5) if len(ts) >= 2 else [ts[0]] * 4
-        res[n] = (statistics.median(ts), qs[0], qs[-1])
+        res[n] = median_spread(ts)
     return res
 
 

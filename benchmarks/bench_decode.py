@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import videoanchor  # noqa: E402
-from benchmarks.common import environment, print_table, write_result  # noqa: E402
+from benchmarks.common import environment, print_table, skip, write_result  # noqa: E402
 
 HQ, HKV, D = 28, 4, 128
 L2_BYTES = 50 * 2**20
@@ -298,8 +298,9 @@ def main(argv=None):
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print(
-            "bench_decode: no CUDA device here; these kernels are only timed on a GPU. Nothing run."
+        skip(
+            "bench_decode",
+            "no CUDA device here; these kernels are only timed on a GPU. Nothing run.",
         )
         return None
     meta = environment("cuda")

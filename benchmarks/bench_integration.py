@@ -27,7 +27,6 @@ checked anywhere; only GPU numbers are meaningful.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import videoanchor  # noqa: E402
-from benchmarks.common import environment, print_table, write_result  # noqa: E402
+from benchmarks.common import environment, median_spread, print_table, write_result  # noqa: E402
 from videoanchor.integrations.transformers.testing import EagerAnchorReference  # noqa: E402
 
 EAGER = EagerAnchorReference(name="videoanchor_bench_eager")
@@ -158,8 +157,7 @@ def bench(fn, cuda: bool, warmup_ms: int, rep_ms: int) -> tuple[float, float, fl
         t0 = time.perf_counter()
         fn()
         times.append(1e3 * (time.perf_counter() - t0))
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else times * 4
-    return statistics.median(times), q[0], q[-1]
+    return median_spread(times)
 
 
 def run_config(model, inputs, n_visual, layers, cuda, args) -> list[dict]:

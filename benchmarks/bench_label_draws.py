@@ -14,6 +14,7 @@ score difference and the labels' ARI (of the first draw), and the time of the sp
 step and scores against R = 1, measured interleaved (one thread, median over seeds).
 
     python benchmarks/bench_label_draws.py            # CPU, writes label_draws_cpu.json
+    python benchmarks/bench_label_draws.py --quick    # 3 seeds, R in (1, 4): a smoke run
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_spectral import example_tokens  # noqa: E402
-from benchmarks.common import environment, print_table, write_result  # noqa: E402
+from benchmarks.common import environment, print_table, skip, write_result  # noqa: E402
 from videoanchor.anchor import anchor_scores, solve_ssc_admm  # noqa: E402
 from videoanchor.anchor.spectral import spectral_labels, ssc_affinity  # noqa: E402
 
@@ -125,7 +126,13 @@ def main(argv=None):
     ap.add_argument("--draws", default="1,4,16")
     ap.add_argument("--admm-iters", type=int, default=60)
     ap.add_argument("--out-dir", default=None, help="default benchmarks/results")
+    ap.add_argument("--quick", action="store_true", help="3 seeds and R in (1, 4) (a smoke run)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.seeds, args.draws = min(args.seeds, 3), "1,4"
+        skip(
+            "bench_label_draws", "--quick: 3 seeds and R = 1, 4 only (R = 16 and 10 seeds not run)"
+        )
     run(args.seeds, [int(v) for v in args.draws.split(",")], args.out_dir, args.admm_iters)
 
 

@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_ssc import synthetic_tokens  # noqa: E402
-from benchmarks.common import environment, print_table, write_result  # noqa: E402
+from benchmarks.common import environment, print_table, skip, write_result  # noqa: E402
 from videoanchor.anchor import (  # noqa: E402
     anchor_scores,
     compute_anchor_scores,
@@ -281,7 +281,13 @@ def main(argv=None):
         rows = stopping_rows(device, sizes, datasets)
     else:
         rows = agreement_rows(device, sizes, candidates, datasets)
-        if not args.no_scaling:
+        if args.quick and device == "cpu" and not args.no_scaling:
+            skip(
+                "bench_scalable_scoring",
+                "--quick: the scaling rows (N = 1024 alone takes "
+                "minutes on a CPU); run without --quick for them",
+            )
+        elif not args.no_scaling:
             rows += scaling_rows(device, ns, d_scale, reps)
     meta["loadavg_end"] = list(np.round(np.array(__import__("os").getloadavg()), 2))
     path = write_result("scalable" + (f"_{args.tag}" if args.tag else ""), meta, rows, args.out_dir)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, print_table, write_result  # noqa: E402
+from benchmarks.common import environment, print_table, skip, write_result  # noqa: E402
 from videoanchor.anchor import compute_anchor_scores, solve_ssc_admm  # noqa: E402
 from videoanchor.anchor.reference import (  # noqa: E402
     authors_admm,
@@ -367,7 +367,7 @@ def run(device: str, quick: bool, out_dir, cases, limits=True):
         if "fixed60" in cases:
             rows += case_fixed60(*((512, 256) if quick else (1024, 512)))
         if "converge" in cases:
-            rows += case_converge(*((256, 128) if quick else (512, 256)), limits=limits)
+            rows += case_converge(*((128, 64) if quick else (512, 256)), limits=limits)
     else:
         rows += cases_gpu(quick)
     meta["loadavg_end"] = _load()
@@ -407,6 +407,13 @@ def main(argv=None):
     if device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device")
     meta_limits = not args.skip_limits
+    if args.quick and device == "cpu" and meta_limits:
+        meta_limits = False
+        skip(
+            "bench_ssc",
+            "--quick: the two float64 runs to the minimiser (converge case; "
+            "run without --quick for them)",
+        )
     run(device, args.quick, args.out_dir, set(args.cases.split(",")), limits=meta_limits)
 
 

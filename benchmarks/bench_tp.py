@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from datetime import timedelta
@@ -53,7 +52,7 @@ from benchmarks.bench_integration import (  # noqa: E402
     build_model,
     make_inputs,
 )
-from benchmarks.common import environment, print_table, write_result  # noqa: E402
+from benchmarks.common import environment, median_spread, print_table, write_result  # noqa: E402
 
 QWEN25_VL_72B_TEXT = dict(
     QWEN25_VL_7B_TEXT,
@@ -118,8 +117,7 @@ def timed(fn, cuda: bool, warmup: int, reps: int) -> list[float]:
 
 
 def stats(ms: list[float]) -> tuple[float, float, float]:
-    q = statistics.quantiles(ms, n=5) if len(ms) > 1 else ms * 4
-    return statistics.median(ms), q[0], q[-1]
+    return median_spread(ms)
 
 
 def load(args, world: int, device: str):

@@ -162,6 +162,17 @@ def main() -> None:
         args.anchored = args.worker == "anchored"
         Path(args.json_out).write_text(json.dumps(worker(args)))
         return
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        from benchmarks.common import skip
+
+        skip(
+            "bench_vllm",
+            "vLLM is not installed in this environment (it needs a venv of "
+            "its own on a CPU: see .ci/run); run this script with that venv's python",
+        )
+        return
     tmp = Path(tempfile.mkdtemp(prefix="bench_vllm_"))
     if args.model is None:
         sys.path.insert(0, str(TESTS))

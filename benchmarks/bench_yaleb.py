@@ -13,7 +13,7 @@ Face settings of E&V's code (``run_SSC_Faces``: ``SSC(X, 0, false, 20, true, 1)`
   alpha = 20 (``gamma = 20 / ||Y||_1``, ``mu1 = 20 / lambda``, ADMM penalty ``mu2 = 20``),
   stopping threshold 2e-4 and ``maxIter = 150`` (149 iterations), i.e.
   ``sparse_subspace_clustering(data_term="exact", rho=20, max_iter=149)``;
-* ``--program squared``: METHOD.md's program (VideoAnchor's: squared data term,
+* ``--program squared``: docs/method.md's program (VideoAnchor's: squared data term,
   ``lambda_e ||E||_1``) with alpha_e = alpha_z = 20, no affine constraint, rho = 300, run
   to its own stopping rule: not E&V's program, kept to show the difference.
 
@@ -48,7 +48,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import environment, print_table, write_result  # noqa: E402
+from benchmarks.common import environment, print_table, skip, write_result  # noqa: E402
 from videoanchor.anchor import sparse_subspace_clustering  # noqa: E402
 from videoanchor.anchor.reference import (  # noqa: E402
     authors_admm,
@@ -69,7 +69,7 @@ FACE = {
 SETTINGS = {
     "constrained": "E&V constrained outlier program (Y = YC + E), no affine constraint, "
     "alpha = 20, mu2 = 20, eps 2e-4, 149 iterations at most",
-    "squared": "METHOD.md squared data term + lambda_e ||E||_1, no affine constraint, "
+    "squared": "docs/method.md squared data term + lambda_e ||E||_1, no affine constraint, "
     "alpha_e = alpha_z = 20, rho = 300, eps 2e-4",
 }
 
@@ -242,7 +242,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--data", type=Path, default=default_data_path())
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="default: shared/data beside the checkout, or data/ inside it",
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 and 3 subjects, 3 subsets each, 1 reference run (a smoke run)",
+    )
     ap.add_argument("--n-subjects", type=int, nargs="+", default=[2, 3, 5, 8, 10])
     ap.add_argument("--subsets-per-n", type=int, default=20, help="0: every subset")
     ap.add_argument("--reference-per-n", type=int, default=2)
@@ -252,20 +262,36 @@ def main(argv=None):
         "--solver",
         choices=["faithful", "accelerated"],
         default="faithful",
-        help="faithful: the METHOD.md iteration (default); accelerated: to the minimiser",
+        help="faithful: the docs/method.md iteration (default); accelerated: to the minimiser",
     )
     ap.add_argument(
         "--program",
         choices=["constrained", "squared"],
         default="constrained",
-        help="constrained: E&V's program (default); squared: METHOD.md's (VideoAnchor's)",
+        help="constrained: E&V's program (default); squared: docs/method.md's (VideoAnchor's)",
     )
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
     if args.solver != "faithful" and args.program == "constrained":
         ap.error("--solver accelerated: only with --program squared")
+    if args.data is None:
+        args.data = default_data_path()
+        if not args.data.exists():
+            skip(
+                "bench_yaleb",
+                f"no Extended Yale B data at {args.data} (YaleB_48_42.mat, not "
+                "shipped with the package); pass --data",
+            )
+            return
     if not args.data.exists():
         ap.error(f"--data: {args.data} does not exist")
+    if args.quick:
+        args.n_subjects, args.subsets_per_n = [2, 3], min(args.subsets_per_n, 3)
+        args.reference_per_n = min(args.reference_per_n, 1)
+        skip(
+            "bench_yaleb",
+            "--quick: 2 and 3 subjects, 3 subsets each (5, 8, 10 subjects and 20 subsets not run)",
+        )
     run(args)
 
 

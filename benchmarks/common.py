@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -92,3 +93,22 @@ def _fmt(x) -> str:
     if isinstance(x, float):
         return f"{x:.4g}"
     return "-" if x is None else str(x)
+
+
+def median_spread(times: list[float]) -> tuple[float, float, float]:
+    """``(median, p20, p80)`` of a few timings. The 20th/80th percentiles interpolate
+    between the samples (``statistics.quantiles(method="inclusive")``), so they stay inside
+    ``[min, max]``; the default "exclusive" method extrapolates beyond them for few samples
+    (3 samples gave a negative p20)."""
+    if not times:
+        raise ValueError("median_spread: expected at least one timing, got none")
+    if len(times) == 1:
+        return times[0], times[0], times[0]
+    q = statistics.quantiles(times, n=5, method="inclusive")
+    return statistics.median(times), q[0], q[-1]
+
+
+def skip(script: str, reason: str) -> None:
+    """Say that ``script`` (or a part of it) does not run here, in the form
+    ``videoanchor bench`` collects into its summary (``bench_x: skipped: ...``)."""
+    print(f"{script}: skipped: {reason}", flush=True)

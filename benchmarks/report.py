@@ -78,7 +78,7 @@ TITLES = {
     "spectral": "Spectral step against scikit-learn (the eigensolver crossover)",
     "label_draws": "Seed stability of the scores against `label_draws`",
     "yaleb": "Extended Yale B clustering error (Elhamifar & Vidal's program)",
-    "yaleb_squared": "Extended Yale B with METHOD.md's squared data term",
+    "yaleb_squared": "Extended Yale B with the method page's squared data term",
     "blocked": "Column-blocked exact SSC: equality, memory, processes",
     "blocked_convergence": "Blocked SSC to convergence: per-block stopping rules",
     "scalable": "Scalable (approximate) scoring",
@@ -220,7 +220,10 @@ def compile_table(r: Result) -> str:
 
 
 def _mix_label(m: dict) -> str:
-    return f"{m['dtype']} D {m['D']}" + (" causal" if m.get("causal") else "")
+    kernel = str(m.get("kernel", "")).removeprefix("_anchored_").removesuffix("_kernel")
+    form = str(m.get("form", "")).split(",")[0].split(" (")[0]
+    return (f"{kernel} {m['dtype']} D{m['D']}" + (" causal" if m.get("causal") else "")
+            + (f", {form}" if form else ""))  # fmt: skip
 
 
 # ---- figures -----------------------------------------------------------------------------
@@ -378,7 +381,7 @@ def fig_yaleb(r: Result, results):
     if squared is not None:
         sq = sorted(squared.rows, key=lambda x: x["n_subjects"])
         ax.plot([x["n_subjects"] for x in sq], [x["mean_error_pct"] for x in sq], marker="s",
-                color="C3", label="ours, squared data term (METHOD.md)")  # fmt: skip
+                color="C3", label="ours, squared data term (docs/method.md)")  # fmt: skip
     ax.set_xlabel("subjects per subset")
     ax.set_ylabel("mean clustering error (%)")
     ax.set_xticks(n)
@@ -482,7 +485,7 @@ def fig_compile(r: Result, results):
     if not mix:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.0, 2.6))
+    fig, ax = plt.subplots(figsize=(6.0, 1.2 + 0.24 * len(mix)))
     labels = [_mix_label(m) for m in mix]
     ys = range(len(mix))
     ax.barh([y + 0.2 for y in ys], [m["plain"]["non_mma_per_mma"] for m in mix], height=0.4,
@@ -535,8 +538,8 @@ def fig_attention(r: Result, results):
     if not any(x["provider"] == "anchored" for x in rows):
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.0), squeeze=False,
-                             sharey=True)  # fmt: skip
+    fig, axes = plt.subplots(1, len(models), figsize=(max(5.5, 4.2 * len(models)), 3.4),
+                             squeeze=False, sharey=True)  # fmt: skip
     for ax, model in zip(axes[0], models, strict=True):
         rs = [x for x in rows if x.get("model") == model]
         ours = {x["S"]: x["ms"] for x in rs if x["provider"] == "anchored"}
@@ -551,10 +554,14 @@ def fig_attention(r: Result, results):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length S")
         ax.set_title(str(model))
-    axes[0][0].set_ylabel("baseline time / anchored time (> 1: ours faster)")
+    axes[0][0].set_ylabel("baseline / anchored time\n(> 1: ours faster)", fontsize=8)
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center",
                ncol=4, fontsize=7)  # fmt: skip
-    fig.suptitle(f"Prefill attention, {rows[0].get('dtype')}: speedup of the anchored kernel")
+    if str(r.meta.get("device", "")).startswith("cpu"):
+        fig.suptitle(f"Prefill attention forward on a CPU, {rows[0].get('dtype')}:\nthe exact "
+                     "torch path (anchored) against each baseline", fontsize=9)  # fmt: skip
+    else:
+        fig.suptitle(f"Prefill attention, {rows[0].get('dtype')}: speedup of the anchored kernel")
     return fig, (
         "Each baseline's time over the anchored kernel's, same shapes and gates, measured in "
         "the same process (a missing point: the baseline failed or ran out of memory there)."
@@ -612,6 +619,145 @@ def fig_prefill(r: Result, results):
     )
 
 
+def _hbars(
+    groups: list[str],
+    series: dict[str, list],
+    xlabel: str,
+    title: str,
+    *,
+    notes: list[str] | None = None,
+    log: bool = False,
+):
+    """Horizontal grouped bars: one group per label, one bar per series (None: no bar)."""
+    plt = _plt()
+    k = len(series)
+    fig, ax = plt.subplots(figsize=(5.0, 0.9 + 0.28 * len(groups) * k))
+    h = 0.8 / k
+    for i, (name, vals) in enumerate(series.items()):
+        ys = [g + (i - (k - 1) / 2) * h for g in range(len(groups))]
+        pts = [(y, v) for y, v in zip(ys, vals, strict=True) if v is not None]
+        if pts:
+            ax.barh([y for y, _ in pts], [v for _, v in pts], height=h * 0.9,
+                    color="0.6" if i == 0 and k > 1 else f"C{i}", label=name)  # fmt: skip
+    if notes:
+        top = {
+            g: max(v[g] for v in series.values() if v[g] is not None) for g in range(len(groups))
+        }
+        for g, note in enumerate(notes):
+            if note:
+                ax.text(top[g], g, "  " + note, va="center", fontsize=7)
+    ax.set_yticks(range(len(groups)), groups, fontsize=8)
+    ax.invert_yaxis()
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
+    if k > 1:
+        fig.legend(loc="outside lower center", ncol=k, fontsize=7)
+    ax.margins(x=0.35)
+    return fig
+
+
+def fig_blocked_convergence(r: Result, results):
+    rows = [x for x in r.rows if "pipeline_s" in x]
+    if not rows:
+        return None
+    notes = [f"{x['iterations']} it" + (f", Spearman {x['scores_spearman_vs_dense']:.3f}"
+             if "scores_spearman_vs_dense" in x else "") for x in rows]  # fmt: skip
+    fig = _hbars([x["provider"] for x in rows], {"seconds": [x["pipeline_s"] for x in rows]},
+                 "seconds to convergence (the whole pipeline)",
+                 f"N = {rows[0]['n']}, D = {rows[0]['d']}: dense against column blocks",
+                 notes=notes)  # fmt: skip
+    return fig, (
+        "Time to convergence of the dense solver and of the column-blocked one under each "
+        "stopping rule, with iterations and the scores' Spearman correlation with the dense run."
+    )
+
+
+def fig_scalable(r: Result, results):
+    rows = [x for x in r.rows if x.get("case") == "agreement" and "exact_s" in x]
+    if not rows:
+        return None
+    fig = _hbars([f"{x['data']}, N = {x['n']}" for x in rows],
+                 {"exact": [x["exact_s"] for x in rows],
+                  "scalable": [x["scalable_s"] for x in rows]},
+                 "seconds", "Exact against scalable scoring",
+                 notes=[f"Spearman {x['spearman_scores']:.2f}" for x in rows])  # fmt: skip
+    return fig, (
+        "Seconds of the exact and the scalable (approximate) scoring on the same tokens, with "
+        "the Spearman correlation of their scores: the scalable mode is faster but its scores "
+        "differ (see the table)."
+    )
+
+
+def fig_scalable_stopping(r: Result, results):
+    rows = [x for x in r.rows if "spearman_scores_to_tight" in x]
+    if not rows:
+        return None
+    fig = _hbars([f"{x['data']}, eps {x['eps']:.0e}" for x in rows],
+                 {"seconds": [x["seconds"] for x in rows]}, "seconds",
+                 f"Stopping at eps against eps = {rows[0]['tight_eps']:.0e}",
+                 notes=[f"Spearman {x['spearman_scores_to_tight']:.3f}" for x in rows])  # fmt: skip
+    return fig, (
+        "Seconds of the exact mode at each stopping tolerance, with the Spearman correlation of "
+        "its scores with a run to the tight tolerance."
+    )
+
+
+def fig_yaleb_squared(r: Result, results):
+    rows = sorted((x for x in r.rows if "ours_time_s_same_subsets" in x),
+                  key=lambda x: x["n_subjects"])  # fmt: skip
+    if not rows:
+        return None
+    fig = _hbars([f"{x['n_subjects']} subjects" for x in rows],
+                 {"reference": [x["reference_time_s_mean"] for x in rows],
+                  "ours": [x["ours_time_s_same_subsets"] for x in rows]},
+                 "seconds per subset (same subsets)", "Extended Yale B, squared data term",
+                 notes=[f"error {x['mean_error_pct']:.1f} %" for x in rows])  # fmt: skip
+    return fig, (
+        "Seconds per subset of the re-implemented reference and ours on the same subsets, with "
+        "our mean clustering error (the errors against the published ones: the Yale B figure)."
+    )
+
+
+def fig_tune(r: Result, results):
+    rows = [x for x in r.rows if "naive_s_per_setting" in x]
+    if not rows:
+        return None
+    x = rows[0]
+    fig = _hbars(["one run per setting", "sweep (cold cache)", "sweep (warm cache)"],
+                 {"seconds": [x["naive_s_per_setting"], x["sweep_s_per_setting"],
+                              x["warm_sweep_s_per_setting"]]},
+                 "seconds per setting", f"{x.get('model', '')}: {x.get('settings')} settings, "
+                 f"{x.get('items')} items")  # fmt: skip
+    return fig, (
+        "Seconds per alpha setting of `videoanchor tune` against running the model once per "
+        "setting, on a tiny random model: a measure of the sweep's reuse, not of a real model."
+    )
+
+
+def fig_vllm(r: Result, results):
+    by = {bool(x.get("anchored")): x for x in r.rows}
+    if not {True, False} <= set(by):
+        return None
+    keys = [("output_tokens_per_s", "output tokens / s"),
+            ("median_decode_step_s", "decode step (s)"),
+            ("video_prefill_step_s", "video prefill step (s)")]  # fmt: skip
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(7.5, 1.9))
+    for ax, (key, label) in zip(axes, keys, strict=True):
+        ax.barh([0, 1], [by[False][key], by[True][key]], color=["0.6", "C0"])
+        ax.set_yticks([0, 1], ["plain vLLM", "anchored"], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(label, fontsize=8)
+    fig.suptitle(f"vLLM {r.meta.get('vllm', '')} on a CPU, {r.meta.get('model', '')}", fontsize=9)
+    return fig, (
+        "The anchored engine against plain vLLM in one process on the CPU backend (the exact "
+        "torch attention path): throughput, the median decode step and the video prefill step "
+        "(SSC included)."
+    )
+
+
 FIGURES_BY_AREA = {
     "ssc": fig_ssc,
     "spectral": fig_spectral,
@@ -626,6 +772,12 @@ FIGURES_BY_AREA = {
     "decode": fig_decode,
     "integration": fig_prefill,
     "tp": fig_prefill,
+    "blocked_convergence": fig_blocked_convergence,
+    "scalable": fig_scalable,
+    "scalable_stopping": fig_scalable_stopping,
+    "yaleb_squared": fig_yaleb_squared,
+    "tune": fig_tune,
+    "vllm": fig_vllm,
 }
 
 
@@ -716,6 +868,227 @@ def build(results: list[Result], uncommitted: list[str]):
     return "\n".join(out).rstrip() + "\n", figures
 
 
+# ---- generated fragments of other pages --------------------------------------------------
+# Between ``<!-- report.py:NAME -->`` and ``<!-- /report.py:NAME -->`` in these pages, the
+# text is made here from the committed results (``--check`` fails when it differs), so the
+# landing page and the Limitations page cannot drift from the JSON files.
+
+FRAGMENT_PAGES = ["README.md", "docs/index.md", "docs/limitations.md", "docs/flexattention.md"]
+_FRAGMENT = re.compile(
+    r"^([ \t]*)(<!-- report\.py:([a-z0-9-]+) -->\n)(.*?)^[ \t]*(<!-- /report\.py:\3 -->)",
+    re.S | re.M,
+)
+
+# (component, result areas that time it, compiled kernels (name prefixes) or None, how it
+# runs on a CPU)
+COMPONENTS = [
+    ("Triton kernels: prefill, decode, paged, backward", ["decode", "paged"],
+     "_", "Triton's interpreter, in the tests"),
+    ("Exact torch attention path", ["attention", "backward"], None, "natively"),
+    ("SSC anchor scores", ["ssc", "spectral", "label_draws", "yaleb", "blocked", "scalable"],
+     None, "natively"),
+    ("transformers integration, lmms-eval", ["integration", "tp", "lmms_batch", "tune"], None,
+     "natively (tiny random models)"),
+    ("vLLM plugin", ["vllm"], None, "vLLM's CPU backend (tiny random model)"),
+]  # fmt: skip
+
+
+def _is_cpu(r: Result) -> bool:
+    return str(r.meta.get("device", "")).startswith("cpu")
+
+
+def _links(names: list[str], prefix: str) -> str:
+    shown = ", ".join(f"`{n}`" for n in names[:2])
+    more = f" and {len(names) - 2} more" if len(names) > 2 else ""
+    return f"{shown}{more} ([Benchmarks]({prefix}benchmarks.md))"
+
+
+def verification_table(results: list[Result], prefix: str) -> str:
+    """Each component against: run on a GPU / compiled for a GPU / run on the CPU / timed."""
+    compiled = [r for r in results if r.area == "compile"]
+    lines = [
+        "| Component | Run on a GPU | Compiled for a GPU (static) | Runs on the CPU | Timed |",
+        "|---|---|---|---|---|",
+    ]
+    for name, areas, kernels, cpu in COMPONENTS:
+        mine = [r for r in results if r.area in areas or r.area.split("_")[0] in areas]
+        gpu = sorted(r.path.name for r in mine if not _is_cpu(r))
+        timed_cpu = sorted(r.path.name for r in mine if _is_cpu(r))
+        if kernels:
+            per = {}
+            for r in sorted(compiled, key=lambda r: r.stem):
+                rows = [x for x in r.rows if str(x.get("kernel", "")).startswith(kernels)]
+                spills = sum(x.get("spill_stores", 0) + x.get("spill_loads", 0) for x in rows)
+                per.setdefault((len(rows), spills), []).append(str(r.meta.get("target", r.stem)))
+            comp = "; ".join(f"{', '.join(t)}: {n} kernels{' each' if len(t) > 1 else ''}, "
+                             f"{sp} spill bytes" for (n, sp), t in per.items()) or "no"  # fmt: skip
+        else:
+            comp = "not needed"
+        timed = []
+        if gpu:
+            timed.append("GPU: " + _links(gpu, prefix))
+        if timed_cpu:
+            timed.append("CPU: " + _links(timed_cpu, prefix))
+        lines.append(f"| {name} | {'yes: ' + _links(gpu, prefix) if gpu else 'not yet'} | "
+                     f"{comp} | {cpu} | {'; '.join(timed) or 'no'} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _speed_line(results: list[Result], prefix: str) -> str:
+    gpu = [r for r in results if r.area != "compile" and not _is_cpu(r)]
+    head = ("**How fast?** " + ("GPU results: " + _links(sorted(r.path.name for r in gpu), prefix)
+            + "." if gpu else "No GPU timing exists yet (nothing has run on a GPU), so there is "
+            "no GPU speed figure here."))  # fmt: skip
+    att = next((r for r in results if r.area == "attention" and _is_cpu(r)), None)
+    if att is None:
+        return head
+    by = {}
+    for x in att.rows:
+        if x.get("ms") is not None:
+            by.setdefault(x["S"], {})[x["provider"]] = x["ms"]
+    S = max((s for s, v in by.items() if {"anchored", "sdpa", "sdpa_mask"} <= set(v)), default=None)
+    if S is None:
+        return head
+    v = by[S]
+    load = att.meta.get("loadavg") or att.meta.get("loadavg_start") or [float("nan")]
+    cpu = str(att.meta.get("device", "cpu")).removeprefix("cpu").strip(" ()")
+    return (
+        head + f" What is measured: on a CPU ({cpu}, shared with other jobs, load average "
+        f"{float(load[0]):.1f}), the exact anchored attention forward at S = {S} "
+        f"(28 query heads, fp32) took {v['anchored']:.0f} ms, against {v['sdpa']:.0f} ms for "
+        f"PyTorch's SDPA without the gates and {v['sdpa_mask']:.0f} ms for SDPA given the gates "
+        f"as a full mask (`{att.path.name}`; all figures on the [Benchmarks]({prefix}"
+        "benchmarks.md) page).\n\n"
+        f"![The exact torch path against SDPA on a CPU]({prefix}figures/{figure_name(att)})"
+    )
+
+
+def _compile_summary(results: list[Result]) -> str:
+    parts = []
+    for r in sorted((r for r in results if r.area == "compile"), key=lambda r: r.stem):
+        spills = sum(x.get("spill_stores", 0) + x.get("spill_loads", 0) for x in r.rows)
+        parts.append(f"{r.meta.get('target', r.stem)}: {len(r.rows)} kernels, {spills} spill "
+                     f"bytes (`{r.path.name}`)")  # fmt: skip
+    return "The full matrix (`compile_report.py`): " + "; ".join(parts) + "." if parts else ""
+
+
+def _mix_summary(results: list[Result]) -> str:
+    r = next((r for r in results if r.stem == "compile_sm90"), None)
+    mix = [m for m in (r.data.get("instruction_mix", []) if r else [])
+           if m.get("kernel") == "_anchored_prefill_kernel" and m.get("dtype") == "bf16"
+           and m.get("D") == 128 and m.get("causal") and "paged" not in m.get("form", "")]  # fmt: skip
+    if not mix:
+        return ""
+    m = mix[0]
+    met = "met" if m.get("meets_target") else "not met"
+    general = m.get("also", {})
+    tail = ""
+    if general:
+        tail = (f" The general form (value scale inside the loop, used when V cannot be "
+                f"pre-scaled) has a ratio of {general.get('ratio_non_mma_per_mma')}.")  # fmt: skip
+    return (
+        f"In the prefill main loop for bf16, D 128, causal on sm_90 (`compile_sm90.json`, "
+        f'`instruction_mix`, form "{m.get("form")}"), the anchored kernel issues '
+        f"{m['anchored']['non_mma_per_mma']} non-MMA instructions per MMA against "
+        f"{m['plain']['non_mma_per_mma']} with the gates off, a ratio of "
+        f"{m['ratio_non_mma_per_mma']}; the target (<= 1.05) is {met}.{tail}"
+    )
+
+
+def _speed_short(results: list[Result]) -> str:
+    att = next((r for r in results if r.area == "attention" and _is_cpu(r)), None)
+    if att is None:
+        return "not timed yet."
+    parts = []
+    for S in sorted({x["S"] for x in att.rows if "S" in x}):
+        v = {x["provider"]: x["ms"] for x in att.rows if x.get("S") == S and x.get("ms")}
+        if {"anchored", "sdpa", "sdpa_mask"} <= set(v):
+            parts.append(f"S = {S}: {v['anchored']:.0f} ms against {v['sdpa']:.0f} ms (SDPA, no "
+                         f"gates) and {v['sdpa_mask']:.0f} ms (SDPA with the gates as a mask)")  # fmt: skip
+    return "; ".join(parts) + f" (`{att.path.name}`, forward, fp32)."
+
+
+def _vllm_summary(results: list[Result]) -> str:
+    r = next((r for r in results if r.area == "vllm"), None)
+    if r is None:
+        return "not measured yet."
+    by = {bool(x.get("anchored")): x for x in r.rows}
+    if not {True, False} <= set(by):
+        return "not measured yet."
+    a, p = by[True], by[False]
+    return (
+        f"on {r.meta.get('model', 'a tiny model')}, {a['ratio_vs_plain']:.2f}x plain vLLM's "
+        f"output tokens per second; a decode step {a['median_decode_step_s'] * 1e3:.1f} ms "
+        f"against {p['median_decode_step_s'] * 1e3:.1f} ms, a video prefill step "
+        f"{a['video_prefill_step_s'] * 1e3:.0f} ms against {p['video_prefill_step_s'] * 1e3:.0f} "
+        f"ms, the SSC included (`{r.path.name}`)."
+    )
+
+
+def _flex_summary(results: list[Result]) -> str:
+    att = next((r for r in results if r.area == "attention" and _is_cpu(r)), None)
+    rows = [] if att is None else [x for x in att.rows if x.get("ms") is not None]
+    if not any(x["provider"] == "flex" for x in rows):
+        return "FlexAttention has not been timed on the CPU yet."
+    names = {"anchored": "ours (exact torch path)", "sdpa": "SDPA, no gates",
+             "sdpa_mask": "SDPA, gates as a mask", "flex": "FlexAttention (compiled)"}  # fmt: skip
+    sizes = sorted({x["S"] for x in rows})
+    lines = ["| provider | " + " | ".join(f"S = {S}" for S in sizes) + " |",
+             "|---|" + "---|" * len(sizes)]  # fmt: skip
+    for p, label in names.items():
+        v = {x["S"]: x for x in rows if x["provider"] == p}
+        if v:
+            lines.append(f"| {label} | " + " | ".join(
+                f"{v[S]['ms']:.0f} ms" if S in v else "" for S in sizes) + " |")  # fmt: skip
+    comp = [x["compile_s_first_call"] for x in rows if x.get("compile_s_first_call")]
+    diff = [x["max_diff_vs_anchored"] for x in rows
+            if x["provider"] == "flex" and x.get("max_diff_vs_anchored") is not None]  # fmt: skip
+    load = att.meta.get("loadavg_start") or att.meta.get("loadavg") or [float("nan")]
+    tail = (f"\n\n`{att.path.name}`, {att.meta.get('device')}, load average "
+            f"{float(load[0]):.1f} at the start; times exclude FlexAttention's compile, "
+            f"{min(comp):.0f} to {max(comp):.0f} s for each new shape."
+            if comp else "")  # fmt: skip
+    if diff:
+        tail += f" Its largest difference from our output: {max(diff):.1e}."
+    return "\n".join(lines) + tail
+
+
+def fragments(results: list[Result], page: str) -> dict[str, str]:
+    """The generated text of each fragment name, for ``page`` (links relative to it)."""
+    prefix = "docs/" if page == "README.md" else ""
+    return {
+        "verification": verification_table(results, prefix) + "\n",
+        "speed": _speed_line(results, prefix) + "\n",
+        "compile-matrix": _compile_summary(results) + "\n",
+        "instruction-mix": _mix_summary(results) + "\n",
+        "speed-short": _speed_short(results) + "\n",
+        "vllm": _vllm_summary(results) + "\n",
+        "flex": _flex_summary(results) + "\n",
+    }
+
+
+def render_fragments(results: list[Result]) -> dict[Path, str]:
+    """Each page of FRAGMENT_PAGES with its fragments regenerated (pages without any are
+    returned unchanged). An unknown fragment name is an error."""
+    out = {}
+    for page in FRAGMENT_PAGES:
+        path = ROOT / page
+        if not path.exists():
+            continue
+        gen = fragments(results, page)
+
+        def fill(m, gen=gen, page=page):
+            indent, name = m.group(1), m.group(3)
+            if name not in gen:
+                raise SystemExit(f"report.py: {page}: unknown fragment {name!r}")
+            body = "".join(indent + line if line.strip() else line
+                           for line in gen[name].splitlines(keepends=True))  # fmt: skip
+            return indent + m.group(2) + body + indent + m.group(5)
+
+        out[path] = _FRAGMENT.sub(fill, path.read_text())
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -739,6 +1112,9 @@ def main(argv=None):
         stale = []
         if not PAGE.exists() or PAGE.read_text() != text:
             stale.append(str(PAGE.relative_to(ROOT)))
+        for path, page in render_fragments(results).items():
+            if path.read_text() != page:
+                stale.append(f"{path.relative_to(ROOT)} (generated fragments)")
         have = {p.name for p in FIGURES.glob("*.svg")} if FIGURES.exists() else set()
         stale += [f"docs/figures/{n} (missing)" for n in sorted(set(figures) - have)]
         stale += [
@@ -757,6 +1133,10 @@ def main(argv=None):
     for name, data in figures.items():
         (FIGURES / name).write_bytes(data)
     PAGE.write_text(text)
+    for path, page in render_fragments(results).items():
+        if path.read_text() != page:
+            path.write_text(page)
+            print(f"updated the generated fragments of {path.relative_to(ROOT)}")
     print(f"wrote {PAGE.relative_to(ROOT)} and {len(figures)} figures in "
           f"{FIGURES.relative_to(ROOT)}")  # fmt: skip
     return 0

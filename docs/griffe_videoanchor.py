@@ -80,6 +80,12 @@ def plain_roles(text: str) -> str:
     )
 
 
+def method_links(text: str) -> str:
+    """``docs/method.md`` in a docstring -> a link to the method page (the API pages sit one
+    folder below it); a "section N" that follows stays as text after the link."""
+    return re.sub(r"(?<![\w/\[(])docs/method\.md", "[the method page](../method.md)", text)
+
+
 def _public_members(cls: griffe.Class):
     for name, member in cls.members.items():
         if name.startswith("_") or member.is_alias:
@@ -93,7 +99,9 @@ class VideoanchorDocstrings(griffe.Extension):
 
     def on_instance(self, *, obj: griffe.Object, **kwargs) -> None:
         if obj.docstring is not None:
-            obj.docstring.value = plain_roles(split_grouped_params(obj.docstring.value))
+            obj.docstring.value = method_links(
+                plain_roles(split_grouped_params(obj.docstring.value))
+            )
 
     def on_package(self, *, pkg: griffe.Module, **kwargs) -> None:
         for module in _modules(pkg):

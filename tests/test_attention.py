@@ -142,7 +142,7 @@ def test_torch_backend_matches_reference(shape, dim_dtype):
     # A tiny budget forces many query chunks.
     out, _ = anchored_attention_torch(
         q, k, v, kb, vs, causal=True, sm_scale=1 / math.sqrt(D), key_padding_mask=mask,
-        chunk_budget_bytes=1,
+        chunk_budget_bytes=1, fused=False,
     )  # fmt: skip
     check_close(out, ref, native_error(q, k, v, kb, vs, mask, True, ref), dtype)
 

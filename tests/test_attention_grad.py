@@ -175,15 +175,16 @@ def test_backward_under_checkpoint_matches_plain(use_reentrant):
 
 
 def test_no_grad_path_unchanged():
-    """Without grad the fast in-place path runs and agrees with the autograd path."""
+    """Without grad the fast path runs (the fused CPU kernel) and agrees with the autograd
+    path (the query chunks) to float32 rounding, in the same memory layout."""
     inputs = make(2, 4, 2, 11, 13, 16, torch.float32)
     with_grad = videoanchor.anchored_attention(*inputs, backend="torch")
     assert with_grad.grad_fn is not None
     with torch.no_grad():
         without = videoanchor.anchored_attention(*inputs, backend="torch")
     assert without.grad_fn is None
-    assert torch.equal(with_grad.detach(), without)
-    assert with_grad.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(with_grad.detach(), without, atol=2e-6, rtol=1e-5)
+    assert with_grad.transpose(1, 2).is_contiguous() and without.transpose(1, 2).is_contiguous()
 
 
 # ---- attn_mask ----------------------------------------------------------------------

@@ -3,6 +3,7 @@ directory (model, tokenizer, remote-code processor) and a video of moving shapes
 encodes itself."""
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -270,3 +271,62 @@ def test_bench_reports_a_failing_script(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("videoanchor.cli._bench_dir", lambda: bench)
     assert main(["bench", "--out-dir", str(tmp_path / "r")]) == 1
     assert "bench_broken.py (exit 3)" in capsys.readouterr().err
+
+
+def test_bench_only_without_a_match_lists_the_names(tmp_path, capsys, monkeypatch):
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    for name in ("bench_ssc.py", "bench_attention.py"):
+        (bench / name).write_text("raise SystemExit(0)\n")
+    monkeypatch.setattr("videoanchor.cli._bench_dir", lambda: bench)
+    assert main(["bench", "--only", "nomatch", "--out-dir", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "--only nomatch" in err and "available: attention, ssc" in err
+
+
+def test_bench_collects_what_the_scripts_skipped(tmp_path, capsys, monkeypatch):
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    (bench / "bench_gpuonly.py").write_text(
+        "print('bench_gpuonly: skipped: no CUDA device here. Nothing run.')\n"
+    )
+    (bench / "bench_plain.py").write_text("print('a result line')\n")
+    monkeypatch.setattr("videoanchor.cli._bench_dir", lambda: bench)
+    assert main(["bench", "--quick", "--out-dir", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    tail = out[out.index("== skipped here") :]
+    assert "bench_gpuonly.py: bench_gpuonly: skipped: no CUDA device here" in tail
+    assert "bench_plain.py: has no --quick; ran its default settings" in tail
+    assert "a result line" not in tail and "== time per script" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
+@pytest.mark.parametrize("script", ["bench_paged.py", "bench_decode.py"])
+def test_gpu_only_benchmarks_skip_cleanly_without_cuda(script):
+    # the real scripts: exit 0 with a 'skipped:' line (issue 31: bench_paged exited 1)
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    shim = (
+        "import sys; sys.path.insert(0, 'tests'); import torchvision_shim; torchvision_shim.apply()"
+    )
+    code = f"{shim}; import runpy; sys.argv = ['{script}', '--quick']; runpy.run_path('benchmarks/{script}', run_name='__main__')"
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(root)})  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"{script[:-3]}: skipped: no CUDA device" in out.stdout
+
+
+def test_median_spread_stays_within_the_samples():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.common import median_spread
+
+    # three samples: the default "exclusive" quantiles gave p20 below the smallest sample
+    times = [100.0, 1000.0, 120.0]
+    med, p20, p80 = median_spread(times)
+    assert med == 120.0 and min(times) <= p20 <= med <= p80 <= max(times)
+    assert median_spread([5.0]) == (5.0, 5.0, 5.0)
+    with pytest.raises(ValueError, match="at least one timing"):
+        median_spread([])

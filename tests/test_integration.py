@@ -2,7 +2,7 @@
 
 Each family's model is built from a config, saved with save_pretrained and loaded three
 times with from_pretrained: SDPA (the baseline), videoanchor_triton, and the independent
-eager float64 reference of METHOD.md section 4 (``EagerAnchorReference``).
+eager float64 reference of docs/method.md section 4 (``EagerAnchorReference``).
 """
 
 import copy

@@ -23,7 +23,7 @@ def ambiguous_tokens(n_per=15, k=6, d=24, seed=0):
 
 
 def reference_scores(coef, draws):
-    """METHOD.md section 3 with pi_j averaged over label draws, in numpy float64."""
+    """docs/method.md section 3 with pi_j averaged over label draws, in numpy float64."""
     c = coef.to(torch.float64).numpy()
     lab = draws.numpy()
     n = c.shape[0]

@@ -138,3 +138,21 @@ def test_bad_options():
     assert format_seconds(5) == "5.0 s" and format_seconds(125) == "2 min 05 s"
     assert format_seconds(7322) == "2 h 02 min" and format_seconds(None) == "?"
     assert format_seconds(0.0125) == "12.5 ms"
+
+
+def test_library_use_without_logging_configured_still_prints_the_lines(monkeypatch, capsys):
+    # A script that never configured logging (no handler anywhere; pytest's own handlers on
+    # the root logger removed here) gets the lines on stderr from the default handler.
+    progress_log = logging.getLogger("videoanchor.progress")
+    monkeypatch.setattr(logging.root, "handlers", [])
+    monkeypatch.setattr(progress_log, "handlers", [])
+    monkeypatch.setattr(progress_log, "level", logging.NOTSET)
+    p = SSCProgress(enabled=True, stream=_Pipe(), log_every=1e-9)
+    solve_ssc_admm(_tokens(), max_iter=12, eps=1e-9, progress=p, dtype=torch.float64)
+    err = capsys.readouterr().err
+    assert "videoanchor: SSC: 12/12, residual" in err and "NOT converged" in err
+    # a handler of the user's own takes over: here one that discards the lines
+    progress_log.addHandler(logging.NullHandler())
+    solve_ssc_admm(_tokens(), max_iter=12, eps=1e-9, progress=p, dtype=torch.float64)
+    assert capsys.readouterr().err == ""
+    assert [type(h) for h in progress_log.handlers] == [logging.NullHandler]

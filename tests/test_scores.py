@@ -1,4 +1,4 @@
-"""Anchor scores (METHOD.md section 3) and the end-to-end pipeline against the authors'."""
+"""Anchor scores (docs/method.md section 3) and the end-to-end pipeline against the authors'."""
 
 import numpy as np
 import pytest

@@ -207,7 +207,7 @@ def _train_and_compare(
     backend="auto",
 ):
     """A few SGD steps of our model and of the eager float64 reference with the same gates
-    (METHOD.md section 4, written out with no code shared with our kernels or hooks), from
+    (docs/method.md section 4, written out with no code shared with our kernels or hooks), from
     the same weights: the losses and every gradient must agree at every step."""
     ours = load_saved(saved[family]).train()
     handle = videoanchor.configure(ours, enabled=anchored, attention_backend=backend, **SSC)

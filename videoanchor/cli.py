@@ -451,7 +451,14 @@ def _script_flags(path: Path) -> set[str]:
     return set(re.findall(r"[\"'](--[a-z][a-z0-9-]*)[\"']", text))
 
 
+#: a line a benchmark script prints for a part it does not run here (no CUDA, --quick, ...);
+#: ``videoanchor bench`` collects them into its closing summary
+_SKIP_LINE = re.compile(r"^\s*(?:bench_\w+:\s*)?(?:SKIP(?:PED)?\b|skipp?ed\b|nothing run\b)", re.I)
+
+
 def cmd_bench(args) -> int:
+    import time
+
     import torch
 
     bench = _bench_dir()
@@ -460,37 +467,63 @@ def cmd_bench(args) -> int:
             "the benchmark scripts ship with the source checkout (benchmarks/bench_*.py); "
             "run `videoanchor bench` from a clone of the repository"
         )
-    scripts = sorted(bench.glob("bench_*.py"))
+    available = sorted(bench.glob("bench_*.py"))
+    scripts = available
     if args.only:
-        scripts = [s for s in scripts if any(o in s.stem for o in args.only)]
+        scripts = [s for s in available if any(o in s.stem for o in args.only)]
     if not scripts:
-        raise CLIError(f"no benchmark scripts found in {bench}")
+        names = ", ".join(s.stem.removeprefix("bench_") for s in available) or "none"
+        if args.only:
+            raise CLIError(
+                f"--only {' '.join(args.only)}: no benchmark script's name contains "
+                f"{'it' if len(args.only) == 1 else 'any of these'}; available: {names}"
+            )
+        raise CLIError(f"no benchmark scripts (bench_*.py) found in {bench}")
     out_dir = Path(args.out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     if torch.cuda.is_available():
         print(f"CUDA device: {torch.cuda.get_device_name(0)}")
     else:
         print(
-            "No CUDA device: the GPU kernels cannot be timed here; each benchmark runs its CPU part."
+            "No CUDA device: the GPU kernels cannot be timed here; each benchmark runs its CPU "
+            "part, and the GPU-only ones say they skip."
         )
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(bench.parent), env.get("PYTHONPATH", "")]).rstrip(
         os.pathsep
     )
     env.setdefault("VIDEOANCHOR_RESULTS_DIR", str(out_dir))
-    failed = []
+    env["PYTHONUNBUFFERED"] = "1"
+    failed, skipped, took = [], [], []
     for script in scripts:
         flags = _script_flags(script)
         cmd = [sys.executable, str(script)]
         if args.quick and "--quick" in flags:
             cmd.append("--quick")
+        elif args.quick:
+            skipped.append(f"{script.name}: has no --quick; ran its default settings")
         if "--out-dir" in flags:
             cmd += ["--out-dir", str(out_dir)]
         print(f"\n== {script.name} ({' '.join(cmd[2:]) or 'default settings'})", flush=True)
-        rc = subprocess.call(cmd, env=env, cwd=str(bench.parent))
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, cwd=str(bench.parent), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, errors="replace")  # fmt: skip
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            if _SKIP_LINE.search(line):
+                skipped.append(f"{script.name}: {line.strip()}")
+        rc = proc.wait()
+        took.append((script.name, time.perf_counter() - t0, rc))
         if rc != 0:
             failed.append(f"{script.name} (exit {rc})")
     _print_bench_summary(out_dir)
+    print("\n== time per script")
+    for name, seconds, rc in took:
+        print(f"  {name:<32} {seconds:7.1f} s{'' if rc == 0 else f'  (exit {rc})'}")
+    if skipped:
+        print("\n== skipped here")
+        for line in skipped:
+            print(f"  {line}")
     if failed:
         raise CLIError(f"benchmark(s) failed: {', '.join(failed)}")
     return 0

@@ -1,4 +1,4 @@
-"""Sparse subspace clustering and VideoAnchor scores (METHOD.md sections 1-3).
+"""Sparse subspace clustering and VideoAnchor scores (docs/method.md sections 1-3).
 
 Never imports ``videoanchor.kernels`` or ``transformers``.
 """

@@ -2,7 +2,7 @@
 
 Every SSC solver of the package runs :func:`run` on a step object of this module:
 
-* :class:`SquaredStep`: VideoAnchor's program (METHOD.md section 2), on all the columns
+* :class:`SquaredStep`: VideoAnchor's program (docs/method.md section 2), on all the columns
   of ``C`` (:func:`videoanchor.anchor.ssc.solve_ssc_admm`, torch or CuPy) or on one
   column block (:func:`videoanchor.anchor.blocked.solve_ssc_blocked`);
 * :class:`EqualityStep`: Elhamifar & Vidal's constrained program

@@ -1,6 +1,6 @@
 """Exact SSC, column-blocked: the authors' ADMM on ``b`` columns of ``C`` at a time.
 
-The SSC program of METHOD.md section 2 separates over the columns of ``C`` (see the
+The SSC program of docs/method.md section 2 separates over the columns of ``C`` (see the
 module docstring of :mod:`videoanchor.anchor.scalable`): column ``i`` is coupled to the
 others only through the global ``lambda_e`` and ``lambda_z``. Every step of the authors'
 iteration is column-wise too:
@@ -249,7 +249,7 @@ def solve_ssc_blocked(
 ) -> BlockedADMMResult:
     """Solve the SSC program for ``features`` (``N x D``) column block by column block.
 
-    The authors' iteration (METHOD.md section 2; the faithful solver of
+    The authors' iteration (docs/method.md section 2; the faithful solver of
     :func:`~videoanchor.anchor.ssc.solve_ssc_admm`) on ``block_columns`` columns at a
     time (default :func:`default_block_columns`), each block stopped by its own part of
     the authors' criterion (``block_eps``, module docstring). ``C`` comes back sparse.

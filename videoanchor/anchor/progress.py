@@ -8,6 +8,14 @@ report their iterations to an :class:`SSCProgress`:
 * otherwise (logs, CI, notebooks writing to files), a line on the ``videoanchor.progress``
   logger (level INFO) every ``log_every`` seconds.
 
+Library use: when nothing would show those lines (no handler on ``videoanchor.progress``
+or its ancestors, as in a script that never configured logging), the logger gets a
+default handler that writes ``videoanchor: ...`` lines to stderr, the way transformers
+gives its own logger a default handler. Any handler of your own takes over (it is removed
+again as soon as one exists): ``logging.basicConfig(...)`` routes the lines through yours,
+``logging.getLogger("videoanchor.progress").addHandler(logging.NullHandler())`` silences
+them, and ``progress=False`` turns the reporting off altogether.
+
 After the first ``estimate_after`` iterations it reports the cost once: tokens, seconds per
 iteration measured on those iterations and the time the iteration limit would take. From
 the 20th iteration on, the bar and the log lines add the iterations projected to reach
@@ -48,6 +56,51 @@ __all__ = [
 ]
 
 logger = logging.getLogger("videoanchor.progress")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """The default handler: writes to whatever ``sys.stderr`` is at the time of the line."""
+
+    def emit(self, record):
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+_default_handler: _StderrHandler | None = None
+
+
+def _other_handlers() -> bool:
+    """Whether a handler other than ours would see a record of ``logger``."""
+    log = logger
+    while log is not None:
+        if any(h is not _default_handler for h in log.handlers):
+            return True
+        if not log.propagate:
+            return False
+        log = log.parent
+    return False
+
+
+def _log(level: int, msg: str, *args) -> None:
+    """``logger.log``, with the default handler attached while no other handler exists."""
+    global _default_handler
+    others = _other_handlers()
+    if _default_handler is not None and _default_handler not in logger.handlers:
+        _default_handler = None  # someone removed it
+    if others and _default_handler is not None:
+        logger.removeHandler(_default_handler)
+        if logger.level == logging.INFO and getattr(_default_handler, "set_level", False):
+            logger.setLevel(logging.NOTSET)
+        _default_handler = None
+    elif not others and _default_handler is None:
+        _default_handler = _StderrHandler()
+        _default_handler.setFormatter(logging.Formatter("videoanchor: %(message)s"))
+        _default_handler.set_level = logger.level == logging.NOTSET
+        if _default_handler.set_level:
+            logger.setLevel(logging.INFO)
+        logger.addHandler(_default_handler)
+    logger.log(level, msg, *args)
+
 
 _AUTO_DELAY = 5.0  # seconds before an automatic report appears
 _FIT_MIN_POINTS = 10  # the projection needs 20 iterations (fit over the last half)
@@ -359,7 +412,7 @@ class SSCProgress:
 
             tqdm.write(text, file=self.stream if self.stream is not None else sys.stderr)
         else:
-            logger.log(level, text)
+            _log(level, text)
 
     def _status(self, now: float) -> str:
         proj, at_limit = self.eta_seconds(now)
@@ -404,7 +457,7 @@ class SSCProgress:
                 self._bar.refresh()
         elif now - self._last_log >= self.log_every or self._last_log == self.t0:
             self._last_log = now
-            logger.info("%s: %s", self.desc, self._status(now))
+            _log(logging.INFO, "%s: %s", self.desc, self._status(now))
 
 
 def as_reporter(progress, *, max_iter: int, eps: float, tokens: int | None = None,

@@ -10,7 +10,7 @@
   Vidal's SSC-ADMM code (``admmOutlier_mat_func``, with or without the affine
   constraint), transcribed with its explicit ``(N + D) x (N + D)`` inverse; baseline of
   ``bench_yaleb.py``.
-* :func:`reference_scores`: METHOD.md section 3 written as loops.
+* :func:`reference_scores`: docs/method.md section 3 written as loops.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def authors_admm(
     lambdas: tuple[float, float] | None = None,
     callback=None,
 ) -> tuple[np.ndarray, int, bool]:
-    """SSC-ADMM of METHOD.md section 2 for ``y`` (``D x N``), float64, dense solve each step.
+    """SSC-ADMM of docs/method.md section 2 for ``y`` (``D x N``), float64, dense solve each step.
 
     Returns ``(C, iterations, converged)``. ``callback(it, A, C, E)`` sees every iterate.
     """
@@ -103,7 +103,7 @@ def authors_spectral_labels(coef: np.ndarray, n_clusters: int, seed=None) -> np.
 
 
 def reference_scores(coef: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """METHOD.md section 3, written with loops, float64."""
+    """docs/method.md section 3, written with loops, float64."""
     n = coef.shape[0]
     s_hat = np.zeros(n)
     for j in range(n):

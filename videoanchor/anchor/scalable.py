@@ -1,6 +1,6 @@
 """Scalable anchor scores for long videos: SSC restricted to each token's K best candidates.
 
-The SSC program of METHOD.md section 2 separates over the columns of ``C``: column ``i``
+The SSC program of docs/method.md section 2 separates over the columns of ``C``: column ``i``
 is the solution of
 
     min ||c||_1 + lambda_e ||e||_1 + (lambda_z / 2) ||y_i - Y c - e||^2
@@ -346,7 +346,7 @@ FLAT_ROW_SUM_RTOL = 1e-3
 
 
 def scores_from_row_sums(r: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """METHOD.md section 3 from the row sums ``r`` of ``C`` and the labels (float32).
+    """docs/method.md section 3 from the row sums ``r`` of ``C`` and the labels (float32).
 
     Degenerate case: when the row sums agree within ``FLAT_ROW_SUM_RTOL`` of their size
     (identical or near-identical tokens), every score is 0 and a warning says so, instead

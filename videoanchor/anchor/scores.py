@@ -1,4 +1,4 @@
-"""Anchor scores (METHOD.md section 3) and the public SSC entry points."""
+"""Anchor scores (docs/method.md section 3) and the public SSC entry points."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ ACCEL_RELAX = 1.8  # over-relaxation of the accelerated solver (Eckstein & Berts
 
 
 def anchor_scores(coef: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Anchor score of every token from ``C`` and cluster labels (METHOD.md section 3).
+    """Anchor score of every token from ``C`` and cluster labels (docs/method.md section 3).
 
     ``r_j = sum_i C[j, i]`` (row sum of the signed ``C``, ``Y = Y C`` convention; ``coef``
     dense or sparse COO, which is never densified),
@@ -230,7 +230,7 @@ def sparse_subspace_clustering(
 ) -> SSCResult:
     """Sparse subspace clustering of the rows of ``features`` (``N x D``) into ``n_clusters``.
 
-    Solves METHOD.md's SSC program (``affine``: the ``1^T C = 1^T`` constraint;
+    Solves docs/method.md's SSC program (``affine``: the ``1^T C = 1^T`` constraint;
     ``outliers``: the ``lambda_e ||E||_1`` term, else ``E = 0``) on the features' device,
     then spectral clustering of ``W = |C| + |C|^T`` (``affinity="column_max"``: each
     column of ``|C|`` scaled by its largest entry first). ``solver="faithful"`` runs the
@@ -352,7 +352,7 @@ def compute_anchor_scores(
 ) -> AnchorResult:
     """VideoAnchor scores of ``features`` (``N x D`` visual tokens of one request).
 
-    SSC with the authors' model and parameters (METHOD.md section 2), spectral clustering
+    SSC with the authors' model and parameters (docs/method.md section 2), spectral clustering
     into ``n_clusters`` (seeded), then the anchor score of section 3. Work happens on
     the features' device; ``scores`` (N,) float32 in [0, 1), ``labels`` (N,) int64 and
     ``coef`` (N, N) are returned there.

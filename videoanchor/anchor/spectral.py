@@ -42,7 +42,7 @@ __all__ = [
 
 
 def ssc_affinity(coef: torch.Tensor, *, normalize: str = "none") -> torch.Tensor:
-    """``W = |C| + |C|^T`` (METHOD.md). ``normalize="column_max"`` first divides each
+    """``W = |C| + |C|^T`` (docs/method.md). ``normalize="column_max"`` first divides each
     column of ``|C|`` by its largest entry (Elhamifar & Vidal's ``BuildAdjacency``)."""
     if coef.dim() != 2 or coef.shape[0] != coef.shape[1]:
         raise ValueError(f"coef: expected a square (N, N) matrix, got shape {tuple(coef.shape)}")

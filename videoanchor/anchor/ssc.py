@@ -1,4 +1,4 @@
-"""Sparse subspace clustering by ADMM (METHOD.md section 2), in torch, on any device.
+"""Sparse subspace clustering by ADMM (docs/method.md section 2), in torch, on any device.
 
 With ``Y = X^T`` (``D x N``, one column per point) the solver minimises
 
@@ -239,7 +239,7 @@ def solve_ssc_admm(
     """Solve the SSC program for ``features`` (``N x D``, one row per point) on their device.
 
     With ``relax=1`` and ``adaptive_rho=False`` this runs the authors' iteration
-    (METHOD.md section 2) and stops when ``max_i sum_j |A - C|_ij < eps``. With
+    (docs/method.md section 2) and stops when ``max_i sum_j |A - C|_ij < eps``. With
     acceleration it stops when both that primal residual and the change of ``C`` between
     iterations (the dual residual, same norm) are below ``eps``.
 

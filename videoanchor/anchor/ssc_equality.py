@@ -5,7 +5,7 @@ with ``Y = X^T`` (``D x N``):
 
     min ||C||_1 + gamma ||E||_1    s.t.  Y = Y C + E,  diag(C) = 0  (and 1^T C = 1^T if affine)
 
-VideoAnchor (METHOD.md section 2) replaces the constraint by a squared penalty; this
+VideoAnchor (docs/method.md section 2) replaces the constraint by a squared penalty; this
 module is the constrained form, for users of SSC as a clustering method (it is what
 reproduces the published Extended Yale B errors, ``benchmarks/bench_yaleb.py``).
 

@@ -66,7 +66,7 @@ def anchor_gates(
 
     Args:
         scores: (B, S) (or any shape) anchor scores, 0 at non-visual positions.
-        alpha_k, alpha_v: gate strengths (METHOD.md section 4).
+        alpha_k, alpha_v: gate strengths (docs/method.md section 4).
 
     Returns:
         ``(key_bias, value_scale)`` = ``(log(1 + alpha_k * s), 1 + alpha_v * s)`` in float32.

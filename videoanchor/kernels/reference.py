@@ -1,4 +1,4 @@
-"""Float64 reference for anchored attention: the plain formula of METHOD.md section 4.
+"""Float64 reference for anchored attention: the plain formula of docs/method.md section 4.
 
 It materialises the (B, Hq, Sq, Skv) logits, so it is for tests and benchmarks only.
 """

@@ -255,6 +255,93 @@ class _AnchoredAttentionFn(torch.autograd.Function):
         return tuple(grads)
 
 
+def _fused_available(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and hasattr(
+        torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"
+    )
+
+
+def _fused_forward(q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, causal,
+                   sm_scale, chunk_budget_bytes):  # fmt: skip
+    """The forward through PyTorch's fused CPU attention kernel (the one SDPA runs on a CPU,
+    which also returns the logsumexp): the key bias is a broadcast additive mask
+    (B, 1, 1, Skv), V is pre-scaled, hidden keys get -inf. Causal attention with
+    ``Sq == Skv`` uses the kernel's own causal mask; ``Sq == 1`` (decode) needs none (the
+    causal diagonal is the last key); other causal shapes (a query chunk after a cache, or
+    per-sample cache lengths) go by query blocks, each with its own (B, 1, rows, Skv) mask
+    within ``chunk_budget_bytes``. Memory stays O(S): the kernel tiles the logits."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dev, out_dtype = q.device, q.dtype
+    readable = key_padding_mask
+    if cache_seqlens is not None:
+        in_cache = torch.arange(Skv, device=dev)[None, :] < cache_seqlens[:, None]
+        readable = in_cache if readable is None else readable & in_cache
+    k, v = k.to(acc), v.to(acc)
+    if value_scale is not None:
+        v = v * value_scale.to(acc)[:, None, :, None]
+    bias = torch.zeros(B, Skv, dtype=acc, device=dev) if key_bias is None else key_bias.to(acc)
+    if readable is not None:
+        # a hidden key reaches neither the logits nor the output, whatever it holds (NaN)
+        keep = readable[:, None, :, None]
+        k, v = torch.where(keep, k, 0), torch.where(keep, v, 0)
+        bias = bias.masked_fill(~readable, float("-inf"))
+    q = q.to(acc)
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if causal and Sq == 1:  # the one query sees every key up to the (per-sample) cache end
+        causal = False
+    if not causal:
+        # the query heads of a group share K and V: stack them along the rows
+        q_r = q.reshape(B, Hkv, group * Sq, D)
+        out, lse = op(q_r, k, v, attn_mask=bias[:, None, None, :], scale=sm_scale)
+        out, lse = out.reshape(B, Hq, Sq, D), lse.reshape(B, Hq, Sq)
+        visible = None if readable is None else readable.any(dim=-1)[:, None, None]
+    else:
+        if Sq == Skv and cache_seqlens is None:
+            # each KV head with its query heads as one batch entry: K and V broadcast over
+            # the group (stride 0), never copied per query head
+            shape = (B * Hkv, group, Sq, D)
+            k_g, v_g = (t.reshape(B * Hkv, 1, Skv, D).expand(shape) for t in (k, v))
+            mask = bias.repeat_interleave(Hkv, dim=0)[:, None, None, :]
+            out, lse = op(q.reshape(shape), k_g, v_g, is_causal=True, attn_mask=mask,
+                          scale=sm_scale)  # fmt: skip
+            out, lse = out.reshape(B, Hq, Sq, D), lse.reshape(B, Hq, Sq)
+            visible = None
+            if readable is not None:  # row i sees a key iff the first readable one is <= i
+                first = torch.where(readable.any(-1), readable.int().argmax(-1), Skv)
+                visible = torch.arange(Sq, device=dev)[None, :] >= first[:, None]
+                visible = visible[:, None, :]
+        else:
+            if group > 1:
+                k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
+            n_valid = torch.full((B,), Skv, device=dev) if cache_seqlens is None else cache_seqlens
+            diag = (n_valid - Sq).view(B, 1, 1)  # row i sees keys j <= i + diag
+            out = torch.empty(B, Hq, Sq, D, dtype=acc, device=dev)
+            lse = torch.empty(B, Hq, Sq, dtype=acc, device=dev)
+            vis_rows = torch.empty(B, 1, Sq, dtype=torch.bool, device=dev)
+            # one (B, rows, Skv) mask per query block, within the chunk budget
+            row_bytes = B * Skv * torch.finfo(acc).bits // 8
+            rows = max(1, min(Sq, chunk_budget_bytes // max(1, row_bytes)))
+            cols = torch.arange(Skv, device=dev)
+            for i0 in range(0, Sq, rows):
+                i1 = min(Sq, i0 + rows)
+                r = torch.arange(i0, i1, device=dev)[None, :, None]
+                hide = cols[None, None, :] > r + diag  # (B, rows, Skv)
+                mask = bias[:, None, :].masked_fill(hide, float("-inf"))
+                o, l = op(q[:, :, i0:i1], k, v, attn_mask=mask[:, None], scale=sm_scale)
+                out[:, :, i0:i1], lse[:, :, i0:i1] = o, l
+                vis_rows[:, 0, i0:i1] = torch.isfinite(mask).any(-1)
+            visible = vis_rows
+    if visible is not None:
+        lse = torch.where(visible, lse, float("-inf"))
+        out = torch.where(visible[..., None], out, 0)
+    # the layout of the chunked form's output: (B, Sq, Hq, D) memory, seen as (B, Hq, Sq, D)
+    final = torch.empty(B, Sq, Hq, D, dtype=out_dtype, device=dev).transpose(1, 2)
+    return final.copy_(out), lse
+
+
 def anchored_attention_torch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -268,6 +355,7 @@ def anchored_attention_torch(
     cache_seqlens: torch.Tensor | None = None,
     attn_mask: torch.Tensor | None = None,
     chunk_budget_bytes: int = _CHUNK_BUDGET_BYTES,
+    fused: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(out, lse)``: out (B, Hq, Sq, D) in q's dtype, lse (B, Hq, Sq) float32
     (float64 for float64 inputs).
@@ -276,6 +364,11 @@ def anchored_attention_torch(
     key bias (float) or hides the keys where it is False (bool), on top of the other masks.
     Differentiable in q, k, v, key_bias, value_scale and a floating attn_mask (and through
     both outputs). Inputs are assumed validated by :func:`videoanchor.anchored_attention`.
+
+    ``fused``: the forward without gradients through PyTorch's fused CPU attention kernel
+    (:func:`_fused_forward`; several times faster than the query chunks here on a CPU).
+    None (default): on CPU tensors without ``attn_mask``; False: the query chunks always.
+    With gradients the chunked autograd function runs either way.
     """
     tensors = (q, k, v, key_bias, value_scale, attn_mask)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
@@ -283,6 +376,14 @@ def anchored_attention_torch(
             q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, attn_mask,
             causal, sm_scale, chunk_budget_bytes,
         )  # fmt: skip
+    if fused is None:
+        fused = _fused_available(q) and attn_mask is None and min(q.shape[2], k.shape[2]) > 0
+    if fused:
+        out, lse = _fused_forward(
+            q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, causal, sm_scale,
+            chunk_budget_bytes,
+        )  # fmt: skip
+        return out, lse.to(_lse_dtype(q))
     prep = _Prepared(
         q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, attn_mask,
         causal, sm_scale, chunk_budget_bytes,

@@ -739,7 +739,7 @@ def configure(
     Args:
         model: the loaded VLM (``...ForConditionalGeneration`` or its base model).
         enabled: False turns anchoring off (plain attention) without reloading.
-        alpha_q, alpha_k, alpha_v: gate strengths (METHOD.md section 4); alpha_q cancels in
+        alpha_q, alpha_k, alpha_v: gate strengths (docs/method.md section 4); alpha_q cancels in
             the softmax and is only validated. Must be >= -1 so that every gate stays positive.
         n_clusters: spectral clusters (lowered to the token count for tiny prompts).
         decode: "prefill" (paper: decode steps unanchored) or "all" (decode steps keep the

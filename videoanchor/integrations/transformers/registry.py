@@ -17,7 +17,7 @@ import torch
 
 __all__ = ["FamilySpec", "VisualSegment", "FAMILIES", "get_family", "supported_families"]
 
-# Published values (METHOD.md section 4): InternVL2-8B (alpha_Q, alpha_K, alpha_V).
+# Published values (docs/method.md section 4): InternVL2-8B (alpha_Q, alpha_K, alpha_V).
 # The paper gives no values for the other families; they start from the same numbers.
 PAPER_ALPHAS = (4.0, 9.5, 2.5)
 

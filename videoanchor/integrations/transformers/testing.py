@@ -396,7 +396,7 @@ def clone_inputs(inputs: dict) -> dict:
 
 
 class EagerAnchorReference:
-    """METHOD.md section 4 written out eagerly, as an attention implementation for transformers.
+    """docs/method.md section 4 written out eagerly, as an attention implementation for transformers.
 
     ``softmax(Q K^T * scale + log gamma_Q[:, None] + log gamma_K[None, :] + mask) (gamma_V * V)``
     with an explicit (Sq, Skv) boolean mask from transformers' own mask builder, GQA by
