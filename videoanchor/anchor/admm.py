@@ -268,30 +268,33 @@ class EigenInverse(DenseInverse):
         w, v = xp.linalg.eigh(gram * dic.lam_z)
         del gram
         self.w = xp.clip(w, 0.0, None)
-        self.v = v
-        self.yv = dic.x64.T @ v if dic.outliers else None  # Y V, D x N
+        self.v64 = v
         self.vt1 = xp.sum(v, axis=0)  # V^T 1
+        # the products of every refactor run in the working dtype (R is stored in it)
+        self.v = xp.astype(v, dic.work, copy=False)
+        self.yv = xp.astype(dic.x64.T @ v, dic.work, copy=False) if dic.outliers else None
         self.refactor(rho)
 
     def refactor(self, rho: float) -> None:
         """``[R; Y R]`` for the penalty ``rho`` from the stored eigendecomposition."""
         dic, xp = self.dic, self.dic.xp
         self.rho = rho
-        scale = rho / (self.w + rho)
-        vs = self.v * scale[None, :]
-        r = vs @ self.v.T  # B
+        scale64 = rho / (self.w + rho)
+        scale = xp.astype(scale64, dic.work, copy=False)
         rows = dic.n + dic.d if dic.outliers else dic.n
         self.r = xp.empty((rows, dic.n), dtype=dic.work, device=dic.device)
-        if dic.affine:
-            b = vs @ self.vt1  # B 1
-            r -= (b[:, None] * b[None, :]) / (1.0 + float(xp.sum(b)))
-        self.r[: dic.n, :] = xp.astype(r, dic.work, copy=False)
+        self.r[: dic.n, :] = (self.v * scale[None, :]) @ self.v.T  # B
         if dic.outliers:
-            yr = (self.yv * scale[None, :]) @ self.v.T  # Y B
-            if dic.affine:
-                yb = (self.yv * scale[None, :]) @ self.vt1
-                yr -= (yb[:, None] * b[None, :]) / (1.0 + float(xp.sum(b)))
-            self.r[dic.n :, :] = xp.astype(yr, dic.work, copy=False)
+            self.r[dic.n :, :] = (self.yv * scale[None, :]) @ self.v.T  # Y B
+        if dic.affine:  # Sherman-Morrison for rho 1 1^T, its vectors in float64
+            sv = scale64 * self.vt1
+            b = self.v64 @ sv  # B 1
+            denom = 1.0 + float(xp.sum(b))
+            bw = xp.astype(b / denom, dic.work, copy=False)
+            self.r[: dic.n, :] -= xp.astype(b, dic.work, copy=False)[:, None] * bw[None, :]
+            if dic.outliers:
+                yb = xp.astype(dic.x64.T @ b, dic.work, copy=False)  # Y B 1
+                self.r[dic.n :, :] -= yb[:, None] * bw[None, :]
 
 
 class Woodbury:
