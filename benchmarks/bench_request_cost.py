@@ -346,7 +346,7 @@ def run(device: torch.device, quick: bool, out_dir) -> Path:
             sens.append(sensitivity(name, x, k, dtype, trials, device))
     print_table(sens, ["data", "dtype", "n", "faithful_iterations", "faithful_iteration_jumps",
                        "faithful_max_score_move_when_jumped", "fast_max_score_move"])  # fmt: skip
-    cost = cost_rows(device, quick, 90 if quick else 600)
+    cost = cost_rows(device, quick, 90 if quick else (480 if device.type == "cuda" else 600))
     print_table(cost, ["model", "frames", "n", "iterations_faithful", "seconds_ssc_faithful",
                        "seconds_ssc_fast", "seconds_prefill", "speedup_fast"])  # fmt: skip
     meta["load_after"] = os.getloadavg()
@@ -361,7 +361,7 @@ def run(device: torch.device, quick: bool, out_dir) -> Path:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
