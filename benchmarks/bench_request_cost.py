@@ -71,13 +71,53 @@ def prefill_flops(shape, n_visual: int) -> float:
 
 
 def ssc_flops(n: int, d: int) -> dict:
-    """FLOPs of the dense SSC as the code runs it: per iteration (work dtype) and setup."""
-    per_iter = 2.0 * (n + d) * n * n
-    setup_faithful = 2.0 * n * n * d + n**3 + 2.0 * d * n * n  # Gram, inverse, Y R (float64)
-    refactors = admm.SCHEDULE["balance_until"] // admm.SCHEDULE["every"]
-    # Gram, eigh (~9 N^3), Y V, then one B and one Y B per refactor (float64)
-    setup_fast = 4.0 * n * n * d + 9.0 * n**3 + (refactors + 1) * (2.0 * n**3 + 2.0 * d * n * n)
-    return {"per_iter": per_iter, "setup_faithful": setup_faithful, "setup_fast": setup_fast}
+    """FLOPs of the dense SSC as the code runs it: per iteration (working dtype, one
+    ``(N + D) x N x N`` GEMM), the float64 setup, and the fast solver's refactors (working
+    dtype: one ``B`` and one ``Y B`` per change of ``rho``, plus the first)."""
+    refactors = admm.SCHEDULE["balance_until"] // admm.SCHEDULE["every"] + 1
+    return {
+        "per_iter": 2.0 * (n + d) * n * n,
+        "setup_faithful_fp64": 2.0 * n * n * d + n**3 + 2.0 * d * n * n,  # Gram, inverse, Y R
+        "setup_fast_fp64": 4.0 * n * n * d + 9.0 * n**3,  # Gram, Y V, eigh (~9 N^3)
+        "refactors_fast": refactors * 2.0 * (n + d) * n * n,
+    }
+
+
+def emulated(x, k, precision: str):
+    """The fast solver with its GEMM inputs rounded to ``precision`` (``"tf32"``: 10-bit
+    mantissa, round to nearest; ``"bf16"``), float32 accumulation: what tensor cores would
+    compute, emulated on the CPU."""
+
+    def rnd(t):
+        if precision == "bf16":
+            return t.to(torch.bfloat16).to(t.dtype)
+        bits = t.contiguous().view(torch.int32)
+        return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+    class Rounded(admm.EigenInverse):
+        def refactor(self, rho):
+            super().refactor(rho)
+            self.r = rnd(self.r)
+
+        def step_a(self, t, d1s, e, cols, want_ya, diag):
+            dic = self.dic
+            if dic.affine:
+                t -= d1s
+            if e is not None:
+                t -= dic.kernels.times_e(dic.xw, e * (dic.lam_z / self.rho))
+            t[diag.rows, diag.cols] -= 1.0
+            a = self.r @ rnd(t)
+            a[diag.rows, diag.cols] += 1.0
+            ya = a[dic.n :, :]
+            ya += dic.yw[:, cols]
+            return a[: dic.n, :], ya
+
+    real = admm.EigenInverse
+    admm.EigenInverse = Rounded
+    try:
+        return compute_anchor_scores(x, k, progress=False, mode="exact")
+    finally:
+        admm.EigenInverse = real
 
 
 class DecoderLayer(torch.nn.Module):
@@ -207,6 +247,9 @@ def fidelity(name, x, k, device) -> dict:
         "ari_faithful_eps2e-3": _ari(loose.labels, ref.labels),
         "seconds_faithful": t_ref, "seconds_faithful_eps2e-3": t_loose, "seconds_fast": t_fast,
         "speedup_fast": t_ref / t_fast, "figures": "measured",
+        **{f"spearman_fast_{p}_emulated": _spearman(emulated(x.float().cpu(), k, p).scores,
+                                                    ref.scores.cpu())
+           for p in ("tf32", "bf16")},
     }  # fmt: skip
 
 
@@ -264,8 +307,9 @@ def cost_rows(device, quick, budget_s) -> list[dict]:
                 "model": name, "frames": frames, "n": n, "d": h, "tp": tp,
                 "prefill_flops": pre, "prefill_flops_figures": "counted",
                 "ssc_flops_per_iter": fl["per_iter"], "ssc_precision": "fp32",
-                "ssc_setup_flops_faithful": fl["setup_faithful"],
-                "ssc_setup_flops_fast": fl["setup_fast"],
+                "ssc_setup_flops_faithful_fp64": fl["setup_faithful_fp64"],
+                "ssc_setup_flops_fast_fp64": fl["setup_fast_fp64"],
+                "ssc_refactor_flops_fast": fl["refactors_fast"],
                 "iterations_fast": admm.SCHEDULE["iterations"],
             }  # fmt: skip
             over = time.perf_counter() - started > budget_s
@@ -294,13 +338,15 @@ def cost_rows(device, quick, budget_s) -> list[dict]:
             est = {}
             pre_s = pre / (EFFICIENCY * H100["bf16"])
             for prec in ("fp32", "tf32", "bf16"):
-                per = fl["per_iter"] / (EFFICIENCY * H100[prec])
-                fast_s = admm.SCHEDULE["iterations"] * per + fl["setup_fast"] / (
-                    EFFICIENCY * H100["fp64"]
-                )
+                rate = EFFICIENCY * H100[prec]
+                fast_s = (
+                    admm.SCHEDULE["iterations"] * fl["per_iter"] + fl["refactors_fast"]
+                ) / rate
+                fast_s += fl["setup_fast_fp64"] / (EFFICIENCY * H100["fp64"])
                 est[f"ssc_over_prefill_fast_{prec}"] = fast_s / pre_s
                 if its:
-                    faith_s = its * per + fl["setup_faithful"] / (EFFICIENCY * H100["fp64"])
+                    faith_s = its * fl["per_iter"] / rate
+                    faith_s += fl["setup_faithful_fp64"] / (EFFICIENCY * H100["fp64"])
                     est[f"ssc_over_prefill_faithful_{prec}"] = faith_s / pre_s
             row["h100_estimate"] = est
             row["h100_figures"] = "estimated from counted FLOPs at 60% of peak"
@@ -335,6 +381,7 @@ def run(device: torch.device, quick: bool, out_dir) -> Path:
         except Exception as exc:  # reported, not hidden
             notes.append(f"tiny {family}: {type(exc).__name__}: {exc}")
     print_table(fid, ["data", "n", "d", "iterations_faithful", "spearman_fast",
+                      "spearman_fast_tf32_emulated", "spearman_fast_bf16_emulated",
                       "spearman_faithful_eps2e-3", "ari_fast", "ari_faithful_eps2e-3",
                       "speedup_fast"])  # fmt: skip
     trials = 3 if quick else 10
