@@ -348,7 +348,7 @@ def cost_rows(device, quick, budget_s) -> list[dict]:
                     faith_s = its * fl["per_iter"] / rate
                     faith_s += fl["setup_faithful_fp64"] / (EFFICIENCY * H100["fp64"])
                     est[f"ssc_over_prefill_faithful_{prec}"] = faith_s / pre_s
-            row["h100_estimate"] = est
+            row.update({f"h100_{k}": v for k, v in est.items()})
             row["h100_figures"] = "estimated from counted FLOPs at 60% of peak"
             rows.append(row)
     return rows
