@@ -299,8 +299,9 @@ def solve_ssc_admm(
         # fixed points, and convergence is only declared right after an exact E-step.
         e_every = max(1, int(e_every)) if accelerate and strategy == "dense" else 1
         if scheduled:
-            max_iter = min(int(max_iter), admm.SCHEDULE["iterations"])
-            step = admm.ScheduledStep(dic, factor, thr_e=lam_e / lam_z, iterations=max_iter)
+            # a max_iter below the schedule cuts it short: not converged (reported as such)
+            step = admm.ScheduledStep(dic, factor, thr_e=lam_e / lam_z,
+                                      iterations=admm.SCHEDULE["iterations"])  # fmt: skip
         else:
             step = admm.SquaredStep(
                 dic, factor, 0, n, thr_e=lam_e / lam_z, eps=eps, relax=relax,
