@@ -254,6 +254,15 @@ def solve_ssc_admm(
     of torch, the features going in and ``C`` coming out through DLPack; ``kernels`` its
     :class:`~videoanchor.anchor.admm.Kernels` (default: the array-API forms). See
     :func:`videoanchor.anchor.cupy_backend.solve_ssc_admm_cupy`.
+
+    ``scheduled=True`` is the fast solver (``solver="fast"`` of
+    :func:`~videoanchor.anchor.scores.compute_anchor_scores`): the authors' steps on the fixed
+    schedule :data:`~videoanchor.anchor.admm.SCHEDULE` (60 iterations, ``rho`` rescaled by a
+    continuous residual-balancing factor, the system factored once by
+    :class:`~videoanchor.anchor.admm.EigenInverse`) and no residual test, so its iterate is
+    a continuous function of the features; a smaller ``max_iter`` cuts it short
+    (``converged=False``). ``eps``, ``relax``, ``adaptive_rho``, ``strategy`` and
+    ``e_every`` do not apply to it.
     """
     t0 = time.perf_counter()
     x_t = as_feature_tensor(features)
