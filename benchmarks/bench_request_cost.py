@@ -374,20 +374,23 @@ def run(device: torch.device, quick: bool, out_dir) -> Path:
         )
     else:
         notes.append(f"Yale B not found at {YALE}: skipped")
-    for family in ("qwen2_5_vl", "llava_onevision") if not quick else ("qwen2_5_vl",):
+    tiny = []
+    for family in ("qwen2_5_vl", "llava_onevision", "internvl") if not quick else ("qwen2_5_vl",):
         try:
             feats = tiny_projector_features(family, 8)
             fid.append(fidelity(f"tiny {family} projector outputs", feats, 3, device))
+            tiny.append((f"tiny {family} projector outputs", feats, 3))
         except Exception as exc:  # reported, not hidden
             notes.append(f"tiny {family}: {type(exc).__name__}: {exc}")
     print_table(fid, ["data", "n", "d", "iterations_faithful", "spearman_fast",
                       "spearman_fast_tf32_emulated", "spearman_fast_bf16_emulated",
                       "spearman_faithful_eps2e-3", "ari_fast", "ari_faithful_eps2e-3",
                       "speedup_fast"])  # fmt: skip
-    trials = 3 if quick else 10
+    trials = 3 if quick else 20
     sets = [("synthetic video tokens", synthetic_tokens(128 if quick else 256, 256, seed=4), 8)]
     if YALE.exists():
         sets.append(("Extended Yale B faces", yale_faces(4, 24 if quick else 48), 4))
+    sets += tiny
     for name, x, k in sets:
         for dtype in (torch.float32, torch.float64):
             sens.append(sensitivity(name, x, k, dtype, trials, device))
