@@ -108,3 +108,15 @@ def test_fast_scores_move_little_under_1e6_perturbations(dtype):
         b = run(xp, 5)
         assert torch.isfinite(b.scores).all()
         assert float((a.scores - b.scores).abs().max()) <= 1e-4
+
+
+def test_cli_passes_the_solver_to_configure():
+    from videoanchor.cli import _anchor_options, build_parser
+    from videoanchor.integrations.transformers.anchoring import check_options
+
+    base = ["run", "--video", "x.mp4", "--question", "q"]
+    assert _anchor_options(build_parser().parse_args(base), True)["ssc_solver"] == "auto"
+    args = build_parser().parse_args([*base, "--ssc-solver", "faithful"])
+    assert check_options(**_anchor_options(args, True)).ssc_solver == "faithful"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--ssc-solver", "quick"])
