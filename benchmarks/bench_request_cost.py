@@ -172,11 +172,18 @@ def prefill_seconds(shape, n_visual, device, dtype, timed_layers=2) -> float:
 
 
 def ssc_seconds(x, k, solver, **kw):
-    _sync(x.device)
-    t = time.perf_counter()
-    res = compute_anchor_scores(x, k, solver=solver, progress=False, mode="exact", **kw)
-    _sync(x.device)
-    return time.perf_counter() - t, res
+    """Seconds of one ``compute_anchor_scores`` call (the least of 5 when it takes under
+    0.5 s, where one run is mostly noise) and its result."""
+    best, res = float("inf"), None
+    for _ in range(5):
+        _sync(x.device)
+        t = time.perf_counter()
+        res = compute_anchor_scores(x, k, solver=solver, progress=False, mode="exact", **kw)
+        _sync(x.device)
+        best = min(best, time.perf_counter() - t)
+        if best >= 0.5:
+            break
+    return best, res
 
 
 def _spearman(a, b) -> float:
