@@ -66,7 +66,8 @@ python benchmarks/report.py                       # regenerate this page and its
 # Sections of the page, in order: (title, area prefixes). A result file's area is its name
 # without the device suffix that benchmarks/common.py appends (``spectral_cpu`` -> spectral).
 SECTIONS = [
-    ("Anchor scores (SSC)", ["ssc", "spectral", "label_draws", "yaleb", "yaleb_squared"]),
+    ("Anchor scores (SSC)",
+     ["request_cost", "ssc", "spectral", "label_draws", "yaleb", "yaleb_squared"]),
     ("Long videos: blocked and scalable SSC",
      ["blocked", "blocked_convergence", "scalable", "scalable_ksweep", "scalable_stopping"]),
     ("Attention kernels", ["attention", "decode", "backward", "compile"]),
@@ -74,6 +75,7 @@ SECTIONS = [
 ]  # fmt: skip
 
 TITLES = {
+    "request_cost": "Anchor scores against the prefill: faithful solver and the fast default",
     "ssc": "SSC against the authors' pipeline",
     "spectral": "Spectral step against scikit-learn (the eigensolver crossover)",
     "label_draws": "Seed stability of the scores against `label_draws`",
@@ -758,7 +760,38 @@ def fig_vllm(r: Result, results):
     )
 
 
+def fig_request_cost(r: Result, results):
+    rows = [x for x in r.rows if x.get("kind") == "cost"]
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.6, 3.2))
+    for i, model in enumerate(dict.fromkeys(x["model"] for x in rows)):
+        rs = sorted((x for x in rows if x["model"] == model and x["frames"] >= 8),
+                    key=lambda x: x["frames"])  # fmt: skip
+        f = [x["frames"] for x in rs]
+        ax.plot(f, [x.get("h100_ssc_over_prefill_faithful_fp32") for x in rs], color=f"C{i}",
+                marker="o", label=f"{model}: faithful, FP32")  # fmt: skip
+        ax.plot(f, [x.get("h100_ssc_over_prefill_fast_fp32") for x in rs], color=f"C{i}",
+                ls="--", marker="s", label=f"{model}: fast default, FP32")  # fmt: skip
+    for y in (0.10, 0.25):
+        ax.axhline(y, color="0.4", ls=":", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("frames")
+    ax.set_ylabel("SSC time / LM prefill time")
+    ax.set_title("H100, ESTIMATED from counted FLOPs", fontsize=8)
+    fig.legend(loc="outside right center", fontsize=6)
+    return fig, (
+        "SSC cost over the language model's prefill on one request against the frame count, "
+        "faithful solver (measured iteration counts) against the fast default (60 iterations): "
+        "H100 figures ESTIMATED from counted FLOPs (prefill bf16, SSC FP32, 60% of peak); "
+        "dotted: the targets 0.10 and 0.25. The CPU figures (measured) are in the table."
+    )
+
+
 FIGURES_BY_AREA = {
+    "request_cost": fig_request_cost,
     "ssc": fig_ssc,
     "spectral": fig_spectral,
     "label_draws": fig_label_draws,

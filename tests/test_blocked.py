@@ -124,7 +124,7 @@ def test_sparse_affinity_row_sums_and_scores():
 def test_blocked_mode_matches_exact_mode():
     x = tokens(12, 3, 14, seed=4)
     kw = dict(n_clusters=3, eps=0.0, max_iter=300, dtype=torch.float64)
-    exact = compute_anchor_scores(x, mode="exact", **kw)
+    exact = compute_anchor_scores(x, mode="exact", solver="faithful", **kw)
     blocked = compute_anchor_scores(x, mode="blocked", block_columns=10, **kw)
     assert blocked.mode == "blocked" and blocked.solver == "faithful"
     assert blocked.coef.is_sparse and blocked.iterations == exact.iterations == 300
@@ -133,7 +133,7 @@ def test_blocked_mode_matches_exact_mode():
     assert blocked.scores.dtype == torch.float32 and blocked.scores.shape == (36,)
     assert float((blocked.scores - exact.scores).abs().max()) < 1e-6
     kw.update(pca_rank=5, max_iter=40)
-    exact = compute_anchor_scores(x, mode="exact", **kw)
+    exact = compute_anchor_scores(x, mode="exact", solver="faithful", **kw)
     blocked = compute_anchor_scores(x, mode="blocked", block_columns=10, **kw)
     assert _rel(blocked.coef.to_dense(), exact.coef) < 1e-9
 

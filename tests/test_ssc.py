@@ -305,7 +305,7 @@ def test_fewer_tokens_than_clusters_raises():
         ({"max_iter": 0}, "max_iter"),
         ({"alpha_e": 0.0}, "alpha_e"),
         ({"backend": "jax"}, "backend"),
-        ({"solver": "fast"}, "solver"),
+        ({"solver": "fastest"}, "solver"),
         ({"dtype": torch.float16}, "dtype"),
         ({"pca_rank": -2}, "pca_rank"),
     ],

@@ -111,6 +111,7 @@ def _inputs(processor, kind, visual, question, model):
 def _anchor_options(args, enabled: bool) -> dict:
     opts = dict(enabled=enabled, n_clusters=args.n_clusters, decode=args.decode, seed=args.seed)
     opts.update(pca_rank=args.pca_rank, max_iter=args.ssc_max_iter, label_draws=args.label_draws)
+    opts.update(ssc_solver=args.ssc_solver)
     opts.update(ssc_progress=not args.quiet, ssc_time_budget=args.ssc_time_budget)
     for name in ("alpha_q", "alpha_k", "alpha_v"):
         value = getattr(args, name)
@@ -687,6 +688,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=10000,
         help="ADMM iteration limit of SSC (default 10000, the authors')",
+    )
+    a.add_argument(
+        "--ssc-solver",
+        choices=("auto", "fast", "faithful", "accelerated"),
+        default="auto",
+        help="SSC solver: auto (default: fast, a fixed 60-iteration schedule whose scores are "
+        "continuous in the features), faithful (the authors' iterate and stopping rule)",
     )
     a.add_argument(
         "--ssc-time-budget",

@@ -226,7 +226,7 @@ def check_memory(required: int, device: torch.device, *, n: int, d: int, what: s
 # ---- options of the SSC entry points: checked once, before any work ----------------------
 
 SSC_BACKENDS = ("auto", "torch", "cupy")
-SSC_SOLVERS = ("auto", "faithful", "accelerated")
+SSC_SOLVERS = ("auto", "fast", "faithful", "accelerated")
 SSC_MODES = ("auto", "exact", "blocked", "scalable")
 EIGEN_SOLVERS = {  # per mode: what the spectral step of that mode can run
     "exact": ("auto", "eigh", "krylov"),
@@ -410,10 +410,10 @@ def check_ssc_options(
     if mode == "blocked":
         if backend == "cupy":
             raise ValueError("mode='blocked': expected backend 'auto' or 'torch', got 'cupy'")
-        if solver == "accelerated":
+        if solver in ("accelerated", "fast"):
             raise ValueError(
                 "mode='blocked' runs the authors' iteration only; expected solver 'auto' or "
-                "'faithful', got 'accelerated'"
+                f"'faithful', got {solver!r}"
             )
     out["candidates"] = check_int("candidates", candidates, 1)
     if mode != "scalable" and out["candidates"] != DEFAULT_CANDIDATES:

@@ -29,6 +29,7 @@ import array_api_compat
 __all__ = [
     "DenseInverse",
     "Dictionary",
+    "EigenInverse",
     "EqualityStep",
     "Kernels",
     "Reporting",
@@ -290,6 +291,49 @@ class DenseInverse:
         return a[: dic.n, :], ya
 
 
+class EigenInverse(DenseInverse):
+    """:class:`DenseInverse` whose system is factored once by an eigendecomposition of
+    ``lambda_z Y^T Y = V diag(w) V^T``, so that a new ``rho`` costs two products instead of
+    a new inverse: ``rho (lambda_z Y^T Y + rho I)^{-1} = V diag(rho / (w + rho)) V^T = B``
+    and the affine ``rho 1 1^T`` term by Sherman-Morrison, ``R = B - b b^T / (1 + 1^T b)``
+    with ``b = B 1``. The fast solver changes ``rho`` on a schedule (residual balancing)."""
+
+    def __init__(self, dic: Dictionary, rho: float):
+        xp = dic.xp
+        self.dic = dic
+        gram = dic.x64 @ dic.x64.T
+        w, v = xp.linalg.eigh(gram * dic.lam_z)
+        del gram
+        self.w = xp.clip(w, 0.0, None)
+        self.v64 = v
+        self.vt1 = xp.sum(v, axis=0)  # V^T 1
+        # the products of every refactor run in the working dtype (R is stored in it)
+        self.v = xp.astype(v, dic.work, copy=False)
+        self.yv = xp.astype(dic.x64.T @ v, dic.work, copy=False) if dic.outliers else None
+        self.refactor(rho)
+
+    def refactor(self, rho: float) -> None:
+        """``[R; Y R]`` for the penalty ``rho`` from the stored eigendecomposition."""
+        dic, xp = self.dic, self.dic.xp
+        self.rho = rho
+        scale64 = rho / (self.w + rho)
+        scale = xp.astype(scale64, dic.work, copy=False)
+        rows = dic.n + dic.d if dic.outliers else dic.n
+        self.r = xp.empty((rows, dic.n), dtype=dic.work, device=dic.device)
+        self.r[: dic.n, :] = (self.v * scale[None, :]) @ self.v.T  # B
+        if dic.outliers:
+            self.r[dic.n :, :] = (self.yv * scale[None, :]) @ self.v.T  # Y B
+        if dic.affine:  # Sherman-Morrison for rho 1 1^T, its vectors in float64
+            sv = scale64 * self.vt1
+            b = self.v64 @ sv  # B 1
+            denom = 1.0 + float(xp.sum(b))
+            bw = xp.astype(b / denom, dic.work, copy=False)
+            self.r[: dic.n, :] -= xp.astype(b, dic.work, copy=False)[:, None] * bw[None, :]
+            if dic.outliers:
+                yb = xp.astype(dic.x64.T @ b, dic.work, copy=False)  # Y B 1
+                self.r[dic.n :, :] -= yb[:, None] * bw[None, :]
+
+
 class Woodbury:
     """The A-step through Woodbury's identity, ``O(N^2 D)``: ``M = rho I + U U^T`` with
     ``U = [sqrt(lambda_z) Y^T, sqrt(rho) 1]``, so ``rho M^{-1} = I - U K^{-1} U^T`` with
@@ -456,6 +500,60 @@ class SquaredStep:
             self.factor.refactor(self.rho)
             self._last_change = it
             self.rho_changes += 1
+
+
+# The fast solver's schedule: residual balancing at every `every`-th iteration up to
+# `balance_until` by the factor clip(sqrt(r_rel / s_rel), 1 / tau, tau), a continuous
+# function of the iterate (no threshold decides whether rho changes), then `iterations`
+# in all. The count never depends on the data, so nothing jumps when a residual crosses
+# a threshold; each iterate is a continuous function of the features.
+SCHEDULE = {"iterations": 60, "every": 5, "balance_until": 30, "tau": 10.0}
+
+
+class ScheduledStep(SquaredStep):
+    """:class:`SquaredStep` run on :data:`SCHEDULE`: the authors' C-, A- and E-steps and
+    dual updates every iteration, ``rho`` scaled by a continuous residual-balancing factor
+    at fixed iterations (``factor`` must refactor cheaply: :class:`EigenInverse`), and done
+    after a fixed number of iterations. The residual it reports is the authors'
+    ``max_i sum_j |A - C|_ij``, for information only."""
+
+    def __init__(self, dic: Dictionary, factor, *, thr_e: float, iterations: int,
+                 schedule: dict | None = None):  # fmt: skip
+        super().__init__(dic, factor, 0, dic.n, thr_e=thr_e, eps=0.0)
+        self.schedule = dict(SCHEDULE if schedule is None else schedule)
+        self.iterations = int(iterations)
+
+    def __call__(self, it: int) -> tuple[float, bool]:
+        dic, xp = self.dic, self.dic.xp
+        a, ya = self.factor.step_a(self.C - self.lam, self.d1s, self.E if self.e_nonzero
+                                   else None, self.cols, True, self.diag)  # fmt: skip
+        if dic.outliers:
+            ya *= -1.0
+            ya += dic.yw[:, self.cols]
+            ya -= xp.clip(ya, -self.thr_e, self.thr_e)
+            self.E = ya
+            self.e_nonzero = bool(xp.any(ya != 0))
+        if dic.affine:
+            self.d1s += xp.sum(a, axis=0) - 1.0
+        c_old = self.C
+        a += self.lam
+        self.C, self.lam, absd = dic.kernels.shrink(xp, a, self.lam, 1.0 / self.rho, self.diag)
+        residual = float(xp.max(xp.sum(absd, axis=1)))
+        sch = self.schedule
+        if it % sch["every"] == 0 and it <= sch["balance_until"] and it < self.iterations:
+            norm = xp.linalg.vector_norm
+            c_old -= self.C
+            r_rel = float(norm(absd)) / max(float(norm(self.C)), 1e-30)
+            s_rel = float(norm(c_old)) / max(float(norm(self.lam)), 1e-30)
+            q = r_rel / max(s_rel, 1e-30)
+            factor = min(max(math.sqrt(q), 1.0 / sch["tau"]), sch["tau"])
+            self.lam *= 1.0 / factor
+            if dic.affine:
+                self.d1s *= 1.0 / factor
+            self.rho *= factor
+            self.factor.refactor(self.rho)
+            self.rho_changes += 1
+        return residual, it >= self.iterations
 
 
 class EqualityStep:

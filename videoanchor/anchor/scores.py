@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 _BACKENDS = ("auto", "torch", "cupy")
-_SOLVERS = ("auto", "faithful", "accelerated")
+_SOLVERS = ("auto", "fast", "faithful", "accelerated")
 _MODES = ("auto", "exact", "blocked", "scalable")
 _DATA_TERMS = ("squared", "exact")
 # mode="auto": the dense exact solver up to this many tokens (and the free memory), the
@@ -196,10 +196,12 @@ def _exact_fits(x: torch.Tensor, dtype, pca_rank: int) -> bool:
 
 def _solve(x, *, backend, solver, dtype, **kw):
     """The dense solver of ``backend`` (one iteration, two array namespaces)."""
-    relax, adaptive = (1.0, False) if solver == "faithful" else (ACCEL_RELAX, True)
     solve = solve_ssc_admm
     if backend == "cupy":
         from videoanchor.anchor.cupy_backend import solve_ssc_admm_cupy as solve
+    if solver == "fast":
+        return solve(x, dtype=dtype, scheduled=True, **kw)
+    relax, adaptive = (1.0, False) if solver == "faithful" else (ACCEL_RELAX, True)
     return solve(
         x, dtype=dtype, relax=relax, adaptive_rho=adaptive, e_every=3 if adaptive else 1, **kw
     )
@@ -235,7 +237,8 @@ def sparse_subspace_clustering(
     then spectral clustering of ``W = |C| + |C|^T`` (``affinity="column_max"``: each
     column of ``|C|`` scaled by its largest entry first). ``solver="faithful"`` runs the
     authors' iteration; ``"accelerated"`` an over-relaxed ADMM with residual balancing that
-    converges to the minimiser of the same program; ``"auto"`` picks ``"faithful"``.
+    converges to the minimiser of the same program; ``"fast"`` the authors' steps on a fixed
+    schedule (see :func:`compute_anchor_scores`); ``"auto"`` picks ``"faithful"`` here.
 
     ``data_term="exact"`` solves Elhamifar & Vidal's constrained outlier program instead,
     ``min ||C||_1 + gamma ||E||_1 s.t. Y = Y C + E, diag(C) = 0``, by their ADMM
@@ -270,7 +273,7 @@ def sparse_subspace_clustering(
             for bad, msg in (
                 (not outliers, "outliers=False (the constraint Y = Y C + E needs E)"),
                 (backend == "cupy", "backend='cupy' (torch only)"),
-                (solver == "accelerated", "solver='accelerated' (faithful only)"),
+                (solver in ("accelerated", "fast"), f"solver={solver!r} (faithful only)"),
             )
             if bad
         ]
@@ -357,11 +360,19 @@ def compute_anchor_scores(
     the features' device; ``scores`` (N,) float32 in [0, 1), ``labels`` (N,) int64 and
     ``coef`` (N, N) are returned there.
 
-    ``solver``: ``"faithful"`` (default through ``"auto"``: the authors' iteration and
-    stopping rule, iterate for iterate, so the authors' answer) or ``"accelerated"``
-    (over-relaxed ADMM with residual balancing, stopped on both the primal and the dual
-    residual: it converges to the minimiser of the authors' program, which the authors'
-    stopping rule leaves several percent away from; not always fewer iterations).
+    ``solver``: ``"fast"`` (the default through ``"auto"`` in exact mode; an approximation
+    of the faithful answer: the authors' A-, E- and C-steps on a fixed schedule of 60
+    iterations (``converged`` when it ran them all; a smaller ``max_iter`` cuts it short)
+    with ``rho`` rebalanced by a continuous factor, the
+    system factored once by an eigendecomposition; ``eps`` does not apply; no stopping test,
+    so the scores are a continuous function of the features, see docs/ssc.md for its
+    fidelity), ``"faithful"`` (the authors' iteration and stopping rule
+    ``max_i sum_j |A - C|_ij < eps``, iterate for iterate, so the authors' answer; near that
+    threshold a tiny change of the features can move the stopping iteration and the scores
+    jump) or ``"accelerated"`` (over-relaxed ADMM with residual balancing, stopped on both
+    the primal and the dual residual: it converges to the minimiser of the authors'
+    program, which the authors' stopping rule leaves several percent away from; not always
+    fewer iterations). Blocked mode runs the faithful iteration (``"auto"`` picks it there).
 
     ``mode``: ``"exact"`` (dense ``N x N`` SSC), ``"blocked"`` (the same exact program and
     iteration on ``block_columns`` columns of ``C`` at a time against all tokens, no
@@ -477,6 +488,8 @@ def compute_anchor_scores(
             out["scores"] = tie_duplicate_scores(x, out["scores"])
             return AnchorResult(backend="torch", solver="restricted", mode="scalable", **out)
     features = x
+    if solver == "auto":
+        solver = "fast"
     res = sparse_subspace_clustering(
         features,
         n_clusters,
@@ -565,7 +578,7 @@ def ssc_coefficients(
         raise ValueError(f"pca_rank: expected a non-negative int, got {pca_rank!r}")
     work = resolve_dtype(dtype, x.device)
     backend = "torch" if backend == "auto" else backend
-    solver = "faithful" if solver == "auto" else solver
+    solver = "fast" if solver == "auto" else solver
     if pca_rank:
         x = pca_reduce(x, pca_rank)
     admm = _solve(
@@ -628,7 +641,7 @@ def _blocked_anchor_scores(
     unsupported = [
         msg
         for bad, msg in (
-            (solver == "accelerated", "solver='accelerated' (the authors' iteration only)"),
+            (solver in ("accelerated", "fast"), f"solver={solver!r} (the authors' iteration only)"),
             (backend == "cupy", "backend='cupy' (torch only)"),
             (eigen_solver == "eigh", "eigen_solver='eigh' (it would densify the affinity)"),
         )

@@ -235,6 +235,7 @@ def solve_ssc_admm(
     e_every: int = 1,
     xp=None,
     kernels: admm.Kernels | None = None,
+    scheduled: bool = False,
 ) -> ADMMResult:
     """Solve the SSC program for ``features`` (``N x D``, one row per point) on their device.
 
@@ -253,6 +254,15 @@ def solve_ssc_admm(
     of torch, the features going in and ``C`` coming out through DLPack; ``kernels`` its
     :class:`~videoanchor.anchor.admm.Kernels` (default: the array-API forms). See
     :func:`videoanchor.anchor.cupy_backend.solve_ssc_admm_cupy`.
+
+    ``scheduled=True`` is the fast solver (``solver="fast"`` of
+    :func:`~videoanchor.anchor.scores.compute_anchor_scores`): the authors' steps on the fixed
+    schedule :data:`~videoanchor.anchor.admm.SCHEDULE` (60 iterations, ``rho`` rescaled by a
+    continuous residual-balancing factor, the system factored once by
+    :class:`~videoanchor.anchor.admm.EigenInverse`) and no residual test, so its iterate is
+    a continuous function of the features; a smaller ``max_iter`` cuts it short
+    (``converged=False``). ``eps``, ``relax``, ``adaptive_rho``, ``strategy`` and
+    ``e_every`` do not apply to it.
     """
     t0 = time.perf_counter()
     x_t = as_feature_tensor(features)
@@ -262,6 +272,8 @@ def solve_ssc_admm(
     check_admm_parameters(n, rho, eps, max_iter)
     if not (1.0 <= relax < 2.0):
         raise ValueError(f"relax: expected a value in [1, 2), got {relax}")
+    if scheduled:
+        strategy = "dense"  # the eigendecomposition gives the dense [R; Y R]
     if strategy == "auto":
         strategy = choose_strategy(n, d, outliers, device.type)
     if strategy not in ("dense", "woodbury"):
@@ -284,7 +296,10 @@ def solve_ssc_admm(
         t1 = time.perf_counter()
         dic = admm.Dictionary(x, work, lam_z=lam_z, affine=affine, outliers=outliers,
                               kernels=kernels)  # fmt: skip
-        factor = (admm.DenseInverse if strategy == "dense" else admm.Woodbury)(dic, rho)
+        if scheduled:
+            factor = admm.EigenInverse(dic, rho)
+        else:
+            factor = (admm.DenseInverse if strategy == "dense" else admm.Woodbury)(dic, rho)
         kernels.sync()
         t2 = time.perf_counter()
         accelerate = relax != 1.0 or adaptive_rho
@@ -292,10 +307,15 @@ def solve_ssc_admm(
         # E-step; refreshing E every few iterations is an inexact block update with the same
         # fixed points, and convergence is only declared right after an exact E-step.
         e_every = max(1, int(e_every)) if accelerate and strategy == "dense" else 1
-        step = admm.SquaredStep(
-            dic, factor, 0, n, thr_e=lam_e / lam_z, eps=eps, relax=relax,
-            adaptive=adaptive_rho, e_every=e_every,
-        )  # fmt: skip
+        if scheduled:
+            # a max_iter below the schedule cuts it short: not converged (reported as such)
+            step = admm.ScheduledStep(dic, factor, thr_e=lam_e / lam_z,
+                                      iterations=admm.SCHEDULE["iterations"])  # fmt: skip
+        else:
+            step = admm.SquaredStep(
+                dic, factor, 0, n, thr_e=lam_e / lam_z, eps=eps, relax=relax,
+                adaptive=adaptive_rho, e_every=e_every,
+            )  # fmt: skip
         history: list[float] = []
         out = admm.run(step, max_iter, admm.chain(
             (lambda it, r: history.append(r)) if keep_history else None,

@@ -57,6 +57,7 @@ class AnchorConfig:
     seed: int = 0
     label_draws: int = 1
     ssc_backend: str = "auto"
+    ssc_solver: str = "auto"
     ssc_dtype: torch.dtype | None = None
     attention_backend: str = "auto"
     process_group: object = "auto"
@@ -130,7 +131,7 @@ def validate_ssc_options(cfg: AnchorConfig) -> None:
         n_clusters=cfg.n_clusters, alpha_e=cfg.alpha_e, alpha_z=cfg.alpha_z, rho=cfg.rho,
         eps=cfg.eps, max_iter=cfg.max_iter, pca_rank=cfg.pca_rank,
         seed=0 if cfg.seed is None else cfg.seed, label_draws=cfg.label_draws,
-        backend=cfg.ssc_backend, solver="auto", eigen_solver="auto", dtype=cfg.ssc_dtype,
+        backend=cfg.ssc_backend, solver=cfg.ssc_solver, eigen_solver="auto", dtype=cfg.ssc_dtype,
         progress=False, mode="auto",
     )  # fmt: skip
 
@@ -148,6 +149,7 @@ def ssc_kwargs(cfg: AnchorConfig) -> dict:
         seed=cfg.seed,
         label_draws=cfg.label_draws,
         backend=cfg.ssc_backend,
+        solver=cfg.ssc_solver,
         dtype=cfg.ssc_dtype,
     )
 

@@ -23,7 +23,8 @@ __all__ = ["SCORE_OPTIONS", "SSC_OPTIONS", "CacheStats", "ScoreCache", "score_ke
 
 #: The options of :class:`~videoanchor.integrations.options.AnchorConfig` that change SSC's
 #: coefficient matrix C.
-SSC_OPTIONS = ("alpha_e", "alpha_z", "rho", "eps", "max_iter", "pca_rank", "ssc_backend")
+SSC_OPTIONS = ("alpha_e", "alpha_z", "rho", "eps", "max_iter", "pca_rank", "ssc_backend",
+               "ssc_solver")  # fmt: skip
 #: Those that change the scores given the features: C's, the label draws' and the dtype
 #: (the cluster count is part of the key on its own: it may be lowered per request).
 SCORE_OPTIONS = SSC_OPTIONS + ("seed", "label_draws", "ssc_dtype")
@@ -48,10 +49,7 @@ def score_key(identifiers, n_clusters: int, config) -> str:
     """The key of one request's scores: its scored items' identifiers in prompt order (the
     SSC is joint over all of them), the cluster count it ran with and ``config``'s
     :data:`SCORE_OPTIONS`."""
-    opts = {k: str(getattr(config, k)) for k in SCORE_OPTIONS if hasattr(config, k)}
-    solver = getattr(config, "ssc_solver", None)
-    if solver is not None:
-        opts["ssc_solver"] = str(solver)
+    opts = {k: str(getattr(config, k)) for k in SCORE_OPTIONS}
     blob = json.dumps([list(map(str, identifiers)), int(n_clusters), opts], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -724,6 +724,7 @@ def configure(
     seed=_UNSET,
     label_draws=_UNSET,
     ssc_backend=_UNSET,
+    ssc_solver=_UNSET,
     ssc_dtype=_UNSET,
     attention_backend=_UNSET,
     process_group=_UNSET,
@@ -747,6 +748,9 @@ def configure(
         tokens: which placeholders are scored: ("video", "image"), ("video",) or ("image",).
         alpha_e, alpha_z, rho, eps, max_iter, pca_rank, seed, ssc_backend, ssc_dtype: passed
             to :func:`videoanchor.compute_anchor_scores` (``backend=ssc_backend``, ``dtype=ssc_dtype``).
+        ssc_solver: ``solver`` of :func:`videoanchor.compute_anchor_scores`: ``"auto"``
+            (default: the fast solver), ``"fast"``, ``"faithful"`` (the authors' iterate) or
+            ``"accelerated"``.
         label_draws: 1 (default, the paper's single random label draw) or R > 1: R label
             draws from one spectral embedding with the cluster shares averaged, for scores
             that depend much less on the seed (beyond the paper).
@@ -820,6 +824,7 @@ def configure(
             seed=seed,
             label_draws=label_draws,
             ssc_backend=ssc_backend,
+            ssc_solver=ssc_solver,
             ssc_dtype=ssc_dtype,
             attention_backend=attention_backend,
             process_group=process_group,

@@ -48,7 +48,7 @@ __all__ = [
 _PIXEL_KEYS = ("pixel_values", "pixel_values_videos", "pixel_values_images", "image_patches")
 # Fields of a vision encoder output that the language model never reads (large).
 _DROP_FIELDS = ("last_hidden_state", "hidden_states", "attentions")
-FORMAT = 1  # bump when the stored layout changes: old entries are then ignored
+FORMAT = 2  # bump when the stored layout changes: old entries are then ignored
 
 
 def default_cache_dir() -> Path:
@@ -245,7 +245,8 @@ class AnchorCache:
             c = ssc_coefficients(
                 features, alpha_e=config.alpha_e, alpha_z=config.alpha_z, rho=config.rho,
                 eps=config.eps, max_iter=config.max_iter, pca_rank=config.pca_rank,
-                backend=config.ssc_backend, dtype=config.ssc_dtype, progress=progress,
+                backend=config.ssc_backend, solver=config.ssc_solver, dtype=config.ssc_dtype,
+                progress=progress,
             )  # fmt: skip
             entry = {
                 "coef": c.coef.cpu(), "iterations": int(c.iterations),

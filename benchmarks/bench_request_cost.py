@@ -1,0 +1,429 @@
+"""What one request's anchor scores cost against the model's own prefill (issue 33).
+
+Per model shape (Qwen2.5-VL-7B, InternVL2-8B, LLaVA-OneVision-7B, Qwen2.5-VL-72B at tensor
+parallel 4) and frame count (8, 16, 32, 64):
+
+* ``prefill_flops`` (counted, static): the language model's prefill on the request's
+  visual tokens plus 64 text tokens (projections, gated MLP, causal attention), per GPU
+  under tensor parallelism;
+* ``ssc_flops_per_iter`` (counted, static): the dense ADMM iteration as the code runs it,
+  one ``(N + D) x N x N`` GEMM, with its precision (FP32 today; the estimate also gives
+  TF32/bf16 tensor-core figures, which the code does not use yet);
+* ``iterations_faithful`` / ``iterations_fast``: measured on synthetic video tokens of the
+  shape where that fits in the run's budget (``measured``), else the largest measured N's
+  count (``estimated``); the fast solver's count is its fixed schedule;
+* ``cpu``: SSC seconds (faithful and fast, measured, one process) against the same
+  model's decoder layers with random weights (two layers timed, times the layer count),
+  at the sizes that fit in a few minutes on this CPU;
+* ``h100``: estimated from counted FLOPs: the prefill in bf16 at 60% of the H100's dense
+  peak, SSC at 60% of the peak of its precision (FP32 SIMT 67, TF32 495, bf16 989 TFLOP/s);
+  its setup (Gram, factorisation) in float64 at 67 TFLOP/s.
+
+Fidelity (the new default against the faithful solver at eps 2e-4, same seed; the bar is
+the faithful solver at eps 2e-3): score Spearman and label ARI on synthetic video tokens,
+Extended Yale B faces (/work/shared/data, when present) and tiny random-weight models'
+projector outputs. Sensitivity (issue 32): 1e-6 relative perturbations, how often the
+faithful stopping iteration moves and how far the scores then move, float32 and float64.
+
+    python benchmarks/bench_request_cost.py --quick        # < 2 minutes on this CPU
+    python benchmarks/bench_request_cost.py                # the committed CPU figures
+    python benchmarks/bench_request_cost.py --device cuda  # on a GPU: measured for real
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_ssc import synthetic_tokens  # noqa: E402
+from benchmarks.common import environment, print_table, write_result  # noqa: E402
+from videoanchor.anchor import admm, compute_anchor_scores  # noqa: E402
+
+YALE = Path(os.environ.get("VIDEOANCHOR_YALEB", "/work/shared/data/YaleB_48_42.mat"))
+TEXT_TOKENS = 64
+# name: (hidden, layers, intermediate, heads, kv_heads, visual tokens per frame, tp)
+SHAPES = {
+    "Qwen2.5-VL-7B": (3584, 28, 18944, 28, 4, 128, 1),
+    "InternVL2-8B": (4096, 32, 14336, 32, 8, 256, 1),
+    "LLaVA-OneVision-7B": (3584, 28, 18944, 28, 4, 196, 1),
+    "Qwen2.5-VL-72B-tp4": (8192, 80, 29568, 64, 8, 128, 4),
+}
+FRAMES = (8, 16, 32, 64)
+H100 = {"bf16": 989e12, "tf32": 495e12, "fp32": 67e12, "fp64": 67e12}
+EFFICIENCY = 0.6
+
+
+def prefill_flops(shape, n_visual: int) -> float:
+    """FLOPs (2 per multiply-add) of the LM prefill of ``n_visual + 64`` tokens, per GPU."""
+    h, layers, inter, heads, kv, _, tp = shape
+    L = n_visual + TEXT_TOKENS
+    head = h // heads
+    params = 2 * h * h + 2 * h * kv * head + 3 * h * inter
+    attn = 2 * L * L * h  # QK^T and PV, causal half of 2 * 2 L^2 h
+    return layers * (2.0 * L * params + attn) / tp
+
+
+def ssc_flops(n: int, d: int) -> dict:
+    """FLOPs of the dense SSC as the code runs it: per iteration (working dtype, one
+    ``(N + D) x N x N`` GEMM), the float64 setup, and the fast solver's refactors (working
+    dtype: one ``B`` and one ``Y B`` per change of ``rho``, plus the first)."""
+    refactors = admm.SCHEDULE["balance_until"] // admm.SCHEDULE["every"] + 1
+    return {
+        "per_iter": 2.0 * (n + d) * n * n,
+        "setup_faithful_fp64": 2.0 * n * n * d + n**3 + 2.0 * d * n * n,  # Gram, inverse, Y R
+        "setup_fast_fp64": 4.0 * n * n * d + 9.0 * n**3,  # Gram, Y V, eigh (~9 N^3)
+        "refactors_fast": refactors * 2.0 * (n + d) * n * n,
+    }
+
+
+def emulated(x, k, precision: str):
+    """The fast solver with its GEMM inputs rounded to ``precision`` (``"tf32"``: 10-bit
+    mantissa, round to nearest; ``"bf16"``), float32 accumulation: what tensor cores would
+    compute, emulated on the CPU."""
+
+    def rnd(t):
+        if precision == "bf16":
+            return t.to(torch.bfloat16).to(t.dtype)
+        bits = t.contiguous().view(torch.int32)
+        return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+    class Rounded(admm.EigenInverse):
+        def refactor(self, rho):
+            super().refactor(rho)
+            self.r = rnd(self.r)
+
+        def step_a(self, t, d1s, e, cols, want_ya, diag):
+            dic = self.dic
+            if dic.affine:
+                t -= d1s
+            if e is not None:
+                t -= dic.kernels.times_e(dic.xw, e * (dic.lam_z / self.rho))
+            t[diag.rows, diag.cols] -= 1.0
+            a = self.r @ rnd(t)
+            a[diag.rows, diag.cols] += 1.0
+            ya = a[dic.n :, :]
+            ya += dic.yw[:, cols]
+            return a[: dic.n, :], ya
+
+    real = admm.EigenInverse
+    admm.EigenInverse = Rounded
+    try:
+        return compute_anchor_scores(x, k, progress=False, mode="exact")
+    finally:
+        admm.EigenInverse = real
+
+
+class DecoderLayer(torch.nn.Module):
+    """One pre-norm decoder layer of the shape (GQA attention, gated SiLU MLP), random weights."""
+
+    def __init__(self, h, inter, heads, kv, tp):
+        super().__init__()
+        self.heads, self.kv, self.head = heads // tp, max(kv // tp, 1), h // heads
+        hd = self.head
+        self.q = torch.nn.Linear(h, self.heads * hd)
+        self.k = torch.nn.Linear(h, self.kv * hd)
+        self.v = torch.nn.Linear(h, self.kv * hd)
+        self.o = torch.nn.Linear(self.heads * hd, h, bias=False)
+        self.gate_up = torch.nn.Linear(h, 2 * (inter // tp), bias=False)
+        self.down = torch.nn.Linear(inter // tp, h, bias=False)
+        self.n1, self.n2 = torch.nn.RMSNorm(h), torch.nn.RMSNorm(h)
+
+    def forward(self, x):
+        L = x.shape[0]
+        y = self.n1(x)
+        q = self.q(y).view(L, self.heads, self.head).transpose(0, 1)
+        k = self.k(y).view(L, self.kv, self.head).transpose(0, 1)
+        v = self.v(y).view(L, self.kv, self.head).transpose(0, 1)
+        rep = self.heads // self.kv
+        k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(a.transpose(0, 1).reshape(L, -1))
+        g, u = self.gate_up(self.n2(x)).chunk(2, dim=-1)
+        return x + self.down(torch.nn.functional.silu(g) * u)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def prefill_seconds(shape, n_visual, device, dtype, timed_layers=2) -> float:
+    """Measured: ``timed_layers`` random-weight decoder layers, times the layer count."""
+    h, layers, inter, heads, kv, _, tp = shape
+    torch.manual_seed(0)
+    stack = [DecoderLayer(h, inter, heads, kv, tp).to(device, dtype) for _ in range(timed_layers)]
+    x = torch.randn(n_visual + TEXT_TOKENS, h, device=device, dtype=dtype)
+    for layer in stack:  # warm-up
+        layer(x)
+    _sync(device)
+    t = time.perf_counter()
+    for layer in stack:
+        x = layer(x)
+    _sync(device)
+    return (time.perf_counter() - t) / timed_layers * layers
+
+
+def ssc_seconds(x, k, solver, **kw):
+    """Seconds of one ``compute_anchor_scores`` call (the least of 5 when it takes under
+    0.5 s, where one run is mostly noise) and its result."""
+    best, res = float("inf"), None
+    for _ in range(5):
+        _sync(x.device)
+        t = time.perf_counter()
+        res = compute_anchor_scores(x, k, solver=solver, progress=False, mode="exact", **kw)
+        _sync(x.device)
+        best = min(best, time.perf_counter() - t)
+        if best >= 0.5:
+            break
+    return best, res
+
+
+def _spearman(a, b) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a.cpu().numpy(), b.cpu().numpy())[0])
+
+
+def _ari(a, b) -> float:
+    from sklearn.metrics import adjusted_rand_score
+
+    return float(adjusted_rand_score(a.cpu().numpy(), b.cpu().numpy()))
+
+
+def yale_faces(subjects: int, per_subject: int):
+    import scipy.io
+
+    m = scipy.io.loadmat(YALE)
+    x = torch.tensor(m["DATA"], dtype=torch.float32).T
+    lab = m["labels"].ravel()
+    idx = np.concatenate([np.where(lab == s)[0][:per_subject] for s in np.unique(lab)[:subjects]])
+    return x[idx].contiguous()
+
+
+def tiny_projector_features(family: str, frames: int):
+    """The features a tiny random-weight model of ``family`` hands to SSC (first call)."""
+    import tempfile
+
+    import videoanchor
+    import videoanchor.anchor as anchor_mod
+    from videoanchor.integrations.transformers.testing import load_saved, tiny_model, tiny_sample
+
+    got = []
+    real = anchor_mod.compute_anchor_scores
+
+    def spy(features, *a, **kw):
+        got.append(features.detach().float().cpu().clone())
+        return real(features, *a, **kw)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny_model(family, seed=2).save_pretrained(tmp)
+        model = load_saved(tmp)
+        videoanchor.configure(model, n_clusters=3, max_iter=300)
+        sample = tiny_sample(model.config, [frames], text=4, seed=20)
+        anchor_mod.compute_anchor_scores = spy
+        try:
+            with torch.no_grad():
+                model(**{k: v for k, v in sample.items() if k != "labels"})
+        finally:
+            anchor_mod.compute_anchor_scores = real
+    if not got:
+        raise RuntimeError(f"{family}: SSC was not called")
+    return got[0]
+
+
+def fidelity(name, x, k, device) -> dict:
+    x = x.to(device)
+    t_ref, ref = ssc_seconds(x, k, "faithful")
+    t_loose, loose = ssc_seconds(x, k, "faithful", eps=2e-3)
+    t_fast, fast = ssc_seconds(x, k, "fast")
+    return {
+        "data": name, "n": x.shape[0], "d": x.shape[1], "n_clusters": k,
+        "iterations_faithful": ref.iterations, "iterations_faithful_eps2e-3": loose.iterations,
+        "iterations_fast": fast.iterations,
+        "spearman_fast": _spearman(fast.scores, ref.scores),
+        "spearman_faithful_eps2e-3": _spearman(loose.scores, ref.scores),
+        "ari_fast": _ari(fast.labels, ref.labels),
+        "ari_faithful_eps2e-3": _ari(loose.labels, ref.labels),
+        "seconds_faithful": t_ref, "seconds_faithful_eps2e-3": t_loose, "seconds_fast": t_fast,
+        "speedup_fast": t_ref / t_fast, "figures": "measured",
+        **{f"spearman_fast_{p}_emulated": _spearman(emulated(x.float().cpu(), k, p).scores,
+                                                    ref.scores.cpu())
+           for p in ("tf32", "bf16")},
+    }  # fmt: skip
+
+
+def sensitivity(name, x, k, dtype, trials, device) -> dict:
+    """1e-6 relative perturbations: faithful stopping-iteration moves and score moves."""
+    x = x.to(device, dtype)
+    base = compute_anchor_scores(x, k, solver="faithful", progress=False, mode="exact")
+    fbase = compute_anchor_scores(x, k, progress=False, mode="exact")
+    g = torch.Generator().manual_seed(0)
+    jumps, moved_jump, moved_same, moved_fast = 0, [], [], []
+    for _ in range(trials):
+        noise = torch.randn(x.shape, generator=g, dtype=torch.float64).to(device, dtype)
+        xp = x * (1 + 1e-6 * noise)
+        other = compute_anchor_scores(xp, k, solver="faithful", progress=False, mode="exact")
+        fast = compute_anchor_scores(xp, k, progress=False, mode="exact")
+        d = float((other.scores - base.scores).abs().max())
+        if other.iterations != base.iterations:
+            jumps += 1
+            moved_jump.append(d)
+        else:
+            moved_same.append(d)
+        moved_fast.append(float((fast.scores - fbase.scores).abs().max()))
+    return {
+        "data": name, "dtype": str(dtype).replace("torch.", ""), "n": x.shape[0], "d": x.shape[1],
+        "trials": trials, "faithful_iterations": base.iterations,
+        "faithful_iteration_jumps": jumps,
+        "faithful_max_score_move_when_jumped": max(moved_jump, default=None),
+        "faithful_max_score_move_otherwise": max(moved_same, default=None),
+        "fast_max_score_move": max(moved_fast), "figures": "measured",
+    }  # fmt: skip
+
+
+def cost_rows(device, quick, budget_s) -> list[dict]:
+    """Per shape and frame count: counted FLOPs, iterations, CPU/GPU times, H100 estimate."""
+    rows, measured_iters = [], {}
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # sizes measured on this device: (shape, frames) where N and D fit the budget
+    if device.type == "cuda":
+        measure = {(s, f) for s in SHAPES for f in FRAMES}
+    elif quick:
+        measure = {("Qwen2.5-VL-7B", 2)}
+    else:
+        measure = {("Qwen2.5-VL-7B", 2), ("Qwen2.5-VL-7B", 4), ("Qwen2.5-VL-7B", 8)}
+    started = time.perf_counter()
+    frames_all = sorted({f for _, f in measure} | set(FRAMES))
+    for name, shape in SHAPES.items():
+        h, layers, _, _, _, per_frame, tp = shape
+        for frames in frames_all:
+            if frames not in FRAMES and (name, frames) not in measure:
+                continue
+            n = frames * per_frame
+            fl = ssc_flops(n, h)
+            pre = prefill_flops(shape, n)
+            row = {
+                "model": name, "frames": frames, "n": n, "d": h, "tp": tp,
+                "prefill_flops": pre, "prefill_flops_figures": "counted",
+                "ssc_flops_per_iter": fl["per_iter"], "ssc_precision": "fp32",
+                "ssc_setup_flops_faithful_fp64": fl["setup_faithful_fp64"],
+                "ssc_setup_flops_fast_fp64": fl["setup_fast_fp64"],
+                "ssc_refactor_flops_fast": fl["refactors_fast"],
+                "iterations_fast": admm.SCHEDULE["iterations"],
+            }  # fmt: skip
+            over = time.perf_counter() - started > budget_s
+            if (name, frames) in measure and not over:
+                x = synthetic_tokens(n, h, seed=frames).to(device)
+                t_faith, ref = ssc_seconds(x, 24, "faithful")
+                t_fast, fast = ssc_seconds(x, 24, "fast")
+                t_pre = prefill_seconds(shape, n, device, dtype)
+                measured_iters[n] = ref.iterations
+                row.update(
+                    iterations_faithful=ref.iterations, iterations_figures="measured",
+                    seconds_ssc_faithful=t_faith, seconds_ssc_fast=t_fast,
+                    seconds_prefill=t_pre, prefill_dtype=str(dtype).replace("torch.", ""),
+                    ssc_over_prefill_faithful=t_faith / t_pre,
+                    ssc_over_prefill_fast=t_fast / t_pre, speedup_fast=t_faith / t_fast,
+                    spearman_fast=_spearman(fast.scores, ref.scores),
+                    seconds_figures=f"measured on {device.type}",
+                )  # fmt: skip
+            else:
+                near = [m for m in measured_iters if m <= n]
+                row["iterations_faithful"] = measured_iters[max(near)] if near else None
+                row["iterations_figures"] = (
+                    f"estimated: the count measured at N = {max(near)}" if near else "not measured"
+                )
+            its = row["iterations_faithful"]
+            est = {}
+            pre_s = pre / (EFFICIENCY * H100["bf16"])
+            for prec in ("fp32", "tf32", "bf16"):
+                rate = EFFICIENCY * H100[prec]
+                fast_s = (
+                    admm.SCHEDULE["iterations"] * fl["per_iter"] + fl["refactors_fast"]
+                ) / rate
+                fast_s += fl["setup_fast_fp64"] / (EFFICIENCY * H100["fp64"])
+                est[f"ssc_over_prefill_fast_{prec}"] = fast_s / pre_s
+                if its:
+                    faith_s = its * fl["per_iter"] / rate
+                    faith_s += fl["setup_faithful_fp64"] / (EFFICIENCY * H100["fp64"])
+                    est[f"ssc_over_prefill_faithful_{prec}"] = faith_s / pre_s
+            row.update({f"h100_{k}": v for k, v in est.items()})
+            row["h100_figures"] = "estimated from counted FLOPs at 60% of peak"
+            rows.append(row)
+    return rows
+
+
+def run(device: torch.device, quick: bool, out_dir) -> Path:
+    torch.manual_seed(0)
+    meta = environment(str(device))
+    meta["quick"] = quick
+    meta["load_before"] = os.getloadavg()
+    meta["torch_threads"] = torch.get_num_threads()
+    fid, sens, notes = [], [], []
+    syn = synthetic_tokens(256 if quick else 512, 256 if quick else 1024, seed=2)
+    fid.append(fidelity("synthetic video tokens", syn, 24, device))
+    if YALE.exists():
+        fid.append(
+            fidelity(
+                "Extended Yale B faces",
+                yale_faces(4 if quick else 8, 32),
+                4 if quick else 8,
+                device,
+            )
+        )
+    else:
+        notes.append(f"Yale B not found at {YALE}: skipped")
+    tiny = []
+    for family in ("qwen2_5_vl", "llava_onevision", "internvl") if not quick else ("qwen2_5_vl",):
+        try:
+            feats = tiny_projector_features(family, 8)
+            fid.append(fidelity(f"tiny {family} projector outputs", feats, 3, device))
+            tiny.append((f"tiny {family} projector outputs", feats, 3))
+        except Exception as exc:  # reported, not hidden
+            notes.append(f"tiny {family}: {type(exc).__name__}: {exc}")
+    print_table(fid, ["data", "n", "d", "iterations_faithful", "spearman_fast",
+                      "spearman_fast_tf32_emulated", "spearman_fast_bf16_emulated",
+                      "spearman_faithful_eps2e-3", "ari_fast", "ari_faithful_eps2e-3",
+                      "speedup_fast"])  # fmt: skip
+    trials = 3 if quick else 20
+    sets = [("synthetic video tokens", synthetic_tokens(128 if quick else 256, 256, seed=4), 8)]
+    if YALE.exists():
+        sets.append(("Extended Yale B faces", yale_faces(4, 24 if quick else 48), 4))
+    sets += tiny
+    for name, x, k in sets:
+        for dtype in (torch.float32, torch.float64):
+            sens.append(sensitivity(name, x, k, dtype, trials, device))
+    print_table(sens, ["data", "dtype", "n", "faithful_iterations", "faithful_iteration_jumps",
+                       "faithful_max_score_move_when_jumped", "fast_max_score_move"])  # fmt: skip
+    cost = cost_rows(device, quick, 90 if quick else (480 if device.type == "cuda" else 600))
+    print_table(cost, ["model", "frames", "n", "iterations_faithful", "seconds_ssc_faithful",
+                       "seconds_ssc_fast", "seconds_prefill", "speedup_fast"])  # fmt: skip
+    meta["load_after"] = os.getloadavg()
+    meta["notes"] = notes
+    rows = [{"kind": "fidelity", **r} for r in fid] + [{"kind": "sensitivity", **r} for r in sens]
+    rows += [{"kind": "cost", **r} for r in cost]
+    name = "request_cost_quick" if quick else "request_cost"
+    path = write_result(name, meta, rows, out_dir)
+    print(f"wrote {path}")
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args(argv)
+    run(torch.device(args.device), args.quick, args.out_dir)
+
+
+if __name__ == "__main__":
+    main()
