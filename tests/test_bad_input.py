@@ -851,9 +851,12 @@ def test_scores_option_beyond_the_working_dtype_names_the_option(mode, kw, name)
 
 
 def test_a_step_failure_names_the_options():
-    # inside the up-front range, but rho is lost next to lambda_z Y^T Y in float32
+    # inside the up-front range, but rho is lost next to lambda_z Y^T Y in float32: the
+    # faithful solver's float32 factorisation fails (the fast default factors the same system
+    # by a float64 eigendecomposition, which stays positive definite)
     with pytest.raises(FloatingPointError, match=r"not positive definite \(.*alpha_z.*rho"):
-        compute_anchor_scores(X, 3, mode="exact", alpha_z=1e12, rho=1e-5, max_iter=20)
+        compute_anchor_scores(X, 3, mode="exact", solver="faithful", alpha_z=1e12, rho=1e-5,
+                              max_iter=20)  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", ["exact", "blocked"])
@@ -952,8 +955,8 @@ def test_ssc_ended_by_an_error_says_so():
 
     reporter = SSCProgress(enabled=False)
     with pytest.raises(FloatingPointError):
-        compute_anchor_scores(X, 3, mode="exact", alpha_z=1e12, rho=1e-5, max_iter=20,
-                              progress=reporter)  # fmt: skip
+        compute_anchor_scores(X, 3, mode="exact", solver="faithful", alpha_z=1e12, rho=1e-5,
+                              max_iter=20, progress=reporter)  # fmt: skip
     if reporter.runs:  # the A-step fails before or at the first iteration
         message = reporter.runs[-1].message()
         assert "stopped by an error" in message and "iteration limit" not in message, message
