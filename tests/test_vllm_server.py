@@ -44,7 +44,7 @@ SSC = {"n_clusters": 4, "max_iter": 200}
 # budget bounds it), and may not set the seed.
 BUDGET = 1.0
 OPERATOR = {"ssc_time_budget": BUDGET,
-            "request_options": ["enabled", "alpha_k", "alpha_v", "max_iter", "eps"],
+            "request_options": ["enabled", "alpha_k", "alpha_v", "max_iter", "eps", "ssc_solver"],
             "request_limits": {"max_iter": 10**6, "eps": 0.0}}  # fmt: skip
 ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
               gpu_memory_utilization=0.05, kv_cache_memory_bytes=256 << 20,
@@ -261,9 +261,10 @@ def _stream_gaps(port, body, started: threading.Event, out: dict):
 
 
 def test_a_hostile_request_is_bounded_by_the_operators_time_budget(server, checkpoint):
-    """eps 0 with 10**6 iterations would run its SSC for minutes inside the engine step. The
-    engine's ssc_time_budget stops it: the stream running beside it never waits much longer
-    than the budget, and the hostile request is answered."""
+    """The faithful solver with eps 0 and 10**6 iterations would run its SSC for minutes
+    inside the engine step (the fast default runs a fixed 60 iterations whatever eps asks).
+    The engine's ssc_time_budget stops it: the stream running beside it never waits much
+    longer than the budget, and the hostile request is answered."""
     text_only = {"model": checkpoint, "messages": [{"role": "user", "content": "count"}],
                  "max_tokens": 1000, "temperature": 0.0, "ignore_eos": True}  # fmt: skip
     started, out = threading.Event(), {}
@@ -271,8 +272,9 @@ def test_a_hostile_request_is_bounded_by_the_operators_time_budget(server, check
     stream.start()
     assert started.wait(300)
     t_hostile = time.perf_counter()
-    status, reply = _ask(server, checkpoint, {"videoanchor_eps": 0.0,
-                                              "videoanchor_max_iter": 10**6}, timeout=600)  # fmt: skip
+    hostile = {"videoanchor_ssc_solver": "faithful", "videoanchor_eps": 0.0,
+               "videoanchor_max_iter": 10**6}  # fmt: skip
+    status, reply = _ask(server, checkpoint, hostile, timeout=600)
     t_answered = time.perf_counter()
     stream.join(600)
     assert status == 200, reply
