@@ -34,9 +34,11 @@ BATCHES = [
 # blocks back): two of these fill 20 of the 21 usable blocks of 32 tokens, so the running
 # requests are preempted when they cross 320 tokens, and resume by recomputing their prompt
 # and the 8 tokens they generated, whose queries read no gates under decode="prefill".
-LONG = [{"media": "video:4:2", "max_tokens": 24, "extra_args": {"videoanchor_alpha_k": 3.0}},
-        {"media": "video:4:3", "max_tokens": 24, "extra_args": {"videoanchor_alpha_v": 1.0}},
-        {"media": "video:4:2", "max_tokens": 24}]  # fmt: skip
+# ignore_eos: each generates all 24 tokens whatever its scores make of the answer.
+_N = {"max_tokens": 24, "ignore_eos": True}
+LONG = [{"media": "video:4:2", **_N, "extra_args": {"videoanchor_alpha_k": 3.0}},
+        {"media": "video:4:3", **_N, "extra_args": {"videoanchor_alpha_v": 1.0}},
+        {"media": "video:4:2", **_N}]  # fmt: skip
 V1_MODULE = "vllm.v1.worker.cpu_model_runner"
 V2_MODULE = "vllm.v1.worker.cpu.model_runner"
 

@@ -11,7 +11,7 @@ true (each batch gets "scores": the plugin's anchor scores of its requests; the 
 mode gives each result its "scores"), "record_ssc": true (both modes: each batch gets "ssc",
 one entry per SSC run in it: the features the engine handed to ``compute_anchor_scores``, the
 cluster count, the options and the scores it returned)}; request: {"media": "image:SEED" | "video:FRAMES:SEED" |
-"none", "max_tokens": n, "extra_args": {...}, "question": text (default: the family's)}. Each batch is one ``generate`` call.
+"none", "max_tokens": n, "ignore_eos": bool, "extra_args": {...}, "question": text (default: the family's)}. Each batch is one ``generate`` call.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def run_vllm(spec):
             try:
                 sp = SamplingParams(
                     temperature=0.0, max_tokens=req.get("max_tokens", 6), logprobs=1,
-                    extra_args=req.get("extra_args"),
+                    extra_args=req.get("extra_args"), ignore_eos=req.get("ignore_eos", False),
                 )  # fmt: skip
             except Exception as err:
                 results.append({"error": f"{type(err).__name__}: {err}"})
