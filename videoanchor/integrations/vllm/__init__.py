@@ -191,7 +191,7 @@ def _route_logs_through_vllm() -> None:
     logs INFO and above through vLLM's handlers (:class:`_ThroughVllm`), unless the user gave
     it handlers or a level of their own."""
     ours = logging.getLogger("videoanchor")
-    if any(isinstance(h, _ThroughVllm) for h in ours.handlers) or ours.handlers:
+    if ours.handlers:  # ours already added, or the user's own
         return
     ours.addHandler(_ThroughVllm())
     if ours.level == logging.NOTSET:
