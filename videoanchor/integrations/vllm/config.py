@@ -23,8 +23,10 @@ __all__ = [
     "engine_policy",
     "request_config",
     "request_overrides",
+    "ahead_threads",
     "salt_for",
     "score_cache_bytes",
+    "scores_ahead",
 ]
 
 # attention_backend, process_group, ssc_dtype and ssc_progress are transformers-only (the
@@ -35,7 +37,13 @@ ENGINE_KEYS = tuple(f.name for f in fields(AnchorConfig) if f.name not in _NOT_F
 #: The operator's keys of ``additional_config["videoanchor"]`` that are not configure()
 #: options: which options a request may set, and the limits on the costly ones
 #: (:class:`RequestPolicy`).
-POLICY_KEYS = ("request_options", "request_limits", "score_cache_mb")
+POLICY_KEYS = (
+    "request_options",
+    "request_limits",
+    "score_cache_mb",
+    "scores_ahead",
+    "scores_ahead_threads",
+)
 #: ``score_cache_mb`` default: MiB of anchor scores kept across requests (16k visual tokens
 #: take 64 KiB), so repeated videos run no SSC (:func:`score_cache_bytes`).
 SCORE_CACHE_MB = 64
@@ -138,6 +146,8 @@ def engine_policy(additional_config) -> RequestPolicy | None:
             f"{', '.join(LIMIT_KEYS)}"
         )
     score_cache_bytes(additional_config)
+    scores_ahead(additional_config)
+    ahead_threads(additional_config, 1)
     vals = {k: limits.get(k, getattr(eng, k)) for k in LIMIT_KEYS}
     try:  # the limits are values of the options they bound: the same checks
         validate_ssc_options(validate_options(replace(eng, **vals)))
@@ -157,6 +167,38 @@ def score_cache_bytes(additional_config) -> int:
             f"across requests (a number >= 0; 0 turns the cache off), got {mb!r}"
         )
     return int(mb * 2**20)
+
+
+def scores_ahead(additional_config) -> bool:
+    """Whether the engine computes a request's scores ahead of its step, beside the running
+    requests (``additional_config["videoanchor"]["scores_ahead"]``, default True; False runs
+    the SSC inside the step that first reaches the request's visual tokens, stalling the
+    batch). Raises TypeError naming the key."""
+    given = (additional_config or {}).get("videoanchor") or {}
+    value = given.get("scores_ahead", True) if isinstance(given, dict) else True
+    if not isinstance(value, bool):
+        raise TypeError(
+            "additional_config['videoanchor']['scores_ahead']: expected true (score requests "
+            f"beside the running steps) or false (inside the step), got {value!r}"
+        )
+    return value
+
+
+def ahead_threads(additional_config, engine_threads: int) -> int:
+    """CPU threads of the side worker that computes scores ahead
+    (``additional_config["videoanchor"]["scores_ahead_threads"]``; default half the engine's
+    ``engine_threads``, at least 1, so the running steps keep cores of their own). Raises
+    ValueError naming the key."""
+    given = (additional_config or {}).get("videoanchor") or {}
+    value = given.get("scores_ahead_threads") if isinstance(given, dict) else None
+    if value is None:
+        return max(1, int(engine_threads) // 2)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            "additional_config['videoanchor']['scores_ahead_threads']: expected a number of "
+            f"CPU threads >= 1 (default: half the engine's), got {value!r}"
+        )
+    return value
 
 
 def check_request(policy: RequestPolicy | None, extra_args) -> None:

@@ -1,0 +1,337 @@
+"""Scores ahead of the step: a request's SSC runs beside the engine's steps, not inside one.
+
+An anchored request's visual tokens cannot be prefilled before its scores exist, and its SSC
+(with the encoder run it needs) takes far longer than one decode step. Run inside the step
+(``scores_ahead: false``), it stalls every other request of the batch for that long. With
+``scores_ahead`` (the default) instead:
+
+1. **Engine core, admission** (``EngineCore.preprocess_add_request``, any process layout): an
+   anchored request with scored multimodal items is noted (:meth:`Holds.note`).
+2. **Engine core, each** ``Scheduler.schedule`` **call**: noted requests are sent to every
+   worker (``collective_rpc`` :func:`submit`); a worker encodes their items with the model's
+   own ``embed_multimodal`` and runs their joint SSC on a side thread (a side CUDA stream on
+   a GPU), putting the scores into the engine's score cache. While a request's scores are not
+   ready on every worker it is taken out of the waiting queue for that ``schedule`` call and
+   put back at its front after it, so the scheduler schedules everyone else as if it were
+   not there (:meth:`Holds.hidden`). When all that is left is held requests, the engine core
+   waits on the workers for up to :data:`IDLE_WAIT` seconds instead of spinning.
+3. **Worker, the step that first reaches its visual tokens**: :func:`.runner._score` takes
+   the scores computed ahead (:meth:`Ahead.take`): no encoder, no SSC in the step. A request
+   that reaches its step before its job ended (it was not held: preempted, or another
+   scheduler) waits for the job there: the result is the same either way.
+
+The scores are those the step would have computed: the same features (the same encoder on
+the same inputs), the same :func:`.runner._run_ssc`, the same options. A job that fails
+leaves the request to the step, which computes its scores there and fails the same way.
+
+Only public parts of vLLM's scheduler are used for the hold (``schedule()`` and the waiting
+queue's ``remove_requests`` / ``prepend_requests``); docs/serving.md says why this mechanism
+was chosen over the KV-connector and encoder-cache-connector paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import SimpleNamespace
+
+import torch
+
+logger = logging.getLogger("videoanchor.vllm")
+
+__all__ = ["AHEAD", "IDLE_WAIT", "Ahead", "Holds", "poll", "submit"]
+
+#: Seconds the engine core waits for a score when every request it could schedule is held.
+IDLE_WAIT = 0.02
+#: Results kept for requests that were scored ahead but never took them (served from the
+#: prefix cache past their visual tokens, or finished early), oldest dropped first.
+KEEP_UNTAKEN = 256
+
+#: owner (the model runner's id) -> its engine's :class:`Ahead` (worker side).
+AHEAD: dict[int, Ahead] = {}
+
+
+# --- worker side ----------------------------------------------------------------------------
+
+
+class Ahead:
+    """One engine's side worker in one worker process: a single thread that encodes a held
+    request's items and runs its SSC; ``take`` hands the scores to the step.
+
+    ``runner``: the model runner (its ``model``, ``device``, ``vllm_config``); ``threads``:
+    torch CPU threads of the side thread (thread-local under OpenMP; the steps keep theirs).
+    """
+
+    def __init__(self, runner, threads: int):
+        self.owner = id(runner)
+        self._runner = weakref.ref(runner)
+        self.threads = max(1, int(threads))
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="videoanchor-ssc",
+                                        initializer=self._init_thread)  # fmt: skip
+        self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)
+        self.jobs: dict[str, Future] = {}  # score key -> its job (result: scores or None)
+        self.by_req: OrderedDict[str, str | None] = OrderedDict()  # req_id -> key (None: no job)
+        self.stream = None
+
+    def _init_thread(self) -> None:
+        torch.set_num_threads(self.threads)
+        runner = self._runner()
+        device = getattr(runner, "device", None)
+        if device is not None and torch.device(device).type == "cuda":
+            # SSC is GEMM-bound, decode memory-bound: a stream of its own lets them overlap.
+            self.stream = torch.cuda.Stream(device=device)
+            torch.cuda.set_stream(self.stream)
+
+    def submit(self, payloads) -> None:
+        """Start the jobs of ``payloads``: ``(req_id, mm_features, extra_args)`` each."""
+        from videoanchor.integrations.vllm.config import request_config
+        from videoanchor.integrations.vllm.runner import _engine_cfg, plan, score_cache
+
+        runner = self._runner()
+        eng = _engine_cfg(runner)
+        cache = score_cache(self.owner, runner.vllm_config.additional_config)
+        for req_id, features, extra in payloads:
+            key = None
+            try:
+                cfg = request_config(eng, extra)
+                p = plan(features, cfg) if cfg is not None else None
+                if p is not None and all(features[i].data is not None for i in p.items):
+                    key = p.key
+            except Exception:  # the step checks the request again and says what is wrong
+                logger.debug("videoanchor: request %s not scored ahead", req_id, exc_info=True)
+            with self._lock:
+                self.by_req[req_id] = key
+                self._trim()
+                if key is None or key in self.jobs:
+                    continue
+                if cache is not None and cache.get(key) is not None:
+                    continue  # take() finds it in the cache
+                self.jobs[key] = self._pool.submit(self._job, req_id, features, cfg, p, cache)
+
+    def _job(self, req_id, features, cfg, p, cache):
+        from videoanchor.integrations.vllm.runner import _run_ssc, projector_only
+
+        runner = self._runner()
+        try:
+            with torch.inference_mode():
+                enc = projector_only(self._encoder(runner, features),
+                                     runner.model_config.hf_config)  # fmt: skip
+                req = SimpleNamespace(req_id=req_id, mm_features=features)
+                visual = _run_ssc(req, cfg, p.items, p.cols, p.n, p.k, enc, cache, p.key)
+                if self.stream is not None:
+                    self.stream.synchronize()
+                return visual
+        except Exception as err:  # the step runs it again and reports it there
+            logger.warning(
+                "videoanchor: request %s: scoring ahead of its step failed (%s: %s); its "
+                "step scores it instead", req_id, type(err).__name__, err,
+            )  # fmt: skip
+            return None
+        finally:
+            with self._done:
+                self._done.notify_all()
+
+    @staticmethod
+    def _encoder(runner, features):
+        """:data:`.runner.EncoderOutputs` over ``features`` with the model's own encoder
+        (vLLM's grouping into batches by modality), outside the runner's encoder cache."""
+        from vllm.multimodal.utils import group_and_batch_mm_kwargs
+
+        def encoder_outputs(req_id: str, indices: list[int]) -> list:
+            kwargs = [(features[i].modality, features[i].data) for i in indices]
+            outs: list = []
+            for _, _, batch in group_and_batch_mm_kwargs(kwargs, device=runner.device,
+                                                         pin_memory=False):  # fmt: skip
+                outs.extend(runner.model.embed_multimodal(**batch))
+            return outs
+
+        return encoder_outputs
+
+    def _trim(self) -> None:
+        while len(self.by_req) > KEEP_UNTAKEN:
+            rid, _ = self.by_req.popitem(last=False)
+            self._release(rid)
+
+    def _release(self, req_id: str) -> None:
+        key = self.by_req.pop(req_id, None)
+        if key is not None and key not in self.by_req.values():
+            job = self.jobs.pop(key, None)
+            if job is not None:
+                job.cancel()
+
+    def ready(self, req_ids) -> list[str]:
+        """Those of ``req_ids`` whose scores need no more work ahead of their step."""
+        with self._lock:
+            return [r for r in req_ids if self._ready(r)]
+
+    def _ready(self, req_id: str) -> bool:
+        key = self.by_req.get(req_id)
+        job = self.jobs.get(key) if key is not None else None
+        return job is None or job.done()
+
+    def wait(self, req_ids, timeout: float) -> None:
+        """Block until one of ``req_ids`` is ready, or ``timeout`` seconds."""
+        with self._done:
+            if not any(self._ready(r) for r in req_ids):
+                self._done.wait(timeout)
+
+    def forget(self, req_ids) -> None:
+        """Drop the state of requests that finished (aborted while held, or done)."""
+        with self._lock:
+            for r in req_ids:
+                self._release(r)
+
+    def take(self, req_id: str, key: str):
+        """The scores computed ahead for ``req_id`` under ``key`` (waiting for its job if it
+        is still running), or None (not scored ahead, its job failed, or it ran under other
+        options): the step computes them then."""
+        with self._lock:
+            if req_id not in self.by_req:
+                return None
+            if self.by_req[req_id] != key:
+                self._release(req_id)
+                return None
+            job = self.jobs.get(key)
+        visual = job.result() if job is not None else None
+        with self._lock:
+            self._release(req_id)
+        return visual
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _ahead_of(worker) -> Ahead | None:
+    from videoanchor.integrations.vllm.config import ahead_threads
+    from videoanchor.integrations.vllm.runner import _engine_cfg
+
+    runner = worker.model_runner
+    ahead = AHEAD.get(id(runner))
+    if ahead is None:
+        if _engine_cfg(runner) is None:
+            return None
+        threads = ahead_threads(runner.vllm_config.additional_config, torch.get_num_threads())
+        ahead = AHEAD[id(runner)] = Ahead(runner, threads)
+    return ahead
+
+
+def submit(worker, payloads) -> None:
+    """``collective_rpc`` target: start the jobs of ``payloads`` on this worker."""
+    ahead = _ahead_of(worker)
+    if ahead is not None:
+        ahead.submit(payloads)
+
+
+def poll(worker, held: list[str], gone: list[str], wait: float = 0.0) -> list[str]:
+    """``collective_rpc`` target: forget ``gone``; the ids of ``held`` that are ready on this
+    worker (after waiting up to ``wait`` seconds for one of them)."""
+    ahead = _ahead_of(worker)
+    if ahead is None:
+        return list(held)
+    if gone:
+        ahead.forget(gone)
+    if wait > 0 and held:
+        ahead.wait(held, wait)
+    return ahead.ready(held)
+
+
+# --- engine-core side -----------------------------------------------------------------------
+
+
+class Holds:
+    """The requests one engine core holds out of the batch while their scores are computed
+    ahead (kept on its scheduler). ``core``: the ``EngineCore`` (its ``model_executor``)."""
+
+    def __init__(self, core):
+        self._core = weakref.ref(core)
+        self.new: deque = deque()  # noted at admission (the input thread), not yet submitted
+        self.held: dict[str, object] = {}  # req_id -> Request
+        self.waited = 0.0  # seconds the engine core spent waiting with only held requests
+
+    def note(self, request) -> None:
+        """An admitted anchored request with multimodal items (any thread)."""
+        self.new.append(request)
+
+    def hidden(self, sched) -> list:
+        """Called at the start of ``sched.schedule()``: submits new requests, polls the
+        workers, and returns the waiting requests to hide from this call."""
+        core = self._core()
+        if core is None:
+            return []
+        executor = core.model_executor
+        fresh, later = [], []
+        while self.new:
+            req = self.new.popleft()
+            if sched.requests.get(req.request_id) is not req:
+                if not req.is_finished():
+                    later.append(req)  # admitted by the input thread, not added yet
+                continue
+            if req.num_computed_tokens == 0 and not req.is_finished():
+                fresh.append(req)
+        self.new.extendleft(reversed(later))
+        if fresh:
+            payloads = [(r.request_id, r.mm_features, r.sampling_params.extra_args)
+                        for r in fresh]  # fmt: skip
+            executor.collective_rpc(submit, args=(payloads,))
+            for r in fresh:
+                self.held[r.request_id] = r
+        if not self.held:
+            return []
+        gone = [rid for rid, r in self.held.items()
+                if sched.requests.get(rid) is not r or r.is_finished()]  # fmt: skip
+        for rid in gone:
+            del self.held[rid]
+        ids = list(self.held)
+        idle = not sched.running and all(r.request_id in self.held for r in sched.waiting)
+        t0 = time.perf_counter()
+        replies = executor.collective_rpc(poll, args=(ids, gone, IDLE_WAIT if idle else 0.0))
+        if idle:
+            self.waited += time.perf_counter() - t0
+        ready = set(ids)
+        for reply in replies:
+            ready &= set(reply)
+        for rid in ready:
+            del self.held[rid]
+        return [r for r in sched.waiting if r.request_id in self.held]
+
+
+def holds_of(sched) -> Holds | None:
+    """The :class:`Holds` of a scheduler (None where scores are not computed ahead)."""
+    return sched.__dict__.get("_videoanchor_holds")
+
+
+def attach(core) -> Holds:
+    """The :class:`Holds` of an ``EngineCore``, made on first use."""
+    holds = holds_of(core.scheduler)
+    if holds is None:
+        holds = core.scheduler.__dict__["_videoanchor_holds"] = Holds(core)
+    return holds
+
+
+def install() -> None:
+    """Wraps ``Scheduler.schedule`` (once per process; a no-op for a scheduler without
+    :class:`Holds`)."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from videoanchor.integrations.vllm.hooks import _once
+
+    def make(orig):
+        def schedule(self, *args, **kwargs):
+            holds = holds_of(self)
+            hide = holds.hidden(self) if holds is not None else []
+            if not hide:
+                return orig(self, *args, **kwargs)
+            self.waiting.remove_requests(hide)
+            try:
+                return orig(self, *args, **kwargs)
+            finally:
+                self.waiting.prepend_requests(hide)
+
+        return schedule
+
+    _once(Scheduler, "schedule", make)
