@@ -9,8 +9,8 @@ An anchored request's visual tokens cannot be prefilled before its scores exist,
    anchored request with scored multimodal items is noted (:meth:`Holds.note`).
 2. **Engine core, each** ``Scheduler.schedule`` **call**: noted requests are sent to every
    worker (``collective_rpc`` :func:`submit`); a worker encodes their items with the model's
-   own ``embed_multimodal`` and runs their joint SSC on a side thread (a side CUDA stream on
-   a GPU), putting the scores into the engine's score cache. While a request's scores are not
+   own ``embed_multimodal`` and runs their joint SSC on a side thread (niced on Linux; a side CUDA
+   stream on a GPU), putting the scores into the engine's score cache. While a request's scores are not
    ready on every worker it is taken out of the waiting queue for that ``schedule`` call and
    put back at its front after it, so the scheduler schedules everyone else as if it were
    not there (:meth:`Holds.hidden`). When all that is left is held requests, the engine core
@@ -32,6 +32,7 @@ was chosen over the KV-connector and encoder-cache-connector paths.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import weakref
@@ -62,14 +63,15 @@ class Ahead:
     """One engine's side worker in one worker process: a single thread that encodes a held
     request's items and runs its SSC; ``take`` hands the scores to the step.
 
-    ``runner``: the model runner (its ``model``, ``device``, ``vllm_config``); ``threads``:
-    torch CPU threads of the side thread (thread-local under OpenMP; the steps keep theirs).
+    ``runner``: the model runner (its ``model``, ``device``, ``vllm_config``); ``nice``: the
+    side thread's niceness on Linux (0-19; its OpenMP threads inherit it), so that on the
+    CPU the running requests' steps come first and the SSC takes the cores' idle time.
     """
 
-    def __init__(self, runner, threads: int):
+    def __init__(self, runner, nice: int):
         self.owner = id(runner)
         self._runner = weakref.ref(runner)
-        self.threads = max(1, int(threads))
+        self.nice = int(nice)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="videoanchor-ssc",
                                         initializer=self._init_thread)  # fmt: skip
         self._lock = threading.Lock()
@@ -79,7 +81,15 @@ class Ahead:
         self.stream = None
 
     def _init_thread(self) -> None:
-        torch.set_num_threads(self.threads)
+        # Not torch.set_num_threads: it also sets MKL's process-wide count, and a side thread
+        # with fewer threads slowed the steps' GEMMs more than one with the default count.
+        # Niceness is per thread on Linux; measured on 2 cores, a main loop of 800 x 800
+        # GEMMs ran 1.1x slower beside a side thread at nice 19 (2.2x at nice 0).
+        if self.nice and hasattr(os, "setpriority"):
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+            except OSError as err:
+                logger.debug("videoanchor: side thread niceness not set: %s", err)
         runner = self._runner()
         device = getattr(runner, "device", None)
         if device is not None and torch.device(device).type == "cuda":
@@ -207,7 +217,7 @@ class Ahead:
 
 
 def _ahead_of(worker) -> Ahead | None:
-    from videoanchor.integrations.vllm.config import ahead_threads
+    from videoanchor.integrations.vllm.config import ahead_nice
     from videoanchor.integrations.vllm.runner import _engine_cfg
 
     runner = worker.model_runner
@@ -215,8 +225,8 @@ def _ahead_of(worker) -> Ahead | None:
     if ahead is None:
         if _engine_cfg(runner) is None:
             return None
-        threads = ahead_threads(runner.vllm_config.additional_config, torch.get_num_threads())
-        ahead = AHEAD[id(runner)] = Ahead(runner, threads)
+        nice = ahead_nice(runner.vllm_config.additional_config)
+        ahead = AHEAD[id(runner)] = Ahead(runner, nice)
     return ahead
 
 
@@ -245,12 +255,22 @@ def poll(worker, held: list[str], gone: list[str], wait: float = 0.0) -> list[st
 
 class Holds:
     """The requests one engine core holds out of the batch while their scores are computed
-    ahead (kept on its scheduler). ``core``: the ``EngineCore`` (its ``model_executor``)."""
+    ahead (kept on its scheduler). ``core``: the ``EngineCore`` (its ``model_executor``).
+
+    The calls to the workers do not wait for them: a multiprocess executor answers calls in
+    order, so waiting on one would also wait for the step in flight (asynchronous
+    scheduling). A poll's answer is read at a later ``schedule()`` call, once the engine
+    core has read the step results queued before it. Only when every request it could
+    schedule is held does the engine core wait, for up to :data:`IDLE_WAIT` seconds."""
 
     def __init__(self, core):
         self._core = weakref.ref(core)
         self.new: deque = deque()  # noted at admission (the input thread), not yet submitted
         self.held: dict[str, object] = {}  # req_id -> Request
+        self._gone: list[str] = []  # requests finished while held, not yet told to workers
+        self._calls: list[Future] = []  # submissions in flight (their errors are raised)
+        self._poll: Future | None = None
+        self._polled: list[str] = []
         self.waited = 0.0  # seconds the engine core spent waiting with only held requests
 
     def note(self, request) -> None:
@@ -258,8 +278,8 @@ class Holds:
         self.new.append(request)
 
     def hidden(self, sched) -> list:
-        """Called at the start of ``sched.schedule()``: submits new requests, polls the
-        workers, and returns the waiting requests to hide from this call."""
+        """Called at the start of ``sched.schedule()``: submits new requests, reads the
+        workers' answers, and returns the waiting requests to hide from this call."""
         core = self._core()
         if core is None:
             return []
@@ -274,30 +294,45 @@ class Holds:
             if req.num_computed_tokens == 0 and not req.is_finished():
                 fresh.append(req)
         self.new.extendleft(reversed(later))
+        for call in [c for c in self._calls if c.done()]:
+            self._calls.remove(call)
+            call.result()  # a worker's error surfaces here
         if fresh:
             payloads = [(r.request_id, r.mm_features, r.sampling_params.extra_args)
                         for r in fresh]  # fmt: skip
-            executor.collective_rpc(submit, args=(payloads,))
+            self._calls.append(executor.collective_rpc(submit, args=(payloads,), non_block=True))
             for r in fresh:
                 self.held[r.request_id] = r
+        for rid, r in list(self.held.items()):
+            if sched.requests.get(rid) is not r or r.is_finished():
+                del self.held[rid]
+                self._gone.append(rid)
+        if self._poll is not None and self._poll.done():
+            self._answer(self._poll.result())
         if not self.held:
             return []
-        gone = [rid for rid, r in self.held.items()
-                if sched.requests.get(rid) is not r or r.is_finished()]  # fmt: skip
-        for rid in gone:
-            del self.held[rid]
-        ids = list(self.held)
-        idle = not sched.running and all(r.request_id in self.held for r in sched.waiting)
-        t0 = time.perf_counter()
-        replies = executor.collective_rpc(poll, args=(ids, gone, IDLE_WAIT if idle else 0.0))
-        if idle:
-            self.waited += time.perf_counter() - t0
-        ready = set(ids)
+        if self._poll is None:
+            ids, gone = list(self.held), self._gone
+            self._gone, self._polled = [], ids
+            idle = not sched.running and all(r.request_id in self.held for r in sched.waiting)
+            if idle:
+                t0 = time.perf_counter()
+                self._answer(executor.collective_rpc(poll, args=(ids, gone, IDLE_WAIT)))
+                self.waited += time.perf_counter() - t0
+            else:
+                self._poll = executor.collective_rpc(poll, args=(ids, gone), non_block=True)
+                if self._poll.done():  # an in-process executor answers at once
+                    self._answer(self._poll.result())
+        return [r for r in sched.waiting if r.request_id in self.held]
+
+    def _answer(self, replies) -> None:
+        """Release the held requests every worker says are ready."""
+        self._poll = None
+        ready = set(self._polled)
         for reply in replies:
             ready &= set(reply)
         for rid in ready:
-            del self.held[rid]
-        return [r for r in sched.waiting if r.request_id in self.held]
+            self.held.pop(rid, None)
 
 
 def holds_of(sched) -> Holds | None:

@@ -23,7 +23,7 @@ __all__ = [
     "engine_policy",
     "request_config",
     "request_overrides",
-    "ahead_threads",
+    "ahead_nice",
     "salt_for",
     "score_cache_bytes",
     "scores_ahead",
@@ -42,7 +42,7 @@ POLICY_KEYS = (
     "request_limits",
     "score_cache_mb",
     "scores_ahead",
-    "scores_ahead_threads",
+    "scores_ahead_nice",
 )
 #: ``score_cache_mb`` default: MiB of anchor scores kept across requests (16k visual tokens
 #: take 64 KiB), so repeated videos run no SSC (:func:`score_cache_bytes`).
@@ -147,7 +147,7 @@ def engine_policy(additional_config) -> RequestPolicy | None:
         )
     score_cache_bytes(additional_config)
     scores_ahead(additional_config)
-    ahead_threads(additional_config, 1)
+    ahead_nice(additional_config)
     vals = {k: limits.get(k, getattr(eng, k)) for k in LIMIT_KEYS}
     try:  # the limits are values of the options they bound: the same checks
         validate_ssc_options(validate_options(replace(eng, **vals)))
@@ -184,19 +184,18 @@ def scores_ahead(additional_config) -> bool:
     return value
 
 
-def ahead_threads(additional_config, engine_threads: int) -> int:
-    """CPU threads of the side worker that computes scores ahead
-    (``additional_config["videoanchor"]["scores_ahead_threads"]``; default half the engine's
-    ``engine_threads``, at least 1, so the running steps keep cores of their own). Raises
-    ValueError naming the key."""
+def ahead_nice(additional_config) -> int:
+    """Niceness of the side thread that computes scores ahead, on Linux
+    (``additional_config["videoanchor"]["scores_ahead_nice"]``, 0 to 19, default 19: the
+    running requests' steps come first, the SSC takes the cores' idle time; lower it where
+    the cores are saturated and new requests' first tokens matter more). Raises ValueError
+    naming the key."""
     given = (additional_config or {}).get("videoanchor") or {}
-    value = given.get("scores_ahead_threads") if isinstance(given, dict) else None
-    if value is None:
-        return max(1, int(engine_threads) // 2)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    value = given.get("scores_ahead_nice", 19) if isinstance(given, dict) else 19
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 19:
         raise ValueError(
-            "additional_config['videoanchor']['scores_ahead_threads']: expected a number of "
-            f"CPU threads >= 1 (default: half the engine's), got {value!r}"
+            "additional_config['videoanchor']['scores_ahead_nice']: expected a niceness from 0 "
+            f"to 19 for the side thread that computes scores (default 19), got {value!r}"
         )
     return value
 
