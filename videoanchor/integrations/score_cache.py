@@ -70,6 +70,11 @@ class ScoreCache:
         self.stats = CacheStats()
         self._lock = threading.Lock()
 
+    def __contains__(self, key: str) -> bool:
+        """Whether ``key`` is stored (no hit or miss counted, no recency change)."""
+        with self._lock:
+            return key in self._entries
+
     def __len__(self) -> int:
         return len(self._entries)
 

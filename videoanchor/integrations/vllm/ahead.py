@@ -8,15 +8,20 @@ An anchored request's visual tokens cannot be prefilled before its scores exist,
 1. **Engine core, admission** (``EngineCore.preprocess_add_request``, any process layout): an
    anchored request with scored multimodal items is noted (:meth:`Holds.note`).
 2. **Engine core, each** ``Scheduler.schedule`` **call**: noted requests are sent to every
-   worker (``collective_rpc`` :func:`submit`); a worker encodes their items with the model's
-   own ``embed_multimodal`` and runs their joint SSC on a side thread (niced on Linux; a side CUDA
-   stream on a GPU), putting the scores into the engine's score cache. While a request's scores are not
-   ready on every worker it is taken out of the waiting queue for that ``schedule`` call and
-   put back at its front after it, so the scheduler schedules everyone else as if it were
-   not there (:meth:`Holds.hidden`). When all that is left is held requests, the engine core
-   waits on the workers for up to :data:`IDLE_WAIT` seconds instead of spinning.
+   worker (``collective_rpc`` :func:`submit`). A worker encodes their items there, in its
+   main thread between steps, with the model's own ``embed_multimodal`` (under tensor
+   parallelism the encoder's collectives then come in the same order on every rank), and
+   runs their joint SSC on a side thread (niced on Linux; a side CUDA stream on a GPU), on
+   one rank only under tensor parallelism: the engine core relays its scores to the other
+   ranks with its next poll (:func:`poll`). The scores go into the engine's score cache.
+   While a request's scores are not ready on every worker it is taken out of the waiting
+   queue for that ``schedule`` call and put back at its front after it, so the scheduler
+   schedules everyone else as if it were not there (:meth:`Holds.hidden`). When all that is
+   left is held requests, the engine core waits on the workers for up to :data:`IDLE_WAIT`
+   seconds instead of spinning.
 3. **Worker, the step that first reaches its visual tokens**: :func:`.runner._score` takes
-   the scores computed ahead (:meth:`Ahead.take`): no encoder, no SSC in the step. A request
+   the scores computed ahead (:meth:`Ahead.take`): no SSC, and no encoder run for it, in
+   the step. A request
    that reaches its step before its job ended (it was not held: preempted, or another
    scheduler) waits for the job there: the result is the same either way.
 
@@ -72,13 +77,21 @@ class Ahead:
         self.owner = id(runner)
         self._runner = weakref.ref(runner)
         self.nice = int(nice)
+        self.rank, self.world = _tp_rank_world()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="videoanchor-ssc",
                                         initializer=self._init_thread)  # fmt: skip
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._done = threading.Condition(self._lock)
         self.jobs: dict[str, Future] = {}  # score key -> its job (result: scores or None)
         self.by_req: OrderedDict[str, str | None] = OrderedDict()  # req_id -> key (None: no job)
+        self._relayed: set[str] = set()  # keys whose job runs on another rank
+        self._results: dict[str, tuple] = {}  # this rank's results not yet reported
+        self.stats = {"computed": 0, "relayed": 0}
+        device = getattr(runner, "device", None)
         self.stream = None
+        if device is not None and torch.device(device).type == "cuda":
+            # SSC is GEMM-bound, decode memory-bound: a stream of its own lets them overlap.
+            self.stream = torch.cuda.Stream(device=device)
 
     def _init_thread(self) -> None:
         # Not torch.set_num_threads: it also sets MKL's process-wide count, and a side thread
@@ -90,15 +103,19 @@ class Ahead:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
             except OSError as err:
                 logger.debug("videoanchor: side thread niceness not set: %s", err)
-        runner = self._runner()
-        device = getattr(runner, "device", None)
-        if device is not None and torch.device(device).type == "cuda":
-            # SSC is GEMM-bound, decode memory-bound: a stream of its own lets them overlap.
-            self.stream = torch.cuda.Stream(device=device)
+        if self.stream is not None:
             torch.cuda.set_stream(self.stream)
 
     def submit(self, payloads) -> None:
-        """Start the jobs of ``payloads``: ``(req_id, mm_features, extra_args)`` each."""
+        """Encode the items of ``payloads`` (``(req_id, mm_features, extra_args)`` each) and
+        start their SSC on the side thread.
+
+        Called in the worker's main thread, between steps, in the same order on every rank:
+        the encoder runs here, not on the side thread, because under tensor parallelism it
+        runs collectives on the ranks' group, which must come in the same order on every rank
+        and never interleave with the steps'. So every decision to encode depends only on
+        what every rank sees alike (the payloads and the jobs in flight), never on a rank's
+        own score cache. The SSC itself is local: it runs on one rank (:meth:`owner_of`)."""
         from videoanchor.integrations.vllm.config import request_config
         from videoanchor.integrations.vllm.runner import _engine_cfg, plan, score_cache
 
@@ -119,22 +136,98 @@ class Ahead:
                 self._trim()
                 if key is None or key in self.jobs:
                     continue
-                if cache is not None and cache.get(key) is not None:
-                    continue  # take() finds it in the cache
-                self.jobs[key] = self._pool.submit(self._job, req_id, features, cfg, p, cache)
+                mine = self.owner_of(key) == self.rank
+                cached = cache.get(key) if cache is not None and mine else None
+            if self.world == 1 and cached is not None:
+                continue  # take() finds it in the cache: no encoder, no SSC
+            outs = self._encode(runner, features, p.items, req_id)  # every rank alike
+            with self._lock:
+                if cached is not None:  # the other ranks take it from here
+                    self._results[key] = (cached, True)
+                    self.jobs[key] = done = Future()
+                    done.set_result(cached)
+                    continue
+                if not mine or outs is None:  # another rank scores it; poll() relays it here
+                    self.jobs[key] = Future()
+                    self._relayed.add(key)
+                    if outs is None:  # our encoder failed: the step scores it instead
+                        self.jobs[key].set_result(None)
+                    continue
+                job = self._pool.submit(self._job, req_id, features, cfg, p, cache, outs)
+                self.jobs[key] = job
+                if self.world > 1:
+                    job.add_done_callback(lambda f, key=key: self._report(key, f, cache))
 
-    def _job(self, req_id, features, cfg, p, cache):
-        from videoanchor.integrations.vllm.runner import _run_ssc, projector_only
+    def _encode(self, runner, features, items, req_id):
+        """The projector outputs of ``items`` (the model's own encoder, as the step runs it;
+        outside the runner's encoder cache), ready for the side thread; None if it failed."""
+        from videoanchor.integrations.vllm.runner import projector_only
 
-        runner = self._runner()
         try:
             with torch.inference_mode():
                 enc = projector_only(self._encoder(runner, features),
                                      runner.model_config.hf_config)  # fmt: skip
+                outs = enc(req_id, items)
+            if self.stream is not None:  # the side stream reads what the step's stream wrote
+                event = torch.cuda.Event()
+                event.record()
+                self.stream.wait_event(event)
+                for t in outs:
+                    t.record_stream(self.stream)
+            return outs
+        except Exception as err:
+            logger.warning(
+                "videoanchor: request %s: encoding its items ahead of its step failed (%s: "
+                "%s); its step scores it instead", req_id, type(err).__name__, err,
+            )  # fmt: skip
+            return None
+
+    def owner_of(self, key: str) -> int:
+        """The tensor-parallel rank that scores ``key`` (the others take its scores)."""
+        return int(key[:8], 16) % self.world
+
+    def _report(self, key: str, job: Future, cache) -> None:
+        if job.cancelled():
+            return
+        visual = job.result()
+        with self._lock:
+            self._results[key] = (visual, cache is not None and key in cache)
+
+    def relay(self, results: dict) -> None:
+        """Scores of other ranks' jobs: ``{key: (scores or None, cacheable)}``."""
+        from videoanchor.integrations.vllm.runner import score_cache
+
+        runner = self._runner()
+        cache = score_cache(self.owner, runner.vllm_config.additional_config)
+        with self._done:
+            for key, (visual, cacheable) in results.items():
+                if visual is not None and cacheable and cache is not None:
+                    cache.put(key, visual)
+                if key in self._relayed:
+                    self._relayed.discard(key)
+                    self.stats["relayed"] += 1
+                    job = self.jobs.get(key)
+                    if job is not None and not job.done():
+                        job.set_result(visual)
+            self._done.notify_all()
+
+    def reports(self) -> dict:
+        """This rank's results since the last call, for the engine core to relay."""
+        with self._lock:
+            out, self._results = self._results, {}
+            return out
+
+    def _job(self, req_id, features, cfg, p, cache, outs):
+        from videoanchor.integrations.vllm.runner import _run_ssc
+
+        try:
+            with torch.inference_mode():
                 req = SimpleNamespace(req_id=req_id, mm_features=features)
-                visual = _run_ssc(req, cfg, p.items, p.cols, p.n, p.k, enc, cache, p.key)
+                visual = _run_ssc(req, cfg, p.items, p.cols, p.n, p.k,
+                                  lambda _rid, _idx: outs, cache, p.key)  # fmt: skip
                 if self.stream is not None:
                     self.stream.synchronize()
+                self.stats["computed"] += 1
                 return visual
         except Exception as err:  # the step runs it again and reports it there
             logger.warning(
@@ -171,6 +264,7 @@ class Ahead:
         key = self.by_req.pop(req_id, None)
         if key is not None and key not in self.by_req.values():
             job = self.jobs.pop(key, None)
+            self._relayed.discard(key)
             if job is not None:
                 job.cancel()
 
@@ -207,6 +301,11 @@ class Ahead:
                 self._release(req_id)
                 return None
             job = self.jobs.get(key)
+            if key in self._relayed and job is not None and not job.done():
+                # another rank's scores have not arrived (the request was not held): the
+                # step scores it here rather than wait
+                self._release(req_id)
+                return None
         visual = job.result() if job is not None else None
         with self._lock:
             self._release(req_id)
@@ -230,6 +329,19 @@ def _ahead_of(worker) -> Ahead | None:
     return ahead
 
 
+def _tp_rank_world() -> tuple[int, int]:
+    """This worker's tensor-parallel rank and the group's size ((0, 1) outside one)."""
+    try:
+        from vllm.distributed import (
+            get_tensor_model_parallel_rank,
+            get_tensor_model_parallel_world_size,
+        )
+
+        return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    except Exception:  # no model-parallel group (tests building a runner by hand)
+        return 0, 1
+
+
 def submit(worker, payloads) -> None:
     """``collective_rpc`` target: start the jobs of ``payloads`` on this worker."""
     ahead = _ahead_of(worker)
@@ -237,17 +349,31 @@ def submit(worker, payloads) -> None:
         ahead.submit(payloads)
 
 
-def poll(worker, held: list[str], gone: list[str], wait: float = 0.0) -> list[str]:
-    """``collective_rpc`` target: forget ``gone``; the ids of ``held`` that are ready on this
-    worker (after waiting up to ``wait`` seconds for one of them)."""
+def poll(worker, held: list[str], gone: list[str], wait: float = 0.0,
+         relay: dict | None = None) -> tuple[list[str], dict]:  # fmt: skip
+    """``collective_rpc`` target: take the scores other ranks computed (``relay``), forget
+    ``gone``; returns the ids of ``held`` that are ready on this worker (after waiting up to
+    ``wait`` seconds for one of them) and the scores this rank computed since the last poll
+    (for the engine core to relay to the other ranks)."""
     ahead = _ahead_of(worker)
     if ahead is None:
-        return list(held)
+        return list(held), {}
+    if relay:
+        ahead.relay(relay)
     if gone:
         ahead.forget(gone)
     if wait > 0 and held:
         ahead.wait(held, wait)
-    return ahead.ready(held)
+    return ahead.ready(held), ahead.reports()
+
+
+def stats(worker) -> dict:
+    """``collective_rpc`` target: this worker's rank and counts of requests it scored ahead
+    (``computed``) and took from another rank (``relayed``)."""
+    ahead = _ahead_of(worker)
+    if ahead is None:
+        return {}
+    return {"rank": ahead.rank, "world": ahead.world, **ahead.stats}
 
 
 # --- engine-core side -----------------------------------------------------------------------
@@ -271,6 +397,7 @@ class Holds:
         self._calls: list[Future] = []  # submissions in flight (their errors are raised)
         self._poll: Future | None = None
         self._polled: list[str] = []
+        self._relay: dict = {}  # scores a rank computed, for the others (tensor parallel)
         self.waited = 0.0  # seconds the engine core spent waiting with only held requests
 
     def note(self, request) -> None:
@@ -312,15 +439,16 @@ class Holds:
         if not self.held:
             return []
         if self._poll is None:
-            ids, gone = list(self.held), self._gone
-            self._gone, self._polled = [], ids
+            ids, gone, relay = list(self.held), self._gone, self._relay
+            self._gone, self._polled, self._relay = [], ids, {}
             idle = not sched.running and all(r.request_id in self.held for r in sched.waiting)
             if idle:
                 t0 = time.perf_counter()
-                self._answer(executor.collective_rpc(poll, args=(ids, gone, IDLE_WAIT)))
+                self._answer(executor.collective_rpc(poll, args=(ids, gone, IDLE_WAIT, relay)))
                 self.waited += time.perf_counter() - t0
             else:
-                self._poll = executor.collective_rpc(poll, args=(ids, gone), non_block=True)
+                self._poll = executor.collective_rpc(poll, args=(ids, gone, 0.0, relay),
+                                                     non_block=True)  # fmt: skip
                 if self._poll.done():  # an in-process executor answers at once
                     self._answer(self._poll.result())
         return [r for r in sched.waiting if r.request_id in self.held]
@@ -329,8 +457,9 @@ class Holds:
         """Release the held requests every worker says are ready."""
         self._poll = None
         ready = set(self._polled)
-        for reply in replies:
-            ready &= set(reply)
+        for ids, results in replies:
+            ready &= set(ids)
+            self._relay.update(results)
         for rid in ready:
             self.held.pop(rid, None)
 
