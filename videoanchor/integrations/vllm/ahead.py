@@ -477,6 +477,27 @@ def attach(core) -> Holds:
     return holds
 
 
+def schedule_holding(sched, orig, *args, **kwargs):
+    """``orig(sched, ...)`` (vLLM's ``Scheduler.schedule``) with the held requests out of
+    ``sched.waiting`` for the call, then back where they were: arrival order among the
+    waiting requests that arrived before the last of them (a request released earlier but
+    not scheduled yet keeps its place ahead of a later one still held)."""
+    holds = holds_of(sched)
+    hide = holds.hidden(sched) if holds is not None else []
+    if not hide:
+        return orig(sched, *args, **kwargs)
+    sched.waiting.remove_requests(hide)
+    try:
+        return orig(sched, *args, **kwargs)
+    finally:
+        latest = max(r.arrival_time for r in hide)
+        ahead_of = [r for r in sched.waiting if r.arrival_time <= latest]
+        if ahead_of:
+            sched.waiting.remove_requests(ahead_of)
+        block = sorted([*hide, *ahead_of], key=lambda r: r.arrival_time)
+        sched.waiting.prepend_requests(block)
+
+
 def install() -> None:
     """Wraps ``Scheduler.schedule`` (once per process; a no-op for a scheduler without
     :class:`Holds`)."""
@@ -486,15 +507,7 @@ def install() -> None:
 
     def make(orig):
         def schedule(self, *args, **kwargs):
-            holds = holds_of(self)
-            hide = holds.hidden(self) if holds is not None else []
-            if not hide:
-                return orig(self, *args, **kwargs)
-            self.waiting.remove_requests(hide)
-            try:
-                return orig(self, *args, **kwargs)
-            finally:
-                self.waiting.prepend_requests(hide)
+            return schedule_holding(self, orig, *args, **kwargs)
 
         return schedule
 
