@@ -7,11 +7,17 @@ without ``additional_config["videoanchor"]``). Measured per engine:
 - ``requests/s`` and ``output tokens/s`` for N concurrent video requests (one ``generate``
   call, greedy, ``--max-tokens`` each, ``ignore_eos``);
 - the stall: M text requests decode; a new video request arrives; the duration of each
-  ``LLMEngine.step()`` is recorded. ``stall_s`` = the step that prefills the video (the
-  encoder, the prefill and, anchored, the SSC run inside it) minus the median decode step;
-  ``video_ttft_s`` its time to first token;
+  ``LLMEngine.step()`` is recorded until the video's first token. The largest of them is the
+  longest the running requests waited for a token (``largest_step_s``); ``stall_s`` is it
+  minus the median decode step before the video arrived; ``video_ttft_s`` the video's time to
+  first token; ``steps_before_video_prefill`` how many steps ran while its scores were being
+  computed ahead (0 in the step or plain);
 - the same with the same video asked again with another question (``repeat_*``): anchored,
   the engine's score cache answers it, so no SSC runs.
+
+Engines: ``plain`` (no plugin options), ``anchored`` (the plugin's defaults: scores computed
+ahead of the step, beside the running requests) and ``in_step`` (``scores_ahead: false``: the
+SSC runs inside the step that reaches the video, as before scores ahead existed).
 
 CPU (in the vLLM venv of .ci/run; builds the tiny checkpoint of tests/vllm_support.py):
     python benchmarks/bench_vllm.py
@@ -69,9 +75,10 @@ def worker(args) -> dict:
         engine.update(enforce_eager=True, gpu_memory_utilization=0.05,
                       kv_cache_memory_bytes=512 << 20)  # fmt: skip
     if args.anchored:
-        engine["additional_config"] = {
-            "videoanchor": {"n_clusters": args.n_clusters, "max_iter": args.max_iter}
-        }
+        opts = {"n_clusters": args.n_clusters, "max_iter": args.max_iter}
+        if args.kind == "in_step":
+            opts["scores_ahead"] = False
+        engine["additional_config"] = {"videoanchor": opts}
     t0 = time.perf_counter()
     llm = LLM(model=args.model, **engine)
     startup = time.perf_counter() - t0
@@ -89,6 +96,7 @@ def worker(args) -> dict:
     first = _arrival(eng, args, "new", "Describe the video.")
     repeat = _arrival(eng, args, "repeat", "What moves in the video?")
     return {
+        "engine": args.kind,
         "anchored": args.anchored,
         "startup_s": startup,
         "requests": args.requests,
@@ -96,19 +104,22 @@ def worker(args) -> dict:
         "requests_per_s": args.requests / elapsed,
         "output_tokens_per_s": n_out / elapsed,
         "median_decode_step_s": first["median_decode_step_s"],
-        "video_prefill_step_s": first["video_prefill_step_s"],
+        "largest_step_s": first["largest_step_s"],
         "stall_s": first["stall_s"],
         "video_ttft_s": first["ttft_s"],
-        "repeat_video_prefill_step_s": repeat["video_prefill_step_s"],
+        "steps_before_video_prefill": first["steps_before_prefill"],
+        "repeat_largest_step_s": repeat["largest_step_s"],
         "repeat_stall_s": repeat["stall_s"],
         "repeat_video_ttft_s": repeat["ttft_s"],
     }
 
 
 def _arrival(eng, args, tag: str, question: str) -> dict:
-    """M text requests decode; one video request (frames of seed 999) arrives. The step that
-    prefills it (encoder, prefill and, anchored, its SSC) against the median decode step,
-    and its time to first token (from add_request to the step that returns its first token)."""
+    """M text requests decode; one video request (frames of seed 999) arrives. Every step
+    until its first token (the one that prefills it: encoder, prefill and, in the step, its
+    SSC; before it, anchored, the steps that ran while its scores were computed ahead)
+    against the median decode step, and its time to first token (from add_request to the
+    step that returns its first token)."""
     from vllm import SamplingParams
 
     dec = SamplingParams(temperature=0.0, max_tokens=args.stall_decode_tokens, ignore_eos=True)
@@ -126,18 +137,31 @@ def _arrival(eng, args, tag: str, question: str) -> dict:
     eng.add_request(f"{tag}_video", {"prompt": prompt,
                                      "multi_modal_data": {"video": _video(args, 999)}},
                     SamplingParams(temperature=0.0, max_tokens=2))  # fmt: skip
-    prefill, ttft = None, None
+    steps, ttft, before_prefill = [], None, None
     while eng.has_unfinished_requests():
         t = time.perf_counter()
         outs = eng.step()
-        if prefill is None:
-            prefill = time.perf_counter() - t
+        if ttft is None:
+            steps.append(time.perf_counter() - t)
+            if before_prefill is None and _video_computed(eng, f"{tag}_video"):
+                before_prefill = len(steps) - 1
         if ttft is None and any(o.request_id.startswith(f"{tag}_video") and o.outputs
                                 and o.outputs[0].token_ids for o in outs):  # fmt: skip
             ttft = time.perf_counter() - t_add
     median = statistics.median(decode)
-    return {"median_decode_step_s": median, "video_prefill_step_s": prefill,
-            "stall_s": prefill - median, "ttft_s": ttft}  # fmt: skip
+    return {"median_decode_step_s": median, "largest_step_s": max(steps),
+            "stall_s": max(steps) - median, "ttft_s": ttft,
+            "steps_before_prefill": before_prefill}  # fmt: skip
+
+
+def _video_computed(eng, prefix: str) -> bool:
+    """Whether the video request has tokens in the KV cache yet (in-process engine core)."""
+    core = getattr(getattr(eng, "engine_core", None), "engine_core", None)
+    sched = getattr(core, "scheduler", None)
+    if sched is None:
+        return True
+    reqs = [r for rid, r in sched.requests.items() if prefix in rid]
+    return not reqs or any(r.num_computed_tokens > 0 for r in reqs)
 
 
 def main() -> None:
@@ -154,12 +178,13 @@ def main() -> None:
     p.add_argument("--n-clusters", type=int, default=4)
     p.add_argument("--max-iter", type=int, default=200)
     p.add_argument("--out-dir", default=None)
-    p.add_argument("--worker", choices=["plain", "anchored"], default=None)
+    p.add_argument("--worker", choices=["plain", "anchored", "in_step"], default=None)
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
     args.cpu = not _cuda()
     if args.worker:
-        args.anchored = args.worker == "anchored"
+        args.kind = args.worker
+        args.anchored = args.worker != "plain"
         Path(args.json_out).write_text(json.dumps(worker(args)))
         return
     import importlib.util
@@ -192,13 +217,13 @@ def main() -> None:
         [str(HERE.parent), str(TESTS / "vllm_site"), str(TESTS), env.get("PYTHONPATH", "")]
     )
     rows = []
-    for kind in ("plain", "anchored"):
+    for kind in ("plain", "anchored", "in_step"):
         out = tmp / f"{kind}.json"
         cmd = [sys.executable, __file__, "--worker", kind, "--json-out", str(out)]
         cmd += sys.argv[1:] if "--model" in sys.argv else sys.argv[1:] + ["--model", args.model]
         subprocess.run(cmd, env=env, check=True)
         rows.append(json.loads(out.read_text()))
-    plain, anchored = rows
+    plain, anchored = rows[0], rows[1]
     ratio = anchored["output_tokens_per_s"] / plain["output_tokens_per_s"]
     for r in rows:
         r["ratio_vs_plain"] = r["output_tokens_per_s"] / plain["output_tokens_per_s"]
@@ -214,9 +239,16 @@ def main() -> None:
                 dtype=args.dtype, n_clusters=args.n_clusters, max_iter=args.max_iter,
                 env={k: env.get(k) for k in ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS",
                                              "VLLM_ENABLE_V1_MULTIPROCESSING")})  # fmt: skip
-    print_table(rows, ["anchored", "requests_per_s", "output_tokens_per_s", "ratio_vs_plain",
-                       "median_decode_step_s", "stall_s", "video_ttft_s", "repeat_stall_s",
+    print_table(rows, ["engine", "requests_per_s", "output_tokens_per_s", "ratio_vs_plain",
+                       "median_decode_step_s", "largest_step_s", "stall_s", "video_ttft_s",
+                       "steps_before_video_prefill", "repeat_stall_s",
                        "repeat_video_ttft_s"])  # fmt: skip
+    for r in rows[1:]:
+        r["largest_step_vs_plain"] = r["largest_step_s"] / plain["largest_step_s"]
+        print(
+            f"{r['engine']}: largest step while a new video arrives / plain's: "
+            f"{r['largest_step_vs_plain']:.2f}"
+        )
     print(f"anchored / plain output tokens/s: {ratio:.3f}")
     print("wrote", write_result("vllm", meta, rows, args.out_dir))
 

@@ -3,6 +3,7 @@ no vLLM: engine options from additional_config, per-request extra_args, the pref
 salt, the supported-version check. The plugin on a real engine: tests/test_vllm.py."""
 
 import pytest
+import torch
 
 from videoanchor.integrations.options import AnchorConfig
 from videoanchor.integrations.vllm import check_vllm_version
@@ -197,3 +198,51 @@ def test_score_cache_size_option():
     with pytest.raises(ValueError, match=r"\['score_cache_mb'\]: expected MiB"):
         score_cache_bytes({"videoanchor": {"score_cache_mb": -1}})
     assert engine_config({"videoanchor": {"score_cache_mb": 8}}) == AnchorConfig()
+
+
+def test_scores_ahead_options():
+    from videoanchor.integrations.vllm.config import ahead_nice, engine_policy, scores_ahead
+
+    assert scores_ahead({"videoanchor": {}}) is True
+    assert scores_ahead({"videoanchor": {"scores_ahead": False}}) is False
+    assert ahead_nice({"videoanchor": {}}) == 19
+    assert ahead_nice({"videoanchor": {"scores_ahead_nice": 0}}) == 0
+    with pytest.raises(TypeError, match=r"\['scores_ahead'\]: expected true .* got 'no'"):
+        scores_ahead({"videoanchor": {"scores_ahead": "no"}})
+    for bad in (20, -1, True, 2.5):
+        with pytest.raises(ValueError, match=r"\['scores_ahead_nice'\]: expected a niceness"):
+            ahead_nice({"videoanchor": {"scores_ahead_nice": bad}})
+    # checked with the engine's other keys at start-up
+    with pytest.raises(ValueError, match="scores_ahead_nice"):
+        engine_policy({"videoanchor": {"scores_ahead_nice": 99}})
+    assert engine_config({"videoanchor": {"scores_ahead": False}}) == AnchorConfig()
+
+
+def test_score_cache_is_safe_to_fill_from_another_thread():
+    """The side worker puts scores while the step reads them: no entry, byte count or
+    counter is lost."""
+    import sys
+    import threading
+
+    from videoanchor.integrations.score_cache import ScoreCache
+
+    cache = ScoreCache(10**9)
+
+    def fill(start):
+        for i in range(start, start + 2000):
+            cache.put(str(i), torch.full((3,), float(i)))
+            cache.get(str(i - 1))
+
+    threads = [threading.Thread(target=fill, args=(k * 2000,)) for k in range(4)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: races show
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert len(cache) == 8000 and cache.bytes == 8000 * 12
+    assert cache.stats["scores_hits"] + cache.stats["scores_misses"] == 8000
+    assert all(float(cache.get(str(i))[0]) == i for i in range(0, 8000, 997))

@@ -10,6 +10,7 @@ start-ups of ~20 s plus the requests (see docs/serving.md for the measured total
 from __future__ import annotations
 
 import pytest
+import torch
 import vllm_support as vs
 
 _PROBLEM = vs.vllm_problem()
@@ -85,6 +86,17 @@ def anchored(checkpoint, work):
                            **SSC, "request_limits": {"n_clusters": 500}}}},
             "batches": batches, "record_ssc": True, "record_scores": True}  # fmt: skip
     return _run(work, "anchored", spec)
+
+
+@pytest.fixture(scope="module")
+def in_step(checkpoint, work):
+    """Anchored engine that scores requests inside their step (``scores_ahead: false``, the
+    plugin's behaviour before scores ahead), on requests of ``anchored``."""
+    spec = {"checkpoint": checkpoint,
+            "engine": {"enable_prefix_caching": False,
+                       "additional_config": {"videoanchor": {**SSC, "scores_ahead": False}}},
+            "batches": [[IMG], [VID], [MULTI], EIGHT[:3]], "record_ssc": True}  # fmt: skip
+    return _run(work, "in_step", spec)
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +224,26 @@ def test_a_repeated_video_runs_no_ssc_and_gets_the_same_scores(anchored):
     assert len(anchored["batches"][last - 1]["ssc"]) == 1 and anchored["batches"][last]["ssc"] == []
     # The eight requests again in one batch: every one of them a hit.
     assert anchored["batches"][3 + len(EIGHT)]["ssc"] == []
+
+
+def test_scores_ahead_equal_scores_in_the_step(anchored, in_step):
+    """By default a request's SSC runs on the side worker, ahead of its step; with
+    scores_ahead off, inside the step. Same features, same scores, same answers."""
+    last = len(anchored["batches"]) - 1
+    pairs = [(0, 0), (1, 1), (last - 1, 2)]  # IMG, VID, MULTI
+    for a, b in pairs:
+        ahead, inside = anchored["batches"][a]["ssc"], in_step["batches"][b]["ssc"]
+        assert len(ahead) == len(inside) == 1, (a, b)
+        assert ahead[0]["thread"].startswith("videoanchor-ssc"), ahead[0]["thread"]
+        assert inside[0]["thread"] == "MainThread", inside[0]["thread"]
+        fa, fi = torch.tensor(ahead[0]["features"]), torch.tensor(inside[0]["features"])
+        assert torch.equal(fa, fi), (fa - fi).abs().max()
+        sa, si = torch.tensor(ahead[0]["scores"]), torch.tensor(inside[0]["scores"])
+        assert (sa - si).abs().max() <= 1e-5, (sa - si).abs().max()
+        _close(_res(anchored, a), _res(in_step, b))
+    # three requests of one batch, scored ahead (ahead: one at a time on the side worker)
+    for i in range(3):
+        _close(_res(in_step, 3, i), _res(anchored, 3 + i))
 
 
 def test_continuous_batching_each_equals_its_single_run(anchored):

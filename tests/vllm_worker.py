@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 import traceback
 
@@ -113,7 +114,8 @@ def _record_ssc():
         _SSC.append({"features": features.detach().to("cpu").float().tolist(),
                      "n_clusters": int(n_clusters), "options": opts,
                      "scores": res.scores.detach().to("cpu").float().tolist(),
-                     "iterations": int(res.iterations)})  # fmt: skip
+                     "iterations": int(res.iterations),
+                     "thread": threading.current_thread().name})  # fmt: skip
         return res
 
     anchor.compute_anchor_scores = recorded

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -57,7 +58,8 @@ def score_key(identifiers, n_clusters: int, config) -> str:
 class ScoreCache:
     """Scores of recent requests, at most ``max_bytes`` of them, the least recently used
     evicted first. ``get`` / ``put`` take a :func:`score_key`; ``stats`` counts hits,
-    misses (kind ``scores``) and evictions. Not thread-safe (one engine step at a time)."""
+    misses (kind ``scores``) and evictions. Thread-safe: the vLLM plugin fills it from its
+    side worker (scores computed ahead of a request's prefill) while the engine steps."""
 
     def __init__(self, max_bytes: int):
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
@@ -66,23 +68,34 @@ class ScoreCache:
         self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.bytes = 0
         self.stats = CacheStats()
+        self._lock = threading.Lock()
+
+    def __contains__(self, key: str) -> bool:
+        """Whether ``key`` is stored (no hit or miss counted, no recency change)."""
+        with self._lock:
+            return key in self._entries
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, key: str) -> torch.Tensor | None:
         """The scores stored under ``key`` (now the most recently used), or None."""
-        scores = self._entries.get(key)
-        self.stats.add("scores", scores is not None)
-        if scores is not None:
-            self._entries.move_to_end(key)
-        return scores
+        with self._lock:
+            scores = self._entries.get(key)
+            self.stats.add("scores", scores is not None)
+            if scores is not None:
+                self._entries.move_to_end(key)
+            return scores
 
     def put(self, key: str, scores: torch.Tensor) -> None:
         """Store a copy of ``scores`` (on the CPU); an entry larger than the whole cache is
         not stored."""
         scores = scores.detach().to("cpu").clone()
         size = scores.numel() * scores.element_size()
+        with self._lock:
+            self._put(key, scores, size)
+
+    def _put(self, key: str, scores: torch.Tensor, size: int) -> None:
         old = self._entries.pop(key, None)
         if old is not None:
             self.bytes -= old.numel() * old.element_size()

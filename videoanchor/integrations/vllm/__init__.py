@@ -146,25 +146,28 @@ def _validate_at_startup(vllm_config) -> None:
                 "others are not supported); start the engine without "
                 "additional_config['videoanchor'] to serve unanchored"
             )
-        _log_active(eng, policy)
+        _log_active(eng, policy, vllm_config.additional_config)
 
 
-def _log_active(eng, policy) -> None:
+def _log_active(eng, policy, additional_config=None) -> None:
     """The one start-up line of an anchored engine: its options and the request limits."""
     from dataclasses import asdict
 
-    from videoanchor.integrations.vllm.config import ENGINE_KEYS
+    from videoanchor.integrations.vllm.config import ENGINE_KEYS, scores_ahead
 
     opts = {k: v for k, v in asdict(eng).items() if k in ENGINE_KEYS}
+    ahead = scores_ahead(additional_config)
     allowed = sorted(policy.allowed)
     logger.info(
         "VideoAnchor is active on this engine: %s; requests may set %s; request limits: "
         "max_iter <= %d, label_draws <= %d, n_clusters <= %d, eps >= %g; SSC time budget per "
-        "request: %s",
+        "request: %s; scores computed %s",
         ", ".join(f"{k}={v!r}" for k, v in opts.items()),
         ", ".join(allowed) if allowed else "no option",
         policy.max_iter, policy.label_draws, policy.n_clusters, policy.eps,
         "none" if eng.ssc_time_budget is None else f"{eng.ssc_time_budget:g} s",
+        "ahead of the step, beside the running requests (scores_ahead)" if ahead else
+        "inside the step (scores_ahead: false; a new video stalls the batch for its SSC)",
     )  # fmt: skip
 
 

@@ -23,8 +23,10 @@ __all__ = [
     "engine_policy",
     "request_config",
     "request_overrides",
+    "ahead_nice",
     "salt_for",
     "score_cache_bytes",
+    "scores_ahead",
 ]
 
 # attention_backend, process_group, ssc_dtype and ssc_progress are transformers-only (the
@@ -35,7 +37,13 @@ ENGINE_KEYS = tuple(f.name for f in fields(AnchorConfig) if f.name not in _NOT_F
 #: The operator's keys of ``additional_config["videoanchor"]`` that are not configure()
 #: options: which options a request may set, and the limits on the costly ones
 #: (:class:`RequestPolicy`).
-POLICY_KEYS = ("request_options", "request_limits", "score_cache_mb")
+POLICY_KEYS = (
+    "request_options",
+    "request_limits",
+    "score_cache_mb",
+    "scores_ahead",
+    "scores_ahead_nice",
+)
 #: ``score_cache_mb`` default: MiB of anchor scores kept across requests (16k visual tokens
 #: take 64 KiB), so repeated videos run no SSC (:func:`score_cache_bytes`).
 SCORE_CACHE_MB = 64
@@ -138,6 +146,8 @@ def engine_policy(additional_config) -> RequestPolicy | None:
             f"{', '.join(LIMIT_KEYS)}"
         )
     score_cache_bytes(additional_config)
+    scores_ahead(additional_config)
+    ahead_nice(additional_config)
     vals = {k: limits.get(k, getattr(eng, k)) for k in LIMIT_KEYS}
     try:  # the limits are values of the options they bound: the same checks
         validate_ssc_options(validate_options(replace(eng, **vals)))
@@ -157,6 +167,37 @@ def score_cache_bytes(additional_config) -> int:
             f"across requests (a number >= 0; 0 turns the cache off), got {mb!r}"
         )
     return int(mb * 2**20)
+
+
+def scores_ahead(additional_config) -> bool:
+    """Whether the engine computes a request's scores ahead of its step, beside the running
+    requests (``additional_config["videoanchor"]["scores_ahead"]``, default True; False runs
+    the SSC inside the step that first reaches the request's visual tokens, stalling the
+    batch). Raises TypeError naming the key."""
+    given = (additional_config or {}).get("videoanchor") or {}
+    value = given.get("scores_ahead", True) if isinstance(given, dict) else True
+    if not isinstance(value, bool):
+        raise TypeError(
+            "additional_config['videoanchor']['scores_ahead']: expected true (score requests "
+            f"beside the running steps) or false (inside the step), got {value!r}"
+        )
+    return value
+
+
+def ahead_nice(additional_config) -> int:
+    """Niceness of the side thread that computes scores ahead, on Linux
+    (``additional_config["videoanchor"]["scores_ahead_nice"]``, 0 to 19, default 19: the
+    running requests' steps come first, the SSC takes the cores' idle time; lower it where
+    the cores are saturated and new requests' first tokens matter more). Raises ValueError
+    naming the key."""
+    given = (additional_config or {}).get("videoanchor") or {}
+    value = given.get("scores_ahead_nice", 19) if isinstance(given, dict) else 19
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 19:
+        raise ValueError(
+            "additional_config['videoanchor']['scores_ahead_nice']: expected a niceness from 0 "
+            f"to 19 for the side thread that computes scores (default 19), got {value!r}"
+        )
+    return value
 
 
 def check_request(policy: RequestPolicy | None, extra_args) -> None:

@@ -57,6 +57,26 @@ def admit_request(vllm_config, request) -> None:
         request.cache_salt = salt_for(cfg, ids, request.cache_salt)
 
 
+def note_ahead(core, req) -> None:
+    """Where an engine core has made the ``Request``: an anchored request with multimodal
+    items is noted for scoring ahead of its step (:mod:`.ahead`), unless the operator turned
+    ``scores_ahead`` off or the scheduler has no waiting queue the hold can use."""
+    from videoanchor.integrations.vllm import ahead
+    from videoanchor.integrations.vllm.config import scores_ahead
+
+    if not getattr(req, "mm_features", None) or req.sampling_params is None:
+        return
+    eng, _ = _engine_options_of(core.vllm_config)
+    if eng is None or not scores_ahead(core.vllm_config.additional_config):
+        return
+    if request_config(eng, req.sampling_params.extra_args) is None:
+        return
+    waiting = getattr(getattr(core, "scheduler", None), "waiting", None)
+    if not (hasattr(waiting, "remove_requests") and hasattr(waiting, "prepend_requests")):
+        return
+    ahead.attach(core).note(req)
+
+
 #: id(vllm_config) -> (vllm_config, engine options, request policy): parsed once per engine
 #: (the config is kept alive with its entry, so the id is never reused).
 _ENGINE_CFGS: dict[int, tuple] = {}
@@ -78,7 +98,13 @@ def install() -> None:
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.engine.input_processor import InputProcessor
 
-    from videoanchor.integrations.vllm import CUDA_BACKEND, _validate_at_startup, runner, runner_v2
+    from videoanchor.integrations.vllm import (
+        CUDA_BACKEND,
+        _validate_at_startup,
+        ahead,
+        runner,
+        runner_v2,
+    )
 
     def make_create(orig):
         def create_engine_config(self, *args, **kwargs):
@@ -144,10 +170,13 @@ def install() -> None:
     def make_preprocess(orig):
         def preprocess_add_request(self, request):
             admit_request(self.vllm_config, request)
-            return orig(self, request)
+            out = orig(self, request)
+            note_ahead(self, out[0] if isinstance(out, tuple) else out)
+            return out
 
         return preprocess_add_request
 
     _once(EngineCore, "preprocess_add_request", make_preprocess)
+    ahead.install()
     runner.install()
     runner_v2.install()

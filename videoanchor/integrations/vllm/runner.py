@@ -127,16 +127,24 @@ def _positions(feature) -> torch.Tensor:
     return idx if pos.is_embed is None else idx[pos.is_embed.cpu()]
 
 
-def _score(req: Scheduled, entry: _Req, encoder_outputs: EncoderOutputs,
-           cache: ScoreCache | None = None):  # fmt: skip
-    """One joint SSC over the request's scored items: gates of shape (prompt_len,), or
-    None (fewer than 3 visual tokens: unanchored). With a ``cache``, scores of the same items
-    under the same SSC options are reused: no encoder, no SSC."""
-    from videoanchor.kernels import anchor_gates
+@dataclass
+class Plan:
+    """What one request's joint SSC runs over: its scored ``items`` (indices into
+    ``mm_features``, prompt order), their embedding positions ``cols``, ``n`` visual tokens,
+    the cluster count ``k`` and the score cache ``key``."""
 
-    cfg = entry.cfg
-    items = _scored_items(req.mm_features, cfg)
-    cols = [_positions(req.mm_features[i]) for i in items]
+    items: list[int]
+    cols: list[torch.Tensor]
+    n: int
+    k: int
+    key: str
+
+
+def plan(mm_features, cfg: AnchorConfig) -> Plan | None:
+    """The :class:`Plan` of a request with items ``mm_features`` under ``cfg``, or None
+    (fewer than 3 visual tokens: unanchored, with a warning once)."""
+    items = _scored_items(mm_features, cfg)
+    cols = [_positions(mm_features[i]) for i in items]
     n = sum(c.numel() for c in cols)
     if n < 3:
         _warn_once(
@@ -152,18 +160,32 @@ def _score(req: Scheduled, entry: _Req, encoder_outputs: EncoderOutputs,
             f"videoanchor: a request has {n} visual tokens, fewer than n_clusters="
             f"{cfg.n_clusters}; using n_clusters={k} for it",
         )
-    key = None
-    visual = None
-    if cache is not None:
-        key = score_key([req.mm_features[i].identifier for i in items], k, cfg)
-        visual = cache.get(key)
+    key = score_key([mm_features[i].identifier for i in items], k, cfg)
+    return Plan(items, cols, n, k, key)
+
+
+def _score(req: Scheduled, entry: _Req, encoder_outputs: EncoderOutputs,
+           cache: ScoreCache | None = None, ahead=None):  # fmt: skip
+    """One joint SSC over the request's scored items: gates of shape (prompt_len,), or
+    None (fewer than 3 visual tokens: unanchored). Scores computed ahead of the step
+    (``ahead``: the engine's :class:`.ahead.Ahead`) are taken from there; with a ``cache``,
+    scores of the same items under the same SSC options are reused: no encoder, no SSC."""
+    from videoanchor.kernels import anchor_gates
+
+    cfg = entry.cfg
+    p = plan(req.mm_features, cfg)
+    if p is None:
+        return None
+    visual = ahead.take(req.req_id, p.key) if ahead is not None else None
+    if visual is None and cache is not None:
+        visual = cache.get(p.key)
         lookups = cache.stats["scores_hits"] + cache.stats["scores_misses"]
         if lookups % 100 == 0:
             logger.info("videoanchor: %s", cache.summary())
     if visual is None:
-        visual = _run_ssc(req, cfg, items, cols, n, k, encoder_outputs, cache, key)
+        visual = _run_ssc(req, cfg, p.items, p.cols, p.n, p.k, encoder_outputs, cache, p.key)
     scores = torch.zeros(entry.prompt_len, dtype=torch.float32)
-    scores[torch.cat(cols)] = visual
+    scores[torch.cat(p.cols)] = visual
     entry.scores = scores
     return anchor_gates(scores, cfg.alpha_k, cfg.alpha_v)
 
@@ -215,7 +237,7 @@ def _run_ssc(req, cfg, items, cols, n, k, encoder_outputs, cache, key) -> torch.
 
 
 def request_gates(req: Scheduled, entry: _Req, encoder_outputs: EncoderOutputs,
-                  cache: ScoreCache | None = None):  # fmt: skip
+                  cache: ScoreCache | None = None, ahead=None):  # fmt: skip
     """The request's gates for its scheduled tokens, and how many of its queries read them.
 
     Returns ``(key_bias, value_scale, gated)``: two (num_scheduled,) float32 tensors
@@ -232,7 +254,7 @@ def request_gates(req: Scheduled, entry: _Req, encoder_outputs: EncoderOutputs,
         if not entry.scored:
             items = _scored_items(req.mm_features, cfg)
             if _touches([req.mm_features[i] for i in items], nc, nc + ns):
-                entry.gates = _score(req, entry, encoder_outputs, cache)
+                entry.gates = _score(req, entry, encoder_outputs, cache, ahead)
                 entry.scored = True
         hi = min(nc + ns, entry.prompt_len)
         if entry.gates is not None and hi > nc:
@@ -267,16 +289,22 @@ def fill_step(
     ``num_seqs``: the step's padded token / sequence counts where the runner pads (the
     padding gets neutral gates and unanchored flags); ``cache``: the engine's
     :class:`~videoanchor.integrations.score_cache.ScoreCache` (:func:`score_cache`)."""
+    from videoanchor.integrations.vllm.ahead import AHEAD
+
+    ahead = AHEAD.get(owner)
     if live is not None:
-        for rid in [r for r in store if r not in live]:
+        done = [r for r in store if r not in live]
+        for rid in done:
             del store[rid]
+        if ahead is not None and done:
+            ahead.forget(done)
     kbs, vss, gated = [], [], []
     for req in batch:
         entry = store.get(req.req_id)
         if entry is None:
             cfg = request_config(eng, req.extra_args)
             entry = store[req.req_id] = _Req(cfg=cfg, prompt_len=req.prompt_len)
-        kb, vs, n = request_gates(req, entry, encoder_outputs, cache)
+        kb, vs, n = request_gates(req, entry, encoder_outputs, cache, ahead)
         kbs.append(kb)
         vss.append(vs)
         gated.append(n)

@@ -1,0 +1,263 @@
+"""Scores ahead of the step (videoanchor/integrations/vllm/ahead.py) without vLLM: the engine
+core's hold around ``Scheduler.schedule`` and the workers' side jobs, with a scheduler, an
+executor and model runners made of plain objects that behave as vLLM's do (a waiting queue
+with ``remove_requests`` / ``prepend_requests``, ``collective_rpc`` calling a function on
+every worker in order). The scores are checked against a plain reference (one joint SSC over
+the request's items, then ``anchor_gates``). The real engine: tests/test_vllm.py (in-process
+and spawned engine cores), tests/test_vllm_server.py (the OpenAI server) and
+tests/test_vllm_tp.py (tensor parallel 2). Cost: a few seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from videoanchor.anchor import compute_anchor_scores
+from videoanchor.integrations.options import clusters_for, ssc_kwargs
+from videoanchor.integrations.vllm import ahead, state
+from videoanchor.integrations.vllm.config import engine_config
+from videoanchor.integrations.vllm.runner import SCORE_CACHES, Scheduled, fill_step, score_cache
+from videoanchor.kernels import anchor_gates
+
+PROMPT = 20
+OPTIONS = {"n_clusters": 3, "max_iter": 100}
+
+
+def _features(tag: str):
+    """A video at 3..10 and an image at 12..16 (items out of prompt order on purpose)."""
+    return [
+        SimpleNamespace(modality="image", identifier=f"{tag}-i", data=object(),
+                        mm_position=SimpleNamespace(offset=12, length=5, is_embed=None)),
+        SimpleNamespace(modality="video", identifier=f"{tag}-v", data=object(),
+                        mm_position=SimpleNamespace(offset=3, length=8, is_embed=None)),
+    ]  # fmt: skip
+
+
+def _outputs(tag: str) -> dict:
+    g = torch.Generator().manual_seed(sum(map(ord, tag)))
+    return {
+        f"{tag}-v": torch.randn(8, 16, generator=g),
+        f"{tag}-i": torch.randn(5, 16, generator=g),
+    }
+
+
+def _reference(tag: str):
+    eng = engine_config({"videoanchor": OPTIONS})
+    outs = _outputs(tag)
+    feats = torch.cat([outs[f"{tag}-v"], outs[f"{tag}-i"]])  # prompt order
+    res = compute_anchor_scores(feats, clusters_for(feats.shape[0], eng), **ssc_kwargs(eng))
+    scores = torch.zeros(PROMPT)
+    scores[torch.tensor([*range(3, 11), *range(12, 17)])] = res.scores.float()
+    return anchor_gates(scores, eng.alpha_k, eng.alpha_v)
+
+
+class Runner(SimpleNamespace):
+    """A model runner (weak-referenceable, as vLLM's are)."""
+
+
+class Queue(deque):
+    """vLLM's FCFS request queue, the two methods the hold uses."""
+
+    def remove_requests(self, requests):
+        gone = set(map(id, requests))
+        kept = [r for r in self if id(r) not in gone]
+        self.clear()
+        self.extend(kept)
+
+    def prepend_requests(self, requests):
+        self.extendleft(reversed(list(requests)))
+
+
+class Scheduler:
+    def __init__(self):
+        self.requests, self.waiting, self.running, self.seen = {}, Queue(), [], []
+
+    def add(self, req):
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def schedule(self):  # what vLLM's schedule() sees of the waiting queue
+        self.seen.append([r.request_id for r in self.waiting])
+
+
+class Executor:
+    """``collective_rpc``: the function on every worker, in rank order."""
+
+    def __init__(self, workers):
+        self.workers = workers
+
+    def collective_rpc(self, fn, args=(), non_block=False):
+        out = [fn(w, *args) for w in self.workers]
+        if not non_block:
+            return out
+        done = Future()
+        done.set_result(out)
+        return done
+
+
+_ARRIVALS = iter(range(10**6))
+
+
+def _request(rid, tag=None):
+    finished = []
+    return SimpleNamespace(request_id=rid, mm_features=_features(tag) if tag else [],
+                           arrival_time=float(next(_ARRIVALS)),
+                           sampling_params=SimpleNamespace(extra_args=None),
+                           num_computed_tokens=0, is_finished=lambda: bool(finished),
+                           finish=lambda: finished.append(1))  # fmt: skip
+
+
+@pytest.fixture
+def engine(monkeypatch):
+    """An engine core with ``world`` workers: ``make(world)`` -> (core, runners, encodes)."""
+    made = []
+    encodes = []
+
+    def encoder(runner, features):
+        def outputs(req_id, indices):
+            encodes.append((runner.rank, req_id))
+            return [_outputs(features[i].identifier[:-2])[features[i].identifier]
+                    for i in indices]  # fmt: skip
+
+        return outputs
+
+    monkeypatch.setattr(ahead.Ahead, "_encoder", staticmethod(encoder))
+
+    def make(world: int):
+        runners = [
+            Runner(rank=r, device=torch.device("cpu"),
+                            vllm_config=SimpleNamespace(additional_config={"videoanchor": OPTIONS}),
+                            model_config=SimpleNamespace(hf_config=SimpleNamespace(
+                                model_type="qwen2_5_vl")))
+            for r in range(world)
+        ]  # fmt: skip
+        for r in runners:
+            monkeypatch.setattr(ahead, "_tp_rank_world", lambda r=r: (r.rank, world))
+            ahead._ahead_of(SimpleNamespace(model_runner=r))  # made with its rank
+        made.extend(runners)
+        workers = [SimpleNamespace(model_runner=r) for r in runners]
+        sched = Scheduler()
+        core = Runner(model_executor=Executor(workers), scheduler=sched)  # an EngineCore
+        return core, runners, encodes
+
+    yield make
+    for r in made:
+        SCORE_CACHES.pop(id(r), None)
+        job = ahead.AHEAD.pop(id(r), None)
+        if job is not None:
+            job.close()
+    state.STEP.owner = None
+
+
+def _schedule_until(sched, wanted, timeout=60.0):
+    """Calls the held schedule() until the scheduler sees ``wanted`` (request ids)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        ahead.schedule_holding(sched, Scheduler.schedule)
+        if set(wanted) <= set(sched.seen[-1]):
+            return sched.seen[-1]
+        time.sleep(0.01)
+    raise AssertionError(f"never scheduled {wanted}: {sched.seen[-3:]}")
+
+
+def _step_gates(runner, rid, tag):
+    """The gates the step of ``runner`` gives request ``rid`` (its whole prompt); the step's
+    own encoder must not be called: the scores were computed ahead."""
+
+    def no_encoder(req_id, indices):
+        raise AssertionError("the step ran the encoder for SSC: not scored ahead")
+
+    eng = engine_config({"videoanchor": OPTIONS})
+    req = Scheduled(rid, 0, PROMPT, PROMPT, _features(tag), None)
+    cache = score_cache(id(runner), runner.vllm_config.additional_config)  # as the runner's
+    fill_step(id(runner), eng, {}, [req], None, no_encoder, PROMPT, 1, cache=cache)
+    return state.STEP.key_bias.clone(), state.STEP.value_scale.clone()
+
+
+def test_a_held_request_is_hidden_from_schedule_until_its_scores_are_ready(engine, one_thread):
+    core, (runner,), encodes = engine(1)
+    sched = core.scheduler
+    holds = ahead.attach(core)
+    a, text, b = _request("a", "A"), _request("text"), _request("b", "B")  # arrival order
+    for r in (a, text, b):
+        sched.add(r)
+    holds.note(a)
+    holds.note(b)
+    ahead.schedule_holding(sched, Scheduler.schedule)
+    assert sched.seen[-1] == ["text"]  # a and b held: their SSC runs on the side thread
+    assert [r.request_id for r in sched.waiting] == ["a", "text", "b"]  # back in their places
+    assert sorted(encodes) == [(0, "a"), (0, "b")]
+    _schedule_until(sched, ["a", "b"])
+    assert sched.seen[-1] == ["a", "text", "b"]
+    for rid, tag in (("a", "A"), ("b", "B")):
+        kb, vs = _step_gates(runner, rid, tag)
+        kb_ref, vs_ref = _reference(tag)
+        assert kb[3:11].abs().sum() > 0  # anchored
+        torch.testing.assert_close(kb, kb_ref, rtol=0, atol=1e-6)
+        torch.testing.assert_close(vs, vs_ref, rtol=0, atol=1e-6)
+    assert ahead.AHEAD[id(runner)].stats == {"computed": 2, "relayed": 0}
+
+
+def test_tensor_parallel_each_request_scored_on_one_rank_and_relayed(engine, one_thread):
+    core, runners, encodes = engine(2)
+    sched = core.scheduler
+    holds = ahead.attach(core)
+    reqs = [_request(f"r{i}", f"T{i}") for i in range(4)]
+    for r in reqs:
+        sched.add(r)
+        holds.note(r)
+    _schedule_until(sched, [r.request_id for r in reqs])
+    # every rank encodes every request (collectives in rank order); one rank runs each SSC
+    assert sorted(encodes) == sorted((k, r.request_id) for k in (0, 1) for r in reqs)
+    stats = [ahead.AHEAD[id(r)].stats for r in runners]
+    assert sum(s["computed"] for s in stats) == 4 and sum(s["relayed"] for s in stats) == 4
+    owners = {ahead.AHEAD[id(runners[0])].owner_of(k) for k in ahead.AHEAD[id(runners[0])].jobs}
+    assert owners == {0, 1}, owners  # these keys spread over both ranks
+    for i in range(4):
+        gates = [_step_gates(r, f"r{i}", f"T{i}") for r in runners]
+        torch.testing.assert_close(gates[0], gates[1], rtol=0, atol=0)  # the same scores
+        torch.testing.assert_close(gates[0], _reference(f"T{i}"), rtol=0, atol=1e-6)
+
+
+def test_a_request_finished_while_held_is_forgotten_everywhere(engine, one_thread):
+    core, runners, _ = engine(2)
+    sched = core.scheduler
+    holds = ahead.attach(core)
+    a, b = _request("a", "A"), _request("b", "B")
+    for r in (a, b):
+        sched.add(r)
+        holds.note(r)
+    ahead.schedule_holding(sched, Scheduler.schedule)
+    a.finish()  # aborted: vLLM drops it from its queues
+    del sched.requests["a"]
+    sched.waiting.remove_requests([a])
+    _schedule_until(sched, ["b"])
+    assert "a" not in holds.held
+    for r in runners:
+        assert "a" not in ahead.AHEAD[id(r)].by_req
+
+
+def test_a_repeated_video_is_a_cache_hit_with_no_encoder_and_no_ssc(engine, one_thread):
+    core, (runner,), encodes = engine(1)
+    sched = core.scheduler
+    holds = ahead.attach(core)
+    first = _request("first", "A")
+    sched.add(first)
+    holds.note(first)
+    _schedule_until(sched, ["first"])
+    _step_gates(runner, "first", "A")
+    again = _request("again", "A")
+    sched.add(again)
+    holds.note(again)
+    ahead.schedule_holding(sched, Scheduler.schedule)
+    assert "again" in sched.seen[-1]  # never held: its scores are in the score cache
+    assert encodes == [(0, "first")]
+    torch.testing.assert_close(_step_gates(runner, "again", "A"), _reference("A"), rtol=0,
+                               atol=1e-6)  # fmt: skip
+    assert ahead.AHEAD[id(runner)].stats["computed"] == 1

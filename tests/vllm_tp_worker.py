@@ -1,0 +1,48 @@
+"""Runs one anchored vLLM engine with ``tensor_parallel_size`` workers on the CPU and writes
+its answers and each worker's scores-ahead counters as JSON (tests/test_vllm_tp.py):
+``python vllm_tp_worker.py CHECKPOINT TP OUT.json``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import vllm_support as vs
+
+
+def _video(n, seed):
+    meta = {"fps": 4.0, "total_num_frames": n, "duration": n / 4.0,
+            "frames_indices": list(range(n)), "video_backend": "opencv"}  # fmt: skip
+    return (vs.frames(n, seed=seed), meta)
+
+
+def main():
+    from vllm import LLM, SamplingParams
+
+    from videoanchor.integrations.vllm import ahead
+
+    checkpoint, tp, out_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    llm = LLM(model=checkpoint, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
+              gpu_memory_utilization=0.05, kv_cache_memory_bytes=128 << 20,
+              limit_mm_per_prompt={"video": 1}, enable_prefix_caching=False,
+              tensor_parallel_size=tp,
+              additional_config={"videoanchor": {"n_clusters": 4, "max_iter": 200}})  # fmt: skip
+    prompt = vs.prompt("qwen2_5_vl", "video")
+    # four different videos in one batch, then the first again (a score-cache hit)
+    batches = [[_video(4, s) for s in range(4)], [_video(4, 0)]]
+    sp = SamplingParams(temperature=0.0, max_tokens=4, logprobs=0)
+    results = []
+    for batch in batches:
+        outs = llm.generate([{"prompt": prompt, "multi_modal_data": {"video": v}} for v in batch],
+                            sp, use_tqdm=False)  # fmt: skip
+        for o in outs:
+            g = o.outputs[0]
+            results.append({"tokens": list(g.token_ids),
+                            "logprobs": [lp[t].logprob for lp, t in zip(g.logprobs, g.token_ids, strict=True)]})  # fmt: skip
+    stats = llm.collective_rpc(ahead.stats)
+    with open(out_path, "w") as f:
+        json.dump({"results": results, "stats": stats}, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,514 @@
+"""Scores ahead of the step: a request's SSC runs beside the engine's steps, not inside one.
+
+An anchored request's visual tokens cannot be prefilled before its scores exist, and its SSC
+(with the encoder run it needs) takes far longer than one decode step. Run inside the step
+(``scores_ahead: false``), it stalls every other request of the batch for that long. With
+``scores_ahead`` (the default) instead:
+
+1. **Engine core, admission** (``EngineCore.preprocess_add_request``, any process layout): an
+   anchored request with scored multimodal items is noted (:meth:`Holds.note`).
+2. **Engine core, each** ``Scheduler.schedule`` **call**: noted requests are sent to every
+   worker (``collective_rpc`` :func:`submit`). A worker encodes their items there, in its
+   main thread between steps, with the model's own ``embed_multimodal`` (under tensor
+   parallelism the encoder's collectives then come in the same order on every rank), and
+   runs their joint SSC on a side thread (niced on Linux; a side CUDA stream on a GPU), on
+   one rank only under tensor parallelism: the engine core relays its scores to the other
+   ranks with its next poll (:func:`poll`). The scores go into the engine's score cache.
+   While a request's scores are not ready on every worker it is taken out of the waiting
+   queue for that ``schedule`` call and put back at its front after it, so the scheduler
+   schedules everyone else as if it were not there (:meth:`Holds.hidden`). When all that is
+   left is held requests, the engine core waits on the workers for up to :data:`IDLE_WAIT`
+   seconds instead of spinning.
+3. **Worker, the step that first reaches its visual tokens**: :func:`.runner._score` takes
+   the scores computed ahead (:meth:`Ahead.take`): no SSC, and no encoder run for it, in
+   the step. A request
+   that reaches its step before its job ended (it was not held: preempted, or another
+   scheduler) waits for the job there: the result is the same either way.
+
+The scores are those the step would have computed: the same features (the same encoder on
+the same inputs), the same :func:`.runner._run_ssc`, the same options. A job that fails
+leaves the request to the step, which computes its scores there and fails the same way.
+
+Only public parts of vLLM's scheduler are used for the hold (``schedule()`` and the waiting
+queue's ``remove_requests`` / ``prepend_requests``); docs/serving.md says why this mechanism
+was chosen over the KV-connector and encoder-cache-connector paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import SimpleNamespace
+
+import torch
+
+logger = logging.getLogger("videoanchor.vllm")
+
+__all__ = ["AHEAD", "IDLE_WAIT", "Ahead", "Holds", "poll", "submit"]
+
+#: Seconds the engine core waits for a score when every request it could schedule is held.
+IDLE_WAIT = 0.02
+#: Results kept for requests that were scored ahead but never took them (served from the
+#: prefix cache past their visual tokens, or finished early), oldest dropped first.
+KEEP_UNTAKEN = 256
+
+#: owner (the model runner's id) -> its engine's :class:`Ahead` (worker side).
+AHEAD: dict[int, Ahead] = {}
+
+
+# --- worker side ----------------------------------------------------------------------------
+
+
+class Ahead:
+    """One engine's side worker in one worker process: a single thread that encodes a held
+    request's items and runs its SSC; ``take`` hands the scores to the step.
+
+    ``runner``: the model runner (its ``model``, ``device``, ``vllm_config``); ``nice``: the
+    side thread's niceness on Linux (0-19; its OpenMP threads inherit it), so that on the
+    CPU the running requests' steps come first and the SSC takes the cores' idle time.
+    """
+
+    def __init__(self, runner, nice: int):
+        self.owner = id(runner)
+        self._runner = weakref.ref(runner)
+        self.nice = int(nice)
+        self.rank, self.world = _tp_rank_world()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="videoanchor-ssc",
+                                        initializer=self._init_thread)  # fmt: skip
+        self._lock = threading.RLock()
+        self._done = threading.Condition(self._lock)
+        self.jobs: dict[str, Future] = {}  # score key -> its job (result: scores or None)
+        self.by_req: OrderedDict[str, str | None] = OrderedDict()  # req_id -> key (None: no job)
+        self._relayed: set[str] = set()  # keys whose job runs on another rank
+        self._results: dict[str, tuple] = {}  # this rank's results not yet reported
+        self.stats = {"computed": 0, "relayed": 0}
+        device = getattr(runner, "device", None)
+        self.stream = None
+        if device is not None and torch.device(device).type == "cuda":
+            # SSC is GEMM-bound, decode memory-bound: a stream of its own lets them overlap.
+            self.stream = torch.cuda.Stream(device=device)
+
+    def _init_thread(self) -> None:
+        # Not torch.set_num_threads: it also sets MKL's process-wide count, and a side thread
+        # with fewer threads slowed the steps' GEMMs more than one with the default count.
+        # Niceness is per thread on Linux; measured on 2 cores, a main loop of 800 x 800
+        # GEMMs ran 1.1x slower beside a side thread at nice 19 (2.2x at nice 0).
+        if self.nice and hasattr(os, "setpriority"):
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+            except OSError as err:
+                logger.debug("videoanchor: side thread niceness not set: %s", err)
+        if self.stream is not None:
+            torch.cuda.set_stream(self.stream)
+
+    def submit(self, payloads) -> None:
+        """Encode the items of ``payloads`` (``(req_id, mm_features, extra_args)`` each) and
+        start their SSC on the side thread.
+
+        Called in the worker's main thread, between steps, in the same order on every rank:
+        the encoder runs here, not on the side thread, because under tensor parallelism it
+        runs collectives on the ranks' group, which must come in the same order on every rank
+        and never interleave with the steps'. So every decision to encode depends only on
+        what every rank sees alike (the payloads and the jobs in flight), never on a rank's
+        own score cache. The SSC itself is local: it runs on one rank (:meth:`owner_of`)."""
+        from videoanchor.integrations.vllm.config import request_config
+        from videoanchor.integrations.vllm.runner import _engine_cfg, plan, score_cache
+
+        runner = self._runner()
+        eng = _engine_cfg(runner)
+        cache = score_cache(self.owner, runner.vllm_config.additional_config)
+        for req_id, features, extra in payloads:
+            key = None
+            try:
+                cfg = request_config(eng, extra)
+                p = plan(features, cfg) if cfg is not None else None
+                if p is not None and all(features[i].data is not None for i in p.items):
+                    key = p.key
+            except Exception:  # the step checks the request again and says what is wrong
+                logger.debug("videoanchor: request %s not scored ahead", req_id, exc_info=True)
+            with self._lock:
+                self.by_req[req_id] = key
+                self._trim()
+                if key is None or key in self.jobs:
+                    continue
+                mine = self.owner_of(key) == self.rank
+                cached = cache.get(key) if cache is not None and mine else None
+            if self.world == 1 and cached is not None:
+                continue  # take() finds it in the cache: no encoder, no SSC
+            outs = self._encode(runner, features, p.items, req_id)  # every rank alike
+            with self._lock:
+                if cached is not None:  # the other ranks take it from here
+                    self._results[key] = (cached, True)
+                    self.jobs[key] = done = Future()
+                    done.set_result(cached)
+                    continue
+                if not mine or outs is None:  # another rank scores it; poll() relays it here
+                    self.jobs[key] = Future()
+                    self._relayed.add(key)
+                    if outs is None:  # our encoder failed: the step scores it instead
+                        self.jobs[key].set_result(None)
+                    continue
+                job = self._pool.submit(self._job, req_id, features, cfg, p, cache, outs)
+                self.jobs[key] = job
+                if self.world > 1:
+                    job.add_done_callback(lambda f, key=key: self._report(key, f, cache))
+
+    def _encode(self, runner, features, items, req_id):
+        """The projector outputs of ``items`` (the model's own encoder, as the step runs it;
+        outside the runner's encoder cache), ready for the side thread; None if it failed."""
+        from videoanchor.integrations.vllm.runner import projector_only
+
+        try:
+            with torch.inference_mode():
+                enc = projector_only(self._encoder(runner, features),
+                                     runner.model_config.hf_config)  # fmt: skip
+                outs = enc(req_id, items)
+            if self.stream is not None:  # the side stream reads what the step's stream wrote
+                event = torch.cuda.Event()
+                event.record()
+                self.stream.wait_event(event)
+                for t in outs:
+                    t.record_stream(self.stream)
+            return outs
+        except Exception as err:
+            logger.warning(
+                "videoanchor: request %s: encoding its items ahead of its step failed (%s: "
+                "%s); its step scores it instead", req_id, type(err).__name__, err,
+            )  # fmt: skip
+            return None
+
+    def owner_of(self, key: str) -> int:
+        """The tensor-parallel rank that scores ``key`` (the others take its scores)."""
+        return int(key[:8], 16) % self.world
+
+    def _report(self, key: str, job: Future, cache) -> None:
+        if job.cancelled():
+            return
+        visual = job.result()
+        with self._lock:
+            self._results[key] = (visual, cache is not None and key in cache)
+
+    def relay(self, results: dict) -> None:
+        """Scores of other ranks' jobs: ``{key: (scores or None, cacheable)}``."""
+        from videoanchor.integrations.vllm.runner import score_cache
+
+        runner = self._runner()
+        cache = score_cache(self.owner, runner.vllm_config.additional_config)
+        with self._done:
+            for key, (visual, cacheable) in results.items():
+                if visual is not None and cacheable and cache is not None:
+                    cache.put(key, visual)
+                if key in self._relayed:
+                    self._relayed.discard(key)
+                    self.stats["relayed"] += 1
+                    job = self.jobs.get(key)
+                    if job is not None and not job.done():
+                        job.set_result(visual)
+            self._done.notify_all()
+
+    def reports(self) -> dict:
+        """This rank's results since the last call, for the engine core to relay."""
+        with self._lock:
+            out, self._results = self._results, {}
+            return out
+
+    def _job(self, req_id, features, cfg, p, cache, outs):
+        from videoanchor.integrations.vllm.runner import _run_ssc
+
+        try:
+            with torch.inference_mode():
+                req = SimpleNamespace(req_id=req_id, mm_features=features)
+                visual = _run_ssc(req, cfg, p.items, p.cols, p.n, p.k,
+                                  lambda _rid, _idx: outs, cache, p.key)  # fmt: skip
+                if self.stream is not None:
+                    self.stream.synchronize()
+                self.stats["computed"] += 1
+                return visual
+        except Exception as err:  # the step runs it again and reports it there
+            logger.warning(
+                "videoanchor: request %s: scoring ahead of its step failed (%s: %s); its "
+                "step scores it instead", req_id, type(err).__name__, err,
+            )  # fmt: skip
+            return None
+        finally:
+            with self._done:
+                self._done.notify_all()
+
+    @staticmethod
+    def _encoder(runner, features):
+        """:data:`.runner.EncoderOutputs` over ``features`` with the model's own encoder
+        (vLLM's grouping into batches by modality), outside the runner's encoder cache."""
+        from vllm.multimodal.utils import group_and_batch_mm_kwargs
+
+        def encoder_outputs(req_id: str, indices: list[int]) -> list:
+            kwargs = [(features[i].modality, features[i].data) for i in indices]
+            outs: list = []
+            for _, _, batch in group_and_batch_mm_kwargs(kwargs, device=runner.device,
+                                                         pin_memory=False):  # fmt: skip
+                outs.extend(runner.model.embed_multimodal(**batch))
+            return outs
+
+        return encoder_outputs
+
+    def _trim(self) -> None:
+        while len(self.by_req) > KEEP_UNTAKEN:
+            rid, _ = self.by_req.popitem(last=False)
+            self._release(rid)
+
+    def _release(self, req_id: str) -> None:
+        key = self.by_req.pop(req_id, None)
+        if key is not None and key not in self.by_req.values():
+            job = self.jobs.pop(key, None)
+            self._relayed.discard(key)
+            if job is not None:
+                job.cancel()
+
+    def ready(self, req_ids) -> list[str]:
+        """Those of ``req_ids`` whose scores need no more work ahead of their step."""
+        with self._lock:
+            return [r for r in req_ids if self._ready(r)]
+
+    def _ready(self, req_id: str) -> bool:
+        key = self.by_req.get(req_id)
+        job = self.jobs.get(key) if key is not None else None
+        return job is None or job.done()
+
+    def wait(self, req_ids, timeout: float) -> None:
+        """Block until one of ``req_ids`` is ready, or ``timeout`` seconds."""
+        with self._done:
+            if not any(self._ready(r) for r in req_ids):
+                self._done.wait(timeout)
+
+    def forget(self, req_ids) -> None:
+        """Drop the state of requests that finished (aborted while held, or done)."""
+        with self._lock:
+            for r in req_ids:
+                self._release(r)
+
+    def take(self, req_id: str, key: str):
+        """The scores computed ahead for ``req_id`` under ``key`` (waiting for its job if it
+        is still running), or None (not scored ahead, its job failed, or it ran under other
+        options): the step computes them then."""
+        with self._lock:
+            if req_id not in self.by_req:
+                return None
+            if self.by_req[req_id] != key:
+                self._release(req_id)
+                return None
+            job = self.jobs.get(key)
+            if key in self._relayed and job is not None and not job.done():
+                # another rank's scores have not arrived (the request was not held): the
+                # step scores it here rather than wait
+                self._release(req_id)
+                return None
+        visual = job.result() if job is not None else None
+        with self._lock:
+            self._release(req_id)
+        return visual
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _ahead_of(worker) -> Ahead | None:
+    from videoanchor.integrations.vllm.config import ahead_nice
+    from videoanchor.integrations.vllm.runner import _engine_cfg
+
+    runner = worker.model_runner
+    ahead = AHEAD.get(id(runner))
+    if ahead is None:
+        if _engine_cfg(runner) is None:
+            return None
+        nice = ahead_nice(runner.vllm_config.additional_config)
+        ahead = AHEAD[id(runner)] = Ahead(runner, nice)
+    return ahead
+
+
+def _tp_rank_world() -> tuple[int, int]:
+    """This worker's tensor-parallel rank and the group's size ((0, 1) outside one)."""
+    try:
+        from vllm.distributed import (
+            get_tensor_model_parallel_rank,
+            get_tensor_model_parallel_world_size,
+        )
+
+        return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    except Exception:  # no model-parallel group (tests building a runner by hand)
+        return 0, 1
+
+
+def submit(worker, payloads) -> None:
+    """``collective_rpc`` target: start the jobs of ``payloads`` on this worker."""
+    ahead = _ahead_of(worker)
+    if ahead is not None:
+        ahead.submit(payloads)
+
+
+def poll(worker, held: list[str], gone: list[str], wait: float = 0.0,
+         relay: dict | None = None) -> tuple[list[str], dict]:  # fmt: skip
+    """``collective_rpc`` target: take the scores other ranks computed (``relay``), forget
+    ``gone``; returns the ids of ``held`` that are ready on this worker (after waiting up to
+    ``wait`` seconds for one of them) and the scores this rank computed since the last poll
+    (for the engine core to relay to the other ranks)."""
+    ahead = _ahead_of(worker)
+    if ahead is None:
+        return list(held), {}
+    if relay:
+        ahead.relay(relay)
+    if gone:
+        ahead.forget(gone)
+    if wait > 0 and held:
+        ahead.wait(held, wait)
+    return ahead.ready(held), ahead.reports()
+
+
+def stats(worker) -> dict:
+    """``collective_rpc`` target: this worker's rank and counts of requests it scored ahead
+    (``computed``) and took from another rank (``relayed``)."""
+    ahead = _ahead_of(worker)
+    if ahead is None:
+        return {}
+    return {"rank": ahead.rank, "world": ahead.world, **ahead.stats}
+
+
+# --- engine-core side -----------------------------------------------------------------------
+
+
+class Holds:
+    """The requests one engine core holds out of the batch while their scores are computed
+    ahead (kept on its scheduler). ``core``: the ``EngineCore`` (its ``model_executor``).
+
+    The calls to the workers do not wait for them: a multiprocess executor answers calls in
+    order, so waiting on one would also wait for the step in flight (asynchronous
+    scheduling). A poll's answer is read at a later ``schedule()`` call, once the engine
+    core has read the step results queued before it. Only when every request it could
+    schedule is held does the engine core wait, for up to :data:`IDLE_WAIT` seconds."""
+
+    def __init__(self, core):
+        self._core = weakref.ref(core)
+        self.new: deque = deque()  # noted at admission (the input thread), not yet submitted
+        self.held: dict[str, object] = {}  # req_id -> Request
+        self._gone: list[str] = []  # requests finished while held, not yet told to workers
+        self._calls: list[Future] = []  # submissions in flight (their errors are raised)
+        self._poll: Future | None = None
+        self._polled: list[str] = []
+        self._relay: dict = {}  # scores a rank computed, for the others (tensor parallel)
+        self.waited = 0.0  # seconds the engine core spent waiting with only held requests
+
+    def note(self, request) -> None:
+        """An admitted anchored request with multimodal items (any thread)."""
+        self.new.append(request)
+
+    def hidden(self, sched) -> list:
+        """Called at the start of ``sched.schedule()``: submits new requests, reads the
+        workers' answers, and returns the waiting requests to hide from this call."""
+        core = self._core()
+        if core is None:
+            return []
+        executor = core.model_executor
+        fresh, later = [], []
+        while self.new:
+            req = self.new.popleft()
+            if sched.requests.get(req.request_id) is not req:
+                if not req.is_finished():
+                    later.append(req)  # admitted by the input thread, not added yet
+                continue
+            if req.num_computed_tokens == 0 and not req.is_finished():
+                fresh.append(req)
+        self.new.extendleft(reversed(later))
+        for call in [c for c in self._calls if c.done()]:
+            self._calls.remove(call)
+            call.result()  # a worker's error surfaces here
+        if fresh:
+            payloads = [(r.request_id, r.mm_features, r.sampling_params.extra_args)
+                        for r in fresh]  # fmt: skip
+            self._calls.append(executor.collective_rpc(submit, args=(payloads,), non_block=True))
+            for r in fresh:
+                self.held[r.request_id] = r
+        for rid, r in list(self.held.items()):
+            if sched.requests.get(rid) is not r or r.is_finished():
+                del self.held[rid]
+                self._gone.append(rid)
+        if self._poll is not None and self._poll.done():
+            self._answer(self._poll.result())
+        if not self.held:
+            return []
+        if self._poll is None:
+            ids, gone, relay = list(self.held), self._gone, self._relay
+            self._gone, self._polled, self._relay = [], ids, {}
+            idle = not sched.running and all(r.request_id in self.held for r in sched.waiting)
+            if idle:
+                t0 = time.perf_counter()
+                self._answer(executor.collective_rpc(poll, args=(ids, gone, IDLE_WAIT, relay)))
+                self.waited += time.perf_counter() - t0
+            else:
+                self._poll = executor.collective_rpc(poll, args=(ids, gone, 0.0, relay),
+                                                     non_block=True)  # fmt: skip
+                if self._poll.done():  # an in-process executor answers at once
+                    self._answer(self._poll.result())
+        return [r for r in sched.waiting if r.request_id in self.held]
+
+    def _answer(self, replies) -> None:
+        """Release the held requests every worker says are ready."""
+        self._poll = None
+        ready = set(self._polled)
+        for ids, results in replies:
+            ready &= set(ids)
+            self._relay.update(results)
+        for rid in ready:
+            self.held.pop(rid, None)
+
+
+def holds_of(sched) -> Holds | None:
+    """The :class:`Holds` of a scheduler (None where scores are not computed ahead)."""
+    return sched.__dict__.get("_videoanchor_holds")
+
+
+def attach(core) -> Holds:
+    """The :class:`Holds` of an ``EngineCore``, made on first use."""
+    holds = holds_of(core.scheduler)
+    if holds is None:
+        holds = core.scheduler.__dict__["_videoanchor_holds"] = Holds(core)
+    return holds
+
+
+def schedule_holding(sched, orig, *args, **kwargs):
+    """``orig(sched, ...)`` (vLLM's ``Scheduler.schedule``) with the held requests out of
+    ``sched.waiting`` for the call, then back where they were: arrival order among the
+    waiting requests that arrived before the last of them (a request released earlier but
+    not scheduled yet keeps its place ahead of a later one still held)."""
+    holds = holds_of(sched)
+    hide = holds.hidden(sched) if holds is not None else []
+    if not hide:
+        return orig(sched, *args, **kwargs)
+    sched.waiting.remove_requests(hide)
+    try:
+        return orig(sched, *args, **kwargs)
+    finally:
+        latest = max(r.arrival_time for r in hide)
+        ahead_of = [r for r in sched.waiting if r.arrival_time <= latest]
+        if ahead_of:
+            sched.waiting.remove_requests(ahead_of)
+        block = sorted([*hide, *ahead_of], key=lambda r: r.arrival_time)
+        sched.waiting.prepend_requests(block)
+
+
+def install() -> None:
+    """Wraps ``Scheduler.schedule`` (once per process; a no-op for a scheduler without
+    :class:`Holds`)."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from videoanchor.integrations.vllm.hooks import _once
+
+    def make(orig):
+        def schedule(self, *args, **kwargs):
+            return schedule_holding(self, orig, *args, **kwargs)
+
+        return schedule
+
+    _once(Scheduler, "schedule", make)
