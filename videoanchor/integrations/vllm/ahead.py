@@ -312,6 +312,7 @@ class Ahead:
         return visual
 
     def close(self) -> None:
+        """Stop the side thread (jobs not started are cancelled)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
