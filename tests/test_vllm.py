@@ -111,7 +111,7 @@ def chunked_cached(checkpoint, work):
                        "max_num_batched_tokens": 64,
                        "additional_config": {"videoanchor": SSC}},
             "batches": [[VID], [{**VID, "extra_args": B_ALPHAS}], [VID], [OFF], [MULTI],
-                        [MULTI_Q2]]}  # fmt: skip
+                        [MULTI_Q2]], "ahead_stats": True}  # fmt: skip
     return vs.run_worker(work, "chunked_cached", spec, env_extra=vs.ENGINE_CORE_PROCESS)
 
 
@@ -244,6 +244,15 @@ def test_scores_ahead_equal_scores_in_the_step(anchored, in_step):
     # three requests of one batch, scored ahead (ahead: one at a time on the side worker)
     for i in range(3):
         _close(_res(in_step, 3, i), _res(anchored, 3 + i))
+
+
+def test_spawned_engine_core_scores_ahead_once_per_video(chunked_cached):
+    """vLLM's default layout (engine core in its own process, prefix caching on): requests are
+    scored ahead of their step, and a video asked again (other alphas, anchoring off, another
+    question) runs no SSC: the counts of SSC runs after each batch."""
+    computed = [b["ahead"][0]["computed"] for b in chunked_cached["batches"]]
+    # VID, VID with B's alphas, VID, off, two videos (one joint SSC), the same two again
+    assert computed == [1, 1, 1, 1, 2, 2], computed
 
 
 def test_continuous_batching_each_equals_its_single_run(anchored):

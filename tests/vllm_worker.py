@@ -10,7 +10,8 @@ Spec: {"mode": "vllm"|"transformers", "checkpoint": path, "family": "qwen2_5_vl"
 true (each batch gets "scores": the plugin's anchor scores of its requests; the transformers
 mode gives each result its "scores"), "record_ssc": true (both modes: each batch gets "ssc",
 one entry per SSC run in it: the features the engine handed to ``compute_anchor_scores``, the
-cluster count, the options and the scores it returned)}; request: {"media": "image:SEED" | "video:FRAMES:SEED" |
+cluster count, the options and the scores it returned), "ahead_stats": true (each batch gets
+"ahead": every worker's counts of requests scored ahead of their step, after the batch)}; request: {"media": "image:SEED" | "video:FRAMES:SEED" |
 "none", "max_tokens": n, "ignore_eos": bool, "extra_args": {...}, "question": text (default: the family's)}. Each batch is one ``generate`` call.
 """
 
@@ -198,6 +199,10 @@ def run_vllm(spec):
         out["batches"].append({"results": results, "seconds": elapsed, "scores": list(_SCORES),
                                "ssc": list(_SSC),
                                "preemptions": _PREEMPTED[0] - preempted})  # fmt: skip
+        if spec.get("ahead_stats"):  # in whatever process the workers run
+            from videoanchor.integrations.vllm import ahead
+
+            out["batches"][-1]["ahead"] = llm.collective_rpc(ahead.stats)
     return out
 
 
