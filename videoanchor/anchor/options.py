@@ -9,7 +9,7 @@ in the integrations, ``AnchorConfig``'s SSC fields and the command lines' defaul
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -23,7 +23,7 @@ from videoanchor.anchor._inputs import (
     resolve_seed,
 )
 
-__all__ = ["DEFAULTS", "EIGEN_SOLVERS", "SSCOptions", "names_affecting"]
+__all__ = ["CHECKS", "DEFAULTS", "EIGEN_SOLVERS", "SSCOptions", "names_affecting"]
 
 SSC_BACKENDS = ("auto", "torch", "cupy")
 SSC_SOLVERS = ("auto", "fast", "faithful", "accelerated")
@@ -81,110 +81,52 @@ def _positive(hint):
     return lambda name, value: check_number(name, value, positive=True, hint=hint)
 
 
-def _option(default, doc: str, check, affects: str = ""):
-    """One option: ``affects`` is "coef" (it changes SSC's C), "labels" (the clustering) or
-    "" (neither: how the work is done or reported)."""
-    return field(default=default, metadata={"doc": doc, "check": check, "affects": affects})
-
-
 @dataclass(frozen=True)
 class SSCOptions:
     """The options of one SSC run (docs/method.md section 2), with the paper's defaults.
 
-    Build one from keyword arguments (unknown names are a TypeError) and call
-    :meth:`checked` for the normalised, validated copy. ``doc(name)`` is an option's meaning.
+    Build one from keyword arguments (an unknown name is a TypeError) and call
+    :meth:`checked` for the validated, normalised copy. Each option's check, and whether it
+    changes SSC's ``C`` or the labels, is in the table :data:`CHECKS` beside it.
     """
 
-    n_clusters: int = _option(
-        24, "spectral clusters (the paper's 24)", lambda n, v: check_int(n, v, 1), "labels"
-    )
-    alpha_e: float = _option(
-        800.0,
-        "outlier weight, lambda_e = alpha_e / mu_e (the authors' 800)",
-        _positive("the authors' 800"),
-        "coef",
-    )
-    alpha_z: float = _option(
-        800.0,
-        "data weight, lambda_z = alpha_z / mu_z (the authors' 800)",
-        _positive("the authors' 800"),
-        "coef",
-    )
-    rho: float = _option(
-        300.0, "ADMM penalty (the authors' 300)", _positive("the authors' 300"), "coef"
-    )
-    eps: float = _option(
-        2e-4,
-        "stopping tolerance max_i sum_j |A - C|_ij < eps (0: run max_iter iterations)",
-        lambda n, v: check_number(n, v, positive=False, hint="2e-4 (0: run max_iter iterations)"),
-        "coef",
-    )
-    max_iter: int = _option(
-        10000,
-        "ADMM iteration limit (the authors' 10000)",
-        lambda n, v: check_int(n, v, 1, hint="max_iter=10000"),
-        "coef",
-    )
-    pca_rank: int = _option(
-        0,
-        "PCA to this rank before SSC (0: none, the paper)",
-        lambda n, v: check_int(n, v, 0, hint="0 (no PCA)"),
-        "coef",
-    )
-    backend: str = _option(
-        "auto",
-        "array library of the dense solver: 'auto' (torch), 'torch', 'cupy'",
-        _choice(SSC_BACKENDS),
-        "coef",
-    )
-    solver: str = _option(
-        "auto",
-        "'fast' (the default through 'auto': 60 iterations on a fixed schedule), 'faithful' "
-        "(the authors' iteration and stopping rule) or 'accelerated'",
-        _choice(SSC_SOLVERS),
-        "coef",
-    )
-    dtype: torch.dtype | None = _option(
-        None,
-        "working dtype of the ADMM: None (float32), torch.float32 or torch.float64",
-        _dtype,
-        "coef",
-    )
-    seed: int | None = _option(
-        0,
-        "seed of the spectral clustering (None: drawn from NumPy)",
-        lambda n, v: resolve_seed(v),
-        "labels",
-    )
-    label_draws: int = _option(
-        1,
-        "label draws averaged into each token's cluster share (the paper: 1)",
-        _label_draws,
-        "labels",
-    )
-    eigen_solver: str = _option(
-        "auto",
-        "eigen-solver of the spectral step: 'auto', 'eigh', "
-        "'krylov' (exact mode), 'subspace' (blocked mode)",
-        _choice(("auto", "eigh", "krylov", "subspace")),
-    )
-    mode: str = _option(
-        "auto",
-        "'exact' (dense N x N), 'blocked' (the same program, column "
-        "blocks) or 'auto' (exact when it fits, blocked above)",
-        _mode,
-    )
-    block_columns: int | None = _option(
-        None, "columns of C per block (blocked mode; None: sized to the device)", _block_columns
-    )
-    block_eps: str = _option(
-        "own", "blocked mode's stopping rule per block: 'own' or 'share'", _choice(("own", "share"))
-    )
-    progress: object = _option(
-        None,
-        "progress bar / log lines: True, False, None or 'auto', or an SSCProgress",
-        lambda n, v: check_progress(v),
-    )
+    n_clusters: int = 24
+    """Spectral clusters (the paper's 24)."""
+    alpha_e: float = 800.0
+    """Outlier weight: ``lambda_e = alpha_e / mu_e`` (the authors' 800)."""
+    alpha_z: float = 800.0
+    """Data weight: ``lambda_z = alpha_z / mu_z`` (the authors' 800)."""
+    rho: float = 300.0
+    """ADMM penalty (the authors' 300)."""
+    eps: float = 2e-4
+    """Stopping tolerance of ``max_i sum_j |A - C|_ij`` (0: run ``max_iter`` iterations)."""
+    max_iter: int = 10000
+    """ADMM iteration limit (the authors' 10000)."""
+    pca_rank: int = 0
+    """PCA to this rank before SSC (0: none, the paper)."""
+    backend: str = "auto"
+    """Array library of the dense solver: ``"auto"`` (torch), ``"torch"``, ``"cupy"``."""
+    solver: str = "auto"
+    """``"fast"`` (through ``"auto"``: the authors' steps on a fixed 60-iteration schedule),
+    ``"faithful"`` (the authors' iteration and stopping rule) or ``"accelerated"``."""
+    dtype: torch.dtype | None = None
+    """Working dtype of the ADMM: None (float32), ``torch.float32`` or ``torch.float64``."""
+    seed: int | None = 0
+    """Seed of the spectral clustering (None: drawn from NumPy's global generator)."""
+    label_draws: int = 1
+    """Label draws averaged into each token's cluster share (the paper: 1)."""
+    eigen_solver: str = "auto"
+    """Eigen-solver of the spectral step: ``"auto"``, ``"eigh"`` or ``"krylov"`` (exact
+    mode), ``"subspace"`` (blocked mode)."""
+    mode: str = "auto"
+    """``"exact"`` (dense ``N x N``), ``"blocked"`` (the same program by column blocks) or
+    ``"auto"`` (exact when it fits, blocked above)."""
+    block_columns: int | None = None
+    """Columns of ``C`` per block in blocked mode (None: sized to the device)."""
+    block_eps: str = "own"
+    """Blocked mode's stopping rule per block: ``"own"`` or ``"share"``."""
+    progress: object = None
+    """Progress bar or log lines: True, False, None, ``"auto"`` or an ``SSCProgress``."""
 
     @classmethod
     def of(cls, arguments: dict, **overrides) -> SSCOptions:
@@ -192,11 +134,6 @@ class SSCOptions:
         ignored) and ``overrides``; the ones neither names keep their defaults."""
         given = {f.name: arguments[f.name] for f in fields(cls) if f.name in arguments}
         return cls(**{**given, **overrides})
-
-    @staticmethod
-    def doc(name: str) -> str:
-        """The one-line meaning of option ``name``."""
-        return _FIELDS[name].metadata["doc"]
 
     def as_dict(self, *, without: tuple[str, ...] = ()) -> dict:
         """``{name: value}`` of every option but those in ``without``."""
@@ -212,7 +149,7 @@ class SSCOptions:
         ``seed=None`` drawn, ``dtype`` resolved). ``distributed``: the call has a
         ``process_group``. Raises TypeError / ValueError "name: expected X, got Y"; an
         option the chosen ``mode`` would ignore is a ValueError."""
-        values = {f.name: f.metadata["check"](f.name, getattr(self, f.name)) for f in fields(self)}
+        values = {f.name: CHECKS[f.name][0](f.name, getattr(self, f.name)) for f in fields(self)}
         out = replace(self, **values)
         mode, solver, backend = out.mode, out.solver, out.backend
         if out.eigen_solver not in EIGEN_SOLVERS[mode]:
@@ -249,7 +186,38 @@ class SSCOptions:
 
 
 _PROGRAM = ("alpha_e", "alpha_z", "rho", "eps", "max_iter", "dtype", "progress")
-_FIELDS = {f.name: f for f in fields(SSCOptions)}
+_D = SSCOptions  # its class attributes are the defaults
+
+#: ``{option: (check, what it changes)}``: ``check(name, value)`` returns the value
+#: normalised or raises TypeError / ValueError "name: expected X, got Y"; "coef" options
+#: change SSC's C, "labels" ones the clustering given C, "" ones neither (how the work is
+#: done or reported).
+CHECKS = {
+    "n_clusters": (lambda n, v: check_int(n, v, 1), "labels"),
+    "alpha_e": (_positive(f"the authors' {_D.alpha_e:g}"), "coef"),
+    "alpha_z": (_positive(f"the authors' {_D.alpha_z:g}"), "coef"),
+    "rho": (_positive(f"the authors' {_D.rho:g}"), "coef"),
+    "eps": (
+        lambda n, v: check_number(
+            n, v, positive=False, hint=f"{_D.eps:g} (0: run max_iter iterations)"
+        ),
+        "coef",
+    ),
+    "max_iter": (lambda n, v: check_int(n, v, 1, hint=f"max_iter={_D.max_iter}"), "coef"),
+    "pca_rank": (lambda n, v: check_int(n, v, 0, hint=f"{_D.pca_rank} (no PCA)"), "coef"),
+    "backend": (_choice(SSC_BACKENDS), "coef"),
+    "solver": (_choice(SSC_SOLVERS), "coef"),
+    "dtype": (_dtype, "coef"),
+    "seed": (lambda n, v: resolve_seed(v), "labels"),
+    "label_draws": (_label_draws, "labels"),
+    "eigen_solver": (_choice(("auto", "eigh", "krylov", "subspace")), ""),
+    "mode": (_mode, ""),
+    "block_columns": (_block_columns, ""),
+    "block_eps": (_choice(("own", "share")), ""),
+    "progress": (lambda n, v: check_progress(v), ""),
+}
+if set(CHECKS) != {f.name for f in fields(SSCOptions)}:  # pragma: no cover - caught by any test
+    raise ImportError("videoanchor.anchor.options: CHECKS and SSCOptions name different options")
 #: the defaults of every SSC entry point (``compute_anchor_scores``'s keyword defaults)
 DEFAULTS = SSCOptions()
 
@@ -259,4 +227,4 @@ def names_affecting(what: str) -> tuple[str, ...]:
     (the clustering, given C)."""
     if what not in ("coef", "labels"):
         raise ValueError(f"what: expected 'coef' or 'labels', got {what!r}")
-    return tuple(f.name for f in fields(SSCOptions) if f.metadata["affects"] == what)
+    return tuple(f.name for f in fields(SSCOptions) if CHECKS[f.name][1] == what)
