@@ -39,7 +39,6 @@ with the same arithmetic and gives the same ``C``.
 
 from __future__ import annotations
 
-import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -47,7 +46,7 @@ import torch
 
 from videoanchor.anchor import admm
 from videoanchor.anchor._inputs import as_feature_tensor, check_memory, resolve_dtype
-from videoanchor.anchor.options import DEFAULTS
+from videoanchor.anchor.options import CHECKS, DEFAULTS
 from videoanchor.anchor.ssc import TorchKernels, check_admm_parameters, ssc_lambdas
 
 __all__ = [
@@ -276,17 +275,11 @@ def solve_ssc_blocked(
         work = resolve_dtype(dtype, x.device)
         n, d = x.shape
         check_admm_parameters(n, rho, eps, max_iter)
+        block_columns = CHECKS["block_columns"][0]("block_columns", block_columns)
         if block_columns is None:
             block_columns = default_block_columns(n, d, work, x.device.type)
-        if (
-            isinstance(block_columns, bool)
-            or not isinstance(block_columns, numbers.Integral)
-            or block_columns < 1
-        ):
-            raise ValueError(f"block_columns: expected a positive int, got {block_columns!r}")
-        block = min(int(block_columns), n)
-        if block_eps not in ("own", "share"):
-            raise ValueError(f"block_eps: expected 'own' or 'share', got {block_eps!r}")
+        block = min(block_columns, n)
+        CHECKS["block_eps"][0]("block_eps", block_eps)
         itemsize = torch.finfo(work).bits // 8
         if check_memory_first:
             check_memory(
