@@ -303,7 +303,7 @@ def case_convergence(n, d, block, threads):
 
     from videoanchor.anchor import anchor_scores, compute_anchor_scores, solve_ssc_blocked
     from videoanchor.anchor.blocked import sparse_ssc_affinity
-    from videoanchor.anchor.scalable import sparse_spectral_clustering
+    from videoanchor.anchor.spectral import sparse_spectral_clustering
 
     torch.set_num_threads(threads)
     x = _tokens({"n": n, "d": d})

@@ -52,7 +52,6 @@ python benchmarks/bench_integration.py [--quick]  # anchored VLM prefill (SSC in
 python benchmarks/bench_ssc.py [--device cuda]    # SSC vs a re-implementation of the authors' pipeline
 python benchmarks/bench_blocked.py [--device cuda]  # column-blocked exact SSC: equality, memory, processes
 python benchmarks/bench_yaleb.py                  # Extended Yale B clustering error (Elhamifar & Vidal protocol)
-python benchmarks/bench_scalable_scoring.py       # scalable scoring: time, peak memory, agreement with exact
 torchrun --nproc_per_node 2 benchmarks/bench_tp.py  # tensor-parallel prefill vs SDPA (1/2/4 GPUs)
 python benchmarks/bench_spectral.py [--device cuda] # spectral step vs scikit-learn and dense eigh
 python benchmarks/bench_label_draws.py            # seed stability of the scores against label_draws
@@ -68,8 +67,7 @@ python benchmarks/report.py                       # regenerate this page and its
 SECTIONS = [
     ("Anchor scores (SSC)",
      ["request_cost", "ssc", "spectral", "label_draws", "yaleb", "yaleb_squared"]),
-    ("Long videos: blocked and scalable SSC",
-     ["blocked", "blocked_convergence", "scalable", "scalable_ksweep", "scalable_stopping"]),
+    ("Long videos: blocked SSC", ["blocked", "blocked_convergence"]),
     ("Attention kernels", ["attention", "decode", "backward", "compile"]),
     ("Model integration and evaluation", ["integration", "tp", "lmms_batch"]),
 ]  # fmt: skip
@@ -83,9 +81,6 @@ TITLES = {
     "yaleb_squared": "Extended Yale B with the method page's squared data term",
     "blocked": "Column-blocked exact SSC: equality, memory, processes",
     "blocked_convergence": "Blocked SSC to convergence: per-block stopping rules",
-    "scalable": "Scalable (approximate) scoring",
-    "scalable_ksweep": "Scalable scoring: agreement against the candidate count",
-    "scalable_stopping": "How far the exact mode stops from its own minimiser",
     "attention": "Prefill attention",
     "decode": "Decode attention",
     "backward": "Training step (forward + backward)",
@@ -424,33 +419,6 @@ def fig_blocked(r: Result, results):
     )
 
 
-def fig_scalable_ksweep(r: Result, results):
-    rows = [x for x in r.rows if x.get("spearman_scores") is not None]
-    if not rows:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.0, 3.0))
-    for i, data in enumerate(sorted({x["data"] for x in rows})):
-        rs = sorted((x for x in rows if x["data"] == data), key=lambda x: x["candidates"])
-        color = f"C{i}"
-        ax.plot([x["candidates"] for x in rs], [x["spearman_scores"] for x in rs], marker="o",
-                color=color, label=f"scalable vs exact, {data} tokens")  # fmt: skip
-        own = rs[0].get("exact_seed1_spearman_scores")
-        if own is not None:
-            ax.axhline(own, color=color, ls=":", lw=1,
-                       label=f"exact vs exact under another seed, {data}")  # fmt: skip
-    ax.axhline(0.9, color="0.4", ls="--", lw=1, label="target 0.9")
-    ax.set_xlabel("candidates K per token")
-    ax.set_ylabel("score Spearman")
-    ax.set_ylim(0, 1.05)
-    fig.legend(loc="outside right center", fontsize=6.5)
-    ax.set_title(f"N = {rows[0]['n']}, D = {rows[0]['d']}")
-    return fig, (
-        "Agreement of the scalable approximation's scores with the exact mode's, against the "
-        "candidate count; the dotted lines are the exact mode against itself under another seed."
-    )
-
-
 def fig_backward(r: Result, results):
     rows = [x for x in r.rows if x.get("ms") is not None]
     if not rows:
@@ -676,36 +644,6 @@ def fig_blocked_convergence(r: Result, results):
     )
 
 
-def fig_scalable(r: Result, results):
-    rows = [x for x in r.rows if x.get("case") == "agreement" and "exact_s" in x]
-    if not rows:
-        return None
-    fig = _hbars([f"{x['data']}, N = {x['n']}" for x in rows],
-                 {"exact": [x["exact_s"] for x in rows],
-                  "scalable": [x["scalable_s"] for x in rows]},
-                 "seconds", "Exact against scalable scoring",
-                 notes=[f"Spearman {x['spearman_scores']:.2f}" for x in rows])  # fmt: skip
-    return fig, (
-        "Seconds of the exact and the scalable (approximate) scoring on the same tokens, with "
-        "the Spearman correlation of their scores: the scalable mode is faster but its scores "
-        "differ (see the table)."
-    )
-
-
-def fig_scalable_stopping(r: Result, results):
-    rows = [x for x in r.rows if "spearman_scores_to_tight" in x]
-    if not rows:
-        return None
-    fig = _hbars([f"{x['data']}, eps {x['eps']:.0e}" for x in rows],
-                 {"seconds": [x["seconds"] for x in rows]}, "seconds",
-                 f"Stopping at eps against eps = {rows[0]['tight_eps']:.0e}",
-                 notes=[f"Spearman {x['spearman_scores_to_tight']:.3f}" for x in rows])  # fmt: skip
-    return fig, (
-        "Seconds of the exact mode at each stopping tolerance, with the Spearman correlation of "
-        "its scores with a run to the tight tolerance."
-    )
-
-
 def fig_yaleb_squared(r: Result, results):
     rows = sorted((x for x in r.rows if "ours_time_s_same_subsets" in x),
                   key=lambda x: x["n_subjects"])  # fmt: skip
@@ -808,7 +746,6 @@ FIGURES_BY_AREA = {
     "label_draws": fig_label_draws,
     "yaleb": fig_yaleb,
     "blocked": fig_blocked,
-    "scalable_ksweep": fig_scalable_ksweep,
     "backward": fig_backward,
     "compile": fig_compile,
     "lmms_batch": fig_lmms_batch,
@@ -817,8 +754,6 @@ FIGURES_BY_AREA = {
     "integration": fig_prefill,
     "tp": fig_prefill,
     "blocked_convergence": fig_blocked_convergence,
-    "scalable": fig_scalable,
-    "scalable_stopping": fig_scalable_stopping,
     "yaleb_squared": fig_yaleb_squared,
     "tune": fig_tune,
     "vllm": fig_vllm,
@@ -929,7 +864,7 @@ COMPONENTS = [
     ("Triton kernels: prefill, decode, paged, backward", ["decode", "paged"],
      "_", "Triton's interpreter, in the tests"),
     ("Exact torch attention path", ["attention", "backward"], None, "natively"),
-    ("SSC anchor scores", ["ssc", "spectral", "label_draws", "yaleb", "blocked", "scalable"],
+    ("SSC anchor scores", ["ssc", "spectral", "label_draws", "yaleb", "blocked"],
      None, "natively"),
     ("transformers integration, lmms-eval", ["integration", "tp", "lmms_batch", "tune"], None,
      "natively (tiny random models)"),

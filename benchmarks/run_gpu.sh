@@ -16,7 +16,7 @@ for mod in array_api_compat accelerate; do
 done
 status=0
 python -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" || status=1
-for script in bench_attention bench_decode bench_paged bench_backward bench_ssc bench_scalable_scoring bench_blocked bench_integration bench_spectral bench_request_cost; do
+for script in bench_attention bench_decode bench_paged bench_backward bench_ssc bench_blocked bench_integration bench_spectral bench_request_cost; do
   if [ -f "benchmarks/$script.py" ]; then
     echo "== $script"
     python "benchmarks/$script.py" --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/$script.log" || status=1

@@ -218,7 +218,7 @@ def test_anchor_gates_values():
 
 # ---- compute_anchor_scores / sparse_subspace_clustering in every mode ---------------------
 
-MODES = ["exact", "blocked", "scalable", "auto"]
+MODES = ["exact", "blocked", "auto"]
 X = torch.randn(18, 6, generator=torch.Generator().manual_seed(3))
 
 _SSC_BAD = {
@@ -253,15 +253,13 @@ def test_scores_bad_option_every_mode(mode, case):
 
 
 _MODE_SPECIFIC = {
-    "scalable-cupy": (dict(mode="scalable", backend="cupy"), "mode='scalable': expected backend"),
-    "scalable-solver": (dict(mode="scalable", solver="faithful"), "expected solver='auto'"),
-    "scalable-eigh": (dict(mode="scalable", eigen_solver="eigh"), "mode='scalable': expected eigen_solver"),
+    "scalable-removed": (dict(mode="scalable"), "mode: expected one of ('auto', 'exact', 'blocked'), got 'scalable': the scalable approximation was removed"),
+    "candidates-removed": (dict(candidates=32), "candidates: the scalable approximation was removed"),
     "blocked-eigh": (dict(mode="blocked", eigen_solver="eigh"), "mode='blocked': expected eigen_solver"),
     "blocked-accel": (dict(mode="blocked", solver="accelerated"), "expected solver 'auto' or 'faithful'"),
     "exact-subspace": (dict(mode="exact", eigen_solver="subspace"), "mode='exact': expected eigen_solver"),
-    "exact-candidates": (dict(mode="exact", candidates=8), "candidates: applies to mode='scalable' only"),
     "exact-block_columns": (dict(mode="exact", block_columns=4), "block_columns: applies to mode='blocked'"),
-    "scalable-block_eps": (dict(mode="scalable", block_eps="share"), "block_eps: applies to mode='blocked'"),
+    "exact-block_eps": (dict(mode="exact", block_eps="share"), "block_eps: applies to mode='blocked'"),
     "mode-bogus": (dict(mode="fast"), "mode: expected one of"),
     "pg-uninit": (dict(mode="exact", process_group=object()), "torch.distributed is not initialised"),
 }  # fmt: skip
@@ -284,7 +282,7 @@ _FEATURES_BAD = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("mode", ["exact", "blocked", "scalable"])
+@pytest.mark.parametrize("mode", ["exact", "blocked"])
 @pytest.mark.parametrize("case", list(_FEATURES_BAD), ids=list(_FEATURES_BAD))
 def test_scores_bad_features(mode, case):
     x, exc, phrase = _FEATURES_BAD[case]
@@ -310,7 +308,7 @@ def test_sparse_subspace_clustering_bad(case):
         sparse_subspace_clustering(X, 3, **{"max_iter": 50, **kw})
 
 
-@pytest.mark.parametrize("mode", ["exact", "blocked", "scalable"])
+@pytest.mark.parametrize("mode", ["exact", "blocked"])
 @pytest.mark.parametrize("noise", [0.0, 1e-6], ids=["identical", "near-identical"])
 def test_identical_tokens_score_zero(mode, noise):
     g = torch.Generator().manual_seed(4)
@@ -320,7 +318,7 @@ def test_identical_tokens_score_zero(mode, noise):
     assert torch.equal(res.scores, torch.zeros(24))
 
 
-@pytest.mark.parametrize("mode", ["exact", "blocked", "scalable"])
+@pytest.mark.parametrize("mode", ["exact", "blocked"])
 def test_duplicate_tokens_get_one_score(mode):
     g = torch.Generator().manual_seed(5)
     x = torch.cat([torch.randn(1, 8, generator=g).repeat(6, 1), torch.randn(12, 8, generator=g)])
@@ -338,11 +336,6 @@ def test_seed_none_works_like_scikit_learn():
     assert bool(((a.scores >= 0) & (a.scores < 1)).all())
 
 
-def test_scalable_max_iter_is_respected():
-    res = compute_anchor_scores(X, 3, mode="scalable", max_iter=1)
-    assert res.iterations >= 1 and bool(res.scores.max() > 0)
-
-
 # ---- process_group: 2 gloo processes, short collective timeout ---------------------------
 
 _DIST_CASES = {
@@ -357,6 +350,8 @@ _DIST_CASES = {
     "draws-type-on-0": (dict(label_draws=1.5), dict(), TypeError, "label_draws: expected an int >= 1"),
     "nan-on-1": (dict(), dict(nan=True), ValueError, "expected finite values"),
     "shape-differs": (dict(), dict(rows=17), ValueError, "expected the same features on every rank"),
+    "fast-solver": (dict(solver="fast"), dict(solver="fast"), ValueError, "process_group: the blocked exact solver that runs over processes runs the authors' iteration only; expected solver 'auto' or 'faithful', got solver='fast'"),
+    "exact-mode": (dict(mode="exact"), dict(mode="exact"), ValueError, "expected mode='auto' or 'blocked', got mode='exact'"),
     "same": (dict(), dict(), None, None),
 }  # fmt: skip
 
@@ -807,9 +802,11 @@ def test_configure_accepts_numpy_scalars(tiny, name):
         videoanchor.configure(tiny, **{f: getattr(before, f) for f in _NUMPY_CONFIGURE})
 
 
-@pytest.mark.parametrize("name", ["n_clusters", "label_draws", "alpha_k"])
-def test_configure_refuses_numpy_bools(tiny, name):
-    with pytest.raises(ValueError, match=_re(f"{name}: expected")):
+@pytest.mark.parametrize(
+    "name,exc", [("n_clusters", TypeError), ("label_draws", TypeError), ("alpha_k", ValueError)]
+)  # the SSC options: the check of compute_anchor_scores (a wrong type is a TypeError)
+def test_configure_refuses_numpy_bools(tiny, name, exc):
+    with pytest.raises(exc, match=_re(f"{name}: expected")):
         videoanchor.configure(tiny, **{name: np.bool_(True)})
 
 
@@ -861,7 +858,7 @@ def test_a_step_failure_names_the_options():
 
 @pytest.mark.parametrize("mode", ["exact", "blocked"])
 def test_label_draws_upper_bound_is_checked_before_the_ssc(mode):
-    from videoanchor.anchor._inputs import MAX_LABEL_DRAWS
+    from videoanchor.anchor.options import MAX_LABEL_DRAWS
 
     calls = []
     with pytest.raises(

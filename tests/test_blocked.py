@@ -29,7 +29,7 @@ from videoanchor.anchor.blocked import (  # noqa: E402
     sparse_row_sums,
     sparse_ssc_affinity,
 )
-from videoanchor.anchor.scalable import sparse_spectral_labels  # noqa: E402
+from videoanchor.anchor.spectral import sparse_spectral_labels  # noqa: E402
 from videoanchor.anchor.ssc import admm_bytes  # noqa: E402
 
 
@@ -158,21 +158,20 @@ def test_block_eps_reaches_the_solver():
     assert shared.iterations > own.iterations
 
 
-def test_auto_mode_uses_the_blocked_exact_solver_beyond_the_dense_limit(monkeypatch, recwarn):
+def test_auto_mode_uses_the_blocked_exact_solver_beyond_the_dense_limit(monkeypatch):
     x = tokens(40, 3, 5, seed=5)
     n, d = x.shape
     kw = dict(n_clusters=3, max_iter=40, block_columns=16)
     assert compute_anchor_scores(x, **kw).mode == "exact"
-    monkeypatch.setattr(scores, "SCALABLE_THRESHOLD", 100)
+    monkeypatch.setattr(scores, "EXACT_MAX_TOKENS", 100)
     assert compute_anchor_scores(x, **kw).mode == "blocked"
-    monkeypatch.setattr(scores, "SCALABLE_THRESHOLD", 10**9)
-    # free memory between the blocked and the dense needs: blocked, never the approximation
+    monkeypatch.setattr(scores, "EXACT_MAX_TOKENS", 10**9)
+    # free memory between the blocked and the dense needs: blocked
     need_blocked = blocked_admm_bytes(n, d, 4, 16)
     need_dense = admm_bytes(n, d, 4, "dense")
     assert need_blocked < need_dense
     monkeypatch.setattr(_inputs, "free_memory_bytes", lambda device: need_blocked)
     assert compute_anchor_scores(x, **kw).mode == "blocked"
-    assert not [w for w in recwarn if "scalable" in str(w.message)]
     assert default_block_columns(100_000, 64, torch.float32, "cpu") % 64 == 0
 
 

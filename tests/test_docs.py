@@ -126,6 +126,19 @@ def test_documented_cli_options_exist():
     assert not unknown, f"documented but not accepted by `videoanchor`: {unknown}"
 
 
+def test_every_run_option_is_documented():
+    """The converse of the test above: each option of `run` and `anchors` is in the guide."""
+    from videoanchor.cli import build_parser
+
+    guide = (DOCS / "guides" / "cli.md").read_text()
+    documented = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", guide))
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name in ("run", "anchors"):
+        options = {o for o in commands[name]._option_string_actions if o.startswith("--")}
+        missing = sorted(options - documented - {"--help"})
+        assert not missing, f"`videoanchor {name}` options missing from guides/cli.md: {missing}"
+
+
 def test_documented_cli_commands_exist():
     from videoanchor.cli import build_parser
 

@@ -54,9 +54,10 @@ def test_label_draws_average_the_cluster_shares():
     assert float((four.scores - one.scores).abs().max()) > 1e-3
 
 
-def test_label_draws_in_scalable_mode():
+def test_label_draws_in_blocked_mode():
+    """The sparse spectral step of blocked mode draws its labels as the dense one does."""
     x = ambiguous_tokens(seed=1)
-    kw = dict(mode="scalable", candidates=12, seed=3, max_iter=300)
+    kw = dict(mode="blocked", block_columns=16, seed=3, max_iter=300)
     one = compute_anchor_scores(x.float(), 8, **kw)
     five = compute_anchor_scores(x.float(), 8, label_draws=5, **kw)
     assert torch.equal(one.labels, five.labels)

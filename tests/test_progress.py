@@ -92,11 +92,9 @@ def test_time_budget_stops_at_the_iterate_reached_and_is_reported():
     # blocked: every block stops at its share of the budget
     b = solve_ssc_blocked(x, block_columns=10, max_iter=50, eps=1e-9, progress=p)
     assert b.block_iterations == [1, 1, 1] and not b.converged
-    # through the public entry point; the approximation has no budget
+    # through the public entry point
     r = compute_anchor_scores(x, n_clusters=3, max_iter=50, eps=1e-9, progress=p)
     assert r.iterations == 1 and not r.converged and p.runs[-1].stopped_by_budget
-    with pytest.raises(ValueError, match="time budget"):
-        compute_anchor_scores(x, n_clusters=3, mode="scalable", progress=p)
 
 
 def test_meeting_eps_as_the_budget_runs_out_is_converged():

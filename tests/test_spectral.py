@@ -174,7 +174,7 @@ def test_krylov_budget_falls_back_to_eigh_with_a_warning(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support:UserWarning")
 def test_sparse_operator_and_its_budget_warning():
-    """The scalable mode's entry point: a sparse CSR operator; out of budget it warns."""
+    """The blocked mode's entry point: a sparse CSR operator; out of budget it warns."""
     w, _ = sparse_group_affinity(240, 5, nnz=6, p_out=0.05, seed=14, dtype=torch.float64)
     s = _normalized(w)
     s_csr = s.to_sparse_csr()

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from videoanchor.anchor.options import DEFAULTS as SSC
+from videoanchor.anchor.options import SSC_SOLVERS
 from videoanchor.pipeline import (
     PipelineError,
     _first_line,
@@ -668,8 +670,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     a.add_argument(
         "--n-clusters",
         type=_positive_int,
-        default=24,
-        help="spectral clusters of SSC (default 24, the paper's)",
+        default=SSC.n_clusters,
+        help=f"spectral clusters of SSC (default {SSC.n_clusters}, the paper's)",
     )
     a.add_argument(
         "--decode",
@@ -680,21 +682,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     a.add_argument(
         "--pca-rank",
         type=_nonneg_int,
-        default=0,
+        default=SSC.pca_rank,
         help="reduce the visual tokens to this rank before SSC (0: no PCA, the paper)",
     )
     a.add_argument(
         "--ssc-max-iter",
         type=_positive_int,
-        default=10000,
-        help="ADMM iteration limit of SSC (default 10000, the authors')",
+        default=SSC.max_iter,
+        help=f"ADMM iteration limit of SSC (default {SSC.max_iter}, the authors')",
     )
     a.add_argument(
         "--ssc-solver",
-        choices=("auto", "fast", "faithful", "accelerated"),
-        default="auto",
+        choices=SSC_SOLVERS,
+        default=SSC.solver,
         help="SSC solver: auto (default: fast, a fixed 60-iteration schedule whose scores are "
-        "continuous in the features), faithful (the authors' iterate and stopping rule)",
+        "continuous in the features), faithful (the authors' iterate and stopping rule), "
+        "accelerated (over-relaxed ADMM run to the minimiser of the authors' program)",
     )
     a.add_argument(
         "--ssc-time-budget",
@@ -704,11 +707,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="stop the SSC after about this many seconds at the iterate reached (reported; NOT "
         "the paper's converged answer). Default: none, run to eps or --ssc-max-iter",
     )
-    a.add_argument("--seed", type=int, default=0, help="seed of the spectral clustering")
+    a.add_argument("--seed", type=int, default=SSC.seed, help="seed of the spectral clustering")
     a.add_argument(
         "--label-draws",
         type=_positive_int,
-        default=1,
+        default=SSC.label_draws,
         help="label draws from one spectral embedding, cluster shares averaged: scores that "
         "depend less on the seed (default 1, the paper's single draw)",
     )

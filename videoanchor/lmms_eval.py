@@ -59,6 +59,8 @@ import math
 import numbers
 import warnings
 
+from videoanchor.anchor.options import DEFAULTS as SSC
+
 __all__ = ["MODEL_NAMES", "VideoAnchorLMMCore", "model_manifests"]
 
 # lmms-eval model name -> (registry family or None for any, default checkpoint or None).
@@ -192,13 +194,13 @@ class VideoAnchorLMMCore:
         alpha_q=None,
         alpha_k=None,
         alpha_v=None,
-        n_clusters=24,
+        n_clusters=SSC.n_clusters,
         decode: str = "prefill",
-        pca_rank=0,
-        ssc_max_iter=10000,
+        pca_rank=SSC.pca_rank,
+        ssc_max_iter=SSC.max_iter,
         ssc_time_budget=None,
         ssc_progress="auto",
-        label_draws=1,
+        label_draws=SSC.label_draws,
         max_num_frames=16,
         max_new_tokens=None,
         min_pixels=None,

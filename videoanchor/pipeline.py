@@ -571,7 +571,7 @@ def ssc_plan(model, handle, inputs) -> str | None:
     per sample, the solver the memory rule picks, its memory need against the budget, the
     iteration limit and the time budget. None when anchoring is off or no token is scored."""
     from videoanchor.anchor import _inputs
-    from videoanchor.anchor.scores import SCALABLE_THRESHOLD
+    from videoanchor.anchor.scores import EXACT_MAX_TOKENS
     from videoanchor.anchor.ssc import admm_bytes, choose_strategy
 
     cfg = handle.config
@@ -593,7 +593,7 @@ def ssc_plan(model, handle, inputs) -> str | None:
     device = model.device
     need = admm_bytes(n, d, 4, choose_strategy(n, d, True, device.type))
     budget = _inputs.free_memory_bytes(device)
-    dense = n <= SCALABLE_THRESHOLD and (budget is None or need <= budget)
+    dense = n <= EXACT_MAX_TOKENS and (budget is None or need <= budget)
     room = "unknown" if budget is None else _inputs._fmt_bytes(budget)
     solver = (
         f"dense exact (needs ~{_inputs._fmt_bytes(need)}, budget {room})"

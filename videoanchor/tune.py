@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from videoanchor.anchor.options import DEFAULTS as SSC
 from videoanchor.pipeline import PipelineError, _first_line
 
 __all__ = [
@@ -741,7 +742,8 @@ def add_arguments(p) -> None:
                    help="directory of local lmms-eval task YAML files")  # fmt: skip
     d.add_argument("--alpha-k", default="0,2,4,9.5", help="alpha_K values (default 0,2,4,9.5)")
     d.add_argument("--alpha-v", default="0,1,2.5", help="alpha_V values (default 0,1,2.5)")
-    d.add_argument("--n-clusters", default="24", help="cluster counts (default 24)")
+    d.add_argument("--n-clusters", default=str(SSC.n_clusters),
+                   help=f"cluster counts (default {SSC.n_clusters})")  # fmt: skip
     d.add_argument("--holdout", type=float, default=0.0,
                    help="fraction of items kept out of the search; the chosen setting's gain "
                    "is reported on them")  # fmt: skip
@@ -762,10 +764,10 @@ def add_arguments(p) -> None:
     )
     a = p.add_argument_group("SSC (fixed during the sweep)")
     a.add_argument("--decode", choices=["prefill", "all"], default="prefill")
-    a.add_argument("--pca-rank", type=int, default=0)
-    a.add_argument("--ssc-max-iter", type=int, default=10000)
-    a.add_argument("--seed", type=int, default=0, help="clustering and bootstrap seed")
-    a.add_argument("--label-draws", type=int, default=1)
+    a.add_argument("--pca-rank", type=int, default=SSC.pca_rank)
+    a.add_argument("--ssc-max-iter", type=int, default=SSC.max_iter)
+    a.add_argument("--seed", type=int, default=SSC.seed, help="clustering and bootstrap seed")
+    a.add_argument("--label-draws", type=int, default=SSC.label_draws)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 

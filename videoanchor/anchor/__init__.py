@@ -5,6 +5,7 @@ Never imports ``videoanchor.kernels`` or ``transformers``.
 
 from videoanchor.anchor._inputs import SSCMemoryError
 from videoanchor.anchor.blocked import solve_ssc_blocked
+from videoanchor.anchor.options import SSCOptions
 from videoanchor.anchor.scores import (
     AnchorResult,
     SSCCoefficients,
@@ -24,6 +25,7 @@ __all__ = [
     "SSCCoefficients",
     "SSCResult",
     "SSCMemoryError",
+    "SSCOptions",
     "anchor_result_from_coefficients",
     "anchor_scores",
     "compute_anchor_scores",

@@ -218,23 +218,11 @@ def check_memory(required: int, device: torch.device, *, n: int, d: int, what: s
         f"{what} with N = {n} tokens and D = {d} features needs about {_fmt_bytes(required)} "
         f"on {device}, but {room}. Options: use mode='blocked' (exact, no N x N "
         f"buffer; smaller block_columns=...), use fewer frames (fewer tokens; memory grows "
-        f"as N^2), reduce the feature dimension with pca_rank=..., {where}, or "
-        f"mode='scalable' (an approximation)."
+        f"as N^2), reduce the feature dimension with pca_rank=..., or {where}."
     )
 
 
-# ---- options of the SSC entry points: checked once, before any work ----------------------
-
-SSC_BACKENDS = ("auto", "torch", "cupy")
-SSC_SOLVERS = ("auto", "fast", "faithful", "accelerated")
-SSC_MODES = ("auto", "exact", "blocked", "scalable")
-EIGEN_SOLVERS = {  # per mode: what the spectral step of that mode can run
-    "exact": ("auto", "eigh", "krylov"),
-    "auto": ("auto",),
-    "blocked": ("auto", "subspace"),
-    "scalable": ("auto",),
-}
-DEFAULT_CANDIDATES = 32
+# ---- checks of one option (the options themselves: videoanchor.anchor.options) ------------
 
 
 def _is_int(value) -> bool:
@@ -269,10 +257,6 @@ def check_number(name: str, value, *, positive: bool, hint: str = "") -> float:
             f"{name}: expected {want}, got {value!r}" + (f"; try {hint}" if hint else "")
         )
     return v
-
-
-#: the most label draws an SSC call accepts (checked before the SSC, not at the allocation)
-MAX_LABEL_DRAWS = 10_000
 
 
 def check_option_range(opts: dict, work: torch.dtype) -> None:
@@ -331,109 +315,6 @@ def resolve_seed(seed) -> int:
     if not 0 <= seed <= 2**32 - 1:
         raise ValueError(f"seed: expected an int in [0, 2**32 - 1] or None, got {seed}")
     return int(seed)
-
-
-def check_ssc_options(
-    *,
-    n_clusters,
-    alpha_e,
-    alpha_z,
-    rho,
-    eps,
-    max_iter,
-    pca_rank,
-    seed,
-    label_draws,
-    backend,
-    solver,
-    eigen_solver,
-    dtype,
-    progress,
-    mode="exact",
-    candidates=DEFAULT_CANDIDATES,
-    block_columns=None,
-    block_eps="own",
-) -> dict:
-    """Every option of ``compute_anchor_scores`` / ``sparse_subspace_clustering``, checked
-    before any work (the features are checked by :func:`as_feature_tensor`). Returns them
-    normalised (``seed=None`` resolved). Raises TypeError / ValueError of the form
-    "expected X, got Y"; an option the chosen ``mode`` would ignore is a ValueError."""
-    mode = check_choice("mode", mode, SSC_MODES)
-    out = dict(
-        n_clusters=check_int("n_clusters", n_clusters, 1),
-        alpha_e=check_number("alpha_e", alpha_e, positive=True, hint="the authors' 800"),
-        alpha_z=check_number("alpha_z", alpha_z, positive=True, hint="the authors' 800"),
-        rho=check_number("rho", rho, positive=True, hint="the authors' 300"),
-        eps=check_number("eps", eps, positive=False, hint="2e-4 (0: run max_iter iterations)"),
-        max_iter=check_int("max_iter", max_iter, 1, hint="max_iter=10000"),
-        pca_rank=check_int("pca_rank", pca_rank, 0, hint="0 (no PCA)"),
-        seed=resolve_seed(seed),
-        label_draws=check_int("label_draws", label_draws, 1),
-        backend=check_choice("backend", backend, SSC_BACKENDS),
-        solver=check_choice("solver", solver, SSC_SOLVERS),
-        progress=check_progress(progress),
-        mode=mode,
-    )
-    if not isinstance(eigen_solver, str) or eigen_solver not in (
-        "auto", "eigh", "krylov", "subspace"
-    ):  # fmt: skip
-        raise ValueError(
-            f"eigen_solver: expected one of ('auto', 'eigh', 'krylov', 'subspace'), got "
-            f"{eigen_solver!r}"
-        )
-    if eigen_solver not in EIGEN_SOLVERS[mode]:
-        raise ValueError(
-            f"mode={mode!r}: expected eigen_solver in {EIGEN_SOLVERS[mode]}, got "
-            f"{eigen_solver!r}; try eigen_solver='auto'"
-        )
-    out["eigen_solver"] = eigen_solver
-    if dtype is not None and not isinstance(dtype, (str, torch.dtype)):
-        raise TypeError(
-            f"dtype: expected None, torch.float32 or torch.float64, got {type(dtype).__name__}"
-        )
-    out["dtype"] = resolve_dtype(dtype, torch.device("cpu"))
-    if out["label_draws"] > MAX_LABEL_DRAWS:
-        raise ValueError(
-            f"label_draws: expected an int in [1, {MAX_LABEL_DRAWS}], got {label_draws}; each "
-            f"draw runs one more spectral label assignment after the SSC and keeps an (N,) "
-            f"int64 row of labels in memory (try label_draws=16)"
-        )
-    check_option_range(out, out["dtype"])
-    if mode == "scalable":
-        if backend == "cupy":
-            raise ValueError("mode='scalable': expected backend 'auto' or 'torch', got 'cupy'")
-        if solver != "auto":
-            raise ValueError(
-                f"mode='scalable' runs its own batched solver; expected solver='auto', got "
-                f"{solver!r}"
-            )
-    if mode == "blocked":
-        if backend == "cupy":
-            raise ValueError("mode='blocked': expected backend 'auto' or 'torch', got 'cupy'")
-        if solver in ("accelerated", "fast"):
-            raise ValueError(
-                "mode='blocked' runs the authors' iteration only; expected solver 'auto' or "
-                f"'faithful', got {solver!r}"
-            )
-    out["candidates"] = check_int("candidates", candidates, 1)
-    if mode != "scalable" and out["candidates"] != DEFAULT_CANDIDATES:
-        raise ValueError(
-            f"candidates: applies to mode='scalable' only, got candidates={candidates} with "
-            f"mode={mode!r}; try mode='scalable'"
-        )
-    if block_columns is not None:
-        block_columns = check_int("block_columns", block_columns, 1)
-        if mode not in ("blocked", "auto"):
-            raise ValueError(
-                f"block_columns: applies to mode='blocked' (or 'auto') only, got mode={mode!r}"
-            )
-    out["block_columns"] = block_columns
-    out["block_eps"] = check_choice("block_eps", block_eps, ("own", "share"))
-    if block_eps != "own" and mode not in ("blocked", "auto"):
-        raise ValueError(
-            f"block_eps: applies to mode='blocked' (or 'auto') only, got mode={mode!r}"
-        )
-    return out
 
 
 # ---- ranks of a process group: one collective, the same outcome everywhere ----------------

@@ -1,9 +1,13 @@
 """Exact SSC, column-blocked: the authors' ADMM on ``b`` columns of ``C`` at a time.
 
-The SSC program of docs/method.md section 2 separates over the columns of ``C`` (see the
-module docstring of :mod:`videoanchor.anchor.scalable`): column ``i`` is coupled to the
-others only through the global ``lambda_e`` and ``lambda_z``. Every step of the authors'
-iteration is column-wise too:
+The SSC program of docs/method.md section 2 separates over the columns of ``C``: column
+``i`` is the solution of
+
+    min ||c||_1 + lambda_e ||e||_1 + (lambda_z / 2) ||y_i - Y c - e||^2
+    s.t.  1^T c = 1,  c_i = 0
+
+coupled to the other columns only through the global ``lambda_e`` and ``lambda_z``. Every
+step of the authors' iteration is column-wise too:
 
 * the A-step applies the fixed inverse ``M^{-1}`` to the block's right-hand side through
   its Woodbury form (``rho I`` plus a rank-``(D + 1)`` term: ``N x (D + 1)`` factors,
@@ -35,7 +39,6 @@ with the same arithmetic and gives the same ``C``.
 
 from __future__ import annotations
 
-import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -43,6 +46,7 @@ import torch
 
 from videoanchor.anchor import admm
 from videoanchor.anchor._inputs import as_feature_tensor, check_memory, resolve_dtype
+from videoanchor.anchor.options import CHECKS, DEFAULTS
 from videoanchor.anchor.ssc import TorchKernels, check_admm_parameters, ssc_lambdas
 
 __all__ = [
@@ -232,20 +236,20 @@ def _all_gather_rows(t: torch.Tensor, group, dev: torch.device) -> list[torch.Te
 def solve_ssc_blocked(
     features,
     *,
-    alpha_e: float = 800.0,
-    alpha_z: float = 800.0,
-    rho: float = 300.0,
-    eps: float = 2e-4,
-    max_iter: int = 10000,
+    alpha_e: float = DEFAULTS.alpha_e,
+    alpha_z: float = DEFAULTS.alpha_z,
+    rho: float = DEFAULTS.rho,
+    eps: float = DEFAULTS.eps,
+    max_iter: int = DEFAULTS.max_iter,
     affine: bool = True,
     outliers: bool = True,
-    dtype=None,
-    block_columns: int | None = None,
+    dtype=DEFAULTS.dtype,
+    block_columns: int | None = DEFAULTS.block_columns,
     process_group=None,
-    block_eps: str = "own",
+    block_eps: str = DEFAULTS.block_eps,
     keep_history: bool = False,
     check_memory_first: bool = True,
-    progress=None,
+    progress=DEFAULTS.progress,
 ) -> BlockedADMMResult:
     """Solve the SSC program for ``features`` (``N x D``) column block by column block.
 
@@ -271,17 +275,11 @@ def solve_ssc_blocked(
         work = resolve_dtype(dtype, x.device)
         n, d = x.shape
         check_admm_parameters(n, rho, eps, max_iter)
+        block_columns = CHECKS["block_columns"][0]("block_columns", block_columns)
         if block_columns is None:
             block_columns = default_block_columns(n, d, work, x.device.type)
-        if (
-            isinstance(block_columns, bool)
-            or not isinstance(block_columns, numbers.Integral)
-            or block_columns < 1
-        ):
-            raise ValueError(f"block_columns: expected a positive int, got {block_columns!r}")
-        block = min(int(block_columns), n)
-        if block_eps not in ("own", "share"):
-            raise ValueError(f"block_eps: expected 'own' or 'share', got {block_eps!r}")
+        block = min(block_columns, n)
+        CHECKS["block_eps"][0]("block_eps", block_eps)
         itemsize = torch.finfo(work).bits // 8
         if check_memory_first:
             check_memory(

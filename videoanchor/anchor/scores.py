@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import numbers
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from videoanchor.anchor import _inputs
 from videoanchor.anchor._inputs import (
-    EIGEN_SOLVERS,
     agree_across_ranks,
     as_feature_tensor,
     check_flag,
-    check_ssc_options,
     resolve_dtype,
     tie_duplicate_scores,
     warn_dominant_token,
@@ -26,12 +24,12 @@ from videoanchor.anchor.blocked import (
     sparse_row_sums,
     sparse_ssc_affinity,
 )
-from videoanchor.anchor.scalable import (
-    scalable_anchor_scores,
-    scores_from_row_sums,
+from videoanchor.anchor.options import DEFAULTS, REMOVED_SCALABLE, SSCOptions
+from videoanchor.anchor.spectral import (
     sparse_spectral_labels,
+    spectral_labels,
+    ssc_affinity,
 )
-from videoanchor.anchor.spectral import _check_draws, spectral_labels, ssc_affinity
 from videoanchor.anchor.ssc import admm_bytes, choose_strategy, solve_ssc_admm
 from videoanchor.anchor.ssc_equality import solve_ssc_equality
 
@@ -47,14 +45,48 @@ __all__ = [
     "pca_reduce",
 ]
 
-_BACKENDS = ("auto", "torch", "cupy")
-_SOLVERS = ("auto", "fast", "faithful", "accelerated")
-_MODES = ("auto", "exact", "blocked", "scalable")
 _DATA_TERMS = ("squared", "exact")
 # mode="auto": the dense exact solver up to this many tokens (and the free memory), the
-# column-blocked exact solver above (the name predates the blocked solver)
-SCALABLE_THRESHOLD = 16384
+# column-blocked exact solver above
+EXACT_MAX_TOKENS = 16384
 ACCEL_RELAX = 1.8  # over-relaxation of the accelerated solver (Eckstein & Bertsekas)
+
+
+# Row sums of C that agree to this relative tolerance are "flat": within what the ADMM's
+# stopping rule (eps = 2e-4 per column) leaves, measured at 1e-6 for identical tokens and
+# 1e-3 for tokens that differ by 1e-3 of their norm (docs/validation.md).
+FLAT_ROW_SUM_RTOL = 1e-3
+
+
+def scores_from_row_sums(r: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """docs/method.md section 3 from the row sums ``r`` of ``C`` and the labels (float32).
+
+    Degenerate case: when the row sums agree within ``FLAT_ROW_SUM_RTOL`` of their size
+    (identical or near-identical tokens), every score is 0 and a warning says so, instead
+    of min-max normalisation stretching the solver's noise over [0, 1).
+
+    ``labels`` (N,) or (draws, N): with several draws, ``pi_j`` is token ``j``'s cluster
+    share averaged over them."""
+    n = r.numel()
+    lab = labels.reshape(-1, n)
+    r64 = r.to(torch.float64)
+    if n > 1 and float(r64.max() - r64.min()) <= FLAT_ROW_SUM_RTOL * float(r64.abs().max()):
+        # Identical (or near-identical) tokens: the row sums agree within the solver's
+        # tolerance, so min-max normalisation would stretch solver noise over [0, 1).
+        warnings.warn(
+            f"videoanchor: the {n} tokens' SSC row sums agree to within "
+            f"{FLAT_ROW_SUM_RTOL:g} of their size (identical or near-identical tokens, e.g. "
+            "a static or blank video); no token stands out, so every anchor score is 0 "
+            "(unanchored)",
+            stacklevel=3,
+        )
+        return torch.zeros(n, dtype=torch.float32, device=r.device)
+    pi = torch.stack([torch.bincount(row)[row] for row in lab]).to(torch.float64).mean(0) / n
+    s_hat = pi * r64
+    lo, hi = s_hat.min(), s_hat.max()
+    s = ((s_hat - lo) / (hi - lo + 1e-5)).to(torch.float32)
+    below_one = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item()
+    return s.clamp_(0.0, below_one)
 
 
 def anchor_scores(coef: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -161,11 +193,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _check_common(n_clusters, n, alpha_e, alpha_z, backend, solver):
-    if isinstance(n_clusters, bool) or not isinstance(n_clusters, numbers.Integral):
-        raise TypeError(f"n_clusters: expected an int, got {type(n_clusters).__name__}")
-    if n_clusters < 1:
-        raise ValueError(f"n_clusters: expected at least 1, got {n_clusters}")
+def _check_tokens(n_clusters: int, n: int) -> None:
+    """Enough tokens for ``n_clusters`` clusters and for SSC (``n_clusters`` already checked)."""
     if n < n_clusters:
         raise ValueError(
             f"expected at least n_clusters = {n_clusters} tokens, got N = {n}; "
@@ -173,18 +202,11 @@ def _check_common(n_clusters, n, alpha_e, alpha_z, backend, solver):
         )
     if n < 2:
         raise ValueError(f"SSC needs at least 2 tokens, got N = {n}")
-    for name, v in (("alpha_e", alpha_e), ("alpha_z", alpha_z)):
-        if not v > 0:
-            raise ValueError(f"{name}: expected a positive number, got {v}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
-    if solver not in _SOLVERS:
-        raise ValueError(f"solver: expected one of {_SOLVERS}, got {solver!r}")
 
 
 def _exact_fits(x: torch.Tensor, dtype, pca_rank: int) -> bool:
     n, d = x.shape
-    if n > SCALABLE_THRESHOLD:
+    if n > EXACT_MAX_TOKENS:
         return False
     d = min(d, pca_rank) if pca_rank else d
     work = resolve_dtype(dtype, x.device)
@@ -194,41 +216,41 @@ def _exact_fits(x: torch.Tensor, dtype, pca_rank: int) -> bool:
     return free is None or need <= free
 
 
-def _solve(x, *, backend, solver, dtype, **kw):
-    """The dense solver of ``backend`` (one iteration, two array namespaces)."""
+def _solve(x, opts: SSCOptions, *, backend, solver, **kw):
+    """The dense solver of ``backend`` (one iteration, two array namespaces) on ``opts``'
+    program."""
     solve = solve_ssc_admm
     if backend == "cupy":
         from videoanchor.anchor.cupy_backend import solve_ssc_admm_cupy as solve
+    kw.update(opts.program())
     if solver == "fast":
-        return solve(x, dtype=dtype, scheduled=True, **kw)
+        return solve(x, scheduled=True, **kw)
     relax, adaptive = (1.0, False) if solver == "faithful" else (ACCEL_RELAX, True)
-    return solve(
-        x, dtype=dtype, relax=relax, adaptive_rho=adaptive, e_every=3 if adaptive else 1, **kw
-    )
+    return solve(x, relax=relax, adaptive_rho=adaptive, e_every=3 if adaptive else 1, **kw)
 
 
 def sparse_subspace_clustering(
     features,
     n_clusters: int,
     *,
-    alpha_e: float = 800.0,
-    alpha_z: float = 800.0,
-    rho: float = 300.0,
-    eps: float = 2e-4,
-    max_iter: int = 10000,
+    alpha_e: float = DEFAULTS.alpha_e,
+    alpha_z: float = DEFAULTS.alpha_z,
+    rho: float = DEFAULTS.rho,
+    eps: float = DEFAULTS.eps,
+    max_iter: int = DEFAULTS.max_iter,
     affine: bool = True,
     outliers: bool = True,
     data_term: str = "squared",
-    pca_rank: int = 0,
+    pca_rank: int = DEFAULTS.pca_rank,
     affinity: str = "symmetric",
     assign_labels: str = "discretize",
-    eigen_solver: str = "auto",
-    seed: int = 0,
-    label_draws: int = 1,
-    backend: str = "auto",
+    eigen_solver: str = DEFAULTS.eigen_solver,
+    seed: int = DEFAULTS.seed,
+    label_draws: int = DEFAULTS.label_draws,
+    backend: str = DEFAULTS.backend,
     solver: str = "faithful",
-    dtype=None,
-    progress=None,
+    dtype=DEFAULTS.dtype,
+    progress=DEFAULTS.progress,
 ) -> SSCResult:
     """Sparse subspace clustering of the rows of ``features`` (``N x D``) into ``n_clusters``.
 
@@ -250,21 +272,14 @@ def sparse_subspace_clustering(
     :func:`compute_anchor_scores`); ``labels`` is the first, ``label_draws`` holds all.
     """
     t0 = time.perf_counter()
-    opts = check_ssc_options(
-        n_clusters=n_clusters, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
-        max_iter=max_iter, pca_rank=pca_rank, seed=seed, label_draws=label_draws,
-        backend=backend, solver=solver, eigen_solver=eigen_solver, dtype=dtype,
-        progress=progress,
-    )  # fmt: skip
+    opts = SSCOptions.of(locals(), mode="exact").checked()
     check_flag("affine", affine)
     check_flag("outliers", outliers)
-    seed, n_clusters = opts["seed"], opts["n_clusters"]
-    pca_rank, label_draws = opts["pca_rank"], opts["label_draws"]  # NumPy ints as ints
     x = as_feature_tensor(features)
-    n = x.shape[0]
-    _check_common(n_clusters, n, alpha_e, alpha_z, backend, solver)
-    _check_draws(label_draws)
-    warn_dominant_token(x, opts["dtype"])
+    _check_tokens(opts.n_clusters, x.shape[0])
+    warn_dominant_token(x, opts.dtype)
+    backend = "torch" if opts.backend == "auto" else opts.backend
+    solver = "faithful" if opts.solver == "auto" else opts.solver
     if data_term not in _DATA_TERMS:
         raise ValueError(f"data_term: expected one of {_DATA_TERMS}, got {data_term!r}")
     if data_term == "exact":
@@ -286,29 +301,18 @@ def sparse_subspace_clustering(
         raise ValueError(f"affinity: expected 'symmetric' or 'column_max', got {affinity!r}")
     if assign_labels not in ("discretize", "kmeans"):
         raise ValueError(f"assign_labels: expected 'discretize' or 'kmeans', got {assign_labels!r}")
-    if isinstance(pca_rank, bool) or not isinstance(pca_rank, numbers.Integral) or pca_rank < 0:
-        raise ValueError(f"pca_rank: expected a non-negative int, got {pca_rank!r}")
-    work = resolve_dtype(dtype, x.device)
-    if backend == "auto":
-        backend = "torch"
-    if solver == "auto":
-        solver = "faithful"
-    if pca_rank:
-        x = pca_reduce(x, pca_rank)
-    program = dict(
-        alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps, max_iter=max_iter, affine=affine,
-        dtype=work, progress=progress,
-    )  # fmt: skip
+    if opts.pca_rank:
+        x = pca_reduce(x, opts.pca_rank)
     if data_term == "exact":
-        admm = solve_ssc_equality(x, **program)
+        admm = solve_ssc_equality(x, affine=affine, **opts.program())
     else:
-        admm = _solve(x, backend=backend, solver=solver, outliers=outliers, **program)
+        admm = _solve(x, opts, backend=backend, solver=solver, outliers=outliers, affine=affine)
     coef = admm.coef
     t1 = time.perf_counter()
     w = ssc_affinity(coef, normalize="column_max" if affinity == "column_max" else "none")
     draws = spectral_labels(
-        w, n_clusters, seed=seed, assign_labels=assign_labels, eigen_solver=eigen_solver,
-        draws=label_draws,
+        w, opts.n_clusters, seed=opts.seed, assign_labels=assign_labels,
+        eigen_solver=opts.eigen_solver, draws=opts.label_draws,
     )  # fmt: skip
     _sync(x.device)
     t2 = time.perf_counter()
@@ -332,26 +336,26 @@ def sparse_subspace_clustering(
 
 def compute_anchor_scores(
     features,
-    n_clusters: int = 24,
+    n_clusters: int = DEFAULTS.n_clusters,
     *,
-    alpha_e: float = 800.0,
-    alpha_z: float = 800.0,
-    rho: float = 300.0,
-    eps: float = 2e-4,
-    max_iter: int = 10000,
-    pca_rank: int = 0,
-    seed: int = 0,
-    backend: str = "auto",
-    dtype=None,
-    progress=None,
-    solver: str = "auto",
-    eigen_solver: str = "auto",
-    mode: str = "auto",
-    candidates: int = 32,
-    block_columns: int | None = None,
-    block_eps: str = "own",
+    alpha_e: float = DEFAULTS.alpha_e,
+    alpha_z: float = DEFAULTS.alpha_z,
+    rho: float = DEFAULTS.rho,
+    eps: float = DEFAULTS.eps,
+    max_iter: int = DEFAULTS.max_iter,
+    pca_rank: int = DEFAULTS.pca_rank,
+    seed: int = DEFAULTS.seed,
+    backend: str = DEFAULTS.backend,
+    dtype=DEFAULTS.dtype,
+    progress=DEFAULTS.progress,
+    solver: str = DEFAULTS.solver,
+    eigen_solver: str = DEFAULTS.eigen_solver,
+    mode: str = DEFAULTS.mode,
+    block_columns: int | None = DEFAULTS.block_columns,
+    block_eps: str = DEFAULTS.block_eps,
     process_group=None,
-    label_draws: int = 1,
+    label_draws: int = DEFAULTS.label_draws,
+    candidates=None,
 ) -> AnchorResult:
     """VideoAnchor scores of ``features`` (``N x D`` visual tokens of one request).
 
@@ -380,15 +384,15 @@ def compute_anchor_scores(
     :mod:`videoanchor.anchor.blocked`; ``block_eps="share"`` gives each block
     ``eps * b / N`` so that the assembled ``C`` meets the authors' criterion over all
     columns; ``coef`` is then a sparse COO tensor and the
-    spectral step runs on the sparse affinity), ``"scalable"`` (an approximation: each
-    token coded over its ``candidates`` most correlated tokens only; ``coef`` sparse COO)
-    or ``"auto"``: dense exact up to ``N = 16384`` tokens when it fits in memory, blocked
-    exact above. The approximation is only used when asked for.
+    spectral step runs on the sparse affinity) or ``"auto"``: dense exact up to
+    ``N = 16384`` tokens when it fits in memory, blocked exact above. (``mode="scalable"``
+    and ``candidates``, an approximation, were removed: passing them is a ``ValueError``.)
 
     ``process_group``: a ``torch.distributed`` process group (any backend: gloo, NCCL).
     Every rank of the group must call this with features of the same shape; rank 0's
     features are used. The column blocks are divided among the ranks (``mode="auto"`` or
-    ``"blocked"``; other modes raise ``ValueError``), the sparse columns of ``C`` are
+    ``"blocked"`` with ``solver="auto"`` or ``"faithful"``; anything else is a ``ValueError``
+    before any work), the sparse columns of ``C`` are
     all-gathered, clustering and scores are computed once on rank 0 and broadcast, and
     every rank returns the same ``AnchorResult`` (``timings`` are each rank's own). The
     result equals the single-process ``mode="blocked"`` result.
@@ -412,30 +416,24 @@ def compute_anchor_scores(
     ``progress``: False, True, None (default: a progress bar on a terminal, log lines on
     the ``videoanchor.progress`` logger otherwise, once a run lasts a few seconds) or an
     :class:`~videoanchor.anchor.progress.SSCProgress` (its ``time_budget`` stops the ADMM
-    at the iterate reached: ``converged=False``, not the paper's answer). Exact and blocked
-    modes report; ``mode="scalable"`` does not.
+    at the iterate reached: ``converged=False``, not the paper's answer).
+
+    The options, their defaults and their checks live in
+    :class:`~videoanchor.anchor.options.SSCOptions`.
 
     Raises ``ValueError`` for N = 0, fewer tokens than clusters or non-finite features,
     ``TypeError`` for non-numeric input, and ``SSCMemoryError`` (a ``MemoryError``) with
     the size it would need when the dense problem does not fit on the device.
     """
     t0 = time.perf_counter()
+    given = SSCOptions.of(locals())
     opts, x, error = None, None, None
     try:
-        opts = check_ssc_options(
-            n_clusters=n_clusters, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
-            max_iter=max_iter, pca_rank=pca_rank, seed=seed, label_draws=label_draws,
-            backend=backend, solver=solver, eigen_solver=eigen_solver, dtype=dtype,
-            progress=progress, mode=mode, candidates=candidates, block_columns=block_columns,
-            block_eps=block_eps,
-        )  # fmt: skip
-        if process_group is not None and opts["mode"] not in ("auto", "blocked"):
-            raise ValueError(
-                f"process_group: only the blocked exact solver is spread over processes; "
-                f"expected mode='auto' or 'blocked', got mode={mode!r}"
-            )
+        if candidates is not None:
+            raise ValueError(f"candidates: {REMOVED_SCALABLE}")
+        opts = given.checked(distributed=process_group is not None)
         x = as_feature_tensor(features)
-        _check_common(opts["n_clusters"], x.shape[0], alpha_e, alpha_z, backend, solver)
+        _check_tokens(opts.n_clusters, x.shape[0])
     except (TypeError, ValueError) as exc:
         if process_group is None:
             raise
@@ -444,68 +442,19 @@ def compute_anchor_scores(
         _group(process_group)  # checks that it is an initialised process group
         # Every rank reaches this one collective before any can fail: all raise the same
         # error (a rank's own bad input, or options that differ between ranks), or none.
-        fingerprint = dict(
-            n_clusters=n_clusters, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
-            max_iter=max_iter, pca_rank=pca_rank, seed=seed, label_draws=label_draws,
-            backend=backend, solver=solver, eigen_solver=eigen_solver, dtype=dtype,
-            mode=mode, candidates=candidates, block_columns=block_columns, block_eps=block_eps,
-            features=None if x is None else (tuple(x.shape), str(x.dtype)),
-        )  # fmt: skip
+        fingerprint = given.as_dict(without=("progress",))
+        fingerprint["features"] = None if x is None else (tuple(x.shape), str(x.dtype))
         agree_across_ranks(process_group, fingerprint, error)
-    n_clusters, seed = opts["n_clusters"], opts["seed"]
-    pca_rank, label_draws = opts["pca_rank"], opts["label_draws"]  # NumPy ints as ints
-    mode = opts["mode"]
-    if process_group is not None and mode == "auto":
-        mode = "blocked"
-    if mode != "exact":
-        if mode == "auto":
-            mode = "exact" if _exact_fits(x, dtype, pca_rank) else "blocked"
-            if eigen_solver not in EIGEN_SOLVERS[mode]:
-                raise ValueError(
-                    f"mode='auto' chose {mode!r} for N = {x.shape[0]} tokens; expected "
-                    f"eigen_solver in {EIGEN_SOLVERS[mode]}, got {eigen_solver!r}; try "
-                    "eigen_solver='auto'"
-                )
-        warn_dominant_token(x, opts["dtype"])  # (mode='exact' warns in the call below)
-        if mode == "blocked":
-            return _blocked_anchor_scores(
-                x, n_clusters, t0=t0, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
-                max_iter=max_iter, pca_rank=pca_rank, seed=seed, backend=backend, dtype=dtype,
-                solver=solver, eigen_solver=eigen_solver, block_columns=block_columns,
-                block_eps=block_eps, process_group=process_group, label_draws=label_draws,
-                progress=progress,
-            )  # fmt: skip
-        if mode == "scalable":
-            if getattr(progress, "time_budget", None) is not None:
-                raise ValueError("progress: a time budget needs mode='exact' or 'blocked'")
-            if pca_rank:
-                x = pca_reduce(x, pca_rank)
-            out = scalable_anchor_scores(
-                x, n_clusters, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
-                max_iter=max_iter, seed=seed, dtype=dtype, candidates=candidates,
-                label_draws=label_draws,
-            )  # fmt: skip
-            out["scores"] = tie_duplicate_scores(x, out["scores"])
-            return AnchorResult(backend="torch", solver="restricted", mode="scalable", **out)
-    features = x
-    if solver == "auto":
-        solver = "fast"
+    mode = opts.mode
+    if mode == "auto":
+        fits = process_group is None and _exact_fits(x, opts.dtype, opts.pca_rank)
+        mode = "exact" if fits else "blocked"
+    if mode == "blocked":
+        warn_dominant_token(x, opts.dtype)  # (mode='exact' warns in the call below)
+        return _blocked_anchor_scores(x, opts, t0=t0, process_group=process_group)
+    solver = "fast" if opts.solver == "auto" else opts.solver
     res = sparse_subspace_clustering(
-        features,
-        n_clusters,
-        alpha_e=alpha_e,
-        alpha_z=alpha_z,
-        rho=rho,
-        eps=eps,
-        max_iter=max_iter,
-        pca_rank=pca_rank,
-        seed=seed,
-        backend=backend,
-        solver=solver,
-        dtype=dtype,
-        progress=progress,
-        eigen_solver=eigen_solver,
-        label_draws=label_draws,
+        x, **replace(opts, solver=solver).as_dict(without=("mode", "block_columns", "block_eps"))
     )
     t1 = time.perf_counter()
     scores = tie_duplicate_scores(x, anchor_scores(res.coef, res.label_draws))
@@ -552,15 +501,15 @@ class SSCCoefficients:
 def ssc_coefficients(
     features,
     *,
-    alpha_e: float = 800.0,
-    alpha_z: float = 800.0,
-    rho: float = 300.0,
-    eps: float = 2e-4,
-    max_iter: int = 10000,
-    pca_rank: int = 0,
-    backend: str = "auto",
-    solver: str = "auto",
-    dtype=None,
+    alpha_e: float = DEFAULTS.alpha_e,
+    alpha_z: float = DEFAULTS.alpha_z,
+    rho: float = DEFAULTS.rho,
+    eps: float = DEFAULTS.eps,
+    max_iter: int = DEFAULTS.max_iter,
+    pca_rank: int = DEFAULTS.pca_rank,
+    backend: str = DEFAULTS.backend,
+    solver: str = DEFAULTS.solver,
+    dtype=DEFAULTS.dtype,
     progress=False,
 ) -> SSCCoefficients:
     """Solve SSC on ``features`` (``N x D``) as :func:`compute_anchor_scores` does with
@@ -572,19 +521,14 @@ def ssc_coefficients(
     ``progress`` as in :func:`compute_anchor_scores`.
     """
     t0 = time.perf_counter()
+    opts = SSCOptions.of(locals(), mode="exact").checked()
     x = as_feature_tensor(features)
-    _check_common(1, x.shape[0], alpha_e, alpha_z, backend, solver)
-    if isinstance(pca_rank, bool) or not isinstance(pca_rank, numbers.Integral) or pca_rank < 0:
-        raise ValueError(f"pca_rank: expected a non-negative int, got {pca_rank!r}")
-    work = resolve_dtype(dtype, x.device)
-    backend = "torch" if backend == "auto" else backend
-    solver = "fast" if solver == "auto" else solver
-    if pca_rank:
-        x = pca_reduce(x, pca_rank)
-    admm = _solve(
-        x, backend=backend, solver=solver, outliers=True, alpha_e=alpha_e, alpha_z=alpha_z,
-        rho=rho, eps=eps, max_iter=max_iter, affine=True, dtype=work, progress=progress,
-    )  # fmt: skip
+    _check_tokens(1, x.shape[0])
+    backend = "torch" if opts.backend == "auto" else opts.backend
+    solver = "fast" if opts.solver == "auto" else opts.solver
+    if opts.pca_rank:
+        x = pca_reduce(x, opts.pca_rank)
+    admm = _solve(x, opts, backend=backend, solver=solver, outliers=True, affine=True)
     _sync(x.device)
     timings = dict(admm.timings)
     timings["total"] = time.perf_counter() - t0
@@ -609,13 +553,15 @@ def anchor_result_from_coefficients(
     ``features``: the (N, D) tokens C was solved on; when given, identical tokens get
     identical scores as in :func:`compute_anchor_scores` (pass them for the same answer)."""
     t0 = time.perf_counter()
-    n = ssc.coef.shape[0]
-    _check_common(n_clusters, n, 1.0, 1.0, "auto", "auto")
-    _check_draws(label_draws)
+    opts = SSCOptions(
+        n_clusters=n_clusters, seed=seed, label_draws=label_draws, eigen_solver=eigen_solver,
+        mode="exact",
+    ).checked()  # fmt: skip
+    _check_tokens(opts.n_clusters, ssc.coef.shape[0])
     w = ssc_affinity(ssc.coef, normalize="none")
     draws = spectral_labels(
-        w, n_clusters, seed=seed, assign_labels="discretize", eigen_solver=eigen_solver,
-        draws=label_draws,
+        w, opts.n_clusters, seed=opts.seed, assign_labels="discretize",
+        eigen_solver=opts.eigen_solver, draws=opts.label_draws,
     )  # fmt: skip
     t1 = time.perf_counter()
     scores = anchor_scores(ssc.coef, draws)
@@ -632,34 +578,26 @@ def anchor_result_from_coefficients(
     )  # fmt: skip
 
 
-def _blocked_anchor_scores(
-    x, n_clusters, *, t0, alpha_e, alpha_z, rho, eps, max_iter, pca_rank, seed, backend,
-    dtype, solver, eigen_solver, block_columns, block_eps, process_group, label_draws=1,
-    progress=None,
-) -> AnchorResult:  # fmt: skip
-    """``mode="blocked"`` of :func:`compute_anchor_scores`, on one process or a group."""
-    unsupported = [
-        msg
-        for bad, msg in (
-            (solver in ("accelerated", "fast"), f"solver={solver!r} (the authors' iteration only)"),
-            (backend == "cupy", "backend='cupy' (torch only)"),
-            (eigen_solver == "eigh", "eigen_solver='eigh' (it would densify the affinity)"),
+def _blocked_anchor_scores(x, opts: SSCOptions, *, t0, process_group) -> AnchorResult:
+    """``mode="blocked"`` of :func:`compute_anchor_scores`, on one process or a group
+    (``opts`` checked; ``mode="auto"`` may choose this for a solver it cannot run)."""
+    if opts.solver in ("accelerated", "fast"):
+        raise ValueError(
+            f"mode='blocked' does not support solver={opts.solver!r} (the authors' iteration "
+            "only); mode='auto' chose it for these tokens: pass solver='auto' or 'faithful'"
         )
-        if bad
-    ]
-    if unsupported:
-        raise ValueError("mode='blocked' does not support " + "; ".join(unsupported))
-    if eigen_solver not in ("auto", "subspace"):
-        raise ValueError(f"eigen_solver: expected 'auto' or 'subspace', got {eigen_solver!r}")
-    if isinstance(pca_rank, bool) or not isinstance(pca_rank, numbers.Integral) or pca_rank < 0:
-        raise ValueError(f"pca_rank: expected a non-negative int, got {pca_rank!r}")
-    if pca_rank:
-        x = pca_reduce(x, pca_rank)
+    if opts.backend == "cupy":
+        raise ValueError(
+            "mode='blocked' does not support backend='cupy' (torch only); mode='auto' chose it "
+            "for these tokens: pass backend='auto' or 'torch'"
+        )
+    if opts.pca_rank:
+        x = pca_reduce(x, opts.pca_rank)
     admm = solve_ssc_blocked(
-        x, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps, max_iter=max_iter,
-        dtype=dtype, block_columns=block_columns, block_eps=block_eps,
-        process_group=process_group, progress=progress,
+        x, **opts.program(), block_columns=opts.block_columns, block_eps=opts.block_eps,
+        process_group=process_group,
     )  # fmt: skip
+    n_clusters, seed, label_draws = opts.n_clusters, opts.seed, opts.label_draws
     coef = admm.coef
     t1 = time.perf_counter()
     group, rank, _ = _group(process_group)

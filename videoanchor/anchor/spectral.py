@@ -38,6 +38,8 @@ __all__ = [
     "labels_from_embedding",
     "spectral_labels",
     "spectral_clustering",
+    "sparse_spectral_clustering",
+    "sparse_spectral_labels",
 ]
 
 
@@ -195,8 +197,8 @@ def _dense_top_eigvecs(s: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _top_eigvecs_subspace(s, k: int, gen: torch.Generator, tol: float, max_iter: int):
-    """Kept for callers of the former subspace iteration (the sparse affinity of the
-    scalable mode): the block Krylov solver with a budget of ``max_iter`` block steps,
+    """The top eigenvectors of a sparse operator (the blocked mode's sparse affinity,
+    :func:`sparse_spectral_labels`): the block Krylov solver with a budget of ``max_iter`` block steps,
     warning if it runs out. Returns ``(theta, vectors, steps, converged)``."""
     n = s.shape[0]
     seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
@@ -496,3 +498,45 @@ def spectral_clustering(
     return spectral_labels(
         affinity, n_clusters, seed=seed, assign_labels=assign_labels, eigen_solver=eigen_solver
     )[0]
+
+
+def sparse_spectral_labels(
+    w: torch.Tensor,
+    n_clusters: int,
+    *,
+    seed: int = 0,
+    assign_labels: str = "discretize",
+    draws: int = 1,
+) -> torch.Tensor:
+    """``(draws, N)`` labels of a sparse symmetric affinity (COO), without densifying it:
+    one embedding, ``draws`` label assignments (``spectral.labels_from_embedding``)."""
+    n = w.shape[0]
+    if n_clusters == 1:
+        return torch.zeros(draws, n, dtype=torch.long, device=w.device)
+    ind, val = w.indices(), w.values()
+    deg = torch.zeros(n, dtype=val.dtype, device=w.device).index_add_(0, ind[0], val)
+    dd = torch.where(deg > 0, deg.sqrt(), torch.ones_like(deg))
+    s_val = val / dd[ind[0]] / dd[ind[1]]
+    offdiag = ind[0] != ind[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # sparse CSR is "beta"
+        s = torch.sparse_coo_tensor(
+            ind[:, offdiag], s_val[offdiag], (n, n), check_invariants=False
+        ).to_sparse_csr()
+        if n < 4 * (n_clusters + 8):
+            _, v = torch.linalg.eigh(s.to_dense())
+            vecs = v[:, -n_clusters:].flip(1)
+        else:
+            gen = torch.Generator().manual_seed(int(seed))
+            _, vecs, _, _ = _top_eigvecs_subspace(s, n_clusters, gen, 1e-7, 200)
+    emb = vecs / dd[:, None]
+    return labels_from_embedding(
+        emb, n_clusters, seed=seed, assign_labels=assign_labels, draws=draws
+    )
+
+
+def sparse_spectral_clustering(
+    w: torch.Tensor, n_clusters: int, *, seed: int = 0, assign_labels: str = "discretize"
+) -> torch.Tensor:
+    """Spectral clustering of a sparse symmetric affinity (COO), without densifying it."""
+    return sparse_spectral_labels(w, n_clusters, seed=seed, assign_labels=assign_labels)[0]

@@ -13,10 +13,15 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from videoanchor.anchor.options import DEFAULTS as SSC
+from videoanchor.anchor.options import SSCOptions
+
 __all__ = [
     "AnchorConfig",
+    "SSC_CONFIG_NAMES",
     "clusters_for",
     "ssc_kwargs",
+    "ssc_options",
     "validate_options",
     "validate_ssc_options",
 ]
@@ -39,35 +44,53 @@ def _plain(value):
 
 @dataclass(frozen=True)
 class AnchorConfig:
-    """Options of one configured model (see :func:`videoanchor.configure`)."""
+    """Options of one configured model (see :func:`videoanchor.configure`).
+
+    The SSC options (:data:`SSC_CONFIG_NAMES`) are
+    :class:`~videoanchor.anchor.options.SSCOptions`' (defaults, checks, meaning), three of
+    them under an ``ssc_`` name here: ``ssc_backend``, ``ssc_solver``, ``ssc_dtype``.
+    """
 
     enabled: bool = True
     alpha_q: float = 4.0
     alpha_k: float = 9.5
     alpha_v: float = 2.5
-    n_clusters: int = 24
+    n_clusters: int = SSC.n_clusters
     decode: str = "prefill"
     tokens: tuple[str, ...] = _KINDS
-    alpha_e: float = 800.0
-    alpha_z: float = 800.0
-    rho: float = 300.0
-    eps: float = 2e-4
-    max_iter: int = 10000
-    pca_rank: int = 0
-    seed: int = 0
-    label_draws: int = 1
-    ssc_backend: str = "auto"
-    ssc_solver: str = "auto"
-    ssc_dtype: torch.dtype | None = None
+    alpha_e: float = SSC.alpha_e
+    alpha_z: float = SSC.alpha_z
+    rho: float = SSC.rho
+    eps: float = SSC.eps
+    max_iter: int = SSC.max_iter
+    pca_rank: int = SSC.pca_rank
+    seed: int = SSC.seed
+    label_draws: int = SSC.label_draws
+    ssc_backend: str = SSC.backend
+    ssc_solver: str = SSC.solver
+    ssc_dtype: torch.dtype | None = SSC.dtype
     attention_backend: str = "auto"
     process_group: object = "auto"
     ssc_progress: object = "auto"
     ssc_time_budget: float | None = None
 
 
+_SSC_PREFIXED = ("backend", "solver", "dtype")  # AnchorConfig's ssc_backend, ssc_solver, ...
+_SSC_UNSET = ("eigen_solver", "mode", "block_columns", "block_eps", "progress")
+#: ``{AnchorConfig field: SSCOptions option}`` of the SSC options a configured model sets
+#: (the others keep their defaults, but ``progress``, which ``ssc_progress`` and
+#: ``ssc_time_budget`` make).
+SSC_CONFIG_NAMES = {
+    ("ssc_" if f.name in _SSC_PREFIXED else "") + f.name: f.name
+    for f in fields(SSCOptions)
+    if f.name not in _SSC_UNSET
+}
+
+
 def validate_options(cfg: AnchorConfig) -> AnchorConfig:
-    """Checks every engine-neutral option of ``cfg`` (all but ``process_group``, which the
-    transformers integration checks) and returns it normalised (tuple ``tokens``, float
+    """Checks every engine-neutral option of ``cfg`` but the SSC options
+    (:func:`validate_ssc_options`) and ``process_group`` (the transformers integration checks
+    it), and returns it normalised (tuple ``tokens``, float
     alphas, NumPy numbers as Python ints and floats). Raises TypeError/ValueError naming the
     option."""
     if not isinstance(cfg.enabled, bool):
@@ -86,18 +109,6 @@ def validate_options(cfg: AnchorConfig) -> AnchorConfig:
             from videoanchor.kernels.interface import gate_overflow_message
 
             raise ValueError(gate_overflow_message(name, a))
-    if (
-        isinstance(cfg.n_clusters, bool)
-        or not isinstance(cfg.n_clusters, numbers.Integral)
-        or cfg.n_clusters < 1
-    ):
-        raise ValueError(f"n_clusters: expected a positive int, got {cfg.n_clusters!r}")
-    if (
-        isinstance(cfg.label_draws, bool)
-        or not isinstance(cfg.label_draws, numbers.Integral)
-        or cfg.label_draws < 1
-    ):
-        raise ValueError(f"label_draws: expected a positive int, got {cfg.label_draws!r}")
     if cfg.decode not in _DECODE_MODES:
         raise ValueError(f"decode: expected one of {_DECODE_MODES}, got {cfg.decode!r}")
     tokens = (cfg.tokens,) if isinstance(cfg.tokens, str) else tuple(cfg.tokens)
@@ -121,37 +132,23 @@ def validate_options(cfg: AnchorConfig) -> AnchorConfig:
                    alpha_v=float(cfg.alpha_v))  # fmt: skip
 
 
-def validate_ssc_options(cfg: AnchorConfig) -> None:
-    """The SSC options, checked at configure() time by the same function
-    compute_anchor_scores uses (so a bad ssc_dtype or ssc_backend fails here, not at
-    generate)."""
-    from videoanchor.anchor._inputs import check_ssc_options
+def ssc_options(cfg: AnchorConfig) -> SSCOptions:
+    """The :class:`~videoanchor.anchor.options.SSCOptions` that ``cfg`` sets (unchecked)."""
+    return SSCOptions(**{opt: getattr(cfg, name) for name, opt in SSC_CONFIG_NAMES.items()})
 
-    check_ssc_options(
-        n_clusters=cfg.n_clusters, alpha_e=cfg.alpha_e, alpha_z=cfg.alpha_z, rho=cfg.rho,
-        eps=cfg.eps, max_iter=cfg.max_iter, pca_rank=cfg.pca_rank,
-        seed=0 if cfg.seed is None else cfg.seed, label_draws=cfg.label_draws,
-        backend=cfg.ssc_backend, solver=cfg.ssc_solver, eigen_solver="auto", dtype=cfg.ssc_dtype,
-        progress=False, mode="auto",
-    )  # fmt: skip
+
+def validate_ssc_options(cfg: AnchorConfig) -> None:
+    """The SSC options, checked at configure() time by the check compute_anchor_scores
+    uses (:meth:`SSCOptions.checked`, so a bad ssc_dtype or ssc_backend fails here, not at
+    generate). ``seed=None`` is checked without drawing a seed."""
+    opts = ssc_options(cfg)
+    replace(opts, seed=0 if opts.seed is None else opts.seed, progress=False).checked()
 
 
 def ssc_kwargs(cfg: AnchorConfig) -> dict:
     """The keyword arguments of :func:`videoanchor.anchor.compute_anchor_scores` that ``cfg``
     sets (everything but the features and the cluster count)."""
-    return dict(
-        alpha_e=cfg.alpha_e,
-        alpha_z=cfg.alpha_z,
-        rho=cfg.rho,
-        eps=cfg.eps,
-        max_iter=cfg.max_iter,
-        pca_rank=cfg.pca_rank,
-        seed=cfg.seed,
-        label_draws=cfg.label_draws,
-        backend=cfg.ssc_backend,
-        solver=cfg.ssc_solver,
-        dtype=cfg.ssc_dtype,
-    )
+    return ssc_options(cfg).as_dict(without=("n_clusters", *_SSC_UNSET))
 
 
 def clusters_for(n_tokens: int, cfg: AnchorConfig) -> int:

@@ -20,15 +20,23 @@ from dataclasses import dataclass, field
 
 import torch
 
+from videoanchor.anchor.options import names_affecting
+from videoanchor.integrations.options import SSC_CONFIG_NAMES
+
 __all__ = ["SCORE_OPTIONS", "SSC_OPTIONS", "CacheStats", "ScoreCache", "score_key"]
 
 #: The options of :class:`~videoanchor.integrations.options.AnchorConfig` that change SSC's
-#: coefficient matrix C.
-SSC_OPTIONS = ("alpha_e", "alpha_z", "rho", "eps", "max_iter", "pca_rank", "ssc_backend",
-               "ssc_solver")  # fmt: skip
-#: Those that change the scores given the features: C's, the label draws' and the dtype
-#: (the cluster count is part of the key on its own: it may be lowered per request).
-SCORE_OPTIONS = SSC_OPTIONS + ("seed", "label_draws", "ssc_dtype")
+#: coefficient matrix C (:func:`~videoanchor.anchor.options.names_affecting`).
+SSC_OPTIONS = tuple(
+    name for name, opt in SSC_CONFIG_NAMES.items() if opt in names_affecting("coef")
+)
+#: Those that change the scores given the features: C's and the labels' (the cluster count
+#: is part of the key on its own: it may be lowered per request).
+SCORE_OPTIONS = SSC_OPTIONS + tuple(
+    name
+    for name, opt in SSC_CONFIG_NAMES.items()
+    if opt in names_affecting("labels") and opt != "n_clusters"
+)
 
 
 @dataclass

@@ -1,0 +1,230 @@
+"""The SSC options in one place: each option's name, default, check and meaning.
+
+Every entry point that takes SSC options derives from :class:`SSCOptions`: the defaults of
+:func:`~videoanchor.anchor.compute_anchor_scores` and its siblings (:data:`DEFAULTS`), the
+up-front check of every option (:meth:`SSCOptions.checked`), the options that change the
+coefficient matrix or the scores (:func:`names_affecting`, the score caches' keys), and,
+in the integrations, ``AnchorConfig``'s SSC fields and the command lines' defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from videoanchor.anchor._inputs import (
+    check_choice,
+    check_int,
+    check_number,
+    check_option_range,
+    check_progress,
+    resolve_dtype,
+    resolve_seed,
+)
+
+__all__ = ["CHECKS", "DEFAULTS", "EIGEN_SOLVERS", "SSCOptions", "names_affecting"]
+
+SSC_BACKENDS = ("auto", "torch", "cupy")
+SSC_SOLVERS = ("auto", "fast", "faithful", "accelerated")
+SSC_MODES = ("auto", "exact", "blocked")
+EIGEN_SOLVERS = {  # per mode: what the spectral step of that mode can run
+    "exact": ("auto", "eigh", "krylov"),
+    "auto": ("auto",),
+    "blocked": ("auto", "subspace"),
+}
+#: the most label draws an SSC call accepts (checked before the SSC, not at the allocation)
+MAX_LABEL_DRAWS = 10_000
+#: what ``mode="scalable"`` and ``candidates=`` became (they were removed; issue 33)
+REMOVED_SCALABLE = (
+    "the scalable approximation was removed (issue 33; its scores agreed only loosely with the "
+    "exact ones); try the defaults (mode='auto', solver='auto': the fast solver, a fixed "
+    "60-iteration approximation of the authors' answer) or mode='blocked' for exact SSC on "
+    "long videos (no N x N buffer)"
+)
+
+
+def _label_draws(name, value):
+    draws = check_int(name, value, 1)
+    if draws > MAX_LABEL_DRAWS:
+        raise ValueError(
+            f"{name}: expected an int in [1, {MAX_LABEL_DRAWS}], got {value}; each draw runs one "
+            f"more spectral label assignment after the SSC and keeps an (N,) int64 row of "
+            f"labels in memory (try label_draws=16)"
+        )
+    return draws
+
+
+def _dtype(name, value):
+    if value is not None and not isinstance(value, (str, torch.dtype)):
+        raise TypeError(
+            f"{name}: expected None, torch.float32 or torch.float64, got {type(value).__name__}"
+        )
+    return resolve_dtype(value, torch.device("cpu"))
+
+
+def _mode(name, value):
+    if isinstance(value, str) and value == "scalable":
+        raise ValueError(f"mode: expected one of {SSC_MODES}, got 'scalable': {REMOVED_SCALABLE}")
+    return check_choice(name, value, SSC_MODES)
+
+
+def _block_columns(name, value):
+    return None if value is None else check_int(name, value, 1)
+
+
+def _choice(choices):
+    return lambda name, value: check_choice(name, value, choices)
+
+
+def _positive(hint):
+    return lambda name, value: check_number(name, value, positive=True, hint=hint)
+
+
+@dataclass(frozen=True)
+class SSCOptions:
+    """The options of one SSC run (docs/method.md section 2), with the paper's defaults.
+
+    Build one from keyword arguments (an unknown name is a TypeError) and call
+    :meth:`checked` for the validated, normalised copy. Each option's check, and whether it
+    changes SSC's ``C`` or the labels, is in the table :data:`CHECKS` beside it.
+    """
+
+    n_clusters: int = 24
+    """Spectral clusters (the paper's 24)."""
+    alpha_e: float = 800.0
+    """Outlier weight: ``lambda_e = alpha_e / mu_e`` (the authors' 800)."""
+    alpha_z: float = 800.0
+    """Data weight: ``lambda_z = alpha_z / mu_z`` (the authors' 800)."""
+    rho: float = 300.0
+    """ADMM penalty (the authors' 300)."""
+    eps: float = 2e-4
+    """Stopping tolerance of ``max_i sum_j |A - C|_ij`` (0: run ``max_iter`` iterations)."""
+    max_iter: int = 10000
+    """ADMM iteration limit (the authors' 10000)."""
+    pca_rank: int = 0
+    """PCA to this rank before SSC (0: none, the paper)."""
+    backend: str = "auto"
+    """Array library of the dense solver: ``"auto"`` (torch), ``"torch"``, ``"cupy"``."""
+    solver: str = "auto"
+    """``"fast"`` (through ``"auto"``: the authors' steps on a fixed 60-iteration schedule),
+    ``"faithful"`` (the authors' iteration and stopping rule) or ``"accelerated"``."""
+    dtype: torch.dtype | None = None
+    """Working dtype of the ADMM: None (float32), ``torch.float32`` or ``torch.float64``."""
+    seed: int | None = 0
+    """Seed of the spectral clustering (None: drawn from NumPy's global generator)."""
+    label_draws: int = 1
+    """Label draws averaged into each token's cluster share (the paper: 1)."""
+    eigen_solver: str = "auto"
+    """Eigen-solver of the spectral step: ``"auto"``, ``"eigh"`` or ``"krylov"`` (exact
+    mode), ``"subspace"`` (blocked mode)."""
+    mode: str = "auto"
+    """``"exact"`` (dense ``N x N``), ``"blocked"`` (the same program by column blocks) or
+    ``"auto"`` (exact when it fits, blocked above)."""
+    block_columns: int | None = None
+    """Columns of ``C`` per block in blocked mode (None: sized to the device)."""
+    block_eps: str = "own"
+    """Blocked mode's stopping rule per block: ``"own"`` or ``"share"``."""
+    progress: object = None
+    """Progress bar or log lines: True, False, None, ``"auto"`` or an ``SSCProgress``."""
+
+    @classmethod
+    def of(cls, arguments: dict, **overrides) -> SSCOptions:
+        """The options among ``arguments`` (a function's ``locals()``: other names are
+        ignored) and ``overrides``; the ones neither names keep their defaults."""
+        given = {f.name: arguments[f.name] for f in fields(cls) if f.name in arguments}
+        return cls(**{**given, **overrides})
+
+    def as_dict(self, *, without: tuple[str, ...] = ()) -> dict:
+        """``{name: value}`` of every option but those in ``without``."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in without}
+
+    def program(self) -> dict:
+        """The keyword arguments of the ADMM solvers (:func:`~videoanchor.anchor.solve_ssc_admm`,
+        :func:`~videoanchor.anchor.solve_ssc_blocked`) that these options set."""
+        return {name: getattr(self, name) for name in _PROGRAM}
+
+    def checked(self, *, distributed: bool = False) -> SSCOptions:
+        """Every option checked before any work, returned normalised (NumPy ints as ints,
+        ``seed=None`` drawn, ``dtype`` resolved). ``distributed``: the call has a
+        ``process_group``. Raises TypeError / ValueError "name: expected X, got Y"; an
+        option the chosen ``mode`` would ignore is a ValueError."""
+        values = {f.name: CHECKS[f.name][0](f.name, getattr(self, f.name)) for f in fields(self)}
+        out = replace(self, **values)
+        mode, solver, backend = out.mode, out.solver, out.backend
+        if out.eigen_solver not in EIGEN_SOLVERS[mode]:
+            raise ValueError(
+                f"mode={mode!r}: expected eigen_solver in {EIGEN_SOLVERS[mode]}, got "
+                f"{out.eigen_solver!r}; try eigen_solver='auto'"
+            )
+        check_option_range(values, out.dtype)
+        if distributed and mode not in ("auto", "blocked"):
+            raise ValueError(
+                f"process_group: only the blocked exact solver is spread over processes; "
+                f"expected mode='auto' or 'blocked', got mode={mode!r}"
+            )
+        if distributed and solver in ("accelerated", "fast"):
+            raise ValueError(
+                "process_group: the blocked exact solver that runs over processes runs the "
+                f"authors' iteration only; expected solver 'auto' or 'faithful', got "
+                f"solver={solver!r}"
+            )
+        if mode == "blocked":
+            if backend == "cupy":
+                raise ValueError("mode='blocked': expected backend 'auto' or 'torch', got 'cupy'")
+            if solver in ("accelerated", "fast"):
+                raise ValueError(
+                    "mode='blocked' runs the authors' iteration only; expected solver 'auto' "
+                    f"or 'faithful', got {solver!r}"
+                )
+        for name, unset in (("block_columns", None), ("block_eps", "own")):
+            if getattr(out, name) != unset and mode not in ("blocked", "auto"):
+                raise ValueError(
+                    f"{name}: applies to mode='blocked' (or 'auto') only, got mode={mode!r}"
+                )
+        return out
+
+
+_PROGRAM = ("alpha_e", "alpha_z", "rho", "eps", "max_iter", "dtype", "progress")
+_D = SSCOptions  # its class attributes are the defaults
+
+#: ``{option: (check, what it changes)}``: ``check(name, value)`` returns the value
+#: normalised or raises TypeError / ValueError "name: expected X, got Y"; "coef" options
+#: change SSC's C, "labels" ones the clustering given C, "" ones neither (how the work is
+#: done or reported).
+CHECKS = {
+    "n_clusters": (lambda n, v: check_int(n, v, 1), "labels"),
+    "alpha_e": (_positive(f"the authors' {_D.alpha_e:g}"), "coef"),
+    "alpha_z": (_positive(f"the authors' {_D.alpha_z:g}"), "coef"),
+    "rho": (_positive(f"the authors' {_D.rho:g}"), "coef"),
+    "eps": (
+        lambda n, v: check_number(
+            n, v, positive=False, hint=f"{_D.eps:g} (0: run max_iter iterations)"
+        ),
+        "coef",
+    ),
+    "max_iter": (lambda n, v: check_int(n, v, 1, hint=f"max_iter={_D.max_iter}"), "coef"),
+    "pca_rank": (lambda n, v: check_int(n, v, 0, hint=f"{_D.pca_rank} (no PCA)"), "coef"),
+    "backend": (_choice(SSC_BACKENDS), "coef"),
+    "solver": (_choice(SSC_SOLVERS), "coef"),
+    "dtype": (_dtype, "coef"),
+    "seed": (lambda n, v: resolve_seed(v), "labels"),
+    "label_draws": (_label_draws, "labels"),
+    "eigen_solver": (_choice(("auto", "eigh", "krylov", "subspace")), ""),
+    "mode": (_mode, ""),
+    "block_columns": (_block_columns, ""),
+    "block_eps": (_choice(("own", "share")), ""),
+    "progress": (lambda n, v: check_progress(v), ""),
+}
+if set(CHECKS) != {f.name for f in fields(SSCOptions)}:  # pragma: no cover - caught by any test
+    raise ImportError("videoanchor.anchor.options: CHECKS and SSCOptions name different options")
+#: the defaults of every SSC entry point (``compute_anchor_scores``'s keyword defaults)
+DEFAULTS = SSCOptions()
+
+
+def names_affecting(what: str) -> tuple[str, ...]:
+    """The options, in declaration order, that change ``what``: "coef" (SSC's C) or "labels"
+    (the clustering, given C)."""
+    if what not in ("coef", "labels"):
+        raise ValueError(f"what: expected 'coef' or 'labels', got {what!r}")
+    return tuple(f.name for f in fields(SSCOptions) if CHECKS[f.name][1] == what)
