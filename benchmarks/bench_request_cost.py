@@ -81,9 +81,9 @@ def ssc_flops(n: int, d: int) -> dict:
     Faithful: per iteration one ``(N + D) x N x N`` GEMM (``[R; Y R] (T - I)``); setup in
     float64 (Gram, inverse, ``Y R``). Fast (torch, :mod:`videoanchor.anchor.fast`): per
     iteration ``R (T - I)`` (``N x N x N``) and two sparse products over E's active entries
-    (``Y^T E`` and ``Y A`` sampled there, :data:`ACTIVE_SHARE`); at each full E-step one more
-    ``Y A`` (``D x N x N``); one ``B`` (``N x N x N``) per change of ``rho``, plus the
-    first; setup in float64 (Gram, eigendecomposition ~9 N^3)."""
+    (``Y^T E`` and the residual sampled there, :data:`ACTIVE_SHARE`); at each full E-step
+    the residual ``(Y R)(T - I)`` (``D x N x N``); ``B`` and ``Y B`` per change of ``rho``,
+    plus the first; setup in float64 (Gram, ``Y V``, eigendecomposition ~9 N^3)."""
     from videoanchor.anchor import fast
 
     its = admm.SCHEDULE["iterations"]
@@ -97,8 +97,8 @@ def ssc_flops(n: int, d: int) -> dict:
         "per_iter_fast": 2.0 * n**3 + 2 * 2.0 * ACTIVE_SHARE * d * n * n,
         "full_e_steps_fast": full * 2.0 * d * n * n,
         "setup_faithful_fp64": 2.0 * n * n * d + n**3 + 2.0 * d * n * n,  # Gram, inverse, Y R
-        "setup_fast_fp64": 2.0 * n * n * d + 9.0 * n**3,  # Gram, eigh (~9 N^3)
-        "refactors_fast": refactors * 2.0 * n**3,
+        "setup_fast_fp64": 4.0 * n * n * d + 9.0 * n**3,  # Gram, Y V, eigh (~9 N^3)
+        "refactors_fast": refactors * 2.0 * (n + d) * n * n,
     }
 
 

@@ -127,7 +127,7 @@ def _fast_iterates(x, step_cls, dtype, **kw):
     lam_e, lam_z, _, _ = ssc_lambdas(x.double(), 800.0, 800.0)
     dic = admm.Dictionary(x.to(dtype), dtype, lam_z=lam_z, affine=True, outliers=True,
                           kernels=TorchKernels(x.device))  # fmt: skip
-    factor = admm.EigenInverse(dic, 300.0, stack_y=step_cls is admm.ScheduledStep)
+    factor = admm.EigenInverse(dic, 300.0)
     step = step_cls(dic, factor, thr_e=lam_e / lam_z, iterations=admm.SCHEDULE["iterations"])
     out = admm.run(step, admm.SCHEDULE["iterations"])
     assert out.iterations == admm.SCHEDULE["iterations"]
@@ -136,8 +136,8 @@ def _fast_iterates(x, step_cls, dtype, **kw):
 
 @pytest.mark.parametrize("n,d", [(57, 31), (83, 140)])  # D < N and D > N, odd sizes
 def test_active_set_step_with_every_e_step_full_is_the_array_api_iterate(monkeypatch, n, d):
-    """With an exact E-step at every iteration the torch step (R alone, sparse Y^T E, Y A
-    formed from A) is the array-API schedule's iterate, in float64 to rounding."""
+    """With an exact E-step at every iteration the torch step (R alone for A, sparse Y^T E)
+    is the array-API schedule's iterate, in float64 to rounding."""
     from videoanchor.anchor import fast
 
     monkeypatch.setitem(fast.FULL, "every", 1)

@@ -296,14 +296,11 @@ class EigenInverse(DenseInverse):
     ``lambda_z Y^T Y = V diag(w) V^T``, so that a new ``rho`` costs two products instead of
     a new inverse: ``rho (lambda_z Y^T Y + rho I)^{-1} = V diag(rho / (w + rho)) V^T = B``
     and the affine ``rho 1 1^T`` term by Sherman-Morrison, ``R = B - b b^T / (1 + 1^T b)``
-    with ``b = B 1``. The fast solver changes ``rho`` on a schedule (residual balancing).
-    ``stack_y=False`` keeps ``R`` alone, without the ``Y R`` rows (the torch fast solver,
-    :class:`videoanchor.anchor.fast.ActiveSetStep`, forms ``Y A`` itself)."""
+    with ``b = B 1``. The fast solver changes ``rho`` on a schedule (residual balancing)."""
 
-    def __init__(self, dic: Dictionary, rho: float, *, stack_y: bool = True):
+    def __init__(self, dic: Dictionary, rho: float):
         xp = dic.xp
         self.dic = dic
-        self.stack_y = bool(stack_y and dic.outliers)
         gram = dic.x64 @ dic.x64.T
         w, v = xp.linalg.eigh(gram * dic.lam_z)
         del gram
@@ -312,7 +309,7 @@ class EigenInverse(DenseInverse):
         self.vt1 = xp.sum(v, axis=0)  # V^T 1
         # the products of every refactor run in the working dtype (R is stored in it)
         self.v = xp.astype(v, dic.work, copy=False)
-        self.yv = xp.astype(dic.x64.T @ v, dic.work, copy=False) if self.stack_y else None
+        self.yv = xp.astype(dic.x64.T @ v, dic.work, copy=False) if dic.outliers else None
         self.refactor(rho)
 
     def refactor(self, rho: float) -> None:
@@ -321,10 +318,10 @@ class EigenInverse(DenseInverse):
         self.rho = rho
         scale64 = rho / (self.w + rho)
         scale = xp.astype(scale64, dic.work, copy=False)
-        rows = dic.n + dic.d if self.stack_y else dic.n
+        rows = dic.n + dic.d if dic.outliers else dic.n
         self.r = xp.empty((rows, dic.n), dtype=dic.work, device=dic.device)
         self.r[: dic.n, :] = (self.v * scale[None, :]) @ self.v.T  # B
-        if self.stack_y:
+        if dic.outliers:
             self.r[dic.n :, :] = (self.yv * scale[None, :]) @ self.v.T  # Y B
         if dic.affine:  # Sherman-Morrison for rho 1 1^T, its vectors in float64
             sv = scale64 * self.vt1
@@ -332,7 +329,7 @@ class EigenInverse(DenseInverse):
             denom = 1.0 + float(xp.sum(b))
             bw = xp.astype(b / denom, dic.work, copy=False)
             self.r[: dic.n, :] -= xp.astype(b, dic.work, copy=False)[:, None] * bw[None, :]
-            if self.stack_y:
+            if dic.outliers:
                 yb = xp.astype(dic.x64.T @ b, dic.work, copy=False)  # Y B 1
                 self.r[dic.n :, :] -= yb[:, None] * bw[None, :]
 

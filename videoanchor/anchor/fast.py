@@ -8,12 +8,12 @@ its iterations costs two products with ``D`` in them: ``[R; Y R] (T - I)``
 (under 1% of its entries on video-like tokens) and its support hardly moves once the first
 iterations have found it. :class:`ActiveSetStep` runs the same steps, with:
 
-- ``A = I + R (T - I)`` alone (``R`` is ``N x N``: no ``Y R`` rows);
+- ``A = I + R (T - I)`` alone (``N x N x N``);
 - ``Y^T E`` as a sparse product over ``E``'s active entries;
-- the E-step exactly (``Y A`` in full, ``D x N x N``) at the *full* iterations of
-  :data:`FULL`, which also set the active set: the entries whose residual exceeds
-  ``MARGIN`` times the threshold; in between, the residual is computed on the active set
-  only (a sampled product, ``|active| x N``) and ``E`` is zero elsewhere.
+- the E-step exactly (the residual ``Y - Y A = -(Y R)(T - I)`` in full, ``D x N x N``) at
+  the *full* iterations of :data:`FULL`, which also set the active set: the entries whose
+  residual exceeds ``MARGIN`` times the threshold; in between, the residual is computed on
+  the active set only (a sampled product, ``|active| x N``) and ``E`` is zero elsewhere.
 
 The schedule is fixed (full iterations at fixed counts, the last one full), so the final
 ``C`` and ``E`` come from an exact E-step, and nothing depends on a residual crossing a
@@ -41,8 +41,8 @@ MARGIN = 0.5
 
 class ActiveSetStep(admm.ScheduledStep):
     """:class:`~videoanchor.anchor.admm.ScheduledStep` with ``E`` on an active set (module
-    docstring): the same schedule, rho balancing and C-step; ``factor`` must be an
-    :class:`~videoanchor.anchor.admm.EigenInverse` made with ``stack_y=False``."""
+    docstring): the same schedule, rho balancing and C-step; ``factor``: an
+    :class:`~videoanchor.anchor.admm.EigenInverse` (its ``[R; Y R]``)."""
 
     def __init__(self, dic: admm.Dictionary, factor: admm.EigenInverse, *, thr_e: float,
                  iterations: int, schedule: dict | None = None):  # fmt: skip
@@ -53,8 +53,8 @@ class ActiveSetStep(admm.ScheduledStep):
         self._e_vals = None  # E on the active entries
 
     def _mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """The iteration's dense products (``R (T - I)``, ``Y A``); benchmarks override it
-        to emulate tensor-core precisions."""
+        """The iteration's dense products (``R (T - I)``, ``(Y R)(T - I)``); benchmarks
+        override it to emulate tensor-core precisions."""
         return a @ b
 
     def is_full(self, it: int) -> bool:
@@ -82,10 +82,11 @@ class ActiveSetStep(admm.ScheduledStep):
             t -= yte
         diag = self.diag
         t[diag.rows, diag.cols] -= 1.0  # T - I
-        a = self._mm(factor.r, t)
+        n = dic.n
+        a = self._mm(factor.r[:n], t)
         a[diag.rows, diag.cols] += 1.0
         if dic.outliers:
-            self._e_step(it, a)
+            self._e_step(it, t)
         if dic.affine:
             self.d1s += a.sum(dim=0) - 1.0
         c_old = self.C
@@ -95,11 +96,16 @@ class ActiveSetStep(admm.ScheduledStep):
         self._balance_on_schedule(it, absd, c_old)
         return residual, it >= self.iterations
 
-    def _e_step(self, it: int, a: torch.Tensor) -> None:
+    def _e_step(self, it: int, t: torch.Tensor) -> None:
+        """``E = soft(Y - Y A, thr)`` with ``Y - Y A = -(Y R)(T - I)`` (``t`` is ``T - I``):
+        the ``Y R`` rows of the factor are small where ``Y`` is large, so the residual is
+        not a difference of two near-equal products (which TF32 or bf16 inputs would ruin)."""
         thr = self.thr_e
+        yr = self.factor.r[self.dic.n :]
         if self.is_full(it):
             self.full_count += 1
-            resid = self.y - self._mm(self.y, a)  # Y - Y A, exactly
+            resid = self._mm(yr, t)
+            resid.neg_()  # Y - Y A, exactly
             rows, cols = (resid.abs() > MARGIN * thr).nonzero(as_tuple=True)
             vals = resid[rows, cols]
             resid -= resid.clamp(-thr, thr)  # soft, in place: the exact E
@@ -121,8 +127,7 @@ class ActiveSetStep(admm.ScheduledStep):
             rows, cols, pattern = self._active
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # sparse CSR is in beta
-                ya = torch.sparse.sampled_addmm(pattern, self.y, a, beta=0.0)
-            vals = self.y[rows, cols] - ya.values()
+                vals = -torch.sparse.sampled_addmm(pattern, yr, t, beta=0.0).values()
             self.E = None  # only the active entries are kept between full iterations
         vals = vals - vals.clamp(-thr, thr)
         self._e_vals = vals

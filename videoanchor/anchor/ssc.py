@@ -300,7 +300,7 @@ def solve_ssc_admm(
         dic = admm.Dictionary(x, work, lam_z=lam_z, affine=affine, outliers=outliers,
                               kernels=kernels)  # fmt: skip
         if scheduled:
-            factor = admm.EigenInverse(dic, rho, stack_y=not torch_fast)
+            factor = admm.EigenInverse(dic, rho)
         else:
             factor = (admm.DenseInverse if strategy == "dense" else admm.Woodbury)(dic, rho)
         kernels.sync()
