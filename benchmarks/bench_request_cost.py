@@ -367,10 +367,12 @@ def cost_rows(device, quick, budget_s) -> list[dict]:
     return rows
 
 
-def run(device: torch.device, quick: bool, out_dir) -> Path:
+def run(device: torch.device, quick: bool, out_dir, trials: int | None = None,
+        cost_budget: float | None = None) -> Path:  # fmt: skip
     torch.manual_seed(0)
     meta = environment(str(device))
     meta["quick"] = quick
+    meta["trials"] = trials = (3 if quick else 20) if trials is None else int(trials)
     meta["load_before"] = os.getloadavg()
     meta["torch_threads"] = torch.get_num_threads()
     fid, sens, notes = [], [], []
@@ -399,7 +401,6 @@ def run(device: torch.device, quick: bool, out_dir) -> Path:
                       "spearman_fast_tf32_emulated", "spearman_fast_bf16_emulated",
                       "spearman_faithful_eps2e-3", "ari_fast", "ari_faithful_eps2e-3",
                       "speedup_fast"])  # fmt: skip
-    trials = 3 if quick else 20
     sets = [("synthetic video tokens", synthetic_tokens(128 if quick else 256, 256, seed=4), 8)]
     if YALE.exists():
         sets.append(("Extended Yale B faces", yale_faces(4, 24 if quick else 48), 4))
@@ -409,7 +410,10 @@ def run(device: torch.device, quick: bool, out_dir) -> Path:
             sens.append(sensitivity(name, x, k, dtype, trials, device))
     print_table(sens, ["data", "dtype", "n", "faithful_iterations", "faithful_iteration_jumps",
                        "faithful_max_score_move_when_jumped", "fast_max_score_move"])  # fmt: skip
-    cost = cost_rows(device, quick, 90 if quick else (480 if device.type == "cuda" else 600))
+    if cost_budget is None:
+        cost_budget = 90 if quick else (480 if device.type == "cuda" else 600)
+    meta["cost_budget_s"] = cost_budget
+    cost = cost_rows(device, quick, cost_budget)
     print_table(cost, ["model", "frames", "n", "iterations_faithful", "seconds_ssc_faithful",
                        "seconds_ssc_fast", "seconds_prefill", "speedup_fast"])  # fmt: skip
     meta["load_after"] = os.getloadavg()
@@ -427,8 +431,20 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out-dir", default=None)
+    ap.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="perturbations per set in the sensitivity study (default 20; 3 quick)",
+    )
+    ap.add_argument(
+        "--cost-budget",
+        type=float,
+        default=None,
+        help="seconds for the measured cost rows (default 600 CPU, 480 GPU)",
+    )
     args = ap.parse_args(argv)
-    run(torch.device(args.device), args.quick, args.out_dir)
+    run(torch.device(args.device), args.quick, args.out_dir, args.trials, args.cost_budget)
 
 
 if __name__ == "__main__":
