@@ -70,13 +70,32 @@ def prefill_flops(shape, n_visual: int) -> float:
     return layers * (2.0 * L * params + attn) / tp
 
 
+#: Share of E's entries on the fast solver's active set, for counting its sparse products
+#: (measured on the synthetic tokens: under 1%; counted at 2% to be safe).
+ACTIVE_SHARE = 0.02
+
+
 def ssc_flops(n: int, d: int) -> dict:
-    """FLOPs of the dense SSC as the code runs it: per iteration (working dtype, one
-    ``(N + D) x N x N`` GEMM), the float64 setup, and the fast solver's refactors (working
-    dtype: one ``B`` and one ``Y B`` per change of ``rho``, plus the first)."""
+    """FLOPs of the dense SSC as the code runs it (2 per multiply-add).
+
+    Faithful: per iteration one ``(N + D) x N x N`` GEMM (``[R; Y R] (T - I)``); setup in
+    float64 (Gram, inverse, ``Y R``). Fast (torch, :mod:`videoanchor.anchor.fast`): per
+    iteration ``R (T - I)`` (``N x N x N``) and two sparse products over E's active entries
+    (``Y^T E`` and the residual sampled there, :data:`ACTIVE_SHARE`); at each full E-step
+    the residual ``(Y R)(T - I)`` (``D x N x N``); ``B`` and ``Y B`` per change of ``rho``,
+    plus the first; setup in float64 (Gram, ``Y V``, eigendecomposition ~9 N^3)."""
+    from videoanchor.anchor import fast
+
+    its = admm.SCHEDULE["iterations"]
+    full = sum(
+        i <= fast.FULL["first"] or i % fast.FULL["every"] == 0 or i >= its
+        for i in range(1, its + 1)
+    )
     refactors = admm.SCHEDULE["balance_until"] // admm.SCHEDULE["every"] + 1
     return {
         "per_iter": 2.0 * (n + d) * n * n,
+        "per_iter_fast": 2.0 * n**3 + 2 * 2.0 * ACTIVE_SHARE * d * n * n,
+        "full_e_steps_fast": full * 2.0 * d * n * n,
         "setup_faithful_fp64": 2.0 * n * n * d + n**3 + 2.0 * d * n * n,  # Gram, inverse, Y R
         "setup_fast_fp64": 4.0 * n * n * d + 9.0 * n**3,  # Gram, Y V, eigh (~9 N^3)
         "refactors_fast": refactors * 2.0 * (n + d) * n * n,
@@ -84,9 +103,10 @@ def ssc_flops(n: int, d: int) -> dict:
 
 
 def emulated(x, k, precision: str):
-    """The fast solver with its GEMM inputs rounded to ``precision`` (``"tf32"``: 10-bit
-    mantissa, round to nearest; ``"bf16"``), float32 accumulation: what tensor cores would
-    compute, emulated on the CPU."""
+    """The fast solver with its dense GEMMs' inputs rounded to ``precision`` (``"tf32"``:
+    10-bit mantissa, round to nearest; ``"bf16"``), float32 accumulation: what tensor cores
+    would compute, emulated on the CPU."""
+    from videoanchor.anchor import fast
 
     def rnd(t):
         if precision == "bf16":
@@ -94,30 +114,12 @@ def emulated(x, k, precision: str):
         bits = t.contiguous().view(torch.int32)
         return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
 
-    class Rounded(admm.EigenInverse):
-        def refactor(self, rho):
-            super().refactor(rho)
-            self.r = rnd(self.r)
-
-        def step_a(self, t, d1s, e, cols, want_ya, diag):
-            dic = self.dic
-            if dic.affine:
-                t -= d1s
-            if e is not None:
-                t -= dic.kernels.times_e(dic.xw, e * (dic.lam_z / self.rho))
-            t[diag.rows, diag.cols] -= 1.0
-            a = self.r @ rnd(t)
-            a[diag.rows, diag.cols] += 1.0
-            ya = a[dic.n :, :]
-            ya += dic.yw[:, cols]
-            return a[: dic.n, :], ya
-
-    real = admm.EigenInverse
-    admm.EigenInverse = Rounded
+    real = fast.ActiveSetStep._mm
+    fast.ActiveSetStep._mm = lambda self, a, b: rnd(a) @ rnd(b)
     try:
         return compute_anchor_scores(x, k, progress=False, mode="exact")
     finally:
-        admm.EigenInverse = real
+        fast.ActiveSetStep._mm = real
 
 
 class DecoderLayer(torch.nn.Module):
@@ -314,6 +316,8 @@ def cost_rows(device, quick, budget_s) -> list[dict]:
                 "model": name, "frames": frames, "n": n, "d": h, "tp": tp,
                 "prefill_flops": pre, "prefill_flops_figures": "counted",
                 "ssc_flops_per_iter": fl["per_iter"], "ssc_precision": "fp32",
+                "ssc_flops_per_iter_fast": fl["per_iter_fast"],
+                "ssc_flops_full_e_steps_fast": fl["full_e_steps_fast"],
                 "ssc_setup_flops_faithful_fp64": fl["setup_faithful_fp64"],
                 "ssc_setup_flops_fast_fp64": fl["setup_fast_fp64"],
                 "ssc_refactor_flops_fast": fl["refactors_fast"],
@@ -347,7 +351,9 @@ def cost_rows(device, quick, budget_s) -> list[dict]:
             for prec in ("fp32", "tf32", "bf16"):
                 rate = EFFICIENCY * H100[prec]
                 fast_s = (
-                    admm.SCHEDULE["iterations"] * fl["per_iter"] + fl["refactors_fast"]
+                    admm.SCHEDULE["iterations"] * fl["per_iter_fast"]
+                    + fl["full_e_steps_fast"]
+                    + fl["refactors_fast"]
                 ) / rate
                 fast_s += fl["setup_fast_fp64"] / (EFFICIENCY * H100["fp64"])
                 est[f"ssc_over_prefill_fast_{prec}"] = fast_s / pre_s
@@ -361,10 +367,12 @@ def cost_rows(device, quick, budget_s) -> list[dict]:
     return rows
 
 
-def run(device: torch.device, quick: bool, out_dir) -> Path:
+def run(device: torch.device, quick: bool, out_dir, trials: int | None = None,
+        cost_budget: float | None = None) -> Path:  # fmt: skip
     torch.manual_seed(0)
     meta = environment(str(device))
     meta["quick"] = quick
+    meta["trials"] = trials = (3 if quick else 20) if trials is None else int(trials)
     meta["load_before"] = os.getloadavg()
     meta["torch_threads"] = torch.get_num_threads()
     fid, sens, notes = [], [], []
@@ -393,7 +401,6 @@ def run(device: torch.device, quick: bool, out_dir) -> Path:
                       "spearman_fast_tf32_emulated", "spearman_fast_bf16_emulated",
                       "spearman_faithful_eps2e-3", "ari_fast", "ari_faithful_eps2e-3",
                       "speedup_fast"])  # fmt: skip
-    trials = 3 if quick else 20
     sets = [("synthetic video tokens", synthetic_tokens(128 if quick else 256, 256, seed=4), 8)]
     if YALE.exists():
         sets.append(("Extended Yale B faces", yale_faces(4, 24 if quick else 48), 4))
@@ -403,7 +410,10 @@ def run(device: torch.device, quick: bool, out_dir) -> Path:
             sens.append(sensitivity(name, x, k, dtype, trials, device))
     print_table(sens, ["data", "dtype", "n", "faithful_iterations", "faithful_iteration_jumps",
                        "faithful_max_score_move_when_jumped", "fast_max_score_move"])  # fmt: skip
-    cost = cost_rows(device, quick, 90 if quick else (480 if device.type == "cuda" else 600))
+    if cost_budget is None:
+        cost_budget = 90 if quick else (480 if device.type == "cuda" else 600)
+    meta["cost_budget_s"] = cost_budget
+    cost = cost_rows(device, quick, cost_budget)
     print_table(cost, ["model", "frames", "n", "iterations_faithful", "seconds_ssc_faithful",
                        "seconds_ssc_fast", "seconds_prefill", "speedup_fast"])  # fmt: skip
     meta["load_after"] = os.getloadavg()
@@ -421,8 +431,20 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out-dir", default=None)
+    ap.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="perturbations per set in the sensitivity study (default 20; 3 quick)",
+    )
+    ap.add_argument(
+        "--cost-budget",
+        type=float,
+        default=None,
+        help="seconds for the measured cost rows (default 600 CPU, 480 GPU)",
+    )
     args = ap.parse_args(argv)
-    run(torch.device(args.device), args.quick, args.out_dir)
+    run(torch.device(args.device), args.quick, args.out_dir, args.trials, args.cost_budget)
 
 
 if __name__ == "__main__":

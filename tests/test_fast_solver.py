@@ -120,3 +120,73 @@ def test_cli_passes_the_solver_to_configure():
     assert check_options(**_anchor_options(args, True)).ssc_solver == "faithful"
     with pytest.raises(SystemExit):
         build_parser().parse_args([*base, "--ssc-solver", "quick"])
+
+
+def _fast_iterates(x, step_cls, dtype, **kw):
+    """The fast schedule's C and E on ``x`` with ``step_cls`` (torch or array-API step)."""
+    lam_e, lam_z, _, _ = ssc_lambdas(x.double(), 800.0, 800.0)
+    dic = admm.Dictionary(x.to(dtype), dtype, lam_z=lam_z, affine=True, outliers=True,
+                          kernels=TorchKernels(x.device))  # fmt: skip
+    factor = admm.EigenInverse(dic, 300.0)
+    step = step_cls(dic, factor, thr_e=lam_e / lam_z, iterations=admm.SCHEDULE["iterations"])
+    out = admm.run(step, admm.SCHEDULE["iterations"])
+    assert out.iterations == admm.SCHEDULE["iterations"]
+    return step
+
+
+@pytest.mark.parametrize("n,d", [(57, 31), (83, 140)])  # D < N and D > N, odd sizes
+def test_active_set_step_with_every_e_step_full_is_the_array_api_iterate(monkeypatch, n, d):
+    """With an exact E-step at every iteration the torch step (R alone for A, sparse Y^T E)
+    is the array-API schedule's iterate, in float64 to rounding."""
+    from videoanchor.anchor import fast
+
+    monkeypatch.setitem(fast.FULL, "every", 1)
+    x = tokens(n, d, k=3, seed=11).double()
+    ref = _fast_iterates(x, admm.ScheduledStep, torch.float64)
+    got = _fast_iterates(x, fast.ActiveSetStep, torch.float64)
+    assert int((ref.E != 0).sum()) > 0  # the corruptions give E non-zeros
+    torch.testing.assert_close(got.C, ref.C, rtol=0, atol=1e-9)
+    torch.testing.assert_close(got.E, ref.E, rtol=0, atol=1e-9)
+
+
+def test_active_set_step_stays_close_to_the_array_api_iterate():
+    """With E on its active set between full E-steps (the default), C moves little from the
+    exact-E iterate, and the final E is exact for the final A (a full E-step)."""
+    from videoanchor.anchor import fast
+
+    x = tokens(150, 120, k=5, seed=12).double()
+    ref = _fast_iterates(x, admm.ScheduledStep, torch.float64)
+    got = _fast_iterates(x, fast.ActiveSetStep, torch.float64)
+    assert got.full_count == sum(got.is_full(i) for i in range(1, admm.SCHEDULE["iterations"] + 1))
+    assert got.full_count < admm.SCHEDULE["iterations"] // 4
+    rel = float((got.C - ref.C).norm() / ref.C.norm())
+    assert rel < 1e-2, rel
+    rs_ref, rs_got = ref.C.sum(dim=1), got.C.sum(dim=1)  # the row sums the scores use
+    assert spearmanr(rs_ref, rs_got)[0] > 0.999
+
+
+def test_fast_solver_runs_the_active_set_step_on_torch_only():
+    from videoanchor.anchor import fast
+    from videoanchor.anchor.ssc import solve_ssc_admm
+
+    x = tokens(64, 40, k=4, seed=13)
+    calls = []
+    orig = fast.ActiveSetStep._e_step
+
+    def spy(self, it, a):
+        calls.append(self.is_full(it))
+        return orig(self, it, a)
+
+    fast.ActiveSetStep._e_step = spy
+    try:
+        res = solve_ssc_admm(x, scheduled=True, progress=False)
+        assert len(calls) == admm.SCHEDULE["iterations"] and calls[-1] and not all(calls)
+        assert res.outliers is not None and res.converged
+        import numpy as np
+
+        calls.clear()
+        res_np = solve_ssc_admm(x, scheduled=True, progress=False, xp=np)
+        assert calls == []  # NumPy runs the array-API schedule
+        assert float((res_np.coef - res.coef).abs().max()) < 5e-2
+    finally:
+        fast.ActiveSetStep._e_step = orig

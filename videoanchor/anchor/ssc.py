@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import array_api_compat
 import torch
 
-from videoanchor.anchor import admm
+from videoanchor.anchor import admm, fast
 from videoanchor.anchor._inputs import (
     SSCMemoryError,
     as_feature_tensor,
@@ -287,6 +287,9 @@ def solve_ssc_admm(
         x = xp.from_dlpack(x_t.contiguous())
         work = xp.float32 if work_t == torch.float32 else xp.float64
         kernels = kernels or admm.Kernels()
+    # the torch fast solver keeps E on an active set (videoanchor.anchor.fast); other
+    # namespaces run the array-API schedule (admm.ScheduledStep)
+    torch_fast = scheduled and isinstance(x, torch.Tensor)
     xp = array_api_compat.array_namespace(x)
     report = admm.Reporting(progress, max_iter=max_iter, eps=eps, tokens=n)
     out = None
@@ -309,8 +312,8 @@ def solve_ssc_admm(
         e_every = max(1, int(e_every)) if accelerate and strategy == "dense" else 1
         if scheduled:
             # a max_iter below the schedule cuts it short: not converged (reported as such)
-            step = admm.ScheduledStep(dic, factor, thr_e=lam_e / lam_z,
-                                      iterations=admm.SCHEDULE["iterations"])  # fmt: skip
+            make = fast.ActiveSetStep if torch_fast else admm.ScheduledStep
+            step = make(dic, factor, thr_e=lam_e / lam_z, iterations=admm.SCHEDULE["iterations"])
         else:
             step = admm.SquaredStep(
                 dic, factor, 0, n, thr_e=lam_e / lam_z, eps=eps, relax=relax,

@@ -1,0 +1,154 @@
+"""The fast solver's iteration on torch, with the outlier matrix ``E`` kept on an active set.
+
+The fast solver (:class:`~videoanchor.anchor.admm.ScheduledStep`, ``solver="fast"``) runs the
+authors' A-, E- and C-steps on a fixed schedule. Written for every array namespace, each of
+its iterations costs two products with ``D`` in them: ``[R; Y R] (T - I)``
+(``(N + D) x N x N``, for ``A`` and ``Y A``) and ``Y^T E`` (``N x D x N``), against one
+``N x N x N`` product for ``A`` alone. ``E = soft(Y - Y A, lambda_e / lambda_z)`` is sparse
+(under 1% of its entries on video-like tokens) and its support hardly moves once the first
+iterations have found it. :class:`ActiveSetStep` runs the same steps, with:
+
+- ``A = I + R (T - I)`` alone (``N x N x N``);
+- ``Y^T E`` as a sparse product over ``E``'s active entries;
+- the E-step exactly (the residual ``Y - Y A = -(Y R)(T - I)`` in full, ``D x N x N``) at
+  the *full* iterations of :data:`FULL`, which also set the active set: the entries whose
+  residual exceeds ``MARGIN`` times the threshold; in between, the residual is computed on
+  the active set only (a sampled product, ``|active| x N``) and ``E`` is zero elsewhere.
+
+The schedule is fixed (full iterations at fixed counts, the last one full), so the final
+``C`` and ``E`` come from an exact E-step, and nothing depends on a residual crossing a
+stopping threshold. An entry outside the active set that would cross the E threshold between
+two full iterations enters ``E`` at the next full one: it had to more than double its
+residual (``MARGIN = 0.5``), and it enters at about zero, so the iterate stays a continuous
+function of the features in practice (tests/test_fast_solver.py measures it).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from videoanchor.anchor import admm
+
+__all__ = ["FULL", "MARGIN", "ActiveSetStep"]
+
+#: Full E-steps: the first ``first`` iterations, then every ``every``-th, and the last.
+FULL = {"first": 2, "every": 10}
+#: The active set: entries whose residual exceeds ``MARGIN`` times the E threshold.
+MARGIN = 0.5
+
+
+class ActiveSetStep(admm.ScheduledStep):
+    """:class:`~videoanchor.anchor.admm.ScheduledStep` with ``E`` on an active set (module
+    docstring): the same schedule, rho balancing and C-step; ``factor``: an
+    :class:`~videoanchor.anchor.admm.EigenInverse` (its ``[R; Y R]``)."""
+
+    def __init__(self, dic: admm.Dictionary, factor: admm.EigenInverse, *, thr_e: float,
+                 iterations: int, schedule: dict | None = None):  # fmt: skip
+        super().__init__(dic, factor, thr_e=thr_e, iterations=iterations, schedule=schedule)
+        self.y = dic.yw.contiguous()  # D x N
+        self.full_count = 0
+        self._active = None  # (rows, cols, CSR pattern) of the active entries
+        self._e_vals = None  # E on the active entries
+
+    def _mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The iteration's dense products (``R (T - I)``, ``(Y R)(T - I)``); benchmarks
+        override it to emulate tensor-core precisions."""
+        return a @ b
+
+    def is_full(self, it: int) -> bool:
+        """Whether iteration ``it`` runs the exact E-step (and resets the active set)."""
+        return it <= FULL["first"] or it % FULL["every"] == 0 or it >= self.iterations
+
+    def _yte(self, scale: float):
+        """``scale * Y^T E`` (``N x N``) over E's active entries (None when E is zero)."""
+        if self._active is None or self._e_vals is None:
+            return None
+        rows, cols, _ = self._active
+        n, d = self.dic.n, self.dic.d
+        # (Y^T E)^T = E^T Y: a sparse (N x D) times dense (D x N) product
+        et = torch.sparse_coo_tensor(torch.stack([cols, rows]), self._e_vals * scale, (n, d),
+                                     check_invariants=False)  # fmt: skip
+        return torch.sparse.mm(et, self.y).T
+
+    def __call__(self, it: int) -> tuple[float, bool]:
+        dic, xp, factor = self.dic, self.dic.xp, self.factor
+        t = self.C - self.lam
+        if dic.affine:
+            t -= self.d1s
+        yte = self._yte(dic.lam_z / factor.rho)
+        if yte is not None:
+            t -= yte
+        diag = self.diag
+        t[diag.rows, diag.cols] -= 1.0  # T - I
+        n = dic.n
+        a = self._mm(factor.r[:n], t)
+        a[diag.rows, diag.cols] += 1.0
+        if dic.outliers:
+            self._e_step(it, t)
+        if dic.affine:
+            self.d1s += a.sum(dim=0) - 1.0
+        c_old = self.C
+        a += self.lam
+        self.C, self.lam, absd = dic.kernels.shrink(xp, a, self.lam, 1.0 / self.rho, diag)
+        residual = float(absd.sum(dim=1).max())
+        self._balance_on_schedule(it, absd, c_old)
+        return residual, it >= self.iterations
+
+    def _e_step(self, it: int, t: torch.Tensor) -> None:
+        """``E = soft(Y - Y A, thr)`` with ``Y - Y A = -(Y R)(T - I)`` (``t`` is ``T - I``):
+        the ``Y R`` rows of the factor are small where ``Y`` is large, so the residual is
+        not a difference of two near-equal products (which TF32 or bf16 inputs would ruin)."""
+        thr = self.thr_e
+        yr = self.factor.r[self.dic.n :]
+        if self.is_full(it):
+            self.full_count += 1
+            resid = self._mm(yr, t)
+            resid.neg_()  # Y - Y A, exactly
+            rows, cols = (resid.abs() > MARGIN * thr).nonzero(as_tuple=True)
+            vals = resid[rows, cols]
+            resid -= resid.clamp(-thr, thr)  # soft, in place: the exact E
+            self.E = resid
+            if rows.numel() == 0:
+                self._active = self._e_vals = None
+                self.e_nonzero = False
+                return
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # sparse CSR is in beta
+                pattern = torch.sparse_coo_tensor(
+                    torch.stack([rows, cols]), torch.ones_like(vals),
+                    (self.dic.d, self.dic.n), check_invariants=False,
+                ).to_sparse_csr()  # fmt: skip
+            self._active = (rows, cols, pattern)
+        else:
+            if self._active is None:
+                return
+            rows, cols, pattern = self._active
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # sparse CSR is in beta
+                vals = -torch.sparse.sampled_addmm(pattern, yr, t, beta=0.0).values()
+            self.E = None  # only the active entries are kept between full iterations
+        vals = vals - vals.clamp(-thr, thr)
+        self._e_vals = vals
+        self.e_nonzero = bool((vals != 0).any())
+
+    def _balance_on_schedule(self, it: int, absd, c_old) -> None:
+        """The parent's continuous rho rebalancing at the scheduled iterations."""
+        sch, xp = self.schedule, self.dic.xp
+        if not (it % sch["every"] == 0 and it <= sch["balance_until"] and it < self.iterations):
+            return
+        import math
+
+        norm = xp.linalg.vector_norm
+        c_old -= self.C
+        r_rel = float(norm(absd)) / max(float(norm(self.C)), 1e-30)
+        s_rel = float(norm(c_old)) / max(float(norm(self.lam)), 1e-30)
+        q = r_rel / max(s_rel, 1e-30)
+        factor = min(max(math.sqrt(q), 1.0 / sch["tau"]), sch["tau"])
+        self.lam *= 1.0 / factor
+        if self.dic.affine:
+            self.d1s *= 1.0 / factor
+        self.rho *= factor
+        self.factor.refactor(self.rho)
+        self.rho_changes += 1
