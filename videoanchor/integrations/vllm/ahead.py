@@ -65,8 +65,9 @@ AHEAD: dict[int, Ahead] = {}
 
 
 class Ahead:
-    """One engine's side worker in one worker process: a single thread that encodes a held
-    request's items and runs its SSC; ``take`` hands the scores to the step.
+    """One engine's side worker in one worker process: :meth:`submit` encodes a held
+    request's items (in the worker's main thread) and a single side thread runs its SSC;
+    :meth:`take` hands the scores to the step.
 
     ``runner``: the model runner (its ``model``, ``device``, ``vllm_config``); ``nice``: the
     side thread's niceness on Linux (0-19; its OpenMP threads inherit it), so that on the
