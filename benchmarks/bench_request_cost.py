@@ -158,19 +158,24 @@ def _sync(device):
 
 @torch.no_grad()
 def prefill_seconds(shape, n_visual, device, dtype, timed_layers=2) -> float:
-    """Measured: ``timed_layers`` random-weight decoder layers, times the layer count."""
+    """Measured: ``timed_layers`` random-weight decoder layers, times the layer count (on a
+    GPU the least of 5 passes, where one pass takes milliseconds)."""
     h, layers, inter, heads, kv, _, tp = shape
     torch.manual_seed(0)
     stack = [DecoderLayer(h, inter, heads, kv, tp).to(device, dtype) for _ in range(timed_layers)]
-    x = torch.randn(n_visual + TEXT_TOKENS, h, device=device, dtype=dtype)
+    x0 = torch.randn(n_visual + TEXT_TOKENS, h, device=device, dtype=dtype)
     for layer in stack:  # warm-up
-        layer(x)
-    _sync(device)
-    t = time.perf_counter()
-    for layer in stack:
-        x = layer(x)
-    _sync(device)
-    return (time.perf_counter() - t) / timed_layers * layers
+        layer(x0)
+    best = float("inf")
+    for _ in range(5 if device.type == "cuda" else 1):
+        x = x0
+        _sync(device)
+        t = time.perf_counter()
+        for layer in stack:
+            x = layer(x)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best / timed_layers * layers
 
 
 def ssc_seconds(x, k, solver, **kw):
@@ -291,137 +296,203 @@ def sensitivity(name, x, k, dtype, trials, device) -> dict:
     }  # fmt: skip
 
 
-def cost_rows(device, quick, budget_s) -> list[dict]:
-    """Per shape and frame count: counted FLOPs, iterations, CPU/GPU times, H100 estimate."""
+def cost_rows(device, quick, budget_s, measure=None, on_row=None) -> list[dict]:
+    """Per shape and frame count: counted FLOPs, iterations, CPU/GPU times, H100 estimate.
+
+    ``measure`` lists the (shape, frames) timed on ``device``, in that order, while the
+    budget lasts (default by device); every other row is counted and estimated only.
+    ``on_row`` is called after each row (the caller saves what is done so far)."""
     rows, measured_iters = [], {}
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    # sizes measured on this device: (shape, frames) where N and D fit the budget
-    if device.type == "cuda":
-        measure = {(s, f) for s in SHAPES for f in FRAMES}
-    elif quick:
-        measure = {("Qwen2.5-VL-7B", 2)}
-    else:
-        measure = {("Qwen2.5-VL-7B", 2), ("Qwen2.5-VL-7B", 4), ("Qwen2.5-VL-7B", 8)}
+    if measure is None:  # sizes measured on this device: where N and D fit the budget
+        if device.type == "cuda":
+            measure = [(s, f) for s in SHAPES for f in FRAMES]
+        elif quick:
+            measure = [("Qwen2.5-VL-7B", 2)]
+        else:
+            measure = [("Qwen2.5-VL-7B", 2), ("Qwen2.5-VL-7B", 4), ("Qwen2.5-VL-7B", 8)]
     started = time.perf_counter()
     frames_all = sorted({f for _, f in measure} | set(FRAMES))
-    for name, shape in SHAPES.items():
+    todo = list(measure) + [
+        (s, f) for s in SHAPES for f in frames_all if (s, f) not in measure and f in FRAMES
+    ]
+    for name, frames in todo:
+        shape = SHAPES[name]
         h, layers, _, _, _, per_frame, tp = shape
-        for frames in frames_all:
-            if frames not in FRAMES and (name, frames) not in measure:
-                continue
-            n = frames * per_frame
-            fl = ssc_flops(n, h)
-            pre = prefill_flops(shape, n)
-            row = {
-                "model": name, "frames": frames, "n": n, "d": h, "tp": tp,
-                "prefill_flops": pre, "prefill_flops_figures": "counted",
-                "ssc_flops_per_iter": fl["per_iter"], "ssc_precision": "fp32",
-                "ssc_flops_per_iter_fast": fl["per_iter_fast"],
-                "ssc_flops_full_e_steps_fast": fl["full_e_steps_fast"],
-                "ssc_setup_flops_faithful_fp64": fl["setup_faithful_fp64"],
-                "ssc_setup_flops_fast_fp64": fl["setup_fast_fp64"],
-                "ssc_refactor_flops_fast": fl["refactors_fast"],
-                "iterations_fast": admm.SCHEDULE["iterations"],
-            }  # fmt: skip
-            over = time.perf_counter() - started > budget_s
-            if (name, frames) in measure and not over:
-                x = synthetic_tokens(n, h, seed=frames).to(device)
-                t_faith, ref = ssc_seconds(x, 24, "faithful")
-                t_fast, fast = ssc_seconds(x, 24, "fast")
-                t_pre = prefill_seconds(shape, n, device, dtype)
-                measured_iters[n] = ref.iterations
+        n = frames * per_frame
+        fl = ssc_flops(n, h)
+        pre = prefill_flops(shape, n)
+        row = {
+            "model": name, "frames": frames, "n": n, "d": h, "tp": tp,
+            "prefill_flops": pre, "prefill_flops_figures": "counted",
+            "ssc_flops_per_iter": fl["per_iter"], "ssc_precision": "fp32",
+            "ssc_flops_per_iter_fast": fl["per_iter_fast"],
+            "ssc_flops_full_e_steps_fast": fl["full_e_steps_fast"],
+            "ssc_setup_flops_faithful_fp64": fl["setup_faithful_fp64"],
+            "ssc_setup_flops_fast_fp64": fl["setup_fast_fp64"],
+            "ssc_refactor_flops_fast": fl["refactors_fast"],
+            "iterations_fast": admm.SCHEDULE["iterations"],
+        }  # fmt: skip
+        over = time.perf_counter() - started > budget_s
+        if (name, frames) in measure and not over:
+            x = synthetic_tokens(n, h, seed=frames).to(device)
+            t_faith, ref = ssc_seconds(x, 24, "faithful")
+            t_fast, fast = ssc_seconds(x, 24, "fast")
+            if device.type == "cuda":  # what TF32 matrix products would give (not the default)
+                before = torch.backends.cuda.matmul.allow_tf32
+                torch.backends.cuda.matmul.allow_tf32 = True
+                try:
+                    t_tf32, tf32 = ssc_seconds(x, 24, "fast")
+                finally:
+                    torch.backends.cuda.matmul.allow_tf32 = before
                 row.update(
-                    iterations_faithful=ref.iterations, iterations_figures="measured",
-                    seconds_ssc_faithful=t_faith, seconds_ssc_fast=t_fast,
-                    seconds_prefill=t_pre, prefill_dtype=str(dtype).replace("torch.", ""),
-                    ssc_over_prefill_faithful=t_faith / t_pre,
-                    ssc_over_prefill_fast=t_fast / t_pre, speedup_fast=t_faith / t_fast,
-                    spearman_fast=_spearman(fast.scores, ref.scores),
-                    seconds_figures=f"measured on {device.type}",
-                )  # fmt: skip
-            else:
-                near = [m for m in measured_iters if m <= n]
-                row["iterations_faithful"] = measured_iters[max(near)] if near else None
-                row["iterations_figures"] = (
-                    f"estimated: the count measured at N = {max(near)}" if near else "not measured"
+                    seconds_ssc_fast_tf32=t_tf32,
+                    spearman_fast_tf32=_spearman(tf32.scores, ref.scores),
                 )
-            its = row["iterations_faithful"]
-            est = {}
-            pre_s = pre / (EFFICIENCY * H100["bf16"])
-            for prec in ("fp32", "tf32", "bf16"):
-                rate = EFFICIENCY * H100[prec]
-                fast_s = (
-                    admm.SCHEDULE["iterations"] * fl["per_iter_fast"]
-                    + fl["full_e_steps_fast"]
-                    + fl["refactors_fast"]
-                ) / rate
-                fast_s += fl["setup_fast_fp64"] / (EFFICIENCY * H100["fp64"])
-                est[f"ssc_over_prefill_fast_{prec}"] = fast_s / pre_s
-                if its:
-                    faith_s = its * fl["per_iter"] / rate
-                    faith_s += fl["setup_faithful_fp64"] / (EFFICIENCY * H100["fp64"])
-                    est[f"ssc_over_prefill_faithful_{prec}"] = faith_s / pre_s
-            row.update({f"h100_{k}": v for k, v in est.items()})
-            row["h100_figures"] = "estimated from counted FLOPs at 60% of peak"
-            rows.append(row)
+            t_pre = prefill_seconds(shape, n, device, dtype)
+            measured_iters[n] = ref.iterations
+            row.update(
+                iterations_faithful=ref.iterations, iterations_figures="measured",
+                seconds_ssc_faithful=t_faith, seconds_ssc_fast=t_fast,
+                seconds_prefill=t_pre, prefill_dtype=str(dtype).replace("torch.", ""),
+                ssc_over_prefill_faithful=t_faith / t_pre,
+                ssc_over_prefill_fast=t_fast / t_pre, speedup_fast=t_faith / t_fast,
+                spearman_fast=_spearman(fast.scores, ref.scores),
+                seconds_figures=f"measured on {device.type}",
+            )  # fmt: skip
+        else:
+            near = [m for m in measured_iters if m <= n]
+            row["iterations_faithful"] = measured_iters[max(near)] if near else None
+            row["iterations_figures"] = (
+                f"estimated: the count measured at N = {max(near)}" if near else "not measured"
+            )
+        its = row["iterations_faithful"]
+        est = {}
+        pre_s = pre / (EFFICIENCY * H100["bf16"])
+        for prec in ("fp32", "tf32", "bf16"):
+            rate = EFFICIENCY * H100[prec]
+            fast_s = (
+                admm.SCHEDULE["iterations"] * fl["per_iter_fast"]
+                + fl["full_e_steps_fast"]
+                + fl["refactors_fast"]
+            ) / rate
+            fast_s += fl["setup_fast_fp64"] / (EFFICIENCY * H100["fp64"])
+            est[f"ssc_over_prefill_fast_{prec}"] = fast_s / pre_s
+            if its:
+                faith_s = its * fl["per_iter"] / rate
+                faith_s += fl["setup_faithful_fp64"] / (EFFICIENCY * H100["fp64"])
+                est[f"ssc_over_prefill_faithful_{prec}"] = faith_s / pre_s
+        row.update({f"h100_{k}": v for k, v in est.items()})
+        row["h100_figures"] = "estimated from counted FLOPs at 60% of peak"
+        rows.append(row)
+        if on_row is not None:
+            on_row(rows)
+    order = {(s, f): i for i, (s, f) in enumerate((s, f) for s in SHAPES for f in frames_all)}
+    rows.sort(key=lambda r: order[(r["model"], r["frames"])])
     return rows
 
 
+PARTS = ("fidelity", "sensitivity", "cost")
+
+
+def parse_measure(text: str | None) -> list[tuple[str, int]] | None:
+    """``"Qwen2.5-VL-7B:16,64;InternVL2-8B:16"`` -> [(shape, frames), ...] in that order."""
+    if not text:
+        return None
+    out = []
+    for part in text.split(";"):
+        name, _, frames = part.partition(":")
+        if name not in SHAPES or not frames:
+            raise SystemExit(
+                f"--measure: expected SHAPE:F1,F2 with SHAPE one of {sorted(SHAPES)}, got {part!r}"
+            )
+        out += [(name, int(f)) for f in frames.split(",")]
+    return out
+
+
 def run(device: torch.device, quick: bool, out_dir, trials: int | None = None,
-        cost_budget: float | None = None) -> Path:  # fmt: skip
+        cost_budget: float | None = None, parts=PARTS, measure=None) -> Path:  # fmt: skip
+    """Each part appends its rows and the file is rewritten after it (``meta["parts_done"]``),
+    so a run stopped by a time limit still leaves what it measured."""
     torch.manual_seed(0)
     meta = environment(str(device))
     meta["quick"] = quick
     meta["trials"] = trials = (3 if quick else 20) if trials is None else int(trials)
     meta["load_before"] = os.getloadavg()
     meta["torch_threads"] = torch.get_num_threads()
-    fid, sens, notes = [], [], []
-    syn = synthetic_tokens(256 if quick else 512, 256 if quick else 1024, seed=2)
-    fid.append(fidelity("synthetic video tokens", syn, 24, device))
-    if YALE.exists():
-        fid.append(
-            fidelity(
-                "Extended Yale B faces",
-                yale_faces(4 if quick else 8, 32),
-                4 if quick else 8,
-                device,
-            )
-        )
-    else:
-        notes.append(f"Yale B not found at {YALE}: skipped")
-    tiny = []
-    for family in ("qwen2_5_vl", "llava_onevision", "internvl") if not quick else ("qwen2_5_vl",):
-        try:
-            feats = tiny_projector_features(family, 8)
-            fid.append(fidelity(f"tiny {family} projector outputs", feats, 3, device))
-            tiny.append((f"tiny {family} projector outputs", feats, 3))
-        except Exception as exc:  # reported, not hidden
-            notes.append(f"tiny {family}: {type(exc).__name__}: {exc}")
-    print_table(fid, ["data", "n", "d", "iterations_faithful", "spearman_fast",
-                      "spearman_fast_tf32_emulated", "spearman_fast_bf16_emulated",
-                      "spearman_faithful_eps2e-3", "ari_fast", "ari_faithful_eps2e-3",
-                      "speedup_fast"])  # fmt: skip
-    sets = [("synthetic video tokens", synthetic_tokens(128 if quick else 256, 256, seed=4), 8)]
-    if YALE.exists():
-        sets.append(("Extended Yale B faces", yale_faces(4, 24 if quick else 48), 4))
-    sets += tiny
-    for name, x, k in sets:
-        for dtype in (torch.float32, torch.float64):
-            sens.append(sensitivity(name, x, k, dtype, trials, device))
-    print_table(sens, ["data", "dtype", "n", "faithful_iterations", "faithful_iteration_jumps",
-                       "faithful_max_score_move_when_jumped", "fast_max_score_move"])  # fmt: skip
-    if cost_budget is None:
-        cost_budget = 90 if quick else (480 if device.type == "cuda" else 600)
-    meta["cost_budget_s"] = cost_budget
-    cost = cost_rows(device, quick, cost_budget)
-    print_table(cost, ["model", "frames", "n", "iterations_faithful", "seconds_ssc_faithful",
-                       "seconds_ssc_fast", "seconds_prefill", "speedup_fast"])  # fmt: skip
-    meta["load_after"] = os.getloadavg()
+    meta["parts"], meta["parts_done"] = list(parts), []
+    fid, sens, cost, notes = [], [], [], []
     meta["notes"] = notes
-    rows = [{"kind": "fidelity", **r} for r in fid] + [{"kind": "sensitivity", **r} for r in sens]
-    rows += [{"kind": "cost", **r} for r in cost]
     name = "request_cost_quick" if quick else "request_cost"
-    path = write_result(name, meta, rows, out_dir)
+
+    def save():
+        rows = [{"kind": "fidelity", **r} for r in fid]
+        rows += [{"kind": "sensitivity", **r} for r in sens]
+        rows += [{"kind": "cost", **r} for r in cost]
+        meta["load_after"] = os.getloadavg()
+        return write_result(name, meta, rows, out_dir)
+
+    path = None
+    tiny = []
+    if "fidelity" in parts or "sensitivity" in parts:
+        for family in (
+            ("qwen2_5_vl", "llava_onevision", "internvl") if not quick else ("qwen2_5_vl",)
+        ):
+            try:
+                tiny.append(
+                    (f"tiny {family} projector outputs", tiny_projector_features(family, 8), 3)
+                )
+            except Exception as exc:  # reported, not hidden
+                notes.append(f"tiny {family}: {type(exc).__name__}: {exc}")
+    if "fidelity" in parts:
+        syn = synthetic_tokens(256 if quick else 512, 256 if quick else 1024, seed=2)
+        fid.append(fidelity("synthetic video tokens", syn, 24, device))
+        if YALE.exists():
+            fid.append(
+                fidelity(
+                    "Extended Yale B faces",
+                    yale_faces(4 if quick else 8, 32),
+                    4 if quick else 8,
+                    device,
+                )
+            )
+        else:
+            notes.append(f"Yale B not found at {YALE}: skipped")
+        for label, feats, k in tiny:
+            fid.append(fidelity(label, feats, k, device))
+        print_table(fid, ["data", "n", "d", "iterations_faithful", "spearman_fast",
+                          "spearman_fast_tf32_emulated", "spearman_fast_bf16_emulated",
+                          "spearman_faithful_eps2e-3", "ari_fast", "ari_faithful_eps2e-3",
+                          "speedup_fast"])  # fmt: skip
+        meta["parts_done"].append("fidelity")
+        path = save()
+    if "sensitivity" in parts:
+        sets = [("synthetic video tokens", synthetic_tokens(128 if quick else 256, 256, seed=4), 8)]
+        if YALE.exists():
+            sets.append(("Extended Yale B faces", yale_faces(4, 24 if quick else 48), 4))
+        sets += tiny
+        for label, x, k in sets:
+            for dtype in (torch.float32, torch.float64):
+                sens.append(sensitivity(label, x, k, dtype, trials, device))
+        print_table(sens, ["data", "dtype", "n", "faithful_iterations", "faithful_iteration_jumps",
+                           "faithful_max_score_move_when_jumped", "fast_max_score_move"])  # fmt: skip
+        meta["parts_done"].append("sensitivity")
+        path = save()
+    if "cost" in parts:
+        if cost_budget is None:
+            cost_budget = 90 if quick else (480 if device.type == "cuda" else 600)
+        meta["cost_budget_s"] = cost_budget
+        meta["measure"] = [list(m) for m in measure] if measure else None
+
+        def keep(rows):
+            cost[:] = rows
+            save()
+
+        cost[:] = cost_rows(device, quick, cost_budget, measure, on_row=keep)
+        print_table(cost, ["model", "frames", "n", "iterations_faithful", "seconds_ssc_faithful",
+                           "seconds_ssc_fast", "seconds_prefill", "speedup_fast"])  # fmt: skip
+        meta["parts_done"].append("cost")
+        path = save()
     print(f"wrote {path}")
     return path
 
@@ -443,8 +514,23 @@ def main(argv=None):
         default=None,
         help="seconds for the measured cost rows (default 600 CPU, 480 GPU)",
     )
+    ap.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help="comma-separated parts to run (default all: fidelity,sensitivity,cost)",
+    )
+    ap.add_argument(
+        "--measure",
+        default=None,
+        help="cost rows to time on this device, in this order, e.g. "
+        "'Qwen2.5-VL-7B:16,64;InternVL2-8B:16' (default: by device; the rest are estimated)",
+    )
     args = ap.parse_args(argv)
-    run(torch.device(args.device), args.quick, args.out_dir, args.trials, args.cost_budget)
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    if not parts or set(parts) - set(PARTS):
+        raise SystemExit(f"--parts: expected a subset of {PARTS}, got {args.parts!r}")
+    run(torch.device(args.device), args.quick, args.out_dir, args.trials, args.cost_budget,
+        parts, parse_measure(args.measure))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -133,7 +133,11 @@ def test_gpu_layers_on_two_devices(saved, monkeypatch):
     ref = single(**batch).logits
     devices = _spy_devices(monkeypatch)
     out = split(**batch).logits
-    assert {str(d) for d in devices} == {"cuda:0", second}
+    # With one GPU, accelerate takes "cpu" in a device map as offload: those layers' weights
+    # stay in host memory and are streamed to cuda:0, where the layers run (seen on an H100,
+    # 2026-11-23). Then this checks that path; with two GPUs, real layers on two devices.
+    expected = {"cuda:0", second} if second != "cpu" else {"cuda:0"}
+    assert {str(d) for d in devices} == expected
     valid = batch["attention_mask"].bool()
     # Triton on the GPU layer, the exact torch path on a CPU layer: fp32 rounding only.
     assert (out.double().cpu() - ref.double().cpu())[valid.cpu()].abs().max().item() < 1e-4
