@@ -359,6 +359,7 @@ def cost_rows(device, quick, budget_s, measure=None, on_row=None) -> list[dict]:
                 ssc_over_prefill_fast=t_fast / t_pre, speedup_fast=t_faith / t_fast,
                 spearman_fast=_spearman(fast.scores, ref.scores),
                 seconds_figures=f"measured on {device.type}",
+                stages_faithful=dict(ref.timings), stages_fast=dict(fast.timings),
             )  # fmt: skip
         else:
             near = [m for m in measured_iters if m <= n]
