@@ -18,6 +18,13 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def git_sha() -> str:
+    """The checkout's commit (``-dirty`` with uncommitted changes to tracked files).
+
+    ``VIDEOANCHOR_GIT_SHA`` wins when set: a copy of the working tree sent to another
+    machine (the lent GPU machine) can carry a stale ``.git``, whose HEAD is not the code
+    that ran (seen 2026-11-23: results stamped with the session's first commit, "-dirty")."""
+    if os.environ.get("VIDEOANCHOR_GIT_SHA"):
+        return os.environ["VIDEOANCHOR_GIT_SHA"]
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
@@ -29,7 +36,7 @@ def git_sha() -> str:
         ).stdout.strip()  # fmt: skip
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("VIDEOANCHOR_GIT_SHA", "unknown")
+        return "unknown"
 
 
 def environment(device: str | None = None) -> dict:

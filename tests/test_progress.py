@@ -154,3 +154,27 @@ def test_library_use_without_logging_configured_still_prints_the_lines(monkeypat
     solve_ssc_admm(_tokens(), max_iter=12, eps=1e-9, progress=p, dtype=torch.float64)
     assert capsys.readouterr().err == ""
     assert [type(h) for h in progress_log.handlers] == [logging.NullHandler]
+
+
+def test_fixed_schedule_says_it_ran_its_schedule_not_that_it_converged(caplog):
+    """The fast solver has no stopping test: its end line and cost estimate name its fixed
+    schedule, not eps or the 10000-iteration limit (seen on an H100: "converged in 60
+    iterations (residual 0.15 vs eps 0.0002)", "the iteration limit (10000) would take 1 h")."""
+    from videoanchor.anchor import admm
+
+    n_sched = admm.SCHEDULE["iterations"]
+    with caplog.at_level(logging.INFO, logger="videoanchor.progress"):
+        p = SSCProgress(enabled=True, stream=_Pipe(), log_every=1e-9)
+        res = solve_ssc_admm(_tokens(), scheduled=True, progress=p)
+    lines = [r.getMessage() for r in caplog.records if r.name == "videoanchor.progress"]
+    assert res.iterations == n_sched and p.runs[-1].fixed_schedule
+    assert f"ran its fixed schedule of {n_sched} iterations" in lines[-1]
+    assert not any("converged in" in line or "10000" in line for line in lines), lines
+    assert any(f"fixed schedule of {n_sched} iterations takes about" in line for line in lines)
+    assert any(line.startswith(f"SSC: {n_sched}/{n_sched}") for line in lines)
+    # a max_iter under the schedule cuts it short, and says so
+    with caplog.at_level(logging.INFO, logger="videoanchor.progress"):
+        p = SSCProgress(enabled=True, stream=_Pipe(), log_every=1e-9)
+        res = solve_ssc_admm(_tokens(), scheduled=True, max_iter=5, progress=p)
+    assert res.iterations == 5 and not res.converged
+    assert "NOT converged" in p.runs[-1].message()

@@ -118,7 +118,8 @@ class Reporting:
     (a true return stops the run).
     """
 
-    def __init__(self, progress, *, max_iter: int, eps: float, tokens: int, blocks: int = 1):
+    def __init__(self, progress, *, max_iter: int, eps: float, tokens: int, blocks: int = 1,
+                 schedule: bool = False):  # fmt: skip
         from videoanchor.anchor.progress import SSCProgress, as_reporter
 
         self.reporter = None
@@ -126,7 +127,7 @@ class Reporting:
             self.hook = progress
         else:
             self.reporter = as_reporter(progress, max_iter=max_iter, eps=eps, tokens=tokens,
-                                        blocks=blocks)  # fmt: skip
+                                        blocks=blocks, schedule=schedule)  # fmt: skip
             self.hook = self.reporter.update
 
     def next_block(self) -> None:

@@ -145,6 +145,9 @@ class SSCRunSummary:
     #: None, or why the run ended before its own stopping test: "interrupted" (Ctrl-C) or
     #: the error that ended it ("FloatingPointError: ...")
     stopped_by: str | None = None
+    #: a fixed number of iterations with no stopping test (``solver="fast"``): ``eps`` and
+    #: the residual do not decide when it ends
+    fixed_schedule: bool = False
 
     def message(self) -> str:
         """One line: converged or not, residual vs eps, why it stopped."""
@@ -161,6 +164,12 @@ class SSCRunSummary:
             if self.stopped_by == "interrupted":
                 return f"{what} interrupted {at} ({took}){last}: NOT converged"
             return f"{what} stopped by an error {at} ({took}){last}: {self.stopped_by}"
+        if self.fixed_schedule and self.converged:
+            return (
+                f"{what} ran its fixed schedule of {self.iterations} iterations ({took}; no "
+                f"stopping test: the last residual, {self.residual:.3g}, is not compared "
+                "with eps)"
+            )
         if self.converged:
             return f"{what} converged in {self.iterations} iterations ({res}, {took})"
         if self.residual < self.eps:  # not a contradiction: say why it still did not stop
@@ -222,6 +231,7 @@ class SSCProgress:
         self.estimate_after = max(1, int(estimate_after))
         self.desc = desc
         self.runs: list[SSCRunSummary] = []
+        self.schedule = False
         self._bar = None
         self._open = False
 
@@ -233,9 +243,12 @@ class SSCProgress:
         )
 
     # ---- what the solvers call -----------------------------------------------------------
-    def begin(self, *, max_iter: int, eps: float, tokens: int | None = None, blocks: int = 1):
-        """Start one run (resets the clock and the per-run state)."""
+    def begin(self, *, max_iter: int, eps: float, tokens: int | None = None, blocks: int = 1,
+              schedule: bool = False):  # fmt: skip
+        """Start one run (resets the clock and the per-run state). ``schedule``: the run
+        has a fixed number of iterations (``max_iter``) and no stopping test."""
         self.max_iter, self.eps, self.tokens = int(max_iter), float(eps), tokens
+        self.schedule = bool(schedule)
         self.blocks, self.block = max(1, int(blocks)), 0
         self.t0 = time.perf_counter()
         self._t_block = self.t0
@@ -332,6 +345,7 @@ class SSCProgress:
             stopped_by_budget=self.stopped_by_budget,
             tokens=self.tokens,
             stopped_by=stopped_by,
+            fixed_schedule=self.schedule,
         )
         self.runs.append(summary)
         if self._shown:  # the user saw the bar or the log lines: say how it ended
@@ -350,7 +364,10 @@ class SSCProgress:
     def projected_iterations(self) -> int | None:
         """Iterations of the current block projected to reach ``eps`` (capped at
         ``max_iter``), from a line fitted to ``log(residual)`` over the last half of the
-        iterations; None while the residual does not fall."""
+        iterations; None while the residual does not fall. A fixed schedule runs to
+        ``max_iter``."""
+        if self.schedule:
+            return self.max_iter
         if self.residual < self.eps:
             return self._it
         pts = [v for v in self._log_r[len(self._log_r) // 2 :] if math.isfinite(v)]
@@ -392,8 +409,14 @@ class SSCProgress:
             f"{self._done} iterations; the iteration limit ({self.max_iter}{blocks}) would "
             f"take at most {format_seconds(spi * self.max_iter * self.blocks)}"
         )
-        # no projection yet: the first iterations fall much faster than the later ones
-        text += "; the ETA from the residual's trend follows in the progress"
+        if self.schedule:
+            text = (
+                f"SSC cost estimate: {n}{format_seconds(spi)}/iteration measured over the "
+                f"first {self._done} iterations; its fixed schedule of {self.max_iter} "
+                f"iterations takes about {format_seconds(spi * self.max_iter * self.blocks)}"
+            )
+        else:  # no projection yet: the first iterations fall much faster than the later ones
+            text += "; the ETA from the residual's trend follows in the progress"
         if self.time_budget is not None:
             text += f"; time budget {format_seconds(self.time_budget)}"
         return text
@@ -461,7 +484,7 @@ class SSCProgress:
 
 
 def as_reporter(progress, *, max_iter: int, eps: float, tokens: int | None = None,
-                blocks: int = 1) -> SSCProgress:  # fmt: skip
+                blocks: int = 1, schedule: bool = False) -> SSCProgress:  # fmt: skip
     """The reporter of one run for the ``progress=`` option of the SSC entry points
     (False, True, None/"auto" or an :class:`SSCProgress`), begun."""
     if isinstance(progress, SSCProgress):
@@ -474,4 +497,6 @@ def as_reporter(progress, *, max_iter: int, eps: float, tokens: int | None = Non
         raise ValueError(
             f"progress: expected True, False, None, 'auto' or an SSCProgress, got {progress!r}"
         )
-    return reporter.begin(max_iter=max_iter, eps=eps, tokens=tokens, blocks=blocks)
+    return reporter.begin(
+        max_iter=max_iter, eps=eps, tokens=tokens, blocks=blocks, schedule=schedule
+    )

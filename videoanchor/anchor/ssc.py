@@ -291,7 +291,13 @@ def solve_ssc_admm(
     # namespaces run the array-API schedule (admm.ScheduledStep)
     torch_fast = scheduled and isinstance(x, torch.Tensor)
     xp = array_api_compat.array_namespace(x)
-    report = admm.Reporting(progress, max_iter=max_iter, eps=eps, tokens=n)
+    report = admm.Reporting(
+        progress,
+        max_iter=min(max_iter, admm.SCHEDULE["iterations"]) if scheduled else max_iter,
+        eps=eps,
+        tokens=n,
+        schedule=scheduled,
+    )
     out = None
     try:
         lam_e, lam_z, _, _ = ssc_lambdas(xp.astype(x, xp.float64, copy=False), alpha_e, alpha_z)
