@@ -165,6 +165,38 @@ def test_active_set_step_stays_close_to_the_array_api_iterate():
     assert spearmanr(rs_ref, rs_got)[0] > 0.999
 
 
+def test_active_set_applies_to_torch_on_a_cpu_only():
+    import numpy as np
+
+    from videoanchor.anchor import fast
+
+    assert fast.applies(torch.zeros(2, 2))
+    assert not fast.applies(np.zeros((2, 2)))
+    # any other device (CUDA, as measured on an H100; meta stands in for it here)
+    assert not fast.applies(torch.zeros(2, 2, device="meta"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_fast_solver_runs_the_dense_schedule_and_matches_the_cpu_run():
+    from videoanchor.anchor import fast
+    from videoanchor.anchor.ssc import solve_ssc_admm
+
+    x = tokens(256, 96, k=4, seed=3)
+    calls = []
+    orig = fast.ActiveSetStep._e_step
+    fast.ActiveSetStep._e_step = lambda self, it, a: calls.append(it) or orig(self, it, a)
+    try:
+        gpu = solve_ssc_admm(x.cuda(), scheduled=True, progress=False, dtype=torch.float64)
+    finally:
+        fast.ActiveSetStep._e_step = orig
+    assert calls == [] and gpu.converged
+    import numpy as np  # NumPy runs the same dense schedule: equal to rounding in float64
+
+    ref = solve_ssc_admm(x, scheduled=True, progress=False, dtype=torch.float64, xp=np)
+    assert float((gpu.coef.cpu().double() - torch.as_tensor(ref.coef)).abs().max()) < 1e-8
+
+
 def test_fast_solver_runs_the_active_set_step_on_torch_only():
     from videoanchor.anchor import fast
     from videoanchor.anchor.ssc import solve_ssc_admm

@@ -287,9 +287,9 @@ def solve_ssc_admm(
         x = xp.from_dlpack(x_t.contiguous())
         work = xp.float32 if work_t == torch.float32 else xp.float64
         kernels = kernels or admm.Kernels()
-    # the torch fast solver keeps E on an active set (videoanchor.anchor.fast); other
-    # namespaces run the array-API schedule (admm.ScheduledStep)
-    torch_fast = scheduled and isinstance(x, torch.Tensor)
+    # on a CPU the torch fast solver keeps E on an active set (videoanchor.anchor.fast);
+    # other devices and namespaces run the dense array-API schedule (admm.ScheduledStep)
+    torch_fast = scheduled and fast.applies(x)
     xp = array_api_compat.array_namespace(x)
     report = admm.Reporting(
         progress,
