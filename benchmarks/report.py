@@ -1101,6 +1101,34 @@ def _flex_summary(results: list[Result]) -> str:
     return "\n".join(lines) + tail
 
 
+def _flex_gpu(results: list[Result]) -> str:
+    """Prefill on a GPU: every provider at every S, per model (forward, causal)."""
+    att = next((r for r in results if r.area == "attention" and not _is_cpu(r)), None)
+    if att is None:
+        return "No GPU comparison exists yet."
+    names = {"anchored": "ours, anchored (Triton)", "ours_plain": "ours, gates off (Triton)",
+             "sdpa_flash": "SDPA flash, no gates", "sdpa_mask": "SDPA, gates as a mask",
+             "flex": "FlexAttention (compiled, score_mod)", "eager": "eager (the authors')"}  # fmt: skip
+    out = []
+    for model in sorted({x["model"] for x in att.rows}):
+        rows = [x for x in att.rows if x["model"] == model]
+        sizes = sorted({x["S"] for x in rows})
+        lines = [f"| {model} | " + " | ".join(f"S = {S}" for S in sizes) + " |",
+                 "|---|" + "---|" * len(sizes)]  # fmt: skip
+        for p, label in names.items():
+            v = {x["S"]: x for x in rows if x["provider"] == p}
+            if v:
+                lines.append(f"| {label} | " + " | ".join(
+                    (f"{v[S]['ms']:.2f} ms" if v[S].get("ms") else "out of memory")
+                    if S in v else "" for S in sizes) + " |")  # fmt: skip
+        out.append("\n".join(lines))
+    dtype = att.rows[0].get("dtype", "")
+    tail = (f"\n\n`{att.path.name}`, {att.meta.get('device')}, torch {att.meta.get('torch')}, "
+            f"triton {att.meta.get('triton')}, git {str(att.meta.get('git_sha'))[:12]}: "
+            f"forward, causal, {dtype}, batch 1, median of `triton.testing.do_bench`.")  # fmt: skip
+    return "\n\n".join(out) + tail
+
+
 def fragments(results: list[Result], page: str) -> dict[str, str]:
     """The generated text of each fragment name, for ``page`` (links relative to it)."""
     prefix = "docs/" if page == "README.md" else ""
@@ -1112,6 +1140,7 @@ def fragments(results: list[Result], page: str) -> dict[str, str]:
         "speed-short": _speed_short(results) + "\n",
         "vllm": _vllm_summary(results) + "\n",
         "flex": _flex_summary(results) + "\n",
+        "flex-gpu": _flex_gpu(results) + "\n",
     }
 
 
