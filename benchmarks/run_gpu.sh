@@ -1,11 +1,23 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: the GPU tests, then every benchmark, JSON into $OUT (or
 # benchmarks/results). Usage: OUT=/some/dir bash benchmarks/run_gpu.sh [--quick]
+#
+# The whole run takes well over ten minutes on an H100 (the first lease, 2026-11-23: the gpu
+# tests 130 s, bench_request_cost's fidelity and sensitivity parts over 300 s, attention,
+# decode and paged about 200 s together). Where one command is limited, split it:
+#   STEPS="tests request_cost" ...   then   STEPS="attention decode paged" ...
+# (names: tests, the bench_* names without "bench_", vllm, tune, tp); STEP_TIMEOUT=seconds
+# bounds each step (a stopped bench_request_cost keeps the rows it finished). Also set
+#   VIDEOANCHOR_GIT_SHA=<the commit you sent>  (a copied tree's .git can be stale)
+#   VIDEOANCHOR_YALEB=<path to YaleB_48_42.mat>  (bench_request_cost's face data)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
+STEPS="${STEPS:-tests attention decode paged backward ssc blocked integration spectral request_cost vllm tune tp}"
+want() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+bounded() { if [ -n "${STEP_TIMEOUT:-}" ]; then timeout "$STEP_TIMEOUT" "$@"; else "$@"; fi; }
 # Pure-Python dependencies the lent GPU machine lacks (no network there): carry their wheels
 # (`pip download --no-deps array-api-compat accelerate -d wheels/`) and install them first.
 for mod in array_api_compat accelerate; do
@@ -15,18 +27,25 @@ for mod in array_api_compat accelerate; do
   }
 done
 status=0
-python -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" || status=1
+if want tests; then
+  bounded python -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" || status=1
+fi
 for script in bench_attention bench_decode bench_paged bench_backward bench_ssc bench_blocked bench_integration bench_spectral bench_request_cost; do
-  if [ -f "benchmarks/$script.py" ]; then
+  if [ -f "benchmarks/$script.py" ] && want "${script#bench_}"; then
     echo "== $script"
-    python "benchmarks/$script.py" --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/$script.log" || status=1
+    bounded python "benchmarks/$script.py" --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/$script.log" || status=1
   fi
 done
+if want request_cost; then  # where the scores' time goes, by stage and operator
+  bounded python benchmarks/profile_ssc.py --n 2048 2>&1 | tee "$OUT/profile_ssc.log" || status=1
+fi
 # vLLM serving, anchored (the plugin's CUDA backend) vs plain vLLM on the same settings.
 # Needs a CUDA build of vllm 0.32 and a local Qwen2.5-VL-7B-Instruct checkpoint (no network
 # on the GPU machine): VIDEOANCHOR_QWEN25VL_7B=/path/to/checkpoint. (The tests of the
 # plugin on CUDA, tests/test_vllm_gpu.py, ran above with -m gpu, skipped without vllm.)
-if ! python -c "import sys, vllm; from vllm.platforms import current_platform as p; sys.exit(not p.is_cuda())" 2>/dev/null; then
+if ! want vllm; then
+  :
+elif ! python -c "import sys, vllm; from vllm.platforms import current_platform as p; sys.exit(not p.is_cuda())" 2>/dev/null; then
   echo "== bench_vllm skipped: needs a CUDA build of vllm 0.32 (pip install 'videoanchor[vllm]', or carry its wheels)"
 elif [ -z "${VIDEOANCHOR_QWEN25VL_7B:-}" ]; then
   echo "== bench_vllm skipped: set VIDEOANCHOR_QWEN25VL_7B to a local Qwen2.5-VL-7B-Instruct checkpoint"
@@ -37,11 +56,15 @@ else
     2>&1 | tee "$OUT/bench_vllm.log" || status=1
 fi
 # tune's sweep vs the naive loop (the tiny model unless --model names a local checkpoint)
-echo "== bench_tune"
-python benchmarks/bench_tune.py --device cuda --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/bench_tune.log" || status=1
+if want tune; then
+  echo "== bench_tune"
+  bounded python benchmarks/bench_tune.py --device cuda --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/bench_tune.log" || status=1
+fi
 # Tensor parallelism: one torchrun per world size, on as many GPUs as there are (at least 2).
 ngpu=$(python -c "import torch; print(torch.cuda.device_count())")
-if [ "$ngpu" -lt 2 ]; then
+if ! want tp; then
+  :
+elif [ "$ngpu" -lt 2 ]; then
   echo "== bench_tp skipped: needs at least 2 GPUs, found $ngpu"
 elif ! python -c "import accelerate" 2>/dev/null; then
   echo "== bench_tp skipped: transformers needs accelerate for tp_plan; install or carry its wheel"
