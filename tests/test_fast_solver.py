@@ -222,3 +222,28 @@ def test_fast_solver_runs_the_active_set_step_on_torch_only():
         assert float((res_np.coef - res.coef).abs().max()) < 5e-2
     finally:
         fast.ActiveSetStep._e_step = orig
+
+
+def test_dense_products_over_a_dense_active_set_give_the_same_iterate(monkeypatch):
+    """fast.DENSE_SHARE only picks how the products over the active set run (sparse or
+    dense): the iterate is the same to rounding either way (float64)."""
+    from videoanchor.anchor import fast
+    from videoanchor.anchor.ssc import solve_ssc_admm
+
+    x = tokens(96, 64, k=4, seed=21)
+    shares = []
+    orig = fast.ActiveSetStep._e_step
+
+    def spy(self, it, t):
+        orig(self, it, t)
+        shares.append(self.share)
+
+    monkeypatch.setattr(fast.ActiveSetStep, "_e_step", spy)
+    runs = {}
+    for name, cut in (("sparse", 2.0), ("dense", -1.0)):
+        monkeypatch.setattr(fast, "DENSE_SHARE", {"yte": cut, "resid": cut})
+        runs[name] = solve_ssc_admm(x, scheduled=True, progress=False, dtype=torch.float64)
+    assert 0 < max(shares) < 1  # an active set that is neither empty nor everything
+    diff = (runs["sparse"].coef - runs["dense"].coef).abs().max().item()
+    assert diff < 1e-10, diff
+    assert (runs["sparse"].outliers - runs["dense"].outliers).abs().max().item() < 1e-10
