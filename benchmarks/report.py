@@ -713,6 +713,8 @@ def fig_request_cost(r: Result, results):
     rows = [x for x in r.rows if x.get("kind") == "cost"]
     if not rows:
         return None
+    if not _is_cpu(r):
+        return _fig_request_cost_measured(r, rows)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.6, 3.2))
     for i, model in enumerate(dict.fromkeys(x["model"] for x in rows)):
@@ -736,6 +738,37 @@ def fig_request_cost(r: Result, results):
         "faithful solver (measured iteration counts) against the fast default (60 iterations): "
         "H100 figures ESTIMATED from counted FLOPs (prefill bf16, SSC FP32, 60% of peak); "
         "dotted: the targets 0.10 and 0.25. The CPU figures (measured) are in the table."
+    )
+
+
+def _fig_request_cost_measured(r: Result, rows: list[dict]):
+    """A GPU result: the measured SSC time over the measured prefill, per solver."""
+    rows = [x for x in rows if x.get("seconds_ssc_fast") is not None
+            and not x.get("first_cuda_solve")]  # fmt: skip
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.6, 3.2))
+    for i, model in enumerate(dict.fromkeys(x["model"] for x in rows)):
+        rs = sorted((x for x in rows if x["model"] == model), key=lambda x: x["frames"])
+        f = [x["frames"] for x in rs]
+        ax.plot(f, [x["ssc_over_prefill_faithful"] for x in rs], color=f"C{i}", marker="o",
+                label=f"{model}: faithful")  # fmt: skip
+        ax.plot(f, [x["ssc_over_prefill_fast"] for x in rs], color=f"C{i}", ls="--", marker="s",
+                label=f"{model}: fast default (git {str(r.meta.get('git_sha'))[:7]})")  # fmt: skip
+    for y in (0.10, 0.25):
+        ax.axhline(y, color="0.4", ls=":", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("frames")
+    ax.set_ylabel("SSC time / LM prefill time")
+    ax.set_title(f"{r.meta.get('device')}, MEASURED", fontsize=8)
+    fig.legend(loc="outside right center", fontsize=6)
+    return fig, (
+        "SSC time over the language model's prefill time on one request against the frame "
+        "count, MEASURED on the GPU (SSC in FP32, the random-weight decoder layers in bf16), "
+        "for the rows the lease finished (a row marked as the process's first CUDA solve is "
+        "left out); dotted: the targets 0.10 and 0.25."
     )
 
 
@@ -961,7 +994,8 @@ def _gpu_speed(results: list[Result]) -> str:
         if row is not None:
             parts.append(
                 f"the anchor scores of a {row['frames']}-frame {row['model']} request "
-                f"(N = {row['n']}) took {row['seconds_ssc_fast']:.2f} s (the default solver) and "
+                f"(N = {row['n']}) took {row['seconds_ssc_fast']:.2f} s (the default solver at "
+                f"git {str(cost.meta.get('git_sha'))[:7]}) and "
                 f"{row['seconds_ssc_faithful']:.2f} s (the authors' iterate), against "
                 f"{row['seconds_prefill']:.2f} s for the model's prefill "
                 f"({row['ssc_over_prefill_fast']:.1f}x and {row['ssc_over_prefill_faithful']:.1f}x)"
@@ -1001,7 +1035,20 @@ def _speed_line(results: list[Result], prefix: str) -> str:
         f"as a full mask (`{att.path.name}`; all figures on the [Benchmarks]({prefix}"
         "benchmarks.md) page).\n\n"
         f"![The exact torch path against SDPA on a CPU]({prefix}figures/{figure_name(att)})"
+        + _gpu_figures(results, prefix)
     )
+
+
+def _gpu_figures(results: list[Result], prefix: str) -> str:
+    """The GPU figures beside the CPU one (same line): prefill attention and the anchor
+    scores over the prefill."""
+    out = ""
+    for area, alt in (("attention", "Prefill attention on a GPU"),
+                      ("request_cost", "Anchor scores over the prefill on a GPU, measured")):  # fmt: skip
+        r = next((r for r in results if r.area == area and not _is_cpu(r)), None)
+        if r is not None:
+            out += f" ![{alt}]({prefix}figures/{figure_name(r)})"
+    return out
 
 
 def _compile_summary(results: list[Result]) -> str:
