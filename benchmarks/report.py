@@ -969,8 +969,9 @@ def _gpu_speed(results: list[Result]) -> str:
                                  ("sdpa_mask", "SDPA with the gates as a mask"))
                 if k in v
             )  # fmt: skip
+            form = " in its general form" if att.meta.get("anchored_form") == "general" else ""
             parts.append(
-                f"the anchored Triton prefill ({model} heads, S = {S}, causal, "
+                f"the anchored Triton prefill{form} ({model} heads, S = {S}, causal, "
                 f"{att.rows[0].get('dtype', '')}) took {v['anchored']:.1f} ms, against "
                 f"{v['sdpa_flash']:.1f} ms for SDPA's flash backend without the gates, "
                 f"{v['ours_plain']:.1f} ms for our kernel with the gates off{extra}"
@@ -1153,7 +1154,10 @@ def _flex_gpu(results: list[Result]) -> str:
     att = next((r for r in results if r.area == "attention" and not _is_cpu(r)), None)
     if att is None:
         return "No GPU comparison exists yet."
-    names = {"anchored": "ours, anchored (Triton)", "ours_plain": "ours, gates off (Triton)",
+    general = att.meta.get("anchored_form") == "general"
+    names = {"anchored": "ours, anchored (Triton" + (", general form)" if general else ")"),
+             "anchored_general": "ours, anchored (Triton, general form)",
+             "ours_plain": "ours, gates off (Triton)",
              "sdpa_flash": "SDPA flash, no gates", "sdpa_mask": "SDPA, gates as a mask",
              "flex": "FlexAttention (compiled, score_mod)", "eager": "eager (the authors')"}  # fmt: skip
     out = []
