@@ -709,6 +709,16 @@ def fig_vllm(r: Result, results):
     )
 
 
+def _cost_axes(ax) -> None:
+    """SSC-over-prefill axes: log frames, log ratio, the issue's targets dotted."""
+    for y in (0.10, 0.25):
+        ax.axhline(y, color="0.4", ls=":", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("frames")
+    ax.set_ylabel("SSC time / LM prefill time")
+
+
 def fig_request_cost(r: Result, results):
     rows = [x for x in r.rows if x.get("kind") == "cost"]
     if not rows:
@@ -725,12 +735,7 @@ def fig_request_cost(r: Result, results):
                 marker="o", label=f"{model}: faithful, FP32")  # fmt: skip
         ax.plot(f, [x.get("h100_ssc_over_prefill_fast_fp32") for x in rs], color=f"C{i}",
                 ls="--", marker="s", label=f"{model}: fast default, FP32")  # fmt: skip
-    for y in (0.10, 0.25):
-        ax.axhline(y, color="0.4", ls=":", lw=1)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("frames")
-    ax.set_ylabel("SSC time / LM prefill time")
+    _cost_axes(ax)
     ax.set_title("H100, ESTIMATED from counted FLOPs", fontsize=8)
     fig.legend(loc="outside right center", fontsize=6)
     return fig, (
@@ -756,12 +761,7 @@ def _fig_request_cost_measured(r: Result, rows: list[dict]):
                 label=f"{model}: faithful")  # fmt: skip
         ax.plot(f, [x["ssc_over_prefill_fast"] for x in rs], color=f"C{i}", ls="--", marker="s",
                 label=f"{model}: fast default (git {str(r.meta.get('git_sha'))[:7]})")  # fmt: skip
-    for y in (0.10, 0.25):
-        ax.axhline(y, color="0.4", ls=":", lw=1)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("frames")
-    ax.set_ylabel("SSC time / LM prefill time")
+    _cost_axes(ax)
     ax.set_title(f"{r.meta.get('device')}, MEASURED", fontsize=8)
     fig.legend(loc="outside right center", fontsize=6)
     return fig, (
