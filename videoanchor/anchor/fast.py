@@ -58,8 +58,6 @@ def applies(x) -> bool:
     took 64% of the active-set solver's device time at N = 2048, D = 3584, and the solver
     was slower than the authors' iterate at N = 4096 (2.54 s against 1.84 s): there, the
     dense products do less wall time than the sparse ones they replace."""
-    import torch
-
     return isinstance(x, torch.Tensor) and x.device.type == "cpu"
 
 

@@ -1,0 +1,44 @@
+"""benchmarks/bench_request_cost.py's bookkeeping (no timing): the rows it counts and
+estimates, the order it measures in, and its command-line checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import bench_request_cost as brc
+
+
+def test_counted_flops_follow_the_code_paths():
+    n, d = 2048, 3584
+    fl = brc.ssc_flops(n, d)
+    assert fl["per_iter"] == 2.0 * (n + d) * n * n
+    # CUDA runs the dense schedule: [R; Y R](T - I) and a dense Y^T E every iteration
+    assert fl["per_iter_fast_cuda"] == 2.0 * (n + d) * n * n + 2.0 * n * d * n
+    assert fl["per_iter_fast"] < fl["per_iter_fast_cuda"]  # the CPU's active set does less
+
+
+def test_estimated_rows_without_measuring():
+    calls = []
+    rows = brc.cost_rows(torch.device("cpu"), True, 0.0, measure=[], on_row=calls.append)
+    assert len(rows) == len(brc.SHAPES) * len(brc.FRAMES) == len(calls)
+    assert [(r["model"], r["frames"]) for r in rows] == [
+        (s, f) for s in brc.SHAPES for f in brc.FRAMES
+    ]
+    for r in rows:
+        assert "seconds_ssc_fast" not in r and r["iterations_figures"] == "not measured"
+        assert r["h100_ssc_over_prefill_fast_fp32"] > r["h100_ssc_over_prefill_fast_tf32"] > 0
+        assert "h100_ssc_over_prefill_faithful_fp32" not in r  # no iteration count to use
+        assert "dense schedule" in r["h100_figures"]
+
+
+def test_measure_option_is_checked():
+    assert brc.parse_measure("Qwen2.5-VL-7B:16,64;InternVL2-8B:8") == [
+        ("Qwen2.5-VL-7B", 16), ("Qwen2.5-VL-7B", 64), ("InternVL2-8B", 8),
+    ]  # fmt: skip
+    assert brc.parse_measure(None) is None
+    for bad in ("Qwen9:16", "Qwen2.5-VL-7B", "InternVL2-8B:"):
+        with pytest.raises(SystemExit, match="--measure: expected SHAPE"):
+            brc.parse_measure(bad)
+    with pytest.raises(SystemExit, match="--parts: expected a subset"):
+        brc.main(["--parts", "cost,speed"])
