@@ -1013,8 +1013,9 @@ def _speed_line(results: list[Result], prefix: str) -> str:
     head = ("**How fast?** " + ("GPU results: " + _links(sorted(r.path.name for r in gpu), prefix)
             + "." if gpu else "No GPU timing exists yet (nothing has run on a GPU), so there is "
             "no GPU speed figure here."))  # fmt: skip
-    if gpu and _gpu_speed(results):
-        head = "**How fast?** " + _gpu_speed(results)
+    gpu_line = _gpu_speed(results) if gpu else ""
+    if gpu_line:
+        head = "**How fast?** " + gpu_line
     att = next((r for r in results if r.area == "attention" and _is_cpu(r)), None)
     if att is None:
         return head

@@ -534,6 +534,12 @@ class ScheduledStep(SquaredStep):
             ya -= xp.clip(ya, -self.thr_e, self.thr_e)
             self.E = ya
             self.e_nonzero = bool(xp.any(ya != 0))
+        return self._c_step(it, a)
+
+    def _c_step(self, it: int, a) -> tuple[float, bool]:
+        """After the A- and E-steps (``a`` is ``A``, overwritten): the affine dual, the
+        C-step and its dual, the residual, and the scheduled rho rebalancing."""
+        dic, xp = self.dic, self.dic.xp
         if dic.affine:
             self.d1s += xp.sum(a, axis=0) - 1.0
         c_old = self.C

@@ -100,7 +100,7 @@ class ActiveSetStep(admm.ScheduledStep):
         return torch.sparse.mm(et, self.y).T
 
     def __call__(self, it: int) -> tuple[float, bool]:
-        dic, xp, factor = self.dic, self.dic.xp, self.factor
+        dic, factor = self.dic, self.factor
         t = self.C - self.lam
         if dic.affine:
             t -= self.d1s
@@ -114,14 +114,7 @@ class ActiveSetStep(admm.ScheduledStep):
         a[diag.rows, diag.cols] += 1.0
         if dic.outliers:
             self._e_step(it, t)
-        if dic.affine:
-            self.d1s += a.sum(dim=0) - 1.0
-        c_old = self.C
-        a += self.lam
-        self.C, self.lam, absd = dic.kernels.shrink(xp, a, self.lam, 1.0 / self.rho, diag)
-        residual = float(absd.sum(dim=1).max())
-        self._balance_on_schedule(it, absd, c_old)
-        return residual, it >= self.iterations
+        return self._c_step(it, a)
 
     def _e_step(self, it: int, t: torch.Tensor) -> None:
         """``E = soft(Y - Y A, thr)`` with ``Y - Y A = -(Y R)(T - I)`` (``t`` is ``T - I``):
@@ -165,23 +158,3 @@ class ActiveSetStep(admm.ScheduledStep):
         vals = vals - vals.clamp(-thr, thr)
         self._e_vals = vals
         self.e_nonzero = bool((vals != 0).any())
-
-    def _balance_on_schedule(self, it: int, absd, c_old) -> None:
-        """The parent's continuous rho rebalancing at the scheduled iterations."""
-        sch, xp = self.schedule, self.dic.xp
-        if not (it % sch["every"] == 0 and it <= sch["balance_until"] and it < self.iterations):
-            return
-        import math
-
-        norm = xp.linalg.vector_norm
-        c_old -= self.C
-        r_rel = float(norm(absd)) / max(float(norm(self.C)), 1e-30)
-        s_rel = float(norm(c_old)) / max(float(norm(self.lam)), 1e-30)
-        q = r_rel / max(s_rel, 1e-30)
-        factor = min(max(math.sqrt(q), 1.0 / sch["tau"]), sch["tau"])
-        self.lam *= 1.0 / factor
-        if self.dic.affine:
-            self.d1s *= 1.0 / factor
-        self.rho *= factor
-        self.factor.refactor(self.rho)
-        self.rho_changes += 1

@@ -406,17 +406,16 @@ class SSCProgress:
         blocks = f" in each of {self.blocks} column blocks" if self.blocks > 1 else ""
         text = (
             f"SSC cost estimate: {n}{format_seconds(spi)}/iteration measured over the first "
-            f"{self._done} iterations; the iteration limit ({self.max_iter}{blocks}) would "
-            f"take at most {format_seconds(spi * self.max_iter * self.blocks)}"
+            f"{self._done} iterations; "
         )
+        total = format_seconds(spi * self.max_iter * self.blocks)
         if self.schedule:
-            text = (
-                f"SSC cost estimate: {n}{format_seconds(spi)}/iteration measured over the "
-                f"first {self._done} iterations; its fixed schedule of {self.max_iter} "
-                f"iterations takes about {format_seconds(spi * self.max_iter * self.blocks)}"
-            )
+            text += f"its fixed schedule of {self.max_iter} iterations takes about {total}"
         else:  # no projection yet: the first iterations fall much faster than the later ones
-            text += "; the ETA from the residual's trend follows in the progress"
+            text += (
+                f"the iteration limit ({self.max_iter}{blocks}) would take at most {total}; "
+                "the ETA from the residual's trend follows in the progress"
+            )
         if self.time_budget is not None:
             text += f"; time budget {format_seconds(self.time_budget)}"
         return text
