@@ -27,6 +27,7 @@ import numpy as np
 
 from videoanchor.anchor.options import DEFAULTS as SSC
 from videoanchor.anchor.options import SSC_SOLVERS
+from videoanchor.anchor.products import PRECISIONS
 from videoanchor.pipeline import (
     PipelineError,
     _first_line,
@@ -113,7 +114,7 @@ def _inputs(processor, kind, visual, question, model):
 def _anchor_options(args, enabled: bool) -> dict:
     opts = dict(enabled=enabled, n_clusters=args.n_clusters, decode=args.decode, seed=args.seed)
     opts.update(pca_rank=args.pca_rank, max_iter=args.ssc_max_iter, label_draws=args.label_draws)
-    opts.update(ssc_solver=args.ssc_solver)
+    opts.update(ssc_solver=args.ssc_solver, ssc_precision=args.ssc_precision)
     opts.update(ssc_progress=not args.quiet, ssc_time_budget=args.ssc_time_budget)
     for name in ("alpha_q", "alpha_k", "alpha_v"):
         value = getattr(args, name)
@@ -690,6 +691,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=SSC.max_iter,
         help=f"ADMM iteration limit of SSC (default {SSC.max_iter}, the authors')",
+    )
+    a.add_argument(
+        "--ssc-precision",
+        choices=PRECISIONS,
+        default=SSC.precision,
+        help="precision of the fast solver's products: auto (default: full, the working "
+        "dtype), full, or bf16x3 (bfloat16 tensor cores at about float32 accuracy; for CUDA, "
+        "emulated and slower elsewhere)",
     )
     a.add_argument(
         "--ssc-solver",

@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 import array_api_compat
 
+from videoanchor.anchor.products import Products
+
 __all__ = [
     "DenseInverse",
     "Dictionary",
@@ -221,9 +223,11 @@ class Diagonal:
 
 class Dictionary:
     """The points ``Y`` (``x`` is ``N x D``, one row per point) as the iteration uses them:
-    ``x64`` in float64 for the factorisations, ``xw`` in the working dtype ``work``."""
+    ``x64`` in float64 for the factorisations, ``xw`` in the working dtype ``work``;
+    ``products``: the precision of the fast solver's dense products (:mod:`products`)."""
 
-    def __init__(self, x, work, *, lam_z: float, affine: bool, outliers: bool, kernels):
+    def __init__(self, x, work, *, lam_z: float, affine: bool, outliers: bool, kernels,
+                 products: Products | None = None):  # fmt: skip
         xp = array_api_compat.array_namespace(x)
         self.xp, self.device = xp, array_api_compat.device(x)
         self.x64 = xp.astype(x, xp.float64, copy=False)
@@ -233,6 +237,7 @@ class Dictionary:
         self.n, self.d = x.shape
         self.lam_z, self.affine, self.outliers = lam_z, affine, outliers
         self.kernels = kernels
+        self.products = products or Products("full")
 
     def zeros(self, *shape, dtype=None):
         """A zero array of ``shape`` in the working dtype (or ``dtype``) on this device."""
@@ -271,6 +276,7 @@ class DenseInverse:
         self.r[: dic.n, :] = xp.astype(r, dic.work, copy=False)
         if dic.outliers:
             self.r[dic.n :, :] = xp.astype(dic.x64.T @ r, dic.work, copy=False)
+        self.r_left = dic.products.left(self.r)  # the product's left operand (its split)
 
     def step_a(self, t, d1s, e, cols: slice, want_ya: bool, diag):
         """``(A, Y A)`` for the columns ``cols`` (diagonal ``diag``) from ``t = C - Lam``
@@ -283,7 +289,7 @@ class DenseInverse:
             t -= dic.kernels.times_e(dic.xw, e * (dic.lam_z / self.rho))
         t[diag.rows, diag.cols] -= 1.0  # T - I
         rows = self.r.shape[0] if want_ya else dic.n
-        a = self.r[:rows, :] @ t
+        a = dic.products.mm(self.r_left[:rows, :], t)
         a[diag.rows, diag.cols] += 1.0
         ya = None
         if dic.outliers and want_ya:
@@ -310,6 +316,7 @@ class EigenInverse(DenseInverse):
         self.vt1 = xp.sum(v, axis=0)  # V^T 1
         # the products of every refactor run in the working dtype (R is stored in it)
         self.v = xp.astype(v, dic.work, copy=False)
+        self.vt = dic.products.right(self.v.T)  # the refactors' right operand (its split)
         self.yv = xp.astype(dic.x64.T @ v, dic.work, copy=False) if dic.outliers else None
         self.refactor(rho)
 
@@ -321,9 +328,10 @@ class EigenInverse(DenseInverse):
         scale = xp.astype(scale64, dic.work, copy=False)
         rows = dic.n + dic.d if dic.outliers else dic.n
         self.r = xp.empty((rows, dic.n), dtype=dic.work, device=dic.device)
-        self.r[: dic.n, :] = (self.v * scale[None, :]) @ self.v.T  # B
+        mm = dic.products.mm
+        self.r[: dic.n, :] = mm(self.v * scale[None, :], self.vt)  # B
         if dic.outliers:
-            self.r[dic.n :, :] = (self.yv * scale[None, :]) @ self.v.T  # Y B
+            self.r[dic.n :, :] = mm(self.yv * scale[None, :], self.vt)  # Y B
         if dic.affine:  # Sherman-Morrison for rho 1 1^T, its vectors in float64
             sv = scale64 * self.vt1
             b = self.v64 @ sv  # B 1
@@ -333,6 +341,7 @@ class EigenInverse(DenseInverse):
             if dic.outliers:
                 yb = xp.astype(dic.x64.T @ b, dic.work, copy=False)  # Y B 1
                 self.r[dic.n :, :] -= yb[:, None] * bw[None, :]
+        self.r_left = dic.products.left(self.r)
 
 
 class Woodbury:

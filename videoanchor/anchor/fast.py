@@ -76,9 +76,10 @@ class ActiveSetStep(admm.ScheduledStep):
         self.share = 0.0  # the active entries' share of D x N
 
     def _mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """The iteration's dense products (``R (T - I)``, ``(Y R)(T - I)``); benchmarks
-        override it to emulate tensor-core precisions."""
-        return a @ b
+        """The iteration's dense products (``R (T - I)``, ``(Y R)(T - I)``; ``a`` a slice of
+        the factor's prepared ``r_left``) at the solver's precision; benchmarks override it
+        to emulate other tensor-core precisions."""
+        return self.dic.products.mm(a, b)
 
     def is_full(self, it: int) -> bool:
         """Whether iteration ``it`` runs the exact E-step (and resets the active set)."""
@@ -93,7 +94,7 @@ class ActiveSetStep(admm.ScheduledStep):
         if self.share > DENSE_SHARE["yte"]:  # the same product, dense (faster here)
             e = self.y.new_zeros(d, n)
             e[rows, cols] = self._e_vals * scale
-            return self.y.T @ e
+            return self.dic.kernels.dense(self.dic.xw, e)
         # (Y^T E)^T = E^T Y: a sparse (N x D) times dense (D x N) product
         et = torch.sparse_coo_tensor(torch.stack([cols, rows]), self._e_vals * scale, (n, d),
                                      check_invariants=False)  # fmt: skip
@@ -110,7 +111,7 @@ class ActiveSetStep(admm.ScheduledStep):
         diag = self.diag
         t[diag.rows, diag.cols] -= 1.0  # T - I
         n = dic.n
-        a = self._mm(factor.r[:n], t)
+        a = self._mm(factor.r_left[:n], t)
         a[diag.rows, diag.cols] += 1.0
         if dic.outliers:
             self._e_step(it, t)
@@ -122,9 +123,10 @@ class ActiveSetStep(admm.ScheduledStep):
         not a difference of two near-equal products (which TF32 or bf16 inputs would ruin)."""
         thr = self.thr_e
         yr = self.factor.r[self.dic.n :]
+        yr_left = self.factor.r_left[self.dic.n :]
         if self.is_full(it):
             self.full_count += 1
-            resid = self._mm(yr, t)
+            resid = self._mm(yr_left, t)
             resid.neg_()  # Y - Y A, exactly
             rows, cols = (resid.abs() > MARGIN * thr).nonzero(as_tuple=True)
             self.share = rows.numel() / max(resid.numel(), 1)
@@ -149,7 +151,7 @@ class ActiveSetStep(admm.ScheduledStep):
                 return
             rows, cols, pattern = self._active
             if self.share > DENSE_SHARE["resid"]:  # the same entries, from the dense product
-                vals = -self._mm(yr, t)[rows, cols]
+                vals = -self._mm(yr_left, t)[rows, cols]
             else:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # sparse CSR is in beta

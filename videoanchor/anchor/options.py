@@ -22,6 +22,7 @@ from videoanchor.anchor._inputs import (
     resolve_dtype,
     resolve_seed,
 )
+from videoanchor.anchor.products import PRECISIONS, resolve_precision
 
 __all__ = ["CHECKS", "DEFAULTS", "EIGEN_SOLVERS", "SSCOptions", "names_affecting"]
 
@@ -111,6 +112,10 @@ class SSCOptions:
     ``"faithful"`` (the authors' iteration and stopping rule) or ``"accelerated"``."""
     dtype: torch.dtype | None = None
     """Working dtype of the ADMM: None (float32), ``torch.float32`` or ``torch.float64``."""
+    precision: str = "auto"
+    """Precision of the fast solver's dense products: ``"full"`` (``"auto"``: the working
+    dtype) or ``"bf16x3"`` (bfloat16 tensor cores at about float32 accuracy; float32, torch,
+    fast solver only; :mod:`videoanchor.anchor.products`)."""
     seed: int | None = 0
     """Seed of the spectral clustering (None: drawn from NumPy's global generator)."""
     label_draws: int = 1
@@ -177,6 +182,25 @@ class SSCOptions:
                     "mode='blocked' runs the authors' iteration only; expected solver 'auto' "
                     f"or 'faithful', got {solver!r}"
                 )
+        if out.precision == "bf16x3":
+            problems = [
+                what
+                for bad, what in (
+                    (solver not in ("auto", "fast"), f"solver 'fast' or 'auto' (got {solver!r})"),
+                    (mode == "blocked", "mode 'exact' or 'auto' (blocked runs the authors' "
+                     "iteration)"),
+                    (backend == "cupy", "backend 'torch' or 'auto' (got 'cupy')"),
+                    (out.dtype != torch.float32, f"dtype float32 (got {out.dtype})"),
+                )
+                if bad
+            ]  # fmt: skip
+            if problems:
+                raise ValueError(
+                    "precision='bf16x3' runs the fast solver's float32 products on bfloat16 "
+                    "tensor cores; it needs "
+                    + "; ".join(problems)
+                    + ". Use precision='auto' or 'full' otherwise"
+                )
         for name, unset in (("block_columns", None), ("block_eps", "own")):
             if getattr(out, name) != unset and mode not in ("blocked", "auto"):
                 raise ValueError(
@@ -208,6 +232,7 @@ CHECKS = {
     "backend": (_choice(SSC_BACKENDS), "coef"),
     "solver": (_choice(SSC_SOLVERS), "coef"),
     "dtype": (_dtype, "coef"),
+    "precision": (lambda n, v: resolve_precision(check_choice(n, v, PRECISIONS)), "coef"),
     "seed": (lambda n, v: resolve_seed(v), "labels"),
     "label_draws": (_label_draws, "labels"),
     "eigen_solver": (_choice(("auto", "eigh", "krylov", "subspace")), ""),

@@ -224,7 +224,7 @@ def _solve(x, opts: SSCOptions, *, backend, solver, **kw):
         from videoanchor.anchor.cupy_backend import solve_ssc_admm_cupy as solve
     kw.update(opts.program())
     if solver == "fast":
-        return solve(x, scheduled=True, **kw)
+        return solve(x, scheduled=True, precision=opts.precision, **kw)
     relax, adaptive = (1.0, False) if solver == "faithful" else (ACCEL_RELAX, True)
     return solve(x, relax=relax, adaptive_rho=adaptive, e_every=3 if adaptive else 1, **kw)
 
@@ -250,6 +250,7 @@ def sparse_subspace_clustering(
     backend: str = DEFAULTS.backend,
     solver: str = "faithful",
     dtype=DEFAULTS.dtype,
+    precision: str = DEFAULTS.precision,
     progress=DEFAULTS.progress,
 ) -> SSCResult:
     """Sparse subspace clustering of the rows of ``features`` (``N x D``) into ``n_clusters``.
@@ -347,6 +348,7 @@ def compute_anchor_scores(
     seed: int = DEFAULTS.seed,
     backend: str = DEFAULTS.backend,
     dtype=DEFAULTS.dtype,
+    precision: str = DEFAULTS.precision,
     progress=DEFAULTS.progress,
     solver: str = DEFAULTS.solver,
     eigen_solver: str = DEFAULTS.eigen_solver,
@@ -377,6 +379,11 @@ def compute_anchor_scores(
     the primal and the dual residual: it converges to the minimiser of the authors'
     program, which the authors' stopping rule leaves several percent away from; not always
     fewer iterations). Blocked mode runs the faithful iteration (``"auto"`` picks it there).
+
+    ``precision`` (fast solver): ``"auto"`` / ``"full"`` multiplies in the working dtype;
+    ``"bf16x3"`` runs the solver's dense products on bfloat16 tensor cores at about float32
+    accuracy (each float32 operand split into two bfloat16 parts, three products accumulated
+    in float32; emulated, three times slower, off CUDA). Float32, torch backend, exact mode.
 
     ``mode``: ``"exact"`` (dense ``N x N`` SSC), ``"blocked"`` (the same exact program and
     iteration on ``block_columns`` columns of ``C`` at a time against all tokens, no
@@ -449,6 +456,12 @@ def compute_anchor_scores(
     if mode == "auto":
         fits = process_group is None and _exact_fits(x, opts.dtype, opts.pca_rank)
         mode = "exact" if fits else "blocked"
+    if mode == "blocked" and opts.precision != "full":
+        raise ValueError(
+            f"precision={opts.precision!r} applies to the fast solver of exact mode, but these "
+            f"{x.shape[0]} tokens need blocked mode (the authors' iteration: exact mode does not "
+            "fit in memory or N exceeds its limit); use precision='auto' or 'full'"
+        )
     if mode == "blocked":
         warn_dominant_token(x, opts.dtype)  # (mode='exact' warns in the call below)
         return _blocked_anchor_scores(x, opts, t0=t0, process_group=process_group)
@@ -510,6 +523,7 @@ def ssc_coefficients(
     backend: str = DEFAULTS.backend,
     solver: str = DEFAULTS.solver,
     dtype=DEFAULTS.dtype,
+    precision: str = DEFAULTS.precision,
     progress=False,
 ) -> SSCCoefficients:
     """Solve SSC on ``features`` (``N x D``) as :func:`compute_anchor_scores` does with

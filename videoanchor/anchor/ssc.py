@@ -43,6 +43,7 @@ from videoanchor.anchor._inputs import (
     check_memory,
     resolve_dtype,
 )
+from videoanchor.anchor.products import PRECISIONS, Products, resolve_precision
 
 __all__ = ["ssc_lambdas", "gram_row_max", "solve_ssc_admm", "ADMMResult", "SSCMemoryError"]
 
@@ -116,6 +117,31 @@ class ADMMResult:
                    residual=out.residual, **fields)  # fmt: skip
 
 
+def check_precision(precision, *, scheduled: bool, work, namespace: str = "torch") -> str:
+    """``precision`` resolved (``"auto"`` is ``"full"``); a ValueError where ``"bf16x3"``
+    cannot run: only the fast solver's torch iteration in float32 has it."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    precision = resolve_precision(precision)
+    if precision == "bf16x3":
+        problems = [
+            what
+            for bad, what in (
+                (not scheduled, "the fast solver (solver='fast' or 'auto' in exact mode)"),
+                (namespace != "torch", "the torch backend"),
+                (work != torch.float32, f"dtype float32 (got {work})"),
+            )
+            if bad
+        ]
+        if problems:
+            raise ValueError(
+                "precision='bf16x3' splits float32 products into bfloat16 parts; it needs "
+                + ", ".join(problems)
+                + "; use precision='full' otherwise"
+            )
+    return precision
+
+
 def check_admm_parameters(n: int, rho: float, eps: float, max_iter: int) -> None:
     """The checks every ADMM entry point makes on its size and iteration parameters."""
     if n < 2:
@@ -171,9 +197,20 @@ class TorchKernels(admm.Kernels):
     sparse ``E`` (gather on the CPU, cuSPARSE on CUDA), the C-step in place and the
     inverse from the Cholesky factor."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, products: Products | None = None):
         self.device = device
+        self.products = products or Products("full")
         self._mt: dict[int, torch.Tensor] = {}
+        self._left: dict[int, torch.Tensor] = {}
+
+    def dense(self, m, e):
+        """``m @ e`` dense, at the solver's precision (``m``'s split is made once)."""
+        if not self.products.split:
+            return torch.mm(m, e)
+        key = id(m)
+        if key not in self._left:
+            self._left[key] = self.products.left(m)
+        return self.products.mm(self._left[key], e)
 
     def shrink(self, xp, t, lam, thr, diag):
         lam_new = t.clamp(-thr, thr)
@@ -190,14 +227,14 @@ class TorchKernels(admm.Kernels):
 
     def times_e(self, m, e):
         if not (e.is_cuda or _SPARSE_E_ON_CPU):
-            return torch.mm(m, e)
+            return self.dense(m, e)
         nnz = int(torch.count_nonzero(e))
         if nnz >= _SPARSE_E_DENSITY * e.numel():
-            return torch.mm(m, e)
+            return self.dense(m, e)
         if not e.is_cuda:
             if nnz > e.shape[1]:
                 # the gather below holds m.shape[0] x nnz values: keep it within the output
-                return torch.mm(m, e)
+                return self.dense(m, e)
             # column i of m @ E is sum_d m[:, d] E[d, i] over E's few non-zeros
             rows, cols = e.nonzero(as_tuple=True)
             out = torch.zeros(m.shape[0], e.shape[1], dtype=e.dtype, device=e.device)
@@ -236,6 +273,7 @@ def solve_ssc_admm(
     xp=None,
     kernels: admm.Kernels | None = None,
     scheduled: bool = False,
+    precision: str = "auto",
 ) -> ADMMResult:
     """Solve the SSC program for ``features`` (``N x D``, one row per point) on their device.
 
@@ -272,6 +310,8 @@ def solve_ssc_admm(
     check_admm_parameters(n, rho, eps, max_iter)
     if not (1.0 <= relax < 2.0):
         raise ValueError(f"relax: expected a value in [1, 2), got {relax}")
+    precision = check_precision(precision, scheduled=scheduled, work=work_t,
+                                namespace="torch" if xp is None else "other")  # fmt: skip
     if scheduled:
         strategy = "dense"  # the eigendecomposition gives the dense [R; Y R]
     if strategy == "auto":
@@ -281,8 +321,9 @@ def solve_ssc_admm(
     if check_memory_first:
         itemsize = torch.finfo(work_t).bits // 8
         check_memory(admm_bytes(n, d, itemsize, strategy), device, n=n, d=d, what="Dense SSC")
+    products = Products(precision)
     if xp is None:
-        x, work, kernels = x_t, work_t, TorchKernels(device)
+        x, work, kernels = x_t, work_t, TorchKernels(device, products)
     else:
         x = xp.from_dlpack(x_t.contiguous())
         work = xp.float32 if work_t == torch.float32 else xp.float64
@@ -304,7 +345,7 @@ def solve_ssc_admm(
         kernels.sync()
         t1 = time.perf_counter()
         dic = admm.Dictionary(x, work, lam_z=lam_z, affine=affine, outliers=outliers,
-                              kernels=kernels)  # fmt: skip
+                              kernels=kernels, products=products)  # fmt: skip
         if scheduled:
             factor = admm.EigenInverse(dic, rho)
         else:

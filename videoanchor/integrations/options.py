@@ -48,7 +48,8 @@ class AnchorConfig:
 
     The SSC options (:data:`SSC_CONFIG_NAMES`) are
     :class:`~videoanchor.anchor.options.SSCOptions`' (defaults, checks, meaning), three of
-    them under an ``ssc_`` name here: ``ssc_backend``, ``ssc_solver``, ``ssc_dtype``.
+    them under an ``ssc_`` name here: ``ssc_backend``, ``ssc_solver``, ``ssc_dtype``,
+    ``ssc_precision``.
     """
 
     enabled: bool = True
@@ -69,13 +70,14 @@ class AnchorConfig:
     ssc_backend: str = SSC.backend
     ssc_solver: str = SSC.solver
     ssc_dtype: torch.dtype | None = SSC.dtype
+    ssc_precision: str = SSC.precision
     attention_backend: str = "auto"
     process_group: object = "auto"
     ssc_progress: object = "auto"
     ssc_time_budget: float | None = None
 
 
-_SSC_PREFIXED = ("backend", "solver", "dtype")  # AnchorConfig's ssc_backend, ssc_solver, ...
+_SSC_PREFIXED = ("backend", "solver", "dtype", "precision")  # ssc_backend, ssc_solver, ...
 _SSC_UNSET = ("eigen_solver", "mode", "block_columns", "block_eps", "progress")
 #: ``{AnchorConfig field: SSCOptions option}`` of the SSC options a configured model sets
 #: (the others keep their defaults, but ``progress``, which ``ssc_progress`` and

@@ -726,6 +726,7 @@ def configure(
     ssc_backend=_UNSET,
     ssc_solver=_UNSET,
     ssc_dtype=_UNSET,
+    ssc_precision=_UNSET,
     attention_backend=_UNSET,
     process_group=_UNSET,
     ssc_progress=_UNSET,
@@ -751,6 +752,9 @@ def configure(
         ssc_solver: ``solver`` of :func:`videoanchor.compute_anchor_scores`: ``"auto"``
             (default: the fast solver), ``"fast"``, ``"faithful"`` (the authors' iterate) or
             ``"accelerated"``.
+        ssc_precision: ``precision`` of :func:`videoanchor.compute_anchor_scores`: ``"auto"``
+            / ``"full"`` (the working dtype) or ``"bf16x3"`` (the fast solver's products on
+            bfloat16 tensor cores at about float32 accuracy; for CUDA).
         label_draws: 1 (default, the paper's single random label draw) or R > 1: R label
             draws from one spectral embedding with the cluster shares averaged, for scores
             that depend much less on the seed (beyond the paper).
@@ -826,6 +830,7 @@ def configure(
             ssc_backend=ssc_backend,
             ssc_solver=ssc_solver,
             ssc_dtype=ssc_dtype,
+            ssc_precision=ssc_precision,
             attention_backend=attention_backend,
             process_group=process_group,
             ssc_progress=ssc_progress,

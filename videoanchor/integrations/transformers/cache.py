@@ -246,7 +246,7 @@ class AnchorCache:
                 features, alpha_e=config.alpha_e, alpha_z=config.alpha_z, rho=config.rho,
                 eps=config.eps, max_iter=config.max_iter, pca_rank=config.pca_rank,
                 backend=config.ssc_backend, solver=config.ssc_solver, dtype=config.ssc_dtype,
-                progress=progress,
+                precision=config.ssc_precision, progress=progress,
             )  # fmt: skip
             entry = {
                 "coef": c.coef.cpu(), "iterations": int(c.iterations),
