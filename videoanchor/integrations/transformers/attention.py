@@ -296,6 +296,8 @@ def videoanchor_attention_forward(
         if pending is not None and pending.offset is None:
             n_valid = int(cache_seqlens.max())  # once per request: where the prompt ends
     key_bias, value_scale, backend = gates(n_valid)
+    if _plain_decode_applies(query, key_bias, value_scale, backend, attention_mask, cache_seqlens):
+        return _plain_decode(query, key, value, key_padding_mask, scaling), None
     if attention_mask is not None and attention_mask.dim() == 4:
         # A user's mask, as transformers passes it: as with SDPA it is the whole mask (no
         # causal flag on top) and may be longer than the keys.
@@ -331,6 +333,47 @@ def videoanchor_attention_forward(
         **fast,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+#: Ungated one-token steps with at most this many rows run on PyTorch's SDPA (``backend``
+#: "auto" only). On the first H100 lease (``decode_nvidia-h100-80gb-hbm3.json``) one batch-1
+#: step of our split-KV kernel took 0.31 ms against SDPA's 0.04 ms at 8192 cached tokens
+#: (0.78 against 0.30 at 131072), most of it host time per call; at batch 8 our kernel was
+#: 2.7x faster than SDPA with a padding mask, so larger batches keep it.
+SDPA_DECODE_MAX_BATCH = 1
+
+
+def _plain_decode_applies(query, key_bias, value_scale, backend, attention_mask, cache_seqlens):
+    """Whether this call is a plain (ungated) decode step that SDPA serves: one query token
+    per row, no gates (a decode step with ``decode="prefill"``, or an unconfigured module),
+    no static-cache slot mask, no user 4D mask, the "auto" backend and a small batch."""
+    return (
+        key_bias is None
+        and value_scale is None
+        and backend == "auto"
+        and query.shape[2] == 1
+        and query.shape[0] <= SDPA_DECODE_MAX_BATCH
+        and cache_seqlens is None
+        and (attention_mask is None or attention_mask.dim() == 2)
+    )
+
+
+def _plain_decode(query, key, value, key_padding_mask, scaling):
+    """One query token per row without gates, by PyTorch's SDPA (what
+    ``attn_implementation="sdpa"`` runs): the query sees every cached key but padding (the
+    bottom-right causal diagonal leaves a last-token query all keys). Returns (B, 1, Hq, D)."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    gqa = query.shape[1] != key.shape[1]
+    try:
+        out = sdpa(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+    except (
+        TypeError
+    ):  # PyTorch < 2.5 has no enable_gqa: the KV heads repeated, as transformers does
+        rep = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+        out = sdpa(query, key, value, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2).contiguous()
 
 
 def _packed_attention(query, key, value, seq_ids, gates, causal, scaling, fast):
