@@ -11,10 +11,10 @@ dimension tripled, ``[a_hi | a_hi | a_lo] @ [b_hi; b_lo; b_hi]``, accumulated in
 The dropped term ``a_lo b_lo`` and the tails' rounding leave a relative error of about
 ``2^-16`` per product, against ``2^-24`` for float32 and ``2^-11`` for TF32 inputs.
 
-Why not TF32 or plain bfloat16 inputs: measured by emulation on this package's fidelity
-sets (``benchmarks/bench_request_cost.py``), rounding the inputs to TF32 or bfloat16 makes
-1e-6 relative perturbations of the features flip cluster labels of Extended Yale B faces
-(score moves of 0.4), where float32 and bf16x3 move the scores by 1e-4 and 8e-4. PyTorch
+Why not TF32 inputs: on this package's fidelity sets (``benchmarks/bench_request_cost.py``,
+``request_cost_cpu.json``, emulated on a CPU), 1e-6 relative perturbations of the features
+move the fast solver's scores by 2e-3 to 0.09 with TF32 inputs, 5e-5 to 1.6e-3 in bf16x3 and
+1.3e-5 to 1.0e-4 in float32 (one small set changes a label in both TF32 and bf16x3). PyTorch
 also has no per-call TF32 switch, only a process-wide flag, which would change the model's
 float32 products on other threads while the scores are computed beside them.
 
@@ -50,7 +50,7 @@ def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.is_cuda:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError) as exc:
+        except TypeError as exc:  # no out_dtype overload (errors of the product pass through)
             raise RuntimeError(
                 "SSC precision='bf16x3' needs torch.mm(..., out_dtype=torch.float32) on CUDA "
                 f"(PyTorch >= 2.8), which torch {torch.__version__} does not run ({exc}); "
