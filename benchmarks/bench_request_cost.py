@@ -8,7 +8,8 @@ parallel 4) and frame count (8, 16, 32, 64):
   under tensor parallelism;
 * ``ssc_flops_per_iter`` (counted, static): the dense ADMM iteration as the code runs it,
   one ``(N + D) x N x N`` GEMM, with its precision (FP32 by default; the estimate also gives
-  the ``precision="bf16x3"`` option, three bf16 tensor-core products' worth per product, and
+  the ``precision="fp16x3"`` option, three fp16 tensor-core products' worth per product
+  (fp16 runs at the bf16 rate), and
   TF32/bf16 tensor-core figures, which the code does not use: they fail the stability bar);
 * ``iterations_faithful`` / ``iterations_fast``: measured on synthetic video tokens of the
   shape where that fits in the run's budget (``measured``), else the largest measured N's
@@ -23,10 +24,10 @@ parallel 4) and frame count (8, 16, 32, 64):
 Fidelity (the new default against the faithful solver at eps 2e-4, same seed; the bar is
 the faithful solver at eps 2e-3): score Spearman and label ARI on synthetic video tokens,
 Extended Yale B faces (/work/shared/data, when present) and tiny random-weight models'
-projector outputs; the same for ``precision="bf16x3"`` (its arithmetic, emulated exactly
+projector outputs; the same for ``precision="fp16x3"`` (its arithmetic, emulated exactly
 off CUDA) and for TF32 / bf16 inputs (emulated). Sensitivity (issue 32): 1e-6 relative
 perturbations, how often the faithful stopping iteration moves and how far the scores then
-move, float32 and float64; in float32 also the fast solver's moves in bf16x3 and with TF32 /
+move, float32 and float64; in float32 also the fast solver's moves in fp16x3 and with TF32 /
 bf16 inputs (emulated).
 
     python benchmarks/bench_request_cost.py --quick        # < 2 minutes on this CPU
@@ -111,8 +112,8 @@ def ssc_flops(n: int, d: int) -> dict:
 
 def emulated(x, k, precision: str, **kw):
     """The fast solver with its dense GEMMs' inputs rounded to ``precision`` (``"tf32"``:
-    10-bit mantissa, round to nearest; ``"bf16"``), float32 accumulation: what tensor cores
-    would compute, emulated on the CPU."""
+    10-bit mantissa, round to nearest; ``"bf16"``; ``"bf16x3"``: fp16x3's split in bfloat16),
+    float32 accumulation: what tensor cores would compute, emulated on the CPU."""
     from videoanchor.anchor import fast
 
     def rnd(t):
@@ -121,8 +122,16 @@ def emulated(x, k, precision: str, **kw):
         bits = t.contiguous().view(torch.int32)
         return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
 
+    def bf16x3(a, b):  # the fp16x3 split made in bfloat16 instead (what fp16x3 replaced)
+        ah, bh = a.bfloat16().float(), b.bfloat16().float()
+        al, bl = (a - ah).bfloat16().float(), (b - bh).bfloat16().float()
+        return ah @ bh + (ah @ bl + al @ bh)
+
     real = fast.ActiveSetStep._mm
-    fast.ActiveSetStep._mm = lambda self, a, b: rnd(a) @ rnd(b)
+    if precision == "bf16x3":
+        fast.ActiveSetStep._mm = lambda self, a, b: bf16x3(a, b)
+    else:
+        fast.ActiveSetStep._mm = lambda self, a, b: rnd(a) @ rnd(b)
     try:
         return compute_anchor_scores(x, k, progress=False, mode="exact", **kw)
     finally:
@@ -258,7 +267,7 @@ def fidelity(name, x, k, device) -> dict:
     t_ref, ref = ssc_seconds(x, k, "faithful")
     t_loose, loose = ssc_seconds(x, k, "faithful", eps=2e-3)
     t_fast, fast = ssc_seconds(x, k, "fast")
-    t_x3, x3 = ssc_seconds(x.float(), k, "fast", precision="bf16x3")
+    t_x3, x3 = ssc_seconds(x.float(), k, "fast", precision="fp16x3")
     return {
         "data": name, "n": x.shape[0], "d": x.shape[1], "n_clusters": k,
         "iterations_faithful": ref.iterations, "iterations_faithful_eps2e-3": loose.iterations,
@@ -269,13 +278,13 @@ def fidelity(name, x, k, device) -> dict:
         "ari_faithful_eps2e-3": _ari(loose.labels, ref.labels),
         "seconds_faithful": t_ref, "seconds_faithful_eps2e-3": t_loose, "seconds_fast": t_fast,
         "speedup_fast": t_ref / t_fast, "figures": "measured",
-        "spearman_fast_bf16x3": _spearman(x3.scores, ref.scores),
-        "ari_fast_bf16x3": _ari(x3.labels, ref.labels),
-        "seconds_fast_bf16x3": t_x3,
-        "bf16x3_arithmetic": "tensor cores" if x.is_cuda else "emulated on the CPU (exact)",
+        "spearman_fast_fp16x3": _spearman(x3.scores, ref.scores),
+        "ari_fast_fp16x3": _ari(x3.labels, ref.labels),
+        "seconds_fast_fp16x3": t_x3,
+        "fp16x3_arithmetic": "tensor cores" if x.is_cuda else "emulated on the CPU (exact)",
         **{f"spearman_fast_{p}_emulated": _spearman(emulated(x.float().cpu(), k, p).scores,
                                                     ref.scores.cpu())
-           for p in ("tf32", "bf16")},
+           for p in ("tf32", "bf16", "bf16x3")},
     }  # fmt: skip
 
 
@@ -285,10 +294,10 @@ def sensitivity(name, x, k, dtype, trials, device) -> dict:
     base = compute_anchor_scores(x, k, solver="faithful", progress=False, mode="exact")
     fbase = compute_anchor_scores(x, k, progress=False, mode="exact")
     # in float32, the fast solver at the other precisions (the option, and emulated inputs)
-    others = {"bf16x3": lambda f: compute_anchor_scores(f, k, progress=False, mode="exact",
-                                                         precision="bf16x3")}  # fmt: skip
+    others = {"fp16x3": lambda f: compute_anchor_scores(f, k, progress=False, mode="exact",
+                                                         precision="fp16x3")}  # fmt: skip
     if x.device.type == "cpu":  # the emulation patches the CPU (active-set) step
-        others.update({p: (lambda f, p=p: emulated(f, k, p)) for p in ("tf32", "bf16")})
+        others.update({p: (lambda f, p=p: emulated(f, k, p)) for p in ("tf32", "bf16", "bf16x3")})
     others = others if dtype == torch.float32 else {}
     obase = {p: f(x) for p, f in others.items()}
     moved_other = {p: [] for p in others}
@@ -315,7 +324,7 @@ def sensitivity(name, x, k, dtype, trials, device) -> dict:
         "faithful_max_score_move_when_jumped": max(moved_jump, default=None),
         "faithful_max_score_move_otherwise": max(moved_same, default=None),
         "fast_max_score_move": max(moved_fast), "figures": "measured",
-        **{(f"fast_{p}_max_score_move" if p == "bf16x3" else f"fast_{p}_emulated_max_score_move"):
+        **{(f"fast_{p}_max_score_move" if p == "fp16x3" else f"fast_{p}_emulated_max_score_move"):
            max(v) for p, v in moved_other.items()},
     }  # fmt: skip
 
@@ -379,10 +388,10 @@ def cost_rows(device, quick, budget_s, measure=None, on_row=None) -> list[dict]:
                     spearman_fast_tf32=_spearman(tf32.scores, ref.scores),
                 )
             if device.type == "cuda":  # the option: split products on bf16 tensor cores
-                t_x3, x3 = ssc_seconds(x, 24, "fast", precision="bf16x3")
+                t_x3, x3 = ssc_seconds(x, 24, "fast", precision="fp16x3")
                 row.update(
-                    seconds_ssc_fast_bf16x3=t_x3,
-                    spearman_fast_bf16x3=_spearman(x3.scores, ref.scores),
+                    seconds_ssc_fast_fp16x3=t_x3,
+                    spearman_fast_fp16x3=_spearman(x3.scores, ref.scores),
                 )
             t_pre = prefill_seconds(shape, n, device, dtype)
             measured_iters[n] = ref.iterations
@@ -405,16 +414,16 @@ def cost_rows(device, quick, budget_s, measure=None, on_row=None) -> list[dict]:
         its = row["iterations_faithful"]
         est = {}
         pre_s = pre / (EFFICIENCY * H100["bf16"])
-        for prec in ("fp32", "tf32", "bf16", "bf16x3"):
-            # bf16x3: each product is one bf16 product with the inner dimension tripled
-            rate = EFFICIENCY * (H100["bf16"] / 3 if prec == "bf16x3" else H100[prec])
+        for prec in ("fp32", "tf32", "bf16", "fp16x3"):
+            # fp16x3: each product is one fp16 product with the inner dimension tripled
+            rate = EFFICIENCY * (H100["bf16"] / 3 if prec == "fp16x3" else H100[prec])
             # what runs on CUDA: the dense schedule
             fast_s = (
                 admm.SCHEDULE["iterations"] * fl["per_iter_fast_cuda"] + fl["refactors_fast"]
             ) / rate
             fast_s += fl["setup_fast_fp64"] / (EFFICIENCY * H100["fp64"])
             est[f"ssc_over_prefill_fast_{prec}"] = fast_s / pre_s
-            if its and prec != "bf16x3":  # (the faithful solver has no bf16x3)
+            if its and prec != "fp16x3":  # (the faithful solver has no fp16x3)
                 faith_s = its * fl["per_iter"] / rate
                 faith_s += fl["setup_faithful_fp64"] / (EFFICIENCY * H100["fp64"])
                 est[f"ssc_over_prefill_faithful_{prec}"] = faith_s / pre_s
@@ -499,7 +508,7 @@ def run(device: torch.device, quick: bool, out_dir, trials: int | None = None,
         for label, feats, k in tiny:
             fid.append(fidelity(label, feats, k, device))
         print_table(fid, ["data", "n", "d", "iterations_faithful", "spearman_fast",
-                          "spearman_fast_bf16x3", "spearman_fast_tf32_emulated",
+                          "spearman_fast_fp16x3", "spearman_fast_tf32_emulated",
                           "spearman_fast_bf16_emulated",
                           "spearman_faithful_eps2e-3", "ari_fast", "ari_faithful_eps2e-3",
                           "speedup_fast"])  # fmt: skip
@@ -515,7 +524,8 @@ def run(device: torch.device, quick: bool, out_dir, trials: int | None = None,
                 sens.append(sensitivity(label, x, k, dtype, trials, device))
         print_table(sens, ["data", "dtype", "n", "faithful_iterations", "faithful_iteration_jumps",
                            "faithful_max_score_move_when_jumped", "fast_max_score_move",
-                           "fast_bf16x3_max_score_move",
+                           "fast_fp16x3_max_score_move",
+                           "fast_bf16x3_emulated_max_score_move",
                            "fast_tf32_emulated_max_score_move"])  # fmt: skip
         meta["parts_done"].append("sensitivity")
         path = save()

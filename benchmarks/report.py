@@ -735,9 +735,9 @@ def fig_request_cost(r: Result, results):
                 marker="o", label=f"{model}: faithful, FP32")  # fmt: skip
         ax.plot(f, [x.get("h100_ssc_over_prefill_fast_fp32") for x in rs], color=f"C{i}",
                 ls="--", marker="s", label=f"{model}: fast default, FP32")  # fmt: skip
-        if any(x.get("h100_ssc_over_prefill_fast_bf16x3") for x in rs):
-            ax.plot(f, [x.get("h100_ssc_over_prefill_fast_bf16x3") for x in rs], color=f"C{i}",
-                    ls=":", marker="^", label=f"{model}: fast, precision='bf16x3'")  # fmt: skip
+        if any(x.get("h100_ssc_over_prefill_fast_fp16x3") for x in rs):
+            ax.plot(f, [x.get("h100_ssc_over_prefill_fast_fp16x3") for x in rs], color=f"C{i}",
+                    ls=":", marker="^", label=f"{model}: fast, precision='fp16x3'")  # fmt: skip
     _cost_axes(ax)
     ax.set_title("H100, ESTIMATED from counted FLOPs", fontsize=8)
     fig.legend(loc="outside right center", fontsize=6)
@@ -745,7 +745,7 @@ def fig_request_cost(r: Result, results):
         "SSC cost over the language model's prefill on one request against the frame count, "
         "faithful solver (measured iteration counts) against the fast default (60 iterations): "
         "H100 figures ESTIMATED from counted FLOPs (prefill bf16, SSC FP32 or, for "
-        "precision='bf16x3', three bf16 tensor-core products' worth per product; 60% of peak); "
+        "precision='fp16x3', three fp16 tensor-core products' worth per product; 60% of peak); "
         "dotted: the targets 0.10 and 0.25. The CPU figures (measured) are in the table."
     )
 

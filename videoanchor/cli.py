@@ -697,7 +697,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         choices=PRECISIONS,
         default=SSC.precision,
         help="precision of the fast solver's products: auto (default: full, the working "
-        "dtype), full, or bf16x3 (bfloat16 tensor cores at about float32 accuracy; for CUDA, "
+        "dtype), full, or fp16x3 (float16 tensor cores at about float32 accuracy; for CUDA, "
         "emulated and slower elsewhere)",
     )
     a.add_argument(

@@ -114,7 +114,7 @@ class SSCOptions:
     """Working dtype of the ADMM: None (float32), ``torch.float32`` or ``torch.float64``."""
     precision: str = "auto"
     """Precision of the fast solver's dense products: ``"full"`` (``"auto"``: the working
-    dtype) or ``"bf16x3"`` (bfloat16 tensor cores at about float32 accuracy; float32, torch,
+    dtype) or ``"fp16x3"`` (float16 tensor cores at about float32 accuracy; float32, torch,
     fast solver only; :mod:`videoanchor.anchor.products`)."""
     seed: int | None = 0
     """Seed of the spectral clustering (None: drawn from NumPy's global generator)."""
@@ -182,7 +182,7 @@ class SSCOptions:
                     "mode='blocked' runs the authors' iteration only; expected solver 'auto' "
                     f"or 'faithful', got {solver!r}"
                 )
-        if out.precision == "bf16x3":
+        if out.precision == "fp16x3":
             problems = [
                 what
                 for bad, what in (
@@ -196,7 +196,7 @@ class SSCOptions:
             ]  # fmt: skip
             if problems:
                 raise ValueError(
-                    "precision='bf16x3' runs the fast solver's float32 products on bfloat16 "
+                    "precision='fp16x3' runs the fast solver's float32 products on float16 "
                     "tensor cores; it needs "
                     + "; ".join(problems)
                     + ". Use precision='auto' or 'full' otherwise"

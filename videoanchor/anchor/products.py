@@ -1,58 +1,87 @@
-"""The fast solver's dense products at a chosen precision: ``"full"`` or ``"bf16x3"``.
+"""The fast solver's dense products at a chosen precision: ``"full"`` or ``"fp16x3"``.
 
 ``"full"`` multiplies in the working dtype (float32 by default): on a GPU that is FP32 on
 the CUDA cores (PyTorch's default; the package never turns TF32 on).
 
-``"bf16x3"`` runs each float32 product on bfloat16 tensor cores at about float32 accuracy.
-Each operand is split into a bfloat16 head and a bfloat16 tail, ``a = a_hi + a_lo`` (the
-tail holds the next 8 bits of the mantissa), and ``a b`` is computed as
-``a_hi b_hi + a_hi b_lo + a_lo b_hi``, the three terms as ONE product with the inner
-dimension tripled, ``[a_hi | a_hi | a_lo] @ [b_hi; b_lo; b_hi]``, accumulated in float32.
-The dropped term ``a_lo b_lo`` and the tails' rounding leave a relative error of about
-``2^-16`` per product, against ``2^-24`` for float32 and ``2^-11`` for TF32 inputs.
+``"fp16x3"`` runs each float32 product on half-precision tensor cores at about float32
+accuracy. Each operand is scaled by a power of two (its largest magnitude brought into
+``(2^13, 2^14]``, so nothing overflows float16 and the scaling is exact), then split into a
+float16 head and a float16 tail, ``a = a_hi + a_lo`` (the tail holds the next 11 bits of
+the significand), and ``a b`` is computed as ``a_hi b_hi + a_hi b_lo + a_lo b_hi``: the three
+terms as ONE product with the inner dimension tripled, ``[a_hi | a_hi | a_lo] @
+[b_hi; b_lo; b_hi]``, accumulated in float32, then unscaled. The dropped term ``a_lo b_lo``
+and the tails' rounding leave a relative error of about ``2^-22`` per entry (float32:
+``2^-24``; entries below ``2^-17`` of the operand's largest lose tail bits to float16's
+subnormal range, with an absolute error under ``2^-38`` of that largest entry). A product of two float16 values is exact in float32, so the only other error is
+float32 summation, as in a float32 product.
 
-Why not TF32 inputs: on this package's fidelity sets (``benchmarks/bench_request_cost.py``,
+Why not TF32, bfloat16 inputs or the same split in bfloat16 (8-bit significands, about
+``2^-16``): on this package's fidelity sets (``benchmarks/bench_request_cost.py``,
 ``request_cost_cpu.json``, emulated on a CPU), 1e-6 relative perturbations of the features
-move the fast solver's scores by 2e-3 to 0.09 with TF32 inputs, 5e-5 to 1.6e-3 in bf16x3 and
-1.3e-5 to 1.0e-4 in float32 (one small set changes a label in both TF32 and bf16x3). PyTorch
-also has no per-call TF32 switch, only a process-wide flag, which would change the model's
-float32 products on other threads while the scores are computed beside them.
+move the fast solver's scores by 2e-3 to 0.09 with TF32 inputs and 5e-5 to 1.6e-3 with the
+bfloat16 split (one small set changing a label in both), against 1.3e-5 to 1.0e-4 in
+float32, which fp16x3 matches. PyTorch also has no per-call TF32 switch, only a
+process-wide flag, which would change the model's float32 products on other threads while
+the scores are computed beside them.
 
-On CUDA the product is ``torch.mm(..., out_dtype=torch.float32)`` (PyTorch >= 2.8): bf16
-inputs, float32 accumulation and output, on the tensor cores, with no global flag. Elsewhere
-it is emulated exactly (the parts upcast to float32, whose products of two 8-bit
-significands are exact, summed in float32): three times the work of ``"full"``, for tests.
+On CUDA the product is ``torch.mm(..., out_dtype=torch.float32)`` (PyTorch >= 2.8): float16
+inputs, float32 accumulation and output, on the tensor cores, with no global flag and no
+host synchronisation (the scales stay on the device). Elsewhere it is emulated exactly (the
+parts upcast to float32): three times the work of ``"full"``, for tests.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["PRECISIONS", "Products", "resolve_precision"]
+__all__ = ["PRECISIONS", "Products", "Split", "resolve_precision"]
 
-PRECISIONS = ("auto", "full", "bf16x3")
+PRECISIONS = ("auto", "full", "fp16x3")
+#: the largest magnitude of a scaled operand lies in (2^(TOP - 1), 2^TOP]: float16's largest
+#: finite value is 65504 (just under 2^16), and its head rounds to at most 2^TOP
+TOP = 14
 
 
 def resolve_precision(precision: str) -> str:
-    """The precision ``precision`` runs: ``"auto"`` is ``"full"`` (bf16x3 is opt-in until a
+    """The precision ``precision`` runs: ``"auto"`` is ``"full"`` (fp16x3 is opt-in until a
     GPU run has timed it, docs/ssc.md)."""
     return "full" if precision == "auto" else precision
 
 
-def _parts(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    hi = a.to(torch.bfloat16)
-    lo = (a - hi.to(a.dtype)).to(torch.bfloat16)
-    return hi, lo
+class Split:
+    """An operand prepared for :meth:`Products.mm`: its float16 parts side by side (``t``)
+    and the power of two it was scaled by (``scale``, a 0-d float32 tensor on its device).
+    Row slices of a left operand (``split[:rows]``) keep the scale."""
+
+    __slots__ = ("t", "scale")
+
+    def __init__(self, t: torch.Tensor, scale: torch.Tensor):
+        self.t, self.scale = t, scale
+
+    def __getitem__(self, index) -> Split:
+        return Split(self.t[index], self.scale)
+
+
+def _parts(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(hi, lo, scale)`` with ``a * scale = hi + lo`` to about 2^-22, ``scale`` a power of
+    two (1 for an all-zero ``a``)."""
+    top = a.abs().amax().to(torch.float32)
+    exp = torch.where(top > 0, TOP - torch.ceil(torch.log2(top)), torch.zeros_like(top))
+    scale = torch.exp2(exp)
+    x = a * scale
+    hi = x.to(torch.float16)
+    lo = (x - hi.to(x.dtype)).to(torch.float16)
+    return hi, lo, scale
 
 
 def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` of bfloat16 parts, accumulated and returned in float32."""
+    """``a @ b`` of float16 parts, accumulated and returned in float32."""
     if a.is_cuda:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
         except TypeError as exc:  # no out_dtype overload (errors of the product pass through)
             raise RuntimeError(
-                "SSC precision='bf16x3' needs torch.mm(..., out_dtype=torch.float32) on CUDA "
+                "SSC precision='fp16x3' needs torch.mm(..., out_dtype=torch.float32) on CUDA "
                 f"(PyTorch >= 2.8), which torch {torch.__version__} does not run ({exc}); "
                 "use precision='full'"
             ) from exc
@@ -61,30 +90,34 @@ def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class Products:
     """``a @ b`` at one precision. ``left`` / ``right`` prepare an operand that several
-    products share (the split, once); ``mm`` takes prepared or plain float operands."""
+    products share (scaled and split once); ``mm`` takes prepared or plain operands."""
 
     def __init__(self, precision: str = "full"):
-        if precision not in ("full", "bf16x3"):
-            raise ValueError(f"precision: expected 'full' or 'bf16x3', got {precision!r}")
+        if precision not in ("full", "fp16x3"):
+            raise ValueError(f"precision: expected 'full' or 'fp16x3', got {precision!r}")
         self.precision = precision
-        self.split = precision == "bf16x3"
+        self.split = precision == "fp16x3"
 
-    def left(self, a: torch.Tensor) -> torch.Tensor:
-        """``a`` ready to be a left operand: itself, or ``[a_hi | a_hi | a_lo]`` (bf16)."""
-        if not self.split or a.dtype == torch.bfloat16:
+    def left(self, a):
+        """``a`` ready to be a left operand: itself, or a :class:`Split` of
+        ``[a_hi | a_hi | a_lo]``."""
+        if not self.split or isinstance(a, Split):
             return a
-        hi, lo = _parts(a)
-        return torch.cat([hi, hi, lo], dim=1)
+        hi, lo, scale = _parts(a)
+        return Split(torch.cat([hi, hi, lo], dim=1), scale)
 
-    def right(self, b: torch.Tensor) -> torch.Tensor:
-        """``b`` ready to be a right operand: itself, or ``[b_hi; b_lo; b_hi]`` (bf16)."""
-        if not self.split or b.dtype == torch.bfloat16:
+    def right(self, b):
+        """``b`` ready to be a right operand: itself, or a :class:`Split` of
+        ``[b_hi; b_lo; b_hi]``."""
+        if not self.split or isinstance(b, Split):
             return b
-        hi, lo = _parts(b)
-        return torch.cat([hi, lo, hi], dim=0)
+        hi, lo, scale = _parts(b)
+        return Split(torch.cat([hi, lo, hi], dim=0), scale)
 
-    def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``a @ b`` (float32 out in bf16x3; the working dtype in full)."""
+    def mm(self, a, b) -> torch.Tensor:
+        """``a @ b`` (float32 out in fp16x3; the working dtype in full)."""
         if not self.split:
             return a @ b
-        return _mm_float32(self.left(a), self.right(b))
+        a, b = self.left(a), self.right(b)
+        out = _mm_float32(a.t, b.t)
+        return out.mul_(1.0 / (a.scale * b.scale))  # powers of two: exact

@@ -381,9 +381,10 @@ def compute_anchor_scores(
     fewer iterations). Blocked mode runs the faithful iteration (``"auto"`` picks it there).
 
     ``precision`` (fast solver): ``"auto"`` / ``"full"`` multiplies in the working dtype;
-    ``"bf16x3"`` runs the solver's dense products on bfloat16 tensor cores at about float32
-    accuracy (each float32 operand split into two bfloat16 parts, three products accumulated
-    in float32; emulated, three times slower, off CUDA). Float32, torch backend, exact mode.
+    ``"fp16x3"`` runs the solver's dense products on float16 tensor cores at about float32
+    accuracy (each float32 operand scaled by a power of two and split into two float16 parts,
+    three products accumulated in float32; emulated, three times slower, off CUDA). Float32,
+    torch backend, exact mode.
 
     ``mode``: ``"exact"`` (dense ``N x N`` SSC), ``"blocked"`` (the same exact program and
     iteration on ``block_columns`` columns of ``C`` at a time against all tokens, no

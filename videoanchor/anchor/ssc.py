@@ -118,12 +118,12 @@ class ADMMResult:
 
 
 def check_precision(precision, *, scheduled: bool, work, namespace: str = "torch") -> str:
-    """``precision`` resolved (``"auto"`` is ``"full"``); a ValueError where ``"bf16x3"``
+    """``precision`` resolved (``"auto"`` is ``"full"``); a ValueError where ``"fp16x3"``
     cannot run: only the fast solver's torch iteration in float32 has it."""
     if not isinstance(precision, str) or precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     precision = resolve_precision(precision)
-    if precision == "bf16x3":
+    if precision == "fp16x3":
         problems = [
             what
             for bad, what in (
@@ -135,7 +135,7 @@ def check_precision(precision, *, scheduled: bool, work, namespace: str = "torch
         ]
         if problems:
             raise ValueError(
-                "precision='bf16x3' splits float32 products into bfloat16 parts; it needs "
+                "precision='fp16x3' splits float32 products into float16 parts; it needs "
                 + ", ".join(problems)
                 + "; use precision='full' otherwise"
             )
