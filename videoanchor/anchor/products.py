@@ -18,9 +18,9 @@ float32 summation, as in a float32 product.
 Why not TF32, bfloat16 inputs or the same split in bfloat16 (8-bit significands, about
 ``2^-16``): on this package's fidelity sets (``benchmarks/bench_request_cost.py``,
 ``request_cost_cpu.json``, emulated on a CPU), 1e-6 relative perturbations of the features
-move the fast solver's scores by 2e-3 to 0.09 with TF32 inputs and 5e-5 to 1.6e-3 with the
-bfloat16 split (one small set changing a label in both), against 1.3e-5 to 1.0e-4 in
-float32, which fp16x3 matches. PyTorch also has no per-call TF32 switch, only a
+move the fast solver's scores by 2e-3 to 0.17 with TF32 inputs (a label changes) and 4e-5 to
+1.4e-3 with the bfloat16 split, against 1.3e-5 to 1.0e-4 in float32 and 1.3e-5 to 1.2e-4 in
+fp16x3. PyTorch also has no per-call TF32 switch, only a
 process-wide flag, which would change the model's float32 products on other threads while
 the scores are computed beside them.
 
