@@ -67,7 +67,7 @@ def _parts(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     two (1 for an all-zero ``a``)."""
     top = a.abs().amax().to(torch.float32)
     exp = torch.where(top > 0, TOP - torch.ceil(torch.log2(top)), torch.zeros_like(top))
-    scale = torch.exp2(exp)
+    scale = torch.exp2(exp.clamp(-126.0, 126.0))  # a finite float32 power of two
     x = a * scale
     hi = x.to(torch.float16)
     lo = (x - hi.to(x.dtype)).to(torch.float16)
@@ -120,4 +120,7 @@ class Products:
             return a @ b
         a, b = self.left(a), self.right(b)
         out = _mm_float32(a.t, b.t)
-        return out.mul_(1.0 / (a.scale * b.scale))  # powers of two: exact
+        # undo the scales (powers of two: exact), the smaller factor first so that an
+        # intermediate never overflows where the product itself does not
+        fa, fb = 1.0 / a.scale, 1.0 / b.scale
+        return out.mul_(torch.minimum(fa, fb)).mul_(torch.maximum(fa, fb))
