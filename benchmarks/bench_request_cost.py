@@ -387,7 +387,7 @@ def cost_rows(device, quick, budget_s, measure=None, on_row=None) -> list[dict]:
                     seconds_ssc_fast_tf32=t_tf32,
                     spearman_fast_tf32=_spearman(tf32.scores, ref.scores),
                 )
-            if device.type == "cuda":  # the option: split products on bf16 tensor cores
+            if device.type == "cuda":  # the option: split products on fp16 tensor cores
                 t_x3, x3 = ssc_seconds(x, 24, "fast", precision="fp16x3")
                 row.update(
                     seconds_ssc_fast_fp16x3=t_x3,
