@@ -212,3 +212,22 @@ def test_gpu_fp16x3_runs_on_tensor_cores_and_matches_the_cpu_emulation():
     got = compute_anchor_scores(x.cuda(), 4, progress=False, precision="fp16x3")
     assert bool((got.labels == ref.labels).all())
     assert float((got.scores - ref.scores).abs().max()) < 1e-3
+
+
+def test_fp16x3_memory_is_counted_before_the_solve(monkeypatch):
+    """The float16 parts are in the dense solver's memory need: a budget that fits the
+    float32 solver but not the split refuses fp16x3 with SSCMemoryError before any work."""
+    from videoanchor.anchor import _inputs
+    from videoanchor.anchor.ssc import admm_bytes, split_bytes
+
+    n, d = 97, 61
+    full = admm_bytes(n, d, 4, "dense")
+    assert admm_bytes(n, d, 4, "dense", "fp16x3", cuda=True) == full + split_bytes(n, d, cuda=True)
+    assert split_bytes(n, d, cuda=False) > split_bytes(n, d, cuda=True) > 0
+    assert admm_bytes(n, d, 4, "dense", "auto") == full
+    budget = full + split_bytes(n, d, cuda=False) // 2
+    monkeypatch.setattr(_inputs, "free_memory_bytes", lambda device: budget)
+    x = tokens(n, d, k=4, seed=5)
+    solve_ssc_admm(x, scheduled=True, progress=False)  # float32 fits
+    with pytest.raises(_inputs.SSCMemoryError, match="N = 97 tokens"):
+        solve_ssc_admm(x, scheduled=True, progress=False, precision="fp16x3")

@@ -204,14 +204,15 @@ def _check_tokens(n_clusters: int, n: int) -> None:
         raise ValueError(f"SSC needs at least 2 tokens, got N = {n}")
 
 
-def _exact_fits(x: torch.Tensor, dtype, pca_rank: int) -> bool:
+def _exact_fits(x: torch.Tensor, dtype, pca_rank: int, precision: str = "full") -> bool:
     n, d = x.shape
     if n > EXACT_MAX_TOKENS:
         return False
     d = min(d, pca_rank) if pca_rank else d
     work = resolve_dtype(dtype, x.device)
     itemsize = torch.finfo(work).bits // 8
-    need = admm_bytes(n, d, itemsize, choose_strategy(n, d, True, x.device.type))
+    strategy = choose_strategy(n, d, True, x.device.type)
+    need = admm_bytes(n, d, itemsize, strategy, precision, cuda=x.device.type == "cuda")
     free = _inputs.free_memory_bytes(x.device)
     return free is None or need <= free
 
@@ -455,7 +456,7 @@ def compute_anchor_scores(
         agree_across_ranks(process_group, fingerprint, error)
     mode = opts.mode
     if mode == "auto":
-        fits = process_group is None and _exact_fits(x, opts.dtype, opts.pca_rank)
+        fits = process_group is None and _exact_fits(x, opts.dtype, opts.pca_rank, opts.precision)
         mode = "exact" if fits else "blocked"
     if mode == "blocked" and opts.precision != "full":
         raise ValueError(

@@ -174,14 +174,26 @@ def choose_strategy(n: int, d: int, outliers: bool = True, device_type: str = "c
     return "woodbury" if f64_cost * f["woodbury"] < 0.8 * f["dense"] else "dense"
 
 
-def admm_bytes(n: int, d: int, itemsize: int, strategy: str) -> int:
-    """Peak bytes of :func:`solve_ssc_admm` (working buffers plus the float64 factorisation)."""
+def admm_bytes(n: int, d: int, itemsize: int, strategy: str, precision: str = "full",
+               cuda: bool = True) -> int:  # fmt: skip
+    """Peak bytes of :func:`solve_ssc_admm` (working buffers plus the float64 factorisation);
+    with ``precision="fp16x3"`` also the float16 parts (:func:`split_bytes`)."""
+    if precision == "fp16x3":
+        return admm_bytes(n, d, itemsize, strategy) + split_bytes(n, d, cuda=cuda)
     nn = n * n
     if strategy == "dense":
         # float64 factorisation (M and its inverse), then A, C, Lam, Minv, R in work dtype;
         # with outliers Minv, B0 and A carry D extra rows (Y Minv, Y B0, Y A)
         return max(2 * nn * 8, nn * 8 + nn * itemsize) + 5 * nn * itemsize + 9 * n * d * itemsize
     return 4 * nn * itemsize + 3 * nn * 8 + 8 * n * d * 8 + 3 * (d + 1) ** 2 * 8
+
+
+def split_bytes(n: int, d: int, *, cuda: bool) -> int:
+    """Bytes ``precision="fp16x3"`` adds to the fast solver: the float16 parts (three halves,
+    6 bytes per entry) of ``[R; Y R]``, ``V^T``, the features and one ``T - I``; off CUDA also
+    the emulation's float32 copies of the largest product's parts."""
+    split = 6 * n * (n + d) + 6 * n * n + 6 * n * d + 6 * n * n
+    return split if cuda else split + 12 * n * (n + d) + 12 * n * n
 
 
 # Below this fraction of non-zeros, Y^T E is a sparse product: cuSPARSE on CUDA; on the
@@ -320,7 +332,8 @@ def solve_ssc_admm(
         raise ValueError(f"strategy: expected 'auto', 'dense' or 'woodbury', got {strategy!r}")
     if check_memory_first:
         itemsize = torch.finfo(work_t).bits // 8
-        check_memory(admm_bytes(n, d, itemsize, strategy), device, n=n, d=d, what="Dense SSC")
+        need = admm_bytes(n, d, itemsize, strategy, precision, cuda=device.type == "cuda")
+        check_memory(need, device, n=n, d=d, what="Dense SSC")
     products = Products(precision)
     if xp is None:
         x, work, kernels = x_t, work_t, TorchKernels(device, products)

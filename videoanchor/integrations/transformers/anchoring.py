@@ -492,7 +492,7 @@ class AnchorHandle:
                 def blocked(feats=feats):  # what mode="auto" picks on one process
                     from videoanchor.anchor.scores import _exact_fits
 
-                    return not _exact_fits(feats, cfg.ssc_dtype, cfg.pca_rank)
+                    return not _exact_fits(feats, cfg.ssc_dtype, cfg.pca_rank, cfg.ssc_precision)
 
                 # Under a process group the ranks get the same result (distributed.py).
                 if group is not None:
