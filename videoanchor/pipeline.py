@@ -591,7 +591,8 @@ def ssc_plan(model, handle, inputs) -> str | None:
     if cfg.pca_rank:
         d = min(d, cfg.pca_rank)
     device = model.device
-    need = admm_bytes(n, d, 4, choose_strategy(n, d, True, device.type))
+    strategy = choose_strategy(n, d, True, device.type)
+    need = admm_bytes(n, d, 4, strategy, cfg.ssc_precision, cuda=device.type == "cuda")
     budget = _inputs.free_memory_bytes(device)
     dense = n <= EXACT_MAX_TOKENS and (budget is None or need <= budget)
     room = "unknown" if budget is None else _inputs._fmt_bytes(budget)
