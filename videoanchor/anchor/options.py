@@ -22,7 +22,7 @@ from videoanchor.anchor._inputs import (
     resolve_dtype,
     resolve_seed,
 )
-from videoanchor.anchor.products import PRECISIONS, resolve_precision
+from videoanchor.anchor.products import PRECISIONS, check_precision, resolve_precision
 
 __all__ = ["CHECKS", "DEFAULTS", "EIGEN_SOLVERS", "SSCOptions", "names_affecting"]
 
@@ -182,25 +182,8 @@ class SSCOptions:
                     "mode='blocked' runs the authors' iteration only; expected solver 'auto' "
                     f"or 'faithful', got {solver!r}"
                 )
-        if out.precision == "fp16x3":
-            problems = [
-                what
-                for bad, what in (
-                    (solver not in ("auto", "fast"), f"solver 'fast' or 'auto' (got {solver!r})"),
-                    (mode == "blocked", "mode 'exact' or 'auto' (blocked runs the authors' "
-                     "iteration)"),
-                    (backend == "cupy", "backend 'torch' or 'auto' (got 'cupy')"),
-                    (out.dtype != torch.float32, f"dtype float32 (got {out.dtype})"),
-                )
-                if bad
-            ]  # fmt: skip
-            if problems:
-                raise ValueError(
-                    "precision='fp16x3' runs the fast solver's float32 products on float16 "
-                    "tensor cores; it needs "
-                    + "; ".join(problems)
-                    + ". Use precision='auto' or 'full' otherwise"
-                )
+        check_precision(out.precision, fast=solver in ("auto", "fast"), work=out.dtype,
+                        solver=solver, blocked=mode == "blocked", backend=backend)  # fmt: skip
         for name, unset in (("block_columns", None), ("block_eps", "own")):
             if getattr(out, name) != unset and mode not in ("blocked", "auto"):
                 raise ValueError(

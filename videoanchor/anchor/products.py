@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["PRECISIONS", "Products", "Split", "resolve_precision"]
+__all__ = ["PRECISIONS", "Products", "Split", "check_precision", "resolve_precision"]
 
 PRECISIONS = ("auto", "full", "fp16x3")
 #: the largest magnitude of a scaled operand lies in (2^(TOP - 1), 2^TOP]: float16's largest
@@ -46,6 +46,36 @@ def resolve_precision(precision: str) -> str:
     """The precision ``precision`` runs: ``"auto"`` is ``"full"`` (fp16x3 is opt-in until a
     GPU run has timed it, docs/ssc.md)."""
     return "full" if precision == "auto" else precision
+
+
+def check_precision(precision, *, fast: bool, work, solver: str | None = None,
+                    blocked: bool = False, backend: str = "torch") -> str:  # fmt: skip
+    """``precision`` resolved (``"auto"`` is ``"full"``); a ValueError naming what is missing
+    where ``"fp16x3"`` cannot run: only the fast solver's torch iteration in float32, in
+    exact mode, has it. ``fast``: the fast solver runs (``solver``: the one asked for, named
+    in the message); ``work``: the working dtype; ``backend``: the array library."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    precision = resolve_precision(precision)
+    if precision != "fp16x3":
+        return precision
+    got = f" (got {solver!r})" if solver is not None else ""
+    problems = [
+        what
+        for bad, what in (
+            (not fast, f"the fast solver: solver 'fast' or 'auto'{got}"),
+            (blocked, "mode 'exact' or 'auto' (blocked runs the authors' iteration)"),
+            (backend not in ("torch", "auto"), f"backend 'torch' or 'auto' (got {backend!r})"),
+            (work != torch.float32, f"dtype float32 (got {work})"),
+        )
+        if bad
+    ]
+    if problems:
+        raise ValueError(
+            "precision='fp16x3' runs the fast solver's float32 products on float16 tensor "
+            "cores; it needs " + "; ".join(problems) + ". Use precision='auto' or 'full' otherwise"
+        )
+    return precision
 
 
 class Split:

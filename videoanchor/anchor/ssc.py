@@ -43,7 +43,7 @@ from videoanchor.anchor._inputs import (
     check_memory,
     resolve_dtype,
 )
-from videoanchor.anchor.products import PRECISIONS, Products, resolve_precision
+from videoanchor.anchor.products import Products, check_precision
 
 __all__ = ["ssc_lambdas", "gram_row_max", "solve_ssc_admm", "ADMMResult", "SSCMemoryError"]
 
@@ -115,31 +115,6 @@ class ADMMResult:
         """The result of a run of :func:`videoanchor.anchor.admm.run` with ``fields``."""
         return cls(iterations=out.iterations, converged=out.converged, stopped=out.stopped,
                    residual=out.residual, **fields)  # fmt: skip
-
-
-def check_precision(precision, *, scheduled: bool, work, namespace: str = "torch") -> str:
-    """``precision`` resolved (``"auto"`` is ``"full"``); a ValueError where ``"fp16x3"``
-    cannot run: only the fast solver's torch iteration in float32 has it."""
-    if not isinstance(precision, str) or precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
-    precision = resolve_precision(precision)
-    if precision == "fp16x3":
-        problems = [
-            what
-            for bad, what in (
-                (not scheduled, "the fast solver (solver='fast' or 'auto' in exact mode)"),
-                (namespace != "torch", "the torch backend"),
-                (work != torch.float32, f"dtype float32 (got {work})"),
-            )
-            if bad
-        ]
-        if problems:
-            raise ValueError(
-                "precision='fp16x3' splits float32 products into float16 parts; it needs "
-                + ", ".join(problems)
-                + "; use precision='full' otherwise"
-            )
-    return precision
 
 
 def check_admm_parameters(n: int, rho: float, eps: float, max_iter: int) -> None:
@@ -322,8 +297,8 @@ def solve_ssc_admm(
     check_admm_parameters(n, rho, eps, max_iter)
     if not (1.0 <= relax < 2.0):
         raise ValueError(f"relax: expected a value in [1, 2), got {relax}")
-    precision = check_precision(precision, scheduled=scheduled, work=work_t,
-                                namespace="torch" if xp is None else "other")  # fmt: skip
+    precision = check_precision(precision, fast=scheduled, work=work_t,
+                                backend="torch" if xp is None else xp.__name__)  # fmt: skip
     if scheduled:
         strategy = "dense"  # the eigendecomposition gives the dense [R; Y R]
     if strategy == "auto":

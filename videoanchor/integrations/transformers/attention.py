@@ -367,9 +367,8 @@ def _plain_decode(query, key, value, key_padding_mask, scaling):
     gqa = query.shape[1] != key.shape[1]
     try:
         out = sdpa(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
-    except (
-        TypeError
-    ):  # PyTorch < 2.5 has no enable_gqa: the KV heads repeated, as transformers does
+    except TypeError:
+        # PyTorch < 2.5 has no enable_gqa: the KV heads repeated, as transformers does
         rep = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
         out = sdpa(query, key, value, attn_mask=mask, scale=scaling)
