@@ -303,14 +303,20 @@ class EigenInverse(DenseInverse):
     ``lambda_z Y^T Y = V diag(w) V^T``, so that a new ``rho`` costs two products instead of
     a new inverse: ``rho (lambda_z Y^T Y + rho I)^{-1} = V diag(rho / (w + rho)) V^T = B``
     and the affine ``rho 1 1^T`` term by Sherman-Morrison, ``R = B - b b^T / (1 + 1^T b)``
-    with ``b = B 1``. The fast solver changes ``rho`` on a schedule (residual balancing)."""
+    with ``b = B 1``. The fast solver changes ``rho`` on a schedule (residual balancing).
 
-    def __init__(self, dic: Dictionary, rho: float):
+    ``share(compute)``: the eigendecomposition every process uses, from ``compute()``
+    (with the columns split over processes: computed on rank 0 and broadcast, so that every
+    rank holds the same factor)."""
+
+    def __init__(self, dic: Dictionary, rho: float, share=None):
         xp = dic.xp
         self.dic = dic
-        gram = dic.x64 @ dic.x64.T
-        w, v = xp.linalg.eigh(gram * dic.lam_z)
-        del gram
+
+        def compute():
+            return xp.linalg.eigh((dic.x64 @ dic.x64.T) * dic.lam_z)
+
+        w, v = compute() if share is None else share(compute)
         self.w = xp.clip(w, 0.0, None)
         self.v64 = v
         self.vt1 = xp.sum(v, axis=0)  # V^T 1
@@ -525,13 +531,22 @@ class ScheduledStep(SquaredStep):
     dual updates every iteration, ``rho`` scaled by a continuous residual-balancing factor
     at fixed iterations (``factor`` must refactor cheaply: :class:`EigenInverse`), and done
     after a fixed number of iterations. The residual it reports is the authors'
-    ``max_i sum_j |A - C|_ij``, for information only."""
+    ``max_i sum_j |A - C|_ij``, for information only.
+
+    ``start:stop``: the columns of ``C`` this step owns (default all). Every step but the
+    rebalancing of ``rho`` and the reported residual is column-wise, so the columns can be
+    split over processes; ``reduce(array)`` then returns the sum of ``array`` over all of
+    them (:func:`~videoanchor.anchor.collective.all_sum`), which makes the row sums of the
+    residual and the four norms of the rebalancing those of the whole ``C``."""
 
     def __init__(self, dic: Dictionary, factor, *, thr_e: float, iterations: int,
-                 schedule: dict | None = None):  # fmt: skip
-        super().__init__(dic, factor, 0, dic.n, thr_e=thr_e, eps=0.0)
+                 schedule: dict | None = None, start: int = 0, stop: int | None = None,
+                 reduce=None):  # fmt: skip
+        super().__init__(dic, factor, start, dic.n if stop is None else stop, thr_e=thr_e,
+                         eps=0.0)  # fmt: skip
         self.schedule = dict(SCHEDULE if schedule is None else schedule)
         self.iterations = int(iterations)
+        self.reduce = reduce
 
     def __call__(self, it: int) -> tuple[float, bool]:
         dic, xp = self.dic, self.dic.xp
@@ -554,13 +569,16 @@ class ScheduledStep(SquaredStep):
         c_old = self.C
         a += self.lam
         self.C, self.lam, absd = dic.kernels.shrink(xp, a, self.lam, 1.0 / self.rho, self.diag)
-        residual = float(xp.max(xp.sum(absd, axis=1)))
+        rows = xp.sum(absd, axis=1)
+        if self.reduce is not None:
+            rows = self.reduce(rows)
+        residual = float(xp.max(rows))
         sch = self.schedule
         if it % sch["every"] == 0 and it <= sch["balance_until"] and it < self.iterations:
-            norm = xp.linalg.vector_norm
             c_old -= self.C
-            r_rel = float(norm(absd)) / max(float(norm(self.C)), 1e-30)
-            s_rel = float(norm(c_old)) / max(float(norm(self.lam)), 1e-30)
+            norms = self._norms(absd, self.C, c_old, self.lam)
+            r_rel = norms[0] / max(norms[1], 1e-30)
+            s_rel = norms[2] / max(norms[3], 1e-30)
             q = r_rel / max(s_rel, 1e-30)
             factor = min(max(math.sqrt(q), 1.0 / sch["tau"]), sch["tau"])
             self.lam *= 1.0 / factor
@@ -570,6 +588,15 @@ class ScheduledStep(SquaredStep):
             self.factor.refactor(self.rho)
             self.rho_changes += 1
         return residual, it >= self.iterations
+
+    def _norms(self, *arrays) -> list[float]:
+        """The Frobenius norms of ``arrays`` over all columns (every rank's, with ``reduce``)."""
+        xp = self.dic.xp
+        norm = xp.linalg.vector_norm
+        if self.reduce is None:
+            return [float(norm(a)) for a in arrays]
+        squares = xp.stack([xp.astype(norm(a), xp.float64) ** 2 for a in arrays])
+        return [math.sqrt(float(v)) for v in self.reduce(squares)]
 
 
 class EqualityStep:

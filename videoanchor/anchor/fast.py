@@ -67,8 +67,11 @@ class ActiveSetStep(admm.ScheduledStep):
     :class:`~videoanchor.anchor.admm.EigenInverse` (its ``[R; Y R]``)."""
 
     def __init__(self, dic: admm.Dictionary, factor: admm.EigenInverse, *, thr_e: float,
-                 iterations: int, schedule: dict | None = None):  # fmt: skip
-        super().__init__(dic, factor, thr_e=thr_e, iterations=iterations, schedule=schedule)
+                 iterations: int, schedule: dict | None = None, start: int = 0,
+                 stop: int | None = None, reduce=None):  # fmt: skip
+        super().__init__(dic, factor, thr_e=thr_e, iterations=iterations, schedule=schedule,
+                         start=start, stop=stop, reduce=reduce)  # fmt: skip
+        self.nb = self.C.shape[1]  # the columns this step owns
         self.y = dic.yw.contiguous()  # D x N
         self.full_count = 0
         self._active = None  # (rows, cols, CSR pattern) of the active entries
@@ -90,13 +93,13 @@ class ActiveSetStep(admm.ScheduledStep):
         if self._active is None or self._e_vals is None:
             return None
         rows, cols, _ = self._active
-        n, d = self.dic.n, self.dic.d
+        nb, d = self.nb, self.dic.d
         if self.share > DENSE_SHARE["yte"]:  # the same product, dense (faster here)
-            e = self.y.new_zeros(d, n)
+            e = self.y.new_zeros(d, nb)
             e[rows, cols] = self._e_vals * scale
             return self.dic.kernels.dense(self.dic.xw, e)
-        # (Y^T E)^T = E^T Y: a sparse (N x D) times dense (D x N) product
-        et = torch.sparse_coo_tensor(torch.stack([cols, rows]), self._e_vals * scale, (n, d),
+        # (Y^T E)^T = E^T Y: a sparse (b x D) times dense (D x N) product
+        et = torch.sparse_coo_tensor(torch.stack([cols, rows]), self._e_vals * scale, (nb, d),
                                      check_invariants=False)  # fmt: skip
         return torch.sparse.mm(et, self.y).T
 
@@ -143,7 +146,7 @@ class ActiveSetStep(admm.ScheduledStep):
                     warnings.simplefilter("ignore", UserWarning)  # sparse CSR is in beta
                     pattern = torch.sparse_coo_tensor(
                         torch.stack([rows, cols]), torch.ones_like(vals),
-                        (self.dic.d, self.dic.n), check_invariants=False,
+                        (self.dic.d, self.nb), check_invariants=False,
                     ).to_sparse_csr()  # fmt: skip
             self._active = (rows, cols, pattern)
         else:

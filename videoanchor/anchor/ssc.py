@@ -43,6 +43,18 @@ from videoanchor.anchor._inputs import (
     check_memory,
     resolve_dtype,
 )
+from videoanchor.anchor.collective import (
+    _all_gather_rows,
+    _group,
+    all_agree,
+    all_sum,
+    broadcast_from_first,
+    column_range,
+    comm_device,
+    computed_on_first,
+    raise_together,
+    share_features,
+)
 from videoanchor.anchor.products import Products, check_precision
 
 __all__ = ["ssc_lambdas", "gram_row_max", "solve_ssc_admm", "ADMMResult", "SSCMemoryError"]
@@ -261,6 +273,7 @@ def solve_ssc_admm(
     kernels: admm.Kernels | None = None,
     scheduled: bool = False,
     precision: str = "auto",
+    process_group=None,
 ) -> ADMMResult:
     """Solve the SSC program for ``features`` (``N x D``, one row per point) on their device.
 
@@ -288,27 +301,55 @@ def solve_ssc_admm(
     a continuous function of the features; a smaller ``max_iter`` cuts it short
     (``converged=False``). ``eps``, ``relax``, ``adaptive_rho``, ``strategy`` and
     ``e_every`` do not apply to it.
+
+    ``process_group`` (fast solver, torch): a ``torch.distributed`` process group (any
+    backend) over which the columns of ``C`` are split. Every step of the iteration but the
+    rebalancing of ``rho`` is column-wise: each rank runs it on its own contiguous share of
+    the columns against the whole factor (the eigendecomposition computed on rank 0 and
+    broadcast), and each iteration sums the residual's row sums and the rebalancing's norms
+    over the ranks, so every rank follows the single-process iterate (to the rounding of
+    those sums). ``C`` and ``E`` are all-gathered at the end: every rank returns the same
+    result. Every rank must call it; rank 0's features are used; a rank that rejects its
+    input, a failure on rank 0 or a stop asked by one rank's ``progress`` reaches all of
+    them. ``callback`` does not apply (a rank holds only its columns).
     """
     t0 = time.perf_counter()
-    x_t = as_feature_tensor(features)
-    device = x_t.device
-    work_t = resolve_dtype(dtype, device)
-    n, d = x_t.shape
-    check_admm_parameters(n, rho, eps, max_iter)
-    if not (1.0 <= relax < 2.0):
-        raise ValueError(f"relax: expected a value in [1, 2), got {relax}")
-    precision = check_precision(precision, fast=scheduled, work=work_t,
-                                backend="torch" if xp is None else xp.__name__)  # fmt: skip
-    if scheduled:
-        strategy = "dense"  # the eigendecomposition gives the dense [R; Y R]
-    if strategy == "auto":
-        strategy = choose_strategy(n, d, outliers, device.type)
-    if strategy not in ("dense", "woodbury"):
-        raise ValueError(f"strategy: expected 'auto', 'dense' or 'woodbury', got {strategy!r}")
-    if check_memory_first:
-        itemsize = torch.finfo(work_t).bits // 8
-        need = admm_bytes(n, d, itemsize, strategy, precision, cuda=device.type == "cuda")
-        check_memory(need, device, n=n, d=d, what="Dense SSC")
+    group, rank, world = _group(process_group)
+    x_t, error = None, None
+    try:
+        x_t = as_feature_tensor(features)
+        device = x_t.device
+        work_t = resolve_dtype(dtype, device)
+        n, d = x_t.shape
+        check_admm_parameters(n, rho, eps, max_iter)
+        if not (1.0 <= relax < 2.0):
+            raise ValueError(f"relax: expected a value in [1, 2), got {relax}")
+        precision = check_precision(precision, fast=scheduled, work=work_t,
+                                    backend="torch" if xp is None else xp.__name__)  # fmt: skip
+        if group is not None and (not scheduled or xp is not None or callback is not None):
+            raise ValueError(
+                "process_group: only the fast solver (scheduled=True) on torch splits its "
+                "columns over processes, without a callback (a rank holds only its columns); "
+                "for the authors' iteration over processes use solve_ssc_blocked"
+            )
+        if scheduled:
+            strategy = "dense"  # the eigendecomposition gives the dense [R; Y R]
+        if strategy == "auto":
+            strategy = choose_strategy(n, d, outliers, device.type)
+        if strategy not in ("dense", "woodbury"):
+            raise ValueError(f"strategy: expected 'auto', 'dense' or 'woodbury', got {strategy!r}")
+        if check_memory_first:
+            itemsize = torch.finfo(work_t).bits // 8
+            need = admm_bytes(n, d, itemsize, strategy, precision, cuda=device.type == "cuda")
+            check_memory(need, device, n=n, d=d, what="Dense SSC")
+    except (TypeError, ValueError, MemoryError) as exc:
+        if group is None:
+            raise
+        error = exc
+    if group is not None:
+        # a rank that rejects its input must not leave the others waiting
+        raise_together(group, error, x_t.device if x_t is not None else torch.device("cpu"))
+        x_t = share_features(x_t, group)
     products = Products(precision)
     if xp is None:
         x, work, kernels = x_t, work_t, TorchKernels(device, products)
@@ -330,12 +371,24 @@ def solve_ssc_admm(
     out = None
     try:
         lam_e, lam_z, _, _ = ssc_lambdas(xp.astype(x, xp.float64, copy=False), alpha_e, alpha_z)
+        start, stop, share, reduce = 0, n, None, None
+        if group is not None:  # rank 0's lambdas and factor; this rank's columns
+            lam = torch.tensor([lam_e, lam_z], dtype=torch.float64, device=device)
+            lam_e, lam_z = (float(v) for v in broadcast_from_first(lam, group))
+            start, stop = column_range(n, rank, world)
+
+            def share(compute):
+                return computed_on_first(compute, [(n,), (n, n)], torch.float64, device, group)
+
+            def reduce(a):
+                return all_sum(a, group)
+
         kernels.sync()
         t1 = time.perf_counter()
         dic = admm.Dictionary(x, work, lam_z=lam_z, affine=affine, outliers=outliers,
                               kernels=kernels, products=products)  # fmt: skip
         if scheduled:
-            factor = admm.EigenInverse(dic, rho)
+            factor = admm.EigenInverse(dic, rho, share=share)
         else:
             factor = (admm.DenseInverse if strategy == "dense" else admm.Woodbury)(dic, rho)
         kernels.sync()
@@ -348,33 +401,53 @@ def solve_ssc_admm(
         if scheduled:
             # a max_iter below the schedule cuts it short: not converged (reported as such)
             make = fast.ActiveSetStep if torch_fast else admm.ScheduledStep
-            step = make(dic, factor, thr_e=lam_e / lam_z, iterations=admm.SCHEDULE["iterations"])
+            step = make(dic, factor, thr_e=lam_e / lam_z, iterations=admm.SCHEDULE["iterations"],
+                        start=start, stop=stop, reduce=reduce)  # fmt: skip
         else:
             step = admm.SquaredStep(
                 dic, factor, 0, n, thr_e=lam_e / lam_z, eps=eps, relax=relax,
                 adaptive=adaptive_rho, e_every=e_every,
             )  # fmt: skip
         history: list[float] = []
-        out = admm.run(step, max_iter, admm.chain(
+        hook = admm.chain(
             (lambda it, r: history.append(r)) if keep_history else None,
             (lambda it, r: callback(it, step.C, r)) if callback is not None else None,
             report.hook,
-        ))  # fmt: skip
+        )  # fmt: skip
+        if group is not None:  # a stop asked on one rank stops every rank at that iteration
+            own = hook
+
+            def hook(it, r):
+                asked = own is not None and bool(own(it, r))
+                return all_agree(asked, group, device, every=False)
+
+        out = admm.run(step, max_iter, hook)
     finally:
         report.close(*((out.converged, out.iterations, out.residual) if out else (False,) * 3))
     kernels.sync()
     t3 = time.perf_counter()
+    coef, e = _as_torch(step.C), None if step.E is None else _as_torch(step.E)
+    timings = {"lambdas": t1 - t0, "factor": t2 - t1, "admm": t3 - t2}
+    if group is not None:  # every rank's columns, in order, on every rank
+        dev = comm_device(group, device)
+        coef = torch.cat(_all_gather_rows(coef.T.contiguous(), group, dev)).T.contiguous()
+        if all_agree(e is not None, group, device):
+            e = torch.cat(_all_gather_rows(e.T.contiguous(), group, dev)).T.contiguous()
+        else:
+            e = None
+        kernels.sync()
+        timings["gather"] = time.perf_counter() - t3
     return ADMMResult.from_run(
         out,
-        coef=_as_torch(step.C),
+        coef=coef,
         lambda_e=lam_e,
         lambda_z=lam_z,
         rho=step.rho,
         rho_changes=step.rho_changes,
         strategy=strategy,
-        outliers=None if step.E is None else _as_torch(step.E),
+        outliers=e,
         history=history,
-        timings={"lambdas": t1 - t0, "factor": t2 - t1, "admm": t3 - t2},
+        timings=timings,
     )
 
 

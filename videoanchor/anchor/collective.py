@@ -1,0 +1,169 @@
+"""Collectives over a ``torch.distributed`` process group, shared by the solvers that
+spread one request's SSC over ranks: the column-blocked exact solver
+(:mod:`videoanchor.anchor.blocked`) and the fast solver split by columns
+(:func:`videoanchor.anchor.ssc.solve_ssc_admm` with ``process_group``).
+
+Every function here is collective: every rank of the group must call it, in the same order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "all_agree",
+    "all_sum",
+    "broadcast_from_first",
+    "column_range",
+    "comm_device",
+    "computed_on_first",
+    "raise_together",
+    "share_features",
+]
+
+
+def _group(process_group):
+    """``(group, rank, world_size)``; ``(None, 0, 1)`` without a process group."""
+    if process_group is None:
+        return None, 0, 1
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            "process_group: torch.distributed is not initialised; call "
+            "torch.distributed.init_process_group(...) first (or pass process_group=None)"
+        )
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            f"process_group: expected a torch.distributed.ProcessGroup (e.g. "
+            f"torch.distributed.group.WORLD), got {type(process_group).__name__}"
+        )
+    return process_group, dist.get_rank(process_group), dist.get_world_size(process_group)
+
+
+def comm_device(group, device: torch.device) -> torch.device:
+    """The device collectives of ``group`` run on: CUDA for NCCL, the CPU otherwise."""
+    import torch.distributed as dist
+
+    if "nccl" in str(dist.get_backend(group)).lower():
+        if device.type == "cuda":
+            return device
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def raise_together(group, error: BaseException | None, device: torch.device) -> None:
+    """Collective: raise on every rank of ``group`` when any rank hit ``error``.
+
+    The failing rank re-raises its own error, the others a ``RuntimeError`` naming it, so
+    that no rank is left waiting in a later collective. ``group=None``: raise ``error``.
+    """
+    if group is None:
+        if error is not None:
+            raise error
+        return
+    import torch.distributed as dist
+
+    flag = torch.tensor([0 if error is None else 1], device=comm_device(group, device))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if error is not None:
+        raise error
+    if int(flag) != 0:
+        raise RuntimeError(
+            "videoanchor: another rank of the process group failed (see its error); "
+            "every rank stops"
+        )
+
+
+def share_features(x: torch.Tensor, group) -> torch.Tensor:
+    """Rank 0's ``x`` on every rank of ``group`` (one source of truth for ``Y``).
+
+    Every rank must pass a matrix of the same shape and dtype: a ``ValueError`` on every
+    rank otherwise (the check is collective, so no rank is left waiting).
+    """
+    import torch.distributed as dist
+
+    dev = comm_device(group, x.device)
+    codes = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+    mine = torch.tensor([x.shape[0], x.shape[1], codes.get(x.dtype, 9)], device=dev)
+    world = dist.get_world_size(group)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine, group=group)
+    shapes = [tuple(int(v) for v in t.tolist()) for t in every]
+    if any(s != shapes[0] for s in shapes):
+        raise ValueError(
+            "process_group: every rank must pass the same features; got (N, D, dtype code) "
+            f"= {shapes} per rank"
+        )
+    buf = x.to(dev).contiguous()
+    dist.broadcast(buf, src=dist.get_global_rank(group, 0), group=group)
+    return buf.to(x.device)
+
+
+def _all_gather_rows(t: torch.Tensor, group, dev: torch.device) -> list[torch.Tensor]:
+    """All-gather tensors whose first dimension differs between ranks."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    size = torch.tensor([t.shape[0]], device=dev)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    sizes = [int(s) for s in sizes]
+    top = max(sizes)
+    pad = torch.zeros((top,) + tuple(t.shape[1:]), dtype=t.dtype, device=dev)
+    pad[: t.shape[0]] = t.to(dev)
+    out = [torch.empty_like(pad) for _ in range(world)]
+    dist.all_gather(out, pad, group=group)
+    return [o[:s].to(t.device) for o, s in zip(out, sizes, strict=True)]
+
+
+def column_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous share ``start:stop`` of ``n`` columns split over ``world``
+    ranks (sizes differ by at most one; a rank may get none when ``world > n``)."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+def all_sum(t: torch.Tensor, group) -> torch.Tensor:
+    """The sum of ``t`` over the ranks of ``group`` (a new tensor on ``t``'s device)."""
+    import torch.distributed as dist
+
+    buf = t.to(comm_device(group, t.device), copy=True)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    return buf.to(t.device)
+
+
+def all_agree(flag: bool, group, device: torch.device, *, every: bool = True) -> bool:
+    """``flag`` on every rank (``every=True``) or on any rank (``every=False``): the same
+    answer on every rank of ``group``."""
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if flag else 0], device=comm_device(group, device))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN if every else dist.ReduceOp.MAX, group=group)
+    return bool(int(t) != 0)
+
+
+def broadcast_from_first(t: torch.Tensor, group) -> torch.Tensor:
+    """Rank 0's ``t`` on every rank (every rank passes a tensor of the same shape and dtype)."""
+    import torch.distributed as dist
+
+    buf = t.to(comm_device(group, t.device)).contiguous()
+    dist.broadcast(buf, src=dist.get_global_rank(group, 0), group=group)
+    return buf.to(t.device)
+
+
+def computed_on_first(compute, shapes, dtype: torch.dtype, device: torch.device, group):
+    """``compute()`` (a tuple of tensors of ``shapes`` and ``dtype``) run on rank 0 only,
+    its result broadcast to every rank. If it fails on rank 0, every rank raises
+    (:func:`raise_together`) instead of waiting for the broadcast."""
+    import torch.distributed as dist
+
+    got, error = None, None
+    if dist.get_rank(group) == 0:
+        try:
+            got = tuple(compute())
+        except Exception as exc:  # re-raised on every rank below
+            error = exc
+    raise_together(group, error, device)
+    if got is None:
+        got = tuple(torch.empty(s, dtype=dtype, device=device) for s in shapes)
+    return tuple(broadcast_from_first(t, group) for t in got)
