@@ -350,8 +350,10 @@ _DIST_CASES = {
     "draws-type-on-0": (dict(label_draws=1.5), dict(), TypeError, "label_draws: expected an int >= 1"),
     "nan-on-1": (dict(), dict(nan=True), ValueError, "expected finite values"),
     "shape-differs": (dict(), dict(rows=17), ValueError, "expected the same features on every rank"),
-    "fast-solver": (dict(solver="fast"), dict(solver="fast"), ValueError, "process_group: the blocked exact solver that runs over processes runs the authors' iteration only; expected solver 'auto' or 'faithful', got solver='fast'"),
-    "exact-mode": (dict(mode="exact"), dict(mode="exact"), ValueError, "expected mode='auto' or 'blocked', got mode='exact'"),
+    "accelerated-solver": (dict(solver="accelerated"), dict(solver="accelerated"), ValueError, "process_group: the accelerated solver does not run over processes"),
+    "exact-faithful": (dict(mode="exact", solver="faithful"), dict(mode="exact", solver="faithful"), ValueError, "process_group: mode='exact' splits the fast solver's columns over the ranks"),
+    "cupy-backend": (dict(backend="cupy"), dict(backend="cupy"), ValueError, "expected backend 'auto' or 'torch', got 'cupy'"),
+    "blocked-fast": (dict(mode="blocked", solver="fast"), dict(mode="blocked", solver="fast"), ValueError, "mode='blocked' runs the authors' iteration only"),
     "same": (dict(), dict(), None, None),
 }  # fmt: skip
 
@@ -407,8 +409,9 @@ def test_process_group_ranks_fail_together(dist_results, case):
     if exc is None:
         assert got[0][0] == got[1][0] == "ok"
         assert torch.equal(got[0][1], got[1][1])
-        single = compute_anchor_scores(X, 3, max_iter=20, mode="blocked")
-        torch.testing.assert_close(got[0][1], single.scores, atol=1e-6, rtol=0)
+        # the default over a group: the fast solver, its columns split over the ranks
+        single = compute_anchor_scores(X, 3, max_iter=20)
+        torch.testing.assert_close(got[0][1], single.scores, atol=1e-5, rtol=0)
         return
     for kind, message in got:
         assert kind == exc.__name__, got

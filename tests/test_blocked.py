@@ -215,7 +215,7 @@ def _worker(rank, world, store, x, kw, out):
         except ValueError as exc:
             shape_error = str(exc)
         try:
-            compute_anchor_scores(x, process_group=group, mode="exact", **kw)
+            compute_anchor_scores(x, process_group=group, **{**kw, "mode": "exact"})
             mode_error = None
         except ValueError as exc:
             mode_error = str(exc)
@@ -248,8 +248,8 @@ def _worker(rank, world, store, x, kw, out):
 @pytest.mark.distributed
 def test_two_gloo_processes_equal_one(tmp_path):
     x = tokens(14, 4, 13, seed=7).float()  # N = 56
-    kw = dict(n_clusters=4, block_columns=9, eps=2e-4, max_iter=3000)
-    single = compute_anchor_scores(x, mode="blocked", **kw)
+    kw = dict(n_clusters=4, mode="blocked", block_columns=9, eps=2e-4, max_iter=3000)
+    single = compute_anchor_scores(x, **kw)
     mp.spawn(_worker, args=(2, str(tmp_path / "store"), x, kw, str(tmp_path)), nprocs=2)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     want = single.coef.to_dense()

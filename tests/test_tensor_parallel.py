@@ -3,8 +3,10 @@
 A tiny random Qwen2.5-VL is saved to a temporary directory; the test process loads it alone
 (the reference) and two spawned ranks load it with ``tp_plan="auto"`` (q/k/v column-sharded,
 o row-sharded: each rank holds 2 of the 4 query heads and 1 of the 2 KV heads). Every rank
-must give the single-process logits and greedy tokens, see only its own heads, apply
-bitwise-identical gates, and never run SSC off rank 0 (rank 1's SSC raises if called).
+must give the single-process logits and greedy tokens, see only its own heads and apply
+bitwise-identical gates. With the fast solver (the default) every rank runs its share of
+the SSC (the columns split over the group); with the faithful one rank 0 runs it alone and
+rank 1 never runs SSC (its SSC raises if called without the group).
 """
 
 import os
@@ -139,6 +141,15 @@ def _rank_main(rank, path, port, out_dir):
         report["blocked_modes"] = [r.mode for r in handle.last_result]
         report["blocked_coef"] = [r.coef is not None for r in handle.last_result]
 
+        # The faithful solver in exact mode does not split: rank 0 alone, scores sent.
+        handle = videoanchor.configure(model, **SSC, decode="all", ssc_solver="faithful")
+        calls.clear()
+        with torch.no_grad():
+            report["alone_logits"] = model(**batch).logits
+        report["alone_scores"] = handle.last_scores.clone()
+        report["alone_calls"] = list(calls)
+        report["alone_coef_none"] = [r is None or r.coef is None for r in handle.last_result]
+
         # Different requests on the ranks (same shapes, other pixels): every rank must raise.
         other = _batch(model.config, seed=10 + 7 * rank)
         try:
@@ -198,6 +209,9 @@ def runs(tmp_path_factory):
             scores_mod._exact_fits = fits
         ref["blocked_scores"] = handle.last_scores.clone()
         ref["blocked_modes"] = [r.mode for r in handle.last_result]
+        handle = videoanchor.configure(single, **SSC, decode="all", ssc_solver="faithful")
+        ref["alone_logits"] = single(**batch).logits
+        ref["alone_scores"] = handle.last_scores.clone()
 
     ctx = mp.start_processes(
         _rank_main,
@@ -234,25 +248,37 @@ def test_each_rank_sees_its_own_heads(runs):
         assert rep["heads"] == [(4 // WORLD, 2 // WORLD)]
 
 
-def test_scores_computed_once_and_gates_identical_on_every_rank(runs):
+def test_fast_scores_split_over_the_ranks_and_gates_identical(runs):
     ref, ranks, _ = runs
-    # (forward + generate) x samples, on rank 0 only, alone
-    assert ranks[0]["ssc_calls"] == [False] * (2 * 2)
-    assert ranks[1]["ssc_calls"] == []
+    # (forward + generate) x samples, every rank with the group: the columns split
     for rep in ranks:
+        assert rep["ssc_calls"] == [True] * (2 * 2)
         assert torch.equal(rep["scores"], ranks[0]["scores"])
         for a, b in zip(rep["labels"], ranks[0]["labels"], strict=True):
             assert torch.equal(a, b)
-    assert ranks[0]["coef_none"] == [False, False]  # the source keeps its full result
-    assert ranks[1]["coef_none"] == [True, True]  # C is never sent
-    # Same SSC, same features: the scores equal the single-process ones.
-    assert torch.allclose(ranks[0]["scores"], ref["scores"], rtol=0, atol=1e-6)
+        assert rep["coef_none"] == [False, False]  # C all-gathered on every rank
+    # The single-process fast scores, to the rounding of the split's cross-rank sums.
+    assert torch.allclose(ranks[0]["scores"], ref["scores"], rtol=0, atol=1e-5)
     assert (ranks[0]["scores"] > 0.5).any()
     # Every anchored attention call, prefill and layers alike, got the same gates everywhere.
     seen0, seen1 = ranks[0]["prefill_seen"], ranks[1]["prefill_seen"]
     assert len(seen0) == len(seen1) == 2  # two decoder layers
     for (_, _, g0), (_, _, g1) in zip(seen0, seen1, strict=True):
         assert g0 is not None and torch.equal(g0[0], g1[0]) and torch.equal(g0[1], g1[1])
+
+
+def test_faithful_scores_computed_once_on_rank0(runs):
+    ref, ranks, batch = runs
+    assert ranks[0]["alone_calls"] == [False, False]  # one per sample, alone
+    assert ranks[1]["alone_calls"] == []
+    assert ranks[0]["alone_coef_none"] == [False, False]  # the source keeps its full result
+    assert ranks[1]["alone_coef_none"] == [True, True]  # C is never sent
+    valid = batch["attention_mask"].bool()
+    for rep in ranks:
+        assert torch.equal(rep["alone_scores"], ranks[0]["alone_scores"])
+        assert torch.allclose(rep["alone_scores"], ref["alone_scores"], rtol=0, atol=1e-6)
+        diff = (rep["alone_logits"].double() - ref["alone_logits"].double())[valid]
+        assert diff.abs().max().item() < 2e-5
 
 
 def test_logits_and_greedy_tokens_equal_single_process(runs):

@@ -163,17 +163,8 @@ class SSCOptions:
                 f"{out.eigen_solver!r}; try eigen_solver='auto'"
             )
         check_option_range(values, out.dtype)
-        if distributed and mode not in ("auto", "blocked"):
-            raise ValueError(
-                f"process_group: only the blocked exact solver is spread over processes; "
-                f"expected mode='auto' or 'blocked', got mode={mode!r}"
-            )
-        if distributed and solver in ("accelerated", "fast"):
-            raise ValueError(
-                "process_group: the blocked exact solver that runs over processes runs the "
-                f"authors' iteration only; expected solver 'auto' or 'faithful', got "
-                f"solver={solver!r}"
-            )
+        if distributed:
+            check_distributed(mode, solver, backend)
         if mode == "blocked":
             if backend == "cupy":
                 raise ValueError("mode='blocked': expected backend 'auto' or 'torch', got 'cupy'")
@@ -190,6 +181,29 @@ class SSCOptions:
                     f"{name}: applies to mode='blocked' (or 'auto') only, got mode={mode!r}"
                 )
         return out
+
+
+def check_distributed(mode: str, solver: str, backend: str) -> None:
+    """The solvers that run over a process group: the fast one split by columns (exact
+    mode) and the authors' iteration column-blocked (blocked mode); ``mode="auto"`` picks
+    between them. Anything else is a ValueError naming what would run."""
+    if solver == "accelerated":
+        raise ValueError(
+            "process_group: the accelerated solver does not run over processes; expected "
+            "solver 'auto' or 'fast' (columns split over the ranks, mode 'exact' or 'auto') or "
+            "'faithful' (column-blocked, mode 'blocked' or 'auto'), got solver='accelerated'"
+        )
+    if mode == "exact" and solver == "faithful":
+        raise ValueError(
+            "process_group: mode='exact' splits the fast solver's columns over the ranks; the "
+            "authors' iteration runs over processes column-blocked: expected solver 'auto' or "
+            "'fast' with mode='exact', or mode 'blocked' or 'auto' with solver='faithful'"
+        )
+    if backend == "cupy":
+        raise ValueError(
+            "process_group: the solvers that run over processes are torch's; expected backend "
+            "'auto' or 'torch', got 'cupy'"
+        )
 
 
 _PROGRAM = ("alpha_e", "alpha_z", "rho", "eps", "max_iter", "dtype", "progress")

@@ -17,13 +17,8 @@ from videoanchor.anchor._inputs import (
     tie_duplicate_scores,
     warn_dominant_token,
 )
-from videoanchor.anchor.blocked import (
-    _group,
-    comm_device,
-    solve_ssc_blocked,
-    sparse_row_sums,
-    sparse_ssc_affinity,
-)
+from videoanchor.anchor.blocked import solve_ssc_blocked, sparse_row_sums, sparse_ssc_affinity
+from videoanchor.anchor.collective import _group, all_agree, comm_device
 from videoanchor.anchor.options import DEFAULTS, REMOVED_SCALABLE, SSCOptions
 from videoanchor.anchor.spectral import (
     sparse_spectral_labels,
@@ -399,12 +394,22 @@ def compute_anchor_scores(
 
     ``process_group``: a ``torch.distributed`` process group (any backend: gloo, NCCL).
     Every rank of the group must call this with features of the same shape; rank 0's
-    features are used. The column blocks are divided among the ranks (``mode="auto"`` or
-    ``"blocked"`` with ``solver="auto"`` or ``"faithful"``; anything else is a ``ValueError``
-    before any work), the sparse columns of ``C`` are
-    all-gathered, clustering and scores are computed once on rank 0 and broadcast, and
-    every rank returns the same ``AnchorResult`` (``timings`` are each rank's own). The
-    result equals the single-process ``mode="blocked"`` result.
+    features are used, and every rank returns the same ``AnchorResult`` (``timings`` are
+    each rank's own; clustering and scores are computed once on rank 0 and broadcast). The
+    solver's work is divided among the ranks:
+
+    - exact mode (``mode="exact"``, or ``"auto"`` where the dense problem fits on every
+      rank), fast solver (``solver="auto"`` or ``"fast"``): the columns of ``C`` are split
+      over the ranks, each iterating its own share against the whole factor, and ``C`` is
+      all-gathered; the result is the single-process fast result to rounding (the residual
+      and the rebalancing norms are sums over the ranks);
+    - blocked mode (``mode="blocked"``, ``"auto"`` where the dense problem does not fit, or
+      ``solver="faithful"`` with ``mode="auto"``): the authors' iteration, the column blocks
+      dealt to the ranks, the sparse columns all-gathered; it equals the single-process
+      ``mode="blocked"`` result.
+
+    ``solver="accelerated"``, ``solver="faithful"`` with ``mode="exact"`` and
+    ``backend="cupy"`` are a ``ValueError`` before any work.
 
     ``label_draws`` (beyond the paper): the default 1 is the paper's single random label
     assignment (the authors' scikit-learn call, seed-compatible). With ``R > 1``, ``R``
@@ -456,8 +461,13 @@ def compute_anchor_scores(
         agree_across_ranks(process_group, fingerprint, error)
     mode = opts.mode
     if mode == "auto":
-        fits = process_group is None and _exact_fits(x, opts.dtype, opts.pca_rank, opts.precision)
-        mode = "exact" if fits else "blocked"
+        if process_group is not None and opts.solver == "faithful":
+            mode = "blocked"  # the authors' iteration runs over processes column-blocked
+        else:
+            fits = _exact_fits(x, opts.dtype, opts.pca_rank, opts.precision)
+            if process_group is not None:  # the same choice on every rank
+                fits = all_agree(fits, process_group, x.device)
+            mode = "exact" if fits else "blocked"
     if mode == "blocked" and opts.precision != "full":
         raise ValueError(
             f"precision={opts.precision!r} applies to the fast solver of exact mode, but these "
@@ -467,6 +477,9 @@ def compute_anchor_scores(
     if mode == "blocked":
         warn_dominant_token(x, opts.dtype)  # (mode='exact' warns in the call below)
         return _blocked_anchor_scores(x, opts, t0=t0, process_group=process_group)
+    if process_group is not None:
+        warn_dominant_token(x, opts.dtype)
+        return _split_anchor_scores(x, opts, t0=t0, process_group=process_group)
     solver = "fast" if opts.solver == "auto" else opts.solver
     res = sparse_subspace_clustering(
         x, **replace(opts, solver=solver).as_dict(without=("mode", "block_columns", "block_eps"))
@@ -613,18 +626,51 @@ def _blocked_anchor_scores(x, opts: SSCOptions, *, t0, process_group) -> AnchorR
         x, **opts.program(), block_columns=opts.block_columns, block_eps=opts.block_eps,
         process_group=process_group,
     )  # fmt: skip
-    n_clusters, seed, label_draws = opts.n_clusters, opts.seed, opts.label_draws
     coef = admm.coef
     t1 = time.perf_counter()
+    draws, scores = _cluster_on_first(coef, x, opts, process_group, sparse=True)
+    _sync(x.device)
+    t2 = time.perf_counter()
+    timings = dict(admm.timings)
+    timings["spectral"] = t2 - t1
+    timings["scores"] = 0.0  # computed with the clustering on rank 0
+    timings["total"] = t2 - t0
+    return AnchorResult(
+        scores=scores,
+        labels=draws[0],
+        coef=coef,
+        iterations=admm.iterations,
+        converged=admm.converged,
+        residual=admm.residual,
+        lambda_e=admm.lambda_e,
+        lambda_z=admm.lambda_z,
+        backend="torch",
+        solver="faithful",
+        mode="blocked",
+        timings=timings,
+    )
+
+
+def _cluster_on_first(coef, x, opts: SSCOptions, process_group, *, sparse: bool):
+    """``(label draws, scores)`` of ``coef`` (every rank holds the same ``C``), clustered
+    once on rank 0 of ``process_group`` and broadcast; if that fails, every rank raises."""
     group, rank, _ = _group(process_group)
     n = coef.shape[0]
-    draws = torch.empty(label_draws, n, dtype=torch.long, device=x.device)
+    draws = torch.empty(opts.label_draws, n, dtype=torch.long, device=x.device)
     scores = torch.empty(n, dtype=torch.float32, device=x.device)
     error = None
     if rank == 0:
         try:
-            w = sparse_ssc_affinity(coef)
-            draws = sparse_spectral_labels(w, n_clusters, seed=seed, draws=label_draws)
+            if sparse:
+                w = sparse_ssc_affinity(coef)
+                draws = sparse_spectral_labels(w, opts.n_clusters, seed=opts.seed,
+                                               draws=opts.label_draws)  # fmt: skip
+            else:
+                w = ssc_affinity(coef, normalize="none")
+                draws = spectral_labels(
+                    w, opts.n_clusters, seed=opts.seed, assign_labels="discretize",
+                    eigen_solver=opts.eigen_solver, draws=opts.label_draws,
+                )  # fmt: skip
             draws = draws.to(x.device)
             del w
             scores = tie_duplicate_scores(x, anchor_scores(coef, draws))
@@ -647,6 +693,20 @@ def _blocked_anchor_scores(x, opts: SSCOptions, *, t0, process_group) -> AnchorR
         draws, scores = buf_l.to(x.device), buf_s.to(x.device)
     elif error is not None:
         raise error
+    return draws, scores
+
+
+def _split_anchor_scores(x, opts: SSCOptions, *, t0, process_group) -> AnchorResult:
+    """``mode="exact"`` of :func:`compute_anchor_scores` over a process group: the fast
+    solver with the columns of ``C`` split over the ranks (``solve_ssc_admm``'s
+    ``process_group``), ``C`` on every rank, clustered once on rank 0 and broadcast."""
+    feats = x
+    if opts.pca_rank:
+        x = pca_reduce(x, opts.pca_rank)
+    admm = solve_ssc_admm(x, scheduled=True, precision=opts.precision,
+                          process_group=process_group, **opts.program())  # fmt: skip
+    t1 = time.perf_counter()
+    draws, scores = _cluster_on_first(admm.coef, feats, opts, process_group, sparse=False)
     _sync(x.device)
     t2 = time.perf_counter()
     timings = dict(admm.timings)
@@ -654,16 +714,7 @@ def _blocked_anchor_scores(x, opts: SSCOptions, *, t0, process_group) -> AnchorR
     timings["scores"] = 0.0  # computed with the clustering on rank 0
     timings["total"] = t2 - t0
     return AnchorResult(
-        scores=scores,
-        labels=draws[0],
-        coef=coef,
-        iterations=admm.iterations,
-        converged=admm.converged,
-        residual=admm.residual,
-        lambda_e=admm.lambda_e,
-        lambda_z=admm.lambda_z,
-        backend="torch",
-        solver="faithful",
-        mode="blocked",
-        timings=timings,
-    )
+        scores=scores, labels=draws[0], coef=admm.coef, iterations=admm.iterations,
+        converged=admm.converged, residual=admm.residual, lambda_e=admm.lambda_e,
+        lambda_z=admm.lambda_z, backend="torch", solver="fast", mode="exact", timings=timings,
+    )  # fmt: skip

@@ -494,9 +494,13 @@ class AnchorHandle:
 
                     return not _exact_fits(feats, cfg.ssc_dtype, cfg.pca_rank, cfg.ssc_precision)
 
+                def spread():  # the ranks share the work: blocked, or the fast solver split
+                    split = cfg.ssc_solver in ("auto", "fast") and cfg.ssc_backend != "cupy"
+                    return split or blocked()
+
                 # Under a process group the ranks get the same result (distributed.py).
                 if group is not None:
-                    res = shared_scores(group, compute, feats.device, spread=blocked)
+                    res = shared_scores(group, compute, feats.device, spread=spread)
                 elif self.cache is not None and cfg.ssc_time_budget is None and not blocked():
                     # (a budget-stopped C depends on timing: never cached)
                     res = self.cache.anchor_result(feats, k, cfg, progress=reporter)

@@ -2,21 +2,24 @@
 
 Under transformers' tensor parallelism (``tp_plan="auto"`` under ``torchrun``) every rank
 runs the same request, and each rank's attention sees only its own query/KV heads. The
-gates are per key, so every rank must apply the same ones. Where one process would run the
-dense exact SSC, it runs on rank 0 of the group and its scores are sent to the others,
-which never run SSC: the ranks cannot disagree, even where SSC is not bitwise reproducible
-across devices. Where one process would take the column-blocked exact solver (long videos:
-the dense one does not fit), the blocks are divided among the ranks by
-``compute_anchor_scores(process_group=...)``, which clusters on rank 0 and broadcasts the
-labels and scores. Either way the result equals the single-process one. Before any scoring the ranks compare a fingerprint of the request (shapes, visual
+gates are per key, so every rank must apply the same ones. With the fast solver (the
+default) the ranks share one request's SSC: ``compute_anchor_scores(process_group=...)``
+splits the columns of ``C`` over them (each rank iterates its share against the whole
+factor, ``C`` is all-gathered), clusters on rank 0 and broadcasts the labels and scores.
+Where one process would take the column-blocked exact solver (long videos: the dense one
+does not fit), the blocks are divided among the ranks the same way. With another solver
+(faithful or accelerated in exact mode, or the CuPy backend) the SSC runs on rank 0 of the
+group alone and its scores are sent to the others, which never run SSC. Every rank ends
+with the same scores, equal to the single-process ones (to the rounding of the split's
+cross-rank sums for the fast solver). Before any scoring the ranks compare a fingerprint of the request (shapes, visual
 token counts, sums of the visual features), so that a data-parallel run (different requests
 per rank) configured with a group fails loudly instead of mixing requests.
 
 Collectives per prefill with visual tokens: one ``all_gather_object`` (the fingerprints)
-plus one ``broadcast_object_list`` per distinct scored sample (and the blocked solver's own
-collectives when it is spread). Decode steps communicate nothing. From the dense path the
-payload is the scores and labels (N floats and ints per sample), never the N x N
-coefficient matrix: ``coef`` is None in the results received from rank 0.
+plus one ``broadcast_object_list`` per distinct scored sample (and the solvers' own
+collectives when the SSC is spread). Decode steps communicate nothing. When rank 0 alone
+runs the SSC the payload is the scores and labels (N floats and ints per sample), never the
+N x N coefficient matrix: ``coef`` is None in the results received from rank 0.
 """
 
 from __future__ import annotations
@@ -138,9 +141,9 @@ def shared_scores(group, compute, device: torch.device, spread=None):
     """The AnchorResult of one sample, the same on every rank of ``group``.
 
     ``compute(**kw)`` runs ``compute_anchor_scores``; ``spread()`` (asked on rank 0 only)
-    says whether a single process would take the column-blocked exact solver (the dense one
-    does not fit). Then every rank calls ``compute(process_group=group)``: the blocks are
-    divided among the ranks and every rank gets the same result. Otherwise rank 0 alone
+    says whether the ranks share the work (the fast solver split by columns, or the
+    column-blocked exact solver where the dense one does not fit). Then every rank calls
+    ``compute(process_group=group)`` and every rank gets the same result. Otherwise rank 0 alone
     runs ``compute()`` and hands its scores, labels and statistics to the other ranks
     (``coef`` None there). If rank 0 fails, every rank raises (rank 0 its own error)
     instead of waiting forever.
