@@ -19,7 +19,10 @@ parallel 4) and frame count (8, 16, 32, 64):
   at the sizes that fit in a few minutes on this CPU;
 * ``h100``: estimated from counted FLOPs: the prefill in bf16 at 60% of the H100's dense
   peak, SSC at 60% of the peak of its precision (FP32 SIMT 67, TF32 495, bf16 989 TFLOP/s);
-  its setup (Gram, factorisation) in float64 at 67 TFLOP/s.
+  its setup (Gram, factorisation) in float64 at 67 TFLOP/s. Under tensor parallelism also
+  ``..._split``: the fast solver's columns split over the ``tp`` ranks (its iterations and
+  refactors divided by ``tp``, the eigendecomposition on one rank, the all-gathers' traffic
+  not counted), as ``compute_anchor_scores(process_group=...)`` runs it.
 
 Fidelity (the new default against the faithful solver at eps 2e-4, same seed; the bar is
 the faithful solver at eps 2e-3): score Spearman and label ARI on synthetic video tokens,
@@ -423,6 +426,13 @@ def cost_rows(device, quick, budget_s, measure=None, on_row=None) -> list[dict]:
             ) / rate
             fast_s += fl["setup_fast_fp64"] / (EFFICIENCY * H100["fp64"])
             est[f"ssc_over_prefill_fast_{prec}"] = fast_s / pre_s
+            if tp > 1:  # the columns split over the tp ranks (compute_anchor_scores'
+                # process_group, as transformers' TP runs it): iterations and refactors / tp,
+                # the eigendecomposition on rank 0; the gathers' traffic is not counted
+                split_s = (
+                    admm.SCHEDULE["iterations"] * fl["per_iter_fast_cuda"] + fl["refactors_fast"]
+                ) / (tp * rate) + fl["setup_fast_fp64"] / (EFFICIENCY * H100["fp64"])
+                est[f"ssc_over_prefill_fast_{prec}_split"] = split_s / pre_s
             if its and prec != "fp16x3":  # (the faithful solver has no fp16x3)
                 faith_s = its * fl["per_iter"] / rate
                 faith_s += fl["setup_faithful_fp64"] / (EFFICIENCY * H100["fp64"])

@@ -307,11 +307,14 @@ class EigenInverse(DenseInverse):
 
     ``share(compute)``: the eigendecomposition every process uses, from ``compute()``
     (with the columns split over processes: computed on rank 0 and broadcast, so that every
-    rank holds the same factor)."""
+    rank holds the same factor). ``columns=(start, stop, gather)``: this process computes
+    the columns ``start:stop`` of ``[B; Y B]`` at each refactor and ``gather(block)`` returns
+    every process's columns side by side (the refactors split over the processes too)."""
 
-    def __init__(self, dic: Dictionary, rho: float, share=None):
+    def __init__(self, dic: Dictionary, rho: float, share=None, columns=None):
         xp = dic.xp
         self.dic = dic
+        self.columns = columns
 
         def compute():
             return xp.linalg.eigh((dic.x64 @ dic.x64.T) * dic.lam_z)
@@ -333,11 +336,17 @@ class EigenInverse(DenseInverse):
         scale64 = rho / (self.w + rho)
         scale = xp.astype(scale64, dic.work, copy=False)
         rows = dic.n + dic.d if dic.outliers else dic.n
-        self.r = xp.empty((rows, dic.n), dtype=dic.work, device=dic.device)
         mm = dic.products.mm
-        self.r[: dic.n, :] = mm(self.v * scale[None, :], self.vt)  # B
+        vt, width = self.vt, dic.n
+        if self.columns is not None:  # this process's columns, gathered below
+            start, stop, _ = self.columns
+            vt, width = self.vt[:, start:stop], stop - start
+        self.r = xp.empty((rows, width), dtype=dic.work, device=dic.device)
+        self.r[: dic.n, :] = mm(self.v * scale[None, :], vt)  # B
         if dic.outliers:
-            self.r[dic.n :, :] = mm(self.yv * scale[None, :], self.vt)  # Y B
+            self.r[dic.n :, :] = mm(self.yv * scale[None, :], vt)  # Y B
+        if self.columns is not None:
+            self.r = self.columns[2](self.r)
         if dic.affine:  # Sherman-Morrison for rho 1 1^T, its vectors in float64
             sv = scale64 * self.vt1
             b = self.v64 @ sv  # B 1

@@ -371,11 +371,12 @@ def solve_ssc_admm(
     out = None
     try:
         lam_e, lam_z, _, _ = ssc_lambdas(xp.astype(x, xp.float64, copy=False), alpha_e, alpha_z)
-        start, stop, share, reduce = 0, n, None, None
+        start, stop, share, reduce, columns = 0, n, None, None, None
         if group is not None:  # rank 0's lambdas and factor; this rank's columns
             lam = torch.tensor([lam_e, lam_z], dtype=torch.float64, device=device)
             lam_e, lam_z = (float(v) for v in broadcast_from_first(lam, group))
             start, stop = column_range(n, rank, world)
+            dev = comm_device(group, device)
 
             def share(compute):
                 return computed_on_first(compute, [(n,), (n, n)], torch.float64, device, group)
@@ -383,12 +384,17 @@ def solve_ssc_admm(
             def reduce(a):
                 return all_sum(a, group)
 
+            def gather(block):  # every rank's columns of the refactored [B; Y B]
+                return torch.cat(_all_gather_rows(block.T.contiguous(), group, dev)).T.contiguous()
+
+            columns = (start, stop, gather)
+
         kernels.sync()
         t1 = time.perf_counter()
         dic = admm.Dictionary(x, work, lam_z=lam_z, affine=affine, outliers=outliers,
                               kernels=kernels, products=products)  # fmt: skip
         if scheduled:
-            factor = admm.EigenInverse(dic, rho, share=share)
+            factor = admm.EigenInverse(dic, rho, share=share, columns=columns)
         else:
             factor = (admm.DenseInverse if strategy == "dense" else admm.Woodbury)(dic, rho)
         kernels.sync()
