@@ -14,10 +14,10 @@ on rank 0, saved to ``--model-dir`` and loaded by every rank. One video of ``--f
 processes, interleaved rep by rep:
 
   sdpa         transformers' SDPA, unanchored (what TP users run today)
-  videoanchor  attn_implementation="videoanchor_triton": dense SSC on rank 0 and its scores
-               sent to the other ranks, or (``--frames`` beyond the dense limit, or
-               ``--force-blocked``) the blocked solver spread over the ranks (configure's
-               process_group="auto"); the fused anchored kernel on each rank's own heads
+  videoanchor  attn_implementation="videoanchor_triton": the fast SSC split over the ranks
+               by columns, or (``--frames`` beyond the dense limit, or ``--force-blocked``)
+               the blocked solver spread over the ranks (configure's process_group="auto");
+               the fused anchored kernel on each rank's own heads
 
 Timing: a fixed number of reps on every rank (collectives inside the forward forbid
 per-rank adaptive counts such as triton.testing.do_bench's), each rep between a device
@@ -67,7 +67,8 @@ QWEN25_VL_72B_VISION = dict(QWEN25_VL_7B_VISION, out_hidden_size=8192)
 class ShareTimer:
     """Host time spent in the request check and the score broadcast, SSC excluded (the SSC
     runs inside shared_scores and is timed apart; on ranks other than 0 this includes the
-    wait for rank 0's dense SSC; the blocked solver's own collectives count as SSC)."""
+    wait for rank 0's SSC where it runs alone; the split and blocked solvers' own
+    collectives count as SSC)."""
 
     def __init__(self):
         self.seconds = 0.0

@@ -51,6 +51,7 @@ python benchmarks/bench_backward.py [--quick]     # training step (forward + bac
 python benchmarks/bench_integration.py [--quick]  # anchored VLM prefill (SSC included) vs SDPA and eager, random weights
 python benchmarks/bench_ssc.py [--device cuda]    # SSC vs a re-implementation of the authors' pipeline
 python benchmarks/bench_blocked.py [--device cuda]  # column-blocked exact SSC: equality, memory, processes
+python benchmarks/bench_split.py                  # one request's fast SSC split over processes (torchrun: GPUs)
 python benchmarks/bench_yaleb.py                  # Extended Yale B clustering error (Elhamifar & Vidal protocol)
 torchrun --nproc_per_node 2 benchmarks/bench_tp.py  # tensor-parallel prefill vs SDPA (1/2/4 GPUs)
 python benchmarks/bench_spectral.py [--device cuda] # spectral step vs scikit-learn and dense eigh
@@ -68,6 +69,7 @@ SECTIONS = [
     ("Anchor scores (SSC)",
      ["request_cost", "ssc", "spectral", "label_draws", "yaleb", "yaleb_squared"]),
     ("Long videos: blocked SSC", ["blocked", "blocked_convergence"]),
+    ("Several processes: the fast SSC split", ["split"]),
     ("Attention kernels", ["attention", "decode", "backward", "compile"]),
     ("Model integration and evaluation", ["integration", "tp", "lmms_batch"]),
 ]  # fmt: skip
@@ -81,6 +83,7 @@ TITLES = {
     "yaleb_squared": "Extended Yale B with the method page's squared data term",
     "blocked": "Column-blocked exact SSC: equality, memory, processes",
     "blocked_convergence": "Blocked SSC to convergence: per-block stopping rules",
+    "split": "One request's fast SSC split over processes against one process",
     "attention": "Prefill attention",
     "decode": "Decode attention",
     "backward": "Training step (forward + backward)",

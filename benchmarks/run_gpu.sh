@@ -75,6 +75,11 @@ else
     echo "== bench_tp (nproc_per_node $n)"
     python -m torch.distributed.run --standalone --nproc_per_node "$n" benchmarks/bench_tp.py \
       --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/bench_tp_$n.log" || status=1
+    # One request's fast SSC split over the ranks against one GPU (8 to 64 frames).
+    if [ "$n" -gt 1 ]; then
+      python -m torch.distributed.run --standalone --nproc_per_node "$n" benchmarks/bench_split.py \
+        --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/bench_split_$n.log" || status=1
+    fi
     # The blocked solver spread over the ranks (what long videos take), at the same sizes.
     python -m torch.distributed.run --standalone --nproc_per_node "$n" benchmarks/bench_tp.py \
       --force-blocked --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/bench_tp_blocked_$n.log" || status=1
