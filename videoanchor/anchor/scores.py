@@ -626,29 +626,8 @@ def _blocked_anchor_scores(x, opts: SSCOptions, *, t0, process_group) -> AnchorR
         x, **opts.program(), block_columns=opts.block_columns, block_eps=opts.block_eps,
         process_group=process_group,
     )  # fmt: skip
-    coef = admm.coef
-    t1 = time.perf_counter()
-    draws, scores = _cluster_on_first(coef, x, opts, process_group, sparse=True)
-    _sync(x.device)
-    t2 = time.perf_counter()
-    timings = dict(admm.timings)
-    timings["spectral"] = t2 - t1
-    timings["scores"] = 0.0  # computed with the clustering on rank 0
-    timings["total"] = t2 - t0
-    return AnchorResult(
-        scores=scores,
-        labels=draws[0],
-        coef=coef,
-        iterations=admm.iterations,
-        converged=admm.converged,
-        residual=admm.residual,
-        lambda_e=admm.lambda_e,
-        lambda_z=admm.lambda_z,
-        backend="torch",
-        solver="faithful",
-        mode="blocked",
-        timings=timings,
-    )
+    return _finish_over_group(admm, x, opts, process_group, t0=t0, sparse=True,
+                              solver="faithful", mode="blocked")  # fmt: skip
 
 
 def _cluster_on_first(coef, x, opts: SSCOptions, process_group, *, sparse: bool):
@@ -705,8 +684,15 @@ def _split_anchor_scores(x, opts: SSCOptions, *, t0, process_group) -> AnchorRes
         x = pca_reduce(x, opts.pca_rank)
     admm = solve_ssc_admm(x, scheduled=True, precision=opts.precision,
                           process_group=process_group, **opts.program())  # fmt: skip
+    return _finish_over_group(admm, feats, opts, process_group, t0=t0, sparse=False,
+                              solver="fast", mode="exact")  # fmt: skip
+
+
+def _finish_over_group(admm, x, opts, process_group, *, t0, sparse, solver, mode):
+    """The :class:`AnchorResult` of a solve over a process group (or of blocked mode on one
+    process): ``admm.coef`` clustered once on rank 0 (:func:`_cluster_on_first`)."""
     t1 = time.perf_counter()
-    draws, scores = _cluster_on_first(admm.coef, feats, opts, process_group, sparse=False)
+    draws, scores = _cluster_on_first(admm.coef, x, opts, process_group, sparse=sparse)
     _sync(x.device)
     t2 = time.perf_counter()
     timings = dict(admm.timings)
@@ -716,5 +702,5 @@ def _split_anchor_scores(x, opts: SSCOptions, *, t0, process_group) -> AnchorRes
     return AnchorResult(
         scores=scores, labels=draws[0], coef=admm.coef, iterations=admm.iterations,
         converged=admm.converged, residual=admm.residual, lambda_e=admm.lambda_e,
-        lambda_z=admm.lambda_z, backend="torch", solver="fast", mode="exact", timings=timings,
+        lambda_z=admm.lambda_z, backend="torch", solver=solver, mode=mode, timings=timings,
     )  # fmt: skip
