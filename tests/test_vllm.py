@@ -249,10 +249,16 @@ def test_scores_ahead_equal_scores_in_the_step(anchored, in_step):
 def test_spawned_engine_core_scores_ahead_once_per_video(chunked_cached):
     """vLLM's default layout (engine core in its own process, prefix caching on): requests are
     scored ahead of their step, and a video asked again (other alphas, anchoring off, another
-    question) runs no SSC: the counts of SSC runs after each batch."""
+    question) runs no SSC: the counts of SSC runs after each batch. The prefill step takes the
+    encoder outputs made ahead instead of encoding the items again."""
     computed = [b["ahead"][0]["computed"] for b in chunked_cached["batches"]]
     # VID, VID with B's alphas, VID, off, two videos (one joint SSC), the same two again
     assert computed == [1, 1, 1, 1, 2, 2], computed
+    # The items encoded ahead for the SSC go into vLLM's encoder cache for the prefill: each
+    # scored item encoded once (a score-cache hit is not encoded ahead, and its step
+    # encodes it as vLLM does).
+    reused = [b["ahead"][0]["encoded_reused"] for b in chunked_cached["batches"]]
+    assert reused == [1, 1, 1, 1, 3, 3], reused
 
 
 def test_continuous_batching_each_equals_its_single_run(anchored):

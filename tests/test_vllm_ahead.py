@@ -201,7 +201,7 @@ def test_a_held_request_is_hidden_from_schedule_until_its_scores_are_ready(engin
         assert kb[3:11].abs().sum() > 0  # anchored
         torch.testing.assert_close(kb, kb_ref, rtol=0, atol=1e-6)
         torch.testing.assert_close(vs, vs_ref, rtol=0, atol=1e-6)
-    assert ahead.AHEAD[id(runner)].stats == {"computed": 2, "relayed": 0}
+    assert ahead.AHEAD[id(runner)].stats == {"computed": 2, "relayed": 0, "encoded_reused": 0}
 
 
 def test_tensor_parallel_each_request_scored_on_one_rank_and_relayed(engine, one_thread):
@@ -261,3 +261,38 @@ def test_a_repeated_video_is_a_cache_hit_with_no_encoder_and_no_ssc(engine, one_
     torch.testing.assert_close(_step_gates(runner, "again", "A"), _reference("A"), rtol=0,
                                atol=1e-6)  # fmt: skip
     assert ahead.AHEAD[id(runner)].stats["computed"] == 1
+
+
+def test_items_encoded_ahead_are_handed_to_the_prefill_step_once(engine, one_thread,
+                                                                 monkeypatch):  # fmt: skip
+    """The outputs the side worker's encoding made for the SSC are kept for the request's
+    own step (the runner hooks put them into vLLM's encoder cache instead of encoding the
+    item again): each handed out once, dropped when the request is forgotten, and none kept
+    beyond the byte budget."""
+    core, (runner,), encodes = engine(1)
+    sched = core.scheduler
+    holds = ahead.attach(core)
+    a, b = _request("a", "A"), _request("b", "B")
+    for r in (a, b):
+        sched.add(r)
+        holds.note(r)
+    ahead.schedule_holding(sched, Scheduler.schedule)
+    assert sorted(encodes) == [(0, "a"), (0, "b")]
+    worker = ahead.AHEAD[id(runner)]
+    want = _outputs("A")
+    for ident in ("A-v", "A-i"):
+        got = worker.encoded_output(ident)
+        assert got is not None and torch.equal(got, want[ident]), ident
+        assert worker.encoded_output(ident) is None  # handed out once
+    assert worker.stats["encoded_reused"] == 2
+    worker.forget(["b"])  # finished before its step: its outputs are dropped
+    assert worker.encoded_output("B-v") is None and worker.encoded_output("B-i") is None
+    _schedule_until(sched, ["a", "b"])
+    # over the budget: nothing is kept, the step encodes as before
+    monkeypatch.setattr(ahead, "KEEP_ENCODED_BYTES", 100)
+    c = _request("c", "C")
+    sched.add(c)
+    holds.note(c)
+    ahead.schedule_holding(sched, Scheduler.schedule)
+    assert (0, "c") in encodes
+    assert worker.encoded_output("C-v") is None and worker.encoded_output("C-i") is None

@@ -57,4 +57,6 @@ def test_tensor_parallel_2_scores_each_video_once_across_ranks(runs):
     assert sum(s["relayed"] for s in stats) == 4 + 1, stats
     assert sorted(s["computed"] + s["relayed"] for s in stats) == [4, 5], stats
     (single,) = runs[1]["stats"]
-    assert single == {"rank": 0, "world": 1, "computed": 4, "relayed": 0}
+    # each of the four videos' prefill took the encoder output made ahead, on every rank
+    assert single == {"rank": 0, "world": 1, "computed": 4, "relayed": 0, "encoded_reused": 4}
+    assert [s["encoded_reused"] for s in stats] == [4, 4], stats

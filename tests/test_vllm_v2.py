@@ -50,7 +50,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vllm_v2")
     ckpt = tmp / "ckpt"
     vs.save_checkpoint(ckpt)
-    spec = {"checkpoint": str(ckpt), "batches": BATCHES,
+    spec = {"checkpoint": str(ckpt), "batches": BATCHES, "ahead_stats": True,
             "engine": {"enable_prefix_caching": True, "enable_chunked_prefill": True,
                        "max_num_batched_tokens": 64,
                        "additional_config": {"videoanchor": SSC}}}  # fmt: skip
@@ -99,3 +99,13 @@ def test_v2_preempted_requests_equal_their_single_runs(runs):
     for i in range(n):
         assert len(_res(out, i)["tokens"]) == 24  # long enough to cross a block
         _close(_res(out, n, i), _res(out, i))
+
+
+def test_both_runners_take_the_encoder_outputs_made_ahead(runs):
+    """The items encoded ahead for the SSC are not encoded again for the prefill: V1 through
+    its ``_batch_mm_inputs_from_scheduler``, V2 through its encoder cache (counts after each
+    batch: a score-cache hit is not encoded ahead; two requests of one batch with the same
+    image share its one output, as vLLM's encoder cache does)."""
+    got = {k: [b["ahead"][0]["encoded_reused"] for b in runs[k]["batches"]] for k in ("v1", "v2")}
+    # VID, VID (hit), VID (hit), MULTI (+2), IMG + a new video + off + IMG again (+2), off, ALL
+    assert got["v1"] == got["v2"] == [1, 1, 1, 3, 5, 5, 5], got

@@ -57,6 +57,10 @@ IDLE_WAIT = 0.02
 #: prefix cache past their visual tokens, or finished early), oldest dropped first.
 KEEP_UNTAKEN = 256
 
+#: Bytes of encoder outputs kept from the encoding ahead for the request's own prefill step
+#: (per worker process); beyond it the step encodes its items again.
+KEEP_ENCODED_BYTES = 1 << 30
+
 #: owner (the model runner's id) -> its engine's :class:`Ahead` (worker side).
 AHEAD: dict[int, Ahead] = {}
 
@@ -87,7 +91,11 @@ class Ahead:
         self.by_req: OrderedDict[str, str | None] = OrderedDict()  # req_id -> key (None: no job)
         self._relayed: set[str] = set()  # keys whose job runs on another rank
         self._results: dict[str, tuple] = {}  # this rank's results not yet reported
-        self.stats = {"computed": 0, "relayed": 0}
+        self.stats = {"computed": 0, "relayed": 0, "encoded_reused": 0}
+        # the encoder outputs of the items encoded ahead (by item identifier, as the model
+        # returned them), until the step that encodes the item takes them (encoded_output)
+        self._encoded: dict[str, torch.Tensor] = {}
+        self._encoded_by_req: dict[str, list[str]] = {}
         device = getattr(runner, "device", None)
         self.stream = None
         if device is not None and torch.device(device).type == "cuda":
@@ -164,11 +172,18 @@ class Ahead:
         outside the runner's encoder cache), ready for the side thread; None if it failed."""
         from videoanchor.integrations.vllm.runner import projector_only
 
+        raw, kept = self._encoder(runner, features), {}
+
+        def recording(rid, indices):  # the model's outputs, kept for the prefill step
+            outs = raw(rid, indices)
+            kept.update((features[i].identifier, o) for i, o in zip(indices, outs, strict=True))
+            return outs
+
         try:
             with torch.inference_mode():
-                enc = projector_only(self._encoder(runner, features),
-                                     runner.model_config.hf_config)  # fmt: skip
+                enc = projector_only(recording, runner.model_config.hf_config)
                 outs = enc(req_id, items)
+            self._keep_encoded(req_id, kept)
             if self.stream is not None:  # the side stream reads what the step's stream wrote
                 event = torch.cuda.Event()
                 event.record()
@@ -182,6 +197,38 @@ class Ahead:
                 "%s); its step scores it instead", req_id, type(err).__name__, err,
             )  # fmt: skip
             return None
+
+    def _keep_encoded(self, req_id: str, outs: dict) -> None:
+        """Keep ``outs`` (item identifier -> encoder output) for ``req_id``'s prefill step,
+        within :data:`KEEP_ENCODED_BYTES`."""
+        with self._lock:
+            used = sum(t.numel() * t.element_size() for t in self._encoded.values())
+            for ident, out in outs.items():
+                size = out.numel() * out.element_size()
+                if ident in self._encoded or used + size > KEEP_ENCODED_BYTES:
+                    continue
+                self._encoded[ident] = out
+                used += size
+                self._encoded_by_req.setdefault(req_id, []).append(ident)
+
+    def encoded_output(self, identifier: str):
+        """The encoder output of the item ``identifier`` if it was encoded ahead (and not
+        taken yet), else None. Called where the step would encode the item: it is not
+        encoded a second time. The output is the model's own ``embed_multimodal`` output for
+        that item, computed on the same inputs (batched per request, where the step batches
+        the step's items together)."""
+        with self._lock:
+            out = self._encoded.pop(identifier, None)
+            if out is not None:
+                self.stats["encoded_reused"] += 1
+            return out
+
+    def _drop_encoded(self, req_id: str) -> None:
+        idents = self._encoded_by_req.pop(req_id, ())
+        still = {i for other in self._encoded_by_req.values() for i in other}
+        for ident in idents:
+            if ident not in still:
+                self._encoded.pop(ident, None)
 
     def owner_of(self, key: str) -> int:
         """The tensor-parallel rank that scores ``key`` (the others take its scores)."""
@@ -260,6 +307,7 @@ class Ahead:
         while len(self.by_req) > KEEP_UNTAKEN:
             rid, _ = self.by_req.popitem(last=False)
             self._release(rid)
+            self._drop_encoded(rid)
 
     def _release(self, req_id: str) -> None:
         key = self.by_req.pop(req_id, None)
@@ -290,6 +338,7 @@ class Ahead:
         with self._lock:
             for r in req_ids:
                 self._release(r)
+                self._drop_encoded(r)
 
     def take(self, req_id: str, key: str):
         """The scores computed ahead for ``req_id`` under ``key`` (waiting for its job if it

@@ -436,4 +436,27 @@ def install() -> None:
         return _gather_mm_embeddings
 
     _once(GPUModelRunner, "_gather_mm_embeddings", make)
+
+    def make_batch(orig):
+        def _batch_mm_inputs_from_scheduler(self, scheduler_output):
+            hashes, kwargs, refs = orig(self, scheduler_output)
+            from videoanchor.integrations.vllm.ahead import AHEAD
+
+            ahead = AHEAD.get(id(self)) if hashes else None
+            if ahead is None:
+                return hashes, kwargs, refs
+            # items encoded ahead (for their SSC) go into the encoder cache as they are
+            keep = []
+            for i, mm_hash in enumerate(hashes):
+                out = ahead.encoded_output(mm_hash)
+                if out is None:
+                    keep.append(i)
+                else:
+                    self._cache_encoder_output(mm_hash, out, scheduler_output.ec_manager_metadata,
+                                               scheduler_output.free_encoder_mm_hashes)  # fmt: skip
+            return [hashes[i] for i in keep], [kwargs[i] for i in keep], [refs[i] for i in keep]
+
+        return _batch_mm_inputs_from_scheduler
+
+    _once(GPUModelRunner, "_batch_mm_inputs_from_scheduler", make_batch)
     state.RUNNER_HOOKS.add("v1")

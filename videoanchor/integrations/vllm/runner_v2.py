@@ -105,6 +105,27 @@ def prepare_step(model_state, hook: _Hook, input_batch, req_states) -> None:
     )  # fmt: skip
 
 
+def reuse_encoded(runner, cache, scheduled_encoder_inputs) -> None:
+    """Items the step would encode that were encoded ahead (for their SSC): their outputs go
+    into the encoder cache first, so the model state's encoder skips them
+    (``EncoderRunner.prepare_mm_inputs`` leaves out what the cache holds)."""
+    from videoanchor.integrations.vllm.ahead import AHEAD
+
+    ahead = AHEAD.get(id(runner))
+    if ahead is None or not scheduled_encoder_inputs:
+        return
+    for req_id, indices in scheduled_encoder_inputs.items():
+        features = cache.mm_features.get(req_id) or []
+        for i in indices:
+            if i >= len(features) or features[i].data is None:
+                continue
+            ident = features[i].identifier
+            if ident not in cache.encoder_outputs:
+                out = ahead.encoded_output(ident)
+                if out is not None:
+                    cache.encoder_outputs[ident] = out
+
+
 def attach(runner) -> None:
     """Wraps ``runner.model_state``'s ``add_request`` and ``prepare_inputs_embeds`` and
     ``runner.finish_requests`` (an anchored engine with multimodal inputs; otherwise
@@ -144,6 +165,7 @@ def attach(runner) -> None:
             hook.extra_args.pop(rid, None)
 
     def prepare_inputs_embeds_hooked(scheduled_encoder_inputs, input_batch, req_states):
+        reuse_encoded(runner, ms.encoder_cache, scheduled_encoder_inputs)
         out = prepare_embeds(scheduled_encoder_inputs, input_batch, req_states)
         prepare_step(ms, hook, input_batch, req_states)
         return out
