@@ -138,20 +138,27 @@ def test_checked_normalises():
     assert SSCOptions().checked().dtype == torch.float32  # None: float32
 
 
-@pytest.mark.parametrize("solver", ["fast", "accelerated"])
-def test_process_group_rejects_a_solver_it_cannot_run_up_front(solver):
-    """Before this check, solver='fast' with a process_group failed only once the blocked
-    solver started (after the ranks' agreement collective)."""
-    SSCOptions(solver=solver).checked()  # fine on one process
-    with pytest.raises(ValueError) as err:
-        SSCOptions(solver=solver).checked(distributed=True)
-    msg = str(err.value)
-    assert msg.startswith("process_group: ") and f"got solver={solver!r}" in msg
-    assert "expected solver 'auto' or 'faithful'" in msg
-    for ok in ("auto", "faithful"):
-        SSCOptions(solver=ok).checked(distributed=True)
-    with pytest.raises(ValueError, match="expected mode='auto' or 'blocked', got mode='exact'"):
-        SSCOptions(mode="exact").checked(distributed=True)
+def test_process_group_rejects_what_cannot_run_over_processes_up_front():
+    """Checked before the ranks' agreement collective, not once a solver has started: the
+    accelerated solver (never over processes), the faithful one in exact mode (it runs over
+    processes column-blocked), and CuPy."""
+    SSCOptions(solver="accelerated").checked()  # fine on one process
+    cases = [
+        (dict(solver="accelerated"), "the accelerated solver does not run over processes"),
+        (dict(solver="accelerated", mode="blocked"), "got solver='accelerated'"),
+        (dict(mode="exact", solver="faithful"), "mode='exact' splits the fast solver's columns"),
+        (dict(backend="cupy"), "expected backend 'auto' or 'torch', got 'cupy'"),
+    ]
+    for kw, phrase in cases:
+        with pytest.raises(ValueError) as err:
+            SSCOptions(**kw).checked(distributed=True)
+        msg = str(err.value)
+        assert msg.startswith("process_group: ") and phrase in msg, (kw, msg)
+    # what does run: the fast solver split by columns, the authors' iteration blocked
+    for kw in (dict(), dict(solver="fast"), dict(mode="exact"), dict(mode="exact", solver="fast"),
+               dict(solver="faithful"), dict(mode="blocked"), dict(mode="blocked",
+               solver="faithful"), dict(precision="fp16x3")):  # fmt: skip
+        SSCOptions(**kw).checked(distributed=True)
 
 
 def test_scalable_mode_is_gone():
