@@ -442,7 +442,8 @@ def install() -> None:
             hashes, kwargs, refs = orig(self, scheduler_output)
             from videoanchor.integrations.vllm.ahead import AHEAD
 
-            ahead = AHEAD.get(id(self)) if hashes else None
+            # (not under LoRA: the step may run a tower adapter the encoding ahead did not)
+            ahead = AHEAD.get(id(self)) if hashes and not self.lora_config else None
             if ahead is None:
                 return hashes, kwargs, refs
             # items encoded ahead (for their SSC) go into the encoder cache as they are

@@ -112,8 +112,8 @@ def reuse_encoded(runner, cache, scheduled_encoder_inputs) -> None:
     from videoanchor.integrations.vllm.ahead import AHEAD
 
     ahead = AHEAD.get(id(runner))
-    if ahead is None or not scheduled_encoder_inputs:
-        return
+    if ahead is None or not scheduled_encoder_inputs or getattr(runner, "lora_config", None):
+        return  # (under LoRA the step may run a tower adapter the encoding ahead did not)
     for req_id, indices in scheduled_encoder_inputs.items():
         features = cache.mm_features.get(req_id) or []
         for i in indices:
