@@ -12,6 +12,7 @@ import torch
 
 __all__ = [
     "all_agree",
+    "all_gather_columns",
     "all_sum",
     "broadcast_from_first",
     "column_range",
@@ -115,6 +116,13 @@ def _all_gather_rows(t: torch.Tensor, group, dev: torch.device) -> list[torch.Te
     out = [torch.empty_like(pad) for _ in range(world)]
     dist.all_gather(out, pad, group=group)
     return [o[:s].to(t.device) for o, s in zip(out, sizes, strict=True)]
+
+
+def all_gather_columns(t: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's columns of ``t`` side by side, in rank order (contiguous; the number of
+    columns may differ between ranks)."""
+    dev = comm_device(group, t.device)
+    return torch.cat(_all_gather_rows(t.T.contiguous(), group, dev)).T.contiguous()
 
 
 def column_range(n: int, rank: int, world: int) -> tuple[int, int]:

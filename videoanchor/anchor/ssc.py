@@ -44,13 +44,12 @@ from videoanchor.anchor._inputs import (
     resolve_dtype,
 )
 from videoanchor.anchor.collective import (
-    _all_gather_rows,
     _group,
     all_agree,
+    all_gather_columns,
     all_sum,
     broadcast_from_first,
     column_range,
-    comm_device,
     computed_on_first,
     raise_together,
     share_features,
@@ -376,7 +375,6 @@ def solve_ssc_admm(
             lam = torch.tensor([lam_e, lam_z], dtype=torch.float64, device=device)
             lam_e, lam_z = (float(v) for v in broadcast_from_first(lam, group))
             start, stop = column_range(n, rank, world)
-            dev = comm_device(group, device)
 
             def share(compute):
                 return computed_on_first(compute, [(n,), (n, n)], torch.float64, device, group)
@@ -384,10 +382,8 @@ def solve_ssc_admm(
             def reduce(a):
                 return all_sum(a, group)
 
-            def gather(block):  # every rank's columns of the refactored [B; Y B]
-                return torch.cat(_all_gather_rows(block.T.contiguous(), group, dev)).T.contiguous()
-
-            columns = (start, stop, gather)
+            # every rank's columns of the refactored [B; Y B]
+            columns = (start, stop, lambda block: all_gather_columns(block, group))
 
         kernels.sync()
         t1 = time.perf_counter()
@@ -435,12 +431,8 @@ def solve_ssc_admm(
     coef, e = _as_torch(step.C), None if step.E is None else _as_torch(step.E)
     timings = {"lambdas": t1 - t0, "factor": t2 - t1, "admm": t3 - t2}
     if group is not None:  # every rank's columns, in order, on every rank
-        dev = comm_device(group, device)
-        coef = torch.cat(_all_gather_rows(coef.T.contiguous(), group, dev)).T.contiguous()
-        if all_agree(e is not None, group, device):
-            e = torch.cat(_all_gather_rows(e.T.contiguous(), group, dev)).T.contiguous()
-        else:
-            e = None
+        coef = all_gather_columns(coef, group)
+        e = all_gather_columns(e, group) if all_agree(e is not None, group, device) else None
         kernels.sync()
         timings["gather"] = time.perf_counter() - t3
     return ADMMResult.from_run(
