@@ -180,6 +180,13 @@ def _step_gates(runner, rid, tag):
     return state.STEP.key_bias.clone(), state.STEP.value_scale.clone()
 
 
+def _arrive(sched, holds, *requests) -> None:
+    """Requests arriving at the engine core: queued, and noted for scoring ahead."""
+    for r in requests:
+        sched.add(r)
+        holds.note(r)
+
+
 def test_a_held_request_is_hidden_from_schedule_until_its_scores_are_ready(engine, one_thread):
     core, (runner,), encodes = engine(1)
     sched = core.scheduler
@@ -209,9 +216,7 @@ def test_tensor_parallel_each_request_scored_on_one_rank_and_relayed(engine, one
     sched = core.scheduler
     holds = ahead.attach(core)
     reqs = [_request(f"r{i}", f"T{i}") for i in range(4)]
-    for r in reqs:
-        sched.add(r)
-        holds.note(r)
+    _arrive(sched, holds, *reqs)
     _schedule_until(sched, [r.request_id for r in reqs])
     # every rank encodes every request (collectives in rank order); one rank runs each SSC
     assert sorted(encodes) == sorted((k, r.request_id) for k in (0, 1) for r in reqs)
@@ -230,9 +235,7 @@ def test_a_request_finished_while_held_is_forgotten_everywhere(engine, one_threa
     sched = core.scheduler
     holds = ahead.attach(core)
     a, b = _request("a", "A"), _request("b", "B")
-    for r in (a, b):
-        sched.add(r)
-        holds.note(r)
+    _arrive(sched, holds, a, b)
     ahead.schedule_holding(sched, Scheduler.schedule)
     a.finish()  # aborted: vLLM drops it from its queues
     del sched.requests["a"]
@@ -248,13 +251,11 @@ def test_a_repeated_video_is_a_cache_hit_with_no_encoder_and_no_ssc(engine, one_
     sched = core.scheduler
     holds = ahead.attach(core)
     first = _request("first", "A")
-    sched.add(first)
-    holds.note(first)
+    _arrive(sched, holds, first)
     _schedule_until(sched, ["first"])
     _step_gates(runner, "first", "A")
     again = _request("again", "A")
-    sched.add(again)
-    holds.note(again)
+    _arrive(sched, holds, again)
     ahead.schedule_holding(sched, Scheduler.schedule)
     assert "again" in sched.seen[-1]  # never held: its scores are in the score cache
     assert encodes == [(0, "first")]
@@ -273,9 +274,7 @@ def test_items_encoded_ahead_are_handed_to_the_prefill_step_once(engine, one_thr
     sched = core.scheduler
     holds = ahead.attach(core)
     a, b = _request("a", "A"), _request("b", "B")
-    for r in (a, b):
-        sched.add(r)
-        holds.note(r)
+    _arrive(sched, holds, a, b)
     ahead.schedule_holding(sched, Scheduler.schedule)
     assert sorted(encodes) == [(0, "a"), (0, "b")]
     worker = ahead.AHEAD[id(runner)]
@@ -291,8 +290,7 @@ def test_items_encoded_ahead_are_handed_to_the_prefill_step_once(engine, one_thr
     # over the budget: nothing is kept, the step encodes as before
     monkeypatch.setattr(ahead, "KEEP_ENCODED_BYTES", 100)
     c = _request("c", "C")
-    sched.add(c)
-    holds.note(c)
+    _arrive(sched, holds, c)
     ahead.schedule_holding(sched, Scheduler.schedule)
     assert (0, "c") in encodes
     assert worker.encoded_output("C-v") is None and worker.encoded_output("C-i") is None
