@@ -572,7 +572,7 @@ def ssc_plan(model, handle, inputs) -> str | None:
     iteration limit and the time budget. None when anchoring is off or no token is scored."""
     from videoanchor.anchor import _inputs
     from videoanchor.anchor.scores import EXACT_MAX_TOKENS
-    from videoanchor.anchor.ssc import admm_bytes, choose_strategy
+    from videoanchor.anchor.ssc import exact_bytes
 
     cfg = handle.config
     if not cfg.enabled:
@@ -591,8 +591,7 @@ def ssc_plan(model, handle, inputs) -> str | None:
     if cfg.pca_rank:
         d = min(d, cfg.pca_rank)
     device = model.device
-    strategy = choose_strategy(n, d, True, device.type)
-    need = admm_bytes(n, d, 4, strategy, cfg.ssc_precision, cuda=device.type == "cuda")
+    need = exact_bytes(n, d, 4, device.type, cfg.ssc_precision)
     budget = _inputs.free_memory_bytes(device)
     dense = n <= EXACT_MAX_TOKENS and (budget is None or need <= budget)
     room = "unknown" if budget is None else _inputs._fmt_bytes(budget)

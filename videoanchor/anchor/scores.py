@@ -25,7 +25,7 @@ from videoanchor.anchor.spectral import (
     spectral_labels,
     ssc_affinity,
 )
-from videoanchor.anchor.ssc import admm_bytes, choose_strategy, solve_ssc_admm
+from videoanchor.anchor.ssc import exact_bytes, solve_ssc_admm
 from videoanchor.anchor.ssc_equality import solve_ssc_equality
 
 __all__ = [
@@ -206,8 +206,7 @@ def _exact_fits(x: torch.Tensor, dtype, pca_rank: int, precision: str = "full") 
     d = min(d, pca_rank) if pca_rank else d
     work = resolve_dtype(dtype, x.device)
     itemsize = torch.finfo(work).bits // 8
-    strategy = choose_strategy(n, d, True, x.device.type)
-    need = admm_bytes(n, d, itemsize, strategy, precision, cuda=x.device.type == "cuda")
+    need = exact_bytes(n, d, itemsize, x.device.type, precision)
     free = _inputs.free_memory_bytes(x.device)
     return free is None or need <= free
 

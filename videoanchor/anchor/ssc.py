@@ -174,6 +174,17 @@ def admm_bytes(n: int, d: int, itemsize: int, strategy: str, precision: str = "f
     return 4 * nn * itemsize + 3 * nn * 8 + 8 * n * d * 8 + 3 * (d + 1) ** 2 * 8
 
 
+def exact_bytes(n: int, d: int, itemsize: int, device_type: str, precision: str = "full", *,
+                strategy: str = "auto", outliers: bool = True) -> int:  # fmt: skip
+    """Peak bytes of :func:`solve_ssc_admm` on ``N x D`` features on a device of
+    ``device_type`` (:func:`admm_bytes`; ``strategy="auto"``: the one
+    :func:`choose_strategy` picks). The one memory rule of the dense solver, the
+    ``mode="auto"`` choice and the CLI's SSC plan."""
+    if strategy == "auto":
+        strategy = choose_strategy(n, d, outliers, device_type)
+    return admm_bytes(n, d, itemsize, strategy, precision, cuda=device_type == "cuda")
+
+
 def split_bytes(n: int, d: int, *, cuda: bool) -> int:
     """Bytes ``precision="fp16x3"`` adds to the fast solver: the float16 parts (three halves,
     6 bytes per entry) of ``[R; Y R]``, ``V^T``, the features and one ``T - I``; off CUDA also
@@ -339,7 +350,7 @@ def solve_ssc_admm(
             raise ValueError(f"strategy: expected 'auto', 'dense' or 'woodbury', got {strategy!r}")
         if check_memory_first:
             itemsize = torch.finfo(work_t).bits // 8
-            need = admm_bytes(n, d, itemsize, strategy, precision, cuda=device.type == "cuda")
+            need = exact_bytes(n, d, itemsize, device.type, precision, strategy=strategy)
             check_memory(need, device, n=n, d=d, what="Dense SSC")
     except (TypeError, ValueError, MemoryError) as exc:
         if group is None:
