@@ -16,8 +16,13 @@ without ``additional_config["videoanchor"]``). Measured per engine:
   the engine's score cache answers it, so no SSC runs.
 
 Engines: ``plain`` (no plugin options), ``anchored`` (the plugin's defaults: scores computed
-ahead of the step, beside the running requests) and ``in_step`` (``scores_ahead: false``: the
-SSC runs inside the step that reaches the video, as before scores ahead existed).
+ahead of the step, beside the running requests), ``in_step`` (``scores_ahead: false``: the
+SSC runs inside the step that reaches the video, as before scores ahead existed) and
+``split`` (``scores_ahead_split: true``: under tensor parallelism, each request's SSC split
+over the ranks instead of run on one). ``--engines`` picks them (the first is the baseline of
+the ratios), ``--tp`` the tensor-parallel size; the tensor-parallel comparison of one rank
+per request against the split:
+    python benchmarks/bench_vllm.py --tp 2 --engines anchored,split --frames 16 --size 112
 
 CPU (in the vLLM venv of .ci/run; builds the tiny checkpoint of tests/vllm_support.py):
     python benchmarks/bench_vllm.py
@@ -26,7 +31,7 @@ subclass with CUDA graphs on; plain is whatever vLLM picks, e.g. FLASH_ATTN; ben
 run_gpu.sh runs this with a local checkpoint in VIDEOANCHOR_QWEN25VL_7B):
     python benchmarks/bench_vllm.py --model Qwen/Qwen2.5-VL-7B-Instruct --frames 16 \\
         --size 336 --requests 16 --max-tokens 64 --dtype bfloat16 --n-clusters 24
-Writes benchmarks/results/vllm_<device>.json.
+Writes benchmarks/results/vllm_<device>.json (vllm_tp<N>_<device>.json with ``--tp N``).
 """
 
 from __future__ import annotations
@@ -70,7 +75,8 @@ def worker(args) -> dict:
     from vllm import LLM, SamplingParams
 
     engine = dict(dtype=args.dtype, max_model_len=args.max_model_len, seed=0,
-                  limit_mm_per_prompt={"video": 1}, enable_prefix_caching=False)  # fmt: skip
+                  limit_mm_per_prompt={"video": 1}, enable_prefix_caching=False,
+                  tensor_parallel_size=args.tp)  # fmt: skip
     if args.cpu:
         engine.update(enforce_eager=True, gpu_memory_utilization=0.05,
                       kv_cache_memory_bytes=512 << 20)  # fmt: skip
@@ -78,6 +84,8 @@ def worker(args) -> dict:
         opts = {"n_clusters": args.n_clusters, "max_iter": args.max_iter}
         if args.kind == "in_step":
             opts["scores_ahead"] = False
+        if args.kind == "split":
+            opts["scores_ahead_split"] = True
         engine["additional_config"] = {"videoanchor": opts}
     t0 = time.perf_counter()
     llm = LLM(model=args.model, **engine)
@@ -164,6 +172,9 @@ def _video_computed(eng, prefix: str) -> bool:
     return not reqs or any(r.num_computed_tokens > 0 for r in reqs)
 
 
+ENGINES = ("plain", "anchored", "in_step", "split")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="checkpoint (default: the tiny test model)")
@@ -178,10 +189,17 @@ def main() -> None:
     p.add_argument("--n-clusters", type=int, default=4)
     p.add_argument("--max-iter", type=int, default=200)
     p.add_argument("--out-dir", default=None)
-    p.add_argument("--worker", choices=["plain", "anchored", "in_step"], default=None)
+    p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size of every engine")
+    p.add_argument("--engines", default="plain,anchored,in_step",
+                   help="comma-separated engines (the first is the ratios' baseline): "
+                        f"{', '.join(ENGINES)}")  # fmt: skip
+    p.add_argument("--worker", choices=ENGINES, default=None)
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
     args.cpu = not _cuda()
+    engines = args.engines.split(",")
+    if not engines or any(e not in ENGINES for e in engines):
+        p.error(f"--engines: expected some of {', '.join(ENGINES)}, got {args.engines!r}")
     if args.worker:
         args.kind = args.worker
         args.anchored = args.worker != "plain"
@@ -217,16 +235,15 @@ def main() -> None:
         [str(HERE.parent), str(TESTS / "vllm_site"), str(TESTS), env.get("PYTHONPATH", "")]
     )
     rows = []
-    for kind in ("plain", "anchored", "in_step"):
+    for kind in engines:
         out = tmp / f"{kind}.json"
         cmd = [sys.executable, __file__, "--worker", kind, "--json-out", str(out)]
         cmd += sys.argv[1:] if "--model" in sys.argv else sys.argv[1:] + ["--model", args.model]
         subprocess.run(cmd, env=env, check=True)
         rows.append(json.loads(out.read_text()))
-    plain, anchored = rows[0], rows[1]
-    ratio = anchored["output_tokens_per_s"] / plain["output_tokens_per_s"]
+    base = rows[0]  # the baseline of the ratios ("plain" by default)
     for r in rows:
-        r["ratio_vs_plain"] = r["output_tokens_per_s"] / plain["output_tokens_per_s"]
+        r["ratio_vs_plain"] = r["output_tokens_per_s"] / base["output_tokens_per_s"]
     sys.path.insert(0, str(HERE.parent))
     import vllm
 
@@ -237,6 +254,7 @@ def main() -> None:
                 else "tiny Qwen2.5-VL (tests/vllm_support.py)", frames=args.frames,
                 size=args.size, max_tokens=args.max_tokens, running=args.running,
                 dtype=args.dtype, n_clusters=args.n_clusters, max_iter=args.max_iter,
+                tensor_parallel_size=args.tp, baseline=base["engine"],
                 env={k: env.get(k) for k in ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS",
                                              "VLLM_ENABLE_V1_MULTIPROCESSING")})  # fmt: skip
     print_table(rows, ["engine", "requests_per_s", "output_tokens_per_s", "ratio_vs_plain",
@@ -244,13 +262,15 @@ def main() -> None:
                        "steps_before_video_prefill", "repeat_stall_s",
                        "repeat_video_ttft_s"])  # fmt: skip
     for r in rows[1:]:
-        r["largest_step_vs_plain"] = r["largest_step_s"] / plain["largest_step_s"]
+        r["largest_step_vs_plain"] = r["largest_step_s"] / base["largest_step_s"]
+        r["video_ttft_vs_baseline"] = r["video_ttft_s"] / base["video_ttft_s"]
         print(
-            f"{r['engine']}: largest step while a new video arrives / plain's: "
-            f"{r['largest_step_vs_plain']:.2f}"
+            f"{r['engine']} / {base['engine']}: largest step while a new video arrives "
+            f"{r['largest_step_vs_plain']:.2f}, output tokens/s {r['ratio_vs_plain']:.3f}, "
+            f"the video's first token {r['video_ttft_vs_baseline']:.2f}"
         )
-    print(f"anchored / plain output tokens/s: {ratio:.3f}")
-    print("wrote", write_result("vllm", meta, rows, args.out_dir))
+    name = "vllm" if args.tp == 1 else f"vllm_tp{args.tp}"
+    print("wrote", write_result(name, meta, rows, args.out_dir))
 
 
 def _cuda() -> bool:

@@ -218,6 +218,20 @@ def test_scores_ahead_options():
     assert engine_config({"videoanchor": {"scores_ahead": False}}) == AnchorConfig()
 
 
+def test_scores_ahead_split_option():
+    from videoanchor.integrations.vllm.config import ahead_split, engine_policy
+
+    assert ahead_split({"videoanchor": {}}) is False
+    assert ahead_split(None) is False
+    assert ahead_split({"videoanchor": {"scores_ahead_split": True}}) is True
+    for bad in ("yes", 1, None):
+        with pytest.raises(TypeError, match=r"\['scores_ahead_split'\]: expected true .* got"):
+            ahead_split({"videoanchor": {"scores_ahead_split": bad}})
+    with pytest.raises(TypeError, match="scores_ahead_split"):
+        engine_policy({"videoanchor": {"scores_ahead_split": "on"}})
+    assert engine_config({"videoanchor": {"scores_ahead_split": True}}) == AnchorConfig()
+
+
 def test_score_cache_is_safe_to_fill_from_another_thread():
     """The side worker puts scores while the step reads them: no entry, byte count or
     counter is lost."""

@@ -208,7 +208,12 @@ def test_a_held_request_is_hidden_from_schedule_until_its_scores_are_ready(engin
         assert kb[3:11].abs().sum() > 0  # anchored
         torch.testing.assert_close(kb, kb_ref, rtol=0, atol=1e-6)
         torch.testing.assert_close(vs, vs_ref, rtol=0, atol=1e-6)
-    assert ahead.AHEAD[id(runner)].stats == {"computed": 2, "relayed": 0, "encoded_reused": 0}
+    assert ahead.AHEAD[id(runner)].stats == {
+        "computed": 2,
+        "relayed": 0,
+        "encoded_reused": 0,
+        "split": 0,
+    }
 
 
 def test_tensor_parallel_each_request_scored_on_one_rank_and_relayed(engine, one_thread):

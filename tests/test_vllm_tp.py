@@ -1,7 +1,8 @@
 """Scores ahead of the step with tensor parallel 2 on vLLM's CPU backend (gloo): each
 request's SSC runs on one rank (chosen by its score key) and the engine core relays its
-scores to the other, instead of every rank repeating it. The answers equal the same engine
-with one worker. Skipped where vllm is not importable (see tests/test_vllm.py)."""
+scores to the other, instead of every rank repeating it; with ``scores_ahead_split`` it runs
+on both ranks together, its columns split over them. The answers equal the same engine with
+one worker. Skipped where vllm is not importable (see tests/test_vllm.py)."""
 
 from __future__ import annotations
 
@@ -26,14 +27,15 @@ def runs(tmp_path_factory):
     ckpt = tmp / "ckpt"
     vs.save_checkpoint(ckpt)
     out = {}
-    for tp in (1, 2):
-        path = tmp / f"tp{tp}.json"
+    for name, args in ((1, ["1"]), (2, ["2"]), ("split", ["2", "split"])):
+        path = tmp / f"tp{name}.json"
         proc = subprocess.run(
-            [sys.executable, str(HERE / "vllm_tp_worker.py"), str(ckpt), str(tp), str(path)],
+            [sys.executable, str(HERE / "vllm_tp_worker.py"), str(ckpt), args[0], str(path),
+             *args[1:]],
             env=vs.worker_env(), capture_output=True, text=True, timeout=900,
         )  # fmt: skip
         assert proc.returncode == 0 and path.exists(), proc.stderr[-4000:]
-        out[tp] = json.loads(path.read_text())
+        out[name] = json.loads(path.read_text())
     return out
 
 
@@ -58,5 +60,46 @@ def test_tensor_parallel_2_scores_each_video_once_across_ranks(runs):
     assert sorted(s["computed"] + s["relayed"] for s in stats) == [4, 5], stats
     (single,) = runs[1]["stats"]
     # each of the four videos' prefill took the encoder output made ahead, on every rank
-    assert single == {"rank": 0, "world": 1, "computed": 4, "relayed": 0, "encoded_reused": 4}
+    assert single == {
+        "rank": 0,
+        "world": 1,
+        "computed": 4,
+        "relayed": 0,
+        "encoded_reused": 4,
+        "split": 0,
+    }
     assert [s["encoded_reused"] for s in stats] == [4, 4], stats
+
+
+def test_split_over_the_ranks_answers_as_one_worker(runs):
+    """``scores_ahead_split``: every video's SSC runs on both ranks together, its columns
+    split over a gloo group of the workers. The scores equal one worker's (within 1e-4 of the
+    largest), both ranks hold the same ones bit for bit, and the answers are one worker's."""
+    one, split = runs[1], runs["split"]
+    assert len(split["results"]) == 5
+    for a, b in zip(one["results"], split["results"], strict=True):
+        assert a["tokens"] == b["tokens"], (a, b)
+        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"], strict=True)) <= 1e-4
+    (single,) = one["scores"]
+    assert len(single) == 4
+    for ranked in split["scores"]:
+        assert sorted(ranked) == sorted(single)
+        for key, ref in single.items():
+            got = ranked[key]
+            scale = max(abs(v) for v in ref)
+            assert max(abs(x - y) for x, y in zip(got, ref, strict=True)) <= 1e-4 * scale, key
+    first, second = split["scores"]
+    assert first == second  # the same scores on every rank, bit for bit
+
+
+def test_split_over_the_ranks_runs_each_video_once_on_every_rank(runs):
+    """Four videos, each split once over both ranks; the repeat is in both ranks' score
+    caches, so no SSC runs for it; nothing is relayed."""
+    stats = sorted(runs["split"]["stats"], key=lambda s: s["rank"])
+    assert [s["rank"] for s in stats] == [0, 1] and all(s["world"] == 2 for s in stats)
+    assert [s["split"] for s in stats] == [4, 4], stats
+    assert [s["computed"] for s in stats] == [0, 0], stats
+    assert [s["relayed"] for s in stats] == [0, 0], stats
+    assert [s["encoded_reused"] for s in stats] == [4, 4], stats
+    # without the option, no job is split
+    assert all(s["split"] == 0 for s in runs[2]["stats"])

@@ -1,6 +1,7 @@
 """Runs one anchored vLLM engine with ``tensor_parallel_size`` workers on the CPU and writes
-its answers and each worker's scores-ahead counters as JSON (tests/test_vllm_tp.py):
-``python vllm_tp_worker.py CHECKPOINT TP OUT.json``."""
+its answers, each worker's scores-ahead counters and the scores it computed as JSON
+(tests/test_vllm_tp.py): ``python vllm_tp_worker.py CHECKPOINT TP OUT.json [split]``
+(``split``: ``scores_ahead_split``, each request's SSC split over the ranks)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,13 @@ def main():
     from videoanchor.integrations.vllm import ahead
 
     checkpoint, tp, out_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    split = sys.argv[4:] == ["split"]
     llm = LLM(model=checkpoint, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
               gpu_memory_utilization=0.05, kv_cache_memory_bytes=128 << 20,
               limit_mm_per_prompt={"video": 1}, enable_prefix_caching=False,
               tensor_parallel_size=tp,
-              additional_config={"videoanchor": {"n_clusters": 4, "max_iter": 200}})  # fmt: skip
+              additional_config={"videoanchor": {"n_clusters": 4, "max_iter": 200,
+                                                 "scores_ahead_split": split}})  # fmt: skip
     prompt = vs.prompt("qwen2_5_vl", "video")
     # four different videos in one batch, then the first again (a score-cache hit)
     batches = [[_video(4, s) for s in range(4)], [_video(4, 0)]]
@@ -40,8 +43,19 @@ def main():
             results.append({"tokens": list(g.token_ids),
                             "logprobs": [lp[t].logprob for lp, t in zip(g.logprobs, g.token_ids, strict=True)]})  # fmt: skip
     stats = llm.collective_rpc(ahead.stats)
+    scores = llm.collective_rpc(_cached_scores)
     with open(out_path, "w") as f:
-        json.dump({"results": results, "stats": stats}, f)
+        json.dump({"results": results, "stats": stats, "scores": scores}, f)
+
+
+def _cached_scores(worker) -> dict:
+    """This worker's score cache: ``{key: scores}`` (runs in the worker)."""
+    from videoanchor.integrations.vllm.runner import score_cache
+
+    runner = worker.model_runner
+    cache = score_cache(id(runner), runner.vllm_config.additional_config)
+    with cache._lock:  # read as is: get() would count hits
+        return {k: v.tolist() for k, v in cache._entries.items()}
 
 
 if __name__ == "__main__":

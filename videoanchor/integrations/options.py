@@ -20,6 +20,7 @@ __all__ = [
     "AnchorConfig",
     "SSC_CONFIG_NAMES",
     "clusters_for",
+    "fast_splits",
     "ssc_kwargs",
     "ssc_options",
     "validate_options",
@@ -151,6 +152,14 @@ def ssc_kwargs(cfg: AnchorConfig) -> dict:
     """The keyword arguments of :func:`videoanchor.anchor.compute_anchor_scores` that ``cfg``
     sets (everything but the features and the cluster count)."""
     return ssc_options(cfg).as_dict(without=("n_clusters", *_SSC_UNSET))
+
+
+def fast_splits(cfg: AnchorConfig) -> bool:
+    """Whether ``cfg``'s SSC splits its columns over a process group in exact mode: the fast
+    solver on torch (``ssc_solver`` "auto" or "fast", ``ssc_backend`` not "cupy"); the
+    faithful and accelerated solvers and CuPy run on one process
+    (:func:`videoanchor.anchor.options.check_distributed`)."""
+    return cfg.ssc_solver in ("auto", "fast") and cfg.ssc_backend != "cupy"
 
 
 def clusters_for(n_tokens: int, cfg: AnchorConfig) -> int:

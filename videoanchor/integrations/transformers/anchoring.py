@@ -33,6 +33,7 @@ import torch
 
 from videoanchor.integrations.options import (
     AnchorConfig,
+    fast_splits,
     ssc_kwargs,
     validate_options,
     validate_ssc_options,
@@ -495,8 +496,7 @@ class AnchorHandle:
                     return not _exact_fits(feats, cfg.ssc_dtype, cfg.pca_rank, cfg.ssc_precision)
 
                 def spread():  # the ranks share the work: blocked, or the fast solver split
-                    split = cfg.ssc_solver in ("auto", "fast") and cfg.ssc_backend != "cupy"
-                    return split or blocked()
+                    return fast_splits(cfg) or blocked()
 
                 # Under a process group the ranks get the same result (distributed.py).
                 if group is not None:

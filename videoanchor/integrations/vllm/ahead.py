@@ -78,11 +78,15 @@ class Ahead:
     CPU the running requests' steps come first and the SSC takes the cores' idle time.
     """
 
-    def __init__(self, runner, nice: int):
+    def __init__(self, runner, nice: int, split: bool = False):
         self.owner = id(runner)
         self._runner = weakref.ref(runner)
         self.nice = int(nice)
         self.rank, self.world = _tp_rank_world()
+        # scores_ahead_split: the fast solver's columns over a gloo group of the
+        # tensor-parallel ranks (made in the main thread at the first split job: _split_group)
+        self.split = bool(split) and self.world > 1
+        self._group = None  # None: not made yet; False: cannot be made here
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="videoanchor-ssc",
                                         initializer=self._init_thread)  # fmt: skip
         self._lock = threading.RLock()
@@ -90,8 +94,9 @@ class Ahead:
         self.jobs: dict[str, Future] = {}  # score key -> its job (result: scores or None)
         self.by_req: OrderedDict[str, str | None] = OrderedDict()  # req_id -> key (None: no job)
         self._relayed: set[str] = set()  # keys whose job runs on another rank
+        self._split_jobs: set[Future] = set()  # jobs every rank runs together (never cancelled)
         self._results: dict[str, tuple] = {}  # this rank's results not yet reported
-        self.stats = {"computed": 0, "relayed": 0, "encoded_reused": 0}
+        self.stats = {"computed": 0, "relayed": 0, "encoded_reused": 0, "split": 0}
         # the encoder outputs of the items encoded ahead (by item identifier, as the model
         # returned them), until the step that encodes the item takes them (encoded_output)
         self._encoded: dict[str, torch.Tensor] = {}
@@ -124,7 +129,9 @@ class Ahead:
         runs collectives on the ranks' group, which must come in the same order on every rank
         and never interleave with the steps'. So every decision to encode depends only on
         what every rank sees alike (the payloads and the jobs in flight), never on a rank's
-        own score cache. The SSC itself is local: it runs on one rank (:meth:`owner_of`)."""
+        own score cache. The SSC runs on one rank (:meth:`owner_of`), or with
+        ``scores_ahead_split`` on every rank together (:meth:`_split_job`)."""
+        from videoanchor.integrations.options import fast_splits
         from videoanchor.integrations.vllm.config import request_config
         from videoanchor.integrations.vllm.runner import _engine_cfg, plan, score_cache
 
@@ -145,11 +152,21 @@ class Ahead:
                 self._trim()
                 if key is None or key in self.jobs:
                     continue
+            group = self._split_group() if fast_splits(cfg) else None  # every rank alike
+            with self._lock:
                 mine = self.owner_of(key) == self.rank
-                cached = cache.get(key) if cache is not None and mine else None
+                cached = cache.get(key) if cache is not None and mine and not group else None
             if self.world == 1 and cached is not None:
                 continue  # take() finds it in the cache: no encoder, no SSC
             outs = self._encode(runner, features, p.items, req_id)  # every rank alike
+            if group is not None:
+                with self._lock:
+                    self.jobs[key] = job = self._pool.submit(
+                        self._split_job, req_id, features, cfg, p, cache, outs, group
+                    )  # fmt: skip
+                    self._split_jobs.add(job)
+                    job.add_done_callback(self._split_jobs.discard)
+                continue
             with self._lock:
                 if cached is not None:  # the other ranks take it from here
                     self._results[key] = (cached, True)
@@ -166,6 +183,37 @@ class Ahead:
                 self.jobs[key] = job
                 if self.world > 1:
                     job.add_done_callback(lambda f, key=key: self._report(key, f, cache))
+
+    def _split_group(self):
+        """The gloo group of the tensor-parallel ranks that split SSC jobs (None: no split).
+        Made at the first split job, in the main thread: ``new_group`` is collective, and
+        every rank reaches it at the same submission. Its own group, so that the side
+        thread's collectives never interleave with the steps' on vLLM's groups; gloo, so
+        that on GPUs it never runs a second NCCL communicator beside the steps' all-reduces
+        (its tensors pass through host memory)."""
+        if not self.split:
+            return None
+        if self._group is None:
+            import torch.distributed as dist
+
+            self._group = False
+            try:
+                from vllm.distributed import get_tp_group
+
+                ranks = list(get_tp_group().ranks)
+                # new_group needs every process of the default group; vLLM's other
+                # parallel groups (pipeline, data, expert) would have to join it too
+                if dist.is_initialized() and dist.get_world_size() == len(ranks):
+                    self._group = dist.new_group(ranks=ranks, backend="gloo")
+            except Exception as err:
+                logger.warning("videoanchor: scores_ahead_split: no process group (%s: %s)",
+                               type(err).__name__, err)  # fmt: skip
+            if self._group is False:
+                logger.warning(
+                    "videoanchor: scores_ahead_split is set but this engine's workers are not "
+                    "one tensor-parallel group alone; each request is scored on one rank"
+                )  # fmt: skip
+        return self._group or None
 
     def _encode(self, runner, features, items, req_id):
         """The projector outputs of ``items`` (the model's own encoder, as the step runs it;
@@ -287,6 +335,61 @@ class Ahead:
             with self._done:
                 self._done.notify_all()
 
+    def _split_job(self, req_id, features, cfg, p, cache, outs, group):
+        """:meth:`_job` on every rank of ``group`` together, the SSC's columns split over
+        them (every rank gets the same scores; nothing is relayed).
+
+        Every rank runs every split job, in submission order (one side thread per rank, the
+        same submissions on every rank), and first agrees on it in one small collective: no
+        rank skips a job another runs. The job runs if any rank still wants its scores (a
+        request forgotten on one rank may still be wanted on another, whose main thread has
+        not seen it go yet), returns the cached scores where every rank holds them, and
+        leaves the request to its step where any rank's encoder failed or gave outputs of
+        the wrong shape (checked before the vote: no rank fails alone inside the SSC)."""
+        from videoanchor.anchor.collective import all_sum
+        from videoanchor.integrations.vllm.runner import _run_ssc, check_outputs
+
+        key = p.key
+        req = SimpleNamespace(req_id=req_id, mm_features=features)
+        try:
+            with self._lock:
+                wanted = self.jobs.get(key) is not None
+            cached = cache.get(key) if cache is not None else None
+            encoded = outs is not None
+            if encoded:
+                try:
+                    check_outputs(req, p.items, p.cols, outs)
+                except RuntimeError as err:
+                    encoded = False
+                    logger.warning("%s; its step scores it instead", err)
+            votes = [int(wanted), int(encoded), int(cached is not None)]
+            wanted_any, all_encoded, all_cached = (
+                int(v) for v in all_sum(torch.tensor(votes), group)
+            )  # fmt: skip
+            if not wanted_any:
+                return None
+            if all_cached == self.world:
+                return cached
+            if all_encoded < self.world:
+                return None
+            with torch.inference_mode():
+                visual = _run_ssc(req, cfg, p.items, p.cols, p.n, p.k,
+                                  lambda _rid, _idx: outs, cache, key, group=group)  # fmt: skip
+                if self.stream is not None:
+                    self.stream.synchronize()
+            self.stats["split"] += 1
+            return visual
+        except Exception as err:  # every rank fails together (the solver's collectives)
+            logger.warning(
+                "videoanchor: request %s: scoring ahead of its step over the tensor-parallel "
+                "ranks failed (%s: %s); its step scores it instead", req_id,
+                type(err).__name__, err,
+            )  # fmt: skip
+            return None
+        finally:
+            with self._done:
+                self._done.notify_all()
+
     @staticmethod
     def _encoder(runner, features):
         """:data:`.runner.EncoderOutputs` over ``features`` with the model's own encoder
@@ -314,8 +417,8 @@ class Ahead:
         if key is not None and key not in self.by_req.values():
             job = self.jobs.pop(key, None)
             self._relayed.discard(key)
-            if job is not None:
-                job.cancel()
+            if job is not None and job not in self._split_jobs:
+                job.cancel()  # a split job runs anyway: every rank runs it (_split_job)
 
     def ready(self, req_ids) -> list[str]:
         """Those of ``req_ids`` whose scores need no more work ahead of their step."""
@@ -362,12 +465,13 @@ class Ahead:
         return visual
 
     def close(self) -> None:
-        """Stop the side thread (jobs not started are cancelled)."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the side thread (jobs not started are cancelled, unless split jobs are
+        queued: the other ranks run those, and wait for this one in them)."""
+        self._pool.shutdown(wait=False, cancel_futures=not self._split_jobs)
 
 
 def _ahead_of(worker) -> Ahead | None:
-    from videoanchor.integrations.vllm.config import ahead_nice
+    from videoanchor.integrations.vllm.config import ahead_nice, ahead_split
     from videoanchor.integrations.vllm.runner import _engine_cfg
 
     runner = worker.model_runner
@@ -375,8 +479,8 @@ def _ahead_of(worker) -> Ahead | None:
     if ahead is None:
         if _engine_cfg(runner) is None:
             return None
-        nice = ahead_nice(runner.vllm_config.additional_config)
-        ahead = AHEAD[id(runner)] = Ahead(runner, nice)
+        extra = runner.vllm_config.additional_config
+        ahead = AHEAD[id(runner)] = Ahead(runner, ahead_nice(extra), ahead_split(extra))
     return ahead
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "request_config",
     "request_overrides",
     "ahead_nice",
+    "ahead_split",
     "salt_for",
     "score_cache_bytes",
     "scores_ahead",
@@ -43,6 +44,7 @@ POLICY_KEYS = (
     "score_cache_mb",
     "scores_ahead",
     "scores_ahead_nice",
+    "scores_ahead_split",
 )
 #: ``score_cache_mb`` default: MiB of anchor scores kept across requests (16k visual tokens
 #: take 64 KiB), so repeated videos run no SSC (:func:`score_cache_bytes`).
@@ -148,6 +150,7 @@ def engine_policy(additional_config) -> RequestPolicy | None:
     score_cache_bytes(additional_config)
     scores_ahead(additional_config)
     ahead_nice(additional_config)
+    ahead_split(additional_config)
     vals = {k: limits.get(k, getattr(eng, k)) for k in LIMIT_KEYS}
     try:  # the limits are values of the options they bound: the same checks
         validate_ssc_options(validate_options(replace(eng, **vals)))
@@ -196,6 +199,25 @@ def ahead_nice(additional_config) -> int:
         raise ValueError(
             "additional_config['videoanchor']['scores_ahead_nice']: expected a niceness from 0 "
             f"to 19 for the side thread that computes scores (default 19), got {value!r}"
+        )
+    return value
+
+
+def ahead_split(additional_config) -> bool:
+    """Whether, under tensor parallelism, each request's SSC ahead of its step is split over
+    the tensor-parallel ranks (``additional_config["videoanchor"]["scores_ahead_split"]``,
+    default False: each request is scored on one rank and its scores relayed to the others,
+    so that concurrent requests are scored on different ranks without communication; True
+    splits the fast solver's columns over every rank through a gloo group of the workers, so
+    that one request's scores, and its first token, come sooner). Raises TypeError naming
+    the key."""
+    given = (additional_config or {}).get("videoanchor") or {}
+    value = given.get("scores_ahead_split", False) if isinstance(given, dict) else False
+    if not isinstance(value, bool):
+        raise TypeError(
+            "additional_config['videoanchor']['scores_ahead_split']: expected true (split each "
+            "request's SSC over the tensor-parallel ranks) or false (one rank per request, "
+            f"the default), got {value!r}"
         )
     return value
 

@@ -190,14 +190,9 @@ def _score(req: Scheduled, entry: _Req, encoder_outputs: EncoderOutputs,
     return anchor_gates(scores, cfg.alpha_k, cfg.alpha_v)
 
 
-def _run_ssc(req, cfg, items, cols, n, k, encoder_outputs, cache, key) -> torch.Tensor:
-    """SSC over the encoder outputs of the request's scored ``items``: (n,) float32 scores
-    on the CPU, stored in ``cache`` unless the time budget stopped it (its C depends on the
-    timing then)."""
-    from videoanchor.anchor import compute_anchor_scores
-    from videoanchor.anchor.progress import SSCProgress
-
-    outs = encoder_outputs(req.req_id, items)
+def check_outputs(req, items, cols, outs) -> None:
+    """Raises RuntimeError unless ``outs`` holds one encoder output per scored item, with
+    as many rows as the item has embedding positions (``cols``)."""
     for i, enc, idx in zip(items, outs, cols, strict=True):
         if not torch.is_tensor(enc) or enc.shape[0] != idx.numel():
             raise RuntimeError(
@@ -206,12 +201,30 @@ def _run_ssc(req, cfg, items, cols, n, k, encoder_outputs, cache, key) -> torch.
                 f"has shape {tuple(getattr(enc, 'shape', ()))}; this model's multimodal "
                 "outputs are not supported"
             )
+
+
+def _run_ssc(req, cfg, items, cols, n, k, encoder_outputs, cache, key,
+             group=None) -> torch.Tensor:  # fmt: skip
+    """SSC over the encoder outputs of the request's scored ``items``: (n,) float32 scores
+    on the CPU, stored in ``cache`` unless the time budget stopped it (its C depends on the
+    timing then). ``group``: a process group whose ranks all call this at once with the same
+    features; the SSC's columns are split over them (every rank gets the same scores)."""
+    from videoanchor.anchor import compute_anchor_scores
+    from videoanchor.anchor.progress import SSCProgress
+
+    outs = encoder_outputs(req.req_id, items)
+    check_outputs(req, items, cols, outs)
     feats = torch.cat(outs)
     # The engine's ssc_time_budget bounds the time one request's SSC holds the step. No
     # progress lines (their advice names the CLI's flags): the outcome is logged below.
     reporter = SSCProgress(enabled=False, time_budget=cfg.ssc_time_budget)
-    res = compute_anchor_scores(feats, k, **ssc_kwargs(cfg), progress=reporter)
+    res = compute_anchor_scores(feats, k, **ssc_kwargs(cfg), progress=reporter,
+                                process_group=group)  # fmt: skip
     budget = bool(reporter.runs and reporter.runs[-1].stopped_by_budget) and not res.converged
+    if group is not None:  # one rank's budget stopped every rank: none of them caches it
+        from videoanchor.anchor.collective import all_agree
+
+        budget = all_agree(budget, group, feats.device, every=False)
     if not res.converged:
         # The time budget is the operator's alarm: every time. A max_iter the operator set
         # low on purpose would say the same for every request: once, then at DEBUG.

@@ -1,0 +1,96 @@
+"""``scores_ahead_split``: the vote every rank takes before a split job
+(``Ahead._split_job``, videoanchor/integrations/vllm/ahead.py), on 2 CPU processes (gloo)
+without vLLM. A job runs on every rank when any rank still wants it (a request forgotten on
+one rank only), on none when no rank does; a rank whose encoder failed sends every rank's
+request to its step, without any rank left waiting in the SSC's collectives; scores every
+rank holds are taken from the caches. The real engine: tests/test_vllm_tp.py."""
+
+import datetime
+import os
+from concurrent.futures import Future
+
+import torch
+import torch.multiprocessing as mp
+import torchvision_shim
+
+# A spawned rank imports this module but not conftest.py: apply the test-only shim here too.
+torchvision_shim.apply()
+
+from test_vllm_ahead import OPTIONS, Runner, _features, _outputs  # noqa: E402
+
+from videoanchor.anchor import compute_anchor_scores  # noqa: E402
+from videoanchor.integrations.options import ssc_kwargs  # noqa: E402
+from videoanchor.integrations.vllm import ahead  # noqa: E402
+from videoanchor.integrations.vllm.config import engine_config  # noqa: E402
+from videoanchor.integrations.vllm.runner import SCORE_CACHES, plan, score_cache  # noqa: E402
+
+
+def _vote_worker(rank, store, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+        timeout=datetime.timedelta(seconds=120),
+    )  # fmt: skip
+    got = {}
+    try:
+        group = dist.group.WORLD
+        ahead._tp_rank_world = lambda: (rank, 2)
+        runner = Runner(rank=rank, device=torch.device("cpu"),
+                        vllm_config=SimpleConfig(), model_config=None)  # fmt: skip
+        job_runner = ahead.Ahead(runner, 0, split=True)
+        job_runner._group = group
+        eng = engine_config({"videoanchor": OPTIONS})
+        cache = score_cache(id(runner), runner.vllm_config.additional_config)
+
+        def job(tag, *, wanted=True, encoded=True):
+            features = _features(tag)
+            p = plan(features, eng)
+            outs = [_outputs(tag)[features[i].identifier] for i in p.items] if encoded else None
+            if wanted:  # what submit() records; a forgotten request's key is gone
+                job_runner.jobs[p.key] = Future()
+            else:
+                job_runner.jobs.pop(p.key, None)
+            return job_runner._split_job(f"req-{tag}", features, eng, p, cache, outs, group)
+
+        got["both"] = job("A")
+        got["one_forgot"] = job("B", wanted=rank == 0)
+        got["none_wants"] = job("C", wanted=False)
+        got["one_failed"] = job("D", encoded=rank == 0)
+        got["cached"] = job("A")
+        got["stats"] = dict(job_runner.stats)
+        got["in_cache"] = sorted(k for k in SCORE_CACHES[id(runner)]._entries)
+        job_runner.close()
+    finally:
+        torch.save(got, os.path.join(out, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+class SimpleConfig:
+    additional_config = {"videoanchor": OPTIONS}
+
+
+def _one_process(tag):
+    eng = engine_config({"videoanchor": OPTIONS})
+    features = _features(tag)
+    p = plan(features, eng)
+    feats = torch.cat([_outputs(tag)[features[i].identifier] for i in p.items])
+    return compute_anchor_scores(feats, p.k, **ssc_kwargs(eng)).scores.float(), p.key
+
+
+def test_split_jobs_agree_on_every_rank(tmp_path):
+    mp.spawn(_vote_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for tag, name in (("A", "both"), ("B", "one_forgot")):
+        ref, _ = _one_process(tag)
+        assert r0[name] is not None and torch.equal(r0[name], r1[name]), name
+        scale = float(ref.abs().max())
+        assert float((r0[name] - ref).abs().max()) <= 1e-5 * scale, name
+    for name in ("none_wants", "one_failed"):  # no SSC, no rank left waiting
+        assert r0[name] is None and r1[name] is None, name
+    assert torch.equal(r0["cached"], r0["both"]) and torch.equal(r1["cached"], r1["both"])
+    # two SSCs ran, each on both ranks; the repeat came from the caches
+    assert r0["stats"]["split"] == r1["stats"]["split"] == 2
+    keys = sorted(_one_process(t)[1] for t in "AB")
+    assert r0["in_cache"] == r1["in_cache"] == keys
