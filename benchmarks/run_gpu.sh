@@ -54,6 +54,13 @@ else
   python benchmarks/bench_vllm.py --model "$VIDEOANCHOR_QWEN25VL_7B" --frames 16 --size 336 \
     --requests 16 --max-tokens 64 --dtype bfloat16 --n-clusters 24 --out-dir "$OUT" \
     2>&1 | tee "$OUT/bench_vllm.log" || status=1
+  # Tensor parallel 2: one rank per request (the default) against scores_ahead_split.
+  if [ "$(python -c "import torch; print(torch.cuda.device_count())")" -ge 2 ]; then
+    echo "== bench_vllm --tp 2 (one rank per request against the split)"
+    python benchmarks/bench_vllm.py --model "$VIDEOANCHOR_QWEN25VL_7B" --frames 16 --size 336 \
+      --requests 16 --max-tokens 64 --dtype bfloat16 --n-clusters 24 --tp 2 \
+      --engines anchored,split --out-dir "$OUT" 2>&1 | tee "$OUT/bench_vllm_tp2.log" || status=1
+  fi
 fi
 # tune's sweep vs the naive loop (the tiny model unless --model names a local checkpoint)
 if want tune; then
