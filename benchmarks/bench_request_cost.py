@@ -224,13 +224,15 @@ def _ari(a, b) -> float:
     return float(adjusted_rand_score(a.cpu().numpy(), b.cpu().numpy()))
 
 
-def yale_faces(subjects: int, per_subject: int):
+def yale_faces(subjects: int, per_subject: int, first: int = 0):
+    """The first ``per_subject`` faces of ``subjects`` subjects, from subject ``first`` on."""
     import scipy.io
 
     m = scipy.io.loadmat(YALE)
     x = torch.tensor(m["DATA"], dtype=torch.float32).T
     lab = m["labels"].ravel()
-    idx = np.concatenate([np.where(lab == s)[0][:per_subject] for s in np.unique(lab)[:subjects]])
+    chosen = np.unique(lab)[first : first + subjects]
+    idx = np.concatenate([np.where(lab == s)[0][:per_subject] for s in chosen])
     return x[idx].contiguous()
 
 
@@ -265,20 +267,24 @@ def tiny_projector_features(family: str, frames: int):
     return got[0]
 
 
-def fidelity(name, x, k, device) -> dict:
+def fidelity(name, x, k, device, held_out: bool = False) -> dict:
+    """``held_out``: a data set no solver setting was chosen on (the default's schedule was
+    set on the others)."""
     x = x.to(device)
     t_ref, ref = ssc_seconds(x, k, "faithful")
     t_loose, loose = ssc_seconds(x, k, "faithful", eps=2e-3)
     t_fast, fast = ssc_seconds(x, k, "fast")
     t_x3, x3 = ssc_seconds(x.float(), k, "fast", precision="fp16x3")
+    sp_fast, sp_bar = _spearman(fast.scores, ref.scores), _spearman(loose.scores, ref.scores)
+    ari_fast, ari_bar = _ari(fast.labels, ref.labels), _ari(loose.labels, ref.labels)
     return {
-        "data": name, "n": x.shape[0], "d": x.shape[1], "n_clusters": k,
+        "data": name, "held_out": held_out, "n": x.shape[0], "d": x.shape[1], "n_clusters": k,
         "iterations_faithful": ref.iterations, "iterations_faithful_eps2e-3": loose.iterations,
         "iterations_fast": fast.iterations,
-        "spearman_fast": _spearman(fast.scores, ref.scores),
-        "spearman_faithful_eps2e-3": _spearman(loose.scores, ref.scores),
-        "ari_fast": _ari(fast.labels, ref.labels),
-        "ari_faithful_eps2e-3": _ari(loose.labels, ref.labels),
+        "spearman_fast": sp_fast, "spearman_faithful_eps2e-3": sp_bar,
+        "ari_fast": ari_fast, "ari_faithful_eps2e-3": ari_bar,
+        # issue 33's bar: agree with the converged answer at least as well as eps 2e-3 does
+        "meets_bar_scores": sp_fast >= sp_bar, "meets_bar_labels": ari_fast >= ari_bar,
         "seconds_faithful": t_ref, "seconds_faithful_eps2e-3": t_loose, "seconds_fast": t_fast,
         "speedup_fast": t_ref / t_fast, "figures": "measured",
         "spearman_fast_fp16x3": _spearman(x3.scores, ref.scores),
@@ -517,11 +523,32 @@ def run(device: torch.device, quick: bool, out_dir, trials: int | None = None,
             notes.append(f"Yale B not found at {YALE}: skipped")
         for label, feats, k in tiny:
             fid.append(fidelity(label, feats, k, device))
-        print_table(fid, ["data", "n", "d", "iterations_faithful", "spearman_fast",
+        # Held out: sets the fast schedule was never looked at on (other seeds and shapes,
+        # other Yale B subjects, the tiny models at other frame counts)
+        if not quick:
+            held = [
+                ("synthetic video tokens, seed 3", synthetic_tokens(512, 1024, seed=3), 24),
+                ("synthetic video tokens, seed 9", synthetic_tokens(384, 3584, seed=9), 24),
+            ]
+            if YALE.exists():
+                held += [("Extended Yale B faces, subjects 9-16", yale_faces(8, 32, first=8), 8),
+                         ("Extended Yale B faces, subjects 17-22", yale_faces(6, 40, first=16),
+                          6)]  # fmt: skip
+            for family in ("qwen2_5_vl", "llava_onevision", "internvl"):
+                for frames in (4, 16):
+                    try:
+                        held.append((f"tiny {family} projector outputs, {frames} frames",
+                                     tiny_projector_features(family, frames), 3))  # fmt: skip
+                    except Exception as exc:  # reported, not hidden
+                        notes.append(f"tiny {family} at {frames} frames: {type(exc).__name__}: "
+                                     f"{exc}")  # fmt: skip
+            for label, feats, k in held:
+                fid.append(fidelity(label, feats, k, device, held_out=True))
+        print_table(fid, ["data", "held_out", "n", "d", "iterations_faithful", "spearman_fast",
                           "spearman_fast_fp16x3", "spearman_fast_tf32_emulated",
                           "spearman_fast_bf16_emulated",
                           "spearman_faithful_eps2e-3", "ari_fast", "ari_faithful_eps2e-3",
-                          "speedup_fast"])  # fmt: skip
+                          "meets_bar_scores", "meets_bar_labels", "speedup_fast"])  # fmt: skip
         meta["parts_done"].append("fidelity")
         path = save()
     if "sensitivity" in parts:
