@@ -7,7 +7,6 @@ Cost here (2 CPU cores): about a minute, most of it the tiny-model and 2-process
 
 from __future__ import annotations
 
-import datetime
 import math
 import os
 import warnings
@@ -17,6 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torchvision_shim
+from gloo_support import join_gloo
 
 torchvision_shim.apply()  # a spawned rank imports this module but not conftest.py
 
@@ -361,11 +361,7 @@ _DIST_CASES = {
 def _dist_worker(rank, store, out):
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=2,
-        timeout=datetime.timedelta(seconds=20),
-    )  # fmt: skip
+    join_gloo(rank, 2, store, seconds=20)
     results = {}
     try:
         for name, (kw0, kw1) in ((n, c[:2]) for n, c in _DIST_CASES.items()):

@@ -1,13 +1,13 @@
 """Column-blocked exact SSC: equal to the dense iterates, per-block stopping, sparse C and
 its affinity, mode="auto", and the same result spread over 2 CPU processes (gloo)."""
 
-import datetime
 import os
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torchvision_shim
+from gloo_support import join_gloo
 from sklearn.metrics import adjusted_rand_score
 
 # A spawned rank imports this module but not conftest.py: apply the test-only shim here too,
@@ -198,12 +198,7 @@ def test_blocked_bad_input():
 def _worker(rank, world, store, x, kw, out):
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    # a collective that waits on a rank that left raises after the timeout instead of hanging
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )  # fmt: skip
+    join_gloo(rank, world, store)
     try:
         group = dist.group.WORLD
         # rank 1's features differ slightly: rank 0's are used everywhere

@@ -4,13 +4,13 @@ sums), in both of its paths (the CPU active set and the dense schedule other dev
 at both precisions, with PCA and label draws; a stop asked on one rank stops all of them at
 the same iteration; ``mode="auto"`` makes the same choice on every rank."""
 
-import datetime
 import os
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torchvision_shim
+from gloo_support import join_gloo
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -45,11 +45,7 @@ def _rel(a, b):
 def _worker(rank, world, store, x, out):
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )  # fmt: skip
+    join_gloo(rank, world, store)
     got = {}
     try:
         group = dist.group.WORLD

@@ -5,13 +5,13 @@ one rank only), on none when no rank does; a rank whose encoder failed sends eve
 request to its step, without any rank left waiting in the SSC's collectives; scores every
 rank holds are taken from the caches. The real engine: tests/test_vllm_tp.py."""
 
-import datetime
 import os
 from concurrent.futures import Future
 
 import torch
 import torch.multiprocessing as mp
 import torchvision_shim
+from gloo_support import join_gloo
 
 # A spawned rank imports this module but not conftest.py: apply the test-only shim here too.
 torchvision_shim.apply()
@@ -28,11 +28,7 @@ from videoanchor.integrations.vllm.runner import SCORE_CACHES, plan, score_cache
 def _vote_worker(rank, store, out):
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=2,
-        timeout=datetime.timedelta(seconds=120),
-    )  # fmt: skip
+    join_gloo(rank, 2, store)
     got = {}
     try:
         group = dist.group.WORLD
