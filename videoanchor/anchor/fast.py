@@ -9,7 +9,8 @@ its iterations costs two products with ``D`` in them: ``[R; Y R] (T - I)``
 iterations have found it. :class:`ActiveSetStep` runs the same steps, with:
 
 - ``A = I + R (T - I)`` alone (``N x N x N``);
-- ``Y^T E`` as a sparse product over ``E``'s active entries;
+- ``Y^T E`` as a sparse product over ``E``'s non-zero entries (a third to a fifth of the
+  active entries on video-like tokens);
 - the E-step exactly (the residual ``Y - Y A = -(Y R)(T - I)`` in full, ``D x N x N``) at
   the *full* iterations of :data:`FULL`, which also set the active set: the entries whose
   residual exceeds ``MARGIN`` times the threshold; in between, the residual is computed on
