@@ -27,12 +27,20 @@ def runs(tmp_path_factory):
     ckpt = tmp / "ckpt"
     vs.save_checkpoint(ckpt)
     out = {}
-    for name, args in ((1, ["1"]), (2, ["2"]), ("split", ["2", "split"])):
-        path = tmp / f"tp{name}.json"
+    runs = (
+        (1, ["1"]),
+        (2, ["2"]),
+        ("split", ["2", "split"]),
+        ("split, vLLM's defaults", ["2", "split", "defaults"]),
+    )
+    for name, args in runs:
+        path = tmp / f"tp{str(name).replace(' ', '_').replace(',', '')}.json"
+        # the last: the engine core in its own process and prefix caching on (vLLM's defaults)
+        env = vs.worker_env(extra=vs.ENGINE_CORE_PROCESS if "defaults" in args else None)
         proc = subprocess.run(
             [sys.executable, str(HERE / "vllm_tp_worker.py"), str(ckpt), args[0], str(path),
              *args[1:]],
-            env=vs.worker_env(), capture_output=True, text=True, timeout=900,
+            env=env, capture_output=True, text=True, timeout=900,
         )  # fmt: skip
         assert proc.returncode == 0 and path.exists(), proc.stderr[-4000:]
         out[name] = json.loads(path.read_text())
@@ -103,3 +111,18 @@ def test_split_over_the_ranks_runs_each_video_once_on_every_rank(runs):
     assert [s["encoded_reused"] for s in stats] == [4, 4], stats
     # without the option, no job is split
     assert all(s["split"] == 0 for s in runs[2]["stats"])
+
+
+def test_split_with_vllms_default_process_layout_and_prefix_caching(runs):
+    """The split with the engine core in its own process and prefix caching on: the same
+    answers and scores as one worker; each video split once, the repeat (a prefix-cache hit
+    too) from the score caches."""
+    one, split = runs[1], runs["split, vLLM's defaults"]
+    for a, b in zip(one["results"], split["results"], strict=True):
+        assert a["tokens"] == b["tokens"], (a, b)
+        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"], strict=True)) <= 1e-4
+    first, second = split["scores"]
+    assert first == second and sorted(first) == sorted(one["scores"][0])
+    stats = sorted(split["stats"], key=lambda s: s["rank"])
+    assert [s["split"] for s in stats] == [4, 4], stats
+    assert [s["relayed"] for s in stats] == [0, 0], stats

@@ -1,7 +1,9 @@
 """Runs one anchored vLLM engine with ``tensor_parallel_size`` workers on the CPU and writes
 its answers, each worker's scores-ahead counters and the scores it computed as JSON
-(tests/test_vllm_tp.py): ``python vllm_tp_worker.py CHECKPOINT TP OUT.json [split]``
-(``split``: ``scores_ahead_split``, each request's SSC split over the ranks)."""
+(tests/test_vllm_tp.py): ``python vllm_tp_worker.py CHECKPOINT TP OUT.json [split]
+[defaults]`` (``split``: ``scores_ahead_split``, each request's SSC split over the ranks;
+``defaults``: vLLM's prefix caching on, as it is by default; the caller leaves the engine
+core in its own process)."""
 
 from __future__ import annotations
 
@@ -23,10 +25,11 @@ def main():
     from videoanchor.integrations.vllm import ahead
 
     checkpoint, tp, out_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    split = sys.argv[4:] == ["split"]
+    flags = set(sys.argv[4:])
+    split, defaults = "split" in flags, "defaults" in flags
     llm = LLM(model=checkpoint, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
               gpu_memory_utilization=0.05, kv_cache_memory_bytes=128 << 20,
-              limit_mm_per_prompt={"video": 1}, enable_prefix_caching=False,
+              limit_mm_per_prompt={"video": 1}, enable_prefix_caching=defaults,
               tensor_parallel_size=tp,
               additional_config={"videoanchor": {"n_clusters": 4, "max_iter": 200,
                                                  "scores_ahead_split": split}})  # fmt: skip
