@@ -1,5 +1,5 @@
 """``scores_ahead_split``: the vote every rank takes before a split job
-(``Ahead._split_job``, videoanchor/integrations/vllm/ahead.py), on 2 CPU processes (gloo)
+(``Ahead._split_vote``, videoanchor/integrations/vllm/ahead.py), on 2 CPU processes (gloo)
 without vLLM. A job runs on every rank when any rank still wants it (a request forgotten on
 one rank only), on none when no rank does; a rank whose encoder failed sends every rank's
 request to its step, without any rank left waiting in the SSC's collectives; scores every
@@ -48,7 +48,7 @@ def _vote_worker(rank, store, out):
                 job_runner.jobs[p.key] = Future()
             else:
                 job_runner.jobs.pop(p.key, None)
-            return job_runner._split_job(f"req-{tag}", features, eng, p, cache, outs, group)
+            return job_runner._job(f"req-{tag}", features, eng, p, cache, outs, group)
 
         got["both"] = job("A")
         got["one_forgot"] = job("B", wanted=rank == 0)

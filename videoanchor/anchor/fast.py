@@ -103,8 +103,6 @@ class ActiveSetStep(admm.ScheduledStep):
         nb, d = self.nb, self.dic.d
         if self.share > DENSE_SHARE["yte"]:
             nnz = int(torch.count_nonzero(vals))
-            if nnz == 0:
-                return None
             if nnz / max(d * nb, 1) > DENSE_SHARE["yte"]:  # the same product, dense
                 e = self.y.new_zeros(d, nb)
                 e[rows, cols] = vals * scale

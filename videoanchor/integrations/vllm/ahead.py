@@ -130,7 +130,7 @@ class Ahead:
         and never interleave with the steps'. So every decision to encode depends only on
         what every rank sees alike (the payloads and the jobs in flight), never on a rank's
         own score cache. The SSC runs on one rank (:meth:`owner_of`), or with
-        ``scores_ahead_split`` on every rank together (:meth:`_split_job`)."""
+        ``scores_ahead_split`` on every rank together (:meth:`_split_vote`)."""
         from videoanchor.integrations.options import fast_splits
         from videoanchor.integrations.vllm.config import request_config
         from videoanchor.integrations.vllm.runner import _engine_cfg, plan, score_cache
@@ -162,7 +162,7 @@ class Ahead:
             if group is not None:
                 with self._lock:
                     self.jobs[key] = job = self._pool.submit(
-                        self._split_job, req_id, features, cfg, p, cache, outs, group
+                        self._job, req_id, features, cfg, p, cache, outs, group
                     )  # fmt: skip
                     self._split_jobs.add(job)
                     job.add_done_callback(self._split_jobs.discard)
@@ -313,82 +313,75 @@ class Ahead:
             out, self._results = self._results, {}
             return out
 
-    def _job(self, req_id, features, cfg, p, cache, outs):
+    def _job(self, req_id, features, cfg, p, cache, outs, group=None):
+        """The request's scores (None: its step scores it), on the side thread. With
+        ``group`` (``scores_ahead_split``) every rank of it runs this job together, the SSC's
+        columns split over them, after :meth:`_split_vote`; every rank gets the same scores
+        and nothing is relayed."""
         from videoanchor.integrations.vllm.runner import _run_ssc
 
-        try:
-            with torch.inference_mode():
-                req = SimpleNamespace(req_id=req_id, mm_features=features)
-                visual = _run_ssc(req, cfg, p.items, p.cols, p.n, p.k,
-                                  lambda _rid, _idx: outs, cache, p.key)  # fmt: skip
-                if self.stream is not None:
-                    self.stream.synchronize()
-                self.stats["computed"] += 1
-                return visual
-        except Exception as err:  # the step runs it again and reports it there
-            logger.warning(
-                "videoanchor: request %s: scoring ahead of its step failed (%s: %s); its "
-                "step scores it instead", req_id, type(err).__name__, err,
-            )  # fmt: skip
-            return None
-        finally:
-            with self._done:
-                self._done.notify_all()
-
-    def _split_job(self, req_id, features, cfg, p, cache, outs, group):
-        """:meth:`_job` on every rank of ``group`` together, the SSC's columns split over
-        them (every rank gets the same scores; nothing is relayed).
-
-        Every rank runs every split job, in submission order (one side thread per rank, the
-        same submissions on every rank), and first agrees on it in one small collective: no
-        rank skips a job another runs. The job runs if any rank still wants its scores (a
-        request forgotten on one rank may still be wanted on another, whose main thread has
-        not seen it go yet), returns the cached scores where every rank holds them, and
-        leaves the request to its step where any rank's encoder failed or gave outputs of
-        the wrong shape (checked before the vote: no rank fails alone inside the SSC)."""
-        from videoanchor.anchor.collective import all_sum
-        from videoanchor.integrations.vllm.runner import _run_ssc, check_outputs
-
-        key = p.key
         req = SimpleNamespace(req_id=req_id, mm_features=features)
         try:
-            with self._lock:
-                wanted = self.jobs.get(key) is not None
-            cached = cache.get(key) if cache is not None else None
-            encoded = outs is not None
-            if encoded:
-                try:
-                    check_outputs(req, p.items, p.cols, outs)
-                except RuntimeError as err:
-                    encoded = False
-                    logger.warning("%s; its step scores it instead", err)
-            votes = [int(wanted), int(encoded), int(cached is not None)]
-            wanted_any, all_encoded, all_cached = (
-                int(v) for v in all_sum(torch.tensor(votes), group)
-            )  # fmt: skip
-            if not wanted_any:
-                return None
-            if all_cached == self.world:
-                return cached
-            if all_encoded < self.world:
-                return None
+            if group is not None:
+                run, result = self._split_vote(req, p, cache, outs, group)
+                if not run:
+                    return result
             with torch.inference_mode():
                 visual = _run_ssc(req, cfg, p.items, p.cols, p.n, p.k,
-                                  lambda _rid, _idx: outs, cache, key, group=group)  # fmt: skip
+                                  lambda _rid, _idx: outs, cache, p.key, group=group)  # fmt: skip
                 if self.stream is not None:
                     self.stream.synchronize()
-            self.stats["split"] += 1
+            self.stats["computed" if group is None else "split"] += 1
             return visual
-        except Exception as err:  # every rank fails together (the solver's collectives)
+        except Exception as err:  # the step runs it again and reports it there
+            # (split over a group, every rank fails together: the solver's collectives)
             logger.warning(
-                "videoanchor: request %s: scoring ahead of its step over the tensor-parallel "
-                "ranks failed (%s: %s); its step scores it instead", req_id,
+                "videoanchor: request %s: scoring ahead of its step%s failed (%s: %s); its "
+                "step scores it instead", req_id,
+                "" if group is None else " over the tensor-parallel ranks",
                 type(err).__name__, err,
             )  # fmt: skip
             return None
         finally:
             with self._done:
                 self._done.notify_all()
+
+    def _split_vote(self, req, p, cache, outs, group) -> tuple[bool, object]:
+        """Whether every rank of ``group`` runs the split job of ``p.key`` (``(True,
+        None)``), or its result without an SSC (``(False, scores or None)``): one small
+        collective, the same answer on every rank.
+
+        Every rank runs every split job, in submission order (one side thread per rank, the
+        same submissions on every rank), and no rank skips a job another runs. The job runs
+        if any rank still wants its scores (a request forgotten on one rank may still be
+        wanted on another, whose main thread has not seen it go yet), returns the cached
+        scores where every rank holds them, and leaves the request to its step where any
+        rank's encoder failed or gave outputs of the wrong shape (checked before the vote:
+        no rank fails alone inside the SSC)."""
+        from videoanchor.anchor.collective import all_sum
+        from videoanchor.integrations.vllm.runner import check_outputs
+
+        with self._lock:
+            wanted = self.jobs.get(p.key) is not None
+        cached = cache.get(p.key) if cache is not None else None
+        encoded = outs is not None
+        if encoded:
+            try:
+                check_outputs(req, p.items, p.cols, outs)
+            except RuntimeError as err:
+                encoded = False
+                logger.warning("%s; its step scores it instead", err)
+        votes = [int(wanted), int(encoded), int(cached is not None)]
+        wanted_any, all_encoded, all_cached = (
+            int(v) for v in all_sum(torch.tensor(votes), group)
+        )  # fmt: skip
+        if not wanted_any:
+            return False, None
+        if all_cached == self.world:
+            return False, cached
+        if all_encoded < self.world:
+            return False, None
+        return True, None
 
     @staticmethod
     def _encoder(runner, features):
@@ -418,7 +411,7 @@ class Ahead:
             job = self.jobs.pop(key, None)
             self._relayed.discard(key)
             if job is not None and job not in self._split_jobs:
-                job.cancel()  # a split job runs anyway: every rank runs it (_split_job)
+                job.cancel()  # a split job runs anyway: every rank runs it (_split_vote)
 
     def ready(self, req_ids) -> list[str]:
         """Those of ``req_ids`` whose scores need no more work ahead of their step."""
