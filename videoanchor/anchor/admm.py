@@ -227,10 +227,10 @@ class Dictionary:
     ``products``: the precision of the fast solver's dense products (:mod:`products`)."""
 
     def __init__(self, x, work, *, lam_z: float, affine: bool, outliers: bool, kernels,
-                 products: Products | None = None):  # fmt: skip
+                 products: Products | None = None, x64=None):  # fmt: skip
         xp = array_api_compat.array_namespace(x)
         self.xp, self.device = xp, array_api_compat.device(x)
-        self.x64 = xp.astype(x, xp.float64, copy=False)
+        self.x64 = xp.astype(x, xp.float64, copy=False) if x64 is None else x64
         self.xw = xp.astype(x, work, copy=False)
         self.yw = self.xw.T  # D x N
         self.work = work
@@ -252,11 +252,13 @@ class DenseInverse:
     right-hand side as ``M + rho (T - I)`` keeps the float32 entries O(1) instead of
     O(lambda_z Y^T Y). With outliers, ``Y R`` is stacked under ``R``, so one
     ``(N + D) x N x N`` product gives ``A`` and ``Y A = Y + Y R (T - I)``.
+
+    ``gram``: ``Y^T Y`` in float64 where the caller has it (computed here otherwise).
     """
 
-    def __init__(self, dic: Dictionary, rho: float):
+    def __init__(self, dic: Dictionary, rho: float, gram=None):
         self.dic = dic
-        self.gram = dic.x64 @ dic.x64.T  # float64, N x N
+        self.gram = dic.x64 @ dic.x64.T if gram is None else gram  # float64, N x N
         self.refactor(rho)
 
     def refactor(self, rho: float) -> None:
@@ -309,15 +311,17 @@ class EigenInverse(DenseInverse):
     (with the columns split over processes: computed on rank 0 and broadcast, so that every
     rank holds the same factor). ``columns=(start, stop, gather)``: this process computes
     the columns ``start:stop`` of ``[B; Y B]`` at each refactor and ``gather(block)`` returns
-    every process's columns side by side (the refactors split over the processes too)."""
+    every process's columns side by side (the refactors split over the processes too).
+    ``gram``: ``Y^T Y`` in float64 where the caller has it (computed here otherwise)."""
 
-    def __init__(self, dic: Dictionary, rho: float, share=None, columns=None):
+    def __init__(self, dic: Dictionary, rho: float, share=None, columns=None, gram=None):
         xp = dic.xp
         self.dic = dic
         self.columns = columns
 
         def compute():
-            return xp.linalg.eigh((dic.x64 @ dic.x64.T) * dic.lam_z)
+            g = dic.x64 @ dic.x64.T if gram is None else gram
+            return xp.linalg.eigh(g * dic.lam_z)
 
         w, v = compute() if share is None else share(compute)
         self.w = xp.clip(w, 0.0, None)

@@ -59,12 +59,13 @@ from videoanchor.anchor.products import Products, check_precision
 __all__ = ["ssc_lambdas", "gram_row_max", "solve_ssc_admm", "ADMMResult", "SSCMemoryError"]
 
 
-def ssc_lambdas(x, alpha_e: float, alpha_z: float, *, block: int = 4096):
+def ssc_lambdas(x, alpha_e: float, alpha_z: float, *, block: int = 4096, gram=None):
     """``(lambda_e, lambda_z, mu_e, mu_z)`` for points ``x`` (``N x D``, one row per point).
 
     ``mu_e = min_i max_{j != i} ||y_j||_1`` and ``mu_z = min_i max_{j != i} |y_i^T y_j|``,
     computed without the authors' ``O(N^2)`` Python loop: ``mu_e`` is the second largest
-    point L1 norm, ``mu_z`` a blocked pass over the Gram matrix (no ``N x N`` allocation).
+    point L1 norm, ``mu_z`` a blocked pass over the Gram matrix (no ``N x N`` allocation),
+    or read off ``gram`` (``x x^T``) where the caller has it already.
     Any array-API array (torch, NumPy, CuPy).
     """
     xp = array_api_compat.array_namespace(x)
@@ -73,7 +74,7 @@ def ssc_lambdas(x, alpha_e: float, alpha_z: float, *, block: int = 4096):
         raise ValueError(f"SSC needs at least 2 points, got {n}")
     norms = xp.sum(xp.abs(x), axis=1, dtype=xp.float64)
     mu_e = float(xp.sort(norms)[-2])
-    mu_z = float(xp.min(gram_row_max(x, block=block)))
+    mu_z = float(xp.min(gram_row_max(x, block=block, gram=gram)))
     if not (mu_e > 0):
         raise ValueError("SSC: at most one point is non-zero (mu_e = 0); lambda_e is undefined")
     if not (mu_z > 0):
@@ -83,11 +84,20 @@ def ssc_lambdas(x, alpha_e: float, alpha_z: float, *, block: int = 4096):
     return alpha_e / mu_e, alpha_z / mu_z, mu_e, mu_z
 
 
-def gram_row_max(x, *, block: int = 4096):
-    """``max_{j != i} |y_i^T y_j|`` for every point ``i`` (float64), ``block`` rows at a time."""
+def gram_row_max(x, *, block: int = 4096, gram=None):
+    """``max_{j != i} |y_i^T y_j|`` for every point ``i`` (float64), ``block`` rows at a time,
+    or from ``gram`` (``x x^T``, ``N x N``) when given."""
     xp = array_api_compat.array_namespace(x)
     dev = array_api_compat.device(x)
     n = x.shape[0]
+    if gram is not None:
+        if tuple(gram.shape) != (n, n):
+            raise ValueError(
+                f"gram: expected the {n} x {n} Gram matrix of x, got {tuple(gram.shape)}"
+            )
+        g = xp.abs(gram)
+        g[xp.arange(n, device=dev), xp.arange(n, device=dev)] = 0
+        return xp.astype(xp.max(g, axis=1), xp.float64)
     row_max = xp.empty(n, dtype=xp.float64, device=dev)
     for a in range(0, n, block):
         b = min(n, a + block)
@@ -380,7 +390,11 @@ def solve_ssc_admm(
     )
     out = None
     try:
-        lam_e, lam_z, _, _ = ssc_lambdas(xp.astype(x, xp.float64, copy=False), alpha_e, alpha_z)
+        x64 = xp.astype(x, xp.float64, copy=False)
+        # the factors below factor the Gram matrix (N x N, float64) themselves; where one
+        # process holds all of it, it is computed once, here, for the lambdas too
+        gram = x64 @ x64.T if group is None and (scheduled or strategy == "dense") else None
+        lam_e, lam_z, _, _ = ssc_lambdas(x64, alpha_e, alpha_z, gram=gram)
         start, stop, share, reduce, columns = 0, n, None, None, None
         if group is not None:  # rank 0's lambdas and factor; this rank's columns
             lam = torch.tensor([lam_e, lam_z], dtype=torch.float64, device=device)
@@ -399,11 +413,14 @@ def solve_ssc_admm(
         kernels.sync()
         t1 = time.perf_counter()
         dic = admm.Dictionary(x, work, lam_z=lam_z, affine=affine, outliers=outliers,
-                              kernels=kernels, products=products)  # fmt: skip
+                              kernels=kernels, products=products, x64=x64)  # fmt: skip
         if scheduled:
-            factor = admm.EigenInverse(dic, rho, share=share, columns=columns)
+            factor = admm.EigenInverse(dic, rho, share=share, columns=columns, gram=gram)
+        elif strategy == "dense":
+            factor = admm.DenseInverse(dic, rho, gram=gram)
         else:
-            factor = (admm.DenseInverse if strategy == "dense" else admm.Woodbury)(dic, rho)
+            factor = admm.Woodbury(dic, rho)
+        del gram, x64  # the factor holds what it needs
         kernels.sync()
         t2 = time.perf_counter()
         accelerate = relax != 1.0 or adaptive_rho
