@@ -42,3 +42,22 @@ def test_measure_option_is_checked():
             brc.parse_measure(bad)
     with pytest.raises(SystemExit, match="--parts: expected a subset"):
         brc.main(["--parts", "cost,speed"])
+
+
+def test_exact_e_steps_give_the_dense_schedule_cuda_runs(monkeypatch):
+    """The fidelity rows' ``..._cuda_iterate``: on a CPU tensor, the fast solver inside
+    ``exact_e_steps`` is the array-API dense schedule's iterate (what CUDA runs), to rounding,
+    and differs from the default CPU iterate (E on an active set between full E-steps)."""
+    from videoanchor.anchor import compute_anchor_scores, fast
+
+    x = brc.synthetic_tokens(96, 160, seed=5).double()
+    every = fast.FULL["every"]
+    with brc.exact_e_steps():
+        assert fast.FULL["every"] == 1
+        got = compute_anchor_scores(x, 6, solver="fast", dtype=torch.float64, progress=False)
+    assert fast.FULL["every"] == every  # restored
+    default = compute_anchor_scores(x, 6, solver="fast", dtype=torch.float64, progress=False)
+    monkeypatch.setattr(fast, "applies", lambda a: False)  # the dense array-API schedule
+    dense = compute_anchor_scores(x, 6, solver="fast", dtype=torch.float64, progress=False)
+    torch.testing.assert_close(got.coef, dense.coef, rtol=0, atol=1e-9)
+    assert float((default.coef - dense.coef).abs().max()) > 1e-9
