@@ -18,8 +18,11 @@ parallel 4) and frame count (8, 16, 32, 64):
   model's decoder layers with random weights (two layers timed, times the layer count),
   at the sizes that fit in a few minutes on this CPU;
 * ``h100``: estimated from counted FLOPs: the prefill in bf16 at 60% of the H100's dense
-  peak, SSC at 60% of the peak of its precision (FP32 SIMT 67, TF32 495, bf16 989 TFLOP/s);
-  its setup (Gram, factorisation) in float64 at 67 TFLOP/s. Under tensor parallelism also
+  peak, the SSC iterations at 60% of the peak of its precision (FP32 SIMT 67, TF32 495, bf16
+  989 TFLOP/s), the faithful set-up (Gram, factorisation) in float64 at 67 TFLOP/s; the
+  stages no FLOP count prices, the fast solver's factor (a float64 eigendecomposition) and
+  the spectral step, calibrated on the first H100 lease's profiles (:data:`H100_STAGES`);
+  ``..._iterations``: the fast solver's iterations alone. Under tensor parallelism also
   ``..._split``: the fast solver's columns split over the ``tp`` ranks (its iterations and
   refactors divided by ``tp``, the eigendecomposition on one rank, the all-gathers' traffic
   not counted), as ``compute_anchor_scores(process_group=...)`` runs it.
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import time
@@ -69,6 +73,19 @@ SHAPES = {
 FRAMES = (8, 16, 32, 64)
 H100 = {"bf16": 989e12, "tf32": 495e12, "fp32": 67e12, "fp64": 67e12}
 EFFICIENCY = 0.6
+#: Stages of ``compute_anchor_scores`` that no FLOP count prices, measured on the first H100
+#: lease (benchmarks/results/logs/h100-2026-11-23/3_profile_ssc_n{2048,8192}.log, the fast
+#: solver on synthetic tokens, D = 3584), seconds at N = 2048 and N = 8192: the fast
+#: solver's factor (Gram, float64 eigendecomposition, ``Y V``, the first ``[B; Y B]``) and
+#: the spectral step (the normalised affinity's leading eigenvectors, then the labels).
+#: Between and beyond the two, a power law in N through them (calibrated, not counted).
+H100_STAGES = {"factor_fast": (0.032, 0.685), "spectral": (0.037, 0.057)}
+
+
+def h100_stage_seconds(stage: str, n: int) -> float:
+    """A stage's H100 seconds at ``n`` tokens, on the power law through :data:`H100_STAGES`."""
+    a, b = H100_STAGES[stage]
+    return a * (n / 2048) ** (math.log(b / a) / math.log(4))
 
 
 def prefill_flops(shape, n_visual: int) -> float:
@@ -446,6 +463,13 @@ def cost_rows(device, quick, budget_s, measure=None, on_row=None) -> list[dict]:
         its = row["iterations_faithful"]
         est = {}
         pre_s = pre / (EFFICIENCY * H100["bf16"])
+        # the stages no FLOP count prices (calibrated on the H100 lease): the fast solver's
+        # factor replaces its counted float64 set-up; the spectral step is every solver's
+        factor_s, spectral_s = (
+            h100_stage_seconds("factor_fast", n),
+            h100_stage_seconds("spectral", n),
+        )
+        row["h100_seconds_factor_fast"], row["h100_seconds_spectral"] = factor_s, spectral_s
         for prec in ("fp32", "tf32", "bf16", "fp16x3"):
             # fp16x3: each product is one fp16 product with the inner dimension tripled
             rate = EFFICIENCY * (H100["bf16"] / 3 if prec == "fp16x3" else H100[prec])
@@ -453,22 +477,29 @@ def cost_rows(device, quick, budget_s, measure=None, on_row=None) -> list[dict]:
             fast_s = (
                 admm.SCHEDULE["iterations"] * fl["per_iter_fast_cuda"] + fl["refactors_fast"]
             ) / rate
-            fast_s += fl["setup_fast_fp64"] / (EFFICIENCY * H100["fp64"])
+            est[f"ssc_over_prefill_fast_{prec}_iterations"] = fast_s / pre_s
+            fast_s += factor_s + spectral_s
             est[f"ssc_over_prefill_fast_{prec}"] = fast_s / pre_s
             if tp > 1:  # the columns split over the tp ranks (compute_anchor_scores'
                 # process_group, as transformers' TP runs it): iterations and refactors / tp,
                 # the eigendecomposition on rank 0; the gathers' traffic is not counted
                 split_s = (
-                    admm.SCHEDULE["iterations"] * fl["per_iter_fast_cuda"] + fl["refactors_fast"]
-                ) / (tp * rate) + fl["setup_fast_fp64"] / (EFFICIENCY * H100["fp64"])
+                    (admm.SCHEDULE["iterations"] * fl["per_iter_fast_cuda"] + fl["refactors_fast"])
+                    / (tp * rate)
+                    + factor_s
+                    + spectral_s
+                )
                 est[f"ssc_over_prefill_fast_{prec}_split"] = split_s / pre_s
             if its and prec != "fp16x3":  # (the faithful solver has no fp16x3)
                 faith_s = its * fl["per_iter"] / rate
-                faith_s += fl["setup_faithful_fp64"] / (EFFICIENCY * H100["fp64"])
+                faith_s += fl["setup_faithful_fp64"] / (EFFICIENCY * H100["fp64"]) + spectral_s
                 est[f"ssc_over_prefill_faithful_{prec}"] = faith_s / pre_s
         row.update({f"h100_{k}": v for k, v in est.items()})
         row["h100_figures"] = (
-            "estimated from counted FLOPs at 60% of peak (fast: the dense schedule CUDA runs)"
+            "estimated: the iterations (and the faithful set-up) from counted FLOPs at 60% of "
+            "peak (fast: the dense schedule CUDA runs); the fast factor and the spectral step "
+            "calibrated on the 2026-11-23 H100 lease (H100_STAGES); ..._iterations: the "
+            "iterations alone"
         )
         rows.append(row)
         if on_row is not None:

@@ -61,3 +61,20 @@ def test_exact_e_steps_give_the_dense_schedule_cuda_runs(monkeypatch):
     dense = compute_anchor_scores(x, 6, solver="fast", dtype=torch.float64, progress=False)
     torch.testing.assert_close(got.coef, dense.coef, rtol=0, atol=1e-9)
     assert float((default.coef - dense.coef).abs().max()) > 1e-9
+
+
+def test_h100_estimate_prices_the_calibrated_stages():
+    """The H100 estimate adds the fast solver's factor and the spectral step (calibrated on
+    the lease's profiles, a power law through both points) to its counted iterations."""
+    for stage, (a, b) in brc.H100_STAGES.items():
+        assert brc.h100_stage_seconds(stage, 2048) == pytest.approx(a)
+        assert brc.h100_stage_seconds(stage, 8192) == pytest.approx(b)
+        assert a < brc.h100_stage_seconds(stage, 4096) < b
+    rows = brc.cost_rows(torch.device("cpu"), True, 0.0, measure=[])
+    row = next(r for r in rows if r["model"] == "Qwen2.5-VL-7B" and r["frames"] == 16)
+    pre_s = row["prefill_flops"] / (brc.EFFICIENCY * brc.H100["bf16"])
+    stages = row["h100_seconds_factor_fast"] + row["h100_seconds_spectral"]
+    for prec in ("fp32", "fp16x3"):
+        total = row[f"h100_ssc_over_prefill_fast_{prec}"]
+        iters = row[f"h100_ssc_over_prefill_fast_{prec}_iterations"]
+        assert total == pytest.approx(iters + stages / pre_s)
