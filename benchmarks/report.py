@@ -742,14 +742,16 @@ def fig_request_cost(r: Result, results):
             ax.plot(f, [x.get("h100_ssc_over_prefill_fast_fp16x3") for x in rs], color=f"C{i}",
                     ls=":", marker="^", label=f"{model}: fast, precision='fp16x3'")  # fmt: skip
     _cost_axes(ax)
-    ax.set_title("H100, ESTIMATED from counted FLOPs", fontsize=8)
+    ax.set_title("H100, ESTIMATED (counted FLOPs, calibrated stages)", fontsize=8)
     fig.legend(loc="outside right center", fontsize=6)
     return fig, (
         "SSC cost over the language model's prefill on one request against the frame count, "
         "faithful solver (measured iteration counts) against the fast default (60 iterations): "
         "H100 figures ESTIMATED from counted FLOPs (prefill bf16, SSC FP32 or, for "
-        "precision='fp16x3', three fp16 tensor-core products' worth per product; 60% of peak); "
-        "dotted: the targets 0.10 and 0.25. The CPU figures (measured) are in the table."
+        "precision='fp16x3', three fp16 tensor-core products' worth per product; 60% of peak), "
+        "plus the fast solver's factor and the spectral step, calibrated on the first H100 "
+        "lease's profiles; dotted: the targets 0.10 and 0.25. The CPU figures (measured) are "
+        "in the table."
     )
 
 
