@@ -3,7 +3,9 @@
 without vLLM. A job runs on every rank when any rank still wants it (a request forgotten on
 one rank only), on none when no rank does; a rank whose encoder failed sends every rank's
 request to its step, without any rank left waiting in the SSC's collectives; scores every
-rank holds are taken from the caches. The real engine: tests/test_vllm_tp.py."""
+rank holds are taken from the caches; ranks whose jobs are out of step (voting on different
+jobs) stop splitting on both, with no collective left to pair with another job's. The real
+engine: tests/test_vllm_tp.py."""
 
 import os
 from concurrent.futures import Future
@@ -55,6 +57,12 @@ def _vote_worker(rank, store, out):
         got["none_wants"] = job("C", wanted=False)
         got["one_failed"] = job("D", encoded=rank == 0)
         got["cached"] = job("A")
+        # Out of step: rank 1 never runs job E (as if it had left it without voting). Rank 0's
+        # vote on E meets rank 1's on F: both see that the ranks voted on different jobs, and
+        # no later split job runs a collective (which could pair with another job's)
+        got["desync"] = job("E") if rank == 0 else job("F")
+        got["broken"] = job_runner.split_broken
+        got["after"] = job("G")
         got["stats"] = dict(job_runner.stats)
         got["in_cache"] = sorted(k for k in SCORE_CACHES[id(runner)]._entries)
         job_runner.close()
@@ -86,6 +94,9 @@ def test_split_jobs_agree_on_every_rank(tmp_path):
     for name in ("none_wants", "one_failed"):  # no SSC, no rank left waiting
         assert r0[name] is None and r1[name] is None, name
     assert torch.equal(r0["cached"], r0["both"]) and torch.equal(r1["cached"], r1["both"])
+    assert r0["desync"] is None and r1["desync"] is None  # their steps score them
+    assert r0["broken"] and r1["broken"]
+    assert r0["after"] is None and r1["after"] is None  # no collective, nobody waiting
     # two SSCs ran, each on both ranks; the repeat came from the caches
     assert r0["stats"]["split"] == r1["stats"]["split"] == 2
     keys = sorted(_one_process(t)[1] for t in "AB")

@@ -36,6 +36,7 @@ was chosen over the KV-connector and encoder-cache-connector paths.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -68,6 +69,13 @@ AHEAD: dict[int, Ahead] = {}
 # --- worker side ----------------------------------------------------------------------------
 
 
+def job_tag(key) -> int:
+    """A 20-bit tag of a score key, the same in every process (not ``hash()``, which Python
+    salts per process): what the split vote compares across ranks."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0xFFFFF
+
+
 class Ahead:
     """One engine's side worker in one worker process: :meth:`submit` encodes a held
     request's items (in the worker's main thread) and a single side thread runs its SSC;
@@ -95,6 +103,9 @@ class Ahead:
         self.by_req: OrderedDict[str, str | None] = OrderedDict()  # req_id -> key (None: no job)
         self._relayed: set[str] = set()  # keys whose job runs on another rank
         self._split_jobs: set[Future] = set()  # jobs every rank runs together (never cancelled)
+        # set when the ranks' split jobs were found out of step (or the group failed): no
+        # split job runs any collective after it; their requests are scored in their steps
+        self.split_broken = False
         self._results: dict[str, tuple] = {}  # this rank's results not yet reported
         self.stats = {"computed": 0, "relayed": 0, "encoded_reused": 0, "split": 0}
         # the encoder outputs of the items encoded ahead (by item identifier, as the model
@@ -323,6 +334,8 @@ class Ahead:
         req = SimpleNamespace(req_id=req_id, mm_features=features)
         try:
             if group is not None:
+                if self.split_broken:  # no collective that could pair with another job's
+                    return None
                 run, result = self._split_vote(req, p, cache, outs, group)
                 if not run:
                     return result
@@ -334,7 +347,10 @@ class Ahead:
             self.stats["computed" if group is None else "split"] += 1
             return visual
         except Exception as err:  # the step runs it again and reports it there
-            # (split over a group, every rank fails together: the solver's collectives)
+            # (split over a group, every rank fails together: the solver's collectives;
+            # a failure of the group itself leaves the ranks' collectives out of step)
+            if group is not None and isinstance(err, torch.distributed.DistError):
+                self._break_split(f"{type(err).__name__}: {err}")
             logger.warning(
                 "videoanchor: request %s: scoring ahead of its step%s failed (%s: %s); its "
                 "step scores it instead", req_id,
@@ -361,20 +377,33 @@ class Ahead:
         from videoanchor.anchor.collective import all_sum
         from videoanchor.integrations.vllm.runner import check_outputs
 
+        # nothing before the vote may raise: a rank that left here without voting would
+        # leave the others' vote to pair with its next job's
         with self._lock:
             wanted = self.jobs.get(p.key) is not None
-        cached = cache.get(p.key) if cache is not None else None
+        try:
+            cached = cache.get(p.key) if cache is not None else None
+        except Exception as err:
+            cached = None
+            logger.warning("videoanchor: score cache lookup failed (%s: %s)",
+                           type(err).__name__, err)  # fmt: skip
         encoded = outs is not None
         if encoded:
             try:
                 check_outputs(req, p.items, p.cols, outs)
-            except RuntimeError as err:
+            except Exception as err:
                 encoded = False
                 logger.warning("%s; its step scores it instead", err)
-        votes = [int(wanted), int(encoded), int(cached is not None)]
-        wanted_any, all_encoded, all_cached = (
-            int(v) for v in all_sum(torch.tensor(votes), group)
+        # the job's tag and its square: every rank votes on the same job iff
+        # world * sum(tag^2) == sum(tag)^2 (exact in int64 for tags under 2^20)
+        tag = job_tag(p.key)
+        votes = [int(wanted), int(encoded), int(cached is not None), tag, tag * tag]
+        wanted_any, all_encoded, all_cached, tags, squares = (
+            int(v) for v in all_sum(torch.tensor(votes, dtype=torch.int64), group)
         )  # fmt: skip
+        if self.world * squares != tags * tags:
+            self._break_split(f"the ranks voted on different jobs (this rank: {req.req_id})")
+            return False, None
         if not wanted_any:
             return False, None
         if all_cached == self.world:
@@ -382,6 +411,17 @@ class Ahead:
         if all_encoded < self.world:
             return False, None
         return True, None
+
+    def _break_split(self, why: str) -> None:
+        """Stop running collectives in split jobs for good: the ranks' jobs (or their group)
+        are out of step, and a collective could pair with another request's. Every later
+        split job leaves its request to its step (which scores it correctly on every rank)."""
+        if not self.split_broken:
+            self.split_broken = True
+            logger.error(
+                "videoanchor: scores_ahead_split: %s; split jobs stop here and their requests "
+                "are scored in their steps", why,
+            )  # fmt: skip
 
     @staticmethod
     def _encoder(runner, features):
