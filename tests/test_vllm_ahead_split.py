@@ -101,3 +101,65 @@ def test_split_jobs_agree_on_every_rank(tmp_path):
     assert r0["stats"]["split"] == r1["stats"]["split"] == 2
     keys = sorted(_one_process(t)[1] for t in "AB")
     assert r0["in_cache"] == r1["in_cache"] == keys
+
+
+def _gone_worker(rank, store, out):
+    """Rank 1 leaves (its process ends) before voting; rank 0's vote fails on the group."""
+    import torch.distributed as dist
+
+    join_gloo(rank, 2, store, seconds=20)
+    if rank == 1:
+        return  # as if its worker died: no vote, no goodbye
+    got = {}
+    try:
+        ahead._tp_rank_world = lambda: (0, 2)
+        runner = Runner(rank=0, device=torch.device("cpu"),
+                        vllm_config=SimpleConfig(), model_config=None)  # fmt: skip
+        job_runner = ahead.Ahead(runner, 0, split=True)
+        job_runner._group = dist.group.WORLD
+        eng = engine_config({"videoanchor": OPTIONS})
+        cache = score_cache(id(runner), runner.vllm_config.additional_config)
+
+        def job(tag):
+            features = _features(tag)
+            p = plan(features, eng)
+            outs = [_outputs(tag)[features[i].identifier] for i in p.items]
+            job_runner.jobs[p.key] = Future()
+            return job_runner._job(f"req-{tag}", features, eng, p, cache, outs,
+                                   dist.group.WORLD)  # fmt: skip
+
+        got["first"] = job("H")
+        got["broken"] = job_runner.split_broken
+        got["second"] = job("I")  # no collective: it returns at once
+        got["stats"] = dict(job_runner.stats)
+        job_runner.close()
+    finally:
+        torch.save(got, os.path.join(out, "rank0.pt"))
+
+
+def test_a_failed_group_stops_split_jobs(tmp_path):
+    """A failure of the split group itself (here: the other rank's process is gone, which
+    gloo reports as a plain RuntimeError) marks the split broken: the job goes to its step,
+    and later split jobs run no collective."""
+    mp.spawn(_gone_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    r0 = torch.load(tmp_path / "rank0.pt")
+    assert r0["first"] is None and r0["broken"]
+    assert r0["second"] is None
+    assert r0["stats"]["split"] == 0
+
+
+def test_only_communication_failures_stop_splitting():
+    """The solver's own errors reach every rank together (the ranks stay in step); a failed
+    collective may not, and stops splitting."""
+    import torch.distributed as dist
+
+    gone = RuntimeError("[/x/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection "
+                        "closed by peer [127.0.0.1]:46978")  # fmt: skip
+    assert ahead.communication_failed(gone)
+    assert ahead.communication_failed(dist.DistNetworkError("timed out"))
+    peer = RuntimeError(
+        "videoanchor: another rank of the process group failed (see its error); every rank stops"
+    )  # what raise_together raises on the others
+    for err in (peer, ValueError("bad features"), MemoryError(), FloatingPointError("nan"),
+                torch.linalg.LinAlgError("not positive definite")):  # fmt: skip
+        assert not ahead.communication_failed(err), err

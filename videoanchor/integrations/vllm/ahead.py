@@ -69,6 +69,19 @@ AHEAD: dict[int, Ahead] = {}
 # --- worker side ----------------------------------------------------------------------------
 
 
+def communication_failed(err: BaseException) -> bool:
+    """Whether ``err`` is a failure of a collective itself (a peer gone, a timeout), after
+    which the ranks' collectives may be out of step: torch's ``DistError``, or gloo's own
+    errors, which reach Python as a plain ``RuntimeError`` ("[.../gloo/transport/tcp/
+    pair.cc] Connection closed by peer"). The solver's own errors (bad input, memory, a
+    non-finite residual, a failed factorisation) reach every rank together and are not."""
+    import torch.distributed as dist
+
+    return isinstance(err, dist.DistError) or (
+        isinstance(err, RuntimeError) and "gloo" in str(err).lower()
+    )
+
+
 def job_tag(key) -> int:
     """A 20-bit tag of a score key, the same in every process (not ``hash()``, which Python
     salts per process): what the split vote compares across ranks."""
@@ -347,9 +360,9 @@ class Ahead:
             self.stats["computed" if group is None else "split"] += 1
             return visual
         except Exception as err:  # the step runs it again and reports it there
-            # (split over a group, every rank fails together: the solver's collectives;
-            # a failure of the group itself leaves the ranks' collectives out of step)
-            if group is not None and isinstance(err, torch.distributed.DistError):
+            # Split over a group, the solver's own errors reach every rank together; a
+            # failure of the group's communication may leave the ranks out of step
+            if group is not None and communication_failed(err):
                 self._break_split(f"{type(err).__name__}: {err}")
             logger.warning(
                 "videoanchor: request %s: scoring ahead of its step%s failed (%s: %s); its "
