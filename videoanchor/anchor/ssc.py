@@ -90,18 +90,12 @@ def gram_row_max(x, *, block: int = 4096, gram=None):
     xp = array_api_compat.array_namespace(x)
     dev = array_api_compat.device(x)
     n = x.shape[0]
-    if gram is not None:
-        if tuple(gram.shape) != (n, n):
-            raise ValueError(
-                f"gram: expected the {n} x {n} Gram matrix of x, got {tuple(gram.shape)}"
-            )
-        g = xp.abs(gram)
-        g[xp.arange(n, device=dev), xp.arange(n, device=dev)] = 0
-        return xp.astype(xp.max(g, axis=1), xp.float64)
+    if gram is not None and tuple(gram.shape) != (n, n):
+        raise ValueError(f"gram: expected the {n} x {n} Gram matrix of x, got {tuple(gram.shape)}")
     row_max = xp.empty(n, dtype=xp.float64, device=dev)
     for a in range(0, n, block):
         b = min(n, a + block)
-        g = xp.abs(x[a:b, :] @ x.T)
+        g = xp.abs(x[a:b, :] @ x.T if gram is None else gram[a:b, :])  # a copy: gram is kept
         g[xp.arange(b - a, device=dev), xp.arange(a, b, device=dev)] = 0
         row_max[a:b] = xp.astype(xp.max(g, axis=1), xp.float64)
     return row_max
