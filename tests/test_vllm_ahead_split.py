@@ -27,31 +27,41 @@ from videoanchor.integrations.vllm.config import engine_config  # noqa: E402
 from videoanchor.integrations.vllm.runner import SCORE_CACHES, plan, score_cache  # noqa: E402
 
 
+def _split_jobs(rank):
+    """Rank ``rank``'s side worker with split jobs over the default group, and ``job(tag)``:
+    one split job of a tiny request (``wanted``: its key still recorded, as submit() does;
+    ``encoded``: its encoder outputs, else None as after a failed encode)."""
+    import torch.distributed as dist
+
+    group = dist.group.WORLD
+    ahead._tp_rank_world = lambda: (rank, 2)
+    runner = Runner(rank=rank, device=torch.device("cpu"),
+                    vllm_config=SimpleConfig(), model_config=None)  # fmt: skip
+    job_runner = ahead.Ahead(runner, 0, split=True)
+    job_runner._group = group
+    eng = engine_config({"videoanchor": OPTIONS})
+    cache = score_cache(id(runner), runner.vllm_config.additional_config)
+
+    def job(tag, *, wanted=True, encoded=True):
+        features = _features(tag)
+        p = plan(features, eng)
+        outs = [_outputs(tag)[features[i].identifier] for i in p.items] if encoded else None
+        if wanted:  # what submit() records; a forgotten request's key is gone
+            job_runner.jobs[p.key] = Future()
+        else:
+            job_runner.jobs.pop(p.key, None)
+        return job_runner._job(f"req-{tag}", features, eng, p, cache, outs, group)
+
+    return runner, job_runner, job
+
+
 def _vote_worker(rank, store, out):
     import torch.distributed as dist
 
     join_gloo(rank, 2, store)
     got = {}
     try:
-        group = dist.group.WORLD
-        ahead._tp_rank_world = lambda: (rank, 2)
-        runner = Runner(rank=rank, device=torch.device("cpu"),
-                        vllm_config=SimpleConfig(), model_config=None)  # fmt: skip
-        job_runner = ahead.Ahead(runner, 0, split=True)
-        job_runner._group = group
-        eng = engine_config({"videoanchor": OPTIONS})
-        cache = score_cache(id(runner), runner.vllm_config.additional_config)
-
-        def job(tag, *, wanted=True, encoded=True):
-            features = _features(tag)
-            p = plan(features, eng)
-            outs = [_outputs(tag)[features[i].identifier] for i in p.items] if encoded else None
-            if wanted:  # what submit() records; a forgotten request's key is gone
-                job_runner.jobs[p.key] = Future()
-            else:
-                job_runner.jobs.pop(p.key, None)
-            return job_runner._job(f"req-{tag}", features, eng, p, cache, outs, group)
-
+        runner, job_runner, job = _split_jobs(rank)
         got["both"] = job("A")
         got["one_forgot"] = job("B", wanted=rank == 0)
         got["none_wants"] = job("C", wanted=False)
@@ -105,29 +115,12 @@ def test_split_jobs_agree_on_every_rank(tmp_path):
 
 def _gone_worker(rank, store, out):
     """Rank 1 leaves (its process ends) before voting; rank 0's vote fails on the group."""
-    import torch.distributed as dist
-
     join_gloo(rank, 2, store, seconds=20)
     if rank == 1:
         return  # as if its worker died: no vote, no goodbye
     got = {}
     try:
-        ahead._tp_rank_world = lambda: (0, 2)
-        runner = Runner(rank=0, device=torch.device("cpu"),
-                        vllm_config=SimpleConfig(), model_config=None)  # fmt: skip
-        job_runner = ahead.Ahead(runner, 0, split=True)
-        job_runner._group = dist.group.WORLD
-        eng = engine_config({"videoanchor": OPTIONS})
-        cache = score_cache(id(runner), runner.vllm_config.additional_config)
-
-        def job(tag):
-            features = _features(tag)
-            p = plan(features, eng)
-            outs = [_outputs(tag)[features[i].identifier] for i in p.items]
-            job_runner.jobs[p.key] = Future()
-            return job_runner._job(f"req-{tag}", features, eng, p, cache, outs,
-                                   dist.group.WORLD)  # fmt: skip
-
+        _, job_runner, job = _split_jobs(0)
         got["first"] = job("H")
         got["broken"] = job_runner.split_broken
         got["second"] = job("I")  # no collective: it returns at once
