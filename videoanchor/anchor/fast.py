@@ -101,15 +101,13 @@ class ActiveSetStep(admm.ScheduledStep):
         rows, cols, _ = self._active
         vals = self._e_vals
         nb, d = self.nb, self.dic.d
-        if self.share > DENSE_SHARE["yte"]:
-            nnz = int(torch.count_nonzero(vals))
-            if nnz / max(d * nb, 1) > DENSE_SHARE["yte"]:  # the same product, dense
-                e = self.y.new_zeros(d, nb)
-                e[rows, cols] = vals * scale
-                return self.dic.kernels.dense(self.dic.xw, e)
         nonzero = (vals != 0).nonzero().squeeze(1)
         if nonzero.numel() == 0:
             return None
+        if nonzero.numel() / max(d * nb, 1) > DENSE_SHARE["yte"]:  # the same product, dense
+            e = self.y.new_zeros(d, nb)
+            e[rows, cols] = vals * scale
+            return self.dic.kernels.dense(self.dic.xw, e)
         if nonzero.numel() < vals.numel():
             rows, cols, vals = rows[nonzero], cols[nonzero], vals[nonzero]
         # (Y^T E)^T = E^T Y: a sparse (b x D) times dense (D x N) product
