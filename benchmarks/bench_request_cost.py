@@ -113,21 +113,47 @@ def ssc_flops(n: int, d: int) -> dict:
     the residual ``(Y R)(T - I)`` (``D x N x N``); ``B`` and ``Y B`` per change of ``rho``,
     plus the first; setup in float64 (Gram, ``Y V``, eigendecomposition ~9 N^3). Fast on
     CUDA (the dense schedule, :func:`videoanchor.anchor.fast.applies`): per iteration
-    ``[R; Y R] (T - I)`` and a dense ``Y^T E`` (``N x D x N``), every E-step exact."""
+    ``[R; Y R] (T - I)`` and a dense ``Y^T E`` (``N x D x N``), every E-step exact.
+
+    Where ``N > D`` the fast solver's factor is thin (:data:`videoanchor.anchor.admm.THIN`):
+    the eigendecomposition of the ``D x D`` Gram matrix (setup: the lambdas' ``N x N`` Gram
+    pass, ``Y Y^T``, ``V``, ~9 D^3), ``B`` and ``Y B`` as ``(N + D) x D x N`` products; past
+    ``THIN["low_rank_above"] * D`` they are never formed: every product with ``[R; Y R]``
+    has the inner dimension ``k = D + 1`` (``V_x^T (T - I)``, then ``L_A`` and ``L_Y``
+    times it) and a refactor only rescales ``N x k`` and ``D x k`` arrays. ``factor``:
+    ``"dense"``, ``"thin"`` or ``"low_rank"``."""
     its = admm.SCHEDULE["iterations"]
     full = sum(
         i <= fast.FULL["first"] or i % fast.FULL["every"] == 0 or i >= its
         for i in range(1, its + 1)
     )
     refactors = admm.SCHEDULE["balance_until"] // admm.SCHEDULE["every"] + 1
+    thin = n > admm.THIN["above"] * d
+    low_rank = thin and n > admm.THIN["low_rank_above"] * d
+    k = d + 1  # V_x's columns
+    if low_rank:
+        a_step = 2.0 * 2.0 * k * n * n  # V_x^T (T - I), then L_A times it
+        y_step = 2.0 * d * k * n  # L_Y W: Y R (T - I)
+        sampled = 2.0 * ACTIVE_SHARE * d * n * k
+        refactor = 2.0 * (n + d) * k  # rescaling L_A and L_Y
+    else:
+        a_step, y_step = 2.0 * n**3, 2.0 * d * n * n
+        sampled = 2.0 * ACTIVE_SHARE * d * n * n
+        refactor = 2.0 * (n + d) * n * (d if thin else n)
+    yte = 2.0 * ACTIVE_SHARE * d * n * n  # the sparse Y^T E (N x D x N, dense on CUDA)
+    if thin:  # the lambdas' N x N Gram pass, Y Y^T, V; eigh ~9 D^3
+        setup = 2.0 * n * n * d + 4.0 * d * d * n + 9.0 * d**3
+    else:  # Gram, Y V, eigh ~9 N^3
+        setup = 4.0 * n * n * d + 9.0 * n**3
     return {
         "per_iter": 2.0 * (n + d) * n * n,
-        "per_iter_fast": 2.0 * n**3 + 2 * 2.0 * ACTIVE_SHARE * d * n * n,
-        "per_iter_fast_cuda": 2.0 * (n + d) * n * n + 2.0 * n * d * n,
-        "full_e_steps_fast": full * 2.0 * d * n * n,
+        "per_iter_fast": a_step + sampled + yte,
+        "per_iter_fast_cuda": a_step + y_step + 2.0 * n * d * n,
+        "full_e_steps_fast": full * y_step,
         "setup_faithful_fp64": 2.0 * n * n * d + n**3 + 2.0 * d * n * n,  # Gram, inverse, Y R
-        "setup_fast_fp64": 4.0 * n * n * d + 9.0 * n**3,  # Gram, Y V, eigh (~9 N^3)
-        "refactors_fast": refactors * 2.0 * (n + d) * n * n,
+        "setup_fast_fp64": setup,
+        "refactors_fast": refactors * refactor,
+        "factor": "low_rank" if low_rank else "thin" if thin else "dense",
     }
 
 
@@ -414,6 +440,7 @@ def cost_rows(device, quick, budget_s, measure=None, on_row=None) -> list[dict]:
             "ssc_setup_flops_faithful_fp64": fl["setup_faithful_fp64"],
             "ssc_setup_flops_fast_fp64": fl["setup_fast_fp64"],
             "ssc_refactor_flops_fast": fl["refactors_fast"],
+            "fast_factor": fl["factor"],
             "iterations_fast": admm.SCHEDULE["iterations"],
         }  # fmt: skip
         over = time.perf_counter() - started > budget_s
@@ -469,6 +496,13 @@ def cost_rows(device, quick, budget_s, measure=None, on_row=None) -> list[dict]:
             h100_stage_seconds("factor_fast", n),
             h100_stage_seconds("spectral", n),
         )
+        if fl["factor"] != "dense":  # the D x D eigendecomposition, calibrated at N = D;
+            # the float64 GEMMs at N (the lambdas' Gram pass, Y Y^T, V) counted, less those
+            # the calibration at N = D priced (Gram and Y V, 2 D^3 each)
+            extra = 2.0 * n * n * h + 4.0 * h * h * n - 4.0 * h**3
+            factor_s = h100_stage_seconds("factor_fast", h) + max(extra, 0.0) / (
+                EFFICIENCY * H100["fp64"]
+            )
         row["h100_seconds_factor_fast"], row["h100_seconds_spectral"] = factor_s, spectral_s
         for prec in ("fp32", "tf32", "bf16", "fp16x3"):
             # fp16x3: each product is one fp16 product with the inner dimension tripled

@@ -16,6 +16,27 @@ def test_counted_flops_follow_the_code_paths():
     # CUDA runs the dense schedule: [R; Y R](T - I) and a dense Y^T E every iteration
     assert fl["per_iter_fast_cuda"] == 2.0 * (n + d) * n * n + 2.0 * n * d * n
     assert fl["per_iter_fast"] < fl["per_iter_fast_cuda"]  # the CPU's active set does less
+    assert fl["factor"] == "dense"
+
+
+def test_counted_flops_with_a_thin_factor():
+    d = 3584
+    thin, low = brc.ssc_flops(4096, d), brc.ssc_flops(8192, d)
+    assert (thin["factor"], low["factor"]) == ("thin", "low_rank")
+    # thin: the iteration as dense, the refactors' inner dimension D instead of N
+    dense_refactor = 7 * 2.0 * (4096 + d) * 4096 * 4096
+    assert thin["refactors_fast"] == pytest.approx(dense_refactor * d / 4096)
+    assert thin["per_iter_fast_cuda"] == 2.0 * (4096 + d) * 4096**2 + 2.0 * 4096 * d * 4096
+    # low rank: every product with [R; Y R] has the inner dimension D + 1
+    n, k = 8192, d + 1
+    assert low["per_iter_fast_cuda"] == 4.0 * k * n * n + 2.0 * d * k * n + 2.0 * n * d * n
+    assert low["per_iter_fast_cuda"] < 2.0 * (n + d) * n * n + 2.0 * n * d * n
+    assert low["refactors_fast"] < 1e-4 * low["per_iter_fast_cuda"] * 60
+    rows = {r["frames"]: r for r in brc.cost_rows(torch.device("cpu"), True, 0.0, measure=[])
+            if r["model"] == "Qwen2.5-VL-7B"}  # fmt: skip
+    assert rows[16]["fast_factor"] == "dense" and rows[64]["fast_factor"] == "low_rank"
+    # the 64-frame factor: the D x D eigendecomposition, not the N x N one of the lease
+    assert rows[64]["h100_seconds_factor_fast"] < brc.h100_stage_seconds("factor_fast", 8192) / 3
 
 
 def test_estimated_rows_without_measuring():

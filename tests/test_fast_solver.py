@@ -57,6 +57,85 @@ def test_eigen_inverse_equals_the_dense_inverse():
         torch.testing.assert_close(eig.r, dense.r, rtol=1e-8, atol=1e-9)
 
 
+def _low_rank_r(f):
+    """``[R; Y R]`` of a low-rank :class:`~videoanchor.anchor.admm.EigenInverse`, formed."""
+    vx = f.vxt_left.T
+    eye = torch.eye(f.dic.n, dtype=f.la.dtype)
+    r = eye + f.la @ vx.T
+    return r if f.ly is None else torch.cat([r, f.ly @ vx.T])
+
+
+@pytest.mark.parametrize("affine,outliers", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize(
+    "n,d,rank",
+    [(57, 31, None), (130, 20, None), (30, 50, None), (90, 40, 6)],  # N > D; N < D; rank < D
+)
+def test_thin_eigen_inverse_equals_the_dense_inverse(affine, outliers, n, d, rank):
+    """The thin factor (the D x D eigendecomposition) and its low-rank form give the dense
+    inverse's [R; Y R] to rounding, also where the features' rank is below D and N."""
+    if rank is None:
+        x = tokens(n, d, seed=2).double()
+    else:
+        g = torch.Generator().manual_seed(4)
+        x = torch.randn(n, rank, generator=g, dtype=torch.float64) @ torch.randn(
+            rank, d, generator=g, dtype=torch.float64
+        )
+    lam_e, lam_z, _, _ = ssc_lambdas(x, 800.0, 800.0)
+    dic = admm.Dictionary(x, torch.float64, lam_z=lam_z, affine=affine, outliers=outliers,
+                          kernels=TorchKernels(x.device))  # fmt: skip
+    thin = admm.EigenInverse(dic, 300.0, thin=True, low_rank=False)
+    low = admm.EigenInverse(dic, 300.0, thin=True, low_rank=True)
+    assert thin.thin and not thin.low_rank and low.low_rank
+    if rank is not None:
+        assert int((thin.w > 0).sum()) == rank  # the zero eigenvalues are dropped
+    for rho in (300.0, 37.0, 4100.0):
+        dense = admm.DenseInverse(dic, rho)
+        thin.refactor(rho)
+        low.refactor(rho)
+        torch.testing.assert_close(thin.r, dense.r, rtol=1e-8, atol=1e-9)
+        torch.testing.assert_close(_low_rank_r(low), dense.r, rtol=1e-8, atol=1e-9)
+
+
+def test_factor_kind_follows_the_shape():
+    def factor(n, d):
+        x = tokens(n, d, seed=1).double()
+        _, lam_z, _, _ = ssc_lambdas(x, 800.0, 800.0)
+        dic = admm.Dictionary(x, torch.float64, lam_z=lam_z, affine=True, outliers=True,
+                              kernels=TorchKernels(x.device))  # fmt: skip
+        return admm.EigenInverse(dic, 300.0)
+
+    f = factor(40, 48)
+    assert not f.thin and not f.low_rank and f.v.shape == (40, 40)
+    f = factor(48, 40)
+    assert f.thin and not f.low_rank and f.v.shape == (48, 40)
+    f = factor(90, 40)
+    assert f.thin and f.low_rank and f.la.shape == (90, 41) and f.ly.shape == (40, 41)
+    assert not hasattr(f, "r")  # [R; Y R] is never formed
+
+
+@pytest.mark.parametrize("step", ["array_api", "active_set"])
+@pytest.mark.parametrize("n,d", [(61, 35), (130, 24)])  # thin; low rank
+def test_thin_factor_gives_the_dense_factor_iterate(step, n, d, monkeypatch):
+    """The whole schedule with the thin (and low-rank) factor follows the dense factor's
+    iterate, in float64 to rounding; float32 stays within its own rounding of it."""
+    from videoanchor.anchor import fast
+
+    cls = admm.ScheduledStep if step == "array_api" else fast.ActiveSetStep
+    x = tokens(n, d, k=3, seed=11)
+    monkeypatch.setitem(admm.THIN, "above", float("inf"))
+    ref = _fast_iterates(x.double(), cls, torch.float64)
+    ref32 = _fast_iterates(x, cls, torch.float32)
+    monkeypatch.setitem(admm.THIN, "above", 1.0)
+    got = _fast_iterates(x.double(), cls, torch.float64)
+    got32 = _fast_iterates(x, cls, torch.float32)
+    assert got.factor.thin and got.factor.low_rank == (n > 1.75 * d)
+    assert not ref.factor.thin
+    torch.testing.assert_close(got.C, ref.C, rtol=0, atol=1e-9)
+    torch.testing.assert_close(got.E, ref.E, rtol=0, atol=1e-9)
+    err32 = float((ref32.C.double() - ref.C).abs().max())
+    assert float((got32.C.double() - ref.C).abs().max()) <= max(4 * err32, 1e-5)
+
+
 @pytest.mark.parametrize("seed", [0, 3])
 def test_fast_agrees_with_faithful_as_well_as_a_tenfold_looser_eps(seed):
     x = tokens(160, 96, k=6, seed=seed)
@@ -185,7 +264,7 @@ def test_gpu_fast_solver_runs_the_dense_schedule_and_matches_the_cpu_run():
     x = tokens(256, 96, k=4, seed=3)
     calls = []
     orig = fast.ActiveSetStep._e_step
-    fast.ActiveSetStep._e_step = lambda self, it, a: calls.append(it) or orig(self, it, a)
+    fast.ActiveSetStep._e_step = lambda self, it, *a: calls.append(it) or orig(self, it, *a)
     try:
         gpu = solve_ssc_admm(x.cuda(), scheduled=True, progress=False, dtype=torch.float64)
     finally:
@@ -205,9 +284,9 @@ def test_fast_solver_runs_the_active_set_step_on_torch_only():
     calls = []
     orig = fast.ActiveSetStep._e_step
 
-    def spy(self, it, a):
+    def spy(self, it, *args):
         calls.append(self.is_full(it))
-        return orig(self, it, a)
+        return orig(self, it, *args)
 
     fast.ActiveSetStep._e_step = spy
     try:
@@ -234,8 +313,8 @@ def test_dense_products_over_a_dense_active_set_give_the_same_iterate(monkeypatc
     shares = []
     orig = fast.ActiveSetStep._e_step
 
-    def spy(self, it, t):
-        orig(self, it, t)
+    def spy(self, it, *args):
+        orig(self, it, *args)
         shares.append(self.share)
 
     monkeypatch.setattr(fast.ActiveSetStep, "_e_step", spy)

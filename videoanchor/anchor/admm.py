@@ -32,6 +32,7 @@ __all__ = [
     "DenseInverse",
     "Dictionary",
     "EigenInverse",
+    "THIN",
     "EqualityStep",
     "Kernels",
     "Reporting",
@@ -285,11 +286,7 @@ class DenseInverse:
         (overwritten); ``e`` is ``E`` (``None`` when zero); ``Y A`` only with outliers and
         ``want_ya``."""
         dic = self.dic
-        if dic.affine:
-            t -= d1s
-        if e is not None:
-            t -= dic.kernels.times_e(dic.xw, e * (dic.lam_z / self.rho))
-        t[diag.rows, diag.cols] -= 1.0  # T - I
+        t = self.t_minus_i(t, d1s, e, diag)
         rows = self.r.shape[0] if want_ya else dic.n
         a = dic.products.mm(self.r_left[:rows, :], t)
         a[diag.rows, diag.cols] += 1.0
@@ -299,6 +296,28 @@ class DenseInverse:
             ya += dic.yw[:, cols]
         return a[: dic.n, :], ya
 
+    def t_minus_i(self, t, d1s, e, diag):
+        """``T - I`` with ``T = C - Lam - 1 d1s^T - (lambda_z / rho) Y^T E`` from ``t = C - Lam``
+        (overwritten); ``e`` is ``E`` (``None`` when zero)."""
+        dic = self.dic
+        if dic.affine:
+            t -= d1s
+        if e is not None:
+            t -= dic.kernels.times_e(dic.xw, e * (dic.lam_z / self.rho))
+        t[diag.rows, diag.cols] -= 1.0
+        return t
+
+
+#: The fast solver's factor (:class:`EigenInverse`) is *thin* when ``N > THIN["above"] * D``:
+#: ``Y^T Y`` then has rank at most ``D``, so the eigendecomposition of ``lambda_z Y Y^T``
+#: (``D x D``) gives all of its non-zero eigenpairs, and every refactor is an
+#: ``(N + D) x D x N`` product instead of ``(N + D) x N x N``. The same ``[R; Y R]``, to
+#: rounding (tests/test_fast_solver.py).
+#: Above ``THIN["low_rank_above"] * D`` the iteration applies ``[R; Y R]`` through the thin
+#: factor without forming it (:class:`EigenInverse`, ``low_rank``): ``(2 D + D^2 / N) N``
+#: multiply-adds per column against ``(N + D) N``, and a refactor costs ``O(N D)``.
+THIN = {"above": 1.0, "low_rank_above": 1.75}
+
 
 class EigenInverse(DenseInverse):
     """:class:`DenseInverse` whose system is factored once by an eigendecomposition of
@@ -307,53 +326,113 @@ class EigenInverse(DenseInverse):
     and the affine ``rho 1 1^T`` term by Sherman-Morrison, ``R = B - b b^T / (1 + 1^T b)``
     with ``b = B 1``. The fast solver changes ``rho`` on a schedule (residual balancing).
 
-    ``share(compute)``: the eigendecomposition every process uses, from ``compute()``
-    (with the columns split over processes: computed on rank 0 and broadcast, so that every
-    rank holds the same factor). ``columns=(start, stop, gather)``: this process computes
-    the columns ``start:stop`` of ``[B; Y B]`` at each refactor and ``gather(block)`` returns
-    every process's columns side by side (the refactors split over the processes too).
-    ``gram``: ``Y^T Y`` in float64 where the caller has it (computed here otherwise)."""
+    ``thin`` (default: ``N > THIN["above"] * D``): ``V`` holds only the eigenvectors of the
+    non-zero eigenvalues, ``N x D``, from the eigendecomposition of ``lambda_z Y Y^T =
+    U diag(w) U^T`` (``V = sqrt(lambda_z) Y^T U diag(w)^(-1/2)``, ``Y V = U diag(w /
+    lambda_z)^(1/2)``), and ``B = I - V diag(w / (w + rho)) V^T`` (``I`` on ``V``'s
+    orthogonal complement, where ``w = 0``). Eigenvalues under ``N * eps`` (float64) of the
+    largest count as zero: they move ``B`` by under ``w / rho``, far below float32's
+    rounding.
 
-    def __init__(self, dic: Dictionary, rho: float, share=None, columns=None, gram=None):
-        xp = dic.xp
+    ``share(compute, shapes)``: the eigendecomposition every process uses, from
+    ``compute()`` (arrays of ``shapes``; with the columns split over processes: computed on
+    rank 0 and broadcast, so that every rank holds the same factor).
+    ``columns=(start, stop, gather)``: this process computes the columns ``start:stop`` of
+    ``[B; Y B]`` at each refactor and ``gather(block)`` returns every process's columns side
+    by side (the refactors split over the processes too). ``gram``: ``Y^T Y`` in float64
+    where the caller has it (computed here otherwise; not used when thin).
+
+    ``low_rank`` (default: ``N > THIN["low_rank_above"] * D``; thin only): ``[R; Y R]`` is
+    never formed. With ``V_x = [V, b]`` (``N x (k + 1)``), ``R = I + L_A V_x^T`` and
+    ``Y R = L_Y V_x^T``, where ``L_A = [V diag(-w / (w + rho)), -b / (1 + 1^T b)]`` and
+    ``L_Y = [Y V diag(rho / (w + rho)), -Y b / (1 + 1^T b)]`` (``Y = Y V V^T``: ``V`` spans
+    ``Y``'s rows). :meth:`low_rank_right` gives ``W = V_x^T (T - I)``; then
+    ``A - I = (T - I) + L_A W`` and ``Y R (T - I) = L_Y W``: products with inner dimension
+    ``k + 1`` instead of ``N``, and a refactor only rescales ``L_A`` and ``L_Y``."""
+
+    def __init__(self, dic: Dictionary, rho: float, share=None, columns=None, gram=None,
+                 thin: bool | None = None, low_rank: bool | None = None):  # fmt: skip
+        xp, n, d = dic.xp, dic.n, dic.d
         self.dic = dic
         self.columns = columns
+        self.thin = n > THIN["above"] * d if thin is None else bool(thin)
+        self.low_rank = self.thin and (
+            n > THIN["low_rank_above"] * d if low_rank is None else bool(low_rank)
+        )
+        if self.thin:
+            compute, shapes = self._thin_eigh, [(d,), (n, d), (d, d)]
+        else:
 
-        def compute():
-            g = dic.x64 @ dic.x64.T if gram is None else gram
-            return xp.linalg.eigh(g * dic.lam_z)
+            def compute():
+                g = dic.x64 @ dic.x64.T if gram is None else gram
+                w, v = xp.linalg.eigh(g * dic.lam_z)
+                return w, v
 
-        w, v = compute() if share is None else share(compute)
+            shapes = [(n,), (n, n)]
+        got = compute() if share is None else share(compute, shapes)
+        w, v = got[0], got[1]
         self.w = xp.clip(w, 0.0, None)
         self.v64 = v
         self.vt1 = xp.sum(v, axis=0)  # V^T 1
         # the products of every refactor run in the working dtype (R is stored in it)
         self.v = xp.astype(v, dic.work, copy=False)
-        self.vt = dic.products.right(self.v.T)  # the refactors' right operand (its split)
-        self.yv = xp.astype(dic.x64.T @ v, dic.work, copy=False) if dic.outliers else None
+        self.yv = None
+        if dic.outliers:
+            yv = got[2] if self.thin else dic.x64.T @ v
+            self.yv = xp.astype(yv, dic.work, copy=False)
+        if not self.low_rank:  # (low rank: V_x^T at each refactor, b depends on rho)
+            self.vt = dic.products.right(self.v.T)  # the refactors' right operand (its split)
         self.refactor(rho)
 
+    def _thin_eigh(self):
+        """``(w, V, Y V)`` (float64) from the eigendecomposition of ``lambda_z Y Y^T``:
+        ``D`` eigenpairs, those of the eigenvalues counted as zero with ``w = 0`` and zero
+        columns in ``V`` and ``Y V``."""
+        dic, xp = self.dic, self.dic.xp
+        x64 = dic.x64
+        w, u = xp.linalg.eigh((x64.T @ x64) * dic.lam_z)  # Y Y^T is D x D
+        w = xp.clip(w, 0.0, None)
+        tol = float(xp.max(w)) * dic.n * xp.finfo(xp.float64).eps
+        keep = w > tol
+        w = xp.where(keep, w, xp.zeros_like(w))
+        safe = xp.where(keep, w, xp.ones_like(w))
+        inv = xp.where(keep, xp.sqrt(dic.lam_z / safe), xp.zeros_like(w))
+        v = (x64 @ u) * inv[None, :]  # sqrt(lambda_z) Y^T U / sqrt(w)
+        yv = u * xp.sqrt(w / dic.lam_z)[None, :]  # Y V, from lambda_z Y Y^T U = U w
+        return w, v, yv
+
     def refactor(self, rho: float) -> None:
-        """``[R; Y R]`` for the penalty ``rho`` from the stored eigendecomposition."""
+        """``[R; Y R]`` (or, ``low_rank``, ``L_A``, ``L_Y`` and ``V_x^T``) for the penalty
+        ``rho`` from the stored eigendecomposition."""
         dic, xp = self.dic, self.dic.xp
         self.rho = rho
         scale64 = rho / (self.w + rho)
+        # B = V diag(coef) V^T, plus I when thin (coef = -w / (w + rho): no cancellation)
+        coef64 = -self.w / (self.w + rho) if self.thin else scale64
         scale = xp.astype(scale64, dic.work, copy=False)
+        coef = xp.astype(coef64, dic.work, copy=False)
+        if self.low_rank:
+            self._refactor_low_rank(coef64, scale, coef)
+            return
         rows = dic.n + dic.d if dic.outliers else dic.n
         mm = dic.products.mm
-        vt, width = self.vt, dic.n
+        vt, start, width = self.vt, 0, dic.n
         if self.columns is not None:  # this process's columns, gathered below
             start, stop, _ = self.columns
             vt, width = self.vt[:, start:stop], stop - start
         self.r = xp.empty((rows, width), dtype=dic.work, device=dic.device)
-        self.r[: dic.n, :] = mm(self.v * scale[None, :], vt)  # B
+        self.r[: dic.n, :] = mm(self.v * coef[None, :], vt)  # B (less I when thin)
+        if self.thin:
+            self.r[xp.arange(start, start + width, device=dic.device),
+                   xp.arange(width, device=dic.device)] += 1.0  # fmt: skip
         if dic.outliers:
             self.r[dic.n :, :] = mm(self.yv * scale[None, :], vt)  # Y B
         if self.columns is not None:
             self.r = self.columns[2](self.r)
         if dic.affine:  # Sherman-Morrison for rho 1 1^T, its vectors in float64
-            sv = scale64 * self.vt1
-            b = self.v64 @ sv  # B 1
+            b = self.v64 @ (coef64 * self.vt1)  # B 1
+            if self.thin:
+                b += 1.0
             denom = 1.0 + float(xp.sum(b))
             bw = xp.astype(b / denom, dic.work, copy=False)
             self.r[: dic.n, :] -= xp.astype(b, dic.work, copy=False)[:, None] * bw[None, :]
@@ -361,6 +440,54 @@ class EigenInverse(DenseInverse):
                 yb = xp.astype(dic.x64.T @ b, dic.work, copy=False)  # Y B 1
                 self.r[dic.n :, :] -= yb[:, None] * bw[None, :]
         self.r_left = dic.products.left(self.r)
+
+    def _refactor_low_rank(self, coef64, scale, coef) -> None:
+        """``L_A``, ``L_Y`` and ``V_x^T`` (class docstring) for the current ``rho``."""
+        dic, xp = self.dic, self.dic.xp
+        work, n = dic.work, dic.n
+        cols = [self.v * coef[None, :]]
+        ycols = [self.yv * scale[None, :]] if dic.outliers else []
+        if dic.affine:  # Sherman-Morrison: b = B 1, R = B - b b^T / (1 + 1^T b)
+            b = self.v64 @ (coef64 * self.vt1) + 1.0
+            denom = 1.0 + float(xp.sum(b))
+            bw = xp.astype(b, work, copy=False)
+            cols.append(xp.reshape(bw * (-1.0 / denom), (n, 1)))
+            if dic.outliers:
+                yb = xp.astype(dic.x64.T @ b, work, copy=False)  # Y B 1
+                ycols.append(xp.reshape(yb * (-1.0 / denom), (dic.d, 1)))
+            vx = xp.concat([self.v, xp.reshape(bw, (n, 1))], axis=1)
+        else:
+            vx = self.v
+        self.vxt_left = dic.products.left(xp.asarray(vx.T, copy=True))
+        self.la = xp.concat(cols, axis=1) if len(cols) > 1 else cols[0]
+        self.la_left = dic.products.left(self.la)
+        self.ly = self.ly_left = None
+        if dic.outliers:
+            self.ly = xp.concat(ycols, axis=1) if len(ycols) > 1 else ycols[0]
+            self.ly_left = dic.products.left(self.ly)
+
+    def low_rank_right(self, t, mm=None):
+        """``W = V_x^T (T - I)`` for ``t = T - I`` (``low_rank``; ``mm``: the product to
+        use, default the dictionary's)."""
+        mm = self.dic.products.mm if mm is None else mm
+        return mm(self.vxt_left, t)
+
+    def step_a(self, t, d1s, e, cols: slice, want_ya: bool, diag):
+        """Same contract as :meth:`DenseInverse.step_a` (through ``L_A`` and ``L_Y`` when
+        ``low_rank``)."""
+        if not self.low_rank:
+            return super().step_a(t, d1s, e, cols, want_ya, diag)
+        dic = self.dic
+        t = self.t_minus_i(t, d1s, e, diag)
+        w = self.low_rank_right(t)
+        a = dic.products.mm(self.la_left, w)
+        a += t
+        a[diag.rows, diag.cols] += 1.0
+        ya = None
+        if dic.outliers and want_ya:
+            ya = dic.products.mm(self.ly_left, w)
+            ya += dic.yw[:, cols]
+        return a, ya
 
 
 class Woodbury:

@@ -126,19 +126,26 @@ class ActiveSetStep(admm.ScheduledStep):
         diag = self.diag
         t[diag.rows, diag.cols] -= 1.0  # T - I
         n = dic.n
-        a = self._mm(factor.r_left[:n], t)
+        if factor.low_rank:  # R = I + L_A V_x^T, Y R = L_Y V_x^T (admm.EigenInverse)
+            right = factor.low_rank_right(t, self._mm)  # V_x^T (T - I)
+            a = self._mm(factor.la_left, right)
+            a += t
+            yr, yr_left = factor.ly, factor.ly_left
+        else:
+            right, yr, yr_left = t, factor.r[n:], factor.r_left[n:]
+            a = self._mm(factor.r_left[:n], t)
         a[diag.rows, diag.cols] += 1.0
         if dic.outliers:
-            self._e_step(it, t)
+            self._e_step(it, right, yr, yr_left)
         return self._c_step(it, a)
 
-    def _e_step(self, it: int, t: torch.Tensor) -> None:
-        """``E = soft(Y - Y A, thr)`` with ``Y - Y A = -(Y R)(T - I)`` (``t`` is ``T - I``):
-        the ``Y R`` rows of the factor are small where ``Y`` is large, so the residual is
-        not a difference of two near-equal products (which TF32 or bf16 inputs would ruin)."""
+    def _e_step(self, it: int, t: torch.Tensor, yr, yr_left) -> None:
+        """``E = soft(Y - Y A, thr)`` with ``Y - Y A = -(Y R)(T - I) = -yr t`` (``t`` is
+        ``T - I`` and ``yr`` the ``Y R`` rows of the factor, or with a low-rank factor ``t`` is
+        ``V_x^T (T - I)`` and ``yr`` is ``L_Y``; ``yr_left``: ``yr`` prepared): the ``Y R`` rows
+        are small where ``Y`` is large, so the residual is not a difference of two near-equal
+        products (which TF32 or bf16 inputs would ruin)."""
         thr = self.thr_e
-        yr = self.factor.r[self.dic.n :]
-        yr_left = self.factor.r_left[self.dic.n :]
         if self.is_full(it):
             self.full_count += 1
             resid = self._mm(yr_left, t)

@@ -386,8 +386,11 @@ def solve_ssc_admm(
     try:
         x64 = xp.astype(x, xp.float64, copy=False)
         # the factors below factor the Gram matrix (N x N, float64) themselves; where one
-        # process holds all of it, it is computed once, here, for the lambdas too
-        gram = x64 @ x64.T if group is None and (scheduled or strategy == "dense") else None
+        # process holds all of it, it is computed once, here, for the lambdas too (not for
+        # a thin factor, which factors the D x D one: the lambdas' blocked pass then)
+        thin = scheduled and n > admm.THIN["above"] * d
+        dense_gram = (scheduled and not thin) or (not scheduled and strategy == "dense")
+        gram = x64 @ x64.T if group is None and dense_gram else None
         lam_e, lam_z, _, _ = ssc_lambdas(x64, alpha_e, alpha_z, gram=gram)
         start, stop, share, reduce, columns = 0, n, None, None, None
         if group is not None:  # rank 0's lambdas and factor; this rank's columns
@@ -395,8 +398,8 @@ def solve_ssc_admm(
             lam_e, lam_z = (float(v) for v in broadcast_from_first(lam, group))
             start, stop = column_range(n, rank, world)
 
-            def share(compute):
-                return computed_on_first(compute, [(n,), (n, n)], torch.float64, device, group)
+            def share(compute, shapes):
+                return computed_on_first(compute, shapes, torch.float64, device, group)
 
             def reduce(a):
                 return all_sum(a, group)
@@ -409,7 +412,8 @@ def solve_ssc_admm(
         dic = admm.Dictionary(x, work, lam_z=lam_z, affine=affine, outliers=outliers,
                               kernels=kernels, products=products, x64=x64)  # fmt: skip
         if scheduled:
-            factor = admm.EigenInverse(dic, rho, share=share, columns=columns, gram=gram)
+            factor = admm.EigenInverse(dic, rho, share=share, columns=columns, gram=gram,
+                                       thin=thin)  # fmt: skip
         elif strategy == "dense":
             factor = admm.DenseInverse(dic, rho, gram=gram)
         else:
