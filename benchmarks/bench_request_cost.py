@@ -36,7 +36,9 @@ off CUDA) and for TF32 / bf16 inputs (emulated); on a CPU also for the iterate C
 keeps ``E`` on an active set between full E-steps). Sensitivity (issue 32): 1e-6 relative
 perturbations, how often the faithful stopping iteration moves and how far the scores then
 move, float32 and float64; in float32 also the fast solver's moves in fp16x3 and with TF32 /
-bf16 inputs (emulated).
+bf16 inputs (emulated). Factor (``N > D``): the fast solver's thin or low-rank factor
+(:data:`videoanchor.anchor.admm.THIN`) against the dense ``N x N`` one on the same tokens,
+seconds and how far the scores move, measured.
 
     python benchmarks/bench_request_cost.py --quick        # < 2 minutes on this CPU
     python benchmarks/bench_request_cost.py                # the committed CPU figures
@@ -543,7 +545,58 @@ def cost_rows(device, quick, budget_s, measure=None, on_row=None) -> list[dict]:
     return rows
 
 
-PARTS = ("fidelity", "sensitivity", "cost")
+#: (N, D) with N > D, where the fast solver's factor is thin or low rank
+#: (:data:`videoanchor.anchor.admm.THIN`), timed against the dense factor on the same tokens
+FACTOR_SHAPES = {
+    "quick": ((384, 256), (512, 128)),
+    "cpu": ((1536, 1024), (2048, 1024), (2048, 512), (3072, 768)),
+    "cuda": ((4096, 3584), (6272, 3584), (8192, 3584)),
+}
+
+
+@contextlib.contextmanager
+def dense_factor():
+    """The fast solver with the ``N x N`` eigendecomposition at every shape (what it ran
+    before the thin factor)."""
+    above = admm.THIN["above"]
+    admm.THIN["above"] = math.inf
+    try:
+        yield
+    finally:
+        admm.THIN["above"] = above
+
+
+def factor_rows(device, quick: bool) -> list[dict]:
+    """Where ``N > D``: the fast solver's default factor (thin or low rank) against the dense
+    ``N x N`` one, the same synthetic tokens in one process, measured: seconds (the better
+    of two runs each, interleaved), seconds per stage, and how far the scores and labels
+    move (the same iterate to rounding)."""
+    rows = []
+    shapes = FACTOR_SHAPES["quick" if quick else "cuda" if device.type == "cuda" else "cpu"]
+    for n, d in shapes:
+        x = synthetic_tokens(n, d, seed=3).to(device)
+        best = {}
+        for _ in range(2):
+            for kind in ("dense", "default"):
+                with dense_factor() if kind == "dense" else contextlib.nullcontext():
+                    t, res = ssc_seconds(x, 24, "fast")
+                if kind not in best or t < best[kind][0]:
+                    best[kind] = (t, res)
+        (t_dense, ref), (t_new, got) = best["dense"], best["default"]
+        kind = ssc_flops(n, d)["factor"]
+        rows.append({
+            "n": n, "d": d, "n_over_d": n / d, "factor": kind,
+            "seconds_fast_dense_factor": t_dense, "seconds_fast": t_new,
+            "speedup_factor": t_dense / t_new,
+            "stages_dense_factor": dict(ref.timings), "stages": dict(got.timings),
+            "max_score_move": float((ref.scores - got.scores).abs().max()),
+            "ari_labels": _ari(ref.labels, got.labels),
+            "figures": f"measured on {device.type}",
+        })  # fmt: skip
+    return rows
+
+
+PARTS = ("fidelity", "sensitivity", "cost", "factor")
 
 
 def parse_measure(text: str | None) -> list[tuple[str, int]] | None:
@@ -572,7 +625,7 @@ def run(device: torch.device, quick: bool, out_dir, trials: int | None = None,
     meta["load_before"] = os.getloadavg()
     meta["torch_threads"] = torch.get_num_threads()
     meta["parts"], meta["parts_done"] = list(parts), []
-    fid, sens, cost, notes = [], [], [], []
+    fid, sens, cost, fac, notes = [], [], [], [], []
     meta["notes"] = notes
     name = "request_cost_quick" if quick else "request_cost"
 
@@ -580,6 +633,7 @@ def run(device: torch.device, quick: bool, out_dir, trials: int | None = None,
         rows = [{"kind": "fidelity", **r} for r in fid]
         rows += [{"kind": "sensitivity", **r} for r in sens]
         rows += [{"kind": "cost", **r} for r in cost]
+        rows += [{"kind": "factor", **r} for r in fac]
         meta["load_after"] = os.getloadavg()
         return write_result(name, meta, rows, out_dir)
 
@@ -670,6 +724,12 @@ def run(device: torch.device, quick: bool, out_dir, trials: int | None = None,
                            "seconds_ssc_fast", "seconds_prefill", "speedup_fast"])  # fmt: skip
         meta["parts_done"].append("cost")
         path = save()
+    if "factor" in parts:
+        fac[:] = factor_rows(device, quick)
+        print_table(fac, ["n", "d", "factor", "seconds_fast_dense_factor", "seconds_fast",
+                          "speedup_factor", "max_score_move", "ari_labels"])  # fmt: skip
+        meta["parts_done"].append("factor")
+        path = save()
     print(f"wrote {path}")
     return path
 
@@ -694,7 +754,7 @@ def main(argv=None):
     ap.add_argument(
         "--parts",
         default=",".join(PARTS),
-        help="comma-separated parts to run (default all: fidelity,sensitivity,cost)",
+        help="comma-separated parts to run (default all: fidelity,sensitivity,cost,factor)",
     )
     ap.add_argument(
         "--measure",

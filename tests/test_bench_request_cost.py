@@ -99,3 +99,23 @@ def test_h100_estimate_prices_the_calibrated_stages():
         total = row[f"h100_ssc_over_prefill_fast_{prec}"]
         iters = row[f"h100_ssc_over_prefill_fast_{prec}_iterations"]
         assert total == pytest.approx(iters + stages / pre_s)
+
+
+def test_factor_rows_time_both_factors(monkeypatch):
+    """The factor part times the dense and the default factor on the same tokens, and the
+    scores agree to rounding."""
+    monkeypatch.setitem(brc.FACTOR_SHAPES, "quick", ((320, 64),))
+    kinds = []
+    real = brc.ssc_seconds
+
+    def spy(x, k, solver, **kw):
+        kinds.append(brc.admm.THIN["above"])
+        return real(x, k, solver, **kw)
+
+    monkeypatch.setattr(brc, "ssc_seconds", spy)
+    (row,) = brc.factor_rows(torch.device("cpu"), True)
+    assert kinds == [float("inf"), 1.0] * 2  # dense, default, interleaved
+    assert row["factor"] == "low_rank" and row["n"] == 320 and row["d"] == 64
+    assert row["seconds_fast_dense_factor"] > 0 and row["seconds_fast"] > 0
+    assert row["max_score_move"] < 1e-4 and row["ari_labels"] == 1.0
+    assert brc.admm.THIN["above"] == 1.0  # restored
