@@ -555,44 +555,53 @@ FACTOR_SHAPES = {
 
 
 @contextlib.contextmanager
-def dense_factor():
-    """The fast solver with the ``N x N`` eigendecomposition at every shape (what it ran
-    before the thin factor)."""
-    above = admm.THIN["above"]
-    admm.THIN["above"] = math.inf
+def factor_kind(kind: str):
+    """The fast solver with its factor forced to ``kind``: ``"dense"`` (the ``N x N``
+    eigendecomposition at every shape, what it ran before the thin factor), ``"thin"`` (never
+    the low-rank form) or ``"low_rank"`` (wherever ``N > D``)."""
+    before = dict(admm.THIN)
+    admm.THIN.update({
+        "dense": {"above": math.inf},
+        "thin": {"above": 1.0, "low_rank_above": math.inf},
+        "low_rank": {"above": 1.0, "low_rank_above": 1.0},
+    }[kind])  # fmt: skip
     try:
         yield
     finally:
-        admm.THIN["above"] = above
+        admm.THIN.update(before)
 
 
 def factor_rows(device, quick: bool) -> list[dict]:
-    """Where ``N > D``: the fast solver's default factor (thin or low rank) against the dense
-    ``N x N`` one, the same synthetic tokens in one process, measured: seconds (the better
-    of two runs each, interleaved), seconds per stage, and how far the scores and labels
-    move (the same iterate to rounding)."""
+    """Where ``N > D``: the fast solver's factors on the same synthetic tokens in one process,
+    measured: the dense ``N x N`` one, the thin one and its low-rank form (the default is
+    one of the two, ``factor``): seconds (the better of two runs each, interleaved), seconds
+    per stage, and how far the default's scores and labels move from the dense factor's
+    (the same iterate to rounding)."""
     rows = []
     shapes = FACTOR_SHAPES["quick" if quick else "cuda" if device.type == "cuda" else "cpu"]
+    kinds = ("dense", "thin", "low_rank")
     for n, d in shapes:
         x = synthetic_tokens(n, d, seed=3).to(device)
         best = {}
         for _ in range(2):
-            for kind in ("dense", "default"):
-                with dense_factor() if kind == "dense" else contextlib.nullcontext():
+            for kind in kinds:
+                with factor_kind(kind):
                     t, res = ssc_seconds(x, 24, "fast")
                 if kind not in best or t < best[kind][0]:
                     best[kind] = (t, res)
-        (t_dense, ref), (t_new, got) = best["dense"], best["default"]
-        kind = ssc_flops(n, d)["factor"]
-        rows.append({
-            "n": n, "d": d, "n_over_d": n / d, "factor": kind,
-            "seconds_fast_dense_factor": t_dense, "seconds_fast": t_new,
-            "speedup_factor": t_dense / t_new,
+        default = ssc_flops(n, d)["factor"]
+        (t_dense, ref), (t_new, got) = best["dense"], best[default]
+        row = {"n": n, "d": d, "n_over_d": n / d, "factor": default}
+        row.update({f"seconds_fast_{k}_factor": best[k][0] for k in kinds})
+        row.update({
+            "seconds_fast": t_new, "speedup_factor": t_dense / t_new,
+            "low_rank_over_thin": best["thin"][0] / best["low_rank"][0],
             "stages_dense_factor": dict(ref.timings), "stages": dict(got.timings),
             "max_score_move": float((ref.scores - got.scores).abs().max()),
             "ari_labels": _ari(ref.labels, got.labels),
             "figures": f"measured on {device.type}",
         })  # fmt: skip
+        rows.append(row)
     return rows
 
 
@@ -726,7 +735,8 @@ def run(device: torch.device, quick: bool, out_dir, trials: int | None = None,
         path = save()
     if "factor" in parts:
         fac[:] = factor_rows(device, quick)
-        print_table(fac, ["n", "d", "factor", "seconds_fast_dense_factor", "seconds_fast",
+        print_table(fac, ["n", "d", "factor", "seconds_fast_dense_factor",
+                          "seconds_fast_thin_factor", "seconds_fast_low_rank_factor",
                           "speedup_factor", "max_score_move", "ari_labels"])  # fmt: skip
         meta["parts_done"].append("factor")
         path = save()

@@ -101,21 +101,24 @@ def test_h100_estimate_prices_the_calibrated_stages():
         assert total == pytest.approx(iters + stages / pre_s)
 
 
-def test_factor_rows_time_both_factors(monkeypatch):
-    """The factor part times the dense and the default factor on the same tokens, and the
-    scores agree to rounding."""
+def test_factor_rows_time_every_factor(monkeypatch):
+    """The factor part times the dense, thin and low-rank factors on the same tokens, the
+    default is one of the last two, and its scores agree with the dense factor's."""
     monkeypatch.setitem(brc.FACTOR_SHAPES, "quick", ((320, 64),))
-    kinds = []
+    seen = []
     real = brc.ssc_seconds
 
     def spy(x, k, solver, **kw):
-        kinds.append(brc.admm.THIN["above"])
+        seen.append((brc.admm.THIN["above"], brc.admm.THIN["low_rank_above"]))
         return real(x, k, solver, **kw)
 
     monkeypatch.setattr(brc, "ssc_seconds", spy)
+    before = dict(brc.admm.THIN)
     (row,) = brc.factor_rows(torch.device("cpu"), True)
-    assert kinds == [float("inf"), 1.0] * 2  # dense, default, interleaved
+    inf = float("inf")
+    assert seen == [(inf, before["low_rank_above"]), (1.0, inf), (1.0, 1.0)] * 2
+    assert brc.admm.THIN == before  # restored
     assert row["factor"] == "low_rank" and row["n"] == 320 and row["d"] == 64
-    assert row["seconds_fast_dense_factor"] > 0 and row["seconds_fast"] > 0
+    assert row["seconds_fast"] == row["seconds_fast_low_rank_factor"] > 0
+    assert row["seconds_fast_dense_factor"] > 0 and row["seconds_fast_thin_factor"] > 0
     assert row["max_score_move"] < 1e-4 and row["ari_labels"] == 1.0
-    assert brc.admm.THIN["above"] == 1.0  # restored
