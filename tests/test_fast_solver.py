@@ -111,6 +111,11 @@ def test_factor_kind_follows_the_shape():
     f = factor(90, 40)
     assert f.thin and f.low_rank and f.la.shape == (90, 41) and f.ly.shape == (40, 41)
     assert not hasattr(f, "r")  # [R; Y R] is never formed
+    from videoanchor.anchor.ssc import solve_ssc_admm
+
+    for (n, d), kind in (((40, 48), "dense"), ((48, 40), "thin"), ((90, 40), "low_rank")):
+        res = solve_ssc_admm(tokens(n, d, seed=1), scheduled=True, progress=False)
+        assert res.strategy == kind
 
 
 @pytest.mark.parametrize("step", ["array_api", "active_set"])

@@ -108,7 +108,9 @@ class ADMMResult:
     ``coef`` is ``C`` (``N x N``, column ``i`` reconstructs point ``i``, zero diagonal);
     ``residual`` the last ``max_i sum_j |A - C|_ij``; ``converged`` whether the stopping
     rule held; ``stopped`` whether the ``progress`` hook ended the run first;
-    ``timings`` seconds per stage.
+    ``timings`` seconds per stage; ``strategy`` how the A-step was applied: ``"dense"`` or
+    ``"woodbury"`` (:func:`choose_strategy`), for the fast solver ``"dense"`` (the ``N x N``
+    eigendecomposition), ``"thin"`` or ``"low_rank"`` (:data:`~videoanchor.anchor.admm.THIN`).
     """
 
     coef: torch.Tensor
@@ -468,7 +470,9 @@ def solve_ssc_admm(
         lambda_z=lam_z,
         rho=step.rho,
         rho_changes=step.rho_changes,
-        strategy=strategy,
+        strategy=("low_rank" if factor.low_rank else "thin" if factor.thin else "dense")
+        if scheduled
+        else strategy,
         outliers=e,
         history=history,
         timings=timings,
