@@ -281,6 +281,24 @@ def test_gpu_fast_solver_runs_the_dense_schedule_and_matches_the_cpu_run():
     assert float((gpu.coef.cpu().double() - torch.as_tensor(ref.coef)).abs().max()) < 1e-8
 
 
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device")])],
+)  # fmt: skip
+@pytest.mark.parametrize("precision", ["full", "fp16x3"])
+def test_low_rank_factor_gives_the_dense_factor_scores(device, precision, monkeypatch):
+    """The scores with the low-rank factor (N > 1.75 D) are the dense factor's in float32 and
+    with fp16x3 products (on CUDA's tensor cores; emulated on a CPU)."""
+    x = tokens(300, 96, k=5, seed=4).to(device)
+    got = run(x, 5, precision=precision, mode="exact")
+    monkeypatch.setitem(admm.THIN, "above", float("inf"))
+    ref = run(x, 5, precision=precision, mode="exact")
+    assert got.solver == ref.solver == "fast"
+    assert float((got.scores - ref.scores).abs().max()) <= 1e-4
+    assert torch.equal(got.labels.cpu(), ref.labels.cpu())
+
+
 def test_fast_solver_runs_the_active_set_step_on_torch_only():
     from videoanchor.anchor import fast
     from videoanchor.anchor.ssc import solve_ssc_admm
