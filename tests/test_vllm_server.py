@@ -41,8 +41,13 @@ HERE = Path(__file__).resolve().parent
 SSC = {"n_clusters": 4, "max_iter": 200}
 # The operator's side: one request's SSC is stopped after BUDGET seconds; requests may ask for
 # up to 10**6 iterations and any eps (so the hostile request below is admitted and only the
-# budget bounds it), and may not set the seed.
-BUDGET = 1.0
+# budget bounds it), and may not set the seed. The budget leaves the ordinary requests'
+# SSC (the fast solver, 286 tokens: well under a second) room on a loaded 2-core machine:
+# at 1 s a run beside other work stopped the A/B/A chat's default request by the budget, and
+# its scores (the iterate reached) no longer matched the offline run's.
+BUDGET = 3.0
+# The running stream's largest gap while the hostile request is scored ahead of its step.
+STALL = 0.6
 OPERATOR = {"ssc_time_budget": BUDGET,
             "request_options": ["enabled", "alpha_k", "alpha_v", "max_iter", "eps", "ssc_solver"],
             "request_limits": {"max_iter": 10**6, "eps": 0.0}}  # fmt: skip
@@ -215,6 +220,14 @@ def test_server_answers_as_offline_with_prefix_caching_a_b_a_off(server, offline
         assert status == 200, reply
         choice = reply["choices"][0]
         lps = [t["logprob"] for t in choice["logprobs"]["content"]]
+        # (the hostile test below is the one meant to reach the budget; it runs after this)
+        log = server.log.read_text()
+        assert "stopped by ssc_time_budget" not in log, (
+            "an ordinary request's SSC reached the time budget",
+            step,
+            name,
+            log[-3000:],
+        )
         assert choice["message"]["content"] == offline[name]["text"], (step, name, choice)
         assert max(abs(a - b) for a, b in zip(lps, offline[name]["logprobs"], strict=True)) <= 1e-4
         details = reply["usage"].get("prompt_tokens_details") or {}
@@ -296,7 +309,7 @@ def test_a_hostile_request_is_scored_beside_the_stream_within_the_time_budget(se
     assert seconds >= BUDGET, seconds  # its SSC ran for the budget
     # Inside the step the SSC alone would stall the stream for the whole budget; ahead of it
     # the stream waits for the request's encoder and prefill step only.
-    assert max(during) < 0.6 * BUDGET, (max(during), during, max(before))
+    assert max(during) < STALL, (max(during), during, max(before))
     log = server.log.read_text()
     assert "stopped by ssc_time_budget" in log, log[-3000:]
 
@@ -305,5 +318,5 @@ def test_startup_log_says_videoanchor_is_active_with_its_limits(server):
     log = server.log.read_text()
     line = next((ln for ln in log.splitlines() if "VideoAnchor is active" in ln), None)
     assert line is not None, log[-3000:]
-    assert "ssc_time_budget=1.0" in line and "max_iter <= 1000000" in line, line
+    assert f"ssc_time_budget={BUDGET}" in line and "max_iter <= 1000000" in line, line
     assert "(pid=" in line or "INFO" in line, line  # vLLM's own log format
