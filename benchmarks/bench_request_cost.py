@@ -312,6 +312,50 @@ def tiny_projector_features(family: str, frames: int):
     return got[0]
 
 
+def tiny_sets(quick: bool, notes: list) -> list[tuple]:
+    """``(name, features, k)`` of the tiny models' projector outputs at 8 frames (a model
+    that fails is named in ``notes``, not hidden)."""
+    tiny = []
+    for family in ("qwen2_5_vl", "llava_onevision", "internvl") if not quick else ("qwen2_5_vl",):
+        try:
+            tiny.append((f"tiny {family} projector outputs", tiny_projector_features(family, 8), 3))
+        except Exception as exc:  # reported, not hidden
+            notes.append(f"tiny {family}: {type(exc).__name__}: {exc}")
+    return tiny
+
+
+def fidelity_sets(quick: bool, notes: list, tiny: list) -> list[tuple]:
+    """``(name, features, k, held_out)`` of the fidelity study: synthetic video tokens, Yale B
+    faces (when present), ``tiny`` (:func:`tiny_sets`), and (not ``quick``) the held-out sets
+    the fast schedule was never looked at on: other seeds and shapes, other Yale B subjects,
+    the tiny models at other frame counts."""
+    syn = synthetic_tokens(256 if quick else 512, 256 if quick else 1024, seed=2)
+    sets = [("synthetic video tokens", syn, 24, False)]
+    if YALE.exists():
+        faces = yale_faces(4 if quick else 8, 32)
+        sets.append(("Extended Yale B faces", faces, 4 if quick else 8, False))
+    else:
+        notes.append(f"Yale B not found at {YALE}: skipped")
+    sets += [(label, feats, k, False) for label, feats, k in tiny]
+    if quick:
+        return sets
+    held = [
+        ("synthetic video tokens, seed 3", synthetic_tokens(512, 1024, seed=3), 24),
+        ("synthetic video tokens, seed 9", synthetic_tokens(384, 3584, seed=9), 24),
+    ]
+    if YALE.exists():
+        held += [("Extended Yale B faces, subjects 9-16", yale_faces(8, 32, first=8), 8),
+                 ("Extended Yale B faces, subjects 17-22", yale_faces(6, 40, first=16), 6)]  # fmt: skip
+    for family in ("qwen2_5_vl", "llava_onevision", "internvl"):
+        for frames in (4, 16):
+            try:
+                held.append((f"tiny {family} projector outputs, {frames} frames",
+                             tiny_projector_features(family, frames), 3))  # fmt: skip
+            except Exception as exc:  # reported, not hidden
+                notes.append(f"tiny {family} at {frames} frames: {type(exc).__name__}: {exc}")
+    return sets + [(label, feats, k, True) for label, feats, k in held]
+
+
 @contextlib.contextmanager
 def exact_e_steps():
     """The fast solver's CPU step with every E-step exact: the dense schedule's iterate,
@@ -649,52 +693,10 @@ def run(device: torch.device, quick: bool, out_dir, trials: int | None = None,
     path = None
     tiny = []
     if "fidelity" in parts or "sensitivity" in parts:
-        for family in (
-            ("qwen2_5_vl", "llava_onevision", "internvl") if not quick else ("qwen2_5_vl",)
-        ):
-            try:
-                tiny.append(
-                    (f"tiny {family} projector outputs", tiny_projector_features(family, 8), 3)
-                )
-            except Exception as exc:  # reported, not hidden
-                notes.append(f"tiny {family}: {type(exc).__name__}: {exc}")
+        tiny = tiny_sets(quick, notes)
     if "fidelity" in parts:
-        syn = synthetic_tokens(256 if quick else 512, 256 if quick else 1024, seed=2)
-        fid.append(fidelity("synthetic video tokens", syn, 24, device))
-        if YALE.exists():
-            fid.append(
-                fidelity(
-                    "Extended Yale B faces",
-                    yale_faces(4 if quick else 8, 32),
-                    4 if quick else 8,
-                    device,
-                )
-            )
-        else:
-            notes.append(f"Yale B not found at {YALE}: skipped")
-        for label, feats, k in tiny:
-            fid.append(fidelity(label, feats, k, device))
-        # Held out: sets the fast schedule was never looked at on (other seeds and shapes,
-        # other Yale B subjects, the tiny models at other frame counts)
-        if not quick:
-            held = [
-                ("synthetic video tokens, seed 3", synthetic_tokens(512, 1024, seed=3), 24),
-                ("synthetic video tokens, seed 9", synthetic_tokens(384, 3584, seed=9), 24),
-            ]
-            if YALE.exists():
-                held += [("Extended Yale B faces, subjects 9-16", yale_faces(8, 32, first=8), 8),
-                         ("Extended Yale B faces, subjects 17-22", yale_faces(6, 40, first=16),
-                          6)]  # fmt: skip
-            for family in ("qwen2_5_vl", "llava_onevision", "internvl"):
-                for frames in (4, 16):
-                    try:
-                        held.append((f"tiny {family} projector outputs, {frames} frames",
-                                     tiny_projector_features(family, frames), 3))  # fmt: skip
-                    except Exception as exc:  # reported, not hidden
-                        notes.append(f"tiny {family} at {frames} frames: {type(exc).__name__}: "
-                                     f"{exc}")  # fmt: skip
-            for label, feats, k in held:
-                fid.append(fidelity(label, feats, k, device, held_out=True))
+        for label, feats, k, held_out in fidelity_sets(quick, notes, tiny):
+            fid.append(fidelity(label, feats, k, device, held_out=held_out))
         print_table(fid, ["data", "held_out", "n", "d", "iterations_faithful", "spearman_fast",
                           "spearman_fast_fp16x3", "spearman_fast_tf32_emulated",
                           "spearman_fast_bf16_emulated",

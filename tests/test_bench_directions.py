@@ -1,0 +1,84 @@
+"""benchmarks/bench_directions.py: each direction changes the fast solver the way its row says,
+leaves the library as it found it, and the rows carry the bar they are judged by."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import bench_directions as bd
+from videoanchor.anchor import admm, compute_anchor_scores
+
+
+def _tokens():
+    from benchmarks.bench_ssc import synthetic_tokens
+
+    return synthetic_tokens(60, 40, k=3, seed=5)
+
+
+def test_schedule_cuts_and_relaxes_then_restores():
+    x = _tokens()
+    before, c_step = dict(admm.SCHEDULE), admm.ScheduledStep._c_step
+    default = compute_anchor_scores(x, 3, progress=False, mode="exact")
+    with bd.schedule(40, relax=1.5):
+        assert admm.SCHEDULE["iterations"] == 40 and admm.SCHEDULE["balance_until"] == 20
+        assert admm.ScheduledStep._c_step is not c_step
+        cut = compute_anchor_scores(x, 3, progress=False, mode="exact")
+    with bd.schedule(None, relax=1.5):
+        relaxed = compute_anchor_scores(x, 3, progress=False, mode="exact")
+    assert admm.SCHEDULE == before and admm.ScheduledStep._c_step is c_step
+    assert default.iterations == before["iterations"] and cut.iterations == 40
+    assert relaxed.iterations == before["iterations"]
+    # each change moves the iterate (a context manager that did nothing would not)
+    assert not torch.equal(cut.coef, default.coef)
+    assert not torch.equal(relaxed.coef, default.coef)
+    again = compute_anchor_scores(x, 3, progress=False, mode="exact")
+    assert torch.equal(again.coef, default.coef)
+
+
+def test_schedule_restores_after_an_error():
+    before, c_step = dict(admm.SCHEDULE), admm.ScheduledStep._c_step
+    with pytest.raises(RuntimeError, match="boom"), bd.schedule(30, relax=1.5):
+        raise RuntimeError("boom")
+    assert admm.SCHEDULE == before and admm.ScheduledStep._c_step is c_step
+
+
+def test_rows_judge_each_direction_by_the_loose_faithful_bar():
+    x = _tokens()
+    rows = bd.direction_rows("tokens", x, 3, held_out=False)
+    assert [r["direction"] for r in rows] == [d[0] for d in bd.DIRECTIONS]
+    ref = compute_anchor_scores(x, 3, solver="faithful", progress=False, mode="exact")
+    loose = compute_anchor_scores(x, 3, solver="faithful", progress=False, mode="exact",
+                                  eps=2e-3)  # fmt: skip
+    bar = bd._spearman(loose.scores, ref.scores)
+    default = compute_anchor_scores(x, 3, progress=False, mode="exact")
+    for r in rows:
+        assert r["bar_spearman"] == pytest.approx(bar)
+        assert r["meets_bar_scores"] == (r["spearman"] >= r["bar_spearman"])
+        assert r["meets_bar_labels"] == (r["ari"] >= r["bar_ari"])
+    by = {r["direction"]: r for r in rows}
+    assert by["default"]["spearman"] == pytest.approx(bd._spearman(default.scores, ref.scores))
+    assert by["iterations=40"]["iterations"] == 40 and by["default"]["seconds_over_default"] == 1
+
+
+def test_spectrum_row_counts_components_from_the_eigenvalues():
+    row = bd.spectrum_row("tokens", _tokens())
+    assert row["n"] == 60 and row["rho_final"] > 0
+    for key in ("small_in_r_start", "small_in_i_minus_r_start", "small_in_r_final",
+                "small_in_i_minus_r_final"):  # fmt: skip
+        assert 0 <= row[key] <= 60
+    # w / (w + rho) < 1e-2 and rho / (w + rho) < 1e-2 cannot both hold for one component
+    assert row["small_in_r_final"] + row["small_in_i_minus_r_final"] <= 60
+
+
+def test_quick_run_writes_its_rows(tmp_path, monkeypatch):
+    # two sets (synthetic tokens, the tiny Qwen model's projector outputs), no Yale B
+    monkeypatch.setattr("benchmarks.bench_request_cost.YALE", tmp_path / "absent.mat")
+    path = bd.run(quick=True, out_dir=tmp_path)
+    data = json.loads(path.read_text())
+    kinds = [r["kind"] for r in data["rows"]]
+    assert kinds.count("direction") == len(bd.DIRECTIONS) * 2 and "spectrum" in kinds
+    assert any("Yale B not found" in n for n in data["meta"]["notes"])
+    assert {s["direction"] for s in data["meta"]["summary"]} == {d[0] for d in bd.DIRECTIONS}
