@@ -345,7 +345,10 @@ def fidelity_sets(quick: bool, notes: list, tiny: list) -> list[tuple]:
     ]
     if YALE.exists():
         held += [("Extended Yale B faces, subjects 9-16", yale_faces(8, 32, first=8), 8),
-                 ("Extended Yale B faces, subjects 17-22", yale_faces(6, 40, first=16), 6)]  # fmt: skip
+                 ("Extended Yale B faces, subjects 17-22", yale_faces(6, 40, first=16), 6),
+                 # added after the schedule was set, on 2026-11-24 (the last 16 subjects)
+                 ("Extended Yale B faces, subjects 23-30", yale_faces(8, 32, first=22), 8),
+                 ("Extended Yale B faces, subjects 31-38", yale_faces(8, 32, first=30), 8)]  # fmt: skip
     for family in ("qwen2_5_vl", "llava_onevision", "internvl"):
         for frames in (4, 16):
             try:
