@@ -50,6 +50,7 @@ from benchmarks.bench_request_cost import (  # noqa: E402
 from benchmarks.bench_ssc import synthetic_tokens  # noqa: E402
 from benchmarks.common import environment, print_table, write_result  # noqa: E402
 from videoanchor.anchor import admm, anchor_scores, compute_anchor_scores  # noqa: E402
+from videoanchor.anchor.options import DEFAULTS  # noqa: E402
 from videoanchor.anchor.scores import sparse_subspace_clustering  # noqa: E402
 from videoanchor.anchor.ssc import solve_ssc_admm, ssc_lambdas  # noqa: E402
 
@@ -134,7 +135,7 @@ def spectrum_row(name, x) -> dict:
     """How many eigen-components of ``R`` / ``I - R`` a 1e-2 truncation could drop."""
     res = solve_ssc_admm(x, scheduled=True, progress=False)
     x64 = x.double()
-    _, lam_z, _, _ = ssc_lambdas(x64, 800.0, 800.0)
+    _, lam_z, _, _ = ssc_lambdas(x64, DEFAULTS.alpha_e, DEFAULTS.alpha_z)
     w = torch.linalg.eigvalsh((x64 @ x64.T) * lam_z).clamp(min=0.0)
     row = {"data": name, "n": x.shape[0], "d": x.shape[1], "rho_final": res.rho}
     for label, rho in (("start", 300.0), ("final", res.rho)):
