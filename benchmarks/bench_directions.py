@@ -16,7 +16,18 @@ change of that solver, all measured in one process:
 * ``rho=100`` / ``rho=30``, 40 iterations (``rho=30`` also at 50): a start closer to where
   residual balancing ends (about 45-60 on these sets) than the authors' 300;
 * ``no outliers``: ``E = 0`` (the program without its ``lambda_e ||E||_1`` term). Its every
-  product has ``N`` rows instead of ``N + D``, and its factor is the ``N x N`` Gram alone.
+  product has ``N`` rows instead of ``N + D``, and its factor is the ``N x N`` Gram alone;
+* ``anderson m=3``: Anderson acceleration (type II, :class:`Anderson`) of the fast solver's
+  fixed-point map on its state ``(C + Lam, d1s, sqrt(lambda_z / rho) E)``, over the last
+  ``m`` iterations, at 40, 50 and 60 iterations. The history restarts where the map
+  changes: at each change of ``rho`` and at each full E-step (a new active set of ``E``).
+
+``conditioning`` rows: why one set needs far more faithful iterations than the others. The
+lambdas are set by the worst-placed token (``lambda_z = alpha_z / mu_z``, ``mu_z = min_i
+max_{j != i} |y_i^T y_j|``), so one near-black face scales ``lambda_z Y^T Y`` up, and with it
+the spread between its eigenvalues and the authors' fixed ``rho = 300``: per set ``lambda_z``,
+the median eigenvalue of ``lambda_z Y^T Y`` over ``rho``, the smallest token norm over the
+median one, and the faithful solver's iterations.
 
 ``spectrum`` rows: how many of the factor's eigen-components a truncation could drop.
 ``R = rho (lambda_z Y^T Y + rho I)^{-1} = V diag(rho / (w + rho)) V^T``, so a component with
@@ -33,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import time
@@ -49,29 +61,112 @@ from benchmarks.bench_request_cost import (  # noqa: E402
 )
 from benchmarks.bench_ssc import synthetic_tokens  # noqa: E402
 from benchmarks.common import environment, print_table, write_result  # noqa: E402
-from videoanchor.anchor import admm, anchor_scores, compute_anchor_scores  # noqa: E402
+from videoanchor.anchor import admm, anchor_scores, compute_anchor_scores, fast  # noqa: E402
 from videoanchor.anchor.options import DEFAULTS  # noqa: E402
 from videoanchor.anchor.scores import sparse_subspace_clustering  # noqa: E402
 from videoanchor.anchor.ssc import solve_ssc_admm, ssc_lambdas  # noqa: E402
 
 
+class Anderson:
+    """Type-II Anderson acceleration of one fast-solver step's iteration map.
+
+    The state entering iteration ``k`` is ``z_k = (T, d1s, w E)`` with ``T = C + Lam`` (``C``
+    and ``Lam`` are ``T``'s soft-threshold and remainder), ``d1s`` the affine dual and ``E``
+    the outliers as the next A-step reads them (the active entries' values on the CPU's
+    :class:`~videoanchor.anchor.fast.ActiveSetStep`, the dense ``E`` elsewhere), weighted by
+    ``w = sqrt(lambda_z / rho)`` (the augmented Lagrangian's metric). After the step,
+    ``f_k = F(z_k)``; the next state is ``f_k - dF gamma`` with ``gamma`` the least-squares
+    fit of the last residual ``g_k = f_k - z_k`` by the differences ``dg`` of the last
+    ``m + 1`` residuals (ridge ``1e-10`` times the trace, float64). The history restarts
+    where ``F`` changes: a change of ``rho`` (which rescales the duals) and a full E-step
+    (a new active set)."""
+
+    def __init__(self, m: int):
+        self.m, self.f, self.g, self.last = m, [], [], None
+
+    @staticmethod
+    def _e(step):
+        return step._e_vals if isinstance(step, fast.ActiveSetStep) else step.E
+
+    def _pack(self, step):
+        e = self._e(step)
+        parts = [(step.C + step.lam).reshape(-1)]
+        if step.d1s is not None:
+            parts.append(step.d1s)
+        if e is not None:
+            parts.append(e.reshape(-1) * math.sqrt(step.dic.lam_z / step.rho))
+        return torch.cat(parts).double()
+
+    def _unpack(self, step, z) -> None:
+        n, nb = step.C.shape
+        t = z[: n * nb].reshape(n, nb).to(step.C.dtype)
+        at = n * nb
+        if step.d1s is not None:
+            step.d1s = z[at : at + nb].to(step.d1s.dtype)
+            at += nb
+        e = self._e(step)
+        if e is not None:
+            e = (z[at:] / math.sqrt(step.dic.lam_z / step.rho)).to(e.dtype).reshape(e.shape)
+            if isinstance(step, fast.ActiveSetStep):
+                step._e_vals = e
+            else:
+                step.E = e
+            step.e_nonzero = bool((e != 0).any())
+        step.C, step.lam, _ = step.dic.kernels.shrink(
+            step.dic.xp, t, step.lam.clone(), 1.0 / step.rho, step.diag
+        )  # fmt: skip
+
+    def after(self, step, it: int, changes_before: int) -> None:
+        """Called after iteration ``it``'s C-step: record ``f_it`` and mix."""
+        restart = step.rho_changes != changes_before or (
+            isinstance(step, fast.ActiveSetStep) and step.is_full(it)
+        )  # fmt: skip
+        if restart or it >= step.iterations or self.last is None:
+            self.f, self.g = [], []
+            self.last = None if it >= step.iterations else self._pack(step)
+            return
+        f = self._pack(step)
+        self.f.append(f)
+        self.g.append(f - self.last)  # g_k = F(z_k) - z_k
+        del self.f[: -(self.m + 1)], self.g[: -(self.m + 1)]
+        if len(self.f) >= 2:
+            g = torch.stack(self.g)
+            dg = g[1:] - g[:-1]
+            h = dg @ dg.T
+            h += 1e-10 * float(h.diagonal().sum()) * torch.eye(h.shape[0], dtype=h.dtype)
+            gamma = torch.linalg.solve(h, dg @ g[-1])
+            fs = torch.stack(self.f)
+            f = fs[-1] - (fs[1:] - fs[:-1]).T @ gamma
+            self._unpack(step, f)
+        self.last = f
+
+
 @contextlib.contextmanager
-def schedule(iterations: int | None = None, relax: float = 1.0):
+def schedule(iterations: int | None = None, relax: float = 1.0, anderson: int = 0):
     """The fast solver's schedule cut to ``iterations`` (balancing until
-    ``min(30, iterations // 2)``) and its A-step over-relaxed by ``relax``."""
+    ``min(30, iterations // 2)``), its A-step over-relaxed by ``relax`` and its iteration
+    Anderson-accelerated over the last ``anderson`` iterations (:class:`Anderson`)."""
     saved, c_step = dict(admm.SCHEDULE), admm.ScheduledStep._c_step
     if iterations is not None:
         admm.SCHEDULE.update(iterations=iterations,
                              balance_until=min(saved["balance_until"], iterations // 2))  # fmt: skip
-    if relax != 1.0:
+    if relax != 1.0 or anderson:
 
-        def relaxed(self, it, a):
-            a -= self.C  # relax A + (1 - relax) C, in place
-            a *= relax
-            a += self.C
-            return c_step(self, it, a)
+        def changed(self, it, a):
+            if relax != 1.0:
+                a -= self.C  # relax A + (1 - relax) C, in place
+                a *= relax
+                a += self.C
+            if not anderson:
+                return c_step(self, it, a)
+            changes = self.rho_changes
+            out = c_step(self, it, a)
+            if not hasattr(self, "_anderson"):
+                self._anderson = Anderson(anderson)
+            self._anderson.after(self, it, changes)
+            return out
 
-        admm.ScheduledStep._c_step = relaxed
+        admm.ScheduledStep._c_step = changed
     try:
         yield
     finally:
@@ -89,17 +184,20 @@ def _no_outliers(x, k):
     return res.labels, anchor_scores(res.coef, res.labels), res.iterations
 
 
-#: (name, iterations, relax, solver keywords); "no outliers" is its own call
+#: (name, iterations, relax, Anderson memory, solver keywords); "no outliers" is its own call
 DIRECTIONS = [
-    ("default", None, 1.0, {}),
-    ("iterations=50", 50, 1.0, {}),
-    ("iterations=40", 40, 1.0, {}),
-    ("relax=1.5", None, 1.5, {}),
-    ("relax=1.5, iterations=40", 40, 1.5, {}),
-    ("rho=100, iterations=40", 40, 1.0, {"rho": 100.0}),
-    ("rho=30, iterations=40", 40, 1.0, {"rho": 30.0}),
-    ("rho=30, iterations=50", 50, 1.0, {"rho": 30.0}),
-    ("no outliers", None, 1.0, None),
+    ("default", None, 1.0, 0, {}),
+    ("iterations=50", 50, 1.0, 0, {}),
+    ("iterations=40", 40, 1.0, 0, {}),
+    ("relax=1.5", None, 1.5, 0, {}),
+    ("relax=1.5, iterations=40", 40, 1.5, 0, {}),
+    ("rho=100, iterations=40", 40, 1.0, 0, {"rho": 100.0}),
+    ("rho=30, iterations=40", 40, 1.0, 0, {"rho": 30.0}),
+    ("rho=30, iterations=50", 50, 1.0, 0, {"rho": 30.0}),
+    ("no outliers", None, 1.0, 0, None),
+    ("anderson m=3", None, 1.0, 3, {}),
+    ("anderson m=3, iterations=50", 50, 1.0, 3, {}),
+    ("anderson m=3, iterations=40", 40, 1.0, 3, {}),
 ]
 
 
@@ -109,9 +207,9 @@ def direction_rows(name, x, k, held_out) -> list[dict]:
                                   eps=2e-3)  # fmt: skip
     bar_sp, bar_ari = _spearman(loose.scores, ref.scores), _ari(loose.labels, ref.labels)
     rows, base_seconds = [], None
-    for direction, iterations, relax, kw in DIRECTIONS:
+    for direction, iterations, relax, anderson, kw in DIRECTIONS:
         t = time.perf_counter()
-        with schedule(iterations, relax):
+        with schedule(iterations, relax, anderson):
             if kw is None:
                 labels, scores, its = _no_outliers(x, k)
             else:
@@ -123,6 +221,7 @@ def direction_rows(name, x, k, held_out) -> list[dict]:
         rows.append({
             "data": name, "held_out": held_out, "n": x.shape[0], "d": x.shape[1],
             "n_clusters": k, "direction": direction, "iterations": its,
+            "faithful_iterations": ref.iterations,
             "spearman": sp, "ari": ari, "bar_spearman": bar_sp, "bar_ari": bar_ari,
             "meets_bar_scores": sp >= bar_sp, "meets_bar_labels": ari >= bar_ari,
             "seconds": seconds, "seconds_over_default": seconds / base_seconds,
@@ -145,6 +244,22 @@ def spectrum_row(name, x) -> dict:
     return row
 
 
+def conditioning_row(name, x, faithful_iterations: int) -> dict:
+    """How ``lambda_z`` (set by the worst-placed token) scales the factor's spectrum against
+    the authors' ``rho``, and the token norms that set it."""
+    x64 = x.double()
+    _, lam_z, _, mu_z = ssc_lambdas(x64, DEFAULTS.alpha_e, DEFAULTS.alpha_z)
+    w = torch.linalg.eigvalsh((x64 @ x64.T) * lam_z).clamp(min=0.0)
+    norms = x64.norm(dim=1)
+    return {
+        "data": name, "n": x.shape[0], "d": x.shape[1], "lambda_z": lam_z, "mu_z": mu_z,
+        "median_eigenvalue_over_rho": float(w.median()) / DEFAULTS.rho,
+        "min_norm_over_median": float(norms.min() / norms.median()),
+        "faithful_iterations": faithful_iterations,
+        "figures": "measured (computed from the features)",
+    }  # fmt: skip
+
+
 def run(quick: bool, out_dir) -> Path:
     torch.manual_seed(0)
     meta = environment("cpu")
@@ -156,7 +271,10 @@ def run(quick: bool, out_dir) -> Path:
     rows: list[dict] = []
     sets = fidelity_sets(quick, notes, tiny_sets(quick, notes))
     for name, x, k, held_out in sets:
-        rows += [{"kind": "direction", **r} for r in direction_rows(name, x, k, held_out)]
+        mine = direction_rows(name, x, k, held_out)
+        rows += [{"kind": "direction", **r} for r in mine]
+        rows.append({"kind": "conditioning",
+                     **conditioning_row(name, x, mine[0]["faithful_iterations"])})  # fmt: skip
         print(f"{name}: done", flush=True)
     spectra = [(name, x) for name, x, _, _ in sets
                if name in ("synthetic video tokens", "Extended Yale B faces")]  # fmt: skip
@@ -180,6 +298,9 @@ def run(quick: bool, out_dir) -> Path:
         })  # fmt: skip
     meta["summary"] = summary
     print_table(summary, ["direction", "sets", "meet_both_bars", "held_out_meet_both"])
+    print_table([r for r in rows if r["kind"] == "conditioning"],
+                ["data", "lambda_z", "median_eigenvalue_over_rho", "min_norm_over_median",
+                 "faithful_iterations"])  # fmt: skip
     print_table([r for r in rows if r["kind"] == "spectrum"],
                 ["data", "n", "rho_final", "small_in_r_start", "small_in_i_minus_r_start",
                  "small_in_r_final", "small_in_i_minus_r_final"])  # fmt: skip

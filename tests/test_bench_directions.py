@@ -45,6 +45,36 @@ def test_schedule_restores_after_an_error():
     assert admm.SCHEDULE == before and admm.ScheduledStep._c_step is c_step
 
 
+def test_anderson_changes_the_iterate_then_restores():
+    x = _tokens()
+    c_step = admm.ScheduledStep._c_step
+    default = compute_anchor_scores(x, 3, progress=False, mode="exact")
+    with bd.schedule(None, anderson=3):
+        assert admm.ScheduledStep._c_step is not c_step
+        mixed = compute_anchor_scores(x, 3, progress=False, mode="exact")
+    assert admm.ScheduledStep._c_step is c_step
+    assert mixed.iterations == default.iterations and mixed.converged
+    assert torch.isfinite(mixed.coef).all() and not torch.equal(mixed.coef, default.coef)
+    again = compute_anchor_scores(x, 3, progress=False, mode="exact")
+    assert torch.equal(again.coef, default.coef)
+
+
+@pytest.mark.parametrize("seed", [5, 6, 7])
+def test_anderson_gets_nearer_the_long_run_iterate(seed):
+    # the same number of iterations ends nearer where 3000 of them lead: an acceleration
+    from benchmarks.bench_ssc import synthetic_tokens
+
+    x = synthetic_tokens(60, 40, k=3, seed=seed).double()
+    with bd.schedule(3000):
+        far = bd._fast(x, 3).coef
+    for iterations in (40, 60):
+        with bd.schedule(iterations):
+            plain = bd._fast(x, 3).coef
+        with bd.schedule(iterations, anderson=3):
+            mixed = bd._fast(x, 3).coef
+        assert (mixed - far).norm() < 0.97 * (plain - far).norm()
+
+
 def test_rows_judge_each_direction_by_the_loose_faithful_bar():
     x = _tokens()
     rows = bd.direction_rows("tokens", x, 3, held_out=False)
@@ -61,6 +91,18 @@ def test_rows_judge_each_direction_by_the_loose_faithful_bar():
     by = {r["direction"]: r for r in rows}
     assert by["default"]["spearman"] == pytest.approx(bd._spearman(default.scores, ref.scores))
     assert by["iterations=40"]["iterations"] == 40 and by["default"]["seconds_over_default"] == 1
+    assert by["anderson m=3, iterations=50"]["iterations"] == 50
+    assert {r["faithful_iterations"] for r in rows} == {ref.iterations}
+
+
+def test_conditioning_row_reads_lambda_z_and_the_spectrum():
+    x = _tokens()
+    x[7] *= 1e-2  # one near-black token: mu_z, so lambda_z, is set by it
+    row = bd.conditioning_row("tokens", x, 123)
+    base = bd.conditioning_row("tokens", _tokens(), 123)
+    assert row["faithful_iterations"] == 123 and row["min_norm_over_median"] < 0.02
+    assert row["lambda_z"] > 10 * base["lambda_z"]
+    assert row["median_eigenvalue_over_rho"] > 5 * base["median_eigenvalue_over_rho"]
 
 
 def test_spectrum_row_counts_components_from_the_eigenvalues():
@@ -80,5 +122,6 @@ def test_quick_run_writes_its_rows(tmp_path, monkeypatch):
     data = json.loads(path.read_text())
     kinds = [r["kind"] for r in data["rows"]]
     assert kinds.count("direction") == len(bd.DIRECTIONS) * 2 and "spectrum" in kinds
+    assert kinds.count("conditioning") == 2
     assert any("Yale B not found" in n for n in data["meta"]["notes"])
     assert {s["direction"] for s in data["meta"]["summary"]} == {d[0] for d in bd.DIRECTIONS}
