@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -294,7 +295,7 @@ class AnchorHandle:
             attention_mask=mask if torch.is_tensor(mask) and mask.dim() == 2 else None,
             visual_mask_from_embeds=from_embeds,
             has_visual_inputs=has_visual,
-            cache=kwargs.get("past_key_values"),
+            cache=_cache_of(kwargs),
             layout_kwargs=layout,
         )
         return None
@@ -372,9 +373,9 @@ class AnchorHandle:
     def _on_lm_output(self, module, args, kwargs, output):
         request = self._request
         if request is not None and request.cache_ref is None:
-            cache = getattr(output, "past_key_values", None)
+            cache = _cache_of(output) if isinstance(output, Mapping) else None
             if cache is None:
-                cache = kwargs.get("past_key_values")
+                cache = _cache_of(kwargs)
             if cache is not None:
                 request.cache_ref = weakref.ref(cache)
         self._current = None
@@ -618,6 +619,16 @@ def _given(value) -> bool:
     return True
 
 
+def _cache_of(kwargs: Mapping) -> object | None:
+    """The KV cache a forward was given (or a model output holds): transformers 5.24 renamed
+    ``past_key_values`` to ``cache`` (the old name still works there, with a deprecation
+    warning); earlier 5.x releases know only ``past_key_values``."""
+    cache = kwargs.get("cache")
+    if cache is None and "past_key_values" in kwargs.keys():
+        cache = kwargs.get("past_key_values")
+    return cache
+
+
 def _packed_sequence_ids(lm: torch.nn.Module, lm_kwargs: dict, batch: int) -> torch.Tensor | None:
     """(B, S) ids of the sequences packed in each row (padding-free batches), decided as
     transformers' mask builder will: position_ids that restart, no 2D mask and no cache (the
@@ -631,7 +642,7 @@ def _packed_sequence_ids(lm: torch.nn.Module, lm_kwargs: dict, batch: int) -> to
         use_cache = getattr(lm.config, "use_cache", False)
     if getattr(lm, "gradient_checkpointing", False) and lm.training:
         use_cache = False
-    if use_cache or lm_kwargs.get("past_key_values") is not None:
+    if use_cache or _cache_of(lm_kwargs) is not None:
         return None
     if lm_kwargs.get("attention_mask") is not None:
         return None

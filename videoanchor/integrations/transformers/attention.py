@@ -77,10 +77,14 @@ def _packed_sequence_ids(mask_function) -> torch.Tensor | None:
     parts = next((v for v in _cell_values(mask_function) if isinstance(v, tuple)), None)
     if not parts or len(parts) != 2:
         return None
-    packed, remapped = parts
-    if not getattr(packed, "__qualname__", "").startswith("packed_sequence_mask_function"):
-        return None
-    if not getattr(remapped, "__qualname__", "").startswith("remap_positions_for_packed_sequence"):
+
+    def named(prefix):  # the two parts in either order (transformers has used both)
+        found = [f for f in parts if getattr(f, "__qualname__", "").startswith(prefix)]
+        return found[0] if len(found) == 1 else None
+
+    packed = named("packed_sequence_mask_function")
+    remapped = named("remap_positions_for_packed_sequence")
+    if packed is None or remapped is None:
         return None
     plain = _plain_mask_functions()
     if not any(v in plain for v in _cell_values(remapped) if callable(v)):
