@@ -182,6 +182,101 @@ def test_faithful_jumps_and_fast_does_not():
     assert float((a.scores - b.scores).abs().max()) <= 1e-4
 
 
+def _darkened(x, i, s):
+    """``x`` with token ``i`` scaled to ``s`` times the median token norm: a near-black token
+    sets ``lambda_z`` (``mu_z`` is a minimum over tokens) and makes the data term
+    ill-conditioned, as the near-black face of Yale B subjects 31-38 does."""
+    x = x.clone()
+    x[i] *= s * x.norm(dim=1).median() / x[i].norm()
+    return x
+
+
+def _curvature(x):
+    """admm.median_curvature as the solver computes it (float64 Gram of the features)."""
+    x64 = x.double()
+    _, lam_z, _, _ = ssc_lambdas(x64, 800.0, 800.0)
+    w = torch.linalg.eigvalsh((x64 @ x64.T) * lam_z).clamp(min=0)
+    return admm.median_curvature(w, x.shape[0], 300.0)
+
+
+def test_median_curvature_and_schedule_length():
+    g = torch.Generator().manual_seed(0)
+    w = torch.rand(9, generator=g, dtype=torch.float64) * 600
+    # the thin factor's D eigenvalues stand for N of which the rest are zero
+    full = torch.cat([w, torch.zeros(4, dtype=torch.float64)])
+    assert admm.median_curvature(w, 13, 300.0) == admm.median_curvature(full, 13, 300.0)
+    assert admm.median_curvature(w, 13, 300.0) == float(full.sort().values[6]) / 300.0
+    assert admm.median_curvature(w, 19, 300.0) == 0.0  # more than half zero
+    sch = admm.SCHEDULE
+    base, most, stretch = sch["iterations"], sch["most"], sch["stretch"]
+    assert admm.schedule_length(0.0) == base == admm.schedule_length(1.0 / stretch)
+    assert admm.schedule_length(2.0 / stretch) == 2 * base
+    assert admm.schedule_length(1e9) == most
+    # continuous: no step anywhere on a fine grid
+    grid = [i / 1000 for i in range(20000)]
+    lengths = [admm.schedule_length(m) for m in grid]
+    assert max(abs(a - b) for a, b in zip(lengths, lengths[1:])) <= base * stretch / 1000 + 1e-9
+
+
+def test_ill_conditioned_data_get_a_longer_schedule_and_the_faithful_answer():
+    """A near-black token: the faithful solver needs several times its usual iterations; the
+    fixed 60 stop far from its answer, the longer schedule reaches it."""
+    x = _darkened(tokens(64, 80, seed=3), 5, 0.03)
+    assert _curvature(x) > 1.0 / admm.SCHEDULE["stretch"]
+    ref = run(x, 4, solver="faithful")
+    fast = run(x, 4)
+    length = admm.schedule_length(_curvature(x))
+    blend = admm.SCHEDULE["blend"]
+    assert fast.iterations == blend * -(-length // blend) > admm.SCHEDULE["iterations"]
+    fixed = run(x, 4, max_iter=admm.SCHEDULE["iterations"])  # cut short at 60: the old default
+    assert fixed.iterations == admm.SCHEDULE["iterations"] and not fixed.converged
+    got, old = spearmanr(fast.scores, ref.scores)[0], spearmanr(fixed.scores, ref.scores)[0]
+    assert got >= 0.96 and got > old + 0.03, (got, old)
+    # well-conditioned tokens keep the 60 iterations
+    assert run(tokens(64, 80, seed=3), 4).iterations == admm.SCHEDULE["iterations"]
+    # the array-API step (CUDA's, here through NumPy) runs the same length and blend
+    import numpy
+
+    from videoanchor.anchor.cupy_backend import solve_ssc_admm_cupy
+    from videoanchor.anchor.ssc import solve_ssc_admm
+
+    with pytest.MonkeyPatch.context() as mp:  # every E-step exact: the array-API iterate
+        from videoanchor.anchor import fast as fast_mod
+
+        mp.setitem(fast_mod.FULL, "every", 1)
+        torch_c = solve_ssc_admm(x.double(), scheduled=True, progress=False, dtype=torch.float64)
+    np_c = solve_ssc_admm_cupy(x.double(), xp=numpy, scheduled=True, progress=False,
+                               dtype=torch.float64)  # fmt: skip
+    assert np_c.iterations == torch_c.iterations == fast.iterations
+    torch.testing.assert_close(np_c.coef, torch_c.coef, rtol=0, atol=1e-8)
+
+
+def test_the_schedule_length_has_no_jump_where_its_iteration_count_changes():
+    """Where the length crosses a multiple of ``blend`` the run takes ``blend`` more
+    iterations; ``C`` is blended between its last two such iterations, so the scores do not
+    jump there (without the blend they would: 70 and 80 iterations differ by far more)."""
+    x = tokens(64, 80, seed=3)
+    target = 70.0
+    lo, hi = 0.1, 0.03  # darkening factors with lengths below and above 70
+    assert admm.schedule_length(_curvature(_darkened(x, 5, lo))) < target
+    assert admm.schedule_length(_curvature(_darkened(x, 5, hi))) > target
+    while lo / hi - 1 > 2e-7:
+        mid = (lo * hi) ** 0.5
+        if admm.schedule_length(_curvature(_darkened(x, 5, mid))) < target:
+            lo = mid
+        else:
+            hi = mid
+    a, b = run(_darkened(x, 5, lo), 4), run(_darkened(x, 5, hi), 4)
+    assert (a.iterations, b.iterations) == (70, 80)  # the count jumps here ...
+    assert float((a.scores - b.scores).abs().max()) <= 1e-4  # ... the scores do not
+    with pytest.MonkeyPatch.context() as mp:  # 80 iterations outright, no blend
+        mp.setitem(admm.SCHEDULE, "iterations", 80)
+        mp.setitem(admm.SCHEDULE, "stretch", 0.0)
+        c80 = run(_darkened(x, 5, hi), 4)
+    assert c80.iterations == 80
+    assert float((a.scores - c80.scores).abs().max()) > 1e-3
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fast_scores_move_little_under_1e6_perturbations(dtype):
     x = tokens(120, 80, k=5, seed=7).to(dtype)

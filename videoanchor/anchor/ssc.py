@@ -311,9 +311,10 @@ def solve_ssc_admm(
 
     ``scheduled=True`` is the fast solver (``solver="fast"`` of
     :func:`~videoanchor.anchor.scores.compute_anchor_scores`): the authors' steps on the fixed
-    schedule :data:`~videoanchor.anchor.admm.SCHEDULE` (60 iterations, ``rho`` rescaled by a
-    continuous residual-balancing factor, the system factored once by
-    :class:`~videoanchor.anchor.admm.EigenInverse`) and no residual test, so its iterate is
+    schedule :data:`~videoanchor.anchor.admm.SCHEDULE` (60 iterations, more where the data
+    are ill-conditioned: :func:`~videoanchor.anchor.admm.schedule_length`; ``rho`` rescaled
+    by a continuous residual-balancing factor, the system factored once by
+    :class:`~videoanchor.anchor.admm.EigenInverse`) and no residual test, so its answer is
     a continuous function of the features; a smaller ``max_iter`` cuts it short
     (``converged=False``). ``eps``, ``relax``, ``adaptive_rho``, ``strategy`` and
     ``e_every`` do not apply to it.
@@ -379,6 +380,7 @@ def solve_ssc_admm(
     xp = array_api_compat.array_namespace(x)
     report = admm.Reporting(
         progress,
+        # the fast solver's length is known once its factor is (set below)
         max_iter=min(max_iter, admm.SCHEDULE["iterations"]) if scheduled else max_iter,
         eps=eps,
         tokens=n,
@@ -430,9 +432,14 @@ def solve_ssc_admm(
         e_every = max(1, int(e_every)) if accelerate and strategy == "dense" else 1
         if scheduled:
             # a max_iter below the schedule cuts it short: not converged (reported as such)
+            # the length: 60 iterations, more on ill-conditioned data (admm.schedule_length;
+            # every rank holds the same eigenvalues, so every rank runs the same length)
+            length = admm.schedule_length(admm.median_curvature(factor.w, n, rho))
             make = fast.ActiveSetStep if torch_fast else admm.ScheduledStep
-            step = make(dic, factor, thr_e=lam_e / lam_z, iterations=admm.SCHEDULE["iterations"],
+            step = make(dic, factor, thr_e=lam_e / lam_z, iterations=length,
                         start=start, stop=stop, reduce=reduce)  # fmt: skip
+            if report.reporter is not None:
+                report.reporter.max_iter = min(max_iter, step.iterations)
         else:
             step = admm.SquaredStep(
                 dic, factor, 0, n, thr_e=lam_e / lam_z, eps=eps, relax=relax,
