@@ -300,8 +300,11 @@ def corrupted_subspaces(n: int, d: int, *, k: int = 4, sub_dim: int = 3, seed: i
         basis = torch.randn(d, sub_dim, generator=g, dtype=torch.float64)
         x[idx] = (basis @ torch.randn(sub_dim, idx.numel(), generator=g, dtype=torch.float64)).T
     x += 0.02 * torch.randn(n, d, generator=g, dtype=torch.float64)
-    x += (torch.rand(n, d, generator=g) < 0.02) * 20.0 * torch.randn(n, d, generator=g,
-                                                                       dtype=torch.float64)
+    x += (
+        (torch.rand(n, d, generator=g) < 0.02)
+        * 20.0
+        * torch.randn(n, d, generator=g, dtype=torch.float64)
+    )
     return x.float()
 
 
