@@ -199,7 +199,25 @@ def _curvature(x):
     return admm.median_curvature(w, x.shape[0], 300.0)
 
 
-def test_median_curvature_and_schedule_length():
+#: The length rule as measured (docs/ssc.md): off by default, on with this stretch.
+STRETCH = 1.5
+
+
+@pytest.fixture
+def length_rule(monkeypatch):
+    monkeypatch.setitem(admm.SCHEDULE, "stretch", STRETCH)
+
+
+def test_the_length_rule_is_off_by_default():
+    """Off (stretch 0): every input runs 60 iterations, ill-conditioned ones too."""
+    assert admm.SCHEDULE["stretch"] == 0.0
+    assert admm.schedule_length(1e6) == admm.SCHEDULE["iterations"]
+    x = _darkened(tokens(64, 80, seed=3), 5, 0.03)
+    assert _curvature(x) > 1.0 / STRETCH
+    assert run(x, 4).iterations == admm.SCHEDULE["iterations"]
+
+
+def test_median_curvature_and_schedule_length(length_rule):
     g = torch.Generator().manual_seed(0)
     w = torch.rand(9, generator=g, dtype=torch.float64) * 600
     # the thin factor's D eigenvalues stand for N of which the rest are zero
@@ -219,7 +237,7 @@ def test_median_curvature_and_schedule_length():
     assert max(steps) <= base * stretch / 1000 + 1e-9
 
 
-def test_ill_conditioned_data_get_a_longer_schedule_and_the_faithful_answer():
+def test_ill_conditioned_data_get_a_longer_schedule_and_the_faithful_answer(length_rule):
     """A near-black token: the faithful solver needs several times its usual iterations; the
     fixed 60 stop far from its answer, the longer schedule reaches it."""
     x = _darkened(tokens(64, 80, seed=3), 5, 0.03)
@@ -252,7 +270,7 @@ def test_ill_conditioned_data_get_a_longer_schedule_and_the_faithful_answer():
     torch.testing.assert_close(np_c.coef, torch_c.coef, rtol=0, atol=1e-8)
 
 
-def test_the_schedule_length_has_no_jump_where_its_iteration_count_changes():
+def test_the_schedule_length_has_no_jump_where_its_iteration_count_changes(length_rule):
     """Where the length crosses a multiple of ``blend`` the run takes ``blend`` more
     iterations; ``C`` is blended between its last two such iterations, so the scores do not
     jump there (without the blend they would: 70 and 80 iterations differ by far more)."""

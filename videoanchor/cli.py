@@ -704,8 +704,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--ssc-solver",
         choices=SSC_SOLVERS,
         default=SSC.solver,
-        help="SSC solver: auto (default: fast, a 60-iteration schedule, longer on "
-        "ill-conditioned data, whose scores are continuous in the features), faithful (the authors' iterate and stopping rule), "
+        help="SSC solver: auto (default: fast, a fixed 60-iteration schedule whose scores are "
+        "continuous in the features), faithful (the authors' iterate and stopping rule), "
         "accelerated (over-relaxed ADMM run to the minimiser of the authors' program)",
     )
     a.add_argument(

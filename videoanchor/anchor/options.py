@@ -39,9 +39,8 @@ MAX_LABEL_DRAWS = 10_000
 #: what ``mode="scalable"`` and ``candidates=`` became (they were removed; issue 33)
 REMOVED_SCALABLE = (
     "the scalable approximation was removed (issue 33; its scores agreed only loosely with the "
-    "exact ones); try the defaults (mode='auto', solver='auto': the fast solver, a "
-    "60-iteration approximation of the authors' answer, longer on ill-conditioned data) or "
-    "mode='blocked' for exact SSC on "
+    "exact ones); try the defaults (mode='auto', solver='auto': the fast solver, a fixed "
+    "60-iteration approximation of the authors' answer) or mode='blocked' for exact SSC on "
     "long videos (no N x N buffer)"
 )
 
@@ -109,8 +108,7 @@ class SSCOptions:
     backend: str = "auto"
     """Array library of the dense solver: ``"auto"`` (torch), ``"torch"``, ``"cupy"``."""
     solver: str = "auto"
-    """``"fast"`` (through ``"auto"``: the authors' steps on a 60-iteration schedule, longer on
-    ill-conditioned data: :func:`~videoanchor.anchor.admm.schedule_length`),
+    """``"fast"`` (through ``"auto"``: the authors' steps on a fixed 60-iteration schedule),
     ``"faithful"`` (the authors' iteration and stopping rule) or ``"accelerated"``."""
     dtype: torch.dtype | None = None
     """Working dtype of the ADMM: None (float32), ``torch.float32`` or ``torch.float64``."""

@@ -362,11 +362,9 @@ def compute_anchor_scores(
     ``coef`` (N, N) are returned there.
 
     ``solver``: ``"fast"`` (the default through ``"auto"`` in exact mode; an approximation
-    of the faithful answer: the authors' A-, E- and C-steps on a schedule of 60 iterations,
-    more where the data are ill-conditioned (the median eigenvalue of ``lambda_z Y^T Y``
-    above ``rho / 1.5``: :func:`~videoanchor.anchor.admm.schedule_length`, a continuous
-    function of the features, at most 1000; ``converged`` when it ran them all; a smaller
-    ``max_iter`` cuts it short) with ``rho`` rebalanced by a continuous factor, the
+    of the faithful answer: the authors' A-, E- and C-steps on a fixed schedule of 60
+    iterations (``converged`` when it ran them all; a smaller ``max_iter`` cuts it short)
+    with ``rho`` rebalanced by a continuous factor, the
     system factored once by an eigendecomposition; ``eps`` does not apply; no stopping test,
     so the scores are a continuous function of the features, see docs/ssc.md for its
     fidelity), ``"faithful"`` (the authors' iteration and stopping rule
