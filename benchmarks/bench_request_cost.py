@@ -386,7 +386,7 @@ def fidelity_sets(quick: bool, notes: list, tiny: list) -> list[tuple]:
                    for a, m, per in ((0, 8, 32), (8, 8, 32), (16, 6, 40))]  # fmt: skip
     sets += [(label, feats, k, False) for label, feats, k in looked]
     # ... these were not: points on 3-dimensional subspaces with 2% of their entries
-    # corrupted (tests/test_split_ssc.py's tokens), ill-conditioned by the corruptions
+    # corrupted (also tests/test_split_ssc.py's tokens), ill-conditioned by the corruptions
     held += [(f"corrupted subspace tokens, seed {seed}", corrupted_subspaces(n, d, seed=seed), 4)
              for n, d, seed in ((64, 80, 1), (100, 150, 2), (200, 300, 4))]  # fmt: skip
     for family in ("qwen2_5_vl", "llava_onevision", "internvl"):

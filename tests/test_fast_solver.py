@@ -7,6 +7,8 @@ import torch
 from scipy.stats import spearmanr
 from sklearn.metrics import adjusted_rand_score
 
+from benchmarks.bench_request_cost import darkened as _darkened
+from benchmarks.bench_request_cost import median_curvature_of as _curvature
 from videoanchor.anchor import admm, compute_anchor_scores
 from videoanchor.anchor.ssc import TorchKernels, ssc_lambdas
 from videoanchor.integrations.options import AnchorConfig, ssc_kwargs, validate_ssc_options
@@ -180,23 +182,6 @@ def test_faithful_jumps_and_fast_does_not():
     a, b = run(x, 4), run(xp, 4)
     assert a.iterations == b.iterations
     assert float((a.scores - b.scores).abs().max()) <= 1e-4
-
-
-def _darkened(x, i, s):
-    """``x`` with token ``i`` scaled to ``s`` times the median token norm: a near-black token
-    sets ``lambda_z`` (``mu_z`` is a minimum over tokens) and makes the data term
-    ill-conditioned, as the near-black face of Yale B subjects 31-38 does."""
-    x = x.clone()
-    x[i] *= s * x.norm(dim=1).median() / x[i].norm()
-    return x
-
-
-def _curvature(x):
-    """admm.median_curvature as the solver computes it (float64 Gram of the features)."""
-    x64 = x.double()
-    _, lam_z, _, _ = ssc_lambdas(x64, 800.0, 800.0)
-    w = torch.linalg.eigvalsh((x64 @ x64.T) * lam_z).clamp(min=0)
-    return admm.median_curvature(w, x.shape[0], 300.0)
 
 
 #: The length rule as measured (docs/ssc.md): off by default, on with this stretch.

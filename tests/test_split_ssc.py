@@ -17,24 +17,15 @@ from hypothesis import strategies as st
 # A spawned rank imports this module but not conftest.py: apply the test-only shim here too.
 torchvision_shim.apply()
 
+from benchmarks.bench_request_cost import corrupted_subspaces  # noqa: E402
 from videoanchor.anchor import compute_anchor_scores, fast, scores, solve_ssc_admm  # noqa: E402
 from videoanchor.anchor.collective import column_range  # noqa: E402
 
 
-def tokens(n, d, *, k=4, sub_dim=3, corrupt=0.02, seed=0):
-    """Points on ``k`` random subspaces, a little noise, and sparse large corruptions (so
-    that the outlier matrix E is not zero)."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % k
-    x = torch.empty(n, d, dtype=torch.float64)
-    for c in range(k):
-        idx = (labels == c).nonzero().squeeze(1)
-        basis = torch.randn(d, sub_dim, generator=g, dtype=torch.float64)
-        x[idx] = (basis @ torch.randn(sub_dim, idx.numel(), generator=g, dtype=torch.float64)).T
-    x += 0.02 * torch.randn(n, d, generator=g, dtype=torch.float64)
-    mask = torch.rand(n, d, generator=g) < corrupt
-    x += mask * 20.0 * torch.randn(n, d, generator=g, dtype=torch.float64)
-    return x.float()
+def tokens(n, d, *, seed=0):
+    """Points on 4 random subspaces, a little noise, and sparse large corruptions (so that
+    the outlier matrix E is not zero): the benchmark's corrupted subspaces."""
+    return corrupted_subspaces(n, d, seed=seed)
 
 
 def _rel(a, b):

@@ -314,8 +314,7 @@ def solve_ssc_admm(
     schedule :data:`~videoanchor.anchor.admm.SCHEDULE` (60 iterations; its length rule for
     ill-conditioned data, :func:`~videoanchor.anchor.admm.schedule_length`, is off by
     default; ``rho`` rescaled by a continuous residual-balancing factor, the system factored
-    once by
-    :class:`~videoanchor.anchor.admm.EigenInverse`) and no residual test, so its answer is
+    once by :class:`~videoanchor.anchor.admm.EigenInverse`) and no residual test, so its answer is
     a continuous function of the features; a smaller ``max_iter`` cuts it short
     (``converged=False``). ``eps``, ``relax``, ``adaptive_rho``, ``strategy`` and
     ``e_every`` do not apply to it.
