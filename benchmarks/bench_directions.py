@@ -29,6 +29,18 @@ the spread between its eigenvalues and the authors' fixed ``rho = 300``: per set
 the median eigenvalue of ``lambda_z Y^T Y`` over ``rho``, the smallest token norm over the
 median one, and the faithful solver's iterations.
 
+``length`` rows: whether the fast iterate's own convergence could set its length. One long
+run of the fast schedule (``LONGEST`` iterations; its iterate at iteration ``k`` is the
+``k``-iteration run's, the balancing of ``rho`` ending at 30 either way) is stopped at every
+tenth iteration: there, the scores and labels against the faithful answer, the authors'
+residual, and the change of the row sums of ``C`` (which the scores are made of) over the
+last ten iterations, relative to their spread (``||r_k - r_(k-10)|| / ||r_k - mean r_k||``).
+Per set: the first checkpoint meeting both bars, and where a stop on that change (the
+first checkpoint from 60 on where it is at most ``tol``, for each ``tol`` of
+``STOP_TOLERANCES``) would end, with the bars there. The two cost-study shapes of
+Qwen2.5-VL-7B (2 and 4 frames of synthetic tokens, ``D = 3584``) run too: a rule that
+lengthens them costs what the issue measures.
+
 ``spectrum`` rows: how many of the factor's eigen-components a truncation could drop.
 ``R = rho (lambda_z Y^T Y + rho I)^{-1} = V diag(rho / (w + rho)) V^T``, so a component with
 ``rho / (w + rho)`` under 1e-2 adds little to ``R`` and one with ``w / (w + rho)`` under 1e-2
@@ -36,7 +48,7 @@ adds little to ``I - R``: counted at the start (``rho = 300``) and at the fast s
 ``rho``. If either count were a large share of ``N``, ``R`` or ``I - R`` would be low-rank
 and the ``N^3`` A-step could shrink.
 
-    python benchmarks/bench_directions.py           # the committed CPU figures (~5 minutes)
+    python benchmarks/bench_directions.py           # the committed CPU figures (~25 minutes)
     python benchmarks/bench_directions.py --quick   # fewer sets, a smoke run
 """
 
@@ -63,7 +75,11 @@ from benchmarks.bench_ssc import synthetic_tokens  # noqa: E402
 from benchmarks.common import environment, print_table, write_result  # noqa: E402
 from videoanchor.anchor import admm, anchor_scores, compute_anchor_scores, fast  # noqa: E402
 from videoanchor.anchor.options import DEFAULTS  # noqa: E402
-from videoanchor.anchor.scores import sparse_subspace_clustering  # noqa: E402
+from videoanchor.anchor.scores import (  # noqa: E402
+    SSCCoefficients,
+    anchor_result_from_coefficients,
+    sparse_subspace_clustering,
+)
 from videoanchor.anchor.ssc import solve_ssc_admm, ssc_lambdas  # noqa: E402
 
 
@@ -201,11 +217,16 @@ DIRECTIONS = [
 ]
 
 
-def direction_rows(name, x, k, held_out) -> list[dict]:
+def _reference(x, k):
+    """The faithful answer (eps 2e-4) and the bar: its agreement with eps 2e-3."""
     ref = compute_anchor_scores(x, k, solver="faithful", progress=False, mode="exact")
     loose = compute_anchor_scores(x, k, solver="faithful", progress=False, mode="exact",
                                   eps=2e-3)  # fmt: skip
-    bar_sp, bar_ari = _spearman(loose.scores, ref.scores), _ari(loose.labels, ref.labels)
+    return ref, _spearman(loose.scores, ref.scores), _ari(loose.labels, ref.labels)
+
+
+def direction_rows(name, x, k, held_out, reference) -> list[dict]:
+    ref, bar_sp, bar_ari = reference
     rows, base_seconds = [], None
     for direction, iterations, relax, anderson, kw in DIRECTIONS:
         t = time.perf_counter()
@@ -228,6 +249,77 @@ def direction_rows(name, x, k, held_out) -> list[dict]:
             "figures": "measured",
         })  # fmt: skip
     return rows
+
+
+#: The length study's longest run, and the tolerances of the stop on the row sums' change.
+LONGEST = 300
+STOP_TOLERANCES = (0.09, 0.05, 0.02)
+
+
+@contextlib.contextmanager
+def checkpoints(every: int = 10):
+    """``C`` (a copy), the authors' residual and ``rho`` of the fast solver's iterate at every
+    ``every``-th iteration, into the dict yielded (iteration -> tuple)."""
+    marks, c_step = {}, admm.ScheduledStep._c_step
+
+    def marked(self, it, a):
+        out = c_step(self, it, a)
+        if it % every == 0:
+            marks[it] = (self.C.clone(), out[0], self.rho)
+        return out
+
+    admm.ScheduledStep._c_step = marked
+    try:
+        yield marks
+    finally:
+        admm.ScheduledStep._c_step = c_step
+
+
+def length_row(name, x, k, held_out, reference, default_scores=None) -> dict:
+    """The fast iterate stopped at every tenth iteration up to :data:`LONGEST` (module
+    docstring, ``length`` rows)."""
+    ref, bar_sp, bar_ari = reference
+    with schedule(LONGEST), checkpoints() as marks:
+        admm.SCHEDULE["balance_until"] = 30  # the default's balancing, not LONGEST // 2
+        _fast(x, k)
+    trajectory, prev = [], None
+    for it in sorted(marks):
+        c, residual, rho = marks[it]
+        # the rest of compute_anchor_scores after the SSC step, on this iterate
+        done = anchor_result_from_coefficients(
+            SSCCoefficients(c, it, False, residual, 0.0, 0.0, "torch", "fast"), k,
+            seed=DEFAULTS.seed, features=x,
+        )  # fmt: skip
+        scores, labels = done.scores, done.labels
+        if it == admm.SCHEDULE["iterations"] and default_scores is not None:
+            # the checkpoint is the default's answer: the same scores to rounding
+            at_default = float((scores - default_scores).abs().max())
+        r = c.double().sum(dim=1)
+        change = None if prev is None else float((r - prev).norm() / (r - r.mean()).norm())
+        prev = r
+        sp, ari = _spearman(scores, ref.scores), _ari(labels, ref.labels)
+        trajectory.append({"iteration": it, "spearman": sp, "ari": ari, "residual": residual,
+                           "row_sum_change": change, "rho": rho,
+                           "meets_both": sp >= bar_sp and ari >= bar_ari})  # fmt: skip
+    base = admm.SCHEDULE["iterations"]
+    needed = next((t["iteration"] for t in trajectory if t["meets_both"]), None)
+    row = {
+        "data": name, "held_out": held_out, "n": x.shape[0], "d": x.shape[1], "n_clusters": k,
+        "faithful_iterations": ref.iterations, "bar_spearman": bar_sp, "bar_ari": bar_ari,
+        "first_meeting_both": needed, "longest": LONGEST,
+        "row_sum_change_at_default": next(t["row_sum_change"] for t in trajectory
+                                          if t["iteration"] == base),
+        "trajectory": trajectory, "figures": "measured",
+    }  # fmt: skip
+    if default_scores is not None:
+        row["max_score_difference_to_default"] = at_default
+    for tol in STOP_TOLERANCES:
+        stop = next((t for t in trajectory if t["iteration"] >= base
+                     and t["row_sum_change"] <= tol), trajectory[-1])  # fmt: skip
+        row[f"stop_{tol:g}_iterations"] = stop["iteration"]
+        row[f"stop_{tol:g}_meets_both"] = stop["meets_both"]
+        row[f"stop_{tol:g}_spearman"] = stop["spearman"]
+    return row
 
 
 def spectrum_row(name, x) -> dict:
@@ -270,11 +362,24 @@ def run(quick: bool, out_dir) -> Path:
     meta["notes"] = notes
     rows: list[dict] = []
     sets = fidelity_sets(quick, notes, tiny_sets(quick, notes))
-    for name, x, k, held_out in sets:
-        mine = direction_rows(name, x, k, held_out)
-        rows += [{"kind": "direction", **r} for r in mine]
-        rows.append({"kind": "conditioning",
-                     **conditioning_row(name, x, mine[0]["faithful_iterations"])})  # fmt: skip
+    # the cost study's Qwen2.5-VL-7B shapes at 2 and 4 frames: length rows only
+    cost_shapes = [] if quick else [
+        (f"synthetic video tokens, Qwen2.5-VL-7B, {f} frames",
+         synthetic_tokens(128 * f, 3584, seed=f), 24, False) for f in (2, 4)
+    ]  # fmt: skip
+    for name, x, k, held_out in sets + cost_shapes:
+        reference = _reference(x, k)
+        default = None
+        if (name, x, k, held_out) in cost_shapes:
+            default = _fast(x, k).scores
+        else:
+            mine = direction_rows(name, x, k, held_out, reference)
+            rows += [{"kind": "direction", **r} for r in mine]
+            rows.append({"kind": "conditioning",
+                         **conditioning_row(name, x, mine[0]["faithful_iterations"])})  # fmt: skip
+            with schedule():
+                default = _fast(x, k).scores
+        rows.append({"kind": "length", **length_row(name, x, k, held_out, reference, default)})
         print(f"{name}: done", flush=True)
     spectra = [(name, x) for name, x, _, _ in sets
                if name in ("synthetic video tokens", "Extended Yale B faces")]  # fmt: skip
@@ -298,6 +403,21 @@ def run(quick: bool, out_dir) -> Path:
         })  # fmt: skip
     meta["summary"] = summary
     print_table(summary, ["direction", "sets", "meet_both_bars", "held_out_meet_both"])
+    lengths = [r for r in rows if r["kind"] == "length"]
+    stops = []
+    for tol in STOP_TOLERANCES:
+        fidelity = [r for r in lengths if r["data"] in {d["data"] for d in directions}]
+        stops.append({
+            "stop_tolerance": tol, "sets": len(fidelity),
+            "meet_both_bars": sum(r[f"stop_{tol:g}_meets_both"] for r in fidelity),
+            "iterations": {r["data"]: r[f"stop_{tol:g}_iterations"] for r in lengths},
+        })  # fmt: skip
+    meta["length_summary"] = stops
+    print_table(lengths, ["data", "faithful_iterations", "first_meeting_both",
+                          "row_sum_change_at_default",
+                          *[f"stop_{t:g}_{c}" for t in STOP_TOLERANCES
+                            for c in ("iterations", "meets_both")]])  # fmt: skip
+    print_table(stops, ["stop_tolerance", "sets", "meet_both_bars"])
     print_table([r for r in rows if r["kind"] == "conditioning"],
                 ["data", "lambda_z", "median_eigenvalue_over_rho", "min_norm_over_median",
                  "faithful_iterations"])  # fmt: skip
