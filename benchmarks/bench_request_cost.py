@@ -574,6 +574,7 @@ def cost_rows(device, quick, budget_s, measure=None, on_row=None) -> list[dict]:
             measured_iters[n] = ref.iterations
             row.update(
                 iterations_faithful=ref.iterations, iterations_figures="measured",
+                iterations_fast=fast.iterations,  # the run's own count (the schedule's above)
                 seconds_ssc_faithful=t_faith, seconds_ssc_fast=t_fast,
                 seconds_prefill=t_pre, prefill_dtype=str(dtype).replace("torch.", ""),
                 ssc_over_prefill_faithful=t_faith / t_pre,

@@ -77,7 +77,7 @@ def test_anderson_gets_nearer_the_long_run_iterate(seed):
 
 def test_rows_judge_each_direction_by_the_loose_faithful_bar():
     x = _tokens()
-    rows = bd.direction_rows("tokens", x, 3, held_out=False)
+    rows = bd.direction_rows("tokens", x, 3, False, bd._reference(x, 3))
     assert [r["direction"] for r in rows] == [d[0] for d in bd.DIRECTIONS]
     ref = compute_anchor_scores(x, 3, solver="faithful", progress=False, mode="exact")
     loose = compute_anchor_scores(x, 3, solver="faithful", progress=False, mode="exact",
@@ -93,6 +93,49 @@ def test_rows_judge_each_direction_by_the_loose_faithful_bar():
     assert by["iterations=40"]["iterations"] == 40 and by["default"]["seconds_over_default"] == 1
     assert by["anderson m=3, iterations=50"]["iterations"] == 50
     assert {r["faithful_iterations"] for r in rows} == {ref.iterations}
+
+
+def test_checkpoints_are_the_iterates_of_shorter_runs_then_restore(monkeypatch):
+    # the long run's C at iteration k is what a k-iteration run returns (same balancing)
+    x = _tokens()
+    c_step = admm.ScheduledStep._c_step
+    with bd.schedule(120), bd.checkpoints() as marks:
+        admm.SCHEDULE["balance_until"] = 30
+        bd._fast(x, 3)
+    assert admm.ScheduledStep._c_step is c_step
+    assert sorted(marks) == list(range(10, 130, 10))
+    monkeypatch.setitem(admm.SCHEDULE, "iterations", 80)
+    eighty = bd._fast(x, 3)
+    assert torch.equal(marks[80][0], eighty.coef)
+    assert not torch.equal(marks[70][0], eighty.coef)
+
+
+def test_length_row_follows_the_iterate_and_stops_on_the_row_sums(monkeypatch):
+    monkeypatch.setattr(bd, "LONGEST", 100)
+    x = _tokens()
+    reference = bd._reference(x, 3)
+    default = bd._fast(x, 3)
+    row = bd.length_row("tokens", x, 3, False, reference, default.scores)
+    ref, bar_sp, bar_ari = reference
+    its = [t["iteration"] for t in row["trajectory"]]
+    assert its == list(range(10, 110, 10)) and row["longest"] == 100
+    at = {t["iteration"]: t for t in row["trajectory"]}
+    # the checkpoint at the default's length is the default's answer
+    assert row["max_score_difference_to_default"] == 0.0
+    assert at[60]["spearman"] == pytest.approx(bd._spearman(default.scores, ref.scores))
+    assert at[10]["row_sum_change"] is None and all(t["row_sum_change"] >= 0 for t in
+                                                    row["trajectory"][1:])  # fmt: skip
+    first = row["first_meeting_both"]
+    assert first is None or (at[first]["meets_both"] and all(
+        not at[i]["meets_both"] for i in its if i < first))  # fmt: skip
+    for tol in bd.STOP_TOLERANCES:
+        stop = row[f"stop_{tol:g}_iterations"]
+        assert 60 <= stop <= 100
+        assert at[stop]["row_sum_change"] <= tol or stop == 100
+        assert all(at[i]["row_sum_change"] > tol for i in its if 60 <= i < stop)
+        assert row[f"stop_{tol:g}_meets_both"] == at[stop]["meets_both"]
+        assert row[f"stop_{tol:g}_meets_both"] == (
+            at[stop]["spearman"] >= bar_sp and at[stop]["ari"] >= bar_ari)  # fmt: skip
 
 
 def test_conditioning_row_reads_lambda_z_and_the_spectrum():
@@ -122,6 +165,8 @@ def test_quick_run_writes_its_rows(tmp_path, monkeypatch):
     data = json.loads(path.read_text())
     kinds = [r["kind"] for r in data["rows"]]
     assert kinds.count("direction") == len(bd.DIRECTIONS) * 2 and "spectrum" in kinds
-    assert kinds.count("conditioning") == 2
+    assert kinds.count("conditioning") == 2 and kinds.count("length") == 2
+    assert {s["stop_tolerance"] for s in data["meta"]["length_summary"]} == set(
+        bd.STOP_TOLERANCES)  # fmt: skip
     assert any("Yale B not found" in n for n in data["meta"]["notes"])
     assert {s["direction"] for s in data["meta"]["summary"]} == {d[0] for d in bd.DIRECTIONS}
