@@ -68,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_request_cost import (  # noqa: E402
     _ari,
     _spearman,
+    data_term_spectrum,
     fidelity_sets,
     tiny_sets,
 )
@@ -80,7 +81,7 @@ from videoanchor.anchor.scores import (  # noqa: E402
     anchor_result_from_coefficients,
     sparse_subspace_clustering,
 )
-from videoanchor.anchor.ssc import solve_ssc_admm, ssc_lambdas  # noqa: E402
+from videoanchor.anchor.ssc import solve_ssc_admm  # noqa: E402
 
 
 class Anderson:
@@ -279,8 +280,7 @@ def length_row(name, x, k, held_out, reference, default_scores=None) -> dict:
     """The fast iterate stopped at every tenth iteration up to :data:`LONGEST` (module
     docstring, ``length`` rows)."""
     ref, bar_sp, bar_ari = reference
-    with schedule(LONGEST), checkpoints() as marks:
-        admm.SCHEDULE["balance_until"] = 30  # the default's balancing, not LONGEST // 2
+    with schedule(LONGEST), checkpoints() as marks:  # balancing until 30, as the default
         _fast(x, k)
     trajectory, prev = [], None
     for it in sorted(marks):
@@ -325,9 +325,7 @@ def length_row(name, x, k, held_out, reference, default_scores=None) -> dict:
 def spectrum_row(name, x) -> dict:
     """How many eigen-components of ``R`` / ``I - R`` a 1e-2 truncation could drop."""
     res = solve_ssc_admm(x, scheduled=True, progress=False)
-    x64 = x.double()
-    _, lam_z, _, _ = ssc_lambdas(x64, DEFAULTS.alpha_e, DEFAULTS.alpha_z)
-    w = torch.linalg.eigvalsh((x64 @ x64.T) * lam_z).clamp(min=0.0)
+    _, _, w = data_term_spectrum(x)
     row = {"data": name, "n": x.shape[0], "d": x.shape[1], "rho_final": res.rho}
     for label, rho in (("start", DEFAULTS.rho), ("final", res.rho)):
         row[f"small_in_r_{label}"] = int((rho / (w + rho) < 1e-2).sum())  # dropped from R
@@ -339,10 +337,8 @@ def spectrum_row(name, x) -> dict:
 def conditioning_row(name, x, faithful_iterations: int) -> dict:
     """How ``lambda_z`` (set by the worst-placed token) scales the factor's spectrum against
     the authors' ``rho``, and the token norms that set it."""
-    x64 = x.double()
-    _, lam_z, _, mu_z = ssc_lambdas(x64, DEFAULTS.alpha_e, DEFAULTS.alpha_z)
-    w = torch.linalg.eigvalsh((x64 @ x64.T) * lam_z).clamp(min=0.0)
-    norms = x64.norm(dim=1)
+    lam_z, mu_z, w = data_term_spectrum(x)
+    norms = x.double().norm(dim=1)
     return {
         "data": name, "n": x.shape[0], "d": x.shape[1], "lambda_z": lam_z, "mu_z": mu_z,
         "median_eigenvalue_over_rho": float(w.median()) / DEFAULTS.rho,
@@ -401,8 +397,8 @@ def run(quick: bool, out_dir) -> Path:
     print_table(summary, ["direction", "sets", "meet_both_bars", "held_out_meet_both"])
     lengths = [r for r in rows if r["kind"] == "length"]
     stops = []
+    fidelity = [r for r in lengths if r["data"] in {d["data"] for d in directions}]
     for tol in STOP_TOLERANCES:
-        fidelity = [r for r in lengths if r["data"] in {d["data"] for d in directions}]
         stops.append({
             "stop_tolerance": tol, "sets": len(fidelity),
             "meet_both_bars": sum(r[f"stop_{tol:g}_meets_both"] for r in fidelity),

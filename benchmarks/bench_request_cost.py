@@ -411,16 +411,24 @@ def exact_e_steps():
         fast.FULL["every"] = every
 
 
-def median_curvature_of(x) -> float:
-    """:func:`~videoanchor.anchor.admm.median_curvature` of ``x`` at the default alphas and
-    ``rho`` (what sets the fast solver's length)."""
+def data_term_spectrum(x) -> tuple[float, float, torch.Tensor]:
+    """``(lambda_z, mu_z, w)`` of ``x`` at the default alphas, ``w`` the eigenvalues of
+    ``lambda_z Y^T Y`` (float64, ascending, clamped at 0): the spectrum the fast solver's
+    factor decomposes."""
     from videoanchor.anchor.options import DEFAULTS
     from videoanchor.anchor.ssc import ssc_lambdas
 
     x64 = x.double().cpu()
-    _, lam_z, _, _ = ssc_lambdas(x64, DEFAULTS.alpha_e, DEFAULTS.alpha_z)
-    w = torch.linalg.eigvalsh((x64 @ x64.T) * lam_z).clamp(min=0)
-    return admm.median_curvature(w, x.shape[0], DEFAULTS.rho)
+    _, lam_z, _, mu_z = ssc_lambdas(x64, DEFAULTS.alpha_e, DEFAULTS.alpha_z)
+    return lam_z, mu_z, torch.linalg.eigvalsh((x64 @ x64.T) * lam_z).clamp(min=0)
+
+
+def median_curvature_of(x) -> float:
+    """:func:`~videoanchor.anchor.admm.median_curvature` of ``x`` at the default alphas and
+    ``rho`` (what sets the fast solver's length)."""
+    from videoanchor.anchor.options import DEFAULTS
+
+    return admm.median_curvature(data_term_spectrum(x)[2], x.shape[0], DEFAULTS.rho)
 
 
 def fidelity(name, x, k, device, held_out: bool = False) -> dict:

@@ -100,7 +100,7 @@ def test_checkpoints_are_the_iterates_of_shorter_runs_then_restore(monkeypatch):
     x = _tokens()
     c_step = admm.ScheduledStep._c_step
     with bd.schedule(120), bd.checkpoints() as marks:
-        admm.SCHEDULE["balance_until"] = 30
+        assert admm.SCHEDULE["balance_until"] == 30  # the default's balancing
         bd._fast(x, 3)
     assert admm.ScheduledStep._c_step is c_step
     assert sorted(marks) == list(range(10, 130, 10))
