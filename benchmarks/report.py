@@ -808,15 +808,22 @@ def _fig_request_cost_measured(r: Result, rows: list[dict]):
         ax.plot(f, [x["ssc_over_prefill_faithful"] for x in rs], color=f"C{i}", marker="o",
                 label=f"{model}: faithful")  # fmt: skip
         ax.plot(f, [x["ssc_over_prefill_fast"] for x in rs], color=f"C{i}", ls="--", marker="s",
-                label=f"{model}: fast default (git {str(r.meta.get('git_sha'))[:7]})")  # fmt: skip
+                label=f"{model}: fast, FP32 (git {str(r.meta.get('git_sha'))[:7]})")  # fmt: skip
+        split = [x for x in rs if x.get("seconds_ssc_fast_fp16x3") is not None]
+        if split:
+            ax.plot([x["frames"] for x in split],
+                    [x["seconds_ssc_fast_fp16x3"] / x["seconds_prefill"] for x in split],
+                    color=f"C{i}", ls=":", marker="^",
+                    label=f"{model}: fast, fp16x3 (the default on CUDA)")  # fmt: skip
     _cost_axes(ax)
     ax.set_title(f"{r.meta.get('device')}, MEASURED", fontsize=8)
     fig.legend(loc="outside right center", fontsize=6)
     return fig, (
         "SSC time over the language model's prefill time on one request against the frame "
-        "count, MEASURED on the GPU (SSC in FP32, the random-weight decoder layers in bf16), "
-        "for the rows the lease finished (a row marked as the process's first CUDA solve is "
-        "left out); dotted: the targets 0.10 and 0.25."
+        "count, MEASURED on the GPU (SSC in FP32 and, where timed, with precision='fp16x3', "
+        "the default on CUDA; the random-weight decoder layers in bf16), for the rows the "
+        "lease finished (a row marked as the process's first CUDA solve is left out); dotted "
+        "horizontals: the targets 0.10 and 0.25."
     )
 
 
@@ -1042,11 +1049,23 @@ def _gpu_speed(results: list[Result]) -> str:
     if cost is not None:
         rows = [x for x in cost.rows if x.get("seconds_ssc_fast") is not None]
         row = next((x for x in rows if x["frames"] == 16), rows[0] if rows else None)
-        if row is not None:
+        sha = str(cost.meta.get("git_sha"))[:7]
+        if row is not None and row.get("seconds_ssc_fast_fp16x3") is not None:
+            fp16x3 = row["seconds_ssc_fast_fp16x3"]
+            parts.append(
+                f"the anchor scores of a {row['frames']}-frame {row['model']} request "
+                f"(N = {row['n']}) took {fp16x3:.2f} s with precision='fp16x3' (the default "
+                f"on CUDA since that run), {row['seconds_ssc_fast']:.2f} s in FP32 (the fast "
+                f"solver at git {sha}) and {row['seconds_ssc_faithful']:.2f} s (the authors' "
+                f"iterate), against {row['seconds_prefill']:.2f} s for the model's prefill "
+                f"({fp16x3 / row['seconds_prefill']:.1f}x, {row['ssc_over_prefill_fast']:.1f}x "
+                f"and {row['ssc_over_prefill_faithful']:.1f}x)"
+            )
+        elif row is not None:
             parts.append(
                 f"the anchor scores of a {row['frames']}-frame {row['model']} request "
                 f"(N = {row['n']}) took {row['seconds_ssc_fast']:.2f} s (the default solver at "
-                f"git {str(cost.meta.get('git_sha'))[:7]}) and "
+                f"git {sha}) and "
                 f"{row['seconds_ssc_faithful']:.2f} s (the authors' iterate), against "
                 f"{row['seconds_prefill']:.2f} s for the model's prefill "
                 f"({row['ssc_over_prefill_fast']:.1f}x and {row['ssc_over_prefill_faithful']:.1f}x)"

@@ -388,13 +388,18 @@ def test_gpu_fast_solver_runs_the_dense_schedule_and_matches_the_cpu_run():
 @pytest.mark.parametrize("precision", ["full", "fp16x3"])
 def test_low_rank_factor_gives_the_dense_factor_scores(device, precision, monkeypatch):
     """The scores with the low-rank factor (N > 1.75 D) are the dense factor's in float32 and
-    with fp16x3 products (on CUDA's tensor cores; emulated on a CPU)."""
+    with fp16x3 products (on CUDA's tensor cores; emulated on a CPU). On an H100 (2026-11-24,
+    benchmarks/results/logs/h100-2026-11-24/) the two fp16x3 runs differed by 4.9e-4 (each
+    2-3e-4 from float32's scores): tensor cores do not round their float32 accumulation to
+    nearest, so their fp16x3 rounds coarser than the exact emulation here (2.9e-5); its
+    fidelity and stability matched float32's there. A wrong factor moves them by far more."""
     x = tokens(300, 96, k=5, seed=4).to(device)
     got = run(x, 5, precision=precision, mode="exact")
     monkeypatch.setitem(admm.THIN, "above", float("inf"))
     ref = run(x, 5, precision=precision, mode="exact")
     assert got.solver == ref.solver == "fast"
-    assert float((got.scores - ref.scores).abs().max()) <= 1e-4
+    bound = 1e-3 if precision == "fp16x3" and device == "cuda" else 1e-4
+    assert float((got.scores - ref.scores).abs().max()) <= bound
     assert torch.equal(got.labels.cpu(), ref.labels.cpu())
 
 

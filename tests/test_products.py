@@ -142,7 +142,57 @@ def test_fp16x3_scores_match_the_float32_default():
     assert bool((got.labels == ref.labels).all())
     assert float((got.scores - ref.scores).abs().max()) < 1e-4
     auto = compute_anchor_scores(x, 4, progress=False, precision="auto")
-    torch.testing.assert_close(auto.scores, ref.scores, rtol=0, atol=0)  # auto is full
+    torch.testing.assert_close(auto.scores, ref.scores, rtol=0, atol=0)  # full on a CPU
+
+
+def test_auto_is_fp16x3_only_where_it_runs_natively_and_the_solver_allows_it(monkeypatch):
+    """ "auto" picks fp16x3 on a CUDA device with float16 tensor cores (H100, 2026-11-24: as
+    faithful and as stable as float32, 1.1-1.4x faster) and full everywhere else: on a CPU,
+    and wherever fp16x3 could not run (then it never raises, unlike an explicit fp16x3)."""
+    from videoanchor.anchor import products, ssc
+
+    assert products._has_out_dtype()  # this PyTorch (>= 2.8) has torch.mm(out_dtype=...)
+    assert not products.native_fp16x3("cpu") and not products.native_fp16x3(None)
+    assert products.native_fp16x3("meta") is False
+    assert products.resolve_precision("auto", "cpu") == "full"
+    assert products.resolve_precision("full", "cuda") == "full"
+    ok = dict(fast=True, work=torch.float32, device="cpu")
+    assert products.check_precision("auto", **ok) == "full"
+    monkeypatch.setattr(products, "native_fp16x3", lambda device: device is not None)
+    assert products.resolve_precision("auto", "cuda") == "fp16x3"
+    assert products.check_precision("auto", **ok) == "fp16x3"
+    assert products.check_precision("auto", **{**ok, "device": None}) == "full"
+    for kw in (dict(fast=False), dict(work=torch.float64), dict(blocked=True),
+               dict(backend="cupy")):  # fmt: skip
+        assert products.check_precision("auto", **{**ok, **kw}) == "full"
+        with pytest.raises(ValueError, match="precision='fp16x3'"):
+            products.check_precision("fp16x3", **{**ok, **kw})
+    # the memory rule counts what "auto" runs: fp16x3's parts only where it is native
+    full = ssc.exact_bytes(512, 256, 4, "cuda", "full")
+    assert ssc.exact_bytes(512, 256, 4, "cpu", "auto") == ssc.exact_bytes(512, 256, 4, "cpu")
+    if not torch.cuda.is_available():  # exact_bytes resolves "auto" for an available CUDA
+        assert ssc.exact_bytes(512, 256, 4, "cuda", "auto") == full
+    # the options keep "auto" (resolved where the device is known), so cache keys say so
+    from videoanchor.anchor.options import SSCOptions
+
+    assert SSCOptions(precision="auto").precision == "auto"
+
+
+def test_auto_runs_fp16x3_where_native(monkeypatch):
+    """With "native" faked on this CPU, "auto" runs the split products (the emulation
+    here) and gives fp16x3's scores, not float32's."""
+    from videoanchor.anchor import products
+
+    x = tokens(120, 48, k=4, seed=8)
+    split = compute_anchor_scores(x, 4, progress=False, precision="fp16x3")
+    monkeypatch.setattr(products, "native_fp16x3", lambda device: True)
+    calls = []
+    orig = products.Products.__init__
+    monkeypatch.setattr(products.Products, "__init__",
+                        lambda self, p="full": calls.append(p) or orig(self, p))  # fmt: skip
+    auto = compute_anchor_scores(x, 4, progress=False)
+    assert "fp16x3" in calls
+    torch.testing.assert_close(auto.scores, split.scores, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -192,6 +242,18 @@ def test_configure_and_the_command_line_take_the_precision():
     run = build_parser()._subparsers._group_actions[0].choices["run"]
     args = run.parse_args(["--video", "v.mp4", "--question", "q", "--ssc-precision", "fp16x3"])
     assert args.ssc_precision == "fp16x3"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_auto_precision_is_fp16x3():
+    from videoanchor.anchor import products
+
+    x = tokens(120, 48, k=4, seed=8).cuda()
+    assert products.native_fp16x3(x.device)
+    auto = compute_anchor_scores(x, 4, progress=False)
+    split = compute_anchor_scores(x, 4, progress=False, precision="fp16x3")
+    torch.testing.assert_close(auto.scores, split.scores, rtol=0, atol=0)
 
 
 @pytest.mark.gpu

@@ -696,9 +696,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--ssc-precision",
         choices=PRECISIONS,
         default=SSC.precision,
-        help="precision of the fast solver's products: auto (default: full, the working "
-        "dtype), full, or fp16x3 (float16 tensor cores at about float32 accuracy; for CUDA, "
-        "emulated and slower elsewhere)",
+        help="precision of the fast solver's products: auto (default: fp16x3 on CUDA, full "
+        "elsewhere), full (the working dtype), or fp16x3 (float16 tensor cores at about "
+        "float32 accuracy; for CUDA, emulated and slower elsewhere)",
     )
     a.add_argument(
         "--ssc-solver",

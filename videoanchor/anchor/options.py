@@ -22,7 +22,7 @@ from videoanchor.anchor._inputs import (
     resolve_dtype,
     resolve_seed,
 )
-from videoanchor.anchor.products import PRECISIONS, check_precision, resolve_precision
+from videoanchor.anchor.products import PRECISIONS, check_precision
 
 __all__ = ["CHECKS", "DEFAULTS", "EIGEN_SOLVERS", "SSCOptions", "names_affecting"]
 
@@ -229,7 +229,7 @@ CHECKS = {
     "backend": (_choice(SSC_BACKENDS), "coef"),
     "solver": (_choice(SSC_SOLVERS), "coef"),
     "dtype": (_dtype, "coef"),
-    "precision": (lambda n, v: resolve_precision(check_choice(n, v, PRECISIONS)), "coef"),
+    "precision": (_choice(PRECISIONS), "coef"),
     "seed": (lambda n, v: resolve_seed(v), "labels"),
     "label_draws": (_label_draws, "labels"),
     "eigen_solver": (_choice(("auto", "eigh", "krylov", "subspace")), ""),

@@ -34,7 +34,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["PRECISIONS", "Products", "Split", "check_precision", "resolve_precision"]
+__all__ = [
+    "PRECISIONS",
+    "Products",
+    "Split",
+    "check_precision",
+    "native_fp16x3",
+    "resolve_precision",
+]
 
 PRECISIONS = ("auto", "full", "fp16x3")
 #: the largest magnitude of a scaled operand lies in (2^(TOP - 1), 2^TOP]: float16's largest
@@ -42,23 +49,71 @@ PRECISIONS = ("auto", "full", "fp16x3")
 TOP = 14
 
 
-def resolve_precision(precision: str) -> str:
-    """The precision ``precision`` runs: ``"auto"`` is ``"full"`` (fp16x3 is opt-in until a
-    GPU run has timed it, docs/ssc.md)."""
-    return "full" if precision == "auto" else precision
+def native_fp16x3(device) -> bool:
+    """Whether ``precision="fp16x3"`` runs natively on ``device`` (a ``torch.device``, a
+    device string or ``None``): a CUDA device (not ROCm) with float16 tensor cores (compute
+    capability 7.0 or later) and a PyTorch whose ``torch.mm`` takes ``out_dtype``
+    (PyTorch >= 2.8). Elsewhere it is emulated, three times the work of ``"full"``."""
+    if device is None:
+        return False
+    device = torch.device(device)
+    if device.type != "cuda" or torch.version.cuda is None or not torch.cuda.is_available():
+        return False
+    if torch.cuda.get_device_capability(device) < (7, 0):
+        return False
+    return _has_out_dtype()
+
+
+def _has_out_dtype() -> bool:
+    """Whether this PyTorch's ``torch.mm`` has the ``out_dtype`` overload (PyTorch >= 2.8)."""
+    try:
+        return any("out_dtype" in str(s) for s in torch.ops.aten.mm._schemas.values())
+    except AttributeError:  # an older dispatcher without _schemas
+        return False
+
+
+def resolve_precision(precision: str, device=None) -> str:
+    """The precision ``precision`` runs on ``device``: ``"auto"`` is ``"fp16x3"`` where it
+    runs natively (:func:`native_fp16x3`: CUDA tensor cores; as faithful and as stable as
+    float32 there and 1.1-1.4x faster, measured on an H100, docs/ssc.md), else ``"full"``
+    (on a CPU ``"fp16x3"`` is an exact emulation at three times the work)."""
+    if precision != "auto":
+        return precision
+    return "fp16x3" if native_fp16x3(device) else "full"
 
 
 def check_precision(precision, *, fast: bool, work, solver: str | None = None,
-                    blocked: bool = False, backend: str = "torch") -> str:  # fmt: skip
-    """``precision`` resolved (``"auto"`` is ``"full"``); a ValueError naming what is missing
-    where ``"fp16x3"`` cannot run: only the fast solver's torch iteration in float32, in
-    exact mode, has it. ``fast``: the fast solver runs (``solver``: the one asked for, named
-    in the message); ``work``: the working dtype; ``backend``: the array library."""
+                    blocked: bool = False, backend: str = "torch", device=None) -> str:  # fmt: skip
+    """``precision`` resolved for ``device``; a ValueError naming what is missing where
+    ``"fp16x3"`` is asked for and cannot run: only the fast solver's torch iteration in
+    float32, in exact mode, has it. ``"auto"`` never raises: it is ``"fp16x3"`` where that
+    runs natively (:func:`resolve_precision`) and the rest allows it, else ``"full"``.
+    ``fast``: the fast solver runs (``solver``: the one asked for, named in the message);
+    ``work``: the working dtype; ``backend``: the array library; ``device``: where the
+    products run (``None``: not known yet, as when options are checked)."""
     if not isinstance(precision, str) or precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
-    precision = resolve_precision(precision)
+    got = f" (got {solver!r})" if solver is not None else ""
+    problems = [
+        what
+        for bad, what in (
+            (not fast, f"the fast solver: solver 'fast' or 'auto'{got}"),
+            (blocked, "mode 'exact' or 'auto' (blocked runs the authors' iteration)"),
+            (backend not in ("torch", "auto"), f"backend 'torch' or 'auto' (got {backend!r})"),
+            (work != torch.float32, f"dtype float32 (got {work})"),
+        )
+        if bad
+    ]
+    if precision == "auto":
+        return "full" if problems else resolve_precision("auto", device)
     if precision != "fp16x3":
         return precision
+    if problems:
+        raise ValueError(
+            "precision='fp16x3' runs the fast solver's float32 products on float16 tensor "
+            "cores; it needs " + "; ".join(problems) + ". Use precision='auto' or 'full' otherwise"
+        )
+    return precision
     got = f" (got {solver!r})" if solver is not None else ""
     problems = [
         what

@@ -375,11 +375,12 @@ def compute_anchor_scores(
     program, which the authors' stopping rule leaves several percent away from; not always
     fewer iterations). Blocked mode runs the faithful iteration (``"auto"`` picks it there).
 
-    ``precision`` (fast solver): ``"auto"`` / ``"full"`` multiplies in the working dtype;
-    ``"fp16x3"`` runs the solver's dense products on float16 tensor cores at about float32
-    accuracy (each float32 operand scaled by a power of two and split into two float16 parts,
-    three products accumulated in float32; emulated, three times slower, off CUDA). Float32,
-    torch backend, exact mode.
+    ``precision`` (fast solver): ``"full"`` multiplies in the working dtype; ``"fp16x3"``
+    runs the solver's dense products on float16 tensor cores at about float32 accuracy (each
+    float32 operand scaled by a power of two and split into two float16 parts, three
+    products accumulated in float32; emulated, three times slower, off CUDA). Float32,
+    torch backend, exact mode. ``"auto"`` (default) is ``"fp16x3"`` where it runs natively
+    (CUDA, compute capability 7.0 or later) and the rest allows it, else ``"full"``.
 
     ``mode``: ``"exact"`` (dense ``N x N`` SSC), ``"blocked"`` (the same exact program and
     iteration on ``block_columns`` columns of ``C`` at a time against all tokens, no
@@ -467,7 +468,7 @@ def compute_anchor_scores(
             if process_group is not None:  # the same choice on every rank
                 fits = all_agree(fits, process_group, x.device)
             mode = "exact" if fits else "blocked"
-    if mode == "blocked" and opts.precision != "full":
+    if mode == "blocked" and opts.precision == "fp16x3":  # ("auto" is "full" there)
         raise ValueError(
             f"precision={opts.precision!r} applies to the fast solver of exact mode, but these "
             f"{x.shape[0]} tokens need blocked mode (the authors' iteration: exact mode does not "

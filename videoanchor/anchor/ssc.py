@@ -54,7 +54,7 @@ from videoanchor.anchor.collective import (
     raise_together,
     share_features,
 )
-from videoanchor.anchor.products import Products, check_precision
+from videoanchor.anchor.products import Products, check_precision, resolve_precision
 
 __all__ = ["ssc_lambdas", "gram_row_max", "solve_ssc_admm", "ADMMResult", "SSCMemoryError"]
 
@@ -188,6 +188,9 @@ def exact_bytes(n: int, d: int, itemsize: int, device_type: str, precision: str 
     ``mode="auto"`` choice and the CLI's SSC plan."""
     if strategy == "auto":
         strategy = choose_strategy(n, d, outliers, device_type)
+    if precision == "auto":  # what "auto" runs on such a device (float32, the fast solver)
+        cuda = device_type == "cuda" and torch.cuda.is_available()
+        precision = resolve_precision("auto", "cuda" if cuda else None)
     return admm_bytes(n, d, itemsize, strategy, precision, cuda=device_type == "cuda")
 
 
@@ -341,7 +344,7 @@ def solve_ssc_admm(
         check_admm_parameters(n, rho, eps, max_iter)
         if not (1.0 <= relax < 2.0):
             raise ValueError(f"relax: expected a value in [1, 2), got {relax}")
-        precision = check_precision(precision, fast=scheduled, work=work_t,
+        precision = check_precision(precision, fast=scheduled, work=work_t, device=device,
                                     backend="torch" if xp is None else xp.__name__)  # fmt: skip
         if group is not None and (not scheduled or xp is not None or callback is not None):
             raise ValueError(

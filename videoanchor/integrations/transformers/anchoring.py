@@ -768,8 +768,9 @@ def configure(
             (default: the fast solver), ``"fast"``, ``"faithful"`` (the authors' iterate) or
             ``"accelerated"``.
         ssc_precision: ``precision`` of :func:`videoanchor.compute_anchor_scores`: ``"auto"``
-            / ``"full"`` (the working dtype) or ``"fp16x3"`` (the fast solver's products on
-            float16 tensor cores at about float32 accuracy; for CUDA).
+            (default: ``"fp16x3"`` on CUDA, else ``"full"``), ``"full"`` (the working dtype)
+            or ``"fp16x3"`` (the fast solver's products on float16 tensor cores at about
+            float32 accuracy; for CUDA).
         label_draws: 1 (default, the paper's single random label draw) or R > 1: R label
             draws from one spectral embedding with the cluster shares averaged, for scores
             that depend much less on the seed (beyond the paper).
