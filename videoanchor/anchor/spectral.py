@@ -75,9 +75,13 @@ def _normalized_affinity(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # - EIGH_COST: the partial eigh's time times the measured GEMM rate over N^3
 #   ("eigh_cost_n3" there: 1.1 to 8.5, median 2.7): the Krylov budget in flops is
 #   EIGH_COST * N^3, about one dense eigh, so "auto" never costs much over 2x eigh.
-# On CUDA neither is measured yet (bench_spectral.py --device cuda is ready to run): the
-# crossover keeps the earlier value, 2048.
-EIGH_CROSSOVER = {"cpu": 2048, "cuda": 2048}
+# - EIGH_CROSSOVER["cuda"]: spectral_nvidia-h100-80gb-hbm3.json (an H100, 2026-11-24, same
+#   affinities): dense eigh whole clustering 0.018-0.022 s at N = 1024, 0.034-0.038 s at
+#   2048, 0.106-0.110 s at 4096 and 0.53 s at 8192; "auto" with Krylov (its budget and the
+#   dense fallback) 0.084 s with a gap and 0.279 s without at 4096, 0.079 s and 0.310 s at
+#   8192. So dense up to 4096 (at most 0.022 s slower there, and 0.17 s faster without a
+#   gap), Krylov at 8192. Between the two it is not measured.
+EIGH_CROSSOVER = {"cpu": 2048, "cuda": 4096}
 EIGH_COST = 2.7
 
 
@@ -237,7 +241,7 @@ def spectral_embedding(
       step, stopped on the residual of the whole block (``tol``: 1e-4 in float32, 1e-7
       in float64);
     - ``"auto"``: ``eigh`` up to ``EIGH_CROSSOVER`` tokens for the device (2048 on the
-      CPU, measured in ``benchmarks/results/spectral_cpu.json``), Krylov above, with a
+      CPU, 4096 on CUDA, measured in ``benchmarks/results/spectral_*.json``), Krylov above, with a
       budget of about one dense ``eigh``'s work (``EIGH_COST * N^3``; ``max_iter``, if
       given, also caps the block steps); if the budget runs out it says so (``RuntimeWarning``) and
       finishes with ``eigh``, so it never costs more than about twice ``eigh``.
