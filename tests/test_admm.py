@@ -120,3 +120,131 @@ def test_cupy_fused_shrink_equals_the_array_api_form():
         plain = admm.Kernels().shrink(xp, t.copy(), lam.copy(), 1 / 300, diag)
         for a, b in zip(fused, plain, strict=True):
             assert bool(cp.array_equal(a, b))
+
+
+def test_run_with_a_lazy_residual_checks_it_now_and_then_and_hooks_can_read_it():
+    """A step with ``lazy_residual`` (the fast solver's schedule on torch) returns device
+    scalars: the loop reads them every LAZY_CHECK_EVERY iterations and on the last, still
+    raises on a divergence (up to that many iterations late), and reports floats."""
+
+    class Lazy:
+        lazy_residual = True
+
+        def __init__(self, bad_at=None, done_at=25):
+            self.bad_at, self.done_at = bad_at, done_at
+
+        def __call__(self, it):
+            r = torch.tensor(float("nan") if self.bad_at and it >= self.bad_at else 1.0 / it)
+            return r, it >= self.done_at
+
+    seen = []
+    out = admm.run(Lazy(), 100, lambda it, r: seen.append(r) and False)
+    assert (out.iterations, out.converged) == (25, True)
+    assert isinstance(out.residual, float) and out.residual == pytest.approx(1 / 25)
+    assert all(isinstance(r, torch.Tensor) for r in seen) and len(seen) == 25
+    every = admm.LAZY_CHECK_EVERY
+    with pytest.raises(FloatingPointError, match=f"diverged at iteration {every}"):
+        admm.run(Lazy(bad_at=3), 100)
+    with pytest.raises(FloatingPointError, match="diverged at iteration 7"):
+        admm.run(Lazy(bad_at=3), 7)  # the last iteration is always checked
+    with pytest.raises(FloatingPointError, match="diverged at iteration 4"):
+        admm.run(Lazy(bad_at=3, done_at=4), 100)  # and so is the one that ends the run
+
+
+def _host_reads(fn):
+    """(result, host reads) of ``fn()``: aten._local_scalar_dense calls (``float(t)``,
+    ``bool(t)``, ``t.item()``...), each a synchronisation on a GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                Count.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        out = fn()
+    return out, Count.reads
+
+
+def test_the_dense_schedule_reads_the_device_only_to_rebalance(monkeypatch):
+    """The fast solver's dense schedule (what CUDA runs; forced here on the CPU, with the
+    CUDA decision for E's product) reads nothing from the device in an iteration but the
+    rebalancing's norms and its refactor, and the residual every LAZY_CHECK_EVERY
+    iterations: no iteration waits for the previous one's kernels. The iterate is the one
+    of the run that reads the residual and E's non-zeros every iteration, to the bit."""
+    import array_api_compat
+
+    from videoanchor.anchor import fast
+    from videoanchor.anchor import ssc as ssc_module
+
+    monkeypatch.setattr(fast, "applies", lambda x: False)
+    monkeypatch.setattr(ssc_module, "_SPARSE_E_ON_CPU", False)  # the density is CUDA's call
+    x = _points(96, 40, seed=3).float()
+    runs, steps = {}, []
+    orig_run = admm.run
+
+    def counted_run(step, max_iter, hook=None, **kw):
+        steps.append(step)
+        out, reads = _host_reads(lambda: orig_run(step, max_iter, hook, **kw))
+        runs[len(runs)] = reads
+        return out
+
+    monkeypatch.setattr(admm, "run", counted_run)
+    lazy = solve_ssc_admm(x, scheduled=True, progress=False)
+    step = steps[0]
+    assert step.lazy_residual and lazy.iterations == step.iterations
+    checks = -(-step.iterations // admm.LAZY_CHECK_EVERY)
+    # per rebalancing: four norms and the Sherman-Morrison denominator of the refactor
+    assert runs[0] <= 5 * step.rho_changes + checks + 1, (runs[0], step.rho_changes)
+    assert runs[0] < step.iterations  # it read ~3.5 times per iteration before
+    with monkeypatch.context() as m:  # the eager form: reads every iteration
+        m.setattr(array_api_compat, "is_torch_namespace", lambda xp: False)
+        eager = solve_ssc_admm(x, scheduled=True, progress=False)
+    assert not steps[1].lazy_residual and runs[1] > step.iterations
+    assert torch.equal(lazy.coef, eager.coef) and torch.equal(lazy.outliers, eager.outliers)
+    assert lazy.residual == eager.residual
+
+
+def test_lazy_residuals_reach_callables_histories_and_reports_as_floats():
+    from videoanchor.anchor.progress import SSCProgress
+
+    x = _points(40, 24, seed=5).float()
+    seen, cb = [], []
+    res = solve_ssc_admm(x, scheduled=True, progress=lambda it, r: seen.append(r) and False,
+                         keep_history=True, callback=lambda it, c, r: cb.append(r))  # fmt: skip
+    assert len(seen) == len(cb) == len(res.history) == res.iterations
+    for values in (seen, cb, res.history):
+        assert all(type(r) is float for r in values)
+    assert seen == res.history == cb and seen[-1] == res.residual
+    reporter = SSCProgress(enabled=False)
+    again = solve_ssc_admm(x, scheduled=True, progress=reporter)
+    summary = reporter.runs[-1]
+    assert summary.residual == again.residual == res.residual
+    assert summary.best_residual == min(res.history)
+    assert summary.fixed_schedule and summary.iterations == res.iterations
+
+
+def test_cuda_density_decision_is_counted_every_tenth_product():
+    from videoanchor.anchor import ssc as ssc_module
+
+    k = TorchKernels(torch.device("cpu"))
+    dense = torch.ones(10, 10)
+    sparse = torch.zeros(10, 10)
+    counts = []
+    orig = torch.count_nonzero
+
+    def spy(t, *a, **kw):
+        counts.append(1)
+        return orig(t, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(torch, "count_nonzero", spy)
+        got = [k._sparse_by_density(dense if i < 12 else sparse) for i in range(25)]
+    every = ssc_module._DENSITY_RECHECK
+    assert len(counts) == 1 + 25 // every  # the first call, then every tenth
+    assert got[: every - 1] == [False] * (every - 1)  # kept between counts
+    assert got[19:] == [True] * 6  # the count at the 20th call saw the sparse E
+    assert got[12:19] == [False] * 7  # (the decision lags by up to ten products)

@@ -38,6 +38,7 @@ __all__ = [
     "Reporting",
     "SquaredStep",
     "Woodbury",
+    "as_float_hook",
     "chain",
     "run",
     "spd_inverse",
@@ -64,25 +65,47 @@ class Outcome:
         self.converged, self.stopped = converged, stopped
 
 
+#: A step with ``lazy_residual = True`` returns its residual as a device scalar, read on the
+#: host (a synchronisation) only every ``LAZY_CHECK_EVERY`` iterations, on the last one and
+#: where a hook asks for it: see :func:`run`.
+LAZY_CHECK_EVERY = 10
+
+
 def run(step, max_iter: int, hook: Hook | None = None, *, what: str = "SSC-ADMM") -> Outcome:
     """The ADMM loop of every solver: ``step(it) -> (residual, done)`` until ``done``.
 
     ``hook(it, residual)`` is called after every iteration (progress bars, histories,
     iterate inspection, time budgets); a true return ends the loop there. A non-finite
     residual raises ``FloatingPointError``.
+
+    A step whose ``lazy_residual`` is true (the fast solver's fixed schedule, whose residual
+    decides nothing) returns a 0-d array on its device: the loop then checks it every
+    :data:`LAZY_CHECK_EVERY` iterations and on the last, so that on a GPU an iteration
+    queues its kernels without waiting for the previous one (a divergence is reported up to
+    that many iterations late), and passes it to ``hook`` as it is (``float(residual)``
+    reads it; :class:`Reporting` gives user callables a float).
     """
+    lazy = bool(getattr(step, "lazy_residual", False))
     residual, it = math.inf, 0
     for it in range(1, int(max_iter) + 1):
         residual, done = step(it)
-        if not math.isfinite(residual):
-            raise FloatingPointError(
-                f"{what} diverged at iteration {it} (residual {residual}); "
-                "try dtype=torch.float64 or a larger rho"
-            )
+        if not lazy or done or it % LAZY_CHECK_EVERY == 0 or it == int(max_iter):
+            if not math.isfinite(float(residual)):
+                raise FloatingPointError(
+                    f"{what} diverged at iteration {it} (residual {float(residual)}); "
+                    "try dtype=torch.float64 or a larger rho"
+                )
         stop = hook is not None and bool(hook(it, residual))
         if done or stop:
-            return Outcome(it, residual, bool(done), stop and not done)
-    return Outcome(it, residual, False, False)
+            return Outcome(it, float(residual), bool(done), stop and not done)
+    return Outcome(it, float(residual), False, False)
+
+
+def as_float_hook(hook: Hook | None) -> Hook | None:
+    """``hook`` given ``float(residual)`` (for callables that expect a number)."""
+    if hook is None:
+        return None
+    return lambda it, residual: hook(it, float(residual))
 
 
 def chain(*hooks: Hook | None) -> Hook | None:
@@ -127,7 +150,7 @@ class Reporting:
 
         self.reporter = None
         if callable(progress) and not isinstance(progress, SSCProgress):
-            self.hook = progress
+            self.hook = as_float_hook(progress)
         else:
             self.reporter = as_reporter(progress, max_iter=max_iter, eps=eps, tokens=tokens,
                                         blocks=blocks, schedule=schedule)  # fmt: skip
@@ -730,6 +753,10 @@ class ScheduledStep(SquaredStep):
         self.blend_from = self.iterations - blend if self.weight < 1.0 else None
         self._c_mark = None
         self.reduce = reduce
+        # torch arrays: the residual stays on the device (run() reads it now and then) and
+        # E is passed on even where it is zero (subtracting a zero product changes nothing),
+        # so that no iteration but a rebalancing one waits for the device
+        self.lazy_residual = array_api_compat.is_torch_namespace(dic.xp)
 
     def __call__(self, it: int) -> tuple[float, bool]:
         dic, xp = self.dic, self.dic.xp
@@ -740,7 +767,7 @@ class ScheduledStep(SquaredStep):
             ya += dic.yw[:, self.cols]
             ya -= xp.clip(ya, -self.thr_e, self.thr_e)
             self.E = ya
-            self.e_nonzero = bool(xp.any(ya != 0))
+            self.e_nonzero = self.lazy_residual or bool(xp.any(ya != 0))
         return self._c_step(it, a)
 
     def _c_step(self, it: int, a) -> tuple[float, bool]:
@@ -755,7 +782,7 @@ class ScheduledStep(SquaredStep):
         rows = xp.sum(absd, axis=1)
         if self.reduce is not None:
             rows = self.reduce(rows)
-        residual = float(xp.max(rows))
+        residual = xp.max(rows) if self.lazy_residual else float(xp.max(rows))
         if it == self.blend_from:
             self._c_mark = xp.asarray(self.C, copy=True)
         elif it == self.iterations and self._c_mark is not None:

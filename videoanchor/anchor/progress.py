@@ -47,6 +47,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+import torch
+
 __all__ = [
     "SSCConvergenceWarning",
     "SSCProgress",
@@ -256,8 +258,9 @@ class SSCProgress:
         self._it = 0  # iteration within the block
         self._done = 0  # iterations over all blocks
         self._log_r: list[float] = []
-        self.residual = math.inf
-        self.best_residual = math.inf
+        self._residual = math.inf
+        self._best_residual = math.inf
+        self._pending: list = []  # residuals still on the device (a lazy step's), in order
         self.stopped_by_budget = False
         self.estimate: str | None = None
         self._t_first: float | None = None
@@ -276,13 +279,15 @@ class SSCProgress:
             self.begin(max_iter=max(iteration, 1), eps=0.0)
         now = time.perf_counter()
         if iteration < self._it:  # a solver that does not call next_block()
+            self._settle()
             self._log_r = []
         self._done += max(0, iteration - self._it)
         self._it = iteration
-        self.residual = float(residual)
-        if residual < self.best_residual:
-            self.best_residual = float(residual)
-        self._log_r.append(math.log(residual) if residual > 0 else -math.inf)
+        # a device scalar (a lazy step's residual) is read only when something shows or
+        # needs it, so that the solver's iterations do not wait for the device here
+        self._pending.append(residual)
+        if isinstance(residual, numbers.Real):
+            self._settle()
         if self._t_first is None:
             self._t_first = now
         elif self._t_est is None and self._done >= self.estimate_after:
@@ -299,8 +304,33 @@ class SSCProgress:
 
     __call__ = update  # the ``callback(iteration, residual) -> stop`` form
 
+    def _settle(self) -> None:
+        """Read the residuals still on the device (one synchronisation for all of them)."""
+        pending = self._pending
+        if len(pending) > 1 and all(isinstance(r, torch.Tensor) for r in pending):
+            pending = torch.stack([r.reshape(()) for r in pending]).tolist()  # one read
+        for residual in pending:
+            r = float(residual)
+            self._residual = r
+            self._best_residual = min(self._best_residual, r)
+            self._log_r.append(math.log(r) if r > 0 else -math.inf)
+        self._pending = []
+
+    @property
+    def residual(self) -> float:
+        """The last residual."""
+        self._settle()
+        return self._residual
+
+    @property
+    def best_residual(self) -> float:
+        """The smallest residual of the run so far."""
+        self._settle()
+        return self._best_residual
+
     def next_block(self) -> None:
         """The current column block finished; the next one starts at iteration 1."""
+        self._settle()
         now = time.perf_counter()
         self._block_seconds.append(now - self._t_block)
         self._t_block = now

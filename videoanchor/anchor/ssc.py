@@ -208,6 +208,9 @@ def split_bytes(n: int, d: int, *, cuda: bool) -> int:
 # the dense one there).
 _SPARSE_E_DENSITY = 0.02
 _SPARSE_E_ON_CPU = True
+# On CUDA the density is counted (a host synchronisation) on the first product with E and
+# every _DENSITY_RECHECK-th after; the decision holds in between.
+_DENSITY_RECHECK = 10
 
 
 class TorchKernels(admm.Kernels):
@@ -220,6 +223,8 @@ class TorchKernels(admm.Kernels):
         self.products = products or Products("full")
         self._mt: dict[int, torch.Tensor] = {}
         self._left: dict[int, torch.Tensor] = {}
+        self._e_sparse: bool | None = None  # (CUDA) the last density decision, and
+        self._e_calls = 0  # the products with E since the first
 
     def dense(self, m, e):
         """``m @ e`` dense, at the solver's precision (``m``'s split is made once)."""
@@ -243,13 +248,27 @@ class TorchKernels(admm.Kernels):
             raise FloatingPointError(f"SSC: {what} is not positive definite{admm.SPD_HINT}")
         return torch.cholesky_inverse(chol)  # half the flops of an LU inverse
 
+    def _sparse_by_density(self, e) -> bool:
+        """Whether ``E`` is sparse enough for the sparse product, on a device that pays for
+        reading its count of non-zeros (a host synchronisation): counted on the first call
+        and every ``_DENSITY_RECHECK``-th after, the answer kept in between (``E``'s density
+        moves slowly along the iteration; either product gives the same values)."""
+        self._e_calls += 1
+        if self._e_sparse is None or self._e_calls % _DENSITY_RECHECK == 0:
+            nnz = int(torch.count_nonzero(e))
+            self._e_sparse = nnz < _SPARSE_E_DENSITY * e.numel()
+        return self._e_sparse
+
     def times_e(self, m, e):
         if not (e.is_cuda or _SPARSE_E_ON_CPU):
             return self.dense(m, e)
-        nnz = int(torch.count_nonzero(e))
-        if nnz >= _SPARSE_E_DENSITY * e.numel():
-            return self.dense(m, e)
-        if not e.is_cuda:
+        if e.is_cuda:
+            if not self._sparse_by_density(e):
+                return self.dense(m, e)
+        else:
+            nnz = int(torch.count_nonzero(e))
+            if nnz >= _SPARSE_E_DENSITY * e.numel():
+                return self.dense(m, e)
             if nnz > e.shape[1]:
                 # the gather below holds m.shape[0] x nnz values: keep it within the output
                 return self.dense(m, e)
@@ -451,8 +470,8 @@ def solve_ssc_admm(
             )  # fmt: skip
         history: list[float] = []
         hook = admm.chain(
-            (lambda it, r: history.append(r)) if keep_history else None,
-            (lambda it, r: callback(it, step.C, r)) if callback is not None else None,
+            (lambda it, r: history.append(r)) if keep_history else None,  # floats below
+            (lambda it, r: callback(it, step.C, float(r))) if callback is not None else None,
             report.hook,
         )  # fmt: skip
         if group is not None:  # a stop asked on one rank stops every rank at that iteration
@@ -463,6 +482,7 @@ def solve_ssc_admm(
                 return all_agree(asked, group, device, every=False)
 
         out = admm.run(step, max_iter, hook)
+        history = [float(r) for r in history]  # (device scalars from a lazy step: read once)
     finally:
         report.close(*((out.converged, out.iterations, out.residual) if out else (False,) * 3))
     kernels.sync()
