@@ -114,23 +114,6 @@ def check_precision(precision, *, fast: bool, work, solver: str | None = None,
             "cores; it needs " + "; ".join(problems) + ". Use precision='auto' or 'full' otherwise"
         )
     return precision
-    got = f" (got {solver!r})" if solver is not None else ""
-    problems = [
-        what
-        for bad, what in (
-            (not fast, f"the fast solver: solver 'fast' or 'auto'{got}"),
-            (blocked, "mode 'exact' or 'auto' (blocked runs the authors' iteration)"),
-            (backend not in ("torch", "auto"), f"backend 'torch' or 'auto' (got {backend!r})"),
-            (work != torch.float32, f"dtype float32 (got {work})"),
-        )
-        if bad
-    ]
-    if problems:
-        raise ValueError(
-            "precision='fp16x3' runs the fast solver's float32 products on float16 tensor "
-            "cores; it needs " + "; ".join(problems) + ". Use precision='auto' or 'full' otherwise"
-        )
-    return precision
 
 
 class Split:
