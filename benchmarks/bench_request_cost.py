@@ -437,14 +437,14 @@ def fidelity(name, x, k, device, held_out: bool = False) -> dict:
     x = x.to(device)
     t_ref, ref = ssc_seconds(x, k, "faithful")
     t_loose, loose = ssc_seconds(x, k, "faithful", eps=2e-3)
-    t_fast, fast = ssc_seconds(x, k, "fast")
+    t_fast, fast = ssc_seconds(x, k, "fast", precision="full")  # (CUDA's default: fp16x3)
     t_x3, x3 = ssc_seconds(x.float(), k, "fast", precision="fp16x3")
     sp_fast, sp_bar = _spearman(fast.scores, ref.scores), _spearman(loose.scores, ref.scores)
     ari_fast, ari_bar = _ari(fast.labels, ref.labels), _ari(loose.labels, ref.labels)
     cuda_iterate = {}
     if not x.is_cuda:  # on CUDA "fast" above is that iterate
         with exact_e_steps():
-            _, dense = ssc_seconds(x, k, "fast")
+            _, dense = ssc_seconds(x, k, "fast", precision="full")
         sp, ari = _spearman(dense.scores, ref.scores), _ari(dense.labels, ref.labels)
         cuda_iterate = {
             "spearman_fast_cuda_iterate": sp, "ari_fast_cuda_iterate": ari,
@@ -476,7 +476,8 @@ def sensitivity(name, x, k, dtype, trials, device) -> dict:
     """1e-6 relative perturbations: faithful stopping-iteration moves and score moves."""
     x = x.to(device, dtype)
     base = compute_anchor_scores(x, k, solver="faithful", progress=False, mode="exact")
-    fbase = compute_anchor_scores(x, k, progress=False, mode="exact")
+    # the fast solver in the working dtype (precision "full"): on CUDA the default is fp16x3
+    fbase = compute_anchor_scores(x, k, progress=False, mode="exact", precision="full")
     # in float32, the fast solver at the other precisions (the option, and emulated inputs)
     others = {"fp16x3": lambda f: compute_anchor_scores(f, k, progress=False, mode="exact",
                                                          precision="fp16x3")}  # fmt: skip
@@ -491,7 +492,7 @@ def sensitivity(name, x, k, dtype, trials, device) -> dict:
         noise = torch.randn(x.shape, generator=g, dtype=torch.float64).to(device, dtype)
         xp = x * (1 + 1e-6 * noise)
         other = compute_anchor_scores(xp, k, solver="faithful", progress=False, mode="exact")
-        fast = compute_anchor_scores(xp, k, progress=False, mode="exact")
+        fast = compute_anchor_scores(xp, k, progress=False, mode="exact", precision="full")
         d = float((other.scores - base.scores).abs().max())
         if other.iterations != base.iterations:
             jumps += 1
@@ -560,12 +561,13 @@ def cost_rows(device, quick, budget_s, measure=None, on_row=None) -> list[dict]:
                     ssc_seconds(x[:256], 8, solver)
                 warmed = True
             t_faith, ref = ssc_seconds(x, 24, "faithful")
-            t_fast, fast = ssc_seconds(x, 24, "fast")
+            # FP32 (precision "full"); CUDA's default, fp16x3, is timed below
+            t_fast, fast = ssc_seconds(x, 24, "fast", precision="full")
             if device.type == "cuda":  # what TF32 matrix products would give (not the default)
                 before = torch.backends.cuda.matmul.allow_tf32
                 torch.backends.cuda.matmul.allow_tf32 = True
                 try:
-                    t_tf32, tf32 = ssc_seconds(x, 24, "fast")
+                    t_tf32, tf32 = ssc_seconds(x, 24, "fast", precision="full")
                 finally:
                     torch.backends.cuda.matmul.allow_tf32 = before
                 row.update(
@@ -684,7 +686,8 @@ def factor_rows(device, quick: bool) -> list[dict]:
     measured: the dense ``N x N`` one, the thin one and its low-rank form (the default is
     one of the two, ``factor``): seconds (the better of two runs each, interleaved), seconds
     per stage, and how far the default's scores and labels move from the dense factor's
-    (the same iterate to rounding)."""
+    (the same iterate to rounding). Products in the working dtype (precision "full") on
+    every device, as the committed rows were measured (on CUDA the default is fp16x3)."""
     rows = []
     shapes = FACTOR_SHAPES["quick" if quick else "cuda" if device.type == "cuda" else "cpu"]
     kinds = ("dense", "thin", "low_rank")
@@ -694,7 +697,7 @@ def factor_rows(device, quick: bool) -> list[dict]:
         for _ in range(2):
             for kind in kinds:
                 with factor_kind(kind):
-                    t, res = ssc_seconds(x, 24, "fast")
+                    t, res = ssc_seconds(x, 24, "fast", precision="full")
                 if kind not in best or t < best[kind][0]:
                     best[kind] = (t, res)
         default = ssc_flops(n, d)["factor"]
