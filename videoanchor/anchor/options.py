@@ -113,9 +113,10 @@ class SSCOptions:
     dtype: torch.dtype | None = None
     """Working dtype of the ADMM: None (float32), ``torch.float32`` or ``torch.float64``."""
     precision: str = "auto"
-    """Precision of the fast solver's dense products: ``"full"`` (``"auto"``: the working
-    dtype) or ``"fp16x3"`` (float16 tensor cores at about float32 accuracy; float32, torch,
-    fast solver only; :mod:`videoanchor.anchor.products`)."""
+    """Precision of the fast solver's dense products: ``"full"`` (the working dtype),
+    ``"fp16x3"`` (float16 tensor cores at about float32 accuracy; float32, torch, fast solver
+    only; :mod:`videoanchor.anchor.products`) or ``"auto"`` (``"fp16x3"`` where it runs
+    natively, on CUDA, and the rest allows it; else ``"full"``)."""
     seed: int | None = 0
     """Seed of the spectral clustering (None: drawn from NumPy's global generator)."""
     label_draws: int = 1
