@@ -32,6 +32,8 @@ parts upcast to float32): three times the work of ``"full"``, for tests.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = [
@@ -64,11 +66,12 @@ def native_fp16x3(device) -> bool:
     return _has_out_dtype()
 
 
+@functools.cache
 def _has_out_dtype() -> bool:
     """Whether this PyTorch's ``torch.mm`` has the ``out_dtype`` overload (PyTorch >= 2.8)."""
     try:
         return any("out_dtype" in str(s) for s in torch.ops.aten.mm._schemas.values())
-    except AttributeError:  # an older dispatcher without _schemas
+    except Exception:  # a dispatcher without _schemas: "auto" stays "full"
         return False
 
 
