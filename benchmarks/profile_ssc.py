@@ -28,6 +28,8 @@ def main(argv=None):
     ap.add_argument("--solvers", default="faithful,fast")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--precision", default="auto", choices=("auto", "full", "fp16x3"),
+                    help="the fast solver's products (the faithful solver: always full)")  # fmt: skip
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     x = synthetic_tokens(args.n, args.d, seed=0).to(device)
@@ -36,13 +38,21 @@ def main(argv=None):
     if cuda:
         acts.append(torch.profiler.ProfilerActivity.CUDA)
     for solver in args.solvers.split(","):
-        compute_anchor_scores(x, args.k, solver=solver, progress=False)  # warm-up
+        kw = dict(solver=solver, progress=False)
+        if solver != "faithful":
+            kw["precision"] = args.precision
+        compute_anchor_scores(x, args.k, **kw)  # warm-up
         with torch.profiler.profile(activities=acts) as prof:
-            res = compute_anchor_scores(x, args.k, solver=solver, progress=False)
+            res = compute_anchor_scores(x, args.k, **kw)
             if cuda:
                 torch.cuda.synchronize()
         stages = ", ".join(f"{k} {v:.3f}" for k, v in res.timings.items())
-        print(f"== {solver}: N={args.n} D={args.d} iterations={res.iterations} s: {stages}")
+        prec = f" precision={kw['precision']}" if "precision" in kw else ""
+        print(f"== {solver}{prec}: N={args.n} D={args.d} iterations={res.iterations} s: {stages}")
+        if cuda:  # how much of the call the device was busy (kernels' own time, summed)
+            events = prof.key_averages()
+            busy = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events) / 1e6
+            print(f"   device busy {busy:.3f} s of the call's {res.timings['total']:.3f} s")
         key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=args.top, max_name_column_width=60))
 

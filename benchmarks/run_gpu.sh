@@ -4,7 +4,10 @@
 #
 # The whole run takes well over ten minutes on an H100 (the first lease, 2026-11-23: the gpu
 # tests 130 s, bench_request_cost's fidelity and sensitivity parts over 300 s, attention,
-# decode and paged about 200 s together). Where one command is limited, split it:
+# decode and paged about 200 s together; the second, 2026-11-24: the tests 168 s with
+# Triton's cache warm and over 190 s cold, fidelity 94 s, sensitivity --trials 5 39 s, the
+# cost rows at 32 and 64 frames 396 s, most of it the faithful solver at 64 frames, which
+# runs to its 10000-iteration cap). Where one command is limited, split it:
 #   STEPS="tests request_cost" ...   then   STEPS="attention decode paged" ...
 # (names: tests, the bench_* names without "bench_", vllm, tune, tp); STEP_TIMEOUT=seconds
 # bounds each step (a stopped bench_request_cost keeps the rows it finished). Also set
@@ -38,6 +41,11 @@ for script in bench_attention bench_decode bench_paged bench_backward bench_ssc 
 done
 if want request_cost; then  # where the scores' time goes, by stage and operator
   bounded python benchmarks/profile_ssc.py --n 2048 2>&1 | tee "$OUT/profile_ssc.log" || status=1
+  # 64 frames: the default (fp16x3) against FP32, where fp16x3 saved only 14% (2026-11-24)
+  for p in auto full; do
+    bounded python benchmarks/profile_ssc.py --n 8192 --solvers fast --precision $p 2>&1 \
+      | tee "$OUT/profile_ssc_n8192_$p.log" || status=1
+  done
 fi
 # vLLM serving, anchored (the plugin's CUDA backend) vs plain vLLM on the same settings.
 # Needs a CUDA build of vllm 0.32 and a local Qwen2.5-VL-7B-Instruct checkpoint (no network
