@@ -252,7 +252,7 @@ class TorchKernels(admm.Kernels):
         """Whether ``E`` is sparse enough for the sparse product, on a device that pays for
         reading its count of non-zeros (a host synchronisation): counted on the first call
         and every ``_DENSITY_RECHECK``-th after, the answer kept in between (``E``'s density
-        moves slowly along the iteration; either product gives the same values)."""
+        moves slowly along the iteration; the two products differ by rounding only)."""
         self._e_calls += 1
         if self._e_sparse is None or self._e_calls % _DENSITY_RECHECK == 0:
             nnz = int(torch.count_nonzero(e))
