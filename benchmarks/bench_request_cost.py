@@ -62,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_ssc import synthetic_tokens  # noqa: E402
 from benchmarks.common import environment, print_table, write_result  # noqa: E402
 from videoanchor.anchor import admm, compute_anchor_scores, fast  # noqa: E402
+from videoanchor.anchor.progress import SSCProgress  # noqa: E402
 
 YALE = Path(os.environ.get("VIDEOANCHOR_YALEB", "/work/shared/data/YaleB_48_42.mat"))
 TEXT_TOKENS = 64
@@ -244,12 +245,14 @@ def prefill_seconds(shape, n_visual, device, dtype, timed_layers=2) -> float:
 
 def ssc_seconds(x, k, solver, **kw):
     """Seconds of one ``compute_anchor_scores`` call (the least of 5 when it takes under
-    0.5 s, where one run is mostly noise) and its result."""
+    0.5 s, where one run is mostly noise) and its result. ``progress`` (default False) may
+    be an ``SSCProgress`` with a time budget."""
     best, res = float("inf"), None
+    kw.setdefault("progress", False)
     for _ in range(5):
         _sync(x.device)
         t = time.perf_counter()
-        res = compute_anchor_scores(x, k, solver=solver, progress=False, mode="exact", **kw)
+        res = compute_anchor_scores(x, k, solver=solver, mode="exact", **kw)
         _sync(x.device)
         best = min(best, time.perf_counter() - t)
         if best >= 0.5:
@@ -514,12 +517,15 @@ def sensitivity(name, x, k, dtype, trials, device) -> dict:
     }  # fmt: skip
 
 
-def cost_rows(device, quick, budget_s, measure=None, on_row=None) -> list[dict]:
+def cost_rows(device, quick, budget_s, measure=None, on_row=None,
+              faithful_seconds=None) -> list[dict]:  # fmt: skip
     """Per shape and frame count: counted FLOPs, iterations, CPU/GPU times, H100 estimate.
 
     ``measure`` lists the (shape, frames) timed on ``device``, in that order, while the
     budget lasts (default by device); every other row is counted and estimated only.
-    ``on_row`` is called after each row (the caller saves what is done so far)."""
+    ``on_row`` is called after each row (the caller saves what is done so far).
+    ``faithful_seconds``: stop each faithful solve after that long (its time and iteration
+    count are then lower bounds, marked so in the row; its scores are those it reached)."""
     rows, measured_iters = [], {}
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if measure is None:  # sizes measured on this device: where N and D fit the budget
@@ -560,7 +566,11 @@ def cost_rows(device, quick, budget_s, measure=None, on_row=None) -> list[dict]:
                 for solver in ("faithful", "fast"):
                     ssc_seconds(x[:256], 8, solver)
                 warmed = True
-            t_faith, ref = ssc_seconds(x, 24, "faithful")
+            budget = None if faithful_seconds is None else SSCProgress(
+                enabled=False, time_budget=faithful_seconds)  # fmt: skip
+            t_faith, ref = ssc_seconds(x, 24, "faithful", progress=budget or False)
+            if budget is not None and budget.runs and budget.runs[-1].stopped_by_budget:
+                row["faithful_stopped_by_budget"] = faithful_seconds
             # FP32 (precision "full"); CUDA's default, fp16x3, is timed below
             t_fast, fast = ssc_seconds(x, 24, "fast", precision="full")
             if device.type == "cuda":  # what TF32 matrix products would give (not the default)
@@ -581,9 +591,12 @@ def cost_rows(device, quick, budget_s, measure=None, on_row=None) -> list[dict]:
                     spearman_fast_fp16x3=_spearman(x3.scores, ref.scores),
                 )
             t_pre = prefill_seconds(shape, n, device, dtype)
-            measured_iters[n] = ref.iterations
+            if not row.get("faithful_stopped_by_budget"):  # (a stopped count is no estimate)
+                measured_iters[n] = ref.iterations
             row.update(
-                iterations_faithful=ref.iterations, iterations_figures="measured",
+                iterations_faithful=ref.iterations,
+                iterations_figures="measured" if "faithful_stopped_by_budget" not in row
+                else "at least: the faithful solve was stopped by --faithful-seconds",
                 iterations_fast=fast.iterations,  # the run's own count (the schedule's above)
                 seconds_ssc_faithful=t_faith, seconds_ssc_fast=t_fast,
                 seconds_prefill=t_pre, prefill_dtype=str(dtype).replace("torch.", ""),
@@ -735,7 +748,8 @@ def parse_measure(text: str | None) -> list[tuple[str, int]] | None:
 
 
 def run(device: torch.device, quick: bool, out_dir, trials: int | None = None,
-        cost_budget: float | None = None, parts=PARTS, measure=None) -> Path:  # fmt: skip
+        cost_budget: float | None = None, parts=PARTS, measure=None,
+        faithful_seconds: float | None = None) -> Path:  # fmt: skip
     """Each part appends its rows and the file is rewritten after it (``meta["parts_done"]``),
     so a run stopped by a time limit still leaves what it measured."""
     torch.manual_seed(0)
@@ -797,7 +811,9 @@ def run(device: torch.device, quick: bool, out_dir, trials: int | None = None,
             cost[:] = rows
             save()
 
-        cost[:] = cost_rows(device, quick, cost_budget, measure, on_row=keep)
+        meta["faithful_seconds"] = faithful_seconds
+        cost[:] = cost_rows(device, quick, cost_budget, measure, on_row=keep,
+                            faithful_seconds=faithful_seconds)  # fmt: skip
         print_table(cost, ["model", "frames", "n", "iterations_faithful", "seconds_ssc_faithful",
                            "seconds_ssc_fast", "seconds_prefill", "speedup_fast"])  # fmt: skip
         meta["parts_done"].append("cost")
@@ -841,12 +857,24 @@ def main(argv=None):
         help="cost rows to time on this device, in this order, e.g. "
         "'Qwen2.5-VL-7B:16,64;InternVL2-8B:16' (default: by device; the rest are estimated)",
     )
+    ap.add_argument(
+        "--faithful-seconds",
+        type=float,
+        default=None,
+        help="stop each timed faithful solve of the cost rows after this many seconds (its "
+        "time and iterations then lower bounds, marked in the row); default: to convergence "
+        "or its 10000-iteration cap (358 s at 64 frames on an H100)",
+    )
     args = ap.parse_args(argv)
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     if not parts or set(parts) - set(PARTS):
         raise SystemExit(f"--parts: expected a subset of {PARTS}, got {args.parts!r}")
+    if args.faithful_seconds is not None and not args.faithful_seconds > 0:
+        raise SystemExit(
+            f"--faithful-seconds: expected a positive number, got {args.faithful_seconds}"
+        )
     run(torch.device(args.device), args.quick, args.out_dir, args.trials, args.cost_budget,
-        parts, parse_measure(args.measure))  # fmt: skip
+        parts, parse_measure(args.measure), args.faithful_seconds)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -810,8 +810,9 @@ def _fig_request_cost_measured(r: Result, rows: list[dict]):
     for i, model in enumerate(dict.fromkeys(x["model"] for x in rows)):
         rs = sorted((x for x in rows if x["model"] == model), key=lambda x: x["frames"])
         f = [x["frames"] for x in rs]
-        ax.plot(f, [x["ssc_over_prefill_faithful"] for x in rs], color=f"C{i}", marker="o",
-                label=f"{model}: faithful")  # fmt: skip
+        whole = [x for x in rs if not x.get("faithful_stopped_by_budget")]  # (lower bounds out)
+        ax.plot([x["frames"] for x in whole], [x["ssc_over_prefill_faithful"] for x in whole],
+                color=f"C{i}", marker="o", label=f"{model}: faithful")  # fmt: skip
         ax.plot(f, [x["ssc_over_prefill_fast"] for x in rs], color=f"C{i}", ls="--", marker="s",
                 label=f"{model}: fast, FP32 (git {str(r.meta.get('git_sha'))[:7]})")  # fmt: skip
         split = [x for x in rs if x.get("seconds_ssc_fast_fp16x3") is not None]
@@ -827,7 +828,8 @@ def _fig_request_cost_measured(r: Result, rows: list[dict]):
         "SSC time over the language model's prefill time on one request against the frame "
         "count, MEASURED on the GPU (SSC in FP32 and, where timed, with precision='fp16x3', "
         "the default on CUDA; the random-weight decoder layers in bf16), for the rows the "
-        "lease finished (a row marked as the process's first CUDA solve is left out); dotted "
+        "lease finished (a row marked as the process's first CUDA solve is left out, and a "
+        "faithful solve stopped by --faithful-seconds); dotted "
         "horizontals: the targets 0.10 and 0.25."
     )
 

@@ -7,7 +7,8 @@
 # decode and paged about 200 s together; the second, 2026-11-24: the tests 168 s with
 # Triton's cache warm and over 190 s cold, fidelity 94 s, sensitivity --trials 5 39 s, the
 # cost rows at 32 and 64 frames 396 s, most of it the faithful solver at 64 frames, which
-# runs to its 10000-iteration cap). Where one command is limited, split it:
+# runs to its 10000-iteration cap; bench_request_cost.py --faithful-seconds caps it, its row
+# then marked as lower bounds). Where one command is limited, split it:
 #   STEPS="tests request_cost" ...   then   STEPS="attention decode paged" ...
 # (names: tests, the bench_* names without "bench_", vllm, tune, tp); STEP_TIMEOUT=seconds
 # bounds each step (a stopped bench_request_cost keeps the rows it finished). Also set

@@ -122,3 +122,22 @@ def test_factor_rows_time_every_factor(monkeypatch):
     assert row["seconds_fast"] == row["seconds_fast_low_rank_factor"] > 0
     assert row["seconds_fast_dense_factor"] > 0 and row["seconds_fast_thin_factor"] > 0
     assert row["max_score_move"] < 1e-4 and row["ari_labels"] == 1.0
+
+
+def test_faithful_seconds_stops_the_faithful_solve_and_marks_the_row(monkeypatch):
+    """--faithful-seconds: a faithful solve stopped by its time budget leaves a row whose
+    time and iterations say they are lower bounds, and no iteration count for estimates."""
+    real = brc.synthetic_tokens
+    monkeypatch.setattr(brc, "synthetic_tokens", lambda n, h, seed: real(n, 48, seed=seed))
+    monkeypatch.setattr(brc, "prefill_seconds", lambda *a, **k: 1.0)
+    m = [("Qwen2.5-VL-7B", 2)]
+    (row, *rest) = brc.cost_rows(torch.device("cpu"), True, 60.0, measure=m, faithful_seconds=1e-3)
+    assert row["faithful_stopped_by_budget"] == 1e-3
+    assert row["iterations_figures"].startswith("at least")
+    assert row["iterations_faithful"] < 100  # stopped long before its 145-odd iterations
+    assert all(r["iterations_figures"] == "not measured" for r in rest)  # not an estimate
+    (full, *_) = brc.cost_rows(torch.device("cpu"), True, 60.0, measure=m)
+    assert "faithful_stopped_by_budget" not in full and full["iterations_figures"] == "measured"
+    assert full["iterations_faithful"] > row["iterations_faithful"]
+    with pytest.raises(SystemExit, match="--faithful-seconds: expected a positive number"):
+        brc.main(["--faithful-seconds", "0", "--parts", "cost"])
