@@ -188,8 +188,8 @@ def exact_bytes(n: int, d: int, itemsize: int, device_type: str, precision: str 
     ``mode="auto"`` choice and the CLI's SSC plan."""
     if strategy == "auto":
         strategy = choose_strategy(n, d, outliers, device_type)
-    if precision == "auto":  # what "auto" runs on such a device (float32, the fast solver)
-        cuda = device_type == "cuda" and torch.cuda.is_available()
+    if precision == "auto":  # what "auto" runs on such a device (fp16x3 needs float32)
+        cuda = device_type == "cuda" and torch.cuda.is_available() and itemsize == 4
         precision = resolve_precision("auto", "cuda" if cuda else None)
     return admm_bytes(n, d, itemsize, strategy, precision, cuda=device_type == "cuda")
 
