@@ -248,3 +248,40 @@ def test_cuda_density_decision_is_counted_every_tenth_product():
     assert got[: every - 1] == [False] * (every - 1)  # kept between counts
     assert got[19:] == [True] * 6  # the count at the 20th call saw the sparse E
     assert got[12:19] == [False] * 7  # (the decision lags by up to ten products)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_dense_schedule_synchronises_only_to_rebalance():
+    """On CUDA, PyTorch's sync debug mode counts the host synchronisations of the fast
+    solver's iterations: those of the rebalancings (four norms and a refactor each), the
+    residual's check every LAZY_CHECK_EVERY iterations and E's density count every tenth
+    product, not ~3.5 per iteration."""
+    import warnings
+
+    from videoanchor.anchor import ssc as ssc_module
+
+    x = _points(512, 96, seed=3).float().cuda()
+    steps = []
+    orig_run = admm.run
+
+    def counted_run(step, max_iter, hook=None, **kw):
+        steps.append(step)
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = orig_run(step, max_iter, hook, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        steps.append(sum("synchroniz" in str(w.message).lower() for w in caught))
+        return out
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(admm, "run", counted_run)
+        res = solve_ssc_admm(x, scheduled=True, progress=False)
+    step, syncs = steps
+    checks = -(-step.iterations // admm.LAZY_CHECK_EVERY)
+    density = -(-step.iterations // ssc_module._DENSITY_RECHECK) + 1
+    assert res.iterations == step.iterations and step.lazy_residual
+    assert syncs <= 6 * step.rho_changes + checks + density + 2, (syncs, step.rho_changes)
