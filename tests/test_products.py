@@ -158,8 +158,17 @@ def test_auto_is_fp16x3_only_where_it_runs_natively_and_the_solver_allows_it(mon
     assert products.resolve_precision("full", "cuda") == "full"
     ok = dict(fast=True, work=torch.float32, device="cpu")
     assert products.check_precision("auto", **ok) == "full"
+    # the memory rule counts what "auto" runs: fp16x3's parts only where it is native
+    full = ssc.exact_bytes(512, 256, 4, "cuda", "full")
+    assert ssc.exact_bytes(512, 256, 4, "cpu", "auto") == ssc.exact_bytes(512, 256, 4, "cpu")
+    if not torch.cuda.is_available():  # exact_bytes resolves "auto" for an available CUDA
+        assert ssc.exact_bytes(512, 256, 4, "cuda", "auto") == full
     monkeypatch.setattr(products, "native_fp16x3", lambda device: device is not None)
     assert products.resolve_precision("auto", "cuda") == "fp16x3"
+    # ... and with it "native", fp16x3's parts in float32 (float64 runs full)
+    split = ssc.exact_bytes(512, 256, 4, "cuda", "fp16x3")
+    assert ssc.exact_bytes(512, 256, 4, "cuda", "auto") == split > full
+    assert ssc.exact_bytes(512, 256, 8, "cuda", "auto") == ssc.exact_bytes(512, 256, 8, "cuda")
     assert products.check_precision("auto", **ok) == "fp16x3"
     assert products.check_precision("auto", **{**ok, "device": None}) == "full"
     for kw in (dict(fast=False), dict(work=torch.float64), dict(blocked=True),
@@ -167,11 +176,6 @@ def test_auto_is_fp16x3_only_where_it_runs_natively_and_the_solver_allows_it(mon
         assert products.check_precision("auto", **{**ok, **kw}) == "full"
         with pytest.raises(ValueError, match="precision='fp16x3'"):
             products.check_precision("fp16x3", **{**ok, **kw})
-    # the memory rule counts what "auto" runs: fp16x3's parts only where it is native
-    full = ssc.exact_bytes(512, 256, 4, "cuda", "full")
-    assert ssc.exact_bytes(512, 256, 4, "cpu", "auto") == ssc.exact_bytes(512, 256, 4, "cpu")
-    if not torch.cuda.is_available():  # exact_bytes resolves "auto" for an available CUDA
-        assert ssc.exact_bytes(512, 256, 4, "cuda", "auto") == full
     # the options keep "auto" (resolved where the device is known), so cache keys say so
     from videoanchor.anchor.options import SSCOptions
 

@@ -54,7 +54,7 @@ from videoanchor.anchor.collective import (
     raise_together,
     share_features,
 )
-from videoanchor.anchor.products import Products, check_precision, resolve_precision
+from videoanchor.anchor.products import Products, check_precision
 
 __all__ = ["ssc_lambdas", "gram_row_max", "solve_ssc_admm", "ADMMResult", "SSCMemoryError"]
 
@@ -188,9 +188,10 @@ def exact_bytes(n: int, d: int, itemsize: int, device_type: str, precision: str 
     ``mode="auto"`` choice and the CLI's SSC plan."""
     if strategy == "auto":
         strategy = choose_strategy(n, d, outliers, device_type)
-    if precision == "auto":  # what "auto" runs on such a device (fp16x3 needs float32)
-        cuda = device_type == "cuda" and torch.cuda.is_available() and itemsize == 4
-        precision = resolve_precision("auto", "cuda" if cuda else None)
+    if precision == "auto":  # what "auto" runs on such a device (the fast solver)
+        work = torch.float32 if itemsize == 4 else torch.float64
+        precision = check_precision("auto", fast=True, work=work,
+                                    device="cuda" if device_type == "cuda" else None)  # fmt: skip
     return admm_bytes(n, d, itemsize, strategy, precision, cuda=device_type == "cuda")
 
 
