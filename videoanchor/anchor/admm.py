@@ -90,9 +90,10 @@ def run(step, max_iter: int, hook: Hook | None = None, *, what: str = "SSC-ADMM"
     for it in range(1, int(max_iter) + 1):
         residual, done = step(it)
         if not lazy or done or it % LAZY_CHECK_EVERY == 0 or it == int(max_iter):
-            if not math.isfinite(float(residual)):
+            value = float(residual)
+            if not math.isfinite(value):
                 raise FloatingPointError(
-                    f"{what} diverged at iteration {it} (residual {float(residual)}); "
+                    f"{what} diverged at iteration {it} (residual {value}); "
                     "try dtype=torch.float64 or a larger rho"
                 )
         stop = hook is not None and bool(hook(it, residual))
