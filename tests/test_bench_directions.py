@@ -170,3 +170,31 @@ def test_quick_run_writes_its_rows(tmp_path, monkeypatch):
         bd.STOP_TOLERANCES)  # fmt: skip
     assert any("Yale B not found" in n for n in data["meta"]["notes"])
     assert {s["direction"] for s in data["meta"]["summary"]} == {d[0] for d in bd.DIRECTIONS}
+
+
+def test_held_outliers_run_the_e_step_at_full_iterations_only_then_restore(monkeypatch):
+    # between full E-steps no E-step runs and Y^T E is made once per full one; the iterate
+    # moves (an E-step that still ran would leave it as it was), and the library is restored
+    from videoanchor.anchor import fast
+
+    x = _tokens()
+    e_step, yte = fast.ActiveSetStep._e_step, fast.ActiveSetStep._yte
+    ran = []
+
+    def counting_e_step(self, it, *args):
+        ran.append(it)
+        return e_step(self, it, *args)
+
+    monkeypatch.setattr(fast.ActiveSetStep, "_e_step", counting_e_step)
+    default = bd._fast(x, 3)
+    assert ran == list(range(1, 61))
+    ran.clear()
+    with bd.schedule(None, held_e=True):
+        assert fast.ActiveSetStep._e_step is not counting_e_step
+        held = bd._fast(x, 3)
+    assert fast.ActiveSetStep._e_step is counting_e_step and fast.ActiveSetStep._yte is yte
+    assert ran == [it for it in range(1, 61) if it <= 2 or it % 10 == 0]
+    assert held.iterations == default.iterations
+    assert torch.isfinite(held.coef).all() and not torch.equal(held.coef, default.coef)
+    again = bd._fast(x, 3)
+    assert torch.equal(again.coef, default.coef)
