@@ -54,6 +54,7 @@ from videoanchor.anchor.collective import (
     share_features,
 )
 from videoanchor.anchor.options import CHECKS, DEFAULTS
+from videoanchor.anchor.products import exact_float32
 from videoanchor.anchor.ssc import TorchKernels, check_admm_parameters, ssc_lambdas
 
 __all__ = [
@@ -145,6 +146,7 @@ def _recorder(history: list[float]):
     return hook
 
 
+@exact_float32
 def solve_ssc_blocked(
     features,
     *,

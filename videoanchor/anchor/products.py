@@ -24,6 +24,15 @@ fp16x3. PyTorch also has no per-call TF32 switch, only a
 process-wide flag, which would change the model's float32 products on other threads while
 the scores are computed beside them.
 
+A user's process-wide setting (``torch.set_float32_matmul_precision("high")`` or
+``"medium"``, ``torch.backends.cuda.matmul.allow_tf32 = True``, common in training and
+inference scripts) would turn the float32 products of every solver into TF32 on CUDA, or
+bfloat16 passes in oneDNN on CPUs that have them: on the second H100 lease TF32 products
+left the fast solver's scores at 64 frames uncorrelated with the faithful ones (Spearman
+-0.003). :func:`exact_float32_matmul` holds float32 products at IEEE precision while the
+scores are computed (the public SSC and spectral entry points run under it, nested calls
+counted), then restores the setting.
+
 On CUDA the product is ``torch.mm(..., out_dtype=torch.float32)`` (PyTorch >= 2.8): float16
 inputs, float32 accumulation and output, on the tensor cores, with no global flag and no
 host synchronisation (the scales stay on the device). Elsewhere it is emulated exactly (the
@@ -32,7 +41,9 @@ parts upcast to float32): three times the work of ``"full"``, for tests.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 
 import torch
 
@@ -41,6 +52,8 @@ __all__ = [
     "Products",
     "Split",
     "check_precision",
+    "exact_float32",
+    "exact_float32_matmul",
     "native_fp16x3",
     "resolve_precision",
 ]
@@ -49,6 +62,64 @@ PRECISIONS = ("auto", "full", "fp16x3")
 #: the largest magnitude of a scaled operand lies in (2^(TOP - 1), 2^TOP]: float16's largest
 #: finite value is 65504 (just under 2^16), and its head rounds to at most 2^TOP
 TOP = 14
+
+
+_EXACT = threading.Lock()
+_exact_state: dict = {"depth": 0, "saved": []}
+
+
+def _fp32_settings() -> list[tuple[object, str]]:
+    """``(holder, attribute)`` of each float32-matmul precision setting this PyTorch has:
+    per backend (``fp32_precision``, PyTorch >= 2.9: CUDA's TF32, oneDNN's bfloat16 on the
+    CPU), else the legacy CUDA flag ``allow_tf32``."""
+    found = []
+    for name in ("cuda", "mkldnn"):
+        holder = getattr(getattr(torch.backends, name, None), "matmul", None)
+        if holder is not None and hasattr(holder, "fp32_precision"):
+            found.append((holder, "fp32_precision"))
+    if not found and hasattr(torch.backends.cuda.matmul, "allow_tf32"):
+        found.append((torch.backends.cuda.matmul, "allow_tf32"))
+    return found
+
+
+@contextlib.contextmanager
+def exact_float32_matmul():
+    """Float32 matrix products at IEEE precision (no TF32, no bfloat16 passes) inside, what
+    the process-wide setting was before restored after (also on an exception).
+
+    PyTorch has only process-wide settings, so other threads' float32 products are exact too
+    while any thread is inside (slower, never less accurate; half-precision products, the
+    model's in bf16 or fp16, are not affected). Nested and concurrent uses are counted: the
+    setting is saved by the first to enter and restored by the last to leave; one changed
+    by another thread in between is overwritten then."""
+    with _EXACT:
+        if _exact_state["depth"] == 0:
+            saved = [(h, a, getattr(h, a)) for h, a in _fp32_settings()]
+            for holder, attr, _ in saved:
+                setattr(holder, attr, False if attr == "allow_tf32" else "ieee")
+            _exact_state["saved"] = saved
+        _exact_state["depth"] += 1
+    try:
+        yield
+    finally:
+        with _EXACT:
+            _exact_state["depth"] -= 1
+            if _exact_state["depth"] == 0:
+                for holder, attr, value in _exact_state["saved"]:
+                    setattr(holder, attr, value)
+                _exact_state["saved"] = []
+
+
+def exact_float32(fn):
+    """Run ``fn`` under :func:`exact_float32_matmul` (the public SSC and spectral entry
+    points)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with exact_float32_matmul():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def native_fp16x3(device) -> bool:

@@ -20,6 +20,7 @@ from videoanchor.anchor._inputs import (
 from videoanchor.anchor.blocked import solve_ssc_blocked, sparse_row_sums, sparse_ssc_affinity
 from videoanchor.anchor.collective import _group, all_agree, comm_device
 from videoanchor.anchor.options import DEFAULTS, REMOVED_SCALABLE, SSCOptions
+from videoanchor.anchor.products import exact_float32
 from videoanchor.anchor.spectral import (
     sparse_spectral_labels,
     spectral_labels,
@@ -114,6 +115,7 @@ def anchor_scores(coef: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return scores_from_row_sums(coef.to(torch.float64).sum(dim=1), labels)
 
 
+@exact_float32
 def pca_reduce(x: torch.Tensor, rank: int) -> torch.Tensor:
     """Project the rows of ``x`` (``N x D``) on their top ``rank`` principal directions.
 
@@ -224,6 +226,7 @@ def _solve(x, opts: SSCOptions, *, backend, solver, **kw):
     return solve(x, relax=relax, adaptive_rho=adaptive, e_every=3 if adaptive else 1, **kw)
 
 
+@exact_float32
 def sparse_subspace_clustering(
     features,
     n_clusters: int,
@@ -330,6 +333,7 @@ def sparse_subspace_clustering(
     )
 
 
+@exact_float32
 def compute_anchor_scores(
     features,
     n_clusters: int = DEFAULTS.n_clusters,
@@ -526,6 +530,7 @@ class SSCCoefficients:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+@exact_float32
 def ssc_coefficients(
     features,
     *,
@@ -568,6 +573,7 @@ def ssc_coefficients(
     )  # fmt: skip
 
 
+@exact_float32
 def anchor_result_from_coefficients(
     ssc: SSCCoefficients,
     n_clusters: int,

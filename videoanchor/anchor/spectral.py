@@ -28,6 +28,8 @@ import warnings
 import numpy as np
 import torch
 
+from videoanchor.anchor.products import exact_float32
+
 __all__ = [
     "ssc_affinity",
     "spectral_embedding",
@@ -453,6 +455,7 @@ def labels_from_embedding(
     return out
 
 
+@exact_float32
 def spectral_labels(
     affinity: torch.Tensor,
     n_clusters: int,
@@ -483,6 +486,7 @@ def spectral_labels(
     )
 
 
+@exact_float32
 def spectral_clustering(
     affinity: torch.Tensor,
     n_clusters: int,
@@ -504,6 +508,7 @@ def spectral_clustering(
     )[0]
 
 
+@exact_float32
 def sparse_spectral_labels(
     w: torch.Tensor,
     n_clusters: int,
@@ -539,6 +544,7 @@ def sparse_spectral_labels(
     )
 
 
+@exact_float32
 def sparse_spectral_clustering(
     w: torch.Tensor, n_clusters: int, *, seed: int = 0, assign_labels: str = "discretize"
 ) -> torch.Tensor:

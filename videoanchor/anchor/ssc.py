@@ -54,7 +54,7 @@ from videoanchor.anchor.collective import (
     raise_together,
     share_features,
 )
-from videoanchor.anchor.products import Products, check_precision
+from videoanchor.anchor.products import Products, check_precision, exact_float32
 
 __all__ = ["ssc_lambdas", "gram_row_max", "solve_ssc_admm", "ADMMResult", "SSCMemoryError"]
 
@@ -289,6 +289,7 @@ class TorchKernels(admm.Kernels):
             torch.cuda.synchronize(self.device)
 
 
+@exact_float32
 def solve_ssc_admm(
     features,
     *,
