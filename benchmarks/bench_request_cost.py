@@ -91,6 +91,54 @@ def h100_stage_seconds(stage: str, n: int) -> float:
     return a * (n / 2048) ** (math.log(b / a) / math.log(4))
 
 
+#: Issue 33's targets: the anchor scores' time over the prefill's, by frame count.
+TARGETS = {16: 0.10, 64: 0.25}
+
+
+def iteration_floor(n: int, d: int, prefill: float) -> dict:
+    """A lower bound, on an H100, of the fast default's iterations against the prefill
+    (``prefill``: its FLOPs per GPU, at the estimates' 60% of the bf16 peak): the
+    schedule's products as CUDA runs them (:func:`ssc_flops`, ``per_iter_fast_cuda``), less
+    the ``Y^T E`` product (sparse where ``E`` is) and the refactors, at 100% of the dense
+    fp16 peak, three fp16 products per product (``precision="fp16x3"``) and, for the
+    comparison, one (a single bf16 pass, which fails the stability bar). No memory traffic,
+    no factor, no spectral step: the real cost is above it.
+    ``fp16x3_iterations_per_prefill``: how many such iterations fit in the prefill's time."""
+    per_iter = ssc_flops(n, d)["per_iter_fast_cuda"] - 2.0 * n * d * n
+    pre_s = prefill / (EFFICIENCY * H100["bf16"])
+    one = per_iter / H100["bf16"]  # seconds per iteration, one fp16 pass at full peak
+    its = admm.SCHEDULE["iterations"]
+    return {"floor_fp16x3_over_prefill": 3 * its * one / pre_s,
+            "floor_bf16_over_prefill": its * one / pre_s,
+            "fp16x3_iterations_per_prefill": pre_s / (3 * one)}  # fmt: skip
+
+
+def floor_rows() -> list[dict]:
+    """:func:`iteration_floor` for every shape at the frame counts with a target (STATIC:
+    counted FLOPs, no measurement): where even this lower bound exceeds the target, no
+    implementation of the fast default's 60 iterations meets it on an H100."""
+    rows = []
+    for name, shape in SHAPES.items():
+        h, *_, per_frame, tp = shape
+        for frames, target in sorted(TARGETS.items()):
+            n = frames * per_frame
+            floor = iteration_floor(n, h, prefill_flops(shape, n))
+            # under tensor parallelism the columns can be split over the tp ranks
+            # (process_group, scores_ahead_split): the iterations divide by tp
+            best = floor["floor_fp16x3_over_prefill"] / tp
+            rows.append({
+                "model": name, "frames": frames, "n": n, "d": h, "tp": tp, "target": target,
+                **floor, "floor_fp16x3_over_prefill_split": best if tp > 1 else None,
+                "fp16x3_iterations_within_target": target * floor.pop(
+                    "fp16x3_iterations_per_prefill") * tp,
+                "floor_meets_target": best <= target,
+                "figures": "estimated (counted FLOPs, a lower bound): the fast default's "
+                           "iteration products at 100% of the H100's dense fp16 peak against "
+                           "the prefill at 60% of its bf16 peak",
+            })  # fmt: skip
+    return rows
+
+
 def prefill_flops(shape, n_visual: int) -> float:
     """FLOPs (2 per multiply-add) of the LM prefill of ``n_visual + 64`` tokens, per GPU."""
     h, layers, inter, heads, kv, _, tp = shape
@@ -629,6 +677,7 @@ def cost_rows(device, quick, budget_s, measure=None, on_row=None,
                 EFFICIENCY * H100["fp64"]
             )
         row["h100_seconds_factor_fast"], row["h100_seconds_spectral"] = factor_s, spectral_s
+        row.update({f"h100_{k}": v for k, v in iteration_floor(n, h, pre).items()})
         for prec in ("fp32", "tf32", "bf16", "fp16x3"):
             # fp16x3: each product is one fp16 product with the inner dimension tripled
             rate = EFFICIENCY * (H100["bf16"] / 3 if prec == "fp16x3" else H100[prec])
@@ -865,7 +914,23 @@ def main(argv=None):
         "time and iterations then lower bounds, marked in the row); default: to convergence "
         "or its 10000-iteration cap (358 s at 64 frames on an H100)",
     )
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="write only the STATIC lower bound of the fast default's H100 iterations against "
+        "the prefill at the targets' frame counts (request_cost_floor_static.json; seconds)",
+    )
     args = ap.parse_args(argv)
+    if args.floor:
+        meta = environment("cpu")
+        meta["device"] = "static (counted FLOPs; an H100's dense fp16 and bf16 peaks)"
+        rows = floor_rows()
+        print_table(rows, ["model", "frames", "n", "target", "floor_fp16x3_over_prefill",
+                           "floor_fp16x3_over_prefill_split", "floor_bf16_over_prefill",
+                           "fp16x3_iterations_within_target",
+                           "floor_meets_target"])  # fmt: skip
+        print(f"wrote {write_result('request_cost_floor', meta, rows, args.out_dir)}")
+        return
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     if not parts or set(parts) - set(PARTS):
         raise SystemExit(f"--parts: expected a subset of {PARTS}, got {args.parts!r}")

@@ -141,3 +141,34 @@ def test_faithful_seconds_stops_the_faithful_solve_and_marks_the_row(monkeypatch
     assert full["iterations_faithful"] > row["iterations_faithful"]
     with pytest.raises(SystemExit, match="--faithful-seconds: expected a positive number"):
         brc.main(["--faithful-seconds", "0", "--parts", "cost"])
+
+
+def test_iteration_floor_is_below_the_estimate_and_judges_each_target(tmp_path):
+    """The STATIC floor (the schedule's products without Y^T E, at 100% of the fp16 peak)
+    lies under the 60%-of-peak estimate of the same row, ``fp16x3_iterations_within_target``
+    of them cost the target exactly, and the split over tp ranks divides it."""
+    est = {(r["model"], r["frames"]): r
+           for r in brc.cost_rows(torch.device("cpu"), True, 0.0, measure=[])}  # fmt: skip
+    rows = brc.floor_rows()
+    assert [(r["model"], r["frames"]) for r in rows] == [
+        (s, f) for s in brc.SHAPES for f in sorted(brc.TARGETS)
+    ]
+    for r in rows:
+        floor = r["floor_fp16x3_over_prefill"]
+        assert 0 < floor < est[(r["model"], r["frames"])]["h100_ssc_over_prefill_fast_fp16x3"]
+        assert r["floor_bf16_over_prefill"] == pytest.approx(floor / 3)
+        per_iteration = floor / brc.admm.SCHEDULE["iterations"]
+        best = floor / r["tp"]
+        assert r["fp16x3_iterations_within_target"] * per_iteration / r["tp"] == pytest.approx(
+            r["target"]
+        )
+        assert r["floor_meets_target"] == (best <= r["target"])
+        assert (r["floor_fp16x3_over_prefill_split"] is None) == (r["tp"] == 1)
+    # hand count at one shape: 16 frames of Qwen2.5-VL-7B, N = 2048 < D (dense factor)
+    n, d = 2048, 3584
+    per_iter = 2.0 * (n + d) * n * n  # [R; Y R](T - I), without the Y^T E product
+    pre = brc.prefill_flops(brc.SHAPES["Qwen2.5-VL-7B"], n) / (0.6 * 989e12)
+    want = 3 * 60 * per_iter / 989e12 / pre
+    assert rows[0]["floor_fp16x3_over_prefill"] == pytest.approx(want)
+    assert brc.main(["--floor", "--out-dir", str(tmp_path)]) is None
+    assert (tmp_path / "request_cost_floor_static.json").exists()
