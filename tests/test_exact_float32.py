@@ -142,7 +142,7 @@ def test_nested_and_concurrent_uses_restore_once_at_the_last_exit(lowered):
     assert states == ["ieee", "ieee", "ieee"]
     assert torch.backends.cuda.matmul.fp32_precision == "tf32"
     assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
-    assert products._exact_state == {"depth": 0, "saved": []}
+    assert products._held == {}
 
 
 def test_a_legacy_setting_reads_back_the_same_afterwards():
@@ -154,3 +154,55 @@ def test_a_legacy_setting_reads_back_the_same_afterwards():
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_a_thread_that_keeps_cuda_leaves_it_and_says_so_once(lowered, recwarn):
+    # the vLLM side thread: Dynamo checks CUDA's TF32 setting, so that thread never changes
+    # it (oneDNN's it still holds), and a lowered CUDA setting is reported once
+    seen = []
+
+    def side():
+        products.keep_cuda_setting_in_this_thread()
+        for _ in range(2):
+            with products.exact_float32_matmul():
+                seen.append((torch.backends.cuda.matmul.fp32_precision,
+                             torch.backends.mkldnn.matmul.fp32_precision))  # fmt: skip
+
+    products._warned.discard("cuda")
+    t = threading.Thread(target=side)
+    t.start()
+    t.join(10)
+    assert seen == [("tf32", "ieee"), ("tf32", "ieee")]
+    said = [w for w in recwarn if "TF32" in str(w.message)]
+    assert len(said) == 1 and "VLLM_FLOAT32_MATMUL_PRECISION" in str(said[0].message)
+    # the main thread, meanwhile, still holds both
+    with products.exact_float32_matmul():
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+    assert products._held == {}
+
+
+def test_a_side_thread_first_then_the_main_thread_holds_cuda_and_restores_it(lowered):
+    entered, leave = threading.Event(), threading.Event()
+
+    def side():
+        products.keep_cuda_setting_in_this_thread()
+        with products.exact_float32_matmul():
+            entered.set()
+            leave.wait(10)
+
+    products._warned.add("cuda")  # (said in the test above)
+    t = threading.Thread(target=side)
+    t.start()
+    assert entered.wait(10)
+    with products.exact_float32_matmul():
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+    # the main thread let go of CUDA's; the side thread still holds oneDNN's
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+    leave.set()
+    t.join(10)
+    assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+    assert products._held == {}

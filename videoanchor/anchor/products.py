@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import warnings
 
 import torch
 
@@ -54,6 +55,7 @@ __all__ = [
     "check_precision",
     "exact_float32",
     "exact_float32_matmul",
+    "keep_cuda_setting_in_this_thread",
     "native_fp16x3",
     "resolve_precision",
 ]
@@ -65,7 +67,10 @@ TOP = 14
 
 
 _EXACT = threading.Lock()
-_exact_state: dict = {"depth": 0, "saved": []}
+#: per setting ``(holder, attribute)``: ``[entries holding it, the value to restore]``
+_held: dict[tuple[int, str], list] = {}
+_thread = threading.local()
+_warned: set[str] = set()
 
 
 def _fp32_settings() -> list[tuple[object, str]]:
@@ -82,6 +87,21 @@ def _fp32_settings() -> list[tuple[object, str]]:
     return found
 
 
+def keep_cuda_setting_in_this_thread() -> None:
+    """In the calling thread, :func:`exact_float32_matmul` leaves CUDA's setting alone (the
+    CPU's oneDNN one it still holds). For a thread that computes scores beside a model that
+    ``torch.compile`` traces or guards in another thread: TF32 is part of the global state
+    that Dynamo checks (a change while it traces fails the trace; a compiled function's
+    guards would fail and recompile). Where that setting is lowered, the first such call
+    says once which products keep it."""
+    _thread.keep_cuda = True
+
+
+def _lowered(holder, attr) -> bool:
+    value = getattr(holder, attr)
+    return value is True or value in ("tf32", "bf16")
+
+
 @contextlib.contextmanager
 def exact_float32_matmul():
     """Float32 matrix products at IEEE precision (no TF32, no bfloat16 passes) inside, what
@@ -89,25 +109,44 @@ def exact_float32_matmul():
 
     PyTorch has only process-wide settings, so other threads' float32 products are exact too
     while any thread is inside (slower, never less accurate; half-precision products, the
-    model's in bf16 or fp16, are not affected). Nested and concurrent uses are counted: the
-    setting is saved by the first to enter and restored by the last to leave; one changed
-    by another thread in between is overwritten then."""
+    model's in bf16 or fp16, are not affected). Nested and concurrent uses are counted per
+    setting: the first to hold it saves and sets it, the last to let go restores it (a
+    change made by another thread in between is overwritten then). A thread that called
+    :func:`keep_cuda_setting_in_this_thread` does not hold CUDA's."""
+    mine = []
     with _EXACT:
-        if _exact_state["depth"] == 0:
-            saved = [(h, a, getattr(h, a)) for h, a in _fp32_settings()]
-            for holder, attr, _ in saved:
+        for holder, attr in _fp32_settings():
+            if holder is torch.backends.cuda.matmul and getattr(_thread, "keep_cuda", False):
+                if _lowered(holder, attr) and "cuda" not in _warned:
+                    _warned.add("cuda")
+                    warnings.warn(
+                        "videoanchor: float32 matrix products are set to TF32 in this process "
+                        "(torch.set_float32_matmul_precision, VLLM_FLOAT32_MATMUL_PRECISION); "
+                        "the anchor scores computed beside the model keep that setting "
+                        "(changing it from this thread would fail torch.compile's global-state "
+                        "check), so their float32 products on CUDA (the spectral step; the "
+                        "solver's with ssc_precision='full') run in TF32",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                continue
+            key = (id(holder), attr)
+            entry = _held.setdefault(key, [0, None])
+            if entry[0] == 0:
+                entry[1] = getattr(holder, attr)
                 setattr(holder, attr, False if attr == "allow_tf32" else "ieee")
-            _exact_state["saved"] = saved
-        _exact_state["depth"] += 1
+            entry[0] += 1
+            mine.append((holder, attr, key))
     try:
         yield
     finally:
         with _EXACT:
-            _exact_state["depth"] -= 1
-            if _exact_state["depth"] == 0:
-                for holder, attr, value in _exact_state["saved"]:
-                    setattr(holder, attr, value)
-                _exact_state["saved"] = []
+            for holder, attr, key in mine:
+                entry = _held[key]
+                entry[0] -= 1
+                if entry[0] == 0:
+                    setattr(holder, attr, entry[1])
+                    del _held[key]
 
 
 def exact_float32(fn):

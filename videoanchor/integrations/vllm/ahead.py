@@ -143,6 +143,11 @@ class Ahead:
                 logger.debug("videoanchor: side thread niceness not set: %s", err)
         if self.stream is not None:
             torch.cuda.set_stream(self.stream)
+        # the engine's main thread may trace (torch.compile) while this thread scores: its
+        # TF32 setting is part of the global state Dynamo checks, so it is left alone here
+        from videoanchor.anchor.products import keep_cuda_setting_in_this_thread
+
+        keep_cuda_setting_in_this_thread()
 
     def submit(self, payloads) -> None:
         """Encode the items of ``payloads`` (``(req_id, mm_features, extra_args)`` each) and
