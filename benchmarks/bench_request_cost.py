@@ -61,7 +61,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_ssc import synthetic_tokens  # noqa: E402
 from benchmarks.common import environment, print_table, write_result  # noqa: E402
-from videoanchor.anchor import admm, compute_anchor_scores, fast  # noqa: E402
+from videoanchor.anchor import admm, compute_anchor_scores, fast, products  # noqa: E402
 from videoanchor.anchor.progress import SSCProgress  # noqa: E402
 
 YALE = Path(os.environ.get("VIDEOANCHOR_YALEB", "/work/shared/data/YaleB_48_42.mat"))
@@ -206,6 +206,25 @@ def ssc_flops(n: int, d: int) -> dict:
         "refactors_fast": refactors * refactor,
         "factor": "low_rank" if low_rank else "thin" if thin else "dense",
     }
+
+
+@contextlib.contextmanager
+def tf32_products():
+    """TF32 float32 products on CUDA for one measurement: the process-wide setting, with the
+    library's guard that holds its float32 products at IEEE precision whatever that setting
+    (:func:`videoanchor.anchor.products.exact_float32_matmul`) turned off meanwhile."""
+    guard = products.exact_float32_matmul
+    holder = torch.backends.cuda.matmul
+    attr, value = ("fp32_precision", "tf32") if hasattr(holder, "fp32_precision") else (
+        "allow_tf32", True)  # fmt: skip
+    before = getattr(holder, attr)
+    products.exact_float32_matmul = contextlib.nullcontext
+    setattr(holder, attr, value)
+    try:
+        yield
+    finally:
+        setattr(holder, attr, before)
+        products.exact_float32_matmul = guard
 
 
 def emulated(x, k, precision: str, **kw):
@@ -622,12 +641,8 @@ def cost_rows(device, quick, budget_s, measure=None, on_row=None,
             # FP32 (precision "full"); CUDA's default, fp16x3, is timed below
             t_fast, fast = ssc_seconds(x, 24, "fast", precision="full")
             if device.type == "cuda":  # what TF32 matrix products would give (not the default)
-                before = torch.backends.cuda.matmul.allow_tf32
-                torch.backends.cuda.matmul.allow_tf32 = True
-                try:
+                with tf32_products():
                     t_tf32, tf32 = ssc_seconds(x, 24, "fast", precision="full")
-                finally:
-                    torch.backends.cuda.matmul.allow_tf32 = before
                 row.update(
                     seconds_ssc_fast_tf32=t_tf32,
                     spearman_fast_tf32=_spearman(tf32.scores, ref.scores),

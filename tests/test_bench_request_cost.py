@@ -172,3 +172,32 @@ def test_iteration_floor_is_below_the_estimate_and_judges_each_target(tmp_path):
     assert rows[0]["floor_fp16x3_over_prefill"] == pytest.approx(want)
     assert brc.main(["--floor", "--out-dir", str(tmp_path)]) is None
     assert (tmp_path / "request_cost_floor_static.json").exists()
+
+
+def test_tf32_products_reach_the_solver_past_the_library_guard(monkeypatch):
+    """The benchmark's TF32 column must measure TF32: inside ``tf32_products`` the solver's
+    products see CUDA's setting lowered (the guard that would hold it exact is off), and
+    after it both the setting and the guard are back."""
+    from benchmarks.bench_ssc import synthetic_tokens
+    from videoanchor.anchor import products
+
+    holder = torch.backends.cuda.matmul
+    attr = "fp32_precision" if hasattr(holder, "fp32_precision") else "allow_tf32"
+    before, guard = getattr(holder, attr), products.exact_float32_matmul
+    seen = []
+    mm = products.Products.mm
+
+    def recording(self, a, b):
+        seen.append(getattr(holder, attr))
+        return mm(self, a, b)
+
+    monkeypatch.setattr(products.Products, "mm", recording)
+    x = synthetic_tokens(40, 24, k=3, seed=1)
+    with brc.tf32_products():
+        compute = brc.compute_anchor_scores(x, 3, progress=False)
+    assert compute.scores.shape == (40,)
+    assert seen and set(seen) == {"tf32" if attr == "fp32_precision" else True}
+    assert getattr(holder, attr) == before and products.exact_float32_matmul is guard
+    seen.clear()
+    brc.compute_anchor_scores(x, 3, progress=False)  # the guard again: exact inside
+    assert set(seen) == {"ieee" if attr == "fp32_precision" else False}
