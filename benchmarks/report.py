@@ -881,8 +881,11 @@ def _details(title: str, body: str) -> str:
 
 def _status(results: list[Result]) -> str:
     """What was measured where, from the files' own metadata."""
-    static = [r for r in results
-              if r.area == "compile" or str(r.meta.get("device", "")).startswith("static")]
+    static = [
+        r
+        for r in results
+        if r.area == "compile" or str(r.meta.get("device", "")).startswith("static")
+    ]
     timed = [r for r in results if r not in static]
     gpu = sorted(r.path.name for r in timed if not str(r.meta.get("device", "")).startswith("cpu"))
     cpu = sorted({str(r.meta.get("device")) for r in timed if r.path.name not in gpu})
