@@ -1,10 +1,13 @@
-"""Host time of one anchored attention call, with the Triton launches replaced by no-ops.
+"""Host time of one anchored attention call, with the Triton launches replaced by no-ops:
+decode steps at three cache lengths and a 2048-token prefill (the gates in the general and in
+the fast form), with the gates against without.
 
 What our Python does around the kernels on every call (option checks, the key bias turned
 into log2 units and shifted by its maximum, output and partial-result allocations), timed on
 CPU tensors: on a GPU each of those torch ops is also a kernel launch, and a decode step at
 batch 1 has only microseconds of kernel work, so this host time is its floor. Measured: the
-host time per call (median of rounds), and the torch operators per call (profiler). Not
+host time per call (median of rounds), the torch operators per call (profiler) and the
+Triton launches per call (stubbed). Not
 included: Triton's own launch cost and the GPU's launch latency (a GPU run measures those).
 
     python benchmarks/bench_host_overhead.py
@@ -27,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import videoanchor  # noqa: E402
 from benchmarks.common import environment, print_table, write_result  # noqa: E402
 from videoanchor.kernels import triton_decode, triton_prefill  # noqa: E402
+from videoanchor.kernels.interface import value_scale_range_of  # noqa: E402
 
 
-def measure(S: int, Sq: int, gates: bool, calls: int, rounds: int) -> dict:
+def measure(S: int, Sq: int, gates: bool, calls: int, rounds: int, fast: bool = False) -> dict:
     g = torch.Generator().manual_seed(S + Sq)
     q = torch.randn(1, 28, Sq, 128, generator=g, dtype=torch.float16)
     k = torch.randn(1, 4, S, 128, generator=g, dtype=torch.float16)
@@ -37,8 +41,10 @@ def measure(S: int, Sq: int, gates: bool, calls: int, rounds: int) -> dict:
     kb = torch.rand(1, S, generator=g) if gates else None
     vs = 1 + torch.rand(1, S, generator=g) if gates else None
 
+    extra = {"value_scale_range": value_scale_range_of(vs)} if fast and gates else {}
+
     def call():
-        return videoanchor.anchored_attention(q, k, v, kb, vs, backend="triton")
+        return videoanchor.anchored_attention(q, k, v, kb, vs, backend="triton", **extra)
 
     call()
     per = []
@@ -54,6 +60,7 @@ def measure(S: int, Sq: int, gates: bool, calls: int, rounds: int) -> dict:
     return {
         "kind": "decode" if Sq == 1 else "prefill",
         "S": S, "Sq": Sq, "gates": gates,
+        "form": ("fast" if fast else "general") if gates else None,
         "host_us_per_call": statistics.median(per) * 1e6,
         "aten_ops_per_call": ops / 10,
         "figures": "measured on this CPU, kernel launches stubbed",
@@ -73,15 +80,16 @@ def main(argv=None):
     meta = environment("cpu")
     meta["torch_threads"] = 1
     rows = []
-    for S in (8192, 32768, 131072):
-        for gates in (False, True):
-            launches.clear()
-            rows.append(measure(S, 1, gates, args.calls, args.rounds))
-            rows[-1]["kernel_launches_per_call"] = len(launches) / (
-                1 + args.calls * args.rounds + 10
-            )
-    print_table(rows, ["kind", "S", "gates", "host_us_per_call", "aten_ops_per_call",
-                       "kernel_launches_per_call"])  # fmt: skip
+    # decode at three cache lengths, then a prefill of S = 2048 (16 frames of Qwen2.5-VL-7B):
+    # the gates in the general form and in the fast form the integration runs
+    cases = [(S, 1, gates, False) for S in (8192, 32768, 131072) for gates in (False, True)]
+    cases += [(2048, 2048, False, False), (2048, 2048, True, False), (2048, 2048, True, True)]
+    for S, Sq, gates, fast in cases:
+        launches.clear()
+        rows.append(measure(S, Sq, gates, args.calls, args.rounds, fast))
+        rows[-1]["triton_launches_per_call"] = len(launches) / (1 + args.calls * args.rounds + 10)
+    print_table(rows, ["kind", "S", "gates", "form", "host_us_per_call", "aten_ops_per_call",
+                       "triton_launches_per_call"])  # fmt: skip
     print(f"wrote {write_result('host_overhead', meta, rows, args.out_dir)}")
 
 

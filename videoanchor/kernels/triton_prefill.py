@@ -437,16 +437,18 @@ def bias_shift(kb, key_padding_mask=None, cache_seqlens=None, varlen=False):
     """The constant taken out of a float32 key bias ``kb``: its largest visible finite value
     per sample (over all packed keys for varlen: a scalar), 0 where there is none. Hidden
     keys (padding, cache slots past ``cache_seqlens``) and NaN do not take part, so what
-    they hold cannot change the result. O(Skv), on the device, no synchronisation."""
-    keep = ~torch.isnan(kb)
+    they hold cannot change the result (a largest value of +inf gives 0 too). O(Skv), on the
+    device, no synchronisation; three kernels without masks (each one a launch on every
+    anchored attention call)."""
+    inf = float("inf")
+    top = kb.nan_to_num(nan=-inf, posinf=inf, neginf=-inf)  # NaN keys take no part
     if key_padding_mask is not None:
-        keep = keep & key_padding_mask
+        top = torch.where(key_padding_mask, top, -inf)
     if cache_seqlens is not None:
         pos = torch.arange(kb.shape[-1], device=kb.device)
-        keep = keep & (pos[None, :] < cache_seqlens.to(kb.device)[:, None])
-    top = torch.where(keep, kb, float("-inf"))
+        top = torch.where(pos[None, :] < cache_seqlens.to(kb.device)[:, None], top, -inf)
     top = top.amax() if varlen else top.amax(-1)
-    return torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return top.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # none visible, or +inf: 0
 
 
 def _gate_args(
