@@ -9,6 +9,7 @@ ones. The public SSC and spectral entry points hold float32 products at IEEE pre
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -26,17 +27,27 @@ from videoanchor.anchor import (
 LOWERED = {"cuda": "tf32", "mkldnn": "bf16"}
 
 
+@contextlib.contextmanager
+def _lowering(settings=LOWERED):
+    """The user's setting lowered (``settings``: backend -> value), restored after."""
+    matmul = {name: getattr(torch.backends, name).matmul for name in settings}
+    before = {name: m.fp32_precision for name, m in matmul.items()}
+    for name, value in settings.items():
+        matmul[name].fp32_precision = value
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            matmul[name].fp32_precision = value
+
+
 @pytest.fixture
 def lowered():
     """The user's setting lowered on every backend that has one, restored after the test."""
     if not hasattr(torch.backends.mkldnn.matmul, "fp32_precision"):
         pytest.skip("this PyTorch has no per-backend fp32_precision (before 2.9)")
-    before = {n: torch.backends.__dict__[n].matmul.fp32_precision for n in LOWERED}
-    for name, value in LOWERED.items():
-        torch.backends.__dict__[name].matmul.fp32_precision = value
-    yield
-    for name, value in before.items():
-        torch.backends.__dict__[name].matmul.fp32_precision = value
+    with _lowering():
+        yield
 
 
 def _tokens(n=72, d=40, seed=3):
@@ -67,12 +78,19 @@ def _lowered_changes_products() -> bool:
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(256, 256, generator=g), torch.randn(256, 256, generator=g)
     exact = a @ b
-    before = torch.backends.mkldnn.matmul.fp32_precision
-    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
-    try:
+    with _lowering({"mkldnn": "bf16"}):
         return not torch.equal(a @ b, exact)
-    finally:
-        torch.backends.mkldnn.matmul.fp32_precision = before
+
+
+def _every_entry_point(x):
+    runs = {
+        "fast": compute_anchor_scores(x, 4, progress=False),
+        "faithful": compute_anchor_scores(x, 4, progress=False, solver="faithful"),
+        "admm": solve_ssc_admm(x, progress=False, scheduled=True),
+        "blocked": solve_ssc_blocked(x, block_columns=64, progress=False),
+    }
+    runs["labels"] = spectral_clustering(ssc_affinity(runs["admm"].coef), 4, seed=0)
+    return runs
 
 
 def test_every_entry_point_gives_the_same_bits_under_a_lowered_setting():
@@ -82,34 +100,15 @@ def test_every_entry_point_gives_the_same_bits_under_a_lowered_setting():
         pytest.skip("this CPU computes float32 products alike under the lowered setting "
                     "(no bfloat16 passes in oneDNN here): nothing to compare")  # fmt: skip
     x = _tokens(200, 100)  # large enough that the lowered setting moves C (by ~3e-5)
-    default = {
-        "fast": compute_anchor_scores(x, 4, progress=False),
-        "faithful": compute_anchor_scores(x, 4, progress=False, solver="faithful"),
-        "admm": solve_ssc_admm(x, progress=False, scheduled=True),
-        "blocked": solve_ssc_blocked(x, block_columns=64, progress=False),
-    }
-    affinity = ssc_affinity(default["admm"].coef)
-    labels = spectral_clustering(affinity, 4, seed=0)
-    before = {n: torch.backends.__dict__[n].matmul.fp32_precision for n in LOWERED}
-    try:
-        for name, value in LOWERED.items():
-            torch.backends.__dict__[name].matmul.fp32_precision = value
-        again = {
-            "fast": compute_anchor_scores(x, 4, progress=False),
-            "faithful": compute_anchor_scores(x, 4, progress=False, solver="faithful"),
-            "admm": solve_ssc_admm(x, progress=False, scheduled=True),
-            "blocked": solve_ssc_blocked(x, block_columns=64, progress=False),
-        }
-        labels_again = spectral_clustering(affinity, 4, seed=0)
-    finally:
-        for name, value in before.items():
-            torch.backends.__dict__[name].matmul.fp32_precision = value
+    default = _every_entry_point(x)
+    with _lowering():
+        again = _every_entry_point(x)
     for key in ("fast", "faithful"):
         assert torch.equal(again[key].scores, default[key].scores), key
         assert torch.equal(again[key].coef, default[key].coef), key
     for key in ("admm", "blocked"):
         assert torch.equal(again[key].coef.to_dense(), default[key].coef.to_dense()), key
-    assert torch.equal(labels_again, labels)
+    assert torch.equal(again["labels"], default["labels"])
 
 
 def test_the_setting_comes_back_after_an_error(lowered):
