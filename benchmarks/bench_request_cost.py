@@ -129,8 +129,8 @@ def floor_rows() -> list[dict]:
             rows.append({
                 "model": name, "frames": frames, "n": n, "d": h, "tp": tp, "target": target,
                 **floor, "floor_fp16x3_over_prefill_split": best if tp > 1 else None,
-                "fp16x3_iterations_within_target": target * floor.pop(
-                    "fp16x3_iterations_per_prefill") * tp,
+                "fp16x3_iterations_within_target": target
+                * floor["fp16x3_iterations_per_prefill"] * tp,
                 "floor_meets_target": best <= target,
                 "figures": "estimated (counted FLOPs, a lower bound): the fast default's "
                            "iteration products at 100% of the H100's dense fp16 peak against "
@@ -692,7 +692,6 @@ def cost_rows(device, quick, budget_s, measure=None, on_row=None,
                 EFFICIENCY * H100["fp64"]
             )
         row["h100_seconds_factor_fast"], row["h100_seconds_spectral"] = factor_s, spectral_s
-        row.update({f"h100_{k}": v for k, v in iteration_floor(n, h, pre).items()})
         for prec in ("fp32", "tf32", "bf16", "fp16x3"):
             # fp16x3: each product is one fp16 product with the inner dimension tripled
             rate = EFFICIENCY * (H100["bf16"] / 3 if prec == "fp16x3" else H100[prec])
