@@ -116,25 +116,36 @@ def iteration_floor(n: int, d: int, prefill: float) -> dict:
 def floor_rows() -> list[dict]:
     """:func:`iteration_floor` for every shape at the frame counts with a target (STATIC:
     counted FLOPs, no measurement): where even this lower bound exceeds the target, no
-    implementation of the fast default's 60 iterations meets it on an H100."""
+    implementation of the fast default's 60 iterations meets it on an H100. Beside it, the
+    spectral step alone (no iteration, no factor) against the same prefill, from its
+    calibrated H100 seconds (:data:`H100_STAGES`, an estimate, not a bound): the share of
+    the target that the clustering the method prescribes takes as implemented today."""
     rows = []
     for name, shape in SHAPES.items():
         h, *_, per_frame, tp = shape
         for frames, target in sorted(TARGETS.items()):
             n = frames * per_frame
-            floor = iteration_floor(n, h, prefill_flops(shape, n))
+            prefill = prefill_flops(shape, n)
+            floor = iteration_floor(n, h, prefill)
             # under tensor parallelism the columns can be split over the tp ranks
             # (process_group, scores_ahead_split): the iterations divide by tp
             best = floor["floor_fp16x3_over_prefill"] / tp
+            # the spectral step (not split: one rank clusters) against the same prefill
+            spectral = h100_stage_seconds("spectral", n) / (prefill / (EFFICIENCY * H100["bf16"]))
             rows.append({
                 "model": name, "frames": frames, "n": n, "d": h, "tp": tp, "target": target,
                 **floor, "floor_fp16x3_over_prefill_split": best if tp > 1 else None,
                 "fp16x3_iterations_within_target": target
                 * floor["fp16x3_iterations_per_prefill"] * tp,
                 "floor_meets_target": best <= target,
+                "spectral_over_prefill": spectral,
+                "spectral_meets_target": spectral <= target,
                 "figures": "estimated (counted FLOPs, a lower bound): the fast default's "
                            "iteration products at 100% of the H100's dense fp16 peak against "
                            "the prefill at 60% of its bf16 peak",
+                "spectral_figures": "estimated: the spectral step's seconds calibrated on the "
+                                    "2026-11-23 H100 lease (H100_STAGES) against the same "
+                                    "prefill",
             })  # fmt: skip
     return rows
 
@@ -942,7 +953,8 @@ def main(argv=None):
         print_table(rows, ["model", "frames", "n", "target", "floor_fp16x3_over_prefill",
                            "floor_fp16x3_over_prefill_split", "floor_bf16_over_prefill",
                            "fp16x3_iterations_within_target",
-                           "floor_meets_target"])  # fmt: skip
+                           "floor_meets_target", "spectral_over_prefill",
+                           "spectral_meets_target"])  # fmt: skip
         print(f"wrote {write_result('request_cost_floor', meta, rows, args.out_dir)}")
         return
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())

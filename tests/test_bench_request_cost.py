@@ -164,12 +164,19 @@ def test_iteration_floor_is_below_the_estimate_and_judges_each_target(tmp_path):
         )
         assert r["floor_meets_target"] == (best <= r["target"])
         assert (r["floor_fp16x3_over_prefill_split"] is None) == (r["tp"] == 1)
+        # the spectral step alone, at its calibrated seconds, against the same prefill
+        pre_s = brc.prefill_flops(brc.SHAPES[r["model"]], r["n"]) / (0.6 * 989e12)
+        spectral = brc.h100_stage_seconds("spectral", r["n"]) / pre_s
+        assert r["spectral_over_prefill"] == pytest.approx(spectral)
+        assert r["spectral_meets_target"] == (spectral <= r["target"])
     # hand count at one shape: 16 frames of Qwen2.5-VL-7B, N = 2048 < D (dense factor)
     n, d = 2048, 3584
     per_iter = 2.0 * (n + d) * n * n  # [R; Y R](T - I), without the Y^T E product
     pre = brc.prefill_flops(brc.SHAPES["Qwen2.5-VL-7B"], n) / (0.6 * 989e12)
     want = 3 * 60 * per_iter / 989e12 / pre
     assert rows[0]["floor_fp16x3_over_prefill"] == pytest.approx(want)
+    # at N = 2048 the spectral step is H100_STAGES' first calibration point itself
+    assert rows[0]["spectral_over_prefill"] == pytest.approx(brc.H100_STAGES["spectral"][0] / pre)
     assert brc.main(["--floor", "--out-dir", str(tmp_path)]) is None
     assert (tmp_path / "request_cost_floor_static.json").exists()
 
