@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.stats import spearmanr
 from sklearn.metrics import adjusted_rand_score
 
@@ -453,3 +455,36 @@ def test_dense_products_over_a_dense_active_set_give_the_same_iterate(monkeypatc
     diff = (runs["sparse"].coef - runs["dense"].coef).abs().max().item()
     assert diff < 1e-10, diff
     assert (runs["sparse"].outliers - runs["dense"].outliers).abs().max().item() < 1e-10
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    d=st.integers(1, 40), nb=st.integers(1, 40), density=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_csr_pattern_equals_the_coalesced_coo_pattern(d, nb, density, seed):
+    """The active set's CSR pattern, built from the row counts of row-major indices, is the
+    one a COO tensor of the same entries coalesces to, empty and trailing empty rows too."""
+    import warnings
+
+    from videoanchor.anchor.fast import _csr_pattern
+
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(d, nb, generator=g) < density
+    rows, cols = mask.nonzero(as_tuple=True)
+    got = _csr_pattern(rows, cols, (d, nb), torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        want = torch.sparse_coo_tensor(torch.stack([rows, cols]), torch.ones(rows.numel(),
+                                       dtype=torch.float64), (d, nb)).to_sparse_csr()  # fmt: skip
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert torch.equal(got.crow_indices(), want.crow_indices())
+    assert torch.equal(got.col_indices(), want.col_indices())
+    assert torch.equal(got.to_dense(), mask.double())
+    # the sampled product over it gives the dense product's entries there
+    a = torch.randn(d, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(5, nb, generator=g, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        vals = torch.sparse.sampled_addmm(got, a, b, beta=0.0).values()
+    assert torch.allclose(vals, (a @ b)[rows, cols], rtol=1e-12, atol=1e-12)
