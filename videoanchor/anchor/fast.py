@@ -69,10 +69,10 @@ def _csr_pattern(rows: torch.Tensor, cols: torch.Tensor, shape, dtype) -> torch.
     of every entry, which took more time than the sampled products it serves at N = 256)."""
     crow = rows.new_zeros(shape[0] + 1)
     torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0, out=crow[1:])
+    ones = torch.ones(cols.numel(), dtype=dtype, device=cols.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # sparse CSR is in beta
-        return torch.sparse_csr_tensor(crow, cols, torch.ones(cols.numel(), dtype=dtype),
-                                       shape, check_invariants=False)  # fmt: skip
+        return torch.sparse_csr_tensor(crow, cols, ones, shape, check_invariants=False)
 
 
 class ActiveSetStep(admm.ScheduledStep):
