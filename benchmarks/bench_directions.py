@@ -22,6 +22,12 @@ change of that solver, all measured in one process:
   fixed-point map on its state ``(C + Lam, d1s, sqrt(lambda_z / rho) E)``, over the last
   ``m`` iterations, at 40, 50 and 60 iterations. The history restarts where the map
   changes: at each change of ``rho`` and at each full E-step (a new active set of ``E``);
+* ``rho per row (Jacobi), prototype`` and ``affine penalty x10`` / ``x0.1, prototype``:
+  the issue's "scaling of rho" beyond one scalar: a penalty per row of ``A - C`` from the
+  data term's diagonal, or the affine constraint's penalty apart from ``rho``, on a dense
+  float64 transcript of the fast schedule (:func:`penalty_prototype`; the ``conditioning``
+  rows give its distance from the default, ``prototype_max_score_difference``). Their
+  ``seconds`` time that transcript, not a solver;
 * ``E held between full E-steps``: the torch CPU solver's E-step only at its full iterations
   (1, 2, every 10th, the last), ``E`` and ``Y^T E`` held in between (:func:`held_outliers`):
   the products with ``D`` in them leave the iterations in between, which is what 10x on this
@@ -86,7 +92,8 @@ from videoanchor.anchor.scores import (  # noqa: E402
     anchor_result_from_coefficients,
     sparse_subspace_clustering,
 )
-from videoanchor.anchor.ssc import solve_ssc_admm  # noqa: E402
+from videoanchor.anchor.spectral import spectral_labels, ssc_affinity  # noqa: E402
+from videoanchor.anchor.ssc import solve_ssc_admm, ssc_lambdas  # noqa: E402
 
 
 class Anderson:
@@ -228,6 +235,84 @@ def schedule(iterations: int | None = None, relax: float = 1.0, anderson: int = 
         admm.ScheduledStep._c_step = c_step
 
 
+def penalty_prototype(
+    x, *, row_weights: str = "none", affine_ratio: float = 1.0, iterations: int | None = None
+) -> torch.Tensor:
+    """``C`` of the fast schedule with other penalties, from a plain dense float64 transcript
+    (``N x N`` inverse per ``rho``, every E-step exact: the array-API iterate), for the
+    penalty directions; ``row_weights="none"`` and ``affine_ratio=1`` are the default's
+    iterate (:func:`prototype_check` measures how close).
+
+    * ``row_weights="jacobi"``: the penalty on row ``j`` of ``A - C`` (the coefficients of
+      token ``j``) is ``rho w_j`` with ``w_j = G_jj / median(G_jj)`` (``G = Y^T Y``): Jacobi
+      scaling, the same program in variables rescaled by the data term's diagonal (a token
+      far darker than the rest gets its own penalty); the C-step thresholds row ``j`` at
+      ``1 / (rho w_j)``, the balancing uses the ``W``-weighted norms.
+    * ``affine_ratio``: the affine constraint's penalty over ``rho`` (1 in the authors'
+      program), kept through the rebalancing."""
+    sch = admm.SCHEDULE
+    iterations = iterations or sch["iterations"]
+    x = x.to(torch.float64)
+    y = x.T.contiguous()
+    n = y.shape[1]
+    lam_e, lam_z, _, _ = ssc_lambdas(x, 800.0, 800.0)
+    g = y.T @ y
+    w = torch.ones(n, dtype=torch.float64)
+    if row_weights == "jacobi":
+        w = (g.diagonal() / g.diagonal().median()).clamp_min(1e-12)
+    elif row_weights != "none":
+        raise ValueError(f"row_weights: expected 'none' or 'jacobi', got {row_weights!r}")
+    rho, kappa, thr_e, sw = 300.0, float(affine_ratio), lam_e / lam_z, w.sqrt()[:, None]
+
+    def inverse(rho):
+        m = lam_z * g + kappa * rho
+        m.diagonal().add_(rho * w)
+        return torch.linalg.inv(m)
+
+    m_inv = inverse(rho)
+    c, lam = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
+    d1s, e = torch.zeros(n, dtype=torch.float64), torch.zeros_like(y)
+    for it in range(1, iterations + 1):
+        rhs = lam_z * (g - y.T @ e) + rho * w[:, None] * (c - lam)
+        rhs += kappa * rho * (1.0 - d1s)[None, :]
+        a = m_inv @ rhs
+        resid = y - y @ a
+        e = resid - resid.clamp(-thr_e, thr_e)
+        d1s += a.sum(0) - 1.0
+        t = a + lam
+        thr = (1.0 / (rho * w))[:, None]
+        c_new = t - t.clamp(-thr, thr)
+        c_new.fill_diagonal_(0.0)
+        lam = t - c_new
+        if it % sch["every"] == 0 and it <= sch["balance_until"] and it < iterations:
+            r_rel = float((sw * (a - c_new)).norm()) / max(float((sw * c_new).norm()), 1e-30)
+            s_rel = float((sw * (c_new - c)).norm()) / max(float((sw * lam).norm()), 1e-30)
+            f = min(max(math.sqrt(r_rel / max(s_rel, 1e-30)), 1.0 / sch["tau"]), sch["tau"])
+            lam /= f
+            d1s /= f
+            rho *= f
+            m_inv = inverse(rho)
+        c = c_new
+    return c
+
+
+def _penalty(row_weights: str = "none", affine_ratio: float = 1.0):
+    def solve(x, k):
+        coef = penalty_prototype(x, row_weights=row_weights, affine_ratio=affine_ratio)
+        labels = spectral_labels(ssc_affinity(coef.float()), k, seed=0)
+        return labels[0], anchor_scores(coef.float(), labels), admm.SCHEDULE["iterations"]
+
+    return solve
+
+
+def prototype_check(x, k) -> float:
+    """The largest score difference between :func:`penalty_prototype` with the default's
+    penalties and the fast default itself: how far the transcript the penalty directions
+    run on is from the solver they stand in for."""
+    _, scores, _ = _penalty()(x, k)
+    return float((scores - _fast(x, k).scores).abs().max())
+
+
 def _fast(x, k, **kw):
     return compute_anchor_scores(x, k, solver="fast", progress=False, mode="exact", **kw)
 
@@ -237,8 +322,9 @@ def _no_outliers(x, k):
     return res.labels, anchor_scores(res.coef, res.labels), res.iterations
 
 
-#: (name, iterations, relax, Anderson memory, solver keywords[, E held between full
-#: E-steps]); "no outliers" is its own call
+#: (name, iterations, relax, Anderson memory, solver keywords or a solver of its own[, E
+#: held between full E-steps]); "no outliers" is its own call, the penalty directions run
+#: :func:`penalty_prototype`
 DIRECTIONS = [
     ("default", None, 1.0, 0, {}),
     ("iterations=50", 50, 1.0, 0, {}),
@@ -255,6 +341,9 @@ DIRECTIONS = [
     ("anderson m=3, iterations=50", 50, 1.0, 3, {}),
     ("anderson m=3, iterations=40", 40, 1.0, 3, {}),
     ("E held between full E-steps", None, 1.0, 0, {}, True),
+    ("rho per row (Jacobi), prototype", None, 1.0, 0, _penalty(row_weights="jacobi")),
+    ("affine penalty x10, prototype", None, 1.0, 0, _penalty(affine_ratio=10.0)),
+    ("affine penalty x0.1, prototype", None, 1.0, 0, _penalty(affine_ratio=0.1)),
 ]
 
 
@@ -272,7 +361,9 @@ def direction_rows(name, x, k, held_out, reference) -> list[dict]:
     for direction, iterations, relax, anderson, kw, *held in DIRECTIONS:
         t = time.perf_counter()
         with schedule(iterations, relax, anderson, held_e=bool(held and held[0])):
-            if kw is None:
+            if callable(kw):  # a direction with its own solver (the penalty prototypes)
+                labels, scores, its = kw(x, k)
+            elif kw is None:
                 labels, scores, its = _no_outliers(x, k)
             else:
                 res = _fast(x, k, **kw)
@@ -409,7 +500,8 @@ def run(quick: bool, out_dir) -> Path:
             mine = direction_rows(name, x, k, held_out, reference)
             rows += [{"kind": "direction", **r} for r in mine]
             rows.append({"kind": "conditioning",
-                         **conditioning_row(name, x, mine[0]["faithful_iterations"])})  # fmt: skip
+                         **conditioning_row(name, x, mine[0]["faithful_iterations"]),
+                         "prototype_max_score_difference": prototype_check(x, k)})  # fmt: skip
         default = _fast(x, k).scores
         rows.append({"kind": "length", **length_row(name, x, k, held_out, reference, default)})
         print(f"{name}: done", flush=True)

@@ -198,3 +198,37 @@ def test_held_outliers_run_the_e_step_at_full_iterations_only_then_restore(monke
     assert torch.isfinite(held.coef).all() and not torch.equal(held.coef, default.coef)
     again = bd._fast(x, 3)
     assert torch.equal(again.coef, default.coef)
+
+
+def test_penalty_prototype_is_the_fast_iterate_and_its_penalties_move_it(monkeypatch):
+    """With the default's penalties the float64 transcript the penalty directions run on is
+    the fast schedule's iterate (every E-step exact, as the array-API step runs it) to
+    rounding; a per-row or a separate affine penalty changes the iterate (the program it
+    iterates on is the same: nothing else in the transcript changes)."""
+    from videoanchor.anchor import fast
+    from videoanchor.anchor.ssc import solve_ssc_admm
+
+    monkeypatch.setitem(fast.FULL, "every", 1)  # the active set's E-step exact every time
+    x = _tokens().double()
+    x[3] *= 0.05  # one dark token: rows of very different weight for the Jacobi penalty
+    ref = solve_ssc_admm(x, scheduled=True, progress=False, dtype=torch.float64).coef
+    got = bd.penalty_prototype(x)
+    assert (got - ref).abs().max().item() < 1e-7
+    for kw in ({"row_weights": "jacobi"}, {"affine_ratio": 10.0}, {"affine_ratio": 0.1}):
+        other = bd.penalty_prototype(x, **kw)
+        assert torch.isfinite(other).all() and (other - ref).abs().max().item() > 1e-4, kw
+        assert torch.all(other.diagonal() == 0)
+    with pytest.raises(ValueError, match="row_weights: expected 'none' or 'jacobi'"):
+        bd.penalty_prototype(x, row_weights="ruiz")
+
+
+def test_penalty_directions_run_their_own_solver():
+    """The penalty rows come from the prototype (a callable in DIRECTIONS), and
+    prototype_check is its distance from the shipped default on the same tokens."""
+    names = [d[0] for d in bd.DIRECTIONS if callable(d[4])]
+    assert names == ["rho per row (Jacobi), prototype", "affine penalty x10, prototype",
+                     "affine penalty x0.1, prototype"]  # fmt: skip
+    x = _tokens()
+    labels, scores, its = dict((d[0], d[4]) for d in bd.DIRECTIONS)[names[0]](x, 3)
+    assert labels.shape == (60,) and scores.shape == (60,) and its == admm.SCHEDULE["iterations"]
+    assert 0 <= bd.prototype_check(x, 3) < 0.05
