@@ -59,7 +59,7 @@ adds little to ``I - R``: counted at the start (``rho = 300``) and at the fast s
 ``rho``. If either count were a large share of ``N``, ``R`` or ``I - R`` would be low-rank
 and the ``N^3`` A-step could shrink.
 
-    python benchmarks/bench_directions.py           # the committed CPU figures (~25 minutes)
+    python benchmarks/bench_directions.py           # the committed CPU figures (~10 minutes)
     python benchmarks/bench_directions.py --quick   # fewer sets, a smoke run
 """
 
