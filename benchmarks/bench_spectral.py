@@ -130,7 +130,7 @@ def chebyshev_eigvecs(s, k, *, degree=None, outer=None, guard=None, seed=0):
     theta, x = ritz(x)
     for _ in range(outer):
         lo, cut = -1.0, theta[-1]  # damp [-1, cut], a 0-d tensor: no host read
-        centre, half = (cut + lo) / 2, (cut - lo) / 2
+        centre, half = (cut + lo) / 2, ((cut - lo) / 2).clamp_min(1e-6)  # cut = -1: no 0/0
         y_prev, y = x, (s @ x - centre * x) / half
         for _ in range(degree - 1):
             y_prev, y = y, 2 * (s @ y - centre * y) / half - y_prev
