@@ -317,9 +317,18 @@ def discretize(
     ``random_state.randint(N)``, by default from ``numpy.random.RandomState(seed)``, as in
     ``sklearn.cluster.discretize(..., random_state=seed)``, so both give the same
     partition for the same embedding. A ``random_state`` passed in is advanced.
+
+    Runs on the host whatever the device (the labels go back to ``vectors``' device): its
+    arithmetic is ``N x k`` and ``k x k`` products, and on a GPU each of its ``k`` starting
+    rows and each SVD step reads a value back (a synchronisation per step). On the first
+    H100 lease, with this loop on the device, the clustering outside the eigensolver took
+    12-14 ms at N = 2048, k = 24 (``spectral_nvidia-h100-80gb-hbm3.json``, ``ours`` less
+    ``eigh_vectors_only``; not profiled further); on the host it costs what it costs on a
+    CPU. The host form is not yet timed on a GPU (``bench_spectral.py --device cuda``).
     """
     rng = np.random.RandomState(int(seed)) if random_state is None else random_state
-    v = vectors.to(torch.float64).clone()
+    device = vectors.device
+    v = vectors.detach().to("cpu", torch.float64).clone()
     n, k = v.shape
     v = v / v.norm(dim=0, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny) * math.sqrt(n)
     first = torch.sign(v[0])
@@ -342,14 +351,14 @@ def discretize(
             labels = (v @ rot).argmax(dim=1)
             t_svd = torch.zeros(k, k, dtype=v.dtype, device=v.device).index_add_(0, labels, v)
             try:
-                u, sv, vh = torch.linalg.svd(t_svd.cpu())
+                u, sv, vh = torch.linalg.svd(t_svd)
             except RuntimeError:  # pragma: no cover - LAPACK failure, as sklearn: restart
                 break
             ncut = 2.0 * (n - float(sv.sum()))
             if abs(ncut - last) < eps or n_iter > n_iter_max:
-                return _relabel_by_first_appearance(labels)
+                return _relabel_by_first_appearance(labels).to(device)
             last = ncut
-            rot = (vh.T @ u.T).to(v.device)
+            rot = vh.T @ u.T
     raise RuntimeError("discretize: SVD did not converge")  # pragma: no cover
 
 
