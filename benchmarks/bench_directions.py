@@ -92,7 +92,6 @@ from videoanchor.anchor.scores import (  # noqa: E402
     anchor_result_from_coefficients,
     sparse_subspace_clustering,
 )
-from videoanchor.anchor.spectral import spectral_labels, ssc_affinity  # noqa: E402
 from videoanchor.anchor.ssc import solve_ssc_admm, ssc_lambdas  # noqa: E402
 
 
@@ -255,14 +254,14 @@ def penalty_prototype(
     x = x.to(torch.float64)
     y = x.T.contiguous()
     n = y.shape[1]
-    lam_e, lam_z, _, _ = ssc_lambdas(x, 800.0, 800.0)
+    lam_e, lam_z, _, _ = ssc_lambdas(x, DEFAULTS.alpha_e, DEFAULTS.alpha_z)
     g = y.T @ y
     w = torch.ones(n, dtype=torch.float64)
     if row_weights == "jacobi":
         w = (g.diagonal() / g.diagonal().median()).clamp_min(1e-12)
     elif row_weights != "none":
         raise ValueError(f"row_weights: expected 'none' or 'jacobi', got {row_weights!r}")
-    rho, kappa, thr_e, sw = 300.0, float(affine_ratio), lam_e / lam_z, w.sqrt()[:, None]
+    rho, kappa, thr_e, sw = DEFAULTS.rho, float(affine_ratio), lam_e / lam_z, w.sqrt()[:, None]
 
     def inverse(rho):
         m = lam_z * g + kappa * rho
@@ -299,8 +298,12 @@ def penalty_prototype(
 def _penalty(row_weights: str = "none", affine_ratio: float = 1.0):
     def solve(x, k):
         coef = penalty_prototype(x, row_weights=row_weights, affine_ratio=affine_ratio)
-        labels = spectral_labels(ssc_affinity(coef.float()), k, seed=0)
-        return labels[0], anchor_scores(coef.float(), labels), admm.SCHEDULE["iterations"]
+        its = admm.SCHEDULE["iterations"]
+        done = anchor_result_from_coefficients(
+            SSCCoefficients(coef.float(), its, False, 0.0, 0.0, 0.0, "torch", "prototype"), k,
+            seed=DEFAULTS.seed, features=x,
+        )  # fmt: skip
+        return done.labels, done.scores, its
 
     return solve
 
