@@ -1270,6 +1270,56 @@ def _flex_gpu(results: list[Result]) -> str:
     return "\n\n".join(out) + tail
 
 
+def _ratio_range(rows: list[dict], num: str, den: str, sizes) -> tuple[float, float] | None:
+    """The smallest and largest ``ms(num) / ms(den)`` over the models at the sizes ``S`` in
+    ``sizes`` (rows without a time left out), or None where no pair was timed."""
+    ms = {(x["model"], x["S"], x["provider"]): x.get("ms") for x in rows}
+    got = [ms[m, S, num] / ms[m, S, den] for (m, S, p) in ms
+           if p == num and S in sizes and ms[m, S, num] and ms.get((m, S, den))]  # fmt: skip
+    return (min(got), max(got)) if got else None
+
+
+def _gate_cost_gpu(results: list[Result]) -> str:
+    """What the gates cost in the prefill kernel on a GPU, as ratios of measured times (our
+    kernel with the gates on over the same kernel with them off, over FlexAttention with
+    the gates and over SDPA's flash backend without them), the long sizes apart from the
+    shortest."""
+    att = next((r for r in results if r.area == "attention" and not _is_cpu(r)), None)
+    if att is None:
+        return "No GPU timing of the prefill kernel exists yet."
+    sizes = sorted({x["S"] for x in att.rows if x.get("ms")})
+    if len(sizes) < 2:
+        return ""
+    short, long_ = {sizes[0]}, set(sizes[1:])
+
+    def span(num, den, at):
+        r = _ratio_range(att.rows, num, den, at)
+        if r is None:
+            return "not timed"
+        return f"{r[0]:.2f}x" if f"{r[0]:.2f}" == f"{r[1]:.2f}" else f"{r[0]:.2f}-{r[1]:.2f}x"
+
+    forms = [("anchored", "the fast form (V pre-scaled, what the integrations run)")]
+    if att.meta.get("anchored_form") != "general":
+        forms.append(("anchored_general", "the general form (value scale inside the loop)"))
+    else:
+        forms = [("anchored", "the general form (value scale inside the loop)")]
+    models = ", ".join(sorted({x["model"] for x in att.rows}))
+    lo = min(long_)
+    parts = []
+    for p, label in forms:
+        parts.append(
+            f"{label}: at S = {lo}-{max(long_)} {span(p, 'ours_plain', long_)} our kernel's "
+            f"own time with the gates off, {span(p, 'flex', long_)} compiled FlexAttention's "
+            f"with the gates as a score_mod and {span(p, 'sdpa_flash', long_)} SDPA's flash "
+            f"backend without gates; at S = {sizes[0]} {span(p, 'ours_plain', short)}, "
+            f"{span(p, 'flex', short)} and {span(p, 'sdpa_flash', short)}"
+        )
+    return (f"Measured on the GPU (`{att.path.name}`, {att.meta.get('device')}, git "
+            f"{str(att.meta.get('git_sha'))[:12]}; {models}, forward, causal, "
+            f"{att.rows[0].get('dtype', '')}, batch 1), the anchored prefill took, in "
+            + "; in ".join(parts) + ".")  # fmt: skip
+
+
 def fragments(results: list[Result], page: str) -> dict[str, str]:
     """The generated text of each fragment name, for ``page`` (links relative to it)."""
     prefix = "docs/" if page == "README.md" else ""
@@ -1282,6 +1332,7 @@ def fragments(results: list[Result], page: str) -> dict[str, str]:
         "vllm": _vllm_summary(results) + "\n",
         "flex": _flex_summary(results) + "\n",
         "flex-gpu": _flex_gpu(results) + "\n",
+        "gate-cost-gpu": _gate_cost_gpu(results) + "\n",
     }
 
 

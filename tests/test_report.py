@@ -97,3 +97,25 @@ def test_page_lists_every_committed_result():
         if r.area in report.FIGURES_BY_AREA and not no_mix:
             assert f"](figures/{r.stem}.svg)" in text and f"{r.stem}.svg" in figures
     assert all(data.startswith(b"<?xml") for data in figures.values())
+
+
+def test_gate_cost_fragment_states_the_measured_ratios(tmp_path):
+    """The gate-cost sentence quotes each form against the gates-off kernel, FlexAttention
+    and SDPA flash, over the models, the shortest size apart from the others."""
+    rows = []
+    ms = {"ours_plain": 1.0, "anchored": 1.25, "anchored_general": 1.5, "flex": 1.25,
+          "sdpa_flash": 2.0}  # fmt: skip
+    for model, f in (("a", 1.0), ("b", 2.0)):
+        for S, short in ((2048, 8.0), (8192, 1.0), (16384, 1.0)):
+            for p, t in ms.items():
+                slow = short if p.startswith("anchored") else 1.0
+                rows.append(dict(model=model, S=S, dtype="bfloat16", provider=p,
+                                 ms=t * f * slow * S))  # fmt: skip
+    text = report._gate_cost_gpu([_result(tmp_path, "attention_gpu", rows)])
+    assert "at S = 8192-16384 1.25x our kernel's own time with the gates off, 1.00x" in text
+    assert "0.62x SDPA's flash" in text and "at S = 2048 10.00x, 8.00x and 5.00x" in text
+    assert "general form (value scale inside the loop): at S = 8192-16384 1.50x" in text
+    assert "12.00x" in text  # the general form at 2048: 1.5 * 8
+    cpu = _result(tmp_path, "attention_cpu", rows)
+    cpu.data["meta"] = dict(META, device="cpu (x86_64, 2 cores)")
+    assert report._gate_cost_gpu([cpu]).startswith("No GPU timing")
