@@ -7,7 +7,11 @@ default) runs 60 iterations on a fixed schedule. Each row here is one data set o
 ``bench_request_cost.py``'s fidelity study (the same sets, held-out ones included) under one
 change of that solver, all measured in one process:
 
-* ``default``: the fast solver as it ships;
+* ``default``: the fast solver as it ships (with its continuation in ``lambda_z`` since
+  2026-11-25: :func:`~videoanchor.anchor.admm.continuation_start`);
+* ``no continuation``: the schedule before that, the issue's "warm starts" direction
+  measured by its absence (each of the first 30 iterations warm-starts the next at a
+  smaller ``lambda_z`` where one token sets it);
 * ``iterations=50`` / ``40`` / ``30`` / ``20``: the schedule cut short (residual balancing
   until ``min(30, iterations // 2)``): fewer iterations is the one lever on the GPU
   estimate's iteration term (``request_cost_floor_static.json``: on an H100 the targets
@@ -28,6 +32,9 @@ change of that solver, all measured in one process:
   float64 transcript of the fast schedule (:func:`penalty_prototype`; the ``conditioning``
   rows give its distance from the default, ``prototype_max_score_difference``). Their
   ``seconds`` time that transcript, not a solver;
+* ``anderson m=10 after the balancing, prototype``: Anderson acceleration with a longer
+  memory and no restarts once ``rho`` is fixed, on the float64 transcript
+  (:func:`penalty_prototype`);
 * ``E held between full E-steps``: the torch CPU solver's E-step only at its full iterations
   (1, 2, every 10th, the last), ``E`` and ``Y^T E`` held in between (:func:`held_outliers`):
   the products with ``D`` in them leave the iterations in between, which is what 10x on this
@@ -235,8 +242,9 @@ def schedule(iterations: int | None = None, relax: float = 1.0, anderson: int = 
 
 
 def penalty_prototype(
-    x, *, row_weights: str = "none", affine_ratio: float = 1.0, iterations: int | None = None
-) -> torch.Tensor:
+    x, *, row_weights: str = "none", affine_ratio: float = 1.0, iterations: int | None = None,
+    continuation: bool = True, anderson: int = 0,
+) -> torch.Tensor:  # fmt: skip
     """``C`` of the fast schedule with other penalties, from a plain dense float64 transcript
     (``N x N`` inverse per ``rho``, every E-step exact: the array-API iterate), for the
     penalty directions; ``row_weights="none"`` and ``affine_ratio=1`` are the default's
@@ -248,7 +256,17 @@ def penalty_prototype(
       far darker than the rest gets its own penalty); the C-step thresholds row ``j`` at
       ``1 / (rho w_j)``, the balancing uses the ``W``-weighted norms.
     * ``affine_ratio``: the affine constraint's penalty over ``rho`` (1 in the authors'
-      program), kept through the rebalancing."""
+      program), kept through the rebalancing.
+    * ``continuation``: the schedule's continuation in ``lambda_z`` as the default runs it
+      (:func:`~videoanchor.anchor.admm.continuation_start`,
+      :func:`~videoanchor.anchor.admm.continuation_weight`; ``False``: none, the schedule
+      before it).
+    * ``anderson`` = m > 0: type-II Anderson acceleration with memory ``m`` of the iteration
+      map on ``(C + Lam, d1s, sqrt(lambda_z / rho) E)``, from the end of the balancing on
+      (``rho`` fixed, so the map is too), with no restart and a safeguard (a step whose
+      fixed-point residual exceeds twice the last one's is taken plain and the history
+      restarts there): the acceleration direction with a longer memory than
+      :class:`Anderson`'s, whose history restarts at each full E-step."""
     sch = admm.SCHEDULE
     iterations = iterations or sch["iterations"]
     x = x.to(torch.float64)
@@ -261,17 +279,29 @@ def penalty_prototype(
         w = (g.diagonal() / g.diagonal().median()).clamp_min(1e-12)
     elif row_weights != "none":
         raise ValueError(f"row_weights: expected 'none' or 'jacobi', got {row_weights!r}")
-    rho, kappa, thr_e, sw = DEFAULTS.rho, float(affine_ratio), lam_e / lam_z, w.sqrt()[:, None]
+    rho, kappa, sw = DEFAULTS.rho, float(affine_ratio), w.sqrt()[:, None]
+    lam_z_full, start = lam_z, 1.0
+    if continuation:
+        start = admm.continuation_start((g - torch.diag(g.diagonal())).abs().amax(1))
 
-    def inverse(rho):
+    def weight(it):  # lambda_z at iteration it
+        return lam_z_full * admm.continuation_weight(start, it)
+
+    def inverse(rho, lam_z):
         m = lam_z * g + kappa * rho
         m.diagonal().add_(rho * w)
         return torch.linalg.inv(m)
 
-    m_inv = inverse(rho)
+    lam_z = weight(1)
+    m_inv = inverse(rho, lam_z)
     c, lam = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
     d1s, e = torch.zeros(n, dtype=torch.float64), torch.zeros_like(y)
+    hist_f, hist_g, last, last_norm = [], [], None, None
     for it in range(1, iterations + 1):
+        if weight(it) != lam_z:
+            lam_z = weight(it)
+            m_inv = inverse(rho, lam_z)
+        thr_e = lam_e / lam_z
         rhs = lam_z * (g - y.T @ e) + rho * w[:, None] * (c - lam)
         rhs += kappa * rho * (1.0 - d1s)[None, :]
         a = m_inv @ rhs
@@ -290,14 +320,42 @@ def penalty_prototype(
             lam /= f
             d1s /= f
             rho *= f
-            m_inv = inverse(rho)
+            m_inv = inverse(rho, lam_z)
+        elif anderson and it > sch["balance_until"] and it < iterations:
+            ew = math.sqrt(lam_z / rho)
+            f_k = torch.cat([(c_new + lam).reshape(-1), d1s, e.reshape(-1) * ew])
+            if last is not None:
+                g_k = f_k - last
+                norm = float(g_k.norm())
+                if last_norm is not None and norm > 2.0 * last_norm:
+                    hist_f, hist_g = [], []  # safeguard: the plain step, a fresh history
+                hist_f.append(f_k)
+                hist_g.append(g_k)
+                del hist_f[: -(anderson + 1)], hist_g[: -(anderson + 1)]
+                last_norm = norm
+                if len(hist_f) >= 2:
+                    gs = torch.stack(hist_g)
+                    dg = gs[1:] - gs[:-1]
+                    h = dg @ dg.T
+                    h += 1e-10 * float(h.diagonal().sum()) * torch.eye(h.shape[0], dtype=h.dtype)
+                    gamma = torch.linalg.solve(h, dg @ gs[-1])
+                    fs = torch.stack(hist_f)
+                    f_k = fs[-1] - (fs[1:] - fs[:-1]).T @ gamma
+                    t = f_k[: n * n].reshape(n, n)
+                    d1s = f_k[n * n : n * n + n].clone()
+                    e = f_k[n * n + n :].reshape(y.shape) / ew
+                    c_new = t - t.clamp(-thr, thr)
+                    c_new.fill_diagonal_(0.0)
+                    lam = t - c_new
+            last = f_k
         c = c_new
     return c
 
 
-def _penalty(row_weights: str = "none", affine_ratio: float = 1.0):
+def _penalty(row_weights: str = "none", affine_ratio: float = 1.0, anderson: int = 0):
     def solve(x, k):
-        coef = penalty_prototype(x, row_weights=row_weights, affine_ratio=affine_ratio)
+        coef = penalty_prototype(x, row_weights=row_weights, affine_ratio=affine_ratio,
+                                 anderson=anderson)  # fmt: skip
         its = admm.SCHEDULE["iterations"]
         done = anchor_result_from_coefficients(
             SSCCoefficients(coef.float(), its, False, 0.0, 0.0, 0.0, "torch", "prototype"), k,
@@ -320,6 +378,18 @@ def _fast(x, k, **kw):
     return compute_anchor_scores(x, k, solver="fast", progress=False, mode="exact", **kw)
 
 
+def _without_continuation(x, k):
+    """The fast solver with the schedule before its continuation in ``lambda_z``
+    (``SCHEDULE["continuation"] = 0``): what the default was until 2026-11-25."""
+    saved = admm.SCHEDULE["continuation"]
+    admm.SCHEDULE["continuation"] = 0
+    try:
+        res = _fast(x, k)
+    finally:
+        admm.SCHEDULE["continuation"] = saved
+    return res.labels, res.scores, res.iterations
+
+
 def _no_outliers(x, k):
     res = sparse_subspace_clustering(x, k, solver="fast", outliers=False, progress=False)
     return res.labels, anchor_scores(res.coef, res.labels), res.iterations
@@ -330,6 +400,7 @@ def _no_outliers(x, k):
 #: :func:`penalty_prototype`
 DIRECTIONS = [
     ("default", None, 1.0, 0, {}),
+    ("no continuation (the default before 2026-11-25)", None, 1.0, 0, _without_continuation),
     ("iterations=50", 50, 1.0, 0, {}),
     ("iterations=40", 40, 1.0, 0, {}),
     ("iterations=30", 30, 1.0, 0, {}),
@@ -347,6 +418,7 @@ DIRECTIONS = [
     ("rho per row (Jacobi), prototype", None, 1.0, 0, _penalty(row_weights="jacobi")),
     ("affine penalty x10, prototype", None, 1.0, 0, _penalty(affine_ratio=10.0)),
     ("affine penalty x0.1, prototype", None, 1.0, 0, _penalty(affine_ratio=0.1)),
+    ("anderson m=10 after the balancing, prototype", None, 1.0, 0, _penalty(anderson=10)),
 ]
 
 

@@ -214,7 +214,8 @@ def test_penalty_prototype_is_the_fast_iterate_and_its_penalties_move_it(monkeyp
     ref = solve_ssc_admm(x, scheduled=True, progress=False, dtype=torch.float64).coef
     got = bd.penalty_prototype(x)
     assert (got - ref).abs().max().item() < 1e-7
-    for kw in ({"row_weights": "jacobi"}, {"affine_ratio": 10.0}, {"affine_ratio": 0.1}):
+    for kw in ({"row_weights": "jacobi"}, {"affine_ratio": 10.0}, {"affine_ratio": 0.1},
+               {"continuation": False}, {"anderson": 10}):  # fmt: skip
         other = bd.penalty_prototype(x, **kw)
         assert torch.isfinite(other).all() and (other - ref).abs().max().item() > 1e-4, kw
         assert torch.all(other.diagonal() == 0)
@@ -225,9 +226,10 @@ def test_penalty_prototype_is_the_fast_iterate_and_its_penalties_move_it(monkeyp
 def test_penalty_directions_run_their_own_solver():
     """The penalty rows come from the prototype (a callable in DIRECTIONS), and
     prototype_check is its distance from the shipped default on the same tokens."""
-    names = [d[0] for d in bd.DIRECTIONS if callable(d[4])]
+    names = [d[0] for d in bd.DIRECTIONS if callable(d[4]) and "prototype" in d[0]]
     assert names == ["rho per row (Jacobi), prototype", "affine penalty x10, prototype",
-                     "affine penalty x0.1, prototype"]  # fmt: skip
+                     "affine penalty x0.1, prototype",
+                     "anderson m=10 after the balancing, prototype"]  # fmt: skip
     x = _tokens()
     labels, scores, its = dict((d[0], d[4]) for d in bd.DIRECTIONS)[names[0]](x, 3)
     assert labels.shape == (60,) and scores.shape == (60,) and its == admm.SCHEDULE["iterations"]

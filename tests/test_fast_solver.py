@@ -192,7 +192,10 @@ STRETCH = 1.5
 
 @pytest.fixture
 def length_rule(monkeypatch):
+    """The length rule on, on the schedule it was measured on (before the continuation in
+    lambda_z, which the ill-conditioned test below compares it with)."""
     monkeypatch.setitem(admm.SCHEDULE, "stretch", STRETCH)
+    monkeypatch.setitem(admm.SCHEDULE, "continuation", 0)
 
 
 def test_the_length_rule_is_off_by_default():
@@ -238,6 +241,13 @@ def test_ill_conditioned_data_get_a_longer_schedule_and_the_faithful_answer(leng
     assert fixed.iterations == admm.SCHEDULE["iterations"] and not fixed.converged
     got, old = spearmanr(fast.scores, ref.scores)[0], spearmanr(fixed.scores, ref.scores)[0]
     assert got >= 0.96 and got > old + 0.03, (got, old)
+    # the default's continuation in lambda_z reaches it in the fixed 60 iterations
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(admm.SCHEDULE, "stretch", 0.0)
+        mp.setitem(admm.SCHEDULE, "continuation", 30)
+        warm = run(x, 4)
+    assert warm.iterations == admm.SCHEDULE["iterations"]
+    assert spearmanr(warm.scores, ref.scores)[0] >= max(got, 0.96)
     # well-conditioned tokens keep the 60 iterations
     assert run(tokens(64, 80, seed=3), 4).iterations == admm.SCHEDULE["iterations"]
     # the array-API step (CUDA's, here through NumPy) runs the same length and blend
@@ -488,3 +498,123 @@ def test_csr_pattern_equals_the_coalesced_coo_pattern(d, nb, density, seed):
         warnings.simplefilter("ignore", UserWarning)
         vals = torch.sparse.sampled_addmm(got, a, b, beta=0.0).values()
     assert torch.allclose(vals, (a @ b)[rows, cols], rtol=1e-12, atol=1e-12)
+
+
+# ---- the continuation in lambda_z ------------------------------------------------------
+
+
+def test_continuation_start_and_weights():
+    """The start weight is min(1, (mu_z / lower median) / floor): 1 on well-placed tokens,
+    below 1 where one near-black token sets mu_z, continuous in the features; the weight
+    holds in blocks of `every` and is the authors' (1) from iteration K + 1 on."""
+    from videoanchor.anchor.ssc import gram_row_max
+
+    sch = admm.SCHEDULE
+    assert sch["continuation"] == 30 and sch["continuation_floor"] == 0.3
+    x = tokens(61, 40, seed=4).double()
+    assert admm.continuation_start(gram_row_max(x)) == 1.0
+    dark = _darkened(x, 5, 0.004)
+    rm = gram_row_max(dark)
+    r = rm.sort().values
+    start = admm.continuation_start(rm)
+    assert start == pytest.approx(float(r[0] / r[30]) / 0.3, rel=1e-12) and start < 0.1
+    nudged = admm.continuation_start(gram_row_max(dark * (1 + 1e-7 * torch.randn(dark.shape))))
+    assert abs(nudged - start) <= 1e-5 * start
+    ws = [admm.continuation_weight(start, it) for it in range(1, 62)]
+    for it, w in enumerate(ws, 1):
+        expect = start ** max(0.0, 1.0 - 5 * ((it - 1) // 5) / 30) if it <= 30 else 1.0
+        assert w == pytest.approx(expect, rel=1e-12), it
+    assert len(set(ws[:30])) == 6 and ws[0] == start and set(ws[30:]) == {1.0}
+    assert admm.continuation_weight(1.0, 1) == 1.0
+    assert admm.continuation_start(rm, dict(sch, continuation=0)) == 1.0
+    with pytest.raises(ValueError, match="multiple of every"):
+        lam_e, lam_z, _, _ = ssc_lambdas(dark, 800.0, 800.0)
+        dic = admm.Dictionary(dark, torch.float64, lam_z=lam_z, affine=True, outliers=True,
+                              kernels=TorchKernels(dark.device))  # fmt: skip
+        admm.ScheduledStep(dic, admm.EigenInverse(dic, 300.0), thr_e=lam_e / lam_z,
+                           iterations=60, schedule=dict(sch, continuation=33),
+                           continuation=start)  # fmt: skip
+
+
+def test_without_a_dark_token_the_continuation_changes_nothing(monkeypatch):
+    """Start weight 1: the iterate is the schedule's without continuation, bit for bit."""
+    x = tokens(70, 50, seed=6)
+    a = run(x, 4)
+    monkeypatch.setitem(admm.SCHEDULE, "continuation", 0)
+    b = run(x, 4)
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.labels, b.labels)
+
+
+def _continued(x, step_cls, dtype, monkeypatch=None):
+    """The fast schedule's step on ``x`` with the continuation as ``solve_ssc_admm`` sets
+    it up (the factor built at the first weight), and how often it refactored."""
+    from videoanchor.anchor.ssc import gram_row_max
+
+    rm = gram_row_max(x.double())
+    lam_e, lam_z, _, _ = ssc_lambdas(x.double(), 800.0, 800.0, row_max=rm)
+    start = admm.continuation_start(rm)
+    dic = admm.Dictionary(x.to(dtype), dtype, lam_z=lam_z, affine=True, outliers=True,
+                          kernels=TorchKernels(x.device))  # fmt: skip
+    factor = admm.EigenInverse(dic, 300.0, weight=admm.continuation_weight(start, 1))
+    calls = []
+    refactor = factor.refactor
+    factor.refactor = lambda rho: (calls.append(rho), refactor(rho))[1]
+    step = step_cls(dic, factor, thr_e=lam_e / lam_z, iterations=60, continuation=start)
+    admm.run(step, 60)
+    return step, calls, start, lam_z
+
+
+@pytest.mark.parametrize("n,d", [(57, 31), (83, 140)])
+def test_continuation_is_one_iterate_on_every_step_and_factor(monkeypatch, n, d):
+    """With a dark token the continuation is on, costs no refactor beyond the balancing's
+    six, ends at the authors' lambda_z, and the torch step (every E-step exact), the
+    array-API step, (N > D) the thin factor and the whole solver on torch and NumPy give one
+    iterate (float64, to rounding)."""
+    from videoanchor.anchor import fast
+
+    x = _darkened(tokens(n, d, k=3, seed=11), 4, 0.004).double()
+    monkeypatch.setitem(fast.FULL, "every", 1)
+    ref, calls, start, lam_z = _continued(x, admm.ScheduledStep, torch.float64)
+    assert start < 0.5 and len(calls) == 6
+    assert ref.weight == 1.0 and ref.dic.lam_z == lam_z and ref.factor.weight == 1.0
+    got, _, _, _ = _continued(x, fast.ActiveSetStep, torch.float64)
+    torch.testing.assert_close(got.C, ref.C, rtol=0, atol=1e-9)
+    if n > d:  # the thin factor (D x D eigenproblem), where N > D
+        monkeypatch.setitem(admm.THIN, "above", 1.0)
+        thin, _, _, _ = _continued(x, admm.ScheduledStep, torch.float64)
+        assert thin.factor.thin
+        torch.testing.assert_close(thin.C, ref.C, rtol=0, atol=1e-9)
+        monkeypatch.setitem(admm.THIN, "above", float("inf"))
+    # the whole solver, torch and the array-API backend (NumPy standing in for CuPy)
+    import numpy
+
+    from videoanchor.anchor.cupy_backend import solve_ssc_admm_cupy
+    from videoanchor.anchor.ssc import solve_ssc_admm
+
+    torch_c = solve_ssc_admm(x, scheduled=True, progress=False, dtype=torch.float64).coef
+    np_c = solve_ssc_admm_cupy(x, xp=numpy, scheduled=True, progress=False,
+                               dtype=torch.float64).coef  # fmt: skip
+    torch.testing.assert_close(torch_c, ref.C, rtol=0, atol=1e-9)
+    torch.testing.assert_close(np_c, ref.C, rtol=0, atol=1e-9)
+    monkeypatch.setitem(admm.SCHEDULE, "continuation", 0)
+    plain, _, _, _ = _continued(x, admm.ScheduledStep, torch.float64)
+    assert float((plain.C - ref.C).abs().max()) > 1e-3  # it changes the answer
+
+
+def test_continuation_brings_dark_data_nearer_the_faithful_answer():
+    """Tokens with a near-black one: the 60 iterations with the continuation agree with the
+    faithful answer better than those without, and in float64 move continuously under 1e-6
+    perturbations (in float32 they move by up to a few 1e-3 on these tokens: docs/ssc.md)."""
+    x = _darkened(tokens(160, 96, k=6, seed=0), 5, 0.004)
+    ref = run(x, 6, solver="faithful")
+    warm = run(x, 6)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(admm.SCHEDULE, "continuation", 0)
+        cold = run(x, 6)
+    assert spearmanr(warm.scores, ref.scores)[0] > spearmanr(cold.scores, ref.scores)[0] + 0.2
+    x64 = x.double()
+    base = run(x64, 6, dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        xp = x64 * (1 + 1e-6 * torch.randn(x.shape, generator=g, dtype=torch.float64))
+        assert float((run(xp, 6, dtype=torch.float64).scores - base.scores).abs().max()) <= 1e-4

@@ -375,7 +375,8 @@ class EigenInverse(DenseInverse):
     ``k + 1`` instead of ``N``, and a refactor only rescales ``L_A`` and ``L_Y``."""
 
     def __init__(self, dic: Dictionary, rho: float, share=None, columns=None, gram=None,
-                 thin: bool | None = None, low_rank: bool | None = None):  # fmt: skip
+                 thin: bool | None = None, low_rank: bool | None = None,
+                 weight: float = 1.0):  # fmt: skip
         xp, n, d = dic.xp, dic.n, dic.d
         self.dic = dic
         self.columns = columns
@@ -395,7 +396,12 @@ class EigenInverse(DenseInverse):
             shapes = [(n,), (n, n)]
         got = compute() if share is None else share(compute, shapes)
         w, v = got[0], got[1]
-        self.w = xp.clip(w, 0.0, None)
+        # the eigenvalues of lambda_z Y^T Y (w_full), and those the factor uses: times the
+        # continuation's weight on lambda_z (reweight; V does not depend on lambda_z)
+        self.w_full = xp.clip(w, 0.0, None)
+        self.weight = 1.0
+        self.w = self.w_full
+        self.reweight(weight)
         self.v64 = v
         self.vt1 = xp.sum(v, axis=0)  # V^T 1
         # the products of every refactor run in the working dtype (R is stored in it)
@@ -424,6 +430,12 @@ class EigenInverse(DenseInverse):
         v = (x64 @ u) * inv[None, :]  # sqrt(lambda_z) Y^T U / sqrt(w)
         yv = u * xp.sqrt(w / dic.lam_z)[None, :]  # Y V, from lambda_z Y Y^T U = U w
         return w, v, yv
+
+    def reweight(self, weight: float) -> None:
+        """Factor ``weight * lambda_z Y^T Y`` from the next :meth:`refactor` on (the
+        eigenvalues scale, the eigenvectors stay)."""
+        self.weight = float(weight)
+        self.w = self.w_full if self.weight == 1.0 else self.w_full * self.weight
 
     def refactor(self, rho: float) -> None:
         """``[R; Y R]`` (or, ``low_rank``, ``L_A``, ``L_Y`` and ``V_x^T``) for the penalty
@@ -693,8 +705,52 @@ class SquaredStep:
 # `stretch` is 0 (the rule off): at 1.5 it fixed Yale B subjects 31-38 but also fired on
 # 2-frame Qwen2.5-VL-7B-shaped tokens (m = 2.7, 250 iterations where the faithful solver
 # needs 145), docs/ssc.md. Set it to turn the rule on.
+# `continuation` > 0: a warm start by continuation in lambda_z over the first `continuation`
+# iterations, for data whose lambda_z is set by one badly placed token (a near-black face):
+# see `continuation_start` and `ScheduledStep`; its weight changes only where the balancing
+# refactors anyway (a multiple of `every`, at most `balance_until`: no extra refactor).
 SCHEDULE = {"iterations": 60, "every": 5, "balance_until": 30, "tau": 10.0,
-            "stretch": 0.0, "most": 1000, "blend": 10}  # fmt: skip
+            "stretch": 0.0, "most": 1000, "blend": 10,
+            "continuation": 30, "continuation_floor": 0.3}  # fmt: skip
+
+
+def continuation_start(row_max, schedule: dict | None = None) -> float:
+    """The weight on ``lambda_z`` the fast solver starts from (1: no continuation):
+    ``min(1, (mu_z / m) / floor)`` with ``row_max`` the ``max_(j != i) |y_i^T y_j|`` of every
+    token (:func:`~videoanchor.anchor.ssc.gram_row_max`), ``mu_z`` their minimum (which sets
+    ``lambda_z = alpha_z / mu_z``) and ``m`` their lower median.
+
+    ``mu_z / m`` is how far the worst-placed token sits below a typical one: 0.4-0.96 on
+    synthetic video tokens and the tiny models' projector outputs, 0.001-0.06 on Yale B
+    faces, where one near-black face scales ``lambda_z`` up 13-83x and the authors' ADMM
+    needs 300-1800 iterations instead of about 200 (docs/ssc.md). Below ``floor`` the
+    schedule starts from the weight a set placed ``floor`` times worse than typical would
+    have and reaches the authors' weight by iteration ``continuation``. A continuous
+    function of the features (a ratio of order statistics, clipped)."""
+    sch = SCHEDULE if schedule is None else schedule
+    if not sch.get("continuation", 0):
+        return 1.0
+    xp = array_api_compat.array_namespace(row_max)
+    r = xp.sort(xp.reshape(xp.astype(row_max, xp.float64), (-1,)))
+    median = float(r[(r.shape[0] - 1) // 2])
+    if not median > 0:
+        return 1.0
+    return min(1.0, float(r[0]) / median / float(sch["continuation_floor"]))
+
+
+def continuation_weight(start: float, it: int, schedule: dict | None = None) -> float:
+    """The weight on ``lambda_z`` at iteration ``it`` (1-based) of a schedule that starts
+    from ``start`` (:func:`continuation_start`): ``start ** max(0, 1 - b / K)``, ``K`` the
+    schedule's ``continuation`` and ``b = every * floor((it - 1) / every)`` (the weight holds
+    for blocks of ``every`` iterations, changing where the balancing refactors), 1 from
+    iteration ``K + 1`` on."""
+    sch = SCHEDULE if schedule is None else schedule
+    k = float(sch.get("continuation", 0))
+    if start >= 1.0 or not k:
+        return 1.0
+    every = int(sch["every"])
+    b = every * ((it - 1) // every)
+    return float(start) ** max(0.0, 1.0 - b / k)
 
 
 def median_curvature(w, n: int, rho: float) -> float:
@@ -738,10 +794,29 @@ class ScheduledStep(SquaredStep):
 
     def __init__(self, dic: Dictionary, factor, *, thr_e: float, iterations: float,
                  schedule: dict | None = None, start: int = 0, stop: int | None = None,
-                 reduce=None):  # fmt: skip
+                 reduce=None, continuation: float = 1.0):  # fmt: skip
         super().__init__(dic, factor, start, dic.n if stop is None else stop, thr_e=thr_e,
                          eps=0.0)  # fmt: skip
         self.schedule = dict(SCHEDULE if schedule is None else schedule)
+        # continuation in lambda_z (continuation_start; 1: none): ``dic`` holds the authors'
+        # lambda_z and ``thr_e`` is theirs; iteration ``it`` runs the weight
+        # continuation_weight(start, it) on lambda_z (thr_e over it) and on the factor's
+        # eigenvalues (EigenInverse.reweight). A factor built with the first weight already
+        # (EigenInverse(weight=...)) needs no refactor here.
+        self.lam_z_full, self.thr_full, self.weight = dic.lam_z, thr_e, 1.0
+        self.continuation = float(continuation)
+        if self.continuation < 1.0:
+            sch = self.schedule
+            if sch["continuation"] > sch["balance_until"] or sch["continuation"] % sch["every"]:
+                raise ValueError(
+                    "schedule: expected a continuation that is a multiple of every and at "
+                    f"most balance_until, got {sch['continuation']}"
+                )
+            first = continuation_weight(self.continuation, 1, sch)
+            stale = factor.weight != first
+            self._reweight(first)
+            if stale:
+                factor.refactor(factor.rho)
         self.length = float(iterations)
         # a whole length runs as it is; a longer, fractional one (schedule_length) runs to
         # the next multiple of `blend` and blends C between its last two such iterations
@@ -802,9 +877,21 @@ class ScheduledStep(SquaredStep):
             if dic.affine:
                 self.d1s *= 1.0 / factor
             self.rho *= factor
+            if self.continuation < 1.0:  # the next block's weight, in the same refactor
+                self._reweight(continuation_weight(self.continuation, it + 1, self.schedule))
             self.factor.refactor(self.rho)
             self.rho_changes += 1
         return residual, it >= self.iterations
+
+    def _reweight(self, weight: float) -> None:
+        """Run the next iterations with ``weight * lambda_z`` (and the E threshold
+        ``lambda_e / (weight * lambda_z)``); the caller refactors."""
+        if weight == self.weight:
+            return
+        self.weight = weight
+        self.dic.lam_z = self.lam_z_full * weight
+        self.thr_e = self.thr_full / weight
+        self.factor.reweight(weight)
 
     def _norms(self, *arrays) -> list[float]:
         """The Frobenius norms of ``arrays`` over all columns (every rank's, with ``reduce``)."""

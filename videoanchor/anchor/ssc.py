@@ -59,13 +59,15 @@ from videoanchor.anchor.products import Products, check_precision, exact_float32
 __all__ = ["ssc_lambdas", "gram_row_max", "solve_ssc_admm", "ADMMResult", "SSCMemoryError"]
 
 
-def ssc_lambdas(x, alpha_e: float, alpha_z: float, *, block: int = 4096, gram=None):
+def ssc_lambdas(x, alpha_e: float, alpha_z: float, *, block: int = 4096, gram=None,
+                row_max=None):  # fmt: skip
     """``(lambda_e, lambda_z, mu_e, mu_z)`` for points ``x`` (``N x D``, one row per point).
 
     ``mu_e = min_i max_{j != i} ||y_j||_1`` and ``mu_z = min_i max_{j != i} |y_i^T y_j|``,
     computed without the authors' ``O(N^2)`` Python loop: ``mu_e`` is the second largest
     point L1 norm, ``mu_z`` a blocked pass over the Gram matrix (no ``N x N`` allocation),
-    or read off ``gram`` (``x x^T``) where the caller has it already.
+    or read off ``gram`` (``x x^T``) where the caller has it already, or the minimum of
+    ``row_max`` (:func:`gram_row_max`) where the caller has that.
     Any array-API array (torch, NumPy, CuPy).
     """
     xp = array_api_compat.array_namespace(x)
@@ -74,7 +76,9 @@ def ssc_lambdas(x, alpha_e: float, alpha_z: float, *, block: int = 4096, gram=No
         raise ValueError(f"SSC needs at least 2 points, got {n}")
     norms = xp.sum(xp.abs(x), axis=1, dtype=xp.float64)
     mu_e = float(xp.sort(norms)[-2])
-    mu_z = float(xp.min(gram_row_max(x, block=block, gram=gram)))
+    if row_max is None:
+        row_max = gram_row_max(x, block=block, gram=gram)
+    mu_z = float(xp.min(row_max))
     if not (mu_e > 0):
         raise ValueError("SSC: at most one point is non-zero (mu_e = 0); lambda_e is undefined")
     if not (mu_z > 0):
@@ -419,11 +423,15 @@ def solve_ssc_admm(
         thin = scheduled and n > admm.THIN["above"] * d
         dense_gram = (scheduled and not thin) or (not scheduled and strategy == "dense")
         gram = x64 @ x64.T if group is None and dense_gram else None
-        lam_e, lam_z, _, _ = ssc_lambdas(x64, alpha_e, alpha_z, gram=gram)
+        row_max = gram_row_max(x64, gram=gram)
+        lam_e, lam_z, _, _ = ssc_lambdas(x64, alpha_e, alpha_z, row_max=row_max)
+        # the fast schedule's continuation in lambda_z (1: none; admm.continuation_start)
+        weight = admm.continuation_start(row_max) if scheduled else 1.0
+        del row_max
         start, stop, share, reduce, columns = 0, n, None, None, None
-        if group is not None:  # rank 0's lambdas and factor; this rank's columns
-            lam = torch.tensor([lam_e, lam_z], dtype=torch.float64, device=device)
-            lam_e, lam_z = (float(v) for v in broadcast_from_first(lam, group))
+        if group is not None:  # rank 0's lambdas, weight and factor; this rank's columns
+            lam = torch.tensor([lam_e, lam_z, weight], dtype=torch.float64, device=device)
+            lam_e, lam_z, weight = (float(v) for v in broadcast_from_first(lam, group))
             start, stop = column_range(n, rank, world)
 
             def share(compute, shapes):
@@ -441,7 +449,8 @@ def solve_ssc_admm(
                               kernels=kernels, products=products, x64=x64)  # fmt: skip
         if scheduled:
             factor = admm.EigenInverse(dic, rho, share=share, columns=columns, gram=gram,
-                                       thin=thin)  # fmt: skip
+                                       thin=thin,
+                                       weight=admm.continuation_weight(weight, 1))  # fmt: skip
         elif strategy == "dense":
             factor = admm.DenseInverse(dic, rho, gram=gram)
         else:
@@ -459,10 +468,11 @@ def solve_ssc_admm(
             # the length: 60 iterations (admm.schedule_length: more on ill-conditioned data
             # where its rule is on; every rank holds the same eigenvalues, so every rank runs
             # the same length)
-            length = admm.schedule_length(admm.median_curvature(factor.w, n, rho))
+            length = admm.schedule_length(admm.median_curvature(factor.w_full, n, rho))
             make = fast.ActiveSetStep if torch_fast else admm.ScheduledStep
             step = make(dic, factor, thr_e=lam_e / lam_z, iterations=length,
-                        start=start, stop=stop, reduce=reduce)  # fmt: skip
+                        start=start, stop=stop, reduce=reduce,
+                        continuation=weight)  # fmt: skip
             if report.reporter is not None:
                 report.reporter.max_iter = min(max_iter, step.iterations)
         else:
