@@ -861,10 +861,13 @@ def run(device: torch.device, quick: bool, out_dir, trials: int | None = None,
         meta["parts_done"].append("fidelity")
         path = save()
     if "sensitivity" in parts:
-        sets = [("synthetic video tokens", synthetic_tokens(128 if quick else 256, 256, seed=4), 8)]
+        syn = synthetic_tokens(128 if quick else 256, 256, seed=4)
+        sets = [("synthetic video tokens", syn, 8)]
         if YALE.exists():
             sets.append(("Extended Yale B faces", yale_faces(4, 24 if quick else 48), 4))
         sets += tiny
+        if not quick:  # added with the continuation in lambda_z (2026-11-25), which it runs
+            sets.append(("synthetic video tokens, one token darkened", darkened(syn, 7, 0.004), 8))
         for label, x, k in sets:
             for dtype in (torch.float32, torch.float64):
                 sens.append(sensitivity(label, x, k, dtype, trials, device))
