@@ -207,14 +207,17 @@ def held_outliers():
 @contextlib.contextmanager
 def schedule(iterations: int | None = None, relax: float = 1.0, anderson: int = 0,
              held_e: bool = False):  # fmt: skip
-    """The fast solver's schedule cut to ``iterations`` (balancing until
-    ``min(30, iterations // 2)``), its A-step over-relaxed by ``relax``, its iteration
+    """The fast solver's schedule cut to ``iterations`` (balancing, and the continuation in
+    ``lambda_z``, until ``min(30, iterations // 2)``, a multiple of 5), its A-step over-relaxed by ``relax``, its iteration
     Anderson-accelerated over the last ``anderson`` iterations (:class:`Anderson`) and, with
     ``held_e``, ``E`` held between full E-steps (:func:`held_outliers`)."""
     saved, c_step = dict(admm.SCHEDULE), admm.ScheduledStep._c_step
     if iterations is not None:
-        admm.SCHEDULE.update(iterations=iterations,
-                             balance_until=min(saved["balance_until"], iterations // 2))  # fmt: skip
+        until = min(saved["balance_until"], iterations // 2)
+        admm.SCHEDULE.update(iterations=iterations, balance_until=until,
+                             # the continuation ends with the balancing, at latest
+                             continuation=min(saved["continuation"],
+                                              until - until % saved["every"]))  # fmt: skip
     if relax != 1.0 or anderson:
 
         def changed(self, it, a):

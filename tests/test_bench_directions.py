@@ -24,6 +24,7 @@ def test_schedule_cuts_and_relaxes_then_restores():
     default = compute_anchor_scores(x, 3, progress=False, mode="exact")
     with bd.schedule(40, relax=1.5):
         assert admm.SCHEDULE["iterations"] == 40 and admm.SCHEDULE["balance_until"] == 20
+        assert admm.SCHEDULE["continuation"] == 20  # ends with the balancing
         assert admm.ScheduledStep._c_step is not c_step
         cut = compute_anchor_scores(x, 3, progress=False, mode="exact")
     with bd.schedule(None, relax=1.5):
@@ -36,6 +37,11 @@ def test_schedule_cuts_and_relaxes_then_restores():
     assert not torch.equal(relaxed.coef, default.coef)
     again = compute_anchor_scores(x, 3, progress=False, mode="exact")
     assert torch.equal(again.coef, default.coef)
+    dark = x.clone()
+    dark[3] *= 0.01  # the continuation on: a schedule cut to 22 runs it until 10
+    with bd.schedule(22):
+        assert admm.SCHEDULE["balance_until"] == 11 and admm.SCHEDULE["continuation"] == 10
+        assert compute_anchor_scores(dark, 3, progress=False, mode="exact").iterations == 22
 
 
 def test_schedule_restores_after_an_error():
