@@ -240,3 +240,18 @@ def test_penalty_directions_run_their_own_solver():
     labels, scores, its = dict((d[0], d[4]) for d in bd.DIRECTIONS)[names[0]](x, 3)
     assert labels.shape == (60,) and scores.shape == (60,) and its == admm.SCHEDULE["iterations"]
     assert 0 <= bd.prototype_check(x, 3) < 0.05
+
+
+def test_fresh_sets_have_a_badly_placed_token_and_run_two_directions():
+    """The fresh sets (not looked at when the continuation was set) turn it on, and only the
+    default and the schedule before it run on them."""
+    from videoanchor.anchor.ssc import gram_row_max
+
+    sets = bd.fresh_sets()
+    assert len(sets) >= 2 and all(name.startswith("fresh: ") for name, _, _ in sets)
+    for _, x, _ in sets[:2]:  # the synthetic ones (Yale B where present)
+        assert admm.continuation_start(gram_row_max(x.double())) < 1.0
+    x = _tokens()
+    ref = bd._reference(x, 3)
+    rows = bd.direction_rows("t", x, 3, True, ref, only=bd.FRESH_DIRECTIONS)
+    assert [r["direction"] for r in rows] == list(bd.FRESH_DIRECTIONS)
