@@ -45,7 +45,8 @@ badly placed token that the continuation's settings were not chosen on (:func:`f
 the default against the schedule before the continuation only; counted apart in the
 summary (``fresh_meet_both``).
 
-``conditioning`` rows: why one set needs far more faithful iterations than the others. The
+``conditioning`` rows: why one set needs far more faithful iterations than the others (and
+whether the continuation runs on it: ``mu_z_over_median``, ``continuation_start``). The
 lambdas are set by the worst-placed token (``lambda_z = alpha_z / mu_z``, ``mu_z = min_i
 max_{j != i} |y_i^T y_j|``), so one near-black face scales ``lambda_z Y^T Y`` up, and with it
 the spread between its eigenvalues and the authors' fixed ``rho = 300``: per set ``lambda_z``,
@@ -107,7 +108,7 @@ from videoanchor.anchor.scores import (  # noqa: E402
     anchor_result_from_coefficients,
     sparse_subspace_clustering,
 )
-from videoanchor.anchor.ssc import solve_ssc_admm, ssc_lambdas  # noqa: E402
+from videoanchor.anchor.ssc import gram_row_max, solve_ssc_admm, ssc_lambdas  # noqa: E402
 
 
 class Anderson:
@@ -584,10 +585,14 @@ def conditioning_row(name, x, faithful_iterations: int) -> dict:
     the authors' ``rho``, and the token norms that set it."""
     lam_z, mu_z, w = data_term_spectrum(x)
     norms = x.double().norm(dim=1)
+    row_max = gram_row_max(x.double())
     return {
         "data": name, "n": x.shape[0], "d": x.shape[1], "lambda_z": lam_z, "mu_z": mu_z,
         "median_eigenvalue_over_rho": float(w.median()) / DEFAULTS.rho,
         "min_norm_over_median": float(norms.min() / norms.median()),
+        # mu_z over the median row maximum, and the continuation's start weight from it
+        "mu_z_over_median": float(row_max.min() / row_max.sort().values[(len(row_max) - 1) // 2]),
+        "continuation_start": admm.continuation_start(row_max),
         "faithful_iterations": faithful_iterations,
         "figures": "measured (computed from the features)",
     }  # fmt: skip
@@ -668,7 +673,7 @@ def run(quick: bool, out_dir) -> Path:
     print_table(stops, ["stop_tolerance", "sets", "meet_both_bars"])
     print_table([r for r in rows if r["kind"] == "conditioning"],
                 ["data", "lambda_z", "median_eigenvalue_over_rho", "min_norm_over_median",
-                 "faithful_iterations"])  # fmt: skip
+                 "mu_z_over_median", "continuation_start", "faithful_iterations"])  # fmt: skip
     print_table([r for r in rows if r["kind"] == "spectrum"],
                 ["data", "n", "rho_final", "small_in_r_start", "small_in_i_minus_r_start",
                  "small_in_r_final", "small_in_i_minus_r_final"])  # fmt: skip

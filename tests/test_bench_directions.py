@@ -152,6 +152,10 @@ def test_conditioning_row_reads_lambda_z_and_the_spectrum():
     assert row["faithful_iterations"] == 123 and row["min_norm_over_median"] < 0.02
     assert row["lambda_z"] > 10 * base["lambda_z"]
     assert row["median_eigenvalue_over_rho"] > 5 * base["median_eigenvalue_over_rho"]
+    # the continuation: on (start below 1) with the dark token, off without it
+    assert base["continuation_start"] == 1.0 and base["mu_z_over_median"] > 0.3
+    assert row["continuation_start"] == pytest.approx(row["mu_z_over_median"] / 0.3)
+    assert row["continuation_start"] < 0.2
 
 
 def test_spectrum_row_counts_components_from_the_eigenvalues():
