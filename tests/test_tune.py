@@ -355,3 +355,25 @@ def test_cache_memory_budget_evicts_to_disk_and_results_stay_equal(tmp_path, mon
         assert torch.equal(a.scores, b.scores) and torch.equal(a.labels, b.labels)
         ref = compute_anchor_scores(f, 3, mode="exact")
         assert torch.equal(a.scores, ref.scores)
+
+
+def test_cache_keys_the_ssc_by_the_fast_schedule(tmp_path, monkeypatch):
+    """An entry stored under another schedule of the fast solver (before the continuation in
+    lambda_z, say) is not hit: the schedule is in the SSC key, and the answer follows it."""
+    from videoanchor.anchor import admm
+
+    counters = _count(monkeypatch)
+    cfg = videoanchor.integrations.transformers.AnchorConfig()
+    feats = torch.randn(24, 6, generator=torch.Generator().manual_seed(1))
+    feats[3] *= 1e-3  # a near-black token: the continuation is on
+    cache = AnchorCache(tmp_path / "c")
+    now = cache.anchor_result(feats, 3, cfg)
+    with monkeypatch.context() as mp:
+        mp.setitem(admm.SCHEDULE, "continuation", 0)
+        before = AnchorCache(tmp_path / "c").anchor_result(feats, 3, cfg)  # not the disk entry
+        assert counters["ssc"].calls == 2
+        assert torch.equal(before.scores, compute_anchor_scores(feats, 3, mode="exact").scores)
+    assert not torch.equal(now.coef, before.coef)
+    calls = counters["ssc"].calls
+    again = AnchorCache(tmp_path / "c").anchor_result(feats, 3, cfg)  # the disk entry
+    assert counters["ssc"].calls == calls and torch.equal(again.coef, now.coef)

@@ -231,12 +231,16 @@ class AnchorCache:
         that runs (see :func:`~videoanchor.anchor.compute_anchor_scores`)."""
         from videoanchor.anchor import (
             SSCCoefficients,
+            admm,
             anchor_result_from_coefficients,
             ssc_coefficients,
         )
 
         opts = {k: getattr(config, k) for k in SSC_OPTIONS}
         opts["ssc_dtype"] = str(config.ssc_dtype)
+        # the fast solver's schedule decides its answer as much as the options do: an entry
+        # stored before a change of it (the continuation in lambda_z, 2026-11-25) is not hit
+        opts["schedule"] = {k: admm.SCHEDULE[k] for k in sorted(admm.SCHEDULE)}
         ssc_key = content_hash(FORMAT, features, opts)
         device = features.device
         entry = self._get("ssc", ssc_key)
