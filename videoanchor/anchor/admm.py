@@ -721,9 +721,10 @@ def continuation_start(row_max, schedule: dict | None = None) -> float:
     ``lambda_z = alpha_z / mu_z``) and ``m`` their lower median.
 
     ``mu_z / m`` is how far the worst-placed token sits below a typical one: 0.4-0.96 on
-    synthetic video tokens and the tiny models' projector outputs, 0.001-0.06 on Yale B
-    faces, where one near-black face scales ``lambda_z`` up 13-83x and the authors' ADMM
-    needs 300-1800 iterations instead of about 200 (docs/ssc.md). Below ``floor`` the
+    synthetic video tokens and the tiny models' projector outputs, 0.16-0.21 on corrupted
+    subspaces, 0.001-0.06 on Yale B faces, where one near-black face scales ``lambda_z`` up
+    13-83x and the authors' ADMM needs 280-1850 iterations instead of about 200
+    (``directions_cpu.json``, docs/ssc.md). Below ``floor`` the
     schedule starts from the weight a set placed ``floor`` times worse than typical would
     have and reaches the authors' weight by iteration ``continuation``. A continuous
     function of the features (a ratio of order statistics, clipped)."""
