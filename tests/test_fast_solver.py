@@ -527,6 +527,12 @@ def test_continuation_start_and_weights():
     assert len(set(ws[:30])) == 6 and ws[0] == start and set(ws[30:]) == {1.0}
     assert admm.continuation_weight(1.0, 1) == 1.0
     assert admm.continuation_start(rm, dict(sch, continuation=0)) == 1.0
+    with pytest.raises(TypeError, match="expected a factor that rescales"):
+        lam_e, lam_z, _, _ = ssc_lambdas(dark, 800.0, 800.0)
+        dic = admm.Dictionary(dark, torch.float64, lam_z=lam_z, affine=True, outliers=True,
+                              kernels=TorchKernels(dark.device))  # fmt: skip
+        admm.ScheduledStep(dic, admm.DenseInverse(dic, 300.0), thr_e=lam_e / lam_z,
+                           iterations=60, continuation=start)  # fmt: skip
     with pytest.raises(ValueError, match="multiple of every"):
         lam_e, lam_z, _, _ = ssc_lambdas(dark, 800.0, 800.0)
         dic = admm.Dictionary(dark, torch.float64, lam_z=lam_z, affine=True, outliers=True,

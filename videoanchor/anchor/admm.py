@@ -808,6 +808,11 @@ class ScheduledStep(SquaredStep):
         self.continuation = float(continuation)
         if self.continuation < 1.0:
             sch = self.schedule
+            if not hasattr(factor, "reweight"):
+                raise TypeError(
+                    "continuation: expected a factor that rescales its eigenvalues "
+                    f"(EigenInverse), got {type(factor).__name__}"
+                )
             if sch["continuation"] > sch["balance_until"] or sch["continuation"] % sch["every"]:
                 raise ValueError(
                     "schedule: expected a continuation that is a multiple of every and at "
