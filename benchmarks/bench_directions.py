@@ -294,7 +294,7 @@ def penalty_prototype(
     rho, kappa, sw = DEFAULTS.rho, float(affine_ratio), w.sqrt()[:, None]
     lam_z_full, start = lam_z, 1.0
     if continuation:
-        start = admm.continuation_start((g - torch.diag(g.diagonal())).abs().amax(1))
+        start = admm.continuation_start(gram_row_max(x, gram=g))
 
     def weight(it):  # lambda_z at iteration it
         return lam_z_full * admm.continuation_weight(start, it)
