@@ -22,7 +22,8 @@ from videoanchor.anchor import compute_anchor_scores
 from videoanchor.integrations.options import clusters_for, ssc_kwargs
 from videoanchor.integrations.vllm import ahead, state
 from videoanchor.integrations.vllm.config import engine_config
-from videoanchor.integrations.vllm.runner import SCORE_CACHES, Scheduled, fill_step, score_cache
+from videoanchor.integrations.vllm.runner import Scheduled, fill_step
+from videoanchor.integrations.vllm.scoring import SCORE_CACHES, score_cache
 from videoanchor.kernels import anchor_gates
 
 PROMPT = 20

@@ -24,7 +24,7 @@ from videoanchor.anchor import compute_anchor_scores  # noqa: E402
 from videoanchor.integrations.options import ssc_kwargs  # noqa: E402
 from videoanchor.integrations.vllm import ahead  # noqa: E402
 from videoanchor.integrations.vllm.config import engine_config  # noqa: E402
-from videoanchor.integrations.vllm.runner import SCORE_CACHES, plan, score_cache  # noqa: E402
+from videoanchor.integrations.vllm.scoring import SCORE_CACHES, plan, score_cache  # noqa: E402
 
 
 def _split_jobs(rank):

@@ -299,7 +299,7 @@ def test_projector_columns_slice_only_deepstack_families():
 
     from videoanchor.integrations.transformers.testing import tiny_config
     from videoanchor.integrations.vllm.families import projector_columns
-    from videoanchor.integrations.vllm.runner import projector_only
+    from videoanchor.integrations.vllm.scoring import projector_only
 
     q3 = tiny_config("qwen3_vl", hidden=64)
     q3.vision_config.deepstack_visual_indexes = [0, 1]

@@ -53,7 +53,7 @@ def main():
 
 def _cached_scores(worker) -> dict:
     """This worker's score cache: ``{key: scores}`` (runs in the worker)."""
-    from videoanchor.integrations.vllm.runner import score_cache
+    from videoanchor.integrations.vllm.scoring import score_cache
 
     runner = worker.model_runner
     cache = score_cache(id(runner), runner.vllm_config.additional_config)

@@ -26,7 +26,7 @@ An anchored request's visual tokens cannot be prefilled before its scores exist,
    scheduler) waits for the job there: the result is the same either way.
 
 The scores are those the step would have computed: the same features (the same encoder on
-the same inputs), the same :func:`.runner._run_ssc`, the same options. A job that fails
+the same inputs), the same :func:`.scoring.run_ssc`, the same options. A job that fails
 leaves the request to the step, which computes its scores there and fails the same way.
 
 Only public parts of vLLM's scheduler are used for the hold (``schedule()`` and the waiting
@@ -47,6 +47,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import SimpleNamespace
 
 import torch
+
+from videoanchor.integrations.vllm.patching import wrap_once
+from videoanchor.integrations.vllm.scoring import (
+    check_outputs,
+    engine_cfg_of,
+    plan,
+    projector_only,
+    run_ssc,
+    score_cache,
+)
 
 logger = logging.getLogger("videoanchor.vllm")
 
@@ -162,10 +172,9 @@ class Ahead:
         ``scores_ahead_split`` on every rank together (:meth:`_split_vote`)."""
         from videoanchor.integrations.options import fast_splits
         from videoanchor.integrations.vllm.config import request_config
-        from videoanchor.integrations.vllm.runner import _engine_cfg, plan, score_cache
 
         runner = self._runner()
-        eng = _engine_cfg(runner)
+        eng = engine_cfg_of(runner)
         cache = score_cache(self.owner, runner.vllm_config.additional_config)
         for req_id, features, extra in payloads:
             key = None
@@ -247,8 +256,6 @@ class Ahead:
     def _encode(self, runner, features, items, req_id):
         """The projector outputs of ``items`` (the model's own encoder, as the step runs it;
         outside the runner's encoder cache), ready for the side thread; None if it failed."""
-        from videoanchor.integrations.vllm.runner import projector_only
-
         raw, kept = self._encoder(runner, features), {}
 
         def recording(rid, indices):  # the model's outputs, kept for the prefill step
@@ -320,8 +327,6 @@ class Ahead:
 
     def relay(self, results: dict) -> None:
         """Scores of other ranks' jobs: ``{key: (scores or None, cacheable)}``."""
-        from videoanchor.integrations.vllm.runner import score_cache
-
         runner = self._runner()
         cache = score_cache(self.owner, runner.vllm_config.additional_config)
         with self._done:
@@ -347,8 +352,6 @@ class Ahead:
         ``group`` (``scores_ahead_split``) every rank of it runs this job together, the SSC's
         columns split over them, after :meth:`_split_vote`; every rank gets the same scores
         and nothing is relayed."""
-        from videoanchor.integrations.vllm.runner import _run_ssc
-
         req = SimpleNamespace(req_id=req_id, mm_features=features)
         try:
             if group is not None:
@@ -358,7 +361,7 @@ class Ahead:
                 if not run:
                     return result
             with torch.inference_mode():
-                visual = _run_ssc(req, cfg, p.items, p.cols, p.n, p.k,
+                visual = run_ssc(req, cfg, p.items, p.cols, p.n, p.k,
                                   lambda _rid, _idx: outs, cache, p.key, group=group)  # fmt: skip
                 if self.stream is not None:
                     self.stream.synchronize()
@@ -393,7 +396,6 @@ class Ahead:
         rank's encoder failed or gave outputs of the wrong shape (checked before the vote:
         no rank fails alone inside the SSC)."""
         from videoanchor.anchor.collective import all_sum
-        from videoanchor.integrations.vllm.runner import check_outputs
 
         # nothing before the vote may raise: a rank that left here without voting would
         # leave the others' vote to pair with its next job's
@@ -443,7 +445,7 @@ class Ahead:
 
     @staticmethod
     def _encoder(runner, features):
-        """:data:`.runner.EncoderOutputs` over ``features`` with the model's own encoder
+        """:data:`.scoring.EncoderOutputs` over ``features`` with the model's own encoder
         (vLLM's grouping into batches by modality), outside the runner's encoder cache."""
         from vllm.multimodal.utils import group_and_batch_mm_kwargs
 
@@ -523,12 +525,11 @@ class Ahead:
 
 def _ahead_of(worker) -> Ahead | None:
     from videoanchor.integrations.vllm.config import ahead_nice, ahead_split
-    from videoanchor.integrations.vllm.runner import _engine_cfg
 
     runner = worker.model_runner
     ahead = AHEAD.get(id(runner))
     if ahead is None:
-        if _engine_cfg(runner) is None:
+        if engine_cfg_of(runner) is None:
             return None
         extra = runner.vllm_config.additional_config
         ahead = AHEAD[id(runner)] = Ahead(runner, ahead_nice(extra), ahead_split(extra))
@@ -709,12 +710,10 @@ def install() -> None:
     :class:`Holds`)."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    from videoanchor.integrations.vllm.hooks import _once
-
     def make(orig):
         def schedule(self, *args, **kwargs):
             return schedule_holding(self, orig, *args, **kwargs)
 
         return schedule
 
-    _once(Scheduler, "schedule", make)
+    wrap_once(Scheduler, "schedule", make)

@@ -26,15 +26,7 @@ from videoanchor.integrations.vllm.config import (
     request_overrides,
     salt_for,
 )
-
-
-def _once(owner, name, make):
-    orig = getattr(owner, name)
-    if getattr(orig, "_videoanchor", False):
-        return
-    new = make(orig)
-    new._videoanchor = True
-    setattr(owner, name, new)
+from videoanchor.integrations.vllm.patching import wrap_once
 
 
 def admit_request(vllm_config, request) -> None:
@@ -114,7 +106,7 @@ def install() -> None:
 
         return create_engine_config
 
-    _once(EngineArgs, "create_engine_config", make_create)
+    wrap_once(EngineArgs, "create_engine_config", make_create)
 
     def make_verify(orig):
         def _verify_extra_args(self):
@@ -128,7 +120,7 @@ def install() -> None:
 
         return _verify_extra_args
 
-    _once(SamplingParams, "_verify_extra_args", make_verify)
+    wrap_once(SamplingParams, "_verify_extra_args", make_verify)
 
     # The operator's policy (which options a request may set, limits on its SSC work) needs
     # the engine's config, which SamplingParams does not see: checked where the front end
@@ -148,7 +140,7 @@ def install() -> None:
 
         return _validate_params
 
-    _once(InputProcessor, "_validate_params", make_validate)
+    wrap_once(InputProcessor, "_validate_params", make_validate)
 
     register_backend(
         AttentionBackendEnum.CPU_ATTN,
@@ -176,7 +168,7 @@ def install() -> None:
 
         return preprocess_add_request
 
-    _once(EngineCore, "preprocess_add_request", make_preprocess)
+    wrap_once(EngineCore, "preprocess_add_request", make_preprocess)
     ahead.install()
     runner.install()
     runner_v2.install()

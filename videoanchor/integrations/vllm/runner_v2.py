@@ -27,8 +27,11 @@ from __future__ import annotations
 import numpy as np
 
 from videoanchor.integrations.vllm import state
+from videoanchor.integrations.vllm.ahead import AHEAD
 from videoanchor.integrations.vllm.config import engine_config
-from videoanchor.integrations.vllm.runner import Scheduled, fill_step, projector_only, score_cache
+from videoanchor.integrations.vllm.patching import wrap_once
+from videoanchor.integrations.vllm.runner import Scheduled, fill_step
+from videoanchor.integrations.vllm.scoring import projector_only, score_cache
 
 
 class _Hook:
@@ -67,7 +70,7 @@ def batch_of(input_batch, req_states, mm_features, extra_args) -> list[Scheduled
 
 
 def encoder_outputs_of(model_state):
-    """:data:`.runner.EncoderOutputs` for a V2 model state: cached outputs by ``mm_hash``;
+    """:data:`.scoring.EncoderOutputs` for a V2 model state: cached outputs by ``mm_hash``;
     missing items encoded with its ``encoder_runner`` (not cached)."""
     cache = model_state.encoder_cache
     encoder = model_state.encoder_runner
@@ -109,8 +112,6 @@ def reuse_encoded(runner, cache, scheduled_encoder_inputs) -> None:
     """Items the step would encode that were encoded ahead (for their SSC): their outputs go
     into the encoder cache first, so the model state's encoder skips them
     (``EncoderRunner.prepare_mm_inputs`` leaves out what the cache holds)."""
-    from videoanchor.integrations.vllm.ahead import AHEAD
-
     ahead = AHEAD.get(id(runner))
     if ahead is None or not scheduled_encoder_inputs or getattr(runner, "lora_config", None):
         return  # (under LoRA the step may run a tower adapter the encoding ahead did not)
@@ -179,8 +180,6 @@ def install() -> None:
     """Wraps model runner V2's ``GPUModelRunner.load_model`` (once per process)."""
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner
 
-    from videoanchor.integrations.vllm.hooks import _once
-
     def make(orig):
         def load_model(self, *args, **kwargs):
             out = orig(self, *args, **kwargs)
@@ -189,5 +188,5 @@ def install() -> None:
 
         return load_model
 
-    _once(GPUModelRunner, "load_model", make)
+    wrap_once(GPUModelRunner, "load_model", make)
     state.RUNNER_HOOKS.add("v2")
