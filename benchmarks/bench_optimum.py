@@ -1,0 +1,160 @@
+"""How near each answer comes to the SSC program's minimiser: what issue 33's fidelity bar measures.
+
+The bar (docs/ssc.md) compares the fast default with the authors' solver stopped at eps
+2e-4, and holds it to how well the same solver stopped at 2e-3 agrees with that answer. Both
+of the authors' answers lie on one trajectory of one iteration; the program they stop short
+of has a minimiser of its own. This script computes that minimiser on each of the fidelity
+study's data sets (``bench_request_cost.fidelity_sets``; float64, over-relaxed ADMM with
+residual balancing to eps 1e-9, at most ``--max-iter`` iterations, reported when it stops
+short) and says for the authors' answer at eps 2e-4, at 2e-3 and the fast default:
+
+- how their scores and labels agree with the minimiser's (Spearman, ARI, same seed);
+- how far their ``C`` is from the minimiser's (relative Frobenius);
+- their objective's gap to the minimiser's (``E`` at its optimum for their ``C``; relative),
+  and how far their ``C`` is from the affine constraint (``max_i |1^T c_i - 1|``).
+
+And per set: whether the minimiser itself meets the bar (agrees with the authors' answer at
+least as well as their 2e-3 stop does). Where it does not, no solver that converges to the
+program meets the bar there: only one that follows the authors' iterate does. All figures
+MEASURED on the machine that runs it (CPU by default).
+
+    python benchmarks/bench_optimum.py [--quick] [--max-iter 10000] [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_request_cost import _ari, _spearman, fidelity_sets, tiny_sets  # noqa: E402
+from benchmarks.bench_ssc import _objective  # noqa: E402
+from benchmarks.common import environment, print_table, write_result  # noqa: E402
+from videoanchor.anchor import compute_anchor_scores  # noqa: E402
+from videoanchor.anchor.options import DEFAULTS  # noqa: E402
+from videoanchor.anchor.scores import (  # noqa: E402
+    SSCCoefficients,
+    anchor_result_from_coefficients,
+)
+from videoanchor.anchor.ssc import solve_ssc_admm  # noqa: E402
+
+#: the answers held against the minimiser: label -> compute_anchor_scores options
+ANSWERS = {
+    "faithful_eps2e-4": {"solver": "faithful"},
+    "faithful_eps2e-3": {"solver": "faithful", "eps": 2e-3},
+    "fast": {"solver": "fast", "precision": "full"},
+}
+
+
+def minimiser(x, k, max_iter: int):
+    """``(result, scores and labels, seconds)`` of the program's minimiser (float64)."""
+    t = time.perf_counter()
+    res = solve_ssc_admm(x, dtype=torch.float64, eps=1e-9, max_iter=max_iter, relax=1.8,
+                         adaptive_rho=True, progress=False)  # fmt: skip
+    seconds = time.perf_counter() - t
+    coef = SSCCoefficients(res.coef.float(), res.iterations, res.converged, res.residual,
+                           res.lambda_e, res.lambda_z, "torch", "minimiser")  # fmt: skip
+    scored = anchor_result_from_coefficients(coef, k, seed=DEFAULTS.seed, features=x)
+    return res, scored, seconds
+
+
+def set_row(name, x, k, held_out: bool, max_iter: int) -> dict:
+    mn, opt, seconds = minimiser(x, k, max_iter)
+    lam_e, lam_z = mn.lambda_e, mn.lambda_z
+    f_min = _objective(x, mn.coef, lam_e, lam_z)
+    row = {
+        "data": name, "held_out": held_out, "n": x.shape[0], "d": x.shape[1], "n_clusters": k,
+        "minimiser_iterations": mn.iterations, "minimiser_converged": mn.converged,
+        "minimiser_residual": float(mn.residual), "minimiser_seconds": seconds,
+        "minimiser_affine_violation": float((mn.coef.sum(dim=0) - 1).abs().max()),
+        "figures": "measured",
+    }  # fmt: skip
+    answers = {}
+    for label, kw in ANSWERS.items():
+        res = answers[label] = compute_anchor_scores(x, k, progress=False, **kw)
+        c = res.coef.double().cpu()
+        row[f"spearman_{label}"] = _spearman(res.scores, opt.scores)
+        row[f"ari_{label}"] = _ari(res.labels, opt.labels)
+        row[f"coef_rel_{label}"] = float((c - mn.coef).norm() / mn.coef.norm())
+        row[f"objective_gap_{label}"] = (_objective(x, c, lam_e, lam_z) - f_min) / abs(f_min)
+        row[f"affine_violation_{label}"] = float((c.sum(dim=0) - 1).abs().max())
+        row[f"iterations_{label}"] = res.iterations
+    ref, loose = answers["faithful_eps2e-4"], answers["faithful_eps2e-3"]
+    bar_sp, bar_ari = _spearman(loose.scores, ref.scores), _ari(loose.labels, ref.labels)
+    sp_min, ari_min = _spearman(opt.scores, ref.scores), _ari(opt.labels, ref.labels)
+    row.update({
+        "bar_spearman": bar_sp, "bar_ari": bar_ari,
+        "spearman_minimiser_vs_faithful": sp_min, "ari_minimiser_vs_faithful": ari_min,
+        # the bar, held against the program's own answer
+        "minimiser_meets_bar": sp_min >= bar_sp and ari_min >= bar_ari,
+        "fast_meets_bar": (_spearman(answers["fast"].scores, ref.scores) >= bar_sp
+                           and _ari(answers["fast"].labels, ref.labels) >= bar_ari),
+        # nearer the program's minimiser (objective) than the authors' own 2e-3 stop
+        "fast_objective_within_loose": (row["objective_gap_fast"]
+                                        <= row["objective_gap_faithful_eps2e-3"]),
+    })  # fmt: skip
+    return row
+
+
+def run(quick: bool, max_iter: int, only, out_dir=None):
+    torch.manual_seed(0)
+    notes: list[str] = []
+    sets = fidelity_sets(quick, notes, tiny_sets(quick, notes))
+    if only:
+        sets = [s for s in sets if any(o in s[0] for o in only)]
+    meta = environment("cpu")
+    meta.update(quick=quick, max_iter=max_iter, only=only or None, notes=notes,
+                torch_threads=torch.get_num_threads())  # fmt: skip
+    rows = []
+    for name, x, k, held_out in sets:
+        rows.append(set_row(name, x, k, held_out, max_iter))
+        r = rows[-1]
+        print(f"{name}: minimiser {r['minimiser_iterations']} its "
+              f"({'converged' if r['minimiser_converged'] else 'NOT converged'}, "
+              f"{r['minimiser_seconds']:.0f} s); meets bar: minimiser {r['minimiser_meets_bar']}, "
+              f"fast {r['fast_meets_bar']}", flush=True)  # fmt: skip
+    meta["summary"] = {
+        "sets": len(rows),
+        "minimiser_converged": sum(r["minimiser_converged"] for r in rows),
+        "minimiser_meets_bar": sum(r["minimiser_meets_bar"] for r in rows),
+        "fast_meets_bar": sum(r["fast_meets_bar"] for r in rows),
+        "fast_objective_within_loose": sum(r["fast_objective_within_loose"] for r in rows),
+        "fast_misses_bar_where_minimiser_meets_it": [
+            r["data"] for r in rows if r["minimiser_meets_bar"] and not r["fast_meets_bar"]],
+        "minimiser_misses_bar": [r["data"] for r in rows if not r["minimiser_meets_bar"]],
+    }  # fmt: skip
+    meta["load_after"] = list(__import__("os").getloadavg())
+    print_table(rows, ["data", "n", "minimiser_iterations", "minimiser_converged",
+                       "spearman_faithful_eps2e-4", "spearman_faithful_eps2e-3", "spearman_fast",
+                       "objective_gap_faithful_eps2e-4", "objective_gap_faithful_eps2e-3",
+                       "objective_gap_fast", "spearman_minimiser_vs_faithful", "bar_spearman",
+                       "minimiser_meets_bar", "fast_meets_bar"])  # fmt: skip
+    print(meta["summary"])
+    path = write_result("optimum_quick" if quick else "optimum", meta, rows, out_dir)
+    print(f"wrote {path}")
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument(
+        "--max-iter",
+        type=int,
+        default=10000,
+        help="the minimiser's iteration limit (a run that reaches it says so)",
+    )
+    ap.add_argument("--only", nargs="*", default=None, help="data sets whose name contains one")
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args(argv)
+    if args.max_iter < 1:
+        raise SystemExit(f"--max-iter: expected a positive integer, got {args.max_iter}")
+    run(args.quick, args.max_iter, args.only, args.out_dir)
+
+
+if __name__ == "__main__":
+    main()
