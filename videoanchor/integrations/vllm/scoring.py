@@ -15,6 +15,7 @@ import torch
 from videoanchor.integrations.options import AnchorConfig, clusters_for, ssc_kwargs
 from videoanchor.integrations.score_cache import ScoreCache, score_key
 from videoanchor.integrations.vllm.config import engine_config, score_cache_bytes
+from videoanchor.integrations.vllm.families import projector_columns
 
 logger = logging.getLogger("videoanchor.vllm")
 _warned: set[str] = set()
@@ -30,8 +31,6 @@ def projector_only(encoder_outputs: EncoderOutputs, hf_config) -> EncoderOutputs
     family whose vLLM encoder output also carries other features (Qwen3-VL's deepstack,
     :func:`.families.projector_columns`); ``encoder_outputs`` itself for the others.
     ``hf_config``: the engine's ``model_config.hf_config``."""
-    from videoanchor.integrations.vllm.families import projector_columns
-
     cols = projector_columns(hf_config)
     if cols is None:
         return encoder_outputs
