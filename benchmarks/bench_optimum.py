@@ -15,7 +15,9 @@ short) and says for the authors' answer at eps 2e-4, at 2e-3 and the fast defaul
 
 And per set: whether the minimiser itself meets the bar (agrees with the authors' answer at
 least as well as their 2e-3 stop does). Where it does not, no solver that converges to the
-program meets the bar there: only one that follows the authors' iterate does. All figures
+program meets the bar there: only one that follows the authors' iterate does. And the bar
+held against the minimiser instead (``fast_meets_minimiser_bar``): the fast default's scores
+and labels at least as near the minimiser's as those of the authors' 2e-3 stop. All figures
 MEASURED on the machine that runs it (CPU by default).
 
     python benchmarks/bench_optimum.py [--quick] [--max-iter 10000] [--only NAME ...]
@@ -93,6 +95,11 @@ def set_row(name, x, k, held_out: bool, max_iter: int) -> dict:
         "minimiser_meets_bar": sp_min >= bar_sp and ari_min >= bar_ari,
         "fast_meets_bar": (_spearman(answers["fast"].scores, ref.scores) >= bar_sp
                            and _ari(answers["fast"].labels, ref.labels) >= bar_ari),
+        # the bar held against the minimiser instead of the authors' answer: the fast
+        # default's scores and labels at least as near it as the authors' own 2e-3 stop's
+        "fast_meets_minimiser_bar": (
+            row["spearman_fast"] >= row["spearman_faithful_eps2e-3"]
+            and row["ari_fast"] >= row["ari_faithful_eps2e-3"]),
         # nearer the program's minimiser (objective) than the authors' own 2e-3 stop
         "fast_objective_within_loose": (row["objective_gap_fast"]
                                         <= row["objective_gap_faithful_eps2e-3"]),
@@ -123,6 +130,10 @@ def run(quick: bool, max_iter: int, only, out_dir=None):
         "minimiser_meets_bar": sum(r["minimiser_meets_bar"] for r in rows),
         "fast_meets_bar": sum(r["fast_meets_bar"] for r in rows),
         "fast_objective_within_loose": sum(r["fast_objective_within_loose"] for r in rows),
+        "fast_meets_minimiser_bar": sum(r["fast_meets_minimiser_bar"] for r in rows),
+        "faithful_eps2e-4_meets_minimiser_bar": sum(
+            r["spearman_faithful_eps2e-4"] >= r["spearman_faithful_eps2e-3"]
+            and r["ari_faithful_eps2e-4"] >= r["ari_faithful_eps2e-3"] for r in rows),
         "fast_misses_bar_where_minimiser_meets_it": [
             r["data"] for r in rows if r["minimiser_meets_bar"] and not r["fast_meets_bar"]],
         "minimiser_misses_bar": [r["data"] for r in rows if not r["minimiser_meets_bar"]],
@@ -132,7 +143,7 @@ def run(quick: bool, max_iter: int, only, out_dir=None):
                        "spearman_faithful_eps2e-4", "spearman_faithful_eps2e-3", "spearman_fast",
                        "objective_gap_faithful_eps2e-4", "objective_gap_faithful_eps2e-3",
                        "objective_gap_fast", "spearman_minimiser_vs_faithful", "bar_spearman",
-                       "minimiser_meets_bar", "fast_meets_bar"])  # fmt: skip
+                       "minimiser_meets_bar", "fast_meets_bar", "fast_meets_minimiser_bar"])  # fmt: skip
     print(meta["summary"])
     path = write_result("optimum_quick" if quick else "optimum", meta, rows, out_dir)
     print(f"wrote {path}")

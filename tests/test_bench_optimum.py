@@ -52,6 +52,10 @@ def test_the_rows_figures_are_recomputed_from_the_answers(row):
     fast_bar = (bo._spearman(fast.scores, ref.scores) >= r["bar_spearman"]
                 and bo._ari(fast.labels, ref.labels) >= r["bar_ari"])  # fmt: skip
     assert r["fast_meets_bar"] == fast_bar
+    assert r["fast_meets_minimiser_bar"] == (
+        r["spearman_fast"] >= r["spearman_faithful_eps2e-3"]
+        and r["ari_fast"] >= r["ari_faithful_eps2e-3"]
+    )
     mn, _, _ = bo.minimiser(x, 3, 20000)
     gap = (_objective(x, fast.coef, mn.lambda_e, mn.lambda_z)
            - _objective(x, mn.coef, mn.lambda_e, mn.lambda_z))  # fmt: skip
