@@ -11,7 +11,12 @@ import torch
 
 from benchmarks import bench_optimum as bo
 from benchmarks.bench_ssc import _objective, synthetic_tokens
-from videoanchor.anchor import compute_anchor_scores
+from videoanchor.anchor import admm, compute_anchor_scores
+
+
+def r_opt(x):
+    """The minimiser's scores (as the row computed them)."""
+    return bo.minimiser(x, 3, 20000)[1].scores
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +44,12 @@ def test_the_rows_figures_are_recomputed_from_the_answers(row):
     fast = compute_anchor_scores(x, 3, solver="fast", precision="full", progress=False)
     ref = compute_anchor_scores(x, 3, solver="faithful", progress=False)
     loose = compute_anchor_scores(x, 3, solver="faithful", eps=2e-3, progress=False)
-    assert r["iterations_fast"] == fast.iterations
+    assert r["iterations_fast"] == fast.iterations == admm.SCHEDULE["iterations"]
+    for n in bo.SHORTER:  # the cut schedules ran as long as they say, and were restored
+        assert r[f"iterations_fast_{n}"] == n
+        with bo.schedule(n):
+            cut = compute_anchor_scores(x, 3, solver="fast", precision="full", progress=False)
+        assert r[f"spearman_fast_{n}"] == pytest.approx(bo._spearman(cut.scores, r_opt(x)))
     assert r["iterations_faithful_eps2e-4"] == ref.iterations > r["iterations_faithful_eps2e-3"]
     assert r["bar_spearman"] == pytest.approx(bo._spearman(loose.scores, ref.scores))
     assert r["bar_ari"] == pytest.approx(bo._ari(loose.labels, ref.labels))
