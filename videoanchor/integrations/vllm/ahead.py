@@ -362,7 +362,7 @@ class Ahead:
                     return result
             with torch.inference_mode():
                 visual = run_ssc(req, cfg, p.items, p.cols, p.n, p.k,
-                                  lambda _rid, _idx: outs, cache, p.key, group=group)  # fmt: skip
+                                 lambda _rid, _idx: outs, cache, p.key, group=group)  # fmt: skip
                 if self.stream is not None:
                     self.stream.synchronize()
             self.stats["computed" if group is None else "split"] += 1
