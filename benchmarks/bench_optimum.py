@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -164,14 +165,16 @@ def run(quick: bool, max_iter: int, only, out_dir=None):
             r["data"] for r in rows if r["minimiser_meets_bar"] and not r["fast_meets_bar"]],
         "minimiser_misses_bar": [r["data"] for r in rows if not r["minimiser_meets_bar"]],
     }  # fmt: skip
-    meta["load_after"] = list(__import__("os").getloadavg())
+    meta["load_after"] = list(os.getloadavg())
     print_table(rows, ["data", "n", "minimiser_iterations", "minimiser_converged",
                        "spearman_faithful_eps2e-4", "spearman_faithful_eps2e-3", "spearman_fast",
                        "objective_gap_faithful_eps2e-4", "objective_gap_faithful_eps2e-3",
                        "objective_gap_fast", "spearman_minimiser_vs_faithful", "bar_spearman",
                        "minimiser_meets_bar", "fast_meets_bar", "fast_meets_minimiser_bar"])  # fmt: skip
     print(meta["summary"])
-    path = write_result("optimum_quick" if quick else "optimum", meta, rows, out_dir)
+    # a run over some sets (--only) never takes the name of the whole study's file
+    name = "optimum_quick" if quick else "optimum_only" if only else "optimum"
+    path = write_result(name, meta, rows, out_dir)
     print(f"wrote {path}")
     return path
 

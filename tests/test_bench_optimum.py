@@ -87,3 +87,7 @@ def test_a_minimiser_cut_short_says_so(tmp_path, monkeypatch):
     assert data["meta"]["summary"]["minimiser_converged"] == 0
     assert data["rows"][0]["minimiser_converged"] is False
     assert torch.isfinite(torch.tensor(data["rows"][0]["objective_gap_fast"]))
+    # a run over some sets never writes over the whole study's file
+    some = bo.run(False, 5, ["cut"], tmp_path)
+    assert some.name.startswith("optimum_only_") and json.loads(some.read_text())["meta"]["only"]
+    assert not list(tmp_path.glob("optimum_cpu*.json"))
