@@ -14,7 +14,20 @@ from videoanchor.integrations.transformers import configure
 from videoanchor.integrations.transformers import register as _register_transformers
 from videoanchor.kernels import anchor_gates, anchored_attention, anchored_attention_varlen
 
-_register_transformers()
+try:
+    _register_transformers()
+except ImportError as _err:
+    # transformers cannot be imported here (e.g. a torchvision that does not load with this
+    # torch): the kernels and the anchor scores do not need it, so only its integration is off
+    import warnings as _warnings
+
+    _warnings.warn(
+        f"{_err}. The kernels and the anchor scores work; the transformers integration "
+        "(attn_implementation='videoanchor_triton', videoanchor.configure) is off",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    del _warnings, _err
 
 __all__ = [
     "anchored_attention",
