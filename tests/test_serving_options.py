@@ -93,7 +93,15 @@ def test_operator_policy_defaults_to_the_engines_own_values():
 
     assert engine_policy({}) is None
     p = engine_policy({"videoanchor": {"n_clusters": 8, "max_iter": 300}})
-    assert p.allowed == frozenset(REQUEST_KEYS + ("enabled",))
+    # by default a request sets what changes the method's output at a bounded cost: the
+    # alphas, n_clusters (under its limit), the seed and on/off; never the solver's work
+    assert p.allowed == frozenset(
+        ("enabled", "alpha_q", "alpha_k", "alpha_v", "n_clusters", "seed", "decode", "tokens")
+    )
+    for costly in ("ssc_solver", "ssc_backend", "ssc_precision", "rho", "eps", "max_iter"):
+        assert costly not in p.allowed
+    every = engine_policy({"videoanchor": {"request_options": "all"}})
+    assert every.allowed == frozenset(REQUEST_KEYS + ("enabled",))
     assert (p.max_iter, p.n_clusters, p.label_draws, p.eps) == (300, 8, 1, 2e-4)
     # the policy keys are not configure() options: the engine options ignore them
     eng = engine_config({"videoanchor": {"n_clusters": 8, "request_options": "none"}})
@@ -110,7 +118,8 @@ def test_operator_policy_defaults_to_the_engines_own_values():
 def test_requests_over_the_limits_are_refused_naming_key_and_limit(extra, phrase):
     from videoanchor.integrations.vllm.config import check_request, engine_policy
 
-    p = engine_policy({"videoanchor": {"n_clusters": 8, "max_iter": 300}})
+    p = engine_policy({"videoanchor": {"n_clusters": 8, "max_iter": 300,
+                                       "request_options": "all"}})  # fmt: skip
     key = next(iter(extra))
     with pytest.raises(ValueError, match=rf"extra_args\['{key}'\]: {phrase}.*request_limits"):
         check_request(p, extra)
@@ -137,6 +146,7 @@ def test_operator_limits_and_allowed_options():
     [({"request_options": "some"}, r"\['request_options'\]: expected 'all', 'none'"),
      ({"request_options": ["alpha_kk"]}, r"\['request_options'\]: unknown option 'alpha_kk'"),
      ({"request_options": ["ssc_time_budget"]}, r".*unknown option 'ssc_time_budget'"),
+     ({"scores_ahead_workers": 0}, r"\['scores_ahead_workers'\]: expected an int"),
      ({"request_limits": [1]}, r"\['request_limits'\]: expected a dict"),
      ({"request_limits": {"max_iters": 1}}, r"\['request_limits'\]: unknown limit 'max_iters'"),
      ({"request_limits": {"max_iter": 0}}, r"\['request_limits'\]: max_iter"),
@@ -151,13 +161,25 @@ def test_bad_operator_policy_fails_naming_the_key(given, phrase):
         engine_policy({"videoanchor": given})
 
 
-def test_time_budget_is_the_operators_alone():
-    cfg = engine_config({"videoanchor": {"ssc_time_budget": 2.5}})
-    assert cfg.ssc_time_budget == 2.5
-    with pytest.raises(ValueError, match=r"ssc_time_budget"):
-        engine_config({"videoanchor": {"ssc_time_budget": -1}})
+def test_no_wall_clock_budget_in_vllm_answers_must_not_depend_on_load():
+    """A time budget stops the SSC at an iterate that depends on the machine's load; the
+    plugin refuses it at start-up, saying what bounds the work instead."""
+    with pytest.raises(ValueError, match=r"'ssc_time_budget' is not accepted.*max_iter"):
+        engine_config({"videoanchor": {"ssc_time_budget": 2.5}})
     with pytest.raises(ValueError, match=r"extra_args\['videoanchor_ssc_time_budget'\]"):
         request_overrides({"videoanchor_ssc_time_budget": 100.0})
+
+
+def test_a_backend_this_server_cannot_run_is_named():
+    from videoanchor.integrations.vllm.config import runnable_problem
+
+    cupy = engine_config({"videoanchor": {"ssc_backend": "cupy"}})
+    assert "CUDA engine only" in runnable_problem(cupy, cuda=False)
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is None:
+        assert "not installed" in runnable_problem(cupy, cuda=True)
+    assert runnable_problem(engine_config({"videoanchor": {}}), cuda=False) is None
 
 
 def test_score_cache_is_an_lru_keyed_by_items_and_scoring_options():
@@ -206,6 +228,13 @@ def test_scores_ahead_options():
     assert scores_ahead({"videoanchor": {}}) is True
     assert scores_ahead({"videoanchor": {"scores_ahead": False}}) is False
     assert ahead_nice({"videoanchor": {}}) == 19
+    from videoanchor.integrations.vllm.config import ahead_workers
+
+    assert ahead_workers({"videoanchor": {}}) == 2
+    assert ahead_workers({"videoanchor": {"scores_ahead_workers": 4}}) == 4
+    for bad in (0, True, 1.5, 65):
+        with pytest.raises(ValueError, match=r"\['scores_ahead_workers'\]: expected an int"):
+            ahead_workers({"videoanchor": {"scores_ahead_workers": bad}})
     assert ahead_nice({"videoanchor": {"scores_ahead_nice": 0}}) == 0
     with pytest.raises(TypeError, match=r"\['scores_ahead'\]: expected true .* got 'no'"):
         scores_ahead({"videoanchor": {"scores_ahead": "no"}})

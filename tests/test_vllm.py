@@ -78,12 +78,14 @@ def anchored(checkpoint, work):
     batches += [[{**IMG, "extra_args": {"videoanchor_n_clusters": 500}}], [VID]]
     batches += [[{**VID, "extra_args": {"videoanchor_max_iter": 10**7}}]]  # over the limit
     batches += [[ALL], [MULTI], [MULTI_Q2]]
-    # The operator lets requests ask for up to 500 clusters (the limit defaults to the
-    # engine's n_clusters); max_iter keeps its default limit, the engine's 200.
+    # The operator lets requests set every option (the default lets them set the alphas,
+    # n_clusters, seed, decode, tokens and on/off) and ask for up to 500 clusters (the limit
+    # defaults to the engine's n_clusters); max_iter keeps its default limit, the engine's 200.
     spec = {"checkpoint": checkpoint,
             "engine": {"enable_prefix_caching": False,
                        "additional_config": {"videoanchor": {
-                           **SSC, "request_limits": {"n_clusters": 500}}}},
+                           **SSC, "request_options": "all",
+                           "request_limits": {"n_clusters": 500}}}},
             "batches": batches, "record_ssc": True, "record_scores": True}  # fmt: skip
     return _run(work, "anchored", spec)
 

@@ -137,6 +137,12 @@ def _validate_at_startup(vllm_config) -> None:
         _refuse_unsupported_engine_features(vllm_config)
         from vllm.platforms import current_platform
 
+        from videoanchor.integrations.vllm.config import runnable_problem
+
+        problem = runnable_problem(eng, current_platform.is_cuda())
+        if problem is not None:
+            raise ValueError(f"additional_config['videoanchor']: {problem}")
+
         if current_platform.is_cuda():
             select_cuda_backend(vllm_config)
         elif not current_platform.is_cpu():
@@ -147,26 +153,28 @@ def _validate_at_startup(vllm_config) -> None:
                 "additional_config['videoanchor'] to serve unanchored"
             )
         _log_active(eng, policy, vllm_config.additional_config)
+        from videoanchor.integrations.vllm import metrics
+
+        metrics.export()  # the series in this front end's /metrics (before the engine starts)
 
 
 def _log_active(eng, policy, additional_config=None) -> None:
     """The one start-up line of an anchored engine: its options and the request limits."""
     from dataclasses import asdict
 
-    from videoanchor.integrations.vllm.config import ENGINE_KEYS, scores_ahead
+    from videoanchor.integrations.vllm.config import ENGINE_KEYS, ahead_workers, scores_ahead
 
     opts = {k: v for k, v in asdict(eng).items() if k in ENGINE_KEYS}
     ahead = scores_ahead(additional_config)
     allowed = sorted(policy.allowed)
     logger.info(
         "VideoAnchor is active on this engine: %s; requests may set %s; request limits: "
-        "max_iter <= %d, label_draws <= %d, n_clusters <= %d, eps >= %g; SSC time budget per "
-        "request: %s; scores computed %s",
+        "max_iter <= %d, label_draws <= %d, n_clusters <= %d, eps >= %g; scores computed %s",
         ", ".join(f"{k}={v!r}" for k, v in opts.items()),
         ", ".join(allowed) if allowed else "no option",
         policy.max_iter, policy.label_draws, policy.n_clusters, policy.eps,
-        "none" if eng.ssc_time_budget is None else f"{eng.ssc_time_budget:g} s",
-        "ahead of the step, beside the running requests (scores_ahead)" if ahead else
+        f"ahead of the step, beside the running requests (scores_ahead, "
+        f"{ahead_workers(additional_config)} side threads)" if ahead else
         "inside the step (scores_ahead: false; a new video stalls the batch for its SSC)",
     )  # fmt: skip
 
@@ -192,7 +200,11 @@ class _ThroughVllm(logging.Handler):
 def _route_logs_through_vllm() -> None:
     """In a vLLM process, the ``videoanchor`` logger (this plugin, SSC progress, warnings)
     logs INFO and above through vLLM's handlers (:class:`_ThroughVllm`), unless the user gave
-    it handlers or a level of their own."""
+    it handlers or a level of their own; the ``warnings.warn`` of videoanchor's code (and any
+    warning raised while a request is scored) go to it (:func:`.metrics.route_warnings`)."""
+    from videoanchor.integrations.vllm.metrics import route_warnings
+
+    route_warnings()
     ours = logging.getLogger("videoanchor")
     if ours.handlers:  # ours already added, or the user's own
         return

@@ -37,6 +37,8 @@ was chosen over the KV-connector and encoder-cache-connector paths.
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import logging
 import os
 import threading
@@ -48,8 +50,11 @@ from types import SimpleNamespace
 
 import torch
 
+from videoanchor.anchor.progress import SSCProgress
+from videoanchor.integrations.vllm import metrics, state
 from videoanchor.integrations.vllm.patching import wrap_once
 from videoanchor.integrations.vllm.scoring import (
+    Failure,
     check_outputs,
     engine_cfg_of,
     plan,
@@ -60,7 +65,7 @@ from videoanchor.integrations.vllm.scoring import (
 
 logger = logging.getLogger("videoanchor.vllm")
 
-__all__ = ["AHEAD", "IDLE_WAIT", "Ahead", "Holds", "poll", "submit"]
+__all__ = ["AHEAD", "IDLE_WAIT", "Ahead", "Holds", "Turns", "poll", "submit"]
 
 #: Seconds the engine core waits for a score when every request it could schedule is held.
 IDLE_WAIT = 0.02
@@ -99,17 +104,77 @@ def job_tag(key) -> int:
     return int.from_bytes(digest, "little") & 0xFFFFF
 
 
+def counted_work(n: int, d: int, cfg) -> int:
+    """A request's SSC work in counted units, known before it runs: ``n^2 (n + d)`` per
+    iteration (the dense products over ``n`` tokens of width ``d``) times the iterations its
+    solver may run (the fast solver's fixed 60; otherwise ``max_iter``). What orders the
+    side threads' jobs (:class:`Turns`); deterministic, never a timing."""
+    iters = 60 if cfg.ssc_solver in ("auto", "fast") else cfg.max_iter
+    return n * n * (n + d) * iters
+
+
+class Turns:
+    """Fair interleaving of the side threads' SSC jobs: of the jobs that have started, the
+    one with the least counted work (:func:`counted_work`; ties: the earlier) computes, and
+    the others wait at their next iteration (:class:`_Yielding`). A new video's SSC thus
+    never waits for a longer job to end, and the jobs never share the cores, so none of
+    them runs slower than alone beyond the waiting. The iterates do not depend on the
+    waiting: the scores are the same as without it."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._active: dict[int, tuple[int, int]] = {}
+        self._seq = itertools.count()
+
+    def enter(self, work: int) -> int:
+        token = next(self._seq)
+        with self._cond:
+            self._active[token] = (work, token)
+        return token
+
+    def leave(self, token: int) -> None:
+        with self._cond:
+            self._active.pop(token, None)
+            self._cond.notify_all()
+
+    def wait_turn(self, token: int) -> None:
+        """Block until ``token``'s job has the least work of those started."""
+        with self._cond:
+            while self._active.get(token, (0, 0)) != min(self._active.values(), default=(0, 0)):
+                self._cond.wait(0.5)
+
+    def waiting(self) -> int:
+        """Jobs started but not computing now."""
+        with self._cond:
+            return max(0, len(self._active) - 1)
+
+
+class _Yielding(SSCProgress):
+    """A silent progress reporter that makes its job wait for its turn (:class:`Turns`)
+    before each iteration."""
+
+    def __init__(self, turns: Turns, token: int):
+        super().__init__(enabled=False)
+        self._turns, self._token = turns, token
+
+    def update(self, iteration, residual) -> bool:
+        self._turns.wait_turn(self._token)
+        return super().update(iteration, residual)
+
+
 class Ahead:
     """One engine's side worker in one worker process: :meth:`submit` encodes a held
     request's items (in the worker's main thread) and a single side thread runs its SSC;
     :meth:`take` hands the scores to the step.
 
     ``runner``: the model runner (its ``model``, ``device``, ``vllm_config``); ``nice``: the
-    side thread's niceness on Linux (0-19; its OpenMP threads inherit it), so that on the
-    CPU the running requests' steps come first and the SSC takes the cores' idle time.
+    side threads' niceness on Linux (0-19; their OpenMP threads inherit it), so that on the
+    CPU the running requests' steps come first and the SSC takes the cores' idle time;
+    ``workers``: side threads; their jobs start least counted work first and take turns
+    (:class:`Turns`), so a new video is not queued behind a long job.
     """
 
-    def __init__(self, runner, nice: int, split: bool = False):
+    def __init__(self, runner, nice: int, split: bool = False, workers: int = 2):
         self.owner = id(runner)
         self._runner = weakref.ref(runner)
         self.nice = int(nice)
@@ -118,8 +183,14 @@ class Ahead:
         # tensor-parallel ranks (made in the main thread at the first split job: _split_group)
         self.split = bool(split) and self.world > 1
         self._group = None  # None: not made yet; False: cannot be made here
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="videoanchor-ssc",
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="videoanchor-ssc",
                                         initializer=self._init_thread)  # fmt: skip
+        # split jobs run collectives: one thread, in submission order on every rank
+        self._split_pool = ThreadPoolExecutor(1, thread_name_prefix="videoanchor-ssc-split",
+                                              initializer=self._init_thread)  # fmt: skip
+        self._queue: list = []  # heap of (work, seq, future, job arguments)
+        self._seq = itertools.count()
+        self.turns = Turns()
         self._lock = threading.RLock()
         self._done = threading.Condition(self._lock)
         self.jobs: dict[str, Future] = {}  # score key -> its job (result: scores or None)
@@ -199,7 +270,7 @@ class Ahead:
             outs = self._encode(runner, features, p.items, req_id)  # every rank alike
             if group is not None:
                 with self._lock:
-                    self.jobs[key] = job = self._pool.submit(
+                    self.jobs[key] = job = self._split_pool.submit(
                         self._job, req_id, features, cfg, p, cache, outs, group
                     )  # fmt: skip
                     self._split_jobs.add(job)
@@ -217,10 +288,32 @@ class Ahead:
                     if outs is None:  # our encoder failed: the step scores it instead
                         self.jobs[key].set_result(None)
                     continue
-                job = self._pool.submit(self._job, req_id, features, cfg, p, cache, outs)
+                width = outs[0].shape[-1] if outs else 0
+                job = self._enqueue(counted_work(p.n, width, cfg),
+                                    (req_id, features, cfg, p, cache, outs))  # fmt: skip
                 self.jobs[key] = job
                 if self.world > 1:
                     job.add_done_callback(lambda f, key=key: self._report(key, f, cache))
+
+    def _enqueue(self, work: int, args: tuple) -> Future:
+        """A job on the side threads; queued jobs start least ``work`` first."""
+        job = Future()
+        with self._lock:
+            heapq.heappush(self._queue, (work, next(self._seq), job, args))
+        self._pool.submit(self._run_next)
+        return job
+
+    def _run_next(self) -> None:
+        with self._lock:
+            if not self._queue:
+                return
+            work, _, job, args = heapq.heappop(self._queue)
+        if not job.set_running_or_notify_cancel():
+            return
+        try:
+            job.set_result(self._job(*args, work=work))
+        except BaseException as err:  # _job reports its own errors; this is a last resort
+            job.set_exception(err)
 
     def _split_group(self):
         """The gloo group of the tensor-parallel ranks that split SSC jobs (None: no split).
@@ -347,12 +440,15 @@ class Ahead:
             out, self._results = self._results, {}
             return out
 
-    def _job(self, req_id, features, cfg, p, cache, outs, group=None):
-        """The request's scores (None: its step scores it), on the side thread. With
-        ``group`` (``scores_ahead_split``) every rank of it runs this job together, the SSC's
-        columns split over them, after :meth:`_split_vote`; every rank gets the same scores
-        and nothing is relayed."""
+    def _job(self, req_id, features, cfg, p, cache, outs, group=None, work=0):
+        """The request's scores on a side thread: scores, a :class:`.scoring.Failure` (the
+        request fails alone) or None (its step scores it: a split job whose ranks' group
+        failed). With ``group`` (``scores_ahead_split``) every rank of it runs this job
+        together, the SSC's columns split over them, after :meth:`_split_vote`; every rank
+        gets the same scores and nothing is relayed. Without, it takes turns with the other
+        side threads' jobs (:class:`Turns`, ``work``: its counted work)."""
         req = SimpleNamespace(req_id=req_id, mm_features=features)
+        token = self.turns.enter(work) if group is None else None
         try:
             if group is not None:
                 if self.split_broken:  # no collective that could pair with another job's
@@ -360,26 +456,35 @@ class Ahead:
                 run, result = self._split_vote(req, p, cache, outs, group)
                 if not run:
                     return result
+            progress = None if token is None else _Yielding(self.turns, token)
             with torch.inference_mode():
-                visual = run_ssc(req, cfg, p.items, p.cols, p.n, p.k,
-                                 lambda _rid, _idx: outs, cache, p.key, group=group)  # fmt: skip
+                visual = run_ssc(req, cfg, p.items, p.cols, p.n, p.k, lambda _rid, _idx: outs,
+                                 cache, p.key, group=group, progress=progress,
+                                 where="ahead")  # fmt: skip
                 if self.stream is not None:
                     self.stream.synchronize()
             self.stats["computed" if group is None else "split"] += 1
             return visual
-        except Exception as err:  # the step runs it again and reports it there
+        except Exception as err:
             # Split over a group, the solver's own errors reach every rank together; a
-            # failure of the group's communication may leave the ranks out of step
+            # failure of the group's communication may leave the ranks out of step: the
+            # steps score those requests instead. Any other error fails the request alone.
             if group is not None and communication_failed(err):
                 self._break_split(f"{type(err).__name__}: {err}")
-            logger.warning(
-                "videoanchor: request %s: scoring ahead of its step%s failed (%s: %s); its "
-                "step scores it instead", req_id,
-                "" if group is None else " over the tensor-parallel ranks",
-                type(err).__name__, err,
+                logger.warning(
+                    "videoanchor: request %s: scoring over the tensor-parallel ranks failed "
+                    "(%s: %s); its step scores it instead", req_id, type(err).__name__, err,
+                )  # fmt: skip
+                return None
+            logger.error(
+                "videoanchor: request %s: scoring its %d visual tokens failed (%s: %s); the "
+                "request fails alone, the engine goes on", req_id, p.n, type(err).__name__,
+                err, exc_info=logger.isEnabledFor(logging.DEBUG),
             )  # fmt: skip
-            return None
+            return Failure(f"anchor scores failed: {type(err).__name__}: {err}")
         finally:
+            if token is not None:
+                self.turns.leave(token)
             with self._done:
                 self._done.notify_all()
 
@@ -473,6 +578,18 @@ class Ahead:
             if job is not None and job not in self._split_jobs:
                 job.cancel()  # a split job runs anyway: every rank runs it (_split_vote)
 
+    def failures(self, req_ids) -> dict[str, str]:
+        """``{req_id: why}`` for those of ``req_ids`` whose scoring ahead failed."""
+        with self._lock:
+            out = {}
+            for r in req_ids:
+                job = self.jobs.get(self.by_req.get(r)) if self.by_req.get(r) else None
+                if job is not None and job.done() and not job.cancelled():
+                    result = job.result()
+                    if isinstance(result, Failure):
+                        out[r] = result.message
+            return out
+
     def ready(self, req_ids) -> list[str]:
         """Those of ``req_ids`` whose scores need no more work ahead of their step."""
         with self._lock:
@@ -520,11 +637,16 @@ class Ahead:
     def close(self) -> None:
         """Stop the side thread (jobs not started are cancelled, unless split jobs are
         queued: the other ranks run those, and wait for this one in them)."""
-        self._pool.shutdown(wait=False, cancel_futures=not self._split_jobs)
+        with self._lock:
+            queued, self._queue = self._queue, []
+        for _, _, job, _ in queued:
+            job.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._split_pool.shutdown(wait=False, cancel_futures=not self._split_jobs)
 
 
 def _ahead_of(worker) -> Ahead | None:
-    from videoanchor.integrations.vllm.config import ahead_nice, ahead_split
+    from videoanchor.integrations.vllm.config import ahead_nice, ahead_split, ahead_workers
 
     runner = worker.model_runner
     ahead = AHEAD.get(id(runner))
@@ -532,7 +654,8 @@ def _ahead_of(worker) -> Ahead | None:
         if engine_cfg_of(runner) is None:
             return None
         extra = runner.vllm_config.additional_config
-        ahead = AHEAD[id(runner)] = Ahead(runner, ahead_nice(extra), ahead_split(extra))
+        ahead = AHEAD[id(runner)] = Ahead(runner, ahead_nice(extra), ahead_split(extra),
+                                          ahead_workers(extra))  # fmt: skip
     return ahead
 
 
@@ -557,21 +680,26 @@ def submit(worker, payloads) -> None:
 
 
 def poll(worker, held: list[str], gone: list[str], wait: float = 0.0,
-         relay: dict | None = None) -> tuple[list[str], dict]:  # fmt: skip
+         relay: dict | None = None) -> tuple[list[str], dict, dict]:  # fmt: skip
     """``collective_rpc`` target: take the scores other ranks computed (``relay``), forget
     ``gone``; returns the ids of ``held`` that are ready on this worker (after waiting up to
-    ``wait`` seconds for one of them) and the scores this rank computed since the last poll
-    (for the engine core to relay to the other ranks)."""
+    ``wait`` seconds for one of them), the scores this rank computed since the last poll
+    (for the engine core to relay to the other ranks) and ``{req_id: why}`` for the
+    requests whose scoring failed (held ones, and any whose step failed to score it in
+    this process)."""
     ahead = _ahead_of(worker)
     if ahead is None:
-        return list(held), {}
+        return list(held), {}, {}
     if relay:
         ahead.relay(relay)
     if gone:
         ahead.forget(gone)
     if wait > 0 and held:
         ahead.wait(held, wait)
-    return ahead.ready(held), ahead.reports()
+    # steps that failed to score a request in this worker's process (where it is not the
+    # engine core's, this poll is how the scheduler learns of them)
+    failed = {r: state.FAILED.pop(r) for r in list(state.FAILED) if r in state.FAILED}
+    return ahead.ready(held), ahead.reports(), {**failed, **ahead.failures(held)}
 
 
 def stats(worker) -> dict:
@@ -606,6 +734,7 @@ class Holds:
         self._polled: list[str] = []
         self._relay: dict = {}  # scores a rank computed, for the others (tensor parallel)
         self.waited = 0.0  # seconds the engine core spent waiting with only held requests
+        self.failed: dict[str, str] = {}  # req_id -> why its scoring failed (to finish)
 
     def note(self, request) -> None:
         """An admitted anchored request with multimodal items (any thread)."""
@@ -635,6 +764,7 @@ class Holds:
             payloads = [(r.request_id, r.mm_features, r.sampling_params.extra_args)
                         for r in fresh]  # fmt: skip
             self._calls.append(executor.collective_rpc(submit, args=(payloads,), non_block=True))
+            metrics.count("videoanchor_requests_held", len(fresh))
             for r in fresh:
                 self.held[r.request_id] = r
         for rid, r in list(self.held.items()):
@@ -664,11 +794,16 @@ class Holds:
         """Release the held requests every worker says are ready."""
         self._poll = None
         ready = set(self._polled)
-        for ids, results in replies:
+        failed: dict[str, str] = {}
+        for ids, results, failures in replies:
             ready &= set(ids)
             self._relay.update(results)
+            failed.update(failures)
         for rid in ready:
             self.held.pop(rid, None)
+        for rid, why in failed.items():  # finished with an error (update_failing)
+            self.held.pop(rid, None)
+            self.failed[rid] = why
 
 
 def holds_of(sched) -> Holds | None:
@@ -705,9 +840,44 @@ def schedule_holding(sched, orig, *args, **kwargs):
         sched.waiting.prepend_requests(block)
 
 
+def update_failing(sched, orig, scheduler_output, model_runner_output):
+    """``orig(sched, ...)`` (vLLM's ``Scheduler.update_from_output``) after finishing the
+    requests whose scoring failed with vLLM's ``FINISHED_ERROR`` (so the step's token for
+    such a request is dropped), then their error outputs added to the step's: each fails
+    alone (the OpenAI server answers it with an error), the engine and the other requests go
+    on. The failures come from the workers' polls (:class:`Holds`) and, where the worker
+    runs in this process, from the steps (:data:`.state.FAILED`)."""
+    holds = holds_of(sched)
+    failed = dict(holds.failed) if holds is not None else {}
+    if holds is not None:
+        holds.failed.clear()
+    for rid in list(state.FAILED):  # (a request already gone needs nothing)
+        why = state.FAILED.pop(rid, None)
+        if why is not None and rid in sched.requests:
+            failed[rid] = why
+    if not failed:
+        return orig(sched, scheduler_output, model_runner_output)
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+    from vllm.v1.request import RequestStatus
+
+    done = sched.finish_requests(list(failed), RequestStatus.FINISHED_ERROR)
+    outputs = orig(sched, scheduler_output, model_runner_output)
+    for req in done:
+        logger.error("videoanchor: request %s finished with an error: %s", req.request_id,
+                     failed[req.request_id])  # fmt: skip
+        out = EngineCoreOutput(request_id=req.request_id, new_token_ids=[],
+                               finish_reason=req.get_finished_reason(),
+                               events=req.take_events(), trace_headers=req.trace_headers)  # fmt: skip
+        eco = outputs.get(req.client_index)
+        if eco is None:
+            eco = outputs[req.client_index] = EngineCoreOutputs()
+        eco.outputs.append(out)
+    return outputs
+
+
 def install() -> None:
-    """Wraps ``Scheduler.schedule`` (once per process; a no-op for a scheduler without
-    :class:`Holds`)."""
+    """Wraps ``Scheduler.schedule`` and ``Scheduler.update_from_output`` (once per process;
+    no-ops for a scheduler without :class:`Holds` and without failed requests)."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
     def make(orig):
@@ -717,3 +887,11 @@ def install() -> None:
         return schedule
 
     wrap_once(Scheduler, "schedule", make)
+
+    def make_update(orig):
+        def update_from_output(self, scheduler_output, model_runner_output):
+            return update_failing(self, orig, scheduler_output, model_runner_output)
+
+        return update_from_output
+
+    wrap_once(Scheduler, "update_from_output", make_update)

@@ -25,6 +25,9 @@ __all__ = [
     "request_overrides",
     "ahead_nice",
     "ahead_split",
+    "ahead_workers",
+    "DEFAULT_REQUEST_OPTIONS",
+    "runnable_problem",
     "salt_for",
     "score_cache_bytes",
     "scores_ahead",
@@ -33,7 +36,17 @@ __all__ = [
 # attention_backend, process_group, ssc_dtype and ssc_progress are transformers-only (the
 # engine picks its attention backend; one engine process scores its requests; SSC runs in the
 # model dtype or float32 as compute_anchor_scores decides; the engine logs SSC itself).
-_NOT_FOR_VLLM = ("attention_backend", "process_group", "ssc_dtype", "ssc_progress")
+# ssc_time_budget is too: a wall-clock bound stops the SSC at an iterate that depends on the
+# machine's load, so a server's answers would; the plugin bounds the work instead
+# (request_limits, whose max_iter is counted, not timed).
+_NOT_FOR_VLLM = ("attention_backend", "process_group", "ssc_dtype", "ssc_progress",
+                 "ssc_time_budget")  # fmt: skip
+_WHY_NOT = {
+    "ssc_time_budget": "the vLLM plugin bounds a request's SSC by counted work, never by wall "
+    "time (an answer must not depend on the machine's load): set "
+    "request_limits['max_iter'] and leave ssc_solver, rho and eps to the operator "
+    "(the default request_options)",
+}
 ENGINE_KEYS = tuple(f.name for f in fields(AnchorConfig) if f.name not in _NOT_FOR_VLLM)
 #: The operator's keys of ``additional_config["videoanchor"]`` that are not configure()
 #: options: which options a request may set, and the limits on the costly ones
@@ -45,12 +58,28 @@ POLICY_KEYS = (
     "scores_ahead",
     "scores_ahead_nice",
     "scores_ahead_split",
+    "scores_ahead_workers",
+)
+#: ``request_options`` default: what changes the method's output at a bounded cost (the
+#: alphas, ``n_clusters`` under its limit, ``seed``, on/off, ``decode`` and which item kinds
+#: are scored, ``tokens``). The solver, its backend and
+#: precision, ``rho``, ``eps`` and the other SSC options are the operator's unless
+#: ``request_options`` opens them.
+DEFAULT_REQUEST_OPTIONS = (
+    "enabled",
+    "alpha_q",
+    "alpha_k",
+    "alpha_v",
+    "n_clusters",
+    "seed",
+    "decode",
+    "tokens",
 )
 #: ``score_cache_mb`` default: MiB of anchor scores kept across requests (16k visual tokens
 #: take 64 KiB), so repeated videos run no SSC (:func:`score_cache_bytes`).
 SCORE_CACHE_MB = 64
-#: Engine-only options: ``ssc_time_budget`` is the operator's bound on one request's SSC.
-_ENGINE_ONLY = ("enabled", "ssc_time_budget")
+#: Engine-only options (a request turns anchoring on or off with ``extra_args["videoanchor"]``).
+_ENGINE_ONLY = ("enabled",)
 #: Per-request keys: ``extra_args["videoanchor_<name>"]`` (flat, since ``vllm_xargs`` values
 #: are scalars or lists), plus ``extra_args["videoanchor"]`` = "on" / "off".
 REQUEST_KEYS = tuple(k for k in ENGINE_KEYS if k not in _ENGINE_ONLY)
@@ -67,11 +96,11 @@ class RequestPolicy:
     keys ``request_options`` and ``request_limits``).
 
     ``allowed``: the per-request option names a request may set ("enabled" is the
-    ``extra_args["videoanchor"]`` on/off switch); ``request_options`` is ``"all"`` (the
-    default), ``"none"`` or a list of names. ``max_iter``, ``label_draws``, ``n_clusters``:
-    the largest values a request may ask for; ``eps``: the smallest. Each limit defaults to the
-    engine's own value. The SSC time of any request is bounded by the engine's
-    ``ssc_time_budget`` (seconds; None: no bound), which requests cannot set."""
+    ``extra_args["videoanchor"]`` on/off switch); ``request_options`` is a list of names,
+    ``"all"`` or ``"none"`` (default :data:`DEFAULT_REQUEST_OPTIONS`). ``max_iter``,
+    ``label_draws``, ``n_clusters``: the largest values a request may ask for; ``eps``: the
+    smallest. Each limit defaults to the engine's own value, so a request's SSC work is
+    bounded by counted iterations over its own visual tokens, never by wall time."""
 
     allowed: frozenset
     max_iter: int
@@ -92,6 +121,11 @@ def engine_config(additional_config) -> AnchorConfig | None:
             f'{{"alpha_k": 9.5, "n_clusters": 24}}), got {type(given).__name__}'
         )
     unknown = sorted(k for k in given if k not in ENGINE_KEYS + POLICY_KEYS)
+    if unknown and unknown[0] in _WHY_NOT:
+        raise ValueError(
+            f"additional_config['videoanchor']: {unknown[0]!r} is not accepted: "
+            f"{_WHY_NOT[unknown[0]]}"
+        )
     if unknown:
         raise ValueError(
             f"additional_config['videoanchor']: unknown option {unknown[0]!r}; expected some of "
@@ -116,7 +150,7 @@ def engine_policy(additional_config) -> RequestPolicy | None:
         return None
     given = additional_config["videoanchor"]
     where = "additional_config['videoanchor']"
-    opts = given.get("request_options", "all")
+    opts = given.get("request_options", list(DEFAULT_REQUEST_OPTIONS))
     names = REQUEST_KEYS + ("enabled",)
     if opts == "all":
         allowed = frozenset(names)
@@ -151,6 +185,7 @@ def engine_policy(additional_config) -> RequestPolicy | None:
     scores_ahead(additional_config)
     ahead_nice(additional_config)
     ahead_split(additional_config)
+    ahead_workers(additional_config)
     vals = {k: limits.get(k, getattr(eng, k)) for k in LIMIT_KEYS}
     try:  # the limits are values of the options they bound: the same checks
         validate_ssc_options(validate_options(replace(eng, **vals)))
@@ -220,6 +255,37 @@ def ahead_split(additional_config) -> bool:
             f"the default), got {value!r}"
         )
     return value
+
+
+def ahead_workers(additional_config) -> int:
+    """Side threads that compute scores ahead
+    (``additional_config["videoanchor"]["scores_ahead_workers"]``, default 2). A new video
+    never waits for a longer job to end: the jobs run side by side, and the one with the
+    least counted work computes while the others wait at their next iteration
+    (:class:`.ahead.Turns`); with every thread busy, the least work starts first. Raises
+    ValueError naming the key."""
+    given = (additional_config or {}).get("videoanchor") or {}
+    value = given.get("scores_ahead_workers", 2) if isinstance(given, dict) else 2
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise ValueError(
+            "additional_config['videoanchor']['scores_ahead_workers']: expected an int from 1 "
+            f"to 64 (side threads computing scores ahead; default 2), got {value!r}"
+        )
+    return value
+
+
+def runnable_problem(cfg: AnchorConfig, cuda: bool) -> str | None:
+    """Why this server cannot run ``cfg``'s SSC (None: it can): ``ssc_backend="cupy"``
+    needs CuPy installed and a CUDA platform. ``cuda``: the engine's platform is CUDA."""
+    if cfg.ssc_backend != "cupy":
+        return None
+    if not cuda:
+        return "ssc_backend='cupy' runs on a CUDA engine only; this engine is not one"
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is None:
+        return "ssc_backend='cupy' needs CuPy, which is not installed on this server"
+    return None
 
 
 def check_request(policy: RequestPolicy | None, extra_args) -> None:

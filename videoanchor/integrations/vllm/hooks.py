@@ -18,12 +18,14 @@
 
 from __future__ import annotations
 
+from videoanchor.integrations.vllm import metrics
 from videoanchor.integrations.vllm.config import (
     check_request,
     engine_config,
     engine_policy,
     request_config,
     request_overrides,
+    runnable_problem,
     salt_for,
 )
 from videoanchor.integrations.vllm.patching import wrap_once
@@ -40,13 +42,34 @@ def admit_request(vllm_config, request) -> None:
         return
     params = request.sampling_params
     extra = params.extra_args if params is not None else None
-    check_request(policy, extra)
+    check_admitted(eng, policy, extra)
     if not request.mm_features:
         return
     cfg = request_config(eng, extra)
     if cfg is not None:
         ids = [f.identifier for f in request.mm_features]
         request.cache_salt = salt_for(cfg, ids, request.cache_salt)
+
+
+def check_admitted(eng, policy, extra_args) -> None:
+    """Raises ValueError naming the ``extra_args`` key when a request breaks the operator's
+    ``policy`` (:func:`.config.check_request`) or asks for what this server cannot run (an
+    SSC backend that is not installed here: :func:`.config.runnable_problem`), so that it is
+    refused before it is admitted, never failing in the engine."""
+    check_request(policy, extra_args)
+    cfg = request_config(eng, extra_args)
+    if cfg is None:
+        return
+    from vllm.platforms import current_platform
+
+    problem = runnable_problem(cfg, current_platform.is_cuda())
+    if problem is not None:
+        key = (
+            "videoanchor_ssc_backend"
+            if "videoanchor_ssc_backend" in (extra_args or {})
+            else "videoanchor"
+        )
+        raise ValueError(f"extra_args[{key!r}]: {problem}")
 
 
 def note_ahead(core, req) -> None:
@@ -130,10 +153,14 @@ def install() -> None:
             out = orig(self, params, *args, **kwargs)
             extra = getattr(params, "extra_args", None)
             if extra:
+                eng, policy = _engine_options_of(self.vllm_config)
                 try:
-                    check_request(_engine_options_of(self.vllm_config)[1], extra)
+                    if eng is not None:
+                        check_admitted(eng, policy, extra)
                 except ValueError as err:
                     from vllm.exceptions import VLLMValidationError
+
+                    metrics.refused(str(err))
 
                     raise VLLMValidationError(str(err), parameter="extra_args") from None
             return out

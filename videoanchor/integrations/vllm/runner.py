@@ -40,9 +40,12 @@ from videoanchor.integrations.vllm.config import request_config
 from videoanchor.integrations.vllm.patching import wrap_once
 from videoanchor.integrations.vllm.scoring import (
     EncoderOutputs,
+    Failure,
+    ScoringError,
     engine_cfg_of,
     plan,
     projector_only,
+    report,
     run_ssc,
     score_cache,
     scored_items,
@@ -76,6 +79,7 @@ class _Req:
     gates: tuple[torch.Tensor, torch.Tensor] | None = None  # (prompt_len,) each
     scored: bool = False
     scores: torch.Tensor | None = None
+    failed: str | None = None  # why its scores could not be computed (it fails alone)
 
 
 def _touches(features, start: int, end: int) -> bool:
@@ -98,17 +102,32 @@ def _score(req: Scheduled, entry: _Req, encoder_outputs: EncoderOutputs,
     if p is None:
         return None
     visual = ahead.take(req.req_id, p.key) if ahead is not None else None
+    if isinstance(visual, Failure):
+        raise ScoringError(visual.message)
+    from_cache = False
     if visual is None and cache is not None:
         visual = cache.get(p.key)
-        lookups = cache.stats["scores_hits"] + cache.stats["scores_misses"]
-        if lookups % 100 == 0:
-            logger.info("videoanchor: %s", cache.summary())
+        from_cache = visual is not None
     if visual is None:
         visual = run_ssc(req, cfg, p.items, p.cols, p.n, p.k, encoder_outputs, cache, p.key)
+    report(req.req_id, p, cfg, from_cache, cache)  # its log line and cache counts
     scores = torch.zeros(entry.prompt_len, dtype=torch.float32)
     scores[torch.cat(p.cols)] = visual
     entry.scores = scores
     return anchor_gates(scores, cfg.alpha_k, cfg.alpha_v)
+
+
+def _failed(req_id: str, err: Exception) -> str:
+    """Records that ``req_id``'s scores could not be computed in its step (:data:`.state.
+    FAILED`: the scheduler finishes it with an error) and returns why."""
+    why = str(err) if isinstance(err, ScoringError) else (
+        f"anchor scores failed: {type(err).__name__}: {err}")  # fmt: skip
+    if not isinstance(err, ScoringError):  # a failure ahead was logged where it happened
+        logger.error("videoanchor: request %s: scoring it in its step failed (%s: %s); the "
+                     "request fails alone, the engine goes on", req_id, type(err).__name__,
+                     err)  # fmt: skip
+    state.FAILED[req_id] = why
+    return why
 
 
 def request_gates(req: Scheduled, entry: _Req, encoder_outputs: EncoderOutputs,
@@ -129,8 +148,11 @@ def request_gates(req: Scheduled, entry: _Req, encoder_outputs: EncoderOutputs,
         if not entry.scored:
             items = scored_items(req.mm_features, cfg)
             if _touches([req.mm_features[i] for i in items], nc, nc + ns):
-                entry.gates = _score(req, entry, encoder_outputs, cache, ahead)
                 entry.scored = True
+                try:
+                    entry.gates = _score(req, entry, encoder_outputs, cache, ahead)
+                except Exception as err:  # this request fails alone, not the step
+                    entry.failed = _failed(req.req_id, err)
         hi = min(nc + ns, entry.prompt_len)
         if entry.gates is not None and hi > nc:
             kb[: hi - nc] = entry.gates[0][nc:hi]

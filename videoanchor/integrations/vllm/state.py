@@ -39,6 +39,11 @@ STEP = StepState()
 #: The model runners whose hook is installed in this process ("v1", "v2"): the CUDA backend
 #: refuses to start under a runner whose steps would never fill STEP.
 RUNNER_HOOKS: set[str] = set()
+#: req_id -> why its scores could not be computed in its step. Where the worker runs in the
+#: engine core's process (one worker: vLLM's default on one device), the scheduler finishes
+#: these requests with an error (:func:`.ahead.update_failing`); the step gives them
+#: neutral gates meanwhile.
+FAILED: dict[str, str] = {}
 #: (owner, num_blocks, block_size) -> (key_bias cache, value_scale cache), each
 #: (num_blocks, block_size) float32.
 GATE_CACHES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
