@@ -7,6 +7,9 @@ wherever they were computed."""
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,11 +17,26 @@ import torch
 
 from videoanchor.integrations.options import AnchorConfig, clusters_for, ssc_kwargs
 from videoanchor.integrations.score_cache import ScoreCache, score_key
+from videoanchor.integrations.vllm import metrics
 from videoanchor.integrations.vllm.config import engine_config, score_cache_bytes
 from videoanchor.integrations.vllm.families import projector_columns
 
 logger = logging.getLogger("videoanchor.vllm")
 _warned: set[str] = set()
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The outcome of a request whose scores could not be computed: ``message`` says why.
+    It fails that request alone (vLLM's ``FINISHED_ERROR``: the client gets an error), never
+    the engine. Picklable: relayed between tensor-parallel ranks like scores."""
+
+    message: str
+
+
+class ScoringError(RuntimeError):
+    """Raised where a request's scores are needed and its scoring failed (:class:`Failure`)."""
+
 
 #: ``encoder_outputs(req_id, indices)``: the encoder outputs of the request's items
 #: ``mm_features[i]`` for i in ``indices`` (one tensor per item, rows = its embedding
@@ -122,47 +140,119 @@ def check_outputs(req, items, cols, outs) -> None:
 
 
 def run_ssc(req, cfg, items, cols, n, k, encoder_outputs, cache, key,
-             group=None) -> torch.Tensor:  # fmt: skip
+            group=None, progress=None, where="step") -> torch.Tensor:  # fmt: skip
     """SSC over the encoder outputs of the request's scored ``items``: (n,) float32 scores
-    on the CPU, stored in ``cache`` unless the time budget stopped it (its C depends on the
-    timing then). ``group``: a process group whose ranks all call this at once with the same
-    features; the SSC's columns are split over them (every rank gets the same scores)."""
+    on the CPU, stored in ``cache``. ``group``: a process group whose ranks all call this at
+    once with the same features; the SSC's columns are split over them (every rank gets the
+    same scores). ``progress``: an :class:`~videoanchor.anchor.progress.SSCProgress` the
+    solver reports its iterations to (None: a silent one). Its work is bounded by counted
+    iterations (``max_iter``), never by time, so the scores do not depend on the load.
+
+    ``where`` the run happens, for the operator's series (:mod:`.metrics`) and the request's
+    log line (:func:`report`): ``"ahead"`` of the request's step or in the ``"step"``. A
+    warning raised meanwhile goes to the plugin's logger naming the request."""
+    encoding = [0.0]
+
+    def timed(rid, indices):  # the encoder's time is not the SSC's
+        t0 = time.perf_counter()
+        try:
+            return encoder_outputs(rid, indices)
+        finally:
+            encoding[0] += time.perf_counter() - t0
+
+    # one run per request: the rank that runs it ahead, or rank 0 of the ranks that all run it
+    counted = (group is None and (where == "ahead" or metrics.tp_rank() == 0)) or (
+        group is not None and torch.distributed.get_rank(group) == 0
+    )
+    t0 = time.perf_counter()
+    with metrics.scoring(req.req_id):
+        try:
+            visual = _ssc(req, cfg, items, cols, n, k, timed, cache, key, group, progress)
+        except Exception:
+            if counted:
+                metrics.count("videoanchor_failures", where=where)
+            raise
+    seconds = time.perf_counter() - t0 - encoding[0]
+    with _lock:
+        _RUNS[key] = (req.req_id, where, seconds)
+        while len(_RUNS) > KEEP_RUNS:
+            _RUNS.popitem(last=False)
+    if counted:
+        metrics.count("videoanchor_ssc_runs", where=where)
+        metrics.observe("videoanchor_ssc_seconds", seconds, where=where)
+        metrics.observe("videoanchor_ssc_visual_tokens", n, where=where)
+    return visual
+
+
+#: How many SSC runs :func:`report` remembers (score key -> request, where, seconds).
+KEEP_RUNS = 1024
+_RUNS: OrderedDict[str, tuple[str, str, float]] = OrderedDict()
+_lock = threading.Lock()
+
+
+def report(req_id: str, p: Plan, cfg: AnchorConfig, from_cache: bool, cache) -> None:
+    """The one INFO line of a scored request (in the step that takes its scores; tensor-
+    parallel rank 0 only), and its score-cache hit or miss (:mod:`.metrics`): its visual
+    tokens, where its scores came from (the score cache, or the SSC run ahead of its step or
+    in it, for it or for an identical request, with its seconds and solver) and the engine's
+    score-cache counts so far."""
+    if metrics.tp_rank() != 0:
+        return
+    if cache is not None:
+        metrics.count("videoanchor_score_cache_hits" if from_cache else
+                      "videoanchor_score_cache_misses")  # fmt: skip
+    with _lock:
+        run = None if from_cache else _RUNS.get(p.key)
+    if from_cache:
+        how = "scores from the score cache (no SSC)"
+    elif run is None:
+        how = "SSC run on another tensor-parallel rank"
+    else:
+        rid, where, seconds = run
+        how = (f"SSC {seconds:.2f} s, {cfg.ssc_solver} solver, "
+               f"{'ahead of its step' if where == 'ahead' else 'in its step'}"
+               f"{'' if rid == req_id else f' (for request {rid}, same items and options)'}")  # fmt: skip
+    if cache is None:
+        summary = "no score cache"
+    else:
+        counts = {name: sum(v for _, v in rows) for name, rows in metrics.snapshot().items()}
+        summary = (
+            f"score cache {'hit' if from_cache else 'miss'} (engine: "
+            f"{counts.get('videoanchor_score_cache_hits', 0):.0f} hits, "
+            f"{counts.get('videoanchor_score_cache_misses', 0):.0f} misses, "
+            f"{len(cache)} entries, {cache.bytes / 2**20:.2f} of {cache.max_bytes / 2**20:.0f} "
+            f"MiB, {cache.stats['evictions']} evictions)"
+        )
+    logger.info("videoanchor: request %s: %d visual tokens, %d clusters: %s; %s",
+                req_id, p.n, p.k, how, summary)  # fmt: skip
+
+
+def _ssc(req, cfg, items, cols, n, k, encoder_outputs, cache, key, group, progress):
     from videoanchor.anchor import compute_anchor_scores
     from videoanchor.anchor.progress import SSCProgress
 
     outs = encoder_outputs(req.req_id, items)
     check_outputs(req, items, cols, outs)
     feats = torch.cat(outs)
-    # The engine's ssc_time_budget bounds the time one request's SSC holds the step. No
-    # progress lines (their advice names the CLI's flags): the outcome is logged below.
-    reporter = SSCProgress(enabled=False, time_budget=cfg.ssc_time_budget)
+    # No progress lines (their advice names the CLI's flags): the outcome is logged below.
+    reporter = SSCProgress(enabled=False) if progress is None else progress
     res = compute_anchor_scores(feats, k, **ssc_kwargs(cfg), progress=reporter,
                                 process_group=group)  # fmt: skip
-    budget = bool(reporter.runs and reporter.runs[-1].stopped_by_budget) and not res.converged
-    if group is not None:  # one rank's budget stopped every rank: none of them caches it
-        from videoanchor.anchor.collective import all_agree
-
-        budget = all_agree(budget, group, feats.device, every=False)
     if not res.converged:
-        # The time budget is the operator's alarm: every time. A max_iter the operator set
-        # low on purpose would say the same for every request: once, then at DEBUG.
-        level = logging.WARNING if budget or "max_iter" not in _warned else logging.DEBUG
+        # A max_iter the operator set low on purpose would say the same for every request:
+        # once, then at DEBUG.
+        level = logging.WARNING if "max_iter" not in _warned else logging.DEBUG
         _warned.add("max_iter")
         logger.log(
             level,
-            "videoanchor: request %s: SSC over %d visual tokens stopped %s after %d "
-            "iterations at residual %.3g (eps %.3g): NOT converged, its scores come from the "
-            "iterate reached; %s",
-            req.req_id, n,
-            f"by ssc_time_budget={cfg.ssc_time_budget} s" if budget else
-            f"at max_iter={cfg.max_iter}",
-            res.iterations, res.residual, cfg.eps,
-            "raise additional_config['videoanchor']['ssc_time_budget']" if budget else
-            "raise additional_config['videoanchor']['max_iter'] (and request_limits) or the "
-            "request's videoanchor_max_iter",
+            "videoanchor: request %s: SSC over %d visual tokens stopped at max_iter=%d after "
+            "%d iterations at residual %.3g (eps %.3g): NOT converged, its scores come from "
+            "the iterate reached; raise additional_config['videoanchor']['max_iter'] (and "
+            "request_limits) or the request's videoanchor_max_iter",
+            req.req_id, n, cfg.max_iter, res.iterations, res.residual, cfg.eps,
         )  # fmt: skip
     visual = res.scores.detach().to("cpu", torch.float32)
-    if cache is not None and not budget:
+    if cache is not None:
         cache.put(key, visual)
     return visual
 

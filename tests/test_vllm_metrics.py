@@ -1,0 +1,154 @@
+"""The vLLM plugin's operator metrics and warning routing (videoanchor/integrations/vllm/
+metrics.py), without an engine: counts written by several processes and summed at a scrape
+in Prometheus' text format, and ``warnings.warn`` of the scores sent to the plugin's logger
+naming the request, from two threads at once. tests/test_vllm_server.py scrapes the real
+server's ``/metrics``. The collector's parts need prometheus_client (vLLM's venv)."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+import warnings
+
+import pytest
+import torch
+
+from videoanchor.integrations.vllm import metrics
+
+# Another process counting (the engine core, a worker); metrics.py loaded alone (it imports
+# nothing of videoanchor), so the child starts in a fraction of a second.
+CHILD = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("metrics", sys.argv[1])
+metrics = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(metrics)
+metrics.count("videoanchor_ssc_runs", where="ahead")
+metrics.observe("videoanchor_ssc_seconds", 0.3, where="ahead")
+metrics.observe("videoanchor_ssc_visual_tokens", 300, where="ahead")
+metrics.count("videoanchor_score_cache_misses")
+metrics.refused("extra_args['videoanchor_max_iter']: expected at most 200 on this server")
+"""
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """This process's counts emptied, written to ``tmp_path``."""
+    monkeypatch.setenv(metrics.ENV, str(tmp_path))
+    monkeypatch.setattr(metrics, "_counts", {})
+    return tmp_path
+
+
+def _child(path):
+    env = {metrics.ENV: str(path), "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", CHILD, metrics.__file__], env=env, check=True,
+                   timeout=120)  # fmt: skip
+
+
+def test_counts_of_several_processes_are_summed(fresh):
+    _child(fresh)
+    _child(fresh)
+    metrics.count("videoanchor_ssc_runs", where="step")
+    metrics.count("videoanchor_score_cache_hits", 2)
+    metrics.observe("videoanchor_ssc_seconds", 7.0, where="ahead")  # bucket le=10
+    metrics.observe("videoanchor_ssc_seconds", 1000.0, where="ahead")  # past the last bound
+    total = metrics.read(fresh)
+    assert total["videoanchor_ssc_runs"] == {("ahead",): 2.0, ("step",): 1.0}
+    assert total["videoanchor_score_cache_misses"] == {(): 2.0}
+    assert total["videoanchor_score_cache_hits"] == {(): 2.0}
+    assert total["videoanchor_requests_refused"] == {("videoanchor_max_iter",): 2.0}
+    seconds = total["videoanchor_ssc_seconds"][("ahead",)]
+    bounds = metrics.SERIES["videoanchor_ssc_seconds"][3]
+    assert seconds[bounds.index(0.5)] == 2  # 0.3 s twice, in the bucket le=0.5
+    assert seconds[bounds.index(10.0)] == 1 and seconds[-2] == 1  # 7 s; 1000 s in +Inf
+    assert sum(seconds[:-1]) == 4 and seconds[-1] == pytest.approx(0.6 + 1007.0)
+    assert total["videoanchor_ssc_visual_tokens"][("ahead",)][-1] == 600
+    assert len(list(fresh.glob("*.json"))) == 3  # one file per process
+
+
+def test_bad_series_or_labels_are_value_errors(fresh):
+    with pytest.raises(ValueError, match="unknown series"):
+        metrics.count("videoanchor_nope")
+    with pytest.raises(ValueError, match=r"takes labels \('where',\), got \(\)"):
+        metrics.count("videoanchor_ssc_runs")
+    with pytest.raises(ValueError, match="not a counter"):
+        metrics.count("videoanchor_ssc_seconds", where="step")
+    with pytest.raises(ValueError, match="not a histogram"):
+        metrics.observe("videoanchor_ssc_runs", 1.0, where="step")
+
+
+def test_prometheus_text_of_the_summed_counts(fresh):
+    prom = pytest.importorskip("prometheus_client")
+    _child(fresh)
+    metrics.count("videoanchor_ssc_runs", where="ahead")
+    registry = prom.CollectorRegistry()
+    registry.register(metrics._Collector(str(fresh)))
+    text = prom.generate_latest(registry).decode()
+    lines = set(text.splitlines())
+    assert 'videoanchor_ssc_runs_total{where="ahead"} 2.0' in lines, text
+    assert 'videoanchor_ssc_runs_total{where="step"} 0.0' in lines, text  # shown from the start
+    assert "videoanchor_score_cache_misses_total 1.0" in lines, text
+    assert "videoanchor_score_cache_hits_total 0.0" in lines, text
+    assert "videoanchor_requests_held_total 0.0" in lines, text
+    assert 'videoanchor_requests_refused_total{option="videoanchor_max_iter"} 1.0' in lines
+    assert 'videoanchor_failures_total{where="step"} 0.0' in lines, text
+    assert 'videoanchor_ssc_seconds_bucket{le="0.25",where="ahead"} 0.0' in lines, text
+    assert 'videoanchor_ssc_seconds_bucket{le="0.5",where="ahead"} 1.0' in lines, text
+    assert 'videoanchor_ssc_seconds_bucket{le="+Inf",where="ahead"} 1.0' in lines, text
+    assert 'videoanchor_ssc_seconds_count{where="ahead"} 1.0' in lines, text
+    assert 'videoanchor_ssc_visual_tokens_sum{where="ahead"} 300.0' in lines, text
+    assert not [ln for ln in lines if ln and not ln.startswith(("#", "videoanchor_"))], text
+
+
+def test_warnings_of_the_scores_go_to_the_plugin_logger_naming_the_request(monkeypatch):
+    """The SSC input check's warning (``warnings.warn`` in videoanchor/anchor/_inputs.py: one
+    token's norm dominates), raised on two threads at once, each scoring its own request:
+    each record names its own request; a warning outside any request and outside
+    videoanchor's code goes where it went before."""
+    from videoanchor.anchor import compute_anchor_scores
+
+    shown = []
+    monkeypatch.setattr(metrics, "_original_showwarning", None)
+    monkeypatch.setattr(warnings, "showwarning", lambda *a, **k: shown.append(a[0]))
+    metrics.route_warnings()
+    metrics.route_warnings()  # once
+    records, errors = [], []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    log = logging.getLogger("videoanchor.vllm")
+    handler = Keep(level=logging.WARNING)
+    log.addHandler(handler)
+    barrier = threading.Barrier(2)
+
+    def score(req_id, n):
+        feats = torch.randn(n, 8, generator=torch.Generator().manual_seed(n))
+        feats[0] *= 1e6  # a dominant token
+        barrier.wait()
+        try:
+            with metrics.scoring(req_id):
+                compute_anchor_scores(feats, 2, max_iter=3)
+        except Exception as err:  # failed on its thread: reported below
+            errors.append(err)
+
+    try:
+        threads = [threading.Thread(target=score, args=(f"req-{n}", n)) for n in (21, 33)]
+        with warnings.catch_warnings():  # (keeps showwarning: the routing is installed)
+            warnings.simplefilter("always")
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            warnings.warn("someone else's warning", UserWarning, stacklevel=1)
+    finally:
+        log.removeHandler(handler)
+    assert not errors, errors
+    lines = [r.getMessage() for r in records if "feature norm" in r.getMessage()]
+    assert len(lines) == 2, [r.getMessage() for r in records]
+    assert any(m.startswith("videoanchor: request req-21: features: token 0") for m in lines)
+    assert any(m.startswith("videoanchor: request req-33: features: token 0") for m in lines)
+    assert all("(UserWarning at " in m for m in lines), lines
+    assert [str(w) for w in shown] == ["someone else's warning"], shown
