@@ -215,11 +215,12 @@ def report(req_id: str, p: Plan, cfg: AnchorConfig, from_cache: bool, cache) -> 
     if cache is None:
         summary = "no score cache"
     else:
-        counts = {name: sum(v for _, v in rows) for name, rows in metrics.snapshot().items()}
+        counts = metrics.snapshot()  # this process's: one engine's worker
+        hits, misses = (sum(v for _, v in counts.get(f"videoanchor_score_cache_{kind}", []))
+                        for kind in ("hits", "misses"))  # fmt: skip
         summary = (
-            f"score cache {'hit' if from_cache else 'miss'} (engine: "
-            f"{counts.get('videoanchor_score_cache_hits', 0):.0f} hits, "
-            f"{counts.get('videoanchor_score_cache_misses', 0):.0f} misses, "
+            f"score cache {'hit' if from_cache else 'miss'} (engine: {hits:.0f} hits, "
+            f"{misses:.0f} misses, "
             f"{len(cache)} entries, {cache.bytes / 2**20:.2f} of {cache.max_bytes / 2**20:.0f} "
             f"MiB, {cache.stats['evictions']} evictions)"
         )
