@@ -24,8 +24,12 @@ the ratios), ``--tp`` the tensor-parallel size; the tensor-parallel comparison o
 per request against the split:
     python benchmarks/bench_vllm.py --tp 2 --engines anchored,split --frames 16 --size 112
 
-CPU (in the vLLM venv of .ci/run; builds the tiny checkpoint of tests/vllm_support.py):
-    python benchmarks/bench_vllm.py
+CPU (in the vLLM venv of .ci/run; builds the tiny checkpoint of tests/vllm_support.py; the
+README's options, vLLM's default process layout, 384 visual tokens per video):
+    python benchmarks/bench_vllm.py --frames 8 --size 224
+In vLLM's default layout the engine core runs in a process of its own, so a step's time is
+the time ``LLMEngine.step()`` waits for its outputs, and ``steps_before_video_prefill`` is
+not known (None; ``--layout in-process`` reads it from the scheduler).
 GPU (a CUDA build of vllm 0.32; anchored runs the plugin's CUDA backend, a TRITON_ATTN
 subclass with CUDA graphs on; plain is whatever vLLM picks, e.g. FLASH_ATTN; benchmarks/
 run_gpu.sh runs this with a local checkpoint in VIDEOANCHOR_QWEN25VL_7B):
@@ -81,7 +85,10 @@ def worker(args) -> dict:
         engine.update(enforce_eager=True, gpu_memory_utilization=0.05,
                       kv_cache_memory_bytes=512 << 20)  # fmt: skip
     if args.anchored:
-        opts = {"n_clusters": args.n_clusters, "max_iter": args.max_iter}
+        # the README's options: alphas 9.5 / 2.5 and 24 clusters (the package's defaults)
+        opts = {"n_clusters": args.n_clusters, "alpha_k": args.alpha_k, "alpha_v": args.alpha_v}
+        if args.max_iter is not None:
+            opts["max_iter"] = args.max_iter
         if args.kind == "in_step":
             opts["scores_ahead"] = False
         if args.kind == "split":
@@ -162,12 +169,13 @@ def _arrival(eng, args, tag: str, question: str) -> dict:
             "steps_before_prefill": before_prefill}  # fmt: skip
 
 
-def _video_computed(eng, prefix: str) -> bool:
-    """Whether the video request has tokens in the KV cache yet (in-process engine core)."""
+def _video_computed(eng, prefix: str) -> bool | None:
+    """Whether the video request has tokens in the KV cache yet (None: not known, the engine
+    core runs in a process of its own)."""
     core = getattr(getattr(eng, "engine_core", None), "engine_core", None)
     sched = getattr(core, "scheduler", None)
     if sched is None:
-        return True
+        return None
     reqs = [r for rid, r in sched.requests.items() if prefix in rid]
     return not reqs or any(r.num_computed_tokens > 0 for r in reqs)
 
@@ -186,8 +194,13 @@ def main() -> None:
     p.add_argument("--stall-decode-tokens", type=int, default=24)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--n-clusters", type=int, default=4)
-    p.add_argument("--max-iter", type=int, default=200)
+    p.add_argument("--n-clusters", type=int, default=24, help="the README's 24")
+    p.add_argument("--alpha-k", type=float, default=9.5, help="the README's 9.5")
+    p.add_argument("--alpha-v", type=float, default=2.5, help="the README's 2.5")
+    p.add_argument("--max-iter", type=int, default=None, help="default: the package's")
+    p.add_argument("--layout", choices=("default", "in-process"), default="default",
+                   help="default: vLLM's, the engine core in a process of its own; "
+                   "in-process: VLLM_ENABLE_V1_MULTIPROCESSING=0")  # fmt: skip
     p.add_argument("--out-dir", default=None)
     p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size of every engine")
     p.add_argument("--engines", default="plain,anchored,in_step",
@@ -227,7 +240,11 @@ def main() -> None:
         args.model = str(tmp / "tiny_qwen2_5_vl")
         vllm_support.save_checkpoint(args.model)
     env = dict(os.environ)
-    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if args.layout == "in-process":
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    else:  # vLLM's default; a worker function crossing to the engine core needs pickle
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        env.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     if args.cpu:  # as tests/test_vllm.py: vLLM's default thread binding stalls a shared box
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         env.setdefault("OMP_NUM_THREADS", "1")
@@ -255,6 +272,7 @@ def main() -> None:
                 else "tiny Qwen2.5-VL (tests/vllm_support.py)", frames=args.frames,
                 size=args.size, max_tokens=args.max_tokens, running=args.running,
                 dtype=args.dtype, n_clusters=args.n_clusters, max_iter=args.max_iter,
+                alpha_k=args.alpha_k, alpha_v=args.alpha_v, layout=args.layout,
                 tensor_parallel_size=args.tp, baseline=base["engine"],
                 env={k: env.get(k) for k in ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS",
                                              "VLLM_ENABLE_V1_MULTIPROCESSING")})  # fmt: skip
