@@ -158,20 +158,20 @@ def test_the_log_line_and_cache_counts_of_a_scored_request(fresh, caplog):
     """scoring.report: one INFO line per request, whatever its scores' source (computed
     here, for another request with the same items, on another rank, or from the cache, with
     the score cache on or off), and the cache hit or miss counted."""
-    from videoanchor.integrations.options import AnchorConfig
     from videoanchor.integrations.score_cache import ScoreCache
     from videoanchor.integrations.vllm import scoring
 
     p = scoring.Plan(items=[0], cols=[torch.arange(5)], n=286, k=4, key="k-report-test")
-    cfg, cache = AnchorConfig(), ScoreCache(1 << 20)
+    cache = ScoreCache(1 << 20)
     cache.put(p.key, torch.zeros(286))
     with caplog.at_level(logging.INFO, logger="videoanchor.vllm"):
-        scoring.report("r-other-rank", p, cfg, False, cache)
-        scoring._RUNS[p.key] = ("r-first", "ahead", 0.25)
-        scoring.report("r-first", p, cfg, False, cache)
-        scoring.report("r-same-items", p, cfg, False, cache)
-        scoring.report("r-hit", p, cfg, True, cache)
-        scoring.report("r-no-cache", p, cfg, False, None)
+        scoring.report("r-other-rank", p, False, cache)
+        scoring._RUNS[p.key] = ("r-first", "ahead", 0.25, "fast", 60, True)
+        scoring.report("r-first", p, False, cache)
+        scoring._RUNS[p.key] = ("r-first", "ahead", 0.25, "faithful", 200, False)
+        scoring.report("r-same-items", p, False, cache)
+        scoring.report("r-hit", p, True, cache)
+        scoring.report("r-no-cache", p, False, None)
     scoring._RUNS.pop(p.key)
     lines = {r.getMessage().split(":")[1].split()[1]: r.getMessage() for r in caplog.records}
     assert len(caplog.records) == 5 and all(r.levelno == logging.INFO for r in caplog.records)
@@ -180,10 +180,13 @@ def test_the_log_line_and_cache_counts_of_a_scored_request(fresh, caplog):
         "tensor-parallel rank; score cache miss"
     ), lines["r-other-rank"]
     assert (
-        f"SSC 0.25 s, {cfg.ssc_solver} solver, ahead of its step; score cache miss (engine: "
+        "SSC 0.25 s, fast solver, 60 iterations, ahead of its step; score cache miss (engine: "
         "0 hits, 2 misses, 1 entries, 0.00 of 1 MiB, 0 evictions)"
     ) in lines["r-first"], lines["r-first"]
-    assert "(for request r-first, same items and options)" in lines["r-same-items"]
+    assert (
+        "SSC 0.25 s, faithful solver, 200 iterations (NOT converged), ahead of its step (for "
+        "request r-first, same items and options)"
+    ) in lines["r-same-items"], lines["r-same-items"]
     assert (
         "scores from the score cache (no SSC); score cache hit (engine: 1 hits, 3 misses"
         in (lines["r-hit"])

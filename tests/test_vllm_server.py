@@ -24,6 +24,7 @@ import functools
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -375,3 +376,72 @@ def test_startup_log_says_videoanchor_is_active_with_its_limits(server):
     assert line is not None, log[-3000:]
     assert f"max_iter <= {LONG_ITERS}" in line and "2 side threads" in line, line
     assert "(pid=" in line or "INFO" in line, line  # vLLM's own log format
+
+
+def _videoanchor_series(port) -> tuple[dict, str]:
+    """The videoanchor samples of the server's ``/metrics`` (``{name{labels}: value}``) and
+    the whole page."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("videoanchor_"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples, text
+
+
+def test_metrics_and_the_log_line_of_each_scored_request(server, checkpoint):
+    """vLLM's own ``/metrics`` (the front end's, in the default process layout) shows the
+    videoanchor series counted in the engine core: a new video runs one SSC ahead of its
+    step (a score-cache miss), the same video with other alphas takes its scores from the
+    score cache (a hit, no SSC), a request over a limit is refused (by its key). Each scored
+    request logs one INFO line in vLLM's format. Counted as differences from a scrape
+    before, so the other tests' requests do not matter."""
+    before, page = _videoanchor_series(server.port)
+    assert "vllm:" in page, page[:2000]  # vLLM's series, on the same page
+    for name in ('videoanchor_ssc_runs_total{where="ahead"}',
+                 "videoanchor_score_cache_hits_total", "videoanchor_requests_held_total",
+                 'videoanchor_ssc_seconds_count{where="ahead"}'):  # fmt: skip
+        assert name in before, (name, sorted(before))
+    status, first, _ = _ask_video(server, checkpoint, 21)
+    assert status == 200, first
+    status, second, _ = _ask_video(server, checkpoint, 21, {"videoanchor_alpha_k": 3.0})
+    assert status == 200, second
+    status, refused, _ = _ask_video(server, checkpoint, 21, {"videoanchor_max_iter": 10**7})
+    assert status == 400, refused
+    after, _ = _videoanchor_series(server.port)
+
+    def grew(name):
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert grew('videoanchor_ssc_runs_total{where="ahead"}') == 1, (before, after)
+    assert grew('videoanchor_ssc_runs_total{where="step"}') == 0, (before, after)
+    assert grew("videoanchor_score_cache_misses_total") == 1, (before, after)
+    assert grew("videoanchor_score_cache_hits_total") == 1, (before, after)
+    assert grew("videoanchor_requests_held_total") == 2, (before, after)
+    assert grew('videoanchor_requests_refused_total{option="videoanchor_max_iter"}') == 1
+    assert not any(grew(n) for n in after if n.startswith("videoanchor_failures")), after
+    assert grew('videoanchor_ssc_seconds_count{where="ahead"}') == 1, (before, after)
+    seconds = grew('videoanchor_ssc_seconds_sum{where="ahead"}')
+    assert 0 < seconds < 300, seconds
+    assert grew('videoanchor_ssc_seconds_bucket{le="+Inf",where="ahead"}') == 1
+    tokens = grew('videoanchor_ssc_visual_tokens_sum{where="ahead"}')
+
+    log = server.log.read_text().splitlines()
+    lines = {}
+    for reply in (first, second):
+        mine = [ln for ln in log if f"videoanchor: request {reply['id']}" in ln]
+        assert len(mine) == 1, (reply["id"], mine, log[-40:])
+        lines[reply["id"]] = line = mine[0]
+        assert re.search(
+            r"INFO \d\d-\d\d [\d:.]+ \[scoring\.py:\d+\] videoanchor: request", line
+        ), line
+    line = lines[first["id"]]
+    assert f": {tokens:.0f} visual tokens, 4 clusters: SSC " in line, (tokens, line)
+    # (the engine's solver "auto" is the fast solver here; the line names the one that ran)
+    assert re.search(r"SSC [\d.]+ s, fast solver, \d+ iterations, ahead of its step; score "
+                     r"cache miss \(engine: \d+ hits", line), line  # fmt: skip
+    line = lines[second["id"]]
+    assert f"{tokens:.0f} visual tokens" in line, line
+    assert "scores from the score cache (no SSC); score cache hit" in line, line

@@ -110,7 +110,7 @@ def _score(req: Scheduled, entry: _Req, encoder_outputs: EncoderOutputs,
         from_cache = visual is not None
     if visual is None:
         visual = run_ssc(req, cfg, p.items, p.cols, p.n, p.k, encoder_outputs, cache, p.key)
-    report(req.req_id, p, cfg, from_cache, cache)  # its log line and cache counts
+    report(req.req_id, p, from_cache, cache)  # its log line and cache counts
     scores = torch.zeros(entry.prompt_len, dtype=torch.float32)
     scores[torch.cat(p.cols)] = visual
     entry.scores = scores

@@ -167,14 +167,14 @@ def run_ssc(req, cfg, items, cols, n, k, encoder_outputs, cache, key,
     t0 = time.perf_counter()
     with metrics.scoring(req.req_id):
         try:
-            visual = _ssc(req, cfg, items, cols, n, k, timed, cache, key, group, progress)
+            visual, res = _ssc(req, cfg, items, cols, n, k, timed, cache, key, group, progress)
         except Exception:
             if counted:
                 metrics.count("videoanchor_failures", where=where)
             raise
     seconds = time.perf_counter() - t0 - encoding[0]
     with _lock:
-        _RUNS[key] = (req.req_id, where, seconds)
+        _RUNS[key] = (req.req_id, where, seconds, res.solver, res.iterations, res.converged)
         while len(_RUNS) > KEEP_RUNS:
             _RUNS.popitem(last=False)
     if counted:
@@ -184,18 +184,19 @@ def run_ssc(req, cfg, items, cols, n, k, encoder_outputs, cache, key,
     return visual
 
 
-#: How many SSC runs :func:`report` remembers (score key -> request, where, seconds).
+#: How many SSC runs :func:`report` remembers (score key -> request, where, seconds, the
+#: solver that ran, its iterations, whether it converged).
 KEEP_RUNS = 1024
-_RUNS: OrderedDict[str, tuple[str, str, float]] = OrderedDict()
+_RUNS: OrderedDict[str, tuple] = OrderedDict()
 _lock = threading.Lock()
 
 
-def report(req_id: str, p: Plan, cfg: AnchorConfig, from_cache: bool, cache) -> None:
+def report(req_id: str, p: Plan, from_cache: bool, cache) -> None:
     """The one INFO line of a scored request (in the step that takes its scores; tensor-
     parallel rank 0 only), and its score-cache hit or miss (:mod:`.metrics`): its visual
     tokens, where its scores came from (the score cache, or the SSC run ahead of its step or
-    in it, for it or for an identical request, with its seconds and solver) and the engine's
-    score-cache counts so far."""
+    in it, for it or for an identical request, with its seconds, solver and iterations) and
+    the engine's score-cache counts so far."""
     if metrics.tp_rank() != 0:
         return
     if cache is not None:
@@ -208,8 +209,9 @@ def report(req_id: str, p: Plan, cfg: AnchorConfig, from_cache: bool, cache) -> 
     elif run is None:
         how = "SSC run on another tensor-parallel rank"
     else:
-        rid, where, seconds = run
-        how = (f"SSC {seconds:.2f} s, {cfg.ssc_solver} solver, "
+        rid, where, seconds, solver, iterations, converged = run
+        how = (f"SSC {seconds:.2f} s, {solver} solver, {iterations} iterations"
+               f"{'' if converged else ' (NOT converged)'}, "
                f"{'ahead of its step' if where == 'ahead' else 'in its step'}"
                f"{'' if rid == req_id else f' (for request {rid}, same items and options)'}")  # fmt: skip
     if cache is None:
@@ -255,7 +257,7 @@ def _ssc(req, cfg, items, cols, n, k, encoder_outputs, cache, key, group, progre
     visual = res.scores.detach().to("cpu", torch.float32)
     if cache is not None:
         cache.put(key, visual)
-    return visual
+    return visual, res
 
 
 #: owner (the runner's id) -> its engine's ScoreCache.
