@@ -44,10 +44,10 @@ pytestmark = pytest.mark.skipif(_PROBLEM is not None, reason=_PROBLEM or "")
 
 HERE = Path(__file__).resolve().parent
 SSC = {"n_clusters": 4, "max_iter": 200}
-# The operator's side: requests may also pick the solver and ask for up to 4000 iterations
+# The operator's side: requests may also pick the solver and ask for up to 2000 iterations
 # and any eps (so the long request below is admitted: its work is bounded by the counted
 # iterations alone), and may not set the seed.
-LONG_ITERS = 4000
+LONG_ITERS = 2000
 OPERATOR = {"request_options": ["enabled", "alpha_k", "alpha_v", "max_iter", "eps", "ssc_solver",
                                 "ssc_backend", "rho"],
             "request_limits": {"max_iter": LONG_ITERS, "eps": 0.0}}  # fmt: skip
@@ -281,7 +281,7 @@ def _stream_beside(server, checkpoint, xargs):
     (the stream's chunk gaps before the chat was sent, those while it was answered, the
     chat's reply and its seconds)."""
     text_only = {"model": checkpoint, "messages": [{"role": "user", "content": "count"}],
-                 "max_tokens": 1000, "temperature": 0.0, "ignore_eos": True}  # fmt: skip
+                 "max_tokens": 1800, "temperature": 0.0, "ignore_eos": True}  # fmt: skip
     started, out = threading.Event(), {}
     stream = threading.Thread(target=_stream_gaps, args=(server.port, text_only, started, out))
     stream.start()

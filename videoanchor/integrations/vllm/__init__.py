@@ -122,6 +122,43 @@ def _refuse_unsupported_engine_features(vllm_config) -> None:
         )
 
 
+def _replicate_encoder_under_tp(vllm_config) -> None:
+    """Under tensor parallelism, the vision encoder of an anchored engine runs replicated on
+    every rank (``mm_encoder_tp_mode="data"``) where the model supports it, unless the
+    operator set ``replicate_encoder: false``: a sharded encoder's features differ from one
+    worker's by about 1e-8, and the SSC's spectral labels can flip under that (measured in
+    docs/serving.md); replicated, the scores are bitwise one worker's."""
+    from videoanchor.integrations.vllm.config import replicate_encoder
+
+    tp = getattr(getattr(vllm_config, "parallel_config", None), "tensor_parallel_size", 1)
+    model = getattr(vllm_config, "model_config", None)
+    mm = getattr(model, "multimodal_config", None)
+    if tp <= 1 or mm is None or getattr(mm, "mm_encoder_tp_mode", None) != "weights":
+        return
+    if not replicate_encoder(vllm_config.additional_config):
+        logger.info(
+            "videoanchor: tensor parallel %d with the vision encoder sharded "
+            "(replicate_encoder: false): the SSC's features differ from one worker's by about "
+            "1e-8, and its scores can differ where the spectral labels flip", tp,
+        )  # fmt: skip
+        return
+    info = getattr(model, "_model_info", None)
+    if not getattr(info, "supports_multimodal_encoder_tp_data", False):
+        logger.warning(
+            "videoanchor: tensor parallel %d: vLLM cannot replicate this model's vision "
+            "encoder (mm_encoder_tp_mode='data'); it runs sharded, so the SSC's features "
+            "differ from one worker's by about 1e-8, and its scores can differ where the "
+            "spectral labels flip (docs/serving.md, 'Tensor parallelism')", tp,
+        )  # fmt: skip
+        return
+    mm.mm_encoder_tp_mode = "data"
+    logger.info(
+        "videoanchor: tensor parallel %d: the vision encoder runs replicated on every rank "
+        "(mm_encoder_tp_mode='data'), so each request's SSC reads bitwise the features one "
+        "worker computes; replicate_encoder: false keeps vLLM's sharded encoder", tp,
+    )  # fmt: skip
+
+
 def _validate_at_startup(vllm_config) -> None:
     from videoanchor.integrations.vllm.config import engine_config, engine_policy
 
@@ -142,6 +179,7 @@ def _validate_at_startup(vllm_config) -> None:
         problem = runnable_problem(eng, current_platform.is_cuda())
         if problem is not None:
             raise ValueError(f"additional_config['videoanchor']: {problem}")
+        _replicate_encoder_under_tp(vllm_config)
 
         if current_platform.is_cuda():
             select_cuda_backend(vllm_config)

@@ -27,6 +27,7 @@ __all__ = [
     "ahead_split",
     "ahead_workers",
     "DEFAULT_REQUEST_OPTIONS",
+    "replicate_encoder",
     "runnable_problem",
     "salt_for",
     "score_cache_bytes",
@@ -59,6 +60,7 @@ POLICY_KEYS = (
     "scores_ahead_nice",
     "scores_ahead_split",
     "scores_ahead_workers",
+    "replicate_encoder",
 )
 #: ``request_options`` default: what changes the method's output at a bounded cost (the
 #: alphas, ``n_clusters`` under its limit, ``seed``, on/off, ``decode`` and which item kinds
@@ -186,6 +188,7 @@ def engine_policy(additional_config) -> RequestPolicy | None:
     ahead_nice(additional_config)
     ahead_split(additional_config)
     ahead_workers(additional_config)
+    replicate_encoder(additional_config)
     vals = {k: limits.get(k, getattr(eng, k)) for k in LIMIT_KEYS}
     try:  # the limits are values of the options they bound: the same checks
         validate_ssc_options(validate_options(replace(eng, **vals)))
@@ -270,6 +273,25 @@ def ahead_workers(additional_config) -> int:
         raise ValueError(
             "additional_config['videoanchor']['scores_ahead_workers']: expected an int from 1 "
             f"to 64 (side threads computing scores ahead; default 2), got {value!r}"
+        )
+    return value
+
+
+def replicate_encoder(additional_config) -> bool:
+    """Whether an anchored tensor-parallel engine runs its vision encoder replicated on every
+    rank (vLLM's ``mm_encoder_tp_mode="data"``, where the model supports it) instead of
+    sharded (``additional_config["videoanchor"]["replicate_encoder"]``, default True). A
+    sharded encoder's features differ from one worker's by about 1e-8 (relative), and the
+    spectral labels can flip under such a change (docs/serving.md); replicated, each
+    request's SSC reads bitwise the features one worker would. Raises TypeError naming the
+    key."""
+    given = (additional_config or {}).get("videoanchor") or {}
+    value = given.get("replicate_encoder", True) if isinstance(given, dict) else True
+    if not isinstance(value, bool):
+        raise TypeError(
+            "additional_config['videoanchor']['replicate_encoder']: expected true (the vision "
+            "encoder replicated on every tensor-parallel rank: the SSC reads one worker's "
+            f"features) or false (sharded, vLLM's default), got {value!r}"
         )
     return value
 
