@@ -28,6 +28,7 @@ from videoanchor.anchor.spectral import (
 )
 from videoanchor.anchor.ssc import exact_bytes, solve_ssc_admm
 from videoanchor.anchor.ssc_equality import solve_ssc_equality
+from videoanchor.anchor.threads import bounded
 
 __all__ = [
     "AnchorResult",
@@ -226,6 +227,7 @@ def _solve(x, opts: SSCOptions, *, backend, solver, **kw):
     return solve(x, relax=relax, adaptive_rho=adaptive, e_every=3 if adaptive else 1, **kw)
 
 
+@bounded()
 @exact_float32
 def sparse_subspace_clustering(
     features,
@@ -333,6 +335,7 @@ def sparse_subspace_clustering(
     )
 
 
+@bounded()
 @exact_float32
 def compute_anchor_scores(
     features,
@@ -530,6 +533,7 @@ class SSCCoefficients:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+@bounded()
 @exact_float32
 def ssc_coefficients(
     features,
@@ -573,6 +577,7 @@ def ssc_coefficients(
     )  # fmt: skip
 
 
+@bounded()
 @exact_float32
 def anchor_result_from_coefficients(
     ssc: SSCCoefficients,

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from videoanchor.anchor.products import exact_float32
+from videoanchor.anchor.threads import bounded
 
 __all__ = [
     "ssc_affinity",
@@ -464,6 +465,7 @@ def labels_from_embedding(
     return out
 
 
+@bounded()
 @exact_float32
 def spectral_labels(
     affinity: torch.Tensor,
@@ -495,6 +497,7 @@ def spectral_labels(
     )
 
 
+@bounded()
 @exact_float32
 def spectral_clustering(
     affinity: torch.Tensor,
@@ -517,6 +520,7 @@ def spectral_clustering(
     )[0]
 
 
+@bounded()
 @exact_float32
 def sparse_spectral_labels(
     w: torch.Tensor,

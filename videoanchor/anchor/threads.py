@@ -1,0 +1,120 @@
+"""Bounded thread pools for the anchor layer's CPU work (issue 53).
+
+A process that imports torch, NumPy, SciPy and scikit-learn holds several thread pools:
+torch's intra-op pool (OpenMP, and MKL's inside it), NumPy's and SciPy's OpenBLAS, and
+scikit-learn's OpenMP. ``torch.set_num_threads`` sets only the first; the others start at
+one thread per core. The spectral step's dense eigensolver is SciPy's LAPACK
+(``scipy.linalg.eigh``), so it ran on SciPy's OpenBLAS with a thread per core whatever torch
+was told: beside one busy process on a 2-core machine its threads spun on a core that was
+not theirs (2.6x slower beside a spin loop, up to 70x beside other numerical jobs; with
+that pool at one thread 0.9x; ``benchmarks/results/contention_cpu.json``).
+
+:func:`bounded` runs a block with
+
+* torch's intra-op pool at ``threads`` (default: what torch is set to in this thread), and
+  never more than :func:`usable_cores` (the CPUs this process may run on, and its cgroup's
+  CPU quota);
+* the other OpenMP pools (scikit-learn's) at the same count, and the BLAS libraries outside
+  torch (NumPy's and SciPy's OpenBLAS) at one thread: their only work here is LAPACK on
+  ``N x N`` matrices of a few thousand rows (the spectral step), which one thread does as
+  fast as two on an idle machine and far faster on a busy one. This is scikit-learn's own
+  practice: BLAS runs on one thread inside its parallel regions.
+
+The counts are restored afterwards. OpenMP's and torch's counts are per thread, so a side
+thread (the vLLM plugin's SSC) bounds its own work without touching the model's threads;
+OpenBLAS's count is process-wide, and only this layer's CPU work uses those libraries.
+``compute_anchor_scores``, ``sparse_subspace_clustering`` and ``spectral_clustering`` run
+inside it; a nested :func:`bounded` keeps the outer one's counts. Setting the environment
+variable ``VIDEOANCHOR_THREAD_LIMITS=0`` turns it off (what the benchmark compares against).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import torch
+
+__all__ = ["bounded", "enabled", "usable_cores"]
+
+_local = threading.local()
+
+
+def _cgroup_quota_cores(root: str = "/sys/fs/cgroup") -> int | None:
+    """The cgroup v2 CPU quota of this process in whole cores (rounded up), or None."""
+    try:
+        with open(os.path.join(root, "cpu.max")) as f:
+            quota, period = f.read().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    try:
+        return max(1, -(-int(quota) // int(period)))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (``os.sched_getaffinity``), capped by its cgroup's
+    CPU quota where one is set; at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    quota = _cgroup_quota_cores()
+    return max(1, min(cores, quota) if quota else cores)
+
+
+def enabled() -> bool:
+    """False when ``VIDEOANCHOR_THREAD_LIMITS`` is ``0`` (or ``false``/``off``/``no``)."""
+    return os.environ.get("VIDEOANCHOR_THREAD_LIMITS", "1").strip().lower() not in (
+        "0", "false", "off", "no",
+    )  # fmt: skip
+
+
+def _check_threads(threads) -> int | None:
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int):
+        raise TypeError(f"threads: expected an int or None, got {type(threads).__name__}")
+    if threads < 1:
+        raise ValueError(f"threads: expected at least 1, got {threads}")
+    return threads
+
+
+@contextlib.contextmanager
+def bounded(threads: int | None = None):
+    """Run the block with torch's intra-op pool at ``min(threads, usable_cores())``
+    (``threads`` default: ``torch.get_num_threads()`` in this thread), the other OpenMP
+    pools at that count and the BLAS libraries outside torch at one thread; restored
+    afterwards. Nested inside another :func:`bounded` of the same thread it changes nothing.
+    Also a decorator (``@bounded()``)."""
+    threads = _check_threads(threads)
+    if getattr(_local, "depth", 0) or not enabled():
+        _local.depth = getattr(_local, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            _local.depth -= 1
+        return
+    import scipy.linalg  # noqa: F401  (loaded first, so that its OpenBLAS is found)
+    from threadpoolctl import ThreadpoolController
+
+    before = torch.get_num_threads()
+    n = max(1, min(before if threads is None else threads, usable_cores()))
+    controller = ThreadpoolController()
+    _local.depth = 1
+    try:
+        if n != before:
+            torch.set_num_threads(n)
+        with (
+            controller.limit(limits=n, user_api="openmp"),
+            controller.limit(limits=1, user_api="blas"),
+        ):
+            yield
+    finally:
+        _local.depth = 0
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
