@@ -95,3 +95,33 @@ def test_chunks_concurrent_requests_and_padding_match_the_reference(one_thread):
     live.discard("off")
     step([_req("a", PROMPT + 2, 1)])
     assert set(store) == {"a", "all"}
+
+
+def test_a_request_whose_scoring_fails_gets_neutral_gates_and_is_recorded(one_thread):
+    """A failure while scoring one request (here its encoder outputs have the wrong number
+    of rows) does not fail the step: that request gets neutral gates and no gated queries,
+    the others of the batch are scored as usual, and the failure is recorded for the
+    scheduler (state.FAILED), which finishes the request with an error."""
+    eng = engine_config({"videoanchor": {"n_clusters": 3, "max_iter": 100}})
+    outs = _outputs()
+    kb_ref, _ = _reference(eng, outs)
+
+    def encoder_outputs(req_id, indices):
+        if req_id == "bad":
+            return [torch.randn(2, 8) for _ in indices]  # fewer rows than positions
+        return [outs[FEATURES[i].identifier] for i in indices]
+
+    state.take_failed()
+    store = {}
+    fill_step(9, eng, store, [_req("bad", 0, PROMPT), _req("good", 0, PROMPT)],
+              {"bad", "good"}, encoder_outputs)  # fmt: skip
+    st = state.STEP
+    bad_kb, good_kb = st.key_bias[:PROMPT], st.key_bias[PROMPT:]
+    assert bad_kb.abs().sum() == 0 and (st.value_scale[:PROMPT] == 1).all()
+    torch.testing.assert_close(good_kb, kb_ref, rtol=0, atol=1e-6)
+    failed = state.take_failed()
+    assert list(failed) == ["bad"] and "embedding positions" in failed["bad"], failed
+    assert store["bad"].failed and store["good"].failed is None
+    # the next step of the failed request scores nothing again and stays neutral
+    fill_step(9, eng, store, [_req("bad", PROMPT, 1)], {"bad"}, encoder_outputs)
+    assert state.STEP.key_bias.abs().sum() == 0 and not state.take_failed()

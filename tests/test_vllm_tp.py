@@ -36,9 +36,10 @@ def runs(tmp_path_factory):
         (2, ["2"]),
         ("split", ["2", "split"]),
         ("split, vLLM's defaults", ["2", "split", "defaults"]),
-        ("readme 1", ["1", "readme"]),
-        ("readme 2", ["2", "readme"]),
-        ("readme 2 sharded", ["2", "readme", "sharded"]),
+        # the README's options in vLLM's default layout (engine core process, prefix caching)
+        ("readme 1", ["1", "readme", "defaults"]),
+        ("readme 2", ["2", "readme", "defaults"]),
+        ("readme 2 sharded", ["2", "readme", "defaults", "sharded"]),
     )
     for name, args in runs:
         path = tmp / f"tp{str(name).replace(' ', '_').replace(',', '')}.json"

@@ -1,6 +1,6 @@
 """TEST-ONLY: applies tests/torchvision_shim.py in every Python process of a vLLM test run,
-and, where ``VIDEOANCHOR_TEST_FAIL_SEED`` is set, makes ``compute_anchor_scores`` raise for
-calls with that seed (tests/test_vllm_server.py: a request whose scoring fails).
+and, where ``VIDEOANCHOR_TEST_FAIL_EPS`` is set, makes ``compute_anchor_scores`` raise for
+calls with that ``eps`` (tests/test_vllm_server.py: a request whose scoring fails).
 
 vLLM starts fresh interpreters of its own (the model-inspection subprocess, the engine-core
 process of the OpenAI server), which import transformers' video processor and so
@@ -18,15 +18,15 @@ import torchvision_shim  # noqa: E402
 
 torchvision_shim.apply()
 
-_fail_seed = os.environ.get("VIDEOANCHOR_TEST_FAIL_SEED")
-if _fail_seed is not None:
+_fail_eps = os.environ.get("VIDEOANCHOR_TEST_FAIL_EPS")
+if _fail_eps is not None:
     import videoanchor.anchor as _anchor
 
     _orig = _anchor.compute_anchor_scores
 
     def _failing(*args, **kwargs):
-        if kwargs.get("seed") == int(_fail_seed):
-            raise RuntimeError(f"injected scoring failure (seed {_fail_seed})")
+        if kwargs.get("eps") == float(_fail_eps):
+            raise RuntimeError(f"injected scoring failure (eps {_fail_eps})")
         return _orig(*args, **kwargs)
 
     _anchor.compute_anchor_scores = _failing

@@ -127,12 +127,14 @@ class Turns:
         self._seq = itertools.count()
 
     def enter(self, work: int) -> int:
+        """A job of ``work`` counted units starts; returns its token."""
         token = next(self._seq)
         with self._cond:
             self._active[token] = (work, token)
         return token
 
     def leave(self, token: int) -> None:
+        """The job of ``token`` ended: the next one with the least work computes."""
         with self._cond:
             self._active.pop(token, None)
             self._cond.notify_all()
@@ -698,7 +700,7 @@ def poll(worker, held: list[str], gone: list[str], wait: float = 0.0,
         ahead.wait(held, wait)
     # steps that failed to score a request in this worker's process (where it is not the
     # engine core's, this poll is how the scheduler learns of them)
-    failed = {r: state.FAILED.pop(r) for r in list(state.FAILED) if r in state.FAILED}
+    failed = state.take_failed()
     return ahead.ready(held), ahead.reports(), {**failed, **ahead.failures(held)}
 
 
@@ -845,16 +847,15 @@ def update_failing(sched, orig, scheduler_output, model_runner_output):
     requests whose scoring failed with vLLM's ``FINISHED_ERROR`` (so the step's token for
     such a request is dropped), then their error outputs added to the step's: each fails
     alone (the OpenAI server answers it with an error), the engine and the other requests go
-    on. The failures come from the workers' polls (:class:`Holds`) and, where the worker
-    runs in this process, from the steps (:data:`.state.FAILED`)."""
+    on. The failures come from the workers' polls (:class:`Holds`) and from the steps:
+    the worker puts its step's failures (:data:`.state.FAILED`) on the step's output
+    (:func:`.runner.install`), which reaches the scheduler in any process layout."""
     holds = holds_of(sched)
     failed = dict(holds.failed) if holds is not None else {}
     if holds is not None:
         holds.failed.clear()
-    for rid in list(state.FAILED):  # (a request already gone needs nothing)
-        why = state.FAILED.pop(rid, None)
-        if why is not None and rid in sched.requests:
-            failed[rid] = why
+    from_step = model_runner_output.__dict__.pop(state.FAILED_ATTR, None)  # (a copy per step)
+    failed.update({r: why for r, why in (from_step or {}).items() if r in sched.requests})
     if not failed:
         return orig(sched, scheduler_output, model_runner_output)
     from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs

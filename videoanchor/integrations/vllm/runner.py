@@ -329,3 +329,42 @@ def install() -> None:
 
     wrap_once(GPUModelRunner, "_batch_mm_inputs_from_scheduler", make_batch)
     state.RUNNER_HOOKS.add("v1")
+    install_failure_handoff()
+
+
+def _with_failures(out):
+    """``out`` (a worker's step output) carrying the step's scoring failures
+    (:data:`.state.FAILED`) as its attribute :data:`.state.FAILED_ATTR`: pickled with it to
+    the engine core in any process layout, where :func:`.ahead.update_failing` finishes those
+    requests with an error. An output that carries none is returned untouched."""
+    from vllm.v1.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
+
+    if not state.FAILED or out is None:
+        return out
+    if isinstance(out, ModelRunnerOutput):
+        setattr(out, state.FAILED_ATTR, state.take_failed())
+    elif isinstance(out, AsyncModelRunnerOutput):
+        failed, get = state.take_failed(), out.get_output
+
+        def get_output():
+            result = get()
+            setattr(result, state.FAILED_ATTR, failed)
+            return result
+
+        out.get_output = get_output
+    return out
+
+
+def install_failure_handoff() -> None:
+    """Wraps the worker's ``execute_model`` and ``sample_tokens`` (both model runners, any
+    executor) so that a step's scoring failures travel with its output (:func:`_with_failures`)."""
+    from vllm.v1.worker.gpu_worker import Worker
+
+    def make(orig):
+        def wrapped(self, *args, **kwargs):
+            return _with_failures(orig(self, *args, **kwargs))
+
+        return wrapped
+
+    wrap_once(Worker, "execute_model", make)
+    wrap_once(Worker, "sample_tokens", make)

@@ -39,11 +39,24 @@ STEP = StepState()
 #: The model runners whose hook is installed in this process ("v1", "v2"): the CUDA backend
 #: refuses to start under a runner whose steps would never fill STEP.
 RUNNER_HOOKS: set[str] = set()
-#: req_id -> why its scores could not be computed in its step. Where the worker runs in the
-#: engine core's process (one worker: vLLM's default on one device), the scheduler finishes
-#: these requests with an error (:func:`.ahead.update_failing`); the step gives them
-#: neutral gates meanwhile.
+#: req_id -> why its scores could not be computed in its step, in this worker process. The
+#: worker hands them to the scheduler on the step's ``ModelRunnerOutput`` (attribute
+#: :data:`FAILED_ATTR`, :func:`.runner.install`), which finishes those requests with an error
+#: (:func:`.ahead.update_failing`); the step gives them neutral gates meanwhile.
 FAILED: dict[str, str] = {}
+FAILED_ATTR = "videoanchor_failed"
+
+
+def take_failed() -> dict[str, str]:
+    """The step failures recorded so far (and forgets them)."""
+    out = {}
+    for rid in list(FAILED):
+        why = FAILED.pop(rid, None)
+        if why is not None:
+            out[rid] = why
+    return out
+
+
 #: (owner, num_blocks, block_size) -> (key_bias cache, value_scale cache), each
 #: (num_blocks, block_size) float32.
 GATE_CACHES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
