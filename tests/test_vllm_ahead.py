@@ -300,3 +300,54 @@ def test_items_encoded_ahead_are_handed_to_the_prefill_step_once(engine, one_thr
     ahead.schedule_holding(sched, Scheduler.schedule)
     assert (0, "c") in encodes
     assert worker.encoded_output("C-v") is None and worker.encoded_output("C-i") is None
+
+
+def test_side_threads_take_turns_least_counted_work_first():
+    """Turns (scores ahead, several side threads): once a job with less counted work has
+    started, a longer job computes at most the iteration it was in, then waits for it."""
+    import threading
+    import time
+
+    from videoanchor.integrations.vllm.ahead import Turns, counted_work
+
+    assert counted_work(100, 64, SimpleNamespace(ssc_solver="auto", max_iter=10**4)) < (
+        counted_work(100, 64, SimpleNamespace(ssc_solver="faithful", max_iter=1000))
+    )
+    turns, log = Turns(), []
+    long_token = turns.enter(1000)
+    started = threading.Event()
+
+    def long_job():
+        for _ in range(60):
+            turns.wait_turn(long_token)
+            log.append("L")
+            started.set()
+            time.sleep(0.002)
+        turns.leave(long_token)
+
+    thread = threading.Thread(target=long_job)
+    thread.start()
+    assert started.wait(10)
+    short = turns.enter(10)
+    for _ in range(10):
+        turns.wait_turn(short)
+        log.append("S")
+        time.sleep(0.002)
+    turns.leave(short)
+    thread.join(30)
+    first, last = log.index("S"), len(log) - 1 - log[::-1].index("S")
+    assert log[first : last + 1].count("L") <= 1, log
+    assert log.count("L") == 60 and log.count("S") == 10
+
+
+def test_taking_turns_does_not_change_the_scores(one_thread):
+    from videoanchor.anchor import compute_anchor_scores
+    from videoanchor.integrations.vllm.ahead import Turns, _Yielding
+
+    x = torch.randn(40, 12, generator=torch.Generator().manual_seed(3))
+    turns = Turns()
+    token = turns.enter(1)
+    waited = compute_anchor_scores(x, 3, progress=_Yielding(turns, token))
+    turns.leave(token)
+    plain = compute_anchor_scores(x, 3, progress=False)
+    assert torch.equal(waited.scores, plain.scores) and torch.equal(waited.coef, plain.coef)

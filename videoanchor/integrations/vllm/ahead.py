@@ -145,11 +145,6 @@ class Turns:
             while self._active.get(token, (0, 0)) != min(self._active.values(), default=(0, 0)):
                 self._cond.wait(0.5)
 
-    def waiting(self) -> int:
-        """Jobs started but not computing now."""
-        with self._cond:
-            return max(0, len(self._active) - 1)
-
 
 class _Yielding(SSCProgress):
     """A silent progress reporter that makes its job wait for its turn (:class:`Turns`)
