@@ -770,8 +770,8 @@ class Holds:
                 self._gone.append(rid)
         if self._poll is not None and self._poll.done():
             self._answer(self._poll.result())
-        if not self.held:
-            return []
+        if not self.held:  # (a failed request stays hidden until update_failing ends it)
+            return [r for r in sched.waiting if r.request_id in self.failed]
         if self._poll is None:
             ids, gone, relay = list(self.held), self._gone, self._relay
             self._gone, self._polled, self._relay = [], ids, {}
@@ -785,7 +785,9 @@ class Holds:
                                                      non_block=True)  # fmt: skip
                 if self._poll.done():  # an in-process executor answers at once
                     self._answer(self._poll.result())
-        return [r for r in sched.waiting if r.request_id in self.held]
+        return [
+            r for r in sched.waiting if r.request_id in self.held or r.request_id in self.failed
+        ]
 
     def _answer(self, replies) -> None:
         """Release the held requests every worker says are ready."""
