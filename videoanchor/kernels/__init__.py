@@ -1,9 +1,11 @@
 """Anchored attention kernels. This subpackage never imports transformers."""
 
 from videoanchor.kernels.interface import (
+    PreparedGates,
     anchor_gates,
     anchored_attention,
     anchored_attention_varlen,
+    prepare_gates,
     value_scale_range_of,
 )
 
@@ -11,5 +13,7 @@ __all__ = [
     "anchored_attention",
     "anchored_attention_varlen",
     "anchor_gates",
+    "prepare_gates",
+    "PreparedGates",
     "value_scale_range_of",
 ]

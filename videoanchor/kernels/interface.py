@@ -7,11 +7,12 @@ import math
 import numbers
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 
 from videoanchor.kernels.checks import check_cache_seqlens, check_cu_seqlens
-from videoanchor.kernels.launch import MIN_CAPABILITY, device_capability
+from videoanchor.kernels.launch import LOG2E, MIN_CAPABILITY, device_capability
 from videoanchor.kernels.torch_attention import anchored_attention_torch
 
 try:
@@ -36,7 +37,12 @@ def empty_output(q: torch.Tensor) -> torch.Tensor:
     """(B, Hq, Sq, D) output stored as (B, Sq, Hq, D): the layout transformers and most
     callers want next, so ``out.transpose(1, 2)`` is contiguous and needs no copy."""
     B, Hq, Sq, D = q.shape
-    return q.new_empty(B, Sq, Hq, D).transpose(1, 2)
+    s_h = max(D, 1)  # the strides of a contiguous (B, Sq, Hq, D) tensor, as torch makes them
+    s_q = s_h * max(Hq, 1)
+    # One operator (empty_strided) where new_empty + transpose are three.
+    return torch.empty_strided(
+        (B, Hq, Sq, D), (s_q * max(Sq, 1), s_h, s_q, 1), dtype=q.dtype, device=q.device
+    )
 
 
 def triton_interpret_enabled() -> bool:
@@ -178,6 +184,128 @@ def fast_form_scale(value_scale_range, dtype: torch.dtype) -> float:
     return 2.0 ** math.ceil(math.log2(hi))
 
 
+@dataclass(frozen=True, eq=False)
+class PreparedGates:
+    """Per-key gates in the form the Triton kernels read, made once by :func:`prepare_gates`
+    and passed to every call of a request (``gates=``: every layer, every decode step).
+
+    Attributes:
+        key_bias, value_scale: the gates as given, (B, N) (dense) or (N,) (packed), or None.
+        value_scale_range: the declared ``(lo, hi)`` of ``value_scale`` (the fast form), or
+            None.
+        bias_log2: float32 ``(key_bias - shift) * log2(e)``, what the kernels add to the
+            logits (None without a key bias, or where Triton is not installed).
+        shift: float32 (B,) (dense) or (1,) (packed): the largest finite ``key_bias`` of
+            each row (of all positions, packed), 0 where there is none; the lse adds it back.
+    """
+
+    key_bias: torch.Tensor | None
+    value_scale: torch.Tensor | None
+    value_scale_range: tuple[float, float] | None
+    bias_log2: torch.Tensor | None
+    shift: torch.Tensor | None
+
+    @property
+    def length(self) -> int:
+        """N, the positions the gates cover (a call may use a prefix of them: dense gates
+        serve any ``Skv <= N``)."""
+        t = self.key_bias if self.key_bias is not None else self.value_scale
+        return 0 if t is None else t.shape[-1]
+
+    def natural(self, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(key_bias, value_scale)`` over the first ``n`` positions (views), for the paths
+        that take the gates as given (the torch backend, gradients, torch.compile)."""
+        return tuple(
+            None if t is None else t if t.shape[-1] == n else t[..., :n]
+            for t in (self.key_bias, self.value_scale)
+        )
+
+
+def prepare_gates(
+    key_bias: torch.Tensor | None = None,
+    value_scale: torch.Tensor | None = None,
+    *,
+    value_scale_range: tuple[float, float] | None = None,
+) -> PreparedGates:
+    """The gates of a request in the kernels' own form, for :func:`anchored_attention`'s and
+    :func:`anchored_attention_varlen`'s ``gates=``: the work that does not depend on the
+    call (the key bias in log2 units, shifted by its largest finite value per row) runs
+    here, once, instead of in every layer's call.
+
+    Args:
+        key_bias, value_scale: (B, N) float gates for dense calls, whose keys are the first
+            ``Skv <= N`` positions (N may exceed Skv: a decode cache's gates prepared once
+            with room to grow), or (N,) for packed (varlen) calls with N = total_k; None
+            for no bias / no scale.
+        value_scale_range: as in :func:`anchored_attention` (the fast form); e.g.
+            :func:`value_scale_range_of` of ``value_scale``.
+
+    Runs on the device, no host synchronisation (call :func:`anchor_gates`, which checks the
+    scores, before it). A call with prepared gates reads nothing back to the host beyond
+    what the same call without gates reads. The shift is taken over all N positions, padded
+    or not (a per-call shift sees the mask): exact either way (a constant per row cancels in
+    the softmax); for rounding it matters only where hidden keys carry a bias far above the
+    visible ones'.
+    """
+    named = (("key_bias", key_bias), ("value_scale", value_scale))
+    given = [(n, t) for n, t in named if t is not None]
+    for name, t in given:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+        if t.dim() not in (1, 2):
+            raise ValueError(
+                f"{name}: expected (B, N) gates (dense calls) or (N,) (packed calls), got "
+                f"shape {tuple(t.shape)}"
+            )
+    if len(given) == 2 and key_bias.shape != value_scale.shape:
+        raise ValueError(
+            "key_bias, value_scale: expected the same shape, got "
+            f"{tuple(key_bias.shape)} and {tuple(value_scale.shape)}"
+        )
+    _check_one_device(given)
+    fast_form_scale(value_scale_range, torch.float32)  # raises on a malformed range
+    if value_scale_range is not None:
+        value_scale_range = tuple(float(x) for x in value_scale_range)
+    bias_log2 = shift = None
+    if key_bias is not None and triton_prefill is not None:
+        with torch.no_grad():
+            kb = key_bias.detach().to(torch.float32)
+            varlen = kb.dim() == 1
+            shift = triton_prefill.bias_shift(kb, varlen=varlen).reshape(-1)
+            bias_log2 = ((kb - (shift if varlen else shift[:, None])) * LOG2E).contiguous()
+    return PreparedGates(key_bias, value_scale, value_scale_range, bias_log2, shift)
+
+
+def _check_prepared(gates, key_bias, value_scale, value_scale_range, batch, n_keys, packed):
+    """A ``gates=`` argument: a :class:`PreparedGates` of the call's layout, alone."""
+    if not isinstance(gates, PreparedGates):
+        raise TypeError(
+            f"gates: expected None or videoanchor.kernels.PreparedGates (from prepare_gates), "
+            f"got {type(gates).__name__}"
+        )
+    if key_bias is not None or value_scale is not None or value_scale_range is not None:
+        raise ValueError(
+            "gates: expected either gates= (prepared) or key_bias / value_scale / "
+            "value_scale_range, got both; pass the prepared gates alone"
+        )
+    t = gates.key_bias if gates.key_bias is not None else gates.value_scale
+    if t is None:
+        return
+    if packed:
+        if tuple(t.shape) != (n_keys,):
+            raise ValueError(
+                f"gates: expected packed gates of shape (total_k,) = ({n_keys},), got "
+                f"{tuple(t.shape)}; prepare them from (total_k,) tensors"
+            )
+    elif t.dim() != 2 or t.shape[0] != batch or t.shape[1] < n_keys:
+        raise ValueError(
+            f"gates: expected gates of shape (B, N) with B = {batch} and N >= Skv = {n_keys}, "
+            f"got {tuple(t.shape)}"
+        )
+
+
 def _check_tensor(name, t, ndim):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -225,7 +353,9 @@ def _check_qkv(q, k, v, backend, kv_layout):
         )
 
 
-def _validate(q, k, v, key_bias, value_scale, key_padding_mask, backend, cache_seqlens=None):
+def _validate(
+    q, k, v, key_bias, value_scale, key_padding_mask, backend, cache_seqlens=None, gates=None
+):  # fmt: skip
     _check_qkv(q, k, v, backend, "B, Hkv, Skv, D")
     B = q.shape[0]
     Bk, Skv = k.shape[0], k.shape[2]
@@ -257,9 +387,10 @@ def _validate(q, k, v, key_bias, value_scale, key_padding_mask, backend, cache_s
             raise ValueError(
                 f"cache_seqlens: expected shape (B,) = ({B},), got {tuple(cache_seqlens.shape)}"
             )
+    prepared = () if gates is None else (("gates", gates.key_bias), ("gates", gates.value_scale))
     _check_one_device(
         (("q", q), ("k", k), ("v", v), ("key_bias", key_bias), ("value_scale", value_scale),
-         ("key_padding_mask", key_padding_mask), ("cache_seqlens", cache_seqlens))
+         ("key_padding_mask", key_padding_mask), ("cache_seqlens", cache_seqlens), *prepared)
     )  # fmt: skip
     if cache_seqlens is not None:
         check_cache_seqlens(cache_seqlens, Skv)
@@ -360,6 +491,37 @@ def _pick_backend(q, backend):
     return choose_backend(backend, is_cuda=q.is_cuda, capability=capability, head_dim=q.shape[-1])
 
 
+def _forward(
+    q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, causal, sm_scale,
+    return_lse, v_prescale=0.0, prepared_shift=None,
+):  # fmt: skip
+    """The Triton forward on validated inputs: ``(out, lse)``, lse None unless
+    ``return_lse``. ``prepared_shift``: ``key_bias`` is :attr:`PreparedGates.bias_log2`."""
+    B, Hq, Sq, D = q.shape
+    Skv = k.shape[2]
+    out = empty_output(q)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device) if return_lse else None
+    if Sq == 0:
+        return out, lse
+    if Skv == 0:
+        out.zero_()
+        if lse is not None:
+            lse.fill_(float("-inf"))
+        return out, lse
+    device_ctx = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+    use_split_kv = Sq <= DECODE_MAX_SQ and Skv >= DECODE_MIN_SKV
+    launch = triton_decode.launch_decode if use_split_kv else triton_prefill.launch_prefill
+    # The split-KV path streams the cache once: a pre-scaled V copy would triple its V traffic.
+    extra = {} if use_split_kv else {"v_prescale": v_prescale}
+    with device_ctx:
+        launch(
+            q, k, v, key_bias, value_scale, key_padding_mask, out, lse,
+            causal=causal, sm_scale=sm_scale, interpret=not q.is_cuda, cache_seqlens=cache_seqlens,
+            prepared_shift=prepared_shift, **extra,
+        )  # fmt: skip
+    return out, lse
+
+
 @torch.library.custom_op("videoanchor::anchored_attention_fwd", mutates_args=())
 def _anchored_attention_fwd(
     q: torch.Tensor,
@@ -374,28 +536,11 @@ def _anchored_attention_fwd(
     return_lse: bool,
     v_prescale: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    B, Hq, Sq, D = q.shape
-    Skv = k.shape[2]
-    out = empty_output(q)
-    lse = torch.empty((B, Hq, Sq) if return_lse else (0,), dtype=torch.float32, device=q.device)
-    if Sq == 0:
-        return out, lse
-    if Skv == 0:
-        out.zero_()
-        lse.fill_(float("-inf"))
-        return out, lse
-    device_ctx = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
-    use_split_kv = Sq <= DECODE_MAX_SQ and Skv >= DECODE_MIN_SKV
-    launch = triton_decode.launch_decode if use_split_kv else triton_prefill.launch_prefill
-    # The split-KV path streams the cache once: a pre-scaled V copy would triple its V traffic.
-    extra = {} if use_split_kv else {"v_prescale": v_prescale}
-    with device_ctx:
-        launch(
-            q, k, v, key_bias, value_scale, key_padding_mask, out, lse if return_lse else None,
-            causal=causal, sm_scale=sm_scale, interpret=not q.is_cuda, cache_seqlens=cache_seqlens,
-            **extra,
-        )  # fmt: skip
-    return out, lse
+    out, lse = _forward(
+        q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, causal, sm_scale,
+        return_lse, v_prescale,
+    )  # fmt: skip
+    return out, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
 
 
 @_anchored_attention_fwd.register_fake
@@ -422,6 +567,22 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _eager_inference(*tensors) -> bool:
+    """Whether a Triton call may run its forward directly instead of through its custom op,
+    whose dispatch (autograd and dispatcher layers) costs tens of microseconds of host time
+    per call, most of a batch-1 decode step's (``bench_host_overhead.py``): no gradient
+    wanted, no torch.compile tracing, no dispatch mode or functorch transform active (they
+    need the op's fake implementation), plain tensors (``tensors[0]`` is q)."""
+    return (
+        not _needs_grad(*tensors)
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+        and not torch._C._len_torch_dispatch_stack()
+        and all(t is None or type(t) is torch.Tensor for t in tensors)
+        and tensors[0].device.type != "meta"
+    )
+
+
 def anchored_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -437,6 +598,7 @@ def anchored_attention(
     cache_seqlens: torch.Tensor | None = None,
     attn_mask: torch.Tensor | None = None,
     value_scale_range: tuple[float, float] | None = None,
+    gates: PreparedGates | None = None,
 ):
     """Attention with VideoAnchor's per-key gate, fused (no (Sq, Skv) tensor is built).
 
@@ -495,16 +657,30 @@ def anchored_attention(
             no-overflow guarantee ``|V'| <= |V|``. Ignored by the torch backend, by the
             split-KV (decode) path and when ``hi / lo`` exceeds
             ``FAST_FORM_MAX_RATIO[dtype]``. ``key_bias`` needs no bound in either form.
+        gates: the gates prepared once (:func:`prepare_gates`), in place of ``key_bias``,
+            ``value_scale`` and ``value_scale_range``: (B, N) with N >= Skv, the first Skv
+            positions used. A call then runs no torch operator on the gates (the
+            integrations prepare them once per request and pass them to every layer and
+            decode step); calls that take the gates as given (the torch backend,
+            gradients, torch.compile, ``attn_mask``) use their first Skv positions.
 
     Returns:
         ``out`` (B, Hq, Sq, D) in q's dtype, stored as (B, Sq, Hq, D) so that
         ``out.transpose(1, 2)`` is contiguous, or ``(out, lse)`` when ``return_lse``.
+
+    Host synchronisation: none on CUDA tensors (metadata checks are device assertions).
+    Eager calls without gradients run the Triton launchers directly, the others (autograd,
+    torch.compile) through the custom op ``videoanchor::anchored_attention_fwd``.
     """
     _check_options(causal, return_lse, sm_scale)
     causal, return_lse = bool(causal), bool(return_lse)
-    _validate(q, k, v, key_bias, value_scale, key_padding_mask, backend, cache_seqlens)
+    if gates is not None:
+        _check_tensor("q", q, 4)
+        _check_tensor("k", k, 4)
+        _check_prepared(gates, key_bias, value_scale, value_scale_range, q.shape[0], k.shape[2],
+                        packed=False)  # fmt: skip
+    _validate(q, k, v, key_bias, value_scale, key_padding_mask, backend, cache_seqlens, gates)
     _check_attn_mask(attn_mask, q, k)
-    v_prescale = fast_form_scale(value_scale_range, q.dtype) if value_scale is not None else 0.0
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if attn_mask is not None:
         if backend == "triton" or (backend == "auto" and q.is_cuda):
@@ -512,7 +688,23 @@ def anchored_attention(
         use_triton = False
     else:
         use_triton = _pick_backend(q, backend) == "triton"
-    if use_triton:
+    shift = None
+    if gates is not None:
+        direct = use_triton and _eager_inference(q, k, v, gates.key_bias, gates.value_scale)
+        value_scale_range = gates.value_scale_range
+        if direct:  # the prepared form: nothing computed on the gates in this call
+            key_bias, value_scale, shift = gates.bias_log2, gates.value_scale, gates.shift
+        else:
+            key_bias, value_scale = gates.natural(k.shape[2])
+    else:
+        direct = use_triton and _eager_inference(q, k, v, key_bias, value_scale)
+    v_prescale = fast_form_scale(value_scale_range, q.dtype) if value_scale is not None else 0.0
+    if direct:
+        out, lse = _forward(
+            q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, causal, scale,
+            return_lse, v_prescale, shift,
+        )  # fmt: skip
+    elif use_triton:
         # Training saves the lse for the backward kernel.
         want_lse = return_lse or _needs_grad(q, k, v, key_bias, value_scale)
         out, lse = _anchored_attention_fwd(
@@ -567,6 +759,41 @@ def _validate_varlen(
     check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, None)
 
 
+def _forward_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias, value_scale,
+    causal, sm_scale, return_lse, v_prescale=0.0, prepared_shift=None,
+):  # fmt: skip
+    """The varlen Triton forward on validated inputs: ``(out, lse)``, lse None unless
+    ``return_lse``. ``prepared_shift``: ``key_bias`` is :attr:`PreparedGates.bias_log2`."""
+    total_q, Hq, D = q.shape
+    out = torch.empty(total_q, Hq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty((Hq, total_q), dtype=torch.float32, device=q.device) if return_lse else None
+    if total_q == 0 or max_seqlen_q == 0 or cu_seqlens_q.numel() < 2:
+        return out, lse
+    if k.shape[0] == 0:
+        out.zero_()
+        if lse is not None:
+            lse.fill_(float("-inf"))
+        return out, lse
+    device_ctx = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+    # max_seqlen_k < 0: unknown; the mean sequence length stands in for the choice.
+    hint_k = max_seqlen_k if max_seqlen_k >= 0 else k.shape[0] // (cu_seqlens_q.numel() - 1)
+    use_split_kv = max_seqlen_q <= DECODE_MAX_SQ and hint_k >= DECODE_MIN_SKV
+    launch = triton_decode.launch_decode if use_split_kv else triton_prefill.launch_prefill
+    if use_split_kv:
+        extra = {"max_seqlen_k": max_seqlen_k if max_seqlen_k >= 0 else None}
+    else:
+        extra = {"v_prescale": v_prescale}
+    with device_ctx:
+        launch(
+            q, k, v, key_bias, value_scale, None, out, lse,
+            causal=causal, sm_scale=sm_scale, interpret=not q.is_cuda,
+            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+            prepared_shift=prepared_shift, **extra,
+        )  # fmt: skip
+    return out, lse
+
+
 @torch.library.custom_op("videoanchor::anchored_attention_varlen_fwd", mutates_args=())
 def _anchored_attention_varlen_fwd(
     q: torch.Tensor,
@@ -583,32 +810,11 @@ def _anchored_attention_varlen_fwd(
     return_lse: bool,
     v_prescale: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    total_q, Hq, D = q.shape
-    out = torch.empty(total_q, Hq, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty((Hq, total_q) if return_lse else (0,), dtype=torch.float32, device=q.device)
-    if total_q == 0 or max_seqlen_q == 0 or cu_seqlens_q.numel() < 2:
-        return out, lse
-    if k.shape[0] == 0:
-        out.zero_()
-        lse.fill_(float("-inf"))
-        return out, lse
-    device_ctx = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
-    # max_seqlen_k < 0: unknown; the mean sequence length stands in for the choice.
-    hint_k = max_seqlen_k if max_seqlen_k >= 0 else k.shape[0] // (cu_seqlens_q.numel() - 1)
-    use_split_kv = max_seqlen_q <= DECODE_MAX_SQ and hint_k >= DECODE_MIN_SKV
-    launch = triton_decode.launch_decode if use_split_kv else triton_prefill.launch_prefill
-    if use_split_kv:
-        extra = {"max_seqlen_k": max_seqlen_k if max_seqlen_k >= 0 else None}
-    else:
-        extra = {"v_prescale": v_prescale}
-    with device_ctx:
-        launch(
-            q, k, v, key_bias, value_scale, None, out, lse if return_lse else None,
-            causal=causal, sm_scale=sm_scale, interpret=not q.is_cuda,
-            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-            **extra,
-        )  # fmt: skip
-    return out, lse
+    out, lse = _forward_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias, value_scale,
+        causal, sm_scale, return_lse, v_prescale,
+    )  # fmt: skip
+    return out, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
 
 
 @_anchored_attention_varlen_fwd.register_fake
@@ -681,6 +887,7 @@ def anchored_attention_varlen(
     backend: str = "auto",
     return_lse: bool = False,
     value_scale_range: tuple[float, float] | None = None,
+    gates: PreparedGates | None = None,
 ):
     """Anchored attention over packed variable-length sequences (flash-attention's varlen
     layout): no padding tokens are stored or computed. Differentiable like
@@ -701,6 +908,8 @@ def anchored_attention_varlen(
         key_bias, value_scale: (total_k,) per-key gates, or None.
         causal: bottom-right aligned per sequence (see :func:`anchored_attention`).
         value_scale_range: as in :func:`anchored_attention` (the fast form).
+        gates: the gates prepared once (:func:`prepare_gates` of (total_k,) tensors), in
+            place of ``key_bias``, ``value_scale`` and ``value_scale_range``.
 
     Returns:
         ``out`` (total_q, Hq, D), or ``(out, lse)`` with lse (Hq, total_q) float32 when
@@ -712,13 +921,29 @@ def anchored_attention_varlen(
         max_seqlen_q = int(max_seqlen_q)  # a NumPy int, as a Python int for the launch grid
     if isinstance(max_seqlen_k, numbers.Integral) and not isinstance(max_seqlen_k, bool):
         max_seqlen_k = int(max_seqlen_k)
+    if gates is not None:
+        _check_tensor("k", k, 3)
+        _check_prepared(gates, key_bias, value_scale, value_scale_range, None, k.shape[0],
+                        packed=True)  # fmt: skip
+        key_bias, value_scale = gates.key_bias, gates.value_scale
+        value_scale_range = gates.value_scale_range
     _validate_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias, value_scale,
         backend,
     )  # fmt: skip
     v_prescale = fast_form_scale(value_scale_range, q.dtype) if value_scale is not None else 0.0
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    if _pick_backend(q, backend) == "triton":
+    use_triton = _pick_backend(q, backend) == "triton"
+    if use_triton and _eager_inference(q, k, v, key_bias, value_scale):
+        shift = None
+        if gates is not None and gates.shift is not None:  # the prepared form
+            key_bias, shift = gates.bias_log2, gates.shift
+        out, lse = _forward_varlen(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+            -1 if max_seqlen_k is None else max_seqlen_k, key_bias, value_scale,
+            causal, scale, return_lse, v_prescale, shift,
+        )  # fmt: skip
+    elif use_triton:
         want_lse = return_lse or _needs_grad(q, k, v, key_bias, value_scale)
         out, lse = _anchored_attention_varlen_fwd(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,

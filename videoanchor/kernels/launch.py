@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+LOG2E = 1.4426950408889634  # the kernels' softmax runs in base 2
+
 # CUDA's grid limits: x up to 2^31 - 1, y and z up to 65,535 blocks.
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
@@ -50,6 +52,17 @@ def device_capability(device: torch.device) -> tuple[int, int]:
     if idx not in _CAPABILITY:
         _CAPABILITY[idx] = tuple(torch.cuda.get_device_capability(idx))
     return _CAPABILITY[idx]
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints on the host (``triton.cdiv`` is a constexpr function whose
+    Python call costs microseconds: launchers call these on every launch)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``), on the host."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def check_grid(name: str, grid: tuple[int, ...]) -> None:

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from videoanchor.kernels.launch import device_capability, launch
+from videoanchor.kernels.launch import cdiv, device_capability, launch, next_power_of_2
 from videoanchor.kernels.triton_prefill import LOG2E, bias_shift, dot_precision
 
 
@@ -273,7 +273,7 @@ def backward_config(dtype: torch.dtype, head_dim: int, capability: tuple[int, in
     rows per step or per program), BLOCK_N, num_warps and num_stages. Chosen by rule (no
     autotuning); checked for spills and shared memory by compiling for each target
     (tests/test_compile_targets_backward.py), not yet timed on a GPU."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_power_of_2(head_dim))
     # Fused multiply-add chosen explicitly: Triton 3.10 changes the default to off.
     common = dict(BLOCK_D=block_d, DOT_PRECISION=dot_precision(dtype), enable_fp_fusion=True)
 
@@ -448,7 +448,7 @@ def launch_backward(
     # launch() refuses a grid past CUDA's limits with a ValueError.
     launch(
         _anchored_bwd_dkdv_kernel,
-        (B * Hkv, triton.cdiv(rows_k, cfg["dkdv"]["BLOCK_N"])),
+        (B * Hkv, cdiv(rows_k, cfg["dkdv"]["BLOCK_N"])),
         (q, k, v_loop, bias, scale, mask, grad_out, lse, delta, dk, dv, red_bias, red_scale,
          seqq, seqk, *s_q, *s_k, *s_v, *s_do, *s_dk, *s_dv, *gate_strides, *s_lse, *s_red,
          Hkv, Hq // Hkv, Sq, Skv, qk_scale, sm_scale * c),
@@ -457,7 +457,7 @@ def launch_backward(
     )  # fmt: skip
     launch(
         _anchored_bwd_dq_kernel,
-        (B * Hq, triton.cdiv(rows_q, cfg["dq"]["BLOCK_M"])),
+        (B * Hq, cdiv(rows_q, cfg["dq"]["BLOCK_M"])),
         (q, k, v_loop, bias, scale, mask, grad_out, lse, delta, dq, seqq, seqk,
          *s_q, *s_k, *s_v, *s_do, *s_dq, *gate_strides, *s_lse,
          Hq, Hq // Hkv, Sq, Skv, qk_scale, sm_scale * c),

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from videoanchor.kernels.launch import device_capability, launch
+from videoanchor.kernels.launch import cdiv, device_capability, launch, next_power_of_2
 from videoanchor.kernels.triton_prefill import (
     LOG2E,
     NOT_PAGED,
@@ -274,7 +274,7 @@ def decode_config(dtype: torch.dtype, head_dim: int, capability: tuple[int, int]
     """Tile sizes and compile options of the split-KV kernel, a pure function of the input
     dtype, head dim and target compute capability (None: the CPU interpreter). BLOCK_M is
     chosen per launch from the number of packed rows."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_power_of_2(head_dim))
     common = dict(BLOCK_D=block_d, DOT_PRECISION=dot_precision(dtype), enable_fp_fusion=True)
     if capability is None:
         return dict(common, BLOCK_M_MAX=64, BLOCK_N=16, num_warps=4, num_stages=1)
@@ -291,7 +291,7 @@ def decode_config(dtype: torch.dtype, head_dim: int, capability: tuple[int, int]
 
 
 def merge_config(head_dim: int) -> dict:
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_power_of_2(head_dim))
     return dict(BLOCK_D=block_d, num_warps=4 if block_d <= 128 else 8, enable_fp_fusion=True)
 
 
@@ -301,7 +301,7 @@ def num_splits(batch_heads: int, row_blocks: int, Skv: int, block_n: int, device
         target = 4
     else:
         target = 2 * _sm_count(device)
-    by_occupancy = triton.cdiv(target, batch_heads * row_blocks)
+    by_occupancy = cdiv(target, batch_heads * row_blocks)
     by_length = max(1, Skv // (4 * block_n))
     return max(1, min(by_occupancy, by_length, 128))
 
@@ -309,7 +309,7 @@ def num_splits(batch_heads: int, row_blocks: int, Skv: int, block_n: int, device
 def launch_decode(
     q, k, v, key_bias, value_scale, key_padding_mask, out, lse, *, causal, sm_scale, interpret,
     n_split=None, cache_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
-    max_seqlen_k=None, capability=None,
+    max_seqlen_k=None, capability=None, prepared_shift=None,
 ):  # fmt: skip
     """Split-KV launch on validated inputs with Sq <= 64; writes ``out`` and ``lse``.
 
@@ -319,7 +319,8 @@ def launch_decode(
     per sequence. ``max_seqlen_k`` only sizes the number of splits (each sequence divides
     its own keys among them), so a wrong hint costs speed, never correctness; None uses
     the mean length. ``capability``: the compute capability to configure for; default:
-    q's device (None under the interpreter).
+    q's device (None under the interpreter). ``prepared_shift``: the key bias is prepared (see
+    ``triton_prefill._gate_args``).
     """
     varlen = cu_seqlens_q is not None
     D = q.shape[-1]
@@ -328,7 +329,7 @@ def launch_decode(
         Hkv = k.shape[1]
         B = cu_seqlens_q.numel() - 1
         Sq = max_seqlen_q
-        Skv = max_seqlen_k if max_seqlen_k is not None else triton.cdiv(k.shape[0], max(B, 1))
+        Skv = max_seqlen_k if max_seqlen_k is not None else cdiv(k.shape[0], max(B, 1))
         sq = (0, q.stride(1), q.stride(0), q.stride(2))
         sk = (0, k.stride(1), k.stride(0), k.stride(2))
         sv = (0, v.stride(1), v.stride(0), v.stride(2))
@@ -345,18 +346,24 @@ def launch_decode(
     rows = group * Sq
     cfg = decode_config(q.dtype, D, None if interpret else capability)
     block_d = cfg["BLOCK_D"]
-    block_m = min(cfg["BLOCK_M_MAX"], max(16, triton.next_power_of_2(rows)))
-    row_blocks = triton.cdiv(rows, block_m)
+    block_m = min(cfg["BLOCK_M_MAX"], max(16, next_power_of_2(rows)))
+    row_blocks = cdiv(rows, block_m)
     if n_split is None:
         n_split = num_splits(B * Hkv, row_blocks, max(Skv, 1), cfg["BLOCK_N"], q.device)
-    split_len = triton.cdiv(triton.cdiv(max(Skv, 1), n_split), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    split_len = cdiv(cdiv(max(Skv, 1), n_split), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     if not varlen:
-        n_split = triton.cdiv(Skv, split_len)
+        n_split = cdiv(Skv, split_len)
 
     o_part = torch.empty(B * Hkv, n_split, rows, block_d, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B * Hkv, n_split, rows, dtype=torch.float32, device=q.device)
     (bias, scale, mask), gate_strides, (shift, s_shift) = _gate_args(
-        q, key_bias, value_scale, key_padding_mask, varlen=varlen, cache_seqlens=cache_seqlens
+        q,
+        key_bias,
+        value_scale,
+        key_padding_mask,
+        varlen=varlen,
+        cache_seqlens=cache_seqlens,
+        prepared_shift=prepared_shift,
     )
     cu_q = cu_seqlens_q if varlen else q
     cu_k = cu_seqlens_k if varlen else q
@@ -385,7 +392,7 @@ def launch_decode(
     )  # fmt: skip
     kwargs = dict(
         HEAD_DIM=D, BLOCK_D=block_d,
-        BLOCK_S=max(2, triton.next_power_of_2(n_split)), STORE_LSE=store_lse,
+        BLOCK_S=max(2, next_power_of_2(n_split)), STORE_LSE=store_lse,
         SHIFT_LSE=store_lse and key_bias is not None, VARLEN=varlen,
         num_warps=mcfg["num_warps"], enable_fp_fusion=mcfg["enable_fp_fusion"],
     )  # fmt: skip

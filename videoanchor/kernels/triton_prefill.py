@@ -27,9 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from videoanchor.kernels.launch import device_capability, launch
+from videoanchor.kernels.launch import LOG2E, cdiv, device_capability, launch, next_power_of_2
 
-LOG2E = 1.4426950408889634
 # stride_bt and the four block strides of a launch that is not paged (unused there).
 NOT_PAGED = (0, 0, 0, 0, 0)
 
@@ -400,7 +399,7 @@ def prefill_config(dtype: torch.dtype, head_dim: int, capability: tuple[int, int
     rule rather than autotuned, so the first call inside a CUDA graph capture or
     torch.compile does not benchmark; checked for spills and shared memory by compiling
     for each target (tests/test_compile_targets.py), not yet timed on a GPU."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_power_of_2(head_dim))
     # Fused multiply-add chosen explicitly: Triton 3.10 changes the default to off.
     common = dict(BLOCK_D=block_d, DOT_PRECISION=dot_precision(dtype), enable_fp_fusion=True)
     if capability is None:
@@ -452,7 +451,8 @@ def bias_shift(kb, key_padding_mask=None, cache_seqlens=None, varlen=False):
 
 
 def _gate_args(
-    q, key_bias, value_scale, key_padding_mask, *, varlen=False, cache_seqlens=None
+    q, key_bias, value_scale, key_padding_mask, *, varlen=False, cache_seqlens=None,
+    prepared_shift=None,
 ):  # fmt: skip
     """Pointer and stride arguments for the optional per-key inputs. An absent input
     gets a real tensor and zero strides so the kernel signature stays fixed.
@@ -461,13 +461,19 @@ def _gate_args(
     maximum over all packed keys for varlen): ``(key_bias - shift) * log2(e)`` in float32.
     A constant per row cancels in the softmax, and a bias of large magnitude (+200 on every
     key, or -1e4 used as a mask) then no longer costs the logits their float32 precision.
-    The lse adds the shift back. Returns ``(bias, scale, mask), strides, (shift, stride)``.
+    The lse adds the shift back. ``prepared_shift`` given (prepared gates,
+    :func:`videoanchor.kernels.prepare_gates`): ``key_bias`` is that form already and the
+    shift is ``prepared_shift``; nothing is computed. Returns ``(bias, scale, mask), strides,
+    (shift, stride)``.
     """
     shift = (q, 0)
     if key_bias is not None:
-        kb = key_bias.to(torch.float32)
-        top = bias_shift(kb, key_padding_mask, cache_seqlens, varlen).reshape(-1)
-        key_bias = (kb - (top if varlen else top[:, None])) * LOG2E
+        if prepared_shift is None:
+            kb = key_bias.to(torch.float32)
+            top = bias_shift(kb, key_padding_mask, cache_seqlens, varlen).reshape(-1)
+            key_bias = (kb - (top if varlen else top[:, None])) * LOG2E
+        else:
+            top = prepared_shift
         shift = (top, 0 if varlen else top.stride(0))
     bias = key_bias if key_bias is not None else q
     scale = value_scale if value_scale is not None else q
@@ -526,11 +532,11 @@ def prescale_values(v, value_scale, c: float, *, varlen: bool = False):
     else:
         B, Hkv, Skv, D = v.shape
         sv, so, ss = v.stride(), out.stride(), value_scale.stride()
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_power_of_2(D))
     block_s = max(1, 4096 // block_d)
     launch(
         _prescale_values_kernel,
-        (B * Hkv, triton.cdiv(Skv, block_s)),
+        (B * Hkv, cdiv(Skv, block_s)),
         (v, value_scale, out, Skv, 1.0 / c, *sv, *so, *ss, Hkv),
         dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=4, enable_fp_fusion=True),
     )
@@ -540,10 +546,11 @@ def prescale_values(v, value_scale, c: float, *, varlen: bool = False):
 def launch_prefill(
     q, k, v, key_bias, value_scale, key_padding_mask, out, lse, *, causal, sm_scale, interpret,
     cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, cache_seqlens=None,
-    capability=None, v_prescale=0.0,
+    capability=None, v_prescale=0.0, prepared_shift=None,
 ):  # fmt: skip
     """Launch on validated inputs; writes ``out`` and, when ``lse`` is not None, the
-    natural-log log-sum-exp (float32).
+    natural-log log-sum-exp (float32). ``prepared_shift``: the key bias is prepared (see
+    :func:`_gate_args`).
 
     ``v_prescale`` > 0 (a power of two c >= every ``|value_scale|``): the fast form, V is
     replaced by the temporary ``V * value_scale / c`` and the loop runs without the
@@ -596,9 +603,15 @@ def launch_prefill(
         # 206 and spill nothing. The fast form (value_scale_range) keeps 128 x 64.
         cfg = dict(cfg, BLOCK_N=32)
     (bias, scale, mask), gate_strides, (shift, s_shift) = _gate_args(
-        q, key_bias, value_scale, key_padding_mask, varlen=varlen, cache_seqlens=cache_seqlens
+        q,
+        key_bias,
+        value_scale,
+        key_padding_mask,
+        varlen=varlen,
+        cache_seqlens=cache_seqlens,
+        prepared_shift=prepared_shift,
     )
-    n_blocks_m = triton.cdiv(rows, cfg["BLOCK_M"])
+    n_blocks_m = cdiv(rows, cfg["BLOCK_M"])
     args = (
         q, k, v, bias, scale, mask, out, lse if lse is not None else out, shift, cu_q, cu_k,
         q, q, *sq, *sk, *sv, *so, *gate_strides, *sl, s_shift, *NOT_PAGED,
