@@ -106,6 +106,50 @@ def _engine_options_of(vllm_config):
     return entry[1], entry[2]
 
 
+def chat_refusal(vllm_config, xargs) -> str | None:
+    """Why an OpenAI chat request's ``vllm_xargs`` are refused on this engine (a bad value,
+    an option or limit of the operator's policy, a backend the server cannot run), or None.
+    Asked before the chat's media are rendered: a request refused after rendering leaves
+    vLLM's front-end media cache believing the engine holds its items (vLLM's "P0/P1 cache
+    drift"), and the next request with the same video got an HTTP 500 once."""
+    if not xargs or vllm_config is None:
+        return None
+    eng, policy = _engine_options_of(vllm_config)
+    if eng is None:
+        return None
+    try:
+        request_overrides(xargs)
+        check_admitted(eng, policy, xargs)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _check_chat_before_rendering() -> None:
+    """Wraps ``OpenAIServingChat.render_chat_request`` (the OpenAI server's chat endpoint)
+    so that :func:`chat_refusal` answers a refused request with HTTP 400 before its media
+    are rendered. The checks where vLLM validates the request (``SamplingParams``, the
+    ``InputProcessor``) still hold for every other front end."""
+    try:
+        from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+    except ImportError:  # a vLLM without the OpenAI server's chat module
+        return
+
+    def make(orig):
+        async def render_chat_request(self, request, *args, **kwargs):
+            engine = getattr(self, "engine_client", None)
+            why = chat_refusal(getattr(engine, "vllm_config", None),
+                               getattr(request, "vllm_xargs", None))  # fmt: skip
+            if why is not None:
+                metrics.refused(why)
+                return self.create_error_response(why, param="extra_args")
+            return await orig(self, request, *args, **kwargs)
+
+        return render_chat_request
+
+    wrap_once(OpenAIServingChat, "render_chat_request", make)
+
+
 def install() -> None:
     from vllm.engine.arg_utils import EngineArgs
     from vllm.sampling_params import SamplingParams
@@ -161,13 +205,13 @@ def install() -> None:
                     from vllm.exceptions import VLLMValidationError
 
                     metrics.refused(str(err))
-
                     raise VLLMValidationError(str(err), parameter="extra_args") from None
             return out
 
         return _validate_params
 
     wrap_once(InputProcessor, "_validate_params", make_validate)
+    _check_chat_before_rendering()
 
     register_backend(
         AttentionBackendEnum.CPU_ATTN,
