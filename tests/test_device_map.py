@@ -67,15 +67,16 @@ def _load(path, **kwargs):
 def _spy_devices(monkeypatch) -> list:
     """Record the device of every gate request (one per anchored attention call)."""
     devices = []
-    original = anchoring._Request.gates
+    original = anchoring._Request.prepared
 
     def spy(self, device, *args, **kwargs):
-        kb, vs = original(self, device, *args, **kwargs)
-        assert kb.device == device and vs.device == device
+        gates = original(self, device, *args, **kwargs)
+        parts = (gates.key_bias, gates.value_scale, gates.bias_log2, gates.shift)
+        assert gates.key_bias is not None and all(t is None or t.device == device for t in parts)
         devices.append(device)
-        return kb, vs
+        return gates
 
-    monkeypatch.setattr(anchoring._Request, "gates", spy)
+    monkeypatch.setattr(anchoring._Request, "prepared", spy)
     return devices
 
 
@@ -105,20 +106,22 @@ def test_one_gate_copy_per_device(saved):
     model(**batch)
     request = handle._request
     B, S = batch["input_ids"].shape
-    kb0, vs0 = request.gates(torch.device("cpu"), B, S)
-    kb1, _ = request.gates(torch.device("cpu"), B, S)  # a second layer on the same device
-    assert kb1.data_ptr() == kb0.data_ptr()  # a view of the same copy, not a new one
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    g0 = request.prepared(cpu, B, S)
+    assert request.prepared(cpu, B, S) is g0  # a second layer on the same device: the same
+    kb0, vs0 = g0.natural(S)
     assert torch.equal(kb0, request.key_bias) and torch.equal(vs0, request.value_scale)
     assert (kb0 != 0).any()
-    kb_meta, vs_meta = request.gates(torch.device("meta"), B, S)
+    kb_meta, vs_meta = request.prepared(meta, B, S).natural(S)
     assert kb_meta.device.type == "meta" and vs_meta.device.type == "meta"
     assert kb_meta.shape == vs_meta.shape == (B, S)
-    assert set(request.buffers) == {torch.device("cpu"), torch.device("meta")}
+    assert set(request.buffers) == {cpu, meta}
     # A decode step on each device: the copy is regrown with room to spare, one per device.
-    kb2, vs2 = request.gates(torch.device("cpu"), B, S + 1)
-    assert request.gates(torch.device("cpu"), B, S + 2)[0].data_ptr() == kb2.data_ptr()
+    g2 = request.prepared(cpu, B, S + 1)
+    kb2, vs2 = g2.natural(S + 1)
+    assert request.prepared(cpu, B, S + 2) is g2
     assert torch.equal(kb2[:, :S], kb0) and (kb2[:, S] == 0).all() and (vs2[:, S] == 1).all()
-    request.gates(torch.device("meta"), B, S + 1)
+    request.prepared(meta, B, S + 1)
     assert len(request.buffers) == 2
 
 

@@ -16,6 +16,7 @@ from videoanchor.integrations.transformers.testing import (
     tiny_model,
     tiny_sample,
 )
+from videoanchor.kernels.launch import LOG2E
 
 SSC = {"n_clusters": 3, "max_iter": 300}
 SPECIAL = [TOKENS[k] for k in ("image", "video", "vision_start", "vision_end", "eos", "pad")]
@@ -212,17 +213,23 @@ def test_triton_kernel_path_matches_torch_path(tmp_path):
 def test_request_gates_cached_per_device_and_padded_for_decode():
     scores = torch.tensor([[0.0, 0.5, 0.9, 0.0], [0.0, 0.0, 0.2, 0.0]])
     kb, vs = torch.log1p(2.0 * scores), 1 + 3.0 * scores
-    req = _Request(key_bias=kb, value_scale=vs)
+    req = _Request(key_bias=kb, value_scale=vs, value_scale_range=(1.0, 3.7))
     cpu = torch.device("cpu")
-    a_kb, a_vs = req.gates(cpu, batch=2, skv=4)  # prefill: offset 0
+    a = req.prepared(cpu, batch=2, skv=4)  # prefill: offset 0
+    a_kb, a_vs = a.natural(4)
     assert torch.equal(a_kb, kb) and torch.equal(a_vs, vs)
-    b_kb, b_vs = req.gates(cpu, batch=2, skv=4)
-    assert b_kb.data_ptr() == a_kb.data_ptr()  # a view of the cached copy, not a new one
-    d_kb, d_vs = req.gates(cpu, batch=2, skv=7)  # decode: generated tokens get neutral gates
+    assert a.value_scale_range == (1.0, 3.7)
+    # the kernels' form, computed here once: (key_bias - row max) * log2(e)
+    shift = kb.amax(-1)
+    assert torch.equal(a.shift, shift)
+    torch.testing.assert_close(a.bias_log2, (kb - shift[:, None]) * LOG2E, rtol=0, atol=0)
+    assert req.prepared(cpu, batch=2, skv=4) is a  # every layer: the same object, no new work
+    d = req.prepared(cpu, batch=2, skv=7)  # decode: generated tokens get neutral gates
+    d_kb, d_vs = d.natural(7)
     assert torch.equal(d_kb[:, :4], kb) and (d_kb[:, 4:] == 0).all() and (d_vs[:, 4:] == 1).all()
-    e_kb, _ = req.gates(cpu, batch=2, skv=8)
-    assert e_kb.data_ptr() == d_kb.data_ptr()
-    m_kb, m_vs = req.gates(torch.device("meta"), batch=2, skv=5)
-    assert m_kb.device.type == "meta" and m_kb.shape == (2, 5)
+    assert d.length == 4 + 256  # room to grow past the prompt: the next steps reuse it
+    assert req.prepared(cpu, batch=2, skv=8) is d
+    m = req.prepared(torch.device("meta"), batch=2, skv=5)
+    assert m.bias_log2.device.type == "meta" and m.natural(5)[0].shape == (2, 5)
     with pytest.raises(RuntimeError, match="batch"):
-        req.gates(cpu, batch=3, skv=8)
+        req.prepared(cpu, batch=3, skv=8)

@@ -14,7 +14,7 @@ from test_generation_equivalence import GEN, _build, _samples
 
 import videoanchor
 from videoanchor.integrations.transformers import attention as va_attention
-from videoanchor.kernels import anchored_attention
+from videoanchor.kernels import anchored_attention, prepare_gates
 from videoanchor.kernels.reference import anchored_attention_reference as reference_attention
 
 
@@ -66,19 +66,19 @@ def test_bf16_decode_through_sdpa():
 
 def test_which_calls_take_the_route():
     q1 = torch.zeros(1, 2, 1, 8)
-    gate = torch.zeros(1, 5)
+    gates = prepare_gates(torch.zeros(1, 5), None)
     applies = va_attention._plain_decode_applies
-    assert applies(q1, None, None, "auto", None, None)
-    assert applies(q1, None, None, "auto", torch.ones(1, 5, dtype=torch.bool), None)
-    assert not applies(q1, gate, None, "auto", None, None)  # gated: our kernel
-    assert not applies(q1, None, gate, "auto", None, None)
-    assert not applies(q1, None, None, "triton", None, None)  # an explicit backend is kept
-    assert not applies(q1, None, None, "torch", None, None)
-    assert not applies(torch.zeros(1, 2, 2, 8), None, None, "auto", None, None)  # prefill
-    assert not applies(torch.zeros(2, 2, 1, 8), None, None, "auto", None, None)  # batch 2
+    assert applies(q1, None, "auto", None, None)
+    assert applies(q1, None, "auto", torch.ones(1, 5, dtype=torch.bool), None)
+    assert not applies(q1, gates, "auto", None, None)  # gated: our kernel
+    assert not applies(q1, prepare_gates(None, torch.ones(1, 5)), "auto", None, None)
+    assert not applies(q1, None, "triton", None, None)  # an explicit backend is kept
+    assert not applies(q1, None, "torch", None, None)
+    assert not applies(torch.zeros(1, 2, 2, 8), None, "auto", None, None)  # prefill
+    assert not applies(torch.zeros(2, 2, 1, 8), None, "auto", None, None)  # batch 2
     slots = torch.ones(1, 5, dtype=torch.int32)
-    assert not applies(q1, None, None, "auto", None, slots)  # a static cache's slot mask
-    assert not applies(q1, None, None, "auto", torch.zeros(1, 1, 1, 5), None)  # a user 4D mask
+    assert not applies(q1, None, "auto", None, slots)  # a static cache's slot mask
+    assert not applies(q1, None, "auto", torch.zeros(1, 1, 1, 5), None)  # a user 4D mask
 
 
 @torch.no_grad()

@@ -112,10 +112,10 @@ def _rank_main(rank, path, port, out_dir):
         seen = []
         kernel = attention_mod.anchored_attention
 
-        def record(query, key, value, key_bias=None, value_scale=None, **kw):
-            gates = None if key_bias is None else (key_bias.clone(), value_scale.clone())
-            seen.append((query.shape[1], key.shape[1], gates))
-            return kernel(query, key, value, key_bias, value_scale, **kw)
+        def record(query, key, value, gates=None, **kw):
+            kept = None if gates is None else [t.clone() for t in gates.natural(key.shape[2])]
+            seen.append((query.shape[1], key.shape[1], kept))
+            return kernel(query, key, value, gates=gates, **kw)
 
         attention_mod.anchored_attention = record
         batch = _batch(model.config)

@@ -56,6 +56,7 @@ from videoanchor.integrations.transformers.registry import (
     get_family,
     segments_for_batch,
 )
+from videoanchor.kernels import PreparedGates, prepare_gates
 
 __all__ = [
     "AnchorConfig",
@@ -117,7 +118,7 @@ class _Request:
     value_scale_range: tuple[float, float] | None = None
     cache_ref: weakref.ref | None = None
     offset: int | None = None  # cache slot of prompt position 0
-    buffers: dict = field(default_factory=dict)  # device -> (key_bias buf, value_scale buf)
+    buffers: dict = field(default_factory=dict)  # device -> PreparedGates over a buffer
     packed: bool = False  # scored per sequence of a padding-free row
 
     def check_packed(self, packed: bool) -> None:
@@ -137,8 +138,13 @@ class _Request:
     def length(self) -> int:
         return self.key_bias.shape[1]
 
-    def gates(self, device: torch.device, batch: int, skv: int, n_valid: int | None = None):
-        """(key_bias, value_scale) views of shape (batch, skv) on ``device``. ``n_valid``: the
+    def prepared(
+        self, device: torch.device, batch: int, skv: int, n_valid: int | None = None
+    ) -> PreparedGates:
+        """The gates of ``skv`` keys on ``device``, prepared for the kernels
+        (:func:`videoanchor.kernels.prepare_gates`) over a buffer of at least ``skv``
+        positions: made once per device and buffer size, then the same object for every
+        layer and decode step (a call runs no operator on the gates). ``n_valid``: the
         filled cache slots when the cache is preallocated (skv is its size), else skv."""
         if batch != self.batch:
             raise RuntimeError(
@@ -157,8 +163,8 @@ class _Request:
         if skv < end:
             raise RuntimeError(f"videoanchor: expected at least {end} keys, got {skv}")
         buf = self.buffers.get(device)
-        if buf is None or buf[0].shape[1] < skv:
-            cap = skv if buf is None else max(skv, 2 * buf[0].shape[1])
+        if buf is None or buf.length < skv:
+            cap = skv if buf is None else max(skv, 2 * buf.length)
             if skv > end:  # decoding: leave room so that most steps are views
                 cap = max(cap, end + 256)
             kb = torch.zeros(self.batch, cap, dtype=torch.float32, device=device)
@@ -168,8 +174,10 @@ class _Request:
             async_copy = device.type != "cpu"
             kb[:, self.offset : end] = self.key_bias.to(device, non_blocking=async_copy)
             vs[:, self.offset : end] = self.value_scale.to(device, non_blocking=async_copy)
-            buf = self.buffers[device] = (kb, vs)
-        return buf[0][:, :skv], buf[1][:, :skv]
+            buf = self.buffers[device] = prepare_gates(
+                kb, vs, value_scale_range=self.value_scale_range
+            )
+        return buf
 
 
 class AnchorHandle:
@@ -566,10 +574,12 @@ class AnchorHandle:
 
     # -- called by the attention function ----------------------------------------------
     def _gates_for(self, query: torch.Tensor, key: torch.Tensor, n_valid: int | None = None):
+        """The current request's :class:`~videoanchor.kernels.PreparedGates` for this call,
+        or None (no anchored request)."""
         request = self._current
         if request is None:
-            return None, None
-        return request.gates(key.device, query.shape[0], key.shape[2], n_valid)
+            return None
+        return request.prepared(key.device, query.shape[0], key.shape[2], n_valid)
 
     # -- install -----------------------------------------------------------------------
     def _install(self, base: torch.nn.Module) -> None:

@@ -26,10 +26,11 @@ tensors. What it returns, and the attention function reads, is one of:
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 
-from videoanchor.kernels import anchored_attention, anchored_attention_varlen
+from videoanchor.kernels import anchored_attention, anchored_attention_varlen, prepare_gates
 
 ATTN_IMPLEMENTATION = "videoanchor_triton"
 
@@ -250,26 +251,25 @@ def videoanchor_attention_forward(
                 f"videoanchor's mask function or a 4D (batch, 1 or heads, queries, keys) mask, got {shape}"
             )
     request = kwargs.get(REQUEST_KWARG, _MISSING)
-    fast = {}  # the request's value-scale range: the kernel's fast form (pre-scaled V)
 
     def gates(n_valid=None, packed=False):
+        """(the request's PreparedGates or None, the backend): the gates are prepared once
+        per request and device (value-scale range included), the same object every layer
+        and decode step."""
         if handle is None:
-            return None, None, "auto"
+            return None, "auto"
         backend = handle.config.attention_backend
         current = handle._current if request is _MISSING else request
         if current is None:
-            return None, None, backend
+            return None, backend
         current.check_packed(packed)
-        fast["value_scale_range"] = getattr(current, "value_scale_range", None)
         if request is _MISSING:
-            return (*handle._gates_for(query, key, n_valid), backend)
-        return (*request.gates(key.device, query.shape[0], key.shape[2], n_valid), backend)
+            return handle._gates_for(query, key, n_valid), backend
+        return request.prepared(key.device, query.shape[0], key.shape[2], n_valid), backend
 
     if attention_mask is not None and attention_mask.dim() == 2:
         if attention_mask.dtype == torch.int64:
-            return _packed_attention(
-                query, key, value, attention_mask, gates, causal, scaling, fast
-            )
+            return _packed_attention(query, key, value, attention_mask, gates, causal, scaling)
         skv = key.shape[2]
         if attention_mask.shape[-1] != skv and attention_mask.dtype != torch.bool:
             raise ValueError(
@@ -286,8 +286,7 @@ def videoanchor_attention_forward(
         if attention_mask.dtype == torch.bool:
             key_padding_mask = attention_mask
         elif attention_mask.dtype == torch.int8:
-            key_padding_mask = attention_mask == _SLOT_VISIBLE
-            cache_seqlens = (attention_mask != _SLOT_EMPTY).sum(-1, dtype=torch.int32)
+            key_padding_mask, cache_seqlens = _slot_mask_parts(attention_mask)
         else:
             raise ValueError(
                 f"attn_implementation={ATTN_IMPLEMENTATION!r}: expected a bool padding mask (or what "
@@ -299,8 +298,8 @@ def videoanchor_attention_forward(
         pending = request if request is not _MISSING else handle._current
         if pending is not None and pending.offset is None:
             n_valid = int(cache_seqlens.max())  # once per request: where the prompt ends
-    key_bias, value_scale, backend = gates(n_valid)
-    if _plain_decode_applies(query, key_bias, value_scale, backend, attention_mask, cache_seqlens):
+    prepared, backend = gates(n_valid)
+    if _plain_decode_applies(query, prepared, backend, attention_mask, cache_seqlens):
         return _plain_decode(query, key, value, key_padding_mask, scaling), None
     if attention_mask is not None and attention_mask.dim() == 4:
         # A user's mask, as transformers passes it: as with SDPA it is the whole mask (no
@@ -315,26 +314,23 @@ def videoanchor_attention_forward(
             query,
             key,
             value,
-            key_bias,
-            value_scale,
             causal=False,
             sm_scale=scaling,
             attn_mask=attention_mask[:, :, :, : key.shape[2]],
             backend="torch",
+            gates=prepared,
         )
         return out.transpose(1, 2).contiguous(), None
     out = anchored_attention(
         query,
         key,
         value,
-        key_bias,
-        value_scale,
         causal=bool(causal),
         sm_scale=scaling,
         key_padding_mask=key_padding_mask,
         cache_seqlens=cache_seqlens,
         backend=backend,
-        **fast,
+        gates=prepared,
     )
     return out.transpose(1, 2).contiguous(), None
 
@@ -347,13 +343,12 @@ def videoanchor_attention_forward(
 SDPA_DECODE_MAX_BATCH = 1
 
 
-def _plain_decode_applies(query, key_bias, value_scale, backend, attention_mask, cache_seqlens):
+def _plain_decode_applies(query, prepared, backend, attention_mask, cache_seqlens):
     """Whether this call is a plain (ungated) decode step that SDPA serves: one query token
     per row, no gates (a decode step with ``decode="prefill"``, or an unconfigured module),
     no static-cache slot mask, no user 4D mask, the "auto" backend and a small batch."""
     return (
-        key_bias is None
-        and value_scale is None
+        prepared is None
         and backend == "auto"
         and query.shape[2] == 1
         and query.shape[0] <= SDPA_DECODE_MAX_BATCH
@@ -379,7 +374,7 @@ def _plain_decode(query, key, value, key_padding_mask, scaling):
     return out.transpose(1, 2).contiguous()
 
 
-def _packed_attention(query, key, value, seq_ids, gates, causal, scaling, fast):
+def _packed_attention(query, key, value, seq_ids, gates, causal, scaling):
     """Padding-free batch: each run of equal ``seq_ids`` in a row is its own sequence."""
     B, Hq, S, D = query.shape
     Hkv, Skv = key.shape[1], key.shape[2]
@@ -388,13 +383,11 @@ def _packed_attention(query, key, value, seq_ids, gates, causal, scaling, fast):
             f"packed sequences: expected sequence ids of shape (B, S) = ({B}, {S}) and as many keys "
             f"as queries, got ids {tuple(seq_ids.shape)} and {Skv} keys"
         )
-    # Ids made distinct across rows; a new sequence starts wherever the id changes.
-    flat = (seq_ids + torch.arange(B, device=seq_ids.device)[:, None] * (S + 1)).reshape(-1)
-    starts = torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1
-    edge = torch.tensor([0, B * S], device=seq_ids.device)
-    cu = torch.cat([edge[:1], starts, edge[1:]]).to(device=query.device, dtype=torch.int32)
-    max_len = int(cu.diff().max())
-    key_bias, value_scale, backend = gates(packed=True)
+    cu, max_len = _packed_offsets(seq_ids, query.device)
+    prepared, backend = gates(packed=True)
+    if prepared is not None:
+        # The request's dense (B, S) gates as the packed (B * S,) form, once per forward.
+        prepared = _memo("packed-gates", prepared, lambda: _flat_gates(prepared, S), key=S)
     out = anchored_attention_varlen(
         query.transpose(1, 2).reshape(B * S, Hq, D),
         key.transpose(1, 2).reshape(B * S, Hkv, D),
@@ -403,11 +396,69 @@ def _packed_attention(query, key, value, seq_ids, gates, causal, scaling, fast):
         cu,
         max_len,
         max_len,
-        None if key_bias is None else key_bias.reshape(-1),
-        None if value_scale is None else value_scale.reshape(-1),
         causal=bool(causal),
         sm_scale=scaling,
         backend=backend,
-        **fast,
+        gates=prepared,
     )
     return out.view(B, S, Hq, D), None
+
+
+# ---- work done once per forward instead of once per layer -----------------------------
+# Every decoder layer of one forward receives the same mask tensor (and the same prepared
+# gates): what is derived from it is computed by the first layer and reused by the others
+# while the tensor is alive and unmodified (its version counter unchanged).
+_MEMO: dict[str, tuple] = {}
+
+
+def _memo(kind: str, source, make, key=None):
+    """``make()``, or what it returned for the same ``source`` object (unmodified) and
+    ``key`` on the last call of this ``kind``. Not while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return make()
+    seen = _MEMO.get(kind)
+    version = (getattr(source, "_version", None), key)
+    if seen is not None and seen[0]() is source and seen[1] == version:
+        return seen[2]
+    value = make()
+    _MEMO[kind] = (weakref.ref(source), version, value)
+    return value
+
+
+def _slot_mask_parts(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(key_padding_mask, cache_seqlens) of a static-cache slot mask (two operators and one
+    tensor per forward, not per layer: the kernel's device check of ``cache_seqlens`` then
+    runs once per forward too)."""
+    return _memo(
+        "slots",
+        slots,
+        lambda: (slots == _SLOT_VISIBLE, (slots != _SLOT_EMPTY).sum(-1, dtype=torch.int32)),
+    )
+
+
+def _packed_offsets(seq_ids: torch.Tensor, device) -> tuple[torch.Tensor, int]:
+    """(cu_seqlens int32, the longest sequence) of (B, S) packed-sequence ids: a new
+    sequence starts wherever the id changes. Sizes the launch grid, so it reads the device
+    (one synchronisation per forward: every layer reuses it)."""
+
+    def make():
+        B, S = seq_ids.shape
+        # Ids made distinct across rows; a new sequence starts wherever the id changes.
+        flat = (seq_ids + torch.arange(B, device=seq_ids.device)[:, None] * (S + 1)).reshape(-1)
+        starts = torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1
+        edge = torch.tensor([0, B * S], device=seq_ids.device)
+        cu = torch.cat([edge[:1], starts, edge[1:]]).to(device=device, dtype=torch.int32)
+        return cu, int(cu.diff().max())
+
+    return _memo("packed", seq_ids, make, key=str(device))
+
+
+def _flat_gates(prepared, S: int):
+    """A request's prepared (B, N) gates as packed (B * S,) gates over the first S
+    positions of each row."""
+    kb, vs = prepared.natural(S)
+    return prepare_gates(
+        None if kb is None else kb.reshape(-1),
+        None if vs is None else vs.reshape(-1),
+        value_scale_range=prepared.value_scale_range,
+    )
