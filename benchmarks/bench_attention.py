@@ -5,6 +5,8 @@ Providers, all timed the same way in one process (triton.testing.do_bench, media
   anchored        our Triton kernel with key_bias and value_scale, the fast form (V pre-scaled,
                   value_scale_range given: what the transformers integration runs)
   anchored_general  the same without value_scale_range (the value scale inside the loop)
+  anchored_prepared the fast form with the gates prepared once (prepare_gates, gates=): what
+                  the transformers integration runs since issue 51 (GPU only)
   ours_plain      our Triton kernel without gates (the overhead reference)
   sdpa_flash      torch SDPA, flash backend, no bias (what a user gets today, unanchored)
   sdpa_mask       torch SDPA with a (B, 1, Sq, Skv) float mask (causal + bias) and V pre-scaled
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import videoanchor  # noqa: E402
 from benchmarks.common import environment, median_spread, print_table, write_result  # noqa: E402
-from videoanchor.kernels import value_scale_range_of  # noqa: E402
+from videoanchor.kernels import prepare_gates, value_scale_range_of  # noqa: E402
 from videoanchor.kernels.torch_attention import anchored_attention_torch  # noqa: E402
 
 MODELS = {
@@ -71,6 +73,12 @@ def providers(q, k, v, key_bias, value_scale, flex_on_cpu=False):
         q, k, v, key_bias, value_scale, value_scale_range=vs_range
     )
     out["anchored_general"] = lambda: videoanchor.anchored_attention(q, k, v, key_bias, value_scale)
+    if q.is_cuda:
+        # The gates prepared once (prepare_gates: the key bias's log2 form and its shift),
+        # as the transformers integration passes them to every layer since issue 51: the
+        # call itself runs no operator on the gates.
+        prepared = prepare_gates(key_bias, value_scale, value_scale_range=vs_range)
+        out["anchored_prepared"] = lambda: videoanchor.anchored_attention(q, k, v, gates=prepared)
     out["ours_plain"] = lambda: videoanchor.anchored_attention(q, k, v)
     if not q.is_cuda:
         # the torch path's previous forward (query chunks of matmul + softmax), kept for
@@ -213,7 +221,8 @@ def run(quick: bool, out_dir=None, flex_cpu: bool = True):
                 row = dict(model=model, S=S, B=1, dtype=str(dtype).split(".")[-1], provider=name)
                 try:
                     result = fn()
-                    if name in ("anchored", "anchored_general", "sdpa_mask", "flex", "eager"):
+                    if name in ("anchored", "anchored_general", "anchored_prepared",
+                                "sdpa_mask", "flex", "eager"):  # fmt: skip
                         if ref_out is None:
                             ref_out = result.float()
                         row["max_diff_vs_anchored"] = (result.float() - ref_out).abs().max().item()

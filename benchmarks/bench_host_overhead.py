@@ -1,13 +1,16 @@
 """Host time of one anchored attention call, with the Triton launches replaced by no-ops:
 decode steps at three cache lengths and a 2048-token prefill (the gates in the general and in
-the fast form), with the gates against without.
+the fast form), without gates, with the gates given to every call, and with the gates
+prepared once (``prepare_gates``, what the transformers integration passes to every layer).
 
 What our Python does around the kernels on every call (option checks, the key bias turned
 into log2 units and shifted by its maximum, output and partial-result allocations), timed on
 CPU tensors: on a GPU each of those torch ops is also a kernel launch, and a decode step at
 batch 1 has only microseconds of kernel work, so this host time is its floor. Measured: the
-host time per call (median of rounds), the torch operators per call (profiler) and the
-Triton launches per call (stubbed). Not
+host time per call (median of rounds), and per call, counted with the torch profiler: the
+torch operators, the allocations (``aten::empty`` / ``aten::empty_strided``) and the host
+reads of tensor values (:data:`SYNC_OPS`, plus ``tolist`` / ``numpy``), each of which
+synchronises the host with a GPU; and the Triton launches per call (stubbed). Not
 included: Triton's own launch cost and the GPU's launch latency (a GPU run measures those).
 
     python benchmarks/bench_host_overhead.py
@@ -16,13 +19,15 @@ included: Triton's own launch cost and the GPU's launch latency (a GPU run measu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # no GPU needed: the launches are stubbed
+if __name__ == "__main__":  # no GPU needed: the launches are stubbed (tests import host_counts)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
@@ -30,21 +35,93 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import videoanchor  # noqa: E402
 from benchmarks.common import environment, print_table, write_result  # noqa: E402
 from videoanchor.kernels import triton_decode, triton_prefill  # noqa: E402
-from videoanchor.kernels.interface import value_scale_range_of  # noqa: E402
+from videoanchor.kernels.interface import prepare_gates, value_scale_range_of  # noqa: E402
+
+#: Operators that read a tensor's value on the host: on a GPU each waits for the stream.
+SYNC_OPS = frozenset(
+    {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero",
+     "aten::equal", "aten::allclose"}
+)  # fmt: skip
+#: The operators that allocate (the factory functions all end in one of these).
+ALLOC_OPS = frozenset({"aten::empty", "aten::empty_strided"})
 
 
-def measure(S: int, Sq: int, gates: bool, calls: int, rounds: int, fast: bool = False) -> dict:
+@contextlib.contextmanager
+def _count_direct_reads(counter: list):
+    """``Tensor.tolist`` and ``Tensor.numpy`` read values without an operator the profiler
+    sees on a CPU tensor (on a GPU they copy to the host first): count them too."""
+    saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+
+    def wrap(fn):
+        def counted(self, *a, **k):
+            counter.append(fn.__name__)
+            return fn(self, *a, **k)
+
+        return counted
+
+    try:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, wrap(fn))
+        yield counter
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def host_counts(call, n: int = 10) -> dict:
+    """Per call of ``call()`` (averaged over ``n`` calls after one warm-up): torch operators
+    (``aten::``), allocations and host reads of tensor values, from the torch profiler."""
+    call()
+    reads: list = []
+    with (
+        _count_direct_reads(reads),
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof,
+    ):
+        for _ in range(n):
+            call()
+    events = list(prof.events())
+    names = [e.name for e in events]
+    # A device-side assertion (torch._assert_async) reads its flag on a CPU tensor, never
+    # on a CUDA one: what runs inside it is not a host read.
+    syncs = [e.name for e in events if e.name in SYNC_OPS and not _inside_assert(e)]
+    return {
+        "aten_ops_per_call": sum(x.startswith("aten::") for x in names) / n,
+        "allocations_per_call": sum(x in ALLOC_OPS for x in names) / n,
+        "syncs_per_call": (len(syncs) + len(reads)) / n,
+        "sync_ops": sorted(set(syncs) | set(reads)),
+    }
+
+
+def _inside_assert(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == "aten::_assert_async":
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def measure(S: int, Sq: int, gates: str | None, calls: int, rounds: int, fast: bool = False):
+    """One row: ``gates`` None (no gates), "given" (key_bias / value_scale passed to every
+    call, which prepares them) or "prepared" (``prepare_gates`` once, ``gates=``)."""
     g = torch.Generator().manual_seed(S + Sq)
     q = torch.randn(1, 28, Sq, 128, generator=g, dtype=torch.float16)
     k = torch.randn(1, 4, S, 128, generator=g, dtype=torch.float16)
     v = torch.randn(1, 4, S, 128, generator=g, dtype=torch.float16)
     kb = torch.rand(1, S, generator=g) if gates else None
     vs = 1 + torch.rand(1, S, generator=g) if gates else None
+    rng = value_scale_range_of(vs) if fast and gates else None
+    if gates == "prepared":
+        prepared = prepare_gates(kb, vs, value_scale_range=rng)
 
-    extra = {"value_scale_range": value_scale_range_of(vs)} if fast and gates else {}
+        def call():
+            return videoanchor.anchored_attention(q, k, v, gates=prepared, backend="triton")
+    else:
 
-    def call():
-        return videoanchor.anchored_attention(q, k, v, kb, vs, backend="triton", **extra)
+        def call():
+            return videoanchor.anchored_attention(
+                q, k, v, kb, vs, backend="triton", value_scale_range=rng
+            )
 
     call()
     per = []
@@ -53,16 +130,13 @@ def measure(S: int, Sq: int, gates: bool, calls: int, rounds: int, fast: bool = 
         for _ in range(calls):
             call()
         per.append((time.perf_counter() - t) / calls)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(10):
-            call()
-    ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
     return {
         "kind": "decode" if Sq == 1 else "prefill",
         "S": S, "Sq": Sq, "gates": gates,
         "form": ("fast" if fast else "general") if gates else None,
         "host_us_per_call": statistics.median(per) * 1e6,
-        "aten_ops_per_call": ops / 10,
+        "host_us_min": min(per) * 1e6,
+        **host_counts(call),
         "figures": "measured on this CPU, kernel launches stubbed",
     }  # fmt: skip
 
@@ -82,13 +156,18 @@ def main(argv=None):
     rows = []
     # decode at three cache lengths, then a prefill of S = 2048 (16 frames of Qwen2.5-VL-7B):
     # the gates in the general form and in the fast form the integration runs
-    cases = [(S, 1, gates, False) for S in (8192, 32768, 131072) for gates in (False, True)]
-    cases += [(2048, 2048, False, False), (2048, 2048, True, False), (2048, 2048, True, True)]
+    # the gates given to every call against prepared once (what the integrations pass)
+    kinds = (None, "given", "prepared")
+    cases = [(S, 1, gates, False) for S in (8192, 32768, 131072) for gates in kinds]
+    cases += [(2048, 2048, gates, fast) for gates in kinds for fast in (False, True)
+              if gates or not fast]  # fmt: skip
     for S, Sq, gates, fast in cases:
         launches.clear()
         rows.append(measure(S, Sq, gates, args.calls, args.rounds, fast))
-        rows[-1]["triton_launches_per_call"] = len(launches) / (1 + args.calls * args.rounds + 10)
-    print_table(rows, ["kind", "S", "gates", "form", "host_us_per_call", "aten_ops_per_call",
+        rows[-1]["triton_launches_per_call"] = len(launches) / (args.calls * args.rounds + 12)
+    print_table(rows, ["kind", "S", "gates", "form", "host_us_per_call", "host_us_min",
+                       "aten_ops_per_call",
+                       "allocations_per_call", "syncs_per_call",
                        "triton_launches_per_call"])  # fmt: skip
     print(f"wrote {write_result('host_overhead', meta, rows, args.out_dir)}")
 
