@@ -4,7 +4,9 @@ encodes itself."""
 
 import json
 import os
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -236,67 +238,123 @@ def test_console_script_is_declared():
     assert 'videoanchor = "videoanchor.cli:main"' in text
 
 
-def test_bench_runs_the_scripts_in_quick_mode(tmp_path, capsys, monkeypatch):
-    # A stand-in benchmarks/ folder: the command finds bench_*.py, passes --quick and
-    # --out-dir only to scripts that accept them, and summarises the JSON they write.
+_FAKE_BENCH = (
+    "import argparse, json, pathlib\n"
+    "ap = argparse.ArgumentParser(); ap.add_argument('--quick', action='store_true')\n"
+    "ap.add_argument('--out-dir')\n"
+    "a = ap.parse_args()\n"
+    "pathlib.Path('written_here').write_text('relative')\n"  # where a relative path lands
+    "rows = [{'provider': 'anchored', 'ms': 1.5 if a.quick else 9.0}]\n"
+    "meta = {'device': 'cpu (test)', 'torch': 'x', 'git_sha': 'abc'}\n"
+    "pathlib.Path(a.out_dir, 'fake_cpu.json').write_text(json.dumps({'meta': meta, 'rows': rows}))\n"
+)
+
+
+def _bench_folder(tmp_path, **scripts):
     bench = tmp_path / "benchmarks"
     bench.mkdir()
-    (bench / "bench_fake.py").write_text(
-        "import argparse, json, pathlib\n"
-        "ap = argparse.ArgumentParser(); ap.add_argument('--quick', action='store_true')\n"
-        "ap.add_argument('--out-dir')\n"
-        "a = ap.parse_args()\n"
-        "rows = [{'provider': 'anchored', 'ms': 1.5 if a.quick else 9.0}]\n"
-        "meta = {'device': 'cpu (test)', 'torch': 'x', 'git_sha': 'abc'}\n"
-        "pathlib.Path(a.out_dir, 'fake_cpu.json').write_text(json.dumps({'meta': meta, 'rows': rows}))\n"
+    for name, text in scripts.items():
+        (bench / f"{name}.py").write_text(text)
+    return bench
+
+
+def test_bench_runs_the_user_set_in_quick_mode(tmp_path, capsys, monkeypatch):
+    # A stand-in benchmarks/ folder: the command runs the user's set only (the research
+    # studies by name), passes --quick and --out-dir only to scripts that accept them, runs
+    # them in the results folder and summarises the JSON they write.
+    bench = _bench_folder(
+        tmp_path,
+        bench_attention=_FAKE_BENCH,
+        bench_scores="import sys; sys.exit(0)\n",
+        bench_yaleb="raise SystemExit('a research study ran without --only')\n",
+        bench_decode="raise SystemExit('a GPU benchmark ran without CUDA')\n",
+        common="raise SystemExit('not a benchmark')\n",
     )
-    (bench / "bench_noargs.py").write_text("import sys; sys.exit(0)\n")
-    (bench / "common.py").write_text("raise SystemExit('not a benchmark')\n")
     monkeypatch.setattr("videoanchor.cli._bench_dir", lambda: bench)
     out_dir = tmp_path / "results"
-    assert main(["bench", "--quick", "--out-dir", str(out_dir)]) == 0
+    assert main(["bench", "--quick", "--out", str(out_dir)]) == 0
     out = capsys.readouterr().out
-    assert "bench_fake.py (--quick --out-dir" in out and "bench_noargs.py (default settings)" in out
+    assert (
+        "bench_attention.py (--quick --out-dir" in out
+        and "bench_scores.py (default settings)" in out
+    )
+    assert "bench_yaleb" not in out.split("== time per script")[1]
     if not torch.cuda.is_available():
-        assert "No CUDA device" in out
+        assert "No CUDA device" in out and "bench_decode.py: skipped: needs a CUDA device" in out
     assert json.loads((out_dir / "fake_cpu.json").read_text())["rows"][0]["ms"] == 1.5
+    assert (out_dir / "written_here").exists() and not (bench / "written_here").exists()
     summary = out[out.index("== results in") :]
     assert "fake_cpu.json: cpu (test)" in summary and "anchored" in summary and "1.5" in summary
+    # a research study by name
+    assert main(["bench", "--only", "yaleb", "--out", str(out_dir)]) == 1
+    assert "bench_yaleb.py (exit 1)" in capsys.readouterr().err
+
+
+def test_bench_without_out_writes_to_a_printed_temporary_folder(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    bench = _bench_folder(tmp_path, bench_attention=_FAKE_BENCH)
+    monkeypatch.setattr("videoanchor.cli._bench_dir", lambda: bench)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--quick"]) == 0
+    out = capsys.readouterr().out
+    where = Path(re.search(r"^results go to (.+)$", out, re.M).group(1))
+    assert where.parent == tmp_path / "tmp" and where.name.startswith("videoanchor-bench-")
+    assert (where / "fake_cpu.json").exists() and out.rstrip().endswith(f"results in {where}")
+    assert not (tmp_path / "videoanchor-bench").exists()
+
+
+def test_bench_a_missing_extra_is_a_skip_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    # as after a plain `pip install -e .`: a benchmark's import of PyAV fails in the child
+    bench = _bench_folder(
+        tmp_path,
+        bench_attention="raise ModuleNotFoundError(\"No module named 'av'\", name='av')\n",
+        bench_scores="print('ran')\n",
+    )
+    monkeypatch.setattr("videoanchor.cli._bench_dir", lambda: bench)
+    assert main(["bench", "--quick", "--out", str(tmp_path / "r")]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    line = 'bench_attention.py: skipped: needs the [video] extra (pip install -e ".[video]"'
+    assert line in captured.out and "ran" in captured.out
+    assert line in captured.out[captured.out.index("== skipped here") :]
+    # a script failing for another reason still shows its traceback and fails the command
+    (bench / "bench_scores.py").write_text("raise RuntimeError('broken')\n")
+    assert main(["bench", "--quick", "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: broken" in err
 
 
 def test_bench_reports_a_failing_script(tmp_path, capsys, monkeypatch):
-    bench = tmp_path / "benchmarks"
-    bench.mkdir()
-    (bench / "bench_broken.py").write_text("raise SystemExit(3)\n")
+    bench = _bench_folder(tmp_path, bench_attention="raise SystemExit(3)\n")
     monkeypatch.setattr("videoanchor.cli._bench_dir", lambda: bench)
-    assert main(["bench", "--out-dir", str(tmp_path / "r")]) == 1
-    assert "bench_broken.py (exit 3)" in capsys.readouterr().err
+    assert main(["bench", "--out", str(tmp_path / "r")]) == 1
+    assert "bench_attention.py (exit 3)" in capsys.readouterr().err
 
 
 def test_bench_only_without_a_match_lists_the_names(tmp_path, capsys, monkeypatch):
-    bench = tmp_path / "benchmarks"
-    bench.mkdir()
-    for name in ("bench_ssc.py", "bench_attention.py"):
-        (bench / name).write_text("raise SystemExit(0)\n")
+    bench = _bench_folder(tmp_path, bench_ssc="raise SystemExit(0)\n",
+                          bench_attention="raise SystemExit(0)\n")  # fmt: skip
     monkeypatch.setattr("videoanchor.cli._bench_dir", lambda: bench)
-    assert main(["bench", "--only", "nomatch", "--out-dir", str(tmp_path / "r")]) == 1
+    assert main(["bench", "--only", "nomatch", "--out", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
     assert "--only nomatch" in err and "available: attention, ssc" in err
 
 
 def test_bench_collects_what_the_scripts_skipped(tmp_path, capsys, monkeypatch):
-    bench = tmp_path / "benchmarks"
-    bench.mkdir()
-    (bench / "bench_gpuonly.py").write_text(
-        "print('bench_gpuonly: skipped: no CUDA device here. Nothing run.')\n"
+    bench = _bench_folder(
+        tmp_path,
+        bench_attention="print('bench_attention: skipped: no CUDA device here. Nothing run.')\n",
+        bench_scores="print('a result line')\n",
     )
-    (bench / "bench_plain.py").write_text("print('a result line')\n")
     monkeypatch.setattr("videoanchor.cli._bench_dir", lambda: bench)
-    assert main(["bench", "--quick", "--out-dir", str(tmp_path / "r")]) == 0
+    assert main(["bench", "--quick", "--out", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
     tail = out[out.index("== skipped here") :]
-    assert "bench_gpuonly.py: bench_gpuonly: skipped: no CUDA device here" in tail
-    assert "bench_plain.py: has no --quick; ran its default settings" in tail
+    assert "bench_attention.py: bench_attention: skipped: no CUDA device here" in tail
+    assert "bench_scores.py: has no --quick; ran its default settings" in tail
     assert "a result line" not in tail and "== time per script" in out
 
 
@@ -304,7 +362,6 @@ def test_bench_collects_what_the_scripts_skipped(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("script", ["bench_paged.py", "bench_decode.py"])
 def test_gpu_only_benchmarks_skip_cleanly_without_cuda(script):
     # the real scripts: exit 0 with a 'skipped:' line (issue 31: bench_paged exited 1)
-    import sys
 
     root = Path(__file__).resolve().parents[1]
     shim = (
@@ -318,7 +375,6 @@ def test_gpu_only_benchmarks_skip_cleanly_without_cuda(script):
 
 
 def test_median_spread_stays_within_the_samples():
-    import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.common import median_spread

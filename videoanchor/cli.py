@@ -455,9 +455,63 @@ def _script_flags(path: Path) -> set[str]:
     return set(re.findall(r"[\"'](--[a-z][a-z0-9-]*)[\"']", text))
 
 
+#: what ``videoanchor bench`` runs unless ``--only`` names scripts: (script, needs CUDA, what
+#: it tells a user). The research studies (bench_directions, bench_optimum, bench_yaleb, ...)
+#: run only by name.
+USER_BENCHMARKS = (
+    ("bench_attention.py", False, "the anchored attention against PyTorch's SDPA"),
+    ("bench_scores.py", False, "the default anchor scores' cost and fidelity at two sizes"),
+    ("bench_decode.py", True, "decode attention against SDPA"),
+    ("bench_paged.py", True, "paged attention, as the vLLM plugin runs it"),
+    ("bench_backward.py", True, "the training step against SDPA"),
+)
+
+#: a missing module -> the extra that installs it
+_EXTRAS = {"av": "video", "PIL": "video", "lmms_eval": "eval", "vllm": "vllm", "cupy": "cupy",
+           "matplotlib": "docs", "pytest": "test", "accelerate": "test"}  # fmt: skip
+_MISSING = re.compile(r"(?:ModuleNotFoundError|ImportError): No module named '([\w.]+)'")
+
 #: a line a benchmark script prints for a part it does not run here (no CUDA, --quick, ...);
 #: ``videoanchor bench`` collects them into its closing summary
 _SKIP_LINE = re.compile(r"^\s*(?:bench_\w+:\s*)?(?:SKIP(?:PED)?\b|skipp?ed\b|nothing run\b)", re.I)
+
+
+def _missing_extra(text: str) -> str | None:
+    """``"the [video] extra (...)"`` when ``text`` (a script's stderr) ends on a missing
+    module that an extra of this package installs; else None."""
+    found = _MISSING.findall(text)
+    if not found:
+        return None
+    module = found[-1].split(".")[0]
+    extra = _EXTRAS.get(module)
+    if extra is None:
+        return None
+    return f"the [{extra}] extra (pip install -e \".[{extra}]\"; no module named '{module}')"
+
+
+def _bench_scripts(bench: Path, only, cuda: bool) -> tuple[list[Path], list[str]]:
+    """The scripts to run and the skip lines of the user set's scripts not run here."""
+    available = sorted(bench.glob("bench_*.py"))
+    if only:
+        scripts = [s for s in available if any(o in s.stem for o in only)]
+        if not scripts:
+            names = ", ".join(s.stem.removeprefix("bench_") for s in available) or "none"
+            raise CLIError(
+                f"--only {' '.join(only)}: no benchmark script's name contains "
+                f"{'it' if len(only) == 1 else 'any of these'}; available: {names}"
+            )
+        return scripts, []
+    scripts, skipped = [], []
+    for name, gpu, _ in USER_BENCHMARKS:
+        if not (bench / name).exists():
+            continue
+        if gpu and not cuda:
+            skipped.append(f"{name}: skipped: needs a CUDA device")
+        else:
+            scripts.append(bench / name)
+    if not scripts and not skipped:
+        raise CLIError(f"no benchmark scripts (bench_*.py) found in {bench}")
+    return scripts, skipped
 
 
 def cmd_bench(args) -> int:
@@ -471,34 +525,32 @@ def cmd_bench(args) -> int:
             "the benchmark scripts ship with the source checkout (benchmarks/bench_*.py); "
             "run `videoanchor bench` from a clone of the repository"
         )
-    available = sorted(bench.glob("bench_*.py"))
-    scripts = available
-    if args.only:
-        scripts = [s for s in available if any(o in s.stem for o in args.only)]
-    if not scripts:
-        names = ", ".join(s.stem.removeprefix("bench_") for s in available) or "none"
-        if args.only:
-            raise CLIError(
-                f"--only {' '.join(args.only)}: no benchmark script's name contains "
-                f"{'it' if len(args.only) == 1 else 'any of these'}; available: {names}"
-            )
-        raise CLIError(f"no benchmark scripts (bench_*.py) found in {bench}")
-    out_dir = Path(args.out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    scripts, skipped = _bench_scripts(bench, args.only, cuda)
+    if args.out:
+        out_dir = Path(args.out).resolve()
+        out_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        out_dir = Path(tempfile.mkdtemp(prefix="videoanchor-bench-")).resolve()
+    print(f"results go to {out_dir}")
+    if cuda:
         print(f"CUDA device: {torch.cuda.get_device_name(0)}")
     else:
         print(
             "No CUDA device: the GPU kernels cannot be timed here; each benchmark runs its CPU "
             "part, and the GPU-only ones say they skip."
         )
+    if not args.only:
+        print("Benchmarks (the research studies run by name: --only NAME):")
+        for name, gpu, what in USER_BENCHMARKS:
+            print(f"  {name:<20} {what}{' (GPU)' if gpu else ''}")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(bench.parent), env.get("PYTHONPATH", "")]).rstrip(
         os.pathsep
     )
-    env.setdefault("VIDEOANCHOR_RESULTS_DIR", str(out_dir))
+    env["VIDEOANCHOR_RESULTS_DIR"] = str(out_dir)
     env["PYTHONUNBUFFERED"] = "1"
-    failed, skipped, took = [], [], []
+    failed, took = [], []
     for script in scripts:
         flags = _script_flags(script)
         cmd = [sys.executable, str(script)]
@@ -510,13 +562,25 @@ def cmd_bench(args) -> int:
             cmd += ["--out-dir", str(out_dir)]
         print(f"\n== {script.name} ({' '.join(cmd[2:]) or 'default settings'})", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, cwd=str(bench.parent), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, errors="replace")  # fmt: skip
-        for line in proc.stdout:
-            print(line, end="", flush=True)
-            if _SKIP_LINE.search(line):
-                skipped.append(f"{script.name}: {line.strip()}")
-        rc = proc.wait()
+        # stderr apart: a missing optional extra becomes one skip line, not a traceback
+        with tempfile.TemporaryFile("w+", errors="replace") as err:
+            proc = subprocess.Popen(cmd, env=env, cwd=str(out_dir), stdout=subprocess.PIPE,
+                                    stderr=err, text=True, errors="replace")  # fmt: skip
+            for line in proc.stdout:
+                print(line, end="", flush=True)
+                if _SKIP_LINE.search(line):
+                    skipped.append(f"{script.name}: {line.strip()}")
+            rc = proc.wait()
+            err.seek(0)
+            errors = err.read()
+        extra = _missing_extra(errors) if rc != 0 else None
+        if extra:
+            line = f"{script.name}: skipped: needs {extra}"
+            print(line, flush=True)
+            skipped.append(line)
+            rc = 0
+        elif errors:
+            print(errors, end="" if errors.endswith("\n") else "\n", file=sys.stderr, flush=True)
         took.append((script.name, time.perf_counter() - t0, rc))
         if rc != 0:
             failed.append(f"{script.name} (exit {rc})")
@@ -528,6 +592,7 @@ def cmd_bench(args) -> int:
         print("\n== skipped here")
         for line in skipped:
             print(f"  {line}")
+    print(f"\nresults in {out_dir}")
     if failed:
         raise CLIError(f"benchmark(s) failed: {', '.join(failed)}")
     return 0
@@ -838,23 +903,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="run the kernel and SSC benchmarks on this machine and print a table",
-        description="Run every benchmarks/bench_*.py script of the source checkout (attention "
-        "kernels, SSC, ...) and print their results. Without CUDA it says so and runs the parts "
-        "that can run on the CPU. Results are JSON files with the device, versions and git SHA.",
+        help="time the anchored attention and the anchor scores on this machine",
+        description="Run the benchmarks a user wants on this machine (benchmarks/ of the source "
+        "checkout): the anchored attention against PyTorch's SDPA, the default anchor scores' "
+        "cost and fidelity at two sizes, and with a CUDA device the GPU kernels (decode, paged, "
+        "training step). --quick finishes in a few minutes on a 2-core CPU. The research "
+        "studies (directions, optimum, blocked, yaleb, ...) run by name with --only. Results "
+        "are JSON files with the device, versions and git SHA, in --out or a new temporary "
+        "folder (printed); a benchmark that needs a missing optional extra says so and skips.",
         formatter_class=fmt,
     )
     bench.add_argument("--quick", action="store_true", help="the scripts' short settings")
     bench.add_argument(
+        "--out",
         "--out-dir",
-        default="videoanchor-bench",
-        help="where the JSON results go (default ./videoanchor-bench)",
+        dest="out",
+        default=None,
+        metavar="DIR",
+        help="where the JSON results go (default: a new temporary folder, printed)",
     )
     bench.add_argument(
         "--only",
         nargs="+",
         metavar="NAME",
-        help="run only the scripts whose name contains one of these (e.g. ssc)",
+        help="run the scripts whose name contains one of these instead (e.g. ssc, yaleb)",
     )
     bench.add_argument("--debug", action="store_true", help="show the full traceback on errors")  # fmt: skip
     bench.set_defaults(func=cmd_bench, quiet=False)

@@ -1,0 +1,70 @@
+"""What the default anchor scores cost on this machine and how near they come to the authors'
+answer, at two sizes: the user's view of ``bench_request_cost.py``'s fidelity study.
+
+At each size (synthetic video tokens, ``bench_ssc.synthetic_tokens``, 24 clusters):
+``compute_anchor_scores`` with its defaults (the fast solver), against the baseline in the
+same process, the authors' iteration to their threshold (``solver="faithful"``, eps 2e-4:
+the authors' answer), and issue 33's bar, the same iteration stopped at eps 2e-3. Fidelity
+is the Spearman correlation of the scores and the ARI of the labels against the authors'
+answer; ``meets_bar`` when the default agrees with it at least as well as the bar does.
+Seconds are the least of up to 5 runs (``bench_request_cost.ssc_seconds``).
+
+    python benchmarks/bench_scores.py [--quick]   # N = 256 and 512 (D = 256) quick, else N = D = 512 and 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_request_cost import _ari, _spearman, ssc_seconds  # noqa: E402
+from benchmarks.bench_ssc import synthetic_tokens  # noqa: E402
+from benchmarks.common import environment, print_table, write_result  # noqa: E402
+
+SIZES = {True: ((256, 256), (512, 256)), False: ((512, 512), (1024, 1024))}
+CLUSTERS = 24
+
+
+def row(n: int, d: int, device: torch.device) -> dict:
+    x = synthetic_tokens(n, d, seed=2).to(device)
+    t_default, default = ssc_seconds(x, CLUSTERS, "auto", precision="auto")
+    t_ref, ref = ssc_seconds(x, CLUSTERS, "faithful")
+    _, bar = ssc_seconds(x, CLUSTERS, "faithful", eps=2e-3)
+    sp, sp_bar = _spearman(default.scores, ref.scores), _spearman(bar.scores, ref.scores)
+    ari, ari_bar = _ari(default.labels, ref.labels), _ari(bar.labels, ref.labels)
+    return {
+        "n": n, "d": d, "n_clusters": CLUSTERS, "solver": default.solver,
+        "seconds_default": t_default, "seconds_faithful": t_ref,
+        "speedup_vs_faithful": t_ref / t_default, "iterations_default": default.iterations,
+        "iterations_faithful": ref.iterations, "spearman_default": sp,
+        "spearman_faithful_eps2e-3": sp_bar, "ari_default": ari, "ari_faithful_eps2e-3": ari_bar,
+        "meets_bar": sp >= sp_bar and ari >= ari_bar,
+    }  # fmt: skip
+
+
+def main(argv=None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--quick", action="store_true", help="N = 256 and 512, D = 256 (else N = D = 512 and 1024)"
+    )
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    meta = environment(str(device))
+    meta["torch_threads"] = torch.get_num_threads()
+    rows = [row(n, d, device) for n, d in SIZES[args.quick]]
+    print_table(rows, ["n", "d", "solver", "seconds_default", "seconds_faithful",
+                       "speedup_vs_faithful", "spearman_default", "spearman_faithful_eps2e-3",
+                       "ari_default", "ari_faithful_eps2e-3", "meets_bar"])  # fmt: skip
+    path = write_result("scores", meta, rows, args.out_dir)
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
