@@ -372,8 +372,12 @@ def test_a_request_whose_scoring_fails_fails_alone(server, offline, checkpoint):
     """A failure inside one request's SSC (injected: eps FAIL_EPS raises in
     compute_anchor_scores in the server's processes) fails that request with an error the
     client sees; the engine, the server and the next request go on."""
+    before, _ = _videoanchor_series(server.port)
     status, reply, _ = _ask_video(server, checkpoint, 15, {"videoanchor_eps": FAIL_EPS})
     assert status >= 500, (status, reply)
+    after, _ = _videoanchor_series(server.port)
+    name = 'videoanchor_failures_total{where="ahead"}'
+    assert after.get(name, 0.0) - before.get(name, 0.0) == 1, (before, after)
     with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/health", timeout=30) as r:
         assert r.status == 200
     status, reply = _ask(server, checkpoint, RUNS["default"])

@@ -473,6 +473,8 @@ class Ahead:
                     "(%s: %s); its step scores it instead", req_id, type(err).__name__, err,
                 )  # fmt: skip
                 return None
+            if group is None or self.rank == 0:  # one count per failed request
+                metrics.count("videoanchor_failures", where="ahead")
             logger.error(
                 "videoanchor: request %s: scoring its %d visual tokens failed (%s: %s); the "
                 "request fails alone, the engine goes on", req_id, p.n, type(err).__name__,

@@ -34,7 +34,7 @@ import torch
 
 from videoanchor.integrations.options import AnchorConfig
 from videoanchor.integrations.score_cache import ScoreCache
-from videoanchor.integrations.vllm import state
+from videoanchor.integrations.vllm import metrics, state
 from videoanchor.integrations.vllm.ahead import AHEAD
 from videoanchor.integrations.vllm.config import request_config
 from videoanchor.integrations.vllm.patching import wrap_once
@@ -123,6 +123,8 @@ def _failed(req_id: str, err: Exception) -> str:
     why = str(err) if isinstance(err, ScoringError) else (
         f"anchor scores failed: {type(err).__name__}: {err}")  # fmt: skip
     if not isinstance(err, ScoringError):  # a failure ahead was logged where it happened
+        if metrics.tp_rank() == 0:  # every rank fails alike: one count per failed request
+            metrics.count("videoanchor_failures", where="step")
         logger.error("videoanchor: request %s: scoring it in its step failed (%s: %s); the "
                      "request fails alone, the engine goes on", req_id, type(err).__name__,
                      err)  # fmt: skip

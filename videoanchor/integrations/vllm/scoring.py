@@ -165,13 +165,8 @@ def run_ssc(req, cfg, items, cols, n, k, encoder_outputs, cache, key,
         group is not None and torch.distributed.get_rank(group) == 0
     )
     t0 = time.perf_counter()
-    with metrics.scoring(req.req_id):
-        try:
-            visual, res = _ssc(req, cfg, items, cols, n, k, timed, cache, key, group, progress)
-        except Exception:
-            if counted:
-                metrics.count("videoanchor_failures", where=where)
-            raise
+    with metrics.scoring(req.req_id):  # (a failure is counted once per request, by caller)
+        visual, res = _ssc(req, cfg, items, cols, n, k, timed, cache, key, group, progress)
     seconds = time.perf_counter() - t0 - encoding[0]
     with _lock:
         _RUNS[key] = (req.req_id, where, seconds, res.solver, res.iterations, res.converged)
