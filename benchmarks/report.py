@@ -1028,120 +1028,90 @@ def verification_table(results: list[Result], prefix: str) -> str:
     return "\n".join(lines)
 
 
-def _gpu_speed(results: list[Result]) -> str:
-    """The GPU headline: prefill and decode against the baselines, and the anchor scores
-    against the same request's prefill, from the committed GPU results (empty if none)."""
-    parts = []
-    att = next((r for r in results if r.area == "attention" and not _is_cpu(r)), None)
-    if att is not None:
-        S = max(x["S"] for x in att.rows if x.get("S"))
-        models = sorted({x["model"] for x in att.rows if x.get("S") == S})
-        for model in [m for m in models if m.startswith("qwen")][:1] or models[:1]:
-            v = {x["provider"]: x["ms"] for x in att.rows
-                 if x.get("S") == S and x.get("model") == model and x.get("ms")}  # fmt: skip
-            if not {"anchored", "sdpa_flash", "ours_plain"} <= set(v):
-                continue
-            extra = "".join(
-                f", {v[k]:.1f} ms for {label}"
-                for k, label in (("flex", "FlexAttention with the gates as a score_mod"),
-                                 ("sdpa_mask", "SDPA with the gates as a mask"))
-                if k in v
-            )  # fmt: skip
-            form = " in its general form" if att.meta.get("anchored_form") == "general" else ""
-            parts.append(
-                f"the anchored Triton prefill{form} ({model} heads, S = {S}, causal, "
-                f"{att.rows[0].get('dtype', '')}) took {v['anchored']:.1f} ms, against "
-                f"{v['sdpa_flash']:.1f} ms for SDPA's flash backend without the gates, "
-                f"{v['ours_plain']:.1f} ms for our kernel with the gates off{extra}"
-            )
-    dec = next((r for r in results if r.area == "decode" and not _is_cpu(r)), None)
-    if dec is not None:
-        rows = [x for x in dec.rows if x.get("section") == "decode" and x.get("ms")]
-        for B in sorted({x["B"] for x in rows})[:1] + sorted({x["B"] for x in rows})[-1:]:
-            S = max(x["S"] for x in rows if x["B"] == B)
-            v = {x["provider"]: x["ms"] for x in rows if x["B"] == B and x["S"] == S}
-            if "anchored_split_kv" in v and "sdpa_mask" in v:
-                parts.append(
-                    f"one decode step at batch {B}, {S} cached tokens took "
-                    f"{v['anchored_split_kv']:.2f} ms against {v['sdpa_mask']:.2f} ms for SDPA "
-                    "with the gates as a mask"
-                )
-    cost = next((r for r in results if r.area == "request_cost" and not _is_cpu(r)), None)
-    if cost is not None:
-        rows = [x for x in cost.rows if x.get("seconds_ssc_fast") is not None]
-        row = next((x for x in rows if x["frames"] == 16), rows[0] if rows else None)
-        sha = str(cost.meta.get("git_sha"))[:7]
-        if row is not None:
-            # (seconds, what ran): the default first; fp16x3 where the run timed it
-            fast, fp16x3 = row["seconds_ssc_fast"], row.get("seconds_ssc_fast_fp16x3")
-            if fp16x3 is None:
-                timed = [(fast, f"(the default solver at git {sha})")]
-            else:
-                timed = [(fp16x3, "with precision='fp16x3' (the default on CUDA since that run)"),
-                         (fast, f"in FP32 (the fast solver at git {sha})")]  # fmt: skip
-            timed.append((row["seconds_ssc_faithful"], "(the authors' iterate)"))
+def _first(results: list[Result], area: str, cpu: bool) -> Result | None:
+    return next((r for r in results if r.area == area and _is_cpu(r) == cpu), None)
 
-            def listed(items):
-                return ", ".join(items[:-1]) + " and " + items[-1]
 
-            pre = row["seconds_prefill"]
-            took = listed([f"{t:.2f} s {what}" for t, what in timed])
-            ratios = listed([f"{t / pre:.1f}x" for t, _ in timed])
-            parts.append(
-                f"the anchor scores of a {row['frames']}-frame {row['model']} request "
-                f"(N = {row['n']}) took {took}, against {pre:.2f} s for the model's prefill "
-                f"({ratios})"
-            )
-    if not parts:
-        return ""
-    names = ", ".join(f"`{r.path.name}`" for r in (att, dec, cost) if r is not None)
-    device = next(r for r in (att, dec, cost) if r is not None).meta.get("device", "a GPU")
-    return f"On one {device}: " + "; ".join(parts) + f" ({names})."
+def _device(r: Result) -> str:
+    if not _is_cpu(r):
+        return str(r.meta.get("device", "GPU"))
+    load = r.meta.get("loadavg") or r.meta.get("load_before") or r.meta.get("loadavg_start")
+    cpu = str(r.meta.get("device", "cpu")).removeprefix("cpu").strip(" ()")
+    return f"CPU ({cpu}" + (f", load {float(load[0]):.1f})" if load else ")")
+
+
+def _speed_rows(results: list[Result]) -> list[tuple[str, Result, str, str]]:
+    """(what, result, ours, baseline) for the README's table: the GPU kernels, the anchor
+    scores and the spectral step on a busy machine, each against its baseline."""
+    rows = []
+    for cpu in (False, True):
+        att = _first(results, "attention", cpu)
+        if att is not None:
+            key = "sdpa" if cpu else "sdpa_flash"
+            by = {}
+            for x in att.rows:
+                if x.get("ms") and (cpu or str(x.get("model", "")).startswith("qwen")):
+                    by.setdefault(x["S"], {})[x["provider"]] = x
+            full = [S for S, v in by.items() if {"anchored", key, "sdpa_mask"} <= set(v)]
+            if full:
+                S = max(full)
+                v = {p: x["ms"] for p, x in by[S].items()}
+                model = by[S]["anchored"].get("model")
+                heads = f"{model} heads" if model else "28 heads"
+                path = "exact torch path" if cpu else "Triton"
+                rows.append((f"Prefill attention ({path}), S = {S}, {heads}, "
+                             f"{att.rows[0].get('dtype', '')}",
+                             att, f"{v['anchored']:.1f} ms" if not cpu else f"{v['anchored']:.0f} ms",
+                             f"SDPA{' flash' if not cpu else ''} without the gates "
+                             f"{v[key]:.{0 if cpu else 1}f} ms; SDPA, gates as a mask "
+                             f"{v['sdpa_mask']:.{0 if cpu else 1}f} ms"))  # fmt: skip
+        dec = _first(results, "decode", cpu)
+        if dec is not None:
+            got = [x for x in dec.rows if x.get("section") == "decode" and x.get("ms")]
+            if got:
+                B = max(x["B"] for x in got)
+                S = max(x["S"] for x in got if x["B"] == B)
+                v = {x["provider"]: x["ms"] for x in got if x["B"] == B and x["S"] == S}
+                if {"anchored_split_kv", "sdpa_mask"} <= set(v):
+                    rows.append((f"One decode step, batch {B}, {S} cached tokens", dec,
+                                 f"{v['anchored_split_kv']:.2f} ms",
+                                 f"SDPA, gates as a mask {v['sdpa_mask']:.2f} ms"))  # fmt: skip
+        cost = _first(results, "request_cost", cpu)
+        if cost is not None:
+            got = [x for x in cost.rows if x.get("seconds_ssc_fast") is not None
+                   and x.get("seconds_ssc_faithful") is not None]  # fmt: skip
+            row = next((x for x in got if x["frames"] == 16), got[-1] if got else None)
+            if row is not None:
+                fast = row.get("seconds_ssc_fast_fp16x3") or row["seconds_ssc_fast"]
+                how = " (fp16x3)" if row.get("seconds_ssc_fast_fp16x3") else ""
+                rows.append((f"Anchor scores, {row['frames']}-frame {row['model']} request "
+                             f"(N = {row['n']})", cost, f"{fast:.2f} s{how}",
+                             f"the authors' iterate {row['seconds_ssc_faithful']:.2f} s; "
+                             f"the model's prefill {row['seconds_prefill']:.2f} s"
+                             + ("" if not cpu else " (random weights)")))  # fmt: skip
+    con = _first(results, "contention", True)
+    if con is not None:
+        v = {(x["case"], x["neighbour"], x["bounds"]): x["seconds_min"] for x in con.rows}
+        if all(("spectral", n, b) in v for n in ("none", "spin") for b in ("on", "off")):
+            rows.append(("Spectral step (N = 1024, k = 24) beside a busy process", con,
+                         f"{v['spectral', 'spin', 'on']:.2f} s "
+                         f"(alone {v['spectral', 'none', 'on']:.2f} s)",
+                         f"without the thread bounds {v['spectral', 'spin', 'off']:.2f} s "
+                         f"(alone {v['spectral', 'none', 'off']:.2f} s)"))  # fmt: skip
+    return rows
 
 
 def _speed_line(results: list[Result], prefix: str) -> str:
-    gpu = [r for r in results if r.area != "compile" and not _is_cpu(r)]
-    head = ("**How fast?** " + ("GPU results: " + _links(sorted(r.path.name for r in gpu), prefix)
-            + "." if gpu else "No GPU timing exists yet (nothing has run on a GPU), so there is "
-            "no GPU speed figure here."))  # fmt: skip
-    gpu_line = _gpu_speed(results) if gpu else ""
-    if gpu_line:
-        head = "**How fast?** " + gpu_line
-    att = next((r for r in results if r.area == "attention" and _is_cpu(r)), None)
-    if att is None:
-        return head
-    by = {}
-    for x in att.rows:
-        if x.get("ms") is not None:
-            by.setdefault(x["S"], {})[x["provider"]] = x["ms"]
-    S = max((s for s, v in by.items() if {"anchored", "sdpa", "sdpa_mask"} <= set(v)), default=None)
-    if S is None:
-        return head
-    v = by[S]
-    load = att.meta.get("loadavg") or att.meta.get("loadavg_start") or [float("nan")]
-    cpu = str(att.meta.get("device", "cpu")).removeprefix("cpu").strip(" ()")
-    return (
-        head + f" What is measured: on a CPU ({cpu}, shared with other jobs, load average "
-        f"{float(load[0]):.1f}), the exact anchored attention forward at S = {S} "
-        f"(28 query heads, fp32) took {v['anchored']:.0f} ms, against {v['sdpa']:.0f} ms for "
-        f"PyTorch's SDPA without the gates and {v['sdpa_mask']:.0f} ms for SDPA given the gates "
-        f"as a full mask (`{att.path.name}`; all figures on the [Benchmarks]({prefix}"
-        "benchmarks.md) page).\n\n"
-        f"![The exact torch path against SDPA on a CPU]({prefix}figures/{figure_name(att)})"
-        + _gpu_figures(results, prefix)
-    )
-
-
-def _gpu_figures(results: list[Result], prefix: str) -> str:
-    """The GPU figures beside the CPU one (same line): prefill attention and the anchor
-    scores over the prefill."""
-    out = ""
-    for area, alt in (("attention", "Prefill attention on a GPU"),
-                      ("request_cost", "Anchor scores over the prefill on a GPU, measured")):  # fmt: skip
-        r = next((r for r in results if r.area == area and not _is_cpu(r)), None)
-        if r is not None:
-            out += f" ![{alt}]({prefix}figures/{figure_name(r)})"
-    return out
+    """**How fast?**: a table of the committed GPU and CPU results, each with its baseline."""
+    rows = _speed_rows(results)
+    if not rows:
+        return "**How fast?** Nothing has been timed yet."
+    gpu = "" if any(not _is_cpu(r) for _, r, _, _ in rows) else "; no GPU timing yet"
+    lines = [f"| **How fast?** ([all figures]({prefix}benchmarks.md){gpu}) | Device | Ours | "
+             "Baseline, timed in the same process | File |", "|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {what} | {_device(r)} | {ours} | {base} | `{r.path.name}` |"
+              for what, r, ours, base in rows]  # fmt: skip
+    return "\n".join(lines)
 
 
 def _compile_summary(results: list[Result]) -> str:
