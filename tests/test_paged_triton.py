@@ -156,6 +156,9 @@ def test_paged_counts_of_gated_queries(kind, dtype):
     gated = torch.tensor(counts, dtype=torch.int32)
     out = run(case, gated, True, dtype)
     check_against_reference(out, case[0], case[5], case[8], gated, True, dtype)
+    # int32 counts reach the kernels unclamped: a negative count reads as 0
+    negative = torch.where(gated == 0, -3, gated).to(torch.int32)
+    assert torch.equal(run(case, negative, True, dtype), out)
     torch_out = anchored_attention_paged(
         case[0], *case[1:5], cu_seqlens_q=case[5], max_seqlen_q=max(q_lens),
         key_bias_cache=case[6], value_scale_cache=case[7], seq_gated=gated, backend="torch",

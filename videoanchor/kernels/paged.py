@@ -188,8 +188,10 @@ def launch_paged(
     seq_gate = seq_gated is not None and (has_bias or has_scale)
     if not seq_gate:
         seq_gated = q
-    else:
+    elif seq_gated.dtype != torch.int32:
         seq_gated = gated_counts(seq_gated)
+    # int32 counts are read as they are (no clamp kernel per layer): the kernels treat a
+    # negative count as 0 (no query of the sequence reads the gates).
     bias = key_bias_cache if has_bias else q
     scale = value_scale_cache if has_scale else q
     s_k, s_v = k_cache.stride(), v_cache.stride()
@@ -362,7 +364,8 @@ def anchored_attention_paged(
             (``log(1 + alpha_k s)``, ``1 + alpha_v s``), or None (neutral).
         seq_gated: (batch,) bool: sequence b's queries read the gates where True; or
             int32: the number of sequence b's FIRST queries that read them (e.g. a prompt's
-            queries in a chunk that also holds generated tokens). None: all do. A query
+            queries in a chunk that also holds generated tokens; a negative count reads as
+            0, and int32 counts reach the kernels with no operator run on them). None: all do. A query
             that does not reads its keys and values plainly.
         softmax_scale: default 1/sqrt(D).
         causal: see above; False lets every query see all seq_len keys.
