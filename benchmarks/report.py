@@ -1166,9 +1166,15 @@ def _vllm_summary(results: list[Result]) -> str:
     by = _vllm_engines(r)
     if not {"plain", "anchored"} <= set(by) or "largest_step_s" not in by["anchored"]:
         return "not measured yet."
-    a, p = by["anchored"], by["plain"]
+    a, p, m = by["anchored"], by["plain"], r.meta
+    setting = ""
+    if m.get("frames"):
+        opts = ", ".join(f"{k} {m[k]}" for k in ("n_clusters", "alpha_k", "alpha_v") if m.get(k))
+        layout = {"default": "vLLM's default process layout",
+                  "in-process": "the engine core in the caller's process"}.get(m.get("layout"))  # fmt: skip
+        setting = " (" + "; ".join(x for x in (f"{m['frames']}-frame videos", opts, layout) if x) + ")"
     text = (
-        f"on {r.meta.get('model', 'a tiny model')}, {a['ratio_vs_plain']:.2f}x plain vLLM's "
+        f"on {m.get('model', 'a tiny model')}{setting}, {a['ratio_vs_plain']:.2f}x plain vLLM's "
         f"output tokens per second; while a new video arrives the running requests' longest "
         f"step is {a['largest_step_s'] * 1e3:.0f} ms against plain's "
         f"{p['largest_step_s'] * 1e3:.0f} ms (the video's first token after "
