@@ -64,7 +64,54 @@ def test_cgroup_quota_in_whole_cores(tmp_path):
     assert threads._cgroup_quota_cores(str(tmp_path / "absent")) is None
 
 
-def test_the_spectral_step_runs_with_bounded_pools_and_restores_them():
+@pytest.fixture
+def idle(monkeypatch):
+    """No other work running (the counts below do not depend on this machine's load)."""
+    monkeypatch.setattr(threads, "_running_elsewhere", lambda: 0)
+
+
+_original_running = threads._running_elsewhere
+
+
+def test_free_cores_are_the_cores_less_the_running_work(monkeypatch, tmp_path):
+    load = tmp_path / "loadavg"
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(threads, "_running_elsewhere", lambda: _original_running(str(load)))
+    for running, free in ((1, 4), (2, 3), (4, 1), (9, 1)):  # the caller is one of them
+        load.write_text(f"0.50 0.40 0.30 {running}/300 1234\n")
+        assert threads.free_cores() == free, running
+    monkeypatch.setattr(threads, "_running_elsewhere", lambda: None)  # no /proc/loadavg
+    assert threads.free_cores() == 4
+
+
+def test_running_elsewhere_reads_the_kernel_s_count(tmp_path):
+    load = tmp_path / "loadavg"
+    load.write_text("0.50 0.40 0.30 3/300 1234\n")
+    assert _original_running(str(load)) == 2
+    assert _original_running(str(tmp_path / "absent")) is None
+    load.write_text("garbage\n")
+    assert _original_running(str(load)) is None
+
+
+def test_bounded_takes_fewer_threads_beside_running_work(monkeypatch):
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    try:
+        monkeypatch.setattr(threads, "_running_elsewhere", lambda: 1)  # one core taken
+        with threads.bounded():
+            assert torch.get_num_threads() == 1
+        monkeypatch.setattr(threads, "_running_elsewhere", lambda: 0)
+        with threads.bounded():
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_the_spectral_step_runs_with_bounded_pools_and_restores_them(idle):
     import scipy.linalg  # noqa: F401  (its OpenBLAS loaded, as in any run of the step)
 
     w, lab = _affinity()
@@ -76,7 +123,7 @@ def test_the_spectral_step_runs_with_bounded_pools_and_restores_them():
     assert torch.get_num_threads() == torch_before and _pools("blas") == blas_before
 
 
-def test_the_caller_s_count_is_kept_and_never_raised(monkeypatch):
+def test_the_caller_s_count_is_kept_and_never_raised(monkeypatch, idle):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -155,5 +202,33 @@ def test_the_spectral_step_beside_a_busy_process():
         torch.set_num_threads(n)
     assert min(beside) <= 3 * min(alone), (
         f"the spectral step took {min(beside):.3f} s beside a spinning process against "
+        f"{min(alone):.3f} s alone (load average {os.getloadavg()})"
+    )
+
+
+def test_the_default_scores_beside_a_busy_process():
+    """Issue 53: beside one process spinning on one of two cores, the default scores (torch
+    at two threads) took 2.8-4.2x their time alone: a parallel region runs at the pace of
+    its thread that shares a core. Bounded to the free cores, 1.6x (target 2.5x; held here
+    at 3x for a shared machine, the least of several runs each way, alternated)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.bench_contention import busy
+    from benchmarks.bench_ssc import synthetic_tokens
+    from videoanchor.anchor import compute_anchor_scores
+
+    if threads.usable_cores() < 2:
+        pytest.skip("one core: the spin loop would take all of it")
+    x = synthetic_tokens(384, 256, seed=0)
+    compute_anchor_scores(x, 8, progress=False)  # warm-up
+    alone, beside = [], []
+    for _ in range(3):
+        for kind, out in ((None, alone), ("spin", beside)):
+            with busy(kind):
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    compute_anchor_scores(x, 8, progress=False)
+                    out.append(time.perf_counter() - t0)
+    assert min(beside) <= 3 * min(alone), (
+        f"the default scores took {min(beside):.3f} s beside a spinning process against "
         f"{min(alone):.3f} s alone (load average {os.getloadavg()})"
     )

@@ -12,8 +12,9 @@ that pool at one thread 0.9x; ``benchmarks/results/contention_cpu.json``).
 :func:`bounded` runs a block with
 
 * torch's intra-op pool at ``threads`` (default: what torch is set to in this thread), and
-  never more than :func:`usable_cores` (the CPUs this process may run on, and its cgroup's
-  CPU quota);
+  never more than :func:`free_cores`: the CPUs this process may run on (and its cgroup's CPU
+  quota, :func:`usable_cores`) less those that other running work takes at the call (a
+  thread that shares a core with a busy process holds up every parallel region);
 * the other OpenMP pools (scikit-learn's) at the same count, and the BLAS libraries outside
   torch (NumPy's and SciPy's OpenBLAS) at one thread: their only work here is LAPACK on
   ``N x N`` matrices of a few thousand rows (the spectral step), which one thread does as
@@ -32,11 +33,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
+import time
 
 import torch
 
-__all__ = ["bounded", "enabled", "usable_cores"]
+__all__ = ["bounded", "enabled", "free_cores", "usable_cores"]
 
 _local = threading.local()
 
@@ -67,6 +70,37 @@ def usable_cores() -> int:
     return max(1, min(cores, quota) if quota else cores)
 
 
+def _running_elsewhere(path: str = "/proc/loadavg", samples: int = 3) -> int | None:
+    """How many threads other than the caller are running on the machine now: the
+    kernel's count of runnable tasks (the fourth field of ``/proc/loadavg``, the caller
+    included), minus one, the median of ``samples`` reads 0.5 ms apart; None where the
+    file is missing (not Linux)."""
+    counts = []
+    for i in range(samples):
+        try:
+            with open(path) as f:
+                counts.append(int(f.read().split()[3].split("/")[0]))
+        except (OSError, ValueError, IndexError):
+            return None
+        if i + 1 < samples:
+            time.sleep(5e-4)
+    return max(0, sorted(counts)[len(counts) // 2] - 1)
+
+
+def free_cores() -> int:
+    """The cores not taken by other running work now (the machine's CPUs less the threads
+    running elsewhere, :func:`_running_elsewhere`), at most :func:`usable_cores`, at
+    least 1. libgomp's dynamic mode sizes its teams the same way, from the load average:
+    a parallel region whose threads share a core with a busy process runs at the pace of
+    the slowest (on two cores beside a spin loop, two threads took the scores 4.1x their
+    idle time, one thread about 2x)."""
+    usable = usable_cores()
+    others = _running_elsewhere()
+    if others is None:
+        return usable
+    return max(1, min(usable, (os.cpu_count() or usable) - others))
+
+
 def enabled() -> bool:
     """False when ``VIDEOANCHOR_THREAD_LIMITS`` is ``0`` (or ``false``/``off``/``no``)."""
     return os.environ.get("VIDEOANCHOR_THREAD_LIMITS", "1").strip().lower() not in (
@@ -84,9 +118,25 @@ def _check_threads(threads) -> int | None:
     return threads
 
 
+_controllers: dict[int, object] = {}
+
+
+def _controller():
+    """threadpoolctl's view of the loaded thread pools (about 4 ms to build here), kept
+    while no module has been imported since (a new one may bring a pool of its own)."""
+    import scipy.linalg  # noqa: F401  (loaded first, so that its OpenBLAS is found)
+    from threadpoolctl import ThreadpoolController
+
+    key = len(sys.modules)
+    if key not in _controllers:
+        _controllers.clear()
+        _controllers[key] = ThreadpoolController()
+    return _controllers[key]
+
+
 @contextlib.contextmanager
 def bounded(threads: int | None = None):
-    """Run the block with torch's intra-op pool at ``min(threads, usable_cores())``
+    """Run the block with torch's intra-op pool at ``min(threads, free_cores())``
     (``threads`` default: ``torch.get_num_threads()`` in this thread), the other OpenMP
     pools at that count and the BLAS libraries outside torch at one thread; restored
     afterwards. Nested inside another :func:`bounded` of the same thread it changes nothing.
@@ -99,12 +149,9 @@ def bounded(threads: int | None = None):
         finally:
             _local.depth -= 1
         return
-    import scipy.linalg  # noqa: F401  (loaded first, so that its OpenBLAS is found)
-    from threadpoolctl import ThreadpoolController
-
     before = torch.get_num_threads()
-    n = max(1, min(before if threads is None else threads, usable_cores()))
-    controller = ThreadpoolController()
+    n = max(1, min(before if threads is None else threads, free_cores()))
+    controller = _controller()
     _local.depth = 1
     try:
         if n != before:
