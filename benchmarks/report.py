@@ -1172,7 +1172,9 @@ def _vllm_summary(results: list[Result]) -> str:
         opts = ", ".join(f"{k} {m[k]}" for k in ("n_clusters", "alpha_k", "alpha_v") if m.get(k))
         layout = {"default": "vLLM's default process layout",
                   "in-process": "the engine core in the caller's process"}.get(m.get("layout"))  # fmt: skip
-        setting = " (" + "; ".join(x for x in (f"{m['frames']}-frame videos", opts, layout) if x) + ")"
+        setting = (
+            " (" + "; ".join(x for x in (f"{m['frames']}-frame videos", opts, layout) if x) + ")"
+        )
     text = (
         f"on {m.get('model', 'a tiny model')}{setting}, {a['ratio_vs_plain']:.2f}x plain vLLM's "
         f"output tokens per second; while a new video arrives the running requests' longest "
