@@ -19,19 +19,31 @@ from videoanchor.anchor.scores import (
 )
 from videoanchor.anchor.spectral import spectral_clustering, ssc_affinity
 from videoanchor.anchor.ssc import solve_ssc_admm, ssc_lambdas
+from videoanchor.anchor.workset import (
+    ColumnGaps,
+    SetsTooLarge,
+    duality_gaps,
+    reference_minimiser,
+    solve_ssc_workset,
+)
 
 __all__ = [
     "AnchorResult",
+    "ColumnGaps",
     "SSCCoefficients",
     "SSCResult",
     "SSCMemoryError",
     "SSCOptions",
+    "SetsTooLarge",
     "anchor_result_from_coefficients",
     "anchor_scores",
     "compute_anchor_scores",
+    "duality_gaps",
     "pca_reduce",
+    "reference_minimiser",
     "solve_ssc_admm",
     "solve_ssc_blocked",
+    "solve_ssc_workset",
     "sparse_subspace_clustering",
     "spectral_clustering",
     "ssc_affinity",

@@ -1,0 +1,413 @@
+"""The SSC program solved exactly by working sets, and its per-column duality-gap certificate.
+
+With ``Y = X^T`` (``D x N``) the program of docs/method.md section 2 separates over the
+columns: column ``i`` of ``C`` and of ``E`` solve
+
+    min_{c, e}  ||c||_1 + lambda_e ||e||_1 + (lambda_z / 2) ||y_i - Y c - e||^2
+    s.t.        1^T c = 1,  c_i = 0
+
+and no two columns share a variable (``E``'s column ``i`` belongs to column ``i`` alone).
+This is a weighted lasso in ``z = [c; e]`` over the dictionary ``P = [Y, I]`` with one
+equality constraint. :func:`solve_ssc_workset` solves it by the feature-sign search of Lee,
+Battle, Raina & Ng (NIPS 2006), extended by the equality constraint's multiplier, on every
+column at once: each pass
+
+1. solves the equality-constrained quadratic program on each column's working set with the
+   signs fixed (one bordered ``(m + 1) x (m + 1)`` system per column, batched, padded to a
+   common ``m``; its Gram matrix gathered from ``G = Y^T Y``, ``Y`` and ``I``);
+2. moves towards that solution as far as the objective decreases, stopping where a
+   coefficient changes sign (it leaves the working set at zero);
+3. where the solution was reached: computes the columns' gradients against the sparse
+   ``C`` and ``E`` (``G`` times a sparse matrix) and the KKT violations of the variables
+   outside the set, and adds the worst ``grow`` of them; a column with none is solved.
+
+The answer is the minimiser up to rounding (the signs and the working set are found, not
+approximated), certified per column by :func:`duality_gaps`.
+
+**The dual** (docs/ssc.md). Dualising ``r = y_i - Y c - e`` with ``u`` and ``1^T c = 1`` with
+``nu`` gives ``max u^T y_i - ||u||^2 / (2 lambda_z) + nu`` subject to
+``||u||_inf <= lambda_e`` and ``|y_j^T u + nu| <= 1`` for ``j != i``. At the minimiser
+``u = lambda_z clip(y_i - Y c, -t, t)`` with ``t = lambda_e / lambda_z`` (the Huber
+gradient of the residual), so any ``C`` gives a dual feasible point: that ``u``, scaled by
+the ``s`` that maximises the dual within feasibility, and ``nu = 1 - s max_{j != i} y_j^T u``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+
+import torch
+
+from videoanchor.anchor._inputs import as_feature_tensor
+from videoanchor.anchor.ssc import ADMMResult, gram_row_max, solve_ssc_admm, ssc_lambdas
+
+__all__ = ["ColumnGaps", "duality_gaps", "solve_ssc_workset", "reference_minimiser", "SetsTooLarge"]
+
+
+class SetsTooLarge(RuntimeError):
+    """A column's working set outgrew ``max_set``: ``C`` is dense here (docs/ssc.md)."""
+
+
+class ColumnGaps:
+    """Per-column primal and dual objectives of ``C`` (float64, ``N`` each) and its
+    constraint violations: ``primal``, ``dual``, ``gap`` (``(primal - dual) / primal``,
+    ``primal >= 1`` where ``1^T c = 1``), ``affine`` (``max_i |1^T c_i - 1|``) and
+    ``diagonal`` (``max_i |C_ii|``)."""
+
+    def __init__(self, primal, dual, affine: float, diagonal: float):
+        self.primal, self.dual = primal, dual
+        self.gap = (primal - dual) / primal.abs().clamp_min(1e-300)
+        self.affine, self.diagonal = affine, diagonal
+
+    @property
+    def max_gap(self) -> float:
+        """The largest relative gap over the columns."""
+        return float(self.gap.max())
+
+    def objective(self) -> float:
+        """The program's objective at ``C`` (``E`` at its optimum for ``C``)."""
+        return float(self.primal.sum())
+
+
+def duality_gaps(features, coef, lambda_e: float, lambda_z: float) -> ColumnGaps:
+    """The duality-gap certificate of ``coef`` (``C``, ``N x N``) for ``features`` (``N x D``).
+
+    Column ``i``'s primal objective (``E`` eliminated: a Huber function of the residual
+    ``r = y_i - Y c_i`` with threshold ``t = lambda_e / lambda_z``) against the dual objective
+    at the feasible point built from ``u = lambda_z clip(r, -t, t)`` (module docstring).
+    The gap bounds the objective's distance to the minimiser where ``C`` is feasible (the
+    constraint violations are returned beside it). float64 throughout, on the CPU.
+    """
+    y = as_feature_tensor(features).detach().to("cpu", torch.float64).T
+    c = torch.as_tensor(coef).detach().to("cpu", torch.float64)
+    d, n = y.shape
+    if tuple(c.shape) != (n, n):
+        raise ValueError(f"coef: expected {n} x {n} for {n} points, got {tuple(c.shape)}")
+    t = lambda_e / lambda_z
+    r = y - y @ c
+    huber = torch.where(r.abs() <= t, 0.5 * lambda_z * r * r, lambda_e * (r.abs() - 0.5 * t))
+    primal = c.abs().sum(dim=0) + huber.sum(dim=0)
+    u = lambda_z * r.clamp(-t, t)
+    g = y.T @ u  # g[j, i] = y_j^T u_i
+    eye = torch.eye(n, dtype=torch.bool)
+    gmax = g.masked_fill(eye, -math.inf).amax(dim=0)
+    gmin = g.masked_fill(eye, math.inf).amin(dim=0)
+    uy, uu = (u * y).sum(dim=0), (u * u).sum(dim=0)
+    spread = gmax - gmin
+    s_max = torch.where(
+        spread > 0, 2.0 / spread.clamp_min(1e-300), torch.full_like(spread, math.inf)
+    )
+    s_max = torch.minimum(s_max, lambda_e / u.abs().amax(dim=0).clamp_min(1e-300))
+    slope = uy - gmax
+    s = torch.where(uu > 0, lambda_z * slope / uu.clamp_min(1e-300), torch.zeros_like(uu))
+    s = torch.minimum(s.clamp_min(0.0), s_max)
+    dual = s * slope - s * s * uu / (2 * lambda_z) + 1.0
+    affine = float((c.sum(dim=0) - 1).abs().max())
+    diagonal = float(c.diagonal().abs().max())
+    return ColumnGaps(primal, dual, affine, diagonal)
+
+
+class _State:
+    """The working sets of the unsolved columns, padded to ``m`` slots."""
+
+    def __init__(self, cols, idx, z, theta, active, stall):
+        self.cols, self.idx, self.z, self.theta, self.active = cols, idx, z, theta, active
+        self.stall = stall  # the last step made no progress: grow this column by one
+
+    def take(self, keep):
+        return _State(self.cols[keep], self.idx[keep], self.z[keep], self.theta[keep],
+                      self.active[keep], self.stall[keep])  # fmt: skip
+
+    def widen(self, m: int):
+        extra = m - self.idx.shape[1]
+        if extra <= 0:
+            return
+        b = self.idx.shape[0]
+        self.idx = torch.cat([self.idx, self.idx.new_zeros(b, extra)], dim=1)
+        self.z = torch.cat([self.z, self.z.new_zeros(b, extra)], dim=1)
+        self.theta = torch.cat([self.theta, self.theta.new_zeros(b, extra)], dim=1)
+        self.active = torch.cat([self.active, self.active.new_zeros(b, extra)], dim=1)
+
+
+def solve_ssc_workset(
+    features,
+    *,
+    alpha_e: float = 800.0,
+    alpha_z: float = 800.0,
+    tol: float = 1e-10,
+    grow: int = 8,
+    max_set: int | None = None,
+    max_passes: int = 2000,
+    start=None,
+) -> ADMMResult:
+    """The SSC program's minimiser for ``features`` (``N x D``) by working sets (module
+    docstring), float64 on the CPU; ``coef`` is returned in ``features``' floating dtype.
+
+    ``tol``: the KKT violation (relative to each variable's l1 weight) below which a
+    variable stays out of its set. ``grow``: variables added per column and pass.
+    ``max_set``: the most variables (coefficients and outliers) one column's working set may
+    hold (None: no limit); a set that outgrows it raises :class:`SetsTooLarge`, where ``C``
+    is dense and the working sets stop paying. ``residual`` of the result is the largest
+    relative duality gap over the columns (:func:`duality_gaps`), ``iterations`` the passes,
+    ``converged`` whether every column's set is optimal (no violation above ``tol``).
+    ``start``: ``(C, E)`` to start from (their supports and signs; :func:`reference_minimiser`
+    starts from the ADMM's answer); default: each point's nearest other point.
+    """
+    t0 = time.perf_counter()
+    x = as_feature_tensor(features)
+    out_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    x64 = x.detach().to("cpu", torch.float64)
+    n, d = x64.shape
+    if n < 2:
+        raise ValueError(f"SSC needs at least 2 points, got N = {n}")
+    if int(grow) < 1:
+        raise ValueError(f"grow: expected a positive integer, got {grow}")
+    if not (tol >= 0):
+        raise ValueError(f"tol: expected a non-negative number, got {tol}")
+    G = x64 @ x64.T
+    lam_e, lam_z, _, _ = ssc_lambdas(x64, alpha_e, alpha_z, row_max=gram_row_max(x64, gram=G))
+    Y = x64.T.contiguous()  # D x N
+    YT = x64  # N x D
+    kfull = torch.zeros(n + d + 1, n + d + 1, dtype=torch.float64)
+    kfull[:n, :n] = G
+    kfull[n : n + d, :n] = Y
+    kfull[:n, n : n + d] = YT
+    kfull[n:, n:].fill_diagonal_(1.0)
+    wfull = torch.ones(n + d + 1, dtype=torch.float64)
+    wfull[n:] = lam_e
+    wfull[-1] = 0.0
+    t1 = time.perf_counter()
+    cap = n + d if max_set is None else int(max_set)
+    weights_e = lam_e
+
+    if start is None:
+        # each column from its nearest other point (c = e_j0 meets the constraint)
+        dist = G.diagonal()[:, None] + G.diagonal()[None, :] - 2 * G
+        dist.fill_diagonal_(math.inf)
+        start_c = torch.zeros(n, n, dtype=torch.float64)
+        start_c[dist.argmin(dim=0), torch.arange(n)] = 1.0
+        start_e = torch.zeros(d, n, dtype=torch.float64)
+    else:  # a warm start: its supports and values, moved onto 1^T c = 1
+        start_c, start_e = (torch.as_tensor(a).detach().to("cpu", torch.float64) for a in start)
+        if tuple(start_c.shape) != (n, n) or tuple(start_e.shape) != (d, n):
+            raise ValueError(
+                f"start: expected (C, E) of shapes {(n, n)} and {(d, n)}, got "
+                f"{tuple(start_c.shape)} and {tuple(start_e.shape)}"
+            )
+        start_c = start_c.clone()
+        start_c.fill_diagonal_(0.0)
+        on = start_c != 0
+        count = on.sum(dim=0)
+        if bool((count == 0).any()):
+            raise ValueError("start: every column of C needs a non-zero entry off the diagonal")
+        start_c = start_c + on * ((1 - start_c.sum(dim=0)) / count)[None, :]
+    zs = torch.cat([start_c, start_e], dim=0).T  # N x (N + D): column i's z
+    on = zs != 0
+    m = max(16, int(on.sum(dim=1).max()))
+    order = torch.argsort((~on).to(torch.int8), dim=1, stable=True)[:, :m]
+    active = on.gather(1, order)
+    idx = order.masked_fill(~active, 0)
+    z = zs.gather(1, order) * active
+    theta = torch.sign(z)
+    st = _State(torch.arange(n), idx, z, theta, active, torch.zeros(n, dtype=torch.bool))
+    C = torch.zeros(n, n, dtype=torch.float64)
+    E = torch.zeros(d, n, dtype=torch.float64)
+    passes, converged = 0, True
+    while st.cols.numel():
+        passes += 1
+        if passes > max_passes:
+            converged = False
+            break
+        b, m = st.idx.shape
+        # P_A^T P_A and P_A^T y_i gathered from [[G, Y^T], [Y, I]] (pads: its last row and
+        # column, zero but for a one on the diagonal)
+        ia = st.idx.masked_fill(~st.active, n + d)
+        K = kfull.take(ia[:, :, None] * (n + d + 1) + ia[:, None, :])
+        py = kfull[ia, st.cols[:, None]]
+        a = ((ia < n) & st.active).to(K.dtype)
+        w = wfull[ia]
+        # [lam_z K, a; a^T, 0] [z; -nu] = [lam_z P^T y - w theta; 1]
+        kkt = torch.zeros(b, m + 1, m + 1, dtype=torch.float64)
+        kkt[:, :m, :m] = lam_z * K
+        kkt[:, :m, m] = a
+        kkt[:, m, :m] = a
+        rhs = torch.cat([lam_z * py - w * st.theta, torch.ones(b, 1, dtype=torch.float64)], 1)
+        # a tiny ridge keeps a singular set (dependent columns) bounded; refinement
+        # against the unregularised system removes it where the set is not singular. A
+        # singular set's step can be huge: the line search below guards the descent
+        reg = kkt.clone()
+        diag = reg.diagonal(dim1=1, dim2=2)[:, :m]
+        diag += 1e-11 * diag.abs().amax(1, keepdim=True)
+        lu = torch.linalg.lu_factor(reg)
+        sol = torch.linalg.lu_solve(*lu, rhs[:, :, None])
+        for _ in range(3):
+            sol = sol + torch.linalg.lu_solve(*lu, rhs[:, :, None] - kkt @ sol)
+        sol = sol[:, :, 0]
+        sol = torch.where(torch.isfinite(sol).all(dim=1, keepdim=True), sol, 0.0)
+        z_new = torch.where(sol[:, m:].abs() > 0, sol[:, :m], st.z) * st.active  # failed: stay
+        nu = -sol[:, m]
+        # exact line search of the objective (convex, piecewise quadratic in the step s) on
+        # the segment to the solution: its pieces end where a coefficient crosses zero
+        dz = z_new - st.z
+        bp = -st.z / torch.where(dz != 0, dz, 1.0)
+        valid = (bp > 0) & (bp < 1) & st.active & (dz != 0)
+        bp = torch.where(valid, bp, 1.0)
+        ends, order = bp.sort(dim=1)
+        lo = torch.cat([torch.zeros(b, 1, dtype=torch.float64), ends[:, :-1]], 1)
+        hi = ends
+        # the l1 term's slope on each piece: it grows by 2 w |dz| where a coefficient crosses
+        sg0 = torch.where(st.z != 0, torch.sign(st.z), torch.sign(dz))
+        slope0 = (w * sg0 * dz).sum(1, keepdim=True)
+        jump = torch.where(valid, 2 * w * dz.abs(), 0.0).gather(1, order).cumsum(1)
+        slopes = slope0 + torch.cat([torch.zeros(b, 1, dtype=torch.float64), jump[:, :-1]], 1)
+        l1_lo = (w * st.z.abs()).sum(1, keepdim=True) + torch.cat(
+            [torch.zeros(b, 1, dtype=torch.float64), (slopes * (hi - lo)).cumsum(1)[:, :-1]], 1
+        )
+        kz = (K @ st.z[:, :, None])[:, :, 0]
+        lin = ((py - kz) * dz).sum(dim=1, keepdim=True)
+        quad = (dz * (K @ dz[:, :, None])[:, :, 0]).sum(dim=1, keepdim=True)
+        # each piece's minimiser: its stationary point, or (quad rounded to <= 0) an end
+        stat = torch.where(quad > 0, (lam_z * lin - slopes) / (lam_z * quad).clamp_min(1e-300), lo)
+        cands = torch.stack([torch.minimum(torch.maximum(stat, lo), hi), lo, hi])
+        fs = l1_lo + slopes * (cands - lo) - lam_z * cands * lin + 0.5 * lam_z * cands**2 * quad
+        pick = torch.nan_to_num(fs, nan=math.inf).argmin(dim=0, keepdim=True)
+        cand = cands.gather(0, pick)[0]
+        f = fs.gather(0, pick)[0]
+        best = torch.nan_to_num(f, nan=math.inf).argmin(dim=1)
+        s_best = cand.gather(1, best[:, None])
+        z_next = st.z + s_best * dz
+        z_next = torch.where(valid & (bp == s_best), 0.0, z_next)
+        consistent = ((torch.sign(z_new) == st.theta) | ~st.active | (z_new == 0)).all(dim=1)
+        # the set's solution reached with its signs: the set is solved (rounding aside)
+        f1 = (w * z_new.abs()).sum(1) - lam_z * lin[:, 0] + 0.5 * lam_z * quad[:, 0]
+        f_best = f.gather(1, best[:, None])[:, 0]
+        scale = (w * st.z.abs()).sum(1) + f_best.abs()
+        full = consistent & ((s_best[:, 0] > 1 - 1e-9) | (f1 <= f_best + 1e-13 * scale))
+        # no descent (rounding): stay where we are
+        worse = ~full & (f_best >= l1_lo[:, 0])
+        s_best = torch.where(worse[:, None], 0.0, s_best)
+        z_next = torch.where(worse[:, None], st.z, z_next)
+        # no step: some added variable's sign is wrong in the set's solution (feature-sign
+        # descends for one added variable at a time): this column grows by one next time
+        st.stall = st.stall | (~full & (s_best[:, 0] == 0))
+        z_next = torch.where(full[:, None], z_new, z_next)
+        st.z = z_next * st.active
+        st.active = st.active & (st.z != 0)
+        st.theta = torch.sign(st.z)
+        st.idx = st.idx.masked_fill(~st.active, 0)
+        if not bool(full.any()):
+            continue
+        # the columns at their set's optimum: KKT violations outside the set
+        fi = full.nonzero().squeeze(1)
+        cols, zi, ii, act = st.cols[fi], st.z[fi], st.idx[fi], st.active[fi]
+        nf = fi.numel()
+        rows = torch.arange(nf)[:, None].expand_as(ii)
+        on_c, on_e = act & (ii < n), act & (ii >= n)
+        zc = torch.zeros(nf, n, dtype=torch.float64)
+        zc.index_put_((rows[on_c], ii[on_c]), zi[on_c], accumulate=True)
+        ze = torch.zeros(nf, d, dtype=torch.float64)
+        ze.index_put_((rows[on_e], ii[on_e] - n), zi[on_e], accumulate=True)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            zcs, zes = zc.to_sparse_csr(), ze.to_sparse_csr()
+        resid = YT[cols] - (zcs @ YT) - ze  # r^T: nf x D
+        grad_c = G[cols] - (zcs @ G) - (zes @ YT.T.contiguous())  # Y^T r
+        viol_c = (lam_z * grad_c + nu[fi, None]).abs() - 1.0
+        sign_c = torch.sign(lam_z * grad_c + nu[fi, None])
+        viol_e = (lam_z * resid).abs() / weights_e - 1.0
+        sign_e = torch.sign(resid)
+        viol_c[torch.arange(nf), cols] = -math.inf
+        viol_c.masked_fill_(zc != 0, -math.inf)
+        viol_e.masked_fill_(ze != 0, -math.inf)
+        viol = torch.cat([viol_c, viol_e], dim=1)
+        sgn = torch.cat([sign_c, sign_e], dim=1)
+        k = min(int(grow), n + d)
+        top_v, top_i = viol.topk(k, dim=1)
+        grows = torch.where(st.stall[fi], 1, min(int(grow), k))
+        add = (top_v > tol) & (torch.arange(k)[None, :] < grows[:, None])
+        st.stall[fi] = False
+        done = ~add.any(dim=1)
+        for j, c_i in enumerate(cols.tolist()):  # record the solved columns (few per pass)
+            if done[j]:
+                C[:, c_i] = zc[j]
+                E[:, c_i] = ze[j]
+        need = int((act.sum(dim=1) + add.sum(dim=1)).max())
+        if need > cap:
+            raise SetsTooLarge(
+                f"a column's working set needs {need} variables, above max_set = {cap} "
+                f"(C is dense on these {n} points)"
+            )
+        if need > st.idx.shape[1]:
+            st.widen(max(need, 2 * st.idx.shape[1]))
+            ii, act = st.idx[fi], st.active[fi]
+            zi = st.z[fi]
+        # new variables into free slots (free slots first, in order)
+        free = torch.argsort(act.to(torch.int8), dim=1, stable=True)[:, :k]
+        slot_rows = torch.arange(nf)[:, None].expand(nf, k)
+        new_sign = sgn.gather(1, top_i)
+        ii = ii.clone()
+        ii[slot_rows[add], free[add]] = top_i[add]
+        th = st.theta[fi].clone()
+        th[slot_rows[add], free[add]] = new_sign[add]
+        act = act.clone()
+        act[slot_rows[add], free[add]] = True
+        st.idx[fi], st.theta[fi], st.active[fi] = ii, th, act
+        keep = torch.ones(b, dtype=torch.bool)
+        keep[fi[done]] = False
+        st = st.take(keep)
+        if st.cols.numel():
+            width = int(st.active.sum(dim=1).max()) + 1
+            if width < st.idx.shape[1] // 2 and width >= 16:  # narrow the padding again
+                order = torch.argsort((~st.active).to(torch.int8), dim=1, stable=True)[:, :width]
+                st = _State(st.cols, st.idx.gather(1, order), st.z.gather(1, order),
+                            st.theta.gather(1, order), st.active.gather(1, order),
+                            st.stall)  # fmt: skip
+    if not converged:  # the unsolved columns: their last iterate (feasible)
+        for j, c_i in enumerate(st.cols.tolist()):
+            for slot in st.active[j].nonzero().squeeze(1).tolist():
+                v = int(st.idx[j, slot])
+                if v < n:
+                    C[v, c_i] = st.z[j, slot]
+                else:
+                    E[v - n, c_i] = st.z[j, slot]
+    t2 = time.perf_counter()
+    gaps = duality_gaps(x64, C, lam_e, lam_z)
+    t3 = time.perf_counter()
+    return ADMMResult(
+        coef=C.to(x.device, out_dtype),
+        iterations=passes,
+        converged=converged,
+        residual=gaps.max_gap,
+        lambda_e=lam_e,
+        lambda_z=lam_z,
+        rho=0.0,
+        strategy="workset",
+        outliers=E.to(x.device, out_dtype),
+        timings={"lambdas": t1 - t0, "workset": t2 - t1, "certificate": t3 - t2},
+    )
+
+
+def reference_minimiser(features, *, alpha_e: float = 800.0, alpha_z: float = 800.0,
+                        gap: float = 1e-9, admm_eps: float = 1e-7,
+                        max_iter: int = 10000, max_passes: int = 200) -> ADMMResult:  # fmt: skip
+    """The program's minimiser for ``features`` in float64, certified: every column's
+    relative duality gap below ``gap`` (:func:`duality_gaps`), else ``converged=False``.
+
+    The ADMM (float64, over-relaxed, residual balancing) to ``admm_eps`` finds the supports
+    and signs; :func:`solve_ssc_workset` started there solves the program on them exactly
+    and adds what the ADMM missed (at most ``max_passes`` passes: where the ADMM stopped far
+    from the minimiser the working sets would take long). ``iterations`` counts the ADMM's iterations and the
+    working-set passes; ``timings`` has both.
+    """
+    x = as_feature_tensor(features).detach().to("cpu", torch.float64)
+    admm = solve_ssc_admm(x, alpha_e=alpha_e, alpha_z=alpha_z, dtype=torch.float64,
+                          eps=admm_eps, max_iter=max_iter, relax=1.8, adaptive_rho=True,
+                          progress=False)  # fmt: skip
+    res = solve_ssc_workset(x, alpha_e=alpha_e, alpha_z=alpha_z, tol=1e-11,
+                            start=(admm.coef, admm.outliers), max_passes=max_passes)  # fmt: skip
+    res.converged = bool(res.converged and res.residual < gap)
+    res.iterations += admm.iterations
+    res.timings = {"admm": sum(admm.timings.values()), **res.timings}
+    return res
