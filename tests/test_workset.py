@@ -142,3 +142,12 @@ def test_dense_sets_and_bad_input_say_so():
         duality_gaps(x, torch.zeros(29, 29), 1.0, 1.0)
     with pytest.raises(ValueError, match="grow"):
         solve_ssc_workset(x, grow=0)
+
+
+def test_the_reference_falls_back_to_the_admm_where_the_sets_do_not_fit():
+    x = _points(30, 12, seed=1)
+    res = reference_minimiser(x, memory=1)  # no working set fits: the ADMM's answer
+    assert res.strategy == "admm" and res.iterations > 0
+    gaps = duality_gaps(x, res.coef, res.lambda_e, res.lambda_z)
+    assert res.residual == pytest.approx(gaps.max_gap)
+    assert res.converged == (gaps.max_gap < 1e-9)
