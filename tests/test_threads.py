@@ -77,7 +77,9 @@ def test_free_cores_are_the_cores_less_the_running_work(monkeypatch, tmp_path):
     load = tmp_path / "loadavg"
     monkeypatch.setattr(threads, "usable_cores", lambda: 4)
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 4)
-    monkeypatch.setattr(threads, "_running_elsewhere", lambda: _original_running(str(load)))
+    monkeypatch.setattr(
+        threads, "_running_elsewhere", lambda: _original_running(str(load), here=lambda: 1)
+    )
     for running, free in ((1, 4), (2, 3), (4, 1), (9, 1)):  # the caller is one of them
         load.write_text(f"0.50 0.40 0.30 {running}/300 1234\n")
         assert threads.free_cores() == free, running
@@ -87,11 +89,24 @@ def test_free_cores_are_the_cores_less_the_running_work(monkeypatch, tmp_path):
 
 def test_running_elsewhere_reads_the_kernel_s_count(tmp_path):
     load = tmp_path / "loadavg"
-    load.write_text("0.50 0.40 0.30 3/300 1234\n")
-    assert _original_running(str(load)) == 2
+    load.write_text("0.50 0.40 0.30 5/300 1234\n")
+    assert _original_running(str(load), here=lambda: 1) == 4
+    # this process's own running threads (a parallel region's spinning OpenMP threads) are
+    # not work beside it
+    assert _original_running(str(load), here=lambda: 3) == 2
+    assert _original_running(str(load), here=lambda: 9) == 0
     assert _original_running(str(tmp_path / "absent")) is None
     load.write_text("garbage\n")
     assert _original_running(str(load)) is None
+
+
+def test_running_here_counts_this_process_s_running_threads(tmp_path):
+    assert threads._running_here() >= 1  # the caller runs
+    for tid, state in ((1, "R"), (2, "S"), (3, "R")):
+        (tmp_path / str(tid)).mkdir()
+        (tmp_path / str(tid) / "stat").write_text(f"{tid} (py (worker) 1) {state} 1 2 3\n")
+    assert threads._running_here(str(tmp_path)) == 2
+    assert threads._running_here(str(tmp_path / "absent")) == 1
 
 
 def test_bounded_takes_fewer_threads_beside_running_work(monkeypatch):

@@ -70,26 +70,47 @@ def usable_cores() -> int:
     return max(1, min(cores, quota) if quota else cores)
 
 
-def _running_elsewhere(path: str = "/proc/loadavg", samples: int = 3) -> int | None:
-    """How many threads other than the caller are running on the machine now: the
-    kernel's count of runnable tasks (the fourth field of ``/proc/loadavg``, the caller
-    included), minus one, the median of ``samples`` reads 0.5 ms apart; None where the
+def _running_here(task_dir: str = "/proc/self/task") -> int:
+    """This process's threads the kernel counts as running (state R), the caller included.
+    A parallel region's OpenMP threads spin for some milliseconds after it ends: they are
+    this process's own, not work beside it."""
+    count = 0
+    try:
+        tasks = os.listdir(task_dir)
+    except OSError:
+        return 1
+    for task in tasks:
+        try:
+            with open(os.path.join(task_dir, task, "stat")) as f:
+                count += f.read().rsplit(")", 1)[1].split()[0] == "R"
+        except (OSError, IndexError):
+            continue  # the thread ended meanwhile
+    return max(1, count)
+
+
+def _running_elsewhere(
+    path: str = "/proc/loadavg", samples: int = 3, here=_running_here
+) -> int | None:
+    """How many threads of other processes are running on the machine now: the kernel's
+    count of runnable tasks (the fourth field of ``/proc/loadavg``) less this process's own
+    (:func:`_running_here`), the median of ``samples`` reads 0.5 ms apart; None where the
     file is missing (not Linux)."""
     counts = []
     for i in range(samples):
         try:
             with open(path) as f:
-                counts.append(int(f.read().split()[3].split("/")[0]))
+                running = int(f.read().split()[3].split("/")[0])
         except (OSError, ValueError, IndexError):
             return None
+        counts.append(max(0, running - here()))
         if i + 1 < samples:
             time.sleep(5e-4)
-    return max(0, sorted(counts)[len(counts) // 2] - 1)
+    return sorted(counts)[len(counts) // 2]
 
 
 def free_cores() -> int:
-    """The cores not taken by other running work now (the machine's CPUs less the threads
-    running elsewhere, :func:`_running_elsewhere`), at most :func:`usable_cores`, at
+    """The cores not taken by other processes' running work now (the machine's CPUs less
+    their running threads, :func:`_running_elsewhere`), at most :func:`usable_cores`, at
     least 1. libgomp's dynamic mode sizes its teams the same way, from the load average:
     a parallel region whose threads share a core with a busy process runs at the pace of
     the slowest (on two cores beside a spin loop, two threads took the scores 4.1x their
