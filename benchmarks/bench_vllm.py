@@ -35,7 +35,11 @@ subclass with CUDA graphs on; plain is whatever vLLM picks, e.g. FLASH_ATTN; ben
 run_gpu.sh runs this with a local checkpoint in VIDEOANCHOR_QWEN25VL_7B):
     python benchmarks/bench_vllm.py --model Qwen/Qwen2.5-VL-7B-Instruct --frames 16 \\
         --size 336 --requests 16 --max-tokens 64 --dtype bfloat16 --n-clusters 24
-Writes benchmarks/results/vllm_<device>.json (vllm_tp<N>_<device>.json with ``--tp N``).
+Beside a busy process (issue 53; ``bench_contention``'s neighbours, started before the first
+engine and stopped after the last, so the baseline runs beside it too):
+    python benchmarks/bench_vllm.py --frames 8 --size 224 --busy spin
+Writes benchmarks/results/vllm_<device>.json (vllm_tp<N>_<device>.json with ``--tp N``,
+vllm_busy_<kind>_<device>.json with ``--busy``).
 """
 
 from __future__ import annotations
@@ -206,6 +210,9 @@ def main() -> None:
     p.add_argument("--engines", default="plain,anchored,in_step",
                    help="comma-separated engines (the first is the ratios' baseline): "
                         f"{', '.join(ENGINES)}")  # fmt: skip
+    p.add_argument("--busy", choices=("spin", "numeric"), default=None,
+                   help="run every engine beside a busy process (bench_contention's "
+                   "neighbours): writes vllm_busy_<kind>_<device>.json")  # fmt: skip
     p.add_argument("--worker", choices=ENGINES, default=None)
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
@@ -252,17 +259,20 @@ def main() -> None:
         [str(HERE.parent), str(TESTS / "vllm_site"), str(TESTS), env.get("PYTHONPATH", "")]
     )
     rows = []
-    for kind in engines:
-        out = tmp / f"{kind}.json"
-        cmd = [sys.executable, __file__, "--worker", kind, "--json-out", str(out)]
-        cmd += sys.argv[1:] if "--model" in sys.argv else sys.argv[1:] + ["--model", args.model]
-        subprocess.run(cmd, env=env, check=True)
-        rows.append(json.loads(out.read_text()))
+    sys.path.insert(0, str(HERE.parent))
+    from benchmarks.bench_contention import busy
+
+    with busy(args.busy):  # the neighbour beside every engine, the baseline's included
+        for kind in engines:
+            out = tmp / f"{kind}.json"
+            cmd = [sys.executable, __file__, "--worker", kind, "--json-out", str(out)]
+            cmd += sys.argv[1:] if "--model" in sys.argv else sys.argv[1:] + ["--model", args.model]
+            subprocess.run(cmd, env=env, check=True)
+            rows.append(json.loads(out.read_text()))
     base = rows[0]  # the baseline of the ratios ("plain" by default), named in their keys
     vs = f"vs_{base['engine']}"
     for r in rows:
         r[f"ratio_{vs}"] = r["output_tokens_per_s"] / base["output_tokens_per_s"]
-    sys.path.insert(0, str(HERE.parent))
     import vllm
 
     from benchmarks.common import environment, print_table, write_result
@@ -273,7 +283,7 @@ def main() -> None:
                 size=args.size, max_tokens=args.max_tokens, running=args.running,
                 dtype=args.dtype, n_clusters=args.n_clusters, max_iter=args.max_iter,
                 alpha_k=args.alpha_k, alpha_v=args.alpha_v, layout=args.layout,
-                tensor_parallel_size=args.tp, baseline=base["engine"],
+                tensor_parallel_size=args.tp, baseline=base["engine"], busy=args.busy,
                 env={k: env.get(k) for k in ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS",
                                              "VLLM_ENABLE_V1_MULTIPROCESSING")})  # fmt: skip
     print_table(rows, ["engine", "requests_per_s", "output_tokens_per_s", f"ratio_{vs}",
@@ -289,6 +299,7 @@ def main() -> None:
             f"the video's first token {r[f'video_ttft_{vs}']:.2f}"
         )
     name = "vllm" if args.tp == 1 else f"vllm_tp{args.tp}"
+    name += f"_busy_{args.busy}" if args.busy else ""
     print("wrote", write_result(name, meta, rows, args.out_dir))
 
 
