@@ -220,6 +220,10 @@ def solve_ssc_workset(
     C = torch.zeros(n, n, dtype=torch.float64)
     E = torch.zeros(d, n, dtype=torch.float64)
     passes, converged = 0, True
+
+    def eye1(m: int) -> torch.Tensor:
+        return torch.eye(m + 1, dtype=torch.float64)
+
     while st.cols.numel():
         passes += 1
         if passes > max_passes:
@@ -245,11 +249,17 @@ def solve_ssc_workset(
         reg = kkt.clone()
         diag = reg.diagonal(dim1=1, dim2=2)[:, :m]
         diag += 1e-11 * diag.abs().amax(1, keepdim=True)
-        lu = torch.linalg.lu_factor(reg)
-        sol = torch.linalg.lu_solve(*lu, rhs[:, :, None])
+        # a system LAPACK cannot factor (non-finite, or exactly singular despite the ridge)
+        # is swapped for the identity and its column stays where it is this pass
+        bad = ~torch.isfinite(reg).flatten(1).all(dim=1)
+        lu, piv, info = torch.linalg.lu_factor_ex(torch.where(bad[:, None, None], eye1(m), reg))
+        bad |= info != 0
+        if bool(bad.any()):
+            lu, piv, _ = torch.linalg.lu_factor_ex(torch.where(bad[:, None, None], eye1(m), reg))
+        sol = torch.linalg.lu_solve(lu, piv, rhs[:, :, None])
         for _ in range(3):
-            sol = sol + torch.linalg.lu_solve(*lu, rhs[:, :, None] - kkt @ sol)
-        sol = sol[:, :, 0]
+            sol = sol + torch.linalg.lu_solve(lu, piv, rhs[:, :, None] - kkt @ sol)
+        sol = sol[:, :, 0].masked_fill(bad[:, None], math.nan)
         sol = torch.where(torch.isfinite(sol).all(dim=1, keepdim=True), sol, 0.0)
         z_new = torch.where(sol[:, m:].abs() > 0, sol[:, :m], st.z) * st.active  # failed: stay
         nu = -sol[:, m]
