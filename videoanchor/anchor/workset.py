@@ -256,9 +256,15 @@ def solve_ssc_workset(
         bad |= info != 0
         if bool(bad.any()):
             lu, piv, _ = torch.linalg.lu_factor_ex(torch.where(bad[:, None, None], eye1(m), reg))
-        sol = torch.linalg.lu_solve(lu, piv, rhs[:, :, None])
-        for _ in range(3):
-            sol = sol + torch.linalg.lu_solve(lu, piv, rhs[:, :, None] - kkt @ sol)
+        try:
+            sol = torch.linalg.lu_solve(lu, piv, rhs[:, :, None])
+            for _ in range(3):
+                sol = sol + torch.linalg.lu_solve(lu, piv, rhs[:, :, None] - kkt @ sol)
+        except RuntimeError:  # pivots LAPACK left invalid (seen once on 512 tokens): by SVD
+            inv = torch.linalg.pinv(torch.where(bad[:, None, None], eye1(m), reg))
+            sol = inv @ rhs[:, :, None]
+            for _ in range(3):
+                sol = sol + inv @ (rhs[:, :, None] - kkt @ sol)
         sol = sol[:, :, 0].masked_fill(bad[:, None], math.nan)
         sol = torch.where(torch.isfinite(sol).all(dim=1, keepdim=True), sol, 0.0)
         z_new = torch.where(sol[:, m:].abs() > 0, sol[:, :m], st.z) * st.active  # failed: stay
