@@ -111,10 +111,11 @@ def _running_elsewhere(
 def free_cores() -> int:
     """The cores not taken by other processes' running work now (the machine's CPUs less
     their running threads, :func:`_running_elsewhere`), at most :func:`usable_cores`, at
-    least 1. libgomp's dynamic mode sizes its teams the same way, from the load average:
-    a parallel region whose threads share a core with a busy process runs at the pace of
-    the slowest (on two cores beside a spin loop, two threads took the scores 4.1x their
-    idle time, one thread about 2x)."""
+    least 1 (libgomp's dynamic mode sizes its teams from the load average in the same
+    spirit). A parallel region whose threads share a core with a busy process runs at the
+    pace of the slowest: on two cores beside a spin loop the default scores took 3.9x
+    their idle time at two threads and 1.5x bounded to the free core
+    (``benchmarks/results/contention_cpu.json``)."""
     usable = usable_cores()
     others = _running_elsewhere()
     if others is None:
