@@ -205,10 +205,11 @@ def solve_ssc_workset(
         start_c = start_c + on * ((1 - start_c.sum(dim=0)) / count)[None, :]
     zs = torch.cat([start_c, start_e], dim=0).T  # N x (N + D): column i's z
     on = zs != 0
-    m = max(16, int(on.sum(dim=1).max()))
-    if int(on.sum(dim=1).max()) > cap:
+    widest = int(on.sum(dim=1).max())
+    m = max(16, widest)
+    if widest > cap:
         raise SetsTooLarge(
-            f"a column's start holds {int(on.sum(dim=1).max())} variables, above max_set = {cap} "
+            f"a column's start holds {widest} variables, above max_set = {cap} "
             f"(C or E is dense on these {n} points)"
         )
     order = torch.argsort((~on).to(torch.int8), dim=1, stable=True)[:, :m]
@@ -220,9 +221,6 @@ def solve_ssc_workset(
     C = torch.zeros(n, n, dtype=torch.float64)
     E = torch.zeros(d, n, dtype=torch.float64)
     passes, converged = 0, True
-
-    def eye1(m: int) -> torch.Tensor:
-        return torch.eye(m + 1, dtype=torch.float64)
 
     while st.cols.numel():
         passes += 1
@@ -252,21 +250,25 @@ def solve_ssc_workset(
         # a system LAPACK cannot factor (non-finite, or exactly singular despite the ridge)
         # is swapped for the identity and its column stays where it is this pass
         bad = ~torch.isfinite(reg).flatten(1).all(dim=1)
-        lu, piv, info = torch.linalg.lu_factor_ex(torch.where(bad[:, None, None], eye1(m), reg))
-        bad |= info != 0
-        if bool(bad.any()):
-            lu, piv, _ = torch.linalg.lu_factor_ex(torch.where(bad[:, None, None], eye1(m), reg))
+        eye = torch.eye(m + 1, dtype=torch.float64)
+        systems = torch.where(bad[:, None, None], eye, reg)
+        lu, piv, info = torch.linalg.lu_factor_ex(systems)
+        if bool((info != 0).any()):
+            bad |= info != 0
+            systems = torch.where(bad[:, None, None], eye, reg)
+            lu, piv, _ = torch.linalg.lu_factor_ex(systems)
         try:
             sol = torch.linalg.lu_solve(lu, piv, rhs[:, :, None])
             for _ in range(3):
                 sol = sol + torch.linalg.lu_solve(lu, piv, rhs[:, :, None] - kkt @ sol)
         except RuntimeError:  # pivots LAPACK left invalid (seen once on 512 tokens): by SVD
-            inv = torch.linalg.pinv(torch.where(bad[:, None, None], eye1(m), reg))
+            inv = torch.linalg.pinv(systems)
             sol = inv @ rhs[:, :, None]
             for _ in range(3):
                 sol = sol + inv @ (rhs[:, :, None] - kkt @ sol)
-        sol = sol[:, :, 0].masked_fill(bad[:, None], math.nan)
-        sol = torch.where(torch.isfinite(sol).all(dim=1, keepdim=True), sol, 0.0)
+        sol = sol[:, :, 0]
+        solved = ~bad[:, None] & torch.isfinite(sol).all(dim=1, keepdim=True)
+        sol = torch.where(solved, sol, 0.0)
         z_new = torch.where(sol[:, m:].abs() > 0, sol[:, :m], st.z) * st.active  # failed: stay
         nu = -sol[:, m]
         # exact line search of the objective (convex, piecewise quadratic in the step s) on
