@@ -1,0 +1,132 @@
+"""Routes to the SSC program's minimiser on video-like tokens: what each costs, on one thread.
+
+Issue 52 asks for a default that meets the yardstick (docs/ssc.md: objective gap at most the
+authors' answer's, constraints to 1e-5, row sums at least as near the minimiser's) at least
+10x faster than ``solver="faithful"`` on video-like tokens. This script measures, in one
+process and at one torch thread, on :func:`benchmarks.bench_ssc.video_tokens` (a sparse
+minimiser, as on real video tokens):
+
+- ``faithful`` and ``fast`` (today's default): time, and the yardstick's figures against the
+  certified minimiser;
+- ``reference``: :func:`videoanchor.anchor.reference_minimiser` (float64 ADMM to 1e-7, then
+  working sets): time, certificate, the minimiser's non-zeros per column;
+- the working-set solver (:func:`videoanchor.anchor.solve_ssc_workset`) from three starts:
+  each point's nearest other point, the fast default's answer, and a float64 ADMM (relaxed,
+  residual balancing) stopped at eps 1e-3: passes and time (start included), at most
+  ``--max-passes`` passes.
+
+    python benchmarks/bench_workset.py [--quick] [--frames 8 16] [--max-passes 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_ssc import video_tokens  # noqa: E402
+from benchmarks.common import environment, print_table, write_result  # noqa: E402
+from videoanchor.anchor import (  # noqa: E402
+    duality_gaps,
+    reference_minimiser,
+    solve_ssc_admm,
+    solve_ssc_workset,
+)
+from videoanchor.anchor.scores import ssc_coefficients  # noqa: E402
+
+PATCHES, DIM = 48, 1024
+
+
+def _spearman(a, b) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a.double().numpy(), b.double().numpy())[0])
+
+
+def yardstick(x, coef, ref) -> dict:
+    """Objective gap to the minimiser's (relative), affine violation, row-sum Spearman."""
+    g = duality_gaps(x, coef, ref.lambda_e, ref.lambda_z)
+    best = float(duality_gaps(x, ref.coef, ref.lambda_e, ref.lambda_z).primal.sum())
+    return {
+        "objective_gap": (float(g.primal.sum()) - best) / best,
+        "affine_violation": g.affine,
+        "row_sum_spearman": _spearman(coef.sum(dim=1), ref.coef.sum(dim=1)),
+    }
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def case(frames: int, patches: int, d: int, max_passes: int) -> dict:
+    x = video_tokens(frames, patches, d)
+    n = x.shape[0]
+    row = {"frames": frames, "patches": patches, "n": n, "d": d}
+    ref, row["reference_seconds"] = _timed(lambda: reference_minimiser(x))
+    nnz = (ref.coef != 0).sum(dim=0).double()
+    row.update(reference_strategy=ref.strategy, reference_certified=ref.converged,
+               reference_gap=ref.residual, minimiser_nnz_median=float(nnz.median()),
+               minimiser_nnz_p90=float(nnz.quantile(0.9)))  # fmt: skip
+    answers = {}
+    for solver in ("faithful", "fast"):
+        res, row[f"{solver}_seconds"] = _timed(lambda s=solver: ssc_coefficients(x, solver=s))
+        answers[solver] = res.coef.double()
+        row[f"{solver}_iterations"] = res.iterations
+        row.update({f"{solver}_{k}": v for k, v in yardstick(x, answers[solver], ref).items()})
+    zeros_e = torch.zeros(d, n, dtype=torch.float64)
+    admm, t_admm = _timed(lambda: solve_ssc_admm(
+        x, dtype=torch.float64, eps=1e-3, max_iter=10000, relax=1.8, adaptive_rho=True,
+        progress=False))  # fmt: skip
+    row["admm_1e-3_iterations"] = admm.iterations
+    starts = {"nearest": (None, 0.0), "fast": ((answers["fast"], zeros_e), row["fast_seconds"]),
+              "admm_1e-3": ((admm.coef, admm.outliers), t_admm)}  # fmt: skip
+    for label, (start, t_start) in starts.items():
+        res, t = _timed(lambda s=start: solve_ssc_workset(x, start=s, max_passes=max_passes))
+        row[f"workset_from_{label}_passes"] = res.iterations
+        row[f"workset_from_{label}_converged"] = res.converged
+        row[f"workset_from_{label}_gap"] = res.residual
+        row[f"workset_from_{label}_seconds"] = t + t_start
+        row[f"workset_from_{label}_over_faithful"] = (t + t_start) / row["faithful_seconds"]
+    row["fast_over_faithful"] = row["fast_seconds"] / row["faithful_seconds"]
+    return row
+
+
+def run(quick: bool, frames, max_passes: int, out_dir=None):
+    torch.set_num_threads(1)
+    meta = environment("cpu")
+    meta.update(quick=quick, torch_threads=1, max_passes=max_passes,
+                load_before=list(os.getloadavg()))  # fmt: skip
+    shapes = [(4, 24, 128)] if quick else [(f, PATCHES, DIM) for f in frames]
+    rows = []
+    for f, p, d in shapes:
+        rows.append(case(f, p, d, max_passes))
+        print({k: v for k, v in rows[-1].items() if "seconds" in k or "passes" in k}, flush=True)
+    meta["load_after"] = list(os.getloadavg())
+    print_table(rows, ["n", "minimiser_nnz_median", "faithful_seconds", "fast_seconds",
+                       "reference_seconds", "workset_from_nearest_seconds",
+                       "workset_from_fast_seconds", "workset_from_admm_1e-3_seconds",
+                       "faithful_objective_gap", "fast_objective_gap"])  # fmt: skip
+    path = write_result("workset_quick" if quick else "workset", meta, rows, out_dir)
+    print(f"wrote {path}")
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--frames", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--max-passes", type=int, default=400)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    run(args.quick, args.frames, args.max_passes, args.out)
+
+
+if __name__ == "__main__":
+    main()
