@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from videoanchor.anchor.ssc import solve_ssc_admm
 from videoanchor.anchor.workset import (
@@ -151,3 +153,54 @@ def test_the_reference_falls_back_to_the_admm_where_the_sets_do_not_fit():
     gaps = duality_gaps(x, res.coef, res.lambda_e, res.lambda_z)
     assert res.residual == pytest.approx(gaps.max_gap)
     assert res.converged == (gaps.max_gap < 1e-9)
+
+
+def test_block_pivoting_alone_reaches_the_minimiser_on_video_like_tokens(monkeypatch):
+    """Sets far below the rank (D = 64): the block exchanges solve every column without the
+    feature-sign fallback, to the same certified minimiser as the reference's ADMM route."""
+    import videoanchor.anchor.workset as ws
+    from benchmarks.bench_ssc import video_tokens
+
+    x = video_tokens(4, 12, 64, k=4, seed=3).double()
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("the feature-sign fallback ran")
+
+    monkeypatch.setattr(ws, "_feature_sign", no_fallback)
+    res = solve_ssc_workset(x)
+    assert res.converged and res.residual < 1e-9 and res.iterations > 2
+    admm = solve_ssc_admm(x, dtype=torch.float64, eps=1e-7, max_iter=20000, relax=1.8,
+                          adaptive_rho=True, progress=False)  # fmt: skip
+    polished = solve_ssc_workset(x, start=(admm.coef, admm.outliers))
+    assert torch.allclose(res.coef, polished.coef, atol=1e-8)
+    ref = reference_minimiser(x)  # certified on the first route: no ADMM ran
+    assert ref.converged and "admm" not in ref.timings
+
+
+def test_blocked_columns_fall_back_to_feature_sign(monkeypatch):
+    """D = 12 < N = 30: sets reach the rank, block exchanges stall there, and the columns they
+    leave are finished by the monotone feature-sign search: still the certified minimiser."""
+    import videoanchor.anchor.workset as ws
+
+    calls = []
+    real = ws._feature_sign
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ws, "_feature_sign", counted)
+    x = _points(30, 12, seed=1)
+    res = solve_ssc_workset(x)
+    assert calls and res.converged and res.residual < 1e-9
+    assert duality_gaps(x, res.coef, res.lambda_e, res.lambda_z).affine < 1e-12
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(n=st.integers(4, 28), d=st.integers(3, 40), seed=st.integers(0, 10_000))
+def test_any_shape_is_certified(n, d, seed):
+    x = _points(n, d, seed=seed, outlier=seed % 2 == 0)
+    res = solve_ssc_workset(x)
+    gaps = duality_gaps(x, res.coef, res.lambda_e, res.lambda_z)
+    assert res.converged and gaps.max_gap < 1e-9, (n, d, seed, gaps.max_gap)
+    assert gaps.affine < 1e-10 and gaps.diagonal == 0

@@ -8,21 +8,28 @@ columns: column ``i`` of ``C`` and of ``E`` solve
 
 and no two columns share a variable (``E``'s column ``i`` belongs to column ``i`` alone).
 This is a weighted lasso in ``z = [c; e]`` over the dictionary ``P = [Y, I]`` with one
-equality constraint. :func:`solve_ssc_workset` solves it by the feature-sign search of Lee,
-Battle, Raina & Ng (NIPS 2006), extended by the equality constraint's multiplier, on every
-column at once: each pass
+equality constraint. :func:`solve_ssc_workset` solves it on every column at once, by working
+sets and block principal pivoting (Kim & Park, SIAM J. Sci. Comput. 2011, here with signed
+variables and the constraint's multiplier). Each outer pass:
 
-1. solves the equality-constrained quadratic program on each column's working set with the
-   signs fixed (one bordered ``(m + 1) x (m + 1)`` system per column, batched, padded to a
-   common ``m``; its Gram matrix gathered from ``G = Y^T Y``, ``Y`` and ``I``);
-2. moves towards that solution as far as the objective decreases, stopping where a
-   coefficient changes sign (it leaves the working set at zero);
-3. where the solution was reached: computes the columns' gradients against the sparse
-   ``C`` and ``E`` (``G`` times a sparse matrix) and the KKT violations of the variables
-   outside the set, and adds the worst ``grow`` of them; a column with none is solved.
+1. finds the minimiser of each changed column's program restricted to its working set (its
+   variables, padded to a common ``m``): every variable of the set is held at zero or has a
+   sign; the equality-constrained quadratic program on the signed ones is one bordered
+   ``(m + 1) x (m + 1)`` system per column (batched; its Gram matrix gathered from
+   ``G = Y^T Y``, ``Y`` and ``I``). The infeasible variables (a signed one that came out with
+   the other sign, a held one whose multiplier exceeds its l1 weight) all change state at
+   once while their count falls, and :data:`BACKUP` more times when it does not; then one at
+   a time (the largest violation first) until it falls again: the backup rule that keeps
+   block pivoting from cycling;
+2. computes every column's gradient against the sparse ``C`` and ``E`` and the KKT violations
+   of the variables outside its set, and adds the worst ``grow`` of them with the sign of
+   their violation; a column with none is solved.
 
-The answer is the minimiser up to rounding (the signs and the working set are found, not
-approximated), certified per column by :func:`duality_gaps`.
+The answer is the minimiser up to rounding (the signs and the supports are found, not
+approximated), certified per column by :func:`duality_gaps`. The sets' systems are
+factored afresh at each block exchange (``O(b m^3)``, most of the time on 384 to 768
+video-like tokens); rank-one updates of the factors would make an exchange ``O(b m^2)``,
+which torch's batched LAPACK cannot express.
 
 **The dual** (docs/ssc.md). Dualising ``r = y_i - Y c - e`` with ``u`` and ``1^T c = 1`` with
 ``nu`` gives ``max u^T y_i - ||u||^2 / (2 lambda_z) + nu`` subject to
@@ -43,7 +50,14 @@ import torch
 from videoanchor.anchor._inputs import as_feature_tensor
 from videoanchor.anchor.ssc import ADMMResult, gram_row_max, solve_ssc_admm, ssc_lambdas
 
-__all__ = ["ColumnGaps", "duality_gaps", "solve_ssc_workset", "reference_minimiser", "SetsTooLarge"]
+__all__ = [
+    "BACKUP",
+    "ColumnGaps",
+    "SetsTooLarge",
+    "duality_gaps",
+    "reference_minimiser",
+    "solve_ssc_workset",
+]
 
 
 class SetsTooLarge(RuntimeError):
@@ -109,6 +123,297 @@ def duality_gaps(features, coef, lambda_e: float, lambda_z: float) -> ColumnGaps
     return ColumnGaps(primal, dual, affine, diagonal)
 
 
+#: Block exchanges that may leave a column's count of infeasible variables where it was before
+#: the backup rule exchanges one variable at a time (Kim & Park's ``p``).
+BACKUP = 3
+REFINE = 2
+RIDGE = 1e-11
+
+
+def _start_sets(start, G: torch.Tensor, n: int, d: int):
+    """Each column's first working set: slot indices into ``[c; e]`` and the slots' signs."""
+    if start is None:  # each column from its nearest other point (c = e_j meets 1^T c = 1)
+        dist = G.diagonal()[:, None] + G.diagonal()[None, :] - 2 * G
+        dist.fill_diagonal_(math.inf)
+        return dist.argmin(dim=0)[:, None], torch.ones(n, 1, dtype=torch.int8)
+    start_c, start_e = (torch.as_tensor(a).detach().to("cpu", torch.float64) for a in start)
+    if tuple(start_c.shape) != (n, n) or tuple(start_e.shape) != (d, n):
+        raise ValueError(
+            f"start: expected (C, E) of shapes {(n, n)} and {(d, n)}, got "
+            f"{tuple(start_c.shape)} and {tuple(start_e.shape)}"
+        )
+    start_c = start_c.clone()
+    start_c.fill_diagonal_(0.0)
+    if bool(((start_c != 0).sum(dim=0) == 0).any()):
+        raise ValueError("start: every column of C needs a non-zero entry off the diagonal")
+    zs = torch.cat([start_c, start_e], dim=0).T  # N x (N + D): column i's z
+    on = zs != 0
+    m = int(on.sum(dim=1).max())
+    order = torch.argsort((~on).to(torch.int8), dim=1, stable=True)[:, :m]
+    return order, torch.sign(zs.gather(1, order)).to(torch.int8)
+
+
+def _solve_bordered(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``system \\ rhs`` per batch entry (finite systems); one LAPACK cannot factor gives NaN."""
+    m1 = system.shape[-1]
+    # a tiny ridge keeps a singular set (dependent columns) bounded; refinement against the
+    # unregularised system removes it where the set is not singular
+    reg = system.clone()
+    diag = reg.diagonal(dim1=1, dim2=2)[:, :-1]
+    diag += RIDGE * diag.abs().amax(1, keepdim=True)
+    eye = torch.eye(m1, dtype=reg.dtype)
+    lu, piv, info = torch.linalg.lu_factor_ex(reg)
+    bad = info != 0
+    if bool(bad.any()):  # exactly singular despite the ridge: the identity, marked failed
+        lu, piv, _ = torch.linalg.lu_factor_ex(torch.where(bad[:, None, None], eye, reg))
+    b = rhs[:, :, None]
+    try:
+        sol = torch.linalg.lu_solve(lu, piv, b)
+        for _ in range(REFINE):
+            sol = sol + torch.linalg.lu_solve(lu, piv, b - system @ sol)
+    except RuntimeError:  # pivots LAPACK left invalid (seen once on 512 tokens): by SVD
+        inv = torch.linalg.pinv(torch.where(bad[:, None, None], eye, reg))
+        sol = inv @ b
+        for _ in range(REFINE):
+            sol = sol + inv @ (b - system @ sol)
+    sol = sol[:, :, 0]
+    return sol.masked_fill(bad[:, None] | ~torch.isfinite(sol).all(dim=1, keepdim=True), math.nan)
+
+
+def _pivot(K, py, a, w, state, valid, lam_z: float, tol: float, max_exchanges: int, rank: int):
+    """The restricted programs' minimisers by block principal pivoting (module docstring).
+
+    ``K`` (b x m x m), ``py`` (b x m): each set's Gram matrix and its products with the
+    column's point; ``a``: 1 on coefficient slots (the constraint's), ``w``: the l1 weights;
+    ``state``: -1, +1 (signed) or 0 (held at zero; also the pads, ``valid`` false). Returns
+    ``z``, ``nu``, the final states and which columns were solved within ``max_exchanges``.
+    At most ``rank`` variables are signed at once.
+    """
+    b, m = state.shape
+    z = torch.zeros(b, m, dtype=torch.float64)
+    nu = torch.zeros(b, dtype=torch.float64)
+    state = state.clone()
+    best = torch.full((b,), m + 2)
+    backup = torch.full((b,), BACKUP)
+    todo = torch.ones(b, dtype=torch.bool)
+    unsolved = torch.zeros(b, dtype=torch.bool)
+    for _ in range(max_exchanges):
+        r = todo.nonzero().squeeze(1)
+        if not r.numel():
+            break
+        Kr, pyr, ar, wr, st, vr = K[r], py[r], a[r], w[r], state[r], valid[r]
+        signed = st != 0
+        f = signed.to(torch.float64)
+        af = ar * f
+        none = af.sum(dim=1) == 0  # no coefficient signed: 1^T c = 1 cannot hold
+        # [lam_z K_FF, a_F; a_F^T, 0] [z_F; -nu] = [lam_z P_F^T y_i - w_F s_F; 1]; held slots
+        # (and pads) are identity rows: z = 0 there
+        system = torch.zeros(r.numel(), m + 1, m + 1, dtype=torch.float64)
+        system[:, :m, :m] = lam_z * Kr * f[:, :, None] * f[:, None, :] + torch.diag_embed(1 - f)
+        system[:, :m, m] = af
+        system[:, m, :m] = af
+        system[:, m, m] = none.to(torch.float64)
+        rhs = torch.cat(
+            [(lam_z * pyr - wr * st) * f, torch.ones(r.numel(), 1, dtype=torch.float64)], 1
+        )
+        sol = _solve_bordered(system, rhs)
+        failed = ~torch.isfinite(sol).all(dim=1)
+        sol = sol.nan_to_num(0.0)
+        zr, nur = sol[:, :m] * f, -sol[:, m]
+        # each slot's l1 multiplier: w_j s_j on the signed ones at the restricted optimum
+        mult = lam_z * (pyr - (Kr @ zr[:, :, None])[:, :, 0]) + nur[:, None] * ar
+        wrong = signed & (zr * st < 0)
+        over = ~signed & vr & (mult.abs() > wr * (1 + tol))
+        # no coefficient signed: the held coefficient of largest multiplier enters (positive)
+        enter = torch.where(vr & (ar > 0) & ~signed, mult, -math.inf).argmax(dim=1)
+        over[none, enter[none]] = True
+        infeasible = wrong | over
+        count = infeasible.sum(dim=1)
+        z[r], nu[r] = zr, nur
+        done = (count == 0) & ~failed
+        fewer = count < best[r]
+        best[r] = torch.minimum(best[r], count)
+        backup[r] = torch.where(fewer, BACKUP, backup[r] - 1)
+        # the backup rule: one exchange (the largest violation) where the count stalled
+        worst = torch.where(wrong, math.inf, torch.where(over, mult.abs() / wr, -1.0))
+        single = torch.zeros_like(infeasible)
+        single.scatter_(1, worst.argmax(dim=1, keepdim=True), True)
+        move = torch.where((fewer | (backup[r] >= 0))[:, None], infeasible, single & infeasible)
+        # at most `rank` signed variables: more are linearly dependent (P = [Y, I] has rank
+        # D; one more for the constraint's border), their system singular and inconsistent
+        room = rank - (signed & ~(move & wrong)).sum(dim=1)
+        key = torch.where(move & over, mult.abs() / wr, -math.inf)
+        place = torch.empty_like(key, dtype=torch.long)
+        place.scatter_(1, key.argsort(dim=1, descending=True), torch.arange(m).expand(len(r), m))
+        move = move & (wrong | (place < room[:, None]))
+        sign = torch.where(none[:, None] & (ar > 0), 1.0, torch.sign(mult)).to(torch.int8)
+        st = torch.where(move & wrong, 0, st)
+        st = torch.where(move & over, sign, st)
+        state[r] = st.to(torch.int8)
+        # nothing can move (every entrant blocked by the rank): pivoting cannot go on here
+        blocked = ~done & ~move.any(dim=1)
+        todo[r] = ~done & ~failed & ~blocked
+        unsolved[r] = failed | blocked
+    return z, nu, state, ~todo & ~unsolved, unsolved
+
+
+def _kkt(G, YT, C, E, nu, lam_z: float, lam_e: float):
+    """Every variable's KKT violation (relative to its l1 weight), ``N x (N + D)``: row ``i``
+    for column ``i``'s ``[c; e]`` (its own coefficient: -inf)."""
+    n = C.shape[0]
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        ct, et = C.T.contiguous().to_sparse_csr(), E.T.contiguous().to_sparse_csr()
+        resid = YT - ct @ YT - E.T  # r_i^T
+        grad = G - ct @ G - et @ YT.T  # (Y^T r_i)^T
+    mult_c = lam_z * grad + nu[:, None]
+    viol = torch.cat([mult_c.abs() - 1.0, (lam_z / lam_e) * resid.abs() - 1.0], dim=1)
+    viol[torch.arange(n), torch.arange(n)] = -math.inf
+    return viol
+
+
+def _scatter(idx, z, n: int, d: int):
+    rows = torch.arange(idx.shape[0])[:, None].expand_as(idx)
+    on = z != 0
+    on_c, on_e = on & (idx < n), on & (idx >= n)
+    C = torch.zeros(n, n, dtype=torch.float64)
+    C.index_put_((idx[on_c], rows[on_c]), z[on_c], accumulate=True)
+    E = torch.zeros(d, n, dtype=torch.float64)
+    E.index_put_((idx[on_e] - n, rows[on_e]), z[on_e], accumulate=True)
+    return C, E
+
+
+def solve_ssc_workset(
+    features,
+    *,
+    alpha_e: float = 800.0,
+    alpha_z: float = 800.0,
+    tol: float = 1e-10,
+    grow: int = 16,
+    max_set: int | None = None,
+    max_passes: int = 500,
+    max_exchanges: int = 60,
+    start=None,
+) -> ADMMResult:
+    """The SSC program's minimiser for ``features`` (``N x D``) by working sets and block
+    principal pivoting (module docstring), float64 on the CPU; ``coef`` is returned in
+    ``features``' floating dtype.
+
+    ``tol``: the KKT violation (relative to each variable's l1 weight) below which a
+    variable stays out of its set. ``grow``: variables added per column and pass.
+    ``max_set``: the most variables (coefficients and outliers) one column's working set may
+    hold (None: no limit); a set that outgrows it raises :class:`SetsTooLarge`, where ``C``
+    is dense and the working sets stop paying. ``max_passes``: outer passes;
+    ``max_exchanges``: block exchanges per pass. ``residual`` of the result is the largest
+    relative duality gap over the columns (:func:`duality_gaps`), ``iterations`` the passes,
+    ``converged`` whether every column's set is optimal (no violation above ``tol``).
+    ``start``: ``(C, E)`` whose non-zero entries (and their signs) are the first working sets
+    (:func:`reference_minimiser` starts from the ADMM's answer); default: each point's
+    nearest other point.
+    """
+    t0 = time.perf_counter()
+    x = as_feature_tensor(features)
+    out_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    x64 = x.detach().to("cpu", torch.float64)
+    n, d = x64.shape
+    if n < 2:
+        raise ValueError(f"SSC needs at least 2 points, got N = {n}")
+    for name, value in (("grow", grow), ("max_passes", max_passes),
+                        ("max_exchanges", max_exchanges)):  # fmt: skip
+        if int(value) < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value}")
+    if not (tol >= 0):
+        raise ValueError(f"tol: expected a non-negative number, got {tol}")
+    G = x64 @ x64.T
+    lam_e, lam_z, _, _ = ssc_lambdas(x64, alpha_e, alpha_z, row_max=gram_row_max(x64, gram=G))
+    YT = x64  # N x D
+    nd = n + d
+    # [[G, Y^T], [Y, I]] and a pad row and column (zero, a one on the diagonal)
+    kfull = torch.zeros(nd + 1, nd + 1, dtype=torch.float64)
+    kfull[:n, :n] = G
+    kfull[n:nd, :n] = YT.T
+    kfull[:n, n:nd] = YT
+    kfull[n:, n:].fill_diagonal_(1.0)
+    wfull = torch.ones(nd + 1, dtype=torch.float64)
+    wfull[n:nd] = lam_e
+    cap = nd if max_set is None else int(max_set)
+    t1 = time.perf_counter()
+    idx, state = _start_sets(start, G, n, d)
+    valid = state != 0
+    z = torch.zeros(idx.shape, dtype=torch.float64)
+    nu = torch.zeros(n, dtype=torch.float64)
+    pending = torch.ones(n, dtype=torch.bool)  # columns whose set changed
+    stuck = torch.zeros(n, dtype=torch.bool)  # pivoting failed or blocked there
+    passes = 0
+    while True:
+        if int(valid.sum(dim=1).max()) > cap:
+            raise SetsTooLarge(
+                f"a column's working set needs {int(valid.sum(dim=1).max())} variables, above "
+                f"max_set = {cap} (C or E is dense on these {n} points)"
+            )
+        passes += 1
+        r = pending.nonzero().squeeze(1)
+        ia = idx[r].masked_fill(~valid[r], nd)
+        K = kfull.take(ia[:, :, None] * (nd + 1) + ia[:, None, :])
+        a = ((ia < n) & valid[r]).to(torch.float64)
+        zr, nur, st, ok, lost = _pivot(K, kfull[ia, r[:, None]], a, wfull[ia], state[r], valid[r],
+                                 lam_z, tol, int(max_exchanges), d + 1)  # fmt: skip
+        z[r], nu[r], state[r] = zr, nur, st
+        # a column still exchanging after max_exchanges goes on next pass, from its states and
+        # with the variables its iterate's violations add (which breaks a cycle)
+        stuck[r] = lost
+        cycling = torch.zeros(n, dtype=torch.bool)
+        cycling[r] = ~ok & ~lost
+        C, E = _scatter(idx, z * valid, n, d)
+        viol = _kkt(G, YT, C, E, nu, lam_z, lam_e)
+        held = torch.zeros(viol.shape, dtype=torch.int32).scatter_add_(
+            1, idx, valid.to(torch.int32)
+        )
+        viol.masked_fill_(held > 0, -math.inf)
+        top, new = viol.topk(min(int(grow), nd), dim=1)
+        add = (top > tol) & ~stuck[:, None]
+        pending = add.any(dim=1) | cycling
+        if not bool(pending.any()) or passes >= int(max_passes):
+            break
+        # the next sets: the signed variables, and the new ones (held: pivoting signs them)
+        keep = valid & (state != 0)
+        idx = torch.cat([idx.masked_fill(~keep, 0), new.masked_fill(~add, 0)], dim=1)
+        state = torch.cat([state * keep, torch.zeros(add.shape, dtype=torch.int8)], dim=1)
+        z = torch.cat([z * keep, torch.zeros(add.shape, dtype=torch.float64)], dim=1)
+        valid = torch.cat([keep, add], dim=1)
+        width = int(valid.sum(dim=1).max())
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :width]
+        idx, state, z, valid = (t.gather(1, order) for t in (idx, state, z, valid))
+    stuck |= cycling  # still exchanging after max_passes
+    if bool(stuck.any()):  # the columns block pivoting left: feature-sign, from the others' answer
+        nearest = _start_sets(None, G, n, d)[0][:, 0]
+        C[:, stuck] = 0.0
+        E[:, stuck] = 0.0
+        C[nearest[stuck], stuck.nonzero().squeeze(1)] = 1.0
+        fs = _feature_sign(x64, alpha_e=alpha_e, alpha_z=alpha_z, tol=tol, max_set=max_set,
+                           max_passes=max_passes, start=(C, E))  # fmt: skip
+        C, E = fs.coef, fs.outliers
+        pending = pending & ~torch.tensor(fs.converged)
+        stuck[:] = not fs.converged
+        passes += fs.iterations
+    converged = not bool(pending.any() or stuck.any())
+    t2 = time.perf_counter()
+    gaps = duality_gaps(x64, C, lam_e, lam_z)
+    t3 = time.perf_counter()
+    return ADMMResult(
+        coef=C.to(x.device, out_dtype),
+        iterations=passes,
+        converged=converged,
+        residual=gaps.max_gap,
+        lambda_e=lam_e,
+        lambda_z=lam_z,
+        rho=0.0,
+        strategy="workset",
+        outliers=E.to(x.device, out_dtype),
+        timings={"lambdas": t1 - t0, "workset": t2 - t1, "certificate": t3 - t2},
+    )
+
+
 class _State:
     """The working sets of the unsolved columns, padded to ``m`` slots."""
 
@@ -131,7 +436,7 @@ class _State:
         self.active = torch.cat([self.active, self.active.new_zeros(b, extra)], dim=1)
 
 
-def solve_ssc_workset(
+def _feature_sign(
     features,
     *,
     alpha_e: float = 800.0,
@@ -142,8 +447,11 @@ def solve_ssc_workset(
     max_passes: int = 2000,
     start=None,
 ) -> ADMMResult:
-    """The SSC program's minimiser for ``features`` (``N x D``) by working sets (module
-    docstring), float64 on the CPU; ``coef`` is returned in ``features``' floating dtype.
+    """The SSC program's minimiser by the feature-sign search of Lee, Battle, Raina & Ng (NIPS
+    2006) with the constraint's multiplier: one bordered system per column and pass, a line
+    search that stops where a coefficient crosses zero. Monotone where block pivoting is
+    not (a set of more than ``D + 1`` variables, dependent points): the fallback of
+    :func:`solve_ssc_workset` for the columns its pivoting left unsolved.
 
     ``tol``: the KKT violation (relative to each variable's l1 weight) below which a
     variable stays out of its set. ``grow``: variables added per column and pass.
@@ -414,36 +722,48 @@ def solve_ssc_workset(
 
 def reference_minimiser(features, *, alpha_e: float = 800.0, alpha_z: float = 800.0,
                         gap: float = 1e-9, admm_eps: float = 1e-7, max_iter: int = 10000,
-                        max_passes: int = 50, memory: int = 4 << 30) -> ADMMResult:  # fmt: skip
+                        max_passes: int = 200, memory: int = 4 << 30) -> ADMMResult:  # fmt: skip
     """The program's minimiser for ``features`` in float64, certified: every column's
     relative duality gap below ``gap`` (:func:`duality_gaps`), else ``converged=False``.
 
-    The ADMM (float64, over-relaxed, residual balancing) to ``admm_eps`` finds the supports
-    and signs; :func:`solve_ssc_workset` started there solves the program on them exactly
-    and adds what the ADMM missed, in at most ``max_passes`` passes and with working sets
-    whose batched systems fit in ``memory`` bytes. Where they do not (``C`` or the outlier
-    term dense: Yale B faces), or where the working sets end further from the minimiser
-    than the ADMM, the ADMM's answer is returned (``strategy="admm"``), with its certified
-    gap as ``residual``. ``iterations`` counts the ADMM's iterations and the working-set
-    passes; ``timings`` has both.
+    First :func:`solve_ssc_workset` from each point's nearest other point, with working sets
+    of at most ``max(64, N / 4)`` variables (where ``C`` is sparse: video-like tokens); where
+    it certifies every column, that is the answer. Else the ADMM (float64, over-relaxed,
+    residual balancing) to ``admm_eps`` finds the supports and signs, and the working sets
+    started there solve the program on them exactly and add what the ADMM missed. Each run of
+    the working sets takes at most ``max_passes`` passes and sets whose batched systems fit in
+    ``memory`` bytes. The best certified answer of these is returned: the ADMM's own
+    (``strategy="admm"``) where the working sets did not fit (``C`` or the outlier term dense:
+    Yale B faces) or ended further from the minimiser, its certified gap as ``residual``.
+    ``iterations`` counts the ADMM's iterations and the working-set passes; ``timings`` has
+    both.
     """
     x = as_feature_tensor(features).detach().to("cpu", torch.float64)
+    n = x.shape[0]
+    # K, the bordered system, its copy, its LU and the gather's indices: ~48 bytes per entry
+    fits = max(2, int(math.sqrt(memory / (48 * n))))
+
+    def sets(start, max_set):
+        try:
+            return solve_ssc_workset(x, alpha_e=alpha_e, alpha_z=alpha_z, tol=1e-11,
+                                     max_set=max_set, start=start, max_passes=max_passes)  # fmt: skip
+        except SetsTooLarge:
+            return None
+
+    direct = sets(None, min(fits, max(64, n // 4)))
+    if direct is not None and direct.residual < gap:
+        direct.converged = True
+        return direct
     admm = solve_ssc_admm(x, alpha_e=alpha_e, alpha_z=alpha_z, dtype=torch.float64,
                           eps=admm_eps, max_iter=max_iter, relax=1.8, adaptive_rho=True,
                           progress=False)  # fmt: skip
-    # K, the bordered system, its copy, its LU and the gather's indices: ~48 bytes per entry
-    max_set = max(2, int(math.sqrt(memory / (48 * x.shape[0]))))
-    try:
-        res = solve_ssc_workset(x, alpha_e=alpha_e, alpha_z=alpha_z, tol=1e-11, max_set=max_set,
-                                start=(admm.coef, admm.outliers), max_passes=max_passes)  # fmt: skip
-    except SetsTooLarge:
-        res = None
-    admm_gap = duality_gaps(x, admm.coef, admm.lambda_e, admm.lambda_z).max_gap
-    if res is None or not res.residual <= admm_gap:
-        admm.residual, admm.strategy, admm.converged = admm_gap, "admm", admm_gap < gap
-        admm.timings = {"admm": sum(admm.timings.values())}
-        return admm
-    res.converged = bool(res.residual < gap)
-    res.iterations += admm.iterations
-    res.timings = {"admm": sum(admm.timings.values()), **res.timings}
-    return res
+    admm.residual = duality_gaps(x, admm.coef, admm.lambda_e, admm.lambda_z).max_gap
+    admm.strategy, admm.timings = "admm", {"admm": sum(admm.timings.values())}
+    polished = sets((admm.coef, admm.outliers), fits)
+    if polished is not None:
+        polished.iterations += admm.iterations
+        polished.timings = {**admm.timings, **polished.timings}
+    answers = [a for a in (polished, direct, admm) if a is not None]
+    best = min(answers, key=lambda a: a.residual if math.isfinite(a.residual) else math.inf)
+    best.converged = bool(best.residual < gap)
+    return best
