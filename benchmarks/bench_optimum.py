@@ -5,9 +5,10 @@ The bar (docs/ssc.md) compares the fast default with the authors' solver stopped
 of the authors' answers lie on one trajectory of one iteration; the program they stop short
 of has a minimiser of its own. This script computes that minimiser on each of the fidelity
 study's data sets (``bench_request_cost.fidelity_sets``;
-``videoanchor.anchor.workset.reference_minimiser``: float64 ADMM to eps 1e-7, at most
-``--max-iter`` iterations, then the working-set solver on its supports, certified where every
-column's relative duality gap is below 1e-9, reported when it is not) and says for the
+``videoanchor.anchor.workset.reference_minimiser``: working sets from each point's nearest
+point, else float64 ADMM to eps 1e-7, at most ``--max-iter`` iterations, then the working
+sets on its supports; certified where every column's relative duality gap is below 1e-9,
+reported when it is not) and says for the
 authors' answer at eps 2e-4, at 2e-3 and the fast default:
 
 - how their scores and labels agree with the minimiser's (Spearman, ARI, same seed), and
