@@ -26,10 +26,16 @@ variables and the constraint's multiplier). Each outer pass:
    their violation; a column with none is solved.
 
 The answer is the minimiser up to rounding (the signs and the supports are found, not
-approximated), certified per column by :func:`duality_gaps`. The sets' systems are
-factored afresh at each block exchange (``O(b m^3)``, most of the time on 384 to 768
-video-like tokens); rank-one updates of the factors would make an exchange ``O(b m^2)``,
-which torch's batched LAPACK cannot express.
+approximated), certified per column by :func:`duality_gaps`. Where block pivoting fails
+on a column (a set at the rank, nearly dependent points: no exchange sequence ends within
+``max_exchanges``), the monotone feature-sign search (:func:`_feature_sign`: one variable
+leaves per line search) finishes it from its last restricted minimiser.
+
+Its cost (benchmarks/results/workset_cpu.json): about 900 block exchanges on 384 video-like
+tokens, each a batched LU of the changed columns' systems (``O(b m^3)``, a quarter of the
+time) and some forty small torch operations (the rest: most exchanges move a few
+straggling columns). Rank-one updates of the factors would make an exchange ``O(b m^2)``;
+torch's batched LAPACK cannot express them.
 
 **The dual** (docs/ssc.md). Dualising ``r = y_i - Y c - e`` with ``u`` and ``1^T c = 1`` with
 ``nu`` gives ``max u^T y_i - ||u||^2 / (2 lambda_z) + nu`` subject to
@@ -288,11 +294,11 @@ def solve_ssc_workset(
     *,
     alpha_e: float = 800.0,
     alpha_z: float = 800.0,
-    tol: float = 1e-10,
+    tol: float = 1e-9,
     grow: int = 16,
     max_set: int | None = None,
     max_passes: int = 500,
-    max_exchanges: int = 60,
+    max_exchanges: int = 200,
     start=None,
 ) -> ADMMResult:
     """The SSC program's minimiser for ``features`` (``N x D``) by working sets and block
@@ -300,7 +306,9 @@ def solve_ssc_workset(
     ``features``' floating dtype.
 
     ``tol``: the KKT violation (relative to each variable's l1 weight) below which a
-    variable stays out of its set. ``grow``: variables added per column and pass.
+    variable stays out of its set (a tenth of it inside the set: the two multipliers differ
+    by rounding, about 1e-10 of the weight, and a variable on the edge must not be added
+    and dropped in turn). ``grow``: variables added per column and pass.
     ``max_set``: the most variables (coefficients and outliers) one column's working set may
     hold (None: no limit); a set that outgrows it raises :class:`SetsTooLarge`, where ``C``
     is dense and the working sets stop paying. ``max_passes``: outer passes;
@@ -343,6 +351,10 @@ def solve_ssc_workset(
     z = torch.zeros(idx.shape, dtype=torch.float64)
     nu = torch.zeros(n, dtype=torch.float64)
     pending = torch.ones(n, dtype=torch.bool)  # columns whose set changed
+    # each column's last restricted minimiser (on the constraint, its signs consistent): at
+    # first its nearest point
+    nearest = _start_sets(None, G, n, d)[0]
+    C_ok, E_ok = _scatter(nearest, torch.ones(nearest.shape, dtype=torch.float64), n, d)
     stuck = torch.zeros(n, dtype=torch.bool)  # pivoting failed or blocked there
     passes = 0
     while True:
@@ -357,14 +369,16 @@ def solve_ssc_workset(
         K = kfull.take(ia[:, :, None] * (nd + 1) + ia[:, None, :])
         a = ((ia < n) & valid[r]).to(torch.float64)
         zr, nur, st, ok, lost = _pivot(K, kfull[ia, r[:, None]], a, wfull[ia], state[r], valid[r],
-                                 lam_z, tol, int(max_exchanges), d + 1)  # fmt: skip
+                                 lam_z, tol / 10, int(max_exchanges), d + 1)  # fmt: skip
         z[r], nu[r], state[r] = zr, nur, st
-        # a column still exchanging after max_exchanges goes on next pass, from its states and
-        # with the variables its iterate's violations add (which breaks a cycle)
-        stuck[r] = lost
-        cycling = torch.zeros(n, dtype=torch.bool)
-        cycling[r] = ~ok & ~lost
+        # pivoting failed, blocked or still exchanging after max_exchanges (block pivoting can
+        # cycle where the sets are nearly dependent): the fallback takes the column from its
+        # last restricted minimiser
+        stuck[r] = ~ok
         C, E = _scatter(idx, z * valid, n, d)
+        solved = torch.zeros(n, dtype=torch.bool)
+        solved[r] = ok
+        C_ok[:, solved], E_ok[:, solved] = C[:, solved], E[:, solved]
         viol = _kkt(G, YT, C, E, nu, lam_z, lam_e)
         held = torch.zeros(viol.shape, dtype=torch.int32).scatter_add_(
             1, idx, valid.to(torch.int32)
@@ -372,7 +386,7 @@ def solve_ssc_workset(
         viol.masked_fill_(held > 0, -math.inf)
         top, new = viol.topk(min(int(grow), nd), dim=1)
         add = (top > tol) & ~stuck[:, None]
-        pending = add.any(dim=1) | cycling
+        pending = add.any(dim=1)
         if not bool(pending.any()) or passes >= int(max_passes):
             break
         # the next sets: the signed variables, and the new ones (held: pivoting signs them)
@@ -384,12 +398,8 @@ def solve_ssc_workset(
         width = int(valid.sum(dim=1).max())
         order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :width]
         idx, state, z, valid = (t.gather(1, order) for t in (idx, state, z, valid))
-    stuck |= cycling  # still exchanging after max_passes
     if bool(stuck.any()):  # the columns block pivoting left: feature-sign, from the others' answer
-        nearest = _start_sets(None, G, n, d)[0][:, 0]
-        C[:, stuck] = 0.0
-        E[:, stuck] = 0.0
-        C[nearest[stuck], stuck.nonzero().squeeze(1)] = 1.0
+        C[:, stuck], E[:, stuck] = C_ok[:, stuck], E_ok[:, stuck]
         fs = _feature_sign(x64, alpha_e=alpha_e, alpha_z=alpha_z, tol=tol, max_set=max_set,
                            max_passes=max_passes, start=(C, E))  # fmt: skip
         C, E = fs.coef, fs.outliers
@@ -745,7 +755,7 @@ def reference_minimiser(features, *, alpha_e: float = 800.0, alpha_z: float = 80
 
     def sets(start, max_set):
         try:
-            return solve_ssc_workset(x, alpha_e=alpha_e, alpha_z=alpha_z, tol=1e-11,
+            return solve_ssc_workset(x, alpha_e=alpha_e, alpha_z=alpha_z,
                                      max_set=max_set, start=start, max_passes=max_passes)  # fmt: skip
         except SetsTooLarge:
             return None
