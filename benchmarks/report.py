@@ -58,6 +58,7 @@ python benchmarks/bench_spectral.py [--device cuda] # spectral step vs scikit-le
 python benchmarks/bench_label_draws.py            # seed stability of the scores against label_draws
 python benchmarks/bench_directions.py             # cheaper-score directions against the fidelity bar
 python benchmarks/bench_optimum.py                # the SSC program's minimiser against the bar's answers
+python benchmarks/bench_workset.py                # routes to the minimiser on video-like tokens, one thread
 python benchmarks/bench_lmms_batch.py             # lmms-eval wrapper: batched against one request at a time
 TRITON_INTERPRET=0 python -m benchmarks.compile_report  # STATIC: compile every kernel for sm_80/86/90
 bash benchmarks/run_gpu.sh                        # on a GPU machine: pytest -m gpu, then every benchmark
@@ -69,7 +70,7 @@ python benchmarks/report.py                       # regenerate this page and its
 # without the device suffix that benchmarks/common.py appends (``spectral_cpu`` -> spectral).
 SECTIONS = [
     ("Anchor scores (SSC)",
-     ["request_cost", "request_cost_floor", "directions", "optimum", "ssc", "spectral", "label_draws", "yaleb",
+     ["request_cost", "request_cost_floor", "directions", "optimum", "workset", "ssc", "spectral", "label_draws", "yaleb",
       "yaleb_squared"]),
     ("Long videos: blocked SSC", ["blocked", "blocked_convergence"]),
     ("Several processes: the fast SSC split", ["split"]),
@@ -82,6 +83,7 @@ TITLES = {
     "request_cost_floor": "The fast default's least H100 cost against the targets (STATIC)",
     "directions": "Directions for cheaper scores, against the fidelity bar",
     "optimum": "The SSC program's minimiser against the fidelity bar's answers",
+    "workset": "Routes to the program's minimiser on video-like tokens (one thread)",
     "ssc": "SSC against the authors' pipeline",
     "spectral": "Spectral step against scikit-learn (the eigensolver crossover)",
     "label_draws": "Seed stability of the scores against `label_draws`",

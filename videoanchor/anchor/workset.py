@@ -132,8 +132,12 @@ def duality_gaps(features, coef, lambda_e: float, lambda_z: float) -> ColumnGaps
 #: Block exchanges that may leave a column's count of infeasible variables where it was before
 #: the backup rule exchanges one variable at a time (Kim & Park's ``p``).
 BACKUP = 3
-REFINE = 2
-RIDGE = 1e-11
+#: Passes of the feature-sign fallback (it adds 8 variables per pass and removes one per line
+#: search: a column left early can take a few hundred).
+FALLBACK_PASSES = 1000
+#: The ridge on a set's system (relative to its largest diagonal entry) and the refinement
+#: steps against the unridged system that remove it where the set is not singular.
+RIDGE, REFINE = 1e-11, 2
 
 
 def _start_sets(start, G: torch.Tensor, n: int, d: int):
@@ -401,7 +405,7 @@ def solve_ssc_workset(
     if bool(stuck.any()):  # the columns block pivoting left: feature-sign, from the others' answer
         C[:, stuck], E[:, stuck] = C_ok[:, stuck], E_ok[:, stuck]
         fs = _feature_sign(x64, alpha_e=alpha_e, alpha_z=alpha_z, tol=tol, max_set=max_set,
-                           max_passes=max_passes, start=(C, E))  # fmt: skip
+                           max_passes=FALLBACK_PASSES, start=(C, E))  # fmt: skip
         C, E = fs.coef, fs.outliers
         pending = pending & ~torch.tensor(fs.converged)
         stuck[:] = not fs.converged
