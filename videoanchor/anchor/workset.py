@@ -563,33 +563,9 @@ def _feature_sign(
         kkt[:, :m, m] = a
         kkt[:, m, :m] = a
         rhs = torch.cat([lam_z * py - w * st.theta, torch.ones(b, 1, dtype=torch.float64)], 1)
-        # a tiny ridge keeps a singular set (dependent columns) bounded; refinement
-        # against the unregularised system removes it where the set is not singular. A
-        # singular set's step can be huge: the line search below guards the descent
-        reg = kkt.clone()
-        diag = reg.diagonal(dim1=1, dim2=2)[:, :m]
-        diag += 1e-11 * diag.abs().amax(1, keepdim=True)
-        # a system LAPACK cannot factor (non-finite, or exactly singular despite the ridge)
-        # is swapped for the identity and its column stays where it is this pass
-        bad = ~torch.isfinite(reg).flatten(1).all(dim=1)
-        eye = torch.eye(m + 1, dtype=torch.float64)
-        systems = torch.where(bad[:, None, None], eye, reg)
-        lu, piv, info = torch.linalg.lu_factor_ex(systems)
-        if bool((info != 0).any()):
-            bad |= info != 0
-            systems = torch.where(bad[:, None, None], eye, reg)
-            lu, piv, _ = torch.linalg.lu_factor_ex(systems)
-        try:
-            sol = torch.linalg.lu_solve(lu, piv, rhs[:, :, None])
-            for _ in range(3):
-                sol = sol + torch.linalg.lu_solve(lu, piv, rhs[:, :, None] - kkt @ sol)
-        except RuntimeError:  # pivots LAPACK left invalid (seen once on 512 tokens): by SVD
-            inv = torch.linalg.pinv(systems)
-            sol = inv @ rhs[:, :, None]
-            for _ in range(3):
-                sol = sol + inv @ (rhs[:, :, None] - kkt @ sol)
-        sol = sol[:, :, 0]
-        solved = ~bad[:, None] & torch.isfinite(sol).all(dim=1, keepdim=True)
+        # a system LAPACK cannot factor gives NaN: its column stays where it is this pass
+        sol = _solve_bordered(kkt, rhs)
+        solved = torch.isfinite(sol).all(dim=1, keepdim=True)
         sol = torch.where(solved, sol, 0.0)
         z_new = torch.where(sol[:, m:].abs() > 0, sol[:, :m], st.z) * st.active  # failed: stay
         nu = -sol[:, m]
