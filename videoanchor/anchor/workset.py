@@ -22,8 +22,8 @@ variables and the constraint's multiplier). Each outer pass:
    a time (the largest violation first) until it falls again: the backup rule that keeps
    block pivoting from cycling;
 2. computes every column's gradient against the sparse ``C`` and ``E`` and the KKT violations
-   of the variables outside its set, and adds the worst ``grow`` of them with the sign of
-   their violation; a column with none is solved.
+   of the variables outside its set, and adds the worst ``grow`` of them, held at zero (the
+   next pivoting signs those that violate); a column with none is solved.
 
 The answer is the minimiser up to rounding (the signs and the supports are found, not
 approximated), certified per column by :func:`duality_gaps`. Where block pivoting fails
@@ -31,8 +31,8 @@ on a column (a set at the rank, nearly dependent points: no exchange sequence en
 ``max_exchanges``), the monotone feature-sign search (:func:`_feature_sign`: one variable
 leaves per line search) finishes it from its last restricted minimiser.
 
-Its cost (benchmarks/results/workset_cpu.json): about 900 block exchanges on 384 video-like
-tokens, each a batched LU of the changed columns' systems (``O(b m^3)``, a quarter of the
+Its cost (times in benchmarks/results/workset_cpu.json; the split from a one-off profile):
+about 900 block exchanges on 384 video-like tokens, each a batched LU of the changed columns' systems (``O(b m^3)``, a quarter of the
 time) and some forty small torch operations (the rest: most exchanges move a few
 straggling columns). Rank-one updates of the factors would make an exchange ``O(b m^2)``;
 torch's batched LAPACK cannot express them.
@@ -359,7 +359,7 @@ def solve_ssc_workset(
     # first its nearest point
     nearest = _start_sets(None, G, n, d)[0]
     C_ok, E_ok = _scatter(nearest, torch.ones(nearest.shape, dtype=torch.float64), n, d)
-    stuck = torch.zeros(n, dtype=torch.bool)  # pivoting failed or blocked there
+    stuck = torch.zeros(n, dtype=torch.bool)  # pivoting failed, blocked or cycled there
     passes = 0
     while True:
         if int(valid.sum(dim=1).max()) > cap:
