@@ -41,6 +41,22 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _steady_threads(request, monkeypatch):
+    """One thread bound for the whole test. The bounds stay on (users run them), but they read
+    the machine's load at each call, and two calls on one thread and on two differ in the
+    last bits (docs/limitations.md): a test that repeats a call to compare it bitwise must not
+    see the load change in between. tests/test_threads.py measures the live bounds."""
+    if request.module.__name__.endswith("test_threads"):
+        yield
+        return
+    from videoanchor.anchor import threads
+
+    cores = threads.free_cores()
+    monkeypatch.setattr(threads, "free_cores", lambda: cores)
+    yield
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
