@@ -404,12 +404,13 @@ def solve_ssc_workset(
         idx, state, z, valid = (t.gather(1, order) for t in (idx, state, z, valid))
     if bool(stuck.any()):  # the columns block pivoting left: feature-sign, from the others' answer
         C[:, stuck], E[:, stuck] = C_ok[:, stuck], E_ok[:, stuck]
-        fs = _feature_sign(x64, alpha_e=alpha_e, alpha_z=alpha_z, tol=tol, max_set=max_set,
-                           max_passes=FALLBACK_PASSES, start=(C, E))  # fmt: skip
-        C, E = fs.coef, fs.outliers
-        pending = pending & ~torch.tensor(fs.converged)
-        stuck[:] = not fs.converged
-        passes += fs.iterations
+        pad_free = wfull.clone()
+        pad_free[nd] = 0.0
+        C, E, more, solved = _feature_sign(G, YT, kfull, pad_free, lam_e, lam_z, C, E, tol=tol,
+                                           cap=cap, max_passes=FALLBACK_PASSES)  # fmt: skip
+        pending = pending & ~torch.tensor(solved)
+        stuck[:] = not solved
+        passes += more
     converged = not bool(pending.any() or stuck.any())
     t2 = time.perf_counter()
     gaps = duality_gaps(x64, C, lam_e, lam_z)
@@ -450,81 +451,25 @@ class _State:
         self.active = torch.cat([self.active, self.active.new_zeros(b, extra)], dim=1)
 
 
-def _feature_sign(
-    features,
-    *,
-    alpha_e: float = 800.0,
-    alpha_z: float = 800.0,
-    tol: float = 1e-10,
-    grow: int = 8,
-    max_set: int | None = None,
-    max_passes: int = 2000,
-    start=None,
-) -> ADMMResult:
+def _feature_sign(G, YT, kfull, wfull, lam_e: float, lam_z: float, start_c, start_e, *,
+                  tol: float, cap: int, max_passes: int, grow: int = 8):  # fmt: skip
     """The SSC program's minimiser by the feature-sign search of Lee, Battle, Raina & Ng (NIPS
     2006) with the constraint's multiplier: one bordered system per column and pass, a line
     search that stops where a coefficient crosses zero. Monotone where block pivoting is
     not (a set of more than ``D + 1`` variables, dependent points): the fallback of
-    :func:`solve_ssc_workset` for the columns its pivoting left unsolved.
-
-    ``tol``: the KKT violation (relative to each variable's l1 weight) below which a
-    variable stays out of its set. ``grow``: variables added per column and pass.
-    ``max_set``: the most variables (coefficients and outliers) one column's working set may
-    hold (None: no limit); a set that outgrows it raises :class:`SetsTooLarge`, where ``C``
-    is dense and the working sets stop paying. ``residual`` of the result is the largest
-    relative duality gap over the columns (:func:`duality_gaps`), ``iterations`` the passes,
-    ``converged`` whether every column's set is optimal (no violation above ``tol``).
-    ``start``: ``(C, E)`` to start from (their supports and signs; :func:`reference_minimiser`
-    starts from the ADMM's answer); default: each point's nearest other point.
+    :func:`solve_ssc_workset` for the columns its pivoting left unsolved, on its Gram
+    matrices (``kfull``, ``wfull``: the pad's weight is 0 here) and from ``(start_c,
+    start_e)`` (their supports and values, moved onto ``1^T c = 1``; every column of
+    ``start_c`` has a non-zero entry). ``tol``, ``cap`` (``max_set``) and ``max_passes`` as in
+    :func:`solve_ssc_workset`; ``grow``: variables added per column and pass. Returns ``C``,
+    ``E``, the passes and whether every column's set is optimal.
     """
-    t0 = time.perf_counter()
-    x = as_feature_tensor(features)
-    out_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    x64 = x.detach().to("cpu", torch.float64)
-    n, d = x64.shape
-    if n < 2:
-        raise ValueError(f"SSC needs at least 2 points, got N = {n}")
-    if int(grow) < 1:
-        raise ValueError(f"grow: expected a positive integer, got {grow}")
-    if not (tol >= 0):
-        raise ValueError(f"tol: expected a non-negative number, got {tol}")
-    G = x64 @ x64.T
-    lam_e, lam_z, _, _ = ssc_lambdas(x64, alpha_e, alpha_z, row_max=gram_row_max(x64, gram=G))
-    Y = x64.T.contiguous()  # D x N
-    YT = x64  # N x D
-    kfull = torch.zeros(n + d + 1, n + d + 1, dtype=torch.float64)
-    kfull[:n, :n] = G
-    kfull[n : n + d, :n] = Y
-    kfull[:n, n : n + d] = YT
-    kfull[n:, n:].fill_diagonal_(1.0)
-    wfull = torch.ones(n + d + 1, dtype=torch.float64)
-    wfull[n:] = lam_e
-    wfull[-1] = 0.0
-    t1 = time.perf_counter()
-    cap = n + d if max_set is None else int(max_set)
+    n, d = G.shape[0], YT.shape[1]
     weights_e = lam_e
-
-    if start is None:
-        # each column from its nearest other point (c = e_j0 meets the constraint)
-        dist = G.diagonal()[:, None] + G.diagonal()[None, :] - 2 * G
-        dist.fill_diagonal_(math.inf)
-        start_c = torch.zeros(n, n, dtype=torch.float64)
-        start_c[dist.argmin(dim=0), torch.arange(n)] = 1.0
-        start_e = torch.zeros(d, n, dtype=torch.float64)
-    else:  # a warm start: its supports and values, moved onto 1^T c = 1
-        start_c, start_e = (torch.as_tensor(a).detach().to("cpu", torch.float64) for a in start)
-        if tuple(start_c.shape) != (n, n) or tuple(start_e.shape) != (d, n):
-            raise ValueError(
-                f"start: expected (C, E) of shapes {(n, n)} and {(d, n)}, got "
-                f"{tuple(start_c.shape)} and {tuple(start_e.shape)}"
-            )
-        start_c = start_c.clone()
-        start_c.fill_diagonal_(0.0)
-        on = start_c != 0
-        count = on.sum(dim=0)
-        if bool((count == 0).any()):
-            raise ValueError("start: every column of C needs a non-zero entry off the diagonal")
-        start_c = start_c + on * ((1 - start_c.sum(dim=0)) / count)[None, :]
+    start_c = start_c.clone()
+    start_c.fill_diagonal_(0.0)
+    on = start_c != 0
+    start_c = start_c + on * ((1 - start_c.sum(dim=0)) / on.sum(dim=0))[None, :]
     zs = torch.cat([start_c, start_e], dim=0).T  # N x (N + D): column i's z
     on = zs != 0
     widest = int(on.sum(dim=1).max())
@@ -693,21 +638,7 @@ def _feature_sign(
                     C[v, c_i] = st.z[j, slot]
                 else:
                     E[v - n, c_i] = st.z[j, slot]
-    t2 = time.perf_counter()
-    gaps = duality_gaps(x64, C, lam_e, lam_z)
-    t3 = time.perf_counter()
-    return ADMMResult(
-        coef=C.to(x.device, out_dtype),
-        iterations=passes,
-        converged=converged,
-        residual=gaps.max_gap,
-        lambda_e=lam_e,
-        lambda_z=lam_z,
-        rho=0.0,
-        strategy="workset",
-        outliers=E.to(x.device, out_dtype),
-        timings={"lambdas": t1 - t0, "workset": t2 - t1, "certificate": t3 - t2},
-    )
+    return C, E, passes, converged
 
 
 def reference_minimiser(features, *, alpha_e: float = 800.0, alpha_z: float = 800.0,
