@@ -193,9 +193,9 @@ def main(argv=None):
         else [],
     )
     if args.force_blocked:
-        import videoanchor.anchor.scores as scores_mod
+        import videoanchor.anchor.plan as plan_mod
 
-        scores_mod._exact_fits = lambda *a, **k: False
+        plan_mod.exact_fits = lambda *a, **k: False
     model = load(args, world, device)
     videoanchor.configure(model)
     handle = videoanchor.integrations.transformers.find_handle(model)

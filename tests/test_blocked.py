@@ -15,22 +15,20 @@ from sklearn.metrics import adjusted_rand_score
 torchvision_shim.apply()
 
 from videoanchor.anchor import (  # noqa: E402
-    _inputs,
     anchor_scores,
     compute_anchor_scores,
-    scores,
+    plan,
     solve_ssc_admm,
     solve_ssc_blocked,
     ssc_affinity,
 )
-from videoanchor.anchor.blocked import (  # noqa: E402
+from videoanchor.anchor.plan import (  # noqa: E402
+    admm_bytes,
     blocked_admm_bytes,
     default_block_columns,
-    sparse_row_sums,
-    sparse_ssc_affinity,
 )
-from videoanchor.anchor.spectral import sparse_spectral_labels  # noqa: E402
-from videoanchor.anchor.ssc import admm_bytes  # noqa: E402
+from videoanchor.anchor.scores import sparse_row_sums  # noqa: E402
+from videoanchor.anchor.spectral import sparse_spectral_labels, sparse_ssc_affinity  # noqa: E402
 
 
 def tokens(n_per, k, d, *, noise=0.05, seed=0):
@@ -163,14 +161,14 @@ def test_auto_mode_uses_the_blocked_exact_solver_beyond_the_dense_limit(monkeypa
     n, d = x.shape
     kw = dict(n_clusters=3, max_iter=40, block_columns=16)
     assert compute_anchor_scores(x, **kw).mode == "exact"
-    monkeypatch.setattr(scores, "EXACT_MAX_TOKENS", 100)
+    monkeypatch.setattr(plan, "EXACT_MAX_TOKENS", 100)
     assert compute_anchor_scores(x, **kw).mode == "blocked"
-    monkeypatch.setattr(scores, "EXACT_MAX_TOKENS", 10**9)
+    monkeypatch.setattr(plan, "EXACT_MAX_TOKENS", 10**9)
     # free memory between the blocked and the dense needs: blocked
     need_blocked = blocked_admm_bytes(n, d, 4, 16)
     need_dense = admm_bytes(n, d, 4, "dense")
     assert need_blocked < need_dense
-    monkeypatch.setattr(_inputs, "free_memory_bytes", lambda device: need_blocked)
+    monkeypatch.setattr(plan, "free_memory_bytes", lambda device: need_blocked)
     assert compute_anchor_scores(x, **kw).mode == "blocked"
     assert default_block_columns(100_000, 64, torch.float32, "cpu") % 64 == 0
 

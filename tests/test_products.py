@@ -149,7 +149,8 @@ def test_auto_is_fp16x3_only_where_it_runs_natively_and_the_solver_allows_it(mon
     """ "auto" picks fp16x3 on a CUDA device with float16 tensor cores (H100, 2026-11-24: as
     faithful and as stable as float32, 1.1-1.4x faster) and full everywhere else: on a CPU,
     and wherever fp16x3 could not run (then it never raises, unlike an explicit fp16x3)."""
-    from videoanchor.anchor import products, ssc
+    from videoanchor.anchor import plan, products
+    from videoanchor.anchor.options import SSCOptions
 
     assert products._has_out_dtype()  # this PyTorch (>= 2.8) has torch.mm(out_dtype=...)
     assert not products.native_fp16x3("cpu") and not products.native_fp16x3(None)
@@ -158,17 +159,21 @@ def test_auto_is_fp16x3_only_where_it_runs_natively_and_the_solver_allows_it(mon
     assert products.resolve_precision("full", "cuda") == "full"
     ok = dict(fast=True, work=torch.float32, device="cpu")
     assert products.check_precision("auto", **ok) == "full"
-    # the memory rule counts what "auto" runs: fp16x3's parts only where it is native
-    full = ssc.exact_bytes(512, 256, 4, "cuda", "full")
-    assert ssc.exact_bytes(512, 256, 4, "cpu", "auto") == ssc.exact_bytes(512, 256, 4, "cpu")
-    if not torch.cuda.is_available():  # exact_bytes resolves "auto" for an available CUDA
-        assert ssc.exact_bytes(512, 256, 4, "cuda", "auto") == full
+    # the memory rule counts what runs: the plan resolves "auto" first (fp16x3's parts only
+    # where it is native), and the memory model refuses an unresolved "auto"
+    full = plan.exact_bytes(512, 256, 4, "cuda", "full")
+    with pytest.raises(ValueError, match="precision: expected the precision that runs"):
+        plan.exact_bytes(512, 256, 4, "cuda", "auto")
+    x = torch.randn(40, 12, generator=torch.Generator().manual_seed(0))
+    opts = SSCOptions(n_clusters=3).checked()
+    assert plan.make_plan(x, opts).precision == "full"
     monkeypatch.setattr(products, "native_fp16x3", lambda device: device is not None)
     assert products.resolve_precision("auto", "cuda") == "fp16x3"
-    # ... and with it "native", fp16x3's parts in float32 (float64 runs full)
-    split = ssc.exact_bytes(512, 256, 4, "cuda", "fp16x3")
-    assert ssc.exact_bytes(512, 256, 4, "cuda", "auto") == split > full
-    assert ssc.exact_bytes(512, 256, 8, "cuda", "auto") == ssc.exact_bytes(512, 256, 8, "cuda")
+    # ... and with it "native", the fast solver's plan runs fp16x3, its parts counted
+    assert plan.make_plan(x, opts).precision == "fp16x3"
+    assert plan.exact_bytes(512, 256, 4, "cuda", "fp16x3") > full
+    for other in (dict(dtype=torch.float64), dict(solver="faithful")):
+        assert plan.make_plan(x, SSCOptions(n_clusters=3, **other).checked()).precision == "full"
     assert products.check_precision("auto", **ok) == "fp16x3"
     assert products.check_precision("auto", **{**ok, "device": None}) == "full"
     for kw in (dict(fast=False), dict(work=torch.float64), dict(blocked=True),
@@ -177,8 +182,6 @@ def test_auto_is_fp16x3_only_where_it_runs_natively_and_the_solver_allows_it(mon
         with pytest.raises(ValueError, match="precision='fp16x3'"):
             products.check_precision("fp16x3", **{**ok, **kw})
     # the options keep "auto" (resolved where the device is known), so cache keys say so
-    from videoanchor.anchor.options import SSCOptions
-
     assert SSCOptions(precision="auto").precision == "auto"
 
 
@@ -226,9 +229,9 @@ def test_bad_precision_values():
 
 
 def test_auto_mode_that_needs_blocked_refuses_fp16x3(monkeypatch):
-    from videoanchor.anchor import scores
+    from videoanchor.anchor import plan
 
-    monkeypatch.setattr(scores, "_exact_fits", lambda *a, **k: False)
+    monkeypatch.setattr(plan, "exact_fits", lambda *a, **k: False)
     x = tokens(40, 16, seed=2)
     with pytest.raises(ValueError, match="these 40 tokens need blocked mode"):
         compute_anchor_scores(x, 4, progress=False, precision="fp16x3")
@@ -283,8 +286,8 @@ def test_gpu_fp16x3_runs_on_tensor_cores_and_matches_the_cpu_emulation():
 def test_fp16x3_memory_is_counted_before_the_solve(monkeypatch):
     """The float16 parts are in the dense solver's memory need: a budget that fits the
     float32 solver but not the split refuses fp16x3 with SSCMemoryError before any work."""
-    from videoanchor.anchor import _inputs
-    from videoanchor.anchor.ssc import admm_bytes, split_bytes
+    from videoanchor.anchor import plan
+    from videoanchor.anchor.plan import admm_bytes, split_bytes
 
     n, d = 97, 61
     full = admm_bytes(n, d, 4, "dense")
@@ -292,8 +295,8 @@ def test_fp16x3_memory_is_counted_before_the_solve(monkeypatch):
     assert split_bytes(n, d, cuda=False) > split_bytes(n, d, cuda=True) > 0
     assert admm_bytes(n, d, 4, "dense", "auto") == full
     budget = full + split_bytes(n, d, cuda=False) // 2
-    monkeypatch.setattr(_inputs, "free_memory_bytes", lambda device: budget)
+    monkeypatch.setattr(plan, "free_memory_bytes", lambda device: budget)
     x = tokens(n, d, k=4, seed=5)
     solve_ssc_admm(x, scheduled=True, progress=False)  # float32 fits
-    with pytest.raises(_inputs.SSCMemoryError, match="N = 97 tokens"):
+    with pytest.raises(plan.SSCMemoryError, match="N = 97 tokens"):
         solve_ssc_admm(x, scheduled=True, progress=False, precision="fp16x3")

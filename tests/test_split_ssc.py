@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 torchvision_shim.apply()
 
 from benchmarks.bench_request_cost import corrupted_subspaces  # noqa: E402
-from videoanchor.anchor import compute_anchor_scores, fast, scores, solve_ssc_admm  # noqa: E402
+from videoanchor.anchor import compute_anchor_scores, fast, solve_ssc_admm  # noqa: E402
+from videoanchor.anchor import plan as plan_mod  # noqa: E402
 from videoanchor.anchor.collective import column_range  # noqa: E402
 
 
@@ -63,13 +64,13 @@ def _worker(rank, world, store, x, out):
                                   progress=lambda it, r: rank == 1 and it >= 7)  # fmt: skip
             got["stop"] = (admm.iterations, admm.converged, admm.stopped, admm.coef)
             # the dense problem "does not fit" on rank 1 only: both ranks take blocked mode
-            fits = scores._exact_fits
+            fits = plan_mod.exact_fits
             if rank == 1:
-                scores._exact_fits = lambda *a, **k: False
+                plan_mod.exact_fits = lambda *a, **k: False
             try:
                 res = compute_anchor_scores(mine, 4, max_iter=400, process_group=group)
             finally:
-                scores._exact_fits = fits
+                plan_mod.exact_fits = fits
             got["auto"] = (res.mode, res.solver, res.scores)
     finally:
         torch.save(got, os.path.join(out, f"rank{rank}.pt"))

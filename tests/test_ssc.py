@@ -10,8 +10,8 @@ from sklearn.metrics import adjusted_rand_score
 import videoanchor
 from videoanchor.anchor import (
     SSCMemoryError,
-    _inputs,
     compute_anchor_scores,
+    plan,
     solve_ssc_admm,
     sparse_subspace_clustering,
     ssc_lambdas,
@@ -317,7 +317,7 @@ def test_bad_parameters_raise(kw, match):
 
 
 def test_too_large_for_memory_raises(monkeypatch):
-    monkeypatch.setattr(_inputs, "free_memory_bytes", lambda device: 1 << 20)
+    monkeypatch.setattr(plan, "free_memory_bytes", lambda device: 1 << 20)
     with pytest.raises(SSCMemoryError, match=r"N = 600 tokens.*needs about .*pca_rank"):
         compute_anchor_scores(torch.randn(600, 16), n_clusters=4, mode="exact")
     assert issubclass(SSCMemoryError, MemoryError)

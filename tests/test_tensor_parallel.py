@@ -86,7 +86,7 @@ def _rank_main(rank, path, port, out_dir):
     from transformers import AutoModelForImageTextToText
 
     import videoanchor.anchor as anchor
-    import videoanchor.anchor.scores as scores_mod
+    import videoanchor.anchor.plan as plan_mod
 
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
     report = {}
@@ -131,11 +131,11 @@ def _rank_main(rank, path, port, out_dir):
 
         # Long videos: where one process would take the blocked solver (the dense one "does
         # not fit", forced here), its column blocks are divided among the ranks.
-        fits, scores_mod._exact_fits = scores_mod._exact_fits, lambda *a, **k: False
+        fits, plan_mod.exact_fits = plan_mod.exact_fits, lambda *a, **k: False
         calls.clear()
         with torch.no_grad():
             report["blocked_logits"] = model(**batch).logits
-        scores_mod._exact_fits = fits
+        plan_mod.exact_fits = fits
         report["blocked_scores"] = handle.last_scores.clone()
         report["blocked_calls"] = list(calls)
         report["blocked_modes"] = [r.mode for r in handle.last_result]
@@ -194,7 +194,7 @@ def runs(tmp_path_factory):
     ).eval()
     handle = videoanchor.configure(single, **SSC, decode="all")
     batch = _batch(single.config)
-    import videoanchor.anchor.scores as scores_mod
+    import videoanchor.anchor.plan as plan_mod
 
     with torch.no_grad():
         ref = {
@@ -202,11 +202,11 @@ def runs(tmp_path_factory):
             "scores": handle.last_scores.clone(),
             "tokens": single.generate(**batch, **GEN),
         }
-        fits, scores_mod._exact_fits = scores_mod._exact_fits, lambda *a, **k: False
+        fits, plan_mod.exact_fits = plan_mod.exact_fits, lambda *a, **k: False
         try:
             ref["blocked_logits"] = single(**batch).logits
         finally:
-            scores_mod._exact_fits = fits
+            plan_mod.exact_fits = fits
         ref["blocked_scores"] = handle.last_scores.clone()
         ref["blocked_modes"] = [r.mode for r in handle.last_result]
         handle = videoanchor.configure(single, **SSC, decode="all", ssc_solver="faithful")

@@ -570,9 +570,10 @@ def ssc_plan(model, handle, inputs) -> str | None:
     """One line on the SSC a prefill of ``inputs`` will run, before it runs: visual tokens
     per sample, the solver the memory rule picks, its memory need against the budget, the
     iteration limit and the time budget. None when anchoring is off or no token is scored."""
-    from videoanchor.anchor import _inputs
-    from videoanchor.anchor.scores import EXACT_MAX_TOKENS
-    from videoanchor.anchor.ssc import exact_bytes
+    import torch
+
+    from videoanchor.anchor import plan
+    from videoanchor.anchor.products import check_precision
 
     cfg = handle.config
     if not cfg.enabled:
@@ -591,14 +592,15 @@ def ssc_plan(model, handle, inputs) -> str | None:
     if cfg.pca_rank:
         d = min(d, cfg.pca_rank)
     device = model.device
-    need = exact_bytes(n, d, 4, device.type, cfg.ssc_precision)
-    budget = _inputs.free_memory_bytes(device)
-    dense = n <= EXACT_MAX_TOKENS and (budget is None or need <= budget)
-    room = "unknown" if budget is None else _inputs._fmt_bytes(budget)
+    precision = check_precision(cfg.ssc_precision, fast=True, work=torch.float32, device=device)
+    need = plan.exact_bytes(n, d, 4, device.type, precision)
+    budget = plan.free_memory_bytes(device)
+    dense = n <= plan.EXACT_MAX_TOKENS and (budget is None or need <= budget)
+    room = "unknown" if budget is None else plan._fmt_bytes(budget)
     solver = (
-        f"dense exact (needs ~{_inputs._fmt_bytes(need)}, budget {room})"
+        f"dense exact (needs ~{plan._fmt_bytes(need)}, budget {room})"
         if dense
-        else f"column-blocked exact (dense would need ~{_inputs._fmt_bytes(need)}, budget {room})"
+        else f"column-blocked exact (dense would need ~{plan._fmt_bytes(need)}, budget {room})"
     )
     tokens = "/".join(str(c) for c in counts)
     line = (

@@ -3,9 +3,9 @@
 Never imports ``videoanchor.kernels`` or ``transformers``.
 """
 
-from videoanchor.anchor._inputs import SSCMemoryError
 from videoanchor.anchor.blocked import solve_ssc_blocked
 from videoanchor.anchor.options import SSCOptions
+from videoanchor.anchor.plan import SSCMemoryError
 from videoanchor.anchor.scores import (
     AnchorResult,
     SSCCoefficients,

@@ -1,19 +1,17 @@
-"""Input checks and memory estimates shared by the SSC entry points."""
+"""Stage 1 of an SSC call: the features validated once (and the option checks the options
+table uses), before the plan (:mod:`videoanchor.anchor.plan`)."""
 
 from __future__ import annotations
 
 import math
-import os
 import threading
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-
-class SSCMemoryError(MemoryError):
-    """The dense SSC problem does not fit in the memory of the chosen device."""
+from videoanchor.anchor.collective import _group, share_features
+from videoanchor.anchor.products import exact_float32
 
 
 def as_feature_tensor(features, *, name: str = "features") -> torch.Tensor:
@@ -100,126 +98,6 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
             "at least float32 (try dtype=None, float32)"
         )
     return dtype
-
-
-# The memory rule (docs/long-videos.md). The SSC may use MEMORY_FRACTION of the memory the
-# device has available when the check runs:
-# * CPU: ``MemAvailable`` of /proc/meminfo (the kernel's estimate of what new allocations can
-#   get without swapping: free pages plus reclaimable page cache), lowered to the cgroup v2
-#   limit left (``memory.max - memory.current + inactive_file``) when a limit is set; where
-#   /proc/meminfo does not exist (macOS, Windows), no check is made;
-# * CUDA: ``torch.cuda.mem_get_info`` free bytes plus what PyTorch's allocator holds
-#   reserved but unallocated (it is reused before new memory is asked of the driver).
-# The fraction leaves room for the rest of the process (model, activations, allocator
-# fragmentation). One reading, one rule: the same reading always gives the same decision.
-MEMORY_FRACTION = 0.9
-
-
-@dataclass(frozen=True)
-class MemoryReading:
-    """Memory available on a device: ``available`` bytes and where it was read (``source``)."""
-
-    available: int
-    source: str
-
-    @property
-    def budget(self) -> int:
-        """Bytes the SSC may use: ``MEMORY_FRACTION`` of ``available``."""
-        return int(self.available * MEMORY_FRACTION)
-
-
-def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # the kernel reports kB (KiB)
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def _cgroup_available(root: str = "/sys/fs/cgroup") -> int | None:
-    """Bytes left under a cgroup v2 memory limit, reclaimable file cache counted as free."""
-    try:
-        with open(os.path.join(root, "memory.max")) as f:
-            limit = f.read().strip()
-        if limit == "max":
-            return None
-        with open(os.path.join(root, "memory.current")) as f:
-            current = int(f.read().strip())
-        inactive = 0
-        with open(os.path.join(root, "memory.stat")) as f:
-            for line in f:
-                if line.startswith("inactive_file "):
-                    inactive = int(line.split()[1])
-        return max(0, int(limit) - current + inactive)
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def read_available_memory(device: torch.device) -> MemoryReading | None:
-    """What ``device`` has available now (see the memory rule above), or None when unknown."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return MemoryReading(int(free + cached), "torch.cuda.mem_get_info + PyTorch's cache")
-    if device.type == "cpu":
-        avail = _meminfo_available()
-        if avail is None:
-            return None
-        cg = _cgroup_available()
-        if cg is not None and cg < avail:
-            return MemoryReading(cg, "cgroup memory.max - memory.current + inactive_file")
-        return MemoryReading(avail, "MemAvailable in /proc/meminfo")
-    return None
-
-
-_LAST_READING: dict[str, MemoryReading | None] = {}
-
-
-def free_memory_bytes(device: torch.device) -> int | None:
-    """Bytes the SSC may use on ``device`` (the memory rule's budget), or None when unknown."""
-    reading = read_available_memory(device)
-    _LAST_READING[device.type] = reading  # for check_memory's message
-    return None if reading is None else reading.budget
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
-def check_memory(required: int, device: torch.device, *, n: int, d: int, what: str) -> None:
-    """Raise ``SSCMemoryError`` when ``required`` bytes exceed the memory rule's budget on
-    ``device`` (``MEMORY_FRACTION`` of the available memory; no check when unknown)."""
-    budget = free_memory_bytes(device)
-    if budget is None or required <= budget:
-        return
-    reading = _LAST_READING.get(device.type)
-    if reading is not None and reading.budget == budget:
-        room = (
-            f"{_fmt_bytes(reading.available)} is available ({reading.source}) and the SSC may "
-            f"use {MEMORY_FRACTION:.0%} of it, {_fmt_bytes(budget)}"
-        )
-    else:
-        room = f"the SSC may use {_fmt_bytes(budget)}"
-    if device.type == "cuda":
-        where = (
-            "run on the CPU (features.cpu()) if it has more memory, free GPU memory first "
-            "(torch.cuda.empty_cache(), other processes)"
-        )
-    else:
-        where = "close other programs or use a machine (or a GPU) with more memory"
-    raise SSCMemoryError(
-        f"{what} with N = {n} tokens and D = {d} features needs about {_fmt_bytes(required)} "
-        f"on {device}, but {room}. Options: use mode='blocked' (exact, no N x N "
-        f"buffer; smaller block_columns=...), use fewer frames (fewer tokens; memory grows "
-        f"as N^2), reduce the feature dimension with pca_rank=..., or {where}."
-    )
 
 
 # ---- checks of one option (the options themselves: videoanchor.anchor.options) ------------
@@ -412,49 +290,66 @@ def agree_across_ranks(group, options: dict, error: BaseException | None) -> Non
                 )
 
 
-# ---- identical tokens get identical scores ------------------------------------------------
-
-
-# Tokens within this distance of their mean (relative to the largest norm) are one point.
-FLAT_FEATURES_RTOL = 1e-3
-
-
-def tie_duplicate_scores(x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """Scores of bitwise-identical rows of ``x`` replaced by their mean; all 0 (with a
-    warning) when every row lies within ``FLAT_FEATURES_RTOL`` of the rows' mean.
-
-    SSC treats identical tokens symmetrically, but its solution among them is not unique
-    and the ADMM splits the weight unevenly; by symmetry identical tokens get one score
-    (the mean of theirs, which keeps the scores' range). A row hash finds candidates in
-    O(N D); only rows whose hashes collide are compared exactly.
-    """
-    n = x.shape[0]
-    if n < 2 or scores.numel() != n:
-        return scores
-    x64 = x.to(torch.float64)
-    spread = float((x64 - x64.mean(dim=0, keepdim=True)).norm(dim=1).max())
-    if spread <= FLAT_FEATURES_RTOL * float(x64.norm(dim=1).max()):
-        if not bool(scores.any()):  # already all 0 (flat row sums, warned there)
-            return torch.zeros_like(scores)
-        warnings.warn(
-            f"videoanchor: the {n} tokens are identical to within {FLAT_FEATURES_RTOL:g} of "
-            "their norm (e.g. a static or blank video); no token stands out, so every anchor "
-            "score is 0 (unanchored)",
-            stacklevel=3,
+def check_tokens(n_clusters: int, n: int) -> None:
+    """Enough tokens for ``n_clusters`` clusters and for SSC (``n_clusters`` already checked)."""
+    if n < n_clusters:
+        raise ValueError(
+            f"expected at least n_clusters = {n_clusters} tokens, got N = {n}; "
+            "pass fewer clusters or more tokens"
         )
-        return torch.zeros_like(scores)
-    gen = torch.Generator(device="cpu").manual_seed(12345)
-    probe = torch.rand(x.shape[1], generator=gen, dtype=torch.float64).to(x.device)
-    h = x.to(torch.float64) @ probe
-    _, inv_h, counts_h = torch.unique(h, return_inverse=True, return_counts=True)
-    if int(counts_h.max()) < 2:
-        return scores
-    cand = torch.nonzero(counts_h[inv_h] > 1).flatten()
-    _, inverse, counts = torch.unique(x[cand], dim=0, return_inverse=True, return_counts=True)
-    if int(counts.max()) < 2:
-        return scores
-    sums = torch.zeros(counts.numel(), dtype=torch.float64, device=scores.device)
-    sums.index_add_(0, inverse.to(scores.device), scores[cand.to(scores.device)].to(torch.float64))
-    out = scores.clone()
-    out[cand.to(scores.device)] = (sums / counts.to(sums))[inverse.to(scores.device)].to(out.dtype)
-    return out
+    if n < 2:
+        raise ValueError(f"SSC needs at least 2 tokens, got N = {n}")
+
+
+@exact_float32
+def pca_reduce(x: torch.Tensor, rank: int) -> torch.Tensor:
+    """Project the rows of ``x`` (``N x D``) on their top ``rank`` principal directions.
+
+    Centers the rows (PCA), computes in float64 through the smaller Gram matrix, and
+    returns ``N x rank`` in ``x``'s dtype. ``rank >= min(N, D)`` keeps every direction.
+    """
+    n, d = x.shape
+    if rank <= 0:
+        raise ValueError(f"pca_rank: expected a positive rank, got {rank}")
+    x64 = x.to(torch.float64)
+    xc = x64 - x64.mean(dim=0, keepdim=True)
+    rank = min(rank, n, d)
+    if d <= n:
+        _, v = torch.linalg.eigh(xc.T @ xc)
+        proj = xc @ v[:, -rank:].flip(1)
+    else:
+        w, u = torch.linalg.eigh(xc @ xc.T)
+        u, w = u[:, -rank:].flip(1), w[-rank:].flip(0)
+        proj = u * w.clamp_min(0).sqrt()
+    return proj.to(x.dtype)
+
+
+def prepare_features(features, given, *, min_tokens: int | None = None, process_group=None):
+    """Stage 1 of an SSC call: ``(opts, x, solved)``, the options ``given``
+    (:class:`~videoanchor.anchor.options.SSCOptions`) checked, the features validated
+    (:func:`as_feature_tensor`, at least ``min_tokens`` tokens, default ``n_clusters``) and
+    the dominant-token warning given, once; ``solved`` is ``x`` PCA-reduced when
+    ``pca_rank`` asks for it (the features the SSC solves on), else ``x``.
+
+    Under a ``process_group`` every rank reaches one collective before any raises
+    (:func:`agree_across_ranks`: a rank's own bad input, or options that differ between
+    ranks, stop every rank with the same error), and rank 0's features are used on every
+    rank."""
+    opts, x, error = None, None, None
+    try:
+        opts = given.checked(distributed=process_group is not None)
+        x = as_feature_tensor(features)
+        check_tokens(opts.n_clusters if min_tokens is None else min_tokens, x.shape[0])
+    except (TypeError, ValueError) as exc:
+        if process_group is None:
+            raise
+        error = exc
+    if process_group is not None:
+        group, _, _ = _group(process_group)  # checks that it is an initialised process group
+        fingerprint = given.as_dict(without=("progress",))
+        fingerprint["features"] = None if x is None else (tuple(x.shape), str(x.dtype))
+        agree_across_ranks(group, fingerprint, error)
+        x = share_features(x, group)
+    warn_dominant_token(x, opts.dtype)
+    solved = pca_reduce(x, opts.pca_rank) if opts.pca_rank else x
+    return opts, x, solved

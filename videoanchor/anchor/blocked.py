@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import torch
 
 from videoanchor.anchor import admm
-from videoanchor.anchor._inputs import as_feature_tensor, check_memory, resolve_dtype
+from videoanchor.anchor._inputs import as_feature_tensor, resolve_dtype
 from videoanchor.anchor.collective import (
     _all_gather_rows,
     _group,
@@ -54,44 +54,17 @@ from videoanchor.anchor.collective import (
     share_features,
 )
 from videoanchor.anchor.options import CHECKS, DEFAULTS
+from videoanchor.anchor.plan import (
+    _BLOCK_BUDGET,
+    Plan,
+    blocked_admm_bytes,
+    check_memory,
+    default_block_columns,
+)
 from videoanchor.anchor.products import exact_float32
 from videoanchor.anchor.ssc import TorchKernels, check_admm_parameters, ssc_lambdas
 
-__all__ = [
-    "BlockedADMMResult",
-    "default_block_columns",
-    "solve_ssc_blocked",
-    "sparse_row_sums",
-    "sparse_ssc_affinity",
-]
-
-# Working-set budget of one block (bytes): on a GPU large blocks keep the products
-# efficient; on the CPU a small one keeps the peak low. Fixed per device type (not read
-# from the free memory) so that every rank of a process group picks the same blocks.
-_BLOCK_BUDGET = {"cpu": 256 * 2**20, "cuda": 4 * 2**30}
-_BLOCK_ALIGN = 64
-
-
-def _column_bytes(n: int, itemsize: int) -> int:
-    """Bytes per column of a block's working set: C, Lam, A, the new Lam and a temporary
-    in the working dtype, and the float64 right-hand side and A-step output."""
-    return n * (5 * itemsize + 2 * 8)
-
-
-def default_block_columns(n: int, d: int, dtype: torch.dtype, device_type: str) -> int:
-    """Columns per block: the largest multiple of 64 whose working set fits the device
-    type's budget (256 MiB on the CPU, 4 GiB on CUDA), at least 64, at most ``N``."""
-    itemsize = torch.finfo(dtype).bits // 8
-    budget = _BLOCK_BUDGET.get(device_type, _BLOCK_BUDGET["cpu"])
-    b = budget // _column_bytes(n, itemsize)
-    b = max(_BLOCK_ALIGN, (b // _BLOCK_ALIGN) * _BLOCK_ALIGN)
-    return int(min(n, b))
-
-
-def blocked_admm_bytes(n: int, d: int, itemsize: int, block: int) -> int:
-    """Working memory of :func:`solve_ssc_blocked` without the sparse ``C`` (whose size is
-    only known at the end): one block's buffers plus the ``O(N D)`` factors."""
-    return block * _column_bytes(n, itemsize) + 4 * n * d * 8 + block * d * 8 * 4
+__all__ = ["BlockedADMMResult", "run_blocked", "solve_ssc_blocked"]
 
 
 @dataclass
@@ -183,7 +156,7 @@ def solve_ssc_blocked(
     """
     t0 = time.perf_counter()
     group, rank, world = _group(process_group)
-    x, error = None, None
+    x, error, plan = None, None, None
     try:
         x = as_feature_tensor(features)
         work = resolve_dtype(dtype, x.device)
@@ -200,14 +173,34 @@ def solve_ssc_blocked(
                 blocked_admm_bytes(n, d, itemsize, block), x.device, n=n, d=d,
                 what="Blocked SSC",
             )  # fmt: skip
+        plan = Plan(mode="blocked", solver="faithful", backend="torch", device=x.device,
+                    work=work, strategy="woodbury", block_columns=block, group=group, rank=rank,
+                    world=world)  # fmt: skip
     except (TypeError, ValueError, MemoryError) as exc:
         error = exc
     # a rank that rejects its input must not leave the others waiting
     raise_together(group, error, x.device if x is not None else torch.device("cpu"))
-    device = x.device
     if group is not None:
         x = share_features(x, group)
+    return run_blocked(
+        x, plan, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps, max_iter=max_iter,
+        affine=affine, outliers=outliers, block_eps=block_eps, keep_history=keep_history,
+        progress=progress, t0=t0,
+    )  # fmt: skip
 
+
+def run_blocked(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, rho: float,
+                eps: float, max_iter: int, affine: bool = True, outliers: bool = True,
+                block_eps: str = "own", keep_history: bool = False, progress=None,
+                t0: float | None = None) -> BlockedADMMResult:  # fmt: skip
+    """:func:`solve_ssc_blocked` on checked features ``x`` (every rank's own copy of rank
+    0's under a process group) as ``plan`` says (:class:`~videoanchor.anchor.plan.Plan`:
+    its device, working dtype, ``block_columns`` and process group). Nothing is checked
+    here: :func:`solve_ssc_blocked` and :func:`~videoanchor.anchor.plan.make_plan` have."""
+    t0 = time.perf_counter() if t0 is None else t0
+    group, rank, world = plan.group, plan.rank, plan.world
+    device, work, block = plan.device, plan.work, plan.block_columns
+    n = x.shape[0]
     x64 = x.to(torch.float64)
     # the lambdas' Gram pass in row blocks of at most the block budget
     lam_rows = max(1, min(4096, _BLOCK_BUDGET.get(device.type, _BLOCK_BUDGET["cpu"]) // (8 * n)))
@@ -299,24 +292,3 @@ def solve_ssc_blocked(
         world_size=world,
         timings={"lambdas": t1 - t0, "factor": t2 - t1, "admm": t3 - t2, "gather": t4 - t3},
     )
-
-
-def sparse_row_sums(coef: torch.Tensor) -> torch.Tensor:
-    """``r_j = sum_i C[j, i]`` of a sparse COO ``C`` (float64, ``N``), no densifying."""
-    c = coef.coalesce()
-    ind = c.indices()
-    out = torch.zeros(c.shape[0], dtype=torch.float64, device=c.device)
-    return out.index_add_(0, ind[0], c.values().to(torch.float64))
-
-
-def sparse_ssc_affinity(coef: torch.Tensor) -> torch.Tensor:
-    """``W = |C| + |C|^T`` of a sparse COO ``C``: coalesced sparse COO, float64."""
-    c = coef.coalesce()
-    ind, v = c.indices(), c.values().abs().to(torch.float64)
-    keep = v > 0
-    ind, v = ind[:, keep], v[keep]
-    both = torch.cat([ind, ind.flip(0)], dim=1)
-    n = c.shape[0]
-    return torch.sparse_coo_tensor(
-        both, torch.cat([v, v]), (n, n), check_invariants=False
-    ).coalesce()

@@ -10,9 +10,9 @@ on the CPU with the array-API C-step, which is how the CPU test suite checks it.
 from __future__ import annotations
 
 from videoanchor.anchor.admm import Kernels
-from videoanchor.anchor.ssc import ADMMResult, solve_ssc_admm
+from videoanchor.anchor.ssc import ADMMResult, run_admm, solve_ssc_admm
 
-__all__ = ["solve_ssc_admm_cupy"]
+__all__ = ["run_admm_cupy", "solve_ssc_admm_cupy"]
 
 _FUSED = None
 
@@ -57,6 +57,25 @@ class CupyKernels(Kernels):
         self.cp.cuda.get_current_stream().synchronize()
 
 
+def _cupy_on(device):
+    """``(cupy, CupyKernels)`` on CUDA device ``device`` (ImportError without CuPy,
+    ValueError off CUDA)."""
+    try:
+        import cupy as cp
+    except ImportError as exc:
+        raise ImportError(
+            "backend='cupy' needs CuPy (pip install cupy-cuda12x or cupy-cuda13x); "
+            "backend='torch' computes the same result"
+        ) from exc
+    if getattr(device, "type", None) != "cuda":
+        raise ValueError(
+            f"backend='cupy' expected features on a CUDA device, got {device}; "
+            "use backend='torch' on the CPU"
+        )
+    cp.cuda.Device(device.index if device.index is not None else 0).use()
+    return cp, CupyKernels(cp)
+
+
 def solve_ssc_admm_cupy(features, *, xp=None, **options) -> ADMMResult:
     """:func:`videoanchor.anchor.ssc.solve_ssc_admm` (same options and result) computed
     with CuPy.
@@ -67,19 +86,11 @@ def solve_ssc_admm_cupy(features, *, xp=None, **options) -> ADMMResult:
     """
     kernels = None
     if xp is None:
-        try:
-            import cupy as xp
-        except ImportError as exc:
-            raise ImportError(
-                "backend='cupy' needs CuPy (pip install cupy-cuda12x or cupy-cuda13x); "
-                "backend='torch' computes the same result"
-            ) from exc
-        device = getattr(features, "device", "cpu")
-        if getattr(device, "type", None) != "cuda":
-            raise ValueError(
-                f"backend='cupy' expected features on a CUDA device, got {device}; "
-                "use backend='torch' on the CPU"
-            )
-        xp.cuda.Device(device.index if device.index is not None else 0).use()
-        kernels = CupyKernels(xp)
+        xp, kernels = _cupy_on(getattr(features, "device", "cpu"))
     return solve_ssc_admm(features, xp=xp, kernels=kernels, **options)
+
+
+def run_admm_cupy(x, plan, **options) -> ADMMResult:
+    """:func:`videoanchor.anchor.ssc.run_admm` (checked features, a plan) computed with CuPy."""
+    xp, kernels = _cupy_on(x.device)
+    return run_admm(x, plan, xp=xp, kernels=kernels, **options)

@@ -8,26 +8,18 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from videoanchor.anchor import _inputs
 from videoanchor.anchor._inputs import (
-    agree_across_ranks,
     as_feature_tensor,
     check_flag,
-    resolve_dtype,
-    tie_duplicate_scores,
-    warn_dominant_token,
+    check_tokens,
+    pca_reduce,
+    prepare_features,
 )
-from videoanchor.anchor.blocked import solve_ssc_blocked, sparse_row_sums, sparse_ssc_affinity
-from videoanchor.anchor.collective import _group, all_agree, comm_device
 from videoanchor.anchor.options import DEFAULTS, REMOVED_SCALABLE, SSCOptions
+from videoanchor.anchor.plan import make_plan
 from videoanchor.anchor.products import exact_float32
-from videoanchor.anchor.spectral import (
-    sparse_spectral_labels,
-    spectral_labels,
-    ssc_affinity,
-)
-from videoanchor.anchor.ssc import exact_bytes, solve_ssc_admm
-from videoanchor.anchor.ssc_equality import solve_ssc_equality
+from videoanchor.anchor.solve import solve
+from videoanchor.anchor.spectral import cluster
 from videoanchor.anchor.threads import bounded
 
 __all__ = [
@@ -43,10 +35,6 @@ __all__ = [
 ]
 
 _DATA_TERMS = ("squared", "exact")
-# mode="auto": the dense exact solver up to this many tokens (and the free memory), the
-# column-blocked exact solver above
-EXACT_MAX_TOKENS = 16384
-ACCEL_RELAX = 1.8  # over-relaxation of the accelerated solver (Eckstein & Bertsekas)
 
 
 # Row sums of C that agree to this relative tolerance are "flat": within what the ADMM's
@@ -86,6 +74,62 @@ def scores_from_row_sums(r: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return s.clamp_(0.0, below_one)
 
 
+def sparse_row_sums(coef: torch.Tensor) -> torch.Tensor:
+    """``r_j = sum_i C[j, i]`` of a sparse COO ``C`` (float64, ``N``), no densifying."""
+    c = coef.coalesce()
+    ind = c.indices()
+    out = torch.zeros(c.shape[0], dtype=torch.float64, device=c.device)
+    return out.index_add_(0, ind[0], c.values().to(torch.float64))
+
+
+# ---- identical tokens get identical scores ------------------------------------------------
+
+
+# Tokens within this distance of their mean (relative to the largest norm) are one point.
+FLAT_FEATURES_RTOL = 1e-3
+
+
+def tie_duplicate_scores(x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Scores of bitwise-identical rows of ``x`` replaced by their mean; all 0 (with a
+    warning) when every row lies within ``FLAT_FEATURES_RTOL`` of the rows' mean.
+
+    SSC treats identical tokens symmetrically, but its solution among them is not unique
+    and the ADMM splits the weight unevenly; by symmetry identical tokens get one score
+    (the mean of theirs, which keeps the scores' range). A row hash finds candidates in
+    O(N D); only rows whose hashes collide are compared exactly.
+    """
+    n = x.shape[0]
+    if n < 2 or scores.numel() != n:
+        return scores
+    x64 = x.to(torch.float64)
+    spread = float((x64 - x64.mean(dim=0, keepdim=True)).norm(dim=1).max())
+    if spread <= FLAT_FEATURES_RTOL * float(x64.norm(dim=1).max()):
+        if not bool(scores.any()):  # already all 0 (flat row sums, warned there)
+            return torch.zeros_like(scores)
+        warnings.warn(
+            f"videoanchor: the {n} tokens are identical to within {FLAT_FEATURES_RTOL:g} of "
+            "their norm (e.g. a static or blank video); no token stands out, so every anchor "
+            "score is 0 (unanchored)",
+            stacklevel=3,
+        )
+        return torch.zeros_like(scores)
+    gen = torch.Generator(device="cpu").manual_seed(12345)
+    probe = torch.rand(x.shape[1], generator=gen, dtype=torch.float64).to(x.device)
+    h = x.to(torch.float64) @ probe
+    _, inv_h, counts_h = torch.unique(h, return_inverse=True, return_counts=True)
+    if int(counts_h.max()) < 2:
+        return scores
+    cand = torch.nonzero(counts_h[inv_h] > 1).flatten()
+    _, inverse, counts = torch.unique(x[cand], dim=0, return_inverse=True, return_counts=True)
+    if int(counts.max()) < 2:
+        return scores
+    sums = torch.zeros(counts.numel(), dtype=torch.float64, device=scores.device)
+    sums.index_add_(0, inverse.to(scores.device), scores[cand.to(scores.device)].to(torch.float64))
+    out = scores.clone()
+    out[cand.to(scores.device)] = (sums / counts.to(sums))[inverse.to(scores.device)].to(out.dtype)
+    return out
+
+
 def anchor_scores(coef: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Anchor score of every token from ``C`` and cluster labels (docs/method.md section 3).
 
@@ -114,29 +158,6 @@ def anchor_scores(coef: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if coef.is_sparse:
         return scores_from_row_sums(sparse_row_sums(coef), labels)
     return scores_from_row_sums(coef.to(torch.float64).sum(dim=1), labels)
-
-
-@exact_float32
-def pca_reduce(x: torch.Tensor, rank: int) -> torch.Tensor:
-    """Project the rows of ``x`` (``N x D``) on their top ``rank`` principal directions.
-
-    Centers the rows (PCA), computes in float64 through the smaller Gram matrix, and
-    returns ``N x rank`` in ``x``'s dtype. ``rank >= min(N, D)`` keeps every direction.
-    """
-    n, d = x.shape
-    if rank <= 0:
-        raise ValueError(f"pca_rank: expected a positive rank, got {rank}")
-    x64 = x.to(torch.float64)
-    xc = x64 - x64.mean(dim=0, keepdim=True)
-    rank = min(rank, n, d)
-    if d <= n:
-        _, v = torch.linalg.eigh(xc.T @ xc)
-        proj = xc @ v[:, -rank:].flip(1)
-    else:
-        w, u = torch.linalg.eigh(xc @ xc.T)
-        u, w = u[:, -rank:].flip(1), w[-rank:].flip(0)
-        proj = u * w.clamp_min(0).sqrt()
-    return proj.to(x.dtype)
 
 
 @dataclass
@@ -191,42 +212,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _check_tokens(n_clusters: int, n: int) -> None:
-    """Enough tokens for ``n_clusters`` clusters and for SSC (``n_clusters`` already checked)."""
-    if n < n_clusters:
-        raise ValueError(
-            f"expected at least n_clusters = {n_clusters} tokens, got N = {n}; "
-            "pass fewer clusters or more tokens"
-        )
-    if n < 2:
-        raise ValueError(f"SSC needs at least 2 tokens, got N = {n}")
-
-
-def _exact_fits(x: torch.Tensor, dtype, pca_rank: int, precision: str = "full") -> bool:
-    n, d = x.shape
-    if n > EXACT_MAX_TOKENS:
-        return False
-    d = min(d, pca_rank) if pca_rank else d
-    work = resolve_dtype(dtype, x.device)
-    itemsize = torch.finfo(work).bits // 8
-    need = exact_bytes(n, d, itemsize, x.device.type, precision)
-    free = _inputs.free_memory_bytes(x.device)
-    return free is None or need <= free
-
-
-def _solve(x, opts: SSCOptions, *, backend, solver, **kw):
-    """The dense solver of ``backend`` (one iteration, two array namespaces) on ``opts``'
-    program."""
-    solve = solve_ssc_admm
-    if backend == "cupy":
-        from videoanchor.anchor.cupy_backend import solve_ssc_admm_cupy as solve
-    kw.update(opts.program())
-    if solver == "fast":
-        return solve(x, scheduled=True, precision=opts.precision, **kw)
-    relax, adaptive = (1.0, False) if solver == "faithful" else (ACCEL_RELAX, True)
-    return solve(x, relax=relax, adaptive_rho=adaptive, e_every=3 if adaptive else 1, **kw)
-
-
 @bounded()
 @exact_float32
 def sparse_subspace_clustering(
@@ -273,23 +258,25 @@ def sparse_subspace_clustering(
     :func:`compute_anchor_scores`); ``labels`` is the first, ``label_draws`` holds all.
     """
     t0 = time.perf_counter()
-    opts = SSCOptions.of(locals(), mode="exact").checked()
+    given = SSCOptions.of(locals(), mode="exact")
     check_flag("affine", affine)
     check_flag("outliers", outliers)
-    x = as_feature_tensor(features)
-    _check_tokens(opts.n_clusters, x.shape[0])
-    warn_dominant_token(x, opts.dtype)
-    backend = "torch" if opts.backend == "auto" else opts.backend
-    solver = "faithful" if opts.solver == "auto" else opts.solver
     if data_term not in _DATA_TERMS:
         raise ValueError(f"data_term: expected one of {_DATA_TERMS}, got {data_term!r}")
+    if affinity not in ("symmetric", "column_max"):
+        raise ValueError(f"affinity: expected 'symmetric' or 'column_max', got {affinity!r}")
+    if assign_labels not in ("discretize", "kmeans"):
+        raise ValueError(f"assign_labels: expected 'discretize' or 'kmeans', got {assign_labels!r}")
     if data_term == "exact":
         unsupported = [
             msg
             for bad, msg in (
                 (not outliers, "outliers=False (the constraint Y = Y C + E needs E)"),
-                (backend == "cupy", "backend='cupy' (torch only)"),
-                (solver in ("accelerated", "fast"), f"solver={solver!r} (faithful only)"),
+                (given.backend == "cupy", "backend='cupy' (torch only)"),
+                (
+                    given.solver in ("accelerated", "fast"),
+                    f"solver={given.solver!r} (faithful only)",
+                ),
             )
             if bad
         ]
@@ -298,38 +285,28 @@ def sparse_subspace_clustering(
                 "data_term='exact' (Elhamifar & Vidal's constrained outlier program) does "
                 "not support " + "; ".join(unsupported)
             )
-    if affinity not in ("symmetric", "column_max"):
-        raise ValueError(f"affinity: expected 'symmetric' or 'column_max', got {affinity!r}")
-    if assign_labels not in ("discretize", "kmeans"):
-        raise ValueError(f"assign_labels: expected 'discretize' or 'kmeans', got {assign_labels!r}")
-    if opts.pca_rank:
-        x = pca_reduce(x, opts.pca_rank)
-    if data_term == "exact":
-        admm = solve_ssc_equality(x, affine=affine, **opts.program())
-    else:
-        admm = _solve(x, opts, backend=backend, solver=solver, outliers=outliers, affine=affine)
-    coef = admm.coef
+    if given.solver == "auto":  # the authors' iteration here
+        given = replace(given, solver="faithful")
+    opts, _, x = prepare_features(features, given)
+    plan = make_plan(x, opts, program=data_term, outliers=outliers)
+    res = solve(x, plan, opts, affine=affine, outliers=outliers)
     t1 = time.perf_counter()
-    w = ssc_affinity(coef, normalize="column_max" if affinity == "column_max" else "none")
-    draws = spectral_labels(
-        w, opts.n_clusters, seed=opts.seed, assign_labels=assign_labels,
-        eigen_solver=opts.eigen_solver, draws=opts.label_draws,
-    )  # fmt: skip
+    draws = cluster(res.coef, opts, affinity=affinity, assign_labels=assign_labels)
     _sync(x.device)
     t2 = time.perf_counter()
-    timings = dict(admm.timings)
+    timings = dict(res.timings)
     timings["spectral"] = t2 - t1
     timings["total"] = t2 - t0
     return SSCResult(
         labels=draws[0],
-        coef=coef,
-        iterations=admm.iterations,
-        converged=admm.converged,
-        residual=admm.residual,
-        lambda_e=admm.lambda_e,
-        lambda_z=admm.lambda_z,
-        backend=backend,
-        solver=solver,
+        coef=res.coef,
+        iterations=res.iterations,
+        converged=res.converged,
+        residual=res.residual,
+        lambda_e=res.lambda_e,
+        lambda_z=res.lambda_z,
+        backend=plan.backend,
+        solver=plan.solver,
         timings=timings,
         label_draws=draws,
     )
@@ -402,7 +379,8 @@ def compute_anchor_scores(
     ``process_group``: a ``torch.distributed`` process group (any backend: gloo, NCCL).
     Every rank of the group must call this with features of the same shape; rank 0's
     features are used, and every rank returns the same ``AnchorResult`` (``timings`` are
-    each rank's own; clustering and scores are computed once on rank 0 and broadcast). The
+    each rank's own; the clustering is computed once on rank 0 and broadcast, the scores
+    from the same C and labels on every rank). The
     solver's work is divided among the ranks:
 
     - exact mode (``mode="exact"``, or ``"auto"`` where the dense problem fits on every
@@ -447,68 +425,32 @@ def compute_anchor_scores(
     the size it would need when the dense problem does not fit on the device.
     """
     t0 = time.perf_counter()
+    if candidates is not None:
+        raise ValueError(f"candidates: {REMOVED_SCALABLE}")
     given = SSCOptions.of(locals())
-    opts, x, error = None, None, None
-    try:
-        if candidates is not None:
-            raise ValueError(f"candidates: {REMOVED_SCALABLE}")
-        opts = given.checked(distributed=process_group is not None)
-        x = as_feature_tensor(features)
-        _check_tokens(opts.n_clusters, x.shape[0])
-    except (TypeError, ValueError) as exc:
-        if process_group is None:
-            raise
-        error = exc
-    if process_group is not None:
-        _group(process_group)  # checks that it is an initialised process group
-        # Every rank reaches this one collective before any can fail: all raise the same
-        # error (a rank's own bad input, or options that differ between ranks), or none.
-        fingerprint = given.as_dict(without=("progress",))
-        fingerprint["features"] = None if x is None else (tuple(x.shape), str(x.dtype))
-        agree_across_ranks(process_group, fingerprint, error)
-    mode = opts.mode
-    if mode == "auto":
-        if process_group is not None and opts.solver == "faithful":
-            mode = "blocked"  # the authors' iteration runs over processes column-blocked
-        else:
-            fits = _exact_fits(x, opts.dtype, opts.pca_rank, opts.precision)
-            if process_group is not None:  # the same choice on every rank
-                fits = all_agree(fits, process_group, x.device)
-            mode = "exact" if fits else "blocked"
-    if mode == "blocked" and opts.precision == "fp16x3":  # ("auto" is "full" there)
-        raise ValueError(
-            f"precision={opts.precision!r} applies to the fast solver of exact mode, but these "
-            f"{x.shape[0]} tokens need blocked mode (the authors' iteration: exact mode does not "
-            "fit in memory or N exceeds its limit); use precision='auto' or 'full'"
-        )
-    if mode == "blocked":
-        warn_dominant_token(x, opts.dtype)  # (mode='exact' warns in the call below)
-        return _blocked_anchor_scores(x, opts, t0=t0, process_group=process_group)
-    if process_group is not None:
-        warn_dominant_token(x, opts.dtype)
-        return _split_anchor_scores(x, opts, t0=t0, process_group=process_group)
-    solver = "fast" if opts.solver == "auto" else opts.solver
-    res = sparse_subspace_clustering(
-        x, **replace(opts, solver=solver).as_dict(without=("mode", "block_columns", "block_eps"))
-    )
+    opts, x, solved = prepare_features(features, given, process_group=process_group)
+    plan = make_plan(solved, opts, process_group=process_group)
+    res = solve(solved, plan, opts)
     t1 = time.perf_counter()
-    scores = tie_duplicate_scores(x, anchor_scores(res.coef, res.label_draws))
-    _sync(scores.device)
+    draws = cluster(res.coef, opts, group=plan.group, rank=plan.rank)
     t2 = time.perf_counter()
+    scores = tie_duplicate_scores(x, anchor_scores(res.coef, draws))
+    _sync(scores.device)
+    t3 = time.perf_counter()
     timings = dict(res.timings)
-    timings["scores"] = t2 - t1
-    timings["total"] = t2 - t0
+    timings.update(spectral=t2 - t1, scores=t3 - t2, total=t3 - t0)
     return AnchorResult(
         scores=scores,
-        labels=res.labels,
+        labels=draws[0],
         coef=res.coef,
         iterations=res.iterations,
         converged=res.converged,
         residual=res.residual,
         lambda_e=res.lambda_e,
         lambda_z=res.lambda_z,
-        backend=res.backend,
-        solver=res.solver,
+        backend=plan.backend,
+        solver=plan.solver,
+        mode=plan.mode,
         timings=timings,
     )
 
@@ -559,21 +501,16 @@ def ssc_coefficients(
     ``progress`` as in :func:`compute_anchor_scores`.
     """
     t0 = time.perf_counter()
-    opts = SSCOptions.of(locals(), mode="exact").checked()
-    x = as_feature_tensor(features)
-    _check_tokens(1, x.shape[0])
-    backend = "torch" if opts.backend == "auto" else opts.backend
-    solver = "fast" if opts.solver == "auto" else opts.solver
-    if opts.pca_rank:
-        x = pca_reduce(x, opts.pca_rank)
-    admm = _solve(x, opts, backend=backend, solver=solver, outliers=True, affine=True)
+    opts, _, x = prepare_features(features, SSCOptions.of(locals(), mode="exact"), min_tokens=1)
+    plan = make_plan(x, opts)
+    res = solve(x, plan, opts)
     _sync(x.device)
-    timings = dict(admm.timings)
+    timings = dict(res.timings)
     timings["total"] = time.perf_counter() - t0
     return SSCCoefficients(
-        coef=admm.coef, iterations=admm.iterations, converged=admm.converged,
-        residual=admm.residual, lambda_e=admm.lambda_e, lambda_z=admm.lambda_z,
-        backend=backend, solver=solver, timings=timings,
+        coef=res.coef, iterations=res.iterations, converged=res.converged,
+        residual=res.residual, lambda_e=res.lambda_e, lambda_z=res.lambda_z,
+        backend=plan.backend, solver=plan.solver, timings=timings,
     )  # fmt: skip
 
 
@@ -597,12 +534,8 @@ def anchor_result_from_coefficients(
         n_clusters=n_clusters, seed=seed, label_draws=label_draws, eigen_solver=eigen_solver,
         mode="exact",
     ).checked()  # fmt: skip
-    _check_tokens(opts.n_clusters, ssc.coef.shape[0])
-    w = ssc_affinity(ssc.coef, normalize="none")
-    draws = spectral_labels(
-        w, opts.n_clusters, seed=opts.seed, assign_labels="discretize",
-        eigen_solver=opts.eigen_solver, draws=opts.label_draws,
-    )  # fmt: skip
+    check_tokens(opts.n_clusters, ssc.coef.shape[0])
+    draws = cluster(ssc.coef, opts)
     t1 = time.perf_counter()
     scores = anchor_scores(ssc.coef, draws)
     if features is not None:
@@ -615,103 +548,4 @@ def anchor_result_from_coefficients(
         scores=scores, labels=draws[0], coef=ssc.coef, iterations=ssc.iterations,
         converged=ssc.converged, residual=ssc.residual, lambda_e=ssc.lambda_e,
         lambda_z=ssc.lambda_z, backend=ssc.backend, solver=ssc.solver, timings=timings,
-    )  # fmt: skip
-
-
-def _blocked_anchor_scores(x, opts: SSCOptions, *, t0, process_group) -> AnchorResult:
-    """``mode="blocked"`` of :func:`compute_anchor_scores`, on one process or a group
-    (``opts`` checked; ``mode="auto"`` may choose this for a solver it cannot run)."""
-    if opts.solver in ("accelerated", "fast"):
-        raise ValueError(
-            f"mode='blocked' does not support solver={opts.solver!r} (the authors' iteration "
-            "only); mode='auto' chose it for these tokens: pass solver='auto' or 'faithful'"
-        )
-    if opts.backend == "cupy":
-        raise ValueError(
-            "mode='blocked' does not support backend='cupy' (torch only); mode='auto' chose it "
-            "for these tokens: pass backend='auto' or 'torch'"
-        )
-    if opts.pca_rank:
-        x = pca_reduce(x, opts.pca_rank)
-    admm = solve_ssc_blocked(
-        x, **opts.program(), block_columns=opts.block_columns, block_eps=opts.block_eps,
-        process_group=process_group,
-    )  # fmt: skip
-    return _finish_over_group(admm, x, opts, process_group, t0=t0, sparse=True,
-                              solver="faithful", mode="blocked")  # fmt: skip
-
-
-def _cluster_on_first(coef, x, opts: SSCOptions, process_group, *, sparse: bool):
-    """``(label draws, scores)`` of ``coef`` (every rank holds the same ``C``), clustered
-    once on rank 0 of ``process_group`` and broadcast; if that fails, every rank raises."""
-    group, rank, _ = _group(process_group)
-    n = coef.shape[0]
-    draws = torch.empty(opts.label_draws, n, dtype=torch.long, device=x.device)
-    scores = torch.empty(n, dtype=torch.float32, device=x.device)
-    error = None
-    if rank == 0:
-        try:
-            if sparse:
-                w = sparse_ssc_affinity(coef)
-                draws = sparse_spectral_labels(w, opts.n_clusters, seed=opts.seed,
-                                               draws=opts.label_draws)  # fmt: skip
-            else:
-                w = ssc_affinity(coef, normalize="none")
-                draws = spectral_labels(
-                    w, opts.n_clusters, seed=opts.seed, assign_labels="discretize",
-                    eigen_solver=opts.eigen_solver, draws=opts.label_draws,
-                )  # fmt: skip
-            draws = draws.to(x.device)
-            del w
-            scores = tie_duplicate_scores(x, anchor_scores(coef, draws))
-        except Exception as exc:  # re-raised below, after the other ranks are told
-            error = exc
-    if group is not None:
-        import torch.distributed as dist
-
-        dev = comm_device(group, x.device)
-        src = dist.get_global_rank(group, 0)
-        flag = torch.tensor([0 if error is None else 1], device=dev)
-        dist.broadcast(flag, src=src, group=group)
-        if int(flag) != 0:
-            if error is not None:
-                raise error
-            raise RuntimeError("compute_anchor_scores: clustering failed on rank 0 of the group")
-        buf_l, buf_s = draws.to(dev), scores.to(dev)
-        dist.broadcast(buf_l, src=src, group=group)
-        dist.broadcast(buf_s, src=src, group=group)
-        draws, scores = buf_l.to(x.device), buf_s.to(x.device)
-    elif error is not None:
-        raise error
-    return draws, scores
-
-
-def _split_anchor_scores(x, opts: SSCOptions, *, t0, process_group) -> AnchorResult:
-    """``mode="exact"`` of :func:`compute_anchor_scores` over a process group: the fast
-    solver with the columns of ``C`` split over the ranks (``solve_ssc_admm``'s
-    ``process_group``), ``C`` on every rank, clustered once on rank 0 and broadcast."""
-    feats = x
-    if opts.pca_rank:
-        x = pca_reduce(x, opts.pca_rank)
-    admm = solve_ssc_admm(x, scheduled=True, precision=opts.precision,
-                          process_group=process_group, **opts.program())  # fmt: skip
-    return _finish_over_group(admm, feats, opts, process_group, t0=t0, sparse=False,
-                              solver="fast", mode="exact")  # fmt: skip
-
-
-def _finish_over_group(admm, x, opts, process_group, *, t0, sparse, solver, mode):
-    """The :class:`AnchorResult` of a solve over a process group (or of blocked mode on one
-    process): ``admm.coef`` clustered once on rank 0 (:func:`_cluster_on_first`)."""
-    t1 = time.perf_counter()
-    draws, scores = _cluster_on_first(admm.coef, x, opts, process_group, sparse=sparse)
-    _sync(x.device)
-    t2 = time.perf_counter()
-    timings = dict(admm.timings)
-    timings["spectral"] = t2 - t1
-    timings["scores"] = 0.0  # computed with the clustering on rank 0
-    timings["total"] = t2 - t0
-    return AnchorResult(
-        scores=scores, labels=draws[0], coef=admm.coef, iterations=admm.iterations,
-        converged=admm.converged, residual=admm.residual, lambda_e=admm.lambda_e,
-        lambda_z=admm.lambda_z, backend="torch", solver=solver, mode=mode, timings=timings,
     )  # fmt: skip

@@ -28,6 +28,7 @@ import warnings
 import numpy as np
 import torch
 
+from videoanchor.anchor.collective import broadcast_from_first, raise_together
 from videoanchor.anchor.products import exact_float32
 from videoanchor.anchor.threads import bounded
 
@@ -43,6 +44,8 @@ __all__ = [
     "spectral_clustering",
     "sparse_spectral_clustering",
     "sparse_spectral_labels",
+    "sparse_ssc_affinity",
+    "cluster",
 ]
 
 
@@ -57,6 +60,19 @@ def ssc_affinity(coef: torch.Tensor, *, normalize: str = "none") -> torch.Tensor
     elif normalize != "none":
         raise ValueError(f"normalize: expected 'none' or 'column_max', got {normalize!r}")
     return a + a.T
+
+
+def sparse_ssc_affinity(coef: torch.Tensor) -> torch.Tensor:
+    """``W = |C| + |C|^T`` of a sparse COO ``C``: coalesced sparse COO, float64."""
+    c = coef.coalesce()
+    ind, v = c.indices(), c.values().abs().to(torch.float64)
+    keep = v > 0
+    ind, v = ind[:, keep], v[keep]
+    both = torch.cat([ind, ind.flip(0)], dim=1)
+    n = c.shape[0]
+    return torch.sparse_coo_tensor(
+        both, torch.cat([v, v]), (n, n), check_invariants=False
+    ).coalesce()
 
 
 def _normalized_affinity(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -563,3 +579,33 @@ def sparse_spectral_clustering(
 ) -> torch.Tensor:
     """Spectral clustering of a sparse symmetric affinity (COO), without densifying it."""
     return sparse_spectral_labels(w, n_clusters, seed=seed, assign_labels=assign_labels)[0]
+
+
+def cluster(coef: torch.Tensor, opts, *, group=None, rank: int = 0, affinity: str = "symmetric",
+            assign_labels: str = "discretize") -> torch.Tensor:  # fmt: skip
+    """Stage 4 of an SSC call: the ``(label_draws, N)`` labels of ``C`` (dense, or sparse
+    COO kept sparse) into ``opts.n_clusters`` clusters, seeded by ``opts.seed``
+    (:class:`~videoanchor.anchor.options.SSCOptions`, checked). ``affinity``:
+    ``"symmetric"`` (``W = |C| + |C|^T``) or ``"column_max"`` (dense ``C`` only).
+
+    Under a process ``group`` (every rank holds the same ``C``; this one is ``rank``) the
+    labels are computed once, on rank 0, and broadcast; if that fails, every rank raises."""
+    draws = torch.empty(opts.label_draws, coef.shape[0], dtype=torch.long, device=coef.device)
+    error = None
+    if rank == 0:
+        try:
+            if coef.is_sparse:
+                draws = sparse_spectral_labels(sparse_ssc_affinity(coef), opts.n_clusters,
+                                               seed=opts.seed, draws=opts.label_draws)  # fmt: skip
+            else:
+                normalize = "column_max" if affinity == "column_max" else "none"
+                w = ssc_affinity(coef, normalize=normalize)
+                draws = spectral_labels(
+                    w, opts.n_clusters, seed=opts.seed, assign_labels=assign_labels,
+                    eigen_solver=opts.eigen_solver, draws=opts.label_draws,
+                )  # fmt: skip
+        except Exception as exc:  # re-raised on every rank
+            error = exc
+    raise_together(group, error, coef.device)
+    draws = draws.to(coef.device)
+    return draws if group is None else broadcast_from_first(draws, group)

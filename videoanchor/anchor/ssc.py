@@ -37,12 +37,7 @@ import array_api_compat
 import torch
 
 from videoanchor.anchor import admm, fast
-from videoanchor.anchor._inputs import (
-    SSCMemoryError,
-    as_feature_tensor,
-    check_memory,
-    resolve_dtype,
-)
+from videoanchor.anchor._inputs import as_feature_tensor, resolve_dtype
 from videoanchor.anchor.collective import (
     _group,
     all_agree,
@@ -54,9 +49,23 @@ from videoanchor.anchor.collective import (
     raise_together,
     share_features,
 )
+from videoanchor.anchor.plan import (
+    Plan,
+    SSCMemoryError,
+    check_memory,
+    choose_strategy,
+    exact_bytes,
+)
 from videoanchor.anchor.products import Products, check_precision, exact_float32
 
-__all__ = ["ssc_lambdas", "gram_row_max", "solve_ssc_admm", "ADMMResult", "SSCMemoryError"]
+__all__ = [
+    "ssc_lambdas",
+    "gram_row_max",
+    "solve_ssc_admm",
+    "run_admm",
+    "ADMMResult",
+    "SSCMemoryError",
+]
 
 
 def ssc_lambdas(x, alpha_e: float, alpha_z: float, *, block: int = 4096, gram=None,
@@ -148,63 +157,6 @@ def check_admm_parameters(n: int, rho: float, eps: float, max_iter: int) -> None
         raise ValueError(f"eps: expected a non-negative number (0: run max_iter), got {eps}")
     if int(max_iter) < 1:
         raise ValueError(f"max_iter: expected a positive integer, got {max_iter}")
-
-
-def _flops(n: int, d: int, outliers: bool) -> dict[str, float]:
-    """Multiply-adds per iteration (E = 0), counting the products that dominate."""
-    dense = n**3 + (d * n * n if outliers else 0.0)
-    woodbury = 2.0 * d * n * n + 2.0 * d * d * n
-    return {"dense": dense, "woodbury": woodbury}
-
-
-def choose_strategy(n: int, d: int, outliers: bool = True, device_type: str = "cpu") -> str:
-    """The cheaper way to apply the system inverse: ``"dense"`` or ``"woodbury"``.
-
-    Woodbury runs in float64 (its float32 form loses the last digits to cancellation):
-    on the CPU a float64 multiply-add costs about two float32 ones, on data-centre GPUs
-    (H100/H200 float64 tensor cores) about the same as a float32 SIMT one. Ties go to
-    ``"dense"``.
-    """
-    f = _flops(n, d, outliers)
-    f64_cost = 1.2 if device_type == "cuda" else 2.0
-    return "woodbury" if f64_cost * f["woodbury"] < 0.8 * f["dense"] else "dense"
-
-
-def admm_bytes(n: int, d: int, itemsize: int, strategy: str, precision: str = "full",
-               cuda: bool = True) -> int:  # fmt: skip
-    """Peak bytes of :func:`solve_ssc_admm` (working buffers plus the float64 factorisation);
-    with ``precision="fp16x3"`` also the float16 parts (:func:`split_bytes`)."""
-    if precision == "fp16x3":
-        return admm_bytes(n, d, itemsize, strategy) + split_bytes(n, d, cuda=cuda)
-    nn = n * n
-    if strategy == "dense":
-        # float64 factorisation (M and its inverse), then A, C, Lam, Minv, R in work dtype;
-        # with outliers Minv, B0 and A carry D extra rows (Y Minv, Y B0, Y A)
-        return max(2 * nn * 8, nn * 8 + nn * itemsize) + 5 * nn * itemsize + 9 * n * d * itemsize
-    return 4 * nn * itemsize + 3 * nn * 8 + 8 * n * d * 8 + 3 * (d + 1) ** 2 * 8
-
-
-def exact_bytes(n: int, d: int, itemsize: int, device_type: str, precision: str = "full", *,
-                strategy: str = "auto", outliers: bool = True) -> int:  # fmt: skip
-    """Peak bytes of :func:`solve_ssc_admm` on ``N x D`` features on a device of
-    ``device_type`` (:func:`admm_bytes`; ``strategy="auto"``: the one
-    :func:`choose_strategy` picks). The one memory rule of the dense solver, the
-    ``mode="auto"`` choice and the CLI's SSC plan."""
-    if strategy == "auto":
-        strategy = choose_strategy(n, d, outliers, device_type)
-    if precision == "auto":  # what "auto" runs on such a device (the fast solver)
-        work = torch.float32 if itemsize == 4 else torch.float64
-        precision = check_precision("auto", fast=True, work=work,
-                                    device="cuda" if device_type == "cuda" else None)  # fmt: skip
-    return admm_bytes(n, d, itemsize, strategy, precision, cuda=device_type == "cuda")
-
-
-def split_bytes(n: int, d: int, *, cuda: bool) -> int:
-    """Bytes ``precision="fp16x3"`` adds to the fast solver: the float16 parts (three halves,
-    6 bytes per entry) of ``[R; Y R]``, ``V^T``, the features and one ``T - I``; off CUDA also
-    the emulation's float32 copies of the largest product's parts."""
-    split = 6 * n * (n + d) + 6 * n * n + 6 * n * d + 6 * n * n
-    return split if cuda else split + 12 * n * (n + d) + 12 * n * n
 
 
 # Below this fraction of non-zeros, Y^T E is a sparse product: cuSPARSE on CUDA; on the
@@ -360,7 +312,7 @@ def solve_ssc_admm(
     """
     t0 = time.perf_counter()
     group, rank, world = _group(process_group)
-    x_t, error = None, None
+    x_t, error, plan = None, None, None
     try:
         x_t = as_feature_tensor(features)
         device = x_t.device
@@ -387,6 +339,10 @@ def solve_ssc_admm(
             itemsize = torch.finfo(work_t).bits // 8
             need = exact_bytes(n, d, itemsize, device.type, precision, strategy=strategy)
             check_memory(need, device, n=n, d=d, what="Dense SSC")
+        plan = Plan(mode="exact", solver="fast" if scheduled else "faithful",
+                    backend="torch" if xp is None else xp.__name__, device=device, work=work_t,
+                    precision=precision, strategy=strategy, block_columns=n, group=group,
+                    rank=rank, world=world)  # fmt: skip
     except (TypeError, ValueError, MemoryError) as exc:
         if group is None:
             raise
@@ -395,6 +351,30 @@ def solve_ssc_admm(
         # a rank that rejects its input must not leave the others waiting
         raise_together(group, error, x_t.device if x_t is not None else torch.device("cpu"))
         x_t = share_features(x_t, group)
+    return run_admm(
+        x_t, plan, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps, max_iter=max_iter,
+        affine=affine, outliers=outliers, relax=relax, adaptive_rho=adaptive_rho,
+        progress=progress, keep_history=keep_history, callback=callback, e_every=e_every,
+        xp=xp, kernels=kernels, t0=t0,
+    )  # fmt: skip
+
+
+def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, rho: float,
+             eps: float, max_iter: int, affine: bool = True, outliers: bool = True,
+             relax: float = 1.0, adaptive_rho: bool = False, progress=None,
+             keep_history: bool = False, callback=None, e_every: int = 1, xp=None,
+             kernels: admm.Kernels | None = None, t0: float | None = None) -> ADMMResult:  # fmt: skip
+    """The dense solver on checked features ``x_t`` (every rank's own copy of rank 0's
+    under a process group) as ``plan`` says (:class:`~videoanchor.anchor.plan.Plan`:
+    ``solver="fast"`` is the scheduled iteration, any other the authors' steps with
+    ``relax`` and ``adaptive_rho``; its device, working dtype, precision, A-step strategy
+    and process group). Nothing is checked here: :func:`solve_ssc_admm` and
+    :func:`~videoanchor.anchor.plan.make_plan` have. Same result as :func:`solve_ssc_admm`."""
+    t0 = time.perf_counter() if t0 is None else t0
+    group, rank, world = plan.group, plan.rank, plan.world
+    device, work_t, precision, strategy = plan.device, plan.work, plan.precision, plan.strategy
+    scheduled = plan.solver == "fast"
+    n, d = x_t.shape
     products = Products(precision)
     if xp is None:
         x, work, kernels = x_t, work_t, TorchKernels(device, products)

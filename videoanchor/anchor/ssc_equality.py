@@ -41,10 +41,11 @@ import time
 import torch
 
 from videoanchor.anchor import admm
-from videoanchor.anchor._inputs import as_feature_tensor, check_memory, resolve_dtype
+from videoanchor.anchor._inputs import as_feature_tensor, resolve_dtype
+from videoanchor.anchor.plan import Plan, check_memory, equality_bytes
 from videoanchor.anchor.ssc import ADMMResult, TorchKernels, check_admm_parameters, gram_row_max
 
-__all__ = ["equality_parameters", "solve_ssc_equality"]
+__all__ = ["equality_parameters", "run_equality", "solve_ssc_equality"]
 
 
 def equality_parameters(x: torch.Tensor, alpha_e: float, alpha_z: float) -> tuple[float, float]:
@@ -65,12 +66,6 @@ def equality_parameters(x: torch.Tensor, alpha_e: float, alpha_z: float) -> tupl
     if not lam > 0:
         raise ValueError("SSC: some point is zero and orthogonal to all others; mu1 undefined")
     return gamma, alpha_z / lam
-
-
-def equality_bytes(n: int, d: int, itemsize: int) -> int:
-    """Peak bytes of :func:`solve_ssc_equality` (working buffers plus the factorisation)."""
-    small = min(n, d)
-    return (5 * n * n + 9 * d * n) * itemsize + 3 * small * small * 8 + 2 * n * d * 8
 
 
 def solve_ssc_equality(
@@ -111,7 +106,21 @@ def solve_ssc_equality(
     itemsize = torch.finfo(work).bits // 8
     if check_memory_first:
         check_memory(equality_bytes(n, d, itemsize), device, n=n, d=d, what="Constrained SSC")
+    plan = Plan(mode="exact", solver="faithful", backend="torch", device=device, work=work,
+                block_columns=n, program="exact")  # fmt: skip
+    return run_equality(x, plan, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
+                        max_iter=max_iter, affine=affine, progress=progress, callback=callback,
+                        t0=t0)  # fmt: skip
 
+
+def run_equality(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, rho: float,
+                 eps: float, max_iter: int, affine: bool = False, progress=False, callback=None,
+                 t0: float | None = None) -> ADMMResult:  # fmt: skip
+    """:func:`solve_ssc_equality` on checked features ``x`` in ``plan``'s working dtype
+    (:class:`~videoanchor.anchor.plan.Plan`); nothing is checked here."""
+    t0 = time.perf_counter() if t0 is None else t0
+    device, work = plan.device, plan.work
+    n = x.shape[0]
     x64 = x.to(torch.float64)
     gamma, mu1 = equality_parameters(x64, alpha_e, alpha_z)
     kernels = TorchKernels(device)

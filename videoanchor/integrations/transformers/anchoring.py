@@ -500,9 +500,16 @@ class AnchorHandle:
                     )
 
                 def blocked(feats=feats):  # what mode="auto" picks on one process
-                    from videoanchor.anchor.scores import _exact_fits
+                    from videoanchor.anchor._inputs import resolve_dtype
+                    from videoanchor.anchor.plan import exact_fits
+                    from videoanchor.anchor.products import check_precision
 
-                    return not _exact_fits(feats, cfg.ssc_dtype, cfg.pca_rank, cfg.ssc_precision)
+                    n, d = feats.shape
+                    d = min(d, cfg.pca_rank) if cfg.pca_rank else d
+                    work = resolve_dtype(cfg.ssc_dtype, feats.device)
+                    precision = check_precision(cfg.ssc_precision, fast=True, work=work,
+                                                device=feats.device)  # fmt: skip
+                    return not exact_fits(n, d, work, feats.device, precision)
 
                 def spread():  # the ranks share the work: blocked, or the fast solver split
                     return fast_splits(cfg) or blocked()

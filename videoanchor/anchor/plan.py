@@ -1,0 +1,378 @@
+"""The plan of one SSC call: where and how it runs, decided once, before any work.
+
+An SSC entry point (:func:`~videoanchor.anchor.compute_anchor_scores` and its siblings)
+runs in stages: options (:mod:`videoanchor.anchor.options`, checked once) and features
+(:func:`~videoanchor.anchor._inputs.prepare_features`, validated once), then the plan
+(:func:`make_plan`: mode, solver, backend, device, working dtype, precision, the A-step
+strategy, the block size and the memory this takes), then the solve
+(:mod:`videoanchor.anchor.solve`: each solver takes the plan and the features and returns
+C), the clustering and the scores.
+
+This module holds the plan and what it is made from: the memory rule (what the device has
+available now) and the cost models of the solvers (their peak bytes and, for the authors'
+iteration, the cheaper way to apply the A-step's inverse).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from videoanchor.anchor.collective import _group, all_agree, raise_together
+from videoanchor.anchor.products import check_precision
+
+__all__ = [
+    "EXACT_MAX_TOKENS",
+    "Plan",
+    "SSCMemoryError",
+    "admm_bytes",
+    "blocked_admm_bytes",
+    "check_memory",
+    "choose_strategy",
+    "default_block_columns",
+    "equality_bytes",
+    "exact_bytes",
+    "exact_fits",
+    "free_memory_bytes",
+    "make_plan",
+    "split_bytes",
+]
+
+
+class SSCMemoryError(MemoryError):
+    """The dense SSC problem does not fit in the memory of the chosen device."""
+
+
+# The memory rule (docs/long-videos.md). The SSC may use MEMORY_FRACTION of the memory the
+# device has available when the check runs:
+# * CPU: ``MemAvailable`` of /proc/meminfo (the kernel's estimate of what new allocations can
+#   get without swapping: free pages plus reclaimable page cache), lowered to the cgroup v2
+#   limit left (``memory.max - memory.current + inactive_file``) when a limit is set; where
+#   /proc/meminfo does not exist (macOS, Windows), no check is made;
+# * CUDA: ``torch.cuda.mem_get_info`` free bytes plus what PyTorch's allocator holds
+#   reserved but unallocated (it is reused before new memory is asked of the driver).
+# The fraction leaves room for the rest of the process (model, activations, allocator
+# fragmentation). One reading, one rule: the same reading always gives the same decision.
+MEMORY_FRACTION = 0.9
+
+
+@dataclass(frozen=True)
+class MemoryReading:
+    """Memory available on a device: ``available`` bytes and where it was read (``source``)."""
+
+    available: int
+    source: str
+
+    @property
+    def budget(self) -> int:
+        """Bytes the SSC may use: ``MEMORY_FRACTION`` of ``available``."""
+        return int(self.available * MEMORY_FRACTION)
+
+
+def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the kernel reports kB (KiB)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cgroup_available(root: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes left under a cgroup v2 memory limit, reclaimable file cache counted as free."""
+    try:
+        with open(os.path.join(root, "memory.max")) as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None
+        with open(os.path.join(root, "memory.current")) as f:
+            current = int(f.read().strip())
+        inactive = 0
+        with open(os.path.join(root, "memory.stat")) as f:
+            for line in f:
+                if line.startswith("inactive_file "):
+                    inactive = int(line.split()[1])
+        return max(0, int(limit) - current + inactive)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def read_available_memory(device: torch.device) -> MemoryReading | None:
+    """What ``device`` has available now (see the memory rule above), or None when unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return MemoryReading(int(free + cached), "torch.cuda.mem_get_info + PyTorch's cache")
+    if device.type == "cpu":
+        avail = _meminfo_available()
+        if avail is None:
+            return None
+        cg = _cgroup_available()
+        if cg is not None and cg < avail:
+            return MemoryReading(cg, "cgroup memory.max - memory.current + inactive_file")
+        return MemoryReading(avail, "MemAvailable in /proc/meminfo")
+    return None
+
+
+_LAST_READING: dict[str, MemoryReading | None] = {}
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Bytes the SSC may use on ``device`` (the memory rule's budget), or None when unknown."""
+    reading = read_available_memory(device)
+    _LAST_READING[device.type] = reading  # for check_memory's message
+    return None if reading is None else reading.budget
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def check_memory(required: int, device: torch.device, *, n: int, d: int, what: str) -> None:
+    """Raise ``SSCMemoryError`` when ``required`` bytes exceed the memory rule's budget on
+    ``device`` (``MEMORY_FRACTION`` of the available memory; no check when unknown)."""
+    budget = free_memory_bytes(device)
+    if budget is None or required <= budget:
+        return
+    reading = _LAST_READING.get(device.type)
+    if reading is not None and reading.budget == budget:
+        room = (
+            f"{_fmt_bytes(reading.available)} is available ({reading.source}) and the SSC may "
+            f"use {MEMORY_FRACTION:.0%} of it, {_fmt_bytes(budget)}"
+        )
+    else:
+        room = f"the SSC may use {_fmt_bytes(budget)}"
+    if device.type == "cuda":
+        where = (
+            "run on the CPU (features.cpu()) if it has more memory, free GPU memory first "
+            "(torch.cuda.empty_cache(), other processes)"
+        )
+    else:
+        where = "close other programs or use a machine (or a GPU) with more memory"
+    raise SSCMemoryError(
+        f"{what} with N = {n} tokens and D = {d} features needs about {_fmt_bytes(required)} "
+        f"on {device}, but {room}. Options: use mode='blocked' (exact, no N x N "
+        f"buffer; smaller block_columns=...), use fewer frames (fewer tokens; memory grows "
+        f"as N^2), reduce the feature dimension with pca_rank=..., or {where}."
+    )
+
+
+def _flops(n: int, d: int, outliers: bool) -> dict[str, float]:
+    """Multiply-adds per iteration (E = 0), counting the products that dominate."""
+    dense = n**3 + (d * n * n if outliers else 0.0)
+    woodbury = 2.0 * d * n * n + 2.0 * d * d * n
+    return {"dense": dense, "woodbury": woodbury}
+
+
+def choose_strategy(n: int, d: int, outliers: bool = True, device_type: str = "cpu") -> str:
+    """The cheaper way to apply the system inverse: ``"dense"`` or ``"woodbury"``.
+
+    Woodbury runs in float64 (its float32 form loses the last digits to cancellation):
+    on the CPU a float64 multiply-add costs about two float32 ones, on data-centre GPUs
+    (H100/H200 float64 tensor cores) about the same as a float32 SIMT one. Ties go to
+    ``"dense"``.
+    """
+    f = _flops(n, d, outliers)
+    f64_cost = 1.2 if device_type == "cuda" else 2.0
+    return "woodbury" if f64_cost * f["woodbury"] < 0.8 * f["dense"] else "dense"
+
+
+def admm_bytes(n: int, d: int, itemsize: int, strategy: str, precision: str = "full",
+               cuda: bool = True) -> int:  # fmt: skip
+    """Peak bytes of :func:`~videoanchor.anchor.ssc.solve_ssc_admm` (working buffers plus the float64 factorisation);
+    with ``precision="fp16x3"`` also the float16 parts (:func:`split_bytes`)."""
+    if precision == "fp16x3":
+        return admm_bytes(n, d, itemsize, strategy) + split_bytes(n, d, cuda=cuda)
+    nn = n * n
+    if strategy == "dense":
+        # float64 factorisation (M and its inverse), then A, C, Lam, Minv, R in work dtype;
+        # with outliers Minv, B0 and A carry D extra rows (Y Minv, Y B0, Y A)
+        return max(2 * nn * 8, nn * 8 + nn * itemsize) + 5 * nn * itemsize + 9 * n * d * itemsize
+    return 4 * nn * itemsize + 3 * nn * 8 + 8 * n * d * 8 + 3 * (d + 1) ** 2 * 8
+
+
+def exact_bytes(n: int, d: int, itemsize: int, device_type: str, precision: str = "full", *,
+                strategy: str = "auto", outliers: bool = True) -> int:  # fmt: skip
+    """Peak bytes of :func:`~videoanchor.anchor.ssc.solve_ssc_admm` on ``N x D`` features on a device of
+    ``device_type`` (:func:`admm_bytes`; ``strategy="auto"``: the one
+    :func:`choose_strategy` picks). The one memory rule of the dense solver, the
+    ``mode="auto"`` choice and the CLI's SSC plan."""
+    if precision not in ("full", "fp16x3"):
+        raise ValueError(
+            f"precision: expected the precision that runs, 'full' or 'fp16x3' (resolve 'auto' "
+            f"with videoanchor.anchor.products.check_precision first), got {precision!r}"
+        )
+    if strategy == "auto":
+        strategy = choose_strategy(n, d, outliers, device_type)
+    return admm_bytes(n, d, itemsize, strategy, precision, cuda=device_type == "cuda")
+
+
+def split_bytes(n: int, d: int, *, cuda: bool) -> int:
+    """Bytes ``precision="fp16x3"`` adds to the fast solver: the float16 parts (three halves,
+    6 bytes per entry) of ``[R; Y R]``, ``V^T``, the features and one ``T - I``; off CUDA also
+    the emulation's float32 copies of the largest product's parts."""
+    split = 6 * n * (n + d) + 6 * n * n + 6 * n * d + 6 * n * n
+    return split if cuda else split + 12 * n * (n + d) + 12 * n * n
+
+
+# Working-set budget of one block (bytes): on a GPU large blocks keep the products
+# efficient; on the CPU a small one keeps the peak low. Fixed per device type (not read
+# from the free memory) so that every rank of a process group picks the same blocks.
+_BLOCK_BUDGET = {"cpu": 256 * 2**20, "cuda": 4 * 2**30}
+_BLOCK_ALIGN = 64
+
+
+def _column_bytes(n: int, itemsize: int) -> int:
+    """Bytes per column of a block's working set: C, Lam, A, the new Lam and a temporary
+    in the working dtype, and the float64 right-hand side and A-step output."""
+    return n * (5 * itemsize + 2 * 8)
+
+
+def default_block_columns(n: int, d: int, dtype: torch.dtype, device_type: str) -> int:
+    """Columns per block: the largest multiple of 64 whose working set fits the device
+    type's budget (256 MiB on the CPU, 4 GiB on CUDA), at least 64, at most ``N``."""
+    itemsize = torch.finfo(dtype).bits // 8
+    budget = _BLOCK_BUDGET.get(device_type, _BLOCK_BUDGET["cpu"])
+    b = budget // _column_bytes(n, itemsize)
+    b = max(_BLOCK_ALIGN, (b // _BLOCK_ALIGN) * _BLOCK_ALIGN)
+    return int(min(n, b))
+
+
+def blocked_admm_bytes(n: int, d: int, itemsize: int, block: int) -> int:
+    """Working memory of :func:`~videoanchor.anchor.blocked.solve_ssc_blocked` without the sparse ``C`` (whose size is
+    only known at the end): one block's buffers plus the ``O(N D)`` factors."""
+    return block * _column_bytes(n, itemsize) + 4 * n * d * 8 + block * d * 8 * 4
+
+
+def equality_bytes(n: int, d: int, itemsize: int) -> int:
+    """Peak bytes of :func:`~videoanchor.anchor.ssc_equality.solve_ssc_equality` (working buffers plus the factorisation)."""
+    small = min(n, d)
+    return (5 * n * n + 9 * d * n) * itemsize + 3 * small * small * 8 + 2 * n * d * 8
+
+
+# mode="auto": the dense exact solver up to this many tokens (and the free memory), the
+# column-blocked exact solver above
+EXACT_MAX_TOKENS = 16384
+
+
+def exact_fits(n: int, d: int, work: torch.dtype, device: torch.device,
+               precision: str = "full") -> bool:  # fmt: skip
+    """Whether ``mode="auto"`` runs exact mode on ``N x D`` features: at most
+    :data:`EXACT_MAX_TOKENS` tokens and the dense solver's peak (working dtype ``work``,
+    ``precision`` as it runs) within the memory rule."""
+    if n > EXACT_MAX_TOKENS:
+        return False
+    need = exact_bytes(n, d, torch.finfo(work).bits // 8, device.type, precision)
+    free = free_memory_bytes(device)
+    return free is None or need <= free
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one SSC call runs, fixed before any work (:func:`make_plan`).
+
+    ``mode``: ``"exact"`` (dense ``N x N``) or ``"blocked"`` (column blocks, sparse C);
+    ``solver``: ``"fast"``, ``"faithful"`` or ``"accelerated"``; ``program``:
+    ``"squared"`` (docs/method.md) or ``"exact"`` (Elhamifar & Vidal's constrained
+    outlier program); ``backend``: ``"torch"`` or ``"cupy"``; ``work``: the working dtype;
+    ``precision``: how the fast solver's products run (``"full"`` or ``"fp16x3"``);
+    ``strategy``: how the authors' iteration applies its A-step inverse (``"dense"`` or
+    ``"woodbury"``; ``"dense"`` for the fast solver's eigendecomposition);
+    ``block_columns``: columns per block (blocked mode; ``N`` otherwise); ``group``,
+    ``rank``, ``world``: the process group the work is split over (None, 0, 1 alone).
+    """
+
+    mode: str
+    solver: str
+    backend: str
+    device: torch.device
+    work: torch.dtype
+    precision: str = "full"
+    strategy: str = "dense"
+    block_columns: int = 0
+    program: str = "squared"
+    group: object = None
+    rank: int = 0
+    world: int = 1
+
+
+def make_plan(x: torch.Tensor, opts, *, process_group=None, program: str = "squared",
+              outliers: bool = True) -> Plan:  # fmt: skip
+    """The :class:`Plan` of an SSC call on the (validated, PCA-reduced) features ``x`` with
+    the checked options ``opts`` (:class:`~videoanchor.anchor.options.SSCOptions`).
+
+    ``mode="auto"`` is exact where the dense problem fits (:func:`exact_fits`; the same
+    choice on every rank of ``process_group``) and blocked above; the authors' iteration
+    over a process group is blocked. ``solver="auto"`` is the fast solver in exact mode and
+    the authors' iteration in blocked mode. A solver, backend or precision the chosen mode
+    cannot run is a ValueError; a plan that does not fit in the memory rule is an
+    :class:`SSCMemoryError`, raised on every rank of the group together."""
+    group, rank, world = _group(process_group)
+    n, d = x.shape
+    device, work = x.device, opts.dtype
+    backend = "torch" if opts.backend == "auto" else opts.backend
+    # what the fast solver's products run as, where it is the one that runs (options
+    # checked: an fp16x3 that no mode could run has been refused already)
+    fast = opts.solver in ("auto", "fast") and program == "squared"
+    precision = check_precision(opts.precision, fast=fast, work=work, solver=opts.solver,
+                                device=device, backend=backend)  # fmt: skip
+    mode = opts.mode
+    if mode == "auto":
+        if group is not None and opts.solver == "faithful":
+            mode = "blocked"  # the authors' iteration runs over processes column-blocked
+        else:
+            fits = exact_fits(n, d, work, device, precision)
+            if group is not None:  # the same choice on every rank
+                fits = all_agree(fits, group, device)
+            mode = "exact" if fits else "blocked"
+    solver = opts.solver
+    if mode == "blocked":
+        if opts.precision == "fp16x3":  # ("auto" is "full" there)
+            raise ValueError(
+                f"precision={opts.precision!r} applies to the fast solver of exact mode, but "
+                f"these {n} tokens need blocked mode (the authors' iteration: exact mode does "
+                "not fit in memory or N exceeds its limit); use precision='auto' or 'full'"
+            )
+        if solver in ("accelerated", "fast"):
+            raise ValueError(
+                f"mode='blocked' does not support solver={solver!r} (the authors' iteration "
+                "only); mode='auto' chose it for these tokens: pass solver='auto' or 'faithful'"
+            )
+        if opts.backend == "cupy":
+            raise ValueError(
+                "mode='blocked' does not support backend='cupy' (torch only); mode='auto' "
+                "chose it for these tokens: pass backend='auto' or 'torch'"
+            )
+        solver, precision = "faithful", "full"
+    elif solver == "auto":
+        solver = "fast" if program == "squared" else "faithful"
+    itemsize = torch.finfo(work).bits // 8
+    strategy, block = "dense", n
+    if mode == "blocked":  # (the authors' steps against a Woodbury factor, by blocks)
+        block = min(opts.block_columns or default_block_columns(n, d, work, device.type), n)
+        strategy = "woodbury"
+        need, what = blocked_admm_bytes(n, d, itemsize, block), "Blocked SSC"
+    elif program == "exact":
+        need, what = equality_bytes(n, d, itemsize), "Constrained SSC"
+    else:
+        if solver != "fast":
+            strategy = choose_strategy(n, d, outliers, device.type)
+        need = exact_bytes(n, d, itemsize, device.type, precision, strategy=strategy)
+        what = "Dense SSC"
+    error = None
+    try:
+        check_memory(need, device, n=n, d=d, what=what)
+    except SSCMemoryError as exc:
+        error = exc
+    raise_together(group, error, device)
+    return Plan(mode=mode, solver=solver, backend=backend, device=device, work=work,
+                precision=precision, strategy=strategy, block_columns=block, program=program,
+                group=group, rank=rank, world=world)  # fmt: skip

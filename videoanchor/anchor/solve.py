@@ -1,0 +1,54 @@
+"""Stage 3 of an SSC call: the solve. Each solver takes the plan
+(:class:`~videoanchor.anchor.plan.Plan`) and the checked features and returns a result
+whose ``coef`` is ``C`` (dense, or sparse COO in blocked mode); :data:`SOLVERS` says which
+one runs for a plan."""
+
+from __future__ import annotations
+
+from videoanchor.anchor.blocked import run_blocked
+from videoanchor.anchor.cupy_backend import run_admm_cupy
+from videoanchor.anchor.plan import Plan
+from videoanchor.anchor.ssc import run_admm
+from videoanchor.anchor.ssc_equality import run_equality
+
+__all__ = ["ACCEL_RELAX", "SOLVERS", "solve"]
+
+ACCEL_RELAX = 1.8  # over-relaxation of the accelerated solver (Eckstein & Bertsekas)
+
+#: the authors' steps per solver of the dense ADMM (``"fast"``: their steps on a schedule)
+STEPS = {
+    "fast": {},
+    "faithful": {"relax": 1.0, "adaptive_rho": False, "e_every": 1},
+    "accelerated": {"relax": ACCEL_RELAX, "adaptive_rho": True, "e_every": 3},
+}
+
+
+def _dense(x, plan: Plan, opts, *, affine: bool, outliers: bool, **program):
+    run = run_admm_cupy if plan.backend == "cupy" else run_admm
+    return run(x, plan, affine=affine, outliers=outliers, **STEPS[plan.solver], **program)
+
+
+def _blocked(x, plan: Plan, opts, *, affine: bool, outliers: bool, **program):
+    return run_blocked(x, plan, affine=affine, outliers=outliers, block_eps=opts.block_eps,
+                       **program)  # fmt: skip
+
+
+def _constrained(x, plan: Plan, opts, *, affine: bool, outliers: bool, **program):
+    return run_equality(x, plan, affine=affine, **program)
+
+
+#: ``{(program, mode): solver}``: the solver that runs a plan
+SOLVERS = {
+    ("squared", "exact"): _dense,
+    ("squared", "blocked"): _blocked,
+    ("exact", "exact"): _constrained,
+}
+
+
+def solve(x, plan: Plan, opts, *, affine: bool = True, outliers: bool = True):
+    """``C`` of the features ``x`` (checked, PCA-reduced) as ``plan`` says, with the
+    program's parameters from ``opts`` (:class:`~videoanchor.anchor.options.SSCOptions`,
+    checked): the result of the solver :data:`SOLVERS` names for the plan."""
+    program = {k: v for k, v in opts.program().items() if k != "dtype"}  # (in the plan)
+    return SOLVERS[plan.program, plan.mode](x, plan, opts, affine=affine, outliers=outliers,
+                                            **program)  # fmt: skip
