@@ -77,12 +77,12 @@ def _count(monkeypatch):
 
     counters = {
         "vision": _Counter(q.Qwen2_5_VisionTransformerPretrainedModel.forward),
-        "ssc": _Counter(scores_mod.solve_ssc_admm),
-        "labels": _Counter(scores_mod.spectral_labels),
+        "ssc": _Counter(scores_mod.solve),
+        "labels": _Counter(scores_mod.cluster),
     }
     monkeypatch.setattr(q.Qwen2_5_VisionTransformerPretrainedModel, "forward", counters["vision"])
-    monkeypatch.setattr(scores_mod, "solve_ssc_admm", counters["ssc"])
-    monkeypatch.setattr(scores_mod, "spectral_labels", counters["labels"])
+    monkeypatch.setattr(scores_mod, "solve", counters["ssc"])
+    monkeypatch.setattr(scores_mod, "cluster", counters["labels"])
     return counters
 
 
