@@ -13,11 +13,12 @@ large corruptions (so the outlier term E is exercised).
 CPU cases (``--device cpu``):
   fixed60   N = 1024, D = 512, both pipelines held to the same 60 ADMM iterations
             (ours: the authors' iteration, solver="faithful").
-  converge  N = 512, D = 256, each to its own convergence: reference, ours with the
-            authors' iteration (the default) and ours accelerated. The minimiser of the
-            SSC program is computed twice in float64 (accelerated to eps = 1e-9, the
-            authors' iteration to eps = 1e-8), and every C is compared with it and with
-            the reference's C.
+  converge  N = 512, D = 256, each to its own convergence: reference and ours with the
+            authors' iteration (solver="faithful"; until issue 52 also ours with the
+            removed solver="accelerated"). The minimiser of the SSC program is computed
+            twice in float64 (the over-relaxed, balanced ADMM to eps = 1e-9, the authors'
+            iteration to eps = 1e-8), and every C is compared with it and with the
+            reference's C.
 GPU cases (``--device cuda``):
   target    N = 2048, D = 4096 (InternVL2-8B, 8 frames) and N = 16384, D = 3584
             (64 frames of Qwen2.5-VL): whole pipeline, median of repeated runs, peak memory.
@@ -214,13 +215,12 @@ def case_converge(n=512, d=256, limits=True):
     load0 = _load()
     ref = reference_pipeline(x, 24, 10000)
     print(f"converge: reference {ref['timings']['total']:.2f}s", flush=True)
-    ours = compute_anchor_scores(x, n_clusters=24, solver="accelerated")
-    faithful = compute_anchor_scores(x, n_clusters=24)  # default: the authors' iteration
+    faithful = compute_anchor_scores(x, n_clusters=24, solver="faithful")
     load1 = _load()
     if not limits:  # --skip-limits: the speed ratios and the distance to the reference only
         rows = [_row("converge", "reference", n, d, ref["timings"], ref["iterations"],
                      ref["converged"], loadavg_before=load0)]  # fmt: skip
-        for name, res in (("ours_accelerated", ours), ("ours_faithful", faithful)):
+        for name, res in (("ours_faithful", faithful),):
             rows.append(_row(
                 "converge", name, n, d, res.timings, res.iterations, res.converged,
                 solver=res.solver, speedup_total=ref["timings"]["total"] / res.timings["total"],
@@ -228,7 +228,7 @@ def case_converge(n=512, d=256, limits=True):
                 coef_rel_to_reference=_rel(res.coef, ref["coef"]), loadavg_after=load1,
             ))  # fmt: skip
         return rows
-    # the minimiser, twice: our accelerated ADMM (eps 1e-9) and the authors' own
+    # the minimiser, twice: the over-relaxed, balanced ADMM (eps 1e-9) and the authors' own
     # iteration (fixed rho, no relaxation, eps 1e-8), both in float64
     t = time.perf_counter()
     minimiser = solve_ssc_admm(
@@ -263,7 +263,7 @@ def case_converge(n=512, d=256, limits=True):
             **quality(ref["coef"]),
         )
     ]
-    for name, res in (("ours_accelerated", ours), ("ours_faithful", faithful)):
+    for name, res in (("ours_faithful", faithful),):
         rows.append(
             _row(
                 "converge",
@@ -356,9 +356,6 @@ def cases_gpu(quick: bool):
         rows.append(r)
         print_table([r], ["case", "n", "d", "total_s", "iterations", "peak_mem_gb"])
         torch.cuda.empty_cache()
-    r = _gpu_run(2048, 4096, 3, solver="accelerated")
-    r.update(case="target_accelerated")
-    rows.append(r)
     ns = [1024, 2048, 4096, 8192] + ([] if quick else [16384])
     for n in ns:
         r = _gpu_run(n, 3584, 1 if n >= 16384 else 3)
@@ -371,11 +368,10 @@ def cases_gpu(quick: bool):
     try:
         import cupy  # noqa: F401
 
-        for solver in ("faithful", "accelerated"):
-            for backend in ("torch", "cupy"):
-                r = _gpu_run(2048, 4096, 3, backend=backend, solver=solver)
-                r.update(case="backends")
-                rows.append(r)
+        for backend in ("torch", "cupy"):
+            r = _gpu_run(2048, 4096, 3, backend=backend, solver="faithful")
+            r.update(case="backends")
+            rows.append(r)
     except ImportError:
         rows.append({"case": "backends", "provider": "cupy", "note": "CuPy not installed"})
     return rows

@@ -181,8 +181,8 @@ def test_blocked_bad_input():
         solve_ssc_blocked(x, block_eps="global")
     with pytest.raises(ValueError, match="block_eps"):
         compute_anchor_scores(x, n_clusters=3, mode="blocked", block_eps="global")
-    with pytest.raises(ValueError, match="accelerated"):
-        compute_anchor_scores(x, n_clusters=3, mode="blocked", solver="accelerated")
+    with pytest.raises(ValueError, match="solver 'auto' or 'faithful', got 'fast'"):
+        compute_anchor_scores(x, n_clusters=3, mode="blocked", solver="fast")
     with pytest.raises(ValueError, match="eigh"):
         compute_anchor_scores(x, n_clusters=3, mode="blocked", eigen_solver="eigh")
     with pytest.raises(TypeError, match="pca_rank"):

@@ -206,7 +206,6 @@ def test_auto_runs_fp16x3_where_native(monkeypatch):
     "kw,match",
     [
         (dict(solver="faithful"), "solver 'fast' or 'auto' \\(got 'faithful'\\)"),
-        (dict(solver="accelerated"), "solver 'fast' or 'auto'"),
         (dict(dtype=torch.float64), "dtype float32 \\(got torch.float64\\)"),
         (dict(backend="cupy"), "backend 'torch' or 'auto'"),
         (dict(mode="blocked"), "mode 'exact' or 'auto'"),

@@ -140,12 +140,9 @@ def test_checked_normalises():
 
 def test_process_group_rejects_what_cannot_run_over_processes_up_front():
     """Checked before the ranks' agreement collective, not once a solver has started: the
-    accelerated solver (never over processes), the faithful one in exact mode (it runs over
-    processes column-blocked), and CuPy."""
-    SSCOptions(solver="accelerated").checked()  # fine on one process
+    faithful solver in exact mode (it runs over processes column-blocked), and CuPy."""
+    SSCOptions(mode="exact", solver="faithful").checked()  # fine on one process
     cases = [
-        (dict(solver="accelerated"), "the accelerated solver does not run over processes"),
-        (dict(solver="accelerated", mode="blocked"), "got solver='accelerated'"),
         (dict(mode="exact", solver="faithful"), "mode='exact' splits the fast solver's columns"),
         (dict(backend="cupy"), "expected backend 'auto' or 'torch', got 'cupy'"),
     ]

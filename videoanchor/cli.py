@@ -770,8 +770,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         choices=SSC_SOLVERS,
         default=SSC.solver,
         help="SSC solver: auto (default: fast, a fixed 60-iteration schedule whose scores are "
-        "continuous in the features), faithful (the authors' iterate and stopping rule), "
-        "accelerated (over-relaxed ADMM run to the minimiser of the authors' program)",
+        "continuous in the features) or faithful (the authors' iterate and stopping rule)",
     )
     a.add_argument(
         "--ssc-time-budget",

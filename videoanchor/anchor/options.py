@@ -27,7 +27,7 @@ from videoanchor.anchor.products import PRECISIONS, check_precision
 __all__ = ["CHECKS", "DEFAULTS", "EIGEN_SOLVERS", "SSCOptions", "names_affecting"]
 
 SSC_BACKENDS = ("auto", "torch", "cupy")
-SSC_SOLVERS = ("auto", "fast", "faithful", "accelerated")
+SSC_SOLVERS = ("auto", "fast", "faithful")
 SSC_MODES = ("auto", "exact", "blocked")
 EIGEN_SOLVERS = {  # per mode: what the spectral step of that mode can run
     "exact": ("auto", "eigh", "krylov"),
@@ -43,6 +43,19 @@ REMOVED_SCALABLE = (
     "60-iteration approximation of the authors' answer) or mode='blocked' for exact SSC on "
     "long videos (no N x N buffer)"
 )
+#: what ``solver="accelerated"`` became (removed; issue 52)
+REMOVED_ACCELERATED = (
+    "solver='accelerated' was removed (issue 52): the program's minimiser it ran towards is "
+    "videoanchor.anchor.reference_minimiser (float64, certified by a duality gap); the "
+    "authors' answer is solver='faithful', the default approximation solver='auto'"
+)
+
+
+def _solver(name, value):
+    if isinstance(value, str) and value == "accelerated":
+        raise ValueError(f"solver: expected one of {SSC_SOLVERS}, got 'accelerated': "
+                         f"{REMOVED_ACCELERATED}")  # fmt: skip
+    return check_choice(name, value, SSC_SOLVERS)
 
 
 def _label_draws(name, value):
@@ -108,8 +121,8 @@ class SSCOptions:
     backend: str = "auto"
     """Array library of the dense solver: ``"auto"`` (torch), ``"torch"``, ``"cupy"``."""
     solver: str = "auto"
-    """``"fast"`` (through ``"auto"``: the authors' steps on a fixed 60-iteration schedule),
-    ``"faithful"`` (the authors' iteration and stopping rule) or ``"accelerated"``."""
+    """``"fast"`` (through ``"auto"``: the authors' steps on a fixed 60-iteration schedule)
+    or ``"faithful"`` (the authors' iteration and stopping rule)."""
     dtype: torch.dtype | None = None
     """Working dtype of the ADMM: None (float32), ``torch.float32`` or ``torch.float64``."""
     precision: str = "auto"
@@ -169,7 +182,7 @@ class SSCOptions:
         if mode == "blocked":
             if backend == "cupy":
                 raise ValueError("mode='blocked': expected backend 'auto' or 'torch', got 'cupy'")
-            if solver in ("accelerated", "fast"):
+            if solver == "fast":
                 raise ValueError(
                     "mode='blocked' runs the authors' iteration only; expected solver 'auto' "
                     f"or 'faithful', got {solver!r}"
@@ -188,12 +201,6 @@ def check_distributed(mode: str, solver: str, backend: str) -> None:
     """The solvers that run over a process group: the fast one split by columns (exact
     mode) and the authors' iteration column-blocked (blocked mode); ``mode="auto"`` picks
     between them. Anything else is a ValueError naming what would run."""
-    if solver == "accelerated":
-        raise ValueError(
-            "process_group: the accelerated solver does not run over processes; expected "
-            "solver 'auto' or 'fast' (columns split over the ranks, mode 'exact' or 'auto') or "
-            "'faithful' (column-blocked, mode 'blocked' or 'auto'), got solver='accelerated'"
-        )
     if mode == "exact" and solver == "faithful":
         raise ValueError(
             "process_group: mode='exact' splits the fast solver's columns over the ranks; the "
@@ -228,7 +235,7 @@ CHECKS = {
     "max_iter": (lambda n, v: check_int(n, v, 1, hint=f"max_iter={_D.max_iter}"), "coef"),
     "pca_rank": (lambda n, v: check_int(n, v, 0, hint=f"{_D.pca_rank} (no PCA)"), "coef"),
     "backend": (_choice(SSC_BACKENDS), "coef"),
-    "solver": (_choice(SSC_SOLVERS), "coef"),
+    "solver": (_solver, "coef"),
     "dtype": (_dtype, "coef"),
     "precision": (_choice(PRECISIONS), "coef"),
     "seed": (lambda n, v: resolve_seed(v), "labels"),

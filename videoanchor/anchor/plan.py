@@ -280,7 +280,7 @@ class Plan:
     """How one SSC call runs, fixed before any work (:func:`make_plan`).
 
     ``mode``: ``"exact"`` (dense ``N x N``) or ``"blocked"`` (column blocks, sparse C);
-    ``solver``: ``"fast"``, ``"faithful"`` or ``"accelerated"``; ``program``:
+    ``solver``: ``"fast"`` or ``"faithful"``; ``program``:
     ``"squared"`` (docs/method.md) or ``"exact"`` (Elhamifar & Vidal's constrained
     outlier program); ``backend``: ``"torch"`` or ``"cupy"``; ``work``: the working dtype;
     ``precision``: how the fast solver's products run (``"full"`` or ``"fp16x3"``);
@@ -341,7 +341,7 @@ def make_plan(x: torch.Tensor, opts, *, process_group=None, program: str = "squa
                 f"these {n} tokens need blocked mode (the authors' iteration: exact mode does "
                 "not fit in memory or N exceeds its limit); use precision='auto' or 'full'"
             )
-        if solver in ("accelerated", "fast"):
+        if solver == "fast":
             raise ValueError(
                 f"mode='blocked' does not support solver={solver!r} (the authors' iteration "
                 "only); mode='auto' chose it for these tokens: pass solver='auto' or 'faithful'"

@@ -244,8 +244,7 @@ def sparse_subspace_clustering(
     ``outliers``: the ``lambda_e ||E||_1`` term, else ``E = 0``) on the features' device,
     then spectral clustering of ``W = |C| + |C|^T`` (``affinity="column_max"``: each
     column of ``|C|`` scaled by its largest entry first). ``solver="faithful"`` runs the
-    authors' iteration; ``"accelerated"`` an over-relaxed ADMM with residual balancing that
-    converges to the minimiser of the same program; ``"fast"`` the authors' steps on a fixed
+    authors' iteration; ``"fast"`` the authors' steps on a fixed
     schedule (see :func:`compute_anchor_scores`); ``"auto"`` picks ``"faithful"`` here.
 
     ``data_term="exact"`` solves Elhamifar & Vidal's constrained outlier program instead,
@@ -274,7 +273,7 @@ def sparse_subspace_clustering(
                 (not outliers, "outliers=False (the constraint Y = Y C + E needs E)"),
                 (given.backend == "cupy", "backend='cupy' (torch only)"),
                 (
-                    given.solver in ("accelerated", "fast"),
+                    given.solver == "fast",
                     f"solver={given.solver!r} (faithful only)",
                 ),
             )
@@ -354,10 +353,9 @@ def compute_anchor_scores(
     fidelity), ``"faithful"`` (the authors' iteration and stopping rule
     ``max_i sum_j |A - C|_ij < eps``, iterate for iterate, so the authors' answer; near that
     threshold a tiny change of the features can move the stopping iteration and the scores
-    jump) or ``"accelerated"`` (over-relaxed ADMM with residual balancing, stopped on both
-    the primal and the dual residual: it converges to the minimiser of the authors'
-    program, which the authors' stopping rule leaves several percent away from; not always
-    fewer iterations). Blocked mode runs the faithful iteration (``"auto"`` picks it there).
+    jump). The program's minimiser itself, certified by a duality gap, is
+    :func:`~videoanchor.anchor.reference_minimiser` (``solver="accelerated"``, an ADMM run
+    towards it, was removed). Blocked mode runs the faithful iteration (``"auto"`` picks it there).
 
     ``precision`` (fast solver): ``"full"`` multiplies in the working dtype; ``"fp16x3"``
     runs the solver's dense products on float16 tensor cores at about float32 accuracy (each
@@ -393,8 +391,8 @@ def compute_anchor_scores(
       dealt to the ranks, the sparse columns all-gathered; it equals the single-process
       ``mode="blocked"`` result.
 
-    ``solver="accelerated"``, ``solver="faithful"`` with ``mode="exact"`` and
-    ``backend="cupy"`` are a ``ValueError`` before any work.
+    ``solver="faithful"`` with ``mode="exact"`` and ``backend="cupy"`` are a
+    ``ValueError`` before any work.
 
     ``label_draws`` (beyond the paper): the default 1 is the paper's single random label
     assignment (the authors' scikit-learn call, seed-compatible). With ``R > 1``, ``R``

@@ -11,21 +11,12 @@ from videoanchor.anchor.plan import Plan
 from videoanchor.anchor.ssc import run_admm
 from videoanchor.anchor.ssc_equality import run_equality
 
-__all__ = ["ACCEL_RELAX", "SOLVERS", "solve"]
-
-ACCEL_RELAX = 1.8  # over-relaxation of the accelerated solver (Eckstein & Bertsekas)
-
-#: the authors' steps per solver of the dense ADMM (``"fast"``: their steps on a schedule)
-STEPS = {
-    "fast": {},
-    "faithful": {"relax": 1.0, "adaptive_rho": False, "e_every": 1},
-    "accelerated": {"relax": ACCEL_RELAX, "adaptive_rho": True, "e_every": 3},
-}
+__all__ = ["SOLVERS", "solve"]
 
 
 def _dense(x, plan: Plan, opts, *, affine: bool, outliers: bool, **program):
     run = run_admm_cupy if plan.backend == "cupy" else run_admm
-    return run(x, plan, affine=affine, outliers=outliers, **STEPS[plan.solver], **program)
+    return run(x, plan, affine=affine, outliers=outliers, **program)
 
 
 def _blocked(x, plan: Plan, opts, *, affine: bool, outliers: bool, **program):
@@ -37,7 +28,8 @@ def _constrained(x, plan: Plan, opts, *, affine: bool, outliers: bool, **program
     return run_equality(x, plan, affine=affine, **program)
 
 
-#: ``{(program, mode): solver}``: the solver that runs a plan
+#: ``{(program, mode): solver}``: the solver that runs a plan (the dense one runs the fast
+#: schedule or the authors' iteration, as ``plan.solver`` says)
 SOLVERS = {
     ("squared", "exact"): _dense,
     ("squared", "blocked"): _blocked,

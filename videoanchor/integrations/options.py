@@ -157,7 +157,7 @@ def ssc_kwargs(cfg: AnchorConfig) -> dict:
 def fast_splits(cfg: AnchorConfig) -> bool:
     """Whether ``cfg``'s SSC splits its columns over a process group in exact mode: the fast
     solver on torch (``ssc_solver`` "auto" or "fast", ``ssc_backend`` not "cupy"); the
-    faithful and accelerated solvers and CuPy run on one process
+    faithful solver and CuPy run on one process
     (:func:`videoanchor.anchor.options.check_distributed`)."""
     return cfg.ssc_solver in ("auto", "fast") and cfg.ssc_backend != "cupy"
 

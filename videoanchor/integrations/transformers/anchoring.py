@@ -782,8 +782,7 @@ def configure(
         alpha_e, alpha_z, rho, eps, max_iter, pca_rank, seed, ssc_backend, ssc_dtype: passed
             to :func:`videoanchor.compute_anchor_scores` (``backend=ssc_backend``, ``dtype=ssc_dtype``).
         ssc_solver: ``solver`` of :func:`videoanchor.compute_anchor_scores`: ``"auto"``
-            (default: the fast solver), ``"fast"``, ``"faithful"`` (the authors' iterate) or
-            ``"accelerated"``.
+            (default: the fast solver), ``"fast"`` or ``"faithful"`` (the authors' iterate).
         ssc_precision: ``precision`` of :func:`videoanchor.compute_anchor_scores`: ``"auto"``
             (default: ``"fp16x3"`` on CUDA, else ``"full"``), ``"full"`` (the working dtype)
             or ``"fp16x3"`` (the fast solver's products on float16 tensor cores at about

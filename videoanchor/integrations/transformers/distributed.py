@@ -8,7 +8,7 @@ splits the columns of ``C`` over them (each rank iterates its share against the 
 factor, ``C`` is all-gathered), clusters on rank 0 and broadcasts the labels and scores.
 Where one process would take the column-blocked exact solver (long videos: the dense one
 does not fit), the blocks are divided among the ranks the same way. With another solver
-(faithful or accelerated in exact mode, or the CuPy backend) the SSC runs on rank 0 of the
+(faithful in exact mode, or the CuPy backend) the SSC runs on rank 0 of the
 group alone and its scores are sent to the others, which never run SSC. Every rank ends
 with the same scores, equal to the single-process ones (to the rounding of the split's
 cross-rank sums for the fast solver). Before any scoring the ranks compare a fingerprint of the request (shapes, visual
