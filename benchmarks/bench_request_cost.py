@@ -457,7 +457,7 @@ def fidelity_sets(quick: bool, notes: list, tiny: list) -> list[tuple]:
                  # added after the schedule was set, on 2026-11-24 (the last 16 subjects)
                  ("Extended Yale B faces, subjects 23-30", yale_faces(8, 32, first=22), 8),
                  ("Extended Yale B faces, subjects 31-38", yale_faces(8, 32, first=30), 8)]  # fmt: skip
-    # added with the conditioning-dependent schedule length (admm.schedule_length): data
+    # added with the conditioning-dependent schedule length (removed in issue 52): data
     # with a near-black token, as Yale B subjects 31-38 have, made from other sets. These
     # were looked at when its stretch (1.5) was chosen, so they are not held out ...
     looked = [("synthetic video tokens, one token darkened", darkened(syn, 7, 0.004), 24)]
@@ -505,11 +505,13 @@ def data_term_spectrum(x) -> tuple[float, float, torch.Tensor]:
 
 
 def median_curvature_of(x) -> float:
-    """:func:`~videoanchor.anchor.admm.median_curvature` of ``x`` at the default alphas and
-    ``rho`` (what sets the fast solver's length)."""
+    """The data term's median curvature of ``x``: the lower median of the ``N`` eigenvalues of
+    ``lambda_z Y^T Y`` over ``rho`` at the default alphas and ``rho``; where it exceeds 1 the
+    authors' ADMM slows down (docs/ssc.md)."""
     from videoanchor.anchor.options import DEFAULTS
 
-    return admm.median_curvature(data_term_spectrum(x)[2], x.shape[0], DEFAULTS.rho)
+    w = data_term_spectrum(x)[2]  # ascending, all N of them
+    return float(w[(w.shape[0] - 1) // 2]) / DEFAULTS.rho
 
 
 def fidelity(name, x, k, device, held_out: bool = False) -> dict:

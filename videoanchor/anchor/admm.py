@@ -697,20 +697,14 @@ class SquaredStep:
 # The fast solver's schedule: residual balancing at every `every`-th iteration up to
 # `balance_until` by the factor clip(sqrt(r_rel / s_rel), 1 / tau, tau), a continuous
 # function of the iterate (no threshold decides whether rho changes), then `iterations`
-# in all. With `stretch` > 0, ill-conditioned data (the data term's median curvature `m` =
-# median eigenvalue of lambda_z Y^T Y over rho above 1 / stretch, where the authors' ADMM
-# slows down) get a length of `iterations * stretch * m`, at most `most`: see
-# `schedule_length`. No residual test decides anything, so nothing jumps when a residual
-# crosses a threshold; the length and the answer are continuous functions of the features.
-# `stretch` is 0 (the rule off): at 1.5 it fixed Yale B subjects 31-38 but also fired on
-# 2-frame Qwen2.5-VL-7B-shaped tokens (m = 2.7, 250 iterations where the faithful solver
-# needs 145), docs/ssc.md. Set it to turn the rule on.
+# in all. No residual test decides anything, so nothing jumps when a residual crosses a
+# threshold; the answer is a continuous function of the features. (A length that grew with
+# the conditioning was built, measured and left off, then removed in issue 52: docs/ssc.md.)
 # `continuation` > 0: a warm start by continuation in lambda_z over the first `continuation`
 # iterations, for data whose lambda_z is set by one badly placed token (a near-black face):
 # see `continuation_start` and `ScheduledStep`; its weight changes only where the balancing
 # refactors anyway (a multiple of `every`, at most `balance_until`: no extra refactor).
 SCHEDULE = {"iterations": 60, "every": 5, "balance_until": 30, "tau": 10.0,
-            "stretch": 0.0, "most": 1000, "blend": 10,
             "continuation": 30, "continuation_floor": 0.3}  # fmt: skip
 
 
@@ -754,32 +748,6 @@ def continuation_weight(start: float, it: int, schedule: dict | None = None) -> 
     return float(start) ** max(0.0, 1.0 - b / k)
 
 
-def median_curvature(w, n: int, rho: float) -> float:
-    """The median of the ``N`` eigenvalues of ``lambda_z Y^T Y`` over ``rho``: ``w`` holds
-    them (:attr:`EigenInverse.w`), or only the first ``len(w)`` of them where the factor is
-    thin (the others are zero). The lower median: a continuous function of ``w``."""
-    xp = array_api_compat.array_namespace(w)
-    w = xp.sort(xp.reshape(xp.astype(w, xp.float64), (-1,)))
-    k = (n - 1) // 2  # the lower median's place among all N, in increasing order
-    zeros = n - w.shape[0]
-    return 0.0 if k < zeros else float(w[k - zeros]) / float(rho)
-
-
-def schedule_length(curvature: float, schedule: dict | None = None) -> float:
-    """The fast solver's length in iterations, a continuous function of the data:
-    ``iterations * max(1, stretch * curvature)``, at most ``most`` (``curvature``:
-    :func:`median_curvature`). Where the data term's median eigenvalue exceeds the
-    penalty ``rho`` the authors' ADMM converges slowly (Yale B faces with a near-black
-    face: 846 iterations against 162-196; docs/ssc.md), and a fixed 60 iterations stop far
-    from their answer. The run then takes ``K = blend * ceil(L / blend)`` iterations and
-    returns ``C`` interpolated between iterations ``K - blend`` and ``K``
-    (:class:`ScheduledStep`), so the answer has no jump where ``K`` changes."""
-    sch = SCHEDULE if schedule is None else schedule
-    base = float(sch["iterations"])
-    length = base * max(1.0, float(sch.get("stretch", 0.0)) * float(curvature))
-    return max(base, min(length, float(sch.get("most", base))))
-
-
 class ScheduledStep(SquaredStep):
     """:class:`SquaredStep` run on :data:`SCHEDULE`: the authors' C-, A- and E-steps and
     dual updates every iteration, ``rho`` scaled by a continuous residual-balancing factor
@@ -793,7 +761,7 @@ class ScheduledStep(SquaredStep):
     them (:func:`~videoanchor.anchor.collective.all_sum`), which makes the row sums of the
     residual and the four norms of the rebalancing those of the whole ``C``."""
 
-    def __init__(self, dic: Dictionary, factor, *, thr_e: float, iterations: float,
+    def __init__(self, dic: Dictionary, factor, *, thr_e: float, iterations: int,
                  schedule: dict | None = None, start: int = 0, stop: int | None = None,
                  reduce=None, continuation: float = 1.0):  # fmt: skip
         super().__init__(dic, factor, start, dic.n if stop is None else stop, thr_e=thr_e,
@@ -823,17 +791,7 @@ class ScheduledStep(SquaredStep):
             self._reweight(first)
             if stale:
                 factor.refactor(factor.rho)
-        self.length = float(iterations)
-        # a whole length runs as it is; a longer, fractional one (schedule_length) runs to
-        # the next multiple of `blend` and blends C between its last two such iterations
-        blend = int(self.schedule.get("blend", 1))
-        if self.length == int(self.length) or self.length <= self.schedule["iterations"]:
-            self.iterations, self.weight = math.ceil(self.length), 1.0
-        else:
-            self.iterations = blend * math.ceil(self.length / blend)
-            self.weight = (self.length - (self.iterations - blend)) / blend
-        self.blend_from = self.iterations - blend if self.weight < 1.0 else None
-        self._c_mark = None
+        self.iterations = int(iterations)
         self.reduce = reduce
         # torch arrays: the residual stays on the device (run() reads it now and then) and
         # E is passed on even where it is zero (subtracting a zero product changes nothing),
@@ -865,12 +823,6 @@ class ScheduledStep(SquaredStep):
         if self.reduce is not None:
             rows = self.reduce(rows)
         residual = xp.max(rows) if self.lazy_residual else float(xp.max(rows))
-        if it == self.blend_from:
-            self._c_mark = xp.asarray(self.C, copy=True)
-        elif it == self.iterations and self._c_mark is not None:
-            # C_(K - blend) + weight (C_K - C_(K - blend)): continuous in the length
-            mark, self._c_mark = self._c_mark, None
-            self.C = mark + self.weight * (self.C - mark)
         sch = self.schedule
         if it % sch["every"] == 0 and it <= sch["balance_until"] and it < self.iterations:
             c_old -= self.C

@@ -291,9 +291,7 @@ def solve_ssc_admm(
 
     ``scheduled=True`` is the fast solver (``solver="fast"`` of
     :func:`~videoanchor.anchor.scores.compute_anchor_scores`): the authors' steps on the fixed
-    schedule :data:`~videoanchor.anchor.admm.SCHEDULE` (60 iterations; its length rule for
-    ill-conditioned data, :func:`~videoanchor.anchor.admm.schedule_length`, is off by
-    default; ``rho`` rescaled by a continuous residual-balancing factor, the system factored
+    schedule :data:`~videoanchor.anchor.admm.SCHEDULE` (60 iterations, ``rho`` rescaled by a continuous residual-balancing factor, the system factored
     once by :class:`~videoanchor.anchor.admm.EigenInverse`) and no residual test, so its answer is
     a continuous function of the features; a smaller ``max_iter`` cuts it short
     (``converged=False``). ``eps``, ``relax``, ``adaptive_rho``, ``strategy`` and
@@ -445,12 +443,8 @@ def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, r
         e_every = max(1, int(e_every)) if accelerate and strategy == "dense" else 1
         if scheduled:
             # a max_iter below the schedule cuts it short: not converged (reported as such)
-            # the length: 60 iterations (admm.schedule_length: more on ill-conditioned data
-            # where its rule is on; every rank holds the same eigenvalues, so every rank runs
-            # the same length)
-            length = admm.schedule_length(admm.median_curvature(factor.w_full, n, rho))
             make = fast.ActiveSetStep if torch_fast else admm.ScheduledStep
-            step = make(dic, factor, thr_e=lam_e / lam_z, iterations=length,
+            step = make(dic, factor, thr_e=lam_e / lam_z, iterations=admm.SCHEDULE["iterations"],
                         start=start, stop=stop, reduce=reduce,
                         continuation=weight)  # fmt: skip
             if report.reporter is not None:
