@@ -32,7 +32,7 @@ SSC_MODES = ("auto", "exact", "blocked")
 EIGEN_SOLVERS = {  # per mode: what the spectral step of that mode can run
     "exact": ("auto", "eigh", "krylov"),
     "auto": ("auto",),
-    "blocked": ("auto", "subspace"),
+    "blocked": ("auto", "arpack", "subspace"),
 }
 #: the most label draws an SSC call accepts (checked before the SSC, not at the allocation)
 MAX_LABEL_DRAWS = 10_000
@@ -136,7 +136,7 @@ class SSCOptions:
     """Label draws averaged into each token's cluster share (the paper: 1)."""
     eigen_solver: str = "auto"
     """Eigen-solver of the spectral step: ``"auto"``, ``"eigh"`` or ``"krylov"`` (exact
-    mode), ``"subspace"`` (blocked mode)."""
+    mode), ``"arpack"`` or ``"subspace"`` (blocked mode's sparse affinity)."""
     mode: str = "auto"
     """``"exact"`` (dense ``N x N``), ``"blocked"`` (the same program by column blocks) or
     ``"auto"`` (exact when it fits, blocked above)."""
@@ -240,7 +240,7 @@ CHECKS = {
     "precision": (_choice(PRECISIONS), "coef"),
     "seed": (lambda n, v: resolve_seed(v), "labels"),
     "label_draws": (_label_draws, "labels"),
-    "eigen_solver": (_choice(("auto", "eigh", "krylov", "subspace")), ""),
+    "eigen_solver": (_choice(("auto", "eigh", "krylov", "arpack", "subspace")), ""),
     "mode": (_mode, ""),
     "block_columns": (_block_columns, ""),
     "block_eps": (_choice(("own", "share")), ""),

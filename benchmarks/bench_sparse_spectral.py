@@ -1,0 +1,208 @@
+"""The spectral step on a sparse affinity (issue 52 item 3): blocked mode's path, never dense.
+
+Every provider clusters the same sparse affinity ``W = |C| + |C|^T`` (float64 COO, as
+blocked mode hands it to the clustering) into k = 24 clusters, interleaved in one process,
+repeated; the median is reported.
+
+Providers:
+  sparse_auto     ``sparse_spectral_labels(W, 24)``, eigen_solver="auto" (the default:
+                  ARPACK on the CPU, the block Krylov solver on a GPU)
+  sparse_arpack   eigen_solver="arpack": scipy's ``eigsh`` (CPU)
+  sparse_krylov   eigen_solver="subspace": the block Krylov solver on the device (the torch
+                  path a GPU runs; before issue 52 the CPU ran it too)
+  dense_eigh      ``spectral_labels`` of ``W`` densified, eigen_solver="eigh": the labels
+                  the others are held against (up to ``--eigh-max``)
+
+Each row has the labels' agreement with dense_eigh (ARI) and, for the two eigensolvers, the
+block residual ``||S Q - Q Theta||_F`` of the 24 vectors they return (outside the timing).
+
+Affinities:
+  minimiser   the certified minimiser's C (``reference_minimiser``, duality gap < 1e-9) of
+              video-like tokens (``bench_ssc.video_tokens``: 96 patches per frame, 4 and 8
+              frames, D = 1024): N = 384 and 768 (its solve is not timed: minutes)
+  gap, no_gap ``bench_spectral``'s seeded SSC-like affinities (24 groups with a gap at 24;
+              16 groups without one), sparse, at N = 1024 to 8192
+
+CPU runs use one thread (torch and, through threadpoolctl, BLAS) and record the load.
+
+    python benchmarks/bench_sparse_spectral.py                 # CPU: minimiser + 1k..8k
+    python benchmarks/bench_sparse_spectral.py --device cuda   # GPU (no ARPACK row)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_spectral import STRUCTURES, group_affinity  # noqa: E402
+from benchmarks.bench_ssc import video_tokens  # noqa: E402
+from benchmarks.common import environment, print_table, write_result  # noqa: E402
+from videoanchor.anchor import reference_minimiser  # noqa: E402
+from videoanchor.anchor.spectral import (  # noqa: E402
+    _top_eigvecs_arpack,
+    block_krylov_eigvecs,
+    sparse_spectral_labels,
+    sparse_ssc_affinity,
+    spectral_labels,
+)
+
+K = 24
+
+
+def _load():
+    try:
+        return os.getloadavg()
+    except OSError:
+        return None
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _ari(a, b):
+    from sklearn.metrics import adjusted_rand_score
+
+    return float(adjusted_rand_score(a.cpu().numpy(), b.cpu().numpy()))
+
+
+def normalized(w):
+    """``S = D^{-1/2} W D^{-1/2}`` of a sparse COO ``W`` as CSR (what the sparse path
+    decomposes; zero-degree rows kept at 1)."""
+    w = w.coalesce()
+    ind, val = w.indices(), w.values()
+    deg = torch.zeros(w.shape[0], dtype=val.dtype, device=val.device).index_add_(0, ind[0], val)
+    dd = torch.where(deg > 0, deg.sqrt(), torch.ones_like(deg))
+    s = torch.sparse_coo_tensor(ind, val / dd[ind[0]] / dd[ind[1]], w.shape)
+    return s.coalesce().to_sparse_csr()
+
+
+def minimiser_affinity(frames: int):
+    """The sparse affinity of the certified minimiser of ``frames`` frames of video-like
+    tokens, and the minimiser's certified gap."""
+    res = reference_minimiser(video_tokens(frames, 96, 1024))
+    if not res.converged:
+        raise RuntimeError(f"the minimiser of {frames} frames did not certify ({res.residual})")
+    return sparse_ssc_affinity(res.coef.to_sparse()), res.residual
+
+
+def bench_one(w, name, reps, device, eigh_max, extra=None):
+    n = w.shape[0]
+    w = w.to(device)
+    providers = {"sparse_auto": lambda: sparse_spectral_labels(w, K, seed=0)}
+    if device.type == "cpu":
+        providers["sparse_arpack"] = lambda: sparse_spectral_labels(
+            w, K, seed=0, eigen_solver="arpack"
+        )
+    providers["sparse_krylov"] = lambda: sparse_spectral_labels(
+        w, K, seed=0, eigen_solver="subspace"
+    )
+    if n <= eigh_max:
+        dense = w.to_dense()
+        providers["dense_eigh"] = lambda: spectral_labels(dense, K, seed=0, eigen_solver="eigh")
+    times = {p: [] for p in providers}
+    labels = {}
+    for _ in range(reps):
+        for p, fn in providers.items():  # interleaved
+            _sync(device)
+            t = time.perf_counter()
+            labels[p] = fn()[0]
+            _sync(device)
+            times[p].append(time.perf_counter() - t)
+    s = normalized(w)
+    residual = {}
+    if device.type == "cpu":
+        q = _top_eigvecs_arpack(s, K, 0)
+        theta = ((s @ q) * q).sum(0)
+        residual["sparse_arpack"] = float((s @ q - q * theta).norm())
+    theta, q, _ = block_krylov_eigvecs(
+        lambda x: s @ x, n, K, dtype=s.dtype, device=s.device, seed=0, tol=1e-7,
+        matmul_flops=2 * s._nnz(), max_steps=200,
+    )  # fmt: skip
+    residual["sparse_krylov"] = float((s @ q - q * theta).norm())
+    residual["sparse_auto"] = residual["sparse_arpack" if device.type == "cpu" else "sparse_krylov"]
+    med = {p: statistics.median(v) for p, v in times.items()}
+    rows = []
+    for p in providers:
+        row = dict(affinity=name, n=n, k=K, nnz_per_row=w._nnz() / n, provider=p, reps=reps,
+                   median_s=med[p], min_s=min(times[p]), max_s=max(times[p]), **(extra or {}))  # fmt: skip
+        if p in residual:
+            row["block_residual"] = residual[p]
+        if "dense_eigh" in labels and p != "dense_eigh":
+            row["ari_vs_dense_eigh"] = _ari(labels[p], labels["dense_eigh"])
+            row["speedup_vs_dense_eigh"] = med["dense_eigh"] / med[p]
+        if p != "sparse_krylov":
+            row["speedup_vs_krylov"] = med["sparse_krylov"] / med[p]
+        rows.append(row)
+    return rows
+
+
+def run(device, sizes, reps, frames, out_dir, eigh_max):
+    from threadpoolctl import threadpool_limits
+
+    dev = torch.device(device)
+    meta = environment(device)
+    meta["loadavg_start"] = _load()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    meta["torch_threads"] = torch.get_num_threads()
+    meta["k"] = K
+    meta["structures"] = {k: dict(groups=g, nnz=z, p_out=p) for k, (g, z, p) in STRUCTURES.items()}
+    meta["timing"] = "median over reps, providers interleaved in one process"
+    rows = []
+    with threadpool_limits(1 if device == "cpu" else None):
+        for f in frames:
+            w, gap = minimiser_affinity(f)
+            rows += bench_one(w, "minimiser", max(reps), dev, eigh_max,
+                              extra={"frames": f, "minimiser_gap": gap})  # fmt: skip
+            print(f"done minimiser {f} frames load={_load()}", flush=True)
+        for n, r in zip(sizes, reps, strict=True):
+            for structure, (groups, nnz, p_out) in STRUCTURES.items():
+                w = group_affinity(n, groups, nnz, p_out).double().to_sparse()
+                rows += bench_one(w, structure, r, dev, eigh_max)
+                print(f"done n={n} {structure} load={_load()}", flush=True)
+    meta["loadavg_end"] = _load()
+    path = write_result("sparse_spectral", meta, rows, out_dir)
+    print_table(rows, ["affinity", "n", "provider", "median_s", "speedup_vs_krylov",
+                       "ari_vs_dense_eigh", "block_residual"])  # fmt: skip
+    print(f"wrote {path}")
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    ap.add_argument("--sizes", default="1024,2048,4096,8192", help="comma-separated N")
+    ap.add_argument("--reps", default="3,3,3,1", help="comma-separated repetitions per N")
+    ap.add_argument("--frames", default="4,8", help="minimiser affinities ('' for none)")
+    ap.add_argument("--eigh-max", type=int, default=4096, help="largest N for dense_eigh")
+    ap.add_argument("--quick", action="store_true", help="N = 512, 1 rep, no minimiser")
+    ap.add_argument("--out-dir", default=None, help="default benchmarks/results")
+    args = ap.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device")
+    if args.quick:
+        args.sizes, args.reps, args.frames = "512", "1", ""
+    sizes = [int(v) for v in args.sizes.split(",") if v]
+    reps = [int(v) for v in args.reps.split(",") if v]
+    if len(reps) == 1:
+        reps = reps * len(sizes)
+    if len(reps) != len(sizes):
+        ap.error(f"--reps: expected 1 or {len(sizes)} values, got {len(reps)}")
+    frames = [int(v) for v in args.frames.split(",") if v]
+    return run(device, sizes, reps or [1], frames, args.out_dir, args.eigh_max)
+
+
+if __name__ == "__main__":
+    main()
