@@ -55,6 +55,7 @@ python benchmarks/bench_split.py                  # one request's fast SSC split
 python benchmarks/bench_yaleb.py                  # Extended Yale B clustering error (Elhamifar & Vidal protocol)
 torchrun --nproc_per_node 2 benchmarks/bench_tp.py  # tensor-parallel prefill vs SDPA (1/2/4 GPUs)
 python benchmarks/bench_spectral.py [--device cuda] # spectral step vs scikit-learn and dense eigh
+python benchmarks/bench_sparse_spectral.py        # the sparse affinity's spectral step (blocked mode)
 python benchmarks/bench_label_draws.py            # seed stability of the scores against label_draws
 python benchmarks/bench_directions.py             # cheaper-score directions against the fidelity bar
 python benchmarks/bench_optimum.py                # the SSC program's minimiser against the bar's answers
@@ -70,7 +71,7 @@ python benchmarks/report.py                       # regenerate this page and its
 # without the device suffix that benchmarks/common.py appends (``spectral_cpu`` -> spectral).
 SECTIONS = [
     ("Anchor scores (SSC)",
-     ["request_cost", "request_cost_floor", "directions", "optimum", "workset", "ssc", "spectral", "label_draws", "yaleb",
+     ["request_cost", "request_cost_floor", "directions", "optimum", "workset", "ssc", "spectral", "sparse_spectral", "label_draws", "yaleb",
       "yaleb_squared"]),
     ("Long videos: blocked SSC", ["blocked", "blocked_convergence"]),
     ("Several processes: the fast SSC split", ["split"]),
@@ -86,6 +87,7 @@ TITLES = {
     "workset": "Routes to the program's minimiser on video-like tokens (one thread)",
     "ssc": "SSC against the authors' pipeline",
     "spectral": "Spectral step against scikit-learn (the eigensolver crossover)",
+    "sparse_spectral": "Spectral step on a sparse affinity: ARPACK per component, block Krylov, dense eigh",
     "label_draws": "Seed stability of the scores against `label_draws`",
     "yaleb": "Extended Yale B clustering error (Elhamifar & Vidal's program)",
     "yaleb_squared": "Extended Yale B with the method page's squared data term",
@@ -977,7 +979,7 @@ COMPONENTS = [
     ("Triton kernels: prefill, decode, paged, backward", ["decode", "paged"],
      "_", "Triton's interpreter, in the tests", ["attention", "backward", "decode", "paged"]),
     ("Exact torch attention path", ["attention", "backward"], None, "natively", []),
-    ("SSC anchor scores", ["ssc", "spectral", "label_draws", "yaleb", "blocked", "request_cost",
+    ("SSC anchor scores", ["ssc", "spectral", "sparse_spectral", "label_draws", "yaleb", "blocked", "request_cost",
                            "directions"],
      None, "natively", ["ssc", "spectral", "yaleb", "blocked", "request_cost"]),
     ("transformers integration, lmms-eval", ["integration", "tp", "lmms_batch", "tune"], None,

@@ -3,7 +3,8 @@
 # benchmark, JSON into $OUT (or benchmarks/results). A lease's command is limited to ten
 # minutes: the profile and the benchmarks take two calls, the tests one of their own.
 #
-#   OUT=/some/dir CALL=1 bash benchmarks/run_gpu.sh      # profile, attention, decode, paged
+#   OUT=/some/dir CALL=1 bash benchmarks/run_gpu.sh      # profile, attention, decode, paged,
+#                                                        # the sparse spectral step
 #   OUT=/some/dir CALL=2 bash benchmarks/run_gpu.sh      # the scores' benchmarks, backward,
 #                                                        # ssc, blocked, integration, tune
 #   OUT=/some/dir CALL=tests bash benchmarks/run_gpu.sh  # pytest -m gpu tests
@@ -20,7 +21,7 @@
 # run to completion on a GPU yet (ESTIMATED caps): they run --quick (or small sizes).
 #
 # Other forms: STEPS="name ..." runs the named steps only (names: tests profile nsys ncu
-# attention decode paged request_cost profile_ssc spectral backward ssc blocked integration
+# attention decode paged sparse_spectral request_cost profile_ssc spectral backward ssc blocked integration
 # scores tune vllm tp; tp runs bench_tp and bench_split); no CALL runs every step in one
 # call (more than ten minutes); STEP_TIMEOUT=seconds lowers every cap; an argument --quick
 # passes --quick to the kernel benchmarks, request_cost and tp. Also set
@@ -34,7 +35,7 @@ mkdir -p "$OUT"
 QUICK=()
 [ "${1:-}" = "--quick" ] && QUICK=(--quick)
 TESTS="tests:560"
-CALL1="profile:50 nsys:60 ncu:90 attention:150 decode:100 paged:50"
+CALL1="profile:50 nsys:60 ncu:90 attention:150 decode:100 paged:50 sparse_spectral:40"
 CALL2="request_cost:240 profile_ssc:30 spectral:60 backward:40 ssc:40 blocked:40 integration:50 scores:30 tune:30 vllm:0 tp:0"
 case "${CALL:-}" in
   1) PLAN="$CALL1" ;;
@@ -124,6 +125,10 @@ fi
 if want spectral; then
   step spectral bench_spectral.log python benchmarks/bench_spectral.py --device cuda --no-ssc \
     --sizes 1024,2048,4096 --reps 3,2,1 --sklearn-max 2048 --out-dir "$OUT"
+fi
+if want sparse_spectral; then  # the block Krylov solver on the device (no minimiser: CPU float64)
+  step sparse_spectral bench_sparse_spectral.log python benchmarks/bench_sparse_spectral.py \
+    --device cuda --frames "" --sizes 1024,2048,4096,8192 --reps 3,3,2,1 --out-dir "$OUT"
 fi
 for script in bench_backward bench_ssc bench_blocked bench_integration bench_scores; do
   if [ -f "benchmarks/$script.py" ] && want "${script#bench_}"; then
