@@ -431,6 +431,7 @@ def compute_anchor_scores(
     res = solve(solved, plan, opts)
     t1 = time.perf_counter()
     draws = cluster(res.coef, opts, group=plan.group, rank=plan.rank)
+    _sync(x.device)
     t2 = time.perf_counter()
     scores = tie_duplicate_scores(x, anchor_scores(res.coef, draws))
     _sync(scores.device)
