@@ -32,7 +32,6 @@ CPU runs use one thread (torch and, through threadpoolctl, BLAS) and record the 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -41,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_spectral import STRUCTURES, group_affinity  # noqa: E402
+from benchmarks.bench_spectral import STRUCTURES, _ari, _load, _sync, group_affinity  # noqa: E402
 from benchmarks.bench_ssc import video_tokens  # noqa: E402
 from benchmarks.common import environment, print_table, write_result  # noqa: E402
 from videoanchor.anchor import reference_minimiser  # noqa: E402
@@ -54,24 +53,6 @@ from videoanchor.anchor.spectral import (  # noqa: E402
 )
 
 K = 24
-
-
-def _load():
-    try:
-        return os.getloadavg()
-    except OSError:
-        return None
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _ari(a, b):
-    from sklearn.metrics import adjusted_rand_score
-
-    return float(adjusted_rand_score(a.cpu().numpy(), b.cpu().numpy()))
 
 
 def normalized(w):
@@ -137,7 +118,7 @@ def bench_one(w, name, reps, device, eigh_max, extra=None):
         if p in residual:
             row["block_residual"] = residual[p]
         if "dense_eigh" in labels and p != "dense_eigh":
-            row["ari_vs_dense_eigh"] = _ari(labels[p], labels["dense_eigh"])
+            row["ari_vs_dense_eigh"] = _ari(labels[p].cpu(), labels["dense_eigh"].cpu())
             row["speedup_vs_dense_eigh"] = med["dense_eigh"] / med[p]
         if p != "sparse_krylov":
             row["speedup_vs_krylov"] = med["sparse_krylov"] / med[p]

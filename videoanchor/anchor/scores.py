@@ -207,6 +207,12 @@ class AnchorResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def _solved(res) -> dict:
+    """The fields of a solve's result that every result of this module carries."""
+    return dict(coef=res.coef, iterations=res.iterations, converged=res.converged,
+                residual=res.residual, lambda_e=res.lambda_e, lambda_z=res.lambda_z)  # fmt: skip
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -296,19 +302,8 @@ def sparse_subspace_clustering(
     timings = dict(res.timings)
     timings["spectral"] = t2 - t1
     timings["total"] = t2 - t0
-    return SSCResult(
-        labels=draws[0],
-        coef=res.coef,
-        iterations=res.iterations,
-        converged=res.converged,
-        residual=res.residual,
-        lambda_e=res.lambda_e,
-        lambda_z=res.lambda_z,
-        backend=plan.backend,
-        solver=plan.solver,
-        timings=timings,
-        label_draws=draws,
-    )
+    return SSCResult(labels=draws[0], **_solved(res), backend=plan.backend, solver=plan.solver,
+                     timings=timings, label_draws=draws)  # fmt: skip
 
 
 @bounded()
@@ -438,20 +433,8 @@ def compute_anchor_scores(
     t3 = time.perf_counter()
     timings = dict(res.timings)
     timings.update(spectral=t2 - t1, scores=t3 - t2, total=t3 - t0)
-    return AnchorResult(
-        scores=scores,
-        labels=draws[0],
-        coef=res.coef,
-        iterations=res.iterations,
-        converged=res.converged,
-        residual=res.residual,
-        lambda_e=res.lambda_e,
-        lambda_z=res.lambda_z,
-        backend=plan.backend,
-        solver=plan.solver,
-        mode=plan.mode,
-        timings=timings,
-    )
+    return AnchorResult(scores=scores, labels=draws[0], **_solved(res), backend=plan.backend,
+                        solver=plan.solver, mode=plan.mode, timings=timings)  # fmt: skip
 
 
 @dataclass
@@ -506,11 +489,8 @@ def ssc_coefficients(
     _sync(x.device)
     timings = dict(res.timings)
     timings["total"] = time.perf_counter() - t0
-    return SSCCoefficients(
-        coef=res.coef, iterations=res.iterations, converged=res.converged,
-        residual=res.residual, lambda_e=res.lambda_e, lambda_z=res.lambda_z,
-        backend=plan.backend, solver=plan.solver, timings=timings,
-    )  # fmt: skip
+    return SSCCoefficients(**_solved(res), backend=plan.backend, solver=plan.solver,
+                           timings=timings)  # fmt: skip
 
 
 @bounded()
@@ -543,8 +523,5 @@ def anchor_result_from_coefficients(
     t2 = time.perf_counter()
     timings = dict(ssc.timings)
     timings.update(spectral=t1 - t0, scores=t2 - t1, total=timings.get("total", 0.0) + t2 - t0)
-    return AnchorResult(
-        scores=scores, labels=draws[0], coef=ssc.coef, iterations=ssc.iterations,
-        converged=ssc.converged, residual=ssc.residual, lambda_e=ssc.lambda_e,
-        lambda_z=ssc.lambda_z, backend=ssc.backend, solver=ssc.solver, timings=timings,
-    )  # fmt: skip
+    return AnchorResult(scores=scores, labels=draws[0], **_solved(ssc), backend=ssc.backend,
+                        solver=ssc.solver, timings=timings)  # fmt: skip
