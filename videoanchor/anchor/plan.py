@@ -253,7 +253,8 @@ def blocked_admm_bytes(n: int, d: int, itemsize: int, block: int) -> int:
 
 
 def equality_bytes(n: int, d: int, itemsize: int) -> int:
-    """Peak bytes of :func:`~videoanchor.anchor.ssc_equality.solve_ssc_equality` (working buffers plus the factorisation)."""
+    """Peak bytes of :func:`~videoanchor.anchor.ssc_equality.solve_ssc_equality` (working
+    buffers plus the factorisation)."""
     small = min(n, d)
     return (5 * n * n + 9 * d * n) * itemsize + 3 * small * small * 8 + 2 * n * d * 8
 
@@ -282,7 +283,9 @@ class Plan:
     ``mode``: ``"exact"`` (dense ``N x N``) or ``"blocked"`` (column blocks, sparse C);
     ``solver``: ``"fast"`` or ``"faithful"``; ``program``:
     ``"squared"`` (docs/method.md) or ``"exact"`` (Elhamifar & Vidal's constrained
-    outlier program); ``backend``: ``"torch"`` or ``"cupy"``; ``work``: the working dtype;
+    outlier program); ``backend``: ``"torch"`` or ``"cupy"`` (or the array module's name
+    that :func:`~videoanchor.anchor.ssc.solve_ssc_admm` was given as ``xp``); ``work``: the
+    working dtype;
     ``precision``: how the fast solver's products run (``"full"`` or ``"fp16x3"``);
     ``strategy``: how the authors' iteration applies its A-step inverse (``"dense"`` or
     ``"woodbury"``; ``"dense"`` for the fast solver's eigendecomposition);
