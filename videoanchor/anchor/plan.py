@@ -187,8 +187,9 @@ def choose_strategy(n: int, d: int, outliers: bool = True, device_type: str = "c
 
 def admm_bytes(n: int, d: int, itemsize: int, strategy: str, precision: str = "full",
                cuda: bool = True) -> int:  # fmt: skip
-    """Peak bytes of :func:`~videoanchor.anchor.ssc.solve_ssc_admm` (working buffers plus the float64 factorisation);
-    with ``precision="fp16x3"`` also the float16 parts (:func:`split_bytes`)."""
+    """Peak bytes of :func:`~videoanchor.anchor.ssc.solve_ssc_admm` (working buffers plus
+    the float64 factorisation); with ``precision="fp16x3"`` also the float16 parts
+    (:func:`split_bytes`)."""
     if precision == "fp16x3":
         return admm_bytes(n, d, itemsize, strategy) + split_bytes(n, d, cuda=cuda)
     nn = n * n
@@ -201,8 +202,8 @@ def admm_bytes(n: int, d: int, itemsize: int, strategy: str, precision: str = "f
 
 def exact_bytes(n: int, d: int, itemsize: int, device_type: str, precision: str = "full", *,
                 strategy: str = "auto", outliers: bool = True) -> int:  # fmt: skip
-    """Peak bytes of :func:`~videoanchor.anchor.ssc.solve_ssc_admm` on ``N x D`` features on a device of
-    ``device_type`` (:func:`admm_bytes`; ``strategy="auto"``: the one
+    """Peak bytes of :func:`~videoanchor.anchor.ssc.solve_ssc_admm` on ``N x D`` features on
+    a device of ``device_type`` (:func:`admm_bytes`; ``strategy="auto"``: the one
     :func:`choose_strategy` picks). The one memory rule of the dense solver, the
     ``mode="auto"`` choice and the CLI's SSC plan."""
     if precision not in ("full", "fp16x3"):
@@ -247,8 +248,9 @@ def default_block_columns(n: int, d: int, dtype: torch.dtype, device_type: str) 
 
 
 def blocked_admm_bytes(n: int, d: int, itemsize: int, block: int) -> int:
-    """Working memory of :func:`~videoanchor.anchor.blocked.solve_ssc_blocked` without the sparse ``C`` (whose size is
-    only known at the end): one block's buffers plus the ``O(N D)`` factors."""
+    """Working memory of :func:`~videoanchor.anchor.blocked.solve_ssc_blocked` without the
+    sparse ``C`` (whose size is only known at the end): one block's buffers plus the
+    ``O(N D)`` factors."""
     return block * _column_bytes(n, itemsize) + 4 * n * d * 8 + block * d * 8 * 4
 
 

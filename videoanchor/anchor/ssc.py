@@ -291,9 +291,10 @@ def solve_ssc_admm(
 
     ``scheduled=True`` is the fast solver (``solver="fast"`` of
     :func:`~videoanchor.anchor.scores.compute_anchor_scores`): the authors' steps on the fixed
-    schedule :data:`~videoanchor.anchor.admm.SCHEDULE` (60 iterations, ``rho`` rescaled by a continuous residual-balancing factor, the system factored
-    once by :class:`~videoanchor.anchor.admm.EigenInverse`) and no residual test, so its answer is
-    a continuous function of the features; a smaller ``max_iter`` cuts it short
+    schedule :data:`~videoanchor.anchor.admm.SCHEDULE` (60 iterations, ``rho`` rescaled by a
+    continuous residual-balancing factor, the system factored once by
+    :class:`~videoanchor.anchor.admm.EigenInverse`) and no residual test, so its answer is a
+    continuous function of the features; a smaller ``max_iter`` cuts it short
     (``converged=False``). ``eps``, ``relax``, ``adaptive_rho``, ``strategy`` and
     ``e_every`` do not apply to it.
 
