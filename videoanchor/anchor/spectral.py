@@ -619,10 +619,11 @@ def sparse_spectral_labels(
     each connected component of the graph, from scikit-learn's seeded start vector, to a
     relative residual of ``ARPACK_TOL`` per vector; CPU; :func:`_top_eigvecs_arpack`),
     ``"subspace"`` (:func:`block_krylov_eigvecs` on the device, block residual
-    1e-7) or ``"auto"``: ARPACK on the CPU, where it is 10-18x faster than the block
+    1e-7) or ``"auto"``: ARPACK on the CPU, where it is 6-14x faster than the block
     Krylov solver on SSC affinities (``benchmarks/results/sparse_spectral_cpu.json``), the
-    block Krylov solver elsewhere. If ARPACK does not converge, it says so and the block
-    Krylov solver finishes."""
+    block Krylov solver elsewhere. Where the graph has more components than
+    ``n_clusters`` the block Krylov solver runs; if ARPACK does not converge, it says so
+    and the block Krylov solver finishes."""
     if eigen_solver not in ("auto", "arpack", "subspace"):
         raise ValueError(
             f"eigen_solver: expected 'auto', 'arpack' or 'subspace' for a sparse affinity, "
