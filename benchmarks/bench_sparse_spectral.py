@@ -42,28 +42,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_spectral import STRUCTURES, _ari, _load, _sync, group_affinity  # noqa: E402
 from benchmarks.bench_ssc import video_tokens  # noqa: E402
-from benchmarks.common import environment, print_table, write_result  # noqa: E402
+from benchmarks.common import environment, print_table, sizes_and_reps, write_result  # noqa: E402
 from videoanchor.anchor import reference_minimiser  # noqa: E402
 from videoanchor.anchor.spectral import (  # noqa: E402
     _top_eigvecs_arpack,
     block_krylov_eigvecs,
+    sparse_normalized_affinity,
     sparse_spectral_labels,
     sparse_ssc_affinity,
     spectral_labels,
 )
 
 K = 24
-
-
-def normalized(w):
-    """``S = D^{-1/2} W D^{-1/2}`` of a sparse COO ``W`` as CSR (what the sparse path
-    decomposes; zero-degree rows kept at 1)."""
-    w = w.coalesce()
-    ind, val = w.indices(), w.values()
-    deg = torch.zeros(w.shape[0], dtype=val.dtype, device=val.device).index_add_(0, ind[0], val)
-    dd = torch.where(deg > 0, deg.sqrt(), torch.ones_like(deg))
-    s = torch.sparse_coo_tensor(ind, val / dd[ind[0]] / dd[ind[1]], w.shape)
-    return s.coalesce().to_sparse_csr()
 
 
 def minimiser_affinity(frames: int):
@@ -98,7 +88,7 @@ def bench_one(w, name, reps, device, eigh_max, extra=None):
             labels[p] = fn()[0]
             _sync(device)
             times[p].append(time.perf_counter() - t)
-    s = normalized(w)
+    s, _ = sparse_normalized_affinity(w)
     residual = {}
     if device.type == "cpu":
         q = _top_eigvecs_arpack(s, K, 0)
@@ -142,7 +132,7 @@ def run(device, sizes, reps, frames, out_dir, eigh_max):
     with threadpool_limits(1 if device == "cpu" else None):
         for f in frames:
             w, gap = minimiser_affinity(f)
-            rows += bench_one(w, "minimiser", max(reps), dev, eigh_max,
+            rows += bench_one(w, "minimiser", max(reps, default=3), dev, eigh_max,
                               extra={"frames": f, "minimiser_gap": gap})  # fmt: skip
             print(f"done minimiser {f} frames load={_load()}", flush=True)
         for n, r in zip(sizes, reps, strict=True):
@@ -175,14 +165,9 @@ def main(argv=None):
         ap.error("--device cuda: no CUDA device")
     if args.quick:
         args.sizes, args.reps, args.frames = "512", "1", ""
-    sizes = [int(v) for v in args.sizes.split(",") if v]
-    reps = [int(v) for v in args.reps.split(",") if v]
-    if len(reps) == 1:
-        reps = reps * len(sizes)
-    if len(reps) != len(sizes):
-        ap.error(f"--reps: expected 1 or {len(sizes)} values, got {len(reps)}")
+    sizes, reps = sizes_and_reps(ap, args.sizes, args.reps)
     frames = [int(v) for v in args.frames.split(",") if v]
-    return run(device, sizes, reps or [1], frames, args.out_dir, args.eigh_max)
+    return run(device, sizes, reps, frames, args.out_dir, args.eigh_max)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, print_table, write_result  # noqa: E402
+from benchmarks.common import environment, print_table, sizes_and_reps, write_result  # noqa: E402
 from videoanchor.anchor import spectral as spectral_module  # noqa: E402
 from videoanchor.anchor.spectral import (  # noqa: E402
     _dense_top_eigvecs,
@@ -302,12 +302,7 @@ def main(argv=None):
     default_reps = "5,3,3,1" if cpu else "5,5,5,3,3"
     if args.quick:
         default_sizes, default_reps = "512,1024", "1,1"
-    sizes = [int(v) for v in (args.sizes or default_sizes).split(",")]
-    reps = [int(v) for v in (args.reps or default_reps).split(",")]
-    if len(reps) == 1:
-        reps = reps * len(sizes)
-    if len(reps) != len(sizes):
-        ap.error(f"--reps: expected 1 or {len(sizes)} values, got {len(reps)}")
+    sizes, reps = sizes_and_reps(ap, args.sizes or default_sizes, args.reps or default_reps)
     run(
         device, sizes, reps, args.out_dir,
         args.sklearn_max or (8192 if cpu else 4096),

@@ -115,6 +115,18 @@ def median_spread(times: list[float]) -> tuple[float, float, float]:
     return statistics.median(times), q[0], q[-1]
 
 
+def sizes_and_reps(ap, sizes: str, reps: str) -> tuple[list[int], list[int]]:
+    """``--sizes`` and ``--reps`` (comma-separated) as lists of ints, one repetition count per
+    size (a single count serves every size); an argparse error (``ap``) otherwise."""
+    n = [int(v) for v in sizes.split(",") if v]
+    r = [int(v) for v in reps.split(",") if v]
+    if len(r) == 1:
+        r = r * len(n)
+    if len(r) != len(n):
+        ap.error(f"--reps: expected 1 or {len(n)} values, got {len(r)}")
+    return n, r
+
+
 def skip(script: str, reason: str) -> None:
     """Say that ``script`` (or a part of it) does not run here, in the form
     ``videoanchor bench`` collects into its summary (``bench_x: skipped: ...``)."""

@@ -34,10 +34,7 @@ def test_arpack_krylov_and_dense_eigh_give_the_same_labels_where_there_is_a_gap(
 
 def test_arpack_vectors_are_the_leading_ones_to_its_tolerance():
     w = _sparse(150, groups=10, nnz=12, p_out=0.3, seed=1)
-    ind, val = w.indices(), w.values()
-    deg = torch.zeros(150, dtype=val.dtype).index_add_(0, ind[0], val)
-    dd = deg.sqrt()
-    s = torch.sparse_coo_tensor(ind, val / dd[ind[0]] / dd[ind[1]], w.shape).to_sparse_csr()
+    s, _ = spectral.sparse_normalized_affinity(w)
     q = spectral._top_eigvecs_arpack(s, 10, seed=0)
     assert q.shape == (150, 10) and q.dtype == torch.float64
     ev = torch.linalg.eigvalsh(s.to_dense()).flip(0)
@@ -51,8 +48,7 @@ def test_repeated_eigenvalue_one_is_found_per_component():
     """Three disconnected groups: eigenvalue 1 three times. ARPACK on the whole matrix
     (one start vector) returns 0.60 in place of the third copy; per component it cannot."""
     w = group_affinity(44, 3, 6, 0.0, seed=0).double()
-    deg = w.sum(1).sqrt()
-    s = (w / deg[:, None] / deg[None, :]).to_sparse_csr()
+    s, _ = spectral.sparse_normalized_affinity(w.to_sparse())
     whole = scipy.sparse.linalg.eigsh(
         scipy.sparse.csr_matrix(s.to_dense().numpy()), k=3, which="LA",
         v0=np.random.RandomState(0).uniform(-1, 1, 44), tol=spectral.ARPACK_TOL,

@@ -47,6 +47,7 @@ __all__ = [
     "sparse_spectral_clustering",
     "sparse_spectral_labels",
     "sparse_ssc_affinity",
+    "sparse_normalized_affinity",
     "cluster",
 ]
 
@@ -75,6 +76,20 @@ def sparse_ssc_affinity(coef: torch.Tensor) -> torch.Tensor:
     return torch.sparse_coo_tensor(
         both, torch.cat([v, v]), (n, n), check_invariants=False
     ).coalesce()
+
+
+def sparse_normalized_affinity(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S, d^{1/2})`` of a sparse COO affinity ``W``: ``S = D^{-1/2} W D^{-1/2}`` without
+    its diagonal, sparse CSR, and the square roots of the degrees (1 where a degree is 0).
+    What the sparse path decomposes."""
+    w = w.coalesce()
+    n, ind, val = w.shape[0], w.indices(), w.values()
+    deg = torch.zeros(n, dtype=val.dtype, device=w.device).index_add_(0, ind[0], val)
+    dd = torch.where(deg > 0, deg.sqrt(), torch.ones_like(deg))
+    offdiag = ind[0] != ind[1]
+    s_val = val[offdiag] / dd[ind[0, offdiag]] / dd[ind[1, offdiag]]
+    s = torch.sparse_coo_tensor(ind[:, offdiag], s_val, (n, n), check_invariants=False)
+    return s.to_sparse_csr(), dd
 
 
 def _normalized_affinity(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -632,16 +647,9 @@ def sparse_spectral_labels(
     n = w.shape[0]
     if n_clusters == 1:
         return torch.zeros(draws, n, dtype=torch.long, device=w.device)
-    ind, val = w.indices(), w.values()
-    deg = torch.zeros(n, dtype=val.dtype, device=w.device).index_add_(0, ind[0], val)
-    dd = torch.where(deg > 0, deg.sqrt(), torch.ones_like(deg))
-    s_val = val / dd[ind[0]] / dd[ind[1]]
-    offdiag = ind[0] != ind[1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # sparse CSR is "beta"
-        s = torch.sparse_coo_tensor(
-            ind[:, offdiag], s_val[offdiag], (n, n), check_invariants=False
-        ).to_sparse_csr()
+        s, dd = sparse_normalized_affinity(w)
         if n < 4 * (n_clusters + 8):
             _, v = torch.linalg.eigh(s.to_dense())
             vecs = v[:, -n_clusters:].flip(1)
