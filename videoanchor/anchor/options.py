@@ -51,13 +51,6 @@ REMOVED_ACCELERATED = (
 )
 
 
-def _solver(name, value):
-    if isinstance(value, str) and value == "accelerated":
-        raise ValueError(f"solver: expected one of {SSC_SOLVERS}, got 'accelerated': "
-                         f"{REMOVED_ACCELERATED}")  # fmt: skip
-    return check_choice(name, value, SSC_SOLVERS)
-
-
 def _label_draws(name, value):
     draws = check_int(name, value, 1)
     if draws > MAX_LABEL_DRAWS:
@@ -77,18 +70,20 @@ def _dtype(name, value):
     return resolve_dtype(value, torch.device("cpu"))
 
 
-def _mode(name, value):
-    if isinstance(value, str) and value == "scalable":
-        raise ValueError(f"mode: expected one of {SSC_MODES}, got 'scalable': {REMOVED_SCALABLE}")
-    return check_choice(name, value, SSC_MODES)
-
-
 def _block_columns(name, value):
     return None if value is None else check_int(name, value, 1)
 
 
-def _choice(choices):
-    return lambda name, value: check_choice(name, value, choices)
+def _choice(choices, removed: dict[str, str] | None = None):
+    """The check of an option with ``choices``; a value in ``removed`` (a former choice) is a
+    ValueError that says what became of it."""
+
+    def check(name, value):
+        if isinstance(value, str) and value in (removed or {}):
+            raise ValueError(f"{name}: expected one of {choices}, got {value!r}: {removed[value]}")
+        return check_choice(name, value, choices)
+
+    return check
 
 
 def _positive(hint):
@@ -235,13 +230,13 @@ CHECKS = {
     "max_iter": (lambda n, v: check_int(n, v, 1, hint=f"max_iter={_D.max_iter}"), "coef"),
     "pca_rank": (lambda n, v: check_int(n, v, 0, hint=f"{_D.pca_rank} (no PCA)"), "coef"),
     "backend": (_choice(SSC_BACKENDS), "coef"),
-    "solver": (_solver, "coef"),
+    "solver": (_choice(SSC_SOLVERS, {"accelerated": REMOVED_ACCELERATED}), "coef"),
     "dtype": (_dtype, "coef"),
     "precision": (_choice(PRECISIONS), "coef"),
     "seed": (lambda n, v: resolve_seed(v), "labels"),
     "label_draws": (_label_draws, "labels"),
     "eigen_solver": (_choice(("auto", "eigh", "krylov", "arpack", "subspace")), ""),
-    "mode": (_mode, ""),
+    "mode": (_choice(SSC_MODES, {"scalable": REMOVED_SCALABLE}), ""),
     "block_columns": (_block_columns, ""),
     "block_eps": (_choice(("own", "share")), ""),
     "progress": (lambda n, v: check_progress(v), ""),
