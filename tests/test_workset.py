@@ -200,3 +200,46 @@ def test_any_shape_is_certified(n, d, seed):
     gaps = duality_gaps(x, res.coef, res.lambda_e, res.lambda_z)
     assert res.converged and gaps.max_gap < 1e-9, (n, d, seed, gaps.max_gap)
     assert gaps.affine < 1e-10 and gaps.diagonal == 0
+
+
+def _video(seed=3):
+    from benchmarks.bench_ssc import video_tokens
+
+    return video_tokens(4, 12, 64, k=4, seed=seed)
+
+
+def test_compute_anchor_scores_runs_the_working_sets_and_says_so():
+    from videoanchor.anchor import compute_anchor_scores
+
+    x = _video()
+    res = compute_anchor_scores(x, 4, solver="workset")
+    assert res.solver == "workset" and res.mode == "exact" and res.converged
+    assert res.coef.dtype == torch.float32 and res.residual < 1e-9
+    ref = reference_minimiser(x.double())
+    assert float((res.coef.double() - ref.coef).abs().max()) < 1e-5
+    assert bool(torch.isfinite(res.scores).all()) and float(res.scores.min()) >= 0
+    assert float(res.scores.max()) < 1
+
+
+def test_dense_sets_fall_back_to_the_fast_solver_and_say_so(monkeypatch):
+    import videoanchor.anchor.workset as ws
+    from videoanchor.anchor import compute_anchor_scores
+
+    x = _video()
+    monkeypatch.setattr(ws, "DENSE_SET", 2)  # every column's set outgrows it
+    res = compute_anchor_scores(x, 4, solver="workset")
+    fast = compute_anchor_scores(x, 4, solver="fast")
+    assert res.solver == "fast" and fast.solver == "fast"
+    assert torch.equal(res.scores, fast.scores) and torch.equal(res.coef, fast.coef)
+
+
+def test_the_working_sets_refuse_what_they_cannot_run():
+    from videoanchor.anchor import compute_anchor_scores, sparse_subspace_clustering
+
+    x = _video()
+    with pytest.raises(ValueError, match="solver='workset' runs in exact mode"):
+        compute_anchor_scores(x, 4, solver="workset", mode="blocked")
+    with pytest.raises(ValueError, match=r"affine=True, outliers=True\), got affine=False"):
+        sparse_subspace_clustering(x, 4, solver="workset", affine=False)
+    with pytest.raises(ValueError, match="expected one of"):
+        compute_anchor_scores(x, 4, solver="worksets")

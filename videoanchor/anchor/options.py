@@ -27,7 +27,7 @@ from videoanchor.anchor.products import PRECISIONS, check_precision
 __all__ = ["CHECKS", "DEFAULTS", "EIGEN_SOLVERS", "SSCOptions", "names_affecting"]
 
 SSC_BACKENDS = ("auto", "torch", "cupy")
-SSC_SOLVERS = ("auto", "fast", "faithful")
+SSC_SOLVERS = ("auto", "fast", "faithful", "workset")
 SSC_MODES = ("auto", "exact", "blocked")
 EIGEN_SOLVERS = {  # per mode: what the spectral step of that mode can run
     "exact": ("auto", "eigh", "krylov"),
@@ -116,8 +116,10 @@ class SSCOptions:
     backend: str = "auto"
     """Array library of the dense solver: ``"auto"`` (torch), ``"torch"``, ``"cupy"``."""
     solver: str = "auto"
-    """``"fast"`` (through ``"auto"``: the authors' steps on a fixed 60-iteration schedule)
-    or ``"faithful"`` (the authors' iteration and stopping rule)."""
+    """``"fast"`` (through ``"auto"``: the authors' steps on a fixed 60-iteration schedule),
+    ``"faithful"`` (the authors' iteration and stopping rule) or ``"workset"`` (the
+    program's certified minimiser by working sets, on the CPU; exact mode; the fast
+    solver where ``C`` is dense: :func:`~videoanchor.anchor.workset.run_workset`)."""
     dtype: torch.dtype | None = None
     """Working dtype of the ADMM: None (float32), ``torch.float32`` or ``torch.float64``."""
     precision: str = "auto"
@@ -174,6 +176,12 @@ class SSCOptions:
         check_option_range(values, out.dtype)
         if distributed:
             check_distributed(mode, solver, backend)
+        if solver == "workset" and (mode == "blocked" or backend == "cupy"):
+            raise ValueError(
+                "solver='workset' runs in exact mode on torch's features; expected mode "
+                f"'exact' or 'auto' and backend 'auto' or 'torch', got mode={mode!r}, "
+                f"backend={backend!r}"
+            )
         if mode == "blocked":
             if backend == "cupy":
                 raise ValueError("mode='blocked': expected backend 'auto' or 'torch', got 'cupy'")
@@ -196,6 +204,11 @@ def check_distributed(mode: str, solver: str, backend: str) -> None:
     """The solvers that run over a process group: the fast one split by columns (exact
     mode) and the authors' iteration column-blocked (blocked mode); ``mode="auto"`` picks
     between them. Anything else is a ValueError naming what would run."""
+    if solver == "workset":
+        raise ValueError(
+            "process_group: solver='workset' runs in one process; expected solver 'auto' or "
+            "'fast' (the columns split over the ranks) or 'faithful' (column-blocked)"
+        )
     if mode == "exact" and solver == "faithful":
         raise ValueError(
             "process_group: mode='exact' splits the fast solver's columns over the ranks; the "

@@ -38,6 +38,7 @@ __all__ = [
     "free_memory_bytes",
     "make_plan",
     "split_bytes",
+    "workset_bytes",
 ]
 
 
@@ -309,6 +310,12 @@ class Plan:
     world: int = 1
 
 
+def workset_bytes(n: int, d: int) -> int:
+    """Peak host bytes of :func:`~videoanchor.anchor.workset.solve_ssc_workset`: float64
+    ``G``, ``C`` and the certificate's ``N x N`` products, ``X``, ``X^T`` and ``E``."""
+    return 8 * (3 * n * n + 3 * n * d)
+
+
 def make_plan(x: torch.Tensor, opts, *, process_group=None, program: str = "squared",
               outliers: bool = True) -> Plan:  # fmt: skip
     """The :class:`Plan` of an SSC call on the (validated, PCA-reduced) features ``x`` with
@@ -331,7 +338,9 @@ def make_plan(x: torch.Tensor, opts, *, process_group=None, program: str = "squa
                                 device=device, backend=backend)  # fmt: skip
     mode = opts.mode
     if mode == "auto":
-        if group is not None and opts.solver == "faithful":
+        if opts.solver == "workset":
+            mode = "exact"  # its memory is the dense solver's at most (workset_bytes)
+        elif group is not None and opts.solver == "faithful":
             mode = "blocked"  # the authors' iteration runs over processes column-blocked
         else:
             fits = exact_fits(n, d, work, device, precision)
@@ -367,6 +376,9 @@ def make_plan(x: torch.Tensor, opts, *, process_group=None, program: str = "squa
         need, what = blocked_admm_bytes(n, d, itemsize, block), "Blocked SSC"
     elif program == "exact":
         need, what = equality_bytes(n, d, itemsize), "Constrained SSC"
+    elif solver == "workset":
+        strategy = "workset"
+        need, what = workset_bytes(n, d), "Working-set SSC"
     else:
         if solver != "fast":
             strategy = choose_strategy(n, d, outliers, device.type)
@@ -374,7 +386,8 @@ def make_plan(x: torch.Tensor, opts, *, process_group=None, program: str = "squa
         what = "Dense SSC"
     error = None
     try:
-        check_memory(need, device, n=n, d=d, what=what)
+        host = strategy == "workset"  # (it works in host memory whatever the device)
+        check_memory(need, torch.device("cpu") if host else device, n=n, d=d, what=what)
     except SSCMemoryError as exc:
         error = exc
     raise_together(group, error, device)

@@ -302,7 +302,7 @@ def sparse_subspace_clustering(
     timings = dict(res.timings)
     timings["spectral"] = t2 - t1
     timings["total"] = t2 - t0
-    return SSCResult(labels=draws[0], **_solved(res), backend=plan.backend, solver=plan.solver,
+    return SSCResult(labels=draws[0], **_solved(res), backend=plan.backend, solver=res.solver or plan.solver,
                      timings=timings, label_draws=draws)  # fmt: skip
 
 
@@ -434,7 +434,7 @@ def compute_anchor_scores(
     timings = dict(res.timings)
     timings.update(spectral=t2 - t1, scores=t3 - t2, total=t3 - t0)
     return AnchorResult(scores=scores, labels=draws[0], **_solved(res), backend=plan.backend,
-                        solver=plan.solver, mode=plan.mode, timings=timings)  # fmt: skip
+                        solver=res.solver or plan.solver, mode=plan.mode, timings=timings)  # fmt: skip
 
 
 @dataclass
@@ -489,7 +489,7 @@ def ssc_coefficients(
     _sync(x.device)
     timings = dict(res.timings)
     timings["total"] = time.perf_counter() - t0
-    return SSCCoefficients(**_solved(res), backend=plan.backend, solver=plan.solver,
+    return SSCCoefficients(**_solved(res), backend=plan.backend, solver=res.solver or plan.solver,
                            timings=timings)  # fmt: skip
 
 

@@ -10,11 +10,14 @@ from videoanchor.anchor.cupy_backend import run_admm_cupy
 from videoanchor.anchor.plan import Plan
 from videoanchor.anchor.ssc import run_admm
 from videoanchor.anchor.ssc_equality import run_equality
+from videoanchor.anchor.workset import run_workset
 
 __all__ = ["SOLVERS", "solve"]
 
 
 def _dense(x, plan: Plan, opts, *, affine: bool, outliers: bool, **program):
+    if plan.solver == "workset":
+        return run_workset(x, plan, affine=affine, outliers=outliers, **program)
     run = run_admm_cupy if plan.backend == "cupy" else run_admm
     return run(x, plan, affine=affine, outliers=outliers, **program)
 
@@ -29,7 +32,7 @@ def _constrained(x, plan: Plan, opts, *, affine: bool, outliers: bool, **program
 
 
 #: ``{(program, mode): solver}``: the solver that runs a plan (the dense one runs the fast
-#: schedule or the authors' iteration, as ``plan.solver`` says)
+#: schedule, the authors' iteration or the working sets, as ``plan.solver`` says)
 SOLVERS = {
     ("squared", "exact"): _dense,
     ("squared", "blocked"): _blocked,

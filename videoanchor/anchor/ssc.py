@@ -123,7 +123,8 @@ class ADMMResult:
     rule held; ``stopped`` whether the ``progress`` hook ended the run first;
     ``timings`` seconds per stage; ``strategy`` how the A-step was applied: ``"dense"`` or
     ``"woodbury"`` (:func:`choose_strategy`), for the fast solver ``"dense"`` (the ``N x N``
-    eigendecomposition), ``"thin"`` or ``"low_rank"`` (:data:`~videoanchor.anchor.admm.THIN`).
+    eigendecomposition), ``"thin"`` or ``"low_rank"`` (:data:`~videoanchor.anchor.admm.THIN`);
+    ``solver`` the solver that ran where it is not the plan's (a fallback), else None.
     """
 
     coef: torch.Tensor
@@ -139,6 +140,7 @@ class ADMMResult:
     history: list[float] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     stopped: bool = False
+    solver: str | None = None
 
     @classmethod
     def from_run(cls, out: admm.Outcome, **fields) -> ADMMResult:

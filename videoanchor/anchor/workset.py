@@ -37,12 +37,14 @@ from __future__ import annotations
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from videoanchor.anchor._inputs import as_feature_tensor
-from videoanchor.anchor.ssc import ADMMResult, gram_row_max, solve_ssc_admm, ssc_lambdas
+from videoanchor.anchor.plan import Plan
+from videoanchor.anchor.ssc import ADMMResult, gram_row_max, run_admm, solve_ssc_admm, ssc_lambdas
 
 __all__ = [
     "DENSE_SET",
@@ -50,6 +52,7 @@ __all__ = [
     "SetsTooLarge",
     "duality_gaps",
     "reference_minimiser",
+    "run_workset",
     "solve_ssc_workset",
 ]
 
@@ -235,6 +238,30 @@ def solve_ssc_workset(
         outliers=E.to(x.device, out_dtype),
         timings={"lambdas": t1 - t0, "workset": t2 - t1, "certificate": t3 - t2},
     )
+
+
+def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, rho: float,
+                eps: float, max_iter: int, affine: bool = True, outliers: bool = True,
+                progress=None) -> ADMMResult:  # fmt: skip
+    """``solver="workset"`` on checked features ``x`` as ``plan`` says: the working sets with
+    at most :data:`DENSE_SET` variables per column; where they grow past it (``C`` or ``E``
+    dense), the fast solver (``plan`` with ``solver="fast"``, ``rho``, ``eps``,
+    ``max_iter``, ``progress``), and the result's ``solver`` says so. Columns the working
+    sets leave unsolved keep their last iterate (on the constraint): ``converged`` False.
+    Solves the method's program only (``affine`` and ``outliers``)."""
+    if not (affine and outliers):
+        raise ValueError(
+            "solver='workset' solves the method's program (affine=True, outliers=True), got "
+            f"affine={affine}, outliers={outliers}; use solver 'fast' or 'faithful'"
+        )
+    try:
+        return solve_ssc_workset(x, alpha_e=alpha_e, alpha_z=alpha_z, max_set=DENSE_SET)
+    except SetsTooLarge:
+        pass
+    dense = run_admm(x, replace(plan, solver="fast", strategy="dense"), alpha_e=alpha_e,
+                     alpha_z=alpha_z, rho=rho, eps=eps, max_iter=max_iter, progress=progress)  # fmt: skip
+    dense.solver = "fast"
+    return dense
 
 
 def reference_minimiser(features, *, alpha_e: float = 800.0, alpha_z: float = 800.0,
