@@ -348,9 +348,11 @@ def compute_anchor_scores(
     fidelity), ``"faithful"`` (the authors' iteration and stopping rule
     ``max_i sum_j |A - C|_ij < eps``, iterate for iterate, so the authors' answer; near that
     threshold a tiny change of the features can move the stopping iteration and the scores
-    jump). The program's minimiser itself, certified by a duality gap, is
-    :func:`~videoanchor.anchor.reference_minimiser` (``solver="accelerated"``, an ADMM run
-    towards it, was removed). Blocked mode runs the faithful iteration (``"auto"`` picks it there).
+    jump), ``"workset"`` (the program's minimiser itself, certified by a duality gap
+    (``residual``), by working sets on the CPU: :func:`~videoanchor.anchor.solve_ssc_workset`;
+    exact mode, one process; where ``C`` is dense the fast solver runs instead and
+    ``solver`` of the result says ``"fast"``; ``solver="accelerated"``, an ADMM run towards
+    the minimiser, was removed). Blocked mode runs the faithful iteration (``"auto"`` picks it there).
 
     ``precision`` (fast solver): ``"full"`` multiplies in the working dtype; ``"fp16x3"``
     runs the solver's dense products on float16 tensor cores at about float32 accuracy (each
