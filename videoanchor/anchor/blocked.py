@@ -93,6 +93,7 @@ class BlockedADMMResult:
     world_size: int = 1
     stopped: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    solver: str | None = None  # (as ADMMResult's: none here, the plan's solver ran)
 
 
 def _sync(device: torch.device) -> None:
