@@ -21,27 +21,30 @@ def _tokens():
 def test_schedule_cuts_and_relaxes_then_restores():
     x = _tokens()
     before, c_step = dict(admm.SCHEDULE), admm.ScheduledStep._c_step
-    default = compute_anchor_scores(x, 3, progress=False, mode="exact")
+    default = compute_anchor_scores(x, 3, progress=False, mode="exact", solver="fast")
     with bd.schedule(40, relax=1.5):
         assert admm.SCHEDULE["iterations"] == 40 and admm.SCHEDULE["balance_until"] == 20
         assert admm.SCHEDULE["continuation"] == 20  # ends with the balancing
         assert admm.ScheduledStep._c_step is not c_step
-        cut = compute_anchor_scores(x, 3, progress=False, mode="exact")
+        cut = compute_anchor_scores(x, 3, progress=False, mode="exact", solver="fast")
     with bd.schedule(None, relax=1.5):
-        relaxed = compute_anchor_scores(x, 3, progress=False, mode="exact")
+        relaxed = compute_anchor_scores(x, 3, progress=False, mode="exact", solver="fast")
     assert admm.SCHEDULE == before and admm.ScheduledStep._c_step is c_step
     assert default.iterations == before["iterations"] and cut.iterations == 40
     assert relaxed.iterations == before["iterations"]
     # each change moves the iterate (a context manager that did nothing would not)
     assert not torch.equal(cut.coef, default.coef)
     assert not torch.equal(relaxed.coef, default.coef)
-    again = compute_anchor_scores(x, 3, progress=False, mode="exact")
+    again = compute_anchor_scores(x, 3, progress=False, mode="exact", solver="fast")
     assert torch.equal(again.coef, default.coef)
     dark = x.clone()
     dark[3] *= 0.01  # the continuation on: a schedule cut to 22 runs it until 10
     with bd.schedule(22):
         assert admm.SCHEDULE["balance_until"] == 11 and admm.SCHEDULE["continuation"] == 10
-        assert compute_anchor_scores(dark, 3, progress=False, mode="exact").iterations == 22
+        assert (
+            compute_anchor_scores(dark, 3, progress=False, mode="exact", solver="fast").iterations
+            == 22
+        )
 
 
 def test_schedule_restores_after_an_error():
@@ -54,14 +57,14 @@ def test_schedule_restores_after_an_error():
 def test_anderson_changes_the_iterate_then_restores():
     x = _tokens()
     c_step = admm.ScheduledStep._c_step
-    default = compute_anchor_scores(x, 3, progress=False, mode="exact")
+    default = compute_anchor_scores(x, 3, progress=False, mode="exact", solver="fast")
     with bd.schedule(None, anderson=3):
         assert admm.ScheduledStep._c_step is not c_step
-        mixed = compute_anchor_scores(x, 3, progress=False, mode="exact")
+        mixed = compute_anchor_scores(x, 3, progress=False, mode="exact", solver="fast")
     assert admm.ScheduledStep._c_step is c_step
     assert mixed.iterations == default.iterations and mixed.converged
     assert torch.isfinite(mixed.coef).all() and not torch.equal(mixed.coef, default.coef)
-    again = compute_anchor_scores(x, 3, progress=False, mode="exact")
+    again = compute_anchor_scores(x, 3, progress=False, mode="exact", solver="fast")
     assert torch.equal(again.coef, default.coef)
 
 
@@ -89,7 +92,7 @@ def test_rows_judge_each_direction_by_the_loose_faithful_bar():
     loose = compute_anchor_scores(x, 3, solver="faithful", progress=False, mode="exact",
                                   eps=2e-3)  # fmt: skip
     bar = bd._spearman(loose.scores, ref.scores)
-    default = compute_anchor_scores(x, 3, progress=False, mode="exact")
+    default = compute_anchor_scores(x, 3, progress=False, mode="exact", solver="fast")
     for r in rows:
         assert r["bar_spearman"] == pytest.approx(bar)
         assert r["meets_bar_scores"] == (r["spearman"] >= r["bar_spearman"])

@@ -33,13 +33,18 @@ def tokens(n, d, *, k=4, sub_dim=6, noise=0.05, seed=0):
 
 
 def run(x, k, **kw):
+    """The fast solver (what this file tests), unless ``solver`` says otherwise."""
+    kw.setdefault("solver", "fast")
     return compute_anchor_scores(x, k, progress=False, **kw)
 
 
-def test_default_is_fast_everywhere():
+def test_the_default_is_the_working_sets_on_the_cpu_and_fast_with_iteration_options():
     x = tokens(48, 32, seed=1)
-    assert run(x, 4).solver == "fast"
-    assert run(x, 4, mode="exact").solver == "fast"
+    assert run(x, 4, solver="auto").solver == "workset"
+    assert run(x, 4, solver="auto", mode="exact").solver == "workset"
+    # options only an iteration honours keep the fast solver, which honours them
+    assert run(x, 4, solver="auto", max_iter=30).solver == "fast"
+    assert run(x, 4, solver="auto", rho=100.0).solver == "fast"
     assert run(x, 4, solver="faithful").solver == "faithful"
     cfg = AnchorConfig()
     assert ssc_kwargs(cfg)["solver"] == "auto"

@@ -137,11 +137,11 @@ def test_fast_solver_in_fp16x3_stays_with_the_float32_iterate(monkeypatch, path)
 
 def test_fp16x3_scores_match_the_float32_default():
     x = tokens(120, 48, k=4, seed=8)
-    ref = compute_anchor_scores(x, 4, progress=False)
+    ref = compute_anchor_scores(x, 4, progress=False, solver="fast")
     got = compute_anchor_scores(x, 4, progress=False, precision="fp16x3")
     assert bool((got.labels == ref.labels).all())
     assert float((got.scores - ref.scores).abs().max()) < 1e-4
-    auto = compute_anchor_scores(x, 4, progress=False, precision="auto")
+    auto = compute_anchor_scores(x, 4, progress=False, precision="auto", solver="fast")
     torch.testing.assert_close(auto.scores, ref.scores, rtol=0, atol=0)  # full on a CPU
 
 
@@ -197,7 +197,7 @@ def test_auto_runs_fp16x3_where_native(monkeypatch):
     orig = products.Products.__init__
     monkeypatch.setattr(products.Products, "__init__",
                         lambda self, p="full": calls.append(p) or orig(self, p))  # fmt: skip
-    auto = compute_anchor_scores(x, 4, progress=False)
+    auto = compute_anchor_scores(x, 4, progress=False, solver="fast")
     assert "fp16x3" in calls
     torch.testing.assert_close(auto.scores, split.scores, rtol=0, atol=0)
 

@@ -363,7 +363,7 @@ def test_cache_keys_the_ssc_by_the_fast_schedule(tmp_path, monkeypatch):
     from videoanchor.anchor import admm
 
     counters = _count(monkeypatch)
-    cfg = videoanchor.integrations.transformers.AnchorConfig()
+    cfg = videoanchor.integrations.transformers.AnchorConfig(ssc_solver="fast")
     feats = torch.randn(24, 6, generator=torch.Generator().manual_seed(1))
     feats[3] *= 1e-3  # a near-black token: the continuation is on
     cache = AnchorCache(tmp_path / "c")
@@ -372,7 +372,9 @@ def test_cache_keys_the_ssc_by_the_fast_schedule(tmp_path, monkeypatch):
         mp.setitem(admm.SCHEDULE, "continuation", 0)
         before = AnchorCache(tmp_path / "c").anchor_result(feats, 3, cfg)  # not the disk entry
         assert counters["ssc"].calls == 2
-        assert torch.equal(before.scores, compute_anchor_scores(feats, 3, mode="exact").scores)
+        assert torch.equal(
+            before.scores, compute_anchor_scores(feats, 3, mode="exact", solver="fast").scores
+        )
     assert not torch.equal(now.coef, before.coef)
     calls = counters["ssc"].calls
     again = AnchorCache(tmp_path / "c").anchor_result(feats, 3, cfg)  # the disk entry

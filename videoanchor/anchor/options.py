@@ -116,10 +116,13 @@ class SSCOptions:
     backend: str = "auto"
     """Array library of the dense solver: ``"auto"`` (torch), ``"torch"``, ``"cupy"``."""
     solver: str = "auto"
-    """``"fast"`` (through ``"auto"``: the authors' steps on a fixed 60-iteration schedule),
-    ``"faithful"`` (the authors' iteration and stopping rule) or ``"workset"`` (the
-    program's certified minimiser by working sets, on the CPU; exact mode; the fast
-    solver where ``C`` is dense: :func:`~videoanchor.anchor.workset.run_workset`)."""
+    """``"auto"``: ``"workset"`` on the CPU, ``"fast"`` elsewhere or where an option only
+    an iteration honours is set (exact mode; :func:`~videoanchor.anchor.plan.make_plan`);
+    ``"workset"`` (the program's certified minimiser by working sets, computed on the CPU;
+    exact mode; the fast solver where ``C`` is dense:
+    :func:`~videoanchor.anchor.workset.run_workset`), ``"fast"`` (the authors' steps on a
+    fixed 60-iteration schedule) or ``"faithful"`` (the authors' iteration and stopping
+    rule)."""
     dtype: torch.dtype | None = None
     """Working dtype of the ADMM: None (float32), ``torch.float32`` or ``torch.float64``."""
     precision: str = "auto"
@@ -204,11 +207,6 @@ def check_distributed(mode: str, solver: str, backend: str) -> None:
     """The solvers that run over a process group: the fast one split by columns (exact
     mode) and the authors' iteration column-blocked (blocked mode); ``mode="auto"`` picks
     between them. Anything else is a ValueError naming what would run."""
-    if solver == "workset":
-        raise ValueError(
-            "process_group: solver='workset' runs in one process; expected solver 'auto' or "
-            "'fast' (the columns split over the ranks) or 'faithful' (column-blocked)"
-        )
     if mode == "exact" and solver == "faithful":
         raise ValueError(
             "process_group: mode='exact' splits the fast solver's columns over the ranks; the "

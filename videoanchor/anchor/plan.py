@@ -16,7 +16,7 @@ iteration, the cheaper way to apply the A-step's inverse).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -316,6 +316,17 @@ def workset_bytes(n: int, d: int) -> int:
     return 8 * (3 * n * n + 3 * n * d)
 
 
+def _iteration_options(opts) -> list[str]:
+    """The options of ``opts`` set away from their defaults that only an iteration runs by
+    (``rho``, ``eps``, ``max_iter``, ``precision``, a ``progress`` reporter or time budget):
+    with any of them ``solver="auto"`` keeps the fast solver, which honours them."""
+    default = {f.name: f.default for f in fields(opts)}
+    named = [k for k in ("rho", "eps", "max_iter", "precision") if getattr(opts, k) != default[k]]
+    if opts.progress not in (None, False, True, "auto"):
+        named.append("progress")
+    return named
+
+
 def make_plan(x: torch.Tensor, opts, *, process_group=None, program: str = "squared",
               outliers: bool = True) -> Plan:  # fmt: skip
     """The :class:`Plan` of an SSC call on the (validated, PCA-reduced) features ``x`` with
@@ -323,9 +334,13 @@ def make_plan(x: torch.Tensor, opts, *, process_group=None, program: str = "squa
 
     ``mode="auto"`` is exact where the dense problem fits (:func:`exact_fits`; the same
     choice on every rank of ``process_group``) and blocked above; the authors' iteration
-    over a process group is blocked. ``solver="auto"`` is the fast solver in exact mode and
-    the authors' iteration in blocked mode. A solver, backend or precision the chosen mode
-    cannot run is a ValueError; a plan that does not fit in the memory rule is an
+    over a process group is blocked. ``solver="auto"`` in exact mode is the working sets
+    (``"workset"``; their columns split over a process group) on the CPU with torch's
+    backend and the outlier term, where no option only an iteration honours is set
+    (``rho``, ``eps``, ``max_iter``, ``precision``, a ``progress`` reporter or time budget);
+    the fast solver
+    elsewhere (CUDA, CuPy) or with those options; in blocked mode the authors' iteration. A
+    solver, backend or precision the chosen mode cannot run is a ValueError; a plan that does not fit in the memory rule is an
     :class:`SSCMemoryError`, raised on every rank of the group together."""
     group, rank, world = _group(process_group)
     n, d = x.shape
@@ -367,7 +382,17 @@ def make_plan(x: torch.Tensor, opts, *, process_group=None, program: str = "squa
             )
         solver, precision = "faithful", "full"
     elif solver == "auto":
-        solver = "fast" if program == "squared" else "faithful"
+        if program != "squared":
+            solver = "faithful"
+        elif (
+            device.type == "cpu"
+            and backend == "torch"
+            and outliers
+            and (not _iteration_options(opts))
+        ):
+            solver = "workset"  # the program's minimiser, 10-14x faster than the authors'
+        else:
+            solver = "fast"
     itemsize = torch.finfo(work).bits // 8
     strategy, block = "dense", n
     if mode == "blocked":  # (the authors' steps against a Woodbury factor, by blocks)

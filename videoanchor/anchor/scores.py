@@ -339,7 +339,11 @@ def compute_anchor_scores(
     the features' device; ``scores`` (N,) float32 in [0, 1), ``labels`` (N,) int64 and
     ``coef`` (N, N) are returned there.
 
-    ``solver``: ``"fast"`` (the default through ``"auto"`` in exact mode; an approximation
+    ``solver``: ``"auto"`` (default) runs ``"workset"`` on the CPU and ``"fast"`` elsewhere
+    (CUDA, CuPy) or where ``rho``, ``eps``, ``max_iter`` or a ``progress`` reporter or time
+    budget is set (they apply to iterations) in exact mode, the authors' iteration in blocked
+    mode;
+    ``"fast"`` (an approximation
     of the faithful answer: the authors' A-, E- and C-steps on a fixed schedule of 60
     iterations (``converged`` when it ran them all; a smaller ``max_iter`` cuts it short)
     with ``rho`` rebalanced by a continuous factor, the

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from videoanchor.anchor._inputs import as_feature_tensor
+from videoanchor.anchor.collective import all_sum
 from videoanchor.anchor.plan import Plan
 from videoanchor.anchor.ssc import ADMMResult, gram_row_max, run_admm, solve_ssc_admm, ssc_lambdas
 
@@ -137,9 +138,12 @@ def _kernel():
 
 
 def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, *, tol: float,
-             grow: int, cap: int, max_passes: int, threads: int):  # fmt: skip
+             grow: int, cap: int, max_passes: int, threads: int, group=None, rank: int = 0,
+             world: int = 1):  # fmt: skip
     """``C``, ``E`` and each column's status, passes and steps, by the compiled kernel over
-    ``threads`` threads (each a stride of the columns, without the GIL)."""
+    ``threads`` threads (each a stride of the columns, without the GIL); under a process
+    ``group`` each rank solves its stride of the columns and the sums over the ranks make
+    the whole (every column is one rank's alone, so the sums are exact)."""
     kernel = _kernel()
     n, d = x64.shape
     G = gram.numpy()
@@ -153,16 +157,21 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
     passes, steps = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
     dense = np.zeros(1, dtype=np.bool_)
 
-    def run(first: int) -> None:
-        kernel.solve_columns(first, threads, G, YT, Y, starts, lam_z, lam_e, tol, grow, cap,
-                             max_passes, MAX_STEPS, C, E, status, passes, steps, dense)  # fmt: skip
+    def run(t: int) -> None:
+        kernel.solve_columns(rank * threads + t, world * threads, G, YT, Y, starts, lam_z,
+                             lam_e, tol, grow, cap, max_passes, MAX_STEPS, C, E, status, passes,
+                             steps, dense)  # fmt: skip
 
     if threads == 1:
         run(0)
     else:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(run, range(threads)))
-    return C, E, status, passes, steps
+    out = [torch.from_numpy(a) for a in (C, E, status + 1, passes, steps)]
+    if group is not None:
+        out = [all_sum(a, group) for a in out]
+    C, E, status, passes, steps = out
+    return C, E, status - 1, passes, steps
 
 
 def solve_ssc_workset(
@@ -194,9 +203,7 @@ def solve_ssc_workset(
     """
     t0 = time.perf_counter()
     x = as_feature_tensor(features)
-    out_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    x64 = x.detach().to("cpu", torch.float64).contiguous()
-    n, d = x64.shape
+    n, d = x.shape
     if n < 2:
         raise ValueError(f"SSC needs at least 2 points, got N = {n}")
     for name, value in (("grow", grow), ("max_passes", max_passes)):
@@ -210,20 +217,29 @@ def solve_ssc_workset(
         threads = torch.get_num_threads()
     if int(threads) < 1:
         raise ValueError(f"threads: expected a positive integer or None, got {threads}")
+    cap = n + d if max_set is None else min(int(max_set), n + d)
+    return _solve(x, alpha_e, alpha_z, tol=tol, grow=int(grow), cap=cap,
+                  max_passes=int(max_passes), threads=int(threads), t0=t0)  # fmt: skip
+
+
+def _solve(x, alpha_e, alpha_z, *, tol, grow, cap, max_passes, threads, t0, group=None,
+           rank=0, world=1) -> ADMMResult:  # fmt: skip
+    """:func:`solve_ssc_workset` on checked arguments, its columns split over ``group``."""
+    out_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    x64 = x.detach().to("cpu", torch.float64).contiguous()
+    n = x64.shape[0]
     G = x64 @ x64.T
     lam_e, lam_z, _, _ = ssc_lambdas(x64, alpha_e, alpha_z, row_max=gram_row_max(x64, gram=G))
-    cap = n + d if max_set is None else min(int(max_set), n + d)
     t1 = time.perf_counter()
-    C, E, status, passes, steps = _columns(x64, lam_e, lam_z, G, tol=tol, grow=int(grow),
-                                           cap=cap, max_passes=int(max_passes),
-                                           threads=min(int(threads), n))  # fmt: skip
+    C, E, status, passes, steps = _columns(x64, lam_e, lam_z, G, tol=tol, grow=grow, cap=cap,
+                                           max_passes=max_passes, threads=min(threads, n),
+                                           group=group, rank=rank, world=world)  # fmt: skip
     kernel = _kernel()
     if bool((status == kernel.TOO_LARGE).any()):
         raise SetsTooLarge(
             f"a column's working set needs more than max_set = {cap} variables (C or E is "
             f"dense on these {n} points)"
         )
-    C, E = torch.from_numpy(C), torch.from_numpy(E)
     t2 = time.perf_counter()
     gaps = duality_gaps(x64, C, lam_e, lam_z)
     t3 = time.perf_counter()
@@ -247,7 +263,8 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
     """``solver="workset"`` on checked features ``x`` as ``plan`` says: the working sets with
     at most :data:`DENSE_SET` variables per column; where they grow past it (``C`` or ``E``
     dense), the fast solver (``plan`` with ``solver="fast"``, ``rho``, ``eps``,
-    ``max_iter``, ``progress``), and the result's ``solver`` says so. Columns the working
+    ``max_iter``, ``progress``), and the result's ``solver`` says so (its ``timings``: the
+    working sets' time before they stopped, ``"workset"``). Columns the working
     sets leave unsolved keep their last iterate (on the constraint): ``converged`` False.
     Solves the method's program only (``affine`` and ``outliers``)."""
     if not (affine and outliers):
@@ -255,13 +272,17 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
             "solver='workset' solves the method's program (affine=True, outliers=True), got "
             f"affine={affine}, outliers={outliers}; use solver 'fast' or 'faithful'"
         )
+    t0 = time.perf_counter()
     try:
-        return solve_ssc_workset(x, alpha_e=alpha_e, alpha_z=alpha_z, max_set=DENSE_SET)
+        return _solve(x, alpha_e, alpha_z, tol=1e-9, grow=16, cap=min(DENSE_SET, sum(x.shape)),
+                      max_passes=500, threads=torch.get_num_threads(), t0=t0, group=plan.group,
+                      rank=plan.rank, world=plan.world)  # fmt: skip
     except SetsTooLarge:
-        pass
+        tried = time.perf_counter() - t0
     dense = run_admm(x, replace(plan, solver="fast", strategy="dense"), alpha_e=alpha_e,
                      alpha_z=alpha_z, rho=rho, eps=eps, max_iter=max_iter, progress=progress)  # fmt: skip
     dense.solver = "fast"
+    dense.timings = {"workset": tried, **dense.timings}
     return dense
 
 
