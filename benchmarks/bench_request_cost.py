@@ -666,7 +666,15 @@ def cost_rows(device, quick, budget_s, measure=None, on_row=None,
                     seconds_ssc_fast_fp16x3=t_x3,
                     spearman_fast_fp16x3=_spearman(x3.scores, ref.scores),
                 )
+            # the default (solver="auto"): the working sets on a CPU, fp16x3's fast solver on CUDA
+            t_default, default = ssc_seconds(x, 24, "auto")
             t_pre = prefill_seconds(shape, n, device, dtype)
+            row.update(
+                seconds_ssc_default=t_default, solver_default=default.solver,
+                ssc_over_prefill_default=t_default / t_pre, speedup_default=t_faith / t_default,
+                spearman_default=_spearman(default.scores, ref.scores),
+                stages_default=dict(default.timings),
+            )  # fmt: skip
             if not row.get("faithful_stopped_by_budget"):  # (a stopped count is no estimate)
                 measured_iters[n] = ref.iterations
             row.update(
@@ -838,6 +846,8 @@ def run(device: torch.device, quick: bool, out_dir, trials: int | None = None,
     fid, sens, cost, fac, notes = [], [], [], [], []
     meta["notes"] = notes
     name = "request_cost_quick" if quick else "request_cost"
+    if list(parts) != list(PARTS):  # some parts: never over the whole study's file
+        name += "_" + "_".join(parts)
 
     def save():
         rows = [{"kind": "fidelity", **r} for r in fid]
@@ -894,7 +904,8 @@ def run(device: torch.device, quick: bool, out_dir, trials: int | None = None,
         cost[:] = cost_rows(device, quick, cost_budget, measure, on_row=keep,
                             faithful_seconds=faithful_seconds)  # fmt: skip
         print_table(cost, ["model", "frames", "n", "iterations_faithful", "seconds_ssc_faithful",
-                           "seconds_ssc_fast", "seconds_prefill", "speedup_fast"])  # fmt: skip
+                           "seconds_ssc_fast", "seconds_ssc_default", "solver_default",
+                           "seconds_prefill", "speedup_fast", "speedup_default"])  # fmt: skip
         meta["parts_done"].append("cost")
         path = save()
     if "factor" in parts:

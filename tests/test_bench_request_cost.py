@@ -139,6 +139,13 @@ def test_faithful_seconds_stops_the_faithful_solve_and_marks_the_row(monkeypatch
     (full, *_) = brc.cost_rows(torch.device("cpu"), True, 60.0, measure=m)
     assert "faithful_stopped_by_budget" not in full and full["iterations_figures"] == "measured"
     assert full["iterations_faithful"] > row["iterations_faithful"]
+    # the default beside them: the working sets on this CPU, timed against the faithful solve
+    assert full["solver_default"] == "workset"
+    assert full["speedup_default"] == pytest.approx(
+        full["seconds_ssc_faithful"] / full["seconds_ssc_default"]
+    )
+    assert full["ssc_over_prefill_default"] == pytest.approx(full["seconds_ssc_default"])
+    assert "workset" in full["stages_default"]
     with pytest.raises(SystemExit, match="--faithful-seconds: expected a positive number"):
         brc.main(["--faithful-seconds", "0", "--parts", "cost"])
 

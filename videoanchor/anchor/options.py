@@ -39,9 +39,9 @@ MAX_LABEL_DRAWS = 10_000
 #: what ``mode="scalable"`` and ``candidates=`` became (they were removed; issue 33)
 REMOVED_SCALABLE = (
     "the scalable approximation was removed (issue 33; its scores agreed only loosely with the "
-    "exact ones); try the defaults (mode='auto', solver='auto': the fast solver, a fixed "
-    "60-iteration approximation of the authors' answer) or mode='blocked' for exact SSC on "
-    "long videos (no N x N buffer)"
+    "exact ones); try the defaults (mode='auto', solver='auto': the program's minimiser by "
+    "working sets on the CPU, the fast solver's 60-iteration approximation on CUDA) or "
+    "mode='blocked' for exact SSC on long videos (no N x N buffer)"
 )
 #: what ``solver="accelerated"`` became (removed; issue 52)
 REMOVED_ACCELERATED = (

@@ -318,11 +318,14 @@ def workset_bytes(n: int, d: int) -> int:
 
 def _iteration_options(opts) -> list[str]:
     """The options of ``opts`` set away from their defaults that only an iteration runs by
-    (``rho``, ``eps``, ``max_iter``, ``precision``, a ``progress`` reporter or time budget):
-    with any of them ``solver="auto"`` keeps the fast solver, which honours them."""
+    (``rho``, ``eps``, ``max_iter``, ``precision``, a ``progress`` reporter or time budget;
+    not a progress whose ``schedules_only`` is true, which only waits for its turn through
+    ``wait()``): with any of them ``solver="auto"`` keeps the fast solver, which honours
+    them."""
     default = {f.name: f.default for f in fields(opts)}
     named = [k for k in ("rho", "eps", "max_iter", "precision") if getattr(opts, k) != default[k]]
-    if opts.progress not in (None, False, True, "auto"):
+    quiet = getattr(opts.progress, "schedules_only", False)  # waits its turn, no more
+    if opts.progress not in (None, False, True, "auto") and not quiet:
         named.append("progress")
     return named
 

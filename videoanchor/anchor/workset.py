@@ -266,12 +266,16 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
     ``max_iter``, ``progress``), and the result's ``solver`` says so (its ``timings``: the
     working sets' time before they stopped, ``"workset"``). Columns the working
     sets leave unsolved keep their last iterate (on the constraint): ``converged`` False.
-    Solves the method's program only (``affine`` and ``outliers``)."""
+    Solves the method's program only (``affine`` and ``outliers``). A ``progress`` whose
+    ``schedules_only`` is true (the vLLM plugin's turn-taking) is waited on once, before the
+    solve (``progress.wait()``); no other progress is reported here."""
     if not (affine and outliers):
         raise ValueError(
             "solver='workset' solves the method's program (affine=True, outliers=True), got "
             f"affine={affine}, outliers={outliers}; use solver 'fast' or 'faithful'"
         )
+    if getattr(progress, "schedules_only", False):  # a scheduler's hook: its turn, once
+        progress.wait()
     t0 = time.perf_counter()
     try:
         return _solve(x, alpha_e, alpha_z, tol=1e-9, grow=16, cap=min(DENSE_SET, sum(x.shape)),

@@ -782,7 +782,8 @@ def configure(
         alpha_e, alpha_z, rho, eps, max_iter, pca_rank, seed, ssc_backend, ssc_dtype: passed
             to :func:`videoanchor.compute_anchor_scores` (``backend=ssc_backend``, ``dtype=ssc_dtype``).
         ssc_solver: ``solver`` of :func:`videoanchor.compute_anchor_scores`: ``"auto"``
-            (default: the fast solver), ``"fast"`` or ``"faithful"`` (the authors' iterate).
+            (default: the working sets on the CPU, the fast solver on CUDA), ``"workset"``,
+            ``"fast"`` or ``"faithful"`` (the authors' iterate).
         ssc_precision: ``precision`` of :func:`videoanchor.compute_anchor_scores`: ``"auto"``
             (default: ``"fp16x3"`` on CUDA, else ``"full"``), ``"full"`` (the working dtype)
             or ``"fp16x3"`` (the fast solver's products on float16 tensor cores at about

@@ -148,11 +148,18 @@ class Turns:
 
 class _Yielding(SSCProgress):
     """A silent progress reporter that makes its job wait for its turn (:class:`Turns`)
-    before each iteration."""
+    before each iteration; a solver without iterations (the working sets) waits once,
+    before it starts (``schedules_only``: it neither reports nor stops, so
+    ``solver="auto"`` need not keep an iteration for it)."""
+
+    schedules_only = True
 
     def __init__(self, turns: Turns, token: int):
         super().__init__(enabled=False)
         self._turns, self._token = turns, token
+
+    def wait(self) -> None:
+        self._turns.wait_turn(self._token)
 
     def update(self, iteration, residual) -> bool:
         self._turns.wait_turn(self._token)
