@@ -50,6 +50,7 @@ from videoanchor.anchor.ssc import ADMMResult, gram_row_max, run_admm, solve_ssc
 
 __all__ = [
     "DENSE_SET",
+    "REFERENCE_SET",
     "ColumnGaps",
     "SetsTooLarge",
     "duality_gaps",
@@ -127,6 +128,9 @@ def duality_gaps(features, coef, lambda_e: float, lambda_z: float) -> ColumnGaps
 #: B faces: ~190 coefficients and ~790 outliers per column), the working sets stop paying
 #: and the fast ADMM runs instead. Video-like tokens need 60-90 (N = 384-768).
 DENSE_SET = 192
+#: The most variables per column's working set in :func:`reference_minimiser` (Yale B's
+#: sets, ~1000 with the outlier entries, outgrow it: the ADMM's route there).
+REFERENCE_SET = 512
 #: Inner steps (a variable joining or leaving the support) per column before it is given up.
 MAX_STEPS = 100_000
 
@@ -297,8 +301,9 @@ def reference_minimiser(features, *, alpha_e: float = 800.0, alpha_z: float = 80
     relative duality gap below ``gap`` (:func:`duality_gaps`), else ``converged=False``.
 
     First :func:`solve_ssc_workset` (at most ``max_passes`` passes per column), with working
-    sets of at most ``max_set`` variables (None: ``max(64, N / 4)``; where ``C`` is sparse:
-    video-like tokens); where it certifies every column, that is the answer. Else the ADMM
+    sets of at most ``max_set`` variables (None: :data:`REFERENCE_SET`; enough for video-like
+    tokens and for synthetic ones whose ``C`` holds ~300 non-zeros per column); where it
+    certifies every column, that is the answer. Else the ADMM
     (float64, over-relaxed, residual balancing) to ``admm_eps`` (at most ``max_iter``
     iterations), and the better certified of the two answers: the ADMM's own
     (``strategy="admm"``, its certified gap as ``residual``) where the working sets grew
@@ -307,7 +312,7 @@ def reference_minimiser(features, *, alpha_e: float = 800.0, alpha_z: float = 80
     """
     x = as_feature_tensor(features).detach().to("cpu", torch.float64)
     n = x.shape[0]
-    cap = max(64, n // 4) if max_set is None else int(max_set)
+    cap = REFERENCE_SET if max_set is None else int(max_set)
     try:
         direct = solve_ssc_workset(x, alpha_e=alpha_e, alpha_z=alpha_z, max_set=cap,
                                    max_passes=max_passes)  # fmt: skip
