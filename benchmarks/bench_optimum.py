@@ -157,7 +157,7 @@ def set_row(name, x, k, held_out: bool, max_iter: int) -> dict:
     return row
 
 
-def run(quick: bool, max_iter: int, only, out_dir=None):
+def run(quick: bool, max_iter: int, only, out_dir=None, area: str | None = None):
     torch.manual_seed(0)
     notes: list[str] = []
     sets = fidelity_sets(quick, notes, tiny_sets(quick, notes))
@@ -211,8 +211,9 @@ def run(quick: bool, max_iter: int, only, out_dir=None):
                        "minimiser_meets_bar", "fast_meets_bar", "fast_meets_minimiser_bar"])  # fmt: skip
     print(meta["summary"])
     # a run over some sets (--only) never takes the name of the whole study's file
-    name = "optimum_quick" if quick else "optimum_only" if only else "optimum"
-    path = write_result(name, meta, rows, out_dir)
+    if area is None:
+        area = "optimum_quick" if quick else "optimum_only" if only else "optimum"
+    path = write_result(area, meta, rows, out_dir)
     print(f"wrote {path}")
     return path
 
@@ -228,10 +229,11 @@ def main(argv=None):
     )
     ap.add_argument("--only", nargs="*", default=None, help="data sets whose name contains one")
     ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--name", default=None, help="the result's area (default: by --quick/--only)")
     args = ap.parse_args(argv)
     if args.max_iter < 1:
         raise SystemExit(f"--max-iter: expected a positive integer, got {args.max_iter}")
-    run(args.quick, args.max_iter, args.only, args.out_dir)
+    run(args.quick, args.max_iter, args.only, args.out_dir, args.name)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,9 @@ def test_a_minimiser_cut_short_says_so(tmp_path, monkeypatch):
     # a run over some sets never writes over the whole study's file
     some = bo.run(False, 5, ["cut"], tmp_path)
     assert some.name.startswith("optimum_only_") and json.loads(some.read_text())["meta"]["only"]
+    # --name names the file, whatever the sets are called
+    named = bo.run(False, 5, ["cut"], tmp_path, area="optimum_named")
+    assert named.name.startswith("optimum_named_") and named.exists()
     assert not list(tmp_path.glob("optimum_cpu*.json"))
 
 

@@ -311,7 +311,6 @@ def reference_minimiser(features, *, alpha_e: float = 800.0, alpha_z: float = 80
     minimiser. ``timings`` has the stages of both.
     """
     x = as_feature_tensor(features).detach().to("cpu", torch.float64)
-    n = x.shape[0]
     cap = REFERENCE_SET if max_set is None else int(max_set)
     try:
         direct = solve_ssc_workset(x, alpha_e=alpha_e, alpha_z=alpha_z, max_set=cap,
