@@ -243,3 +243,22 @@ def test_the_working_sets_refuse_what_they_cannot_run():
         sparse_subspace_clustering(x, 4, solver="workset", affine=False)
     with pytest.raises(ValueError, match="expected one of"):
         compute_anchor_scores(x, 4, solver="worksets")
+
+
+def test_ranks_with_different_thread_counts_tile_the_columns():
+    """Under a process group each rank solves the columns congruent to its rank, whatever
+    thread count it (or another rank) has: the ranks' parts sum to the one-process answer."""
+    import videoanchor.anchor.workset as ws
+    from videoanchor.anchor.ssc import gram_row_max, ssc_lambdas
+
+    x = _video().double()
+    G = x @ x.T
+    lam_e, lam_z, _, _ = ssc_lambdas(x, 800.0, 800.0, row_max=gram_row_max(x, gram=G))
+    kw = dict(tol=1e-9, grow=16, cap=x.shape[0] + x.shape[1], max_passes=500)
+    whole = ws._columns(x, lam_e, lam_z, G, threads=1, **kw)
+    parts = [ws._columns(x, lam_e, lam_z, G, threads=t, rank=r, world=3, **kw)
+             for r, t in ((0, 1), (1, 2), (2, 3))]  # fmt: skip
+    assert torch.equal(sum(p[0] for p in parts), whole[0])
+    assert torch.equal(sum(p[1] for p in parts), whole[1])
+    # each column run by exactly one rank (status -1 where a rank did not run it)
+    assert torch.equal(sum(p[2] + 1 for p in parts) - 1, whole[2])

@@ -162,7 +162,9 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
     dense = np.zeros(1, dtype=np.bool_)
 
     def run(t: int) -> None:
-        kernel.solve_columns(rank * threads + t, world * threads, G, YT, Y, starts, lam_z,
+        # rank r's columns are r, r + world, ... (whatever thread count another rank has),
+        # its thread t's every `threads`-th of them
+        kernel.solve_columns(rank + world * t, world * threads, G, YT, Y, starts, lam_z,
                              lam_e, tol, grow, cap, max_passes, MAX_STEPS, C, E, status, passes,
                              steps, dense)  # fmt: skip
 
