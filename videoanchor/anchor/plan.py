@@ -341,10 +341,10 @@ def make_plan(x: torch.Tensor, opts, *, process_group=None, program: str = "squa
     (``"workset"``; their columns split over a process group) on the CPU with torch's
     backend and the outlier term, where no option only an iteration honours is set
     (``rho``, ``eps``, ``max_iter``, ``precision``, a ``progress`` reporter or time budget);
-    the fast solver
-    elsewhere (CUDA, CuPy) or with those options; in blocked mode the authors' iteration. A
-    solver, backend or precision the chosen mode cannot run is a ValueError; a plan that does not fit in the memory rule is an
-    :class:`SSCMemoryError`, raised on every rank of the group together."""
+    the fast solver elsewhere (CUDA, CuPy) or with those options; in blocked mode the
+    authors' iteration. A solver, backend or precision the chosen mode cannot run is a
+    ValueError; a plan that does not fit in the memory rule is an :class:`SSCMemoryError`,
+    raised on every rank of the group together."""
     group, rank, world = _group(process_group)
     n, d = x.shape
     device, work = x.device, opts.dtype
