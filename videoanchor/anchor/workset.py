@@ -131,6 +131,9 @@ DENSE_SET = 192
 #: The most variables per column's working set in :func:`reference_minimiser` (Yale B's
 #: sets, ~1000 with the outlier entries, outgrow it: the ADMM's route there).
 REFERENCE_SET = 512
+#: :func:`solve_ssc_workset`'s defaults, which :func:`run_workset` runs with: the KKT
+#: violation below which a variable stays out, variables added per pass, passes per column.
+TOL, GROW, MAX_PASSES = 1e-9, 16, 500
 #: Inner steps (a variable joining or leaving the support) per column before it is given up.
 MAX_STEPS = 100_000
 
@@ -185,10 +188,10 @@ def solve_ssc_workset(
     *,
     alpha_e: float = 800.0,
     alpha_z: float = 800.0,
-    tol: float = 1e-9,
-    grow: int = 16,
+    tol: float = TOL,
+    grow: int = GROW,
     max_set: int | None = None,
-    max_passes: int = 500,
+    max_passes: int = MAX_PASSES,
     threads: int | None = None,
 ) -> ADMMResult:
     """The SSC program's minimiser for ``features`` (``N x D``) by working sets and a primal
@@ -284,8 +287,8 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
         progress.wait()
     t0 = time.perf_counter()
     try:
-        return _solve(x, alpha_e, alpha_z, tol=1e-9, grow=16, cap=min(DENSE_SET, sum(x.shape)),
-                      max_passes=500, threads=torch.get_num_threads(), t0=t0, group=plan.group,
+        return _solve(x, alpha_e, alpha_z, tol=TOL, grow=GROW, cap=min(DENSE_SET, sum(x.shape)),
+                      max_passes=MAX_PASSES, threads=torch.get_num_threads(), t0=t0, group=plan.group,
                       rank=plan.rank, world=plan.world)  # fmt: skip
     except SetsTooLarge:
         tried = time.perf_counter() - t0
@@ -298,7 +301,7 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
 
 def reference_minimiser(features, *, alpha_e: float = 800.0, alpha_z: float = 800.0,
                         gap: float = 1e-9, admm_eps: float = 1e-7, max_iter: int = 10000,
-                        max_passes: int = 500, max_set: int | None = None) -> ADMMResult:  # fmt: skip
+                        max_passes: int = MAX_PASSES, max_set: int | None = None) -> ADMMResult:  # fmt: skip
     """The program's minimiser for ``features`` in float64, certified: every column's
     relative duality gap below ``gap`` (:func:`duality_gaps`), else ``converged=False``.
 
