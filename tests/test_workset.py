@@ -3,6 +3,8 @@ its duality-gap certificate bounds the objective (checked against an independent
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -221,16 +223,55 @@ def test_compute_anchor_scores_runs_the_working_sets_and_says_so():
     assert float(res.scores.max()) < 1
 
 
-def test_dense_sets_fall_back_to_the_fast_solver_and_say_so(monkeypatch):
+def test_dense_sets_start_again_from_the_fast_solver_and_say_so(monkeypatch):
     import videoanchor.anchor.workset as ws
     from videoanchor.anchor import compute_anchor_scores
 
     x = _video()
-    monkeypatch.setattr(ws, "DENSE_SET", 2)  # every column's set outgrows it
+    ref = reference_minimiser(x.double())
+    monkeypatch.setattr(ws, "DENSE_SET", 2)  # every column's set outgrows it from afar
+    res = compute_anchor_scores(x, 4, solver="workset")
+    assert res.solver == "workset" and res.converged and res.residual < 1e-9
+    assert {"workset_cold", "workset"} <= set(res.timings) and "fast_total" not in res.timings
+    assert any(k.startswith("fast_") for k in res.timings)
+    assert float((res.coef.double() - ref.coef).abs().max()) < 1e-5
+    monkeypatch.setattr(ws, "WARM_SET", 2)  # and from the fast solver's answer too
     res = compute_anchor_scores(x, 4, solver="workset")
     fast = compute_anchor_scores(x, 4, solver="fast")
     assert res.solver == "fast" and fast.solver == "fast"
     assert torch.equal(res.scores, fast.scores) and torch.equal(res.coef, fast.coef)
+    assert {"workset_cold", "workset_warm"} <= set(res.timings)
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(n=st.integers(4, 24), d=st.integers(3, 30), seed=st.integers(0, 10_000),
+       kind=st.sampled_from(["noise", "negative", "zero", "minimiser"]))  # fmt: skip
+def test_any_start_reaches_the_minimiser(n, d, seed, kind):
+    x = _points(n, d, seed=seed, outlier=seed % 2 == 0)
+    cold = solve_ssc_workset(x)
+    g = torch.Generator().manual_seed(seed)
+    start = {
+        "noise": cold.coef + 0.3 * torch.randn(n, n, generator=g, dtype=torch.float64),
+        "negative": -torch.rand(n, n, generator=g, dtype=torch.float64),  # no sum positive
+        "zero": torch.zeros(n, n, dtype=torch.float64),
+        "minimiser": cold.coef,
+    }[kind]
+    res = solve_ssc_workset(x, coef_init=start)
+    gaps = duality_gaps(x, res.coef, res.lambda_e, res.lambda_z)
+    assert res.converged and gaps.max_gap < 1e-9, (n, d, seed, kind, gaps.max_gap)
+    assert gaps.affine < 1e-10 and gaps.diagonal == 0
+    # the same objective (C itself need not be unique: with more than D + 1 points a
+    # non-negative column can move along Y's null space at the same l1 norm)
+    ref = duality_gaps(x, cold.coef, cold.lambda_e, cold.lambda_z).primal
+    assert float(((gaps.primal - ref) / ref).abs().max()) < 1e-8
+
+
+def test_a_bad_start_says_what_it_expected():
+    x = _points(10, 8, seed=1)
+    with pytest.raises(ValueError, match=r"coef_init: expected a finite \(10, 10\) matrix"):
+        solve_ssc_workset(x, coef_init=torch.zeros(9, 10))
+    with pytest.raises(ValueError, match="non-finite"):
+        solve_ssc_workset(x, coef_init=torch.full((10, 10), math.nan))
 
 
 def test_the_working_sets_refuse_what_they_cannot_run():

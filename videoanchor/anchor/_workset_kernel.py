@@ -9,8 +9,9 @@ from ``G = Y^T Y`` and ``Y^T``, never formed. A variable's multiplier at ``z`` i
 ``m = lambda_z (P^T y_i - K z) + nu a``; ``z`` is the column's minimiser when
 ``m_j = w_j sign(z_j)`` on its support ``F`` and ``|m_j| <= w_j`` off it.
 
-The method (:func:`_column`), from each point's nearest other point (``c = e_j``: on the
-constraint):
+The method (:func:`_column`), from a start on the constraint (each point's nearest other
+point, ``c = e_j``, or an approximate answer with its signs: the start's support is factored
+and settled by the inner loop's steps before the first pass):
 
 - an outer pass computes every variable's multiplier (``|F| (N + D)`` products) and puts the
   ``grow`` worst violators beside ``F`` into the working set ``W``; none above ``tol``
@@ -193,19 +194,65 @@ def _restricted(L, H, F, s, f, i, G, YT, lam_z, lam_e, gamma, q, av, x1, x2, zh,
 
 
 @_jit
-def _column(i, start, G, YT, Y, lam_z, lam_e, gamma, tol, grow, cap, max_passes, max_inner,
-            L, H, F, s, z, zh, q, av, x1, x2, col, W, full, held):  # fmt: skip
-    """Column ``i`` from the start ``c = e_start``; returns ``(status, f, passes, steps)``
-    with the support in ``F[:f]`` and its values in ``z[:f]`` (module docstring)."""
+def _settle(L, H, F, s, z, f, i, G, YT, lam_z, lam_e, gamma, q, av, x1, x2, zh, col, held,
+            entrant, steps, max_inner):  # fmt: skip
+    """From ``z`` (on the constraint, signs ``s`` on ``F``) to the minimiser on ``F``: solve
+    on ``F``, step back to the first sign change, drop that variable, again. Returns
+    ``(f, nu, steps, stalled, stuck)``: ``stuck`` where ``entrant`` could not move."""
+    stuck = False
+    while True:
+        steps += 1
+        if steps > max_inner:
+            return f, 0.0, steps, True, stuck
+        nu_h = _restricted(L, H, F, s, f, i, G, YT, lam_z, lam_e, gamma, q, av, x1, x2, zh, col)
+        t, p = 1.0, -1
+        for r in range(f):
+            if zh[r] * s[r] <= 0.0:
+                gap = z[r] - zh[r]
+                tr = z[r] / gap if gap != 0.0 else 0.0
+                if tr < t:
+                    t, p = tr, r
+        if p < 0:
+            for r in range(f):
+                z[r] = zh[r]
+            return f, nu_h, steps, False, stuck
+        for r in range(f):
+            z[r] += t * (zh[r] - z[r])
+        z[p] = 0.0
+        if t == 0.0 and F[p] == entrant:  # the entrant cannot move (rounding): not again
+            stuck = True
+        for r in range(f - 1, -1, -1):
+            if z[r] == 0.0:
+                held[F[r]] = False
+                _chol_delete(L, f, r)
+                _drop(H, f, r)
+                for r2 in range(r, f - 1):
+                    F[r2], s[r2], z[r2] = F[r2 + 1], s[r2 + 1], z[r2 + 1]
+                f -= 1
+
+
+@_jit
+def _column(i, seed_var, seed_val, G, YT, Y, lam_z, lam_e, gamma, tol, grow, cap, max_passes,
+            max_inner, L, H, F, s, z, zh, q, av, x1, x2, col, W, full, held):  # fmt: skip
+    """Column ``i`` from the start ``z`` = ``seed_val`` on the variables ``seed_var`` (on
+    the constraint, none zero); returns ``(status, f, passes, steps)`` with the support in
+    ``F[:f]`` and its values in ``z[:f]`` (module docstring)."""
     n, d = G.shape[0], YT.shape[1]
     f = 0
-    if not _add(L, H, F, s, z, f, start, 1.0, i, G, YT, lam_z, gamma, col):
-        return SINGULAR, 0, 0, 0
-    f = 1
-    z[0] = 1.0
-    held[start] = True
-    nu = _restricted(L, H, F, s, f, i, G, YT, lam_z, lam_e, gamma, q, av, x1, x2, zh, col)
-    passes = steps = 0
+    if seed_var.shape[0] > cap:
+        return TOO_LARGE, 0, 0, 0
+    for r in range(seed_var.shape[0]):
+        u, v = seed_var[r], seed_val[r]
+        if not _add(L, H, F, s, z, f, u, 1.0 if v > 0 else -1.0, i, G, YT, lam_z, gamma, col):
+            return SINGULAR, f, 0, 0
+        z[f] = v
+        held[u] = True
+        f += 1
+    f, nu, steps, stalled, _ = _settle(L, H, F, s, z, f, i, G, YT, lam_z, lam_e, gamma, q, av,
+                                       x1, x2, zh, col, held, -1, 0, max_inner)  # fmt: skip
+    if stalled:
+        return STALLED, f, 0, steps
+    passes = 0
     while True:
         if passes == max_passes:
             return MAX_PASSES, f, passes, steps
@@ -286,47 +333,26 @@ def _column(i, start, G, YT, Y, lam_z, lam_e, gamma, tol, grow, cap, max_passes,
                 return SINGULAR, f, passes, steps
             f += 1
             held[at] = True
-            while True:  # solve on F; step back to the first sign change, drop it, again
-                steps += 1
-                if steps > max_inner:
-                    return STALLED, f, passes, steps
-                nu_h = _restricted(
-                    L, H, F, s, f, i, G, YT, lam_z, lam_e, gamma, q, av, x1, x2, zh, col
-                )
-                t, p = 1.0, -1
-                for r in range(f):
-                    if zh[r] * s[r] <= 0.0:
-                        gap = z[r] - zh[r]
-                        tr = z[r] / gap if gap != 0.0 else 0.0
-                        if tr < t:
-                            t, p = tr, r
-                if p < 0:
-                    for r in range(f):
-                        z[r] = zh[r]
-                    nu = nu_h
-                    break
-                for r in range(f):
-                    z[r] += t * (zh[r] - z[r])
-                z[p] = 0.0
-                if t == 0.0 and F[p] == at:  # the entrant cannot move (rounding): not again
-                    banned = at
-                for r in range(f - 1, -1, -1):
-                    if z[r] == 0.0:
-                        held[F[r]] = False
-                        _chol_delete(L, f, r)
-                        _drop(H, f, r)
-                        for r2 in range(r, f - 1):
-                            F[r2], s[r2], z[r2] = F[r2 + 1], s[r2 + 1], z[r2 + 1]
-                        f -= 1
+            f, nu_h, steps, stalled, stuck = _settle(L, H, F, s, z, f, i, G, YT, lam_z, lam_e,
+                                                     gamma, q, av, x1, x2, zh, col, held, at,
+                                                     steps, max_inner)  # fmt: skip
+            if stalled:
+                return STALLED, f, passes, steps
+            if stuck:
+                banned = at
+            nu = nu_h
 
 
 @_jit
-def solve_columns(first, step, G, YT, Y, starts, lam_z, lam_e, tol, grow, cap, max_passes,
-                  max_inner, C, E, status, passes, steps, dense):  # fmt: skip
+def solve_columns(first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol, grow,
+                  cap, max_passes, max_inner, C, E, status, passes, steps, dense):  # fmt: skip
     """Columns ``first, first + step, ...`` into ``C`` (``N x N``) and ``E`` (``D x N``),
     zero on entry, with each column's status, passes and inner steps (``status`` -1 on
-    entry: a column left so was not run). A column whose set outgrows ``cap`` sets
-    ``dense[0]``, and every call sharing ``dense`` stops at its next column."""
+    entry: a column left so was not run). Column ``i`` starts from its variables
+    ``seed_var[seed_ptr[i]:seed_ptr[i + 1]]`` (coefficients ``0..N-1``, outliers ``N..``)
+    at the values ``seed_val[...]``: a point of the constraint, none zero, not ``i``. A
+    column whose set outgrows ``cap`` sets ``dense[0]``, and every call sharing ``dense``
+    stops at its next column."""
     n, d = G.shape[0], YT.shape[1]
     width = cap + 1
     L = np.zeros((width, width))  # the Cholesky factor of H, the support's system
@@ -343,9 +369,10 @@ def solve_columns(first, step, G, YT, Y, starts, lam_z, lam_e, tol, grow, cap, m
     for i in range(first, n, step):
         if dense[0]:
             return
-        st, f, ps, stp = _column(i, starts[i], G, YT, Y, lam_z, lam_e, gamma, tol, grow, cap,
-                                 max_passes, max_inner, L, H, F, s, z, zh, q, av, x1, x2,
-                                 col, W, full, held)  # fmt: skip
+        a, b = seed_ptr[i], seed_ptr[i + 1]
+        st, f, ps, stp = _column(i, seed_var[a:b], seed_val[a:b], G, YT, Y, lam_z, lam_e, gamma,
+                                 tol, grow, cap, max_passes, max_inner, L, H, F, s, z, zh, q, av,
+                                 x1, x2, col, W, full, held)  # fmt: skip
         status[i], passes[i], steps[i] = st, ps, stp
         if st == TOO_LARGE:
             dense[0] = True

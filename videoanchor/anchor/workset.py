@@ -126,8 +126,13 @@ def duality_gaps(features, coef, lambda_e: float, lambda_z: float) -> ColumnGaps
 #: The most variables (coefficients and outliers) one column's working set may hold where
 #: :func:`run_workset` runs it as the default: past it ``C`` or ``E`` is dense (Extended Yale
 #: B faces: ~190 coefficients and ~790 outliers per column), the working sets stop paying
-#: and the fast ADMM runs instead. Video-like tokens need 60-90 (N = 384-768).
+#: from so far away: the fast ADMM runs, and they start again from its answer
+#: (:data:`WARM_SET`). Video-like tokens need 60-90 (N = 384-768).
 DENSE_SET = 192
+#: The most variables per column's working set where :func:`run_workset` starts it from the
+#: fast solver's answer (a dense ``C``: the synthetic sets with ~240-360 variables per
+#: column; Yale B's ~1000 outgrow it, and the fast solver's answer stands).
+WARM_SET = 512
 #: The most variables per column's working set in :func:`reference_minimiser` (Yale B's
 #: sets, ~1000 with the outlier entries, outgrow it: the ADMM's route there).
 REFERENCE_SET = 512
@@ -144,30 +149,62 @@ def _kernel():
     return _workset_kernel
 
 
+def _seeds(x64: torch.Tensor, gram: torch.Tensor, lam_e: float, lam_z: float, coef=None):
+    """Each column's start for the kernel, ``(ptr, var, val)`` (its ``solve_columns``): the
+    nearest other point (``c = e_j``), or where ``coef`` (``N x N``, an approximation of
+    ``C``: the fast solver's) is given, its column divided by its sum (onto the constraint,
+    signs kept) with the outliers that minimise the column's objective for it (the residual
+    soft-thresholded at ``lambda_e / lambda_z``); a column whose sum is not positive starts
+    from its nearest point."""
+    n, d = x64.shape
+    dist = gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram
+    dist.fill_diagonal_(math.inf)
+    nearest = dist.argmin(dim=0)
+    if coef is None:
+        return (np.arange(n + 1, dtype=np.int64), nearest.numpy().astype(np.int64),
+                np.ones(n))  # fmt: skip
+    c = coef.detach().to("cpu", torch.float64).clone()
+    c.fill_diagonal_(0.0)
+    total = c.sum(dim=0)
+    warm = torch.isfinite(total) & (total > 0)
+    c = c / torch.where(warm, total, 1.0)
+    c[:, ~warm] = 0.0
+    c[nearest[~warm], torch.nonzero(~warm).flatten()] = 1.0
+    r = x64.T - x64.T @ c
+    e = torch.sign(r) * (r.abs() - lam_e / lam_z).clamp(min=0.0)
+    z = torch.cat([c, e]).T.contiguous()  # column i's variables in row i
+    held = z != 0
+    ptr = torch.zeros(n + 1, dtype=torch.int64)
+    ptr[1:] = held.sum(dim=1).cumsum(0)
+    return ptr.numpy(), torch.nonzero(held)[:, 1].numpy(), z[held].numpy()
+
+
 def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, *, tol: float,
              grow: int, cap: int, max_passes: int, threads: int, group=None, rank: int = 0,
-             world: int = 1):  # fmt: skip
+             world: int = 1, start=None):  # fmt: skip
     """``C``, ``E`` and each column's status, passes and steps, by the compiled kernel over
-    ``threads`` threads (each a stride of the columns, without the GIL); under a process
-    ``group`` each rank solves its stride of the columns and the sums over the ranks make
-    the whole (every column is one rank's alone, so the sums are exact)."""
+    ``threads`` threads (each a stride of the columns, without the GIL), from ``start``
+    (:func:`_seeds`); under a process ``group`` each rank solves its stride of the columns
+    and the sums over the ranks make the whole (every column is one rank's alone, so the
+    sums are exact)."""
     kernel = _kernel()
     n, d = x64.shape
     G = gram.numpy()
     YT = x64.numpy()
     Y = np.ascontiguousarray(YT.T)
-    dist = gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram
-    dist.fill_diagonal_(math.inf)
-    starts = dist.argmin(dim=0).numpy()  # each column from its nearest other point
+    ptr, var, val = _seeds(x64, gram, lam_e, lam_z, start)
     C, E = np.zeros((n, n)), np.zeros((d, n))
     status = np.full(n, -1, dtype=np.int64)
     passes, steps = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
     dense = np.zeros(1, dtype=np.bool_)
+    if int(np.diff(ptr).max()) > cap:  # a start already outgrows the sets
+        dense[0] = True
+        status[rank::world] = kernel.TOO_LARGE
 
     def run(t: int) -> None:
         # rank r's columns are r, r + world, ... (whatever thread count another rank has),
         # its thread t's every `threads`-th of them
-        kernel.solve_columns(rank + world * t, world * threads, G, YT, Y, starts, lam_z,
+        kernel.solve_columns(rank + world * t, world * threads, G, YT, Y, ptr, var, val, lam_z,
                              lam_e, tol, grow, cap, max_passes, MAX_STEPS, C, E, status, passes,
                              steps, dense)  # fmt: skip
 
@@ -193,6 +230,7 @@ def solve_ssc_workset(
     max_set: int | None = None,
     max_passes: int = MAX_PASSES,
     threads: int | None = None,
+    coef_init=None,
 ) -> ADMMResult:
     """The SSC program's minimiser for ``features`` (``N x D``) by working sets and a primal
     active-set method per column (module docstring), float64 on the CPU; ``coef`` is
@@ -204,6 +242,10 @@ def solve_ssc_workset(
     set may hold (None: no limit); a set that outgrows it raises :class:`SetsTooLarge`,
     where ``C`` is dense and the working sets stop paying. ``max_passes``: outer passes per
     column. ``threads``: columns run on this many threads (None: torch's intra-op count).
+    ``coef_init``: an approximation of ``C`` (``N x N``, e.g. an ADMM's answer) to start
+    from, each column divided by its sum onto the constraint (a column whose sum is not
+    positive starts from its nearest point, as every column does by default): near the
+    minimiser, few steps remain; the answer is the same.
     ``residual`` of the result is the largest relative duality gap over the columns
     (:func:`duality_gaps`), ``iterations`` the most passes a column took, ``converged``
     whether every column's set is optimal (no violation above ``tol``); a column that is not
@@ -226,14 +268,23 @@ def solve_ssc_workset(
         threads = torch.get_num_threads()
     if int(threads) < 1:
         raise ValueError(f"threads: expected a positive integer or None, got {threads}")
+    if coef_init is not None:
+        coef_init = torch.as_tensor(coef_init)
+        if tuple(coef_init.shape) != (n, n) or not bool(torch.isfinite(coef_init).all()):
+            raise ValueError(
+                f"coef_init: expected a finite ({n}, {n}) matrix (C of these {n} points), got "
+                f"shape {tuple(coef_init.shape)}"
+                + ("" if tuple(coef_init.shape) != (n, n) else " with non-finite entries")
+            )
     cap = n + d if max_set is None else min(int(max_set), n + d)
     return _solve(x, alpha_e, alpha_z, tol=tol, grow=int(grow), cap=cap,
-                  max_passes=int(max_passes), threads=int(threads), t0=t0)  # fmt: skip
+                  max_passes=int(max_passes), threads=int(threads), t0=t0, start=coef_init)  # fmt: skip
 
 
 def _solve(x, alpha_e, alpha_z, *, tol, grow, cap, max_passes, threads, t0, group=None,
-           rank=0, world=1) -> ADMMResult:  # fmt: skip
-    """:func:`solve_ssc_workset` on checked arguments, its columns split over ``group``."""
+           rank=0, world=1, start=None) -> ADMMResult:  # fmt: skip
+    """:func:`solve_ssc_workset` on checked arguments, its columns split over ``group``, from
+    the approximation ``start`` of ``C`` where one is given (:func:`_seeds`)."""
     out_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     x64 = x.detach().to("cpu", torch.float64).contiguous()
     n = x64.shape[0]
@@ -242,7 +293,7 @@ def _solve(x, alpha_e, alpha_z, *, tol, grow, cap, max_passes, threads, t0, grou
     t1 = time.perf_counter()
     C, E, status, passes, steps = _columns(x64, lam_e, lam_z, G, tol=tol, grow=grow, cap=cap,
                                            max_passes=max_passes, threads=min(threads, n),
-                                           group=group, rank=rank, world=world)  # fmt: skip
+                                           group=group, rank=rank, world=world, start=start)  # fmt: skip
     kernel = _kernel()
     if bool((status == kernel.TOO_LARGE).any()):
         raise SetsTooLarge(
@@ -269,34 +320,51 @@ def _solve(x, alpha_e, alpha_z, *, tol, grow, cap, max_passes, threads, t0, grou
 def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, rho: float,
                 eps: float, max_iter: int, affine: bool = True, outliers: bool = True,
                 progress=None) -> ADMMResult:  # fmt: skip
-    """``solver="workset"`` on checked features ``x`` as ``plan`` says: the working sets with
-    at most :data:`DENSE_SET` variables per column; where they grow past it (``C`` or ``E``
-    dense), the fast solver (``plan`` with ``solver="fast"``, ``rho``, ``eps``,
-    ``max_iter``, ``progress``), and the result's ``solver`` says so (its ``timings``: the
-    working sets' time before they stopped, ``"workset"``). Columns the working
+    """``solver="workset"`` on checked features ``x`` as ``plan`` says: the working sets
+    from each point's nearest point, with at most :data:`DENSE_SET` variables per column.
+    Where they grow past it (``C`` or ``E`` dense), the fast solver (``plan`` with
+    ``solver="fast"``, ``rho``, ``eps``, ``max_iter``, ``progress``), then the working sets
+    again from its answer (:func:`_seeds`) with at most :data:`WARM_SET` variables per
+    column: near the minimiser, few steps remain. Where those outgrow their bound too
+    (Extended Yale B faces), the fast solver's answer is the result and its ``solver`` says
+    ``"fast"``. ``timings``: the working sets' attempts (``"workset_cold"``, and
+    ``"workset"`` for the one that answered), the fast solver's stages. Columns the working
     sets leave unsolved keep their last iterate (on the constraint): ``converged`` False.
     Solves the method's program only (``affine`` and ``outliers``). A ``progress`` whose
-    ``schedules_only`` is true (the vLLM plugin's turn-taking) is waited on once, before the
-    solve (``progress.wait()``); no other progress is reported here."""
+    ``schedules_only`` is true (the vLLM plugin's turn-taking) is waited on before each
+    working-set solve (``progress.wait()``); no other progress is reported here."""
     if not (affine and outliers):
         raise ValueError(
             "solver='workset' solves the method's program (affine=True, outliers=True), got "
             f"affine={affine}, outliers={outliers}; use solver 'fast' or 'faithful'"
         )
-    if getattr(progress, "schedules_only", False):  # a scheduler's hook: its turn, once
-        progress.wait()
+
+    def working_sets(cap: int, start=None) -> ADMMResult:
+        if getattr(progress, "schedules_only", False):  # a scheduler's hook: its turn
+            progress.wait()
+        return _solve(x, alpha_e, alpha_z, tol=TOL, grow=GROW, cap=min(cap, sum(x.shape)),
+                      max_passes=MAX_PASSES, threads=torch.get_num_threads(),
+                      t0=time.perf_counter(), group=plan.group, rank=plan.rank,
+                      world=plan.world, start=start)  # fmt: skip
+
     t0 = time.perf_counter()
     try:
-        return _solve(x, alpha_e, alpha_z, tol=TOL, grow=GROW, cap=min(DENSE_SET, sum(x.shape)),
-                      max_passes=MAX_PASSES, threads=torch.get_num_threads(), t0=t0, group=plan.group,
-                      rank=plan.rank, world=plan.world)  # fmt: skip
+        return working_sets(DENSE_SET)
     except SetsTooLarge:
-        tried = time.perf_counter() - t0
+        tried = {"workset_cold": time.perf_counter() - t0}
     dense = run_admm(x, replace(plan, solver="fast", strategy="dense"), alpha_e=alpha_e,
                      alpha_z=alpha_z, rho=rho, eps=eps, max_iter=max_iter, progress=progress)  # fmt: skip
-    dense.solver = "fast"
-    dense.timings = {"workset": tried, **dense.timings}
-    return dense
+    t1 = time.perf_counter()
+    try:
+        warm = working_sets(WARM_SET, start=dense.coef)
+    except SetsTooLarge:
+        tried["workset_warm"] = time.perf_counter() - t1
+        dense.solver = "fast"
+        dense.timings = {**tried, **dense.timings}
+        return dense
+    warm.timings = {**tried, **{f"fast_{k}": v for k, v in dense.timings.items()},
+                    **warm.timings}  # fmt: skip
+    return warm
 
 
 def reference_minimiser(features, *, alpha_e: float = 800.0, alpha_z: float = 800.0,
