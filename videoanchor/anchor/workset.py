@@ -197,9 +197,6 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
     status = np.full(n, -1, dtype=np.int64)
     passes, steps = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
     dense = np.zeros(1, dtype=np.bool_)
-    if int(np.diff(ptr).max()) > cap:  # a start already outgrows the sets
-        dense[0] = True
-        status[rank::world] = kernel.TOO_LARGE
 
     def run(t: int) -> None:
         # rank r's columns are r, r + world, ... (whatever thread count another rank has),
@@ -325,9 +322,9 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
     Where they grow past it (``C`` or ``E`` dense), the fast solver (``plan`` with
     ``solver="fast"``, ``rho``, ``eps``, ``max_iter``, ``progress``), then the working sets
     again from its answer (:func:`_seeds`) with at most :data:`WARM_SET` variables per
-    column: near the minimiser, few steps remain. Where those outgrow their bound too
-    (Extended Yale B faces), the fast solver's answer is the result and its ``solver`` says
-    ``"fast"``. ``timings``: the working sets' attempts (``"workset_cold"``, and
+    column: near the minimiser, few steps remain. Where those outgrow their bound too, or
+    the fast answer's own support (``C`` and ``E``) already does (Extended Yale B faces),
+    the fast solver's answer is the result and its ``solver`` says ``"fast"``. ``timings``: the working sets' attempts (``"workset_cold"``, and
     ``"workset"`` for the one that answered), the fast solver's stages. Columns the working
     sets leave unsolved keep their last iterate (on the constraint): ``converged`` False.
     Solves the method's program only (``affine`` and ``outliers``). A ``progress`` whose
@@ -355,7 +352,12 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
     dense = run_admm(x, replace(plan, solver="fast", strategy="dense"), alpha_e=alpha_e,
                      alpha_z=alpha_z, rho=rho, eps=eps, max_iter=max_iter, progress=progress)  # fmt: skip
     t1 = time.perf_counter()
+    support = (dense.coef != 0).sum(dim=0)
+    if dense.outliers is not None:
+        support += (dense.outliers != 0).sum(dim=0)
     try:
+        if int(support.max()) > WARM_SET:  # its start alone would outgrow the sets
+            raise SetsTooLarge
         warm = working_sets(WARM_SET, start=dense.coef)
     except SetsTooLarge:
         tried["workset_warm"] = time.perf_counter() - t1
