@@ -35,7 +35,7 @@ for the fast schedule cut to 40, 30 and 20 iterations (``fast_40`` ...: what the
 targets would allow, docs/ssc.md). All figures
 MEASURED on the machine that runs it (CPU by default).
 
-    python benchmarks/bench_optimum.py [--quick] [--max-iter 10000] [--only NAME ...]
+    python benchmarks/bench_optimum.py [--quick] [--max-iter 10000] [--only NAME ...] [--skip NAME ...]
 """
 
 from __future__ import annotations
@@ -157,14 +157,16 @@ def set_row(name, x, k, held_out: bool, max_iter: int) -> dict:
     return row
 
 
-def run(quick: bool, max_iter: int, only, out_dir=None, area: str | None = None):
+def run(quick: bool, max_iter: int, only, out_dir=None, area: str | None = None, skip=None):
     torch.manual_seed(0)
     notes: list[str] = []
     sets = fidelity_sets(quick, notes, tiny_sets(quick, notes))
     if only:
         sets = [s for s in sets if any(o in s[0] for o in only)]
+    if skip:
+        sets = [s for s in sets if not any(o in s[0] for o in skip)]
     meta = environment("cpu")
-    meta.update(quick=quick, max_iter=max_iter, only=only or None, notes=notes,
+    meta.update(quick=quick, max_iter=max_iter, only=only or None, skip=skip or None, notes=notes,
                 torch_threads=torch.get_num_threads())  # fmt: skip
     rows = []
     for name, x, k, held_out in sets:
@@ -212,7 +214,7 @@ def run(quick: bool, max_iter: int, only, out_dir=None, area: str | None = None)
     print(meta["summary"])
     # a run over some sets (--only) never takes the name of the whole study's file
     if area is None:
-        area = "optimum_quick" if quick else "optimum_only" if only else "optimum"
+        area = "optimum_quick" if quick else "optimum_only" if only or skip else "optimum"
     path = write_result(area, meta, rows, out_dir)
     print(f"wrote {path}")
     return path
@@ -228,12 +230,15 @@ def main(argv=None):
         help="the minimiser's iteration limit (a run that reaches it says so)",
     )
     ap.add_argument("--only", nargs="*", default=None, help="data sets whose name contains one")
+    ap.add_argument(
+        "--skip", nargs="*", default=None, help="data sets whose name contains one are left out"
+    )
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--name", default=None, help="the result's area (default: by --quick/--only)")
     args = ap.parse_args(argv)
     if args.max_iter < 1:
         raise SystemExit(f"--max-iter: expected a positive integer, got {args.max_iter}")
-    run(args.quick, args.max_iter, args.only, args.out_dir, args.name)
+    run(args.quick, args.max_iter, args.only, args.out_dir, args.name, args.skip)
 
 
 if __name__ == "__main__":

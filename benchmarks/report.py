@@ -71,7 +71,7 @@ python benchmarks/report.py                       # regenerate this page and its
 # without the device suffix that benchmarks/common.py appends (``spectral_cpu`` -> spectral).
 SECTIONS = [
     ("Anchor scores (SSC)",
-     ["request_cost", "request_cost_cost", "request_cost_floor", "directions", "optimum", "optimum_only", "optimum_tiny", "workset", "ssc", "spectral", "sparse_spectral", "label_draws", "yaleb",
+     ["request_cost", "request_cost_cost", "request_cost_floor", "directions", "optimum", "optimum_only", "optimum_tiny", "optimum_yaleb", "workset", "ssc", "spectral", "sparse_spectral", "label_draws", "yaleb",
       "yaleb_squared"]),
     ("Long videos: blocked SSC", ["blocked", "blocked_convergence"]),
     ("Several processes: the fast SSC split", ["split"]),
@@ -87,6 +87,7 @@ TITLES = {
     "optimum": "The SSC program's minimiser against the fidelity bar's answers",
     "optimum_only": "The SSC program's minimiser: the synthetic and corrupted sets, the default beside",
     "optimum_tiny": "The SSC program's minimiser: the tiny models' projector outputs, the default beside",
+    "optimum_yaleb": "The SSC program's minimiser: Extended Yale B faces, the default beside",
     "workset": "Routes to the program's minimiser on video-like tokens (one thread)",
     "ssc": "SSC against the authors' pipeline",
     "spectral": "Spectral step against scikit-learn (the eigensolver crossover)",
