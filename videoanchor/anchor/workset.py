@@ -131,7 +131,7 @@ def duality_gaps(features, coef, lambda_e: float, lambda_z: float) -> ColumnGaps
 DENSE_SET = 192
 #: The most variables per column's working set where :func:`run_workset` starts it from the
 #: fast solver's answer (a dense ``C``: the synthetic sets with ~240-360 variables per
-#: column; Yale B's ~1000 outgrow it, and the fast solver's answer stands).
+#: column; Yale B's ~1200 outgrow it, and the fast solver's answer stands).
 WARM_SET = 512
 #: The most variables per column's working set in :func:`reference_minimiser` (Yale B's
 #: sets, ~1000 with the outlier entries, outgrow it: the ADMM's route there).
@@ -324,9 +324,11 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
     again from its answer (:func:`_seeds`) with at most :data:`WARM_SET` variables per
     column: near the minimiser, few steps remain. Where those outgrow their bound too, or
     the fast answer's own support (``C`` and ``E``) already does (Extended Yale B faces),
-    the fast solver's answer is the result and its ``solver`` says ``"fast"``. ``timings``: the working sets' attempts (``"workset_cold"``, and
-    ``"workset"`` for the one that answered), the fast solver's stages. Columns the working
-    sets leave unsolved keep their last iterate (on the constraint): ``converged`` False.
+    the fast solver's answer is the result and its ``solver`` says ``"fast"``.
+    ``timings``: the working sets' attempts (``"workset_cold"``, ``"workset_warm"``; and
+    ``"workset"`` for the one that answered), the fast solver's stages (``"fast_*"`` where
+    the warm sets answered). Columns the working sets leave unsolved keep their last
+    iterate (on the constraint): ``converged`` False.
     Solves the method's program only (``affine`` and ``outliers``). A ``progress`` whose
     ``schedules_only`` is true (the vLLM plugin's turn-taking) is waited on before each
     working-set solve (``progress.wait()``); no other progress is reported here."""

@@ -148,8 +148,8 @@ class Turns:
 
 class _Yielding(SSCProgress):
     """A silent progress reporter that makes its job wait for its turn (:class:`Turns`)
-    before each iteration; a solver without iterations (the working sets) waits once,
-    before it starts (``schedules_only``: it neither reports nor stops, so
+    before each iteration; a solver without iterations (the working sets) waits before
+    each of its solves (``schedules_only``: it neither reports nor stops, so
     ``solver="auto"`` need not keep an iteration for it)."""
 
     schedules_only = True
