@@ -141,6 +141,9 @@ REFERENCE_SET = 512
 TOL, GROW, MAX_PASSES = 1e-9, 16, 500
 #: Inner steps (a variable joining or leaving the support) per column before it is given up.
 MAX_STEPS = 100_000
+#: Tasks (strides of the columns) per thread: threads take them as they come free, so a core
+#: shared with another process does less of the work.
+TASKS_PER_THREAD = 16
 
 
 def _kernel():
@@ -183,7 +186,8 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
              grow: int, cap: int, max_passes: int, threads: int, group=None, rank: int = 0,
              world: int = 1, start=None):  # fmt: skip
     """``C``, ``E`` and each column's status, passes and steps, by the compiled kernel over
-    ``threads`` threads (each a stride of the columns, without the GIL), from ``start``
+    ``threads`` threads (strides of the columns, each thread taking the next as it comes
+    free; without the GIL), from ``start``
     (:func:`_seeds`); under a process ``group`` each rank solves its stride of the columns
     and the sums over the ranks make the whole (every column is one rank's alone, so the
     sums are exact)."""
@@ -198,18 +202,21 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
     passes, steps = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
     dense = np.zeros(1, dtype=np.bool_)
 
+    # rank r's columns are r, r + world, ... (whatever thread count another rank has), in
+    # TASKS_PER_THREAD strided tasks per thread, taken in turn by whichever thread is free: a
+    # core that another process slows takes fewer
+    tasks = min(n, threads * TASKS_PER_THREAD) if threads > 1 else 1
+
     def run(t: int) -> None:
-        # rank r's columns are r, r + world, ... (whatever thread count another rank has),
-        # its thread t's every `threads`-th of them
-        kernel.solve_columns(rank + world * t, world * threads, G, YT, Y, ptr, var, val, lam_z,
+        kernel.solve_columns(rank + world * t, world * tasks, G, YT, Y, ptr, var, val, lam_z,
                              lam_e, tol, grow, cap, max_passes, MAX_STEPS, C, E, status, passes,
                              steps, dense)  # fmt: skip
 
-    if threads == 1:
+    if tasks == 1:
         run(0)
     else:
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(run, range(threads)))
+            list(pool.map(run, range(tasks)))
     out = [torch.from_numpy(a) for a in (C, E, status + 1, passes, steps)]
     if group is not None:
         out = [all_sum(a, group) for a in out]
