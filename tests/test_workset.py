@@ -163,6 +163,19 @@ def test_the_reference_falls_back_to_the_admm_where_the_sets_do_not_fit():
     assert res.converged == (gaps.max_gap < 1e-9)
 
 
+def test_the_reference_certifies_from_the_admm_where_the_first_sets_do_not_fit(monkeypatch):
+    import videoanchor.anchor.workset as ws
+
+    x = _points(30, 12, seed=1)
+    monkeypatch.setattr(ws, "REFERENCE_SET", 2)  # the sets from the nearest points stop at 2
+    res = ws.reference_minimiser(x, max_iter=30)  # an ADMM answer far from certified
+    assert res.strategy == "workset" and res.converged and res.residual < 1e-9
+    cold = solve_ssc_workset(x)
+    ours = duality_gaps(x, res.coef, res.lambda_e, res.lambda_z).primal
+    ref = duality_gaps(x, cold.coef, cold.lambda_e, cold.lambda_z).primal
+    assert float(((ours - ref) / ref).abs().max()) < 1e-8
+
+
 def test_video_like_tokens_on_one_thread_and_on_two_give_the_same_minimiser():
     """Sets far below the rank (D = 64): every column solved, certified, the same answer
     whichever thread ran it; the reference takes it without the ADMM."""
