@@ -312,8 +312,10 @@ class Plan:
 
 def workset_bytes(n: int, d: int) -> int:
     """Peak host bytes of :func:`~videoanchor.anchor.workset.solve_ssc_workset`: float64
-    ``G``, ``C`` and the certificate's ``N x N`` products, ``X``, ``X^T`` and ``E``."""
-    return 8 * (3 * n * n + 3 * n * d)
+    ``G``, ``C`` and the certificate's ``N x N`` products, ``X``, ``X^T`` and ``E``, and
+    where it starts from an approximation of ``C`` (the dense route of ``run_workset``) the
+    start's residual and outliers (two more ``D x N``)."""
+    return 8 * (3 * n * n + 5 * n * d)
 
 
 def _iteration_options(opts) -> list[str]:

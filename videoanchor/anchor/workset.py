@@ -175,7 +175,9 @@ def _seeds(x64: torch.Tensor, gram: torch.Tensor, lam_e: float, lam_z: float, co
     c[nearest[~warm], torch.nonzero(~warm).flatten()] = 1.0
     r = x64.T - x64.T @ c
     e = torch.sign(r) * (r.abs() - lam_e / lam_z).clamp(min=0.0)
-    z = torch.cat([c, e]).T.contiguous()  # column i's variables in row i
+    del r
+    z = torch.cat([c, e]).T  # column i's variables in row i (a view: nonzero() is row-major)
+    del c, e
     held = z != 0
     ptr = torch.zeros(n + 1, dtype=torch.int64)
     ptr[1:] = held.sum(dim=1).cumsum(0)
