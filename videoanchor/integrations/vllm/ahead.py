@@ -108,7 +108,9 @@ def counted_work(n: int, d: int, cfg) -> int:
     """A request's SSC work in counted units, known before it runs: ``n^2 (n + d)`` per
     iteration (the dense products over ``n`` tokens of width ``d``) times the iterations its
     solver may run (the fast solver's fixed 60; otherwise ``max_iter``). What orders the
-    side threads' jobs (:class:`Turns`); deterministic, never a timing."""
+    side threads' jobs (:class:`Turns`); deterministic, never a timing. Under ``"auto"`` on
+    the CPU the working sets run, whose cost is not this count, but it grows with ``n`` and
+    ``d`` as theirs does, and only the order of the counts is used."""
     iters = 60 if cfg.ssc_solver in ("auto", "fast") else cfg.max_iter
     return n * n * (n + d) * iters
 
