@@ -287,15 +287,23 @@ def solve_ssc_workset(
                   max_passes=int(max_passes), threads=int(threads), t0=t0, start=coef_init)  # fmt: skip
 
 
-def _solve(x, alpha_e, alpha_z, *, tol, grow, cap, max_passes, threads, t0, group=None,
-           rank=0, world=1, start=None) -> ADMMResult:  # fmt: skip
-    """:func:`solve_ssc_workset` on checked arguments, its columns split over ``group``, from
-    the approximation ``start`` of ``C`` where one is given (:func:`_seeds`)."""
-    out_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+def _prepare(x, alpha_e: float, alpha_z: float) -> tuple:
+    """``(x64, G, lambda_e, lambda_z)`` of checked features ``x``: what every working-set
+    solve of them starts from (float64 on the CPU)."""
     x64 = x.detach().to("cpu", torch.float64).contiguous()
-    n = x64.shape[0]
     G = x64 @ x64.T
     lam_e, lam_z, _, _ = ssc_lambdas(x64, alpha_e, alpha_z, row_max=gram_row_max(x64, gram=G))
+    return x64, G, lam_e, lam_z
+
+
+def _solve(x, alpha_e, alpha_z, *, tol, grow, cap, max_passes, threads, t0, group=None,
+           rank=0, world=1, start=None, prepared=None) -> ADMMResult:  # fmt: skip
+    """:func:`solve_ssc_workset` on checked arguments, its columns split over ``group``, from
+    the approximation ``start`` of ``C`` where one is given (:func:`_seeds`); ``prepared``:
+    :func:`_prepare`'s answer for ``x`` where a solve before this one computed it."""
+    out_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    x64, G, lam_e, lam_z = _prepare(x, alpha_e, alpha_z) if prepared is None else prepared
+    n = x64.shape[0]
     t1 = time.perf_counter()
     C, E, status, passes, steps = _columns(x64, lam_e, lam_z, G, tol=tol, grow=grow, cap=cap,
                                            max_passes=max_passes, threads=min(threads, n),
@@ -347,13 +355,18 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
             f"affine={affine}, outliers={outliers}; use solver 'fast' or 'faithful'"
         )
 
+    prepared = []  # the Gram matrix and the lambdas, computed once for both solves
+
     def working_sets(cap: int, start=None) -> ADMMResult:
         if getattr(progress, "schedules_only", False):  # a scheduler's hook: its turn
             progress.wait()
+        t0 = time.perf_counter()
+        if not prepared:
+            prepared.extend(_prepare(x, alpha_e, alpha_z))
         return _solve(x, alpha_e, alpha_z, tol=TOL, grow=GROW, cap=min(cap, sum(x.shape)),
-                      max_passes=MAX_PASSES, threads=torch.get_num_threads(),
-                      t0=time.perf_counter(), group=plan.group, rank=plan.rank,
-                      world=plan.world, start=start)  # fmt: skip
+                      max_passes=MAX_PASSES, threads=torch.get_num_threads(), t0=t0,
+                      group=plan.group, rank=plan.rank, world=plan.world, start=start,
+                      prepared=prepared)  # fmt: skip
 
     t0 = time.perf_counter()
     try:
