@@ -9,7 +9,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 VIDEOANCHOR_GIT_SHA=${SHA:?}
 R=$OUT
 T0=$(date +%s)
 el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
-(nvidia-smi; python3 -c "import torch,triton,transformers,numpy,sklearn,numba;print(torch.__version__,triton.__version__,transformers.__version__,numpy.__version__,sklearn.__version__,numba.__version__)"; nproc) > $R/env.log 2>&1
+(nvidia-smi; python3 -c "import torch,triton,transformers,numpy,sklearn,numba;print(torch.__version__,triton.__version__,transformers.__version__,numpy.__version__,sklearn.__version__,numba.__version__)"; nproc) 2>&1 | head -40
 el tests
 timeout 170 python3 -m pytest -q -m gpu tests -p no:cacheprovider -n 8 --durations=15 > $R/gpu_tests.log 2>&1
 el "tests rc=$?"; grep -E "passed|failed|FAILED|Error" $R/gpu_tests.log | tail -20
