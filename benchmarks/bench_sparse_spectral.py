@@ -98,7 +98,7 @@ def bench_one(w, name, reps, device, eigh_max, extra=None):
         lambda x: s @ x, n, K, dtype=s.dtype, device=s.device, seed=0, tol=1e-7,
         matmul_flops=2 * s._nnz(), max_steps=200,
     )  # fmt: skip
-    residual["sparse_krylov"] = float((s @ q - q * theta).norm())
+    residual["sparse_krylov"] = float((s @ q - q * theta.to(q)).norm())  # (theta: host)
     residual["sparse_auto"] = residual["sparse_arpack" if device.type == "cpu" else "sparse_krylov"]
     med = {p: statistics.median(v) for p, v in times.items()}
     rows = []

@@ -360,8 +360,11 @@ def test_cuda_matches_cpu(backend):
         pytest.importorskip("cupy")
     x, _ = union_of_subspaces(30, 6, 64, 4, noise=0.02, offset=1.0, seed=11)
     x = x.float()
-    cpu = compute_anchor_scores(x, n_clusters=6, dtype=torch.float64)
-    gpu = compute_anchor_scores(x.cuda(), n_clusters=6, backend=backend, dtype=torch.float64)
+    # the same solver on both ("auto" is the working sets on the CPU, the fast one on CUDA)
+    cpu = compute_anchor_scores(x, n_clusters=6, dtype=torch.float64, solver="fast")
+    gpu = compute_anchor_scores(
+        x.cuda(), n_clusters=6, backend=backend, dtype=torch.float64, solver="fast"
+    )
     assert gpu.scores.is_cuda and gpu.labels.is_cuda and gpu.coef.is_cuda
     assert torch.allclose(gpu.coef.cpu(), cpu.coef, atol=1e-7)
     assert torch.equal(gpu.labels.cpu(), cpu.labels)

@@ -236,6 +236,20 @@ def test_compute_anchor_scores_runs_the_working_sets_and_says_so():
     assert float(res.scores.max()) < 1
 
 
+@pytest.mark.parametrize("solver", ["auto", "workset", "fast", "faithful"])
+@pytest.mark.parametrize("features", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [None, torch.float32, torch.float64])
+def test_every_solver_answers_in_the_dtype_asked_for(solver, features, dtype):
+    """``dtype=`` sets the answer's dtype whichever solver runs (the working sets solve in
+    float64 and answered in the features' dtype before)."""
+    from videoanchor.anchor import compute_anchor_scores
+
+    x = _video().to(features)
+    res = compute_anchor_scores(x, 4, solver=solver, dtype=dtype)
+    assert res.coef.dtype == (dtype or torch.float32)
+    assert res.solver == ("workset" if solver == "auto" else solver)
+
+
 def test_dense_sets_start_again_from_the_fast_solver_and_say_so(monkeypatch):
     import videoanchor.anchor.workset as ws
     from videoanchor.anchor import compute_anchor_scores

@@ -162,8 +162,8 @@ def block_krylov_eigvecs(
     ``matmul_flops`` per column plus the orthogonalisation) or ``max_steps`` block steps it
     stops with ``info["converged"] = False``.
 
-    Returns ``(theta (k,) descending, Q (N, k), info)``; ``info`` has ``converged``,
-    ``steps``, ``flops``, ``residual``.
+    Returns ``(theta (k,) descending, float64 on the host; Q (N, k) on ``device``, info)``;
+    ``info`` has ``converged``, ``steps``, ``flops``, ``residual``.
     """
     m = min(n, block or k + max(8, k // 2))
     max_basis = min(n, max_basis or 6 * m)

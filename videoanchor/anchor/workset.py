@@ -297,11 +297,13 @@ def _prepare(x, alpha_e: float, alpha_z: float) -> tuple:
 
 
 def _solve(x, alpha_e, alpha_z, *, tol, grow, cap, max_passes, threads, t0, group=None,
-           rank=0, world=1, start=None, prepared=None) -> ADMMResult:  # fmt: skip
+           rank=0, world=1, start=None, prepared=None, out_dtype=None) -> ADMMResult:  # fmt: skip
     """:func:`solve_ssc_workset` on checked arguments, its columns split over ``group``, from
     the approximation ``start`` of ``C`` where one is given (:func:`_seeds`); ``prepared``:
-    :func:`_prepare`'s answer for ``x`` where a solve before this one computed it."""
-    out_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    :func:`_prepare`'s answer for ``x`` where a solve before this one computed it.
+    ``out_dtype``: the answer's dtype (default ``x``'s floating dtype, float32 otherwise)."""
+    if out_dtype is None:
+        out_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     x64, G, lam_e, lam_z = _prepare(x, alpha_e, alpha_z) if prepared is None else prepared
     n = x64.shape[0]
     t1 = time.perf_counter()
@@ -342,6 +344,7 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
     column: near the minimiser, few steps remain. Where those outgrow their bound too, or
     the fast answer's own support (``C`` and ``E``) already does (Extended Yale B faces),
     the fast solver's answer is the result and its ``solver`` says ``"fast"``.
+    ``coef`` comes in the plan's working dtype (``dtype=``), as every solver's does.
     ``timings``: the working sets' attempts (``"workset_cold"``, ``"workset_warm"``; and
     ``"workset"`` for the one that answered), the fast solver's stages (``"fast_*"`` where
     the warm sets answered). Columns the working sets leave unsolved keep their last
@@ -366,7 +369,7 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
         return _solve(x, alpha_e, alpha_z, tol=TOL, grow=GROW, cap=min(cap, sum(x.shape)),
                       max_passes=MAX_PASSES, threads=torch.get_num_threads(), t0=t0,
                       group=plan.group, rank=plan.rank, world=plan.world, start=start,
-                      prepared=prepared)  # fmt: skip
+                      prepared=prepared, out_dtype=plan.work)  # fmt: skip
 
     t0 = time.perf_counter()
     try:
