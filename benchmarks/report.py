@@ -71,7 +71,7 @@ python benchmarks/report.py                       # regenerate this page and its
 # without the device suffix that benchmarks/common.py appends (``spectral_cpu`` -> spectral).
 SECTIONS = [
     ("Anchor scores (SSC)",
-     ["request_cost", "request_cost_cost", "request_cost_floor", "directions", "optimum", "optimum_only", "optimum_tiny", "optimum_yaleb", "workset", "ssc", "spectral", "sparse_spectral", "label_draws", "yaleb",
+     ["request_cost", "request_cost_cost", "request_cost_fidelity_sensitivity", "request_cost_floor", "directions", "optimum", "optimum_only", "optimum_tiny", "optimum_yaleb", "workset", "ssc", "spectral", "sparse_spectral", "label_draws", "yaleb",
       "yaleb_squared"]),
     ("Long videos: blocked SSC", ["blocked", "blocked_convergence"]),
     ("Several processes: the fast SSC split", ["split"]),
@@ -82,6 +82,7 @@ SECTIONS = [
 TITLES = {
     "request_cost": "Anchor scores against the prefill: faithful solver and the fast default",
     "request_cost_cost": "Anchor scores against the prefill: the cost rows alone, with the default",
+    "request_cost_fidelity_sensitivity": "Anchor scores: the fidelity and 1e-6 sensitivity parts alone (on a GPU)",
     "request_cost_floor": "The fast default's least H100 cost against the targets (STATIC)",
     "directions": "Directions for cheaper scores, against the fidelity bar",
     "optimum": "The SSC program's minimiser against the fidelity bar's answers",
