@@ -986,7 +986,7 @@ COMPONENTS = [
     ("Exact torch attention path", ["attention", "backward"], None, "natively", []),
     ("SSC anchor scores", ["ssc", "spectral", "sparse_spectral", "label_draws", "yaleb", "blocked", "request_cost",
                            "directions"],
-     None, "natively", ["ssc", "spectral", "yaleb", "blocked", "request_cost"]),
+     None, "natively", ["ssc", "spectral", "sparse_spectral", "yaleb", "blocked", "request_cost"]),
     ("transformers integration, lmms-eval", ["integration", "tp", "lmms_batch", "tune"], None,
      "natively (tiny random models)", ["integration", "tp", "lmms_batch", "tune"]),
     ("vLLM plugin", ["vllm"], None, "vLLM's CPU backend (tiny random model)", ["vllm"]),
@@ -1012,7 +1012,7 @@ def verification_table(results: list[Result], prefix: str) -> str:
     ]
 
     def of(areas, r):
-        return r.area in areas or r.area.split("_")[0] in areas
+        return any(r.area == a or r.area.startswith(a + "_") for a in areas)
 
     for name, areas, kernels, cpu, gpu_areas in COMPONENTS:
         gpu = sorted(r.path.name for r in results if not _is_cpu(r) and of(gpu_areas, r))
