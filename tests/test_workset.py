@@ -270,6 +270,31 @@ def test_dense_sets_start_again_from_the_fast_solver_and_say_so(monkeypatch):
     assert {"workset_cold", "workset_warm"} <= set(res.timings)
 
 
+def test_the_outlier_entries_do_not_count_against_the_warm_bound(monkeypatch):
+    """The kernel eliminates the outlier entries (its factor is the coefficients' alone), so
+    ``WARM_SET`` bounds ``C``'s support only: grossly corrupted points, whose columns hold
+    more variables than ``WARM_SET`` with their outliers, still get the certified minimiser
+    from the fast solver's answer (before, the fast answer stood there)."""
+    import videoanchor.anchor.workset as ws
+    from videoanchor.anchor import compute_anchor_scores
+
+    g = torch.Generator().manual_seed(6)
+    bases = torch.randn(4, 60, 3, generator=g, dtype=torch.float64)  # 4 planes in R^60
+    x = torch.cat([(b @ torch.randn(3, 12, generator=g, dtype=torch.float64)).T for b in bases])
+    x += 0.01 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    gross = torch.rand(x.shape, generator=g, dtype=torch.float64) < 0.1
+    x = x + gross * 5 * x.abs().mean() * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    ref = reference_minimiser(x)
+    n = x.shape[0]
+    support = (ref.coef != 0).sum(dim=0) + (ref.outliers != 0).sum(dim=0)
+    assert ref.converged and int(support.max()) > n - 1  # the outliers push it past N - 1
+    monkeypatch.setattr(ws, "DENSE_SET", 2)  # the warm route
+    monkeypatch.setattr(ws, "WARM_SET", n - 1)  # no column of C can outgrow it
+    res = compute_anchor_scores(x, 4, solver="workset", dtype=torch.float64)
+    assert res.solver == "workset" and res.converged and res.residual < 1e-9
+    assert float((res.coef - ref.coef).abs().max()) < 1e-6
+
+
 @settings(max_examples=10, deadline=None, derandomize=True)
 @given(n=st.integers(4, 24), d=st.integers(3, 30), seed=st.integers(0, 10_000),
        kind=st.sampled_from(["noise", "negative", "zero", "minimiser"]))  # fmt: skip

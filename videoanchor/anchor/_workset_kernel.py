@@ -18,20 +18,29 @@ and settled by the inner loop's steps before the first pass):
   (relative to the variable's weight): the column is solved;
 - an inner loop solves the program restricted to ``W`` by the primal active-set method:
   the worst violator in ``W`` joins ``F`` with its multiplier's sign; the
-  equality-constrained quadratic program on ``F`` with those signs is solved from a
-  Cholesky factor of ``H = lambda_z K_FF + gamma a_F a_F^T`` (the border's augmented
-  Lagrangian term, zero on the constraint: ``H`` is positive definite wherever the bordered
-  system is regular, also where ``F`` holds ``D + 1`` points), two triangular solve pairs,
-  the constraint's Schur complement and a refinement step against ``H`` itself (kept beside
-  its factor); where a variable of ``F`` would change sign, the
-  step stops where the first does and that variable leaves. The objective falls at every
-  step (the segment stays on the constraint, and the signs hold on it), so no set repeats.
+  equality-constrained quadratic program on ``F`` with those signs is solved, then a
+  refinement step against the unfactored system; where a variable of ``F`` would change
+  sign, the step stops where the first does and that variable leaves. The objective falls
+  at every step (the segment stays on the constraint, and the signs hold on it), so no set
+  repeats.
 
-The factor is updated, not refactored: a new variable appends a row (``O(|F|^2)``), a
-leaving one is deleted by Givens rotations (``O(|F|^2)``). A floor on the pivots
-(:data:`RIDGE`) keeps a set of dependent points factorable (more than ``D + 1`` of them,
-repeated points). Columns are independent: a range of them runs per thread, without the
-GIL (:func:`solve_columns`).
+**The outliers are eliminated.** ``F`` splits into its coefficients ``Fc`` and its outlier
+entries ``Fe`` (rows of ``Y``). The system of the restricted program is
+``H = [[A, lambda_z Y_ec^T], [lambda_z Y_ec, lambda_z I]]`` with
+``A = lambda_z G_cc + gamma 1 1^T`` (the border's augmented Lagrangian term, zero on the
+constraint) and ``Y_ec = Y[Fe, Fc]``; its outlier block is a multiple of the identity, so
+``H`` is solved through the Schur complement ``S = A - lambda_z Y_ec^T Y_ec`` (``A`` on the
+rows of ``Y`` that are not outliers) and ``e = v_e / lambda_z - Y_ec c``. Only ``S``, of
+the size of ``Fc``, is factored (Cholesky): a coefficient that joins appends a row
+(``O(|Fc| (|Fc| + |Fe|))``), one that leaves is deleted by Givens rotations
+(``O(|Fc|^2)``), and an outlier entry that joins or leaves is a rank-one downdate or update
+of the factor (``O(|Fc|^2)``; a downdate that would lose definiteness refactors ``S``). Where
+the outlier term is dense (Extended Yale B faces: about a thousand entries per column beside
+~100-200 coefficients) the factor stays the size of ``C``'s support.
+
+A floor on the pivots (:data:`RIDGE`) keeps a set of dependent points factorable (more than
+the inlier rows' rank of them, repeated points). Columns are independent: a range of them
+runs per thread, without the GIL (:func:`solve_columns`).
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ SOLVED, TOO_LARGE, STALLED, MAX_PASSES, SINGULAR = 0, 1, 2, 3, 4
 #: carries the constraint's border as ``gamma a a^T``: ill-conditioned where the support
 #: reaches the rank).
 REFINE = 1
-#: The smallest pivot of the factor, relative to its variable's diagonal entry.
+#: The smallest pivot of the factor, relative to its coefficient's diagonal entry of ``A``.
 RIDGE = 1e-10
 
 # reassociation lets the compiler vectorise the dot products; NaN and inf keep their meaning
@@ -56,24 +65,12 @@ _FASTMATH = {"reassoc", "contract"}
 _jit = numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
-def _k(u, v, n, G, YT):
-    """``K[u, v]`` of ``[[G, Y^T], [Y, I]]``."""
-    if u < n:
-        if v < n:
-            return G[u, v]
-        return YT[u, v - n]
-    if v < n:
-        return YT[v, u - n]
-    return 1.0 if u == v else 0.0
-
-
 @_jit
-def _chol_append(L, f, col, diag):
+def _chol_append(L, f, col, diag, floor):
     """Append a row to the factor ``L[:f, :f]``: the new variable's entries ``col[:f]`` and
-    diagonal ``diag``. A pivot below ``RIDGE * diag`` (a point dependent on ``F``'s: ``F``
-    would hold more than ``D + 1`` of them, or a repeated point) is raised to it: a ridge on
-    that variable alone. False where the pivot is not finite."""
+    diagonal ``diag``. A pivot below ``floor`` (a point dependent on ``Fc``'s on the inlier
+    rows, or a repeated point) is raised to it: a ridge on that variable alone. False where
+    the pivot is not finite."""
     rest = diag
     for r in range(f):
         v = col[r]
@@ -84,7 +81,7 @@ def _chol_append(L, f, col, diag):
         rest -= v * v
     if not math.isfinite(rest):
         return False
-    L[f, f] = math.sqrt(max(rest, RIDGE * diag))
+    L[f, f] = math.sqrt(max(rest, floor))
     return True
 
 
@@ -107,6 +104,25 @@ def _chol_delete(L, f, p):
     for r in range(f):
         L[r, f - 1] = 0.0
         L[f - 1, r] = 0.0
+
+
+@_jit
+def _chol_rank1(L, f, x, sigma, A):
+    """``L L^T + sigma x x^T`` into ``L[:f, :f]`` (``x`` overwritten). False where a
+    downdate (``sigma < 0``) would take a pivot below ``RIDGE`` times its ``A`` diagonal
+    (``L`` is then partly updated: refactor it)."""
+    for k in range(f):
+        lkk, xk = L[k, k], x[k]
+        r2 = lkk * lkk + sigma * xk * xk
+        if not (r2 > RIDGE * A[k, k]) or not math.isfinite(r2):
+            return False
+        r = math.sqrt(r2)
+        cs, sn = r / lkk, xk / lkk
+        L[k, k] = r
+        for j in range(k + 1, f):
+            L[j, k] = (L[j, k] + sigma * sn * x[j]) / cs
+            x[j] = cs * x[j] - sn * L[j, k]
+    return True
 
 
 @_jit
@@ -136,157 +152,294 @@ def _chol_solve(L, f, b, out):
 
 
 @_jit
-def _add(L, H, F, s, z, f, u, sign, i, G, YT, lam_z, gamma, col):
-    """``u`` joins ``F`` (at position ``f``) with ``sign`` and value 0."""
-    n = G.shape[0]
-    au = gamma if u < n else 0.0
-    for r in range(f):
-        col[r] = lam_z * _k(F[r], u, n, G, YT) + (au if F[r] < n else 0.0)
-    diag = lam_z * _k(u, u, n, G, YT) + au
-    if not _chol_append(L, f, col, diag):
-        return False
-    for r in range(f):
-        H[f, r] = H[r, f] = col[r]
-    H[f, f] = diag
-    F[f], s[f], z[f] = u, sign, 0.0
+def _dot(a, b, m):
+    v = 0.0
+    for k in range(m):
+        v += a[k] * b[k]
+    return v
+
+
+@_jit
+def _refactor(L, A, Yg, fc, fe, lam_z, col):
+    """``L`` from scratch: the Cholesky factor of ``S`` (``O(|Fc|^2 (|Fc| + |Fe|))``)."""
+    for r in range(fc):
+        for c in range(r):
+            col[c] = A[r, c] - lam_z * _dot(Yg[r], Yg[c], fe)
+        diag = A[r, r] - lam_z * _dot(Yg[r], Yg[r], fe)
+        if not _chol_append(L, r, col, diag, RIDGE * A[r, r]):
+            return False
     return True
 
 
 @_jit
-def _restricted(L, H, F, s, f, i, G, YT, lam_z, lam_e, gamma, q, av, x1, x2, zh, col):
-    """The minimiser ``zh[:f]`` of the program on ``F`` with signs ``s`` (every other
-    variable at zero) and its constraint multiplier ``nu``."""
-    n = G.shape[0]
-    for r in range(f):
-        u = F[r]
-        if u < n:
-            q[r] = lam_z * G[u, i] - s[r] + gamma
-            av[r] = 1.0
-        else:
-            q[r] = lam_z * YT[i, u - n] - lam_e * s[r]
-            av[r] = 0.0
-    _chol_solve(L, f, q, x1)
-    _chol_solve(L, f, av, x2)
+def _add_coef(L, A, Yg, Fc, sc, zc, fc, Fe, fe, u, sign, G, YT, lam_z, gamma, col):
+    """Coefficient ``u`` joins ``Fc`` (at position ``fc``) with ``sign`` and value 0."""
+    yu, yg = YT[u], Yg[fc]
+    for k in range(fe):
+        yg[k] = yu[Fe[k]]
+    for r in range(fc):
+        a = lam_z * G[Fc[r], u] + gamma
+        A[fc, r] = A[r, fc] = a
+        col[r] = a - lam_z * _dot(Yg[r], yg, fe)
+    a = lam_z * G[u, u] + gamma
+    A[fc, fc] = a
+    Fc[fc], sc[fc], zc[fc] = u, sign, 0.0
+    return _chol_append(L, fc, col, a - lam_z * _dot(yg, yg, fe), RIDGE * a)
+
+
+@_jit
+def _add_outlier(L, A, Yg, Fc, fc, Fe, se, ze, fe, k, sign, YT, lam_z, col):
+    """Outlier entry ``k`` (a row of ``Y``) joins ``Fe`` (at position ``fe``) with ``sign``
+    and value 0: ``S`` loses ``lambda_z y y^T`` (``y = Y[k, Fc]``)."""
+    Fe[fe], se[fe], ze[fe] = k, sign, 0.0
+    root = math.sqrt(lam_z)
+    for r in range(fc):
+        Yg[r, fe] = YT[Fc[r], k]
+        col[r] = root * Yg[r, fe]
+    if _chol_rank1(L, fc, col, -1.0, A):
+        return True
+    return _refactor(L, A, Yg, fc, fe + 1, lam_z, col)
+
+
+@_jit
+def _hsolve(L, Yg, fc, fe, lam_z, vc, ve, outc, oute, tmp):
+    """``[outc; oute] = H^-1 [vc; ve]`` through the Schur complement (module docstring)."""
+    for r in range(fc):
+        tmp[r] = vc[r] - _dot(Yg[r], ve, fe)
+    _chol_solve(L, fc, tmp, outc)
+    for k in range(fe):
+        oute[k] = ve[k] / lam_z
+    for r in range(fc):
+        yr, o = Yg[r], outc[r]
+        for k in range(fe):
+            oute[k] -= yr[k] * o
+
+
+@_jit
+def _restricted(L, A, Yg, Fc, sc, fc, Fe, se, fe, i, G, YT, lam_z, lam_e, gamma, w):
+    """The minimiser ``[zhc; zhe]`` of the program on ``F`` with signs ``sc``, ``se`` (every
+    other variable at zero) and its constraint multiplier ``nu``. ``w``: the scratch
+    vectors (:func:`solve_columns`)."""
+    qc, qe, x1c, x1e, x2c, x2e, zhc, zhe, rc, re, tmp, ac = w
+    yi = YT[i]
+    for r in range(fc):
+        qc[r] = lam_z * G[Fc[r], i] - sc[r] + gamma
+        ac[r] = 1.0
+    for k in range(fe):
+        qe[k] = lam_z * yi[Fe[k]] - lam_e * se[k]
+        re[k] = 0.0
+    _hsolve(L, Yg, fc, fe, lam_z, qc, qe, x1c, x1e, tmp)
+    _hsolve(L, Yg, fc, fe, lam_z, ac, re, x2c, x2e, tmp)
     ax1 = ax2 = 0.0
-    for r in range(f):
-        ax1 += av[r] * x1[r]
-        ax2 += av[r] * x2[r]
+    for r in range(fc):
+        ax1 += x1c[r]
+        ax2 += x2c[r]
     nu = (1.0 - ax1) / ax2
-    for r in range(f):
-        zh[r] = x1[r] + nu * x2[r]
+    for r in range(fc):
+        zhc[r] = x1c[r] + nu * x2c[r]
+    for k in range(fe):
+        zhe[k] = x1e[k] + nu * x2e[k]
     for _ in range(REFINE):  # against the unfactored system: its residual, solved again
         slack = 1.0
-        for r in range(f):
-            v = q[r] + nu * av[r]
-            for c in range(f):
-                v -= H[r, c] * zh[c]
-            col[r] = v
-            slack -= av[r] * zh[r]
-        _chol_solve(L, f, col, x1)
+        for k in range(fe):  # (H z)_e = lambda_z (Y_ec z_c + z_e)
+            re[k] = zhe[k]
+        for r in range(fc):
+            yr, z = Yg[r], zhc[r]
+            v = qc[r] + nu
+            for c in range(fc):
+                v -= A[r, c] * zhc[c]
+            t = 0.0
+            for k in range(fe):
+                t += yr[k] * zhe[k]
+                re[k] += yr[k] * z
+            rc[r] = v - lam_z * t
+            slack -= z
+        for k in range(fe):
+            re[k] = qe[k] - lam_z * re[k]
+        _hsolve(L, Yg, fc, fe, lam_z, rc, re, x1c, x1e, tmp)
         ax1 = 0.0
-        for r in range(f):
-            ax1 += av[r] * x1[r]
+        for r in range(fc):
+            ax1 += x1c[r]
         step = (slack - ax1) / ax2
-        for r in range(f):
-            zh[r] += x1[r] + step * x2[r]
+        for r in range(fc):
+            zhc[r] += x1c[r] + step * x2c[r]
+        for k in range(fe):
+            zhe[k] += x1e[k] + step * x2e[k]
         nu += step
     return nu
 
 
 @_jit
-def _settle(L, H, F, s, z, f, i, G, YT, lam_z, lam_e, gamma, q, av, x1, x2, zh, col, held,
-            entrant, steps, max_inner):  # fmt: skip
+def _settle(L, A, Yg, Fc, sc, zc, fc, Fe, se, ze, fe, n, i, G, YT, lam_z, lam_e, gamma, w,
+            held, entrant, steps, max_inner):  # fmt: skip
     """From ``z`` (on the constraint, signs ``s`` on ``F``) to the minimiser on ``F``: solve
     on ``F``, step back to the first sign change, drop that variable, again. Returns
-    ``(f, nu, steps, stalled, stuck)``: ``stuck`` where ``entrant`` could not move."""
+    ``(fc, fe, nu, steps, status)``: status 0 settled, 1 stalled (``max_inner`` steps), 2
+    ``entrant`` could not move, 3 a factor update failed."""
+    zhc, zhe, col = w[6], w[7], w[8]
     stuck = False
     while True:
         steps += 1
         if steps > max_inner:
-            return f, 0.0, steps, True, stuck
-        nu_h = _restricted(L, H, F, s, f, i, G, YT, lam_z, lam_e, gamma, q, av, x1, x2, zh, col)
+            return fc, fe, 0.0, steps, 1
+        nu_h = _restricted(L, A, Yg, Fc, sc, fc, Fe, se, fe, i, G, YT, lam_z, lam_e, gamma, w)
         t, p = 1.0, -1
-        for r in range(f):
-            if zh[r] * s[r] <= 0.0:
-                gap = z[r] - zh[r]
-                tr = z[r] / gap if gap != 0.0 else 0.0
+        for r in range(fc):
+            if zhc[r] * sc[r] <= 0.0:
+                gap = zc[r] - zhc[r]
+                tr = zc[r] / gap if gap != 0.0 else 0.0
                 if tr < t:
                     t, p = tr, r
+        for k in range(fe):
+            if zhe[k] * se[k] <= 0.0:
+                gap = ze[k] - zhe[k]
+                tk = ze[k] / gap if gap != 0.0 else 0.0
+                if tk < t:
+                    t, p = tk, fc + k
         if p < 0:
-            for r in range(f):
-                z[r] = zh[r]
-            return f, nu_h, steps, False, stuck
-        for r in range(f):
-            z[r] += t * (zh[r] - z[r])
-        z[p] = 0.0
-        if t == 0.0 and F[p] == entrant:  # the entrant cannot move (rounding): not again
-            stuck = True
-        for r in range(f - 1, -1, -1):
-            if z[r] == 0.0:
-                held[F[r]] = False
-                _chol_delete(L, f, r)
-                _drop(H, f, r)
-                for r2 in range(r, f - 1):
-                    F[r2], s[r2], z[r2] = F[r2 + 1], s[r2 + 1], z[r2 + 1]
-                f -= 1
+            for r in range(fc):
+                zc[r] = zhc[r]
+            for k in range(fe):
+                ze[k] = zhe[k]
+            return fc, fe, nu_h, steps, 2 if stuck else 0
+        for r in range(fc):
+            zc[r] += t * (zhc[r] - zc[r])
+        for k in range(fe):
+            ze[k] += t * (zhe[k] - ze[k])
+        if p < fc:
+            zc[p] = 0.0
+            if t == 0.0 and Fc[p] == entrant:  # the entrant cannot move (rounding): not again
+                stuck = True
+        else:
+            ze[p - fc] = 0.0
+            if t == 0.0 and n + Fe[p - fc] == entrant:
+                stuck = True
+        root = math.sqrt(lam_z)
+        for k in range(fe - 1, -1, -1):  # outliers leave: S gains lambda_z y y^T
+            if ze[k] == 0.0:
+                held[n + Fe[k]] = False
+                for r in range(fc):
+                    yr = Yg[r]
+                    col[r] = root * yr[k]
+                    for k2 in range(k, fe - 1):
+                        yr[k2] = yr[k2 + 1]
+                for k2 in range(k, fe - 1):
+                    Fe[k2], se[k2], ze[k2] = Fe[k2 + 1], se[k2 + 1], ze[k2 + 1]
+                fe -= 1
+                if not _chol_rank1(L, fc, col, 1.0, A):
+                    if not _refactor(L, A, Yg, fc, fe, lam_z, col):
+                        return fc, fe, 0.0, steps, 3
+        for r in range(fc - 1, -1, -1):
+            if zc[r] == 0.0:
+                held[Fc[r]] = False
+                _chol_delete(L, fc, r)
+                _drop(A, fc, r)
+                for r2 in range(r, fc - 1):
+                    Fc[r2], sc[r2], zc[r2] = Fc[r2 + 1], sc[r2 + 1], zc[r2 + 1]
+                    Yg[r2, :fe] = Yg[r2 + 1, :fe]
+                fc -= 1
 
 
 @_jit
-def _column(i, seed_var, seed_val, G, YT, Y, lam_z, lam_e, gamma, tol, grow, cap, max_passes,
-            max_inner, L, H, F, s, z, zh, q, av, x1, x2, col, W, full, held):  # fmt: skip
+def _multiplier(u, i, n, G, YT, Fc, zc, fc, Fe, ze, fe, lam_z, nu):
+    """Variable ``u``'s multiplier ``lambda_z (P^T y_i - K z)_u + nu a_u`` (``u`` off
+    ``F``)."""
+    if u < n:
+        gu, yu = G[u], YT[u]
+        m = gu[i]
+        for r in range(fc):
+            m -= gu[Fc[r]] * zc[r]
+        for k in range(fe):
+            m -= yu[Fe[k]] * ze[k]
+        return lam_z * m + nu
+    k = u - n
+    m = YT[i, k]
+    for r in range(fc):
+        m -= YT[Fc[r], k] * zc[r]
+    return lam_z * m
+
+
+@_jit
+def _column(i, seed_var, seed_val, G, YT, Y, lam_z, lam_e, gamma, tol, grow, cap, cap_c,
+            max_passes, max_inner, L, A, Yg, Fc, sc, zc, Fe, se, ze, w, W, full, held):  # fmt: skip
     """Column ``i`` from the start ``z`` = ``seed_val`` on the variables ``seed_var`` (on
-    the constraint, none zero); returns ``(status, f, passes, steps)`` with the support in
-    ``F[:f]`` and its values in ``z[:f]`` (module docstring)."""
+    the constraint, none zero; coefficients ``0..N-1``, outliers ``N..``); returns
+    ``(status, fc, fe, passes, steps)`` with the support in ``Fc[:fc]``, ``Fe[:fe]`` and
+    its values in ``zc``, ``ze`` (module docstring). ``cap``: the most variables in ``F``;
+    ``cap_c``: the most coefficients."""
     n, d = G.shape[0], YT.shape[1]
-    f = 0
-    if seed_var.shape[0] > cap:
-        return TOO_LARGE, 0, 0, 0
+    col = w[8]
+    fc = fe = 0
+    coefs = 0
+    for r in range(seed_var.shape[0]):
+        if seed_var[r] < n:
+            coefs += 1
+    if seed_var.shape[0] > cap or coefs > cap_c:
+        return TOO_LARGE, 0, 0, 0, 0
+    for r in range(seed_var.shape[0]):  # the outliers first: no factor to update yet
+        u, v = seed_var[r], seed_val[r]
+        if u >= n:
+            _add_outlier(L, A, Yg, Fc, fc, Fe, se, ze, fe, u - n, 1.0 if v > 0 else -1.0, YT,
+                         lam_z, col)  # fmt: skip
+            ze[fe] = v
+            held[u] = True
+            fe += 1
     for r in range(seed_var.shape[0]):
         u, v = seed_var[r], seed_val[r]
-        if not _add(L, H, F, s, z, f, u, 1.0 if v > 0 else -1.0, i, G, YT, lam_z, gamma, col):
-            return SINGULAR, f, 0, 0
-        z[f] = v
-        held[u] = True
-        f += 1
-    f, nu, steps, stalled, _ = _settle(L, H, F, s, z, f, i, G, YT, lam_z, lam_e, gamma, q, av,
-                                       x1, x2, zh, col, held, -1, 0, max_inner)  # fmt: skip
-    if stalled:
-        return STALLED, f, 0, steps
+        if u < n:
+            if not _add_coef(L, A, Yg, Fc, sc, zc, fc, Fe, fe, u, 1.0 if v > 0 else -1.0, G,
+                             YT, lam_z, gamma, col):  # fmt: skip
+                return SINGULAR, fc, fe, 0, 0
+            zc[fc] = v
+            held[u] = True
+            fc += 1
+    fc, fe, nu, steps, st = _settle(L, A, Yg, Fc, sc, zc, fc, Fe, se, ze, fe, n, i, G, YT,
+                                    lam_z, lam_e, gamma, w, held, -1, 0, max_inner)  # fmt: skip
+    if st == 1:
+        return STALLED, fc, fe, 0, steps
+    if st == 3:
+        return SINGULAR, fc, fe, 0, steps
     passes = 0
     while True:
         if passes == max_passes:
-            return MAX_PASSES, f, passes, steps
+            return MAX_PASSES, fc, fe, passes, steps
         passes += 1
-        # every multiplier: lam_z (P^T y_i - K z) + nu a, from f rows of [[G, Y^T], [Y, I]]
+        # every multiplier: lam_z (P^T y_i - K z) + nu a, from the rows of [[G, Y^T], [Y, I]]
         for u in range(n):
             full[u] = G[i, u]
         for u in range(d):
             full[n + u] = YT[i, u]
-        for r in range(f):
-            k, zk = F[r], z[r]
-            if k < n:
-                gk, yk = G[k], YT[k]
-                for u in range(n):
-                    full[u] -= gk[u] * zk
-                for u in range(d):
-                    full[n + u] -= yk[u] * zk
-            else:
-                yk = Y[k - n]
-                for u in range(n):
-                    full[u] -= yk[u] * zk
-                full[k] -= zk
-        for r in range(f):
-            full[F[r]] = math.nan
+        for r in range(fc):
+            k, zk = Fc[r], zc[r]
+            gk, yk = G[k], YT[k]
+            for u in range(n):
+                full[u] -= gk[u] * zk
+            for u in range(d):
+                full[n + u] -= yk[u] * zk
+        for r in range(fe):
+            k, zk = Fe[r], ze[r]
+            yk = Y[k]
+            for u in range(n):
+                full[u] -= yk[u] * zk
+            full[n + k] -= zk
+        for r in range(fc):
+            full[Fc[r]] = math.nan
+        for r in range(fe):
+            full[n + Fe[r]] = math.nan
         full[i] = math.nan
         for u in range(n):
             full[u] = abs(lam_z * full[u] + nu) - 1.0
         for u in range(n, n + d):
             full[u] = abs(lam_z * full[u]) / lam_e - 1.0
         # W: F and the `grow` worst violators
-        w = 0
-        for r in range(f):
-            W[w] = F[r]
-            w += 1
+        w_ = 0
+        for r in range(fc):
+            W[w_] = Fc[r]
+            w_ += 1
+        for r in range(fe):
+            W[w_] = n + Fe[r]
+            w_ += 1
+        f = w_
         for _ in range(grow):
             worst, at = tol, -1
             for u in range(n + d):
@@ -294,73 +447,78 @@ def _column(i, seed_var, seed_val, G, YT, Y, lam_z, lam_e, gamma, tol, grow, cap
                     worst, at = full[u], u
             if at < 0:
                 break
-            W[w] = at
-            w += 1
+            W[w_] = at
+            w_ += 1
             full[at] = math.nan
-        if w == f:
-            return SOLVED, f, passes, steps
-        if w > cap:
-            return TOO_LARGE, f, passes, steps
+        if w_ == f:
+            return SOLVED, fc, fe, passes, steps
+        if w_ > cap:
+            return TOO_LARGE, fc, fe, passes, steps
         # the primal active-set method on W (a tenth of tol: the outer pass's violators are
         # violators here too, whatever the rounding of either sum)
         banned = -1
         while True:
             worst, at, mult = tol * 0.1, -1, 0.0
-            for v in range(w):
+            for v in range(w_):
                 u = W[v]
-                if u == banned:
+                if u == banned or held[u]:
                     continue
-                if held[u]:
-                    continue
-                m = G[u, i] if u < n else YT[i, u - n]
-                for r in range(f):
-                    m -= _k(u, F[r], n, G, YT) * z[r]
-                m *= lam_z
-                if u < n:
-                    m += nu
-                    viol = abs(m) - 1.0
-                else:
-                    viol = abs(m) / lam_e - 1.0
+                m = _multiplier(u, i, n, G, YT, Fc, zc, fc, Fe, ze, fe, lam_z, nu)
+                viol = abs(m) - 1.0 if u < n else abs(m) / lam_e - 1.0
                 if viol > worst:
                     worst, at, mult = viol, u, m
             if at < 0:
                 break
-            if f == cap:
-                return TOO_LARGE, f, passes, steps
-            if not _add(
-                L, H, F, s, z, f, at, 1.0 if mult > 0 else -1.0, i, G, YT, lam_z, gamma, col
-            ):
-                return SINGULAR, f, passes, steps
-            f += 1
+            if fc + fe == cap or (at < n and fc == cap_c):
+                return TOO_LARGE, fc, fe, passes, steps
+            sign = 1.0 if mult > 0 else -1.0
+            if at < n:
+                if not _add_coef(L, A, Yg, Fc, sc, zc, fc, Fe, fe, at, sign, G, YT, lam_z,
+                                 gamma, col):  # fmt: skip
+                    return SINGULAR, fc, fe, passes, steps
+                fc += 1
+            else:
+                if not _add_outlier(L, A, Yg, Fc, fc, Fe, se, ze, fe, at - n, sign, YT, lam_z,
+                                    col):  # fmt: skip
+                    return SINGULAR, fc, fe, passes, steps
+                fe += 1
             held[at] = True
-            f, nu_h, steps, stalled, stuck = _settle(L, H, F, s, z, f, i, G, YT, lam_z, lam_e,
-                                                     gamma, q, av, x1, x2, zh, col, held, at,
-                                                     steps, max_inner)  # fmt: skip
-            if stalled:
-                return STALLED, f, passes, steps
-            if stuck:
+            fc, fe, nu_h, steps, st = _settle(L, A, Yg, Fc, sc, zc, fc, Fe, se, ze, fe, n, i, G,
+                                              YT, lam_z, lam_e, gamma, w, held, at, steps,
+                                              max_inner)  # fmt: skip
+            if st == 1:
+                return STALLED, fc, fe, passes, steps
+            if st == 3:
+                return SINGULAR, fc, fe, passes, steps
+            if st == 2:
                 banned = at
             nu = nu_h
 
 
 @_jit
 def solve_columns(first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol, grow,
-                  cap, max_passes, max_inner, C, E, status, passes, steps, dense):  # fmt: skip
+                  cap, cap_c, max_passes, max_inner, C, E, status, passes, steps, dense):  # fmt: skip
     """Columns ``first, first + step, ...`` into ``C`` (``N x N``) and ``E`` (``D x N``),
     zero on entry, with each column's status, passes and inner steps (``status`` -1 on
     entry: a column left so was not run). Column ``i`` starts from its variables
     ``seed_var[seed_ptr[i]:seed_ptr[i + 1]]`` (coefficients ``0..N-1``, outliers ``N..``)
     at the values ``seed_val[...]``: a point of the constraint, none zero, not ``i``. A
-    column whose set outgrows ``cap`` sets ``dense[0]``, and every call sharing ``dense``
-    stops at its next column."""
+    column whose set outgrows ``cap`` variables or ``cap_c`` coefficients sets ``dense[0]``,
+    and every call sharing ``dense`` stops at its next column."""
     n, d = G.shape[0], YT.shape[1]
-    width = cap + 1
-    L = np.zeros((width, width))  # the Cholesky factor of H, the support's system
-    H = np.zeros((width, width))
-    F = np.zeros(width, np.int64)
-    W = np.zeros(width + grow, np.int64)
-    s, z, zh, q = np.zeros(width), np.zeros(width), np.zeros(width), np.zeros(width)
-    av, x1, x2, col = np.zeros(width), np.zeros(width), np.zeros(width), np.zeros(width)
+    cap_c = min(cap_c, cap, n - 1)
+    wc, we = cap_c + 1, min(cap, d) + 1
+    L = np.zeros((wc, wc))  # the Cholesky factor of S, the Schur complement on Fc
+    A = np.zeros((wc, wc))  # lambda_z G_cc + gamma 1 1^T
+    Yg = np.zeros((wc, we))  # Y[Fe, Fc]^T, gathered
+    Fc, sc, zc = np.zeros(wc, np.int64), np.zeros(wc), np.zeros(wc)
+    Fe, se, ze = np.zeros(we, np.int64), np.zeros(we), np.zeros(we)
+    W = np.zeros(cap + grow + 1, np.int64)
+    # qc, qe, x1c, x1e, x2c, x2e, zhc, zhe, rc (also col), re, tmp, ac: sized for either block
+    width = max(wc, we)
+    w = (np.zeros(width), np.zeros(width), np.zeros(width), np.zeros(width), np.zeros(width),
+         np.zeros(width), np.zeros(width), np.zeros(width), np.zeros(width), np.zeros(width),
+         np.zeros(width), np.zeros(width))  # fmt: skip
     full = np.zeros(n + d)
     held = np.zeros(n + d, np.bool_)  # in F
     gamma = 0.0
@@ -370,15 +528,15 @@ def solve_columns(first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, la
         if dense[0]:
             return
         a, b = seed_ptr[i], seed_ptr[i + 1]
-        st, f, ps, stp = _column(i, seed_var[a:b], seed_val[a:b], G, YT, Y, lam_z, lam_e, gamma,
-                                 tol, grow, cap, max_passes, max_inner, L, H, F, s, z, zh, q, av,
-                                 x1, x2, col, W, full, held)  # fmt: skip
+        st, fc, fe, ps, stp = _column(i, seed_var[a:b], seed_val[a:b], G, YT, Y, lam_z, lam_e,
+                                      gamma, tol, grow, cap, cap_c, max_passes, max_inner, L, A,
+                                      Yg, Fc, sc, zc, Fe, se, ze, w, W, full, held)  # fmt: skip
         status[i], passes[i], steps[i] = st, ps, stp
         if st == TOO_LARGE:
             dense[0] = True
-        for r in range(f):
-            held[F[r]] = False
-            if F[r] < n:
-                C[F[r], i] = z[r]
-            else:
-                E[F[r] - n, i] = z[r]
+        for r in range(fc):
+            held[Fc[r]] = False
+            C[Fc[r], i] = zc[r]
+        for r in range(fe):
+            held[n + Fe[r]] = False
+            E[Fe[r], i] = ze[r]

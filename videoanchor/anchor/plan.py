@@ -310,12 +310,15 @@ class Plan:
     world: int = 1
 
 
-def workset_bytes(n: int, d: int) -> int:
+def workset_bytes(n: int, d: int, threads: int = 1) -> int:
     """Peak host bytes of :func:`~videoanchor.anchor.workset.solve_ssc_workset`: float64
     ``G``, ``C`` and the certificate's ``N x N`` products, ``X``, ``X^T`` and ``E``, and
     where it starts from an approximation of ``C`` (the dense route of ``run_workset``) the
-    start's residual and outliers (two more ``D x N``)."""
-    return 8 * (3 * n * n + 5 * n * d)
+    start's residual and outliers (two more ``D x N``); per thread, the kernel's gathered
+    outlier rows of up to ``WARM_SET`` coefficients (``WARM_SET x D``)."""
+    from videoanchor.anchor.workset import WARM_SET  # (workset imports this module)
+
+    return 8 * (3 * n * n + 5 * n * d + threads * (min(n, WARM_SET) + 1) * (d + 1))
 
 
 def _iteration_options(opts) -> list[str]:
@@ -408,7 +411,7 @@ def make_plan(x: torch.Tensor, opts, *, process_group=None, program: str = "squa
         need, what = equality_bytes(n, d, itemsize), "Constrained SSC"
     elif solver == "workset":
         strategy = "workset"
-        need, what = workset_bytes(n, d), "Working-set SSC"
+        need, what = workset_bytes(n, d, torch.get_num_threads()), "Working-set SSC"
     else:
         if solver != "fast":
             strategy = choose_strategy(n, d, outliers, device.type)

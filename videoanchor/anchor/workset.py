@@ -13,7 +13,8 @@ kernel compiled by Numba (:mod:`videoanchor.anchor._workset_kernel`): from each 
 nearest other point, outer passes compute every variable's KKT violation (``|F| (N + D)``
 products, ``F`` the column's support) and put the worst ``grow`` into the column's working
 set; a primal active-set method solves the program on that set (one variable joins or
-leaves per step, a Cholesky factor of the support's Gram matrix updated in ``O(|F|^2)``,
+leaves per step, a Cholesky factor of the coefficients' Schur complement updated in
+``O(|F_c|^2)``, the outlier entries eliminated,
 the objective falling at every step). The answer is the minimiser up to rounding (the signs
 and the support are found, not approximated), certified per column by
 :func:`duality_gaps`.
@@ -22,8 +23,10 @@ Its cost follows the support, not ``N``: on video-like tokens (a median of ~45 n
 per column at N = 384-768) 21-31 passes and about 170 steps per column, 0.71 s at N = 384
 and 2.35 s at N = 768 on one CPU thread, 10.7x and 14.2x faster than the authors' solver
 (benchmarks/results/workset_cpu.json). Where ``C`` or
-``E`` is dense (Extended Yale B faces: ~790 outlier entries per column) the sets grow past
-:data:`DENSE_SET` and :func:`run_workset` runs the fast ADMM instead.
+``E`` is dense (Extended Yale B faces: up to ~960 outlier entries per column) the sets grow
+past :data:`DENSE_SET` and :func:`run_workset` runs the fast ADMM, then the working sets
+from its answer (the kernel eliminates the outlier entries: its factor is the size of
+``C``'s support alone).
 
 **The dual** (docs/ssc.md). Dualising ``r = y_i - Y c - e`` with ``u`` and ``1^T c = 1`` with
 ``nu`` gives ``max u^T y_i - ||u||^2 / (2 lambda_z) + nu`` subject to
@@ -129,12 +132,13 @@ def duality_gaps(features, coef, lambda_e: float, lambda_z: float) -> ColumnGaps
 #: from so far away: the fast ADMM runs, and they start again from its answer
 #: (:data:`WARM_SET`). Video-like tokens need 60-90 (N = 384-768).
 DENSE_SET = 192
-#: The most variables per column's working set where :func:`run_workset` starts it from the
-#: fast solver's answer (a dense ``C``: the synthetic sets with ~240-360 variables per
-#: column; Yale B's ~1200 outgrow it, and the fast solver's answer stands).
+#: The most coefficients per column's working set where :func:`run_workset` starts it from
+#: the fast solver's answer (a dense ``C``: the synthetic sets with ~200-330 per column,
+#: Extended Yale B faces ~100-150). The outlier entries are not bounded there: the kernel
+#: eliminates them, and they cost its factor nothing (Yale B: up to ~960 per column).
 WARM_SET = 512
-#: The most variables per column's working set in :func:`reference_minimiser` (Yale B's
-#: sets, ~1000 with the outlier entries, outgrow it: the ADMM's route there).
+#: The most variables per column's working set in :func:`reference_minimiser`'s first
+#: attempt (Yale B's, ~1000 with the outlier entries, outgrow it: the ADMM's route there).
 REFERENCE_SET = 512
 #: :func:`solve_ssc_workset`'s defaults, which :func:`run_workset` runs with: the KKT
 #: violation below which a variable stays out, variables added per pass, passes per column.
@@ -185,8 +189,8 @@ def _seeds(x64: torch.Tensor, gram: torch.Tensor, lam_e: float, lam_z: float, co
 
 
 def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, *, tol: float,
-             grow: int, cap: int, max_passes: int, threads: int, group=None, rank: int = 0,
-             world: int = 1, start=None):  # fmt: skip
+             grow: int, cap: int, max_passes: int, threads: int, cap_c: int | None = None, group=None,
+             rank: int = 0, world: int = 1, start=None):  # fmt: skip
     """``C``, ``E`` and each column's status, passes and steps, by the compiled kernel over
     ``threads`` threads (strides of the columns, each thread taking the next as it comes
     free; without the GIL), from ``start``
@@ -195,6 +199,7 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
     sums are exact)."""
     kernel = _kernel()
     n, d = x64.shape
+    cap_c = cap if cap_c is None else cap_c
     G = gram.numpy()
     YT = x64.numpy()
     Y = np.ascontiguousarray(YT.T)
@@ -211,8 +216,8 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
 
     def run(t: int) -> None:
         kernel.solve_columns(rank + world * t, world * tasks, G, YT, Y, ptr, var, val, lam_z,
-                             lam_e, tol, grow, cap, max_passes, MAX_STEPS, C, E, status, passes,
-                             steps, dense)  # fmt: skip
+                             lam_e, tol, grow, cap, cap_c, max_passes, MAX_STEPS, C, E, status,
+                             passes, steps, dense)  # fmt: skip
 
     if tasks == 1:
         run(0)
@@ -297,24 +302,30 @@ def _prepare(x, alpha_e: float, alpha_z: float) -> tuple:
 
 
 def _solve(x, alpha_e, alpha_z, *, tol, grow, cap, max_passes, threads, t0, group=None,
-           rank=0, world=1, start=None, prepared=None, out_dtype=None) -> ADMMResult:  # fmt: skip
+           rank=0, world=1, start=None, prepared=None, out_dtype=None,
+           cap_c=None) -> ADMMResult:  # fmt: skip
     """:func:`solve_ssc_workset` on checked arguments, its columns split over ``group``, from
     the approximation ``start`` of ``C`` where one is given (:func:`_seeds`); ``prepared``:
     :func:`_prepare`'s answer for ``x`` where a solve before this one computed it.
-    ``out_dtype``: the answer's dtype (default ``x``'s floating dtype, float32 otherwise)."""
+    ``out_dtype``: the answer's dtype (default ``x``'s floating dtype, float32 otherwise).
+    ``cap``: the most variables per column's set; ``cap_c``: the most coefficients (default
+    ``cap``)."""
     if out_dtype is None:
         out_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     x64, G, lam_e, lam_z = _prepare(x, alpha_e, alpha_z) if prepared is None else prepared
     n = x64.shape[0]
     t1 = time.perf_counter()
+    cap_c = cap if cap_c is None else cap_c
     C, E, status, passes, steps = _columns(x64, lam_e, lam_z, G, tol=tol, grow=grow, cap=cap,
-                                           max_passes=max_passes, threads=min(threads, n),
+                                           cap_c=cap_c, max_passes=max_passes,
+                                           threads=min(threads, n),
                                            group=group, rank=rank, world=world, start=start)  # fmt: skip
     kernel = _kernel()
     if bool((status == kernel.TOO_LARGE).any()):
         raise SetsTooLarge(
-            f"a column's working set needs more than max_set = {cap} variables (C or E is "
-            f"dense on these {n} points)"
+            f"a column's working set needs more than max_set = {cap} variables"
+            + (f" or {cap_c} coefficients" if cap_c < cap else "")
+            + f" (C or E is dense on these {n} points)"
         )
     t2 = time.perf_counter()
     gaps = duality_gaps(x64, C, lam_e, lam_z)
@@ -340,10 +351,10 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
     from each point's nearest point, with at most :data:`DENSE_SET` variables per column.
     Where they grow past it (``C`` or ``E`` dense), the fast solver (``plan`` with
     ``solver="fast"``, ``rho``, ``eps``, ``max_iter``, ``progress``), then the working sets
-    again from its answer (:func:`_seeds`) with at most :data:`WARM_SET` variables per
-    column: near the minimiser, few steps remain. Where those outgrow their bound too, or
-    the fast answer's own support (``C`` and ``E``) already does (Extended Yale B faces),
-    the fast solver's answer is the result and its ``solver`` says ``"fast"``.
+    again from its answer (:func:`_seeds`) with at most :data:`WARM_SET` coefficients per
+    column (the outlier entries unbounded): near the minimiser, few steps remain. Where
+    those outgrow their bound too, or the fast answer's own ``C`` already does, the fast
+    solver's answer is the result and its ``solver`` says ``"fast"``.
     ``coef`` comes in the plan's working dtype (``dtype=``), as every solver's does.
     ``timings``: the working sets' attempts (``"workset_cold"``, ``"workset_warm"``; and
     ``"workset"`` for the one that answered), the fast solver's stages (``"fast_*"`` where
@@ -360,32 +371,29 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
 
     prepared = []  # the Gram matrix and the lambdas, computed once for both solves
 
-    def working_sets(cap: int, start=None) -> ADMMResult:
+    def working_sets(cap: int, cap_c: int, start=None) -> ADMMResult:
         if getattr(progress, "schedules_only", False):  # a scheduler's hook: its turn
             progress.wait()
         t0 = time.perf_counter()
         if not prepared:
             prepared.extend(_prepare(x, alpha_e, alpha_z))
-        return _solve(x, alpha_e, alpha_z, tol=TOL, grow=GROW, cap=min(cap, sum(x.shape)),
+        return _solve(x, alpha_e, alpha_z, tol=TOL, grow=GROW, cap=min(cap, sum(x.shape)), cap_c=cap_c,
                       max_passes=MAX_PASSES, threads=torch.get_num_threads(), t0=t0,
                       group=plan.group, rank=plan.rank, world=plan.world, start=start,
                       prepared=prepared, out_dtype=plan.work)  # fmt: skip
 
     t0 = time.perf_counter()
     try:
-        return working_sets(DENSE_SET)
+        return working_sets(DENSE_SET, DENSE_SET)
     except SetsTooLarge:
         tried = {"workset_cold": time.perf_counter() - t0}
     dense = run_admm(x, replace(plan, solver="fast", strategy="dense"), alpha_e=alpha_e,
                      alpha_z=alpha_z, rho=rho, eps=eps, max_iter=max_iter, progress=progress)  # fmt: skip
     t1 = time.perf_counter()
-    support = (dense.coef != 0).sum(dim=0)
-    if dense.outliers is not None:
-        support += (dense.outliers != 0).sum(dim=0)
-    try:
-        if int(support.max()) > WARM_SET:  # its start alone would outgrow the sets
+    try:  # (the outlier entries cost the factor nothing: no bound on them)
+        if int((dense.coef != 0).sum(dim=0).max()) > WARM_SET:  # its start would outgrow it
             raise SetsTooLarge
-        warm = working_sets(WARM_SET, start=dense.coef)
+        warm = working_sets(sum(x.shape), WARM_SET, start=dense.coef)
     except SetsTooLarge:
         tried["workset_warm"] = time.perf_counter() - t1
         dense.solver = "fast"
