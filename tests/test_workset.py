@@ -295,6 +295,32 @@ def test_the_outlier_entries_do_not_count_against_the_warm_bound(monkeypatch):
     assert float((res.coef - ref.coef).abs().max()) < 1e-6
 
 
+def test_the_default_answers_certified_or_with_the_fast_solver(monkeypatch):
+    """An attempt of the working sets that leaves a column unsolved, or whose warm start
+    needs more than ``WARM_WORK`` per column, gives way to the fast solver's answer: the
+    default never returns a partly solved ``C`` (before, an unsolved cold attempt was the
+    answer, marked ``converged=False``)."""
+    import videoanchor.anchor.workset as ws
+    from videoanchor.anchor import compute_anchor_scores
+
+    x = _video()
+    fast = compute_anchor_scores(x, 4, solver="fast")
+    monkeypatch.setattr(ws, "MAX_PASSES", 1)  # no column is solved in one pass
+    res = compute_anchor_scores(x, 4, solver="workset")
+    assert res.solver == "fast" and torch.equal(res.coef, fast.coef)
+    assert {"workset_cold", "workset_warm"} <= set(res.timings)
+    monkeypatch.undo()
+    monkeypatch.setattr(ws, "DENSE_SET", 2)  # the warm route, with no work to spend
+    monkeypatch.setattr(ws, "WARM_WORK", 1)
+    res = compute_anchor_scores(x, 4, solver="workset")
+    assert res.solver == "fast" and torch.equal(res.coef, fast.coef)
+    x64, G, lam_e, lam_z = ws._prepare(x, 800.0, 800.0)
+    with pytest.raises(SetsTooLarge, match="more work than 1"):
+        ws._solve(x, 800.0, 800.0, tol=ws.TOL, grow=ws.GROW, cap=1000, max_passes=50,
+                  threads=1, t0=0.0, prepared=(x64, G, lam_e, lam_z), start=fast.coef,
+                  max_work=1)  # fmt: skip
+
+
 @settings(max_examples=10, deadline=None, derandomize=True)
 @given(n=st.integers(4, 24), d=st.integers(3, 30), seed=st.integers(0, 10_000),
        kind=st.sampled_from(["noise", "negative", "zero", "minimiser"]))  # fmt: skip

@@ -51,8 +51,9 @@ import numba
 import numpy as np
 
 #: A column's end: solved; its working set outgrew ``cap``; the inner loop took more than
-#: ``max_inner`` steps; ``max_passes`` passes did not solve it; a factor update failed.
-SOLVED, TOO_LARGE, STALLED, MAX_PASSES, SINGULAR = 0, 1, 2, 3, 4
+#: ``max_inner`` steps; ``max_passes`` passes did not solve it; a factor update failed; its
+#: inner steps' work (the sum of the support's size over them) passed ``max_work``.
+SOLVED, TOO_LARGE, STALLED, MAX_PASSES, SINGULAR, OVER_BUDGET = 0, 1, 2, 3, 4, 5
 #: Refinement steps of each restricted solve against the unfactored system (the factor
 #: carries the constraint's border as ``gamma a a^T``: ill-conditioned where the support
 #: reaches the rank).
@@ -271,17 +272,21 @@ def _restricted(L, A, Yg, Fc, sc, fc, Fe, se, fe, i, G, YT, lam_z, lam_e, gamma,
 
 @_jit
 def _settle(L, A, Yg, Fc, sc, zc, fc, Fe, se, ze, fe, n, i, G, YT, lam_z, lam_e, gamma, w,
-            held, entrant, steps, max_inner):  # fmt: skip
+            held, entrant, steps, max_inner, work):  # fmt: skip
     """From ``z`` (on the constraint, signs ``s`` on ``F``) to the minimiser on ``F``: solve
     on ``F``, step back to the first sign change, drop that variable, again. Returns
     ``(fc, fe, nu, steps, status)``: status 0 settled, 1 stalled (``max_inner`` steps), 2
-    ``entrant`` could not move, 3 a factor update failed."""
+    ``entrant`` could not move, 3 a factor update failed, 4 the work left in ``work[0]``
+    ran out (each step spends the support's size)."""
     zhc, zhe, col = w[6], w[7], w[8]
     stuck = False
     while True:
         steps += 1
         if steps > max_inner:
             return fc, fe, 0.0, steps, 1
+        work[0] -= fc + fe
+        if work[0] < 0.0:
+            return fc, fe, 0.0, steps, 4
         nu_h = _restricted(L, A, Yg, Fc, sc, fc, Fe, se, fe, i, G, YT, lam_z, lam_e, gamma, w)
         t, p = 1.0, -1
         for r in range(fc):
@@ -361,14 +366,16 @@ def _multiplier(u, i, n, G, YT, Fc, zc, fc, Fe, ze, fe, lam_z, nu):
 
 @_jit
 def _column(i, seed_var, seed_val, G, YT, Y, lam_z, lam_e, gamma, tol, grow, cap, cap_c,
-            max_passes, max_inner, L, A, Yg, Fc, sc, zc, Fe, se, ze, w, W, full, held):  # fmt: skip
+            max_passes, max_inner, max_work, L, A, Yg, Fc, sc, zc, Fe, se, ze, w, W, full,
+            held):  # fmt: skip
     """Column ``i`` from the start ``z`` = ``seed_val`` on the variables ``seed_var`` (on
     the constraint, none zero; coefficients ``0..N-1``, outliers ``N..``); returns
     ``(status, fc, fe, passes, steps)`` with the support in ``Fc[:fc]``, ``Fe[:fe]`` and
     its values in ``zc``, ``ze`` (module docstring). ``cap``: the most variables in ``F``;
-    ``cap_c``: the most coefficients."""
+    ``cap_c``: the most coefficients; ``max_work``: the most work of its inner steps."""
     n, d = G.shape[0], YT.shape[1]
     col = w[8]
+    work = np.full(1, max_work)
     fc = fe = 0
     coefs = 0
     for r in range(seed_var.shape[0]):
@@ -394,11 +401,13 @@ def _column(i, seed_var, seed_val, G, YT, Y, lam_z, lam_e, gamma, tol, grow, cap
             held[u] = True
             fc += 1
     fc, fe, nu, steps, st = _settle(L, A, Yg, Fc, sc, zc, fc, Fe, se, ze, fe, n, i, G, YT,
-                                    lam_z, lam_e, gamma, w, held, -1, 0, max_inner)  # fmt: skip
+                                    lam_z, lam_e, gamma, w, held, -1, 0, max_inner, work)  # fmt: skip
     if st == 1:
         return STALLED, fc, fe, 0, steps
     if st == 3:
         return SINGULAR, fc, fe, 0, steps
+    if st == 4:
+        return OVER_BUDGET, fc, fe, 0, steps
     passes = 0
     while True:
         if passes == max_passes:
@@ -485,11 +494,13 @@ def _column(i, seed_var, seed_val, G, YT, Y, lam_z, lam_e, gamma, tol, grow, cap
             held[at] = True
             fc, fe, nu_h, steps, st = _settle(L, A, Yg, Fc, sc, zc, fc, Fe, se, ze, fe, n, i, G,
                                               YT, lam_z, lam_e, gamma, w, held, at, steps,
-                                              max_inner)  # fmt: skip
+                                              max_inner, work)  # fmt: skip
             if st == 1:
                 return STALLED, fc, fe, passes, steps
             if st == 3:
                 return SINGULAR, fc, fe, passes, steps
+            if st == 4:
+                return OVER_BUDGET, fc, fe, passes, steps
             if st == 2:
                 banned = at
             nu = nu_h
@@ -497,14 +508,16 @@ def _column(i, seed_var, seed_val, G, YT, Y, lam_z, lam_e, gamma, tol, grow, cap
 
 @_jit
 def solve_columns(first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol, grow,
-                  cap, cap_c, max_passes, max_inner, C, E, status, passes, steps, dense):  # fmt: skip
+                  cap, cap_c, max_passes, max_inner, max_work, C, E, status, passes, steps,
+                  dense):  # fmt: skip
     """Columns ``first, first + step, ...`` into ``C`` (``N x N``) and ``E`` (``D x N``),
     zero on entry, with each column's status, passes and inner steps (``status`` -1 on
     entry: a column left so was not run). Column ``i`` starts from its variables
     ``seed_var[seed_ptr[i]:seed_ptr[i + 1]]`` (coefficients ``0..N-1``, outliers ``N..``)
     at the values ``seed_val[...]``: a point of the constraint, none zero, not ``i``. A
-    column whose set outgrows ``cap`` variables or ``cap_c`` coefficients sets ``dense[0]``,
-    and every call sharing ``dense`` stops at its next column."""
+    column whose set outgrows ``cap`` variables or ``cap_c`` coefficients, or whose inner
+    steps' work passes ``max_work`` (:data:`OVER_BUDGET`), sets ``dense[0]``, and every call
+    sharing ``dense`` stops at its next column."""
     n, d = G.shape[0], YT.shape[1]
     cap_c = min(cap_c, cap, n - 1)
     wc, we = cap_c + 1, min(cap, d) + 1
@@ -529,10 +542,11 @@ def solve_columns(first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, la
             return
         a, b = seed_ptr[i], seed_ptr[i + 1]
         st, fc, fe, ps, stp = _column(i, seed_var[a:b], seed_val[a:b], G, YT, Y, lam_z, lam_e,
-                                      gamma, tol, grow, cap, cap_c, max_passes, max_inner, L, A,
+                                      gamma, tol, grow, cap, cap_c, max_passes, max_inner,
+                                      max_work, L, A,
                                       Yg, Fc, sc, zc, Fe, se, ze, w, W, full, held)  # fmt: skip
         status[i], passes[i], steps[i] = st, ps, stp
-        if st == TOO_LARGE:
+        if st == TOO_LARGE or st == OVER_BUDGET:
             dense[0] = True
         for r in range(fc):
             held[Fc[r]] = False

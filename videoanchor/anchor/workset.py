@@ -137,6 +137,13 @@ DENSE_SET = 192
 #: Extended Yale B faces ~100-150). The outlier entries are not bounded there: the kernel
 #: eliminates them, and they cost its factor nothing (Yale B: up to ~960 per column).
 WARM_SET = 512
+#: The most work (the sum over its inner steps of the support's size) one column may spend
+#: where :func:`run_workset` starts the working sets from the fast solver's answer: near the
+#: minimiser few steps remain (Yale B subjects 17-30, the dense synthetic and corrupted
+#: sets fit in 50000); where the outlier term is denser (Yale B subjects 1-16: ~1000 entries
+#: per column, ~50-350 steps) the first column past it stops them all, and the fast
+#: solver's answer stands (the working sets there cost 3-5x the fast solver).
+WARM_WORK = 50_000
 #: The most variables per column's working set in :func:`reference_minimiser`'s first
 #: attempt (Yale B's, ~1000 with the outlier entries, outgrow it: the ADMM's route there).
 REFERENCE_SET = 512
@@ -189,7 +196,8 @@ def _seeds(x64: torch.Tensor, gram: torch.Tensor, lam_e: float, lam_z: float, co
 
 
 def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, *, tol: float,
-             grow: int, cap: int, max_passes: int, threads: int, cap_c: int | None = None, group=None,
+             grow: int, cap: int, max_passes: int, threads: int, cap_c: int | None = None,
+             max_work: float = math.inf, group=None,
              rank: int = 0, world: int = 1, start=None):  # fmt: skip
     """``C``, ``E`` and each column's status, passes and steps, by the compiled kernel over
     ``threads`` threads (strides of the columns, each thread taking the next as it comes
@@ -216,8 +224,8 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
 
     def run(t: int) -> None:
         kernel.solve_columns(rank + world * t, world * tasks, G, YT, Y, ptr, var, val, lam_z,
-                             lam_e, tol, grow, cap, cap_c, max_passes, MAX_STEPS, C, E, status,
-                             passes, steps, dense)  # fmt: skip
+                             lam_e, tol, grow, cap, cap_c, max_passes, MAX_STEPS, max_work, C, E,
+                             status, passes, steps, dense)  # fmt: skip
 
     if tasks == 1:
         run(0)
@@ -302,14 +310,15 @@ def _prepare(x, alpha_e: float, alpha_z: float) -> tuple:
 
 
 def _solve(x, alpha_e, alpha_z, *, tol, grow, cap, max_passes, threads, t0, group=None,
-           rank=0, world=1, start=None, prepared=None, out_dtype=None,
-           cap_c=None) -> ADMMResult:  # fmt: skip
+           rank=0, world=1, start=None, prepared=None, out_dtype=None, cap_c=None,
+           max_work=math.inf) -> ADMMResult:  # fmt: skip
     """:func:`solve_ssc_workset` on checked arguments, its columns split over ``group``, from
     the approximation ``start`` of ``C`` where one is given (:func:`_seeds`); ``prepared``:
     :func:`_prepare`'s answer for ``x`` where a solve before this one computed it.
     ``out_dtype``: the answer's dtype (default ``x``'s floating dtype, float32 otherwise).
     ``cap``: the most variables per column's set; ``cap_c``: the most coefficients (default
-    ``cap``)."""
+    ``cap``); ``max_work``: the most work of a column's inner steps (the sum of its support's
+    size over them): past it, as past ``cap``, :class:`SetsTooLarge`."""
     if out_dtype is None:
         out_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     x64, G, lam_e, lam_z = _prepare(x, alpha_e, alpha_z) if prepared is None else prepared
@@ -317,10 +326,12 @@ def _solve(x, alpha_e, alpha_z, *, tol, grow, cap, max_passes, threads, t0, grou
     t1 = time.perf_counter()
     cap_c = cap if cap_c is None else cap_c
     C, E, status, passes, steps = _columns(x64, lam_e, lam_z, G, tol=tol, grow=grow, cap=cap,
-                                           cap_c=cap_c, max_passes=max_passes,
+                                           cap_c=cap_c, max_work=max_work, max_passes=max_passes,
                                            threads=min(threads, n),
                                            group=group, rank=rank, world=world, start=start)  # fmt: skip
     kernel = _kernel()
+    if bool((status == kernel.OVER_BUDGET).any()):
+        raise SetsTooLarge(f"a column's inner steps need more work than {max_work:g}")
     if bool((status == kernel.TOO_LARGE).any()):
         raise SetsTooLarge(
             f"a column's working set needs more than max_set = {cap} variables"
@@ -352,14 +363,15 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
     Where they grow past it (``C`` or ``E`` dense), the fast solver (``plan`` with
     ``solver="fast"``, ``rho``, ``eps``, ``max_iter``, ``progress``), then the working sets
     again from its answer (:func:`_seeds`) with at most :data:`WARM_SET` coefficients per
-    column (the outlier entries unbounded): near the minimiser, few steps remain. Where
-    those outgrow their bound too, or the fast answer's own ``C`` already does, the fast
+    column (the outlier entries unbounded) and at most :data:`WARM_WORK` work per column:
+    near the minimiser, few steps remain. Where those outgrow their bounds, leave a column
+    unsolved, or the fast answer's own ``C`` already outgrows ``WARM_SET``, the fast
     solver's answer is the result and its ``solver`` says ``"fast"``.
     ``coef`` comes in the plan's working dtype (``dtype=``), as every solver's does.
     ``timings``: the working sets' attempts (``"workset_cold"``, ``"workset_warm"``; and
     ``"workset"`` for the one that answered), the fast solver's stages (``"fast_*"`` where
-    the warm sets answered). Columns the working sets leave unsolved keep their last
-    iterate (on the constraint): ``converged`` False.
+    the warm sets answered). An attempt that leaves a column unsolved is treated as one that
+    outgrew its bounds: the answer is always certified or the fast solver's.
     Solves the method's program only (``affine`` and ``outliers``). A ``progress`` whose
     ``schedules_only`` is true (the vLLM plugin's turn-taking) is waited on before each
     working-set solve (``progress.wait()``); no other progress is reported here."""
@@ -371,7 +383,7 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
 
     prepared = []  # the Gram matrix and the lambdas, computed once for both solves
 
-    def working_sets(cap: int, cap_c: int, start=None) -> ADMMResult:
+    def working_sets(cap: int, cap_c: int, start=None, max_work=math.inf) -> ADMMResult:
         if getattr(progress, "schedules_only", False):  # a scheduler's hook: its turn
             progress.wait()
         t0 = time.perf_counter()
@@ -380,20 +392,25 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
         return _solve(x, alpha_e, alpha_z, tol=TOL, grow=GROW, cap=min(cap, sum(x.shape)), cap_c=cap_c,
                       max_passes=MAX_PASSES, threads=torch.get_num_threads(), t0=t0,
                       group=plan.group, rank=plan.rank, world=plan.world, start=start,
-                      prepared=prepared, out_dtype=plan.work)  # fmt: skip
+                      prepared=prepared, out_dtype=plan.work, max_work=max_work)  # fmt: skip
 
     t0 = time.perf_counter()
     try:
-        return working_sets(DENSE_SET, DENSE_SET)
+        cold = working_sets(DENSE_SET, DENSE_SET)
+        if cold.converged:
+            return cold
     except SetsTooLarge:
-        tried = {"workset_cold": time.perf_counter() - t0}
+        pass
+    tried = {"workset_cold": time.perf_counter() - t0}
     dense = run_admm(x, replace(plan, solver="fast", strategy="dense"), alpha_e=alpha_e,
                      alpha_z=alpha_z, rho=rho, eps=eps, max_iter=max_iter, progress=progress)  # fmt: skip
     t1 = time.perf_counter()
     try:  # (the outlier entries cost the factor nothing: no bound on them)
         if int((dense.coef != 0).sum(dim=0).max()) > WARM_SET:  # its start would outgrow it
             raise SetsTooLarge
-        warm = working_sets(sum(x.shape), WARM_SET, start=dense.coef)
+        warm = working_sets(sum(x.shape), WARM_SET, start=dense.coef, max_work=WARM_WORK)
+        if not warm.converged:  # (a column unsolved: its iterate is no better than fast's)
+            raise SetsTooLarge
     except SetsTooLarge:
         tried["workset_warm"] = time.perf_counter() - t1
         dense.solver = "fast"
