@@ -25,6 +25,7 @@ from videoanchor.anchor.products import check_precision
 
 __all__ = [
     "EXACT_MAX_TOKENS",
+    "WARM_SET",
     "Plan",
     "SSCMemoryError",
     "admm_bytes",
@@ -310,14 +311,20 @@ class Plan:
     world: int = 1
 
 
+#: The most coefficients per column's working set where ``workset.run_workset`` starts it
+#: from the fast solver's answer (a dense ``C``: the synthetic sets with ~200-330 per column,
+#: Extended Yale B faces ~100-150). The outlier entries are not bounded there: the kernel
+#: eliminates them, and they cost its factor nothing (Yale B: up to ~1800 per column). Here
+#: because it sizes the kernel's per-thread buffers (:func:`workset_bytes`).
+WARM_SET = 512
+
+
 def workset_bytes(n: int, d: int, threads: int = 1) -> int:
     """Peak host bytes of :func:`~videoanchor.anchor.workset.solve_ssc_workset`: float64
     ``G``, ``C`` and the certificate's ``N x N`` products, ``X``, ``X^T`` and ``E``, and
     where it starts from an approximation of ``C`` (the dense route of ``run_workset``) the
     start's residual and outliers (two more ``D x N``); per thread, the kernel's gathered
     outlier rows of up to ``WARM_SET`` coefficients (``WARM_SET x D``)."""
-    from videoanchor.anchor.workset import WARM_SET  # (workset imports this module)
-
     return 8 * (3 * n * n + 5 * n * d + threads * (min(n, WARM_SET) + 1) * (d + 1))
 
 

@@ -48,7 +48,7 @@ import torch
 
 from videoanchor.anchor._inputs import as_feature_tensor
 from videoanchor.anchor.collective import all_sum
-from videoanchor.anchor.plan import Plan
+from videoanchor.anchor.plan import WARM_SET, Plan
 from videoanchor.anchor.ssc import ADMMResult, gram_row_max, run_admm, solve_ssc_admm, ssc_lambdas
 
 __all__ = [
@@ -132,11 +132,6 @@ def duality_gaps(features, coef, lambda_e: float, lambda_z: float) -> ColumnGaps
 #: from so far away: the fast ADMM runs, and they start again from its answer
 #: (:data:`WARM_SET`). Video-like tokens need 60-90 (N = 384-768).
 DENSE_SET = 192
-#: The most coefficients per column's working set where :func:`run_workset` starts it from
-#: the fast solver's answer (a dense ``C``: the synthetic sets with ~200-330 per column,
-#: Extended Yale B faces ~100-150). The outlier entries are not bounded there: the kernel
-#: eliminates them, and they cost its factor nothing (Yale B: up to ~960 per column).
-WARM_SET = 512
 #: The most work (the sum over its inner steps of the support's size) one column may spend
 #: where :func:`run_workset` starts the working sets from the fast solver's answer: near the
 #: minimiser few steps remain (Yale B subjects 17-30, the dense synthetic and corrupted
