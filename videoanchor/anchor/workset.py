@@ -23,7 +23,7 @@ Its cost follows the support, not ``N``: on video-like tokens (a median of ~45 n
 per column at N = 384-768) 21-31 passes and about 170 steps per column, 0.71 s at N = 384
 and 2.35 s at N = 768 on one CPU thread, 10.7x and 14.2x faster than the authors' solver
 (benchmarks/results/workset_cpu.json). Where ``C`` or
-``E`` is dense (Extended Yale B faces: up to ~960 outlier entries per column) the sets grow
+``E`` is dense (Extended Yale B faces: ~200-1800 outlier entries per column) the sets grow
 past :data:`DENSE_SET` and :func:`run_workset` runs the fast ADMM, then the working sets
 from its answer (the kernel eliminates the outlier entries: its factor is the size of
 ``C``'s support alone).
@@ -135,9 +135,10 @@ DENSE_SET = 192
 #: The most work (the sum over its inner steps of the support's size) one column may spend
 #: where :func:`run_workset` starts the working sets from the fast solver's answer: near the
 #: minimiser few steps remain (Yale B subjects 17-30, the dense synthetic and corrupted
-#: sets fit in 50000); where the outlier term is denser (Yale B subjects 1-16: ~1000 entries
-#: per column, ~50-350 steps) the first column past it stops them all, and the fast
-#: solver's answer stands (the working sets there cost 3-5x the fast solver).
+#: sets fit in 50000); where the outlier term is denser (Yale B subjects 1-16 and the
+#: darkened sets: ~1000-1800 entries per column, ~50-430 steps) the first column past it
+#: stops them all, and the fast solver's answer stands (the working sets there cost 3-25x
+#: the fast solver).
 WARM_WORK = 50_000
 #: The most variables per column's working set in :func:`reference_minimiser`'s first
 #: attempt (Yale B's, ~1000 with the outlier entries, outgrow it: the ADMM's route there).
