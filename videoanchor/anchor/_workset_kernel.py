@@ -275,18 +275,19 @@ def _settle(L, A, Yg, Fc, sc, zc, fc, Fe, se, ze, fe, n, i, G, YT, lam_z, lam_e,
             held, entrant, steps, max_inner, work):  # fmt: skip
     """From ``z`` (on the constraint, signs ``s`` on ``F``) to the minimiser on ``F``: solve
     on ``F``, step back to the first sign change, drop that variable, again. Returns
-    ``(fc, fe, nu, steps, status)``: status 0 settled, 1 stalled (``max_inner`` steps), 2
-    ``entrant`` could not move, 3 a factor update failed, 4 the work left in ``work[0]``
-    ran out (each step spends the support's size)."""
+    ``(fc, fe, nu, steps, status, stuck)``: status :data:`SOLVED` (settled),
+    :data:`STALLED` (``max_inner`` steps), :data:`SINGULAR` (a factor update failed) or
+    :data:`OVER_BUDGET` (the work left in ``work[0]`` ran out: each step spends the
+    support's size); ``stuck`` where ``entrant`` could not move."""
     zhc, zhe, col = w[6], w[7], w[8]
     stuck = False
     while True:
         steps += 1
         if steps > max_inner:
-            return fc, fe, 0.0, steps, 1
+            return fc, fe, 0.0, steps, STALLED, stuck
         work[0] -= fc + fe
         if work[0] < 0.0:
-            return fc, fe, 0.0, steps, 4
+            return fc, fe, 0.0, steps, OVER_BUDGET, stuck
         nu_h = _restricted(L, A, Yg, Fc, sc, fc, Fe, se, fe, i, G, YT, lam_z, lam_e, gamma, w)
         t, p = 1.0, -1
         for r in range(fc):
@@ -306,7 +307,7 @@ def _settle(L, A, Yg, Fc, sc, zc, fc, Fe, se, ze, fe, n, i, G, YT, lam_z, lam_e,
                 zc[r] = zhc[r]
             for k in range(fe):
                 ze[k] = zhe[k]
-            return fc, fe, nu_h, steps, 2 if stuck else 0
+            return fc, fe, nu_h, steps, SOLVED, stuck
         for r in range(fc):
             zc[r] += t * (zhc[r] - zc[r])
         for k in range(fe):
@@ -333,7 +334,7 @@ def _settle(L, A, Yg, Fc, sc, zc, fc, Fe, se, ze, fe, n, i, G, YT, lam_z, lam_e,
                 fe -= 1
                 if not _chol_rank1(L, fc, col, 1.0, A):
                     if not _refactor(L, A, Yg, fc, fe, lam_z, col):
-                        return fc, fe, 0.0, steps, 3
+                        return fc, fe, 0.0, steps, SINGULAR, stuck
         for r in range(fc - 1, -1, -1):
             if zc[r] == 0.0:
                 held[Fc[r]] = False
@@ -400,14 +401,10 @@ def _column(i, seed_var, seed_val, G, YT, Y, lam_z, lam_e, gamma, tol, grow, cap
             zc[fc] = v
             held[u] = True
             fc += 1
-    fc, fe, nu, steps, st = _settle(L, A, Yg, Fc, sc, zc, fc, Fe, se, ze, fe, n, i, G, YT,
-                                    lam_z, lam_e, gamma, w, held, -1, 0, max_inner, work)  # fmt: skip
-    if st == 1:
-        return STALLED, fc, fe, 0, steps
-    if st == 3:
-        return SINGULAR, fc, fe, 0, steps
-    if st == 4:
-        return OVER_BUDGET, fc, fe, 0, steps
+    fc, fe, nu, steps, st, _ = _settle(L, A, Yg, Fc, sc, zc, fc, Fe, se, ze, fe, n, i, G, YT,
+                                       lam_z, lam_e, gamma, w, held, -1, 0, max_inner, work)  # fmt: skip
+    if st != SOLVED:
+        return st, fc, fe, 0, steps
     passes = 0
     while True:
         if passes == max_passes:
@@ -492,16 +489,12 @@ def _column(i, seed_var, seed_val, G, YT, Y, lam_z, lam_e, gamma, tol, grow, cap
                     return SINGULAR, fc, fe, passes, steps
                 fe += 1
             held[at] = True
-            fc, fe, nu_h, steps, st = _settle(L, A, Yg, Fc, sc, zc, fc, Fe, se, ze, fe, n, i, G,
-                                              YT, lam_z, lam_e, gamma, w, held, at, steps,
-                                              max_inner, work)  # fmt: skip
-            if st == 1:
-                return STALLED, fc, fe, passes, steps
-            if st == 3:
-                return SINGULAR, fc, fe, passes, steps
-            if st == 4:
-                return OVER_BUDGET, fc, fe, passes, steps
-            if st == 2:
+            fc, fe, nu_h, steps, st, stuck = _settle(L, A, Yg, Fc, sc, zc, fc, Fe, se, ze, fe, n,
+                                                     i, G, YT, lam_z, lam_e, gamma, w, held, at,
+                                                     steps, max_inner, work)  # fmt: skip
+            if st != SOLVED:
+                return st, fc, fe, passes, steps
+            if stuck:
                 banned = at
             nu = nu_h
 
