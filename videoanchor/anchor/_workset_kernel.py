@@ -60,6 +60,8 @@ SOLVED, TOO_LARGE, STALLED, MAX_PASSES, SINGULAR, OVER_BUDGET = 0, 1, 2, 3, 4, 5
 REFINE = 1
 #: The smallest pivot of the factor, relative to its coefficient's diagonal entry of ``A``.
 RIDGE = 1e-10
+#: :func:`_chol_append`'s answers.
+NOT_FINITE, APPENDED, FLOORED = 0, 1, 2
 
 # reassociation lets the compiler vectorise the dot products; NaN and inf keep their meaning
 _FASTMATH = {"reassoc", "contract"}
@@ -70,8 +72,8 @@ _jit = numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _chol_append(L, f, col, diag, floor):
     """Append a row to the factor ``L[:f, :f]``: the new variable's entries ``col[:f]`` and
     diagonal ``diag``. A pivot below ``floor`` (a point dependent on ``Fc``'s on the inlier
-    rows, or a repeated point) is raised to it: a ridge on that variable alone. False where
-    the pivot is not finite."""
+    rows, or a repeated point) is raised to it: a ridge on that variable alone. Returns
+    :data:`APPENDED`, :data:`FLOORED` (the pivot was raised) or :data:`NOT_FINITE`."""
     rest = diag
     for r in range(f):
         v = col[r]
@@ -81,9 +83,9 @@ def _chol_append(L, f, col, diag, floor):
         L[f, r] = v
         rest -= v * v
     if not math.isfinite(rest):
-        return False
+        return NOT_FINITE
     L[f, f] = math.sqrt(max(rest, floor))
-    return True
+    return APPENDED if rest >= floor else FLOORED
 
 
 @_jit
@@ -167,14 +169,15 @@ def _refactor(L, A, Yg, fc, fe, lam_z, col):
         for c in range(r):
             col[c] = A[r, c] - lam_z * _dot(Yg[r], Yg[c], fe)
         diag = A[r, r] - lam_z * _dot(Yg[r], Yg[r], fe)
-        if not _chol_append(L, r, col, diag, RIDGE * A[r, r]):
+        if _chol_append(L, r, col, diag, RIDGE * A[r, r]) == NOT_FINITE:
             return False
     return True
 
 
 @_jit
 def _add_coef(L, A, Yg, Fc, sc, zc, fc, Fe, fe, u, sign, G, YT, lam_z, gamma, col):
-    """Coefficient ``u`` joins ``Fc`` (at position ``fc``) with ``sign`` and value 0."""
+    """Coefficient ``u`` joins ``Fc`` (at position ``fc``) with ``sign`` and value 0; returns
+    :func:`_chol_append`'s code."""
     yu, yg = YT[u], Yg[fc]
     for k in range(fe):
         yg[k] = yu[Fe[k]]
@@ -392,15 +395,35 @@ def _column(i, seed_var, seed_val, G, YT, Y, lam_z, lam_e, gamma, tol, grow, cap
             ze[fe] = v
             held[u] = True
             fe += 1
+    # the coefficients: one dependent on those before it on the inlier rows (its pivot on
+    # the floor) is left out of the start, which is put back on the constraint; a start with
+    # many such pivots (more coefficients than inlier rows) grows the factor's rounding into
+    # non-finite entries (the fast solver's answer on Yale B subjects 31-38: 155 coefficients
+    # beside 70 inlier rows)
+    total = 0.0
     for r in range(seed_var.shape[0]):
         u, v = seed_var[r], seed_val[r]
         if u < n:
-            if not _add_coef(L, A, Yg, Fc, sc, zc, fc, Fe, fe, u, 1.0 if v > 0 else -1.0, G,
-                             YT, lam_z, gamma, col):  # fmt: skip
+            code = _add_coef(L, A, Yg, Fc, sc, zc, fc, Fe, fe, u, 1.0 if v > 0 else -1.0, G,
+                             YT, lam_z, gamma, col)  # fmt: skip
+            if code == NOT_FINITE:
                 return SINGULAR, fc, fe, 0, 0
+            if code == FLOORED and fc > 0:
+                continue
             zc[fc] = v
+            total += v
             held[u] = True
             fc += 1
+    if not total > 0.0:  # none of the sum left: the largest coefficient alone
+        top = 0
+        for r in range(fc):
+            if abs(zc[r]) > abs(zc[top]):
+                top = r
+        for r in range(fc):
+            zc[r] = 0.0
+        zc[top], sc[top], total = 1.0, 1.0, 1.0
+    for r in range(fc):
+        zc[r] /= total
     fc, fe, nu, steps, st, _ = _settle(L, A, Yg, Fc, sc, zc, fc, Fe, se, ze, fe, n, i, G, YT,
                                        lam_z, lam_e, gamma, w, held, -1, 0, max_inner, work)  # fmt: skip
     if st != SOLVED:
@@ -479,8 +502,8 @@ def _column(i, seed_var, seed_val, G, YT, Y, lam_z, lam_e, gamma, tol, grow, cap
                 return TOO_LARGE, fc, fe, passes, steps
             sign = 1.0 if mult > 0 else -1.0
             if at < n:
-                if not _add_coef(L, A, Yg, Fc, sc, zc, fc, Fe, fe, at, sign, G, YT, lam_z,
-                                 gamma, col):  # fmt: skip
+                if _add_coef(L, A, Yg, Fc, sc, zc, fc, Fe, fe, at, sign, G, YT, lam_z, gamma,
+                             col) == NOT_FINITE:  # fmt: skip
                     return SINGULAR, fc, fe, passes, steps
                 fc += 1
             else:
