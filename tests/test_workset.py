@@ -232,6 +232,69 @@ def test_a_start_with_more_coefficients_than_inlier_rows_is_certified():
     assert gaps.affine < 1e-10 and gaps.diagonal == 0
 
 
+_REFACTOR_SCRIPT = """
+import json, sys
+import torch
+import videoanchor.anchor._workset_kernel as K
+from videoanchor.anchor.workset import duality_gaps, solve_ssc_workset
+
+calls = [0, 0]
+refactor, rank1 = K._refactor, K._chol_rank1
+
+def counted_refactor(*a):
+    calls[0] += 1
+    return refactor(*a)
+
+def counted_rank1(*a):
+    ok = rank1(*a)
+    calls[1] += not ok
+    return ok
+
+K._refactor, K._chol_rank1 = counted_refactor, counted_rank1
+x = torch.load(sys.argv[1])
+res = solve_ssc_workset(x, threads=1)
+gaps = duality_gaps(x, res.coef, res.lambda_e, res.lambda_z)
+torch.save(res.coef, sys.argv[2])
+print(json.dumps({"refactors": calls[0], "failed_updates": calls[1], "converged": res.converged,
+                  "gap": gaps.max_gap, "affine": gaps.affine}))
+"""
+
+
+def test_a_failed_factor_update_refactors_to_the_certified_minimiser(tmp_path):
+    """An outlier entry joining that would take the factor below its floor (a rank-one
+    downdate that fails) refactors ``S`` from scratch: 9 points in 10 dimensions, 2-dim
+    subspace, 40% of the entries grossly corrupted, reach it 5 times. The kernel runs as
+    Python (``NUMBA_DISABLE_JIT``) in a subprocess so that the path is counted; the answer
+    is certified and equals the compiled kernel's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    g = torch.Generator().manual_seed(16)
+    n, d = (
+        int(torch.randint(8, 20, (1,), generator=g)),
+        int(torch.randint(4, 12, (1,), generator=g)),
+    )
+    x = (
+        torch.randn(d, 2, generator=g, dtype=torch.float64)
+        @ torch.randn(2, n, generator=g, dtype=torch.float64)
+    ).T
+    x = x + (torch.rand(n, d, generator=g) < 0.4) * 8 * torch.randn(
+        n, d, generator=g, dtype=torch.float64
+    )
+    torch.save(x, tmp_path / "x.pt")
+    env = {**os.environ, "NUMBA_DISABLE_JIT": "1"}
+    out = subprocess.run([sys.executable, "-c", _REFACTOR_SCRIPT, str(tmp_path / "x.pt"),
+                          str(tmp_path / "c.pt")], env=env, capture_output=True, text=True,
+                         timeout=600, check=True)  # fmt: skip
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["refactors"] >= 1 and got["failed_updates"] >= 1, got
+    assert got["converged"] and got["gap"] < 1e-9 and got["affine"] < 1e-10, got
+    compiled = solve_ssc_workset(x, threads=1)
+    assert torch.allclose(torch.load(tmp_path / "c.pt"), compiled.coef, atol=1e-9)
+
+
 def test_a_start_keeps_no_more_outlier_entries_than_its_rows_leave():
     """The start's outlier entries (the residual soft-thresholded) are cut to the largest
     ``D - |c| - 1`` of each column: a minimiser's support holds at most ``D + 1`` variables
