@@ -163,14 +163,41 @@ def test_the_reference_falls_back_to_the_admm_where_the_sets_do_not_fit():
     assert res.converged == (gaps.max_gap < 1e-9)
 
 
-def test_the_reference_certifies_from_the_admm_where_the_first_sets_do_not_fit(monkeypatch):
+def test_the_reference_certifies_from_the_fast_answer_where_the_first_sets_do_not_fit(
+    monkeypatch,
+):
     import videoanchor.anchor.workset as ws
 
     x = _points(30, 12, seed=1)
     monkeypatch.setattr(ws, "REFERENCE_SET", 2)  # the sets from the nearest points stop at 2
-    res = ws.reference_minimiser(x, max_iter=30)  # an ADMM answer far from certified
+    res = ws.reference_minimiser(x)
     assert res.strategy == "workset" and res.converged and res.residual < 1e-9
+    assert "fast" in res.timings  # the fast solver's answer was the start: no long ADMM
     cold = solve_ssc_workset(x)
+    ours = duality_gaps(x, res.coef, res.lambda_e, res.lambda_z).primal
+    ref = duality_gaps(x, cold.coef, cold.lambda_e, cold.lambda_z).primal
+    assert float(((ours - ref) / ref).abs().max()) < 1e-8
+
+
+def test_the_reference_certifies_from_the_admm_where_the_fast_start_does_not(monkeypatch):
+    import videoanchor.anchor.workset as ws
+
+    x = _points(30, 12, seed=1)
+    monkeypatch.setattr(ws, "REFERENCE_SET", 2)  # the sets from the nearest points stop at 2
+    solve, starts = ws.solve_ssc_workset, []
+
+    def no_fast_start(features, **kw):  # the second attempt, from the fast answer, fails
+        starts.append(kw.get("coef_init"))
+        if len(starts) == 2:
+            raise SetsTooLarge("refused by the test")
+        return solve(features, **kw)
+
+    monkeypatch.setattr(ws, "solve_ssc_workset", no_fast_start)
+    res = ws.reference_minimiser(x, max_iter=30)  # an ADMM answer far from certified
+    assert len(starts) == 3 and starts[0] is None and starts[2] is not None
+    assert res.strategy == "workset" and res.converged and res.residual < 1e-9
+    assert "fast" not in res.timings
+    cold = solve(x)
     ours = duality_gaps(x, res.coef, res.lambda_e, res.lambda_z).primal
     ref = duality_gaps(x, cold.coef, cold.lambda_e, cold.lambda_z).primal
     assert float(((ours - ref) / ref).abs().max()) < 1e-8
