@@ -20,8 +20,8 @@ and the support are found, not approximated), certified per column by
 :func:`duality_gaps`.
 
 Its cost follows the support, not ``N``: on video-like tokens (a median of ~45 non-zeros
-per column at N = 384-768) 21-31 passes and about 170 steps per column, 0.71 s at N = 384
-and 2.35 s at N = 768 on one CPU thread, 10.7x and 14.2x faster than the authors' solver
+per column at N = 384-768) 21-31 passes and about 170 steps per column, 0.69 s at N = 384
+and 1.63 s at N = 768 on one CPU thread, 11.3x and 21.0x faster than the authors' solver
 (benchmarks/results/workset_cpu.json). Where ``C`` or
 ``E`` is dense (Extended Yale B faces: ~200-1800 outlier entries per column) the sets grow
 past :data:`DENSE_SET` and :func:`run_workset` runs the fast ADMM, then the working sets
