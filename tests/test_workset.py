@@ -322,6 +322,22 @@ def test_a_failed_factor_update_refactors_to_the_certified_minimiser(tmp_path):
     assert torch.allclose(torch.load(tmp_path / "c.pt"), compiled.coef, atol=1e-9)
 
 
+def test_a_start_whose_kept_coefficients_sum_to_nothing_starts_from_its_largest():
+    """Column 0 starts from ``-y_1 + 2 y_2`` with ``y_2 = y_1`` (a repeated point): the
+    second coefficient's pivot lands on the floor and is left out, and what is kept sums to
+    -1, off the constraint: the start falls back to its largest kept coefficient alone."""
+    x = _points(12, 8, seed=4)
+    x[2] = x[1]
+    start = torch.zeros(12, 12, dtype=torch.float64)
+    start[1, 0], start[2, 0] = -1.0, 2.0
+    res = solve_ssc_workset(x, coef_init=start)
+    gaps = duality_gaps(x, res.coef, res.lambda_e, res.lambda_z)
+    assert res.converged and gaps.max_gap < 1e-9 and gaps.affine < 1e-10
+    cold = solve_ssc_workset(x)
+    ref = duality_gaps(x, cold.coef, cold.lambda_e, cold.lambda_z).primal
+    assert float(((gaps.primal - ref) / ref).abs().max()) < 1e-8
+
+
 def test_a_start_keeps_no_more_outlier_entries_than_its_rows_leave():
     """The start's outlier entries (the residual soft-thresholded) are cut to the largest
     ``D - |c| - 1`` of each column: a minimiser's support holds at most ``D + 1`` variables

@@ -189,13 +189,10 @@ def _seeds(x64: torch.Tensor, gram: torch.Tensor, lam_e: float, lam_z: float, co
     # from the fast solver's answer on Yale B subjects 31-38: 1946 of 2016 rows beside 155
     # coefficients; 17 columns ended SINGULAR)
     room = (d - 1 - (c != 0).sum(dim=0)).clamp(min=0)
-    over = (e != 0).sum(dim=0) > room
-    if bool(over.any()):
-        sub = e[:, over]
-        rank = torch.empty_like(sub, dtype=torch.int64)
-        order = sub.abs().argsort(dim=0, descending=True, stable=True)
-        rank.scatter_(0, order, torch.arange(d).expand(sub.shape[1], d).T.contiguous())
-        e[:, over] = torch.where(rank < room[over], sub, 0.0)
+    for i in torch.nonzero((e != 0).sum(dim=0) > room).flatten().tolist():  # O(D) memory
+        col = e[:, i]
+        keep = col.abs().topk(int(room[i])).indices
+        e[:, i] = torch.zeros_like(col).index_copy_(0, keep, col[keep])
     z = torch.cat([c, e]).T  # column i's variables in row i (a view: nonzero() is row-major)
     del c, e
     held = z != 0
