@@ -30,6 +30,15 @@ def _points(n, d, seed, outlier=True):
     return x
 
 
+def _same_objective(x, res, other):
+    """Every column's objective at ``res.coef`` within 1e-8 (relative) of ``other.coef``'s:
+    ``C`` itself need not be unique (with more than D + 1 points a non-negative column can
+    move along Y's null space at the same l1 norm)."""
+    ours = duality_gaps(x, res.coef, res.lambda_e, res.lambda_z).primal
+    ref = duality_gaps(x, other.coef, other.lambda_e, other.lambda_z).primal
+    return float(((ours - ref) / ref).abs().max()) < 1e-8
+
+
 def _column_by_scipy(x, i, lam_e, lam_z):
     """Column ``i``'s program by SLSQP on split variables (c+, c-, e+, e-) >= 0."""
     from scipy.optimize import minimize
@@ -173,10 +182,7 @@ def test_the_reference_certifies_from_the_fast_answer_where_the_first_sets_do_no
     res = ws.reference_minimiser(x)
     assert res.strategy == "workset" and res.converged and res.residual < 1e-9
     assert "fast" in res.timings  # the fast solver's answer was the start: no long ADMM
-    cold = solve_ssc_workset(x)
-    ours = duality_gaps(x, res.coef, res.lambda_e, res.lambda_z).primal
-    ref = duality_gaps(x, cold.coef, cold.lambda_e, cold.lambda_z).primal
-    assert float(((ours - ref) / ref).abs().max()) < 1e-8
+    assert _same_objective(x, res, solve_ssc_workset(x))
 
 
 def test_the_reference_certifies_from_the_admm_where_the_fast_start_does_not(monkeypatch):
@@ -197,10 +203,7 @@ def test_the_reference_certifies_from_the_admm_where_the_fast_start_does_not(mon
     assert len(starts) == 3 and starts[0] is None and starts[2] is not None
     assert res.strategy == "workset" and res.converged and res.residual < 1e-9
     assert "fast" not in res.timings
-    cold = solve(x)
-    ours = duality_gaps(x, res.coef, res.lambda_e, res.lambda_z).primal
-    ref = duality_gaps(x, cold.coef, cold.lambda_e, cold.lambda_z).primal
-    assert float(((ours - ref) / ref).abs().max()) < 1e-8
+    assert _same_objective(x, res, solve(x))
 
 
 def test_video_like_tokens_on_one_thread_and_on_two_give_the_same_minimiser():
@@ -333,9 +336,7 @@ def test_a_start_whose_kept_coefficients_sum_to_nothing_starts_from_its_largest(
     res = solve_ssc_workset(x, coef_init=start)
     gaps = duality_gaps(x, res.coef, res.lambda_e, res.lambda_z)
     assert res.converged and gaps.max_gap < 1e-9 and gaps.affine < 1e-10
-    cold = solve_ssc_workset(x)
-    ref = duality_gaps(x, cold.coef, cold.lambda_e, cold.lambda_z).primal
-    assert float(((gaps.primal - ref) / ref).abs().max()) < 1e-8
+    assert _same_objective(x, res, solve_ssc_workset(x))
 
 
 def test_a_start_keeps_no_more_outlier_entries_than_its_rows_leave():
@@ -487,10 +488,7 @@ def test_any_start_reaches_the_minimiser(n, d, seed, kind):
     gaps = duality_gaps(x, res.coef, res.lambda_e, res.lambda_z)
     assert res.converged and gaps.max_gap < 1e-9, (n, d, seed, kind, gaps.max_gap)
     assert gaps.affine < 1e-10 and gaps.diagonal == 0
-    # the same objective (C itself need not be unique: with more than D + 1 points a
-    # non-negative column can move along Y's null space at the same l1 norm)
-    ref = duality_gaps(x, cold.coef, cold.lambda_e, cold.lambda_z).primal
-    assert float(((gaps.primal - ref) / ref).abs().max()) < 1e-8
+    assert _same_objective(x, res, cold)
 
 
 def test_a_bad_start_says_what_it_expected():
