@@ -10,6 +10,7 @@ from sklearn.metrics import adjusted_rand_score
 import videoanchor.anchor.spectral as spectral_module
 from videoanchor.anchor.spectral import (
     block_krylov_eigvecs,
+    chebyshev_eigvecs,
     discretize,
     kmeans,
     label_random_state,
@@ -83,10 +84,11 @@ def test_discretize_is_scikit_learns_algorithm():
         assert sorted(ours[np.sort(ours_first)].tolist()) == list(range(len(ours_first)))
 
 
-def test_subspace_iteration_matches_eigh():
+@pytest.mark.parametrize("eigen_solver", ["krylov", "chebyshev"])
+def test_subspace_iteration_matches_eigh(eigen_solver):
     w, _ = block_affinity([40, 50, 35, 45, 60, 30], p_out=0.05, seed=2)
     dense = spectral_embedding(w, 6, eigen_solver="eigh")
-    it = spectral_embedding(w, 6, eigen_solver="krylov", seed=3)
+    it = spectral_embedding(w, 6, eigen_solver=eigen_solver, seed=3)
     # same invariant subspace: the projections onto the two column spaces agree
     qd, _ = torch.linalg.qr(dense)
     qi, _ = torch.linalg.qr(it)
@@ -94,7 +96,7 @@ def test_subspace_iteration_matches_eigh():
 
 
 @pytest.mark.parametrize("assign_labels", ["discretize", "kmeans"])
-@pytest.mark.parametrize("eigen_solver", ["eigh", "krylov"])
+@pytest.mark.parametrize("eigen_solver", ["eigh", "krylov", "chebyshev"])
 def test_recovers_blocks_like_scikit_learn(assign_labels, eigen_solver):
     w, labels = block_affinity([31, 45, 27, 52, 38], p_out=0.04, seed=4)
     ours = spectral_clustering(w, 5, seed=0, assign_labels=assign_labels, eigen_solver=eigen_solver)
@@ -170,6 +172,65 @@ def test_krylov_budget_falls_back_to_eigh_with_a_warning(monkeypatch):
     torch.testing.assert_close(starved, dense)
     with pytest.warns(RuntimeWarning, match="did not converge"):
         spectral_embedding(w, 6, eigen_solver="krylov", seed=1, max_iter=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chebyshev_no_gap_converges_on_the_block(dtype):
+    """Where a former Chebyshev iteration stalled (float32, k = 24, no gap at k: the test
+    above): the block residual is met, the Ritz values are the leading eigenvalues and the
+    block holds the isolated leading vector; float64 to its own tolerance."""
+    w, _ = sparse_group_affinity(401, 16, nnz=60, p_out=0.8, seed=11, dtype=dtype)
+    s = _normalized(w)
+    ev, evec = torch.linalg.eigh(s.double())
+    ev, evec = ev.flip(0), evec.flip(1)
+    assert float(ev[23] - ev[24]) < 0.01  # no gap at 24
+    tol = 1e-4 if dtype == torch.float32 else 1e-7
+    theta, q, info = chebyshev_eigvecs(
+        lambda x: s @ x, s.shape[0], 24, dtype=dtype, device="cpu", seed=0, tol=tol
+    )
+    assert info["converged"] and info["steps"] <= 30 and info["residual"] <= tol, info
+    assert q.dtype == dtype and q.shape == (401, 24) and theta.dtype == torch.float64
+    assert float((s.double() @ q.double() - q.double() * theta).norm()) <= 1.5 * tol
+    assert (
+        float((q.double().T @ q.double() - torch.eye(24, dtype=torch.float64)).abs().max()) < 1e-5
+    )
+    torch.testing.assert_close(theta, ev[:24], atol=10 * tol, rtol=0)
+    assert float((q.double().T @ evec[:, 0]).norm()) > 1 - 1e-6
+
+
+def test_chebyshev_is_what_auto_runs_off_the_cpu_and_its_budget_falls_back(monkeypatch):
+    """Above the crossover "auto" runs the solver AUTO_ABOVE names for the device (here
+    the GPU's, Chebyshev, on the CPU); out of steps it warns and finishes with eigh, and
+    named explicitly it warns and keeps its Ritz vectors."""
+    w, _ = sparse_group_affinity(300, 6, seed=12, dtype=torch.float64)
+    monkeypatch.setattr(spectral_module, "EIGH_CROSSOVER", {"cpu": 100, "cuda": 100})
+    monkeypatch.setattr(spectral_module, "AUTO_ABOVE", {"cpu": "chebyshev", "cuda": "chebyshev"})
+    ran = []
+    real = spectral_module.chebyshev_eigvecs
+    monkeypatch.setattr(spectral_module, "chebyshev_eigvecs",
+                        lambda *a, **k: ran.append(k["max_steps"]) or real(*a, **k))  # fmt: skip
+    dense = spectral_embedding(w, 6, eigen_solver="eigh")
+    cheb = spectral_embedding(w, 6, eigen_solver="auto", seed=1)
+    assert ran == [spectral_module.CHEBYSHEV_STEPS]
+    qd, _ = torch.linalg.qr(dense)
+    qc, _ = torch.linalg.qr(cheb)
+    assert torch.allclose(qd @ qd.T, qc @ qc.T, atol=1e-6)
+    assert not torch.equal(dense, cheb)
+    with pytest.warns(RuntimeWarning, match="Chebyshev solver stopped at its budget after 1 steps"):
+        starved = spectral_embedding(w, 6, eigen_solver="auto", seed=1, max_iter=1)
+    torch.testing.assert_close(starved, dense)
+    with pytest.warns(RuntimeWarning, match="Chebyshev solver did not converge.*last Ritz"):
+        kept = spectral_embedding(w, 6, eigen_solver="chebyshev", seed=1, max_iter=1)
+    assert not torch.allclose(kept, dense, atol=1e-6)
+
+
+def test_chebyshev_arguments_checked():
+    s = _normalized(block_affinity([20, 20], seed=9)[0])
+    for kw, match in (({"degree": 0}, "degree"), ({"max_steps": 0}, "max_steps")):
+        with pytest.raises(ValueError, match=match):
+            chebyshev_eigvecs(lambda x: s @ x, 40, 2, dtype=s.dtype, device="cpu", **kw)
+    with pytest.raises(ValueError, match="k: expected 1 <= k <= N = 40, got 41"):
+        chebyshev_eigvecs(lambda x: s @ x, 40, 41, dtype=s.dtype, device="cpu")
 
 
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support:UserWarning")
@@ -269,8 +330,9 @@ def test_bad_arguments(kw, match):
 
 
 @pytest.mark.gpu
-def test_cuda_labels_equal_cpu_labels():
+@pytest.mark.parametrize("eigen_solver", ["krylov", "chebyshev"])
+def test_cuda_labels_equal_cpu_labels(eigen_solver):
     w, _ = block_affinity([60, 70, 50, 80], p_out=0.05, seed=10)
-    cpu = spectral_clustering(w, 4, seed=0, eigen_solver="krylov")
-    gpu = spectral_clustering(w.cuda(), 4, seed=0, eigen_solver="krylov")
+    cpu = spectral_clustering(w, 4, seed=0, eigen_solver=eigen_solver)
+    gpu = spectral_clustering(w.cuda(), 4, seed=0, eigen_solver=eigen_solver)
     assert torch.equal(gpu.cpu(), cpu)

@@ -30,7 +30,7 @@ SSC_BACKENDS = ("auto", "torch", "cupy")
 SSC_SOLVERS = ("auto", "fast", "faithful", "workset")
 SSC_MODES = ("auto", "exact", "blocked")
 EIGEN_SOLVERS = {  # per mode: what the spectral step of that mode can run
-    "exact": ("auto", "eigh", "krylov"),
+    "exact": ("auto", "eigh", "krylov", "chebyshev"),
     "auto": ("auto",),
     "blocked": ("auto", "arpack", "subspace"),
 }
@@ -135,8 +135,9 @@ class SSCOptions:
     label_draws: int = 1
     """Label draws averaged into each token's cluster share (the paper: 1)."""
     eigen_solver: str = "auto"
-    """Eigen-solver of the spectral step: ``"auto"``, ``"eigh"`` or ``"krylov"`` (exact
-    mode), ``"arpack"`` or ``"subspace"`` (blocked mode's sparse affinity)."""
+    """Eigen-solver of the spectral step: ``"auto"``, ``"eigh"``, ``"krylov"`` or
+    ``"chebyshev"`` (exact mode), ``"arpack"`` or ``"subspace"`` (blocked mode's sparse
+    affinity)."""
     mode: str = "auto"
     """``"exact"`` (dense ``N x N``), ``"blocked"`` (the same program by column blocks) or
     ``"auto"`` (exact when it fits, blocked above)."""
@@ -246,7 +247,7 @@ CHECKS = {
     "precision": (_choice(PRECISIONS), "coef"),
     "seed": (lambda n, v: resolve_seed(v), "labels"),
     "label_draws": (_label_draws, "labels"),
-    "eigen_solver": (_choice(("auto", "eigh", "krylov", "arpack", "subspace")), ""),
+    "eigen_solver": (_choice(("auto", "eigh", "krylov", "chebyshev", "arpack", "subspace")), ""),
     "mode": (_choice(SSC_MODES, {"scalable": REMOVED_SCALABLE}), ""),
     "block_columns": (_block_columns, ""),
     "block_eps": (_choice(("own", "share")), ""),

@@ -5,8 +5,10 @@ Normalised spectral clustering (Shi & Malik / Ng, Jordan & Weiss):
 1. affinity ``W`` (symmetric, non-negative), degrees ``d = W 1``;
 2. the ``k`` leading eigenvectors of ``S = D^{-1/2} W D^{-1/2}`` (the ``k`` smallest of the
    normalised Laplacian ``I - S``), by a dense eigensolver up to a crossover measured per
-   device, or by a thick-restart block Krylov solver (``O(N^2 k)`` per step, stopped on
-   the residual of the whole ``k``-dimensional block, work bounded) above it;
+   device; above it, on the CPU by a thick-restart block Krylov solver (``O(N^2 k)`` per
+   step, stopped on the residual of the whole ``k``-dimensional block, work bounded), on
+   a GPU by Chebyshev-filtered subspace iteration (the same stop; block products and one
+   small QR per step, what a GPU runs fast);
 3. labels by the Yu & Shi discretisation that scikit-learn's
    ``SpectralClustering(assign_labels="discretize")`` uses (a port of its algorithm), or
    by seeded k-means++ / Lloyd on the row-normalised embedding.
@@ -38,6 +40,7 @@ __all__ = [
     "ssc_affinity",
     "spectral_embedding",
     "block_krylov_eigvecs",
+    "chebyshev_eigvecs",
     "discretize",
     "kmeans",
     "label_random_state",
@@ -111,13 +114,16 @@ def _normalized_affinity(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # - EIGH_COST: the partial eigh's time times the measured GEMM rate over N^3
 #   ("eigh_cost_n3" there: 1.1 to 8.5, median 2.7): the Krylov budget in flops is
 #   EIGH_COST * N^3, about one dense eigh, so "auto" never costs much over 2x eigh.
-# - EIGH_CROSSOVER["cuda"]: spectral_nvidia-h100-80gb-hbm3.json (an H100, 2026-11-24, same
-#   affinities): dense eigh whole clustering 0.018-0.022 s at N = 1024, 0.034-0.038 s at
-#   2048, 0.106-0.110 s at 4096 and 0.53 s at 8192; "auto" with Krylov (its budget and the
-#   dense fallback) 0.084 s with a gap and 0.279 s without at 4096, 0.079 s and 0.310 s at
-#   8192. So dense up to 4096 (at most 0.022 s slower there, and 0.17 s faster without a
-#   gap), Krylov at 8192. Between the two it is not measured.
-EIGH_CROSSOVER = {"cpu": 2048, "cuda": 4096}
+# - EIGH_CROSSOVER["cuda"]: spectral_nvidia-h200.json (an H200, 2026-11-26, same
+#   affinities): dense eigh whole clustering 0.018-0.025 s at N = 1024, 0.033-0.038 s at
+#   2048, 0.099-0.103 s at 4096; the Chebyshev prototype (a fixed 6 filter steps) 0.017-
+#   0.021 s, 0.014-0.018 s and 0.018-0.022 s, the same labels wherever there is a gap at
+#   24 (logs/gpu-2026-11-26-b). So dense up to 1024, :func:`chebyshev_eigvecs` above (on
+#   an H100, 2026-11-24, the block Krylov solver lost to dense eigh up to 4096).
+EIGH_CROSSOVER = {"cpu": 2048, "cuda": 1024}
+#: What "auto" runs above the crossover: on the CPU the block Krylov solver (its products
+#: cost, not its launches), on a GPU Chebyshev.
+AUTO_ABOVE = {"cpu": "krylov", "cuda": "chebyshev"}
 EIGH_COST = 2.7
 
 
@@ -216,6 +222,78 @@ def block_krylov_eigvecs(
         h2[pp:, pp:] = (c[pp:] + c[pp:].T) / 2
         h = h2
         flops += matmul_flops * b + 6 * n * pp * b + 16 * n * b * b + 2 * n * (pp + b) * b
+
+
+#: :func:`chebyshev_eigvecs`' defaults: the filter's degree, the guard vectors beside the
+#: ``k`` wanted, and the most filter steps where ``spectral_embedding`` runs it by "auto"
+#: (then dense ``eigh``). On ``bench_spectral``'s affinities (float32, N = 1024 and 2048)
+#: it stopped on the block residual 1e-4 after 3 steps with a gap at k = 24 and 9-10
+#: without one (this CPU, one measurement each).
+CHEBYSHEV_DEGREE, CHEBYSHEV_GUARD, CHEBYSHEV_STEPS = 8, 12, 30
+
+
+def chebyshev_eigvecs(
+    matmul,
+    n: int,
+    k: int,
+    *,
+    dtype: torch.dtype,
+    device,
+    seed: int = 0,
+    tol: float = 1e-4,
+    max_steps: int = CHEBYSHEV_STEPS,
+    degree: int = CHEBYSHEV_DEGREE,
+    guard: int = CHEBYSHEV_GUARD,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The ``k`` leading eigenpairs of a normalised affinity (``matmul(X) = S X``, its
+    spectrum in ``[-1, 1]``) by Chebyshev-filtered subspace iteration.
+
+    A block of ``k + guard`` vectors (from a CPU generator seeded with ``seed``: the same
+    start on every device) is, at each step, multiplied by the degree-``degree`` Chebyshev
+    polynomial of ``S`` that is at most 1 on ``[-1, cut]`` (``cut``: the block's smallest
+    Ritz value) and grows fast above it, orthonormalised (QR), and rotated onto its Ritz
+    vectors (Rayleigh-Ritz: the ``m x m`` projection in float64 on the host). It stops
+    where the ``N x k`` Ritz block's residual ``||S Q - Q diag(theta)||_F`` is at most
+    ``tol`` (read off the Rayleigh-Ritz product, no extra one), as
+    :func:`block_krylov_eigvecs` does, or after ``max_steps`` steps with
+    ``info["converged"] = False``. Its work per step is ``degree + 1`` products of ``S``
+    by the block, one QR of it and one read of an ``m x m`` matrix: few launches, no
+    growing basis.
+
+    Returns ``(theta (k,) descending, float64 on the host; Q (N, k) on ``device``, info)``;
+    ``info`` has ``converged``, ``steps``, ``residual``.
+    """
+    if not 1 <= k <= n:
+        raise ValueError(f"k: expected 1 <= k <= N = {n}, got {k}")
+    for name, value in (("degree", degree), ("max_steps", max_steps)):
+        if int(value) < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value}")
+    m = min(n, k + max(0, int(guard)))
+    gen = torch.Generator().manual_seed(int(seed))
+    x, _ = torch.linalg.qr(torch.randn(n, m, generator=gen, dtype=torch.float64).to(device, dtype))
+
+    def ritz(x):
+        sx = matmul(x)
+        h = (x.T @ sx).double().cpu()
+        theta, y = torch.linalg.eigh((h + h.T) / 2)
+        theta, y = theta.flip(0), y.flip(1).to(device, dtype)
+        q, sq = x @ y, sx @ y
+        res = float((sq[:, :k] - q[:, :k] * theta[:k].to(device, dtype)).norm())
+        return theta, q, res
+
+    theta, x, res = ritz(x)
+    steps = 0
+    while not res <= tol and steps < max_steps:
+        steps += 1
+        cut = float(theta[-1])  # damp [-1, cut]; the floor on its half-width keeps the
+        # polynomial under 1e21 on [-1, 1] (float32 holds it) where cut nears -1
+        centre, half = (cut - 1.0) / 2, max((cut + 1.0) / 2, 1e-2)
+        y_prev, y = x, (matmul(x) - centre * x) / half
+        for _ in range(int(degree) - 1):
+            y_prev, y = y, 2 * (matmul(y) - centre * y) / half - y_prev
+        x, _ = torch.linalg.qr(y)
+        theta, x, res = ritz(x)
+    return theta[:k], x[:, :k], dict(converged=res <= tol, steps=steps, residual=res)
 
 
 def _dense_top_eigvecs(s: torch.Tensor, k: int) -> torch.Tensor:
@@ -339,49 +417,58 @@ def spectral_embedding(
     - ``"krylov"`` (alias ``"subspace"``): :func:`block_krylov_eigvecs`, ``O(N^2)`` per
       step, stopped on the residual of the whole block (``tol``: 1e-4 in float32, 1e-7
       in float64);
+    - ``"chebyshev"``: :func:`chebyshev_eigvecs`, the same stop (``max_iter``: its most
+      filter steps, default ``CHEBYSHEV_STEPS``);
     - ``"auto"``: ``eigh`` up to ``EIGH_CROSSOVER`` tokens for the device (2048 on the
-      CPU, 4096 on CUDA, measured in ``benchmarks/results/spectral_*.json``), Krylov above, with a
-      budget of about one dense ``eigh``'s work (``EIGH_COST * N^3``; ``max_iter``, if
-      given, also caps the block steps); if the budget runs out it says so (``RuntimeWarning``) and
-      finishes with ``eigh``, so it never costs more than about twice ``eigh``.
+      CPU, 1024 elsewhere, measured in ``benchmarks/results/spectral_*.json``); above it
+      Krylov on the CPU, with a budget of about one dense ``eigh``'s work (``EIGH_COST *
+      N^3``; ``max_iter``, if given, also caps the block steps), Chebyshev elsewhere (at
+      most ``max_iter`` or ``CHEBYSHEV_STEPS`` steps). If either runs out it says so
+      (``RuntimeWarning``) and finishes with ``eigh``.
+    A solver named explicitly that runs out says so and its last Ritz vectors are used.
     """
     n = affinity.shape[0]
     if not 1 <= n_components <= n:
         raise ValueError(f"n_components: expected 1 <= n_components <= N = {n}, got {n_components}")
-    if eigen_solver not in ("auto", "eigh", "krylov", "subspace"):
-        raise ValueError(f"eigen_solver: expected 'auto', 'eigh' or 'krylov', got {eigen_solver!r}")
+    if eigen_solver not in ("auto", "eigh", "krylov", "subspace", "chebyshev"):
+        raise ValueError(
+            f"eigen_solver: expected 'auto', 'eigh', 'krylov' or 'chebyshev', got {eigen_solver!r}"
+        )
     s, dd = _normalized_affinity(affinity)
     if tol is None:
         tol = 1e-4 if s.dtype == torch.float32 else 1e-7
-    limit = EIGH_CROSSOVER.get(s.device.type, EIGH_CROSSOVER["cuda"])
-    use_eigh = eigen_solver == "eigh" or (eigen_solver == "auto" and n <= limit)
+    device = "cpu" if s.device.type == "cpu" else "cuda"
+    solver = eigen_solver
+    if eigen_solver == "auto":
+        solver = "eigh" if n <= EIGH_CROSSOVER[device] else AUTO_ABOVE[device]
     if n < 4 * (n_components + 8):
-        use_eigh = True
+        solver = "eigh"
     vecs = None
-    if not use_eigh:
+    if solver == "chebyshev":
+        _, vecs, info = chebyshev_eigvecs(
+            lambda x: s @ x, n, n_components, dtype=s.dtype, device=s.device, seed=seed,
+            tol=tol, max_steps=CHEBYSHEV_STEPS if max_iter is None else max_iter,
+        )  # fmt: skip
+    elif solver != "eigh":
         budget = math.inf if eigen_solver != "auto" else EIGH_COST * float(n) ** 3
         _, vecs, info = block_krylov_eigvecs(
             lambda x: s @ x, n, n_components, dtype=s.dtype, device=s.device, seed=seed,
             tol=tol, matmul_flops=2.0 * n * n, max_flops=budget, max_steps=max_iter,
         )  # fmt: skip
-        if not info["converged"]:
-            if eigen_solver == "auto":
-                warnings.warn(
-                    f"spectral_embedding: the Krylov solver stopped at its budget after "
-                    f"{info['steps']} steps (block residual {info['residual']:.2e} > tol "
-                    f"{tol:.0e}); finishing with dense eigh (N = {n})",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                vecs = None
-            else:
-                warnings.warn(
-                    f"spectral_embedding: the Krylov solver did not converge after "
-                    f"{info['steps']} steps (block residual {info['residual']:.2e} > tol "
-                    f"{tol:.0e}); using its last Ritz vectors",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+    if vecs is not None and not info["converged"]:
+        name = "Chebyshev" if solver == "chebyshev" else "Krylov"
+        ran_out = "stopped at its budget" if eigen_solver == "auto" else "did not converge"
+        finish = (
+            "finishing with dense eigh" if eigen_solver == "auto" else "using its last Ritz vectors"
+        )
+        warnings.warn(
+            f"spectral_embedding: the {name} solver {ran_out} after {info['steps']} steps "
+            f"(block residual {info['residual']:.2e} > tol {tol:.0e}); {finish} (N = {n})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        if eigen_solver == "auto":
+            vecs = None
     if vecs is None:
         vecs = _dense_top_eigvecs(s, n_components).to(s.device, s.dtype)
     return vecs / dd[:, None]
