@@ -53,6 +53,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -319,6 +320,19 @@ def prefill_seconds(shape, n_visual, device, dtype, timed_layers=2) -> float:
         _sync(device)
         best = min(best, time.perf_counter() - t)
     return best / timed_layers * layers
+
+
+@contextlib.contextmanager
+def warnings_into(into: dict, name: str):
+    """Record the ``RuntimeWarning``s raised inside (every one, not once per place) under
+    ``into[name]``: their count and the first message (a solver's fallback, e.g. the spectral
+    step's eigensolver running out of steps)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        yield
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    if msgs:
+        into[name] = {"count": len(msgs), "first": msgs[0][:300]}
 
 
 def ssc_seconds(x, k, solver, **kw):
@@ -648,26 +662,31 @@ def cost_rows(device, quick, budget_s, measure=None, on_row=None,
                 warmed = True
             budget = None if faithful_seconds is None else SSCProgress(
                 enabled=False, time_budget=faithful_seconds)  # fmt: skip
-            t_faith, ref = ssc_seconds(x, 24, "faithful", progress=budget or False)
+            warned = {}
+            with warnings_into(warned, "faithful"):
+                t_faith, ref = ssc_seconds(x, 24, "faithful", progress=budget or False)
             if budget is not None and budget.runs and budget.runs[-1].stopped_by_budget:
                 row["faithful_stopped_by_budget"] = faithful_seconds
             # FP32 (precision "full"); CUDA's default, fp16x3, is timed below
-            t_fast, fast = ssc_seconds(x, 24, "fast", precision="full")
+            with warnings_into(warned, "fast"):
+                t_fast, fast = ssc_seconds(x, 24, "fast", precision="full")
             if device.type == "cuda":  # what TF32 matrix products would give (not the default)
-                with tf32_products():
+                with tf32_products(), warnings_into(warned, "fast_tf32"):
                     t_tf32, tf32 = ssc_seconds(x, 24, "fast", precision="full")
                 row.update(
                     seconds_ssc_fast_tf32=t_tf32,
                     spearman_fast_tf32=_spearman(tf32.scores, ref.scores),
                 )
             if device.type == "cuda":  # the option: split products on fp16 tensor cores
-                t_x3, x3 = ssc_seconds(x, 24, "fast", precision="fp16x3")
+                with warnings_into(warned, "fast_fp16x3"):
+                    t_x3, x3 = ssc_seconds(x, 24, "fast", precision="fp16x3")
                 row.update(
                     seconds_ssc_fast_fp16x3=t_x3,
                     spearman_fast_fp16x3=_spearman(x3.scores, ref.scores),
                 )
             # the default (solver="auto"): the working sets on a CPU, fp16x3's fast solver on CUDA
-            t_default, default = ssc_seconds(x, 24, "auto")
+            with warnings_into(warned, "default"):
+                t_default, default = ssc_seconds(x, 24, "auto")
             t_pre = prefill_seconds(shape, n, device, dtype)
             row.update(
                 seconds_ssc_default=t_default, solver_default=default.solver,
@@ -689,6 +708,7 @@ def cost_rows(device, quick, budget_s, measure=None, on_row=None,
                 spearman_fast=_spearman(fast.scores, ref.scores),
                 seconds_figures=f"measured on {device.type}",
                 stages_faithful=dict(ref.timings), stages_fast=dict(fast.timings),
+                runtime_warnings=warned,
             )  # fmt: skip
         else:
             near = [m for m in measured_iters if m <= n]

@@ -6,14 +6,17 @@ repeated; the median is reported.
 
 Providers:
   sparse_auto     ``sparse_spectral_labels(W, 24)``, eigen_solver="auto" (the default:
-                  ARPACK on the CPU, the block Krylov solver on a GPU)
+                  ARPACK on the CPU, the Chebyshev solver on a GPU)
   sparse_arpack   eigen_solver="arpack": scipy's ``eigsh`` (CPU)
   sparse_krylov   eigen_solver="subspace": the block Krylov solver on the device (the torch
-                  path a GPU runs; before issue 52 the CPU ran it too)
+                  path a GPU ran until the 2026-11-26 H200 lease; before issue 52 the CPU
+                  ran it too)
+  sparse_chebyshev  eigen_solver="chebyshev": Chebyshev-filtered subspace iteration on the
+                  device, to the same block residual (1e-7), with its step count
   dense_eigh      ``spectral_labels`` of ``W`` densified, eigen_solver="eigh": the labels
                   the others are held against (up to ``--eigh-max``)
 
-Each row has the labels' agreement with dense_eigh (ARI) and, for the two eigensolvers, the
+Each row has the labels' agreement with dense_eigh (ARI) and, for the eigensolvers, the
 block residual ``||S Q - Q Theta||_F`` of the 24 vectors they return (outside the timing).
 
 Affinities:
@@ -47,6 +50,7 @@ from videoanchor.anchor import reference_minimiser  # noqa: E402
 from videoanchor.anchor.spectral import (  # noqa: E402
     _top_eigvecs_arpack,
     block_krylov_eigvecs,
+    chebyshev_eigvecs,
     sparse_normalized_affinity,
     sparse_spectral_labels,
     sparse_ssc_affinity,
@@ -76,6 +80,9 @@ def bench_one(w, name, reps, device, eigh_max, extra=None):
     providers["sparse_krylov"] = lambda: sparse_spectral_labels(
         w, K, seed=0, eigen_solver="subspace"
     )
+    providers["sparse_chebyshev"] = lambda: sparse_spectral_labels(
+        w, K, seed=0, eigen_solver="chebyshev"
+    )
     if n <= eigh_max:
         dense = w.to_dense()
         providers["dense_eigh"] = lambda: spectral_labels(dense, K, seed=0, eigen_solver="eigh")
@@ -99,7 +106,11 @@ def bench_one(w, name, reps, device, eigh_max, extra=None):
         matmul_flops=2 * s._nnz(), max_steps=200,
     )  # fmt: skip
     residual["sparse_krylov"] = float((s @ q - q * theta.to(q)).norm())  # (theta: host)
-    residual["sparse_auto"] = residual["sparse_arpack" if device.type == "cpu" else "sparse_krylov"]
+    theta, q, info = chebyshev_eigvecs(lambda x: s @ x, n, K, dtype=s.dtype, device=s.device,
+                                       seed=0, tol=1e-7, max_steps=200)  # fmt: skip
+    residual["sparse_chebyshev"] = float((s @ q - q * theta.to(q)).norm())
+    steps = {"sparse_chebyshev": info["steps"]}
+    residual["sparse_auto"] = residual["sparse_arpack" if device.type == "cpu" else "sparse_chebyshev"]
     med = {p: statistics.median(v) for p, v in times.items()}
     rows = []
     for p in providers:
@@ -107,6 +118,8 @@ def bench_one(w, name, reps, device, eigh_max, extra=None):
                    median_s=med[p], min_s=min(times[p]), max_s=max(times[p]), **(extra or {}))  # fmt: skip
         if p in residual:
             row["block_residual"] = residual[p]
+        if p in steps:
+            row["steps"] = steps[p]
         if "dense_eigh" in labels and p != "dense_eigh":
             row["ari_vs_dense_eigh"] = _ari(labels[p].cpu(), labels["dense_eigh"].cpu())
             row["speedup_vs_dense_eigh"] = med["dense_eigh"] / med[p]

@@ -26,7 +26,7 @@ def _sparse(n, groups=6, nnz=8, p_out=0.02, seed=0):
 def test_arpack_krylov_and_dense_eigh_give_the_same_labels_where_there_is_a_gap(n):
     w = _sparse(n)
     dense = spectral_labels(w.to_dense(), 6, seed=3, eigen_solver="eigh", draws=2)
-    for solver in ("auto", "arpack", "subspace"):
+    for solver in ("auto", "arpack", "subspace", "chebyshev"):
         got = sparse_spectral_labels(w, 6, seed=3, eigen_solver=solver, draws=2)
         assert got.dtype == torch.long and got.shape == (2, n)
         assert torch.equal(got, dense), solver
@@ -68,6 +68,31 @@ def test_more_components_than_clusters_go_to_the_block_solver():
     ) is None  # fmt: skip
     got = sparse_spectral_labels(w, 4, seed=0, eigen_solver="arpack")
     assert torch.equal(got, sparse_spectral_labels(w, 4, seed=0, eigen_solver="subspace"))
+    # Chebyshev on the same (a GPU's "auto"): a block method too, the eigenvalue 1 of all 8
+    # components in its block; which 4 of the 8 span the embedding is any solver's choice
+    s, _ = spectral.sparse_normalized_affinity(w)
+    gen = torch.Generator().manual_seed(0)
+    theta, q, _, ok = spectral._top_eigvecs_subspace(s, 4, gen, 1e-7, 200, "chebyshev")
+    assert ok and q.shape == (120, 4)
+    torch.testing.assert_close(theta, torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-9)
+    assert float((s @ q - q * theta).norm()) < 1e-7
+
+
+def test_sparse_chebyshev_runs_its_solver_and_warns_at_its_budget(monkeypatch):
+    """``eigen_solver="chebyshev"`` (what "auto" runs off the CPU: tested on a GPU below)
+    runs the Chebyshev solver and gives ARPACK's labels where there is a gap; out of steps
+    it says so and keeps its vectors."""
+    w = _sparse(160)
+    ran = []
+    real = spectral._top_eigvecs_subspace
+    monkeypatch.setattr(spectral, "_top_eigvecs_subspace",
+                        lambda *a: ran.append(a[-1]) or real(*a))  # fmt: skip
+    got = sparse_spectral_labels(w, 6, seed=3, eigen_solver="chebyshev")
+    assert ran == ["chebyshev"]
+    assert torch.equal(got, sparse_spectral_labels(w, 6, seed=3, eigen_solver="arpack"))
+    s, _ = spectral.sparse_normalized_affinity(w)
+    with pytest.warns(RuntimeWarning, match="Chebyshev solver stopped at its budget of 1 steps"):
+        real(s, 6, torch.Generator().manual_seed(0), 1e-12, 1, "chebyshev")
 
 
 def test_arpack_that_does_not_converge_says_so_and_krylov_finishes(monkeypatch):
@@ -83,7 +108,9 @@ def test_arpack_that_does_not_converge_says_so_and_krylov_finishes(monkeypatch):
 
 
 def test_bad_eigen_solver_for_a_sparse_affinity_is_refused():
-    with pytest.raises(ValueError, match="expected 'auto', 'arpack' or 'subspace'.*'eigh'"):
+    with pytest.raises(
+        ValueError, match="expected 'auto', 'arpack', 'subspace' or 'chebyshev'.*'eigh'"
+    ):
         sparse_spectral_labels(_sparse(60), 6, eigen_solver="eigh")
     x = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="mode='exact': expected eigen_solver"):
@@ -137,3 +164,15 @@ def test_bench_sparse_spectral_quick_rows(tmp_path):
             assert r["ari_vs_dense_eigh"] == 1.0  # both structures: a gap at 24 or labels agree
         if r["provider"].startswith("sparse_") and r["provider"] != "sparse_auto":
             assert r["block_residual"] < 1e-7
+
+
+@pytest.mark.gpu
+def test_sparse_auto_on_cuda_is_chebyshev_with_the_cpu_labels(monkeypatch):
+    w = _sparse(160)
+    ran = []
+    real = spectral._top_eigvecs_subspace
+    monkeypatch.setattr(spectral, "_top_eigvecs_subspace",
+                        lambda *a: ran.append(a[-1]) or real(*a))  # fmt: skip
+    got = sparse_spectral_labels(w.cuda(), 6, seed=3)
+    assert ran == ["chebyshev"]
+    assert torch.equal(got.cpu(), sparse_spectral_labels(w, 6, seed=3))

@@ -32,7 +32,7 @@ SSC_MODES = ("auto", "exact", "blocked")
 EIGEN_SOLVERS = {  # per mode: what the spectral step of that mode can run
     "exact": ("auto", "eigh", "krylov", "chebyshev"),
     "auto": ("auto",),
-    "blocked": ("auto", "arpack", "subspace"),
+    "blocked": ("auto", "arpack", "subspace", "chebyshev"),
 }
 #: the most label draws an SSC call accepts (checked before the SSC, not at the allocation)
 MAX_LABEL_DRAWS = 10_000
@@ -136,8 +136,8 @@ class SSCOptions:
     """Label draws averaged into each token's cluster share (the paper: 1)."""
     eigen_solver: str = "auto"
     """Eigen-solver of the spectral step: ``"auto"``, ``"eigh"``, ``"krylov"`` or
-    ``"chebyshev"`` (exact mode), ``"arpack"`` or ``"subspace"`` (blocked mode's sparse
-    affinity)."""
+    ``"chebyshev"`` (exact mode), ``"arpack"``, ``"subspace"`` or ``"chebyshev"`` (blocked
+    mode's sparse affinity)."""
     mode: str = "auto"
     """``"exact"`` (dense ``N x N``), ``"blocked"`` (the same program by column blocks) or
     ``"auto"`` (exact when it fits, blocked above)."""

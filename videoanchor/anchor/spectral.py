@@ -314,20 +314,27 @@ def _dense_top_eigvecs(s: torch.Tensor, k: int) -> torch.Tensor:
     return v[:, -k:].flip(1)
 
 
-def _top_eigvecs_subspace(s, k: int, gen: torch.Generator, tol: float, max_iter: int):
+def _top_eigvecs_subspace(s, k: int, gen: torch.Generator, tol: float, max_iter: int,
+                          solver: str = "krylov"):  # fmt: skip
     """The top eigenvectors of a sparse operator (the blocked mode's sparse affinity,
-    :func:`sparse_spectral_labels`): the block Krylov solver with a budget of ``max_iter`` block steps,
-    warning if it runs out. Returns ``(theta, vectors, steps, converged)``."""
+    :func:`sparse_spectral_labels`): the block Krylov solver (``solver="krylov"``) or the
+    Chebyshev one (``"chebyshev"``) with a budget of ``max_iter`` steps, warning if it runs
+    out. Returns ``(theta, vectors, steps, converged)``."""
     n = s.shape[0]
     seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
-    nnz = s._nnz() if s.layout != torch.strided else n * n
-    theta, q, info = block_krylov_eigvecs(
-        lambda x: s @ x, n, k, dtype=s.dtype, device=s.device, seed=seed, tol=tol,
-        matmul_flops=2 * nnz, max_steps=max_iter,
-    )  # fmt: skip
+    if solver == "chebyshev":
+        theta, q, info = chebyshev_eigvecs(lambda x: s @ x, n, k, dtype=s.dtype, device=s.device,
+                                           seed=seed, tol=tol, max_steps=max_iter)  # fmt: skip
+    else:
+        nnz = s._nnz() if s.layout != torch.strided else n * n
+        theta, q, info = block_krylov_eigvecs(
+            lambda x: s @ x, n, k, dtype=s.dtype, device=s.device, seed=seed, tol=tol,
+            matmul_flops=2 * nnz, max_steps=max_iter,
+        )  # fmt: skip
     if not info["converged"]:
+        name = "Chebyshev" if solver == "chebyshev" else "Krylov"
         warnings.warn(
-            f"spectral: the Krylov solver stopped at its budget of {max_iter} block steps "
+            f"spectral: the {name} solver stopped at its budget of {max_iter} steps "
             f"(block residual {info['residual']:.2e} > tol {tol:.0e}); using its Ritz vectors",
             RuntimeWarning,
             stacklevel=2,
@@ -720,16 +727,17 @@ def sparse_spectral_labels(
     ``eigen_solver``: ``"arpack"`` (scipy's ``eigsh``, implicitly restarted Lanczos, on
     each connected component of the graph, from scikit-learn's seeded start vector, to a
     relative residual of ``ARPACK_TOL`` per vector; CPU; :func:`_top_eigvecs_arpack`),
-    ``"subspace"`` (:func:`block_krylov_eigvecs` on the device, block residual
-    1e-7) or ``"auto"``: ARPACK on the CPU, where it is 6-14x faster than the block
-    Krylov solver on SSC affinities (``benchmarks/results/sparse_spectral_cpu.json``), the
-    block Krylov solver elsewhere. Where the graph has more components than
-    ``n_clusters`` the block Krylov solver runs; if ARPACK does not converge, it says so
-    and the block Krylov solver finishes."""
-    if eigen_solver not in ("auto", "arpack", "subspace"):
+    ``"subspace"`` (:func:`block_krylov_eigvecs` on the device, block residual 1e-7),
+    ``"chebyshev"`` (:func:`chebyshev_eigvecs` on the device, the same stop) or
+    ``"auto"``: ARPACK on the CPU, where it is 6-14x faster than the block Krylov solver
+    on SSC affinities (``benchmarks/results/sparse_spectral_cpu.json``), Chebyshev
+    elsewhere. Where the graph has more components than ``n_clusters`` the block Krylov
+    solver runs (Chebyshev off the CPU); if ARPACK does not converge, it says so and the
+    block Krylov solver finishes. Each block solver has 200 steps."""
+    if eigen_solver not in ("auto", "arpack", "subspace", "chebyshev"):
         raise ValueError(
-            f"eigen_solver: expected 'auto', 'arpack' or 'subspace' for a sparse affinity, "
-            f"got {eigen_solver!r}"
+            f"eigen_solver: expected 'auto', 'arpack', 'subspace' or 'chebyshev' for a sparse "
+            f"affinity, got {eigen_solver!r}"
         )
     n = w.shape[0]
     if n_clusters == 1:
@@ -745,7 +753,9 @@ def sparse_spectral_labels(
             vecs = _top_eigvecs_arpack(s, n_clusters, seed) if arpack else None
             if vecs is None:
                 gen = torch.Generator().manual_seed(int(seed))
-                _, vecs, _, _ = _top_eigvecs_subspace(s, n_clusters, gen, 1e-7, 200)
+                on_device = eigen_solver == "auto" and s.device.type != "cpu"
+                block = "chebyshev" if eigen_solver == "chebyshev" or on_device else "krylov"
+                _, vecs, _, _ = _top_eigvecs_subspace(s, n_clusters, gen, 1e-7, 200, block)
     emb = vecs / dd[:, None]
     return labels_from_embedding(
         emb, n_clusters, seed=seed, assign_labels=assign_labels, draws=draws
