@@ -110,7 +110,9 @@ def bench_one(w, name, reps, device, eigh_max, extra=None):
                                        seed=0, tol=1e-7, max_steps=200)  # fmt: skip
     residual["sparse_chebyshev"] = float((s @ q - q * theta.to(q)).norm())
     steps = {"sparse_chebyshev": info["steps"]}
-    residual["sparse_auto"] = residual["sparse_arpack" if device.type == "cpu" else "sparse_chebyshev"]
+    residual["sparse_auto"] = residual[
+        "sparse_arpack" if device.type == "cpu" else "sparse_chebyshev"
+    ]
     med = {p: statistics.median(v) for p, v in times.items()}
     rows = []
     for p in providers:

@@ -156,7 +156,7 @@ def test_bench_sparse_spectral_quick_rows(tmp_path):
     data = json.loads(path.read_text())
     rows = data["rows"]
     assert {r["provider"] for r in rows} == {
-        "sparse_auto", "sparse_arpack", "sparse_krylov", "dense_eigh"
+        "sparse_auto", "sparse_arpack", "sparse_krylov", "sparse_chebyshev", "dense_eigh"
     }  # fmt: skip
     for r in rows:
         assert r["n"] == 512 and r["median_s"] > 0

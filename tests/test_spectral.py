@@ -224,6 +224,46 @@ def test_chebyshev_is_what_auto_runs_off_the_cpu_and_its_budget_falls_back(monke
     assert not torch.allclose(kept, dense, atol=1e-6)
 
 
+def test_chebyshev_finds_the_leading_subspace_and_eigh_labels_with_a_gap():
+    """With a gap after the k-th value: the leading invariant subspace and eigenvalues to
+    float64 precision, and dense eigh's labels, in a few steps."""
+    from benchmarks.bench_spectral import group_affinity
+
+    k = 8
+    w = group_affinity(300, k, 10, 0.02, seed=3).double()
+    s = _normalized(w)
+    ev, vec = torch.linalg.eigh(s)
+    assert ev[-k] - ev[-k - 1] > 0.2
+    theta, q, info = chebyshev_eigvecs(lambda x: s @ x, 300, k, dtype=s.dtype, device="cpu",
+                                       tol=1e-10)  # fmt: skip
+    assert info["converged"] and info["steps"] <= 5, info
+    top = vec[:, -k:]
+    assert (q @ q.T - top @ top.T).abs().max().item() < 1e-9
+    torch.testing.assert_close(theta, ev[-k:].flip(0), rtol=0, atol=1e-10)
+    labels = spectral_clustering(w, k, seed=0, eigen_solver="chebyshev")
+    ref = spectral_clustering(w, k, seed=0, eigen_solver="eigh")
+    assert adjusted_rand_score(labels.numpy(), ref.numpy()) == 1.0
+
+
+def test_chebyshev_stops_where_rounded_products_stall_it():
+    """Products rounded as TF32 rounds (a relative 2^-11 per entry) floor the residual
+    near 1e-3: the solver stops a few steps after it stalls, not at its budget, and says
+    so; exact products on the same operator converge."""
+    w, _ = sparse_group_affinity(401, 16, nnz=60, p_out=0.8, seed=11)
+    s = _normalized(w)
+    g = torch.Generator().manual_seed(0)
+
+    def rounded(x):
+        y = s @ x
+        return y * (1 + 2.0**-11 * (2 * torch.rand(y.shape, generator=g) - 1))
+
+    _, _, info = chebyshev_eigvecs(rounded, 401, 24, dtype=s.dtype, device="cpu", tol=1e-4)
+    assert info["stalled"] and not info["converged"] and info["steps"] < 20, info
+    assert info["residual"] > 1e-4
+    _, _, exact = chebyshev_eigvecs(lambda x: s @ x, 401, 24, dtype=s.dtype, device="cpu")
+    assert exact["converged"] and not exact["stalled"]
+
+
 def test_chebyshev_arguments_checked():
     s = _normalized(block_affinity([20, 20], seed=9)[0])
     for kw, match in (({"degree": 0}, "degree"), ({"max_steps": 0}, "max_steps")):

@@ -230,6 +230,12 @@ def block_krylov_eigvecs(
 #: it stopped on the block residual 1e-4 after 3 steps with a gap at k = 24 and 9-10
 #: without one (this CPU, one measurement each).
 CHEBYSHEV_DEGREE, CHEBYSHEV_GUARD, CHEBYSHEV_STEPS = 8, 12, 30
+#: :func:`chebyshev_eigvecs` stops early where ``STALL_STEPS`` steps cut the residual by
+#: less than ``1 - STALL_RATIO``: where the products round (TF32 products, which a process
+#: may impose on the spectral step beside a compiled model, floor it near 1e-3: on the
+#: 2026-11-26 H200 lease all 30 steps ran at 1.0-1.1e-3, then dense eigh), no step helps. The
+#: slowest convergence measured without a gap fell about 1.5x per step.
+STALL_STEPS, STALL_RATIO = 3, 0.9
 
 
 def chebyshev_eigvecs(
@@ -255,13 +261,14 @@ def chebyshev_eigvecs(
     vectors (Rayleigh-Ritz: the ``m x m`` projection in float64 on the host). It stops
     where the ``N x k`` Ritz block's residual ``||S Q - Q diag(theta)||_F`` is at most
     ``tol`` (read off the Rayleigh-Ritz product, no extra one), as
-    :func:`block_krylov_eigvecs` does, or after ``max_steps`` steps with
+    :func:`block_krylov_eigvecs` does, or after ``max_steps`` steps, or where the residual
+    stalls (``STALL_STEPS``, ``STALL_RATIO``; ``info["stalled"]``), with
     ``info["converged"] = False``. Its work per step is ``degree + 1`` products of ``S``
     by the block, one QR of it and one read of an ``m x m`` matrix: few launches, no
     growing basis.
 
     Returns ``(theta (k,) descending, float64 on the host; Q (N, k) on ``device``, info)``;
-    ``info`` has ``converged``, ``steps``, ``residual``.
+    ``info`` has ``converged``, ``steps``, ``residual``, ``stalled``.
     """
     if not 1 <= k <= n:
         raise ValueError(f"k: expected 1 <= k <= N = {n}, got {k}")
@@ -282,8 +289,10 @@ def chebyshev_eigvecs(
         return theta, q, res
 
     theta, x, res = ritz(x)
-    steps = 0
+    steps, history = 0, [res]
     while not res <= tol and steps < max_steps:
+        if len(history) > STALL_STEPS and res > STALL_RATIO * history[-1 - STALL_STEPS]:
+            break  # stalled: the products' rounding floors the residual (TF32: about 1e-3)
         steps += 1
         cut = float(theta[-1])  # damp [-1, cut]; the floor on its half-width keeps the
         # polynomial under 1e21 on [-1, 1] (float32 holds it) where cut nears -1
@@ -293,7 +302,10 @@ def chebyshev_eigvecs(
             y_prev, y = y, 2 * (matmul(y) - centre * y) / half - y_prev
         x, _ = torch.linalg.qr(y)
         theta, x, res = ritz(x)
-    return theta[:k], x[:, :k], dict(converged=res <= tol, steps=steps, residual=res)
+        history.append(res)
+    stalled = not res <= tol and steps < max_steps
+    return theta[:k], x[:, :k], dict(converged=res <= tol, steps=steps, residual=res,
+                                     stalled=stalled)  # fmt: skip
 
 
 def _dense_top_eigvecs(s: torch.Tensor, k: int) -> torch.Tensor:
@@ -333,8 +345,9 @@ def _top_eigvecs_subspace(s, k: int, gen: torch.Generator, tol: float, max_iter:
         )  # fmt: skip
     if not info["converged"]:
         name = "Chebyshev" if solver == "chebyshev" else "Krylov"
+        stalled = " (its residual stalled)" if info.get("stalled") else ""
         warnings.warn(
-            f"spectral: the {name} solver stopped at its budget of {max_iter} steps "
+            f"spectral: the {name} solver stopped at its budget of {max_iter} steps{stalled} "
             f"(block residual {info['residual']:.2e} > tol {tol:.0e}); using its Ritz vectors",
             RuntimeWarning,
             stacklevel=2,
@@ -465,6 +478,8 @@ def spectral_embedding(
     if vecs is not None and not info["converged"]:
         name = "Chebyshev" if solver == "chebyshev" else "Krylov"
         ran_out = "stopped at its budget" if eigen_solver == "auto" else "did not converge"
+        if info.get("stalled"):
+            ran_out += " (its residual stalled: are float32 products in TF32?)"
         finish = (
             "finishing with dense eigh" if eigen_solver == "auto" else "using its last Ritz vectors"
         )
