@@ -1,0 +1,226 @@
+"""A lockstep working-set solver in torch, on any device: a prototype of issue 52's GPU
+working sets (not in the package), timed against the fast solver on the same device.
+
+The SSC program (docs/method.md section 2, ``E`` eliminated: a Huber function of each
+column's residual with threshold ``t = lambda_e / lambda_z``) separates over the columns of
+``C``. Here every column takes one step of the feature-sign active-set method (Lee, Battle,
+Raina & Ng 2007) per iteration, all columns at once in batched tensors of ``K`` slots:
+
+1. solve the column's quadratic model on its active set with its signs fixed and its outlier
+   rows (``|r| > t``) held at ``lambda_e |r|``: ``H c = b + nu 1``, ``1^T c = 1`` (a batched
+   Cholesky factorisation of ``H = lambda_z (G_AA - Y_OA^T Y_OA)``, ``K x K`` per column);
+2. step towards that solution: the whole way where the true objective falls there, else to
+   the first point where a coefficient reaches zero or a residual crosses ``t`` (up to there
+   the model is the objective, which therefore falls); a coefficient that reaches zero
+   leaves the set;
+3. where the whole step was taken, add the coefficient whose KKT condition
+   ``|y_j^T u + nu| <= 1`` (``u = lambda_z clip(r, -t, t)``) is violated most, with the sign
+   of ``y_j^T u + nu``; a column with no violation above ``tol`` is done.
+
+Each iteration is two ``D x N x N`` products (the step's residual change and the violations),
+one batched ``K x K`` factorisation and element-wise work over ``D x N``; the outlier rows
+are listed with ``torch.nonzero_static`` (no host read); the host reads whether every column
+is done every ``check_every`` iterations. The answer is checked by the program's duality gap
+(:func:`videoanchor.anchor.duality_gaps`, float64 on the CPU). Measured on this CPU (one
+thread, ``benchmarks/results/lockstep_cpu.json``): iterations, certified columns, time
+(the batched form is not what a CPU should run: the Numba working sets are). The GPU run is
+a step of ``benchmarks/run_gpu.sh`` (``lockstep``) and has not run.
+
+    python benchmarks/bench_lockstep.py [--device cuda] [--frames 4 8] [--patches 48] [--dim 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_ssc import video_tokens  # noqa: E402
+from benchmarks.common import environment, print_table, write_result  # noqa: E402
+from videoanchor.anchor import duality_gaps, solve_ssc_admm  # noqa: E402
+from videoanchor.anchor.ssc import ssc_lambdas  # noqa: E402
+
+DONE, RUNNING, FAILED = 1, 0, -1
+
+
+def _huber(r, t, lam_e, lam_z):
+    a = r.abs()
+    return torch.where(a <= t, 0.5 * lam_z * r * r, lam_e * (a - 0.5 * t))
+
+
+def lockstep_workset(x, lam_e: float, lam_z: float, *, slots: int = 96, max_iter: int = 1000,
+                     tol: float = 1e-9, pairs_per_column: int = 8, check_every: int = 8):  # fmt: skip
+    """``(C, status, iterations)`` for features ``x`` (``N x D``) in float64 on ``x``'s
+    device, from each point's nearest other point (module docstring). ``status`` per column:
+    ``DONE``, ``RUNNING`` (out of iterations) or ``FAILED`` (its set outgrew ``slots``, a
+    singular factor, or more outlier rows over all columns than ``pairs_per_column * N``)."""
+    dt, dev = torch.float64, x.device
+    x = x.to(dt)
+    n, d = x.shape
+    y = x.T.contiguous()
+    gram = x @ x.T
+    t = lam_e / lam_z
+    k = min(slots, n - 1)
+    ar = torch.arange(n, device=dev)
+    dist = gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram
+    dist.fill_diagonal_(math.inf)
+    idx = torch.zeros(n, k, dtype=torch.long, device=dev)
+    idx[:, 0] = dist.argmin(0)
+    del dist
+    c = torch.zeros(n, k, dtype=dt, device=dev)
+    c[:, 0] = 1.0
+    sig, act = c.clone(), c != 0
+    status = torch.zeros(n, dtype=torch.long, device=dev)
+    cols = ar[:, None].expand(n, k).reshape(-1)
+
+    def dense(v):  # the N x N matrix with column i's slots at rows idx[i] (slots never repeat)
+        out = torch.zeros(n, n, dtype=dt, device=dev)
+        return out.index_put_((idx.reshape(-1), cols), (v * act).reshape(-1), accumulate=True)
+
+    r = y - y @ dense(c)
+    capacity = pairs_per_column * n
+    it = 0
+    while it < max_iter:
+        it += 1
+        live = status == RUNNING
+        m = act.to(dt)
+        h = lam_z * gram[idx[:, :, None], idx[:, None, :]]
+        b = lam_z * gram[idx, ar[:, None]]
+        out = r.abs() > t
+        status.masked_fill_(live & (out.sum() > capacity), FAILED)
+        pairs = torch.nonzero_static(out, size=capacity, fill_value=-1)  # (row, column)
+        ok = pairs[:, 0] >= 0
+        o, i = pairs[:, 0].clamp_min(0), pairs[:, 1].clamp_min(0)
+        yo = x[idx[i], o[:, None]] * ok[:, None]  # Y[o, idx[i, :]]
+        h.index_add_(0, i, -lam_z * yo[:, :, None] * yo[:, None, :])
+        b.index_add_(0, i, yo * (lam_e * torch.sign(r[o, i]) - lam_z * y[o, i])[:, None] * ok[:, None])
+        h = h * (m[:, :, None] * m[:, None, :]) + torch.diag_embed(1 - m)
+        b = (b - sig) * m
+        factor, info = torch.linalg.cholesky_ex(h)
+        status.masked_fill_(live & (info != 0), FAILED)
+        sol = torch.cholesky_solve(torch.stack([b, m], -1), factor)
+        nu = (1 - (m * sol[..., 0]).sum(1)) / (m * sol[..., 1]).sum(1)
+        new = (sol[..., 0] + nu[:, None] * sol[..., 1]) * m
+        live = status == RUNNING
+        step = torch.where(live[:, None], new - c, torch.zeros_like(c))
+        # the first coefficient to reach zero (a new one going the wrong way: at once)
+        cross = act & (new * sig <= 0)
+        at = torch.where(c != 0, c / torch.where(cross, c - new, 1.0), torch.zeros_like(c))
+        at = torch.where(cross, at, torch.full_like(c, 2.0))
+        a_sign, first = at.min(1)
+        cap = a_sign.clamp(max=1.0)
+        # the first residual to cross t, where the whole (sign-limited) step does not help
+        dr = -(y @ dense(step))
+        inside = ~out
+        toward = torch.where(inside, torch.sign(dr) * t, torch.sign(r) * t)
+        moving = (inside & (dr != 0)) | (out & (dr * r < 0))
+        a_row = torch.where(moving, (toward - r) / torch.where(dr == 0, 1.0, dr), 2.0)
+        a_row = torch.where(a_row > 0, a_row, 2.0).amin(0)
+
+        def objective(a):
+            return (c + a[:, None] * step).abs().sum(1) + _huber(r + a * dr, t, lam_e, lam_z).sum(0)
+
+        whole = objective(cap) <= objective(torch.zeros_like(cap))
+        alpha = torch.where(whole, cap, torch.minimum(cap, a_row))
+        alpha = torch.where(live, alpha, torch.zeros_like(alpha))
+        c = c + alpha[:, None] * step
+        r = r + alpha * dr
+        drop = torch.zeros_like(act)
+        drop[ar, first] = live & (a_sign <= alpha) & (a_sign < 2.0)
+        c = c.masked_fill(drop, 0.0)
+        act &= ~drop
+        sig = sig * act
+        # the KKT violations where the whole step was taken
+        full = live & (alpha >= 1.0)
+        z = y.T @ (lam_z * r.clamp(-t, t)) + nu
+        held = dense(torch.ones_like(c)) > 0
+        z_out = (z.abs() - 1).masked_fill(held, -math.inf)
+        z_out[ar, ar] = -math.inf
+        worst, j = z_out.max(0)
+        add = full & (worst > tol)
+        status.masked_fill_(full & ~(worst > tol), DONE)
+        free = ~act
+        slot = free.to(torch.int8).argmax(1)
+        status.masked_fill_(add & ~free.any(1), FAILED)
+        add &= free.any(1)
+        rows = ar[add]
+        idx[rows, slot[add]] = j[add]
+        act[rows, slot[add]] = True
+        sig[rows, slot[add]] = torch.sign(z[j[add], rows])
+        if it % check_every == 0:
+            r = y - y @ dense(c)  # the updates' drift
+            if not bool((status == RUNNING).any()):  # the one host read
+                break
+    return dense(c), status, it
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_one(x, device, max_iter) -> dict:
+    x64 = x.double()
+    lam_e, lam_z, _, _ = ssc_lambdas(x64, 800.0, 800.0)
+    xd = x.to(device)
+    solve_ssc_admm(xd, scheduled=True, progress=False)  # warm-up: library start-up
+    _sync(device)
+    t0 = time.perf_counter()
+    fast = solve_ssc_admm(xd, scheduled=True, progress=False)
+    _sync(device)
+    t1 = time.perf_counter()
+    coef, status, iterations = lockstep_workset(xd, lam_e, lam_z, max_iter=max_iter)
+    _sync(device)
+    t2 = time.perf_counter()
+    gaps = duality_gaps(x64, coef, lam_e, lam_z)
+    fast_gaps = duality_gaps(x64, fast.coef, lam_e, lam_z)
+    best = float(gaps.primal.sum())
+    return {
+        "n": x.shape[0], "d": x.shape[1], "iterations": iterations,
+        "columns_done": int((status == DONE).sum()), "columns_failed": int((status == FAILED).sum()),
+        "columns_certified": int((gaps.gap < 1e-9).sum()), "max_gap": float(gaps.gap.max()),
+        "affine_violation": gaps.affine, "nonzeros_median": float((coef != 0).sum(0).median()),
+        "seconds_lockstep": t2 - t1, "seconds_fast": t1 - t0,
+        "lockstep_over_fast": (t2 - t1) / (t1 - t0),
+        "fast_objective_gap": (float(fast_gaps.primal.sum()) - best) / best,
+    }  # fmt: skip
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--frames", type=int, nargs="+", default=None)
+    ap.add_argument("--patches", type=int, default=48)
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--max-iter", type=int, default=1000)
+    ap.add_argument("--quick", action="store_true", help="2 frames of 24 patches, D = 64")
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if args.quick:
+        args.frames, args.patches, args.dim = [2], 24, 64
+    frames = args.frames or [4, 8]
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    meta = environment(args.device)
+    meta["timing"] = "one solve each after a warm-up of the fast solver, in one process"
+    rows = []
+    for f in frames:
+        x = video_tokens(f, args.patches, args.dim, seed=0)
+        rows.append({"frames": f, "patches": args.patches, **run_one(x, device, args.max_iter)})
+        print(rows[-1], flush=True)
+    name = "lockstep_quick" if args.quick else "lockstep"
+    path = write_result(name, meta, rows, args.out_dir)
+    print_table(rows, ["n", "d", "iterations", "columns_certified", "max_gap",
+                       "seconds_lockstep", "seconds_fast", "lockstep_over_fast"])  # fmt: skip
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
