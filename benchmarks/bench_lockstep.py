@@ -6,21 +6,25 @@ column's residual with threshold ``t = lambda_e / lambda_z``) separates over the
 ``C``. Here every column takes one step of the feature-sign active-set method (Lee, Battle,
 Raina & Ng 2007) per iteration, all columns at once in batched tensors of ``K`` slots:
 
-1. solve the column's quadratic model on its active set with its signs fixed and its outlier
-   rows (``|r| > t``) held at ``lambda_e |r|``: ``H c = b + nu 1``, ``1^T c = 1`` (a batched
-   Cholesky factorisation of ``H = lambda_z (G_AA - Y_OA^T Y_OA)``, ``K x K`` per column);
-2. step towards that solution: the whole way where the true objective falls there, else to
-   the first point where a coefficient reaches zero or a residual crosses ``t`` (up to there
-   the model is the objective, which therefore falls); a coefficient that reaches zero
-   leaves the set;
-3. where the whole step was taken, add the coefficient whose KKT condition
-   ``|y_j^T u + nu| <= 1`` (``u = lambda_z clip(r, -t, t)``) is violated most, with the sign
-   of ``y_j^T u + nu``; a column with no violation above ``tol`` is done.
+1. minimise the column's model on its active set with its signs fixed, subject to
+   ``1^T c = 1``: the l1 term (linear there), the data term's gradient at ``c`` and its
+   curvature ``lambda_z Y_IA^T Y_IA`` over the rows ``I`` whose residual is inside ``t``
+   (the rows outside, at most ``outlier_rows`` of them, listed per column in a padded
+   table): a batched Cholesky factorisation, ``K x K`` per column. That model is the
+   objective until a coefficient or a residual changes side. A column with more rows past
+   ``t`` takes ``lambda_z G_AA`` instead, which bounds the Huber function's curvature (a
+   majorize-minimize step);
+2. step towards the model's minimiser: up to the first coefficient that reaches zero (it
+   leaves the set; a new one going the wrong way leaves at once), and, for an exact model,
+   the whole way only where the objective falls there, else up to the first residual that
+   crosses ``t``: the objective falls;
+3. where the whole step was taken and the KKT conditions hold on the set, add the
+   coefficient whose condition ``|y_j^T u + nu| <= 1`` (``u = lambda_z clip(r, -t, t)``) is
+   violated most, with the sign of ``y_j^T u + nu``; a column with none above ``tol`` is done.
 
-Each iteration is two ``D x N x N`` products (the step's residual change and the violations),
-one batched ``K x K`` factorisation and element-wise work over ``D x N``; the outlier rows
-are listed with ``torch.nonzero_static`` (no host read); the host reads whether every column
-is done every ``check_every`` iterations. The answer is checked by the program's duality gap
+Each iteration is two ``D x N x N`` products (the step's residual change and the gradient),
+one batched ``K x K`` factorisation and element-wise work over ``D x N``; the host reads
+whether every column is done every ``check_every`` iterations. The answer is checked by the program's duality gap
 (:func:`videoanchor.anchor.duality_gaps`, float64 on the CPU). Measured on this CPU (one
 thread, ``benchmarks/results/lockstep_cpu.json``): iterations, certified columns, time
 (the batched form is not what a CPU should run: the Numba working sets are). The GPU run is
@@ -53,19 +57,20 @@ def _huber(r, t, lam_e, lam_z):
     return torch.where(a <= t, 0.5 * lam_z * r * r, lam_e * (a - 0.5 * t))
 
 
-def lockstep_workset(x, lam_e: float, lam_z: float, *, slots: int = 96, max_iter: int = 1000,
-                     tol: float = 1e-9, pairs_per_column: int = 8, check_every: int = 8):  # fmt: skip
+def lockstep_workset(x, lam_e: float, lam_z: float, *, slots: int = 96, outlier_rows: int = 64,
+                     max_iter: int = 1000, tol: float = 1e-9, check_every: int = 8):  # fmt: skip
     """``(C, status, iterations)`` for features ``x`` (``N x D``) in float64 on ``x``'s
     device, from each point's nearest other point (module docstring). ``status`` per column:
-    ``DONE``, ``RUNNING`` (out of iterations) or ``FAILED`` (its set outgrew ``slots``, a
-    singular factor, or more outlier rows over all columns than ``pairs_per_column * N``)."""
+    ``DONE``, ``RUNNING`` (out of iterations) or ``FAILED`` (its set outgrew ``slots``, or
+    a singular factor). A column with more than ``outlier_rows`` residuals past ``t`` takes
+    the majorize-minimize step."""
     dt, dev = torch.float64, x.device
     x = x.to(dt)
     n, d = x.shape
     y = x.T.contiguous()
     gram = x @ x.T
     t = lam_e / lam_z
-    k = min(slots, n - 1)
+    k, w = min(slots, n - 1), min(outlier_rows, d)
     ar = torch.arange(n, device=dev)
     dist = gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram
     dist.fill_diagonal_(math.inf)
@@ -77,33 +82,39 @@ def lockstep_workset(x, lam_e: float, lam_z: float, *, slots: int = 96, max_iter
     sig, act = c.clone(), c != 0
     status = torch.zeros(n, dtype=torch.long, device=dev)
     cols = ar[:, None].expand(n, k).reshape(-1)
+    row_ids = torch.arange(d, device=dev)[None, :].expand(n, d)
 
     def dense(v):  # the N x N matrix with column i's slots at rows idx[i] (slots never repeat)
         out = torch.zeros(n, n, dtype=dt, device=dev)
         return out.index_put_((idx.reshape(-1), cols), (v * act).reshape(-1), accumulate=True)
 
+    def objective(a, step, dr):
+        return (c + a[:, None] * step).abs().sum(1) + _huber(r + a * dr, t, lam_e, lam_z).sum(0)
+
     r = y - y @ dense(c)
-    capacity = pairs_per_column * n
+    corr = y.T @ (lam_z * r.clamp(-t, t))  # corr[j, i] = y_j^T u_i: minus the data term's gradient
     it = 0
     while it < max_iter:
         it += 1
         live = status == RUNNING
         m = act.to(dt)
-        h = lam_z * gram[idx[:, :, None], idx[:, None, :]]
-        b = lam_z * gram[idx, ar[:, None]]
+        # each column's rows past t, in a padded list of w (a column with more: exact=False)
         out = r.abs() > t
-        status.masked_fill_(live & (out.sum() > capacity), FAILED)
-        pairs = torch.nonzero_static(out, size=capacity, fill_value=-1)  # (row, column)
-        ok = pairs[:, 0] >= 0
-        o, i = pairs[:, 0].clamp_min(0), pairs[:, 1].clamp_min(0)
-        yo = x[idx[i], o[:, None]] * ok[:, None]  # Y[o, idx[i, :]]
-        h.index_add_(0, i, -lam_z * yo[:, :, None] * yo[:, None, :])
-        b.index_add_(0, i, yo * (lam_e * torch.sign(r[o, i]) - lam_z * y[o, i])[:, None] * ok[:, None])
+        count = out.sum(0)
+        exact = count <= w
+        pos = torch.where(out, out.cumsum(0) - 1, w).clamp(max=w).T  # N x D, w: not listed
+        rows = torch.zeros(n, w + 1, dtype=torch.long, device=dev).scatter_(1, pos, row_ids)[:, :w]
+        listed = (torch.arange(w, device=dev)[None, :] < count[:, None]) & exact[:, None]
+        yo = x[idx[:, :, None], rows[:, None, :]] * listed[:, None, :]  # N x K x w
+        # the model on the set with its signs: the l1 term, the data term's gradient and its
+        # curvature, lambda_z Y_IA^T Y_IA (exact: the objective until a sign or a residual
+        # changes side) or lambda_z G_AA (above it: a majorize-minimize step)
+        h = lam_z * (gram[idx[:, :, None], idx[:, None, :]] - yo @ yo.transpose(1, 2))
+        b = (h @ c[:, :, None])[..., 0] + corr.T.gather(1, idx) - sig
         h = h * (m[:, :, None] * m[:, None, :]) + torch.diag_embed(1 - m)
-        b = (b - sig) * m
         factor, info = torch.linalg.cholesky_ex(h)
         status.masked_fill_(live & (info != 0), FAILED)
-        sol = torch.cholesky_solve(torch.stack([b, m], -1), factor)
+        sol = torch.cholesky_solve(torch.stack([b * m, m], -1), factor)
         nu = (1 - (m * sol[..., 0]).sum(1)) / (m * sol[..., 1]).sum(1)
         new = (sol[..., 0] + nu[:, None] * sol[..., 1]) * m
         live = status == RUNNING
@@ -114,48 +125,46 @@ def lockstep_workset(x, lam_e: float, lam_z: float, *, slots: int = 96, max_iter
         at = torch.where(cross, at, torch.full_like(c, 2.0))
         a_sign, first = at.min(1)
         cap = a_sign.clamp(max=1.0)
-        # the first residual to cross t, where the whole (sign-limited) step does not help
+        # an exact model past a residual's crossing of t: the whole step where the objective
+        # falls there, else up to the first crossing (a majorizing model: the whole step)
         dr = -(y @ dense(step))
-        inside = ~out
-        toward = torch.where(inside, torch.sign(dr) * t, torch.sign(r) * t)
-        moving = (inside & (dr != 0)) | (out & (dr * r < 0))
+        toward = torch.where(out, torch.sign(r), torch.sign(dr)) * t
+        moving = (~out & (dr != 0)) | (out & (dr * r < 0))
         a_row = torch.where(moving, (toward - r) / torch.where(dr == 0, 1.0, dr), 2.0)
         a_row = torch.where(a_row > 0, a_row, 2.0).amin(0)
-
-        def objective(a):
-            return (c + a[:, None] * step).abs().sum(1) + _huber(r + a * dr, t, lam_e, lam_z).sum(0)
-
-        whole = objective(cap) <= objective(torch.zeros_like(cap))
+        whole = ~exact | (objective(cap, step, dr) <= objective(torch.zeros_like(cap), step, dr))
         alpha = torch.where(whole, cap, torch.minimum(cap, a_row))
         alpha = torch.where(live, alpha, torch.zeros_like(alpha))
         c = c + alpha[:, None] * step
         r = r + alpha * dr
         drop = torch.zeros_like(act)
-        drop[ar, first] = live & (a_sign <= alpha) & (a_sign < 2.0)
+        drop[ar, first] = live & (a_sign <= alpha)
         c = c.masked_fill(drop, 0.0)
         act &= ~drop
         sig = sig * act
-        # the KKT violations where the whole step was taken
+        if it % check_every == 0:
+            r = y - y @ dense(c)  # the updates' drift
+        corr = y.T @ (lam_z * r.clamp(-t, t))
+        # KKT where the whole step was taken: on the set, then the worst violation off it
         full = live & (alpha >= 1.0)
-        z = y.T @ (lam_z * r.clamp(-t, t)) + nu
+        z = corr + nu
+        on = ((z.T.gather(1, idx) - sig).abs() * act).amax(1) <= tol
         held = dense(torch.ones_like(c)) > 0
         z_out = (z.abs() - 1).masked_fill(held, -math.inf)
         z_out[ar, ar] = -math.inf
         worst, j = z_out.max(0)
-        add = full & (worst > tol)
-        status.masked_fill_(full & ~(worst > tol), DONE)
+        add = full & on & (worst > tol)
+        status.masked_fill_(full & on & ~(worst > tol), DONE)
         free = ~act
         slot = free.to(torch.int8).argmax(1)
         status.masked_fill_(add & ~free.any(1), FAILED)
         add &= free.any(1)
-        rows = ar[add]
-        idx[rows, slot[add]] = j[add]
-        act[rows, slot[add]] = True
-        sig[rows, slot[add]] = torch.sign(z[j[add], rows])
-        if it % check_every == 0:
-            r = y - y @ dense(c)  # the updates' drift
-            if not bool((status == RUNNING).any()):  # the one host read
-                break
+        new_rows = ar[add]
+        idx[new_rows, slot[add]] = j[add]
+        act[new_rows, slot[add]] = True
+        sig[new_rows, slot[add]] = torch.sign(z[j[add], new_rows])
+        if it % check_every == 0 and not bool((status == RUNNING).any()):  # the host read
+            break
     return dense(c), status, it
 
 

@@ -21,7 +21,7 @@
 # run to completion on a GPU yet (ESTIMATED caps): they run --quick (or small sizes).
 #
 # Other forms: STEPS="name ..." runs the named steps only (names: tests profile nsys ncu
-# attention decode paged sparse_spectral request_cost profile_ssc spectral backward ssc blocked integration
+# attention decode paged sparse_spectral request_cost profile_ssc lockstep spectral backward ssc blocked integration
 # scores tune vllm tp; tp runs bench_tp and bench_split); no CALL runs every step in one
 # call (more than ten minutes); STEP_TIMEOUT=seconds lowers every cap; an argument --quick
 # passes --quick to the kernel benchmarks, request_cost and tp. Also set
@@ -36,7 +36,7 @@ QUICK=()
 [ "${1:-}" = "--quick" ] && QUICK=(--quick)
 TESTS="tests:560"
 CALL1="profile:50 nsys:60 ncu:90 attention:150 decode:100 paged:50 sparse_spectral:40"
-CALL2="request_cost:240 profile_ssc:30 spectral:60 backward:40 ssc:40 blocked:40 integration:50 scores:30 tune:30 vllm:0 tp:0"
+CALL2="request_cost:240 profile_ssc:30 lockstep:90 spectral:60 backward:40 ssc:40 blocked:40 integration:50 scores:30 tune:30 vllm:0 tp:0"
 case "${CALL:-}" in
   1) PLAN="$CALL1" ;;
   2) PLAN="$CALL2" ;;
@@ -124,6 +124,10 @@ if want request_cost; then
 fi
 if want profile_ssc; then  # where the scores' time goes, by stage and operator
   step profile_ssc profile_ssc.log python benchmarks/profile_ssc.py --n 2048 --solvers fast
+fi
+if want lockstep; then  # the lockstep working sets (a prototype) against the fast solver
+  step lockstep bench_lockstep.log python benchmarks/bench_lockstep.py --device cuda \
+    --frames 8 16 --patches 128 --dim 3584 --out-dir "$OUT"
 fi
 if want spectral; then
   step spectral bench_spectral.log python benchmarks/bench_spectral.py --device cuda --no-ssc \
