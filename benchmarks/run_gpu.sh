@@ -4,7 +4,7 @@
 # minutes: the profile and the benchmarks take two calls, the tests one of their own.
 #
 #   OUT=/some/dir CALL=1 bash benchmarks/run_gpu.sh      # profile, attention, decode, paged,
-#                                                        # the sparse spectral step
+#                                                        # the sparse spectral step, lockstep
 #   OUT=/some/dir CALL=2 bash benchmarks/run_gpu.sh      # the scores' benchmarks, backward,
 #                                                        # ssc, blocked, integration, tune
 #   OUT=/some/dir CALL=tests bash benchmarks/run_gpu.sh  # pytest -m gpu tests
@@ -14,11 +14,13 @@
 # ten minutes whatever a step does, and a step that would start with less than 15 s left
 # is skipped and named. A stopped step keeps the JSON it already wrote (bench_request_cost
 # writes its rows as they finish; the others at their end). The caps come from the two
-# H100 leases (benchmarks/results/logs/h100-2026-11-2*): the gpu tests took 168 s with
+# H100 leases (benchmarks/results/logs/h100-2026-11-2*; decode and paged from the second
+# 2026-11-26 H200 lease: 42 s and 17 s, logs/gpu-2026-11-26-b): the gpu tests took 168 s with
 # Triton's cache warm and over 190 s cold; attention, decode and paged about 200 s
 # together; request_cost's fidelity 94 s, sensitivity (5 trials) 39 s, the 16-frame cost
 # row within its budget. The profile, backward, blocked, integration, ssc and tune have not
-# run to completion on a GPU yet (ESTIMATED caps): they run --quick (or small sizes).
+# run to completion on a GPU yet (ESTIMATED caps): they run --quick (or small sizes); nor has
+# lockstep (ESTIMATED: two solves at N = 1024 and 2048 and the fast solver's).
 #
 # Other forms: STEPS="name ..." runs the named steps only (names: tests profile nsys ncu
 # attention decode paged sparse_spectral request_cost profile_ssc lockstep spectral backward ssc blocked integration
@@ -35,8 +37,8 @@ mkdir -p "$OUT"
 QUICK=()
 [ "${1:-}" = "--quick" ] && QUICK=(--quick)
 TESTS="tests:560"
-CALL1="profile:50 nsys:60 ncu:90 attention:150 decode:100 paged:50 sparse_spectral:40"
-CALL2="request_cost:240 profile_ssc:30 lockstep:90 spectral:60 backward:40 ssc:40 blocked:40 integration:50 scores:30 tune:30 vllm:0 tp:0"
+CALL1="profile:50 nsys:60 ncu:90 attention:150 decode:60 paged:30 sparse_spectral:40 lockstep:60"
+CALL2="request_cost:240 profile_ssc:30 spectral:60 backward:40 ssc:40 blocked:40 integration:50 scores:30 tune:30 vllm:0 tp:0"
 case "${CALL:-}" in
   1) PLAN="$CALL1" ;;
   2) PLAN="$CALL2" ;;
