@@ -115,11 +115,12 @@ def _normalized_affinity(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 #   ("eigh_cost_n3" there: 1.1 to 8.5, median 2.7): the Krylov budget in flops is
 #   EIGH_COST * N^3, about one dense eigh, so "auto" never costs much over 2x eigh.
 # - EIGH_CROSSOVER["cuda"]: spectral_nvidia-h200.json (an H200, 2026-11-26, same
-#   affinities): dense eigh whole clustering 0.018-0.025 s at N = 1024, 0.033-0.038 s at
-#   2048, 0.099-0.103 s at 4096; the Chebyshev prototype (a fixed 6 filter steps) 0.017-
-#   0.021 s, 0.014-0.018 s and 0.018-0.022 s, the same labels wherever there is a gap at
-#   24 (logs/gpu-2026-11-26-b). So dense up to 1024, :func:`chebyshev_eigvecs` above (on
-#   an H100, 2026-11-24, the block Krylov solver lost to dense eigh up to 4096).
+#   affinities, with and without a gap): dense eigh whole clustering 0.020-0.023 s at
+#   N = 1024, 0.035-0.039 s at 2048, 0.097-0.102 s at 4096, 0.50-0.51 s at 8192;
+#   :func:`chebyshev_eigvecs` 0.016-0.025 s, 0.018-0.031 s, 0.016-0.035 s and 0.031-0.067 s,
+#   the same labels wherever there is a gap at 24. So dense up to 1024 (even there),
+#   Chebyshev above (on an H100, 2026-11-24, the block Krylov solver lost to dense eigh up
+#   to 4096; on the H200 it took 0.046-0.160 s at 2048-4096).
 EIGH_CROSSOVER = {"cpu": 2048, "cuda": 1024}
 #: What "auto" runs above the crossover: on the CPU the block Krylov solver (its products
 #: cost, not its launches), on a GPU Chebyshev.
@@ -226,15 +227,16 @@ def block_krylov_eigvecs(
 
 #: :func:`chebyshev_eigvecs`' defaults: the filter's degree, the guard vectors beside the
 #: ``k`` wanted, and the most filter steps where ``spectral_embedding`` runs it by "auto"
-#: (then dense ``eigh``). On ``bench_spectral``'s affinities (float32, N = 1024 and 2048)
-#: it stopped on the block residual 1e-4 after 3 steps with a gap at k = 24 and 9-10
-#: without one (this CPU, one measurement each).
+#: (then dense ``eigh``). On ``bench_spectral``'s affinities (float32, N = 1024 to 8192)
+#: it stopped on the block residual 1e-4 after 3 steps with a gap at k = 24 and 9-17
+#: without one (spectral_nvidia-h200.json).
 CHEBYSHEV_DEGREE, CHEBYSHEV_GUARD, CHEBYSHEV_STEPS = 8, 12, 30
 #: :func:`chebyshev_eigvecs` stops early where ``STALL_STEPS`` steps cut the residual by
 #: less than ``1 - STALL_RATIO``: where the products round (TF32 products, which a process
 #: may impose on the spectral step beside a compiled model, floor it near 1e-3: on the
 #: 2026-11-26 H200 lease all 30 steps ran at 1.0-1.1e-3, then dense eigh), no step helps. The
-#: slowest convergence measured without a gap fell about 1.5x per step.
+#: slowest convergence measured, without a gap, cut it about 1.4x per step (the sparse
+#: affinity at N = 8192 to 1e-7 in 44 steps, sparse_spectral_nvidia-h200.json).
 STALL_STEPS, STALL_RATIO = 3, 0.9
 
 
