@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.cluster import SpectralClustering
 from sklearn.cluster._spectral import discretize as sk_discretize
 from sklearn.metrics import adjusted_rand_score
@@ -243,6 +245,31 @@ def test_chebyshev_finds_the_leading_subspace_and_eigh_labels_with_a_gap():
     labels = spectral_clustering(w, k, seed=0, eigen_solver="chebyshev")
     ref = spectral_clustering(w, k, seed=0, eigen_solver="eigh")
     assert adjusted_rand_score(labels.numpy(), ref.numpy()) == 1.0
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sizes=st.lists(st.integers(8, 40), min_size=2, max_size=7),
+    p_out=st.floats(0.0, 0.08),
+    seed=st.integers(0, 2**16),
+)
+def test_chebyshev_finds_eighs_subspace_wherever_there_is_a_gap(sizes, p_out, seed):
+    """Random block affinities of odd sizes: where the spectrum has a gap after the k-th
+    value, the converged block spans eigh's leading subspace (Davis-Kahan: residual / gap)."""
+    w, _ = block_affinity(sizes, p_out=p_out, seed=seed)
+    k, n = len(sizes), sum(sizes)
+    s = _normalized(w)
+    ev, vec = torch.linalg.eigh(s)
+    gap = float(ev[-k] - ev[-k - 1])
+    theta, q, info = chebyshev_eigvecs(lambda x: s @ x, n, k, dtype=s.dtype, device="cpu",
+                                       seed=seed, tol=1e-9, max_steps=200)  # fmt: skip
+    assert q.shape == (n, k) and torch.isfinite(q).all()
+    torch.testing.assert_close(q.T @ q, torch.eye(k, dtype=q.dtype), rtol=0, atol=1e-10)
+    if gap > 0.05:
+        assert info["converged"], (info, gap)
+        top = vec[:, -k:]
+        assert float((q @ q.T - top @ top.T).abs().max()) < 1e-6
+        torch.testing.assert_close(theta, ev[-k:].flip(0), rtol=0, atol=1e-8)
 
 
 def test_chebyshev_stops_where_rounded_products_stall_it():
