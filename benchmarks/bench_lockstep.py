@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_spectral import _sync  # noqa: E402
 from benchmarks.bench_ssc import video_tokens  # noqa: E402
 from benchmarks.common import environment, print_table, write_result  # noqa: E402
 from videoanchor.anchor import duality_gaps, solve_ssc_admm  # noqa: E402
@@ -166,11 +167,6 @@ def lockstep_workset(x, lam_e: float, lam_z: float, *, slots: int = 96, outlier_
         if it % check_every == 0 and not bool((status == RUNNING).any()):  # the host read
             break
     return dense(c), status, it
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_one(x, device, max_iter) -> dict:

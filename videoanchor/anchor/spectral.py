@@ -328,23 +328,33 @@ def _dense_top_eigvecs(s: torch.Tensor, k: int) -> torch.Tensor:
     return v[:, -k:].flip(1)
 
 
+def _block_eigvecs(s, k: int, solver: str, *, seed: int, tol: float, max_steps: int | None,
+                   max_flops: float = math.inf):  # fmt: skip
+    """The ``k`` leading eigenpairs of ``s`` (dense or sparse) by the block solver
+    ``solver`` (``"chebyshev"``: :func:`chebyshev_eigvecs`, at most ``max_steps`` steps, or
+    :data:`CHEBYSHEV_STEPS` where None; else :func:`block_krylov_eigvecs`, with
+    ``max_flops``): ``(theta, Q, info)``."""
+    n = s.shape[0]
+    if solver == "chebyshev":
+        return chebyshev_eigvecs(
+            lambda x: s @ x, n, k, dtype=s.dtype, device=s.device, seed=seed, tol=tol,
+            max_steps=CHEBYSHEV_STEPS if max_steps is None else max_steps,
+        )  # fmt: skip
+    nnz = s._nnz() if s.layout != torch.strided else n * n
+    return block_krylov_eigvecs(
+        lambda x: s @ x, n, k, dtype=s.dtype, device=s.device, seed=seed, tol=tol,
+        matmul_flops=2.0 * nnz, max_flops=max_flops, max_steps=max_steps,
+    )  # fmt: skip
+
+
 def _top_eigvecs_subspace(s, k: int, gen: torch.Generator, tol: float, max_iter: int,
                           solver: str = "krylov"):  # fmt: skip
     """The top eigenvectors of a sparse operator (the blocked mode's sparse affinity,
     :func:`sparse_spectral_labels`): the block Krylov solver (``solver="krylov"``) or the
     Chebyshev one (``"chebyshev"``) with a budget of ``max_iter`` steps, warning if it runs
     out. Returns ``(theta, vectors, steps, converged)``."""
-    n = s.shape[0]
     seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
-    if solver == "chebyshev":
-        theta, q, info = chebyshev_eigvecs(lambda x: s @ x, n, k, dtype=s.dtype, device=s.device,
-                                           seed=seed, tol=tol, max_steps=max_iter)  # fmt: skip
-    else:
-        nnz = s._nnz() if s.layout != torch.strided else n * n
-        theta, q, info = block_krylov_eigvecs(
-            lambda x: s @ x, n, k, dtype=s.dtype, device=s.device, seed=seed, tol=tol,
-            matmul_flops=2 * nnz, max_steps=max_iter,
-        )  # fmt: skip
+    theta, q, info = _block_eigvecs(s, k, solver, seed=seed, tol=tol, max_steps=max_iter)
     if not info["converged"]:
         name = "Chebyshev" if solver == "chebyshev" else "Krylov"
         stalled = " (its residual stalled)" if info.get("stalled") else ""
@@ -466,17 +476,10 @@ def spectral_embedding(
     if n < 4 * (n_components + 8):
         solver = "eigh"
     vecs = None
-    if solver == "chebyshev":
-        _, vecs, info = chebyshev_eigvecs(
-            lambda x: s @ x, n, n_components, dtype=s.dtype, device=s.device, seed=seed,
-            tol=tol, max_steps=CHEBYSHEV_STEPS if max_iter is None else max_iter,
-        )  # fmt: skip
-    elif solver != "eigh":
+    if solver != "eigh":
         budget = math.inf if eigen_solver != "auto" else EIGH_COST * float(n) ** 3
-        _, vecs, info = block_krylov_eigvecs(
-            lambda x: s @ x, n, n_components, dtype=s.dtype, device=s.device, seed=seed,
-            tol=tol, matmul_flops=2.0 * n * n, max_flops=budget, max_steps=max_iter,
-        )  # fmt: skip
+        _, vecs, info = _block_eigvecs(s, n_components, solver, seed=seed, tol=tol,
+                                       max_steps=max_iter, max_flops=budget)  # fmt: skip
     if vecs is not None and not info["converged"]:
         name = "Chebyshev" if solver == "chebyshev" else "Krylov"
         ran_out = "stopped at its budget" if eigen_solver == "auto" else "did not converge"
