@@ -26,6 +26,28 @@ def test_lockstep_reaches_the_certified_minimiser_with_outliers():
     torch.testing.assert_close(coef, ref.coef, rtol=0, atol=1e-8)
 
 
+def test_lockstep_from_a_start_reaches_the_same_minimiser():
+    x = video_tokens(2, 30, 48, seed=3, noise=0.05).double()
+    lam_e, lam_z, _, _ = ssc_lambdas(x, 800.0, 800.0)
+    cold, status, cold_iterations = bl.lockstep_workset(x, lam_e, lam_z, check_every=4)
+    assert bool((status == bl.DONE).all())
+    gen = torch.Generator().manual_seed(1)
+    # an approximation: the support perturbed, with three wrong entries per column (a start
+    # must keep its support independent: the prototype has no rule for one that is not)
+    extra = torch.zeros_like(cold).scatter_(0, torch.randint(0, 60, (3, 60), generator=gen), 0.05)
+    noisy = cold + 0.05 * torch.randn(cold.shape, generator=gen, dtype=cold.dtype) * (cold != 0)
+    noisy = noisy + extra
+    negative = -cold.abs()  # no column sums to anything positive: every one from its nearest point
+    for start in (cold, noisy, negative):
+        coef, status, _ = bl.lockstep_workset(x, lam_e, lam_z, check_every=4, coef_init=start)
+        assert bool((status == bl.DONE).all())
+        gaps = duality_gaps(x, coef, lam_e, lam_z)
+        assert float(gaps.gap.max()) < 1e-9 and gaps.affine < 1e-12 and gaps.diagonal == 0
+        torch.testing.assert_close(coef, cold, rtol=0, atol=1e-8)
+    exact = bl.lockstep_workset(x, lam_e, lam_z, check_every=4, coef_init=cold)[2]
+    assert exact <= 8 < cold_iterations  # the minimiser as a start: one check, no steps to take
+
+
 def test_lockstep_says_where_its_slots_run_out():
     x = video_tokens(2, 24, 64, seed=0).double()
     lam_e, lam_z, _, _ = ssc_lambdas(x, 800.0, 800.0)
@@ -41,3 +63,4 @@ def test_bench_lockstep_quick_rows(tmp_path):
     rows = json.loads(data.read_text())["rows"]
     assert len(rows) == 1 and rows[0]["columns_certified"] == rows[0]["n"] == 48
     assert rows[0]["seconds_lockstep"] > 0 and rows[0]["seconds_fast"] > 0
+    assert rows[0]["warm_columns_certified"] == 48 and rows[0]["seconds_warm"] > 0
