@@ -138,7 +138,10 @@ def lockstep_workset(x, lam_e: float, lam_z: float, *, slots: int = 96, outlier_
         factor = torch.where(exact[:, None, None], f_ex, f_mm)
         b = (h @ c[:, :, None])[..., 0] + corr.T.gather(1, idx) - sig
         status.masked_fill_(live & (info != 0), FAILED)
-        sol = torch.cholesky_solve(torch.stack([b * m, m], -1), factor)
+        # two triangular solves: cholesky_solve checks its info on the host (a device read)
+        rhs = torch.stack([b * m, m], -1)
+        sol = torch.linalg.solve_triangular(factor, rhs, upper=False)
+        sol = torch.linalg.solve_triangular(factor.transpose(1, 2), sol, upper=True)
         nu = (1 - (m * sol[..., 0]).sum(1)) / (m * sol[..., 1]).sum(1)
         new = (sol[..., 0] + nu[:, None] * sol[..., 1]) * m
         live = status == RUNNING
@@ -183,10 +186,11 @@ def lockstep_workset(x, lam_e: float, lam_z: float, *, slots: int = 96, outlier_
         slot = free.to(torch.int8).argmax(1)
         status.masked_fill_(add & ~free.any(1), FAILED)
         add &= free.any(1)
-        new_rows = ar[add]
-        idx[new_rows, slot[add]] = j[add]
-        act[new_rows, slot[add]] = True
-        sig[new_rows, slot[add]] = torch.sign(z[j[add], new_rows])
+        # the new coefficient's slot, by masks (indexing by a boolean mask reads the device)
+        sel = torch.zeros_like(act).scatter_(1, slot[:, None], add[:, None])
+        idx = torch.where(sel, j[:, None], idx)
+        act |= sel
+        sig = torch.where(sel, torch.sign(z.gather(0, j[None, :]))[0][:, None], sig)
         if it % check_every == 0 and not bool((status == RUNNING).any()):  # the host read
             break
     return dense(c), status, it

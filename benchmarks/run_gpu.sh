@@ -20,7 +20,7 @@
 # together; request_cost's fidelity 94 s, sensitivity (5 trials) 39 s, the 16-frame cost
 # row within its budget. The profile, backward, blocked, integration, ssc and tune have not
 # run to completion on a GPU yet (ESTIMATED caps): they run --quick (or small sizes); nor has
-# lockstep (ESTIMATED: two solves at N = 1024 and 2048 and the fast solver's).
+# lockstep (ESTIMATED: a cold and a warm solve at N = 1024 and 2048 and the fast solver's).
 #
 # Other forms: STEPS="name ..." runs the named steps only (names: tests profile nsys ncu
 # attention decode paged sparse_spectral request_cost profile_ssc lockstep spectral backward ssc blocked integration

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks import bench_lockstep as bl
+from benchmarks.bench_host_overhead import SYNC_OPS
 from benchmarks.bench_ssc import video_tokens
 from videoanchor.anchor import duality_gaps, reference_minimiser
 from videoanchor.anchor.ssc import ssc_lambdas
@@ -64,3 +65,21 @@ def test_bench_lockstep_quick_rows(tmp_path):
     assert len(rows) == 1 and rows[0]["columns_certified"] == rows[0]["n"] == 48
     assert rows[0]["seconds_lockstep"] > 0 and rows[0]["seconds_fast"] > 0
     assert rows[0]["warm_columns_certified"] == 48 and rows[0]["seconds_warm"] > 0
+
+
+def test_lockstep_reads_the_device_once_per_check():
+    """No host read inside the iterations (each is a stall on a GPU): only the check of
+    whether every column is done, once every ``check_every`` iterations."""
+    x = video_tokens(2, 30, 48, seed=3, noise=0.05).double()
+    lam_e, lam_z, _, _ = ssc_lambdas(x, 800.0, 800.0)
+
+    def reads(max_iter):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            bl.lockstep_workset(x, lam_e, lam_z, max_iter=max_iter, check_every=8)
+        # a read is the outermost of the nested operators that take a value to the host
+        return sum(
+            e.name in SYNC_OPS and (e.cpu_parent is None or e.cpu_parent.name not in SYNC_OPS)
+            for e in prof.events()
+        )
+
+    assert reads(8) == 1 and reads(24) == 3
