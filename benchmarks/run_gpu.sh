@@ -20,7 +20,7 @@
 # together; request_cost's fidelity 94 s, sensitivity (5 trials) 39 s, the 16-frame cost
 # row within its budget. The profile, backward, blocked, integration, ssc and tune have not
 # run to completion on a GPU yet (ESTIMATED caps): they run --quick (or small sizes); nor has
-# lockstep (ESTIMATED: a cold and a warm solve at N = 1024 and 2048 and the fast solver's).
+# lockstep (ESTIMATED: torch.compile of its iteration, then a cold and a warm solve at N = 2048).
 #
 # Other forms: STEPS="name ..." runs the named steps only (names: tests profile nsys ncu
 # attention decode paged sparse_spectral request_cost profile_ssc lockstep spectral backward ssc blocked integration
@@ -37,7 +37,7 @@ mkdir -p "$OUT"
 QUICK=()
 [ "${1:-}" = "--quick" ] && QUICK=(--quick)
 TESTS="tests:560"
-CALL1="profile:50 nsys:60 ncu:90 attention:150 decode:60 paged:30 sparse_spectral:40 lockstep:60"
+CALL1="profile:50 nsys:60 ncu:90 attention:150 decode:60 paged:30 sparse_spectral:40 lockstep:80"
 CALL2="request_cost:240 profile_ssc:30 spectral:60 backward:40 ssc:40 blocked:40 integration:50 scores:30 tune:30 vllm:0 tp:0"
 case "${CALL:-}" in
   1) PLAN="$CALL1" ;;
@@ -128,8 +128,8 @@ if want profile_ssc; then  # where the scores' time goes, by stage and operator
   step profile_ssc profile_ssc.log python benchmarks/profile_ssc.py --n 2048 --solvers fast
 fi
 if want lockstep; then  # the lockstep working sets (a prototype) against the fast solver
-  step lockstep bench_lockstep.log python benchmarks/bench_lockstep.py --device cuda \
-    --frames 8 16 --patches 128 --dim 3584 --out-dir "$OUT"
+  step lockstep bench_lockstep.log python benchmarks/bench_lockstep.py --device cuda --compile \
+    --frames 16 --patches 128 --dim 3584 --out-dir "$OUT"
 fi
 if want spectral; then
   step spectral bench_spectral.log python benchmarks/bench_spectral.py --device cuda --no-ssc \

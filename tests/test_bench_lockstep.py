@@ -83,3 +83,15 @@ def test_lockstep_reads_the_device_once_per_check():
         )
 
     assert reads(8) == 1 and reads(24) == 3
+
+
+def test_compiled_iteration_is_one_graph_with_the_eager_answer():
+    """``compile=True`` runs the iteration through ``torch.compile`` with ``fullgraph``
+    (a graph break would raise): the same iterations and answer as eagerly."""
+    x = video_tokens(2, 20, 32, seed=5, noise=0.05).double()
+    lam_e, lam_z, _, _ = ssc_lambdas(x, 800.0, 800.0)
+    eager, status, iterations = bl.lockstep_workset(x, lam_e, lam_z, check_every=4)
+    assert bool((status == bl.DONE).all())
+    coef, status_c, iterations_c = bl.lockstep_workset(x, lam_e, lam_z, check_every=4, compile=True)
+    assert iterations_c == iterations and torch.equal(status_c, status)
+    torch.testing.assert_close(coef, eager, rtol=0, atol=1e-10)
