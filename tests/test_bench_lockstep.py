@@ -85,9 +85,13 @@ def test_lockstep_reads_the_device_once_per_check():
     assert reads(8) == 1 and reads(24) == 3
 
 
-def test_compiled_iteration_is_one_graph_with_the_eager_answer():
+def test_compiled_iteration_is_one_graph_with_the_eager_answer(tmp_path, monkeypatch):
     """``compile=True`` runs the iteration through ``torch.compile`` with ``fullgraph``
     (a graph break would raise): the same iterations and answer as eagerly."""
+    # Inductor's own cache, fresh: one written under another ATEN_CPU_CAPABILITY (AVX-512
+    # kernels) was reused under avx2 and crashed the process (torch 2.13.0, seen here)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
     x = video_tokens(2, 20, 32, seed=5, noise=0.05).double()
     lam_e, lam_z, _, _ = ssc_lambdas(x, 800.0, 800.0)
     eager, status, iterations = bl.lockstep_workset(x, lam_e, lam_z, check_every=4)
