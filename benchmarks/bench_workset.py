@@ -17,6 +17,13 @@ minimiser, as on real video tokens):
   reference. Its first call in the process (compiling the kernel or loading it from Numba's
   cache) is timed apart, on a tiny input (``workset_first_call_seconds``).
 
+With ``--passes``, the working sets alone, per shape and per ``--grow`` (variables added to
+a column's set per pass): how many passes the slowest column takes, which on a GPU would
+each be one full ``N x D x N`` product (issue 52's GPU floor, docs/ssc.md), and the time on
+this CPU (``workset_passes_cpu.json``)::
+
+    python benchmarks/bench_workset.py --passes --frames 16 32 43 --dims 1024 3584
+
     python benchmarks/bench_workset.py [--quick] [--frames 8 16] [--max-passes 400]
 """
 
@@ -114,14 +121,44 @@ def run(quick: bool, frames, max_passes: int, out_dir=None):
     return path
 
 
+def passes(quick: bool, frames, dims, grows, out_dir=None):
+    """``--passes``: :func:`solve_ssc_workset` alone per shape and ``grow``, one thread."""
+    torch.set_num_threads(1)
+    meta = environment("cpu")
+    meta.update(quick=quick, torch_threads=1, load_before=list(os.getloadavg()))
+    _, meta["workset_first_call_seconds"] = _timed(lambda: solve_ssc_workset(torch.randn(8, 4)))
+    shapes = [(4, 24, 128)] if quick else [(f, PATCHES, d) for d in dims for f in frames]
+    rows = []
+    for f, p, d in shapes:
+        x = video_tokens(f, p, d)
+        for grow in grows:
+            res, seconds = _timed(lambda x=x, g=grow: solve_ssc_workset(x, grow=g))
+            nnz = (res.coef != 0).sum(dim=0).double()
+            rows.append({"frames": f, "patches": p, "n": x.shape[0], "d": d, "grow": grow,
+                         "passes": res.iterations, "converged": res.converged,
+                         "gap": res.residual, "nnz_median": float(nnz.median()),
+                         "seconds": seconds})  # fmt: skip
+            print(rows[-1], flush=True)
+    meta["load_after"] = list(os.getloadavg())
+    print_table(rows, ["n", "d", "grow", "passes", "converged", "gap", "seconds"])
+    path = write_result("workset_passes_quick" if quick else "workset_passes", meta, rows, out_dir)
+    print(f"wrote {path}")
+    return path
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--frames", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--max-passes", type=int, default=400)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--passes", action="store_true", help="the working sets' passes per --grow")
+    ap.add_argument("--dims", type=int, nargs="+", default=[DIM])
+    ap.add_argument("--grow", type=int, nargs="+", default=[16, 32, 64, 128])
     args = ap.parse_args(argv)
-    run(args.quick, args.frames, args.max_passes, args.out)
+    if args.passes:
+        return passes(args.quick, args.frames, args.dims, args.grow, args.out)
+    return run(args.quick, args.frames, args.max_passes, args.out)
 
 
 if __name__ == "__main__":

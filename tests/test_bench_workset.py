@@ -41,3 +41,13 @@ def test_the_yardstick_figures_are_the_answers(result):
         assert 0 < row[f"{solver}_affine_violation"] < 1, solver
         assert -1 <= row[f"{solver}_row_sum_spearman"] <= 1, solver
     assert 1 <= row["minimiser_nnz_median"] <= row["minimiser_nnz_p90"] < row["n"]
+
+
+def test_passes_mode_counts_the_slowest_column_per_grow(tmp_path):
+    path = bw.main(["--passes", "--quick", "--grow", "4", "64", "--out", str(tmp_path)])
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["grow"] for r in rows] == [4, 64] and all(r["n"] == 96 for r in rows)
+    for r in rows:
+        assert r["converged"] and r["gap"] < 1e-9 and r["passes"] >= 1 and r["seconds"] > 0
+    # adding more violators per pass never takes more passes on the same columns here
+    assert rows[1]["passes"] <= rows[0]["passes"]
