@@ -5,6 +5,9 @@ Decode (bf16, Hq 28 / Hkv 4 / D 128, cache 8k/32k/128k, batch 1 and 8): achieved
 written by ``dst.copy_(src)``), SDPA with a broadcast (B, 1, 1, S) float mask and pre-scaled
 V, and compiled FlexAttention with the same bias as a score_mod. Caches rotate through
 enough copies to defeat the L2 cache.
+At batch 1 the prepared, plain and SDPA decodes are also timed replayed from a CUDA graph
+(``ms_graph``): there the plain timing includes the host's launch work
+(bench_host_overhead.py counts it). Not run on a GPU yet.
 Varlen: 8 sequences of mixed length, packed (cu_seqlens) vs padded with a key padding mask.
 Chunked prefill: a 16k prompt in 2k chunks against the growing cache vs one prefill.
 
@@ -26,6 +29,8 @@ import videoanchor  # noqa: E402
 from benchmarks.common import environment, print_table, skip, write_result  # noqa: E402
 
 HQ, HKV, D = 28, 4, 128
+#: The batch-1 decode providers also timed from a CUDA graph (``ms_graph``).
+GRAPH_TIMED = ("anchored_prepared", "plain_split_kv", "sdpa_plain")
 L2_BYTES = 50 * 2**20
 
 
@@ -33,6 +38,15 @@ def bench(fn):
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+
+
+def bench_graph(fn):
+    """``fn``'s calls replayed from one CUDA graph (milliseconds per call): the GPU's own
+    time, without the host's launch work, as an engine that captures its decode step runs
+    it. At batch 1 ``bench`` times the host as much as the kernels."""
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(fn, rep=50)
 
 
 def peak_mib(fn):
@@ -125,6 +139,11 @@ def decode_shape(B, S, flex, copy_gbs):
                 row["max_diff_vs_anchored"] = (out - ref).abs().max().item()
             ms, lo, hi = bench(fn)
             row.update(ms=ms, ms_p20=lo, ms_p80=hi, peak_mib=peak_mib(fn))
+            if B == 1 and name in GRAPH_TIMED:  # a provider that cannot be captured keeps its row
+                try:
+                    row["ms_graph"] = bench_graph(fn)
+                except Exception as exc:
+                    row["graph_error"] = f"{type(exc).__name__}: {exc}"[:200]
             row["kv_gbs"] = caches.kv_bytes / (ms * 1e-3) / 1e9
             row["fraction_of_copy_bw"] = row["kv_gbs"] / copy_gbs
         except torch.OutOfMemoryError:

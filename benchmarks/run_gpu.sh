@@ -37,7 +37,7 @@ mkdir -p "$OUT"
 QUICK=()
 [ "${1:-}" = "--quick" ] && QUICK=(--quick)
 TESTS="tests:560"
-CALL1="profile:50 nsys:60 ncu:90 attention:150 decode:60 paged:30 sparse_spectral:40 lockstep:80"
+CALL1="profile:50 nsys:60 ncu:90 attention:150 decode:70 paged:30 sparse_spectral:40 lockstep:70"
 CALL2="request_cost:240 profile_ssc:30 spectral:60 backward:40 ssc:40 blocked:40 integration:50 scores:30 tune:30 vllm:0 tp:0"
 case "${CALL:-}" in
   1) PLAN="$CALL1" ;;
