@@ -98,15 +98,20 @@ def case(frames: int, patches: int, d: int, max_passes: int) -> dict:
     return row
 
 
-def run(quick: bool, frames, max_passes: int, out_dir=None):
+def _one_thread(quick: bool, **extra) -> dict:
+    """One torch thread, and the result's meta: the machine, the load before, and the
+    kernel's first call in the process (it compiles the kernel or loads it from Numba's
+    cache), timed apart on a tiny input so that the rows time the solves alone."""
     torch.set_num_threads(1)
     meta = environment("cpu")
-    meta.update(quick=quick, torch_threads=1, max_passes=max_passes,
-                load_before=list(os.getloadavg()))  # fmt: skip
-    shapes = [(4, 24, 128)] if quick else [(f, PATCHES, DIM) for f in frames]
-    # the kernel's first call in a process compiles it (or loads it from Numba's cache):
-    # timed apart, on a tiny input, so that the rows time the solve alone
+    meta.update(quick=quick, torch_threads=1, **extra, load_before=list(os.getloadavg()))
     _, meta["workset_first_call_seconds"] = _timed(lambda: solve_ssc_workset(torch.randn(8, 4)))
+    return meta
+
+
+def run(quick: bool, frames, max_passes: int, out_dir=None):
+    meta = _one_thread(quick, max_passes=max_passes)
+    shapes = [(4, 24, 128)] if quick else [(f, PATCHES, DIM) for f in frames]
     rows = []
     for f, p, d in shapes:
         rows.append(case(f, p, d, max_passes))
@@ -123,10 +128,7 @@ def run(quick: bool, frames, max_passes: int, out_dir=None):
 
 def passes(quick: bool, frames, dims, grows, out_dir=None):
     """``--passes``: :func:`solve_ssc_workset` alone per shape and ``grow``, one thread."""
-    torch.set_num_threads(1)
-    meta = environment("cpu")
-    meta.update(quick=quick, torch_threads=1, load_before=list(os.getloadavg()))
-    _, meta["workset_first_call_seconds"] = _timed(lambda: solve_ssc_workset(torch.randn(8, 4)))
+    meta = _one_thread(quick)
     shapes = [(4, 24, 128)] if quick else [(f, PATCHES, d) for d in dims for f in frames]
     rows = []
     for f, p, d in shapes:
