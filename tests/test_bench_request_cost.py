@@ -3,6 +3,8 @@ estimates, the order it measures in, and its command-line checks."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -215,3 +217,16 @@ def test_tf32_products_reach_the_solver_past_the_library_guard(monkeypatch):
     seen.clear()
     brc.compute_anchor_scores(x, 3, progress=False, solver="fast")  # the guard again: exact inside
     assert set(seen) == {"ieee" if attr == "fp32_precision" else False}
+
+
+def test_cost_part_loads_the_working_set_kernel_before_any_row_is_timed(monkeypatch, tmp_path):
+    """The kernel's first call in a process (Numba compiles it or loads its cache) is timed
+    apart, in the meta, before the cost rows, so that no row's default pays it."""
+    order = []
+    real = brc.solve_ssc_workset
+    monkeypatch.setattr(brc, "solve_ssc_workset", lambda x: order.append("kernel") or real(x))
+    monkeypatch.setattr(brc, "cost_rows", lambda *a, **k: order.append("rows") or [])
+    path = brc.run(torch.device("cpu"), True, tmp_path, parts=("cost",))
+    assert order == ["kernel", "rows"]
+    meta = json.loads(path.read_text())["meta"]
+    assert meta["workset_first_call_seconds"] > 0
