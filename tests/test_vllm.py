@@ -118,6 +118,16 @@ def chunked_cached(checkpoint, work):
 
 
 @pytest.fixture(scope="module")
+def defaults(checkpoint, work):
+    """vLLM's defaults (engine core in a process of its own, prefix caching on) and the
+    plugin's (only n_clusters set): its SSC is the CPU's default solver, the working sets."""
+    spec = {"checkpoint": checkpoint,
+            "engine": {"additional_config": {"videoanchor": {"n_clusters": vs.N_CLUSTERS}}},
+            "batches": [[VID], [VID, MULTI]], "ssc_runs": True}  # fmt: skip
+    return vs.run_worker(work, "defaults", spec, env_extra=vs.ENGINE_CORE_PROCESS)
+
+
+@pytest.fixture(scope="module")
 def reference(checkpoint, work):
     """transformers + videoanchor_triton (the torch path on CPU), same checkpoint/inputs."""
     spec = {
@@ -297,3 +307,20 @@ def test_bad_engine_config_fails_at_startup_naming_the_key(checkpoint, work):
     keys = ("alpha_kk", "alpha_k", "n_clusters", "max_iters", "alpha_kk")
     for err, key in zip(errors, keys, strict=True):
         assert err is not None and key in err and "additional_config['videoanchor']" in err, err
+
+
+def test_the_ssc_is_warmed_up_at_startup_with_the_engines_options(defaults, anchored, installed):
+    """An anchored engine runs one SSC of random features at start-up with its own options,
+    so that the working-set kernel (Numba: compiled, or loaded from its cache) is ready
+    before the first request; an engine that is not anchored runs none. With the plugin's
+    defaults the requests are then scored by the working sets."""
+    assert defaults["model_runner"]["ssc_warmed"] == "workset"
+    assert defaults["model_runner"]["workset_kernel_compiled"]  # asked before any request
+    assert anchored["model_runner"]["ssc_warmed"] == "fast"  # max_iter set: the fast solver
+    assert installed["model_runner"]["ssc_warmed"] is None
+    assert not installed["model_runner"]["workset_kernel_compiled"]
+    # VID, then VID again (a score-cache hit) beside two new videos (one joint SSC)
+    assert [b["ssc_runs"] for b in defaults["batches"]] == [["workset"], ["workset"] * 2]
+    for b, size in enumerate((1, 2)):
+        for i in range(size):
+            assert len(_res(defaults, b, i)["tokens"]) > 0

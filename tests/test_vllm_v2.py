@@ -68,9 +68,11 @@ def runs(tmp_path_factory):
 
 def test_each_runner_is_the_one_asked_for(runs):
     v1, v2 = runs["v1"], runs["v2"]
-    assert runs["preempt"]["model_runner"] == {"module": V2_MODULE, "v2_hooked": True}
-    assert v1["model_runner"] == {"module": V1_MODULE, "v2_hooked": False}
-    assert v2["model_runner"] == {"module": V2_MODULE, "v2_hooked": True}
+    # (each warmed its SSC up at start-up: max_iter is set, so "auto" runs the fast solver)
+    warmed = {"ssc_warmed": "fast", "workset_kernel_compiled": False}
+    assert runs["preempt"]["model_runner"] == {"module": V2_MODULE, "v2_hooked": True, **warmed}
+    assert v1["model_runner"] == {"module": V1_MODULE, "v2_hooked": False, **warmed}
+    assert v2["model_runner"] == {"module": V2_MODULE, "v2_hooked": True, **warmed}
 
 
 def test_v2_equals_v1_request_by_request(runs):

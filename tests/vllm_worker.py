@@ -55,11 +55,23 @@ def _prompt(kind, data=None, family="qwen2_5_vl", question=None):
 
 
 def _runner_info(worker):
-    """Which model runner the worker runs, and whether the plugin's V2 hook is on it."""
+    """Which model runner the worker runs, whether the plugin's V2 hook is on it, which
+    solver the plugin's SSC warm-up ran at start-up (None: none ran) and whether the
+    working-set kernel is compiled in the worker's process (asked before any request)."""
     runner = worker.model_runner
     state = getattr(runner, "model_state", None)
+    kernel = sys.modules.get("videoanchor.anchor._workset_kernel")
     return {"module": type(runner).__module__,
-            "v2_hooked": state is not None and "_videoanchor" in state.__dict__}  # fmt: skip
+            "v2_hooked": state is not None and "_videoanchor" in state.__dict__,
+            "ssc_warmed": runner.__dict__.get("_videoanchor_warmed"),
+            "workset_kernel_compiled": bool(kernel and kernel.solve_columns.signatures)}  # fmt: skip
+
+
+def _ssc_runs(worker):
+    """The solver of each SSC the plugin ran in the worker's process, oldest first."""
+    from videoanchor.integrations.vllm import scoring
+
+    return [run[3] for run in scoring._RUNS.values()]
 
 
 _PREEMPTED = [0]
@@ -199,6 +211,8 @@ def run_vllm(spec):
         out["batches"].append({"results": results, "seconds": elapsed, "scores": list(_SCORES),
                                "ssc": list(_SSC),
                                "preemptions": _PREEMPTED[0] - preempted})  # fmt: skip
+        if spec.get("ssc_runs"):  # in whatever process the workers run
+            out["batches"][-1]["ssc_runs"] = llm.collective_rpc(_ssc_runs)[0]
         if spec.get("ahead_stats"):  # in whatever process the workers run
             from videoanchor.integrations.vllm import ahead
 

@@ -52,6 +52,7 @@ import torch
 
 from videoanchor.anchor.progress import SSCProgress
 from videoanchor.integrations.vllm import metrics, state
+from videoanchor.integrations.vllm.config import engine_config
 from videoanchor.integrations.vllm.patching import wrap_once
 from videoanchor.integrations.vllm.scoring import (
     Failure,
@@ -61,6 +62,7 @@ from videoanchor.integrations.vllm.scoring import (
     projector_only,
     run_ssc,
     score_cache,
+    warm_up,
 )
 
 logger = logging.getLogger("videoanchor.vllm")
@@ -886,7 +888,9 @@ def update_failing(sched, orig, scheduler_output, model_runner_output):
 
 def install() -> None:
     """Wraps ``Scheduler.schedule`` and ``Scheduler.update_from_output`` (once per process;
-    no-ops for a scheduler without :class:`Holds` and without failed requests)."""
+    no-ops for a scheduler without :class:`Holds` and without failed requests), and
+    ``Executor.compile_or_warm_up_model`` (an anchored engine's workers then run
+    :func:`.scoring.warm_up`)."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
     def make(orig):
@@ -904,3 +908,18 @@ def install() -> None:
         return update_from_output
 
     wrap_once(Scheduler, "update_from_output", make_update)
+
+    # an anchored engine's workers warm the SSC up at start-up (scoring.warm_up), after vLLM's
+    # own warm-up: the one executor method every layout's start runs, in the engine core
+    from vllm.v1.executor.abstract import Executor
+
+    def make_warm(orig):
+        def compile_or_warm_up_model(self, *args, **kwargs):
+            out = orig(self, *args, **kwargs)
+            if engine_config(self.vllm_config.additional_config) is not None:
+                self.collective_rpc(warm_up)
+            return out
+
+        return compile_or_warm_up_model
+
+    wrap_once(Executor, "compile_or_warm_up_model", make_warm)

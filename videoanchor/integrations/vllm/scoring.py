@@ -255,6 +255,43 @@ def _ssc(req, cfg, items, cols, n, k, encoder_outputs, cache, key, group, progre
     return visual, res
 
 
+#: Tokens and dimensions of :func:`warm_up`'s random features.
+WARM_UP_SHAPE = (16, 8)
+
+
+def warm_up(worker) -> str | None:
+    """``collective_rpc`` target at an anchored engine's start, after vLLM's own warm-up: one
+    SSC of random features (:data:`WARM_UP_SHAPE`) with the engine's options on the model
+    runner's device, so that what a process's first solve loads does not fall on the first
+    request (the working-set kernel: compiled by Numba, about 19 s on a 2-core CPU, or loaded
+    from its on-disk cache, about 0.5 s; a GPU's solver libraries). Returns the solver that
+    ran, also kept on the runner (None: the runner's engine is not anchored). A failure is
+    logged, not raised: the requests meet it, each failing with its own message."""
+    import warnings
+
+    from videoanchor.anchor import compute_anchor_scores
+
+    runner = worker.model_runner
+    cfg = engine_cfg_of(runner)
+    if cfg is None:
+        return None
+    t0 = time.perf_counter()
+    x = torch.randn(*WARM_UP_SHAPE, generator=torch.Generator().manual_seed(0))
+    try:
+        with warnings.catch_warnings():  # (random features: nothing a request would see)
+            warnings.simplefilter("ignore")
+            res = compute_anchor_scores(x.to(runner.device), 2, **ssc_kwargs(cfg),
+                                        progress=False)  # fmt: skip
+    except Exception as err:
+        logger.warning("videoanchor: the SSC warm-up at start-up failed (%s: %s); requests "
+                       "will meet the same error", type(err).__name__, err)  # fmt: skip
+        return None
+    runner.__dict__["_videoanchor_warmed"] = res.solver
+    logger.info("videoanchor: SSC warmed up before the first request (%s solver, %.1f s)",
+                res.solver, time.perf_counter() - t0)  # fmt: skip
+    return res.solver
+
+
 #: owner (the runner's id) -> its engine's ScoreCache.
 SCORE_CACHES: dict[int, ScoreCache] = {}
 
