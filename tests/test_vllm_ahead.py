@@ -351,3 +351,30 @@ def test_taking_turns_does_not_change_the_scores(one_thread):
     turns.leave(token)
     plain = compute_anchor_scores(x, 3, progress=False)
     assert torch.equal(waited.scores, plain.scores) and torch.equal(waited.coef, plain.coef)
+
+
+@pytest.mark.parametrize(
+    ("options", "device", "solver"),
+    [({"n_clusters": 3}, "cpu", "workset"),  # the plugin's defaults on the CPU
+     (OPTIONS, "cpu", "fast"),  # max_iter set: "auto" keeps the fast solver
+     (None, "cpu", None),  # not anchored: nothing runs
+     ({"n_clusters": 3}, "meta", None)],  # a failing warm-up: logged, not raised
+)  # fmt: skip
+def test_warm_up_runs_the_engines_own_solver_once(options, device, solver, caplog):
+    """scoring.warm_up (each worker, at an anchored engine's start): one SSC with the
+    engine's options on the runner's device; the solver that ran is kept on the runner."""
+    from videoanchor.integrations.vllm import scoring
+
+    extra = {} if options is None else {"videoanchor": options}
+    runner = SimpleNamespace(vllm_config=SimpleNamespace(additional_config=extra),
+                             device=torch.device(device))  # fmt: skip
+    with caplog.at_level("INFO", logger="videoanchor.vllm"):
+        assert scoring.warm_up(SimpleNamespace(model_runner=runner)) == solver
+    assert runner.__dict__.get("_videoanchor_warmed") == solver
+    logged = [r.getMessage() for r in caplog.records]
+    if solver is not None:
+        assert any(f"SSC warmed up before the first request ({solver} solver" in m for m in logged)
+    elif options is not None:
+        assert any("the SSC warm-up at start-up failed" in m for m in logged), logged
+    else:
+        assert not logged
