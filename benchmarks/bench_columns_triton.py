@@ -139,7 +139,11 @@ def _columns_kernel(G, X, ids_ptr, z_ptr, mu_ptr, status_ptr, steps_ptr, N, D, l
     steps = 0
     status = 1
     mu = tl.zeros([], dtype=tl.float64)
-    while (status == 1) & (steps < max_inner):
+    # slots that left at once after joining (a step of length 0): kept out until the iterate
+    # moves, else the same violator would join and leave forever
+    tabu = offs < 0
+    done = 0
+    while (done == 0) & (steps < max_inner):
         zt, t = _target(Hinv, H, F, tl.where(F, lam_z * p - s * w, 0.0), a)
         mu = gamma - t
         bad = F & (s * zt <= 0.0)
@@ -149,25 +153,29 @@ def _columns_kernel(G, X, ids_ptr, z_ptr, mu_ptr, status_ptr, steps_ptr, N, D, l
             ratio = tl.where(bad, z / tl.where(gone != 0.0, gone, 1.0), 2.0)
             alpha = tl.min(ratio)
             out = tl.argmin(ratio, axis=0)
+            tabu = tl.where(alpha > 0.0, offs < 0, tabu | (offs == out))
             z = tl.where(F, z + alpha * (zt - z), 0.0)
             z = tl.where(offs == out, 0.0, z)
             F = F & (offs != out)
             s = tl.where(offs == out, 0.0, s)
             Hinv = _leave(Hinv, out, offs)
         else:
+            moved = tl.max(tl.where(F, tl.abs(zt - z), 0.0)) > 0.0
+            tabu = tl.where(moved, offs < 0, tabu)
             z = tl.where(F, zt, 0.0)
             # lambda_z K z = H z - gamma a (a^T z): K is not kept beside H (registers)
             m = lam_z * p - (_matvec(H, z) - gamma * a * tl.sum(a * z)) - mu * a
             viol = tl.where(valid & ~F & (ids != i), (tl.abs(m) - w) / w, 0.0)
-            worst = tl.max(viol)
+            worst = tl.max(tl.where(tabu, 0.0, viol))
             if worst > tol:
-                q = tl.argmax(viol, axis=0)
+                q = tl.argmax(tl.where(tabu, 0.0, viol), axis=0)
                 mq = tl.sum(tl.where(offs == q, m, 0.0))
                 Hinv = _join(Hinv, H, F, q, offs, ridge)
                 F = F | (offs == q)
                 s = tl.where(offs == q, tl.where(mq > 0.0, 1.0, -1.0), s)
-            else:
-                status = 0
+            else:  # solved, unless a slot kept out still violates (the next pass retries)
+                status = tl.where(tl.max(viol) > tol, 1, 0)
+                done = 1
         steps += 1
     tl.store(z_ptr + i * M + offs, tl.where(F, z, 0.0))
     tl.store(mu_ptr + i, mu)
@@ -217,9 +225,8 @@ def solve(features, *, alpha_e: float = 800.0, alpha_z: float = 800.0, slots: in
         m[:, :n] -= mu[:, None]
         viol = (m.abs() - weights) / weights
         viol[cols, cols] = -math.inf  # c_i stays 0
-        held = torch.zeros_like(viol, dtype=torch.bool)
-        held[cols[:, None].expand_as(ids)[ids >= 0], ids[ids >= 0]] = True
-        viol[held] = -math.inf
+        support = (ids >= 0) & (z != 0)
+        viol[cols[:, None].expand_as(ids)[support], ids[support]] = -math.inf
         width = min(grow, n + d - 1)
         top, new = viol.topk(width, dim=1)
         fresh = top > tol

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from benchmarks import bench_columns_triton as bct
-from benchmarks.bench_ssc import _objective, video_tokens
+from benchmarks.bench_ssc import _objective, synthetic_tokens, video_tokens
 from videoanchor.anchor.workset import _prepare, solve_ssc_workset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +32,17 @@ def test_video_like_tokens_reach_the_certified_minimiser():
     assert float((got["coef"] - ref.coef).abs().max()) < 1e-10
     assert float(got["coef"].diagonal().abs().max()) == 0.0
     assert int(got["steps"].max()) < 200  # (a cycling column would run to max_inner)
+
+
+def test_supports_at_the_rank_reach_the_certified_minimiser():
+    """More points than dimensions (N = 24, D = 12, two-dimensional subspaces): supports
+    reach the inlier rows' rank and a variable can join and leave at once, which must not
+    repeat forever (before the kept-out slots: a gap of 2.8e-8 and 648 steps)."""
+    x = synthetic_tokens(24, 12, k=3, sub_dim=2, corrupt=0.1, seed=1)
+    ref = solve_ssc_workset(x.double())
+    got = bct.solve(x, slots=32, grow=8, max_inner=300)
+    assert got["converged"] and got["gap"] < 1e-9
+    assert float((got["coef"] - ref.coef).abs().max()) < 1e-9
 
 
 def test_outlier_entries_are_solved_too():
