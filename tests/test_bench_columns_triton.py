@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
+import triton.language as tl
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from benchmarks import bench_columns_triton as bct
 from benchmarks.bench_ssc import _objective, synthetic_tokens, video_tokens
@@ -119,3 +123,50 @@ def test_run_times_both_solvers_and_writes_the_result(tmp_path):
     assert [r["solver"] for r in rows] == ["columns_triton", "fast"]
     assert rows[0]["converged"] and rows[0]["gap"] < 1e-9 and rows[0]["passes"] >= 1
     assert all(r["seconds"] > 0 and r["n"] == 32 and r["d"] == 12 for r in rows)
+
+
+@triton.jit
+def _updates_kernel(h_ptr, ops_ptr, out_ptr, n_ops, ridge, M: tl.constexpr):
+    """Applies ``ops`` (slot + 1: join; -(slot + 1): leave) to an empty support of the
+    system ``h`` and stores the inverse kept by bct._join / bct._leave."""
+    offs = tl.arange(0, M)
+    H = tl.load(h_ptr + offs[:, None] * M + offs[None, :])
+    Hinv = tl.zeros([M, M], dtype=tl.float64)
+    F = offs < 0
+    for k in range(n_ops):
+        op = tl.load(ops_ptr + k)
+        if op > 0:
+            Hinv = bct._join(Hinv, H, F, op - 1, offs, ridge)
+            F = F | (offs == op - 1)
+        else:
+            Hinv = bct._leave(Hinv, -op - 1, offs)
+            F = F & (offs != -op - 1)
+    tl.store(out_ptr + offs[:, None] * M + offs[None, :], Hinv)
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.sampled_from([4, 8, 16]), seed=st.integers(0, 2**31 - 1), data=st.data())
+def test_bordering_and_downdates_keep_the_supports_inverse(m, seed, data):
+    """Any sequence of joins and leaves: the kept inverse is the support's system inverted
+    (float64), zero off the support."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(m, m + 3, dtype=torch.float64, generator=g)
+    h = a @ a.T + 0.1 * torch.eye(m, dtype=torch.float64)  # SPD, as lambda_z K + gamma a a^T
+    ops, support = [], []
+    for _ in range(data.draw(st.integers(1, 3 * m))):
+        free = [s for s in range(m) if s not in support]
+        if support and (not free or data.draw(st.booleans())):
+            s = data.draw(st.sampled_from(support))
+            support.remove(s)
+            ops.append(-(s + 1))
+        else:
+            s = data.draw(st.sampled_from(free))
+            support.append(s)
+            ops.append(s + 1)
+    out = torch.full((m, m), float("nan"), dtype=torch.float64)
+    _updates_kernel[(1,)](h, torch.tensor(ops, dtype=torch.int64), out, len(ops), 0.0, M=m)
+    want = torch.zeros(m, m, dtype=torch.float64)
+    if support:
+        idx = torch.tensor(sorted(support))
+        want[idx[:, None], idx[None, :]] = torch.linalg.inv(h[idx][:, idx])
+    assert torch.allclose(out, want, rtol=1e-8, atol=1e-8 * float(want.abs().max() + 1))
