@@ -186,10 +186,10 @@ def _columns_kernel(G, X, ids_ptr, z_ptr, mu_ptr, status_ptr, steps_ptr, N, D, l
 
 def solve(features, *, alpha_e: float = 800.0, alpha_z: float = 800.0, slots: int = 64,
           grow: int = 16, tol: float = 1e-9, max_passes: int = 100,
-          max_inner: int = 1000) -> dict:  # fmt: skip
+          max_inner: int = 1000, num_warps: int = 4) -> dict:  # fmt: skip
     """The program's minimiser for ``features`` (``N x D``) by working sets of at most
     ``slots`` variables per column (a power of two), each pass one program per column
-    (:func:`_columns_kernel`) on ``features``' device, float64. Returns ``coef``, ``outliers``,
+    (:func:`_columns_kernel`, ``num_warps`` warps each) on ``features``' device, float64. Returns ``coef``, ``outliers``,
     ``passes``, ``steps`` (per column, summed over the passes), ``converged`` and the
     certificate (``gap``: the largest relative duality gap, on the CPU)."""
     t0 = time.perf_counter()
@@ -218,7 +218,7 @@ def solve(features, *, alpha_e: float = 800.0, alpha_z: float = 800.0, slots: in
     while passes < max_passes:
         passes += 1
         _columns_kernel[(n,)](G, X, ids, z, mu, status, steps_pass, n, d, lam_z, lam_e, gamma,
-                              tol, RIDGE, max_inner, M=slots)  # fmt: skip
+                              tol, RIDGE, max_inner, M=slots, num_warps=num_warps)  # fmt: skip
         steps += steps_pass
         full = _scatter(ids, z, n + d)  # (n, n + d): column i's variables in row i
         c, e = full[:, :n].T, full[:, n:].T
@@ -266,7 +266,8 @@ def _scatter(ids, z, width: int) -> torch.Tensor:
     return out
 
 
-def run(n: int, d: int, slots: int, grow: int, out_dir=None, clusters: int = 24) -> Path:
+def run(n: int, d: int, slots: int, grow: int, out_dir=None, clusters: int = 24,
+        num_warps: int = 4) -> Path:  # fmt: skip
     """Times :func:`solve` against the fast solver (one call each after a first one that
     compiles and loads) on video-like tokens (48 per frame, ``clusters`` subspaces) on this
     machine's device; writes ``columns_triton_<device>.json``."""
@@ -276,9 +277,10 @@ def run(n: int, d: int, slots: int, grow: int, out_dir=None, clusters: int = 24)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     x = video_tokens(-(-n // 48), 48, d, k=clusters, seed=0)[:n].to(device)
     meta = environment(str(device))
-    meta.update(slots=slots, grow=grow, clusters=clusters)
+    meta.update(slots=slots, grow=grow, clusters=clusters, num_warps=num_warps)
     rows = []
-    for name, fn in (("columns_triton", lambda: solve(x, slots=slots, grow=grow)),
+    for name, fn in (("columns_triton", lambda: solve(x, slots=slots, grow=grow,
+                                                      num_warps=num_warps)),
                      ("fast", lambda: compute_anchor_scores(x, clusters, solver="fast",
                                                             progress=False))):  # fmt: skip
         fn()  # compiles, loads the libraries
@@ -331,7 +333,7 @@ def main(argv=None) -> None:
     if args.static is not None:
         print(json.dumps(compile_static(args.static, args.slots, args.num_warps)))
         return
-    print(run(args.n, args.d, args.slots, args.grow, args.out_dir))
+    print(run(args.n, args.d, args.slots, args.grow, args.out_dir, num_warps=args.num_warps))
 
 
 if __name__ == "__main__":

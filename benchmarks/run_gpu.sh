@@ -137,7 +137,7 @@ if want lockstep; then  # the lockstep working sets (a prototype) against the fa
 fi
 if want columns_triton; then  # the per-column Triton working sets (a prototype) against the fast solver
   step columns_triton bench_columns_triton.log python benchmarks/bench_columns_triton.py --n 2064 \
-    --d 3584 --slots 128 --out-dir "$OUT"
+    --d 3584 --slots 128 --num-warps 8 --out-dir "$OUT"
 fi
 if want spectral; then
   step spectral bench_spectral.log python benchmarks/bench_spectral.py --device cuda --no-ssc \
