@@ -189,9 +189,10 @@ def solve(features, *, alpha_e: float = 800.0, alpha_z: float = 800.0, slots: in
           max_inner: int = 1000, num_warps: int = 4) -> dict:  # fmt: skip
     """The program's minimiser for ``features`` (``N x D``) by working sets of at most
     ``slots`` variables per column (a power of two), each pass one program per column
-    (:func:`_columns_kernel`, ``num_warps`` warps each) on ``features``' device, float64. Returns ``coef``, ``outliers``,
-    ``passes``, ``steps`` (per column, summed over the passes), ``converged`` and the
-    certificate (``gap``: the largest relative duality gap, on the CPU)."""
+    (:func:`_columns_kernel`, ``num_warps`` warps each) on ``features``' device, float64.
+    Returns ``coef``, ``outliers``, ``passes``, ``steps`` (per column, summed over the
+    passes), ``converged``, ``status``, ``timings`` (the solve; the certificate) and the
+    certificate (``gap``: the largest relative duality gap, and ``affine``, on the CPU)."""
     t0 = time.perf_counter()
     x = torch.as_tensor(features)
     device = x.device
