@@ -18,8 +18,8 @@ The program (docs/method.md section 2) is, per column ``i``, a weighted lasso in
   itself follows each solve. The inverse is rebuilt by joins at each pass's start;
 - **the passes** run in torch over all columns at once (:func:`solve`): every variable's
   multiplier from the slots' answer (two products with ``Y``), the ``grow`` worst
-  violators of each column into its free slots; none above ``tol``: done. One host read per
-  pass.
+  violators of each column into its free slots; none above ``tol``: done. Three host
+  reads per pass (whether any column violates, whether all are solved, whether a set is full).
 
 Checked here in Triton's interpreter (``TRITON_INTERPRET=1``, float64, small shapes: the
 test against the Numba working sets' certified answer); compiled ahead of time for sm_90 by
