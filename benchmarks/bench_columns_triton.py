@@ -43,6 +43,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import environment, print_table, write_result  # noqa: E402
+from videoanchor.anchor._inputs import as_feature_tensor  # noqa: E402
 from videoanchor.anchor.ssc import gram_row_max, ssc_lambdas  # noqa: E402
 from videoanchor.anchor.workset import duality_gaps  # noqa: E402
 
@@ -194,10 +195,12 @@ def solve(features, *, alpha_e: float = 800.0, alpha_z: float = 800.0, slots: in
     passes), ``converged``, ``status``, ``timings`` (the solve; the certificate) and the
     certificate (``gap``: the largest relative duality gap, and ``affine``, on the CPU)."""
     t0 = time.perf_counter()
-    x = torch.as_tensor(features)
+    x = as_feature_tensor(features)  # (a clear error for a bad shape, dtype or value)
     device = x.device
     if slots & (slots - 1) or slots < 2:
         raise ValueError(f"slots: expected a power of two >= 2, got {slots}")
+    if x.shape[0] < 2:
+        raise ValueError(f"SSC needs at least 2 points, got N = {x.shape[0]}")
     X = x.detach().to(torch.float64).contiguous()  # on the device: G and the passes there
     n, d = X.shape
     G = X @ X.T

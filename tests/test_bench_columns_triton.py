@@ -90,9 +90,15 @@ def test_kernel_writes_every_output_of_every_column():
     assert torch.allclose(z.sum(dim=1), torch.ones(n, dtype=torch.float64))  # on 1^T c = 1
 
 
-def test_slots_must_be_a_power_of_two():
+def test_bad_input_is_refused_saying_what_was_expected():
     with pytest.raises(ValueError, match="slots: expected a power of two"):
         bct.solve(torch.randn(6, 4), slots=24)
+    with pytest.raises(ValueError, match="at least 2 points"):
+        bct.solve(torch.randn(1, 4))
+    bad = torch.randn(6, 4)
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="(?i)finite|nan"):
+        bct.solve(bad)
 
 
 def test_compiles_for_sm90_ahead_of_time():
