@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import environment, print_table, write_result  # noqa: E402
 from videoanchor.anchor._inputs import as_feature_tensor  # noqa: E402
 from videoanchor.anchor.ssc import gram_row_max, ssc_lambdas  # noqa: E402
-from videoanchor.anchor.workset import duality_gaps  # noqa: E402
+from videoanchor.anchor.workset import duality_gaps, nearest_points  # noqa: E402
 
 #: A column's end in a pass: its set is optimal; the inner steps ran out.
 SOLVED, STALLED = 0, 1
@@ -206,11 +206,9 @@ def solve(features, *, alpha_e: float = 800.0, alpha_z: float = 800.0, slots: in
     G = X @ X.T
     lam_e, lam_z, _, _ = ssc_lambdas(X, alpha_e, alpha_z, row_max=gram_row_max(X, gram=G))
     gamma = lam_z * float(G.diagonal().max())
-    dist = G.diagonal()[:, None] + G.diagonal()[None, :] - 2 * G
-    dist.fill_diagonal_(math.inf)
     ids = torch.full((n, slots), -1, dtype=torch.int64, device=device)
     z = torch.zeros((n, slots), dtype=torch.float64, device=device)
-    ids[:, 0], z[:, 0] = dist.argmin(dim=0), 1.0  # each point's nearest other point
+    ids[:, 0], z[:, 0] = nearest_points(G), 1.0
     mu = torch.zeros(n, dtype=torch.float64, device=device)
     status = torch.zeros(n, dtype=torch.int32, device=device)
     steps_pass = torch.zeros(n, dtype=torch.int32, device=device)
@@ -240,7 +238,7 @@ def solve(features, *, alpha_e: float = 800.0, alpha_z: float = 800.0, slots: in
             converged = True
             break
         # each column keeps its support and takes its violators into the free slots
-        keep = z != 0
+        keep = support
         ids = torch.where(keep, ids, -1)
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
         ids, z = ids.gather(1, order), z.gather(1, order)

@@ -59,6 +59,7 @@ from benchmarks.bench_ssc import video_tokens  # noqa: E402
 from benchmarks.common import environment, print_table, write_result  # noqa: E402
 from videoanchor.anchor import duality_gaps, solve_ssc_admm  # noqa: E402
 from videoanchor.anchor.ssc import ssc_lambdas  # noqa: E402
+from videoanchor.anchor.workset import nearest_points  # noqa: E402
 
 DONE, RUNNING, FAILED = 1, 0, -1
 
@@ -84,11 +85,8 @@ def lockstep_workset(x, lam_e: float, lam_z: float, *, slots: int = 96, outlier_
     gram = x @ x.T
     t = lam_e / lam_z
     k, w = min(slots, n - 1), min(outlier_rows, d)
-    dist = gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram
-    dist.fill_diagonal_(math.inf)
     idx = torch.zeros(n, k, dtype=torch.long, device=dev)
-    idx[:, 0] = dist.argmin(0)
-    del dist
+    idx[:, 0] = nearest_points(gram)
     c = torch.zeros(n, k, dtype=dt, device=dev)
     c[:, 0] = 1.0
     if coef_init is not None:  # each column's largest entries, onto the constraint, signs kept

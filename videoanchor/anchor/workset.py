@@ -57,6 +57,7 @@ __all__ = [
     "ColumnGaps",
     "SetsTooLarge",
     "duality_gaps",
+    "nearest_points",
     "reference_minimiser",
     "run_workset",
     "solve_ssc_workset",
@@ -159,6 +160,14 @@ def _kernel():
     return _workset_kernel
 
 
+def nearest_points(gram: torch.Tensor) -> torch.Tensor:
+    """Each point's nearest other point (``N``, long) from the Gram matrix ``gram`` of the
+    points (``N x N``): every column's start from nothing, ``c = e_j``."""
+    dist = gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram
+    dist.fill_diagonal_(math.inf)
+    return dist.argmin(dim=0)
+
+
 def _seeds(x64: torch.Tensor, gram: torch.Tensor, lam_e: float, lam_z: float, coef=None):
     """Each column's start for the kernel, ``(ptr, var, val)`` (its ``solve_columns``): the
     nearest other point (``c = e_j``), or where ``coef`` (``N x N``, an approximation of
@@ -167,9 +176,7 @@ def _seeds(x64: torch.Tensor, gram: torch.Tensor, lam_e: float, lam_z: float, co
     soft-thresholded at ``lambda_e / lambda_z``); a column whose sum is not positive starts
     from its nearest point."""
     n, d = x64.shape
-    dist = gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram
-    dist.fill_diagonal_(math.inf)
-    nearest = dist.argmin(dim=0)
+    nearest = nearest_points(gram)
     if coef is None:
         return (np.arange(n + 1, dtype=np.int64), nearest.numpy().astype(np.int64),
                 np.ones(n))  # fmt: skip
