@@ -61,10 +61,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_ssc import synthetic_tokens  # noqa: E402
+from benchmarks.bench_workset import first_call_seconds  # noqa: E402
 from benchmarks.common import environment, print_table, write_result  # noqa: E402
 from videoanchor.anchor import admm, compute_anchor_scores, fast, products  # noqa: E402
 from videoanchor.anchor.progress import SSCProgress  # noqa: E402
-from videoanchor.anchor.workset import solve_ssc_workset  # noqa: E402
 
 YALE = Path(os.environ.get("VIDEOANCHOR_YALEB", "/work/shared/data/YaleB_48_42.mat"))
 TEXT_TOKENS = 64
@@ -922,12 +922,9 @@ def run(device: torch.device, quick: bool, out_dir, trials: int | None = None,
             save()
 
         meta["faithful_seconds"] = faithful_seconds
-        # the working-set kernel's first call in a process compiles it or loads it from
-        # Numba's cache: timed apart, so that the first row's default does not pay it (the
-        # 2-frame row at 26113ae did: its cold attempt took 1.42 s of 2.66 s)
-        t = time.perf_counter()
-        solve_ssc_workset(torch.randn(8, 4))
-        meta["workset_first_call_seconds"] = time.perf_counter() - t
+        # timed apart, so that the first row's default does not pay it (the 2-frame row at
+        # 26113ae did: its cold attempt took 1.42 s of 2.66 s)
+        meta["workset_first_call_seconds"] = first_call_seconds()
         cost[:] = cost_rows(device, quick, cost_budget, measure, on_row=keep,
                             faithful_seconds=faithful_seconds)  # fmt: skip
         print_table(cost, ["model", "frames", "n", "iterations_faithful", "seconds_ssc_faithful",

@@ -223,8 +223,8 @@ def test_cost_part_loads_the_working_set_kernel_before_any_row_is_timed(monkeypa
     """The kernel's first call in a process (Numba compiles it or loads its cache) is timed
     apart, in the meta, before the cost rows, so that no row's default pays it."""
     order = []
-    real = brc.solve_ssc_workset
-    monkeypatch.setattr(brc, "solve_ssc_workset", lambda x: order.append("kernel") or real(x))
+    real = brc.first_call_seconds
+    monkeypatch.setattr(brc, "first_call_seconds", lambda: order.append("kernel") or real())
     monkeypatch.setattr(brc, "cost_rows", lambda *a, **k: order.append("rows") or [])
     path = brc.run(torch.device("cpu"), True, tmp_path, parts=("cost",))
     assert order == ["kernel", "rows"]
