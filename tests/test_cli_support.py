@@ -159,3 +159,40 @@ def greedy_answer(model, processor, inputs, max_new_tokens: int) -> str:
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new = out[:, inputs["input_ids"].shape[1] :]
     return processor.batch_decode(new, skip_special_tokens=True)[0].strip()
+
+
+# ---- issue 71: every entry point runs the library's default solver --------------------------
+
+
+def record_ssc(monkeypatch) -> list:
+    """Records the features every SSC of an entry point is handed (observation only): the
+    transformers path calls ``compute_anchor_scores``, its anchor cache ``ssc_coefficients``;
+    both are looked up in ``videoanchor.anchor`` at each call."""
+    import videoanchor.anchor as anchor
+
+    seen = []
+    for name in ("compute_anchor_scores", "ssc_coefficients"):
+        orig = getattr(anchor, name)
+
+        def recorded(features, *args, _orig=orig, **kwargs):
+            seen.append(features.detach().clone())
+            return _orig(features, *args, **kwargs)
+
+        monkeypatch.setattr(anchor, name, recorded)
+    return seen
+
+
+def assert_default_solver(seen: list, results: list, n_clusters: int) -> None:
+    """Each result an entry point returned (an ``AnchorResult``, or its ``solver`` and
+    ``scores``) came from the working sets, the CPU's default, and has the scores that
+    ``compute_anchor_scores`` with its own defaults gives on the recorded features."""
+    import torch
+
+    from videoanchor.anchor.scores import compute_anchor_scores  # (not the recorded one)
+
+    assert len(seen) == len(results) >= 1, (len(seen), len(results))
+    for features, res in zip(seen, results, strict=True):
+        again = compute_anchor_scores(features, min(n_clusters, features.shape[0]))
+        assert (res.solver, again.solver) == ("workset", "workset"), (res.solver, again.solver)
+        torch.testing.assert_close(torch.as_tensor(res.scores).float(), again.scores.float(),
+                                   atol=1e-6, rtol=0)  # fmt: skip

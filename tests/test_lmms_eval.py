@@ -388,3 +388,17 @@ def test_rank_aware_device_and_data_parallel_split(lmms_eval_modules, assets, mo
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(ValueError, match="RANK < WORLD_SIZE"):
         _make("videoanchor", assets)
+
+
+def test_model_args_defaults_run_the_default_solver(lmms_eval_modules, assets, tmp_path,
+                                                    monkeypatch):  # fmt: skip
+    """Issue 71: with no SSC model arg, the lmms-eval model runs the library's default solver
+    (the working sets on the CPU), through its anchor cache, and gives its scores."""
+    from test_cli_support import assert_default_solver, record_ssc
+
+    lm = _make("videoanchor_qwen2_5_vl", assets, f",cache_dir={tmp_path}")
+    seen = record_ssc(monkeypatch)
+    reqs, task_dict, _ = _requests(assets, {"max_new_tokens": 2, "temperature": 0})
+    lm.task_dict = task_dict
+    lm.generate_until(reqs[:1])
+    assert_default_solver(seen, lm.handle.last_result, 4)

@@ -27,7 +27,9 @@ def _prefill(model, **opts):
 
 
 def test_iteration_limit_is_reported_with_the_residual(model):
-    handle, seen = _prefill(model, max_iter=3, eps=1e-12, ssc_progress=False)
+    handle, seen = _prefill(
+        model, max_iter=3, eps=1e-12, ssc_progress=False, ssc_solver="faithful"
+    )  # (eps: the authors' stopping test)
     res, run = handle.last_result[0], handle.last_ssc_runs[0]
     assert not res.converged and res.iterations == 3
     assert len(seen) == 1
@@ -39,7 +41,7 @@ def test_iteration_limit_is_reported_with_the_residual(model):
 
 def test_time_budget_is_reported_as_not_the_paper_answer(model):
     handle, seen = _prefill(model, max_iter=500, eps=1e-12, ssc_time_budget=1e-9,
-                            ssc_progress=False)  # fmt: skip
+                            ssc_progress=False, ssc_solver="faithful")  # fmt: skip
     run = handle.last_ssc_runs[0]
     assert run.stopped_by_budget and run.iterations == 1
     assert len(seen) == 1 and "time budget" in str(seen[0].message)
@@ -94,7 +96,8 @@ def test_cli_anchors_reports_the_plan_progress_and_non_convergence(
     assert main(["anchors", *_cli(cli_files, "--ssc-max-iter", "12"), "--out", str(png)]) == 0
     err = capsys.readouterr().err
     # stderr is not a terminal here: log lines, then the outcome
-    assert "SSC plan: " in err and "dense exact" in err and "iteration limit 12" in err
+    assert "SSC plan: " in err and "the fast solver" in err and "iteration limit 12" in err
+    assert "SSC solver: fast" in err  # what answered
     assert "SSC cost estimate: " in err and "/iteration measured over the first 10" in err
     assert "SSC: 1/12, residual" in err  # the first line; then one every 30 s
     assert "stopped at its iteration limit max_iter=12" in err and "NOT converged" in err
@@ -194,3 +197,44 @@ def test_cli_long_video_picture_pages_and_the_readme_example(
     for name in names:
         with Image.open(tmp_path / name) as img:
             assert img.size[0] == width and img.size[1] <= 500
+
+
+# ---- issue 71: the entry points run the library's default solver -------------------------
+
+
+def test_configure_with_its_defaults_runs_the_default_solver(monkeypatch, one_thread):
+    """configure() with no SSC option set (a fresh model: configure keeps a previous call's
+    values) runs what compute_anchor_scores runs with its defaults: the working sets on the
+    CPU, the same scores; the handle reports the solver (last_result)."""
+    from test_cli_support import assert_default_solver, record_ssc
+
+    fresh = tiny_model("qwen2_5_vl", seed=3, attn_implementation="videoanchor_triton")
+    handle = videoanchor.configure(fresh, n_clusters=3, attention_backend="torch")
+    seen = record_ssc(monkeypatch)
+    with torch.inference_mode():
+        fresh(**tiny_inputs(fresh.config, videos=[[4]]))
+    assert_default_solver(seen, handle.last_result, 3)
+
+
+def test_cli_with_its_defaults_runs_the_default_solver(cli_files, tmp_path, capsys, monkeypatch,
+                                                       one_thread):  # fmt: skip
+    """The command line's defaults run the library's default solver; its plan line says so
+    before the SSC runs, and the solver that answered is printed and saved."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from test_cli_support import assert_default_solver, record_ssc
+
+    from videoanchor.cli import main
+
+    seen = record_ssc(monkeypatch)
+    png = tmp_path / "a.png"
+    args = ["anchors", *_cli(cli_files), "--cache-dir", str(tmp_path / "cache"), "--out", str(png)]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "SSC plan: " in err and "the working sets" in err and "iteration limit" not in err
+    assert "SSC solver: workset" in err
+    data = np.load(png.with_suffix(".npz"))
+    ran = SimpleNamespace(solver=str(data["ssc_solver"]),
+                          scores=data["scores"][0][data["visual_positions"]])  # fmt: skip
+    assert_default_solver(seen, [ran], 3)

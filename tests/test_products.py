@@ -166,14 +166,17 @@ def test_auto_is_fp16x3_only_where_it_runs_natively_and_the_solver_allows_it(mon
         plan.exact_bytes(512, 256, 4, "cuda", "auto")
     x = torch.randn(40, 12, generator=torch.Generator().manual_seed(0))
     opts = SSCOptions(n_clusters=3).checked()
-    assert plan.make_plan(x, opts).precision == "full"
+    assert plan.make_plan(x.shape, x.device, opts).precision == "full"
     monkeypatch.setattr(products, "native_fp16x3", lambda device: device is not None)
     assert products.resolve_precision("auto", "cuda") == "fp16x3"
     # ... and with it "native", the fast solver's plan runs fp16x3, its parts counted
-    assert plan.make_plan(x, opts).precision == "fp16x3"
+    assert plan.make_plan(x.shape, x.device, opts).precision == "fp16x3"
     assert plan.exact_bytes(512, 256, 4, "cuda", "fp16x3") > full
     for other in (dict(dtype=torch.float64), dict(solver="faithful")):
-        assert plan.make_plan(x, SSCOptions(n_clusters=3, **other).checked()).precision == "full"
+        assert (
+            plan.make_plan(x.shape, x.device, SSCOptions(n_clusters=3, **other).checked()).precision
+            == "full"
+        )
     assert products.check_precision("auto", **ok) == "fp16x3"
     assert products.check_precision("auto", **{**ok, "device": None}) == "full"
     for kw in (dict(fast=False), dict(work=torch.float64), dict(blocked=True),

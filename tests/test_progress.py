@@ -93,7 +93,9 @@ def test_time_budget_stops_at_the_iterate_reached_and_is_reported():
     b = solve_ssc_blocked(x, block_columns=10, max_iter=50, eps=1e-9, progress=p)
     assert b.block_iterations == [1, 1, 1] and not b.converged
     # through the public entry point
-    r = compute_anchor_scores(x, n_clusters=3, max_iter=50, eps=1e-9, progress=p)
+    r = compute_anchor_scores(
+        x, n_clusters=3, max_iter=50, eps=1e-9, progress=p, solver="faithful"
+    )  # (eps: the authors' stopping test)
     assert r.iterations == 1 and not r.converged and p.runs[-1].stopped_by_budget
 
 

@@ -139,6 +139,15 @@ def reference(checkpoint, work):
     return _run(work, "transformers", spec)
 
 
+@pytest.fixture(scope="module")
+def reference_defaults(checkpoint, work):
+    """transformers + videoanchor_triton with ``configure``'s defaults (only n_clusters set,
+    as in ``defaults``): the requests of ``defaults``' batches."""
+    spec = {"mode": "transformers", "checkpoint": checkpoint, "batches": [[VID], [MULTI]],
+            "record_ssc": True, "ssc": {"n_clusters": vs.N_CLUSTERS}}  # fmt: skip
+    return _run(work, "transformers_defaults", spec)
+
+
 def _res(out, b, i=0):
     r = out["batches"][b]["results"][i]
     assert r is not None and "error" not in r, r
@@ -324,3 +333,15 @@ def test_the_ssc_is_warmed_up_at_startup_with_the_engines_options(defaults, anch
     for b, size in enumerate((1, 2)):
         for i in range(size):
             assert len(_res(defaults, b, i)["tokens"]) > 0
+
+
+def test_default_options_run_the_same_solver_and_answer_in_both_engines(defaults,
+                                                                      reference_defaults):  # fmt: skip
+    """Issue 71: with each engine's defaults (vLLM's process layout and prefix caching, the
+    plugin's options; configure()'s), both run the CPU's default solver, the working sets,
+    and answer the same: greedy tokens equal, logprobs within 1e-3."""
+    ran = [[run["solver"] for run in b["ssc"]] for b in reference_defaults["batches"]]
+    assert ran == [["workset"], ["workset"]], ran
+    assert defaults["batches"][0]["ssc_runs"] == ["workset"]
+    # A 4-frame video at fps 4: the engines' MRoPE rules coincide (docs/serving.md).
+    _close(_res(defaults, 0), _res(reference_defaults, 0), tol=1e-3)

@@ -10,7 +10,8 @@ Spec: {"mode": "vllm"|"transformers", "checkpoint": path, "family": "qwen2_5_vl"
 true (each batch gets "scores": the plugin's anchor scores of its requests; the transformers
 mode gives each result its "scores"), "record_ssc": true (both modes: each batch gets "ssc",
 one entry per SSC run in it: the features the engine handed to ``compute_anchor_scores``, the
-cluster count, the options and the scores it returned), "ahead_stats": true (each batch gets
+cluster count, the options, the scores it returned and the solver that answered), "ssc": the
+transformers mode's SSC options (default: vllm_support.SSC), "ahead_stats": true (each batch gets
 "ahead": every worker's counts of requests scored ahead of their step, after the batch)}; request: {"media": "image:SEED" | "video:FRAMES:SEED" |
 "none", "max_tokens": n, "ignore_eos": bool, "extra_args": {...}, "question": text (default: the family's)}. Each batch is one ``generate`` call.
 """
@@ -127,7 +128,7 @@ def _record_ssc():
         _SSC.append({"features": features.detach().to("cpu").float().tolist(),
                      "n_clusters": int(n_clusters), "options": opts,
                      "scores": res.scores.detach().to("cpu").float().tolist(),
-                     "iterations": int(res.iterations),
+                     "iterations": int(res.iterations), "solver": res.solver,
                      "thread": threading.current_thread().name})  # fmt: skip
         return res
 
@@ -242,7 +243,7 @@ def run_transformers(spec):
             d = AnchorConfig()  # every request starts from the defaults (configure() keeps
             # the previous call's values for options not given)
             opts = dict(alpha_q=d.alpha_q, alpha_k=d.alpha_k, alpha_v=d.alpha_v,
-                        decode=d.decode, seed=d.seed, **vs.SSC)  # fmt: skip
+                        decode=d.decode, seed=d.seed, **spec.get("ssc", vs.SSC))  # fmt: skip
             for k, v in (req.get("extra_args") or {}).items():
                 if k.startswith("videoanchor_"):
                     opts[k[len("videoanchor_") :]] = v

@@ -191,6 +191,14 @@ def _report_ssc(args, runs) -> None:
             print(f"videoanchor: warning: {run.message()}", file=sys.stderr, flush=True)
 
 
+def _report_solver(args, handle) -> None:
+    """The solver that answered each sample's SSC (the plan line said what would run; the
+    working sets answer with the fast solver's C where C is dense, and say so here)."""
+    ran = [r.solver for r in handle.last_result or [] if r is not None]
+    if ran:
+        _log(args, f"SSC solver: {', '.join(ran)}")
+
+
 def _fmt_s(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f} s"
 
@@ -227,6 +235,8 @@ def cmd_run(args) -> int:
             max_new_tokens=args.max_new_tokens, progress=not args.quiet,
         )  # fmt: skip
         _report_ssc(args, timings.ssc_runs)
+        if enabled:
+            _report_solver(args, handle)
         results.append((label, detail, answer, timings))
     if len(results) == 1:
         label, detail, answer, t = results[0]
@@ -286,12 +296,14 @@ def cmd_anchors(args) -> int:
     res = handle.last_result[0]
     run = handle.last_ssc_runs[0] if handle.last_ssc_runs else None
     _report_ssc(args, [run])
+    _report_solver(args, handle)
     common = dict(
         scores=handle.last_scores.float().cpu().numpy(),
         input_ids=inputs["input_ids"].cpu().numpy(),
         visual_positions=handle.last_visual_positions[0].numpy(),
         alphas=np.array([c.alpha_q, c.alpha_k, c.alpha_v]),
         n_clusters=np.array(c.n_clusters),
+        ssc_solver=np.array(res.solver),
         ssc_iterations=np.array(res.iterations),
         ssc_converged=np.array(res.converged),
         ssc_residual=np.array(res.residual),

@@ -568,12 +568,13 @@ def run_prefill(model, inputs, *, progress: bool = True) -> None:
 
 def ssc_plan(model, handle, inputs) -> str | None:
     """One line on the SSC a prefill of ``inputs`` will run, before it runs: visual tokens
-    per sample, the solver the memory rule picks, its memory need against the budget, the
-    iteration limit and the time budget. None when anchoring is off or no token is scored."""
-    import torch
-
-    from videoanchor.anchor import plan
-    from videoanchor.anchor.products import check_precision
+    per sample, the solver that will run (the plan
+    :func:`videoanchor.anchor.compute_anchor_scores` makes, from the same function), its
+    memory need against the budget, and the iteration limit and time budget where an
+    iteration runs. None when anchoring is off or no token is scored."""
+    from videoanchor.anchor import plan as plans
+    from videoanchor.integrations.options import ssc_options
+    from videoanchor.integrations.options import ssc_plan as make
 
     cfg = handle.config
     if not cfg.enabled:
@@ -592,21 +593,18 @@ def ssc_plan(model, handle, inputs) -> str | None:
     if cfg.pca_rank:
         d = min(d, cfg.pca_rank)
     device = model.device
-    precision = check_precision(cfg.ssc_precision, fast=True, work=torch.float32, device=device)
-    need = plan.exact_bytes(n, d, 4, device.type, precision)
-    budget = plan.free_memory_bytes(device)
-    dense = n <= plan.EXACT_MAX_TOKENS and (budget is None or need <= budget)
-    room = "unknown" if budget is None else plan._fmt_bytes(budget)
-    solver = (
-        f"dense exact (needs ~{plan._fmt_bytes(need)}, budget {room})"
-        if dense
-        else f"column-blocked exact (dense would need ~{plan._fmt_bytes(need)}, budget {room})"
-    )
     tokens = "/".join(str(c) for c in counts)
-    line = (
-        f"SSC plan: {tokens} visual tokens x {d} features on {device}, {solver}, "
-        f"iteration limit {cfg.max_iter}, eps {cfg.eps:g}"
-    )
+    head = f"SSC plan: {tokens} visual tokens x {d} features on {device}, "
+    try:
+        plan = make(cfg, n, d, device)
+    except plans.SSCMemoryError as err:
+        return head + f"does not fit: {err}"
+    room = plans.free_memory_bytes(device)
+    room = "unknown" if room is None else plans._fmt_bytes(room)
+    line = head + f"{plan.describe(ssc_options(cfg))}, needs ~{plans._fmt_bytes(plan.need)} "
+    line += f"(budget {room})"
+    if plan.solver == "workset":
+        return line
     if cfg.ssc_time_budget is not None:
         line += f", time budget {cfg.ssc_time_budget:g} s (stops unconverged when it runs out)"
     return line + "; seconds per iteration are measured on its first iterations"

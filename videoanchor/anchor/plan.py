@@ -37,6 +37,8 @@ __all__ = [
     "exact_bytes",
     "exact_fits",
     "free_memory_bytes",
+    "auto_solver",
+    "iteration_options",
     "make_plan",
     "split_bytes",
     "workset_bytes",
@@ -294,7 +296,8 @@ class Plan:
     ``strategy``: how the authors' iteration applies its A-step inverse (``"dense"`` or
     ``"woodbury"``; ``"dense"`` for the fast solver's eigendecomposition);
     ``block_columns``: columns per block (blocked mode; ``N`` otherwise); ``group``,
-    ``rank``, ``world``: the process group the work is split over (None, 0, 1 alone).
+    ``rank``, ``world``: the process group the work is split over (None, 0, 1 alone);
+    ``need``: the peak bytes the memory rule checked.
     """
 
     mode: str
@@ -309,6 +312,22 @@ class Plan:
     group: object = None
     rank: int = 0
     world: int = 1
+    need: int = 0
+
+    def describe(self, opts) -> str:
+        """What this plan runs, in words, for a plan line (the command line, the logs);
+        ``opts``: the checked options it was made with."""
+        if self.mode == "blocked":
+            return (f"the authors' iteration by blocks of {self.block_columns} columns (to eps "
+                    f"{opts.eps:g}, at most {opts.max_iter} iterations)")  # fmt: skip
+        if self.solver == "workset":
+            return ("the working sets (the program's certified minimiser; where C is dense, "
+                    "the fast solver's answer)")  # fmt: skip
+        if self.solver == "fast":
+            return (f"the fast solver (the authors' steps on a fixed schedule, iteration limit "
+                    f"{opts.max_iter}; products in {self.precision} precision)")  # fmt: skip
+        return (f"the authors' iteration (to eps {opts.eps:g}, at most {opts.max_iter} "
+                "iterations)")  # fmt: skip
 
 
 #: The most coefficients per column's working set where ``workset.run_workset`` starts it
@@ -328,38 +347,57 @@ def workset_bytes(n: int, d: int, threads: int = 1) -> int:
     return 8 * (3 * n * n + 5 * n * d + threads * (min(n, WARM_SET) + 1) * (d + 1))
 
 
-def _iteration_options(opts) -> list[str]:
-    """The options of ``opts`` set away from their defaults that only an iteration runs by
-    (``rho``, ``eps``, ``max_iter``, ``precision``, a ``progress`` reporter or time budget;
-    not a progress whose ``schedules_only`` is true, which only waits for its turn through
-    ``wait()``): with any of them ``solver="auto"`` keeps the fast solver, which honours
-    them."""
+def iteration_options(opts) -> list[str]:
+    """The options of ``opts`` that the user set away from their defaults and that only an
+    iteration honours: ``rho``, ``max_iter``, ``precision``, and a ``progress`` reporter's
+    ``time_budget``. With any of them ``solver="auto"`` runs the fast solver, which honours
+    them (``eps`` is not one: the fast solver runs a fixed schedule with no stopping test,
+    and :func:`make_plan` refuses an ``eps`` that the solver it picks would ignore). A progress reporter without a time budget changes nothing: how a
+    run is reported never changes what runs (issue 71)."""
     default = {f.name: f.default for f in fields(opts)}
-    named = [k for k in ("rho", "eps", "max_iter", "precision") if getattr(opts, k) != default[k]]
-    quiet = getattr(opts.progress, "schedules_only", False)  # waits its turn, no more
-    if opts.progress not in (None, False, True, "auto") and not quiet:
-        named.append("progress")
+    named = [k for k in ("rho", "max_iter", "precision") if getattr(opts, k) != default[k]]
+    if getattr(opts.progress, "time_budget", None) is not None:
+        named.append("time_budget")
     return named
 
 
-def make_plan(x: torch.Tensor, opts, *, process_group=None, program: str = "squared",
-              outliers: bool = True) -> Plan:  # fmt: skip
-    """The :class:`Plan` of an SSC call on the (validated, PCA-reduced) features ``x`` with
-    the checked options ``opts`` (:class:`~videoanchor.anchor.options.SSCOptions`).
+def fields_default(opts, name: str):
+    """The default of option ``name`` of the options dataclass ``opts``."""
+    return next(f.default for f in fields(opts) if f.name == name)
+
+
+def auto_solver(device: torch.device, backend: str, opts, *, program: str = "squared",
+                outliers: bool = True) -> str:  # fmt: skip
+    """What ``solver="auto"`` runs in exact mode, the one rule every entry point follows:
+    ``"workset"`` (the program's certified minimiser; the fast solver's answer where ``C`` is
+    dense, :func:`~videoanchor.anchor.workset.run_workset`) on the CPU with torch's backend
+    and the method's outlier term, where no option of :func:`iteration_options` is set;
+    ``"faithful"`` for Elhamifar & Vidal's constrained program; ``"fast"`` elsewhere (CUDA,
+    CuPy, ``outliers=False``, or an iteration option set)."""
+    if program != "squared":
+        return "faithful"
+    cpu_program = device.type == "cpu" and backend == "torch" and outliers
+    return "workset" if cpu_program and not iteration_options(opts) else "fast"
+
+
+def make_plan(shape, device: torch.device, opts, *, process_group=None,
+              program: str = "squared", outliers: bool = True) -> Plan:  # fmt: skip
+    """The :class:`Plan` of an SSC call on ``N x D`` features (``shape``: the validated,
+    PCA-reduced features' shape) on ``device`` with the checked options ``opts``
+    (:class:`~videoanchor.anchor.options.SSCOptions`); the only place that picks a solver.
+    It takes no features, so an integration or the command line can ask what a call will
+    run before it runs.
 
     ``mode="auto"`` is exact where the dense problem fits (:func:`exact_fits`; the same
     choice on every rank of ``process_group``) and blocked above; the authors' iteration
-    over a process group is blocked. ``solver="auto"`` in exact mode is the working sets
-    (``"workset"``; their columns split over a process group) on the CPU with torch's
-    backend and the outlier term, where no option only an iteration honours is set
-    (``rho``, ``eps``, ``max_iter``, ``precision``, a ``progress`` reporter or time budget);
-    the fast solver elsewhere (CUDA, CuPy) or with those options; in blocked mode the
-    authors' iteration. A solver, backend or precision the chosen mode cannot run is a
-    ValueError; a plan that does not fit in the memory rule is an :class:`SSCMemoryError`,
-    raised on every rank of the group together."""
+    over a process group is blocked. ``solver="auto"`` in exact mode is
+    :func:`auto_solver`'s choice; in blocked mode the authors' iteration. A solver,
+    backend or precision the chosen mode cannot run is a ValueError; a plan that does not
+    fit in the memory rule is an :class:`SSCMemoryError`, raised on every rank of the
+    group together."""
     group, rank, world = _group(process_group)
-    n, d = x.shape
-    device, work = x.device, opts.dtype
+    n, d = (int(v) for v in shape)
+    device, work = torch.device(device), opts.dtype
     backend = "torch" if opts.backend == "auto" else opts.backend
     # what the fast solver's products run as, where it is the one that runs (options
     # checked: an fp16x3 that no mode could run has been refused already)
@@ -397,17 +435,15 @@ def make_plan(x: torch.Tensor, opts, *, process_group=None, program: str = "squa
             )
         solver, precision = "faithful", "full"
     elif solver == "auto":
-        if program != "squared":
-            solver = "faithful"
-        elif (
-            device.type == "cpu"
-            and backend == "torch"
-            and outliers
-            and (not _iteration_options(opts))
-        ):
-            solver = "workset"  # the program's minimiser, 10-14x faster than the authors'
-        else:
-            solver = "fast"
+        solver = auto_solver(device, backend, opts, program=program, outliers=outliers)
+    if solver in ("fast", "workset") and opts.eps != fields_default(opts, "eps"):
+        what = "solver='auto' picks it here" if opts.solver == "auto" else "the solver asked for"
+        raise ValueError(
+            f"eps={opts.eps:g}: the stopping tolerance of the authors' iteration "
+            f"(solver='faithful', or mode='blocked'), but solver={solver!r} runs ({what}), "
+            "which has no stopping test; expected eps at its default "
+            f"{fields_default(opts, 'eps'):g}, or solver='faithful'"
+        )
     itemsize = torch.finfo(work).bits // 8
     strategy, block = "dense", n
     if mode == "blocked":  # (the authors' steps against a Woodbury factor, by blocks)
@@ -433,4 +469,4 @@ def make_plan(x: torch.Tensor, opts, *, process_group=None, program: str = "squa
     raise_together(group, error, device)
     return Plan(mode=mode, solver=solver, backend=backend, device=device, work=work,
                 precision=precision, strategy=strategy, block_columns=block, program=program,
-                group=group, rank=rank, world=world)  # fmt: skip
+                group=group, rank=rank, world=world, need=need)  # fmt: skip

@@ -293,7 +293,7 @@ def sparse_subspace_clustering(
     if given.solver == "auto":  # the authors' iteration here
         given = replace(given, solver="faithful")
     opts, _, x = prepare_features(features, given)
-    plan = make_plan(x, opts, program=data_term, outliers=outliers)
+    plan = make_plan(x.shape, x.device, opts, program=data_term, outliers=outliers)
     res = solve(x, plan, opts, affine=affine, outliers=outliers)
     t1 = time.perf_counter()
     draws = cluster(res.coef, opts, affinity=affinity, assign_labels=assign_labels)
@@ -428,7 +428,7 @@ def compute_anchor_scores(
         raise ValueError(f"candidates: {REMOVED_SCALABLE}")
     given = SSCOptions.of(locals())
     opts, x, solved = prepare_features(features, given, process_group=process_group)
-    plan = make_plan(solved, opts, process_group=process_group)
+    plan = make_plan(solved.shape, solved.device, opts, process_group=process_group)
     res = solve(solved, plan, opts)
     t1 = time.perf_counter()
     draws = cluster(res.coef, opts, group=plan.group, rank=plan.rank)
@@ -490,7 +490,7 @@ def ssc_coefficients(
     """
     t0 = time.perf_counter()
     opts, _, x = prepare_features(features, SSCOptions.of(locals(), mode="exact"), min_tokens=1)
-    plan = make_plan(x, opts)
+    plan = make_plan(x.shape, x.device, opts)
     res = solve(x, plan, opts)
     _sync(x.device)
     timings = dict(res.timings)

@@ -21,6 +21,7 @@ __all__ = [
     "SSC_CONFIG_NAMES",
     "clusters_for",
     "fast_splits",
+    "ssc_plan",
     "ssc_kwargs",
     "ssc_options",
     "validate_options",
@@ -166,3 +167,19 @@ def clusters_for(n_tokens: int, cfg: AnchorConfig) -> int:
     """The cluster count SSC uses for ``n_tokens`` visual tokens: ``n_clusters``, lowered to
     the token count for tiny prompts (callers warn when it is lowered)."""
     return min(cfg.n_clusters, n_tokens)
+
+
+def ssc_plan(cfg: AnchorConfig, n: int, d: int, device, progress=None):
+    """The :class:`~videoanchor.anchor.plan.Plan` that
+    :func:`videoanchor.anchor.compute_anchor_scores` makes for ``n`` visual tokens of ``d``
+    features on ``device`` with ``cfg``'s options and the ``progress`` reporter an engine
+    passes (its time budget counts; None: ``cfg``'s ``ssc_time_budget``), on one process:
+    the same plan, from the same function, as the call itself. Raises
+    :class:`~videoanchor.anchor.plan.SSCMemoryError` where nothing fits."""
+    from videoanchor.anchor.plan import make_plan
+    from videoanchor.anchor.progress import SSCProgress
+
+    if progress is None:
+        progress = SSCProgress(enabled=False, time_budget=cfg.ssc_time_budget)
+    opts = replace(ssc_options(cfg), seed=0, progress=progress).checked()
+    return make_plan((n, min(d, cfg.pca_rank) if cfg.pca_rank else d), device, opts)

@@ -36,6 +36,7 @@ from videoanchor.integrations.options import (
     AnchorConfig,
     fast_splits,
     ssc_kwargs,
+    ssc_plan,
     validate_options,
     validate_ssc_options,
 )
@@ -499,17 +500,14 @@ class AnchorHandle:
                         feats, k, **ssc_kwargs(cfg), progress=reporter, **spread_over
                     )
 
-                def blocked(feats=feats):  # what mode="auto" picks on one process
-                    from videoanchor.anchor._inputs import resolve_dtype
-                    from videoanchor.anchor.plan import exact_fits
-                    from videoanchor.anchor.products import check_precision
+                def blocked(feats=feats, reporter=reporter):  # what mode="auto" picks
+                    from videoanchor.anchor.plan import SSCMemoryError
 
-                    n, d = feats.shape
-                    d = min(d, cfg.pca_rank) if cfg.pca_rank else d
-                    work = resolve_dtype(cfg.ssc_dtype, feats.device)
-                    precision = check_precision(cfg.ssc_precision, fast=True, work=work,
-                                                device=feats.device)  # fmt: skip
-                    return not exact_fits(n, d, work, feats.device, precision)
+                    try:
+                        plan = ssc_plan(cfg, *feats.shape, feats.device, reporter)
+                    except SSCMemoryError:  # (compute() raises it with the full message)
+                        return False
+                    return plan.mode == "blocked"
 
                 def spread():  # the ranks share the work: blocked, or the fast solver split
                     return fast_splits(cfg) or blocked()

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from videoanchor.integrations.options import ssc_plan
 from videoanchor.integrations.score_cache import SSC_OPTIONS, CacheStats
 
 __all__ = [
@@ -241,9 +242,10 @@ class AnchorCache:
         # the fast solver's schedule decides its answer as much as the options do: an entry
         # stored before a change of it (the continuation in lambda_z, 2026-11-25) is not hit
         opts["schedule"] = {k: admm.SCHEDULE[k] for k in sorted(admm.SCHEDULE)}
-        if config.ssc_solver == "auto":  # what "auto" runs (the working sets on the CPU since
-            # 2026-11-25: an entry that "auto" stored as the fast solver before is not hit)
-            opts["auto"] = ("workset on the cpu, else fast", features.device.type)
+        # the solver that runs, from the plan the call makes (issue 71: before, "auto" ran
+        # the fast solver wherever a progress reporter was passed, as this cache always did;
+        # those entries are not hit)
+        opts["runs"] = ssc_plan(config, *features.shape, features.device, progress).solver
         ssc_key = content_hash(FORMAT, features, opts)
         device = features.device
         entry = self._get("ssc", ssc_key)
