@@ -38,6 +38,22 @@ def run(x, k, **kw):
     return compute_anchor_scores(x, k, progress=False, **kw)
 
 
+NO_CONTINUATION = admm.Schedule(continuation=0)
+
+
+def run_on(x, k, schedule, dtype=None):
+    """The fast solver's scores on ``schedule`` (an ``admm.Schedule``, passed explicitly):
+    what ``run(x, k)`` gives on the default one."""
+    from videoanchor.anchor import anchor_result_from_coefficients
+    from videoanchor.anchor.scores import SSCCoefficients
+    from videoanchor.anchor.ssc import solve_ssc_admm
+
+    r = solve_ssc_admm(x, scheduled=True, schedule=schedule, progress=False, dtype=dtype)
+    coef = SSCCoefficients(r.coef, r.iterations, r.converged, r.residual, r.lambda_e,
+                           r.lambda_z, "torch", "fast")  # fmt: skip
+    return anchor_result_from_coefficients(coef, k, seed=0, features=x)
+
+
 def test_the_default_is_the_working_sets_on_the_cpu_and_fast_with_iteration_options():
     x = tokens(48, 32, seed=1)
     assert run(x, 4, solver="auto").solver == "workset"
@@ -199,11 +215,10 @@ def test_ill_conditioned_data_the_continuation_reaches_the_faithful_answer():
     x = _darkened(tokens(64, 80, seed=3), 5, 0.03)
     assert _curvature(x) > 1.0  # where the authors' ADMM slows down
     ref = run(x, 4, solver="faithful")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(admm.SCHEDULE, "continuation", 0)
-        cold = run(x, 4)
+    cold = run_on(x, 4, NO_CONTINUATION)
     warm = run(x, 4)
-    assert warm.iterations == cold.iterations == admm.SCHEDULE["iterations"]
+    assert torch.equal(warm.scores, run_on(x, 4, admm.SCHEDULE).scores)  # the same route
+    assert warm.iterations == cold.iterations == admm.SCHEDULE.iterations
     got, old = spearmanr(warm.scores, ref.scores)[0], spearmanr(cold.scores, ref.scores)[0]
     assert got >= 0.96 and got > old + 0.03, (got, old)
     fast = warm
@@ -254,9 +269,9 @@ def _fast_iterates(x, step_cls, dtype, **kw):
     dic = admm.Dictionary(x.to(dtype), dtype, lam_z=lam_z, affine=True, outliers=True,
                           kernels=TorchKernels(x.device))  # fmt: skip
     factor = admm.EigenInverse(dic, 300.0)
-    step = step_cls(dic, factor, thr_e=lam_e / lam_z, iterations=admm.SCHEDULE["iterations"])
-    out = admm.run(step, admm.SCHEDULE["iterations"])
-    assert out.iterations == admm.SCHEDULE["iterations"]
+    step = step_cls(dic, factor, thr_e=lam_e / lam_z)
+    out = admm.run(step, admm.SCHEDULE.iterations)
+    assert out.iterations == admm.SCHEDULE.iterations
     return step
 
 
@@ -283,8 +298,8 @@ def test_active_set_step_stays_close_to_the_array_api_iterate():
     x = tokens(150, 120, k=5, seed=12).double()
     ref = _fast_iterates(x, admm.ScheduledStep, torch.float64)
     got = _fast_iterates(x, fast.ActiveSetStep, torch.float64)
-    assert got.full_count == sum(got.is_full(i) for i in range(1, admm.SCHEDULE["iterations"] + 1))
-    assert got.full_count < admm.SCHEDULE["iterations"] // 4
+    assert got.full_count == sum(got.is_full(i) for i in range(1, admm.SCHEDULE.iterations + 1))
+    assert got.full_count < admm.SCHEDULE.iterations // 4
     rel = float((got.C - ref.C).norm() / ref.C.norm())
     assert rel < 1e-2, rel
     rs_ref, rs_got = ref.C.sum(dim=1), got.C.sum(dim=1)  # the row sums the scores use
@@ -361,7 +376,7 @@ def test_fast_solver_runs_the_active_set_step_on_torch_only():
     fast.ActiveSetStep._e_step = spy
     try:
         res = solve_ssc_admm(x, scheduled=True, progress=False)
-        assert len(calls) == admm.SCHEDULE["iterations"] and calls[-1] and not all(calls)
+        assert len(calls) == admm.SCHEDULE.iterations and calls[-1] and not all(calls)
         assert res.outliers is not None and res.converged
         import numpy as np
 
@@ -441,7 +456,7 @@ def test_continuation_start_and_weights():
     from videoanchor.anchor.ssc import gram_row_max
 
     sch = admm.SCHEDULE
-    assert sch["continuation"] == 30 and sch["continuation_floor"] == 0.3
+    assert sch.continuation == 30 and sch.continuation_floor == 0.3
     x = tokens(61, 40, seed=4).double()
     assert admm.continuation_start(gram_row_max(x)) == 1.0
     dark = _darkened(x, 5, 0.004)
@@ -457,47 +472,47 @@ def test_continuation_start_and_weights():
         assert w == pytest.approx(expect, rel=1e-12), it
     assert len(set(ws[:30])) == 6 and ws[0] == start and set(ws[30:]) == {1.0}
     assert admm.continuation_weight(1.0, 1) == 1.0
-    assert admm.continuation_start(rm, dict(sch, continuation=0)) == 1.0
+    assert admm.continuation_start(rm, NO_CONTINUATION) == 1.0
     with pytest.raises(TypeError, match="expected a factor that rescales"):
         lam_e, lam_z, _, _ = ssc_lambdas(dark, 800.0, 800.0)
         dic = admm.Dictionary(dark, torch.float64, lam_z=lam_z, affine=True, outliers=True,
                               kernels=TorchKernels(dark.device))  # fmt: skip
         admm.ScheduledStep(dic, admm.DenseInverse(dic, 300.0), thr_e=lam_e / lam_z,
-                           iterations=60, continuation=start)  # fmt: skip
-    with pytest.raises(ValueError, match="multiple of every"):
-        lam_e, lam_z, _, _ = ssc_lambdas(dark, 800.0, 800.0)
-        dic = admm.Dictionary(dark, torch.float64, lam_z=lam_z, affine=True, outliers=True,
-                              kernels=TorchKernels(dark.device))  # fmt: skip
-        admm.ScheduledStep(dic, admm.EigenInverse(dic, 300.0), thr_e=lam_e / lam_z,
-                           iterations=60, schedule=dict(sch, continuation=33),
                            continuation=start)  # fmt: skip
+    with pytest.raises(ValueError, match="multiple of every"):
+        admm.Schedule(continuation=33)
+    assert admm.Schedule().cut(40) == admm.Schedule(iterations=40, balance_until=20,
+                                                    continuation=20)  # fmt: skip
+    assert (
+        admm.Schedule().cut(22).balance_until == 11 and admm.Schedule().cut(22).continuation == 10
+    )
 
 
 def test_without_a_dark_token_the_continuation_changes_nothing(monkeypatch):
     """Start weight 1: the iterate is the schedule's without continuation, bit for bit."""
     x = tokens(70, 50, seed=6)
-    a = run(x, 4)
-    monkeypatch.setitem(admm.SCHEDULE, "continuation", 0)
-    b = run(x, 4)
+    a = run_on(x, 4, admm.SCHEDULE)
+    b = run_on(x, 4, NO_CONTINUATION)
     assert torch.equal(a.scores, b.scores) and torch.equal(a.labels, b.labels)
 
 
-def _continued(x, step_cls, dtype, monkeypatch=None):
+def _continued(x, step_cls, dtype, schedule=admm.SCHEDULE, thin=False):
     """The fast schedule's step on ``x`` with the continuation as ``solve_ssc_admm`` sets
     it up (the factor built at the first weight), and how often it refactored."""
     from videoanchor.anchor.ssc import gram_row_max
 
     rm = gram_row_max(x.double())
     lam_e, lam_z, _, _ = ssc_lambdas(x.double(), 800.0, 800.0, row_max=rm)
-    start = admm.continuation_start(rm)
+    start = admm.continuation_start(rm, schedule)
     dic = admm.Dictionary(x.to(dtype), dtype, lam_z=lam_z, affine=True, outliers=True,
                           kernels=TorchKernels(x.device))  # fmt: skip
-    factor = admm.EigenInverse(dic, 300.0, weight=admm.continuation_weight(start, 1))
+    factor = admm.EigenInverse(dic, 300.0, thin=thin,
+                               weight=admm.continuation_weight(start, 1, schedule))  # fmt: skip
     calls = []
     refactor = factor.refactor
     factor.refactor = lambda rho: (calls.append(rho), refactor(rho))[1]
-    step = step_cls(dic, factor, thr_e=lam_e / lam_z, iterations=60, continuation=start)
-    admm.run(step, 60)
+    step = step_cls(dic, factor, thr_e=lam_e / lam_z, schedule=schedule, continuation=start)
+    admm.run(step, schedule.iterations)
     return step, calls, start, lam_z
 
 
@@ -517,11 +532,9 @@ def test_continuation_is_one_iterate_on_every_step_and_factor(monkeypatch, n, d)
     got, _, _, _ = _continued(x, fast.ActiveSetStep, torch.float64)
     torch.testing.assert_close(got.C, ref.C, rtol=0, atol=1e-9)
     if n > d:  # the thin factor (D x D eigenproblem), where N > D
-        monkeypatch.setitem(admm.THIN, "above", 1.0)
-        thin, _, _, _ = _continued(x, admm.ScheduledStep, torch.float64)
+        thin, _, _, _ = _continued(x, admm.ScheduledStep, torch.float64, thin=True)
         assert thin.factor.thin
         torch.testing.assert_close(thin.C, ref.C, rtol=0, atol=1e-9)
-        monkeypatch.setitem(admm.THIN, "above", float("inf"))
     # the whole solver, torch and the array-API backend (NumPy standing in for CuPy)
     import numpy
 
@@ -533,8 +546,7 @@ def test_continuation_is_one_iterate_on_every_step_and_factor(monkeypatch, n, d)
                                dtype=torch.float64).coef  # fmt: skip
     torch.testing.assert_close(torch_c, ref.C, rtol=0, atol=1e-9)
     torch.testing.assert_close(np_c, ref.C, rtol=0, atol=1e-9)
-    monkeypatch.setitem(admm.SCHEDULE, "continuation", 0)
-    plain, _, _, _ = _continued(x, admm.ScheduledStep, torch.float64)
+    plain, _, _, _ = _continued(x, admm.ScheduledStep, torch.float64, NO_CONTINUATION)
     assert float((plain.C - ref.C).abs().max()) > 1e-3  # it changes the answer
 
 
@@ -544,8 +556,8 @@ def test_the_shortest_continuation_ends_at_the_authors_lambda_z(monkeypatch):
     issue 52 the schedule-length code reset the weight's record to 1 after the first
     reweighting, so this step to 1 was skipped and the run stayed at the first weight.)"""
     x = _darkened(tokens(57, 31, k=3, seed=11), 4, 0.004).double()
-    monkeypatch.setitem(admm.SCHEDULE, "continuation", 5)
-    step, _, start, lam_z = _continued(x, admm.ScheduledStep, torch.float64)
+    step, _, start, lam_z = _continued(x, admm.ScheduledStep, torch.float64,
+                                       admm.Schedule(continuation=5))  # fmt: skip
     assert start < 0.5
     assert step.weight == 1.0 and step.dic.lam_z == lam_z and step.factor.weight == 1.0
 
@@ -557,9 +569,7 @@ def test_continuation_brings_dark_data_nearer_the_faithful_answer():
     x = _darkened(tokens(160, 96, k=6, seed=0), 5, 0.004)
     ref = run(x, 6, solver="faithful")
     warm = run(x, 6)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(admm.SCHEDULE, "continuation", 0)
-        cold = run(x, 6)
+    cold = run_on(x, 6, NO_CONTINUATION)
     assert spearmanr(warm.scores, ref.scores)[0] > spearmanr(cold.scores, ref.scores)[0] + 0.2
     x64 = x.double()
     base = run(x64, 6, dtype=torch.float64)

@@ -164,7 +164,7 @@ def test_fixed_schedule_says_it_ran_its_schedule_not_that_it_converged(caplog):
     iterations (residual 0.15 vs eps 0.0002)", "the iteration limit (10000) would take 1 h")."""
     from videoanchor.anchor import admm
 
-    n_sched = admm.SCHEDULE["iterations"]
+    n_sched = admm.SCHEDULE.iterations
     with caplog.at_level(logging.INFO, logger="videoanchor.progress"):
         p = SSCProgress(enabled=True, stream=_Pipe(), log_every=1e-9)
         res = solve_ssc_admm(_tokens(), scheduled=True, progress=p)

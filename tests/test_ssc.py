@@ -148,33 +148,6 @@ def test_float32_close_to_float64(strategy):
     assert rel_fro(r32.coef, r64.coef) < 2e-3
 
 
-def _objective(x, coef, lam_e, lam_z):
-    """SSC objective with E at its optimum for this C (a Huber-type data term)."""
-    y = x.T.double()
-    r = y - y @ coef.double()
-    t = lam_e / lam_z
-    e = torch.sign(r) * (r.abs() - t).clamp_min(0)
-    return float(coef.abs().sum() + lam_e * e.abs().sum() + lam_z / 2 * ((r - e) ** 2).sum())
-
-
-def test_relaxed_balanced_admm_reaches_the_minimiser_of_the_faithful_iteration():
-    x, _ = union_of_subspaces(12, 3, 20, 3, noise=0.05, offset=0.5, seed=5)
-    # the authors' iteration run far past its default tolerance: the minimiser
-    ref = solve_ssc_admm(x, dtype=torch.float64, eps=1e-10, max_iter=100000)
-    fast = solve_ssc_admm(
-        x, dtype=torch.float64, eps=1e-10, max_iter=20000, relax=1.8, adaptive_rho=True
-    )
-    assert ref.converged and fast.converged
-    assert fast.iterations < ref.iterations / 3
-    assert rel_fro(fast.coef, ref.coef) < 2e-5
-    # the authors' default stopping point is further from the minimiser than ours
-    default = solve_ssc_admm(x, dtype=torch.float64)
-    quick = solve_ssc_admm(x, dtype=torch.float64, relax=1.8, adaptive_rho=True)
-    assert rel_fro(quick.coef, ref.coef) < rel_fro(default.coef, ref.coef)
-    f_min = _objective(x, ref.coef, ref.lambda_e, ref.lambda_z)
-    assert _objective(x, quick.coef, ref.lambda_e, ref.lambda_z) <= f_min * (1 + 1e-4)
-
-
 def affine_subspaces(n_per, k, d, dim, *, seed=0):
     """``k`` random ``dim``-dimensional affine subspaces of R^d (each with its own offset)."""
     g = torch.Generator().manual_seed(seed)
@@ -332,12 +305,11 @@ def test_array_module_backend_matches_torch():
     # the CuPy backend's code, run with NumPy as its array module
     x, _ = union_of_subspaces(9, 3, 21, 2, noise=0.02, corrupt=0.05, seed=10)
     for strategy in ("dense", "woodbury"):
-        for relax, adaptive in ((1.0, False), (1.8, True)):
-            kw = dict(dtype=torch.float64, strategy=strategy, relax=relax, adaptive_rho=adaptive)
-            a = solve_ssc_admm(x, max_iter=400, **kw)
-            b = solve_ssc_admm_cupy(x, max_iter=400, xp=np, **kw)
-            assert a.iterations == b.iterations
-            assert torch.allclose(a.coef, b.coef, atol=1e-7, rtol=0)
+        kw = dict(dtype=torch.float64, strategy=strategy)
+        a = solve_ssc_admm(x, max_iter=400, **kw)
+        b = solve_ssc_admm_cupy(x, max_iter=400, xp=np, **kw)
+        assert a.iterations == b.iterations
+        assert torch.allclose(a.coef, b.coef, atol=1e-7, rtol=0)
 
 
 def test_cupy_backend_without_cuda_raises_clearly():

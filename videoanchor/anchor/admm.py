@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import array_api_compat
 
@@ -33,6 +34,8 @@ __all__ = [
     "Dictionary",
     "EigenInverse",
     "THIN",
+    "SCHEDULE",
+    "Schedule",
     "EqualityStep",
     "Kernels",
     "Reporting",
@@ -46,12 +49,6 @@ __all__ = [
 
 # A per-iteration hook: ``hook(iteration, residual)``; a true return stops the loop.
 Hook = Callable[[int, float], "bool | None"]
-
-# Residual balancing on relative residuals (Wohlberg 2017): every `every` iterations, if
-# the primal/dual ratio leaves [1/mu, mu], scale rho by sqrt(ratio / xi), at most tau.
-# At most `max_changes` changes, so the penalty is eventually fixed and ADMM's convergence
-# theory applies; each change refactors the A-step system.
-ADAPT = {"every": 5, "max_changes": 20, "mu": 3.0, "tau": 10.0, "xi": 1.0}
 
 
 class Outcome:
@@ -287,7 +284,7 @@ class DenseInverse:
         self.refactor(rho)
 
     def refactor(self, rho: float) -> None:
-        """Factor the system matrix again for a new penalty ``rho`` (adaptive rho)."""
+        """Factor the system matrix for the penalty ``rho``."""
         dic, xp = self.dic, self.dic.xp
         self.rho = rho
         m = self.gram * dic.lam_z
@@ -543,7 +540,7 @@ class Woodbury:
         self.refactor(rho)
 
     def refactor(self, rho: float) -> None:
-        """Factor the small Woodbury core again for a new penalty ``rho`` (adaptive rho)."""
+        """Factor the small Woodbury core for the penalty ``rho``."""
         dic, xp = self.dic, self.dic.xp
         self.rho = rho
         d, lz = dic.d, dic.lam_z
@@ -615,21 +612,15 @@ class SquaredStep:
        ``Lam += A - C`` (``Kernels.shrink``);
     5. stop when ``max_i sum_j |A - C|_ij < eps`` (over this block's columns).
 
-    ``relax`` (over-relaxation, ``A <- relax A + (1 - relax) C`` before step 4) and
-    ``adaptive`` (residual balancing, :data:`ADAPT`) accelerate it; with either, the change
-    of ``C`` (same norm) must be below ``eps`` too. ``e_every > 1`` refreshes ``E`` every
-    few iterations only (dense accelerated solver), and convergence is declared right
-    after an exact E-step. The columns need not be all of them: blocks of columns are
-    independent problems against the whole dictionary.
+    The columns need not be all of them: blocks of columns are independent problems
+    against the whole dictionary.
     """
 
     def __init__(self, dic: Dictionary, factor, start: int, stop: int, *, thr_e: float,
-                 eps: float, relax: float = 1.0, adaptive: bool = False, e_every: int = 1):  # fmt: skip
+                 eps: float):  # fmt: skip
         nb = stop - start
         self.dic, self.factor, self.cols = dic, factor, slice(start, stop)
-        self.thr_e, self.eps, self.relax, self.adaptive = thr_e, eps, relax, adaptive
-        self.accelerate = relax != 1.0 or adaptive
-        self.e_every = max(1, int(e_every))
+        self.thr_e, self.eps = thr_e, eps
         self.C = dic.zeros(dic.n, nb)
         self.lam = dic.zeros(dic.n, nb)
         self.d1s = dic.zeros(nb) if dic.affine else None
@@ -638,14 +629,12 @@ class SquaredStep:
         self.diag = Diagonal(dic.xp, dic.device, start, stop)
         self.rho = factor.rho
         self.rho_changes = 0
-        self._last_change = 0
 
     def __call__(self, it: int) -> tuple[float, bool]:
         dic, xp = self.dic, self.dic.xp
-        e_step = dic.outliers and (it % self.e_every == 0 or it <= self.e_every)
         e = self.E if self.e_nonzero else None
-        a, ya = self.factor.step_a(self.C - self.lam, self.d1s, e, self.cols, e_step, self.diag)
-        if e_step:
+        a, ya = self.factor.step_a(self.C - self.lam, self.d1s, e, self.cols, True, self.diag)
+        if dic.outliers:
             ya *= -1.0
             ya += dic.yw[:, self.cols]  # Y - Y A
             ya -= xp.clip(ya, -self.thr_e, self.thr_e)  # soft, in place
@@ -653,45 +642,10 @@ class SquaredStep:
             self.e_nonzero = bool(xp.any(ya != 0))
         if dic.affine:
             self.d1s += xp.sum(a, axis=0) - 1.0
-        c_old = self.C
-        if self.relax != 1.0:  # relax A + (1 - relax) C, in place
-            a -= c_old
-            a *= self.relax
-            a += c_old
         a += self.lam  # T
         self.C, self.lam, absd = dic.kernels.shrink(xp, a, self.lam, 1.0 / self.rho, self.diag)
-        primal = float(xp.max(xp.sum(absd, axis=1)))
-        residual = primal
-        if self.accelerate:
-            c_old -= self.C  # the previous C is not needed any more
-            dc = xp.abs(c_old)
-            residual = max(primal, float(xp.max(xp.sum(dc, axis=1))))
-        done = residual < self.eps and (e_step or not dic.outliers)
-        if self.adaptive and not done:
-            self._balance(it, absd, dc)
-        return residual, done
-
-    def _balance(self, it: int, absd, dc) -> None:
-        """Residual balancing on relative residuals (Wohlberg 2017), see :data:`ADAPT`."""
-        if it - self._last_change < ADAPT["every"] or self.rho_changes >= ADAPT["max_changes"]:
-            return
-        norm = self.dic.xp.linalg.vector_norm
-        r_rel = float(norm(absd)) / max(float(norm(self.C)), 1e-30)
-        s_rel = float(norm(dc)) / max(float(norm(self.lam)), 1e-30)
-        q = r_rel / max(s_rel, 1e-30)
-        factor = 1.0
-        if q > ADAPT["mu"]:
-            factor = min(math.sqrt(q / ADAPT["xi"]), ADAPT["tau"])
-        elif q < 1.0 / ADAPT["mu"]:
-            factor = 1.0 / min(math.sqrt(ADAPT["xi"] / q), ADAPT["tau"])
-        if factor != 1.0:
-            self.lam *= 1.0 / factor  # keep Delta2 = rho * Lam fixed
-            if self.dic.affine:
-                self.d1s *= 1.0 / factor  # and Delta1
-            self.rho *= factor
-            self.factor.refactor(self.rho)
-            self._last_change = it
-            self.rho_changes += 1
+        residual = float(xp.max(xp.sum(absd, axis=1)))
+        return residual, residual < self.eps
 
 
 # The fast solver's schedule: residual balancing at every `every`-th iteration up to
@@ -704,11 +658,39 @@ class SquaredStep:
 # iterations, for data whose lambda_z is set by one badly placed token (a near-black face):
 # see `continuation_start` and `ScheduledStep`; its weight changes only where the balancing
 # refactors anyway (a multiple of `every`, at most `balance_until`: no extra refactor).
-SCHEDULE = {"iterations": 60, "every": 5, "balance_until": 30, "tau": 10.0,
-            "continuation": 30, "continuation_floor": 0.3}  # fmt: skip
+@dataclass(frozen=True)
+class Schedule:
+    """The fast solver's fixed schedule (immutable: a variant is a new object, passed to the
+    solver; :meth:`cut` makes a shorter one)."""
+
+    iterations: int = 60
+    every: int = 5
+    balance_until: int = 30
+    tau: float = 10.0
+    continuation: int = 30
+    continuation_floor: float = 0.3
+
+    def __post_init__(self):
+        if self.continuation > self.balance_until or self.continuation % self.every:
+            raise ValueError(
+                "schedule: expected a continuation that is a multiple of every and at most "
+                f"balance_until, got continuation={self.continuation}, every={self.every}, "
+                f"balance_until={self.balance_until}"
+            )
+
+    def cut(self, iterations: int) -> Schedule:
+        """This schedule run for ``iterations`` in all, its balancing (and continuation)
+        ending by half of them (a multiple of ``every`` for the continuation)."""
+        until = min(self.balance_until, iterations // 2)
+        cont = min(self.continuation, self.every * (until // self.every))
+        return replace(self, iterations=int(iterations), balance_until=until,
+                       continuation=cont)  # fmt: skip
 
 
-def continuation_start(row_max, schedule: dict | None = None) -> float:
+SCHEDULE = Schedule()
+
+
+def continuation_start(row_max, schedule: Schedule = SCHEDULE) -> float:
     """The weight on ``lambda_z`` the fast solver starts from (1: no continuation):
     ``min(1, (mu_z / m) / floor)`` with ``row_max`` the ``max_(j != i) |y_i^T y_j|`` of every
     token (:func:`~videoanchor.anchor.ssc.gram_row_max`), ``mu_z`` their minimum (which sets
@@ -722,34 +704,33 @@ def continuation_start(row_max, schedule: dict | None = None) -> float:
     schedule starts from the weight a set placed ``floor`` times worse than typical would
     have and reaches the authors' weight by iteration ``continuation``. A continuous
     function of the features (a ratio of order statistics, clipped)."""
-    sch = SCHEDULE if schedule is None else schedule
-    if not sch.get("continuation", 0):
+    if not schedule.continuation:
         return 1.0
     xp = array_api_compat.array_namespace(row_max)
     r = xp.sort(xp.reshape(xp.astype(row_max, xp.float64), (-1,)))
     median = float(r[(r.shape[0] - 1) // 2])
     if not median > 0:
         return 1.0
-    return min(1.0, float(r[0]) / median / float(sch["continuation_floor"]))
+    return min(1.0, float(r[0]) / median / float(schedule.continuation_floor))
 
 
-def continuation_weight(start: float, it: int, schedule: dict | None = None) -> float:
+def continuation_weight(start: float, it: int, schedule: Schedule = SCHEDULE) -> float:
     """The weight on ``lambda_z`` at iteration ``it`` (1-based) of a schedule that starts
     from ``start`` (:func:`continuation_start`): ``start ** max(0, 1 - b / K)``, ``K`` the
     schedule's ``continuation`` and ``b = every * floor((it - 1) / every)`` (the weight holds
     for blocks of ``every`` iterations, changing where the balancing refactors), 1 from
     iteration ``K + 1`` on."""
-    sch = SCHEDULE if schedule is None else schedule
-    k = float(sch.get("continuation", 0))
+    k = float(schedule.continuation)
     if start >= 1.0 or not k:
         return 1.0
-    every = int(sch["every"])
+    every = int(schedule.every)
     b = every * ((it - 1) // every)
     return float(start) ** max(0.0, 1.0 - b / k)
 
 
 class ScheduledStep(SquaredStep):
-    """:class:`SquaredStep` run on :data:`SCHEDULE`: the authors' C-, A- and E-steps and
+    """:class:`SquaredStep` run on a :class:`Schedule` (default :data:`SCHEDULE`): the
+    authors' C-, A- and E-steps and
     dual updates every iteration, ``rho`` scaled by a continuous residual-balancing factor
     at fixed iterations (``factor`` must refactor cheaply: :class:`EigenInverse`), and done
     after a fixed number of iterations. The residual it reports is the authors'
@@ -761,12 +742,12 @@ class ScheduledStep(SquaredStep):
     them (:func:`~videoanchor.anchor.collective.all_sum`), which makes the row sums of the
     residual and the four norms of the rebalancing those of the whole ``C``."""
 
-    def __init__(self, dic: Dictionary, factor, *, thr_e: float, iterations: int,
-                 schedule: dict | None = None, start: int = 0, stop: int | None = None,
-                 reduce=None, continuation: float = 1.0):  # fmt: skip
+    def __init__(self, dic: Dictionary, factor, *, thr_e: float, schedule: Schedule = SCHEDULE,
+                 start: int = 0, stop: int | None = None, reduce=None,
+                 continuation: float = 1.0):  # fmt: skip
         super().__init__(dic, factor, start, dic.n if stop is None else stop, thr_e=thr_e,
                          eps=0.0)  # fmt: skip
-        self.schedule = dict(SCHEDULE if schedule is None else schedule)
+        self.schedule = schedule
         # continuation in lambda_z (continuation_start; 1: none): ``dic`` holds the authors'
         # lambda_z and ``thr_e`` is theirs; iteration ``it`` runs the weight
         # continuation_weight(start, it) on lambda_z (thr_e over it) and on the factor's
@@ -775,23 +756,17 @@ class ScheduledStep(SquaredStep):
         self.lam_z_full, self.thr_full, self.weight = dic.lam_z, thr_e, 1.0
         self.continuation = float(continuation)
         if self.continuation < 1.0:
-            sch = self.schedule
             if not hasattr(factor, "reweight"):
                 raise TypeError(
                     "continuation: expected a factor that rescales its eigenvalues "
                     f"(EigenInverse), got {type(factor).__name__}"
                 )
-            if sch["continuation"] > sch["balance_until"] or sch["continuation"] % sch["every"]:
-                raise ValueError(
-                    "schedule: expected a continuation that is a multiple of every and at "
-                    f"most balance_until, got {sch['continuation']}"
-                )
-            first = continuation_weight(self.continuation, 1, sch)
+            first = continuation_weight(self.continuation, 1, schedule)
             stale = factor.weight != first
             self._reweight(first)
             if stale:
                 factor.refactor(factor.rho)
-        self.iterations = int(iterations)
+        self.iterations = int(schedule.iterations)
         self.reduce = reduce
         # torch arrays: the residual stays on the device (run() reads it now and then) and
         # E is passed on even where it is zero (subtracting a zero product changes nothing),
@@ -824,13 +799,13 @@ class ScheduledStep(SquaredStep):
             rows = self.reduce(rows)
         residual = xp.max(rows) if self.lazy_residual else float(xp.max(rows))
         sch = self.schedule
-        if it % sch["every"] == 0 and it <= sch["balance_until"] and it < self.iterations:
+        if it % sch.every == 0 and it <= sch.balance_until and it < self.iterations:
             c_old -= self.C
             norms = self._norms(absd, self.C, c_old, self.lam)
             r_rel = norms[0] / max(norms[1], 1e-30)
             s_rel = norms[2] / max(norms[3], 1e-30)
             q = r_rel / max(s_rel, 1e-30)
-            factor = min(max(math.sqrt(q), 1.0 / sch["tau"]), sch["tau"])
+            factor = min(max(math.sqrt(q), 1.0 / sch.tau), sch.tau)
             self.lam *= 1.0 / factor
             if dic.affine:
                 self.d1s *= 1.0 / factor

@@ -81,11 +81,10 @@ class ActiveSetStep(admm.ScheduledStep):
     :class:`~videoanchor.anchor.admm.EigenInverse` (its ``[R; Y R]``)."""
 
     def __init__(self, dic: admm.Dictionary, factor: admm.EigenInverse, *, thr_e: float,
-                 iterations: int, schedule: dict | None = None, start: int = 0,
+                 schedule: admm.Schedule = admm.SCHEDULE, start: int = 0,
                  stop: int | None = None, reduce=None, continuation: float = 1.0):  # fmt: skip
-        super().__init__(dic, factor, thr_e=thr_e, iterations=iterations, schedule=schedule,
-                         start=start, stop=stop, reduce=reduce,
-                         continuation=continuation)  # fmt: skip
+        super().__init__(dic, factor, thr_e=thr_e, schedule=schedule, start=start, stop=stop,
+                         reduce=reduce, continuation=continuation)  # fmt: skip
         self.nb = self.C.shape[1]  # the columns this step owns
         self.y = dic.yw.contiguous()  # D x N
         self.full_count = 0

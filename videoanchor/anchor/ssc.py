@@ -16,9 +16,7 @@ are used, whichever costs fewer flops:
   is applied through a ``(D + 1) x (D + 1)`` matrix, ``O(N^2 D)`` per iteration.
 
 The factorisation is done in float64 and the iterations in the working dtype
-(float32 by default). ``relax`` (over-relaxation) and ``adaptive_rho`` (residual
-balancing) are optional accelerations that converge to the same minimiser; with both
-off the iterates are the authors' iterates.
+(float32 by default); the iterates are the authors' iterates.
 
 The iteration itself is :mod:`videoanchor.anchor.admm`, shared with the column-blocked
 solver, the CuPy backend (:mod:`videoanchor.anchor.cupy_backend`, the same code on CuPy
@@ -260,25 +258,21 @@ def solve_ssc_admm(
     outliers: bool = True,
     dtype=None,
     strategy: str = "auto",
-    relax: float = 1.0,
-    adaptive_rho: bool = False,
     progress=None,
     keep_history: bool = False,
     check_memory_first: bool = True,
     callback=None,
-    e_every: int = 1,
     xp=None,
     kernels: admm.Kernels | None = None,
     scheduled: bool = False,
+    schedule: admm.Schedule = admm.SCHEDULE,
     precision: str = "auto",
     process_group=None,
 ) -> ADMMResult:
     """Solve the SSC program for ``features`` (``N x D``, one row per point) on their device.
 
-    With ``relax=1`` and ``adaptive_rho=False`` this runs the authors' iteration
-    (docs/method.md section 2) and stops when ``max_i sum_j |A - C|_ij < eps``. With
-    acceleration it stops when both that primal residual and the change of ``C`` between
-    iterations (the dual residual, same norm) are below ``eps``.
+    This runs the authors' iteration (docs/method.md section 2) and stops when
+    ``max_i sum_j |A - C|_ij < eps``.
 
     ``progress``: False, True, None (default: a bar or log lines once a run lasts a few
     seconds) or an :class:`~videoanchor.anchor.progress.SSCProgress`, whose time budget
@@ -293,12 +287,12 @@ def solve_ssc_admm(
 
     ``scheduled=True`` is the fast solver (``solver="fast"`` of
     :func:`~videoanchor.anchor.scores.compute_anchor_scores`): the authors' steps on the fixed
-    schedule :data:`~videoanchor.anchor.admm.SCHEDULE` (60 iterations, ``rho`` rescaled by a
+    ``schedule`` (an :class:`~videoanchor.anchor.admm.Schedule`; default
+    :data:`~videoanchor.anchor.admm.SCHEDULE`: 60 iterations, ``rho`` rescaled by a
     continuous residual-balancing factor, the system factored once by
     :class:`~videoanchor.anchor.admm.EigenInverse`) and no residual test, so its answer is a
     continuous function of the features; a smaller ``max_iter`` cuts it short
-    (``converged=False``). ``eps``, ``relax``, ``adaptive_rho``, ``strategy`` and
-    ``e_every`` do not apply to it.
+    (``converged=False``). ``eps`` and ``strategy`` do not apply to it.
 
     ``process_group`` (fast solver, torch): a ``torch.distributed`` process group (any
     backend) over which the columns of ``C`` are split. Every step of the iteration but the
@@ -320,8 +314,6 @@ def solve_ssc_admm(
         work_t = resolve_dtype(dtype, device)
         n, d = x_t.shape
         check_admm_parameters(n, rho, eps, max_iter)
-        if not (1.0 <= relax < 2.0):
-            raise ValueError(f"relax: expected a value in [1, 2), got {relax}")
         precision = check_precision(precision, fast=scheduled, work=work_t, device=device,
                                     backend="torch" if xp is None else xp.__name__)  # fmt: skip
         if group is not None and (not scheduled or xp is not None or callback is not None):
@@ -354,21 +346,20 @@ def solve_ssc_admm(
         x_t = share_features(x_t, group)
     return run_admm(
         x_t, plan, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps, max_iter=max_iter,
-        affine=affine, outliers=outliers, relax=relax, adaptive_rho=adaptive_rho,
-        progress=progress, keep_history=keep_history, callback=callback, e_every=e_every,
-        xp=xp, kernels=kernels, t0=t0,
+        affine=affine, outliers=outliers, progress=progress, keep_history=keep_history,
+        callback=callback, xp=xp, kernels=kernels, t0=t0, schedule=schedule,
     )  # fmt: skip
 
 
 def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, rho: float,
              eps: float, max_iter: int, affine: bool = True, outliers: bool = True,
-             relax: float = 1.0, adaptive_rho: bool = False, progress=None,
-             keep_history: bool = False, callback=None, e_every: int = 1, xp=None,
-             kernels: admm.Kernels | None = None, t0: float | None = None) -> ADMMResult:  # fmt: skip
+             progress=None, keep_history: bool = False, callback=None, xp=None,
+             kernels: admm.Kernels | None = None, t0: float | None = None,
+             schedule: admm.Schedule = admm.SCHEDULE) -> ADMMResult:  # fmt: skip
     """The dense solver on checked features ``x_t`` (every rank's own copy of rank 0's
     under a process group) as ``plan`` says (:class:`~videoanchor.anchor.plan.Plan`:
-    ``solver="fast"`` is the scheduled iteration, any other the authors' steps with
-    ``relax`` and ``adaptive_rho``; its device, working dtype, precision, A-step strategy
+    ``solver="fast"`` is the scheduled iteration on ``schedule``, any other the authors'
+    steps; its device, working dtype, precision, A-step strategy
     and process group). Nothing is checked here: :func:`solve_ssc_admm` and
     :func:`~videoanchor.anchor.plan.make_plan` have. Same result as :func:`solve_ssc_admm`."""
     t0 = time.perf_counter() if t0 is None else t0
@@ -390,7 +381,7 @@ def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, r
     report = admm.Reporting(
         progress,
         # the fast solver's length is known once its factor is (set below)
-        max_iter=min(max_iter, admm.SCHEDULE["iterations"]) if scheduled else max_iter,
+        max_iter=min(max_iter, schedule.iterations) if scheduled else max_iter,
         eps=eps,
         tokens=n,
         schedule=scheduled,
@@ -407,7 +398,7 @@ def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, r
         row_max = gram_row_max(x64, gram=gram)
         lam_e, lam_z, _, _ = ssc_lambdas(x64, alpha_e, alpha_z, row_max=row_max)
         # the fast schedule's continuation in lambda_z (1: none; admm.continuation_start)
-        weight = admm.continuation_start(row_max) if scheduled else 1.0
+        weight = admm.continuation_start(row_max, schedule) if scheduled else 1.0
         del row_max
         start, stop, share, reduce, columns = 0, n, None, None, None
         if group is not None:  # rank 0's lambdas, weight and factor; this rank's columns
@@ -431,7 +422,7 @@ def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, r
         if scheduled:
             factor = admm.EigenInverse(dic, rho, share=share, columns=columns, gram=gram,
                                        thin=thin,
-                                       weight=admm.continuation_weight(weight, 1))  # fmt: skip
+                                       weight=admm.continuation_weight(weight, 1, schedule))  # fmt: skip
         elif strategy == "dense":
             factor = admm.DenseInverse(dic, rho, gram=gram)
         else:
@@ -439,24 +430,15 @@ def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, r
         del gram, x64  # the factor holds what it needs
         kernels.sync()
         t2 = time.perf_counter()
-        accelerate = relax != 1.0 or adaptive_rho
-        # With acceleration and the dense strategy, Y A (a D x N x N product) only feeds the
-        # E-step; refreshing E every few iterations is an inexact block update with the same
-        # fixed points, and convergence is only declared right after an exact E-step.
-        e_every = max(1, int(e_every)) if accelerate and strategy == "dense" else 1
         if scheduled:
             # a max_iter below the schedule cuts it short: not converged (reported as such)
             make = fast.ActiveSetStep if torch_fast else admm.ScheduledStep
-            step = make(dic, factor, thr_e=lam_e / lam_z, iterations=admm.SCHEDULE["iterations"],
-                        start=start, stop=stop, reduce=reduce,
-                        continuation=weight)  # fmt: skip
+            step = make(dic, factor, thr_e=lam_e / lam_z, schedule=schedule, start=start,
+                        stop=stop, reduce=reduce, continuation=weight)  # fmt: skip
             if report.reporter is not None:
                 report.reporter.max_iter = min(max_iter, step.iterations)
         else:
-            step = admm.SquaredStep(
-                dic, factor, 0, n, thr_e=lam_e / lam_z, eps=eps, relax=relax,
-                adaptive=adaptive_rho, e_every=e_every,
-            )  # fmt: skip
+            step = admm.SquaredStep(dic, factor, 0, n, thr_e=lam_e / lam_z, eps=eps)
         history: list[float] = []
         hook = admm.chain(
             (lambda it, r: history.append(r)) if keep_history else None,  # floats below

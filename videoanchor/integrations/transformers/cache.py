@@ -19,6 +19,7 @@ interrupted run leaves only whole entries.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import inspect
@@ -241,7 +242,7 @@ class AnchorCache:
         opts["ssc_dtype"] = str(config.ssc_dtype)
         # the fast solver's schedule decides its answer as much as the options do: an entry
         # stored before a change of it (the continuation in lambda_z, 2026-11-25) is not hit
-        opts["schedule"] = {k: admm.SCHEDULE[k] for k in sorted(admm.SCHEDULE)}
+        opts["schedule"] = dataclasses.asdict(admm.SCHEDULE)
         # the solver that runs, from the plan the call makes (issue 71: before, "auto" ran
         # the fast solver wherever a progress reporter was passed, as this cache always did;
         # those entries are not hit)
