@@ -25,6 +25,7 @@ from videoanchor.anchor.products import check_precision
 
 __all__ = [
     "EXACT_MAX_TOKENS",
+    "ROUTES",
     "WARM_SET",
     "Plan",
     "SSCMemoryError",
@@ -297,7 +298,9 @@ class Plan:
     ``"woodbury"``; ``"dense"`` for the fast solver's eigendecomposition);
     ``block_columns``: columns per block (blocked mode; ``N`` otherwise); ``group``,
     ``rank``, ``world``: the process group the work is split over (None, 0, 1 alone);
-    ``need``: the peak bytes the memory rule checked.
+    ``need``: the peak bytes the memory rule checked; ``route``: the name of the solver
+    routine that runs it (:data:`ROUTES`; :data:`videoanchor.anchor.solve.SOLVERS` maps each
+    to its function), so that what runs is decided here and nowhere else.
     """
 
     mode: str
@@ -313,6 +316,7 @@ class Plan:
     rank: int = 0
     world: int = 1
     need: int = 0
+    route: str = ""
 
     def describe(self, opts) -> str:
         """What this plan runs, in words, for a plan line (the command line, the logs);
@@ -328,6 +332,15 @@ class Plan:
                     f"{opts.max_iter}; products in {self.precision} precision)")  # fmt: skip
         return (f"the authors' iteration (to eps {opts.eps:g}, at most {opts.max_iter} "
                 "iterations)")  # fmt: skip
+
+
+#: The solver routines a plan's ``route`` names: ``"workset_then_fast"`` (the working sets;
+#: where ``C`` is dense, the fast solver and the working sets again from its answer, or the
+#: fast answer itself: :func:`~videoanchor.anchor.workset.run_workset`), ``"admm"`` (the
+#: fast schedule or the authors' iteration, as ``solver`` says), ``"admm_cupy"`` (the same
+#: on CuPy), ``"blocked"`` (the authors' iteration by column blocks), ``"equality"``
+#: (Elhamifar & Vidal's constrained program).
+ROUTES = ("workset_then_fast", "admm", "admm_cupy", "blocked", "equality")
 
 
 #: The most coefficients per column's working set where ``workset.run_workset`` starts it
@@ -467,6 +480,14 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
     except SSCMemoryError as exc:
         error = exc
     raise_together(group, error, device)
+    if program == "exact":
+        route = "equality"
+    elif mode == "blocked":
+        route = "blocked"
+    elif solver == "workset":
+        route = "workset_then_fast"
+    else:
+        route = "admm_cupy" if backend == "cupy" else "admm"
     return Plan(mode=mode, solver=solver, backend=backend, device=device, work=work,
                 precision=precision, strategy=strategy, block_columns=block, program=program,
-                group=group, rank=rank, world=world, need=need)  # fmt: skip
+                group=group, rank=rank, world=world, need=need, route=route)  # fmt: skip

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from videoanchor.anchor.blocked import run_blocked
 from videoanchor.anchor.cupy_backend import run_admm_cupy
-from videoanchor.anchor.plan import Plan
+from videoanchor.anchor.plan import ROUTES, Plan
 from videoanchor.anchor.ssc import run_admm
 from videoanchor.anchor.ssc_equality import run_equality
 from videoanchor.anchor.workset import run_workset
@@ -15,11 +15,16 @@ from videoanchor.anchor.workset import run_workset
 __all__ = ["SOLVERS", "solve"]
 
 
-def _dense(x, plan: Plan, opts, *, affine: bool, outliers: bool, **program):
-    if plan.solver == "workset":
-        return run_workset(x, plan, affine=affine, outliers=outliers, **program)
-    run = run_admm_cupy if plan.backend == "cupy" else run_admm
-    return run(x, plan, affine=affine, outliers=outliers, **program)
+def _admm(x, plan: Plan, opts, *, affine: bool, outliers: bool, **program):
+    return run_admm(x, plan, affine=affine, outliers=outliers, **program)
+
+
+def _admm_cupy(x, plan: Plan, opts, *, affine: bool, outliers: bool, **program):
+    return run_admm_cupy(x, plan, affine=affine, outliers=outliers, **program)
+
+
+def _workset(x, plan: Plan, opts, *, affine: bool, outliers: bool, **program):
+    return run_workset(x, plan, affine=affine, outliers=outliers, **program)
 
 
 def _blocked(x, plan: Plan, opts, *, affine: bool, outliers: bool, **program):
@@ -31,19 +36,22 @@ def _constrained(x, plan: Plan, opts, *, affine: bool, outliers: bool, **program
     return run_equality(x, plan, affine=affine, **program)
 
 
-#: ``{(program, mode): solver}``: the solver that runs a plan (the dense one runs the fast
-#: schedule, the authors' iteration or the working sets, as ``plan.solver`` says)
+#: ``{route: solver}``: the function that runs a plan, by the ``route`` that
+#: :func:`~videoanchor.anchor.plan.make_plan` chose (:data:`~videoanchor.anchor.plan.ROUTES`)
 SOLVERS = {
-    ("squared", "exact"): _dense,
-    ("squared", "blocked"): _blocked,
-    ("exact", "exact"): _constrained,
+    "workset_then_fast": _workset,
+    "admm": _admm,
+    "admm_cupy": _admm_cupy,
+    "blocked": _blocked,
+    "equality": _constrained,
 }
+if set(SOLVERS) != set(ROUTES):  # pragma: no cover - caught by any test
+    raise ImportError("videoanchor.anchor.solve: SOLVERS and plan.ROUTES name different routes")
 
 
 def solve(x, plan: Plan, opts, *, affine: bool = True, outliers: bool = True):
     """``C`` of the features ``x`` (checked, PCA-reduced) as ``plan`` says, with the
     program's parameters from ``opts`` (:class:`~videoanchor.anchor.options.SSCOptions`,
-    checked): the result of the solver :data:`SOLVERS` names for the plan."""
+    checked): the result of the solver :data:`SOLVERS` names for the plan's route."""
     program = {k: v for k, v in opts.program().items() if k != "dtype"}  # (in the plan)
-    return SOLVERS[plan.program, plan.mode](x, plan, opts, affine=affine, outliers=outliers,
-                                            **program)  # fmt: skip
+    return SOLVERS[plan.route](x, plan, opts, affine=affine, outliers=outliers, **program)
