@@ -42,7 +42,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, print_table, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    environment,
+    loadavg,
+    print_table,
+    rel,
+    sync,
+    synthetic_tokens,
+    write_result,
+)
 
 _ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,14 +70,7 @@ def _reset_peak() -> bool:
         return False
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _tokens(spec: dict) -> torch.Tensor:
-    from benchmarks.bench_ssc import synthetic_tokens
-
     return synthetic_tokens(spec["n"], spec["d"], seed=spec.get("seed", 0))
 
 
@@ -100,7 +101,7 @@ def _child_solve(spec: dict) -> dict:
             "n_blocks": len(res.block_iterations),
             "nnz": int(res.coef._nnz()),
         }
-    _sync(device)
+    sync(device)
     wall = time.perf_counter() - t0
     if cuda:
         peak = (torch.cuda.max_memory_allocated() - base) / 2**30
@@ -146,14 +147,14 @@ def _dist_worker(rank: int, world: int, store: str, spec: dict, out: str) -> Non
         x = _tokens(spec).to(device)
         if group is not None:
             dist.barrier(group)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         res = compute_anchor_scores(
             x, n_clusters=24, mode="blocked", eps=spec["eps"], max_iter=spec["iters"],
             pca_rank=spec.get("pca_rank", 0), block_columns=spec.get("block_columns"),
             process_group=group,
         )  # fmt: skip
-        _sync(device)
+        sync(device)
         wall = time.perf_counter() - t0
         row = {
             "rank": rank,
@@ -214,17 +215,6 @@ def _run_child(spec: dict, timeout: float) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
-def _load() -> list[float] | None:
-    try:
-        return list(os.getloadavg())
-    except OSError:
-        return None
-
-
 def case_equality(n, d, iters, threads, timeout, tmp):
     rows, saved = [], {}
     for solver in ("dense", "blocked"):
@@ -232,13 +222,13 @@ def case_equality(n, d, iters, threads, timeout, tmp):
         spec = dict(solver=solver, n=n, d=d, iters=iters, eps=0.0, threads=threads,
                     device="cpu", save=path)  # fmt: skip
         r = _run_child(spec, timeout)
-        r.update(case="equality", provider=solver, n=n, d=d, loadavg=_load())
+        r.update(case="equality", provider=solver, n=n, d=d, loadavg=loadavg())
         rows.append(r)
         saved[solver] = path if "error" not in r else None
     if all(saved.values()):
         dense = torch.load(saved["dense"])
         blocked = torch.load(saved["blocked"])
-        rows[1]["coef_rel_to_dense"] = _rel(blocked, dense)
+        rows[1]["coef_rel_to_dense"] = rel(blocked, dense)
         rows[1]["coef_max_abs_diff"] = float((blocked - dense).abs().max())
         del dense, blocked
     if "error" not in rows[0] and "error" not in rows[1]:
@@ -253,7 +243,7 @@ def case_equality(n, d, iters, threads, timeout, tmp):
 def case_large(n, d, iters, threads, timeout, dense_peak_at_8192):
     spec = dict(solver="blocked", n=n, d=d, iters=iters, eps=0.0, threads=threads, device="cpu")
     r = _run_child(spec, timeout)
-    r.update(case="large", provider="blocked", n=n, d=d, loadavg=_load())
+    r.update(case="large", provider="blocked", n=n, d=d, loadavg=loadavg())
     if dense_peak_at_8192 and "error" not in r:
         r["dense_peak_gb_at_8192"] = dense_peak_at_8192
         r["below_dense_at_8192"] = r["peak_mem_gb"] < dense_peak_at_8192
@@ -275,7 +265,7 @@ def case_processes(n, d, iters, worlds, device, threads, timeout, tmp, **extra):
         unit = "GPU" if device == "cuda" else "process"
         r.update(case="processes", provider=f"{world} x {unit}",
                  n=n, d=d, world=world, pca_rank=extra.get("pca_rank", 0),
-                 block_columns=extra.get("block_columns"), loadavg=_load())  # fmt: skip
+                 block_columns=extra.get("block_columns"), loadavg=loadavg())  # fmt: skip
         rows.append(r)
     base = next((r for r in rows if r.get("world") == 1 and "error" not in r), None)
     ref_path = os.path.join(tmp, "result_w1.pt")
@@ -287,7 +277,7 @@ def case_processes(n, d, iters, worlds, device, threads, timeout, tmp, **extra):
                 continue
             got = torch.load(os.path.join(tmp, f"result_w{w}.pt"))
             r["labels_identical"] = bool(torch.equal(got["labels"], ref["labels"]))
-            r["coef_rel_to_1"] = _rel(got["coef"].to_dense(), ref["coef"].to_dense())
+            r["coef_rel_to_1"] = rel(got["coef"].to_dense(), ref["coef"].to_dense())
             r["scores_max_abs_diff"] = float((got["scores"] - ref["scores"]).abs().max())
             r["speedup_vs_1"] = base["wall_s"] / r["wall_s"]
     return rows
@@ -325,11 +315,11 @@ def case_convergence(n, d, block, threads):
         if ref is None:
             ref = (coef, scores.numpy(), labels.numpy())
         else:
-            row["coef_rel_to_dense"] = _rel(coef, ref[0])
+            row["coef_rel_to_dense"] = rel(coef, ref[0])
             row["scores_spearman_vs_dense"] = float(spearmanr(scores.numpy(), ref[1])[0])
             row["scores_max_abs_diff"] = float(np.abs(scores.numpy() - ref[1]).max())
             row["labels_ari_vs_dense"] = float(adjusted_rand_score(ref[2], labels.numpy()))
-        row["loadavg"] = _load()
+        row["loadavg"] = loadavg()
         rows.append(row)
     return rows
 
@@ -388,7 +378,7 @@ def run(args) -> Path:
                                        tmp, block_columns=512)  # fmt: skip
         else:
             rows += cases_gpu(args.quick, args.max_iter, args.timeout, tmp)
-    meta["loadavg_end"] = _load()
+    meta["loadavg_end"] = loadavg()
     first = ["case", "provider", "n", "d", "world", "block_columns", "n_blocks", "iterations",
              "admm_ms_per_iter", "admm_s", "wall_s", "peak_mem_gb"]  # fmt: skip
     rows = [{**{k: r[k] for k in first if k in r}, **r} for r in rows]

@@ -273,7 +273,7 @@ def run(n: int, d: int, slots: int, grow: int, out_dir=None, clusters: int = 24,
     """Times :func:`solve` against the fast solver (one call each after a first one that
     compiles and loads) on video-like tokens (48 per frame, ``clusters`` subspaces) on this
     machine's device; writes ``columns_triton_<device>.json``."""
-    from benchmarks.bench_ssc import video_tokens
+    from benchmarks.common import video_tokens
     from videoanchor.anchor import compute_anchor_scores
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

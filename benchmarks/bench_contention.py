@@ -42,8 +42,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_spectral import group_affinity  # noqa: E402
-from benchmarks.bench_ssc import synthetic_tokens, video_tokens  # noqa: E402
-from benchmarks.common import environment, print_table, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    environment,
+    print_table,
+    synthetic_tokens,
+    video_tokens,
+    write_result,
+)
 from videoanchor.anchor import compute_anchor_scores, solve_ssc_workset  # noqa: E402
 from videoanchor.anchor.spectral import sparse_spectral_labels, spectral_clustering  # noqa: E402
 

@@ -32,23 +32,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_spectral import example_tokens  # noqa: E402
-from benchmarks.common import environment, print_table, skip, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    ari,
+    environment,
+    print_table,
+    skip,
+    spearman,
+    write_result,
+)
 from videoanchor.anchor import anchor_scores, solve_ssc_admm  # noqa: E402
 from videoanchor.anchor.spectral import spectral_labels, ssc_affinity  # noqa: E402
 
 K = 24
-
-
-def _spearman(a, b):
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(a, b).statistic)
-
-
-def _ari(a, b):
-    from sklearn.metrics import adjusted_rand_score
-
-    return float(adjusted_rand_score(a, b))
 
 
 def run(seeds, draws_list, out_dir, admm_iters):
@@ -86,9 +81,9 @@ def run(seeds, draws_list, out_dir, admm_iters):
     base = statistics.median(times[draws_list[0]])
     for r in draws_list:
         pairs = list(itertools.combinations(range(seeds), 2))
-        rho = [_spearman(scores[r][a], scores[r][b]) for a, b in pairs]
+        rho = [spearman(scores[r][a], scores[r][b]) for a, b in pairs]
         diff = [float(np.abs(scores[r][a] - scores[r][b]).max()) for a, b in pairs]
-        ari = [_ari(labels[r][a], labels[r][b]) for a, b in pairs]
+        aris = [ari(labels[r][a], labels[r][b]) for a, b in pairs]
         med = statistics.median(times[r])
         rows.append(
             dict(
@@ -102,7 +97,7 @@ def run(seeds, draws_list, out_dir, admm_iters):
                 spearman_max=max(rho),
                 max_score_diff_median=statistics.median(diff),
                 max_score_diff_max=max(diff),
-                labels_ari_median=statistics.median(ari),
+                labels_ari_median=statistics.median(aris),
                 spectral_and_scores_s=med,
                 extra_s_vs_r1=med - base,
                 extra_vs_admm=(med - base) / meta["admm_s"],

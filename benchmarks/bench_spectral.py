@@ -37,17 +37,23 @@ and record the load average at start and end: the machine may be shared.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, print_table, sizes_and_reps, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    ari,
+    environment,
+    loadavg,
+    print_table,
+    sizes_and_reps,
+    sync,
+    write_result,
+)
 from videoanchor.anchor import spectral as spectral_module  # noqa: E402
 from videoanchor.anchor.spectral import (  # noqa: E402
     _dense_top_eigvecs,
@@ -97,30 +103,12 @@ def ssc_example_affinity(seed=0):
     return ssc_affinity(solve_ssc_admm(example_tokens(seed), max_iter=60).coef)
 
 
-def _load():
-    try:
-        return os.getloadavg()
-    except OSError:
-        return None
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn, device):
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     out = fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t, out
-
-
-def _ari(a, b):
-    from sklearn.metrics import adjusted_rand_score
-
-    return float(adjusted_rand_score(np.asarray(a), np.asarray(b)))
 
 
 def bench_one(w, structure, reps, device, sklearn_max, torch_eigh_max, eigh_max):
@@ -177,9 +165,9 @@ def bench_one(w, structure, reps, device, sklearn_max, torch_eigh_max, eigh_max)
         if "ours_eigh" in med:
             row["speedup_vs_ours_eigh"] = med["ours_eigh"] / med[p]
         if p in labels and "sklearn" in labels and p != "sklearn":
-            row["ari_vs_sklearn"] = _ari(labels[p], labels["sklearn"])
+            row["ari_vs_sklearn"] = ari(labels[p], labels["sklearn"])
         if p in ("ours_krylov", "chebyshev") and "ours_eigh" in labels:
-            row["ari_vs_ours_eigh"] = _ari(labels[p], labels["ours_eigh"])
+            row["ari_vs_ours_eigh"] = ari(labels[p], labels["ours_eigh"])
         if p == "chebyshev":  # its accuracy, outside the timing
             theta, q, info = chebyshev_eigvecs(lambda v: sd @ v, n, K, dtype=sd.dtype,
                                                device=sd.device)  # fmt: skip
@@ -203,7 +191,7 @@ def run(device, sizes, reps, out_dir, sklearn_max, torch_eigh_max, eigh_max, wit
 
     dev = torch.device(device)
     meta = environment(device)
-    meta["loadavg_start"] = _load()
+    meta["loadavg_start"] = loadavg()
     if device == "cpu":
         torch.set_num_threads(1)
     meta["torch_threads"] = torch.get_num_threads()
@@ -223,8 +211,8 @@ def run(device, sizes, reps, out_dir, sklearn_max, torch_eigh_max, eigh_max, wit
             for structure, (groups, nnz, p_out) in STRUCTURES.items():
                 w = group_affinity(n, groups, nnz, p_out)
                 rows += bench_one(w, structure, r, dev, sklearn_max, torch_eigh_max, eigh_max)
-                print(f"done n={n} {structure} load={_load()}", flush=True)
-    meta["loadavg_end"] = _load()
+                print(f"done n={n} {structure} load={loadavg()}", flush=True)
+    meta["loadavg_end"] = loadavg()
     path = write_result("spectral", meta, rows, out_dir)
     print_table(
         rows,

@@ -28,17 +28,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_ssc import synthetic_tokens  # noqa: E402
-from benchmarks.common import environment, median_spread, print_table, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    environment,
+    median_spread,
+    print_table,
+    sync,
+    synthetic_tokens,
+    write_result,
+)
 from videoanchor.anchor import compute_anchor_scores  # noqa: E402
 
 D = 3584
 PER_FRAME = 128
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(frames_list, reps, device, cores, world) -> list[dict]:
@@ -51,13 +52,13 @@ def measure(frames_list, reps, device, cores, world) -> list[dict]:
         split_s, single_s = [], []
         res = ref = None
         for rep in range(reps + 1):  # the first rep warms up, not timed
-            _sync(device)
+            sync(device)
             dist.barrier()
             t0 = time.perf_counter()
             res = compute_anchor_scores(
                 x, 24, process_group=dist.group.WORLD, progress=False, solver="fast"
             )
-            _sync(device)
+            sync(device)
             dist.barrier()
             if rep:
                 split_s.append(time.perf_counter() - t0)
@@ -66,7 +67,7 @@ def measure(frames_list, reps, device, cores, world) -> list[dict]:
                     torch.set_num_threads(cores)
                 t0 = time.perf_counter()
                 ref = compute_anchor_scores(x, 24, progress=False, solver="fast")
-                _sync(device)
+                sync(device)
                 if rep:
                     single_s.append(time.perf_counter() - t0)
                 if device.type == "cpu":

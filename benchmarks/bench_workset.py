@@ -38,8 +38,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_ssc import video_tokens  # noqa: E402
-from benchmarks.common import environment, print_table, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    environment,
+    first_call_seconds,
+    print_table,
+    spearman,
+    video_tokens,
+    write_result,
+)
 from videoanchor.anchor import (  # noqa: E402
     duality_gaps,
     reference_minimiser,
@@ -50,12 +56,6 @@ from videoanchor.anchor.scores import ssc_coefficients  # noqa: E402
 PATCHES, DIM = 48, 1024
 
 
-def _spearman(a, b) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(a.double().numpy(), b.double().numpy())[0])
-
-
 def yardstick(x, coef, ref) -> dict:
     """Objective gap to the minimiser's (relative), affine violation, row-sum Spearman."""
     g = duality_gaps(x, coef, ref.lambda_e, ref.lambda_z)
@@ -63,7 +63,7 @@ def yardstick(x, coef, ref) -> dict:
     return {
         "objective_gap": (float(g.primal.sum()) - best) / best,
         "affine_violation": g.affine,
-        "row_sum_spearman": _spearman(coef.sum(dim=1), ref.coef.sum(dim=1)),
+        "row_sum_spearman": spearman(coef.sum(dim=1), ref.coef.sum(dim=1)),
     }
 
 
@@ -71,12 +71,6 @@ def _timed(fn):
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
-
-
-def first_call_seconds() -> float:
-    """The working-set kernel's first call in the process, on a tiny input: Numba compiles
-    it or loads it from its cache. Benchmarks time it apart so that no row pays it."""
-    return _timed(lambda: solve_ssc_workset(torch.randn(8, 4)))[1]
 
 
 def case(frames: int, patches: int, d: int, max_passes: int) -> dict:

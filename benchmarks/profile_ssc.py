@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.bench_request_cost import synthetic_tokens  # noqa: E402
+from benchmarks.common import synthetic_tokens  # noqa: E402
 from videoanchor.anchor import compute_anchor_scores  # noqa: E402
 
 

@@ -57,7 +57,6 @@ torchrun --nproc_per_node 2 benchmarks/bench_tp.py  # tensor-parallel prefill vs
 python benchmarks/bench_spectral.py [--device cuda] # spectral step vs scikit-learn and dense eigh
 python benchmarks/bench_sparse_spectral.py        # the sparse affinity's spectral step (blocked mode)
 python benchmarks/bench_label_draws.py            # seed stability of the scores against label_draws
-python benchmarks/bench_directions.py             # cheaper-score directions against the fidelity bar
 python benchmarks/bench_optimum.py                # the SSC program's minimiser against the bar's answers
 python benchmarks/bench_workset.py                # routes to the minimiser on video-like tokens, one thread
 python benchmarks/bench_lmms_batch.py             # lmms-eval wrapper: batched against one request at a time
@@ -71,7 +70,7 @@ python benchmarks/report.py                       # regenerate this page and its
 # without the device suffix that benchmarks/common.py appends (``spectral_cpu`` -> spectral).
 SECTIONS = [
     ("Anchor scores (SSC)",
-     ["request_cost", "request_cost_cost", "request_cost_fidelity_sensitivity", "request_cost_floor", "directions", "optimum", "optimum_only", "optimum_tiny", "optimum_yaleb", "workset", "workset_passes", "lockstep", "lockstep_compiled", "columns_triton", "ssc", "spectral", "sparse_spectral", "label_draws", "yaleb",
+     ["request_cost", "request_cost_cost", "request_cost_fidelity_sensitivity", "request_cost_floor", "directions", "optimum", "optimum_only", "optimum_tiny", "optimum_yaleb", "workset", "workset_passes", "lockstep", "lockstep_compiled", "columns_triton", "ssc", "ssc_ratio", "spectral", "sparse_spectral", "label_draws", "yaleb",
       "yaleb_squared"]),
     ("Long videos: blocked SSC", ["blocked", "blocked_convergence"]),
     ("Several processes: the fast SSC split", ["split"]),
@@ -84,7 +83,13 @@ TITLES = {
     "request_cost_cost": "Anchor scores against the prefill: the cost rows alone, with the default",
     "request_cost_fidelity_sensitivity": "Anchor scores: the fidelity and 1e-6 sensitivity parts alone (on a GPU)",
     "request_cost_floor": "The fast default's least H100 cost against the targets (STATIC)",
-    "directions": "Directions for cheaper scores, against the fidelity bar",
+    "directions": "Directions for cheaper scores, against the fidelity bar (bench_directions.py, "
+    "removed in issue 67; last at 1132cf0)",
+    "lockstep": "The lockstep working-set prototype (bench_lockstep.py, removed in issue 67; "
+    "last at 1132cf0)",
+    "lockstep_compiled": "The lockstep prototype compiled (bench_lockstep.py --compile, removed in "
+    "issue 67; last at 1132cf0)",
+    "ssc_ratio": "The faithful solver against the authors' pipeline, same-run ratios (issue 67)",
     "optimum": "The SSC program's minimiser against the fidelity bar's answers",
     "optimum_only": "The SSC program's minimiser: the synthetic and corrupted sets, the default beside",
     "optimum_tiny": "The SSC program's minimiser: the tiny models' projector outputs, the default beside",

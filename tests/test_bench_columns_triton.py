@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks import bench_columns_triton as bct
-from benchmarks.bench_ssc import _objective, synthetic_tokens, video_tokens
+from benchmarks.common import objective, synthetic_tokens, video_tokens
 from videoanchor.anchor.workset import _prepare, solve_ssc_workset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,8 +62,8 @@ def test_outlier_entries_are_solved_too():
     got = bct.solve(x, alpha_e=10.0, slots=32, grow=8, max_inner=300)
     assert got["converged"] and got["gap"] < 1e-6
     _, _, lam_e, lam_z = _prepare(x, 10.0, 800.0)
-    want = _objective(x, ref.coef, lam_e, lam_z)
-    assert abs(_objective(x, got["coef"], lam_e, lam_z) - want) <= 1e-12 * abs(want)
+    want = objective(x, ref.coef, lam_e, lam_z)
+    assert abs(objective(x, got["coef"], lam_e, lam_z) - want) <= 1e-12 * abs(want)
     assert float((got["coef"] - ref.coef).abs().max()) < 1e-7
     assert float((got["outliers"] - ref.outliers).abs().max()) < 1e-7
 

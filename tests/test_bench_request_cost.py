@@ -67,25 +67,6 @@ def test_measure_option_is_checked():
         brc.main(["--parts", "cost,speed"])
 
 
-def test_exact_e_steps_give_the_dense_schedule_cuda_runs(monkeypatch):
-    """The fidelity rows' ``..._cuda_iterate``: on a CPU tensor, the fast solver inside
-    ``exact_e_steps`` is the array-API dense schedule's iterate (what CUDA runs), to rounding,
-    and differs from the default CPU iterate (E on an active set between full E-steps)."""
-    from videoanchor.anchor import compute_anchor_scores, fast
-
-    x = brc.synthetic_tokens(96, 160, seed=5).double()
-    every = fast.FULL["every"]
-    with brc.exact_e_steps():
-        assert fast.FULL["every"] == 1
-        got = compute_anchor_scores(x, 6, solver="fast", dtype=torch.float64, progress=False)
-    assert fast.FULL["every"] == every  # restored
-    default = compute_anchor_scores(x, 6, solver="fast", dtype=torch.float64, progress=False)
-    monkeypatch.setattr(fast, "applies", lambda a: False)  # the dense array-API schedule
-    dense = compute_anchor_scores(x, 6, solver="fast", dtype=torch.float64, progress=False)
-    torch.testing.assert_close(got.coef, dense.coef, rtol=0, atol=1e-9)
-    assert float((default.coef - dense.coef).abs().max()) > 1e-9
-
-
 def test_h100_estimate_prices_the_calibrated_stages():
     """The H100 estimate adds the fast solver's factor and the spectral step (calibrated on
     the lease's profiles, a power law through both points) to its counted iterations."""
@@ -101,29 +82,6 @@ def test_h100_estimate_prices_the_calibrated_stages():
         total = row[f"h100_ssc_over_prefill_fast_{prec}"]
         iters = row[f"h100_ssc_over_prefill_fast_{prec}_iterations"]
         assert total == pytest.approx(iters + stages / pre_s)
-
-
-def test_factor_rows_time_every_factor(monkeypatch):
-    """The factor part times the dense, thin and low-rank factors on the same tokens, the
-    default is one of the last two, and its scores agree with the dense factor's."""
-    monkeypatch.setitem(brc.FACTOR_SHAPES, "quick", ((320, 64),))
-    seen = []
-    real = brc.ssc_seconds
-
-    def spy(x, k, solver, **kw):
-        seen.append((brc.admm.THIN["above"], brc.admm.THIN["low_rank_above"]))
-        return real(x, k, solver, **kw)
-
-    monkeypatch.setattr(brc, "ssc_seconds", spy)
-    before = dict(brc.admm.THIN)
-    (row,) = brc.factor_rows(torch.device("cpu"), True)
-    inf = float("inf")
-    assert seen == [(inf, before["low_rank_above"]), (1.0, inf), (1.0, 1.0)] * 2
-    assert brc.admm.THIN == before  # restored
-    assert row["factor"] == "low_rank" and row["n"] == 320 and row["d"] == 64
-    assert row["seconds_fast"] == row["seconds_fast_low_rank_factor"] > 0
-    assert row["seconds_fast_dense_factor"] > 0 and row["seconds_fast_thin_factor"] > 0
-    assert row["max_score_move"] < 1e-4 and row["ari_labels"] == 1.0
 
 
 def test_faithful_seconds_stops_the_faithful_solve_and_marks_the_row(monkeypatch):
@@ -166,7 +124,7 @@ def test_iteration_floor_is_below_the_estimate_and_judges_each_target(tmp_path):
         floor = r["floor_fp16x3_over_prefill"]
         assert 0 < floor < est[(r["model"], r["frames"])]["h100_ssc_over_prefill_fast_fp16x3"]
         assert r["floor_bf16_over_prefill"] == pytest.approx(floor / 3)
-        per_iteration = floor / brc.admm.SCHEDULE["iterations"]
+        per_iteration = floor / brc.admm.SCHEDULE.iterations
         best = floor / r["tp"]
         assert r["fp16x3_iterations_within_target"] * per_iteration / r["tp"] == pytest.approx(
             r["target"]
@@ -188,35 +146,6 @@ def test_iteration_floor_is_below_the_estimate_and_judges_each_target(tmp_path):
     assert rows[0]["spectral_over_prefill"] == pytest.approx(brc.H100_STAGES["spectral"][0] / pre)
     assert brc.main(["--floor", "--out-dir", str(tmp_path)]) is None
     assert (tmp_path / "request_cost_floor_static.json").exists()
-
-
-def test_tf32_products_reach_the_solver_past_the_library_guard(monkeypatch):
-    """The benchmark's TF32 column must measure TF32: inside ``tf32_products`` the solver's
-    products see CUDA's setting lowered (the guard that would hold it exact is off), and
-    after it both the setting and the guard are back."""
-    from benchmarks.bench_ssc import synthetic_tokens
-    from videoanchor.anchor import products
-
-    holder = torch.backends.cuda.matmul
-    attr = "fp32_precision" if hasattr(holder, "fp32_precision") else "allow_tf32"
-    before, guard = getattr(holder, attr), products.exact_float32_matmul
-    seen = []
-    mm = products.Products.mm
-
-    def recording(self, a, b):
-        seen.append(getattr(holder, attr))
-        return mm(self, a, b)
-
-    monkeypatch.setattr(products.Products, "mm", recording)
-    x = synthetic_tokens(40, 24, k=3, seed=1)
-    with brc.tf32_products():
-        compute = brc.compute_anchor_scores(x, 3, progress=False, solver="fast")
-    assert compute.scores.shape == (40,)
-    assert seen and set(seen) == {"tf32" if attr == "fp32_precision" else True}
-    assert getattr(holder, attr) == before and products.exact_float32_matmul is guard
-    seen.clear()
-    brc.compute_anchor_scores(x, 3, progress=False, solver="fast")  # the guard again: exact inside
-    assert set(seen) == {"ieee" if attr == "fp32_precision" else False}
 
 
 def test_cost_part_loads_the_working_set_kernel_before_any_row_is_timed(monkeypatch, tmp_path):

@@ -51,7 +51,7 @@ def lowered():
 
 
 def _tokens(n=72, d=40, seed=3):
-    from benchmarks.bench_ssc import synthetic_tokens
+    from benchmarks.common import synthetic_tokens
 
     return synthetic_tokens(n, d, k=4, seed=seed)
 

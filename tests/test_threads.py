@@ -237,7 +237,7 @@ def test_the_default_scores_beside_a_busy_process():
     its thread that shares a core. Bounded to the free cores, 1.6x (target 2.5x; held here
     at 3x for a shared machine, the least of several runs each way, alternated)."""
     sys.path.insert(0, str(ROOT))
-    from benchmarks.bench_ssc import synthetic_tokens
+    from benchmarks.common import synthetic_tokens
     from videoanchor.anchor import compute_anchor_scores
 
     if threads.usable_cores() < 2:

@@ -181,7 +181,7 @@ def test_the_reference_certifies_from_the_fast_answer_where_the_first_sets_do_no
 def test_video_like_tokens_on_one_thread_and_on_two_give_the_same_minimiser():
     """Sets far below the rank (D = 64): every column solved, certified, the same answer
     whichever thread ran it; the reference takes it without the ADMM."""
-    from benchmarks.bench_ssc import video_tokens
+    from benchmarks.common import video_tokens
 
     x = video_tokens(4, 12, 64, k=4, seed=3).double()
     one = solve_ssc_workset(x, threads=1)
@@ -340,7 +340,7 @@ def test_a_start_keeps_no_more_outlier_entries_than_its_rows_leave():
 
 
 def _video(seed=3):
-    from benchmarks.bench_ssc import video_tokens
+    from benchmarks.common import video_tokens
 
     return video_tokens(4, 12, 64, k=4, seed=seed)
 
