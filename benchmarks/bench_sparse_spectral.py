@@ -43,17 +43,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import common  # noqa: E402
 from benchmarks.bench_spectral import STRUCTURES, group_affinity  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    ari,
-    environment,
-    loadavg,
-    print_table,
-    sizes_and_reps,
-    sync,
-    video_tokens,
-    write_result,
-)
+from benchmarks.common import environment, print_table, sizes_and_reps, write_result  # noqa: E402
 from videoanchor.anchor import reference_minimiser  # noqa: E402
 from videoanchor.anchor.spectral import (  # noqa: E402
     _top_eigvecs_arpack,
@@ -71,7 +63,7 @@ K = 24
 def minimiser_affinity(frames: int):
     """The sparse affinity of the certified minimiser of ``frames`` frames of video-like
     tokens, and the minimiser's certified gap."""
-    res = reference_minimiser(video_tokens(frames, 96, 1024))
+    res = reference_minimiser(common.video_tokens(frames, 96, 1024))
     if not res.converged:
         raise RuntimeError(f"the minimiser of {frames} frames did not certify ({res.residual})")
     return sparse_ssc_affinity(res.coef.to_sparse()), res.residual
@@ -98,10 +90,10 @@ def bench_one(w, name, reps, device, eigh_max, extra=None):
     labels = {}
     for _ in range(reps):
         for p, fn in providers.items():  # interleaved
-            sync(device)
+            common.sync(device)
             t = time.perf_counter()
             labels[p] = fn()[0]
-            sync(device)
+            common.sync(device)
             times[p].append(time.perf_counter() - t)
     s, _ = sparse_normalized_affinity(w)
     residual = {}
@@ -131,7 +123,7 @@ def bench_one(w, name, reps, device, eigh_max, extra=None):
         if p in steps:
             row["steps"] = steps[p]
         if "dense_eigh" in labels and p != "dense_eigh":
-            row["ari_vs_dense_eigh"] = ari(labels[p].cpu(), labels["dense_eigh"].cpu())
+            row["ari_vs_dense_eigh"] = common.ari(labels[p].cpu(), labels["dense_eigh"].cpu())
             row["speedup_vs_dense_eigh"] = med["dense_eigh"] / med[p]
         if p != "sparse_krylov":
             row["speedup_vs_krylov"] = med["sparse_krylov"] / med[p]
@@ -144,7 +136,7 @@ def run(device, sizes, reps, frames, out_dir, eigh_max):
 
     dev = torch.device(device)
     meta = environment(device)
-    meta["loadavg_start"] = loadavg()
+    meta["loadavg_start"] = common.loadavg()
     if device == "cpu":
         torch.set_num_threads(1)
     meta["torch_threads"] = torch.get_num_threads()
@@ -157,13 +149,13 @@ def run(device, sizes, reps, frames, out_dir, eigh_max):
             w, gap = minimiser_affinity(f)
             rows += bench_one(w, "minimiser", max(reps, default=3), dev, eigh_max,
                               extra={"frames": f, "minimiser_gap": gap})  # fmt: skip
-            print(f"done minimiser {f} frames load={loadavg()}", flush=True)
+            print(f"done minimiser {f} frames load={common.loadavg()}", flush=True)
         for n, r in zip(sizes, reps, strict=True):
             for structure, (groups, nnz, p_out) in STRUCTURES.items():
                 w = group_affinity(n, groups, nnz, p_out).double().to_sparse()
                 rows += bench_one(w, structure, r, dev, eigh_max)
-                print(f"done n={n} {structure} load={loadavg()}", flush=True)
-    meta["loadavg_end"] = loadavg()
+                print(f"done n={n} {structure} load={common.loadavg()}", flush=True)
+    meta["loadavg_end"] = common.loadavg()
     path = write_result("sparse_spectral", meta, rows, out_dir)
     print_table(rows, ["affinity", "n", "provider", "median_s", "speedup_vs_krylov",
                        "ari_vs_dense_eigh", "block_residual"])  # fmt: skip
