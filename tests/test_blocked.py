@@ -157,7 +157,7 @@ def test_block_eps_reaches_the_solver():
 
 
 def test_auto_mode_uses_the_blocked_exact_solver_beyond_the_dense_limit(monkeypatch):
-    x = tokens(40, 3, 5, seed=5)
+    x = tokens(40, 3, 5, seed=5).float()  # (the needs below are float32's)
     n, d = x.shape
     kw = dict(n_clusters=3, max_iter=40, block_columns=16)
     assert compute_anchor_scores(x, **kw).mode == "exact"

@@ -363,13 +363,30 @@ def test_compute_anchor_scores_runs_the_working_sets_and_says_so():
 @pytest.mark.parametrize("dtype", [None, torch.float32, torch.float64])
 def test_every_solver_answers_in_the_dtype_asked_for(solver, features, dtype):
     """``dtype=`` sets the answer's dtype whichever solver runs (the working sets solve in
-    float64 and answered in the features' dtype before)."""
+    float64 and answered in the features' dtype before); ``dtype=None`` is float32, float64
+    for float64 features (issue 66: the default answered those in float32)."""
     from videoanchor.anchor import compute_anchor_scores
 
     x = _video().to(features)
     res = compute_anchor_scores(x, 4, solver=solver, dtype=dtype)
-    assert res.coef.dtype == (dtype or torch.float32)
+    assert res.coef.dtype == (dtype or (torch.float64 if features == torch.float64 else
+                                        torch.float32))  # fmt: skip
     assert res.solver == ("workset" if solver == "auto" else solver)
+
+
+def test_float64_features_get_the_certified_minimiser_in_float64():
+    """The default's C for float64 features re-certifies to the working sets' own gap (in
+    float32 the rounding alone left column gaps of ~1e-6: issue 66)."""
+    from videoanchor.anchor import compute_anchor_scores
+
+    x = _video().double()
+    res = compute_anchor_scores(x, 4)
+    assert res.solver == "workset" and res.coef.dtype == torch.float64
+    gaps = duality_gaps(x, res.coef, res.lambda_e, res.lambda_z)
+    assert gaps.max_gap < 1e-9 and gaps.affine < 1e-12
+    single = compute_anchor_scores(x.float(), 4)
+    gaps32 = duality_gaps(x, single.coef.double(), single.lambda_e, single.lambda_z)
+    assert gaps32.max_gap > 10 * gaps.max_gap  # what float32 rounding costs the certificate
 
 
 def test_dense_sets_start_again_from_the_fast_solver_and_say_so(monkeypatch):

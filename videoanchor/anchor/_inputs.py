@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -326,7 +327,8 @@ def pca_reduce(x: torch.Tensor, rank: int) -> torch.Tensor:
 
 def prepare_features(features, given, *, min_tokens: int | None = None, process_group=None):
     """Stage 1 of an SSC call: ``(opts, x, solved)``, the options ``given``
-    (:class:`~videoanchor.anchor.options.SSCOptions`) checked, the features validated
+    (:class:`~videoanchor.anchor.options.SSCOptions`) checked (``dtype=None`` on float64
+    features: float64, so that float64 features get a float64 ``C``), the features validated
     (:func:`as_feature_tensor`, at least ``min_tokens`` tokens, default ``n_clusters``) and
     the dominant-token warning given, once; ``solved`` is ``x`` PCA-reduced when
     ``pca_rank`` asks for it (the features the SSC solves on), else ``x``.
@@ -350,6 +352,8 @@ def prepare_features(features, given, *, min_tokens: int | None = None, process_
         fingerprint["features"] = None if x is None else (tuple(x.shape), str(x.dtype))
         agree_across_ranks(group, fingerprint, error)
         x = share_features(x, group)
+    if given.dtype is None and x.dtype == torch.float64:  # float64 in, float64 C out
+        opts = replace(opts, dtype=torch.float64)
     warn_dominant_token(x, opts.dtype)
     solved = pca_reduce(x, opts.pca_rank) if opts.pca_rank else x
     return opts, x, solved

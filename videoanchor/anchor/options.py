@@ -127,7 +127,8 @@ class SSCOptions:
     fixed 60-iteration schedule) or ``"faithful"`` (the authors' iteration and stopping
     rule)."""
     dtype: torch.dtype | None = None
-    """Working dtype of the ADMM: None (float32), ``torch.float32`` or ``torch.float64``."""
+    """Working dtype of the solvers and of ``C``: None (float32; float64 for float64
+    features), ``torch.float32`` or ``torch.float64``."""
     precision: str = "auto"
     """Precision of the fast solver's dense products: ``"full"`` (the working dtype),
     ``"fp16x3"`` (float16 tensor cores at about float32 accuracy; float32, torch, fast solver
