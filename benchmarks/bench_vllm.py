@@ -65,10 +65,12 @@ def _frames(n, seed, size):
     return moving_shapes(n, size, size * 3 // 2, seed=seed)
 
 
-def _video(args, seed):
-    meta = {"fps": 4.0, "total_num_frames": args.frames, "duration": args.frames / 4.0,
-            "frames_indices": list(range(args.frames)), "video_backend": "opencv"}  # fmt: skip
-    return (_frames(args.frames, seed, args.size), meta)
+def _video(args, seed, frames=None):
+    """A video of ``frames`` frames (default: the first of ``--frames``) of seed ``seed``."""
+    frames = frames or args.frames[0]
+    meta = {"fps": 4.0, "total_num_frames": frames, "duration": frames / 4.0,
+            "frames_indices": list(range(frames)), "video_backend": "opencv"}  # fmt: skip
+    return (_frames(frames, seed, args.size), meta)
 
 
 def _prompt(args, kind):
@@ -100,15 +102,23 @@ def worker(args) -> dict:
         engine["additional_config"] = {"videoanchor": opts}
     t0 = time.perf_counter()
     llm = LLM(model=args.model, **engine)
-    startup = time.perf_counter() - t0
+    startup = {"loadavg": os.getloadavg(), "startup_s": time.perf_counter() - t0,
+               "warm_up_s": llm.collective_rpc(_warm_up_seconds)[0]}  # fmt: skip
+    if args.startup_only:
+        return startup
     sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    reqs = [{"prompt": _prompt(args, "video"), "multi_modal_data": {"video": _video(args, i)}}
-            for i in range(args.requests)]  # fmt: skip
+    # request i: frames --frames[i % len], seed i (every video new); the warm-up's video is
+    # none of them (seed 1000), so no request's scores come from the score cache
+    reqs = [{"prompt": _prompt(args, "video"),
+             "multi_modal_data": {"video": _video(args, s, args.frames[i % len(args.frames)])}}
+            for i, s in enumerate([1000, *range(args.requests)])]  # fmt: skip
     llm.generate(reqs[:1], sp, use_tqdm=False)  # warm-up
     t = time.perf_counter()
-    outs = llm.generate(reqs, sp, use_tqdm=False)
+    outs = llm.generate(reqs[1:], sp, use_tqdm=False)
     elapsed = time.perf_counter() - t
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    pad = llm.llm_engine.model_config.hf_config.video_token_id
+    tokens = [o.prompt_token_ids.count(pad) for o in outs]
     # The stall: M text requests decoding, then one new video; then the same again with the
     # same video and another question (a repeat: the score cache answers, no SSC).
     eng = llm.llm_engine
@@ -117,8 +127,9 @@ def worker(args) -> dict:
     return {
         "engine": args.kind,
         "anchored": args.anchored,
-        "startup_s": startup,
+        **startup,
         "requests": args.requests,
+        "visual_tokens": tokens,
         "seconds": elapsed,
         "requests_per_s": args.requests / elapsed,
         "output_tokens_per_s": n_out / elapsed,
@@ -131,6 +142,11 @@ def worker(args) -> dict:
         "repeat_stall_s": repeat["stall_s"],
         "repeat_video_ttft_s": repeat["ttft_s"],
     }
+
+
+def _warm_up_seconds(worker):
+    """The plugin's SSC warm-up at start-up, in seconds (None: none ran, or not anchored)."""
+    return worker.model_runner.__dict__.get("_videoanchor_warm_up_s")
 
 
 def _arrival(eng, args, tag: str, question: str) -> dict:
@@ -190,7 +206,9 @@ ENGINES = ("plain", "anchored", "in_step", "split")
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="checkpoint (default: the tiny test model)")
-    p.add_argument("--frames", type=int, default=4)
+    p.add_argument("--frames", default="4",
+                   help="frames per video; a comma-separated list gives request i the i-th "
+                   "(cycling), e.g. 4,6 for short clips of different lengths")  # fmt: skip
     p.add_argument("--size", type=int, default=56, help="frame height in pixels")
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=16)
@@ -213,10 +231,17 @@ def main() -> None:
     p.add_argument("--busy", choices=("spin", "numeric"), default=None,
                    help="run every engine beside a busy process (bench_contention's "
                    "neighbours): writes vllm_busy_<kind>_<device>.json")  # fmt: skip
+    p.add_argument("--numba-cache", choices=("as-is", "fresh"), default="as-is",
+                   help="fresh: each anchored engine first starts alone with an empty Numba "
+                   "cache (NUMBA_CACHE_DIR; start-up only, startup_empty_cache_s), then runs "
+                   "with that cache warm")  # fmt: skip
+    p.add_argument("--name", default=None, help="result name (default vllm[_tpN][_busy_X])")
     p.add_argument("--worker", choices=ENGINES, default=None)
+    p.add_argument("--startup-only", action="store_true")
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
     args.cpu = not _cuda()
+    args.frames = [int(f) for f in str(args.frames).split(",")]
     engines = args.engines.split(",")
     if not engines or any(e not in ENGINES for e in engines):
         p.error(f"--engines: expected some of {', '.join(ENGINES)}, got {args.engines!r}")
@@ -267,8 +292,15 @@ def main() -> None:
             out = tmp / f"{kind}.json"
             cmd = [sys.executable, __file__, "--worker", kind, "--json-out", str(out)]
             cmd += sys.argv[1:] if "--model" in sys.argv else sys.argv[1:] + ["--model", args.model]
-            subprocess.run(cmd, env=env, check=True)
-            rows.append(json.loads(out.read_text()))
+            first, run_env = {}, env
+            if args.numba_cache == "fresh" and kind != "plain":
+                run_env = {**env, "NUMBA_CACHE_DIR": tempfile.mkdtemp(prefix="numba_", dir=tmp)}
+                subprocess.run([*cmd, "--startup-only"], env=run_env, check=True)
+                first = json.loads(out.read_text())
+                first = {"startup_empty_cache_s": first["startup_s"],
+                         "warm_up_empty_cache_s": first["warm_up_s"]}  # fmt: skip
+            subprocess.run(cmd, env=run_env, check=True)
+            rows.append({**json.loads(out.read_text()), **first})
     base = rows[0]  # the baseline of the ratios ("plain" by default), named in their keys
     vs = f"vs_{base['engine']}"
     for r in rows:
@@ -284,9 +316,10 @@ def main() -> None:
                 dtype=args.dtype, n_clusters=args.n_clusters, max_iter=args.max_iter,
                 alpha_k=args.alpha_k, alpha_v=args.alpha_v, layout=args.layout,
                 tensor_parallel_size=args.tp, baseline=base["engine"], busy=args.busy,
+                numba_cache=args.numba_cache, requests=args.requests,
                 env={k: env.get(k) for k in ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS",
                                              "VLLM_ENABLE_V1_MULTIPROCESSING")})  # fmt: skip
-    print_table(rows, ["engine", "requests_per_s", "output_tokens_per_s", f"ratio_{vs}",
+    print_table(rows, ["engine", "startup_s", "warm_up_s", "requests_per_s", "output_tokens_per_s", f"ratio_{vs}",
                        "median_decode_step_s", "largest_step_s", "stall_s", "video_ttft_s",
                        "steps_before_video_prefill", "repeat_stall_s",
                        "repeat_video_ttft_s"])  # fmt: skip
@@ -298,8 +331,8 @@ def main() -> None:
             f"{r[f'largest_step_{vs}']:.2f}, output tokens/s {r[f'ratio_{vs}']:.3f}, "
             f"the video's first token {r[f'video_ttft_{vs}']:.2f}"
         )
-    name = "vllm" if args.tp == 1 else f"vllm_tp{args.tp}"
-    name += f"_busy_{args.busy}" if args.busy else ""
+    name = args.name or ("vllm" if args.tp == 1 else f"vllm_tp{args.tp}")
+    name += f"_busy_{args.busy}" if args.busy and not args.name else ""
     print("wrote", write_result(name, meta, rows, args.out_dir))
 
 

@@ -263,21 +263,28 @@ def warm_up(worker) -> str | None:
     """``collective_rpc`` target at an anchored engine's start, after vLLM's own warm-up: one
     SSC of random features (:data:`WARM_UP_SHAPE`) with the engine's options on the model
     runner's device, so that what a process's first solve loads does not fall on the first
-    request (the working-set kernel: compiled by Numba, about 19 s on a 2-core CPU, or loaded
-    from its on-disk cache, about 0.5 s; a GPU's solver libraries). Returns the solver that
-    ran, also kept on the runner (None: the runner's engine is not anchored). A failure is
-    logged, not raised: the requests meet it, each failing with its own message."""
+    request (the working-set kernel: compiled by Numba with an empty cache, loaded from it
+    otherwise, docs/serving.md; a GPU's solver libraries). An INFO line before it says what
+    it may compile, one after it its seconds and whether the kernel was compiled or loaded.
+    Returns the solver that ran, also kept on the runner with its seconds (None: the
+    runner's engine is not anchored). A failure is logged, not raised: the requests meet
+    it, each failing with its own message."""
+    import sys
     import warnings
-
-    from videoanchor.anchor import compute_anchor_scores
 
     runner = worker.model_runner
     cfg = engine_cfg_of(runner)
     if cfg is None:
         return None
+    logger.info("videoanchor: warming the SSC up before the first request; with an empty "
+                "Numba cache this compiles the SSC kernel (once per cache, tens of seconds on "
+                "a small CPU: docs/serving.md); set NUMBA_CACHE_DIR to a kept directory to "
+                "keep it")  # fmt: skip
     t0 = time.perf_counter()
     x = torch.randn(*WARM_UP_SHAPE, generator=torch.Generator().manual_seed(0))
     try:
+        from videoanchor.anchor import compute_anchor_scores
+
         with warnings.catch_warnings():  # (random features: nothing a request would see)
             warnings.simplefilter("ignore")
             res = compute_anchor_scores(x.to(runner.device), 2, **ssc_kwargs(cfg),
@@ -286,9 +293,17 @@ def warm_up(worker) -> str | None:
         logger.warning("videoanchor: the SSC warm-up at start-up failed (%s: %s); requests "
                        "will meet the same error", type(err).__name__, err)  # fmt: skip
         return None
+    seconds = time.perf_counter() - t0
     runner.__dict__["_videoanchor_warmed"] = res.solver
-    logger.info("videoanchor: SSC warmed up before the first request (%s solver, %.1f s)",
-                res.solver, time.perf_counter() - t0)  # fmt: skip
+    runner.__dict__["_videoanchor_warm_up_s"] = seconds
+    kernel = sys.modules.get("videoanchor.anchor._workset_kernel")
+    stats = getattr(getattr(kernel, "solve_columns", None), "stats", None)
+    how = ""
+    if stats is not None:
+        done = "compiled into" if stats.cache_misses else "loaded from"
+        how = f"; its Numba kernel {done} the cache at {stats.cache_path}"
+    logger.info("videoanchor: SSC warmed up before the first request (%s solver, %.1f s%s)",
+                res.solver, seconds, how)  # fmt: skip
     return res.solver
 
 
