@@ -50,6 +50,7 @@ import math
 
 import numba
 import numpy as np
+from numba import types
 
 #: A column's end: solved; its working set outgrew ``cap``; the inner loop took more than
 #: ``max_inner`` steps; ``max_passes`` passes did not solve it; a factor update failed; its
@@ -66,10 +67,23 @@ NOT_FINITE, APPENDED, FLOORED = 0, 1, 2
 
 # reassociation lets the compiler vectorise the dot products; NaN and inf keep their meaning
 _FASTMATH = {"reassoc", "contract"}
-_jit = numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+# One explicit signature per function, compiled when the module is imported (or loaded from
+# Numba's cache): a call never compiles another specialisation (a literal argument, an int
+# where a float was, a strided seed array each compiled the callers again: 19.5 s from an
+# empty cache, benchmarks/results/first_call_cpu.json's history).
+F, I, B = types.float64, types.int64, types.boolean
+F1, F2, I1, B1 = F[::1], F[:, ::1], I[::1], B[::1]
+SCRATCH = types.UniTuple(F1, 12)  # solve_columns' scratch vectors
 
 
-@_jit
+def _jit(sig, entry=False):
+    """Compile for ``sig`` alone; a helper (not ``entry``) is called from compiled code only:
+    no wrappers to call it from Python or C."""
+    return numba.njit(sig, cache=True, nogil=True, fastmath=_FASTMATH,
+                      no_cpython_wrapper=not entry, no_cfunc_wrapper=True)  # fmt: skip
+
+
+@_jit(I(F2, I, F1, F, F))
 def _chol_append(L, f, col, diag, floor):
     """Append a row to the factor ``L[:f, :f]``: the new variable's entries ``col[:f]`` and
     diagonal ``diag``. A pivot below ``floor`` (a point dependent on ``Fc``'s on the inlier
@@ -89,7 +103,7 @@ def _chol_append(L, f, col, diag, floor):
     return APPENDED if rest >= floor else FLOORED
 
 
-@_jit
+@_jit(types.none(F2, I, I))
 def _chol_delete(L, f, p):
     """Delete variable ``p`` from the factor ``L[:f, :f]``: its row goes, the rows below move
     up, and Givens rotations on columns ``(k, k + 1)`` restore the lower triangle."""
@@ -110,7 +124,7 @@ def _chol_delete(L, f, p):
         L[f - 1, r] = 0.0
 
 
-@_jit
+@_jit(B(F2, I, F1, F, F2))
 def _chol_rank1(L, f, x, sigma, A):
     """``L L^T + sigma x x^T`` into ``L[:f, :f]`` (``x`` overwritten). False where a
     downdate (``sigma < 0``) would take a pivot below ``RIDGE`` times its ``A`` diagonal
@@ -129,7 +143,7 @@ def _chol_rank1(L, f, x, sigma, A):
     return True
 
 
-@_jit
+@_jit(types.none(F2, I, I))
 def _drop(H, f, p):
     """Delete row and column ``p`` of ``H[:f, :f]``."""
     for r in range(f):
@@ -140,7 +154,7 @@ def _drop(H, f, p):
             H[r, c] = H[r + 1, c]
 
 
-@_jit
+@_jit(types.none(F2, I, F1, F1))
 def _chol_solve(L, f, b, out):
     """``out[:f] = (L L^T)^-1 b[:f]``."""
     for r in range(f):
@@ -155,7 +169,7 @@ def _chol_solve(L, f, b, out):
             out[c] -= L[r, c] * v
 
 
-@_jit
+@_jit(F(F1, F1, I))
 def _dot(a, b, m):
     v = 0.0
     for k in range(m):
@@ -163,7 +177,7 @@ def _dot(a, b, m):
     return v
 
 
-@_jit
+@_jit(B(F2, F2, F2, I, I, F, F1))
 def _refactor(L, A, Yg, fc, fe, lam_z, col):
     """``L`` from scratch: the Cholesky factor of ``S`` (``O(|Fc|^2 (|Fc| + |Fe|))``)."""
     for r in range(fc):
@@ -175,7 +189,7 @@ def _refactor(L, A, Yg, fc, fe, lam_z, col):
     return True
 
 
-@_jit
+@_jit(I(F2, F2, F2, I1, F1, F1, I, I1, I, I, F, F2, F2, F, F, F1))
 def _add_coef(L, A, Yg, Fc, sc, zc, fc, Fe, fe, u, sign, G, YT, lam_z, gamma, col):
     """Coefficient ``u`` joins ``Fc`` (at position ``fc``) with ``sign`` and value 0; returns
     :func:`_chol_append`'s code."""
@@ -192,7 +206,7 @@ def _add_coef(L, A, Yg, Fc, sc, zc, fc, Fe, fe, u, sign, G, YT, lam_z, gamma, co
     return _chol_append(L, fc, col, a - lam_z * _dot(yg, yg, fe), RIDGE * a)
 
 
-@_jit
+@_jit(B(F2, F2, F2, I1, I, I1, F1, F1, I, I, F, F2, F, F1))
 def _add_outlier(L, A, Yg, Fc, fc, Fe, se, ze, fe, k, sign, YT, lam_z, col):
     """Outlier entry ``k`` (a row of ``Y``) joins ``Fe`` (at position ``fe``) with ``sign``
     and value 0: ``S`` loses ``lambda_z y y^T`` (``y = Y[k, Fc]``)."""
@@ -206,7 +220,7 @@ def _add_outlier(L, A, Yg, Fc, fc, Fe, se, ze, fe, k, sign, YT, lam_z, col):
     return _refactor(L, A, Yg, fc, fe + 1, lam_z, col)
 
 
-@_jit
+@_jit(types.none(F2, F2, I, I, F, F1, F1, F1, F1, F1))
 def _hsolve(L, Yg, fc, fe, lam_z, vc, ve, outc, oute, tmp):
     """``[outc; oute] = H^-1 [vc; ve]`` through the Schur complement (module docstring)."""
     for r in range(fc):
@@ -220,7 +234,7 @@ def _hsolve(L, Yg, fc, fe, lam_z, vc, ve, outc, oute, tmp):
             oute[k] -= yr[k] * o
 
 
-@_jit
+@_jit(F(F2, F2, F2, I1, F1, I, I1, F1, I, I, F2, F2, F, F, F, SCRATCH))
 def _restricted(L, A, Yg, Fc, sc, fc, Fe, se, fe, i, G, YT, lam_z, lam_e, gamma, w):
     """The minimiser ``[zhc; zhe]`` of the program on ``F`` with signs ``sc``, ``se`` (every
     other variable at zero) and its constraint multiplier ``nu``. ``w``: the scratch
@@ -274,7 +288,7 @@ def _restricted(L, A, Yg, Fc, sc, fc, Fe, se, fe, i, G, YT, lam_z, lam_e, gamma,
     return nu
 
 
-@_jit
+@_jit(types.Tuple((I, I, F, I, I, B))(F2, F2, F2, I1, F1, F1, I, I1, F1, F1, I, I, I, F2, F2, F, F, F, SCRATCH, B1, I, I, I, F1))  # fmt: skip
 def _settle(L, A, Yg, Fc, sc, zc, fc, Fe, se, ze, fe, n, i, G, YT, lam_z, lam_e, gamma, w,
             held, entrant, steps, max_inner, work):  # fmt: skip
     """From ``z`` (on the constraint, signs ``s`` on ``F``) to the minimiser on ``F``: solve
@@ -346,11 +360,12 @@ def _settle(L, A, Yg, Fc, sc, zc, fc, Fe, se, ze, fe, n, i, G, YT, lam_z, lam_e,
                 _drop(A, fc, r)
                 for r2 in range(r, fc - 1):
                     Fc[r2], sc[r2], zc[r2] = Fc[r2 + 1], sc[r2 + 1], zc[r2 + 1]
-                    Yg[r2, :fe] = Yg[r2 + 1, :fe]
+                    for c in range(fe):  # (a slice assignment compiles its error message)
+                        Yg[r2, c] = Yg[r2 + 1, c]
                 fc -= 1
 
 
-@_jit
+@_jit(F(I, I, I, F2, F2, I1, F1, I, I1, F1, I, F, F))
 def _multiplier(u, i, n, G, YT, Fc, zc, fc, Fe, ze, fe, lam_z, nu):
     """Variable ``u``'s multiplier ``lambda_z (P^T y_i - K z)_u + nu a_u`` (``u`` off
     ``F``)."""
@@ -369,7 +384,7 @@ def _multiplier(u, i, n, G, YT, Fc, zc, fc, Fe, ze, fe, lam_z, nu):
     return lam_z * m
 
 
-@_jit
+@_jit(types.UniTuple(I, 5)(I, I[:], F[:], F2, F2, F2, F, F, F, F, I, I, I, I, I, F, F2, F2, F2, I1, F1, F1, I1, F1, F1, SCRATCH, I1, F1, B1))  # fmt: skip
 def _column(i, seed_var, seed_val, G, YT, Y, lam_z, lam_e, gamma, tol, grow, cap, cap_c,
             max_passes, max_inner, max_work, L, A, Yg, Fc, sc, zc, Fe, se, ze, w, W, full,
             held):  # fmt: skip
@@ -380,7 +395,8 @@ def _column(i, seed_var, seed_val, G, YT, Y, lam_z, lam_e, gamma, tol, grow, cap
     ``cap_c``: the most coefficients; ``max_work``: the most work of its inner steps."""
     n, d = G.shape[0], YT.shape[1]
     col = w[8]
-    work = np.full(1, max_work)
+    work = np.empty(1)
+    work[0] = max_work
     fc = fe = 0
     coefs = 0
     for r in range(seed_var.shape[0]):
@@ -523,7 +539,7 @@ def _column(i, seed_var, seed_val, G, YT, Y, lam_z, lam_e, gamma, tol, grow, cap
             nu = nu_h
 
 
-@_jit
+@_jit(types.none(I, I, F2, F2, F2, I[:], I[:], F[:], F, F, F, I, I, I, I, I, F, F2, F2, I1, I1, I1, B1), entry=True)  # fmt: skip
 def solve_columns(first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol, grow,
                   cap, cap_c, max_passes, max_inner, max_work, C, E, status, passes, steps,
                   dense):  # fmt: skip
