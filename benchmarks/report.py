@@ -70,7 +70,7 @@ python benchmarks/report.py                       # regenerate this page and its
 # without the device suffix that benchmarks/common.py appends (``spectral_cpu`` -> spectral).
 SECTIONS = [
     ("Anchor scores (SSC)",
-     ["request_cost", "request_cost_cost", "request_cost_fidelity_sensitivity", "request_cost_floor", "directions", "optimum", "optimum_only", "optimum_tiny", "optimum_yaleb", "workset", "workset_passes", "lockstep", "lockstep_compiled", "columns_triton", "ssc", "ssc_ratio", "spectral", "sparse_spectral", "label_draws", "yaleb",
+     ["request_cost", "request_cost_cost", "request_cost_fidelity_sensitivity", "request_cost_floor", "directions", "optimum", "optimum_only", "optimum_tiny", "optimum_yaleb", "workset", "workset_passes", "lockstep", "lockstep_compiled", "columns_triton", "ssc", "ssc_ratio", "ssc_ratio_1thread", "spectral", "sparse_spectral", "label_draws", "yaleb",
       "yaleb_squared"]),
     ("Long videos: blocked SSC", ["blocked", "blocked_convergence"]),
     ("Several processes: the fast SSC split", ["split"]),
@@ -90,6 +90,7 @@ TITLES = {
     "lockstep_compiled": "The lockstep prototype compiled (bench_lockstep.py --compile, removed in "
     "issue 67; last at 1132cf0)",
     "ssc_ratio": "The faithful solver against the authors' pipeline, same-run ratios (issue 67)",
+    "ssc_ratio_1thread": "The faithful solver against the authors' pipeline, one thread each (issue 67)",
     "optimum": "The SSC program's minimiser against the fidelity bar's answers",
     "optimum_only": "The SSC program's minimiser: the synthetic and corrupted sets, the default beside",
     "optimum_tiny": "The SSC program's minimiser: the tiny models' projector outputs, the default beside",
