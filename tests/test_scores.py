@@ -91,3 +91,23 @@ def test_default_float32_pipeline_close_to_float64():
     assert r32.coef.dtype == torch.float32
     assert adjusted_rand_score(r64.labels.numpy(), r32.labels.numpy()) == 1.0
     assert float((r32.scores - r64.scores).abs().max()) < 5e-3
+
+
+def test_a_token_that_sets_mu_z_far_below_the_others_is_named_once():
+    """Issue 66: a near-black token sets mu_z (the authors' lambda_z = alpha_z / mu_z) far
+    below the others'; one warning names it, whichever solvers the call runs; ordinary
+    tokens get none."""
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 20, generator=g)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        compute_anchor_scores(x, 3)
+    assert not [w for w in seen if "mu_z" in str(w.message)]
+    x[17] *= 1e-3
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        compute_anchor_scores(x, 3)
+    dark = [str(w.message) for w in seen if "mu_z" in str(w.message)]
+    assert len(dark) == 1 and "token 17 sets mu_z" in dark[0], dark

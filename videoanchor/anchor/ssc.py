@@ -92,7 +92,26 @@ def ssc_lambdas(x, alpha_e: float, alpha_z: float, *, block: int = 4096, gram=No
         raise ValueError(
             "SSC: some point is orthogonal to every other point (mu_z = 0); lambda_z is undefined"
         )
+    median = float(xp.sort(row_max)[(n - 1) // 2])
+    if mu_z < DARK_TOKEN * median:
+        worst = int(xp.argmin(row_max))
+        warnings.warn(
+            f"features: token {worst} sets mu_z = {mu_z:.3g}, {median / mu_z:.3g} times below "
+            f"the median token's max |y_i^T y_j| ({median:.3g}): lambda_z = alpha_z / mu_z (the "
+            "authors' definition) is that much larger for every token, C turns dense and the "
+            "solvers slow (a near-black or constant token: letterbox bars, a black frame); "
+            "drop or mask such tokens if they are not content",
+            UserWarning,
+            stacklevel=1,  # one place: the default filter shows it once, whichever solver asks
+        )
     return alpha_e / mu_e, alpha_z / mu_z, mu_e, mu_z
+
+
+#: :func:`ssc_lambdas` warns where one token's ``max_(j != i) |y_i^T y_j|`` (which sets
+#: ``mu_z``) is below this share of the median token's (issue 66: a few near-black tokens
+#: raised ``lambda_z`` 1.4e5-fold and made ``C`` dense; Yale B's darkest faces sit at
+#: 0.001-0.06, synthetic and model tokens at 0.4-0.96)
+DARK_TOKEN = 1e-2
 
 
 def gram_row_max(x, *, block: int = 4096, gram=None):
