@@ -111,3 +111,22 @@ def test_a_token_that_sets_mu_z_far_below_the_others_is_named_once():
         compute_anchor_scores(x, 3)
     dark = [str(w.message) for w in seen if "mu_z" in str(w.message)]
     assert len(dark) == 1 and "token 17 sets mu_z" in dark[0], dark
+
+
+def test_an_uncertified_default_answer_says_its_gap():
+    """Issue 66: where the working sets give up (C dense) and the fast solver's answer
+    stands, one warning gives the relative duality gap it reached and the result carries
+    it; a certified answer carries its own gap, below the working sets' tolerance."""
+    import warnings
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(60, 20, generator=g)
+    ok = compute_anchor_scores(x, 3)
+    assert ok.solver == "workset" and ok.gap is not None and ok.gap < 1e-9
+    x[17] *= 1e-3  # a near-black token: lambda_z x 1e3, C dense (on this seed)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        res = compute_anchor_scores(x, 3)
+    assert res.solver == "fast" and res.gap is not None and res.gap > 1e-6
+    said = [str(w.message) for w in seen if "relative duality gap" in str(w.message)]
+    assert len(said) == 1 and f"{res.gap:.3g}" in said[0], said

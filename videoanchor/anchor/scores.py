@@ -180,6 +180,7 @@ class SSCResult:
     solver: str
     timings: dict[str, float] = field(default_factory=dict)
     label_draws: torch.Tensor | None = None
+    gap: float | None = None
 
 
 @dataclass
@@ -190,7 +191,9 @@ class AnchorResult:
     (N, N) in the ``Y = Y C`` convention with ``Y = features.T`` (labels of the first
     label draw when ``label_draws > 1``); ``iterations`` and
     ``converged`` of the ADMM; ``timings`` seconds per stage (``lambdas``, ``factor``,
-    ``admm``, ``spectral``, ``scores``, ``total``).
+    ``admm``, ``spectral``, ``scores``, ``total``); ``gap`` the largest relative duality
+    gap over the columns of ``coef`` where the solver computed it (the working sets, and the
+    fast answer they fall back to where ``C`` is dense), else None.
     """
 
     scores: torch.Tensor
@@ -205,12 +208,14 @@ class AnchorResult:
     solver: str
     mode: str = "exact"
     timings: dict[str, float] = field(default_factory=dict)
+    gap: float | None = None
 
 
 def _solved(res) -> dict:
     """The fields of a solve's result that every result of this module carries."""
     return dict(coef=res.coef, iterations=res.iterations, converged=res.converged,
-                residual=res.residual, lambda_e=res.lambda_e, lambda_z=res.lambda_z)  # fmt: skip
+                residual=res.residual, lambda_e=res.lambda_e, lambda_z=res.lambda_z,
+                gap=getattr(res, "gap", None))  # fmt: skip
 
 
 def _sync(device: torch.device) -> None:
@@ -466,6 +471,7 @@ class SSCCoefficients:
     backend: str
     solver: str
     timings: dict[str, float] = field(default_factory=dict)
+    gap: float | None = None
 
 
 @bounded()

@@ -141,7 +141,9 @@ class ADMMResult:
     ``timings`` seconds per stage; ``strategy`` how the A-step was applied: ``"dense"`` or
     ``"woodbury"`` (:func:`choose_strategy`), for the fast solver ``"dense"`` (the ``N x N``
     eigendecomposition), ``"thin"`` or ``"low_rank"`` (:data:`~videoanchor.anchor.admm.THIN`);
-    ``solver`` the solver that ran where it is not the plan's (a fallback), else None.
+    ``solver`` the solver that ran where it is not the plan's (a fallback), else None;
+    ``gap`` the largest relative duality gap over the columns of ``C`` where it was
+    computed (the working sets, and the fast answer they fall back to), else None.
     """
 
     coef: torch.Tensor
@@ -158,6 +160,7 @@ class ADMMResult:
     timings: dict[str, float] = field(default_factory=dict)
     stopped: bool = False
     solver: str | None = None
+    gap: float | None = None
 
     @classmethod
     def from_run(cls, out: admm.Outcome, **fields) -> ADMMResult:
