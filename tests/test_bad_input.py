@@ -1112,9 +1112,10 @@ def test_lmms_eval_gen_kwargs_numbers_as_strings():
 def test_import_with_a_torchvision_that_cannot_load_keeps_the_core(tmp_path):
     """`import videoanchor` beside a torchvision whose compiled ops do not load with this torch
     (the CUDA torchvision wheel with torch+cpu, what `pip install "torch==2.13.0" -e ".[video]"`
-    installed before issue 53): the kernels and the scores still work, and one warning, once,
-    says what to install and that the transformers integration is off; using the integration
-    then raises that same one line. Simulated in a child process with a stand-in torchvision
+    installed before issue 53): the kernels and the scores still work without a warning (they
+    do not import transformers, issue 68); importing transformers warns once what to install
+    and that the transformers integration is off; using the integration then raises that
+    same one line. Simulated in a child process with a stand-in torchvision
     (with its metadata) that fails on import as that wheel does."""
     import subprocess
     import sys
@@ -1140,13 +1141,15 @@ def test_import_with_a_torchvision_that_cannot_load_keeps_the_core(tmp_path):
         "g = torch.zeros(1, 8)\n"
         "out = videoanchor.anchored_attention(q, q, q, g, g, causal=True)\n"
         "assert bool(torch.isfinite(out).all())\n"
-        "print('core ok')\n"
+        "import sys; print('core ok'); print('transformers next', file=sys.stderr, flush=True)\n"
+        "import transformers\n"
         "from videoanchor.integrations.transformers import register\n"
         "register()\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert "core ok" in proc.stdout, proc.stderr
+    assert "RuntimeWarning" not in proc.stderr.split("transformers next")[0], proc.stderr
     warned = [line for line in proc.stderr.splitlines() if "RuntimeWarning" in line]
     assert len(warned) == 1, proc.stderr
     assert "transformers cannot be imported because the installed torchvision 0.99.0 does not " \

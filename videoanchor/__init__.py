@@ -10,24 +10,14 @@ Layers (dependencies run one way):
 
 from videoanchor._version import __version__
 from videoanchor.anchor import AnchorResult, compute_anchor_scores, sparse_subspace_clustering
-from videoanchor.integrations.transformers import configure
-from videoanchor.integrations.transformers import register as _register_transformers
+from videoanchor.integrations.transformers import configure, register_when_imported
 from videoanchor.kernels import anchor_gates, anchored_attention, anchored_attention_varlen
 
-try:
-    _register_transformers()
-except ImportError as _err:
-    # transformers cannot be imported here (e.g. a torchvision that does not load with this
-    # torch): the kernels and the anchor scores do not need it, so only its integration is off
-    import warnings as _warnings
-
-    _warnings.warn(
-        f"{_err}. The kernels and the anchor scores work; the transformers integration "
-        "(attn_implementation='videoanchor_triton', videoanchor.configure) is off",
-        RuntimeWarning,
-        stacklevel=2,
-    )
-    del _warnings, _err
+# attn_implementation="videoanchor_triton" is registered with transformers now if it is
+# imported, else once it is: importing it here took 2-3 s that the kernels and the scores
+# do not need (issue 68)
+register_when_imported()
+del register_when_imported
 
 __all__ = [
     "anchored_attention",

@@ -473,6 +473,7 @@ def _script_flags(path: Path) -> set[str]:
 USER_BENCHMARKS = (
     ("bench_attention.py", False, "the anchored attention against PyTorch's SDPA"),
     ("bench_scores.py", False, "the default anchor scores' cost and fidelity at two sizes"),
+    ("bench_first_call.py", False, "the first call and the import in fresh processes"),
     ("bench_decode.py", True, "decode attention against SDPA"),
     ("bench_paged.py", True, "paged attention, as the vLLM plugin runs it"),
     ("bench_backward.py", True, "the training step against SDPA"),
@@ -809,6 +810,28 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")  # fmt: skip
 
 
+def cmd_warmup(args) -> int:
+    """Compile the working-set SSC kernel into Numba's cache (or load it from there) and run
+    it once: a container image built with this step starts without the compile."""
+    import time
+
+    import torch
+
+    t0 = time.perf_counter()
+    from videoanchor.anchor import _workset_kernel as kernel
+    from videoanchor.anchor.workset import solve_ssc_workset
+
+    res = solve_ssc_workset(torch.randn(12, 6, generator=torch.Generator().manual_seed(0)))
+    if not res.converged:
+        raise PipelineError("the working-set kernel ran but did not solve a 12-point set")
+    took = time.perf_counter() - t0
+    stats = kernel.solve_columns.stats
+    how = "loaded from" if stats.cache_hits and not stats.cache_misses else "compiled into"
+    print(f"videoanchor warmup: the working-set SSC kernel {how} Numba's cache in {took:.1f} s: "
+          f"{stats.cache_path}")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``videoanchor`` argument parser, with its ``run``, ``anchors`` and ``bench`` commands."""
     fmt = argparse.HelpFormatter
@@ -941,6 +964,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--debug", action="store_true", help="show the full traceback on errors")  # fmt: skip
     bench.set_defaults(func=cmd_bench, quiet=False)
+
+    warmup = sub.add_parser(
+        "warmup",
+        help="compile the SSC kernel into Numba's cache (a container image's build step)",
+        description="Compile the working-set SSC kernel into Numba's cache, or load it from "
+        "there, and run it once; prints where the cache is. Numba's cache goes to "
+        "$NUMBA_CACHE_DIR where set, else beside the package, else (a read-only install) to "
+        "the user's cache folder ($XDG_CACHE_HOME/numba or ~/.cache/numba). Run it in an "
+        "image's build with the same NUMBA_CACHE_DIR and CPU target as at run time "
+        "(docs/serving.md).",
+        formatter_class=fmt,
+    )
+    warmup.add_argument("--debug", action="store_true", help="show the full traceback on errors")  # fmt: skip
+    warmup.set_defaults(func=cmd_warmup, quiet=False)
     return parser
 
 

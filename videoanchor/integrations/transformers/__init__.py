@@ -1,7 +1,8 @@
 """transformers integration: ``attn_implementation="videoanchor_triton"`` and :func:`configure`.
 
 The only subpackage that knows model families (see :mod:`videoanchor.integrations.transformers.registry`).
-:func:`register` runs on ``import videoanchor``: it registers the attention and mask
+:func:`register` runs once transformers is imported beside ``import videoanchor``
+(:func:`register_when_imported`): it registers the attention and mask
 functions with transformers and makes every base VLM model loaded with that name install its
 VideoAnchor hooks at construction time (a wrapper around ``PreTrainedModel.post_init``), so
 that ``from_pretrained(..., attn_implementation="videoanchor_triton")`` is the only change a
@@ -9,6 +10,11 @@ user needs.
 """
 
 from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+import warnings
 
 from videoanchor.integrations.transformers.anchoring import (
     AnchorConfig,
@@ -40,6 +46,7 @@ __all__ = [
     "find_handle",
     "get_family",
     "register",
+    "register_when_imported",
     "supported_families",
     "videoanchor_attention_forward",
     "videoanchor_mask",
@@ -80,6 +87,50 @@ def register() -> None:
         post_init.__doc__ = original.__doc__
         PreTrainedModel.post_init = post_init
     _registered = True
+
+
+def register_when_imported() -> None:
+    """:func:`register` now if transformers is imported, else right after it is (an import
+    hook that fires once), so that ``import videoanchor`` does not import transformers. Where
+    transformers cannot be imported (a torchvision that does not load with this torch), one
+    warning says so: the kernels and the anchor scores do not need it."""
+    if "transformers" in sys.modules:
+        _register_or_warn()
+    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport())
+
+
+def _register_or_warn() -> None:
+    try:
+        register()
+    except ImportError as err:
+        warnings.warn(
+            f"{err}. The kernels and the anchor scores work; the transformers integration "
+            "(attn_implementation='videoanchor_triton', videoanchor.configure) is off",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Finds ``transformers`` for the import system, once, and runs :func:`register` after
+    its module has run."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "transformers":
+            return None
+        sys.meta_path.remove(self)  # once; and the finders after it find the real module
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            _register_or_warn()
+
+        spec.loader.exec_module = exec_module
+        return spec
 
 
 def _torchvision_problem(err: BaseException) -> str | None:

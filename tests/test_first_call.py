@@ -1,0 +1,70 @@
+"""The first call after install (issue 68): what ``import videoanchor`` loads, and Numba's
+cache for the working-set kernel where the package cannot be written to."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _child(code: str, env: dict | None = None, cwd=None) -> str:
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd or ROOT,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_import_loads_neither_transformers_nor_scipy_nor_numba():
+    got = json.loads(_child(
+        "import json, sys, videoanchor\n"
+        "print(json.dumps([m for m in ('transformers', 'scipy', 'numba', 'sklearn', "
+        "'videoanchor.cli', 'videoanchor.integrations.vllm') if m in sys.modules]))"
+    ))  # fmt: skip
+    assert got == [], f"import videoanchor loaded {got}"
+
+
+def test_the_attention_registers_when_transformers_is_imported_after_videoanchor():
+    """``attn_implementation="videoanchor_triton"`` works after ``import videoanchor`` alone:
+    the import hook registers it once transformers is imported (and at once where it was)."""
+    shim = "import sys; sys.path.insert(0, 'tests'); import torchvision_shim; torchvision_shim.apply()\n"
+    for order in ("import videoanchor, transformers", "import transformers, videoanchor"):
+        got = _child(shim + order + "\n"
+                     "from transformers import AttentionInterface, PreTrainedModel\n"
+                     "print('videoanchor_triton' in AttentionInterface._global_mapping, "
+                     "getattr(PreTrainedModel.post_init, '_videoanchor_wrapped', False))")  # fmt: skip
+        assert got == "True True", (order, got)
+
+
+def test_a_read_only_install_caches_the_kernel_in_the_user_cache(tmp_path):
+    """The package copied and made read-only (its ``__pycache__`` folders a file where the
+    tests run as root, whom the mode bits do not stop), ``NUMBA_CACHE_DIR`` unset: the first
+    ``videoanchor warmup`` compiles the kernel into ``$XDG_CACHE_HOME``, a second process
+    loads it from there."""
+    copy = tmp_path / "site"
+    shutil.copytree(ROOT / "videoanchor", copy / "videoanchor",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))  # fmt: skip
+    kernel_dir = copy / "videoanchor" / "anchor"
+    if os.geteuid() == 0:
+        (kernel_dir / "__pycache__").write_text("not a folder\n")
+    for path in [copy, *copy.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(PYTHONPATH=str(copy), XDG_CACHE_HOME=str(tmp_path / "xdg"),
+               HOME=str(tmp_path / "home"), PYTHONDONTWRITEBYTECODE="1")  # fmt: skip
+    try:
+        first, second = (_child("from videoanchor.cli import main; main(['warmup'])", env,
+                                cwd=tmp_path) for _ in range(2))  # fmt: skip
+    finally:
+        for path in [copy, *copy.rglob("*")]:
+            path.chmod(path.stat().st_mode | stat.S_IWUSR)
+    cache = str(tmp_path / "xdg" / "numba")
+    assert "kernel compiled into Numba's cache" in first and f": {cache}/" in first, first
+    assert "kernel loaded from Numba's cache" in second and f": {cache}/" in second, second
+    assert any((tmp_path / "xdg").rglob("*.nbi")), "no Numba index in the user cache"
