@@ -191,6 +191,9 @@ def _validate_at_startup(vllm_config) -> None:
                 "additional_config['videoanchor'] to serve unanchored"
             )
         _log_active(eng, policy, vllm_config.additional_config)
+        from videoanchor.integrations.vllm import hooks
+
+        hooks.ANCHORED_FRONT_END[0] = True  # (this process is the engine's front end)
         from videoanchor.integrations.vllm import metrics
 
         metrics.export()  # the series in this front end's /metrics (before the engine starts)

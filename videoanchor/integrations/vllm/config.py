@@ -89,7 +89,10 @@ _PREFIX = "videoanchor_"
 #: ``request_limits`` keys: the largest ``max_iter`` / ``label_draws`` / ``n_clusters`` a
 #: request may ask for, and the smallest ``eps``. Each defaults to the engine's own value, so
 #: by default a request cannot make its SSC costlier than the engine's configuration.
-LIMIT_KEYS = ("max_iter", "label_draws", "n_clusters", "eps")
+LIMIT_KEYS = ("max_iter", "label_draws", "n_clusters", "eps", "tokens")
+#: ``request_limits["tokens"]`` default: the most entries a request's ``videoanchor_tokens``
+#: list may have ("video" and "image"); a longer list is refused before any other check.
+TOKENS_LIMIT = 2
 
 
 @dataclass(frozen=True)
@@ -102,13 +105,16 @@ class RequestPolicy:
     ``"all"`` or ``"none"`` (default :data:`DEFAULT_REQUEST_OPTIONS`). ``max_iter``,
     ``label_draws``, ``n_clusters``: the largest values a request may ask for; ``eps``: the
     smallest. Each limit defaults to the engine's own value, so a request's SSC work is
-    bounded by counted iterations over its own visual tokens, never by wall time."""
+    bounded by counted iterations over its own visual tokens, never by wall time.
+    ``tokens``: the most entries of a request's ``tokens`` list (default
+    :data:`TOKENS_LIMIT`)."""
 
     allowed: frozenset
     max_iter: int
     label_draws: int
     n_clusters: int
     eps: float
+    tokens: int = TOKENS_LIMIT
 
 
 def engine_config(additional_config) -> AnchorConfig | None:
@@ -189,12 +195,18 @@ def engine_policy(additional_config) -> RequestPolicy | None:
     ahead_split(additional_config)
     ahead_workers(additional_config)
     replicate_encoder(additional_config)
-    vals = {k: limits.get(k, getattr(eng, k)) for k in LIMIT_KEYS}
+    tokens = limits.get("tokens", TOKENS_LIMIT)
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(
+            f"{where}['request_limits']['tokens']: expected the most entries of a request's "
+            f"videoanchor_tokens list (an int >= 1, default {TOKENS_LIMIT}), got {tokens!r}"
+        )
+    vals = {k: limits.get(k, getattr(eng, k)) for k in LIMIT_KEYS if k != "tokens"}
     try:  # the limits are values of the options they bound: the same checks
         validate_ssc_options(validate_options(replace(eng, **vals)))
     except (TypeError, ValueError) as err:
         raise type(err)(f"{where}['request_limits']: {err}") from None
-    return RequestPolicy(allowed=allowed, **vals)
+    return RequestPolicy(allowed=allowed, tokens=tokens, **vals)
 
 
 def score_cache_bytes(additional_config) -> int:
@@ -317,6 +329,14 @@ def check_request(policy: RequestPolicy | None, extra_args) -> None:
     admits it). A no-op on an unanchored engine."""
     if policy is None:
         return
+    key = _PREFIX + "tokens"
+    tokens = (extra_args or {}).get(key)
+    if isinstance(tokens, (list, tuple)) and len(tokens) > policy.tokens:
+        raise ValueError(  # before any other work on the list (a client may send 10**6)
+            f"extra_args[{key!r}]: expected at most {policy.tokens} entries (some of 'video', "
+            f"'image') on this server, got a list of {len(tokens)} (the operator raises it with "
+            "additional_config['videoanchor']['request_limits']['tokens'])"
+        )
     over = request_overrides(extra_args)
     for name, value in over.items():
         key = "videoanchor" if name == "enabled" else _PREFIX + name
@@ -364,21 +384,16 @@ def request_overrides(extra_args) -> dict:
             if name == "tokens" and isinstance(value, list):
                 value = tuple(value)
             out[name] = value
-    if out:
+    # each key alone first, so the error names the key that is wrong; then together (a
+    # combination the options refuse names every key the request set)
+    for group in [*({n: v} for n, v in out.items()), out] if out else []:
         try:
-            validate_ssc_options(validate_options(replace(AnchorConfig(), **out)))
+            validate_ssc_options(validate_options(replace(AnchorConfig(), **group)))
         except (TypeError, ValueError) as err:
-            key = _key_of(err, out)
-            raise ValueError(f"extra_args[{key!r}]: {err}") from None
+            keys = ", ".join(f"extra_args[{'videoanchor' if n == 'enabled' else _PREFIX + n!r}]"
+                             for n in group)  # fmt: skip
+            raise ValueError(f"{keys}: {err}") from None
     return out
-
-
-def _key_of(err: Exception, out: dict) -> str:
-    text = str(err)
-    for name in out:
-        if text.startswith(name):
-            return "videoanchor" if name == "enabled" else _PREFIX + name
-    return "videoanchor"
 
 
 def request_config(engine: AnchorConfig | None, extra_args) -> AnchorConfig | None:

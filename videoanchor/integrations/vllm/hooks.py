@@ -18,6 +18,8 @@
 
 from __future__ import annotations
 
+import json
+
 from videoanchor.integrations.vllm import metrics
 from videoanchor.integrations.vllm.config import (
     check_request,
@@ -106,48 +108,101 @@ def _engine_options_of(vllm_config):
     return entry[1], entry[2]
 
 
-def chat_refusal(vllm_config, xargs) -> str | None:
+def chat_refusal(vllm_config, xargs, raw_xargs=None) -> str | None:
     """Why an OpenAI chat request's ``vllm_xargs`` are refused on this engine (a bad value,
-    an option or limit of the operator's policy, a backend the server cannot run), or None.
-    Asked before the chat's media are rendered: a request refused after rendering leaves
-    vLLM's front-end media cache believing the engine holds its items (vLLM's "P0/P1 cache
-    drift"), and the next request with the same video got an HTTP 500 once."""
+    an option or limit of the operator's policy, a backend the server cannot run, a JSON
+    boolean where the request's JSON had one: ``raw_xargs``), or None. Asked before the
+    chat's media are rendered: a request refused after rendering leaves vLLM's front-end
+    media cache believing the engine holds its items (vLLM's "P0/P1 cache drift"), and the
+    next request with the same video got an HTTP 500 once."""
     if not xargs or vllm_config is None:
         return None
     eng, policy = _engine_options_of(vllm_config)
     if eng is None:
         return None
+    for key, value in (raw_xargs or {}).items():
+        values = value if isinstance(value, list) else [value]
+        if str(key).startswith("videoanchor") and any(isinstance(v, bool) for v in values):
+            return (f"extra_args[{key!r}]: expected a number (or 'on' / 'off' for "
+                    f"'videoanchor'), got the JSON boolean {json.dumps(value)}")  # fmt: skip
     try:
-        request_overrides(xargs)
-        check_admitted(eng, policy, xargs)
+        check_admitted(eng, policy, xargs)  # (the operator's limits first: a 10**6 list)
     except ValueError as err:
         return str(err)
     return None
 
 
+def _may_hold_booleans(xargs) -> bool:
+    """Whether vLLM may have turned a JSON ``true`` / ``false`` of a videoanchor entry into 1
+    / 0 (its ``vllm_xargs`` type is str | int | float | list of them)."""
+    return any(str(k).startswith("videoanchor") and (v in (0, 1) or isinstance(v, list))
+               for k, v in (xargs or {}).items())  # fmt: skip
+
+
 def _check_chat_before_rendering() -> None:
-    """Wraps ``OpenAIServingChat.render_chat_request`` (the OpenAI server's chat endpoint)
-    so that :func:`chat_refusal` answers a refused request with HTTP 400 before its media
-    are rendered. The checks where vLLM validates the request (``SamplingParams``, the
-    ``InputProcessor``) still hold for every other front end."""
+    """Wraps ``OpenAIServingChat.create_chat_completion`` (the OpenAI server's chat
+    endpoint) so that :func:`chat_refusal` answers a refused request with HTTP 400 before
+    its media are rendered; it reads the request's JSON again where vLLM may have turned a
+    boolean into a number. The checks where vLLM validates the request (``SamplingParams``,
+    the ``InputProcessor``) still hold for every other front end."""
     try:
         from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
     except ImportError:  # a vLLM without the OpenAI server's chat module
         return
 
     def make(orig):
-        async def render_chat_request(self, request, *args, **kwargs):
+        async def create_chat_completion(self, request, raw_request=None, *args, **kwargs):
             engine = getattr(self, "engine_client", None)
-            why = chat_refusal(getattr(engine, "vllm_config", None),
-                               getattr(request, "vllm_xargs", None))  # fmt: skip
+            xargs = getattr(request, "vllm_xargs", None)
+            raw = None
+            if raw_request is not None and _may_hold_booleans(xargs):
+                try:
+                    raw = (await raw_request.json()).get("vllm_xargs")
+                except Exception:  # (vLLM parsed the body: nothing more to find here)
+                    raw = None
+            why = chat_refusal(getattr(engine, "vllm_config", None), xargs,
+                               raw if isinstance(raw, dict) else None)  # fmt: skip
             if why is not None:
                 metrics.refused(why)
                 return self.create_error_response(why, param="extra_args")
-            return await orig(self, request, *args, **kwargs)
+            return await orig(self, request, raw_request, *args, **kwargs)
 
-        return render_chat_request
+        return create_chat_completion
 
-    wrap_once(OpenAIServingChat, "render_chat_request", make)
+    wrap_once(OpenAIServingChat, "create_chat_completion", make)
+
+
+#: Set in the front end of an anchored engine (:func:`refuse_empty_videos`).
+ANCHORED_FRONT_END = [False]
+
+
+def refuse_empty_videos() -> None:
+    """Wraps vLLM's ``VideoMediaIO.load_bytes`` so that, in the front end of an anchored
+    engine, a video of which vLLM's loader decoded no frame (a 1-frame mp4 read by its
+    OpenCV backend reads as 0 frames) is refused with a ValueError saying so (HTTP 400 in
+    the OpenAI server) instead of failing in the model's processor (HTTP 500). An engine
+    without ``additional_config["videoanchor"]`` keeps vLLM's behaviour."""
+    try:
+        from vllm.multimodal.media.video import VideoMediaIO
+    except ImportError:  # another vLLM layout: vLLM's own behaviour
+        return
+
+    def make(orig):
+        def load_bytes(self, data):
+            out = orig(self, data)
+            frames, meta = out.media
+            if ANCHORED_FRONT_END[0] and len(frames) == 0:
+                raise ValueError(
+                    "video: expected a video with at least one frame vLLM's "
+                    f"{meta.get('video_backend', '')} loader can decode, got 0 decoded of "
+                    f"{meta.get('total_num_frames')} frames (a 1-frame mp4 reads as 0 frames "
+                    "with OpenCV); send at least 2 frames"
+                )
+            return out
+
+        return load_bytes
+
+    wrap_once(VideoMediaIO, "load_bytes", make)
 
 
 def install() -> None:
@@ -183,6 +238,7 @@ def install() -> None:
             except ValueError as err:
                 from vllm.exceptions import VLLMValidationError
 
+                metrics.refused(str(err))
                 raise VLLMValidationError(str(err), parameter="extra_args") from None
 
         return _verify_extra_args
@@ -212,6 +268,7 @@ def install() -> None:
 
     wrap_once(InputProcessor, "_validate_params", make_validate)
     _check_chat_before_rendering()
+    refuse_empty_videos()
 
     register_backend(
         AttentionBackendEnum.CPU_ATTN,

@@ -83,12 +83,14 @@ SERIES: dict[str, tuple] = {
         "counter", "Scored requests whose scores were not in the score cache", (), None, (),
     ),
     "videoanchor_requests_held": (
-        "counter", "Requests held out of the batch while their scores are computed ahead",
-        (), None, (),
+        "counter", "Requests held out of the batch while their scores are computed ahead "
+        "(also those whose prompt the prefix cache then serves whole: no step reaches their "
+        "visual tokens, so they are neither score-cache hits nor misses)", (), None, (),
     ),
     "videoanchor_requests_refused": (
-        "counter", "Requests refused (HTTP 400) by the operator's request_options or "
-        "request_limits, or asking for what the server cannot run, by option key",
+        "counter", "Requests refused (HTTP 400) for a videoanchor entry of their extra_args, "
+        "by its key: a bad value or type, an option or limit of the operator's "
+        "request_options or request_limits, a backend the server cannot run",
         ("option",), None, (),
     ),
     "videoanchor_failures": (
@@ -291,25 +293,37 @@ _original_showwarning = None
 @contextmanager
 def scoring(req_id: str):
     """Marks this thread as scoring ``req_id``: a warning raised inside goes to the
-    plugin's logger naming the request (:func:`route_warnings`)."""
-    before = getattr(_scoring, "req_id", None)
-    _scoring.req_id = req_id
+    plugin's logger naming the request (:func:`route_warnings`), when the block ends. Yields
+    the list of those held so far (``(message, category, filename, lineno)``), which the
+    block may edit: the scores' warnings that only the solver's outcome explains."""
+    before = getattr(_scoring, "req_id", None), getattr(_scoring, "held", None)
+    _scoring.req_id, _scoring.held = req_id, []
+    held = _scoring.held
     try:
-        yield
+        yield held
     finally:
-        _scoring.req_id = before
+        _scoring.req_id, _scoring.held = before
+        for w in held:
+            _log_warning(req_id, *w)
 
 
-def _showwarning(message, category, filename, lineno, file=None, line=None):
-    req_id = getattr(_scoring, "req_id", None)
+def _log_warning(req_id, message, category, filename, lineno) -> None:
     ours = str(filename).startswith(_PACKAGE)
-    if req_id is None and not ours:
-        return _original_showwarning(message, category, filename, lineno, file, line)
     logger.warning(
         "videoanchor: %s%s (%s at %s:%s)",
         f"request {req_id}: " if req_id is not None else "", message, category.__name__,
         os.path.relpath(filename, os.path.dirname(_PACKAGE)) if ours else filename, lineno,
     )  # fmt: skip
+
+
+def _showwarning(message, category, filename, lineno, file=None, line=None):
+    held = getattr(_scoring, "held", None)
+    if held is not None:
+        held.append((message, category, filename, lineno))
+    elif str(filename).startswith(_PACKAGE):
+        _log_warning(None, message, category, filename, lineno)
+    else:
+        return _original_showwarning(message, category, filename, lineno, file, line)
 
 
 def route_warnings() -> None:

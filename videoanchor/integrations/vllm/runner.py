@@ -98,7 +98,7 @@ def _score(req: Scheduled, entry: _Req, encoder_outputs: EncoderOutputs,
     from videoanchor.kernels import anchor_gates
 
     cfg = entry.cfg
-    p = plan(req.mm_features, cfg)
+    p = plan(req.mm_features, cfg, req.req_id)
     if p is None:
         return None
     visual = ahead.take(req.req_id, p.key) if ahead is not None else None

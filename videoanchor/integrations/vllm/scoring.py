@@ -71,9 +71,10 @@ def projector_only(encoder_outputs: EncoderOutputs, hf_config) -> EncoderOutputs
 
 
 def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        logger.warning(message)
+    """``message`` at WARNING the first time ``key`` is warned in this process, then at
+    DEBUG (a setting the operator chose would say the same for every request)."""
+    logger.log(logging.DEBUG if key in _warned else logging.WARNING, message)
+    _warned.add(key)
 
 
 def scored_items(mm_features, cfg: AnchorConfig) -> list[int]:
@@ -102,26 +103,24 @@ class Plan:
     key: str
 
 
-def plan(mm_features, cfg: AnchorConfig) -> Plan | None:
+def plan(mm_features, cfg: AnchorConfig, req_id: str | None = None) -> Plan | None:
     """The :class:`Plan` of a request with items ``mm_features`` under ``cfg``, or None
-    (fewer than 3 visual tokens: unanchored, with a warning once)."""
+    (fewer than 3 visual tokens: unanchored). With ``req_id`` (the step's call) a request
+    with fewer than 3 visual tokens, or fewer than ``n_clusters``, is warned naming it
+    (WARNING the first time in the process, then DEBUG)."""
     items = scored_items(mm_features, cfg)
     cols = [_positions(mm_features[i]) for i in items]
     n = sum(c.numel() for c in cols)
+    later = "; later requests like it are logged at DEBUG"
     if n < 3:
-        _warn_once(
-            "tiny",
-            f"videoanchor: a request has only {n} visual tokens; SSC needs at least 3, so its "
-            "scores are 0 (unanchored)",
-        )
+        if req_id is not None:
+            _warn_once("tiny", f"videoanchor: request {req_id} has only {n} visual tokens; SSC "
+                       f"needs at least 3, so its scores are 0 (unanchored){later}")  # fmt: skip
         return None
     k = clusters_for(n, cfg)
-    if k < cfg.n_clusters:
-        _warn_once(
-            "clusters",
-            f"videoanchor: a request has {n} visual tokens, fewer than n_clusters="
-            f"{cfg.n_clusters}; using n_clusters={k} for it",
-        )
+    if k < cfg.n_clusters and req_id is not None:
+        _warn_once("clusters", f"videoanchor: request {req_id} has {n} visual tokens, fewer "
+                   f"than n_clusters={cfg.n_clusters}; using n_clusters={k} for it{later}")  # fmt: skip
     key = score_key([mm_features[i].identifier for i in items], k, cfg)
     return Plan(items, cols, n, k, key)
 
@@ -165,8 +164,10 @@ def run_ssc(req, cfg, items, cols, n, k, encoder_outputs, cache, key,
         group is not None and torch.distributed.get_rank(group) == 0
     )
     t0 = time.perf_counter()
-    with metrics.scoring(req.req_id):  # (a failure is counted once per request, by caller)
+    with metrics.scoring(req.req_id) as held:  # (a failure is counted once, by the caller)
         visual, res = _ssc(req, cfg, items, cols, n, k, timed, cache, key, group, progress)
+        if not res.converged:  # a flat iterate is the limit's doing, not the video's
+            held[:] = [w for w in held if "row sums agree" not in str(w[0])]
     seconds = time.perf_counter() - t0 - encoding[0]
     with _lock:
         _RUNS[key] = (req.req_id, where, seconds, res.solver, res.iterations, res.converged)
@@ -237,17 +238,15 @@ def _ssc(req, cfg, items, cols, n, k, encoder_outputs, cache, key, group, progre
     res = compute_anchor_scores(feats, k, **ssc_kwargs(cfg), progress=reporter,
                                 process_group=group)  # fmt: skip
     if not res.converged:
-        # A max_iter the operator set low on purpose would say the same for every request:
-        # once, then at DEBUG.
-        level = logging.WARNING if "max_iter" not in _warned else logging.DEBUG
-        _warned.add("max_iter")
-        logger.log(
-            level,
-            "videoanchor: request %s: SSC over %d visual tokens stopped at max_iter=%d after "
-            "%d iterations at residual %.3g (eps %.3g): NOT converged, its scores come from "
-            "the iterate reached; raise additional_config['videoanchor']['max_iter'] (and "
-            "request_limits) or the request's videoanchor_max_iter",
-            req.req_id, n, cfg.max_iter, res.iterations, res.residual, cfg.eps,
+        flat = not bool(res.scores.any())
+        logger.warning(
+            "videoanchor: request %s: SSC over %d visual tokens (%s solver, rho %g) reached "
+            "its iteration limit, max_iter=%d, after %d iterations at residual %.3g (eps "
+            "%.3g): NOT converged, its scores come from the iterate reached%s; raise "
+            "additional_config['videoanchor']['max_iter'] (and request_limits) or the "
+            "request's videoanchor_max_iter",
+            req.req_id, n, res.solver, cfg.rho, cfg.max_iter, res.iterations, res.residual,
+            cfg.eps, " (every score is 0: unanchored)" if flat else "",
         )  # fmt: skip
     visual = res.scores.detach().to("cpu", torch.float32)
     if cache is not None:
