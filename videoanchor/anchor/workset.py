@@ -47,10 +47,12 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from videoanchor.anchor import admm
 from videoanchor.anchor._inputs import as_feature_tensor
 from videoanchor.anchor.collective import all_sum
+from videoanchor.anchor.options import DEFAULTS
 from videoanchor.anchor.plan import WARM_SET, Plan
-from videoanchor.anchor.ssc import ADMMResult, gram_row_max, run_admm, solve_ssc_admm, ssc_lambdas
+from videoanchor.anchor.ssc import ADMMResult, gram_row_max, run_admm, ssc_lambdas
 
 __all__ = [
     "DENSE_SET",
@@ -101,9 +103,15 @@ def duality_gaps(features, coef, lambda_e: float, lambda_z: float) -> ColumnGaps
     """
     y = as_feature_tensor(features).detach().to("cpu", torch.float64).T
     c = torch.as_tensor(coef).detach().to("cpu", torch.float64)
-    d, n = y.shape
+    n = y.shape[1]
     if tuple(c.shape) != (n, n):
         raise ValueError(f"coef: expected {n} x {n} for {n} points, got {tuple(c.shape)}")
+    return _gaps(y, c, lambda_e, lambda_z)
+
+
+def _gaps(y: torch.Tensor, c: torch.Tensor, lambda_e: float, lambda_z: float) -> ColumnGaps:
+    """:func:`duality_gaps` of checked float64 CPU ``y`` (``D x N``) and ``c`` (``N x N``)."""
+    n = y.shape[1]
     t = lambda_e / lambda_z
     r = y - y @ c
     huber = torch.where(r.abs() <= t, 0.5 * lambda_z * r * r, lambda_e * (r.abs() - 0.5 * t))
@@ -353,7 +361,7 @@ def _solve(x, alpha_e, alpha_z, *, tol, grow, cap, max_passes, threads, t0, grou
             + f" (C or E is dense on these {n} points)"
         )
     t2 = time.perf_counter()
-    gaps = duality_gaps(x64, C, lam_e, lam_z)
+    gaps = _gaps(x64.T, C.to(torch.float64), lam_e, lam_z)
     t3 = time.perf_counter()
     return ADMMResult(
         coef=C.to(x.device, out_dtype),
@@ -452,42 +460,53 @@ def reference_minimiser(features, *, alpha_e: float = 800.0, alpha_z: float = 80
     """The program's minimiser for ``features`` in float64, certified: every column's
     relative duality gap below ``gap`` (:func:`duality_gaps`), else ``converged=False``.
 
-    First :func:`solve_ssc_workset` (at most ``max_passes`` passes per column), with working
-    sets of at most ``max_set`` variables (None: :data:`REFERENCE_SET`; enough for video-like
-    tokens and for synthetic ones whose ``C`` holds ~300 non-zeros per column); where it
-    certifies every column, that is the answer. Else the working sets again from the fast
-    solver's answer (float64, its 60 iterations; ``coef_init``; at most ``max_set``
-    variables per column where it is given, else no bound: the outlier term of Yale B faces
-    holds ~1000-1800 per column; ``timings`` ``"fast"``). The better certified of the two
-    answers is returned, ``converged`` saying whether it meets ``gap``. (Until issue 67 a
+    First the working sets from each point's nearest point (:func:`solve_ssc_workset`'s, at
+    most ``max_passes`` passes per column), with at most ``max_set`` variables per column
+    (None: :data:`REFERENCE_SET`; enough for video-like tokens and for synthetic ones whose
+    ``C`` holds ~300 non-zeros per column); where they certify every column, that is the
+    answer. Else the working sets again from the fast solver's answer (float64, its 60
+    iterations; at most ``max_set`` variables per column where it is given, else no bound:
+    the outlier term of Yale B faces holds ~1000-1800 per column; ``timings`` ``"fast"``).
+    The better certified of the two answers is returned, ``converged`` saying whether it
+    meets ``gap``; :class:`SetsTooLarge` where no working set fitted. (Until issue 67 a
     third route ran an over-relaxed, residual-balanced ADMM to 1e-7 and the working sets
-    from its answer; no set of the benchmarks needed it.)
+    from its answer: docs/ssc.md.)
     """
     x = as_feature_tensor(features).detach().to("cpu", torch.float64)
+    for name, value in (("max_passes", max_passes), ("max_set", max_set)):
+        if value is not None and int(value) < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value}")
+    n, d = x.shape
+    prepared = list(_prepare(x, alpha_e, alpha_z))  # the Gram matrix and lambdas, once
 
     def working_sets(bound, start=None):  # None where a set outgrows ``bound``
+        cap = n + d if bound is None else min(int(bound), n + d)
         try:
-            return solve_ssc_workset(x, alpha_e=alpha_e, alpha_z=alpha_z, max_set=bound,
-                                     max_passes=max_passes, coef_init=start)  # fmt: skip
+            return _solve(x, alpha_e, alpha_z, tol=TOL, grow=GROW, cap=cap,
+                          max_passes=int(max_passes), threads=torch.get_num_threads(),
+                          t0=time.perf_counter(), start=start, prepared=prepared)  # fmt: skip
         except SetsTooLarge:
             return None
 
-    direct = working_sets(REFERENCE_SET if max_set is None else int(max_set))
-    if direct is None or not direct.residual < gap:
+    answers = [working_sets(REFERENCE_SET if max_set is None else max_set)]
+    if answers[0] is None or not answers[0].residual < gap:
         # from the fast solver's answer the working sets certify darkened Yale B faces in
         # about a seventh of the time of the ADMM to 1e-7 (21 s against 155 s, one-off)
-        fast = solve_ssc_admm(x, alpha_e=alpha_e, alpha_z=alpha_z, dtype=torch.float64,
-                              scheduled=True, progress=False)  # fmt: skip
+        fast_plan = Plan(mode="exact", solver="fast", backend="torch", device=x.device,
+                         work=torch.float64)  # fmt: skip
+        fast = run_admm(x, fast_plan, alpha_e=alpha_e, alpha_z=alpha_z, rho=DEFAULTS.rho, eps=0.0,
+                        max_iter=admm.SCHEDULE.iterations, progress=False)  # fmt: skip
         quick = working_sets(max_set, fast.coef)
         if quick is not None:
             quick.timings = {"fast": sum(fast.timings.values()), **quick.timings}
-        answers = [a for a in (direct, quick) if a is not None]
-        if not answers:
-            raise SetsTooLarge(
-                f"reference_minimiser: a column's working set outgrew max_set={max_set} from "
-                "the nearest points and from the fast solver's answer; expected a larger "
-                "max_set (or None: no bound from the fast answer)"
-            )
-        direct = min(answers, key=lambda a: a.residual if math.isfinite(a.residual) else math.inf)
-    direct.converged = bool(direct.residual < gap)
-    return direct
+        answers.append(quick)
+    answers = [a for a in answers if a is not None]
+    if not answers:
+        raise SetsTooLarge(
+            f"reference_minimiser: a column's working set outgrew max_set={max_set} from the "
+            "nearest points and from the fast solver's answer; expected a larger max_set (or "
+            "None: no bound from the fast answer)"
+        )
+    best = min(answers, key=lambda a: a.residual if math.isfinite(a.residual) else math.inf)
+    best.converged = bool(best.residual < gap)
+    return best
