@@ -499,11 +499,9 @@ class EigenInverse(DenseInverse):
             self.ly = xp.concat(ycols, axis=1) if len(ycols) > 1 else ycols[0]
             self.ly_left = dic.products.left(self.ly)
 
-    def low_rank_right(self, t, mm=None):
-        """``W = V_x^T (T - I)`` for ``t = T - I`` (``low_rank``; ``mm``: the product to
-        use, default the dictionary's)."""
-        mm = self.dic.products.mm if mm is None else mm
-        return mm(self.vxt_left, t)
+    def low_rank_right(self, t):
+        """``W = V_x^T (T - I)`` for ``t = T - I`` (``low_rank``)."""
+        return self.dic.products.mm(self.vxt_left, t)
 
     def step_a(self, t, d1s, e, cols: slice, want_ya: bool, diag):
         """Same contract as :meth:`DenseInverse.step_a` (through ``L_A`` and ``L_Y`` when

@@ -92,12 +92,6 @@ class ActiveSetStep(admm.ScheduledStep):
         self._e_vals = None  # E on the active entries
         self.share = 0.0  # the active entries' share of D x N
 
-    def _mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """The iteration's dense products (``R (T - I)``, ``(Y R)(T - I)``; ``a`` a slice of
-        the factor's prepared ``r_left``) at the solver's precision; benchmarks override it
-        to emulate other tensor-core precisions."""
-        return self.dic.products.mm(a, b)
-
     def is_full(self, it: int) -> bool:
         """Whether iteration ``it`` runs the exact E-step (and resets the active set)."""
         return it <= FULL["first"] or it % FULL["every"] == 0 or it >= self.iterations
@@ -139,13 +133,13 @@ class ActiveSetStep(admm.ScheduledStep):
         t[diag.rows, diag.cols] -= 1.0  # T - I
         n = dic.n
         if factor.low_rank:  # R = I + L_A V_x^T, Y R = L_Y V_x^T (admm.EigenInverse)
-            right = factor.low_rank_right(t, self._mm)  # V_x^T (T - I)
-            a = self._mm(factor.la_left, right)
+            right = factor.low_rank_right(t)  # V_x^T (T - I)
+            a = self.dic.products.mm(factor.la_left, right)
             a += t
             yr, yr_left = factor.ly, factor.ly_left
         else:
             right, yr, yr_left = t, factor.r[n:], factor.r_left[n:]
-            a = self._mm(factor.r_left[:n], t)
+            a = self.dic.products.mm(factor.r_left[:n], t)
         a[diag.rows, diag.cols] += 1.0
         if dic.outliers:
             self._e_step(it, right, yr, yr_left)
@@ -160,7 +154,7 @@ class ActiveSetStep(admm.ScheduledStep):
         thr = self.thr_e
         if self.is_full(it):
             self.full_count += 1
-            resid = self._mm(yr_left, t)
+            resid = self.dic.products.mm(yr_left, t)
             resid.neg_()  # Y - Y A, exactly
             rows, cols = (resid.abs() > MARGIN * thr).nonzero(as_tuple=True)
             self.share = rows.numel() / max(resid.numel(), 1)
@@ -180,7 +174,7 @@ class ActiveSetStep(admm.ScheduledStep):
                 return
             rows, cols, pattern = self._active
             if self.share > DENSE_SHARE["resid"]:  # the same entries, from the dense product
-                vals = -self._mm(yr_left, t)[rows, cols]
+                vals = -self.dic.products.mm(yr_left, t)[rows, cols]
             else:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # sparse CSR is in beta
