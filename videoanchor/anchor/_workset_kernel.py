@@ -384,10 +384,10 @@ def _multiplier(u, i, n, G, YT, Fc, zc, fc, Fe, ze, fe, lam_z, nu):
     return lam_z * m
 
 
-@_jit(types.UniTuple(I, 5)(I, I[:], F[:], F2, F2, F2, F, F, F, F, I, I, I, I, I, F, F2, F2, F2, I1, F1, F1, I1, F1, F1, SCRATCH, I1, F1, B1))  # fmt: skip
+@_jit(types.UniTuple(I, 5)(I, I[:], F[:], F2, F2, F2, F, F, F, F, I, I, I, I, I, F, F2, F2, F2, I1, F1, F1, I1, F1, F1, SCRATCH, I1, F1, B1, F1))  # fmt: skip
 def _column(i, seed_var, seed_val, G, YT, Y, lam_z, lam_e, gamma, tol, grow, cap, cap_c,
             max_passes, max_inner, max_work, L, A, Yg, Fc, sc, zc, Fe, se, ze, w, W, full,
-            held):  # fmt: skip
+            held, work):  # fmt: skip
     """Column ``i`` from the start ``z`` = ``seed_val`` on the variables ``seed_var`` (on
     the constraint, none zero; coefficients ``0..N-1``, outliers ``N..``); returns
     ``(status, fc, fe, passes, steps)`` with the support in ``Fc[:fc]``, ``Fe[:fe]`` and
@@ -395,7 +395,6 @@ def _column(i, seed_var, seed_val, G, YT, Y, lam_z, lam_e, gamma, tol, grow, cap
     ``cap_c``: the most coefficients; ``max_work``: the most work of its inner steps."""
     n, d = G.shape[0], YT.shape[1]
     col = w[8]
-    work = np.empty(1)
     work[0] = max_work
     fc = fe = 0
     coefs = 0
@@ -539,10 +538,9 @@ def _column(i, seed_var, seed_val, G, YT, Y, lam_z, lam_e, gamma, tol, grow, cap
             nu = nu_h
 
 
-@_jit(types.none(I, I, F2, F2, F2, I[:], I[:], F[:], F, F, F, I, I, I, I, I, F, F2, F2, I1, I1, I1, B1), entry=True)  # fmt: skip
-def solve_columns(first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol, grow,
-                  cap, cap_c, max_passes, max_inner, max_work, C, E, status, passes, steps,
-                  dense):  # fmt: skip
+def run_columns(first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol, grow,
+                cap, cap_c, max_passes, max_inner, max_work, C, E, status, passes, steps,
+                dense):  # fmt: skip
     """Columns ``first, first + step, ...`` into ``C`` (``N x N``) and ``E`` (``D x N``),
     zero on entry, with each column's status, passes and inner steps (``status`` -1 on
     entry: a column left so was not run). Column ``i`` starts from its variables
@@ -550,34 +548,47 @@ def solve_columns(first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, la
     at the values ``seed_val[...]``: a point of the constraint, none zero, not ``i``. A
     column whose set outgrows ``cap`` variables or ``cap_c`` coefficients, or whose inner
     steps' work passes ``max_work`` (:data:`OVER_BUDGET`), sets ``dense[0]``, and every call
-    sharing ``dense`` stops at its next column."""
+    sharing ``dense`` stops at its next column. The scratch is allocated here, in Python,
+    for :func:`solve_columns` (NumPy's allocations compiled by Numba cost 1 s)."""
     n, d = G.shape[0], YT.shape[1]
     cap_c = min(cap_c, cap, n - 1)
     wc, we = cap_c + 1, min(cap, d) + 1
-    L = np.zeros((wc, wc))  # the Cholesky factor of S, the Schur complement on Fc
-    A = np.zeros((wc, wc))  # lambda_z G_cc + gamma 1 1^T
-    Yg = np.zeros((wc, we))  # Y[Fe, Fc]^T, gathered
-    Fc, sc, zc = np.zeros(wc, np.int64), np.zeros(wc), np.zeros(wc)
-    Fe, se, ze = np.zeros(we, np.int64), np.zeros(we), np.zeros(we)
-    W = np.zeros(cap + grow + 1, np.int64)
-    # qc, qe, x1c, x1e, x2c, x2e, zhc, zhe, rc (also col), re, tmp, ac: sized for either block
-    width = max(wc, we)
-    w = (np.zeros(width), np.zeros(width), np.zeros(width), np.zeros(width), np.zeros(width),
-         np.zeros(width), np.zeros(width), np.zeros(width), np.zeros(width), np.zeros(width),
-         np.zeros(width), np.zeros(width))  # fmt: skip
-    full = np.zeros(n + d)
-    held = np.zeros(n + d, np.bool_)  # in F
-    gamma = 0.0
-    for u in range(n):
-        gamma = max(gamma, lam_z * G[u, u])
+    width = max(wc, we)  # the scratch vectors serve either block
+    scratch = (
+        np.zeros((wc, wc)),  # L: the Cholesky factor of S, the Schur complement on Fc
+        np.zeros((wc, wc)),  # A: lambda_z G_cc + gamma 1 1^T
+        np.zeros((wc, we)),  # Yg: Y[Fe, Fc]^T, gathered
+        np.zeros(wc, np.int64), np.zeros(wc), np.zeros(wc),  # Fc, sc, zc
+        np.zeros(we, np.int64), np.zeros(we), np.zeros(we),  # Fe, se, ze
+        np.zeros(cap + grow + 1, np.int64),  # W
+        # qc, qe, x1c, x1e, x2c, x2e, zhc, zhe, rc (also col), re, tmp, ac
+        tuple(np.zeros(width) for _ in range(12)),
+        np.zeros(n + d),  # full
+        np.zeros(n + d, np.bool_),  # held: in F
+        np.zeros(1),  # work
+    )  # fmt: skip
+    gamma = max(0.0, lam_z * float(np.diagonal(G).max()))
+    solve_columns(first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol, grow,
+                  cap, cap_c, max_passes, max_inner, float(max_work), C, E, status, passes,
+                  steps, dense, gamma, *scratch)  # fmt: skip
+
+
+@_jit(types.none(I, I, F2, F2, F2, I[:], I[:], F[:], F, F, F, I, I, I, I, I, F, F2, F2, I1, I1, I1, B1, F, F2, F2, F2, I1, F1, F1, I1, F1, F1, I1, SCRATCH, F1, B1, F1), entry=True)  # fmt: skip
+def solve_columns(first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol, grow,
+                  cap, cap_c, max_passes, max_inner, max_work, C, E, status, passes, steps,
+                  dense, gamma, L, A, Yg, Fc, sc, zc, Fe, se, ze, W, w, full, held,
+                  work):  # fmt: skip
+    """:func:`run_columns` with its scratch (``cap_c`` at most ``min(cap, N - 1)``, ``gamma``
+    the largest ``lambda_z G_uu``)."""
+    n = G.shape[0]
     for i in range(first, n, step):
         if dense[0]:
             return
         a, b = seed_ptr[i], seed_ptr[i + 1]
         st, fc, fe, ps, stp = _column(i, seed_var[a:b], seed_val[a:b], G, YT, Y, lam_z, lam_e,
                                       gamma, tol, grow, cap, cap_c, max_passes, max_inner,
-                                      max_work, L, A,
-                                      Yg, Fc, sc, zc, Fe, se, ze, w, W, full, held)  # fmt: skip
+                                      max_work, L, A, Yg, Fc, sc, zc, Fe, se, ze, w, W, full,
+                                      held, work)  # fmt: skip
         status[i], passes[i], steps[i] = st, ps, stp
         if st == TOO_LARGE or st == OVER_BUDGET:
             dense[0] = True

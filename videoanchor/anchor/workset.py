@@ -178,7 +178,7 @@ def nearest_points(gram: torch.Tensor) -> torch.Tensor:
 
 
 def _seeds(x64: torch.Tensor, gram: torch.Tensor, lam_e: float, lam_z: float, coef=None):
-    """Each column's start for the kernel, ``(ptr, var, val)`` (its ``solve_columns``): the
+    """Each column's start for the kernel, ``(ptr, var, val)`` (its ``run_columns``): the
     nearest other point (``c = e_j``), or where ``coef`` (``N x N``, an approximation of
     ``C``: the fast solver's) is given, its column divided by its sum (onto the constraint,
     signs kept) with the outliers that minimise the column's objective for it (the residual
@@ -245,7 +245,7 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
     tasks = min(n, threads * TASKS_PER_THREAD) if threads > 1 else 1
 
     def run(t: int) -> None:
-        kernel.solve_columns(rank + world * t, world * tasks, G, YT, Y, ptr, var, val, lam_z,
+        kernel.run_columns(rank + world * t, world * tasks, G, YT, Y, ptr, var, val, lam_z,
                              lam_e, tol, grow, cap, cap_c, max_passes, MAX_STEPS, max_work, C, E,
                              status, passes, steps, dense)  # fmt: skip
 
