@@ -310,6 +310,9 @@ def main() -> None:
     from benchmarks.common import environment, print_table, write_result
 
     meta = environment()
+    meta["uncommitted"] = subprocess.run(  # what "-dirty" in git_sha was: other work in the tree
+        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+        text=True, cwd=HERE).stdout.split("\n")  # fmt: skip
     meta.update(vllm=vllm.__version__, model=args.model if args.model and "tiny" not in args.model
                 else "tiny Qwen2.5-VL (tests/vllm_support.py)", frames=args.frames,
                 size=args.size, max_tokens=args.max_tokens, running=args.running,

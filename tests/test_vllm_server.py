@@ -13,7 +13,11 @@ engine core in a process of its own, prefix caching on). One server serves every
   video, which does not wait for it;
 - a request whose scoring fails (a failure injected in the server's processes,
   ``VIDEOANCHOR_TEST_FAIL_EPS``) fails alone: the server, and the next request, go on;
-- a backend the server cannot run: HTTP 400 before admission.
+- a backend the server cannot run, a JSON boolean where a number is expected, a 10**6-entry
+  ``tokens`` list: HTTP 400 naming the key, counted under it; a video of which vLLM's loader
+  decodes no frame: HTTP 400;
+- ``/metrics`` against the requests sent (a prefix-cache hit among them), and the start-up
+  lines (active, compiling, warmed up) in the server's log.
 
 The test stops the server. Skipped where vllm is not importable (see tests/test_vllm.py)."""
 
@@ -103,10 +107,10 @@ def _video_url(seed=1, frames=4, height=56, width=84):
     return "data:video/mp4;base64," + base64.b64encode(data).decode()
 
 
-def _messages():
+def _messages(video_seed=1):
     return [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": _image_url()}},
-        {"type": "video_url", "video_url": {"url": _video_url()}},
+        {"type": "video_url", "video_url": {"url": _video_url(video_seed)}},
         {"type": "text", "text": "what is it?"}]}]  # fmt: skip
 
 
@@ -243,20 +247,37 @@ def test_server_answers_as_offline_with_prefix_caching_a_b_a_off(server, offline
 
 @pytest.mark.parametrize(
     "xargs,phrase",
-    [({"videoanchor_alpha_k": -5.0}, "videoanchor_alpha_k"),
-     ({"videoanchor_eps": -1.0}, "videoanchor_eps"),
+    [({"videoanchor_alpha_k": -5.0}, "expected alpha_k >= -1"),
+     ({"videoanchor_eps": -1.0}, "expected a"),
      ({"videoanchor_max_iter": 10**7}, "request_limits"),
      ({"videoanchor_n_clusters": 100000}, "request_options"),
      ({"videoanchor_seed": 3}, "request_options"),
-     ({"videoanchor_ssc_backend": "cupy"}, "CUDA engine only")],
+     ({"videoanchor_ssc_backend": "cupy"}, "CUDA engine only"),
+     ({"videoanchor_ssc_backend": "bogus"}, "expected one of ('auto', 'torch', 'cupy')"),
+     ({"videoanchor_ssc_solver": "bogus"}, "expected one of ('auto', 'fast', 'faithful'"),
+     # JSON true: vLLM's vllm_xargs type reads it as 1, the plugin reads the JSON again
+     ({"videoanchor_alpha_k": True}, "got the JSON boolean true"),
+     # a 10**6-entry list (about 9 MB of JSON), refused by request_limits['tokens']
+     ({"videoanchor_tokens": ["video"] * 10**6}, "request_limits']['tokens']")],
+    ids=lambda v: (next(iter(v)) + "=" + str(next(iter(v.values())))[:12]
+                   if isinstance(v, dict) else None),
 )  # fmt: skip
 def test_server_bad_or_over_limit_vllm_xargs_is_a_400_and_it_keeps_serving(
     server, offline, checkpoint, xargs, phrase
 ):
+    """Each refusal names the key and what is expected, and is counted under the key."""
+    key = next(iter(xargs))
+    series = f'videoanchor_requests_refused_total{{option="{key}"}}'
+    before, _ = _videoanchor_series(server.port)
+    t0 = time.perf_counter()
     status, reply = _ask(server, checkpoint, xargs)
+    seconds = time.perf_counter() - t0
     assert status == 400, reply
-    text = json.dumps(reply)
-    assert next(iter(xargs)) in text and phrase in text, text
+    text = reply["error"]["message"]
+    assert text.startswith(f"extra_args[{key!r}]: ") and phrase in text, text
+    assert seconds < 10, seconds  # refused before the chat's media are rendered
+    after, _ = _videoanchor_series(server.port)
+    assert after.get(series, 0.0) - before.get(series, 0.0) == 1, (before, after)
     status, reply = _ask(server, checkpoint, RUNS["off"])
     assert status == 200 and reply["choices"][0]["message"]["content"] == offline["off"]["text"]
 
@@ -310,12 +331,18 @@ def test_a_long_request_is_scored_beside_the_stream(server, checkpoint):
     """The authors' solver at eps 0 and rho 1e-6 runs its SSC for all its LONG_ITERS
     iterations (the operator's counted bound). It runs ahead of the request's step
     (``scores_ahead``, the default): the stream beside it keeps its pace meanwhile, so its
-    largest gap is far below the SSC's time, which the long request's answer waited for."""
-    before, during, _, seconds = _stream_beside(server, checkpoint, LONG, video=True)
+    largest gap is far below the SSC's time, which the long request's answer waited for.
+    The log warns that it reached its iteration limit, naming it, and no guess at a static
+    video."""
+    before, during, reply, seconds = _stream_beside(server, checkpoint, LONG, video=True)
     # Inside the step the SSC alone would stall the stream for its whole time; ahead of it
     # the stream waits for the request's encoder and prefill step only.
     assert max(during) < STALL, (max(during), during, max(before), seconds)
     assert max(during) < seconds / 4, (max(during), seconds)
+    mine = [ln for ln in server.log.read_text().splitlines() if reply["id"] in ln]
+    assert any(f"reached its iteration limit, max_iter={LONG_ITERS}, after {LONG_ITERS} "
+               "iterations" in ln and "WARNING" in ln for ln in mine), mine  # fmt: skip
+    assert not any("static or blank" in ln for ln in mine), mine
 
 
 #: the videos of the scoring-time tests: 8 frames of 112 x 168 (96 visual tokens)
@@ -389,11 +416,41 @@ def test_a_request_whose_scoring_fails_fails_alone(server, offline, checkpoint):
 
 
 def test_startup_log_says_videoanchor_is_active_with_its_limits(server):
-    log = server.log.read_text()
-    line = next((ln for ln in log.splitlines() if "VideoAnchor is active" in ln), None)
-    assert line is not None, log[-3000:]
+    """The start-up line, then (in the worker) the line before the SSC warm-up saying what it
+    may compile, and the warm-up's line with its seconds, all before the server is up."""
+    log = server.log.read_text().splitlines()
+
+    def first(phrase):
+        found = [i for i, ln in enumerate(log) if phrase in ln]
+        assert found, (phrase, log[-60:])
+        return found[0], log[found[0]]
+
+    at, line = first("VideoAnchor is active")
     assert f"max_iter <= {LONG_ITERS}" in line and "2 side threads" in line, line
     assert "(pid=" in line or "INFO" in line, line  # vLLM's own log format
+    compiling, line = first("videoanchor: warming the SSC up before the first request")
+    assert "working-set solver with an empty Numba cache, this compiles the SSC kernel" in line
+    assert "NUMBA_CACHE_DIR" in line and "INFO" in line, line
+    warmed, line = first("videoanchor: SSC warmed up before the first request")
+    assert re.search(r"\((fast|workset|faithful) solver, \d+\.\d s", line), line
+    up, _ = first("Application startup complete")
+    assert at < compiling < warmed < up, (at, compiling, warmed, up)
+
+
+def test_a_video_without_a_decodable_frame_is_a_400(server, offline, checkpoint):
+    """A 1-frame mp4 is too short for vLLM's Qwen2-VL video loader (it samples frames in
+    pairs and divided by zero: an HTTP 500); the plugin refuses it with an HTTP 400 saying
+    so, and the server goes on."""
+    body = {"model": checkpoint, "max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": _video_url(31, frames=1)}},
+        {"type": "text", "text": "what is it?"}]}]}  # fmt: skip
+    status, reply = _post(server.port, body)
+    assert status == 400, reply
+    assert reply["error"]["message"].startswith("video: expected a video long enough for this "
+                                                "model"), reply  # fmt: skip
+    assert "send at least 2 frames" in reply["error"]["message"], reply
+    status, reply = _ask(server, checkpoint, RUNS["off"])
+    assert status == 200 and reply["choices"][0]["message"]["content"] == offline["off"]["text"]
 
 
 def _videoanchor_series(port) -> tuple[dict, str]:
@@ -428,25 +485,43 @@ def test_metrics_and_the_log_line_of_each_scored_request(server, checkpoint):
     assert status == 200, second
     status, refused, _ = _ask_video(server, checkpoint, 21, {"videoanchor_max_iter": 10**7})
     assert status == 400, refused
+    # a new video with a long question, then the same chat again: the prefix cache serves
+    # its first blocks (its cache salt is the same), which hold all its visual tokens, so no
+    # step reaches them (vLLM's CPU blocks are 128 tokens; the video's 96 come first)
+    messages = _video_messages(22)
+    messages[0]["content"][1]["text"] = "what is it? " * 60
+    chat = {"model": checkpoint, "messages": messages, "max_tokens": 2, "temperature": 0.0}
+    replies = [_post(server.port, chat) for _ in range(2)]
+    assert [r[0] for r in replies] == [200, 200], replies
+    cached = (replies[1][1]["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")
+    assert cached, replies[1]
     after, _ = _videoanchor_series(server.port)
 
     def grew(name):
         return after.get(name, 0.0) - before.get(name, 0.0)
 
-    assert grew('videoanchor_ssc_runs_total{where="ahead"}') == 1, (before, after)
+    log = server.log.read_text().splitlines()
+    scored = [any(f"videoanchor: request {r[1]['id']}" in ln for ln in log) for r in replies]
+    # the new chat and the first video twice are scored (a miss, a hit, a miss); the repeated
+    # chat is held too, and the prefix cache then serves its visual tokens: neither hit nor
+    # miss, so held = hits + misses + 1
+    assert scored == [True, False], (scored, cached)
+    assert grew('videoanchor_ssc_runs_total{where="ahead"}') == 2, (before, after)
     assert grew('videoanchor_ssc_runs_total{where="step"}') == 0, (before, after)
-    assert grew("videoanchor_score_cache_misses_total") == 1, (before, after)
+    assert grew("videoanchor_score_cache_misses_total") == 2, (before, after)
     assert grew("videoanchor_score_cache_hits_total") == 1, (before, after)
-    assert grew("videoanchor_requests_held_total") == 2, (before, after)
+    assert grew("videoanchor_requests_held_total") == 4, (before, after)
     assert grew('videoanchor_requests_refused_total{option="videoanchor_max_iter"}') == 1
+    assert sum(grew(n) for n in after if n.startswith("videoanchor_requests_refused")) == 1
     assert not any(grew(n) for n in after if n.startswith("videoanchor_failures")), after
-    assert grew('videoanchor_ssc_seconds_count{where="ahead"}') == 1, (before, after)
+    assert grew('videoanchor_ssc_seconds_count{where="ahead"}') == 2, (before, after)
     seconds = grew('videoanchor_ssc_seconds_sum{where="ahead"}')
     assert 0 < seconds < 300, seconds
-    assert grew('videoanchor_ssc_seconds_bucket{le="+Inf",where="ahead"}') == 1
+    assert grew('videoanchor_ssc_seconds_bucket{le="+Inf",where="ahead"}') == 2
     tokens = grew('videoanchor_ssc_visual_tokens_sum{where="ahead"}')
-
-    log = server.log.read_text().splitlines()
+    chat_tokens = int(re.search(rf"request {replies[0][1]['id']}\S*: (\d+) visual tokens",
+                                "\n".join(log)).group(1))  # fmt: skip
+    tokens -= chat_tokens  # the first video's
     lines = {}
     for reply in (first, second):
         mine = [ln for ln in log if f"videoanchor: request {reply['id']}" in ln]

@@ -108,23 +108,17 @@ def _engine_options_of(vllm_config):
     return entry[1], entry[2]
 
 
-def chat_refusal(vllm_config, xargs, raw_xargs=None) -> str | None:
+def chat_refusal(vllm_config, xargs) -> str | None:
     """Why an OpenAI chat request's ``vllm_xargs`` are refused on this engine (a bad value,
-    an option or limit of the operator's policy, a backend the server cannot run, a JSON
-    boolean where the request's JSON had one: ``raw_xargs``), or None. Asked before the
-    chat's media are rendered: a request refused after rendering leaves vLLM's front-end
-    media cache believing the engine holds its items (vLLM's "P0/P1 cache drift"), and the
-    next request with the same video got an HTTP 500 once."""
+    an option or limit of the operator's policy, a backend the server cannot run), or None.
+    Asked before the chat's media are rendered: a request refused after rendering leaves
+    vLLM's front-end media cache believing the engine holds its items (vLLM's "P0/P1 cache
+    drift"), and the next request with the same video got an HTTP 500 once."""
     if not xargs or vllm_config is None:
         return None
     eng, policy = _engine_options_of(vllm_config)
     if eng is None:
         return None
-    for key, value in (raw_xargs or {}).items():
-        values = value if isinstance(value, list) else [value]
-        if str(key).startswith("videoanchor") and any(isinstance(v, bool) for v in values):
-            return (f"extra_args[{key!r}]: expected a number (or 'on' / 'off' for "
-                    f"'videoanchor'), got the JSON boolean {json.dumps(value)}")  # fmt: skip
     try:
         check_admitted(eng, policy, xargs)  # (the operator's limits first: a 10**6 list)
     except ValueError as err:
@@ -132,19 +126,30 @@ def chat_refusal(vllm_config, xargs, raw_xargs=None) -> str | None:
     return None
 
 
-def _may_hold_booleans(xargs) -> bool:
-    """Whether vLLM may have turned a JSON ``true`` / ``false`` of a videoanchor entry into 1
-    / 0 (its ``vllm_xargs`` type is str | int | float | list of them)."""
-    return any(str(k).startswith("videoanchor") and (v in (0, 1) or isinstance(v, list))
-               for k, v in (xargs or {}).items())  # fmt: skip
+async def json_boolean(xargs, raw_request) -> str | None:
+    """Why a request's ``vllm_xargs`` are refused for a JSON boolean, or None. vLLM reads a
+    JSON ``true`` / ``false`` as 1 / 0 (its ``vllm_xargs`` type is str | int | float | list
+    of them), so where a videoanchor entry is 0 or 1 the request's JSON is read again."""
+    ours = {k: v for k, v in xargs.items() if str(k).startswith("videoanchor")}
+    if raw_request is None or not any(v in (0, 1) for v in ours.values()):
+        return None
+    try:
+        raw = (await raw_request.json()).get("vllm_xargs") or {}
+    except Exception:  # (vLLM parsed the body: nothing more to find here)
+        return None
+    for key in ours:
+        if isinstance(raw.get(key), bool):
+            return (f"extra_args[{key!r}]: expected a number (or 'on' / 'off' for "
+                    f"'videoanchor'), got the JSON boolean {json.dumps(raw[key])}")  # fmt: skip
+    return None
 
 
 def _check_chat_before_rendering() -> None:
     """Wraps ``OpenAIServingChat.create_chat_completion`` (the OpenAI server's chat
-    endpoint) so that :func:`chat_refusal` answers a refused request with HTTP 400 before
-    its media are rendered; it reads the request's JSON again where vLLM may have turned a
-    boolean into a number. The checks where vLLM validates the request (``SamplingParams``,
-    the ``InputProcessor``) still hold for every other front end."""
+    endpoint) so that :func:`chat_refusal` and :func:`json_boolean` answer a refused
+    request with HTTP 400 before its media are rendered. The checks where vLLM validates
+    the request (``SamplingParams``, the ``InputProcessor``) still hold for every other
+    front end."""
     try:
         from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
     except ImportError:  # a vLLM without the OpenAI server's chat module
@@ -152,16 +157,11 @@ def _check_chat_before_rendering() -> None:
 
     def make(orig):
         async def create_chat_completion(self, request, raw_request=None, *args, **kwargs):
-            engine = getattr(self, "engine_client", None)
+            vllm_config = getattr(getattr(self, "engine_client", None), "vllm_config", None)
             xargs = getattr(request, "vllm_xargs", None)
-            raw = None
-            if raw_request is not None and _may_hold_booleans(xargs):
-                try:
-                    raw = (await raw_request.json()).get("vllm_xargs")
-                except Exception:  # (vLLM parsed the body: nothing more to find here)
-                    raw = None
-            why = chat_refusal(getattr(engine, "vllm_config", None), xargs,
-                               raw if isinstance(raw, dict) else None)  # fmt: skip
+            why = chat_refusal(vllm_config, xargs)
+            if why is None and xargs and _engine_options_of(vllm_config)[0] is not None:
+                why = await json_boolean(xargs, raw_request)
             if why is not None:
                 metrics.refused(why)
                 return self.create_error_response(why, param="extra_args")
@@ -172,15 +172,15 @@ def _check_chat_before_rendering() -> None:
     wrap_once(OpenAIServingChat, "create_chat_completion", make)
 
 
-#: Set in the front end of an anchored engine (:func:`refuse_empty_videos`).
+#: Set in the front end of an anchored engine (:func:`refuse_short_videos`).
 ANCHORED_FRONT_END = [False]
 
 
-def refuse_empty_videos() -> None:
+def refuse_short_videos() -> None:
     """Wraps vLLM's ``VideoMediaIO.load_bytes`` so that, in the front end of an anchored
-    engine, a video of which vLLM's loader decoded no frame (a 1-frame mp4 read by its
-    OpenCV backend reads as 0 frames) is refused with a ValueError saying so (HTTP 400 in
-    the OpenAI server) instead of failing in the model's processor (HTTP 500). An engine
+    engine, a video too short for the model is refused with a ValueError saying so (HTTP 400
+    in the OpenAI server) instead of an HTTP 500: one that vLLM's loader cannot sample (its
+    Qwen2-VL loader takes frames in pairs and divides by zero on a 1-frame video). An engine
     without ``additional_config["videoanchor"]`` keeps vLLM's behaviour."""
     try:
         from vllm.multimodal.media.video import VideoMediaIO
@@ -189,16 +189,18 @@ def refuse_empty_videos() -> None:
 
     def make(orig):
         def load_bytes(self, data):
-            out = orig(self, data)
-            frames, meta = out.media
-            if ANCHORED_FRONT_END[0] and len(frames) == 0:
+            try:
+                return orig(self, data)
+            except ZeroDivisionError as err:
+                if not ANCHORED_FRONT_END[0]:
+                    raise
+                loader = getattr(self.video_loader, "__name__", type(self.video_loader).__name__)
                 raise ValueError(
-                    "video: expected a video with at least one frame vLLM's "
-                    f"{meta.get('video_backend', '')} loader can decode, got 0 decoded of "
-                    f"{meta.get('total_num_frames')} frames (a 1-frame mp4 reads as 0 frames "
-                    "with OpenCV); send at least 2 frames"
-                )
-            return out
+                    f"video: expected a video long enough for this model, got one vLLM's "
+                    f"{loader} cannot sample ({type(err).__name__}: {err}); a 1-frame video "
+                    "is too short for a model that takes frames in pairs (the Qwen2-VL "
+                    "family's temporal patch): send at least 2 frames"
+                ) from None
 
         return load_bytes
 
@@ -268,7 +270,7 @@ def install() -> None:
 
     wrap_once(InputProcessor, "_validate_params", make_validate)
     _check_chat_before_rendering()
-    refuse_empty_videos()
+    refuse_short_videos()
 
     register_backend(
         AttentionBackendEnum.CPU_ATTN,

@@ -275,10 +275,10 @@ def warm_up(worker) -> str | None:
     cfg = engine_cfg_of(runner)
     if cfg is None:
         return None
-    logger.info("videoanchor: warming the SSC up before the first request; with an empty "
-                "Numba cache this compiles the SSC kernel (once per cache, tens of seconds on "
-                "a small CPU: docs/serving.md); set NUMBA_CACHE_DIR to a kept directory to "
-                "keep it")  # fmt: skip
+    logger.info("videoanchor: warming the SSC up before the first request; where it runs the "
+                "working-set solver with an empty Numba cache, this compiles the SSC kernel, "
+                "once per cache (the time measured is in docs/serving.md); set NUMBA_CACHE_DIR "
+                "to a kept directory to keep it")  # fmt: skip
     t0 = time.perf_counter()
     x = torch.randn(*WARM_UP_SHAPE, generator=torch.Generator().manual_seed(0))
     try:
