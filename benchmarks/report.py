@@ -60,6 +60,7 @@ python benchmarks/bench_label_draws.py            # seed stability of the scores
 python benchmarks/bench_optimum.py                # the SSC program's minimiser against the bar's answers
 python benchmarks/bench_workset.py                # routes to the minimiser on video-like tokens, one thread
 python benchmarks/bench_lmms_batch.py             # lmms-eval wrapper: batched against one request at a time
+python benchmarks/bench_first_call.py             # fresh processes: first call, README snippet, import
 TRITON_INTERPRET=0 python -m benchmarks.compile_report  # STATIC: compile every kernel for sm_80/86/90
 bash benchmarks/run_gpu.sh                        # on a GPU machine: pytest -m gpu, then every benchmark
 python benchmarks/report.py                       # regenerate this page and its figures
@@ -76,6 +77,7 @@ SECTIONS = [
     ("Several processes: the fast SSC split", ["split"]),
     ("Attention kernels", ["attention", "decode", "backward", "compile"]),
     ("Model integration and evaluation", ["integration", "tp", "lmms_batch"]),
+    ("Start-up: the first call and the import", ["first_call"]),
 ]  # fmt: skip
 
 TITLES = {
@@ -112,6 +114,7 @@ TITLES = {
     "integration": "Anchored VLM prefill",
     "tp": "Tensor-parallel prefill",
     "lmms_batch": "lmms-eval wrapper: batched requests",
+    "first_call": "The first call in a fresh process (empty and warm Numba cache) and the import",
 }
 
 

@@ -68,3 +68,16 @@ def test_a_read_only_install_caches_the_kernel_in_the_user_cache(tmp_path):
     assert "kernel compiled into Numba's cache" in first and f": {cache}/" in first, first
     assert "kernel loaded from Numba's cache" in second and f": {cache}/" in second, second
     assert any((tmp_path / "xdg").rglob("*.nbi")), "no Numba index in the user cache"
+
+
+def test_the_readme_states_the_snippet_time_that_bench_first_call_measured():
+    """The first screen's times for the snippet are bench_first_call.py's medians, rounded."""
+    import re
+
+    summary = json.loads((ROOT / "benchmarks/results/first_call_cpu.json").read_text())["meta"]
+    summary = summary["summary"]
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"runs in about (\d+) s in a fresh process \((\d+) s the first time", text)
+    assert m, "README: the snippet's time is not stated in the form bench_first_call measures"
+    assert int(m.group(1)) == round(summary["snippet_warm_cache"]), summary
+    assert int(m.group(2)) == round(summary["snippet_empty_cache"]), summary
