@@ -468,7 +468,7 @@ def _script_flags(path: Path) -> set[str]:
 
 
 #: what ``videoanchor bench`` runs unless ``--only`` names scripts: (script, needs CUDA, what
-#: it tells a user). The research studies (bench_directions, bench_optimum, bench_yaleb, ...)
+#: it tells a user). The research studies (bench_optimum, bench_schedule, bench_yaleb, ...)
 #: run only by name.
 USER_BENCHMARKS = (
     ("bench_attention.py", False, "the anchored attention against PyTorch's SDPA"),
@@ -782,8 +782,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--ssc-solver",
         choices=SSC_SOLVERS,
         default=SSC.solver,
-        help="SSC solver: auto (default: fast, a fixed 60-iteration schedule whose scores are "
-        "continuous in the features) or faithful (the authors' iterate and stopping rule)",
+        help="SSC solver: auto (default: on the CPU the working sets, the SSC program's "
+        "certified minimiser, where C is dense the fast solver's answer; on CUDA fast, or "
+        "wherever --ssc-max-iter or --ssc-time-budget is set), workset, fast (a fixed "
+        "60-iteration schedule whose scores are continuous in the features) or faithful (the "
+        "authors' iterate and stopping rule); the plan line says which runs",
     )
     a.add_argument(
         "--ssc-time-budget",
@@ -942,7 +945,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checkout): the anchored attention against PyTorch's SDPA, the default anchor scores' "
         "cost and fidelity at two sizes, and with a CUDA device the GPU kernels (decode, paged, "
         "training step). --quick finishes in a few minutes on a 2-core CPU. The research "
-        "studies (directions, optimum, blocked, yaleb, ...) run by name with --only. Results "
+        "studies (optimum, schedule, blocked, yaleb, ...) run by name with --only. Results "
         "are JSON files with the device, versions and git SHA, in --out or a new temporary "
         "folder (printed); a benchmark that needs a missing optional extra says so and skips.",
         formatter_class=fmt,
