@@ -235,6 +235,9 @@ def main() -> None:
                    help="fresh: each anchored engine first starts alone with an empty Numba "
                    "cache (NUMBA_CACHE_DIR; start-up only, startup_empty_cache_s), then runs "
                    "with that cache warm")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the engines this many times, interleaved (round 0: each engine, "
+                   "then round 1, ...); each row's ratios are against its round's baseline")  # fmt: skip
     p.add_argument("--name", default=None, help="result name (default vllm[_tpN][_busy_X])")
     p.add_argument("--worker", choices=ENGINES, default=None)
     p.add_argument("--startup-only", action="store_true")
@@ -288,23 +291,24 @@ def main() -> None:
     from benchmarks.bench_contention import busy
 
     with busy(args.busy):  # the neighbour beside every engine, the baseline's included
-        for kind in engines:
+        for rnd, kind in ((r, k) for r in range(args.rounds) for k in engines):
             out = tmp / f"{kind}.json"
             cmd = [sys.executable, __file__, "--worker", kind, "--json-out", str(out)]
             cmd += sys.argv[1:] if "--model" in sys.argv else sys.argv[1:] + ["--model", args.model]
             first, run_env = {}, env
-            if args.numba_cache == "fresh" and kind != "plain":
+            if args.numba_cache == "fresh" and kind != "plain" and rnd == 0:
                 run_env = {**env, "NUMBA_CACHE_DIR": tempfile.mkdtemp(prefix="numba_", dir=tmp)}
                 subprocess.run([*cmd, "--startup-only"], env=run_env, check=True)
                 first = json.loads(out.read_text())
                 first = {"startup_empty_cache_s": first["startup_s"],
                          "warm_up_empty_cache_s": first["warm_up_s"]}  # fmt: skip
             subprocess.run(cmd, env=run_env, check=True)
-            rows.append({**json.loads(out.read_text()), **first})
-    base = rows[0]  # the baseline of the ratios ("plain" by default), named in their keys
-    vs = f"vs_{base['engine']}"
+            rows.append({"round": rnd, **json.loads(out.read_text()), **first})
+    # the baseline of the ratios ("plain" by default, named in their keys): its own round's
+    bases = {r["round"]: r for r in rows if r["engine"] == engines[0]}
+    vs = f"vs_{engines[0]}"
     for r in rows:
-        r[f"ratio_{vs}"] = r["output_tokens_per_s"] / base["output_tokens_per_s"]
+        r[f"ratio_{vs}"] = r["output_tokens_per_s"] / bases[r["round"]]["output_tokens_per_s"]
     import vllm
 
     from benchmarks.common import environment, print_table, write_result
@@ -318,15 +322,16 @@ def main() -> None:
                 size=args.size, max_tokens=args.max_tokens, running=args.running,
                 dtype=args.dtype, n_clusters=args.n_clusters, max_iter=args.max_iter,
                 alpha_k=args.alpha_k, alpha_v=args.alpha_v, layout=args.layout,
-                tensor_parallel_size=args.tp, baseline=base["engine"], busy=args.busy,
-                numba_cache=args.numba_cache, requests=args.requests,
+                tensor_parallel_size=args.tp, baseline=engines[0], busy=args.busy,
+                numba_cache=args.numba_cache, requests=args.requests, rounds=args.rounds,
                 env={k: env.get(k) for k in ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS",
                                              "VLLM_ENABLE_V1_MULTIPROCESSING")})  # fmt: skip
-    print_table(rows, ["engine", "startup_s", "warm_up_s", "requests_per_s", "output_tokens_per_s", f"ratio_{vs}",
+    print_table(rows, ["round", "engine", "startup_s", "warm_up_s", "requests_per_s", "output_tokens_per_s", f"ratio_{vs}",
                        "median_decode_step_s", "largest_step_s", "stall_s", "video_ttft_s",
                        "steps_before_video_prefill", "repeat_stall_s",
                        "repeat_video_ttft_s"])  # fmt: skip
-    for r in rows[1:]:
+    for r in (r for r in rows if r["engine"] != engines[0]):
+        base = bases[r["round"]]
         r[f"largest_step_{vs}"] = r["largest_step_s"] / base["largest_step_s"]
         r[f"video_ttft_{vs}"] = r["video_ttft_s"] / base["video_ttft_s"]
         print(
