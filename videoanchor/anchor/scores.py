@@ -60,9 +60,9 @@ def scores_from_row_sums(r: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # tolerance, so min-max normalisation would stretch solver noise over [0, 1).
         warnings.warn(
             f"videoanchor: the {n} tokens' SSC row sums agree to within "
-            f"{FLAT_ROW_SUM_RTOL:g} of their size (identical or near-identical tokens, e.g. "
-            "a static or blank video); no token stands out, so every anchor score is 0 "
-            "(unanchored)",
+            f"{FLAT_ROW_SUM_RTOL:g} of their size (near-identical tokens, e.g. a static or "
+            "blank video, or an SSC stopped far from its answer: see its convergence); no "
+            "token stands out, so every anchor score is 0 (unanchored)",
             stacklevel=3,
         )
         return torch.zeros(n, dtype=torch.float32, device=r.device)
