@@ -365,8 +365,9 @@ def iteration_options(opts) -> list[str]:
     iteration honours: ``rho``, ``max_iter``, ``precision``, and a ``progress`` reporter's
     ``time_budget``. With any of them ``solver="auto"`` runs the fast solver, which honours
     them (``eps`` is not one: the fast solver runs a fixed schedule with no stopping test,
-    and :func:`make_plan` refuses an ``eps`` that the solver it picks would ignore). A progress reporter without a time budget changes nothing: how a
-    run is reported never changes what runs (issue 71)."""
+    and :func:`make_plan` refuses an ``eps`` that the solver it picks would ignore). A
+    progress reporter without a time budget changes nothing: how a run is reported never
+    changes what runs (issue 71)."""
     default = {f.name: f.default for f in fields(opts)}
     named = [k for k in ("rho", "max_iter", "precision") if getattr(opts, k) != default[k]]
     if getattr(opts.progress, "time_budget", None) is not None:
