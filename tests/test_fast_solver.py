@@ -11,6 +11,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from benchmarks.bench_request_cost import darkened as _darkened
 from benchmarks.bench_request_cost import median_curvature_of as _curvature
+from benchmarks.common import synthetic_tokens
 from videoanchor.anchor import admm, compute_anchor_scores
 from videoanchor.anchor.ssc import TorchKernels, ssc_lambdas
 from videoanchor.integrations.options import AnchorConfig, ssc_kwargs, validate_ssc_options
@@ -18,18 +19,8 @@ from videoanchor.integrations.options import AnchorConfig, ssc_kwargs, validate_
 
 def tokens(n, d, *, k=4, sub_dim=6, noise=0.05, seed=0):
     """Seeded token-like features: ``k`` random subspaces, a shared mean, noise, a few
-    large corruptions (as benchmarks/bench_ssc.py)."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % k
-    x = torch.empty(n, d)
-    for c in range(k):
-        idx = (labels == c).nonzero().squeeze(1)
-        basis = torch.randn(d, sub_dim, generator=g) / sub_dim**0.5
-        x[idx] = (basis @ torch.randn(sub_dim, idx.numel(), generator=g)).T
-    x += 0.5 * torch.randn(d, generator=g)
-    x += noise * torch.randn(n, d, generator=g)
-    x += (torch.rand(n, d, generator=g) < 0.002) * 5.0 * torch.randn(n, d, generator=g)
-    return x
+    large corruptions (benchmarks.common.synthetic_tokens, four subspaces by default)."""
+    return synthetic_tokens(n, d, k=k, sub_dim=sub_dim, noise=noise, seed=seed)
 
 
 def run(x, k, **kw):
