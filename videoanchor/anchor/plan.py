@@ -368,8 +368,8 @@ def iteration_options(opts) -> list[str]:
     and :func:`make_plan` refuses an ``eps`` that the solver it picks would ignore). A
     progress reporter without a time budget changes nothing: how a run is reported never
     changes what runs (issue 71)."""
-    default = {f.name: f.default for f in fields(opts)}
-    named = [k for k in ("rho", "max_iter", "precision") if getattr(opts, k) != default[k]]
+    named = [k for k in ("rho", "max_iter", "precision")
+             if getattr(opts, k) != fields_default(opts, k)]  # fmt: skip
     if getattr(opts.progress, "time_budget", None) is not None:
         named.append("time_budget")
     return named

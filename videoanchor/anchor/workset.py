@@ -437,7 +437,9 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
     except SetsTooLarge:
         tried["workset_warm"] = time.perf_counter() - t1
         t2 = time.perf_counter()
-        dense.gap = duality_gaps(x, dense.coef, dense.lambda_e, dense.lambda_z).max_gap
+        x64 = prepared[0]  # (the cold attempt prepared the features in float64)
+        dense.gap = _gaps(x64.T, dense.coef.to("cpu", torch.float64), dense.lambda_e,
+                          dense.lambda_z).max_gap  # fmt: skip
         dense.solver = "fast"
         dense.timings = {**tried, **dense.timings, "certificate": time.perf_counter() - t2}
         warnings.warn(
