@@ -44,8 +44,8 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import environment, print_table, write_result  # noqa: E402
 from videoanchor.anchor._inputs import as_feature_tensor  # noqa: E402
-from videoanchor.anchor.ssc import gram_row_max, ssc_lambdas  # noqa: E402
-from videoanchor.anchor.workset import duality_gaps, nearest_points  # noqa: E402
+from videoanchor.anchor.program import duality_gaps, gram_row_max, ssc_lambdas  # noqa: E402
+from videoanchor.anchor.workset import nearest_points  # noqa: E402
 
 #: A column's end in a pass: its set is optimal; the inner steps ran out.
 SOLVED, STALLED = 0, 1

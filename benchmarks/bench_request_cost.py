@@ -428,7 +428,7 @@ def data_term_spectrum(x) -> tuple[float, float, torch.Tensor]:
     ``lambda_z Y^T Y`` (float64, ascending, clamped at 0): the spectrum the fast solver's
     factor decomposes."""
     from videoanchor.anchor.options import DEFAULTS
-    from videoanchor.anchor.ssc import ssc_lambdas
+    from videoanchor.anchor.program import ssc_lambdas
 
     x64 = x.double().cpu()
     _, lam_z, _, mu_z = ssc_lambdas(x64, DEFAULTS.alpha_e, DEFAULTS.alpha_z)

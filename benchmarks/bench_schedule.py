@@ -14,7 +14,7 @@ minimiser (:func:`~videoanchor.anchor.workset.reference_minimiser`):
   iteration stopped at 60).
 
 Per schedule: the relative objective gap to the minimiser (``E`` at its optimum for the
-answer's ``C``: :func:`~videoanchor.anchor.workset.duality_gaps`), the affine constraint's
+answer's ``C``: :func:`~videoanchor.anchor.program.duality_gaps`), the affine constraint's
 violation, the row sums' Spearman against the minimiser's, and the seconds. All MEASURED on
 the machine that runs it, one thread.
 
@@ -42,8 +42,9 @@ from benchmarks.common import (  # noqa: E402
     write_result,
 )
 from videoanchor.anchor import admm  # noqa: E402
+from videoanchor.anchor.program import duality_gaps  # noqa: E402
 from videoanchor.anchor.ssc import solve_ssc_admm  # noqa: E402
-from videoanchor.anchor.workset import duality_gaps, reference_minimiser  # noqa: E402
+from videoanchor.anchor.workset import reference_minimiser  # noqa: E402
 
 SCHEDULES = {
     "default": admm.SCHEDULE,

@@ -179,8 +179,8 @@ def rel(a, b) -> float:
 def objective(x, coef, lam_e, lam_z) -> float:
     """The SSC objective of ``coef`` on the features ``x`` (``N x D``) with ``E`` at its
     optimum for this ``C``, in float64: the package's one copy of the program
-    (:func:`videoanchor.anchor.workset.duality_gaps`)."""
-    from videoanchor.anchor.workset import duality_gaps
+    (:func:`videoanchor.anchor.program.duality_gaps`)."""
+    from videoanchor.anchor.program import duality_gaps
 
     return duality_gaps(x, coef, lam_e, lam_z).objective()
 

@@ -13,7 +13,8 @@ from benchmarks.bench_request_cost import darkened as _darkened
 from benchmarks.bench_request_cost import median_curvature_of as _curvature
 from benchmarks.common import synthetic_tokens
 from videoanchor.anchor import admm, compute_anchor_scores
-from videoanchor.anchor.ssc import TorchKernels, ssc_lambdas
+from videoanchor.anchor.program import ssc_lambdas
+from videoanchor.anchor.ssc import TorchKernels
 from videoanchor.integrations.options import AnchorConfig, ssc_kwargs, validate_ssc_options
 
 
@@ -444,7 +445,7 @@ def test_continuation_start_and_weights():
     """The start weight is min(1, (mu_z / lower median) / floor): 1 on well-placed tokens,
     below 1 where one near-black token sets mu_z, continuous in the features; the weight
     holds in blocks of `every` and is the authors' (1) from iteration K + 1 on."""
-    from videoanchor.anchor.ssc import gram_row_max
+    from videoanchor.anchor.program import gram_row_max
 
     sch = admm.SCHEDULE
     assert sch.continuation == 30 and sch.continuation_floor == 0.3
@@ -490,7 +491,7 @@ def test_without_a_dark_token_the_continuation_changes_nothing(monkeypatch):
 def _continued(x, step_cls, dtype, schedule=admm.SCHEDULE, thin=False):
     """The fast schedule's step on ``x`` with the continuation as ``solve_ssc_admm`` sets
     it up (the factor built at the first weight), and how often it refactored."""
-    from videoanchor.anchor.ssc import gram_row_max
+    from videoanchor.anchor.program import gram_row_max
 
     rm = gram_row_max(x.double())
     lam_e, lam_z, _, _ = ssc_lambdas(x.double(), 800.0, 800.0, row_max=rm)

@@ -11,13 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from videoanchor.anchor.program import duality_gaps
 from videoanchor.anchor.ssc import solve_ssc_admm
-from videoanchor.anchor.workset import (
-    SetsTooLarge,
-    duality_gaps,
-    reference_minimiser,
-    solve_ssc_workset,
-)
+from videoanchor.anchor.workset import SetsTooLarge, reference_minimiser, solve_ssc_workset
 
 
 def _points(n, d, seed, outlier=True):
@@ -238,7 +234,8 @@ _REFACTOR_SCRIPT = """
 import json, sys
 import torch
 import videoanchor.anchor._workset_kernel as K
-from videoanchor.anchor.workset import duality_gaps, solve_ssc_workset
+from videoanchor.anchor.program import duality_gaps
+from videoanchor.anchor.workset import solve_ssc_workset
 
 calls = [0, 0]
 refactor, rank1 = K._refactor, K._chol_rank1
@@ -504,7 +501,7 @@ def test_ranks_with_different_thread_counts_tile_the_columns():
     """Under a process group each rank solves the columns congruent to its rank, whatever
     thread count it (or another rank) has: the ranks' parts sum to the one-process answer."""
     import videoanchor.anchor.workset as ws
-    from videoanchor.anchor.ssc import gram_row_max, ssc_lambdas
+    from videoanchor.anchor.program import gram_row_max, ssc_lambdas
 
     x = _video().double()
     G = x @ x.T

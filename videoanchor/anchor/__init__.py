@@ -6,6 +6,7 @@ Never imports ``videoanchor.kernels`` or ``transformers``.
 from videoanchor.anchor.blocked import solve_ssc_blocked
 from videoanchor.anchor.options import SSCOptions
 from videoanchor.anchor.plan import SSCMemoryError
+from videoanchor.anchor.program import ColumnGaps, duality_gaps, ssc_lambdas
 from videoanchor.anchor.scores import (
     AnchorResult,
     SSCCoefficients,
@@ -18,14 +19,8 @@ from videoanchor.anchor.scores import (
     ssc_coefficients,
 )
 from videoanchor.anchor.spectral import spectral_clustering, ssc_affinity
-from videoanchor.anchor.ssc import solve_ssc_admm, ssc_lambdas
-from videoanchor.anchor.workset import (
-    ColumnGaps,
-    SetsTooLarge,
-    duality_gaps,
-    reference_minimiser,
-    solve_ssc_workset,
-)
+from videoanchor.anchor.ssc import solve_ssc_admm
+from videoanchor.anchor.workset import SetsTooLarge, reference_minimiser, solve_ssc_workset
 
 __all__ = [
     "AnchorResult",

@@ -691,7 +691,7 @@ SCHEDULE = Schedule()
 def continuation_start(row_max, schedule: Schedule = SCHEDULE) -> float:
     """The weight on ``lambda_z`` the fast solver starts from (1: no continuation):
     ``min(1, (mu_z / m) / floor)`` with ``row_max`` the ``max_(j != i) |y_i^T y_j|`` of every
-    token (:func:`~videoanchor.anchor.ssc.gram_row_max`), ``mu_z`` their minimum (which sets
+    token (:func:`~videoanchor.anchor.program.gram_row_max`), ``mu_z`` their minimum (which sets
     ``lambda_z = alpha_z / mu_z``) and ``m`` their lower median.
 
     ``mu_z / m`` is how far the worst-placed token sits below a typical one: 0.4-0.96 on

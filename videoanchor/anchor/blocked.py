@@ -62,7 +62,8 @@ from videoanchor.anchor.plan import (
     default_block_columns,
 )
 from videoanchor.anchor.products import exact_float32
-from videoanchor.anchor.ssc import TorchKernels, check_admm_parameters, ssc_lambdas
+from videoanchor.anchor.program import ssc_lambdas
+from videoanchor.anchor.ssc import TorchKernels, check_admm_parameters
 
 __all__ = ["BlockedADMMResult", "run_blocked", "solve_ssc_blocked"]
 

@@ -55,80 +55,14 @@ from videoanchor.anchor.plan import (
     exact_bytes,
 )
 from videoanchor.anchor.products import Products, check_precision, exact_float32
+from videoanchor.anchor.program import gram_row_max, ssc_lambdas
 
 __all__ = [
-    "ssc_lambdas",
-    "gram_row_max",
     "solve_ssc_admm",
     "run_admm",
     "ADMMResult",
     "SSCMemoryError",
 ]
-
-
-def ssc_lambdas(x, alpha_e: float, alpha_z: float, *, block: int = 4096, gram=None,
-                row_max=None):  # fmt: skip
-    """``(lambda_e, lambda_z, mu_e, mu_z)`` for points ``x`` (``N x D``, one row per point).
-
-    ``mu_e = min_i max_{j != i} ||y_j||_1`` and ``mu_z = min_i max_{j != i} |y_i^T y_j|``,
-    computed without the authors' ``O(N^2)`` Python loop: ``mu_e`` is the second largest
-    point L1 norm, ``mu_z`` a blocked pass over the Gram matrix (no ``N x N`` allocation),
-    or read off ``gram`` (``x x^T``) where the caller has it already, or the minimum of
-    ``row_max`` (:func:`gram_row_max`) where the caller has that.
-    Any array-API array (torch, NumPy, CuPy).
-    """
-    xp = array_api_compat.array_namespace(x)
-    n = x.shape[0]
-    if n < 2:
-        raise ValueError(f"SSC needs at least 2 points, got {n}")
-    norms = xp.sum(xp.abs(x), axis=1, dtype=xp.float64)
-    mu_e = float(xp.sort(norms)[-2])
-    if row_max is None:
-        row_max = gram_row_max(x, block=block, gram=gram)
-    mu_z = float(xp.min(row_max))
-    if not (mu_e > 0):
-        raise ValueError("SSC: at most one point is non-zero (mu_e = 0); lambda_e is undefined")
-    if not (mu_z > 0):
-        raise ValueError(
-            "SSC: some point is orthogonal to every other point (mu_z = 0); lambda_z is undefined"
-        )
-    median = float(xp.sort(row_max)[(n - 1) // 2])
-    if mu_z < DARK_TOKEN * median:
-        worst = int(xp.argmin(row_max))
-        warnings.warn(
-            f"features: token {worst} sets mu_z = {mu_z:.3g}, {median / mu_z:.3g} times below "
-            f"the median token's max |y_i^T y_j| ({median:.3g}): lambda_z = alpha_z / mu_z (the "
-            "authors' definition) is that much larger for every token, C turns dense and the "
-            "solvers slow (a near-black or constant token: letterbox bars, a black frame); "
-            "drop or mask such tokens if they are not content",
-            UserWarning,
-            stacklevel=1,  # one place: the default filter shows it once, whichever solver asks
-        )
-    return alpha_e / mu_e, alpha_z / mu_z, mu_e, mu_z
-
-
-#: :func:`ssc_lambdas` warns where one token's ``max_(j != i) |y_i^T y_j|`` (which sets
-#: ``mu_z``) is below this share of the median token's (issue 66: a few near-black tokens
-#: raised ``lambda_z`` 1.4e5-fold and made ``C`` dense; Yale B's darkest faces sit at
-#: 0.001-0.06, synthetic and model tokens at 0.4-0.96)
-DARK_TOKEN = 1e-2
-
-
-def gram_row_max(x, *, block: int = 4096, gram=None):
-    """``max_{j != i} |y_i^T y_j|`` for every point ``i`` (float64), ``block`` rows at a time,
-    or from ``gram`` (``x x^T``, ``N x N``) when given."""
-    xp = array_api_compat.array_namespace(x)
-    dev = array_api_compat.device(x)
-    n = x.shape[0]
-    if gram is not None and tuple(gram.shape) != (n, n):
-        raise ValueError(f"gram: expected the {n} x {n} Gram matrix of x, got {tuple(gram.shape)}")
-    row_max = xp.empty(n, dtype=xp.float64, device=dev)
-    for a in range(0, n, block):
-        b = min(n, a + block)
-        g = xp.abs(x[a:b, :] @ x.T if gram is None else gram[a:b, :])  # a copy: gram is kept
-        g[xp.arange(b - a, device=dev), xp.arange(a, b, device=dev)] = 0
-        row_max[a:b] = xp.astype(xp.max(g, axis=1), xp.float64)
-    return row_max
 
 
 @dataclass

@@ -43,7 +43,8 @@ import torch
 from videoanchor.anchor import admm
 from videoanchor.anchor._inputs import as_feature_tensor, resolve_dtype
 from videoanchor.anchor.plan import Plan, check_memory, equality_bytes
-from videoanchor.anchor.ssc import ADMMResult, TorchKernels, check_admm_parameters, gram_row_max
+from videoanchor.anchor.program import gram_row_max
+from videoanchor.anchor.ssc import ADMMResult, TorchKernels, check_admm_parameters
 
 __all__ = ["equality_parameters", "run_equality", "solve_ssc_equality"]
 

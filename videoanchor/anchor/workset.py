@@ -27,13 +27,6 @@ and 1.63 s at N = 768 on one CPU thread, 11.3x and 21.0x faster than the authors
 past :data:`DENSE_SET` and :func:`run_workset` runs the fast ADMM, then the working sets
 from its answer (the kernel eliminates the outlier entries: its factor is the size of
 ``C``'s support alone).
-
-**The dual** (docs/ssc.md). Dualising ``r = y_i - Y c - e`` with ``u`` and ``1^T c = 1`` with
-``nu`` gives ``max u^T y_i - ||u||^2 / (2 lambda_z) + nu`` subject to
-``||u||_inf <= lambda_e`` and ``|y_j^T u + nu| <= 1`` for ``j != i``. At the minimiser
-``u = lambda_z clip(y_i - Y c, -t, t)`` with ``t = lambda_e / lambda_z`` (the Huber
-gradient of the residual), so any ``C`` gives a dual feasible point: that ``u``, scaled by
-the ``s`` that maximises the dual within feasibility, and ``nu = 1 - s max_{j != i} y_j^T u``.
 """
 
 from __future__ import annotations
@@ -52,14 +45,13 @@ from videoanchor.anchor._inputs import as_feature_tensor
 from videoanchor.anchor.collective import all_sum
 from videoanchor.anchor.options import DEFAULTS
 from videoanchor.anchor.plan import WARM_SET, Plan
-from videoanchor.anchor.ssc import ADMMResult, gram_row_max, run_admm, ssc_lambdas
+from videoanchor.anchor.program import column_gaps, gram_row_max, ssc_lambdas
+from videoanchor.anchor.ssc import ADMMResult, run_admm
 
 __all__ = [
     "DENSE_SET",
     "REFERENCE_SET",
-    "ColumnGaps",
     "SetsTooLarge",
-    "duality_gaps",
     "nearest_points",
     "reference_minimiser",
     "run_workset",
@@ -69,71 +61,6 @@ __all__ = [
 
 class SetsTooLarge(RuntimeError):
     """A column's working set outgrew ``max_set``: ``C`` is dense here (docs/ssc.md)."""
-
-
-class ColumnGaps:
-    """Per-column primal and dual objectives of ``C`` (float64, ``N`` each) and its
-    constraint violations: ``primal``, ``dual``, ``gap`` (``(primal - dual) / primal``,
-    ``primal >= 1`` where ``1^T c = 1``), ``affine`` (``max_i |1^T c_i - 1|``) and
-    ``diagonal`` (``max_i |C_ii|``)."""
-
-    def __init__(self, primal, dual, affine: float, diagonal: float):
-        self.primal, self.dual = primal, dual
-        self.gap = (primal - dual) / primal.abs().clamp_min(1e-300)
-        self.affine, self.diagonal = affine, diagonal
-
-    @property
-    def max_gap(self) -> float:
-        """The largest relative gap over the columns."""
-        return float(self.gap.max())
-
-    def objective(self) -> float:
-        """The program's objective at ``C`` (``E`` at its optimum for ``C``)."""
-        return float(self.primal.sum())
-
-
-def duality_gaps(features, coef, lambda_e: float, lambda_z: float) -> ColumnGaps:
-    """The duality-gap certificate of ``coef`` (``C``, ``N x N``) for ``features`` (``N x D``).
-
-    Column ``i``'s primal objective (``E`` eliminated: a Huber function of the residual
-    ``r = y_i - Y c_i`` with threshold ``t = lambda_e / lambda_z``) against the dual objective
-    at the feasible point built from ``u = lambda_z clip(r, -t, t)`` (module docstring).
-    The gap bounds the objective's distance to the minimiser where ``C`` is feasible (the
-    constraint violations are returned beside it). float64 throughout, on the CPU.
-    """
-    y = as_feature_tensor(features).detach().to("cpu", torch.float64).T
-    c = torch.as_tensor(coef).detach().to("cpu", torch.float64)
-    n = y.shape[1]
-    if tuple(c.shape) != (n, n):
-        raise ValueError(f"coef: expected {n} x {n} for {n} points, got {tuple(c.shape)}")
-    return _gaps(y, c, lambda_e, lambda_z)
-
-
-def _gaps(y: torch.Tensor, c: torch.Tensor, lambda_e: float, lambda_z: float) -> ColumnGaps:
-    """:func:`duality_gaps` of checked float64 CPU ``y`` (``D x N``) and ``c`` (``N x N``)."""
-    n = y.shape[1]
-    t = lambda_e / lambda_z
-    r = y - y @ c
-    huber = torch.where(r.abs() <= t, 0.5 * lambda_z * r * r, lambda_e * (r.abs() - 0.5 * t))
-    primal = c.abs().sum(dim=0) + huber.sum(dim=0)
-    u = lambda_z * r.clamp(-t, t)
-    g = y.T @ u  # g[j, i] = y_j^T u_i
-    eye = torch.eye(n, dtype=torch.bool)
-    gmax = g.masked_fill(eye, -math.inf).amax(dim=0)
-    gmin = g.masked_fill(eye, math.inf).amin(dim=0)
-    uy, uu = (u * y).sum(dim=0), (u * u).sum(dim=0)
-    spread = gmax - gmin
-    s_max = torch.where(
-        spread > 0, 2.0 / spread.clamp_min(1e-300), torch.full_like(spread, math.inf)
-    )
-    s_max = torch.minimum(s_max, lambda_e / u.abs().amax(dim=0).clamp_min(1e-300))
-    slope = uy - gmax
-    s = torch.where(uu > 0, lambda_z * slope / uu.clamp_min(1e-300), torch.zeros_like(uu))
-    s = torch.minimum(s.clamp_min(0.0), s_max)
-    dual = s * slope - s * s * uu / (2 * lambda_z) + 1.0
-    affine = float((c.sum(dim=0) - 1).abs().max())
-    diagonal = float(c.diagonal().abs().max())
-    return ColumnGaps(primal, dual, affine, diagonal)
 
 
 #: The most variables (coefficients and outliers) one column's working set may hold where
@@ -361,7 +288,7 @@ def _solve(x, alpha_e, alpha_z, *, tol, grow, cap, max_passes, threads, t0, grou
             + f" (C or E is dense on these {n} points)"
         )
     t2 = time.perf_counter()
-    gaps = _gaps(x64.T, C.to(torch.float64), lam_e, lam_z)
+    gaps = column_gaps(x64.T, C.to(torch.float64), lam_e, lam_z)
     t3 = time.perf_counter()
     return ADMMResult(
         coef=C.to(x.device, out_dtype),
@@ -438,7 +365,7 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
         tried["workset_warm"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         x64 = prepared[0]  # (the cold attempt prepared the features in float64)
-        dense.gap = _gaps(x64.T, dense.coef.to("cpu", torch.float64), dense.lambda_e,
+        dense.gap = column_gaps(x64.T, dense.coef.to("cpu", torch.float64), dense.lambda_e,
                           dense.lambda_z).max_gap  # fmt: skip
         dense.solver = "fast"
         dense.timings = {**tried, **dense.timings, "certificate": time.perf_counter() - t2}

@@ -1,0 +1,182 @@
+"""The SSC program (docs/method.md section 2) in one place: its parameters, its objective,
+its dual and the certificate that every solver's answer is judged by.
+
+With ``Y = X^T`` (``D x N``, one column per point) the program is
+
+    min_{C, E}  ||C||_1 + lambda_e ||E||_1 + (lambda_z / 2) ||Y - Y C - E||_F^2
+    s.t.        1^T C = 1^T,  diag(C) = 0
+
+with ``lambda_e = alpha_e / mu_e`` and ``lambda_z = alpha_z / mu_z`` (:func:`ssc_lambdas`,
+the authors' definitions). It separates over the columns, and ``E`` has a closed form for a
+given ``C``: the **datafit** of column ``i`` is a Huber function of its residual
+``r = y_i - Y c_i`` with threshold ``t = lambda_e / lambda_z`` (:func:`huber`), and the
+**penalty** is ``||c_i||_1`` on the affine set ``1^T c_i = 1`` with ``c_ii = 0``.
+
+**The dual** (docs/ssc.md). Dualising ``r = y_i - Y c - e`` with ``u`` and ``1^T c = 1`` with
+``nu`` gives ``max u^T y_i - ||u||^2 / (2 lambda_z) + nu`` subject to
+``||u||_inf <= lambda_e`` and ``|y_j^T u + nu| <= 1`` for ``j != i``. At the minimiser
+``u = lambda_z clip(y_i - Y c, -t, t)`` with ``t = lambda_e / lambda_z`` (the Huber
+gradient of the residual), so any ``C`` gives a dual feasible point: that ``u``, scaled by
+the ``s`` that maximises the dual within feasibility, and ``nu = 1 - s max_{j != i} y_j^T u``.
+
+Every solver's answer, the reference minimiser and the benchmarks are judged by
+:func:`duality_gaps`; the working-set kernel takes the lambdas from here.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import array_api_compat
+import torch
+
+from videoanchor.anchor._inputs import as_feature_tensor
+
+__all__ = [
+    "DARK_TOKEN",
+    "ColumnGaps",
+    "column_gaps",
+    "duality_gaps",
+    "gram_row_max",
+    "huber",
+    "ssc_lambdas",
+]
+
+
+def huber(r: torch.Tensor, lambda_e: float, lambda_z: float) -> torch.Tensor:
+    """The datafit of a residual ``r`` with ``E`` eliminated, entrywise:
+    ``min_e lambda_e |e| + (lambda_z / 2) (r - e)^2``, quadratic up to ``t = lambda_e /
+    lambda_z`` and linear above."""
+    t = lambda_e / lambda_z
+    a = r.abs()
+    return torch.where(a <= t, 0.5 * lambda_z * r * r, lambda_e * (a - 0.5 * t))
+
+
+def ssc_lambdas(x, alpha_e: float, alpha_z: float, *, block: int = 4096, gram=None,
+                row_max=None):  # fmt: skip
+    """``(lambda_e, lambda_z, mu_e, mu_z)`` for points ``x`` (``N x D``, one row per point).
+
+    ``mu_e = min_i max_{j != i} ||y_j||_1`` and ``mu_z = min_i max_{j != i} |y_i^T y_j|``,
+    computed without the authors' ``O(N^2)`` Python loop: ``mu_e`` is the second largest
+    point L1 norm, ``mu_z`` a blocked pass over the Gram matrix (no ``N x N`` allocation),
+    or read off ``gram`` (``x x^T``) where the caller has it already, or the minimum of
+    ``row_max`` (:func:`gram_row_max`) where the caller has that.
+    Any array-API array (torch, NumPy, CuPy).
+    """
+    xp = array_api_compat.array_namespace(x)
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError(f"SSC needs at least 2 points, got {n}")
+    norms = xp.sum(xp.abs(x), axis=1, dtype=xp.float64)
+    mu_e = float(xp.sort(norms)[-2])
+    if row_max is None:
+        row_max = gram_row_max(x, block=block, gram=gram)
+    mu_z = float(xp.min(row_max))
+    if not (mu_e > 0):
+        raise ValueError("SSC: at most one point is non-zero (mu_e = 0); lambda_e is undefined")
+    if not (mu_z > 0):
+        raise ValueError(
+            "SSC: some point is orthogonal to every other point (mu_z = 0); lambda_z is undefined"
+        )
+    median = float(xp.sort(row_max)[(n - 1) // 2])
+    if mu_z < DARK_TOKEN * median:
+        worst = int(xp.argmin(row_max))
+        warnings.warn(
+            f"features: token {worst} sets mu_z = {mu_z:.3g}, {median / mu_z:.3g} times below "
+            f"the median token's max |y_i^T y_j| ({median:.3g}): lambda_z = alpha_z / mu_z (the "
+            "authors' definition) is that much larger for every token, C turns dense and the "
+            "solvers slow (a near-black or constant token: letterbox bars, a black frame); "
+            "drop or mask such tokens if they are not content",
+            UserWarning,
+            stacklevel=1,  # one place: the default filter shows it once, whichever solver asks
+        )
+    return alpha_e / mu_e, alpha_z / mu_z, mu_e, mu_z
+
+
+#: :func:`ssc_lambdas` warns where one token's ``max_(j != i) |y_i^T y_j|`` (which sets
+#: ``mu_z``) is below this share of the median token's (issue 66: a few near-black tokens
+#: raised ``lambda_z`` 1.4e5-fold and made ``C`` dense; Yale B's darkest faces sit at
+#: 0.001-0.06, synthetic and model tokens at 0.4-0.96)
+DARK_TOKEN = 1e-2
+
+
+def gram_row_max(x, *, block: int = 4096, gram=None):
+    """``max_{j != i} |y_i^T y_j|`` for every point ``i`` (float64), ``block`` rows at a time,
+    or from ``gram`` (``x x^T``, ``N x N``) when given."""
+    xp = array_api_compat.array_namespace(x)
+    dev = array_api_compat.device(x)
+    n = x.shape[0]
+    if gram is not None and tuple(gram.shape) != (n, n):
+        raise ValueError(f"gram: expected the {n} x {n} Gram matrix of x, got {tuple(gram.shape)}")
+    row_max = xp.empty(n, dtype=xp.float64, device=dev)
+    for a in range(0, n, block):
+        b = min(n, a + block)
+        g = xp.abs(x[a:b, :] @ x.T if gram is None else gram[a:b, :])  # a copy: gram is kept
+        g[xp.arange(b - a, device=dev), xp.arange(a, b, device=dev)] = 0
+        row_max[a:b] = xp.astype(xp.max(g, axis=1), xp.float64)
+    return row_max
+
+
+class ColumnGaps:
+    """Per-column primal and dual objectives of ``C`` (float64, ``N`` each) and its
+    constraint violations: ``primal``, ``dual``, ``gap`` (``(primal - dual) / primal``,
+    ``primal >= 1`` where ``1^T c = 1``), ``affine`` (``max_i |1^T c_i - 1|``) and
+    ``diagonal`` (``max_i |C_ii|``)."""
+
+    def __init__(self, primal, dual, affine: float, diagonal: float):
+        self.primal, self.dual = primal, dual
+        self.gap = (primal - dual) / primal.abs().clamp_min(1e-300)
+        self.affine, self.diagonal = affine, diagonal
+
+    @property
+    def max_gap(self) -> float:
+        """The largest relative gap over the columns."""
+        return float(self.gap.max())
+
+    def objective(self) -> float:
+        """The program's objective at ``C`` (``E`` at its optimum for ``C``)."""
+        return float(self.primal.sum())
+
+
+def duality_gaps(features, coef, lambda_e: float, lambda_z: float) -> ColumnGaps:
+    """The duality-gap certificate of ``coef`` (``C``, ``N x N``) for ``features`` (``N x D``).
+
+    Column ``i``'s primal objective (``E`` eliminated: a Huber function of the residual
+    ``r = y_i - Y c_i`` with threshold ``t = lambda_e / lambda_z``) against the dual objective
+    at the feasible point built from ``u = lambda_z clip(r, -t, t)`` (module docstring).
+    The gap bounds the objective's distance to the minimiser where ``C`` is feasible (the
+    constraint violations are returned beside it). float64 throughout, on the CPU.
+    """
+    y = as_feature_tensor(features).detach().to("cpu", torch.float64).T
+    c = torch.as_tensor(coef).detach().to("cpu", torch.float64)
+    n = y.shape[1]
+    if tuple(c.shape) != (n, n):
+        raise ValueError(f"coef: expected {n} x {n} for {n} points, got {tuple(c.shape)}")
+    return column_gaps(y, c, lambda_e, lambda_z)
+
+
+def column_gaps(y: torch.Tensor, c: torch.Tensor, lambda_e: float, lambda_z: float) -> ColumnGaps:
+    """:func:`duality_gaps` of checked float64 ``y`` (``D x N``) and ``c`` (``N x N``)."""
+    n = y.shape[1]
+    t = lambda_e / lambda_z
+    r = y - y @ c
+    primal = c.abs().sum(dim=0) + huber(r, lambda_e, lambda_z).sum(dim=0)
+    u = lambda_z * r.clamp(-t, t)
+    g = y.T @ u  # g[j, i] = y_j^T u_i
+    eye = torch.eye(n, dtype=torch.bool)
+    gmax = g.masked_fill(eye, -math.inf).amax(dim=0)
+    gmin = g.masked_fill(eye, math.inf).amin(dim=0)
+    uy, uu = (u * y).sum(dim=0), (u * u).sum(dim=0)
+    spread = gmax - gmin
+    s_max = torch.where(
+        spread > 0, 2.0 / spread.clamp_min(1e-300), torch.full_like(spread, math.inf)
+    )
+    s_max = torch.minimum(s_max, lambda_e / u.abs().amax(dim=0).clamp_min(1e-300))
+    slope = uy - gmax
+    s = torch.where(uu > 0, lambda_z * slope / uu.clamp_min(1e-300), torch.zeros_like(uu))
+    s = torch.minimum(s.clamp_min(0.0), s_max)
+    dual = s * slope - s * s * uu / (2 * lambda_z) + 1.0
+    affine = float((c.sum(dim=0) - 1).abs().max())
+    diagonal = float(c.diagonal().abs().max())
+    return ColumnGaps(primal, dual, affine, diagonal)
