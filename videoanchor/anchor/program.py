@@ -164,7 +164,7 @@ def column_gaps(y: torch.Tensor, c: torch.Tensor, lambda_e: float, lambda_z: flo
     primal = c.abs().sum(dim=0) + huber(r, lambda_e, lambda_z).sum(dim=0)
     u = lambda_z * r.clamp(-t, t)
     g = y.T @ u  # g[j, i] = y_j^T u_i
-    eye = torch.eye(n, dtype=torch.bool)
+    eye = torch.eye(n, dtype=torch.bool, device=y.device)
     gmax = g.masked_fill(eye, -math.inf).amax(dim=0)
     gmin = g.masked_fill(eye, math.inf).amin(dim=0)
     uy, uu = (u * y).sum(dim=0), (u * u).sum(dim=0)
