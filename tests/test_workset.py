@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 
 from videoanchor.anchor.program import duality_gaps
 from videoanchor.anchor.ssc import solve_ssc_admm
-from videoanchor.anchor.workset import SetsTooLarge, reference_minimiser, solve_ssc_workset
+from videoanchor.anchor.workset import (
+    LIMITS,
+    Limits,
+    SetsTooLarge,
+    reference_minimiser,
+    run_workset,
+    solve_ssc_workset,
+)
 
 
 def _points(n, d, seed, outlier=True):
@@ -161,14 +168,10 @@ def test_the_reference_says_so_where_no_working_set_fits():
         reference_minimiser(x, max_set=2)  # neither from the nearest points nor the fast answer
 
 
-def test_the_reference_certifies_from_the_fast_answer_where_the_first_sets_do_not_fit(
-    monkeypatch,
-):
-    import videoanchor.anchor.workset as ws
-
+def test_the_reference_certifies_from_the_fast_answer_where_the_first_sets_do_not_fit():
     x = _points(30, 12, seed=1)
-    monkeypatch.setattr(ws, "REFERENCE_SET", 2)  # the sets from the nearest points stop at 2
-    res = ws.reference_minimiser(x)
+    # the sets from the nearest points stop at 2
+    res = reference_minimiser(x, limits=Limits(reference_set=2))
     assert res.strategy == "workset" and res.converged and res.residual < 1e-9
     assert "fast" in res.timings  # the fast solver's answer was the start: no long ADMM
     assert _same_objective(x, res, solve_ssc_workset(x))
@@ -342,6 +345,26 @@ def _video(seed=3):
     return video_tokens(4, 12, 64, k=4, seed=seed)
 
 
+def _default(x, limits=LIMITS, dtype=None):
+    """``solver="workset"``'s answer for ``x`` as :func:`ssc_coefficients` runs it (options,
+    plan, then :func:`run_workset`), under ``limits``."""
+    from videoanchor.anchor._inputs import prepare_features
+    from videoanchor.anchor.options import SSCOptions
+    from videoanchor.anchor.plan import make_plan
+
+    opts, _, xs = prepare_features(x, SSCOptions(solver="workset", mode="exact", dtype=dtype),
+                                   min_tokens=1)  # fmt: skip
+    plan = make_plan(xs.shape, xs.device, opts)
+    program = {k: v for k, v in opts.program().items() if k != "dtype"}
+    return run_workset(xs, plan, limits=limits, **program)
+
+
+def _fast(x, dtype=None):
+    from videoanchor.anchor.scores import ssc_coefficients
+
+    return ssc_coefficients(x, solver="fast", dtype=dtype)
+
+
 def test_compute_anchor_scores_runs_the_working_sets_and_says_so():
     from videoanchor.anchor import compute_anchor_scores
 
@@ -386,34 +409,28 @@ def test_float64_features_get_the_certified_minimiser_in_float64():
     assert gaps32.max_gap > 10 * gaps.max_gap  # what float32 rounding costs the certificate
 
 
-def test_dense_sets_start_again_from_the_fast_solver_and_say_so(monkeypatch):
-    import videoanchor.anchor.workset as ws
-    from videoanchor.anchor import compute_anchor_scores
-
+def test_dense_sets_start_again_from_the_fast_solver_and_say_so():
     x = _video()
     ref = reference_minimiser(x.double())
-    monkeypatch.setattr(ws, "DENSE_SET", 2)  # every column's set outgrows it from afar
-    res = compute_anchor_scores(x, 4, solver="workset")
-    assert res.solver == "workset" and res.converged and res.residual < 1e-9
+    # every column's set outgrows 2 from afar
+    res = _default(x, Limits(dense_set=2))
+    assert res.solver in (None, "workset") and res.converged and res.residual < 1e-9
     assert {"workset_cold", "workset"} <= set(res.timings) and "fast_total" not in res.timings
     assert any(k.startswith("fast_") for k in res.timings)
     assert float((res.coef.double() - ref.coef).abs().max()) < 1e-5
-    monkeypatch.setattr(ws, "WARM_SET", 2)  # and from the fast solver's answer too
-    res = compute_anchor_scores(x, 4, solver="workset")
-    fast = compute_anchor_scores(x, 4, solver="fast")
+    with pytest.warns(UserWarning, match="not certified"):  # and from the fast answer too
+        res = _default(x, Limits(dense_set=2, warm_set=2))
+    fast = _fast(x)
     assert res.solver == "fast" and fast.solver == "fast"
-    assert torch.equal(res.scores, fast.scores) and torch.equal(res.coef, fast.coef)
+    assert torch.equal(res.coef, fast.coef)
     assert {"workset_cold", "workset_warm"} <= set(res.timings)
 
 
-def test_the_outlier_entries_do_not_count_against_the_warm_bound(monkeypatch):
+def test_the_outlier_entries_do_not_count_against_the_warm_bound():
     """The kernel eliminates the outlier entries (its factor is the coefficients' alone), so
     ``WARM_SET`` bounds ``C``'s support only: grossly corrupted points, whose columns hold
     more variables than ``WARM_SET`` with their outliers, still get the certified minimiser
     from the fast solver's answer (before, the fast answer stood there)."""
-    import videoanchor.anchor.workset as ws
-    from videoanchor.anchor import compute_anchor_scores
-
     g = torch.Generator().manual_seed(6)
     bases = torch.randn(4, 60, 3, generator=g, dtype=torch.float64)  # 4 planes in R^60
     x = torch.cat([(b @ torch.randn(3, 12, generator=g, dtype=torch.float64)).T for b in bases])
@@ -424,31 +441,27 @@ def test_the_outlier_entries_do_not_count_against_the_warm_bound(monkeypatch):
     n = x.shape[0]
     support = (ref.coef != 0).sum(dim=0) + (ref.outliers != 0).sum(dim=0)
     assert ref.converged and int(support.max()) > n - 1  # the outliers push it past N - 1
-    monkeypatch.setattr(ws, "DENSE_SET", 2)  # the warm route
-    monkeypatch.setattr(ws, "WARM_SET", n - 1)  # no column of C can outgrow it
-    res = compute_anchor_scores(x, 4, solver="workset", dtype=torch.float64)
-    assert res.solver == "workset" and res.converged and res.residual < 1e-9
+    # the warm route, where no column of C can outgrow the warm bound
+    res = _default(x, Limits(dense_set=2, warm_set=n - 1), dtype=torch.float64)
+    assert res.solver in (None, "workset") and res.converged and res.residual < 1e-9
     assert float((res.coef - ref.coef).abs().max()) < 1e-6
 
 
-def test_the_default_answers_certified_or_with_the_fast_solver(monkeypatch):
+def test_the_default_answers_certified_or_with_the_fast_solver():
     """An attempt of the working sets that leaves a column unsolved, or whose warm start
-    needs more than ``WARM_WORK`` per column, gives way to the fast solver's answer: the
+    needs more than ``Limits.warm_work`` per column, gives way to the fast solver's answer: the
     default never returns a partly solved ``C`` (before, an unsolved cold attempt was the
     answer, marked ``converged=False``)."""
     import videoanchor.anchor.workset as ws
-    from videoanchor.anchor import compute_anchor_scores
 
     x = _video()
-    fast = compute_anchor_scores(x, 4, solver="fast")
-    monkeypatch.setattr(ws, "MAX_PASSES", 1)  # no column is solved in one pass
-    res = compute_anchor_scores(x, 4, solver="workset")
+    fast = _fast(x)
+    with pytest.warns(UserWarning, match="not certified"):  # no column solved in one pass
+        res = _default(x, Limits(max_passes=1))
     assert res.solver == "fast" and torch.equal(res.coef, fast.coef)
     assert {"workset_cold", "workset_warm"} <= set(res.timings)
-    monkeypatch.undo()
-    monkeypatch.setattr(ws, "DENSE_SET", 2)  # the warm route, with no work to spend
-    monkeypatch.setattr(ws, "WARM_WORK", 1)
-    res = compute_anchor_scores(x, 4, solver="workset")
+    with pytest.warns(UserWarning, match="not certified"):  # the warm route, no work to spend
+        res = _default(x, Limits(dense_set=2, warm_work=1))
     assert res.solver == "fast" and torch.equal(res.coef, fast.coef)
     x64, G, lam_e, lam_z = ws._prepare(x, 800.0, 800.0)
     with pytest.raises(SetsTooLarge, match="more work than 1"):

@@ -24,7 +24,7 @@ per column at N = 384-768) 21-31 passes and about 170 steps per column, 0.69 s a
 and 1.63 s at N = 768 on one CPU thread, 11.3x and 21.0x faster than the authors' solver
 (benchmarks/results/workset_cpu.json). Where ``C`` or
 ``E`` is dense (Extended Yale B faces: ~200-1800 outlier entries per column) the sets grow
-past :data:`DENSE_SET` and :func:`run_workset` runs the fast ADMM, then the working sets
+past ``Limits.dense_set`` and :func:`run_workset` runs the fast ADMM, then the working sets
 from its answer (the kernel eliminates the outlier entries: its factor is the size of
 ``C``'s support alone).
 """
@@ -35,7 +35,7 @@ import math
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -49,8 +49,8 @@ from videoanchor.anchor.program import column_gaps, gram_row_max, ssc_lambdas
 from videoanchor.anchor.ssc import ADMMResult, run_admm
 
 __all__ = [
-    "DENSE_SET",
-    "REFERENCE_SET",
+    "LIMITS",
+    "Limits",
     "SetsTooLarge",
     "nearest_points",
     "reference_minimiser",
@@ -63,26 +63,48 @@ class SetsTooLarge(RuntimeError):
     """A column's working set outgrew ``max_set``: ``C`` is dense here (docs/ssc.md)."""
 
 
-#: The most variables (coefficients and outliers) one column's working set may hold where
-#: :func:`run_workset` runs it as the default: past it ``C`` or ``E`` is dense (Extended Yale
-#: B faces: ~190 coefficients and ~790 outliers per column), the working sets stop paying
-#: from so far away: the fast ADMM runs, and they start again from its answer
-#: (:data:`WARM_SET`). Video-like tokens need 60-90 (N = 384-768).
-DENSE_SET = 192
-#: The most work (the sum over its inner steps of the support's size) one column may spend
-#: where :func:`run_workset` starts the working sets from the fast solver's answer: near the
-#: minimiser few steps remain (Yale B subjects 17-30, the dense synthetic and corrupted
-#: sets fit in 50000); where the outlier term is denser (Yale B subjects 1-16 and the
-#: darkened sets: ~1000-1800 entries per column, ~50-430 steps) the first column past it
-#: stops them all, and the fast solver's answer stands (the working sets there cost 3-25x
-#: the fast solver).
-WARM_WORK = 50_000
-#: The most variables per column's working set in :func:`reference_minimiser`'s first
-#: attempt (Yale B's, ~1000 with the outlier entries, outgrow it: the ADMM's route there).
-REFERENCE_SET = 512
+@dataclass(frozen=True)
+class Limits:
+    """The bounds the working sets run under (:data:`LIMITS`; a variant is passed to
+    :func:`run_workset`, :func:`solve_ssc_workset` or :func:`reference_minimiser` as
+    ``limits=``, never patched in).
+
+    ``dense_set``: the most variables (coefficients and outliers) one column's working set
+    may hold where :func:`run_workset` runs it as the default: past it ``C`` or ``E`` is
+    dense (Extended Yale B faces: ~190 coefficients and ~790 outliers per column), the
+    working sets stop paying from so far away: the fast ADMM runs, and they start again from
+    its answer. Video-like tokens need 60-90 (N = 384-768).
+    ``warm_set``: the most coefficients per column where they start from the fast answer
+    (:data:`~videoanchor.anchor.plan.WARM_SET`, which sizes the kernel's buffers).
+    ``warm_work``: the most work (the sum over its inner steps of the support's size) one
+    column may spend from the fast solver's answer: near the minimiser few steps remain
+    (Yale B subjects 17-30, the dense synthetic and corrupted sets fit in 50000); where the
+    outlier term is denser (Yale B subjects 1-16 and the darkened sets: ~1000-1800 entries
+    per column, ~50-430 steps) the first column past it stops them all, and the fast
+    solver's answer stands (the working sets there cost 3-25x the fast solver).
+    ``max_passes``: outer passes per column.
+    ``reference_set``: the most variables per column's working set in
+    :func:`reference_minimiser`'s first attempt (Yale B's, ~1000 with the outlier entries,
+    outgrow it: the ADMM's route there)."""
+
+    dense_set: int = 192
+    warm_set: int = WARM_SET
+    warm_work: float = 50_000
+    max_passes: int = 500
+    reference_set: int = 512
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not value >= 1:
+                raise ValueError(f"Limits.{f.name}: expected a positive number, got {value!r}")
+
+
+#: The default :class:`Limits`.
+LIMITS = Limits()
 #: :func:`solve_ssc_workset`'s defaults, which :func:`run_workset` runs with: the KKT
-#: violation below which a variable stays out, variables added per pass, passes per column.
-TOL, GROW, MAX_PASSES = 1e-9, 16, 500
+#: violation below which a variable stays out, variables added per pass.
+TOL, GROW = 1e-9, 16
 #: Inner steps (a variable joining or leaving the support) per column before it is given up.
 MAX_STEPS = 100_000
 #: Tasks (strides of the columns) per thread: threads take them as they come free, so a core
@@ -196,9 +218,10 @@ def solve_ssc_workset(
     tol: float = TOL,
     grow: int = GROW,
     max_set: int | None = None,
-    max_passes: int = MAX_PASSES,
+    max_passes: int | None = None,
     threads: int | None = None,
     coef_init=None,
+    limits: Limits = LIMITS,
 ) -> ADMMResult:
     """The SSC program's minimiser for ``features`` (``N x D``) by working sets and a primal
     active-set method per column (module docstring), float64 on the CPU; ``coef`` is
@@ -209,7 +232,7 @@ def solve_ssc_workset(
     pass. ``max_set``: the most variables (coefficients and outliers) one column's working
     set may hold (None: no limit); a set that outgrows it raises :class:`SetsTooLarge`,
     where ``C`` is dense and the working sets stop paying. ``max_passes``: outer passes per
-    column. ``threads``: columns run on this many threads (None: torch's intra-op count).
+    column (None: ``limits.max_passes``). ``threads``: columns run on this many threads (None: torch's intra-op count).
     ``coef_init``: an approximation of ``C`` (``N x N``, e.g. an ADMM's answer) to start
     from, each column divided by its sum onto the constraint (a column whose sum is not
     positive starts from its nearest point, as every column does by default): near the
@@ -222,6 +245,7 @@ def solve_ssc_workset(
     """
     t0 = time.perf_counter()
     x = as_feature_tensor(features)
+    max_passes = limits.max_passes if max_passes is None else max_passes
     n, d = x.shape
     if n < 2:
         raise ValueError(f"SSC needs at least 2 points, got N = {n}")
@@ -307,15 +331,15 @@ def _solve(x, alpha_e, alpha_z, *, tol, grow, cap, max_passes, threads, t0, grou
 
 def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, rho: float,
                 eps: float, max_iter: int, affine: bool = True, outliers: bool = True,
-                progress=None) -> ADMMResult:  # fmt: skip
+                progress=None, limits: Limits = LIMITS) -> ADMMResult:  # fmt: skip
     """``solver="workset"`` on checked features ``x`` as ``plan`` says: the working sets
-    from each point's nearest point, with at most :data:`DENSE_SET` variables per column.
+    from each point's nearest point, with at most ``limits.dense_set`` variables per column.
     Where they grow past it (``C`` or ``E`` dense), the fast solver (``plan`` with
     ``solver="fast"``, ``rho``, ``eps``, ``max_iter``, ``progress``), then the working sets
-    again from its answer (:func:`_seeds`) with at most :data:`WARM_SET` coefficients per
-    column (the outlier entries unbounded) and at most :data:`WARM_WORK` work per column:
+    again from its answer (:func:`_seeds`) with at most ``limits.warm_set`` coefficients per
+    column (the outlier entries unbounded) and at most ``limits.warm_work`` work per column:
     near the minimiser, few steps remain. Where those outgrow their bounds, leave a column
-    unsolved, or the fast answer's own ``C`` already outgrows ``WARM_SET``, the fast
+    unsolved, or the fast answer's own ``C`` already outgrows ``limits.warm_set``, the fast
     solver's answer is the result and its ``solver`` says ``"fast"``.
     ``coef`` comes in the plan's working dtype (``dtype=``), as every solver's does.
     ``timings``: the working sets' attempts (``"workset_cold"``, ``"workset_warm"``; and
@@ -340,13 +364,13 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
         if not prepared:
             prepared.extend(_prepare(x, alpha_e, alpha_z))
         return _solve(x, alpha_e, alpha_z, tol=TOL, grow=GROW, cap=min(cap, sum(x.shape)), cap_c=cap_c,
-                      max_passes=MAX_PASSES, threads=torch.get_num_threads(), t0=t0,
+                      max_passes=limits.max_passes, threads=torch.get_num_threads(), t0=t0,
                       group=plan.group, rank=plan.rank, world=plan.world, start=start,
                       prepared=prepared, out_dtype=plan.work, max_work=max_work)  # fmt: skip
 
     t0 = time.perf_counter()
     try:
-        cold = working_sets(DENSE_SET, DENSE_SET)
+        cold = working_sets(limits.dense_set, limits.dense_set)
         if cold.converged:
             return cold
     except SetsTooLarge:
@@ -356,9 +380,11 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
                      alpha_z=alpha_z, rho=rho, eps=eps, max_iter=max_iter, progress=progress)  # fmt: skip
     t1 = time.perf_counter()
     try:  # (the outlier entries cost the factor nothing: no bound on them)
-        if int((dense.coef != 0).sum(dim=0).max()) > WARM_SET:  # its start would outgrow it
+        if int((dense.coef != 0).sum(dim=0).max()) > limits.warm_set:  # its start would outgrow it
             raise SetsTooLarge
-        warm = working_sets(sum(x.shape), WARM_SET, start=dense.coef, max_work=WARM_WORK)
+        warm = working_sets(
+            sum(x.shape), limits.warm_set, start=dense.coef, max_work=limits.warm_work
+        )
         if not warm.converged:  # (a column unsolved: its iterate is no better than fast's)
             raise SetsTooLarge
     except SetsTooLarge:
@@ -384,14 +410,14 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
 
 
 def reference_minimiser(features, *, alpha_e: float = 800.0, alpha_z: float = 800.0,
-                        gap: float = 1e-9, max_passes: int = MAX_PASSES,
-                        max_set: int | None = None) -> ADMMResult:  # fmt: skip
+                        gap: float = 1e-9, max_passes: int | None = None,
+                        max_set: int | None = None, limits: Limits = LIMITS) -> ADMMResult:  # fmt: skip
     """The program's minimiser for ``features`` in float64, certified: every column's
     relative duality gap below ``gap`` (:func:`duality_gaps`), else ``converged=False``.
 
     First the working sets from each point's nearest point (:func:`solve_ssc_workset`'s, at
     most ``max_passes`` passes per column), with at most ``max_set`` variables per column
-    (None: :data:`REFERENCE_SET`; enough for video-like tokens and for synthetic ones whose
+    (None: ``limits.reference_set``; enough for video-like tokens and for synthetic ones whose
     ``C`` holds ~300 non-zeros per column); where they certify every column, that is the
     answer. Else the working sets again from the fast solver's answer (float64, its 60
     iterations; at most ``max_set`` variables per column where it is given, else no bound:
@@ -402,6 +428,7 @@ def reference_minimiser(features, *, alpha_e: float = 800.0, alpha_z: float = 80
     from its answer: docs/ssc.md.)
     """
     x = as_feature_tensor(features).detach().to("cpu", torch.float64)
+    max_passes = limits.max_passes if max_passes is None else max_passes
     for name, value in (("max_passes", max_passes), ("max_set", max_set)):
         if value is not None and int(value) < 1:
             raise ValueError(f"{name}: expected a positive integer, got {value}")
@@ -417,7 +444,7 @@ def reference_minimiser(features, *, alpha_e: float = 800.0, alpha_z: float = 80
         except SetsTooLarge:
             return None
 
-    answers = [working_sets(REFERENCE_SET if max_set is None else max_set)]
+    answers = [working_sets(limits.reference_set if max_set is None else max_set)]
     if answers[0] is None or not answers[0].residual < gap:
         # from the fast solver's answer the working sets certify darkened Yale B faces in
         # about a seventh of the time of the ADMM to 1e-7 (21 s against 155 s, one-off)
