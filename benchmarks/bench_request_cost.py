@@ -73,7 +73,7 @@ from benchmarks.common import (  # noqa: E402
     synthetic_tokens,
     write_result,
 )
-from videoanchor.anchor import admm, compute_anchor_scores, fast  # noqa: E402
+from videoanchor.anchor import admm, compute_anchor_scores  # noqa: E402
 from videoanchor.anchor.progress import SSCProgress  # noqa: E402
 
 YALE = Path(os.environ.get("VIDEOANCHOR_YALEB", "/work/shared/data/YaleB_48_42.mat"))
@@ -189,21 +189,21 @@ def ssc_flops(n: int, d: int) -> dict:
     CUDA (the dense schedule, :func:`videoanchor.anchor.fast.applies`): per iteration
     ``[R; Y R] (T - I)`` and a dense ``Y^T E`` (``N x D x N``), every E-step exact.
 
-    Where ``N > D`` the fast solver's factor is thin (:data:`videoanchor.anchor.admm.THIN`):
+    Where ``N > D`` the fast solver's factor is thin (:class:`videoanchor.anchor.admm.Schedule`):
     the eigendecomposition of the ``D x D`` Gram matrix (setup: the lambdas' ``N x N`` Gram
     pass, ``Y Y^T``, ``V``, ~9 D^3), ``B`` and ``Y B`` as ``(N + D) x D x N`` products; past
-    ``THIN["low_rank_above"] * D`` they are never formed: every product with ``[R; Y R]``
+    ``low_rank_above * D`` they are never formed: every product with ``[R; Y R]``
     has the inner dimension ``k = D + 1`` (``V_x^T (T - I)``, then ``L_A`` and ``L_Y``
     times it) and a refactor only rescales ``N x k`` and ``D x k`` arrays. ``factor``:
     ``"dense"``, ``"thin"`` or ``"low_rank"``."""
-    its = admm.SCHEDULE.iterations
+    sc = admm.SCHEDULE
+    its = sc.iterations
     full = sum(
-        i <= fast.FULL["first"] or i % fast.FULL["every"] == 0 or i >= its
-        for i in range(1, its + 1)
+        i <= sc.full_first or i % sc.full_every == 0 or i >= its for i in range(1, its + 1)
     )
-    refactors = admm.SCHEDULE.balance_until // admm.SCHEDULE.every + 1
-    thin = n > admm.THIN["above"] * d
-    low_rank = thin and n > admm.THIN["low_rank_above"] * d
+    refactors = sc.balance_until // sc.every + 1
+    thin = n > sc.thin_above * d
+    low_rank = thin and n > sc.low_rank_above * d
     k = d + 1  # V_x's columns
     if low_rank:
         a_step = 2.0 * 2.0 * k * n * n  # V_x^T (T - I), then L_A times it

@@ -178,10 +178,9 @@ def test_the_dense_schedule_reads_the_device_only_to_rebalance(monkeypatch):
     import array_api_compat
 
     from videoanchor.anchor import fast
-    from videoanchor.anchor import ssc as ssc_module
+    from videoanchor.anchor.ssc import TorchKernels
 
     monkeypatch.setattr(fast, "applies", lambda x: False)
-    monkeypatch.setattr(ssc_module, "_SPARSE_E_ON_CPU", False)  # the density is CUDA's call
     x = _points(96, 40, seed=3).float()
     runs, steps = {}, []
     orig_run = admm.run
@@ -193,7 +192,10 @@ def test_the_dense_schedule_reads_the_device_only_to_rebalance(monkeypatch):
         return out
 
     monkeypatch.setattr(admm, "run", counted_run)
-    lazy = solve_ssc_admm(x, scheduled=True, progress=False)
+    def dense_e():  # the dense product with E, which reads nothing back
+        return TorchKernels(x.device, sparse_e_density=0.0)
+
+    lazy = solve_ssc_admm(x, scheduled=True, progress=False, kernels=dense_e())
     step = steps[0]
     assert step.lazy_residual and lazy.iterations == step.iterations
     checks = -(-step.iterations // admm.LAZY_CHECK_EVERY)
@@ -202,7 +204,7 @@ def test_the_dense_schedule_reads_the_device_only_to_rebalance(monkeypatch):
     assert runs[0] < step.iterations  # it read ~3.5 times per iteration before
     with monkeypatch.context() as m:  # the eager form: reads every iteration
         m.setattr(array_api_compat, "is_torch_namespace", lambda xp: False)
-        eager = solve_ssc_admm(x, scheduled=True, progress=False)
+        eager = solve_ssc_admm(x, scheduled=True, progress=False, kernels=dense_e())
     assert not steps[1].lazy_residual and runs[1] > step.iterations
     assert torch.equal(lazy.coef, eager.coef) and torch.equal(lazy.outliers, eager.outliers)
     assert lazy.residual == eager.residual

@@ -31,19 +31,44 @@ def run(x, k, **kw):
 
 
 NO_CONTINUATION = admm.Schedule(continuation=0)
+#: the fast schedule with an exact E-step at every iteration
+EVERY_FULL = admm.Schedule(full_every=1)
+#: the fast schedule with the dense (N x N) factor at any N
+NEVER_THIN = admm.Schedule(thin_above=float("inf"))
 
 
-def run_on(x, k, schedule, dtype=None):
+def run_on(x, k, schedule, **kw):
     """The fast solver's scores on ``schedule`` (an ``admm.Schedule``, passed explicitly):
-    what ``run(x, k)`` gives on the default one."""
+    what ``run(x, k)`` gives on the default one; ``kw``: more options of solve_ssc_admm."""
     from videoanchor.anchor import anchor_result_from_coefficients
     from videoanchor.anchor.scores import SSCCoefficients
     from videoanchor.anchor.ssc import solve_ssc_admm
 
-    r = solve_ssc_admm(x, scheduled=True, schedule=schedule, progress=False, dtype=dtype)
-    coef = SSCCoefficients(r.coef, r.iterations, r.converged, r.residual, r.lambda_e,
-                           r.lambda_z, "torch", "fast")  # fmt: skip
+    r = solve_ssc_admm(x, scheduled=True, schedule=schedule, progress=False, **kw)
+    coef = SSCCoefficients(coef=r.coef, iterations=r.iterations, converged=r.converged,
+                           residual=r.residual, lambda_e=r.lambda_e, lambda_z=r.lambda_z,
+                           backend="torch", solver="fast")  # fmt: skip
     return anchor_result_from_coefficients(coef, k, seed=0, features=x)
+
+
+def solve_watched(monkeypatch, x, **kw):
+    """``solve_ssc_admm(x, scheduled=True, **kw)``, the steps it ran (``admm.run`` watched)
+    and each step's share of active entries after every iteration."""
+    from videoanchor.anchor.ssc import solve_ssc_admm
+
+    steps, shares, run_ = [], [], admm.run
+
+    def watched(step, max_iter, hook=None, **k):
+        steps.append(step)
+
+        def seen(it, residual):
+            shares.append(getattr(step, "share", None))
+            return hook(it, residual) if hook is not None else False
+
+        return run_(step, max_iter, seen, **k)
+
+    monkeypatch.setattr(admm, "run", watched)
+    return solve_ssc_admm(x, scheduled=True, progress=False, **kw), steps, shares
 
 
 def test_the_default_is_the_working_sets_on_the_cpu_and_fast_with_iteration_options():
@@ -144,10 +169,8 @@ def test_thin_factor_gives_the_dense_factor_iterate(step, n, d, monkeypatch):
 
     cls = admm.ScheduledStep if step == "array_api" else fast.ActiveSetStep
     x = tokens(n, d, k=3, seed=11)
-    monkeypatch.setitem(admm.THIN, "above", float("inf"))
-    ref = _fast_iterates(x.double(), cls, torch.float64)
-    ref32 = _fast_iterates(x, cls, torch.float32)
-    monkeypatch.setitem(admm.THIN, "above", 1.0)
+    ref = _fast_iterates(x.double(), cls, torch.float64, NEVER_THIN)
+    ref32 = _fast_iterates(x, cls, torch.float32, NEVER_THIN)
     got = _fast_iterates(x.double(), cls, torch.float64)
     got32 = _fast_iterates(x, cls, torch.float32)
     assert got.factor.thin and got.factor.low_rank == (n > 1.75 * d)
@@ -220,11 +243,9 @@ def test_ill_conditioned_data_the_continuation_reaches_the_faithful_answer():
     from videoanchor.anchor.cupy_backend import solve_ssc_admm_cupy
     from videoanchor.anchor.ssc import solve_ssc_admm
 
-    with pytest.MonkeyPatch.context() as mp:  # every E-step exact: the array-API iterate
-        from videoanchor.anchor import fast as fast_mod
-
-        mp.setitem(fast_mod.FULL, "every", 1)
-        torch_c = solve_ssc_admm(x.double(), scheduled=True, progress=False, dtype=torch.float64)
+    # every E-step exact: the array-API iterate
+    torch_c = solve_ssc_admm(x.double(), scheduled=True, progress=False, dtype=torch.float64,
+                             schedule=EVERY_FULL)  # fmt: skip
     np_c = solve_ssc_admm_cupy(x.double(), xp=numpy, scheduled=True, progress=False,
                                dtype=torch.float64)  # fmt: skip
     assert np_c.iterations == torch_c.iterations == fast.iterations
@@ -255,28 +276,27 @@ def test_cli_passes_the_solver_to_configure():
         build_parser().parse_args([*base, "--ssc-solver", "quick"])
 
 
-def _fast_iterates(x, step_cls, dtype, **kw):
+def _fast_iterates(x, step_cls, dtype, schedule=admm.SCHEDULE):
     """The fast schedule's C and E on ``x`` with ``step_cls`` (torch or array-API step)."""
     lam_e, lam_z, _, _ = ssc_lambdas(x.double(), 800.0, 800.0)
     dic = admm.Dictionary(x.to(dtype), dtype, lam_z=lam_z, affine=True, outliers=True,
                           kernels=TorchKernels(x.device))  # fmt: skip
-    factor = admm.EigenInverse(dic, 300.0)
-    step = step_cls(dic, factor, thr_e=lam_e / lam_z)
+    factor = admm.EigenInverse(dic, 300.0, schedule=schedule)
+    step = step_cls(dic, factor, thr_e=lam_e / lam_z, schedule=schedule)
     out = admm.run(step, admm.SCHEDULE.iterations)
     assert out.iterations == admm.SCHEDULE.iterations
     return step
 
 
 @pytest.mark.parametrize("n,d", [(57, 31), (83, 140)])  # D < N and D > N, odd sizes
-def test_active_set_step_with_every_e_step_full_is_the_array_api_iterate(monkeypatch, n, d):
+def test_active_set_step_with_every_e_step_full_is_the_array_api_iterate(n, d):
     """With an exact E-step at every iteration the torch step (R alone for A, sparse Y^T E)
     is the array-API schedule's iterate, in float64 to rounding."""
     from videoanchor.anchor import fast
 
-    monkeypatch.setitem(fast.FULL, "every", 1)
     x = tokens(n, d, k=3, seed=11).double()
-    ref = _fast_iterates(x, admm.ScheduledStep, torch.float64)
-    got = _fast_iterates(x, fast.ActiveSetStep, torch.float64)
+    ref = _fast_iterates(x, admm.ScheduledStep, torch.float64, EVERY_FULL)
+    got = _fast_iterates(x, fast.ActiveSetStep, torch.float64, EVERY_FULL)
     assert int((ref.E != 0).sum()) > 0  # the corruptions give E non-zeros
     torch.testing.assert_close(got.C, ref.C, rtol=0, atol=1e-9)
     torch.testing.assert_close(got.E, ref.E, rtol=0, atol=1e-9)
@@ -311,19 +331,13 @@ def test_active_set_applies_to_torch_on_a_cpu_only():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_fast_solver_runs_the_dense_schedule_and_matches_the_cpu_run():
+def test_gpu_fast_solver_runs_the_dense_schedule_and_matches_the_cpu_run(monkeypatch):
     from videoanchor.anchor import fast
     from videoanchor.anchor.ssc import solve_ssc_admm
 
     x = tokens(256, 96, k=4, seed=3)
-    calls = []
-    orig = fast.ActiveSetStep._e_step
-    fast.ActiveSetStep._e_step = lambda self, it, *a: calls.append(it) or orig(self, it, *a)
-    try:
-        gpu = solve_ssc_admm(x.cuda(), scheduled=True, progress=False, dtype=torch.float64)
-    finally:
-        fast.ActiveSetStep._e_step = orig
-    assert calls == [] and gpu.converged
+    gpu, steps, _ = solve_watched(monkeypatch, x.cuda(), dtype=torch.float64)
+    assert not isinstance(steps[0], fast.ActiveSetStep) and gpu.converged
     import numpy as np  # NumPy runs the same dense schedule: equal to rounding in float64
 
     ref = solve_ssc_admm(x, scheduled=True, progress=False, dtype=torch.float64, xp=np)
@@ -344,61 +358,39 @@ def test_low_rank_factor_gives_the_dense_factor_scores(device, precision, monkey
     nearest, so their fp16x3 rounds coarser than the exact emulation here (2.9e-5); its
     fidelity and stability matched float32's there. A wrong factor moves them by far more."""
     x = tokens(300, 96, k=5, seed=4).to(device)
-    got = run(x, 5, precision=precision, mode="exact")
-    monkeypatch.setitem(admm.THIN, "above", float("inf"))
-    ref = run(x, 5, precision=precision, mode="exact")
-    assert got.solver == ref.solver == "fast"
+    got = run_on(x, 5, admm.SCHEDULE, precision=precision)
+    ref = run_on(x, 5, NEVER_THIN, precision=precision)
     bound = 1e-3 if precision == "fp16x3" and device == "cuda" else 1e-4
     assert float((got.scores - ref.scores).abs().max()) <= bound
     assert torch.equal(got.labels.cpu(), ref.labels.cpu())
 
 
-def test_fast_solver_runs_the_active_set_step_on_torch_only():
+def test_fast_solver_runs_the_active_set_step_on_torch_only(monkeypatch):
+    import numpy as np
+
     from videoanchor.anchor import fast
-    from videoanchor.anchor.ssc import solve_ssc_admm
 
     x = tokens(64, 40, k=4, seed=13)
-    calls = []
-    orig = fast.ActiveSetStep._e_step
-
-    def spy(self, it, *args):
-        calls.append(self.is_full(it))
-        return orig(self, it, *args)
-
-    fast.ActiveSetStep._e_step = spy
-    try:
-        res = solve_ssc_admm(x, scheduled=True, progress=False)
-        assert len(calls) == admm.SCHEDULE.iterations and calls[-1] and not all(calls)
-        assert res.outliers is not None and res.converged
-        import numpy as np
-
-        calls.clear()
-        res_np = solve_ssc_admm(x, scheduled=True, progress=False, xp=np)
-        assert calls == []  # NumPy runs the array-API schedule
-        assert float((res_np.coef - res.coef).abs().max()) < 5e-2
-    finally:
-        fast.ActiveSetStep._e_step = orig
+    res, steps, _ = solve_watched(monkeypatch, x)
+    step, its = steps[0], admm.SCHEDULE.iterations
+    assert isinstance(step, fast.ActiveSetStep)
+    assert 0 < step.full_count < its and step.is_full(its)  # the last E-step is exact
+    assert res.outliers is not None and res.converged
+    res_np, steps_np, _ = solve_watched(monkeypatch, x, xp=np)
+    assert not isinstance(steps_np[-1], fast.ActiveSetStep)  # NumPy: the array-API schedule
+    assert float((res_np.coef - res.coef).abs().max()) < 5e-2
 
 
 def test_dense_products_over_a_dense_active_set_give_the_same_iterate(monkeypatch):
-    """fast.DENSE_SHARE only picks how the products over the active set run (sparse or
-    dense): the iterate is the same to rounding either way (float64)."""
-    from videoanchor.anchor import fast
-    from videoanchor.anchor.ssc import solve_ssc_admm
-
+    """The schedule's dense_yte and dense_resid only pick how the products over the active
+    set run (sparse or dense): the iterate is the same to rounding either way (float64)."""
     x = tokens(96, 64, k=4, seed=21)
-    shares = []
-    orig = fast.ActiveSetStep._e_step
-
-    def spy(self, it, *args):
-        orig(self, it, *args)
-        shares.append(self.share)
-
-    monkeypatch.setattr(fast.ActiveSetStep, "_e_step", spy)
-    runs = {}
+    runs, shares = {}, []
     for name, cut in (("sparse", 2.0), ("dense", -1.0)):
-        monkeypatch.setattr(fast, "DENSE_SHARE", {"yte": cut, "resid": cut})
-        runs[name] = solve_ssc_admm(x, scheduled=True, progress=False, dtype=torch.float64)
+        schedule = admm.Schedule(dense_yte=cut, dense_resid=cut)
+        runs[name], _, seen = solve_watched(monkeypatch, x, schedule=schedule,
+                                            dtype=torch.float64)  # fmt: skip
+        shares += seen
     assert 0 < max(shares) < 1  # an active set that is neither empty nor everything
     diff = (runs["sparse"].coef - runs["dense"].coef).abs().max().item()
     assert diff < 1e-10, diff
@@ -517,11 +509,10 @@ def test_continuation_is_one_iterate_on_every_step_and_factor(monkeypatch, n, d)
     from videoanchor.anchor import fast
 
     x = _darkened(tokens(n, d, k=3, seed=11), 4, 0.004).double()
-    monkeypatch.setitem(fast.FULL, "every", 1)
     ref, calls, start, lam_z = _continued(x, admm.ScheduledStep, torch.float64)
     assert start < 0.5 and len(calls) == 6
     assert ref.weight == 1.0 and ref.dic.lam_z == lam_z and ref.factor.weight == 1.0
-    got, _, _, _ = _continued(x, fast.ActiveSetStep, torch.float64)
+    got, _, _, _ = _continued(x, fast.ActiveSetStep, torch.float64, EVERY_FULL)
     torch.testing.assert_close(got.C, ref.C, rtol=0, atol=1e-9)
     if n > d:  # the thin factor (D x D eigenproblem), where N > D
         thin, _, _, _ = _continued(x, admm.ScheduledStep, torch.float64, thin=True)
@@ -533,7 +524,8 @@ def test_continuation_is_one_iterate_on_every_step_and_factor(monkeypatch, n, d)
     from videoanchor.anchor.cupy_backend import solve_ssc_admm_cupy
     from videoanchor.anchor.ssc import solve_ssc_admm
 
-    torch_c = solve_ssc_admm(x, scheduled=True, progress=False, dtype=torch.float64).coef
+    torch_c = solve_ssc_admm(x, scheduled=True, progress=False, dtype=torch.float64,
+                             schedule=EVERY_FULL).coef  # fmt: skip
     np_c = solve_ssc_admm_cupy(x, xp=numpy, scheduled=True, progress=False,
                                dtype=torch.float64).coef  # fmt: skip
     torch.testing.assert_close(torch_c, ref.C, rtol=0, atol=1e-9)

@@ -57,13 +57,12 @@ MODELS = [
 
 
 @pytest.mark.parametrize("nnz", [0, 1, 17, 40, 200], ids=lambda n: f"nnz{n}")
-def test_sparse_e_product_equals_dense(nnz, monkeypatch):
+def test_sparse_e_product_equals_dense(nnz):
     """Y^T E through the CPU gather path (at most one non-zero per column on average) and
     its dense fallback, against the plain product; duplicate columns included."""
-    monkeypatch.setattr(ssc_module, "_SPARSE_E_DENSITY", 1.0)  # only the per-column cap
     g = torch.Generator().manual_seed(5)
     x = torch.randn(40, 12, generator=g, dtype=torch.float64)
-    kernels = ssc_module.TorchKernels(x.device)
+    kernels = ssc_module.TorchKernels(x.device, sparse_e_density=1.0)  # only the column cap
     e = torch.zeros(12, 40, dtype=torch.float64)
     flat = torch.randperm(e.numel(), generator=g)[:nnz]
     e.view(-1)[flat] = torch.randn(nnz, generator=g, dtype=torch.float64)
@@ -75,14 +74,12 @@ def test_sparse_e_product_equals_dense(nnz, monkeypatch):
 @pytest.mark.parametrize("sparse_e", [False, True], ids=["dense-E", "sparse-E"])
 @pytest.mark.parametrize("strategy", ["dense", "woodbury"])
 @pytest.mark.parametrize("affine,outliers", MODELS)
-def test_iterates_match_float64_reference(strategy, affine, outliers, sparse_e, monkeypatch):
+def test_iterates_match_float64_reference(strategy, affine, outliers, sparse_e):
     # odd sizes; corruption makes E non-zero so the outlier path is exercised
     x, _ = union_of_subspaces(13, 3, 23, 3, noise=0.01, corrupt=0.08, seed=1)
     # each product Y^T E path on its own: the sparse (gather + index_add_) one at any
     # density, or the dense one
-    monkeypatch.setattr(ssc_module, "_SPARSE_E_ON_CPU", sparse_e)
-    if sparse_e:
-        monkeypatch.setattr(ssc_module, "_SPARSE_E_DENSITY", 1.0)
+    kernels = ssc_module.TorchKernels(x.device, sparse_e_density=1.0 if sparse_e else 0.0)
     y = x.numpy().T
     ref_iterates = []
     authors_admm(
@@ -103,6 +100,7 @@ def test_iterates_match_float64_reference(strategy, affine, outliers, sparse_e, 
         affine=affine,
         outliers=outliers,
         callback=lambda it, C, res: ours.append(C.clone()),
+        kernels=kernels,
     )
     assert len(ours) == len(ref_iterates) == 40
     scale = max(np.abs(c).max() for c, _ in ref_iterates)

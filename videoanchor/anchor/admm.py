@@ -33,7 +33,6 @@ __all__ = [
     "DenseInverse",
     "Dictionary",
     "EigenInverse",
-    "THIN",
     "SCHEDULE",
     "Schedule",
     "EqualityStep",
@@ -329,17 +328,6 @@ class DenseInverse:
         return t
 
 
-#: The fast solver's factor (:class:`EigenInverse`) is *thin* when ``N > THIN["above"] * D``:
-#: ``Y^T Y`` then has rank at most ``D``, so the eigendecomposition of ``lambda_z Y Y^T``
-#: (``D x D``) gives all of its non-zero eigenpairs, and every refactor is an
-#: ``(N + D) x D x N`` product instead of ``(N + D) x N x N``. The same ``[R; Y R]``, to
-#: rounding (tests/test_fast_solver.py).
-#: Above ``THIN["low_rank_above"] * D`` the iteration applies ``[R; Y R]`` through the thin
-#: factor without forming it (:class:`EigenInverse`, ``low_rank``): ``(2 D + D^2 / N) N``
-#: multiply-adds per column against ``(N + D) N``, and a refactor costs ``O(N D)``.
-THIN = {"above": 1.0, "low_rank_above": 1.75}
-
-
 class EigenInverse(DenseInverse):
     """:class:`DenseInverse` whose system is factored once by an eigendecomposition of
     ``lambda_z Y^T Y = V diag(w) V^T``, so that a new ``rho`` costs two products instead of
@@ -347,7 +335,7 @@ class EigenInverse(DenseInverse):
     and the affine ``rho 1 1^T`` term by Sherman-Morrison, ``R = B - b b^T / (1 + 1^T b)``
     with ``b = B 1``. The fast solver changes ``rho`` on a schedule (residual balancing).
 
-    ``thin`` (default: ``N > THIN["above"] * D``): ``V`` holds only the eigenvectors of the
+    ``thin`` (default: ``N > schedule.thin_above * D``, :class:`Schedule`): ``V`` holds only the eigenvectors of the
     non-zero eigenvalues, ``N x D``, from the eigendecomposition of ``lambda_z Y Y^T =
     U diag(w) U^T`` (``V = sqrt(lambda_z) Y^T U diag(w)^(-1/2)``, ``Y V = U diag(w /
     lambda_z)^(1/2)``), and ``B = I - V diag(w / (w + rho)) V^T`` (``I`` on ``V``'s
@@ -363,7 +351,7 @@ class EigenInverse(DenseInverse):
     by side (the refactors split over the processes too). ``gram``: ``Y^T Y`` in float64
     where the caller has it (computed here otherwise; not used when thin).
 
-    ``low_rank`` (default: ``N > THIN["low_rank_above"] * D``; thin only): ``[R; Y R]`` is
+    ``low_rank`` (default: ``N > schedule.low_rank_above * D``; thin only): ``[R; Y R]`` is
     never formed. With ``V_x = [V, b]`` (``N x (k + 1)``), ``R = I + L_A V_x^T`` and
     ``Y R = L_Y V_x^T``, where ``L_A = [V diag(-w / (w + rho)), -b / (1 + 1^T b)]`` and
     ``L_Y = [Y V diag(rho / (w + rho)), -Y b / (1 + 1^T b)]`` (``Y = Y V V^T``: ``V`` spans
@@ -373,13 +361,14 @@ class EigenInverse(DenseInverse):
 
     def __init__(self, dic: Dictionary, rho: float, share=None, columns=None, gram=None,
                  thin: bool | None = None, low_rank: bool | None = None,
-                 weight: float = 1.0):  # fmt: skip
+                 weight: float = 1.0, schedule: Schedule | None = None):  # fmt: skip
         xp, n, d = dic.xp, dic.n, dic.d
         self.dic = dic
         self.columns = columns
-        self.thin = n > THIN["above"] * d if thin is None else bool(thin)
+        schedule = SCHEDULE if schedule is None else schedule
+        self.thin = n > schedule.thin_above * d if thin is None else bool(thin)
         self.low_rank = self.thin and (
-            n > THIN["low_rank_above"] * d if low_rank is None else bool(low_rank)
+            n > schedule.low_rank_above * d if low_rank is None else bool(low_rank)
         )
         if self.thin:
             compute, shapes = self._thin_eigh, [(d,), (n, d), (d, d)]
@@ -667,6 +656,25 @@ class Schedule:
     tau: float = 10.0
     continuation: int = 30
     continuation_floor: float = 0.3
+    #: the factor (:class:`EigenInverse`) is *thin* where ``N > thin_above * D``: ``Y^T Y``
+    #: has rank at most ``D``, so the eigendecomposition of ``lambda_z Y Y^T`` (``D x D``)
+    #: gives all of its non-zero eigenpairs and a refactor is an ``(N + D) x D x N``
+    #: product instead of ``(N + D) x N x N`` (the same ``[R; Y R]`` to rounding); above
+    #: ``low_rank_above * D`` ``[R; Y R]`` is applied through the thin factor without being
+    #: formed: ``(2 D + D^2 / N) N`` multiply-adds per column against ``(N + D) N``
+    thin_above: float = 1.0
+    low_rank_above: float = 1.75
+    #: the CPU's active-set step (:class:`~videoanchor.anchor.fast.ActiveSetStep`): exact
+    #: E-steps in the first ``full_first`` iterations, every ``full_every``-th and the last;
+    #: the products over the active set run dense above these shares of ``D x N`` (the same
+    #: values to rounding): ``dense_yte`` for ``Y^T E`` (E's non-zeros), ``dense_resid`` for
+    #: the sampled residual (the active entries). Break-even on a 2-core AVX2 CPU (torch
+    #: 2.13, D x N = 3584 x 1024, 1024 x 512, 2016 x 256): 0.05-0.1 and 0.2-0.3; on Yale B
+    #: faces 73-84% of the entries are active, on video-like tokens 3-4%.
+    full_first: int = 2
+    full_every: int = 10
+    dense_yte: float = 0.08
+    dense_resid: float = 0.25
 
     def __post_init__(self):
         if self.continuation > self.balance_until or self.continuation % self.every:

@@ -12,12 +12,13 @@ iterations have found it. :class:`ActiveSetStep` runs the same steps, with:
 - ``Y^T E`` as a sparse product over ``E``'s non-zero entries (a third to a fifth of the
   active entries on video-like tokens);
 - the E-step exactly (the residual ``Y - Y A = -(Y R)(T - I)`` in full, ``D x N x N``) at
-  the *full* iterations of :data:`FULL`, which also set the active set: the entries whose
-  residual exceeds ``MARGIN`` times the threshold; in between, the residual is computed on
-  the active set only (a sampled product, ``|active| x N``) and ``E`` is zero elsewhere.
+  the schedule's *full* iterations (``full_first``, ``full_every``), which also set the
+  active set: the entries whose residual exceeds ``MARGIN`` times the threshold; in between,
+  the residual is computed on the active set only (a sampled product, ``|active| x N``) and
+  ``E`` is zero elsewhere.
 
 Where the active set is dense (Yale B faces: 73-84% of the entries), the products over it
-run as dense products instead (:data:`DENSE_SHARE`): the same values to rounding, so the
+run as dense products instead (:class:`~videoanchor.anchor.admm.Schedule`'s ``dense_yte`` and ``dense_resid``): the same values to rounding, so the
 switch moves nothing but the time.
 
 The schedule is fixed (full iterations at fixed counts, the last one full), so the final
@@ -36,19 +37,10 @@ import torch
 
 from videoanchor.anchor import admm
 
-__all__ = ["DENSE_SHARE", "FULL", "MARGIN", "ActiveSetStep", "applies"]
+__all__ = ["MARGIN", "ActiveSetStep", "applies"]
 
-#: Full E-steps: the first ``first`` iterations, then every ``every``-th, and the last.
-FULL = {"first": 2, "every": 10}
 #: The active set: entries whose residual exceeds ``MARGIN`` times the E threshold.
 MARGIN = 0.5
-#: Above these shares (of D x N) a product runs dense (the same values, to rounding): ``yte``
-#: for ``Y^T E`` (the share of E's non-zeros), ``resid`` for the sampled residual (the share
-#: of active entries).
-#: Break-even on a 2-core AVX2 CPU (torch 2.13, D x N = 3584 x 1024, 1024 x 512, 2016 x 256):
-#: 0.05-0.1 and 0.2-0.3. On Yale B faces 73-84% of the entries are active; on video-like
-#: tokens 3-4%.
-DENSE_SHARE = {"yte": 0.08, "resid": 0.25}
 
 
 def applies(x) -> bool:
@@ -94,7 +86,8 @@ class ActiveSetStep(admm.ScheduledStep):
 
     def is_full(self, it: int) -> bool:
         """Whether iteration ``it`` runs the exact E-step (and resets the active set)."""
-        return it <= FULL["first"] or it % FULL["every"] == 0 or it >= self.iterations
+        sc = self.schedule
+        return it <= sc.full_first or it % sc.full_every == 0 or it >= self.iterations
 
     def _yte(self, scale: float):
         """``scale * Y^T E`` (``N x N``) over E's non-zero entries (None when E is zero).
@@ -110,7 +103,7 @@ class ActiveSetStep(admm.ScheduledStep):
         nonzero = (vals != 0).nonzero().squeeze(1)
         if nonzero.numel() == 0:
             return None
-        if nonzero.numel() / max(d * nb, 1) > DENSE_SHARE["yte"]:  # the same product, dense
+        if nonzero.numel() / max(d * nb, 1) > self.schedule.dense_yte:  # the same product, dense
             e = self.y.new_zeros(d, nb)
             e[rows, cols] = vals * scale
             return self.dic.kernels.dense(self.dic.xw, e)
@@ -166,14 +159,14 @@ class ActiveSetStep(admm.ScheduledStep):
                 self.e_nonzero = False
                 return
             pattern = None  # the sampled product's CSR pattern, where it runs sparse
-            if self.share <= DENSE_SHARE["resid"]:
+            if self.share <= self.schedule.dense_resid:
                 pattern = _csr_pattern(rows, cols, (self.dic.d, self.nb), vals.dtype)
             self._active = (rows, cols, pattern)
         else:
             if self._active is None:
                 return
             rows, cols, pattern = self._active
-            if self.share > DENSE_SHARE["resid"]:  # the same entries, from the dense product
+            if self.share > self.schedule.dense_resid:  # the same entries, from the dense product
                 vals = -self.dic.products.mm(yr_left, t)[rows, cols]
             else:
                 with warnings.catch_warnings():

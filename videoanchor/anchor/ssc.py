@@ -74,7 +74,7 @@ class ADMMResult:
     rule held; ``stopped`` whether the ``progress`` hook ended the run first;
     ``timings`` seconds per stage; ``strategy`` how the A-step was applied: ``"dense"`` or
     ``"woodbury"`` (:func:`choose_strategy`), for the fast solver ``"dense"`` (the ``N x N``
-    eigendecomposition), ``"thin"`` or ``"low_rank"`` (:data:`~videoanchor.anchor.admm.THIN`);
+    eigendecomposition), ``"thin"`` or ``"low_rank"`` (:class:`~videoanchor.anchor.admm.Schedule`);
     ``solver`` the solver that ran where it is not the plan's (a fallback), else None;
     ``gap`` the largest relative duality gap over the columns of ``C`` where it was
     computed (the working sets, and the fast answer they fall back to), else None.
@@ -115,12 +115,6 @@ def check_admm_parameters(n: int, rho: float, eps: float, max_iter: int) -> None
         raise ValueError(f"max_iter: expected a positive integer, got {max_iter}")
 
 
-# Below this fraction of non-zeros, Y^T E is a sparse product: cuSPARSE on CUDA; on the
-# CPU, with at most one non-zero per column on average, a gather of the columns of X that
-# E touches, scattered by index_add_ (deterministic; CSR products measured no faster than
-# the dense one there).
-_SPARSE_E_DENSITY = 0.02
-_SPARSE_E_ON_CPU = True
 # On CUDA the density is counted (a host synchronisation) on the first product with E and
 # every _DENSITY_RECHECK-th after; the decision holds in between.
 _DENSITY_RECHECK = 10
@@ -129,11 +123,19 @@ _DENSITY_RECHECK = 10
 class TorchKernels(admm.Kernels):
     """The torch forms of :class:`videoanchor.anchor.admm.Kernels`: the product with a
     sparse ``E`` (gather on the CPU, cuSPARSE on CUDA), the C-step in place and the
-    inverse from the Cholesky factor."""
+    inverse from the Cholesky factor.
 
-    def __init__(self, device: torch.device, products: Products | None = None):
+    ``sparse_e_density``: below this share of non-zeros ``Y^T E`` is a sparse product
+    (cuSPARSE on CUDA; on the CPU, with at most one non-zero per column on average, a gather
+    of the columns of ``X`` that ``E`` touches, scattered by ``index_add_``: deterministic,
+    and CSR products measured no faster than the dense one there); 0: always dense, without
+    counting (no host read)."""
+
+    def __init__(self, device: torch.device, products: Products | None = None, *,
+                 sparse_e_density: float = 0.02):  # fmt: skip
         self.device = device
         self.products = products or Products("full")
+        self.sparse_e_density = float(sparse_e_density)
         self._mt: dict[int, torch.Tensor] = {}
         self._left: dict[int, torch.Tensor] = {}
         self._e_sparse: bool | None = None  # (CUDA) the last density decision, and
@@ -169,18 +171,18 @@ class TorchKernels(admm.Kernels):
         self._e_calls += 1
         if self._e_sparse is None or self._e_calls % _DENSITY_RECHECK == 0:
             nnz = int(torch.count_nonzero(e))
-            self._e_sparse = nnz < _SPARSE_E_DENSITY * e.numel()
+            self._e_sparse = nnz < self.sparse_e_density * e.numel()
         return self._e_sparse
 
     def times_e(self, m, e):
-        if not (e.is_cuda or _SPARSE_E_ON_CPU):
+        if self.sparse_e_density <= 0:
             return self.dense(m, e)
         if e.is_cuda:
             if not self._sparse_by_density(e):
                 return self.dense(m, e)
         else:
             nnz = int(torch.count_nonzero(e))
-            if nnz >= _SPARSE_E_DENSITY * e.numel():
+            if nnz >= self.sparse_e_density * e.numel():
                 return self.dense(m, e)
             if nnz > e.shape[1]:
                 # the gather below holds m.shape[0] x nnz values: keep it within the output
@@ -237,8 +239,9 @@ def solve_ssc_admm(
     return stops the run. ``callback(iteration, C, residual)`` sees every iterate.
 
     ``xp``: an array module (``numpy``, ``cupy``) to run the same iteration with instead
-    of torch, the features going in and ``C`` coming out through DLPack; ``kernels`` its
-    :class:`~videoanchor.anchor.admm.Kernels` (default: the array-API forms). See
+    of torch, the features going in and ``C`` coming out through DLPack. ``kernels``: the
+    :class:`~videoanchor.anchor.admm.Kernels` the iteration runs (default: the array-API
+    forms with ``xp``, :class:`TorchKernels` at the call's precision on torch). See
     :func:`videoanchor.anchor.cupy_backend.solve_ssc_admm_cupy`.
 
     ``scheduled=True`` is the fast solver (``solver="fast"`` of
@@ -325,7 +328,8 @@ def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, r
     n, d = x_t.shape
     products = Products(precision)
     if xp is None:
-        x, work, kernels = x_t, work_t, TorchKernels(device, products)
+        x, work = x_t, work_t
+        kernels = kernels or TorchKernels(device, products)
     else:
         x = xp.from_dlpack(x_t.contiguous())
         work = xp.float32 if work_t == torch.float32 else xp.float64
@@ -348,7 +352,7 @@ def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, r
         # the factors below factor the Gram matrix (N x N, float64) themselves; where one
         # process holds all of it, it is computed once, here, for the lambdas too (not for
         # a thin factor, which factors the D x D one: the lambdas' blocked pass then)
-        thin = scheduled and n > admm.THIN["above"] * d
+        thin = scheduled and n > schedule.thin_above * d
         dense_gram = (scheduled and not thin) or (not scheduled and strategy == "dense")
         gram = x64 @ x64.T if group is None and dense_gram else None
         row_max = gram_row_max(x64, gram=gram)
@@ -377,7 +381,7 @@ def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, r
                               kernels=kernels, products=products, x64=x64)  # fmt: skip
         if scheduled:
             factor = admm.EigenInverse(dic, rho, share=share, columns=columns, gram=gram,
-                                       thin=thin,
+                                       thin=thin, schedule=schedule,
                                        weight=admm.continuation_weight(weight, 1, schedule))  # fmt: skip
         elif strategy == "dense":
             factor = admm.DenseInverse(dic, rho, gram=gram)
