@@ -270,7 +270,7 @@ def test_bench_runs_the_user_set_in_quick_mode(tmp_path, capsys, monkeypatch):
         bench_decode="raise SystemExit('a GPU benchmark ran without CUDA')\n",
         common="raise SystemExit('not a benchmark')\n",
     )
-    monkeypatch.setattr("videoanchor.cli._bench_dir", lambda: bench)
+    monkeypatch.setattr("videoanchor.cli.bench_dir", lambda: bench)
     out_dir = tmp_path / "results"
     assert main(["bench", "--quick", "--out", str(out_dir)]) == 0
     out = capsys.readouterr().out
@@ -294,7 +294,7 @@ def test_bench_without_out_writes_to_a_printed_temporary_folder(tmp_path, capsys
     import tempfile
 
     bench = _bench_folder(tmp_path, bench_attention=_FAKE_BENCH)
-    monkeypatch.setattr("videoanchor.cli._bench_dir", lambda: bench)
+    monkeypatch.setattr("videoanchor.cli.bench_dir", lambda: bench)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     monkeypatch.chdir(tmp_path)
@@ -313,7 +313,7 @@ def test_bench_a_missing_extra_is_a_skip_line_not_a_traceback(tmp_path, capsys, 
         bench_attention="raise ModuleNotFoundError(\"No module named 'av'\", name='av')\n",
         bench_scores="print('ran')\n",
     )
-    monkeypatch.setattr("videoanchor.cli._bench_dir", lambda: bench)
+    monkeypatch.setattr("videoanchor.cli.bench_dir", lambda: bench)
     assert main(["bench", "--quick", "--out", str(tmp_path / "r")]) == 0
     captured = capsys.readouterr()
     assert "Traceback" not in captured.out + captured.err
@@ -329,7 +329,7 @@ def test_bench_a_missing_extra_is_a_skip_line_not_a_traceback(tmp_path, capsys, 
 
 def test_bench_reports_a_failing_script(tmp_path, capsys, monkeypatch):
     bench = _bench_folder(tmp_path, bench_attention="raise SystemExit(3)\n")
-    monkeypatch.setattr("videoanchor.cli._bench_dir", lambda: bench)
+    monkeypatch.setattr("videoanchor.cli.bench_dir", lambda: bench)
     assert main(["bench", "--out", str(tmp_path / "r")]) == 1
     assert "bench_attention.py (exit 3)" in capsys.readouterr().err
 
@@ -337,7 +337,7 @@ def test_bench_reports_a_failing_script(tmp_path, capsys, monkeypatch):
 def test_bench_only_without_a_match_lists_the_names(tmp_path, capsys, monkeypatch):
     bench = _bench_folder(tmp_path, bench_ssc="raise SystemExit(0)\n",
                           bench_attention="raise SystemExit(0)\n")  # fmt: skip
-    monkeypatch.setattr("videoanchor.cli._bench_dir", lambda: bench)
+    monkeypatch.setattr("videoanchor.cli.bench_dir", lambda: bench)
     assert main(["bench", "--only", "nomatch", "--out", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
     assert "--only nomatch" in err and "available: attention, ssc" in err
@@ -349,7 +349,7 @@ def test_bench_collects_what_the_scripts_skipped(tmp_path, capsys, monkeypatch):
         bench_attention="print('bench_attention: skipped: no CUDA device here. Nothing run.')\n",
         bench_scores="print('a result line')\n",
     )
-    monkeypatch.setattr("videoanchor.cli._bench_dir", lambda: bench)
+    monkeypatch.setattr("videoanchor.cli.bench_dir", lambda: bench)
     assert main(["bench", "--quick", "--out", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
     tail = out[out.index("== skipped here") :]

@@ -23,31 +23,31 @@ def _tokens(n=24, d=6, seed=0):
 def test_meminfo_is_read_as_memavailable_in_kib(tmp_path):
     f = tmp_path / "meminfo"
     f.write_text("MemTotal:       1000 kB\nMemFree:         100 kB\nMemAvailable:    700 kB\n")
-    assert plan._meminfo_available(str(f)) == 700 * 1024
+    assert plan.meminfo_available(str(f)) == 700 * 1024
     f.write_text("MemTotal: 1000 kB\n")
-    assert plan._meminfo_available(str(f)) is None
-    assert plan._meminfo_available(str(tmp_path / "missing")) is None
+    assert plan.meminfo_available(str(f)) is None
+    assert plan.meminfo_available(str(tmp_path / "missing")) is None
 
 
 def test_cgroup_limit_counts_inactive_file_cache_as_free(tmp_path):
     (tmp_path / "memory.max").write_text("1000000\n")
     (tmp_path / "memory.current").write_text("600000\n")
     (tmp_path / "memory.stat").write_text("anon 1\ninactive_file 100000\nactive_file 5\n")
-    assert plan._cgroup_available(str(tmp_path)) == 1000000 - 600000 + 100000
+    assert plan.cgroup_available(str(tmp_path)) == 1000000 - 600000 + 100000
     (tmp_path / "memory.max").write_text("max\n")
-    assert plan._cgroup_available(str(tmp_path)) is None
+    assert plan.cgroup_available(str(tmp_path)) is None
 
 
 def test_cpu_reading_is_the_smaller_of_meminfo_and_the_cgroup(monkeypatch):
-    monkeypatch.setattr(plan, "_meminfo_available", lambda: 8 * 2**30)
-    monkeypatch.setattr(plan, "_cgroup_available", lambda: None)
+    monkeypatch.setattr(plan, "meminfo_available", lambda: 8 * 2**30)
+    monkeypatch.setattr(plan, "cgroup_available", lambda: None)
     r = plan.read_available_memory(torch.device("cpu"))
     assert r.available == 8 * 2**30 and "MemAvailable" in r.source
     assert plan.free_memory_bytes(torch.device("cpu")) == int(8 * 2**30 * MEMORY_FRACTION)
-    monkeypatch.setattr(plan, "_cgroup_available", lambda: 2 * 2**30)
+    monkeypatch.setattr(plan, "cgroup_available", lambda: 2 * 2**30)
     r = plan.read_available_memory(torch.device("cpu"))
     assert r.available == 2 * 2**30 and "cgroup" in r.source
-    monkeypatch.setattr(plan, "_meminfo_available", lambda: None)
+    monkeypatch.setattr(plan, "meminfo_available", lambda: None)
     assert plan.read_available_memory(torch.device("cpu")) is None  # no check
 
 

@@ -67,10 +67,10 @@ def test_cgroup_quota_in_whole_cores(tmp_path):
 @pytest.fixture
 def idle(monkeypatch):
     """No other work running (the counts below do not depend on this machine's load)."""
-    monkeypatch.setattr(threads, "_running_elsewhere", lambda: 0)
+    monkeypatch.setattr(threads, "running_elsewhere", lambda: 0)
 
 
-_original_running = threads._running_elsewhere
+_original_running = threads.running_elsewhere
 
 
 def test_free_cores_are_the_cores_less_the_running_work(monkeypatch, tmp_path):
@@ -78,12 +78,12 @@ def test_free_cores_are_the_cores_less_the_running_work(monkeypatch, tmp_path):
     monkeypatch.setattr(threads, "usable_cores", lambda: 4)
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 4)
     monkeypatch.setattr(
-        threads, "_running_elsewhere", lambda: _original_running(str(load), here=lambda: 1)
+        threads, "running_elsewhere", lambda: _original_running(str(load), here=lambda: 1)
     )
     for running, free in ((1, 4), (2, 3), (4, 1), (9, 1)):  # the caller is one of them
         load.write_text(f"0.50 0.40 0.30 {running}/300 1234\n")
         assert threads.free_cores() == free, running
-    monkeypatch.setattr(threads, "_running_elsewhere", lambda: None)  # no /proc/loadavg
+    monkeypatch.setattr(threads, "running_elsewhere", lambda: None)  # no /proc/loadavg
     assert threads.free_cores() == 4
 
 
@@ -115,10 +115,10 @@ def test_bounded_takes_fewer_threads_beside_running_work(monkeypatch):
     monkeypatch.setattr(threads, "usable_cores", lambda: 2)
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
     try:
-        monkeypatch.setattr(threads, "_running_elsewhere", lambda: 1)  # one core taken
+        monkeypatch.setattr(threads, "running_elsewhere", lambda: 1)  # one core taken
         with threads.bounded():
             assert torch.get_num_threads() == 1
-        monkeypatch.setattr(threads, "_running_elsewhere", lambda: 0)
+        monkeypatch.setattr(threads, "running_elsewhere", lambda: 0)
         with threads.bounded():
             assert torch.get_num_threads() == 2
         assert torch.get_num_threads() == 2

@@ -454,7 +454,9 @@ def _draw_view_anchors(args, handle, views, out, npz, common):
     return image, cells
 
 
-def _bench_dir() -> Path | None:
+def bench_dir() -> Path | None:
+    """Where ``videoanchor bench`` finds the benchmark scripts: the checkout's benchmarks/
+    beside the package, else ./benchmarks, else None."""
     here = Path(__file__).resolve().parent.parent / "benchmarks"
     if here.is_dir():
         return here
@@ -532,7 +534,7 @@ def cmd_bench(args) -> int:
 
     import torch
 
-    bench = _bench_dir()
+    bench = bench_dir()
     if bench is None:
         raise CLIError(
             "the benchmark scripts ship with the source checkout (benchmarks/bench_*.py); "

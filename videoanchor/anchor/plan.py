@@ -76,7 +76,8 @@ class MemoryReading:
         return int(self.available * MEMORY_FRACTION)
 
 
-def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
+def meminfo_available(path: str = "/proc/meminfo") -> int | None:
+    """``MemAvailable`` of ``path`` in bytes, or None where it cannot be read."""
     try:
         with open(path) as f:
             for line in f:
@@ -87,7 +88,7 @@ def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
     return None
 
 
-def _cgroup_available(root: str = "/sys/fs/cgroup") -> int | None:
+def cgroup_available(root: str = "/sys/fs/cgroup") -> int | None:
     """Bytes left under a cgroup v2 memory limit, reclaimable file cache counted as free."""
     try:
         with open(os.path.join(root, "memory.max")) as f:
@@ -113,10 +114,10 @@ def read_available_memory(device: torch.device) -> MemoryReading | None:
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return MemoryReading(int(free + cached), "torch.cuda.mem_get_info + PyTorch's cache")
     if device.type == "cpu":
-        avail = _meminfo_available()
+        avail = meminfo_available()
         if avail is None:
             return None
-        cg = _cgroup_available()
+        cg = cgroup_available()
         if cg is not None and cg < avail:
             return MemoryReading(cg, "cgroup memory.max - memory.current + inactive_file")
         return MemoryReading(avail, "MemAvailable in /proc/meminfo")

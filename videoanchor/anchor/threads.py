@@ -39,7 +39,7 @@ import time
 
 import torch
 
-__all__ = ["bounded", "enabled", "free_cores", "usable_cores"]
+__all__ = ["bounded", "enabled", "free_cores", "running_elsewhere", "usable_cores"]
 
 _local = threading.local()
 
@@ -88,7 +88,7 @@ def _running_here(task_dir: str = "/proc/self/task") -> int:
     return max(1, count)
 
 
-def _running_elsewhere(
+def running_elsewhere(
     path: str = "/proc/loadavg", samples: int = 3, here=_running_here
 ) -> int | None:
     """How many threads of other processes are running on the machine now: the kernel's
@@ -110,14 +110,14 @@ def _running_elsewhere(
 
 def free_cores() -> int:
     """The cores not taken by other processes' running work now (the machine's CPUs less
-    their running threads, :func:`_running_elsewhere`), at most :func:`usable_cores`, at
+    their running threads, :func:`running_elsewhere`), at most :func:`usable_cores`, at
     least 1 (libgomp's dynamic mode sizes its teams from the load average in the same
     spirit). A parallel region whose threads share a core with a busy process runs at the
     pace of the slowest: on two cores beside a spin loop the default scores took 3.9x
     their idle time at two threads and 1.5x bounded to the free core
     (``benchmarks/results/contention_cpu.json``)."""
     usable = usable_cores()
-    others = _running_elsewhere()
+    others = running_elsewhere()
     if others is None:
         return usable
     return max(1, min(usable, (os.cpu_count() or usable) - others))
