@@ -83,8 +83,7 @@ def minimiser(x, k):
     t = time.perf_counter()
     res = reference_minimiser(x)
     seconds = time.perf_counter() - t
-    coef = SSCCoefficients(res.coef.float(), res.iterations, res.converged, res.residual,
-                           res.lambda_e, res.lambda_z, "torch", "minimiser")  # fmt: skip
+    coef = SSCCoefficients(**res.answer(coef=res.coef.float(), solver="minimiser"))
     scored = anchor_result_from_coefficients(coef, k, seed=DEFAULTS.seed, features=x)
     return res, scored, seconds
 

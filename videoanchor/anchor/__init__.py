@@ -6,7 +6,7 @@ Never imports ``videoanchor.kernels`` or ``transformers``.
 from videoanchor.anchor.blocked import solve_ssc_blocked
 from videoanchor.anchor.options import SSCOptions
 from videoanchor.anchor.plan import SSCMemoryError
-from videoanchor.anchor.program import ColumnGaps, duality_gaps, ssc_lambdas
+from videoanchor.anchor.program import ColumnGaps, SSCSolution, duality_gaps, ssc_lambdas
 from videoanchor.anchor.scores import (
     AnchorResult,
     SSCCoefficients,
@@ -28,6 +28,7 @@ __all__ = [
     "SSCCoefficients",
     "SSCResult",
     "SSCMemoryError",
+    "SSCSolution",
     "SSCOptions",
     "SetsTooLarge",
     "anchor_result_from_coefficients",

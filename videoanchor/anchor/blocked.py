@@ -40,7 +40,6 @@ with the same arithmetic and gives the same ``C``.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 
@@ -62,39 +61,10 @@ from videoanchor.anchor.plan import (
     default_block_columns,
 )
 from videoanchor.anchor.products import exact_float32
-from videoanchor.anchor.program import ssc_lambdas
+from videoanchor.anchor.program import SSCSolution, ssc_lambdas
 from videoanchor.anchor.ssc import TorchKernels, check_admm_parameters
 
-__all__ = ["BlockedADMMResult", "run_blocked", "solve_ssc_blocked"]
-
-
-@dataclass
-class BlockedADMMResult:
-    """Output of :func:`solve_ssc_blocked`.
-
-    ``coef`` is ``C`` as a coalesced sparse COO tensor (``N x N``, working dtype, column
-    ``i`` reconstructs point ``i``, no diagonal entries). ``iterations`` is the largest
-    iteration count of any block, ``converged`` whether every block met its criterion,
-    ``residual`` the largest final block residual. ``block_iterations`` and
-    ``block_residuals`` have one entry per block, in column order (every rank has all);
-    ``stopped`` whether the ``progress`` hook ended any block.
-    """
-
-    coef: torch.Tensor
-    iterations: int
-    converged: bool
-    residual: float
-    lambda_e: float
-    lambda_z: float
-    rho: float
-    block_columns: int
-    block_iterations: list[int] = field(default_factory=list)
-    block_residuals: list[float] = field(default_factory=list)
-    history: dict[int, list[float]] = field(default_factory=dict)
-    world_size: int = 1
-    stopped: bool = False
-    timings: dict[str, float] = field(default_factory=dict)
-    solver: str | None = None  # (as ADMMResult's: none here, the plan's solver ran)
+__all__ = ["run_blocked", "solve_ssc_blocked"]
 
 
 def _sync(device: torch.device) -> None:
@@ -139,7 +109,7 @@ def solve_ssc_blocked(
     keep_history: bool = False,
     check_memory_first: bool = True,
     progress=DEFAULTS.progress,
-) -> BlockedADMMResult:
+) -> SSCSolution:
     """Solve the SSC program for ``features`` (``N x D``) column block by column block.
 
     The authors' iteration (docs/method.md section 2; the faithful solver of
@@ -194,7 +164,7 @@ def solve_ssc_blocked(
 def run_blocked(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, rho: float,
                 eps: float, max_iter: int, affine: bool = True, outliers: bool = True,
                 block_eps: str = "own", keep_history: bool = False, progress=None,
-                t0: float | None = None) -> BlockedADMMResult:  # fmt: skip
+                t0: float | None = None) -> SSCSolution:  # fmt: skip
     """:func:`solve_ssc_blocked` on checked features ``x`` (every rank's own copy of rank
     0's under a process group) as ``plan`` says (:class:`~videoanchor.anchor.plan.Plan`:
     its device, working dtype, ``block_columns`` and process group). Nothing is checked
@@ -278,7 +248,7 @@ def run_blocked(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
     t4 = time.perf_counter()
     block_its = [int(v) for v in stats_t[:, 1].tolist()]
     block_res = [float(v) for v in stats_t[:, 2].tolist()]
-    return BlockedADMMResult(
+    return SSCSolution(
         coef=coef,
         iterations=max(block_its),
         converged=bool((stats_t[:, 3] > 0).all()),

@@ -10,7 +10,8 @@ on the CPU with the array-API C-step, which is how the CPU test suite checks it.
 from __future__ import annotations
 
 from videoanchor.anchor.admm import Kernels
-from videoanchor.anchor.ssc import ADMMResult, run_admm, solve_ssc_admm
+from videoanchor.anchor.program import SSCSolution
+from videoanchor.anchor.ssc import run_admm, solve_ssc_admm
 
 __all__ = ["run_admm_cupy", "solve_ssc_admm_cupy"]
 
@@ -76,7 +77,7 @@ def _cupy_on(device):
     return cp, CupyKernels(cp)
 
 
-def solve_ssc_admm_cupy(features, *, xp=None, **options) -> ADMMResult:
+def solve_ssc_admm_cupy(features, *, xp=None, **options) -> SSCSolution:
     """:func:`videoanchor.anchor.ssc.solve_ssc_admm` (same options and result) computed
     with CuPy.
 
@@ -90,7 +91,7 @@ def solve_ssc_admm_cupy(features, *, xp=None, **options) -> ADMMResult:
     return solve_ssc_admm(features, xp=xp, kernels=kernels, **options)
 
 
-def run_admm_cupy(x, plan, **options) -> ADMMResult:
+def run_admm_cupy(x, plan, **options) -> SSCSolution:
     """:func:`videoanchor.anchor.ssc.run_admm` (checked features, a plan) computed with CuPy."""
     xp, kernels = _cupy_on(x.device)
     return run_admm(x, plan, xp=xp, kernels=kernels, **options)

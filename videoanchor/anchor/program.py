@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass, field, fields
 
 import array_api_compat
 import torch
@@ -35,6 +36,7 @@ from videoanchor.anchor._inputs import as_feature_tensor
 
 __all__ = [
     "DARK_TOKEN",
+    "SSCSolution",
     "ColumnGaps",
     "column_gaps",
     "duality_gaps",
@@ -42,6 +44,69 @@ __all__ = [
     "huber",
     "ssc_lambdas",
 ]
+
+
+_RUN = {"run": True}
+
+
+@dataclass(kw_only=True)
+class SSCSolution:
+    """``C`` and how it was found: the one result type of every SSC solver and entry point
+    (:class:`~videoanchor.anchor.scores.AnchorResult` and
+    :class:`~videoanchor.anchor.scores.SSCResult` add their labels and scores to it).
+
+    ``coef``: ``C`` (``N x N``, column ``i`` reconstructs point ``i``, zero diagonal; dense,
+    or sparse COO from the column-blocked solver); ``iterations``, ``converged``,
+    ``residual``: the solver's (the working sets: the most passes a column took, whether
+    every column certified, the largest relative duality gap); ``lambda_e``, ``lambda_z``:
+    the program's parameters (:func:`ssc_lambdas`); ``solver``: the solver that answered;
+    ``gap``: the largest relative duality gap over the columns where the solver computed
+    it (the working sets, and the fast answer they fall back to), else None; ``timings``:
+    seconds per stage; ``backend``: the array library that ran.
+
+    What a solver adds about its run (not carried by the entry points' results): ``rho``
+    (the last), ``rho_changes``, ``strategy`` (how the A-step was applied: ``"dense"`` or
+    ``"woodbury"``; the fast solver's factor ``"dense"``, ``"thin"`` or ``"low_rank"``;
+    ``"workset"``), ``outliers`` (``E``), ``history`` (residuals; per block in blocked
+    mode), ``stopped`` (a ``progress`` hook ended the run), and blocked mode's
+    ``block_columns``, ``block_iterations``, ``block_residuals`` (one per block, in column
+    order) and ``world_size``.
+    """
+
+    coef: torch.Tensor
+    iterations: int
+    converged: bool
+    residual: float
+    lambda_e: float
+    lambda_z: float
+    solver: str | None = None
+    gap: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    backend: str = "torch"
+    # the run's own record (metadata "run": an entry point's result leaves it at its default)
+    rho: float | None = field(default=None, repr=False, metadata=_RUN)
+    rho_changes: int = field(default=0, repr=False, metadata=_RUN)
+    strategy: str = field(default="", repr=False, metadata=_RUN)
+    outliers: torch.Tensor | None = field(default=None, repr=False, metadata=_RUN)
+    history: list | dict = field(default_factory=list, repr=False, metadata=_RUN)
+    stopped: bool = field(default=False, repr=False, metadata=_RUN)
+    block_columns: int = field(default=0, repr=False, metadata=_RUN)
+    block_iterations: list[int] = field(default_factory=list, repr=False, metadata=_RUN)
+    block_residuals: list[float] = field(default_factory=list, repr=False, metadata=_RUN)
+    world_size: int = field(default=1, repr=False, metadata=_RUN)
+
+    @classmethod
+    def from_run(cls, out, **given) -> SSCSolution:
+        """The result of a run of :func:`videoanchor.anchor.admm.run` (``out``, its
+        :class:`~videoanchor.anchor.admm.Outcome`) with the fields ``given``."""
+        return cls(iterations=out.iterations, converged=out.converged, stopped=out.stopped,
+                   residual=out.residual, **given)  # fmt: skip
+
+    def answer(self, **more) -> dict:
+        """The fields an entry point's result carries (``C``, the parameters, the solver and
+        its gap, timings and backend, not the run's own record), updated with ``more``."""
+        keep = (f.name for f in fields(SSCSolution) if not f.metadata.get("run"))
+        return {**{k: getattr(self, k) for k in keep}, **more}
 
 
 def huber(r: torch.Tensor, lambda_e: float, lambda_z: float) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -18,6 +18,7 @@ from videoanchor.anchor._inputs import (
 from videoanchor.anchor.options import DEFAULTS, REMOVED_SCALABLE, SSCOptions
 from videoanchor.anchor.plan import make_plan
 from videoanchor.anchor.products import exact_float32
+from videoanchor.anchor.program import SSCSolution
 from videoanchor.anchor.solve import solve
 from videoanchor.anchor.spectral import cluster
 from videoanchor.anchor.threads import bounded
@@ -160,62 +161,34 @@ def anchor_scores(coef: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return scores_from_row_sums(coef.to(torch.float64).sum(dim=1), labels)
 
 
-@dataclass
-class SSCResult:
-    """Output of :func:`sparse_subspace_clustering`.
-
-    ``labels`` (N,) int64; ``coef`` C (N, N), column ``i`` reconstructs point ``i``;
-    ``timings`` seconds per stage (``lambdas``, ``factor``, ``admm``, ``spectral``,
-    ``total``); ``label_draws`` (draws, N) int64, every label draw (row 0 is ``labels``).
-    """
+@dataclass(kw_only=True)
+class SSCResult(SSCSolution):
+    """Output of :func:`sparse_subspace_clustering`: its solve
+    (:class:`~videoanchor.anchor.program.SSCSolution`; ``timings``: ``lambdas``, ``factor``,
+    ``admm``, ``spectral``, ``total``), ``labels`` (N,) int64 and ``label_draws`` (draws, N)
+    int64, every label draw (row 0 is ``labels``)."""
 
     labels: torch.Tensor
-    coef: torch.Tensor
-    iterations: int
-    converged: bool
-    residual: float
-    lambda_e: float
-    lambda_z: float
-    backend: str
-    solver: str
-    timings: dict[str, float] = field(default_factory=dict)
     label_draws: torch.Tensor | None = None
-    gap: float | None = None
 
 
-@dataclass
-class AnchorResult:
-    """Output of :func:`compute_anchor_scores`.
-
-    ``scores`` (N,) float32 in [0, 1); ``labels`` (N,) int64 cluster ids; ``coef`` C
-    (N, N) in the ``Y = Y C`` convention with ``Y = features.T`` (labels of the first
-    label draw when ``label_draws > 1``); ``iterations`` and
-    ``converged`` of the ADMM; ``timings`` seconds per stage (``lambdas``, ``factor``,
-    ``admm``, ``spectral``, ``scores``, ``total``); ``gap`` the largest relative duality
-    gap over the columns of ``coef`` where the solver computed it (the working sets, and the
-    fast answer they fall back to where ``C`` is dense), else None.
-    """
+@dataclass(kw_only=True)
+class AnchorResult(SSCSolution):
+    """Output of :func:`compute_anchor_scores`: its solve
+    (:class:`~videoanchor.anchor.program.SSCSolution`; ``coef`` in the ``Y = Y C`` convention
+    with ``Y = features.T``; ``timings``: ``lambdas``, ``factor``, ``admm``, ``spectral``,
+    ``scores``, ``total``), ``scores`` (N,) float32 in [0, 1), ``labels`` (N,) int64 cluster
+    ids (of the first label draw when ``label_draws > 1``) and the ``mode`` that ran."""
 
     scores: torch.Tensor
     labels: torch.Tensor
-    coef: torch.Tensor
-    iterations: int
-    converged: bool
-    residual: float
-    lambda_e: float
-    lambda_z: float
-    backend: str
-    solver: str
     mode: str = "exact"
-    timings: dict[str, float] = field(default_factory=dict)
-    gap: float | None = None
 
 
-def _solved(res) -> dict:
-    """The fields of a solve's result that every result of this module carries."""
-    return dict(coef=res.coef, iterations=res.iterations, converged=res.converged,
-                residual=res.residual, lambda_e=res.lambda_e, lambda_z=res.lambda_z,
-                gap=getattr(res, "gap", None))  # fmt: skip
+#: The SSC step of :func:`compute_anchor_scores` (``mode="exact"``) on its own
+#: (:func:`ssc_coefficients`): it depends on the features and the SSC options only, not on
+#: ``n_clusters`` or the seed; :func:`anchor_result_from_coefficients` finishes it.
+SSCCoefficients = SSCSolution
 
 
 def _sync(device: torch.device) -> None:
@@ -312,8 +285,9 @@ def sparse_subspace_clustering(
     timings = dict(res.timings)
     timings["spectral"] = t2 - t1
     timings["total"] = t2 - t0
-    return SSCResult(labels=draws[0], **_solved(res), backend=plan.backend, solver=res.solver or plan.solver,
-                     timings=timings, label_draws=draws)  # fmt: skip
+    return SSCResult(labels=draws[0], label_draws=draws,
+                     **res.answer(backend=plan.backend, solver=res.solver or plan.solver,
+                                  timings=timings))  # fmt: skip
 
 
 @bounded()
@@ -449,29 +423,9 @@ def compute_anchor_scores(
     t3 = time.perf_counter()
     timings = dict(res.timings)
     timings.update(spectral=t2 - t1, scores=t3 - t2, total=t3 - t0)
-    return AnchorResult(scores=scores, labels=draws[0], **_solved(res), backend=plan.backend,
-                        solver=res.solver or plan.solver, mode=plan.mode, timings=timings)  # fmt: skip
-
-
-@dataclass
-class SSCCoefficients:
-    """The SSC step of :func:`compute_anchor_scores` (``mode="exact"``) on its own.
-
-    ``coef`` C (N, N) dense, in the ``Y = Y C`` convention; the other fields as in
-    :class:`AnchorResult`. It depends on the features and the SSC options only, not on
-    ``n_clusters`` or the seed: :func:`anchor_result_from_coefficients` finishes it.
-    """
-
-    coef: torch.Tensor
-    iterations: int
-    converged: bool
-    residual: float
-    lambda_e: float
-    lambda_z: float
-    backend: str
-    solver: str
-    timings: dict[str, float] = field(default_factory=dict)
-    gap: float | None = None
+    return AnchorResult(scores=scores, labels=draws[0], mode=plan.mode,
+                        **res.answer(backend=plan.backend, solver=res.solver or plan.solver,
+                                     timings=timings))  # fmt: skip
 
 
 @bounded()
@@ -506,8 +460,8 @@ def ssc_coefficients(
     _sync(x.device)
     timings = dict(res.timings)
     timings["total"] = time.perf_counter() - t0
-    return SSCCoefficients(**_solved(res), backend=plan.backend, solver=res.solver or plan.solver,
-                           timings=timings)  # fmt: skip
+    return SSCCoefficients(**res.answer(backend=plan.backend, solver=res.solver or plan.solver,
+                                        timings=timings))  # fmt: skip
 
 
 @bounded()
@@ -540,5 +494,4 @@ def anchor_result_from_coefficients(
     t2 = time.perf_counter()
     timings = dict(ssc.timings)
     timings.update(spectral=t1 - t0, scores=t2 - t1, total=timings.get("total", 0.0) + t2 - t0)
-    return AnchorResult(scores=scores, labels=draws[0], **_solved(ssc), backend=ssc.backend,
-                        solver=ssc.solver, timings=timings)  # fmt: skip
+    return AnchorResult(scores=scores, labels=draws[0], **ssc.answer(timings=timings))

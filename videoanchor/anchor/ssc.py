@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
 
 import array_api_compat
 import torch
@@ -55,7 +54,7 @@ from videoanchor.anchor.plan import (
     exact_bytes,
 )
 from videoanchor.anchor.products import Products, check_precision, exact_float32
-from videoanchor.anchor.program import gram_row_max, ssc_lambdas
+from videoanchor.anchor.program import SSCSolution, gram_row_max, ssc_lambdas
 
 __all__ = [
     "solve_ssc_admm",
@@ -65,42 +64,8 @@ __all__ = [
 ]
 
 
-@dataclass
-class ADMMResult:
-    """Output of :func:`solve_ssc_admm`.
-
-    ``coef`` is ``C`` (``N x N``, column ``i`` reconstructs point ``i``, zero diagonal);
-    ``residual`` the last ``max_i sum_j |A - C|_ij``; ``converged`` whether the stopping
-    rule held; ``stopped`` whether the ``progress`` hook ended the run first;
-    ``timings`` seconds per stage; ``strategy`` how the A-step was applied: ``"dense"`` or
-    ``"woodbury"`` (:func:`choose_strategy`), for the fast solver ``"dense"`` (the ``N x N``
-    eigendecomposition), ``"thin"`` or ``"low_rank"`` (:class:`~videoanchor.anchor.admm.Schedule`);
-    ``solver`` the solver that ran where it is not the plan's (a fallback), else None;
-    ``gap`` the largest relative duality gap over the columns of ``C`` where it was
-    computed (the working sets, and the fast answer they fall back to), else None.
-    """
-
-    coef: torch.Tensor
-    iterations: int
-    converged: bool
-    residual: float
-    lambda_e: float
-    lambda_z: float
-    rho: float
-    strategy: str
-    rho_changes: int = 0
-    outliers: torch.Tensor | None = None
-    history: list[float] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    stopped: bool = False
-    solver: str | None = None
-    gap: float | None = None
-
-    @classmethod
-    def from_run(cls, out: admm.Outcome, **fields) -> ADMMResult:
-        """The result of a run of :func:`videoanchor.anchor.admm.run` with ``fields``."""
-        return cls(iterations=out.iterations, converged=out.converged, stopped=out.stopped,
-                   residual=out.residual, **fields)  # fmt: skip
+#: the solvers' result (:class:`~videoanchor.anchor.program.SSCSolution`), by its old name
+ADMMResult = SSCSolution
 
 
 def check_admm_parameters(n: int, rho: float, eps: float, max_iter: int) -> None:
@@ -226,7 +191,7 @@ def solve_ssc_admm(
     schedule: admm.Schedule = admm.SCHEDULE,
     precision: str = "auto",
     process_group=None,
-) -> ADMMResult:
+) -> SSCSolution:
     """Solve the SSC program for ``features`` (``N x D``, one row per point) on their device.
 
     This runs the authors' iteration (docs/method.md section 2) and stops when
@@ -314,7 +279,7 @@ def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, r
              eps: float, max_iter: int, affine: bool = True, outliers: bool = True,
              progress=None, keep_history: bool = False, callback=None, xp=None,
              kernels: admm.Kernels | None = None, t0: float | None = None,
-             schedule: admm.Schedule = admm.SCHEDULE) -> ADMMResult:  # fmt: skip
+             schedule: admm.Schedule = admm.SCHEDULE) -> SSCSolution:  # fmt: skip
     """The dense solver on checked features ``x_t`` (every rank's own copy of rank 0's
     under a process group) as ``plan`` says (:class:`~videoanchor.anchor.plan.Plan`:
     ``solver="fast"`` is the scheduled iteration on ``schedule``, any other the authors'
@@ -425,7 +390,7 @@ def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, r
         e = all_gather_columns(e, group) if all_agree(e is not None, group, device) else None
         kernels.sync()
         timings["gather"] = time.perf_counter() - t3
-    return ADMMResult.from_run(
+    return SSCSolution.from_run(
         out,
         coef=coef,
         lambda_e=lam_e,

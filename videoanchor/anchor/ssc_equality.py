@@ -43,8 +43,8 @@ import torch
 from videoanchor.anchor import admm
 from videoanchor.anchor._inputs import as_feature_tensor, resolve_dtype
 from videoanchor.anchor.plan import Plan, check_memory, equality_bytes
-from videoanchor.anchor.program import gram_row_max
-from videoanchor.anchor.ssc import ADMMResult, TorchKernels, check_admm_parameters
+from videoanchor.anchor.program import SSCSolution, gram_row_max
+from videoanchor.anchor.ssc import TorchKernels, check_admm_parameters
 
 __all__ = ["equality_parameters", "run_equality", "solve_ssc_equality"]
 
@@ -82,15 +82,16 @@ def solve_ssc_equality(
     progress=False,
     check_memory_first: bool = True,
     callback=None,
-) -> ADMMResult:
+) -> SSCSolution:
     """Solve ``min ||C||_1 + gamma ||E||_1 s.t. Y = Y C + E, diag(C) = 0`` (module docstring).
 
     ``affine=True`` adds ``1^T C = 1^T`` (their ``affine`` argument).
 
     ``features`` is ``N x D`` (one row per point); work happens on its device. ``rho`` is
     the ADMM penalty ``mu2`` (E&V: equal to ``alpha``); their code runs at most 149
-    iterations (``maxIter = 150``). Returns an :class:`ADMMResult` whose ``coef`` is ``C``,
-    ``outliers`` is ``E`` (``D x N``), ``residual`` is the largest of the stopping rule's
+    iterations (``maxIter = 150``). Returns an
+    :class:`~videoanchor.anchor.program.SSCSolution` whose ``coef`` is ``C``, ``outliers``
+    is ``E`` (``D x N``), ``residual`` is the largest of the stopping rule's
     errors (``err1``, ``err2`` and, when affine, ``err3``), ``lambda_e = gamma`` and
     ``lambda_z = mu1``. ``callback(it, C, E)`` sees every iterate; ``progress`` as in
     :func:`~videoanchor.anchor.ssc.solve_ssc_admm`.
@@ -116,7 +117,7 @@ def solve_ssc_equality(
 
 def run_equality(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, rho: float,
                  eps: float, max_iter: int, affine: bool = False, progress=False, callback=None,
-                 t0: float | None = None) -> ADMMResult:  # fmt: skip
+                 t0: float | None = None) -> SSCSolution:  # fmt: skip
     """:func:`solve_ssc_equality` on checked features ``x`` in ``plan``'s working dtype
     (:class:`~videoanchor.anchor.plan.Plan`); nothing is checked here."""
     t0 = time.perf_counter() if t0 is None else t0
@@ -142,7 +143,7 @@ def run_equality(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float,
         report.close(*((out.converged, out.iterations, out.residual) if out else (False,) * 3))
     kernels.sync()
     t3 = time.perf_counter()
-    return ADMMResult.from_run(
+    return SSCSolution.from_run(
         out,
         coef=step.cc,
         lambda_e=gamma,
