@@ -75,9 +75,9 @@ def test_stops_where_their_code_stops(affine):
 
 def test_float32_close_to_float64():
     x = _points(40, 64, seed=4)
-    r64 = solve_ssc_equality(torch.from_numpy(x), max_iter=149, dtype=torch.float64)
-    r32 = solve_ssc_equality(torch.from_numpy(x), max_iter=149)
-    assert r32.coef.dtype == torch.float32
+    r64 = solve_ssc_equality(torch.from_numpy(x), max_iter=149)  # float64 in, float64 C
+    r32 = solve_ssc_equality(torch.from_numpy(x), max_iter=149, dtype=torch.float32)
+    assert r64.coef.dtype == torch.float64 and r32.coef.dtype == torch.float32
     rel = float((r32.coef.double() - r64.coef).norm() / r64.coef.norm())
     assert rel < 1e-4
 

@@ -44,25 +44,21 @@ import time
 import torch
 
 from videoanchor.anchor import admm
-from videoanchor.anchor._inputs import as_feature_tensor, resolve_dtype
+from videoanchor.anchor._inputs import prepare_features
 from videoanchor.anchor.collective import (
     _all_gather_rows,
-    _group,
     comm_device,
     raise_together,
-    share_features,
 )
-from videoanchor.anchor.options import CHECKS, DEFAULTS
+from videoanchor.anchor.options import DEFAULTS, SSCOptions
 from videoanchor.anchor.plan import (
     _BLOCK_BUDGET,
     Plan,
-    blocked_admm_bytes,
-    check_memory,
-    default_block_columns,
+    make_plan,
 )
 from videoanchor.anchor.products import exact_float32
 from videoanchor.anchor.program import SSCSolution, ssc_lambdas
-from videoanchor.anchor.ssc import TorchKernels, check_admm_parameters
+from videoanchor.anchor.ssc import TorchKernels
 
 __all__ = ["run_blocked", "solve_ssc_blocked"]
 
@@ -127,37 +123,14 @@ def solve_ssc_blocked(
     (``iteration`` counts within the block), and a true return ends that block.
     """
     t0 = time.perf_counter()
-    group, rank, world = _group(process_group)
-    x, error, plan = None, None, None
-    try:
-        x = as_feature_tensor(features)
-        work = resolve_dtype(dtype, x.device)
-        n, d = x.shape
-        check_admm_parameters(n, rho, eps, max_iter)
-        block_columns = CHECKS["block_columns"][0]("block_columns", block_columns)
-        if block_columns is None:
-            block_columns = default_block_columns(n, d, work, x.device.type)
-        block = min(block_columns, n)
-        CHECKS["block_eps"][0]("block_eps", block_eps)
-        itemsize = torch.finfo(work).bits // 8
-        if check_memory_first:
-            check_memory(
-                blocked_admm_bytes(n, d, itemsize, block), x.device, n=n, d=d,
-                what="Blocked SSC",
-            )  # fmt: skip
-        plan = Plan(mode="blocked", solver="faithful", backend="torch", device=x.device,
-                    work=work, strategy="woodbury", block_columns=block, group=group, rank=rank,
-                    world=world)  # fmt: skip
-    except (TypeError, ValueError, MemoryError) as exc:
-        error = exc
-    # a rank that rejects its input must not leave the others waiting
-    raise_together(group, error, x.device if x is not None else torch.device("cpu"))
-    if group is not None:
-        x = share_features(x, group)
+    given = SSCOptions.of(locals(), mode="blocked", solver="faithful")
+    opts, _, x = prepare_features(features, given, min_tokens=2, process_group=process_group)
+    plan = make_plan(x.shape, x.device, opts, process_group=process_group, outliers=outliers,
+                     check_memory_first=check_memory_first)  # fmt: skip
     return run_blocked(
-        x, plan, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps, max_iter=max_iter,
-        affine=affine, outliers=outliers, block_eps=block_eps, keep_history=keep_history,
-        progress=progress, t0=t0,
+        x, plan, alpha_e=opts.alpha_e, alpha_z=opts.alpha_z, rho=opts.rho, eps=opts.eps,
+        max_iter=opts.max_iter, affine=affine, outliers=outliers, block_eps=opts.block_eps,
+        keep_history=keep_history, progress=progress, t0=t0,
     )  # fmt: skip
 
 

@@ -396,7 +396,8 @@ def auto_solver(device: torch.device, backend: str, opts, *, program: str = "squ
 
 
 def make_plan(shape, device: torch.device, opts, *, process_group=None,
-              program: str = "squared", outliers: bool = True) -> Plan:  # fmt: skip
+              program: str = "squared", outliers: bool = True,
+              check_memory_first: bool = True) -> Plan:  # fmt: skip
     """The :class:`Plan` of an SSC call on ``N x D`` features (``shape``: the validated,
     PCA-reduced features' shape) on ``device`` with the checked options ``opts``
     (:class:`~videoanchor.anchor.options.SSCOptions`); the only place that picks a solver.
@@ -409,7 +410,7 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
     :func:`auto_solver`'s choice; in blocked mode the authors' iteration. A solver,
     backend or precision the chosen mode cannot run is a ValueError; a plan that does not
     fit in the memory rule is an :class:`SSCMemoryError`, raised on every rank of the
-    group together."""
+    group together (``check_memory_first=False``: not checked)."""
     group, rank, world = _group(process_group)
     n, d = (int(v) for v in shape)
     device, work = torch.device(device), opts.dtype
@@ -478,7 +479,8 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
     error = None
     try:
         host = strategy == "workset"  # (it works in host memory whatever the device)
-        check_memory(need, torch.device("cpu") if host else device, n=n, d=d, what=what)
+        if check_memory_first:
+            check_memory(need, torch.device("cpu") if host else device, n=n, d=d, what=what)
     except SSCMemoryError as exc:
         error = exc
     raise_together(group, error, device)

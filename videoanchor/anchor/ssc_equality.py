@@ -41,10 +41,11 @@ import time
 import torch
 
 from videoanchor.anchor import admm
-from videoanchor.anchor._inputs import as_feature_tensor, resolve_dtype
-from videoanchor.anchor.plan import Plan, check_memory, equality_bytes
+from videoanchor.anchor._inputs import prepare_features
+from videoanchor.anchor.options import SSCOptions
+from videoanchor.anchor.plan import Plan, make_plan
 from videoanchor.anchor.program import SSCSolution, gram_row_max
-from videoanchor.anchor.ssc import TorchKernels, check_admm_parameters
+from videoanchor.anchor.ssc import TorchKernels
 
 __all__ = ["equality_parameters", "run_equality", "solve_ssc_equality"]
 
@@ -97,22 +98,13 @@ def solve_ssc_equality(
     :func:`~videoanchor.anchor.ssc.solve_ssc_admm`.
     """
     t0 = time.perf_counter()
-    x = as_feature_tensor(features)
-    device = x.device
-    work = resolve_dtype(dtype, device)
-    n, d = x.shape
-    check_admm_parameters(n, rho, eps, max_iter)
-    for name, v in (("alpha_e", alpha_e), ("alpha_z", alpha_z)):
-        if not v > 0:
-            raise ValueError(f"{name}: expected a positive number, got {v}")
-    itemsize = torch.finfo(work).bits // 8
-    if check_memory_first:
-        check_memory(equality_bytes(n, d, itemsize), device, n=n, d=d, what="Constrained SSC")
-    plan = Plan(mode="exact", solver="faithful", backend="torch", device=device, work=work,
-                block_columns=n, program="exact")  # fmt: skip
-    return run_equality(x, plan, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
-                        max_iter=max_iter, affine=affine, progress=progress, callback=callback,
-                        t0=t0)  # fmt: skip
+    given = SSCOptions.of(locals(), mode="exact", solver="faithful")
+    opts, _, x = prepare_features(features, given, min_tokens=2)
+    plan = make_plan(x.shape, x.device, opts, program="exact",
+                     check_memory_first=check_memory_first)  # fmt: skip
+    return run_equality(x, plan, alpha_e=opts.alpha_e, alpha_z=opts.alpha_z, rho=opts.rho,
+                        eps=opts.eps, max_iter=opts.max_iter, affine=affine, progress=progress,
+                        callback=callback, t0=t0)  # fmt: skip
 
 
 def run_equality(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, rho: float,
