@@ -123,7 +123,7 @@ def solve_ssc_blocked(
     (``iteration`` counts within the block), and a true return ends that block.
     """
     t0 = time.perf_counter()
-    given = SSCOptions.of(locals(), mode="blocked", solver="faithful")
+    given = SSCOptions.of(locals(), mode="blocked", solver="faithful", progress=None)
     opts, _, x = prepare_features(features, given, min_tokens=2, process_group=process_group)
     plan = make_plan(x.shape, x.device, opts, process_group=process_group, outliers=outliers,
                      check_memory_first=check_memory_first)  # fmt: skip

@@ -396,8 +396,8 @@ def auto_solver(device: torch.device, backend: str, opts, *, program: str = "squ
 
 
 def make_plan(shape, device: torch.device, opts, *, process_group=None,
-              program: str = "squared", outliers: bool = True,
-              check_memory_first: bool = True) -> Plan:  # fmt: skip
+              program: str = "squared", outliers: bool = True, check_memory_first: bool = True,
+              strategy: str = "auto", backend: str | None = None) -> Plan:  # fmt: skip
     """The :class:`Plan` of an SSC call on ``N x D`` features (``shape``: the validated,
     PCA-reduced features' shape) on ``device`` with the checked options ``opts``
     (:class:`~videoanchor.anchor.options.SSCOptions`); the only place that picks a solver.
@@ -410,11 +410,14 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
     :func:`auto_solver`'s choice; in blocked mode the authors' iteration. A solver,
     backend or precision the chosen mode cannot run is a ValueError; a plan that does not
     fit in the memory rule is an :class:`SSCMemoryError`, raised on every rank of the
-    group together (``check_memory_first=False``: not checked)."""
+    group together (``check_memory_first=False``: not checked). ``strategy``: the authors'
+    iteration's A-step (``"auto"``: :func:`choose_strategy`'s); ``backend``: the array
+    module that runs the dense solver where it is not ``opts.backend``'s (the name of
+    :func:`~videoanchor.anchor.ssc.solve_ssc_admm`'s ``xp``)."""
     group, rank, world = _group(process_group)
     n, d = (int(v) for v in shape)
     device, work = torch.device(device), opts.dtype
-    backend = "torch" if opts.backend == "auto" else opts.backend
+    backend = backend or ("torch" if opts.backend == "auto" else opts.backend)
     # what the fast solver's products run as, where it is the one that runs (options
     # checked: an fp16x3 that no mode could run has been refused already)
     fast = opts.solver in ("auto", "fast") and program == "squared"
@@ -461,7 +464,7 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
             f"{fields_default(opts, 'eps'):g}, or solver='faithful'"
         )
     itemsize = torch.finfo(work).bits // 8
-    strategy, block = "dense", n
+    given_strategy, strategy, block = strategy, "dense", n
     if mode == "blocked":  # (the authors' steps against a Woodbury factor, by blocks)
         block = min(opts.block_columns or default_block_columns(n, d, work, device.type), n)
         strategy = "woodbury"
@@ -471,9 +474,10 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
     elif solver == "workset":
         strategy = "workset"
         need, what = workset_bytes(n, d, torch.get_num_threads()), "Working-set SSC"
-    else:
-        if solver != "fast":
-            strategy = choose_strategy(n, d, outliers, device.type)
+    else:  # (the fast solver's eigendecomposition gives the dense [R; Y R])
+        if solver == "faithful":
+            strategy = (choose_strategy(n, d, outliers, device.type) if given_strategy == "auto"
+                        else given_strategy)  # fmt: skip
         need = exact_bytes(n, d, itemsize, device.type, precision, strategy=strategy)
         what = "Dense SSC"
     error = None

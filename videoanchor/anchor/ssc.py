@@ -29,31 +29,24 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from dataclasses import replace
 
 import array_api_compat
 import torch
 
 from videoanchor.anchor import admm, fast
-from videoanchor.anchor._inputs import as_feature_tensor, resolve_dtype
+from videoanchor.anchor._inputs import prepare_features
 from videoanchor.anchor.collective import (
-    _group,
     all_agree,
     all_gather_columns,
     all_sum,
     broadcast_from_first,
     column_range,
     computed_on_first,
-    raise_together,
-    share_features,
 )
-from videoanchor.anchor.plan import (
-    Plan,
-    SSCMemoryError,
-    check_memory,
-    choose_strategy,
-    exact_bytes,
-)
-from videoanchor.anchor.products import Products, check_precision, exact_float32
+from videoanchor.anchor.options import SSCOptions
+from videoanchor.anchor.plan import Plan, SSCMemoryError, fields_default, make_plan
+from videoanchor.anchor.products import Products, exact_float32
 from videoanchor.anchor.program import SSCSolution, gram_row_max, ssc_lambdas
 
 __all__ = [
@@ -230,44 +223,22 @@ def solve_ssc_admm(
     them. ``callback`` does not apply (a rank holds only its columns).
     """
     t0 = time.perf_counter()
-    group, rank, world = _group(process_group)
-    x_t, error, plan = None, None, None
-    try:
-        x_t = as_feature_tensor(features)
-        device = x_t.device
-        work_t = resolve_dtype(dtype, device)
-        n, d = x_t.shape
-        check_admm_parameters(n, rho, eps, max_iter)
-        precision = check_precision(precision, fast=scheduled, work=work_t, device=device,
-                                    backend="torch" if xp is None else xp.__name__)  # fmt: skip
-        if group is not None and (not scheduled or xp is not None or callback is not None):
-            raise ValueError(
-                "process_group: only the fast solver (scheduled=True) on torch splits its "
-                "columns over processes, without a callback (a rank holds only its columns); "
-                "for the authors' iteration over processes use solve_ssc_blocked"
-            )
-        if scheduled:
-            strategy = "dense"  # the eigendecomposition gives the dense [R; Y R]
-        if strategy == "auto":
-            strategy = choose_strategy(n, d, outliers, device.type)
-        if strategy not in ("dense", "woodbury"):
-            raise ValueError(f"strategy: expected 'auto', 'dense' or 'woodbury', got {strategy!r}")
-        if check_memory_first:
-            itemsize = torch.finfo(work_t).bits // 8
-            need = exact_bytes(n, d, itemsize, device.type, precision, strategy=strategy)
-            check_memory(need, device, n=n, d=d, what="Dense SSC")
-        plan = Plan(mode="exact", solver="fast" if scheduled else "faithful",
-                    backend="torch" if xp is None else xp.__name__, device=device, work=work_t,
-                    precision=precision, strategy=strategy, block_columns=n, group=group,
-                    rank=rank, world=world)  # fmt: skip
-    except (TypeError, ValueError, MemoryError) as exc:
-        if group is None:
-            raise
-        error = exc
-    if group is not None:
-        # a rank that rejects its input must not leave the others waiting
-        raise_together(group, error, x_t.device if x_t is not None else torch.device("cpu"))
-        x_t = share_features(x_t, group)
+    if process_group is not None and (not scheduled or xp is not None or callback is not None):
+        raise ValueError(
+            "process_group: only the fast solver (scheduled=True) on torch splits its "
+            "columns over processes, without a callback (a rank holds only its columns); "
+            "for the authors' iteration over processes use solve_ssc_blocked"
+        )
+    if strategy not in ("auto", "dense", "woodbury"):
+        raise ValueError(f"strategy: expected 'auto', 'dense' or 'woodbury', got {strategy!r}")
+    given = SSCOptions.of(locals(), mode="exact", solver="fast" if scheduled else "faithful",
+                          backend="torch", progress=None)  # fmt: skip
+    if scheduled and eps != given.eps:  # (no stopping test: eps does not apply to it)
+        given = replace(given, eps=fields_default(given, "eps"))
+    opts, _, x_t = prepare_features(features, given, min_tokens=2, process_group=process_group)
+    plan = make_plan(x_t.shape, x_t.device, opts, process_group=process_group,
+                     outliers=outliers, check_memory_first=check_memory_first,
+                     strategy=strategy, backend=None if xp is None else xp.__name__)  # fmt: skip
     return run_admm(
         x_t, plan, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps, max_iter=max_iter,
         affine=affine, outliers=outliers, progress=progress, keep_history=keep_history,

@@ -98,7 +98,7 @@ def solve_ssc_equality(
     :func:`~videoanchor.anchor.ssc.solve_ssc_admm`.
     """
     t0 = time.perf_counter()
-    given = SSCOptions.of(locals(), mode="exact", solver="faithful")
+    given = SSCOptions.of(locals(), mode="exact", solver="faithful", progress=None)
     opts, _, x = prepare_features(features, given, min_tokens=2)
     plan = make_plan(x.shape, x.device, opts, program="exact",
                      check_memory_first=check_memory_first)  # fmt: skip
