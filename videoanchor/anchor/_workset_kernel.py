@@ -295,16 +295,16 @@ def _settle(L, A, Yg, Fc, sc, zc, fc, Fe, se, ze, fe, n, i, G, YT, lam_z, lam_e,
     on ``F``, step back to the first sign change, drop that variable, again. Returns
     ``(fc, fe, nu, steps, status, stuck)``: status :data:`SOLVED` (settled),
     :data:`STALLED` (``max_inner`` steps), :data:`SINGULAR` (a factor update failed) or
-    :data:`OVER_BUDGET` (the work left in ``work[0]`` ran out: each step spends the
-    support's size); ``stuck`` where ``entrant`` could not move."""
+    :data:`OVER_BUDGET` (the work spent, ``work[0]``, passed ``work[1]``: each step spends
+    the support's size); ``stuck`` where ``entrant`` could not move."""
     zhc, zhe, col = w[6], w[7], w[8]
     stuck = False
     while True:
         steps += 1
         if steps > max_inner:
             return fc, fe, 0.0, steps, STALLED, stuck
-        work[0] -= fc + fe
-        if work[0] < 0.0:
+        work[0] += fc + fe
+        if work[0] > work[1]:
             return fc, fe, 0.0, steps, OVER_BUDGET, stuck
         nu_h = _restricted(L, A, Yg, Fc, sc, fc, Fe, se, fe, i, G, YT, lam_z, lam_e, gamma, w)
         t, p = 1.0, -1
@@ -395,7 +395,7 @@ def _column(i, seed_var, seed_val, G, YT, Y, lam_z, lam_e, gamma, tol, grow, cap
     ``cap_c``: the most coefficients; ``max_work``: the most work of its inner steps."""
     n, d = G.shape[0], YT.shape[1]
     col = w[8]
-    work[0] = max_work
+    work[0], work[1] = 0.0, max_work
     fc = fe = 0
     coefs = 0
     for r in range(seed_var.shape[0]):
@@ -538,18 +538,20 @@ def _column(i, seed_var, seed_val, G, YT, Y, lam_z, lam_e, gamma, tol, grow, cap
             nu = nu_h
 
 
-def run_columns(first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol, grow,
-                cap, cap_c, max_passes, max_inner, max_work, C, E, status, passes, steps,
-                dense):  # fmt: skip
-    """Columns ``first, first + step, ...`` into ``C`` (``N x N``) and ``E`` (``D x N``),
-    zero on entry, with each column's status, passes and inner steps (``status`` -1 on
-    entry: a column left so was not run). Column ``i`` starts from its variables
-    ``seed_var[seed_ptr[i]:seed_ptr[i + 1]]`` (coefficients ``0..N-1``, outliers ``N..``)
-    at the values ``seed_val[...]``: a point of the constraint, none zero, not ``i``. A
-    column whose set outgrows ``cap`` variables or ``cap_c`` coefficients, or whose inner
-    steps' work passes ``max_work`` (:data:`OVER_BUDGET`), sets ``dense[0]``, and every call
-    sharing ``dense`` stops at its next column. The scratch is allocated here, in Python,
-    for :func:`solve_columns` (NumPy's allocations compiled by Numba cost 1 s)."""
+def run_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol,
+                grow, cap, cap_c, max_passes, max_inner, max_work, C, E, status, passes, work,
+                hard):  # fmt: skip
+    """Columns ``cols[first]``, ``cols[first + step]``, ... into ``C`` (``N x N``) and ``E``
+    (``D x N``), zero on entry, with each column's status, passes and work (the sum of its
+    support's size over its inner steps; ``status`` -1 on entry: a column left so was not
+    run). Column ``i`` starts from its variables ``seed_var[seed_ptr[i]:seed_ptr[i + 1]]``
+    (coefficients ``0..N-1``, outliers ``N..``) at the values ``seed_val[...]``: a point of
+    the constraint, none zero, not ``i``. A column whose set outgrows ``cap`` variables or
+    ``cap_c`` coefficients, or whose work passes ``max_work`` (:data:`OVER_BUDGET`), is
+    hard: it keeps its iterate and the others go on; ``hard[0]`` counts the hard columns of
+    every call sharing ``hard``, and each stops at its next column once ``hard[0]`` reaches
+    ``hard[1]`` (``C`` is dense: most columns would be). The scratch is allocated here, in
+    Python, for :func:`solve_columns` (NumPy's allocations compiled by Numba cost 1 s)."""
     n, d = G.shape[0], YT.shape[1]
     cap_c = min(cap_c, cap, n - 1)
     wc, we = cap_c + 1, min(cap, d) + 1
@@ -565,33 +567,34 @@ def run_columns(first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_
         tuple(np.zeros(width) for _ in range(12)),
         np.zeros(n + d),  # full
         np.zeros(n + d, np.bool_),  # held: in F
-        np.zeros(1),  # work
+        np.zeros(2),  # the column's work: spent, bound
     )  # fmt: skip
     gamma = max(0.0, lam_z * float(np.diagonal(G).max()))
-    solve_columns(first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol, grow,
-                  cap, cap_c, max_passes, max_inner, float(max_work), C, E, status, passes,
-                  steps, dense, gamma, *scratch)  # fmt: skip
+    solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol,
+                  grow, cap, cap_c, max_passes, max_inner, float(max_work), C, E, status,
+                  passes, work, hard, gamma, *scratch)  # fmt: skip
 
 
-@_jit(types.none(I, I, F2, F2, F2, I[:], I[:], F[:], F, F, F, I, I, I, I, I, F, F2, F2, I1, I1, I1, B1, F, F2, F2, F2, I1, F1, F1, I1, F1, F1, I1, SCRATCH, F1, B1, F1), entry=True)  # fmt: skip
-def solve_columns(first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol, grow,
-                  cap, cap_c, max_passes, max_inner, max_work, C, E, status, passes, steps,
-                  dense, gamma, L, A, Yg, Fc, sc, zc, Fe, se, ze, W, w, full, held,
+@_jit(types.none(I1, I, I, F2, F2, F2, I[:], I[:], F[:], F, F, F, I, I, I, I, I, F, F2, F2, I1, I1, F1, I1, F, F2, F2, F2, I1, F1, F1, I1, F1, F1, I1, SCRATCH, F1, B1, F1), entry=True)  # fmt: skip
+def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol,
+                  grow, cap, cap_c, max_passes, max_inner, max_work, C, E, status, passes,
+                  spent, hard, gamma, L, A, Yg, Fc, sc, zc, Fe, se, ze, W, w, full, held,
                   work):  # fmt: skip
     """:func:`run_columns` with its scratch (``cap_c`` at most ``min(cap, N - 1)``, ``gamma``
     the largest ``lambda_z G_uu``)."""
     n = G.shape[0]
-    for i in range(first, n, step):
-        if dense[0]:
+    for t in range(first, cols.shape[0], step):
+        if hard[0] >= hard[1]:
             return
+        i = cols[t]
         a, b = seed_ptr[i], seed_ptr[i + 1]
-        st, fc, fe, ps, stp = _column(i, seed_var[a:b], seed_val[a:b], G, YT, Y, lam_z, lam_e,
-                                      gamma, tol, grow, cap, cap_c, max_passes, max_inner,
-                                      max_work, L, A, Yg, Fc, sc, zc, Fe, se, ze, w, W, full,
-                                      held, work)  # fmt: skip
-        status[i], passes[i], steps[i] = st, ps, stp
-        if st == TOO_LARGE or st == OVER_BUDGET:
-            dense[0] = True
+        st, fc, fe, ps, _ = _column(i, seed_var[a:b], seed_val[a:b], G, YT, Y, lam_z, lam_e,
+                                    gamma, tol, grow, cap, cap_c, max_passes, max_inner,
+                                    max_work, L, A, Yg, Fc, sc, zc, Fe, se, ze, w, W, full,
+                                    held, work)  # fmt: skip
+        status[i], passes[i], spent[i] = st, ps, work[0]
+        if st == TOO_LARGE or st == OVER_BUDGET:  # (threads may lose a count: a later stop)
+            hard[0] += 1
         for r in range(fc):
             held[Fc[r]] = False
             C[Fc[r], i] = zc[r]

@@ -69,34 +69,47 @@ class Limits:
     :func:`run_workset`, :func:`solve_ssc_workset` or :func:`reference_minimiser` as
     ``limits=``, never patched in).
 
-    ``dense_set``: the most variables (coefficients and outliers) one column's working set
-    may hold where :func:`run_workset` runs it as the default: past it ``C`` or ``E`` is
-    dense (Extended Yale B faces: ~190 coefficients and ~790 outliers per column), the
-    working sets stop paying from so far away: the fast ADMM runs, and they start again from
-    its answer. Video-like tokens need 60-90 (N = 384-768).
-    ``warm_set``: the most coefficients per column where they start from the fast answer
-    (:data:`~videoanchor.anchor.plan.WARM_SET`, which sizes the kernel's buffers).
-    ``warm_work``: the most work (the sum over its inner steps of the support's size) one
-    column may spend from the fast solver's answer: near the minimiser few steps remain
-    (Yale B subjects 17-30, the dense synthetic and corrupted sets fit in 50000); where the
-    outlier term is denser (Yale B subjects 1-16 and the darkened sets: ~1000-1800 entries
-    per column, ~50-430 steps) the first column past it stops them all, and the fast
-    solver's answer stands (the working sets there cost 3-25x the fast solver).
+    Where :func:`run_workset` runs the working sets from the nearest points (issue 66):
+    ``dense_set``: the most coefficients one column may hold (video-like tokens' minimisers
+    hold 40-150 at N = 384-1536; the outlier entries, which the kernel eliminates, are not
+    counted); ``cold_work``: the most work (the sum over its inner steps of the support's
+    size) one column may spend (video-like tokens' columns spend at most ~18 000; a token
+    with ~160 outlier entries, a caption over it, ~170 000). A column past either is hard:
+    it stops and the others go on, until more than ``hard_share`` of the columns (and more
+    than one) are hard
+    (``C`` is dense: Extended Yale B faces, ~190 coefficients and ~800-1800 outlier entries
+    per column; the attempt stops within a few columns). The hard columns alone then run
+    again with ``warm_set`` coefficients and ``hard_work`` work each.
+    ``warm_set``: the most coefficients per column there and where the working sets start
+    from the fast answer (:data:`~videoanchor.anchor.plan.WARM_SET`, which sizes the
+    kernel's buffers). ``warm_work``: the most work one column may spend from the fast
+    solver's answer: near the minimiser few steps remain (Yale B subjects 17-30, the dense
+    synthetic and corrupted sets fit in 50000); where the outlier term is denser (Yale B
+    subjects 1-16 and the darkened sets: ~1000-1800 entries per column, ~50-430 steps) the
+    first column past it stops them all, and the fast solver's answer stands (the working
+    sets there cost 3-25x the fast solver).
     ``max_passes``: outer passes per column.
-    ``reference_set``: the most variables per column's working set in
-    :func:`reference_minimiser`'s first attempt (Yale B's, ~1000 with the outlier entries,
-    outgrow it: the ADMM's route there)."""
+    ``reference_set``: the most variables (coefficients and outliers) per column's working
+    set in :func:`reference_minimiser`'s first attempt (Yale B's, ~1000 with the outlier
+    entries, outgrow it: the ADMM's route there).
+    ``gap``: the largest relative duality gap over the columns
+    (:func:`~videoanchor.anchor.program.column_gaps`) of an answer :func:`run_workset`
+    calls certified (the working sets' own reach 1e-12 to 1e-10)."""
 
     dense_set: int = 192
+    cold_work: float = 50_000
+    hard_share: float = 1 / 128
+    hard_work: float = 500_000
     warm_set: int = WARM_SET
     warm_work: float = 50_000
     max_passes: int = 500
     reference_set: int = 512
+    gap: float = 1e-8
 
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool) or not value >= 1:
+            if isinstance(value, bool) or not value > 0:
                 raise ValueError(f"Limits.{f.name}: expected a positive number, got {value!r}")
 
 
@@ -168,14 +181,17 @@ def _seeds(x64: torch.Tensor, gram: torch.Tensor, lam_e: float, lam_z: float, co
 
 def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, *, tol: float,
              grow: int, cap: int, max_passes: int, threads: int, cap_c: int | None = None,
-             max_work: float = math.inf, group=None,
-             rank: int = 0, world: int = 1, start=None):  # fmt: skip
-    """``C``, ``E`` and each column's status, passes and steps, by the compiled kernel over
+             max_work: float = math.inf, group=None, rank: int = 0, world: int = 1,
+             start=None, cols=None, stop_after: int | None = None):  # fmt: skip
+    """``C``, ``E`` and each column's status, passes and work, by the compiled kernel over
     ``threads`` threads (strides of the columns, each thread taking the next as it comes
-    free; without the GIL), from ``start``
-    (:func:`_seeds`); under a process ``group`` each rank solves its stride of the columns
-    and the sums over the ranks make the whole (every column is one rank's alone, so the
-    sums are exact)."""
+    free; without the GIL), from ``start`` (:func:`_seeds`); the columns ``cols`` only
+    (default all; the others stay zero, status -1). A hard column (its set past ``cap`` or
+    ``cap_c``, its work past ``max_work``) keeps its iterate and the others go on, until
+    ``stop_after`` of them are hard (default never): then the columns not yet started stay
+    so (status -1). Under a process ``group`` each rank solves its stride of the columns and
+    the sums over the ranks make the whole (every column is one rank's alone, so the sums
+    are exact)."""
     kernel = _kernel()
     n, d = x64.shape
     cap_c = cap if cap_c is None else cap_c
@@ -185,29 +201,30 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
     ptr, var, val = _seeds(x64, gram, lam_e, lam_z, start)
     C, E = np.zeros((n, n)), np.zeros((d, n))
     status = np.full(n, -1, dtype=np.int64)
-    passes, steps = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
-    dense = np.zeros(1, dtype=np.bool_)
-
-    # rank r's columns are r, r + world, ... (whatever thread count another rank has), in
-    # TASKS_PER_THREAD strided tasks per thread, taken in turn by whichever thread is free: a
-    # core that another process slows takes fewer
-    tasks = min(n, threads * TASKS_PER_THREAD) if threads > 1 else 1
+    passes, work = np.zeros(n, dtype=np.int64), np.zeros(n)
+    hard = np.array([0, n + 1 if stop_after is None else stop_after], dtype=np.int64)
+    # rank r's columns are cols[r], cols[r + world], ... (whatever thread count another rank
+    # has), in TASKS_PER_THREAD strided tasks per thread, taken in turn by whichever thread
+    # is free: a core that another process slows takes fewer
+    mine = np.ascontiguousarray(np.arange(n) if cols is None else cols, dtype=np.int64)
+    mine = np.ascontiguousarray(mine[rank::world])
+    tasks = min(len(mine), threads * TASKS_PER_THREAD) if threads > 1 else 1
 
     def run(t: int) -> None:
-        kernel.run_columns(rank + world * t, world * tasks, G, YT, Y, ptr, var, val, lam_z,
-                             lam_e, tol, grow, cap, cap_c, max_passes, MAX_STEPS, max_work, C, E,
-                             status, passes, steps, dense)  # fmt: skip
+        kernel.run_columns(mine, t, tasks, G, YT, Y, ptr, var, val, lam_z, lam_e, tol, grow,
+                           cap, cap_c, max_passes, MAX_STEPS, max_work, C, E, status, passes,
+                           work, hard)  # fmt: skip
 
-    if tasks == 1:
+    if tasks <= 1:
         run(0)
     else:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(run, range(tasks)))
-    out = [torch.from_numpy(a) for a in (C, E, status + 1, passes, steps)]
+    out = [torch.from_numpy(a) for a in (C, E, status + 1, passes, work)]
     if group is not None:
         out = [all_sum(a, group) for a in out]
-    C, E, status, passes, steps = out
-    return C, E, status - 1, passes, steps
+    C, E, status, passes, work = out
+    return C, E, status - 1, passes, work
 
 
 def solve_ssc_workset(
@@ -282,70 +299,77 @@ def _prepare(x, alpha_e: float, alpha_z: float) -> tuple:
     return x64, G, lam_e, lam_z
 
 
-def _solve(x, alpha_e, alpha_z, *, tol, grow, cap, max_passes, threads, t0, group=None,
-           rank=0, world=1, start=None, prepared=None, out_dtype=None, cap_c=None,
-           max_work=math.inf) -> ADMMResult:  # fmt: skip
-    """:func:`solve_ssc_workset` on checked arguments, its columns split over ``group``, from
-    the approximation ``start`` of ``C`` where one is given (:func:`_seeds`); ``prepared``:
-    :func:`_prepare`'s answer for ``x`` where a solve before this one computed it.
-    ``out_dtype``: the answer's dtype (default ``x``'s floating dtype, float32 otherwise).
-    ``cap``: the most variables per column's set; ``cap_c``: the most coefficients (default
-    ``cap``); ``max_work``: the most work of a column's inner steps (the sum of its support's
-    size over them): past it, as past ``cap``, :class:`SetsTooLarge`."""
-    if out_dtype is None:
-        out_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    x64, G, lam_e, lam_z = _prepare(x, alpha_e, alpha_z) if prepared is None else prepared
+def _solve(x, alpha_e, alpha_z, *, tol, grow, cap, max_passes, threads, t0, start=None,
+           prepared=None) -> ADMMResult:  # fmt: skip
+    """:func:`solve_ssc_workset` on checked arguments from the approximation ``start`` of
+    ``C`` where one is given (:func:`_seeds`); ``prepared``: :func:`_prepare`'s answer for
+    ``x`` where a solve before this one computed it. ``cap``: the most variables per
+    column's set: past it, :class:`SetsTooLarge`."""
+    prepared = _prepare(x, alpha_e, alpha_z) if prepared is None else prepared
+    x64, G, lam_e, lam_z = prepared
     n = x64.shape[0]
     t1 = time.perf_counter()
-    cap_c = cap if cap_c is None else cap_c
-    C, E, status, passes, steps = _columns(x64, lam_e, lam_z, G, tol=tol, grow=grow, cap=cap,
-                                           cap_c=cap_c, max_work=max_work, max_passes=max_passes,
-                                           threads=min(threads, n),
-                                           group=group, rank=rank, world=world, start=start)  # fmt: skip
-    kernel = _kernel()
-    if bool((status == kernel.OVER_BUDGET).any()):
-        raise SetsTooLarge(f"a column's inner steps need more work than {max_work:g}")
-    if bool((status == kernel.TOO_LARGE).any()):
+    C, E, status, passes, _ = _columns(x64, lam_e, lam_z, G, tol=tol, grow=grow, cap=cap,
+                                       max_passes=max_passes, threads=min(threads, n),
+                                       start=start)  # fmt: skip
+    if bool((status == _kernel().TOO_LARGE).any()):
         raise SetsTooLarge(
-            f"a column's working set needs more than max_set = {cap} variables"
-            + (f" or {cap_c} coefficients" if cap_c < cap else "")
-            + f" (C or E is dense on these {n} points)"
+            f"a column's working set needs more than max_set = {cap} variables (C or E is "
+            f"dense on these {n} points)"
         )
-    t2 = time.perf_counter()
-    gaps = column_gaps(x64.T, C.to(torch.float64), lam_e, lam_z)
-    t3 = time.perf_counter()
+    timings = {"lambdas": t1 - t0, "workset": time.perf_counter() - t1}
+    return _answer(x, prepared, C, E, status, passes, "workset", None, timings)
+
+
+def _answer(x, prepared, C, E, status, passes, strategy: str, dtype, timings) -> ADMMResult:
+    """The working sets' ``C`` and ``E`` (float64) as a result, certified
+    (:func:`~videoanchor.anchor.program.column_gaps`: ``gap``, ``residual``) and in ``dtype``
+    (None: ``x``'s floating dtype, float32 otherwise) on ``x``'s device."""
+    if dtype is None:
+        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    x64, _, lam_e, lam_z = prepared
+    t = time.perf_counter()
+    gaps = column_gaps(x64.T, C, lam_e, lam_z)
     return ADMMResult(
-        coef=C.to(x.device, out_dtype),
+        coef=C.to(x.device, dtype),
         iterations=int(passes.max()),
-        converged=bool((status == kernel.SOLVED).all()),
+        converged=bool((status == _kernel().SOLVED).all()),
         residual=gaps.max_gap,
         gap=gaps.max_gap,
         lambda_e=lam_e,
         lambda_z=lam_z,
         rho=0.0,
-        strategy="workset",
-        outliers=E.to(x.device, out_dtype),
-        timings={"lambdas": t1 - t0, "workset": t2 - t1, "certificate": t3 - t2},
+        strategy=strategy,
+        outliers=E.to(x.device, dtype),
+        timings={**timings, "certificate": time.perf_counter() - t},
     )
 
 
 def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, rho: float,
                 eps: float, max_iter: int, affine: bool = True, outliers: bool = True,
                 progress=None, limits: Limits = LIMITS) -> ADMMResult:  # fmt: skip
-    """``solver="workset"`` on checked features ``x`` as ``plan`` says: the working sets
-    from each point's nearest point, with at most ``limits.dense_set`` variables per column.
-    Where they grow past it (``C`` or ``E`` dense), the fast solver (``plan`` with
-    ``solver="fast"``, ``rho``, ``eps``, ``max_iter``, ``progress``), then the working sets
-    again from its answer (:func:`_seeds`) with at most ``limits.warm_set`` coefficients per
-    column (the outlier entries unbounded) and at most ``limits.warm_work`` work per column:
-    near the minimiser, few steps remain. Where those outgrow their bounds, leave a column
-    unsolved, or the fast answer's own ``C`` already outgrows ``limits.warm_set``, the fast
-    solver's answer is the result and its ``solver`` says ``"fast"``.
+    """``solver="workset"`` on checked features ``x`` as ``plan`` says, by the first of
+    these routes whose answer is certified (every column's relative duality gap below
+    ``limits.gap``); ``strategy`` names it:
+
+    - ``"workset"``: the working sets from each point's nearest point, each column with at
+      most ``limits.dense_set`` coefficients (the outlier entries, which the kernel
+      eliminates, unbounded) and ``limits.cold_work`` work. A column past either is hard:
+      it stops, the others go on;
+    - ``"workset_hard"``: the hard columns alone, again from their nearest points, with at
+      most ``limits.warm_set`` coefficients and ``limits.hard_work`` work each;
+    - ``"workset_warm"``: where ``C`` is dense (more than ``limits.hard_share`` of the
+      columns hard: the cold attempt stops there) or a hard column stays unsolved, the fast
+      solver (``plan`` with ``solver="fast"``, ``rho``, ``eps``, ``max_iter``,
+      ``progress``), then the working sets from its answer (:func:`_seeds`) with at most
+      ``limits.warm_set`` coefficients and ``limits.warm_work`` work per column (the first
+      column past them stops them all): near the minimiser, few steps remain;
+    - else the fast solver's answer, with ``solver="fast"`` and one warning that gives its
+      gap (``gap``).
+
     ``coef`` comes in the plan's working dtype (``dtype=``), as every solver's does.
-    ``timings``: the working sets' attempts (``"workset_cold"``, ``"workset_warm"``; and
-    ``"workset"`` for the one that answered), the fast solver's stages (``"fast_*"`` where
-    the warm sets answered). An attempt that leaves a column unsolved is treated as one that
-    outgrew its bounds: the answer is always certified or the fast solver's.
+    ``timings``: ``lambdas``, each attempt that ran (``"workset"``: the first, ``"workset_hard"``,
+    the fast solver's stages as ``"fast_*"``, ``"workset_warm"``) and ``"certificate"``.
     Solves the method's program only (``affine`` and ``outliers``). A ``progress`` whose
     ``schedules_only`` is true (the vLLM plugin's turn-taking) is waited on before each
     working-set solve (``progress.wait()``); no other progress is reported here."""
@@ -354,59 +378,68 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
             "solver='workset' solves the method's program (affine=True, outliers=True), got "
             f"affine={affine}, outliers={outliers}; use solver 'fast' or 'faithful'"
         )
+    kernel = _kernel()
+    n, d = x.shape
+    timings, prepared = {}, []  # the Gram matrix and the lambdas, computed once
 
-    prepared = []  # the Gram matrix and the lambdas, computed once for both solves
-
-    def working_sets(cap: int, cap_c: int, start=None, max_work=math.inf) -> ADMMResult:
+    def sweep(name: str, cap_c: int, max_work: float, **kw):
         if getattr(progress, "schedules_only", False):  # a scheduler's hook: its turn
             progress.wait()
-        t0 = time.perf_counter()
+        t = time.perf_counter()
         if not prepared:
             prepared.extend(_prepare(x, alpha_e, alpha_z))
-        return _solve(x, alpha_e, alpha_z, tol=TOL, grow=GROW, cap=min(cap, sum(x.shape)), cap_c=cap_c,
-                      max_passes=limits.max_passes, threads=torch.get_num_threads(), t0=t0,
-                      group=plan.group, rank=plan.rank, world=plan.world, start=start,
-                      prepared=prepared, out_dtype=plan.work, max_work=max_work)  # fmt: skip
+            timings["lambdas"] = time.perf_counter() - t
+        x64, G, lam_e, lam_z = prepared
+        t = time.perf_counter()
+        out = _columns(x64, lam_e, lam_z, G, tol=TOL, grow=GROW, cap=n + d, cap_c=cap_c,
+                       max_work=max_work, max_passes=limits.max_passes,
+                       threads=min(torch.get_num_threads(), n), group=plan.group,
+                       rank=plan.rank, world=plan.world, **kw)  # fmt: skip
+        timings[name] = time.perf_counter() - t
+        return out
 
-    t0 = time.perf_counter()
-    try:
-        cold = working_sets(limits.dense_set, limits.dense_set)
-        if cold.converged:
-            return cold
-    except SetsTooLarge:
-        pass
-    tried = {"workset_cold": time.perf_counter() - t0}
-    dense = run_admm(x, replace(plan, solver="fast", strategy="dense"), alpha_e=alpha_e,
-                     alpha_z=alpha_z, rho=rho, eps=eps, max_iter=max_iter, progress=progress)  # fmt: skip
-    t1 = time.perf_counter()
-    try:  # (the outlier entries cost the factor nothing: no bound on them)
-        if int((dense.coef != 0).sum(dim=0).max()) > limits.warm_set:  # its start would outgrow it
-            raise SetsTooLarge
-        warm = working_sets(
-            sum(x.shape), limits.warm_set, start=dense.coef, max_work=limits.warm_work
-        )
-        if not warm.converged:  # (a column unsolved: its iterate is no better than fast's)
-            raise SetsTooLarge
-    except SetsTooLarge:
-        tried["workset_warm"] = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        x64 = prepared[0]  # (the cold attempt prepared the features in float64)
-        dense.gap = column_gaps(x64.T, dense.coef.to("cpu", torch.float64), dense.lambda_e,
-                          dense.lambda_z).max_gap  # fmt: skip
-        dense.solver = "fast"
-        dense.timings = {**tried, **dense.timings, "certificate": time.perf_counter() - t2}
-        warnings.warn(
-            f"SSC: the working sets outgrew their bounds on these {x.shape[0]} tokens (C is "
-            "dense here); the answer is the fast solver's, not certified: relative duality gap "
-            f"{dense.gap:.3g} (the certified minimiser's is below {TOL:g}); "
-            "solver='workset' reaches the minimiser at whatever cost",
-            UserWarning,
-            stacklevel=2,
-        )
-        return dense
-    warm.timings = {**tried, **{f"fast_{k}": v for k, v in dense.timings.items()},
-                    **warm.timings}  # fmt: skip
-    return warm
+    def certified(strategy: str, C, E, status, passes):
+        res = _answer(x, prepared, C, E, status, passes, strategy, plan.work, timings)
+        return res if res.converged and res.gap < limits.gap else None
+
+    C, E, status, passes, _ = sweep("workset", limits.dense_set, limits.cold_work,
+                                    stop_after=max(1, int(limits.hard_share * n)) + 1)  # fmt: skip
+    hard = torch.nonzero(status != kernel.SOLVED).flatten()
+    route = "workset"
+    if len(hard) and not bool((status == -1).any()):  # a few hard columns, none left unrun
+        again = sweep("workset_hard", limits.warm_set, limits.hard_work, cols=hard.numpy())
+        for a, b in zip((C, E, status, passes), again[:4], strict=False):
+            a[..., hard] = b[..., hard]
+        route = "workset_hard"
+    answer = (
+        certified(route, C, E, status, passes) if bool((status == kernel.SOLVED).all()) else None
+    )
+    if answer is not None:
+        return answer
+    fast = run_admm(x, replace(plan, solver="fast", strategy="dense"), alpha_e=alpha_e,
+                    alpha_z=alpha_z, rho=rho, eps=eps, max_iter=max_iter, progress=progress)  # fmt: skip
+    timings.update({f"fast_{k}": v for k, v in fast.timings.items()})
+    if int((fast.coef != 0).sum(dim=0).max()) <= limits.warm_set:  # else its start outgrows it
+        warm = sweep("workset_warm", limits.warm_set, limits.warm_work, start=fast.coef,
+                     stop_after=1)  # fmt: skip
+        if bool((warm[2] == kernel.SOLVED).all()):
+            answer = certified("workset_warm", warm[0], warm[1], warm[2], warm[3])
+            if answer is not None:
+                return answer
+    t = time.perf_counter()
+    fast.gap = column_gaps(prepared[0].T, fast.coef.to("cpu", torch.float64), fast.lambda_e,
+                           fast.lambda_z).max_gap  # fmt: skip
+    fast.solver = "fast"
+    fast.timings = {**timings, "certificate": time.perf_counter() - t}
+    warnings.warn(
+        f"SSC: the working sets did not certify these {n} tokens within their bounds (C is "
+        "dense here); the answer is the fast solver's, not certified: relative duality gap "
+        f"{fast.gap:.3g} (a certified minimiser's is below {limits.gap:g}); "
+        "solver='workset' reaches the minimiser at whatever cost",
+        UserWarning,
+        stacklevel=2,
+    )
+    return fast
 
 
 def reference_minimiser(features, *, alpha_e: float = 800.0, alpha_z: float = 800.0,
