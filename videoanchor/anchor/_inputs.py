@@ -169,6 +169,29 @@ def check_flag(name: str, value) -> bool:
     return bool(value)
 
 
+def check_blocked(solver: str, backend: str, precision: str = "auto", *,
+                  tokens: int | None = None) -> None:  # fmt: skip
+    """What blocked mode cannot run, refused: it runs the authors' iteration on torch, in
+    full precision. ``tokens``: the N for which ``mode="auto"`` chose blocked mode (None:
+    the caller asked for it)."""
+    chose = "" if tokens is None else (
+        f" (mode='auto' chose it: these {tokens} tokens need blocked mode, as exact mode does "
+        "not fit in memory or N exceeds its limit)"
+    )  # fmt: skip
+    if backend == "cupy":
+        raise ValueError(f"mode='blocked'{chose}: expected backend 'auto' or 'torch', got 'cupy'")
+    if solver == "fast":
+        raise ValueError(
+            f"mode='blocked'{chose} runs the authors' iteration only; expected solver 'auto' "
+            f"or 'faithful', got {solver!r}"
+        )
+    if precision == "fp16x3":
+        raise ValueError(
+            f"mode='blocked'{chose} runs the authors' iteration in full precision; expected "
+            "precision 'auto' or 'full', got 'fp16x3'"
+        )
+
+
 def check_progress(value):
     """The ``progress=`` option: True, False, None or "auto" (a bar on a terminal, log lines
     otherwise), or an :class:`~videoanchor.anchor.progress.SSCProgress`; returned as given."""

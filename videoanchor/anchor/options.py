@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from videoanchor.anchor._inputs import (
+    check_blocked,
     check_choice,
     check_int,
     check_number,
@@ -191,13 +192,7 @@ class SSCOptions:
                 f"backend={backend!r}"
             )
         if mode == "blocked":
-            if backend == "cupy":
-                raise ValueError("mode='blocked': expected backend 'auto' or 'torch', got 'cupy'")
-            if solver == "fast":
-                raise ValueError(
-                    "mode='blocked' runs the authors' iteration only; expected solver 'auto' "
-                    f"or 'faithful', got {solver!r}"
-                )
+            check_blocked(solver, backend)
         check_precision(out.precision, fast=solver in ("auto", "fast"), work=out.dtype,
                         solver=solver, blocked=mode == "blocked", backend=backend)  # fmt: skip
         for name, unset in (("block_columns", None), ("block_eps", "own")):

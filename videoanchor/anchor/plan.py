@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from videoanchor.anchor._inputs import check_blocked
 from videoanchor.anchor.collective import _group, all_agree, raise_together
 from videoanchor.anchor.products import check_precision
 
@@ -436,22 +437,7 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
             mode = "exact" if fits else "blocked"
     solver = opts.solver
     if mode == "blocked":
-        if opts.precision == "fp16x3":  # ("auto" is "full" there)
-            raise ValueError(
-                f"precision={opts.precision!r} applies to the fast solver of exact mode, but "
-                f"these {n} tokens need blocked mode (the authors' iteration: exact mode does "
-                "not fit in memory or N exceeds its limit); use precision='auto' or 'full'"
-            )
-        if solver == "fast":
-            raise ValueError(
-                f"mode='blocked' does not support solver={solver!r} (the authors' iteration "
-                "only); mode='auto' chose it for these tokens: pass solver='auto' or 'faithful'"
-            )
-        if opts.backend == "cupy":
-            raise ValueError(
-                "mode='blocked' does not support backend='cupy' (torch only); mode='auto' "
-                "chose it for these tokens: pass backend='auto' or 'torch'"
-            )
+        check_blocked(solver, opts.backend, opts.precision, tokens=n)
         solver, precision = "faithful", "full"
     elif solver == "auto":
         solver = auto_solver(device, backend, opts, program=program, outliers=outliers)
