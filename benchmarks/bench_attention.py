@@ -28,7 +28,6 @@ timed interleaved (one call of each per round, 5 rounds) so that load changes hi
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import videoanchor  # noqa: E402
-from benchmarks.common import environment, median_spread, print_table, write_result  # noqa: E402
+from benchmarks.common import environment, finish, median_spread, parser  # noqa: E402
 from videoanchor.kernels import prepare_gates, value_scale_range_of  # noqa: E402
 from videoanchor.kernels.torch_attention import anchored_attention_torch  # noqa: E402
 
@@ -251,25 +250,16 @@ def run(quick: bool, out_dir=None, flex_cpu: bool = True):
                         r["speedup_of_anchored"] = r["ms"] / by["anchored"]["ms"]
     if device == "cpu":
         meta["loadavg_end"] = list(os.getloadavg())
-    path = write_result("attention", meta, rows, out_dir)
     cols = ["model", "S", "provider", "ms", "tflops", "peak_mib", "speedup_of_anchored", "error"]
-    print_table(rows, cols)
-    print(f"wrote {path}")
-    return path
+    return finish("attention", meta, rows, out_dir, cols)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--quick", action="store_true", help="only the shortest sequence length")
+    ap = parser(__doc__, quick="only the shortest sequence length")
     ap.add_argument(
         "--no-flex-cpu",
         action="store_true",
         help="on a CPU, leave out FlexAttention (its compile takes ~20 s a shape)",
-    )
-    ap.add_argument(
-        "--out-dir", default=None, help="where to write the JSON (default benchmarks/results)"
     )
     args = ap.parse_args(argv)
     run(args.quick, args.out_dir, flex_cpu=not (args.no_flex_cpu or args.quick))

@@ -20,7 +20,6 @@ ops suffer far more than one large eager op from threads waiting on busy cores.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import videoanchor  # noqa: E402
-from benchmarks.common import environment, median_spread, print_table, write_result  # noqa: E402
+from benchmarks.common import environment, finish, median_spread, parser  # noqa: E402
 from videoanchor.kernels.reference import anchored_attention_reference  # noqa: E402
 
 DIMS = dict(Hq=28, Hkv=4, D=128)  # Qwen2.5-VL-7B's attention
@@ -180,23 +179,14 @@ def run(quick: bool, out_dir=None, rounds: int = 5):
         if device == "cuda":
             torch.cuda.empty_cache()
     meta["loadavg_end"] = os.getloadavg()
-    path = write_result("backward", meta, rows, out_dir)
     cols = ["S", "provider", "ms", "tflops", "time_vs_anchored", "saved_for_backward_mib",
             "max_grad_err_vs_fp64", "error"]  # fmt: skip
-    print_table(rows, cols)
-    print(f"wrote {path}")
-    return path
+    return finish("backward", meta, rows, out_dir, cols)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--quick", action="store_true", help="only the shortest sequence length")
+    ap = parser(__doc__, quick="only the shortest sequence length")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (CPU)")
-    ap.add_argument(
-        "--out-dir", default=None, help="where to write the JSON (default benchmarks/results)"
-    )
     args = ap.parse_args(argv)
     run(args.quick, args.out_dir, args.rounds)
 

@@ -44,12 +44,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     environment,
+    finish,
     loadavg,
-    print_table,
+    parser,
     rel,
     sync,
     synthetic_tokens,
-    write_result,
 )
 
 _ROOT = Path(__file__).resolve().parents[1]
@@ -383,20 +383,14 @@ def run(args) -> Path:
              "admm_ms_per_iter", "admm_s", "wall_s", "peak_mem_gb"]  # fmt: skip
     rows = [{**{k: r[k] for k in first if k in r}, **r} for r in rows]
     name = "blocked" + (f"_{args.tag}" if args.tag else "")
-    path = write_result(name, meta, rows, args.out_dir)
-    print_table(rows, ["case", "provider", "n", "d", "iterations", "admm_ms_per_iter",
-                       "wall_s", "peak_mem_gb", "peak_mem_ratio_to_dense", "coef_rel_to_dense",
-                       "coef_rel_to_1", "labels_identical", "speedup_vs_1", "error", "note"])  # fmt: skip
-    print(f"wrote {path}")
-    return path
+    return finish(name, meta, rows, args.out_dir,
+                  ["case", "provider", "n", "d", "iterations", "admm_ms_per_iter", "wall_s",
+                   "peak_mem_gb", "peak_mem_ratio_to_dense", "coef_rel_to_dense",
+                   "coef_rel_to_1", "labels_identical", "speedup_vs_1", "error", "note"])  # fmt: skip
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
+    ap = parser(__doc__, quick="smaller sizes (a smoke run)", device=True)
     ap.add_argument("--cases", default="equality,large,processes", help="CPU cases to run")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (CPU)")
     ap.add_argument("--max-iter", type=int, default=10000, help="GPU runs: iteration cap")
@@ -405,7 +399,6 @@ def main(argv=None):
         help="seconds per subprocess (default 3600 on the CPU, 540 on CUDA: a lent GPU "
         "machine allows 10 minutes per command)",
     )  # fmt: skip
-    ap.add_argument("--out-dir", default=None, help="default benchmarks/results")
     ap.add_argument("--tag", default="", help="result file blocked_<tag>_<device>.json")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -29,7 +29,6 @@ working sets and the sparse spectral step are held to the scores' 2.5x.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import statistics
@@ -44,10 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_spectral import group_affinity  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     environment,
-    print_table,
+    finish,
+    parser,
     synthetic_tokens,
     video_tokens,
-    write_result,
 )
 from videoanchor.anchor import compute_anchor_scores, solve_ssc_workset  # noqa: E402
 from videoanchor.anchor.spectral import sparse_spectral_labels, spectral_clustering  # noqa: E402
@@ -155,11 +154,9 @@ def measure(name: str, fn, threads: int | None, repeats: int, neighbours) -> lis
 
 
 def main(argv=None) -> Path:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap = parser(__doc__.splitlines()[0], quick="fewer repeats")
     ap.add_argument("--numeric", action="store_true", help="also beside a BLAS job")
     ap.add_argument("--only", choices=sorted(TARGETS), default=None)
-    ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
     import scipy.linalg  # noqa: F401  (its pool listed below)
     from threadpoolctl import threadpool_info
@@ -177,11 +174,9 @@ def main(argv=None) -> Path:
             continue
         rows += measure(name, fn, threads, repeats, neighbours)
     meta["load_after"] = os.getloadavg()
-    print_table(rows, ["case", "neighbour", "bounds", "torch_threads", "seconds_min",
-                       "seconds_median", "slowdown", "target", "meets_target"])  # fmt: skip
-    path = write_result("contention", meta, rows, args.out_dir)
-    print(f"wrote {path}")
-    return path
+    return finish("contention", meta, rows, args.out_dir,
+                  ["case", "neighbour", "bounds", "torch_threads", "seconds_min",
+                   "seconds_median", "slowdown", "target", "meets_target"])  # fmt: skip
 
 
 if __name__ == "__main__":

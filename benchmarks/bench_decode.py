@@ -17,7 +17,6 @@ Needs CUDA (the Triton kernels' CPU interpreter is not a performance target).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import videoanchor  # noqa: E402
-from benchmarks.common import environment, print_table, skip, write_result  # noqa: E402
+from benchmarks.common import environment, finish, parser, skip  # noqa: E402
 
 HQ, HKV, D = 28, 4, 128
 #: The batch-1 decode providers also timed from a CUDA graph (``ms_graph``).
@@ -328,11 +327,7 @@ def _ratios(rows, ours, keys):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--quick", action="store_true", help="smallest shapes only")
-    ap.add_argument("--out-dir", default=None)
+    ap = parser(__doc__, quick="smallest shapes only")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         skip(
@@ -351,23 +346,9 @@ def main(argv=None):
                          "failed": f"{type(exc).__name__}: {exc}"})  # fmt: skip
             print(rows[-1], flush=True)
         torch.cuda.empty_cache()
-    path = write_result("decode", meta, rows, args.out_dir)
-    print_table(
-        rows,
-        [
-            "section",
-            "B",
-            "S",
-            "provider",
-            "ms",
-            "kv_gbs",
-            "fraction_of_copy_bw",
-            "speedup_of_ours",
-            "error",
-        ],
-    )
-    print(f"wrote {path}")
-    return path
+    cols = ["section", "B", "S", "provider", "ms", "kv_gbs", "fraction_of_copy_bw",
+            "speedup_of_ours", "error"]  # fmt: skip
+    return finish("decode", meta, rows, args.out_dir, cols)
 
 
 if __name__ == "__main__":

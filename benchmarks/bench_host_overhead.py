@@ -18,7 +18,6 @@ included: Triton's own launch cost and the GPU's launch latency (a GPU run measu
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import statistics
@@ -33,7 +32,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import videoanchor  # noqa: E402
-from benchmarks.common import environment, print_table, write_result  # noqa: E402
+from benchmarks.common import environment, finish, parser  # noqa: E402
 from videoanchor.kernels import triton_decode, triton_prefill  # noqa: E402
 from videoanchor.kernels.interface import prepare_gates, value_scale_range_of  # noqa: E402
 
@@ -142,10 +141,9 @@ def measure(S: int, Sq: int, gates: str | None, calls: int, rounds: int, fast: b
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
     launches = []
     triton_decode.launch = lambda *a, **k: launches.append(a[0])
@@ -165,11 +163,9 @@ def main(argv=None):
         launches.clear()
         rows.append(measure(S, Sq, gates, args.calls, args.rounds, fast))
         rows[-1]["triton_launches_per_call"] = len(launches) / (args.calls * args.rounds + 12)
-    print_table(rows, ["kind", "S", "gates", "form", "host_us_per_call", "host_us_min",
-                       "aten_ops_per_call",
-                       "allocations_per_call", "syncs_per_call",
-                       "triton_launches_per_call"])  # fmt: skip
-    print(f"wrote {write_result('host_overhead', meta, rows, args.out_dir)}")
+    finish("host_overhead", meta, rows, args.out_dir,
+           ["kind", "S", "gates", "form", "host_us_per_call", "host_us_min", "aten_ops_per_call",
+            "allocations_per_call", "syncs_per_call", "triton_launches_per_call"])  # fmt: skip
 
 
 if __name__ == "__main__":

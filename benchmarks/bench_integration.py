@@ -26,7 +26,6 @@ checked anywhere; only GPU numbers are meaningful.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -35,45 +34,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import videoanchor  # noqa: E402
-from benchmarks.common import environment, median_spread, print_table, write_result  # noqa: E402
+from benchmarks.common import environment, finish, median_spread, parser  # noqa: E402
 from videoanchor.integrations.transformers.testing import EagerAnchorReference  # noqa: E402
 
 EAGER = EagerAnchorReference(name="videoanchor_bench_eager")
 
 QWEN25_VL_7B_TEXT = dict(
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    vocab_size=152064,
-    max_position_embeddings=128000,
-    rms_norm_eps=1e-6,
+    hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
+    vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
     rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
     tie_word_embeddings=False,
-)
+)  # fmt: skip
 QWEN25_VL_7B_VISION = dict(
-    hidden_size=1280,
-    intermediate_size=3420,
-    num_heads=16,
-    in_channels=3,
-    patch_size=14,
-    spatial_merge_size=2,
-    temporal_patch_size=2,
-    window_size=112,
-    out_hidden_size=3584,
+    hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3, patch_size=14,
+    spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=3584,
     tokens_per_second=2,
-)
+)  # fmt: skip
 TINY_TEXT = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=151936,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-6,
+    QWEN25_VL_7B_TEXT, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096,
     rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
-    tie_word_embeddings=False,
-)
+)  # fmt: skip
 TINY_VISION = dict(
     QWEN25_VL_7B_VISION, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64
 )
@@ -160,6 +141,21 @@ def bench(fn, cuda: bool, warmup_ms: int, rep_ms: int) -> tuple[float, float, fl
     return median_spread(times)
 
 
+def prefill_row(inputs, n_visual: int, dtype, provider: str, times) -> dict:
+    """A prefill row's fields from its visual tokens on (bench_tp's rows have them too):
+    the token counts, the dtype, the provider and the times (median, p20, p80 in ms)."""
+    med, p20, p80 = times
+    return {
+        "visual_tokens": n_visual,
+        "prompt_tokens": int(inputs["input_ids"].shape[1]),
+        "dtype": str(dtype).replace("torch.", ""),
+        "provider": provider,
+        "prefill_ms": med,
+        "p20_ms": p20,
+        "p80_ms": p80,
+    }
+
+
 def run_config(model, inputs, n_visual, layers, cuda, args) -> list[dict]:
     rows = []
     fwd = lambda: model(**inputs, use_cache=False, logits_to_keep=1)  # noqa: E731
@@ -173,25 +169,19 @@ def run_config(model, inputs, n_visual, layers, cuda, args) -> list[dict]:
                 a = handle.config
                 EAGER.alphas = (a.alpha_q, a.alpha_k, a.alpha_v)
             logits = fwd().logits[:, -1].float()
-            med, p20, p80 = bench(fwd, cuda, args.warmup_ms, args.rep_ms)
+            times = bench(fwd, cuda, args.warmup_ms, args.rep_ms)
             row = {
                 "model": "qwen2.5-vl-7b-dims" if not args.tiny else "qwen2.5-vl-tiny",
                 "decoder_layers": layers,
                 "vision_layers": args.vision_layers,
                 "frames": args.frames,
-                "visual_tokens": n_visual,
-                "prompt_tokens": int(inputs["input_ids"].shape[1]),
-                "dtype": str(args.dtype).replace("torch.", ""),
-                "provider": provider,
-                "prefill_ms": med,
-                "p20_ms": p20,
-                "p80_ms": p80,
+                **prefill_row(inputs, n_visual, args.dtype, provider, times),
             }
             if provider == "videoanchor":
                 handle = videoanchor.configure(model)
                 res = handle.last_result[0]
                 row["ssc_ms"] = 1e3 * res.timings["total"]
-                row["ssc_share"] = row["ssc_ms"] / med
+                row["ssc_share"] = row["ssc_ms"] / row["prefill_ms"]
                 row["ssc_iterations"] = res.iterations
                 row["ssc_converged"] = res.converged
                 row["ssc_backend"] = res.backend
@@ -214,7 +204,7 @@ def run_config(model, inputs, n_visual, layers, cuda, args) -> list[dict]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = parser(__doc__.split("\n")[0], quick="4 decoder layers only")
     p.add_argument(
         "--layers", type=int, nargs="+", default=None, help="decoder layers (default 4 28)"
     )
@@ -224,9 +214,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--warmup-ms", type=int, default=1000)
     p.add_argument("--rep-ms", type=int, default=5000)
-    p.add_argument("--quick", action="store_true", help="4 decoder layers only")
     p.add_argument("--tiny", action="store_true", help="tiny dimensions (default without CUDA)")
-    p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -258,13 +246,9 @@ def main(argv=None):
         if cuda:
             torch.cuda.empty_cache()
     name = "integration" if cuda else "integration_cpu_smoke"
-    path = write_result(name, meta, rows, args.out_dir)
-    print_table(
-        rows,
-        ["decoder_layers", "visual_tokens", "provider", "prefill_ms", "p20_ms", "p80_ms", "vs_sdpa",
-         "ssc_ms", "ssc_share", "eager_total_ms"],
-    )  # fmt: skip
-    print(f"wrote {path}")
+    cols = ["decoder_layers", "visual_tokens", "provider", "prefill_ms", "p20_ms", "p80_ms",
+            "vs_sdpa", "ssc_ms", "ssc_share", "eager_total_ms"]  # fmt: skip
+    finish(name, meta, rows, args.out_dir, cols)
 
 
 if __name__ == "__main__":

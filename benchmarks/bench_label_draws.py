@@ -19,7 +19,6 @@ step and scores against R = 1, measured interleaved (one thread, median over see
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import statistics
@@ -35,10 +34,10 @@ from benchmarks.bench_spectral import example_tokens  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     ari,
     environment,
-    print_table,
+    finish,
+    parser,
     skip,
     spearman,
-    write_result,
 )
 from videoanchor.anchor import anchor_scores, solve_ssc_admm  # noqa: E402
 from videoanchor.anchor.spectral import spectral_labels, ssc_affinity  # noqa: E402
@@ -103,25 +102,16 @@ def run(seeds, draws_list, out_dir, admm_iters):
                 extra_vs_admm=(med - base) / meta["admm_s"],
             )  # fmt: skip
         )
-    path = write_result("label_draws", meta, rows, out_dir)
-    print_table(
-        rows,
-        ["label_draws", "spearman_median", "spearman_min", "max_score_diff_max",
-         "labels_ari_median", "spectral_and_scores_s", "extra_s_vs_r1"],
-    )  # fmt: skip
-    print(f"wrote {path}")
-    return path
+    cols = ["label_draws", "spearman_median", "spearman_min", "max_score_diff_max",
+            "labels_ari_median", "spectral_and_scores_s", "extra_s_vs_r1"]  # fmt: skip
+    return finish("label_draws", meta, rows, out_dir, cols)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = parser(__doc__, quick="3 seeds and R in (1, 4) (a smoke run)")
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--draws", default="1,4,16")
     ap.add_argument("--admm-iters", type=int, default=60)
-    ap.add_argument("--out-dir", default=None, help="default benchmarks/results")
-    ap.add_argument("--quick", action="store_true", help="3 seeds and R in (1, 4) (a smoke run)")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.draws = min(args.seeds, 3), "1,4"

@@ -15,7 +15,6 @@ request overhead (one generate loop and one processor call per batch instead of 
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from benchmarks.common import environment, print_table, write_result  # noqa: E402
+from benchmarks.common import environment, finish, parser  # noqa: E402
 
 
 def _requests(paths, questions, max_new_tokens):
@@ -56,9 +55,7 @@ def _requests(paths, questions, max_new_tokens):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out-dir", default=None)
+    ap = parser(__doc__.splitlines()[0], quick=True)
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=16)
@@ -125,11 +122,8 @@ def main(argv=None) -> int:
             }
         )
     meta["loadavg_end"] = os.getloadavg()
-    print_table(
-        rows, ["batch_size", "requests", "single_s", "batched_s", "speedup", "answers_equal"]
-    )
-    path = write_result("lmms_batch", meta, rows, args.out_dir)
-    print(f"wrote {path}")
+    cols = ["batch_size", "requests", "single_s", "batched_s", "speedup", "answers_equal"]
+    finish("lmms_batch", meta, rows, args.out_dir, cols)
     return 0 if all(r["answers_equal"] for r in rows) else 1
 
 

@@ -41,7 +41,6 @@ figures.)
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -54,10 +53,10 @@ from benchmarks.bench_request_cost import fidelity_sets, tiny_sets  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     ari,
     environment,
+    finish,
     objective,
-    print_table,
+    parser,
     spearman,
-    write_result,
 )
 from videoanchor.anchor import compute_anchor_scores  # noqa: E402
 from videoanchor.anchor.options import DEFAULTS  # noqa: E402
@@ -196,30 +195,26 @@ def run(quick: bool, only, out_dir=None, area: str | None = None, skip=None):
         "minimiser_misses_bar": [r["data"] for r in rows if not r["minimiser_meets_bar"]],
     }  # fmt: skip
     meta["load_after"] = list(os.getloadavg())
-    print_table(rows, ["data", "n", "minimiser_iterations", "minimiser_converged",
-                       "spearman_faithful_eps2e-4", "spearman_faithful_eps2e-3", "spearman_fast",
-                       "objective_gap_faithful_eps2e-4", "objective_gap_faithful_eps2e-3",
-                       "objective_gap_fast", "row_sum_spearman_faithful_eps2e-4",
-                       "row_sum_spearman_fast", "minimiser_duality_gap", "fast_meets_yardstick",
-                       "solver_default", "default_meets_yardstick",
-                       "minimiser_meets_bar", "fast_meets_bar", "fast_meets_minimiser_bar"])  # fmt: skip
     print(meta["summary"])
     # a run over some sets (--only) never takes the name of the whole study's file
     if area is None:
         area = "optimum_quick" if quick else "optimum_only" if only or skip else "optimum"
-    path = write_result(area, meta, rows, out_dir)
-    print(f"wrote {path}")
-    return path
+    return finish(area, meta, rows, out_dir,
+                  ["data", "n", "minimiser_iterations", "minimiser_converged",
+                   "spearman_faithful_eps2e-4", "spearman_faithful_eps2e-3", "spearman_fast",
+                   "objective_gap_faithful_eps2e-4", "objective_gap_faithful_eps2e-3",
+                   "objective_gap_fast", "row_sum_spearman_faithful_eps2e-4",
+                   "row_sum_spearman_fast", "minimiser_duality_gap", "fast_meets_yardstick",
+                   "solver_default", "default_meets_yardstick",
+                   "minimiser_meets_bar", "fast_meets_bar", "fast_meets_minimiser_bar"])  # fmt: skip
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
+    ap = parser(__doc__.splitlines()[0], quick=True)
     ap.add_argument("--only", nargs="*", default=None, help="data sets whose name contains one")
     ap.add_argument(
         "--skip", nargs="*", default=None, help="data sets whose name contains one are left out"
     )
-    ap.add_argument("--out-dir", default=None)
     ap.add_argument("--name", default=None, help="the result's area (default: by --quick/--only)")
     args = ap.parse_args(argv)
     run(args.quick, args.only, args.out_dir, args.name, args.skip)

@@ -22,7 +22,6 @@ Needs CUDA. Writes benchmarks/results/paged_<device>.json.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, print_table, skip, write_result  # noqa: E402
+from benchmarks.common import environment, finish, parser, skip  # noqa: E402
 from videoanchor.kernels.paged import anchored_attention_paged  # noqa: E402
 
 HQ, HKV, D, BLOCK = 28, 4, 128, 16
@@ -120,9 +119,7 @@ def shapes(quick):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out-dir", default=None)
+    ap = parser(__doc__.splitlines()[0], quick=True)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         skip(
@@ -156,19 +153,9 @@ def main() -> None:
         kv_bytes = sum(seq_lens) * HKV * D * 2 * 2
         row["ours_anchored_kv_gbps"] = kv_bytes / row["ours_anchored_ms"] / 1e6
         rows.append(row)
-    print_table(
-        rows,
-        [
-            "shape",
-            "ours_anchored_ms",
-            "ours_plain_ms",
-            "vllm_triton_ms",
-            "vllm_flash_ms",
-            "anchored_over_baseline",
-            "anchored_over_ours_plain",
-        ],
-    )
-    print(write_result("paged", meta, rows, args.out_dir))
+    cols = ["shape", "ours_anchored_ms", "ours_plain_ms", "vllm_triton_ms", "vllm_flash_ms",
+            "anchored_over_baseline", "anchored_over_ours_plain"]  # fmt: skip
+    finish("paged", meta, rows, args.out_dir, cols)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,6 @@ not patch the package.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
@@ -65,7 +64,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     ari,
     environment,
+    finish,
     first_call_seconds,
+    parser,
     print_table,
     spearman,
     ssc_seconds,
@@ -198,9 +199,7 @@ def ssc_flops(n: int, d: int) -> dict:
     ``"dense"``, ``"thin"`` or ``"low_rank"``."""
     sc = admm.SCHEDULE
     its = sc.iterations
-    full = sum(
-        i <= sc.full_first or i % sc.full_every == 0 or i >= its for i in range(1, its + 1)
-    )
+    full = sum(i <= sc.full_first or i % sc.full_every == 0 or i >= its for i in range(1, its + 1))
     refactors = sc.balance_until // sc.every + 1
     thin = n > sc.thin_above * d
     low_rank = thin and n > sc.low_rank_above * d
@@ -764,10 +763,8 @@ def run(device: torch.device, quick: bool, out_dir, trials: int | None = None,
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__.splitlines()[0], quick=True)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out-dir", default=None)
     ap.add_argument(
         "--trials",
         type=int,
@@ -810,12 +807,11 @@ def main(argv=None):
         meta = environment("cpu")
         meta["device"] = "static (counted FLOPs; an H100's dense fp16 and bf16 peaks)"
         rows = floor_rows()
-        print_table(rows, ["model", "frames", "n", "target", "floor_fp16x3_over_prefill",
-                           "floor_fp16x3_over_prefill_split", "floor_bf16_over_prefill",
-                           "fp16x3_iterations_within_target",
-                           "floor_meets_target", "spectral_over_prefill",
-                           "spectral_meets_target"])  # fmt: skip
-        print(f"wrote {write_result('request_cost_floor', meta, rows, args.out_dir)}")
+        finish("request_cost_floor", meta, rows, args.out_dir,
+               ["model", "frames", "n", "target", "floor_fp16x3_over_prefill",
+                "floor_fp16x3_over_prefill_split", "floor_bf16_over_prefill",
+                "fp16x3_iterations_within_target", "floor_meets_target", "spectral_over_prefill",
+                "spectral_meets_target"])  # fmt: skip
         return
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     if not parts or set(parts) - set(PARTS):

@@ -34,12 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_request_cost import YALE, darkened, yale_faces  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     environment,
+    finish,
     loadavg,
-    print_table,
     spearman,
     synthetic_tokens,
     video_tokens,
-    write_result,
 )
 from videoanchor.anchor import admm  # noqa: E402
 from videoanchor.anchor.program import duality_gaps  # noqa: E402
@@ -119,10 +118,9 @@ def run(quick: bool, out_dir=None):
         if variant != "default"
     }
     meta["sets"] = len(by_set)
-    print_table(rows, ["data", "schedule", "objective_gap", "affine_violation",
-                       "row_sum_spearman", "seconds"])  # fmt: skip
     print(f"the default's objective gap is smaller on {meta['default_wins']} of {len(by_set)} sets")
-    return write_result("schedule", meta, rows, out_dir)
+    cols = ["data", "schedule", "objective_gap", "affine_violation", "row_sum_spearman", "seconds"]
+    return finish("schedule", meta, rows, out_dir, cols)
 
 
 def main(argv=None):
@@ -130,7 +128,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="three small sets, no Yale B")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
-    print(run(args.quick, args.out))
+    run(args.quick, args.out)
 
 
 if __name__ == "__main__":

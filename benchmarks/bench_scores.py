@@ -14,7 +14,6 @@ Seconds are the least of up to 5 runs (``bench_request_cost.ssc_seconds``).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -24,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     ari,
     environment,
-    print_table,
+    finish,
+    parser,
     spearman,
     ssc_seconds,
     synthetic_tokens,
-    write_result,
 )
 
 SIZES = {True: ((256, 256), (384, 256)), False: ((512, 512), (1024, 1024))}
@@ -53,23 +52,19 @@ def row(n: int, d: int, device: torch.device) -> dict:
 
 
 def main(argv=None) -> Path:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--quick", action="store_true", help="N = 256 and 384, D = 256 (else N = D = 512 and 1024)"
+    ap = parser(
+        __doc__.splitlines()[0], quick="N = 256 and 384, D = 256 (else N = D = 512 and 1024)"
     )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     meta = environment(str(device))
     meta["torch_threads"] = torch.get_num_threads()
     rows = [row(n, d, device) for n, d in SIZES[args.quick]]
-    print_table(rows, ["n", "d", "solver", "seconds_default", "seconds_faithful",
-                       "speedup_vs_faithful", "spearman_default", "spearman_faithful_eps2e-3",
-                       "ari_default", "ari_faithful_eps2e-3", "meets_bar"])  # fmt: skip
-    path = write_result("scores", meta, rows, args.out_dir)
-    print(f"wrote {path}")
-    return path
+    return finish("scores", meta, rows, args.out_dir,
+                  ["n", "d", "solver", "seconds_default", "seconds_faithful",
+                   "speedup_vs_faithful", "spearman_default", "spearman_faithful_eps2e-3",
+                   "ari_default", "ari_faithful_eps2e-3", "meets_bar"])  # fmt: skip
 
 
 if __name__ == "__main__":

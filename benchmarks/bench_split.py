@@ -16,7 +16,6 @@ spreads, the speedup, and how far the split's scores are from the single process
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -30,11 +29,11 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     environment,
+    finish,
     median_spread,
-    print_table,
+    parser,
     sync,
     synthetic_tokens,
-    write_result,
 )
 from videoanchor.anchor import compute_anchor_scores  # noqa: E402
 
@@ -102,12 +101,10 @@ def _cpu_rank(rank, world, store, args, cores, out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = parser(__doc__.split("\n")[0], quick=True)
     p.add_argument("--frames", type=int, nargs="+", default=None)
     p.add_argument("--world", type=int, default=2, help="CPU: gloo processes")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
     torchrun = "LOCAL_RANK" in os.environ
     cuda = torchrun and torch.cuda.is_available()
@@ -142,10 +139,9 @@ def main(argv=None):
         meta["threads_per_rank"] = max(1, cores // world)
         meta["threads_one_process"] = cores
     meta.update(world_size=world, quick=args.quick, command=" ".join(sys.argv))
-    print_table(rows, ["frames", "n", "world", "seconds_split", "seconds_one_process",
-                       "speedup_split", "max_abs_score_diff", "labels_equal"])  # fmt: skip
-    path = write_result("split_quick" if args.quick else "split", meta, rows, args.out_dir)
-    print(f"wrote {path}")
+    finish("split_quick" if args.quick else "split", meta, rows, args.out_dir,
+           ["frames", "n", "world", "seconds_split", "seconds_one_process", "speedup_split",
+            "max_abs_score_diff", "labels_equal"])  # fmt: skip
 
 
 if __name__ == "__main__":

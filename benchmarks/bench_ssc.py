@@ -33,7 +33,6 @@ GPU cases (``--device cuda``):
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -46,14 +45,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     ari,
     environment,
+    finish,
     loadavg,
     objective,
+    parser,
     print_table,
     rel,
     skip,
     spearman,
     synthetic_tokens,
-    write_result,
 )
 from videoanchor.anchor import compute_anchor_scores, reference_minimiser  # noqa: E402
 from videoanchor.anchor.reference import (  # noqa: E402
@@ -258,13 +258,11 @@ def run(device: str, quick: bool, out_dir, cases, limits=True, *, sizes=None, re
         if "speedup_total" in r:
             ratios.setdefault(r["case"], []).append(r["speedup_total"])
     meta["speedup_total_median"] = {c: statistics.median(v) for c, v in ratios.items()}
-    path = write_result(name, meta, rows, out_dir)
-    print_table(rows, ["case", "repeat", "provider", "n", "d", "total_s", "iterations",
-                       "admm_ms_per_iter", "speedup_total", "coef_rel_to_reference",
-                       "coef_rel_to_minimiser", "peak_mem_gb"])  # fmt: skip
     print(f"speed-up, median over {repeats} repeat(s): {meta['speedup_total_median']}")
-    print(f"wrote {path}")
-    return path
+    return finish(name, meta, rows, out_dir,
+                  ["case", "repeat", "provider", "n", "d", "total_s", "iterations",
+                   "admm_ms_per_iter", "speedup_total", "coef_rel_to_reference",
+                   "coef_rel_to_minimiser", "peak_mem_gb"])  # fmt: skip
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -273,18 +271,13 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
+    ap = parser(__doc__, quick="smaller sizes (a smoke run)", device=True)
     ap.add_argument("--cases", default="fixed60,converge", help="CPU cases to run")
     ap.add_argument("--fixed60", type=_size, default=None, help="N,D of the fixed60 case")
     ap.add_argument("--converge", type=_size, default=None, help="N,D of the converge case")
     ap.add_argument("--repeats", type=int, default=1, help="run the cases this many times")
     ap.add_argument("--threads", type=int, default=None, help="torch and BLAS threads")
     ap.add_argument("--name", default="ssc", help="the result file's area (default ssc)")
-    ap.add_argument("--out-dir", default=None, help="default benchmarks/results")
     ap.add_argument(
         "--skip-limits", action="store_true",
         help="converge: skip the float64 minimiser (speed ratios only)",

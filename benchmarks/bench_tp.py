@@ -31,7 +31,6 @@ anywhere (numbers not meaningful).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -51,8 +50,9 @@ from benchmarks.bench_integration import (  # noqa: E402
     TINY_VISION,
     build_model,
     make_inputs,
+    prefill_row,
 )
-from benchmarks.common import environment, median_spread, print_table, write_result  # noqa: E402
+from benchmarks.common import environment, finish, median_spread, parser  # noqa: E402
 
 QWEN25_VL_72B_TEXT = dict(
     QWEN25_VL_7B_TEXT,
@@ -117,10 +117,6 @@ def timed(fn, cuda: bool, warmup: int, reps: int) -> list[float]:
     return out
 
 
-def stats(ms: list[float]) -> tuple[float, float, float]:
-    return median_spread(ms)
-
-
 def load(args, world: int, device: str):
     from transformers import AutoModelForImageTextToText
 
@@ -145,7 +141,7 @@ def load(args, world: int, device: str):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = parser(__doc__.split("\n")[0], quick="16 frames only")
     p.add_argument("--dims", default="7b", choices=["7b", "72b", "tiny"])
     p.add_argument("--layers", type=int, default=4, help="decoder layers")
     p.add_argument("--vision-layers", type=int, default=4)
@@ -156,13 +152,11 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--model-dir", default=None, help="where rank 0 saves the random model")
     p.add_argument("--tiny", action="store_true", help="tiny CPU configuration (no CUDA)")
-    p.add_argument("--quick", action="store_true", help="16 frames only")
     p.add_argument(
         "--force-blocked",
         action="store_true",
         help="score with the blocked solver spread over the ranks at every size",
     )
-    p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
     if args.quick:
         args.frames = [16]
@@ -233,19 +227,12 @@ def main(argv=None):
                 every = [mine.double()]
             identical = all(torch.equal(e, every[0]) for e in every)
             for provider, ms in times.items():
-                med, p20, p80 = stats(ms)
                 row = {
                     "dims": args.dims,
                     "decoder_layers": args.layers,
                     "world_size": world,
                     "frames": frames,
-                    "visual_tokens": n_visual,
-                    "prompt_tokens": int(inputs["input_ids"].shape[1]),
-                    "dtype": str(args.dtype).replace("torch.", ""),
-                    "provider": provider,
-                    "prefill_ms": med,
-                    "p20_ms": p20,
-                    "p80_ms": p80,
+                    **prefill_row(inputs, n_visual, args.dtype, provider, median_spread(ms)),
                     "top5_next_tokens": top5[provider],
                 }
                 if provider == "videoanchor":
@@ -261,13 +248,9 @@ def main(argv=None):
     if rank == 0:
         name = f"tp{world}" + ("_blocked" if args.force_blocked else "")
         name += "" if cuda else "_cpu_smoke"
-        path = write_result(name, meta, rows, args.out_dir)
-        print_table(
-            rows,
-            ["world_size", "visual_tokens", "provider", "prefill_ms", "p20_ms", "p80_ms",
-             "vs_sdpa", "ssc_mode", "ssc_ms", "share_ms", "scores_identical_across_ranks"],
-        )  # fmt: skip
-        print(f"wrote {path}")
+        finish(name, meta, rows, args.out_dir,
+               ["world_size", "visual_tokens", "provider", "prefill_ms", "p20_ms", "p80_ms",
+                "vs_sdpa", "ssc_mode", "ssc_ms", "share_ms", "scores_identical_across_ranks"])  # fmt: skip
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -22,7 +22,6 @@ Qwen2.5-VL unless ``--model`` names a real checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from benchmarks.common import environment, print_table, write_result  # noqa: E402
+from benchmarks.common import environment, finish, parser  # noqa: E402
 
 
 def _items(tmp: Path, n: int):
@@ -53,8 +52,7 @@ def _items(tmp: Path, n: int):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="4 items, 2 x 2 x 2 grid")
+    p = parser(__doc__.splitlines()[0], quick="4 items, 2 x 2 x 2 grid")
     p.add_argument("--model", default=None, help="checkpoint (default: the tiny random Qwen2.5-VL)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--items", type=int, default=6)
@@ -65,7 +63,6 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=4)
     p.add_argument("--figure", default=None, help="also save the sweep's heat map here (PNG)")
-    p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
     if args.quick:
         args.items, args.alpha_k, args.alpha_v = 4, "0,9.5", "0,2.5"
@@ -150,11 +147,9 @@ def main(argv=None) -> int:
         "warm_answers_equal_cold": same_warm, "cache_cold": stats_cold, "cache_warm": stats_warm,
         "sweep_includes_baseline_pass": True,
     }  # fmt: skip
-    print_table([row], ["items", "settings", "naive_s_per_setting", "sweep_s_per_setting",
-                        "warm_sweep_s_per_setting", "speedup_cold", "speedup_warm",
-                        "answers_equal_naive"])  # fmt: skip
-    path = write_result("tune", environment(args.device), [row], args.out_dir)
-    print(f"wrote {path}")
+    finish("tune", environment(args.device), [row], args.out_dir,
+           ["items", "settings", "naive_s_per_setting", "sweep_s_per_setting",
+            "warm_sweep_s_per_setting", "speedup_cold", "speedup_warm", "answers_equal_naive"])  # fmt: skip
     if args.figure:
         rows = summarize(items, settings, done)
         fig = Path(args.figure)

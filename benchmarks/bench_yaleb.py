@@ -35,7 +35,6 @@ with the same spectral clustering in NumPy/scikit-learn, run on the first
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import random
 import statistics
@@ -48,7 +47,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import environment, print_table, skip, write_result  # noqa: E402
+from benchmarks.common import environment, finish, parser, skip  # noqa: E402
 from videoanchor.anchor import sparse_subspace_clustering  # noqa: E402
 from videoanchor.anchor.reference import (  # noqa: E402
     authors_admm,
@@ -215,38 +214,18 @@ def run(args):
         rows.append(row)
     meta["per_subset"] = per_subset
     name = "yaleb" if args.program == "constrained" else "yaleb_squared"
-    path = write_result(name, meta, rows, args.out_dir)
-    print_table(
-        rows,
-        [
-            "n_subjects",
-            "subsets",
-            "mean_error_pct",
-            "published_mean_error_pct",
-            "within_published_plus_1",
-            "ours_time_s_mean",
-            "reference_time_s_mean",
-            "speedup",
-        ],
-    )
-    print(f"wrote {path}")
-    return path
+    cols = ["n_subjects", "subsets", "mean_error_pct", "published_mean_error_pct",
+            "within_published_plus_1", "ours_time_s_mean", "reference_time_s_mean", "speedup"]  # fmt: skip
+    return finish(name, meta, rows, args.out_dir, cols)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = parser(__doc__, quick="2 and 3 subjects, 3 subsets each, 1 reference run (a smoke run)")
     ap.add_argument(
         "--data",
         type=Path,
         default=None,
         help="default: shared/data beside the checkout, or data/ inside it",
-    )
-    ap.add_argument(
-        "--quick",
-        action="store_true",
-        help="2 and 3 subjects, 3 subsets each, 1 reference run (a smoke run)",
     )
     ap.add_argument("--n-subjects", type=int, nargs="+", default=[2, 3, 5, 8, 10])
     ap.add_argument("--subsets-per-n", type=int, default=20, help="0: every subset")
@@ -259,7 +238,6 @@ def main(argv=None):
         default="constrained",
         help="constrained: E&V's program (default); squared: docs/method.md's (VideoAnchor's)",
     )
-    ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
     if args.data is None:
         args.data = default_data_path()

@@ -7,6 +7,7 @@ library versions and the git SHA, so a number can always be traced to what produ
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -98,6 +99,30 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     for r in rows:
         print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths, strict=True)))
+
+
+def finish(name: str, meta: dict, rows: list[dict], out_dir, columns: list[str]) -> Path:
+    """The end of a run: the rows as a table of ``columns``, the result file written
+    (:func:`write_result`), its path said and returned."""
+    print_table(rows, columns)
+    path = write_result(name, meta, rows, out_dir)
+    print(f"wrote {path}")
+    return path
+
+
+def parser(description: str | None, *, quick: str | bool = False, device: bool = False):
+    """A script's argument parser: ``description`` (its docstring) printed as written, and
+    the common flags: ``--device cpu|cuda`` (default None) with ``device``, ``--quick``
+    (``quick`` its help, or True for none) and ``--out-dir``."""
+    ap = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    if device:
+        ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    if quick:
+        ap.add_argument("--quick", action="store_true", help=None if quick is True else quick)
+    ap.add_argument("--out-dir", help="where the JSON goes (default benchmarks/results)")
+    return ap
 
 
 def _fmt(x) -> str:

@@ -411,11 +411,9 @@ def fig_yaleb(r: Result, results):
         sq = sorted(squared.rows, key=lambda x: x["n_subjects"])
         ax.plot([x["n_subjects"] for x in sq], [x["mean_error_pct"] for x in sq], marker="s",
                 color="C3", label="ours, squared data term (docs/method.md)")  # fmt: skip
-    ax.set_xlabel("subjects per subset")
-    ax.set_ylabel("mean clustering error (%)")
-    ax.set_xticks(n)
+    ax.set(xlabel="subjects per subset", ylabel="mean clustering error (%)", xticks=n,
+           title="Extended Yale B, mean over random subsets")  # fmt: skip
     ax.legend(fontsize=7)
-    ax.set_title("Extended Yale B, mean over random subsets")
     src = f" and `{squared.path.name}`" if squared is not None else ""
     return fig, (
         f"Clustering error on Extended Yale B (from `{r.path.name}`{src}); subsets per size "
