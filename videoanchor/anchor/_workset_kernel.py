@@ -234,137 +234,6 @@ def _hsolve(L, Yg, fc, fe, lam_z, vc, ve, outc, oute, tmp):
             oute[k] -= yr[k] * o
 
 
-@_jit(F(F2, F2, F2, I1, F1, I, I1, F1, I, I, F2, F2, F, F, F, SCRATCH))
-def _restricted(L, A, Yg, Fc, sc, fc, Fe, se, fe, i, G, YT, lam_z, lam_e, gamma, w):
-    """The minimiser ``[zhc; zhe]`` of the program on ``F`` with signs ``sc``, ``se`` (every
-    other variable at zero) and its constraint multiplier ``nu``. ``w``: the scratch
-    vectors (:func:`solve_columns`)."""
-    qc, qe, x1c, x1e, x2c, x2e, zhc, zhe, rc, re, tmp, ac = w
-    yi = YT[i]
-    for r in range(fc):
-        qc[r] = lam_z * G[Fc[r], i] - sc[r] + gamma
-        ac[r] = 1.0
-    for k in range(fe):
-        qe[k] = lam_z * yi[Fe[k]] - lam_e * se[k]
-        re[k] = 0.0
-    _hsolve(L, Yg, fc, fe, lam_z, qc, qe, x1c, x1e, tmp)
-    _hsolve(L, Yg, fc, fe, lam_z, ac, re, x2c, x2e, tmp)
-    ax1 = ax2 = 0.0
-    for r in range(fc):
-        ax1 += x1c[r]
-        ax2 += x2c[r]
-    nu = (1.0 - ax1) / ax2
-    for r in range(fc):
-        zhc[r] = x1c[r] + nu * x2c[r]
-    for k in range(fe):
-        zhe[k] = x1e[k] + nu * x2e[k]
-    for _ in range(REFINE):  # against the unfactored system: its residual, solved again
-        slack = 1.0
-        for k in range(fe):  # (H z)_e = lambda_z (Y_ec z_c + z_e)
-            re[k] = zhe[k]
-        for r in range(fc):
-            yr, z = Yg[r], zhc[r]
-            v = qc[r] + nu
-            for c in range(fc):
-                v -= A[r, c] * zhc[c]
-            t = 0.0
-            for k in range(fe):
-                t += yr[k] * zhe[k]
-                re[k] += yr[k] * z
-            rc[r] = v - lam_z * t
-            slack -= z
-        for k in range(fe):
-            re[k] = qe[k] - lam_z * re[k]
-        _hsolve(L, Yg, fc, fe, lam_z, rc, re, x1c, x1e, tmp)
-        ax1 = 0.0
-        for r in range(fc):
-            ax1 += x1c[r]
-        step = (slack - ax1) / ax2
-        for r in range(fc):
-            zhc[r] += x1c[r] + step * x2c[r]
-        for k in range(fe):
-            zhe[k] += x1e[k] + step * x2e[k]
-        nu += step
-    return nu
-
-
-@_jit(types.Tuple((I, I, F, I, I, B))(F2, F2, F2, I1, F1, F1, I, I1, F1, F1, I, I, I, F2, F2, F, F, F, SCRATCH, B1, I, I, I, F1))  # fmt: skip
-def _settle(L, A, Yg, Fc, sc, zc, fc, Fe, se, ze, fe, n, i, G, YT, lam_z, lam_e, gamma, w,
-            held, entrant, steps, max_inner, work):  # fmt: skip
-    """From ``z`` (on the constraint, signs ``s`` on ``F``) to the minimiser on ``F``: solve
-    on ``F``, step back to the first sign change, drop that variable, again. Returns
-    ``(fc, fe, nu, steps, status, stuck)``: status :data:`SOLVED` (settled),
-    :data:`STALLED` (``max_inner`` steps), :data:`SINGULAR` (a factor update failed) or
-    :data:`OVER_BUDGET` (the work spent, ``work[0]``, passed ``work[1]``: each step spends
-    the support's size); ``stuck`` where ``entrant`` could not move."""
-    zhc, zhe, col = w[6], w[7], w[8]
-    stuck = False
-    while True:
-        steps += 1
-        if steps > max_inner:
-            return fc, fe, 0.0, steps, STALLED, stuck
-        work[0] += fc + fe
-        if work[0] > work[1]:
-            return fc, fe, 0.0, steps, OVER_BUDGET, stuck
-        nu_h = _restricted(L, A, Yg, Fc, sc, fc, Fe, se, fe, i, G, YT, lam_z, lam_e, gamma, w)
-        t, p = 1.0, -1
-        for r in range(fc):
-            if zhc[r] * sc[r] <= 0.0:
-                gap = zc[r] - zhc[r]
-                tr = zc[r] / gap if gap != 0.0 else 0.0
-                if tr < t:
-                    t, p = tr, r
-        for k in range(fe):
-            if zhe[k] * se[k] <= 0.0:
-                gap = ze[k] - zhe[k]
-                tk = ze[k] / gap if gap != 0.0 else 0.0
-                if tk < t:
-                    t, p = tk, fc + k
-        if p < 0:
-            for r in range(fc):
-                zc[r] = zhc[r]
-            for k in range(fe):
-                ze[k] = zhe[k]
-            return fc, fe, nu_h, steps, SOLVED, stuck
-        for r in range(fc):
-            zc[r] += t * (zhc[r] - zc[r])
-        for k in range(fe):
-            ze[k] += t * (zhe[k] - ze[k])
-        if p < fc:
-            zc[p] = 0.0
-            if t == 0.0 and Fc[p] == entrant:  # the entrant cannot move (rounding): not again
-                stuck = True
-        else:
-            ze[p - fc] = 0.0
-            if t == 0.0 and n + Fe[p - fc] == entrant:
-                stuck = True
-        root = math.sqrt(lam_z)
-        for k in range(fe - 1, -1, -1):  # outliers leave: S gains lambda_z y y^T
-            if ze[k] == 0.0:
-                held[n + Fe[k]] = False
-                for r in range(fc):
-                    yr = Yg[r]
-                    col[r] = root * yr[k]
-                    for k2 in range(k, fe - 1):
-                        yr[k2] = yr[k2 + 1]
-                for k2 in range(k, fe - 1):
-                    Fe[k2], se[k2], ze[k2] = Fe[k2 + 1], se[k2 + 1], ze[k2 + 1]
-                fe -= 1
-                if not _chol_rank1(L, fc, col, 1.0, A):
-                    if not _refactor(L, A, Yg, fc, fe, lam_z, col):
-                        return fc, fe, 0.0, steps, SINGULAR, stuck
-        for r in range(fc - 1, -1, -1):
-            if zc[r] == 0.0:
-                held[Fc[r]] = False
-                _chol_delete(L, fc, r)
-                _drop(A, fc, r)
-                for r2 in range(r, fc - 1):
-                    Fc[r2], sc[r2], zc[r2] = Fc[r2 + 1], sc[r2 + 1], zc[r2 + 1]
-                    for c in range(fe):  # (a slice assignment compiles its error message)
-                        Yg[r2, c] = Yg[r2 + 1, c]
-                fc -= 1
-
-
 @_jit(F(I, I, I, F2, F2, I1, F1, I, I1, F1, I, F, F))
 def _multiplier(u, i, n, G, YT, Fc, zc, fc, Fe, ze, fe, lam_z, nu):
     """Variable ``u``'s multiplier ``lambda_z (P^T y_i - K z)_u + nu a_u`` (``u`` off
@@ -382,160 +251,6 @@ def _multiplier(u, i, n, G, YT, Fc, zc, fc, Fe, ze, fe, lam_z, nu):
     for r in range(fc):
         m -= YT[Fc[r], k] * zc[r]
     return lam_z * m
-
-
-@_jit(types.UniTuple(I, 5)(I, I[:], F[:], F2, F2, F2, F, F, F, F, I, I, I, I, I, F, F2, F2, F2, I1, F1, F1, I1, F1, F1, SCRATCH, I1, F1, B1, F1))  # fmt: skip
-def _column(i, seed_var, seed_val, G, YT, Y, lam_z, lam_e, gamma, tol, grow, cap, cap_c,
-            max_passes, max_inner, max_work, L, A, Yg, Fc, sc, zc, Fe, se, ze, w, W, full,
-            held, work):  # fmt: skip
-    """Column ``i`` from the start ``z`` = ``seed_val`` on the variables ``seed_var`` (on
-    the constraint, none zero; coefficients ``0..N-1``, outliers ``N..``); returns
-    ``(status, fc, fe, passes, steps)`` with the support in ``Fc[:fc]``, ``Fe[:fe]`` and
-    its values in ``zc``, ``ze`` (module docstring). ``cap``: the most variables in ``F``;
-    ``cap_c``: the most coefficients; ``max_work``: the most work of its inner steps."""
-    n, d = G.shape[0], YT.shape[1]
-    col = w[8]
-    work[0], work[1] = 0.0, max_work
-    fc = fe = 0
-    coefs = 0
-    for r in range(seed_var.shape[0]):
-        if seed_var[r] < n:
-            coefs += 1
-    if seed_var.shape[0] > cap or coefs > cap_c:
-        return TOO_LARGE, 0, 0, 0, 0
-    for r in range(seed_var.shape[0]):  # the outliers first: no factor to update yet
-        u, v = seed_var[r], seed_val[r]
-        if u >= n:
-            _add_outlier(L, A, Yg, Fc, fc, Fe, se, ze, fe, u - n, 1.0 if v > 0 else -1.0, YT,
-                         lam_z, col)  # fmt: skip
-            ze[fe] = v
-            held[u] = True
-            fe += 1
-    # the coefficients: one dependent on those before it on the inlier rows (its pivot on
-    # the floor) is left out of the start, which is put back on the constraint; a start with
-    # many such pivots (more coefficients than inlier rows) grows the factor's rounding into
-    # non-finite entries (the fast solver's answer on Yale B subjects 31-38: 155 coefficients
-    # beside 70 inlier rows)
-    total = 0.0
-    for r in range(seed_var.shape[0]):
-        u, v = seed_var[r], seed_val[r]
-        if u < n:
-            code = _add_coef(L, A, Yg, Fc, sc, zc, fc, Fe, fe, u, 1.0 if v > 0 else -1.0, G,
-                             YT, lam_z, gamma, col)  # fmt: skip
-            if code == NOT_FINITE:
-                return SINGULAR, fc, fe, 0, 0
-            if code == FLOORED and fc > 0:
-                continue
-            zc[fc] = v
-            total += v
-            held[u] = True
-            fc += 1
-    if not total > 0.0:  # none of the sum left: the largest coefficient alone
-        top = 0
-        for r in range(fc):
-            if abs(zc[r]) > abs(zc[top]):
-                top = r
-        for r in range(fc):
-            zc[r] = 0.0
-        zc[top], sc[top], total = 1.0, 1.0, 1.0
-    for r in range(fc):
-        zc[r] /= total
-    fc, fe, nu, steps, st, _ = _settle(L, A, Yg, Fc, sc, zc, fc, Fe, se, ze, fe, n, i, G, YT,
-                                       lam_z, lam_e, gamma, w, held, -1, 0, max_inner, work)  # fmt: skip
-    if st != SOLVED:
-        return st, fc, fe, 0, steps
-    passes = 0
-    while True:
-        if passes == max_passes:
-            return MAX_PASSES, fc, fe, passes, steps
-        passes += 1
-        # every multiplier: lam_z (P^T y_i - K z) + nu a, from the rows of [[G, Y^T], [Y, I]]
-        for u in range(n):
-            full[u] = G[i, u]
-        for u in range(d):
-            full[n + u] = YT[i, u]
-        for r in range(fc):
-            k, zk = Fc[r], zc[r]
-            gk, yk = G[k], YT[k]
-            for u in range(n):
-                full[u] -= gk[u] * zk
-            for u in range(d):
-                full[n + u] -= yk[u] * zk
-        for r in range(fe):
-            k, zk = Fe[r], ze[r]
-            yk = Y[k]
-            for u in range(n):
-                full[u] -= yk[u] * zk
-            full[n + k] -= zk
-        for r in range(fc):
-            full[Fc[r]] = math.nan
-        for r in range(fe):
-            full[n + Fe[r]] = math.nan
-        full[i] = math.nan
-        for u in range(n):
-            full[u] = abs(lam_z * full[u] + nu) - 1.0
-        for u in range(n, n + d):
-            full[u] = abs(lam_z * full[u]) / lam_e - 1.0
-        # W: F and the `grow` worst violators
-        w_ = 0
-        for r in range(fc):
-            W[w_] = Fc[r]
-            w_ += 1
-        for r in range(fe):
-            W[w_] = n + Fe[r]
-            w_ += 1
-        f = w_
-        for _ in range(grow):
-            worst, at = tol, -1
-            for u in range(n + d):
-                if full[u] > worst:  # NaN (F, i) compares false
-                    worst, at = full[u], u
-            if at < 0:
-                break
-            W[w_] = at
-            w_ += 1
-            full[at] = math.nan
-        if w_ == f:
-            return SOLVED, fc, fe, passes, steps
-        if w_ > cap:
-            return TOO_LARGE, fc, fe, passes, steps
-        # the primal active-set method on W (a tenth of tol: the outer pass's violators are
-        # violators here too, whatever the rounding of either sum)
-        banned = -1
-        while True:
-            worst, at, mult = tol * 0.1, -1, 0.0
-            for v in range(w_):
-                u = W[v]
-                if u == banned or held[u]:
-                    continue
-                m = _multiplier(u, i, n, G, YT, Fc, zc, fc, Fe, ze, fe, lam_z, nu)
-                viol = abs(m) - 1.0 if u < n else abs(m) / lam_e - 1.0
-                if viol > worst:
-                    worst, at, mult = viol, u, m
-            if at < 0:
-                break
-            if fc + fe == cap or (at < n and fc == cap_c):
-                return TOO_LARGE, fc, fe, passes, steps
-            sign = 1.0 if mult > 0 else -1.0
-            if at < n:
-                if _add_coef(L, A, Yg, Fc, sc, zc, fc, Fe, fe, at, sign, G, YT, lam_z, gamma,
-                             col) == NOT_FINITE:  # fmt: skip
-                    return SINGULAR, fc, fe, passes, steps
-                fc += 1
-            else:
-                if not _add_outlier(L, A, Yg, Fc, fc, Fe, se, ze, fe, at - n, sign, YT, lam_z,
-                                    col):  # fmt: skip
-                    return SINGULAR, fc, fe, passes, steps
-                fe += 1
-            held[at] = True
-            fc, fe, nu_h, steps, st, stuck = _settle(L, A, Yg, Fc, sc, zc, fc, Fe, se, ze, fe, n,
-                                                     i, G, YT, lam_z, lam_e, gamma, w, held, at,
-                                                     steps, max_inner, work)  # fmt: skip
-            if st != SOLVED:
-                return st, fc, fe, passes, steps
-            if stuck:
-                banned = at
-            nu = nu_h
 
 
 def run_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol,
@@ -581,17 +296,267 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
                   spent, hard, gamma, L, A, Yg, Fc, sc, zc, Fe, se, ze, W, w, full, held,
                   work):  # fmt: skip
     """:func:`run_columns` with its scratch (``cap_c`` at most ``min(cap, N - 1)``, ``gamma``
-    the largest ``lambda_z G_uu``)."""
-    n = G.shape[0]
-    for t in range(first, cols.shape[0], step):
+    the largest ``lambda_z G_uu``). Column ``i`` (module docstring): from the start ``z`` =
+    ``seed_val`` on the variables ``seed_var`` (``seed_ptr[i]:seed_ptr[i + 1]``), its
+    status, its support in ``Fc[:fc]``, ``Fe[:fe]`` and values in ``zc``, ``ze``; one loop
+    settles (from ``z`` to the minimiser on ``F``), adds the worst violator in ``W`` or
+    (none left) runs an outer pass. All of it is one function: Numba optimises a function
+    with every function it calls, so each level of calls compiled the code below it again
+    (issue 68)."""
+    n, d = G.shape[0], YT.shape[1]
+    qc, qe, x1c, x1e, x2c, x2e, zhc, zhe, rc, re, tmp, ac = w
+    col, root = rc, math.sqrt(lam_z)
+    for j in range(first, cols.shape[0], step):
         if hard[0] >= hard[1]:
             return
-        i = cols[t]
-        a, b = seed_ptr[i], seed_ptr[i + 1]
-        st, fc, fe, ps, _ = _column(i, seed_var[a:b], seed_val[a:b], G, YT, Y, lam_z, lam_e,
-                                    gamma, tol, grow, cap, cap_c, max_passes, max_inner,
-                                    max_work, L, A, Yg, Fc, sc, zc, Fe, se, ze, w, W, full,
-                                    held, work)  # fmt: skip
+        i = cols[j]
+        s0, s1 = seed_ptr[i], seed_ptr[i + 1]
+        work[0], work[1] = 0.0, max_work
+        fc = fe = coefs = 0
+        for r in range(s0, s1):
+            if seed_var[r] < n:
+                coefs += 1
+        st = TOO_LARGE if s1 - s0 > cap or coefs > cap_c else -1  # (status; -1: running)
+        for r in range(s0, s1 if st < 0 else s0):  # the outliers first: no factor to update
+            u, v = seed_var[r], seed_val[r]
+            if u >= n:
+                _add_outlier(L, A, Yg, Fc, fc, Fe, se, ze, fe, u - n, 1.0 if v > 0 else -1.0, YT,
+                             lam_z, col)  # fmt: skip
+                ze[fe] = v
+                held[u] = True
+                fe += 1
+        # the coefficients: one dependent on those before it on the inlier rows (its pivot on
+        # the floor) is left out of the start, which is put back on the constraint; a start
+        # with many such pivots (more coefficients than inlier rows) grows the factor's
+        # rounding into non-finite entries (the fast solver's answer on Yale B subjects 31-38:
+        # 155 coefficients beside 70 inlier rows)
+        total = 0.0
+        for r in range(s0, s1 if st < 0 else s0):
+            u, v = seed_var[r], seed_val[r]
+            if u < n:
+                code = _add_coef(L, A, Yg, Fc, sc, zc, fc, Fe, fe, u, 1.0 if v > 0 else -1.0, G,
+                                 YT, lam_z, gamma, col)  # fmt: skip
+                if code == NOT_FINITE:
+                    st = SINGULAR
+                    break
+                if code == FLOORED and fc > 0:
+                    continue
+                zc[fc] = v
+                total += v
+                held[u] = True
+                fc += 1
+        if st < 0 and not total > 0.0:  # none of the sum left: the largest coefficient alone
+            top = 0
+            for r in range(fc):
+                if abs(zc[r]) > abs(zc[top]):
+                    top = r
+            for r in range(fc):
+                zc[r] = 0.0
+            zc[top], sc[top], total = 1.0, 1.0, 1.0
+        for r in range(fc if st < 0 else 0):
+            zc[r] /= total
+        yi = YT[i]
+        entrant, banned, ps, steps, w_, nu = -1, -1, 0, 0, 0, 0.0
+        settle = True
+        while st < 0:
+            stuck = False
+            while settle:  # solve on F, step back to the first sign change, drop it, again
+                steps += 1
+                work[0] += fc + fe
+                if steps > max_inner or work[0] > work[1]:
+                    st = STALLED if steps > max_inner else OVER_BUDGET
+                    break
+                # the minimiser [zhc; zhe] on F with signs sc, se and its multiplier nu_h
+                for r in range(fc):
+                    qc[r] = lam_z * G[Fc[r], i] - sc[r] + gamma
+                    ac[r] = 1.0
+                for k in range(fe):
+                    qe[k] = lam_z * yi[Fe[k]] - lam_e * se[k]
+                    re[k] = 0.0
+                _hsolve(L, Yg, fc, fe, lam_z, qc, qe, x1c, x1e, tmp)
+                _hsolve(L, Yg, fc, fe, lam_z, ac, re, x2c, x2e, tmp)
+                ax1 = ax2 = 0.0
+                for r in range(fc):
+                    ax1 += x1c[r]
+                    ax2 += x2c[r]
+                nu_h = (1.0 - ax1) / ax2
+                for r in range(fc):
+                    zhc[r] = x1c[r] + nu_h * x2c[r]
+                for k in range(fe):
+                    zhe[k] = x1e[k] + nu_h * x2e[k]
+                for _ in range(REFINE):  # against the unfactored system: its residual, again
+                    slack = 1.0
+                    for k in range(fe):  # (H z)_e = lambda_z (Y_ec z_c + z_e)
+                        re[k] = zhe[k]
+                    for r in range(fc):
+                        yr, z = Yg[r], zhc[r]
+                        v = qc[r] + nu_h
+                        for c in range(fc):
+                            v -= A[r, c] * zhc[c]
+                        t = 0.0
+                        for k in range(fe):
+                            t += yr[k] * zhe[k]
+                            re[k] += yr[k] * z
+                        rc[r] = v - lam_z * t
+                        slack -= z
+                    for k in range(fe):
+                        re[k] = qe[k] - lam_z * re[k]
+                    _hsolve(L, Yg, fc, fe, lam_z, rc, re, x1c, x1e, tmp)
+                    ax1 = 0.0
+                    for r in range(fc):
+                        ax1 += x1c[r]
+                    dnu = (slack - ax1) / ax2
+                    for r in range(fc):
+                        zhc[r] += x1c[r] + dnu * x2c[r]
+                    for k in range(fe):
+                        zhe[k] += x1e[k] + dnu * x2e[k]
+                    nu_h += dnu
+                t, p = 1.0, -1
+                for r in range(fc):
+                    if zhc[r] * sc[r] <= 0.0:
+                        gap = zc[r] - zhc[r]
+                        tr = zc[r] / gap if gap != 0.0 else 0.0
+                        if tr < t:
+                            t, p = tr, r
+                for k in range(fe):
+                    if zhe[k] * se[k] <= 0.0:
+                        gap = ze[k] - zhe[k]
+                        tk = ze[k] / gap if gap != 0.0 else 0.0
+                        if tk < t:
+                            t, p = tk, fc + k
+                if p < 0:  # settled
+                    for r in range(fc):
+                        zc[r] = zhc[r]
+                    for k in range(fe):
+                        ze[k] = zhe[k]
+                    settle, nu = False, nu_h
+                    break
+                for r in range(fc):
+                    zc[r] += t * (zhc[r] - zc[r])
+                for k in range(fe):
+                    ze[k] += t * (zhe[k] - ze[k])
+                if p < fc:
+                    zc[p] = 0.0
+                    stuck = stuck or (t == 0.0 and Fc[p] == entrant)  # the entrant cannot move
+                else:
+                    ze[p - fc] = 0.0
+                    stuck = stuck or (t == 0.0 and n + Fe[p - fc] == entrant)
+                for k in range(fe - 1, -1, -1):  # outliers leave: S gains lambda_z y y^T
+                    if ze[k] == 0.0:
+                        held[n + Fe[k]] = False
+                        for r in range(fc):
+                            yr = Yg[r]
+                            col[r] = root * yr[k]
+                            for k2 in range(k, fe - 1):
+                                yr[k2] = yr[k2 + 1]
+                        for k2 in range(k, fe - 1):
+                            Fe[k2], se[k2], ze[k2] = Fe[k2 + 1], se[k2 + 1], ze[k2 + 1]
+                        fe -= 1
+                        if not _chol_rank1(L, fc, col, 1.0, A):
+                            if not _refactor(L, A, Yg, fc, fe, lam_z, col):
+                                st = SINGULAR
+                                break
+                if st >= 0:
+                    break
+                for r in range(fc - 1, -1, -1):
+                    if zc[r] == 0.0:
+                        held[Fc[r]] = False
+                        _chol_delete(L, fc, r)
+                        _drop(A, fc, r)
+                        for r2 in range(r, fc - 1):
+                            Fc[r2], sc[r2], zc[r2] = Fc[r2 + 1], sc[r2 + 1], zc[r2 + 1]
+                            for c in range(fe):  # (a slice assignment compiles its error message)
+                                Yg[r2, c] = Yg[r2 + 1, c]
+                        fc -= 1
+            if st >= 0:
+                break
+            if stuck:  # not again in this pass
+                banned = entrant
+            # the primal active-set method on W: its worst violator joins F (a tenth of tol: the
+            # outer pass's violators are violators here too, whatever the rounding of either sum)
+            worst, at, mult = tol * 0.1, -1, 0.0
+            for v in range(w_):
+                u = W[v]
+                if u == banned or held[u]:
+                    continue
+                m = _multiplier(u, i, n, G, YT, Fc, zc, fc, Fe, ze, fe, lam_z, nu)
+                viol = abs(m) - 1.0 if u < n else abs(m) / lam_e - 1.0
+                if viol > worst:
+                    worst, at, mult = viol, u, m
+            if at >= 0:
+                if fc + fe == cap or (at < n and fc == cap_c):
+                    st = TOO_LARGE
+                    break
+                sign = 1.0 if mult > 0 else -1.0
+                if at < n:
+                    if _add_coef(L, A, Yg, Fc, sc, zc, fc, Fe, fe, at, sign, G, YT, lam_z, gamma,
+                                 col) == NOT_FINITE:  # fmt: skip
+                        st = SINGULAR
+                        break
+                    fc += 1
+                else:
+                    if not _add_outlier(L, A, Yg, Fc, fc, Fe, se, ze, fe, at - n, sign, YT, lam_z,
+                                        col):  # fmt: skip
+                        st = SINGULAR
+                        break
+                    fe += 1
+                held[at] = True
+                entrant, settle = at, True
+                continue
+            # an outer pass: every multiplier lam_z (P^T y_i - K z) + nu a, from the rows of
+            # [[G, Y^T], [Y, I]], and W: F and the `grow` worst violators
+            if ps == max_passes:
+                st = MAX_PASSES
+                break
+            ps += 1
+            for u in range(n):
+                full[u] = G[i, u]
+            for u in range(d):
+                full[n + u] = yi[u]
+            for r in range(fc):
+                k, zk = Fc[r], zc[r]
+                gk, yk = G[k], YT[k]
+                for u in range(n):
+                    full[u] -= gk[u] * zk
+                for u in range(d):
+                    full[n + u] -= yk[u] * zk
+            for r in range(fe):
+                k, zk = Fe[r], ze[r]
+                yk = Y[k]
+                for u in range(n):
+                    full[u] -= yk[u] * zk
+                full[n + k] -= zk
+            for r in range(fc):
+                full[Fc[r]] = math.nan
+            for r in range(fe):
+                full[n + Fe[r]] = math.nan
+            full[i] = math.nan
+            for u in range(n):
+                full[u] = abs(lam_z * full[u] + nu) - 1.0
+            for u in range(n, n + d):
+                full[u] = abs(lam_z * full[u]) / lam_e - 1.0
+            w_ = 0
+            for r in range(fc):
+                W[w_] = Fc[r]
+                w_ += 1
+            for r in range(fe):
+                W[w_] = n + Fe[r]
+                w_ += 1
+            f = w_
+            for _ in range(grow):
+                worst, at = tol, -1
+                for u in range(n + d):
+                    if full[u] > worst:  # NaN (F, i) compares false
+                        worst, at = full[u], u
+                if at < 0:
+                    break
+                W[w_] = at
+                w_ += 1
+                full[at] = math.nan
+            if w_ == f or w_ > cap:
+                st = SOLVED if w_ == f else TOO_LARGE
+                break
+            banned = -1
         status[i], passes[i], spent[i] = st, ps, work[0]
         if st == TOO_LARGE or st == OVER_BUDGET:  # (threads may lose a count: a later stop)
             hard[0] += 1
