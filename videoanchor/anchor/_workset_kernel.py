@@ -143,32 +143,6 @@ def _chol_rank1(L, f, x, sigma, A):
     return True
 
 
-@_jit(types.none(F2, I, I))
-def _drop(H, f, p):
-    """Delete row and column ``p`` of ``H[:f, :f]``."""
-    for r in range(f):
-        for c in range(p, f - 1):
-            H[r, c] = H[r, c + 1]
-    for r in range(p, f - 1):
-        for c in range(f - 1):
-            H[r, c] = H[r + 1, c]
-
-
-@_jit(types.none(F2, I, F1, F1))
-def _chol_solve(L, f, b, out):
-    """``out[:f] = (L L^T)^-1 b[:f]``."""
-    for r in range(f):
-        v = b[r]
-        for c in range(r):
-            v -= L[r, c] * out[c]
-        out[r] = v / L[r, r]
-    for r in range(f - 1, -1, -1):  # by rows of L: contiguous
-        v = out[r] / L[r, r]
-        out[r] = v
-        for c in range(r):
-            out[c] -= L[r, c] * v
-
-
 @_jit(F(F1, F1, I))
 def _dot(a, b, m):
     v = 0.0
@@ -223,34 +197,22 @@ def _add_outlier(L, A, Yg, Fc, fc, Fe, se, ze, fe, k, sign, YT, lam_z, col):
 @_jit(types.none(F2, F2, I, I, F, F1, F1, F1, F1, F1))
 def _hsolve(L, Yg, fc, fe, lam_z, vc, ve, outc, oute, tmp):
     """``[outc; oute] = H^-1 [vc; ve]`` through the Schur complement (module docstring)."""
-    for r in range(fc):
-        tmp[r] = vc[r] - _dot(Yg[r], ve, fe)
-    _chol_solve(L, fc, tmp, outc)
+    for r in range(fc):  # outc = S^-1 (vc - Y_ec^T ve), S = L L^T
+        v = vc[r] - _dot(Yg[r], ve, fe)
+        for c in range(r):
+            v -= L[r, c] * outc[c]
+        outc[r] = v / L[r, r]
+    for r in range(fc - 1, -1, -1):  # by rows of L: contiguous
+        v = outc[r] / L[r, r]
+        outc[r] = v
+        for c in range(r):
+            outc[c] -= L[r, c] * v
     for k in range(fe):
         oute[k] = ve[k] / lam_z
     for r in range(fc):
         yr, o = Yg[r], outc[r]
         for k in range(fe):
             oute[k] -= yr[k] * o
-
-
-@_jit(F(I, I, I, F2, F2, I1, F1, I, I1, F1, I, F, F))
-def _multiplier(u, i, n, G, YT, Fc, zc, fc, Fe, ze, fe, lam_z, nu):
-    """Variable ``u``'s multiplier ``lambda_z (P^T y_i - K z)_u + nu a_u`` (``u`` off
-    ``F``)."""
-    if u < n:
-        gu, yu = G[u], YT[u]
-        m = gu[i]
-        for r in range(fc):
-            m -= gu[Fc[r]] * zc[r]
-        for k in range(fe):
-            m -= yu[Fe[k]] * ze[k]
-        return lam_z * m + nu
-    k = u - n
-    m = YT[i, k]
-    for r in range(fc):
-        m -= YT[Fc[r], k] * zc[r]
-    return lam_z * m
 
 
 def run_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol,
@@ -462,7 +424,12 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
                     if zc[r] == 0.0:
                         held[Fc[r]] = False
                         _chol_delete(L, fc, r)
-                        _drop(A, fc, r)
+                        for r2 in range(fc):  # A loses row and column r
+                            for c in range(r, fc - 1):
+                                A[r2, c] = A[r2, c + 1]
+                        for r2 in range(r, fc - 1):
+                            for c in range(fc - 1):
+                                A[r2, c] = A[r2 + 1, c]
                         for r2 in range(r, fc - 1):
                             Fc[r2], sc[r2], zc[r2] = Fc[r2 + 1], sc[r2 + 1], zc[r2 + 1]
                             for c in range(fe):  # (a slice assignment compiles its error message)
@@ -479,8 +446,22 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
                 u = W[v]
                 if u == banned or held[u]:
                     continue
-                m = _multiplier(u, i, n, G, YT, Fc, zc, fc, Fe, ze, fe, lam_z, nu)
-                viol = abs(m) - 1.0 if u < n else abs(m) / lam_e - 1.0
+                # its multiplier lam_z (P^T y_i - K z)_u + nu a_u
+                if u < n:
+                    gu, yu = G[u], YT[u]
+                    m = gu[i]
+                    for r in range(fc):
+                        m -= gu[Fc[r]] * zc[r]
+                    for k in range(fe):
+                        m -= yu[Fe[k]] * ze[k]
+                    m = lam_z * m + nu
+                    viol = abs(m) - 1.0
+                else:
+                    m = yi[u - n]
+                    for r in range(fc):
+                        m -= YT[Fc[r], u - n] * zc[r]
+                    m *= lam_z
+                    viol = abs(m) / lam_e - 1.0
                 if viol > worst:
                     worst, at, mult = viol, u, m
             if at >= 0:
