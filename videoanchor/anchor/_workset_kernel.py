@@ -9,7 +9,7 @@ from ``G = Y^T Y`` and ``Y^T``, never formed. A variable's multiplier at ``z`` i
 ``m = lambda_z (P^T y_i - K z) + nu a``; ``z`` is the column's minimiser when
 ``m_j = w_j sign(z_j)`` on its support ``F`` and ``|m_j| <= w_j`` off it.
 
-The method (:func:`_column`), from a start on the constraint (each point's nearest other
+The method (:func:`solve_columns`), from a start on the constraint (each point's nearest other
 point, ``c = e_j``, or an approximate answer with its signs: the start's support is factored,
 a coefficient dependent on those before it on the inlier rows left out, and settled by the
 inner loop's steps before the first pass):

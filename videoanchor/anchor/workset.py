@@ -19,14 +19,9 @@ the objective falling at every step). The answer is the minimiser up to rounding
 and the support are found, not approximated), certified per column by
 :func:`duality_gaps`.
 
-Its cost follows the support, not ``N``: on video-like tokens (a median of ~45 non-zeros
-per column at N = 384-768) 21-31 passes and about 170 steps per column, 0.69 s at N = 384
-and 1.63 s at N = 768 on one CPU thread, 11.3x and 21.0x faster than the authors' solver
-(benchmarks/results/workset_cpu.json). Where ``C`` or
-``E`` is dense (Extended Yale B faces: ~200-1800 outlier entries per column) the sets grow
-past ``Limits.dense_set`` and :func:`run_workset` runs the fast ADMM, then the working sets
-from its answer (the kernel eliminates the outlier entries: its factor is the size of
-``C``'s support alone).
+Its cost follows the support, not ``N`` (docs/ssc.md, benchmarks/results/workset_cpu.json).
+:func:`run_workset`, the CPU's default, bounds each column's coefficients and work, solves
+the hard columns alone, and where ``C`` is dense starts again from the fast ADMM's answer.
 """
 
 from __future__ import annotations
@@ -67,32 +62,25 @@ class SetsTooLarge(RuntimeError):
 class Limits:
     """The bounds the working sets run under (:data:`LIMITS`; a variant is passed to
     :func:`run_workset`, :func:`solve_ssc_workset` or :func:`reference_minimiser` as
-    ``limits=``, never patched in).
+    ``limits=``, never patched in). Work is the sum over a column's inner steps of its
+    support's size.
 
-    Where :func:`run_workset` runs the working sets from the nearest points (issue 66):
-    ``dense_set``: the most coefficients one column may hold (video-like tokens' minimisers
-    hold 40-150 at N = 384-1536; the outlier entries, which the kernel eliminates, are not
-    counted); ``cold_work``: the most work (the sum over its inner steps of the support's
-    size) one column may spend (video-like tokens' columns spend at most ~18 000; a token
-    with ~160 outlier entries, a caption over it, ~170 000). A column past either is hard:
-    it stops and the others go on, until more than ``hard_share`` of the columns (and more
-    than one) are hard
-    (``C`` is dense: Extended Yale B faces, ~190 coefficients and ~800-1800 outlier entries
-    per column; the attempt stops within a few columns). The hard columns alone then run
-    again with ``warm_set`` coefficients and ``hard_work`` work each.
-    ``warm_set``: the most coefficients per column there and where the working sets start
-    from the fast answer (:data:`~videoanchor.anchor.plan.WARM_SET`, which sizes the
-    kernel's buffers). ``warm_work``: the most work one column may spend from the fast
-    solver's answer: near the minimiser few steps remain (Yale B subjects 17-30, the dense
-    synthetic and corrupted sets fit in 50000); where the outlier term is denser (Yale B
-    subjects 1-16 and the darkened sets: ~1000-1800 entries per column, ~50-430 steps) the
-    first column past it stops them all, and the fast solver's answer stands (the working
-    sets there cost 3-25x the fast solver).
-    ``max_passes``: outer passes per column.
-    ``reference_set``: the most variables (coefficients and outliers) per column's working
-    set in :func:`reference_minimiser`'s first attempt (Yale B's, ~1000 with the outlier
-    entries, outgrow it: the ADMM's route there).
-    ``gap``: the largest relative duality gap over the columns
+    :func:`run_workset` from the nearest points (issue 66): ``dense_set`` coefficients and
+    ``cold_work`` work per column (video-like tokens' minimisers hold 40-150 coefficients
+    at N = 384-1536 and spend at most ~18 000; a token with ~160 outlier entries, a caption
+    over it, ~170 000; the outlier entries, which the kernel eliminates, are not counted).
+    A column past either is hard: it stops and the others go on, until more than
+    ``hard_share`` of the columns (and more than one) are hard: ``C`` is dense (Extended
+    Yale B faces, ~190 coefficients and 800-1800 outlier entries per column). The hard
+    columns alone then run again with ``warm_set`` coefficients and ``hard_work`` work.
+    From the fast answer: ``warm_set`` coefficients (:data:`~videoanchor.anchor.plan.WARM_SET`,
+    which sizes the kernel's buffers) and ``warm_work`` work per column (Yale B subjects
+    17-30, the dense synthetic and corrupted sets fit in 50000; subjects 1-16 and the
+    darkened sets, 1000-1800 outlier entries per column, do not: there the first column
+    past it stops them all and the fast answer stands, the working sets costing 3-25x the
+    fast solver). ``max_passes``: outer passes per column. ``reference_set``: the most
+    variables per column in :func:`reference_minimiser`'s first attempt (Yale B's, ~1000
+    with the outlier entries, outgrow it). ``gap``: the largest relative duality gap
     (:func:`~videoanchor.anchor.program.column_gaps`) of an answer :func:`run_workset`
     calls certified (the working sets' own reach 1e-12 to 1e-10)."""
 
