@@ -595,3 +595,10 @@ def test_ranks_with_different_thread_counts_tile_the_columns():
     assert torch.equal(sum(p[1] for p in parts), whole[1])
     # each column run by exactly one rank (status -1 where a rank did not run it)
     assert torch.equal(sum(p[2] + 1 for p in parts) - 1, whole[2])
+    # some columns alone (run_workset's hard columns): rank 2 and 3 threads get none
+    cols = np.array([5, 17])
+    parts = [ws._columns(x, lam_e, lam_z, G, threads=t, rank=r, world=3, cols=cols, **kw)
+             for r, t in ((0, 1), (1, 2), (2, 3))]  # fmt: skip
+    assert torch.equal(sum(p[0] for p in parts), whole[0][:, cols].new_zeros(whole[0].shape)
+                       .index_copy(1, torch.from_numpy(cols), whole[0][:, cols]))  # fmt: skip
+    assert [int((p[2] >= 0).sum()) for p in parts] == [1, 1, 0]

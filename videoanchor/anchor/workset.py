@@ -196,7 +196,7 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
     # is free: a core that another process slows takes fewer
     mine = np.ascontiguousarray(np.arange(n) if cols is None else cols, dtype=np.int64)
     mine = np.ascontiguousarray(mine[rank::world])
-    tasks = min(len(mine), threads * TASKS_PER_THREAD) if threads > 1 else 1
+    tasks = max(1, min(len(mine), threads * TASKS_PER_THREAD)) if threads > 1 else 1
 
     def run(t: int) -> None:
         kernel.run_columns(mine, t, tasks, G, YT, Y, ptr, var, val, lam_z, lam_e, tol, grow,
