@@ -161,6 +161,9 @@ def test_dense_sets_and_bad_input_say_so():
         duality_gaps(x, torch.zeros(29, 29), 1.0, 1.0)
     with pytest.raises(ValueError, match="grow"):
         solve_ssc_workset(x, grow=0)
+    for bad in ({"dense_set": 0}, {"gap": -1e-8}, {"hard_share": math.nan}):
+        with pytest.raises(ValueError, match=f"Limits.{next(iter(bad))}: expected a positive"):
+            Limits(**bad)
 
 
 def test_the_reference_says_so_where_no_working_set_fits():

@@ -237,7 +237,8 @@ def solve_ssc_workset(
     pass. ``max_set``: the most variables (coefficients and outliers) one column's working
     set may hold (None: no limit); a set that outgrows it raises :class:`SetsTooLarge`,
     where ``C`` is dense and the working sets stop paying. ``max_passes``: outer passes per
-    column (None: ``limits.max_passes``). ``threads``: columns run on this many threads (None: torch's intra-op count).
+    column (None: ``limits.max_passes``). ``threads``: columns run on this many threads
+    (None: torch's intra-op count).
     ``coef_init``: an approximation of ``C`` (``N x N``, e.g. an ADMM's answer) to start
     from, each column divided by its sum onto the constraint (a column whose sum is not
     positive starts from its nearest point, as every column does by default): near the
