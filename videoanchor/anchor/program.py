@@ -62,13 +62,14 @@ class SSCSolution:
     the program's parameters (:func:`ssc_lambdas`); ``solver``: the solver that answered;
     ``gap``: the largest relative duality gap over the columns where the solver computed
     it (the working sets, and the fast answer they fall back to), else None; ``timings``:
-    seconds per stage; ``backend``: the array library that ran.
+    seconds per stage; ``backend``: the array library that ran; ``strategy``: how the solver
+    went about it (the authors' iteration's A-step, ``"dense"`` or ``"woodbury"``; the fast
+    solver's factor, ``"dense"``, ``"thin"`` or ``"low_rank"``; the working sets' route,
+    ``"workset"``, ``"workset_hard"`` or ``"workset_warm"``).
 
     What a solver adds about its run (not carried by the entry points' results): ``rho``
-    (the last), ``rho_changes``, ``strategy`` (how the A-step was applied: ``"dense"`` or
-    ``"woodbury"``; the fast solver's factor ``"dense"``, ``"thin"`` or ``"low_rank"``;
-    ``"workset"``), ``outliers`` (``E``), ``history`` (residuals; per block in blocked
-    mode), ``stopped`` (a ``progress`` hook ended the run), and blocked mode's
+    (the last), ``rho_changes``, ``outliers`` (``E``), ``history`` (residuals; per block in
+    blocked mode), ``stopped`` (a ``progress`` hook ended the run), and blocked mode's
     ``block_columns``, ``block_iterations``, ``block_residuals`` (one per block, in column
     order) and ``world_size``.
     """
@@ -83,10 +84,10 @@ class SSCSolution:
     gap: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
     backend: str = "torch"
+    strategy: str = ""
     # the run's own record (metadata "run": an entry point's result leaves it at its default)
     rho: float | None = field(default=None, repr=False, metadata=_RUN)
     rho_changes: int = field(default=0, repr=False, metadata=_RUN)
-    strategy: str = field(default="", repr=False, metadata=_RUN)
     outliers: torch.Tensor | None = field(default=None, repr=False, metadata=_RUN)
     history: list | dict = field(default_factory=list, repr=False, metadata=_RUN)
     stopped: bool = field(default=False, repr=False, metadata=_RUN)
