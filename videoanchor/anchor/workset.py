@@ -38,8 +38,8 @@ import torch
 from videoanchor.anchor import admm
 from videoanchor.anchor._inputs import as_feature_tensor
 from videoanchor.anchor.collective import all_sum
-from videoanchor.anchor.options import DEFAULTS
-from videoanchor.anchor.plan import WARM_SET, Plan
+from videoanchor.anchor.options import SSCOptions
+from videoanchor.anchor.plan import WARM_SET, Plan, make_plan
 from videoanchor.anchor.program import column_gaps, gram_row_max, ssc_lambdas
 from videoanchor.anchor.ssc import ADMMResult, run_admm
 
@@ -470,10 +470,9 @@ def reference_minimiser(features, *, alpha_e: float = 800.0, alpha_z: float = 80
     if answers[0] is None or not answers[0].residual < gap:
         # from the fast solver's answer the working sets certify darkened Yale B faces in
         # about a seventh of the time of the ADMM to 1e-7 (21 s against 155 s, one-off)
-        fast_plan = Plan(mode="exact", solver="fast", backend="torch", device=x.device,
-                         work=torch.float64)  # fmt: skip
-        fast = run_admm(x, fast_plan, alpha_e=alpha_e, alpha_z=alpha_z, rho=DEFAULTS.rho, eps=0.0,
-                        max_iter=admm.SCHEDULE.iterations, progress=False)  # fmt: skip
+        opts = SSCOptions(solver="fast", mode="exact", dtype=torch.float64).checked()
+        fast = run_admm(x, make_plan(x.shape, x.device, opts), alpha_e=alpha_e, alpha_z=alpha_z,
+                        rho=opts.rho, eps=0.0, max_iter=admm.SCHEDULE.iterations, progress=False)  # fmt: skip
         quick = working_sets(max_set, fast.coef)
         if quick is not None:
             quick.timings = {"fast": sum(fast.timings.values()), **quick.timings}
