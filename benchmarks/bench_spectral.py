@@ -13,7 +13,7 @@ Providers:
                   assign_labels="discretize", random_state=0).fit(W)`` (ARPACK)
   torch_eigh      ``torch.linalg.eigh`` of the normalised affinity alone (all vectors)
   gemm            one ``S @ X`` with X of 36 columns (the Krylov block): its rate sets
-                  ``EIGH_COST = t(ours_eigh's eigensolver) * rate / N^3``
+                  ``EigenChoice.eigh_cost = t(ours_eigh's eigensolver) * rate / N^3``
   chebyshev       the same with eigen_solver="chebyshev" (Chebyshev-filtered subspace
                   iteration at every N, what "auto" runs on a GPU above its crossover;
                   its rows give the labels' agreement with ``ours_eigh``, the filter
@@ -197,8 +197,9 @@ def run(device, sizes, reps, out_dir, sklearn_max, torch_eigh_max, eigh_max, wit
     meta["torch_threads"] = torch.get_num_threads()
     meta["blas_threads"] = 1 if device == "cpu" else None
     meta["k"] = K
-    meta["eigh_crossover_in_code"] = dict(spectral_module.EIGH_CROSSOVER)
-    meta["eigh_cost_in_code"] = spectral_module.EIGH_COST
+    choice = spectral_module.EIGEN_CHOICE
+    meta["eigh_crossover_in_code"] = {"cpu": choice.crossover_cpu, "cuda": choice.crossover_cuda}
+    meta["eigh_cost_in_code"] = choice.eigh_cost
     meta["structures"] = {k: dict(groups=g, nnz=z, p_out=p) for k, (g, z, p) in STRUCTURES.items()}
     meta["timing"] = "median over reps, providers interleaved in one process"
     rows = []

@@ -11,6 +11,7 @@ from sklearn.metrics import adjusted_rand_score
 
 import videoanchor.anchor.spectral as spectral_module
 from videoanchor.anchor.spectral import (
+    EigenChoice,
     block_krylov_eigvecs,
     chebyshev_eigvecs,
     discretize,
@@ -159,19 +160,21 @@ def test_krylov_float32_no_gap_converges_on_the_block():
     assert float((q.double().T @ evec[:, 0]).norm()) > 1 - 1e-6  # the isolated vector
 
 
-def test_krylov_budget_falls_back_to_eigh_with_a_warning(monkeypatch):
+def test_krylov_budget_falls_back_to_eigh_with_a_warning():
     w, _ = sparse_group_affinity(300, 6, seed=12, dtype=torch.float64)
-    monkeypatch.setattr(spectral_module, "EIGH_CROSSOVER", {"cpu": 100, "cuda": 100})
-    monkeypatch.setattr(spectral_module, "EIGH_COST", 100.0)  # ample at this tiny N
+    choice = EigenChoice(crossover_cpu=100, crossover_cuda=100, eigh_cost=100.0)  # ample here
     dense = spectral_embedding(w, 6, eigen_solver="eigh")
-    krylov = spectral_embedding(w, 6, eigen_solver="auto", seed=1)  # converges in budget
+    krylov = spectral_embedding(w, 6, eigen_solver="auto", seed=1, choice=choice)
+    assert torch.equal(krylov, spectral_embedding(w, 6, eigen_solver="krylov", seed=1))
     qd, _ = torch.linalg.qr(dense)
     qk, _ = torch.linalg.qr(krylov)
     assert torch.allclose(qd @ qd.T, qk @ qk.T, atol=1e-6)
     assert not torch.equal(dense, krylov)  # auto above the crossover is not eigh
     with pytest.warns(RuntimeWarning, match="budget"):
-        starved = spectral_embedding(w, 6, eigen_solver="auto", seed=1, max_iter=1)
+        starved = spectral_embedding(w, 6, eigen_solver="auto", seed=1, max_iter=1, choice=choice)
     torch.testing.assert_close(starved, dense)
+    # the default choice runs eigh at this N
+    assert torch.equal(spectral_embedding(w, 6, eigen_solver="auto", seed=1), dense)
     with pytest.warns(RuntimeWarning, match="did not converge"):
         spectral_embedding(w, 6, eigen_solver="krylov", seed=1, max_iter=1)
 
@@ -200,26 +203,23 @@ def test_chebyshev_no_gap_converges_on_the_block(dtype):
     assert float((q.double().T @ evec[:, 0]).norm()) > 1 - 1e-6
 
 
-def test_chebyshev_is_what_auto_runs_off_the_cpu_and_its_budget_falls_back(monkeypatch):
-    """Above the crossover "auto" runs the solver AUTO_ABOVE names for the device (here
-    the GPU's, Chebyshev, on the CPU); out of steps it warns and finishes with eigh, and
-    named explicitly it warns and keeps its Ritz vectors."""
+def test_chebyshev_is_what_auto_runs_off_the_cpu_and_its_budget_falls_back():
+    """Above the crossover "auto" runs the solver the choice names for the device (here
+    the GPU's, Chebyshev, on the CPU, with its default steps); out of steps it warns and
+    finishes with eigh, and named explicitly it warns and keeps its Ritz vectors."""
     w, _ = sparse_group_affinity(300, 6, seed=12, dtype=torch.float64)
-    monkeypatch.setattr(spectral_module, "EIGH_CROSSOVER", {"cpu": 100, "cuda": 100})
-    monkeypatch.setattr(spectral_module, "AUTO_ABOVE", {"cpu": "chebyshev", "cuda": "chebyshev"})
-    ran = []
-    real = spectral_module.chebyshev_eigvecs
-    monkeypatch.setattr(spectral_module, "chebyshev_eigvecs",
-                        lambda *a, **k: ran.append(k["max_steps"]) or real(*a, **k))  # fmt: skip
+    choice = EigenChoice(crossover_cpu=100, above_cpu="chebyshev")
     dense = spectral_embedding(w, 6, eigen_solver="eigh")
-    cheb = spectral_embedding(w, 6, eigen_solver="auto", seed=1)
-    assert ran == [spectral_module.CHEBYSHEV_STEPS]
+    cheb = spectral_embedding(w, 6, eigen_solver="auto", seed=1, choice=choice)
+    steps = spectral_module.CHEBYSHEV_STEPS
+    assert torch.equal(cheb, spectral_embedding(w, 6, eigen_solver="chebyshev", seed=1,
+                                                max_iter=steps))  # fmt: skip
     qd, _ = torch.linalg.qr(dense)
     qc, _ = torch.linalg.qr(cheb)
     assert torch.allclose(qd @ qd.T, qc @ qc.T, atol=1e-6)
     assert not torch.equal(dense, cheb)
     with pytest.warns(RuntimeWarning, match="Chebyshev solver stopped at its budget after 1 steps"):
-        starved = spectral_embedding(w, 6, eigen_solver="auto", seed=1, max_iter=1)
+        starved = spectral_embedding(w, 6, eigen_solver="auto", seed=1, max_iter=1, choice=choice)
     torch.testing.assert_close(starved, dense)
     with pytest.warns(RuntimeWarning, match="Chebyshev solver did not converge.*last Ritz"):
         kept = spectral_embedding(w, 6, eigen_solver="chebyshev", seed=1, max_iter=1)

@@ -25,6 +25,7 @@ finds its vectors, elsewhere the block Krylov solver.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import warnings
@@ -103,29 +104,39 @@ def _normalized_affinity(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return s, dd
 
 
-# Dense eigensolver versus block Krylov, by measured cost. Both constants are set by
+# Dense eigensolver versus block Krylov, by measured cost (EigenChoice), set by
 # benchmarks/results/spectral_cpu.json (bench_spectral.py, one thread, shared 2-core CPU,
 # k = 24, float32, with and without a gap at k):
-# - EIGH_CROSSOVER["cpu"]: whole clustering with dense (LAPACK's partial ?syevx, 24
+# - crossover_cpu: whole clustering with dense (LAPACK's partial ?syevx, 24
 #   vectors) against Krylov ("ours_eigh", "ours_krylov"). At N = 1024 dense wins on
 #   every affinity (0.12-0.22 s against 0.22-0.83 s); at N = 2048 it is a draw (dense
 #   2.2 s on both; Krylov 1.1 s with a gap, 3.0 s without); at N = 4096 Krylov wins
 #   (3.9 / 16.5 s against 26.1 / 32.6 s). So dense up to 2048.
-# - EIGH_COST: the partial eigh's time times the measured GEMM rate over N^3
+# - eigh_cost: the partial eigh's time times the measured GEMM rate over N^3
 #   ("eigh_cost_n3" there: 1.1 to 8.5, median 2.7): the Krylov budget in flops is
-#   EIGH_COST * N^3, about one dense eigh, so "auto" never costs much over 2x eigh.
-# - EIGH_CROSSOVER["cuda"]: spectral_nvidia-h200.json (an H200, 2026-11-26, same
+#   eigh_cost * N^3, about one dense eigh, so "auto" never costs much over 2x eigh.
+# - crossover_cuda: spectral_nvidia-h200.json (an H200, 2026-11-26, same
 #   affinities, with and without a gap): dense eigh whole clustering 0.020-0.023 s at
 #   N = 1024, 0.035-0.039 s at 2048, 0.097-0.102 s at 4096, 0.50-0.51 s at 8192;
 #   :func:`chebyshev_eigvecs` 0.016-0.025 s, 0.018-0.031 s, 0.016-0.035 s and 0.031-0.067 s,
 #   the same labels wherever there is a gap at 24. So dense up to 1024 (even there),
 #   Chebyshev above (on an H100, 2026-11-24, the block Krylov solver lost to dense eigh up
 #   to 4096; on the H200 it took 0.046-0.160 s at 2048-4096).
-EIGH_CROSSOVER = {"cpu": 2048, "cuda": 1024}
-#: What "auto" runs above the crossover: on the CPU the block Krylov solver (its products
-#: cost, not its launches), on a GPU Chebyshev.
-AUTO_ABOVE = {"cpu": "krylov", "cuda": "chebyshev"}
-EIGH_COST = 2.7
+@dataclasses.dataclass(frozen=True)
+class EigenChoice:
+    """What ``eigen_solver="auto"`` runs (:func:`spectral_embedding`), by device: dense
+    ``eigh`` up to ``crossover_*`` tokens, above it ``above_*`` (``"krylov"`` or
+    ``"chebyshev"``), the Krylov solver with a budget of ``eigh_cost * N^3`` flops.
+    A variant is passed as ``choice=``; the default is :data:`EIGEN_CHOICE`."""
+
+    crossover_cpu: int = 2048
+    crossover_cuda: int = 1024
+    above_cpu: str = "krylov"
+    above_cuda: str = "chebyshev"
+    eigh_cost: float = 2.7
+
+
+EIGEN_CHOICE = EigenChoice()
 
 
 def _orthonormal_complement(w: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
@@ -438,6 +449,7 @@ def spectral_embedding(
     eigen_solver: str = "auto",
     tol: float | None = None,
     max_iter: int | None = None,
+    choice: EigenChoice = EIGEN_CHOICE,
 ) -> torch.Tensor:
     """The ``(N, n_components)`` spectral embedding ``D^{-1/2} V`` of ``affinity``.
 
@@ -451,9 +463,9 @@ def spectral_embedding(
       in float64);
     - ``"chebyshev"``: :func:`chebyshev_eigvecs`, the same stop (``max_iter``: its most
       filter steps, default ``CHEBYSHEV_STEPS``);
-    - ``"auto"``: ``eigh`` up to ``EIGH_CROSSOVER`` tokens for the device (2048 on the
+    - ``"auto"``: ``eigh`` up to ``choice``'s crossover for the device (2048 on the
       CPU, 1024 elsewhere, measured in ``benchmarks/results/spectral_*.json``); above it
-      Krylov on the CPU, with a budget of about one dense ``eigh``'s work (``EIGH_COST *
+      Krylov on the CPU, with a budget of about one dense ``eigh``'s work (``eigh_cost *
       N^3``; ``max_iter``, if given, also caps the block steps), Chebyshev elsewhere (at
       most ``max_iter`` or ``CHEBYSHEV_STEPS`` steps). If either runs out it says so
       (``RuntimeWarning``) and finishes with ``eigh``.
@@ -469,15 +481,16 @@ def spectral_embedding(
     s, dd = _normalized_affinity(affinity)
     if tol is None:
         tol = 1e-4 if s.dtype == torch.float32 else 1e-7
-    device = "cpu" if s.device.type == "cpu" else "cuda"
+    cpu = s.device.type == "cpu"
     solver = eigen_solver
     if eigen_solver == "auto":
-        solver = "eigh" if n <= EIGH_CROSSOVER[device] else AUTO_ABOVE[device]
+        crossover = choice.crossover_cpu if cpu else choice.crossover_cuda
+        solver = "eigh" if n <= crossover else (choice.above_cpu if cpu else choice.above_cuda)
     if n < 4 * (n_components + 8):
         solver = "eigh"
     vecs = None
     if solver != "eigh":
-        budget = math.inf if eigen_solver != "auto" else EIGH_COST * float(n) ** 3
+        budget = math.inf if eigen_solver != "auto" else choice.eigh_cost * float(n) ** 3
         _, vecs, info = _block_eigvecs(s, n_components, solver, seed=seed, tol=tol,
                                        max_steps=max_iter, max_flops=budget)  # fmt: skip
     if vecs is not None and not info["converged"]:
@@ -740,6 +753,7 @@ def sparse_spectral_labels(
     assign_labels: str = "discretize",
     draws: int = 1,
     eigen_solver: str = "auto",
+    max_steps: int = 200,
 ) -> torch.Tensor:
     """``(draws, N)`` labels of a sparse symmetric affinity (COO), without densifying it:
     one embedding, ``draws`` label assignments (``spectral.labels_from_embedding``).
@@ -753,7 +767,7 @@ def sparse_spectral_labels(
     on SSC affinities (``benchmarks/results/sparse_spectral_cpu.json``), Chebyshev
     elsewhere. Where the graph has more components than ``n_clusters`` the block Krylov
     solver runs (Chebyshev off the CPU); if ARPACK does not converge, it says so and the
-    block Krylov solver finishes. Each block solver has 200 steps."""
+    block Krylov solver finishes. Each block solver has ``max_steps`` steps (warned)."""
     if eigen_solver not in ("auto", "arpack", "subspace", "chebyshev"):
         raise ValueError(
             f"eigen_solver: expected 'auto', 'arpack', 'subspace' or 'chebyshev' for a sparse "
@@ -775,7 +789,7 @@ def sparse_spectral_labels(
                 gen = torch.Generator().manual_seed(int(seed))
                 on_device = eigen_solver == "auto" and s.device.type != "cpu"
                 block = "chebyshev" if eigen_solver == "chebyshev" or on_device else "krylov"
-                _, vecs, _, _ = _top_eigvecs_subspace(s, n_clusters, gen, 1e-7, 200, block)
+                _, vecs, _, _ = _top_eigvecs_subspace(s, n_clusters, gen, 1e-7, max_steps, block)
     emb = vecs / dd[:, None]
     return labels_from_embedding(
         emb, n_clusters, seed=seed, assign_labels=assign_labels, draws=draws
