@@ -1,0 +1,525 @@
+"""The working sets on the features' device: each column's inner steps in its own Triton
+program, the passes in torch on the same device (docs/ssc-gpu.md).
+
+The program (docs/method.md section 2) is, per column ``i``, a weighted lasso in
+``z = [c; e]`` over ``P = [Y, I]`` with ``a^T z = 1`` (``a``: 1 on ``c``, 0 on ``e``) and
+``c_i = 0``, as in :mod:`videoanchor.anchor.workset`. Here:
+
+- **one program per column at a time** (:func:`_columns_kernel`, persistent: ``programs``
+  programs stride over the columns) holds the column's working set in ``M`` slots (a
+  coefficient ``0..N-1`` or an outlier entry ``N..``) and solves the program restricted to
+  it by the primal active-set method (the worst violator joins with its multiplier's sign;
+  where a support variable would change sign the step stops at the first, which leaves).
+  The support's system ``lambda_z K_FF + gamma a a^T`` and **its inverse over the slots**
+  live in a per-program scratch in global memory (``M x M`` float64 each, cached in L2),
+  read and updated in row tiles of ``BR x M`` (a variable joins by a bordering update,
+  leaves by a Schur downdate; one refinement step against the system follows each solve).
+  So the registers a program needs follow the tile, not ``M``: the slot counts that
+  N = 2048-8192 needs compile without spills (``tests/test_workset_cuda.py``), and every
+  sweep reads only the slots in use (``used x used``);
+- **the passes** (:func:`_pass`) run in torch on all columns at once: every variable's
+  multiplier from the slots' answer, the ``grow`` worst violators of each column into its
+  free slots. No host read inside a pass; **one per pass** after it (whether any column
+  violates and whether all are solved). The products run in float32 until no column
+  violates at ``SCREEN`` (``precision="float32"``, the default), then in float64 to the
+  kernel's own ``tol``: the answer is certified in float64 (:func:`column_gaps`);
+- **the slots grow in two levels**: ``slots[0]`` for every column; a column whose support
+  fills them while a variable still violates is set aside and, once the others are
+  solved, continues alone with ``slots[1]``. A column that outgrows those too, or passes
+  that run out, is the defined fallback: the fast solver's answer for the whole call with
+  ``solver="fast"`` and a warning giving its gap (never a partly solved ``C``, as
+  :func:`~videoanchor.anchor.workset.run_workset`). The result reports which:
+  ``strategy`` ``"workset_cuda"`` (one level), ``"workset_cuda_wide"`` (some columns took
+  the second; ``history["wide_columns"]`` says how many) or the fast solver's.
+
+Triton is imported when this solver runs, never by ``import videoanchor``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+import warnings
+from dataclasses import replace
+
+import torch
+
+from videoanchor.anchor._inputs import as_feature_tensor
+from videoanchor.anchor.plan import Plan
+from videoanchor.anchor.program import column_gaps, gram_row_max, ssc_lambdas
+from videoanchor.anchor.ssc import ADMMResult, run_admm
+from videoanchor.anchor.workset import nearest_points
+
+__all__ = ["SLOTS", "run_workset_cuda", "solve_workset_cuda"]
+
+#: A column's end in a kernel run: its set is optimal; the inner steps ran out.
+SOLVED, STALLED = 0, 1
+#: The two levels of slots: every column's, and the wider one for a column that fills it
+#: (video-like tokens at N = 2064 need up to ~114: 98 coefficients and 16 new; docs/ssc.md).
+SLOTS = (128, 512)
+#: Elements of one row tile (``BR x M``): the registers a program holds for a matrix.
+TILE = 2048
+#: The relative KKT violation below which a float32 pass adds nothing: then float64 passes
+#: follow (float32's products are good to ~1e-6 relative here).
+SCREEN = 1e-5
+#: The kernel's smallest Schur pivot of a join, relative to the variable's diagonal.
+RIDGE = 1e-10
+#: The largest relative duality gap of an answer called certified (as the CPU's sets).
+CERTIFIED = 1e-8
+
+
+@functools.cache
+def _triton():
+    """The kernel, compiled on first use (Triton imported here, not with the package)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _row(A, r0, used, offs, BR: tl.constexpr, M: tl.constexpr):
+        """The row tile ``A[r0:r0 + BR, :]`` over the slots in use (0 elsewhere) and its
+        row numbers."""
+        rows = r0 + tl.arange(0, BR)
+        m = (rows[:, None] < used) & (offs[None, :] < used)
+        return tl.load(A + rows[:, None] * M + offs[None, :], mask=m, other=0.0), rows
+
+    @triton.jit
+    def _pick(x, rows, offs):
+        """``x[rows]`` of a register vector ``x``."""
+        return tl.sum(tl.where(rows[:, None] == offs[None, :], x[None, :], 0.0), axis=1)
+
+    @triton.jit
+    def _put(v, rows, offs):
+        """The vector over the slots that is ``v`` at ``rows``, 0 elsewhere."""
+        return tl.sum(tl.where(rows[:, None] == offs[None, :], v[:, None], 0.0), axis=0)
+
+    @triton.jit
+    def _matvec2(A, x, y, used, offs, BR: tl.constexpr, M: tl.constexpr):
+        """``A x`` and ``A y`` in one sweep over ``A``'s row tiles."""
+        ax = tl.zeros([M], dtype=tl.float64)
+        ay = tl.zeros([M], dtype=tl.float64)
+        for r0 in range(0, used, BR):
+            t, rows = _row(A, r0, used, offs, BR, M)
+            ax += _put(tl.sum(t * x[None, :], axis=1), rows, offs)
+            ay += _put(tl.sum(t * y[None, :], axis=1), rows, offs)
+        return ax, ay
+
+    @triton.jit
+    def _matvec(A, x, used, offs, BR: tl.constexpr, M: tl.constexpr):
+        ax = tl.zeros([M], dtype=tl.float64)
+        for r0 in range(0, used, BR):
+            t, rows = _row(A, r0, used, offs, BR, M)
+            ax += _put(tl.sum(t * x[None, :], axis=1), rows, offs)
+        return ax
+
+    @triton.jit
+    def _join(Hinv, H, F, q, used, offs, ridge, BR: tl.constexpr, M: tl.constexpr):
+        """Slot ``q`` joins the support ``F`` (without ``q``) of the inverse ``Hinv`` (zero
+        off ``F``): a bordering update, in place."""
+        hq = tl.load(H + q * M + offs, mask=offs < used, other=0.0)  # (H is symmetric)
+        eta = tl.sum(tl.where(offs == q, hq, 0.0))
+        h = tl.where(F, hq, 0.0)
+        u = _matvec(Hinv, h, used, offs, BR, M)
+        delta = tl.maximum(eta - tl.sum(h * u), ridge * eta)
+        eq = offs == q
+        for r0 in range(0, used, BR):
+            t, rows = _row(Hinv, r0, used, offs, BR, M)
+            ur = _pick(u, rows, offs)
+            t += ur[:, None] * u[None, :] / delta
+            t = tl.where(eq[None, :], -ur[:, None] / delta, t)
+            t = tl.where((rows == q)[:, None], -u[None, :] / delta, t)
+            t = tl.where((rows == q)[:, None] & eq[None, :], 1.0 / delta, t)
+            m = (rows[:, None] < used) & (offs[None, :] < used)
+            tl.store(Hinv + rows[:, None] * M + offs[None, :], t, mask=m)
+        tl.debug_barrier()
+
+    @triton.jit
+    def _leave(Hinv, p, used, offs, BR: tl.constexpr, M: tl.constexpr):
+        """Slot ``p`` leaves the support: a Schur downdate of ``Hinv``, in place."""
+        cp = tl.load(Hinv + p * M + offs, mask=offs < used, other=0.0)
+        d = tl.sum(tl.where(offs == p, cp, 0.0))
+        ep = offs == p
+        cp = tl.where(ep, 0.0, cp)
+        tl.debug_barrier()  # (row p is read by every thread before any writes it)
+        for r0 in range(0, used, BR):
+            t, rows = _row(Hinv, r0, used, offs, BR, M)
+            t -= _pick(cp, rows, offs)[:, None] * cp[None, :] / d
+            t = tl.where((rows == p)[:, None] | ep[None, :], 0.0, t)
+            m = (rows[:, None] < used) & (offs[None, :] < used)
+            tl.store(Hinv + rows[:, None] * M + offs[None, :], t, mask=m)
+        tl.debug_barrier()
+
+    @triton.jit
+    def _target(Hinv, H, F, r, a, used, offs, BR: tl.constexpr, M: tl.constexpr):
+        """The support's equality-constrained minimiser (zero off ``F``) and the border's
+        multiplier ``t``: ``H z = r + t a``, ``a^T z = 1``, refined once against ``H``."""
+        af = tl.where(F, a, 0.0)
+        x1, x2 = _matvec2(Hinv, r, af, used, offs, BR, M)
+        den = tl.sum(af * x2)
+        t = (1.0 - tl.sum(af * x1)) / den
+        z = x1 + t * x2
+        res = tl.where(F, r + t * af - _matvec(H, z, used, offs, BR, M), 0.0)
+        dz = _matvec(Hinv, res, used, offs, BR, M)
+        dt = (1.0 - tl.sum(af * (z + dz))) / den
+        return z + dz + dt * x2, t + dt
+
+    @triton.jit
+    def _columns_kernel(G, X, cols_ptr, ids_ptr, z_ptr, mu_ptr, status_ptr, steps_ptr,
+                        H_ptr, Hinv_ptr, scalars, n_cols, N, D, max_inner, M: tl.constexpr,
+                        BR: tl.constexpr):  # fmt: skip
+        # float64 scalars from memory (a Python float argument would be float32)
+        lam_z = tl.load(scalars)
+        lam_e = tl.load(scalars + 1)
+        gamma = tl.load(scalars + 2)
+        tol = tl.load(scalars + 3)
+        ridge = tl.load(scalars + 4)
+        pid = tl.program_id(0)
+        offs = tl.arange(0, M)
+        H = H_ptr + pid.to(tl.int64) * M * M  # this program's scratch
+        Hinv = Hinv_ptr + pid.to(tl.int64) * M * M
+        for k in range(pid, n_cols, tl.num_programs(0)):
+            tl.debug_barrier()  # (the last column's sweeps are done before this one writes)
+            i = tl.load(cols_ptr + k)
+            ids = tl.load(ids_ptr + k * M + offs)
+            valid = ids >= 0
+            used = tl.max(tl.where(valid, offs + 1, 0))
+            coef = valid & (ids < N)
+            outl = valid & (ids >= N)
+            a = tl.where(coef, 1.0, 0.0).to(tl.float64)
+            w = tl.where(outl, lam_e, 1.0).to(tl.float64)
+            cid = tl.where(coef, ids, 0).to(tl.int64)
+            oid = tl.where(outl, ids - N, 0).to(tl.int64)
+            # P^T y_i over the slots: G[:, i] on coefficients, y_i = X[i, :] on outlier entries
+            p = tl.load(G + cid * N + i, mask=coef, other=0.0)
+            p += tl.load(X + i.to(tl.int64) * D + oid, mask=outl, other=0.0)
+            # H = lambda_z P^T P + gamma a a^T over the slots (K's G, Y^T, Y and I blocks by
+            # the slots' kinds), row tile by row tile into the scratch; Hinv = 0 there
+            for r0 in range(0, used, BR):
+                rows = r0 + tl.arange(0, BR)
+                rid = tl.load(ids_ptr + k * M + rows, mask=rows < used, other=-1)
+                rc = (rid >= 0) & (rid < N)
+                ro = rid >= N
+                rcid = tl.where(rc, rid, 0).to(tl.int64)
+                roid = tl.where(ro, rid - N, 0).to(tl.int64)
+                K = tl.load(G + rcid[:, None] * N + cid[None, :], mask=rc[:, None] & coef[None, :],
+                            other=0.0)  # fmt: skip
+                K += tl.load(X + rcid[:, None] * D + oid[None, :],
+                             mask=rc[:, None] & outl[None, :], other=0.0)  # fmt: skip
+                K += tl.load(X + cid[None, :] * D + roid[:, None],
+                             mask=ro[:, None] & coef[None, :], other=0.0)  # fmt: skip
+                K += tl.where(ro[:, None] & outl[None, :] & (rid[:, None] == ids[None, :]), 1.0, 0.0)
+                ra = tl.where(rc, 1.0, 0.0)
+                m = (rows[:, None] < used) & (offs[None, :] < used)
+                tl.store(H + rows[:, None] * M + offs[None, :],
+                         lam_z * K + gamma * ra[:, None] * a[None, :], mask=m)  # fmt: skip
+                tl.store(Hinv + rows[:, None] * M + offs[None, :],
+                         tl.zeros([BR, M], dtype=tl.float64), mask=m)  # fmt: skip
+            tl.debug_barrier()
+            z = tl.load(z_ptr + k * M + offs)
+            F = (z != 0.0) & valid
+            s = tl.where(z > 0.0, 1.0, tl.where(z < 0.0, -1.0, 0.0)).to(tl.float64)
+            Fb = offs < 0  # the support joined so far
+            for q in range(0, used):
+                if tl.sum(tl.where((offs == q) & F, 1, 0)) > 0:
+                    _join(Hinv, H, Fb, q, used, offs, ridge, BR, M)
+                    Fb = Fb | (offs == q)
+            steps = 0
+            status = 1
+            mu = tl.zeros([], dtype=tl.float64)
+            # slots that left at once after joining (a step of length 0): kept out until the
+            # iterate moves, else the same violator would join and leave forever
+            tabu = offs < 0
+            done = 0
+            while (done == 0) & (steps < max_inner):
+                zt, t = _target(Hinv, H, F, tl.where(F, lam_z * p - s * w, 0.0), a, used, offs,
+                                BR, M)  # fmt: skip
+                mu = gamma - t
+                bad = F & (s * zt <= 0.0)
+                if tl.sum(tl.where(bad, 1, 0)) > 0:
+                    # step to the first support variable that reaches zero; it leaves
+                    gone = z - zt
+                    ratio = tl.where(bad, z / tl.where(gone != 0.0, gone, 1.0), 2.0)
+                    alpha = tl.min(ratio)
+                    out = tl.argmin(ratio, axis=0)
+                    tabu = tl.where(alpha > 0.0, offs < 0, tabu | (offs == out))
+                    z = tl.where(F, z + alpha * (zt - z), 0.0)
+                    z = tl.where(offs == out, 0.0, z)
+                    F = F & (offs != out)
+                    s = tl.where(offs == out, 0.0, s)
+                    _leave(Hinv, out, used, offs, BR, M)
+                else:
+                    moved = tl.max(tl.where(F, tl.abs(zt - z), 0.0)) > 0.0
+                    tabu = tl.where(moved, offs < 0, tabu)
+                    z = tl.where(F, zt, 0.0)
+                    # lambda_z K z = H z - gamma a (a^T z)
+                    hz = _matvec(H, z, used, offs, BR, M)
+                    m = lam_z * p - (hz - gamma * a * tl.sum(a * z)) - mu * a
+                    viol = tl.where(valid & ~F & (ids != i), (tl.abs(m) - w) / w, 0.0)
+                    worst = tl.max(tl.where(tabu, 0.0, viol))
+                    if worst > tol:
+                        q = tl.argmax(tl.where(tabu, 0.0, viol), axis=0)
+                        mq = tl.sum(tl.where(offs == q, m, 0.0))
+                        _join(Hinv, H, F, q, used, offs, ridge, BR, M)
+                        F = F | (offs == q)
+                        s = tl.where(offs == q, tl.where(mq > 0.0, 1.0, -1.0), s)
+                    else:  # solved, unless a slot kept out still violates (the next pass)
+                        status = tl.where(tl.max(viol) > tol, 1, 0)
+                        done = 1
+                steps += 1
+            tl.store(z_ptr + k * M + offs, tl.where(F, z, 0.0))
+            tl.store(mu_ptr + k, mu)
+            tl.store(status_ptr + k, status)
+            tl.store(steps_ptr + k, steps)
+
+    # Triton (compiler and interpreter alike) resolves a kernel's callees and ``tl`` through
+    # its module's globals: they are bound here, on first use
+    globals().update(tl=tl, _row=_row, _pick=_pick, _put=_put, _matvec2=_matvec2,
+                     _matvec=_matvec, _join=_join, _leave=_leave, _target=_target)  # fmt: skip
+    return _columns_kernel
+
+
+def row_tile(slots: int) -> int:
+    """Rows per tile at ``slots`` slots (``TILE`` elements, at least one row)."""
+    return max(1, min(slots, TILE // slots))
+
+
+def launch(state: dict, *, programs: int, num_warps: int = 4) -> None:
+    """One kernel run over the columns of ``state`` (:func:`_state`), in place."""
+    M = state["ids"].shape[1]
+    n_cols = state["ids"].shape[0]
+    programs = max(1, min(programs, n_cols))
+    scratch = state.setdefault("scratch", {})
+    if scratch.get("shape") != (programs, M):
+        dev = state["ids"].device
+        scratch.update(shape=(programs, M),
+                       H=torch.empty(programs, M, M, dtype=torch.float64, device=dev),
+                       Hinv=torch.empty(programs, M, M, dtype=torch.float64, device=dev))  # fmt: skip
+    p = state["program"]
+    _triton()[(programs,)](
+        p["G"], p["X"], state["cols"], state["ids"], state["z"], state["mu"], state["status"],
+        state["steps_pass"], scratch["H"], scratch["Hinv"], p["params"], n_cols, p["n"], p["d"],
+        p["max_inner"], M=M, BR=row_tile(M), num_warps=num_warps,
+    )  # fmt: skip
+
+
+def _state(program: dict, cols: torch.Tensor, ids: torch.Tensor, z: torch.Tensor) -> dict:
+    n = len(cols)
+    dev = ids.device
+    return dict(program=program, cols=cols, ids=ids, z=z,
+                mu=torch.zeros(n, dtype=torch.float64, device=dev),
+                status=torch.zeros(n, dtype=torch.int32, device=dev),
+                steps_pass=torch.zeros(n, dtype=torch.int32, device=dev),
+                steps=torch.zeros(n, dtype=torch.int64, device=dev),
+                aside=torch.zeros(n, dtype=torch.bool, device=dev))  # fmt: skip
+
+
+def _scatter(ids: torch.Tensor, z: torch.Tensor, width: int) -> torch.Tensor:
+    """Each row's slots as a dense row of ``width`` variables (empty slots into a column
+    past the end, dropped): no host read."""
+    out = torch.zeros((ids.shape[0], width + 1), dtype=z.dtype, device=z.device)
+    out.scatter_(1, torch.where(ids >= 0, ids, width), z)
+    return out[:, :width]
+
+
+def _pass(state: dict, *, exact: bool, grow: int, programs: int, num_warps: int = 4):
+    """One pass over ``state``'s columns, on their device with no host read: the kernel,
+    every variable's KKT violation (products in float64 where ``exact``, else float32),
+    the ``grow`` worst into each column's free slots. A column whose slots are full while a
+    variable violates is set aside (``state["aside"]``). Returns the flags the host reads
+    after it: ``[any column not aside violates, every column not aside is solved]``."""
+    launch(state, programs=programs, num_warps=num_warps)
+    p = state["program"]
+    n, d = p["n"], p["d"]
+    ids, z, cols, aside = state["ids"], state["z"], state["cols"], state["aside"]
+    state["steps"] += state["steps_pass"]
+    nc, M = ids.shape
+    full = _scatter(ids, z, n + d)  # (nc, n + d): column k's variables in row k
+    dt = torch.float64 if exact else torch.float32
+    X = p["X"] if exact else p["X32"]
+    c, e = full[:, :n].T.to(dt), full[:, n:].T.to(dt)
+    r = X.T[:, cols] - X.T @ c - e  # (D, nc): each column's residual
+    m = p["lam_z"] * torch.cat([X @ r, r]).T  # (nc, N + D): lambda_z P^T r per column
+    m[:, :n] -= state["mu"][:, None].to(dt)
+    viol = torch.cat([(m.abs() - p["weights"].to(dt)) / p["weights"].to(dt),
+                      torch.zeros(nc, 1, dtype=dt, device=m.device)], dim=1)  # fmt: skip
+    rows = torch.arange(nc, device=ids.device)
+    viol[rows, cols] = -math.inf  # c_i stays 0
+    support = (ids >= 0) & (z != 0)
+    viol.scatter_(1, torch.where(support, ids, n + d), -math.inf)
+    top, new = viol[:, : n + d].topk(min(grow, n + d - 1), dim=1)
+    fresh = top > (p["tol"] if exact else SCREEN)
+    keep = support.sum(dim=1)
+    aside |= fresh.any(dim=1) & (keep == M)  # its slots are full: the next level's
+    # each column keeps its support and takes its violators into the free slots
+    order = torch.argsort((~support).to(torch.int8), dim=1, stable=True)
+    ids2 = torch.where(support, ids, -1).gather(1, order)
+    z2 = z.gather(1, order)
+    put = keep[:, None] + torch.arange(new.shape[1], device=ids.device)[None, :]
+    ok = fresh & (put < M)
+    ids2 = torch.cat([ids2, ids2.new_full((nc, 1), -1)], dim=1)
+    ids2.scatter_(1, torch.where(ok, put, M), torch.where(ok, new, -1))
+    state["ids"] = torch.where(aside[:, None], ids, ids2[:, :M])
+    state["z"] = torch.where(aside[:, None], z, z2)
+    live = ~aside
+    return torch.stack([(fresh.any(dim=1) & live).any(),
+                        ((state["status"] == SOLVED) | aside).all()])  # fmt: skip
+
+
+def _solve_level(state: dict, *, precision: str, grow: int, max_passes: int, programs: int,
+                 num_warps: int, reads: list) -> tuple[int, bool]:  # fmt: skip
+    """Passes over ``state`` until no column that is not set aside violates (float64), at
+    most ``max_passes``; returns the passes and whether it got there. One host read per
+    pass (``reads`` counts them)."""
+    exact = precision == "float64"
+    for passes in range(1, max_passes + 1):
+        flags = _pass(state, exact=exact, grow=grow, programs=programs, num_warps=num_warps)
+        any_fresh, all_solved = flags.tolist()  # the pass's one host read
+        reads.append("pass")
+        if not any_fresh and all_solved:
+            if exact:
+                return passes, True
+            exact = True  # float32 quiet: float64 passes from here
+    return max_passes, False
+
+
+def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800.0,
+                       slots: tuple[int, ...] = SLOTS, grow: int = 16, tol: float = 1e-9,
+                       max_passes: int = 500, max_inner: int = 1000,
+                       precision: str = "float32", programs: int | None = None,
+                       num_warps: int = 4) -> dict:  # fmt: skip
+    """The program's minimiser for ``features`` (``N x D``) by the working sets on their
+    device (module docstring), float64 inside the kernel. ``slots``: the slots per column at
+    each level (powers of two, increasing; at most two levels are needed, more are allowed).
+    ``programs``: the kernel's programs (None: 4 per SM on CUDA, 8 elsewhere).
+
+    Returns a dict: ``coef``, ``outliers`` (float64, on the device), ``lambda_e``,
+    ``lambda_z``, ``passes`` (the sum over the levels), ``converged`` (every column solved
+    within its slots and the passes), ``wide_columns`` (columns that took a level past the
+    first), ``overflow`` (columns whose set outgrew the last level), ``steps`` (per column,
+    on the device), ``reads`` (host reads, by kind) and ``timings``."""
+    t0 = time.perf_counter()
+    x = as_feature_tensor(features)
+    n, d = x.shape
+    if n < 2:
+        raise ValueError(f"SSC needs at least 2 points, got N = {n}")
+    slots = tuple(int(s) for s in slots)
+    if not slots or any(s < 2 or s & (s - 1) for s in slots) or list(slots) != sorted(set(slots)):
+        raise ValueError(f"slots: expected increasing powers of two >= 2, got {slots}")
+    if precision not in ("float32", "float64"):
+        raise ValueError(f"precision: expected 'float32' or 'float64', got {precision!r}")
+    for name, value in (("grow", grow), ("max_passes", max_passes), ("max_inner", max_inner)):
+        if int(value) < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value}")
+    if not tol >= 0:
+        raise ValueError(f"tol: expected a non-negative number, got {tol}")
+    dev = x.device
+    if programs is None:
+        programs = (4 * torch.cuda.get_device_properties(dev).multi_processor_count
+                    if dev.type == "cuda" else 8)  # fmt: skip
+    reads: list = []
+    X = x.detach().to(torch.float64).contiguous()
+    G = X @ X.T
+    G = (G + G.T) / 2  # (the kernel reads H's rows for its columns: exactly symmetric)
+    lam_e, lam_z, _, _ = ssc_lambdas(X, alpha_e, alpha_z, row_max=gram_row_max(X, gram=G))
+    reads += ["lambdas"] * 3  # (mu_e, mu_z and the median: ssc_lambdas' floats)
+    f64 = dict(dtype=torch.float64, device=dev)
+    params = torch.tensor([lam_z, lam_e, 0.0, tol, RIDGE], **f64)
+    params[2] = lam_z * G.diagonal().max()  # gamma, on the device
+    program = dict(G=G, X=X, X32=X.float(), n=n, d=d, lam_z=lam_z, params=params,
+                   tol=float(tol), max_inner=int(max_inner),
+                   weights=torch.cat([torch.ones(n, dtype=torch.float64, device=dev),
+                                      torch.full((d,), lam_e, dtype=torch.float64,
+                                                 device=dev)]))  # fmt: skip
+    cols = torch.arange(n, device=dev)
+    ids = torch.full((n, slots[0]), -1, dtype=torch.int64, device=dev)
+    z = torch.zeros((n, slots[0]), dtype=torch.float64, device=dev)
+    ids[:, 0], z[:, 0] = nearest_points(G), 1.0
+    t1 = time.perf_counter()
+    final_ids = torch.full((n, slots[-1]), -1, dtype=torch.int64, device=dev)
+    final_z = torch.zeros((n, slots[-1]), dtype=torch.float64, device=dev)
+    steps = torch.zeros(n, dtype=torch.int64, device=dev)
+    total, converged, wide, overflow = 0, True, 0, 0
+    for level, M in enumerate(slots):
+        state = _state(program, cols, ids, z)
+        passes, done = _solve_level(state, precision=precision, grow=grow,
+                                    max_passes=max_passes, programs=programs,
+                                    num_warps=num_warps, reads=reads)  # fmt: skip
+        total += passes
+        converged &= done
+        final_ids[cols, :M], final_z[cols, :M] = state["ids"], state["z"]
+        steps[cols] += state["steps"]
+        aside = state["aside"]
+        count = int(aside.sum())
+        reads.append("level")
+        if not count or not done or level + 1 == len(slots):
+            overflow = count
+            converged &= count == 0
+            break
+        wide += count if level == 0 else 0
+        # the columns set aside continue with the next level's slots, from their sets
+        keep = torch.nonzero(aside).flatten()
+        cols = cols[keep]
+        nxt = slots[level + 1]
+        ids = torch.cat([state["ids"][keep], ids.new_full((count, nxt - M), -1)], dim=1)
+        z = torch.cat([state["z"][keep], z.new_zeros((count, nxt - M))], dim=1)
+    full = _scatter(final_ids, final_z, n + d)
+    coef, outliers = full[:, :n].T.contiguous(), full[:, n:].T.contiguous()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t2 = time.perf_counter()
+    return dict(coef=coef, outliers=outliers, lambda_e=lam_e, lambda_z=lam_z, passes=total,
+                converged=converged, wide_columns=wide, overflow=overflow, steps=steps,
+                reads=reads, timings={"lambdas": t1 - t0, "workset_cuda": t2 - t1})  # fmt: skip
+
+
+def run_workset_cuda(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float,
+                     rho: float, eps: float, max_iter: int, affine: bool = True,
+                     outliers: bool = True, progress=None, **_) -> ADMMResult:  # fmt: skip
+    """The working sets on ``x``'s device (:func:`solve_workset_cuda`) as ``plan`` says,
+    with :func:`~videoanchor.anchor.workset.run_workset`'s calling convention and result:
+    ``coef`` in ``plan.work`` on ``x``'s device, certified in float64 on the device
+    (``gap``: the largest relative duality gap; ``strategy`` ``"workset_cuda"`` or
+    ``"workset_cuda_wide"``; ``history``: passes, wide and overflowing columns, host reads).
+    Where a column outgrows the slots, the passes run out or the answer is not certified
+    (gap below :data:`CERTIFIED`), the fast solver's answer (``plan`` with
+    ``solver="fast"``, ``rho``, ``eps``, ``max_iter``, ``progress``) with ``solver="fast"``
+    and a warning giving its gap. Solves the method's program only (``affine``,
+    ``outliers``)."""
+    if not (affine and outliers):
+        raise ValueError(
+            "the working sets solve the method's program (affine=True, outliers=True), got "
+            f"affine={affine}, outliers={outliers}; use solver 'fast' or 'faithful'"
+        )
+    if getattr(progress, "schedules_only", False):  # a scheduler's hook: its turn
+        progress.wait()
+    out = solve_workset_cuda(x, alpha_e=alpha_e, alpha_z=alpha_z)
+    t = time.perf_counter()
+    gaps = column_gaps(x.detach().to(torch.float64).T, out["coef"], out["lambda_e"],
+                       out["lambda_z"])  # fmt: skip
+    gap = gaps.max_gap
+    timings = {**out["timings"], "certificate": time.perf_counter() - t}
+    history = {k: out[k] for k in ("passes", "wide_columns", "overflow")}
+    history["host_reads"] = len(out["reads"]) + 3  # (+ the certificate's three floats)
+    if out["converged"] and gap < CERTIFIED:
+        return ADMMResult(coef=out["coef"].to(plan.work), iterations=out["passes"],
+                          converged=True, residual=gap, gap=gap, lambda_e=out["lambda_e"],
+                          lambda_z=out["lambda_z"], rho=0.0,
+                          strategy="workset_cuda_wide" if out["wide_columns"] else "workset_cuda",
+                          outliers=out["outliers"].to(plan.work), history=history,
+                          timings=timings)  # fmt: skip
+    fast = run_admm(x, replace(plan, solver="fast", strategy="dense"), alpha_e=alpha_e,
+                    alpha_z=alpha_z, rho=rho, eps=eps, max_iter=max_iter, progress=progress)  # fmt: skip
+    fast.gap = column_gaps(x.detach().to(torch.float64).T, fast.coef.to(torch.float64),
+                           fast.lambda_e, fast.lambda_z).max_gap  # fmt: skip
+    fast.solver = "fast"
+    fast.history = {"workset_cuda": history, "fast": fast.history}
+    fast.timings = {**timings, **{f"fast_{k}": v for k, v in fast.timings.items()}}
+    why = (f"{out['overflow']} columns outgrew {SLOTS[-1]} slots" if out["overflow"] else
+           "the passes ran out" if not out["converged"] else f"its gap {gap:.3g}")  # fmt: skip
+    warnings.warn(
+        f"SSC: the working sets on the GPU did not certify these {x.shape[0]} tokens ({why}); "
+        f"the answer is the fast solver's, not certified: relative duality gap {fast.gap:.3g}",
+        UserWarning,
+        stacklevel=2,
+    )
+    return fast
