@@ -151,21 +151,19 @@ def _orthonormal_complement(w: torch.Tensor, v: torch.Tensor | None) -> torch.Te
     return q
 
 
-def block_krylov_eigvecs(
-    matmul,
-    n: int,
-    k: int,
-    *,
-    dtype: torch.dtype,
-    device,
-    seed: int = 0,
-    tol: float = 1e-4,
-    max_flops: float = math.inf,
-    max_steps: int | None = None,
-    matmul_flops: float,
-    block: int | None = None,
-    max_basis: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def _start_block(n: int, m: int, seed: int, device, dtype) -> torch.Tensor:
+    """An orthonormal ``N x m`` start block from a CPU generator: the same on every device."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return _orthonormal_complement(
+        torch.randn(n, m, generator=gen, dtype=torch.float64).to(device, dtype), None
+    )
+
+
+def block_krylov_eigvecs(matmul, n: int, k: int, *, dtype: torch.dtype, device, seed: int = 0,
+                         tol: float = 1e-4, max_flops: float = math.inf,
+                         max_steps: int | None = None, matmul_flops: float,
+                         block: int | None = None, max_basis: int | None = None,
+                         ) -> tuple[torch.Tensor, torch.Tensor, dict]:  # fmt: skip
     """The ``k`` leading eigenpairs of a symmetric ``N x N`` operator (``matmul(X) = S X``).
 
     Thick-restart block Lanczos: a block of ``k`` wanted plus ``max(8, k // 2)`` guard
@@ -185,9 +183,7 @@ def block_krylov_eigvecs(
     """
     m = min(n, block or k + max(8, k // 2))
     max_basis = min(n, max_basis or 6 * m)
-    gen = torch.Generator().manual_seed(int(seed))
-    x0 = torch.randn(n, m, generator=gen, dtype=torch.float64).to(device, dtype)
-    v = [_orthonormal_complement(x0, None)]
+    v = [_start_block(n, m, seed, device, dtype)]
     sv = [matmul(v[0])]
     flops = matmul_flops * m + 8 * n * m * m
     h = (v[0].T @ sv[0]).double().cpu()
@@ -251,19 +247,10 @@ CHEBYSHEV_DEGREE, CHEBYSHEV_GUARD, CHEBYSHEV_STEPS = 8, 12, 30
 STALL_STEPS, STALL_RATIO = 3, 0.9
 
 
-def chebyshev_eigvecs(
-    matmul,
-    n: int,
-    k: int,
-    *,
-    dtype: torch.dtype,
-    device,
-    seed: int = 0,
-    tol: float = 1e-4,
-    max_steps: int = CHEBYSHEV_STEPS,
-    degree: int = CHEBYSHEV_DEGREE,
-    guard: int = CHEBYSHEV_GUARD,
-) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def chebyshev_eigvecs(matmul, n: int, k: int, *, dtype: torch.dtype, device, seed: int = 0,
+                      tol: float = 1e-4, max_steps: int = CHEBYSHEV_STEPS,
+                      degree: int = CHEBYSHEV_DEGREE, guard: int = CHEBYSHEV_GUARD,
+                      ) -> tuple[torch.Tensor, torch.Tensor, dict]:  # fmt: skip
     """The ``k`` leading eigenpairs of a normalised affinity (``matmul(X) = S X``, its
     spectrum in ``[-1, 1]``) by Chebyshev-filtered subspace iteration.
 
@@ -289,8 +276,7 @@ def chebyshev_eigvecs(
         if int(value) < 1:
             raise ValueError(f"{name}: expected a positive integer, got {value}")
     m = min(n, k + max(0, int(guard)))
-    gen = torch.Generator().manual_seed(int(seed))
-    x, _ = torch.linalg.qr(torch.randn(n, m, generator=gen, dtype=torch.float64).to(device, dtype))
+    x = _start_block(n, m, seed, device, dtype)
 
     def ritz(x):
         sx = matmul(x)
@@ -690,15 +676,9 @@ def labels_from_embedding(
 
 @bounded()
 @exact_float32
-def spectral_labels(
-    affinity: torch.Tensor,
-    n_clusters: int,
-    *,
-    seed: int = 0,
-    assign_labels: str = "discretize",
-    eigen_solver: str = "auto",
-    draws: int = 1,
-) -> torch.Tensor:
+def spectral_labels(affinity: torch.Tensor, n_clusters: int, *, seed: int = 0,
+                    assign_labels: str = "discretize", eigen_solver: str = "auto",
+                    draws: int = 1) -> torch.Tensor:  # fmt: skip
     """``(draws, N)`` labels of a precomputed affinity: one spectral embedding, ``draws``
     label assignments from it (:func:`labels_from_embedding`). Row 0 is
     :func:`spectral_clustering`'s answer."""
@@ -722,14 +702,9 @@ def spectral_labels(
 
 @bounded()
 @exact_float32
-def spectral_clustering(
-    affinity: torch.Tensor,
-    n_clusters: int,
-    *,
-    seed: int = 0,
-    assign_labels: str = "discretize",
-    eigen_solver: str = "auto",
-) -> torch.Tensor:
+def spectral_clustering(affinity: torch.Tensor, n_clusters: int, *, seed: int = 0,
+                        assign_labels: str = "discretize", eigen_solver: str = "auto",
+                        ) -> torch.Tensor:  # fmt: skip
     """Labels (``N``, int64, canonical ids by first appearance) of a precomputed affinity.
 
     ``assign_labels="discretize"`` follows scikit-learn's
@@ -745,16 +720,10 @@ def spectral_clustering(
 
 @bounded()
 @exact_float32
-def sparse_spectral_labels(
-    w: torch.Tensor,
-    n_clusters: int,
-    *,
-    seed: int = 0,
-    assign_labels: str = "discretize",
-    draws: int = 1,
-    eigen_solver: str = "auto",
-    max_steps: int = 200,
-) -> torch.Tensor:
+def sparse_spectral_labels(w: torch.Tensor, n_clusters: int, *, seed: int = 0,
+                           assign_labels: str = "discretize", draws: int = 1,
+                           eigen_solver: str = "auto", max_steps: int = 200,
+                           ) -> torch.Tensor:  # fmt: skip
     """``(draws, N)`` labels of a sparse symmetric affinity (COO), without densifying it:
     one embedding, ``draws`` label assignments (``spectral.labels_from_embedding``).
 
