@@ -21,11 +21,11 @@
 # together; request_cost's fidelity 94 s, sensitivity (5 trials) 39 s, the 16-frame cost
 # row within its budget. The profile, backward, blocked, integration, ssc and tune have not
 # run to completion on a GPU yet (ESTIMATED caps): they run --quick (or small sizes); nor has
-# columns_triton (bench_columns_triton: its kernel compiled, then two solves at N = 2064; its
-# 30 s were taken from ncu's 90, also ESTIMATED).
+# workset_cuda (bench_workset_cuda: the GPU working sets against the fast solver at 16, 32
+# and 64 frames, the yardstick at 16; its 240 s are ESTIMATED, never run on a GPU).
 #
 # Other forms: STEPS="name ..." runs the named steps only (names: tests profile nsys ncu
-# attention decode paged sparse_spectral request_cost profile_ssc columns_triton spectral backward
+# attention decode paged sparse_spectral request_cost profile_ssc workset_cuda spectral backward
 # ssc blocked integration
 # scores tune vllm tp; tp runs bench_tp and bench_split); no CALL runs every step in one
 # call (more than ten minutes); STEP_TIMEOUT=seconds lowers every cap; an argument --quick
@@ -40,7 +40,7 @@ mkdir -p "$OUT"
 QUICK=()
 [ "${1:-}" = "--quick" ] && QUICK=(--quick)
 TESTS="tests:560"
-CALL1="profile:50 nsys:60 ncu:60 attention:150 decode:70 paged:30 sparse_spectral:40 columns_triton:30"
+CALL1="profile:50 nsys:60 ncu:60 attention:150 decode:70 paged:30 sparse_spectral:40 workset_cuda:240"
 CALL2="request_cost:240 profile_ssc:30 spectral:60 backward:40 ssc:40 blocked:40 integration:50 scores:30 tune:30 vllm:0 tp:0"
 case "${CALL:-}" in
   1) PLAN="$CALL1" ;;
@@ -130,9 +130,8 @@ fi
 if want profile_ssc; then  # where the scores' time goes, by stage and operator
   step profile_ssc profile_ssc.log python benchmarks/profile_ssc.py --n 2048 --solvers fast
 fi
-if want columns_triton; then  # the per-column Triton working sets (a prototype) against the fast solver
-  step columns_triton bench_columns_triton.log python benchmarks/bench_columns_triton.py --n 2064 \
-    --d 3584 --slots 128 --num-warps 8 --out-dir "$OUT"
+if want workset_cuda; then  # the GPU working sets against the fast solver, the yardstick at 16 frames
+  step workset_cuda bench_workset_cuda.log python benchmarks/bench_workset_cuda.py --out-dir "$OUT"
 fi
 if want spectral; then
   step spectral bench_spectral.log python benchmarks/bench_spectral.py --device cuda --no-ssc \

@@ -49,7 +49,6 @@ from videoanchor.anchor._inputs import as_feature_tensor
 from videoanchor.anchor.plan import Plan
 from videoanchor.anchor.program import column_gaps, gram_row_max, ssc_lambdas
 from videoanchor.anchor.ssc import ADMMResult, run_admm
-from videoanchor.anchor.workset import nearest_points
 
 __all__ = ["SLOTS", "run_workset_cuda", "solve_workset_cuda"]
 
@@ -207,7 +206,9 @@ def _triton():
                              mask=rc[:, None] & outl[None, :], other=0.0)  # fmt: skip
                 K += tl.load(X + cid[None, :] * D + roid[:, None],
                              mask=ro[:, None] & coef[None, :], other=0.0)  # fmt: skip
-                K += tl.where(ro[:, None] & outl[None, :] & (rid[:, None] == ids[None, :]), 1.0, 0.0)
+                K += tl.where(
+                    ro[:, None] & outl[None, :] & (rid[:, None] == ids[None, :]), 1.0, 0.0
+                )
                 ra = tl.where(rc, 1.0, 0.0)
                 m = (rows[:, None] < used) & (offs[None, :] < used)
                 tl.store(H + rows[:, None] * M + offs[None, :],
@@ -297,7 +298,7 @@ def launch(state: dict, *, programs: int, num_warps: int = 4) -> None:
     p = state["program"]
     _triton()[(programs,)](
         p["G"], p["X"], state["cols"], state["ids"], state["z"], state["mu"], state["status"],
-        state["steps_pass"], scratch["H"], scratch["Hinv"], p["params"], n_cols, p["n"], p["d"],
+        state["steps_pass"], scratch["H"], scratch["Hinv"], p["scalars"], n_cols, p["n"], p["d"],
         p["max_inner"], M=M, BR=row_tile(M), num_warps=num_warps,
     )  # fmt: skip
 
@@ -423,9 +424,9 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
     lam_e, lam_z, _, _ = ssc_lambdas(X, alpha_e, alpha_z, row_max=gram_row_max(X, gram=G))
     reads += ["lambdas"] * 3  # (mu_e, mu_z and the median: ssc_lambdas' floats)
     f64 = dict(dtype=torch.float64, device=dev)
-    params = torch.tensor([lam_z, lam_e, 0.0, tol, RIDGE], **f64)
-    params[2] = lam_z * G.diagonal().max()  # gamma, on the device
-    program = dict(G=G, X=X, X32=X.float(), n=n, d=d, lam_z=lam_z, params=params,
+    scalars = torch.tensor([lam_z, lam_e, 0.0, tol, RIDGE], **f64)
+    scalars[2] = lam_z * G.diagonal().max()  # gamma, on the device
+    program = dict(G=G, X=X, X32=X.float(), n=n, d=d, lam_z=lam_z, scalars=scalars,
                    tol=float(tol), max_inner=int(max_inner),
                    weights=torch.cat([torch.ones(n, dtype=torch.float64, device=dev),
                                       torch.full((d,), lam_e, dtype=torch.float64,
@@ -433,7 +434,11 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
     cols = torch.arange(n, device=dev)
     ids = torch.full((n, slots[0]), -1, dtype=torch.int64, device=dev)
     z = torch.zeros((n, slots[0]), dtype=torch.float64, device=dev)
-    ids[:, 0], z[:, 0] = nearest_points(G), 1.0
+    # each column starts from its nearest other point, c = e_j (as workset.nearest_points:
+    # a sibling module in the layers' contract, so not imported)
+    dist = G.diagonal()[:, None] + G.diagonal()[None, :] - 2 * G
+    dist.fill_diagonal_(math.inf)
+    ids[:, 0], z[:, 0] = dist.argmin(dim=0), 1.0
     t1 = time.perf_counter()
     final_ids = torch.full((n, slots[-1]), -1, dtype=torch.int64, device=dev)
     final_z = torch.zeros((n, slots[-1]), dtype=torch.float64, device=dev)
