@@ -63,12 +63,13 @@ def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False) -> Path:
     rows = []
     for name, (per_frame, d) in shapes.items():
         for f in frames:
-            x = video_tokens(f, per_frame, d, k=max(2, f // 2), seed=0).to(device)
+            clusters = max(2, f // 2)
+            x = video_tokens(f, per_frame, d, k=clusters, seed=0).to(device)
             n = x.shape[0]
             kw = dict(slots=(32,), grow=8, max_inner=300) if smoke else {}
             solvers = {
                 "workset_cuda": lambda x=x, kw=kw: wc.solve_workset_cuda(x, **kw),
-                "fast": lambda x=x, k=max(2, f // 2): compute_anchor_scores(
+                "fast": lambda x=x, k=clusters: compute_anchor_scores(
                     x, k, solver="fast", progress=False),
             }  # fmt: skip
             ref = None
