@@ -111,3 +111,21 @@ def test_compiles_without_spills_at_the_slot_counts_used(cc):
         assert row["cc"] == cc and row["constexprs"]["M"] == slots
         assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
         assert 0 < row["registers"] <= 255 and row["shared_bytes"] <= row["shared_limit"]
+
+
+def test_the_route_returns_a_certified_result_or_the_fast_fallback():
+    """``run_workset_cuda`` (the solvers' calling convention): the certified minimiser in
+    the plan's dtype, ``strategy`` saying so; where a column outgrows the last level of
+    slots, the fast solver's answer with ``solver="fast"`` and a warning."""
+    from videoanchor.anchor.plan import Plan
+
+    x = video_tokens(2, 8, 12, k=2, seed=1)
+    plan = Plan(mode="exact", solver="workset", backend="torch", device=x.device,
+                work=torch.float32)  # fmt: skip
+    kw = dict(alpha_e=800.0, alpha_z=800.0, rho=0.1, eps=1e-4, max_iter=60, progress=False)
+    res = wc.run_workset_cuda(x, plan, slots=(32,), **kw)
+    assert res.strategy == "workset_cuda" and res.converged and res.gap < wc.CERTIFIED
+    assert res.coef.dtype == torch.float32 and res.history["overflow"] == 0
+    with pytest.warns(UserWarning, match="outgrew 4 slots"):
+        fast = wc.run_workset_cuda(x, plan, slots=(4,), **kw)
+    assert fast.solver == "fast" and fast.history["workset_cuda"]["overflow"] > 0

@@ -479,7 +479,8 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
 
 def run_workset_cuda(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float,
                      rho: float, eps: float, max_iter: int, affine: bool = True,
-                     outliers: bool = True, progress=None, **_) -> ADMMResult:  # fmt: skip
+                     outliers: bool = True, progress=None, slots: tuple[int, ...] = SLOTS,
+                     **_) -> ADMMResult:  # fmt: skip
     """The working sets on ``x``'s device (:func:`solve_workset_cuda`) as ``plan`` says,
     with :func:`~videoanchor.anchor.workset.run_workset`'s calling convention and result:
     ``coef`` in ``plan.work`` on ``x``'s device, certified in float64 on the device
@@ -488,7 +489,8 @@ def run_workset_cuda(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: fl
     Where a column outgrows the slots, the passes run out or the answer is not certified
     (gap below :data:`CERTIFIED`), the fast solver's answer (``plan`` with
     ``solver="fast"``, ``rho``, ``eps``, ``max_iter``, ``progress``) with ``solver="fast"``
-    and a warning giving its gap. Solves the method's program only (``affine``,
+    and a warning giving its gap. ``slots``: the levels of slots (:data:`SLOTS`). Solves
+    the method's program only (``affine``,
     ``outliers``)."""
     if not (affine and outliers):
         raise ValueError(
@@ -497,7 +499,7 @@ def run_workset_cuda(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: fl
         )
     if getattr(progress, "schedules_only", False):  # a scheduler's hook: its turn
         progress.wait()
-    out = solve_workset_cuda(x, alpha_e=alpha_e, alpha_z=alpha_z)
+    out = solve_workset_cuda(x, alpha_e=alpha_e, alpha_z=alpha_z, slots=slots)
     t = time.perf_counter()
     gaps = column_gaps(x.detach().to(torch.float64).T, out["coef"], out["lambda_e"],
                        out["lambda_z"])  # fmt: skip
@@ -519,7 +521,7 @@ def run_workset_cuda(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: fl
     fast.solver = "fast"
     fast.history = {"workset_cuda": history, "fast": fast.history}
     fast.timings = {**timings, **{f"fast_{k}": v for k, v in fast.timings.items()}}
-    why = (f"{out['overflow']} columns outgrew {SLOTS[-1]} slots" if out["overflow"] else
+    why = (f"{out['overflow']} columns outgrew {slots[-1]} slots" if out["overflow"] else
            "the passes ran out" if not out["converged"] else f"its gap {gap:.3g}")  # fmt: skip
     warnings.warn(
         f"SSC: the working sets on the GPU did not certify these {x.shape[0]} tokens ({why}); "
