@@ -1,5 +1,7 @@
 """Spectral clustering in torch: embedding, discretisation, k-means, determinism."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -403,3 +405,67 @@ def test_cuda_labels_equal_cpu_labels(eigen_solver):
     cpu = spectral_clustering(w, 4, seed=0, eigen_solver=eigen_solver)
     gpu = spectral_clustering(w.cuda(), 4, seed=0, eigen_solver=eigen_solver)
     assert torch.equal(gpu.cpu(), cpu)
+
+
+def test_chebyshev_host_reads_do_not_grow_with_its_steps():
+    """The filter steps read nothing back: runs of 2, 7 and 25 steps (tol 0: every step
+    runs, in one round) read values the same number of times, counted as
+    bench_host_overhead counts them (the profiler's scalar reads, each ``item`` counted with
+    its ``_local_scalar_dense``, plus ``tolist``). On the CPU that count includes reads of
+    host tensors (the host eigh's error check, the Ritz values): 14 per call, of which two
+    rounds x (the projection's ``tolist``, the residual) read device data on a GPU."""
+    from benchmarks.bench_host_overhead import host_counts
+
+    w, _ = sparse_group_affinity(203, 7, nnz=9, p_out=0.1, seed=16, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # sparse CSR is "beta"
+        s = _normalized(w).to_sparse_csr()
+        counts = {}
+        for max_steps in (2, 7, 25):
+            info = {}
+
+            def call(max_steps=max_steps, info=info):
+                info.update(chebyshev_eigvecs(lambda x: s @ x, 203, 7, dtype=s.dtype,
+                                              device="cpu", tol=0.0, max_steps=max_steps)[2])  # fmt: skip
+
+            counts[max_steps] = host_counts(call, n=2)["syncs_per_call"]
+            assert info["steps"] == max_steps and not info["converged"]
+    assert counts == {2: 14, 7: 14, 25: 14}, counts
+
+
+@pytest.mark.parametrize("n,k", [(157, 5), (311, 9)], ids=["n157-k5", "n311-k9"])
+def test_chebyshev_with_a_gap_converges_in_one_round_to_eighs_labels(n, k):
+    """Odd shapes with a gap at k: the first round's step count suffices (host reads: 4),
+    and the labels are dense eigh's (float64)."""
+    from benchmarks.bench_spectral import group_affinity
+
+    w = group_affinity(n, k, 10, 0.02, seed=n).double()
+    s = _normalized(w)
+    ev = torch.linalg.eigvalsh(s)
+    assert ev[-k] - ev[-k - 1] > 0.1
+    _, _, info = chebyshev_eigvecs(lambda x: s @ x, n, k, dtype=s.dtype, device="cpu", tol=1e-7)
+    assert info["converged"] and info["steps"] <= 4, info
+    for seed in (0, 3):
+        labels = spectral_clustering(w, k, seed=seed, eigen_solver="chebyshev")
+        assert torch.equal(labels, spectral_clustering(w, k, seed=seed, eigen_solver="eigh"))
+
+
+def test_chebyshev_filter_step_is_the_polynomial():
+    """The step the CUDA graph captures, run eagerly on the CPU with tensor ``centre`` and
+    ``half`` (as the graph holds them): its span is ``T_d((S - c) / h) X``'s, computed in
+    float64 from the eigendecomposition."""
+    w, _ = block_affinity([23, 31, 19], p_out=0.1, seed=17)
+    s = _normalized(w)
+    x = torch.linalg.qr(torch.randn(73, 5, generator=torch.Generator().manual_seed(1),
+                                    dtype=torch.float64))[0]  # fmt: skip
+    c, h = torch.tensor(-0.4, dtype=torch.float64), torch.tensor(0.6, dtype=torch.float64)
+    out = spectral_module._filter(lambda v: s @ v, x, c, h, 6)
+    ev, vec = torch.linalg.eigh(s)
+    t = torch.cos(6 * torch.acos(((ev - c) / h).clamp(-1, 1)))
+    big = (ev - c) / h > 1
+    t[big] = torch.cosh(6 * torch.acosh((ev[big] - c) / h))
+    ref = torch.linalg.qr(vec @ (t[:, None] * (vec.T @ x)))[0]
+    torch.testing.assert_close(out @ out.T, ref @ ref.T, rtol=0, atol=1e-10)
+    step = spectral_module._FilterStep(lambda v: s @ v, x, 6, graph=True)
+    assert step.graph is None  # no CUDA here: eager
+    torch.testing.assert_close(step(x, -0.4, 0.6), out, rtol=0, atol=1e-12)

@@ -238,34 +238,34 @@ def block_krylov_eigvecs(matmul, n: int, k: int, *, dtype: torch.dtype, device, 
 #: it stopped on the block residual 1e-4 after 3 steps with a gap at k = 24 and 9-17
 #: without one (spectral_nvidia-h200.json).
 CHEBYSHEV_DEGREE, CHEBYSHEV_GUARD, CHEBYSHEV_STEPS = 8, 12, 30
-#: :func:`chebyshev_eigvecs` stops early where ``STALL_STEPS`` steps cut the residual by
-#: less than ``1 - STALL_RATIO``: where the products round (TF32 products, which a process
+#: :func:`chebyshev_eigvecs` stops early where a round of ``r`` steps cuts the residual by
+#: less than ``1 - STALL_RATIO ** r``: where the products round (TF32 products, which a process
 #: may impose on the spectral step beside a compiled model, floor it near 1e-3: on the
 #: 2026-11-26 H200 lease all 30 steps ran at 1.0-1.1e-3, then dense eigh), no step helps. The
 #: slowest convergence measured, without a gap, cut it about 1.4x per step (the sparse
 #: affinity at N = 8192 to 1e-7 in 44 steps, sparse_spectral_nvidia-h200.json).
-STALL_STEPS, STALL_RATIO = 3, 0.9
+STALL_RATIO = 0.9
 
 
 def chebyshev_eigvecs(matmul, n: int, k: int, *, dtype: torch.dtype, device, seed: int = 0,
                       tol: float = 1e-4, max_steps: int = CHEBYSHEV_STEPS,
                       degree: int = CHEBYSHEV_DEGREE, guard: int = CHEBYSHEV_GUARD,
-                      ) -> tuple[torch.Tensor, torch.Tensor, dict]:  # fmt: skip
+                      graph: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:  # fmt: skip
     """The ``k`` leading eigenpairs of a normalised affinity (``matmul(X) = S X``, its
     spectrum in ``[-1, 1]``) by Chebyshev-filtered subspace iteration.
 
     A block of ``k + guard`` vectors (from a CPU generator seeded with ``seed``: the same
-    start on every device) is, at each step, multiplied by the degree-``degree`` Chebyshev
-    polynomial of ``S`` that is at most 1 on ``[-1, cut]`` (``cut``: the block's smallest
-    Ritz value) and grows fast above it, orthonormalised (QR), and rotated onto its Ritz
-    vectors (Rayleigh-Ritz: the ``m x m`` projection in float64 on the host). It stops
-    where the ``N x k`` Ritz block's residual ``||S Q - Q diag(theta)||_F`` is at most
-    ``tol`` (read off the Rayleigh-Ritz product, no extra one), as
-    :func:`block_krylov_eigvecs` does, or after ``max_steps`` steps, or where the residual
-    stalls (``STALL_STEPS``, ``STALL_RATIO``; ``info["stalled"]``), with
-    ``info["converged"] = False``. Its work per step is ``degree + 1`` products of ``S``
-    by the block, one QR of it and one read of an ``m x m`` matrix: few launches, no
-    growing basis.
+    start on every device) runs in rounds. A round reads the block's Rayleigh-Ritz
+    projection (``m x m``, float64, eigendecomposed on the host) and its residual
+    ``||S Q - Q diag(theta)||_F`` (two host reads), and fixes from them the cut (the
+    smallest Ritz value) and its step count (the steps that cut the residual to ``tol`` at
+    the rate ``1 / T_degree`` at the ``k``-th Ritz value). Each step multiplies the block
+    by the degree-``degree`` Chebyshev polynomial of ``S`` that is at most 1 on
+    ``[-1, cut]`` and orthonormalises it (QR): no host read, one CUDA graph on CUDA
+    (``graph``: None or True try it, False runs eagerly). It stops where the residual is at
+    most ``tol``, after ``max_steps`` steps, or where a round of ``r`` steps cuts it by less
+    than ``1 - STALL_RATIO ** r`` (``info["stalled"]``), with ``info["converged"] = False``.
+    With a gap at ``k`` the first round usually converges: four host reads in all.
 
     Returns ``(theta (k,) descending, float64 on the host; Q (N, k) on ``device``, info)``;
     ``info`` has ``converged``, ``steps``, ``residual``, ``stalled``.
@@ -277,10 +277,11 @@ def chebyshev_eigvecs(matmul, n: int, k: int, *, dtype: torch.dtype, device, see
             raise ValueError(f"{name}: expected a positive integer, got {value}")
     m = min(n, k + max(0, int(guard)))
     x = _start_block(n, m, seed, device, dtype)
+    step = _FilterStep(matmul, x, int(degree), graph)
 
-    def ritz(x):
+    def ritz(x):  # two host reads: the m x m projection, the residual
         sx = matmul(x)
-        h = (x.T @ sx).double().cpu()
+        h = torch.tensor((x.T @ sx).tolist(), dtype=torch.float64)
         theta, y = torch.linalg.eigh((h + h.T) / 2)
         theta, y = theta.flip(0), y.flip(1).to(device, dtype)
         q, sq = x @ y, sx @ y
@@ -288,23 +289,71 @@ def chebyshev_eigvecs(matmul, n: int, k: int, *, dtype: torch.dtype, device, see
         return theta, q, res
 
     theta, x, res = ritz(x)
-    steps, history = 0, [res]
+    steps, stalled = 0, False
     while not res <= tol and steps < max_steps:
-        if len(history) > STALL_STEPS and res > STALL_RATIO * history[-1 - STALL_STEPS]:
-            break  # stalled: the products' rounding floors the residual (TF32: about 1e-3)
-        steps += 1
         cut = float(theta[-1])  # damp [-1, cut]; the floor on its half-width keeps the
         # polynomial under 1e21 on [-1, 1] (float32 holds it) where cut nears -1
         centre, half = (cut - 1.0) / 2, max((cut + 1.0) / 2, 1e-2)
-        y_prev, y = x, (matmul(x) - centre * x) / half
-        for _ in range(int(degree) - 1):
-            y_prev, y = y, 2 * (matmul(y) - centre * y) / half - y_prev
-        x, _ = torch.linalg.qr(y)
+        # the round's step count, fixed before it: the block's error shrinks by about
+        # 1 / T_degree((theta_k - centre) / half) per step (the guard vectors under the cut)
+        z = (float(theta[k - 1]) - centre) / half
+        rate = 1 / math.cosh(degree * math.acosh(z)) if z > 1 else 1.0
+        want = math.ceil(math.log(tol / res) / math.log(rate)) if 0 < rate < 1 and tol > 0 else n
+        todo = min(max(want, 1), int(max_steps) - steps)
+        for _ in range(todo):  # no host read in here
+            x = step(x, centre, half)
+        steps += todo
+        before = res
         theta, x, res = ritz(x)
-        history.append(res)
-    stalled = not res <= tol and steps < max_steps
+        if not res <= tol and res > STALL_RATIO**todo * before:
+            stalled = steps < max_steps  # the products' rounding floors it (TF32: ~1e-3)
+            break
     return theta[:k], x[:, :k], dict(converged=res <= tol, steps=steps, residual=res,
                                      stalled=stalled)  # fmt: skip
+
+
+def _filter(matmul, x, centre, half, degree: int) -> torch.Tensor:
+    """One Chebyshev filter step: ``T_degree((S - centre) / half) x``, orthonormalised (QR)."""
+    y_prev, y = x, (matmul(x) - centre * x) / half
+    for _ in range(degree - 1):
+        y_prev, y = y, 2 * (matmul(y) - centre * y) / half - y_prev
+    return torch.linalg.qr(y)[0]
+
+
+class _FilterStep:
+    """:func:`_filter` for one operator and block shape. On CUDA (``graph`` None or True) it
+    is captured once as a CUDA graph, with the block, ``centre`` and ``half`` in static
+    buffers, and replayed at every step of every round: one launch, no host read; where
+    capture fails it runs eagerly (``self.graph`` None), as it does elsewhere."""
+
+    def __init__(self, matmul, x: torch.Tensor, degree: int, graph: bool | None):
+        self.run = lambda x, c, h: _filter(matmul, x, c, h, degree)
+        self.graph = None
+        if x.device.type != "cuda" or graph is False:
+            return
+        self.x, self.c, self.h = x.clone(), x.new_zeros(()), x.new_ones(())
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up before capture, as torch asks
+                self.run(self.x, self.c, self.h)
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                self.out = self.run(self.x, self.c, self.h)
+            self.graph = g
+        except RuntimeError as exc:
+            warnings.warn(f"chebyshev_eigvecs: no CUDA graph ({exc}); eager", RuntimeWarning,
+                          stacklevel=3)  # fmt: skip
+
+    def __call__(self, x: torch.Tensor, centre: float, half: float) -> torch.Tensor:
+        if self.graph is None:
+            return self.run(x, centre, half)
+        self.x.copy_(x)
+        self.c.fill_(centre)
+        self.h.fill_(half)
+        self.graph.replay()
+        return self.out
 
 
 def _dense_top_eigvecs(s: torch.Tensor, k: int) -> torch.Tensor:
