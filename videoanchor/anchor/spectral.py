@@ -7,8 +7,7 @@ Normalised spectral clustering (Shi & Malik / Ng, Jordan & Weiss):
    normalised Laplacian ``I - S``), by a dense eigensolver up to a crossover measured per
    device; above it, on the CPU by a thick-restart block Krylov solver (``O(N^2 k)`` per
    step, stopped on the residual of the whole ``k``-dimensional block, work bounded), on
-   a GPU by Chebyshev-filtered subspace iteration (the same stop; block products and one
-   small QR per step, what a GPU runs fast);
+   a GPU by Chebyshev-filtered subspace iteration (no host read per step);
 3. labels by the Yu & Shi discretisation that scikit-learn's
    ``SpectralClustering(assign_labels="discretize")`` uses (a port of its algorithm), or
    by seeded k-means++ / Lloyd on the row-normalised embedding.
@@ -19,8 +18,7 @@ vector (``N`` uniform numbers) before ``discretize`` draws its start row, and so
 ``np.random.seed(s)`` wherever the clustering is well-posed. The Krylov start block comes
 from a CPU ``torch.Generator`` seeded with ``seed``: the same input and seed give the
 same labels on every device (up to floating-point ties). A sparse affinity (blocked mode)
-is never densified: on the CPU ARPACK (scipy's ``eigsh``, from scikit-learn's start vector)
-finds its vectors, elsewhere the block Krylov solver.
+is never densified: ARPACK (scipy's ``eigsh``) on the CPU, Chebyshev elsewhere.
 """
 
 from __future__ import annotations
@@ -104,24 +102,13 @@ def _normalized_affinity(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return s, dd
 
 
-# Dense eigensolver versus block Krylov, by measured cost (EigenChoice), set by
-# benchmarks/results/spectral_cpu.json (bench_spectral.py, one thread, shared 2-core CPU,
-# k = 24, float32, with and without a gap at k):
-# - crossover_cpu: whole clustering with dense (LAPACK's partial ?syevx, 24
-#   vectors) against Krylov ("ours_eigh", "ours_krylov"). At N = 1024 dense wins on
-#   every affinity (0.12-0.22 s against 0.22-0.83 s); at N = 2048 it is a draw (dense
-#   2.2 s on both; Krylov 1.1 s with a gap, 3.0 s without); at N = 4096 Krylov wins
-#   (3.9 / 16.5 s against 26.1 / 32.6 s). So dense up to 2048.
-# - eigh_cost: the partial eigh's time times the measured GEMM rate over N^3
-#   ("eigh_cost_n3" there: 1.1 to 8.5, median 2.7): the Krylov budget in flops is
-#   eigh_cost * N^3, about one dense eigh, so "auto" never costs much over 2x eigh.
-# - crossover_cuda: spectral_nvidia-h200.json (an H200, 2026-11-26, same
-#   affinities, with and without a gap): dense eigh whole clustering 0.020-0.023 s at
-#   N = 1024, 0.035-0.039 s at 2048, 0.097-0.102 s at 4096, 0.50-0.51 s at 8192;
-#   :func:`chebyshev_eigvecs` 0.016-0.025 s, 0.018-0.031 s, 0.016-0.035 s and 0.031-0.067 s,
-#   the same labels wherever there is a gap at 24. So dense up to 1024 (even there),
-#   Chebyshev above (on an H100, 2026-11-24, the block Krylov solver lost to dense eigh up
-#   to 4096; on the H200 it took 0.046-0.160 s at 2048-4096).
+# EigenChoice's defaults, from benchmarks/results/spectral_cpu.json (one thread, k = 24,
+# float32, with and without a gap at k): dense (LAPACK's partial ?syevx) wins at N = 1024
+# (0.12-0.22 s against Krylov's 0.22-0.83 s), draws at 2048, loses at 4096 (26-33 s against
+# 3.9-16.5 s), so crossover_cpu = 2048; eigh_cost is the partial eigh's time times the GEMM
+# rate over N^3 (median 2.7), so "auto" never costs much over 2x eigh. crossover_cuda from
+# spectral_nvidia-h200.json: dense eigh 0.020-0.023 s at N = 1024, 0.035-0.039 s at 2048,
+# Chebyshev 0.016-0.025 s and 0.018-0.031 s, the same labels wherever there is a gap.
 @dataclasses.dataclass(frozen=True)
 class EigenChoice:
     """What ``eigen_solver="auto"`` runs (:func:`spectral_embedding`), by device: dense
@@ -232,18 +219,11 @@ def block_krylov_eigvecs(matmul, n: int, k: int, *, dtype: torch.dtype, device, 
         flops += matmul_flops * b + 6 * n * pp * b + 16 * n * b * b + 2 * n * (pp + b) * b
 
 
-#: :func:`chebyshev_eigvecs`' defaults: the filter's degree, the guard vectors beside the
-#: ``k`` wanted, and the most filter steps where ``spectral_embedding`` runs it by "auto"
-#: (then dense ``eigh``). On ``bench_spectral``'s affinities (float32, N = 1024 to 8192)
-#: it stopped on the block residual 1e-4 after 3 steps with a gap at k = 24 and 9-17
-#: without one (spectral_nvidia-h200.json).
+#: :func:`chebyshev_eigvecs`' defaults: degree, guard vectors, the most steps under "auto"
+#: (3 steps with a gap at k = 24, 9-17 without, spectral_nvidia-h200.json).
 CHEBYSHEV_DEGREE, CHEBYSHEV_GUARD, CHEBYSHEV_STEPS = 8, 12, 30
-#: :func:`chebyshev_eigvecs` stops early where a round of ``r`` steps cuts the residual by
-#: less than ``1 - STALL_RATIO ** r``: where the products round (TF32 products, which a process
-#: may impose on the spectral step beside a compiled model, floor it near 1e-3: on the
-#: 2026-11-26 H200 lease all 30 steps ran at 1.0-1.1e-3, then dense eigh), no step helps. The
-#: slowest convergence measured, without a gap, cut it about 1.4x per step (the sparse
-#: affinity at N = 8192 to 1e-7 in 44 steps, sparse_spectral_nvidia-h200.json).
+#: :func:`chebyshev_eigvecs` stops where a round of ``r`` steps cuts the residual by less
+#: than ``1 - STALL_RATIO ** r``: rounded products (TF32) floor it near 1e-3.
 STALL_RATIO = 0.9
 
 
@@ -342,16 +322,14 @@ class _FilterStep:
             with torch.cuda.graph(g):
                 self.out = self.run(self.x, self.c, self.h)
             self.graph = g
-        except RuntimeError as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever capture refuses runs eagerly
             warnings.warn(f"chebyshev_eigvecs: no CUDA graph ({exc}); eager", RuntimeWarning,
                           stacklevel=3)  # fmt: skip
 
     def __call__(self, x: torch.Tensor, centre: float, half: float) -> torch.Tensor:
         if self.graph is None:
             return self.run(x, centre, half)
-        self.x.copy_(x)
-        self.c.fill_(centre)
-        self.h.fill_(half)
+        self.x.copy_(x), self.c.fill_(centre), self.h.fill_(half)
         self.graph.replay()
         return self.out
 
@@ -376,10 +354,8 @@ def _dense_top_eigvecs(s: torch.Tensor, k: int) -> torch.Tensor:
 
 def _block_eigvecs(s, k: int, solver: str, *, seed: int, tol: float, max_steps: int | None,
                    max_flops: float = math.inf):  # fmt: skip
-    """The ``k`` leading eigenpairs of ``s`` (dense or sparse) by the block solver
-    ``solver`` (``"chebyshev"``: :func:`chebyshev_eigvecs`, at most ``max_steps`` steps, or
-    :data:`CHEBYSHEV_STEPS` where None; else :func:`block_krylov_eigvecs`, with
-    ``max_flops``): ``(theta, Q, info)``."""
+    """``(theta, Q, info)`` of ``s`` (dense or sparse) by :func:`chebyshev_eigvecs` (``solver``
+    "chebyshev"; ``max_steps`` None: ``CHEBYSHEV_STEPS``) or :func:`block_krylov_eigvecs`."""
     n = s.shape[0]
     if solver == "chebyshev":
         return chebyshev_eigvecs(
@@ -395,10 +371,8 @@ def _block_eigvecs(s, k: int, solver: str, *, seed: int, tol: float, max_steps: 
 
 def _top_eigvecs_subspace(s, k: int, gen: torch.Generator, tol: float, max_iter: int,
                           solver: str = "krylov"):  # fmt: skip
-    """The top eigenvectors of a sparse operator (the blocked mode's sparse affinity,
-    :func:`sparse_spectral_labels`): the block Krylov solver (``solver="krylov"``) or the
-    Chebyshev one (``"chebyshev"``) with a budget of ``max_iter`` steps, warning if it runs
-    out. Returns ``(theta, vectors, steps, converged)``."""
+    """``(theta, vectors, steps, converged)`` of a sparse ``s`` by the block solver ``solver``
+    ("krylov" or "chebyshev") in at most ``max_iter`` steps, warning if it runs out."""
     seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
     theta, q, info = _block_eigvecs(s, k, solver, seed=seed, tol=tol, max_steps=max_iter)
     if not info["converged"]:
@@ -577,13 +551,8 @@ def discretize(
     ``sklearn.cluster.discretize(..., random_state=seed)``, so both give the same
     partition for the same embedding. A ``random_state`` passed in is advanced.
 
-    Runs on the host whatever the device (the labels go back to ``vectors``' device): its
-    arithmetic is ``N x k`` and ``k x k`` products, and on a GPU each of its ``k`` starting
-    rows and each SVD step reads a value back (a synchronisation per step). On the first
-    H100 lease, with this loop on the device, the clustering outside the eigensolver took
-    12-14 ms at N = 2048, k = 24 (``spectral_nvidia-h100-80gb-hbm3.json``, ``ours`` less
-    ``eigh_vectors_only``; not profiled further); on the host it costs what it costs on a
-    CPU. The host form is not yet timed on a GPU (``bench_spectral.py --device cuda``).
+    Runs on the host whatever the device (the labels go back to ``vectors``' device): on a
+    GPU each of its starting rows and SVD steps would read a value back.
     """
     rng = np.random.RandomState(int(seed)) if random_state is None else random_state
     device = vectors.device
@@ -781,9 +750,8 @@ def sparse_spectral_labels(w: torch.Tensor, n_clusters: int, *, seed: int = 0,
     relative residual of ``ARPACK_TOL`` per vector; CPU; :func:`_top_eigvecs_arpack`),
     ``"subspace"`` (:func:`block_krylov_eigvecs` on the device, block residual 1e-7),
     ``"chebyshev"`` (:func:`chebyshev_eigvecs` on the device, the same stop) or
-    ``"auto"``: ARPACK on the CPU, where it is 6-14x faster than the block Krylov solver
-    on SSC affinities (``benchmarks/results/sparse_spectral_cpu.json``), Chebyshev
-    elsewhere. Where the graph has more components than ``n_clusters`` the block Krylov
+    ``"auto"``: ARPACK on the CPU (6-14x faster than block Krylov on SSC affinities,
+    ``sparse_spectral_cpu.json``), Chebyshev elsewhere. Where the graph has more components than ``n_clusters`` the block Krylov
     solver runs (Chebyshev off the CPU); if ARPACK does not converge, it says so and the
     block Krylov solver finishes. Each block solver has ``max_steps`` steps (warned)."""
     if eigen_solver not in ("auto", "arpack", "subspace", "chebyshev"):
