@@ -129,3 +129,31 @@ def test_the_route_returns_a_certified_result_or_the_fast_fallback():
     with pytest.warns(UserWarning, match="outgrew 4 slots"):
         fast = wc.run_workset_cuda(x, plan, slots=(4,), **kw)
     assert fast.solver == "fast" and fast.history["workset_cuda"]["overflow"] > 0
+
+
+def test_supports_at_the_rank_reach_the_certified_minimiser():
+    """More points than dimensions (N = 24, D = 12, two-dimensional subspaces): supports
+    reach the rank and a variable can join and leave at once (kept out until the iterate
+    moves, else it would repeat forever)."""
+    from benchmarks.common import synthetic_tokens
+
+    x = synthetic_tokens(24, 12, k=3, sub_dim=2, corrupt=0.1, seed=1)
+    out = wc.solve_workset_cuda(x, slots=(32,), grow=8, max_inner=300)
+    _check(x, 800.0, out, close=1e-9)
+
+
+def test_outlier_entries_are_solved_too():
+    """A small alpha_e: the minimiser holds several outlier entries per column (K's Y, Y^T
+    and I blocks in the slots): its objective, C and E to the certified minimiser's."""
+    from benchmarks.common import objective
+
+    x = video_tokens(3, 8, 24, k=3, seed=2)
+    out = wc.solve_workset_cuda(x, alpha_e=10.0, slots=(32,), grow=8, max_inner=300)
+    ref = solve_ssc_workset(x.double(), alpha_e=10.0)
+    assert int((ref.outliers != 0).sum(dim=0).min()) >= 5  # the case holds outlier entries
+    assert out["converged"]
+    want = objective(x, ref.coef, ref.lambda_e, ref.lambda_z)
+    got = objective(x, out["coef"], out["lambda_e"], out["lambda_z"])
+    assert abs(got - want) <= 1e-12 * abs(want)
+    assert float((out["coef"] - ref.coef).abs().max()) < 1e-7
+    assert float((out["outliers"] - ref.outliers).abs().max()) < 1e-7
