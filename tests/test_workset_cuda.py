@@ -157,3 +157,15 @@ def test_outlier_entries_are_solved_too():
     assert abs(got - want) <= 1e-12 * abs(want)
     assert float((out["coef"] - ref.coef).abs().max()) < 1e-7
     assert float((out["outliers"] - ref.outliers).abs().max()) < 1e-7
+
+
+def test_the_gpu_benchmark_runs_tiny_on_the_cpu(tmp_path):
+    """bench_workset_cuda --smoke: both solvers' rows, the yardstick against the minimiser."""
+    from benchmarks import bench_workset_cuda
+
+    bench_workset_cuda.main(["--smoke", "--out-dir", str(tmp_path)])
+    rows = json.loads(next(tmp_path.glob("workset_cuda_*.json")).read_text())["rows"]
+    assert [r["solver"] for r in rows] == ["workset_cuda", "fast"]
+    ours = rows[0]
+    assert ours["converged"] and abs(ours["objective_gap"]) < 1e-10 and ours["affine"] < 1e-10
+    assert ours["objective_gap"] <= rows[1]["objective_gap"] and ours["seconds"] > 0
