@@ -339,7 +339,7 @@ def fig_spectral(r: Result, results):
                         color=color, label=label, lw=2.2 if name == "ours" else 1.2)  # fmt: skip
         if crossover:
             ax.axvline(crossover, color="0.3", ls=":", lw=1)
-            ax.text(crossover, ax.get_ylim()[1], f" EIGH_CROSSOVER = {crossover}", fontsize=7,
+            ax.text(crossover, ax.get_ylim()[1], f" crossover = {crossover}", fontsize=7,
                     va="top", color="0.3")  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -353,18 +353,17 @@ def fig_spectral(r: Result, results):
         "Median time of the spectral step of each solver on the same affinity. The default "
         "(thick line) uses dense `eigh` up to the crossover the code had when the file was "
         "measured (its legend) and the block Krylov solver above it; dotted: "
-        "`EIGH_CROSSOVER` in `videoanchor/anchor/spectral.py` now."
+        "the crossover of `videoanchor.anchor.spectral.EIGEN_CHOICE` now."
     )
 
 
 def _eigh_crossover(device: str) -> int | None:
-    """``EIGH_CROSSOVER`` of the checkout, read from the source text (no import needed)."""
-    src = (ROOT / "videoanchor" / "anchor" / "spectral.py").read_text()
-    m = re.search(r"^EIGH_CROSSOVER\s*=\s*(\{.*?\})", src, re.M | re.S)
-    if not m:
-        return None
-    table = json.loads(m.group(1).replace("'", '"'))
-    return table.get("cuda" if device.lower().startswith("nvidia") else "cpu")
+    """The checkout's dense-``eigh`` crossover on ``device``'s kind
+    (:data:`videoanchor.anchor.spectral.EIGEN_CHOICE`)."""
+    from videoanchor.anchor.spectral import EIGEN_CHOICE
+
+    cuda = device.lower().startswith("nvidia")
+    return EIGEN_CHOICE.crossover_cuda if cuda else EIGEN_CHOICE.crossover_cpu
 
 
 def fig_label_draws(r: Result, results):
