@@ -169,3 +169,22 @@ def test_the_gpu_benchmark_runs_tiny_on_the_cpu(tmp_path):
     ours = rows[0]
     assert ours["converged"] and abs(ours["objective_gap"]) < 1e-10 and ours["affine"] < 1e-10
     assert ours["objective_gap"] <= rows[1]["objective_gap"] and ours["seconds"] > 0
+
+
+def test_the_working_sets_are_the_cuda_default(monkeypatch):
+    """solver="auto" on a CUDA device plans the GPU working sets (their route and its
+    runner), as on the CPU the Numba ones; an iteration option keeps the fast solver. The
+    device's memory and tensor cores are stood in for (no GPU here)."""
+    from videoanchor.anchor import plan, products
+    from videoanchor.anchor.options import SSCOptions
+    from videoanchor.anchor.solve import SOLVERS
+
+    monkeypatch.setattr(plan, "free_memory_bytes", lambda device: None)
+    monkeypatch.setattr(products, "native_fp16x3", lambda device: True)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    got = plan.make_plan((512, 256), cuda, SSCOptions().checked())
+    assert (got.solver, got.route, got.strategy) == ("workset", "workset_cuda", "workset_cuda")
+    assert SOLVERS[got.route].__name__ == "_workset_cuda"
+    assert plan.make_plan((512, 256), cpu, SSCOptions().checked()).route == "workset_then_fast"
+    fast = plan.make_plan((512, 256), cuda, SSCOptions(max_iter=30).checked())
+    assert (fast.solver, fast.route) == ("fast", "admm")

@@ -117,14 +117,15 @@ class SSCOptions:
     backend: str = "auto"
     """Array library of the dense solver: ``"auto"`` (torch), ``"torch"``, ``"cupy"``."""
     solver: str = "auto"
-    """``"auto"``: ``"workset"`` on the CPU, ``"fast"`` elsewhere or where an option only
+    """``"auto"``: ``"workset"`` on the CPU and CUDA, ``"fast"`` elsewhere or where an option only
     an iteration honours is set (``rho``, ``max_iter``, ``precision``, a progress reporter's
     time budget; exact mode; :func:`~videoanchor.anchor.plan.auto_solver`, the one rule of
     every entry point: how a run is reported never changes what runs); an ``eps`` the
     solver that runs would ignore (``"fast"``, ``"workset"``) is a ValueError;
-    ``"workset"`` (the program's certified minimiser by working sets, computed on the CPU;
-    exact mode; the fast solver where ``C`` is dense:
-    :func:`~videoanchor.anchor.workset.run_workset`), ``"fast"`` (the authors' steps on a
+    ``"workset"`` (the program's certified minimiser by working sets, on the CPU or on the
+    features' CUDA device; exact mode; the fast solver where ``C`` is dense:
+    :func:`~videoanchor.anchor.workset.run_workset`,
+    :func:`~videoanchor.anchor.workset_cuda.run_workset_cuda`), ``"fast"`` (the authors' steps on a
     fixed 60-iteration schedule) or ``"faithful"`` (the authors' iteration and stopping
     rule)."""
     dtype: torch.dtype | None = None

@@ -338,11 +338,14 @@ class Plan:
 
 #: The solver routines a plan's ``route`` names: ``"workset_then_fast"`` (the working sets;
 #: where ``C`` is dense, the fast solver and the working sets again from its answer, or the
-#: fast answer itself: :func:`~videoanchor.anchor.workset.run_workset`), ``"admm"`` (the
+#: fast answer itself: :func:`~videoanchor.anchor.workset.run_workset`), ``"workset_cuda"``
+#: (the working sets on a CUDA device, one Triton program per column; where a column
+#: outgrows the slots, the fast solver's answer: :func:`~videoanchor.anchor.workset_cuda.
+#: run_workset_cuda`), ``"admm"`` (the
 #: fast schedule or the authors' iteration, as ``solver`` says), ``"admm_cupy"`` (the same
 #: on CuPy), ``"blocked"`` (the authors' iteration by column blocks), ``"equality"``
 #: (Elhamifar & Vidal's constrained program).
-ROUTES = ("workset_then_fast", "admm", "admm_cupy", "blocked", "equality")
+ROUTES = ("workset_then_fast", "workset_cuda", "admm", "admm_cupy", "blocked", "equality")
 
 
 #: The most coefficients per column's working set where ``workset.run_workset`` starts it
@@ -386,14 +389,16 @@ def auto_solver(device: torch.device, backend: str, opts, *, program: str = "squ
                 outliers: bool = True) -> str:  # fmt: skip
     """What ``solver="auto"`` runs in exact mode, the one rule every entry point follows:
     ``"workset"`` (the program's certified minimiser; the fast solver's answer where ``C`` is
-    dense, :func:`~videoanchor.anchor.workset.run_workset`) on the CPU with torch's backend
-    and the method's outlier term, where no option of :func:`iteration_options` is set;
-    ``"faithful"`` for Elhamifar & Vidal's constrained program; ``"fast"`` elsewhere (CUDA,
-    CuPy, ``outliers=False``, or an iteration option set)."""
+    dense or a column outgrows the GPU's slots: :func:`~videoanchor.anchor.workset.run_workset`
+    on the CPU, :func:`~videoanchor.anchor.workset_cuda.run_workset_cuda` on CUDA) with
+    torch's backend and the method's outlier term, where no option of
+    :func:`iteration_options` is set; ``"faithful"`` for Elhamifar & Vidal's constrained
+    program; ``"fast"`` elsewhere (CuPy, another device, ``outliers=False``, or an iteration
+    option set)."""
     if program != "squared":
         return "faithful"
-    cpu_program = device.type == "cpu" and backend == "torch" and outliers
-    return "workset" if cpu_program and not iteration_options(opts) else "fast"
+    program_on_torch = device.type in ("cpu", "cuda") and backend == "torch" and outliers
+    return "workset" if program_on_torch and not iteration_options(opts) else "fast"
 
 
 def make_plan(shape, device: torch.device, opts, *, process_group=None,
@@ -457,6 +462,11 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
         need, what = blocked_admm_bytes(n, d, itemsize, block), "Blocked SSC"
     elif program == "exact":
         need, what = equality_bytes(n, d, itemsize), "Constrained SSC"
+    elif solver == "workset" and device.type == "cuda":
+        # G, C and the certificate's products in float64 on the device: about the fast
+        # solver's peak, which is what its fallback takes
+        strategy = "workset_cuda"
+        need, what = exact_bytes(n, d, 8, "cuda", "full", strategy="dense"), "Working-set SSC"
     elif solver == "workset":
         strategy = "workset"
         need, what = workset_bytes(n, d, torch.get_num_threads()), "Working-set SSC"
@@ -479,7 +489,7 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
     elif mode == "blocked":
         route = "blocked"
     elif solver == "workset":
-        route = "workset_then_fast"
+        route = "workset_cuda" if device.type == "cuda" else "workset_then_fast"
     else:
         route = "admm_cupy" if backend == "cupy" else "admm"
     return Plan(mode=mode, solver=solver, backend=backend, device=device, work=work,

@@ -42,6 +42,7 @@ __all__ = [
     "duality_gaps",
     "gram_row_max",
     "huber",
+    "nearest_points",
     "ssc_lambdas",
 ]
 
@@ -108,6 +109,14 @@ class SSCSolution:
         its gap, timings and backend, not the run's own record), updated with ``more``."""
         keep = (f.name for f in fields(SSCSolution) if not f.metadata.get("run"))
         return {**{k: getattr(self, k) for k in keep}, **more}
+
+
+def nearest_points(gram: torch.Tensor) -> torch.Tensor:
+    """Each point's nearest other point (``N``, long) from the Gram matrix ``gram`` of the
+    points (``N x N``): every column's start from nothing, ``c = e_j``."""
+    dist = gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram
+    dist.fill_diagonal_(math.inf)
+    return dist.argmin(dim=0)
 
 
 def huber(r: torch.Tensor, lambda_e: float, lambda_z: float) -> torch.Tensor:

@@ -11,6 +11,7 @@ from videoanchor.anchor.plan import ROUTES, Plan
 from videoanchor.anchor.ssc import run_admm
 from videoanchor.anchor.ssc_equality import run_equality
 from videoanchor.anchor.workset import run_workset
+from videoanchor.anchor.workset_cuda import run_workset_cuda
 
 __all__ = ["SOLVERS", "solve"]
 
@@ -27,6 +28,10 @@ def _workset(x, plan: Plan, opts, *, affine: bool, outliers: bool, **program):
     return run_workset(x, plan, affine=affine, outliers=outliers, **program)
 
 
+def _workset_cuda(x, plan: Plan, opts, *, affine: bool, outliers: bool, **program):
+    return run_workset_cuda(x, plan, affine=affine, outliers=outliers, **program)
+
+
 def _blocked(x, plan: Plan, opts, *, affine: bool, outliers: bool, **program):
     return run_blocked(x, plan, affine=affine, outliers=outliers, block_eps=opts.block_eps,
                        **program)  # fmt: skip
@@ -40,6 +45,7 @@ def _constrained(x, plan: Plan, opts, *, affine: bool, outliers: bool, **program
 #: :func:`~videoanchor.anchor.plan.make_plan` chose (:data:`~videoanchor.anchor.plan.ROUTES`)
 SOLVERS = {
     "workset_then_fast": _workset,
+    "workset_cuda": _workset_cuda,
     "admm": _admm,
     "admm_cupy": _admm_cupy,
     "blocked": _blocked,

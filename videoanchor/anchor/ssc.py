@@ -52,13 +52,8 @@ from videoanchor.anchor.program import SSCSolution, gram_row_max, ssc_lambdas
 __all__ = [
     "solve_ssc_admm",
     "run_admm",
-    "ADMMResult",
     "SSCMemoryError",
 ]
-
-
-#: the solvers' result (:class:`~videoanchor.anchor.program.SSCSolution`), by its old name
-ADMMResult = SSCSolution
 
 
 def check_admm_parameters(n: int, rho: float, eps: float, max_iter: int) -> None:

@@ -40,14 +40,19 @@ from videoanchor.anchor._inputs import as_feature_tensor
 from videoanchor.anchor.collective import all_sum
 from videoanchor.anchor.options import SSCOptions
 from videoanchor.anchor.plan import WARM_SET, Plan, make_plan
-from videoanchor.anchor.program import column_gaps, gram_row_max, ssc_lambdas
-from videoanchor.anchor.ssc import ADMMResult, run_admm
+from videoanchor.anchor.program import (
+    SSCSolution,
+    column_gaps,
+    gram_row_max,
+    nearest_points,
+    ssc_lambdas,
+)
+from videoanchor.anchor.ssc import run_admm
 
 __all__ = [
     "LIMITS",
     "Limits",
     "SetsTooLarge",
-    "nearest_points",
     "reference_minimiser",
     "run_workset",
     "solve_ssc_workset",
@@ -117,14 +122,6 @@ def _kernel():
     from videoanchor.anchor import _workset_kernel
 
     return _workset_kernel
-
-
-def nearest_points(gram: torch.Tensor) -> torch.Tensor:
-    """Each point's nearest other point (``N``, long) from the Gram matrix ``gram`` of the
-    points (``N x N``): every column's start from nothing, ``c = e_j``."""
-    dist = gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram
-    dist.fill_diagonal_(math.inf)
-    return dist.argmin(dim=0)
 
 
 def _seeds(x64: torch.Tensor, gram: torch.Tensor, lam_e: float, lam_z: float, coef=None):
@@ -227,7 +224,7 @@ def solve_ssc_workset(
     threads: int | None = None,
     coef_init=None,
     limits: Limits = LIMITS,
-) -> ADMMResult:
+) -> SSCSolution:
     """The SSC program's minimiser for ``features`` (``N x D``) by working sets and a primal
     active-set method per column (module docstring), float64 on the CPU; ``coef`` is
     returned in ``features``' floating dtype on its device.
@@ -289,7 +286,7 @@ def _prepare(x, alpha_e: float, alpha_z: float) -> tuple:
 
 
 def _solve(x, alpha_e, alpha_z, *, tol, grow, cap, max_passes, threads, t0, start=None,
-           prepared=None) -> ADMMResult:  # fmt: skip
+           prepared=None) -> SSCSolution:  # fmt: skip
     """:func:`solve_ssc_workset` on checked arguments from the approximation ``start`` of
     ``C`` where one is given (:func:`_seeds`); ``prepared``: :func:`_prepare`'s answer for
     ``x`` where a solve before this one computed it. ``cap``: the most variables per
@@ -310,7 +307,7 @@ def _solve(x, alpha_e, alpha_z, *, tol, grow, cap, max_passes, threads, t0, star
     return _answer(x, prepared, C, E, status, passes, "workset", None, timings)
 
 
-def _answer(x, prepared, C, E, status, passes, strategy: str, dtype, timings) -> ADMMResult:
+def _answer(x, prepared, C, E, status, passes, strategy: str, dtype, timings) -> SSCSolution:
     """The working sets' ``C`` and ``E`` (float64) as a result, certified
     (:func:`~videoanchor.anchor.program.column_gaps`: ``gap``, ``residual``) and in ``dtype``
     (None: ``x``'s floating dtype, float32 otherwise) on ``x``'s device."""
@@ -319,7 +316,7 @@ def _answer(x, prepared, C, E, status, passes, strategy: str, dtype, timings) ->
     x64, _, lam_e, lam_z = prepared
     t = time.perf_counter()
     gaps = column_gaps(x64.T, C, lam_e, lam_z)
-    return ADMMResult(
+    return SSCSolution(
         coef=C.to(x.device, dtype),
         iterations=int(passes.max()),
         converged=bool((status == _kernel().SOLVED).all()),
@@ -336,7 +333,7 @@ def _answer(x, prepared, C, E, status, passes, strategy: str, dtype, timings) ->
 
 def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, rho: float,
                 eps: float, max_iter: int, affine: bool = True, outliers: bool = True,
-                progress=None, limits: Limits = LIMITS) -> ADMMResult:  # fmt: skip
+                progress=None, limits: Limits = LIMITS) -> SSCSolution:  # fmt: skip
     """``solver="workset"`` on checked features ``x`` as ``plan`` says, by the first of
     these routes whose answer is certified (every column's relative duality gap below
     ``limits.gap``); ``strategy`` names it:
@@ -433,7 +430,7 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
 
 def reference_minimiser(features, *, alpha_e: float = 800.0, alpha_z: float = 800.0,
                         gap: float = 1e-9, max_passes: int | None = None,
-                        max_set: int | None = None, limits: Limits = LIMITS) -> ADMMResult:  # fmt: skip
+                        max_set: int | None = None, limits: Limits = LIMITS) -> SSCSolution:  # fmt: skip
     """The program's minimiser for ``features`` in float64, certified: every column's
     relative duality gap below ``gap`` (:func:`duality_gaps`), else ``converged=False``.
 

@@ -47,8 +47,14 @@ import torch
 
 from videoanchor.anchor._inputs import as_feature_tensor
 from videoanchor.anchor.plan import Plan
-from videoanchor.anchor.program import column_gaps, gram_row_max, ssc_lambdas
-from videoanchor.anchor.ssc import ADMMResult, run_admm
+from videoanchor.anchor.program import (
+    SSCSolution,
+    column_gaps,
+    gram_row_max,
+    nearest_points,
+    ssc_lambdas,
+)
+from videoanchor.anchor.ssc import run_admm
 
 __all__ = ["SLOTS", "run_workset_cuda", "solve_workset_cuda"]
 
@@ -438,11 +444,7 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
     cols = torch.arange(n, device=dev)
     ids = torch.full((n, slots[0]), -1, dtype=torch.int64, device=dev)
     z = torch.zeros((n, slots[0]), dtype=torch.float64, device=dev)
-    # each column starts from its nearest other point, c = e_j (as workset.nearest_points:
-    # a sibling module in the layers' contract, so not imported)
-    dist = G.diagonal()[:, None] + G.diagonal()[None, :] - 2 * G
-    dist.fill_diagonal_(math.inf)
-    ids[:, 0], z[:, 0] = dist.argmin(dim=0), 1.0
+    ids[:, 0], z[:, 0] = nearest_points(G), 1.0  # each column from its nearest point
     t1 = time.perf_counter()
     final_ids = torch.full((n, slots[-1]), -1, dtype=torch.int64, device=dev)
     final_z = torch.zeros((n, slots[-1]), dtype=torch.float64, device=dev)
@@ -484,7 +486,7 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
 def run_workset_cuda(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float,
                      rho: float, eps: float, max_iter: int, affine: bool = True,
                      outliers: bool = True, progress=None, slots: tuple[int, ...] = SLOTS,
-                     **_) -> ADMMResult:  # fmt: skip
+                     **_) -> SSCSolution:  # fmt: skip
     """The working sets on ``x``'s device (:func:`solve_workset_cuda`) as ``plan`` says,
     with :func:`~videoanchor.anchor.workset.run_workset`'s calling convention and result:
     ``coef`` in ``plan.work`` on ``x``'s device, certified in float64 on the device
@@ -512,7 +514,7 @@ def run_workset_cuda(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: fl
     history = {k: out[k] for k in ("passes", "wide_columns", "overflow")}
     history["host_reads"] = len(out["reads"]) + 3  # (+ the certificate's three floats)
     if out["converged"] and gap < CERTIFIED:
-        return ADMMResult(coef=out["coef"].to(plan.work), iterations=out["passes"],
+        return SSCSolution(coef=out["coef"].to(plan.work), iterations=out["passes"],
                           converged=True, residual=gap, gap=gap, lambda_e=out["lambda_e"],
                           lambda_z=out["lambda_z"], rho=0.0,
                           strategy="workset_cuda_wide" if out["wide_columns"] else "workset_cuda",
