@@ -358,12 +358,12 @@ def fig_spectral(r: Result, results):
 
 
 def _eigh_crossover(device: str) -> int | None:
-    """The checkout's dense-``eigh`` crossover on ``device``'s kind
-    (:data:`videoanchor.anchor.spectral.EIGEN_CHOICE`)."""
-    from videoanchor.anchor.spectral import EIGEN_CHOICE
-
-    cuda = device.lower().startswith("nvidia")
-    return EIGEN_CHOICE.crossover_cuda if cuda else EIGEN_CHOICE.crossover_cpu
+    """The checkout's dense-``eigh`` crossover on ``device``'s kind (``EigenChoice``'s
+    ``crossover_cpu`` / ``crossover_cuda`` default), read from the source (no import)."""
+    kind = "cuda" if device.lower().startswith("nvidia") else "cpu"
+    src = (ROOT / "videoanchor" / "anchor" / "spectral.py").read_text()
+    m = re.search(rf"^\s+crossover_{kind}: int = (\d+)$", src, re.M)
+    return int(m.group(1)) if m else None
 
 
 def fig_label_draws(r: Result, results):
