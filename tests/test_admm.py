@@ -192,6 +192,7 @@ def test_the_dense_schedule_reads_the_device_only_to_rebalance(monkeypatch):
         return out
 
     monkeypatch.setattr(admm, "run", counted_run)
+
     def dense_e():  # the dense product with E, which reads nothing back
         return TorchKernels(x.device, sparse_e_density=0.0)
 
