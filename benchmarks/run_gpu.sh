@@ -21,8 +21,9 @@
 # together; request_cost's fidelity 94 s, sensitivity (5 trials) 39 s, the 16-frame cost
 # row within its budget. The profile, backward, blocked, integration, ssc and tune have not
 # run to completion on a GPU yet (ESTIMATED caps): they run --quick (or small sizes); nor has
-# workset_cuda (bench_workset_cuda: the GPU working sets against the fast solver at 16, 32
-# and 64 frames, the yardstick at 16; its 240 s are ESTIMATED, never run on a GPU).
+# workset_cuda (bench_workset_cuda: the GPU working sets against the fast solver and the
+# yardstick at 16 frames, its 90 s ESTIMATED, never run on a GPU; 32 and 64 frames with
+# WORKSET_CUDA_FRAMES=16,32,64 and STEPS=workset_cuda, a call of their own).
 #
 # Other forms: STEPS="name ..." runs the named steps only (names: tests profile nsys ncu
 # attention decode paged sparse_spectral request_cost profile_ssc workset_cuda spectral backward
@@ -40,7 +41,7 @@ mkdir -p "$OUT"
 QUICK=()
 [ "${1:-}" = "--quick" ] && QUICK=(--quick)
 TESTS="tests:560"
-CALL1="profile:50 nsys:60 ncu:60 attention:150 decode:70 paged:30 sparse_spectral:40 workset_cuda:240"
+CALL1="profile:50 nsys:60 ncu:60 attention:150 decode:70 paged:30 sparse_spectral:40 workset_cuda:90"
 CALL2="request_cost:240 profile_ssc:30 spectral:60 backward:40 ssc:40 blocked:40 integration:50 scores:30 tune:30 vllm:0 tp:0"
 case "${CALL:-}" in
   1) PLAN="$CALL1" ;;
@@ -131,7 +132,7 @@ if want profile_ssc; then  # where the scores' time goes, by stage and operator
   step profile_ssc profile_ssc.log python benchmarks/profile_ssc.py --n 2048 --solvers fast
 fi
 if want workset_cuda; then  # the GPU working sets against the fast solver, the yardstick at 16 frames
-  step workset_cuda bench_workset_cuda.log python benchmarks/bench_workset_cuda.py --out-dir "$OUT"
+  step workset_cuda bench_workset_cuda.log python benchmarks/bench_workset_cuda.py --frames "${WORKSET_CUDA_FRAMES:-16}" --out-dir "$OUT"
 fi
 if want spectral; then
   step spectral bench_spectral.log python benchmarks/bench_spectral.py --device cuda --no-ssc \
