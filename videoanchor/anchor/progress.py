@@ -1,41 +1,28 @@
-"""Progress, ETA and an optional time budget for the SSC iterations.
+"""Progress, ETA and an optional time budget for the SSC iterations (docs/long-videos.md).
 
-An SSC run at a few thousand tokens takes minutes to an hour on a CPU, so the solvers
-report their iterations to an :class:`SSCProgress`:
+The solvers report their iterations to an :class:`SSCProgress`: on a terminal
+(``stream.isatty()``) a tqdm bar with the iteration, the residual against ``eps`` and an
+ETA; otherwise a line on the ``videoanchor.progress`` logger (level INFO) every
+``log_every`` seconds. While no handler would show those lines (a script that never
+configured logging), they go to stderr as ``videoanchor: ...``; a handler of your own takes
+over (``logging.NullHandler()`` silences them), and ``progress=False`` turns them off.
 
-* on a terminal (``stream.isatty()``), a tqdm bar with the iteration, the residual against
-  ``eps`` and an estimated time to convergence;
-* otherwise (logs, CI, notebooks writing to files), a line on the ``videoanchor.progress``
-  logger (level INFO) every ``log_every`` seconds.
+After the first ``estimate_after`` iterations it reports the cost once (seconds per
+iteration, the time the iteration limit would take). From the 20th iteration on it adds the
+iterations projected to reach ``eps``: ``log(residual)`` extrapolated linearly over the last
+half of the iterations (ADMM's first iterations fall much faster than its late ones, hence
+the wait). A rough guide, not a promise.
 
-Library use: when nothing would show those lines (no handler on ``videoanchor.progress``
-or its ancestors, as in a script that never configured logging), the logger gets a
-default handler that writes ``videoanchor: ...`` lines to stderr, the way transformers
-gives its own logger a default handler. Any handler of your own takes over (it is removed
-again as soon as one exists): ``logging.basicConfig(...)`` routes the lines through yours,
-``logging.getLogger("videoanchor.progress").addHandler(logging.NullHandler())`` silences
-them, and ``progress=False`` turns the reporting off altogether.
-
-After the first ``estimate_after`` iterations it reports the cost once: tokens, seconds per
-iteration measured on those iterations and the time the iteration limit would take. From
-the 20th iteration on, the bar and the log lines add the iterations projected to reach
-``eps``: ``log(residual)`` extrapolated linearly over the last half of the iterations (ADMM
-converges linearly in its late phase; its first iterations fall much faster, hence the
-wait). It is a rough guide, not a promise.
-
-``time_budget`` (seconds): :meth:`SSCProgress.update` returns True once the run has used
-its budget, and the solver stops at the iterate it has reached. That iterate is **not**
-the paper's answer (the authors iterate until ``max_i sum_j |A - C|_ij < eps``); the run
-is reported as unconverged with the residual reached (:attr:`SSCProgress.stopped_by_budget`).
-Over ``B`` column blocks (``mode="blocked"``), block ``k`` must finish by
-``(k + 1) / B`` of the budget, so every block gets its share instead of the last ones none.
+``time_budget`` (seconds): :meth:`SSCProgress.update` returns True once the run has used it,
+and the solver stops at the iterate reached, reported as unconverged
+(:attr:`SSCProgress.stopped_by_budget`): not the paper's answer. Over ``B`` column blocks
+(``mode="blocked"``), block ``k`` must finish by ``(k + 1) / B`` of the budget.
 
 The solvers call ``begin(...)`` once, ``update(iteration, residual)`` every iteration (its
-return value: stop now), ``next_block()`` between column blocks, and
-``close(converged, iterations, residual)`` at the end. ``progress=`` of the SSC entry points
-takes ``False`` (silent), ``True`` (report from the first iteration), ``None``/``"auto"``
-(report only once a run lasts longer than ``delay`` seconds; the default) or an
-:class:`SSCProgress` (reused across runs; it keeps the summary of each in ``runs``).
+return value: stop now), ``next_block()`` between column blocks and ``close(...)`` at the
+end. ``progress=`` of the SSC entry points takes ``False``, ``True``, ``None``/``"auto"``
+(report once a run lasts ``delay`` seconds; the default) or an :class:`SSCProgress` (reused
+across runs; it keeps each run's summary in ``runs``).
 """
 
 from __future__ import annotations
@@ -60,48 +47,17 @@ __all__ = [
 logger = logging.getLogger("videoanchor.progress")
 
 
-class _StderrHandler(logging.StreamHandler):
-    """The default handler: writes to whatever ``sys.stderr`` is at the time of the line."""
-
-    def emit(self, record):
-        self.stream = sys.stderr
-        super().emit(record)
-
-
-_default_handler: _StderrHandler | None = None
-
-
-def _other_handlers() -> bool:
-    """Whether a handler other than ours would see a record of ``logger``."""
-    log = logger
-    while log is not None:
-        if any(h is not _default_handler for h in log.handlers):
-            return True
-        if not log.propagate:
-            return False
-        log = log.parent
-    return False
-
-
 def _log(level: int, msg: str, *args) -> None:
-    """``logger.log``, with the default handler attached while no other handler exists."""
-    global _default_handler
-    others = _other_handlers()
-    if _default_handler is not None and _default_handler not in logger.handlers:
-        _default_handler = None  # someone removed it
-    if others and _default_handler is not None:
-        logger.removeHandler(_default_handler)
-        if logger.level == logging.INFO and getattr(_default_handler, "set_level", False):
-            logger.setLevel(logging.NOTSET)
-        _default_handler = None
-    elif not others and _default_handler is None:
-        _default_handler = _StderrHandler()
-        _default_handler.setFormatter(logging.Formatter("videoanchor: %(message)s"))
-        _default_handler.set_level = logger.level == logging.NOTSET
-        if _default_handler.set_level:
-            logger.setLevel(logging.INFO)
-        logger.addHandler(_default_handler)
-    logger.log(level, msg, *args)
+    """``logger.log``; while no handler would show the line, it goes to stderr as
+    ``videoanchor: ...`` (INFO and above, or the logger's own level where one is set)."""
+    if logger.hasHandlers():
+        logger.log(level, msg, *args)
+    elif (
+        level >= (logger.level or logging.INFO)
+        and not logger.disabled
+        and (logging.root.manager.disable < level)
+    ):
+        print(f"videoanchor: {msg % args if args else msg}", file=sys.stderr, flush=True)
 
 
 _AUTO_DELAY = 5.0  # seconds before an automatic report appears
@@ -131,25 +87,28 @@ def format_seconds(s: float | None) -> str:
 
 @dataclass
 class SSCRunSummary:
-    """How one SSC run ended: ``converged``, ``iterations`` (the largest of any block),
-    the final ``residual`` (the largest of any block), the smallest ``best_residual`` seen,
-    ``seconds`` spent iterating and whether the time budget stopped it."""
+    """How one SSC run ended (:meth:`message` says it in one line)."""
 
     converged: bool
     iterations: int
+    """The largest of any block."""
     residual: float
+    """The final residual (the largest of any block)."""
     best_residual: float
+    """The smallest residual seen."""
     eps: float
     max_iter: int
     seconds: float
+    """Seconds spent iterating."""
     stopped_by_budget: bool
+    """Whether the time budget stopped it."""
     tokens: int | None = None
-    #: None, or why the run ended before its own stopping test: "interrupted" (Ctrl-C) or
-    #: the error that ended it ("FloatingPointError: ...")
     stopped_by: str | None = None
-    #: a fixed number of iterations with no stopping test (``solver="fast"``): ``eps`` and
-    #: the residual do not decide when it ends
+    """None, or why the run ended before its own stopping test: ``"interrupted"`` (Ctrl-C)
+    or the error that ended it (``"FloatingPointError: ..."``)."""
     fixed_schedule: bool = False
+    """A fixed number of iterations with no stopping test (``solver="fast"``): ``eps`` and
+    the residual do not decide when it ends."""
 
     def message(self) -> str:
         """One line: converged or not, residual vs eps, why it stopped."""
