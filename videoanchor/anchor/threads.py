@@ -1,37 +1,32 @@
 """Bounded thread pools for the anchor layer's CPU work (issue 53).
 
-A process that imports torch, NumPy, SciPy and scikit-learn holds several thread pools:
-torch's intra-op pool (OpenMP, and MKL's inside it), NumPy's and SciPy's OpenBLAS, and
-scikit-learn's OpenMP. ``torch.set_num_threads`` sets only the first; the others start at
-one thread per core. The spectral step's dense eigensolver is SciPy's LAPACK
-(``scipy.linalg.eigh``), so it ran on SciPy's OpenBLAS with a thread per core whatever torch
-was told: beside one busy process on a 2-core machine its threads spun on a core that was
-not theirs (2.6x slower beside a spin loop, up to 70x beside other numerical jobs; with
-that pool at one thread 0.9x; ``benchmarks/results/contention_cpu.json``).
+A process that imports torch, NumPy, SciPy and scikit-learn holds several thread pools;
+``torch.set_num_threads`` sets only torch's, the others start at one thread per core. So the
+spectral step's dense eigensolver (SciPy's LAPACK, ``scipy.linalg.eigh``) ran on SciPy's
+OpenBLAS with a thread per core: beside one busy process on 2 cores, 2.6x slower (up to 70x
+beside other numerical jobs; 0.9x with that pool at one thread;
+``benchmarks/results/contention_cpu.json``).
 
-:func:`bounded` runs a block with
+:func:`bounded` runs a block with torch's intra-op pool at ``threads`` (default: torch's
+count in this thread), never above :func:`free_cores` (the CPUs this process may use,
+:func:`usable_cores`, less those other running work takes), the other OpenMP pools
+(scikit-learn's) at the same count and the BLAS libraries outside torch (NumPy's and SciPy's
+OpenBLAS) at one thread: their only work here is LAPACK on ``N x N`` matrices of a few
+thousand rows, which one thread does as fast as two on an idle machine and far faster on a
+busy one (scikit-learn's own practice inside its parallel regions).
 
-* torch's intra-op pool at ``threads`` (default: what torch is set to in this thread), and
-  never more than :func:`free_cores`: the CPUs this process may run on (and its cgroup's CPU
-  quota, :func:`usable_cores`) less those that other running work takes at the call (a
-  thread that shares a core with a busy process holds up every parallel region);
-* the other OpenMP pools (scikit-learn's) at the same count, and the BLAS libraries outside
-  torch (NumPy's and SciPy's OpenBLAS) at one thread: their only work here is LAPACK on
-  ``N x N`` matrices of a few thousand rows (the spectral step), which one thread does as
-  fast as two on an idle machine and far faster on a busy one. This is scikit-learn's own
-  practice: BLAS runs on one thread inside its parallel regions.
-
-The counts are restored afterwards. OpenMP's and torch's counts are per thread, so a side
-thread (the vLLM plugin's SSC) bounds its own work without touching the model's threads;
-OpenBLAS's count is process-wide, and only this layer's CPU work uses those libraries.
-``compute_anchor_scores``, ``sparse_subspace_clustering`` and ``spectral_clustering`` run
-inside it; a nested :func:`bounded` keeps the outer one's counts. Setting the environment
-variable ``VIDEOANCHOR_THREAD_LIMITS=0`` turns it off (what the benchmark compares against).
+The counts are restored afterwards. OpenMP's and torch's counts are per thread (a side
+thread, the vLLM plugin's SSC, bounds its own work without touching the model's); OpenBLAS's
+is process-wide, and only this layer's CPU work uses it. ``compute_anchor_scores``,
+``sparse_subspace_clustering`` and ``spectral_clustering`` run inside it; a nested
+:func:`bounded` keeps the outer one's counts. ``VIDEOANCHOR_THREAD_LIMITS=0`` turns it off
+(what the benchmark compares against).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -110,12 +105,10 @@ def running_elsewhere(
 
 def free_cores() -> int:
     """The cores not taken by other processes' running work now (the machine's CPUs less
-    their running threads, :func:`running_elsewhere`), at most :func:`usable_cores`, at
-    least 1 (libgomp's dynamic mode sizes its teams from the load average in the same
-    spirit). A parallel region whose threads share a core with a busy process runs at the
-    pace of the slowest: on two cores beside a spin loop the default scores took 3.9x
-    their idle time at two threads and 1.5x bounded to the free core
-    (``benchmarks/results/contention_cpu.json``)."""
+    :func:`running_elsewhere`), at most :func:`usable_cores`, at least 1: a parallel region
+    whose threads share a core with a busy process runs at the pace of the slowest (on two
+    cores beside a spin loop the scores took 3.9x their idle time at two threads, 1.5x at
+    one; ``benchmarks/results/contention_cpu.json``)."""
     usable = usable_cores()
     others = running_elsewhere()
     if others is None:
@@ -130,30 +123,19 @@ def enabled() -> bool:
     )  # fmt: skip
 
 
-def _check_threads(threads) -> int | None:
-    if threads is None:
-        return None
-    if isinstance(threads, bool) or not isinstance(threads, int):
-        raise TypeError(f"threads: expected an int or None, got {type(threads).__name__}")
-    if threads < 1:
-        raise ValueError(f"threads: expected at least 1, got {threads}")
-    return threads
-
-
-_controllers: dict[int, object] = {}
-
-
 def _controller():
-    """threadpoolctl's view of the loaded thread pools (about 4 ms to build here), kept
-    while no module has been imported since (a new one may bring a pool of its own)."""
+    """threadpoolctl's view of the loaded thread pools (about 4 ms to build), rebuilt once a
+    module has been imported since (a new one may bring a pool of its own)."""
     import scipy.linalg  # noqa: F401  (loaded first, so that its OpenBLAS is found)
+
+    return _controller_for(len(sys.modules))
+
+
+@functools.lru_cache(maxsize=1)
+def _controller_for(modules: int):
     from threadpoolctl import ThreadpoolController
 
-    key = len(sys.modules)
-    if key not in _controllers:
-        _controllers.clear()
-        _controllers[key] = ThreadpoolController()
-    return _controllers[key]
+    return ThreadpoolController()
 
 
 @contextlib.contextmanager
@@ -163,13 +145,17 @@ def bounded(threads: int | None = None):
     pools at that count and the BLAS libraries outside torch at one thread; restored
     afterwards. Nested inside another :func:`bounded` of the same thread it changes nothing.
     Also a decorator (``@bounded()``)."""
-    threads = _check_threads(threads)
-    if getattr(_local, "depth", 0) or not enabled():
-        _local.depth = getattr(_local, "depth", 0) + 1
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)):
+        raise TypeError(f"threads: expected an int or None, got {type(threads).__name__}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads: expected at least 1, got {threads}")
+    depth = getattr(_local, "depth", 0)
+    if depth or not enabled():
+        _local.depth = depth + 1
         try:
             yield
         finally:
-            _local.depth -= 1
+            _local.depth = depth
         return
     before = torch.get_num_threads()
     n = max(1, min(before if threads is None else threads, free_cores()))
