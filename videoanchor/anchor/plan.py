@@ -1,16 +1,11 @@
 """The plan of one SSC call: where and how it runs, decided once, before any work.
 
-An SSC entry point (:func:`~videoanchor.anchor.compute_anchor_scores` and its siblings)
-runs in stages: options (:mod:`videoanchor.anchor.options`, checked once) and features
-(:func:`~videoanchor.anchor._inputs.prepare_features`, validated once), then the plan
-(:func:`make_plan`: mode, solver, backend, device, working dtype, precision, the A-step
-strategy, the block size and the memory this takes), then the solve
-(:mod:`videoanchor.anchor.solve`: each solver takes the plan and the features and returns
-C), the clustering and the scores.
-
-This module holds the plan and what it is made from: the memory rule (what the device has
-available now) and the cost models of the solvers (their peak bytes and, for the authors'
-iteration, the cheaper way to apply the A-step's inverse).
+An SSC entry point runs in stages: options (:mod:`videoanchor.anchor.options`) and features
+(:func:`~videoanchor.anchor._inputs.prepare_features`), checked once; the plan
+(:func:`make_plan`: mode, solver, backend, device, working dtype, precision, A-step strategy,
+block size and the memory they take); the solve (:mod:`videoanchor.anchor.solve`); the
+clustering and the scores. Here: the plan, the memory rule (what the device has available
+now) and the solvers' cost models (peak bytes, the A-step's cheaper inverse).
 """
 
 from __future__ import annotations
@@ -51,16 +46,9 @@ class SSCMemoryError(MemoryError):
     """The dense SSC problem does not fit in the memory of the chosen device."""
 
 
-# The memory rule (docs/long-videos.md). The SSC may use MEMORY_FRACTION of the memory the
-# device has available when the check runs:
-# * CPU: ``MemAvailable`` of /proc/meminfo (the kernel's estimate of what new allocations can
-#   get without swapping: free pages plus reclaimable page cache), lowered to the cgroup v2
-#   limit left (``memory.max - memory.current + inactive_file``) when a limit is set; where
-#   /proc/meminfo does not exist (macOS, Windows), no check is made;
-# * CUDA: ``torch.cuda.mem_get_info`` free bytes plus what PyTorch's allocator holds
-#   reserved but unallocated (it is reused before new memory is asked of the driver).
-# The fraction leaves room for the rest of the process (model, activations, allocator
-# fragmentation). One reading, one rule: the same reading always gives the same decision.
+#: The memory rule (docs/long-videos.md): the SSC may use this fraction of what the device
+#: has available when the check runs (:func:`read_available_memory`), leaving room for the
+#: rest of the process (model, activations, allocator fragmentation). One reading, one rule.
 MEMORY_FRACTION = 0.9
 
 
@@ -109,7 +97,11 @@ def cgroup_available(root: str = "/sys/fs/cgroup") -> int | None:
 
 
 def read_available_memory(device: torch.device) -> MemoryReading | None:
-    """What ``device`` has available now (see the memory rule above), or None when unknown."""
+    """What ``device`` has available now, or None when unknown (no check): on CUDA
+    ``torch.cuda.mem_get_info``'s free bytes plus what PyTorch's allocator holds reserved but
+    unallocated; on the CPU ``MemAvailable`` of /proc/meminfo (free pages plus reclaimable
+    page cache), lowered to the cgroup v2 limit left where one is set (no /proc/meminfo, as
+    on macOS or Windows: unknown)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
@@ -136,11 +128,11 @@ def free_memory_bytes(device: torch.device) -> int | None:
 
 
 def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
             return f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
+    return f"{n:.1f} TiB"
 
 
 def check_memory(required: int, device: torch.device, *, n: int, d: int, what: str) -> None:
@@ -172,24 +164,16 @@ def check_memory(required: int, device: torch.device, *, n: int, d: int, what: s
     )
 
 
-def _flops(n: int, d: int, outliers: bool) -> dict[str, float]:
-    """Multiply-adds per iteration (E = 0), counting the products that dominate."""
+def choose_strategy(n: int, d: int, outliers: bool = True, device_type: str = "cpu") -> str:
+    """The cheaper way to apply the system inverse: ``"dense"`` or ``"woodbury"``, from the
+    multiply-adds per iteration (E = 0) of the dominant products. Woodbury runs in float64
+    (its float32 form loses the last digits to cancellation): on the CPU a float64
+    multiply-add costs about two float32 ones, on data-centre GPUs (H100/H200 float64 tensor
+    cores) about the same as a float32 SIMT one. Ties go to ``"dense"``."""
     dense = n**3 + (d * n * n if outliers else 0.0)
     woodbury = 2.0 * d * n * n + 2.0 * d * d * n
-    return {"dense": dense, "woodbury": woodbury}
-
-
-def choose_strategy(n: int, d: int, outliers: bool = True, device_type: str = "cpu") -> str:
-    """The cheaper way to apply the system inverse: ``"dense"`` or ``"woodbury"``.
-
-    Woodbury runs in float64 (its float32 form loses the last digits to cancellation):
-    on the CPU a float64 multiply-add costs about two float32 ones, on data-centre GPUs
-    (H100/H200 float64 tensor cores) about the same as a float32 SIMT one. Ties go to
-    ``"dense"``.
-    """
-    f = _flops(n, d, outliers)
     f64_cost = 1.2 if device_type == "cuda" else 2.0
-    return "woodbury" if f64_cost * f["woodbury"] < 0.8 * f["dense"] else "dense"
+    return "woodbury" if f64_cost * woodbury < 0.8 * dense else "dense"
 
 
 def admm_bytes(n: int, d: int, itemsize: int, strategy: str, precision: str = "full",
@@ -231,9 +215,8 @@ def split_bytes(n: int, d: int, *, cuda: bool) -> int:
     return split if cuda else split + 12 * n * (n + d) + 12 * n * n
 
 
-# Working-set budget of one block (bytes): on a GPU large blocks keep the products
-# efficient; on the CPU a small one keeps the peak low. Fixed per device type (not read
-# from the free memory) so that every rank of a process group picks the same blocks.
+# A block's working-set budget (bytes) per device type: large on a GPU (efficient products),
+# small on the CPU (a low peak); not read from the free memory, so every rank picks the same.
 _BLOCK_BUDGET = {"cpu": 256 * 2**20, "cuda": 4 * 2**30}
 _BLOCK_ALIGN = 64
 
@@ -268,8 +251,7 @@ def equality_bytes(n: int, d: int, itemsize: int) -> int:
     return (5 * n * n + 9 * d * n) * itemsize + 3 * small * small * 8 + 2 * n * d * 8
 
 
-# mode="auto": the dense exact solver up to this many tokens (and the free memory), the
-# column-blocked exact solver above
+#: ``mode="auto"``: the dense exact solver up to this many tokens (if it fits), blocked above
 EXACT_MAX_TOKENS = 16384
 
 
@@ -290,19 +272,17 @@ class Plan:
     """How one SSC call runs, fixed before any work (:func:`make_plan`).
 
     ``mode``: ``"exact"`` (dense ``N x N``) or ``"blocked"`` (column blocks, sparse C);
-    ``solver``: ``"fast"`` or ``"faithful"``; ``program``:
-    ``"squared"`` (docs/method.md) or ``"exact"`` (Elhamifar & Vidal's constrained
-    outlier program); ``backend``: ``"torch"`` or ``"cupy"`` (or the array module's name
-    that :func:`~videoanchor.anchor.ssc.solve_ssc_admm` was given as ``xp``); ``work``: the
-    working dtype;
-    ``precision``: how the fast solver's products run (``"full"`` or ``"fp16x3"``);
-    ``strategy``: how the authors' iteration applies its A-step inverse (``"dense"`` or
-    ``"woodbury"``; ``"dense"`` for the fast solver's eigendecomposition);
-    ``block_columns``: columns per block (blocked mode; ``N`` otherwise); ``group``,
-    ``rank``, ``world``: the process group the work is split over (None, 0, 1 alone);
-    ``need``: the peak bytes the memory rule checked; ``route``: the name of the solver
-    routine that runs it (:data:`ROUTES`; :data:`videoanchor.anchor.solve.SOLVERS` maps each
-    to its function), so that what runs is decided here and nowhere else.
+    ``solver``: ``"workset"``, ``"fast"`` or ``"faithful"``; ``program``: ``"squared"``
+    (docs/method.md) or ``"exact"`` (Elhamifar & Vidal's constrained outlier program);
+    ``backend``: ``"torch"``, ``"cupy"`` (or the name of the ``xp`` given to
+    :func:`~videoanchor.anchor.ssc.solve_ssc_admm`); ``work``: the working dtype;
+    ``precision``: the fast solver's products (``"full"`` or ``"fp16x3"``); ``strategy``: the
+    authors' A-step inverse (``"dense"`` or ``"woodbury"``; ``"dense"`` for the fast solver,
+    ``"workset"`` or ``"workset_cuda"`` for the working sets);
+    ``block_columns``: columns per block (``N`` outside blocked mode); ``group``, ``rank``,
+    ``world``: the process group the work is split over (None, 0, 1 alone); ``need``: the
+    peak bytes the memory rule checked; ``route``: the solver routine that runs it
+    (:data:`ROUTES`, mapped to functions by :data:`videoanchor.anchor.solve.SOLVERS`).
     """
 
     mode: str
@@ -336,23 +316,18 @@ class Plan:
                 "iterations)")  # fmt: skip
 
 
-#: The solver routines a plan's ``route`` names: ``"workset_then_fast"`` (the working sets;
-#: where ``C`` is dense, the fast solver and the working sets again from its answer, or the
-#: fast answer itself: :func:`~videoanchor.anchor.workset.run_workset`), ``"workset_cuda"``
-#: (the working sets on a CUDA device, one Triton program per column; where a column
-#: outgrows the slots, the fast solver's answer: :func:`~videoanchor.anchor.workset_cuda.
-#: run_workset_cuda`), ``"admm"`` (the
-#: fast schedule or the authors' iteration, as ``solver`` says), ``"admm_cupy"`` (the same
-#: on CuPy), ``"blocked"`` (the authors' iteration by column blocks), ``"equality"``
-#: (Elhamifar & Vidal's constrained program).
+#: The solver routines a plan's ``route`` names: ``"workset_then_fast"`` (the working sets,
+#: from the fast solver's answer where ``C`` is dense: ``workset.run_workset``),
+#: ``"workset_cuda"`` (one Triton program per column on CUDA, the fast answer where a column
+#: outgrows its slots), ``"admm"`` (the fast schedule or the authors' iteration),
+#: ``"admm_cupy"`` (the same on CuPy), ``"blocked"``, ``"equality"``.
 ROUTES = ("workset_then_fast", "workset_cuda", "admm", "admm_cupy", "blocked", "equality")
 
 
-#: The most coefficients per column's working set where ``workset.run_workset`` starts it
-#: from the fast solver's answer (a dense ``C``: the synthetic sets with ~200-330 per column,
-#: Extended Yale B faces ~100-150). The outlier entries are not bounded there: the kernel
-#: eliminates them, and they cost its factor nothing (Yale B: up to ~1800 per column). Here
-#: because it sizes the kernel's per-thread buffers (:func:`workset_bytes`).
+#: The most coefficients per column's working set where ``workset.run_workset`` starts from
+#: the fast solver's answer (a dense ``C``: ~200-330 per column on the synthetic sets,
+#: ~100-150 on Yale B faces; outlier entries are not bounded, the kernel eliminates them).
+#: It sizes the kernel's per-thread buffers (:func:`workset_bytes`).
 WARM_SET = 512
 
 
@@ -366,13 +341,11 @@ def workset_bytes(n: int, d: int, threads: int = 1) -> int:
 
 
 def iteration_options(opts) -> list[str]:
-    """The options of ``opts`` that the user set away from their defaults and that only an
-    iteration honours: ``rho``, ``max_iter``, ``precision``, and a ``progress`` reporter's
-    ``time_budget``. With any of them ``solver="auto"`` runs the fast solver, which honours
-    them (``eps`` is not one: the fast solver runs a fixed schedule with no stopping test,
-    and :func:`make_plan` refuses an ``eps`` that the solver it picks would ignore). A
-    progress reporter without a time budget changes nothing: how a run is reported never
-    changes what runs (issue 71)."""
+    """The options set away from their defaults that only an iteration honours: ``rho``,
+    ``max_iter``, ``precision`` and a ``progress`` reporter's ``time_budget``; with any of
+    them ``solver="auto"`` runs the fast solver. Not ``eps`` (the fast solver has no stopping
+    test: :func:`make_plan` refuses an ``eps`` its solver would ignore), nor a reporter
+    without a budget: how a run is reported never changes what runs (issue 71)."""
     named = [k for k in ("rho", "max_iter", "precision")
              if getattr(opts, k) != fields_default(opts, k)]  # fmt: skip
     if getattr(opts.progress, "time_budget", None) is not None:
@@ -387,14 +360,11 @@ def fields_default(opts, name: str):
 
 def auto_solver(device: torch.device, backend: str, opts, *, program: str = "squared",
                 outliers: bool = True) -> str:  # fmt: skip
-    """What ``solver="auto"`` runs in exact mode, the one rule every entry point follows:
-    ``"workset"`` (the program's certified minimiser; the fast solver's answer where ``C`` is
-    dense or a column outgrows the GPU's slots: :func:`~videoanchor.anchor.workset.run_workset`
-    on the CPU, :func:`~videoanchor.anchor.workset_cuda.run_workset_cuda` on CUDA) with
-    torch's backend and the method's outlier term, where no option of
-    :func:`iteration_options` is set; ``"faithful"`` for Elhamifar & Vidal's constrained
-    program; ``"fast"`` elsewhere (CuPy, another device, ``outliers=False``, or an iteration
-    option set)."""
+    """What ``solver="auto"`` runs in exact mode, the one rule of every entry point:
+    ``"workset"`` (the program's certified minimiser by working sets, on the CPU or CUDA;
+    the fast answer where ``C`` is dense or a column outgrows the GPU's slots) with torch's
+    backend and the outlier term where no :func:`iteration_options` option is set;
+    ``"faithful"`` for Elhamifar & Vidal's constrained program; else ``"fast"``."""
     if program != "squared":
         return "faithful"
     program_on_torch = device.type in ("cpu", "cuda") and backend == "torch" and outliers
@@ -410,16 +380,14 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
     It takes no features, so an integration or the command line can ask what a call will
     run before it runs.
 
-    ``mode="auto"`` is exact where the dense problem fits (:func:`exact_fits`; the same
+    ``mode="auto"`` is exact where the dense problem fits (:func:`exact_fits`, the same
     choice on every rank of ``process_group``) and blocked above; the authors' iteration
-    over a process group is blocked. ``solver="auto"`` in exact mode is
-    :func:`auto_solver`'s choice; in blocked mode the authors' iteration. A solver,
-    backend or precision the chosen mode cannot run is a ValueError; a plan that does not
-    fit in the memory rule is an :class:`SSCMemoryError`, raised on every rank of the
-    group together (``check_memory_first=False``: not checked). ``strategy``: the authors'
-    iteration's A-step (``"auto"``: :func:`choose_strategy`'s); ``backend``: the array
-    module that runs the dense solver where it is not ``opts.backend``'s (the name of
-    :func:`~videoanchor.anchor.ssc.solve_ssc_admm`'s ``xp``)."""
+    over a process group is blocked. ``solver="auto"``: :func:`auto_solver`'s choice in
+    exact mode, the authors' iteration in blocked mode. A solver, backend or precision the
+    mode cannot run is a ValueError; a plan over the memory rule is an
+    :class:`SSCMemoryError` on every rank together (``check_memory_first=False``: not
+    checked). ``strategy``: the authors' A-step (``"auto"``: :func:`choose_strategy`'s);
+    ``backend``: the dense solver's array module where not ``opts.backend``'s."""
     group, rank, world = _group(process_group)
     n, d = (int(v) for v in shape)
     device, work = torch.device(device), opts.dtype
