@@ -11,7 +11,7 @@ now) and the solvers' cost models (peak bytes, the A-step's cheaper inverse).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -282,7 +282,9 @@ class Plan:
     ``block_columns``: columns per block (``N`` outside blocked mode); ``group``, ``rank``,
     ``world``: the process group the work is split over (None, 0, 1 alone); ``need``: the
     peak bytes the memory rule checked; ``route``: the solver routine that runs it
-    (:data:`ROUTES`, mapped to functions by :data:`videoanchor.anchor.solve.SOLVERS`).
+    (:data:`ROUTES`, mapped to functions by :data:`videoanchor.anchor.solve.SOLVERS`);
+    ``fallback``: the plan of the solver whose answer a composite route falls back on (the
+    working sets': the fast solver's), so that no solver builds a plan of its own.
     """
 
     mode: str
@@ -299,6 +301,7 @@ class Plan:
     world: int = 1
     need: int = 0
     route: str = ""
+    fallback: Plan | None = None
 
     def describe(self, opts) -> str:
         """What this plan runs, in words, for a plan line (the command line, the logs);
@@ -460,6 +463,9 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
         route = "workset_cuda" if device.type == "cuda" else "workset_then_fast"
     else:
         route = "admm_cupy" if backend == "cupy" else "admm"
-    return Plan(mode=mode, solver=solver, backend=backend, device=device, work=work,
+    plan = Plan(mode=mode, solver=solver, backend=backend, device=device, work=work,
                 precision=precision, strategy=strategy, block_columns=block, program=program,
                 group=group, rank=rank, world=world, need=need, route=route)  # fmt: skip
+    if solver == "workset":  # the fast solver, on the memory that `need` checked
+        plan = replace(plan, fallback=replace(plan, solver="fast", strategy="dense", route="admm"))
+    return plan
