@@ -61,11 +61,9 @@ def as_feature_tensor(features, *, name: str = "features") -> torch.Tensor:
 
 
 def warn_dominant_token(x: torch.Tensor, work: torch.dtype) -> None:
-    """Warn, before the SSC, when one token's feature norm dwarfs the others' beyond what the
-    working dtype can resolve: its Gram entries ``y_i^T y_j`` are ``r^2`` times the others'
-    (``r`` = its norm over the median token's), and past ``r = 1/sqrt(eps)`` of the dtype
-    the other tokens' sparse codes are lost in rounding: the ADMM then typically runs all
-    ``max_iter`` iterations without converging (minutes at the authors' 10000)."""
+    """Warn, before the SSC, when one token's feature norm is more than ``1/sqrt(eps)`` of
+    the working dtype times the median token's: its Gram entries dwarf the others', whose
+    sparse codes are then lost in rounding (the ADMM typically runs all ``max_iter``)."""
     norms = torch.linalg.vector_norm(x.to(torch.float64), dim=1)
     nonzero = norms[norms > 0]
     if nonzero.numel() < 2:
@@ -87,18 +85,23 @@ def warn_dominant_token(x: torch.Tensor, work: torch.dtype) -> None:
         )
 
 
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    """The working dtype of the ADMM iterations (default float32)."""
-    if dtype is None:
+def check_dtype(name: str, value) -> torch.dtype:
+    """The working dtype of the solvers: None (float32), ``torch.float32``, ``torch.float64``
+    or their names."""
+    if value is not None and not isinstance(value, (str, torch.dtype)):
+        raise TypeError(
+            f"{name}: expected None, torch.float32 or torch.float64, got {type(value).__name__}"
+        )
+    if value is None:
         return torch.float32
-    if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "float64": torch.float64}.get(dtype, dtype)
-    if dtype not in (torch.float32, torch.float64):
+    if isinstance(value, str):
+        value = {"float32": torch.float32, "float64": torch.float64}.get(value, value)
+    if value not in (torch.float32, torch.float64):
         raise ValueError(
-            f"dtype: expected torch.float32 or torch.float64, got {dtype!r}; SSC's ADMM needs "
+            f"{name}: expected torch.float32 or torch.float64, got {value!r}; SSC's ADMM needs "
             "at least float32 (try dtype=None, float32)"
         )
-    return dtype
+    return value
 
 
 # ---- checks of one option (the options themselves: videoanchor.anchor.options) ------------
@@ -106,6 +109,11 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 
 def _is_int(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, np.integer))
+
+
+def _is_bool(value) -> bool:
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    return isinstance(value, bool) or numpy_bool
 
 
 def check_int(name: str, value, minimum: int, hint: str = "") -> int:
@@ -140,9 +148,7 @@ def check_number(name: str, value, *, positive: bool, hint: str = "") -> float:
 
 def check_option_range(opts: dict, work: torch.dtype) -> None:
     """``alpha_e``, ``alpha_z`` and ``rho`` within ``[sqrt(tiny), sqrt(max)]`` of the
-    working dtype: the ADMM forms ``lambda_z Y^T Y + rho (I + 1 1^T)`` and ``1 / rho``, which
-    overflow or lose the ``rho`` term outside it (then "the A-step system is not positive
-    definite" would name no option)."""
+    working dtype, where the A-step system neither overflows nor loses its ``rho`` term."""
     info = torch.finfo(work)
     lo, hi = math.sqrt(info.tiny), math.sqrt(info.max)
     for name, hint in (("alpha_e", "800"), ("alpha_z", "800"), ("rho", "300")):
@@ -163,17 +169,15 @@ def check_choice(name: str, value, choices) -> str:
 
 
 def check_flag(name: str, value) -> bool:
-    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
-    if not (isinstance(value, bool) or numpy_bool):
+    if not _is_bool(value):
         raise TypeError(f"{name}: expected True or False, got {value!r}")
     return bool(value)
 
 
 def check_blocked(solver: str, backend: str, precision: str = "auto", *,
                   tokens: int | None = None) -> None:  # fmt: skip
-    """What blocked mode cannot run, refused: it runs the authors' iteration on torch, in
-    full precision. ``tokens``: the N for which ``mode="auto"`` chose blocked mode (None:
-    the caller asked for it)."""
+    """Refuse what blocked mode cannot run (it runs the authors' iteration on torch, in full
+    precision). ``tokens``: the N for which ``mode="auto"`` chose it (None: asked for)."""
     chose = "" if tokens is None else (
         f" (mode='auto' chose it: these {tokens} tokens need blocked mode, as exact mode does "
         "not fit in memory or N exceeds its limit)"
@@ -193,15 +197,15 @@ def check_blocked(solver: str, backend: str, precision: str = "auto", *,
 
 
 def check_progress(value):
-    """The ``progress=`` option: True, False, None or "auto" (a bar on a terminal, log lines
-    otherwise), or an :class:`~videoanchor.anchor.progress.SSCProgress`; returned as given."""
+    """The ``progress=`` option: True, False, None, "auto" or an
+    :class:`~videoanchor.anchor.progress.SSCProgress`; returned as given (a NumPy bool as bool)."""
     from videoanchor.anchor.progress import SSCProgress
 
-    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
-    if value is None or (isinstance(value, str) and value == "auto"):
+    auto = isinstance(value, str) and value == "auto"
+    if value is None or auto or isinstance(value, SSCProgress):
         return value
-    if isinstance(value, (bool, SSCProgress)) or numpy_bool:
-        return bool(value) if numpy_bool else value
+    if _is_bool(value):
+        return bool(value)
     raise TypeError(
         f"progress: expected True, False, None, 'auto' or an SSCProgress, got {value!r}"
     )
@@ -224,9 +228,7 @@ def resolve_seed(seed) -> int:
 
 def _canonical(value) -> str:
     """A text form of an option that is equal on two ranks exactly when the option is."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return repr(value)
-    if isinstance(value, (int, np.integer)):
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return repr(int(value))
     if isinstance(value, (float, np.floating)):
         return repr(float(value))
@@ -238,15 +240,11 @@ AGREE_WARN_AFTER = 60.0
 
 
 def gather_from_every_rank(group, obj, *, what: str) -> list:
-    """``all_gather_object`` of ``obj`` over ``group`` that explains a missing rank.
-
-    A rank of the group that passes ``process_group=None`` (or skips the call) never joins
-    the collective: the others would wait until the backend's timeout, or fail with the
-    backend's "Connection closed by peer" once that rank's process ends. Here they warn after
-    ``AGREE_WARN_AFTER`` seconds of waiting, and a failed collective is a RuntimeError
-    saying what every rank was expected to do. (No collective can tell a late rank from one
-    that never comes, so the wait itself is the backend's timeout.)
-    """
+    """``all_gather_object`` of ``obj`` over ``group`` that explains a missing rank (one that
+    passes ``process_group=None`` or skips the call, leaving the others waiting until the
+    backend's timeout or its "Connection closed by peer"): a warning after
+    ``AGREE_WARN_AFTER`` seconds of waiting, and a failed collective is a RuntimeError saying
+    what every rank was expected to do."""
     import torch.distributed as dist
 
     me = dist.get_rank(group)
@@ -280,14 +278,10 @@ def gather_from_every_rank(group, obj, *, what: str) -> list:
 
 
 def agree_across_ranks(group, options: dict, error: BaseException | None) -> None:
-    """Collective over ``group`` (one ``all_gather_object``), reached by every rank before
-    any rank may raise: every rank raises the same error or none does.
-
-    - A rank whose own input or options were rejected (``error``): the lowest such rank's
-      error is raised on every rank (that rank re-raises its own; the others raise the same
-      type with the same message, naming the rank).
-    - Options that differ between ranks (``options``, compared as text): a ValueError
-      on every rank naming the first option that differs.
+    """One collective over ``group``, reached by every rank before any may raise, so that
+    every rank raises the same error or none does: the lowest rank's own rejected input or
+    options (``error``; the others raise its type and message, naming the rank), else a
+    ValueError naming the first of ``options`` (compared as text) that differs between ranks.
     """
     import torch.distributed as dist
 
@@ -351,15 +345,11 @@ def pca_reduce(x: torch.Tensor, rank: int) -> torch.Tensor:
 def prepare_features(features, given, *, min_tokens: int | None = None, process_group=None):
     """Stage 1 of an SSC call: ``(opts, x, solved)``, the options ``given``
     (:class:`~videoanchor.anchor.options.SSCOptions`) checked (``dtype=None`` on float64
-    features: float64, so that float64 features get a float64 ``C``), the features validated
-    (:func:`as_feature_tensor`, at least ``min_tokens`` tokens, default ``n_clusters``) and
-    the dominant-token warning given, once; ``solved`` is ``x`` PCA-reduced when
-    ``pca_rank`` asks for it (the features the SSC solves on), else ``x``.
-
-    Under a ``process_group`` every rank reaches one collective before any raises
-    (:func:`agree_across_ranks`: a rank's own bad input, or options that differ between
-    ranks, stop every rank with the same error), and rank 0's features are used on every
-    rank."""
+    features: float64), the features validated once (:func:`as_feature_tensor`, at least
+    ``min_tokens`` tokens, default ``n_clusters``; the dominant-token warning) and
+    ``solved``, ``x`` PCA-reduced where ``pca_rank`` asks for it. Under a ``process_group``
+    every rank reaches one collective before any raises (:func:`agree_across_ranks`), and
+    rank 0's features are used on every rank."""
     opts, x, error = None, None, None
     try:
         opts = given.checked(distributed=process_group is not None)

@@ -1,10 +1,9 @@
 """The SSC options in one place: each option's name, default, check and meaning.
 
-Every entry point that takes SSC options derives from :class:`SSCOptions`: the defaults of
-:func:`~videoanchor.anchor.compute_anchor_scores` and its siblings (:data:`DEFAULTS`), the
-up-front check of every option (:meth:`SSCOptions.checked`), the options that change the
-coefficient matrix or the scores (:func:`names_affecting`, the score caches' keys), and,
-in the integrations, ``AnchorConfig``'s SSC fields and the command lines' defaults.
+Every entry point that takes SSC options derives from :class:`SSCOptions`: the defaults
+(:data:`DEFAULTS`), the up-front check (:meth:`SSCOptions.checked`), the options that change
+``C`` or the scores (:func:`names_affecting`, the score caches' keys), and, in the
+integrations, ``AnchorConfig``'s SSC fields and the command lines' defaults.
 """
 
 from __future__ import annotations
@@ -16,11 +15,11 @@ import torch
 from videoanchor.anchor._inputs import (
     check_blocked,
     check_choice,
+    check_dtype,
     check_int,
     check_number,
     check_option_range,
     check_progress,
-    resolve_dtype,
     resolve_seed,
 )
 from videoanchor.anchor.products import PRECISIONS, check_precision
@@ -61,14 +60,6 @@ def _label_draws(name, value):
             f"labels in memory (try label_draws=16)"
         )
     return draws
-
-
-def _dtype(name, value):
-    if value is not None and not isinstance(value, (str, torch.dtype)):
-        raise TypeError(
-            f"{name}: expected None, torch.float32 or torch.float64, got {type(value).__name__}"
-        )
-    return resolve_dtype(value, torch.device("cpu"))
 
 
 def _block_columns(name, value):
@@ -117,24 +108,21 @@ class SSCOptions:
     backend: str = "auto"
     """Array library of the dense solver: ``"auto"`` (torch), ``"torch"``, ``"cupy"``."""
     solver: str = "auto"
-    """``"auto"``: ``"workset"`` on the CPU and CUDA, ``"fast"`` elsewhere or where an option only
-    an iteration honours is set (``rho``, ``max_iter``, ``precision``, a progress reporter's
-    time budget; exact mode; :func:`~videoanchor.anchor.plan.auto_solver`, the one rule of
-    every entry point: how a run is reported never changes what runs); an ``eps`` the
-    solver that runs would ignore (``"fast"``, ``"workset"``) is a ValueError;
-    ``"workset"`` (the program's certified minimiser by working sets, on the CPU or on the
-    features' CUDA device; exact mode; the fast solver where ``C`` is dense:
-    :func:`~videoanchor.anchor.workset.run_workset`,
-    :func:`~videoanchor.anchor.workset_cuda.run_workset_cuda`), ``"fast"`` (the authors' steps on a
-    fixed 60-iteration schedule) or ``"faithful"`` (the authors' iteration and stopping
-    rule)."""
+    """``"workset"`` (the program's certified minimiser by working sets, exact mode, on the
+    CPU or the features' CUDA device; the fast solver where ``C`` is dense), ``"fast"`` (the
+    authors' steps on a fixed 60-iteration schedule), ``"faithful"`` (the authors' iteration
+    and stopping rule) or ``"auto"``: ``"workset"`` on the CPU and CUDA, ``"fast"`` elsewhere
+    or where an option only an iteration honours is set (``rho``, ``max_iter``,
+    ``precision``, a reporter's time budget: :func:`~videoanchor.anchor.plan.auto_solver`;
+    how a run is reported never changes what runs). An ``eps`` the solver that runs would
+    ignore (``"fast"``, ``"workset"``) is a ValueError."""
     dtype: torch.dtype | None = None
     """Working dtype of the solvers and of ``C``: None (float32; float64 for float64
     features), ``torch.float32`` or ``torch.float64``."""
     precision: str = "auto"
     """Precision of the fast solver's dense products: ``"full"`` (the working dtype),
     ``"fp16x3"`` (float16 tensor cores at about float32 accuracy; float32, torch, fast solver
-    only; :mod:`videoanchor.anchor.products`) or ``"auto"`` (``"fp16x3"`` where it runs
+    only: :mod:`videoanchor.anchor.products`) or ``"auto"`` (``"fp16x3"`` where it runs
     natively, on CUDA, and the rest allows it; else ``"full"``)."""
     seed: int | None = 0
     """Seed of the spectral clustering (None: drawn from NumPy's global generator)."""
@@ -205,9 +193,8 @@ class SSCOptions:
 
 
 def check_distributed(mode: str, solver: str, backend: str) -> None:
-    """The solvers that run over a process group: the fast one split by columns (exact
-    mode) and the authors' iteration column-blocked (blocked mode); ``mode="auto"`` picks
-    between them. Anything else is a ValueError naming what would run."""
+    """Refuse what cannot run over a process group: only the fast solver split by columns
+    (exact mode) and the authors' iteration column-blocked (blocked mode)."""
     if mode == "exact" and solver == "faithful":
         raise ValueError(
             "process_group: mode='exact' splits the fast solver's columns over the ranks; the "
@@ -225,9 +212,8 @@ _PROGRAM = ("alpha_e", "alpha_z", "rho", "eps", "max_iter", "dtype", "progress")
 _D = SSCOptions  # its class attributes are the defaults
 
 #: ``{option: (check, what it changes)}``: ``check(name, value)`` returns the value
-#: normalised or raises TypeError / ValueError "name: expected X, got Y"; "coef" options
-#: change SSC's C, "labels" ones the clustering given C, "" ones neither (how the work is
-#: done or reported).
+#: normalised or raises TypeError / ValueError; "coef" options change SSC's C, "labels" ones
+#: the clustering given C, "" ones neither (how the work is done or reported).
 CHECKS = {
     "n_clusters": (lambda n, v: check_int(n, v, 1), "labels"),
     "alpha_e": (_positive(f"the authors' {_D.alpha_e:g}"), "coef"),
@@ -243,7 +229,7 @@ CHECKS = {
     "pca_rank": (lambda n, v: check_int(n, v, 0, hint=f"{_D.pca_rank} (no PCA)"), "coef"),
     "backend": (_choice(SSC_BACKENDS), "coef"),
     "solver": (_choice(SSC_SOLVERS, {"accelerated": REMOVED_ACCELERATED}), "coef"),
-    "dtype": (_dtype, "coef"),
+    "dtype": (check_dtype, "coef"),
     "precision": (_choice(PRECISIONS), "coef"),
     "seed": (lambda n, v: resolve_seed(v), "labels"),
     "label_draws": (_label_draws, "labels"),
