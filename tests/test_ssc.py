@@ -292,6 +292,34 @@ def test_bad_parameters_raise(kw, match):
         compute_anchor_scores(torch.randn(12, 6), n_clusters=3, **kw)
 
 
+def test_solver_entry_points_take_the_options_by_keyword_and_name_the_unknown_ones():
+    """The solvers' SSCOptions keywords are written once (ssc.takes_options): the signature
+    shows them with the home's defaults (E&V's 20 for the constrained program), a value
+    given reaches the solver, and an unknown keyword is a TypeError naming it and what the
+    function takes."""
+    import inspect
+
+    from videoanchor.anchor import solve_ssc_blocked
+    from videoanchor.anchor.ssc_equality import solve_ssc_equality
+
+    x = union_of_subspaces(6, 2, 5, 2, seed=3)[0].float()
+    for fn in (solve_ssc_admm, solve_ssc_blocked, solve_ssc_equality, authors_admm):
+        params = inspect.signature(fn).parameters
+        want = 20.0 if fn is solve_ssc_equality else 800.0
+        assert params["alpha_z"].default == want and params["max_iter"].kind.name == "KEYWORD_ONLY"
+        with pytest.raises(TypeError, match=r"unexpected keyword argument 'alpah_e'.*alpha_e"):
+            fn(x, alpah_e=1.0)
+    with pytest.raises(TypeError, match="mode"):  # an SSCOptions option it does not take
+        solve_ssc_admm(x, mode="blocked")
+    with pytest.raises(TypeError, match="too many positional arguments"):
+        solve_ssc_admm(x, 100.0)
+    with pytest.raises(ValueError, match="rho"):  # the options are still checked
+        solve_ssc_blocked(x, rho=-1.0)
+    assert solve_ssc_admm(x, max_iter=3, eps=0.0).iterations == 3
+    assert solve_ssc_equality(x, max_iter=2, eps=0.0).iterations == 2
+    assert authors_admm(x.double().numpy().T, max_iter=2, eps=0.0)[1] == 2
+
+
 def test_too_large_for_memory_raises(monkeypatch):
     monkeypatch.setattr(plan, "free_memory_bytes", lambda device: 1 << 20)
     with pytest.raises(SSCMemoryError, match=r"N = 600 tokens.*needs about .*pca_rank"):

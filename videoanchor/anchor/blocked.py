@@ -1,40 +1,26 @@
 """Exact SSC, column-blocked: the authors' ADMM on ``b`` columns of ``C`` at a time.
 
-The SSC program of docs/method.md section 2 separates over the columns of ``C``: column
-``i`` is the solution of
-
-    min ||c||_1 + lambda_e ||e||_1 + (lambda_z / 2) ||y_i - Y c - e||^2
-    s.t.  1^T c = 1,  c_i = 0
-
-coupled to the other columns only through the global ``lambda_e`` and ``lambda_z``. Every
-step of the authors' iteration is column-wise too:
-
-* the A-step applies the fixed inverse ``M^{-1}`` to the block's right-hand side through
-  its Woodbury form (``rho I`` plus a rank-``(D + 1)`` term: ``N x (D + 1)`` factors,
-  built once, float64 as in :func:`~videoanchor.anchor.ssc.solve_ssc_admm`);
-* the C-step (shrinkage, zero diagonal), the E-step and the dual updates act per column.
-
-So a block of columns runs the authors' iteration against the full dictionary ``Y`` in
+The SSC program of docs/method.md section 2 separates over the columns of ``C`` (column
+``i``: ``min ||c||_1 + lambda_e ||e||_1 + (lambda_z / 2) ||y_i - Y c - e||^2`` s.t.
+``1^T c = 1``, ``c_i = 0``), coupled only through the global ``lambda_e`` and ``lambda_z``,
+and every step of the authors' iteration is column-wise: the A-step applies the fixed
+inverse through its Woodbury form (``N x (D + 1)`` factors, built once, float64), the C-
+and E-steps and the dual updates act per column. So a block runs against the full ``Y`` in
 ``O(N D b)`` per iteration and ``O(N b + N D)`` memory, and at a fixed iteration count its
-columns equal the dense solver's (same arithmetic, up to the summation order of the
-products). The dual ``Delta2`` is dense, so blocks run one after another (each to its own
-end) rather than in lockstep; shrinkage makes exact zeros, so the finished columns of
-``C`` are kept sparse and no ``N x N`` buffer is ever allocated.
+columns equal the dense solver's (up to the products' summation order). The dual is dense,
+so blocks run one after another, each to its own end; the finished columns of ``C`` are
+kept sparse (no ``N x N`` buffer).
 
-Stopping rule: the authors stop when ``max_i sum_j |A - C|_ij < eps`` over all columns; a
-block stops when its own part of that norm holds, ``max_i sum_{j in block} |A - C|_ij <
-eps`` (``block_eps="own"``, the default). Each block's part is at most the whole, so a
-block never runs longer than the dense solver would; the union of blocks that each met
-``eps`` can be up to ``n_blocks * eps`` away in the authors' norm. ``block_eps="share"``
-gives each block ``eps * b / N`` instead, so the assembled ``C`` meets the authors'
-criterion over all columns (at the cost of more iterations per block).
-``block_columns = N`` is exactly the authors' rule with either.
+Stopping rule: a block stops when its own part of the authors' norm holds,
+``max_i sum_{j in block} |A - C|_ij < eps`` (``block_eps="own"``, the default): it never
+runs longer than the dense solver would, and the union of the blocks can be up to
+``n_blocks * eps`` away in the authors' norm. ``block_eps="share"`` gives each block
+``eps * b / N``, so the assembled ``C`` meets the authors' criterion (at the cost of more
+iterations per block). ``block_columns = N`` is exactly the authors' rule with either.
 
-Across processes: the blocks are dealt round-robin to the ranks of a
-``torch.distributed`` process group, each rank solves its blocks, and the sparse columns
-are all-gathered. The block partition depends only on ``N``, ``D``, the dtype and the
-device type, never on the number of ranks, so every rank count computes every column
-with the same arithmetic and gives the same ``C``.
+Across processes the blocks are dealt round-robin to the ranks of a ``torch.distributed``
+process group and the sparse columns are all-gathered; the partition depends only on
+``N``, ``D``, the dtype and the device type, so every rank count gives the same ``C``.
 """
 
 from __future__ import annotations
@@ -45,27 +31,14 @@ import torch
 
 from videoanchor.anchor import admm
 from videoanchor.anchor._inputs import prepare_features
-from videoanchor.anchor.collective import (
-    _all_gather_rows,
-    comm_device,
-    raise_together,
-)
+from videoanchor.anchor.collective import _all_gather_rows, comm_device, raise_together
 from videoanchor.anchor.options import DEFAULTS, SSCOptions
-from videoanchor.anchor.plan import (
-    _BLOCK_BUDGET,
-    Plan,
-    make_plan,
-)
+from videoanchor.anchor.plan import _BLOCK_BUDGET, Plan, make_plan
 from videoanchor.anchor.products import exact_float32
 from videoanchor.anchor.program import SSCSolution, ssc_lambdas
-from videoanchor.anchor.ssc import TorchKernels
+from videoanchor.anchor.ssc import TorchKernels, takes_options
 
 __all__ = ["run_blocked", "solve_ssc_blocked"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _solve_block(dic, factor, a, b, *, thr_e, eps, max_iter, hook):
@@ -78,40 +51,21 @@ def _solve_block(dic, factor, a, b, *, thr_e, eps, max_iter, hook):
     return rows, cols + a, step.C[rows, cols], out
 
 
-def _recorder(history: list[float]):
-    """A hook that appends every residual to ``history``."""
-
-    def hook(it: int, residual: float) -> None:
-        history.append(residual)
-
-    return hook
-
-
 @exact_float32
-def solve_ssc_blocked(
-    features,
-    *,
-    alpha_e: float = DEFAULTS.alpha_e,
-    alpha_z: float = DEFAULTS.alpha_z,
-    rho: float = DEFAULTS.rho,
-    eps: float = DEFAULTS.eps,
-    max_iter: int = DEFAULTS.max_iter,
-    affine: bool = True,
-    outliers: bool = True,
-    dtype=DEFAULTS.dtype,
-    block_columns: int | None = DEFAULTS.block_columns,
-    process_group=None,
-    block_eps: str = DEFAULTS.block_eps,
-    keep_history: bool = False,
-    check_memory_first: bool = True,
-    progress=DEFAULTS.progress,
-) -> SSCSolution:
+@takes_options("alpha_e", "alpha_z", "rho", "eps", "max_iter", "dtype", "block_columns",
+               "block_eps")  # fmt: skip
+def solve_ssc_blocked(features, *, affine: bool = True, outliers: bool = True,
+                      process_group=None, keep_history: bool = False,
+                      check_memory_first: bool = True, progress=DEFAULTS.progress,
+                      **options) -> SSCSolution:  # fmt: skip
     """Solve the SSC program for ``features`` (``N x D``) column block by column block.
 
     The authors' iteration (docs/method.md section 2; the faithful solver of
     :func:`~videoanchor.anchor.ssc.solve_ssc_admm`) on ``block_columns`` columns at a
     time (default :func:`default_block_columns`), each block stopped by its own part of
     the authors' criterion (``block_eps``, module docstring). ``C`` comes back sparse.
+    ``alpha_e``, ``alpha_z``, ``rho``, ``eps``, ``max_iter``, ``dtype``, ``block_columns``
+    and ``block_eps`` are :class:`~videoanchor.anchor.SSCOptions`'s (meaning and defaults).
 
     ``process_group``: a ``torch.distributed`` process group (any backend); the blocks
     are divided among its ranks, rank 0's features are used on every rank, and every rank
@@ -123,7 +77,7 @@ def solve_ssc_blocked(
     (``iteration`` counts within the block), and a true return ends that block.
     """
     t0 = time.perf_counter()
-    given = SSCOptions.of(locals(), mode="blocked", solver="faithful", progress=None)
+    given = SSCOptions.of(options, mode="blocked", solver="faithful", progress=None)
     opts, _, x = prepare_features(features, given, min_tokens=2, process_group=process_group)
     plan = make_plan(x.shape, x.device, opts, process_group=process_group, outliers=outliers,
                      check_memory_first=check_memory_first)  # fmt: skip
@@ -150,12 +104,13 @@ def run_blocked(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
     # the lambdas' Gram pass in row blocks of at most the block budget
     lam_rows = max(1, min(4096, _BLOCK_BUDGET.get(device.type, _BLOCK_BUDGET["cpu"]) // (8 * n)))
     lam_e, lam_z, _, _ = ssc_lambdas(x64, alpha_e, alpha_z, block=lam_rows)
-    _sync(device)
+    kernels = TorchKernels(device)
+    kernels.sync()
     t1 = time.perf_counter()
     dic = admm.Dictionary(x, work, lam_z=lam_z, affine=affine, outliers=outliers,
-                          kernels=TorchKernels(device))  # fmt: skip
+                          kernels=kernels)  # fmt: skip
     factor = admm.Woodbury(dic, rho)
-    _sync(device)
+    kernels.sync()
     t2 = time.perf_counter()
 
     starts = list(range(0, n, block))
@@ -170,10 +125,10 @@ def run_blocked(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
             b = min(n, a + block)
             eps_k = eps if block_eps == "own" else eps * (b - a) / n
             hist: list[float] = []
-            r, c, v, out = _solve_block(
-                dic, factor, a, b, thr_e=lam_e / lam_z, eps=eps_k, max_iter=max_iter,
-                hook=admm.chain(_recorder(hist) if keep_history else None, report.hook),
-            )  # fmt: skip
+            record = (lambda it, r, h=hist: h.append(r)) if keep_history else None
+            r, c, v, out = _solve_block(dic, factor, a, b, thr_e=lam_e / lam_z, eps=eps_k,
+                                        max_iter=max_iter,
+                                        hook=admm.chain(record, report.hook))  # fmt: skip
             report.next_block()
             rows.append(r)
             cols.append(c)
@@ -199,7 +154,7 @@ def run_blocked(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
         vals_t = torch.cat(vals)
     del rows, cols, vals
     stats_t = torch.tensor(stats, dtype=torch.float64).reshape(-1, 5)
-    _sync(device)
+    kernels.sync()
     t3 = time.perf_counter()
 
     if group is not None:
@@ -217,23 +172,14 @@ def run_blocked(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
     stats_t = stats_t[order]
     coef = torch.sparse_coo_tensor(idx, vals_t, (n, n), check_invariants=False).coalesce()
     del idx, vals_t
-    _sync(device)
+    kernels.sync()
     t4 = time.perf_counter()
     block_its = [int(v) for v in stats_t[:, 1].tolist()]
     block_res = [float(v) for v in stats_t[:, 2].tolist()]
     return SSCSolution(
-        coef=coef,
-        iterations=max(block_its),
-        converged=bool((stats_t[:, 3] > 0).all()),
-        stopped=bool((stats_t[:, 4] > 0).any()),
-        residual=max(block_res),
-        lambda_e=lam_e,
-        lambda_z=lam_z,
-        rho=float(rho),
-        block_columns=block,
-        block_iterations=block_its,
-        block_residuals=block_res,
-        history=history,
-        world_size=world,
+        coef=coef, iterations=max(block_its), converged=bool((stats_t[:, 3] > 0).all()),
+        stopped=bool((stats_t[:, 4] > 0).any()), residual=max(block_res), lambda_e=lam_e,
+        lambda_z=lam_z, rho=float(rho), block_columns=block, block_iterations=block_its,
+        block_residuals=block_res, history=history, world_size=world,
         timings={"lambdas": t1 - t0, "factor": t2 - t1, "admm": t3 - t2, "gather": t4 - t3},
-    )
+    )  # fmt: skip

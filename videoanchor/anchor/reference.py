@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from videoanchor.anchor.ssc import takes_options
+
 __all__ = [
     "authors_lambdas",
     "authors_admm",
@@ -37,26 +39,21 @@ def authors_lambdas(y: np.ndarray, alpha_e: float, alpha_z: float) -> tuple[floa
     return alpha_e / mu_e, alpha_z / mu_z
 
 
-def authors_admm(
-    y: np.ndarray,
-    *,
-    alpha_e: float = 800.0,
-    alpha_z: float = 800.0,
-    rho: float = 300.0,
-    eps: float = 2e-4,
-    max_iter: int = 10000,
-    affine: bool = True,
-    outliers: bool = True,
-    lambdas: tuple[float, float] | None = None,
-    callback=None,
-) -> tuple[np.ndarray, int, bool]:
+@takes_options("alpha_e", "alpha_z", "rho", "eps", "max_iter")
+def authors_admm(y: np.ndarray, *, affine: bool = True, outliers: bool = True,
+                 lambdas: tuple[float, float] | None = None, callback=None,
+                 **options) -> tuple[np.ndarray, int, bool]:  # fmt: skip
     """SSC-ADMM of docs/method.md section 2 for ``y`` (``D x N``), float64, dense solve each step.
 
-    Returns ``(C, iterations, converged)``. ``callback(it, A, C, E)`` sees every iterate.
+    ``alpha_e``, ``alpha_z``, ``rho``, ``eps`` and ``max_iter`` as in
+    :class:`~videoanchor.anchor.SSCOptions` (the authors' defaults). Returns
+    ``(C, iterations, converged)``. ``callback(it, A, C, E)`` sees every iterate.
     """
+    rho, eps = options["rho"], options["eps"]
     y = np.asarray(y, dtype=np.float64)
     d, n = y.shape
-    lam_e, lam_z = lambdas if lambdas is not None else authors_lambdas(y, alpha_e, alpha_z)
+    alphas = options["alpha_e"], options["alpha_z"]
+    lam_e, lam_z = lambdas if lambdas is not None else authors_lambdas(y, *alphas)
     ones = np.ones((n, 1))
     C = np.zeros((n, n))
     E = np.zeros((d, n))
@@ -64,7 +61,7 @@ def authors_admm(
     delta2 = np.zeros((n, n))
     gram = y.T @ y
     it = 0
-    for it in range(1, max_iter + 1):
+    for it in range(1, options["max_iter"] + 1):
         lhs = lam_z * gram + rho * np.eye(n)
         rhs = lam_z * (y.T @ (y - E)) + rho * C - delta2
         if affine:

@@ -16,17 +16,15 @@ are used, whichever costs fewer flops:
   is applied through a ``(D + 1) x (D + 1)`` matrix, ``O(N^2 D)`` per iteration.
 
 The factorisation is done in float64 and the iterations in the working dtype
-(float32 by default); the iterates are the authors' iterates.
-
-The iteration itself is :mod:`videoanchor.anchor.admm`, shared with the column-blocked
-solver, the CuPy backend (:mod:`videoanchor.anchor.cupy_backend`, the same code on CuPy
-arrays) and the constrained variant; this module holds the torch entry point, the
-lambdas and the cost model.
+(float32 by default); the iterates are the authors' iterates. The iteration itself is
+:mod:`videoanchor.anchor.admm`, shared with the column-blocked solver, the CuPy backend and
+the constrained variant; this module holds the torch entry point and its kernels.
 """
 
 from __future__ import annotations
 
-import math
+import functools
+import inspect
 import time
 import warnings
 from dataclasses import replace
@@ -44,28 +42,43 @@ from videoanchor.anchor.collective import (
     column_range,
     computed_on_first,
 )
-from videoanchor.anchor.options import SSCOptions
+from videoanchor.anchor.options import DEFAULTS, SSCOptions
 from videoanchor.anchor.plan import Plan, SSCMemoryError, fields_default, make_plan
 from videoanchor.anchor.products import Products, exact_float32
 from videoanchor.anchor.program import SSCSolution, gram_row_max, ssc_lambdas
 
-__all__ = [
-    "solve_ssc_admm",
-    "run_admm",
-    "SSCMemoryError",
-]
+__all__ = ["solve_ssc_admm", "run_admm", "SSCMemoryError", "takes_options"]
 
 
-def check_admm_parameters(n: int, rho: float, eps: float, max_iter: int) -> None:
-    """The checks every ADMM entry point makes on its size and iteration parameters."""
-    if n < 2:
-        raise ValueError(f"SSC needs at least 2 points, got N = {n}")
-    if not (rho > 0 and math.isfinite(rho)):
-        raise ValueError(f"rho: expected a positive finite number, got {rho}")
-    if not (eps >= 0):
-        raise ValueError(f"eps: expected a non-negative number (0: run max_iter), got {eps}")
-    if int(max_iter) < 1:
-        raise ValueError(f"max_iter: expected a positive integer, got {max_iter}")
+def takes_options(*names: str, **defaults):
+    """Decorator of an SSC entry point ``fn(features, *, ..., **options)`` that takes the
+    :class:`~videoanchor.anchor.options.SSCOptions` ``names`` as keywords, with the home's
+    defaults (or ``defaults``): written once, not in every signature. The signature shows
+    them (``inspect.signature``, ``help``), ``fn`` gets each one in ``options`` and any
+    other keyword is a TypeError that names what it got and what ``fn`` takes."""
+
+    def decorate(fn):
+        sig = inspect.signature(fn)
+        own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        kind = inspect.Parameter.KEYWORD_ONLY
+        extra = [inspect.Parameter(n, kind, default=defaults.get(n, getattr(DEFAULTS, n)))
+                 for n in names]  # fmt: skip
+        full = sig.replace(parameters=own + extra)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                bound = full.bind(*args, **kwargs)
+            except TypeError as exc:
+                takes = ", ".join(full.parameters)
+                raise TypeError(f"{fn.__name__}: {exc}; expected {takes}") from None
+            bound.apply_defaults()
+            return fn(**bound.arguments)
+
+        wrapper.__signature__ = full
+        return wrapper
+
+    return decorate
 
 
 # On CUDA the density is counted (a host synchronisation) on the first product with E and
@@ -157,33 +170,18 @@ class TorchKernels(admm.Kernels):
 
 
 @exact_float32
-def solve_ssc_admm(
-    features,
-    *,
-    alpha_e: float = 800.0,
-    alpha_z: float = 800.0,
-    rho: float = 300.0,
-    eps: float = 2e-4,
-    max_iter: int = 10000,
-    affine: bool = True,
-    outliers: bool = True,
-    dtype=None,
-    strategy: str = "auto",
-    progress=None,
-    keep_history: bool = False,
-    check_memory_first: bool = True,
-    callback=None,
-    xp=None,
-    kernels: admm.Kernels | None = None,
-    scheduled: bool = False,
-    schedule: admm.Schedule = admm.SCHEDULE,
-    precision: str = "auto",
-    process_group=None,
-) -> SSCSolution:
+@takes_options("alpha_e", "alpha_z", "rho", "eps", "max_iter", "dtype", "precision")
+def solve_ssc_admm(features, *, affine: bool = True, outliers: bool = True, strategy: str = "auto",
+                   progress=None, keep_history: bool = False, check_memory_first: bool = True,
+                   callback=None, xp=None, kernels: admm.Kernels | None = None,
+                   scheduled: bool = False, schedule: admm.Schedule = admm.SCHEDULE,
+                   process_group=None, **options) -> SSCSolution:  # fmt: skip
     """Solve the SSC program for ``features`` (``N x D``, one row per point) on their device.
 
     This runs the authors' iteration (docs/method.md section 2) and stops when
-    ``max_i sum_j |A - C|_ij < eps``.
+    ``max_i sum_j |A - C|_ij < eps``. ``alpha_e``, ``alpha_z``, ``rho``, ``eps``,
+    ``max_iter``, ``dtype`` and ``precision`` are the options of
+    :class:`~videoanchor.anchor.SSCOptions` (same meaning and defaults).
 
     ``progress``: False, True, None (default: a bar or log lines once a run lasts a few
     seconds) or an :class:`~videoanchor.anchor.progress.SSCProgress`, whose time budget
@@ -226,18 +224,19 @@ def solve_ssc_admm(
         )
     if strategy not in ("auto", "dense", "woodbury"):
         raise ValueError(f"strategy: expected 'auto', 'dense' or 'woodbury', got {strategy!r}")
-    given = SSCOptions.of(locals(), mode="exact", solver="fast" if scheduled else "faithful",
+    given = SSCOptions.of(options, mode="exact", solver="fast" if scheduled else "faithful",
                           backend="torch", progress=None)  # fmt: skip
-    if scheduled and eps != given.eps:  # (no stopping test: eps does not apply to it)
+    if scheduled and options["eps"] != given.eps:  # (no stopping test: eps does not apply to it)
         given = replace(given, eps=fields_default(given, "eps"))
     opts, _, x_t = prepare_features(features, given, min_tokens=2, process_group=process_group)
     plan = make_plan(x_t.shape, x_t.device, opts, process_group=process_group,
                      outliers=outliers, check_memory_first=check_memory_first,
                      strategy=strategy, backend=None if xp is None else xp.__name__)  # fmt: skip
     return run_admm(
-        x_t, plan, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps, max_iter=max_iter,
-        affine=affine, outliers=outliers, progress=progress, keep_history=keep_history,
-        callback=callback, xp=xp, kernels=kernels, t0=t0, schedule=schedule,
+        x_t, plan, alpha_e=options["alpha_e"], alpha_z=options["alpha_z"], rho=options["rho"],
+        eps=options["eps"], max_iter=options["max_iter"], affine=affine, outliers=outliers,
+        progress=progress, keep_history=keep_history, callback=callback, xp=xp, kernels=kernels,
+        t0=t0, schedule=schedule,
     )  # fmt: skip
 
 

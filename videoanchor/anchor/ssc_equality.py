@@ -45,7 +45,7 @@ from videoanchor.anchor._inputs import prepare_features
 from videoanchor.anchor.options import SSCOptions
 from videoanchor.anchor.plan import Plan, make_plan
 from videoanchor.anchor.program import SSCSolution, gram_row_max
-from videoanchor.anchor.ssc import TorchKernels
+from videoanchor.anchor.ssc import TorchKernels, takes_options
 
 __all__ = ["equality_parameters", "run_equality", "solve_ssc_equality"]
 
@@ -70,27 +70,19 @@ def equality_parameters(x: torch.Tensor, alpha_e: float, alpha_z: float) -> tupl
     return gamma, alpha_z / lam
 
 
-def solve_ssc_equality(
-    features,
-    *,
-    alpha_e: float = 20.0,
-    alpha_z: float = 20.0,
-    rho: float = 20.0,
-    eps: float = 2e-4,
-    max_iter: int = 10000,
-    affine: bool = False,
-    dtype=None,
-    progress=False,
-    check_memory_first: bool = True,
-    callback=None,
-) -> SSCSolution:
+@takes_options("alpha_e", "alpha_z", "rho", "eps", "max_iter", "dtype", alpha_e=20.0,
+               alpha_z=20.0, rho=20.0)  # fmt: skip
+def solve_ssc_equality(features, *, affine: bool = False, progress=False,
+                       check_memory_first: bool = True, callback=None,
+                       **options) -> SSCSolution:  # fmt: skip
     """Solve ``min ||C||_1 + gamma ||E||_1 s.t. Y = Y C + E, diag(C) = 0`` (module docstring).
 
     ``affine=True`` adds ``1^T C = 1^T`` (their ``affine`` argument).
 
-    ``features`` is ``N x D`` (one row per point); work happens on its device. ``rho`` is
-    the ADMM penalty ``mu2`` (E&V: equal to ``alpha``); their code runs at most 149
-    iterations (``maxIter = 150``). Returns an
+    ``features`` is ``N x D`` (one row per point); work happens on its device. ``alpha_e``,
+    ``alpha_z`` (both 20, E&V's ``alpha``), ``rho`` (the ADMM penalty ``mu2``; E&V: equal to
+    ``alpha``), ``eps``, ``max_iter`` (their code runs at most 149 iterations) and ``dtype``
+    are :class:`~videoanchor.anchor.SSCOptions`'s. Returns an
     :class:`~videoanchor.anchor.program.SSCSolution` whose ``coef`` is ``C``, ``outliers``
     is ``E`` (``D x N``), ``residual`` is the largest of the stopping rule's
     errors (``err1``, ``err2`` and, when affine, ``err3``), ``lambda_e = gamma`` and
@@ -98,7 +90,7 @@ def solve_ssc_equality(
     :func:`~videoanchor.anchor.ssc.solve_ssc_admm`.
     """
     t0 = time.perf_counter()
-    given = SSCOptions.of(locals(), mode="exact", solver="faithful", progress=None)
+    given = SSCOptions.of(options, mode="exact", solver="faithful", progress=None)
     opts, _, x = prepare_features(features, given, min_tokens=2)
     plan = make_plan(x.shape, x.device, opts, program="exact",
                      check_memory_first=check_memory_first)  # fmt: skip
