@@ -2,6 +2,7 @@
 against autograd of the float64 reference (2x-PyTorch-error rule in fp32/fp16), and
 SDPA-style bool/additive masks with the gates still applied."""
 
+import contextlib
 import math
 import warnings
 
@@ -10,7 +11,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import videoanchor
-from videoanchor.kernels import interface
+from videoanchor.kernels import reset_warnings
 from videoanchor.kernels.reference import anchored_attention_reference
 from videoanchor.kernels.torch_attention import anchored_attention_torch
 
@@ -251,8 +252,8 @@ def test_transformers_style_4d_mask_equals_causal_and_padding():
     assert torch.isneginf(lse[1, :, :3]).all() and not out.isnan().any()
 
 
-def test_attn_mask_with_triton_backend_warns_once_and_is_exact(monkeypatch):
-    monkeypatch.setattr(interface, "_ATTN_MASK_WARNED", False)
+def test_attn_mask_with_triton_backend_warns_once_and_is_exact():
+    reset_warnings()  # once per process: this test sees the first
     q, k, v, kb, vs = make(1, 2, 1, 5, 6, 16, torch.float32, grad=False)
     mask = torch.rand(1, 1, 5, 6) > 0.3
     with pytest.warns(UserWarning, match="not the fused Triton kernel"):
@@ -363,20 +364,29 @@ def check_triton_grads(shape, opts, dtype, device):
         assert err <= tol, f"d{name}: error {err:.3g} > tol {tol:.3g} (eager {base_err:.3g})"
 
 
+@contextlib.contextmanager
+def new_buffers_poisoned():
+    """Inside, every new uninitialised tensor (``torch.empty``, ``empty_like``, ...) is full
+    of NaN (integers: their maximum): PyTorch's ``fill_uninitialized_memory`` under
+    ``use_deterministic_algorithms``. An element a kernel leaves unwritten shows as NaN."""
+    assert torch.utils.deterministic.fill_uninitialized_memory  # PyTorch's default
+    was = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        assert torch.empty(2).isnan().all()
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", list(TRITON_CASES))
-def test_triton_backward_within_twice_pytorch_error(case, dtype, monkeypatch):
+def test_triton_backward_within_twice_pytorch_error(case, dtype):
     """The interpreter on CPU, buffers poisoned with NaN before the kernels write them."""
-    from videoanchor.kernels import triton_backward
-
-    def poisoned(like_or_shape, dtype=None, device=None):
-        if isinstance(like_or_shape, torch.Tensor):
-            return torch.full_like(like_or_shape, float("nan"))
-        return torch.full(like_or_shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(triton_backward, "_empty", poisoned)
     shape, opts = TRITON_CASES[case]
-    check_triton_grads(shape, opts, dtype, "cpu")
+    with new_buffers_poisoned():
+        check_triton_grads(shape, opts, dtype, "cpu")
 
 
 @pytest.mark.gpu

@@ -79,14 +79,15 @@ def test_backward_grid_within_cuda_limits_at_100k_batch_heads():
     assert launches[0].grid == (B * Hkv, 1) and launches[1].grid == (B * Hq, 1)
 
 
-def test_backward_grid_over_limit_raises(monkeypatch):
+def test_backward_grid_over_limit_raises():
     """A backward grid past a limit is a clear ValueError before any launch (x-axis limit
     lowered to 7 blocks: B * Hkv = 8 programs of dK/dV)."""
-    monkeypatch.setattr(launch_mod, "GRID_LIMITS", (7, 65535, 65535))
     q, k, v, go = (torch.randn(2, 4, 3, 16) for _ in range(4))
     out, lse = torch.zeros_like(q), torch.zeros(2, 4, 3)
-    with pytest.raises(ValueError, match="grid axis 0 needs 8 blocks, expected at most 7"):
-        _backward(q, k, v, None, None, out, lse, go, interpret=True)
+    with launch_mod.capture_launches(grid_limits=(7, 65535, 65535)) as launches:
+        with pytest.raises(ValueError, match="grid axis 0 needs 8 blocks, expected at most 7"):
+            _backward(q, k, v, None, None, out, lse, go, interpret=True)
+    assert launches == []  # nothing launched
 
 
 def test_backward_tile_choice_and_fp_fusion():

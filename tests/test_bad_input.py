@@ -634,12 +634,11 @@ def test_lmms_eval_checks_options_before_loading(case, tmp_path):
 
 
 @pytest.fixture
-def as_if_on_gpu(monkeypatch):
+def as_if_on_gpu():
     from videoanchor.kernels import checks
 
-    monkeypatch.setattr(checks, "_on_device", lambda t: True)
-    monkeypatch.setattr(checks, "_CHECKED", {})
-    return checks
+    with checks.device_branch():  # CPU metadata checked as CUDA metadata is
+        yield checks
 
 
 @pytest.mark.parametrize(

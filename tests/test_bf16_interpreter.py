@@ -120,23 +120,16 @@ def test_varlen_bf16(shim):
     "case",
     ["gqa-full-pad", "mha-causal-leftpad-D40", "cache-seqlens", "causal-Sq21-Skv9-empty-rows"],
 )
-def test_backward_bf16(shim, case, monkeypatch):
+def test_backward_bf16(shim, case):
     """The backward kernels (dK/dV and dQ) in bf16: dq, dk, dv, d key_bias and d value_scale
     against autograd of the float64 reference, each within 2x the error of eager bf16
     PyTorch attention's autograd; output buffers poisoned with NaN before the kernels
     write them."""
-    from test_attention_grad import TRITON_CASES, check_triton_grads
+    from test_attention_grad import TRITON_CASES, check_triton_grads, new_buffers_poisoned
 
-    from videoanchor.kernels import triton_backward
-
-    def poisoned(like_or_shape, dtype=None, device=None):
-        if isinstance(like_or_shape, torch.Tensor):
-            return torch.full_like(like_or_shape, float("nan"))
-        return torch.full(like_or_shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(triton_backward, "_empty", poisoned)
     shape, opts = TRITON_CASES[case]
-    check_triton_grads(shape, opts, BF16, "cpu")
+    with new_buffers_poisoned():
+        check_triton_grads(shape, opts, BF16, "cpu")
 
 
 def test_varlen_backward_bf16(shim):

@@ -8,7 +8,8 @@ static pointers: what a CUDA graph captures).
 The Triton launches are recorded, not run (``launch.capture_launches``): what is counted is
 the host work up to the launch. Metadata checks (``cache_seqlens``, ``cu_seqlens``) read
 CPU tensors on the host by design; here the tensors take the device branch of
-``kernels/checks.py`` (device assertions, checked once per tensor), as they do on a GPU.
+``kernels/checks.py`` (``checks.device_branch``: device assertions, checked once per
+tensor), as they do on a GPU.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ MAX_OPS = {
 
 
 @pytest.fixture(autouse=True)
-def _metadata_on_device(monkeypatch):
-    monkeypatch.setattr(kernel_checks, "_on_device", lambda t: t.device.type != "meta")
+def _metadata_on_device():
+    with kernel_checks.device_branch():
+        yield
 
 
 def _gates(shape, fast):

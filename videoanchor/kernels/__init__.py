@@ -6,6 +6,7 @@ from videoanchor.kernels.interface import (
     anchored_attention,
     anchored_attention_varlen,
     prepare_gates,
+    reset_warnings,
     value_scale_range_of,
 )
 
@@ -15,5 +16,6 @@ __all__ = [
     "anchor_gates",
     "prepare_gates",
     "PreparedGates",
+    "reset_warnings",
     "value_scale_range_of",
 ]

@@ -14,16 +14,20 @@ the same inputs.
   "device-side assert triggered", and leaves the CUDA context unusable (CUDA's rule for
   every device assertion). Setting ``VIDEOANCHOR_DEVICE_CHECKS=0`` skips these device
   checks (a handful of tiny kernels per call) where the caller guarantees the metadata.
+- Inside :func:`device_branch`, metadata on the host takes the device branch too (what a
+  GPU runs, checked without one).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import weakref
 
 import torch
 
-__all__ = ["check_cache_seqlens", "check_cu_seqlens", "device_checks_enabled"]
+__all__ = ["check_cache_seqlens", "check_cu_seqlens", "device_branch", "device_checks_enabled"]
 
 
 def device_checks_enabled() -> bool:
@@ -36,8 +40,29 @@ def device_checks_enabled() -> bool:
     )
 
 
+_EVERYWHERE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "videoanchor_device_branch", default=False
+)
+
+
+@contextlib.contextmanager
+def device_branch():
+    """Inside this block, metadata on the host (CPU tensors) is checked as CUDA metadata
+    is: the conditions asserted with ``torch._assert_async`` (which raises at once on a CPU
+    tensor), once per tensor and version, with no host read of the values. It runs on a
+    machine without a GPU what a GPU runs: the device assertions themselves, and the host
+    work of a call as a GPU would see it (tests/test_host_overhead.py)."""
+    token = _EVERYWHERE.set(True)
+    try:
+        yield
+    finally:
+        _EVERYWHERE.reset(token)
+
+
 def _on_device(t: torch.Tensor) -> bool:
-    return t.device.type != "cpu" and t.device.type != "meta"
+    if t.device.type == "meta":
+        return False
+    return t.device.type != "cpu" or _EVERYWHERE.get()
 
 
 def _traced() -> bool:

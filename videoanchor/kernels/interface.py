@@ -418,13 +418,22 @@ def _check_attn_mask(attn_mask, q, k):
                          f"attn_mask on {attn_mask.device}")  # fmt: skip
 
 
-_ATTN_MASK_WARNED = False
+# The warnings given once per process (reset_warnings forgets them): the attn_mask
+# fallback ("attn_mask") and each reason of backend="auto"'s fallback to the torch path.
+_WARNED: set[str] = set()
+
+
+def reset_warnings() -> None:
+    """Forget which of the kernels' once-per-process warnings were given (the ``attn_mask``
+    fallback to the exact torch path, ``backend="auto"`` falling back on a device the Triton
+    kernels cannot run on): each is given again at its next occasion, as in a new process.
+    For tests and notebooks that check or want to see these warnings."""
+    _WARNED.clear()
 
 
 def _warn_attn_mask_fallback():
-    global _ATTN_MASK_WARNED
-    if not _ATTN_MASK_WARNED:
-        _ATTN_MASK_WARNED = True
+    if "attn_mask" not in _WARNED:
+        _WARNED.add("attn_mask")
         warnings.warn(
             "anchored_attention: attn_mask is served by the exact PyTorch path (chunked, "
             "bounded memory), not the fused Triton kernel; pass key_padding_mask / causal / "
@@ -449,9 +458,6 @@ def triton_unsupported_reason(capability: tuple[int, int] | None, head_dim: int)
     return None
 
 
-_FALLBACK_WARNED: set[str] = set()
-
-
 def choose_backend(backend: str, *, is_cuda: bool, capability, head_dim: int) -> str:
     """The backend a call runs on, from the request and the device (no tensors needed, so
     the choice can be tested for any compute capability). ``"auto"`` never picks a kernel
@@ -464,8 +470,8 @@ def choose_backend(backend: str, *, is_cuda: bool, capability, head_dim: int) ->
         reason = triton_unsupported_reason(capability, head_dim)
         if reason is None:
             return "triton"
-        if reason not in _FALLBACK_WARNED:
-            _FALLBACK_WARNED.add(reason)
+        if reason not in _WARNED:
+            _WARNED.add(reason)
             warnings.warn(
                 f"videoanchor: backend='auto' uses the exact torch path on this device ({reason})",
                 stacklevel=3,

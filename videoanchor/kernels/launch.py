@@ -65,10 +65,10 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def check_grid(name: str, grid: tuple[int, ...]) -> None:
-    """Raise ValueError if a launch grid exceeds CUDA's per-axis limits (the interpreter
-    would run it; a GPU refuses it at launch)."""
-    for axis, (n, limit) in enumerate(zip(grid, GRID_LIMITS[: len(grid)], strict=True)):
+def check_grid(name: str, grid: tuple[int, ...], limits: tuple[int, ...] = GRID_LIMITS) -> None:
+    """Raise ValueError if a launch grid exceeds the per-axis ``limits`` (CUDA's by default:
+    the interpreter would run such a grid; a GPU refuses it at launch)."""
+    for axis, (n, limit) in enumerate(zip(grid, limits[: len(grid)], strict=True)):
         if not 0 <= n <= limit:
             raise ValueError(
                 f"{name}: grid axis {axis} needs {n} blocks, expected at most {limit} "
@@ -86,17 +86,22 @@ class Launch:
     kwargs: dict
 
 
-_CAPTURE: contextvars.ContextVar[list[Launch] | None] = contextvars.ContextVar(
-    "videoanchor_capture", default=None
+# (the launches recorded, the grid limits they are checked against) inside capture_launches
+_CAPTURE: contextvars.ContextVar[tuple[list[Launch], tuple[int, ...]] | None] = (
+    contextvars.ContextVar("videoanchor_capture", default=None)
 )
 
 
 @contextlib.contextmanager
-def capture_launches():
+def capture_launches(*, grid_limits: tuple[int, ...] = GRID_LIMITS):
     """Inside this block launchers record their launches (a list of :class:`Launch`)
-    instead of running them. Used to compile exactly what a real launch would compile."""
+    instead of running them. Used to compile exactly what a real launch would compile.
+
+    ``grid_limits``: the per-axis grid limits the launches are checked against (default
+    CUDA's, :data:`GRID_LIMITS`); lower ones show a launcher's refusal of a grid past a
+    limit without building inputs of 2^31 blocks."""
     launches: list[Launch] = []
-    token = _CAPTURE.set(launches)
+    token = _CAPTURE.set((launches, tuple(grid_limits)))
     try:
         yield launches
     finally:
@@ -105,9 +110,11 @@ def capture_launches():
 
 def launch(kernel, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
     """Check the grid, then run ``kernel[grid](*args, **kwargs)`` (or record it)."""
-    check_grid(getattr(kernel, "__name__", "kernel"), grid)
     captured = _CAPTURE.get()
-    if captured is not None:
-        captured.append(Launch(kernel, tuple(grid), tuple(args), dict(kwargs)))
+    if captured is None:
+        check_grid(getattr(kernel, "__name__", "kernel"), grid)
+        kernel[grid](*args, **kwargs)
         return
-    kernel[grid](*args, **kwargs)
+    launches, limits = captured
+    check_grid(getattr(kernel, "__name__", "kernel"), grid, limits)
+    launches.append(Launch(kernel, tuple(grid), tuple(args), dict(kwargs)))

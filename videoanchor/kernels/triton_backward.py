@@ -314,14 +314,6 @@ def backward_config(dtype: torch.dtype, head_dim: int, capability: tuple[int, in
     return dict(common, dkdv=tiles(32, 64, 8, 1), dq=dq)
 
 
-def _empty(like_or_shape, dtype=None, device=None):
-    """Allocates every buffer the kernels fill (tests poison it with NaN). A tensor
-    argument gives ``empty_like`` (its strides, as the fake implementation promises)."""
-    if isinstance(like_or_shape, torch.Tensor):
-        return torch.empty_like(like_or_shape)
-    return torch.empty(like_or_shape, dtype=dtype, device=device)
-
-
 def _strides(t, n):
     """Strides of an optional input; a 1-D (packed) gate gets batch stride 0."""
     if t is None:
@@ -390,8 +382,11 @@ def launch_backward(
     else:
         B, Hq, Sq, D = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
-        dq, dk, dv = _empty(q), _empty(k), _empty(v)
-        red = _empty((n_red, B, Hkv, Skv), torch.float32, q.device)
+        # empty_like: q's, k's and v's strides, as the fake implementation promises. Every
+        # element is written by the kernels (tests fill new buffers with NaN first:
+        # torch.use_deterministic_algorithms with fill_uninitialized_memory).
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        red = torch.empty((n_red, B, Hkv, Skv), dtype=torch.float32, device=q.device)
         strides = [t.stride() for t in (q, k, v, grad_out, dq, dk, dv)]
         s_lse = lse.stride()
         s_red = red.stride()[1:]
