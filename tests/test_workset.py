@@ -174,10 +174,10 @@ def test_the_reference_says_so_where_no_working_set_fits():
 
 def test_the_reference_certifies_from_the_fast_answer_where_the_first_sets_do_not_fit():
     x = _points(30, 12, seed=1)
-    # the sets from the nearest points stop at 2
-    res = reference_minimiser(x, limits=Limits(reference_set=2))
-    assert res.strategy == "workset" and res.converged and res.residual < 1e-9
-    assert "fast" in res.timings  # the fast solver's answer was the start: no long ADMM
+    # the sets from the nearest points stop at 2 coefficients: more than hard_share are hard
+    res = reference_minimiser(x, limits=Limits(dense_set=2))
+    assert res.strategy == "workset_warm" and res.converged and res.residual < 1e-9
+    assert "fast_admm" in res.timings  # the fast solver's answer was the start, unbounded
     assert _same_objective(x, res, solve_ssc_workset(x))
 
 

@@ -120,8 +120,10 @@ def test_the_route_returns_a_certified_result_or_the_fast_fallback():
     from videoanchor.anchor.plan import Plan
 
     x = video_tokens(2, 8, 12, k=2, seed=1)
+    fast_plan = Plan(mode="exact", solver="fast", backend="torch", device=x.device,
+                     work=torch.float32, route="admm")  # fmt: skip
     plan = Plan(mode="exact", solver="workset", backend="torch", device=x.device,
-                work=torch.float32)  # fmt: skip
+                work=torch.float32, fallback=fast_plan)  # fmt: skip
     kw = dict(alpha_e=800.0, alpha_z=800.0, rho=0.1, eps=1e-4, max_iter=60, progress=False)
     res = wc.run_workset_cuda(x, plan, slots=(32,), **kw)
     assert res.strategy == "workset_cuda" and res.converged and res.gap < wc.CERTIFIED

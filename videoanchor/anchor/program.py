@@ -26,6 +26,7 @@ Every solver's answer, the reference minimiser and the benchmarks are judged by
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass, field, fields
 
@@ -103,6 +104,31 @@ class SSCSolution:
         :class:`~videoanchor.anchor.admm.Outcome`) with the fields ``given``."""
         return cls(iterations=out.iterations, converged=out.converged, stopped=out.stopped,
                    residual=out.residual, **given)  # fmt: skip
+
+    @classmethod
+    def certified(cls, y: torch.Tensor, coef, outliers, lambda_e: float, lambda_z: float, *,
+                  like: torch.Tensor, dtype, timings: dict, **given) -> SSCSolution:  # fmt: skip
+        """The working sets' ``C`` and ``E`` (float64, of the program on ``y``: ``Y``,
+        ``D x N``, float64) as a result: certified (:func:`column_gaps`: ``gap`` and
+        ``residual`` the largest relative duality gap; ``timings`` gains ``"certificate"``),
+        in ``dtype`` on ``like``'s device, with the fields ``given``."""
+        t = time.perf_counter()
+        gap = column_gaps(y, coef, lambda_e, lambda_z).max_gap
+        return cls(coef=coef.to(like.device, dtype), outliers=outliers.to(like.device, dtype),
+                   residual=gap, gap=gap, lambda_e=lambda_e, lambda_z=lambda_z, rho=0.0,
+                   timings={**timings, "certificate": time.perf_counter() - t}, **given)  # fmt: skip
+
+    def uncertified(self, y: torch.Tensor, why: str) -> SSCSolution:
+        """This answer (the fast solver's) where the working sets did not certify the
+        program on ``y`` (``Y``, ``D x N``, float64): its relative duality gap as ``gap``,
+        ``solver="fast"``, and one warning that says ``why`` and gives the gap."""
+        y = y.to(torch.float64)
+        self.gap = column_gaps(y, self.coef.to(y.device, torch.float64), self.lambda_e,
+                               self.lambda_z).max_gap  # fmt: skip
+        self.solver = "fast"
+        warnings.warn(f"SSC: {why}; the answer is the fast solver's, not certified: relative "
+                      f"duality gap {self.gap:.3g}", UserWarning, stacklevel=4)  # fmt: skip
+        return self
 
     def answer(self, **more) -> dict:
         """The fields an entry point's result carries (``C``, the parameters, the solver and

@@ -28,21 +28,18 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
 
-from videoanchor.anchor import admm
 from videoanchor.anchor._inputs import as_feature_tensor
 from videoanchor.anchor.collective import all_sum
 from videoanchor.anchor.options import SSCOptions
 from videoanchor.anchor.plan import WARM_SET, Plan, make_plan
 from videoanchor.anchor.program import (
     SSCSolution,
-    column_gaps,
     gram_row_max,
     nearest_points,
     ssc_lambdas,
@@ -83,11 +80,9 @@ class Limits:
     17-30, the dense synthetic and corrupted sets fit in 50000; subjects 1-16 and the
     darkened sets, 1000-1800 outlier entries per column, do not: there the first column
     past it stops them all and the fast answer stands, the working sets costing 3-25x the
-    fast solver). ``max_passes``: outer passes per column. ``reference_set``: the most
-    variables per column in :func:`reference_minimiser`'s first attempt (Yale B's, ~1000
-    with the outlier entries, outgrow it). ``gap``: the largest relative duality gap
-    (:func:`~videoanchor.anchor.program.column_gaps`) of an answer :func:`run_workset`
-    calls certified (the working sets' own reach 1e-12 to 1e-10)."""
+    fast solver). ``max_passes``: outer passes per column. ``gap``: the largest relative
+    duality gap (:func:`~videoanchor.anchor.program.column_gaps`) of an answer
+    :func:`run_workset` calls certified (the working sets' own reach 1e-12 to 1e-10)."""
 
     dense_set: int = 192
     cold_work: float = 50_000
@@ -96,7 +91,6 @@ class Limits:
     warm_set: int = WARM_SET
     warm_work: float = 50_000
     max_passes: int = 500
-    reference_set: int = 512
     gap: float = 1e-8
 
     def __post_init__(self):
@@ -166,7 +160,7 @@ def _seeds(x64: torch.Tensor, gram: torch.Tensor, lam_e: float, lam_z: float, co
 
 def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, *, tol: float,
              grow: int, cap: int, max_passes: int, threads: int, cap_c: int | None = None,
-             max_work: float = math.inf, group=None, rank: int = 0, world: int = 1,
+             max_work: float = math.inf, rank: int = 0, world: int = 1,
              start=None, cols=None, stop_after: int | None = None):  # fmt: skip
     """``C``, ``E`` and each column's status, passes and work, by the compiled kernel over
     ``threads`` threads (strides of the columns, each thread taking the next as it comes
@@ -174,9 +168,8 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
     (default all; the others stay zero, status -1). A hard column (its set past ``cap`` or
     ``cap_c``, its work past ``max_work``) keeps its iterate and the others go on, until
     ``stop_after`` of them are hard (default never): then the columns not yet started stay
-    so (status -1). Under a process ``group`` each rank solves its stride of the columns and
-    the sums over the ranks make the whole (every column is one rank's alone, so the sums
-    are exact)."""
+    so (status -1). Rank ``rank`` of ``world`` solves its stride of the columns alone (the
+    others stay zero, status -1): :func:`run_workset` sums the ranks' answers."""
     kernel = _kernel()
     n, d = x64.shape
     cap_c = cap if cap_c is None else cap_c
@@ -205,11 +198,7 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
     else:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(run, range(tasks)))
-    out = [torch.from_numpy(a) for a in (C, E, status + 1, passes, work)]
-    if group is not None:
-        out = [all_sum(a, group) for a in out]
-    C, E, status, passes, work = out
-    return C, E, status - 1, passes, work
+    return tuple(torch.from_numpy(a) for a in (C, E, status, passes, work))
 
 
 def solve_ssc_workset(
@@ -272,8 +261,22 @@ def solve_ssc_workset(
                 + ("" if tuple(coef_init.shape) != (n, n) else " with non-finite entries")
             )
     cap = n + d if max_set is None else min(int(max_set), n + d)
-    return _solve(x, alpha_e, alpha_z, tol=tol, grow=int(grow), cap=cap,
-                  max_passes=int(max_passes), threads=int(threads), t0=t0, start=coef_init)  # fmt: skip
+    x64, G, lam_e, lam_z = _prepare(x, alpha_e, alpha_z)
+    t1 = time.perf_counter()
+    C, E, status, passes, _ = _columns(x64, lam_e, lam_z, G, tol=tol, grow=int(grow), cap=cap,
+                                       max_passes=int(max_passes), threads=min(int(threads), n),
+                                       start=coef_init)  # fmt: skip
+    if bool((status == _kernel().TOO_LARGE).any()):
+        raise SetsTooLarge(
+            f"a column's working set needs more than max_set = {cap} variables (C or E is "
+            f"dense on these {n} points)"
+        )
+    return SSCSolution.certified(
+        x64.T, C, E, lam_e, lam_z, like=x,
+        dtype=x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32,
+        timings={"lambdas": t1 - t0, "workset": time.perf_counter() - t1},
+        iterations=int(passes.max()), converged=bool((status == _kernel().SOLVED).all()),
+        strategy="workset")  # fmt: skip
 
 
 def _prepare(x, alpha_e: float, alpha_z: float) -> tuple:
@@ -283,52 +286,6 @@ def _prepare(x, alpha_e: float, alpha_z: float) -> tuple:
     G = x64 @ x64.T
     lam_e, lam_z, _, _ = ssc_lambdas(x64, alpha_e, alpha_z, row_max=gram_row_max(x64, gram=G))
     return x64, G, lam_e, lam_z
-
-
-def _solve(x, alpha_e, alpha_z, *, tol, grow, cap, max_passes, threads, t0, start=None,
-           prepared=None) -> SSCSolution:  # fmt: skip
-    """:func:`solve_ssc_workset` on checked arguments from the approximation ``start`` of
-    ``C`` where one is given (:func:`_seeds`); ``prepared``: :func:`_prepare`'s answer for
-    ``x`` where a solve before this one computed it. ``cap``: the most variables per
-    column's set: past it, :class:`SetsTooLarge`."""
-    prepared = _prepare(x, alpha_e, alpha_z) if prepared is None else prepared
-    x64, G, lam_e, lam_z = prepared
-    n = x64.shape[0]
-    t1 = time.perf_counter()
-    C, E, status, passes, _ = _columns(x64, lam_e, lam_z, G, tol=tol, grow=grow, cap=cap,
-                                       max_passes=max_passes, threads=min(threads, n),
-                                       start=start)  # fmt: skip
-    if bool((status == _kernel().TOO_LARGE).any()):
-        raise SetsTooLarge(
-            f"a column's working set needs more than max_set = {cap} variables (C or E is "
-            f"dense on these {n} points)"
-        )
-    timings = {"lambdas": t1 - t0, "workset": time.perf_counter() - t1}
-    return _answer(x, prepared, C, E, status, passes, "workset", None, timings)
-
-
-def _answer(x, prepared, C, E, status, passes, strategy: str, dtype, timings) -> SSCSolution:
-    """The working sets' ``C`` and ``E`` (float64) as a result, certified
-    (:func:`~videoanchor.anchor.program.column_gaps`: ``gap``, ``residual``) and in ``dtype``
-    (None: ``x``'s floating dtype, float32 otherwise) on ``x``'s device."""
-    if dtype is None:
-        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    x64, _, lam_e, lam_z = prepared
-    t = time.perf_counter()
-    gaps = column_gaps(x64.T, C, lam_e, lam_z)
-    return SSCSolution(
-        coef=C.to(x.device, dtype),
-        iterations=int(passes.max()),
-        converged=bool((status == _kernel().SOLVED).all()),
-        residual=gaps.max_gap,
-        gap=gaps.max_gap,
-        lambda_e=lam_e,
-        lambda_z=lam_z,
-        rho=0.0,
-        strategy=strategy,
-        outliers=E.to(x.device, dtype),
-        timings={**timings, "certificate": time.perf_counter() - t},
-    )
 
 
 def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, rho: float,
@@ -346,10 +303,10 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
       most ``limits.warm_set`` coefficients and ``limits.hard_work`` work each;
     - ``"workset_warm"``: where ``C`` is dense (more than ``limits.hard_share`` of the
       columns hard: the cold attempt stops there) or a hard column stays unsolved, the fast
-      solver (``plan`` with ``solver="fast"``, ``rho``, ``eps``, ``max_iter``,
-      ``progress``), then the working sets from its answer (:func:`_seeds`) with at most
-      ``limits.warm_set`` coefficients and ``limits.warm_work`` work per column (the first
-      column past them stops them all): near the minimiser, few steps remain;
+      solver (``plan.fallback``, with ``rho``, ``eps``, ``max_iter``, ``progress``), then
+      the working sets from its answer (:func:`_seeds`) with at most ``limits.warm_set``
+      coefficients and ``limits.warm_work`` work per column (the first column past them
+      stops them all): near the minimiser, few steps remain;
     - else the fast solver's answer, with ``solver="fast"`` and one warning that gives its
       gap (``gap``).
 
@@ -364,11 +321,34 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
             "solver='workset' solves the method's program (affine=True, outliers=True), got "
             f"affine={affine}, outliers={outliers}; use solver 'fast' or 'faithful'"
         )
+    answers, fast, prepared, timings = _routes(x, plan, limits, alpha_e=alpha_e,
+                                               alpha_z=alpha_z, rho=rho, eps=eps,
+                                               max_iter=max_iter, progress=progress)  # fmt: skip
+    if _certified(answers[-1], limits):
+        return answers[-1]
+    t = time.perf_counter()
+    fast.uncertified(prepared[0].T, f"the working sets did not certify these {x.shape[0]} "
+                     "tokens within their bounds (C is dense here; a certified minimiser's "
+                     f"gap is below {limits.gap:g}, which solver='workset' reaches at "
+                     "whatever cost)")  # fmt: skip
+    fast.timings = {**timings, "certificate": time.perf_counter() - t}
+    return fast
+
+
+def _certified(answer: SSCSolution | None, limits: Limits) -> bool:
+    return answer is not None and answer.converged and answer.gap < limits.gap
+
+
+def _routes(x, plan: Plan, limits: Limits, *, alpha_e, alpha_z, rho, eps, max_iter, progress):
+    """:func:`run_workset`'s routes on ``x`` as far as the first certified answer:
+    ``(answers, fast, prepared, timings)``, ``answers`` the routes' answers in order (None
+    where a column stayed hard or unstarted; the last certified where one is), ``fast`` the
+    fast solver's answer where it ran, ``prepared`` :func:`_prepare`'s."""
     kernel = _kernel()
     n, d = x.shape
     timings, prepared = {}, []  # the Gram matrix and the lambdas, computed once
 
-    def sweep(name: str, cap_c: int, max_work: float, **kw):
+    def sweep(name: str, cap_c: float, max_work: float, **kw):
         if getattr(progress, "schedules_only", False):  # a scheduler's hook: its turn
             progress.wait()
         t = time.perf_counter()
@@ -377,55 +357,47 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
             timings["lambdas"] = time.perf_counter() - t
         x64, G, lam_e, lam_z = prepared
         t = time.perf_counter()
-        out = _columns(x64, lam_e, lam_z, G, tol=TOL, grow=GROW, cap=n + d, cap_c=cap_c,
-                       max_work=max_work, max_passes=limits.max_passes,
-                       threads=min(torch.get_num_threads(), n), group=plan.group,
-                       rank=plan.rank, world=plan.world, **kw)  # fmt: skip
+        C, E, status, passes, work = _columns(
+            x64, lam_e, lam_z, G, tol=TOL, grow=GROW, cap=n + d, cap_c=int(min(cap_c, n + d)),
+            max_work=max_work, max_passes=limits.max_passes,
+            threads=min(torch.get_num_threads(), n), rank=plan.rank, world=plan.world, **kw)  # fmt: skip
+        if plan.group is not None:  # every column is one rank's alone: the sums are exact
+            C, E, status, passes, work = (all_sum(a, plan.group) for a in
+                                          (C, E, status + 1, passes, work))  # fmt: skip
+            status -= 1
         timings[name] = time.perf_counter() - t
-        return out
+        return C, E, status, passes
 
-    def certified(strategy: str, C, E, status, passes):
-        res = _answer(x, prepared, C, E, status, passes, strategy, plan.work, timings)
-        return res if res.converged and res.gap < limits.gap else None
+    def answer(strategy: str, C, E, status, passes):  # None unless every column ran its course
+        if bool(((status == -1) | (status == kernel.TOO_LARGE) |
+                 (status == kernel.OVER_BUDGET)).any()):  # fmt: skip
+            return None
+        x64, _, lam_e, lam_z = prepared
+        return SSCSolution.certified(x64.T, C, E, lam_e, lam_z, like=x, dtype=plan.work,
+                                     timings=timings, iterations=int(passes.max()),
+                                     converged=bool((status == kernel.SOLVED).all()),
+                                     strategy=strategy)  # fmt: skip
 
-    C, E, status, passes, _ = sweep("workset", limits.dense_set, limits.cold_work,
-                                    stop_after=max(1, int(limits.hard_share * n)) + 1)  # fmt: skip
+    C, E, status, passes = sweep("workset", limits.dense_set, limits.cold_work,
+                                 stop_after=max(1, int(limits.hard_share * n)) + 1)  # fmt: skip
     hard = torch.nonzero(status != kernel.SOLVED).flatten()
     route = "workset"
     if len(hard) and not bool((status == -1).any()):  # a few hard columns, none left unrun
         again = sweep("workset_hard", limits.warm_set, limits.hard_work, cols=hard.numpy())
-        for a, b in zip((C, E, status, passes), again[:4], strict=False):
+        for a, b in zip((C, E, status, passes), again, strict=True):
             a[..., hard] = b[..., hard]
         route = "workset_hard"
-    answer = (
-        certified(route, C, E, status, passes) if bool((status == kernel.SOLVED).all()) else None
-    )
-    if answer is not None:
-        return answer
-    fast = run_admm(x, replace(plan, solver="fast", strategy="dense"), alpha_e=alpha_e,
-                    alpha_z=alpha_z, rho=rho, eps=eps, max_iter=max_iter, progress=progress)  # fmt: skip
+    answers = [answer(route, C, E, status, passes)]
+    if _certified(answers[-1], limits):
+        return answers, None, prepared, timings
+    fast = run_admm(x, plan.fallback, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
+                    max_iter=max_iter, progress=progress)  # fmt: skip
     timings.update({f"fast_{k}": v for k, v in fast.timings.items()})
     if int((fast.coef != 0).sum(dim=0).max()) <= limits.warm_set:  # else its start outgrows it
         warm = sweep("workset_warm", limits.warm_set, limits.warm_work, start=fast.coef,
                      stop_after=1)  # fmt: skip
-        if bool((warm[2] == kernel.SOLVED).all()):
-            answer = certified("workset_warm", warm[0], warm[1], warm[2], warm[3])
-            if answer is not None:
-                return answer
-    t = time.perf_counter()
-    fast.gap = column_gaps(prepared[0].T, fast.coef.to("cpu", torch.float64), fast.lambda_e,
-                           fast.lambda_z).max_gap  # fmt: skip
-    fast.solver = "fast"
-    fast.timings = {**timings, "certificate": time.perf_counter() - t}
-    warnings.warn(
-        f"SSC: the working sets did not certify these {n} tokens within their bounds (C is "
-        "dense here); the answer is the fast solver's, not certified: relative duality gap "
-        f"{fast.gap:.3g} (a certified minimiser's is below {limits.gap:g}); "
-        "solver='workset' reaches the minimiser at whatever cost",
-        UserWarning,
-        stacklevel=2,
-    )
-    return fast
+        answers.append(answer("workset_warm", *warm))
+    return answers, fast, prepared, timings
 
 
 def reference_minimiser(features, *, alpha_e: float = 800.0, alpha_z: float = 800.0,
@@ -434,53 +406,40 @@ def reference_minimiser(features, *, alpha_e: float = 800.0, alpha_z: float = 80
     """The program's minimiser for ``features`` in float64, certified: every column's
     relative duality gap below ``gap`` (:func:`duality_gaps`), else ``converged=False``.
 
-    First the working sets from each point's nearest point (:func:`solve_ssc_workset`'s, at
-    most ``max_passes`` passes per column), with at most ``max_set`` variables per column
-    (None: ``limits.reference_set``; enough for video-like tokens and for synthetic ones whose
-    ``C`` holds ~300 non-zeros per column); where they certify every column, that is the
-    answer. Else the working sets again from the fast solver's answer (float64, its 60
-    iterations; at most ``max_set`` variables per column where it is given, else no bound:
-    the outlier term of Yale B faces holds ~1000-1800 per column; ``timings`` ``"fast"``).
-    The better certified of the two answers is returned, ``converged`` saying whether it
-    meets ``gap``; :class:`SetsTooLarge` where no working set fitted. (Until issue 67 a
-    third route ran an over-relaxed, residual-balanced ADMM to 1e-7 and the working sets
-    from its answer: docs/ssc.md.)
+    :func:`run_workset`'s routes under ``limits``, with at most ``max_passes`` passes per
+    column (None: ``limits.max_passes``), certified at ``gap``, and from the fast solver's
+    answer (float64, its schedule) without a bound on work or on the coefficients per
+    column where ``max_set`` is None (the outlier entries are never bounded: the kernel
+    eliminates them). ``max_set`` bounds every route's coefficients per column. The first
+    certified answer is returned, else the one with the smallest gap with
+    ``converged=False``; :class:`SetsTooLarge` where every route had a column outgrow its
+    bound. (Until issue 67 a third route ran an over-relaxed, residual-balanced ADMM to
+    1e-7 and the working sets from its answer: docs/ssc.md.)
     """
     x = as_feature_tensor(features).detach().to("cpu", torch.float64)
-    max_passes = limits.max_passes if max_passes is None else max_passes
     for name, value in (("max_passes", max_passes), ("max_set", max_set)):
         if value is not None and int(value) < 1:
             raise ValueError(f"{name}: expected a positive integer, got {value}")
-    n, d = x.shape
-    prepared = list(_prepare(x, alpha_e, alpha_z))  # the Gram matrix and lambdas, once
-
-    def working_sets(bound, start=None):  # None where a set outgrows ``bound``
-        cap = n + d if bound is None else min(int(bound), n + d)
-        try:
-            return _solve(x, alpha_e, alpha_z, tol=TOL, grow=GROW, cap=cap,
-                          max_passes=int(max_passes), threads=torch.get_num_threads(),
-                          t0=time.perf_counter(), start=start, prepared=prepared)  # fmt: skip
-        except SetsTooLarge:
-            return None
-
-    answers = [working_sets(limits.reference_set if max_set is None else max_set)]
-    if answers[0] is None or not answers[0].residual < gap:
-        # from the fast solver's answer the working sets certify darkened Yale B faces in
-        # about a seventh of the time of the ADMM to 1e-7 (21 s against 155 s, one-off)
-        opts = SSCOptions(solver="fast", mode="exact", dtype=torch.float64).checked()
-        fast = run_admm(x, make_plan(x.shape, x.device, opts), alpha_e=alpha_e, alpha_z=alpha_z,
-                        rho=opts.rho, eps=0.0, max_iter=admm.SCHEDULE.iterations, progress=False)  # fmt: skip
-        quick = working_sets(max_set, fast.coef)
-        if quick is not None:
-            quick.timings = {"fast": sum(fast.timings.values()), **quick.timings}
-        answers.append(quick)
+    bound = math.inf if max_set is None else int(max_set)
+    limits = replace(limits, gap=gap, warm_set=bound, warm_work=math.inf,
+                     dense_set=min(limits.dense_set, bound), hard_work=math.inf,
+                     max_passes=limits.max_passes if max_passes is None else int(max_passes))  # fmt: skip
+    plan = make_plan(x.shape, _CPU, _REFERENCE)
+    answers, *_ = _routes(x, plan, limits, alpha_e=alpha_e, alpha_z=alpha_z, rho=_REFERENCE.rho,
+                          eps=0.0, max_iter=_REFERENCE.max_iter, progress=None)  # fmt: skip
     answers = [a for a in answers if a is not None]
     if not answers:
         raise SetsTooLarge(
-            f"reference_minimiser: a column's working set outgrew max_set={max_set} from the "
-            "nearest points and from the fast solver's answer; expected a larger max_set (or "
-            "None: no bound from the fast answer)"
+            f"reference_minimiser: a column's working set outgrew max_set={max_set} "
+            "coefficients from the nearest points and from the fast solver's answer; "
+            "expected a larger max_set (or None: no bound from the fast answer)"
         )
     best = min(answers, key=lambda a: a.residual if math.isfinite(a.residual) else math.inf)
     best.converged = bool(best.residual < gap)
     return best
+
+
+_CPU = torch.device("cpu")
+#: :func:`reference_minimiser`'s options: the working sets in float64 (their fallback, the
+#: fast solver's answer, is the start of the last route)
+_REFERENCE = SSCOptions(solver="workset", mode="exact", dtype=torch.float64).checked()

@@ -40,8 +40,6 @@ from __future__ import annotations
 import functools
 import math
 import time
-import warnings
-from dataclasses import replace
 
 import torch
 
@@ -49,7 +47,6 @@ from videoanchor.anchor._inputs import as_feature_tensor
 from videoanchor.anchor.plan import Plan
 from videoanchor.anchor.program import (
     SSCSolution,
-    column_gaps,
     gram_row_max,
     nearest_points,
     ssc_lambdas,
@@ -493,9 +490,9 @@ def run_workset_cuda(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: fl
     (``gap``: the largest relative duality gap; ``strategy`` ``"workset_cuda"`` or
     ``"workset_cuda_wide"``; ``history``: passes, wide and overflowing columns, host reads).
     Where a column outgrows the slots, the passes run out or the answer is not certified
-    (gap below :data:`CERTIFIED`), the fast solver's answer (``plan`` with
-    ``solver="fast"``, ``rho``, ``eps``, ``max_iter``, ``progress``) with ``solver="fast"``
-    and a warning giving its gap. ``slots``: the levels of slots (:data:`SLOTS`). Solves
+    (gap below :data:`CERTIFIED`), the fast solver's answer (``plan.fallback``, with
+    ``rho``, ``eps``, ``max_iter``, ``progress``) with ``solver="fast"`` and a warning
+    giving its gap. ``slots``: the levels of slots (:data:`SLOTS`). Solves
     the method's program only (``affine``,
     ``outliers``)."""
     if not (affine and outliers):
@@ -506,33 +503,21 @@ def run_workset_cuda(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: fl
     if getattr(progress, "schedules_only", False):  # a scheduler's hook: its turn
         progress.wait()
     out = solve_workset_cuda(x, alpha_e=alpha_e, alpha_z=alpha_z, slots=slots)
-    t = time.perf_counter()
-    gaps = column_gaps(x.detach().to(torch.float64).T, out["coef"], out["lambda_e"],
-                       out["lambda_z"])  # fmt: skip
-    gap = gaps.max_gap
-    timings = {**out["timings"], "certificate": time.perf_counter() - t}
     history = {k: out[k] for k in ("passes", "wide_columns", "overflow")}
     history["host_reads"] = len(out["reads"]) + 3  # (+ the certificate's three floats)
-    if out["converged"] and gap < CERTIFIED:
-        return SSCSolution(coef=out["coef"].to(plan.work), iterations=out["passes"],
-                          converged=True, residual=gap, gap=gap, lambda_e=out["lambda_e"],
-                          lambda_z=out["lambda_z"], rho=0.0,
-                          strategy="workset_cuda_wide" if out["wide_columns"] else "workset_cuda",
-                          outliers=out["outliers"].to(plan.work), history=history,
-                          timings=timings)  # fmt: skip
-    fast = run_admm(x, replace(plan, solver="fast", strategy="dense"), alpha_e=alpha_e,
-                    alpha_z=alpha_z, rho=rho, eps=eps, max_iter=max_iter, progress=progress)  # fmt: skip
-    fast.gap = column_gaps(x.detach().to(torch.float64).T, fast.coef.to(torch.float64),
-                           fast.lambda_e, fast.lambda_z).max_gap  # fmt: skip
-    fast.solver = "fast"
-    fast.history = {"workset_cuda": history, "fast": fast.history}
-    fast.timings = {**timings, **{f"fast_{k}": v for k, v in fast.timings.items()}}
+    res = SSCSolution.certified(
+        x.detach().to(torch.float64).T, out["coef"], out["outliers"], out["lambda_e"],
+        out["lambda_z"], like=x, dtype=plan.work, timings=out["timings"],
+        iterations=out["passes"], converged=out["converged"], history=history,
+        strategy="workset_cuda_wide" if out["wide_columns"] else "workset_cuda")  # fmt: skip
+    if res.converged and res.gap < CERTIFIED:
+        return res
+    fast = run_admm(x, plan.fallback, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
+                    max_iter=max_iter, progress=progress)  # fmt: skip
     why = (f"{out['overflow']} columns outgrew {slots[-1]} slots" if out["overflow"] else
-           "the passes ran out" if not out["converged"] else f"its gap {gap:.3g}")  # fmt: skip
-    warnings.warn(
-        f"SSC: the working sets on the GPU did not certify these {x.shape[0]} tokens ({why}); "
-        f"the answer is the fast solver's, not certified: relative duality gap {fast.gap:.3g}",
-        UserWarning,
-        stacklevel=2,
-    )
+           "the passes ran out" if not out["converged"] else f"its gap {res.gap:.3g}")  # fmt: skip
+    fast.uncertified(x.detach().T, "the working sets on the GPU did not certify these "
+                     f"{x.shape[0]} tokens ({why})")  # fmt: skip
+    fast.history = {"workset_cuda": history, "fast": fast.history}
+    fast.timings = {**res.timings, **{f"fast_{k}": v for k, v in fast.timings.items()}}
     return fast
