@@ -429,40 +429,31 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
     given_strategy, strategy, block = strategy, "dense", n
     if mode == "blocked":  # (the authors' steps against a Woodbury factor, by blocks)
         block = min(opts.block_columns or default_block_columns(n, d, work, device.type), n)
-        strategy = "woodbury"
+        strategy, route = "woodbury", "equality" if program == "exact" else "blocked"
         need, what = blocked_admm_bytes(n, d, itemsize, block), "Blocked SSC"
     elif program == "exact":
-        need, what = equality_bytes(n, d, itemsize), "Constrained SSC"
+        need, what, route = equality_bytes(n, d, itemsize), "Constrained SSC", "equality"
     elif solver == "workset" and device.type == "cuda":
         # G, C and the certificate's products in float64 on the device: about the fast
         # solver's peak, which is what its fallback takes
-        strategy = "workset_cuda"
+        strategy = route = "workset_cuda"
         need, what = exact_bytes(n, d, 8, "cuda", "full", strategy="dense"), "Working-set SSC"
     elif solver == "workset":
-        strategy = "workset"
+        strategy, route = "workset", "workset_then_fast"
         need, what = workset_bytes(n, d, torch.get_num_threads()), "Working-set SSC"
     else:  # (the fast solver's eigendecomposition gives the dense [R; Y R])
         if solver == "faithful":
             strategy = (choose_strategy(n, d, outliers, device.type) if given_strategy == "auto"
                         else given_strategy)  # fmt: skip
         need = exact_bytes(n, d, itemsize, device.type, precision, strategy=strategy)
-        what = "Dense SSC"
-    error = None
+        what, route = "Dense SSC", "admm_cupy" if backend == "cupy" else "admm"
+    error, host = None, strategy == "workset"  # (it works in host memory whatever the device)
     try:
-        host = strategy == "workset"  # (it works in host memory whatever the device)
         if check_memory_first:
             check_memory(need, torch.device("cpu") if host else device, n=n, d=d, what=what)
     except SSCMemoryError as exc:
         error = exc
     raise_together(group, error, device)
-    if program == "exact":
-        route = "equality"
-    elif mode == "blocked":
-        route = "blocked"
-    elif solver == "workset":
-        route = "workset_cuda" if device.type == "cuda" else "workset_then_fast"
-    else:
-        route = "admm_cupy" if backend == "cupy" else "admm"
     plan = Plan(mode=mode, solver=solver, backend=backend, device=device, work=work,
                 precision=precision, strategy=strategy, block_columns=block, program=program,
                 group=group, rank=rank, world=world, need=need, route=route)  # fmt: skip
