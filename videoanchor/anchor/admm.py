@@ -40,7 +40,6 @@ __all__ = [
     "Reporting",
     "SquaredStep",
     "Woodbury",
-    "as_float_hook",
     "chain",
     "run",
     "spd_inverse",
@@ -61,9 +60,7 @@ class Outcome:
         self.converged, self.stopped = converged, stopped
 
 
-#: A step with ``lazy_residual = True`` returns its residual as a device scalar, read on the
-#: host (a synchronisation) only every ``LAZY_CHECK_EVERY`` iterations, on the last one and
-#: where a hook asks for it: see :func:`run`.
+#: how often :func:`run` reads a lazy step's residual on the host (a synchronisation)
 LAZY_CHECK_EVERY = 10
 
 
@@ -72,14 +69,11 @@ def run(step, max_iter: int, hook: Hook | None = None, *, what: str = "SSC-ADMM"
 
     ``hook(it, residual)`` is called after every iteration (progress bars, histories,
     iterate inspection, time budgets); a true return ends the loop there. A non-finite
-    residual raises ``FloatingPointError``.
-
-    A step whose ``lazy_residual`` is true (the fast solver's fixed schedule, whose residual
-    decides nothing) returns a 0-d array on its device: the loop then checks it every
-    :data:`LAZY_CHECK_EVERY` iterations and on the last, so that on a GPU an iteration
-    queues its kernels without waiting for the previous one (a divergence is reported up to
-    that many iterations late), and passes it to ``hook`` as it is (``float(residual)``
-    reads it; :class:`Reporting` gives user callables a float).
+    residual raises ``FloatingPointError``. A step whose ``lazy_residual`` is true (the fast
+    solver's schedule, whose residual decides nothing) returns a 0-d array on its device,
+    checked every :data:`LAZY_CHECK_EVERY` iterations and on the last (so that a GPU queues
+    the iterations without waiting; a divergence is reported that much late) and passed to
+    ``hook`` as it is (:class:`Reporting` gives user callables a float).
     """
     lazy = bool(getattr(step, "lazy_residual", False))
     residual, it = math.inf, 0
@@ -96,13 +90,6 @@ def run(step, max_iter: int, hook: Hook | None = None, *, what: str = "SSC-ADMM"
         if done or stop:
             return Outcome(it, float(residual), bool(done), stop and not done)
     return Outcome(it, float(residual), False, False)
-
-
-def as_float_hook(hook: Hook | None) -> Hook | None:
-    """``hook`` given ``float(residual)`` (for callables that expect a number)."""
-    if hook is None:
-        return None
-    return lambda it, residual: hook(it, float(residual))
 
 
 def chain(*hooks: Hook | None) -> Hook | None:
@@ -147,7 +134,7 @@ class Reporting:
 
         self.reporter = None
         if callable(progress) and not isinstance(progress, SSCProgress):
-            self.hook = as_float_hook(progress)
+            self.hook = lambda it, residual: progress(it, float(residual))
         else:
             self.reporter = as_reporter(progress, max_iter=max_iter, eps=eps, tokens=tokens,
                                         blocks=blocks, schedule=schedule)  # fmt: skip
@@ -603,6 +590,9 @@ class SquaredStep:
     against the whole dictionary.
     """
 
+    #: whether the residual is a device scalar (:func:`run`; then E is passed on unread)
+    lazy_residual = False
+
     def __init__(self, dic: Dictionary, factor, start: int, stop: int, *, thr_e: float,
                  eps: float):  # fmt: skip
         nb = stop - start
@@ -626,55 +616,65 @@ class SquaredStep:
             ya += dic.yw[:, self.cols]  # Y - Y A
             ya -= xp.clip(ya, -self.thr_e, self.thr_e)  # soft, in place
             self.E = ya
-            self.e_nonzero = bool(xp.any(ya != 0))
+            self.e_nonzero = self.lazy_residual or bool(xp.any(ya != 0))
+        return self._c_step(it, a)
+
+    def _shrink(self, a):
+        """After the A- and E-steps (``a`` is ``A``, overwritten): the affine dual, the
+        C-step and its dual; returns ``|A - C|``."""
+        dic, xp = self.dic, self.dic.xp
         if dic.affine:
             self.d1s += xp.sum(a, axis=0) - 1.0
         a += self.lam  # T
         self.C, self.lam, absd = dic.kernels.shrink(xp, a, self.lam, 1.0 / self.rho, self.diag)
-        residual = float(xp.max(xp.sum(absd, axis=1)))
+        return absd
+
+    def _c_step(self, it: int, a) -> tuple[float, bool]:
+        """:meth:`_shrink`, then the residual and the stopping rule."""
+        residual = float(self.dic.xp.max(self.dic.xp.sum(self._shrink(a), axis=1)))
         return residual, residual < self.eps
 
 
-# The fast solver's schedule: residual balancing at every `every`-th iteration up to
-# `balance_until` by the factor clip(sqrt(r_rel / s_rel), 1 / tau, tau), a continuous
-# function of the iterate (no threshold decides whether rho changes), then `iterations`
-# in all. No residual test decides anything, so nothing jumps when a residual crosses a
-# threshold; the answer is a continuous function of the features. (A length that grew with
-# the conditioning was built, measured and left off, then removed in issue 52: docs/ssc.md.)
-# `continuation` > 0: a warm start by continuation in lambda_z over the first `continuation`
-# iterations, for data whose lambda_z is set by one badly placed token (a near-black face):
-# see `continuation_start` and `ScheduledStep`; its weight changes only where the balancing
-# refactors anyway (a multiple of `every`, at most `balance_until`: no extra refactor).
 @dataclass(frozen=True)
 class Schedule:
     """The fast solver's fixed schedule (immutable: a variant is a new object, passed to the
-    solver; :meth:`cut` makes a shorter one)."""
+    solver; :meth:`cut` makes a shorter one).
+
+    Residual balancing at every ``every``-th iteration up to ``balance_until`` by the factor
+    ``clip(sqrt(r_rel / s_rel), 1 / tau, tau)``, a continuous function of the iterate, then
+    ``iterations`` in all: no residual test decides anything, so the answer is a continuous
+    function of the features (docs/ssc.md)."""
 
     iterations: int = 60
     every: int = 5
     balance_until: int = 30
     tau: float = 10.0
     continuation: int = 30
+    """A warm start by continuation in ``lambda_z`` over the first ``continuation``
+    iterations (0: none), for data whose ``lambda_z`` is set by one badly placed token, a
+    near-black face (:func:`continuation_start`, ``continuation_floor``); its weight changes
+    only where the balancing refactors anyway (a multiple of ``every``, at most
+    ``balance_until``)."""
     continuation_floor: float = 0.3
-    #: the factor (:class:`EigenInverse`) is *thin* where ``N > thin_above * D``: ``Y^T Y``
-    #: has rank at most ``D``, so the eigendecomposition of ``lambda_z Y Y^T`` (``D x D``)
-    #: gives all of its non-zero eigenpairs and a refactor is an ``(N + D) x D x N``
-    #: product instead of ``(N + D) x N x N`` (the same ``[R; Y R]`` to rounding); above
-    #: ``low_rank_above * D`` ``[R; Y R]`` is applied through the thin factor without being
-    #: formed: ``(2 D + D^2 / N) N`` multiply-adds per column against ``(N + D) N``
     thin_above: float = 1.0
+    """The factor (:class:`EigenInverse`) is *thin* where ``N > thin_above * D``: ``Y^T Y``
+    has rank at most ``D``, so the eigendecomposition of ``lambda_z Y Y^T`` (``D x D``) gives
+    all of its non-zero eigenpairs and a refactor is an ``(N + D) x D x N`` product instead
+    of ``(N + D) x N x N`` (the same ``[R; Y R]`` to rounding)."""
     low_rank_above: float = 1.75
-    #: the CPU's active-set step (:class:`~videoanchor.anchor.fast.ActiveSetStep`): exact
-    #: E-steps in the first ``full_first`` iterations, every ``full_every``-th and the last;
-    #: the products over the active set run dense above these shares of ``D x N`` (the same
-    #: values to rounding): ``dense_yte`` for ``Y^T E`` (E's non-zeros), ``dense_resid`` for
-    #: the sampled residual (the active entries). Break-even on a 2-core AVX2 CPU (torch
-    #: 2.13, D x N = 3584 x 1024, 1024 x 512, 2016 x 256): 0.05-0.1 and 0.2-0.3; on Yale B
-    #: faces 73-84% of the entries are active, on video-like tokens 3-4%.
+    """Above ``low_rank_above * D`` ``[R; Y R]`` is applied through the thin factor without
+    being formed: ``(2 D + D^2 / N) N`` multiply-adds per column against ``(N + D) N``."""
     full_first: int = 2
     full_every: int = 10
     dense_yte: float = 0.08
     dense_resid: float = 0.25
+    """The CPU's active-set step (:class:`~videoanchor.anchor.fast.ActiveSetStep`): exact
+    E-steps in the first ``full_first`` iterations, every ``full_every``-th and the last;
+    the products over the active set run dense above these shares of ``D x N`` (the same
+    values to rounding): ``dense_yte`` for ``Y^T E`` (E's non-zeros), ``dense_resid`` for the
+    sampled residual (the active entries). Break-even on a 2-core AVX2 CPU (torch 2.13,
+    D x N = 3584 x 1024, 1024 x 512, 2016 x 256): 0.05-0.1 and 0.2-0.3; on Yale B faces
+    73-84% of the entries are active, on video-like tokens 3-4%."""
 
     def __post_init__(self):
         if self.continuation > self.balance_until or self.continuation % self.every:
@@ -703,13 +703,10 @@ def continuation_start(row_max, schedule: Schedule = SCHEDULE) -> float:
     ``lambda_z = alpha_z / mu_z``) and ``m`` their lower median.
 
     ``mu_z / m`` is how far the worst-placed token sits below a typical one: 0.4-0.96 on
-    synthetic video tokens and the tiny models' projector outputs, 0.16-0.21 on corrupted
-    subspaces, 0.001-0.06 on Yale B faces, where one near-black face scales ``lambda_z`` up
-    13-83x and the authors' ADMM needs 280-1850 iterations instead of about 200
-    (``directions_cpu.json``, docs/ssc.md). Below ``floor`` the
-    schedule starts from the weight a set placed ``floor`` times worse than typical would
-    have and reaches the authors' weight by iteration ``continuation``. A continuous
-    function of the features (a ratio of order statistics, clipped)."""
+    video-like tokens, 0.001-0.06 on Yale B faces, where one near-black face scales
+    ``lambda_z`` up 13-83x (docs/ssc.md). Below ``floor`` the schedule starts from the weight
+    of a set placed ``floor`` times worse than typical and reaches the authors' weight by
+    iteration ``continuation``: a continuous function of the features."""
     if not schedule.continuation:
         return 1.0
     xp = array_api_compat.array_namespace(row_max)
@@ -736,17 +733,15 @@ def continuation_weight(start: float, it: int, schedule: Schedule = SCHEDULE) ->
 
 class ScheduledStep(SquaredStep):
     """:class:`SquaredStep` run on a :class:`Schedule` (default :data:`SCHEDULE`): the
-    authors' C-, A- and E-steps and
-    dual updates every iteration, ``rho`` scaled by a continuous residual-balancing factor
-    at fixed iterations (``factor`` must refactor cheaply: :class:`EigenInverse`), and done
-    after a fixed number of iterations. The residual it reports is the authors'
-    ``max_i sum_j |A - C|_ij``, for information only.
+    authors' steps every iteration, ``rho`` rebalanced at fixed iterations (``factor`` must
+    refactor cheaply: :class:`EigenInverse`), done after a fixed number of iterations; its
+    residual, the authors' ``max_i sum_j |A - C|_ij``, is for information only.
 
     ``start:stop``: the columns of ``C`` this step owns (default all). Every step but the
-    rebalancing of ``rho`` and the reported residual is column-wise, so the columns can be
-    split over processes; ``reduce(array)`` then returns the sum of ``array`` over all of
-    them (:func:`~videoanchor.anchor.collective.all_sum`), which makes the row sums of the
-    residual and the four norms of the rebalancing those of the whole ``C``."""
+    rebalancing and the residual is column-wise, so the columns can be split over
+    processes; ``reduce(array)`` then sums ``array`` over all of them
+    (:func:`~videoanchor.anchor.collective.all_sum`) for the residual's row sums and the
+    rebalancing's four norms."""
 
     def __init__(self, dic: Dictionary, factor, *, thr_e: float, schedule: Schedule = SCHEDULE,
                  start: int = 0, stop: int | None = None, reduce=None,
@@ -754,11 +749,9 @@ class ScheduledStep(SquaredStep):
         super().__init__(dic, factor, start, dic.n if stop is None else stop, thr_e=thr_e,
                          eps=0.0)  # fmt: skip
         self.schedule = schedule
-        # continuation in lambda_z (continuation_start; 1: none): ``dic`` holds the authors'
-        # lambda_z and ``thr_e`` is theirs; iteration ``it`` runs the weight
-        # continuation_weight(start, it) on lambda_z (thr_e over it) and on the factor's
-        # eigenvalues (EigenInverse.reweight). A factor built with the first weight already
-        # (EigenInverse(weight=...)) needs no refactor here.
+        # continuation (1: none): iteration it runs continuation_weight(start, it) times the
+        # authors' lambda_z (thr_e over it) and the factor's eigenvalues (reweight); a factor
+        # built with the first weight (EigenInverse(weight=...)) needs no refactor here
         self.lam_z_full, self.thr_full, self.weight = dic.lam_z, thr_e, 1.0
         self.continuation = float(continuation)
         if self.continuation < 1.0:
@@ -774,32 +767,15 @@ class ScheduledStep(SquaredStep):
                 factor.refactor(factor.rho)
         self.iterations = int(schedule.iterations)
         self.reduce = reduce
-        # torch arrays: the residual stays on the device (run() reads it now and then) and
-        # E is passed on even where it is zero (subtracting a zero product changes nothing),
-        # so that no iteration but a rebalancing one waits for the device
+        # torch: the residual stays on the device and E is passed on even where it is zero
+        # (a zero product changes nothing): only a rebalancing iteration waits for the device
         self.lazy_residual = array_api_compat.is_torch_namespace(dic.xp)
 
-    def __call__(self, it: int) -> tuple[float, bool]:
-        dic, xp = self.dic, self.dic.xp
-        a, ya = self.factor.step_a(self.C - self.lam, self.d1s, self.E if self.e_nonzero
-                                   else None, self.cols, True, self.diag)  # fmt: skip
-        if dic.outliers:
-            ya *= -1.0
-            ya += dic.yw[:, self.cols]
-            ya -= xp.clip(ya, -self.thr_e, self.thr_e)
-            self.E = ya
-            self.e_nonzero = self.lazy_residual or bool(xp.any(ya != 0))
-        return self._c_step(it, a)
-
     def _c_step(self, it: int, a) -> tuple[float, bool]:
-        """After the A- and E-steps (``a`` is ``A``, overwritten): the affine dual, the
-        C-step and its dual, the residual, and the scheduled rho rebalancing."""
+        """:meth:`SquaredStep._shrink`, the residual, and the scheduled rho rebalancing."""
         dic, xp = self.dic, self.dic.xp
-        if dic.affine:
-            self.d1s += xp.sum(a, axis=0) - 1.0
         c_old = self.C
-        a += self.lam
-        self.C, self.lam, absd = dic.kernels.shrink(xp, a, self.lam, 1.0 / self.rho, self.diag)
+        absd = self._shrink(a)
         rows = xp.sum(absd, axis=1)
         if self.reduce is not None:
             rows = self.reduce(rows)
@@ -843,16 +819,11 @@ class ScheduledStep(SquaredStep):
 
 
 class EqualityStep:
-    """One iteration of Elhamifar & Vidal's constrained program (module
-    :mod:`videoanchor.anchor.ssc_equality`): the same C-step and dual update as
-    :class:`SquaredStep` (``Kernels.shrink``, on ``Z = [C; gamma E]``), its own data term.
-
-    Z-step: ``Z = (mu1 P^T P + mu2 I)^{-1} (P^T (mu1 Y + L1) + mu2 (C - Lam))`` with
-    ``P = [Y, I / gamma]`` (``Lam = L2 / mu2``), applied by Woodbury through a ``D x D``
-    (``"d-space"``) or ``N x N`` (``"n-space"``) matrix, plus a Sherman-Morrison term when
-    affine; ``L1 += mu1 (Y - P Z)``. Stops when ``max |Z - C| <= eps`` and ``max_i ||y_i -
-    e_i - Y z_i|| / ||y_i - e_i|| <= eps`` (and ``max |1^T Z_C - 1| <= eps`` if affine).
-    """
+    """One iteration of Elhamifar & Vidal's constrained program, as written out in
+    :mod:`videoanchor.anchor.ssc_equality`: the same C-step and dual update as
+    :class:`SquaredStep` (``Kernels.shrink``, on ``Z = [C; gamma E]``, ``Lam = L2 / mu2``),
+    its own Z-step, applied by Woodbury through a ``D x D`` (``"d-space"``) or ``N x N``
+    (``"n-space"``) matrix."""
 
     def __init__(self, dic: Dictionary, *, gamma: float, mu1: float, mu2: float, eps: float):
         xp, n, d = dic.xp, dic.n, dic.d

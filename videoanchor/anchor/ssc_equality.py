@@ -9,9 +9,9 @@ VideoAnchor (docs/method.md section 2) replaces the constraint by a squared pena
 module is the constrained form, for users of SSC as a clustering method (it is what
 reproduces the published Extended Yale B errors, ``benchmarks/bench_yaleb.py``).
 
-Their ADMM, reproduced iterate for iterate (the loop of
-:class:`videoanchor.anchor.admm.EqualityStep`: the shared C-step with this data term): with ``P = [Y, I / gamma]`` and
-``Z = [C; gamma E]`` (``(N + D) x N``),
+Their ADMM, reproduced iterate for iterate (:class:`videoanchor.anchor.admm.EqualityStep`:
+the shared C-step with this data term), with ``P = [Y, I / gamma]`` and ``Z = [C; gamma E]``
+(``(N + D) x N``):
 
     Z  = (mu1 P^T P + mu2 I)^{-1} (P^T (mu1 Y + L1) + mu2 C - L2),  diag(Z_C) = 0
     C  = soft(Z + L2 / mu2, 1 / mu2),                                diag(C_C) = 0
@@ -51,12 +51,8 @@ __all__ = ["equality_parameters", "run_equality", "solve_ssc_equality"]
 
 
 def equality_parameters(x: torch.Tensor, alpha_e: float, alpha_z: float) -> tuple[float, float]:
-    """``(gamma, mu1)`` of the constrained program for points ``x`` (``N x D``, rows).
-
-    ``gamma = alpha_e / max_j ||y_j||_1`` and ``mu1 = alpha_z / lambda`` with E&V's
-    ``lambda = min_i max(max_{j != i} |y_j^T y_i|, max_d |Y_di| / gamma)`` (the columns
-    of ``P^T Y``, ``P = [Y, I / gamma]``).
-    """
+    """``(gamma, mu1)`` of the constrained program (module docstring) for points ``x``
+    (``N x D``, rows); E&V's ``lambda`` is over the columns of ``P^T Y``."""
     if x.shape[0] < 2:
         raise ValueError(f"SSC needs at least 2 points, got {x.shape[0]}")
     top = float(x.abs().sum(dim=1, dtype=torch.float64).max())
