@@ -34,9 +34,9 @@ def saved(tmp_path_factory):
 
 
 @pytest.fixture
-def fresh_warnings(monkeypatch):
+def fresh_warnings():
     """The attention function warns once per process; each test sees its own first time."""
-    monkeypatch.setattr(va_attention, "_warned", set())
+    va_attention.reset_warnings()
 
 
 # ---- compiled static-cache generation --------------------------------------------------
@@ -449,13 +449,13 @@ def test_gradient_checkpointing_two_forwards_before_backward(saved, reentrant):
 
 
 @torch.no_grad()
-def test_unconfigured_text_model_runs_as_sdpa(monkeypatch):
+def test_unconfigured_text_model_runs_as_sdpa():
     """A causal model that is not a configured VLM (a text-only LM, or a VLM's text model on
     its own, as transformers' Qwen3-VL position-id tests build) attends as SDPA would,
     unanchored, with a one-time warning saying so."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    monkeypatch.setattr(va_attention, "_warned", set())
+    va_attention.reset_warnings()  # once per process: this test sees the first
     cfg = Qwen2Config(
         vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2,

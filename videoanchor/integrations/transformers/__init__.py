@@ -24,6 +24,7 @@ from videoanchor.integrations.transformers.anchoring import (
 )
 from videoanchor.integrations.transformers.attention import (
     ATTN_IMPLEMENTATION,
+    reset_warnings,
     videoanchor_attention_forward,
     videoanchor_mask,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "get_family",
     "register",
     "register_when_imported",
+    "reset_warnings",
     "supported_families",
     "videoanchor_attention_forward",
     "videoanchor_mask",

@@ -215,6 +215,8 @@ class AnchorHandle:
             :class:`~videoanchor.anchor.progress.SSCRunSummary` of its SSC (converged or
             not, iterations, residual vs eps, stopped by the time budget; None where no
             SSC ran on this process).
+        gate_devices: the devices that hold a copy of the last request's gates
+            (read-only; see the property).
     """
 
     def __init__(self, model: torch.nn.Module, family: FamilySpec, config: AnchorConfig):
@@ -234,6 +236,15 @@ class AnchorHandle:
         self._hooks: list = []
         self.cache = None
         self.row_settings: list[RowSetting] | None = None
+
+    @property
+    def gate_devices(self) -> list[torch.device]:
+        """The devices holding a copy of the last request's gates, in the order its
+        attention layers first asked for them: one copy per device the anchored layers ran
+        on (several for a model spread over devices with ``device_map``), made once and
+        shared by every layer and decode step on it. Empty before an anchored prefill."""
+        request = self._request
+        return [] if request is None else list(request.buffers)
 
     def per_row(self, settings) -> _RowScope:
         """Context manager: the prefills inside use ``settings[b]`` (a :class:`RowSetting`)

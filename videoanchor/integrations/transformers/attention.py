@@ -34,7 +34,12 @@ from videoanchor.kernels import anchored_attention, anchored_attention_varlen, p
 
 ATTN_IMPLEMENTATION = "videoanchor_triton"
 
-__all__ = ["ATTN_IMPLEMENTATION", "videoanchor_attention_forward", "videoanchor_mask"]
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "reset_warnings",
+    "videoanchor_attention_forward",
+    "videoanchor_mask",
+]
 
 _UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux", "sinks", "position_bias")
 # Forward kwarg the language-model pre-hook adds: it reaches every attention call through
@@ -47,6 +52,17 @@ _MISSING = object()
 _SLOT_EMPTY, _SLOT_PADDING, _SLOT_VISIBLE = -1, 0, 1
 
 _warned: set[str] = set()
+
+
+def reset_warnings() -> None:
+    """Forget which of the attention function's once-per-process warnings were given (a
+    module outside a configured model, ``output_attentions=True``, a custom 4D mask) and
+    those of the kernels (:func:`videoanchor.kernels.reset_warnings`): each is given again
+    at its next occasion, as in a new process. For tests and notebooks."""
+    from videoanchor.kernels import reset_warnings as reset_kernel_warnings
+
+    _warned.clear()
+    reset_kernel_warnings()
 
 
 def _warn_once(key: str, message: str) -> None:
