@@ -36,7 +36,7 @@ metrics.refused("extra_args['videoanchor_max_iter']: expected at most 200 on thi
 def fresh(monkeypatch, tmp_path):
     """This process's counts emptied, written to ``tmp_path``."""
     monkeypatch.setenv(metrics.ENV, str(tmp_path))
-    monkeypatch.setattr(metrics, "_counts", {})
+    metrics.reset_counts()
     return tmp_path
 
 
@@ -109,7 +109,7 @@ def test_warnings_of_the_scores_go_to_the_plugin_logger_naming_the_request(monke
     from videoanchor.anchor import compute_anchor_scores
 
     shown = []
-    monkeypatch.setattr(metrics, "_original_showwarning", None)
+    metrics.route_warnings(False)  # as a process starts (an earlier test may have routed)
     monkeypatch.setattr(warnings, "showwarning", lambda *a, **k: shown.append(a[0]))
     metrics.route_warnings()
     metrics.route_warnings()  # once
@@ -145,6 +145,7 @@ def test_warnings_of_the_scores_go_to_the_plugin_logger_naming_the_request(monke
             warnings.warn("someone else's warning", UserWarning, stacklevel=1)
     finally:
         log.removeHandler(handler)
+        metrics.route_warnings(False)
     assert not errors, errors
     lines = [r.getMessage() for r in records if "feature norm" in r.getMessage()]
     assert len(lines) == 2, [r.getMessage() for r in records]
@@ -152,6 +153,14 @@ def test_warnings_of_the_scores_go_to_the_plugin_logger_naming_the_request(monke
     assert any(m.startswith("videoanchor: request req-33: features: token 0") for m in lines)
     assert all("(UserWarning at " in m for m in lines), lines
     assert [str(w) for w in shown] == ["someone else's warning"], shown
+    # route_warnings(False) (in the finally above): videoanchor's warnings go where they
+    # went before again, not to the plugin's logger
+    feats = torch.randn(21, 8, generator=torch.Generator().manual_seed(21))
+    feats[0] *= 1e6
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        compute_anchor_scores(feats, 2, max_iter=3)
+    assert any("feature norm" in str(w) for w in shown[1:]), shown
 
 
 def test_the_log_line_and_cache_counts_of_a_scored_request(fresh, caplog):

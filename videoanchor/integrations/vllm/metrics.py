@@ -45,6 +45,7 @@ __all__ = [
     "observe",
     "read",
     "refused",
+    "reset_counts",
     "route_warnings",
     "scoring",
     "snapshot",
@@ -112,6 +113,14 @@ def _reset_in_child() -> None:  # a forked process starts from zero: its parent'
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_in_child)
+
+
+def reset_counts() -> None:
+    """Forget this process's counts, as a forked process starts (its file under
+    :data:`ENV` is rewritten at the next change). For tests and tools that count from
+    zero."""
+    with _lock:
+        _counts.clear()
 
 
 def _labels(name: str, kind: str, labels: dict) -> tuple:
@@ -326,10 +335,17 @@ def _showwarning(message, category, filename, lineno, file=None, line=None):
         return _original_showwarning(message, category, filename, lineno, file, line)
 
 
-def route_warnings() -> None:
+def route_warnings(route: bool = True) -> None:
     """Sends warnings of videoanchor's code, and those raised while a request is scored, to
-    the ``videoanchor.vllm`` logger (once per process; other warnings go where they went)."""
+    the ``videoanchor.vllm`` logger (once per process; other warnings go where they went).
+    ``route=False`` undoes it: ``warnings.showwarning`` is again the one it replaced (as
+    ``logging.captureWarnings(False)``)."""
     global _original_showwarning
+    if not route:
+        if warnings.showwarning is _showwarning:
+            warnings.showwarning = _original_showwarning
+            _original_showwarning = None
+        return
     if warnings.showwarning is _showwarning:
         return
     _original_showwarning = warnings.showwarning
