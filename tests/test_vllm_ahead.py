@@ -21,7 +21,12 @@ import torch
 from videoanchor.anchor import compute_anchor_scores
 from videoanchor.integrations.options import clusters_for, ssc_kwargs
 from videoanchor.integrations.vllm import ahead, state
-from videoanchor.integrations.vllm.config import engine_config
+from videoanchor.integrations.vllm.config import (
+    ahead_nice,
+    ahead_split,
+    ahead_workers,
+    engine_config,
+)
 from videoanchor.integrations.vllm.runner import Scheduled, fill_step
 from videoanchor.integrations.vllm.scoring import SCORE_CACHES, score_cache
 from videoanchor.kernels import anchor_gates
@@ -115,7 +120,7 @@ def _request(rid, tag=None):
 
 
 @pytest.fixture
-def engine(monkeypatch):
+def engine():
     """An engine core with ``world`` workers: ``make(world)`` -> (core, runners, encodes)."""
     made = []
     encodes = []
@@ -128,8 +133,6 @@ def engine(monkeypatch):
 
         return outputs
 
-    monkeypatch.setattr(ahead.Ahead, "_encoder", staticmethod(encoder))
-
     def make(world: int):
         runners = [
             Runner(rank=r, device=torch.device("cpu"),
@@ -139,8 +142,13 @@ def engine(monkeypatch):
             for r in range(world)
         ]  # fmt: skip
         for r in runners:
-            monkeypatch.setattr(ahead, "_tp_rank_world", lambda r=r: (r.rank, world))
-            ahead._ahead_of(SimpleNamespace(model_runner=r))  # made with its rank
+            # each worker's side worker, made with its rank and this encoder (the engine's
+            # options as the plugin reads them); the worker calls find it in ahead.AHEAD
+            extra = r.vllm_config.additional_config
+            ahead.AHEAD[id(r)] = ahead.Ahead(
+                r, ahead_nice(extra), ahead_split(extra), ahead_workers(extra),
+                encoder=encoder, rank_world=(r.rank, world),
+            )  # fmt: skip
         made.extend(runners)
         workers = [SimpleNamespace(model_runner=r) for r in runners]
         sched = Scheduler()
@@ -270,8 +278,7 @@ def test_a_repeated_video_is_a_cache_hit_with_no_encoder_and_no_ssc(engine, one_
     assert ahead.AHEAD[id(runner)].stats["computed"] == 1
 
 
-def test_items_encoded_ahead_are_handed_to_the_prefill_step_once(engine, one_thread,
-                                                                 monkeypatch):  # fmt: skip
+def test_items_encoded_ahead_are_handed_to_the_prefill_step_once(engine, one_thread):
     """The outputs the side worker's encoding made for the SSC are kept for the request's
     own step (the runner hooks put them into vLLM's encoder cache instead of encoding the
     item again): each handed out once, dropped when the request is forgotten, and none kept
@@ -294,7 +301,7 @@ def test_items_encoded_ahead_are_handed_to_the_prefill_step_once(engine, one_thr
     assert worker.encoded_output("B-v") is None and worker.encoded_output("B-i") is None
     _schedule_until(sched, ["a", "b"])
     # over the budget: nothing is kept, the step encodes as before
-    monkeypatch.setattr(ahead, "KEEP_ENCODED_BYTES", 100)
+    worker.keep_encoded_bytes = 100
     c = _request("c", "C")
     _arrive(sched, holds, c)
     ahead.schedule_holding(sched, Scheduler.schedule)

@@ -79,7 +79,9 @@ KEEP_UNTAKEN = 256
 #: (per worker process); beyond it the step encodes its items again.
 KEEP_ENCODED_BYTES = 1 << 30
 
-#: owner (the model runner's id) -> its engine's :class:`Ahead` (worker side).
+#: owner (the model runner's id) -> its engine's :class:`Ahead` (worker side), made at the
+#: first call for that runner; one made by hand beforehand (other constructor arguments, as
+#: tests without vLLM pass) is used as it is.
 AHEAD: dict[int, Ahead] = {}
 
 
@@ -180,13 +182,23 @@ class Ahead:
     CPU the running requests' steps come first and the SSC takes the cores' idle time;
     ``workers``: side threads; their jobs start least counted work first and take turns
     (:class:`Turns`), so a new video is not queued behind a long job.
+
+    Injected parts (defaults: the engine's own): ``encoder``, a function ``(runner,
+    features) -> EncoderOutputs`` (:data:`.scoring.EncoderOutputs`; default the model's own
+    encoder through vLLM's batching, :meth:`model_encoder`); ``rank_world``, this worker's
+    tensor-parallel (rank, size) (default vLLM's group, (0, 1) outside one). Attribute
+    ``keep_encoded_bytes``: the bytes of encoder outputs kept for the requests' own prefill
+    steps (default :data:`KEEP_ENCODED_BYTES`; beyond it a step encodes its items again).
     """
 
-    def __init__(self, runner, nice: int, split: bool = False, workers: int = 2):
+    def __init__(self, runner, nice: int, split: bool = False, workers: int = 2, *,
+                 encoder=None, rank_world: tuple[int, int] | None = None):  # fmt: skip
         self.owner = id(runner)
         self._runner = weakref.ref(runner)
         self.nice = int(nice)
-        self.rank, self.world = _tp_rank_world()
+        self._encoder = self.model_encoder if encoder is None else encoder
+        self.keep_encoded_bytes = KEEP_ENCODED_BYTES
+        self.rank, self.world = _tp_rank_world() if rank_world is None else rank_world
         # scores_ahead_split: the fast solver's columns over a gloo group of the
         # tensor-parallel ranks (made in the main thread at the first split job: _split_group)
         self.split = bool(split) and self.world > 1
@@ -385,12 +397,12 @@ class Ahead:
 
     def _keep_encoded(self, req_id: str, outs: dict) -> None:
         """Keep ``outs`` (item identifier -> encoder output) for ``req_id``'s prefill step,
-        within :data:`KEEP_ENCODED_BYTES`."""
+        within :attr:`keep_encoded_bytes`."""
         with self._lock:
             used = sum(t.numel() * t.element_size() for t in self._encoded.values())
             for ident, out in outs.items():
                 size = out.numel() * out.element_size()
-                if ident in self._encoded or used + size > KEEP_ENCODED_BYTES:
+                if ident in self._encoded or used + size > self.keep_encoded_bytes:
                     continue
                 self._encoded[ident] = out
                 used += size
@@ -559,9 +571,10 @@ class Ahead:
             )  # fmt: skip
 
     @staticmethod
-    def _encoder(runner, features):
+    def model_encoder(runner, features):
         """:data:`.scoring.EncoderOutputs` over ``features`` with the model's own encoder
-        (vLLM's grouping into batches by modality), outside the runner's encoder cache."""
+        (vLLM's grouping into batches by modality), outside the runner's encoder cache: the
+        default ``encoder``."""
         from vllm.multimodal.utils import group_and_batch_mm_kwargs
 
         def encoder_outputs(req_id: str, indices: list[int]) -> list:
