@@ -1,24 +1,16 @@
 """Spectral clustering of an SSC affinity, in torch, on any device.
 
-Normalised spectral clustering (Shi & Malik / Ng, Jordan & Weiss):
+Normalised spectral clustering (Shi & Malik; Ng, Jordan & Weiss): the ``k`` leading
+eigenvectors of ``S = D^{-1/2} W D^{-1/2}`` for a symmetric non-negative affinity ``W`` (dense
+``eigh`` up to a crossover measured per device; above it a block Krylov solver on the CPU,
+Chebyshev-filtered subspace iteration on a GPU; a sparse ``W`` is never densified: ARPACK
+on the CPU), then labels by the Yu & Shi discretisation of scikit-learn's
+``SpectralClustering(assign_labels="discretize")`` or by seeded k-means.
 
-1. affinity ``W`` (symmetric, non-negative), degrees ``d = W 1``;
-2. the ``k`` leading eigenvectors of ``S = D^{-1/2} W D^{-1/2}`` (the ``k`` smallest of the
-   normalised Laplacian ``I - S``), by a dense eigensolver up to a crossover measured per
-   device; above it, on the CPU by a thick-restart block Krylov solver (``O(N^2 k)`` per
-   step, stopped on the residual of the whole ``k``-dimensional block, work bounded), on
-   a GPU by Chebyshev-filtered subspace iteration (no host read per step);
-3. labels by the Yu & Shi discretisation that scikit-learn's
-   ``SpectralClustering(assign_labels="discretize")`` uses (a port of its algorithm), or
-   by seeded k-means++ / Lloyd on the row-normalised embedding.
-
-Seeds follow scikit-learn: ``SpectralClustering(random_state=s)`` draws ARPACK's start
-vector (``N`` uniform numbers) before ``discretize`` draws its start row, and so does
-:func:`spectral_clustering`, so ``seed=s`` gives the labels of the authors' code after
-``np.random.seed(s)`` wherever the clustering is well-posed. The Krylov start block comes
-from a CPU ``torch.Generator`` seeded with ``seed``: the same input and seed give the
-same labels on every device (up to floating-point ties). A sparse affinity (blocked mode)
-is never densified: ARPACK (scipy's ``eigsh``) on the CPU, Chebyshev elsewhere.
+Seeds follow scikit-learn: ``seed=s`` draws ARPACK's start vector (``N`` uniform numbers)
+before ``discretize`` draws its start row, so it gives the authors' labels after
+``np.random.seed(s)`` wherever the clustering is well-posed. The block solvers start from a
+CPU generator seeded with ``seed``: the same labels on every device (up to ties).
 """
 
 from __future__ import annotations
@@ -69,21 +61,16 @@ def ssc_affinity(coef: torch.Tensor, *, normalize: str = "none") -> torch.Tensor
 
 def sparse_ssc_affinity(coef: torch.Tensor) -> torch.Tensor:
     """``W = |C| + |C|^T`` of a sparse COO ``C``: coalesced sparse COO, float64."""
-    c = coef.coalesce()
-    ind, v = c.indices(), c.values().abs().to(torch.float64)
-    keep = v > 0
-    ind, v = ind[:, keep], v[keep]
-    both = torch.cat([ind, ind.flip(0)], dim=1)
-    n = c.shape[0]
-    return torch.sparse_coo_tensor(
-        both, torch.cat([v, v]), (n, n), check_invariants=False
-    ).coalesce()
+    c, n = coef.coalesce(), coef.shape[0]
+    v = c.values().abs().to(torch.float64)
+    ind, v = c.indices()[:, v > 0], v[v > 0]
+    both, vv = torch.cat([ind, ind.flip(0)], dim=1), torch.cat([v, v])
+    return torch.sparse_coo_tensor(both, vv, (n, n), check_invariants=False).coalesce()
 
 
 def sparse_normalized_affinity(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(S, d^{1/2})`` of a sparse COO affinity ``W``: ``S = D^{-1/2} W D^{-1/2}`` without
-    its diagonal, sparse CSR, and the square roots of the degrees (1 where a degree is 0).
-    What the sparse path decomposes."""
+    """``(S, d^{1/2})`` of a sparse COO affinity ``W``: ``S = D^{-1/2} W D^{-1/2}`` without its
+    diagonal, sparse CSR, and the square roots of the degrees (1 where a degree is 0)."""
     w = w.coalesce()
     n, ind, val = w.shape[0], w.indices(), w.values()
     deg = torch.zeros(n, dtype=val.dtype, device=w.device).index_add_(0, ind[0], val)
@@ -102,19 +89,15 @@ def _normalized_affinity(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return s, dd
 
 
-# EigenChoice's defaults, from benchmarks/results/spectral_cpu.json (one thread, k = 24,
-# float32, with and without a gap at k): dense (LAPACK's partial ?syevx) wins at N = 1024
-# (0.12-0.22 s against Krylov's 0.22-0.83 s), draws at 2048, loses at 4096 (26-33 s against
-# 3.9-16.5 s), so crossover_cpu = 2048; eigh_cost is the partial eigh's time times the GEMM
-# rate over N^3 (median 2.7), so "auto" never costs much over 2x eigh. crossover_cuda from
-# spectral_nvidia-h200.json: dense eigh 0.020-0.023 s at N = 1024, 0.035-0.039 s at 2048,
-# Chebyshev 0.016-0.025 s and 0.018-0.031 s, the same labels wherever there is a gap.
+# spectral_cpu.json (one thread, k = 24, float32): dense (LAPACK's ?syevx) wins at N = 1024,
+# draws at 2048, loses at 4096 (26-33 s against Krylov's 3.9-16.5 s); eigh_cost: its time
+# times the GEMM rate over N^3 (median 2.7). spectral_nvidia-h200.json: Chebyshev 16-25 ms
+# against eigh's 20-23 ms at N = 1024, 18-31 against 35-39 at 2048 (the same labels at a gap).
 @dataclasses.dataclass(frozen=True)
 class EigenChoice:
-    """What ``eigen_solver="auto"`` runs (:func:`spectral_embedding`), by device: dense
-    ``eigh`` up to ``crossover_*`` tokens, above it ``above_*`` (``"krylov"`` or
-    ``"chebyshev"``), the Krylov solver with a budget of ``eigh_cost * N^3`` flops.
-    A variant is passed as ``choice=``; the default is :data:`EIGEN_CHOICE`."""
+    """What ``eigen_solver="auto"`` runs by device (:func:`spectral_embedding`): dense
+    ``eigh`` up to ``crossover_*`` tokens, ``above_*`` (``"krylov"`` or ``"chebyshev"``)
+    above, Krylov within ``eigh_cost * N^3`` flops. Passed as ``choice=``."""
 
     crossover_cpu: int = 2048
     crossover_cuda: int = 1024
@@ -126,64 +109,50 @@ class EigenChoice:
 EIGEN_CHOICE = EigenChoice()
 
 
-def _orthonormal_complement(w: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
+def _orthonormal_complement(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis of ``w``'s columns with ``span(v)`` projected out (CGS2 + QR)."""
     for _ in range(2):
-        if v is not None:
-            w = w - v @ (v.T @ w)
-    q, _ = torch.linalg.qr(w)
-    if v is not None:  # QR of a nearly dependent block can re-admit span(v)
-        q = q - v @ (v.T @ q)
-        q, _ = torch.linalg.qr(q)
-    return q
+        w = w - v @ (v.T @ w)
+    q = torch.linalg.qr(w)[0]
+    q = q - v @ (v.T @ q)  # QR of a nearly dependent block can re-admit span(v)
+    return torch.linalg.qr(q)[0]
 
 
 def _start_block(n: int, m: int, seed: int, device, dtype) -> torch.Tensor:
     """An orthonormal ``N x m`` start block from a CPU generator: the same on every device."""
     gen = torch.Generator().manual_seed(int(seed))
-    return _orthonormal_complement(
-        torch.randn(n, m, generator=gen, dtype=torch.float64).to(device, dtype), None
-    )
+    x = torch.randn(n, m, generator=gen, dtype=torch.float64)
+    return torch.linalg.qr(x.to(device, dtype))[0]
 
 
 def block_krylov_eigvecs(matmul, n: int, k: int, *, dtype: torch.dtype, device, seed: int = 0,
                          tol: float = 1e-4, max_flops: float = math.inf,
                          max_steps: int | None = None, matmul_flops: float,
-                         block: int | None = None, max_basis: int | None = None,
                          ) -> tuple[torch.Tensor, torch.Tensor, dict]:  # fmt: skip
-    """The ``k`` leading eigenpairs of a symmetric ``N x N`` operator (``matmul(X) = S X``).
+    """The ``k`` leading eigenpairs of a symmetric ``N x N`` operator (``matmul(X) = S X``)
+    by thick-restart block Lanczos: ``k + max(8, k // 2)`` vectors a block, full
+    re-orthogonalisation, Rayleigh-Ritz in float64, a restart at six blocks.
 
-    Thick-restart block Lanczos: a block of ``k`` wanted plus ``max(8, k // 2)`` guard
-    vectors, full re-orthogonalisation, Rayleigh-Ritz on the whole basis (float64), and a
-    restart on the leading Ritz vectors when the basis reaches ``max_basis`` columns.
+    Converged where the Ritz block's residual ``||S Q - Q diag(theta)||_F <= tol`` (confirmed
+    with a fresh product): judged on the subspace, so eigenvalues clustered inside the block
+    do not slow it. Unconverged, it stops after ``max_flops`` (``matmul_flops`` a column
+    plus the orthogonalisation) or ``max_steps`` block steps.
 
-    Convergence is judged on the invariant subspace the clustering uses, not per vector:
-    ``||S Q - Q diag(theta)||_F <= tol`` for the ``N x k`` Ritz block ``Q`` (the same for
-    any orthonormal basis of span ``Q``), confirmed with a fresh product. Clustered
-    eigenvalues inside the block do not slow it down, and with no gap at ``k`` any nearly
-    invariant block is accepted. The work is bounded: after ``max_flops`` (counted from
-    ``matmul_flops`` per column plus the orthogonalisation) or ``max_steps`` block steps it
-    stops with ``info["converged"] = False``.
-
-    Returns ``(theta (k,) descending, float64 on the host; Q (N, k) on ``device``, info)``;
-    ``info`` has ``converged``, ``steps``, ``flops``, ``residual``.
-    """
-    m = min(n, block or k + max(8, k // 2))
-    max_basis = min(n, max_basis or 6 * m)
+    Returns ``(theta (k,) descending, float64, host; Q (N, k) on device; info)``, ``info``
+    with ``converged``, ``steps``, ``flops``, ``residual``."""
+    m = min(n, k + max(8, k // 2))
+    max_basis = min(n, 6 * m)
     v = [_start_block(n, m, seed, device, dtype)]
     sv = [matmul(v[0])]
-    flops = matmul_flops * m + 8 * n * m * m
     h = (v[0].T @ sv[0]).double().cpu()
-    h = (h + h.T) / 2
-    steps = 0
+    h, flops, steps = (h + h.T) / 2, matmul_flops * m + 8 * n * m * m, 0
     while True:
         steps += 1
         theta, y = torch.linalg.eigh(h)
         theta, y = theta.flip(0), y.flip(1)
         vc, svc = torch.cat(v, 1), torch.cat(sv, 1)
         p = vc.shape[1]
-        yk = y[:, :k].to(device, dtype)
-        thk = theta[:k].to(device, dtype)
+        yk, thk = y[:, :k].to(device, dtype), theta[:k].to(device, dtype)
         q = vc @ yk
         res = float((svc @ yk - q * thk).norm())
         flops += 4 * n * p * k
@@ -205,51 +174,36 @@ def block_krylov_eigvecs(matmul, n: int, k: int, *, dtype: torch.dtype, device, 
             flops += 4 * n * p * m
         pp = vc.shape[1]
         w = _orthonormal_complement(sv[-1][:, : n - pp], vc)  # never more than N columns
-        b = w.shape[1]
-        sw = matmul(w)
-        v.append(w)
-        sv.append(sw)
-        c = (torch.cat([vc, w], 1).T @ sw).double().cpu()
-        h2 = torch.zeros(pp + b, pp + b, dtype=torch.float64)
-        h2[:pp, :pp] = h
-        h2[:, pp:] = c
-        h2[pp:, :pp] = c[:pp].T
-        h2[pp:, pp:] = (c[pp:] + c[pp:].T) / 2
-        h = h2
+        b, sw = w.shape[1], matmul(w)
+        v.append(w), sv.append(sw)
+        c = (torch.cat([vc, w], 1).T @ sw).double().cpu()  # [[h, c[:pp]], [c[:pp].T, c[pp:]]]
+        top, sym = torch.cat([h, c[:pp]], 1), (c[pp:] + c[pp:].T) / 2
+        h = torch.cat([top, torch.cat([c[:pp].T, sym], 1)])
         flops += matmul_flops * b + 6 * n * pp * b + 16 * n * b * b + 2 * n * (pp + b) * b
 
 
-#: :func:`chebyshev_eigvecs`' defaults: degree, guard vectors, the most steps under "auto"
-#: (3 steps with a gap at k = 24, 9-17 without, spectral_nvidia-h200.json).
-CHEBYSHEV_DEGREE, CHEBYSHEV_GUARD, CHEBYSHEV_STEPS = 8, 12, 30
-#: :func:`chebyshev_eigvecs` stops where a round of ``r`` steps cuts the residual by less
-#: than ``1 - STALL_RATIO ** r``: rounded products (TF32) floor it near 1e-3.
-STALL_RATIO = 0.9
+#: :func:`chebyshev_eigvecs`' degree, guard vectors and most steps under "auto" (3 steps with
+#: a gap at k = 24, 9-17 without, spectral_nvidia-h200.json), and its stall ratio.
+CHEBYSHEV_DEGREE, CHEBYSHEV_GUARD, CHEBYSHEV_STEPS, STALL_RATIO = 8, 12, 30, 0.9
 
 
 def chebyshev_eigvecs(matmul, n: int, k: int, *, dtype: torch.dtype, device, seed: int = 0,
                       tol: float = 1e-4, max_steps: int = CHEBYSHEV_STEPS,
                       degree: int = CHEBYSHEV_DEGREE, guard: int = CHEBYSHEV_GUARD,
-                      graph: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:  # fmt: skip
-    """The ``k`` leading eigenpairs of a normalised affinity (``matmul(X) = S X``, its
-    spectrum in ``[-1, 1]``) by Chebyshev-filtered subspace iteration.
+                      ) -> tuple[torch.Tensor, torch.Tensor, dict]:  # fmt: skip
+    """The ``k`` leading eigenpairs of a normalised affinity (``matmul(X) = S X``, spectrum
+    in ``[-1, 1]``) by Chebyshev-filtered subspace iteration on ``k + guard`` vectors.
 
-    A block of ``k + guard`` vectors (from a CPU generator seeded with ``seed``: the same
-    start on every device) runs in rounds. A round reads the block's Rayleigh-Ritz
-    projection (``m x m``, float64, eigendecomposed on the host) and its residual
-    ``||S Q - Q diag(theta)||_F`` (two host reads), and fixes from them the cut (the
-    smallest Ritz value) and its step count (the steps that cut the residual to ``tol`` at
-    the rate ``1 / T_degree`` at the ``k``-th Ritz value). Each step multiplies the block
-    by the degree-``degree`` Chebyshev polynomial of ``S`` that is at most 1 on
-    ``[-1, cut]`` and orthonormalises it (QR): no host read, one CUDA graph on CUDA
-    (``graph``: None or True try it, False runs eagerly). It stops where the residual is at
-    most ``tol``, after ``max_steps`` steps, or where a round of ``r`` steps cuts it by less
-    than ``1 - STALL_RATIO ** r`` (``info["stalled"]``), with ``info["converged"] = False``.
-    With a gap at ``k`` the first round usually converges: four host reads in all.
+    Each round reads the Rayleigh-Ritz projection and the block residual
+    ``||S Q - Q diag(theta)||_F`` to the host, and fixes the cut (the smallest Ritz value)
+    and the steps that should bring the residual to ``tol``. A step applies the
+    degree-``degree`` Chebyshev polynomial of ``S`` at most 1 on ``[-1, cut]`` and a QR,
+    with no host read (one CUDA graph on CUDA). It stops at ``tol``, after ``max_steps``
+    steps, or where a round of ``r`` steps cuts the residual by less than
+    ``1 - STALL_RATIO ** r`` (TF32-rounded products floor it near 1e-3: ``info["stalled"]``).
 
-    Returns ``(theta (k,) descending, float64 on the host; Q (N, k) on ``device``, info)``;
-    ``info`` has ``converged``, ``steps``, ``residual``, ``stalled``.
-    """
+    Returns as :func:`block_krylov_eigvecs`; ``info`` with ``converged``, ``steps``,
+    ``residual``, ``stalled``."""
     if not 1 <= k <= n:
         raise ValueError(f"k: expected 1 <= k <= N = {n}, got {k}")
     for name, value in (("degree", degree), ("max_steps", max_steps)):
@@ -257,7 +211,7 @@ def chebyshev_eigvecs(matmul, n: int, k: int, *, dtype: torch.dtype, device, see
             raise ValueError(f"{name}: expected a positive integer, got {value}")
     m = min(n, k + max(0, int(guard)))
     x = _start_block(n, m, seed, device, dtype)
-    step = _FilterStep(matmul, x, int(degree), graph)
+    step = _FilterStep(matmul, x, int(degree))
 
     def ritz(x):  # two host reads: the m x m projection, the residual
         sx = matmul(x)
@@ -271,11 +225,9 @@ def chebyshev_eigvecs(matmul, n: int, k: int, *, dtype: torch.dtype, device, see
     theta, x, res = ritz(x)
     steps, stalled = 0, False
     while not res <= tol and steps < max_steps:
-        cut = float(theta[-1])  # damp [-1, cut]; the floor on its half-width keeps the
-        # polynomial under 1e21 on [-1, 1] (float32 holds it) where cut nears -1
+        cut = float(theta[-1])  # damp [-1, cut]; half >= 1e-2 keeps T_degree under 1e21
         centre, half = (cut - 1.0) / 2, max((cut + 1.0) / 2, 1e-2)
-        # the round's step count, fixed before it: the block's error shrinks by about
-        # 1 / T_degree((theta_k - centre) / half) per step (the guard vectors under the cut)
+        # the round's steps: the error shrinks by about 1 / T_degree(z) per step
         z = (float(theta[k - 1]) - centre) / half
         rate = 1 / math.cosh(degree * math.acosh(z)) if z > 1 else 1.0
         want = math.ceil(math.log(tol / res) / math.log(rate)) if 0 < rate < 1 and tol > 0 else n
@@ -301,15 +253,14 @@ def _filter(matmul, x, centre, half, degree: int) -> torch.Tensor:
 
 
 class _FilterStep:
-    """:func:`_filter` for one operator and block shape. On CUDA (``graph`` None or True) it
-    is captured once as a CUDA graph, with the block, ``centre`` and ``half`` in static
-    buffers, and replayed at every step of every round: one launch, no host read; where
-    capture fails it runs eagerly (``self.graph`` None), as it does elsewhere."""
+    """:func:`_filter` for one operator and block shape: on CUDA captured once as a CUDA
+    graph (block, ``centre``, ``half`` in static buffers) and replayed; eager elsewhere or
+    where capture fails (``self.graph`` None)."""
 
-    def __init__(self, matmul, x: torch.Tensor, degree: int, graph: bool | None):
+    def __init__(self, matmul, x: torch.Tensor, degree: int):
         self.run = lambda x, c, h: _filter(matmul, x, c, h, degree)
         self.graph = None
-        if x.device.type != "cuda" or graph is False:
+        if x.device.type != "cuda":
             return
         self.x, self.c, self.h = x.clone(), x.new_zeros(()), x.new_ones(())
         try:
@@ -353,38 +304,25 @@ def _dense_top_eigvecs(s: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _block_eigvecs(s, k: int, solver: str, *, seed: int, tol: float, max_steps: int | None,
-                   max_flops: float = math.inf):  # fmt: skip
+                   max_flops: float = math.inf, then: str = "using its last Ritz vectors"):  # fmt: skip
     """``(theta, Q, info)`` of ``s`` (dense or sparse) by :func:`chebyshev_eigvecs` (``solver``
-    "chebyshev"; ``max_steps`` None: ``CHEBYSHEV_STEPS``) or :func:`block_krylov_eigvecs`."""
-    n = s.shape[0]
+    "chebyshev"; ``max_steps`` None: ``CHEBYSHEV_STEPS``) or :func:`block_krylov_eigvecs`;
+    unconverged, it warns that the caller goes on ``then``."""
+    n, kw = s.shape[0], dict(dtype=s.dtype, device=s.device, seed=seed, tol=tol)
     if solver == "chebyshev":
-        return chebyshev_eigvecs(
-            lambda x: s @ x, n, k, dtype=s.dtype, device=s.device, seed=seed, tol=tol,
-            max_steps=CHEBYSHEV_STEPS if max_steps is None else max_steps,
-        )  # fmt: skip
-    nnz = s._nnz() if s.layout != torch.strided else n * n
-    return block_krylov_eigvecs(
-        lambda x: s @ x, n, k, dtype=s.dtype, device=s.device, seed=seed, tol=tol,
-        matmul_flops=2.0 * nnz, max_flops=max_flops, max_steps=max_steps,
-    )  # fmt: skip
-
-
-def _top_eigvecs_subspace(s, k: int, gen: torch.Generator, tol: float, max_iter: int,
-                          solver: str = "krylov"):  # fmt: skip
-    """``(theta, vectors, steps, converged)`` of a sparse ``s`` by the block solver ``solver``
-    ("krylov" or "chebyshev") in at most ``max_iter`` steps, warning if it runs out."""
-    seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
-    theta, q, info = _block_eigvecs(s, k, solver, seed=seed, tol=tol, max_steps=max_iter)
+        steps = CHEBYSHEV_STEPS if max_steps is None else max_steps
+        theta, q, info = chebyshev_eigvecs(lambda x: s @ x, n, k, max_steps=steps, **kw)
+    else:
+        nnz = s._nnz() if s.layout != torch.strided else n * n
+        theta, q, info = block_krylov_eigvecs(lambda x: s @ x, n, k, matmul_flops=2.0 * nnz,
+                                              max_flops=max_flops, max_steps=max_steps, **kw)  # fmt: skip
     if not info["converged"]:
         name = "Chebyshev" if solver == "chebyshev" else "Krylov"
-        stalled = " (its residual stalled)" if info.get("stalled") else ""
-        warnings.warn(
-            f"spectral: the {name} solver stopped at its budget of {max_iter} steps{stalled} "
-            f"(block residual {info['residual']:.2e} > tol {tol:.0e}); using its Ritz vectors",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    return theta, q, info["steps"], info["converged"]
+        why = "stalled (TF32 products?)" if info.get("stalled") else "stopped at its budget"
+        warnings.warn(f"spectral: the {name} solver {why} after {info['steps']} steps (block residual "
+                      f"{info['residual']:.2e} > tol {tol:.0e}, N = {n}); {then}", RuntimeWarning,
+                      stacklevel=3)  # fmt: skip
+    return theta, q, info
 
 
 #: ARPACK's relative residual per Ritz vector in the sparse path (``||S v - theta v|| <=
@@ -393,19 +331,13 @@ ARPACK_TOL = 1e-8
 
 
 def _top_eigvecs_arpack(s, k: int, seed: int):
-    """The ``k`` leading eigenvectors (descending, on ``s``'s device and dtype) of the sparse
-    CSR ``s`` by ARPACK (scipy's ``eigsh``, ``which="LA"``), one connected component of the
-    graph at a time, or None (the caller runs the block Krylov solver) where there are more
-    components than ``k`` or ARPACK does not converge (with a warning).
-
-    Per component, because a single-vector Lanczos method cannot see a repeated eigenvalue:
-    each connected component adds an eigenvalue 1, and on the whole matrix ARPACK returned
-    a smaller eigenvalue in place of a copy of 1 (measured: three components, 44 points), so
-    wrong labels. Each component's top ``min(k, size)`` eigenpairs (ARPACK from
-    scikit-learn's start vector ``RandomState(seed).uniform(-1, 1, N)`` restricted to the
-    component, or dense ``eigh`` for a small one) are merged and the ``k`` largest kept."""
+    """The ``k`` leading eigenvectors (descending) of the sparse CSR ``s``: each connected
+    component's top ``min(k, size)`` by ARPACK (``eigsh``, ``which="LA"``, from scikit-learn's
+    start vector restricted to it; dense ``eigh`` for a small one), the ``k`` largest kept.
+    None where there are more components than ``k`` or ARPACK does not converge (warned).
+    Per component because each adds an eigenvalue 1 and one Lanczos start vector misses
+    repeats (on three components of 44 points it returned 0.60 for the third 1)."""
     import scipy.linalg
-    import scipy.sparse
     import scipy.sparse.csgraph
     import scipy.sparse.linalg
 
@@ -418,68 +350,40 @@ def _top_eigvecs_arpack(s, k: int, seed: int):
     if count > k:
         return None  # more than k eigenvalues 1: no gap at k; the block solver picks
     v0 = np.random.RandomState(int(seed)).uniform(-1, 1, n)
-    values, places = [], []  # (value, component, column)
-    parts = []
+    pairs = []  # (value, component's indices, vector), by component and column
     for c in range(count):
         idx = np.flatnonzero(comp == c)
-        sub = m[idx][:, idx]
-        kc = min(k, idx.size)
+        sub, kc = m[idx][:, idx], min(k, idx.size)
         if idx.size <= 4 * (kc + 8):
             w, v = scipy.linalg.eigh(sub.toarray(), subset_by_index=[idx.size - kc, idx.size - 1])
         else:
             try:
                 w, v = scipy.sparse.linalg.eigsh(sub, k=kc, which="LA", v0=v0[idx], tol=ARPACK_TOL)
             except scipy.sparse.linalg.ArpackNoConvergence as exc:
-                warnings.warn(
-                    f"spectral: ARPACK did not converge on the sparse affinity (N = {n}, k = "
-                    f"{k}, a component of {idx.size}: {exc}); finishing with the block Krylov "
-                    "solver",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+                warnings.warn(f"spectral: ARPACK did not converge (N = {n}, k = {k}, a component "
+                              f"of {idx.size}: {exc}); finishing with the block Krylov solver",
+                              RuntimeWarning, stacklevel=3)  # fmt: skip
                 return None
-        parts.append((idx, v))
-        values += w.tolist()
-        places += [(c, j) for j in range(w.size)]
-    order = sorted(range(len(values)), key=lambda i: -values[i])[:k]  # stable: ties by place
+        pairs += [(value, idx, v[:, j]) for j, value in enumerate(w.tolist())]
     q = np.zeros((n, k))
-    for col, i in enumerate(order):
-        c, j = places[i]
-        idx, v = parts[c]
-        q[idx, col] = v[:, j]
+    for col, (_, idx, vec) in enumerate(sorted(pairs, key=lambda p: -p[0])[:k]):  # stable
+        q[idx, col] = vec
     return torch.from_numpy(q).to(s.device, s.dtype)
 
 
-def spectral_embedding(
-    affinity: torch.Tensor,
-    n_components: int,
-    *,
-    seed: int = 0,
-    eigen_solver: str = "auto",
-    tol: float | None = None,
-    max_iter: int | None = None,
-    choice: EigenChoice = EIGEN_CHOICE,
-) -> torch.Tensor:
-    """The ``(N, n_components)`` spectral embedding ``D^{-1/2} V`` of ``affinity``.
-
-    ``V`` holds the leading eigenvectors of the normalised affinity, in descending
-    eigenvalue order. ``eigen_solver``:
-
-    - ``"eigh"``: dense (on the CPU LAPACK's partial solver for the ``n_components``
-      vectors, ``O(N^3)``);
-    - ``"krylov"`` (alias ``"subspace"``): :func:`block_krylov_eigvecs`, ``O(N^2)`` per
-      step, stopped on the residual of the whole block (``tol``: 1e-4 in float32, 1e-7
-      in float64);
-    - ``"chebyshev"``: :func:`chebyshev_eigvecs`, the same stop (``max_iter``: its most
-      filter steps, default ``CHEBYSHEV_STEPS``);
-    - ``"auto"``: ``eigh`` up to ``choice``'s crossover for the device (2048 on the
-      CPU, 1024 elsewhere, measured in ``benchmarks/results/spectral_*.json``); above it
-      Krylov on the CPU, with a budget of about one dense ``eigh``'s work (``eigh_cost *
-      N^3``; ``max_iter``, if given, also caps the block steps), Chebyshev elsewhere (at
-      most ``max_iter`` or ``CHEBYSHEV_STEPS`` steps). If either runs out it says so
-      (``RuntimeWarning``) and finishes with ``eigh``.
-    A solver named explicitly that runs out says so and its last Ritz vectors are used.
-    """
+def spectral_embedding(affinity: torch.Tensor, n_components: int, *, seed: int = 0,
+                       eigen_solver: str = "auto", tol: float | None = None,
+                       max_iter: int | None = None, choice: EigenChoice = EIGEN_CHOICE,
+                       ) -> torch.Tensor:  # fmt: skip
+    """The ``(N, n_components)`` spectral embedding ``D^{-1/2} V`` of ``affinity``, ``V`` the
+    leading eigenvectors of the normalised affinity, descending. ``eigen_solver``: ``"eigh"``
+    (dense; on the CPU LAPACK's partial solver), ``"krylov"`` (alias ``"subspace"``,
+    :func:`block_krylov_eigvecs`) or ``"chebyshev"`` (:func:`chebyshev_eigvecs`, at most
+    ``max_iter`` or ``CHEBYSHEV_STEPS`` steps), both to a block residual ``tol`` (1e-4 in
+    float32, 1e-7 in float64), or ``"auto"``: ``eigh`` up to ``choice``'s crossover for the
+    device (:class:`EigenChoice`), above it the device's block solver (Krylov within
+    ``eigh_cost * N^3`` flops), which, if it runs out, warns and finishes with ``eigh``. A
+    solver named explicitly warns and keeps its last Ritz vectors."""
     n = affinity.shape[0]
     if not 1 <= n_components <= n:
         raise ValueError(f"n_components: expected 1 <= n_components <= N = {n}, got {n_components}")
@@ -490,34 +394,18 @@ def spectral_embedding(
     s, dd = _normalized_affinity(affinity)
     if tol is None:
         tol = 1e-4 if s.dtype == torch.float32 else 1e-7
-    cpu = s.device.type == "cpu"
-    solver = eigen_solver
-    if eigen_solver == "auto":
+    cpu, auto, solver = s.device.type == "cpu", eigen_solver == "auto", eigen_solver
+    if auto:
         crossover = choice.crossover_cpu if cpu else choice.crossover_cuda
         solver = "eigh" if n <= crossover else (choice.above_cpu if cpu else choice.above_cuda)
-    if n < 4 * (n_components + 8):
-        solver = "eigh"
     vecs = None
-    if solver != "eigh":
-        budget = math.inf if eigen_solver != "auto" else choice.eigh_cost * float(n) ** 3
-        _, vecs, info = _block_eigvecs(s, n_components, solver, seed=seed, tol=tol,
-                                       max_steps=max_iter, max_flops=budget)  # fmt: skip
-    if vecs is not None and not info["converged"]:
-        name = "Chebyshev" if solver == "chebyshev" else "Krylov"
-        ran_out = "stopped at its budget" if eigen_solver == "auto" else "did not converge"
-        if info.get("stalled"):
-            ran_out += " (its residual stalled: are float32 products in TF32?)"
-        finish = (
-            "finishing with dense eigh" if eigen_solver == "auto" else "using its last Ritz vectors"
-        )
-        warnings.warn(
-            f"spectral_embedding: the {name} solver {ran_out} after {info['steps']} steps "
-            f"(block residual {info['residual']:.2e} > tol {tol:.0e}); {finish} (N = {n})",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        if eigen_solver == "auto":
-            vecs = None
+    if solver != "eigh" and n >= 4 * (n_components + 8):
+        _, vecs, info = _block_eigvecs(
+            s, n_components, solver, seed=seed, tol=tol, max_steps=max_iter,
+            max_flops=choice.eigh_cost * float(n) ** 3 if auto else math.inf,
+            then="finishing with dense eigh" if auto else "using its last Ritz vectors",
+        )  # fmt: skip
+        vecs = None if auto and not info["converged"] else vecs
     if vecs is None:
         vecs = _dense_top_eigvecs(s, n_components).to(s.device, s.dtype)
     return vecs / dd[:, None]
@@ -526,54 +414,41 @@ def spectral_embedding(
 def _relabel_by_first_appearance(labels: torch.Tensor) -> torch.Tensor:
     """Renumber clusters 0, 1, 2, ... in order of their first token (canonical ids)."""
     uniq, inverse = torch.unique(labels, return_inverse=True)
-    first = torch.full((uniq.numel(),), labels.numel(), dtype=torch.long, device=labels.device)
-    first.scatter_reduce_(
-        0, inverse, torch.arange(labels.numel(), device=labels.device), reduce="amin"
-    )
-    order = torch.argsort(first)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=labels.device)
-    return rank[inverse]
+    at = torch.arange(labels.numel(), device=labels.device)
+    first = at.new_full((uniq.numel(),), labels.numel()).scatter_reduce_(0, inverse, at, "amin")
+    return torch.argsort(torch.argsort(first))[inverse]  # the first appearances are distinct
 
 
-def discretize(
-    vectors: torch.Tensor,
-    *,
-    seed: int = 0,
-    random_state: np.random.RandomState | None = None,
-    n_iter_max: int = 20,
-    max_svd_restarts: int = 30,
-) -> torch.Tensor:
-    """Yu & Shi's discretisation of a spectral embedding (``N x k``), as in scikit-learn.
+def _unit_rows(v: torch.Tensor) -> torch.Tensor:
+    rn = v.norm(dim=1, keepdim=True)
+    return torch.where(rn > 0, v / rn.clamp_min(torch.finfo(v.dtype).tiny), v)
 
-    Returns int64 labels. The one random draw (the first row of the initial rotation) is
-    ``random_state.randint(N)``, by default from ``numpy.random.RandomState(seed)``, as in
-    ``sklearn.cluster.discretize(..., random_state=seed)``, so both give the same
-    partition for the same embedding. A ``random_state`` passed in is advanced.
 
-    Runs on the host whatever the device (the labels go back to ``vectors``' device): on a
-    GPU each of its starting rows and SVD steps would read a value back.
-    """
+def discretize(vectors: torch.Tensor, *, seed: int = 0,
+               random_state: np.random.RandomState | None = None, n_iter_max: int = 20,
+               max_svd_restarts: int = 30) -> torch.Tensor:  # fmt: skip
+    """Yu & Shi's discretisation of a spectral embedding (``N x k``) into int64 labels,
+    scikit-learn's algorithm: its one random draw, the initial rotation's first row, is
+    ``random_state.randint(N)`` (advanced; default ``RandomState(seed)``), as in
+    ``sklearn.cluster.discretize(..., random_state=seed)``: the same partition. Runs on the
+    host (on a GPU each start row and SVD step would read a value back); labels on
+    ``vectors``' device."""
     rng = np.random.RandomState(int(seed)) if random_state is None else random_state
     device = vectors.device
     v = vectors.detach().to("cpu", torch.float64).clone()
     n, k = v.shape
     v = v / v.norm(dim=0, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny) * math.sqrt(n)
     first = torch.sign(v[0])
-    v = v * torch.where(first != 0, -first, torch.ones_like(first))
-    rn = v.norm(dim=1, keepdim=True)
-    v = torch.where(rn > 0, v / rn.clamp_min(torch.finfo(v.dtype).tiny), v)
+    v = _unit_rows(v * torch.where(first != 0, -first, torch.ones_like(first)))
     eps = torch.finfo(torch.float64).eps
     for _ in range(max_svd_restarts):
         rot = torch.zeros(k, k, dtype=v.dtype, device=v.device)
-        start = int(rng.randint(n))
-        rot[:, 0] = v[start]
+        rot[:, 0] = v[int(rng.randint(n))]
         c = torch.zeros(n, dtype=v.dtype, device=v.device)
         for j in range(1, k):
             c += (v @ rot[:, j - 1]).abs()
             rot[:, j] = v[int(torch.argmin(c))]
-        last = 0.0
-        n_iter = 0
+        last, n_iter = 0.0, 0
         while True:
             n_iter += 1
             labels = (v @ rot).argmax(dim=1)
@@ -611,14 +486,7 @@ def kmeans(
             else:
                 r = float(torch.rand(1, generator=gen, dtype=torch.float64)) * total
                 cum = torch.cumsum(d2, 0)
-                nxt = min(
-                    int(
-                        torch.searchsorted(
-                            cum, torch.tensor([r], dtype=cum.dtype, device=cum.device)
-                        )
-                    ),
-                    n - 1,
-                )
+                nxt = min(int(torch.searchsorted(cum, cum.new_tensor([r]))), n - 1)
             idx.append(nxt)
             d2 = torch.minimum(d2, (sq - 2 * x @ x[nxt] + sq[nxt]).clamp_min(0))
         centers = x[idx].clone()
@@ -656,22 +524,13 @@ def _check_draws(draws) -> int:
     return int(draws)
 
 
-def labels_from_embedding(
-    embedding: torch.Tensor,
-    n_clusters: int,
-    *,
-    seed: int = 0,
-    assign_labels: str = "discretize",
-    draws: int = 1,
-) -> torch.Tensor:
+def labels_from_embedding(embedding: torch.Tensor, n_clusters: int, *, seed: int = 0,
+                          assign_labels: str = "discretize", draws: int = 1) -> torch.Tensor:  # fmt: skip
     """``(draws, N)`` int64 labels from one spectral embedding (``N x n_clusters``).
-
-    ``"discretize"``: successive draws of one :func:`label_random_state` stream, so draw
-    0 is scikit-learn's ``SpectralClustering(random_state=seed)`` labels (for the same
-    embedding) and the others continue its random sequence. ``"kmeans"``: seeded k-means
-    on the row-normalised embedding, draw ``r`` seeded by the ``r``-th number of
-    ``RandomState(seed)`` (draw 0 by ``seed`` itself).
-    """
+    ``"discretize"``: successive draws of one :func:`label_random_state` stream (draw 0:
+    scikit-learn's ``SpectralClustering(random_state=seed)`` labels). ``"kmeans"``: seeded
+    k-means on the row-normalised embedding, draw ``r > 0`` seeded by the ``r``-th number
+    of ``RandomState(seed)``, draw 0 by ``seed``."""
     draws = _check_draws(draws)
     n = embedding.shape[0]
     out = torch.empty(draws, n, dtype=torch.long, device=embedding.device)
@@ -680,14 +539,9 @@ def labels_from_embedding(
         for r in range(draws):
             out[r] = discretize(embedding, random_state=rng)
         return out
-    rn = embedding.norm(dim=1, keepdim=True)
-    emb = torch.where(
-        rn > 0, embedding / rn.clamp_min(torch.finfo(embedding.dtype).tiny), embedding
-    )
-    seeds = [int(seed)] + np.random.RandomState(int(seed)).randint(
-        2**31 - 1, size=draws - 1
-    ).tolist()
-    for r, s in enumerate(seeds):
+    emb = _unit_rows(embedding)
+    more = np.random.RandomState(int(seed)).randint(2**31 - 1, size=draws - 1).tolist()
+    for r, s in enumerate([int(seed), *more]):
         out[r] = kmeans(emb, n_clusters, seed=s, n_init=20)
     return out
 
@@ -725,12 +579,10 @@ def spectral_clustering(affinity: torch.Tensor, n_clusters: int, *, seed: int = 
                         ) -> torch.Tensor:  # fmt: skip
     """Labels (``N``, int64, canonical ids by first appearance) of a precomputed affinity.
 
-    ``assign_labels="discretize"`` follows scikit-learn's
-    ``SpectralClustering(affinity="precomputed", assign_labels="discretize",
-    random_state=seed)``, random draws included (see the module docstring);
-    ``"kmeans"`` runs seeded k-means on the row-normalised eigenvectors (Ng-Jordan-Weiss,
-    as in Elhamifar & Vidal's code).
-    """
+    ``assign_labels="discretize"`` follows scikit-learn's ``SpectralClustering(affinity=
+    "precomputed", assign_labels="discretize", random_state=seed)``, random draws included;
+    ``"kmeans"`` runs seeded k-means on the row-normalised eigenvectors (Ng-Jordan-Weiss, as
+    in Elhamifar & Vidal's code). ``eigen_solver``: see :func:`spectral_embedding`."""
     return spectral_labels(
         affinity, n_clusters, seed=seed, assign_labels=assign_labels, eigen_solver=eigen_solver
     )[0]
@@ -742,18 +594,14 @@ def sparse_spectral_labels(w: torch.Tensor, n_clusters: int, *, seed: int = 0,
                            assign_labels: str = "discretize", draws: int = 1,
                            eigen_solver: str = "auto", max_steps: int = 200,
                            ) -> torch.Tensor:  # fmt: skip
-    """``(draws, N)`` labels of a sparse symmetric affinity (COO), without densifying it:
-    one embedding, ``draws`` label assignments (``spectral.labels_from_embedding``).
-
-    ``eigen_solver``: ``"arpack"`` (scipy's ``eigsh``, implicitly restarted Lanczos, on
-    each connected component of the graph, from scikit-learn's seeded start vector, to a
-    relative residual of ``ARPACK_TOL`` per vector; CPU; :func:`_top_eigvecs_arpack`),
-    ``"subspace"`` (:func:`block_krylov_eigvecs` on the device, block residual 1e-7),
-    ``"chebyshev"`` (:func:`chebyshev_eigvecs` on the device, the same stop) or
-    ``"auto"``: ARPACK on the CPU (6-14x faster than block Krylov on SSC affinities,
-    ``sparse_spectral_cpu.json``), Chebyshev elsewhere. Where the graph has more components than ``n_clusters`` the block Krylov
-    solver runs (Chebyshev off the CPU); if ARPACK does not converge, it says so and the
-    block Krylov solver finishes. Each block solver has ``max_steps`` steps (warned)."""
+    """``(draws, N)`` labels of a sparse symmetric affinity (COO), never densified: one
+    embedding, ``draws`` label assignments (:func:`labels_from_embedding`). ``eigen_solver``:
+    ``"arpack"`` (scipy's ``eigsh`` per connected component, to ``ARPACK_TOL``; CPU),
+    ``"subspace"`` (:func:`block_krylov_eigvecs`) or ``"chebyshev"``
+    (:func:`chebyshev_eigvecs`), both on the device to a block residual 1e-7 in at most
+    ``max_steps`` steps (warned), or ``"auto"``: ARPACK on the CPU (6-14x faster than block
+    Krylov, ``sparse_spectral_cpu.json``), Chebyshev elsewhere. Where ARPACK gives up (more
+    components than ``n_clusters``, or no convergence: warned) block Krylov finishes."""
     if eigen_solver not in ("auto", "arpack", "subspace", "chebyshev"):
         raise ValueError(
             f"eigen_solver: expected 'auto', 'arpack', 'subspace' or 'chebyshev' for a sparse "
@@ -765,17 +613,18 @@ def sparse_spectral_labels(w: torch.Tensor, n_clusters: int, *, seed: int = 0,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # sparse CSR is "beta"
         s, dd = sparse_normalized_affinity(w)
+        cpu = s.device.type == "cpu"
         if n < 4 * (n_clusters + 8):
-            _, v = torch.linalg.eigh(s.to_dense())
-            vecs = v[:, -n_clusters:].flip(1)
+            vecs = torch.linalg.eigh(s.to_dense())[1][:, -n_clusters:].flip(1)
         else:
-            arpack = eigen_solver == "arpack" or (eigen_solver == "auto" and s.device.type == "cpu")
+            arpack = eigen_solver == "arpack" or (eigen_solver == "auto" and cpu)
             vecs = _top_eigvecs_arpack(s, n_clusters, seed) if arpack else None
-            if vecs is None:
-                gen = torch.Generator().manual_seed(int(seed))
-                on_device = eigen_solver == "auto" and s.device.type != "cpu"
-                block = "chebyshev" if eigen_solver == "chebyshev" or on_device else "krylov"
-                _, vecs, _, _ = _top_eigvecs_subspace(s, n_clusters, gen, 1e-7, max_steps, block)
+        if vecs is None:
+            cheb = eigen_solver == "chebyshev" or (eigen_solver == "auto" and not cpu)
+            gen = torch.Generator().manual_seed(int(seed))
+            start = int(torch.randint(2**31 - 1, (1,), generator=gen))  # the block's seed
+            _, vecs, _ = _block_eigvecs(s, n_clusters, "chebyshev" if cheb else "krylov",
+                                        seed=start, tol=1e-7, max_steps=max_steps)  # fmt: skip
     emb = vecs / dd[:, None]
     return labels_from_embedding(
         emb, n_clusters, seed=seed, assign_labels=assign_labels, draws=draws
@@ -795,10 +644,9 @@ def cluster(coef: torch.Tensor, opts, *, group=None, rank: int = 0, affinity: st
     """Stage 4 of an SSC call: the ``(label_draws, N)`` labels of ``C`` (dense, or sparse
     COO kept sparse) into ``opts.n_clusters`` clusters, seeded by ``opts.seed``
     (:class:`~videoanchor.anchor.options.SSCOptions`, checked). ``affinity``:
-    ``"symmetric"`` (``W = |C| + |C|^T``) or ``"column_max"`` (dense ``C`` only).
-
-    Under a process ``group`` (every rank holds the same ``C``; this one is ``rank``) the
-    labels are computed once, on rank 0, and broadcast; if that fails, every rank raises."""
+    ``"symmetric"`` (``W = |C| + |C|^T``) or ``"column_max"`` (dense ``C`` only). Under a
+    process ``group`` (every rank holds the same ``C``) rank 0 computes the labels and
+    broadcasts them; if that fails, every rank raises."""
     draws = torch.empty(opts.label_draws, coef.shape[0], dtype=torch.long, device=coef.device)
     error = None
     if rank == 0:
