@@ -1,32 +1,24 @@
 """The fast solver's iteration on torch, with the outlier matrix ``E`` kept on an active set.
 
 The fast solver (:class:`~videoanchor.anchor.admm.ScheduledStep`, ``solver="fast"``) runs the
-authors' A-, E- and C-steps on a fixed schedule. Written for every array namespace, each of
-its iterations costs two products with ``D`` in them: ``[R; Y R] (T - I)``
-(``(N + D) x N x N``, for ``A`` and ``Y A``) and ``Y^T E`` (``N x D x N``), against one
-``N x N x N`` product for ``A`` alone. ``E = soft(Y - Y A, lambda_e / lambda_z)`` is sparse
-(under 1% of its entries on video-like tokens) and its support hardly moves once the first
-iterations have found it. :class:`ActiveSetStep` runs the same steps, with:
+authors' A-, E- and C-steps on a fixed schedule; written for every array namespace, each
+iteration costs ``[R; Y R] (T - I)`` (``(N + D) x N x N``, for ``A`` and ``Y A``) and
+``Y^T E`` (``N x D x N``). ``E = soft(Y - Y A, lambda_e / lambda_z)`` is sparse (under 1% of
+its entries on video-like tokens) and its support hardly moves after the first iterations,
+so :class:`ActiveSetStep` runs the same steps with ``A = I + R (T - I)`` alone, ``Y^T E``
+as a sparse product over ``E``'s non-zeros, and the E-step exactly (``Y - Y A = -(Y R)
+(T - I)`` in full) only at the schedule's *full* iterations (``full_first``, ``full_every``,
+the last), which also set the active set: the entries whose residual exceeds ``MARGIN``
+times the threshold. In between the residual is computed on the active set only (a sampled
+product) and ``E`` is zero elsewhere. Where the active set is dense (Yale B faces: 73-84%
+of the entries) those products run dense (:class:`~videoanchor.anchor.admm.Schedule`'s
+``dense_yte``, ``dense_resid``): the same values to rounding.
 
-- ``A = I + R (T - I)`` alone (``N x N x N``);
-- ``Y^T E`` as a sparse product over ``E``'s non-zero entries (a third to a fifth of the
-  active entries on video-like tokens);
-- the E-step exactly (the residual ``Y - Y A = -(Y R)(T - I)`` in full, ``D x N x N``) at
-  the schedule's *full* iterations (``full_first``, ``full_every``), which also set the
-  active set: the entries whose residual exceeds ``MARGIN`` times the threshold; in between,
-  the residual is computed on the active set only (a sampled product, ``|active| x N``) and
-  ``E`` is zero elsewhere.
-
-Where the active set is dense (Yale B faces: 73-84% of the entries), the products over it
-run as dense products instead (:class:`~videoanchor.anchor.admm.Schedule`'s ``dense_yte`` and ``dense_resid``): the same values to rounding, so the
-switch moves nothing but the time.
-
-The schedule is fixed (full iterations at fixed counts, the last one full), so the final
-``C`` and ``E`` come from an exact E-step, and nothing depends on a residual crossing a
-stopping threshold. An entry outside the active set that would cross the E threshold between
+Nothing depends on a residual crossing a threshold, and the final ``C`` and ``E`` come from
+an exact E-step. An entry outside the active set that would cross the E threshold between
 two full iterations enters ``E`` at the next full one: it had to more than double its
-residual (``MARGIN = 0.5``), and it enters at about zero, so the iterate stays a continuous
-function of the features in practice (tests/test_fast_solver.py measures it).
+residual and it enters at about zero, so the iterate stays a continuous function of the
+features in practice (tests/test_fast_solver.py measures it).
 """
 
 from __future__ import annotations
@@ -46,12 +38,9 @@ MARGIN = 0.5
 def applies(x) -> bool:
     """Whether the fast solver runs :class:`ActiveSetStep` on ``x``: torch tensors on a CPU.
 
-    Elsewhere the dense array-API schedule runs (same steps, same fixed schedule, the
-    iterate the active set reproduces with every E-step full). On an H100 (2026-11-23,
-    ``benchmarks/results/logs/h100-2026-11-23/``) cuSPARSE's sampled and sparse products
-    took 64% of the active-set solver's device time at N = 2048, D = 3584, and the solver
-    was slower than the authors' iterate at N = 4096 (2.54 s against 1.84 s): there, the
-    dense products do less wall time than the sparse ones they replace."""
+    Elsewhere the dense array-API schedule runs (the same iterate with every E-step full):
+    on an H100 (``benchmarks/results/logs/h100-2026-11-23/``) cuSPARSE's sampled and sparse
+    products took 64% of the active-set solver's time at N = 2048, D = 3584."""
     return isinstance(x, torch.Tensor) and x.device.type == "cpu"
 
 

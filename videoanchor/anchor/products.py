@@ -5,38 +5,26 @@ the CUDA cores (PyTorch's default; the package never turns TF32 on).
 
 ``"fp16x3"`` runs each float32 product on half-precision tensor cores at about float32
 accuracy. Each operand is scaled by a power of two (its largest magnitude brought into
-``(2^13, 2^14]``, so nothing overflows float16 and the scaling is exact), then split into a
-float16 head and a float16 tail, ``a = a_hi + a_lo`` (the tail holds the next 11 bits of
-the significand), and ``a b`` is computed as ``a_hi b_hi + a_hi b_lo + a_lo b_hi``: the three
-terms as ONE product with the inner dimension tripled, ``[a_hi | a_hi | a_lo] @
-[b_hi; b_lo; b_hi]``, accumulated in float32, then unscaled. The dropped term ``a_lo b_lo``
-and the tails' rounding leave a relative error of about ``2^-22`` per entry (float32:
-``2^-24``; entries below ``2^-17`` of the operand's largest lose tail bits to float16's
-subnormal range, with an absolute error under ``2^-38`` of that largest entry). A product of two float16 values is exact in float32, so the only other error is
-float32 summation, as in a float32 product.
+``(2^13, 2^14]``: nothing overflows float16, the scaling is exact) and split into a float16
+head and tail, ``a = a_hi + a_lo``; ``a b`` is ``a_hi b_hi + a_hi b_lo + a_lo b_hi``,
+computed as ONE product with the inner dimension tripled, ``[a_hi | a_hi | a_lo] @
+[b_hi; b_lo; b_hi]``, accumulated in float32, then unscaled. The relative error is about
+``2^-22`` per entry (float32: ``2^-24``; entries below ``2^-17`` of the operand's largest
+lose tail bits to float16's subnormals, an absolute error under ``2^-38`` of it). On CUDA
+the product is ``torch.mm(..., out_dtype=torch.float32)`` (PyTorch >= 2.8: no global flag,
+no host synchronisation); elsewhere it is emulated exactly, three times the work of
+``"full"``, for tests.
 
-Why not TF32, bfloat16 inputs or the same split in bfloat16 (8-bit significands, about
-``2^-16``): on this package's fidelity sets (``benchmarks/bench_request_cost.py``,
-``request_cost_cpu.json``, emulated on a CPU), 1e-6 relative perturbations of the features
-move the fast solver's scores by 2e-3 to 0.17 with TF32 inputs (a label changes) and 4e-5 to
-1.4e-3 with the bfloat16 split, against 1.3e-5 to 1.0e-4 in float32 and 1.3e-5 to 1.2e-4 in
-fp16x3. PyTorch also has no per-call TF32 switch, only a
-process-wide flag, which would change the model's float32 products on other threads while
-the scores are computed beside them.
+Why not TF32 or a bfloat16 split: on the fidelity sets (``request_cost_cpu.json``), 1e-6
+relative perturbations of the features move the fast solver's scores by 2e-3 to 0.17 with
+TF32 inputs and 4e-5 to 1.4e-3 with the bfloat16 split, against 1.3e-5 to 1.0e-4 in float32
+and 1.3e-5 to 1.2e-4 in fp16x3; and PyTorch's TF32 switch is process-wide.
 
-A user's process-wide setting (``torch.set_float32_matmul_precision("high")`` or
-``"medium"``, ``torch.backends.cuda.matmul.allow_tf32 = True``, common in training and
-inference scripts) would turn the float32 products of every solver into TF32 on CUDA, or
-bfloat16 passes in oneDNN on CPUs that have them: on the second H100 lease TF32 products
-left the fast solver's scores at 64 frames uncorrelated with the faithful ones (Spearman
--0.003). :func:`exact_float32_matmul` holds float32 products at IEEE precision while the
-scores are computed (the public SSC and spectral entry points run under it, nested calls
-counted), then restores the setting.
-
-On CUDA the product is ``torch.mm(..., out_dtype=torch.float32)`` (PyTorch >= 2.8): float16
-inputs, float32 accumulation and output, on the tensor cores, with no global flag and no
-host synchronisation (the scales stay on the device). Elsewhere it is emulated exactly (the
-parts upcast to float32): three times the work of ``"full"``, for tests.
+A user's process-wide setting (``torch.set_float32_matmul_precision("high")``,
+``allow_tf32 = True``) would turn every solver's float32 products into TF32 on CUDA, or
+bfloat16 passes in oneDNN (on the second H100 lease TF32 left the fast solver's scores at
+64 frames uncorrelated with the faithful ones): the public SSC and spectral entry points
+run under :func:`exact_float32_matmul`, which holds them at IEEE precision meanwhile.
 """
 
 from __future__ import annotations

@@ -6,19 +6,13 @@ With ``Y = X^T`` (``D x N``, one column per point) the solver minimises
     s.t.  1^T C = 1^T (affine),  diag(C) = 0
 
 with ``lambda_e = alpha_e / mu_e`` and ``lambda_z = alpha_z / mu_z`` (Elhamifar & Vidal,
-TPAMI 2013), by the authors' ADMM: the ``A``-step solves the fixed system
-``(lambda_z Y^T Y + rho I + rho 1 1^T) A = ...``, which is factored once here (their
-code re-solves it densely every iteration). Two equivalent ways of applying its inverse
-are used, whichever costs fewer flops:
-
-* ``"dense"``: the explicit ``N x N`` inverse, ``O(N^3)`` per iteration;
-* ``"woodbury"``: the system is ``rho I`` plus a rank-``(D + 1)`` term, so its inverse
-  is applied through a ``(D + 1) x (D + 1)`` matrix, ``O(N^2 D)`` per iteration.
-
-The factorisation is done in float64 and the iterations in the working dtype
-(float32 by default); the iterates are the authors' iterates. The iteration itself is
-:mod:`videoanchor.anchor.admm`, shared with the column-blocked solver, the CuPy backend and
-the constrained variant; this module holds the torch entry point and its kernels.
+TPAMI 2013), by the authors' ADMM. The ``A``-step system, ``lambda_z Y^T Y + rho I +
+rho 1 1^T``, is factored once here, in float64 (their code re-solves it every iteration),
+and applied whichever way costs fewer flops: ``"dense"``, the explicit ``N x N`` inverse,
+``O(N^3)`` per iteration, or ``"woodbury"``, through a ``(D + 1) x (D + 1)`` matrix (the
+system is ``rho I`` plus a rank-``(D + 1)`` term), ``O(N^2 D)``. The iterations run in the
+working dtype (float32 by default) and are the authors' iterates. The iteration itself is
+:mod:`videoanchor.anchor.admm`; this module holds the torch entry point and its kernels.
 """
 
 from __future__ import annotations
@@ -81,9 +75,7 @@ def takes_options(*names: str, **defaults):
     return decorate
 
 
-# On CUDA the density is counted (a host synchronisation) on the first product with E and
-# every _DENSITY_RECHECK-th after; the decision holds in between.
-_DENSITY_RECHECK = 10
+_DENSITY_RECHECK = 10  # (CUDA) how often E's density is counted: _sparse_by_density
 
 
 class TorchKernels(admm.Kernels):
@@ -148,10 +140,8 @@ class TorchKernels(admm.Kernels):
                 return self.dense(m, e)
         else:
             nnz = int(torch.count_nonzero(e))
-            if nnz >= self.sparse_e_density * e.numel():
-                return self.dense(m, e)
-            if nnz > e.shape[1]:
-                # the gather below holds m.shape[0] x nnz values: keep it within the output
+            # (the gather below holds m.shape[0] x nnz values: kept within the output's size)
+            if nnz >= self.sparse_e_density * e.numel() or nnz > e.shape[1]:
                 return self.dense(m, e)
             # column i of m @ E is sum_d m[:, d] E[d, i] over E's few non-zeros
             rows, cols = e.nonzero(as_tuple=True)
@@ -205,15 +195,12 @@ def solve_ssc_admm(features, *, affine: bool = True, outliers: bool = True, stra
     (``converged=False``). ``eps`` and ``strategy`` do not apply to it.
 
     ``process_group`` (fast solver, torch): a ``torch.distributed`` process group (any
-    backend) over which the columns of ``C`` are split. Every step of the iteration but the
-    rebalancing of ``rho`` is column-wise: each rank runs it on its own contiguous share of
-    the columns against the whole factor (the eigendecomposition computed on rank 0 and
-    broadcast), and each iteration sums the residual's row sums and the rebalancing's norms
-    over the ranks, so every rank follows the single-process iterate (to the rounding of
-    those sums). ``C`` and ``E`` are all-gathered at the end: every rank returns the same
-    result. Every rank must call it; rank 0's features are used; a rank that rejects its
-    input, a failure on rank 0 or a stop asked by one rank's ``progress`` reaches all of
-    them. ``callback`` does not apply (a rank holds only its columns).
+    backend) over which the columns of ``C`` are split: each rank runs the column-wise steps
+    on its share against the whole factor (computed on rank 0 and broadcast) and the
+    residual's row sums and the rebalancing's norms are summed over the ranks, so every rank
+    follows the single-process iterate (to the rounding of those sums) and returns the same
+    all-gathered ``C`` and ``E``. Every rank must call it; rank 0's features are used; an
+    error or a stop asked on one rank reaches all of them. ``callback`` does not apply.
     """
     t0 = time.perf_counter()
     if process_group is not None and (not scheduled or xp is not None or callback is not None):
@@ -268,14 +255,8 @@ def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, r
     # other devices and namespaces run the dense array-API schedule (admm.ScheduledStep)
     torch_fast = scheduled and fast.applies(x)
     xp = array_api_compat.array_namespace(x)
-    report = admm.Reporting(
-        progress,
-        # the fast solver's length is known once its factor is (set below)
-        max_iter=min(max_iter, schedule.iterations) if scheduled else max_iter,
-        eps=eps,
-        tokens=n,
-        schedule=scheduled,
-    )
+    length = min(max_iter, schedule.iterations) if scheduled else max_iter
+    report = admm.Reporting(progress, max_iter=length, eps=eps, tokens=n, schedule=scheduled)
     out = None
     try:
         x64 = xp.astype(x, xp.float64, copy=False)
@@ -310,9 +291,9 @@ def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, r
         dic = admm.Dictionary(x, work, lam_z=lam_z, affine=affine, outliers=outliers,
                               kernels=kernels, products=products, x64=x64)  # fmt: skip
         if scheduled:
+            first = admm.continuation_weight(weight, 1, schedule)
             factor = admm.EigenInverse(dic, rho, share=share, columns=columns, gram=gram,
-                                       thin=thin, schedule=schedule,
-                                       weight=admm.continuation_weight(weight, 1, schedule))  # fmt: skip
+                                       thin=thin, schedule=schedule, weight=first)  # fmt: skip
         elif strategy == "dense":
             factor = admm.DenseInverse(dic, rho, gram=gram)
         else:
@@ -325,8 +306,6 @@ def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, r
             make = fast.ActiveSetStep if torch_fast else admm.ScheduledStep
             step = make(dic, factor, thr_e=lam_e / lam_z, schedule=schedule, start=start,
                         stop=stop, reduce=reduce, continuation=weight)  # fmt: skip
-            if report.reporter is not None:
-                report.reporter.max_iter = min(max_iter, step.iterations)
         else:
             step = admm.SquaredStep(dic, factor, 0, n, thr_e=lam_e / lam_z, eps=eps)
         history: list[float] = []
@@ -355,20 +334,11 @@ def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, r
         e = all_gather_columns(e, group) if all_agree(e is not None, group, device) else None
         kernels.sync()
         timings["gather"] = time.perf_counter() - t3
-    return SSCSolution.from_run(
-        out,
-        coef=coef,
-        lambda_e=lam_e,
-        lambda_z=lam_z,
-        rho=step.rho,
-        rho_changes=step.rho_changes,
-        strategy=("low_rank" if factor.low_rank else "thin" if factor.thin else "dense")
-        if scheduled
-        else strategy,
-        outliers=e,
-        history=history,
-        timings=timings,
-    )
+    if scheduled:
+        strategy = "low_rank" if factor.low_rank else "thin" if factor.thin else "dense"
+    return SSCSolution.from_run(out, coef=coef, lambda_e=lam_e, lambda_z=lam_z, rho=step.rho,
+                                rho_changes=step.rho_changes, strategy=strategy, outliers=e,
+                                history=history, timings=timings)  # fmt: skip
 
 
 def _as_torch(a) -> torch.Tensor:
