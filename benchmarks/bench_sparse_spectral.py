@@ -44,8 +44,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import common  # noqa: E402
-from benchmarks.bench_spectral import STRUCTURES, group_affinity  # noqa: E402
-from benchmarks.common import environment, print_table, sizes_and_reps, write_result  # noqa: E402
+from benchmarks.bench_spectral import STRUCTURES, group_affinity, parse_args, start_meta  # noqa: E402
+from benchmarks.common import print_table, sizes_and_reps, write_result  # noqa: E402
 from videoanchor.anchor import reference_minimiser  # noqa: E402
 from videoanchor.anchor.spectral import (  # noqa: E402
     _top_eigvecs_arpack,
@@ -135,14 +135,7 @@ def run(device, sizes, reps, frames, out_dir, eigh_max):
     from threadpoolctl import threadpool_limits
 
     dev = torch.device(device)
-    meta = environment(device)
-    meta["loadavg_start"] = common.loadavg()
-    if device == "cpu":
-        torch.set_num_threads(1)
-    meta["torch_threads"] = torch.get_num_threads()
-    meta["k"] = K
-    meta["structures"] = {k: dict(groups=g, nnz=z, p_out=p) for k, (g, z, p) in STRUCTURES.items()}
-    meta["timing"] = "median over reps, providers interleaved in one process"
+    meta = start_meta(device)
     rows = []
     with threadpool_limits(1 if device == "cpu" else None):
         for f in frames:
@@ -167,17 +160,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
     ap.add_argument("--sizes", default="1024,2048,4096,8192", help="comma-separated N")
     ap.add_argument("--reps", default="3,3,3,1", help="comma-separated repetitions per N")
     ap.add_argument("--frames", default="4,8", help="minimiser affinities ('' for none)")
     ap.add_argument("--eigh-max", type=int, default=4096, help="largest N for dense_eigh")
     ap.add_argument("--quick", action="store_true", help="N = 512, 1 rep, no minimiser")
     ap.add_argument("--out-dir", default=None, help="default benchmarks/results")
-    args = ap.parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device")
+    args, device = parse_args(ap, argv)
     if args.quick:
         args.sizes, args.reps, args.frames = "512", "1", ""
     sizes, reps = sizes_and_reps(ap, args.sizes, args.reps)

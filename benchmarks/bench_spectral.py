@@ -67,8 +67,8 @@ K = 24
 STRUCTURES = {"gap": (24, 10, 0.02), "no_gap": (16, 60, 0.8)}
 
 
-def group_affinity(n, groups, nnz, p_out, *, seed=0):
-    """Seeded SSC-like affinity (float32, CPU); see the module docstring."""
+def group_affinity(n, groups, nnz, p_out, *, seed=0, dtype=torch.float32):
+    """Seeded SSC-like affinity (``dtype``, CPU); see the module docstring."""
     g = torch.Generator().manual_seed(seed)
     label = torch.arange(n) * groups // n
     size = torch.bincount(label, minlength=groups)
@@ -77,8 +77,8 @@ def group_affinity(n, groups, nnz, p_out, *, seed=0):
     other = torch.randint(n, (n, nnz), generator=g)
     rows = torch.where(torch.rand(n, nnz, generator=g) < p_out, other, own)
     cols = torch.arange(n)[:, None].expand(n, nnz)
-    c = torch.zeros(n, n)
-    c[rows.reshape(-1), cols.reshape(-1)] = torch.rand(n * nnz, generator=g)
+    c = torch.zeros(n, n, dtype=dtype)
+    c[rows.reshape(-1), cols.reshape(-1)] = torch.rand(n * nnz, generator=g, dtype=dtype)
     c.fill_diagonal_(0)
     return c + c.T
 
@@ -186,22 +186,29 @@ def bench_one(w, structure, reps, device, sklearn_max, torch_eigh_max, eigh_max)
     return rows
 
 
-def run(device, sizes, reps, out_dir, sklearn_max, torch_eigh_max, eigh_max, with_ssc):
-    from threadpoolctl import threadpool_limits
-
-    dev = torch.device(device)
+def start_meta(device):
+    """A result's first metadata (both spectral benchmarks): the environment, the load, the
+    threads (one on the CPU, set here), k and the affinities."""
     meta = environment(device)
     meta["loadavg_start"] = loadavg()
     if device == "cpu":
         torch.set_num_threads(1)
     meta["torch_threads"] = torch.get_num_threads()
-    meta["blas_threads"] = 1 if device == "cpu" else None
     meta["k"] = K
+    meta["structures"] = {k: dict(groups=g, nnz=z, p_out=p) for k, (g, z, p) in STRUCTURES.items()}
+    meta["timing"] = "median over reps, providers interleaved in one process"
+    return meta
+
+
+def run(device, sizes, reps, out_dir, sklearn_max, torch_eigh_max, eigh_max, with_ssc):
+    from threadpoolctl import threadpool_limits
+
+    dev = torch.device(device)
+    meta = start_meta(device)
+    meta["blas_threads"] = 1 if device == "cpu" else None
     choice = spectral_module.EIGEN_CHOICE
     meta["eigh_crossover_in_code"] = {"cpu": choice.crossover_cpu, "cuda": choice.crossover_cuda}
     meta["eigh_cost_in_code"] = choice.eigh_cost
-    meta["structures"] = {k: dict(groups=g, nnz=z, p_out=p) for k, (g, z, p) in STRUCTURES.items()}
-    meta["timing"] = "median over reps, providers interleaved in one process"
     rows = []
     with threadpool_limits(1 if device == "cpu" else None):
         if with_ssc:
@@ -224,11 +231,20 @@ def run(device, sizes, reps, out_dir, sklearn_max, torch_eigh_max, eigh_max, wit
     return path
 
 
+def parse_args(ap, argv):
+    """``ap``'s arguments and the device (``--device``, added here; default CUDA if any)."""
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    args = ap.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device")
+    return args, device
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
     ap.add_argument("--sizes", default=None, help="comma-separated N (default by device)")
     ap.add_argument("--reps", default=None, help="comma-separated repetitions per N")
     ap.add_argument("--sklearn-max", type=int, default=None, help="largest N for sklearn")
@@ -237,10 +253,7 @@ def main(argv=None):
     ap.add_argument("--no-ssc", action="store_true", help="skip the N = 1024 SSC example")
     ap.add_argument("--quick", action="store_true", help="N = 512, 1024, 1 rep (smoke run)")
     ap.add_argument("--out-dir", default=None, help="default benchmarks/results")
-    args = ap.parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device")
+    args, device = parse_args(ap, argv)
     cpu = device == "cpu"
     default_sizes = "1024,2048,4096,8192" if cpu else "1024,2048,4096,8192,16384"
     default_reps = "5,3,3,1" if cpu else "5,5,5,3,3"

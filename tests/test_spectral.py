@@ -12,6 +12,7 @@ from sklearn.cluster._spectral import discretize as sk_discretize
 from sklearn.metrics import adjusted_rand_score
 
 import videoanchor.anchor.spectral as spectral_module
+from benchmarks.bench_spectral import group_affinity
 from videoanchor.anchor.spectral import (
     EigenChoice,
     block_krylov_eigvecs,
@@ -43,22 +44,10 @@ def block_affinity(sizes, *, p_in=0.6, p_out=0.02, seed=0):
 
 
 def sparse_group_affinity(n, groups, *, nnz=10, p_out=0.3, seed=0, dtype=torch.float32):
-    """An SSC-like affinity ``|C| + |C|^T``: every column of ``C`` has ``nnz`` positive
-    entries, in its own group with probability ``1 - p_out``. With ``p_out = 0.3`` the
+    """``bench_spectral.group_affinity`` drawn in float64: with ``p_out = 0.3`` the
     normalised spectrum has ``groups`` leading values, then decays smoothly (no gap at a
     larger ``k``), as on real video tokens."""
-    g = torch.Generator().manual_seed(seed)
-    label = torch.arange(n) * groups // n
-    size = torch.bincount(label, minlength=groups)
-    start = torch.cumsum(size, 0) - size
-    own = start[label][:, None] + (torch.rand(n, nnz, generator=g) * size[label][:, None]).long()
-    other = torch.randint(n, (n, nnz), generator=g)
-    rows = torch.where(torch.rand(n, nnz, generator=g) < p_out, other, own)
-    cols = torch.arange(n)[:, None].expand(n, nnz)
-    c = torch.zeros(n, n, dtype=torch.float64)
-    c[rows.reshape(-1), cols.reshape(-1)] = torch.rand(n * nnz, generator=g, dtype=torch.float64)
-    c.fill_diagonal_(0)
-    return (c + c.T).to(dtype), label
+    return group_affinity(n, groups, nnz, p_out, seed=seed, dtype=torch.float64).to(dtype)
 
 
 def _normalized(w):
@@ -145,7 +134,7 @@ def test_krylov_float32_no_gap_converges_on_the_block():
     from 0.24 (no gap at k), where the former Chebyshev subspace iteration ran all its 100
     rounds without converging. The block residual is met in a bounded number of steps and
     the Ritz values are the leading eigenvalues (float64 eigh)."""
-    w, _ = sparse_group_affinity(401, 16, nnz=60, p_out=0.8, seed=11)
+    w = sparse_group_affinity(401, 16, nnz=60, p_out=0.8, seed=11)
     s = _normalized(w)
     ev, evec = torch.linalg.eigh(s.double())
     ev, evec = ev.flip(0), evec.flip(1)
@@ -163,7 +152,7 @@ def test_krylov_float32_no_gap_converges_on_the_block():
 
 
 def test_krylov_budget_falls_back_to_eigh_with_a_warning():
-    w, _ = sparse_group_affinity(300, 6, seed=12, dtype=torch.float64)
+    w = sparse_group_affinity(300, 6, seed=12, dtype=torch.float64)
     choice = EigenChoice(crossover_cpu=100, crossover_cuda=100, eigh_cost=100.0)  # ample here
     dense = spectral_embedding(w, 6, eigen_solver="eigh")
     krylov = spectral_embedding(w, 6, eigen_solver="auto", seed=1, choice=choice)
@@ -186,7 +175,7 @@ def test_chebyshev_no_gap_converges_on_the_block(dtype):
     """Where a former Chebyshev iteration stalled (float32, k = 24, no gap at k: the test
     above): the block residual is met, the Ritz values are the leading eigenvalues and the
     block holds the isolated leading vector; float64 to its own tolerance."""
-    w, _ = sparse_group_affinity(401, 16, nnz=60, p_out=0.8, seed=11, dtype=dtype)
+    w = sparse_group_affinity(401, 16, nnz=60, p_out=0.8, seed=11, dtype=dtype)
     s = _normalized(w)
     ev, evec = torch.linalg.eigh(s.double())
     ev, evec = ev.flip(0), evec.flip(1)
@@ -209,7 +198,7 @@ def test_chebyshev_is_what_auto_runs_off_the_cpu_and_its_budget_falls_back():
     """Above the crossover "auto" runs the solver the choice names for the device (here
     the GPU's, Chebyshev, on the CPU, with its default steps); out of steps it warns and
     finishes with eigh, and named explicitly it warns and keeps its Ritz vectors."""
-    w, _ = sparse_group_affinity(300, 6, seed=12, dtype=torch.float64)
+    w = sparse_group_affinity(300, 6, seed=12, dtype=torch.float64)
     choice = EigenChoice(crossover_cpu=100, above_cpu="chebyshev")
     dense = spectral_embedding(w, 6, eigen_solver="eigh")
     cheb = spectral_embedding(w, 6, eigen_solver="auto", seed=1, choice=choice)
@@ -233,8 +222,6 @@ def test_chebyshev_is_what_auto_runs_off_the_cpu_and_its_budget_falls_back():
 def test_chebyshev_finds_the_leading_subspace_and_eigh_labels_with_a_gap():
     """With a gap after the k-th value: the leading invariant subspace and eigenvalues to
     float64 precision, and dense eigh's labels, in a few steps."""
-    from benchmarks.bench_spectral import group_affinity
-
     k = 8
     w = group_affinity(300, k, 10, 0.02, seed=3).double()
     s = _normalized(w)
@@ -280,7 +267,7 @@ def test_chebyshev_stops_where_rounded_products_stall_it():
     """Products rounded as TF32 rounds (a relative 2^-11 per entry) floor the residual
     near 1e-3: the solver stops a few steps after it stalls, not at its budget, and says
     so; exact products on the same operator converge."""
-    w, _ = sparse_group_affinity(401, 16, nnz=60, p_out=0.8, seed=11)
+    w = sparse_group_affinity(401, 16, nnz=60, p_out=0.8, seed=11)
     s = _normalized(w)
     g = torch.Generator().manual_seed(0)
 
@@ -307,7 +294,7 @@ def test_chebyshev_arguments_checked():
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support:UserWarning")
 def test_sparse_operator_and_its_budget_warning():
     """The blocked mode's entry point: a sparse CSR operator; out of budget it warns."""
-    w, _ = sparse_group_affinity(240, 5, nnz=6, p_out=0.05, seed=14, dtype=torch.float64)
+    w = sparse_group_affinity(240, 5, nnz=6, p_out=0.05, seed=14, dtype=torch.float64)
     s = _normalized(w)
     s_csr = s.to_sparse_csr()
     kw = dict(seed=0, tol=1e-8, max_steps=200)
@@ -418,7 +405,7 @@ def test_chebyshev_host_reads_do_not_grow_with_its_steps():
     rounds x (the projection's ``tolist``, the residual) read device data on a GPU."""
     from benchmarks.bench_host_overhead import host_counts
 
-    w, _ = sparse_group_affinity(203, 7, nnz=9, p_out=0.1, seed=16, dtype=torch.float64)
+    w = sparse_group_affinity(203, 7, nnz=9, p_out=0.1, seed=16, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # sparse CSR is "beta"
         s = _normalized(w).to_sparse_csr()
@@ -439,8 +426,6 @@ def test_chebyshev_host_reads_do_not_grow_with_its_steps():
 def test_chebyshev_with_a_gap_converges_in_one_round_to_eighs_labels(n, k):
     """Odd shapes with a gap at k: the first round's step count suffices (host reads: 4),
     and the labels are dense eigh's (float64)."""
-    from benchmarks.bench_spectral import group_affinity
-
     w = group_affinity(n, k, 10, 0.02, seed=n).double()
     s = _normalized(w)
     ev = torch.linalg.eigvalsh(s)
