@@ -275,9 +275,9 @@ def test_publish_copies_the_step_and_pads_the_flags():
 
     from videoanchor.integrations.vllm import state
 
-    saved = dict(state.DEVICE_STEPS)
-    state.DEVICE_STEPS.clear()
-    try:
+    before = {k: id(v) for k, v in state.DEVICE_STEPS.items()}
+    step_before = (state.STEP.owner, state.STEP.step)
+    with state.isolated():
         ds = state.device_step("cpu", 8, 4)
         ds.seq_gated.fill_(1)  # a previous, larger batch
         st = state.STEP
@@ -297,10 +297,9 @@ def test_publish_copies_the_step_and_pads_the_flags():
             state.publish()
         # Growing keeps the larger sizes (the builder of each KV-cache group asks).
         assert state.device_step("cpu", 16, 2).seq_gated.numel() == 4
-    finally:
-        state.STEP.owner = None
-        state.DEVICE_STEPS.clear()
-        state.DEVICE_STEPS.update(saved)
+    # the process's own buffers and step are back
+    assert {k: id(v) for k, v in state.DEVICE_STEPS.items()} == before
+    assert (state.STEP.owner, state.STEP.step) == step_before
 
 
 @pytest.mark.parametrize("q_lens", [[1, 1, 1], [1, 20, 3]], ids=["decode", "mixed"])
@@ -317,40 +316,40 @@ def test_cuda_impl_step_reads_nothing_back_to_the_host(monkeypatch, q_lens):
 
     # vLLM's own K/V write launches its Triton kernel directly (not through our launcher).
     monkeypatch.setattr(triton_attn, "triton_reshape_and_cache_flash", lambda *a, **k: None)
-    monkeypatch.setattr(state, "DEVICE_STEPS", {})
-    monkeypatch.setattr(state, "DEVICE_GATE_CACHES", {})
-    impl = backend_cuda.VideoAnchorCUDAImpl(4, 32, 0.17, 2, None, None, "auto")
-    impl.kernel_backend = "triton"  # what "auto" picks on CUDA tensors
-    b, n = len(q_lens), sum(q_lens)
-    mode = FakeTensorMode()
-    with mode:
-        ds = state.device_step("cpu", 32, 4)
-        with pytest.raises(DataDependentOutputException):  # the mode does catch host reads
-            ds.seq_gated.tolist()
-        kv = torch.empty(8, 16, 2, 64, dtype=torch.float16).permute(0, 2, 1, 3)
-        q = torch.empty(n + 2, 4, 32, dtype=torch.float16)
-        out = torch.empty(n + 2, 4, 32, dtype=torch.float16)
-        k = v = torch.empty(n + 2, 2, 32, dtype=torch.float16)
-        one = torch.ones(())
-        layer = SimpleNamespace(_k_scale=one, _v_scale=one, _q_scale=one)
-        meta = triton_attn.TritonAttentionMetadata(
-            num_actual_tokens=n, max_query_len=max(q_lens),
-            query_start_loc=torch.empty(b + 1, dtype=torch.int32), max_seq_len=64,
-            seq_lens=torch.empty(b, dtype=torch.int32),
-            block_table=torch.empty(b, 4, dtype=torch.int32),
-            slot_mapping=torch.empty(n + 2, dtype=torch.int64), seq_threshold_3D=None,
-            num_par_softmax_segments=16, softmax_segm_output=None, softmax_segm_max=None,
-            softmax_segm_expsum=None, causal=True,
-        )  # fmt: skip
-        with launch.capture_launches() as launches:
-            impl.do_kv_cache_update(layer, k, v, kv, meta.slot_mapping)
-            impl.forward(layer, q, k, v, kv, meta, out)
-    names = [rec.kernel.__name__ for rec in launches]
-    assert names == (
-        ["_anchored_decode_split_kernel", "_anchored_decode_merge_kernel"]
-        if max(q_lens) <= 16
-        else ["_anchored_prefill_kernel"]
-    ), names
+    # fresh per-step buffers (fake tensors, made below), none of another test's
+    with state.isolated():
+        impl = backend_cuda.VideoAnchorCUDAImpl(4, 32, 0.17, 2, None, None, "auto")
+        impl.kernel_backend = "triton"  # what "auto" picks on CUDA tensors
+        b, n = len(q_lens), sum(q_lens)
+        mode = FakeTensorMode()
+        with mode:
+            ds = state.device_step("cpu", 32, 4)
+            with pytest.raises(DataDependentOutputException):  # the mode does catch host reads
+                ds.seq_gated.tolist()
+            kv = torch.empty(8, 16, 2, 64, dtype=torch.float16).permute(0, 2, 1, 3)
+            q = torch.empty(n + 2, 4, 32, dtype=torch.float16)
+            out = torch.empty(n + 2, 4, 32, dtype=torch.float16)
+            k = v = torch.empty(n + 2, 2, 32, dtype=torch.float16)
+            one = torch.ones(())
+            layer = SimpleNamespace(_k_scale=one, _v_scale=one, _q_scale=one)
+            meta = triton_attn.TritonAttentionMetadata(
+                num_actual_tokens=n, max_query_len=max(q_lens),
+                query_start_loc=torch.empty(b + 1, dtype=torch.int32), max_seq_len=64,
+                seq_lens=torch.empty(b, dtype=torch.int32),
+                block_table=torch.empty(b, 4, dtype=torch.int32),
+                slot_mapping=torch.empty(n + 2, dtype=torch.int64), seq_threshold_3D=None,
+                num_par_softmax_segments=16, softmax_segm_output=None, softmax_segm_max=None,
+                softmax_segm_expsum=None, causal=True,
+            )  # fmt: skip
+            with launch.capture_launches() as launches:
+                impl.do_kv_cache_update(layer, k, v, kv, meta.slot_mapping)
+                impl.forward(layer, q, k, v, kv, meta, out)
+        names = [rec.kernel.__name__ for rec in launches]
+        assert names == (
+            ["_anchored_decode_split_kernel", "_anchored_decode_merge_kernel"]
+            if max(q_lens) <= 16
+            else ["_anchored_prefill_kernel"]
+        ), names
 
 
 def test_builder_sizes_the_buffers_and_refuses_a_runner_without_hook(monkeypatch):
@@ -363,9 +362,6 @@ def test_builder_sizes_the_buffers_and_refuses_a_runner_without_hook(monkeypatch
                         lambda self, *a: None)  # fmt: skip
     monkeypatch.setattr(triton_attn.TritonAttentionMetadataBuilder, "build",
                         lambda self, *a: "metadata")  # fmt: skip
-    monkeypatch.setattr(state, "DEVICE_STEPS", {})
-    monkeypatch.setattr(state, "RUNNER_HOOKS", {"v1"})
-    monkeypatch.setattr(state, "STEP", state.StepState())
 
     def cfg(v2):
         return SimpleNamespace(
@@ -374,16 +370,17 @@ def test_builder_sizes_the_buffers_and_refuses_a_runner_without_hook(monkeypatch
             compilation_config=SimpleNamespace(cudagraph_capture_sizes=[1, 2, 4, 8, 128]),
         )
 
-    builder_cls = backend_cuda.VideoAnchorCUDAMetadataBuilder
-    with pytest.raises(RuntimeError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
-        builder_cls(None, [], cfg(True), "cpu")
-    builder = builder_cls(None, [], cfg(False), "cpu")
-    # Sized for the largest padded (captured) batch: 128 tokens, and 128 sequences.
-    assert builder.gate_step.key_bias.numel() == 128
-    assert builder.gate_step.seq_gated.numel() == 128
-    assert builder.build(0, None) == "metadata"  # no step filled yet (warm-up, capture)
-    state.STEP.owner, state.STEP.step = 1, 5  # a hook filled a step but did not publish it
-    with pytest.raises(RuntimeError, match="publish"):
-        builder.build(0, None)
-    builder.gate_step.published = 5
-    assert builder.build(0, None) == "metadata"
+    with state.isolated(runner_hooks={"v1"}):  # as in a worker with the v1 runner's hook
+        builder_cls = backend_cuda.VideoAnchorCUDAMetadataBuilder
+        with pytest.raises(RuntimeError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
+            builder_cls(None, [], cfg(True), "cpu")
+        builder = builder_cls(None, [], cfg(False), "cpu")
+        # Sized for the largest padded (captured) batch: 128 tokens, and 128 sequences.
+        assert builder.gate_step.key_bias.numel() == 128
+        assert builder.gate_step.seq_gated.numel() == 128
+        assert builder.build(0, None) == "metadata"  # no step filled yet (warm-up, capture)
+        state.STEP.owner, state.STEP.step = 1, 5  # a hook filled a step but did not publish it
+        with pytest.raises(RuntimeError, match="publish"):
+            builder.build(0, None)
+        builder.gate_step.published = 5
+        assert builder.build(0, None) == "metadata"

@@ -13,11 +13,14 @@ On CUDA (:mod:`.backend_cuda`) the backend reads no Python per-step data at all:
 runner's :func:`publish` copies :data:`STEP` into persistent device buffers
 (:class:`DeviceStep`, fixed addresses, so a captured CUDA graph reads each step's values),
 and the gate caches are device tensors with one extra dummy slot for padding.
+
+:func:`isolated` gives a block a fresh, empty state (a backend run outside an engine).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -181,3 +184,33 @@ def publish(device=None) -> None:
             ds.key_bias[:n].copy_(gates[0], non_blocking=pin)
             ds.value_scale[:n].copy_(gates[1], non_blocking=pin)
         ds.published = st.step
+
+
+@contextmanager
+def isolated(runner_hooks=()):
+    """Inside this block this process's per-step state starts empty: a fresh :data:`STEP`,
+    no device buffers or gate caches (:data:`DEVICE_STEPS`, :data:`DEVICE_GATE_CACHES`,
+    :data:`GATE_CACHES`), no recorded failures, and :data:`RUNNER_HOOKS` = ``runner_hooks``
+    (the model runners whose hook counts as installed, e.g. ``{"v1"}``). The state before
+    is put back after it, in the same objects. For running a backend or a runner hook
+    outside an engine (tests, tools) without touching an engine's state in this process."""
+    tables = (DEVICE_STEPS, DEVICE_GATE_CACHES, GATE_CACHES, FAILED)
+    saved = [dict(t) for t in tables]
+    saved_hooks, saved_step = set(RUNNER_HOOKS), replace(STEP)
+    fresh = StepState()
+    for t in tables:
+        t.clear()
+    RUNNER_HOOKS.clear()
+    RUNNER_HOOKS.update(runner_hooks)
+    for f in fields(StepState):
+        setattr(STEP, f.name, getattr(fresh, f.name))
+    try:
+        yield
+    finally:
+        for t, old in zip(tables, saved, strict=True):
+            t.clear()
+            t.update(old)
+        RUNNER_HOOKS.clear()
+        RUNNER_HOOKS.update(saved_hooks)
+        for f in fields(StepState):
+            setattr(STEP, f.name, getattr(saved_step, f.name))
