@@ -579,10 +579,11 @@ def spectral_clustering(affinity: torch.Tensor, n_clusters: int, *, seed: int = 
                         ) -> torch.Tensor:  # fmt: skip
     """Labels (``N``, int64, canonical ids by first appearance) of a precomputed affinity.
 
-    ``assign_labels="discretize"`` follows scikit-learn's ``SpectralClustering(affinity=
-    "precomputed", assign_labels="discretize", random_state=seed)``, random draws included;
-    ``"kmeans"`` runs seeded k-means on the row-normalised eigenvectors (Ng-Jordan-Weiss, as
-    in Elhamifar & Vidal's code). ``eigen_solver``: see :func:`spectral_embedding`."""
+    ``assign_labels="discretize"`` follows scikit-learn's
+    ``SpectralClustering(affinity="precomputed", assign_labels="discretize",
+    random_state=seed)``, random draws included; ``"kmeans"`` runs seeded k-means on the
+    row-normalised eigenvectors (Ng-Jordan-Weiss, as in Elhamifar & Vidal's code).
+    ``eigen_solver``: see :func:`spectral_embedding`."""
     return spectral_labels(
         affinity, n_clusters, seed=seed, assign_labels=assign_labels, eigen_solver=eigen_solver
     )[0]
