@@ -117,10 +117,8 @@ def lmms_eval_modules(monkeypatch):
     if not HAVE_LMMS_EVAL:
         for name, module in _fake_lmms_eval().items():
             monkeypatch.setitem(sys.modules, name, module)
-    # The wrapper builds its classes on first use; start each test from a clean cache.
-    from videoanchor import lmms_eval as wrapper
-
-    monkeypatch.setattr(wrapper, "_CLASSES", {})
+    # The wrapper builds its classes on first use, on the lmms_eval imported then (each
+    # test's stand-in gets classes of its own).
     torch.set_num_threads(1)  # tiny matmuls: see tests/test_cli.py
     yield
     torch.set_num_threads(_THREADS)

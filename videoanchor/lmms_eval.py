@@ -551,12 +551,13 @@ class VideoAnchorLMMCore:
         )
 
 
-_CLASSES: dict[str, type] = {}
+# (class name, lmms_eval's ``lmms`` base class) -> the class built on it: a class follows the
+# lmms_eval that is imported when it is asked for (a reloaded or stand-in lmms_eval gets
+# classes of its own).
+_CLASSES: dict[tuple[str, type], type] = {}
 
 
-def _build(class_name: str) -> type:
-    from lmms_eval.api.model import lmms
-
+def _build(class_name: str, lmms: type) -> type:
     family, default = MODEL_NAMES[_CLASS_TO_MODEL[class_name]]
     cls = type(
         class_name,
@@ -574,7 +575,10 @@ def _build(class_name: str) -> type:
 
 def __getattr__(name: str):
     if name in _CLASS_TO_MODEL:
-        if name not in _CLASSES:
-            _CLASSES[name] = _build(name)
-        return _CLASSES[name]
+        from lmms_eval.api.model import lmms
+
+        key = (name, lmms)
+        if key not in _CLASSES:
+            _CLASSES[key] = _build(name, lmms)
+        return _CLASSES[key]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
