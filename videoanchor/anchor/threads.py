@@ -1,26 +1,21 @@
 """Bounded thread pools for the anchor layer's CPU work (issue 53).
 
-A process that imports torch, NumPy, SciPy and scikit-learn holds several thread pools;
-``torch.set_num_threads`` sets only torch's, the others start at one thread per core. So the
-spectral step's dense eigensolver (SciPy's LAPACK, ``scipy.linalg.eigh``) ran on SciPy's
-OpenBLAS with a thread per core: beside one busy process on 2 cores, 2.6x slower (up to 70x
-beside other numerical jobs; 0.9x with that pool at one thread;
+``torch.set_num_threads`` sets only torch's pool; NumPy's and SciPy's OpenBLAS and
+scikit-learn's OpenMP start at one thread per core. So the spectral step's
+``scipy.linalg.eigh`` ran a thread per core: beside one busy process on 2 cores, 2.6x slower
+(up to 70x beside other numerical jobs; 0.9x with that pool at one thread;
 ``benchmarks/results/contention_cpu.json``).
 
 :func:`bounded` runs a block with torch's intra-op pool at ``threads`` (default: torch's
-count in this thread), never above :func:`free_cores` (the CPUs this process may use,
-:func:`usable_cores`, less those other running work takes), the other OpenMP pools
-(scikit-learn's) at the same count and the BLAS libraries outside torch (NumPy's and SciPy's
-OpenBLAS) at one thread: their only work here is LAPACK on ``N x N`` matrices of a few
-thousand rows, which one thread does as fast as two on an idle machine and far faster on a
-busy one (scikit-learn's own practice inside its parallel regions).
-
-The counts are restored afterwards. OpenMP's and torch's counts are per thread (a side
-thread, the vLLM plugin's SSC, bounds its own work without touching the model's); OpenBLAS's
-is process-wide, and only this layer's CPU work uses it. ``compute_anchor_scores``,
-``sparse_subspace_clustering`` and ``spectral_clustering`` run inside it; a nested
-:func:`bounded` keeps the outer one's counts. ``VIDEOANCHOR_THREAD_LIMITS=0`` turns it off
-(what the benchmark compares against).
+count in this thread), never above :func:`free_cores`, the other OpenMP pools at the same
+count, and the BLAS libraries outside torch at one thread (their only work here, LAPACK on
+matrices of a few thousand rows, runs as fast on one thread idle and far faster busy; as
+scikit-learn does inside its parallel regions). The counts are restored afterwards; OpenMP's
+and torch's are per thread (the vLLM plugin's SSC thread leaves the model's alone),
+OpenBLAS's is process-wide (only this layer's work uses it).
+``compute_anchor_scores``, ``sparse_subspace_clustering`` and ``spectral_clustering`` run
+inside it; a nested :func:`bounded` keeps the outer counts; ``VIDEOANCHOR_THREAD_LIMITS=0``
+turns it off.
 """
 
 from __future__ import annotations
