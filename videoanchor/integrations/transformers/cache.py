@@ -225,6 +225,25 @@ class AnchorCache:
         return out
 
     # -- SSC ------------------------------------------------------------------------------
+    def ssc_key(self, features: torch.Tensor, config, progress=False, *, schedule=None) -> str:
+        """The key :meth:`anchor_result` stores and finds the SSC coefficients of
+        ``features`` under: a content hash of the features, ``config``'s SSC options, the
+        solver that runs (from the plan the call makes) and the fast solver's schedule,
+        ``schedule`` (default the package's own, ``videoanchor.anchor.admm.SCHEDULE``; the
+        schedule decides the fast solver's answer as much as the options do, so an entry a
+        version with another schedule stored is not hit)."""
+        from videoanchor.anchor import admm
+
+        opts = {k: getattr(config, k) for k in SSC_OPTIONS}
+        opts["ssc_dtype"] = str(config.ssc_dtype)
+        # (the continuation in lambda_z, 2026-11-25, changed the schedule)
+        opts["schedule"] = dataclasses.asdict(admm.SCHEDULE if schedule is None else schedule)
+        # the solver that runs, from the plan the call makes (issue 71: before, "auto" ran
+        # the fast solver wherever a progress reporter was passed, as this cache always did;
+        # those entries are not hit)
+        opts["runs"] = ssc_plan(config, *features.shape, features.device, progress).solver
+        return content_hash(FORMAT, features, opts)
+
     def anchor_result(self, features: torch.Tensor, n_clusters: int, config, progress=False):
         """The :class:`~videoanchor.anchor.AnchorResult` of one sample's visual tokens
         (``features`` (N, D)), as ``compute_anchor_scores(mode="exact")`` with ``config``'s
@@ -233,21 +252,11 @@ class AnchorCache:
         that runs (see :func:`~videoanchor.anchor.compute_anchor_scores`)."""
         from videoanchor.anchor import (
             SSCCoefficients,
-            admm,
             anchor_result_from_coefficients,
             ssc_coefficients,
         )
 
-        opts = {k: getattr(config, k) for k in SSC_OPTIONS}
-        opts["ssc_dtype"] = str(config.ssc_dtype)
-        # the fast solver's schedule decides its answer as much as the options do: an entry
-        # stored before a change of it (the continuation in lambda_z, 2026-11-25) is not hit
-        opts["schedule"] = dataclasses.asdict(admm.SCHEDULE)
-        # the solver that runs, from the plan the call makes (issue 71: before, "auto" ran
-        # the fast solver wherever a progress reporter was passed, as this cache always did;
-        # those entries are not hit)
-        opts["runs"] = ssc_plan(config, *features.shape, features.device, progress).solver
-        ssc_key = content_hash(FORMAT, features, opts)
+        ssc_key = self.ssc_key(features, config, progress)
         device = features.device
         entry = self._get("ssc", ssc_key)
         self.stats.add("ssc", entry is not None)
