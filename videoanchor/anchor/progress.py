@@ -1,28 +1,10 @@
 """Progress, ETA and an optional time budget for the SSC iterations (docs/long-videos.md).
 
-The solvers report their iterations to an :class:`SSCProgress`: on a terminal
-(``stream.isatty()``) a tqdm bar with the iteration, the residual against ``eps`` and an
-ETA; otherwise a line on the ``videoanchor.progress`` logger (level INFO) every
-``log_every`` seconds. While no handler would show those lines (a script that never
-configured logging), they go to stderr as ``videoanchor: ...``; a handler of your own takes
-over (``logging.NullHandler()`` silences them), and ``progress=False`` turns them off.
-
-After the first ``estimate_after`` iterations it reports the cost once (seconds per
-iteration, the time the iteration limit would take). From the 20th iteration on it adds the
-iterations projected to reach ``eps``: ``log(residual)`` extrapolated linearly over the last
-half of the iterations (ADMM's first iterations fall much faster than its late ones, hence
-the wait). A rough guide, not a promise.
-
-``time_budget`` (seconds): :meth:`SSCProgress.update` returns True once the run has used it,
-and the solver stops at the iterate reached, reported as unconverged
-(:attr:`SSCProgress.stopped_by_budget`): not the paper's answer. Over ``B`` column blocks
-(``mode="blocked"``), block ``k`` must finish by ``(k + 1) / B`` of the budget.
-
-The solvers call ``begin(...)`` once, ``update(iteration, residual)`` every iteration (its
-return value: stop now), ``next_block()`` between column blocks and ``close(...)`` at the
-end. ``progress=`` of the SSC entry points takes ``False``, ``True``, ``None``/``"auto"``
-(report once a run lasts ``delay`` seconds; the default) or an :class:`SSCProgress` (reused
-across runs; it keeps each run's summary in ``runs``).
+The solvers report to an :class:`SSCProgress`: ``begin(...)`` once, ``update(iteration,
+residual)`` every iteration (its return value: stop now), ``next_block()`` between column
+blocks and ``close(...)`` at the end. ``progress=`` of the SSC entry points takes ``False``,
+``True``, ``None``/``"auto"`` (report once a run lasts ``delay`` seconds; the default) or an
+:class:`SSCProgress` (reused across runs; it keeps each run's summary in ``runs``).
 """
 
 from __future__ import annotations
@@ -151,13 +133,22 @@ class SSCRunSummary:
 
 
 class SSCProgress:
-    """Progress of SSC runs (module docstring): a tqdm bar on a terminal, log lines
-    otherwise, a one-time cost estimate, and an optional ``time_budget`` in seconds.
+    """Progress of SSC runs: on a terminal (``stream.isatty()``, default ``sys.stderr``) a
+    tqdm bar with the iteration, the residual against ``eps`` and an ETA; otherwise a line on
+    the ``videoanchor.progress`` logger (INFO) every ``log_every`` seconds, written to stderr
+    as ``videoanchor: ...`` while no handler would show it (a handler of your own takes over;
+    ``logging.NullHandler()`` silences it).
 
-    ``enabled``: True (report from the start), False (silent; the budget still applies) or
-    ``"auto"`` (report once a run lasts ``delay`` seconds). ``stream``: where the bar goes
-    (default ``sys.stderr``); it also decides terminal or not. ``log_every``: seconds
-    between log lines. ``desc``: the bar's label.
+    After ``estimate_after`` iterations it reports the cost once (seconds per iteration, the
+    time the iteration limit would take); from the 20th iteration on, the iterations
+    projected to reach ``eps`` (``log(residual)`` extrapolated linearly over the last half of
+    them: a rough guide, as ADMM's first iterations fall much faster than its late ones).
+
+    ``enabled``: True, False (silent; the budget still applies) or ``"auto"`` (report once a
+    run lasts ``delay`` seconds). ``time_budget`` (seconds): :meth:`update` returns True once
+    a run has used it, and the solver stops at the iterate reached, reported as unconverged
+    (:attr:`stopped_by_budget`; not the paper's answer); over ``B`` column blocks, block
+    ``k`` must finish by ``(k + 1) / B`` of it. ``desc``: the bar's label.
     """
 
     def __init__(
@@ -410,10 +401,12 @@ class SSCProgress:
         return text
 
     # ---- output --------------------------------------------------------------------------
+    def _out(self):
+        return self.stream if self.stream is not None else sys.stderr
+
     def _terminal(self) -> bool:
-        stream = self.stream if self.stream is not None else sys.stderr
         try:
-            return bool(stream.isatty())
+            return bool(self._out().isatty())
         except (AttributeError, ValueError):
             return False
 
@@ -421,7 +414,7 @@ class SSCProgress:
         if self._terminal():
             from tqdm.auto import tqdm
 
-            tqdm.write(text, file=self.stream if self.stream is not None else sys.stderr)
+            tqdm.write(text, file=self._out())
         else:
             _log(level, text)
 
@@ -430,15 +423,14 @@ class SSCProgress:
         it = f"{self._it}/{self.max_iter}"
         if self.blocks > 1:
             it = f"block {self.block + 1}/{self.blocks} it {it}"
-        if proj is None:
+        if self._done < 2:
+            eta = "measuring"
+        elif proj is None:
             eta = f"ETA at most {format_seconds(at_limit)} (residual not falling yet)"
         elif self.projected_iterations() >= self.max_iter and self.residual >= self.eps:
             eta = f"iteration limit in ~{format_seconds(proj)}, before reaching eps"
         else:
             eta = f"ETA ~{format_seconds(proj)}"
-        if self._done < 2:
-            eta = "measuring"
-
         if self.time_budget is not None:
             eta += f", budget {format_seconds(max(0.0, self.time_budget - (now - self.t0)))} left"
         return f"{it}, residual {self.residual:.2e} (eps {self.eps:.1e}), {eta}"
@@ -446,11 +438,8 @@ class SSCProgress:
     def _report(self, now: float) -> None:
         if now - self.t0 < self.delay:
             return
-        if not self._shown:
-            self._shown = True
-            if self.estimate is not None:
-                self._emit(self.estimate)
-        elif self._t_est == now:
+        first, self._shown = not self._shown, True  # the estimate: on first show, or when made
+        if self.estimate is not None and (first or self._t_est == now):
             self._emit(self.estimate)
         if self._terminal():
             if self._bar is None:
@@ -458,7 +447,7 @@ class SSCProgress:
 
                 self._bar = tqdm(
                     total=self.max_iter * self.blocks, desc=self.desc, unit="it", leave=False,
-                    file=self.stream if self.stream is not None else sys.stderr,
+                    file=self._out(),
                     bar_format="{desc} |{bar:16}| {elapsed}",
                 )  # fmt: skip
             if now - self._last_post >= 0.2 or self._it == 1:  # and when a block starts
