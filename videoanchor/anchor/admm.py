@@ -1,18 +1,12 @@
 """The SSC-ADMM iteration, written once for every array namespace (docs/ssc.md).
 
 Every SSC solver of the package runs :func:`run` on a step object of this module:
-
-* :class:`SquaredStep`: VideoAnchor's program (docs/method.md section 2), on all the columns
-  of ``C`` (:func:`videoanchor.anchor.ssc.solve_ssc_admm`, torch or CuPy) or on one
-  column block (:func:`videoanchor.anchor.blocked.solve_ssc_blocked`);
-* :class:`EqualityStep`: Elhamifar & Vidal's constrained program
-  (:mod:`videoanchor.anchor.ssc_equality`), the same C-step and dual update with its own
-  data term.
-
-The steps are written against the array-API standard (``array_api_compat``), so the
-same lines run on torch tensors, NumPy arrays and CuPy arrays. What differs between the
-backends is a :class:`Kernels` object: the C-step element-wise pass (fused into one
-kernel on CuPy) and the product with the sparse outlier matrix ``E`` (a gather on torch).
+:class:`SquaredStep`, VideoAnchor's program (docs/method.md section 2) on all the columns
+of ``C`` or on one column block (:class:`ScheduledStep`: the fast solver), or
+:class:`EqualityStep`, Elhamifar & Vidal's constrained program. They are written against
+the array-API standard (``array_api_compat``), so the same lines run on torch, NumPy and
+CuPy arrays; what differs between backends is a :class:`Kernels` object (the C-step's
+element-wise pass, fused on CuPy, and the product with the sparse outliers ``E``).
 
 Notation (scaled duals): ``Lam = Delta2 / rho``, ``d1s = Delta1 / rho``; ``T = A + Lam``;
 ``soft(v, t) = v - clip(v, -t, t)``, which is ``sign(v) max(|v| - t, 0)`` to the bit.
@@ -120,13 +114,9 @@ def _propagating_through(frame) -> BaseException | None:
 
 
 class Reporting:
-    """A solver's ``progress`` option as the loop's hook.
-
-    ``False``/``True``/``None``/``"auto"``/an :class:`~videoanchor.anchor.progress.SSCProgress`:
-    that reporter (bar or log lines, ETA, time budget; :func:`~videoanchor.anchor.progress.
-    as_reporter`); any other callable ``progress(iteration, residual)`` is the hook itself
-    (a true return stops the run).
-    """
+    """A solver's ``progress`` option as the loop's hook: its reporter (bar or log lines, ETA,
+    time budget: :func:`~videoanchor.anchor.progress.as_reporter`), or a callable other than
+    an ``SSCProgress`` itself, given ``(iteration, float(residual))``."""
 
     def __init__(self, progress, *, max_iter: int, eps: float, tokens: int, blocks: int = 1,
                  schedule: bool = False):  # fmt: skip
@@ -149,9 +139,8 @@ class Reporting:
         self, converged: bool, iterations: int | None, residual: float | None, error=None
     ) -> None:
         """End the run: how it stopped goes to the reporter (if any). Called from a
-        ``finally``: a run ended by an exception (Ctrl-C, a solver error; ``iterations`` False
-        or None when the loop itself raised) is reported as such, not as a run that reached
-        its iteration limit."""
+        ``finally``: a run ended by an exception (Ctrl-C; a solver error, ``iterations`` False
+        or None) is reported as such, not as one that reached its iteration limit."""
         if self.reporter is None:
             return
         if error is None:
@@ -188,18 +177,12 @@ def spd_inverse(xp, m, what: str = "the A-step system"):
 
 
 class Kernels:
-    """The backend-specific parts of the iteration; these defaults are the array-API forms.
-
-    ``shrink`` is the C-step with the dual update, ``times_e`` the product with ``E``;
-    backends override them with faster forms of the same arithmetic.
-    """
+    """The backend-specific parts of the iteration (the C-step with the dual update, the
+    product with ``E``): these array-API forms, or a backend's faster ones, same arithmetic."""
 
     def shrink(self, xp, t, lam, thr: float, diag):
         """``(C, Lam_new, |Lam - Lam_new|)`` from ``T``: ``Lam_new = clip(T, +-thr)`` (``T``
-        on the diagonal ``diag``), ``C = T - Lam_new = soft(T, thr)`` (zero diagonal).
-
-        Overwrites ``t`` (it becomes ``C``) and ``lam``.
-        """
+        on the diagonal ``diag``), ``C = T - Lam_new = soft(T, thr)``; overwrites ``t``, ``lam``."""
         lam_new = xp.clip(t, -thr, thr)
         if diag is not None:
             lam_new[diag.rows, diag.cols] = t[diag.rows, diag.cols]
@@ -257,12 +240,9 @@ class DenseInverse:
     ``T = C - Lam - 1 d1s^T - (lambda_z / rho) Y^T E``, ``A = I + R (T - I)``.
 
     ``M = lambda_z Y^T Y + rho I (+ rho 1 1^T)`` is the authors' system; writing the
-    right-hand side as ``M + rho (T - I)`` keeps the float32 entries O(1) instead of
-    O(lambda_z Y^T Y). With outliers, ``Y R`` is stacked under ``R``, so one
-    ``(N + D) x N x N`` product gives ``A`` and ``Y A = Y + Y R (T - I)``.
-
-    ``gram``: ``Y^T Y`` in float64 where the caller has it (computed here otherwise).
-    """
+    right-hand side as ``M + rho (T - I)`` keeps the float32 entries O(1). With outliers
+    ``Y R`` is stacked under ``R``: one ``(N + D) x N x N`` product gives ``A`` and
+    ``Y A = Y + Y R (T - I)``. ``gram``: ``Y^T Y`` in float64 where the caller has it."""
 
     def __init__(self, dic: Dictionary, rho: float, gram=None):
         self.dic = dic
@@ -322,21 +302,17 @@ class EigenInverse(DenseInverse):
     and the affine ``rho 1 1^T`` term by Sherman-Morrison, ``R = B - b b^T / (1 + 1^T b)``
     with ``b = B 1``. The fast solver changes ``rho`` on a schedule (residual balancing).
 
-    ``thin`` (default: ``N > schedule.thin_above * D``, :class:`Schedule`): ``V`` holds only the eigenvectors of the
-    non-zero eigenvalues, ``N x D``, from the eigendecomposition of ``lambda_z Y Y^T =
-    U diag(w) U^T`` (``V = sqrt(lambda_z) Y^T U diag(w)^(-1/2)``, ``Y V = U diag(w /
-    lambda_z)^(1/2)``), and ``B = I - V diag(w / (w + rho)) V^T`` (``I`` on ``V``'s
-    orthogonal complement, where ``w = 0``). Eigenvalues under ``N * eps`` (float64) of the
-    largest count as zero: they move ``B`` by under ``w / rho``, far below float32's
-    rounding.
+    ``thin`` (default: ``N > schedule.thin_above * D``): ``V`` holds only the eigenvectors
+    of the non-zero eigenvalues, ``N x D``, from the eigendecomposition of ``lambda_z Y Y^T
+    = U diag(w) U^T`` (``V = sqrt(lambda_z) Y^T U diag(w)^(-1/2)``, ``Y V = U diag(w /
+    lambda_z)^(1/2)``), and ``B = I - V diag(w / (w + rho)) V^T``. Eigenvalues under
+    ``N * eps`` (float64) of the largest count as zero (they move ``B`` by under ``w / rho``).
 
     ``share(compute, shapes)``: the eigendecomposition every process uses, from
-    ``compute()`` (arrays of ``shapes``; with the columns split over processes: computed on
-    rank 0 and broadcast, so that every rank holds the same factor).
-    ``columns=(start, stop, gather)``: this process computes the columns ``start:stop`` of
-    ``[B; Y B]`` at each refactor and ``gather(block)`` returns every process's columns side
-    by side (the refactors split over the processes too). ``gram``: ``Y^T Y`` in float64
-    where the caller has it (computed here otherwise; not used when thin).
+    ``compute()`` (computed on rank 0 and broadcast where the columns are split over
+    processes). ``columns=(start, stop, gather)``: this process refactors the columns
+    ``start:stop`` of ``[B; Y B]`` and ``gather(block)`` returns every process's side by
+    side. ``gram``: ``Y^T Y`` in float64 where the caller has it (not used when thin).
 
     ``low_rank`` (default: ``N > schedule.low_rank_above * D``; thin only): ``[R; Y R]`` is
     never formed. With ``V_x = [V, b]`` (``N x (k + 1)``), ``R = I + L_A V_x^T`` and
@@ -357,16 +333,14 @@ class EigenInverse(DenseInverse):
         self.low_rank = self.thin and (
             n > schedule.low_rank_above * d if low_rank is None else bool(low_rank)
         )
-        if self.thin:
-            compute, shapes = self._thin_eigh, [(d,), (n, d), (d, d)]
-        else:
 
-            def compute():
-                g = dic.x64 @ dic.x64.T if gram is None else gram
-                w, v = xp.linalg.eigh(g * dic.lam_z)
-                return w, v
+        def compute():  # (w, V) of lambda_z Y^T Y, or the thin (w, V, Y V)
+            if self.thin:
+                return self._thin_eigh()
+            w, v = xp.linalg.eigh((dic.x64 @ dic.x64.T if gram is None else gram) * dic.lam_z)
+            return w, v
 
-            shapes = [(n,), (n, n)]
+        shapes = [(d,), (n, d), (d, d)] if self.thin else [(n,), (n, n)]
         got = compute() if share is None else share(compute, shapes)
         w, v = got[0], got[1]
         # the eigenvalues of lambda_z Y^T Y (w_full), and those the factor uses: times the
@@ -578,16 +552,14 @@ class SquaredStep:
     ``min ||C||_1 + lambda_e ||E||_1 + lambda_z / 2 ||Y - Y C - E||_F^2`` s.t.
     ``1^T C = 1^T`` (``affine``), ``diag(C) = 0``, by the authors' ADMM:
 
-    1. A-step: ``A`` from the factored system (``factor``: :class:`DenseInverse` or
-       :class:`Woodbury`);
+    1. A-step: ``A`` from the factored system (``factor``: :class:`DenseInverse`,
+       :class:`Woodbury`, :class:`EigenInverse`);
     2. E-step: ``E = soft(Y - Y A, lambda_e / lambda_z)``;
     3. ``d1s += 1^T A - 1`` (affine);
     4. C-step and dual: ``T = A + Lam``, ``C = soft(T, 1 / rho)`` with a zero diagonal,
        ``Lam += A - C`` (``Kernels.shrink``);
-    5. stop when ``max_i sum_j |A - C|_ij < eps`` (over this block's columns).
-
-    The columns need not be all of them: blocks of columns are independent problems
-    against the whole dictionary.
+    5. stop when ``max_i sum_j |A - C|_ij < eps`` (over these columns: a block of columns
+       is an independent problem against the whole dictionary).
     """
 
     #: whether the residual is a device scalar (:func:`run`; then E is passed on unread)

@@ -92,10 +92,9 @@ def run_blocked(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
                 eps: float, max_iter: int, affine: bool = True, outliers: bool = True,
                 block_eps: str = "own", keep_history: bool = False, progress=None,
                 t0: float | None = None) -> SSCSolution:  # fmt: skip
-    """:func:`solve_ssc_blocked` on checked features ``x`` (every rank's own copy of rank
-    0's under a process group) as ``plan`` says (:class:`~videoanchor.anchor.plan.Plan`:
-    its device, working dtype, ``block_columns`` and process group). Nothing is checked
-    here: :func:`solve_ssc_blocked` and :func:`~videoanchor.anchor.plan.make_plan` have."""
+    """:func:`solve_ssc_blocked` on checked features ``x`` (every rank's copy of rank 0's
+    under a process group) as ``plan`` says (:class:`~videoanchor.anchor.plan.Plan`: its
+    device, working dtype, ``block_columns`` and process group). Nothing is checked here."""
     t0 = time.perf_counter() if t0 is None else t0
     group, rank, world = plan.group, plan.rank, plan.world
     device, work, block = plan.device, plan.work, plan.block_columns
@@ -146,12 +145,11 @@ def run_blocked(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
             max((s[2] for s in stats), default=0.0), error,
         )  # fmt: skip
     raise_together(group, error, device)
-    idx = torch.stack([torch.cat(rows), torch.cat(cols)]) if rows else None
-    if idx is None:
+    if rows:
+        idx, vals_t = torch.stack([torch.cat(rows), torch.cat(cols)]), torch.cat(vals)
+    else:
         idx = torch.empty(2, 0, dtype=torch.long, device=device)
         vals_t = torch.empty(0, dtype=work, device=device)
-    else:
-        vals_t = torch.cat(vals)
     del rows, cols, vals
     stats_t = torch.tensor(stats, dtype=torch.float64).reshape(-1, 5)
     kernels.sync()

@@ -1,9 +1,6 @@
-"""Collectives over a ``torch.distributed`` process group, shared by the solvers that
-spread one request's SSC over ranks: the column-blocked exact solver
-(:mod:`videoanchor.anchor.blocked`) and the fast solver split by columns
-(:func:`videoanchor.anchor.ssc.solve_ssc_admm` with ``process_group``).
-
-Every function here is collective: every rank of the group must call it, in the same order.
+"""Collectives over a ``torch.distributed`` process group, for the solvers that spread one
+request's SSC over ranks (:mod:`videoanchor.anchor.blocked`, the fast solver split by
+columns). Every function here is collective: every rank must call it, in the same order.
 """
 
 from __future__ import annotations
@@ -54,11 +51,9 @@ def comm_device(group, device: torch.device) -> torch.device:
 
 
 def raise_together(group, error: BaseException | None, device: torch.device) -> None:
-    """Collective: raise on every rank of ``group`` when any rank hit ``error``.
-
-    The failing rank re-raises its own error, the others a ``RuntimeError`` naming it, so
-    that no rank is left waiting in a later collective. ``group=None``: raise ``error``.
-    """
+    """Collective: raise on every rank of ``group`` when any rank hit ``error`` (the failing
+    rank its own error, the others a ``RuntimeError``), so that no rank is left waiting in a
+    later collective. ``group=None``: raise ``error``."""
     if group is None:
         if error is not None:
             raise error
@@ -77,11 +72,8 @@ def raise_together(group, error: BaseException | None, device: torch.device) -> 
 
 
 def share_features(x: torch.Tensor, group) -> torch.Tensor:
-    """Rank 0's ``x`` on every rank of ``group`` (one source of truth for ``Y``).
-
-    Every rank must pass a matrix of the same shape and dtype: a ``ValueError`` on every
-    rank otherwise (the check is collective, so no rank is left waiting).
-    """
+    """Rank 0's ``x`` on every rank of ``group``; every rank must pass a matrix of the same
+    shape and dtype (else a ``ValueError`` on every rank: the check is collective)."""
     import torch.distributed as dist
 
     dev = comm_device(group, x.device)

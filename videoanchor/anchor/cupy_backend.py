@@ -1,10 +1,8 @@
 """The SSC-ADMM of :mod:`videoanchor.anchor.ssc` on CuPy arrays (``backend="cupy"``).
 
-The same iteration (:mod:`videoanchor.anchor.admm`) on the CuPy namespace: the features
-come in through DLPack (no copy, no host round trip) and ``C`` goes back the same way as
-a torch tensor on the same GPU. The only CuPy-specific code is the C-step: one fused
-element-wise kernel instead of four passes. With ``xp=numpy`` the same entry point runs
-on the CPU with the array-API C-step, which is how the CPU test suite checks it.
+The same iteration (:mod:`videoanchor.anchor.admm`) on CuPy arrays, the features in and
+``C`` out through DLPack (no copy); the only CuPy-specific code is the C-step, one fused
+element-wise kernel. With ``xp=numpy`` the same code runs on the CPU (the tests' check).
 """
 
 from __future__ import annotations
@@ -79,12 +77,8 @@ def _cupy_on(device):
 
 def solve_ssc_admm_cupy(features, *, xp=None, **options) -> SSCSolution:
     """:func:`videoanchor.anchor.ssc.solve_ssc_admm` (same options and result) computed
-    with CuPy.
-
-    ``features`` must be a CUDA tensor unless ``xp`` is given (an array
-    module, e.g. ``numpy``: the same code on the CPU); ``coef`` and ``outliers`` come back
-    as torch tensors on the features' device.
-    """
+    with CuPy: ``features`` on CUDA, unless ``xp`` is another array module (``numpy``: on
+    the CPU); ``coef`` and ``outliers`` come back as torch tensors on their device."""
     kernels = None
     if xp is None:
         xp, kernels = _cupy_on(getattr(features, "device", "cpu"))

@@ -79,11 +79,8 @@ class ActiveSetStep(admm.ScheduledStep):
         return it <= sc.full_first or it % sc.full_every == 0 or it >= self.iterations
 
     def _yte(self, scale: float):
-        """``scale * Y^T E`` (``N x N``) over E's non-zero entries (None when E is zero).
-
-        Only the non-zeros enter the product: most active entries are below the threshold
-        (their E is 0), about a third to a fifth of them on video-like tokens, so the
-        product's share is that of the non-zeros, not of the active set."""
+        """``scale * Y^T E`` (``N x N``) over E's non-zero entries only, a third to a fifth of
+        the active ones on video-like tokens (None when E is zero)."""
         if self._active is None or self._e_vals is None:
             return None
         rows, cols, _ = self._active
@@ -128,11 +125,9 @@ class ActiveSetStep(admm.ScheduledStep):
         return self._c_step(it, a)
 
     def _e_step(self, it: int, t: torch.Tensor, yr, yr_left) -> None:
-        """``E = soft(Y - Y A, thr)`` with ``Y - Y A = -(Y R)(T - I) = -yr t`` (``t`` is
-        ``T - I`` and ``yr`` the ``Y R`` rows of the factor, or with a low-rank factor ``t`` is
-        ``V_x^T (T - I)`` and ``yr`` is ``L_Y``; ``yr_left``: ``yr`` prepared): the ``Y R`` rows
-        are small where ``Y`` is large, so the residual is not a difference of two near-equal
-        products (which TF32 or bf16 inputs would ruin)."""
+        """``E = soft(Y - Y A, thr)`` with ``Y - Y A = -(Y R)(T - I) = -yr t`` (``t``: ``T - I``,
+        ``yr``: the factor's ``Y R`` rows; low rank: ``V_x^T (T - I)`` and ``L_Y``; ``yr_left``:
+        ``yr`` prepared), not a difference of two near-equal products."""
         thr = self.thr_e
         if self.is_full(it):
             self.full_count += 1

@@ -77,11 +77,9 @@ def _fp32_settings() -> list[tuple[object, str]]:
 
 def keep_cuda_setting_in_this_thread() -> None:
     """In the calling thread, :func:`exact_float32_matmul` leaves CUDA's setting alone (the
-    CPU's oneDNN one it still holds). For a thread that computes scores beside a model that
-    ``torch.compile`` traces or guards in another thread: TF32 is part of the global state
-    that Dynamo checks (a change while it traces fails the trace; a compiled function's
-    guards would fail and recompile). Where that setting is lowered, the first such call
-    says once which products keep it."""
+    CPU's oneDNN one it still holds): for a thread that computes scores beside a model that
+    ``torch.compile`` traces or guards in another thread (TF32 is part of the global state
+    Dynamo checks). Where that setting is lowered, it says once which products keep it."""
     _thread.keep_cuda = True
 
 
@@ -95,12 +93,10 @@ def exact_float32_matmul():
     """Float32 matrix products at IEEE precision (no TF32, no bfloat16 passes) inside, what
     the process-wide setting was before restored after (also on an exception).
 
-    PyTorch has only process-wide settings, so other threads' float32 products are exact too
-    while any thread is inside (slower, never less accurate; half-precision products, the
-    model's in bf16 or fp16, are not affected). Nested and concurrent uses are counted per
-    setting: the first to hold it saves and sets it, the last to let go restores it (a
-    change made by another thread in between is overwritten then). A thread that called
-    :func:`keep_cuda_setting_in_this_thread` does not hold CUDA's."""
+    The settings are process-wide, so other threads' float32 products are exact too
+    meanwhile (half-precision products are not affected). Nested and concurrent uses are
+    counted per setting: the first to hold it saves and sets it, the last to let go restores
+    it. A thread that called :func:`keep_cuda_setting_in_this_thread` does not hold CUDA's."""
     mine = []
     with _EXACT:
         for holder, attr in _fp32_settings():
@@ -185,13 +181,12 @@ def resolve_precision(precision: str, device=None) -> str:
 
 def check_precision(precision, *, fast: bool, work, solver: str | None = None,
                     blocked: bool = False, backend: str = "torch", device=None) -> str:  # fmt: skip
-    """``precision`` resolved for ``device``; a ValueError naming what is missing where
-    ``"fp16x3"`` is asked for and cannot run: only the fast solver's torch iteration in
-    float32, in exact mode, has it. ``"auto"`` never raises: it is ``"fp16x3"`` where that
-    runs natively (:func:`resolve_precision`) and the rest allows it, else ``"full"``.
-    ``fast``: the fast solver runs (``solver``: the one asked for, named in the message);
-    ``work``: the working dtype; ``backend``: the array library; ``device``: where the
-    products run (``None``: not known yet, as when options are checked)."""
+    """``precision`` resolved for ``device`` (``None``: not known yet); a ValueError naming
+    what is missing where ``"fp16x3"`` is asked for and cannot run: only the fast solver's
+    torch iteration in float32, in exact mode, has it (``fast``: the fast solver runs,
+    ``solver``: the one asked for; ``work``: the working dtype). ``"auto"`` never raises:
+    ``"fp16x3"`` where that runs natively (:func:`resolve_precision`) and the rest allows
+    it, else ``"full"``."""
     if not isinstance(precision, str) or precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     got = f" (got {solver!r})" if solver is not None else ""

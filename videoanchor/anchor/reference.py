@@ -1,15 +1,11 @@
 """Plain references shared by the tests and the benchmarks (not used by the fast path).
 
 * :func:`authors_lambdas`, :func:`authors_admm`, :func:`authors_spectral_labels`,
-  :func:`authors_pipeline`: a faithful re-implementation of the authors' pipeline in
-  NumPy float64 -- the Python double loop for the lambdas, a dense ``numpy.linalg.solve``
-  of the ``N x N`` system at every ADMM iteration, and scikit-learn's
-  ``SpectralClustering(affinity="precomputed", assign_labels="discretize")``. This is the
-  baseline of ``benchmarks/bench_ssc.py``.
-* :func:`elhamifar_vidal_outlier_admm`: the constrained outlier program of Elhamifar &
-  Vidal's SSC-ADMM code (``admmOutlier_mat_func``, with or without the affine
-  constraint), transcribed with its explicit ``(N + D) x (N + D)`` inverse; baseline of
-  ``bench_yaleb.py``.
+  :func:`authors_pipeline`: the authors' pipeline in NumPy float64 (the lambdas' Python
+  double loop, a dense solve of the ``N x N`` system every ADMM iteration, scikit-learn's
+  discretised spectral clustering); baseline of ``benchmarks/bench_ssc.py``.
+* :func:`elhamifar_vidal_outlier_admm`: Elhamifar & Vidal's ``admmOutlier_mat_func``
+  transcribed with its explicit ``(N + D) x (N + D)`` inverse; baseline of ``bench_yaleb.py``.
 * :func:`reference_scores`: docs/method.md section 3 written as loops.
 """
 

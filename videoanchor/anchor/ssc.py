@@ -79,15 +79,11 @@ _DENSITY_RECHECK = 10  # (CUDA) how often E's density is counted: _sparse_by_den
 
 
 class TorchKernels(admm.Kernels):
-    """The torch forms of :class:`videoanchor.anchor.admm.Kernels`: the product with a
-    sparse ``E`` (gather on the CPU, cuSPARSE on CUDA), the C-step in place and the
-    inverse from the Cholesky factor.
-
-    ``sparse_e_density``: below this share of non-zeros ``Y^T E`` is a sparse product
-    (cuSPARSE on CUDA; on the CPU, with at most one non-zero per column on average, a gather
-    of the columns of ``X`` that ``E`` touches, scattered by ``index_add_``: deterministic,
-    and CSR products measured no faster than the dense one there); 0: always dense, without
-    counting (no host read)."""
+    """The torch forms of :class:`videoanchor.anchor.admm.Kernels`: the C-step in place, the
+    inverse from the Cholesky factor and the product with a sparse ``E``: below the share
+    ``sparse_e_density`` of non-zeros (0: always dense, no host read) cuSPARSE on CUDA, on
+    the CPU (at most one non-zero per column on average) a gather of the columns ``E``
+    touches, scattered by ``index_add_`` (deterministic; CSR was no faster than dense)."""
 
     def __init__(self, device: torch.device, products: Products | None = None, *,
                  sparse_e_density: float = 0.02):  # fmt: skip
@@ -185,11 +181,9 @@ def solve_ssc_admm(features, *, affine: bool = True, outliers: bool = True, stra
     forms with ``xp``, :class:`TorchKernels` at the call's precision on torch). See
     :func:`videoanchor.anchor.cupy_backend.solve_ssc_admm_cupy`.
 
-    ``scheduled=True`` is the fast solver (``solver="fast"`` of
-    :func:`~videoanchor.anchor.scores.compute_anchor_scores`): the authors' steps on the fixed
-    ``schedule`` (an :class:`~videoanchor.anchor.admm.Schedule`; default
-    :data:`~videoanchor.anchor.admm.SCHEDULE`: 60 iterations, ``rho`` rescaled by a
-    continuous residual-balancing factor, the system factored once by
+    ``scheduled=True`` is the fast solver (``solver="fast"``): the authors' steps on the
+    fixed ``schedule`` (:class:`~videoanchor.anchor.admm.Schedule`; default: 60 iterations,
+    ``rho`` rescaled by a continuous residual-balancing factor, the system factored once by
     :class:`~videoanchor.anchor.admm.EigenInverse`) and no residual test, so its answer is a
     continuous function of the features; a smaller ``max_iter`` cuts it short
     (``converged=False``). ``eps`` and ``strategy`` do not apply to it.
@@ -232,12 +226,10 @@ def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, r
              progress=None, keep_history: bool = False, callback=None, xp=None,
              kernels: admm.Kernels | None = None, t0: float | None = None,
              schedule: admm.Schedule = admm.SCHEDULE) -> SSCSolution:  # fmt: skip
-    """The dense solver on checked features ``x_t`` (every rank's own copy of rank 0's
+    """:func:`solve_ssc_admm` on checked features ``x_t`` (every rank's copy of rank 0's
     under a process group) as ``plan`` says (:class:`~videoanchor.anchor.plan.Plan`:
-    ``solver="fast"`` is the scheduled iteration on ``schedule``, any other the authors'
-    steps; its device, working dtype, precision, A-step strategy
-    and process group). Nothing is checked here: :func:`solve_ssc_admm` and
-    :func:`~videoanchor.anchor.plan.make_plan` have. Same result as :func:`solve_ssc_admm`."""
+    ``solver="fast"`` runs ``schedule``; its device, working dtype, precision, A-step
+    strategy and process group). Nothing is checked here."""
     t0 = time.perf_counter() if t0 is None else t0
     group, rank, world = plan.group, plan.rank, plan.world
     device, work_t, precision, strategy = plan.device, plan.work, plan.precision, plan.strategy
@@ -260,9 +252,8 @@ def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, r
     out = None
     try:
         x64 = xp.astype(x, xp.float64, copy=False)
-        # the factors below factor the Gram matrix (N x N, float64) themselves; where one
-        # process holds all of it, it is computed once, here, for the lambdas too (not for
-        # a thin factor, which factors the D x D one: the lambdas' blocked pass then)
+        # the Gram matrix (N x N, float64), where one process holds it and the factor uses it
+        # (not a thin one: D x D): computed once, here, for the lambdas too
         thin = scheduled and n > schedule.thin_above * d
         dense_gram = (scheduled and not thin) or (not scheduled and strategy == "dense")
         gram = x64 @ x64.T if group is None and dense_gram else None

@@ -18,12 +18,11 @@ the shared C-step with this data term), with ``P = [Y, I / gamma]`` and ``Z = [C
     L1 += mu1 (Y - P Z),   L2 += mu2 (Z - C)
     stop when max |Z - C| <= eps and max_i ||y_i - e_i - Y z_i|| / ||y_i - e_i|| <= eps
 
-and, with the affine constraint, ``mu2 delta delta^T`` added to the system and
-``mu2 delta (1 - lambda3 / mu2)^T`` to the right-hand side (``delta = [1_N; 0_D]``),
-``lambda3 += mu2 (1^T Z_C - 1)``, and ``max |1^T Z_C - 1| <= eps`` added to the stop.
-
 with ``gamma = alpha_e / max_j ||y_j||_1``, ``mu1 = alpha_z / min_i max(max_{j != i}
-|y_j^T y_i|, max_d |Y_di| / gamma)`` and ``mu2 = rho`` (their code: ``mu2 = alpha``).
+|y_j^T y_i|, max_d |Y_di| / gamma)`` and ``mu2 = rho`` (their code: ``mu2 = alpha``). The
+affine constraint adds ``mu2 delta delta^T`` to the system and ``mu2 delta (1 - lambda3 /
+mu2)^T`` to the right-hand side (``delta = [1_N; 0_D]``), ``lambda3 += mu2 (1^T Z_C - 1)``
+and ``max |1^T Z_C - 1| <= eps`` to the stop.
 
 Their code inverts the ``(N + D) x (N + D)`` matrix. Here it is never formed: by
 Woodbury, ``(mu1 P^T P + mu2 I)^{-1} = (I - P^T K^{-1} P) / mu2`` with the ``D x D``
@@ -115,9 +114,7 @@ def run_equality(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float,
         step = admm.EqualityStep(dic, gamma=gamma, mu1=mu1, mu2=float(rho), eps=eps)
         kernels.sync()
         t2 = time.perf_counter()
-        inspect = None
-        if callback is not None:
-            inspect = lambda it, res: callback(it, step.cc, step.outliers)  # noqa: E731
+        inspect = None if callback is None else lambda it, r: callback(it, step.cc, step.outliers)
         out = admm.run(step, max_iter, admm.chain(inspect, report.hook), what="constrained SSC")
     finally:
         report.close(*((out.converged, out.iterations, out.residual) if out else (False,) * 3))
