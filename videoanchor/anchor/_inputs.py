@@ -16,12 +16,9 @@ from videoanchor.anchor.products import exact_float32
 
 
 def as_feature_tensor(features, *, name: str = "features") -> torch.Tensor:
-    """Return ``features`` as a 2-D real floating tensor on its own device.
-
-    Accepts a ``torch.Tensor`` or anything ``numpy.asarray`` understands. Raises
-    ``TypeError`` for non-numeric input and ``ValueError`` for a wrong shape, an empty
-    matrix or non-finite values.
-    """
+    """``features`` (a ``torch.Tensor`` or anything ``numpy.asarray`` takes) as a 2-D real
+    floating tensor on its own device: TypeError for non-numeric input, ValueError for a wrong
+    shape, an empty matrix or non-finite values."""
     if isinstance(features, torch.Tensor):
         x = features.detach()
     else:

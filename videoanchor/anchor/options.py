@@ -62,10 +62,6 @@ def _label_draws(name, value):
     return draws
 
 
-def _block_columns(name, value):
-    return None if value is None else check_int(name, value, 1)
-
-
 def _choice(choices, removed: dict[str, str] | None = None):
     """The check of an option with ``choices``; a value in ``removed`` (a former choice) is a
     ValueError that says what became of it."""
@@ -233,9 +229,9 @@ CHECKS = {
     "precision": (_choice(PRECISIONS), "coef"),
     "seed": (lambda n, v: resolve_seed(v), "labels"),
     "label_draws": (_label_draws, "labels"),
-    "eigen_solver": (_choice(("auto", "eigh", "krylov", "chebyshev", "arpack", "subspace")), ""),
+    "eigen_solver": (_choice(tuple(dict.fromkeys(sum(EIGEN_SOLVERS.values(), ())))), ""),
     "mode": (_choice(SSC_MODES, {"scalable": REMOVED_SCALABLE}), ""),
-    "block_columns": (_block_columns, ""),
+    "block_columns": (lambda n, v: None if v is None else check_int(n, v, 1), ""),
     "block_eps": (_choice(("own", "share")), ""),
     "progress": (lambda n, v: check_progress(v), ""),
 }

@@ -149,13 +149,12 @@ def check_memory(required: int, device: torch.device, *, n: int, d: int, what: s
         )
     else:
         room = f"the SSC may use {_fmt_bytes(budget)}"
-    if device.type == "cuda":
-        where = (
-            "run on the CPU (features.cpu()) if it has more memory, free GPU memory first "
-            "(torch.cuda.empty_cache(), other processes)"
-        )
-    else:
-        where = "close other programs or use a machine (or a GPU) with more memory"
+    where = (
+        "run on the CPU (features.cpu()) if it has more memory, free GPU memory first "
+        "(torch.cuda.empty_cache(), other processes)"
+        if device.type == "cuda"
+        else "close other programs or use a machine (or a GPU) with more memory"
+    )
     raise SSCMemoryError(
         f"{what} with N = {n} tokens and D = {d} features needs about {_fmt_bytes(required)} "
         f"on {device}, but {room}. Options: use mode='blocked' (exact, no N x N "

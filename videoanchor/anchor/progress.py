@@ -98,11 +98,8 @@ class SSCRunSummary:
         res = f"residual {self.residual:.3g} vs eps {self.eps:.3g}"
         took = format_seconds(self.seconds)
         if self.stopped_by is not None:  # neither converged nor at a limit: say what ended it
-            at = (
-                f"at iteration {self.iterations}"
-                if self.iterations
-                else "before its first iteration"
-            )
+            it = self.iterations
+            at = f"at iteration {it}" if it else "before its first iteration"
             last = f" at {res}" if math.isfinite(self.residual) else ""
             if self.stopped_by == "interrupted":
                 return f"{what} interrupted {at} ({took}){last}: NOT converged"
@@ -164,12 +161,8 @@ class SSCProgress:
     ):
         if enabled not in (True, False, "auto"):
             raise ValueError(f"enabled: expected True, False or 'auto', got {enabled!r}")
-        if time_budget is not None and not (
-            isinstance(time_budget, numbers.Real)
-            and not isinstance(time_budget, bool)
-            and time_budget > 0
-            and math.isfinite(time_budget)
-        ):
+        real = isinstance(time_budget, numbers.Real) and not isinstance(time_budget, bool)
+        if time_budget is not None and not (real and 0 < time_budget < math.inf):
             raise ValueError(
                 f"time_budget: expected a positive number of seconds or None, got {time_budget!r}"
             )
@@ -208,12 +201,11 @@ class SSCProgress:
         self._it = 0  # iteration within the block
         self._done = 0  # iterations over all blocks
         self._log_r: list[float] = []
-        self._residual = math.inf
-        self._best_residual = math.inf
+        self._residual = self._best_residual = math.inf
         self._pending: list = []  # residuals still on the device (a lazy step's), in order
         self.stopped_by_budget = False
         self.estimate: str | None = None
-        self._t_first: float | None = None
+        self._t_first: float | None = None  # the first iteration's time, and the estimate's
         self._t_est: float | None = None
         self._last_log = self.t0
         self._last_post = 0.0
