@@ -335,10 +335,8 @@ WARM_SET = 512
 
 def workset_bytes(n: int, d: int, threads: int = 1) -> int:
     """Peak host bytes of :func:`~videoanchor.anchor.workset.solve_ssc_workset`: float64
-    ``G``, ``C`` and the certificate's ``N x N`` products, ``X``, ``X^T`` and ``E``, and
-    where it starts from an approximation of ``C`` (the dense route of ``run_workset``) the
-    start's residual and outliers (two more ``D x N``); per thread, the kernel's gathered
-    outlier rows of up to ``WARM_SET`` coefficients (``WARM_SET x D``)."""
+    ``G``, ``C``, the certificate's ``N x N`` products, ``X``, ``X^T``, ``E`` and a start's
+    residual and outliers; per thread, the kernel's ``WARM_SET x D`` gathered outlier rows."""
     return 8 * (3 * n * n + 5 * n * d + threads * (min(n, WARM_SET) + 1) * (d + 1))
 
 
@@ -382,14 +380,13 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
     It takes no features, so an integration or the command line can ask what a call will
     run before it runs.
 
-    ``mode="auto"`` is exact where the dense problem fits (:func:`exact_fits`, the same
-    choice on every rank of ``process_group``) and blocked above; the authors' iteration
-    over a process group is blocked. ``solver="auto"``: :func:`auto_solver`'s choice in
-    exact mode, the authors' iteration in blocked mode. A solver, backend or precision the
-    mode cannot run is a ValueError; a plan over the memory rule is an
-    :class:`SSCMemoryError` on every rank together (``check_memory_first=False``: not
-    checked). ``strategy``: the authors' A-step (``"auto"``: :func:`choose_strategy`'s);
-    ``backend``: the dense solver's array module where not ``opts.backend``'s."""
+    ``mode="auto"`` is exact where the dense problem fits (:func:`exact_fits`, agreed by every
+    rank of ``process_group``), else blocked (always, for the authors' iteration over a
+    group); ``solver="auto"`` is :func:`auto_solver`'s choice, the authors' iteration when
+    blocked. What the mode cannot run is a ValueError; a plan over the memory rule an
+    :class:`SSCMemoryError` on every rank together (``check_memory_first=False``: unchecked).
+    ``strategy``: the authors' A-step (``"auto"``: :func:`choose_strategy`'s); ``backend``:
+    the dense solver's array module where not ``opts.backend``'s."""
     group, rank, world = _group(process_group)
     n, d = (int(v) for v in shape)
     device, work = torch.device(device), opts.dtype

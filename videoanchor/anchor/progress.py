@@ -284,10 +284,8 @@ class SSCProgress:
               residual: float | None = None, *,
               error: BaseException | None = None) -> SSCRunSummary | None:  # fmt: skip
         """End the run: close the bar, log the outcome, keep its summary in ``runs``.
-
-        ``error``: the exception that ended the run (KeyboardInterrupt included): the summary
-        says so, with the iteration and residual reached, not the iteration-limit message.
-        """
+        ``error``: the exception that ended it (KeyboardInterrupt included), which the
+        summary names with the iteration and residual reached."""
         if not self._open:
             return None
         self._open = False
