@@ -219,10 +219,8 @@ def varlen_rows():
 
 def varlen_decode_rows():
     """One new token per sequence against packed caches of different lengths (continuous
-    batching): the split-KV varlen path, the same call forced through the prefill kernel,
-    and a left-padded dense batch with a key mask."""
-    from videoanchor.kernels import interface as api
-
+    batching): the split-KV varlen path, the same call through the prefill kernel (a
+    ``max_seqlen_k`` hint of 1), and a left-padded dense batch with a key mask."""
     rows = []
     lengths = [31000, 4096, 17000, 900, 65536, 12000, 2500, 28000]
     dtype = torch.bfloat16
@@ -249,12 +247,8 @@ def varlen_decode_rows():
         return videoanchor.anchored_attention_varlen(q, k, v, cu_q, cu_k, 1, Smax, kb, vs)
 
     def packed_prefill_kernel():
-        saved = api.DECODE_MAX_SQ
-        api.DECODE_MAX_SQ = 0
-        try:
-            return packed()
-        finally:
-            api.DECODE_MAX_SQ = saved
+        # a max_seqlen_k hint under DECODE_MIN_SKV keeps the prefill kernel (documented)
+        return videoanchor.anchored_attention_varlen(q, k, v, cu_q, cu_k, 1, 1, kb, vs)
 
     def padded():
         out = videoanchor.anchored_attention(q[:, :, None], kp, vp, kbp, vsp, key_padding_mask=mask)

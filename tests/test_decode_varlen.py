@@ -10,7 +10,17 @@ from test_attention import DEVICE, check_close, make_inputs, native_error
 import videoanchor
 from videoanchor.kernels import interface as api
 from videoanchor.kernels import triton_decode
+from videoanchor.kernels.launch import capture_launches
 from videoanchor.kernels.reference import anchored_attention_reference
+
+SPLIT_KV, PREFILL = "_anchored_decode_split_kernel", "_anchored_prefill_kernel"
+
+
+def first_kernel(call) -> str:
+    """The first Triton kernel ``call`` launches (recorded, not run): which path it took."""
+    with capture_launches() as launches:
+        call()
+    return launches[0].kernel.__name__
 
 
 def run_decode_poisoned(q, k, v, kb, vs, mask, causal, n_split):
@@ -67,37 +77,51 @@ def test_split_kv_empty_splits_and_rows():
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
 
 
-def test_public_api_picks_split_kv_for_decode(monkeypatch):
-    calls = []
-    real = triton_decode.launch_decode
-    monkeypatch.setattr(
-        triton_decode, "launch_decode", lambda *a, **kw: calls.append(1) or real(*a, **kw)
-    )
+def test_public_api_picks_split_kv_for_decode():
     q, k, v, kb, vs, mask = make_inputs(
         1, 4, 2, 1, api.DECODE_MIN_SKV + 7, 64, torch.float32, pad="left"
     )
-    out = videoanchor.anchored_attention(q, k, v, kb, vs, key_padding_mask=mask, backend="triton")
-    assert calls, "a single-query call against a long cache should take the split-KV path"
+
+    def call(sq=1, skv=k.shape[2]):
+        return videoanchor.anchored_attention(
+            q[:, :, :sq].expand(-1, -1, sq, -1), k[:, :, :skv], v[:, :, :skv], kb[:, :skv],
+            vs[:, :skv], key_padding_mask=mask[:, :skv], backend="triton",
+        )  # fmt: skip
+
+    # a single query against a long cache: split-KV; a short cache or many queries: prefill
+    assert first_kernel(call) == SPLIT_KV
+    assert first_kernel(lambda: call(skv=api.DECODE_MIN_SKV)) == SPLIT_KV
+    assert first_kernel(lambda: call(skv=api.DECODE_MIN_SKV - 1)) == PREFILL
+    assert first_kernel(lambda: call(sq=api.DECODE_MAX_SQ)) == SPLIT_KV
+    assert first_kernel(lambda: call(sq=api.DECODE_MAX_SQ + 1)) == PREFILL
+    out = call()
     ref = anchored_attention_reference(q, k, v, kb, vs, key_padding_mask=mask)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
 
 
-@pytest.mark.parametrize("min_skv", [0, 10**9], ids=["split-kv", "prefill-kernel"])
+@pytest.mark.parametrize("path", ["split-kv", "prefill-kernel"])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_chunked_prefill_equals_one_prefill(backend, min_skv, monkeypatch):
+def test_chunked_prefill_equals_one_prefill(backend, path):
     """Processing a prompt in chunks against a growing cache gives the one-shot result
-    (bottom-right causal alignment), with the gates of the visible keys."""
-    monkeypatch.setattr(api, "DECODE_MIN_SKV", min_skv)
-    q, k, v, kb, vs, _ = make_inputs(1, 4, 2, 45, 45, 64, torch.float32)
+    (bottom-right causal alignment), with the gates of the visible keys. Chunks of 16
+    queries take the split-KV path once the cache holds ``DECODE_MIN_SKV`` keys (a prompt
+    whose first 256 tokens come in one chunk), the prefill kernel before (a short prompt)."""
+    start = api.DECODE_MIN_SKV if path == "split-kv" else 0
+    n = start + 45
+    q, k, v, kb, vs, _ = make_inputs(1, 2, 1, n, n, 64, torch.float32)
     full = videoanchor.anchored_attention(q, k, v, kb, vs, backend=backend)
+    bounds = [0, *([start] if start else []), *range(start + 16, n, 16), n]
     parts = []
-    for a in range(0, 45, 16):
-        b = min(45, a + 16)
-        parts.append(
-            videoanchor.anchored_attention(
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+
+        def chunk(a=a, b=b):
+            return videoanchor.anchored_attention(
                 q[:, :, a:b], k[:, :, :b], v[:, :, :b], kb[:, :b], vs[:, :b], backend=backend
             )
-        )
+
+        if backend == "triton" and a >= start and b - a == 16:
+            assert first_kernel(chunk) == (SPLIT_KV if start else PREFILL), (a, b)
+        parts.append(chunk())
     torch.testing.assert_close(torch.cat(parts, dim=2), full, atol=2e-6, rtol=1e-5)
     ref = anchored_attention_reference(q, k, v, kb, vs)
     torch.testing.assert_close(full.double(), ref, atol=2e-5, rtol=0)
@@ -204,22 +228,26 @@ def test_varlen_split_kv_matches_per_sequence_reference(dtype, causal, n_split):
     check_varlen(out, lse, q, k, v, kb, vs, cu_q, cu_k, causal, dtype)
 
 
-@pytest.mark.parametrize("hint", [None, 1, 10**6], ids=["no-hint", "too-small", "too-large"])
-def test_varlen_public_api_split_kv_any_hint(hint, monkeypatch):
-    """The public varlen call takes the split-KV path for short query blocks, and the
-    max_seqlen_k hint only changes the number of splits, never the result."""
-    calls = []
-    real = triton_decode.launch_decode
-    monkeypatch.setattr(
-        triton_decode, "launch_decode", lambda *a, **kw: calls.append(1) or real(*a, **kw)
-    )
-    monkeypatch.setattr(api, "DECODE_MIN_SKV", 0)
-    seq_q, seq_k = [1, 1, 4], [37, 90, 64]
+@pytest.mark.parametrize(
+    "hint, path",
+    [(None, SPLIT_KV), (1, PREFILL), (10**6, SPLIT_KV)],
+    ids=["no-hint", "too-small", "too-large"],
+)
+def test_varlen_public_api_split_kv_any_hint(hint, path):
+    """The public varlen call takes the split-KV path for short query blocks against long
+    keys, and the max_seqlen_k hint changes only the path (a hint under
+    ``DECODE_MIN_SKV``: the prefill kernel; none: the mean key length decides) or the
+    number of splits, never the result."""
+    seq_q, seq_k = [1, 1, 4], [300, 270, 262]
     q, k, v, kb, vs, cu_q, cu_k = pack(seq_q, seq_k, 4, 4, 64, torch.float32, seed=1)
-    out, lse = videoanchor.anchored_attention_varlen(
-        q, k, v, cu_q, cu_k, 4, hint, kb, vs, backend="triton", return_lse=True
-    )
-    assert calls, "a decode-shaped varlen call should take the split-KV path"
+
+    def call():
+        return videoanchor.anchored_attention_varlen(
+            q, k, v, cu_q, cu_k, 4, hint, kb, vs, backend="triton", return_lse=True
+        )
+
+    assert first_kernel(call) == path
+    out, lse = call()
     check_varlen(out, lse, q, k, v, kb, vs, cu_q, cu_k, True, torch.float32)
 
 
@@ -270,19 +298,27 @@ def test_gpu_varlen_decode(dtype):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize(
-    "Sq, min_skv", [(1, 0), (3, 0), (9, 10**9)], ids=["decode", "split-kv-Sq3", "prefill-kernel"]
+    "Sq, slots, path",
+    [(1, 260, SPLIT_KV), (3, 260, SPLIT_KV), (9, 50, PREFILL)],
+    ids=["decode", "split-kv-Sq3", "prefill-kernel"],
 )
-def test_cache_seqlens_static_cache(Sq, min_skv, backend, causal, monkeypatch):
-    """A preallocated cache of 50 slots where sample b holds cache_seqlens[b] valid keys:
-    equal to attending over the valid prefix only, and garbage past it is never read."""
-    monkeypatch.setattr(api, "DECODE_MIN_SKV", min_skv)
-    q, k, v, kb, vs, _ = make_inputs(3, 4, 2, Sq, 50, 64, torch.float32)
-    lens = torch.tensor([50, 23, 9], dtype=torch.int32, device=DEVICE)
+def test_cache_seqlens_static_cache(Sq, slots, path, backend, causal):
+    """A preallocated cache (260 slots: the split-KV path; 50: the prefill kernel) where
+    sample b holds cache_seqlens[b] valid keys: equal to attending over the valid prefix
+    only, and garbage past it is never read."""
+    q, k, v, kb, vs, _ = make_inputs(3, 4, 2, Sq, slots, 64, torch.float32)
+    lens = torch.tensor([slots, 23, 9], dtype=torch.int32, device=DEVICE)
     for b, n in enumerate(lens.tolist()):  # poison the unused slots
         k[b, :, n:], v[b, :, n:], kb[b, n:] = float("nan"), float("nan"), float("nan")
-    out, lse = videoanchor.anchored_attention(
-        q, k, v, kb, vs, causal=causal, backend=backend, cache_seqlens=lens, return_lse=True
-    )
+
+    def call():
+        return videoanchor.anchored_attention(
+            q, k, v, kb, vs, causal=causal, backend=backend, cache_seqlens=lens, return_lse=True
+        )
+
+    if backend == "triton":
+        assert first_kernel(call) == path
+    out, lse = call()
     assert not out.isnan().any()
     for b, n in enumerate(lens.tolist()):
         sl = slice(b, b + 1)

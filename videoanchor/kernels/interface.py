@@ -908,9 +908,11 @@ def anchored_attention_varlen(
         max_seqlen_q: the longest query sequence (sizes the launch grid without a device
             sync). It must be at least the longest (checked like the offsets).
         max_seqlen_k: the longest key sequence, or None. A hint only: with
-            ``max_seqlen_q <= 64`` and long keys (decode against packed caches) the
-            split-KV path is used, and this sizes its number of splits; each sequence
-            still splits its own keys, so a wrong value costs speed, not correctness.
+            ``max_seqlen_q <= 64`` and long keys (decode against packed caches: this hint,
+            or without it the mean key length, at least 256) the Triton backend takes the
+            split-KV path, and this sizes its number of splits; each sequence still splits
+            its own keys, so a wrong value costs speed, not correctness (a hint under 256
+            keeps the prefill kernel).
         key_bias, value_scale: (total_k,) per-key gates, or None.
         causal: bottom-right aligned per sequence (see :func:`anchored_attention`).
         value_scale_range: as in :func:`anchored_attention` (the fast form).
