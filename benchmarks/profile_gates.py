@@ -17,7 +17,9 @@ D 128, bf16, batch 1):
 Without nsys the script still reports, from the torch profiler (CUDA activity), per call:
 the host time, the GPU kernel time, the kernels launched, the CUDA API calls that wait for
 the device (synchronise, DtoH copies) and the allocations (``cudaMalloc``), into
-``--out`` (text) and a JSON beside it.
+``--out`` (text) and a JSON beside it. ``--device cpu`` runs the same cases on the CPU (no
+NVTX ranges or profiler capture range, the torch profiler's CPU activity only): a check of
+the script without a GPU, its numbers not meaningful.
 
     python benchmarks/profile_gates.py --cases prefill,decode --out $OUT/logs/profile_gates.txt
     nsys profile --capture-range=cudaProfilerApi -o $OUT/gates python benchmarks/profile_gates.py
@@ -28,6 +30,7 @@ the device (synchronise, DtoH copies) and the allocations (``cudaMalloc``), into
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -42,26 +45,29 @@ from benchmarks.common import environment, skip  # noqa: E402
 from videoanchor.kernels import prepare_gates, value_scale_range_of  # noqa: E402
 
 HQ, HKV, D = 28, 4, 128
-DEVICE = "cuda"  # a test runs the script's logic on the CPU (device "cpu", activity "CPU")
-ACTIVITIES = ("CPU", "CUDA")
 #: CUDA API calls that wait for the device or copy (a DtoH copy waits too).
 WAITS = ("Synchronize", "cudaMemcpy", "cuMemcpy")
 
 
-def _inputs(sq: int, skv: int, seed: int = 0):
-    g = torch.Generator(device=DEVICE).manual_seed(seed)
-    q = torch.randn(1, HQ, sq, D, device=DEVICE, dtype=torch.bfloat16, generator=g)
-    k, v = (torch.randn(1, HKV, skv, D, device=DEVICE, dtype=torch.bfloat16, generator=g)
+def _inputs(sq: int, skv: int, device: str, seed: int = 0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(1, HQ, sq, D, device=device, dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(1, HKV, skv, D, device=device, dtype=torch.bfloat16, generator=g)
             for _ in range(2))  # fmt: skip
-    kb, vs = videoanchor.anchor_gates(torch.rand(1, skv, device=DEVICE, generator=g), 9.5, 2.5)
+    kb, vs = videoanchor.anchor_gates(torch.rand(1, skv, device=device, generator=g), 9.5, 2.5)
     return q, k, v, kb, vs
 
 
-def cases(names: list[str], S: int, cache: int) -> dict:
-    """``{name: call}`` for the requested case groups."""
+def _sync(device: str) -> None:
+    if device != "cpu":
+        torch.cuda.synchronize()
+
+
+def cases(names: list[str], S: int, cache: int, device: str = "cuda") -> dict:
+    """``{name: call}`` for the requested case groups, on ``device``."""
     out = {}
     if "prefill" in names or "ncu" in names:
-        q, k, v, kb, vs = _inputs(S, S)
+        q, k, v, kb, vs = _inputs(S, S, device)
         rng = value_scale_range_of(vs)
         gates = prepare_gates(kb, vs, value_scale_range=rng)
         group = "ncu" if "ncu" in names else "prefill"
@@ -74,7 +80,7 @@ def cases(names: list[str], S: int, cache: int) -> dict:
             )
         out[f"{group}/plain"] = lambda: videoanchor.anchored_attention(q, k, v)
     if "decode" in names:
-        q1, k1, v1, kb1, vs1 = _inputs(1, cache, seed=1)
+        q1, k1, v1, kb1, vs1 = _inputs(1, cache, device, seed=1)
         gates1 = prepare_gates(kb1, vs1)
         mask = kb1[:, None, None, :].to(torch.bfloat16)
         out["decode/anchored_prepared"] = lambda: videoanchor.anchored_attention(
@@ -88,16 +94,19 @@ def cases(names: list[str], S: int, cache: int) -> dict:
     return out
 
 
-def summarise(name: str, fn, calls: int) -> dict:
-    """Host and GPU time per call, and per call what the torch profiler saw on the CUDA API."""
-    torch.cuda.synchronize()
+def summarise(name: str, fn, calls: int, device: str = "cuda") -> dict:
+    """Host and GPU time per call, and per call what the torch profiler saw on the CUDA API
+    (on the CPU: the CPU activity only)."""
+    _sync(device)
     t = time.perf_counter()
     for _ in range(calls):
         fn()
     host = (time.perf_counter() - t) / calls  # the host returns before the GPU finishes
-    torch.cuda.synchronize()
+    _sync(device)
     wall = (time.perf_counter() - t) / calls
-    acts = [getattr(torch.profiler.ProfilerActivity, a) for a in ACTIVITIES]
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device != "cpu":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(calls):
             fn()
@@ -131,31 +140,38 @@ def main(argv=None):
     ap.add_argument(
         "--no-summary", action="store_true", help="only the NVTX ranges (under nsys: no CUPTI)"
     )
+    ap.add_argument(
+        "--device", default="cuda", choices=("cuda", "cpu"),
+        help="cpu: the cases on the CPU, to check the script without a GPU",
+    )  # fmt: skip
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
         skip("profile_gates", "no CUDA device here; nothing profiled")
         return None
     names = args.cases.split(",")
-    fns = cases(names, args.S, args.cache)
+    fns = cases(names, args.S, args.cache, args.device)
     for fn in fns.values():  # compile and warm up before the captured range
         for _ in range(3):
             fn()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.start()
+    _sync(args.device)
+    if cuda:
+        torch.cuda.profiler.start()
     for name, fn in fns.items():
-        with torch.cuda.nvtx.range(f"gates/{name}"):
+        with torch.cuda.nvtx.range(f"gates/{name}") if cuda else contextlib.nullcontext():
             for _ in range(1 if "ncu" in names else args.calls):
                 fn()
-        torch.cuda.synchronize()
-    torch.cuda.profiler.stop()
+        _sync(args.device)
+    if cuda:
+        torch.cuda.profiler.stop()
     if "ncu" in names or args.no_summary:  # ncu replays kernels; nsys holds CUPTI itself
         return None
-    rows = [summarise(name, fn, args.calls) for name, fn in fns.items()]
+    rows = [summarise(name, fn, args.calls, args.device) for name, fn in fns.items()]
     cols = {"host_ms_per_call": "host ms", "wall_ms_per_call": "wall ms",
             "gpu_kernel_ms_per_call": "gpu ms", "kernels_per_call": "kernels",
             "launch_api_per_call": "launches", "sync_or_copy_api_per_call": "sync/copy",
             "mallocs_per_call": "mallocs", "aten_ops_per_call": "aten ops"}  # fmt: skip
-    meta = environment("cuda")
+    meta = environment(args.device)
     lines = [
         f"profile_gates: S={args.S}, cache={args.cache}, {args.calls} calls per case, "
         f"{meta.get('device')}, git {meta.get('git_sha')}; per call:",
