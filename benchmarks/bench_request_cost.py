@@ -187,7 +187,7 @@ def ssc_flops(n: int, d: int) -> dict:
     (``Y^T E`` and the residual sampled there, :data:`ACTIVE_SHARE`); at each full E-step
     the residual ``(Y R)(T - I)`` (``D x N x N``); ``B`` and ``Y B`` per change of ``rho``,
     plus the first; setup in float64 (Gram, ``Y V``, eigendecomposition ~9 N^3). Fast on
-    CUDA (the dense schedule, :func:`videoanchor.anchor.fast.applies`): per iteration
+    CUDA (the dense schedule, :func:`videoanchor.anchor.plan.fast_step`): per iteration
     ``[R; Y R] (T - I)`` and a dense ``Y^T E`` (``N x D x N``), every E-step exact.
 
     Where ``N > D`` the fast solver's factor is thin (:class:`videoanchor.anchor.admm.Schedule`):

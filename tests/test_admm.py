@@ -170,17 +170,15 @@ def _host_reads(fn):
 
 
 def test_the_dense_schedule_reads_the_device_only_to_rebalance(monkeypatch):
-    """The fast solver's dense schedule (what CUDA runs; forced here on the CPU, with the
+    """The fast solver's dense schedule (what CUDA runs; ``strategy="dense"`` on the CPU, with the
     CUDA decision for E's product) reads nothing from the device in an iteration but the
     rebalancing's norms and its refactor, and the residual every LAZY_CHECK_EVERY
     iterations: no iteration waits for the previous one's kernels. The iterate is the one
     of the run that reads the residual and E's non-zeros every iteration, to the bit."""
     import array_api_compat
 
-    from videoanchor.anchor import fast
     from videoanchor.anchor.ssc import TorchKernels
 
-    monkeypatch.setattr(fast, "applies", lambda x: False)
     x = _points(96, 40, seed=3).float()
     runs, steps = {}, []
     orig_run = admm.run
@@ -196,7 +194,7 @@ def test_the_dense_schedule_reads_the_device_only_to_rebalance(monkeypatch):
     def dense_e():  # the dense product with E, which reads nothing back
         return TorchKernels(x.device, sparse_e_density=0.0)
 
-    lazy = solve_ssc_admm(x, scheduled=True, progress=False, kernels=dense_e())
+    lazy = solve_ssc_admm(x, scheduled=True, progress=False, kernels=dense_e(), strategy="dense")
     step = steps[0]
     assert step.lazy_residual and lazy.iterations == step.iterations
     checks = -(-step.iterations // admm.LAZY_CHECK_EVERY)
@@ -205,7 +203,9 @@ def test_the_dense_schedule_reads_the_device_only_to_rebalance(monkeypatch):
     assert runs[0] < step.iterations  # it read ~3.5 times per iteration before
     with monkeypatch.context() as m:  # the eager form: reads every iteration
         m.setattr(array_api_compat, "is_torch_namespace", lambda xp: False)
-        eager = solve_ssc_admm(x, scheduled=True, progress=False, kernels=dense_e())
+        eager = solve_ssc_admm(
+            x, scheduled=True, progress=False, kernels=dense_e(), strategy="dense"
+        )
     assert not steps[1].lazy_residual and runs[1] > step.iterations
     assert torch.equal(lazy.coef, eager.coef) and torch.equal(lazy.outliers, eager.outliers)
     assert lazy.residual == eager.residual

@@ -161,9 +161,12 @@ def test_auto_mode_uses_the_blocked_exact_solver_beyond_the_dense_limit(monkeypa
     n, d = x.shape
     kw = dict(n_clusters=3, max_iter=40, block_columns=16)
     assert compute_anchor_scores(x, **kw).mode == "exact"
-    monkeypatch.setattr(plan, "EXACT_MAX_TOKENS", 100)
-    assert compute_anchor_scores(x, **kw).mode == "blocked"
-    monkeypatch.setattr(plan, "EXACT_MAX_TOKENS", 10**9)
+    # past the token limit, blocked whatever the memory (here: no limit read)
+    cpu, limit = torch.device("cpu"), plan.EXACT_MAX_TOKENS
+    with monkeypatch.context() as m:
+        m.setattr(plan, "free_memory_bytes", lambda device: None)
+        assert plan.exact_fits(limit, 4, torch.float32, cpu)
+        assert not plan.exact_fits(limit + 1, 4, torch.float32, cpu)
     # free memory between the blocked and the dense needs: blocked
     need_blocked = blocked_admm_bytes(n, d, 4, 16)
     need_dense = admm_bytes(n, d, 4, "dense")

@@ -14,7 +14,7 @@ from benchmarks.bench_request_cost import median_curvature_of as _curvature
 from benchmarks.common import synthetic_tokens
 from videoanchor.anchor import admm, compute_anchor_scores
 from videoanchor.anchor.program import ssc_lambdas
-from videoanchor.anchor.ssc import TorchKernels
+from videoanchor.anchor.ssc import TorchKernels, solve_ssc_admm
 from videoanchor.integrations.options import AnchorConfig, ssc_kwargs, validate_ssc_options
 
 
@@ -318,15 +318,24 @@ def test_active_set_step_stays_close_to_the_array_api_iterate():
     assert spearmanr(rs_ref, rs_got)[0] > 0.999
 
 
-def test_active_set_applies_to_torch_on_a_cpu_only():
-    import numpy as np
+def test_the_plan_runs_the_active_set_for_torch_on_a_cpu_only():
+    from videoanchor.anchor import SSCOptions
+    from videoanchor.anchor.plan import fast_step, make_plan
 
-    from videoanchor.anchor import fast
-
-    assert fast.applies(torch.zeros(2, 2))
-    assert not fast.applies(np.zeros((2, 2)))
-    # any other device (CUDA, as measured on an H100; meta stands in for it here)
-    assert not fast.applies(torch.zeros(2, 2, device="meta"))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert fast_step(cpu, "torch") == "active_set"
+    assert fast_step(cpu, "numpy") == fast_step(cuda, "torch") == "dense"  # (as on an H100)
+    assert fast_step(cpu, "torch", "dense") == "dense"
+    with pytest.raises(ValueError, match="steps 'auto'.*or 'dense', got 'woodbury'"):
+        fast_step(cpu, "torch", "woodbury")
+    opts = SSCOptions(solver="fast").checked()
+    assert make_plan((40, 8), cpu, opts).strategy == "active_set"
+    assert make_plan((40, 8), cpu, opts, strategy="dense").strategy == "dense"
+    workset = make_plan((40, 8), cpu, SSCOptions(solver="workset").checked())
+    assert workset.fallback.solver == "fast" and workset.fallback.strategy == "active_set"
+    dense = solve_ssc_admm(tokens(40, 8, seed=2), scheduled=True, progress=False,
+                           strategy="dense")  # fmt: skip
+    assert dense.iterations == 60
 
 
 @pytest.mark.gpu
@@ -490,8 +499,7 @@ def _continued(x, step_cls, dtype, schedule=admm.SCHEDULE, thin=False):
     start = admm.continuation_start(rm, schedule)
     dic = admm.Dictionary(x.to(dtype), dtype, lam_z=lam_z, affine=True, outliers=True,
                           kernels=TorchKernels(x.device))  # fmt: skip
-    factor = admm.EigenInverse(dic, 300.0, thin=thin,
-                               weight=admm.continuation_weight(start, 1, schedule))  # fmt: skip
+    factor = admm.EigenInverse(dic, 300.0, thin=thin, schedule=schedule, continuation=start)
     calls = []
     refactor = factor.refactor
     factor.refactor = lambda rho: (calls.append(rho), refactor(rho))[1]

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from scipy.stats import spearmanr
 from test_fast_solver import tokens
 
-from videoanchor.anchor import compute_anchor_scores, fast
+from videoanchor.anchor import compute_anchor_scores
 from videoanchor.anchor.products import Products
 from videoanchor.anchor.ssc import solve_ssc_admm
 
@@ -116,16 +116,15 @@ def test_full_precision_is_the_plain_product():
 
 @pytest.mark.parametrize("path", ["active set (CPU)", "dense schedule (CUDA's)"])
 def test_fast_solver_in_fp16x3_stays_with_the_float32_iterate(monkeypatch, path):
-    if path.startswith("dense"):
-        monkeypatch.setattr(fast, "applies", lambda x: False)
+    step = dict(strategy="dense" if path.startswith("dense") else "auto")
     x = tokens(97, 61, k=4, seed=5)
-    ref = solve_ssc_admm(x, scheduled=True, progress=False)
+    ref = solve_ssc_admm(x, scheduled=True, progress=False, **step)
     calls = []
     real = Products.mm
     monkeypatch.setattr(
         Products, "mm", lambda self, a, b: calls.append(self.split) or real(self, a, b)
     )
-    got = solve_ssc_admm(x, scheduled=True, progress=False, precision="fp16x3")
+    got = solve_ssc_admm(x, scheduled=True, progress=False, precision="fp16x3", **step)
     assert calls and all(calls)  # every dense product of the run went through the split
     assert got.iterations == ref.iterations == 60
     assert torch.isfinite(got.coef).all()

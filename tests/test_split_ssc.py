@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 torchvision_shim.apply()
 
 from benchmarks.bench_request_cost import corrupted_subspaces  # noqa: E402
-from videoanchor.anchor import compute_anchor_scores, fast, solve_ssc_admm  # noqa: E402
+from videoanchor.anchor import compute_anchor_scores, solve_ssc_admm  # noqa: E402
 from videoanchor.anchor import plan as plan_mod  # noqa: E402
 from videoanchor.anchor.collective import column_range  # noqa: E402
 
@@ -49,13 +49,9 @@ def _worker(rank, world, store, x, out):
         if world == 2:
             admm = solve_ssc_admm(mine, scheduled=True, process_group=group, keep_history=True)
             got["active"] = (admm.coef, admm.outliers, admm.history, admm.rho_changes)
-            applies, fast.applies = fast.applies, lambda a: False  # the dense schedule
-            try:
-                admm = solve_ssc_admm(mine, scheduled=True, process_group=group,
-                                      keep_history=True)  # fmt: skip
-                got["dense"] = (admm.coef, admm.outliers, admm.history, admm.rho_changes)
-            finally:
-                fast.applies = applies
+            admm = solve_ssc_admm(mine, scheduled=True, process_group=group, keep_history=True,
+                                  strategy="dense")  # fmt: skip
+            got["dense"] = (admm.coef, admm.outliers, admm.history, admm.rho_changes)
             res = compute_anchor_scores(mine, 4, precision="fp16x3", process_group=group)
             got["fp16x3"] = (res.coef, res.scores, res.labels)
             res = compute_anchor_scores(mine, 4, pca_rank=8, label_draws=3, process_group=group)
@@ -115,11 +111,10 @@ def test_default_split_equals_one_process(two):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("path", ["active", "dense"])
-def test_both_paths_follow_the_single_process_iterate(two, monkeypatch, path):
+def test_both_paths_follow_the_single_process_iterate(two, path):
     x, got = two
-    if path == "dense":
-        monkeypatch.setattr(fast, "applies", lambda a: False)
-    single = solve_ssc_admm(x, scheduled=True, keep_history=True)
+    step = "dense" if path == "dense" else "auto"
+    single = solve_ssc_admm(x, scheduled=True, keep_history=True, strategy=step)
     _same_on_every_rank(got, path)
     coef, e, history, changes = got[0][path]
     assert single.outliers.count_nonzero() > 0  # E is exercised

@@ -324,7 +324,7 @@ class EigenInverse(DenseInverse):
 
     def __init__(self, dic: Dictionary, rho: float, share=None, columns=None, gram=None,
                  thin: bool | None = None, low_rank: bool | None = None,
-                 weight: float = 1.0, schedule: Schedule | None = None):  # fmt: skip
+                 continuation: float = 1.0, schedule: Schedule | None = None):  # fmt: skip
         xp, n, d = dic.xp, dic.n, dic.d
         self.dic = dic
         self.columns = columns
@@ -348,7 +348,7 @@ class EigenInverse(DenseInverse):
         self.w_full = xp.clip(w, 0.0, None)
         self.weight = 1.0
         self.w = self.w_full
-        self.reweight(weight)
+        self.reweight(continuation_weight(continuation, 1, schedule))  # (its first weight)
         self.v64 = v
         self.vt1 = xp.sum(v, axis=0)  # V^T 1
         # the products of every refactor run in the working dtype (R is stored in it)
@@ -723,7 +723,7 @@ class ScheduledStep(SquaredStep):
         self.schedule = schedule
         # continuation (1: none): iteration it runs continuation_weight(start, it) times the
         # authors' lambda_z (thr_e over it) and the factor's eigenvalues (reweight); a factor
-        # built with the first weight (EigenInverse(weight=...)) needs no refactor here
+        # built with the first weight (EigenInverse(continuation=...)) needs no refactor here
         self.lam_z_full, self.thr_full, self.weight = dic.lam_z, thr_e, 1.0
         self.continuation = float(continuation)
         if self.continuation < 1.0:

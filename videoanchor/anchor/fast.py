@@ -29,19 +29,10 @@ import torch
 
 from videoanchor.anchor import admm
 
-__all__ = ["MARGIN", "ActiveSetStep", "applies"]
+__all__ = ["MARGIN", "ActiveSetStep"]
 
 #: The active set: entries whose residual exceeds ``MARGIN`` times the E threshold.
 MARGIN = 0.5
-
-
-def applies(x) -> bool:
-    """Whether the fast solver runs :class:`ActiveSetStep` on ``x``: torch tensors on a CPU.
-
-    Elsewhere the dense array-API schedule runs (the same iterate with every E-step full):
-    on an H100 (``benchmarks/results/logs/h100-2026-11-23/``) cuSPARSE's sampled and sparse
-    products took 64% of the active-set solver's time at N = 2048, D = 3584."""
-    return isinstance(x, torch.Tensor) and x.device.type == "cpu"
 
 
 def _csr_pattern(rows: torch.Tensor, cols: torch.Tensor, shape, dtype) -> torch.Tensor:

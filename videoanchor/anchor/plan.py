@@ -33,6 +33,7 @@ __all__ = [
     "equality_bytes",
     "exact_bytes",
     "exact_fits",
+    "fast_step",
     "free_memory_bytes",
     "auto_solver",
     "iteration_options",
@@ -276,8 +277,9 @@ class Plan:
     ``backend``: ``"torch"``, ``"cupy"`` (or the name of the ``xp`` given to
     :func:`~videoanchor.anchor.ssc.solve_ssc_admm`); ``work``: the working dtype;
     ``precision``: the fast solver's products (``"full"`` or ``"fp16x3"``); ``strategy``: the
-    authors' A-step inverse (``"dense"`` or ``"woodbury"``; ``"dense"`` for the fast solver,
-    ``"workset"`` or ``"workset_cuda"`` for the working sets);
+    authors' A-step inverse (``"dense"`` or ``"woodbury"``), the fast solver's step
+    (:func:`fast_step`: ``"active_set"`` or ``"dense"``), or the working sets' route
+    (``"workset"`` or ``"workset_cuda"``);
     ``block_columns``: columns per block (``N`` outside blocked mode); ``group``, ``rank``,
     ``world``: the process group the work is split over (None, 0, 1 alone); ``need``: the
     peak bytes the memory rule checked; ``route``: the solver routine that runs it
@@ -385,7 +387,8 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
     group); ``solver="auto"`` is :func:`auto_solver`'s choice, the authors' iteration when
     blocked. What the mode cannot run is a ValueError; a plan over the memory rule an
     :class:`SSCMemoryError` on every rank together (``check_memory_first=False``: unchecked).
-    ``strategy``: the authors' A-step (``"auto"``: :func:`choose_strategy`'s); ``backend``:
+    ``strategy``: the authors' A-step (``"auto"``: :func:`choose_strategy`'s), the fast
+    solver's step (:func:`fast_step`); ``backend``:
     the dense solver's array module where not ``opts.backend``'s."""
     group, rank, world = _group(process_group)
     n, d = (int(v) for v in shape)
@@ -423,6 +426,8 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
         )
     itemsize = torch.finfo(work).bits // 8
     given_strategy, strategy, block = strategy, "dense", n
+    # the fast solver's step: its own, or the working sets' fallback's
+    step = fast_step(device, backend, given_strategy if solver == "fast" else "auto")
     if mode == "blocked":  # (the authors' steps against a Woodbury factor, by blocks)
         block = min(opts.block_columns or default_block_columns(n, d, work, device.type), n)
         strategy, route = "woodbury", "equality" if program == "exact" else "blocked"
@@ -437,10 +442,13 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
     elif solver == "workset":
         strategy, route = "workset", "workset_then_fast"
         need, what = workset_bytes(n, d, torch.get_num_threads()), "Working-set SSC"
-    else:  # (the fast solver's eigendecomposition gives the dense [R; Y R])
-        if solver == "faithful":
-            strategy = (choose_strategy(n, d, outliers, device.type) if given_strategy == "auto"
-                        else given_strategy)  # fmt: skip
+    elif solver == "fast":  # (its eigendecomposition gives the dense [R; Y R])
+        strategy = step
+        need = exact_bytes(n, d, itemsize, device.type, precision, strategy="dense")
+        what, route = "Dense SSC", "admm_cupy" if backend == "cupy" else "admm"
+    else:
+        strategy = (choose_strategy(n, d, outliers, device.type) if given_strategy == "auto"
+                    else given_strategy)  # fmt: skip
         need = exact_bytes(n, d, itemsize, device.type, precision, strategy=strategy)
         what, route = "Dense SSC", "admm_cupy" if backend == "cupy" else "admm"
     error, host = None, strategy == "workset"  # (it works in host memory whatever the device)
@@ -454,5 +462,20 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
                 precision=precision, strategy=strategy, block_columns=block, program=program,
                 group=group, rank=rank, world=world, need=need, route=route)  # fmt: skip
     if solver == "workset":  # the fast solver, on the memory that `need` checked
-        plan = replace(plan, fallback=replace(plan, solver="fast", strategy="dense", route="admm"))
+        plan = replace(plan, fallback=replace(plan, solver="fast", strategy=step, route="admm"))
     return plan
+
+
+def fast_step(device: torch.device, backend: str, strategy: str = "auto") -> str:
+    """How the fast solver steps (a plan's ``strategy``): ``"active_set"``, ``E`` on an
+    active set (:class:`~videoanchor.anchor.fast.ActiveSetStep`), for torch on a CPU;
+    ``"dense"``, the dense array-API schedule (:class:`~videoanchor.anchor.admm.
+    ScheduledStep`: the same steps and iterate), elsewhere or where asked for. On an H100
+    (2026-11-23, ``benchmarks/results/logs/h100-2026-11-23/``) cuSPARSE's sampled and sparse
+    products took 64% of the active set's device time at N = 2048, D = 3584, and it was
+    slower than the authors' iterate at N = 4096 (2.54 s against 1.84 s)."""
+    if strategy not in ("auto", "dense"):
+        raise ValueError(f"strategy: the fast solver steps 'auto' (an active set for E on a "
+                         f"CPU) or 'dense', got {strategy!r}")  # fmt: skip
+    cpu_torch = device.type == "cpu" and backend == "torch"
+    return "active_set" if strategy == "auto" and cpu_torch else "dense"

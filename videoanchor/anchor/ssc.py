@@ -21,7 +21,6 @@ import functools
 import inspect
 import time
 import warnings
-from dataclasses import replace
 
 import array_api_compat
 import torch
@@ -37,7 +36,7 @@ from videoanchor.anchor.collective import (
     computed_on_first,
 )
 from videoanchor.anchor.options import DEFAULTS, SSCOptions
-from videoanchor.anchor.plan import Plan, SSCMemoryError, fields_default, make_plan
+from videoanchor.anchor.plan import Plan, SSCMemoryError, make_plan
 from videoanchor.anchor.products import Products, exact_float32
 from videoanchor.anchor.program import SSCSolution, gram_row_max, ssc_lambdas
 
@@ -186,7 +185,9 @@ def solve_ssc_admm(features, *, affine: bool = True, outliers: bool = True, stra
     ``rho`` rescaled by a continuous residual-balancing factor, the system factored once by
     :class:`~videoanchor.anchor.admm.EigenInverse`) and no residual test, so its answer is a
     continuous function of the features; a smaller ``max_iter`` cuts it short
-    (``converged=False``). ``eps`` and ``strategy`` do not apply to it.
+    (``converged=False``). ``eps`` does not apply to it (one other than the default is
+    refused); its ``strategy`` is ``"auto"`` (on a CPU ``E`` on an active set, elsewhere
+    dense) or ``"dense"`` (:func:`~videoanchor.anchor.plan.fast_step`).
 
     ``process_group`` (fast solver, torch): a ``torch.distributed`` process group (any
     backend) over which the columns of ``C`` are split: each rank runs the column-wise steps
@@ -207,8 +208,6 @@ def solve_ssc_admm(features, *, affine: bool = True, outliers: bool = True, stra
         raise ValueError(f"strategy: expected 'auto', 'dense' or 'woodbury', got {strategy!r}")
     given = SSCOptions.of(options, mode="exact", solver="fast" if scheduled else "faithful",
                           backend="torch", progress=None)  # fmt: skip
-    if scheduled and options["eps"] != given.eps:  # (no stopping test: eps does not apply to it)
-        given = replace(given, eps=fields_default(given, "eps"))
     opts, _, x_t = prepare_features(features, given, min_tokens=2, process_group=process_group)
     plan = make_plan(x_t.shape, x_t.device, opts, process_group=process_group,
                      outliers=outliers, check_memory_first=check_memory_first,
@@ -243,9 +242,6 @@ def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, r
         x = xp.from_dlpack(x_t.contiguous())
         work = xp.float32 if work_t == torch.float32 else xp.float64
         kernels = kernels or admm.Kernels()
-    # on a CPU the torch fast solver keeps E on an active set (videoanchor.anchor.fast);
-    # other devices and namespaces run the dense array-API schedule (admm.ScheduledStep)
-    torch_fast = scheduled and fast.applies(x)
     xp = array_api_compat.array_namespace(x)
     length = min(max_iter, schedule.iterations) if scheduled else max_iter
     report = admm.Reporting(progress, max_iter=length, eps=eps, tokens=n, schedule=scheduled)
@@ -282,9 +278,8 @@ def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, r
         dic = admm.Dictionary(x, work, lam_z=lam_z, affine=affine, outliers=outliers,
                               kernels=kernels, products=products, x64=x64)  # fmt: skip
         if scheduled:
-            first = admm.continuation_weight(weight, 1, schedule)
             factor = admm.EigenInverse(dic, rho, share=share, columns=columns, gram=gram,
-                                       thin=thin, schedule=schedule, weight=first)  # fmt: skip
+                                       thin=thin, schedule=schedule, continuation=weight)  # fmt: skip
         elif strategy == "dense":
             factor = admm.DenseInverse(dic, rho, gram=gram)
         else:
@@ -294,7 +289,7 @@ def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, r
         t2 = time.perf_counter()
         if scheduled:
             # a max_iter below the schedule cuts it short: not converged (reported as such)
-            make = fast.ActiveSetStep if torch_fast else admm.ScheduledStep
+            make = fast.ActiveSetStep if strategy == "active_set" else admm.ScheduledStep
             step = make(dic, factor, thr_e=lam_e / lam_z, schedule=schedule, start=start,
                         stop=stop, reduce=reduce, continuation=weight)  # fmt: skip
         else:
