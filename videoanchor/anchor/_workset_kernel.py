@@ -1,47 +1,18 @@
 """The working-set kernel of :func:`videoanchor.anchor.workset.solve_ssc_workset`: one column
-of the SSC program solved exactly by a primal active-set method, compiled by Numba.
+of the SSC program solved exactly by a primal active-set method, compiled by Numba
+(docs/ssc.md, "Fidelity against the program", has the derivation).
 
-Column ``i``'s program is a weighted lasso in ``z = [c; e]`` over the dictionary
-``P = [Y, I]`` (l1 weights 1 on ``c``, ``lambda_e`` on ``e``) with one equality constraint
-``a^T z = 1`` (``a``: 1 on ``c``, 0 on ``e``) and ``c_i = 0``. Its Gram matrix
-``K = P^T P`` is ``[[G, Y^T], [Y, I]]`` and ``P^T y_i`` is ``[G[:, i]; y_i]``: both are read
-from ``G = Y^T Y`` and ``Y^T``, never formed. A variable's multiplier at ``z`` is
-``m = lambda_z (P^T y_i - K z) + nu a``; ``z`` is the column's minimiser when
-``m_j = w_j sign(z_j)`` on its support ``F`` and ``|m_j| <= w_j`` off it.
-
-The method (:func:`solve_columns`), from a start on the constraint (each point's nearest other
-point, ``c = e_j``, or an approximate answer with its signs: the start's support is factored,
-a coefficient dependent on those before it on the inlier rows left out, and settled by the
-inner loop's steps before the first pass):
-
-- an outer pass computes every variable's multiplier (``|F| (N + D)`` products) and puts the
-  ``grow`` worst violators beside ``F`` into the working set ``W``; none above ``tol``
-  (relative to the variable's weight): the column is solved;
-- an inner loop solves the program restricted to ``W`` by the primal active-set method:
-  the worst violator in ``W`` joins ``F`` with its multiplier's sign; the
-  equality-constrained quadratic program on ``F`` with those signs is solved, then a
-  refinement step against the unfactored system; where a variable of ``F`` would change
-  sign, the step stops where the first does and that variable leaves. The objective falls
-  at every step (the segment stays on the constraint, and the signs hold on it), so no set
-  repeats.
-
-**The outliers are eliminated.** ``F`` splits into its coefficients ``Fc`` and its outlier
-entries ``Fe`` (rows of ``Y``). The system of the restricted program is
-``H = [[A, lambda_z Y_ec^T], [lambda_z Y_ec, lambda_z I]]`` with
-``A = lambda_z G_cc + gamma 1 1^T`` (the border's augmented Lagrangian term, zero on the
-constraint) and ``Y_ec = Y[Fe, Fc]``; its outlier block is a multiple of the identity, so
-``H`` is solved through the Schur complement ``S = A - lambda_z Y_ec^T Y_ec`` (``A`` on the
-rows of ``Y`` that are not outliers) and ``e = v_e / lambda_z - Y_ec c``. Only ``S``, of
-the size of ``Fc``, is factored (Cholesky): a coefficient that joins appends a row
-(``O(|Fc| (|Fc| + |Fe|))``), one that leaves is deleted by Givens rotations
-(``O(|Fc|^2)``), and an outlier entry that joins or leaves is a rank-one downdate or update
-of the factor (``O(|Fc|^2)``; a downdate that would lose definiteness refactors ``S``). Where
-the outlier term is dense (Extended Yale B faces: about a thousand entries per column beside
-~100-200 coefficients) the factor stays the size of ``C``'s support.
-
-A floor on the pivots (:data:`RIDGE`) keeps a set of dependent points factorable (more than
-the inlier rows' rank of them, repeated points). Columns are independent: a range of them
-runs per thread, without the GIL (:func:`solve_columns`).
+Column ``i``'s program is a weighted lasso in ``z = [c; e]`` over ``P = [Y, I]`` (l1 weights
+1 on ``c``, ``lambda_e`` on ``e``) with ``a^T z = 1`` (``a``: 1 on ``c``) and ``c_i = 0``; its
+Gram matrix ``[[G, Y^T], [Y, I]]`` is read from ``G = Y^T Y`` and ``Y^T``, never formed.
+:func:`solve_columns`, from a start on the constraint: an outer pass computes every
+variable's multiplier and puts the ``grow`` worst violators into the working set (none above
+``tol``: solved); an inner loop solves the program restricted to the set, one variable
+joining or leaving its support per step, the objective falling at every step. The outlier
+entries are eliminated: only the coefficients' Schur complement is factored (Cholesky,
+rows appended, Givens deletions, rank-one updates for outlier entries), so the factor stays
+the size of ``C``'s support however dense ``E`` is. A floor on the pivots (:data:`RIDGE`)
+keeps dependent points factorable. Columns run per thread, without the GIL.
 """
 
 from __future__ import annotations

@@ -1,27 +1,14 @@
-"""The SSC program solved exactly by working sets, and its per-column duality-gap certificate.
+"""The SSC program solved exactly by working sets (docs/ssc.md), and the CPU's default route.
 
-With ``Y = X^T`` (``D x N``) the program of docs/method.md section 2 separates over the
-columns: column ``i`` of ``C`` and of ``E`` solve
-
-    min_{c, e}  ||c||_1 + lambda_e ||e||_1 + (lambda_z / 2) ||y_i - Y c - e||^2
-    s.t.        1^T c = 1,  c_i = 0
-
-and no two columns share a variable (``E``'s column ``i`` belongs to column ``i`` alone).
-This is a weighted lasso in ``z = [c; e]`` over the dictionary ``P = [Y, I]`` with one
-equality constraint. :func:`solve_ssc_workset` solves it column by column, exactly, in a
-kernel compiled by Numba (:mod:`videoanchor.anchor._workset_kernel`): from each point's
-nearest other point, outer passes compute every variable's KKT violation (``|F| (N + D)``
-products, ``F`` the column's support) and put the worst ``grow`` into the column's working
-set; a primal active-set method solves the program on that set (one variable joins or
-leaves per step, a Cholesky factor of the coefficients' Schur complement updated in
-``O(|F_c|^2)``, the outlier entries eliminated,
-the objective falling at every step). The answer is the minimiser up to rounding (the signs
-and the support are found, not approximated), certified per column by
-:func:`duality_gaps`.
-
-Its cost follows the support, not ``N`` (docs/ssc.md, benchmarks/results/workset_cpu.json).
+The program separates over the columns (:mod:`videoanchor.anchor.program`): column ``i`` is
+a weighted lasso in ``z = [c; e]`` over ``P = [Y, I]`` with ``1^T c = 1`` and ``c_i = 0``.
+:func:`solve_ssc_workset` solves it column by column, exactly, in a kernel compiled by Numba
+(:mod:`videoanchor.anchor._workset_kernel`): outer passes put each column's worst KKT
+violators into its working set, a primal active-set method solves the program on that set.
+The answer is the minimiser up to rounding, certified per column by
+:func:`~videoanchor.anchor.program.column_gaps`; its cost follows the support, not ``N``.
 :func:`run_workset`, the CPU's default, bounds each column's coefficients and work, solves
-the hard columns alone, and where ``C`` is dense starts again from the fast ADMM's answer.
+the hard columns alone, and where ``C`` is dense starts again from the fast solver's answer.
 """
 
 from __future__ import annotations

@@ -1,36 +1,19 @@
 """The working sets on the features' device: each column's inner steps in its own Triton
-program, the passes in torch on the same device (docs/ssc-gpu.md).
+program, the passes in torch on the same device (docs/ssc-gpu.md has the design and its
+static checks).
 
-The program (docs/method.md section 2) is, per column ``i``, a weighted lasso in
-``z = [c; e]`` over ``P = [Y, I]`` with ``a^T z = 1`` (``a``: 1 on ``c``, 0 on ``e``) and
-``c_i = 0``, as in :mod:`videoanchor.anchor.workset`. Here:
-
-- **one program per column at a time** (:func:`_columns_kernel`, persistent: ``programs``
-  programs stride over the columns) holds the column's working set in ``M`` slots (a
-  coefficient ``0..N-1`` or an outlier entry ``N..``) and solves the program restricted to
-  it by the primal active-set method (the worst violator joins with its multiplier's sign;
-  where a support variable would change sign the step stops at the first, which leaves).
-  The support's system ``lambda_z K_FF + gamma a a^T`` and **its inverse over the slots**
-  live in a per-program scratch in global memory (``M x M`` float64 each, cached in L2),
-  read and updated in row tiles of ``BR x M`` (a variable joins by a bordering update,
-  leaves by a Schur downdate; one refinement step against the system follows each solve).
-  So the registers a program needs follow the tile, not ``M``: the slot counts that
-  N = 2048-8192 needs compile without spills (``tests/test_workset_cuda.py``), and every
-  sweep reads only the slots in use (``used x used``);
-- **the passes** (:func:`_pass`) run in torch on all columns at once: every variable's
-  multiplier from the slots' answer, the ``grow`` worst violators of each column into its
-  free slots. No host read inside a pass; **one per pass** after it (whether any column
-  violates and whether all are solved). The products run in float32 until no column
-  violates at ``SCREEN`` (``precision="float32"``, the default), then in float64 to the
-  kernel's own ``tol``: the answer is certified in float64 (:func:`column_gaps`);
-- **the slots grow in two levels**: ``slots[0]`` for every column; a column whose support
-  fills them while a variable still violates is set aside and, once the others are
-  solved, continues alone with ``slots[1]``. A column that outgrows those too, or passes
-  that run out, is the defined fallback: the fast solver's answer for the whole call with
-  ``solver="fast"`` and a warning giving its gap (never a partly solved ``C``, as
-  :func:`~videoanchor.anchor.workset.run_workset`). The result reports which:
-  ``strategy`` ``"workset_cuda"`` (one level), ``"workset_cuda_wide"`` (some columns took
-  the second; ``history["wide_columns"]`` says how many) or the fast solver's.
+- **one program per column at a time** (:func:`_columns_kernel`, persistent) holds the
+  column's working set in ``M`` slots and solves the program restricted to it by the primal
+  active-set method of :mod:`videoanchor.anchor.workset`; the support's system and its
+  inverse over the slots live in a per-program scratch in global memory, read in row tiles,
+  so the registers follow the tile, not ``M`` (no spills at the slots N = 2048-8192 needs);
+- **the passes** (:func:`_pass`) run in torch on all columns at once, with no host read
+  inside a pass and one after it; float32 products until no column violates at ``SCREEN``,
+  then float64 to ``tol``: the answer is certified in float64;
+- **two levels of slots**: a column that fills ``slots[0]`` continues alone with
+  ``slots[1]``; one that outgrows those too, or passes that run out, gives the whole call
+  the fast solver's answer with a warning (``strategy``: ``"workset_cuda"``,
+  ``"workset_cuda_wide"`` or the fast solver's).
 
 Triton is imported when this solver runs, never by ``import videoanchor``.
 """
