@@ -155,7 +155,8 @@ def main(argv=None):
     p.add_argument(
         "--force-blocked",
         action="store_true",
-        help="score with the blocked solver spread over the ranks at every size",
+        help="score with the blocked solver spread over the ranks at every size "
+        "(configure's ssc_mode='blocked')",
     )
     args = p.parse_args(argv)
     if args.quick:
@@ -186,12 +187,8 @@ def main(argv=None):
         if cuda
         else [],
     )
-    if args.force_blocked:
-        import videoanchor.anchor.plan as plan_mod
-
-        plan_mod.exact_fits = lambda *a, **k: False
     model = load(args, world, device)
-    videoanchor.configure(model)
+    videoanchor.configure(model, ssc_mode="blocked" if args.force_blocked else "auto")
     handle = videoanchor.integrations.transformers.find_handle(model)
     timer = ShareTimer()
     rows = []

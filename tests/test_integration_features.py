@@ -183,6 +183,36 @@ def test_configure_errors(saved):
 
 
 @torch.no_grad()
+def test_ssc_mode_reaches_the_ssc_and_blocked_mode_bypasses_the_cache(saved):
+    """configure(ssc_mode=...) is the mode of the request's SSC: "auto" runs exact mode on
+    these few tokens, "exact" too (and finds the entry the "auto" run kept in the anchor
+    cache: the same plan, the same C), "blocked" the column-blocked authors' iteration,
+    uncached (the cache keeps exact mode's dense C). A bad value names ssc_mode."""
+    from videoanchor.integrations.transformers.cache import AnchorCache
+
+    model = load_saved(saved["qwen2_5_vl"])
+    samples, _ = _batch(model)
+    handle = videoanchor.configure(model, **SSC)
+    handle.cache = cache = AnchorCache(None)
+    ran = {}
+    for mode in ("auto", "exact", "blocked"):
+        assert videoanchor.configure(model, ssc_mode=mode).config.ssc_mode == mode
+        with warnings.catch_warnings():  # (max_iter=300: the blocked iteration may not converge)
+            warnings.simplefilter("ignore")
+            model(**samples[0])
+        ran[mode] = handle.last_result[0]
+    assert {m: r.mode for m, r in ran.items()} == {"auto": "exact", "exact": "exact",
+                                                   "blocked": "blocked"}  # fmt: skip
+    assert ran["blocked"].solver == "faithful" and ran["blocked"].coef.is_sparse
+    assert torch.equal(ran["exact"].scores, ran["auto"].scores)
+    assert (cache.stats["ssc_misses"], cache.stats["ssc_hits"]) == (1, 1)  # none for blocked
+    with pytest.raises(ValueError, match=r"ssc_mode: expected one of \('auto', 'exact', "
+                                         r"'blocked'\), got 'dense'"):  # fmt: skip
+        videoanchor.configure(model, ssc_mode="dense")
+    assert handle.config.ssc_mode == "blocked"  # the rejected call changed nothing
+
+
+@torch.no_grad()
 def test_sdpa_model_needs_the_attention_name_then_switches(saved):
     model = load_saved(saved["qwen2_5_vl"], "sdpa")
     samples, _ = _batch(model)

@@ -2,6 +2,8 @@
 no vLLM: engine options from additional_config, per-request extra_args, the prefix-cache
 salt, the supported-version check. The plugin on a real engine: tests/test_vllm.py."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -38,6 +40,42 @@ def test_engine_options_are_configures_with_its_defaults():
 def test_bad_engine_options_name_the_key(given, key):
     with pytest.raises(ValueError, match=rf"additional_config\['videoanchor'\]: .*{key}"):
         engine_config({"videoanchor": given})
+
+
+def test_ssc_mode_is_an_operator_option_like_ssc_solver():
+    """ssc_mode is an engine option (checked at start-up, named in the error), part of the
+    prefix-cache salt and of the score key; a request sets it only where request_options
+    opens it; blocked mode's jobs are counted at the authors' iteration's max_iter."""
+    from types import SimpleNamespace
+
+    from videoanchor.integrations.score_cache import score_key
+    from videoanchor.integrations.vllm.ahead import counted_work
+    from videoanchor.integrations.vllm.config import check_request, engine_policy
+
+    assert "ssc_mode" in ENGINE_KEYS
+    eng = engine_config({"videoanchor": {"ssc_mode": "blocked", "max_iter": 500}})
+    assert eng == AnchorConfig(ssc_mode="blocked", max_iter=500)
+    with pytest.raises(ValueError, match=r"additional_config\['videoanchor'\]: ssc_mode: "
+                                         r"expected one of \('auto', 'exact', 'blocked'\), "
+                                         r"got 'dense'"):  # fmt: skip
+        engine_config({"videoanchor": {"ssc_mode": "dense"}})
+    with pytest.raises(ValueError, match=r"additional_config\['videoanchor'\]: mode='blocked' "
+                                         r"runs the authors' iteration only"):  # fmt: skip
+        engine_config({"videoanchor": {"ssc_mode": "blocked", "ssc_solver": "fast"}})
+    auto = AnchorConfig()
+    assert salt_for(eng, ["v1"], None) != salt_for(replace(eng, ssc_mode="auto"), ["v1"], None)
+    assert score_key(["v1"], 4, replace(auto, ssc_mode="blocked")) != score_key(["v1"], 4, auto)
+    policy = engine_policy({"videoanchor": {"ssc_mode": "exact"}})
+    with pytest.raises(ValueError, match="does not let requests set 'ssc_mode'"):
+        check_request(policy, {"videoanchor_ssc_mode": "blocked"})
+    with pytest.raises(ValueError, match=r"extra_args\['videoanchor_ssc_mode'\]: ssc_mode: "
+                                         r"expected one of"):  # fmt: skip
+        request_overrides({"videoanchor_ssc_mode": "dense"})
+    opened = request_config(auto, {"videoanchor_ssc_mode": "blocked"})
+    assert opened.ssc_mode == "blocked"
+    work = {m: counted_work(100, 8, SimpleNamespace(ssc_solver="auto", ssc_mode=m, max_iter=500))
+            for m in ("auto", "exact", "blocked")}  # fmt: skip
+    assert work["auto"] == work["exact"] == work["blocked"] * 60 // 500
 
 
 def test_engine_options_must_be_a_dict():
@@ -98,7 +136,8 @@ def test_operator_policy_defaults_to_the_engines_own_values():
     assert p.allowed == frozenset(
         ("enabled", "alpha_q", "alpha_k", "alpha_v", "n_clusters", "seed", "decode", "tokens")
     )
-    for costly in ("ssc_solver", "ssc_backend", "ssc_precision", "rho", "eps", "max_iter"):
+    for costly in ("ssc_solver", "ssc_backend", "ssc_precision", "ssc_mode", "rho", "eps",
+                   "max_iter"):  # fmt: skip
         assert costly not in p.allowed
     every = engine_policy({"videoanchor": {"request_options": "all"}})
     assert every.allowed == frozenset(REQUEST_KEYS + ("enabled",))

@@ -65,6 +65,37 @@ def test_anchor_config_and_its_forwarding():
     assert set(kw) <= set(params)
 
 
+def test_ssc_mode_reaches_the_plan_and_the_call():
+    """``ssc_mode`` is SSCOptions' ``mode`` under its configure() name: forwarded to
+    compute_anchor_scores and to the plan an engine asks for (make_plan decides what "auto"
+    runs); a bad value or a combination blocked mode cannot run is refused naming it."""
+    from videoanchor.integrations.options import (
+        AnchorConfig,
+        fast_splits,
+        ssc_kwargs,
+        ssc_plan,
+        validate_ssc_options,
+    )
+
+    assert AnchorConfig().ssc_mode == DEFAULTS.mode == "auto"
+    for mode, runs in (("auto", "exact"), ("exact", "exact"), ("blocked", "blocked")):
+        cfg = AnchorConfig(ssc_mode=mode)
+        validate_ssc_options(cfg)
+        assert ssc_kwargs(cfg)["mode"] == mode
+        plan = ssc_plan(cfg, 40, 8, "cpu")
+        assert plan.mode == runs
+        assert plan.solver == ("faithful" if mode == "blocked" else "workset")
+    # blocked mode runs the authors' iteration: the fast solver is not what splits
+    assert fast_splits(AnchorConfig()) and not fast_splits(AnchorConfig(ssc_mode="blocked"))
+    with pytest.raises(ValueError, match=r"^ssc_mode: expected one of \('auto', 'exact', "
+                                         r"'blocked'\), got 'dense'"):  # fmt: skip
+        validate_ssc_options(AnchorConfig(ssc_mode="dense"))
+    with pytest.raises(ValueError, match="^ssc_mode: expected one of .*got 3"):
+        validate_ssc_options(AnchorConfig(ssc_mode=3))
+    with pytest.raises(ValueError, match="mode='blocked' runs the authors' iteration only"):
+        validate_ssc_options(AnchorConfig(ssc_mode="blocked", ssc_solver="fast"))
+
+
 def test_configure_checks_with_the_home_and_draws_no_seed():
     from videoanchor.integrations.options import AnchorConfig, validate_ssc_options
 
@@ -73,7 +104,7 @@ def test_configure_checks_with_the_home_and_draws_no_seed():
     assert np.array_equal(np.random.get_state()[1], state)  # seed=None checked, not drawn
     with pytest.raises(ValueError, match="rho: expected a positive finite number"):
         validate_ssc_options(AnchorConfig(rho=-1.0))
-    with pytest.raises(ValueError, match="solver: expected one of"):
+    with pytest.raises(ValueError, match="^ssc_solver: expected one of"):  # as configure() names it
         validate_ssc_options(AnchorConfig(ssc_solver="quick"))
 
 
@@ -87,8 +118,8 @@ def test_every_ssc_option_of_the_config_is_in_the_score_key():
 
     changed = {"alpha_e": 20.0, "alpha_z": 20.0, "rho": 30.0, "eps": 1e-3, "max_iter": 7,
                "pca_rank": 3, "ssc_backend": "torch", "ssc_solver": "faithful",
-               "ssc_dtype": torch.float64, "ssc_precision": "fp16x3", "seed": 5,
-               "label_draws": 2}  # fmt: skip
+               "ssc_dtype": torch.float64, "ssc_precision": "fp16x3", "ssc_mode": "blocked",
+               "seed": 5, "label_draws": 2}  # fmt: skip
     assert set(changed) == set(SSC_CONFIG_NAMES) - {"n_clusters"}
     assert set(SSC_OPTIONS) < set(SCORE_OPTIONS) == set(changed)
     base = AnchorConfig()

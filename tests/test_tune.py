@@ -205,6 +205,27 @@ def test_batched_settings_equal_separate_runs_and_cached_features_equal_pixels(s
         handle.per_row([(-2.0, 0.0, 4)])
 
 
+def test_cache_ssc_mode_exact_shares_autos_entries_and_blocked_has_none(tmp_path):
+    """The cache keeps exact mode's dense C: ssc_mode "exact" runs what "auto" does on few
+    tokens, under the same key; "blocked" (the authors' iteration by column blocks, another
+    answer) is refused rather than answered from, or stored as, an exact entry."""
+    AnchorConfig = videoanchor.integrations.transformers.AnchorConfig  # noqa: N806
+    feats = torch.randn(24, 6, generator=torch.Generator().manual_seed(2))
+    cache = AnchorCache(tmp_path / "c")
+    auto, exact = AnchorConfig(), AnchorConfig(ssc_mode="exact")
+    assert cache.ssc_key(feats, exact) == cache.ssc_key(feats, auto)
+    first = cache.anchor_result(feats, 3, exact)
+    assert torch.equal(first.scores, compute_anchor_scores(feats, 3, mode="exact").scores)
+    again = cache.anchor_result(feats, 3, auto)
+    assert cache.stats["ssc_hits"] == 1 and torch.equal(again.scores, first.scores)
+    blocked = AnchorConfig(ssc_mode="blocked")
+    for ask in (lambda: cache.ssc_key(feats, blocked),
+                lambda: cache.anchor_result(feats, 3, blocked)):  # fmt: skip
+        with pytest.raises(ValueError, match="expected ssc_mode 'auto' or 'exact', got 'blocked'"):
+            ask()
+    assert cache.stats["ssc_misses"] == 1 and cache.stats["ssc_hits"] == 1
+
+
 def test_ssc_split_equals_compute_anchor_scores():
     x = torch.randn(37, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     c = ssc_coefficients(x)

@@ -49,9 +49,10 @@ class AnchorConfig:
     """Options of one configured model (see :func:`videoanchor.configure`).
 
     The SSC options (:data:`SSC_CONFIG_NAMES`) are
-    :class:`~videoanchor.anchor.options.SSCOptions`' (defaults, checks, meaning), three of
+    :class:`~videoanchor.anchor.options.SSCOptions`' (defaults, checks, meaning), five of
     them under an ``ssc_`` name here: ``ssc_backend``, ``ssc_solver``, ``ssc_dtype``,
-    ``ssc_precision``.
+    ``ssc_precision``, ``ssc_mode`` (``mode``: ``"auto"``, ``"exact"`` or ``"blocked"``;
+    :func:`~videoanchor.anchor.plan.make_plan` picks what ``"auto"`` runs).
     """
 
     enabled: bool = True
@@ -73,14 +74,15 @@ class AnchorConfig:
     ssc_solver: str = SSC.solver
     ssc_dtype: torch.dtype | None = SSC.dtype
     ssc_precision: str = SSC.precision
+    ssc_mode: str = SSC.mode
     attention_backend: str = "auto"
     process_group: object = "auto"
     ssc_progress: object = "auto"
     ssc_time_budget: float | None = None
 
 
-_SSC_PREFIXED = ("backend", "solver", "dtype", "precision")  # ssc_backend, ssc_solver, ...
-_SSC_UNSET = ("eigen_solver", "mode", "block_columns", "block_eps", "progress")
+_SSC_PREFIXED = ("backend", "solver", "dtype", "precision", "mode")  # ssc_backend, ...
+_SSC_UNSET = ("eigen_solver", "block_columns", "block_eps", "progress")
 #: ``{AnchorConfig field: SSCOptions option}`` of the SSC options a configured model sets
 #: (the others keep their defaults, but ``progress``, which ``ssc_progress`` and
 #: ``ssc_time_budget`` make).
@@ -144,9 +146,15 @@ def ssc_options(cfg: AnchorConfig) -> SSCOptions:
 def validate_ssc_options(cfg: AnchorConfig) -> None:
     """The SSC options, checked at configure() time by the check compute_anchor_scores
     uses (:meth:`SSCOptions.checked`, so a bad ssc_dtype or ssc_backend fails here, not at
-    generate). ``seed=None`` is checked without drawing a seed."""
+    generate). ``seed=None`` is checked without drawing a seed. An error about one option
+    names it as the user passed it (``ssc_mode: expected one of ..., got ...``)."""
     opts = ssc_options(cfg)
-    replace(opts, seed=0 if opts.seed is None else opts.seed, progress=False).checked()
+    try:
+        replace(opts, seed=0 if opts.seed is None else opts.seed, progress=False).checked()
+    except (TypeError, ValueError) as err:
+        if str(err).partition(":")[0] not in _SSC_PREFIXED:
+            raise
+        raise type(err)(f"ssc_{err}") from None
 
 
 def ssc_kwargs(cfg: AnchorConfig) -> dict:
@@ -157,10 +165,11 @@ def ssc_kwargs(cfg: AnchorConfig) -> dict:
 
 def fast_splits(cfg: AnchorConfig) -> bool:
     """Whether ``cfg``'s SSC splits its columns over a process group in exact mode: the fast
-    solver on torch (``ssc_solver`` "auto" or "fast", ``ssc_backend`` not "cupy"); the
-    faithful solver and CuPy run on one process
-    (:func:`videoanchor.anchor.options.check_distributed`)."""
-    return cfg.ssc_solver in ("auto", "fast") and cfg.ssc_backend != "cupy"
+    solver on torch (``ssc_solver`` "auto" or "fast", ``ssc_backend`` not "cupy", ``ssc_mode``
+    not "blocked", which runs the authors' iteration); the faithful solver and CuPy run on
+    one process (:func:`videoanchor.anchor.options.check_distributed`)."""
+    return (cfg.ssc_solver in ("auto", "fast") and cfg.ssc_backend != "cupy"
+            and cfg.ssc_mode != "blocked")  # fmt: skip
 
 
 def clusters_for(n_tokens: int, cfg: AnchorConfig) -> int:
@@ -172,9 +181,9 @@ def clusters_for(n_tokens: int, cfg: AnchorConfig) -> int:
 def ssc_plan(cfg: AnchorConfig, n: int, d: int, device, progress=None):
     """The :class:`~videoanchor.anchor.plan.Plan` that
     :func:`videoanchor.anchor.compute_anchor_scores` makes for ``n`` visual tokens of ``d``
-    features on ``device`` with ``cfg``'s options and the ``progress`` reporter an engine
-    passes (its time budget counts; None: ``cfg``'s ``ssc_time_budget``), on one process:
-    the same plan, from the same function, as the call itself. Raises
+    features on ``device`` with ``cfg``'s options (``ssc_mode`` too) and the ``progress``
+    reporter an engine passes (its time budget counts; None: ``cfg``'s ``ssc_time_budget``),
+    on one process: the same plan, from the same function, as the call itself. Raises
     :class:`~videoanchor.anchor.plan.SSCMemoryError` where nothing fits."""
     from videoanchor.anchor.plan import make_plan
     from videoanchor.anchor.progress import SSCProgress

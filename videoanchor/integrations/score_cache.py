@@ -30,13 +30,16 @@ __all__ = ["SCORE_OPTIONS", "SSC_OPTIONS", "CacheStats", "ScoreCache", "score_ke
 SSC_OPTIONS = tuple(
     name for name, opt in SSC_CONFIG_NAMES.items() if opt in names_affecting("coef")
 )
-#: Those that change the scores given the features: C's and the labels' (the cluster count
-#: is part of the key on its own: it may be lowered per request).
-SCORE_OPTIONS = SSC_OPTIONS + tuple(
+_LABEL_OPTIONS = tuple(  # (the cluster count is part of the key on its own)
     name
     for name, opt in SSC_CONFIG_NAMES.items()
     if opt in names_affecting("labels") and opt != "n_clusters"
 )
+#: Those that change the scores given the features: C's, the labels' (the cluster count is
+#: part of the key on its own: it may be lowered per request) and ``ssc_mode`` (the same
+#: program either way, but blocked mode runs the authors' iteration where
+#: ``ssc_solver="auto"`` in exact mode runs another solver).
+SCORE_OPTIONS = (*SSC_OPTIONS, *_LABEL_OPTIONS, "ssc_mode")
 
 
 @dataclass

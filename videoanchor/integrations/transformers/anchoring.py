@@ -511,7 +511,7 @@ class AnchorHandle:
                         feats, k, **ssc_kwargs(cfg), progress=reporter, **spread_over
                     )
 
-                def blocked(feats=feats, reporter=reporter):  # what mode="auto" picks
+                def blocked(feats=feats, reporter=reporter):  # ssc_mode's (auto: the plan's)
                     from videoanchor.anchor.plan import SSCMemoryError
 
                     try:
@@ -768,6 +768,7 @@ def configure(
     ssc_solver=_UNSET,
     ssc_dtype=_UNSET,
     ssc_precision=_UNSET,
+    ssc_mode=_UNSET,
     attention_backend=_UNSET,
     process_group=_UNSET,
     ssc_progress=_UNSET,
@@ -797,6 +798,11 @@ def configure(
             (default: ``"fp16x3"`` on CUDA, else ``"full"``), ``"full"`` (the working dtype)
             or ``"fp16x3"`` (the fast solver's products on float16 tensor cores at about
             float32 accuracy; for CUDA).
+        ssc_mode: ``mode`` of :func:`videoanchor.compute_anchor_scores`: ``"auto"`` (default:
+            exact where the dense ``N x N`` problem fits, column-blocked above), ``"exact"``
+            or ``"blocked"`` (the same program by column blocks with the authors' iteration,
+            no ``N x N`` buffer; spread over the ranks of ``process_group``). An SSC in blocked
+            mode bypasses ``handle.cache``, which keeps exact mode's dense C.
         label_draws: 1 (default, the paper's single random label draw) or R > 1: R label
             draws from one spectral embedding with the cluster shares averaged, for scores
             that depend much less on the seed (beyond the paper).
@@ -873,6 +879,7 @@ def configure(
             ssc_solver=ssc_solver,
             ssc_dtype=ssc_dtype,
             ssc_precision=ssc_precision,
+            ssc_mode=ssc_mode,
             attention_backend=attention_backend,
             process_group=process_group,
             ssc_progress=ssc_progress,

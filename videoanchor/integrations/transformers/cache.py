@@ -231,9 +231,21 @@ class AnchorCache:
         solver that runs (from the plan the call makes) and the fast solver's schedule,
         ``schedule`` (default the package's own, ``videoanchor.anchor.admm.SCHEDULE``; the
         schedule decides the fast solver's answer as much as the options do, so an entry a
-        version with another schedule stored is not hit)."""
+        version with another schedule stored is not hit).
+
+        The entries are exact mode's dense C (what :meth:`anchor_result` solves), so the
+        plan is exact mode's whatever ``ssc_mode`` says ("auto" and "exact" share entries);
+        ``ssc_mode="blocked"`` has none here, a ValueError (the handle runs an SSC in blocked
+        mode uncached)."""
         from videoanchor.anchor import admm
 
+        if config.ssc_mode == "blocked":
+            raise ValueError(
+                "AnchorCache keeps exact mode's dense SSC coefficients; expected ssc_mode "
+                "'auto' or 'exact', got 'blocked' (call compute_anchor_scores, uncached)"
+            )
+        plan = ssc_plan(dataclasses.replace(config, ssc_mode="exact"), *features.shape,
+                        features.device, progress)  # fmt: skip
         opts = {k: getattr(config, k) for k in SSC_OPTIONS}
         opts["ssc_dtype"] = str(config.ssc_dtype)
         # (the continuation in lambda_z, 2026-11-25, changed the schedule)
@@ -241,15 +253,16 @@ class AnchorCache:
         # the solver that runs, from the plan the call makes (issue 71: before, "auto" ran
         # the fast solver wherever a progress reporter was passed, as this cache always did;
         # those entries are not hit)
-        opts["runs"] = ssc_plan(config, *features.shape, features.device, progress).solver
+        opts["runs"] = plan.solver
         return content_hash(FORMAT, features, opts)
 
     def anchor_result(self, features: torch.Tensor, n_clusters: int, config, progress=False):
         """The :class:`~videoanchor.anchor.AnchorResult` of one sample's visual tokens
         (``features`` (N, D)), as ``compute_anchor_scores(mode="exact")`` with ``config``'s
-        SSC options would return it: C from the cache or solved once per features, labels
-        and scores once per ``n_clusters``, seed and label draws. ``progress`` reports an SSC
-        that runs (see :func:`~videoanchor.anchor.compute_anchor_scores`)."""
+        SSC options would return it (``ssc_mode="blocked"`` is a ValueError: :meth:`ssc_key`):
+        C from the cache or solved once per features, labels and scores once per
+        ``n_clusters``, seed and label draws. ``progress`` reports an SSC that runs (see
+        :func:`~videoanchor.anchor.compute_anchor_scores`)."""
         from videoanchor.anchor import (
             SSCCoefficients,
             anchor_result_from_coefficients,

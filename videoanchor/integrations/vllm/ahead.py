@@ -111,11 +111,13 @@ def job_tag(key) -> int:
 def counted_work(n: int, d: int, cfg) -> int:
     """A request's SSC work in counted units, known before it runs: ``n^2 (n + d)`` per
     iteration (the dense products over ``n`` tokens of width ``d``) times the iterations its
-    solver may run (the fast solver's fixed 60; otherwise ``max_iter``). What orders the
-    side threads' jobs (:class:`Turns`); deterministic, never a timing. Under ``"auto"`` on
-    the CPU the working sets run, whose cost is not this count, but it grows with ``n`` and
-    ``d`` as theirs does, and only the order of the counts is used."""
-    iters = 60 if cfg.ssc_solver in ("auto", "fast") else cfg.max_iter
+    solver may run (the fast solver's fixed 60; otherwise, ``ssc_mode="blocked"`` included,
+    ``max_iter``). What orders the side threads' jobs (:class:`Turns`); deterministic, never
+    a timing. Under ``"auto"`` on the CPU the working sets run, whose cost is not this count,
+    but it grows with ``n`` and ``d`` as theirs does, and only the order of the counts is
+    used."""
+    fast = cfg.ssc_solver in ("auto", "fast") and getattr(cfg, "ssc_mode", "auto") != "blocked"
+    iters = 60 if fast else cfg.max_iter
     return n * n * (n + d) * iters
 
 
@@ -186,13 +188,16 @@ class Ahead:
     Injected parts (defaults: the engine's own): ``encoder``, a function ``(runner,
     features) -> EncoderOutputs`` (:data:`.scoring.EncoderOutputs`; default the model's own
     encoder through vLLM's batching, :meth:`model_encoder`); ``rank_world``, this worker's
-    tensor-parallel (rank, size) (default vLLM's group, (0, 1) outside one). Attribute
+    tensor-parallel (rank, size) (default vLLM's group, (0, 1) outside one);
+    ``split_group``, the process group that split jobs run over (default a gloo group of
+    vLLM's tensor-parallel ranks, made at the first split job: :meth:`_split_group`). Attribute
     ``keep_encoded_bytes``: the bytes of encoder outputs kept for the requests' own prefill
     steps (default :data:`KEEP_ENCODED_BYTES`; beyond it a step encodes its items again).
     """
 
     def __init__(self, runner, nice: int, split: bool = False, workers: int = 2, *,
-                 encoder=None, rank_world: tuple[int, int] | None = None):  # fmt: skip
+                 encoder=None, rank_world: tuple[int, int] | None = None,
+                 split_group=None):  # fmt: skip
         self.owner = id(runner)
         self._runner = weakref.ref(runner)
         self.nice = int(nice)
@@ -202,7 +207,7 @@ class Ahead:
         # scores_ahead_split: the fast solver's columns over a gloo group of the
         # tensor-parallel ranks (made in the main thread at the first split job: _split_group)
         self.split = bool(split) and self.world > 1
-        self._group = None  # None: not made yet; False: cannot be made here
+        self._group = split_group  # None: not made yet; False: cannot be made here
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="videoanchor-ssc",
                                         initializer=self._init_thread)  # fmt: skip
         # split jobs run collectives: one thread, in submission order on every rank

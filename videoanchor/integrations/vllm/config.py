@@ -64,7 +64,7 @@ POLICY_KEYS = (
 )
 #: ``request_options`` default: what changes the method's output at a bounded cost (the
 #: alphas, ``n_clusters`` under its limit, ``seed``, on/off, ``decode`` and which item kinds
-#: are scored, ``tokens``). The solver, its backend and
+#: are scored, ``tokens``). The solver, its mode, backend and
 #: precision, ``rho``, ``eps`` and the other SSC options are the operator's unless
 #: ``request_options`` opens them.
 DEFAULT_REQUEST_OPTIONS = (
