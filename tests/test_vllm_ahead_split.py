@@ -34,11 +34,9 @@ def _split_jobs(rank):
     import torch.distributed as dist
 
     group = dist.group.WORLD
-    ahead._tp_rank_world = lambda: (rank, 2)
     runner = Runner(rank=rank, device=torch.device("cpu"),
                     vllm_config=SimpleConfig(), model_config=None)  # fmt: skip
-    job_runner = ahead.Ahead(runner, 0, split=True)
-    job_runner._group = group
+    job_runner = ahead.Ahead(runner, 0, split=True, rank_world=(rank, 2), split_group=group)
     eng = engine_config({"videoanchor": OPTIONS})
     cache = score_cache(id(runner), runner.vllm_config.additional_config)
 
