@@ -114,6 +114,7 @@ def test_recovers_independent_subspaces_with_gross_errors():
         (dict(affine=False, outliers=False), "outliers=False"),
         (dict(affine=False, backend="cupy"), "backend='cupy'"),
         (dict(affine=False, solver="fast"), "solver='fast'"),
+        (dict(affine=False, solver="workset"), "solver='workset'"),  # (ran E&V's, said workset)
         (dict(affine=False, data_term="l1"), "data_term: expected one of"),
     ],
 )

@@ -418,7 +418,7 @@ def test_dense_sets_start_again_from_the_fast_solver_and_say_so():
     ref = reference_minimiser(x.double())
     # every column's set outgrows 2 coefficients from afar: more than hard_share of them
     res = _default(x, Limits(dense_set=2))
-    assert res.solver is None and res.strategy == "workset_warm" and res.converged
+    assert res.solver == "workset" and res.strategy == "workset_warm" and res.converged
     assert res.gap < 1e-9 and res.residual == res.gap
     assert {"workset", "workset_warm"} <= set(res.timings) and "workset_hard" not in res.timings
     assert any(k.startswith("fast_") for k in res.timings)
@@ -457,7 +457,7 @@ def test_one_hard_column_does_not_stop_the_others():
     assert int(work.argmax()) == 5 and first > 2 * second  # the overlaid token's column
     limits = Limits(cold_work=(first + second) / 2)  # column 5 alone is past it
     res = _default(x, limits)
-    assert res.solver is None and res.strategy == "workset_hard" and res.converged
+    assert res.solver == "workset" and res.strategy == "workset_hard" and res.converged
     assert {"workset", "workset_hard"} <= set(res.timings)
     assert not any(k.startswith("fast_") for k in res.timings)
     gaps = duality_gaps(x, res.coef, res.lambda_e, res.lambda_z)  # float64, from scratch

@@ -177,7 +177,7 @@ def run_blocked(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
     return SSCSolution(
         coef=coef, iterations=max(block_its), converged=bool((stats_t[:, 3] > 0).all()),
         stopped=bool((stats_t[:, 4] > 0).any()), residual=max(block_res), lambda_e=lam_e,
-        lambda_z=lam_z, rho=float(rho), block_columns=block, block_iterations=block_its,
+        lambda_z=lam_z, rho=float(rho), solver=plan.solver, block_columns=block, block_iterations=block_its,
         block_residuals=block_res, history=history, world_size=world,
         timings={"lambdas": t1 - t0, "factor": t2 - t1, "admm": t3 - t2, "gather": t4 - t3},
     )  # fmt: skip

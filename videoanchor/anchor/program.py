@@ -121,11 +121,10 @@ class SSCSolution:
     def uncertified(self, y: torch.Tensor, why: str) -> SSCSolution:
         """This answer (the fast solver's) where the working sets did not certify the
         program on ``y`` (``Y``, ``D x N``, float64): its relative duality gap as ``gap``,
-        ``solver="fast"``, and one warning that says ``why`` and gives the gap."""
+        and one warning that says ``why`` and gives the gap."""
         y = y.to(torch.float64)
         self.gap = column_gaps(y, self.coef.to(y.device, torch.float64), self.lambda_e,
                                self.lambda_z).max_gap  # fmt: skip
-        self.solver = "fast"
         warnings.warn(f"SSC: {why}; the answer is the fast solver's, not certified: relative "
                       f"duality gap {self.gap:.3g}", UserWarning, stacklevel=4)  # fmt: skip
         return self

@@ -256,18 +256,11 @@ def sparse_subspace_clustering(
     if assign_labels not in ("discretize", "kmeans"):
         raise ValueError(f"assign_labels: expected 'discretize' or 'kmeans', got {assign_labels!r}")
     if data_term == "exact":
-        unsupported = [
-            msg
-            for bad, msg in (
-                (not outliers, "outliers=False (the constraint Y = Y C + E needs E)"),
-                (given.backend == "cupy", "backend='cupy' (torch only)"),
-                (
-                    given.solver == "fast",
-                    f"solver={given.solver!r} (faithful only)",
-                ),
-            )
-            if bad
-        ]
+        unsupported = [msg for bad, msg in (
+            (not outliers, "outliers=False (the constraint Y = Y C + E needs E)"),
+            (given.backend == "cupy", "backend='cupy' (torch only)"),
+            (given.solver not in ("auto", "faithful"), f"solver={given.solver!r} (faithful only)"),
+        ) if bad]  # fmt: skip
         if unsupported:
             raise ValueError(
                 "data_term='exact' (Elhamifar & Vidal's constrained outlier program) does "
@@ -286,8 +279,7 @@ def sparse_subspace_clustering(
     timings["spectral"] = t2 - t1
     timings["total"] = t2 - t0
     return SSCResult(labels=draws[0], label_draws=draws,
-                     **res.answer(backend=plan.backend, solver=res.solver or plan.solver,
-                                  timings=timings))  # fmt: skip
+                     **res.answer(backend=plan.backend, timings=timings))  # fmt: skip
 
 
 @bounded()
@@ -424,8 +416,7 @@ def compute_anchor_scores(
     timings = dict(res.timings)
     timings.update(spectral=t2 - t1, scores=t3 - t2, total=t3 - t0)
     return AnchorResult(scores=scores, labels=draws[0], mode=plan.mode,
-                        **res.answer(backend=plan.backend, solver=res.solver or plan.solver,
-                                     timings=timings))  # fmt: skip
+                        **res.answer(backend=plan.backend, timings=timings))  # fmt: skip
 
 
 @bounded()
@@ -460,8 +451,7 @@ def ssc_coefficients(
     _sync(x.device)
     timings = dict(res.timings)
     timings["total"] = time.perf_counter() - t0
-    return SSCCoefficients(**res.answer(backend=plan.backend, solver=res.solver or plan.solver,
-                                        timings=timings))  # fmt: skip
+    return SSCCoefficients(**res.answer(backend=plan.backend, timings=timings))  # fmt: skip
 
 
 @bounded()

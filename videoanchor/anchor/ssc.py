@@ -322,7 +322,8 @@ def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, r
         timings["gather"] = time.perf_counter() - t3
     if scheduled:
         strategy = "low_rank" if factor.low_rank else "thin" if factor.thin else "dense"
-    return SSCSolution.from_run(out, coef=coef, lambda_e=lam_e, lambda_z=lam_z, rho=step.rho,
+    return SSCSolution.from_run(out, coef=coef, lambda_e=lam_e, lambda_z=lam_z, solver=plan.solver,
+                                rho=step.rho,
                                 rho_changes=step.rho_changes, strategy=strategy, outliers=e,
                                 history=history, timings=timings)  # fmt: skip
 

@@ -263,7 +263,7 @@ def solve_ssc_workset(
         dtype=x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32,
         timings={"lambdas": t1 - t0, "workset": time.perf_counter() - t1},
         iterations=int(passes.max()), converged=bool((status == _kernel().SOLVED).all()),
-        strategy="workset")  # fmt: skip
+        solver="workset", strategy="workset")  # fmt: skip
 
 
 def _prepare(x, alpha_e: float, alpha_z: float) -> tuple:
@@ -363,7 +363,7 @@ def _routes(x, plan: Plan, limits: Limits, *, alpha_e, alpha_z, rho, eps, max_it
         return SSCSolution.certified(x64.T, C, E, lam_e, lam_z, like=x, dtype=plan.work,
                                      timings=timings, iterations=int(passes.max()),
                                      converged=bool((status == kernel.SOLVED).all()),
-                                     strategy=strategy)  # fmt: skip
+                                     solver=plan.solver, strategy=strategy)  # fmt: skip
 
     C, E, status, passes = sweep("workset", limits.dense_set, limits.cold_work,
                                  stop_after=max(1, int(limits.hard_share * n)) + 1)  # fmt: skip

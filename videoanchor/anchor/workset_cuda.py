@@ -491,7 +491,7 @@ def run_workset_cuda(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: fl
     res = SSCSolution.certified(
         x.detach().to(torch.float64).T, out["coef"], out["outliers"], out["lambda_e"],
         out["lambda_z"], like=x, dtype=plan.work, timings=out["timings"],
-        iterations=out["passes"], converged=out["converged"], history=history,
+        iterations=out["passes"], converged=out["converged"], history=history, solver=plan.solver,
         strategy="workset_cuda_wide" if out["wide_columns"] else "workset_cuda")  # fmt: skip
     if res.converged and res.gap < CERTIFIED:
         return res
