@@ -293,7 +293,7 @@ def test_bad_parameters_raise(kw, match):
 
 
 def test_solver_entry_points_take_the_options_by_keyword_and_name_the_unknown_ones():
-    """The solvers' SSCOptions keywords are written once (ssc.takes_options): the signature
+    """The solvers' SSCOptions keywords are written once (options.takes_options): the signature
     shows them with the home's defaults (E&V's 20 for the constrained program), a value
     given reaches the solver, and an unknown keyword is a TypeError naming it and what the
     function takes."""

@@ -32,11 +32,11 @@ import torch
 from videoanchor.anchor import admm
 from videoanchor.anchor._inputs import prepare_features
 from videoanchor.anchor.collective import _all_gather_rows, comm_device, raise_together
-from videoanchor.anchor.options import DEFAULTS, SSCOptions
+from videoanchor.anchor.options import DEFAULTS, SSCOptions, takes_options
 from videoanchor.anchor.plan import _BLOCK_BUDGET, Plan, make_plan
 from videoanchor.anchor.products import exact_float32
 from videoanchor.anchor.program import SSCSolution, ssc_lambdas
-from videoanchor.anchor.ssc import TorchKernels, takes_options
+from videoanchor.anchor.ssc import TorchKernels
 
 __all__ = ["run_blocked", "solve_ssc_blocked"]
 

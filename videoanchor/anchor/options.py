@@ -8,6 +8,8 @@ integrations, ``AnchorConfig``'s SSC fields and the command lines' defaults.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -24,7 +26,7 @@ from videoanchor.anchor._inputs import (
 )
 from videoanchor.anchor.products import PRECISIONS, check_precision
 
-__all__ = ["CHECKS", "DEFAULTS", "EIGEN_SOLVERS", "SSCOptions", "names_affecting"]
+__all__ = ["CHECKS", "DEFAULTS", "EIGEN_SOLVERS", "SSCOptions", "names_affecting", "takes_options"]
 
 SSC_BACKENDS = ("auto", "torch", "cupy")
 SSC_SOLVERS = ("auto", "fast", "faithful", "workset")
@@ -247,3 +249,34 @@ def names_affecting(what: str) -> tuple[str, ...]:
     if what not in ("coef", "labels"):
         raise ValueError(f"what: expected 'coef' or 'labels', got {what!r}")
     return tuple(f.name for f in fields(SSCOptions) if CHECKS[f.name][1] == what)
+
+
+def takes_options(*names: str, **defaults):
+    """Decorator of an SSC entry point ``fn(features, *, ..., **options)`` that takes the
+    :class:`~videoanchor.anchor.options.SSCOptions` ``names`` as keywords, with the home's
+    defaults (or ``defaults``): written once, not in every signature. The signature shows
+    them (``inspect.signature``, ``help``), ``fn`` gets each one in ``options`` and any
+    other keyword is a TypeError that names what it got and what ``fn`` takes."""
+
+    def decorate(fn):
+        sig = inspect.signature(fn)
+        own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        kind = inspect.Parameter.KEYWORD_ONLY
+        extra = [inspect.Parameter(n, kind, default=defaults.get(n, getattr(DEFAULTS, n)))
+                 for n in names]  # fmt: skip
+        full = sig.replace(parameters=own + extra)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                bound = full.bind(*args, **kwargs)
+            except TypeError as exc:
+                takes = ", ".join(full.parameters)
+                raise TypeError(f"{fn.__name__}: {exc}; expected {takes}") from None
+            bound.apply_defaults()
+            return fn(**bound.arguments)
+
+        wrapper.__signature__ = full
+        return wrapper
+
+    return decorate

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from videoanchor.anchor.ssc import takes_options
+from videoanchor.anchor.options import takes_options
 
 __all__ = [
     "authors_lambdas",

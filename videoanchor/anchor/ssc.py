@@ -17,8 +17,6 @@ working dtype (float32 by default) and are the authors' iterates. The iteration 
 
 from __future__ import annotations
 
-import functools
-import inspect
 import time
 import warnings
 
@@ -35,43 +33,12 @@ from videoanchor.anchor.collective import (
     column_range,
     computed_on_first,
 )
-from videoanchor.anchor.options import DEFAULTS, SSCOptions
+from videoanchor.anchor.options import SSCOptions, takes_options
 from videoanchor.anchor.plan import Plan, SSCMemoryError, make_plan
 from videoanchor.anchor.products import Products, exact_float32
 from videoanchor.anchor.program import SSCSolution, gram_row_max, ssc_lambdas
 
-__all__ = ["solve_ssc_admm", "run_admm", "SSCMemoryError", "takes_options"]
-
-
-def takes_options(*names: str, **defaults):
-    """Decorator of an SSC entry point ``fn(features, *, ..., **options)`` that takes the
-    :class:`~videoanchor.anchor.options.SSCOptions` ``names`` as keywords, with the home's
-    defaults (or ``defaults``): written once, not in every signature. The signature shows
-    them (``inspect.signature``, ``help``), ``fn`` gets each one in ``options`` and any
-    other keyword is a TypeError that names what it got and what ``fn`` takes."""
-
-    def decorate(fn):
-        sig = inspect.signature(fn)
-        own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
-        kind = inspect.Parameter.KEYWORD_ONLY
-        extra = [inspect.Parameter(n, kind, default=defaults.get(n, getattr(DEFAULTS, n)))
-                 for n in names]  # fmt: skip
-        full = sig.replace(parameters=own + extra)
-
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            try:
-                bound = full.bind(*args, **kwargs)
-            except TypeError as exc:
-                takes = ", ".join(full.parameters)
-                raise TypeError(f"{fn.__name__}: {exc}; expected {takes}") from None
-            bound.apply_defaults()
-            return fn(**bound.arguments)
-
-        wrapper.__signature__ = full
-        return wrapper
-
-    return decorate
+__all__ = ["solve_ssc_admm", "run_admm", "SSCMemoryError"]
 
 
 _DENSITY_RECHECK = 10  # (CUDA) how often E's density is counted: _sparse_by_density

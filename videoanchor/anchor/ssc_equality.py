@@ -41,10 +41,10 @@ import torch
 
 from videoanchor.anchor import admm
 from videoanchor.anchor._inputs import prepare_features
-from videoanchor.anchor.options import SSCOptions
+from videoanchor.anchor.options import SSCOptions, takes_options
 from videoanchor.anchor.plan import Plan, make_plan
 from videoanchor.anchor.program import SSCSolution, gram_row_max
-from videoanchor.anchor.ssc import TorchKernels, takes_options
+from videoanchor.anchor.ssc import TorchKernels
 
 __all__ = ["equality_parameters", "run_equality", "solve_ssc_equality"]
 
