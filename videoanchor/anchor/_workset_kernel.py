@@ -494,17 +494,20 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
             for r in range(fe):
                 W[w_] = n + Fe[r]
                 w_ += 1
-            f = w_
-            for _ in range(grow):
-                worst, at = tol, -1
-                for u in range(n + d):
-                    if full[u] > worst:  # NaN (F, i) compares false
-                        worst, at = full[u], u
-                if at < 0:
-                    break
-                W[w_] = at
-                w_ += 1
-                full[at] = math.nan
+            f, kept = w_, 0
+            # the `grow` worst above tol in one scan, worst first (ties: the lower index);
+            # W[f:f + kept] holds them in that order, compared through `full`
+            for u in range(n + d):
+                v = full[u]
+                if v > tol and (kept < grow or v > full[W[f + kept - 1]]):  # NaN: false
+                    p = kept if kept < grow else grow - 1
+                    while p > 0 and full[W[f + p - 1]] < v:
+                        W[f + p] = W[f + p - 1]
+                        p -= 1
+                    W[f + p] = u
+                    if kept < grow:
+                        kept += 1
+            w_ = f + kept
             if w_ == f or w_ > cap:
                 st = SOLVED if w_ == f else TOO_LARGE
                 break
