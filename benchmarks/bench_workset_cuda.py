@@ -43,6 +43,24 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _syncs(fn, device) -> int | None:
+    """The host synchronisations of one call of ``fn`` on CUDA (issue 66 item 3): the
+    operations ``torch.cuda.set_sync_debug_mode`` flags (scalar reads, ``nonzero``, copies to
+    the host), counted by their warnings; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in seen)
+
+
 def _yardstick(x, coef, ref) -> dict:
     lam_e, lam_z = ref.lambda_e, ref.lambda_z
     c = coef.detach().to("cpu", torch.float64)
@@ -71,6 +89,8 @@ def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False) -> Path:
                 "workset_cuda": lambda x=x, kw=kw: wc.solve_workset_cuda(x, **kw),
                 "fast": lambda x=x, k=clusters: compute_anchor_scores(
                     x, k, solver="fast", progress=False),
+                # the whole default call (the working sets, the spectral step, the scores)
+                "default": lambda x=x, k=clusters: compute_anchor_scores(x, k, progress=False),
             }  # fmt: skip
             ref = None
             if f == frames[0]:
@@ -99,13 +119,17 @@ def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False) -> Path:
                                steps_max=int(res["steps"].max()),
                                **{f"seconds_{k}": v for k, v in res["timings"].items()})  # fmt: skip
                 else:
-                    row.update({f"seconds_{k}": v for k, v in res.timings.items()})
+                    row.update({f"seconds_{k}": v for k, v in res.timings.items()},
+                               answered=res.solver, strategy=res.strategy,
+                               host_reads=res.history.get("host_reads")
+                               if isinstance(res.history, dict) else None)  # fmt: skip
+                row["syncs"] = _syncs(fn, device)
                 if ref is not None:
                     row.update(_yardstick(x.cpu(), coef, ref), reference_seconds=ref_s,
                                reference_gap=ref.residual)  # fmt: skip
                 rows.append(row)
     print_table(rows, ["model", "frames", "n", "solver", "seconds", "passes", "converged",
-                       "objective_gap", "affine", "rowsum_spearman"])  # fmt: skip
+                       "syncs", "objective_gap", "affine", "rowsum_spearman"])  # fmt: skip
     return write_result("workset_cuda", meta, rows, out_dir)
 
 

@@ -162,12 +162,14 @@ def test_outlier_entries_are_solved_too():
 
 
 def test_the_gpu_benchmark_runs_tiny_on_the_cpu(tmp_path):
-    """bench_workset_cuda --smoke: both solvers' rows, the yardstick against the minimiser."""
+    """bench_workset_cuda --smoke: each solver's row (the default's whole call too, whose
+    synchronisations are counted on CUDA only), the yardstick against the minimiser."""
     from benchmarks import bench_workset_cuda
 
     bench_workset_cuda.main(["--smoke", "--out-dir", str(tmp_path)])
     rows = json.loads(next(tmp_path.glob("workset_cuda_*.json")).read_text())["rows"]
-    assert [r["solver"] for r in rows] == ["workset_cuda", "fast"]
+    assert [r["solver"] for r in rows] == ["workset_cuda", "fast", "default"]
+    assert rows[2]["answered"] == "workset" and rows[2]["syncs"] is None  # (the CPU's route)
     ours = rows[0]
     assert ours["converged"] and abs(ours["objective_gap"]) < 1e-10 and ours["affine"] < 1e-10
     assert ours["objective_gap"] <= rows[1]["objective_gap"] and ours["seconds"] > 0
