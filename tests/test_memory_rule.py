@@ -85,9 +85,9 @@ def test_forced_exact_refusal_names_the_reading_and_fits_the_device(monkeypatch)
         compute_anchor_scores(x, n_clusters=3, mode="exact", max_iter=5, progress=False)
     msg = str(err.value)
     assert f"N = {x.shape[0]} tokens" in msg
-    assert plan._fmt_bytes(need) in msg  # the need
-    assert f"{plan._fmt_bytes(avail)} is available (MemAvailable)" in msg  # the reading
-    assert f"{MEMORY_FRACTION:.0%}" in msg and plan._fmt_bytes(int(avail * 0.9)) in msg
+    assert plan.format_bytes(need) in msg  # the need
+    assert f"{plan.format_bytes(avail)} is available (MemAvailable)" in msg  # the reading
+    assert f"{MEMORY_FRACTION:.0%}" in msg and plan.format_bytes(int(avail * 0.9)) in msg
     assert "features.cpu()" not in msg  # already on the CPU
     assert "mode='blocked'" in msg
     # features on a GPU get the hint to move them to the CPU (reading mocked: no GPU needed)

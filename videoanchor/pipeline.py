@@ -600,8 +600,8 @@ def ssc_plan(model, handle, inputs) -> str | None:
     except plans.SSCMemoryError as err:
         return head + f"does not fit: {err}"
     room = plans.free_memory_bytes(device)
-    room = "unknown" if room is None else plans._fmt_bytes(room)
-    line = head + f"{plan.describe(ssc_options(cfg))}, needs ~{plans._fmt_bytes(plan.need)} "
+    room = "unknown" if room is None else plans.format_bytes(room)
+    line = head + f"{plan.describe(ssc_options(cfg))}, needs ~{plans.format_bytes(plan.need)} "
     line += f"(budget {room})"
     if plan.solver == "workset":
         return line

@@ -34,6 +34,7 @@ __all__ = [
     "exact_bytes",
     "exact_fits",
     "fast_step",
+    "format_bytes",
     "free_memory_bytes",
     "auto_solver",
     "iteration_options",
@@ -128,7 +129,8 @@ def free_memory_bytes(device: torch.device) -> int | None:
     return None if reading is None else reading.budget
 
 
-def _fmt_bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
+    """``n`` bytes for a message: ``"1.5 GiB"``."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024:
             return f"{n:.1f} {unit}"
@@ -145,11 +147,11 @@ def check_memory(required: int, device: torch.device, *, n: int, d: int, what: s
     reading = _LAST_READING.get(device.type)
     if reading is not None and reading.budget == budget:
         room = (
-            f"{_fmt_bytes(reading.available)} is available ({reading.source}) and the SSC may "
-            f"use {MEMORY_FRACTION:.0%} of it, {_fmt_bytes(budget)}"
+            f"{format_bytes(reading.available)} is available ({reading.source}) and the SSC may "
+            f"use {MEMORY_FRACTION:.0%} of it, {format_bytes(budget)}"
         )
     else:
-        room = f"the SSC may use {_fmt_bytes(budget)}"
+        room = f"the SSC may use {format_bytes(budget)}"
     where = (
         "run on the CPU (features.cpu()) if it has more memory, free GPU memory first "
         "(torch.cuda.empty_cache(), other processes)"
@@ -157,7 +159,7 @@ def check_memory(required: int, device: torch.device, *, n: int, d: int, what: s
         else "close other programs or use a machine (or a GPU) with more memory"
     )
     raise SSCMemoryError(
-        f"{what} with N = {n} tokens and D = {d} features needs about {_fmt_bytes(required)} "
+        f"{what} with N = {n} tokens and D = {d} features needs about {format_bytes(required)} "
         f"on {device}, but {room}. Options: use mode='blocked' (exact, no N x N "
         f"buffer; smaller block_columns=...), use fewer frames (fewer tokens; memory grows "
         f"as N^2), reduce the feature dimension with pca_rank=..., or {where}."
