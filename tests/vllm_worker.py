@@ -97,17 +97,14 @@ _SCORES: list = []
 
 def _record_scores():
     """Records the anchor scores the plugin computes (each request's (prompt_len,) scores,
-    0 at text, in the order the requests are scored; observation only)."""
-    from videoanchor.integrations.vllm import runner
+    0 at text, or None when it is unscored, in the order the requests are scored) through
+    the plugin's score observers; the engine's worker runs in this process."""
+    from videoanchor.integrations.vllm import add_score_observer
 
-    orig = runner._score
+    def recorded(req_id, scores):
+        _SCORES.append(None if scores is None else scores.tolist())
 
-    def recorded(req, entry, *args, **kwargs):
-        gates = orig(req, entry, *args, **kwargs)
-        _SCORES.append(None if gates is None else entry.scores.tolist())
-        return gates
-
-    runner._score = recorded
+    add_score_observer(recorded)
 
 
 _SSC: list = []

@@ -5,17 +5,26 @@ defaults of :func:`videoanchor.configure`); without that key vLLM runs unchanged
 ``SamplingParams(extra_args={"videoanchor": "off"})`` or
 ``extra_args={"videoanchor_alpha_k": 5.0, ...}`` (``vllm_xargs`` in the OpenAI API).
 See docs/serving.md. This subpackage imports vLLM; nothing outside it does.
+
+:func:`add_score_observer` / :func:`remove_score_observer` (from :mod:`.state`) let code in
+the process that runs the model see each request's anchor scores as the plugin computes
+them (e.g. to log them, or to compare them with another engine's), without touching the
+plugin's internals; with no observer registered the runner does no extra work.
 """
 
 from __future__ import annotations
 
 import logging
 
+from videoanchor.integrations.vllm.state import add_score_observer, remove_score_observer
+
 __all__ = [
     "CUDA_BACKEND",
     "SUPPORTED_VLLM",
+    "add_score_observer",
     "check_vllm_version",
     "register",
+    "remove_score_observer",
     "select_cuda_backend",
 ]
 

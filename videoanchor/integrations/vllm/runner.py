@@ -11,7 +11,8 @@ for each request (its ``SamplingParams.extra_args`` read the first time it is se
   :mod:`.ahead` or the score cache, or runs one joint SSC over the projector outputs of ALL
   its scored items (:func:`.scoring.run_ssc`; an item the scheduler has not encoded yet is
   encoded by the runner's function and not kept) with the options of ``configure()``; the
-  scores (0 at text) become gates with :func:`videoanchor.kernels.anchor_gates`;
+  scores (0 at text) become gates with :func:`videoanchor.kernels.anchor_gates`, and go to
+  the score observers (:func:`.state.add_score_observer`), if any;
 - puts the gates of its scheduled positions into :data:`.state.STEP` (generated tokens get
   neutral gates), and which of its queries read gates ("prefill": its prompt queries, as
   the paper; "all": every query).
@@ -155,6 +156,9 @@ def request_gates(req: Scheduled, entry: _Req, encoder_outputs: EncoderOutputs,
                     entry.gates = _score(req, entry, encoder_outputs, cache, ahead)
                 except Exception as err:  # this request fails alone, not the step
                     entry.failed = _failed(req.req_id, err)
+                else:
+                    if state.observing_scores():
+                        state.notify_scores(req.req_id, entry.scores)
         hi = min(nc + ns, entry.prompt_len)
         if entry.gates is not None and hi > nc:
             kb[: hi - nc] = entry.gates[0][nc:hi]

@@ -15,10 +15,16 @@ runner's :func:`publish` copies :data:`STEP` into persistent device buffers
 and the gate caches are device tensors with one extra dummy slot for padding.
 
 :func:`isolated` gives a block a fresh, empty state (a backend run outside an engine).
+
+**Score observers.** :func:`add_score_observer` registers a function the runner calls with
+each request's anchor scores once they are computed (:func:`notify_scores`), e.g. to log or
+check them; with none registered the runner does no extra work.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 
@@ -48,6 +54,66 @@ RUNNER_HOOKS: set[str] = set()
 #: (:func:`.ahead.update_failing`); the step gives them neutral gates meanwhile.
 FAILED: dict[str, str] = {}
 FAILED_ATTR = "videoanchor_failed"
+
+logger = logging.getLogger("videoanchor.vllm")
+#: The functions :func:`notify_scores` calls, in registration order (a tuple replaced, never
+#: changed in place, so a registration from another thread never disturbs a call).
+_SCORE_OBSERVERS: tuple[Callable[[str, torch.Tensor | None], object], ...] = ()
+
+
+def add_score_observer(fn: Callable[[str, torch.Tensor | None], object]) -> None:
+    """Calls ``fn(request_id, scores)`` each time this process's model runner has scored a
+    request: once per anchored request with visual items, when its scheduled tokens first
+    reach them, in the order the requests are scored (batch order within a step).
+
+    ``scores`` is the request's (prompt_len,) float32 CPU tensor of anchor scores (0 at
+    text; the tensor its gates are made from, so read or copy it, do not change it), or
+    None when the request is anchored but unscored (fewer than 3 visual tokens: neutral
+    gates). A request whose scoring fails (it finishes with an error), one whose visual
+    tokens the prefix cache serves (no step reaches them) and one with
+    ``extra_args={"videoanchor": "off"}`` or on an unanchored engine are not reported. The
+    call runs in the model runner's thread while the step is prepared, so keep it short; an
+    exception it raises is logged and the engine goes on.
+
+    Observers are per process: register them in the process that runs the model (vLLM's
+    worker; the engine-core process for a one-GPU or CPU engine with
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, or every process through a
+    ``vllm.general_plugins`` entry point of your own). Under tensor parallelism every rank
+    scores each request and calls its own observers. Registering ``fn`` twice calls it
+    twice."""
+    global _SCORE_OBSERVERS
+    if not callable(fn):
+        raise TypeError(f"add_score_observer: expected a callable, got {type(fn).__name__}")
+    _SCORE_OBSERVERS = (*_SCORE_OBSERVERS, fn)
+
+
+def remove_score_observer(fn: Callable[[str, torch.Tensor | None], object]) -> None:
+    """Stops calling ``fn`` (one registration of it, the latest); ValueError if it is not
+    registered."""
+    global _SCORE_OBSERVERS
+    obs = list(_SCORE_OBSERVERS)
+    for i in range(len(obs) - 1, -1, -1):
+        if obs[i] == fn:
+            del obs[i]
+            _SCORE_OBSERVERS = tuple(obs)
+            return
+    raise ValueError("remove_score_observer: this function is not a score observer")
+
+
+def observing_scores() -> bool:
+    """Whether a score observer is registered (the runner skips :func:`notify_scores`
+    otherwise)."""
+    return bool(_SCORE_OBSERVERS)
+
+
+def notify_scores(req_id: str, scores: torch.Tensor | None) -> None:
+    """Calls every score observer with ``(req_id, scores)`` (see :func:`add_score_observer`);
+    an observer's exception is logged, not raised."""
+    for fn in _SCORE_OBSERVERS:
+        try:
+            fn(req_id, scores)
+        except Exception:
+            logger.exception("videoanchor: score observer %r failed on request %s", fn, req_id)
 
 
 def take_failed() -> dict[str, str]:
