@@ -86,7 +86,6 @@ def _rank_main(rank, path, port, out_dir):
     from transformers import AutoModelForImageTextToText
 
     import videoanchor.anchor as anchor
-    import videoanchor.anchor.plan as plan_mod
 
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
     report = {}
@@ -129,13 +128,14 @@ def _rank_main(rank, path, port, out_dir):
         report["labels"] = [None if r is None else r.labels for r in handle.last_result]
         report["heads"] = sorted({(q, k) for q, k, _ in seen})
 
-        # Long videos: where one process would take the blocked solver (the dense one "does
-        # not fit", forced here), its column blocks are divided among the ranks.
-        fits, plan_mod.exact_fits = plan_mod.exact_fits, lambda *a, **k: False
+        # Long videos: where one process would take the blocked solver ("auto" does where the
+        # dense one does not fit; ssc_mode="blocked" here), its column blocks are divided
+        # among the ranks.
+        handle = videoanchor.configure(model, ssc_mode="blocked")
         calls.clear()
         with torch.no_grad():
             report["blocked_logits"] = model(**batch).logits
-        plan_mod.exact_fits = fits
+        handle = videoanchor.configure(model, ssc_mode="auto")
         report["blocked_scores"] = handle.last_scores.clone()
         report["blocked_calls"] = list(calls)
         report["blocked_modes"] = [r.mode for r in handle.last_result]
@@ -194,7 +194,6 @@ def runs(tmp_path_factory):
     ).eval()
     handle = videoanchor.configure(single, **SSC, decode="all")
     batch = _batch(single.config)
-    import videoanchor.anchor.plan as plan_mod
 
     with torch.no_grad():
         ref = {
@@ -202,11 +201,9 @@ def runs(tmp_path_factory):
             "scores": handle.last_scores.clone(),
             "tokens": single.generate(**batch, **GEN),
         }
-        fits, plan_mod.exact_fits = plan_mod.exact_fits, lambda *a, **k: False
-        try:
-            ref["blocked_logits"] = single(**batch).logits
-        finally:
-            plan_mod.exact_fits = fits
+        handle = videoanchor.configure(single, ssc_mode="blocked")
+        ref["blocked_logits"] = single(**batch).logits
+        handle = videoanchor.configure(single, ssc_mode="auto")
         ref["blocked_scores"] = handle.last_scores.clone()
         ref["blocked_modes"] = [r.mode for r in handle.last_result]
         handle = videoanchor.configure(single, **SSC, decode="all", ssc_solver="faithful")
