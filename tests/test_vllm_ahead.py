@@ -28,7 +28,7 @@ from videoanchor.integrations.vllm.config import (
     engine_config,
 )
 from videoanchor.integrations.vllm.runner import Scheduled, fill_step
-from videoanchor.integrations.vllm.scoring import SCORE_CACHES, score_cache
+from videoanchor.integrations.vllm.scoring import forget_score_cache, score_cache
 from videoanchor.kernels import anchor_gates
 
 PROMPT = 20
@@ -143,25 +143,25 @@ def engine():
         ]  # fmt: skip
         for r in runners:
             # each worker's side worker, made with its rank and this encoder (the engine's
-            # options as the plugin reads them); the worker calls find it in ahead.AHEAD
+            # options as the plugin reads them); the worker calls use it once set
             extra = r.vllm_config.additional_config
-            ahead.AHEAD[id(r)] = ahead.Ahead(
+            ahead.set_side_worker(ahead.Ahead(
                 r, ahead_nice(extra), ahead_split(extra), ahead_workers(extra),
                 encoder=encoder, rank_world=(r.rank, world),
-            )  # fmt: skip
+            ))  # fmt: skip
         made.extend(runners)
         workers = [SimpleNamespace(model_runner=r) for r in runners]
         sched = Scheduler()
         core = Runner(model_executor=Executor(workers), scheduler=sched)  # an EngineCore
         return core, runners, encodes
 
-    yield make
-    for r in made:
-        SCORE_CACHES.pop(id(r), None)
-        job = ahead.AHEAD.pop(id(r), None)
-        if job is not None:
-            job.close()
-    state.STEP.owner = None
+    with state.isolated():  # the steps' STEP, gate caches and failures: this test's own
+        try:
+            yield make
+        finally:
+            for r in made:
+                forget_score_cache(id(r))
+                ahead.close_side_worker(r)
 
 
 def _schedule_until(sched, wanted, timeout=60.0):
@@ -217,7 +217,7 @@ def test_a_held_request_is_hidden_from_schedule_until_its_scores_are_ready(engin
         assert kb[3:11].abs().sum() > 0  # anchored
         torch.testing.assert_close(kb, kb_ref, rtol=0, atol=1e-6)
         torch.testing.assert_close(vs, vs_ref, rtol=0, atol=1e-6)
-    assert ahead.AHEAD[id(runner)].stats == {
+    assert ahead.side_worker(runner).stats == {
         "computed": 2,
         "relayed": 0,
         "encoded_reused": 0,
@@ -234,9 +234,10 @@ def test_tensor_parallel_each_request_scored_on_one_rank_and_relayed(engine, one
     _schedule_until(sched, [r.request_id for r in reqs])
     # every rank encodes every request (collectives in rank order); one rank runs each SSC
     assert sorted(encodes) == sorted((k, r.request_id) for k in (0, 1) for r in reqs)
-    stats = [ahead.AHEAD[id(r)].stats for r in runners]
+    stats = [ahead.side_worker(r).stats for r in runners]
     assert sum(s["computed"] for s in stats) == 4 and sum(s["relayed"] for s in stats) == 4
-    owners = {ahead.AHEAD[id(runners[0])].owner_of(k) for k in ahead.AHEAD[id(runners[0])].jobs}
+    first = ahead.side_worker(runners[0])
+    owners = {first.owner_of(k) for k in first.jobs}
     assert owners == {0, 1}, owners  # these keys spread over both ranks
     for i in range(4):
         gates = [_step_gates(r, f"r{i}", f"T{i}") for r in runners]
@@ -257,7 +258,7 @@ def test_a_request_finished_while_held_is_forgotten_everywhere(engine, one_threa
     _schedule_until(sched, ["b"])
     assert "a" not in holds.held
     for r in runners:
-        assert "a" not in ahead.AHEAD[id(r)].by_req
+        assert "a" not in ahead.side_worker(r).by_req
 
 
 def test_a_repeated_video_is_a_cache_hit_with_no_encoder_and_no_ssc(engine, one_thread):
@@ -275,7 +276,7 @@ def test_a_repeated_video_is_a_cache_hit_with_no_encoder_and_no_ssc(engine, one_
     assert encodes == [(0, "first")]
     torch.testing.assert_close(_step_gates(runner, "again", "A"), _reference("A"), rtol=0,
                                atol=1e-6)  # fmt: skip
-    assert ahead.AHEAD[id(runner)].stats["computed"] == 1
+    assert ahead.side_worker(runner).stats["computed"] == 1
 
 
 def test_items_encoded_ahead_are_handed_to_the_prefill_step_once(engine, one_thread):
@@ -290,7 +291,7 @@ def test_items_encoded_ahead_are_handed_to_the_prefill_step_once(engine, one_thr
     _arrive(sched, holds, a, b)
     ahead.schedule_holding(sched, Scheduler.schedule)
     assert sorted(encodes) == [(0, "a"), (0, "b")]
-    worker = ahead.AHEAD[id(runner)]
+    worker = ahead.side_worker(runner)
     want = _outputs("A")
     for ident in ("A-v", "A-i"):
         got = worker.encoded_output(ident)

@@ -280,19 +280,16 @@ def test_publish_copies_the_step_and_pads_the_flags():
     with state.isolated():
         ds = state.device_step("cpu", 8, 4)
         ds.seq_gated.fill_(1)  # a previous, larger batch
+        # per sequence: how many of its first queries read the gates
+        state.set_step(1, torch.tensor([0.5, 0.0, 1.5]), torch.tensor([2.0, 1.0, 3.0]), [2, 0])
         st = state.STEP
-        st.owner, st.step = 1, st.step + 1
-        st.key_bias = torch.tensor([0.5, 0.0, 1.5])
-        st.value_scale = torch.tensor([2.0, 1.0, 3.0])
-        st.seq_anchored = [True, False]
-        st.seq_gated_queries = [2, 0]  # how many of each sequence's first queries read gates
+        assert st.owner == 1 and st.step == 1 and st.seq_anchored == [True, False]
         state.publish()
         assert ds.published == st.step
         assert ds.key_bias[:3].tolist() == [0.5, 0.0, 1.5]
         assert ds.value_scale[:3].tolist() == [2.0, 1.0, 3.0]
         assert ds.seq_gated.tolist() == [2, 0, 0, 0]  # padded sequences: not gated
-        st.key_bias = torch.zeros(9)
-        st.value_scale = torch.ones(9)
+        state.set_step(1, torch.zeros(9), torch.ones(9), [2, 0])
         with pytest.raises(RuntimeError, match="exceeds the gate buffers"):
             state.publish()
         # Growing keeps the larger sizes (the builder of each KV-cache group asks).
@@ -379,8 +376,12 @@ def test_builder_sizes_the_buffers_and_refuses_a_runner_without_hook(monkeypatch
         assert builder.gate_step.key_bias.numel() == 128
         assert builder.gate_step.seq_gated.numel() == 128
         assert builder.build(0, None) == "metadata"  # no step filled yet (warm-up, capture)
-        state.STEP.owner, state.STEP.step = 1, 5  # a hook filled a step but did not publish it
+        state.set_step(1, None, None, [])  # a hook filled a step but did not publish it
         with pytest.raises(RuntimeError, match="publish"):
             builder.build(0, None)
-        builder.gate_step.published = 5
+        state.publish()  # what the hooks do next: the step's copy in the device buffers
+        assert builder.gate_step.published == state.STEP.step
         assert builder.build(0, None) == "metadata"
+        state.set_step(1, None, None, [])  # the next step, not published: refused again
+        with pytest.raises(RuntimeError, match="publish"):
+            builder.build(0, None)

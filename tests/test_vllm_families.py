@@ -267,7 +267,10 @@ def test_check_family_refuses_naming_the_family(model_type, words):
 
 
 def test_check_family_accepts_the_tested_ones(caplog):
-    from videoanchor.integrations.vllm import families
+    """The table's families start quietly; one registered by hand
+    (videoanchor.integrations.vllm.register_family) starts with a warning that it is not
+    tested, and is refused again once unregistered."""
+    from videoanchor.integrations.vllm import families, register_family, unregister_family
     from videoanchor.integrations.vllm.families import check_family
 
     with caplog.at_level("WARNING", logger="videoanchor.vllm"):
@@ -276,13 +279,21 @@ def test_check_family_accepts_the_tested_ones(caplog):
     with caplog.at_level("WARNING", logger="videoanchor.vllm"):
         assert check_family("qwen2_vl").tested
     assert not caplog.records
-    families.FAMILIES["internvl_x"] = families.Family("X", "XForConditionalGeneration")
+    fam = families.Family("X", "XForConditionalGeneration")
+    register_family("internvl_x", fam)
     try:
+        with pytest.raises(ValueError, match="registered already"):
+            register_family("internvl_x", fam)
         with caplog.at_level("WARNING", logger="videoanchor.vllm"):
-            assert not check_family("internvl_x").tested
+            assert check_family("internvl_x") is fam and not fam.tested
     finally:
-        del families.FAMILIES["internvl_x"]
+        assert unregister_family("internvl_x") is fam
     assert "not tested end to end" in caplog.text
+    assert "internvl_x" not in families.FAMILIES
+    with pytest.raises(NotImplementedError, match="'internvl_x' is not supported"):
+        check_family("internvl_x")
+    with pytest.raises(ValueError, match="not registered"):
+        unregister_family("internvl_x")
 
 
 @needs_vllm

@@ -166,22 +166,29 @@ def test_warnings_of_the_scores_go_to_the_plugin_logger_naming_the_request(monke
 def test_the_log_line_and_cache_counts_of_a_scored_request(fresh, caplog):
     """scoring.report: one INFO line per request, whatever its scores' source (computed
     here, for another request with the same items, on another rank, or from the cache, with
-    the score cache on or off), and the cache hit or miss counted."""
+    the score cache on or off), and the cache hit or miss counted. The runs it names are
+    recorded with scoring.record_run, as run_ssc records them."""
     from videoanchor.integrations.score_cache import ScoreCache
     from videoanchor.integrations.vllm import scoring
 
     p = scoring.Plan(items=[0], cols=[torch.arange(5)], n=286, k=4, key="k-report-test")
     cache = ScoreCache(1 << 20)
     cache.put(p.key, torch.zeros(286))
-    with caplog.at_level(logging.INFO, logger="videoanchor.vllm"):
-        scoring.report("r-other-rank", p, False, cache)
-        scoring._RUNS[p.key] = ("r-first", "ahead", 0.25, "fast", 60, True)
-        scoring.report("r-first", p, False, cache)
-        scoring._RUNS[p.key] = ("r-first", "ahead", 0.25, "faithful", 200, False)
-        scoring.report("r-same-items", p, False, cache)
-        scoring.report("r-hit", p, True, cache)
-        scoring.report("r-no-cache", p, False, None)
-    scoring._RUNS.pop(p.key)
+    scoring.reset_runs()  # no run of this key in this process: it ran on another rank
+    try:
+        with caplog.at_level(logging.INFO, logger="videoanchor.vllm"):
+            scoring.report("r-other-rank", p, False, cache)
+            scoring.record_run(p.key, scoring.SSCRun("r-first", "ahead", 0.25, "fast", 60, True))
+            scoring.report("r-first", p, False, cache)
+            run = scoring.SSCRun("r-first", "ahead", 0.25, "faithful", 200, False)
+            scoring.record_run(p.key, run)  # the key's latest run replaces the one before
+            assert scoring.runs() == {p.key: run}
+            scoring.report("r-same-items", p, False, cache)
+            scoring.report("r-hit", p, True, cache)
+            scoring.report("r-no-cache", p, False, None)
+    finally:
+        scoring.reset_runs()
+    assert scoring.runs() == {}
     lines = {r.getMessage().split(":")[1].split()[1]: r.getMessage() for r in caplog.records}
     assert len(caplog.records) == 5 and all(r.levelno == logging.INFO for r in caplog.records)
     assert lines["r-other-rank"].startswith(

@@ -86,13 +86,15 @@ def main(out_path: str) -> None:
     # "triton": the paged Triton kernels (in the interpreter), as "auto" picks on CUDA.
     result = {"kernel_backend": "triton"}
     for dtype in (torch.float32, torch.float16):
-        result[str(dtype).removeprefix("torch.")] = run(dtype, "triton")
+        with state.isolated():  # each dtype's run from fresh device buffers and gate caches
+            result[str(dtype).removeprefix("torch.")] = run(dtype, "triton")
     with open(out_path, "w") as f:
         json.dump(result, f)
 
 
 def run(dtype, kernel) -> dict:
-    """Three steps in ``dtype``; returns what was compared."""
+    """Three steps in ``dtype`` (in a fresh per-step state: :func:`state.isolated`); returns
+    what was compared."""
     torch.manual_seed(0)
     result = {"steps": []}
     # vLLM's logical (num_blocks, Hkv, block_size, 2 * D) cache, physically NHD (strided).
@@ -104,8 +106,6 @@ def run(dtype, kernel) -> dict:
     max_blocks = 3
     hist = {name: {"k": [], "v": [], "kb": [], "vs": []} for name in tables}
 
-    state.DEVICE_STEPS.clear()
-    state.DEVICE_GATE_CACHES.clear()
     state.device_step("cpu", 64, 8)
     ours = backend_cuda.VideoAnchorCUDAImpl(HQ, D, SCALE, HKV, None, None, "auto")
     ours.kernel_backend = kernel
@@ -133,13 +133,14 @@ def run(dtype, kernel) -> dict:
         slot_mapping = torch.tensor(slots + [-1] * PAD, dtype=torch.int64)
         # The runner hook's side: STEP (CPU), then the device copy (publish); gates of
         # padding tokens are garbage on purpose (they must land in the dummy slot).
-        st = state.STEP
-        st.owner, st.step = 1, st.step + 1
-        st.key_bias = torch.cat(kbs + [torch.full((PAD,), 7.0)])
-        st.value_scale = torch.cat(vss + [torch.full((PAD,), 9.0)])
-        st.seq_anchored = [g for _, _, g in step]
-        st.seq_gated_queries = [nq if g else 0 for _, nq, g in step]
+        state.set_step(
+            1,
+            torch.cat(kbs + [torch.full((PAD,), 7.0)]),
+            torch.cat(vss + [torch.full((PAD,), 9.0)]),
+            [nq if g else 0 for _, nq, g in step],
+        )
         state.publish("cpu")
+        st = state.STEP
         table = torch.zeros(len(step) + 1, max_blocks, dtype=torch.int32)  # an extra row
         for i, name in enumerate(names):
             table[i, : len(tables[name])] = torch.tensor(tables[name], dtype=torch.int32)

@@ -72,7 +72,7 @@ def _ssc_runs(worker):
     """The solver of each SSC the plugin ran in the worker's process, oldest first."""
     from videoanchor.integrations.vllm import scoring
 
-    return [run[3] for run in scoring._RUNS.values()]
+    return [run.solver for run in scoring.runs().values()]
 
 
 _PREEMPTED = [0]

@@ -10,22 +10,30 @@ See docs/serving.md. This subpackage imports vLLM; nothing outside it does.
 the process that runs the model see each request's anchor scores as the plugin computes
 them (e.g. to log them, or to compare them with another engine's), without touching the
 plugin's internals; with no observer registered the runner does no extra work.
+
+:func:`register_family` / :func:`unregister_family` (from :mod:`.families`) add a model
+family the plugin does not know to the families it anchors (a :class:`Family`, keyed by
+``config.model_type``), or take one out.
 """
 
 from __future__ import annotations
 
 import logging
 
+from videoanchor.integrations.vllm.families import Family, register_family, unregister_family
 from videoanchor.integrations.vllm.state import add_score_observer, remove_score_observer
 
 __all__ = [
     "CUDA_BACKEND",
     "SUPPORTED_VLLM",
+    "Family",
     "add_score_observer",
     "check_vllm_version",
     "register",
+    "register_family",
     "remove_score_observer",
     "select_cuda_backend",
+    "unregister_family",
 ]
 
 #: vLLM versions the plugin is written and tested against: [low, high).

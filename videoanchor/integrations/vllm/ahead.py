@@ -67,7 +67,18 @@ from videoanchor.integrations.vllm.scoring import (
 
 logger = logging.getLogger("videoanchor.vllm")
 
-__all__ = ["AHEAD", "IDLE_WAIT", "Ahead", "Holds", "Turns", "poll", "submit"]
+__all__ = [
+    "AHEAD",
+    "IDLE_WAIT",
+    "Ahead",
+    "Holds",
+    "Turns",
+    "close_side_worker",
+    "poll",
+    "set_side_worker",
+    "side_worker",
+    "submit",
+]
 
 #: Seconds the engine core waits for a score when every request it could schedule is held.
 IDLE_WAIT = 0.02
@@ -80,8 +91,9 @@ KEEP_UNTAKEN = 256
 KEEP_ENCODED_BYTES = 1 << 30
 
 #: owner (the model runner's id) -> its engine's :class:`Ahead` (worker side), made at the
-#: first call for that runner; one made by hand beforehand (other constructor arguments, as
-#: tests without vLLM pass) is used as it is.
+#: first call for that runner; one made by hand and set beforehand (:func:`set_side_worker`:
+#: other constructor arguments, as tests without vLLM pass) is used as it is. Read it with
+#: :func:`side_worker`.
 AHEAD: dict[int, Ahead] = {}
 
 
@@ -193,6 +205,7 @@ class Ahead:
     vLLM's tensor-parallel ranks, made at the first split job: :meth:`_split_group`). Attribute
     ``keep_encoded_bytes``: the bytes of encoder outputs kept for the requests' own prefill
     steps (default :data:`KEEP_ENCODED_BYTES`; beyond it a step encodes its items again).
+    One made by hand is used once set as its runner's side worker (:func:`set_side_worker`).
     """
 
     def __init__(self, runner, nice: int, split: bool = False, workers: int = 2, *,
@@ -671,6 +684,42 @@ class Ahead:
             job.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._split_pool.shutdown(wait=False, cancel_futures=not self._split_jobs)
+
+
+def set_side_worker(ahead: Ahead) -> Ahead:
+    """Makes ``ahead`` the side worker of its model runner (the one it was made with) in this
+    process: the one :func:`submit`, :func:`poll`, :func:`stats` and the runner's steps use,
+    instead of the one they make at the first call for that runner from its engine's
+    options. For a side worker made with injected parts (:class:`Ahead`'s ``encoder``,
+    ``rank_world``, ``split_group``), e.g. an engine driven without vLLM; set it before the
+    runner's first step. Returns ``ahead``; ValueError if the runner has a side worker
+    already (:func:`close_side_worker` it first)."""
+    if not isinstance(ahead, Ahead):
+        raise TypeError(f"set_side_worker: expected an Ahead, got {type(ahead).__name__}")
+    if ahead._runner() is None:
+        raise ValueError("set_side_worker: the side worker's model runner is gone")
+    if AHEAD.setdefault(ahead.owner, ahead) is not ahead:
+        raise ValueError(
+            "set_side_worker: this model runner has a side worker already; "
+            "close_side_worker(runner) first"
+        )
+    return ahead
+
+
+def side_worker(runner) -> Ahead | None:
+    """The side worker of model runner ``runner`` in this process (None: none made or set
+    yet)."""
+    return AHEAD.get(id(runner))
+
+
+def close_side_worker(runner) -> None:
+    """Closes the side worker of model runner ``runner`` in this process (:meth:`Ahead.close`)
+    and forgets it; a later call for the runner makes a new one. Nothing where it has none.
+    For a runner taken out of service (tests, tools); an engine's own runners keep theirs
+    while the process lives."""
+    ahead = AHEAD.pop(id(runner), None)
+    if ahead is not None:
+        ahead.close()
 
 
 def _ahead_of(worker) -> Ahead | None:

@@ -9,6 +9,12 @@ columns are the projector output. This table says, per family of
 that registry, whether vLLM 0.32 has it, whether its encoder outputs line up, and whether
 it is tested end to end here; an anchored engine on any other family fails at start-up
 (:func:`check_family`), naming the family.
+
+:func:`register_family` / :func:`unregister_family` add a family to the table (or take one
+out) in this process: for a model whose encoder outputs line up with what the SSC should
+read, under a ``model_type`` the table does not know (a new family vLLM serves, a
+checkpoint with a ``model_type`` of its own). Such a family (``tested`` False, the
+default) is anchored with a start-up warning that it is not tested end to end here.
 """
 
 from __future__ import annotations
@@ -16,7 +22,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-__all__ = ["FAMILIES", "Family", "check_family", "projector_columns"]
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "check_family",
+    "projector_columns",
+    "register_family",
+    "unregister_family",
+]
 
 logger = logging.getLogger("videoanchor.vllm")
 
@@ -51,6 +64,43 @@ FAMILIES: dict[str, Family] = {
     # (see projector_columns); the SSC reads the projector output alone, as transformers.
     "qwen3_vl": Family("Qwen3-VL", "Qwen3VLForConditionalGeneration", tested=True, deepstack=True),
 }
+
+
+def register_family(model_type: str, family: Family) -> None:
+    """Adds ``family`` to :data:`FAMILIES` under ``model_type`` (``hf_config.model_type``) in
+    this process, so that an anchored engine on it starts (:func:`check_family`) and its
+    SSC reads its encoder outputs (:func:`projector_columns`: all columns, or the projector
+    columns where ``family.deepstack``).
+
+    Only for a family whose vLLM encoder output (``embed_multimodal``) is, row for row,
+    what the SSC should score: one row per embedded placeholder position of the item,
+    as for the families of the table. Register it in every process that checks or runs
+    the engine (the front end and the workers: a ``vllm.general_plugins`` entry point of
+    your own that vLLM loads in each of them), before the engine starts. Raises ValueError
+    if ``model_type`` is in the table already (:func:`unregister_family` it first), and
+    TypeError if ``family`` is not a :class:`Family`."""
+    if not isinstance(family, Family):
+        raise TypeError(f"register_family: expected a Family, got {type(family).__name__}")
+    if not isinstance(model_type, str) or not model_type:
+        raise ValueError(f"register_family: expected a model_type string, got {model_type!r}")
+    if model_type in FAMILIES:
+        raise ValueError(
+            f"register_family: model_type {model_type!r} is registered already "
+            f"({FAMILIES[model_type].name}); unregister_family({model_type!r}) first"
+        )
+    FAMILIES[model_type] = family
+
+
+def unregister_family(model_type: str) -> Family:
+    """Takes ``model_type`` out of :data:`FAMILIES` in this process and returns its
+    :class:`Family` (an anchored engine on it then fails at start-up, as for any family the
+    table does not know); ValueError if it is not there."""
+    try:
+        return FAMILIES.pop(model_type)
+    except KeyError:
+        raise ValueError(
+            f"unregister_family: model_type {model_type!r} is not registered"
+        ) from None
 
 
 def check_family(model_type: str | None) -> Family:

@@ -214,13 +214,8 @@ def fill_step(
         kbs.append(torch.zeros(pad, dtype=torch.float32))
         vss.append(torch.ones(pad, dtype=torch.float32))
     gated += [0] * max(0, num_seqs - len(gated))
-    st = state.STEP
-    st.owner = owner
-    st.step += 1
-    st.key_bias = torch.cat(kbs) if kbs else None
-    st.value_scale = torch.cat(vss) if vss else None
-    st.seq_anchored = [n > 0 for n in gated]
-    st.seq_gated_queries = gated
+    state.set_step(owner, torch.cat(kbs) if kbs else None, torch.cat(vss) if vss else None,
+                   gated)  # fmt: skip
     # CUDA backend: into its persistent device buffers (a no-op where it made none).
     state.publish()
 

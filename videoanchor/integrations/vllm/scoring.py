@@ -2,7 +2,11 @@
 cache. Both of vLLM's model runners (:mod:`.runner`, :mod:`.runner_v2`) score a request in
 the step that first reaches its visual tokens, and :mod:`.ahead` scores it beside the steps;
 all three run the same :func:`plan` and :func:`run_ssc`, so the scores are the same
-wherever they were computed."""
+wherever they were computed.
+
+Each process remembers its latest SSC runs (:class:`SSCRun`: which request, where, how long,
+which solver, how many iterations) for the requests' log lines (:func:`report`):
+:func:`runs` reads them, :func:`record_run` adds one and :func:`reset_runs` forgets them."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -169,10 +174,8 @@ def run_ssc(req, cfg, items, cols, n, k, encoder_outputs, cache, key,
         if not res.converged:  # a flat iterate is the limit's doing, not the video's
             held[:] = [w for w in held if "row sums agree" not in str(w[0])]
     seconds = time.perf_counter() - t0 - encoding[0]
-    with _lock:
-        _RUNS[key] = (req.req_id, where, seconds, res.solver, res.iterations, res.converged)
-        while len(_RUNS) > KEEP_RUNS:
-            _RUNS.popitem(last=False)
+    record_run(key, SSCRun(req.req_id, where, seconds, res.solver, res.iterations,
+                           res.converged))  # fmt: skip
     if counted:
         metrics.count("videoanchor_ssc_runs", where=where)
         metrics.observe("videoanchor_ssc_seconds", seconds, where=where)
@@ -180,11 +183,51 @@ def run_ssc(req, cfg, items, cols, n, k, encoder_outputs, cache, key,
     return visual
 
 
-#: How many SSC runs :func:`report` remembers (score key -> request, where, seconds, the
-#: solver that ran, its iterations, whether it converged).
+class SSCRun(NamedTuple):
+    """One SSC run of this process, as :func:`report` tells it: the request it ran for
+    (``req_id``), ``where`` (``"ahead"`` of the request's step or in the ``"step"``), its
+    ``seconds`` (the solver only), the ``solver`` that ran, its ``iterations`` and whether
+    it ``converged``."""
+
+    req_id: str
+    where: str
+    seconds: float
+    solver: str
+    iterations: int
+    converged: bool
+
+
+#: How many SSC runs this process remembers (:func:`runs`), the oldest forgotten first.
 KEEP_RUNS = 1024
-_RUNS: OrderedDict[str, tuple] = OrderedDict()
+_RUNS: OrderedDict[str, SSCRun] = OrderedDict()
 _lock = threading.Lock()
+
+
+def record_run(key: str, run: SSCRun) -> None:
+    """Remembers ``run`` as the SSC run of score key ``key`` (the latest run of a key
+    replaces the one before, in its place; beyond :data:`KEEP_RUNS` keys the first recorded
+    is forgotten). :func:`run_ssc` records each run it makes; the log line of a request
+    whose scores have that key (:func:`report`) names it."""
+    with _lock:
+        _RUNS[key] = run
+        while len(_RUNS) > KEEP_RUNS:
+            _RUNS.popitem(last=False)
+
+
+def runs() -> dict[str, SSCRun]:
+    """The SSC runs this process remembers, by score key, in the order the keys were first
+    recorded (a copy): e.g. which solver each ran, in a worker (``collective_rpc``) or in a
+    test."""
+    with _lock:
+        return dict(_RUNS)
+
+
+def reset_runs() -> None:
+    """Forget this process's SSC runs (as :func:`.metrics.reset_counts` forgets its counts):
+    a request's log line then says its scores' run was on another tensor-parallel rank,
+    until a run with its key is recorded again. For tests and tools."""
+    with _lock:
+        _RUNS.clear()
 
 
 def report(req_id: str, p: Plan, from_cache: bool, cache) -> None:
@@ -320,6 +363,13 @@ def score_cache(owner: int, additional_config) -> ScoreCache | None:
             return None
         cache = SCORE_CACHES[owner] = ScoreCache(size)
     return cache
+
+
+def forget_score_cache(owner: int) -> None:
+    """Forgets the :class:`ScoreCache` of the engine whose runner is ``owner`` in this
+    process (the next :func:`score_cache` call for it makes a new, empty one); nothing where
+    it has none. For a runner taken out of service (tests, tools)."""
+    SCORE_CACHES.pop(owner, None)
 
 
 def engine_cfg_of(runner):

@@ -14,6 +14,7 @@ runner's :func:`publish` copies :data:`STEP` into persistent device buffers
 (:class:`DeviceStep`, fixed addresses, so a captured CUDA graph reads each step's values),
 and the gate caches are device tensors with one extra dummy slot for padding.
 
+:func:`set_step` fills :data:`STEP` (the runner hooks' write, then :func:`publish`), and
 :func:`isolated` gives a block a fresh, empty state (a backend run outside an engine).
 
 **Score observers.** :func:`add_score_observer` registers a function the runner calls with
@@ -33,6 +34,12 @@ import torch
 
 @dataclass
 class StepState:
+    """The per-step data of :data:`STEP`: ``owner`` (the engine's key, the runner's id; None:
+    no anchored step), ``step`` (a counter, one more per step filled or cleared), per
+    scheduled token its ``key_bias`` / ``value_scale`` gates, per sequence
+    ``seq_anchored`` and ``seq_gated_queries``, and the step whose gates the CPU backend
+    wrote into its gate cache (``written``). Filled by :func:`set_step`."""
+
     owner: int | None = None
     step: int = 0
     key_bias: torch.Tensor | None = None  # (num_scheduled_tokens,) float32
@@ -114,6 +121,28 @@ def notify_scores(req_id: str, scores: torch.Tensor | None) -> None:
             fn(req_id, scores)
         except Exception:
             logger.exception("videoanchor: score observer %r failed on request %s", fn, req_id)
+
+
+def set_step(
+    owner: int,
+    key_bias: torch.Tensor | None,
+    value_scale: torch.Tensor | None,
+    seq_gated_queries: list[int],
+) -> None:
+    """Fills :data:`STEP` with one anchored step of the engine ``owner`` (its runner's id):
+    the next step number, per scheduled token (in ``slot_mapping`` order) its ``key_bias``
+    and ``value_scale`` gates ((num_tokens,) float32 CPU tensors; None: no tokens), per
+    sequence (in batch order) how many of its first queries read the gates
+    (``seq_gated_queries``; 0: none, and it is not anchored). The model-runner hooks call it
+    before each forward (:func:`.runner.fill_step`), then :func:`publish`; so does code that
+    drives a backend outside an engine (after :func:`isolated`)."""
+    st = STEP
+    st.owner = owner
+    st.step += 1
+    st.key_bias = key_bias
+    st.value_scale = value_scale
+    st.seq_anchored = [n > 0 for n in seq_gated_queries]
+    st.seq_gated_queries = seq_gated_queries
 
 
 def take_failed() -> dict[str, str]:
