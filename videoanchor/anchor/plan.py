@@ -377,7 +377,8 @@ def auto_solver(device: torch.device, backend: str, opts, *, program: str = "squ
 
 def make_plan(shape, device: torch.device, opts, *, process_group=None,
               program: str = "squared", outliers: bool = True, check_memory_first: bool = True,
-              strategy: str = "auto", backend: str | None = None) -> Plan:  # fmt: skip
+              strategy: str = "auto", backend: str | None = None,
+              auto: str | None = None) -> Plan:  # fmt: skip
     """The :class:`Plan` of an SSC call on ``N x D`` features (``shape``: the validated,
     PCA-reduced features' shape) on ``device`` with the checked options ``opts``
     (:class:`~videoanchor.anchor.options.SSCOptions`); the only place that picks a solver.
@@ -390,8 +391,11 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
     blocked. What the mode cannot run is a ValueError; a plan over the memory rule an
     :class:`SSCMemoryError` on every rank together (``check_memory_first=False``: unchecked).
     ``strategy``: the authors' A-step (``"auto"``: :func:`choose_strategy`'s), the fast
-    solver's step (:func:`fast_step`); ``backend``:
-    the dense solver's array module where not ``opts.backend``'s."""
+    solver's step (:func:`fast_step`); ``backend``: the dense solver's array module where not
+    ``opts.backend``'s; ``auto``: the solver ``solver="auto"`` runs where an entry point
+    fixes it (:func:`~videoanchor.anchor.sparse_subspace_clustering`: ``"faithful"``)."""
+    if auto is not None and opts.solver == "auto":
+        opts = replace(opts, solver=auto)
     group, rank, world = _group(process_group)
     n, d = (int(v) for v in shape)
     device, work = torch.device(device), opts.dtype

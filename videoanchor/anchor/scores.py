@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -266,10 +266,10 @@ def sparse_subspace_clustering(
                 "data_term='exact' (Elhamifar & Vidal's constrained outlier program) does "
                 "not support " + "; ".join(unsupported)
             )
-    if given.solver == "auto":  # the authors' iteration here
-        given = replace(given, solver="faithful")
     opts, _, x = prepare_features(features, given)
-    plan = make_plan(x.shape, x.device, opts, program=data_term, outliers=outliers)
+    plan = make_plan(
+        x.shape, x.device, opts, program=data_term, outliers=outliers, auto="faithful"
+    )  # (the authors' iteration here)
     res = solve(x, plan, opts, affine=affine, outliers=outliers)
     t1 = time.perf_counter()
     draws = cluster(res.coef, opts, affinity=affinity, assign_labels=assign_labels)
