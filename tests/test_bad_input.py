@@ -582,11 +582,11 @@ _CLI_BAD = {
 
 
 @pytest.mark.parametrize("case", list(_CLI_BAD), ids=list(_CLI_BAD))
-def test_cli_anchors_checks_flags_before_the_model(clips, tmp_path, capsys, case):
+def test_cli_anchors_checks_flags_before_the_model(clips, tmp_path, capsys, case, monkeypatch):
     extra, phrase = _CLI_BAD[case]
     (tmp_path / "FILE").write_text("x")
     extra = [str(tmp_path / e) if e.startswith("FILE/") else e for e in extra]
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # (restored after the test)
     argv = ["anchors", "--video", str(clips[5]), "--model", str(tmp_path / "no-such-model"), "-q"]
     code, err = _cli(argv + extra, capsys)
     assert code == 1
