@@ -166,12 +166,10 @@ def _decode_meta(seq_lens, table, dev):
 
 def _fill_step(state, b, seed):
     g = torch.Generator().manual_seed(seed)
-    st = state.STEP
-    st.owner, st.step = 1, st.step + 1
     s = torch.rand(b, generator=g)
-    st.key_bias, st.value_scale = torch.log1p(3 * s), 1 + 2 * s
-    st.seq_anchored = (torch.rand(b, generator=g) < 0.5).tolist()
-    st.seq_gated_queries = [int(a) for a in st.seq_anchored]  # one query per sequence
+    anchored = (torch.rand(b, generator=g) < 0.5).tolist()
+    # one query per anchored sequence
+    state.set_step(1, torch.log1p(3 * s), 1 + 2 * s, [int(a) for a in anchored])
     state.publish()
 
 

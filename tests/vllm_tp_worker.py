@@ -66,12 +66,12 @@ def main():
 
 def _record_features(worker) -> None:
     """Records the features, cluster count and options of every SSC this worker runs (on
-    the ``videoanchor.anchor`` module of its process: this function reaches the workers by
-    value, so a global of this file would not be the one :func:`_recorded_features` reads)."""
+    the worker object of its process: this function reaches the workers by value, so a
+    global of this file would not be the one :func:`_recorded_features` reads)."""
     import videoanchor.anchor as anchor
 
     orig = anchor.compute_anchor_scores
-    recorded = anchor.__dict__.setdefault("_test_recorded", [])
+    recorded = worker.__dict__.setdefault("videoanchor_test_recorded", [])
 
     def recording(features, n_clusters, **kwargs):
         res = orig(features, n_clusters, **kwargs)
@@ -85,9 +85,7 @@ def _record_features(worker) -> None:
 
 
 def _recorded_features(worker) -> list:
-    import videoanchor.anchor as anchor
-
-    return list(anchor.__dict__.get("_test_recorded", []))
+    return list(worker.__dict__.get("videoanchor_test_recorded", []))
 
 
 def _cached_scores(worker) -> dict:
