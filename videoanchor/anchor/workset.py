@@ -413,7 +413,7 @@ def reference_minimiser(features, *, alpha_e: float = 800.0, alpha_z: float = 80
                      max_passes=limits.max_passes if max_passes is None else int(max_passes))  # fmt: skip
     plan = make_plan(x.shape, _CPU, _REFERENCE)
     answers, *_ = _routes(x, plan, limits, alpha_e=alpha_e, alpha_z=alpha_z, rho=_REFERENCE.rho,
-                          eps=0.0, max_iter=_REFERENCE.max_iter, progress=None)  # fmt: skip
+                          eps=0.0, max_iter=_REFERENCE.max_iter, progress=False)  # fmt: skip
     answers = [a for a in answers if a is not None]
     if not answers:
         raise SetsTooLarge(
