@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torchvision_shim
-from gloo_support import join_gloo
+from gloo_support import join_gloo, leave
 
 torchvision_shim.apply()  # a spawned rank imports this module but not conftest.py
 
@@ -389,6 +389,7 @@ def _dist_worker(rank, store, out):
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
         if rank == 0 or "none-on-1" not in results:
             dist.destroy_process_group()
+    leave()
 
 
 @pytest.fixture(scope="module")

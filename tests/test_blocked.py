@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torchvision_shim
-from gloo_support import join_gloo
+from gloo_support import join_gloo, leave
 from sklearn.metrics import adjusted_rand_score
 
 # A spawned rank imports this module but not conftest.py: apply the test-only shim here too,
@@ -239,6 +239,7 @@ def _worker(rank, world, store, x, kw, out):
         )
     finally:
         dist.destroy_process_group()
+    leave()
 
 
 @pytest.mark.distributed

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torchvision_shim
-from gloo_support import join_gloo
+from gloo_support import join_gloo, leave
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -71,6 +71,7 @@ def _worker(rank, world, store, x, out):
     finally:
         torch.save(got, os.path.join(out, f"rank{rank}.pt"))
         dist.destroy_process_group()
+    leave()
 
 
 def _spawn(tmp_path, world, x):

@@ -13,7 +13,7 @@ from concurrent.futures import Future
 import torch
 import torch.multiprocessing as mp
 import torchvision_shim
-from gloo_support import join_gloo
+from gloo_support import join_gloo, leave
 
 # A spawned rank imports this module but not conftest.py: apply the test-only shim here too.
 torchvision_shim.apply()
@@ -77,6 +77,7 @@ def _vote_worker(rank, store, out):
     finally:
         torch.save(got, os.path.join(out, f"rank{rank}.pt"))
         dist.destroy_process_group()
+    leave()
 
 
 class SimpleConfig:
