@@ -157,8 +157,7 @@ def request_gates(req: Scheduled, entry: _Req, encoder_outputs: EncoderOutputs,
                 except Exception as err:  # this request fails alone, not the step
                     entry.failed = _failed(req.req_id, err)
                 else:
-                    if state.observing_scores():
-                        state.notify_scores(req.req_id, entry.scores)
+                    state.notify_scores(req.req_id, entry.scores)
         hi = min(nc + ns, entry.prompt_len)
         if entry.gates is not None and hi > nc:
             kb[: hi - nc] = entry.gates[0][nc:hi]

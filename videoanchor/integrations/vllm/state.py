@@ -107,15 +107,9 @@ def remove_score_observer(fn: Callable[[str, torch.Tensor | None], object]) -> N
     raise ValueError("remove_score_observer: this function is not a score observer")
 
 
-def observing_scores() -> bool:
-    """Whether a score observer is registered (the runner skips :func:`notify_scores`
-    otherwise)."""
-    return bool(_SCORE_OBSERVERS)
-
-
 def notify_scores(req_id: str, scores: torch.Tensor | None) -> None:
-    """Calls every score observer with ``(req_id, scores)`` (see :func:`add_score_observer`);
-    an observer's exception is logged, not raised."""
+    """Calls every score observer with ``(req_id, scores)`` (see :func:`add_score_observer`;
+    none registered: nothing); an observer's exception is logged, not raised."""
     for fn in _SCORE_OBSERVERS:
         try:
             fn(req_id, scores)
