@@ -448,14 +448,13 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
     elif solver == "workset":
         strategy, route = "workset", "workset_then_fast"
         need, what = workset_bytes(n, d, torch.get_num_threads()), "Working-set SSC"
-    elif solver == "fast":  # (its eigendecomposition gives the dense [R; Y R])
-        strategy = step
-        need = exact_bytes(n, d, itemsize, device.type, precision, strategy="dense")
-        what, route = "Dense SSC", "admm_cupy" if backend == "cupy" else "admm"
-    else:
-        strategy = (choose_strategy(n, d, outliers, device.type) if given_strategy == "auto"
-                    else given_strategy)  # fmt: skip
-        need = exact_bytes(n, d, itemsize, device.type, precision, strategy=strategy)
+    else:  # the dense solvers (the fast one's eigendecomposition gives the dense [R; Y R])
+        if solver == "fast":
+            strategy, inverse = step, "dense"
+        else:
+            strategy = inverse = (choose_strategy(n, d, outliers, device.type)
+                                  if given_strategy == "auto" else given_strategy)  # fmt: skip
+        need = exact_bytes(n, d, itemsize, device.type, precision, strategy=inverse)
         what, route = "Dense SSC", "admm_cupy" if backend == "cupy" else "admm"
     error, host = None, strategy == "workset"  # (it works in host memory whatever the device)
     try:

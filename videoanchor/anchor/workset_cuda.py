@@ -488,8 +488,9 @@ def run_workset_cuda(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: fl
     out = solve_workset_cuda(x, alpha_e=alpha_e, alpha_z=alpha_z, slots=slots)
     history = {k: out[k] for k in ("passes", "wide_columns", "overflow")}
     history["host_reads"] = len(out["reads"]) + 3  # (+ the certificate's three floats)
+    y = x.detach().to(torch.float64).T  # (the program's Y, for either answer's certificate)
     res = SSCSolution.certified(
-        x.detach().to(torch.float64).T, out["coef"], out["outliers"], out["lambda_e"],
+        y, out["coef"], out["outliers"], out["lambda_e"],
         out["lambda_z"], like=x, dtype=plan.work, timings=out["timings"],
         iterations=out["passes"], converged=out["converged"], history=history, solver=plan.solver,
         strategy="workset_cuda_wide" if out["wide_columns"] else "workset_cuda")  # fmt: skip
@@ -499,7 +500,7 @@ def run_workset_cuda(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: fl
                     max_iter=max_iter, progress=progress)  # fmt: skip
     why = (f"{out['overflow']} columns outgrew {slots[-1]} slots" if out["overflow"] else
            "the passes ran out" if not out["converged"] else f"its gap {res.gap:.3g}")  # fmt: skip
-    fast.uncertified(x.detach().T, "the working sets on the GPU did not certify these "
+    fast.uncertified(y, "the working sets on the GPU did not certify these "
                      f"{x.shape[0]} tokens ({why})")  # fmt: skip
     fast.history = {"workset_cuda": history, "fast": fast.history}
     fast.timings = {**res.timings, **{f"fast_{k}": v for k, v in fast.timings.items()}}
