@@ -116,7 +116,7 @@ def _gone_worker(rank, store, out):
     """Rank 1 leaves (its process ends) before voting; rank 0's vote fails on the group."""
     join_gloo(rank, 2, store, seconds=20)
     if rank == 1:
-        return  # as if its worker died: no vote, no goodbye
+        leave()  # as if its worker died: no vote, no goodbye
     got = {}
     try:
         _, job_runner, job = _split_jobs(0)
@@ -127,6 +127,7 @@ def _gone_worker(rank, store, out):
         job_runner.close()
     finally:
         torch.save(got, os.path.join(out, "rank0.pt"))
+    leave()
 
 
 def test_a_failed_group_stops_split_jobs(tmp_path):
