@@ -252,13 +252,18 @@ def test_configure_and_the_command_line_take_the_precision():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_auto_precision_is_fp16x3():
+    """On CUDA the fast solver's precision "auto" is fp16x3, to the bit; the default solver
+    ("auto") runs the working sets there, in float64 (precision does not apply to them)."""
     from videoanchor.anchor import products
 
     x = tokens(120, 48, k=4, seed=8).cuda()
     assert products.native_fp16x3(x.device)
-    auto = compute_anchor_scores(x, 4, progress=False)
-    split = compute_anchor_scores(x, 4, progress=False, precision="fp16x3")
+    auto = compute_anchor_scores(x, 4, progress=False, solver="fast")
+    split = compute_anchor_scores(x, 4, progress=False, solver="fast", precision="fp16x3")
+    assert auto.solver == split.solver == "fast"
     torch.testing.assert_close(auto.scores, split.scores, rtol=0, atol=0)
+    default = compute_anchor_scores(x, 4, progress=False)
+    assert default.solver == "workset" and default.strategy.startswith("workset_cuda")
 
 
 @pytest.mark.gpu
@@ -275,8 +280,8 @@ def test_gpu_fp16x3_runs_on_tensor_cores_and_matches_the_cpu_emulation():
     assert gpu.dtype == torch.float32 and gpu.is_cuda
     assert _rel(gpu.cpu(), cpu.double()) < 1e-6
     x = tokens(256, 96, k=4, seed=3)
-    ref = compute_anchor_scores(x.cuda(), 4, progress=False)
-    got = compute_anchor_scores(x.cuda(), 4, progress=False, precision="fp16x3")
+    ref = compute_anchor_scores(x.cuda(), 4, progress=False, solver="fast", precision="full")
+    got = compute_anchor_scores(x.cuda(), 4, progress=False, solver="fast", precision="fp16x3")
     assert bool((got.labels == ref.labels).all())
     assert float((got.scores - ref.scores).abs().max()) < 1e-3
 
