@@ -26,6 +26,9 @@ from numba import types
 #: A column's end: solved; its working set outgrew ``cap``; the inner loop took more than
 #: ``max_inner`` steps; ``max_passes`` passes did not solve it; a factor update failed; its
 #: inner steps' work (the sum of the support's size over them) passed ``max_work``.
+#: :data:`SINGULAR` is also where a variable's rank-one update fails a second time in one
+#: column: the refactor that followed its first failure did not cure it (issue 80: a column
+#: looped 503 times through the same failed downdate until its work bound ran out).
 SOLVED, TOO_LARGE, STALLED, MAX_PASSES, SINGULAR, OVER_BUDGET = 0, 1, 2, 3, 4, 5
 #: Refinement steps of each restricted solve against the unfactored system (the factor
 #: carries the constraint's border as ``gamma a a^T``: ill-conditioned where the support
@@ -95,15 +98,15 @@ def _chol_delete(L, f, p):
         L[f - 1, r] = 0.0
 
 
-@_jit(B(F2, I, F1, F, F2))
-def _chol_rank1(L, f, x, sigma, A):
-    """``L L^T + sigma x x^T`` into ``L[:f, :f]`` (``x`` overwritten). False where a
-    downdate (``sigma < 0``) would take a pivot below ``RIDGE`` times its ``A`` diagonal
-    (``L`` is then partly updated: refactor it)."""
+@_jit(B(F2, I, F1, F, F2, F))
+def _chol_rank1(L, f, x, sigma, A, floor):
+    """``L L^T + sigma x x^T`` into ``L[:f, :f]`` (``x`` overwritten). False where a pivot
+    would fall to ``floor`` times its ``A`` diagonal or below (a downdate, ``sigma < 0``), or
+    turn non-finite (``L`` is then partly updated: refactor it)."""
     for k in range(f):
         lkk, xk = L[k, k], x[k]
         r2 = lkk * lkk + sigma * xk * xk
-        if not (r2 > RIDGE * A[k, k]) or not math.isfinite(r2):
+        if not (r2 > floor * A[k, k]) or not math.isfinite(r2):
             return False
         r = math.sqrt(r2)
         cs, sn = r / lkk, xk / lkk
@@ -151,17 +154,23 @@ def _add_coef(L, A, Yg, Fc, sc, zc, fc, Fe, fe, u, sign, G, YT, lam_z, gamma, co
     return _chol_append(L, fc, col, a - lam_z * _dot(yg, yg, fe), RIDGE * a)
 
 
-@_jit(B(F2, F2, F2, I1, I, I1, F1, F1, I, I, F, F2, F, F1))
-def _add_outlier(L, A, Yg, Fc, fc, Fe, se, ze, fe, k, sign, YT, lam_z, col):
+@_jit(B(F2, F2, F2, I1, I, I1, F1, F1, I, I, F, F2, F, F1, F, B1, I))
+def _add_outlier(L, A, Yg, Fc, fc, Fe, se, ze, fe, k, sign, YT, lam_z, col, floor, failed, n):
     """Outlier entry ``k`` (a row of ``Y``) joins ``Fe`` (at position ``fe``) with ``sign``
-    and value 0: ``S`` loses ``lambda_z y y^T`` (``y = Y[k, Fc]``)."""
+    and value 0: ``S`` loses ``lambda_z y y^T`` (``y = Y[k, Fc]``), a downdate with pivots
+    above ``floor`` (:func:`_chol_rank1`). Where it fails, ``S`` is refactored, once per
+    variable and column: ``failed[n + k]`` marks it. False where the refactor failed or the
+    variable had failed before: the column ends :data:`SINGULAR`."""
     Fe[fe], se[fe], ze[fe] = k, sign, 0.0
     root = math.sqrt(lam_z)
     for r in range(fc):
         Yg[r, fe] = YT[Fc[r], k]
         col[r] = root * Yg[r, fe]
-    if _chol_rank1(L, fc, col, -1.0, A):
+    if _chol_rank1(L, fc, col, -1.0, A, floor):
         return True
+    if failed[n + k]:
+        return False
+    failed[n + k] = True
     return _refactor(L, A, Yg, fc, fe + 1, lam_z, col)
 
 
@@ -188,7 +197,7 @@ def _hsolve(L, Yg, fc, fe, lam_z, vc, ve, outc, oute, tmp):
 
 def run_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol,
                 grow, cap, cap_c, max_passes, max_inner, max_work, C, E, status, passes, work,
-                hard):  # fmt: skip
+                hard, floor=RIDGE):  # fmt: skip
     """Columns ``cols[first]``, ``cols[first + step]``, ... into ``C`` (``N x N``) and ``E``
     (``D x N``), zero on entry, with each column's status, passes and work (the sum of its
     support's size over its inner steps; ``status`` -1 on entry: a column left so was not
@@ -198,8 +207,12 @@ def run_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z
     ``cap_c`` coefficients, or whose work passes ``max_work`` (:data:`OVER_BUDGET`), is
     hard: it keeps its iterate and the others go on; ``hard[0]`` counts the hard columns of
     every call sharing ``hard``, and each stops at its next column once ``hard[0]`` reaches
-    ``hard[1]`` (``C`` is dense: most columns would be). The scratch is allocated here, in
-    Python, for :func:`solve_columns` (NumPy's allocations compiled by Numba cost 1 s)."""
+    ``hard[1]`` (``C`` is dense: most columns would be). ``floor``: the smallest pivot, relative
+    to its ``A`` diagonal, that an outlier entry's rank-one downdate may leave; one that would
+    go lower refactors the factor, once per variable and column (a second failure ends the
+    column :data:`SINGULAR`; tests raise ``floor`` to force the path). The scratch is allocated
+    here, in Python, for :func:`solve_columns` (NumPy's allocations compiled by Numba cost
+    1 s)."""
     n, d = G.shape[0], YT.shape[1]
     cap_c = min(cap_c, cap, n - 1)
     wc, we = cap_c + 1, min(cap, d) + 1
@@ -215,21 +228,22 @@ def run_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z
         tuple(np.zeros(width) for _ in range(12)),
         np.zeros(n + d),  # full
         np.zeros(n + d, np.bool_),  # held: in F
+        np.zeros(n + d, np.bool_),  # failed: its rank-one update failed in this column
         np.zeros(2),  # the column's work: spent, bound
     )  # fmt: skip
     gamma = max(0.0, lam_z * float(np.diagonal(G).max()))
     solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol,
                   grow, cap, cap_c, max_passes, max_inner, float(max_work), C, E, status,
-                  passes, work, hard, gamma, *scratch)  # fmt: skip
+                  passes, work, hard, gamma, float(floor), *scratch)  # fmt: skip
 
 
-@_jit(types.none(I1, I, I, F2, F2, F2, I[:], I[:], F[:], F, F, F, I, I, I, I, I, F, F2, F2, I1, I1, F1, I1, F, F2, F2, F2, I1, F1, F1, I1, F1, F1, I1, SCRATCH, F1, B1, F1), entry=True)  # fmt: skip
+@_jit(types.none(I1, I, I, F2, F2, F2, I[:], I[:], F[:], F, F, F, I, I, I, I, I, F, F2, F2, I1, I1, F1, I1, F, F, F2, F2, F2, I1, F1, F1, I1, F1, F1, I1, SCRATCH, F1, B1, B1, F1), entry=True)  # fmt: skip
 def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol,
                   grow, cap, cap_c, max_passes, max_inner, max_work, C, E, status, passes,
-                  spent, hard, gamma, L, A, Yg, Fc, sc, zc, Fe, se, ze, W, w, full, held,
-                  work):  # fmt: skip
+                  spent, hard, gamma, floor, L, A, Yg, Fc, sc, zc, Fe, se, ze, W, w, full, held,
+                  failed, work):  # fmt: skip
     """:func:`run_columns` with its scratch (``cap_c`` at most ``min(cap, N - 1)``, ``gamma``
-    the largest ``lambda_z G_uu``). Column ``i`` (module docstring): from the start ``z`` =
+    the largest ``lambda_z G_uu``, ``floor`` the downdates' pivot floor). Column ``i`` (module docstring): from the start ``z`` =
     ``seed_val`` on the variables ``seed_var`` (``seed_ptr[i]:seed_ptr[i + 1]``), its
     status, its support in ``Fc[:fc]``, ``Fe[:fe]`` and values in ``zc``, ``ze``; one loop
     settles (from ``z`` to the minimiser on ``F``), adds the worst violator in ``W`` or
@@ -246,15 +260,18 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
         s0, s1 = seed_ptr[i], seed_ptr[i + 1]
         work[0], work[1] = 0.0, max_work
         fc = fe = coefs = 0
+        for u in range(n + d):  # (no variable's update has failed in this column yet)
+            failed[u] = False
         for r in range(s0, s1):
             if seed_var[r] < n:
                 coefs += 1
         st = TOO_LARGE if s1 - s0 > cap or coefs > cap_c else -1  # (status; -1: running)
         for r in range(s0, s1 if st < 0 else s0):  # the outliers first: no factor to update
+            # (so no downdate to fail)
             u, v = seed_var[r], seed_val[r]
             if u >= n:
                 _add_outlier(L, A, Yg, Fc, fc, Fe, se, ze, fe, u - n, 1.0 if v > 0 else -1.0, YT,
-                             lam_z, col)  # fmt: skip
+                             lam_z, col, floor, failed, n)  # fmt: skip
                 ze[fe] = v
                 held[u] = True
                 fe += 1
@@ -376,7 +393,8 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
                     stuck = stuck or (t == 0.0 and n + Fe[p - fc] == entrant)
                 for k in range(fe - 1, -1, -1):  # outliers leave: S gains lambda_z y y^T
                     if ze[k] == 0.0:
-                        held[n + Fe[k]] = False
+                        left = n + Fe[k]
+                        held[left] = False
                         for r in range(fc):
                             yr = Yg[r]
                             col[r] = root * yr[k]
@@ -385,10 +403,11 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
                         for k2 in range(k, fe - 1):
                             Fe[k2], se[k2], ze[k2] = Fe[k2 + 1], se[k2 + 1], ze[k2 + 1]
                         fe -= 1
-                        if not _chol_rank1(L, fc, col, 1.0, A):
-                            if not _refactor(L, A, Yg, fc, fe, lam_z, col):
+                        if not _chol_rank1(L, fc, col, 1.0, A, RIDGE):  # (its pivots grow)
+                            if failed[left] or not _refactor(L, A, Yg, fc, fe, lam_z, col):
                                 st = SINGULAR
                                 break
+                            failed[left] = True
                 if st >= 0:
                     break
                 for r in range(fc - 1, -1, -1):
@@ -448,7 +467,7 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
                     fc += 1
                 else:
                     if not _add_outlier(L, A, Yg, Fc, fc, Fe, se, ze, fe, at - n, sign, YT, lam_z,
-                                        col):  # fmt: skip
+                                        col, floor, failed, n):  # fmt: skip
                         st = SINGULAR
                         break
                     fe += 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 
@@ -69,7 +70,11 @@ class Limits:
     past it stops them all and the fast answer stands, the working sets costing 3-25x the
     fast solver). ``max_passes``: outer passes per column. ``gap``: the largest relative
     duality gap (:func:`~videoanchor.anchor.program.column_gaps`) of an answer
-    :func:`run_workset` calls certified (the working sets' own reach 1e-12 to 1e-10)."""
+    :func:`run_workset` calls certified (the working sets' own reach 1e-12 to 1e-10).
+    ``downdate_floor``: the smallest pivot of the kernel's factor, relative to its diagonal,
+    that an outlier entry joining may leave; below it the factor is refactored, once per
+    variable and column, and a variable that fails again ends its column unsolved (issue
+    80). Tests raise it to force that path on any CPU."""
 
     dense_set: int = 192
     cold_work: float = 50_000
@@ -79,6 +84,7 @@ class Limits:
     warm_work: float = 50_000
     max_passes: int = 500
     gap: float = 1e-8
+    downdate_floor: float = 1e-10
 
     def __post_init__(self):
         for f in fields(self):
@@ -148,7 +154,8 @@ def _seeds(x64: torch.Tensor, gram: torch.Tensor, lam_e: float, lam_z: float, co
 def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, *, tol: float,
              grow: int, cap: int, max_passes: int, threads: int, cap_c: int | None = None,
              max_work: float = math.inf, rank: int = 0, world: int = 1,
-             start=None, cols=None, stop_after: int | None = None):  # fmt: skip
+             start=None, cols=None, stop_after: int | None = None,
+             floor: float = LIMITS.downdate_floor):  # fmt: skip
     """``C``, ``E`` and each column's status, passes and work, by the compiled kernel over
     ``threads`` threads (strides of the columns, each thread taking the next as it comes
     free; without the GIL), from ``start`` (:func:`_seeds`); the columns ``cols`` only
@@ -156,7 +163,8 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
     ``cap_c``, its work past ``max_work``) keeps its iterate and the others go on, until
     ``stop_after`` of them are hard (default never): then the columns not yet started stay
     so (status -1). Rank ``rank`` of ``world`` solves its stride of the columns alone (the
-    others stay zero, status -1): :func:`run_workset` sums the ranks' answers."""
+    others stay zero, status -1): :func:`run_workset` sums the ranks' answers. ``floor``:
+    :attr:`Limits.downdate_floor`."""
     kernel = _kernel()
     n, d = x64.shape
     cap_c = cap if cap_c is None else cap_c
@@ -178,7 +186,7 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
     def run(t: int) -> None:
         kernel.run_columns(mine, t, tasks, G, YT, Y, ptr, var, val, lam_z, lam_e, tol, grow,
                            cap, cap_c, max_passes, MAX_STEPS, max_work, C, E, status, passes,
-                           work, hard)  # fmt: skip
+                           work, hard, floor)  # fmt: skip
 
     if tasks <= 1:
         run(0)
@@ -252,7 +260,11 @@ def solve_ssc_workset(
     t1 = time.perf_counter()
     C, E, status, passes, _ = _columns(x64, lam_e, lam_z, G, tol=tol, grow=int(grow), cap=cap,
                                        max_passes=int(max_passes), threads=min(int(threads), n),
-                                       start=coef_init)  # fmt: skip
+                                       start=coef_init, floor=limits.downdate_floor)  # fmt: skip
+    note = _singular(status)
+    if note:
+        warnings.warn(f"SSC working sets: {note}; they keep their last iterate, which meets the "
+                      "constraint (converged=False)", UserWarning, stacklevel=2)  # fmt: skip
     if bool((status == _kernel().TOO_LARGE).any()):
         raise SetsTooLarge(
             f"a column's working set needs more than max_set = {cap} variables (C or E is "
@@ -264,6 +276,18 @@ def solve_ssc_workset(
         timings={"lambdas": t1 - t0, "workset": time.perf_counter() - t1},
         iterations=int(passes.max()), converged=bool((status == _kernel().SOLVED).all()),
         solver="workset", strategy="workset")  # fmt: skip
+
+
+def _singular(status: torch.Tensor) -> str:
+    """What the columns that ended :data:`~videoanchor.anchor._workset_kernel.SINGULAR` met
+    ("" if none did): a factor update that failed again after its refactor, or a refactor
+    that failed (issue 80)."""
+    cols = torch.nonzero(status == _kernel().SINGULAR).flatten().tolist()
+    if not cols:
+        return ""
+    named = ", ".join(map(str, cols[:8])) + (f" and {len(cols) - 8} more" if len(cols) > 8 else "")
+    return (f"{len(cols)} column(s) ({named}) met a factor update that a refactor did not cure "
+            "(a singular program on their working set)")  # fmt: skip
 
 
 def _prepare(x, alpha_e: float, alpha_z: float) -> tuple:
@@ -308,16 +332,17 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
             "solver='workset' solves the method's program (affine=True, outliers=True), got "
             f"affine={affine}, outliers={outliers}; use solver 'fast' or 'faithful'"
         )
-    answers, fast, prepared, timings = _routes(x, plan, limits, alpha_e=alpha_e,
-                                               alpha_z=alpha_z, rho=rho, eps=eps,
-                                               max_iter=max_iter, progress=progress)  # fmt: skip
+    answers, fast, prepared, timings, singular = _routes(x, plan, limits, alpha_e=alpha_e,
+                                                         alpha_z=alpha_z, rho=rho, eps=eps,
+                                                         max_iter=max_iter, progress=progress)  # fmt: skip
     if _certified(answers[-1], limits):
         return answers[-1]
     t = time.perf_counter()
+    why = (f"in the working sets, {singular}" if singular else "C is dense here; a certified "
+           f"minimiser's gap is below {limits.gap:g}, which solver='workset' reaches at "
+           "whatever cost")  # fmt: skip
     fast.uncertified(prepared[0].T, f"the working sets did not certify these {x.shape[0]} "
-                     "tokens within their bounds (C is dense here; a certified minimiser's "
-                     f"gap is below {limits.gap:g}, which solver='workset' reaches at "
-                     "whatever cost)")  # fmt: skip
+                     f"tokens within their bounds ({why})")  # fmt: skip
     fast.timings = {**timings, "certificate": time.perf_counter() - t}
     return fast
 
@@ -328,12 +353,14 @@ def _certified(answer: SSCSolution | None, limits: Limits) -> bool:
 
 def _routes(x, plan: Plan, limits: Limits, *, alpha_e, alpha_z, rho, eps, max_iter, progress):
     """:func:`run_workset`'s routes on ``x`` as far as the first certified answer:
-    ``(answers, fast, prepared, timings)``, ``answers`` the routes' answers in order (None
-    where a column stayed hard or unstarted; the last certified where one is), ``fast`` the
-    fast solver's answer where it ran, ``prepared`` :func:`_prepare`'s."""
+    ``(answers, fast, prepared, timings, singular)``, ``answers`` the routes' answers in order
+    (None where a column stayed hard or unstarted; the last certified where one is), ``fast``
+    the fast solver's answer where it ran, ``prepared`` :func:`_prepare`'s, ``singular``
+    :func:`_singular`'s note on the last route's columns."""
     kernel = _kernel()
     n, d = x.shape
     timings, prepared = {}, []  # the Gram matrix and the lambdas, computed once
+    singular = [""]
 
     def sweep(name: str, cap_c: float, max_work: float, **kw):
         if getattr(progress, "schedules_only", False):  # a scheduler's hook: its turn
@@ -347,12 +374,14 @@ def _routes(x, plan: Plan, limits: Limits, *, alpha_e, alpha_z, rho, eps, max_it
         C, E, status, passes, work = _columns(
             x64, lam_e, lam_z, G, tol=TOL, grow=GROW, cap=n + d, cap_c=int(min(cap_c, n + d)),
             max_work=max_work, max_passes=limits.max_passes,
-            threads=min(torch.get_num_threads(), n), rank=plan.rank, world=plan.world, **kw)  # fmt: skip
+            threads=min(torch.get_num_threads(), n), rank=plan.rank, world=plan.world,
+            floor=limits.downdate_floor, **kw)  # fmt: skip
         if plan.group is not None:  # every column is one rank's alone: the sums are exact
             C, E, status, passes, work = (all_sum(a, plan.group) for a in
                                           (C, E, status + 1, passes, work))  # fmt: skip
             status -= 1
         timings[name] = time.perf_counter() - t
+        singular[0] = _singular(status)
         return C, E, status, passes
 
     def answer(strategy: str, C, E, status, passes):  # None unless every column ran its course
@@ -376,7 +405,7 @@ def _routes(x, plan: Plan, limits: Limits, *, alpha_e, alpha_z, rho, eps, max_it
         route = "workset_hard"
     answers = [answer(route, C, E, status, passes)]
     if _certified(answers[-1], limits):
-        return answers, None, prepared, timings
+        return answers, None, prepared, timings, ""
     fast = run_admm(x, plan.fallback, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
                     max_iter=max_iter, progress=progress)  # fmt: skip
     timings.update({f"fast_{k}": v for k, v in fast.timings.items()})
@@ -384,7 +413,7 @@ def _routes(x, plan: Plan, limits: Limits, *, alpha_e, alpha_z, rho, eps, max_it
         warm = sweep("workset_warm", limits.warm_set, limits.warm_work, start=fast.coef,
                      stop_after=1)  # fmt: skip
         answers.append(answer("workset_warm", *warm))
-    return answers, fast, prepared, timings
+    return answers, fast, prepared, timings, singular[0]
 
 
 def reference_minimiser(features, *, alpha_e: float = 800.0, alpha_z: float = 800.0,
