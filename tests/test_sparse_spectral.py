@@ -156,12 +156,20 @@ def test_bench_sparse_spectral_quick_rows(tmp_path):
     assert {r["provider"] for r in rows} == {
         "sparse_auto", "sparse_arpack", "sparse_krylov", "sparse_chebyshev", "dense_eigh"
     }  # fmt: skip
+    assert {r["affinity"] for r in rows} == {"gap", "no_gap"}
     for r in rows:
         assert r["n"] == 512 and r["median_s"] > 0
-        if r["provider"] != "dense_eigh":
-            assert r["ari_vs_dense_eigh"] == 1.0  # both structures: a gap at 24 or labels agree
-        if r["provider"].startswith("sparse_") and r["provider"] != "sparse_auto":
-            assert r["block_residual"] < 1e-7
+        if r["provider"] == "dense_eigh":
+            continue
+        # what the affinity defines, on any CPU: the span of the top 24 eigenvectors, to
+        # within the solver's residual over the eigengap (Davis-Kahan, a factor 2 of slack)
+        assert r["block_residual"] < 1e-7
+        assert r["subspace_sin"] <= 2 * r["block_residual"] / r["eigengap"] + 1e-12, r
+        if r["affinity"] == "gap":  # a clear gap at 24 (0.50): the labels are defined, agree
+            assert r["eigengap"] > 0.1 and r["ari_vs_dense_eigh"] == 1.0, r
+        else:  # 1.1e-3: which labels come out depends on the arithmetic (issue 80: ARI 0.93
+            # on an AVX-512 Xeon for spans 1.5e-6 apart, 1.0 elsewhere): only reported
+            assert r["eigengap"] < 0.1 and 0.0 <= r["ari_vs_dense_eigh"] <= 1.0, r
 
 
 @pytest.mark.gpu
