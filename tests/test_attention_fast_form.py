@@ -1,5 +1,5 @@
-"""The prefill kernel's fast form (V pre-scaled by value_scale / c, the plain main loop) and
-the general form on extreme key biases, against the float64 reference with the
+"""The prefill kernel's fast form (log2(value_scale) folded into the logits with the key
+bias, one gate pair per key, one launch) and the general form on extreme key biases, against the float64 reference with the
 2x-PyTorch-error rule (tests/test_attention.py). Interpreter on CPU; bf16 through the
 test-only shim (tests/bf16_interpreter.py)."""
 
@@ -9,8 +9,8 @@ from bf16_interpreter import bf16_interpreter, unavailable_reason
 from test_attention import DEVICE, check_close, make_inputs, native_error
 
 import videoanchor
-from videoanchor.kernels import interface, launch
-from videoanchor.kernels.interface import fast_form_scale, value_scale_range_of
+from videoanchor.kernels import interface, launch, prepare_gates
+from videoanchor.kernels.interface import fast_form, value_scale_range_of
 from videoanchor.kernels.reference import anchored_attention_reference
 
 RANGE = (1.0, 3.5)  # make_inputs' gates: value_scale = 1 + 2.5 s, s in [0, 1)
@@ -51,40 +51,60 @@ class _null:
         return False
 
 
-def test_fast_form_is_taken_and_plain_loop_runs():
-    """With a range the launcher pre-scales V (one extra launch) and runs the prefill kernel
-    with the value scale off (the plain loop) and o_scale = c; without it, the general form."""
+def _names(recs):
+    return [r.kernel.__name__ if hasattr(r.kernel, "__name__") else str(r.kernel) for r in recs]
+
+
+@pytest.mark.parametrize("prepared", [False, True], ids=["given", "prepared"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "scale-only"])
+def test_fast_form_is_one_launch(prepared, with_bias):
+    """With a range the prefill kernel runs alone, its gates one float32 pair per key
+    (bias + log2(scale), 1 / scale) read through the bias pointer; without it, the general
+    form (the scale multiplied into the probabilities in the loop). Both match the float64
+    reference; without a key bias the lse adds a zero shift."""
     q, k, v, kb, vs, _ = make_inputs(1, 2, 1, 17, 19, 32, torch.float32)
-    fast = _capture(lambda: videoanchor.anchored_attention(
-        q, k, v, kb, vs, backend="triton", value_scale_range=RANGE))  # fmt: skip
-    names = [rec.kernel.__name__ if hasattr(rec.kernel, "__name__") else str(rec.kernel)
-             for rec in fast]  # fmt: skip
-    assert names == ["_prescale_values_kernel", "_anchored_prefill_kernel"]
-    assert fast[1].kwargs["HAS_SCALE"] is False and fast[1].kwargs["HAS_BIAS"] is True
-    assert fast[1].args[-1] == 4.0  # o_scale: the power of two >= 3.5
+    kb = kb if with_bias else None
+    if prepared:
+        gates = prepare_gates(kb, vs, value_scale_range=RANGE)
+        assert gates.fold is not None and gates.fold.shape == (1, 19, 2)
+        call = lambda: videoanchor.anchored_attention(  # noqa: E731
+            q, k, v, gates=gates, backend="triton", return_lse=True)  # fmt: skip
+    else:
+        call = lambda: videoanchor.anchored_attention(  # noqa: E731
+            q, k, v, kb, vs, backend="triton", value_scale_range=RANGE, return_lse=True)  # fmt: skip
+    fast = _capture(call)
+    assert _names(fast) == ["_anchored_prefill_kernel"]
+    assert fast[0].kwargs["FOLD"] is True and fast[0].kwargs["HAS_BIAS"] is True
+    pair = fast[0].args[3]
+    assert pair.dtype == torch.float32 and pair.shape == (1, 19, 2)
+    ref, ref_lse = anchored_attention_reference(q, k, v, kb, vs, causal=True, return_lse=True)
+    out, lse = call()
+    check_close(out, ref, native_error(q, k, v, kb, vs, None, True, ref), torch.float32)
+    assert (lse.double() - ref_lse).abs().max().item() < 1e-4
     general = _capture(lambda: videoanchor.anchored_attention(q, k, v, kb, vs, backend="triton"))
-    assert len(general) == 1 and general[0].kwargs["HAS_SCALE"] is True
-    assert general[0].args[-1] == 1.0
+    assert _names(general) == ["_anchored_prefill_kernel"]
+    assert general[0].kwargs["FOLD"] is False and general[0].kwargs["HAS_SCALE"] is True
 
 
-def test_fast_form_scale_rules():
-    assert fast_form_scale(None, torch.float16) == 0.0
-    assert fast_form_scale((1.0, 3.5), torch.float16) == 4.0
-    assert fast_form_scale((1.0, 4.0), torch.bfloat16) == 4.0
-    assert fast_form_scale((0.25, 0.3), torch.float32) == 0.5
-    # fp16 keeps V' normal only for moderate ratios: wider ranges take the general form.
-    assert fast_form_scale((1.0, 1e3), torch.float16) == 0.0
-    assert fast_form_scale((1.0, 1e3), torch.bfloat16) == 1024.0
+def test_fast_form_rules():
+    assert fast_form(None) is False
+    assert fast_form((1.0, 3.5)) is True
+    assert fast_form((0.25, 0.3)) is True
+    assert fast_form((1.0, 1e3)) is True
+    assert fast_form((2.0**-60, 2.0**60)) is True
+    # Outside the bounds the unscaled probabilities or the row sums could leave float32.
+    assert fast_form((2.0**-61, 1.0)) is False and fast_form((1.0, 2.0**61)) is False
     for bad in [(0.0, 1.0), (2.0, 1.0), (1.0, float("inf")), (1.0,), "x", (-1.0, 2.0)]:
         with pytest.raises(ValueError, match="value_scale_range"):
-            fast_form_scale(bad, torch.float32)
+            fast_form(bad)
     vs = torch.tensor([[1.5, 2.0], [3.0, 1.25]])
     assert value_scale_range_of(vs) == (1.0, 3.0)
     assert value_scale_range_of(torch.tensor([[0.5, 0.75]])) == (0.5, 1.0)
 
 
 def test_fast_form_range_promise_broken_is_still_exact():
-    """The range only picks c: value scales past it (here 40x past) change no arithmetic."""
+    """The range only picks the form: positive value scales past it (here 40x past) are
+    still exact (the bounds only keep the row sums inside float32)."""
     q, k, v, kb, _, _ = make_inputs(1, 2, 2, 13, 21, 16, torch.float32, seed=2)
     vs = torch.linspace(0.5, 140.0, 21)[None].to(DEVICE)
     ref = anchored_attention_reference(q, k, v, kb, vs, causal=True)
@@ -180,25 +200,26 @@ def test_extreme_value_scale_general_form():
     # Each row is dominated by its largest visible scale: float32's relative error per row.
     row_err = (out.double() - ref).abs().amax(-1) / ref.abs().amax(-1)
     assert row_err.max().item() < 1e-5
-    assert interface.fast_form_scale((1e-30, 1e30), torch.float32) == 0.0
+    assert interface.fast_form((1e-30, 1e30)) is False
 
 
 @torch.no_grad()
 def test_vlm_path_takes_the_fast_form(tmp_path, monkeypatch):
     """The transformers integration hands the request's value-scale range to the kernel:
-    every anchored prefill layer pre-scales V (the fast form), and the logits equal the
-    exact torch path's."""
+    every anchored prefill layer runs the fast form from the prepared gate pairs (one
+    launch each), and the logits equal the exact torch path's."""
     from videoanchor.integrations.transformers.testing import load_saved, tiny_model, tiny_sample
     from videoanchor.kernels import triton_prefill
 
     calls = []
-    real = triton_prefill.prescale_values
+    real = triton_prefill.launch_prefill
 
-    def counting(v, value_scale, c, **kw):
-        calls.append(c)
-        return real(v, value_scale, c, **kw)
+    def counting(*args, **kw):
+        if args[4] is not None:  # anchored (a value scale)
+            calls.append(kw.get("prepared_fold") is not None or kw.get("fast", False))
+        return real(*args, **kw)
 
-    monkeypatch.setattr(triton_prefill, "prescale_values", counting)
+    monkeypatch.setattr(triton_prefill, "launch_prefill", counting)
     tiny_model("qwen2_5_vl", seed=4, hidden=64, layers=2).save_pretrained(tmp_path)
     model = load_saved(tmp_path)
     inputs = tiny_sample(model.config, [2], text=3, seed=5)
@@ -208,21 +229,15 @@ def test_vlm_path_takes_the_fast_form(tmp_path, monkeypatch):
     assert not calls
     videoanchor.configure(model, attention_backend="triton")
     out = model(**inputs).logits
-    assert len(calls) == 2 and all(c >= 1.0 for c in calls)  # one per decoder layer
+    assert calls == [True, True]  # one per decoder layer, each in the fast form
     assert (out - ref).abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
-def test_backward_fast_form_with_fixed_gates(varlen, monkeypatch):
-    """Gates without gradients (the VLM case): the backward kernels read a pre-scaled V too
-    (no per-logit value-scale multiply); gradients of q, k, v and key_bias equal the general
-    form's, and the float64 reference's."""
-    from videoanchor.kernels import triton_prefill
-
-    calls = []
-    real = triton_prefill.prescale_values
-    monkeypatch.setattr(triton_prefill, "prescale_values",
-                        lambda *a, **kw: calls.append(1) or real(*a, **kw))  # fmt: skip
+def test_backward_fast_form_with_fixed_gates(varlen):
+    """Gates without gradients (the VLM case) in the fast form: the backward kernels (one
+    form: the dK/dV kernel scales its fixed V tile once in registers) give gradients of q,
+    k, v and key_bias equal to the general form's and the float64 reference's."""
     g = torch.Generator().manual_seed(8)
     if varlen:
         cu = torch.tensor([0, 6, 17], dtype=torch.int32)
@@ -245,7 +260,6 @@ def test_backward_fast_form_with_fixed_gates(varlen, monkeypatch):
             out = videoanchor.anchored_attention(q, k, v, kb, vs, backend="triton",
                                                  value_scale_range=rng)  # fmt: skip
         grads.append(torch.autograd.grad(out.sin().sum(), inputs))
-    assert len(calls) == 2  # the fast forward and the fast backward
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-5)
     if not varlen:
@@ -253,3 +267,20 @@ def test_backward_fast_form_with_fixed_gates(varlen, monkeypatch):
         gref = torch.autograd.grad(ref.sin().sum(), inputs)
         for a, b in zip(gref, grads[1], strict=True):
             torch.testing.assert_close(b.double(), a.double(), atol=1e-4, rtol=1e-4)
+
+
+def test_fast_form_wide_positive_scales():
+    """The fast form over value scales spanning 2^-50 .. 2^50 (inside FAST_FORM_BOUNDS):
+    the running maximum is the scaled logits', so nothing overflows; float32's relative
+    error per row."""
+    q, k, v, kb, _, _ = make_inputs(1, 2, 1, 11, 17, 16, torch.float32, seed=9)
+    vs = torch.logspace(-50, 50, 17, base=2.0, dtype=torch.float32)[None].to(DEVICE)
+    ref = anchored_attention_reference(q, k, v, kb, vs, causal=True)
+    recs = _capture(lambda: videoanchor.anchored_attention(
+        q, k, v, kb, vs, backend="triton", value_scale_range=(2.0**-50, 2.0**50)))  # fmt: skip
+    assert recs[0].kwargs["FOLD"] is True
+    out = videoanchor.anchored_attention(q, k, v, kb, vs, backend="triton",
+                                         value_scale_range=(2.0**-50, 2.0**50))  # fmt: skip
+    assert torch.isfinite(out).all()
+    row_err = (out.double() - ref).abs().amax(-1) / ref.abs().amax(-1)
+    assert row_err.max().item() < 1e-5

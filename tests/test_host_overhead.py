@@ -31,16 +31,16 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 B, HQ, HKV, D = 2, 4, 2, 16
 
 #: The most torch operators one call may run, by case: the output (one ``empty_strided``),
-#: the split-KV partials (two ``empty``), the fast form's pre-scaled V (``empty_like`` and
-#: the ``empty_strided`` inside it) and the padding mask's uint8 view.
+#: the split-KV partials (two ``empty``) and the padding mask's uint8 view. The fast form
+#: reads the prepared gate pairs: nothing more than the general form.
 MAX_OPS = {
     "decode": 3,
     "decode, padding mask": 4,
     "decode, static cache": 4,
-    "prefill, fast form": 3,
+    "prefill, fast form": 1,
     "prefill, general form": 1,
     "varlen decode": 3,
-    "varlen prefill, fast form": 3,
+    "varlen prefill, fast form": 1,
 }
 
 

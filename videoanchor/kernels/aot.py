@@ -253,8 +253,8 @@ def case_inputs(case: dict):
     if case.get("cache_seqlens", False) and not varlen:
         kwargs["cache_seqlens"] = torch.full((B,), n_keys, dtype=torch.int32)
     if case.get("fast", False) and case["kind"] == "prefill":
-        # The fast form: V pre-scaled by value_scale / c (gates in [1, 2] here: c = 2).
-        kwargs["v_prescale"] = 2.0
+        # The fast form: the gates folded into one pair per key (gates in [1, 2] here).
+        kwargs["fast"] = True
     return (q, k, v, kb, vs, mask, out, lse), kwargs
 
 
@@ -303,7 +303,6 @@ def capture_backward(case: dict, cc: int) -> list[_launch.Launch]:
         triton_backward.launch_backward(
             grad_out, q, k, v, kb, vs, mask, cache_seqlens, out, lse, grad_lse,
             want_dbias=kb is not None and gate_grads, want_dscale=vs is not None and gate_grads,
-            v_prescale=kwargs.pop("v_prescale", 0.0),
             capability=(cc // 10, cc % 10), **kwargs,
         )  # fmt: skip
     return launches

@@ -142,12 +142,11 @@ def _check_max_seqlen(name, value, allow_none):
         raise ValueError(f"{name}: expected {want}, got {value!r}")
 
 
-# Fast form (pre-scaled V) eligibility: the largest ratio hi / lo of a declared value-scale
-# range per dtype. V' = V * value_scale / c (c = the power of two >= hi) keeps
-# |V'| >= |V| * lo / (2 hi): with fp16's 5 exponent bits a ratio of 2^8 leaves V' normal for
-# |V| >= 2^-5 and bounds the absolute error of the subnormal part of the output by
-# 2^-25 * c; bf16 and float32 have 8 exponent bits.
-FAST_FORM_MAX_RATIO = {torch.float16: 2.0**8, torch.bfloat16: 2.0**32, torch.float32: 2.0**32}
+# Fast form eligibility: a declared value-scale range within these bounds. The fast form
+# folds log2(value_scale) into the logits, so its running maximum is that of the scaled
+# logits: each unscaled probability is then at most 1 / lo and a row's sum at least 1 / hi
+# (its largest scaled term is 1), far inside float32 for any range within 2^-60 .. 2^60.
+FAST_FORM_BOUNDS = (2.0**-60, 2.0**60)
 
 
 def value_scale_range_of(value_scale: torch.Tensor) -> tuple[float, float]:
@@ -160,14 +159,15 @@ def value_scale_range_of(value_scale: torch.Tensor) -> tuple[float, float]:
     return (min(1.0, float(lo)), max(1.0, float(hi)))
 
 
-def fast_form_scale(value_scale_range, dtype: torch.dtype) -> float:
-    """The power of two ``c`` that divides V in the fast form, or 0.0 for the general form.
+def fast_form(value_scale_range) -> bool:
+    """Whether a declared value-scale range lets the prefill kernel take its fast form.
 
     ``value_scale_range``: None, or ``(lo, hi)`` with ``0 < lo <= hi`` finite; the fast form
-    needs ``hi / lo <= FAST_FORM_MAX_RATIO[dtype]``. Raises ValueError on a malformed range.
+    needs ``FAST_FORM_BOUNDS[0] <= lo`` and ``hi <= FAST_FORM_BOUNDS[1]``. Raises ValueError
+    on a malformed range.
     """
     if value_scale_range is None:
-        return 0.0
+        return False
     try:
         lo, hi = (float(x) for x in value_scale_range)
     except (TypeError, ValueError):
@@ -179,9 +179,7 @@ def fast_form_scale(value_scale_range, dtype: torch.dtype) -> float:
             f"value_scale_range: expected finite 0 < lo <= hi, got ({lo!r}, {hi!r}); pass "
             "None for value scales that are not bounded away from 0"
         )
-    if hi / lo > FAST_FORM_MAX_RATIO.get(dtype, 0.0):
-        return 0.0
-    return 2.0 ** math.ceil(math.log2(hi))
+    return FAST_FORM_BOUNDS[0] <= lo and hi <= FAST_FORM_BOUNDS[1]
 
 
 @dataclass(frozen=True, eq=False)
@@ -193,6 +191,9 @@ class PreparedGates:
         key_bias, value_scale: the gates as given, (B, N) (dense) or (N,) (packed), or None.
         value_scale_range: the declared ``(lo, hi)`` of ``value_scale`` (the fast form), or
             None.
+        fold: the fast form's float32 gate pairs (``triton_prefill.fold_gates`` of
+            ``bias_log2`` and ``value_scale``: (B, N, 2) or (N, 2)), where the range allows
+            that form and Triton is installed; else None.
         bias_log2: float32 ``(key_bias - shift) * log2(e)``, what the kernels add to the
             logits (None without a key bias, or where Triton is not installed).
         shift: float32 (B,) (dense) or (1,) (packed): the largest finite ``key_bias`` of
@@ -204,6 +205,7 @@ class PreparedGates:
     value_scale_range: tuple[float, float] | None
     bias_log2: torch.Tensor | None
     shift: torch.Tensor | None
+    fold: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -265,7 +267,7 @@ def prepare_gates(
             f"{tuple(key_bias.shape)} and {tuple(value_scale.shape)}"
         )
     _check_one_device(given)
-    fast_form_scale(value_scale_range, torch.float32)  # raises on a malformed range
+    fast = fast_form(value_scale_range)  # raises on a malformed range
     if value_scale_range is not None:
         value_scale_range = tuple(float(x) for x in value_scale_range)
     bias_log2 = shift = None
@@ -275,7 +277,11 @@ def prepare_gates(
             varlen = kb.dim() == 1
             shift = triton_prefill.bias_shift(kb, varlen=varlen).reshape(-1)
             bias_log2 = ((kb - (shift if varlen else shift[:, None])) * LOG2E).contiguous()
-    return PreparedGates(key_bias, value_scale, value_scale_range, bias_log2, shift)
+    fold = None
+    if fast and value_scale is not None and triton_prefill is not None:
+        with torch.no_grad():
+            fold = triton_prefill.fold_gates(bias_log2, value_scale.detach())
+    return PreparedGates(key_bias, value_scale, value_scale_range, bias_log2, shift, fold)
 
 
 def _check_prepared(gates, key_bias, value_scale, value_scale_range, batch, n_keys, packed):
@@ -499,10 +505,11 @@ def _pick_backend(q, backend):
 
 def _forward(
     q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, causal, sm_scale,
-    return_lse, v_prescale=0.0, prepared_shift=None,
+    return_lse, fast=False, prepared_shift=None, prepared_fold=None,
 ):  # fmt: skip
     """The Triton forward on validated inputs: ``(out, lse)``, lse None unless
-    ``return_lse``. ``prepared_shift``: ``key_bias`` is :attr:`PreparedGates.bias_log2`."""
+    ``return_lse``. ``prepared_shift``: ``key_bias`` is :attr:`PreparedGates.bias_log2`;
+    ``fast``: the prefill kernel's fast form (``prepared_fold``: :attr:`PreparedGates.fold`)."""
     B, Hq, Sq, D = q.shape
     Skv = k.shape[2]
     out = empty_output(q)
@@ -517,8 +524,8 @@ def _forward(
     device_ctx = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
     use_split_kv = Sq <= DECODE_MAX_SQ and Skv >= DECODE_MIN_SKV
     launch = triton_decode.launch_decode if use_split_kv else triton_prefill.launch_prefill
-    # The split-KV path streams the cache once: a pre-scaled V copy would triple its V traffic.
-    extra = {} if use_split_kv else {"v_prescale": v_prescale}
+    # The split-KV path keeps the general form (its loop is short: one query row block).
+    extra = {} if use_split_kv else {"fast": fast, "prepared_fold": prepared_fold}
     with device_ctx:
         launch(
             q, k, v, key_bias, value_scale, key_padding_mask, out, lse,
@@ -540,11 +547,11 @@ def _anchored_attention_fwd(
     causal: bool,
     sm_scale: float,
     return_lse: bool,
-    v_prescale: float = 0.0,
+    fast: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = _forward(
         q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, causal, sm_scale,
-        return_lse, v_prescale,
+        return_lse, fast,
     )  # fmt: skip
     return out, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
 
@@ -561,7 +568,7 @@ def _(
     causal,
     sm_scale,
     return_lse,
-    v_prescale=0.0,
+    fast=False,
 ):
     B, Hq, Sq, D = q.shape
     out = empty_output(q)
@@ -657,12 +664,13 @@ def anchored_attention(
         value_scale_range: ``(lo, hi)``, a promise that every ``value_scale`` entry lies in
             ``[lo, hi]`` with ``0 < lo``, e.g. :func:`value_scale_range_of` of VideoAnchor's
             gates (``[1, 1 + alpha_V]``). It lets the Triton prefill kernel take its fast
-            form: V is replaced by a temporary ``V * value_scale / c`` (c the power of two
-            >= hi; the cache is not touched) and the main loop is the plain loop. Not
-            checked on the device: a wrong range changes no arithmetic, it only voids the
-            no-overflow guarantee ``|V'| <= |V|``. Ignored by the torch backend, by the
-            split-KV (decode) path and when ``hi / lo`` exceeds
-            ``FAST_FORM_MAX_RATIO[dtype]``. ``key_bias`` needs no bound in either form.
+            form, in the same single launch: ``log2(value_scale)`` rides in the logit's
+            FMA with the key bias (one 8-byte gate load per key), so the probabilities
+            come out scaled, and the row sum takes ``1 / value_scale`` back out. Not
+            checked on the device: positive scales outside the range change no
+            arithmetic (only the no-overflow argument's bounds), but a scale <= 0 under a
+            range gives NaN. Ignored by the torch backend, by the split-KV (decode) path
+            and outside ``FAST_FORM_BOUNDS``. ``key_bias`` needs no bound in either form.
         gates: the gates prepared once (:func:`prepare_gates`), in place of ``key_bias``,
             ``value_scale`` and ``value_scale_range``: (B, N) with N >= Skv, the first Skv
             positions used. A call then runs no torch operator on the gates (the
@@ -694,28 +702,29 @@ def anchored_attention(
         use_triton = False
     else:
         use_triton = _pick_backend(q, backend) == "triton"
-    shift = None
+    shift = fold = None
     if gates is not None:
         direct = use_triton and _eager_inference(q, k, v, gates.key_bias, gates.value_scale)
         value_scale_range = gates.value_scale_range
         if direct:  # the prepared form: nothing computed on the gates in this call
             key_bias, value_scale, shift = gates.bias_log2, gates.value_scale, gates.shift
+            fold = gates.fold
         else:
             key_bias, value_scale = gates.natural(k.shape[2])
     else:
         direct = use_triton and _eager_inference(q, k, v, key_bias, value_scale)
-    v_prescale = fast_form_scale(value_scale_range, q.dtype) if value_scale is not None else 0.0
+    fast = value_scale is not None and fast_form(value_scale_range)
     if direct:
         out, lse = _forward(
             q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, causal, scale,
-            return_lse, v_prescale, shift,
+            return_lse, fast, shift, fold,
         )  # fmt: skip
     elif use_triton:
         # Training saves the lse for the backward kernel.
         want_lse = return_lse or _needs_grad(q, k, v, key_bias, value_scale)
         out, lse = _anchored_attention_fwd(
             q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, causal, scale,
-            want_lse, v_prescale,
+            want_lse, fast,
         )  # fmt: skip
     else:
         out, lse = anchored_attention_torch(
@@ -767,10 +776,11 @@ def _validate_varlen(
 
 def _forward_varlen(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias, value_scale,
-    causal, sm_scale, return_lse, v_prescale=0.0, prepared_shift=None,
+    causal, sm_scale, return_lse, fast=False, prepared_shift=None, prepared_fold=None,
 ):  # fmt: skip
     """The varlen Triton forward on validated inputs: ``(out, lse)``, lse None unless
-    ``return_lse``. ``prepared_shift``: ``key_bias`` is :attr:`PreparedGates.bias_log2`."""
+    ``return_lse``. ``prepared_shift``: ``key_bias`` is :attr:`PreparedGates.bias_log2`;
+    ``fast``: the prefill kernel's fast form (``prepared_fold``: :attr:`PreparedGates.fold`)."""
     total_q, Hq, D = q.shape
     out = torch.empty(total_q, Hq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty((Hq, total_q), dtype=torch.float32, device=q.device) if return_lse else None
@@ -789,7 +799,7 @@ def _forward_varlen(
     if use_split_kv:
         extra = {"max_seqlen_k": max_seqlen_k if max_seqlen_k >= 0 else None}
     else:
-        extra = {"v_prescale": v_prescale}
+        extra = {"fast": fast, "prepared_fold": prepared_fold}
     with device_ctx:
         launch(
             q, k, v, key_bias, value_scale, None, out, lse,
@@ -814,11 +824,11 @@ def _anchored_attention_varlen_fwd(
     causal: bool,
     sm_scale: float,
     return_lse: bool,
-    v_prescale: float = 0.0,
+    fast: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = _forward_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias, value_scale,
-        causal, sm_scale, return_lse, v_prescale,
+        causal, sm_scale, return_lse, fast,
     )  # fmt: skip
     return out, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
 
@@ -837,7 +847,7 @@ def _(
     causal,
     sm_scale,
     return_lse,
-    v_prescale=0.0,
+    fast=False,
 ):
     total_q, Hq, D = q.shape
     out = q.new_empty(total_q, Hq, D)
@@ -935,28 +945,31 @@ def anchored_attention_varlen(
                         packed=True)  # fmt: skip
         key_bias, value_scale = gates.key_bias, gates.value_scale
         value_scale_range = gates.value_scale_range
+        fold = gates.fold
     _validate_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias, value_scale,
         backend,
     )  # fmt: skip
-    v_prescale = fast_form_scale(value_scale_range, q.dtype) if value_scale is not None else 0.0
+    fast = value_scale is not None and fast_form(value_scale_range)
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     use_triton = _pick_backend(q, backend) == "triton"
     if use_triton and _eager_inference(q, k, v, key_bias, value_scale):
-        shift = None
-        if gates is not None and gates.shift is not None:  # the prepared form
-            key_bias, shift = gates.bias_log2, gates.shift
+        shift = prepared_fold = None
+        if gates is not None:  # the prepared form
+            prepared_fold = fold
+            if gates.shift is not None:
+                key_bias, shift = gates.bias_log2, gates.shift
         out, lse = _forward_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
             -1 if max_seqlen_k is None else max_seqlen_k, key_bias, value_scale,
-            causal, scale, return_lse, v_prescale, shift,
+            causal, scale, return_lse, fast, shift, prepared_fold,
         )  # fmt: skip
     elif use_triton:
         want_lse = return_lse or _needs_grad(q, k, v, key_bias, value_scale)
         out, lse = _anchored_attention_varlen_fwd(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
             -1 if max_seqlen_k is None else max_seqlen_k, key_bias, value_scale,
-            causal, scale, want_lse, v_prescale,
+            causal, scale, want_lse, fast,
         )  # fmt: skip
     else:
         out, lse = _varlen_torch(

@@ -228,11 +228,11 @@ def launch_paged(
         args = (
             q, k_cache, v_cache, bias, scale, q, out, out, q, cu_seqlens_q, seq_lens,
             block_table, seq_gated, *sq, *sk, *sv, *so, *gate_strides, 0, 0, 0, 0, *paged,
-            Hq, group, 0, 0, n_blocks_m, sm_scale * tp.LOG2E, 1.0,
+            Hq, group, 0, 0, n_blocks_m, sm_scale * tp.LOG2E,
         )  # fmt: skip
         kwargs = dict(
             flags, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            STORE_LSE=False, VARLEN=False, DOT_PRECISION=cfg["DOT_PRECISION"],
+            STORE_LSE=False, VARLEN=False, FOLD=False, DOT_PRECISION=cfg["DOT_PRECISION"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             enable_fp_fusion=cfg["enable_fp_fusion"],
         )  # fmt: skip

@@ -85,7 +85,6 @@ def _anchored_bwd_dkdv_kernel(
     HAS_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, SEQLENS_K: tl.constexpr,
     VARLEN: tl.constexpr,
     WANT_DBIAS: tl.constexpr, WANT_DSCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    V_PRESCALED: tl.constexpr = False,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
     i_b = (pid_bh // Hkv).to(tl.int64)
@@ -118,9 +117,13 @@ def _anchored_bwd_dkdv_kernel(
         p_bias = Bias + i_b * stride_bias_b + o_n * stride_bias_n
         b_bias = tl.load(p_bias, mask=m_n, other=0.0).to(tl.float32)
     b_scale = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
+    b_vs = b_v
     if HAS_SCALE:
         p_scale = Scale + i_b * stride_scale_b + o_n * stride_scale_n
         b_scale = tl.load(p_scale, mask=m_n, other=0.0).to(tl.float32)
+        # This program's keys are fixed: V scaled once, in registers, so that dO . v'_j is
+        # dp_ij * scale_j with no per-logit multiply in the loop.
+        b_vs = (b_v.to(tl.float32) * b_scale[:, None]).to(b_v.dtype)
 
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dvs = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)  # sum_i p_ij dO_i
@@ -153,9 +156,7 @@ def _anchored_bwd_dkdv_kernel(
             )  # fmt: skip
             b_dvs = tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, b_dvs,
                            input_precision=DOT_PRECISION)  # fmt: skip
-            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
-            if HAS_SCALE and not V_PRESCALED:  # pre-scaled V: dp arrives scaled (by 1/c)
-                b_dp = b_dp * b_scale[None, :]
+            b_dp = tl.dot(b_do, tl.trans(b_vs), input_precision=DOT_PRECISION)
             b_ds = b_p * (b_dp - b_delta[:, None])  # [BLOCK_M, BLOCK_N]
             b_dk = tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, b_dk,
                           input_precision=DOT_PRECISION)  # fmt: skip
@@ -197,7 +198,6 @@ def _anchored_bwd_dq_kernel(
     VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    # (The fast form launches this kernel with HAS_SCALE off and V pre-scaled.)
     pid_bh = tl.program_id(0)
     i_b = (pid_bh // Hq).to(tl.int64)
     i_h = (pid_bh % Hq).to(tl.int64)
@@ -330,15 +330,10 @@ def launch_backward(
     grad_out, q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, out, lse,
     grad_lse, *, causal, sm_scale, want_dbias, want_dscale, interpret,
     cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-    capability=None, v_prescale=0.0,
+    capability=None,
 ):  # fmt: skip
     """Gradients of anchored attention, on validated inputs. Returns
     ``(dq, dk, dv, d_key_bias, d_value_scale)``, the last two float32 or None.
-
-    ``v_prescale`` = c > 0 (the forward's fast form) and no value-scale gradient wanted:
-    the loops read the temporary ``V' = V * value_scale / c``, so ``dO . v'_j`` is
-    ``dp_ij / c`` with no per-logit multiply; delta is divided by c and dK, dQ and
-    d key_bias multiplied by c once at the end (powers of two: exact).
 
     Dense: q, grad_out, out (B, Hq, Sq, D); k, v (B, Hkv, Skv, D); gates (B, Skv); lse and
     grad_lse (B, Hq, Sq) (the forward's natural-log lse, float32; grad_lse may be None).
@@ -348,16 +343,12 @@ def launch_backward(
     under the interpreter).
     """
     varlen = cu_seqlens_q is not None
-    fast = value_scale is not None and v_prescale > 0 and not want_dscale
-    c = float(v_prescale) if fast else 1.0
     # delta_i = dO_i . out_i (= sum_j p_ij dp_ij); an lse gradient enters as -dlse_i.
     delta = (grad_out.float() * out.float()).sum(-1)
     if varlen:
         delta = delta.t()  # (Hq, total_q), the lse layout
     if grad_lse is not None:
         delta = delta - grad_lse.float()
-    if fast:
-        delta = delta / c
     delta = delta.contiguous()
     lse = lse.contiguous()
     want_dbias = bool(want_dbias and key_bias is not None)
@@ -395,11 +386,8 @@ def launch_backward(
         empty = Sq == 0 or Skv == 0
     red_bias, red_scale = red[0], red[-1]  # per (sample, KV head, key) partial sums
 
-    def reduce(r, want, factor=1.0):
-        if not want:
-            return None
-        r = r.sum(0 if varlen else 1)
-        return r * factor if factor != 1.0 else r
+    def reduce(r, want):
+        return r.sum(0 if varlen else 1) if want else None
 
     if empty:
         for t in (dq, dk, dv, red):
@@ -409,13 +397,6 @@ def launch_backward(
     if capability is None and not interpret:
         capability = device_capability(q.device)
     cfg = backward_config(q.dtype, D, None if interpret else capability)
-    if fast:
-        from videoanchor.kernels.triton_prefill import prescale_values
-
-        v_loop = prescale_values(v, value_scale, c, varlen=varlen)
-        s_v = _packed(v_loop) if varlen else v_loop.stride()
-    else:
-        v_loop = v
     if key_bias is not None:
         # As in the forward (triton_prefill._gate_args): the bias shifted by its maximum per
         # sample, and the lse by the same amount, so large biases keep float32 precision.
@@ -428,9 +409,7 @@ def launch_backward(
     mask = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
     gate_strides = (*_strides(key_bias, 2), *_strides(value_scale, 2),
                     *_strides(key_padding_mask, 2))  # fmt: skip
-    s_q, s_k, s_v0, s_do, s_dq, s_dk, s_dv = strides
-    if not fast:
-        s_v = s_v0
+    s_q, s_k, s_v, s_do, s_dq, s_dk, s_dv = strides
     common = dict(
         HEAD_DIM=D, BLOCK_D=cfg["BLOCK_D"],
         CAUSAL=causal, HAS_BIAS=key_bias is not None, HAS_SCALE=value_scale is not None,
@@ -444,21 +423,20 @@ def launch_backward(
     launch(
         _anchored_bwd_dkdv_kernel,
         (B * Hkv, cdiv(rows_k, cfg["dkdv"]["BLOCK_N"])),
-        (q, k, v_loop, bias, scale, mask, grad_out, lse, delta, dk, dv, red_bias, red_scale,
+        (q, k, v, bias, scale, mask, grad_out, lse, delta, dk, dv, red_bias, red_scale,
          seqq, seqk, *s_q, *s_k, *s_v, *s_do, *s_dk, *s_dv, *gate_strides, *s_lse, *s_red,
-         Hkv, Hq // Hkv, Sq, Skv, qk_scale, sm_scale * c),
-        dict(WANT_DBIAS=want_dbias, WANT_DSCALE=want_dscale, V_PRESCALED=fast, **common,
-             **cfg["dkdv"]),
+         Hkv, Hq // Hkv, Sq, Skv, qk_scale, sm_scale),
+        dict(WANT_DBIAS=want_dbias, WANT_DSCALE=want_dscale, **common, **cfg["dkdv"]),
     )  # fmt: skip
     launch(
         _anchored_bwd_dq_kernel,
         (B * Hq, cdiv(rows_q, cfg["dq"]["BLOCK_M"])),
-        (q, k, v_loop, bias, scale, mask, grad_out, lse, delta, dq, seqq, seqk,
+        (q, k, v, bias, scale, mask, grad_out, lse, delta, dq, seqq, seqk,
          *s_q, *s_k, *s_v, *s_do, *s_dq, *gate_strides, *s_lse,
-         Hq, Hq // Hkv, Sq, Skv, qk_scale, sm_scale * c),
-        dict(common, **cfg["dq"], **({"HAS_SCALE": False} if fast else {})),
+         Hq, Hq // Hkv, Sq, Skv, qk_scale, sm_scale),
+        dict(common, **cfg["dq"]),
     )  # fmt: skip
-    return dq, dk, dv, reduce(red_bias, want_dbias, c), reduce(red_scale, want_dscale)
+    return dq, dk, dv, reduce(red_bias, want_dbias), reduce(red_scale, want_dscale)
 
 
 @torch.library.custom_op("videoanchor::anchored_attention_bwd", mutates_args=())
@@ -478,14 +456,13 @@ def _anchored_attention_bwd(
     sm_scale: float,
     want_dbias: bool,
     want_dscale: bool,
-    v_prescale: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     device_ctx = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
     with device_ctx:
         dq, dk, dv, dbias, dscale = launch_backward(
             grad_out, q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, out,
             lse, grad_lse, causal=causal, sm_scale=sm_scale, want_dbias=want_dbias,
-            want_dscale=want_dscale, interpret=not q.is_cuda, v_prescale=v_prescale,
+            want_dscale=want_dscale, interpret=not q.is_cuda,
         )  # fmt: skip
     # A custom op returns tensors only (never aliased): an absent gradient is empty.
     dbias = q.new_empty(0, dtype=torch.float32) if dbias is None else dbias
@@ -495,7 +472,7 @@ def _anchored_attention_bwd(
 
 @_anchored_attention_bwd.register_fake
 def _(grad_out, q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, out, lse,
-      grad_lse, causal, sm_scale, want_dbias, want_dscale, v_prescale=0.0):  # fmt: skip
+      grad_lse, causal, sm_scale, want_dbias, want_dscale):  # fmt: skip
     B, Skv = q.shape[0], k.shape[2]
 
     def gate(want, t):
@@ -514,7 +491,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens,
                           out, lse)  # fmt: skip
     ctx.causal, ctx.sm_scale = causal, sm_scale
-    ctx.v_prescale = inputs[10] if len(inputs) > 10 else 0.0
+    ctx.fast = inputs[10] if len(inputs) > 10 else False
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -524,7 +501,7 @@ def _backward(ctx, grad_out, grad_lse):
         # needed): recompute the forward once to get it; the output is deterministic.
         out, lse = torch.ops.videoanchor.anchored_attention_fwd(
             q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, ctx.causal,
-            ctx.sm_scale, True, ctx.v_prescale,
+            ctx.sm_scale, True, ctx.fast,
         )  # fmt: skip
         grad_lse = None
     if grad_out is None:
@@ -532,7 +509,7 @@ def _backward(ctx, grad_out, grad_lse):
     need = ctx.needs_input_grad
     dq, dk, dv, dbias, dscale = _anchored_attention_bwd(
         grad_out, q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, out, lse,
-        grad_lse, ctx.causal, ctx.sm_scale, bool(need[3]), bool(need[4]), ctx.v_prescale,
+        grad_lse, ctx.causal, ctx.sm_scale, bool(need[3]), bool(need[4]),
     )  # fmt: skip
     dbias = dbias.to(key_bias.dtype) if key_bias is not None and need[3] else None
     dscale = dscale.to(value_scale.dtype) if value_scale is not None and need[4] else None
@@ -558,7 +535,6 @@ def _anchored_attention_varlen_bwd(
     sm_scale: float,
     want_dbias: bool,
     want_dscale: bool,
-    v_prescale: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     device_ctx = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
     with device_ctx:
@@ -566,7 +542,7 @@ def _anchored_attention_varlen_bwd(
             grad_out, q, k, v, key_bias, value_scale, None, None, out, lse, grad_lse,
             causal=causal, sm_scale=sm_scale, want_dbias=want_dbias, want_dscale=want_dscale,
             interpret=not q.is_cuda, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, v_prescale=v_prescale,
+            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
         )  # fmt: skip
     dbias = q.new_empty(0, dtype=torch.float32) if dbias is None else dbias
     dscale = q.new_empty(0, dtype=torch.float32) if dscale is None else dscale
@@ -575,8 +551,7 @@ def _anchored_attention_varlen_bwd(
 
 @_anchored_attention_varlen_bwd.register_fake
 def _(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias,
-      value_scale, out, lse, grad_lse, causal, sm_scale, want_dbias, want_dscale,
-      v_prescale=0.0):  # fmt: skip
+      value_scale, out, lse, grad_lse, causal, sm_scale, want_dbias, want_dscale):  # fmt: skip
     def gate(want, t):
         shape = (k.shape[0],) if want and t is not None else (0,)
         return q.new_empty(shape, dtype=torch.float32)
@@ -591,12 +566,12 @@ def _setup_context_varlen(ctx, inputs, output):
     q, k, v, cu_q, cu_k, max_q, max_k, key_bias, value_scale, causal, sm_scale = inputs[:11]
     out, lse = output
     ctx.save_for_backward(q, k, v, cu_q, cu_k, key_bias, value_scale, out, lse)
-    ctx.args = (max_q, max_k, causal, sm_scale, inputs[12] if len(inputs) > 12 else 0.0)
+    ctx.args = (max_q, max_k, causal, sm_scale, inputs[12] if len(inputs) > 12 else False)
 
 
 def _backward_varlen(ctx, grad_out, grad_lse):
     q, k, v, cu_q, cu_k, key_bias, value_scale, out, lse = ctx.saved_tensors
-    max_q, max_k, causal, sm_scale, v_prescale = ctx.args
+    max_q, max_k, causal, sm_scale, fast = ctx.args
     if lse.dim() != 2:  # called without return_lse: recompute it
         out, lse = torch.ops.videoanchor.anchored_attention_varlen_fwd(
             q,
@@ -611,7 +586,7 @@ def _backward_varlen(ctx, grad_out, grad_lse):
             causal,
             sm_scale,
             True,
-            v_prescale,
+            fast,
         )
         grad_lse = None
     if grad_out is None:
@@ -619,7 +594,7 @@ def _backward_varlen(ctx, grad_out, grad_lse):
     need = ctx.needs_input_grad
     dq, dk, dv, dbias, dscale = _anchored_attention_varlen_bwd(
         grad_out, q, k, v, cu_q, cu_k, max_q, max_k, key_bias, value_scale, out, lse,
-        grad_lse, causal, sm_scale, bool(need[7]), bool(need[8]), v_prescale,
+        grad_lse, causal, sm_scale, bool(need[7]), bool(need[8]),
     )  # fmt: skip
     dbias = dbias.to(key_bias.dtype) if key_bias is not None and need[7] else None
     dscale = dscale.to(value_scale.dtype) if value_scale is not None and need[8] else None

@@ -163,21 +163,21 @@ def _anchored_decode_split_kernel(
             acc, l_i, m_i = _attend_key_range(
                 *_fresh_state(BLOCK_M, BLOCK_D), *loop,
                 BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
-                PAGE_SIZE, PAGED,
+                PAGE_SIZE, PAGED, False,
             )  # fmt: skip
             _store_partial(acc, l_i, m_i, m_r & (i_q < n_gated), *out_at)
         if n_gated < sq_b:
             acc, l_i, m_i = _attend_key_range(
                 *_fresh_state(BLOCK_M, BLOCK_D), *loop,
                 BLOCK_N, HEAD_DIM, True, CAUSAL, False, False, HAS_MASK, DOT_PRECISION,
-                PAGE_SIZE, PAGED,
+                PAGE_SIZE, PAGED, False,
             )  # fmt: skip
             _store_partial(acc, l_i, m_i, m_r & (i_q >= n_gated), *out_at)
     else:
         acc, l_i, m_i = _attend_key_range(
             *_fresh_state(BLOCK_M, BLOCK_D), *loop,
             BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
-            PAGE_SIZE, PAGED,
+            PAGE_SIZE, PAGED, False,
         )  # fmt: skip
         _store_partial(acc, l_i, m_i, m_r, *out_at)
 

@@ -72,6 +72,7 @@ def _attend_key_range(
     DOT_PRECISION: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr,
+    FOLD: tl.constexpr,
 ):
     # PAGED: key position p lives in block p_bt[p // PAGE_SIZE], slot p % PAGE_SIZE (K, V
     # and the gate caches alike; V at K's strides, the value scale at the bias's); the bias
@@ -106,7 +107,16 @@ def _attend_key_range(
         # [BLOCK_M, BLOCK_N] logits in log2 units
         if HAS_BIAS:
             # The bias arrives in log2 units: it rides in the FMA that applies qk_scale.
-            if BOUNDARY:
+            if FOLD:
+                # The fast form: one 8-byte load per key of (bias + log2(scale), 1 / scale),
+                # contiguous pairs (the launcher's layout).
+                o_g = (o_kn * 2)[:, None] + tl.arange(0, 2)[None, :]
+                if BOUNDARY:
+                    b_g = tl.load(p_bias + o_g, mask=m_n[:, None], other=0.0)
+                else:
+                    b_g = tl.load(p_bias + o_g)
+                b_bias, b_rcp = tl.split(b_g)
+            elif BOUNDARY:
                 b_bias = tl.load(p_bias + o_b, mask=m_n, other=0.0)
             else:
                 b_bias = tl.load(p_bias + o_b)
@@ -128,15 +138,23 @@ def _attend_key_range(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         b_p = tl.exp2(b_s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(b_p, 1)
-        acc = acc * alpha[:, None]
         if HAS_MASK:
             # Padded keys' values and scales are never read: whatever they hold cannot
             # leak into the output (0 * NaN would).
             m_v = m_n & (b_keep != 0)
         else:
             m_v = m_n
-        if HAS_SCALE:
+        if FOLD:
+            # b_p holds p * scale (log2(scale) rode in the logit); the normaliser sums the
+            # unscaled p = (p * scale) / scale, the reciprocal's multiply fused into the
+            # row sum's adds.
+            if BOUNDARY or HAS_MASK:
+                b_rcp = tl.where(m_v, b_rcp, 0.0)
+            l_i = l_i * alpha + tl.sum(b_p * b_rcp[None, :], 1)
+        else:
+            l_i = l_i * alpha + tl.sum(b_p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_SCALE and not FOLD:
             b_vs = tl.load(p_scale + o_s, mask=m_v, other=0.0).to(tl.float32)
             b_p = b_p * b_vs[None, :]
         if HAS_MASK:
@@ -159,6 +177,7 @@ def _attend_prefill_ranges(
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
+    FOLD: tl.constexpr,
 ):  # fmt: skip
     """A prefill query block's keys: the blocks every row sees (no masking), then the
     diagonal and boundary blocks."""
@@ -168,7 +187,7 @@ def _attend_prefill_ranges(
         offs_m, offs_d, 0, full_hi, Skv, diag, qk_scale,
         p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
         BLOCK_N, HEAD_DIM, False, False, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
-        PAGE_SIZE, PAGED,
+        PAGE_SIZE, PAGED, FOLD,
     )  # fmt: skip
     return _attend_key_range(
         acc, l_i, m_i, b_q, p_k, p_v, p_bias, p_scale, p_mask,
@@ -176,7 +195,7 @@ def _attend_prefill_ranges(
         offs_m, offs_d, full_hi, hi, Skv, diag, qk_scale,
         p_bt, stride_kblk, stride_vblk, stride_bias_blk, stride_scale_blk, gate,
         BLOCK_N, HEAD_DIM, True, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
-        PAGE_SIZE, PAGED,
+        PAGE_SIZE, PAGED, FOLD,
     )  # fmt: skip
 
 
@@ -232,7 +251,6 @@ def _anchored_prefill_kernel(
     Skv,
     n_blocks_m,
     qk_scale,
-    o_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -248,6 +266,7 @@ def _anchored_prefill_kernel(
     PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr,
     SEQ_GATE: tl.constexpr,
+    FOLD: tl.constexpr,
 ):
     # One grid axis (CUDA allows 2^31 - 1 blocks on x, 65,535 on y and z), query blocks
     # fastest. Under causal masking the last query blocks do the most work: start them
@@ -321,7 +340,7 @@ def _anchored_prefill_kernel(
     # across it costs registers).
     out_at = (Out, Lse, LseShift, i_b, i_h, q_start, o_qm, o_d, m_d,
               stride_ob, stride_oh, stride_om, stride_od,
-              stride_lse_b, stride_lse_h, stride_lse_m, stride_shift_b, o_scale)  # fmt: skip
+              stride_lse_b, stride_lse_h, stride_lse_m, stride_shift_b)  # fmt: skip
     if SEQ_GATE:
         # Sequence b's first SeqGate[b] queries read the gates, the rest K and V plainly
         # (uniform per program except in the one block where the count falls): the gated
@@ -332,7 +351,7 @@ def _anchored_prefill_kernel(
             acc, l_i, m_i = _attend_prefill_ranges(
                 *_fresh_state(BLOCK_M, BLOCK_D), *loop,
                 BLOCK_N, HEAD_DIM, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
-                PAGE_SIZE, PAGED,
+                PAGE_SIZE, PAGED, False,
             )  # fmt: skip
             _prefill_epilogue(acc, l_i, m_i, m_m & (offs_m < n_gated), *out_at,
                               HAS_BIAS, STORE_LSE)  # fmt: skip
@@ -340,7 +359,7 @@ def _anchored_prefill_kernel(
             acc, l_i, m_i = _attend_prefill_ranges(
                 *_fresh_state(BLOCK_M, BLOCK_D), *loop,
                 BLOCK_N, HEAD_DIM, CAUSAL, False, False, HAS_MASK, DOT_PRECISION,
-                PAGE_SIZE, PAGED,
+                PAGE_SIZE, PAGED, False,
             )  # fmt: skip
             _prefill_epilogue(acc, l_i, m_i, m_m & (offs_m >= n_gated), *out_at,
                               False, STORE_LSE)  # fmt: skip
@@ -348,7 +367,7 @@ def _anchored_prefill_kernel(
         acc, l_i, m_i = _attend_prefill_ranges(
             *_fresh_state(BLOCK_M, BLOCK_D), *loop,
             BLOCK_N, HEAD_DIM, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
-            PAGE_SIZE, PAGED,
+            PAGE_SIZE, PAGED, FOLD,
         )  # fmt: skip
         _prefill_epilogue(acc, l_i, m_i, m_m, *out_at, HAS_BIAS, STORE_LSE)
 
@@ -366,14 +385,13 @@ def _fresh_state(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
 def _prefill_epilogue(
     acc, l_i, m_i, rows, Out, Lse, LseShift, i_b, i_h, q_start, o_qm, o_d, m_d,
     stride_ob, stride_oh, stride_om, stride_od,
-    stride_lse_b, stride_lse_h, stride_lse_m, stride_shift_b, o_scale,
+    stride_lse_b, stride_lse_h, stride_lse_m, stride_shift_b,
     HAS_BIAS: tl.constexpr, STORE_LSE: tl.constexpr,
 ):  # fmt: skip
     """Normalise and store the ``rows`` of a query block (and their lse)."""
-    # Rows with no visible key have l = 0 and acc = 0: they give 0, never NaN. o_scale
-    # undoes the fast form's 1 / c on V (a power of two: exact); 1.0 otherwise.
+    # Rows with no visible key have l = 0 and acc = 0: they give 0, never NaN.
     has_key = l_i > 0
-    b_o = acc / tl.where(has_key, l_i, 1.0)[:, None] * o_scale
+    b_o = acc / tl.where(has_key, l_i, 1.0)[:, None]
     p_o = Out + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh + q_start * stride_om
     p_o = p_o + o_qm[:, None] * stride_om + o_d[None, :] * stride_od
     tl.store(p_o, b_o.to(Out.dtype.element_ty), mask=rows[:, None] & m_d[None, :])
@@ -488,73 +506,32 @@ def _gate_args(
     return ptrs, (*strides(key_bias), *strides(value_scale), *strides(key_padding_mask)), shift
 
 
-@triton.jit
-def _prescale_values_kernel(
-    V, Scale, Out, Skv, inv_c,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_on, stride_od,
-    stride_scale_b, stride_scale_n, Hkv,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-):  # fmt: skip
-    """``Out[b, h, j] = V[b, h, j] * (Scale[b, j] * inv_c)``: one float32 product, one
-    rounding to V's dtype."""
-    pid_bh = tl.program_id(0)
-    i_b = (pid_bh // Hkv).to(tl.int64)
-    i_h = (pid_bh % Hkv).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_n = offs_n < Skv
-    m = m_n[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o_n = offs_n.to(tl.int64)
-    b_s = tl.load(Scale + i_b * stride_scale_b + o_n * stride_scale_n, mask=m_n, other=0.0)
-    b_s = b_s.to(tl.float32) * inv_c
-    p_v = V + i_b * stride_vb + i_h * stride_vh + o_n[:, None] * stride_vn
-    b_v = tl.load(p_v + offs_d[None, :] * stride_vd, mask=m, other=0.0).to(tl.float32)
-    p_o = Out + i_b * stride_ob + i_h * stride_oh + o_n[:, None] * stride_on
-    tl.store(p_o + offs_d[None, :] * stride_od, (b_v * b_s[:, None]).to(Out.dtype.element_ty),
-             mask=m)  # fmt: skip
-
-
-def prescale_values(v, value_scale, c: float, *, varlen: bool = False):
-    """The fast form's temporary ``V' = V * value_scale / c`` (a new tensor with v's
-    layout; ``v`` itself, e.g. a KV cache, is never written). Dense: v (B, Hkv, Skv, D),
-    value_scale (B, Skv); varlen: v (total_k, Hkv, D), value_scale (total_k,). ``c`` a
-    power of two, so the division is exact."""
-    out = torch.empty_like(v)
-    if v.numel() == 0:
-        return out
-    if varlen:
-        Skv, Hkv, D = v.shape
-        B = 1
-        sv = (0, v.stride(1), v.stride(0), v.stride(2))
-        so = (0, out.stride(1), out.stride(0), out.stride(2))
-        ss = (0, value_scale.stride(0))
-    else:
-        B, Hkv, Skv, D = v.shape
-        sv, so, ss = v.stride(), out.stride(), value_scale.stride()
-    block_d = max(16, next_power_of_2(D))
-    block_s = max(1, 4096 // block_d)
-    launch(
-        _prescale_values_kernel,
-        (B * Hkv, cdiv(Skv, block_s)),
-        (v, value_scale, out, Skv, 1.0 / c, *sv, *so, *ss, Hkv),
-        dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=4, enable_fp_fusion=True),
-    )
-    return out
+def fold_gates(bias_log2, value_scale):
+    """The fast form's gates, one float32 pair per key (last dim 2): ``bias_log2 +
+    log2(value_scale)`` (``log2(value_scale)`` without a key bias) and ``1 / value_scale``.
+    The loop reads a pair in one 8-byte load; the first rides in the logit's FMA, so the
+    probabilities come out already scaled, and the second takes the scale back out of the
+    normaliser (in the row sum's adds). For value scales bounded away from 0 and infinity
+    (:func:`videoanchor.kernels.interface.fast_form`)."""
+    vs = value_scale.to(torch.float32)
+    logs = torch.log2(vs)
+    return torch.stack((logs if bias_log2 is None else bias_log2 + logs, vs.reciprocal()), -1)
 
 
 def launch_prefill(
     q, k, v, key_bias, value_scale, key_padding_mask, out, lse, *, causal, sm_scale, interpret,
     cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, cache_seqlens=None,
-    capability=None, v_prescale=0.0, prepared_shift=None,
+    capability=None, fast=False, prepared_shift=None, prepared_fold=None,
 ):  # fmt: skip
     """Launch on validated inputs; writes ``out`` and, when ``lse`` is not None, the
     natural-log log-sum-exp (float32). ``prepared_shift``: the key bias is prepared (see
     :func:`_gate_args`).
 
-    ``v_prescale`` > 0 (a power of two c >= every ``|value_scale|``): the fast form, V is
-    replaced by the temporary ``V * value_scale / c`` and the loop runs without the
-    per-logit value-scale multiply (see the module docstring); 0: the general form.
+    ``fast`` (the caller promises value scales within the fast form's bounds) with a value
+    scale: the fast form, the gates folded into one pair per key (:func:`fold_gates`;
+    ``prepared_fold``: that pair made beforehand, from the prepared bias); otherwise the
+    general form (the probabilities fed into ``P @ V`` multiplied by the scale in the loop).
+    One launch either way.
 
     Dense: q (B, Hq, Sq, D), out (B, Hq, Sq, D), lse (B, Hq, Sq).
     Varlen (``cu_seqlens_q`` given): q (total_q, Hq, D), k/v (total_k, Hkv, D), gates
@@ -585,44 +562,50 @@ def launch_prefill(
         rows = Sq
         cu_q = q
         cu_k = cache_seqlens if cache_seqlens is not None else q
-    o_scale = 1.0
-    if value_scale is not None and v_prescale > 0:
-        v = prescale_values(v, value_scale, v_prescale, varlen=varlen)
-        sv = (0, v.stride(1), v.stride(0), v.stride(2)) if varlen else v.stride()
-        value_scale, o_scale = None, float(v_prescale)
+    fold = value_scale is not None and (fast or prepared_fold is not None)
     if capability is None and not interpret:
         capability = device_capability(q.device)
     cfg = prefill_config(q.dtype, D, None if interpret else capability)
     if (
         capability is not None and not interpret and capability[0] in (9, 10)
         and q.dtype != torch.float32 and 64 < cfg["BLOCK_D"] <= 128
-        and key_padding_mask is not None and value_scale is not None
+        and key_padding_mask is not None and value_scale is not None and not fold
     ):  # fmt: skip
         # The general form (value scale in the loop) with a padding mask at D 128 on sm_90:
         # 128 x 64 tiles spilled 52-60 B at 255 registers (ptxas, triton 3.9); 128 x 32 take
-        # 206 and spill nothing. The fast form (value_scale_range) keeps 128 x 64.
+        # 206 and spill nothing. The fast form keeps 128 x 64.
         cfg = dict(cfg, BLOCK_N=32)
     (bias, scale, mask), gate_strides, (shift, s_shift) = _gate_args(
         q,
         key_bias,
-        value_scale,
+        value_scale if not fold else None,
         key_padding_mask,
         varlen=varlen,
         cache_seqlens=cache_seqlens,
         prepared_shift=prepared_shift,
     )
+    if fold:
+        if prepared_fold is None:
+            prepared_fold = fold_gates(bias if key_bias is not None else None, value_scale)
+        if prepared_fold.stride(-1) != 1 or prepared_fold.stride(-2) != 2:
+            prepared_fold = prepared_fold.contiguous()  # the kernel reads contiguous pairs
+        bias = prepared_fold
+        s_fold = (0, bias.stride(0)) if bias.dim() == 2 else bias.stride()[:2]
+        gate_strides = (*s_fold, *gate_strides[2:])
+        if key_bias is None:  # the lse adds the bias's shift: none here
+            shift, s_shift = torch.zeros(1, dtype=torch.float32, device=q.device), 0
     n_blocks_m = cdiv(rows, cfg["BLOCK_M"])
     args = (
         q, k, v, bias, scale, mask, out, lse if lse is not None else out, shift, cu_q, cu_k,
         q, q, *sq, *sk, *sv, *so, *gate_strides, *sl, s_shift, *NOT_PAGED,
-        Hq, Hq // Hkv, Sq, Skv, n_blocks_m, sm_scale * LOG2E, o_scale,
+        Hq, Hq // Hkv, Sq, Skv, n_blocks_m, sm_scale * LOG2E,
     )  # fmt: skip
     kwargs = dict(
         HEAD_DIM=D, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        CAUSAL=causal, HAS_BIAS=key_bias is not None, HAS_SCALE=value_scale is not None,
+        CAUSAL=causal, HAS_BIAS=key_bias is not None or fold, HAS_SCALE=value_scale is not None,
         HAS_MASK=key_padding_mask is not None, STORE_LSE=lse is not None, VARLEN=varlen,
         SEQLENS_K=cache_seqlens is not None, DOT_PRECISION=cfg["DOT_PRECISION"],
-        PAGE_SIZE=1, PAGED=False, SEQ_GATE=False, num_warps=cfg["num_warps"],
+        PAGE_SIZE=1, PAGED=False, SEQ_GATE=False, FOLD=fold, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         enable_fp_fusion=cfg["enable_fp_fusion"],
     )  # fmt: skip

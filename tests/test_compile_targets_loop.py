@@ -1,0 +1,72 @@
+"""The prefill kernel's main loop on sm_90, read from the SASS of the package's own launch
+(Triton's bundled ptxas and nvdisasm, no GPU): the anchored loop against the plain one.
+
+STATIC figures: instruction counts of the loop over the key blocks every row sees (bf16,
+D 128, causal, the real sm_90 tiles: 128 x 64 in 8 warps), registers and spills from ptxas.
+The issue's targets are anchored <= plain + 3% instructions and registers <= plain + 8.
+What the fast form reaches (triton 3.9, compile_sm90.json's ``instruction_mix``): 473
+against 434 instructions (1.09x) and 199 against 163 registers. The bounds below hold that,
+with a few instructions of slack for ptxas's scheduling, so a change that adds work to the
+loop fails here; they are not the issue's targets, which this test does not claim.
+
+Where the rest goes (the SASS): the logits' arithmetic is the plain loop's (the bias and
+log2 of the scale ride in the FMA that applies the softmax scale, the exp2 argument is one
+add, one MUFU.EX2 a logit); the row sum multiplies the scaled probabilities by 1 / scale,
+and Triton's in-thread tree reduction contracts only half of those multiplies into its adds
+(16 FMUL a thread per tile); the gate pairs are read from shared memory as LDS.128 (two keys
+a load, 8 a thread per tile), and a thread's 16 key columns keep 32 floats live, the
+registers above plain. Both kernels run one 256-thread program an SM on sm_90 (shared
+memory bounds it), so those registers cost no occupancy there.
+"""
+
+import pytest
+from compile_cases import compile_cases
+
+BASE = dict(kind="prefill", dtype="bf16", D=128, causal=True, mix=True)
+FORMS = {
+    "plain": dict(BASE, gates=False),
+    "fast": dict(BASE, fast=True),
+    "general": dict(BASE),
+}
+#: anchored (fast form) / plain main-loop instructions, achieved 1.090 (473 / 434).
+MAX_INSTRUCTION_RATIO = 1.10
+#: registers above plain, achieved 36 (199 / 163).
+MAX_EXTRA_REGISTERS = 40
+
+
+@pytest.fixture(scope="module")
+def loops():
+    rows = compile_cases([(case, 90) for case in FORMS.values()])
+    out = {}
+    for name, case in FORMS.items():
+        got = [r for r in rows[(repr(case), 90)] if r.get("kernel") == "_anchored_prefill_kernel"]
+        assert got and "error" not in got[0], f"{name}: {got}"
+        out[name] = got[0]
+    return out
+
+
+def test_no_spills_and_wgmma(loops):
+    for name, r in loops.items():
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (name, r["registers"])
+        assert r["mma"] == "wgmma", name
+        assert "main_loop" in r, name
+
+
+def test_fast_form_loop_against_plain(loops):
+    plain, fast = loops["plain"]["main_loop"], loops["fast"]["main_loop"]
+    # The same MMAs and one exp2 per logit: the scale costs no second MUFU pass.
+    assert fast["mma"] == plain["mma"]
+    assert fast["opcodes"].get("MUFU", 0) == plain["opcodes"].get("MUFU", 0)
+    ratio = fast["instructions"] / plain["instructions"]
+    assert ratio <= MAX_INSTRUCTION_RATIO, (fast["instructions"], plain["instructions"])
+    extra = loops["fast"]["registers"] - loops["plain"]["registers"]
+    assert extra <= MAX_EXTRA_REGISTERS, (loops["fast"]["registers"], loops["plain"]["registers"])
+    # ... and cost no occupancy: the same programs fit an SM.
+    assert loops["fast"]["ctas_per_sm"] == loops["plain"]["ctas_per_sm"]
+
+
+def test_fast_form_loop_is_shorter_than_general(loops):
+    """The general form (any value scale) multiplies every probability by its scale: the
+    fast form's folded gates must issue fewer instructions."""
+    fast, general = loops["fast"]["main_loop"], loops["general"]["main_loop"]
+    assert fast["instructions"] < general["instructions"]
