@@ -126,7 +126,7 @@ def test_the_route_returns_a_certified_result_or_the_fast_fallback():
                 work=torch.float32, fallback=fast_plan)  # fmt: skip
     kw = dict(alpha_e=800.0, alpha_z=800.0, rho=0.1, eps=1e-4, max_iter=60, progress=False)
     res = wc.run_workset_cuda(x, plan, slots=(32,), **kw)
-    assert res.strategy == "workset_cuda" and res.converged and res.gap < wc.CERTIFIED
+    assert res.strategy == "workset_cuda" and res.converged and res.residual < wc.CERTIFIED
     assert res.coef.dtype == torch.float32 and res.history["overflow"] == 0
     with pytest.warns(UserWarning, match="outgrew 4 slots"):
         fast = wc.run_workset_cuda(x, plan, slots=(4,), **kw)

@@ -192,9 +192,11 @@ def _report_ssc(args, runs) -> None:
 
 
 def _report_solver(args, handle) -> None:
-    """The solver that answered each sample's SSC (the plan line said what would run; the
-    working sets answer with the fast solver's C where C is dense, and say so here)."""
-    ran = [r.solver for r in handle.last_result or [] if r is not None]
+    """The solver that answered each sample's SSC and the relative duality gap of the C it
+    returned (the plan line said what would run; the working sets answer with the fast
+    solver's C where C is dense, and say so here)."""
+    ran = [r.solver + ("" if r.gap is None else f" (duality gap {r.gap:.2g})")
+           for r in handle.last_result or [] if r is not None]  # fmt: skip
     if ran:
         _log(args, f"SSC solver: {', '.join(ran)}")
 

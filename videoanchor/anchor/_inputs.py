@@ -234,6 +234,9 @@ def _canonical(value) -> str:
 
 #: seconds a rank waits in an agreement check before it warns that a rank may be missing
 AGREE_WARN_AFTER = 60.0
+#: ``mu_z``'s rules for dark tokens (the option ``dark_tokens``,
+#: :func:`~videoanchor.anchor.program.ssc_lambdas`' ``dark``)
+DARK_RULES = ("authors", "ignore")
 
 
 def gather_from_every_rank(group, obj, *, what: str) -> list:

@@ -102,7 +102,7 @@ def run_blocked(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
     x64 = x.to(torch.float64)
     # the lambdas' Gram pass in row blocks of at most the block budget
     lam_rows = max(1, min(4096, _BLOCK_BUDGET.get(device.type, _BLOCK_BUDGET["cpu"]) // (8 * n)))
-    lam_e, lam_z, _, _ = ssc_lambdas(x64, alpha_e, alpha_z, block=lam_rows)
+    lam_e, lam_z, _, _ = ssc_lambdas(x64, alpha_e, alpha_z, block=lam_rows, dark=plan.dark)
     kernels = TorchKernels(device)
     kernels.sync()
     t1 = time.perf_counter()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from videoanchor.anchor._inputs import (
+    DARK_RULES,
     check_blocked,
     check_choice,
     check_dtype,
@@ -139,6 +140,11 @@ class SSCOptions:
     """Blocked mode's stopping rule per block: ``"own"`` or ``"share"``."""
     progress: object = None
     """Progress bar or log lines: True, False, None, ``"auto"`` or an ``SSCProgress``."""
+    dark_tokens: str = "authors"
+    """``mu_z`` where some tokens are dark (their largest ``|y_i^T y_j|`` 100x or more below
+    the median token's: near-black or constant tokens): ``"authors"`` (their definition,
+    the minimum over every token) or ``"ignore"`` (the minimum over the other tokens, so
+    that a few dark tokens do not raise ``lambda_z`` for all: docs/ssc.md, issue 79)."""
 
     @classmethod
     def of(cls, arguments: dict, **overrides) -> SSCOptions:
@@ -236,6 +242,7 @@ CHECKS = {
     "block_columns": (lambda n, v: None if v is None else check_int(n, v, 1), ""),
     "block_eps": (_choice(("own", "share")), ""),
     "progress": (lambda n, v: check_progress(v), ""),
+    "dark_tokens": (_choice(DARK_RULES), "coef"),
 }
 if set(CHECKS) != {f.name for f in fields(SSCOptions)}:  # pragma: no cover - caught by any test
     raise ImportError("videoanchor.anchor.options: CHECKS and SSCOptions name different options")

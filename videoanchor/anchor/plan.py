@@ -287,7 +287,9 @@ class Plan:
     peak bytes the memory rule checked; ``route``: the solver routine that runs it
     (:data:`ROUTES`, mapped to functions by :data:`videoanchor.anchor.solve.SOLVERS`);
     ``fallback``: the plan of the solver whose answer a composite route falls back on (the
-    working sets': the fast solver's), so that no solver builds a plan of its own.
+    working sets': the fast solver's), so that no solver builds a plan of its own;
+    ``dark``: how ``mu_z`` treats dark tokens (the option ``dark_tokens``:
+    :func:`~videoanchor.anchor.program.ssc_lambdas`' ``dark``).
     """
 
     mode: str
@@ -305,6 +307,7 @@ class Plan:
     need: int = 0
     route: str = ""
     fallback: Plan | None = None
+    dark: str = "authors"
 
     def describe(self, opts) -> str:
         """What this plan runs, in words, for a plan line (the command line, the logs);
@@ -456,6 +459,13 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
                                   if given_strategy == "auto" else given_strategy)  # fmt: skip
         need = exact_bytes(n, d, itemsize, device.type, precision, strategy=inverse)
         what, route = "Dense SSC", "admm_cupy" if backend == "cupy" else "admm"
+    dark = getattr(opts, "dark_tokens", "authors")
+    if dark != "authors" and route in ("equality", "workset_cuda"):
+        raise ValueError(
+            f"dark_tokens={dark!r}: the {what} route ({route}) takes the authors' mu_z "
+            "only; expected dark_tokens='authors'"
+            + (", or solver='fast' on CUDA" if route == "workset_cuda" else "")
+        )
     error, host = None, strategy == "workset"  # (it works in host memory whatever the device)
     try:
         if check_memory_first:
@@ -465,7 +475,7 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
     raise_together(group, error, device)
     plan = Plan(mode=mode, solver=solver, backend=backend, device=device, work=work,
                 precision=precision, strategy=strategy, block_columns=block, program=program,
-                group=group, rank=rank, world=world, need=need, route=route)  # fmt: skip
+                group=group, rank=rank, world=world, need=need, route=route, dark=dark)  # fmt: skip
     if solver == "workset":  # the fast solver, on the memory that `need` checked
         plan = replace(plan, fallback=replace(plan, solver="fast", strategy=step, route="admm"))
     return plan

@@ -33,13 +33,15 @@ from dataclasses import dataclass, field, fields
 import array_api_compat
 import torch
 
-from videoanchor.anchor._inputs import as_feature_tensor
+from videoanchor.anchor._inputs import DARK_RULES, as_feature_tensor
 
 __all__ = [
+    "DARK_RULES",
     "DARK_TOKEN",
     "SSCSolution",
     "ColumnGaps",
     "column_gaps",
+    "dark_tokens",
     "duality_gaps",
     "gram_row_max",
     "huber",
@@ -60,10 +62,12 @@ class SSCSolution:
     ``coef``: ``C`` (``N x N``, column ``i`` reconstructs point ``i``, zero diagonal; dense,
     or sparse COO from the column-blocked solver); ``iterations``, ``converged``,
     ``residual``: the solver's (the working sets: the most passes a column took, whether
-    every column certified, the largest relative duality gap); ``lambda_e``, ``lambda_z``:
+    every column certified, the largest relative duality gap of their float64 answer);
+    ``lambda_e``, ``lambda_z``:
     the program's parameters (:func:`ssc_lambdas`); ``solver``: the solver that answered;
-    ``gap``: the largest relative duality gap over the columns where the solver computed
-    it (the working sets, and the fast answer they fall back to), else None; ``timings``:
+    ``gap``: the largest relative duality gap over the columns of the ``coef`` returned, in
+    its dtype (:func:`column_gaps` on it, in float64), where the solver computed one (the
+    working sets, and the fast answer they fall back to), else None; ``timings``:
     seconds per stage; ``backend``: the array library that ran; ``strategy``: how the solver
     went about it (the authors' iteration's A-step, ``"dense"`` or ``"woodbury"``; the fast
     solver's factor, ``"dense"``, ``"thin"`` or ``"low_rank"``; the working sets' route,
@@ -109,13 +113,19 @@ class SSCSolution:
     def certified(cls, y: torch.Tensor, coef, outliers, lambda_e: float, lambda_z: float, *,
                   like: torch.Tensor, dtype, timings: dict, **given) -> SSCSolution:  # fmt: skip
         """The working sets' ``C`` and ``E`` (float64, of the program on ``y``: ``Y``,
-        ``D x N``, float64) as a result: certified (:func:`column_gaps`: ``gap`` and
-        ``residual`` the largest relative duality gap; ``timings`` gains ``"certificate"``),
-        in ``dtype`` on ``like``'s device, with the fields ``given``."""
+        ``D x N``, float64) as a result in ``dtype`` on ``like``'s device, with the fields
+        ``given``, certified (:func:`column_gaps`, largest relative duality gap): ``residual``
+        is the float64 answer's (what the solver reached: the routes decide on it), ``gap``
+        that of the ``C`` returned, in ``dtype`` (float32's rounding alone leaves ~1e-6 to
+        1e-4: issue 79; the same number for float64). ``timings`` gains ``"certificate"``."""
         t = time.perf_counter()
-        gap = column_gaps(y, coef, lambda_e, lambda_z).max_gap
-        return cls(coef=coef.to(like.device, dtype), outliers=outliers.to(like.device, dtype),
-                   residual=gap, gap=gap, lambda_e=lambda_e, lambda_z=lambda_z, rho=0.0,
+        reached = column_gaps(y, coef, lambda_e, lambda_z).max_gap
+        out = coef.to(like.device, dtype)
+        gap = reached
+        if out.dtype != coef.dtype:  # the certificate of what is returned
+            gap = column_gaps(y, out.to(y.device, y.dtype), lambda_e, lambda_z).max_gap
+        return cls(coef=out, outliers=outliers.to(like.device, dtype), residual=reached,
+                   gap=gap, lambda_e=lambda_e, lambda_z=lambda_z, rho=0.0,
                    timings={**timings, "certificate": time.perf_counter() - t}, **given)  # fmt: skip
 
     def uncertified(self, y: torch.Tensor, why: str) -> SSCSolution:
@@ -154,7 +164,7 @@ def huber(r: torch.Tensor, lambda_e: float, lambda_z: float) -> torch.Tensor:
 
 
 def ssc_lambdas(x, alpha_e: float, alpha_z: float, *, block: int = 4096, gram=None,
-                row_max=None):  # fmt: skip
+                row_max=None, dark: str = "authors", warn: bool = True):  # fmt: skip
     """``(lambda_e, lambda_z, mu_e, mu_z)`` for points ``x`` (``N x D``, one row per point).
 
     ``mu_e = min_i max_{j != i} ||y_j||_1`` and ``mu_z = min_i max_{j != i} |y_i^T y_j|``,
@@ -162,8 +172,17 @@ def ssc_lambdas(x, alpha_e: float, alpha_z: float, *, block: int = 4096, gram=No
     point L1 norm, ``mu_z`` a blocked pass over the Gram matrix (no ``N x N`` allocation),
     or read off ``gram`` (``x x^T``) where the caller has it already, or the minimum of
     ``row_max`` (:func:`gram_row_max`) where the caller has that.
-    Any array-API array (torch, NumPy, CuPy).
+
+    Dark tokens (:func:`dark_tokens`: ``max_{j != i} |y_i^T y_j|`` below :data:`DARK_TOKEN`
+    times the median token's) set ``mu_z`` far below the others'; ``dark``: ``"authors"``
+    (their definition, the minimum over every token) or ``"ignore"`` (the minimum over the
+    tokens that are not dark: ``lambda_z`` as without them; the dark tokens' columns are
+    still solved, held by the affine constraint, their data term near zero). ``warn``:
+    one warning that names them (a caller that computed the lambdas once already passes
+    False). Any array-API array (torch, NumPy, CuPy).
     """
+    if dark not in DARK_RULES:
+        raise ValueError(f"dark: expected one of {DARK_RULES}, got {dark!r}")
     xp = array_api_compat.array_namespace(x)
     n = x.shape[0]
     if n < 2:
@@ -175,21 +194,34 @@ def ssc_lambdas(x, alpha_e: float, alpha_z: float, *, block: int = 4096, gram=No
     mu_z = float(xp.min(row_max))
     if not (mu_e > 0):
         raise ValueError("SSC: at most one point is non-zero (mu_e = 0); lambda_e is undefined")
+    median = float(xp.sort(row_max)[(n - 1) // 2])
+    low = mu_z
+    if dark == "ignore" and low < DARK_TOKEN * median:  # the least of the others
+        mu_z = float(xp.min(xp.where(row_max < DARK_TOKEN * median, math.inf, row_max)))
     if not (mu_z > 0):
         raise ValueError(
             "SSC: some point is orthogonal to every other point (mu_z = 0); lambda_z is undefined"
         )
-    median = float(xp.sort(row_max)[(n - 1) // 2])
-    if mu_z < DARK_TOKEN * median:
+    # (the tokens are read only where there are some: no device sync otherwise)
+    found = dark_tokens(row_max) if warn and low < DARK_TOKEN * median else []
+    if found:
+        named = ", ".join(map(str, found[:DARK_NAMED]))
+        more = f" and {len(found) - DARK_NAMED} more" if len(found) > DARK_NAMED else ""
         worst = int(xp.argmin(row_max))
+        what = (f"mu_z = {mu_z:.3g} is the least of the other tokens' (dark_tokens='ignore'),"
+                f" not token {worst}'s {low:.3g}"
+                if dark == "ignore" else
+                f"token {worst} sets mu_z = {low:.3g}, {median / low:.3g} times below the "
+                "median: lambda_z = alpha_z / mu_z (the authors' definition) is that much "
+                "larger for every token, C turns dense and the solvers slow; "
+                "dark_tokens='ignore' takes mu_z from the other tokens")  # fmt: skip
         warnings.warn(
-            f"features: token {worst} sets mu_z = {mu_z:.3g}, {median / mu_z:.3g} times below "
-            f"the median token's max |y_i^T y_j| ({median:.3g}): lambda_z = alpha_z / mu_z (the "
-            "authors' definition) is that much larger for every token, C turns dense and the "
-            "solvers slow (a near-black or constant token: letterbox bars, a black frame); "
-            "drop or mask such tokens if they are not content",
+            f"features: {len(found)} token(s) ({named}{more}) have a max |y_i^T y_j| "
+            f"{1 / DARK_TOKEN:g}x or more below the median token's ({median:.3g}); {what} "
+            "(near-black or constant tokens: letterbox bars, a black frame, a fade); drop or "
+            "mask such tokens if they are not content",
             UserWarning,
-            stacklevel=1,  # one place: the default filter shows it once, whichever solver asks
+            stacklevel=2,
         )
     return alpha_e / mu_e, alpha_z / mu_z, mu_e, mu_z
 
@@ -199,6 +231,18 @@ def ssc_lambdas(x, alpha_e: float, alpha_z: float, *, block: int = 4096, gram=No
 #: raised ``lambda_z`` 1.4e5-fold and made ``C`` dense; Yale B's darkest faces sit at
 #: 0.001-0.06, synthetic and model tokens at 0.4-0.96)
 DARK_TOKEN = 1e-2
+#: The dark tokens a warning names by index (then a count)
+DARK_NAMED = 8
+
+
+def dark_tokens(row_max) -> list[int]:
+    """The tokens whose ``max_{j != i} |y_i^T y_j|`` (``row_max``, :func:`gram_row_max`) is
+    below :data:`DARK_TOKEN` times the median token's, by index."""
+    xp = array_api_compat.array_namespace(row_max)
+    n = row_max.shape[0]
+    median = xp.sort(row_max)[(n - 1) // 2]
+    (found,) = xp.nonzero(row_max < DARK_TOKEN * median)
+    return [int(i) for i in found]
 
 
 def gram_row_max(x, *, block: int = 4096, gram=None):
@@ -258,15 +302,17 @@ def duality_gaps(features, coef, lambda_e: float, lambda_z: float) -> ColumnGaps
 
 def column_gaps(y: torch.Tensor, c: torch.Tensor, lambda_e: float, lambda_z: float) -> ColumnGaps:
     """:func:`duality_gaps` of checked float64 ``y`` (``D x N``) and ``c`` (``N x N``)."""
-    n = y.shape[1]
     t = lambda_e / lambda_z
-    r = y - y @ c
+    r = torch.sub(y, y @ c)
     primal = c.abs().sum(dim=0) + huber(r, lambda_e, lambda_z).sum(dim=0)
-    u = lambda_z * r.clamp(-t, t)
-    g = y.T @ u  # g[j, i] = y_j^T u_i
-    eye = torch.eye(n, dtype=torch.bool, device=y.device)
-    gmax = g.masked_fill(eye, -math.inf).amax(dim=0)
-    gmin = g.masked_fill(eye, math.inf).amin(dim=0)
+    u = r.clamp_(-t, t).mul_(lambda_z)  # (r's storage: it is not needed again)
+    del r
+    g = y.T @ u  # g[j, i] = y_j^T u_i; its diagonal (j = i) is left out, in place
+    g.diagonal().fill_(-math.inf)
+    gmax = g.amax(dim=0)
+    g.diagonal().fill_(math.inf)
+    gmin = g.amin(dim=0)
+    del g
     uy, uu = (u * y).sum(dim=0), (u * u).sum(dim=0)
     spread = gmax - gmin
     s_max = torch.where(

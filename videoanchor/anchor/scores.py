@@ -307,6 +307,7 @@ def compute_anchor_scores(
     process_group=None,
     label_draws: int = DEFAULTS.label_draws,
     candidates=None,
+    dark_tokens: str = DEFAULTS.dark_tokens,
 ) -> AnchorResult:
     """VideoAnchor scores of ``features`` (``N x D`` visual tokens of one request).
 
@@ -377,6 +378,10 @@ def compute_anchor_scores(
     draw being the default's) and each token's cluster share ``pi_j`` is averaged over
     them, so the scores depend much less on the seed; the embedding is computed once.
 
+    ``dark_tokens``: ``mu_z`` where some tokens are near-black or constant (one warning
+    names them): ``"authors"`` (default, their definition) or ``"ignore"`` (the least of the
+    other tokens'; docs/ssc.md, "Dark tokens").
+
     Identical tokens get identical scores (bitwise-identical rows share the mean of their
     scores); when all tokens are one point, or the row sums of ``C`` agree to 1e-3, every
     score is 0 and a warning says so (docs/validation.md). ``seed=None`` draws a seed from
@@ -435,6 +440,7 @@ def ssc_coefficients(
     dtype=DEFAULTS.dtype,
     precision: str = DEFAULTS.precision,
     progress=False,
+    dark_tokens: str = DEFAULTS.dark_tokens,
 ) -> SSCCoefficients:
     """Solve SSC on ``features`` (``N x D``) as :func:`compute_anchor_scores` does with
     ``mode="exact"`` (the authors' program, affine, with outliers), without clustering.

@@ -290,12 +290,14 @@ def _singular(status: torch.Tensor) -> str:
             "(a singular program on their working set)")  # fmt: skip
 
 
-def _prepare(x, alpha_e: float, alpha_z: float) -> tuple:
+def _prepare(x, alpha_e: float, alpha_z: float, dark: str = "authors") -> tuple:
     """``(x64, G, lambda_e, lambda_z)`` of checked features ``x``: what every working-set
-    solve of them starts from (float64 on the CPU)."""
+    solve of them starts from (float64 on the CPU); ``dark``: ``mu_z``'s rule for dark
+    tokens (:func:`~videoanchor.anchor.program.ssc_lambdas`), which are named here."""
     x64 = x.detach().to("cpu", torch.float64).contiguous()
     G = x64 @ x64.T
-    lam_e, lam_z, _, _ = ssc_lambdas(x64, alpha_e, alpha_z, row_max=gram_row_max(x64, gram=G))
+    lam_e, lam_z, _, _ = ssc_lambdas(x64, alpha_e, alpha_z, row_max=gram_row_max(x64, gram=G),
+                                     dark=dark)  # fmt: skip
     return x64, G, lam_e, lam_z
 
 
@@ -348,7 +350,9 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
 
 
 def _certified(answer: SSCSolution | None, limits: Limits) -> bool:
-    return answer is not None and answer.converged and answer.gap < limits.gap
+    # the float64 answer's gap (``residual``): the returned C's (``gap``) adds its dtype's
+    # rounding, which no route can take away
+    return answer is not None and answer.converged and answer.residual < limits.gap
 
 
 def _routes(x, plan: Plan, limits: Limits, *, alpha_e, alpha_z, rho, eps, max_iter, progress):
@@ -367,7 +371,7 @@ def _routes(x, plan: Plan, limits: Limits, *, alpha_e, alpha_z, rho, eps, max_it
             progress.wait()
         t = time.perf_counter()
         if not prepared:
-            prepared.extend(_prepare(x, alpha_e, alpha_z))
+            prepared.extend(_prepare(x, alpha_e, alpha_z, plan.dark))
             timings["lambdas"] = time.perf_counter() - t
         x64, G, lam_e, lam_z = prepared
         t = time.perf_counter()
@@ -407,7 +411,7 @@ def _routes(x, plan: Plan, limits: Limits, *, alpha_e, alpha_z, rho, eps, max_it
     if _certified(answers[-1], limits):
         return answers, None, prepared, timings, ""
     fast = run_admm(x, plan.fallback, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
-                    max_iter=max_iter, progress=progress)  # fmt: skip
+                    max_iter=max_iter, progress=progress, warn_dark=False)  # fmt: skip
     timings.update({f"fast_{k}": v for k, v in fast.timings.items()})
     if int((fast.coef != 0).sum(dim=0).max()) <= limits.warm_set:  # else its start outgrows it
         warm = sweep("workset_warm", limits.warm_set, limits.warm_work, start=fast.coef,

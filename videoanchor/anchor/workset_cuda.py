@@ -494,12 +494,12 @@ def run_workset_cuda(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: fl
         out["lambda_z"], like=x, dtype=plan.work, timings=out["timings"],
         iterations=out["passes"], converged=out["converged"], history=history, solver=plan.solver,
         strategy="workset_cuda_wide" if out["wide_columns"] else "workset_cuda")  # fmt: skip
-    if res.converged and res.gap < CERTIFIED:
+    if res.converged and res.residual < CERTIFIED:
         return res
     fast = run_admm(x, plan.fallback, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
                     max_iter=max_iter, progress=progress)  # fmt: skip
     why = (f"{out['overflow']} columns outgrew {slots[-1]} slots" if out["overflow"] else
-           "the passes ran out" if not out["converged"] else f"its gap {res.gap:.3g}")  # fmt: skip
+           "the passes ran out" if not out["converged"] else f"its gap {res.residual:.3g}")  # fmt: skip
     fast.uncertified(y, "the working sets on the GPU did not certify these "
                      f"{x.shape[0]} tokens ({why})")  # fmt: skip
     fast.history = {"workset_cuda": history, "fast": fast.history}
