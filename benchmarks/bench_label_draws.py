@@ -15,6 +15,24 @@ step and scores against R = 1, measured interleaved (one thread, median over see
 
     python benchmarks/bench_label_draws.py            # CPU, writes label_draws_cpu.json
     python benchmarks/bench_label_draws.py --quick    # 3 seeds, R in (1, 4): a smoke run
+
+``--flips`` (issue 78): how the paper's scores jump when the features move by a rounding's
+worth, and what ``cluster_share="soft"`` does instead, at the paper's ``n_clusters = 24``, one
+thread. Sets: :func:`benchmarks.common.video_tokens` as ``bench_workset`` builds them (48
+patches a frame, D = 1024) at ``--frames`` frames, and the projector output of the tests'
+tiny random Qwen2.5-VL (seeded weights) on seeded random pixels, 8 x 70 tokens (N = 560,
+D = 32; the shape of the issue's 560-token videos, not those videos). Per set: the solver's
+``C`` (the default, ``ssc_coefficients``) of the features and of ``--p7`` and ``--p6``
+copies times ``1 + r g`` (``g`` seeded Gaussian, ``r`` = 1e-7, 1e-6), the paper's labels and
+scores (``anchor_result_from_coefficients``) and the soft ones of each; reported: the
+eigengap at ``k`` of the normalised affinity, how often the labels flip, the largest score
+move and the share of tokens moving by more than 0.05, the soft scores' largest move,
+their largest distance to the paper's, the share of tokens whose soft score lies within the
+paper's spread (min..max over the ``--p6`` perturbations) and the time of the spectral step
+against the soft share on the same affinity (interleaved, median of 3)::
+
+    python benchmarks/bench_label_draws.py --flips              # writes label_flips_cpu.json
+    python benchmarks/bench_label_draws.py --flips --frames 64 --tiny 0 --tag 64f
 """
 
 from __future__ import annotations
@@ -38,6 +56,7 @@ from benchmarks.common import (  # noqa: E402
     parser,
     skip,
     spearman,
+    video_tokens,
 )
 from videoanchor.anchor import anchor_scores, solve_ssc_admm  # noqa: E402
 from videoanchor.anchor.spectral import spectral_labels, ssc_affinity  # noqa: E402
@@ -107,12 +126,141 @@ def run(seeds, draws_list, out_dir, admm_iters):
     return finish("label_draws", meta, rows, out_dir, cols)
 
 
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+
+
+def tiny_features(seed: int, frames: int = 8, rows: int = 7, cols: int = 10) -> torch.Tensor:
+    """The tests' tiny random Qwen2.5-VL's projector output (``frames * rows * cols`` x 32,
+    float32) on seeded random pixels: ``frames`` temporal patches of ``rows x cols`` tokens."""
+    sys.path.insert(0, str(TESTS))
+    import torchvision_shim  # the tiny model's transformers modules import torchvision
+
+    torchvision_shim.apply()
+    from videoanchor.integrations.transformers.testing import tiny_model
+
+    model = tiny_model("qwen2_5_vl")
+    vc = model.config.vision_config
+    m = vc.spatial_merge_size
+    grid = torch.tensor([[frames, rows * m, cols * m]])
+    gen = torch.Generator().manual_seed(seed)
+    width = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+    pixels = torch.randn(frames * rows * cols * m * m, width, generator=gen)
+    with torch.no_grad():
+        out = model.model.visual(pixels, grid_thw=grid)
+    return getattr(out, "pooler_output", out).float().contiguous()
+
+
+def _eigengap(coef, k: int) -> dict:
+    from videoanchor.anchor.spectral import _normalized_affinity
+
+    s, _ = _normalized_affinity(ssc_affinity(coef).to(torch.float64))
+    theta = torch.linalg.eigvalsh(s).flip(0)
+    return dict(theta_k=float(theta[k - 1]), theta_k1=float(theta[k]),
+                eigengap=float(theta[k - 1] - theta[k]))  # fmt: skip
+
+
+def flips_case(name: str, x: torch.Tensor, p7: int, p6: int, seed: int = 0) -> dict:
+    """One set of ``--flips`` (see the module's docstring)."""
+    from videoanchor.anchor import ssc_coefficients
+    from videoanchor.anchor.scores import anchor_result_from_coefficients
+    from videoanchor.anchor.spectral import soft_cluster_shares
+
+    def both(c):
+        hard = anchor_result_from_coefficients(c, K, features=x)
+        soft = anchor_result_from_coefficients(c, K, features=x, cluster_share="soft")
+        return hard.labels, hard.scores.double(), soft.scores.double()
+
+    t = time.perf_counter()
+    base = ssc_coefficients(x)
+    row = dict(set=name, n=int(x.shape[0]), d=int(x.shape[1]), k=K, solver=base.solver,
+               solve_s=time.perf_counter() - t, **_eigengap(base.coef, K))  # fmt: skip
+    labels, hard, soft = both(base)
+    w = ssc_affinity(base.coef)
+    spectral_s, soft_s = [], []
+    for _ in range(3):  # interleaved: today's spectral step, the soft share, on one W
+        t = time.perf_counter()
+        spectral_labels(w, K)
+        spectral_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        soft_cluster_shares(w, K)
+        soft_s.append(time.perf_counter() - t)
+    row.update(spectral_step_s=statistics.median(spectral_s),
+               soft_share_s=statistics.median(soft_s))  # fmt: skip
+    row["soft_share_over_spectral"] = row["soft_share_s"] / row["spectral_step_s"]
+    gen = torch.Generator().manual_seed(seed)
+    spread = []
+    for rel, count in (("1e-7", p7), ("1e-6", p6)):
+        flips, hard_moves, shares_over, soft_moves = [], [], [], []
+        for _ in range(count):
+            xp = x * (1 + float(rel) * torch.randn(x.shape, generator=gen, dtype=x.dtype))
+            lp, hp, sp = both(ssc_coefficients(xp))
+            flips.append(not torch.equal(lp, labels))
+            move = (hp - hard).abs()
+            hard_moves.append(float(move.max()))
+            shares_over.append(float((move > 0.05).double().mean()))
+            soft_moves.append(float((sp - soft).abs().max()))
+            if rel == "1e-6":
+                spread.append(hp)
+        row.update({f"flip_rate_{rel}": sum(flips) / count, f"perturbations_{rel}": count,
+                    f"hard_move_max_{rel}": max(hard_moves),
+                    f"share_moving_over_0.05_max_{rel}": max(shares_over),
+                    f"share_moving_over_0.05_mean_{rel}": statistics.mean(shares_over),
+                    f"soft_move_max_{rel}": max(soft_moves)})  # fmt: skip
+    lo, hi = torch.stack(spread).min(0).values, torch.stack(spread).max(0).values
+    stable, far = row["flip_rate_1e-6"] == 0, float((soft - hard).abs().max())
+    within = float(((soft >= lo) & (soft <= hi)).double().mean())
+    row.update(
+        labels_stable_1e_6=stable, soft_vs_paper_max=far,
+        soft_vs_paper_median=float((soft - hard).abs().median()),
+        paper_spread_max=float((hi - lo).max()), soft_within_paper_spread=within,
+        bar_moves_le_1e_3=row["soft_move_max_1e-6"] <= 1e-3,
+        bar_equal_where_stable=far <= 1e-6 if stable else None,
+        bar_within_spread_95=None if stable else within >= 0.95,
+    )  # fmt: skip
+    return row
+
+
+def flips(frames, tiny, p7: int, p6: int, out_dir, tag: str = "") -> Path:
+    """``--flips``: every set, one thread, into ``label_flips[_tag]_cpu.json``."""
+    torch.set_num_threads(1)
+    meta = environment("cpu")
+    meta.update(torch_threads=1, loadavg_start=os.getloadavg(), n_clusters=K,
+                perturbation="x * (1 + r g), g standard Gaussian (seeded), r in (1e-7, 1e-6)",
+                route="cluster_share='soft' (videoanchor.anchor.spectral.soft_cluster_shares)")  # fmt: skip
+    rows = []
+    for f in frames:
+        rows.append(flips_case(f"video {f}x48 D1024", video_tokens(f, 48, 1024), p7, p6))
+        print({k: rows[-1][k] for k in ("set", "flip_rate_1e-6", "soft_move_max_1e-6")},
+              flush=True)  # fmt: skip
+    for s in tiny:
+        rows.append(flips_case(f"tiny Qwen2.5-VL 8x70 pixels seed {s}", tiny_features(s), p7, p6))
+        print({k: rows[-1][k] for k in ("set", "flip_rate_1e-6", "soft_move_max_1e-6")},
+              flush=True)  # fmt: skip
+    meta["loadavg_end"] = os.getloadavg()
+    cols = ["set", "n", "eigengap", "flip_rate_1e-7", "flip_rate_1e-6", "hard_move_max_1e-6",
+            "share_moving_over_0.05_max_1e-6", "soft_move_max_1e-6", "soft_vs_paper_max",
+            "soft_within_paper_spread", "spectral_step_s", "soft_share_s"]  # fmt: skip
+    return finish("label_flips" + (f"_{tag}" if tag else ""), meta, rows, out_dir, cols)
+
+
 def main(argv=None):
     ap = parser(__doc__, quick="3 seeds and R in (1, 4) (a smoke run)")
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--draws", default="1,4,16")
     ap.add_argument("--admm-iters", type=int, default=60)
+    ap.add_argument("--flips", action="store_true", help="issue 78's measurement (docstring)")
+    ap.add_argument("--frames", type=int, nargs="*", default=[8, 16, 32])
+    ap.add_argument("--tiny", type=int, nargs="*", default=[0, 1, 2], help="pixel seeds")
+    ap.add_argument("--p7", type=int, default=8, help="perturbations of 1e-7")
+    ap.add_argument("--p6", type=int, default=16, help="perturbations of 1e-6")
+    ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
+    if args.flips:
+        if args.quick:
+            args.frames, args.tiny, args.p7, args.p6 = [8], [0], 2, 4
+            skip("bench_label_draws --flips", "--quick: 8 frames, one tiny set, 2 + 4 draws")
+        return flips(args.frames, args.tiny, args.p7, args.p6, args.out_dir,
+                     args.tag or ("quick" if args.quick else ""))  # fmt: skip
     if args.quick:
         args.seeds, args.draws = min(args.seeds, 3), "1,4"
         skip(

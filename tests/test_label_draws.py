@@ -1,4 +1,5 @@
-"""label_draws: several label assignments from one spectral embedding, shares averaged."""
+"""label_draws: several label assignments from one spectral embedding, shares averaged;
+cluster_share="soft": shares read from the affinity's spectrum, continuous in it."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,13 @@ import torch
 import videoanchor
 import videoanchor.anchor as anchor_module
 from videoanchor.anchor import anchor_scores, compute_anchor_scores
-from videoanchor.anchor.spectral import spectral_labels, ssc_affinity
+from videoanchor.anchor.scores import anchor_result_from_coefficients, ssc_coefficients
+from videoanchor.anchor.spectral import (
+    SOFT_SHARE_WIDTH,
+    soft_cluster_shares,
+    spectral_labels,
+    ssc_affinity,
+)
 
 
 def ambiguous_tokens(n_per=15, k=6, d=24, seed=0):
@@ -106,3 +113,117 @@ def test_configure_passes_label_draws(monkeypatch):
     assert seen and set(seen) == {3}
     with pytest.raises(ValueError, match="label_draws"):
         videoanchor.configure(model, label_draws=0)
+
+
+# ---- cluster_share="soft" -----------------------------------------------------------------
+
+
+def soft_shares_reference(w, k, width=SOFT_SHARE_WIDTH):
+    """soft_cluster_shares written out in NumPy float64: full eigh, the filter, the rows'
+    cos^2 summed pair by pair."""
+    w = np.asarray(w, dtype=np.float64)
+    deg = w.sum(1)
+    dd = np.where(deg > 0, np.sqrt(deg), 1.0)
+    s = w / dd[:, None] / dd[None, :]
+    np.fill_diagonal(s, 0.0)
+    theta, v = np.linalg.eigh(s)
+    theta, v = theta[::-1], v[:, ::-1]
+    f = np.clip((theta - theta[k - 1] + width) / width, 0, 1)
+    u = v * np.sqrt(f) / dd[:, None]
+    n = w.shape[0]
+    pi = np.zeros(n)
+    for j in range(n):
+        for i in range(n):
+            nij = np.linalg.norm(u[i]) * np.linalg.norm(u[j])
+            pi[j] += (u[i] @ u[j]) ** 2 / nij**2 if nij > 0 else float(i == j)
+    return pi / n
+
+
+def blocks(sizes, seed=0):
+    """A block-diagonal affinity: one dense random block per size (k components)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.zeros(sum(sizes), sum(sizes), dtype=torch.float64)
+    at = 0
+    for m in sizes:
+        b = torch.rand(m, m, generator=g, dtype=torch.float64) + 0.1
+        w[at : at + m, at : at + m] = b + b.T
+        at += m
+    w.diagonal().zero_()
+    return w
+
+
+def test_soft_shares_are_the_hard_ones_where_the_clusters_separate():
+    sizes = [7, 3, 12, 5, 9]  # odd sizes, k = 5 components: the gap at k is 1 - theta_6
+    w = blocks(sizes)
+    pi = soft_cluster_shares(w, 5)
+    hard = torch.cat([torch.full((m,), m / sum(sizes), dtype=torch.float64) for m in sizes])
+    torch.testing.assert_close(pi, hard, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(pi.numpy(), soft_shares_reference(w, 5), rtol=0, atol=1e-12)
+
+
+def test_soft_shares_match_the_reference_where_there_is_no_gap():
+    x = ambiguous_tokens()
+    w = ssc_affinity(compute_anchor_scores(x, 8, **KW).coef)
+    pi = soft_cluster_shares(w, 8)
+    np.testing.assert_allclose(pi.numpy(), soft_shares_reference(w, 8), rtol=0, atol=1e-10)
+    assert bool(((pi > 0) & (pi <= 1)).all())
+
+
+def ring_and_blocks():
+    """Four dense blocks and a 12-token ring: the ring's eigenvalues come in equal pairs, so
+    at k = 6 the 6th and 7th eigenvalues tie (no eigengap): the hard cut is arbitrary."""
+    w = blocks([6, 8, 5, 7])
+    n = w.shape[0] + 12
+    out = torch.zeros(n, n, dtype=torch.float64)
+    out[: w.shape[0], : w.shape[0]] = w
+    for i in range(12):
+        a, b = w.shape[0] + i, w.shape[0] + (i + 1) % 12
+        out[a, b] = out[b, a] = 1.0
+    return out
+
+
+def test_soft_shares_hold_still_where_the_cut_is_a_tie():
+    w = ring_and_blocks()
+    s = w / w.sum(1).sqrt()[:, None] / w.sum(1).sqrt()[None, :]
+    theta = torch.linalg.eigvalsh(s).flip(0)
+    assert float(theta[5] - theta[6]) < 1e-12  # the tie at k = 6
+    base = soft_cluster_shares(w, 6)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        noise = torch.rand(w.shape, generator=g, dtype=torch.float64)
+        wp = w * (1 + 1e-9 * (noise + noise.T))  # symmetric, relative 2e-9
+        moved = float((soft_cluster_shares(wp, 6) - base).abs().max())
+        assert moved < 1e-6, moved
+    np.testing.assert_allclose(base.numpy(), soft_shares_reference(w, 6), rtol=0, atol=1e-10)
+
+
+def test_cluster_share_soft_through_the_entry_points():
+    x = ambiguous_tokens(seed=1)
+    soft = compute_anchor_scores(x, 8, cluster_share="soft", mode="exact", **KW)
+    hard = compute_anchor_scores(x, 8, mode="exact", **KW)
+    assert torch.equal(soft.coef, hard.coef) and torch.equal(soft.labels, hard.labels)
+    pi = soft_shares_reference(ssc_affinity(soft.coef), 8)
+    s_hat = pi * soft.coef.numpy().sum(axis=1)
+    ref = (s_hat - s_hat.min()) / (s_hat.max() - s_hat.min() + 1e-5)
+    np.testing.assert_allclose(soft.scores.numpy(), ref, rtol=0, atol=1e-6)
+    assert float((soft.scores - hard.scores).abs().max()) > 1e-3  # not the paper's share
+    split = anchor_result_from_coefficients(
+        ssc_coefficients(x, **KW), 8, cluster_share="soft", features=x
+    )
+    torch.testing.assert_close(split.scores, soft.scores, rtol=0, atol=1e-6)
+
+
+def test_bad_cluster_share():
+    x = ambiguous_tokens(n_per=4, k=3)
+    with pytest.raises(ValueError, match="cluster_share: expected one of"):
+        compute_anchor_scores(x, 3, cluster_share="smooth", max_iter=5)
+    with pytest.raises(ValueError, match="cluster_share='soft' .*mode='blocked'"):
+        compute_anchor_scores(x, 3, cluster_share="soft", mode="blocked", max_iter=5)
+    c = torch.rand(4, 4)
+    lab = torch.zeros(4, dtype=torch.long)
+    for bad in (torch.full((3,), 0.5), torch.tensor([0.5, 0.5, float("nan"), 0.5]),
+                torch.tensor([0.5, 0.0, 0.5, 0.5]), torch.tensor([1, 1, 1, 1])):  # fmt: skip
+        with pytest.raises(ValueError, match=r"shares: expected \(4,\) floats in \(0, 1\]"):
+            anchor_scores(c, lab, shares=bad)
+    with pytest.raises(ValueError, match="dense"):
+        soft_cluster_shares(ssc_affinity(c).to_sparse(), 2)

@@ -119,7 +119,8 @@ def test_every_ssc_option_of_the_config_is_in_the_score_key():
     changed = {"alpha_e": 20.0, "alpha_z": 20.0, "rho": 30.0, "eps": 1e-3, "max_iter": 7,
                "pca_rank": 3, "ssc_backend": "torch", "ssc_solver": "faithful",
                "ssc_dtype": torch.float64, "ssc_precision": "fp16x3", "ssc_mode": "blocked",
-               "seed": 5, "label_draws": 2, "dark_tokens": "ignore"}  # fmt: skip
+               "seed": 5, "label_draws": 2, "dark_tokens": "ignore",
+               "cluster_share": "soft"}  # fmt: skip
     assert set(changed) == set(SSC_CONFIG_NAMES) - {"n_clusters"}
     assert set(SSC_OPTIONS) < set(SCORE_OPTIONS) == set(changed)
     base = AnchorConfig()

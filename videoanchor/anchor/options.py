@@ -54,6 +54,10 @@ REMOVED_ACCELERATED = (
 )
 
 
+#: :attr:`SSCOptions.cluster_share`'s choices
+CLUSTER_SHARES = ("hard", "soft")
+
+
 def _label_draws(name, value):
     draws = check_int(name, value, 1)
     if draws > MAX_LABEL_DRAWS:
@@ -127,6 +131,11 @@ class SSCOptions:
     """Seed of the spectral clustering (None: drawn from NumPy's global generator)."""
     label_draws: int = 1
     """Label draws averaged into each token's cluster share (the paper: 1)."""
+    cluster_share: str = "hard"
+    """Each token's cluster share ``pi_j``: ``"hard"`` (the paper's: its cluster's share of
+    the tokens under the spectral labels, averaged over ``label_draws``) or ``"soft"`` (beyond
+    the paper: :func:`~videoanchor.anchor.spectral.soft_cluster_shares`, a continuous
+    function of ``C`` that no label flip moves, NOT the paper's share; exact mode)."""
     eigen_solver: str = "auto"
     """Eigen-solver of the spectral step: ``"auto"``, ``"eigh"``, ``"krylov"`` or
     ``"chebyshev"`` (exact mode), ``"arpack"``, ``"subspace"`` or ``"chebyshev"`` (blocked
@@ -186,6 +195,11 @@ class SSCOptions:
             )
         if mode == "blocked":
             check_blocked(solver, backend)
+            if out.cluster_share == "soft":
+                raise ValueError(
+                    "cluster_share='soft' reads a dense affinity's spectrum; expected mode "
+                    "'exact' or 'auto' (where the dense problem fits), got mode='blocked'"
+                )
         check_precision(out.precision, fast=solver in ("auto", "fast"), work=out.dtype,
                         solver=solver, blocked=mode == "blocked", backend=backend)  # fmt: skip
         for name, unset in (("block_columns", None), ("block_eps", "own")):
@@ -237,6 +251,7 @@ CHECKS = {
     "precision": (_choice(PRECISIONS), "coef"),
     "seed": (lambda n, v: resolve_seed(v), "labels"),
     "label_draws": (_label_draws, "labels"),
+    "cluster_share": (_choice(CLUSTER_SHARES), "labels"),
     "eigen_solver": (_choice(tuple(dict.fromkeys(sum(EIGEN_SOLVERS.values(), ())))), ""),
     "mode": (_choice(SSC_MODES, {"scalable": REMOVED_SCALABLE}), ""),
     "block_columns": (lambda n, v: None if v is None else check_int(n, v, 1), ""),

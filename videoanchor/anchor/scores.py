@@ -20,7 +20,7 @@ from videoanchor.anchor.plan import make_plan
 from videoanchor.anchor.products import exact_float32
 from videoanchor.anchor.program import SSCSolution
 from videoanchor.anchor.solve import solve
-from videoanchor.anchor.spectral import cluster
+from videoanchor.anchor.spectral import cluster, cluster_shares
 from videoanchor.anchor.threads import bounded
 
 __all__ = [
@@ -44,7 +44,9 @@ _DATA_TERMS = ("squared", "exact")
 FLAT_ROW_SUM_RTOL = 1e-3
 
 
-def scores_from_row_sums(r: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def scores_from_row_sums(
+    r: torch.Tensor, labels: torch.Tensor, shares: torch.Tensor | None = None
+) -> torch.Tensor:
     """docs/method.md section 3 from the row sums ``r`` of ``C`` and the labels (float32).
 
     Degenerate case: when the row sums agree within ``FLAT_ROW_SUM_RTOL`` of their size
@@ -52,7 +54,8 @@ def scores_from_row_sums(r: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     of min-max normalisation stretching the solver's noise over [0, 1).
 
     ``labels`` (N,) or (draws, N): with several draws, ``pi_j`` is token ``j``'s cluster
-    share averaged over them."""
+    share averaged over them. ``shares`` (N,): the ``pi_j`` themselves instead
+    (``cluster_share="soft"``); ``labels`` are then not read."""
     n = r.numel()
     lab = labels.reshape(-1, n)
     r64 = r.to(torch.float64)
@@ -67,7 +70,10 @@ def scores_from_row_sums(r: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             stacklevel=3,
         )
         return torch.zeros(n, dtype=torch.float32, device=r.device)
-    pi = torch.stack([torch.bincount(row)[row] for row in lab]).to(torch.float64).mean(0) / n
+    if shares is not None:
+        pi = shares.to(device=r.device, dtype=torch.float64)
+    else:
+        pi = torch.stack([torch.bincount(row)[row] for row in lab]).to(torch.float64).mean(0) / n
     s_hat = pi * r64
     lo, hi = s_hat.min(), s_hat.max()
     s = ((s_hat - lo) / (hi - lo + 1e-5)).to(torch.float32)
@@ -131,7 +137,9 @@ def tie_duplicate_scores(x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def anchor_scores(coef: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def anchor_scores(
+    coef: torch.Tensor, labels: torch.Tensor, *, shares: torch.Tensor | None = None
+) -> torch.Tensor:
     """Anchor score of every token from ``C`` and cluster labels (docs/method.md section 3).
 
     ``r_j = sum_i C[j, i]`` (row sum of the signed ``C``, ``Y = Y C`` convention; ``coef``
@@ -141,6 +149,8 @@ def anchor_scores(coef: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     as float32 in ``[0, 1)`` (clamped below 1 where float32 rounding would reach it).
     ``labels`` may also be ``(draws, N)``, several label draws of one clustering: then
     ``pi_j`` is token ``j``'s cluster share averaged over the draws (``label_draws``).
+    ``shares`` (N,) in ``(0, 1]``: the ``pi_j`` given instead of read from the labels
+    (``cluster_share="soft"``: :func:`~videoanchor.anchor.spectral.soft_cluster_shares`).
     """
     if coef.dim() != 2 or coef.shape[0] != coef.shape[1]:
         raise ValueError(f"coef: expected a square (N, N) matrix, got shape {tuple(coef.shape)}")
@@ -155,10 +165,17 @@ def anchor_scores(coef: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise ValueError("coef: expected at least one token, got N = 0")
     if bool((labels < 0).any()):
         raise ValueError("labels: expected non-negative cluster ids")
+    if shares is not None and (
+        shares.shape != (n,) or not shares.dtype.is_floating_point
+        or not bool(((shares > 0) & (shares <= 1)).all())
+    ):  # fmt: skip
+        raise ValueError(
+            f"shares: expected ({n},) floats in (0, 1], got shape {tuple(shares.shape)}, "
+            f"{shares.dtype}"
+        )
     labels = labels.to(device=coef.device, dtype=torch.long)
-    if coef.is_sparse:
-        return scores_from_row_sums(sparse_row_sums(coef), labels)
-    return scores_from_row_sums(coef.to(torch.float64).sum(dim=1), labels)
+    r = sparse_row_sums(coef) if coef.is_sparse else coef.to(torch.float64).sum(dim=1)
+    return scores_from_row_sums(r, labels, shares)
 
 
 @dataclass(kw_only=True)
@@ -306,6 +323,7 @@ def compute_anchor_scores(
     block_eps: str = DEFAULTS.block_eps,
     process_group=None,
     label_draws: int = DEFAULTS.label_draws,
+    cluster_share: str = DEFAULTS.cluster_share,
     candidates=None,
     dark_tokens: str = DEFAULTS.dark_tokens,
 ) -> AnchorResult:
@@ -378,6 +396,14 @@ def compute_anchor_scores(
     draw being the default's) and each token's cluster share ``pi_j`` is averaged over
     them, so the scores depend much less on the seed; the embedding is computed once.
 
+    ``cluster_share`` (beyond the paper): ``"hard"`` (default) is the paper's ``pi_j``, its
+    cluster's share of the tokens. Without an eigengap at ``n_clusters`` the labels can flip
+    under a 1e-7 relative change of the features (another engine's or device's rounding),
+    and the scores then jump (``label_flips_cpu.json``, docs/guides/anchor-scores.md).
+    ``"soft"``: :func:`~videoanchor.anchor.spectral.soft_cluster_shares`, a continuous
+    function of ``C`` that no flip moves, but NOT the paper's share (exact mode;
+    ``labels`` are still the hard ones).
+
     ``dark_tokens``: ``mu_z`` where some tokens are near-black or constant (one warning
     names them): ``"authors"`` (default, their definition) or ``"ignore"`` (the least of the
     other tokens'; docs/ssc.md, "Dark tokens").
@@ -413,9 +439,12 @@ def compute_anchor_scores(
     res = solve(solved, plan, opts)
     t1 = time.perf_counter()
     draws = cluster(res.coef, opts, group=plan.group, rank=plan.rank)
+    shares = None
+    if opts.cluster_share == "soft":
+        shares = cluster_shares(res.coef, opts, group=plan.group, rank=plan.rank)
     _sync(x.device)
     t2 = time.perf_counter()
-    scores = tie_duplicate_scores(x, anchor_scores(res.coef, draws))
+    scores = tie_duplicate_scores(x, anchor_scores(res.coef, draws, shares=shares))
     _sync(scores.device)
     t3 = time.perf_counter()
     timings = dict(res.timings)
@@ -470,20 +499,23 @@ def anchor_result_from_coefficients(
     label_draws: int = 1,
     eigen_solver: str = "auto",
     features=None,
+    cluster_share: str = "hard",
 ) -> AnchorResult:
     """Spectral clustering of ``ssc.coef`` into ``n_clusters`` (seeded) and the anchor
     scores: the rest of :func:`compute_anchor_scores` after :func:`ssc_coefficients`.
     ``features``: the (N, D) tokens C was solved on; when given, identical tokens get
-    identical scores as in :func:`compute_anchor_scores` (pass them for the same answer)."""
+    identical scores as in :func:`compute_anchor_scores` (pass them for the same answer).
+    ``cluster_share``: as in :func:`compute_anchor_scores`."""
     t0 = time.perf_counter()
     opts = SSCOptions(
         n_clusters=n_clusters, seed=seed, label_draws=label_draws, eigen_solver=eigen_solver,
-        mode="exact",
+        mode="exact", cluster_share=cluster_share,
     ).checked()  # fmt: skip
     check_tokens(opts.n_clusters, ssc.coef.shape[0])
     draws = cluster(ssc.coef, opts)
+    shares = cluster_shares(ssc.coef, opts) if opts.cluster_share == "soft" else None
     t1 = time.perf_counter()
-    scores = anchor_scores(ssc.coef, draws)
+    scores = anchor_scores(ssc.coef, draws, shares=shares)
     if features is not None:
         scores = tie_duplicate_scores(as_feature_tensor(features), scores)
     _sync(scores.device)

@@ -42,7 +42,9 @@ __all__ = [
     "sparse_spectral_labels",
     "sparse_ssc_affinity",
     "sparse_normalized_affinity",
+    "soft_cluster_shares",
     "cluster",
+    "cluster_shares",
 ]
 
 
@@ -640,6 +642,67 @@ def sparse_spectral_clustering(
     return sparse_spectral_labels(w, n_clusters, seed=seed, assign_labels=assign_labels)[0]
 
 
+#: :func:`soft_cluster_shares`' spectral filter: its width on the normalised affinity's
+#: eigenvalues, below the ``k``-th.
+SOFT_SHARE_WIDTH = 1e-2
+
+
+def _filtered_eigenpairs(s: torch.Tensor, k: int, width: float):
+    """The leading eigenpairs of the symmetric ``s`` (float64), descending, at least down to
+    ``theta_k - width`` (``theta_k`` the ``k``-th largest eigenvalue). On the CPU by LAPACK's
+    MRRR for a subset (``evr``; its cost is the tridiagonal reduction, the same for any
+    subset: the window is widened by doubling where it is crowded), elsewhere by ``eigh``."""
+    n = s.shape[0]
+    if s.device.type != "cpu":
+        theta, vec = torch.linalg.eigh(s)
+        return theta.flip(0), vec.flip(1)
+    import scipy.linalg
+
+    m = min(n, k + max(8, k // 2))
+    while True:
+        theta, vec = scipy.linalg.eigh(s.numpy(), subset_by_index=[n - m, n - 1], driver="evr",
+                                       check_finite=False)  # fmt: skip
+        if m == n or theta[0] < theta[-k] - width:
+            return torch.from_numpy(theta[::-1].copy()), torch.from_numpy(vec[:, ::-1].copy())
+        m = min(n, 2 * m)
+
+
+@bounded()
+def soft_cluster_shares(
+    affinity: torch.Tensor, n_clusters: int, *, width: float = SOFT_SHARE_WIDTH
+) -> torch.Tensor:
+    """Each token's soft cluster share (``(N,)`` float64 in ``(0, 1]``), a continuous
+    function of a dense symmetric affinity ``W`` (``cluster_share="soft"``, beyond the
+    paper).
+
+    The spectral embedding's rows ``u_i`` (``D^{-1/2} V``, as the paper's labels use) are
+    taken through a spectral filter instead of a hard cut at ``k``: eigenvalue ``theta``
+    weighs ``clamp((theta - theta_k + width) / width, 0, 1)``, so a near-tie at ``k`` (no
+    eigengap) moves the embedding continuously. Two tokens belong together by the degree
+    ``cos^2(u_i, u_j)``, and ``pi_j = (1/N) sum_i cos^2(u_i, u_j)`` (``O(N m^2)``, ``m`` the
+    filter's eigenvectors). Where the affinity has ``k`` components and the eigengap
+    exceeds ``width``, the rows of one component are parallel and those of two orthogonal,
+    and ``pi_j`` is the hard share ``|c_j| / N`` exactly. Elsewhere it is NOT the paper's
+    share, even where the paper's labels are stable: measured in
+    ``benchmarks/bench_label_draws.py --flips`` (docs/guides/anchor-scores.md)."""
+    if affinity.dim() != 2 or affinity.shape[0] != affinity.shape[1] or affinity.is_sparse:
+        raise ValueError(
+            f"affinity: expected a dense square (N, N) matrix, got shape {tuple(affinity.shape)}"
+            + (" (sparse)" if affinity.is_sparse else "")
+        )
+    n = affinity.shape[0]
+    if not 1 <= n_clusters <= n:
+        raise ValueError(f"n_clusters: expected 1 <= n_clusters <= N = {n}, got {n_clusters}")
+    if not width > 0:
+        raise ValueError(f"width: expected a positive number, got {width!r}")
+    s, dd = _normalized_affinity(affinity.to(torch.float64))
+    theta, vec = _filtered_eigenpairs(s, n_clusters, width)
+    f = ((theta - float(theta[n_clusters - 1]) + width) / width).clamp(0, 1)
+    keep = f > 0
+    u = _unit_rows(vec[:, keep] * f[keep].sqrt() / dd[:, None])
+    return ((u @ (u.T @ u)) * u).sum(dim=1) / n
+
+
 def cluster(coef: torch.Tensor, opts, *, group=None, rank: int = 0, affinity: str = "symmetric",
             assign_labels: str = "discretize") -> torch.Tensor:  # fmt: skip
     """Stage 4 of an SSC call: the ``(label_draws, N)`` labels of ``C`` (dense, or sparse
@@ -669,3 +732,25 @@ def cluster(coef: torch.Tensor, opts, *, group=None, rank: int = 0, affinity: st
     raise_together(group, error, coef.device)
     draws = draws.to(coef.device)
     return draws if group is None else broadcast_from_first(draws, group)
+
+
+def cluster_shares(coef: torch.Tensor, opts, *, group=None, rank: int = 0) -> torch.Tensor:
+    """Stage 4 of an SSC call with ``opts.cluster_share="soft"``: each token's
+    :func:`soft_cluster_shares` (``(N,)`` float64) of ``W = |C| + |C|^T`` into
+    ``opts.n_clusters``. Under a process ``group`` rank 0 computes them and broadcasts
+    them; if that fails, every rank raises."""
+    shares = torch.empty(coef.shape[0], dtype=torch.float64, device=coef.device)
+    error = None
+    if rank == 0:
+        try:
+            if coef.is_sparse:
+                raise ValueError(
+                    "cluster_share='soft' reads a dense affinity's spectrum; expected a dense C "
+                    f"(mode='exact'), got a sparse one (blocked mode, N = {coef.shape[0]})"
+                )
+            shares = soft_cluster_shares(ssc_affinity(coef), opts.n_clusters)
+        except Exception as exc:  # re-raised on every rank
+            error = exc
+    raise_together(group, error, coef.device)
+    shares = shares.to(coef.device)
+    return shares if group is None else broadcast_from_first(shares, group)

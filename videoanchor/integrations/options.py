@@ -70,6 +70,7 @@ class AnchorConfig:
     pca_rank: int = SSC.pca_rank
     seed: int = SSC.seed
     label_draws: int = SSC.label_draws
+    cluster_share: str = SSC.cluster_share
     dark_tokens: str = SSC.dark_tokens
     ssc_backend: str = SSC.backend
     ssc_solver: str = SSC.solver

@@ -764,6 +764,7 @@ def configure(
     pca_rank=_UNSET,
     seed=_UNSET,
     label_draws=_UNSET,
+    cluster_share=_UNSET,
     ssc_backend=_UNSET,
     ssc_solver=_UNSET,
     ssc_dtype=_UNSET,
@@ -806,6 +807,10 @@ def configure(
         label_draws: 1 (default, the paper's single random label draw) or R > 1: R label
             draws from one spectral embedding with the cluster shares averaged, for scores
             that depend much less on the seed (beyond the paper).
+        cluster_share: "hard" (default, the paper's cluster share) or "soft" (beyond the
+            paper: a share continuous in the features, so that another engine's or device's
+            rounding cannot flip it; NOT the paper's scores:
+            :func:`~videoanchor.anchor.spectral.soft_cluster_shares`, docs/serving.md).
         attention_backend: "auto" (Triton on CUDA, exact torch path on CPU), "triton" or "torch".
         process_group: the ranks that share one request's scores (tensor parallelism):
             "auto" (default) takes the "tp" group of the model's DTensor parameters when it
@@ -875,6 +880,7 @@ def configure(
             pca_rank=pca_rank,
             seed=seed,
             label_draws=label_draws,
+            cluster_share=cluster_share,
             ssc_backend=ssc_backend,
             ssc_solver=ssc_solver,
             ssc_dtype=ssc_dtype,

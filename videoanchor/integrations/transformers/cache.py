@@ -261,8 +261,8 @@ class AnchorCache:
         (``features`` (N, D)), as ``compute_anchor_scores(mode="exact")`` with ``config``'s
         SSC options would return it (``ssc_mode="blocked"`` is a ValueError: :meth:`ssc_key`):
         C from the cache or solved once per features, labels and scores once per
-        ``n_clusters``, seed and label draws. ``progress`` reports an SSC that runs (see
-        :func:`~videoanchor.anchor.compute_anchor_scores`)."""
+        ``n_clusters``, seed, label draws and cluster share. ``progress`` reports an SSC
+        that runs (see :func:`~videoanchor.anchor.compute_anchor_scores`)."""
         from videoanchor.anchor import (
             SSCCoefficients,
             anchor_result_from_coefficients,
@@ -290,8 +290,9 @@ class AnchorCache:
             self._put("ssc", ssc_key, entry)
         ssc = SSCCoefficients(**{k: v for k, v in entry.items() if k != "format"})
         ssc.coef = ssc.coef.to(device)
+        soft = () if config.cluster_share == "hard" else (str(config.cluster_share),)
         label_key = content_hash(
-            ssc_key, int(n_clusters), int(config.seed), int(config.label_draws)
+            ssc_key, int(n_clusters), int(config.seed), int(config.label_draws), *soft
         )
         labels = self._get("labels", label_key)
         self.stats.add("labels", labels is not None)
@@ -302,6 +303,7 @@ class AnchorCache:
                 seed=int(config.seed),
                 label_draws=int(config.label_draws),
                 features=features,
+                cluster_share=config.cluster_share,
             )
             self._put("labels", label_key, {"labels": res.labels.cpu(), "scores": res.scores.cpu(),
                                             "timings": dict(res.timings)})  # fmt: skip
