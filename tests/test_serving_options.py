@@ -328,3 +328,101 @@ def test_score_cache_is_safe_to_fill_from_another_thread():
     assert len(cache) == 8000 and cache.bytes == 8000 * 12
     assert cache.stats["scores_hits"] + cache.stats["scores_misses"] == 8000
     assert all(float(cache.get(str(i))[0]) == i for i in range(0, 8000, 997))
+
+
+# ---- refusals that repeat little of what a client sent (issue 78, item 6) ------------------
+
+
+@pytest.mark.parametrize(
+    "value,phrase",
+    [([0.5] * 10**6, "got a list of 1000000 entries (0.5, 0.5, 0.5, ...)"),
+     ("x" * 10**6, "... (1000002 characters)"),
+     ({"a": 1}, "got {'a': 1}")],
+    ids=["list", "long-string", "dict"],
+)  # fmt: skip
+def test_a_long_value_for_a_scalar_option_is_refused_in_a_short_message(value, phrase):
+    with pytest.raises(ValueError) as err:
+        request_overrides({"videoanchor_alpha_k": value})
+    text = str(err.value)
+    assert text.startswith("extra_args['videoanchor_alpha_k']: expected one value"), text
+    assert phrase in text and len(text) < 300, text
+
+
+def test_a_long_unknown_key_and_a_long_tokens_list_are_cut():
+    with pytest.raises(ValueError, match="unknown videoanchor option") as err:
+        request_overrides({"videoanchor_" + "z" * 10**5: 1.0})
+    assert len(str(err.value)) < 800 and "(100014 characters)" in str(err.value)
+    with pytest.raises(ValueError, match="tokens: expected a non-empty subset") as err:
+        request_overrides({"videoanchor_tokens": ["clip"] * 10**5})  # no policy bounds it here
+    assert len(str(err.value)) < 600 and "characters)" in str(err.value)
+
+
+def test_videoanchor_on_off_is_refused_as_what_it_is():
+    for value, shown in ((True, "got True"), (1, "got 1"), ("yes", "got 'yes'")):
+        with pytest.raises(ValueError, match=f"expected 'on' or 'off', {shown}$"):
+            request_overrides({"videoanchor": value})
+
+
+class _Raw:
+    """A front end's raw request: its JSON body."""
+
+    def __init__(self, body):
+        self.body = body
+
+    async def json(self):
+        return self.body
+
+
+def test_the_front_end_reports_a_json_true_as_a_boolean_not_as_1():
+    """vLLM reads ``{"vllm_xargs": {"videoanchor": true}}`` as 1; the front end's refusal
+    says the client sent the JSON boolean (it said "got 1" when the option checks ran
+    first)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from videoanchor.integrations.vllm.hooks import front_end_refusal
+
+    engine = SimpleNamespace(additional_config={"videoanchor": {}})
+    for key in ("videoanchor", "videoanchor_alpha_k"):
+        raw = _Raw({"vllm_xargs": {key: True}})
+        why = asyncio.run(front_end_refusal(engine, {key: 1}, raw))
+        assert why == (f"extra_args[{key!r}]: expected a number (or 'on' / 'off' for "
+                       "'videoanchor'), got the JSON boolean true"), why  # fmt: skip
+    why = asyncio.run(front_end_refusal(engine, {"videoanchor": 1}, _Raw({"vllm_xargs": {
+        "videoanchor": 1}})))  # fmt: skip
+    assert why == "extra_args['videoanchor']: expected 'on' or 'off', got 1", why
+    plain = SimpleNamespace(additional_config={})  # an unanchored engine refuses nothing
+    assert asyncio.run(front_end_refusal(plain, {"videoanchor": 1}, _Raw({}))) is None
+
+
+def test_a_video_too_short_for_the_loader_is_counted(monkeypatch, tmp_path):
+    """The 1-frame video's HTTP 400 is counted in videoanchor_requests_refused{option="video"}
+    (vLLM's VideoMediaIO stood in for: its loader divides by zero)."""
+    import sys
+    import types
+
+    from videoanchor.integrations.vllm import hooks, metrics
+
+    class VideoMediaIO:
+        video_loader = "qwen2_vl_loader"
+
+        def load_bytes(self, data):
+            return len(data) // (len(data) - len(data))  # what the loader does on 1 frame
+
+    module = types.ModuleType("vllm.multimodal.media.video")
+    module.VideoMediaIO = VideoMediaIO
+    for name in ("vllm", "vllm.multimodal", "vllm.multimodal.media"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "vllm.multimodal.media.video", module)
+    monkeypatch.setenv(metrics.ENV, str(tmp_path))
+    metrics.reset_counts()
+    monkeypatch.setattr(hooks, "ANCHORED_FRONT_END", [True])
+    hooks.refuse_short_videos()
+    with pytest.raises(ValueError, match="send at least 2 frames"):
+        VideoMediaIO().load_bytes(b"one frame")
+    assert metrics.snapshot()["videoanchor_requests_refused"] == [[["video"], 1.0]]
+    monkeypatch.setattr(hooks, "ANCHORED_FRONT_END", [False])  # unanchored: vLLM's own error
+    with pytest.raises(ZeroDivisionError):
+        VideoMediaIO().load_bytes(b"one frame")
+    assert metrics.snapshot()["videoanchor_requests_refused"] == [[["video"], 1.0]]
+    metrics.reset_counts()

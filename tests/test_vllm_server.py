@@ -257,6 +257,9 @@ def test_server_answers_as_offline_with_prefix_caching_a_b_a_off(server, offline
      ({"videoanchor_ssc_solver": "bogus"}, "expected one of ('auto', 'fast', 'faithful'"),
      # JSON true: vLLM's vllm_xargs type reads it as 1, the plugin reads the JSON again
      ({"videoanchor_alpha_k": True}, "got the JSON boolean true"),
+     ({"videoanchor": True}, "got the JSON boolean true"),  # not "got 1" (issue 78)
+     # a 10**6-float list for a scalar option: refused, and not echoed back (issue 78)
+     ({"videoanchor_alpha_k": [0.5] * 10**6}, "got a list of 1000000 entries (0.5, 0.5"),
      # a 10**6-entry list (about 9 MB of JSON), refused by request_limits['tokens']
      ({"videoanchor_tokens": ["video"] * 10**6}, "request_limits']['tokens']")],
     ids=lambda v: (next(iter(v)) + "=" + str(next(iter(v.values())))[:12]
@@ -275,6 +278,7 @@ def test_server_bad_or_over_limit_vllm_xargs_is_a_400_and_it_keeps_serving(
     assert status == 400, reply
     text = reply["error"]["message"]
     assert text.startswith(f"extra_args[{key!r}]: ") and phrase in text, text
+    assert len(text) < 1000, len(text)  # a client's long value is not echoed back
     assert seconds < 10, seconds  # refused before the chat's media are rendered
     after, _ = _videoanchor_series(server.port)
     assert after.get(series, 0.0) - before.get(series, 0.0) == 1, (before, after)
@@ -440,11 +444,15 @@ def test_startup_log_says_videoanchor_is_active_with_its_limits(server):
 def test_a_video_without_a_decodable_frame_is_a_400(server, offline, checkpoint):
     """A 1-frame mp4 is too short for vLLM's Qwen2-VL video loader (it samples frames in
     pairs and divided by zero: an HTTP 500); the plugin refuses it with an HTTP 400 saying
-    so, and the server goes on."""
+    so, counted in videoanchor_requests_refused{option="video"}, and the server goes on."""
     body = {"model": checkpoint, "max_tokens": 2, "messages": [{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": _video_url(31, frames=1)}},
         {"type": "text", "text": "what is it?"}]}]}  # fmt: skip
+    series = 'videoanchor_requests_refused_total{option="video"}'
+    before, _ = _videoanchor_series(server.port)
     status, reply = _post(server.port, body)
+    after, _ = _videoanchor_series(server.port)
+    assert after.get(series, 0.0) - before.get(series, 0.0) == 1, (before, after)
     assert status == 400, reply
     assert reply["error"]["message"].startswith("video: expected a video long enough for this "
                                                 "model"), reply  # fmt: skip

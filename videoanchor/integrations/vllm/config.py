@@ -360,6 +360,37 @@ def check_request(policy: RequestPolicy | None, extra_args) -> None:
             )
 
 
+#: The most characters of a request's value an error message repeats
+#: (:func:`shown`): a client's 10**6-entry list must not come back as a 5 MB error body.
+SHOWN_CHARS = 80
+
+
+def shown(value) -> str:
+    """``repr(value)`` for an error message, bounded: a list, tuple or dict of more than 8
+    entries as its type, length and first entries; any repr past :data:`SHOWN_CHARS`
+    characters cut there, with its length."""
+    if isinstance(value, (list, tuple, dict)) and len(value) > 8:
+        first = list(value)[:3]
+        return (f"a {type(value).__name__} of {len(value)} entries "
+                f"({', '.join(shown(v) for v in first)}, ...)")  # fmt: skip
+    text = repr(value)
+    if len(text) > SHOWN_CHARS:
+        return f"{text[:SHOWN_CHARS]}... ({len(text)} characters)"
+    return text
+
+
+def _scalar(key: str, value) -> None:
+    """A per-request option other than ``tokens`` takes one value: refuse a list (vLLM's
+    ``vllm_xargs`` admits lists of scalars) or a long string before any check repeats it."""
+    if isinstance(value, (list, tuple, dict)) or (
+        isinstance(value, str) and len(value) > SHOWN_CHARS
+    ):  # fmt: skip
+        raise ValueError(
+            f"extra_args[{shown(key)}]: expected one value (a number, a bool or a short "
+            f"string), got {shown(value)}"
+        )
+
+
 def request_overrides(extra_args) -> dict:
     """The videoanchor entries of one request's ``extra_args``, checked on their own (names,
     types, ranges). Returns ``{option: value}`` with ``enabled`` for "on"/"off". Raises
@@ -369,20 +400,22 @@ def request_overrides(extra_args) -> dict:
     out: dict = {}
     for key, value in extra_args.items():
         if key == "videoanchor":
-            if value not in ("on", "off"):
+            if isinstance(value, bool) or value not in ("on", "off"):
                 raise ValueError(
-                    f"extra_args['videoanchor']: expected 'on' or 'off', got {value!r}"
+                    f"extra_args['videoanchor']: expected 'on' or 'off', got {shown(value)}"
                 )
             out["enabled"] = value == "on"
         elif key.startswith(_PREFIX):
             name = key[len(_PREFIX) :]
             if name not in REQUEST_KEYS:
                 raise ValueError(
-                    f"extra_args[{key!r}]: unknown videoanchor option {name!r}; expected "
-                    f"videoanchor_<name> with name one of {', '.join(REQUEST_KEYS)}"
+                    f"extra_args[{shown(key)}]: unknown videoanchor option {shown(name)}; "
+                    f"expected videoanchor_<name> with name one of {', '.join(REQUEST_KEYS)}"
                 )
             if name == "tokens" and isinstance(value, list):
                 value = tuple(value)
+            elif name != "tokens":
+                _scalar(key, value)
             out[name] = value
     # each key alone first, so the error names the key that is wrong; then together (a
     # combination the options refuse names every key the request set)
@@ -392,7 +425,10 @@ def request_overrides(extra_args) -> dict:
         except (TypeError, ValueError) as err:
             keys = ", ".join(f"extra_args[{'videoanchor' if n == 'enabled' else _PREFIX + n!r}]"
                              for n in group)  # fmt: skip
-            raise ValueError(f"{keys}: {err}") from None
+            why = str(err)  # bounded: a check may repeat a long value (a tokens list)
+            if len(why) > 4 * SHOWN_CHARS:
+                why = f"{why[: 4 * SHOWN_CHARS]}... ({len(why)} characters)"
+            raise ValueError(f"{keys}: {why}") from None
     return out
 
 

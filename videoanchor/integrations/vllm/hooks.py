@@ -126,6 +126,17 @@ def chat_refusal(vllm_config, xargs) -> str | None:
     return None
 
 
+async def front_end_refusal(vllm_config, xargs, raw_request) -> str | None:
+    """Why the OpenAI server's front end refuses a chat request's ``vllm_xargs`` on this
+    engine, or None: a JSON boolean first (:func:`json_boolean`: vLLM has already read
+    ``true`` as 1, which :func:`chat_refusal` would report as "got 1"), then
+    :func:`chat_refusal`."""
+    if not xargs or vllm_config is None or _engine_options_of(vllm_config)[0] is None:
+        return None
+    why = await json_boolean(xargs, raw_request)
+    return why if why is not None else chat_refusal(vllm_config, xargs)
+
+
 async def json_boolean(xargs, raw_request) -> str | None:
     """Why a request's ``vllm_xargs`` are refused for a JSON boolean, or None. vLLM reads a
     JSON ``true`` / ``false`` as 1 / 0 (its ``vllm_xargs`` type is str | int | float | list
@@ -146,8 +157,8 @@ async def json_boolean(xargs, raw_request) -> str | None:
 
 def _check_chat_before_rendering() -> None:
     """Wraps ``OpenAIServingChat.create_chat_completion`` (the OpenAI server's chat
-    endpoint) so that :func:`chat_refusal` and :func:`json_boolean` answer a refused
-    request with HTTP 400 before its media are rendered. The checks where vLLM validates
+    endpoint) so that :func:`front_end_refusal` answers a refused request with HTTP 400
+    before its media are rendered. The checks where vLLM validates
     the request (``SamplingParams``, the ``InputProcessor``) still hold for every other
     front end."""
     try:
@@ -159,9 +170,7 @@ def _check_chat_before_rendering() -> None:
         async def create_chat_completion(self, request, raw_request=None, *args, **kwargs):
             vllm_config = getattr(getattr(self, "engine_client", None), "vllm_config", None)
             xargs = getattr(request, "vllm_xargs", None)
-            why = chat_refusal(vllm_config, xargs)
-            if why is None and xargs and _engine_options_of(vllm_config)[0] is not None:
-                why = await json_boolean(xargs, raw_request)
+            why = await front_end_refusal(vllm_config, xargs, raw_request)
             if why is not None:
                 metrics.refused(why)
                 return self.create_error_response(why, param="extra_args")
@@ -180,8 +189,9 @@ def refuse_short_videos() -> None:
     """Wraps vLLM's ``VideoMediaIO.load_bytes`` so that, in the front end of an anchored
     engine, a video too short for the model is refused with a ValueError saying so (HTTP 400
     in the OpenAI server) instead of an HTTP 500: one that vLLM's loader cannot sample (its
-    Qwen2-VL loader takes frames in pairs and divides by zero on a 1-frame video). An engine
-    without ``additional_config["videoanchor"]`` keeps vLLM's behaviour."""
+    Qwen2-VL loader takes frames in pairs and divides by zero on a 1-frame video), counted in
+    ``videoanchor_requests_refused{option="video"}``. An engine without
+    ``additional_config["videoanchor"]`` keeps vLLM's behaviour."""
     try:
         from vllm.multimodal.media.video import VideoMediaIO
     except ImportError:  # another vLLM layout: vLLM's own behaviour
@@ -195,6 +205,7 @@ def refuse_short_videos() -> None:
                 if not ANCHORED_FRONT_END[0]:
                     raise
                 loader = getattr(self.video_loader, "__name__", type(self.video_loader).__name__)
+                metrics.count("videoanchor_requests_refused", option="video")
                 raise ValueError(
                     f"video: expected a video long enough for this model, got one vLLM's "
                     f"{loader} cannot sample ({type(err).__name__}: {err}); a 1-frame video "

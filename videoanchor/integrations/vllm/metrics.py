@@ -91,7 +91,8 @@ SERIES: dict[str, tuple] = {
     "videoanchor_requests_refused": (
         "counter", "Requests refused (HTTP 400) for a videoanchor entry of their extra_args, "
         "by its key: a bad value or type, an option or limit of the operator's "
-        "request_options or request_limits, a backend the server cannot run",
+        "request_options or request_limits, a backend the server cannot run; "
+        'option="video": a video too short for the model',
         ("option",), None, (),
     ),
     "videoanchor_failures": (
