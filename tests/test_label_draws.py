@@ -227,3 +227,33 @@ def test_bad_cluster_share():
             anchor_scores(c, lab, shares=bad)
     with pytest.raises(ValueError, match="dense"):
         soft_cluster_shares(ssc_affinity(c).to_sparse(), 2)
+
+
+@torch.no_grad()
+def test_configure_and_the_vllm_options_pass_cluster_share(monkeypatch):
+    from transformers import AutoModelForImageTextToText
+
+    from videoanchor.integrations.transformers.testing import tiny_model, tiny_sample
+    from videoanchor.integrations.vllm.config import engine_config, request_overrides
+
+    model = tiny_model("qwen2_5_vl", seed=2)
+    model = AutoModelForImageTextToText.from_config(
+        model.config, attn_implementation="videoanchor_triton"
+    ).eval()
+    seen = []
+    real = anchor_module.compute_anchor_scores
+
+    def spy(*args, **kw):
+        seen.append(kw.get("cluster_share"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(anchor_module, "compute_anchor_scores", spy)
+    handle = videoanchor.configure(model, n_clusters=3, max_iter=50, cluster_share="soft")
+    model(**tiny_sample(model.config, [4], text=4, seed=5))
+    assert seen == ["soft"] and handle.config.cluster_share == "soft"
+    with pytest.raises(ValueError, match="cluster_share: expected one of"):
+        videoanchor.configure(model, cluster_share="smooth")
+    assert engine_config({"videoanchor": {"cluster_share": "soft"}}).cluster_share == "soft"
+    with pytest.raises(ValueError, match="cluster_share"):
+        engine_config({"videoanchor": {"cluster_share": True}})
+    assert request_overrides({"videoanchor_cluster_share": "soft"}) == {"cluster_share": "soft"}
