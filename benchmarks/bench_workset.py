@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_request_cost import darkened  # noqa: E402
 from benchmarks.common import (  # noqa: E402
+    ari,
     environment,
     first_call_seconds,
     print_table,
@@ -204,6 +205,78 @@ def passes(quick: bool, frames, dims, grows, out_dir=None):
     return path
 
 
+def with_dark_tokens(x, *, noise: int = 6, constant: int = 2, seed: int = 0):
+    """``x`` with ``noise + constant`` dark tokens inserted at seeded positions (issue 79's
+    16-frame request): ``noise`` of Gaussian noise at 1e-3 of the median token norm, and
+    ``constant`` constant tokens at that norm (a black frame, a letterbox bar). Returns the
+    features and the dark tokens' positions."""
+    g = torch.Generator().manual_seed(seed)
+    n, d = x.shape
+    total = n + noise + constant
+    dark = torch.randperm(total, generator=g)[: noise + constant].sort().values
+    scale = 1e-3 * float(x.norm(dim=1).median())
+    out = torch.empty(total, d, dtype=x.dtype)
+    keep = torch.ones(total, dtype=torch.bool)
+    keep[dark] = False
+    out[keep] = x
+    for k, i in enumerate(dark.tolist()):
+        out[i] = scale * torch.randn(d, generator=g) if k < noise else torch.full((d,), scale)
+        out[i] /= d**0.5
+    return out, dark
+
+
+def dark(quick: bool, out_dir=None, frames: int = 16, patches: int = 128, d: int = 3584):
+    """``--dark``: a request without and with 8 dark tokens (:func:`with_dark_tokens`):
+    ``compute_anchor_scores`` with the authors' ``mu_z`` and with ``dark_tokens="ignore"``,
+    each against the request without the dark tokens (the other tokens' scores, labels),
+    one thread, one process (``dark_tokens_cpu.json``)."""
+    from videoanchor.anchor import compute_anchor_scores
+
+    meta = _one_thread(quick)
+    shape = (4, 24, 128) if quick else (frames, patches, d)
+    clean = video_tokens(*shape)
+    x, where = with_dark_tokens(clean)
+    others = torch.ones(x.shape[0], dtype=torch.bool)
+    others[where] = False
+    rows = []
+    ref = None
+    for name, feats, kw in (("without dark tokens", clean, {}),
+                            ("authors' mu_z", x, {}),
+                            ("dark_tokens='ignore'", x, {"dark_tokens": "ignore"})):  # fmt: skip
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            res, seconds = _timed(lambda f=feats, k=kw: compute_anchor_scores(f, 24, **k))
+        said = [str(w.message) for w in seen]
+        row = {"request": name, "n": feats.shape[0], "d": feats.shape[1], "seconds": seconds,
+               "solver": res.solver, "strategy": res.strategy, "gap": res.gap,
+               "residual": res.residual, "lambda_z": res.lambda_z,
+               "coef_nnz_median": float((res.coef != 0).sum(dim=0).double().median()),
+               "dark_warnings": [w for w in said if "mu_z" in w],
+               "other_warnings": [w for w in said if "mu_z" not in w]}  # fmt: skip
+        if ref is None:
+            ref = res
+        else:
+            s, r = res.scores[others].double(), ref.scores.double()
+            top = max(1, len(r) // 4)
+            shared = set(s.topk(top).indices.tolist()) & set(r.topk(top).indices.tolist())
+            row.update(others_score_max_abs_diff=float((s - r).abs().max()),
+                       others_score_mean_abs_diff=float((s - r).abs().mean()),
+                       others_score_spearman=spearman(s, r),
+                       others_top_quarter_shared=len(shared) / top,
+                       others_labels_ari=ari(res.labels[others], ref.labels),
+                       dark_scores=[float(v) for v in res.scores[~others]])  # fmt: skip
+        rows.append(row)
+        print({k: v for k, v in row.items() if "warnings" not in k}, flush=True)
+    meta["load_after"] = list(os.getloadavg())
+    meta["dark_tokens"] = where.tolist()
+    print_table(rows, ["request", "n", "seconds", "solver", "gap", "lambda_z",
+                       "coef_nnz_median", "others_score_spearman",
+                       "others_score_max_abs_diff", "others_top_quarter_shared"])  # fmt: skip
+    path = write_result("dark_tokens_quick" if quick else "dark_tokens", meta, rows, out_dir)
+    print(f"wrote {path}")
+    return path
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -215,7 +288,10 @@ def main(argv=None):
     ap.add_argument("--passes", action="store_true", help="the working sets' passes per --grow")
     ap.add_argument("--dims", type=int, nargs="+", default=[DIM])
     ap.add_argument("--grow", type=int, nargs="+", default=[16, 32, 64, 128])
+    ap.add_argument("--dark", action="store_true", help="a request with 8 dark tokens")
     args = ap.parse_args(argv)
+    if args.dark:
+        return dark(args.quick, args.out)
     if args.passes:
         return passes(args.quick, args.frames, args.dims, args.grow, args.out)
     return run(args.quick, args.only, args.max_passes, args.out, args.tag)
