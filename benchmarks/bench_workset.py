@@ -35,6 +35,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,6 +46,7 @@ from benchmarks.common import (  # noqa: E402
     first_call_seconds,
     print_table,
     spearman,
+    synthetic_tokens,
     video_tokens,
     write_result,
 )
@@ -277,6 +279,76 @@ def dark(quick: bool, out_dir=None, frames: int = 16, patches: int = 128, d: int
     return path
 
 
+def _yaleb(subjects: int):
+    """The first ``subjects`` subjects of Extended Yale B (``/work/shared/data``, 48 x 42
+    pixels, one row per image, float32), or None where the file is not there."""
+    from benchmarks.bench_yaleb import default_data_path, load_yaleb
+
+    path = default_data_path()
+    if not Path(path).exists():
+        return None
+    x, labels = load_yaleb(path)
+    keep = np.isin(labels, np.arange(1, subjects + 1))
+    return torch.from_numpy(np.ascontiguousarray(x[keep], dtype=np.float32))
+
+
+#: ``--dense``'s sets: ``name: features`` (issue 79: tokens drawn independently, whose C is
+#: dense, and Yale B faces)
+DENSE = {
+    **{f"{kind} {n} x 1024": make for n in (1024, 2048, 4096) for kind, make in (
+        ("randn", lambda n=n: torch.randn(n, 1024, generator=torch.Generator().manual_seed(n))),
+        ("synthetic", lambda n=n: synthetic_tokens(n, 1024, seed=1)),
+    ) if n < 4096 or kind == "randn"},
+    "Yale B 10 subjects": lambda: _yaleb(10),
+    "Yale B 38 subjects": lambda: _yaleb(38),
+}  # fmt: skip
+#: the order ``--dense`` runs them in: the smaller first (each row is written as it comes)
+DENSE_ORDER = ("randn 1024 x 1024", "synthetic 1024 x 1024", "Yale B 10 subjects",
+               "randn 2048 x 1024", "synthetic 2048 x 1024", "Yale B 38 subjects",
+               "randn 4096 x 1024")  # fmt: skip
+
+
+def dense(names, out_dir=None, tag: str = ""):
+    """``--dense``: the fast solver and the default on :data:`DENSE` (``names``; all where
+    empty), each once, in one process, one thread: the default's seconds over the fast
+    solver's, its route, whether it certified and the gap of the C it returned
+    (``workset_dense[_tag]_cpu.json``). Issue 79: at most 2x where it certifies, 1.25x
+    where the fast answer stands."""
+    meta = _one_thread(False, warm_share=LIMITS.warm_share)
+    rows = []
+    for name in DENSE_ORDER:
+        if names and name not in names:
+            continue
+        x = DENSE[name]()
+        if x is None:
+            print(f"{name}: no data, skipped", flush=True)
+            continue
+        row = {"set": name, "n": x.shape[0], "d": x.shape[1], "load": list(os.getloadavg())}
+        for solver in ("fast", "auto"):
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                res, row[f"{solver}_seconds"] = _timed(
+                    lambda s=solver, x=x: ssc_coefficients(x, solver=s))  # fmt: skip
+            row[f"{solver}_solver"] = res.solver
+            row[f"{solver}_gap"] = res.gap if res.gap is not None else duality_gaps(
+                x, res.coef, res.lambda_e, res.lambda_z).max_gap  # fmt: skip
+        nnz = (res.coef != 0).sum(dim=0).double()
+        row.update(auto_strategy=res.strategy, auto_residual=res.residual,
+                   auto_certified=res.solver == "workset" and res.residual < LIMITS.gap,
+                   auto_timings=res.timings, coef_nnz_median=float(nnz.median()),
+                   auto_over_fast=row["auto_seconds"] / row["fast_seconds"],
+                   auto_warnings=[str(w.message) for w in seen])  # fmt: skip
+        row["bound"] = 2.0 if row["auto_certified"] else 1.25
+        rows.append(row)
+        print({k: v for k, v in row.items() if k not in ("auto_warnings",)}, flush=True)
+        meta["load_after"] = list(os.getloadavg())
+        path = write_result("workset_dense" + (f"_{tag}" if tag else ""), meta, rows, out_dir)
+    print_table(rows, ["set", "n", "d", "fast_seconds", "auto_seconds", "auto_over_fast",
+                       "bound", "auto_strategy", "auto_certified", "auto_gap", "fast_gap"])  # fmt: skip
+    print(f"wrote {path}")
+    return path
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -289,9 +361,12 @@ def main(argv=None):
     ap.add_argument("--dims", type=int, nargs="+", default=[DIM])
     ap.add_argument("--grow", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--dark", action="store_true", help="a request with 8 dark tokens")
+    ap.add_argument("--dense", action="store_true", help="DENSE's sets: default over fast")
     args = ap.parse_args(argv)
     if args.dark:
         return dark(args.quick, args.out)
+    if args.dense:
+        return dense(args.only, args.out, args.tag)
     if args.passes:
         return passes(args.quick, args.frames, args.dims, args.grow, args.out)
     return run(args.quick, args.only, args.max_passes, args.out, args.tag)

@@ -51,3 +51,19 @@ def test_passes_mode_counts_the_slowest_column_per_grow(tmp_path):
         assert r["converged"] and r["gap"] < 1e-9 and r["passes"] >= 1 and r["seconds"] > 0
     # adding more violators per pass never takes more passes on the same columns here
     assert rows[1]["passes"] <= rows[0]["passes"]
+
+
+def test_the_dark_token_rows_compare_with_the_request_without_them(tmp_path):
+    """``--dark --quick``: one warning per call naming the 8 dark tokens; ``"ignore"`` takes
+    the clean request's ``lambda_z``; the other tokens' figures are against that request."""
+    result = json.loads(bw.dark(True, tmp_path).read_text())
+    clean, authors, ignore = result["rows"]
+    assert clean["n"] + 8 == authors["n"] == ignore["n"]
+    assert not clean["dark_warnings"]
+    for row in (authors, ignore):
+        (said,) = row["dark_warnings"]
+        named = ", ".join(map(str, result["meta"]["dark_tokens"]))
+        assert f"8 token(s) ({named})" in said
+        assert len(row["dark_scores"]) == 8 and -1 <= row["others_score_spearman"] <= 1
+    assert ignore["lambda_z"] == pytest.approx(clean["lambda_z"], rel=1e-12)
+    assert authors["lambda_z"] > 100 * clean["lambda_z"]

@@ -671,3 +671,34 @@ def test_ranks_with_different_thread_counts_tile_the_columns():
     assert torch.equal(sum(p[0] for p in parts), whole[0][:, cols].new_zeros(whole[0].shape)
                        .index_copy(1, torch.from_numpy(cols), whole[0][:, cols]))  # fmt: skip
     assert [int((p[2] >= 0).sum()) for p in parts] == [1, 1, 0]
+
+
+def test_the_warm_start_keeps_a_dense_columns_largest_coefficients():
+    """Issue 79: a column of the fast answer holding more than ``warm_set`` coefficients
+    starts from its ``warm_set`` largest; what decides is whether the minimiser's set
+    outgrows the bound (here 41 coefficients at most, the fast answer up to 59), not the
+    fast answer's count (before, one such column skipped the warm route: the fast answer
+    stood)."""
+    from benchmarks.common import synthetic_tokens
+
+    x = synthetic_tokens(80, 40, seed=1)
+    fast, ref = _fast(x), reference_minimiser(x.double())
+    assert int((fast.coef != 0).sum(dim=0).max()) > 45 >= int((ref.coef != 0).sum(dim=0).max())
+    res = _default(x.double(), Limits(dense_set=2, warm_set=45, warm_share=math.inf))
+    assert res.solver == "workset" and res.strategy == "workset_warm" and res.gap < 1e-9
+    assert _same_objective(x.double(), res, ref)
+
+
+def test_a_warm_sweep_past_its_share_of_the_fast_solvers_time_is_given_up():
+    """Issue 79: the warm sweep may take ``warm_share`` times the fast solver's seconds;
+    its first span (16 columns here) projects the rest, and where that does not fit, the
+    other columns are not started and the fast answer stands, with its warning."""
+    from benchmarks.common import synthetic_tokens
+
+    x = synthetic_tokens(80, 40, seed=1)
+    with pytest.warns(UserWarning, match="not certified"):
+        res = _default(x, Limits(dense_set=2, warm_share=1e-9))
+    assert res.solver == "fast" and "workset_warm" in res.timings
+    assert torch.equal(res.coef, _fast(x).coef)
+    res = _default(x, Limits(dense_set=2, warm_share=math.inf))  # unbounded: certified
+    assert res.strategy == "workset_warm" and res.residual < 1e-9

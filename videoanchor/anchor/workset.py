@@ -64,13 +64,19 @@ class Limits:
     Yale B faces, ~190 coefficients and 800-1800 outlier entries per column). The hard
     columns alone then run again with ``warm_set`` coefficients and ``hard_work`` work.
     From the fast answer: ``warm_set`` coefficients (:data:`~videoanchor.anchor.plan.WARM_SET`,
-    which sizes the kernel's buffers) and ``warm_work`` work per column (Yale B subjects
+    which sizes the kernel's buffers; a column of the fast answer with more starts from its
+    ``warm_set`` largest: what decides is whether the minimiser's set outgrows it, not the
+    fast answer's count, issue 79) and ``warm_work`` work per column (Yale B subjects
     17-30, the dense synthetic and corrupted sets fit in 50000; subjects 1-16 and the
     darkened sets, 1000-1800 outlier entries per column, do not: there the first column
     past it stops them all and the fast answer stands, the working sets costing 3-25x the
-    fast solver). ``max_passes``: outer passes per column. ``gap``: the largest relative
-    duality gap (:func:`~videoanchor.anchor.program.column_gaps`) of an answer
-    :func:`run_workset` calls certified (the working sets' own reach 1e-12 to 1e-10).
+    fast solver), and ``warm_share`` times the fast solver's seconds in all, less what the
+    attempts before it took: the columns run in spans, and where the seconds per column so
+    far put the whole past that, the rest are not started and the fast answer stands (the
+    first span is 1/64 of the columns: giving up costs little). ``max_passes``: outer
+    passes per column. ``gap``: the largest relative duality gap
+    (:func:`~videoanchor.anchor.program.column_gaps`) of the float64 answer (``residual``)
+    that :func:`run_workset` calls certified (the working sets' own reach 1e-12 to 1e-10).
     ``downdate_floor``: the smallest pivot of the kernel's factor, relative to its diagonal,
     that an outlier entry joining may leave; below it the factor is refactored, once per
     variable and column, and a variable that fails again ends its column unsolved (issue
@@ -82,6 +88,7 @@ class Limits:
     hard_work: float = 500_000
     warm_set: int = WARM_SET
     warm_work: float = 50_000
+    warm_share: float = 0.6
     max_passes: int = 500
     gap: float = 1e-8
     downdate_floor: float = 1e-10
@@ -103,6 +110,9 @@ MAX_STEPS = 100_000
 #: Tasks (strides of the columns) per thread: threads take them as they come free, so a core
 #: shared with another process does less of the work.
 TASKS_PER_THREAD = 16
+#: The share of the columns a sweep with a time budget runs before it first projects its
+#: seconds (:func:`_columns`): what a sweep that does not fit costs before it is given up.
+FIRST_SPAN = 1 / 64
 
 
 def _kernel():
@@ -111,13 +121,15 @@ def _kernel():
     return _workset_kernel
 
 
-def _seeds(x64: torch.Tensor, gram: torch.Tensor, lam_e: float, lam_z: float, coef=None):
+def _seeds(x64: torch.Tensor, gram: torch.Tensor, lam_e: float, lam_z: float, coef=None,
+           most: int | None = None):  # fmt: skip
     """Each column's start for the kernel, ``(ptr, var, val)`` (its ``run_columns``): the
     nearest other point (``c = e_j``), or where ``coef`` (``N x N``, an approximation of
-    ``C``: the fast solver's) is given, its column divided by its sum (onto the constraint,
-    signs kept) with the outliers that minimise the column's objective for it (the residual
-    soft-thresholded at ``lambda_e / lambda_z``); a column whose sum is not positive starts
-    from its nearest point."""
+    ``C``: the fast solver's) is given, its column (its ``most`` largest coefficients where
+    it holds more) divided by its sum (onto the constraint, signs kept) with the outliers
+    that minimise the column's objective for it (the residual soft-thresholded at
+    ``lambda_e / lambda_z``); a column whose sum is not positive starts from its nearest
+    point."""
     n, d = x64.shape
     nearest = nearest_points(gram)
     if coef is None:
@@ -125,6 +137,11 @@ def _seeds(x64: torch.Tensor, gram: torch.Tensor, lam_e: float, lam_z: float, co
                 np.ones(n))  # fmt: skip
     c = coef.detach().to("cpu", torch.float64).clone()
     c.fill_diagonal_(0.0)
+    if most is not None:  # the fast answer's smallest entries go (the sets add what is missing)
+        for i in torch.nonzero((c != 0).sum(dim=0) > most).flatten().tolist():
+            col = c[:, i]
+            keep = col.abs().topk(most).indices
+            c[:, i] = torch.zeros_like(col).index_copy_(0, keep, col[keep])
     total = c.sum(dim=0)
     warm = torch.isfinite(total) & (total > 0)
     c = c / torch.where(warm, total, 1.0)
@@ -155,7 +172,7 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
              grow: int, cap: int, max_passes: int, threads: int, cap_c: int | None = None,
              max_work: float = math.inf, rank: int = 0, world: int = 1,
              start=None, cols=None, stop_after: int | None = None,
-             floor: float = LIMITS.downdate_floor):  # fmt: skip
+             floor: float = LIMITS.downdate_floor, budget: float = math.inf):  # fmt: skip
     """``C``, ``E`` and each column's status, passes and work, by the compiled kernel over
     ``threads`` threads (strides of the columns, each thread taking the next as it comes
     free; without the GIL), from ``start`` (:func:`_seeds`); the columns ``cols`` only
@@ -164,14 +181,17 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
     ``stop_after`` of them are hard (default never): then the columns not yet started stay
     so (status -1). Rank ``rank`` of ``world`` solves its stride of the columns alone (the
     others stay zero, status -1): :func:`run_workset` sums the ranks' answers. ``floor``:
-    :attr:`Limits.downdate_floor`."""
+    :attr:`Limits.downdate_floor`. ``budget``: seconds; the columns run in spans (the
+    first :data:`FIRST_SPAN` of them, at least 16, then eighths of the rest), and a span is
+    not started where the seconds per column so far put the whole past it (its columns
+    stay -1)."""
     kernel = _kernel()
     n, d = x64.shape
     cap_c = cap if cap_c is None else cap_c
     G = gram.numpy()
     YT = x64.numpy()
     Y = np.ascontiguousarray(YT.T)
-    ptr, var, val = _seeds(x64, gram, lam_e, lam_z, start)
+    ptr, var, val = _seeds(x64, gram, lam_e, lam_z, start, None if start is None else cap_c)
     C, E = np.zeros((n, n)), np.zeros((d, n))
     status = np.full(n, -1, dtype=np.int64)
     passes, work = np.zeros(n, dtype=np.int64), np.zeros(n)
@@ -181,18 +201,34 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
     # is free: a core that another process slows takes fewer
     mine = np.ascontiguousarray(np.arange(n) if cols is None else cols, dtype=np.int64)
     mine = np.ascontiguousarray(mine[rank::world])
-    tasks = max(1, min(len(mine), threads * TASKS_PER_THREAD)) if threads > 1 else 1
+    spans = [mine]
+    if math.isfinite(budget):  # (a first span of at least 16 columns: its overheads amortised)
+        first = max(16, threads * 4, math.ceil(len(mine) * FIRST_SPAN))
+        spans = [mine[:first]] + [a for a in np.array_split(mine[first:], 8) if len(a)]
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    t0, done = time.perf_counter(), 0
+    try:
+        for span in spans:
+            if done and (time.perf_counter() - t0) / done * len(mine) > budget:
+                break  # (the rest stay unstarted: status -1)
+            span = np.ascontiguousarray(span)
+            tasks = max(1, min(len(span), threads * TASKS_PER_THREAD)) if pool else 1
 
-    def run(t: int) -> None:
-        kernel.run_columns(mine, t, tasks, G, YT, Y, ptr, var, val, lam_z, lam_e, tol, grow,
-                           cap, cap_c, max_passes, MAX_STEPS, max_work, C, E, status, passes,
-                           work, hard, floor)  # fmt: skip
+            def run(t: int, span=span, tasks=tasks) -> None:
+                kernel.run_columns(span, t, tasks, G, YT, Y, ptr, var, val, lam_z, lam_e, tol,
+                                   grow, cap, cap_c, max_passes, MAX_STEPS, max_work, C, E,
+                                   status, passes, work, hard, floor)  # fmt: skip
 
-    if tasks <= 1:
-        run(0)
-    else:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(run, range(tasks)))
+            if tasks <= 1:
+                run(0)
+            else:
+                list(pool.map(run, range(tasks)))
+            done += len(span)
+            if hard[0] >= hard[1]:
+                break
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return tuple(torch.from_numpy(a) for a in (C, E, status, passes, work))
 
 
@@ -413,10 +449,13 @@ def _routes(x, plan: Plan, limits: Limits, *, alpha_e, alpha_z, rho, eps, max_it
     fast = run_admm(x, plan.fallback, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
                     max_iter=max_iter, progress=progress, warn_dark=False)  # fmt: skip
     timings.update({f"fast_{k}": v for k, v in fast.timings.items()})
-    if int((fast.coef != 0).sum(dim=0).max()) <= limits.warm_set:  # else its start outgrows it
-        warm = sweep("workset_warm", limits.warm_set, limits.warm_work, start=fast.coef,
-                     stop_after=1)  # fmt: skip
-        answers.append(answer("workset_warm", *warm))
+    # what the working sets may add to the fast solver's seconds: warm_share of them, less
+    # what the attempts before it took (the lambdas, the first sweeps)
+    before = sum(v for k, v in timings.items() if not k.startswith("fast_"))
+    budget = limits.warm_share * sum(fast.timings.values()) - before
+    warm = sweep("workset_warm", limits.warm_set, limits.warm_work, start=fast.coef,
+                 stop_after=1, budget=budget)  # fmt: skip
+    answers.append(answer("workset_warm", *warm))
     return answers, fast, prepared, timings, singular[0]
 
 
@@ -441,7 +480,7 @@ def reference_minimiser(features, *, alpha_e: float = 800.0, alpha_z: float = 80
         if value is not None and int(value) < 1:
             raise ValueError(f"{name}: expected a positive integer, got {value}")
     bound = math.inf if max_set is None else int(max_set)
-    limits = replace(limits, gap=gap, warm_set=bound, warm_work=math.inf,
+    limits = replace(limits, gap=gap, warm_set=bound, warm_work=math.inf, warm_share=math.inf,
                      dense_set=min(limits.dense_set, bound), hard_work=math.inf,
                      max_passes=limits.max_passes if max_passes is None else int(max_passes))  # fmt: skip
     plan = make_plan(x.shape, _CPU, _REFERENCE)
