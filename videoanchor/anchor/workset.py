@@ -70,10 +70,12 @@ class Limits:
     17-30, the dense synthetic and corrupted sets fit in 50000; subjects 1-16 and the
     darkened sets, 1000-1800 outlier entries per column, do not: there the first column
     past it stops them all and the fast answer stands, the working sets costing 3-25x the
-    fast solver), and ``warm_share`` times the fast solver's seconds in all, less what the
-    attempts before it took: the columns run in spans, and where the seconds per column so
-    far put the whole past that, the rest are not started and the fast answer stands (the
-    first span is 1/64 of the columns: giving up costs little). ``max_passes``: outer
+    fast solver), and ``warm_share`` times the fast solver's CPU seconds in all, less what
+    the attempts before it took: the columns run in spans, and where the CPU seconds per
+    column so far put the whole past that, the rest are not started and the fast answer
+    stands (the first span is 1/64 of the columns: giving up costs little). CPU seconds
+    (``time.process_time``, this process's threads), not the clock's: another process on
+    the same cores slows both alike and does not move the decision. ``max_passes``: outer
     passes per column. ``gap``: the largest relative duality gap
     (:func:`~videoanchor.anchor.program.column_gaps`) of the float64 answer (``residual``)
     that :func:`run_workset` calls certified (the working sets' own reach 1e-12 to 1e-10).
@@ -181,10 +183,10 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
     ``stop_after`` of them are hard (default never): then the columns not yet started stay
     so (status -1). Rank ``rank`` of ``world`` solves its stride of the columns alone (the
     others stay zero, status -1): :func:`run_workset` sums the ranks' answers. ``floor``:
-    :attr:`Limits.downdate_floor`. ``budget``: seconds; the columns run in spans (the
-    first :data:`FIRST_SPAN` of them, at least 16, then eighths of the rest), and a span is
-    not started where the seconds per column so far put the whole past it (its columns
-    stay -1)."""
+    :attr:`Limits.downdate_floor`. ``budget``: CPU seconds (``time.process_time``); the
+    columns run in spans (the first :data:`FIRST_SPAN` of them, at least 16, then eighths
+    of the rest), and a span is not started where the CPU seconds per column so far put the
+    whole past it (its columns stay -1)."""
     kernel = _kernel()
     n, d = x64.shape
     cap_c = cap if cap_c is None else cap_c
@@ -206,10 +208,10 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
         first = max(16, threads * 4, math.ceil(len(mine) * FIRST_SPAN))
         spans = [mine[:first]] + [a for a in np.array_split(mine[first:], 8) if len(a)]
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
-    t0, done = time.perf_counter(), 0
+    t0, done = time.process_time(), 0
     try:
         for span in spans:
-            if done and (time.perf_counter() - t0) / done * len(mine) > budget:
+            if done and (time.process_time() - t0) / done * len(mine) > budget:
                 break  # (the rest stay unstarted: status -1)
             span = np.ascontiguousarray(span)
             tasks = max(1, min(len(span), threads * TASKS_PER_THREAD)) if pool else 1
@@ -400,6 +402,7 @@ def _routes(x, plan: Plan, limits: Limits, *, alpha_e, alpha_z, rho, eps, max_it
     kernel = _kernel()
     n, d = x.shape
     timings, prepared = {}, []  # the Gram matrix and the lambdas, computed once
+    cpu = [time.process_time()]  # CPU seconds at the start, before and after the fast solver
     singular = [""]
 
     def sweep(name: str, cap_c: float, max_work: float, **kw):
@@ -446,13 +449,14 @@ def _routes(x, plan: Plan, limits: Limits, *, alpha_e, alpha_z, rho, eps, max_it
     answers = [answer(route, C, E, status, passes)]
     if _certified(answers[-1], limits):
         return answers, None, prepared, timings, ""
+    cpu.append(time.process_time())
     fast = run_admm(x, plan.fallback, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
                     max_iter=max_iter, progress=progress, warn_dark=False)  # fmt: skip
+    cpu.append(time.process_time())
     timings.update({f"fast_{k}": v for k, v in fast.timings.items()})
-    # what the working sets may add to the fast solver's seconds: warm_share of them, less
-    # what the attempts before it took (the lambdas, the first sweeps)
-    before = sum(v for k, v in timings.items() if not k.startswith("fast_"))
-    budget = limits.warm_share * sum(fast.timings.values()) - before
+    # what the working sets may add to the fast solver's CPU seconds: warm_share of them,
+    # less what the attempts before it took (the lambdas, the first sweeps)
+    budget = limits.warm_share * (cpu[2] - cpu[1]) - (cpu[1] - cpu[0])
     warm = sweep("workset_warm", limits.warm_set, limits.warm_work, start=fast.coef,
                  stop_after=1, budget=budget)  # fmt: skip
     answers.append(answer("workset_warm", *warm))
