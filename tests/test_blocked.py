@@ -20,6 +20,7 @@ from videoanchor.anchor import (  # noqa: E402
     plan,
     solve_ssc_admm,
     solve_ssc_blocked,
+    spectral,
     ssc_affinity,
 )
 from videoanchor.anchor.plan import (  # noqa: E402
@@ -127,6 +128,11 @@ def test_blocked_mode_matches_exact_mode():
     assert blocked.mode == "blocked" and blocked.solver == "faithful"
     assert blocked.coef.is_sparse and blocked.iterations == exact.iterations == 300
     assert _rel(blocked.coef.to_dense(), exact.coef) < 1e-9
+    # dense eigh's labels against ARPACK's: equal where the affinity has a gap at k (0.11),
+    # far above both solvers' tolerances, on any CPU (issue 80)
+    s, _ = spectral._normalized_affinity(ssc_affinity(exact.coef))
+    ev = torch.linalg.eigvalsh(s).flip(0)
+    assert float(ev[2] - ev[3]) > 0.05
     assert adjusted_rand_score(exact.labels.numpy(), blocked.labels.numpy()) == 1.0
     assert blocked.scores.dtype == torch.float32 and blocked.scores.shape == (36,)
     assert float((blocked.scores - exact.scores).abs().max()) < 1e-6
