@@ -191,13 +191,16 @@ def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, r
              eps: float, max_iter: int, affine: bool = True, outliers: bool = True,
              progress=None, keep_history: bool = False, callback=None, xp=None,
              kernels: admm.Kernels | None = None, t0: float | None = None,
-             schedule: admm.Schedule = admm.SCHEDULE, warn_dark: bool = True) -> SSCSolution:  # fmt: skip
+             schedule: admm.Schedule = admm.SCHEDULE, warn_dark: bool = True,
+             gram: torch.Tensor | None = None) -> SSCSolution:  # fmt: skip
     """:func:`solve_ssc_admm` on checked features ``x_t`` (every rank's copy of rank 0's
     under a process group) as ``plan`` says (:class:`~videoanchor.anchor.plan.Plan`:
     ``solver="fast"`` runs ``schedule``; its device, working dtype, precision, A-step
     strategy and process group, ``mu_z``'s rule for dark tokens). Nothing is checked here.
     ``warn_dark``: False where the caller has named the dark tokens already (the working
-    sets, whose fallback this is: one warning per call)."""
+    sets, whose fallback this is: one warning per call). ``gram``: ``x x^T`` in float64 on
+    ``x``'s device where the caller has it already (the working sets), used where the
+    factor takes the dense Gram matrix, else computed here."""
     t0 = time.perf_counter() if t0 is None else t0
     group, rank, world = plan.group, plan.rank, plan.world
     device, work_t, precision, strategy = plan.device, plan.work, plan.precision, plan.strategy
@@ -221,7 +224,10 @@ def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, r
         # (not a thin one: D x D): computed once, here, for the lambdas too
         thin = scheduled and n > schedule.thin_above * d
         dense_gram = (scheduled and not thin) or (not scheduled and strategy == "dense")
-        gram = x64 @ x64.T if group is None and dense_gram else None
+        if not (group is None and dense_gram):
+            gram = None
+        elif gram is None:
+            gram = x64 @ x64.T
         row_max = gram_row_max(x64, gram=gram)
         lam_e, lam_z, _, _ = ssc_lambdas(x64, alpha_e, alpha_z, row_max=row_max,
                                          dark=plan.dark, warn=warn_dark)  # fmt: skip

@@ -450,8 +450,9 @@ def _routes(x, plan: Plan, limits: Limits, *, alpha_e, alpha_z, rho, eps, max_it
     if _certified(answers[-1], limits):
         return answers, None, prepared, timings, ""
     cpu.append(time.process_time())
+    gram = prepared[1] if prepared and plan.fallback.device.type == "cpu" else None
     fast = run_admm(x, plan.fallback, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
-                    max_iter=max_iter, progress=progress, warn_dark=False)  # fmt: skip
+                    max_iter=max_iter, progress=progress, warn_dark=False, gram=gram)  # fmt: skip
     cpu.append(time.process_time())
     timings.update({f"fast_{k}": v for k, v in fast.timings.items()})
     # what the working sets may add to the fast solver's CPU seconds: warm_share of them,
