@@ -279,16 +279,17 @@ def dark(quick: bool, out_dir=None, frames: int = 16, patches: int = 128, d: int
     return path
 
 
-def _yaleb(subjects: int):
-    """The first ``subjects`` subjects of Extended Yale B (``/work/shared/data``, 48 x 42
-    pixels, one row per image, float32), or None where the file is not there."""
+def _yaleb(subjects: int, first: int = 1):
+    """Subjects ``first`` to ``first + subjects - 1`` of Extended Yale B
+    (``/work/shared/data``, 48 x 42 pixels, one row per image, float32), or None where the
+    file is not there."""
     from benchmarks.bench_yaleb import default_data_path, load_yaleb
 
     path = default_data_path()
     if not Path(path).exists():
         return None
     x, labels = load_yaleb(path)
-    keep = np.isin(labels, np.arange(1, subjects + 1))
+    keep = np.isin(labels, np.arange(first, first + subjects))
     return torch.from_numpy(np.ascontiguousarray(x[keep], dtype=np.float32))
 
 
@@ -301,11 +302,12 @@ DENSE = {
     ) if n < 4096 or kind == "randn"},
     "Yale B 10 subjects": lambda: _yaleb(10),
     "Yale B 38 subjects": lambda: _yaleb(38),
+    "Yale B subjects 17-30": lambda: _yaleb(14, 17),  # (where the warm route certified)
 }  # fmt: skip
 #: the order ``--dense`` runs them in: the smaller first (each row is written as it comes)
 DENSE_ORDER = ("randn 1024 x 1024", "synthetic 1024 x 1024", "Yale B 10 subjects",
                "randn 2048 x 1024", "synthetic 2048 x 1024", "Yale B 38 subjects",
-               "randn 4096 x 1024")  # fmt: skip
+               "randn 4096 x 1024", "Yale B subjects 17-30")  # fmt: skip
 
 
 def dense(names, out_dir=None, tag: str = ""):

@@ -140,3 +140,20 @@ def test_the_rule_is_checked_and_refused_where_it_cannot_run():
     opts = SSCOptions(dark_tokens="ignore", solver="faithful").checked()
     with pytest.raises(ValueError, match="dark_tokens='ignore'.*authors' mu_z only"):
         make_plan((40, 8), torch.device("cpu"), opts, program="exact")
+
+
+def test_the_transformers_anchor_cache_takes_the_rule_and_keeps_the_gap():
+    """The transformers path's cache solves with the configured ``dark_tokens`` (it is part
+    of its key) and its results carry the gap, as ``compute_anchor_scores``' do."""
+    from videoanchor.integrations.options import AnchorConfig
+    from videoanchor.integrations.transformers.cache import AnchorCache
+
+    clean = _tokens(frames=6, patches=16, d=64).double()
+    x, dark = _darkened(clean)
+    keep = [i for i in range(x.shape[0]) if i not in dark]
+    ref = compute_anchor_scores(clean[keep], 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = AnchorCache(None).anchor_result(x, 4, AnchorConfig(dark_tokens="ignore"))
+    assert res.lambda_z == pytest.approx(ref.lambda_z, rel=1e-12)
+    assert res.gap is not None and res.gap < 1e-3

@@ -186,11 +186,20 @@ def test_the_log_line_and_cache_counts_of_a_scored_request(fresh, caplog):
             scoring.report("r-same-items", p, False, cache)
             scoring.report("r-hit", p, True, cache)
             scoring.report("r-no-cache", p, False, None)
+            scoring.record_run(p.key, scoring.SSCRun("r-gap", "step", 0.5, "workset", 3, True,
+                                                     1.2e-4))  # fmt: skip
+            scoring.report("r-gap", p, False, cache)
     finally:
         scoring.reset_runs()
     assert scoring.runs() == {}
     lines = {r.getMessage().split(":")[1].split()[1]: r.getMessage() for r in caplog.records}
-    assert len(caplog.records) == 5 and all(r.levelno == logging.INFO for r in caplog.records)
+    assert len(caplog.records) == 6 and all(r.levelno == logging.INFO for r in caplog.records)
+    # the relative duality gap of the C returned (issue 79), where the solver computed one
+    assert (
+        "SSC 0.50 s, workset solver, 3 iterations, duality gap 0.00012, in its step;"
+        in (lines["r-gap"])
+    ), lines["r-gap"]
+    assert "duality gap" not in lines["r-first"]
     assert lines["r-other-rank"].startswith(
         "videoanchor: request r-other-rank: 286 visual tokens, 4 clusters: SSC run on another "
         "tensor-parallel rank; score cache miss"
@@ -210,4 +219,4 @@ def test_the_log_line_and_cache_counts_of_a_scored_request(fresh, caplog):
     assert lines["r-no-cache"].endswith("; no score cache"), lines["r-no-cache"]
     total = metrics.read(fresh)
     assert total["videoanchor_score_cache_hits"] == {(): 1.0}
-    assert total["videoanchor_score_cache_misses"] == {(): 3.0}  # none counted without a cache
+    assert total["videoanchor_score_cache_misses"] == {(): 4.0}  # none counted without a cache

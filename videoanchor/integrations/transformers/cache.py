@@ -279,12 +279,14 @@ class AnchorCache:
                 eps=config.eps, max_iter=config.max_iter, pca_rank=config.pca_rank,
                 backend=config.ssc_backend, solver=config.ssc_solver, dtype=config.ssc_dtype,
                 precision=config.ssc_precision, progress=progress,
+                dark_tokens=config.dark_tokens,
             )  # fmt: skip
             entry = {
                 "coef": c.coef.cpu(), "iterations": int(c.iterations),
                 "converged": bool(c.converged), "residual": float(c.residual),
                 "lambda_e": float(c.lambda_e), "lambda_z": float(c.lambda_z),
                 "backend": c.backend, "solver": c.solver,
+                "gap": None if c.gap is None else float(c.gap),
                 "timings": {k: float(v) for k, v in c.timings.items()},
             }  # fmt: skip
             self._put("ssc", ssc_key, entry)
@@ -314,7 +316,8 @@ class AnchorCache:
             scores=labels["scores"].to(device), labels=labels["labels"].to(device),
             coef=ssc.coef, iterations=ssc.iterations, converged=ssc.converged,
             residual=ssc.residual, lambda_e=ssc.lambda_e, lambda_z=ssc.lambda_z,
-            backend=ssc.backend, solver=ssc.solver, timings={"total": 0.0, "cached": 1.0},
+            backend=ssc.backend, solver=ssc.solver, gap=ssc.gap,
+            timings={"total": 0.0, "cached": 1.0},
         )  # fmt: skip
 
 
