@@ -72,7 +72,7 @@ python benchmarks/report.py                       # regenerate this page and its
 # without the device suffix that benchmarks/common.py appends (``spectral_cpu`` -> spectral).
 SECTIONS = [
     ("Anchor scores (SSC)",
-     ["request_cost", "request_cost_cost", "request_cost_fidelity_sensitivity", "request_cost_floor", "directions", "optimum", "optimum_only", "optimum_tiny", "optimum_yaleb", "workset", "workset_passes", "lockstep", "lockstep_compiled", "columns_triton", "ssc", "ssc_ratio", "ssc_ratio_1thread", "spectral", "sparse_spectral", "label_draws", "label_flips", "label_flips_64f", "yaleb",
+     ["request_cost", "request_cost_cost", "request_cost_fidelity_sensitivity", "request_cost_floor", "directions", "optimum", "optimum_only", "optimum_tiny", "optimum_yaleb", "workset", "workset_dense", "workset_dense_yaleb17", "dark_tokens", "workset_passes", "lockstep", "lockstep_compiled", "columns_triton", "ssc", "ssc_ratio", "ssc_ratio_1thread", "spectral", "sparse_spectral", "label_draws", "label_flips", "label_flips_64f", "yaleb",
       "yaleb_squared"]),
     ("Long videos: blocked SSC", ["blocked", "blocked_convergence"]),
     ("Several processes: the fast SSC split", ["split"]),
@@ -99,6 +99,9 @@ TITLES = {
     "optimum_tiny": "The SSC program's minimiser: the tiny models' projector outputs, the default beside",
     "optimum_yaleb": "The SSC program's minimiser: Extended Yale B faces, the default beside",
     "workset": "Routes to the program's minimiser on video-like tokens (one thread)",
+    "workset_dense": "The default where C is dense: its seconds over the fast solver's (one thread)",
+    "dark_tokens": "A request with 8 dark tokens: mu_z's rules against the request without them",
+    "workset_dense_yaleb17": "The default where C is dense: Yale B subjects 17-30 (one thread)",
     "ssc": "SSC against the authors' pipeline",
     "spectral": "Spectral step against scikit-learn (the eigensolver crossover)",
     "sparse_spectral": "Spectral step on a sparse affinity: ARPACK per component, block Krylov, dense eigh",

@@ -124,32 +124,35 @@ def _kernel():
 
 
 def _seeds(x64: torch.Tensor, gram: torch.Tensor, lam_e: float, lam_z: float, coef=None,
-           most: int | None = None):  # fmt: skip
+           most: int | None = None, cols=None):  # fmt: skip
     """Each column's start for the kernel, ``(ptr, var, val)`` (its ``run_columns``): the
     nearest other point (``c = e_j``), or where ``coef`` (``N x N``, an approximation of
     ``C``: the fast solver's) is given, its column (its ``most`` largest coefficients where
     it holds more) divided by its sum (onto the constraint, signs kept) with the outliers
     that minimise the column's objective for it (the residual soft-thresholded at
     ``lambda_e / lambda_z``); a column whose sum is not positive starts from its nearest
-    point."""
+    point. ``cols``: the columns (ascending) whose starts are made; the others have none
+    (``O(N D |cols|)`` work: a sweep given up after its first span pays for that span)."""
     n, d = x64.shape
     nearest = nearest_points(gram)
     if coef is None:
         return (np.arange(n + 1, dtype=np.int64), nearest.numpy().astype(np.int64),
                 np.ones(n))  # fmt: skip
-    c = coef.detach().to("cpu", torch.float64).clone()
-    c.fill_diagonal_(0.0)
+    cols = torch.arange(n) if cols is None else torch.as_tensor(cols, dtype=torch.int64)
+    k = len(cols)
+    c = coef.detach()[:, cols].to("cpu", torch.float64).clone()  # column j: column cols[j]
+    c[cols, torch.arange(k)] = 0.0
     if most is not None:  # the fast answer's smallest entries go (the sets add what is missing)
-        for i in torch.nonzero((c != 0).sum(dim=0) > most).flatten().tolist():
-            col = c[:, i]
+        for j in torch.nonzero((c != 0).sum(dim=0) > most).flatten().tolist():
+            col = c[:, j]
             keep = col.abs().topk(most).indices
-            c[:, i] = torch.zeros_like(col).index_copy_(0, keep, col[keep])
+            c[:, j] = torch.zeros_like(col).index_copy_(0, keep, col[keep])
     total = c.sum(dim=0)
     warm = torch.isfinite(total) & (total > 0)
     c = c / torch.where(warm, total, 1.0)
     c[:, ~warm] = 0.0
-    c[nearest[~warm], torch.nonzero(~warm).flatten()] = 1.0
-    r = x64.T - x64.T @ c
+    c[nearest[cols[~warm]], torch.nonzero(~warm).flatten()] = 1.0
+    r = x64.T[:, cols] - x64.T @ c
     e = torch.sign(r) * (r.abs() - lam_e / lam_z).clamp(min=0.0)
     del r
     # a column keeps at most D - |c's support| - 1 outlier entries, its largest: a minimiser's
@@ -158,15 +161,17 @@ def _seeds(x64: torch.Tensor, gram: torch.Tensor, lam_e: float, lam_z: float, co
     # from the fast solver's answer on Yale B subjects 31-38: 1946 of 2016 rows beside 155
     # coefficients; 17 columns ended SINGULAR)
     room = (d - 1 - (c != 0).sum(dim=0)).clamp(min=0)
-    for i in torch.nonzero((e != 0).sum(dim=0) > room).flatten().tolist():  # O(D) memory
-        col = e[:, i]
-        keep = col.abs().topk(int(room[i])).indices
-        e[:, i] = torch.zeros_like(col).index_copy_(0, keep, col[keep])
-    z = torch.cat([c, e]).T  # column i's variables in row i (a view: nonzero() is row-major)
+    for j in torch.nonzero((e != 0).sum(dim=0) > room).flatten().tolist():  # O(D) memory
+        col = e[:, j]
+        keep = col.abs().topk(int(room[j])).indices
+        e[:, j] = torch.zeros_like(col).index_copy_(0, keep, col[keep])
+    z = torch.cat([c, e]).T  # column cols[j]'s variables in row j (nonzero() is row-major)
     del c, e
     held = z != 0
+    counts = torch.zeros(n, dtype=torch.int64)
+    counts[cols] = held.sum(dim=1)
     ptr = torch.zeros(n + 1, dtype=torch.int64)
-    ptr[1:] = held.sum(dim=1).cumsum(0)
+    ptr[1:] = counts.cumsum(0)
     return ptr.numpy(), torch.nonzero(held)[:, 1].numpy(), z[held].numpy()
 
 
@@ -193,7 +198,6 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
     G = gram.numpy()
     YT = x64.numpy()
     Y = np.ascontiguousarray(YT.T)
-    ptr, var, val = _seeds(x64, gram, lam_e, lam_z, start, None if start is None else cap_c)
     C, E = np.zeros((n, n)), np.zeros((d, n))
     status = np.full(n, -1, dtype=np.int64)
     passes, work = np.zeros(n, dtype=np.int64), np.zeros(n)
@@ -215,8 +219,12 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
                 break  # (the rest stay unstarted: status -1)
             span = np.ascontiguousarray(span)
             tasks = max(1, min(len(span), threads * TASKS_PER_THREAD)) if pool else 1
+            # the starts of this span's columns (from the fast answer: O(N D) each)
+            ptr, var, val = _seeds(x64, gram, lam_e, lam_z, start,
+                                   None if start is None else cap_c,
+                                   None if start is None else np.sort(span))  # fmt: skip
 
-            def run(t: int, span=span, tasks=tasks) -> None:
+            def run(t: int, span=span, tasks=tasks, ptr=ptr, var=var, val=val) -> None:
                 kernel.run_columns(span, t, tasks, G, YT, Y, ptr, var, val, lam_z, lam_e, tol,
                                    grow, cap, cap_c, max_passes, MAX_STEPS, max_work, C, E,
                                    status, passes, work, hard, floor)  # fmt: skip
