@@ -2,8 +2,10 @@
 
 Providers, all timed the same way in one process (triton.testing.do_bench, median and
 20/80 percentiles; CUDA events):
-  anchored        our Triton kernel with key_bias and value_scale, the fast form (V pre-scaled,
-                  value_scale_range given: what the transformers integration runs)
+  anchored        our Triton kernel with key_bias and value_scale, the fast form (one launch:
+                  log2(value_scale) folded into the logits with the bias, value_scale_range
+                  given: what the transformers integration runs; before issue 77 a separate
+                  pass wrote a pre-scaled V first)
   anchored_general  the same without value_scale_range (the value scale inside the loop)
   anchored_prepared the fast form with the gates prepared once (prepare_gates, gates=): what
                   the transformers integration runs since issue 51 (GPU only)
@@ -63,10 +65,10 @@ def providers(q, k, v, key_bias, value_scale, flex_on_cpu=False):
     B, Hq, S, D = q.shape
     group = Hq // k.shape[1]
     out = {}
-    # What the transformers integration runs: the fast form (V pre-scaled by a power of two,
-    # value_scale_range computed once per request). The general form (the value scale inside
-    # the loop) is what a call without value_scale_range gets; the first H100 lease timed only
-    # that one, as "anchored".
+    # What the transformers integration runs: the fast form (the gates folded into one pair
+    # per key, value_scale_range computed once per request). The general form (the value
+    # scale multiplied into the probabilities in the loop) is what a call without
+    # value_scale_range gets; the first H100 lease timed only that one, as "anchored".
     vs_range = value_scale_range_of(value_scale)
     out["anchored"] = lambda: videoanchor.anchored_attention(
         q, k, v, key_bias, value_scale, value_scale_range=vs_range
@@ -186,7 +188,7 @@ def interleaved(fns: dict, rounds: int = 5) -> dict:
 def run(quick: bool, out_dir=None, flex_cpu: bool = True):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     meta = environment(device)
-    meta["anchored_form"] = "fast"  # "anchored": V pre-scaled; "anchored_general": in the loop
+    meta["anchored_form"] = "fast"  # "anchored" the fast form, "anchored_general" the loop
     if device == "cpu":
         print("No CUDA device: running the exact torch path against SDPA on the CPU at small S.")
         lengths, dtype, models = (

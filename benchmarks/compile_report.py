@@ -106,7 +106,7 @@ def mix_cases() -> list[dict]:
             base = dict(kind=DEC, dtype=dtype, D=D, group=7, mix=True)
             cases += [dict(base), dict(base, gates=False)]
             base = dict(kind="backward", dtype=dtype, D=D, mix=True)
-            cases += [dict(base, gate_grads=False, fast=True), dict(base), dict(base, gates=False)]
+            cases += [dict(base, gate_grads=False), dict(base), dict(base, gates=False)]
             for kind in (P, DEC):
                 base = dict(kind=kind, dtype=dtype, D=D, paged=True, mix=True)
                 cases += [dict(base), dict(base, gates=False)]
@@ -139,8 +139,8 @@ def instruction_mix(rows: list[dict], cc: int) -> list[dict]:
         paged = case.get("paged", False)
         if kind == P and not case.get("fast") and not paged:
             continue  # the general form is reported with the fast one
-        if kind == "backward" and not case.get("fast"):
-            continue
+        if kind == "backward" and case.get("gate_grads", True):
+            continue  # reported with the fixed gates
         plain_case = {k: v for k, v in case.items() if k not in ("fast", "gate_grads")}
         plain_case["gates"] = False
         if paged:

@@ -1,10 +1,11 @@
 """Profile targets for issue 51: where a gated call's time goes on a GPU.
 
-Each case runs a few warm-up calls, then ``--calls`` calls inside an NVTX range named after
+Each case runs ``WARMUP`` calls, then ``--calls`` calls inside an NVTX range named after
 it (``gates/<case>``), between ``cudaProfilerStart`` and ``cudaProfilerStop``, so that
-``nsys profile --capture-range=cudaProfilerApi`` and ``ncu --nvtx --nvtx-include
-"gates/..."`` see the steady state only. Cases (Qwen2.5-VL-7B's attention: Hq 28, Hkv 4,
-D 128, bf16, batch 1):
+``nsys profile --capture-range=cudaProfilerApi`` sees the steady state only; ncu selects
+by kernel name and launch order (``--launch-skip`` the warm-up launches: an NVTX filter
+with ``/`` in it reads each ``/`` as a nested range and profiles nothing). Cases
+(Qwen2.5-VL-7B's attention: Hq 28, Hkv 4, D 128, bf16, batch 1):
 
 - ``prefill``: one causal prefill of ``--S`` tokens (default 2048), anchored with the gates
   prepared once (the fast form, what the transformers integration runs), anchored with the
@@ -19,12 +20,18 @@ the host time, the GPU kernel time, the kernels launched, the CUDA API calls tha
 the device (synchronise, DtoH copies) and the allocations (``cudaMalloc``), into
 ``--out`` (text) and a JSON beside it. ``--device cpu`` runs the same cases on the CPU (no
 NVTX ranges or profiler capture range, the torch profiler's CPU activity only): a check of
-the script without a GPU, its numbers not meaningful.
+the script without a GPU, its numbers not meaningful. ``--ncu-summary FILE:LABELS`` (no
+GPU needed) reads an ``ncu --page details`` text export and prints, per profiled kernel
+in launch order, the figures the issues compare (duration, instructions, registers,
+throughputs, IPC, occupancy), LABELS naming the launches (comma-separated).
 
     python benchmarks/profile_gates.py --cases prefill,decode --out $OUT/logs/profile_gates.txt
     nsys profile --capture-range=cudaProfilerApi -o $OUT/gates python benchmarks/profile_gates.py
-    ncu --nvtx --nvtx-include "gates/ncu/" -o $OUT/ncu python benchmarks/profile_gates.py \\
-        --cases ncu --S 16384
+    # launch 7 anchored (prepared gates), launch 8 plain: 2 cases x WARMUP launches skipped
+    ncu --kernel-name regex:_anchored_prefill_kernel --launch-skip 6 --launch-count 2 \\
+        -o $OUT/ncu python benchmarks/profile_gates.py --cases ncu --S 16384
+    ncu --import $OUT/ncu.ncu-rep --page details > $OUT/ncu.txt
+    python benchmarks/profile_gates.py --ncu-summary $OUT/ncu.txt:anchored_prepared,plain
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -45,6 +53,18 @@ from benchmarks.common import environment, skip  # noqa: E402
 from videoanchor.kernels import prepare_gates, value_scale_range_of  # noqa: E402
 
 HQ, HKV, D = 28, 4, 128
+#: Calls of each case before the profiled ones (ncu's --launch-skip counts them).
+WARMUP = 3
+#: (metric, unit) rows of ``ncu --page details`` that the summary keeps, and their labels.
+NCU_ROWS = {
+    ("Duration", "ms"): "duration ms", ("Duration", "us"): "duration us",
+    ("Executed Instructions", "inst"): "instructions",
+    ("Registers Per Thread", "register/thread"): "registers",
+    ("Compute (SM) Throughput", "%"): "compute %", ("Memory Throughput", "%"): "memory %",
+    ("Memory Throughput", "Gbyte/s"): "memory GB/s", ("Memory Throughput", "Tbyte/s"): "memory TB/s",
+    ("Executed Ipc Active", "inst/cycle"): "IPC",
+    ("Achieved Occupancy", "%"): "occupancy %",
+}  # fmt: skip
 #: CUDA API calls that wait for the device or copy (a DtoH copy waits too).
 WAITS = ("Synchronize", "cudaMemcpy", "cuMemcpy")
 
@@ -130,6 +150,46 @@ def summarise(name: str, fn, calls: int, device: str = "cuda") -> dict:
     }
 
 
+def ncu_kernels(text: str) -> list[dict]:
+    """Per kernel of an ``ncu --page details`` text export, in launch order: its name and
+    the :data:`NCU_ROWS` figures found (floats)."""
+    head = re.compile(r"^  (\S+) \(\d+, \d+, \d+\)x\(\d+, \d+, \d+\)")
+    row = re.compile(r"^    (\S.*?)\s{2,}(\S+)\s+([\d,.]+)\s*$")
+    kernels = []
+    for line in text.splitlines():
+        m = head.match(line)
+        if m:
+            kernels.append({"kernel": m.group(1)})
+            continue
+        m = row.match(line)
+        if m and kernels:
+            label = NCU_ROWS.get((m.group(1).strip(), m.group(2)))
+            if label and label not in kernels[-1]:
+                kernels[-1][label] = float(m.group(3).replace(",", ""))
+    return kernels
+
+
+def ncu_summary(text: str, labels: list[str]) -> str:
+    """A text table of :func:`ncu_kernels`, one row per launch named by ``labels`` (in
+    order; extra launches are numbered), the first launch the baseline of the ratios."""
+    kernels = ncu_kernels(text)
+    if not kernels:
+        return "no kernel in the ncu export (nothing profiled)"
+    cols = [c for c in dict.fromkeys(NCU_ROWS.values()) if any(c in k for k in kernels)]
+    lines = ["launch".ljust(20) + "kernel".ljust(34) + "".join(c.rjust(15) for c in cols)]
+    for i, k in enumerate(kernels):
+        name = labels[i] if i < len(labels) else f"launch {i + 1}"
+        lines.append(name.ljust(20) + k["kernel"][:33].ljust(34)
+                     + "".join(f"{k[c]:15.4g}" if c in k else " " * 15 for c in cols))  # fmt: skip
+    base = kernels[-1]
+    for i, k in enumerate(kernels[:-1]):
+        name = labels[i] if i < len(labels) else f"launch {i + 1}"
+        last = labels[len(kernels) - 1] if len(kernels) - 1 < len(labels) else "the last"
+        ratios = [f"{c} {k[c] / base[c]:.3f}x" for c in cols if base.get(c) and c in k]
+        lines.append(f"{name} / {last}: " + ", ".join(ratios))
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="prefill,decode", help="prefill, decode, ncu")
@@ -144,7 +204,20 @@ def main(argv=None):
         "--device", default="cuda", choices=("cuda", "cpu"),
         help="cpu: the cases on the CPU, to check the script without a GPU",
     )  # fmt: skip
+    ap.add_argument(
+        "--ncu-summary", action="append", default=[], metavar="FILE:LABELS",
+        help="summarise an ncu --page details text export (no GPU needed), then exit",
+    )  # fmt: skip
     args = ap.parse_args(argv)
+    if args.ncu_summary:
+        for spec in args.ncu_summary:
+            path, _, labels = spec.partition(":")
+            print(f"== {path}")
+            if not Path(path).exists():
+                print("missing: ncu exported nothing")
+                continue
+            print(ncu_summary(Path(path).read_text(), [x for x in labels.split(",") if x]))
+        return None
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         skip("profile_gates", "no CUDA device here; nothing profiled")
@@ -152,7 +225,7 @@ def main(argv=None):
     names = args.cases.split(",")
     fns = cases(names, args.S, args.cache, args.device)
     for fn in fns.values():  # compile and warm up before the captured range
-        for _ in range(3):
+        for _ in range(WARMUP):
             fn()
     _sync(args.device)
     if cuda:

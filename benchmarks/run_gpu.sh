@@ -9,6 +9,12 @@
 #   OUT=/some/dir CALL=2 bash benchmarks/run_gpu.sh      # the scores' benchmarks, backward,
 #                                                        # ssc, blocked, integration, tune
 #   OUT=/some/dir CALL=tests bash benchmarks/run_gpu.sh  # pytest -m gpu tests
+#   OUT=/some/dir CALL=ssc bash benchmarks/run_gpu.sh    # issue 76 in one call (< 8 min): the
+#                                                        # gpu tests, the default scores at
+#                                                        # 16/32/64 frames beside the prefill
+#                                                        # and on the dense set, the cost rows
+#                                                        # at 16 frames, one ncu of the
+#                                                        # working-set kernel
 #
 # Each step runs under its own cap in seconds (the number after its name below), and never
 # past the call's budget, CALL_BUDGET (default 560 s from the start): a call ends within
@@ -20,13 +26,14 @@
 # Triton's cache warm and over 190 s cold; attention, decode and paged about 200 s
 # together; request_cost's fidelity 94 s, sensitivity (5 trials) 39 s, the 16-frame cost
 # row within its budget. The profile, backward, blocked, integration, ssc and tune have not
-# run to completion on a GPU yet (ESTIMATED caps): they run --quick (or small sizes); nor has
-# workset_cuda (bench_workset_cuda: the GPU working sets against the fast solver and the
-# yardstick at 16 frames, its 90 s ESTIMATED, never run on a GPU; 32 and 64 frames with
-# WORKSET_CUDA_FRAMES=16,32,64 and STEPS=workset_cuda, a call of their own).
+# run to completion on a GPU yet (ESTIMATED caps): they run --quick (or small sizes).
+# workset_cuda: the H100 of 2026-11-27 took 0.88 / 3.9 / 16.8 s for the default at 16 / 32
+# / 64 frames (logs/h100-2026-11-27) and the gpu tests 55 s in 8 processes; CALL=ssc's caps
+# are sized on those (its InternVL2-8B rows past the budget are written as not run).
 #
 # Other forms: STEPS="name ..." runs the named steps only (names: tests profile nsys ncu
-# attention decode paged sparse_spectral request_cost profile_ssc workset_cuda spectral backward
+# attention decode paged sparse_spectral request_cost profile_ssc workset_cuda workset_ncu
+# spectral backward
 # ssc blocked integration
 # scores tune vllm tp; tp runs bench_tp and bench_split); no CALL runs every step in one
 # call (more than ten minutes); STEP_TIMEOUT=seconds lowers every cap; an argument --quick
@@ -41,12 +48,14 @@ mkdir -p "$OUT"
 QUICK=()
 [ "${1:-}" = "--quick" ] && QUICK=(--quick)
 TESTS="tests:560"
+SSC="tests:150 workset_cuda:210 request_cost:50 workset_ncu:60"
 CALL1="profile:50 nsys:60 ncu:60 attention:150 decode:70 paged:30 sparse_spectral:40 workset_cuda:90"
 CALL2="request_cost:240 profile_ssc:30 spectral:60 backward:40 ssc:40 blocked:40 integration:50 scores:30 tune:30 vllm:0 tp:0"
 case "${CALL:-}" in
   1) PLAN="$CALL1" ;;
   2) PLAN="$CALL2" ;;
   tests) PLAN="$TESTS" ;;
+  ssc) PLAN="$SSC" ;;
   *) PLAN="$TESTS $CALL1 $CALL2" ;;
 esac
 STEPS="${STEPS:-$(for s in $PLAN; do printf '%s ' "${s%%:*}"; done)}"
@@ -105,23 +114,43 @@ elif want nsys; then
 fi
 if want ncu && ! command -v ncu >/dev/null; then
   echo "== ncu not found: no kernel profile"
-elif want ncu; then  # the prefill kernel at 16k tokens, anchored (fast form) against plain
+elif want ncu; then
+  # Selected by kernel name and launch order (an --nvtx-include with "/" in it reads each "/"
+  # as a nested range and profiled nothing): profile_gates.py runs each case WARMUP = 3 times
+  # first. Prefill at 16k: 2 cases x 3 warm-ups, then anchored (prepared gates, fast form)
+  # and plain. Decode split kernel at 8k cached tokens: 4 cases x 3 (SDPA's kernels do not
+  # match), then prepared, given, plain. Text exports and their summary under $OUT/logs.
   mkdir -p "$OUT/logs"
-  step ncu logs/ncu_prefill16k.log ncu --nvtx \
-    --nvtx-include "gates/ncu/anchored_prepared/" --nvtx-include "gates/ncu/plain/" \
-    --kernel-name regex:_anchored_prefill_kernel --section SpeedOfLight \
-    --section Occupancy --section LaunchStats --section WarpStateStats \
-    --section SchedulerStats --section MemoryWorkloadAnalysis --force-overwrite \
-    -o "$OUT/logs/ncu_prefill16k" python benchmarks/profile_gates.py --cases ncu --S 16384
-  ncu --import "$OUT/logs/ncu_prefill16k.ncu-rep" --page details \
-    > "$OUT/logs/ncu_prefill16k.txt" 2>&1
+  NCU_SECTIONS=(--section SpeedOfLight --section Occupancy --section LaunchStats
+    --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis
+    --section MemoryWorkloadAnalysis --section InstructionStats --force-overwrite)
+  step ncu logs/ncu_prefill16k.log ncu --kernel-name regex:_anchored_prefill_kernel \
+    --launch-skip 6 --launch-count 2 "${NCU_SECTIONS[@]}" -o "$OUT/logs/ncu_prefill16k" \
+    python benchmarks/profile_gates.py --cases ncu --S 16384
+  step ncu logs/ncu_decode8k.log ncu --kernel-name regex:_anchored_decode_split_kernel \
+    --launch-skip 9 --launch-count 3 "${NCU_SECTIONS[@]}" -o "$OUT/logs/ncu_decode8k" \
+    python benchmarks/profile_gates.py --cases decode --cache 8192 --calls 1 --no-summary
+  for rep in ncu_prefill16k ncu_decode8k; do
+    [ -f "$OUT/logs/$rep.ncu-rep" ] && ncu --import "$OUT/logs/$rep.ncu-rep" --page details \
+      > "$OUT/logs/$rep.txt" 2>&1
+  done
+  python benchmarks/profile_gates.py \
+    --ncu-summary "$OUT/logs/ncu_prefill16k.txt:anchored_prepared,plain" \
+    --ncu-summary "$OUT/logs/ncu_decode8k.txt:prepared,given,plain" \
+    > "$OUT/logs/ncu_summary.txt" 2>&1
+  cat "$OUT/logs/ncu_summary.txt"
 fi
 for script in bench_attention bench_decode bench_paged; do
   if want "${script#bench_}"; then
     step "${script#bench_}" "$script.log" python "benchmarks/$script.py" --out-dir "$OUT" "${QUICK[@]}"
   fi
 done
-if want request_cost; then
+if want request_cost && [ "${CALL:-}" = ssc ]; then
+  # the cost rows at 16 frames only (the dense set: the default against the fast solver)
+  step request_cost bench_request_cost.log python benchmarks/bench_request_cost.py \
+    --parts cost --measure "Qwen2.5-VL-7B:16" --faithful-seconds 5 --cost-budget 30 \
+    --out-dir "$OUT"
+elif want request_cost; then
   # fidelity and sensitivity (5 trials) on every set, then the cost rows of 16 and 32 frames
   # (the faithful solver stopped at 30 s: its row's faithful figures then lower bounds)
   step request_cost bench_request_cost.log python benchmarks/bench_request_cost.py \
@@ -131,8 +160,25 @@ fi
 if want profile_ssc; then  # where the scores' time goes, by stage and operator
   step profile_ssc profile_ssc.log python benchmarks/profile_ssc.py --n 2048 --solvers fast
 fi
-if want workset_cuda; then  # the GPU working sets against the fast solver, the yardstick at 16 frames
-  step workset_cuda bench_workset_cuda.log python benchmarks/bench_workset_cuda.py --frames "${WORKSET_CUDA_FRAMES:-16}" --out-dir "$OUT"
+if want workset_cuda; then  # the default beside the prefill, the yardstick at 16 frames, the
+  # dense set; rows that would start past 2/3 of the step's cap are written as not run
+  step workset_cuda bench_workset_cuda.log python benchmarks/bench_workset_cuda.py \
+    --frames "${WORKSET_CUDA_FRAMES:-16,32,64}" --budget $(($(cap_of workset_cuda) * 2 / 3)) \
+    --out-dir "$OUT"
+fi
+if want workset_ncu && ! command -v ncu >/dev/null; then
+  echo "== ncu not found: no profile of the working-set kernel"
+elif want workset_ncu; then
+  # bench_workset_cuda.py --ncu: warm_up's launches (one per level of slots, no columns),
+  # then one 16-frame solve; the kernel's 21st and 22nd passes, by name and launch order
+  mkdir -p "$OUT/logs"
+  step workset_ncu logs/ncu_workset.log ncu --kernel-name regex:_columns_kernel \
+    --launch-skip 22 --launch-count 2 --section SpeedOfLight --section Occupancy \
+    --section LaunchStats --section WarpStateStats --section SchedulerStats \
+    --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --force-overwrite \
+    -o "$OUT/logs/ncu_workset" python benchmarks/bench_workset_cuda.py --ncu
+  [ -f "$OUT/logs/ncu_workset.ncu-rep" ] && ncu --import "$OUT/logs/ncu_workset.ncu-rep" \
+    --page details > "$OUT/logs/ncu_workset.txt" 2>&1
 fi
 if want spectral; then
   step spectral bench_spectral.log python benchmarks/bench_spectral.py --device cuda --no-ssc \

@@ -81,7 +81,7 @@ def gates(draw, n, batch_shape):
     else:
         vs = torch.randn(shape, generator=g)
     if vs is not None and bool((vs > 0).all()) and draw(st.booleans()):
-        rng = (float(vs.min()), float(vs.max()))  # the fast form when the dtype allows
+        rng = (float(vs.min()), float(vs.max()))  # the fast form (positive scales)
     return kb, vs, rng
 
 

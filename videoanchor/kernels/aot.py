@@ -296,6 +296,7 @@ def capture_backward(case: dict, cc: int) -> list[_launch.Launch]:
     grad_out = torch.randn_like(out)
     grad_lse = torch.randn_like(lse) if case.get("grad_lse", False) else None
     cache_seqlens = kwargs.pop("cache_seqlens", None)
+    kwargs.pop("fast", None)  # the backward has one form
     if "cu_seqlens_k" in kwargs:
         kwargs["max_seqlen_k"] = int(k.shape[0] // (kwargs["cu_seqlens_k"].numel() - 1))
     gate_grads = case.get("gate_grads", True)
