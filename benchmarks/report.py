@@ -72,7 +72,7 @@ python benchmarks/report.py                       # regenerate this page and its
 # without the device suffix that benchmarks/common.py appends (``spectral_cpu`` -> spectral).
 SECTIONS = [
     ("Anchor scores (SSC)",
-     ["request_cost", "request_cost_cost", "request_cost_fidelity_sensitivity", "request_cost_floor", "directions", "optimum", "optimum_only", "optimum_tiny", "optimum_yaleb", "workset", "workset_dense", "workset_dense_yaleb17", "dark_tokens", "workset_passes", "lockstep", "lockstep_compiled", "columns_triton", "ssc", "ssc_ratio", "ssc_ratio_1thread", "spectral", "sparse_spectral", "label_draws", "label_flips", "label_flips_64f", "yaleb",
+     ["request_cost", "request_cost_cost", "request_cost_fidelity_sensitivity", "request_cost_floor", "directions", "optimum", "optimum_only", "optimum_tiny", "optimum_yaleb", "workset", "workset_dense", "workset_dense_yaleb17", "workset_dense_rerun", "dark_tokens", "workset_passes", "lockstep", "lockstep_compiled", "columns_triton", "ssc", "ssc_ratio", "ssc_ratio_1thread", "spectral", "sparse_spectral", "label_draws", "label_flips", "label_flips_64f", "yaleb",
       "yaleb_squared"]),
     ("Long videos: blocked SSC", ["blocked", "blocked_convergence"]),
     ("Several processes: the fast SSC split", ["split"]),
@@ -102,6 +102,7 @@ TITLES = {
     "workset_dense": "The default where C is dense: its seconds over the fast solver's (one thread)",
     "dark_tokens": "A request with 8 dark tokens: mu_z's rules against the request without them",
     "workset_dense_yaleb17": "The default where C is dense: Yale B subjects 17-30 (one thread)",
+    "workset_dense_rerun": "The default where C is dense, each span's starts made as it is reached",
     "ssc": "SSC against the authors' pipeline",
     "spectral": "Spectral step against scikit-learn (the eigensolver crossover)",
     "sparse_spectral": "Spectral step on a sparse affinity: ARPACK per component, block Krylov, dense eigh",
@@ -1156,8 +1157,8 @@ def _mix_summary(results: list[Result]) -> str:
     general = m.get("also", {})
     tail = ""
     if general:
-        tail = (f" The general form (value scale inside the loop, used when V cannot be "
-                f"pre-scaled) has a ratio of {general.get('ratio_non_mma_per_mma')}.")  # fmt: skip
+        tail = (f" The general form (value scale inside the loop, used without a declared "
+                f"value-scale range) has a ratio of {general.get('ratio_non_mma_per_mma')}.")  # fmt: skip
     return (
         f"In the prefill main loop for bf16, D 128, causal on sm_90 (`compile_sm90.json`, "
         f'`instruction_mix`, form "{m.get("form")}"), the anchored kernel issues '
