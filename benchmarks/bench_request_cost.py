@@ -577,7 +577,7 @@ def cost_rows(device, quick, budget_s, measure=None, on_row=None,
                     seconds_ssc_fast_fp16x3=t_x3,
                     spearman_fast_fp16x3=spearman(x3.scores, ref.scores),
                 )
-            # the default (solver="auto"): the working sets on a CPU, fp16x3's fast solver on CUDA
+            # the default (solver="auto"): the working sets (the fast answer where C is dense)
             with warnings_into(warned, "default"):
                 t_default, default = ssc_seconds(x, 24, "auto")
             t_pre = prefill_seconds(shape, n, device, dtype)

@@ -44,11 +44,17 @@ def test_video_like_tokens_reach_the_certified_minimiser():
 def test_slot_overflow_takes_the_second_level_and_then_the_fallback():
     """With 4 slots a column's support fills them: it is set aside and continues with 32
     (the same minimiser, ``wide_columns`` counts it); with 4 alone it is reported as
-    overflow, not converged."""
+    overflow, not converged. Where more than ``wide_share`` of the columns fill the first
+    level, ``C`` is dense: the level stops in the pass that saw it, the wide one never runs."""
     x = video_tokens(2, 8, 12, k=2, seed=1)
-    out = wc.solve_workset_cuda(x, slots=(4, 32), grow=4, max_inner=300)
-    assert out["wide_columns"] > 0 and out["overflow"] == 0
+    out = wc.solve_workset_cuda(x, slots=(4, 32), grow=4, max_inner=300, wide_share=1.0)
+    assert out["wide_columns"] > 0 and out["overflow"] == 0 and out["dense"] is None
     _check(x, 800.0, out)
+    share = out["wide_columns"] / x.shape[0] / 2
+    dense = wc.solve_workset_cuda(x, slots=(4, 32), grow=4, max_inner=300, wide_share=share)
+    assert "columns filled 4 slots" in dense["dense"] and not dense["converged"]
+    assert dense["overflow"] > share * x.shape[0] and dense["passes"] < out["passes"]
+    assert dense["reads"].count("pass") == dense["passes"]
     small = wc.solve_workset_cuda(x, slots=(4,), grow=4, max_inner=300)
     assert small["overflow"] > 0 and not small["converged"]
 
@@ -58,7 +64,7 @@ def test_host_reads_are_one_per_pass_and_none_inside():
     host; the whole solve reads once per pass, plus the lambdas' three and one per level."""
     x = video_tokens(2, 8, 12, k=2, seed=1)
     out = wc.solve_workset_cuda(x, slots=(32,), grow=8, max_inner=300)
-    assert len(out["reads"]) == out["passes"] + 3 + 1
+    assert len(out["reads"]) == out["passes"] + 3 + 1 + 1  # (+ the dense screen, the level)
     # a pass on its own, from the solved state (the kernel's launch is a CPU call here)
     X = x.double()
     n, d = X.shape
@@ -77,13 +83,120 @@ def test_host_reads_are_one_per_pass_and_none_inside():
     assert counts["syncs_per_call"] == 0, counts["sync_ops"]
 
 
+def test_dense_sets_are_told_apart_before_any_pass():
+    """The dense screen at the real shapes (its inputs only: the lambdas and the nearest
+    points, no pass): bench_request_cost's synthetic cost set (N = 2048, D = 3584) is dense,
+    video-like tokens of 16 frames at Qwen2.5-VL-7B's shapes are not; nor a tiny video-like
+    set, while a tiny synthetic one is."""
+    from benchmarks.common import synthetic_tokens
+    from videoanchor.anchor.program import gram_row_max, nearest_points, ssc_lambdas
+
+    def dense(x, slots=wc.SLOTS[0]):
+        X = x.double()
+        G = X @ X.T
+        lam_e, lam_z, _, _ = ssc_lambdas(X, 800.0, 800.0, row_max=gram_row_max(X, gram=G))
+        return bool(wc.dense_at_start(X, nearest_points(G), lam_e, lam_z, slots))
+
+    assert dense(synthetic_tokens(2048, 3584, seed=16))
+    assert not dense(video_tokens(16, 128, 3584, k=8, seed=0))
+    assert dense(synthetic_tokens(128, 256, seed=4))
+    assert not dense(video_tokens(4, 32, 256, k=2, seed=0), slots=4)
+
+
+def test_dense_c_takes_the_fast_answer_at_once(monkeypatch):
+    """Where the screen finds ``C`` dense, the route runs no pass: the fast solver's answer,
+    ``solver="fast"``, one warning saying so with its gap, in about the fast solver's time."""
+    import time
+    import warnings
+
+    from benchmarks.common import synthetic_tokens
+    from videoanchor.anchor.plan import Plan
+
+    def no_kernel(*a, **k):
+        raise AssertionError("the kernel ran on a dense set")
+
+    monkeypatch.setattr(wc, "launch", no_kernel)
+    x = synthetic_tokens(128, 256, seed=4)
+    fast_plan = Plan(mode="exact", solver="fast", backend="torch", device=x.device,
+                     work=torch.float32, route="admm", strategy="dense")  # fmt: skip
+    plan = Plan(mode="exact", solver="workset", backend="torch", device=x.device,
+                work=torch.float32, fallback=fast_plan)  # fmt: skip
+    kw = dict(alpha_e=800.0, alpha_z=800.0, rho=0.1, eps=1e-4, max_iter=60, progress=False)
+    t = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = wc.run_workset_cuda(x, plan, **kw)
+    took = time.perf_counter() - t
+    msgs = [str(w.message) for w in caught]
+    assert len(msgs) == 1 and "C is dense here" in msgs[0] and "duality gap" in msgs[0]
+    assert res.solver == "fast" and res.gap > wc.CERTIFIED and res.coef.shape == (128, 128)
+    assert res.history["workset_cuda"]["passes"] == 0
+    assert res.history["workset_cuda"]["host_reads"] == 4  # (the lambdas' three, the screen)
+    t = time.perf_counter()
+    wc.run_admm(x, fast_plan, **kw)
+    assert took < 2.0 * (time.perf_counter() - t) + 0.5  # (the screen is a few vector ops)
+
+
+def test_warm_up_launches_every_level_over_no_columns():
+    """warm_up runs the kernel once per level of slots over no columns (in the interpreter
+    here: nothing to compile; on CUDA the launch compiles it into Triton's cache)."""
+    took = wc.warm_up("cpu", slots=(4, 32))
+    assert list(took) == [4, 32] and all(t >= 0 for t in took.values())
+    with pytest.raises(ValueError, match="slots: expected increasing slot counts from"):
+        wc.warm_up("cpu", slots=(32, 4))
+
+
+def test_the_warmup_command_compiles_the_cuda_kernel_where_cuda_is(monkeypatch, capsys):
+    """``videoanchor warmup`` on a machine with CUDA warms the GPU working sets' kernel up
+    too, at every level of slots (the device stood in for: no GPU here)."""
+    from types import SimpleNamespace
+
+    from videoanchor import cli
+
+    calls = []
+    monkeypatch.setattr(wc, "warm_up", lambda device: calls.append(device) or {128: 1.0, 512: 2.0})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.cmd_warmup(SimpleNamespace()) == 0
+    assert calls == [] and "CUDA" not in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cli.cmd_warmup(SimpleNamespace()) == 0
+    assert calls == [torch.device("cuda")]
+    assert "CUDA working-set kernel (slots 128, 512)" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_warm_up_compiles_what_a_solve_runs(tmp_path):
+    """After warm_up in an empty Triton cache, a solve that reaches both levels of slots
+    compiles nothing more (the cache's files are the same)."""
+    code = (
+        "import os, sys, torch\n"
+        "from benchmarks.common import video_tokens\n"
+        "from videoanchor.anchor import workset_cuda as wc\n"
+        "wc.warm_up(torch.device('cuda'), slots=(4, 32))\n"
+        "files = lambda: sorted(os.path.relpath(os.path.join(r, f), sys.argv[1])\n"
+        "                       for r, _, fs in os.walk(sys.argv[1]) for f in fs)\n"
+        "before = files()\n"
+        "x = video_tokens(2, 8, 12, k=2, seed=1).cuda()\n"
+        "out = wc.solve_workset_cuda(x, slots=(4, 32), grow=4, max_inner=300, wide_share=1.0)\n"
+        "assert out['wide_columns'] > 0, out['wide_columns']\n"
+        "assert files() == before, set(files()) - set(before)\n"
+    )
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                          text=True, env=env, cwd=str(ROOT), timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_bad_input_is_refused_saying_what_was_expected():
-    with pytest.raises(ValueError, match="slots: expected increasing powers of two"):
+    with pytest.raises(ValueError, match="slots: expected increasing slot counts from"):
         wc.solve_workset_cuda(torch.randn(6, 4), slots=(24,))
     with pytest.raises(ValueError, match="at least 2 points"):
         wc.solve_workset_cuda(torch.randn(1, 4))
     with pytest.raises(ValueError, match="precision"):
         wc.solve_workset_cuda(torch.randn(6, 4), precision="bf16")
+    with pytest.raises(ValueError, match=r"wide_share: expected a share in \(0, 1\]"):
+        wc.solve_workset_cuda(torch.randn(6, 4), wide_share=0.0)
     bad = torch.randn(6, 4)
     bad[2, 1] = float("nan")
     with pytest.raises(ValueError, match="(?i)finite|nan"):
@@ -91,26 +204,48 @@ def test_bad_input_is_refused_saying_what_was_expected():
 
 
 @pytest.mark.parametrize("cc", [90, 80])
-def test_compiles_without_spills_at_the_slot_counts_used(cc):
-    """Compiled for sm_90 and sm_80 with Triton's bundled ptxas (no GPU) at both levels of
-    :data:`SLOTS`: no spill, registers reported (STATIC)."""
+def test_every_slot_count_accepted_compiles(cc):
+    """Every slot count the solver accepts (SLOT_COUNTS) compiled for sm_90 and sm_80 with
+    Triton's bundled ptxas (no GPU): registers within 255, no spill at the levels of SLOTS
+    (STATIC). Counts outside are refused up front (1024 spills 428 bytes on sm_90); 32 and
+    64 with a Triton before 3.9 on CUDA, which fails to compile them (the H100's 3.6)."""
     from videoanchor.kernels import aot
 
     reason = aot.unavailable_reason()
     if reason:
         pytest.skip(reason)
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
-    for slots in wc.SLOTS:
-        proc = subprocess.run(
-            [sys.executable, str(ROOT / "benchmarks" / "bench_workset_cuda.py"), "--static",
-             str(cc), "--slots", str(slots)],
-            capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=600,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert row["cc"] == cc and row["constexprs"]["M"] == slots
-        assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
-        assert 0 < row["registers"] <= 255 and row["shared_bytes"] <= row["shared_limit"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_workset_cuda.py"), "--static",
+         str(cc), "--slots", ",".join(map(str, wc.SLOT_COUNTS))],
+        capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=1800,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert [r["constexprs"]["M"] for r in rows] == list(wc.SLOT_COUNTS)
+    for row in rows:
+        assert row["cc"] == cc and row["num_warps"] == 4
+        assert 0 < row["registers"] <= 255 and row["shared_bytes"] <= row["shared_limit"], row
+        if row["constexprs"]["M"] in wc.SLOTS:
+            assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
+    with pytest.raises(ValueError, match=r"slots: expected increasing slot counts from"):
+        wc.solve_workset_cuda(torch.randn(6, 4), slots=(128, 1024))
+
+
+def test_slot_counts_old_triton_cannot_compile_are_refused_up_front(monkeypatch):
+    """With a Triton before 3.9 on CUDA, 32 and 64 slots are refused before any work
+    (Triton 3.6 fails to compile them: slots=(64, 512) on the H100 of 2026-11-27); on the
+    CPU (the interpreter) and with Triton 3.9 they run."""
+    import triton
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    with pytest.raises(ValueError, match=r"slots: \[64\] do not compile with triton 3.6.0"):
+        wc._checked_slots((64, 512), cuda)
+    assert wc._checked_slots((16, 128), cuda) == (16, 128)
+    assert wc._checked_slots((32, 64), torch.device("cpu")) == (32, 64)
+    monkeypatch.setattr(triton, "__version__", "3.9.0")
+    assert wc._checked_slots((64, 512), cuda) == (64, 512)
 
 
 def test_the_route_returns_a_certified_result_or_the_fast_fallback():
@@ -162,17 +297,26 @@ def test_outlier_entries_are_solved_too():
 
 
 def test_the_gpu_benchmark_runs_tiny_on_the_cpu(tmp_path):
-    """bench_workset_cuda --smoke: each solver's row (the default's whole call too, whose
-    synchronisations are counted on CUDA only), the yardstick against the minimiser."""
+    """bench_workset_cuda --smoke: the default's whole call and the fast solver's on a tiny
+    video-like set (the working sets' own record and the yardstick against the minimiser
+    there) and on the dense synthetic set (the dense-C rule's ratio); the synchronisations
+    are counted on CUDA only, the prefill for the models' shapes only."""
     from benchmarks import bench_workset_cuda
 
     bench_workset_cuda.main(["--smoke", "--out-dir", str(tmp_path)])
-    rows = json.loads(next(tmp_path.glob("workset_cuda_*.json")).read_text())["rows"]
-    assert [r["solver"] for r in rows] == ["workset_cuda", "fast", "default"]
-    assert rows[2]["answered"] == "workset" and rows[2]["syncs"] is None  # (the CPU's route)
-    ours = rows[0]
-    assert ours["converged"] and abs(ours["objective_gap"]) < 1e-10 and ours["affine"] < 1e-10
-    assert ours["objective_gap"] <= rows[1]["objective_gap"] and ours["seconds"] > 0
+    got = json.loads(next(tmp_path.glob("workset_cuda_*.json")).read_text())
+    video, dense = got["rows"]
+    assert set(got["meta"]["seconds_warm_up"]) == {str(s) for s in wc.SLOTS}
+    assert (video["tokens"], dense["tokens"]) == ("video-like", "synthetic (dense)")
+    assert "error" not in video and "error" not in dense, (video, dense)
+    assert video["answered"] == "workset" and video["syncs_default"] is None  # (CPU route)
+    assert video["passes_workset_cuda"] > 0 and video["steps_max"] > 0
+    # (the default's C in float32, the plan's working dtype: the yardstick's tolerances)
+    assert abs(video["objective_gap"]) < 1e-6 and video["affine"] < 1e-5
+    assert video["objective_gap"] <= video["fast_objective_gap"]
+    assert video["seconds_default"] > 0 and video["default_over_fast"] > 0
+    assert dense["dense_rule"] == bench_workset_cuda.DENSE_RULE[dense["answered"]]
+    assert dense["meets_dense_rule"] == (dense["default_over_fast"] <= dense["dense_rule"])
 
 
 def test_the_working_sets_are_the_cuda_default(monkeypatch):
@@ -192,3 +336,18 @@ def test_the_working_sets_are_the_cuda_default(monkeypatch):
     assert plan.make_plan((512, 256), cpu, SSCOptions().checked()).route == "workset_then_fast"
     fast = plan.make_plan((512, 256), cuda, SSCOptions(max_iter=30).checked())
     assert (fast.solver, fast.route) == ("fast", "admm")
+
+
+def test_the_ssc_call_of_run_gpu_fits_eight_minutes_and_names_its_steps():
+    """run_gpu.sh's CALL=ssc (issue 76): the gpu tests, the default at 16/32/64 frames
+    beside the prefill and on the dense set, the cost rows, one ncu of the kernel selected
+    by name and launch order; its caps under eight minutes, each step run by a ``want``."""
+    script = (ROOT / "benchmarks" / "run_gpu.sh").read_text()
+    line = next(x for x in script.splitlines() if x.startswith('SSC="'))
+    caps = {s.split(":")[0]: int(s.split(":")[1]) for s in line.split('"')[1].split()}
+    assert set(caps) == {"tests", "workset_cuda", "request_cost", "workset_ncu"}
+    assert sum(caps.values()) < 480, caps
+    for name in caps:
+        assert f"want {name}" in script, name
+    assert "--kernel-name regex:_columns_kernel" in script and "--launch-skip" in script
+    assert '--frames "${WORKSET_CUDA_FRAMES:-16,32,64}"' in script

@@ -819,7 +819,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_warmup(args) -> int:
     """Compile the working-set SSC kernel into Numba's cache (or load it from there) and run
-    it once: a container image built with this step starts without the compile."""
+    it once, and on a CUDA machine the GPU working sets' Triton kernel into Triton's cache: a
+    container image built with this step starts without the compile."""
     import time
 
     import torch
@@ -836,6 +837,13 @@ def cmd_warmup(args) -> int:
     how = "loaded from" if stats.cache_hits and not stats.cache_misses else "compiled into"
     print(f"videoanchor warmup: the working-set SSC kernel {how} Numba's cache in {took:.1f} s: "
           f"{stats.cache_path}")  # fmt: skip
+    if torch.cuda.is_available():  # the CUDA working sets' Triton kernel, every level of slots
+        from videoanchor.anchor import workset_cuda
+
+        took = workset_cuda.warm_up(torch.device("cuda"))
+        print(f"videoanchor warmup: the CUDA working-set kernel (slots {', '.join(map(str, took))})"
+              f" compiled into or loaded from Triton's cache in {sum(took.values()):.1f} s "
+              "($TRITON_CACHE_DIR, else ~/.triton/cache)")  # fmt: skip
     return 0
 
 
@@ -976,7 +984,9 @@ def build_parser() -> argparse.ArgumentParser:
         "warmup",
         help="compile the SSC kernel into Numba's cache (a container image's build step)",
         description="Compile the working-set SSC kernel into Numba's cache, or load it from "
-        "there, and run it once; prints where the cache is. Numba's cache goes to "
+        "there, and run it once; prints where the cache is. On a machine with CUDA it also "
+        "compiles the GPU working sets' Triton kernel (every level of slots) into Triton's "
+        "cache ($TRITON_CACHE_DIR, else ~/.triton/cache). Numba's cache goes to "
         "$NUMBA_CACHE_DIR where set, else beside the package, else (a read-only install) to "
         "the user's cache folder ($XDG_CACHE_HOME/numba or ~/.cache/numba). Run it in an "
         "image's build with the same NUMBA_CACHE_DIR and CPU target as at run time "

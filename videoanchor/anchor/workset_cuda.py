@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import time
 
 import torch
@@ -36,13 +37,21 @@ from videoanchor.anchor.program import (
 )
 from videoanchor.anchor.ssc import run_admm
 
-__all__ = ["SLOTS", "run_workset_cuda", "solve_workset_cuda"]
+__all__ = ["SLOTS", "SLOT_COUNTS", "run_workset_cuda", "solve_workset_cuda", "warm_up"]
 
 #: A column's end in a kernel run: its set is optimal; the inner steps ran out.
 SOLVED, STALLED = 0, 1
 #: The two levels of slots: every column's, and the wider one for a column that fills it
 #: (video-like tokens at N = 2064 need up to ~114: 98 coefficients and 16 new; docs/ssc.md).
 SLOTS = (128, 512)
+#: Every slot count a level may have: powers of two, 4 to 512 (1024 spills 428 bytes on
+#: sm_90; tests/test_workset_cuda.py compiles each for sm_90 and sm_80).
+SLOT_COUNTS = (4, 8, 16, 32, 64, 128, 256, 512)
+#: Slot counts that Triton before 3.9 does not compile (its RemoveLayoutConversions pass
+#: fails on the kernel for sm_90 and sm_80 at 4 warps, whatever the row tile: the H100 of
+#: 2026-11-27 with Triton 3.6 at 64; Triton 3.6.0's compiler here at 32 and 64, at 2 and 8
+#: warps too but 64 at 2, which spills 1 KB with 3.9): refused up front on CUDA there.
+OLD_TRITON_FAILS = (32, 64)
 #: Elements of one row tile (``BR x M``): the registers a program holds for a matrix.
 TILE = 2048
 #: The relative KKT violation below which a float32 pass adds nothing: then float64 passes
@@ -52,6 +61,10 @@ SCREEN = 1e-5
 RIDGE = 1e-10
 #: The largest relative duality gap of an answer called certified (as the CPU's sets).
 CERTIFIED = 1e-8
+#: ``C`` is dense, and the fast answer stands, where more than this share of the columns
+#: fills the first level's slots (the 64-frame video-like set: 943 of 8192, certified in
+#: the wide level); or before any pass, :func:`dense_at_start`.
+WIDE_SHARE = 0.25
 
 
 @functools.cache
@@ -148,7 +161,9 @@ def _triton():
         dt = (1.0 - tl.sum(af * (z + dz))) / den
         return z + dz + dt * x2, t + dt
 
-    @triton.jit
+    # the sizes are not specialised (no variant per N % 16 == 0 or N == 1): one binary per
+    # level of slots, so that warm_up's launch compiles what every later call runs
+    @triton.jit(do_not_specialize=["n_cols", "N", "D", "max_inner"])
     def _columns_kernel(G, X, cols_ptr, ids_ptr, z_ptr, mu_ptr, status_ptr, steps_ptr,
                         H_ptr, Hinv_ptr, scalars, n_cols, N, D, max_inner, M: tl.constexpr,
                         BR: tl.constexpr):  # fmt: skip
@@ -289,6 +304,65 @@ def launch(state: dict, *, programs: int, num_warps: int = 4) -> None:
     )  # fmt: skip
 
 
+def dense_at_start(X: torch.Tensor, nearest: torch.Tensor, lam_e: float, lam_z: float,
+                   slots: int) -> torch.Tensor:  # fmt: skip
+    """Whether ``C`` is dense before any pass (a 0-d bool on the device): the lower median
+    column has more outlier entries violating at its nearest point (``c_i = e_nearest``, the
+    first pass's start; at the float32 passes' ``SCREEN``) than the first level's ``slots``.
+    Its minimiser's outlier term is then dense: 2286 of D = 3584 entries violate on
+    ``bench_request_cost``'s synthetic set (N = 2048; the working sets ran 71.8 s there on an
+    H100 before the fast answer stood), 204-730 on smaller synthetic sets, 9-48 on video-like
+    tokens of 16-64 frames (Qwen2.5-VL-7B and InternVL2-8B shapes), which certify (issue 76).
+    ``X``: the features (``N x D``), ``nearest``: each point's nearest point."""
+    r = (X[nearest] - X).abs_()  # |y_nearest - y_i|, each point's row: (N, D)
+    count = (r > lam_e * (1.0 + SCREEN) / lam_z).sum(dim=1)
+    return count.median() > slots
+
+
+def warm_up(device, slots: tuple[int, ...] = SLOTS) -> dict[int, float]:
+    """Compile the kernel on ``device`` for each level of ``slots`` (into Triton's cache, on
+    disk: a later process loads it) by a launch over no columns; the seconds per level. A
+    first solve compiles only the levels it reaches (the wide one where a column fills the
+    first), 10.5 s on an H100 (2026-11-27) for the first."""
+    device = torch.device(device)
+    f64 = dict(dtype=torch.float64, device=device)
+    one = torch.zeros(1, 1, **f64)
+    program = dict(G=one, X=one, n=1, d=1, scalars=torch.zeros(5, **f64), max_inner=1)
+    none = torch.zeros(0, dtype=torch.int64, device=device)
+    took = {}
+    for M in _checked_slots(slots, device):
+        t = time.perf_counter()
+        launch(_state(program, none, none.new_full((0, M), -1), torch.zeros(0, M, **f64)),
+               programs=1)  # fmt: skip
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        took[M] = time.perf_counter() - t
+    return took
+
+
+def _checked_slots(slots, device: torch.device) -> tuple[int, ...]:
+    """``slots`` as a tuple, or a ValueError: increasing counts of :data:`SLOT_COUNTS`, and
+    on CUDA with a Triton before 3.9 none of :data:`OLD_TRITON_FAILS`."""
+    slots = tuple(int(s) for s in slots)
+    if not slots or any(s not in SLOT_COUNTS for s in slots) or list(slots) != sorted(set(slots)):
+        raise ValueError(
+            f"slots: expected increasing slot counts from {SLOT_COUNTS} (each compiled for "
+            f"sm_90 and sm_80 in the tests), got {slots}"
+        )
+    bad = [s for s in slots if s in OLD_TRITON_FAILS]
+    if bad and device.type == "cuda":
+        import triton
+
+        if tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2]) < (3, 9):
+            ok = tuple(s for s in SLOT_COUNTS if s not in OLD_TRITON_FAILS)
+            raise ValueError(
+                f"slots: {bad} do not compile with triton {triton.__version__} (its "
+                "RemoveLayoutConversions pass fails on this kernel at 32 and 64 slots for sm_80 "
+                f"and sm_90; Triton 3.9 compiles them): expected counts from {ok}, got {slots}"
+            )
+    return slots
+
+
 def _state(program: dict, cols: torch.Tensor, ids: torch.Tensor, z: torch.Tensor) -> dict:
     n = len(cols)
     dev = ids.device
@@ -308,14 +382,14 @@ def _scatter(ids: torch.Tensor, z: torch.Tensor, width: int) -> torch.Tensor:
     return out[:, :width]
 
 
-def _pass(state: dict, *, exact: bool, grow: int, programs: int, num_warps: int = 4):
+def _pass(state: dict, *, exact: bool, grow: int, programs: int):
     """One pass over ``state``'s columns, on their device with no host read: the kernel,
     every variable's KKT violation (products in float64 where ``exact``, else float32),
     the ``grow`` worst into each column's free slots. A column whose slots are full while a
     variable violates is set aside (``state["aside"]``). Returns the flags the host reads
     after it: ``[any column not aside violates, every column not aside is solved, every
-    column not aside took at most one inner step]``."""
-    launch(state, programs=programs, num_warps=num_warps)
+    column not aside took at most one inner step, the columns aside]`` (int64)."""
+    launch(state, programs=programs)
     p = state["program"]
     n, d = p["n"], p["d"]
     ids, z, cols, aside = state["ids"], state["z"], state["cols"], state["aside"]
@@ -353,19 +427,21 @@ def _pass(state: dict, *, exact: bool, grow: int, programs: int, num_warps: int 
     # run took at most one step, nothing joined, and float64 passes follow)
     return torch.stack([(fresh.any(dim=1) & live).any(),
                         ((state["status"] == SOLVED) | aside).all(),
-                        ((state["steps_pass"] <= 1) | aside).all()])  # fmt: skip
+                        ((state["steps_pass"] <= 1) | aside).all(), aside.sum()])  # fmt: skip
 
 
 def _solve_level(state: dict, *, precision: str, grow: int, max_passes: int, programs: int,
-                 num_warps: int, reads: list) -> tuple[int, bool]:  # fmt: skip
+                 reads: list, max_aside: float = math.inf) -> tuple[int, bool]:  # fmt: skip
     """Passes over ``state`` until no column that is not set aside violates (float64), at
-    most ``max_passes``; returns the passes and whether it got there. One host read per
-    pass (``reads`` counts them)."""
+    most ``max_passes``, or until more than ``max_aside`` columns are set aside; returns the
+    passes and whether it got there. One host read per pass (``reads`` counts them)."""
     exact = precision == "float64"
     for passes in range(1, max_passes + 1):
-        flags = _pass(state, exact=exact, grow=grow, programs=programs, num_warps=num_warps)
-        any_fresh, all_solved, still = flags.tolist()  # the pass's one host read
+        flags = _pass(state, exact=exact, grow=grow, programs=programs)
+        any_fresh, all_solved, still, aside = flags.tolist()  # the pass's one host read
         reads.append("pass")
+        if aside > max_aside:
+            return passes, False
         if all_solved and (not any_fresh or (still and passes > 1 and not exact)):
             if exact:
                 return passes, True
@@ -377,25 +453,26 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
                        slots: tuple[int, ...] = SLOTS, grow: int = 16, tol: float = 1e-9,
                        max_passes: int = 500, max_inner: int = 1000,
                        precision: str = "float32", programs: int | None = None,
-                       num_warps: int = 4) -> dict:  # fmt: skip
+                       wide_share: float = WIDE_SHARE) -> dict:  # fmt: skip
     """The program's minimiser for ``features`` (``N x D``) by the working sets on their
     device (module docstring), float64 inside the kernel. ``slots``: the slots per column at
-    each level (powers of two, increasing; at most two levels are needed, more are allowed).
+    each level (increasing, from :data:`SLOT_COUNTS`; at most two levels are needed, more are allowed).
     ``programs``: the kernel's programs (None: 4 per SM on CUDA, 8 elsewhere).
+    Where ``C`` is dense (:func:`dense_at_start`; or more than ``wide_share`` of the columns
+    fill the first level) it stops there: ``dense`` says why (else None), ``coef`` and
+    ``outliers`` are None where no pass ran.
 
     Returns a dict: ``coef``, ``outliers`` (float64, on the device), ``lambda_e``,
     ``lambda_z``, ``passes`` (the sum over the levels), ``converged`` (every column solved
     within its slots and the passes), ``wide_columns`` (columns that took a level past the
     first), ``overflow`` (columns whose set outgrew the last level), ``steps`` (per column,
-    on the device), ``reads`` (host reads, by kind) and ``timings``."""
+    on the device), ``reads`` (host reads, by kind), ``dense`` and ``timings``."""
     t0 = time.perf_counter()
     x = as_feature_tensor(features)
     n, d = x.shape
     if n < 2:
         raise ValueError(f"SSC needs at least 2 points, got N = {n}")
-    slots = tuple(int(s) for s in slots)
-    if not slots or any(s < 2 or s & (s - 1) for s in slots) or list(slots) != sorted(set(slots)):
-        raise ValueError(f"slots: expected increasing powers of two >= 2, got {slots}")
+    slots = _checked_slots(slots, x.device)
     if precision not in ("float32", "float64"):
         raise ValueError(f"precision: expected 'float32' or 'float64', got {precision!r}")
     for name, value in (("grow", grow), ("max_passes", max_passes), ("max_inner", max_inner)):
@@ -403,6 +480,8 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
             raise ValueError(f"{name}: expected a positive integer, got {value}")
     if not tol >= 0:
         raise ValueError(f"tol: expected a non-negative number, got {tol}")
+    if not 0 < wide_share <= 1:
+        raise ValueError(f"wide_share: expected a share in (0, 1], got {wide_share}")
     dev = x.device
     if programs is None:
         programs = (4 * torch.cuda.get_device_properties(dev).multi_processor_count
@@ -426,15 +505,24 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
     z = torch.zeros((n, slots[0]), dtype=torch.float64, device=dev)
     ids[:, 0], z[:, 0] = nearest_points(G), 1.0  # each column from its nearest point
     t1 = time.perf_counter()
+    if bool(dense_at_start(X, ids[:, 0], lam_e, lam_z, slots[0])):
+        reads.append("dense")
+        return dict(coef=None, outliers=None, lambda_e=lam_e, lambda_z=lam_z, passes=0,
+                    converged=False, wide_columns=0, overflow=0, steps=None, reads=reads,
+                    dense=f"the median column has more outlier entries violating at its "
+                    f"nearest point than {slots[0]} slots; the working sets did not run",
+                    timings={"lambdas": t1 - t0, "workset_cuda": time.perf_counter() - t1})  # fmt: skip
+    reads.append("dense")
     final_ids = torch.full((n, slots[-1]), -1, dtype=torch.int64, device=dev)
     final_z = torch.zeros((n, slots[-1]), dtype=torch.float64, device=dev)
     steps = torch.zeros(n, dtype=torch.int64, device=dev)
-    total, converged, wide, overflow = 0, True, 0, 0
+    total, converged, wide, overflow, dense = 0, True, 0, 0, None
     for level, M in enumerate(slots):
         state = _state(program, cols, ids, z)
+        max_aside = wide_share * n if level == 0 and len(slots) > 1 else math.inf
         passes, done = _solve_level(state, precision=precision, grow=grow,
                                     max_passes=max_passes, programs=programs,
-                                    num_warps=num_warps, reads=reads)  # fmt: skip
+                                    reads=reads, max_aside=max_aside)  # fmt: skip
         total += passes
         converged &= done
         final_ids[cols, :M], final_z[cols, :M] = state["ids"], state["z"]
@@ -442,6 +530,11 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
         aside = state["aside"]
         count = int(aside.sum())
         reads.append("level")
+        if count > max_aside:
+            dense = (f"{count} of {n} columns filled {M} slots in {passes} passes (more than "
+                     f"{wide_share:g} of them)")  # fmt: skip
+            converged, overflow = False, count
+            break
         if not count or not done or level + 1 == len(slots):
             overflow = count
             converged &= count == 0
@@ -460,7 +553,8 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
     t2 = time.perf_counter()
     return dict(coef=coef, outliers=outliers, lambda_e=lam_e, lambda_z=lam_z, passes=total,
                 converged=converged, wide_columns=wide, overflow=overflow, steps=steps,
-                reads=reads, timings={"lambdas": t1 - t0, "workset_cuda": t2 - t1})  # fmt: skip
+                reads=reads, dense=dense,
+                timings={"lambdas": t1 - t0, "workset_cuda": t2 - t1})  # fmt: skip
 
 
 def run_workset_cuda(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float,
@@ -475,9 +569,9 @@ def run_workset_cuda(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: fl
     Where a column outgrows the slots, the passes run out or the answer is not certified
     (gap below :data:`CERTIFIED`), the fast solver's answer (``plan.fallback``, with
     ``rho``, ``eps``, ``max_iter``, ``progress``) with ``solver="fast"`` and a warning
-    giving its gap. ``slots``: the levels of slots (:data:`SLOTS`). Solves
-    the method's program only (``affine``,
-    ``outliers``)."""
+    giving its gap; where ``C`` is dense (:func:`solve_workset_cuda`'s ``dense``) that answer
+    at once. ``slots``: the levels of slots (:data:`SLOTS`). Solves the method's program
+    only (``affine``, ``outliers``)."""
     if not (affine and outliers):
         raise ValueError(
             "the working sets solve the method's program (affine=True, outliers=True), got "
@@ -486,22 +580,28 @@ def run_workset_cuda(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: fl
     if getattr(progress, "schedules_only", False):  # a scheduler's hook: its turn
         progress.wait()
     out = solve_workset_cuda(x, alpha_e=alpha_e, alpha_z=alpha_z, slots=slots)
-    history = {k: out[k] for k in ("passes", "wide_columns", "overflow")}
-    history["host_reads"] = len(out["reads"]) + 3  # (+ the certificate's three floats)
+    history = {k: out[k] for k in ("passes", "wide_columns", "overflow", "dense")}
+    history["host_reads"] = len(out["reads"])
     y = x.detach().to(torch.float64).T  # (the program's Y, for either answer's certificate)
-    res = SSCSolution.certified(
-        y, out["coef"], out["outliers"], out["lambda_e"],
-        out["lambda_z"], like=x, dtype=plan.work, timings=out["timings"],
-        iterations=out["passes"], converged=out["converged"], history=history, solver=plan.solver,
-        strategy="workset_cuda_wide" if out["wide_columns"] else "workset_cuda")  # fmt: skip
-    if res.converged and res.residual < CERTIFIED:
-        return res
+    timings = out["timings"]
+    if out["dense"] is None:
+        history["host_reads"] += 3  # (the certificate's three floats)
+        res = SSCSolution.certified(
+            y, out["coef"], out["outliers"], out["lambda_e"],
+            out["lambda_z"], like=x, dtype=plan.work, timings=timings,
+            iterations=out["passes"], converged=out["converged"], history=history,
+            solver=plan.solver,
+            strategy="workset_cuda_wide" if out["wide_columns"] else "workset_cuda")  # fmt: skip
+        if res.converged and res.residual < CERTIFIED:
+            return res
+        timings = res.timings
     fast = run_admm(x, plan.fallback, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
                     max_iter=max_iter, progress=progress)  # fmt: skip
-    why = (f"{out['overflow']} columns outgrew {slots[-1]} slots" if out["overflow"] else
+    why = (f"C is dense here: {out['dense']}" if out["dense"] else
+           f"{out['overflow']} columns outgrew {slots[-1]} slots" if out["overflow"] else
            "the passes ran out" if not out["converged"] else f"its gap {res.residual:.3g}")  # fmt: skip
     fast.uncertified(y, "the working sets on the GPU did not certify these "
                      f"{x.shape[0]} tokens ({why})")  # fmt: skip
     fast.history = {"workset_cuda": history, "fast": fast.history}
-    fast.timings = {**res.timings, **{f"fast_{k}": v for k, v in fast.timings.items()}}
+    fast.timings = {**timings, **{f"fast_{k}": v for k, v in fast.timings.items()}}
     return fast

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from videoanchor.integrations.options import AnchorConfig, clusters_for, ssc_kwargs
+from videoanchor.integrations.options import AnchorConfig, clusters_for, ssc_kwargs, ssc_plan
 from videoanchor.integrations.score_cache import ScoreCache, score_key
 from videoanchor.integrations.vllm import metrics
 from videoanchor.integrations.vllm.config import engine_config, score_cache_bytes
@@ -328,12 +328,14 @@ def warm_up(worker) -> str | None:
     t0 = time.perf_counter()
     x = torch.randn(*WARM_UP_SHAPE, generator=torch.Generator().manual_seed(0))
     try:
-        from videoanchor.anchor import compute_anchor_scores
+        from videoanchor.anchor import compute_anchor_scores, workset_cuda
 
         with warnings.catch_warnings():  # (random features: nothing a request would see)
             warnings.simplefilter("ignore")
             res = compute_anchor_scores(x.to(runner.device), 2, **ssc_kwargs(cfg),
                                         progress=False)  # fmt: skip
+        if ssc_plan(cfg, *WARM_UP_SHAPE, runner.device).route == "workset_cuda":
+            workset_cuda.warm_up(runner.device)  # (every level of slots, into Triton's cache)
     except Exception as err:
         logger.warning("videoanchor: the SSC warm-up at start-up failed (%s: %s); requests "
                        "will meet the same error", type(err).__name__, err)  # fmt: skip
