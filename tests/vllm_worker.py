@@ -109,7 +109,7 @@ def _record_scores():
 
 _SSC: list = []
 _SSC_OPTIONS = ("alpha_e", "alpha_z", "rho", "eps", "max_iter", "pca_rank", "seed",
-                "label_draws", "solver")  # fmt: skip
+                "label_draws", "solver", "cluster_share")  # fmt: skip
 
 
 def _record_ssc():
