@@ -271,7 +271,8 @@ def solve_ssc_workset(
     positive starts from its nearest point, as every column does by default): near the
     minimiser, few steps remain; the answer is the same.
     ``residual`` of the result is the largest relative duality gap over the columns
-    (:func:`duality_gaps`), ``iterations`` the most passes a column took, ``converged``
+    (:func:`duality_gaps`) of the float64 answer, ``gap`` that of ``coef`` as returned (in
+    its dtype), ``iterations`` the most passes a column took, ``converged``
     whether every column's set is optimal (no violation above ``tol``); a column that is not
     (its steps or passes ran out) keeps its last iterate, which meets the constraint.
     ``timings``: ``lambdas`` (the Gram matrix and the lambdas), ``workset``, ``certificate``.
