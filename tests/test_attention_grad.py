@@ -242,8 +242,9 @@ def test_transformers_style_4d_mask_equals_causal_and_padding():
             q, k, v, kb, vs, causal=False, attn_mask=m, backend="torch"
         )
         # Rows 0-2 of sample 1 see no key: bool gives 0, finfo.min a uniform average (as SDPA).
-        torch.testing.assert_close(out[0], direct[0], atol=1e-6, rtol=0)
-        torch.testing.assert_close(out[1, :, 3:], direct[1, :, 3:], atol=1e-6, rtol=0)
+        # A few float32 ulps apart (1.9e-6 at an output of 4.6 with AVX2 arithmetic: issue 80)
+        torch.testing.assert_close(out[0], direct[0], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(out[1, :, 3:], direct[1, :, 3:], atol=1e-6, rtol=1e-6)
     inf_mask = additive.masked_fill(~allowed, float("-inf"))
     out, lse = videoanchor.anchored_attention(
         q, k, v, kb, vs, causal=False, attn_mask=inf_mask, backend="torch", return_lse=True

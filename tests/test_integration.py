@@ -149,7 +149,12 @@ def test_batch_with_padding_equals_separate_runs(fam):
     for b, sample in enumerate(fam.samples):
         alone = fam.ours(**sample).logits
         n = sample["input_ids"].shape[1]
-        assert torch.allclose(handle.last_scores[0], batch_scores[b, width - n :])
+        # the batch's visual features round otherwise than the lone run's (other GEMM shapes:
+        # 3.6e-6 apart in the scores with AVX2 arithmetic, 0 with AVX-512): the certified
+        # minimiser's scores follow them continuously (issue 80)
+        torch.testing.assert_close(
+            handle.last_scores[0], batch_scores[b, width - n :], atol=1e-5, rtol=0
+        )
         assert (batch_scores[b, : width - n] == 0).all()
         assert (
             _max_diff(out[b : b + 1, width - n :], alone, torch.ones(1, n, dtype=torch.bool)) < 2e-5

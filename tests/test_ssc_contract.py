@@ -58,7 +58,11 @@ def test_the_gap_is_the_certificate_of_the_returned_c(features):
     res = compute_anchor_scores(x, 4)
     assert res.solver == "workset" and res.coef.dtype == features
     indep = _independent_gaps(x, res.coef, res.lambda_e, res.lambda_z)
-    assert res.gap >= indep.max() * (1 - 1e-6) and res.gap == pytest.approx(indep.max(), rel=1e-6)
+    # two float64 sums of primal - dual differ by 1e-15 to 2.3e-14 where the gap is 1e-12
+    # (AVX-512 and AVX2 arithmetic): that much absolute slack, 1e-6 relative above it
+    slack = 1e-13
+    assert res.gap >= indep.max() * (1 - 1e-6) - slack
+    assert res.gap == pytest.approx(indep.max(), rel=1e-6, abs=slack)
     assert res.residual < 1e-9  # the float64 answer the routes certified
     if features == torch.float64:
         assert res.gap == res.residual
