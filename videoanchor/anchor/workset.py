@@ -210,7 +210,12 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
     spans = [mine]
     if math.isfinite(budget):  # (a first span of at least 16 columns: its overheads amortised)
         first = max(16, threads * 4, math.ceil(len(mine) * FIRST_SPAN))
-        spans = [mine[:first]] + [a for a in np.array_split(mine[first:], 8) if len(a)]
+        # a stride through the columns, not its first ones: the projection samples the whole
+        # (Yale B's columns come subject by subject, a video's frame by frame)
+        pick = np.zeros(len(mine), dtype=bool)
+        pick[np.linspace(0, len(mine) - 1, min(first, len(mine))).round().astype(np.int64)] = True
+        rest = mine[~pick]
+        spans = [mine[pick]] + [a for a in np.array_split(rest, 8) if len(a)]
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
     t0, done = time.process_time(), 0
     try:
