@@ -334,8 +334,8 @@ def compute_anchor_scores(
     the features' device; ``scores`` (N,) float32 in [0, 1), ``labels`` (N,) int64 and
     ``coef`` (N, N) are returned there.
 
-    ``solver``: ``"auto"`` (default) runs ``"workset"`` on the CPU and ``"fast"`` elsewhere
-    (CUDA, CuPy) or where ``rho``, ``eps``, ``max_iter`` or a ``progress`` reporter or time
+    ``solver``: ``"auto"`` (default) runs ``"workset"`` on the CPU and on CUDA (its Triton
+    working sets), ``"fast"`` elsewhere (CuPy) or where ``rho``, ``eps``, ``max_iter`` or a ``progress`` reporter or time
     budget is set (they apply to iterations) in exact mode, the authors' iteration in blocked
     mode;
     ``"fast"`` (an approximation
