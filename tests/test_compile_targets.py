@@ -33,6 +33,9 @@ CASES = [
     ("prefill-bf16-d128-fast", dict(kind=P, dtype="bf16", D=128, fast=True), (80, 86, 90)),
     ("prefill-fp16-d64-fast-varlen", dict(kind=P, dtype="fp16", D=64, fast=True, varlen=True),
      (90,)),
+    # With a padding mask (batched VLM prompts): 128 x 64 tiles at 255 registers on sm_90.
+    ("prefill-bf16-d128-fast-mask-lse",
+     dict(kind=P, dtype="bf16", D=128, fast=True, mask=True, lse=True), (80, 90)),
     # Paged (vLLM's layout: K and V strided views of one cache, 16-slot blocks, per-slot
     # gates read through the block table, general form).
     ("paged-prefill-bf16-d128-g7",
