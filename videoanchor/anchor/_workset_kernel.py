@@ -154,13 +154,15 @@ def _add_coef(L, A, Yg, Fc, sc, zc, fc, Fe, fe, u, sign, G, YT, lam_z, gamma, co
     return _chol_append(L, fc, col, a - lam_z * _dot(yg, yg, fe), RIDGE * a)
 
 
-@_jit(B(F2, F2, F2, I1, I, I1, F1, F1, I, I, F, F2, F, F1, F, B1, I))
-def _add_outlier(L, A, Yg, Fc, fc, Fe, se, ze, fe, k, sign, YT, lam_z, col, floor, failed, n):
+@_jit(B(F2, F2, F2, I1, I, I1, F1, F1, I, I, F, F2, F, F1, F, I1, I, I))
+def _add_outlier(L, A, Yg, Fc, fc, Fe, se, ze, fe, k, sign, YT, lam_z, col, floor, failed, n,
+                 stamp):  # fmt: skip
     """Outlier entry ``k`` (a row of ``Y``) joins ``Fe`` (at position ``fe``) with ``sign``
     and value 0: ``S`` loses ``lambda_z y y^T`` (``y = Y[k, Fc]``), a downdate with pivots
     above ``floor`` (:func:`_chol_rank1`). Where it fails, ``S`` is refactored, once per
-    variable and column: ``failed[n + k]`` marks it. False where the refactor failed or the
-    variable had failed before: the column ends :data:`SINGULAR`."""
+    variable and column: ``failed[n + k]`` is set to the column's ``stamp``. False where the
+    refactor failed or the variable had failed before in this column: the column ends
+    :data:`SINGULAR`."""
     Fe[fe], se[fe], ze[fe] = k, sign, 0.0
     root = math.sqrt(lam_z)
     for r in range(fc):
@@ -168,9 +170,9 @@ def _add_outlier(L, A, Yg, Fc, fc, Fe, se, ze, fe, k, sign, YT, lam_z, col, floo
         col[r] = root * Yg[r, fe]
     if _chol_rank1(L, fc, col, -1.0, A, floor):
         return True
-    if failed[n + k]:
+    if failed[n + k] == stamp:
         return False
-    failed[n + k] = True
+    failed[n + k] = stamp
     return _refactor(L, A, Yg, fc, fe + 1, lam_z, col)
 
 
@@ -228,7 +230,7 @@ def run_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z
         tuple(np.zeros(width) for _ in range(12)),
         np.zeros(n + d),  # full
         np.zeros(n + d, np.bool_),  # held: in F
-        np.zeros(n + d, np.bool_),  # failed: its rank-one update failed in this column
+        np.zeros(n + d, np.int64),  # failed: the column (+1) where its rank-one update failed
         np.zeros(2),  # the column's work: spent, bound
     )  # fmt: skip
     gamma = max(0.0, lam_z * float(np.diagonal(G).max()))
@@ -237,7 +239,7 @@ def run_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z
                   passes, work, hard, gamma, float(floor), *scratch)  # fmt: skip
 
 
-@_jit(types.none(I1, I, I, F2, F2, F2, I[:], I[:], F[:], F, F, F, I, I, I, I, I, F, F2, F2, I1, I1, F1, I1, F, F, F2, F2, F2, I1, F1, F1, I1, F1, F1, I1, SCRATCH, F1, B1, B1, F1), entry=True)  # fmt: skip
+@_jit(types.none(I1, I, I, F2, F2, F2, I[:], I[:], F[:], F, F, F, I, I, I, I, I, F, F2, F2, I1, I1, F1, I1, F, F, F2, F2, F2, I1, F1, F1, I1, F1, F1, I1, SCRATCH, F1, B1, I1, F1), entry=True)  # fmt: skip
 def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol,
                   grow, cap, cap_c, max_passes, max_inner, max_work, C, E, status, passes,
                   spent, hard, gamma, floor, L, A, Yg, Fc, sc, zc, Fe, se, ze, W, w, full, held,
@@ -260,8 +262,7 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
         s0, s1 = seed_ptr[i], seed_ptr[i + 1]
         work[0], work[1] = 0.0, max_work
         fc = fe = coefs = 0
-        for u in range(n + d):  # (no variable's update has failed in this column yet)
-            failed[u] = False
+        stamp = i + 1  # failed[u] == stamp: u's update failed in this column (no reset)
         for r in range(s0, s1):
             if seed_var[r] < n:
                 coefs += 1
@@ -271,7 +272,7 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
             u, v = seed_var[r], seed_val[r]
             if u >= n:
                 _add_outlier(L, A, Yg, Fc, fc, Fe, se, ze, fe, u - n, 1.0 if v > 0 else -1.0, YT,
-                             lam_z, col, floor, failed, n)  # fmt: skip
+                             lam_z, col, floor, failed, n, stamp)  # fmt: skip
                 ze[fe] = v
                 held[u] = True
                 fe += 1
@@ -404,10 +405,11 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
                             Fe[k2], se[k2], ze[k2] = Fe[k2 + 1], se[k2 + 1], ze[k2 + 1]
                         fe -= 1
                         if not _chol_rank1(L, fc, col, 1.0, A, RIDGE):  # (its pivots grow)
-                            if failed[left] or not _refactor(L, A, Yg, fc, fe, lam_z, col):
+                            if failed[left] == stamp or not _refactor(L, A, Yg, fc, fe, lam_z,
+                                                                      col):  # fmt: skip
                                 st = SINGULAR
                                 break
-                            failed[left] = True
+                            failed[left] = stamp
                 if st >= 0:
                     break
                 for r in range(fc - 1, -1, -1):
@@ -467,7 +469,7 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
                     fc += 1
                 else:
                     if not _add_outlier(L, A, Yg, Fc, fc, Fe, se, ze, fe, at - n, sign, YT, lam_z,
-                                        col, floor, failed, n):  # fmt: skip
+                                        col, floor, failed, n, stamp):  # fmt: skip
                         st = SINGULAR
                         break
                     fe += 1
