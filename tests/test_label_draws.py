@@ -89,11 +89,12 @@ def test_anchor_scores_checks_the_draws_shape():
         anchor_scores(c, torch.zeros(0, 4, dtype=torch.long))
 
 
-@torch.no_grad()
-def test_configure_passes_label_draws(monkeypatch):
+def _spied_tiny_model(monkeypatch, option: str):
+    """The tiny Qwen2.5-VL on the videoanchor attention, and the list that collects the
+    ``option`` keyword of each ``compute_anchor_scores`` call its forward makes."""
     from transformers import AutoModelForImageTextToText
 
-    from videoanchor.integrations.transformers.testing import tiny_model, tiny_sample
+    from videoanchor.integrations.transformers.testing import tiny_model
 
     model = tiny_model("qwen2_5_vl", seed=2)
     model = AutoModelForImageTextToText.from_config(
@@ -103,10 +104,18 @@ def test_configure_passes_label_draws(monkeypatch):
     real = anchor_module.compute_anchor_scores
 
     def spy(*args, **kw):
-        seen.append(kw.get("label_draws"))
+        seen.append(kw.get(option))
         return real(*args, **kw)
 
     monkeypatch.setattr(anchor_module, "compute_anchor_scores", spy)
+    return model, seen
+
+
+@torch.no_grad()
+def test_configure_passes_label_draws(monkeypatch):
+    from videoanchor.integrations.transformers.testing import tiny_sample
+
+    model, seen = _spied_tiny_model(monkeypatch, "label_draws")
     handle = videoanchor.configure(model, enabled=True, n_clusters=3, max_iter=50, label_draws=3)
     assert handle.config.label_draws == 3
     model(**tiny_sample(model.config, [4], text=4, seed=5))
@@ -231,23 +240,10 @@ def test_bad_cluster_share():
 
 @torch.no_grad()
 def test_configure_and_the_vllm_options_pass_cluster_share(monkeypatch):
-    from transformers import AutoModelForImageTextToText
-
-    from videoanchor.integrations.transformers.testing import tiny_model, tiny_sample
+    from videoanchor.integrations.transformers.testing import tiny_sample
     from videoanchor.integrations.vllm.config import engine_config, request_overrides
 
-    model = tiny_model("qwen2_5_vl", seed=2)
-    model = AutoModelForImageTextToText.from_config(
-        model.config, attn_implementation="videoanchor_triton"
-    ).eval()
-    seen = []
-    real = anchor_module.compute_anchor_scores
-
-    def spy(*args, **kw):
-        seen.append(kw.get("cluster_share"))
-        return real(*args, **kw)
-
-    monkeypatch.setattr(anchor_module, "compute_anchor_scores", spy)
+    model, seen = _spied_tiny_model(monkeypatch, "cluster_share")
     handle = videoanchor.configure(model, n_clusters=3, max_iter=50, cluster_share="soft")
     model(**tiny_sample(model.config, [4], text=4, seed=5))
     assert seen == ["soft"] and handle.config.cluster_share == "soft"

@@ -117,14 +117,20 @@ def test_dark_tokens_are_named_in_one_warning(count):
     assert f"{count} token(s) ({named}{more})" in said[0], said[0]
 
 
+def _dark_request():
+    """A request with dark tokens (:func:`_darkened`) and the default's answer for the same
+    request without them."""
+    clean = _tokens(frames=6, patches=16, d=64).double()
+    x, dark = _darkened(clean)
+    keep = [i for i in range(x.shape[0]) if i not in dark]
+    return x, compute_anchor_scores(clean[keep], 4)
+
+
 def test_ignoring_dark_tokens_takes_mu_z_from_the_others():
     """``dark_tokens="ignore"``: ``lambda_z`` is the request's without its dark tokens, the
     default certifies, and the other tokens' scores stay near those without the dark ones;
     the authors' rule raises ``lambda_z`` by orders of magnitude."""
-    clean = _tokens(frames=6, patches=16, d=64).double()
-    x, dark = _darkened(clean)
-    keep = [i for i in range(x.shape[0]) if i not in dark]
-    ref = compute_anchor_scores(clean[keep], 4)
+    x, ref = _dark_request()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ours = compute_anchor_scores(x, 4, dark_tokens="ignore")
@@ -152,10 +158,7 @@ def test_the_transformers_anchor_cache_takes_the_rule_and_keeps_the_gap():
     from videoanchor.integrations.options import AnchorConfig
     from videoanchor.integrations.transformers.cache import AnchorCache
 
-    clean = _tokens(frames=6, patches=16, d=64).double()
-    x, dark = _darkened(clean)
-    keep = [i for i in range(x.shape[0]) if i not in dark]
-    ref = compute_anchor_scores(clean[keep], 4)
+    x, ref = _dark_request()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = AnchorCache(None).anchor_result(x, 4, AnchorConfig(dark_tokens="ignore"))
