@@ -47,7 +47,7 @@ def test_slot_overflow_takes_the_second_level_and_then_the_fallback():
     overflow, not converged. Where more than ``wide_share`` of the columns fill the first
     level, ``C`` is dense: the level stops in the pass that saw it, the wide one never runs."""
     x = video_tokens(2, 8, 12, k=2, seed=1)
-    out = wc.solve_workset_cuda(x, slots=(4, 32), grow=4, max_inner=300, wide_share=1.0)
+    out = wc.solve_workset_cuda(x, slots=(4, 16), grow=4, max_inner=300, wide_share=1.0)
     assert out["wide_columns"] > 0 and out["overflow"] == 0 and out["dense"] is None
     _check(x, 800.0, out)
     share = out["wide_columns"] / x.shape[0] / 2
@@ -173,12 +173,12 @@ def test_gpu_warm_up_compiles_what_a_solve_runs(tmp_path):
         "import os, sys, torch\n"
         "from benchmarks.common import video_tokens\n"
         "from videoanchor.anchor import workset_cuda as wc\n"
-        "wc.warm_up(torch.device('cuda'), slots=(4, 32))\n"
+        "wc.warm_up(torch.device('cuda'), slots=(4, 16))\n"
         "files = lambda: sorted(os.path.relpath(os.path.join(r, f), sys.argv[1])\n"
         "                       for r, _, fs in os.walk(sys.argv[1]) for f in fs)\n"
         "before = files()\n"
         "x = video_tokens(2, 8, 12, k=2, seed=1).cuda()\n"
-        "out = wc.solve_workset_cuda(x, slots=(4, 32), grow=4, max_inner=300, wide_share=1.0)\n"
+        "out = wc.solve_workset_cuda(x, slots=(4, 16), grow=4, max_inner=300, wide_share=1.0)\n"
         "assert out['wide_columns'] > 0, out['wide_columns']\n"
         "assert files() == before, set(files()) - set(before)\n"
     )
