@@ -137,9 +137,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _post(port, body, timeout=300):
+def _post(port, body, timeout=300, endpoint="chat/completions"):
     req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode(),
+        f"http://127.0.0.1:{port}/v1/{endpoint}", data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )  # fmt: skip
     try:
@@ -284,6 +284,35 @@ def test_server_bad_or_over_limit_vllm_xargs_is_a_400_and_it_keeps_serving(
     assert after.get(series, 0.0) - before.get(series, 0.0) == 1, (before, after)
     status, reply = _ask(server, checkpoint, RUNS["off"])
     assert status == 200 and reply["choices"][0]["message"]["content"] == offline["off"]["text"]
+
+
+#: A text request on the server's other endpoints that carry ``vllm_xargs``.
+OTHER_ENDPOINTS = {
+    "completions": {"prompt": "what is it?", "max_tokens": 2, "temperature": 0.0},
+    "responses": {"input": "what is it?", "max_output_tokens": 2, "temperature": 0.0},
+}
+
+
+@pytest.mark.parametrize("endpoint", sorted(OTHER_ENDPOINTS))
+def test_other_endpoints_report_a_json_true_as_the_boolean_it_is(server, checkpoint, endpoint):
+    """``/v1/completions`` and ``/v1/responses`` refuse ``{"videoanchor": true}`` and a
+    ``true`` for a number saying what came (issue 78: ``/v1/completions`` said "got 1", the
+    chat's front-end check not being on its path), counted under the key; the endpoint then
+    answers a request with anchoring off."""
+    body = {"model": checkpoint, **OTHER_ENDPOINTS[endpoint]}
+    for key in ("videoanchor", "videoanchor_alpha_k"):
+        series = f'videoanchor_requests_refused_total{{option="{key}"}}'
+        before, _ = _videoanchor_series(server.port)
+        status, reply = _post(server.port, {**body, "vllm_xargs": {key: True}}, 60, endpoint)
+        after, _ = _videoanchor_series(server.port)
+        assert status == 400, reply
+        assert reply["error"]["message"] == (
+            f"extra_args[{key!r}]: expected a number (or 'on' / 'off' for 'videoanchor'), "
+            "got the JSON boolean true"), reply  # fmt: skip
+        assert after.get(series, 0.0) - before.get(series, 0.0) == 1, (before, after)
+    status, reply = _post(server.port, {**body, "vllm_xargs": {"videoanchor": "off"}}, 300,
+                          endpoint)  # fmt: skip
+    assert status == 200, reply
 
 
 def _stream_gaps(port, body, started: threading.Event, out: dict):

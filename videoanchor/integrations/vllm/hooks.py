@@ -108,8 +108,8 @@ def _engine_options_of(vllm_config):
     return entry[1], entry[2]
 
 
-def chat_refusal(vllm_config, xargs) -> str | None:
-    """Why an OpenAI chat request's ``vllm_xargs`` are refused on this engine (a bad value,
+def xargs_refusal(vllm_config, xargs) -> str | None:
+    """Why an OpenAI server request's ``vllm_xargs`` are refused on this engine (a bad value,
     an option or limit of the operator's policy, a backend the server cannot run), or None.
     Asked before the chat's media are rendered: a request refused after rendering leaves
     vLLM's front-end media cache believing the engine holds its items (vLLM's "P0/P1 cache
@@ -127,14 +127,14 @@ def chat_refusal(vllm_config, xargs) -> str | None:
 
 
 async def front_end_refusal(vllm_config, xargs, raw_request) -> str | None:
-    """Why the OpenAI server's front end refuses a chat request's ``vllm_xargs`` on this
+    """Why the OpenAI server's front end refuses a request's ``vllm_xargs`` on this
     engine, or None: a JSON boolean first (:func:`json_boolean`: vLLM has already read
-    ``true`` as 1, which :func:`chat_refusal` would report as "got 1"), then
-    :func:`chat_refusal`."""
+    ``true`` as 1, which :func:`xargs_refusal` would report as "got 1"), then
+    :func:`xargs_refusal`."""
     if not xargs or vllm_config is None or _engine_options_of(vllm_config)[0] is None:
         return None
     why = await json_boolean(xargs, raw_request)
-    return why if why is not None else chat_refusal(vllm_config, xargs)
+    return why if why is not None else xargs_refusal(vllm_config, xargs)
 
 
 async def json_boolean(xargs, raw_request) -> str | None:
@@ -155,30 +155,46 @@ async def json_boolean(xargs, raw_request) -> str | None:
     return None
 
 
-def _check_chat_before_rendering() -> None:
-    """Wraps ``OpenAIServingChat.create_chat_completion`` (the OpenAI server's chat
-    endpoint) so that :func:`front_end_refusal` answers a refused request with HTTP 400
-    before its media are rendered. The checks where vLLM validates
-    the request (``SamplingParams``, the ``InputProcessor``) still hold for every other
-    front end."""
-    try:
-        from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
-    except ImportError:  # a vLLM without the OpenAI server's chat module
-        return
+#: The OpenAI server's endpoints whose requests carry ``vllm_xargs``: (module, class,
+#: method). Anthropic's ``/v1/messages`` goes through the chat's method.
+FRONT_ENDS = (
+    ("vllm.entrypoints.openai.chat_completion.serving", "OpenAIServingChat",
+     "create_chat_completion"),
+    ("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompletion",
+     "create_completion"),
+    ("vllm.entrypoints.openai.responses.serving", "OpenAIServingResponses",
+     "create_responses"),
+)  # fmt: skip
 
-    def make(orig):
-        async def create_chat_completion(self, request, raw_request=None, *args, **kwargs):
-            vllm_config = getattr(getattr(self, "engine_client", None), "vllm_config", None)
-            xargs = getattr(request, "vllm_xargs", None)
-            why = await front_end_refusal(vllm_config, xargs, raw_request)
-            if why is not None:
-                metrics.refused(why)
-                return self.create_error_response(why, param="extra_args")
-            return await orig(self, request, raw_request, *args, **kwargs)
 
-        return create_chat_completion
+def _check_before_rendering() -> None:
+    """Wraps the OpenAI server's endpoints (:data:`FRONT_ENDS`: ``/v1/chat/completions``,
+    ``/v1/completions``, ``/v1/responses``) so that :func:`front_end_refusal` answers a
+    refused request with HTTP 400 before its prompt and media are rendered, and reports a
+    JSON boolean as what the client sent (vLLM has read it as 1 by then, and the checks
+    where vLLM validates the request would say "got 1"). Those checks
+    (``SamplingParams``, the ``InputProcessor``) still hold for every other front end."""
+    import importlib
 
-    wrap_once(OpenAIServingChat, "create_chat_completion", make)
+    for module, cls, method in FRONT_ENDS:
+        try:
+            serving = getattr(importlib.import_module(module), cls)
+        except (ImportError, AttributeError):  # a vLLM without this endpoint
+            continue
+
+        def make(orig):
+            async def create(self, request, raw_request=None, *args, **kwargs):
+                vllm_config = getattr(getattr(self, "engine_client", None), "vllm_config", None)
+                xargs = getattr(request, "vllm_xargs", None)
+                why = await front_end_refusal(vllm_config, xargs, raw_request)
+                if why is not None:
+                    metrics.refused(why)
+                    return self.create_error_response(why, param="extra_args")
+                return await orig(self, request, raw_request, *args, **kwargs)
+
+            return create
+
+        wrap_once(serving, method, make)
 
 
 #: Set in the front end of an anchored engine (:func:`refuse_short_videos`).
@@ -280,7 +296,7 @@ def install() -> None:
         return _validate_params
 
     wrap_once(InputProcessor, "_validate_params", make_validate)
-    _check_chat_before_rendering()
+    _check_before_rendering()
     refuse_short_videos()
 
     register_backend(
