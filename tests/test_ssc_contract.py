@@ -117,6 +117,28 @@ def test_dark_tokens_are_named_in_one_warning(count):
     assert f"{count} token(s) ({named}{more})" in said[0], said[0]
 
 
+def test_the_cuda_route_names_dark_tokens_in_one_warning_too():
+    """The GPU working sets' route (``run_workset_cuda``, its host code run here on CPU
+    tensors): its lambdas name the dark tokens, and the fast solver it falls back to (C is
+    dense here: the dark tokens' columns) does not name them again."""
+    from videoanchor.anchor import workset_cuda as wc
+    from videoanchor.anchor.plan import Plan
+
+    x, dark = _darkened(_tokens(frames=6, patches=16, d=64))
+    fast_plan = Plan(mode="exact", solver="fast", backend="torch", device=x.device,
+                     work=torch.float32, route="admm")  # fmt: skip
+    plan = Plan(mode="exact", solver="workset", backend="torch", device=x.device,
+                work=torch.float32, fallback=fast_plan)  # fmt: skip
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        res = wc.run_workset_cuda(x, plan, slots=(4,), alpha_e=800.0, alpha_z=800.0, rho=0.1,
+                                  eps=1e-4, max_iter=60, progress=False)  # fmt: skip
+    assert res.solver == "fast", res.strategy  # (the fallback ran: the path that warned twice)
+    said = [str(w.message) for w in seen if "mu_z" in str(w.message)]
+    assert len(said) == 1, said
+    assert f"{len(dark)} token(s) ({', '.join(map(str, dark))})" in said[0], said[0]
+
+
 def _dark_request():
     """A request with dark tokens (:func:`_darkened`) and the default's answer for the same
     request without them."""

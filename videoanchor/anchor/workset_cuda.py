@@ -595,8 +595,9 @@ def run_workset_cuda(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: fl
         if res.converged and res.residual < CERTIFIED:
             return res
         timings = res.timings
+    # (solve_workset_cuda's lambdas named the dark tokens: the fallback does not again)
     fast = run_admm(x, plan.fallback, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
-                    max_iter=max_iter, progress=progress)  # fmt: skip
+                    max_iter=max_iter, progress=progress, warn_dark=False)  # fmt: skip
     why = (f"C is dense here: {out['dense']}" if out["dense"] else
            f"{out['overflow']} columns outgrew {slots[-1]} slots" if out["overflow"] else
            "the passes ran out" if not out["converged"] else f"its gap {res.residual:.3g}")  # fmt: skip
