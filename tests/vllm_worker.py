@@ -13,7 +13,7 @@ one entry per SSC run in it: the features the engine handed to ``compute_anchor_
 cluster count, the options, the scores it returned and the solver that answered), "ssc": the
 transformers mode's SSC options (default: vllm_support.SSC), "ahead_stats": true (each batch gets
 "ahead": every worker's counts of requests scored ahead of their step, after the batch)}; request: {"media": "image:SEED" | "video:FRAMES:SEED" |
-"none", "max_tokens": n, "ignore_eos": bool, "extra_args": {...}, "question": text (default: the family's)}. Each batch is one ``generate`` call.
+"video:FRAMES:SEED:HEIGHTxWIDTH" (frames of that size; default 56 x 84) | "none", "max_tokens": n, "ignore_eos": bool, "extra_args": {...}, "question": text (default: the family's)}. Each batch is one ``generate`` call.
 """
 
 from __future__ import annotations
@@ -36,17 +36,18 @@ def _media(spec: str):
     if kind == "image":
         return "image", Image.fromarray(vs.frames(1, seed=int(rest[0]))[0])
     if kind == "video":
-        return "video", _video(int(rest[0]), int(rest[1]))
+        size = map(int, rest[2].split("x")) if len(rest) > 2 else ()
+        return "video", _video(int(rest[0]), int(rest[1]), *size)
     if kind == "videos":  # several videos in one request: "videos:N:SEED,N:SEED"
         items = [p.split(":") for p in spec[len("videos:") :].split(",")]
         return "videos", [_video(int(n), int(seed)) for n, seed in items]
     return None, None
 
 
-def _video(n, seed):
+def _video(n, seed, height=56, width=84):
     meta = {"fps": FPS, "total_num_frames": n, "duration": n / FPS,
             "frames_indices": list(range(n)), "video_backend": "opencv"}  # fmt: skip
-    return (vs.frames(n, seed=seed), meta)
+    return (vs.frames(n, seed=seed, height=height, width=width), meta)
 
 
 def _prompt(kind, data=None, family="qwen2_5_vl", question=None):
@@ -234,6 +235,7 @@ def run_transformers(spec):
     for batch in spec["batches"]:
         results = []
         _SSC.clear()
+        t = time.perf_counter()
         for req in batch:
             from videoanchor.integrations.options import AnchorConfig
 
@@ -271,7 +273,8 @@ def run_transformers(spec):
                             "prompt_ids": inputs["input_ids"][0].tolist(),
                             "scores": (None if handle.last_scores is None
                                        else handle.last_scores[0].tolist())})  # fmt: skip
-        out["batches"].append({"results": results, "ssc": list(_SSC)})
+        out["batches"].append({"results": results, "ssc": list(_SSC),
+                               "seconds": time.perf_counter() - t})  # fmt: skip
     return out
 
 
