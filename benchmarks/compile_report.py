@@ -14,6 +14,7 @@ static stand-in for "anchored >= 0.97x the speed of our own no-bias kernel" (tar
 EVERY FIGURE HERE IS STATIC, read from compiled code; none is a timing.
 
     TRITON_INTERPRET=0 python -m benchmarks.compile_report [--cc 90 80] [--jobs 2] [--quick]
+    TRITON_INTERPRET=0 python -m benchmarks.compile_report --loop python3 /path/to/other/python
 """
 
 from __future__ import annotations
@@ -286,6 +287,68 @@ def run(ccs, jobs: int, quick: bool, out_dir: Path, child_argv=None) -> None:
             )
 
 
+#: The prefill main loop the issue's instruction target is about (bf16, D 128, causal, the
+#: sm_90 tiles), with 512 keys: pointers 16-byte aligned as at the measured lengths (300
+#: keys leave the gate pairs 8-byte aligned, another copy width).
+LOOP_BASE = dict(kind=P, dtype="bf16", D=128, causal=True, mix=True, Skv=512)
+LOOP_FORMS = {
+    "plain": dict(LOOP_BASE, gates=False),
+    "fast": dict(LOOP_BASE, fast=True),
+    "general": dict(LOOP_BASE),
+}
+
+
+def loop_report(pythons: list[str], out_dir: Path, child_argv=None) -> None:
+    """The prefill main loop on sm_90 under each Python's Triton (``--loop``): SASS
+    instructions, the opcode mix, registers, spills and ptxas's wgmma-serialisation
+    advisory per form. Writes compile_loop_triton36_static.json. STATIC."""
+    import subprocess
+    import sys
+
+    from videoanchor.kernels import aot
+
+    versions = {}
+    for py in pythons:
+        argv = [py, *(child_argv or [sys.executable, "-m", "videoanchor.kernels.aot"])[1:]]
+        ver = subprocess.run(
+            [py, "-c", "import triton, torch; print(triton.__version__, torch.__version__)"],
+            capture_output=True, text=True, check=True,
+        ).stdout.split()  # fmt: skip
+        rows = aot.compile_in_subprocess([(c, 90) for c in LOOP_FORMS.values()], argv=argv)
+        forms = {}
+        for name, case in LOOP_FORMS.items():
+            got = [
+                r
+                for r in rows
+                if r["case"] == case and r.get("kernel") == "_anchored_prefill_kernel"
+            ]
+            if not got or "error" in got[0]:
+                forms[name] = dict(error=str(got[0].get("error") if got else "no row"))
+                continue
+            r = got[0]
+            forms[name] = {
+                k: r[k] for k in ("registers", "spill_stores", "spill_loads", "mma",
+                                  "wgmma_serialized", "main_loop") if k in r
+            }  # fmt: skip
+        plain = forms["plain"].get("main_loop")
+        for name in ("fast", "general"):
+            if plain and "main_loop" in forms[name]:
+                forms[name]["vs_plain"] = dict(
+                    instructions=round(forms[name]["main_loop"]["instructions"] / plain["instructions"], 3),
+                    extra_registers=forms[name]["registers"] - forms["plain"]["registers"],
+                )  # fmt: skip
+        versions[ver[0]] = dict(python=py, torch=ver[1], forms=forms)
+        print(ver[0], {n: (f.get("main_loop", {}).get("instructions"), f.get("registers"),
+                           f.get("wgmma_serialized")) for n, f in forms.items()})  # fmt: skip
+    meta = environment(device="cpu")
+    meta.update(target="sm_90", case=LOOP_BASE, note="STATIC figures read from compiled code "
+                "(ptxas report, SASS of the loop over key blocks every row sees); no timing")  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "compile_loop_triton36_static.json"
+    path.write_text(json.dumps(dict(meta=meta, triton=versions), indent=1) + "\n")
+    print("->", path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cc", type=int, nargs="+", default=[90, 80])
@@ -298,6 +361,10 @@ def main() -> None:
     ap.add_argument(
         "--table", action="store_true", help="print the main-loop table of the committed files"
     )
+    ap.add_argument(
+        "--loop", nargs="+", metavar="PYTHON",
+        help="only the prefill main loop, under each of these Pythons' Triton",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.table:
         paths = sorted(args.out.glob("compile_sm*.json"))
@@ -318,6 +385,9 @@ def main() -> None:
 
         torchvision_shim.apply()
         child_argv = torchvision_shim.python_m("videoanchor.kernels.aot")
+    if args.loop:
+        loop_report(args.loop, args.out, child_argv)
+        return
     run(args.cc, args.jobs, args.quick, args.out, child_argv)
 
 

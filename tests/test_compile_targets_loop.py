@@ -2,12 +2,14 @@
 (Triton's bundled ptxas and nvdisasm, no GPU): the anchored loop against the plain one.
 
 STATIC figures: instruction counts of the loop over the key blocks every row sees (bf16,
-D 128, causal, the real sm_90 tiles: 128 x 64 in 8 warps), registers and spills from ptxas.
+D 128, causal, the real sm_90 tiles: 128 x 64 in 8 warps, 512 keys so that the gate pairs
+are 16-byte aligned as at the measured lengths), registers and spills from ptxas.
 The issue's targets are anchored <= plain + 3% instructions and registers <= plain + 8.
-What the fast form reaches (triton 3.9, compile_sm90.json's ``instruction_mix``): 473
-against 434 instructions (1.09x) and 199 against 163 registers. The bounds below hold that,
-with a few instructions of slack for ptxas's scheduling, so a change that adds work to the
-loop fails here; they are not the issue's targets, which this test does not claim.
+What the fast form reaches (compile_loop_triton36_static.json): triton 3.9, 469 against
+434 instructions (1.081x) and 199 against 163 registers; triton 3.6 (the GPU machine's),
+445 against 411 (1.083x) and 191 against 157. The bounds below hold the installed
+Triton's (3.9) with a little slack for ptxas's scheduling, so a change that adds work to
+the loop fails here; they are not the issue's targets, which this test does not claim.
 
 Where the rest goes (the SASS): the logits' arithmetic is the plain loop's (the bias and
 log2 of the scale ride in the FMA that applies the softmax scale, the exp2 argument is one
@@ -22,14 +24,14 @@ memory bounds it), so those registers cost no occupancy there.
 import pytest
 from compile_cases import compile_cases
 
-BASE = dict(kind="prefill", dtype="bf16", D=128, causal=True, mix=True)
+BASE = dict(kind="prefill", dtype="bf16", D=128, causal=True, mix=True, Skv=512)
 FORMS = {
     "plain": dict(BASE, gates=False),
     "fast": dict(BASE, fast=True),
     "general": dict(BASE),
 }
-#: anchored (fast form) / plain main-loop instructions, achieved 1.090 (473 / 434).
-MAX_INSTRUCTION_RATIO = 1.10
+#: anchored (fast form) / plain main-loop instructions, achieved 1.081 (469 / 434).
+MAX_INSTRUCTION_RATIO = 1.09
 #: registers above plain, achieved 36 (199 / 163).
 MAX_EXTRA_REGISTERS = 40
 
@@ -49,6 +51,8 @@ def test_no_spills_and_wgmma(loops):
     for name, r in loops.items():
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (name, r["registers"])
         assert r["mma"] == "wgmma", name
+        # ptxas would otherwise make each wgmma wait for the one before (its advisory C7515).
+        assert not r["wgmma_serialized"], name
         assert "main_loop" in r, name
 
 

@@ -8,8 +8,9 @@ which are divisible by 16, pointer alignment), compiled with ``triton.compile`` 
 stack, shared memory, the kind of MMA in the PTX and the CTAs that fit on one SM.
 
 Triton's APIs for this are internal; :func:`unavailable_reason` says why this Triton cannot
-be used (tested: triton 3.9). Kernels must be real JIT functions, so run this with
-``TRITON_INTERPRET=0`` (``python -m videoanchor.kernels.aot`` does). Every figure here is
+be used (tested: triton 3.9; triton 3.6, the GPU machine's, compiles the prefill main
+loop cases of ``benchmarks/compile_report.py --loop``). Kernels must be real JIT functions,
+so run this with ``TRITON_INTERPRET=0`` (``python -m videoanchor.kernels.aot`` does). Every figure here is
 STATIC, read from compiled code, never a timing.
 """
 
@@ -202,6 +203,8 @@ def compile_launch(rec: _launch.Launch, cc: int, keep_cubin: bool = False) -> di
         num_stages=int(meta.num_stages),
         enable_fp_fusion=bool(options.enable_fp_fusion),
         mma=mma_kind(compiled.asm["ptx"]),
+        # ptxas's advisory C7515: it made every wgmma of the kernel wait for the previous.
+        wgmma_serialized="wgmma.mma_async instructions are serialized" in text,
         ctas_per_sm=occupancy(cc, n_regs, int(meta.num_warps), shared),
         grid=list(rec.grid),
         constexprs={kern.arg_names[p[0]]: v for p, v in constexprs.items()},
@@ -222,7 +225,7 @@ def case_inputs(case: dict):
     Hkv = case.get("Hkv", 4)
     Hq = Hkv * group
     B, Sq = 2, case.get("Sq", 48 if case["kind"] == "prefill" else 1)
-    Skv = 300
+    Skv = case.get("Skv", 300)
     varlen = case.get("varlen", False)
     if varlen:
         q = torch.randn(B * Sq, Hq, D).to(dtype)

@@ -108,13 +108,20 @@ def _attend_key_range(
         if HAS_BIAS:
             # The bias arrives in log2 units: it rides in the FMA that applies qk_scale.
             if FOLD:
-                # The fast form: one 8-byte load per key of (bias + log2(scale), 1 / scale),
-                # contiguous pairs (the launcher's layout).
-                o_g = (o_kn * 2)[:, None] + tl.arange(0, 2)[None, :]
+                # The fast form: per key the pair (bias + log2(scale), 1 / scale), contiguous
+                # pairs (the launcher's layout). Blocks every row sees read the tile as rows
+                # of two keys (16 bytes; int32 offsets: a sequence's pairs index < 2^31):
+                # triton 3.6 pipelines it with one 16-byte async copy per two keys instead
+                # of an 8-byte copy and a 64-bit address per key (loop 496 -> 445 SASS
+                # instructions on sm_90, compile_loop_triton36_static.json). The masked
+                # blocks keep the 2-D load (that form's mask made ptxas serialise wgmma).
                 if BOUNDARY:
+                    o_g = (o_kn * 2)[:, None] + tl.arange(0, 2)[None, :]
                     b_g = tl.load(p_bias + o_g, mask=m_n[:, None], other=0.0)
                 else:
-                    b_g = tl.load(p_bias + o_g)
+                    o_g = start_n * 2 + tl.arange(0, BLOCK_N // 2)[:, None] * 4
+                    o_g += tl.arange(0, 4)[None, :]
+                    b_g = tl.reshape(tl.load(p_bias + o_g), (BLOCK_N, 2))
                 b_bias, b_rcp = tl.split(b_g)
             elif BOUNDARY:
                 b_bias = tl.load(p_bias + o_b, mask=m_n, other=0.0)
