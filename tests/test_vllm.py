@@ -253,6 +253,15 @@ def _flip_moves(features, options, tries=4, rel=1e-7):
     return moves
 
 
+def _apart(got, want, b):
+    """Two engines' runs of batch ``b``: (their scores apart at the source, their logprobs
+    apart, whether their greedy tokens are equal)."""
+    gs, ws = got["batches"][b]["ssc"][0]["scores"], want["batches"][b]["ssc"][0]["scores"]
+    r, w = _res(got, b), _res(want, b)
+    lps = max(abs(x - y) for x, y in zip(r["logprobs"], w["logprobs"], strict=False))
+    return max(abs(x - y) for x, y in zip(gs, ws, strict=True)), lps, r["tokens"] == w["tokens"]
+
+
 def test_engines_agree_on_a_flip_prone_video_with_soft_shares(soft, reference_soft):
     """Issue 78: on FLIP the paper's scores jump under 1e-7 of rounding, so vLLM and
     transformers, whose features differ by about that much, may give other answers; with
@@ -261,9 +270,12 @@ def test_engines_agree_on_a_flip_prone_video_with_soft_shares(soft, reference_so
     First, that FLIP is flip-prone: the paper's scores on transformers' features move by
     more than 0.05 under a 1e-7 relative change in at least one of 4 tries, the soft
     share's by less than 1e-4 in every try. Then the soft share through both engines.
-    Last, what the paper's share shows through both engines (measured on this CI machine,
-    docs/serving.md): each engine's scores are SSC's on its own features, and the two
-    engines' scores differ by more than 0.05, their logprobs by more than 1e-4."""
+    Last, what the paper's share gives through both engines: each engine's scores are SSC's
+    on its own features, and which labels each engine lands on is the rounding's: the two
+    engines' scores are either the same labels' (within 1e-4, answers within 1e-4) or a
+    flip apart (more than 0.05, and the answers then differ by more than 1e-4), nothing
+    between. Which one depends on the CPU (docs/serving.md: 0.30 apart and other tokens
+    with AVX-512 here, 8.8e-6 apart under ATEN_CPU_CAPABILITY=avx2); it is printed."""
     soft_run, hard_run = (
         reference_soft["batches"][2]["ssc"][0],
         reference_soft["batches"][3]["ssc"][0],
@@ -281,23 +293,19 @@ def test_engines_agree_on_a_flip_prone_video_with_soft_shares(soft, reference_so
     vs.assert_same_ssc(soft["batches"][2], reference_soft["batches"][2])
     _close(_res(soft, 2), _res(reference_soft, 2))
     # the paper's share on the same features: each engine's scores are SSC's on its own
-    # features (assert_same_ssc without its last check), and the engines differ
-    got, want = soft["batches"][3]["ssc"][0], hard_run
-    assert got["options"]["cluster_share"] == "hard"
+    # features (assert_same_ssc without its last check); the engines' labels are the
+    # rounding's
+    assert soft["batches"][3]["ssc"][0]["options"]["cluster_share"] == "hard"
     vs.assert_same_ssc(soft["batches"][3], reference_soft["batches"][3], score_atol=float("inf"))
-    scores_apart = max(abs(a - b) for a, b in zip(got["scores"], want["scores"], strict=True))
-    a, b = _res(soft, 3), _res(reference_soft, 3)
-    lps_apart = max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"], strict=False))
-    print(
-        f"paper's share on FLIP: scores {scores_apart:.3g} apart, logprobs {lps_apart:.3g} "
-        f"apart, tokens {'equal' if a['tokens'] == b['tokens'] else 'differ'}"
-    )
-    assert scores_apart > 0.05 and (lps_apart > 1e-4 or a["tokens"] != b["tokens"]), (
-        scores_apart,
-        lps_apart,
-        a,
-        b,
-    )
+    soft_apart, hard = _apart(soft, reference_soft, 2), _apart(soft, reference_soft, 3)
+    print(f"FLIP, vLLM vs transformers (scores apart, logprobs apart, tokens equal): soft "
+          f"{soft_apart}, paper's share {hard}; the paper's scores under 1e-7 changes of "
+          f"transformers' features moved by {hard_moves}, the soft ones by {soft_moves}")  # fmt: skip
+    scores, lps, same_tokens = hard
+    if scores <= 1e-4:  # the same labels in both engines
+        assert lps <= 1e-4 and same_tokens, hard
+    else:  # a flip apart: the answers follow the scores
+        assert scores > 0.05 and (lps > 1e-4 or not same_tokens), hard
 
 
 def test_decode_all_equals_the_transformers_path(anchored, reference):
