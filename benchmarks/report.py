@@ -1300,7 +1300,8 @@ def _gate_cost_gpu(results: list[Result]) -> str:
             return "not timed"
         return f"{r[0]:.2f}x" if f"{r[0]:.2f}" == f"{r[1]:.2f}" else f"{r[0]:.2f}-{r[1]:.2f}x"
 
-    forms = [("anchored", "the fast form (V pre-scaled, what the integrations run)")]
+    fast = "the fast form (the value scale's log2 in the logits, one launch; what runs)"
+    forms = [("anchored", fast)]
     if att.meta.get("anchored_form") != "general":
         forms.append(("anchored_general", "the general form (value scale inside the loop)"))
     else:
