@@ -144,7 +144,7 @@ class Result:
 
     @property
     def area(self) -> str:
-        if self.stem.startswith("compile_"):
+        if re.fullmatch(r"compile_sm\d+", self.stem):  # the compile matrix, one per target
             return "compile"
         # the device slug is the last "_" part (benchmarks/common.py: <name>_<device>)
         return self.stem.rsplit("_", 1)[0] if "_" in self.stem else self.stem
