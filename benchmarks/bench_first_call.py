@@ -13,11 +13,14 @@ Each figure comes from its own Python process, as a user meets it:
 - ``import``: ``import torch`` against ``import videoanchor`` (which imports torch), timed
   in the process.
 
-``meta["summary"]`` holds the medians the README and docs quote. The CPU's instruction set
+``meta["summary"]`` holds the medians the README and docs quote. ``--baseline REF``: the
+``scores`` part of the tree at git ``REF`` too (``git archive``), run before the current
+tree's in each repetition, so that both meet the same load (rows' ``tree``; the summary's
+``baseline_*`` and ``cut_*``: the baseline less the current tree). The CPU's instruction set
 is what the environment gives (``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA``,
 ``NUMBA_CPU_NAME``, ``NUMBA_CPU_FEATURES``, recorded in ``meta``)::
 
-    python benchmarks/bench_first_call.py [--quick] [--reps 3]
+    python benchmarks/bench_first_call.py [--quick] [--reps 3] [--baseline REF]
 """
 
 from __future__ import annotations
@@ -39,9 +42,10 @@ ENV_KEYS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "NUMBA_CPU_NAME", "NUMB
 FRAMES, PATCHES, DIM, CLUSTERS = 16, 48, 1024, 24
 
 
-def _child_scores() -> dict:
-    """In a fresh process: the default scores' first and second call, and Numba's compile
-    time per function during the first."""
+def _child_scores(root: Path = ROOT) -> dict:
+    """In a fresh process: the default scores' first and second call (the clock's and this
+    process's CPU seconds), and Numba's compile time per function during the first, with
+    ``videoanchor`` imported from ``root``."""
     from numba.core import event
 
     class Compiles(event.Listener):
@@ -65,17 +69,19 @@ def _child_scores() -> dict:
     import torch
 
     torch.set_num_threads(1)
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(root))
     from benchmarks.common import video_tokens
 
     x = video_tokens(FRAMES, PATCHES, DIM)
     import videoanchor
 
-    times = []
+    assert Path(videoanchor.__file__).resolve().is_relative_to(root), videoanchor.__file__
+    times, cpu = [], []
     for _ in range(2):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = videoanchor.compute_anchor_scores(x, n_clusters=CLUSTERS)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     functions: dict[str, dict] = {}
     for name, took, own in compiles.done:
         f = functions.setdefault(name, {"specialisations": 0, "exclusive_seconds": 0.0,
@@ -84,7 +90,8 @@ def _child_scores() -> dict:
         f["exclusive_seconds"] += own
         f["inclusive_seconds"] = max(f["inclusive_seconds"], took)
     return {"n": x.shape[0], "d": x.shape[1], "solver": res.solver, "first_seconds": times[0],
-            "second_seconds": times[1], "functions": functions}  # fmt: skip
+            "second_seconds": times[1], "first_cpu_seconds": cpu[0], "second_cpu_seconds": cpu[1],
+            "functions": functions}  # fmt: skip
 
 
 def readme_snippet() -> str:
@@ -106,7 +113,7 @@ def _load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def run(reps: int, quick: bool, out_dir=None) -> Path:
+def run(reps: int, quick: bool, out_dir=None, baseline: str | None = None) -> Path:
     sys.path.insert(0, str(ROOT))
     import numba
 
@@ -119,20 +126,32 @@ def run(reps: int, quick: bool, out_dir=None) -> Path:
     me = [sys.executable, str(Path(__file__).resolve())]
     snippet = readme_snippet()
     with tempfile.TemporaryDirectory(prefix="videoanchor-numba-") as tmp:
+        trees = {"current": ROOT}
+        if baseline is not None:
+            sha = subprocess.run(["git", "rev-parse", baseline], cwd=ROOT, capture_output=True,
+                                 text=True, check=True).stdout.strip()  # fmt: skip
+            trees = {"baseline": Path(tmp) / "baseline", **trees}
+            trees["baseline"].mkdir()
+            archive = subprocess.run(["git", "archive", sha], cwd=ROOT, capture_output=True,
+                                     check=True).stdout  # fmt: skip
+            subprocess.run(["tar", "-x", "-C", str(trees["baseline"])], input=archive,
+                           check=True)  # fmt: skip
+            meta["baseline"] = {"ref": baseline, "git_sha": sha}
         for rep in range(reps):
-            cache = Path(tmp) / f"cache{rep}"  # a new, empty cache each repetition
-            env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
-            for state in ("empty", "warm"):
-                _, out = _run([*me, "--child", "scores"], env)
-                got = json.loads(out.strip().splitlines()[-1])
-                functions = got.pop("functions")
-                rows.append({"part": "scores", "cache": state, "rep": rep, **got,
-                             "first_minus_second": got["first_seconds"] - got["second_seconds"],
-                             "load": _load()})  # fmt: skip
-                if state == "empty" and rep == 0:
-                    rows += [{"part": "compile", "function": k, **v} for k, v in
-                             sorted(functions.items(), key=lambda kv: -kv[1]["exclusive_seconds"])]  # fmt: skip
-            env["NUMBA_CACHE_DIR"] = str(Path(tmp) / f"snippet{rep}")
+            for tree, root in trees.items():
+                cache = Path(tmp) / f"cache{rep}{tree}"  # a new, empty cache each repetition
+                env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
+                for state in ("empty", "warm"):
+                    _, out = _run([*me, "--child", "scores", "--root", str(root)], env)
+                    got = json.loads(out.strip().splitlines()[-1])
+                    functions = got.pop("functions")
+                    rows.append({"part": "scores", "tree": tree, "cache": state, "rep": rep,
+                                 **got, "first_minus_second": got["first_seconds"] - got["second_seconds"],
+                                 "load": _load()})  # fmt: skip
+                    if state == "empty" and rep == 0:
+                        rows += [{"part": "compile", "tree": tree, "function": k, **v} for k, v in
+                                 sorted(functions.items(), key=lambda kv: -kv[1]["exclusive_seconds"])]  # fmt: skip
+            env = {**os.environ, "NUMBA_CACHE_DIR": str(Path(tmp) / f"snippet{rep}")}
             for state in ("empty", "warm"):
                 took, _ = _run([sys.executable, "-c", snippet], env)
                 rows.append({"part": "snippet", "cache": state, "rep": rep, "seconds": took,
@@ -144,30 +163,44 @@ def run(reps: int, quick: bool, out_dir=None) -> Path:
                              "seconds": float(out.strip().splitlines()[-1]), "process_seconds": took,
                              "load": _load()})  # fmt: skip
 
-    def median(part, key, **match):
-        vals = [
-            r[key] for r in rows if r["part"] == part and all(r[k] == v for k, v in match.items())
-        ]
+    def median(part, key, tree="current", **match):
+        vals = [r[key] for r in rows if r["part"] == part and r.get("tree", tree) == tree
+                and all(r[k] == v for k, v in match.items())]  # fmt: skip
         return statistics.median(vals)
 
+    def scores(tree="current"):
+        return {
+            "scores_first_minus_second_empty_cache": median(
+                "scores", "first_minus_second", tree, cache="empty"
+            ),
+            "scores_first_empty_cache": median("scores", "first_seconds", tree, cache="empty"),
+            "scores_first_cpu_empty_cache": median(
+                "scores", "first_cpu_seconds", tree, cache="empty"
+            ),
+            "scores_second": median("scores", "second_seconds", tree, cache="empty"),
+            "scores_first_warm_cache": median("scores", "first_seconds", tree, cache="warm"),
+            "compile_seconds": sum(
+                r["exclusive_seconds"] for r in rows if r["part"] == "compile" and r["tree"] == tree
+            ),
+        }
+
     meta["summary"] = {
-        "scores_first_minus_second_empty_cache": median(
-            "scores", "first_minus_second", cache="empty"
-        ),
-        "scores_first_empty_cache": median("scores", "first_seconds", cache="empty"),
-        "scores_second": median("scores", "second_seconds", cache="empty"),
-        "scores_first_warm_cache": median("scores", "first_seconds", cache="warm"),
-        "compile_seconds": sum(r["exclusive_seconds"] for r in rows if r["part"] == "compile"),
+        **scores(),
         "snippet_empty_cache": median("snippet", "seconds", cache="empty"),
         "snippet_warm_cache": median("snippet", "seconds", cache="warm"),
         "import_torch": median("import", "seconds", module="torch"),
         "import_videoanchor": median("import", "seconds", module="videoanchor"),
     }
+    if baseline is not None:
+        base = scores("baseline")
+        meta["summary"].update({f"baseline_{k}": v for k, v in base.items()})
+        meta["summary"].update({f"cut_{k}": v - meta["summary"][k] for k, v in base.items()})
     meta["load_after"] = _load()
     print_table([r for r in rows if r["part"] != "compile"],
-                ["part", "cache", "module", "rep", "first_seconds", "second_seconds", "seconds"])  # fmt: skip
+                ["part", "tree", "cache", "module", "rep", "first_seconds", "first_cpu_seconds",
+                 "second_seconds", "seconds"])  # fmt: skip
     print_table([r for r in rows if r["part"] == "compile"],
-                ["function", "specialisations", "exclusive_seconds", "inclusive_seconds"])  # fmt: skip
+                ["tree", "function", "specialisations", "exclusive_seconds", "inclusive_seconds"])  # fmt: skip
     print(json.dumps(meta["summary"], indent=1))
     path = write_result("first_call_quick" if quick else "first_call", meta, rows, out_dir)
     print(f"wrote {path}")
@@ -179,14 +212,17 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="one repetition")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--baseline", default=None,
+                    help="a git ref whose tree's scores part runs beside the current tree's")  # fmt: skip
     ap.add_argument("--child", choices=["scores"], help=argparse.SUPPRESS)
+    ap.add_argument("--root", default=str(ROOT), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(_child_scores()))
+        print(json.dumps(_child_scores(Path(args.root).resolve())))
         return None
     if args.reps < 1:
         ap.error(f"--reps: expected a positive integer, got {args.reps}")
-    return run(1 if args.quick else args.reps, args.quick, args.out)
+    return run(1 if args.quick else args.reps, args.quick, args.out, args.baseline)
 
 
 if __name__ == "__main__":

@@ -52,8 +52,11 @@ SCRATCH = types.UniTuple(F1, 12)  # solve_columns' scratch vectors
 
 def _jit(sig, entry=False):
     """Compile for ``sig`` alone; a helper (not ``entry``) is called from compiled code only:
-    no wrappers to call it from Python or C."""
-    return numba.njit(sig, cache=True, nogil=True, fastmath=_FASTMATH,
+    no wrappers to call it from Python or C. ``no_rewrites``: Numba's IR rewrites (constant
+    getitems and raises, array expressions, dead branches on constants) find nothing to do
+    in this scalar code but take their time on an empty cache (issue 79; with ``len()`` for
+    ``.shape[k]`` and no ``max()``: ``first_call_cpu.json``'s ``cut_*``, C bit for bit)."""
+    return numba.njit(sig, cache=True, nogil=True, fastmath=_FASTMATH, no_rewrites=True,
                       no_cpython_wrapper=not entry, no_cfunc_wrapper=True)  # fmt: skip
 
 
@@ -73,7 +76,7 @@ def _chol_append(L, f, col, diag, floor):
         rest -= v * v
     if not math.isfinite(rest):
         return NOT_FINITE
-    L[f, f] = math.sqrt(max(rest, floor))
+    L[f, f] = math.sqrt(rest if rest >= floor else floor)  # (max() compiles an overload)
     return APPENDED if rest >= floor else FLOORED
 
 
@@ -252,10 +255,10 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
     (none left) runs an outer pass. All of it is one function: Numba optimises a function
     with every function it calls, so each level of calls compiled the code below it again
     (issue 68)."""
-    n, d = G.shape[0], YT.shape[1]
+    n, d = len(G), len(Y)  # (a shape's [k] compiles an overload per k without the rewrites)
     qc, qe, x1c, x1e, x2c, x2e, zhc, zhe, rc, re, tmp, ac = w
     col, root = rc, math.sqrt(lam_z)
-    for j in range(first, cols.shape[0], step):
+    for j in range(first, len(cols), step):
         if hard[0] >= hard[1]:
             return
         i = cols[j]
