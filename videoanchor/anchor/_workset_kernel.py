@@ -22,6 +22,9 @@ import math
 import numba
 import numpy as np
 from numba import types
+from numba.core import untyped_passes
+from numba.core.compiler import CompilerBase, DefaultPassBuilder
+from numba.core.compiler_machinery import PassManager
 
 #: A column's end: solved; its working set outgrew ``cap``; the inner loop took more than
 #: ``max_inner`` steps; ``max_passes`` passes did not solve it; a factor update failed; its
@@ -50,14 +53,39 @@ F1, F2, I1, B1 = F[::1], F[:, ::1], I[::1], B[::1]
 SCRATCH = types.UniTuple(F1, 12)  # solve_columns' scratch vectors
 
 
+#: Numba's passes for language features this module does not use (closures, ``inline=``
+#: functions, ``literally``, ``literal_unroll``, ``with`` contexts): each walks the IR of
+#: every function on an empty cache; code that needs one fails to compile, it is not
+#: compiled otherwise.
+_UNUSED = (untyped_passes.WithLifting, untyped_passes.InlineClosureLikes,
+           untyped_passes.MakeFunctionToJitFunction, untyped_passes.InlineInlinables,
+           untyped_passes.FindLiterallyCalls, untyped_passes.LiteralUnroll,
+           untyped_passes.LiteralPropagationSubPipelinePass)  # fmt: skip
+
+
+class _Compiler(CompilerBase):
+    """Numba's nopython pipeline less :data:`_UNUSED`."""
+
+    def define_pipelines(self):
+        pm = PassManager("workset kernel")
+        for cls, what in DefaultPassBuilder.define_nopython_pipeline(self.state).passes:
+            if cls not in _UNUSED:
+                pm.add_pass(cls, what)
+        pm.finalize()
+        return [pm]
+
+
 def _jit(sig, entry=False):
     """Compile for ``sig`` alone; a helper (not ``entry``) is called from compiled code only:
-    no wrappers to call it from Python or C. ``no_rewrites``: Numba's IR rewrites (constant
-    getitems and raises, array expressions, dead branches on constants) find nothing to do
-    in this scalar code but take their time on an empty cache (issue 79; with ``len()`` for
-    ``.shape[k]`` and no ``max()``: ``first_call_cpu.json``'s ``cut_*``, C bit for bit)."""
+    no wrappers to call it from Python or C. ``no_rewrites`` (Numba's IR rewrites: constant
+    getitems and raises, array expressions, dead branches on constants) and
+    :class:`_Compiler` leave out passes that find nothing to do in this scalar code but take
+    their time on an empty cache (the same machine code as the full pipeline's); with
+    ``len()`` for ``.shape[k]`` and no ``max()`` (each compiled an overload), ``C`` is the
+    kernel's before bit for bit (issue 79: ``first_call_cpu.json``'s ``cut_*``)."""
     return numba.njit(sig, cache=True, nogil=True, fastmath=_FASTMATH, no_rewrites=True,
-                      no_cpython_wrapper=not entry, no_cfunc_wrapper=True)  # fmt: skip
+                      pipeline_class=_Compiler, no_cpython_wrapper=not entry,
+                      no_cfunc_wrapper=True)  # fmt: skip
 
 
 @_jit(I(F2, I, F1, F, F))
