@@ -43,6 +43,7 @@ from benchmarks.common import (  # noqa: E402
     write_result,
 )
 from videoanchor.anchor import workset_cuda as wc  # noqa: E402
+from videoanchor.anchor.program import column_gaps  # noqa: E402
 
 #: name: (visual tokens per frame, hidden size), as bench_request_cost.SHAPES
 SHAPES = {"Qwen2.5-VL-7B": (128, 3584), "InternVL2-8B": (256, 4096)}
@@ -106,7 +107,7 @@ def _scores_row(res) -> dict:
 
 
 def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool = True,
-        yardstick: bool = True, budget: float = 420.0) -> Path:  # fmt: skip
+        yardstick: bool = True, budget: float = 420.0, sweep=()) -> Path:  # fmt: skip
     """The rows (module docstring), the JSON rewritten as each ends; a row that would start
     past ``budget`` seconds is written as not run (``skipped``)."""
     from videoanchor.anchor import compute_anchor_scores
@@ -115,10 +116,12 @@ def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     meta = environment(str(device))
-    meta.update(slots=list(wc.SLOTS), tile=wc.TILE, smoke=smoke, targets=TARGETS,
+    meta.update(slots=list(wc.SLOTS), tile=wc._tile(None, device), smoke=smoke, targets=TARGETS,
                 dense_rule=DENSE_RULE, budget_s=budget)  # fmt: skip
     started = time.perf_counter()
     meta["seconds_warm_up"] = wc.warm_up(device)  # the kernel's compile, per level of slots
+    for tile in sorted({t for _, t in sweep} - {meta["tile"]}):  # the sweep's other tiles too
+        meta[f"seconds_warm_up_tile_{tile}"] = wc.warm_up(device, tile=tile)
     kw = dict(slots=(32,), grow=8, max_inner=300) if smoke else {}
     rows = []
     cases = [(name, f, "video-like") for name in shapes for f in frames]
@@ -174,6 +177,16 @@ def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool 
                     row.update(_yardstick(x.cpu(), res.coef, ref), reference_gap=ref.residual,
                                fast_objective_gap=_yardstick(x.cpu(), fres.coef, ref)[
                                    "objective_gap"])  # fmt: skip
+            if kind == "video-like" and sweep:  # the working sets alone at each knob pair
+                for g, tile in sweep:
+                    t, out, _ = _timed(lambda x=x, g=g, tile=tile: wc.solve_workset_cuda(
+                        x, grow=g, tile=tile), device)  # fmt: skip
+                    gap = column_gaps(x.detach().to(torch.float64).T, out["coef"],
+                                      out["lambda_e"], out["lambda_z"]).max_gap  # fmt: skip
+                    row[f"grow_{g}_tile_{tile}"] = dict(
+                        seconds=t, passes=out["passes"], converged=out["converged"],
+                        gap=gap, wide_columns=out["wide_columns"],
+                        steps_max=int(out["steps"].max()))  # fmt: skip
         except Exception as exc:  # reported, not hidden
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
         meta["seconds_total"] = time.perf_counter() - started
@@ -198,7 +211,7 @@ def compile_static(cc: int, slots: int, num_warps: int = 4) -> dict:
             torch.empty(n, dtype=torch.int64), torch.empty(n, slots, dtype=torch.int64),
             torch.empty(n, slots, **f64), torch.empty(n, **f64), torch.empty(n, **i32),
             torch.empty(n, **i32), torch.empty(programs, slots, slots, **f64),
-            torch.empty(programs, slots, slots, **f64), torch.empty(5, **f64), n, n, d, 1000)  # fmt: skip
+            torch.empty(n, slots, slots, **f64), torch.empty(5, **f64), n, n, d, 1000, 0)  # fmt: skip
     rec = Launch(wc._triton(), (programs,), args,
                  {"M": slots, "BR": wc.row_tile(slots), "num_warps": num_warps})  # fmt: skip
     return {"slots": slots, **aot.compile_launch(rec, cc)}
@@ -215,6 +228,10 @@ def main(argv=None) -> None:
     ap.add_argument("--no-yardstick", action="store_true",
                     help="without the CPU's certified minimiser at the first size")  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    ap.add_argument("--sweep", default="",
+                    help="also the working sets alone at each GROW:TILE pair (comma-"
+                    "separated, e.g. 16:512,64:512,16:2048), on each video-like set: "
+                    "seconds, passes, gap")  # fmt: skip
     ap.add_argument("--ncu", action="store_true",
                     help="for ncu: warm_up (one launch per level of slots, no columns), then "
                     "one solve of the working sets at 16 frames of Qwen2.5-VL-7B")  # fmt: skip
@@ -244,7 +261,8 @@ def main(argv=None) -> None:
         return
     shapes = {m: SHAPES[m] for m in args.models.split(",")}
     print(run(shapes, [int(f) for f in args.frames.split(",")], args.out_dir,
-              dense=not args.no_dense, yardstick=not args.no_yardstick, budget=args.budget))  # fmt: skip
+              dense=not args.no_dense, yardstick=not args.no_yardstick, budget=args.budget,
+              sweep=[tuple(map(int, pair.split(":"))) for pair in args.sweep.split(",") if pair]))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@
 # / 64 frames (logs/h100-2026-11-27) and the gpu tests 55 s in 8 processes; CALL=ssc's caps
 # are sized on those (its InternVL2-8B rows past the budget are written as not run).
 #
+# workset_cuda's own knobs: WORKSET_CUDA_FRAMES (16,32,64), WORKSET_CUDA_MODELS (both shapes)
+# and WORKSET_CUDA_SWEEP (GROW:TILE pairs, e.g. 16:512,64:512: the working sets alone at each).
 # Other forms: STEPS="name ..." runs the named steps only (names: tests profile nsys ncu
 # attention decode paged sparse_spectral request_cost profile_ssc workset_cuda workset_ncu
 # spectral backward
@@ -164,7 +166,8 @@ if want workset_cuda; then  # the default beside the prefill, the yardstick at 1
   # dense set; rows that would start past 2/3 of the step's cap are written as not run
   step workset_cuda bench_workset_cuda.log python benchmarks/bench_workset_cuda.py \
     --frames "${WORKSET_CUDA_FRAMES:-16,32,64}" --budget $(($(cap_of workset_cuda) * 2 / 3)) \
-    --out-dir "$OUT"
+    --models "${WORKSET_CUDA_MODELS:-Qwen2.5-VL-7B,InternVL2-8B}" \
+    --sweep "${WORKSET_CUDA_SWEEP:-}" --out-dir "$OUT"
 fi
 if want workset_ncu && ! command -v ncu >/dev/null; then
   echo "== ncu not found: no profile of the working-set kernel"

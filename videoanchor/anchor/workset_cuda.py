@@ -44,16 +44,21 @@ SOLVED, STALLED = 0, 1
 #: The two levels of slots: every column's, and the wider one for a column that fills it
 #: (video-like tokens at N = 2064 need up to ~114: 98 coefficients and 16 new; docs/ssc.md).
 SLOTS = (128, 512)
-#: Every slot count a level may have: powers of two, 4 to 512 (1024 spills 428 bytes on
-#: sm_90; tests/test_workset_cuda.py compiles each for sm_90 and sm_80).
+#: Every slot count a level may have: powers of two, 4 to 512 (1024 spilled 428 bytes on
+#: sm_90 at 2048-element tiles; tests/test_workset_cuda.py compiles each for sm_90 and sm_80).
 SLOT_COUNTS = (4, 8, 16, 32, 64, 128, 256, 512)
 #: Slot counts that Triton before 3.9 does not compile (its RemoveLayoutConversions pass
 #: fails on the kernel for sm_90 and sm_80 at 4 warps, whatever the row tile: the H100 of
 #: 2026-11-27 with Triton 3.6 at 64; Triton 3.6.0's compiler here at 32 and 64, at 2 and 8
 #: warps too but 64 at 2, which spills 1 KB with 3.9): refused up front on CUDA there.
 OLD_TRITON_FAILS = (32, 64)
-#: Elements of one row tile (``BR x M``): the registers a program holds for a matrix.
-TILE = 2048
+#: Elements of one row tile (``BR x M``): the registers a program holds for a matrix. At
+#: 2048 Triton 3.6 (the H100's) spills 624 bytes a thread at 128 slots for sm_90 (3.9: none);
+#: at 512 neither spills (STATIC; docs/ssc-gpu.md).
+TILE = 512
+#: The row tile off CUDA (Triton's interpreter, whose numpy runs a tile's elements at once:
+#: larger tiles, fewer steps; at 128 slots still several row tiles a sweep).
+INTERPRETER_TILE = 2048
 #: The relative KKT violation below which a float32 pass adds nothing: then float64 passes
 #: follow (float32's products are good to ~1e-6 relative here).
 SCREEN = 1e-5
@@ -163,10 +168,10 @@ def _triton():
 
     # the sizes are not specialised (no variant per N % 16 == 0 or N == 1): one binary per
     # level of slots, so that warm_up's launch compiles what every later call runs
-    @triton.jit(do_not_specialize=["n_cols", "N", "D", "max_inner"])
+    @triton.jit(do_not_specialize=["n_cols", "N", "D", "max_inner", "first"])
     def _columns_kernel(G, X, cols_ptr, ids_ptr, z_ptr, mu_ptr, status_ptr, steps_ptr,
-                        H_ptr, Hinv_ptr, scalars, n_cols, N, D, max_inner, M: tl.constexpr,
-                        BR: tl.constexpr):  # fmt: skip
+                        H_ptr, Hinv_ptr, scalars, n_cols, N, D, max_inner, first,
+                        M: tl.constexpr, BR: tl.constexpr):  # fmt: skip
         # float64 scalars from memory (a Python float argument would be float32)
         lam_z = tl.load(scalars)
         lam_e = tl.load(scalars + 1)
@@ -176,9 +181,10 @@ def _triton():
         pid = tl.program_id(0)
         offs = tl.arange(0, M)
         H = H_ptr + pid.to(tl.int64) * M * M  # this program's scratch
-        Hinv = Hinv_ptr + pid.to(tl.int64) * M * M
         for k in range(pid, n_cols, tl.num_programs(0)):
             tl.debug_barrier()  # (the last column's sweeps are done before this one writes)
+            # the column's inverse over its support, kept from its last run (zero off it)
+            Hinv = Hinv_ptr + (k + tl.zeros([], dtype=tl.int64)) * M * M
             i = tl.load(cols_ptr + k)
             ids = tl.load(ids_ptr + k * M + offs)
             valid = ids >= 0
@@ -193,7 +199,7 @@ def _triton():
             p = tl.load(G + cid * N + i, mask=coef, other=0.0)
             p += tl.load(X + i.to(tl.int64) * D + oid, mask=outl, other=0.0)
             # H = lambda_z P^T P + gamma a a^T over the slots (K's G, Y^T, Y and I blocks by
-            # the slots' kinds), row tile by row tile into the scratch; Hinv = 0 there
+            # the slots' kinds), row tile by row tile into the scratch
             for r0 in range(0, used, BR):
                 rows = r0 + tl.arange(0, BR)
                 rid = tl.load(ids_ptr + k * M + rows, mask=rows < used, other=-1)
@@ -214,17 +220,18 @@ def _triton():
                 m = (rows[:, None] < used) & (offs[None, :] < used)
                 tl.store(H + rows[:, None] * M + offs[None, :],
                          lam_z * K + gamma * ra[:, None] * a[None, :], mask=m)  # fmt: skip
-                tl.store(Hinv + rows[:, None] * M + offs[None, :],
-                         tl.zeros([BR, M], dtype=tl.float64), mask=m)  # fmt: skip
             tl.debug_barrier()
             z = tl.load(z_ptr + k * M + offs)
             F = (z != 0.0) & valid
             s = tl.where(z > 0.0, 1.0, tl.where(z < 0.0, -1.0, 0.0)).to(tl.float64)
-            Fb = offs < 0  # the support joined so far
-            for q in range(0, used):
-                if tl.sum(tl.where((offs == q) & F, 1, 0)) > 0:
-                    _join(Hinv, H, Fb, q, used, offs, ridge, BR, M)
-                    Fb = Fb | (offs == q)
+            # The inverse is carried over the passes: it holds the support F that its last
+            # run stored (every variable in it non-zero), which a pass keeps in place
+            # (``_pass``), and is zero off it. On the level's first pass (``first``) it is
+            # zero and the support joins, slot by slot (a border may take all of F).
+            if first != 0:
+                for q in range(0, used):
+                    if tl.sum(tl.where((offs == q) & F, 1, 0)) > 0:
+                        _join(Hinv, H, F, q, used, offs, ridge, BR, M)
             steps = 0
             status = 1
             mu = tl.zeros([], dtype=tl.float64)
@@ -268,7 +275,11 @@ def _triton():
                         status = tl.where(tl.max(viol) > tol, 1, 0)
                         done = 1
                 steps += 1
-            tl.store(z_ptr + k * M + offs, tl.where(F, z, 0.0))
+            # a support variable at exactly 0 leaves: the inverse holds what the pass keeps
+            for q in range(0, used):
+                if tl.sum(tl.where((offs == q) & F & (z == 0.0), 1, 0)) > 0:
+                    _leave(Hinv, q, used, offs, BR, M)
+            tl.store(z_ptr + k * M + offs, tl.where(F & (z != 0.0), z, 0.0))
             tl.store(mu_ptr + k, mu)
             tl.store(status_ptr + k, status)
             tl.store(steps_ptr + k, steps)
@@ -280,9 +291,13 @@ def _triton():
     return _columns_kernel
 
 
-def row_tile(slots: int) -> int:
-    """Rows per tile at ``slots`` slots (``TILE`` elements, at least one row)."""
-    return max(1, min(slots, TILE // slots))
+def row_tile(slots: int, tile: int = TILE) -> int:
+    """Rows per tile at ``slots`` slots (``tile`` elements, at least one row)."""
+    return max(1, min(slots, tile // slots))
+
+
+def _tile(tile: int | None, device: torch.device) -> int:
+    return tile or (TILE if device.type == "cuda" else INTERPRETER_TILE)
 
 
 def launch(state: dict, *, programs: int, num_warps: int = 4) -> None:
@@ -290,18 +305,18 @@ def launch(state: dict, *, programs: int, num_warps: int = 4) -> None:
     M = state["ids"].shape[1]
     n_cols = state["ids"].shape[0]
     programs = max(1, min(programs, n_cols))
-    scratch = state.setdefault("scratch", {})
-    if scratch.get("shape") != (programs, M):
-        dev = state["ids"].device
-        scratch.update(shape=(programs, M),
-                       H=torch.empty(programs, M, M, dtype=torch.float64, device=dev),
-                       Hinv=torch.empty(programs, M, M, dtype=torch.float64, device=dev))  # fmt: skip
+    dev = state["ids"].device
+    scratch = state.get("H")
+    if scratch is None or scratch.shape[0] != programs:
+        scratch = state["H"] = torch.empty(programs, M, M, dtype=torch.float64, device=dev)
     p = state["program"]
     _triton()[(programs,)](
         p["G"], p["X"], state["cols"], state["ids"], state["z"], state["mu"], state["status"],
-        state["steps_pass"], scratch["H"], scratch["Hinv"], p["scalars"], n_cols, p["n"], p["d"],
-        p["max_inner"], M=M, BR=row_tile(M), num_warps=num_warps,
+        state["steps_pass"], scratch, state["Hinv"], p["scalars"], n_cols, p["n"], p["d"],
+        p["max_inner"], int(state["first"]), M=M, BR=row_tile(M, _tile(p.get("tile"), dev)),
+        num_warps=num_warps,
     )  # fmt: skip
+    state["first"] = False
 
 
 def dense_at_start(X: torch.Tensor, nearest: torch.Tensor, lam_e: float, lam_z: float,
@@ -319,7 +334,7 @@ def dense_at_start(X: torch.Tensor, nearest: torch.Tensor, lam_e: float, lam_z: 
     return count.median() > slots
 
 
-def warm_up(device, slots: tuple[int, ...] = SLOTS) -> dict[int, float]:
+def warm_up(device, slots: tuple[int, ...] = SLOTS, tile: int | None = None) -> dict[int, float]:
     """Compile the kernel on ``device`` for each level of ``slots`` (into Triton's cache, on
     disk: a later process loads it) by a launch over no columns; the seconds per level. A
     first solve compiles only the levels it reaches (the wide one where a column fills the
@@ -327,7 +342,8 @@ def warm_up(device, slots: tuple[int, ...] = SLOTS) -> dict[int, float]:
     device = torch.device(device)
     f64 = dict(dtype=torch.float64, device=device)
     one = torch.zeros(1, 1, **f64)
-    program = dict(G=one, X=one, n=1, d=1, scalars=torch.zeros(5, **f64), max_inner=1)
+    program = dict(G=one, X=one, n=1, d=1, scalars=torch.zeros(5, **f64), max_inner=1,
+                   tile=tile)  # fmt: skip
     none = torch.zeros(0, dtype=torch.int64, device=device)
     took = {}
     for M in _checked_slots(slots, device):
@@ -371,7 +387,11 @@ def _state(program: dict, cols: torch.Tensor, ids: torch.Tensor, z: torch.Tensor
                 status=torch.zeros(n, dtype=torch.int32, device=dev),
                 steps_pass=torch.zeros(n, dtype=torch.int32, device=dev),
                 steps=torch.zeros(n, dtype=torch.int64, device=dev),
-                aside=torch.zeros(n, dtype=torch.bool, device=dev))  # fmt: skip
+                aside=torch.zeros(n, dtype=torch.bool, device=dev),
+                # each column's inverse over its support, carried from pass to pass by the
+                # kernel (zero before the level's first pass, ``first``)
+                Hinv=torch.zeros((*ids.shape, ids.shape[1]), dtype=torch.float64, device=dev),
+                first=True)  # fmt: skip
 
 
 def _scatter(ids: torch.Tensor, z: torch.Tensor, width: int) -> torch.Tensor:
@@ -408,18 +428,17 @@ def _pass(state: dict, *, exact: bool, grow: int, programs: int):
     viol[rows, cols] = -math.inf  # c_i stays 0
     support = (ids >= 0) & (z != 0)
     viol.scatter_(1, torch.where(support, ids, n + d), -math.inf)
-    top, new = viol[:, : n + d].topk(min(grow, n + d - 1), dim=1)
+    top, new = viol[:, : n + d].topk(min(grow, n + d - 1, M), dim=1)
     fresh = top > (p["tol"] if exact else SCREEN)
     keep = support.sum(dim=1)
     aside |= fresh.any(dim=1) & (keep == M)  # its slots are full: the next level's
-    # each column keeps its support and takes its violators into the free slots
-    order = torch.argsort((~support).to(torch.int8), dim=1, stable=True)
-    ids2 = torch.where(support, ids, -1).gather(1, order)
-    z2 = z.gather(1, order)
-    put = keep[:, None] + torch.arange(new.shape[1], device=ids.device)[None, :]
-    ok = fresh & (put < M)
-    ids2 = torch.cat([ids2, ids2.new_full((nc, 1), -1)], dim=1)
-    ids2.scatter_(1, torch.where(ok, put, M), torch.where(ok, new, -1))
+    # each column keeps its support in its slots (the kernel's inverse over them stays
+    # valid) and takes its violators into the free slots, lowest first
+    free = torch.argsort(support.to(torch.int8), dim=1, stable=True)[:, : new.shape[1]]
+    ok = fresh & (torch.arange(new.shape[1], device=ids.device)[None, :] < (M - keep)[:, None])
+    ids2 = torch.cat([torch.where(support, ids, -1), ids.new_full((nc, 1), -1)], dim=1)
+    ids2.scatter_(1, torch.where(ok, free, M), torch.where(ok, new, -1))
+    z2 = torch.where(support, z, 0.0)
     state["ids"] = torch.where(aside[:, None], ids, ids2[:, :M])
     state["z"] = torch.where(aside[:, None], z, z2)
     live = ~aside
@@ -453,11 +472,13 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
                        slots: tuple[int, ...] = SLOTS, grow: int = 16, tol: float = 1e-9,
                        max_passes: int = 500, max_inner: int = 1000,
                        precision: str = "float32", programs: int | None = None,
-                       wide_share: float = WIDE_SHARE) -> dict:  # fmt: skip
+                       wide_share: float = WIDE_SHARE, tile: int | None = None) -> dict:  # fmt: skip
     """The program's minimiser for ``features`` (``N x D``) by the working sets on their
     device (module docstring), float64 inside the kernel. ``slots``: the slots per column at
     each level (increasing, from :data:`SLOT_COUNTS`; at most two levels are needed, more are allowed).
-    ``programs``: the kernel's programs (None: 4 per SM on CUDA, 8 elsewhere).
+    ``programs``: the kernel's programs (None: 4 per SM on CUDA, 8 elsewhere). ``tile``: the
+    elements of the kernel's row tiles (a power of two; None: :data:`TILE` on CUDA,
+    :data:`INTERPRETER_TILE` elsewhere).
     Where ``C`` is dense (:func:`dense_at_start`; or more than ``wide_share`` of the columns
     fill the first level) it stops there: ``dense`` says why (else None), ``coef`` and
     ``outliers`` are None where no pass ran.
@@ -480,6 +501,8 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
             raise ValueError(f"{name}: expected a positive integer, got {value}")
     if not tol >= 0:
         raise ValueError(f"tol: expected a non-negative number, got {tol}")
+    if tile is not None and (int(tile) < 1 or int(tile) & (int(tile) - 1)):
+        raise ValueError(f"tile: expected a power of two, got {tile}")
     if not 0 < wide_share <= 1:
         raise ValueError(f"wide_share: expected a share in (0, 1], got {wide_share}")
     dev = x.device
@@ -496,7 +519,7 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
     scalars = torch.tensor([lam_z, lam_e, 0.0, tol, RIDGE], **f64)
     scalars[2] = lam_z * G.diagonal().max()  # gamma, on the device
     program = dict(G=G, X=X, X32=X.float(), n=n, d=d, lam_z=lam_z, scalars=scalars,
-                   tol=float(tol), max_inner=int(max_inner),
+                   tol=float(tol), max_inner=int(max_inner), tile=tile,
                    weights=torch.cat([torch.ones(n, dtype=torch.float64, device=dev),
                                       torch.full((d,), lam_e, dtype=torch.float64,
                                                  device=dev)]))  # fmt: skip
