@@ -116,7 +116,7 @@ def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     meta = environment(str(device))
-    meta.update(slots=list(wc.SLOTS), tile=wc._tile(None, device), smoke=smoke, targets=TARGETS,
+    meta.update(slots=list(wc.SLOTS), tile=wc.TILE, smoke=smoke, targets=TARGETS,
                 dense_rule=DENSE_RULE, budget_s=budget)  # fmt: skip
     started = time.perf_counter()
     meta["seconds_warm_up"] = wc.warm_up(device)  # the kernel's compile, per level of slots

@@ -85,9 +85,10 @@ def test_host_reads_are_one_per_pass_and_none_inside():
 
 def test_the_kernel_carries_each_columns_inverse_over_the_passes():
     """The kernel keeps each column's inverse over its support from pass to pass (a pass
-    keeps the support in its slots): after every pass, the inverse held for a column is
-    that of its support's system ``H = lambda_z P^T P + gamma a a^T``, to rounding, and zero
-    off the support; the first pass built it, the later ones only updated it."""
+    keeps the support in its slots): after every pass, the inverse held for a solved column
+    is that of its support's system ``H = lambda_z P^T P + gamma a a^T``, to rounding, and
+    zero off the support (an unsolved column's, or one that joined at the ridge, is zero:
+    the next run rebuilds it); the first pass built it, the later ones only updated it."""
     x = video_tokens(2, 8, 12, k=2, seed=1)
     X = x.double()
     n, d = X.shape
@@ -110,6 +111,11 @@ def test_the_kernel_carries_each_columns_inverse_over_the_passes():
             ids, z = state["ids"][k], state["z"][k]
             F = (ids >= 0) & (z != 0)
             Hinv = state["Hinv"][k]
+            if int(state["status"][k]) != wc.SOLVED:  # rebuilt from zero by the next run
+                assert float(Hinv.abs().sum()) == 0.0
+                continue
+            if float(Hinv.abs().sum()) == 0.0:  # a join at the ridge: rebuilt, likewise
+                continue
             assert float(Hinv[~F].abs().sum()) == 0.0
             assert float(Hinv[:, ~F].abs().sum()) == 0.0
             v = ids[F]
@@ -220,7 +226,8 @@ def test_gpu_warm_up_compiles_what_a_solve_runs(tmp_path):
         "assert out['wide_columns'] > 0, out['wide_columns']\n"
         "assert files() == before, set(files()) - set(before)\n"
     )
-    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=path)
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
                           text=True, env=env, cwd=str(ROOT), timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -244,10 +251,9 @@ def test_bad_input_is_refused_saying_what_was_expected():
 @pytest.mark.parametrize("cc", [90, 80])
 def test_every_slot_count_accepted_compiles(cc):
     """Every slot count the solver accepts (SLOT_COUNTS) compiled for sm_90 and sm_80 with
-    Triton's bundled ptxas (no GPU): registers within 255, no spill at the first level of
-    SLOTS, at most 8 bytes at the wide one (STATIC). Counts outside are refused up front;
-    32 and 64 with a Triton before 3.9 on CUDA, which fails to compile them (the H100's
-    3.6)."""
+    Triton's bundled ptxas (no GPU): registers within 255, no spill at the levels of SLOTS
+    (STATIC). Counts outside are refused up front (1024 spills 428 bytes on sm_90); 32 and
+    64 with a Triton before 3.9 on CUDA, which fails to compile them (the H100's 3.6)."""
     from videoanchor.kernels import aot
 
     reason = aot.unavailable_reason()
@@ -265,11 +271,8 @@ def test_every_slot_count_accepted_compiles(cc):
     for row in rows:
         assert row["cc"] == cc and row["num_warps"] == 4
         assert 0 < row["registers"] <= 255 and row["shared_bytes"] <= row["shared_limit"], row
-        if row["constexprs"]["M"] == wc.SLOTS[0]:  # every column's level: no spill
+        if row["constexprs"]["M"] in wc.SLOTS:
             assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
-        elif row["constexprs"]["M"] in wc.SLOTS:  # the wide level's one-row tiles: sm_90
-            # spills 8 bytes with Triton 3.9 (none with 3.6, the H100's; docs/ssc-gpu.md)
-            assert row["spill_stores"] <= 8 and row["spill_loads"] <= 8, row
     with pytest.raises(ValueError, match=r"slots: expected increasing slot counts from"):
         wc.solve_workset_cuda(torch.randn(6, 4), slots=(128, 1024))
 

@@ -44,21 +44,19 @@ SOLVED, STALLED = 0, 1
 #: The two levels of slots: every column's, and the wider one for a column that fills it
 #: (video-like tokens at N = 2064 need up to ~114: 98 coefficients and 16 new; docs/ssc.md).
 SLOTS = (128, 512)
-#: Every slot count a level may have: powers of two, 4 to 512 (1024 spilled 428 bytes on
-#: sm_90 at 2048-element tiles; tests/test_workset_cuda.py compiles each for sm_90 and sm_80).
+#: Every slot count a level may have: powers of two, 4 to 512 (1024 spills 428 bytes on
+#: sm_90; tests/test_workset_cuda.py compiles each for sm_90 and sm_80).
 SLOT_COUNTS = (4, 8, 16, 32, 64, 128, 256, 512)
 #: Slot counts that Triton before 3.9 does not compile (its RemoveLayoutConversions pass
 #: fails on the kernel for sm_90 and sm_80 at 4 warps, whatever the row tile: the H100 of
 #: 2026-11-27 with Triton 3.6 at 64; Triton 3.6.0's compiler here at 32 and 64, at 2 and 8
 #: warps too but 64 at 2, which spills 1 KB with 3.9): refused up front on CUDA there.
 OLD_TRITON_FAILS = (32, 64)
-#: Elements of one row tile (``BR x M``): the registers a program holds for a matrix. At
-#: 2048 Triton 3.6 (the H100's) spills 624 bytes a thread at 128 slots for sm_90 (3.9: none);
-#: at 512 neither spills (STATIC; docs/ssc-gpu.md).
-TILE = 512
-#: The row tile off CUDA (Triton's interpreter, whose numpy runs a tile's elements at once:
-#: larger tiles, fewer steps; at 128 slots still several row tiles a sweep).
-INTERPRETER_TILE = 2048
+#: Elements of one row tile (``BR x M``): the registers a program holds for a matrix. Triton
+#: 3.6 (the H100's) spills 624 bytes a thread at 128 slots for sm_90 here (3.9: none; at 512
+#: elements neither does), yet the H100 ran 2048 faster than 512: 0.31 against 0.35 s at 16
+#: frames, 4.1 against 4.7 s at 64 (docs/ssc-gpu.md).
+TILE = 2048
 #: The relative KKT violation below which a float32 pass adds nothing: then float64 passes
 #: follow (float32's products are good to ~1e-6 relative here).
 SCREEN = 1e-5
@@ -118,12 +116,14 @@ def _triton():
     @triton.jit
     def _join(Hinv, H, F, q, used, offs, ridge, BR: tl.constexpr, M: tl.constexpr):
         """Slot ``q`` joins the support ``F`` (without ``q``) of the inverse ``Hinv`` (zero
-        off ``F``): a bordering update, in place."""
+        off ``F``): a bordering update, in place. Returns 1 where the Schur pivot fell to
+        the ridge (the support's system near singular: the inverse is then not carried)."""
         hq = tl.load(H + q * M + offs, mask=offs < used, other=0.0)  # (H is symmetric)
         eta = tl.sum(tl.where(offs == q, hq, 0.0))
         h = tl.where(F, hq, 0.0)
         u = _matvec(Hinv, h, used, offs, BR, M)
-        delta = tl.maximum(eta - tl.sum(h * u), ridge * eta)
+        schur = eta - tl.sum(h * u)
+        delta = tl.maximum(schur, ridge * eta)
         eq = offs == q
         for r0 in range(0, used, BR):
             t, rows = _row(Hinv, r0, used, offs, BR, M)
@@ -135,6 +135,7 @@ def _triton():
             m = (rows[:, None] < used) & (offs[None, :] < used)
             tl.store(Hinv + rows[:, None] * M + offs[None, :], t, mask=m)
         tl.debug_barrier()
+        return tl.where(schur < ridge * eta, 1, 0)
 
     @triton.jit
     def _leave(Hinv, p, used, offs, BR: tl.constexpr, M: tl.constexpr):
@@ -226,12 +227,19 @@ def _triton():
             s = tl.where(z > 0.0, 1.0, tl.where(z < 0.0, -1.0, 0.0)).to(tl.float64)
             # The inverse is carried over the passes: it holds the support F that its last
             # run stored (every variable in it non-zero), which a pass keeps in place
-            # (``_pass``), and is zero off it. On the level's first pass (``first``) it is
-            # zero and the support joins, slot by slot (a border may take all of F).
-            if first != 0:
+            # (``_pass``), and is zero off it. It is rebuilt, from zero, on the level's first
+            # pass (``first``) and where it was zeroed: after a run that did not solve the
+            # column (``_pass``) or that joined at the ridge (below; near-singular joins'
+            # rounding, as at supports at the rank, is not carried from pass to pass). The
+            # support joins, slot by slot (a border may take all of F).
+            diag = tl.load(Hinv + offs * (M + 1), mask=F, other=1.0)
+            rebuild = tl.where(tl.sum(tl.where(F & (diag == 0.0), 1, 0)) > 0, 1, first)
+            clamped = tl.zeros([], dtype=tl.int32)
+            if rebuild != 0:
                 for q in range(0, used):
                     if tl.sum(tl.where((offs == q) & F, 1, 0)) > 0:
-                        _join(Hinv, H, F, q, used, offs, ridge, BR, M)
+                        clamped = tl.maximum(clamped, _join(Hinv, H, F, q, used, offs, ridge,
+                                                            BR, M))  # fmt: skip
             steps = 0
             status = 1
             mu = tl.zeros([], dtype=tl.float64)
@@ -268,7 +276,8 @@ def _triton():
                     if worst > tol:
                         q = tl.argmax(tl.where(tabu, 0.0, viol), axis=0)
                         mq = tl.sum(tl.where(offs == q, m, 0.0))
-                        _join(Hinv, H, F, q, used, offs, ridge, BR, M)
+                        clamped = tl.maximum(clamped, _join(Hinv, H, F, q, used, offs, ridge,
+                                                            BR, M))  # fmt: skip
                         F = F | (offs == q)
                         s = tl.where(offs == q, tl.where(mq > 0.0, 1.0, -1.0), s)
                     else:  # solved, unless a slot kept out still violates (the next pass)
@@ -280,6 +289,12 @@ def _triton():
                 if tl.sum(tl.where((offs == q) & F & (z == 0.0), 1, 0)) > 0:
                     _leave(Hinv, q, used, offs, BR, M)
             tl.store(z_ptr + k * M + offs, tl.where(F & (z != 0.0), z, 0.0))
+            if clamped != 0:  # the next run rebuilds it
+                for r0 in range(0, used, BR):
+                    rows = r0 + tl.arange(0, BR)
+                    m = (rows[:, None] < used) & (offs[None, :] < used)
+                    tl.store(Hinv + rows[:, None] * M + offs[None, :],
+                             tl.zeros([BR, M], dtype=tl.float64), mask=m)  # fmt: skip
             tl.store(mu_ptr + k, mu)
             tl.store(status_ptr + k, status)
             tl.store(steps_ptr + k, steps)
@@ -296,10 +311,6 @@ def row_tile(slots: int, tile: int = TILE) -> int:
     return max(1, min(slots, tile // slots))
 
 
-def _tile(tile: int | None, device: torch.device) -> int:
-    return tile or (TILE if device.type == "cuda" else INTERPRETER_TILE)
-
-
 def launch(state: dict, *, programs: int, num_warps: int = 4) -> None:
     """One kernel run over the columns of ``state`` (:func:`_state`), in place."""
     M = state["ids"].shape[1]
@@ -313,7 +324,7 @@ def launch(state: dict, *, programs: int, num_warps: int = 4) -> None:
     _triton()[(programs,)](
         p["G"], p["X"], state["cols"], state["ids"], state["z"], state["mu"], state["status"],
         state["steps_pass"], scratch, state["Hinv"], p["scalars"], n_cols, p["n"], p["d"],
-        p["max_inner"], int(state["first"]), M=M, BR=row_tile(M, _tile(p.get("tile"), dev)),
+        p["max_inner"], int(state["first"]), M=M, BR=row_tile(M, p.get("tile", TILE)),
         num_warps=num_warps,
     )  # fmt: skip
     state["first"] = False
@@ -334,7 +345,7 @@ def dense_at_start(X: torch.Tensor, nearest: torch.Tensor, lam_e: float, lam_z: 
     return count.median() > slots
 
 
-def warm_up(device, slots: tuple[int, ...] = SLOTS, tile: int | None = None) -> dict[int, float]:
+def warm_up(device, slots: tuple[int, ...] = SLOTS, tile: int = TILE) -> dict[int, float]:
     """Compile the kernel on ``device`` for each level of ``slots`` (into Triton's cache, on
     disk: a later process loads it) by a launch over no columns; the seconds per level. A
     first solve compiles only the levels it reaches (the wide one where a column fills the
@@ -410,6 +421,8 @@ def _pass(state: dict, *, exact: bool, grow: int, programs: int):
     after it: ``[any column not aside violates, every column not aside is solved, every
     column not aside took at most one inner step, the columns aside]`` (int64)."""
     launch(state, programs=programs)
+    # the next run rebuilds the inverse of a column this one did not solve: zero it here
+    state["Hinv"].masked_fill_((state["status"] != SOLVED)[:, None, None], 0.0)
     p = state["program"]
     n, d = p["n"], p["d"]
     ids, z, cols, aside = state["ids"], state["z"], state["cols"], state["aside"]
@@ -472,13 +485,12 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
                        slots: tuple[int, ...] = SLOTS, grow: int = 16, tol: float = 1e-9,
                        max_passes: int = 500, max_inner: int = 1000,
                        precision: str = "float32", programs: int | None = None,
-                       wide_share: float = WIDE_SHARE, tile: int | None = None) -> dict:  # fmt: skip
+                       wide_share: float = WIDE_SHARE, tile: int = TILE) -> dict:  # fmt: skip
     """The program's minimiser for ``features`` (``N x D``) by the working sets on their
     device (module docstring), float64 inside the kernel. ``slots``: the slots per column at
     each level (increasing, from :data:`SLOT_COUNTS`; at most two levels are needed, more are allowed).
     ``programs``: the kernel's programs (None: 4 per SM on CUDA, 8 elsewhere). ``tile``: the
-    elements of the kernel's row tiles (a power of two; None: :data:`TILE` on CUDA,
-    :data:`INTERPRETER_TILE` elsewhere).
+    elements of the kernel's row tiles (a power of two, :data:`TILE`).
     Where ``C`` is dense (:func:`dense_at_start`; or more than ``wide_share`` of the columns
     fill the first level) it stops there: ``dense`` says why (else None), ``coef`` and
     ``outliers`` are None where no pass ran.
@@ -501,7 +513,7 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
             raise ValueError(f"{name}: expected a positive integer, got {value}")
     if not tol >= 0:
         raise ValueError(f"tol: expected a non-negative number, got {tol}")
-    if tile is not None and (int(tile) < 1 or int(tile) & (int(tile) - 1)):
+    if int(tile) < 1 or int(tile) & (int(tile) - 1):
         raise ValueError(f"tile: expected a power of two, got {tile}")
     if not 0 < wide_share <= 1:
         raise ValueError(f"wide_share: expected a share in (0, 1], got {wide_share}")
@@ -519,7 +531,7 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
     scalars = torch.tensor([lam_z, lam_e, 0.0, tol, RIDGE], **f64)
     scalars[2] = lam_z * G.diagonal().max()  # gamma, on the device
     program = dict(G=G, X=X, X32=X.float(), n=n, d=d, lam_z=lam_z, scalars=scalars,
-                   tol=float(tol), max_inner=int(max_inner), tile=tile,
+                   tol=float(tol), max_inner=int(max_inner), tile=int(tile),
                    weights=torch.cat([torch.ones(n, dtype=torch.float64, device=dev),
                                       torch.full((d,), lam_e, dtype=torch.float64,
                                                  device=dev)]))  # fmt: skip
