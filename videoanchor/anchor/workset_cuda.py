@@ -4,9 +4,10 @@ static checks).
 
 - **one program per column at a time** (:func:`_columns_kernel`, persistent) holds the
   column's working set in ``M`` slots and solves the program restricted to it by the primal
-  active-set method of :mod:`videoanchor.anchor.workset`; the support's system and its
-  inverse over the slots live in a per-program scratch in global memory, read in row tiles,
-  so the registers follow the tile, not ``M`` (no spills at the slots N = 2048-8192 needs);
+  active-set method of :mod:`videoanchor.anchor.workset`; the support's system lives in a
+  per-program scratch in global memory and its inverse in the column's own, carried from
+  pass to pass (rebuilt only where a run did not solve the column or joined at the ridge),
+  both read in row tiles, so the registers follow the tile, not ``M``;
 - **the passes** (:func:`_pass`) run in torch on all columns at once, with no host read
   inside a pass and one after it; float32 products until no column violates at ``SCREEN``,
   then float64 to ``tol``: the answer is certified in float64;
