@@ -229,9 +229,9 @@ def _triton():
             # The inverse is carried over the passes: it holds the support F that its last
             # run stored (every variable in it non-zero), which a pass keeps in place
             # (``_pass``), and is zero off it. It is rebuilt, from zero, on the level's first
-            # pass (``first``) and where it was zeroed: after a run that did not solve the
-            # column (``_pass``) or that joined at the ridge (below; near-singular joins'
-            # rounding, as at supports at the rank, is not carried from pass to pass). The
+            # pass (``first``) and where its last run zeroed it (below: it did not solve the
+            # column, or joined at the ridge; near-singular joins' rounding, as at supports
+            # at the rank, is not carried from pass to pass). The
             # support joins, slot by slot (a border may take all of F).
             diag = tl.load(Hinv + offs * (M + 1), mask=F, other=1.0)
             rebuild = tl.where(tl.sum(tl.where(F & (diag == 0.0), 1, 0)) > 0, 1, first)
@@ -290,7 +290,8 @@ def _triton():
                 if tl.sum(tl.where((offs == q) & F & (z == 0.0), 1, 0)) > 0:
                     _leave(Hinv, q, used, offs, BR, M)
             tl.store(z_ptr + k * M + offs, tl.where(F & (z != 0.0), z, 0.0))
-            if clamped != 0:  # the next run rebuilds it
+            # the next run rebuilds it where this one joined at the ridge or did not solve it
+            if tl.maximum(clamped, status) != 0:
                 for r0 in range(0, used, BR):
                     rows = r0 + tl.arange(0, BR)
                     m = (rows[:, None] < used) & (offs[None, :] < used)
@@ -422,8 +423,6 @@ def _pass(state: dict, *, exact: bool, grow: int, programs: int):
     after it: ``[any column not aside violates, every column not aside is solved, every
     column not aside took at most one inner step, the columns aside]`` (int64)."""
     launch(state, programs=programs)
-    # the next run rebuilds the inverse of a column this one did not solve: zero it here
-    state["Hinv"].masked_fill_((state["status"] != SOLVED)[:, None, None], 0.0)
     p = state["program"]
     n, d = p["n"], p["d"]
     ids, z, cols, aside = state["ids"], state["z"], state["cols"], state["aside"]
