@@ -106,8 +106,39 @@ def _scores_row(res) -> dict:
                 **{f"seconds_{k}": v for k, v in res.timings.items()})  # fmt: skip
 
 
+#: the largest N whose soft share's cost is measured (its float64 eigh on the device)
+SHARE_COST_MAX_N = 8192
+
+
+def _share_cost(res, x, clusters: int, device) -> dict:
+    """Issue 78 on the device: the stages after the solve on the default's own ``C``, the
+    paper's (the spectral step's labels, then the scores) against ``cluster_share="soft"``
+    (``soft_cluster_shares``), interleaved, median of 3 each (fewer where the first pair
+    takes over 20 s); and the two scores' largest distance (they differ where the labels are
+    not those of a clear eigengap)."""
+    from videoanchor.anchor.scores import anchor_result_from_coefficients
+
+    if x.shape[0] > SHARE_COST_MAX_N:
+        return dict(share_cost_skipped=f"N = {x.shape[0]} > {SHARE_COST_MAX_N} (a float64 eigh "
+                    "of N x N on the device; not run within a lease's call)")  # fmt: skip
+    hard_s, soft_s = [], []
+    while len(hard_s) < 3 and (not hard_s or sum(hard_s) + sum(soft_s) < 20.0):
+        t, hard, _ = _timed(lambda: anchor_result_from_coefficients(res, clusters, features=x),
+                            device)  # fmt: skip
+        hard_s.append(t)
+        t, soft, _ = _timed(lambda: anchor_result_from_coefficients(
+            res, clusters, features=x, cluster_share="soft"), device)  # fmt: skip
+        soft_s.append(t)
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    return dict(seconds_after_solve_paper=med(hard_s), seconds_after_solve_soft=med(soft_s),
+                share_cost_reps=len(hard_s),
+                soft_over_paper_after_solve=med(soft_s) / med(hard_s),
+                soft_vs_paper_max=float((soft.scores.double() - hard.scores.double()).abs().max()))  # fmt: skip
+
+
 def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool = True,
-        yardstick: bool = True, budget: float = 420.0, sweep=()) -> Path:  # fmt: skip
+        yardstick: bool = True, budget: float = 420.0, sweep=(),
+        share_cost: bool = True) -> Path:  # fmt: skip
     """The rows (module docstring), the JSON rewritten as each ends; a row that would start
     past ``budget`` seconds is written as not run (``skipped``)."""
     from videoanchor.anchor import compute_anchor_scores
@@ -164,6 +195,8 @@ def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool 
             else:
                 row["dense_rule"] = DENSE_RULE.get(res.solver)
                 row["meets_dense_rule"] = row["default_over_fast"] <= DENSE_RULE.get(res.solver, 0)
+            if kind == "video-like" and share_cost:  # issue 78: the soft share's cost
+                row.update(_share_cost(res, x, clusters, device))
             if i == 0:  # the working sets' own record, the synchronisations, the yardstick
                 t, out, _ = _timed(lambda x=x: wc.solve_workset_cuda(x, **kw), device)
                 row.update(seconds_workset_cuda=t, passes_workset_cuda=out["passes"],
@@ -228,6 +261,9 @@ def main(argv=None) -> None:
     ap.add_argument("--no-yardstick", action="store_true",
                     help="without the CPU's certified minimiser at the first size")  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    ap.add_argument("--no-share-cost", action="store_true",
+                    help="without the soft cluster share's cost (issue 78) on each video-like "
+                    "set")  # fmt: skip
     ap.add_argument("--sweep", default="",
                     help="also the working sets alone at each GROW:TILE pair (comma-"
                     "separated, e.g. 16:512,64:512,16:2048), on each video-like set: "
@@ -262,7 +298,8 @@ def main(argv=None) -> None:
     shapes = {m: SHAPES[m] for m in args.models.split(",")}
     print(run(shapes, [int(f) for f in args.frames.split(",")], args.out_dir,
               dense=not args.no_dense, yardstick=not args.no_yardstick, budget=args.budget,
-              sweep=[tuple(map(int, pair.split(":"))) for pair in args.sweep.split(",") if pair]))  # fmt: skip
+              sweep=[tuple(map(int, pair.split(":"))) for pair in args.sweep.split(",") if pair],
+              share_cost=not args.no_share_cost))  # fmt: skip
 
 
 if __name__ == "__main__":
