@@ -170,9 +170,9 @@ def _triton():
 
     # the sizes are not specialised (no variant per N % 16 == 0 or N == 1): one binary per
     # level of slots, so that warm_up's launch compiles what every later call runs
-    @triton.jit(do_not_specialize=["n_cols", "N", "D", "max_inner", "first"])
+    @triton.jit(do_not_specialize=["n_work", "N", "D", "max_inner", "first"])
     def _columns_kernel(G, X, cols_ptr, ids_ptr, z_ptr, mu_ptr, status_ptr, steps_ptr,
-                        H_ptr, Hinv_ptr, scalars, n_cols, N, D, max_inner, first,
+                        H_ptr, Hinv_ptr, scalars, work_ptr, n_work, N, D, max_inner, first,
                         M: tl.constexpr, BR: tl.constexpr):  # fmt: skip
         # float64 scalars from memory (a Python float argument would be float32)
         lam_z = tl.load(scalars)
@@ -183,10 +183,11 @@ def _triton():
         pid = tl.program_id(0)
         offs = tl.arange(0, M)
         H = H_ptr + pid.to(tl.int64) * M * M  # this program's scratch
-        for k in range(pid, n_cols, tl.num_programs(0)):
+        for wi in range(pid, n_work, tl.num_programs(0)):
             tl.debug_barrier()  # (the last column's sweeps are done before this one writes)
+            k = tl.load(work_ptr + wi)  # the columns the pass runs (the others are solved)
             # the column's inverse over its support, kept from its last run (zero off it)
-            Hinv = Hinv_ptr + (k + tl.zeros([], dtype=tl.int64)) * M * M
+            Hinv = Hinv_ptr + k.to(tl.int64) * M * M
             i = tl.load(cols_ptr + k)
             ids = tl.load(ids_ptr + k * M + offs)
             valid = ids >= 0
@@ -313,20 +314,24 @@ def row_tile(slots: int, tile: int = TILE) -> int:
     return max(1, min(slots, tile // slots))
 
 
-def launch(state: dict, *, programs: int, num_warps: int = 4) -> None:
-    """One kernel run over the columns of ``state`` (:func:`_state`), in place."""
+def launch(state: dict, *, programs: int, work: torch.Tensor | None = None,
+           num_warps: int = 4) -> None:  # fmt: skip
+    """One kernel run over the columns of ``state`` (:func:`_state`) at the positions
+    ``work`` (int32 on the device; None: all of them), in place."""
     M = state["ids"].shape[1]
-    n_cols = state["ids"].shape[0]
-    programs = max(1, min(programs, n_cols))
-    dev = state["ids"].device
+    if work is None:
+        work = torch.arange(state["ids"].shape[0], dtype=torch.int32, device=state["ids"].device)
+    # (one scratch for the level's widest run: a run over fewer columns uses its first rows)
     scratch = state.get("H")
-    if scratch is None or scratch.shape[0] != programs:
-        scratch = state["H"] = torch.empty(programs, M, M, dtype=torch.float64, device=dev)
+    if scratch is None:
+        rows = max(1, min(programs, state["ids"].shape[0]))
+        scratch = state["H"] = torch.empty(rows, M, M, dtype=torch.float64,
+                                           device=state["ids"].device)  # fmt: skip
     p = state["program"]
-    _triton()[(programs,)](
+    _triton()[(max(1, min(scratch.shape[0], len(work))),)](
         p["G"], p["X"], state["cols"], state["ids"], state["z"], state["mu"], state["status"],
-        state["steps_pass"], scratch, state["Hinv"], p["scalars"], n_cols, p["n"], p["d"],
-        p["max_inner"], int(state["first"]), M=M, BR=row_tile(M, p.get("tile", TILE)),
+        state["steps_pass"], scratch, state["Hinv"], p["scalars"], work, len(work), p["n"],
+        p["d"], p["max_inner"], int(state["first"]), M=M, BR=row_tile(M, p.get("tile", TILE)),
         num_warps=num_warps,
     )  # fmt: skip
     state["first"] = False
@@ -415,69 +420,93 @@ def _scatter(ids: torch.Tensor, z: torch.Tensor, width: int) -> torch.Tensor:
     return out[:, :width]
 
 
-def _pass(state: dict, *, exact: bool, grow: int, programs: int):
-    """One pass over ``state``'s columns, on their device with no host read: the kernel,
-    every variable's KKT violation (products in float64 where ``exact``, else float32),
+def _pass(state: dict, work: torch.Tensor | None = None, *, exact: bool, grow: int,
+          programs: int, run: bool = True):  # fmt: skip
+    """One pass over the columns of ``state`` at the positions ``work`` (int32 on the
+    device; None: all), on their device with no host read: the kernel (where ``run``), the
+    KKT violations of their variables (products in float64 where ``exact``, else float32),
     the ``grow`` worst into each column's free slots. A column whose slots are full while a
-    variable violates is set aside (``state["aside"]``). Returns the flags the host reads
-    after it: ``[any column not aside violates, every column not aside is solved, every
-    column not aside took at most one inner step, the columns aside]`` (int64)."""
-    launch(state, programs=programs)
+    variable violates is set aside (``state["aside"]``). The columns that the next pass
+    runs, those of ``work`` that took variables or did not solve, lead
+    ``state["next"]`` (the others are solved: the program is separable in its columns).
+    Returns the flags the host reads after it: ``[a column of work not aside violates,
+    every column of work not aside is solved, every such column took at most one inner
+    step, the columns aside (all of the state's), the columns of the next pass]`` (int64)."""
+    nc = state["ids"].shape[0]
+    if work is None:
+        work = torch.arange(nc, dtype=torch.int32, device=state["ids"].device)
+    if run:
+        launch(state, programs=programs, work=work)
     p = state["program"]
     n, d = p["n"], p["d"]
-    ids, z, cols, aside = state["ids"], state["z"], state["cols"], state["aside"]
-    state["steps"] += state["steps_pass"]
-    nc, M = ids.shape
-    full = _scatter(ids, z, n + d)  # (nc, n + d): column k's variables in row k
+    w = work.long()
+    ids, z, cols = state["ids"][w], state["z"][w], state["cols"][w]
+    status, steps_pass = state["status"][w], state["steps_pass"][w]
+    if run:
+        state["steps"].index_add_(0, w, steps_pass.long())
+    nw, M = ids.shape
+    full = _scatter(ids, z, n + d)  # (nw, n + d): column k's variables in row k
     dt = torch.float64 if exact else torch.float32
     X = p["X"] if exact else p["X32"]
     c, e = full[:, :n].T.to(dt), full[:, n:].T.to(dt)
-    r = X.T[:, cols] - X.T @ c - e  # (D, nc): each column's residual
-    m = p["lam_z"] * torch.cat([X @ r, r]).T  # (nc, N + D): lambda_z P^T r per column
-    m[:, :n] -= state["mu"][:, None].to(dt)
+    r = X.T[:, cols] - X.T @ c - e  # (D, nw): each column's residual
+    m = p["lam_z"] * torch.cat([X @ r, r]).T  # (nw, N + D): lambda_z P^T r per column
+    m[:, :n] -= state["mu"][w][:, None].to(dt)
     viol = torch.cat([(m.abs() - p["weights"].to(dt)) / p["weights"].to(dt),
-                      torch.zeros(nc, 1, dtype=dt, device=m.device)], dim=1)  # fmt: skip
-    rows = torch.arange(nc, device=ids.device)
-    viol[rows, cols] = -math.inf  # c_i stays 0
+                      torch.zeros(nw, 1, dtype=dt, device=m.device)], dim=1)  # fmt: skip
+    # c_i stays 0; the support is not a candidate (a scalar's scatter: no copy to the device)
+    viol.scatter_(1, cols[:, None], -math.inf)
     support = (ids >= 0) & (z != 0)
     viol.scatter_(1, torch.where(support, ids, n + d), -math.inf)
     top, new = viol[:, : n + d].topk(min(grow, n + d - 1, M), dim=1)
     fresh = top > (p["tol"] if exact else SCREEN)
     keep = support.sum(dim=1)
-    aside |= fresh.any(dim=1) & (keep == M)  # its slots are full: the next level's
+    aside = fresh.any(dim=1) & (keep == M)  # its slots are full: the next level's
     # each column keeps its support in its slots (the kernel's inverse over them stays
     # valid) and takes its violators into the free slots, lowest first
     free = torch.argsort(support.to(torch.int8), dim=1, stable=True)[:, : new.shape[1]]
     ok = fresh & (torch.arange(new.shape[1], device=ids.device)[None, :] < (M - keep)[:, None])
-    ids2 = torch.cat([torch.where(support, ids, -1), ids.new_full((nc, 1), -1)], dim=1)
+    ids2 = torch.cat([torch.where(support, ids, -1), ids.new_full((nw, 1), -1)], dim=1)
     ids2.scatter_(1, torch.where(ok, free, M), torch.where(ok, new, -1))
-    z2 = torch.where(support, z, 0.0)
-    state["ids"] = torch.where(aside[:, None], ids, ids2[:, :M])
-    state["z"] = torch.where(aside[:, None], z, z2)
+    state["ids"].index_copy_(0, w, torch.where(aside[:, None], ids, ids2[:, :M]))
+    state["z"].index_copy_(0, w, torch.where(aside[:, None], z, torch.where(support, z, 0.0)))
+    state["aside"].index_copy_(0, w, aside)
     live = ~aside
+    again = live & (ok.any(dim=1) | (status != SOLVED))
+    state["next"] = work[torch.argsort((~again).to(torch.int8), stable=True)]
     # (a float32 pass may flag variables that float64 finds optimal: where every kernel
     # run took at most one step, nothing joined, and float64 passes follow)
     return torch.stack([(fresh.any(dim=1) & live).any(),
-                        ((state["status"] == SOLVED) | aside).all(),
-                        ((state["steps_pass"] <= 1) | aside).all(), aside.sum()])  # fmt: skip
+                        ((status == SOLVED) | aside).all(),
+                        ((steps_pass <= 1) | aside).all(), state["aside"].sum(),
+                        again.sum()])  # fmt: skip
 
 
 def _solve_level(state: dict, *, precision: str, grow: int, max_passes: int, programs: int,
                  reads: list, max_aside: float = math.inf) -> tuple[int, bool]:  # fmt: skip
     """Passes over ``state`` until no column that is not set aside violates (float64), at
     most ``max_passes``, or until more than ``max_aside`` columns are set aside; returns the
-    passes and whether it got there. One host read per pass (``reads`` counts them)."""
+    passes and whether it got there. One host read per pass (``reads`` counts them). A pass
+    runs the columns that the last one gave variables or left unsolved; where float32 falls
+    quiet, one float64 pass checks every column not set aside without a kernel run."""
     exact = precision == "float64"
+    nc = state["ids"].shape[0]
+    work, run = None, True
     for passes in range(1, max_passes + 1):
-        flags = _pass(state, exact=exact, grow=grow, programs=programs)
-        any_fresh, all_solved, still, aside = flags.tolist()  # the pass's one host read
+        flags = _pass(state, work, exact=exact, grow=grow, programs=programs, run=run)
+        any_fresh, all_solved, still, aside, count = flags.tolist()  # the pass's host read
         reads.append("pass")
         if aside > max_aside:
             return passes, False
         if all_solved and (not any_fresh or (still and passes > 1 and not exact)):
-            if exact:
+            if exact and not any_fresh:
                 return passes, True
-            exact = True  # float32 quiet: float64 passes from here
+            if not exact:  # float32 quiet: float64 from here, every column checked once
+                exact, run = True, False
+                order = torch.argsort(state["aside"].to(torch.int8), stable=True)
+                work = order[: nc - aside].to(torch.int32)
+                continue
+        work, run = state["next"][:count], True
     return max_passes, False
 
 
