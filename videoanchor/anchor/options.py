@@ -55,7 +55,7 @@ REMOVED_ACCELERATED = (
 
 
 #: :attr:`SSCOptions.cluster_share`'s choices
-CLUSTER_SHARES = ("hard", "soft")
+CLUSTER_SHARES = ("hard", "soft", "stable")
 
 
 def _label_draws(name, value):
@@ -133,9 +133,12 @@ class SSCOptions:
     """Label draws averaged into each token's cluster share (the paper: 1)."""
     cluster_share: str = "hard"
     """Each token's cluster share ``pi_j``: ``"hard"`` (the paper's: its cluster's share of
-    the tokens under the spectral labels, averaged over ``label_draws``) or ``"soft"`` (beyond
+    the tokens under the spectral labels, averaged over ``label_draws``), ``"soft"`` (beyond
     the paper: :func:`~videoanchor.anchor.spectral.soft_cluster_shares`, a continuous
-    function of ``C`` that no label flip moves, NOT the paper's share; exact mode)."""
+    function of ``C`` that no label flip moves, NOT the paper's share) or ``"stable"``
+    (beyond the paper: :func:`~videoanchor.anchor.spectral.stable_cluster_shares`, the
+    paper's share where its labels survive a small move of the embedding, the soft one where
+    they do not, blended between); exact mode."""
     eigen_solver: str = "auto"
     """Eigen-solver of the spectral step: ``"auto"``, ``"eigh"``, ``"krylov"`` or
     ``"chebyshev"`` (exact mode), ``"arpack"``, ``"subspace"`` or ``"chebyshev"`` (blocked
@@ -195,10 +198,11 @@ class SSCOptions:
             )
         if mode == "blocked":
             check_blocked(solver, backend)
-            if out.cluster_share == "soft":
+            if out.cluster_share != "hard":
                 raise ValueError(
-                    "cluster_share='soft' reads a dense affinity's spectrum; expected mode "
-                    "'exact' or 'auto' (where the dense problem fits), got mode='blocked'"
+                    f"cluster_share={out.cluster_share!r} reads a dense affinity's spectrum; "
+                    "expected mode 'exact' or 'auto' (where the dense problem fits), got "
+                    "mode='blocked'"
                 )
         check_precision(out.precision, fast=solver in ("auto", "fast"), work=out.dtype,
                         solver=solver, blocked=mode == "blocked", backend=backend)  # fmt: skip

@@ -150,7 +150,7 @@ def anchor_scores(
     ``labels`` may also be ``(draws, N)``, several label draws of one clustering: then
     ``pi_j`` is token ``j``'s cluster share averaged over the draws (``label_draws``).
     ``shares`` (N,) in ``(0, 1]``: the ``pi_j`` given instead of read from the labels
-    (``cluster_share="soft"``: :func:`~videoanchor.anchor.spectral.soft_cluster_shares`).
+    (``cluster_share="soft"`` or ``"stable"``: :func:`~videoanchor.anchor.spectral.cluster_shares`).
     """
     if coef.dim() != 2 or coef.shape[0] != coef.shape[1]:
         raise ValueError(f"coef: expected a square (N, N) matrix, got shape {tuple(coef.shape)}")
@@ -401,7 +401,10 @@ def compute_anchor_scores(
     under a 1e-7 relative change of the features (another engine's or device's rounding),
     and the scores then jump (``label_flips_cpu.json``, docs/guides/anchor-scores.md).
     ``"soft"``: :func:`~videoanchor.anchor.spectral.soft_cluster_shares`, a continuous
-    function of ``C`` that no flip moves, but NOT the paper's share (exact mode;
+    function of ``C`` that no flip moves, but NOT the paper's share. ``"stable"``:
+    :func:`~videoanchor.anchor.spectral.stable_cluster_shares`, the paper's share where
+    its labels survive a small move of the spectral embedding (every one of 32 seeded
+    draws), the soft share where at most half do, blended between (exact mode for both;
     ``labels`` are still the hard ones).
 
     ``dark_tokens``: ``mu_z`` where some tokens are near-black or constant (one warning
@@ -440,8 +443,8 @@ def compute_anchor_scores(
     t1 = time.perf_counter()
     draws = cluster(res.coef, opts, group=plan.group, rank=plan.rank)
     shares = None
-    if opts.cluster_share == "soft":
-        shares = cluster_shares(res.coef, opts, group=plan.group, rank=plan.rank)
+    if opts.cluster_share != "hard":
+        shares = cluster_shares(res.coef, opts, labels=draws, group=plan.group, rank=plan.rank)
     _sync(x.device)
     t2 = time.perf_counter()
     scores = tie_duplicate_scores(x, anchor_scores(res.coef, draws, shares=shares))
@@ -513,7 +516,7 @@ def anchor_result_from_coefficients(
     ).checked()  # fmt: skip
     check_tokens(opts.n_clusters, ssc.coef.shape[0])
     draws = cluster(ssc.coef, opts)
-    shares = cluster_shares(ssc.coef, opts) if opts.cluster_share == "soft" else None
+    shares = None if opts.cluster_share == "hard" else cluster_shares(ssc.coef, opts, labels=draws)
     t1 = time.perf_counter()
     scores = anchor_scores(ssc.coef, draws, shares=shares)
     if features is not None:

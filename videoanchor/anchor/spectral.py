@@ -43,6 +43,8 @@ __all__ = [
     "sparse_ssc_affinity",
     "sparse_normalized_affinity",
     "soft_cluster_shares",
+    "paper_label_agreement",
+    "stable_cluster_shares",
     "cluster",
     "cluster_shares",
 ]
@@ -426,6 +428,15 @@ def _unit_rows(v: torch.Tensor) -> torch.Tensor:
     return torch.where(rn > 0, v / rn.clamp_min(torch.finfo(v.dtype).tiny), v)
 
 
+def _discretize_rows(vectors: torch.Tensor) -> torch.Tensor:
+    """:func:`discretize`'s input rows: the columns scaled to norm ``sqrt(N)``, signed so the
+    first row is non-positive, the rows unit (float64, host)."""
+    v = vectors.detach().to("cpu", torch.float64).clone()
+    v = v / v.norm(dim=0, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny) * math.sqrt(len(v))
+    first = torch.sign(v[0])
+    return _unit_rows(v * torch.where(first != 0, -first, torch.ones_like(first)))
+
+
 def discretize(vectors: torch.Tensor, *, seed: int = 0,
                random_state: np.random.RandomState | None = None, n_iter_max: int = 20,
                max_svd_restarts: int = 30) -> torch.Tensor:  # fmt: skip
@@ -437,11 +448,8 @@ def discretize(vectors: torch.Tensor, *, seed: int = 0,
     ``vectors``' device."""
     rng = np.random.RandomState(int(seed)) if random_state is None else random_state
     device = vectors.device
-    v = vectors.detach().to("cpu", torch.float64).clone()
+    v = _discretize_rows(vectors)
     n, k = v.shape
-    v = v / v.norm(dim=0, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny) * math.sqrt(n)
-    first = torch.sign(v[0])
-    v = _unit_rows(v * torch.where(first != 0, -first, torch.ones_like(first)))
     eps = torch.finfo(torch.float64).eps
     for _ in range(max_svd_restarts):
         rot = torch.zeros(k, k, dtype=v.dtype, device=v.device)
@@ -703,6 +711,93 @@ def soft_cluster_shares(
     return ((u @ (u.T @ u)) * u).sum(dim=1) / n
 
 
+#: ``cluster_share="stable"``'s gate (:func:`paper_label_agreement`): label draws, the
+#: Gaussian's scale on :func:`discretize`'s unit rows (per coordinate), and the agreement
+#: below which the paper's share gets no weight. Measured (``label_flips_cpu.json``): at
+#: 1e-3 every draw kept the paper's labels on the video-like sets (whose labels never flip
+#: under 1e-6 feature noise) and none did on the tiny-model sets (which flip); at 1e-2 9 of
+#: 64 draws left the 16-frame set's labels.
+STABLE_DRAWS, STABLE_SCALE, STABLE_AGREE = 32, 1e-3, 0.5
+
+
+def _discretize_draws(v: torch.Tensor, start: int, n_iter_max: int = 20) -> torch.Tensor:
+    """:func:`discretize`'s iterations on ``R`` sets of unit rows at once (``v``: ``(R, N,
+    k)`` float64), every draw from start row ``start``: ``(R, N)`` labels, raw ids."""
+    r, n, k = v.shape
+    at = torch.arange(r)
+    rot = v.new_zeros(r, k, k)
+    rot[:, :, 0] = v[:, start]
+    c = v.new_zeros(r, n)
+    for j in range(1, k):
+        c += torch.bmm(v, rot[:, :, j - 1 : j]).squeeze(2).abs()
+        rot[:, :, j] = v[at, c.argmin(dim=1)]
+    eps = torch.finfo(torch.float64).eps
+    last, done = v.new_zeros(r), torch.zeros(r, dtype=torch.bool)
+    out = torch.empty(r, n, dtype=torch.long)
+    for n_iter in range(1, n_iter_max + 2):
+        labels = torch.bmm(v, rot).argmax(dim=2)
+        t_svd = v.new_zeros(r, k, k).scatter_add_(1, labels[:, :, None].expand(-1, -1, k), v)
+        u, sv, vh = torch.linalg.svd(t_svd)
+        ncut = 2.0 * (n - sv.sum(dim=1))
+        stop = ((ncut - last).abs() < eps) | (n_iter > n_iter_max)
+        out[stop & ~done] = labels[stop & ~done]
+        done |= stop
+        if bool(done.all()):
+            break
+        last, rot = ncut, vh.mT @ u.mT
+    return out
+
+
+def paper_label_agreement(embedding: torch.Tensor, *, seed: int = 0, draws: int = STABLE_DRAWS,
+                          scale: float = STABLE_SCALE) -> tuple[float, torch.Tensor]:  # fmt: skip
+    """How well the paper's labels survive a small move of the spectral embedding:
+    ``(agreement, labels)``, ``labels`` the paper's (:func:`discretize` from
+    :func:`label_random_state`, as :func:`spectral_labels`' draw 0) and ``agreement`` the
+    share of ``draws`` label assignments that give the same partition when discretize's unit
+    rows are moved by ``scale`` times a seeded standard Gaussian (``seed``), each from the
+    paper's start row. Seeded: a deterministic function of the embedding."""
+    draws = _check_draws(draws)
+    n = embedding.shape[0]
+    labels = discretize(embedding, random_state=label_random_state(seed, n))
+    start = int(label_random_state(seed, n).randint(n))  # that draw's start row
+    v = _discretize_rows(embedding)
+    gen = torch.Generator().manual_seed(int(seed))
+    g = torch.randn(draws, *v.shape, generator=gen, dtype=torch.float64)
+    moved = _unit_rows((v + scale * g).reshape(-1, v.shape[1])).reshape(g.shape)
+    same = [torch.equal(_relabel_by_first_appearance(d), labels.cpu())
+            for d in _discretize_draws(moved, start)]  # fmt: skip
+    return sum(same) / draws, labels
+
+
+@bounded()
+def stable_cluster_shares(affinity: torch.Tensor, n_clusters: int, *, seed: int = 0,
+                          labels: torch.Tensor | None = None, eigen_solver: str = "auto",
+                          draws: int = STABLE_DRAWS, scale: float = STABLE_SCALE,
+                          agree: float = STABLE_AGREE) -> torch.Tensor:  # fmt: skip
+    """Each token's cluster share under ``cluster_share="stable"`` (``(N,)`` float64, beyond
+    the paper): ``w * hard + (1 - w) * soft``, ``hard`` the paper's share (of ``labels``,
+    ``(N,)`` or ``(draws, N)``; None: the paper's draw 0), ``soft``
+    :func:`soft_cluster_shares`, ``w = clamp((a - agree) / (1 - agree), 0, 1)`` and ``a``
+    :func:`paper_label_agreement` on the paper's embedding. Where every perturbed draw keeps
+    the paper's labels (``a = 1``) it is the paper's share exactly; where none do it is the
+    soft share. Between, ``w`` moves in steps of ``1 / (draws (1 - agree))``: no continuity
+    is claimed there (docs/guides/anchor-scores.md)."""
+    if not 0 <= agree < 1:
+        raise ValueError(f"agree: expected 0 <= agree < 1, got {agree!r}")
+    n = affinity.shape[0]
+    if n_clusters == 1:  # one cluster: every share is 1, as the paper's
+        return torch.ones(n, dtype=torch.float64, device=affinity.device)
+    emb = spectral_embedding(affinity, n_clusters, seed=seed, eigen_solver=eigen_solver)
+    a, paper = paper_label_agreement(emb, seed=seed, draws=draws, scale=scale)
+    lab = (paper if labels is None else labels).reshape(-1, n).cpu()
+    hard = torch.stack([torch.bincount(row)[row] for row in lab]).to(torch.float64).mean(0) / n
+    w = min(max((a - agree) / (1 - agree), 0.0), 1.0)
+    if w == 1.0:
+        return hard.to(affinity.device)
+    soft = soft_cluster_shares(affinity, n_clusters).cpu()
+    return (w * hard + (1 - w) * soft).to(affinity.device)
+
+
 def cluster(coef: torch.Tensor, opts, *, group=None, rank: int = 0, affinity: str = "symmetric",
             assign_labels: str = "discretize") -> torch.Tensor:  # fmt: skip
     """Stage 4 of an SSC call: the ``(label_draws, N)`` labels of ``C`` (dense, or sparse
@@ -734,10 +829,12 @@ def cluster(coef: torch.Tensor, opts, *, group=None, rank: int = 0, affinity: st
     return draws if group is None else broadcast_from_first(draws, group)
 
 
-def cluster_shares(coef: torch.Tensor, opts, *, group=None, rank: int = 0) -> torch.Tensor:
-    """Stage 4 of an SSC call with ``opts.cluster_share="soft"``: each token's
-    :func:`soft_cluster_shares` (``(N,)`` float64) of ``W = |C| + |C|^T`` into
-    ``opts.n_clusters``. Under a process ``group`` rank 0 computes them and broadcasts
+def cluster_shares(coef: torch.Tensor, opts, *, labels: torch.Tensor | None = None,
+                   group=None, rank: int = 0) -> torch.Tensor:  # fmt: skip
+    """Stage 4 of an SSC call with ``opts.cluster_share`` ``"soft"`` or ``"stable"``: each
+    token's :func:`soft_cluster_shares` or :func:`stable_cluster_shares` (``(N,)`` float64;
+    ``labels``: :func:`cluster`'s, the paper's part of ``"stable"``) of ``W = |C| + |C|^T``
+    into ``opts.n_clusters``. Under a process ``group`` rank 0 computes them and broadcasts
     them; if that fails, every rank raises."""
     shares = torch.empty(coef.shape[0], dtype=torch.float64, device=coef.device)
     error = None
@@ -745,10 +842,16 @@ def cluster_shares(coef: torch.Tensor, opts, *, group=None, rank: int = 0) -> to
         try:
             if coef.is_sparse:
                 raise ValueError(
-                    "cluster_share='soft' reads a dense affinity's spectrum; expected a dense C "
-                    f"(mode='exact'), got a sparse one (blocked mode, N = {coef.shape[0]})"
+                    f"cluster_share={opts.cluster_share!r} reads a dense affinity's spectrum; "
+                    f"expected a dense C (mode='exact'), got a sparse one (blocked mode, "
+                    f"N = {coef.shape[0]})"
                 )
-            shares = soft_cluster_shares(ssc_affinity(coef), opts.n_clusters)
+            w = ssc_affinity(coef)
+            if opts.cluster_share == "stable":
+                shares = stable_cluster_shares(w, opts.n_clusters, seed=opts.seed, labels=labels,
+                                               eigen_solver=opts.eigen_solver)  # fmt: skip
+            else:
+                shares = soft_cluster_shares(w, opts.n_clusters)
         except Exception as exc:  # re-raised on every rank
             error = exc
     raise_together(group, error, coef.device)
