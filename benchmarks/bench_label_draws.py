@@ -34,7 +34,18 @@ of the spectral step against the soft and the stable share on the same affinity
 (interleaved, median of 3)::
 
     python benchmarks/bench_label_draws.py --flips              # writes label_flips_cpu.json
-    python benchmarks/bench_label_draws.py --flips --frames 64 --tiny 0 --tag 64f
+    python benchmarks/bench_label_draws.py --flips --frames 64 --tiny --tag 64f
+
+``--expected``: the route of an expected hard share, measured and not shipped: the mean of
+the paper's share over ``R`` label draws (``--draws``) of ``discretize``'s unit rows moved
+by ``--scale`` times a seeded Gaussian (the same draws at every feature change), each from
+the paper's start row; per set and ``R``: how many draws keep the paper's labels, the
+largest distance to the paper's scores, the largest move under the first ``--moves`` of the
+16 changes of 1e-6 (as ``--flips`` draws them), the share of tokens within the paper's
+spread, and, for scale, the same share for the mean of the paper's own scores over the 8
+changes of 1e-7::
+
+    python benchmarks/bench_label_draws.py --expected --draws 256,1024 --frames 16 --tiny 0
 """
 
 from __future__ import annotations
@@ -265,6 +276,88 @@ def flips(frames, tiny, p7: int, p6: int, out_dir, tag: str = "") -> Path:
     return finish("label_flips" + (f"_{tag}" if tag else ""), meta, rows, out_dir, cols)
 
 
+def expected_case(name: str, x: torch.Tensor, draws_list, scale: float, moves: int) -> list[dict]:
+    """One set of ``--expected`` (see the module's docstring)."""
+    from videoanchor.anchor import ssc_coefficients
+    from videoanchor.anchor.scores import scores_from_row_sums
+    from videoanchor.anchor.spectral import (
+        _discretize_draws,
+        _discretize_rows,
+        _relabel_by_first_appearance,
+        _unit_rows,
+        discretize,
+        label_random_state,
+        spectral_embedding,
+    )
+
+    def paper(c):  # the embedding, the paper's labels and scores
+        emb = spectral_embedding(ssc_affinity(c.coef), K)
+        lab = discretize(emb, random_state=label_random_state(0, len(emb)))
+        return emb, lab, scores_from_row_sums(c.coef.sum(1), lab).double()
+
+    def expected(c, emb, lab, r):  # the mean hard share over r moved embeddings
+        v, n = _discretize_rows(emb), len(emb)
+        g = torch.randn(r, *v.shape, generator=torch.Generator().manual_seed(0),
+                        dtype=torch.float64)  # fmt: skip
+        moved = _unit_rows((v + scale * g).reshape(-1, K)).reshape(g.shape)
+        t = time.perf_counter()
+        d = _discretize_draws(moved, int(label_random_state(0, n).randint(n)))
+        took = time.perf_counter() - t
+        same = sum(torch.equal(_relabel_by_first_appearance(row), lab) for row in d) / r
+        return scores_from_row_sums(c.coef.sum(1), d).double(), same, took
+
+    gen = torch.Generator().manual_seed(0)
+    base = ssc_coefficients(x)
+    emb, lab, hard = paper(base)
+    runs = {"1e-7": [], "1e-6": []}
+    for rel, count in (("1e-7", 8), ("1e-6", 16)):  # as --flips draws them
+        for _ in range(count):
+            xp = x * (1 + float(rel) * torch.randn(x.shape, generator=gen, dtype=x.dtype))
+            c = ssc_coefficients(xp)
+            runs[rel].append((c, *paper(c)))
+    spread = torch.stack([h for *_, h in runs["1e-6"]])
+    lo, hi = spread.min(0).values, spread.max(0).values
+    mean7 = torch.stack([h for *_, h in runs["1e-7"]]).mean(0)
+    rows = []
+    for r in draws_list:
+        s0, same, took = expected(base, emb, lab, r)
+        moved = [float((expected(c, e, lb, r)[0] - s0).abs().max())
+                 for c, e, lb, _ in runs["1e-6"][:moves]]  # fmt: skip
+        rows.append(dict(
+            set=name, n=int(x.shape[0]), k=K, draws=r, scale=scale,
+            paper_flip_rate_1e_6=sum(not torch.equal(lb, lab) for _, _, lb, _ in runs["1e-6"]) / 16,
+            draws_keeping_paper_labels=same, expected_vs_paper_max=float((s0 - hard).abs().max()),
+            expected_move_max_1e_6=max(moved), moves_measured=len(moved),
+            expected_within_paper_spread=float(((s0 >= lo) & (s0 <= hi)).double().mean()),
+            paper_mean_of_8_1e_7_within_spread=float(((mean7 >= lo) & (mean7 <= hi)).double().mean()),
+            draws_s=took,
+        ))  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
+
+
+def expected_route(draws_list, scale: float, moves: int, tiny, frames, out_dir) -> Path:
+    """``--expected``: the Monte-Carlo expected share, into ``label_expected_cpu.json``."""
+    torch.set_num_threads(1)
+    meta = environment("cpu")
+    meta.update(torch_threads=1, loadavg_start=os.getloadavg(), n_clusters=K,
+                route="mean hard share over R label draws of discretize's unit rows + scale * "
+                      "a seeded Gaussian (common draws at every feature change), each from "
+                      "the paper's start row")  # fmt: skip
+    rows = []
+    for f in frames:
+        rows += expected_case(f"video {f}x48 D1024", video_tokens(f, 48, 1024), draws_list,
+                              scale, moves)  # fmt: skip
+    for s in tiny:
+        rows += expected_case(f"tiny Qwen2.5-VL 8x70 pixels seed {s}", tiny_features(s),
+                              draws_list, scale, moves)  # fmt: skip
+    meta["loadavg_end"] = os.getloadavg()
+    cols = ["set", "draws", "paper_flip_rate_1e_6", "draws_keeping_paper_labels",
+            "expected_vs_paper_max", "expected_move_max_1e_6", "expected_within_paper_spread",
+            "paper_mean_of_8_1e_7_within_spread", "draws_s"]  # fmt: skip
+    return finish("label_expected", meta, rows, out_dir, cols)
+
+
 def main(argv=None):
     ap = parser(__doc__, quick="3 seeds and R in (1, 4) (a smoke run)")
     ap.add_argument("--seeds", type=int, default=10)
@@ -276,7 +369,13 @@ def main(argv=None):
     ap.add_argument("--p7", type=int, default=8, help="perturbations of 1e-7")
     ap.add_argument("--p6", type=int, default=16, help="perturbations of 1e-6")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--expected", action="store_true", help="the Monte-Carlo route (docstring)")
+    ap.add_argument("--scale", type=float, default=1e-3, help="--expected: the rows' move")
+    ap.add_argument("--moves", type=int, default=4, help="--expected: 1e-6 changes to measure")
     args = ap.parse_args(argv)
+    if args.expected:
+        return expected_route([int(v) for v in args.draws.split(",")], args.scale, args.moves,
+                              args.tiny, args.frames, args.out_dir)  # fmt: skip
     if args.flips:
         if args.quick:
             args.frames, args.tiny, args.p7, args.p6 = [8], [0], 2, 4
