@@ -12,6 +12,7 @@ import videoanchor
 from videoanchor.kernels import interface, launch, prepare_gates
 from videoanchor.kernels.interface import fast_form, value_scale_range_of
 from videoanchor.kernels.reference import anchored_attention_reference
+from videoanchor.kernels.triton_prefill import fold_gates
 
 RANGE = (1.0, 3.5)  # make_inputs' gates: value_scale = 1 + 2.5 s, s in [0, 1)
 
@@ -58,15 +59,20 @@ def _names(recs):
 @pytest.mark.parametrize("prepared", [False, True], ids=["given", "prepared"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "scale-only"])
 def test_fast_form_is_one_launch(prepared, with_bias):
-    """With a range the prefill kernel runs alone, its gates one float32 pair per key
-    (bias + log2(scale), 1 / scale) read through the bias pointer; without it, the general
+    """With a range the prefill kernel runs alone, its gates folded (the bias + log2(scale)
+    through the bias pointer, the rows holding 1 / scale through the scale pointer, views
+    of one buffer: fold_gates); without it, the general
     form (the scale multiplied into the probabilities in the loop). Both match the float64
     reference; without a key bias the lse adds a zero shift."""
     q, k, v, kb, vs, _ = make_inputs(1, 2, 1, 17, 19, 32, torch.float32)
     kb = kb if with_bias else None
     if prepared:
         gates = prepare_gates(kb, vs, value_scale_range=RANGE)
-        assert gates.fold is not None and gates.fold.shape == (1, 19, 2)
+        assert gates.fold is not None and [t.shape for t in gates.fold] == [
+            (1, 19, 16),
+            (1, 19),
+            (1, 19),
+        ]
         call = lambda: videoanchor.anchored_attention(  # noqa: E731
             q, k, v, gates=gates, backend="triton", return_lse=True)  # fmt: skip
     else:
@@ -74,16 +80,43 @@ def test_fast_form_is_one_launch(prepared, with_bias):
             q, k, v, kb, vs, backend="triton", value_scale_range=RANGE, return_lse=True)  # fmt: skip
     fast = _capture(call)
     assert _names(fast) == ["_anchored_prefill_kernel"]
-    assert fast[0].kwargs["FOLD"] is True and fast[0].kwargs["HAS_BIAS"] is True
-    pair = fast[0].args[3]
-    assert pair.dtype == torch.float32 and pair.shape == (1, 19, 2)
+    assert fast[0].kwargs["FOLD"] == 1 and fast[0].kwargs["HAS_BIAS"] is True  # float32
+    bias, rcp = fast[0].args[3:5]  # float32 inputs: the row sums in float32 (FOLD 1)
+    assert bias.dtype == rcp.dtype == torch.float32 and bias.shape == rcp.shape == (1, 19)
+    assert torch.equal(rcp, vs.float().reciprocal())
+    log_vs = torch.log2(vs.float())
+    shifted = None if kb is None else (kb.float() - kb.float().amax(-1, keepdim=True))
+    want = log_vs if kb is None else shifted * launch.LOG2E + log_vs
+    assert torch.allclose(bias, want, rtol=0, atol=1e-5)
     ref, ref_lse = anchored_attention_reference(q, k, v, kb, vs, causal=True, return_lse=True)
     out, lse = call()
     check_close(out, ref, native_error(q, k, v, kb, vs, None, True, ref), torch.float32)
     assert (lse.double() - ref_lse).abs().max().item() < 1e-4
     general = _capture(lambda: videoanchor.anchored_attention(q, k, v, kb, vs, backend="triton"))
     assert _names(general) == ["_anchored_prefill_kernel"]
-    assert general[0].kwargs["FOLD"] is False and general[0].kwargs["HAS_SCALE"] is True
+    assert general[0].kwargs["FOLD"] == 0 and general[0].kwargs["HAS_SCALE"] is True
+
+
+def test_fold_rows_are_exact():
+    """The bf16 rows of the fast form's gates (the row-sum MMA's operand): 1 / scale
+    exactly as the sum of three bf16 columns over the whole fast-form range, zeros after;
+    a bf16 call reads them (FOLD 2), views of the one buffer."""
+    g = torch.Generator().manual_seed(3)
+    vs = torch.exp2(torch.empty(3, 257).uniform_(-60, 60, generator=g))
+    vs[0, :4] = torch.tensor([2.0**-60, 2.0**60, 1.0, 3.0])
+    rows, bias, rcp = fold_gates(None, vs)
+    assert rows.dtype == torch.bfloat16 and rows.shape == (3, 257, 16)
+    assert torch.equal(rows[..., :3].double().sum(-1), vs.reciprocal().double())
+    assert torch.equal(rcp, vs.reciprocal()) and torch.equal(bias, torch.log2(vs))
+    assert not rows[..., 3:].any()
+    q, k, v, kb, vs, _ = make_inputs(1, 2, 1, 17, 19, 32, torch.bfloat16)
+    recs = _capture(lambda: videoanchor.anchored_attention(
+        q, k, v, kb, vs, backend="triton", value_scale_range=RANGE))  # fmt: skip
+    assert recs[0].kwargs["FOLD"] == 2
+    bias, rows = recs[0].args[3:5]
+    assert rows.dtype == torch.bfloat16 and rows.shape == (1, 19, 16)
+    assert bias.dtype == torch.float32 and bias.shape == (1, 19)
+    assert rows.untyped_storage().data_ptr() == bias.untyped_storage().data_ptr()
 
 
 def test_fast_form_rules():
@@ -278,7 +311,7 @@ def test_fast_form_wide_positive_scales():
     ref = anchored_attention_reference(q, k, v, kb, vs, causal=True)
     recs = _capture(lambda: videoanchor.anchored_attention(
         q, k, v, kb, vs, backend="triton", value_scale_range=(2.0**-50, 2.0**50)))  # fmt: skip
-    assert recs[0].kwargs["FOLD"] is True
+    assert recs[0].kwargs["FOLD"] == 1
     out = videoanchor.anchored_attention(q, k, v, kb, vs, backend="triton",
                                          value_scale_range=(2.0**-50, 2.0**50))  # fmt: skip
     assert torch.isfinite(out).all()

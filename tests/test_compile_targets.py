@@ -29,7 +29,7 @@ CASES = [
     ("decode-fp16-d128-g8-mask-lse",
      dict(kind=D_, dtype="fp16", D=128, group=8, mask=True, lse=True), (80,)),
     ("decode-bf16-d64-g1-varlen", dict(kind=D_, dtype="bf16", D=64, group=1, varlen=True), (80,)),
-    # The fast form (the gates folded into one float32 pair per key, one launch).
+    # The fast form (the gates folded: fold_gates, one launch).
     ("prefill-bf16-d128-fast", dict(kind=P, dtype="bf16", D=128, fast=True), (80, 86, 90)),
     ("prefill-fp16-d64-fast-varlen", dict(kind=P, dtype="fp16", D=64, fast=True, varlen=True),
      (90,)),

@@ -256,7 +256,7 @@ def case_inputs(case: dict):
     if case.get("cache_seqlens", False) and not varlen:
         kwargs["cache_seqlens"] = torch.full((B,), n_keys, dtype=torch.int32)
     if case.get("fast", False) and case["kind"] == "prefill":
-        # The fast form: the gates folded into one pair per key (gates in [1, 2] here).
+        # The fast form: the gates folded (fold_gates; gates in [1, 2] here).
         kwargs["fast"] = True
     return (q, k, v, kb, vs, mask, out, lse), kwargs
 

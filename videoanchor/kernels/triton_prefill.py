@@ -12,11 +12,11 @@ The value scale has two forms, both exact:
 - general (any ``value_scale``): the probabilities fed into ``P @ V`` are multiplied by
   ``value_scale[b, j]`` in the loop (one multiply per logit); the normaliser uses the
   unscaled probabilities;
-- fast ("pre-scaled V", when the caller bounds the value scale, as VideoAnchor's gates
-  are): an O(Skv * D) pass writes a temporary ``V' = V * value_scale / c`` with ``c`` a
-  power of two >= the bound, so ``|V'| <= |V|`` (no overflow), the loop is the plain
-  loop, and the epilogue multiplies the output by ``c`` (exact). The KV cache is never
-  modified.
+- fast (when the caller bounds the value scale, as VideoAnchor's gates are): the gates
+  folded into one tile row per key (:func:`fold_gates`): ``log2(value_scale)`` rides in
+  the logit with the bias, so the probabilities come out already scaled, and the
+  normaliser sums them times ``1 / value_scale`` on the tensor cores, one small MMA per
+  key block from the same bf16 P tile that ``P @ V`` reads.
 
 Nothing of size (Sq, Skv) is ever stored. docs/kernels-internals.md has the details.
 """
@@ -108,21 +108,13 @@ def _attend_key_range(
         if HAS_BIAS:
             # The bias arrives in log2 units: it rides in the FMA that applies qk_scale.
             if FOLD:
-                # The fast form: per key the pair (bias + log2(scale), 1 / scale), contiguous
-                # pairs (the launcher's layout). Blocks every row sees read the tile as rows
-                # of two keys (16 bytes; int32 offsets: a sequence's pairs index < 2^31):
-                # triton 3.6 pipelines it with one 16-byte async copy per two keys instead
-                # of an 8-byte copy and a 64-bit address per key (loop 496 -> 445 SASS
-                # instructions on sm_90, compile_loop_triton36_static.json). The masked
-                # blocks keep the 2-D load (that form's mask made ptxas serialise wgmma).
+                # The fast form: bias + log2(scale) (fold_gates), contiguous per sequence:
+                # int32 offsets, no stride multiply (4 instructions a block fewer in the
+                # loop on sm_90 than a 64-bit stride; a sequence's keys < 2^31 / 16).
                 if BOUNDARY:
-                    o_g = (o_kn * 2)[:, None] + tl.arange(0, 2)[None, :]
-                    b_g = tl.load(p_bias + o_g, mask=m_n[:, None], other=0.0)
+                    b_bias = tl.load(p_bias + offs_n, mask=m_n, other=0.0)
                 else:
-                    o_g = start_n * 2 + tl.arange(0, BLOCK_N // 2)[:, None] * 4
-                    o_g += tl.arange(0, 4)[None, :]
-                    b_g = tl.reshape(tl.load(p_bias + o_g), (BLOCK_N, 2))
-                b_bias, b_rcp = tl.split(b_g)
+                    b_bias = tl.load(p_bias + offs_n)
             elif BOUNDARY:
                 b_bias = tl.load(p_bias + o_b, mask=m_n, other=0.0)
             else:
@@ -151,14 +143,15 @@ def _attend_key_range(
             m_v = m_n & (b_keep != 0)
         else:
             m_v = m_n
-        if FOLD:
+        if FOLD == 1:
             # b_p holds p * scale (log2(scale) rode in the logit); the normaliser sums the
-            # unscaled p = (p * scale) / scale, the reciprocal's multiply fused into the
-            # row sum's adds.
+            # unscaled p = (p * scale) * (1 / scale), in float32 (fp16 / fp32 inputs).
             if BOUNDARY or HAS_MASK:
-                b_rcp = tl.where(m_v, b_rcp, 0.0)
+                b_rcp = tl.load(p_scale + offs_n, mask=m_v, other=0.0)
+            else:
+                b_rcp = tl.load(p_scale + offs_n)
             l_i = l_i * alpha + tl.sum(b_p * b_rcp[None, :], 1)
-        else:
+        elif not FOLD:
             l_i = l_i * alpha + tl.sum(b_p, 1)
         acc = acc * alpha[:, None]
         if HAS_SCALE and not FOLD:
@@ -170,7 +163,28 @@ def _attend_key_range(
             b_v = tl.load(p_v + o_v[:, None], mask=m_n[:, None] & m_d[None, :], other=0.0)
         else:
             b_v = tl.load(p_v + o_v[:, None], mask=m_d[None, :], other=0.0)
-        acc = tl.dot(b_p.to(b_v.dtype), b_v, acc, input_precision=DOT_PRECISION)
+        b_p16 = b_p.to(b_v.dtype)
+        acc = tl.dot(b_p16, b_v, acc, input_precision=DOT_PRECISION)
+        if FOLD == 2:
+            # bf16 inputs: the same sum on the tensor cores, the bf16 P tile of P @ V
+            # times the keys' gate rows (fold_gates: 1 / scale exactly as the sum of
+            # columns 0-2, zeros after): no multiply or add per logit, the row sum's
+            # shuffles gone. l_i is the [BLOCK_M, 16] product; the epilogue adds its
+            # first three columns. Masked keys' rows read as 0 (their p is 0, but 0 * NaN
+            # is not). The sum is of the bf16 p that P @ V weighs, not of their float32
+            # values. After P @ V, into a fresh accumulator, rescaled by an FMA (tl.fma:
+            # Triton would fold a multiply-add into the dot's accumulator): ptxas 12.x
+            # (triton 3.6) serialised every wgmma of the kernel (its advisory C7515) when
+            # the rescale of either accumulator fell between the two MMAs, or when the
+            # product was carried to the next block. The price: the loop waits for both
+            # MMAs at the FMA, where the plain loop waits for P @ V at the next QK^T.
+            o_r = offs_n[:, None] * 16 + tl.arange(0, 16)[None, :]
+            if BOUNDARY or HAS_MASK:
+                b_r = tl.load(p_scale + o_r, mask=m_v[:, None], other=0.0)
+            else:
+                b_r = tl.load(p_scale + o_r)
+            b_l = tl.dot(b_p16, b_r, input_precision=DOT_PRECISION)
+            l_i = tl.fma(l_i, alpha[:, None], b_l)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -372,18 +386,24 @@ def _anchored_prefill_kernel(
                               False, STORE_LSE)  # fmt: skip
     else:
         acc, l_i, m_i = _attend_prefill_ranges(
-            *_fresh_state(BLOCK_M, BLOCK_D), *loop,
+            *_fresh_state(BLOCK_M, BLOCK_D, FOLD), *loop,
             BLOCK_N, HEAD_DIM, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
             PAGE_SIZE, PAGED, FOLD,
         )  # fmt: skip
+        if FOLD == 2:  # the row sums: columns 0-2 of the MMA's
+            l_i = tl.sum(tl.where((tl.arange(0, 16) < 3)[None, :], l_i, 0.0), 1)
         _prefill_epilogue(acc, l_i, m_i, m_m, *out_at, HAS_BIAS, STORE_LSE)
 
 
 @triton.jit
-def _fresh_state(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The online softmax's starting accumulator, row sums and row maxima."""
+def _fresh_state(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, FOLD: tl.constexpr = 0):
+    """The online softmax's starting accumulator, row sums (FOLD 2: the row-sum MMA's
+    [BLOCK_M, 16] accumulator) and row maxima."""
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if FOLD == 2:
+        l_i = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+    else:
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     return acc, l_i, m_i
 
@@ -514,15 +534,34 @@ def _gate_args(
 
 
 def fold_gates(bias_log2, value_scale):
-    """The fast form's gates, one float32 pair per key (last dim 2): ``bias_log2 +
-    log2(value_scale)`` (``log2(value_scale)`` without a key bias) and ``1 / value_scale``.
-    The loop reads a pair in one 8-byte load; the first rides in the logit's FMA, so the
-    probabilities come out already scaled, and the second takes the scale back out of the
-    normaliser (in the row sum's adds). For value scales bounded away from 0 and infinity
+    """The fast form's gates for N keys: three views of one float32 buffer (..., 10 N), made
+    once (a prepared call slices nothing):
+
+    - rows, (N, 16) bfloat16 (32 bytes a key): columns 0-2 ``1 / value_scale`` split
+      exactly into three bf16 terms (hi + mid + lo: 24 bits, a float32 exactly), columns
+      3-15 zeros. For bf16 inputs the loop multiplies the bf16 P tile by them on the
+      tensor cores: columns 0-2 give the unscaled row sums.
+    - bias, (N,) float32: ``bias_log2 + log2(value_scale)`` (``log2(value_scale)`` without
+      a key bias); it rides in the logit's FMA, so the probabilities come out already
+      scaled.
+    - reciprocal, (N,) float32: ``1 / value_scale``, the row sums' factor for fp16 and
+      float32 inputs (in float32, in the loop's row sum).
+
+    For value scales bounded away from 0 and infinity
     (:func:`videoanchor.kernels.interface.fast_form`)."""
     vs = value_scale.to(torch.float32)
+    n = vs.shape[-1]
+    buf = torch.zeros(*vs.shape[:-1], 10 * n, dtype=torch.float32, device=vs.device)
+    rows = buf[..., : 8 * n].view(torch.bfloat16).unflatten(-1, (n, 16))
+    bias, rcp = buf[..., 8 * n : 9 * n], buf[..., 9 * n :]
     logs = torch.log2(vs)
-    return torch.stack((logs if bias_log2 is None else bias_log2 + logs, vs.reciprocal()), -1)
+    bias.copy_(logs if bias_log2 is None else bias_log2.to(torch.float32) + logs)
+    rcp.copy_(vs.reciprocal())
+    rest = rcp
+    for col in range(3):
+        rows[..., col] = rest.to(torch.bfloat16)
+        rest = rest - rows[..., col].to(torch.float32)  # exact: the low bits
+    return rows, bias, rcp
 
 
 def launch_prefill(
@@ -535,8 +574,8 @@ def launch_prefill(
     :func:`_gate_args`).
 
     ``fast`` (the caller promises value scales within the fast form's bounds) with a value
-    scale: the fast form, the gates folded into one pair per key (:func:`fold_gates`;
-    ``prepared_fold``: that pair made beforehand, from the prepared bias); otherwise the
+    scale: the fast form, the gates folded into one row per key (:func:`fold_gates`;
+    ``prepared_fold``: those rows made beforehand, from the prepared bias); otherwise the
     general form (the probabilities fed into ``P @ V`` multiplied by the scale in the loop).
     One launch either way.
 
@@ -594,11 +633,15 @@ def launch_prefill(
     if fold:
         if prepared_fold is None:
             prepared_fold = fold_gates(bias if key_bias is not None else None, value_scale)
-        if prepared_fold.stride(-1) != 1 or prepared_fold.stride(-2) != 2:
-            prepared_fold = prepared_fold.contiguous()  # the kernel reads contiguous pairs
-        bias = prepared_fold
-        s_fold = (0, bias.stride(0)) if bias.dim() == 2 else bias.stride()[:2]
-        gate_strides = (*s_fold, *gate_strides[2:])
+        g_rows, bias, rcp = prepared_fold  # contiguous per sample (fold_gates)
+        # bf16: the row sums on the tensor cores (FOLD 2, the rows); else in float32.
+        fold = 2 if q.dtype == torch.bfloat16 else 1
+        scale = g_rows if fold == 2 else rcp
+        s_scale = (0, scale.stride(-2 if fold == 2 else -1))
+        s_bias = (0, 1)
+        if bias.dim() == 2:  # dense: one buffer per sample
+            s_scale, s_bias = (scale.stride(0), s_scale[1]), (bias.stride(0), 1)
+        gate_strides = (*s_bias, *s_scale, *gate_strides[4:])
         if key_bias is None:  # the lse adds the bias's shift: none here
             shift, s_shift = torch.zeros(1, dtype=torch.float32, device=q.device), 0
     n_blocks_m = cdiv(rows, cfg["BLOCK_M"])
@@ -609,10 +652,10 @@ def launch_prefill(
     )  # fmt: skip
     kwargs = dict(
         HEAD_DIM=D, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        CAUSAL=causal, HAS_BIAS=key_bias is not None or fold, HAS_SCALE=value_scale is not None,
+        CAUSAL=causal, HAS_BIAS=key_bias is not None or bool(fold), HAS_SCALE=value_scale is not None,
         HAS_MASK=key_padding_mask is not None, STORE_LSE=lse is not None, VARLEN=varlen,
         SEQLENS_K=cache_seqlens is not None, DOT_PRECISION=cfg["DOT_PRECISION"],
-        PAGE_SIZE=1, PAGED=False, SEQ_GATE=False, FOLD=fold, num_warps=cfg["num_warps"],
+        PAGE_SIZE=1, PAGED=False, SEQ_GATE=False, FOLD=int(fold), num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         enable_fp_fusion=cfg["enable_fp_fusion"],
     )  # fmt: skip
