@@ -712,12 +712,12 @@ def soft_cluster_shares(
 
 
 #: ``cluster_share="stable"``'s gate (:func:`paper_label_agreement`): label draws, the
-#: Gaussian's scale on :func:`discretize`'s unit rows (per coordinate), and the agreement
-#: below which the paper's share gets no weight. Measured (``label_flips_cpu.json``): at
-#: 1e-3 every draw kept the paper's labels on the video-like sets (whose labels never flip
-#: under 1e-6 feature noise) and none did on the tiny-model sets (which flip); at 1e-2 9 of
-#: 64 draws left the 16-frame set's labels.
-STABLE_DRAWS, STABLE_SCALE, STABLE_AGREE = 32, 1e-3, 0.5
+#: Gaussian's scale on :func:`discretize`'s unit rows (per coordinate), and the agreements
+#: at and below which the paper's share gets no weight, at and above which it gets all.
+#: Measured (``label_flips_cpu.json``, ``label_expected_cpu.json``): at 1e-3 the draws kept
+#: the paper's labels on the video-like sets (whose labels never flip under 1e-6 feature
+#: noise; 255 of 256 on the 16-frame one) and none did on the tiny-model sets (which flip).
+STABLE_DRAWS, STABLE_SCALE, STABLE_AGREE = 32, 1e-3, (0.5, 0.9)
 
 
 def _discretize_draws(v: torch.Tensor, start: int, n_iter_max: int = 20) -> torch.Tensor:
@@ -773,17 +773,18 @@ def paper_label_agreement(embedding: torch.Tensor, *, seed: int = 0, draws: int 
 def stable_cluster_shares(affinity: torch.Tensor, n_clusters: int, *, seed: int = 0,
                           labels: torch.Tensor | None = None, eigen_solver: str = "auto",
                           draws: int = STABLE_DRAWS, scale: float = STABLE_SCALE,
-                          agree: float = STABLE_AGREE) -> torch.Tensor:  # fmt: skip
+                          agree: tuple[float, float] = STABLE_AGREE) -> torch.Tensor:  # fmt: skip
     """Each token's cluster share under ``cluster_share="stable"`` (``(N,)`` float64, beyond
     the paper): ``w * hard + (1 - w) * soft``, ``hard`` the paper's share (of ``labels``,
     ``(N,)`` or ``(draws, N)``; None: the paper's draw 0), ``soft``
-    :func:`soft_cluster_shares`, ``w = clamp((a - agree) / (1 - agree), 0, 1)`` and ``a``
-    :func:`paper_label_agreement` on the paper's embedding. Where every perturbed draw keeps
-    the paper's labels (``a = 1``) it is the paper's share exactly; where none do it is the
-    soft share. Between, ``w`` moves in steps of ``1 / (draws (1 - agree))``: no continuity
-    is claimed there (docs/guides/anchor-scores.md)."""
-    if not 0 <= agree < 1:
-        raise ValueError(f"agree: expected 0 <= agree < 1, got {agree!r}")
+    :func:`soft_cluster_shares`, ``w = clamp((a - lo) / (hi - lo), 0, 1)`` for
+    ``agree = (lo, hi)`` and ``a`` :func:`paper_label_agreement` on the paper's embedding.
+    Where the perturbed draws keep the paper's labels (``a >= hi``) it is the paper's share
+    exactly; where at most ``lo`` do it is the soft share. Between, ``w`` moves in steps of
+    ``1 / (draws (hi - lo))``: no continuity is claimed there (docs/guides/anchor-scores.md)."""
+    lo, hi = agree
+    if not 0 <= lo < hi <= 1:
+        raise ValueError(f"agree: expected (lo, hi) with 0 <= lo < hi <= 1, got {agree!r}")
     n = affinity.shape[0]
     if n_clusters == 1:  # one cluster: every share is 1, as the paper's
         return torch.ones(n, dtype=torch.float64, device=affinity.device)
@@ -791,7 +792,7 @@ def stable_cluster_shares(affinity: torch.Tensor, n_clusters: int, *, seed: int 
     a, paper = paper_label_agreement(emb, seed=seed, draws=draws, scale=scale)
     lab = (paper if labels is None else labels).reshape(-1, n).cpu()
     hard = torch.stack([torch.bincount(row)[row] for row in lab]).to(torch.float64).mean(0) / n
-    w = min(max((a - agree) / (1 - agree), 0.0), 1.0)
+    w = min(max((a - lo) / (hi - lo), 0.0), 1.0)
     if w == 1.0:
         return hard.to(affinity.device)
     soft = soft_cluster_shares(affinity, n_clusters).cpu()
