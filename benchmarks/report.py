@@ -57,7 +57,8 @@ torchrun --nproc_per_node 2 benchmarks/bench_tp.py  # tensor-parallel prefill vs
 python benchmarks/bench_spectral.py [--device cuda] # spectral step vs scikit-learn and dense eigh
 python benchmarks/bench_sparse_spectral.py        # the sparse affinity's spectral step (blocked mode)
 python benchmarks/bench_label_draws.py            # seed stability of the scores against label_draws
-python benchmarks/bench_label_draws.py --flips    # label flips under rounding; the soft cluster share
+python benchmarks/bench_label_draws.py --flips    # label flips under rounding; the soft and stable shares
+python benchmarks/bench_label_draws.py --expected # the expected hard share over moved embeddings
 python benchmarks/bench_optimum.py                # the SSC program's minimiser against the bar's answers
 python benchmarks/bench_workset.py                # routes to the minimiser on video-like tokens, one thread
 python benchmarks/bench_lmms_batch.py             # lmms-eval wrapper: batched against one request at a time
@@ -72,7 +73,7 @@ python benchmarks/report.py                       # regenerate this page and its
 # without the device suffix that benchmarks/common.py appends (``spectral_cpu`` -> spectral).
 SECTIONS = [
     ("Anchor scores (SSC)",
-     ["request_cost", "request_cost_cost", "request_cost_fidelity_sensitivity", "request_cost_floor", "directions", "optimum", "optimum_only", "optimum_tiny", "optimum_yaleb", "workset", "workset_dense", "workset_dense_yaleb17", "workset_dense_rerun", "dark_tokens", "workset_passes", "lockstep", "lockstep_compiled", "columns_triton", "ssc", "ssc_ratio", "ssc_ratio_1thread", "spectral", "sparse_spectral", "label_draws", "label_flips", "label_flips_64f", "yaleb",
+     ["request_cost", "request_cost_cost", "request_cost_fidelity_sensitivity", "request_cost_floor", "directions", "optimum", "optimum_only", "optimum_tiny", "optimum_yaleb", "workset", "workset_dense", "workset_dense_yaleb17", "workset_dense_rerun", "dark_tokens", "workset_passes", "lockstep", "lockstep_compiled", "columns_triton", "ssc", "ssc_ratio", "ssc_ratio_1thread", "spectral", "sparse_spectral", "label_draws", "label_flips", "label_flips_64f", "label_expected", "yaleb",
       "yaleb_squared"]),
     ("Long videos: blocked SSC", ["blocked", "blocked_convergence"]),
     ("Several processes: the fast SSC split", ["split"]),
@@ -107,8 +108,9 @@ TITLES = {
     "spectral": "Spectral step against scikit-learn (the eigensolver crossover)",
     "sparse_spectral": "Spectral step on a sparse affinity: ARPACK per component, block Krylov, dense eigh",
     "label_draws": "Seed stability of the scores against `label_draws`",
-    "label_flips": 'Label flips under 1e-7 / 1e-6 feature changes, and `cluster_share="soft"` (issue 78)',
-    "label_flips_64f": 'Label flips and `cluster_share="soft"` at 64 frames (issue 78)',
+    "label_flips": 'Label flips under 1e-7 / 1e-6 feature changes, and `cluster_share="soft"` / `"stable"` (issue 78)',
+    "label_flips_64f": 'Label flips and `cluster_share="soft"` / `"stable"` at 64 frames (issue 78)',
+    "label_expected": "An expected hard share over moved embeddings, measured and not shipped (issue 78)",
     "yaleb": "Extended Yale B clustering error (Elhamifar & Vidal's program)",
     "yaleb_squared": "Extended Yale B with the method page's squared data term",
     "blocked": "Column-blocked exact SSC: equality, memory, processes",
