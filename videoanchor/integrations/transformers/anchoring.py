@@ -109,18 +109,39 @@ class _Pending:
     layout_kwargs: dict
 
 
+def _value_scale_range(alphas_v, value_scale: torch.Tensor) -> tuple[float, float]:
+    """The ``value_scale_range`` a request promises the kernels (it lets the prefill take its
+    fast form): ``[1, 1 + alpha_v]`` (ordered) for every row's ``alpha_v``, since the scores
+    lie in [0, 1] (docs/method.md, section 3), widened to the scales' actual range should
+    they leave it. A constant of the configuration, not of the request's data, so that a
+    compiled decode step (torch.compile reads the range on the host) keeps one graph for
+    every request instead of specialising on each request's largest scale. Reads the
+    scales' range on the host, once per request."""
+    from videoanchor.kernels import value_scale_range_of
+
+    lo, hi = value_scale_range_of(value_scale)
+    bounds = [1.0 + float(a) for a in alphas_v]
+    lo_cfg, hi_cfg = min(1.0, *bounds), max(1.0, *bounds)
+    if lo_cfg <= 0:  # alpha_v <= -1: only the scales themselves bound them away from 0
+        return lo, hi
+    return min(lo, lo_cfg), max(hi, hi_cfg)
+
+
 @dataclass
 class _Request:
     """Gates of one prefill, reused by its decode steps (decode="all")."""
 
     key_bias: torch.Tensor  # (B, P) float32
     value_scale: torch.Tensor  # (B, P) float32
-    # (min, max) of value_scale and 1.0: lets the kernel take its fast form (pre-scaled V)
+    # (lo, hi) bounding value_scale and 1.0: lets the kernel take its fast form (one launch)
     value_scale_range: tuple[float, float] | None = None
     cache_ref: weakref.ref | None = None
     offset: int | None = None  # cache slot of prompt position 0
     buffers: dict = field(default_factory=dict)  # device -> PreparedGates over a buffer
     packed: bool = False  # scored per sequence of a padding-free row
+    # The handle's gate buffers, device -> (kb, vs), rewritten in place by the next request
+    # without gradients (see ``prepared``); None: a new buffer for every request.
+    pool: dict | None = None
 
     def check_packed(self, packed: bool) -> None:
         if packed != self.packed:
@@ -146,13 +167,23 @@ class _Request:
         (:func:`videoanchor.kernels.prepare_gates`) over a buffer of at least ``skv``
         positions: made once per device and buffer size, then the same object for every
         layer and decode step (a call runs no operator on the gates). ``n_valid``: the
-        filled cache slots when the cache is preallocated (skv is its size), else skv."""
-        if batch != self.batch:
+        filled cache slots when the cache is preallocated (skv is its size), else skv.
+
+        Once the buffer covers ``skv`` this reads nothing of the request's own tensors or
+        prompt length: what torch.compile traces of it (a compiled decode step) then holds
+        for the next request too, so the step is not compiled again for each prompt."""
+        buf = self.buffers.get(device)
+        # Once the buffer exists its batch is the request's (and reading it guards nothing
+        # on the request's own tensors).
+        have = self.batch if buf is None else buf.key_bias.shape[0]
+        if batch != have:
             raise RuntimeError(
-                f"videoanchor: the prefill had batch {self.batch} but this attention call has batch "
+                f"videoanchor: the prefill had batch {have} but this attention call has batch "
                 f"{batch}; decoding strategies that change the batch after the prefill are not "
                 "supported with decode='all'"
             )
+        if buf is not None and buf.length >= skv:  # every later layer and decode step
+            return buf
         if self.offset is None:
             self.offset = (skv if n_valid is None else n_valid) - self.length
             if self.offset < 0:
@@ -163,22 +194,36 @@ class _Request:
         end = self.offset + self.length
         if skv < end:
             raise RuntimeError(f"videoanchor: expected at least {end} keys, got {skv}")
-        buf = self.buffers.get(device)
-        if buf is None or buf.length < skv:
-            cap = skv if buf is None else max(skv, 2 * buf.length)
-            if skv > end:  # decoding: leave room so that most steps are views
-                cap = max(cap, end + 256)
-            kb = torch.zeros(self.batch, cap, dtype=torch.float32, device=device)
-            vs = torch.ones(self.batch, cap, dtype=torch.float32, device=device)
-            # A non-blocking copy to the host would be read before it lands (device_map with
-            # layers on the CPU); to another GPU it is stream-ordered.
-            async_copy = device.type != "cpu"
-            kb[:, self.offset : end] = self.key_bias.to(device, non_blocking=async_copy)
-            vs[:, self.offset : end] = self.value_scale.to(device, non_blocking=async_copy)
-            buf = self.buffers[device] = prepare_gates(
-                kb, vs, value_scale_range=self.value_scale_range
-            )
+        cap = skv if buf is None else max(skv, 2 * buf.length)
+        if skv > end and n_valid is None:  # a growing cache: room for most steps
+            cap = max(cap, end + 256)  # (a preallocated one, n_valid given, never grows)
+        kb, vs = self._buffer(device, cap)
+        # A non-blocking copy to the host would be read before it lands (device_map with
+        # layers on the CPU); to another GPU it is stream-ordered.
+        async_copy = device.type != "cpu"
+        kb[:, self.offset : end] = self.key_bias.to(device, non_blocking=async_copy)
+        vs[:, self.offset : end] = self.value_scale.to(device, non_blocking=async_copy)
+        buf = self.buffers[device] = prepare_gates(kb, vs, value_scale_range=self.value_scale_range)
         return buf
+
+    def _buffer(self, device: torch.device, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key bias, value scale) buffers of (batch, cap), neutral (0 and 1). Without
+        gradients they are the handle's buffers of that shape, rewritten in place: the
+        gates of every request then sit at the same addresses, which a compiled decode step
+        reads as static inputs (torch.compile "reduce-overhead": a CUDA graph replayed for
+        every request instead of one recorded per request). With gradients a request keeps
+        buffers of its own: gradient checkpointing replays a layer with its request's gates
+        after later requests started."""
+        key = (self.batch, cap)
+        if self.pool is not None and not torch.is_grad_enabled():
+            kb, vs = self.pool.get(device, (None, None))
+            if kb is None or tuple(kb.shape) != key:
+                kb = torch.empty(key, dtype=torch.float32, device=device)
+                vs = torch.empty(key, dtype=torch.float32, device=device)
+                self.pool[device] = (kb, vs)
+            return kb.zero_(), vs.fill_(1.0)
+        kb = torch.zeros(key, dtype=torch.float32, device=device)
+        return kb, torch.ones(key, dtype=torch.float32, device=device)
 
 
 class AnchorHandle:
@@ -234,6 +279,7 @@ class AnchorHandle:
         self._current: _Request | None = None
         self._warned: set[str] = set()
         self._hooks: list = []
+        self._gate_pool: dict = {}  # device -> the gate buffers of requests without gradients
         self.cache = None
         self.row_settings: list[RowSetting] | None = None
 
@@ -575,13 +621,13 @@ class AnchorHandle:
             key_bias = torch.cat([g[0] for g in gates])
             value_scale = torch.cat([g[1] for g in gates])
         anchor_gates(scores, cfg.alpha_q, 0.0)  # validates the (no-op) query gate
-        from videoanchor.kernels import value_scale_range_of
-
+        alphas_v = [cfg.alpha_v] if rows is None else [r.alpha_v for r in rows]
         self._request = _Request(
             key_bias=key_bias,
             value_scale=value_scale,
-            value_scale_range=value_scale_range_of(value_scale),  # once per request
+            value_scale_range=_value_scale_range(alphas_v, value_scale),  # once per request
             packed=packed is not None,
+            pool=self._gate_pool,
         )
         if pending.cache is not None:
             self._request.cache_ref = weakref.ref(pending.cache)
@@ -907,11 +953,11 @@ def configure(
     ):
         # Called between the steps of a generate (decode="all"): the prompt's scores stay,
         # its gates follow the new strengths from the next step on.
-        from videoanchor.kernels import anchor_gates, value_scale_range_of
+        from videoanchor.kernels import anchor_gates
 
         request.key_bias, request.value_scale = anchor_gates(
             handle.last_scores, handle.config.alpha_k, handle.config.alpha_v
         )
-        request.value_scale_range = value_scale_range_of(request.value_scale)
+        request.value_scale_range = _value_scale_range([handle.config.alpha_v], request.value_scale)
         request.buffers.clear()
     return handle
