@@ -295,12 +295,20 @@ LOOP_FORMS = {
     "plain": dict(LOOP_BASE, gates=False),
     "fast": dict(LOOP_BASE, fast=True),
     "general": dict(LOOP_BASE),
-    # Batched prompts: a padding mask (the loop reads it per key too) and the lse.
+    # Batched prompts: a padding mask (the loop reads it per key too), with and without the
+    # lse (bf16 with the lse: the fast form's row sum in float32, not on the tensor cores).
+    "plain_mask": dict(LOOP_BASE, gates=False, mask=True),
+    "fast_mask": dict(LOOP_BASE, fast=True, mask=True),
     "plain_mask_lse": dict(LOOP_BASE, gates=False, mask=True, lse=True),
     "fast_mask_lse": dict(LOOP_BASE, fast=True, mask=True, lse=True),
 }
 #: Each anchored form against its plain kernel.
-LOOP_PAIRS = {"fast": "plain", "general": "plain", "fast_mask_lse": "plain_mask_lse"}
+LOOP_PAIRS = {
+    "fast": "plain",
+    "general": "plain",
+    "fast_mask": "plain_mask",
+    "fast_mask_lse": "plain_mask_lse",
+}
 
 
 def loop_report(pythons: list[str], out_dir: Path, child_argv=None) -> None:

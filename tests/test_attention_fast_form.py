@@ -68,11 +68,8 @@ def test_fast_form_is_one_launch(prepared, with_bias):
     kb = kb if with_bias else None
     if prepared:
         gates = prepare_gates(kb, vs, value_scale_range=RANGE)
-        assert gates.fold is not None and [t.shape for t in gates.fold] == [
-            (1, 19, 16),
-            (1, 19),
-            (1, 19),
-        ]
+        shapes = [t.shape for t in gates.fold]
+        assert shapes == [(1, 19, 16), (1, 19), (1, 19, 2)]
         call = lambda: videoanchor.anchored_attention(  # noqa: E731
             q, k, v, gates=gates, backend="triton", return_lse=True)  # fmt: skip
     else:
@@ -81,8 +78,9 @@ def test_fast_form_is_one_launch(prepared, with_bias):
     fast = _capture(call)
     assert _names(fast) == ["_anchored_prefill_kernel"]
     assert fast[0].kwargs["FOLD"] == 1 and fast[0].kwargs["HAS_BIAS"] is True  # float32
-    bias, rcp = fast[0].args[3:5]  # float32 inputs: the row sums in float32 (FOLD 1)
-    assert bias.dtype == rcp.dtype == torch.float32 and bias.shape == rcp.shape == (1, 19)
+    pairs = fast[0].args[3]  # float32 inputs: the row sums in float32 (FOLD 1)
+    assert pairs.dtype == torch.float32 and pairs.shape == (1, 19, 2)
+    bias, rcp = pairs.unbind(-1)
     assert torch.equal(rcp, vs.float().reciprocal())
     log_vs = torch.log2(vs.float())
     shifted = None if kb is None else (kb.float() - kb.float().amax(-1, keepdim=True))
@@ -104,10 +102,11 @@ def test_fold_rows_are_exact():
     g = torch.Generator().manual_seed(3)
     vs = torch.exp2(torch.empty(3, 257).uniform_(-60, 60, generator=g))
     vs[0, :4] = torch.tensor([2.0**-60, 2.0**60, 1.0, 3.0])
-    rows, bias, rcp = fold_gates(None, vs)
+    rows, bias, pairs = fold_gates(None, vs)
     assert rows.dtype == torch.bfloat16 and rows.shape == (3, 257, 16)
     assert torch.equal(rows[..., :3].double().sum(-1), vs.reciprocal().double())
-    assert torch.equal(rcp, vs.reciprocal()) and torch.equal(bias, torch.log2(vs))
+    assert torch.equal(bias, torch.log2(vs)) and torch.equal(pairs[..., 0], bias)
+    assert torch.equal(pairs[..., 1], vs.reciprocal())
     assert not rows[..., 3:].any()
     q, k, v, kb, vs, _ = make_inputs(1, 2, 1, 17, 19, 32, torch.bfloat16)
     recs = _capture(lambda: videoanchor.anchored_attention(
@@ -117,6 +116,10 @@ def test_fold_rows_are_exact():
     assert rows.dtype == torch.bfloat16 and rows.shape == (1, 19, 16)
     assert bias.dtype == torch.float32 and bias.shape == (1, 19)
     assert rows.untyped_storage().data_ptr() == bias.untyped_storage().data_ptr()
+    # With the lse the row sums stay in float32 (the MMA's sum of bf16 p is not the lse's).
+    recs = _capture(lambda: videoanchor.anchored_attention(
+        q, k, v, kb, vs, backend="triton", value_scale_range=RANGE, return_lse=True))  # fmt: skip
+    assert recs[0].kwargs["FOLD"] == 1 and recs[0].args[3].shape == (1, 19, 2)
 
 
 def test_fast_form_rules():

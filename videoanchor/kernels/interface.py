@@ -192,9 +192,9 @@ class PreparedGates:
         value_scale_range: the declared ``(lo, hi)`` of ``value_scale`` (the fast form), or
             None.
         fold: the fast form's gates (``triton_prefill.fold_gates`` of ``bias_log2`` and
-            ``value_scale``: the bf16 rows (B, N, 16) or (N, 16), the float32 bias and
-            reciprocal (B, N) or (N,), views of one buffer), where the range allows that
-            form and Triton is installed; else None.
+            ``value_scale``: the bf16 rows (B, N, 16) or (N, 16), the float32 bias (B, N)
+            or (N,) and pairs (B, N, 2) or (N, 2), views of one buffer), where the range
+            allows that form and Triton is installed; else None.
         bias_log2: float32 ``(key_bias - shift) * log2(e)``, what the kernels add to the
             logits (None without a key bias, or where Triton is not installed).
         shift: float32 (B,) (dense) or (1,) (packed): the largest finite ``key_bias`` of

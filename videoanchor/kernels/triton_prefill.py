@@ -107,14 +107,31 @@ def _attend_key_range(
         # [BLOCK_M, BLOCK_N] logits in log2 units
         if HAS_BIAS:
             # The bias arrives in log2 units: it rides in the FMA that applies qk_scale.
-            if FOLD:
-                # The fast form: bias + log2(scale) (fold_gates), contiguous per sequence:
-                # int32 offsets, no stride multiply (4 instructions a block fewer in the
-                # loop on sm_90 than a 64-bit stride; a sequence's keys < 2^31 / 16).
+            if FOLD == 2:
+                # The fast form, bf16: bias + log2(scale) (fold_gates), contiguous per
+                # sequence: int32 offsets, no stride multiply (4 instructions a block fewer
+                # in the loop on sm_90 than a 64-bit stride; a sequence's keys < 2^31 / 16).
                 if BOUNDARY:
                     b_bias = tl.load(p_bias + offs_n, mask=m_n, other=0.0)
                 else:
                     b_bias = tl.load(p_bias + offs_n)
+            elif FOLD:
+                # The fast form, fp16 / fp32: per key the pair (bias + log2(scale),
+                # 1 / scale), contiguous pairs (fold_gates). Blocks every row sees read the
+                # tile as rows of two keys (16 bytes; int32 offsets: a sequence's pairs
+                # index < 2^31): triton 3.6 pipelines it with one 16-byte async copy per two
+                # keys instead of an 8-byte copy and a 64-bit address per key (loop 496 ->
+                # 445 SASS instructions on sm_90 in bf16, compile_loop_triton36_static_
+                # 71cbffb.json). The masked blocks keep the 2-D load (that form's mask made
+                # ptxas serialise wgmma).
+                if BOUNDARY:
+                    o_g = (o_kn * 2)[:, None] + tl.arange(0, 2)[None, :]
+                    b_g = tl.load(p_bias + o_g, mask=m_n[:, None], other=0.0)
+                else:
+                    o_g = start_n * 2 + tl.arange(0, BLOCK_N // 2)[:, None] * 4
+                    o_g += tl.arange(0, 4)[None, :]
+                    b_g = tl.reshape(tl.load(p_bias + o_g), (BLOCK_N, 2))
+                b_bias, b_rcp = tl.split(b_g)
             elif BOUNDARY:
                 b_bias = tl.load(p_bias + o_b, mask=m_n, other=0.0)
             else:
@@ -145,11 +162,10 @@ def _attend_key_range(
             m_v = m_n
         if FOLD == 1:
             # b_p holds p * scale (log2(scale) rode in the logit); the normaliser sums the
-            # unscaled p = (p * scale) * (1 / scale), in float32 (fp16 / fp32 inputs).
+            # unscaled p = (p * scale) * (1 / scale), in float32 (fp16 / fp32 inputs),
+            # the reciprocal's multiply fused into the row sum's adds.
             if BOUNDARY or HAS_MASK:
-                b_rcp = tl.load(p_scale + offs_n, mask=m_v, other=0.0)
-            else:
-                b_rcp = tl.load(p_scale + offs_n)
+                b_rcp = tl.where(m_v, b_rcp, 0.0)
             l_i = l_i * alpha + tl.sum(b_p * b_rcp[None, :], 1)
         elif not FOLD:
             l_i = l_i * alpha + tl.sum(b_p, 1)
@@ -534,34 +550,35 @@ def _gate_args(
 
 
 def fold_gates(bias_log2, value_scale):
-    """The fast form's gates for N keys: three views of one float32 buffer (..., 10 N), made
-    once (a prepared call slices nothing):
+    """The fast form's gates for N keys: three views of one float32 buffer (..., 11 N),
+    made once (a prepared call slices nothing):
 
-    - rows, (N, 16) bfloat16 (32 bytes a key): columns 0-2 ``1 / value_scale`` split
+    - rows, (..., N, 16) bfloat16 (32 bytes a key): columns 0-2 ``1 / value_scale`` split
       exactly into three bf16 terms (hi + mid + lo: 24 bits, a float32 exactly), columns
       3-15 zeros. For bf16 inputs the loop multiplies the bf16 P tile by them on the
       tensor cores: columns 0-2 give the unscaled row sums.
-    - bias, (N,) float32: ``bias_log2 + log2(value_scale)`` (``log2(value_scale)`` without
-      a key bias); it rides in the logit's FMA, so the probabilities come out already
-      scaled.
-    - reciprocal, (N,) float32: ``1 / value_scale``, the row sums' factor for fp16 and
-      float32 inputs (in float32, in the loop's row sum).
+    - bias, (..., N) float32: ``bias_log2 + log2(value_scale)`` (``log2(value_scale)``
+      without a key bias); it rides in the logit's FMA, so the probabilities come out
+      already scaled (bf16 inputs).
+    - pairs, (..., N, 2) float32: (that bias, ``1 / value_scale``) a key, what fp16 and
+      float32 inputs read: the second takes the scale back out of the normaliser in the
+      loop's float32 row sum.
 
     For value scales bounded away from 0 and infinity
     (:func:`videoanchor.kernels.interface.fast_form`)."""
     vs = value_scale.to(torch.float32)
     n = vs.shape[-1]
-    buf = torch.zeros(*vs.shape[:-1], 10 * n, dtype=torch.float32, device=vs.device)
+    buf = torch.zeros(*vs.shape[:-1], 11 * n, dtype=torch.float32, device=vs.device)
     rows = buf[..., : 8 * n].view(torch.bfloat16).unflatten(-1, (n, 16))
-    bias, rcp = buf[..., 8 * n : 9 * n], buf[..., 9 * n :]
+    bias, pairs = buf[..., 8 * n : 9 * n], buf[..., 9 * n :].unflatten(-1, (n, 2))
     logs = torch.log2(vs)
     bias.copy_(logs if bias_log2 is None else bias_log2.to(torch.float32) + logs)
-    rcp.copy_(vs.reciprocal())
-    rest = rcp
+    pairs[..., 0] = bias
+    pairs[..., 1] = rest = vs.reciprocal()
     for col in range(3):
         rows[..., col] = rest.to(torch.bfloat16)
         rest = rest - rows[..., col].to(torch.float32)  # exact: the low bits
-    return rows, bias, rcp
+    return rows, bias, pairs
 
 
 def launch_prefill(
@@ -633,15 +650,17 @@ def launch_prefill(
     if fold:
         if prepared_fold is None:
             prepared_fold = fold_gates(bias if key_bias is not None else None, value_scale)
-        g_rows, bias, rcp = prepared_fold  # contiguous per sample (fold_gates)
-        # bf16: the row sums on the tensor cores (FOLD 2, the rows); else in float32.
-        fold = 2 if q.dtype == torch.bfloat16 else 1
-        scale = g_rows if fold == 2 else rcp
-        s_scale = (0, scale.stride(-2 if fold == 2 else -1))
-        s_bias = (0, 1)
-        if bias.dim() == 2:  # dense: one buffer per sample
-            s_scale, s_bias = (scale.stride(0), s_scale[1]), (bias.stride(0), 1)
-        gate_strides = (*s_bias, *s_scale, *gate_strides[4:])
+        scale, bias, pairs = prepared_fold  # contiguous per sample (fold_gates)
+        # bf16 without the lse: the bias, the row sums on the tensor cores (FOLD 2, the
+        # rows); else the pairs, the row sums in float32 (FOLD 1; the scale pointer
+        # unused). The MMA sums the bf16-rounded probabilities: the output's weights, but
+        # an lse off by up to 2^-9 relative in the sum (1e-3 in the lse at two keys).
+        fold = 2 if q.dtype == torch.bfloat16 and lse is None else 1
+        bias, s_n = (bias, 1) if fold == 2 else (pairs, 2)
+        dense = scale.dim() == 3  # one buffer per sample
+        s_bias = (bias.stride(0), s_n) if dense else (0, s_n)
+        s_rows = (scale.stride(0), 16) if dense else (0, 16)
+        gate_strides = (*s_bias, *s_rows, *gate_strides[4:])
         if key_bias is None:  # the lse adds the bias's shift: none here
             shift, s_shift = torch.zeros(1, dtype=torch.float32, device=q.device), 0
     n_blocks_m = cdiv(rows, cfg["BLOCK_M"])
