@@ -313,6 +313,46 @@ def test_discretize_draws_are_discretize_on_unmoved_rows(case):
         assert torch.equal(_relabel_by_first_appearance(row), want)
 
 
+def discretize_rows_reference(v, start, n_iter_max=20):
+    """scikit-learn's discretize loop from given unit rows and start row, NumPy float64."""
+    n, k = v.shape
+    rot = np.zeros((k, k))
+    rot[:, 0] = v[start]
+    c = np.zeros(n)
+    for j in range(1, k):
+        c += np.abs(v @ rot[:, j - 1])
+        rot[:, j] = v[np.argmin(c)]
+    last, n_iter = 0.0, 0
+    while True:
+        n_iter += 1
+        labels = (v @ rot).argmax(axis=1)
+        t = np.zeros((k, k))
+        np.add.at(t, labels, v)
+        u, sv, vh = np.linalg.svd(t)
+        ncut = 2.0 * (n - sv.sum())
+        if abs(ncut - last) < np.finfo(np.float64).eps or n_iter > n_iter_max:
+            return labels, n_iter
+        last, rot = ncut, vh.T @ u.T
+
+
+def test_discretize_draws_match_a_loop_on_moved_rows():
+    """Each batched draw against the loop on its own rows, where the draws stop at different
+    iterations (some at the limit): the same labels, every entry written."""
+    w = ssc_affinity(compute_anchor_scores(ambiguous_tokens(), 8, **KW).coef)
+    v = _discretize_rows(spectral_embedding(w, 8))
+    g = torch.randn(6, *v.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    moved = v + 0.05 * g
+    moved = moved / moved.norm(dim=2, keepdim=True)
+    got = _discretize_draws(moved, 7, n_iter_max=5)
+    iters = set()
+    for row, rows in zip(got, moved, strict=True):
+        want, it = discretize_rows_reference(rows.numpy(), 7, n_iter_max=5)
+        iters.add(it)
+        np.testing.assert_array_equal(row.numpy(), want)
+    assert len(iters) > 1 and 6 in iters, iters  # stopped at different iterations, one at 5 + 1
+    assert bool((got >= 0).all())
+
+
 def test_stable_shares_are_the_papers_where_the_labels_hold():
     w = blocks([7, 3, 12, 5, 9])
     w = w * (1 + 0.2 * torch.rand(w.shape, generator=torch.Generator().manual_seed(1),

@@ -733,7 +733,7 @@ def _discretize_draws(v: torch.Tensor, start: int, n_iter_max: int = 20) -> torc
         rot[:, :, j] = v[at, c.argmin(dim=1)]
     eps = torch.finfo(torch.float64).eps
     last, done = v.new_zeros(r), torch.zeros(r, dtype=torch.bool)
-    out = torch.empty(r, n, dtype=torch.long)
+    out = torch.full((r, n), -1, dtype=torch.long)
     for n_iter in range(1, n_iter_max + 2):
         labels = torch.bmm(v, rot).argmax(dim=2)
         t_svd = v.new_zeros(r, k, k).scatter_add_(1, labels[:, :, None].expand(-1, -1, k), v)
