@@ -403,7 +403,7 @@ def compute_anchor_scores(
     ``"soft"``: :func:`~videoanchor.anchor.spectral.soft_cluster_shares`, a continuous
     function of ``C`` that no flip moves, but NOT the paper's share. ``"stable"``:
     :func:`~videoanchor.anchor.spectral.stable_cluster_shares`, the paper's share where
-    its labels survive a small move of the spectral embedding (every one of 32 seeded
+    its labels survive a small move of the spectral embedding (29 or more of 32 seeded
     draws), the soft share where at most half do, blended between (exact mode for both;
     ``labels`` are still the hard ones).
 
