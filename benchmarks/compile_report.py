@@ -88,8 +88,9 @@ def mix_cases() -> list[dict]:
     """The main-loop comparisons (each case compiled with ``mix``): per kernel, the anchored
     form against the same kernel with the gates off.
 
-    - prefill: the fast form (the gates folded into one float32 pair per key, what the VLM
-      paths run), the general form (value scale in the loop) and plain; bf16/fp16, D
+    - prefill: the fast form (the gates folded, ``fold_gates``: bf16 sums the rows on the
+      tensor cores, fp16 reads one float32 pair per key; what the VLM paths run), the
+      general form (value scale in the loop) and plain; bf16/fp16, D
       64/128, causal or not;
     - decode (split-KV, 7 query heads per KV head, one query): gates vs plain;
     - backward (dK/dV and dQ kernels): fixed gates (no gate gradients; the dK/dV kernel
@@ -167,7 +168,7 @@ def instruction_mix(rows: list[dict], cc: int) -> list[dict]:
                 kernel=kernel, dtype=case["dtype"], D=case["D"],
                 causal=case.get("causal", True), cc=cc,
                 form="paged, general (scale in loop)" if paged else
-                {P: "fast (gates folded, one pair per key)", DEC: "general (scale in loop)"}.get(
+                {P: "fast (gates folded)", DEC: "general (scale in loop)"}.get(
                     kind, "fixed gates (no gate gradients)"),
                 anchored=a, plain=p, ratio_non_mma_per_mma=ratio, ratio_instructions=ratio_insn,
                 meets_target=ratio <= TARGET,

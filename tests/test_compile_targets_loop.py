@@ -2,23 +2,28 @@
 (Triton's bundled ptxas and nvdisasm, no GPU): the anchored loop against the plain one.
 
 STATIC figures: instruction counts of the loop over the key blocks every row sees (bf16,
-D 128, causal, the real sm_90 tiles: 128 x 64 in 8 warps, 512 keys so that the gate pairs
-are 16-byte aligned as at the measured lengths), registers and spills from ptxas.
-The issue's targets are anchored <= plain + 3% instructions and registers <= plain + 8.
-What the fast form reaches (compile_loop_triton36_static.json): triton 3.9, 469 against
-434 instructions (1.081x) and 199 against 163 registers; triton 3.6 (the GPU machine's),
-445 against 411 (1.083x) and 191 against 157. The bounds below hold the installed
-Triton's (3.9) with a little slack for ptxas's scheduling, so a change that adds work to
-the loop fails here; they are not the issue's targets, which this test does not claim.
+D 128, causal, the real sm_90 tiles: 128 x 64 in 8 warps, 512 keys), registers and spills
+from ptxas. The issue's targets are anchored <= plain + 3% instructions and registers <=
+plain + 8. What the fast form reaches (compile_loop_triton36_static.json, with the form
+before it in compile_loop_triton36_static_71cbffb.json): triton 3.9, 443 against 434
+instructions (1.021x; before 469, 1.081x) and 180 against 163 registers (before 199);
+triton 3.6 (the GPU machine's), 425 against 411 (1.034x; before 445, 1.083x) and 212
+against 157 registers (before 191). The bounds below hold the installed Triton's (3.9)
+with a little slack for ptxas's scheduling, so a change that adds work to the loop fails
+here; the instruction bound is the issue's target, the register bound is not.
 
-Where the rest goes (the SASS): the logits' arithmetic is the plain loop's (the bias and
-log2 of the scale ride in the FMA that applies the softmax scale, the exp2 argument is one
-add, one MUFU.EX2 a logit); the row sum multiplies the scaled probabilities by 1 / scale,
-and Triton's in-thread tree reduction contracts only half of those multiplies into its adds
-(16 FMUL a thread per tile); the gate pairs are read from shared memory as LDS.128 (two keys
-a load, 8 a thread per tile), and a thread's 16 key columns keep 32 floats live, the
-registers above plain. Both kernels run one 256-thread program an SM on sm_90 (shared
-memory bounds it), so those registers cost no occupancy there.
+Where the rest goes (the SASS, triton 3.9): the row sum is on the tensor cores (the bf16 P
+tile times each key's row of 1 / scale, 4 HGMMA.64x16 a tile, its accumulator rescaled by 8
+FFMA), so the plain loop's per-logit row-sum adds and its 4 shuffles are gone, and the
+logits cost what plain's do (one FFMA applies the scale and the gates, one FADD the
+maximum; plain: an FMUL and an FFMA). Above plain: the bias read back from shared memory
+(8 LDS.64 a thread a tile), two more pipelined copies (the bias vector and the 64 x 16
+rows: LDGSTS, LDGDEPBAR, their ring counters and addresses), the row-sum MMA's descriptors
+and fence; and one wait more a tile (the FMA consumes the product at once: the forms that
+avoid that wait made triton 3.6's ptxas serialise every wgmma). Triton 3.6 copies the bias
+vector with 8 predicated 8-byte LDGSTS a thread (3.9: one), and holds 55 registers above
+plain. Both kernels run one 256-thread program an SM on sm_90 (shared memory bounds it),
+so those registers cost no occupancy there.
 """
 
 import pytest
@@ -30,10 +35,10 @@ FORMS = {
     "fast": dict(BASE, fast=True),
     "general": dict(BASE),
 }
-#: anchored (fast form) / plain main-loop instructions, achieved 1.081 (469 / 434).
-MAX_INSTRUCTION_RATIO = 1.09
-#: registers above plain, achieved 36 (199 / 163).
-MAX_EXTRA_REGISTERS = 40
+#: anchored (fast form) / plain main-loop instructions, achieved 1.021 (443 / 434).
+MAX_INSTRUCTION_RATIO = 1.03
+#: registers above plain, achieved 17 (180 / 163).
+MAX_EXTRA_REGISTERS = 21
 
 
 @pytest.fixture(scope="module")
