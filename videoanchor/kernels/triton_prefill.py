@@ -13,10 +13,11 @@ The value scale has two forms, both exact:
   ``value_scale[b, j]`` in the loop (one multiply per logit); the normaliser uses the
   unscaled probabilities;
 - fast (when the caller bounds the value scale, as VideoAnchor's gates are): the gates
-  folded into one tile row per key (:func:`fold_gates`): ``log2(value_scale)`` rides in
-  the logit with the bias, so the probabilities come out already scaled, and the
-  normaliser sums them times ``1 / value_scale`` on the tensor cores, one small MMA per
-  key block from the same bf16 P tile that ``P @ V`` reads.
+  folded (:func:`fold_gates`): ``log2(value_scale)`` rides in the logit with the bias, so
+  the probabilities come out already scaled, and the normaliser sums them times
+  ``1 / value_scale``: for bf16 without the lse on the tensor cores (one small MMA per key
+  block from the same bf16 P tile that ``P @ V`` reads, times a row of ``1 / value_scale``
+  per key), otherwise in float32 in the loop's row sum.
 
 Nothing of size (Sq, Skv) is ever stored. docs/kernels-internals.md has the details.
 """
