@@ -230,9 +230,10 @@ def _triton():
             # The inverse is carried over the passes: it holds the support F that its last
             # run stored (every variable in it non-zero), which a pass keeps in place
             # (``_pass``), and is zero off it. It is rebuilt, from zero, on the level's first
-            # pass (``first``) and where its last run zeroed it (below: it did not solve the
-            # column, or joined at the ridge; near-singular joins' rounding, as at supports
-            # at the rank, is not carried from pass to pass). The
+            # pass (``first``) and where it was zeroed: by its last run (below: it did not
+            # solve the column, or joined at the ridge; near-singular joins' rounding, as at
+            # supports at the rank, is not carried from pass to pass) or by the pass, which
+            # found the support off its own stationarity (``_pass``). The
             # support joins, slot by slot (a border may take all of F).
             diag = tl.load(Hinv + offs * (M + 1), mask=F, other=1.0)
             rebuild = tl.where(tl.sum(tl.where(F & (diag == 0.0), 1, 0)) > 0, 1, first)
@@ -421,21 +422,27 @@ def _scatter(ids: torch.Tensor, z: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _pass(state: dict, work: torch.Tensor | None = None, *, exact: bool, grow: int,
-          programs: int, run: bool = True):  # fmt: skip
+          programs: int, run: bool = True, redo: int = 0):  # fmt: skip
     """One pass over the columns of ``state`` at the positions ``work`` (int32 on the
     device; None: all), on their device with no host read: the kernel (where ``run``), the
     KKT violations of their variables (products in float64 where ``exact``, else float32),
     the ``grow`` worst into each column's free slots. A column whose slots are full while a
     variable violates is set aside (``state["aside"]``). The columns that the next pass
-    runs, those of ``work`` that took variables or did not solve, lead
-    ``state["next"]`` (the others are solved: the program is separable in its columns).
+    runs, those of ``work`` that took variables, did not solve or whose support is off its
+    own stationarity (float64 passes), lead ``state["next"]`` (the others are solved: the
+    program is separable in its columns); those off their stationarity lead
+    ``state["redo"]``, whose first ``redo`` the next pass zeroes the inverses of before its
+    run (the kernel then rebuilds them from zero).
     Returns the flags the host reads after it: ``[a column of work not aside violates,
     every column of work not aside is solved, every such column took at most one inner
-    step, the columns aside (all of the state's), the columns of the next pass]`` (int64)."""
+    step, the columns aside (all of the state's), the columns of the next pass, the columns
+    off their stationarity]`` (int64)."""
     nc = state["ids"].shape[0]
     if work is None:
         work = torch.arange(nc, dtype=torch.int32, device=state["ids"].device)
     if run:
+        if redo:  # the last pass's columns off their stationarity: inverses rebuilt from zero
+            state["Hinv"].index_fill_(0, state["redo"][:redo].long(), 0.0)
         launch(state, programs=programs, work=work)
     p = state["program"]
     n, d = p["n"], p["d"]
@@ -460,6 +467,16 @@ def _pass(state: dict, work: torch.Tensor | None = None, *, exact: bool, grow: i
     viol.scatter_(1, torch.where(support, ids, n + d), -math.inf)
     top, new = viol[:, : n + d].topk(min(grow, n + d - 1, M), dim=1)
     fresh = top > (p["tol"] if exact else SCREEN)
+    # the support's own stationarity, m_j = sign(z_j) w_j (float64 passes: the kernel's
+    # inverse may have carried the rounding of near-singular joins): where it fails, the
+    # column runs again with its inverse rebuilt from zero
+    off = torch.zeros(nw, dtype=torch.bool, device=ids.device)
+    if exact:
+        at = torch.where(support, ids, 0)
+        ws = p["weights"][at]
+        err = (m.gather(1, at) - torch.sign(z) * ws).abs() / ws
+        off = torch.where(support, err, 0.0).amax(dim=1) > p["tol"]
+    state["redo"] = work[torch.argsort((~off).to(torch.int8), stable=True)]  # they lead
     keep = support.sum(dim=1)
     aside = fresh.any(dim=1) & (keep == M)  # its slots are full: the next level's
     # each column keeps its support in its slots (the kernel's inverse over them stays
@@ -472,14 +489,14 @@ def _pass(state: dict, work: torch.Tensor | None = None, *, exact: bool, grow: i
     state["z"].index_copy_(0, w, torch.where(aside[:, None], z, torch.where(support, z, 0.0)))
     state["aside"].index_copy_(0, w, aside)
     live = ~aside
-    again = live & (ok.any(dim=1) | (status != SOLVED))
+    again = live & (ok.any(dim=1) | off | (status != SOLVED))
     state["next"] = work[torch.argsort((~again).to(torch.int8), stable=True)]
     # (a float32 pass may flag variables that float64 finds optimal: where every kernel
     # run took at most one step, nothing joined, and float64 passes follow)
-    return torch.stack([(fresh.any(dim=1) & live).any(),
+    return torch.stack([((fresh.any(dim=1) | off) & live).any(),
                         ((status == SOLVED) | aside).all(),
                         ((steps_pass <= 1) | aside).all(), state["aside"].sum(),
-                        again.sum()])  # fmt: skip
+                        again.sum(), (off & live).sum()])  # fmt: skip
 
 
 def _solve_level(state: dict, *, precision: str, grow: int, max_passes: int, programs: int,
@@ -491,10 +508,11 @@ def _solve_level(state: dict, *, precision: str, grow: int, max_passes: int, pro
     quiet, one float64 pass checks every column not set aside without a kernel run."""
     exact = precision == "float64"
     nc = state["ids"].shape[0]
-    work, run = None, True
+    work, run, redo = None, True, 0
     for passes in range(1, max_passes + 1):
-        flags = _pass(state, work, exact=exact, grow=grow, programs=programs, run=run)
-        any_fresh, all_solved, still, aside, count = flags.tolist()  # the pass's host read
+        flags = _pass(state, work, exact=exact, grow=grow, programs=programs, run=run,
+                      redo=redo)  # fmt: skip
+        any_fresh, all_solved, still, aside, count, redo = flags.tolist()  # the pass's read
         reads.append("pass")
         if aside > max_aside:
             return passes, False
