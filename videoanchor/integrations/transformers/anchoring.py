@@ -212,8 +212,9 @@ class _Request:
         gates of every request then sit at the same addresses, which a compiled decode step
         reads as static inputs (torch.compile "reduce-overhead": a CUDA graph replayed for
         every request instead of one recorded per request). With gradients a request keeps
-        buffers of its own: gradient checkpointing replays a layer with its request's gates
-        after later requests started."""
+        buffers of its own, as does every request of a model in training mode (no ``pool``):
+        gradient checkpointing replays a layer with its request's gates after later requests
+        started, and its reentrant form runs the first forward without gradients."""
         key = (self.batch, cap)
         if self.pool is not None and not torch.is_grad_enabled():
             kb, vs = self.pool.get(device, (None, None))
@@ -627,7 +628,9 @@ class AnchorHandle:
             value_scale=value_scale,
             value_scale_range=_value_scale_range(alphas_v, value_scale),  # once per request
             packed=packed is not None,
-            pool=self._gate_pool,
+            # (a model in training mode keeps its own buffers per request: reentrant gradient
+            # checkpointing runs the first forward without gradients, then replays it)
+            pool=None if self.model.training else self._gate_pool,
         )
         if pending.cache is not None:
             self._request.cache_ref = weakref.ref(pending.cache)
