@@ -476,7 +476,6 @@ def _pass(state: dict, work: torch.Tensor | None = None, *, exact: bool, grow: i
         ws = p["weights"][at]
         err = (m.gather(1, at) - torch.sign(z) * ws).abs() / ws
         off = torch.where(support, err, 0.0).amax(dim=1) > p["tol"]
-    state["redo"] = work[torch.argsort((~off).to(torch.int8), stable=True)]  # they lead
     keep = support.sum(dim=1)
     aside = fresh.any(dim=1) & (keep == M)  # its slots are full: the next level's
     # each column keeps its support in its slots (the kernel's inverse over them stays
@@ -489,6 +488,8 @@ def _pass(state: dict, work: torch.Tensor | None = None, *, exact: bool, grow: i
     state["z"].index_copy_(0, w, torch.where(aside[:, None], z, torch.where(support, z, 0.0)))
     state["aside"].index_copy_(0, w, aside)
     live = ~aside
+    off &= live  # (a column set aside starts the next level from a new inverse)
+    state["redo"] = work[torch.argsort((~off).to(torch.int8), stable=True)]  # they lead
     again = live & (ok.any(dim=1) | off | (status != SOLVED))
     state["next"] = work[torch.argsort((~again).to(torch.int8), stable=True)]
     # (a float32 pass may flag variables that float64 finds optimal: where every kernel
@@ -496,7 +497,7 @@ def _pass(state: dict, work: torch.Tensor | None = None, *, exact: bool, grow: i
     return torch.stack([((fresh.any(dim=1) | off) & live).any(),
                         ((status == SOLVED) | aside).all(),
                         ((steps_pass <= 1) | aside).all(), state["aside"].sum(),
-                        again.sum(), (off & live).sum()])  # fmt: skip
+                        again.sum(), off.sum()])  # fmt: skip
 
 
 def _solve_level(state: dict, *, precision: str, grow: int, max_passes: int, programs: int,
