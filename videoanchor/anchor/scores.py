@@ -20,7 +20,7 @@ from videoanchor.anchor.plan import make_plan
 from videoanchor.anchor.products import exact_float32
 from videoanchor.anchor.program import SSCSolution
 from videoanchor.anchor.solve import solve
-from videoanchor.anchor.spectral import cluster, cluster_shares
+from videoanchor.anchor.spectral import cluster, cluster_shares, label_shares
 from videoanchor.anchor.threads import bounded
 
 __all__ = [
@@ -73,7 +73,7 @@ def scores_from_row_sums(
     if shares is not None:
         pi = shares.to(device=r.device, dtype=torch.float64)
     else:
-        pi = torch.stack([torch.bincount(row)[row] for row in lab]).to(torch.float64).mean(0) / n
+        pi = label_shares(lab)
     s_hat = pi * r64
     lo, hi = s_hat.min(), s_hat.max()
     s = ((s_hat - lo) / (hi - lo + 1e-5)).to(torch.float32)

@@ -43,6 +43,7 @@ __all__ = [
     "sparse_ssc_affinity",
     "sparse_normalized_affinity",
     "soft_cluster_shares",
+    "label_shares",
     "paper_label_agreement",
     "stable_cluster_shares",
     "cluster",
@@ -720,6 +721,16 @@ def soft_cluster_shares(
 STABLE_DRAWS, STABLE_SCALE, STABLE_AGREE = 32, 1e-3, (0.5, 0.9)
 
 
+def label_shares(labels: torch.Tensor) -> torch.Tensor:
+    """The paper's cluster share ``pi_j`` (``(N,)`` float64): token ``j``'s cluster's share
+    of the tokens under ``labels`` (``(N,)``, or ``(draws, N)``: averaged over the draws)."""
+    lab = labels.reshape(-1, labels.shape[-1])
+    return (
+        torch.stack([torch.bincount(row)[row] for row in lab]).to(torch.float64).mean(0)
+        / lab.shape[1]
+    )
+
+
 def _discretize_draws(v: torch.Tensor, start: int, n_iter_max: int = 20) -> torch.Tensor:
     """:func:`discretize`'s iterations on ``R`` sets of unit rows at once (``v``: ``(R, N,
     k)`` float64), every draw from start row ``start``: ``(R, N)`` labels, raw ids."""
@@ -790,8 +801,7 @@ def stable_cluster_shares(affinity: torch.Tensor, n_clusters: int, *, seed: int 
         return torch.ones(n, dtype=torch.float64, device=affinity.device)
     emb = spectral_embedding(affinity, n_clusters, seed=seed, eigen_solver=eigen_solver)
     a, paper = paper_label_agreement(emb, seed=seed, draws=draws, scale=scale)
-    lab = (paper if labels is None else labels).reshape(-1, n).cpu()
-    hard = torch.stack([torch.bincount(row)[row] for row in lab]).to(torch.float64).mean(0) / n
+    hard = label_shares((paper if labels is None else labels).cpu())
     w = min(max((a - lo) / (hi - lo), 0.0), 1.0)
     if w == 1.0:
         return hard.to(affinity.device)
