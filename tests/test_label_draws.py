@@ -391,6 +391,35 @@ def test_stable_shares_blend_by_the_agreement():
         paper_label_agreement(spectral_embedding(w, 8), draws=0)
 
 
+def test_cluster_passes_its_embedding_and_labels_to_the_stable_share(monkeypatch):
+    """cluster() computes one spectral embedding and the paper's labels once under
+    "stable" (no second embedding, no second discretize draw 0), and its shares equal the
+    ones stable_cluster_shares computes on its own, on a set where they blend (no gap)."""
+    import videoanchor.anchor.spectral as spectral
+    from videoanchor.anchor.options import SSCOptions
+
+    c = compute_anchor_scores(ambiguous_tokens(seed=1), 8, **KW).coef
+    w = ssc_affinity(c)
+    alone = stable_cluster_shares(w, 8, labels=spectral_labels(w, 8, draws=3))
+    calls = {"embedding": 0, "discretize": 0}
+    for name in calls:
+        fn = getattr(spectral, {"embedding": "spectral_embedding"}.get(name, name))
+
+        def counted(*a, _fn=fn, _name=name, **k):
+            calls[_name] += 1
+            return _fn(*a, **k)
+
+        monkeypatch.setattr(spectral, fn.__name__, counted)
+    opts = SSCOptions(n_clusters=8, cluster_share="stable", label_draws=3, mode="exact").checked()
+    draws, shares = spectral.cluster(c, opts)
+    assert calls == {"embedding": 1, "discretize": 3}, calls  # the 3 label draws, no more
+    assert 0 < spectral.paper_label_agreement(spectral_embedding(w, 8))[0] < 1  # a blend
+    np.testing.assert_array_equal(shares.numpy(), alone.numpy())
+    assert torch.equal(draws, spectral_labels(w, 8, draws=3))
+    _, hard = spectral.cluster(c, SSCOptions(n_clusters=8, mode="exact").checked())
+    assert hard is None
+
+
 @pytest.mark.slow
 def test_stable_scores_are_the_papers_on_a_video_like_set():
     """bench_workset's 8-frame video-like set at the paper's k = 24: the paper's labels hold

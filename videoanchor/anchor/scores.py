@@ -20,7 +20,7 @@ from videoanchor.anchor.plan import make_plan
 from videoanchor.anchor.products import exact_float32
 from videoanchor.anchor.program import SSCSolution
 from videoanchor.anchor.solve import solve
-from videoanchor.anchor.spectral import cluster, cluster_shares, label_shares
+from videoanchor.anchor.spectral import cluster, label_shares
 from videoanchor.anchor.threads import bounded
 
 __all__ = [
@@ -150,7 +150,7 @@ def anchor_scores(
     ``labels`` may also be ``(draws, N)``, several label draws of one clustering: then
     ``pi_j`` is token ``j``'s cluster share averaged over the draws (``label_draws``).
     ``shares`` (N,) in ``(0, 1]``: the ``pi_j`` given instead of read from the labels
-    (``cluster_share="soft"`` or ``"stable"``: :func:`~videoanchor.anchor.spectral.cluster_shares`).
+    (``cluster_share="soft"`` or ``"stable"``: :func:`~videoanchor.anchor.spectral.cluster`'s).
     """
     if coef.dim() != 2 or coef.shape[0] != coef.shape[1]:
         raise ValueError(f"coef: expected a square (N, N) matrix, got shape {tuple(coef.shape)}")
@@ -289,7 +289,7 @@ def sparse_subspace_clustering(
     )  # (the authors' iteration here)
     res = solve(x, plan, opts, affine=affine, outliers=outliers)
     t1 = time.perf_counter()
-    draws = cluster(res.coef, opts, affinity=affinity, assign_labels=assign_labels)
+    draws, _ = cluster(res.coef, opts, affinity=affinity, assign_labels=assign_labels)
     _sync(x.device)
     t2 = time.perf_counter()
     timings = dict(res.timings)
@@ -441,10 +441,7 @@ def compute_anchor_scores(
     plan = make_plan(solved.shape, solved.device, opts, process_group=process_group)
     res = solve(solved, plan, opts)
     t1 = time.perf_counter()
-    draws = cluster(res.coef, opts, group=plan.group, rank=plan.rank)
-    shares = None
-    if opts.cluster_share != "hard":
-        shares = cluster_shares(res.coef, opts, labels=draws, group=plan.group, rank=plan.rank)
+    draws, shares = cluster(res.coef, opts, group=plan.group, rank=plan.rank)
     _sync(x.device)
     t2 = time.perf_counter()
     scores = tie_duplicate_scores(x, anchor_scores(res.coef, draws, shares=shares))
@@ -515,8 +512,7 @@ def anchor_result_from_coefficients(
         mode="exact", cluster_share=cluster_share,
     ).checked()  # fmt: skip
     check_tokens(opts.n_clusters, ssc.coef.shape[0])
-    draws = cluster(ssc.coef, opts)
-    shares = None if opts.cluster_share == "hard" else cluster_shares(ssc.coef, opts, labels=draws)
+    draws, shares = cluster(ssc.coef, opts)
     t1 = time.perf_counter()
     scores = anchor_scores(ssc.coef, draws, shares=shares)
     if features is not None:

@@ -47,7 +47,6 @@ __all__ = [
     "paper_label_agreement",
     "stable_cluster_shares",
     "cluster",
-    "cluster_shares",
 ]
 
 
@@ -760,16 +759,19 @@ def _discretize_draws(v: torch.Tensor, start: int, n_iter_max: int = 20) -> torc
 
 
 def paper_label_agreement(embedding: torch.Tensor, *, seed: int = 0, draws: int = STABLE_DRAWS,
-                          scale: float = STABLE_SCALE) -> tuple[float, torch.Tensor]:  # fmt: skip
+                          scale: float = STABLE_SCALE, labels: torch.Tensor | None = None,
+                          ) -> tuple[float, torch.Tensor]:  # fmt: skip
     """How well the paper's labels survive a small move of the spectral embedding:
     ``(agreement, labels)``, ``labels`` the paper's (:func:`discretize` from
-    :func:`label_random_state`, as :func:`spectral_labels`' draw 0) and ``agreement`` the
-    share of ``draws`` label assignments that give the same partition when discretize's unit
-    rows are moved by ``scale`` times a seeded standard Gaussian (``seed``), each from the
-    paper's start row. Seeded: a deterministic function of the embedding."""
+    :func:`label_random_state`, as :func:`spectral_labels`' draw 0; given: taken as they
+    are, not recomputed) and ``agreement`` the share of ``draws`` label assignments that
+    give the same partition when discretize's unit rows are moved by ``scale`` times a
+    seeded standard Gaussian (``seed``), each from the paper's start row. Seeded: a
+    deterministic function of the embedding."""
     draws = _check_draws(draws)
     n = embedding.shape[0]
-    labels = discretize(embedding, random_state=label_random_state(seed, n))
+    if labels is None:
+        labels = discretize(embedding, random_state=label_random_state(seed, n))
     start = int(label_random_state(seed, n).randint(n))  # that draw's start row
     v = _discretize_rows(embedding)
     gen = torch.Generator().manual_seed(int(seed))
@@ -782,25 +784,33 @@ def paper_label_agreement(embedding: torch.Tensor, *, seed: int = 0, draws: int 
 
 @bounded()
 def stable_cluster_shares(affinity: torch.Tensor, n_clusters: int, *, seed: int = 0,
-                          labels: torch.Tensor | None = None, eigen_solver: str = "auto",
+                          labels: torch.Tensor | None = None,
+                          embedding: torch.Tensor | None = None, eigen_solver: str = "auto",
                           draws: int = STABLE_DRAWS, scale: float = STABLE_SCALE,
                           agree: tuple[float, float] = STABLE_AGREE) -> torch.Tensor:  # fmt: skip
     """Each token's cluster share under ``cluster_share="stable"`` (``(N,)`` float64, beyond
-    the paper): ``w * hard + (1 - w) * soft``, ``hard`` the paper's share (of ``labels``,
-    ``(N,)`` or ``(draws, N)``; None: the paper's draw 0), ``soft``
-    :func:`soft_cluster_shares`, ``w = clamp((a - lo) / (hi - lo), 0, 1)`` for
+    the paper): ``w * hard + (1 - w) * soft``, ``hard`` the paper's share of ``labels``,
+    ``soft`` :func:`soft_cluster_shares`, ``w = clamp((a - lo) / (hi - lo), 0, 1)`` for
     ``agree = (lo, hi)`` and ``a`` :func:`paper_label_agreement` on the paper's embedding.
     Where the perturbed draws keep the paper's labels (``a >= hi``) it is the paper's share
     exactly; where at most ``lo`` do it is the soft share. Between, ``w`` moves in steps of
-    ``1 / (draws (hi - lo))``: no continuity is claimed there (docs/guides/anchor-scores.md)."""
+    ``1 / (draws (hi - lo))``: no continuity is claimed there (docs/guides/anchor-scores.md).
+
+    ``embedding``: :func:`spectral_embedding` of ``affinity`` (same ``seed`` and
+    ``eigen_solver``) and ``labels``: the paper's labels from it, ``(N,)`` or ``(draws, N)``
+    as :func:`labels_from_embedding` gives them (draw 0 is the discretize draw the agreement
+    compares against), passed by :func:`cluster` so that neither is computed twice; None:
+    computed here."""
     lo, hi = agree
     if not 0 <= lo < hi <= 1:
         raise ValueError(f"agree: expected (lo, hi) with 0 <= lo < hi <= 1, got {agree!r}")
     n = affinity.shape[0]
     if n_clusters == 1:  # one cluster: every share is 1, as the paper's
         return torch.ones(n, dtype=torch.float64, device=affinity.device)
-    emb = spectral_embedding(affinity, n_clusters, seed=seed, eigen_solver=eigen_solver)
-    a, paper = paper_label_agreement(emb, seed=seed, draws=draws, scale=scale)
+    if embedding is None:
+        embedding = spectral_embedding(affinity, n_clusters, seed=seed, eigen_solver=eigen_solver)
+    paper = None if labels is None else labels.reshape(-1, n)[0]
+    a, paper = paper_label_agreement(embedding, seed=seed, draws=draws, scale=scale, labels=paper)
     hard = label_shares((paper if labels is None else labels).cpu())
     w = min(max((a - lo) / (hi - lo), 0.0), 1.0)
     if w == 1.0:
@@ -810,17 +820,27 @@ def stable_cluster_shares(affinity: torch.Tensor, n_clusters: int, *, seed: int 
 
 
 def cluster(coef: torch.Tensor, opts, *, group=None, rank: int = 0, affinity: str = "symmetric",
-            assign_labels: str = "discretize") -> torch.Tensor:  # fmt: skip
-    """Stage 4 of an SSC call: the ``(label_draws, N)`` labels of ``C`` (dense, or sparse
-    COO kept sparse) into ``opts.n_clusters`` clusters, seeded by ``opts.seed``
-    (:class:`~videoanchor.anchor.options.SSCOptions`, checked). ``affinity``:
-    ``"symmetric"`` (``W = |C| + |C|^T``) or ``"column_max"`` (dense ``C`` only). Under a
-    process ``group`` (every rank holds the same ``C``) rank 0 computes the labels and
-    broadcasts them; if that fails, every rank raises."""
-    draws = torch.empty(opts.label_draws, coef.shape[0], dtype=torch.long, device=coef.device)
+            assign_labels: str = "discretize") -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """Stage 4 of an SSC call: ``(draws, shares)``, the ``(label_draws, N)`` labels of ``C``
+    (dense, or sparse COO kept sparse) into ``opts.n_clusters`` clusters, seeded by
+    ``opts.seed`` (:class:`~videoanchor.anchor.options.SSCOptions`, checked), and each
+    token's cluster share under ``opts.cluster_share`` (``(N,)`` float64; None for
+    ``"hard"``, whose shares are read from the labels): :func:`soft_cluster_shares` or
+    :func:`stable_cluster_shares`, which gets the labels' spectral embedding and labels
+    instead of computing them again. ``affinity``: ``"symmetric"`` (``W = |C| + |C|^T``) or
+    ``"column_max"`` (dense ``C`` only). Under a process ``group`` (every rank holds the
+    same ``C``) rank 0 computes them and broadcasts them; if that fails, every rank raises."""
+    n, share = coef.shape[0], getattr(opts, "cluster_share", "hard")
+    draws = torch.empty(opts.label_draws, n, dtype=torch.long, device=coef.device)
+    shares = None if share == "hard" else coef.new_empty(n, dtype=torch.float64)
     error = None
     if rank == 0:
         try:
+            if coef.is_sparse and share != "hard":
+                raise ValueError(
+                    f"cluster_share={share!r} reads a dense affinity's spectrum; expected a "
+                    f"dense C (mode='exact'), got a sparse one (blocked mode, N = {n})"
+                )
             if coef.is_sparse:
                 draws = sparse_spectral_labels(
                     sparse_ssc_affinity(coef), opts.n_clusters, seed=opts.seed,
@@ -829,42 +849,33 @@ def cluster(coef: torch.Tensor, opts, *, group=None, rank: int = 0, affinity: st
             else:
                 normalize = "column_max" if affinity == "column_max" else "none"
                 w = ssc_affinity(coef, normalize=normalize)
-                draws = spectral_labels(
-                    w, opts.n_clusters, seed=opts.seed, assign_labels=assign_labels,
-                    eigen_solver=opts.eigen_solver, draws=opts.label_draws,
-                )  # fmt: skip
+                draws, shares = _labels_and_shares(w, opts, share, assign_labels)
         except Exception as exc:  # re-raised on every rank
             error = exc
     raise_together(group, error, coef.device)
     draws = draws.to(coef.device)
-    return draws if group is None else broadcast_from_first(draws, group)
+    shares = None if shares is None else shares.to(coef.device)
+    if group is None:
+        return draws, shares
+    return (broadcast_from_first(draws, group),
+            None if shares is None else broadcast_from_first(shares, group))  # fmt: skip
 
 
-def cluster_shares(coef: torch.Tensor, opts, *, labels: torch.Tensor | None = None,
-                   group=None, rank: int = 0) -> torch.Tensor:  # fmt: skip
-    """Stage 4 of an SSC call with ``opts.cluster_share`` ``"soft"`` or ``"stable"``: each
-    token's :func:`soft_cluster_shares` or :func:`stable_cluster_shares` (``(N,)`` float64;
-    ``labels``: :func:`cluster`'s, the paper's part of ``"stable"``) of ``W = |C| + |C|^T``
-    into ``opts.n_clusters``. Under a process ``group`` rank 0 computes them and broadcasts
-    them; if that fails, every rank raises."""
-    shares = torch.empty(coef.shape[0], dtype=torch.float64, device=coef.device)
-    error = None
-    if rank == 0:
-        try:
-            if coef.is_sparse:
-                raise ValueError(
-                    f"cluster_share={opts.cluster_share!r} reads a dense affinity's spectrum; "
-                    f"expected a dense C (mode='exact'), got a sparse one (blocked mode, "
-                    f"N = {coef.shape[0]})"
-                )
-            w = ssc_affinity(coef)
-            if opts.cluster_share == "stable":
-                shares = stable_cluster_shares(w, opts.n_clusters, seed=opts.seed, labels=labels,
-                                               eigen_solver=opts.eigen_solver)  # fmt: skip
-            else:
-                shares = soft_cluster_shares(w, opts.n_clusters)
-        except Exception as exc:  # re-raised on every rank
-            error = exc
-    raise_together(group, error, coef.device)
-    shares = shares.to(coef.device)
-    return shares if group is None else broadcast_from_first(shares, group)
+@bounded()
+@exact_float32
+def _labels_and_shares(w: torch.Tensor, opts, share: str, assign_labels: str):
+    """:func:`cluster`'s dense part: ``(draws, shares)`` of the affinity ``w``; under
+    ``"stable"`` one spectral embedding feeds both the labels and the shares."""
+    k, kw = opts.n_clusters, dict(seed=opts.seed, eigen_solver=opts.eigen_solver)
+    if share != "stable" or k == 1:
+        draws = spectral_labels(w, k, assign_labels=assign_labels, draws=opts.label_draws, **kw)
+        shares = {"hard": None, "soft": soft_cluster_shares, "stable": stable_cluster_shares}
+        return draws, None if shares[share] is None else shares[share](w, k)
+    if assign_labels != "discretize":
+        raise ValueError(
+            f"cluster_share='stable' compares against the paper's discretize labels; expected "
+            f"assign_labels='discretize', got {assign_labels!r}"
+        )
+    emb = spectral_embedding(w, k, **kw)
+    draws = labels_from_embedding(emb, k, seed=opts.seed, draws=opts.label_draws)
+    return draws, stable_cluster_shares(w, k, labels=draws, embedding=emb, **kw)
