@@ -49,6 +49,20 @@ spread, and, for scale, the same share for the mean of the paper's own scores ov
 changes of 1e-7::
 
     python benchmarks/bench_label_draws.py --expected --draws 256,1024 --frames 16 --tiny 0
+
+``--routes`` (issue 78, the spread bar): smooth shares and draw averages measured on the
+flip-prone tiny sets and not shipped. Per set, against the paper's scores at the 16 changes
+of 1e-6 (as ``--flips`` draws them): the per-token spread of the paper's scores, the
+correlation of the soft share with the paper's mean share over those changes, and for
+each route the share of tokens within the paper's spread, the largest distance to the
+paper's scores and the largest move under the first ``--moves`` changes. Routes: the
+soft share with ``cos^(2p)`` for ``cos^2`` (``p`` 1, 2, 8); a soft discretize (per-token
+softmax of ``v R / tau`` with ``R`` the polar factor of ``v^T P``, 100 iterations from the
+paper's rotation; ``tau`` 0.03, 0.1, 0.3), its share the expected size of each token's
+soft cluster; the mean over ``--draws`` label draws of discretize's rows moved by 1e-3 of
+the paper's scores, and of their shares (then normalised)::
+
+    python benchmarks/bench_label_draws.py --routes --draws 64,256 --tiny 0 1 2
 """
 
 from __future__ import annotations
@@ -373,6 +387,118 @@ def expected_route(draws_list, scale: float, moves: int, tiny, frames, out_dir) 
     return finish("label_expected", meta, rows, out_dir, cols)
 
 
+def routes_case(name: str, x: torch.Tensor, draws_list, moves: int) -> dict:
+    """One set of ``--routes`` (see the module's docstring)."""
+    from videoanchor.anchor import ssc_coefficients
+    from videoanchor.anchor.scores import scores_from_row_sums
+    from videoanchor.anchor.spectral import (
+        SOFT_SHARE_WIDTH,
+        _discretize_draws,
+        _discretize_rows,
+        _filtered_eigenpairs,
+        _normalized_affinity,
+        _unit_rows,
+        discretize,
+        label_random_state,
+        label_shares,
+        spectral_embedding,
+    )
+
+    def paper(coef):  # what each route reads: C's row sums, the embedding's rows, the labels
+        emb = spectral_embedding(ssc_affinity(coef), K)
+        lab = discretize(emb, random_state=label_random_state(0, len(emb)))
+        s, dd = _normalized_affinity(ssc_affinity(coef).to(torch.float64))
+        theta, vec = _filtered_eigenpairs(s, K, SOFT_SHARE_WIDTH)
+        f = ((theta - float(theta[K - 1]) + SOFT_SHARE_WIDTH) / SOFT_SHARE_WIDTH).clamp(0, 1)
+        u = _unit_rows(vec[:, f > 0] * f[f > 0].sqrt() / dd[:, None])
+        return dict(r=coef.sum(1), v=_discretize_rows(emb), lab=lab, u=u)
+
+    def cos2p(p):
+        return lambda c: scores_from_row_sums(
+            c["r"], c["lab"], ((c["u"] @ c["u"].T).square().pow(p).sum(1) / len(c["u"]))
+        )
+
+    def polar(t):
+        u, _, vh = torch.linalg.svd(t)
+        return vh.mT @ u.mT
+
+    def soft_discretize(tau):
+        def route(c):
+            v, n = c["v"], len(c["v"])
+            rot = polar(v.new_zeros(K, K).index_add_(0, c["lab"], v))
+            for _ in range(100):
+                rot = polar(v.T @ torch.softmax(v @ rot / tau, dim=1))
+            p = torch.softmax(v @ rot / tau, dim=1)
+            return scores_from_row_sums(c["r"], c["lab"], (1 + (p * (p.sum(0) - p)).sum(1)) / n)
+
+        return route
+
+    def draws_mean(r, of):
+        def route(c):
+            v, n = c["v"], len(c["v"])
+            g = torch.randn(r, *v.shape, generator=torch.Generator().manual_seed(0),
+                            dtype=torch.float64)  # fmt: skip
+            moved = _unit_rows((v + 1e-3 * g).reshape(-1, K)).reshape(g.shape)
+            d = _discretize_draws(moved, int(label_random_state(0, n).randint(n)))
+            if of == "shares":
+                return scores_from_row_sums(c["r"], d)
+            return torch.stack([scores_from_row_sums(c["r"], row).double() for row in d]).mean(0)
+
+        return route
+
+    gen = torch.Generator().manual_seed(0)
+    base = paper(ssc_coefficients(x).coef)
+    runs = []
+    for rel, count in (("1e-7", 8), ("1e-6", 16)):  # as --flips draws them
+        for _ in range(count):
+            xp = x * (1 + float(rel) * torch.randn(x.shape, generator=gen, dtype=x.dtype))
+            if rel == "1e-6":
+                runs.append(paper(ssc_coefficients(xp).coef))
+    scores = torch.stack([scores_from_row_sums(c["r"], c["lab"]).double() for c in runs])
+    lo, hi = scores.min(0).values, scores.max(0).values
+    hard = scores_from_row_sums(base["r"], base["lab"]).double()
+    mean_pi = torch.stack([label_shares(c["lab"]) for c in runs]).mean(0)
+    soft_pi = (base["u"] @ base["u"].T).square().sum(1) / len(base["u"])
+    row = dict(set=name, n=int(x.shape[0]), k=K,
+               paper_flip_rate_1e_6=sum(not torch.equal(c["lab"], base["lab"]) for c in runs) / 16,
+               paper_score_std_max=float(scores.std(0).max()),
+               paper_score_std_median=float(scores.std(0).median()),
+               soft_share_corr_with_paper_mean_share=float(torch.corrcoef(
+                   torch.stack([soft_pi, mean_pi]))[0, 1]))  # fmt: skip
+    routes = {f"cos^{2 * p}": cos2p(p) for p in (1, 2, 8)}
+    routes.update({f"soft discretize tau {t}": soft_discretize(t) for t in (0.03, 0.1, 0.3)})
+    for r in draws_list:
+        routes[f"mean of scores over {r} draws"] = draws_mean(r, "scores")
+        routes[f"mean of shares over {r} draws"] = draws_mean(r, "shares")
+    out = []
+    for route, fn in routes.items():
+        s0 = fn(base).double()
+        moved = [float((fn(c).double() - s0).abs().max()) for c in runs[:moves]]
+        out.append(dict(row, route=route, within_paper_spread=float(((s0 >= lo) & (s0 <= hi))
+                                                                    .double().mean()),
+                        vs_paper_max=float((s0 - hard).abs().max()), move_max_1e_6=max(moved),
+                        moves_measured=len(moved)))  # fmt: skip
+        print({k: out[-1][k] for k in ("set", "route", "within_paper_spread", "move_max_1e_6")},
+              flush=True)  # fmt: skip
+    return out
+
+
+def routes(draws_list, moves: int, tiny, out_dir) -> Path:
+    """``--routes``: the spread bar's candidates, into ``label_routes_cpu.json``."""
+    torch.set_num_threads(1)
+    meta = environment("cpu")
+    meta.update(torch_threads=1, loadavg_start=os.getloadavg(), n_clusters=K,
+                perturbation="x * (1 + r g), g standard Gaussian (seeded), r = 1e-6")  # fmt: skip
+    rows = []
+    for s in tiny:
+        rows += routes_case(f"tiny Qwen2.5-VL 8x70 pixels seed {s}", tiny_features(s),
+                            draws_list, moves)  # fmt: skip
+    meta["loadavg_end"] = os.getloadavg()
+    cols = ["set", "route", "within_paper_spread", "vs_paper_max", "move_max_1e_6",
+            "soft_share_corr_with_paper_mean_share", "paper_score_std_max"]  # fmt: skip
+    return finish("label_routes", meta, rows, out_dir, cols)
+
+
 def main(argv=None):
     ap = parser(__doc__, quick="3 seeds and R in (1, 4) (a smoke run)")
     ap.add_argument("--seeds", type=int, default=10)
@@ -387,7 +513,11 @@ def main(argv=None):
     ap.add_argument("--expected", action="store_true", help="the Monte-Carlo route (docstring)")
     ap.add_argument("--scale", type=float, default=1e-3, help="--expected: the rows' move")
     ap.add_argument("--moves", type=int, default=4, help="--expected: 1e-6 changes to measure")
+    ap.add_argument("--routes", action="store_true", help="the spread bar's routes (docstring)")
     args = ap.parse_args(argv)
+    if args.routes:
+        return routes([int(v) for v in args.draws.split(",")], args.moves, args.tiny,
+                      args.out_dir)  # fmt: skip
     if args.expected:
         return expected_route([int(v) for v in args.draws.split(",")], args.scale, args.moves,
                               args.tiny, args.frames, args.out_dir)  # fmt: skip
