@@ -10,6 +10,9 @@ Providers, all timed the same way in one process (triton.testing.do_bench, media
   anchored_prepared the fast form with the gates prepared once (prepare_gates, gates=): what
                   the transformers integration runs since issue 51 (GPU only)
   ours_plain      our Triton kernel without gates (the overhead reference)
+  *_pointer       on compute capability 9.x, anchored_prepared and ours_plain through the
+                  pointer loop (the Hopper loop, K and V by TMA, turned off): the loop the
+                  Hopper loop replaced, timed beside it
   sdpa_flash      torch SDPA, flash backend, no bias (what a user gets today, unanchored)
   sdpa_mask       torch SDPA with a (B, 1, Sq, Skv) float mask (causal + bias) and V pre-scaled
   flex            compiled FlexAttention, score_mod adding bias[b, kv_idx], causal block mask,
@@ -20,6 +23,9 @@ FLOPs: 4 * B * Hq * Sq * Skv * D, halved for causal with Sq = Skv.
 
     python benchmarks/bench_attention.py            # full sweep (GPU)
     python benchmarks/bench_attention.py --quick    # S = 2k only
+    python benchmarks/bench_attention.py --hopper   # S = 8k-32k, Qwen2.5-VL-7B heads: the
+                                                    # Hopper loop against the pointer loop
+                                                    # and SDPA flash (attention_hopper.json)
 Without CUDA it says so and runs a CPU comparison (forward, float32, S = 512, 1024, 2048;
 --quick: 512) of the exact torch path (its fused CPU form, and the query-chunk form it
 replaced), SDPA without bias, SDPA with the full (B, 1, S, S) bias + causal mask and
@@ -42,7 +48,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import videoanchor  # noqa: E402
 from benchmarks.common import environment, finish, median_spread, parser  # noqa: E402
-from videoanchor.kernels import prepare_gates, value_scale_range_of  # noqa: E402
+from videoanchor.kernels import prepare_gates, triton_prefill, value_scale_range_of  # noqa: E402
 from videoanchor.kernels.torch_attention import anchored_attention_torch  # noqa: E402
 
 MODELS = {
@@ -59,6 +65,20 @@ def make(B, Hq, Hkv, S, D, dtype, device, seed=0):
     s = torch.rand(B, S, device=device, generator=g)
     key_bias, value_scale = videoanchor.anchor_gates(s, alpha_k=9.5, alpha_v=2.5)
     return q, k, v, key_bias, value_scale
+
+
+def _pointer_loop(fn):
+    """``fn`` with the prefill launcher's Hopper loop turned off (the pointer loop)."""
+
+    def run():
+        real = triton_prefill.hopper_loop
+        triton_prefill.hopper_loop = lambda *args: False
+        try:
+            return fn()
+        finally:
+            triton_prefill.hopper_loop = real
+
+    return run
 
 
 def providers(q, k, v, key_bias, value_scale, flex_on_cpu=False):
@@ -81,6 +101,9 @@ def providers(q, k, v, key_bias, value_scale, flex_on_cpu=False):
         prepared = prepare_gates(key_bias, value_scale, value_scale_range=vs_range)
         out["anchored_prepared"] = lambda: videoanchor.anchored_attention(q, k, v, gates=prepared)
     out["ours_plain"] = lambda: videoanchor.anchored_attention(q, k, v)
+    if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9:
+        out["anchored_prepared_pointer"] = _pointer_loop(out["anchored_prepared"])
+        out["ours_plain_pointer"] = _pointer_loop(out["ours_plain"])
     if not q.is_cuda:
         # the torch path's previous forward (query chunks of matmul + softmax), kept for
         # training and for attn_mask: what the fused CPU form replaced
@@ -185,8 +208,16 @@ def interleaved(fns: dict, rounds: int = 5) -> dict:
     return times
 
 
-def run(quick: bool, out_dir=None, flex_cpu: bool = True):
+#: --hopper's providers: the Hopper loop's, the pointer loop's, and SDPA's flash kernel.
+HOPPER = ("anchored_prepared", "ours_plain", "anchored_prepared_pointer", "ours_plain_pointer",
+          "sdpa_flash")  # fmt: skip
+
+
+def run(quick: bool, out_dir=None, flex_cpu: bool = True, hopper: bool = False):
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if hopper and (device == "cpu" or torch.cuda.get_device_capability()[0] != 9):
+        raise SystemExit("--hopper: expected a GPU of compute capability 9.x, got " + (
+            device if device == "cpu" else str(torch.cuda.get_device_capability())))  # fmt: skip
     meta = environment(device)
     meta["anchored_form"] = "fast"  # "anchored" the fast form, "anchored_general" the loop
     if device == "cpu":
@@ -202,6 +233,8 @@ def run(quick: bool, out_dir=None, flex_cpu: bool = True):
     else:
         lengths = [2048] if quick else [2048, 8192, 16384, 32768]
         dtype, models = torch.bfloat16, MODELS
+        if hopper:
+            lengths, models = [8192, 16384, 32768], {"qwen2.5-vl-7b": MODELS["qwen2.5-vl-7b"]}
     rows = []
     for model, dims in models.items():
         for S in lengths:
@@ -209,6 +242,8 @@ def run(quick: bool, out_dir=None, flex_cpu: bool = True):
             flops = 4 * dims["Hq"] * S * S * dims["D"] / 2
             ref_out = None
             fns = providers(q, k, v, kb, vs, flex_on_cpu=flex_cpu)
+            if hopper:
+                fns = {name: fns[name] for name in HOPPER}
             compile_s = {}
             if "flex" in fns and device == "cpu":
                 t0 = time.perf_counter()
@@ -223,7 +258,8 @@ def run(quick: bool, out_dir=None, flex_cpu: bool = True):
                 try:
                     result = fn()
                     if name in ("anchored", "anchored_general", "anchored_prepared",
-                                "sdpa_mask", "flex", "eager"):  # fmt: skip
+                                "anchored_prepared_pointer", "sdpa_mask", "flex",
+                                "eager"):  # fmt: skip
                         if ref_out is None:
                             ref_out = result.float()
                         row["max_diff_vs_anchored"] = (result.float() - ref_out).abs().max().item()
@@ -253,7 +289,7 @@ def run(quick: bool, out_dir=None, flex_cpu: bool = True):
     if device == "cpu":
         meta["loadavg_end"] = list(os.getloadavg())
     cols = ["model", "S", "provider", "ms", "tflops", "peak_mib", "speedup_of_anchored", "error"]
-    return finish("attention", meta, rows, out_dir, cols)
+    return finish("attention_hopper" if hopper else "attention", meta, rows, out_dir, cols)
 
 
 def main(argv=None):
@@ -263,8 +299,13 @@ def main(argv=None):
         action="store_true",
         help="on a CPU, leave out FlexAttention (its compile takes ~20 s a shape)",
     )
+    ap.add_argument(
+        "--hopper",
+        action="store_true",
+        help="S = 8k-32k: the Hopper loop against the pointer loop and SDPA flash (sm_90)",
+    )
     args = ap.parse_args(argv)
-    run(args.quick, args.out_dir, flex_cpu=not (args.no_flex_cpu or args.quick))
+    run(args.quick, args.out_dir, flex_cpu=not (args.no_flex_cpu or args.quick), hopper=args.hopper)
 
 
 if __name__ == "__main__":

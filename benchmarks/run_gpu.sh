@@ -9,6 +9,11 @@
 #   OUT=/some/dir CALL=2 bash benchmarks/run_gpu.sh      # the scores' benchmarks, backward,
 #                                                        # ssc, blocked, integration, tune
 #   OUT=/some/dir CALL=tests bash benchmarks/run_gpu.sh  # pytest -m gpu tests
+#   OUT=/some/dir CALL=hopper bash benchmarks/run_gpu.sh # issue 77's Hopper loop (< 8 min,
+#                                                        # sm_90): bench_attention --hopper,
+#                                                        # the Hopper loop against the pointer
+#                                                        # loop, plain and SDPA flash at 8k-32k,
+#                                                        # then the ncu of the prefill at 16k
 #   OUT=/some/dir CALL=ssc bash benchmarks/run_gpu.sh    # issue 76 in one call (< 8 min): the
 #                                                        # gpu tests, the default scores at
 #                                                        # 16/32/64 frames beside the prefill
@@ -34,7 +39,7 @@
 # workset_cuda's own knobs: WORKSET_CUDA_FRAMES (16,32,64), WORKSET_CUDA_MODELS (both shapes)
 # and WORKSET_CUDA_SWEEP (GROW:TILE pairs, e.g. 16:512,64:512: the working sets alone at each).
 # Other forms: STEPS="name ..." runs the named steps only (names: tests profile nsys ncu
-# attention decode paged sparse_spectral request_cost profile_ssc workset_cuda workset_ncu
+# attention decode paged sparse_spectral request_cost profile_ssc workset_cuda workset_ncu hopper
 # spectral backward
 # ssc blocked integration
 # scores tune vllm tp; tp runs bench_tp and bench_split); no CALL runs every step in one
@@ -51,6 +56,9 @@ QUICK=()
 [ "${1:-}" = "--quick" ] && QUICK=(--quick)
 TESTS="tests:560"
 SSC="tests:150 workset_cuda:210 request_cost:50 workset_ncu:60"
+# ESTIMATED caps (not run on a GPU yet): 5 providers x 3 lengths with cold compiles; ncu as
+# in CALL=1.
+HOPPER="hopper:300 ncu:150"
 CALL1="profile:50 nsys:60 ncu:60 attention:150 decode:70 paged:30 sparse_spectral:40 workset_cuda:90"
 CALL2="request_cost:240 profile_ssc:30 spectral:60 backward:40 ssc:40 blocked:40 integration:50 scores:30 tune:30 vllm:0 tp:0"
 case "${CALL:-}" in
@@ -58,6 +66,7 @@ case "${CALL:-}" in
   2) PLAN="$CALL2" ;;
   tests) PLAN="$TESTS" ;;
   ssc) PLAN="$SSC" ;;
+  hopper) PLAN="$HOPPER" ;;
   *) PLAN="$TESTS $CALL1 $CALL2" ;;
 esac
 STEPS="${STEPS:-$(for s in $PLAN; do printf '%s ' "${s%%:*}"; done)}"
@@ -141,6 +150,10 @@ elif want ncu; then
     --ncu-summary "$OUT/logs/ncu_decode8k.txt:prepared,given,plain" \
     > "$OUT/logs/ncu_summary.txt" 2>&1
   cat "$OUT/logs/ncu_summary.txt"
+fi
+if want hopper; then  # issue 77: the Hopper loop (TMA) beside the pointer loop, same process
+  step hopper bench_attention_hopper.log python benchmarks/bench_attention.py --hopper \
+    --out-dir "$OUT"
 fi
 for script in bench_attention bench_decode bench_paged; do
   if want "${script#bench_}"; then

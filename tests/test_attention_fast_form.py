@@ -44,6 +44,26 @@ def test_fast_form_matches_reference(dtype, causal):
         assert torch.equal(v, v_before), "the fast form wrote into V (the KV cache)"
 
 
+def test_fast_form_bf16_infinite_bias():
+    """bf16 (the bias through the tensor cores, FOLD 2): keys with a -inf bias take no
+    weight and a row whose only visible key has one gives 0, as in the reference; no NaN."""
+    if unavailable_reason() is not None:
+        pytest.skip(unavailable_reason())
+    with bf16_interpreter():
+        q, k, v, kb, vs, _ = make_inputs(1, 2, 1, 21, 21, 32, torch.bfloat16, seed=7)
+        kb[:, 0] = kb[:, 5] = kb[:, 17] = float("-inf")
+        ref = anchored_attention_reference(q, k, v, kb, vs, causal=True)
+        recs = _capture(lambda: videoanchor.anchored_attention(
+            q, k, v, kb, vs, causal=True, backend="triton", value_scale_range=RANGE))  # fmt: skip
+        assert recs[0].kwargs["FOLD"] == 2
+        out = videoanchor.anchored_attention(
+            q, k, v, kb, vs, causal=True, backend="triton", value_scale_range=RANGE
+        )
+        assert not out.isnan().any()
+        assert not out[:, :, 0].any() and not ref[:, :, 0].any()  # row 0 sees key 0 only
+        check_close(out, ref, native_error(q, k, v, kb, vs, None, True, ref), torch.bfloat16)
+
+
 class _null:
     def __enter__(self):
         return self
@@ -107,7 +127,16 @@ def test_fold_rows_are_exact():
     assert torch.equal(rows[..., :3].double().sum(-1), vs.reciprocal().double())
     assert torch.equal(bias, torch.log2(vs)) and torch.equal(pairs[..., 0], bias)
     assert torch.equal(pairs[..., 1], vs.reciprocal())
-    assert not rows[..., 3:].any()
+    # Columns 3-5: the bias (here log2(scale)) exactly, as three terms; zeros after.
+    assert torch.equal(rows[..., 3:6].double().sum(-1), bias.double())
+    assert not rows[..., 6:].any()
+    # An infinite or NaN bias: that value in the first term, zeros in the others (no NaN
+    # from inf - inf reaches the logits through a zero operand).
+    kb = torch.tensor([[float("-inf"), float("inf"), float("nan"), 1.0 / 3.0]])
+    rows = fold_gates(kb, torch.ones(1, 4))[0].float()
+    assert rows[0, :3, 3].isinf().tolist() == [True, True, False] and rows[0, 2, 3].isnan()
+    assert not rows[0, :3, 4:6].any()
+    assert rows[0, 3, 3:6].double().sum().item() == float(torch.tensor(1.0 / 3.0))
     q, k, v, kb, vs, _ = make_inputs(1, 2, 1, 17, 19, 32, torch.bfloat16)
     recs = _capture(lambda: videoanchor.anchored_attention(
         q, k, v, kb, vs, backend="triton", value_scale_range=RANGE))  # fmt: skip

@@ -2,28 +2,24 @@
 (Triton's bundled ptxas and nvdisasm, no GPU): the anchored loop against the plain one.
 
 STATIC figures: instruction counts of the loop over the key blocks every row sees (bf16,
-D 128, causal, the real sm_90 tiles: 128 x 64 in 8 warps, 512 keys), registers and spills
-from ptxas. The issue's targets are anchored <= plain + 3% instructions and registers <=
-plain + 8. What the fast form reaches (compile_loop_triton36_static.json, with the form
-before it in compile_loop_triton36_static_71cbffb.json): triton 3.9, 443 against 434
-instructions (1.021x; before 469, 1.081x) and 180 against 163 registers (before 199);
-triton 3.6 (the GPU machine's), 425 against 411 (1.034x; before 445, 1.083x) and 212
-against 157 registers (before 191). The bounds below hold the installed Triton's (3.9)
-with a little slack for ptxas's scheduling, so a change that adds work to the loop fails
-here; the instruction bound is the issue's target, the register bound is not.
+D 128, causal, 512 keys, the real sm_90 launch: the Hopper loop, K, V and the gate rows by
+TMA, 128 x 128 tiles in 8 warps, two stages), registers and spills from ptxas. The issue's
+targets are anchored <= plain + 3% instructions and registers <= plain + 8. What the fast
+form reaches (compile_loop_triton36_static.json): triton 3.9, 580 against 587 instructions
+(0.988x) and 194 against 197 registers; triton 3.6 (the GPU machine's), 537 against 556
+(0.966x) and 221 against 220. The pointer loop (128 x 64 tiles, what sm_90 runs with a
+padding mask, varlen or cache_seqlens) at the same change: 438 against 434 (1.009x), 167
+against 163 registers on 3.9; 402 against 411, 165 against 157 on 3.6. The bounds below are
+the issue's targets.
 
-Where the rest goes (the SASS, triton 3.9): the row sum is on the tensor cores (the bf16 P
-tile times each key's row of 1 / scale, 4 HGMMA.64x16 a tile, its accumulator rescaled by 8
-FFMA), so the plain loop's per-logit row-sum adds and its 4 shuffles are gone, and the
-logits cost what plain's do (one FFMA applies the scale and the gates, one FADD the
-maximum; plain: an FMUL and an FFMA). Above plain: the bias read back from shared memory
-(8 LDS.64 a thread a tile), two more pipelined copies (the bias vector and the 64 x 16
-rows: LDGSTS, LDGDEPBAR, their ring counters and addresses), the row-sum MMA's descriptors
-and fence; and one wait more a tile (the FMA consumes the product at once: the forms that
-avoid that wait made triton 3.6's ptxas serialise every wgmma). Triton 3.6 copies the bias
-vector with 8 predicated 8-byte LDGSTS a thread (3.9: one), and holds 55 registers above
-plain. Both kernels run one 256-thread program an SM on sm_90 (shared memory bounds it),
-so those registers cost no occupancy there.
+Where it goes: each key's gates are one row of 16 bf16 (fold_gates: 1 / scale and the bias,
+three exact terms each), one TMA copy a tile. The bias enters the scaled logits on the
+tensor cores (ones times the rows' bias columns, the logits the accumulator: one HGMMA a
+tile), so no register holds a bias a column (the float32 bias vector had held 16 a thread);
+the row sum is the bf16 P tile times the same rows (its accumulator rescaled by 8 FFMA), so
+the plain loop's per-logit row-sum adds and half its shuffles are gone. Against plain: the
+two MMAs' descriptors, fences and waits, one more TMA copy and its barrier. Both kernels run
+one 256-thread program an SM on sm_90 (shared memory bounds it).
 """
 
 import pytest
@@ -35,10 +31,10 @@ FORMS = {
     "fast": dict(BASE, fast=True),
     "general": dict(BASE),
 }
-#: anchored (fast form) / plain main-loop instructions, achieved 1.021 (443 / 434).
+#: anchored (fast form) / plain main-loop instructions, achieved 1.009 (438 / 434).
 MAX_INSTRUCTION_RATIO = 1.03
-#: registers above plain, achieved 17 (180 / 163).
-MAX_EXTRA_REGISTERS = 21
+#: registers above plain, achieved 4 (167 / 163).
+MAX_EXTRA_REGISTERS = 8
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +55,24 @@ def test_no_spills_and_wgmma(loops):
         # ptxas would otherwise make each wgmma wait for the one before (its advisory C7515).
         assert not r["wgmma_serialized"], name
         assert "main_loop" in r, name
+        # The Hopper loop: K, V (and the fast form's gate rows) by TMA.
+        assert r["constexprs"]["TMA"] is True, name
 
 
 def test_fast_form_loop_against_plain(loops):
     plain, fast = loops["plain"]["main_loop"], loops["fast"]["main_loop"]
-    # Plain's MMAs plus the row sum's (64 x 16 per 16 keys of the 64-key block), and one
-    # exp2 per logit: the scale costs no second MUFU pass.
-    assert fast["mma"] == plain["mma"] + 64 // 16
+    block_n = loops["fast"]["constexprs"]["BLOCK_N"]
+    assert block_n == loops["plain"]["constexprs"]["BLOCK_N"]
+    # Plain's MMAs plus the row sum's (64 x 16 per 16 keys of the block) and the bias's (one
+    # 64 x BLOCK_N x 16), and one exp2 per logit: the scale costs no second MUFU pass.
+    assert fast["mma"] == plain["mma"] + block_n // 16 + 1
     assert fast["opcodes"].get("MUFU", 0) == plain["opcodes"].get("MUFU", 0)
-    # The row sum left the FMA pipe: no multiply a logit, no row-sum shuffles.
-    assert fast["opcodes"].get("FMUL", 0) < plain["opcodes"].get("FMUL", 0)
+    # The gates left the FMA pipe: no multiply or add a logit more than plain's, fewer
+    # row-sum shuffles.
+    fma = ("FMUL", "FFMA", "FADD")
+    assert sum(fast["opcodes"].get(o, 0) for o in fma) <= sum(
+        plain["opcodes"].get(o, 0) for o in fma
+    )
     assert fast["opcodes"].get("SHFL", 0) < plain["opcodes"].get("SHFL", 0)
     ratio = fast["instructions"] / plain["instructions"]
     assert ratio <= MAX_INSTRUCTION_RATIO, (fast["instructions"], plain["instructions"])

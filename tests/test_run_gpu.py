@@ -69,3 +69,12 @@ def test_a_step_past_the_budget_is_skipped_and_named(tmp_path):
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "== profile skipped: " in out.stdout and "left of the call's 10s" in out.stdout
+
+
+def test_hopper_call_fits_eight_minutes_and_times_the_hopper_loop():
+    """Issue 77's GPU command (CALL=hopper): bench_attention --hopper, then the ncu step,
+    caps within 8 minutes."""
+    plan = _plan("HOPPER")
+    assert set(plan) == {"hopper", "ncu"} and sum(plan.values()) <= 480, plan
+    assert "hopper) PLAN=\"$HOPPER\"" in SCRIPT
+    assert "bench_attention.py --hopper" in SCRIPT and "want hopper" in SCRIPT

@@ -104,9 +104,9 @@ def _nvdisasm() -> str:
 
 def main_loop_mix(cubin: bytes) -> dict:
     """Instruction counts of a kernel's main loop, read from its SASS (``nvdisasm``, shipped
-    with Triton): among the loops (backward branches) with the most MMA instructions, the
-    one with the fewest instructions (the innermost; for the prefill kernel the loop over
-    key blocks that need no masking). STATIC: a count, not a timing."""
+    with Triton): among the innermost loops (backward branches) with the most MMA
+    instructions, the one with the fewest instructions (for the prefill kernel the loop
+    over key blocks that need no masking). STATIC: a count, not a timing."""
     import tempfile
 
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
@@ -134,10 +134,18 @@ def main_loop_mix(cubin: bytes) -> dict:
             body = insns[labels[m.group(1)] : i + 1]
             ops = [re.sub(r"^@!?U?P\w+\s+", "", x).split()[0] for x in body]
             mma = sum(op.split(".")[0] in ("HGMMA", "HMMA") for op in ops)
-            loops.append(dict(start=labels[m.group(1)], instructions=len(body), mma=mma, ops=ops))
+            loops.append(
+                dict(start=labels[m.group(1)], end=i, instructions=len(body), mma=mma, ops=ops)
+            )
     if not loops:
         raise RuntimeError("no loop found in the SASS")
-    best = max(loops, key=lambda lp: (lp["mma"], -lp["instructions"], -lp["start"]))
+    # Innermost: no other loop inside. A backward branch from out-of-line code into a loop
+    # (an mbarrier wait's retry path, placed after the kernel's end) spans other loops.
+    inner = [
+        lp for lp in loops
+        if not any(lp["start"] <= o["start"] and o["end"] < lp["end"] for o in loops)
+    ]  # fmt: skip
+    best = max(inner, key=lambda lp: (lp["mma"], -lp["instructions"], -lp["start"]))
     hist: dict[str, int] = {}
     for op in best["ops"]:
         hist[op.split(".")[0]] = hist.get(op.split(".")[0], 0) + 1

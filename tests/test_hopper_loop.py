@@ -1,0 +1,93 @@
+"""The prefill kernel's Hopper loop (``TMA``: K, V and the bf16 gate rows by tensor
+descriptors; selected on compute capability 9.x by ``hopper_loop``) under the CPU
+interpreter, forced by launching for sm_90 at tiny tiles: the same tile arithmetic as the
+pointer loop, against the float64 reference with the 2x-PyTorch-error rule. The interpreter
+runs a descriptor load as a masked load (zeros past the tensor's bounds), so what it does
+not cover is the hardware's: the TMA copies, their barriers and the pipelining."""
+
+import math
+
+import pytest
+import torch
+from bf16_interpreter import bf16_interpreter, unavailable_reason
+from test_attention import check_close, make_inputs, native_error
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from videoanchor.kernels import launch
+from videoanchor.kernels.reference import anchored_attention_reference
+from videoanchor.kernels.triton_prefill import launch_prefill
+
+
+def _run(q, k, v, kb, vs, mask, causal, fast, capability, lse=False):
+    B, Hq, Sq, D = q.shape
+    # The public layout, (B, S, H, D) storage seen as (B, H, S, D), poisoned.
+    out = torch.full((B, Sq, Hq, D), float("nan"), dtype=q.dtype).transpose(1, 2)
+    lse_t = torch.full((B, Hq, Sq), float("nan")) if lse else None
+    kw = dict(causal=causal, sm_scale=1 / math.sqrt(D), interpret=True, capability=capability)
+    with launch.capture_launches() as recs:
+        launch_prefill(q, k, v, kb, vs, mask, out, lse_t, fast=fast, **kw)
+    launch_prefill(q, k, v, kb, vs, mask, out, lse_t, fast=fast, **kw)
+    return out, lse_t, recs[0]
+
+
+def _bshd(t):
+    """The same values stored (B, S, H, D), seen as (B, H, S, D) (the cache layout)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("form", ["plain", "fast", "general", "fast_lse"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_hopper_loop_matches_reference(dtype, form, causal):
+    """GQA, odd lengths (a partial last key tile past Skv: the descriptor's zeros), Sq < Skv
+    (bottom-right causal alignment), K and V in the cache's (B, S, H, D) layout."""
+    if dtype == torch.bfloat16 and unavailable_reason() is not None:
+        pytest.skip(unavailable_reason())
+    ctx = bf16_interpreter() if dtype == torch.bfloat16 else torch.no_grad()
+    with ctx:
+        gates = form != "plain"
+        q, k, v, kb, vs, _ = make_inputs(
+            2, 4, 2, 21, 45, 32, dtype, bias=gates, scale=gates, seed=11
+        )
+        k, v = _bshd(k), _bshd(v)
+        lse = form == "fast_lse"
+        out, got_lse, rec = _run(q, k, v, kb, vs, None, causal, form != "general", (9, 0), lse)
+        assert rec.kwargs["TMA"] is True
+        assert isinstance(rec.args[1], TensorDescriptor) and isinstance(
+            rec.args[2], TensorDescriptor
+        )
+        if form == "fast":
+            assert rec.kwargs["FOLD"] == (2 if dtype == torch.bfloat16 else 1)
+        ref = anchored_attention_reference(q, k, v, kb, vs, causal=causal, return_lse=lse)
+        if lse:
+            ref, ref_lse = ref
+            assert (got_lse.double() - ref_lse).abs().max().item() < 1e-2
+        check_close(out, ref, native_error(q, k, v, kb, vs, None, causal, ref), dtype)
+        # The pointer loop (sm_80) on the same inputs: the same arithmetic, up to the order
+        # of NumPy's float32 sums for a transposed K tile (an output ulp, rarely).
+        out80, _, rec80 = _run(q, k, v, kb, vs, None, causal, form != "general", (8, 0), lse)
+        assert rec80.kwargs["TMA"] is False
+        ulp = torch.finfo(dtype).eps
+        torch.testing.assert_close(out, out80, atol=ulp, rtol=ulp)
+
+
+def test_hopper_loop_selection():
+    """sm_90 only, 16-bit, dense keys every slot of which may be read, TMA's alignment."""
+    q, k, v, kb, vs, mask = make_inputs(1, 2, 1, 9, 19, 32, torch.float16, pad="random")
+
+    def tma(**over):
+        args = dict(q=q, k=k, v=v, mask=None, capability=(9, 0)) | over
+        _, _, rec = _run(args["q"], args["k"], args["v"], kb, vs, args["mask"], True, True,
+                         args["capability"])  # fmt: skip
+        return rec.kwargs["TMA"]
+
+    assert tma()
+    assert not tma(capability=(8, 0)) and not tma(capability=(10, 0))
+    assert not tma(mask=mask)
+    assert not tma(q=q.float(), k=k.float(), v=v.float())
+    # D of 24 (not a power of two: BLOCK_D 32); key rows 72 bytes apart (TMA: 16-byte).
+    q24, k24, v24 = (t[..., :24].contiguous() for t in (q, k, v))
+    assert not tma(q=q24, k=k24, v=v24)
+    k36 = torch.zeros(1, 1, 19, 36, dtype=k.dtype)
+    k36[..., :32] = k
+    assert not tma(k=k36[..., :32])
