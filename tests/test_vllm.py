@@ -191,49 +191,50 @@ def test_anchored_equals_the_transformers_path_and_differs_from_plain(anchored, 
 FLIP_K = 24
 FLIP = {"media": "video:8:0:196x280", "extra_args": {"videoanchor_n_clusters": FLIP_K}}
 FLIP_HARD = {**FLIP, "extra_args": {**FLIP["extra_args"], "videoanchor_cluster_share": "hard"}}
-#: ``soft``'s and ``reference_soft``'s batches: the image, the 4-frame video, FLIP with the
-#: engine's soft share, then FLIP with the paper's share (a request option here).
-SOFT_BATCHES = [[IMG], [VID], [FLIP], [FLIP_HARD]]
+#: ``stable``'s and ``reference_stable``'s batches: the image, the 4-frame video, FLIP with
+#: the engine's stable share, then FLIP with the paper's share (a request option here).
+STABLE_BATCHES = [[IMG], [VID], [FLIP], [FLIP_HARD]]
 
 
 @pytest.fixture(scope="module")
-def soft(checkpoint, work):
-    """Anchored engine with ``cluster_share="soft"`` (issue 78); requests may set the cluster
-    count (up to FLIP_K) and the share."""
-    cfg = {**SSC, "cluster_share": "soft", "request_limits": {"n_clusters": FLIP_K},
+def stable(checkpoint, work):
+    """Anchored engine with ``cluster_share="stable"`` (issue 78); requests may set the
+    cluster count (up to FLIP_K) and the share."""
+    cfg = {**SSC, "cluster_share": "stable", "request_limits": {"n_clusters": FLIP_K},
            "request_options": ["enabled", "n_clusters", "cluster_share"]}  # fmt: skip
     spec = {"checkpoint": checkpoint,
             "engine": {"enable_prefix_caching": False,
                        "additional_config": {"videoanchor": cfg}},
-            "batches": SOFT_BATCHES, "record_ssc": True}  # fmt: skip
-    return _run(work, "soft", spec)
+            "batches": STABLE_BATCHES, "record_ssc": True}  # fmt: skip
+    return _run(work, "stable", spec)
 
 
 @pytest.fixture(scope="module")
-def reference_soft(checkpoint, work):
-    """transformers with ``configure(cluster_share="soft")``: the requests of ``soft``."""
-    spec = {"mode": "transformers", "checkpoint": checkpoint, "batches": SOFT_BATCHES,
-            "record_ssc": True, "ssc": {**SSC, "cluster_share": "soft"}}  # fmt: skip
-    return _run(work, "transformers_soft", spec)
+def reference_stable(checkpoint, work):
+    """transformers with ``configure(cluster_share="stable")``: the requests of ``stable``."""
+    spec = {"mode": "transformers", "checkpoint": checkpoint, "batches": STABLE_BATCHES,
+            "record_ssc": True, "ssc": {**SSC, "cluster_share": "stable"}}  # fmt: skip
+    return _run(work, "transformers_stable", spec)
 
 
-def test_soft_cluster_share_equals_the_transformers_path(soft, reference_soft, anchored):
-    """``cluster_share="soft"`` as an engine option: each engine's SSC ran with it, their
-    scores agree at the source and the answers within 1e-4, and they differ from the
-    paper's share's (``anchored``). These two media's labels hold under the engines'
-    rounding; the flip-prone video is the next test's."""
+def test_stable_cluster_share_equals_the_transformers_path(stable, reference_stable, anchored):
+    """``cluster_share="stable"`` as an engine option: each engine's SSC ran with it, their
+    scores agree at the source and the answers within 1e-4. These two media's labels hold
+    under the engines' rounding, so their scores are the paper's share's (``anchored``)
+    within 1e-6; the flip-prone video is the next test's."""
     for b in (0, 1):
-        assert soft["batches"][b]["ssc"][0]["options"]["cluster_share"] == "soft"
-        vs.assert_same_ssc(soft["batches"][b], reference_soft["batches"][b])
-        _close(_res(soft, b), _res(reference_soft, b))
-    hard = anchored["batches"][1]["ssc"][0]["scores"]
-    assert max(abs(x - y) for x, y in zip(soft["batches"][1]["ssc"][0]["scores"], hard,
-                                          strict=True)) > 1e-3  # fmt: skip
+        assert stable["batches"][b]["ssc"][0]["options"]["cluster_share"] == "stable"
+        vs.assert_same_ssc(stable["batches"][b], reference_stable["batches"][b])
+        _close(_res(stable, b), _res(reference_stable, b))
+        paper = anchored["batches"][b]["ssc"][0]["scores"]
+        assert max(abs(x - y) for x, y in zip(stable["batches"][b]["ssc"][0]["scores"], paper,
+                                              strict=True)) <= 1e-6  # fmt: skip
 
 
-def _flip_moves(features, options, tries=4, rel=1e-7):
+def _flip_moves(features, options, tries, rel=1e-7):
     """The largest change of the scores (max over tokens) under each of ``tries`` seeded
-    ``x * (1 + rel g)`` changes of ``features``, with ``options``."""
+    ``x * (1 + rel g)`` changes of ``features``, with ``options``; and the unchanged
+    features' ``AnchorResult``."""
     from videoanchor.anchor import compute_anchor_scores
 
     x = torch.tensor(features)
@@ -242,15 +243,15 @@ def _flip_moves(features, options, tries=4, rel=1e-7):
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as the engines ran it (CPU_THREADS)
         try:
-            base = compute_anchor_scores(x, FLIP_K, **options).scores
+            base = compute_anchor_scores(x, FLIP_K, **options)
             moves = []
             for _ in range(tries):
                 xp = x * (1 + rel * torch.randn(x.shape, generator=gen))
                 moved = compute_anchor_scores(xp, FLIP_K, **options).scores
-                moves.append(float((moved - base).abs().max()))
+                moves.append(float((moved - base.scores).abs().max()))
         finally:
             torch.set_num_threads(threads)
-    return moves
+    return moves, base
 
 
 def _apart(got, want, b):
@@ -262,45 +263,62 @@ def _apart(got, want, b):
     return max(abs(x - y) for x, y in zip(gs, ws, strict=True)), lps, r["tokens"] == w["tokens"]
 
 
-def test_engines_agree_on_a_flip_prone_video_with_soft_shares(soft, reference_soft):
+def test_engines_agree_on_a_flip_prone_video_with_stable_shares(stable, reference_stable):
     """Issue 78: on FLIP the paper's scores jump under 1e-7 of rounding, so vLLM and
     transformers, whose features differ by about that much, may give other answers; with
-    ``cluster_share="soft"`` they agree within 1e-4 (scores at the source, logprobs).
+    ``cluster_share="stable"`` they agree within 1e-4 (scores at the source, logprobs).
 
     First, that FLIP is flip-prone: the paper's scores on transformers' features move by
-    more than 0.05 under a 1e-7 relative change in at least one of 4 tries, the soft
-    share's by less than 1e-4 in every try. Then the soft share through both engines.
+    more than 0.05 under a 1e-7 relative change in at least one of 2 tries (of the 4 tries
+    this test ran before, 4 moved with AVX-512 and 3 with AVX2: docs/serving.md), the stable
+    share's by less than 1e-4 (one try; tests/test_label_draws.py holds it under 1e-6). What
+    that shows: at most half of the perturbed label draws keep the paper's labels on FLIP
+    (agreement at most ``STABLE_AGREE[0]``), so the stable share is the soft one there
+    (``spectral.stable_cluster_shares``), not a share inside the paper's spread
+    (docs/serving.md). Then the stable share through both engines.
     Last, what the paper's share gives through both engines: each engine's scores are SSC's
     on its own features, and which labels each engine lands on is the rounding's: the two
     engines' scores are either the same labels' (within 1e-4, answers within 1e-4) or a
     flip apart (more than 0.05, and the answers then differ by more than 1e-4), nothing
     between. Which one depends on the CPU (docs/serving.md: 0.30 apart and other tokens
     with AVX-512 here, 8.8e-6 apart under ATEN_CPU_CAPABILITY=avx2); it is printed."""
-    soft_run, hard_run = (
-        reference_soft["batches"][2]["ssc"][0],
-        reference_soft["batches"][3]["ssc"][0],
+    from videoanchor.anchor.spectral import (
+        STABLE_AGREE,
+        paper_label_agreement,
+        spectral_embedding,
+        ssc_affinity,
     )
-    assert (soft_run["n_clusters"], soft_run["options"]["cluster_share"]) == (FLIP_K, "soft")
+
+    stable_run, hard_run = (
+        reference_stable["batches"][2]["ssc"][0],
+        reference_stable["batches"][3]["ssc"][0],
+    )
+    assert (stable_run["n_clusters"], stable_run["options"]["cluster_share"]) == (FLIP_K, "stable")
     assert (hard_run["n_clusters"], hard_run["options"]["cluster_share"]) == (FLIP_K, "hard")
-    assert len(soft_run["features"]) == 560, len(soft_run["features"])
-    hard_moves = _flip_moves(hard_run["features"], hard_run["options"])
-    soft_moves = _flip_moves(soft_run["features"], soft_run["options"])
+    assert len(stable_run["features"]) == 560, len(stable_run["features"])
+    hard_moves, _ = _flip_moves(hard_run["features"], hard_run["options"], tries=2)
+    stable_moves, res = _flip_moves(stable_run["features"], stable_run["options"], tries=1)
     assert max(hard_moves) > 0.05, hard_moves
-    assert max(soft_moves) < 1e-4, soft_moves
-    # the soft share: the same SSC at the source (features within the engines' rounding,
+    assert max(stable_moves) < 1e-4, stable_moves
+    agreement = paper_label_agreement(spectral_embedding(ssc_affinity(res.coef), FLIP_K))[0]
+    assert agreement <= STABLE_AGREE[0], agreement  # the soft share's side of the gate
+    # the stable share: the same SSC at the source (features within the engines' rounding,
     # scores within 1e-4), the same tokens and logprobs within 1e-4
-    assert soft["batches"][2]["ssc"][0]["options"]["cluster_share"] == "soft"
-    vs.assert_same_ssc(soft["batches"][2], reference_soft["batches"][2])
-    _close(_res(soft, 2), _res(reference_soft, 2))
+    assert stable["batches"][2]["ssc"][0]["options"]["cluster_share"] == "stable"
+    vs.assert_same_ssc(stable["batches"][2], reference_stable["batches"][2])
+    _close(_res(stable, 2), _res(reference_stable, 2))
     # the paper's share on the same features: each engine's scores are SSC's on its own
     # features (assert_same_ssc without its last check); the engines' labels are the
     # rounding's
-    assert soft["batches"][3]["ssc"][0]["options"]["cluster_share"] == "hard"
-    vs.assert_same_ssc(soft["batches"][3], reference_soft["batches"][3], score_atol=float("inf"))
-    soft_apart, hard = _apart(soft, reference_soft, 2), _apart(soft, reference_soft, 3)
-    print(f"FLIP, vLLM vs transformers (scores apart, logprobs apart, tokens equal): soft "
-          f"{soft_apart}, paper's share {hard}; the paper's scores under 1e-7 changes of "
-          f"transformers' features moved by {hard_moves}, the soft ones by {soft_moves}")  # fmt: skip
+    assert stable["batches"][3]["ssc"][0]["options"]["cluster_share"] == "hard"
+    vs.assert_same_ssc(stable["batches"][3], reference_stable["batches"][3],
+                       score_atol=float("inf"))  # fmt: skip
+    stable_apart = _apart(stable, reference_stable, 2)
+    hard = _apart(stable, reference_stable, 3)
+    print(f"FLIP, vLLM vs transformers (scores apart, logprobs apart, tokens equal): stable "
+          f"{stable_apart}, paper's share {hard}; the paper's scores under 1e-7 changes of "
+          f"transformers' features moved by {hard_moves}, the stable ones by {stable_moves}; "
+          f"agreement {agreement}")  # fmt: skip
     scores, lps, same_tokens = hard
     if scores <= 1e-4:  # the same labels in both engines
         assert lps <= 1e-4 and same_tokens, hard
