@@ -29,6 +29,7 @@ this CPU (``workset_passes_cpu.json``)::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_request_cost import darkened  # noqa: E402
+from benchmarks.bench_request_cost import corrupted_subspaces, darkened  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     ari,
     environment,
@@ -355,6 +356,128 @@ def dense(names, out_dir=None, tag: str = ""):
     return path
 
 
+#: ``--calibrate``'s sets: the dense ones, a small corrupted one (issue 79's 1.5-1.65x),
+#: near-black and video-like tokens (the first sweep's passes)
+CALIBRATE = {
+    "corrupted 512 x 256": lambda: corrupted_subspaces(512, 256).float(),
+    "randn 512 x 1024": lambda: torch.randn(512, 1024, generator=torch.Generator().manual_seed(512)),
+    "video 16x48 D1024": lambda: video_tokens(16, PATCHES, DIM),
+    "video 16x48 D1024, 3 tokens darkened": lambda: darkened_tokens(16, PATCHES, DIM),
+    **{k: DENSE[k] for k in DENSE_ORDER},
+}  # fmt: skip
+
+
+def _fallback(x):
+    """The fast solver's answer for ``x`` as the default's fallback runs it (``run_workset``'s
+    plan, its ``E`` kept: ``ssc_coefficients`` leaves it out)."""
+    from videoanchor.anchor._inputs import prepare_features
+    from videoanchor.anchor.options import SSCOptions
+    from videoanchor.anchor.plan import make_plan
+    from videoanchor.anchor.ssc import run_admm
+
+    opts, _, xs = prepare_features(x, SSCOptions(solver="workset", mode="exact"), min_tokens=1)
+    plan = make_plan(xs.shape, xs.device, opts)
+    program = {k: v for k, v in opts.program().items()
+               if k in ("alpha_e", "alpha_z", "rho", "eps", "max_iter")}  # fmt: skip
+    return run_admm(xs, plan.fallback, warn_dark=False, **program)
+
+
+def calibrate(names, out_dir=None, columns: int = 48):
+    """``--calibrate``: the counts of :mod:`videoanchor.anchor.workset`'s cost model and the
+    CPU seconds they stand for, one thread, one process (``workset_calibration_cpu.json``):
+    per set the Gram matrix and lambdas (``_prepare``), the fast solver (its factor's
+    strategy and iterations: ``_fast_counts``), and ``columns`` columns (a stride) run one at
+    a time by the kernel, from the fast answer as the warm sweep runs them and from their
+    nearest points as the first sweep does (``_kernel_counts``; each call's scratch, timed
+    on no column, taken off). ``meta["fit"]``: the weights (nanoseconds a count) by least
+    squares on the relative error, non-negative, and each set's modelled over measured CPU
+    seconds; ``KERNEL_NS``, ``FAST_NS`` and ``GRAM_NS`` are these, rounded."""
+    from scipy.optimize import nnls
+
+    import videoanchor.anchor.workset as ws
+
+    meta = _one_thread(False, columns=columns)
+    kernel = ws._kernel()
+    rows = []
+    for name, make in CALIBRATE.items():
+        if names and name not in names:
+            continue
+        x = make()
+        if x is None:
+            print(f"{name}: no data, skipped", flush=True)
+            continue
+        n, d = x.shape
+        c0 = time.process_time()
+        x64, G, lam_e, lam_z = ws._prepare(x, 800.0, 800.0)
+        rows.append({"set": name, "part": "gram", "n": n, "d": d,
+                     "cpu_seconds": time.process_time() - c0, "counts": [n * n * d]})  # fmt: skip
+        c0 = time.process_time()
+        fast = _fallback(x)
+        seconds, share = time.process_time() - c0, ws._e_share(fast)
+        rows.append({"set": name, "part": "fast", "n": n, "d": d, "strategy": fast.strategy,
+                     "iterations": fast.iterations, "e_share": share, "cpu_seconds": seconds,
+                     "counts": ws._fast_counts(n, d, fast.strategy, fast.iterations,
+                                               share).tolist()})  # fmt: skip
+        cols = np.unique(np.linspace(0, n - 1, columns).round().astype(np.int64))
+        YT, Gn = x64.numpy(), G.numpy()
+        Y = np.ascontiguousarray(YT.T)
+        for part, start, cap_c, max_work in (
+            ("warm", fast.coef, LIMITS.warm_set, LIMITS.warm_work),
+            ("cold", None, LIMITS.dense_set, LIMITS.cold_work),
+        ):
+            ptr, var, val = ws._seeds(x64, G, lam_e, lam_z, start,
+                                      None if start is None else cap_c, cols)  # fmt: skip
+            fc0, fe0 = ws._start_sizes(n, ptr, var)
+            C, E = np.zeros((n, n)), np.zeros((d, n))
+            status = np.full(n, -1, dtype=np.int64)
+            passes, work = np.zeros(n, dtype=np.int64), np.zeros(n)
+            hard = np.array([0, n + 1], dtype=np.int64)
+
+            args = (Gn, YT, Y, ptr, var, val, lam_z, lam_e, ws.TOL, ws.GROW, n + d,
+                    int(min(cap_c, n + d)), LIMITS.max_passes, ws.MAX_STEPS, max_work, C, E,
+                    status, passes, work, hard, LIMITS.downdate_floor)  # fmt: skip
+
+            def call(which, args=args):
+                t = time.process_time()
+                kernel.run_columns(which, 0, 1, *args)
+                return time.process_time() - t
+
+            empty = min(call(np.zeros(0, dtype=np.int64)) for _ in range(3))
+            for i in cols.tolist():
+                sec = call(np.array([i], dtype=np.int64)) - empty
+                fc, fe = int((C[:, i] != 0).sum()), int((E[:, i] != 0).sum())
+                rows.append({"set": name, "part": part, "n": n, "d": d, "column": i,
+                             "cpu_seconds": sec, "status": int(status[i]),
+                             "counts": ws._kernel_counts(n, d, fc0[i], fe0[i], fc, fe, work[i],
+                                                         passes[i]).tolist()})  # fmt: skip
+        part = [r for r in rows if r["set"] == name]
+        print(name, {p: round(sum(r["cpu_seconds"] for r in part if r["part"] == p), 3)
+                     for p in ("gram", "fast", "warm", "cold")}, flush=True)  # fmt: skip
+    fit = {}
+    for key, parts in (("KERNEL_NS", ("warm", "cold")), ("FAST_NS", ("fast",)),
+                       ("GRAM_NS", ("gram",))):  # fmt: skip
+        use = [r for r in rows if r["part"] in parts and r["cpu_seconds"] > 0]
+        X = np.array([r["counts"] for r in use], dtype=np.float64)
+        y = np.array([r["cpu_seconds"] for r in use]) * 1e9
+        w = 1.0 / np.maximum(y, 1e5)  # relative error (columns under 0.1 ms: absolute)
+        coef, _ = nnls(X * w[:, None], y * w)
+        fit[key] = coef.tolist()
+        for r in use:
+            r["model_cpu_seconds"] = float(np.asarray(r["counts"]) @ coef) / 1e9
+    fit["model_over_measured"] = {
+        f"{name} {part}": sum(r["model_cpu_seconds"] for r in rows if (r["set"], r["part"]) ==
+                              (name, part) and "model_cpu_seconds" in r) /
+        max(1e-12, sum(r["cpu_seconds"] for r in rows if (r["set"], r["part"]) == (name, part)
+                       and "model_cpu_seconds" in r))
+        for name in dict.fromkeys(r["set"] for r in rows) for part in ("gram", "fast", "warm",
+                                                                       "cold")}  # fmt: skip
+    meta.update(fit=fit, load_after=list(os.getloadavg()))
+    print(json.dumps(fit, indent=1))
+    path = write_result("workset_calibration", meta, rows, out_dir)
+    print(f"wrote {path}")
+    return path
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -368,11 +491,14 @@ def main(argv=None):
     ap.add_argument("--grow", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--dark", action="store_true", help="a request with 8 dark tokens")
     ap.add_argument("--dense", action="store_true", help="DENSE's sets: default over fast")
+    ap.add_argument("--calibrate", action="store_true", help="the warm budget's cost model")
     args = ap.parse_args(argv)
     if args.dark:
         return dark(args.quick, args.out)
     if args.dense:
         return dense(args.only, args.out, args.tag)
+    if args.calibrate:
+        return calibrate(args.only, args.out)
     if args.passes:
         return passes(args.quick, args.frames, args.dims, args.grow, args.out)
     return run(args.quick, args.only, args.max_passes, args.out, args.tag)

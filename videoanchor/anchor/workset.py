@@ -70,12 +70,15 @@ class Limits:
     17-30, the dense synthetic and corrupted sets fit in 50000; subjects 1-16 and the
     darkened sets, 1000-1800 outlier entries per column, do not: there the first column
     past it stops them all and the fast answer stands, the working sets costing 3-25x the
-    fast solver), and ``warm_share`` times the fast solver's CPU seconds in all, less what
-    the attempts before it took: the columns run in spans, and where the CPU seconds per
-    column so far put the whole past that, the rest are not started and the fast answer
-    stands (the first span is 1/64 of the columns: giving up costs little). CPU seconds
-    (``time.process_time``, this process's threads), not the clock's: another process on
-    the same cores slows both alike and does not move the decision. ``max_passes``: outer
+    fast solver), and ``warm_share`` times the fast solver's cost in all, less what the
+    attempts before it cost, both counted, not timed (:data:`KERNEL_NS`, :data:`FAST_NS`:
+    the same input gets the same route on any machine and at any load): the starts' factors
+    alone past that, no column is started; else the columns run in spans (the first 1/64
+    of them, at least 16: giving up costs little), each span with at most
+    :data:`SPAN_SLACK` times its columns' share of the budget (its columns' work bounded to
+    fit, the first column past it stopping them all), and where the cost per column so far
+    puts the whole past the budget, the rest are not started; the fast answer stands.
+    ``max_passes``: outer
     passes per column. ``gap``: the largest relative duality gap
     (:func:`~videoanchor.anchor.program.column_gaps`) of the float64 answer (``residual``)
     that :func:`run_workset` calls certified (the working sets' own reach 1e-12 to 1e-10).
@@ -90,7 +93,7 @@ class Limits:
     hard_work: float = 500_000
     warm_set: int = WARM_SET
     warm_work: float = 50_000
-    warm_share: float = 0.6
+    warm_share: float = 0.5
     max_passes: int = 500
     gap: float = 1e-8
     downdate_floor: float = 1e-10
@@ -112,9 +115,89 @@ MAX_STEPS = 100_000
 #: Tasks (strides of the columns) per thread: threads take them as they come free, so a core
 #: shared with another process does less of the work.
 TASKS_PER_THREAD = 16
-#: The share of the columns a sweep with a time budget runs before it first projects its
-#: seconds (:func:`_columns`): what a sweep that does not fit costs before it is given up.
+#: The share of the columns a sweep with a budget runs first (at least 16): what a sweep that
+#: does not fit costs before it is given up (:func:`_columns`).
 FIRST_SPAN = 1 / 64
+#: A span of the warm sweep may spend this many times its columns' share of the budget (a
+#: column may cost that many times the average that fits before it stops the sweep).
+SPAN_SLACK = 4.0
+#: The cost model that the warm sweep's budget is counted in (issue 79): nanoseconds of one
+#: thread of the CPU it was calibrated on (an Intel Xeon with AVX-512; ``bench_workset.py
+#: --calibrate``, ``workset_calibration_cpu.json``, the fit of every constant here), a fixed
+#: weight per count, so the same input gets the same route on every machine and under any
+#: load. A column of the kernel (:func:`_kernel_counts`): its work times its coefficients
+#: (the inner steps' triangular solves), the factor of its start (``fc0^2 (fc0 / 3 + fe0)``
+#: for ``fc0`` coefficients and ``fe0`` outlier entries), its outer passes (each a product
+#: of its support with ``[G, Y^T]``) and ``N + D`` for the column itself.
+KERNEL_NS = (1.10, 0.458, 0.457, 136.0)
+#: The fast solver (:func:`_fast_counts`): per iteration, applying its factor (``N^2 (N +
+#: D)``, or ``N (2 D N + D^2)`` where it is low-rank), its E-step's product (``D N^2``, or
+#: ``D^2 N`` low-rank), that product times the share of ``E`` that is not zero (its sparse
+#: products' share, which its active set follows), and ``N D``.
+FAST_NS = (0.0175, 0.0, 0.0412, 14.0)
+#: The Gram matrix ``Y^T Y`` and the lambdas: per multiply-add of ``N^2 D``.
+GRAM_NS = 0.0414
+
+
+def _kernel_counts(n: int, d: int, fc0, fe0, fc, fe, work, passes) -> np.ndarray:
+    """The counts :data:`KERNEL_NS` weighs, one row per column (arrays of the columns' start
+    coefficients and outlier entries, final ones, work and passes)."""
+    fc0, fe0, fc, fe, work, passes = (np.asarray(a, dtype=np.float64) for a in
+                                      (fc0, fe0, fc, fe, work, passes))  # fmt: skip
+    big = np.maximum(fc0, fc)
+    return np.stack([work * big, fc0 * fc0 * (fc0 / 3 + fe0), passes * (big * (n + d) + fe * n),
+                     np.full_like(work, n + d)], axis=-1)  # fmt: skip
+
+
+def _fast_counts(n: int, d: int, strategy: str, iterations: int, e_share: float) -> np.ndarray:
+    """The counts :data:`FAST_NS` weighs for the fast solver's run (its factor's
+    ``strategy``: ``"low_rank"``, ``"thin"`` or ``"dense"``; ``e_share``: its ``E``'s
+    non-zeros over ``D N``)."""
+    low = strategy == "low_rank"
+    apply = n * (2 * d * n + d * d) if low else n * n * (n + d)
+    e_step = d * n * (d if low else n)
+    return float(iterations) * np.array([apply, e_step, e_step * e_share, n * d], np.float64)
+
+
+def _e_share(answer: SSCSolution) -> float:
+    """The share of the fast answer's ``E`` (``D x N``) that is not zero (0 without one)."""
+    e = answer.outliers
+    return 0.0 if e is None else float((e != 0).sum()) / max(1, e.numel())
+
+
+def _start_sizes(n: int, ptr, var) -> tuple[np.ndarray, np.ndarray]:
+    """Each column's coefficients and outlier entries in a start (:func:`_seeds`)."""
+    coefs = np.concatenate([[0], np.cumsum(np.asarray(var) < n)])
+    fc0 = coefs[ptr[1:]] - coefs[ptr[:-1]]
+    return fc0, np.diff(ptr) - fc0
+
+
+def _floor_cost(n: int, d: int, coef, cols, most: int) -> float:
+    """The least cost (:data:`KERNEL_NS`) of the columns ``cols`` from ``coef`` (``N x N``,
+    the fast answer): each column's start factor over its coefficients (at most ``most``;
+    its outlier entries, its steps and passes left out), before any start is made."""
+    cols = torch.as_tensor(np.asarray(cols), dtype=torch.int64)
+    c = coef.detach()[:, cols].to("cpu")
+    nnz = (c != 0).sum(dim=0) - (c[cols, torch.arange(len(cols))] != 0).to(torch.int64)
+    fc0 = nnz.clamp(max=most).numpy()
+    none = np.zeros(len(fc0))
+    return float((_kernel_counts(n, d, fc0, none, fc0, none, none, none) @ np.asarray(KERNEL_NS))
+                 .sum())  # fmt: skip
+
+
+def _sweep_cost(n: int, d: int, start, C, E, work, passes, cols) -> float:
+    """The cost (:data:`KERNEL_NS`) of the columns ``cols`` of a sweep that ran from
+    ``start`` (:func:`_seeds`' ``(ptr, var)``, None: the nearest points), its answer
+    ``C``, ``E`` (NumPy) and each column's work and passes."""
+    cols = np.asarray(cols, dtype=np.int64)
+    if start is None:
+        fc0, fe0 = np.ones(len(cols)), np.zeros(len(cols))
+    else:
+        fc0, fe0 = _start_sizes(n, *start)
+        fc0, fe0 = fc0[cols], fe0[cols]
+    counts = _kernel_counts(n, d, fc0, fe0, (C[:, cols] != 0).sum(axis=0),
+                            (E[:, cols] != 0).sum(axis=0), work[cols], passes[cols])  # fmt: skip
+    return float((counts @ np.asarray(KERNEL_NS)).sum())
 
 
 def _kernel():
@@ -188,10 +271,14 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
     ``stop_after`` of them are hard (default never): then the columns not yet started stay
     so (status -1). Rank ``rank`` of ``world`` solves its stride of the columns alone (the
     others stay zero, status -1): :func:`run_workset` sums the ranks' answers. ``floor``:
-    :attr:`Limits.downdate_floor`. ``budget``: CPU seconds (``time.process_time``); the
-    columns run in spans (the first :data:`FIRST_SPAN` of them, at least 16, then eighths
-    of the rest), and a span is not started where the CPU seconds per column so far put the
-    whole past it (its columns stay -1)."""
+    :attr:`Limits.downdate_floor`. ``budget``: the cost (:data:`KERNEL_NS`, counted, not
+    timed) the sweep may take, from ``start`` only: none is started where the starts'
+    factors alone (:func:`_floor_cost`) cost more; else the columns run in spans (the first
+    :data:`FIRST_SPAN` of them, at least 16, a stride; then eighths of the rest), a span is
+    not started where the cost per column so far puts the whole past ``budget`` or its
+    starts' factors cost more than its share (the rest of the budget, at most
+    :data:`SPAN_SLACK` times its columns' share), and its columns' work is bounded to fit
+    that share (``max_work`` at most; a column past it is hard). Their columns stay -1."""
     kernel = _kernel()
     n, d = x64.shape
     cap_c = cap if cap_c is None else cap_c
@@ -208,19 +295,23 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
     mine = np.ascontiguousarray(np.arange(n) if cols is None else cols, dtype=np.int64)
     mine = np.ascontiguousarray(mine[rank::world])
     spans = [mine]
-    if math.isfinite(budget):  # (a first span of at least 16 columns: its overheads amortised)
-        first = max(16, threads * 4, math.ceil(len(mine) * FIRST_SPAN))
-        # a stride through the columns, not its first ones: the projection samples the whole
-        # (Yale B's columns come subject by subject, a video's frame by frame)
-        pick = np.zeros(len(mine), dtype=bool)
-        pick[np.linspace(0, len(mine) - 1, min(first, len(mine))).round().astype(np.int64)] = True
-        rest = mine[~pick]
-        spans = [mine[pick]] + [a for a in np.array_split(rest, 8) if len(a)]
+    if math.isfinite(budget):
+        if start is not None and _floor_cost(n, d, start, mine, cap_c) > budget:
+            spans = []  # the starts' factors alone do not fit: none is started
+        else:  # a first span of at least 16 columns (its overheads amortised)
+            first = max(16, math.ceil(len(mine) * FIRST_SPAN))
+            # a stride through the columns, not its first ones: the projection samples the
+            # whole (Yale B's columns come subject by subject, a video's frame by frame)
+            pick = np.zeros(len(mine), dtype=bool)
+            at = np.linspace(0, len(mine) - 1, min(first, len(mine))).round().astype(np.int64)
+            pick[at] = True
+            rest = mine[~pick]
+            spans = [mine[pick]] + [a for a in np.array_split(rest, 8) if len(a)]
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
-    t0, done = time.process_time(), 0
+    spent, done = 0.0, 0
     try:
         for span in spans:
-            if done and (time.process_time() - t0) / done * len(mine) > budget:
+            if done and spent / done * len(mine) > budget:
                 break  # (the rest stay unstarted: status -1)
             span = np.ascontiguousarray(span)
             tasks = max(1, min(len(span), threads * TASKS_PER_THREAD)) if pool else 1
@@ -228,16 +319,32 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
             ptr, var, val = _seeds(x64, gram, lam_e, lam_z, start,
                                    None if start is None else cap_c,
                                    None if start is None else np.sort(span))  # fmt: skip
+            work_cap = max_work
+            if math.isfinite(budget):  # this span's share, SPAN_SLACK times its columns'
+                share = min(budget - spent, SPAN_SLACK * budget * len(span) / len(mine))
+                fc0, fe0 = _start_sizes(n, ptr, var)
+                fc0, fe0 = fc0[span], fe0[span]
+                none = np.zeros(len(span))
+                fixed = float((_kernel_counts(n, d, fc0, fe0, fc0, fe0, none, none)
+                               @ np.asarray(KERNEL_NS)).sum())  # fmt: skip
+                if fixed >= share:
+                    break
+                # each column's work: the rest of the share, over its columns' steps
+                work_cap = min(max_work, (share - fixed) / len(span) /
+                               (KERNEL_NS[0] * max(1, int(fc0.max()))))  # fmt: skip
 
-            def run(t: int, span=span, tasks=tasks, ptr=ptr, var=var, val=val) -> None:
+            def run(t: int, span=span, tasks=tasks, ptr=ptr, var=var, val=val,
+                    work_cap=work_cap) -> None:  # fmt: skip
                 kernel.run_columns(span, t, tasks, G, YT, Y, ptr, var, val, lam_z, lam_e, tol,
-                                   grow, cap, cap_c, max_passes, MAX_STEPS, max_work, C, E,
+                                   grow, cap, cap_c, max_passes, MAX_STEPS, work_cap, C, E,
                                    status, passes, work, hard, floor)  # fmt: skip
 
             if tasks <= 1:
                 run(0)
             else:
                 list(pool.map(run, range(tasks)))
+            if math.isfinite(budget):
+                spent += _sweep_cost(n, d, (ptr, var), C, E, work, passes, span)
             done += len(span)
             if hard[0] >= hard[1]:
                 break
@@ -416,7 +523,7 @@ def _routes(x, plan: Plan, limits: Limits, *, alpha_e, alpha_z, rho, eps, max_it
     kernel = _kernel()
     n, d = x.shape
     timings, prepared = {}, []  # the Gram matrix and the lambdas, computed once
-    cpu = [time.process_time()]  # CPU seconds at the start, before and after the fast solver
+    spent = [0.0]  # the cost (KERNEL_NS) of the attempts so far, this rank's share
     singular = [""]
 
     def sweep(name: str, cap_c: float, max_work: float, **kw):
@@ -426,6 +533,7 @@ def _routes(x, plan: Plan, limits: Limits, *, alpha_e, alpha_z, rho, eps, max_it
         if not prepared:
             prepared.extend(_prepare(x, alpha_e, alpha_z, plan.dark))
             timings["lambdas"] = time.perf_counter() - t
+            spent[0] += GRAM_NS * n * n * d / plan.world
         x64, G, lam_e, lam_z = prepared
         t = time.perf_counter()
         C, E, status, passes, work = _columns(
@@ -439,6 +547,10 @@ def _routes(x, plan: Plan, limits: Limits, *, alpha_e, alpha_z, rho, eps, max_it
             status -= 1
         timings[name] = time.perf_counter() - t
         singular[0] = _singular(status)
+        if "start" not in kw:  # (the warm sweep's own cost is its budget's, counted there)
+            ran = np.nonzero(status.numpy() >= 0)[0]
+            spent[0] += _sweep_cost(n, d, None, C.numpy(), E.numpy(), work.numpy(),
+                                    passes.numpy(), ran) / plan.world  # fmt: skip
         return C, E, status, passes
 
     def answer(strategy: str, C, E, status, passes):  # None unless every column ran its course
@@ -463,15 +575,16 @@ def _routes(x, plan: Plan, limits: Limits, *, alpha_e, alpha_z, rho, eps, max_it
     answers = [answer(route, C, E, status, passes)]
     if _certified(answers[-1], limits):
         return answers, None, prepared, timings, ""
-    cpu.append(time.process_time())
     gram = prepared[1] if prepared and plan.fallback.device.type == "cpu" else None
     fast = run_admm(x, plan.fallback, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
                     max_iter=max_iter, progress=progress, warn_dark=False, gram=gram)  # fmt: skip
-    cpu.append(time.process_time())
     timings.update({f"fast_{k}": v for k, v in fast.timings.items()})
-    # what the working sets may add to the fast solver's CPU seconds: warm_share of them,
-    # less what the attempts before it took (the lambdas, the first sweeps)
-    budget = limits.warm_share * (cpu[2] - cpu[1]) - (cpu[1] - cpu[0])
+    # what the working sets may add to the fast solver's cost: warm_share of it, less what
+    # the attempts before it cost (the lambdas, the first sweeps), all counted (KERNEL_NS,
+    # FAST_NS), not timed: the same route on any machine and at any load
+    fast_cost = float(_fast_counts(n, d, fast.strategy, fast.iterations, _e_share(fast))
+                      @ np.asarray(FAST_NS))  # fmt: skip
+    budget = limits.warm_share * fast_cost / plan.world - spent[0]
     warm = sweep("workset_warm", limits.warm_set, limits.warm_work, start=fast.coef,
                  stop_after=1, budget=budget)  # fmt: skip
     answers.append(answer("workset_warm", *warm))
