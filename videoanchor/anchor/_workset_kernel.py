@@ -22,7 +22,7 @@ import math
 import numba
 import numpy as np
 from numba import types
-from numba.core import untyped_passes
+from numba.core import typed_passes, untyped_passes
 from numba.core.compiler import CompilerBase, DefaultPassBuilder
 from numba.core.compiler_machinery import PassManager
 
@@ -56,11 +56,22 @@ SCRATCH = types.UniTuple(F1, 12)  # solve_columns' scratch vectors
 #: Numba's passes for language features this module does not use (closures, ``inline=``
 #: functions, ``literally``, ``literal_unroll``, ``with`` contexts): each walks the IR of
 #: every function on an empty cache; code that needs one fails to compile, it is not
-#: compiled otherwise.
+#: compiled otherwise. Nor SSA (Numba's ``enable_ssa=False`` form, as in its object mode):
+#: each local keeps one type throughout (a name reused for an int and a float fails to
+#: compile; :data:`_SOLVE_LOCALS` types those that start from a literal), and the
+#: reconstruction walked every block for each reassigned name of :func:`solve_columns`
+#: (issue 79: ``first_call_cpu.json``).
 _UNUSED = (untyped_passes.WithLifting, untyped_passes.InlineClosureLikes,
            untyped_passes.MakeFunctionToJitFunction, untyped_passes.InlineInlinables,
            untyped_passes.FindLiterallyCalls, untyped_passes.LiteralUnroll,
-           untyped_passes.LiteralPropagationSubPipelinePass)  # fmt: skip
+           untyped_passes.LiteralPropagationSubPipelinePass, untyped_passes.ReconstructSSA,
+           typed_passes.PreLowerStripPhis)  # fmt: skip
+#: :func:`solve_columns`' counters and flags that start from a literal (``fc = 0``,
+#: ``st = TOO_LARGE``): typed up front, so that type inference settles in one pass over
+#: its constraints and a check, not one more for each literal that a loop widens.
+_SOLVE_LOCALS = {**dict.fromkeys(("fc", "fe", "coefs", "top", "w_", "steps", "ps", "entrant",
+                                  "banned", "p", "kept", "f", "st", "at"), I),
+                 **dict.fromkeys(("settle", "stuck"), B)}  # fmt: skip
 
 
 class _Compiler(CompilerBase):
@@ -75,17 +86,18 @@ class _Compiler(CompilerBase):
         return [pm]
 
 
-def _jit(sig, entry=False):
+def _jit(sig, entry=False, local_types=None):
     """Compile for ``sig`` alone; a helper (not ``entry``) is called from compiled code only:
     no wrappers to call it from Python or C. ``no_rewrites`` (Numba's IR rewrites: constant
     getitems and raises, array expressions, dead branches on constants) and
     :class:`_Compiler` leave out passes that find nothing to do in this scalar code but take
     their time on an empty cache (the same machine code as the full pipeline's); with
     ``len()`` for ``.shape[k]`` and no ``max()`` (each compiled an overload), ``C`` is the
-    kernel's before bit for bit (issue 79: ``first_call_cpu.json``'s ``cut_*``)."""
+    kernel's before bit for bit (issue 79: ``first_call_cpu.json``'s ``cut_*``).
+    ``local_types``: Numba's ``locals`` (:data:`_SOLVE_LOCALS`)."""
     return numba.njit(sig, cache=True, nogil=True, fastmath=_FASTMATH, no_rewrites=True,
                       pipeline_class=_Compiler, no_cpython_wrapper=not entry,
-                      no_cfunc_wrapper=True)  # fmt: skip
+                      no_cfunc_wrapper=True, locals=local_types or {})  # fmt: skip
 
 
 @_jit(I(F2, I, F1, F, F))
@@ -270,7 +282,7 @@ def run_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z
                   passes, work, hard, gamma, float(floor), *scratch)  # fmt: skip
 
 
-@_jit(types.none(I1, I, I, F2, F2, F2, I[:], I[:], F[:], F, F, F, I, I, I, I, I, F, F2, F2, I1, I1, F1, I1, F, F, F2, F2, F2, I1, F1, F1, I1, F1, F1, I1, SCRATCH, F1, B1, I1, F1), entry=True)  # fmt: skip
+@_jit(types.none(I1, I, I, F2, F2, F2, I[:], I[:], F[:], F, F, F, I, I, I, I, I, F, F2, F2, I1, I1, F1, I1, F, F, F2, F2, F2, I1, F1, F1, I1, F1, F1, I1, SCRATCH, F1, B1, I1, F1), entry=True, local_types=_SOLVE_LOCALS)  # fmt: skip
 def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol,
                   grow, cap, cap_c, max_passes, max_inner, max_work, C, E, status, passes,
                   spent, hard, gamma, floor, L, A, Yg, Fc, sc, zc, Fe, se, ze, W, w, full, held,
@@ -465,8 +477,8 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
             # the primal active-set method on W: its worst violator joins F (a tenth of tol: the
             # outer pass's violators are violators here too, whatever the rounding of either sum)
             worst, at, mult = tol * 0.1, -1, 0.0
-            for v in range(w_):
-                u = W[v]
+            for q in range(w_):
+                u = W[q]
                 if u == banned or held[u]:
                     continue
                 # its multiplier lam_z (P^T y_i - K z)_u + nu a_u
