@@ -404,8 +404,11 @@ def compute_anchor_scores(
     function of ``C`` that no flip moves, but NOT the paper's share. ``"stable"``:
     :func:`~videoanchor.anchor.spectral.stable_cluster_shares`, the paper's share where
     its labels survive a small move of the spectral embedding (29 or more of 32 seeded
-    draws), the soft share where at most half do, blended between (exact mode for both;
-    ``labels`` are still the hard ones).
+    draws), the soft share where at most half do, blended between, from the spectral step's
+    own embedding and labels (:func:`~videoanchor.anchor.spectral.cluster`); where the
+    labels flip it is the soft share, which is not inside the paper's spread for 5% or more
+    of the tokens on the measured sets (docs/serving.md). Exact mode for both; ``labels``
+    are still the hard ones.
 
     ``dark_tokens``: ``mu_z`` where some tokens are near-black or constant (one warning
     names them): ``"authors"`` (default, their definition) or ``"ignore"`` (the least of the
