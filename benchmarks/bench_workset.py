@@ -113,10 +113,11 @@ SETS = {
 
 def case(name: str, x, max_passes: int, reference: bool = True) -> dict:
     n, d = x.shape
-    row = {"set": name, "n": n, "d": d}
+    row = {"set": name, "n": n, "d": d, "load": list(os.getloadavg())}
     ref = None
     if reference:
-        ref, row["reference_seconds"] = _timed(lambda: reference_minimiser(x))
+        ref, row["reference_seconds"], row["reference_cpu_seconds"] = _timed_cpu(
+            lambda: reference_minimiser(x))  # fmt: skip
         nnz = (ref.coef != 0).sum(dim=0).double()
         row.update(reference_strategy=ref.strategy, reference_certified=ref.converged,
                    reference_gap=ref.residual, minimiser_nnz_median=float(nnz.median()),
@@ -126,7 +127,8 @@ def case(name: str, x, max_passes: int, reference: bool = True) -> dict:
     for solver in ("faithful", "fast", "auto"):
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
-            res, row[f"{solver}_seconds"] = _timed(lambda s=solver: ssc_coefficients(x, solver=s))
+            res, row[f"{solver}_seconds"], row[f"{solver}_cpu_seconds"] = _timed_cpu(
+                lambda s=solver: ssc_coefficients(x, solver=s))  # fmt: skip
         answers[solver] = res.coef.double()
         row[f"{solver}_iterations"] = res.iterations
         row[f"{solver}_gap"] = duality_gaps(x, answers[solver], res.lambda_e, res.lambda_z).max_gap
@@ -135,11 +137,13 @@ def case(name: str, x, max_passes: int, reference: bool = True) -> dict:
     row.update(auto_solver=res.solver, auto_timings=res.timings, auto_certified=res.residual < LIMITS.gap,
                auto_warnings=[str(w.message) for w in seen if "certified" in str(w.message)])  # fmt: skip
     row["faithful_over_auto"] = row["faithful_seconds"] / row["auto_seconds"]
+    row["faithful_over_auto_cpu"] = row["faithful_cpu_seconds"] / row["auto_cpu_seconds"]
     for solver in ("fast", "auto"):
         row[f"{solver}_over_faithful"] = row[f"{solver}_seconds"] / row["faithful_seconds"]
     if ref is None:  # (unbounded, the working sets alone take as long as the reference)
         return row
-    res, row["workset_seconds"] = _timed(lambda: solve_ssc_workset(x, max_passes=max_passes))
+    res, row["workset_seconds"], row["workset_cpu_seconds"] = _timed_cpu(
+        lambda: solve_ssc_workset(x, max_passes=max_passes))  # fmt: skip
     row.update(workset_passes=res.iterations, workset_converged=res.converged,
                workset_gap=res.residual, workset_over_faithful=row["workset_seconds"] /
                row["faithful_seconds"], faithful_over_workset=row["faithful_seconds"] /
@@ -152,6 +156,14 @@ def _timed(fn):
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
+
+
+def _timed_cpu(fn):
+    """``fn()``, the clock's seconds and this process's CPU seconds (``time.process_time``:
+    on a CPU shared with other processes the clock's vary with their load)."""
+    c0 = time.process_time()
+    out, seconds = _timed(fn)
+    return out, seconds, time.process_time() - c0
 
 
 def _one_thread(quick: bool, **extra) -> dict:
@@ -171,17 +183,17 @@ def run(quick: bool, names, max_passes: int, out_dir=None, tag: str = ""):
     meta = _one_thread(quick, max_passes=max_passes)
     chosen = {"video 4x24 D128": (lambda: video_tokens(4, 24, 128), True)} if quick else {
         k: v for k, v in SETS.items() if not names or k in names}  # fmt: skip
-    rows = []
-    for name, (make, reference) in chosen.items():
-        rows.append(case(name, make(), max_passes, reference))
+    rows, path = [], None
+    name = "workset_quick" if quick else "workset" + (f"_{tag}" if tag else "")
+    for set_name, (make, reference) in chosen.items():
+        rows.append(case(set_name, make(), max_passes, reference))
         print({k: v for k, v in rows[-1].items() if "seconds" in k or k in ("set", "auto_solver")},
               flush=True)  # fmt: skip
-    meta["load_after"] = list(os.getloadavg())
+        meta["load_after"] = list(os.getloadavg())
+        path = write_result(name, meta, rows, out_dir)  # (each row as it comes)
     print_table(rows, ["set", "n", "minimiser_nnz_median", "faithful_seconds", "auto_seconds",
                        "faithful_over_auto", "auto_solver", "auto_gap", "workset_seconds",
                        "faithful_objective_gap", "fast_objective_gap"])  # fmt: skip
-    name = "workset_quick" if quick else "workset" + (f"_{tag}" if tag else "")
-    path = write_result(name, meta, rows, out_dir)
     print(f"wrote {path}")
     return path
 
@@ -304,11 +316,15 @@ DENSE = {
     "Yale B 10 subjects": lambda: _yaleb(10),
     "Yale B 38 subjects": lambda: _yaleb(38),
     "Yale B subjects 17-30": lambda: _yaleb(14, 17),  # (where the warm route certified)
+    # a small corrupted set (where a column spent its work bound before the time budget)
+    "corrupted 512 x 256": lambda: corrupted_subspaces(512, 256).float(),
+    "video 16x48 D1024, 3 tokens darkened": lambda: darkened_tokens(16, PATCHES, DIM),
 }  # fmt: skip
 #: the order ``--dense`` runs them in: the smaller first (each row is written as it comes)
-DENSE_ORDER = ("randn 1024 x 1024", "synthetic 1024 x 1024", "Yale B 10 subjects",
+DENSE_ORDER = ("corrupted 512 x 256", "randn 1024 x 1024", "synthetic 1024 x 1024", "Yale B 10 subjects",
                "randn 2048 x 1024", "synthetic 2048 x 1024", "Yale B 38 subjects",
-               "randn 4096 x 1024", "Yale B subjects 17-30")  # fmt: skip
+               "randn 4096 x 1024", "Yale B subjects 17-30",
+               "video 16x48 D1024, 3 tokens darkened")  # fmt: skip
 
 
 def dense(names, out_dir=None, tag: str = ""):
@@ -359,10 +375,8 @@ def dense(names, out_dir=None, tag: str = ""):
 #: ``--calibrate``'s sets: the dense ones, a small corrupted one (issue 79's 1.5-1.65x),
 #: near-black and video-like tokens (the first sweep's passes)
 CALIBRATE = {
-    "corrupted 512 x 256": lambda: corrupted_subspaces(512, 256).float(),
     "randn 512 x 1024": lambda: torch.randn(512, 1024, generator=torch.Generator().manual_seed(512)),
     "video 16x48 D1024": lambda: video_tokens(16, PATCHES, DIM),
-    "video 16x48 D1024, 3 tokens darkened": lambda: darkened_tokens(16, PATCHES, DIM),
     **{k: DENSE[k] for k in DENSE_ORDER},
 }  # fmt: skip
 
