@@ -9,7 +9,9 @@ off: non-MMA instructions per MMA, registers, and their ratio (:func:`mix_cases`
 in its fast and general forms, split-KV decode, the two backward kernels; bf16/fp16, D
 64/128), our
 static stand-in for "anchored >= 0.97x the speed of our own no-bias kernel" (target ratio
-<= 1.05). ``--table`` prints those ratios from the committed files as markdown.
+<= 1.05; a loop that adds MMAs, the fast prefill's bias and row sum, is held to issue 77's
+instructions <= plain + 3% instead). ``--table`` prints those ratios from the committed
+files as markdown.
 
 EVERY FIGURE HERE IS STATIC, read from compiled code; none is a timing.
 
@@ -82,6 +84,9 @@ def matrix(quick: bool = False) -> list[dict]:
 
 
 TARGET = 1.05  # the issue's goal: anchored main loop <= 1.05x the plain loop's non-MMA/MMA
+#: issue 77's for a loop that adds MMAs (the fast prefill: the bias and the row sum on the
+#: tensor cores, which a per-MMA figure would count as work): instructions <= plain + 3%.
+TARGET_INSTRUCTIONS = 1.03
 
 
 def mix_cases() -> list[dict]:
@@ -171,7 +176,8 @@ def instruction_mix(rows: list[dict], cc: int) -> list[dict]:
                 {P: "fast (gates folded)", DEC: "general (scale in loop)"}.get(
                     kind, "fixed gates (no gate gradients)"),
                 anchored=a, plain=p, ratio_non_mma_per_mma=ratio, ratio_instructions=ratio_insn,
-                meets_target=ratio <= TARGET,
+                meets_target=ratio <= TARGET if a["mma"] == p["mma"]
+                else ratio_insn <= TARGET_INSTRUCTIONS,
             )  # fmt: skip
             if other_case is not None:
                 o = find(other_case, kernel)

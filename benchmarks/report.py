@@ -1162,6 +1162,14 @@ def _mix_summary(results: list[Result]) -> str:
     if general:
         tail = (f" The general form (value scale inside the loop, used without a declared "
                 f"value-scale range) has a ratio of {general.get('ratio_non_mma_per_mma')}.")  # fmt: skip
+    if m["anchored"].get("mma") != m["plain"].get("mma"):  # MMAs added (issue 77)
+        return (
+            f"In the prefill main loop for bf16, D 128, causal on sm_90 (`compile_sm90.json`, "
+            f'`instruction_mix`, form "{m.get("form")}"), the anchored kernel issues '
+            f"{m['anchored']['instructions']} instructions ({m['anchored']['mma']} of them "
+            f"MMA) against {m['plain']['instructions']} ({m['plain']['mma']}) with the gates "
+            f"off, a ratio of {m['ratio_instructions']}; the target (<= 1.03) is {met}.{tail}"
+        )
     return (
         f"In the prefill main loop for bf16, D 128, causal on sm_90 (`compile_sm90.json`, "
         f'`instruction_mix`, form "{m.get("form")}"), the anchored kernel issues '

@@ -91,3 +91,26 @@ def test_hopper_loop_selection():
     k36 = torch.zeros(1, 1, 19, 36, dtype=k.dtype)
     k36[..., :32] = k
     assert not tma(k=k36[..., :32])
+
+
+def test_hopper_loop_tiles_at_d128():
+    """sm_90, D 128 (captured, not run): 128 x 128 tiles in two stages for plain and the
+    bf16 fast form; 128 x 64 in three for the float32 row sum (fp16, or the lse) and the
+    general form, which spilled at 128 x 128 (ptxas, tests/test_compile_targets.py)."""
+
+    def tiles(dtype, gates=True, fast=True, lse=False):
+        q, k, v, kb, vs, _ = make_inputs(1, 2, 1, 8, 8, 128, dtype, bias=gates, scale=gates)
+        out = torch.empty_like(q)
+        lse_t = torch.empty(1, 2, 8) if lse else None
+        with launch.capture_launches() as recs:
+            launch_prefill(q, k, v, kb, vs, None, out, lse_t, causal=True, sm_scale=0.1,
+                           interpret=False, capability=(9, 0), fast=fast)  # fmt: skip
+        kw = recs[0].kwargs
+        assert kw["TMA"] is True
+        return kw["BLOCK_M"], kw["BLOCK_N"], kw["num_stages"]
+
+    assert tiles(torch.bfloat16, gates=False) == (128, 128, 2)
+    assert tiles(torch.bfloat16) == (128, 128, 2)
+    assert tiles(torch.float16) == (128, 64, 3)
+    assert tiles(torch.bfloat16, lse=True) == (128, 64, 3)
+    assert tiles(torch.bfloat16, fast=False) == (128, 64, 3)

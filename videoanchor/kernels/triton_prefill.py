@@ -716,10 +716,11 @@ def launch_prefill(
     masked_keys = varlen or key_padding_mask is not None or cache_seqlens is not None
     tma = hopper_loop(q, k, capability, cfg, masked_keys, (k, v, scale) if fold == 2 else (k, v))
     if tma:
-        if cfg["BLOCK_D"] == 128:
+        if cfg["BLOCK_D"] == 128 and fold != 1 and (value_scale is None or fold):
             # 128 x 128 tiles in two stages (160-173 KB of shared memory): per key 26% fewer
-            # loop instructions than 128 x 64 (static, sm_90); 128 x 64 in three stages
-            # would not fit.
+            # loop instructions than 128 x 64 (static, sm_90). Not for the float32 row sum
+            # (FOLD 1) or the general form: fp16's FOLD 1 spilled 28 B there at 255
+            # registers (triton 3.9, non-causal); they keep 128 x 64 in three stages.
             cfg = dict(cfg, BLOCK_N=128, num_stages=2)
         block = [1, cfg["BLOCK_N"], 1, D]
         k, v = (
