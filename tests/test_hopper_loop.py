@@ -114,3 +114,16 @@ def test_hopper_loop_tiles_at_d128():
     assert tiles(torch.float16) == (128, 64, 3)
     assert tiles(torch.bfloat16, lse=True) == (128, 64, 3)
     assert tiles(torch.bfloat16, fast=False) == (128, 64, 3)
+
+
+def test_wide_heads_on_sm8x_sum_rows_in_float32():
+    """bf16 at D 256 on sm_8x takes the float32 row sum (FOLD 1): the tensor-core row sum
+    and bias (FOLD 2) spilled there (ptxas, compile_sm80.json); sm_90 keeps FOLD 2."""
+    q, k, v, kb, vs, _ = make_inputs(1, 2, 1, 8, 8, 256, torch.bfloat16)
+    folds = {}
+    for cc in ((8, 0), (8, 6), (9, 0)):
+        with launch.capture_launches() as recs:
+            launch_prefill(q, k, v, kb, vs, None, torch.empty_like(q), None, causal=True,
+                           sm_scale=0.1, interpret=False, capability=cc, fast=True)  # fmt: skip
+        folds[cc] = recs[0].kwargs["FOLD"]
+    assert folds == {(8, 0): 1, (8, 6): 1, (9, 0): 2}

@@ -705,7 +705,10 @@ def launch_prefill(
         # rows); else the pairs, the row sums in float32 (FOLD 1; the scale pointer
         # unused). The MMA sums the bf16-rounded probabilities: the output's weights, but
         # an lse off by up to 2^-9 relative in the sum (1e-3 in the lse at two keys).
-        fold = 2 if q.dtype == torch.bfloat16 and lse is None else 1
+        # D 256 on sm_8x (64 x 32 tiles in 8 warps): FOLD 2 spilled 28 B at 255 registers
+        # (ptxas, triton 3.9, sm_80 and sm_86); the float32 row sum does not.
+        wide = cfg["BLOCK_D"] > 128 and capability is not None and capability[0] < 9
+        fold = 2 if q.dtype == torch.bfloat16 and lse is None and not wide else 1
         bias, s_n = (bias, 1) if fold == 2 else (pairs, 2)
         dense = scale.dim() == 3  # one buffer per sample
         s_bias = (bias.stride(0), s_n) if dense else (0, s_n)
