@@ -117,13 +117,13 @@ def _attend_key_range(
             b_kt = tl.load(p_k + o_k[None, :], mask=m_d[:, None] & m_n[None, :], other=0.0)
         else:
             b_kt = tl.load(p_k + o_k[None, :], mask=m_d[:, None], other=0.0)
-        if HAS_MASK:
-            b_keep = tl.load(p_mask + o_kn * stride_mask_n, mask=m_n, other=0)
-            # Padded keys' values and scales are never read: whatever they hold cannot
-            # leak into the output (0 * NaN would).
-            m_v = m_n & (b_keep != 0)
-        else:
-            m_v = m_n
+        if FOLD == 2:  # the gate rows' load needs the keys read (elsewhere later, so that
+            # the mask is not live across QK^T: the float32 row sum's loop spilled)
+            if HAS_MASK:
+                b_keep = tl.load(p_mask + o_kn * stride_mask_n, mask=m_n, other=0)
+                m_v = m_n & (b_keep != 0)
+            else:
+                m_v = m_n
         # [BLOCK_M, BLOCK_N] logits in log2 units
         if FOLD == 2:
             # The fast form, bf16: each key's row of 16 bf16 (fold_gates): columns 0-2
@@ -175,6 +175,8 @@ def _attend_key_range(
         if CAUSAL:
             b_s = tl.where(offs_n[None, :] <= offs_m[:, None] + diag, b_s, float("-inf"))
         if HAS_MASK:
+            if FOLD != 2:
+                b_keep = tl.load(p_mask + o_kn * stride_mask_n, mask=m_n, other=0)
             b_s = tl.where(b_keep[None, :] != 0, b_s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(b_s, 1))
         # A row that has seen no visible key keeps m = -inf; subtract 0 instead so that
@@ -182,6 +184,12 @@ def _attend_key_range(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         b_p = tl.exp2(b_s - m_safe[:, None])
+        if HAS_MASK:
+            # Padded keys' values and scales are never read: whatever they hold cannot
+            # leak into the output (0 * NaN would).
+            m_v = m_n & (b_keep != 0)
+        else:
+            m_v = m_n
         if FOLD == 1:
             # b_p holds p * scale (log2(scale) rode in the logit); the normaliser sums the
             # unscaled p = (p * scale) * (1 / scale), in float32 (fp16 / fp32 inputs),
