@@ -76,5 +76,5 @@ def test_hopper_call_fits_eight_minutes_and_times_the_hopper_loop():
     caps within 8 minutes."""
     plan = _plan("HOPPER")
     assert set(plan) == {"hopper", "ncu"} and sum(plan.values()) <= 480, plan
-    assert "hopper) PLAN=\"$HOPPER\"" in SCRIPT
+    assert 'hopper) PLAN="$HOPPER"' in SCRIPT
     assert "bench_attention.py --hopper" in SCRIPT and "want hopper" in SCRIPT
