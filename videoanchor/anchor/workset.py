@@ -180,8 +180,14 @@ def _floor_cost(n: int, d: int, coef, cols, most: int) -> float:
     c = coef.detach()[:, cols].to("cpu")
     nnz = (c != 0).sum(dim=0) - (c[cols, torch.arange(len(cols))] != 0).to(torch.int64)
     fc0 = nnz.clamp(max=most).numpy()
+    return _starts_cost(n, d, fc0, np.zeros(len(fc0)))
+
+
+def _starts_cost(n: int, d: int, fc0, fe0) -> float:
+    """The cost (:data:`KERNEL_NS`) of columns' starts alone: the factors of ``fc0``
+    coefficients and ``fe0`` outlier entries each, no steps and no passes."""
     none = np.zeros(len(fc0))
-    return float((_kernel_counts(n, d, fc0, none, fc0, none, none, none) @ np.asarray(KERNEL_NS))
+    return float((_kernel_counts(n, d, fc0, fe0, fc0, fe0, none, none) @ np.asarray(KERNEL_NS))
                  .sum())  # fmt: skip
 
 
@@ -324,9 +330,7 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
                 share = min(budget - spent, SPAN_SLACK * budget * len(span) / len(mine))
                 fc0, fe0 = _start_sizes(n, ptr, var)
                 fc0, fe0 = fc0[span], fe0[span]
-                none = np.zeros(len(span))
-                fixed = float((_kernel_counts(n, d, fc0, fe0, fc0, fe0, none, none)
-                               @ np.asarray(KERNEL_NS)).sum())  # fmt: skip
+                fixed = _starts_cost(n, d, fc0, fe0)
                 if fixed >= share:
                     break
                 # each column's work: the rest of the share, over its columns' steps
