@@ -459,3 +459,55 @@ def test_stable_scores_hold_still_on_a_flip_prone_set():
         xp = x * (1 + 1e-6 * torch.randn(x.shape, generator=g))
         moved = anchor_result_from_coefficients(ssc_coefficients(xp), 24, cluster_share="stable")
         assert float((moved.scores - base.scores).abs().max()) <= 1e-3
+
+
+# ---- the shares under a process group ------------------------------------------------------
+
+
+def _group_worker(rank, world, store, x, k, out):
+    import os
+
+    import torch.distributed as dist
+    from gloo_support import join_gloo, leave
+
+    join_gloo(rank, world, store)
+    got = {}
+    try:
+        # the other ranks' features differ: rank 0's C, labels and shares are every rank's
+        mine = x if rank == 0 else x + 1e-2 * torch.randn(x.shape, dtype=x.dtype)
+        for share in ("hard", "soft", "stable"):
+            res = compute_anchor_scores(
+                mine, k, cluster_share=share, process_group=dist.group.WORLD
+            )
+            got[share] = (res.scores, res.labels, res.solver)
+    finally:
+        torch.save(got, os.path.join(out, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+    leave()
+
+
+@pytest.mark.distributed
+def test_soft_and_stable_shares_under_a_process_group(tmp_path):
+    """compute_anchor_scores over 3 gloo ranks (an odd world, N = 65 odd) with each
+    cluster_share: every rank returns what one process computes on rank 0's features (the
+    plain reference), on a set where the stable share is a blend (0 < agreement < 1), so
+    that it differs from both the hard and the soft one; a group path that dropped the
+    share (hard scores) or took the wrong one fails."""
+    import torch.multiprocessing as mp
+
+    x = ambiguous_tokens(n_per=13, k=5, seed=1).float()  # 65 tokens
+    k, world = 8, 3
+    single = {s: compute_anchor_scores(x, k, cluster_share=s) for s in ("hard", "soft", "stable")}
+    agreement = paper_label_agreement(spectral_embedding(ssc_affinity(single["hard"].coef), k))[0]
+    assert STABLE_AGREE[0] < agreement < STABLE_AGREE[1], agreement  # a blend
+    for a, b in (("hard", "soft"), ("hard", "stable"), ("soft", "stable")):
+        assert float((single[a].scores - single[b].scores).abs().max()) > 1e-2, (a, b)
+    mp.spawn(_group_worker, args=(world, str(tmp_path / "store"), x, k, str(tmp_path)),
+             nprocs=world)  # fmt: skip
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for share, ref in single.items():
+            scores, labels, solver = got[share]
+            assert not scores.isnan().any() and solver == ref.solver, (rank, share)
+            assert torch.equal(labels, ref.labels), (rank, share)
+            torch.testing.assert_close(scores, ref.scores, rtol=0, atol=1e-6)
