@@ -511,3 +511,43 @@ def test_soft_and_stable_shares_under_a_process_group(tmp_path):
             assert not scores.isnan().any() and solver == ref.solver, (rank, share)
             assert torch.equal(labels, ref.labels), (rank, share)
             torch.testing.assert_close(scores, ref.scores, rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_soft_and_stable_shares_per_sequence_of_a_packed_row():
+    """Two videos packed into one padding-free row (30 and 42 visual tokens, 6 clusters),
+    each its own SSC: with cluster_share "soft" and "stable" each sequence's scores are
+    those of the same sample run alone (the plain reference), and on these samples the
+    stable share is a blend (between half and 90% of its draws keep the paper's labels)
+    that differs from both the hard and the soft share, so a path that dropped it fails."""
+    from test_transformers_parity import _packed
+    from transformers import AutoModelForImageTextToText
+
+    from videoanchor.integrations.transformers.testing import tiny_model, tiny_sample
+
+    model = tiny_model("qwen2_5_vl", seed=2)
+    model = AutoModelForImageTextToText.from_config(
+        model.config, attn_implementation="videoanchor_triton"
+    ).eval()
+    samples = [tiny_sample(model.config, [f], text=3, seed=41) for f in (10, 14)]
+    alone = {}
+    for share in ("hard", "soft", "stable"):
+        handle = videoanchor.configure(model, n_clusters=6, cluster_share=share)
+        alone[share] = []
+        for s in samples:
+            model(**s)
+            alone[share].append(handle.last_result[0].scores.clone())
+            if share == "hard":  # a blend: 0.5 < agreement < 0.9
+                c = handle.last_result[0].coef
+                agreement = paper_label_agreement(spectral_embedding(ssc_affinity(c), 6))[0]
+                assert STABLE_AGREE[0] < agreement < STABLE_AGREE[1], agreement
+        if share == "hard":
+            continue
+        model(**_packed(model, samples), use_cache=False)
+        assert len(handle.last_result) == 2
+        for res, ref in zip(handle.last_result, alone[share], strict=True):
+            assert res.scores.shape == ref.shape and not res.scores.isnan().any()
+            torch.testing.assert_close(res.scores, ref, rtol=0, atol=1e-6)
+    for i in range(2):
+        for a, b in (("hard", "stable"), ("soft", "stable")):
+            assert float((alone[a][i] - alone[b][i]).abs().max()) > 1e-2, (i, a, b)
