@@ -22,9 +22,11 @@ import math
 import numba
 import numpy as np
 from numba import types
-from numba.core import typed_passes, untyped_passes
+from numba.core import config, typed_passes, untyped_passes
+from numba.core.codegen import JITCodeLibrary
 from numba.core.compiler import CompilerBase, DefaultPassBuilder
 from numba.core.compiler_machinery import PassManager
+from numba.core.runtime.nrtopt import remove_redundant_nrt_refct
 
 #: A column's end: solved; its working set outgrew ``cap``; the inner loop took more than
 #: ``max_inner`` steps; ``max_passes`` passes did not solve it; a factor update failed; its
@@ -74,10 +76,33 @@ _SOLVE_LOCALS = {**dict.fromkeys(("fc", "fe", "coefs", "top", "w_", "steps", "ps
                  **dict.fromkeys(("settle", "stuck"), B)}  # fmt: skip
 
 
+class _Library(JITCodeLibrary):
+    """Numba's code library with one LLVM optimisation of each module where Numba runs three:
+    its O3 function passes on each function before the module is linked and its O0 "cheap"
+    module pass (inlining ahead of the reference-count pruner) are left out; the O3 module
+    pass, which runs the pruner too, sees all of it. Not the same machine code (the stack
+    frame and register choices differ), but ``C`` the same bit for bit and the solve as
+    fast (issue 79: ``first_call_cpu.json``)."""
+
+    def _optimize_functions(self, ll_module):
+        ll_module.data_layout = self._codegen._data_layout
+
+    def _optimize_final_module(self):
+        if not config.LLVM_REFPRUNE_PASS:
+            self._final_module = remove_redundant_nrt_refct(self._final_module)
+        pm, pb = self._codegen._module_pass_manager()
+        with self._recorded_timings.record("Module passes (full optimization)", pb):
+            pm.run(self._final_module, pb)
+
+
 class _Compiler(CompilerBase):
-    """Numba's nopython pipeline less :data:`_UNUSED`."""
+    """Numba's nopython pipeline less :data:`_UNUSED`, into a :class:`_Library`."""
 
     def define_pipelines(self):
+        if self.state.library is None:
+            codegen = self.state.targetctx.codegen()
+            self.state.library = _Library(codegen, self.state.func_id.func_qualname)
+            self.state.library.enable_object_caching()  # (as Numba's lowering pass does)
         pm = PassManager("workset kernel")
         for cls, what in DefaultPassBuilder.define_nopython_pipeline(self.state).passes:
             if cls not in _UNUSED:
