@@ -249,19 +249,21 @@ def test_dense_c_takes_the_fast_answer_at_once(monkeypatch):
     plan = Plan(mode="exact", solver="workset", backend="torch", device=x.device,
                 work=torch.float32, fallback=fast_plan)  # fmt: skip
     kw = dict(alpha_e=800.0, alpha_z=800.0, rho=0.1, eps=1e-4, max_iter=60, progress=False)
-    t = time.perf_counter()
+    # (CPU seconds of this process, not the clock's: this module compiles in a child process
+    # on the other core while it runs, and the machine may be shared)
+    t = time.process_time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = wc.run_workset_cuda(x, plan, **kw)
-    took = time.perf_counter() - t
+    took = time.process_time() - t
     msgs = [str(w.message) for w in caught]
     assert len(msgs) == 1 and "C is dense here" in msgs[0] and "duality gap" in msgs[0]
     assert res.solver == "fast" and res.gap > wc.CERTIFIED and res.coef.shape == (128, 128)
     assert res.history["workset_cuda"]["passes"] == 0
     assert res.history["workset_cuda"]["host_reads"] == 4  # (the lambdas' three, the screen)
-    t = time.perf_counter()
+    t = time.process_time()
     wc.run_admm(x, fast_plan, **kw)
-    assert took < 2.0 * (time.perf_counter() - t) + 0.5  # (the screen is a few vector ops)
+    assert took < 2.0 * (time.process_time() - t) + 0.5  # (the screen is a few vector ops)
 
 
 def test_warm_up_launches_every_level_over_no_columns():
