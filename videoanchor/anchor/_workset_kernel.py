@@ -23,7 +23,7 @@ import numba
 import numpy as np
 from numba import types
 from numba.core import config, typed_passes, untyped_passes
-from numba.core.codegen import JITCodeLibrary
+from numba.core.codegen import CPUCodegen, JITCodeLibrary
 from numba.core.compiler import CompilerBase, DefaultPassBuilder
 from numba.core.compiler_machinery import PassManager
 from numba.core.runtime.nrtopt import remove_redundant_nrt_refct
@@ -95,11 +95,20 @@ class _Library(JITCodeLibrary):
             pm.run(self._final_module, pb)
 
 
+#: Whether this Numba's code library is the one :class:`_Library` overrides: LLVM's new pass
+#: manager (``_pass_builder``; Numba 0.65 and 0.68 checked). Older ones (0.60 builds its
+#: module passes without it) keep Numba's own library (three optimisations).
+ONE_MODULE_PASS = hasattr(CPUCodegen, "_pass_builder") and hasattr(
+    JITCodeLibrary, "_optimize_final_module"
+)
+
+
 class _Compiler(CompilerBase):
-    """Numba's nopython pipeline less :data:`_UNUSED`, into a :class:`_Library`."""
+    """Numba's nopython pipeline less :data:`_UNUSED`, into a :class:`_Library` where
+    :data:`ONE_MODULE_PASS`."""
 
     def define_pipelines(self):
-        if self.state.library is None:
+        if self.state.library is None and ONE_MODULE_PASS:
             codegen = self.state.targetctx.codegen()
             self.state.library = _Library(codegen, self.state.func_id.func_qualname)
             self.state.library.enable_object_caching()  # (as Numba's lowering pass does)
