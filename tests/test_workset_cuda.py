@@ -45,11 +45,12 @@ def slot_compiles(request):
     time, a few minutes of CPU) started as the module starts, so that they run on the second
     core beside the interpreted tests (one core: the interpreter is one Python thread).
     ``{cc: CompletedProcess or the exception}`` once ``done`` is set; None without an AOT
-    compiler (the test skips with the reason) or where that test is not selected."""
+    compiler (the test skips with the reason) or where that test is not selected (only the
+    selected ``cc`` are compiled)."""
     from videoanchor.kernels import aot
 
-    wanted = any(getattr(i, "originalname", None) == "test_every_slot_count_accepted_compiles"
-                 for i in request.session.items)  # fmt: skip
+    wanted = [i.callspec.params["cc"] for i in request.session.items
+              if getattr(i, "originalname", None) == "test_every_slot_count_accepted_compiles"]  # fmt: skip
     if not wanted or aot.unavailable_reason():
         yield None
         return
@@ -57,7 +58,7 @@ def slot_compiles(request):
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
 
     def compile_all():
-        for cc in (90, 80):
+        for cc in wanted:  # (the selected ones: sm_90 first)
             try:
                 got[cc] = subprocess.run(
                     [sys.executable, str(ROOT / "benchmarks" / "bench_workset_cuda.py"),
