@@ -184,12 +184,13 @@ def _attend_key_range(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         b_p = tl.exp2(b_s - m_safe[:, None])
-        if HAS_MASK:
-            # Padded keys' values and scales are never read: whatever they hold cannot
-            # leak into the output (0 * NaN would).
-            m_v = m_n & (b_keep != 0)
-        else:
-            m_v = m_n
+        if FOLD != 2:  # (the fast form set m_v with its gate rows' load, above)
+            if HAS_MASK:
+                # Padded keys' values and scales are never read: whatever they hold cannot
+                # leak into the output (0 * NaN would).
+                m_v = m_n & (b_keep != 0)
+            else:
+                m_v = m_n
         if FOLD == 1:
             # b_p holds p * scale (log2(scale) rode in the logit); the normaliser sums the
             # unscaled p = (p * scale) * (1 / scale), in float32 (fp16 / fp32 inputs),
