@@ -106,6 +106,11 @@ def _scores_row(res) -> dict:
                 **{f"seconds_{k}": v for k, v in res.timings.items()})  # fmt: skip
 
 
+#: a row whose default and fast solver take less than this many seconds together is timed
+#: 3 times each, interleaved (medians)
+REPEAT_UNDER = 2.0
+
+
 #: the largest N whose soft share's cost is measured (its float64 eigh on the device)
 SHARE_COST_MAX_N = 8192
 
@@ -185,6 +190,15 @@ def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool 
             row["seconds_default"], res, row["warnings_default"] = _timed(default, device)
             row.update(_scores_row(res))
             row["seconds_fast"], fres, _ = _timed(fast, device)
+            if row["seconds_default"] + row["seconds_fast"] < REPEAT_UNDER:
+                # the default and the fast solver again, interleaved: medians of 3 each (one
+                # sample of a 0.2 s call moved the dense ratio by 0.2, across the 1.25x rule)
+                both = [(row["seconds_default"], row["seconds_fast"])] + [
+                    (_timed(default, device)[0], _timed(fast, device)[0]) for _ in range(2)
+                ]
+                row["samples_default"], row["samples_fast"] = map(list, zip(*both, strict=True))
+                row["seconds_default"] = sorted(row["samples_default"])[1]
+                row["seconds_fast"] = sorted(row["samples_fast"])[1]
             row["default_over_fast"] = row["seconds_default"] / row["seconds_fast"]
             if kind == "video-like" and name in bench_request_cost.SHAPES:
                 pre = bench_request_cost.prefill_seconds(bench_request_cost.SHAPES[name], n,

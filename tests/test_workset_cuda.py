@@ -422,6 +422,8 @@ def test_the_gpu_benchmark_runs_tiny_on_the_cpu(tmp_path):
         assert video[f"seconds_after_solve_{share}"] > 0
     assert video["stable_vs_paper_max"] >= 0 and video["soft_vs_paper_max"] >= 0
     assert dense["dense_rule"] == bench_workset_cuda.DENSE_RULE[dense["answered"]]
+    assert len(dense["samples_default"]) == len(dense["samples_fast"]) == 3  # (medians)
+    assert dense["seconds_default"] == sorted(dense["samples_default"])[1]
     assert dense["meets_dense_rule"] == (dense["default_over_fast"] <= dense["dense_rule"])
 
 
