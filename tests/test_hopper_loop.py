@@ -13,6 +13,7 @@ from bf16_interpreter import bf16_interpreter, unavailable_reason
 from test_attention import check_close, make_inputs, native_error
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+import videoanchor
 from videoanchor.kernels import launch
 from videoanchor.kernels.reference import anchored_attention_reference
 from videoanchor.kernels.triton_prefill import launch_prefill
@@ -127,3 +128,47 @@ def test_wide_heads_on_sm8x_sum_rows_in_float32():
                            sm_scale=0.1, interpret=False, capability=cc, fast=True)  # fmt: skip
         folds[cc] = recs[0].kwargs["FOLD"]
     assert folds == {(8, 0): 1, (8, 6): 1, (9, 0): 2}
+
+
+# ---- GPU only ----------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("form", ["plain", "fast", "general", "fast_lse"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shape", [(1, 28, 4, 1000, 2049, 128), (2, 8, 2, 333, 333, 64)], ids=str)
+def test_gpu_hopper_loop_matches_reference(dtype, form, causal, shape):
+    """On the hardware (sm_9x): the Hopper loop, which the prefill takes by default there for
+    dense 16-bit keys, against the float64 reference (the 2x-PyTorch-error rule), NaN-poisoned
+    outputs, odd lengths (a partial last key tile), Sq < Skv, K and V in the cache's layout;
+    and the public call without a mask, which selects it."""
+    cap = torch.cuda.get_device_capability()
+    if cap[0] != 9:
+        pytest.skip(f"the Hopper loop runs on compute capability 9.x only, got {cap}")
+    B, Hq, Hkv, Sq, Skv, D = shape
+    gates = form != "plain"
+    q, k, v, kb, vs, _ = make_inputs(B, Hq, Hkv, Sq, Skv, D, dtype, bias=gates, scale=gates,
+                                     seed=5)  # fmt: skip
+    k, v = _bshd(k), _bshd(v)
+    lse = form == "fast_lse"
+    out = torch.full((B, Sq, Hq, D), float("nan"), dtype=dtype, device="cuda").transpose(1, 2)
+    lse_t = torch.full((B, Hq, Sq), float("nan"), device="cuda") if lse else None
+    kw = dict(causal=causal, sm_scale=1 / math.sqrt(D), interpret=False, capability=cap,
+              fast=form != "general")  # fmt: skip
+    with launch.capture_launches() as recs:
+        launch_prefill(q, k, v, kb, vs, None, out, lse_t, **kw)
+    assert recs[0].kwargs["TMA"] is True
+    launch_prefill(q, k, v, kb, vs, None, out, lse_t, **kw)
+    ref = anchored_attention_reference(q, k, v, kb, vs, causal=causal, return_lse=lse)
+    if lse:
+        ref, ref_lse = ref
+        assert (lse_t.double() - ref_lse).abs().max().item() < 1e-2
+    base = native_error(q, k, v, kb, vs, None, causal, ref)
+    check_close(out, ref, base, dtype)
+    if form in ("plain", "fast"):  # the public call (its default form) takes the same loop
+        with launch.capture_launches() as recs:
+            videoanchor.anchored_attention(q, k, v, kb, vs, causal=causal)
+        assert any(r.kwargs.get("TMA") is True for r in recs)
+        got = videoanchor.anchored_attention(q, k, v, kb, vs, causal=causal)
+        check_close(got, ref, base, dtype)
