@@ -81,3 +81,31 @@ def test_the_readme_states_the_snippet_time_that_bench_first_call_measured():
     assert m, "README: the snippet's time is not stated in the form bench_first_call measures"
     assert int(m.group(1)) == round(summary["snippet_warm_cache"]), summary
     assert int(m.group(2)) == round(summary["snippet_empty_cache"]), summary
+
+
+def test_a_warm_cache_compiles_nothing(tmp_path):
+    """Numba's cache holds the kernel as one function (its helpers are linked into it, issue
+    79): a process that finds it warm compiles nothing, the helpers included, and solves."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    code = (
+        "import json, torch\n"
+        "from numba.core import event\n"
+        "class Compiles(event.Listener):\n"
+        "    names = []\n"
+        "    def on_start(self, ev):\n"
+        "        self.names.append(ev.data['dispatcher'].py_func.__name__)\n"
+        "    def on_end(self, ev):\n"
+        "        pass\n"
+        "event.register('numba:compile', Compiles())\n"
+        "from videoanchor.anchor import _workset_kernel as k\n"
+        "from videoanchor.anchor.workset import solve_ssc_workset\n"
+        "res = solve_ssc_workset(torch.randn(12, 6, generator=torch.Generator().manual_seed(0)))\n"
+        "print(json.dumps([sorted(set(Compiles.names)), sum(k.solve_columns.stats.cache_hits.values()) > 0,\n"
+        "                  bool(res.converged)]))"
+    )
+    first = json.loads(_child(code, env))
+    assert "solve_columns" in first[0] and "_hsolve" in first[0] and first[2], first
+    indexes = [p.name for p in (tmp_path / "numba").rglob("*.nbi")]
+    assert len(indexes) == 1 and "solve_columns" in indexes[0], indexes
+    second = json.loads(_child(code, env))
+    assert second == [[], True, True], second

@@ -21,11 +21,14 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import binding as llvm
+from llvmlite import ir as llvm_ir
 from numba import types
 from numba.core import config, typed_passes, untyped_passes
 from numba.core.codegen import CPUCodegen, JITCodeLibrary
 from numba.core.compiler import CompilerBase, DefaultPassBuilder
 from numba.core.compiler_machinery import PassManager
+from numba.core.registry import CPUDispatcher
 from numba.core.runtime.nrtopt import remove_redundant_nrt_refct
 
 #: A column's end: solved; its working set outgrew ``cap``; the inner loop took more than
@@ -47,7 +50,8 @@ NOT_FINITE, APPENDED, FLOORED = 0, 1, 2
 # reassociation lets the compiler vectorise the dot products; NaN and inf keep their meaning
 _FASTMATH = {"reassoc", "contract"}
 # One explicit signature per function, compiled when the module is imported (or loaded from
-# Numba's cache): a call never compiles another specialisation (a literal argument, an int
+# Numba's cache; the helpers, :class:`_Helper`, with :func:`solve_columns` when it
+# compiles): a call never compiles another specialisation (a literal argument, an int
 # where a float was, a strided seed array each compiled the callers again: 19.5 s from an
 # empty cache, benchmarks/results/first_call_cpu.json's history).
 F, I, B = types.float64, types.int64, types.boolean
@@ -103,14 +107,37 @@ ONE_MODULE_PASS = hasattr(CPUCodegen, "_pass_builder") and hasattr(
 )
 
 
+class _Linked(_Library):
+    """A helper's library (:class:`_Helper`): its module is only linked into
+    :func:`solve_columns`' one, whose module pass optimises it and whose object code holds
+    it; it is neither optimised nor compiled to machine code on its own (issue 79: each
+    helper's own module pass and object code cost 0.67 s of CPU on an empty cache, for code
+    that nothing runs)."""
+
+    def _optimize_final_module(self):
+        pass
+
+    def _finalize_final_module(self):
+        # the JIT gets the function's environment pointer alone (Numba sets it after
+        # lowering; the linked code, which raises no exception that needs it, has its own)
+        env = llvm_ir.Module(self.name)
+        for gv in self._final_module.global_variables:
+            if gv.name.startswith("_ZN08NumbaEnv"):
+                g = llvm_ir.GlobalVariable(env, llvm_ir.IntType(8).as_pointer(), gv.name)
+                g.linkage, g.initializer = "common", llvm_ir.Constant(g.type.pointee, None)
+        self._codegen._engine.add_module(llvm.parse_assembly(str(env)))
+        self._finalized = True
+
+
 class _Compiler(CompilerBase):
-    """Numba's nopython pipeline less :data:`_UNUSED`, into a :class:`_Library` where
-    :data:`ONE_MODULE_PASS`."""
+    """Numba's nopython pipeline less :data:`_UNUSED`, into a :class:`_Library` (a helper's:
+    a :class:`_Linked`) where :data:`ONE_MODULE_PASS`."""
 
     def define_pipelines(self):
         if self.state.library is None and ONE_MODULE_PASS:
             codegen = self.state.targetctx.codegen()
-            self.state.library = _Library(codegen, self.state.func_id.func_qualname)
+            kind = _Linked if self.state.flags.no_cpython_wrapper else _Library
+            self.state.library = kind(codegen, self.state.func_id.func_qualname)
             self.state.library.enable_object_caching()  # (as Numba's lowering pass does)
         pm = PassManager("workset kernel")
         for cls, what in DefaultPassBuilder.define_nopython_pipeline(self.state).passes:
@@ -120,18 +147,39 @@ class _Compiler(CompilerBase):
         return [pm]
 
 
-def _jit(sig, entry=False, local_types=None):
-    """Compile for ``sig`` alone; a helper (not ``entry``) is called from compiled code only:
-    no wrappers to call it from Python or C. ``no_rewrites`` (Numba's IR rewrites: constant
-    getitems and raises, array expressions, dead branches on constants) and
-    :class:`_Compiler` leave out passes that find nothing to do in this scalar code but take
-    their time on an empty cache (the same machine code as the full pipeline's); with
-    ``len()`` for ``.shape[k]`` and no ``max()`` (each compiled an overload), ``C`` is the
-    kernel's before bit for bit (issue 79: ``first_call_cpu.json``'s ``cut_*``).
-    ``local_types``: Numba's ``locals`` (:data:`_SOLVE_LOCALS`)."""
-    return numba.njit(sig, cache=True, nogil=True, fastmath=_FASTMATH, no_rewrites=True,
-                      pipeline_class=_Compiler, no_cpython_wrapper=not entry,
-                      no_cfunc_wrapper=True, locals=local_types or {})  # fmt: skip
+#: The options of every function here. ``no_rewrites`` (Numba's IR rewrites: constant
+#: getitems and raises, array expressions, dead branches on constants) and
+#: :class:`_Compiler` leave out passes that find nothing to do in this scalar code but take
+#: their time on an empty cache (the same machine code as the full pipeline's); with
+#: ``len()`` for ``.shape[k]`` and no ``max()`` (each compiled an overload), ``C`` is the
+#: kernel's before bit for bit (issue 79: ``first_call_cpu.json``'s ``cut_*``).
+_OPTIONS = {"nogil": True, "fastmath": _FASTMATH, "no_rewrites": True, "no_cfunc_wrapper": True}
+
+
+class _Helper(CPUDispatcher):
+    """A helper of :func:`solve_columns`, called from compiled code only (no wrappers to call
+    it from Python or C), compiled for its declared signature alone when
+    :func:`solve_columns` is typed, and not cached: its code is :func:`solve_columns`' own
+    (linked into it), so a warm cache loads one function and compiles none (issue 79:
+    ``first_call_cpu.json``)."""
+
+    def __init__(self, py_func, sig):
+        super().__init__(py_func, locals={}, pipeline_class=_Compiler,
+                         targetoptions={**_OPTIONS, "nopython": True, "boundscheck": None,
+                                        "no_cpython_wrapper": True})  # fmt: skip
+        self.declared = sig
+
+    def get_call_template(self, args, kws):
+        if self._can_compile:
+            self.compile(self.declared)
+            self.disable_compile()
+        return super().get_call_template(args, kws)
+
+
+def _jit(sig):
+    """A :class:`_Helper` for ``sig`` (the function itself under ``NUMBA_DISABLE_JIT``, as
+    ``numba.njit`` gives)."""
+    return lambda py_func: py_func if config.DISABLE_JIT else _Helper(py_func, sig)
 
 
 @_jit(I(F2, I, F1, F, F))
@@ -316,7 +364,7 @@ def run_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z
                   passes, work, hard, gamma, float(floor), *scratch)  # fmt: skip
 
 
-@_jit(types.none(I1, I, I, F2, F2, F2, I[:], I[:], F[:], F, F, F, I, I, I, I, I, F, F2, F2, I1, I1, F1, I1, F, F, F2, F2, F2, I1, F1, F1, I1, F1, F1, I1, SCRATCH, F1, B1, I1, F1), entry=True, local_types=_SOLVE_LOCALS)  # fmt: skip
+@numba.njit(types.none(I1, I, I, F2, F2, F2, I[:], I[:], F[:], F, F, F, I, I, I, I, I, F, F2, F2, I1, I1, F1, I1, F, F, F2, F2, F2, I1, F1, F1, I1, F1, F1, I1, SCRATCH, F1, B1, I1, F1), cache=True, pipeline_class=_Compiler, locals=_SOLVE_LOCALS, **_OPTIONS)  # fmt: skip
 def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol,
                   grow, cap, cap_c, max_passes, max_inner, max_work, C, E, status, passes,
                   spent, hard, gamma, floor, L, A, Yg, Fc, sc, zc, Fe, se, ze, W, w, full, held,
