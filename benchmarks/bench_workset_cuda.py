@@ -260,7 +260,8 @@ def compile_static(cc: int, slots: int, num_warps: int = 4) -> dict:
             torch.empty(n, dtype=torch.int64), torch.empty(n, slots, dtype=torch.int64),
             torch.empty(n, slots, **f64), torch.empty(n, **f64), torch.empty(n, **i32),
             torch.empty(n, **i32), torch.empty(programs, slots, slots, **f64),
-            torch.empty(n, slots, slots, **f64), torch.empty(5, **f64), torch.empty(n, **i32),
+            torch.empty(n, slots, slots, **f64), torch.empty(programs, 2, slots, **f64),
+            torch.empty(5, **f64), torch.empty(n, **i32),
             n, n, d, 1000, 0)  # fmt: skip
     rec = Launch(wc._triton(), (programs,), args,
                  {"M": slots, "BR": wc.row_tile(slots), "num_warps": num_warps})  # fmt: skip

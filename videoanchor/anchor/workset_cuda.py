@@ -7,7 +7,10 @@ static checks).
   active-set method of :mod:`videoanchor.anchor.workset`; the support's system lives in a
   per-program scratch in global memory and its inverse in the column's own, carried from
   pass to pass (rebuilt only where a run did not solve the column or joined at the ridge),
-  both read in row tiles, so the registers follow the tile, not ``M``;
+  both read in row tiles, so the registers follow the tile, not ``M``; a product with
+  either (both symmetric) weights each tile's rows by the vector's entries there (staged in
+  a per-program vector scratch) and sums over the rows once after the sweep, so that the
+  sweep's iterations hold no reduction;
 - **the passes** (:func:`_pass`) run in torch on all columns at once, with no host read
   inside a pass and one after it; float32 products until no column violates at ``SCREEN``,
   then float64 to ``tol``: the answer is certified in float64;
@@ -86,49 +89,61 @@ def _triton():
         return tl.load(A + rows[:, None] * M + offs[None, :], mask=m, other=0.0), rows
 
     @triton.jit
-    def _pick(x, rows, offs):
-        """``x[rows]`` of a register vector ``x``."""
-        return tl.sum(tl.where(rows[:, None] == offs[None, :], x[None, :], 0.0), axis=1)
+    def _stage(vs, x, y, offs, M: tl.constexpr):
+        """``x`` and ``y`` (register vectors over the slots) into the program's vector scratch
+        ``vs`` (``2 M``), so that a row tile can load its rows' entries (a register vector
+        cannot be indexed)."""
+        tl.debug_barrier()  # (every thread has read the scratch's last vectors)
+        tl.store(vs + offs, x)
+        tl.store(vs + M + offs, y)
+        tl.debug_barrier()
 
     @triton.jit
-    def _put(v, rows, offs):
-        """The vector over the slots that is ``v`` at ``rows``, 0 elsewhere."""
-        return tl.sum(tl.where(rows[:, None] == offs[None, :], v[:, None], 0.0), axis=0)
+    def _rows_of(vs, rows, used):
+        """The staged vector's entries at ``rows`` (0 past ``used``)."""
+        return tl.load(vs + rows, mask=rows < used, other=0.0)
 
     @triton.jit
-    def _matvec2(A, x, y, used, offs, BR: tl.constexpr, M: tl.constexpr):
-        """``A x`` and ``A y`` in one sweep over ``A``'s row tiles."""
-        ax = tl.zeros([M], dtype=tl.float64)
-        ay = tl.zeros([M], dtype=tl.float64)
+    def _matvec2(A, x, y, vs, used, offs, BR: tl.constexpr, M: tl.constexpr):
+        """``A x`` and ``A y`` for a symmetric ``A`` in one sweep over its row tiles: each
+        tile's rows weighted by ``x``'s and ``y``'s entries there, summed over the rows once
+        after the sweep (no reduction inside the loop, whose iterations are then
+        independent loads and FMAs)."""
+        _stage(vs, x, y, offs, M)
+        ax = tl.zeros([BR, M], dtype=tl.float64)
+        ay = tl.zeros([BR, M], dtype=tl.float64)
         for r0 in range(0, used, BR):
             t, rows = _row(A, r0, used, offs, BR, M)
-            ax += _put(tl.sum(t * x[None, :], axis=1), rows, offs)
-            ay += _put(tl.sum(t * y[None, :], axis=1), rows, offs)
-        return ax, ay
+            ax += t * _rows_of(vs, rows, used)[:, None]
+            ay += t * _rows_of(vs + M, rows, used)[:, None]
+        return tl.sum(ax, axis=0), tl.sum(ay, axis=0)
 
     @triton.jit
-    def _matvec(A, x, used, offs, BR: tl.constexpr, M: tl.constexpr):
-        ax = tl.zeros([M], dtype=tl.float64)
+    def _matvec(A, x, vs, used, offs, BR: tl.constexpr, M: tl.constexpr):
+        """``A x`` for a symmetric ``A``, as :func:`_matvec2`."""
+        _stage(vs, x, x, offs, M)
+        ax = tl.zeros([BR, M], dtype=tl.float64)
         for r0 in range(0, used, BR):
             t, rows = _row(A, r0, used, offs, BR, M)
-            ax += _put(tl.sum(t * x[None, :], axis=1), rows, offs)
-        return ax
+            ax += t * _rows_of(vs, rows, used)[:, None]
+        return tl.sum(ax, axis=0)
 
     @triton.jit
-    def _join(Hinv, H, F, q, used, offs, ridge, BR: tl.constexpr, M: tl.constexpr):
+    def _join(Hinv, H, F, q, used, offs, ridge, vs, BR: tl.constexpr, M: tl.constexpr):
         """Slot ``q`` joins the support ``F`` (without ``q``) of the inverse ``Hinv`` (zero
         off ``F``): a bordering update, in place. Returns 1 where the Schur pivot fell to
         the ridge (the support's system near singular: the inverse is then not carried)."""
         hq = tl.load(H + q * M + offs, mask=offs < used, other=0.0)  # (H is symmetric)
         eta = tl.sum(tl.where(offs == q, hq, 0.0))
         h = tl.where(F, hq, 0.0)
-        u = _matvec(Hinv, h, used, offs, BR, M)
+        u = _matvec(Hinv, h, vs, used, offs, BR, M)
         schur = eta - tl.sum(h * u)
         delta = tl.maximum(schur, ridge * eta)
         eq = offs == q
+        _stage(vs, u, u, offs, M)
         for r0 in range(0, used, BR):
             t, rows = _row(Hinv, r0, used, offs, BR, M)
-            ur = _pick(u, rows, offs)
+            ur = _rows_of(vs, rows, used)
             t += ur[:, None] * u[None, :] / delta
             t = tl.where(eq[None, :], -ur[:, None] / delta, t)
             t = tl.where((rows == q)[:, None], -u[None, :] / delta, t)
@@ -139,32 +154,33 @@ def _triton():
         return tl.where(schur < ridge * eta, 1, 0)
 
     @triton.jit
-    def _leave(Hinv, p, used, offs, BR: tl.constexpr, M: tl.constexpr):
+    def _leave(Hinv, p, used, offs, vs, BR: tl.constexpr, M: tl.constexpr):
         """Slot ``p`` leaves the support: a Schur downdate of ``Hinv``, in place."""
         cp = tl.load(Hinv + p * M + offs, mask=offs < used, other=0.0)
         d = tl.sum(tl.where(offs == p, cp, 0.0))
         ep = offs == p
         cp = tl.where(ep, 0.0, cp)
-        tl.debug_barrier()  # (row p is read by every thread before any writes it)
+        _stage(vs, cp, cp, offs, M)  # (its barriers: row p is read by every thread before any
+        # writes it)
         for r0 in range(0, used, BR):
             t, rows = _row(Hinv, r0, used, offs, BR, M)
-            t -= _pick(cp, rows, offs)[:, None] * cp[None, :] / d
+            t -= _rows_of(vs, rows, used)[:, None] * cp[None, :] / d
             t = tl.where((rows == p)[:, None] | ep[None, :], 0.0, t)
             m = (rows[:, None] < used) & (offs[None, :] < used)
             tl.store(Hinv + rows[:, None] * M + offs[None, :], t, mask=m)
         tl.debug_barrier()
 
     @triton.jit
-    def _target(Hinv, H, F, r, a, used, offs, BR: tl.constexpr, M: tl.constexpr):
+    def _target(Hinv, H, F, r, a, used, offs, vs, BR: tl.constexpr, M: tl.constexpr):
         """The support's equality-constrained minimiser (zero off ``F``) and the border's
         multiplier ``t``: ``H z = r + t a``, ``a^T z = 1``, refined once against ``H``."""
         af = tl.where(F, a, 0.0)
-        x1, x2 = _matvec2(Hinv, r, af, used, offs, BR, M)
+        x1, x2 = _matvec2(Hinv, r, af, vs, used, offs, BR, M)
         den = tl.sum(af * x2)
         t = (1.0 - tl.sum(af * x1)) / den
         z = x1 + t * x2
-        res = tl.where(F, r + t * af - _matvec(H, z, used, offs, BR, M), 0.0)
-        dz = _matvec(Hinv, res, used, offs, BR, M)
+        res = tl.where(F, r + t * af - _matvec(H, z, vs, used, offs, BR, M), 0.0)
+        dz = _matvec(Hinv, res, vs, used, offs, BR, M)
         dt = (1.0 - tl.sum(af * (z + dz))) / den
         return z + dz + dt * x2, t + dt
 
@@ -172,7 +188,8 @@ def _triton():
     # level of slots, so that warm_up's launch compiles what every later call runs
     @triton.jit(do_not_specialize=["n_work", "N", "D", "max_inner", "first"])
     def _columns_kernel(G, X, cols_ptr, ids_ptr, z_ptr, mu_ptr, status_ptr, steps_ptr,
-                        H_ptr, Hinv_ptr, scalars, work_ptr, n_work, N, D, max_inner, first,
+                        H_ptr, Hinv_ptr, V_ptr, scalars, work_ptr, n_work, N, D, max_inner,
+                        first,
                         M: tl.constexpr, BR: tl.constexpr):  # fmt: skip
         # float64 scalars from memory (a Python float argument would be float32)
         lam_z = tl.load(scalars)
@@ -183,6 +200,7 @@ def _triton():
         pid = tl.program_id(0)
         offs = tl.arange(0, M)
         H = H_ptr + pid.to(tl.int64) * M * M  # this program's scratch
+        vs = V_ptr + pid.to(tl.int64) * 2 * M  # and its vector scratch (_stage)
         for wi in range(pid, n_work, tl.num_programs(0)):
             tl.debug_barrier()  # (the last column's sweeps are done before this one writes)
             k = tl.load(work_ptr + wi)  # the columns the pass runs (the others are solved)
@@ -241,7 +259,7 @@ def _triton():
             if rebuild != 0:
                 for q in range(0, used):
                     if tl.sum(tl.where((offs == q) & F, 1, 0)) > 0:
-                        clamped = tl.maximum(clamped, _join(Hinv, H, F, q, used, offs, ridge,
+                        clamped = tl.maximum(clamped, _join(Hinv, H, F, q, used, offs, ridge, vs,
                                                             BR, M))  # fmt: skip
             steps = 0
             status = 1
@@ -252,7 +270,7 @@ def _triton():
             done = 0
             while (done == 0) & (steps < max_inner):
                 zt, t = _target(Hinv, H, F, tl.where(F, lam_z * p - s * w, 0.0), a, used, offs,
-                                BR, M)  # fmt: skip
+                                vs, BR, M)  # fmt: skip
                 mu = gamma - t
                 bad = F & (s * zt <= 0.0)
                 if tl.sum(tl.where(bad, 1, 0)) > 0:
@@ -266,20 +284,20 @@ def _triton():
                     z = tl.where(offs == out, 0.0, z)
                     F = F & (offs != out)
                     s = tl.where(offs == out, 0.0, s)
-                    _leave(Hinv, out, used, offs, BR, M)
+                    _leave(Hinv, out, used, offs, vs, BR, M)
                 else:
                     moved = tl.max(tl.where(F, tl.abs(zt - z), 0.0)) > 0.0
                     tabu = tl.where(moved, offs < 0, tabu)
                     z = tl.where(F, zt, 0.0)
                     # lambda_z K z = H z - gamma a (a^T z)
-                    hz = _matvec(H, z, used, offs, BR, M)
+                    hz = _matvec(H, z, vs, used, offs, BR, M)
                     m = lam_z * p - (hz - gamma * a * tl.sum(a * z)) - mu * a
                     viol = tl.where(valid & ~F & (ids != i), (tl.abs(m) - w) / w, 0.0)
                     worst = tl.max(tl.where(tabu, 0.0, viol))
                     if worst > tol:
                         q = tl.argmax(tl.where(tabu, 0.0, viol), axis=0)
                         mq = tl.sum(tl.where(offs == q, m, 0.0))
-                        clamped = tl.maximum(clamped, _join(Hinv, H, F, q, used, offs, ridge,
+                        clamped = tl.maximum(clamped, _join(Hinv, H, F, q, used, offs, ridge, vs,
                                                             BR, M))  # fmt: skip
                         F = F | (offs == q)
                         s = tl.where(offs == q, tl.where(mq > 0.0, 1.0, -1.0), s)
@@ -290,7 +308,7 @@ def _triton():
             # a support variable at exactly 0 leaves: the inverse holds what the pass keeps
             for q in range(0, used):
                 if tl.sum(tl.where((offs == q) & F & (z == 0.0), 1, 0)) > 0:
-                    _leave(Hinv, q, used, offs, BR, M)
+                    _leave(Hinv, q, used, offs, vs, BR, M)
             tl.store(z_ptr + k * M + offs, tl.where(F & (z != 0.0), z, 0.0))
             # the next run rebuilds it where this one joined at the ridge or did not solve it
             if tl.maximum(clamped, status) != 0:
@@ -305,7 +323,7 @@ def _triton():
 
     # Triton (compiler and interpreter alike) resolves a kernel's callees and ``tl`` through
     # its module's globals: they are bound here, on first use
-    globals().update(tl=tl, _row=_row, _pick=_pick, _put=_put, _matvec2=_matvec2,
+    globals().update(tl=tl, _row=_row, _stage=_stage, _rows_of=_rows_of, _matvec2=_matvec2,
                      _matvec=_matvec, _join=_join, _leave=_leave, _target=_target)  # fmt: skip
     return _columns_kernel
 
@@ -328,11 +346,12 @@ def launch(state: dict, *, programs: int, work: torch.Tensor | None = None,
         rows = max(1, min(programs, state["ids"].shape[0]))
         scratch = state["H"] = torch.empty(rows, M, M, dtype=torch.float64,
                                            device=state["ids"].device)  # fmt: skip
+        state["V"] = torch.empty(rows, 2, M, dtype=torch.float64, device=scratch.device)
     p = state["program"]
     _triton()[(max(1, min(scratch.shape[0], len(work))),)](
         p["G"], p["X"], state["cols"], state["ids"], state["z"], state["mu"], state["status"],
-        state["steps_pass"], scratch, state["Hinv"], p["scalars"], work, len(work), p["n"],
-        p["d"], p["max_inner"], int(state["first"]), M=M, BR=row_tile(M, p.get("tile", TILE)),
+        state["steps_pass"], scratch, state["Hinv"], state["V"], p["scalars"], work, len(work),
+        p["n"], p["d"], p["max_inner"], int(state["first"]), M=M, BR=row_tile(M, p.get("tile", TILE)),
         num_warps=num_warps,
     )  # fmt: skip
     state["first"] = False
