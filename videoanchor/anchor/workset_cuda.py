@@ -56,10 +56,13 @@ SLOT_COUNTS = (4, 8, 16, 32, 64, 128, 256, 512)
 #: 2026-11-27 with Triton 3.6 at 64; Triton 3.6.0's compiler here at 32 and 64, at 2 and 8
 #: warps too but 64 at 2, which spills 1 KB with 3.9): refused up front on CUDA there.
 OLD_TRITON_FAILS = (32, 64)
-#: Elements of one row tile (``BR x M``): the registers a program holds for a matrix. Triton
-#: 3.6 (the H100's) spills 624 bytes a thread at 128 slots for sm_90 here (3.9: none; at 512
-#: elements neither does), yet the H100 ran 2048 faster than 512: 0.31 against 0.35 s at 16
-#: frames, 4.1 against 4.7 s at 64 (docs/ssc-gpu.md).
+#: Elements of one row tile (``BR x M``): the registers a program holds for a matrix. With
+#: the sweeps' one reduction after the loop (2c09e9e) the H100 (Triton 3.6) ran the working
+#: sets at 2048 in 0.85-0.92x the previous kernel's time, at 1024 in 0.81-0.84x (16, 32 and
+#: 64 frames, one process: benchmarks/results/logs/h100-2026-11-28/ab_kernel.json). 2048
+#: stays: Triton 3.9 compiles it for sm_90 and sm_80 without spills, where 1024 spills 56
+#: bytes at 128 slots (test_every_slot_count_accepted_compiles); Triton 3.6 spills 356
+#: bytes at 2048 and none at 1024. ``tile=`` keeps the knob.
 TILE = 2048
 #: The relative KKT violation below which a float32 pass adds nothing: then float64 passes
 #: follow (float32's products are good to ~1e-6 relative here).
