@@ -38,6 +38,7 @@ from benchmarks.common import (  # noqa: E402
     objective,
     print_table,
     spearman,
+    sync,
     synthetic_tokens,
     video_tokens,
     write_result,
@@ -52,11 +53,6 @@ TARGETS = {16: 0.10, 64: 0.25}
 #: the dense-C rule (issue 66): the default over the fast solver where the fast answer
 #: stands, and where the default certifies
 DENSE_RULE = {"fast": 1.25, "workset": 2.0}
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _syncs(fn, device) -> int | None:
@@ -87,12 +83,12 @@ def _yardstick(x, coef, ref) -> dict:
 
 def _timed(fn, device):
     """``(seconds, result, warnings' messages)`` of one call of ``fn``."""
-    _sync(device)
+    sync(device)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         t = time.perf_counter()
         res = fn()
-        _sync(device)
+        sync(device)
         took = time.perf_counter() - t
     return took, res, [str(w.message)[:300] for w in seen]
 
