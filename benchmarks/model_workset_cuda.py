@@ -1,44 +1,76 @@
 """A cost model of the default anchor scores on an H100 (issue 76 item 7): STATIC/MODEL
-figures, no timing. It reads its inputs from the H100 run of 2026-11-27 (at a95f85b, Triton
-3.6) and the H100 results of 2026-11-24, as committed under ``benchmarks/results``, fits its
-constants at 16 frames (Qwen2.5-VL-7B shapes, N = 2048) and predicts 16, 32 and 64 frames:
+figures, no timing. It reads every figure from the files committed under
+``benchmarks/results`` for one H100 run (the run folder, default the newest
+``logs/h100-*``; the layout of the 2026-11-28 run, at 5851f44), fits its constants at 16
+frames of Qwen2.5-VL-7B (N = 2048) and predicts the other five rows (Qwen2.5-VL-7B at 32
+and 64 frames, InternVL2-8B at 16, 32 and 64), each against the time measured there:
 
-- **today's kernel** (one program per column, single-variable steps): a pass costs the
-  kernel's columns per resident program (``N / R``, ``R`` = 2 programs an SM x 132 SMs,
-  register-limited at 255 registers: ncu) times the time a column-pass took at 16 frames,
-  plus the pass's float32 KKT products (``N^2 D``, scaled from the profile's non-kernel GPU
-  time) and the host's share (the solve's wall time less its GPU time, per pass); times the
-  passes the H100 counted at each size. The wide level (columns past 128 slots) is not
-  modelled: what the measured time exceeds the prediction by is reported as its cost;
-- **the proposed route** (block pivoting in lockstep, sets grown geometrically, a pass as
-  one graph): the passes of doubling sets (``ceil(log2(max set / grow)) + 2``, the max set
-  from the H100's longest chain of steps, an upper bound), each the same KKT products on
-  fp16x3 tensor cores and a few dependent batched steps, no host read inside;
-- **the rest of the default call**: the spectral step (16 frames: the default call's stage;
-  32 and 64: scaled by the H100 spectral benchmark's ``ours`` at N = 4096 and 8192), the
-  certificate and the scores (16 frames' stages, the certificate scaled by ``N^2 D``).
+- **the kernel at 5851f44** (one program per column, single-variable steps, the active
+  columns only): the working sets cost ``L x t_step x S / P + P x (g + h)``, where ``P`` is
+  the passes, ``L = P - levels`` the kernel launches (a level's last, float64 pass runs no
+  kernel: 54 passes, 52 launches in the profile), ``S / P`` the longest column's steps a
+  pass (``S``: its steps over the call). Fitted at 16 frames: ``t_step`` (the profile's
+  kernel time a launch over ``S / P``), ``g`` (the profile's GPU time outside the kernel a
+  pass, all of it charged to the passes; scaled by ``N^2 D``: the pass's products, ``N x D``
+  by the active columns, taken as proportional to ``N``) and ``h`` (the bench's working-set
+  wall time less the profile's GPU time, a pass: launches and the pass's host read).
+  ``P``, ``S`` and the wide columns: as the H100 counted them (Qwen2.5-VL-7B: the grow
+  sweep at 3872c4c, whose ``workset_cuda.py`` is 5851f44's; InternVL2-8B at 16 frames: the
+  3652761 run, whose Qwen2.5-VL-7B counts match 5851f44's within 1 pass); InternVL2-8B at
+  32 and 64 frames: assumed (its 16-frame count plus Qwen2.5-VL-7B's growth per doubling
+  of ``N``). The wide level (512 slots: 3, 67 and 943 columns at 16, 32 and 64 frames) is
+  not a term: a step over 512 slots costs more than one over 128, which the 16-frame fit
+  (3 wide columns) cannot see; the residual says what it and the scaling miss. A variant
+  (``*_low``) charges the profiled call's other stages' wall time out of ``g``;
+- **the old calibration** (the 2026-11-27 run at a95f85b, its committed ``fitted``) applied
+  to these counts: what it predicts for the 5851f44 kernel;
+- **2c09e9e** (Qwen2.5-VL-7B): the measured working sets at 5851f44 times the A/B's
+  measured ratio of the new kernel's median to the old one's (``ab_kernel.json``, tile
+  2048): derived from a measured ratio, not a timing;
+- **the proposed route** (lockstep pivoting over all columns, sets doubling from ``grow``,
+  a pass as one graph): ``ceil(log2(set / grow)) + 2`` passes, each the KKT products (``4 N^2
+  D``) on fp16x3 tensor cores at peak and ``host_ms_route``, plus the lockstep chain (the
+  longest column's dependent steps) of ``step_us`` each. The chain and the largest set are
+  the CPU counts (``logs/block-pivoting-2026-11-28*/chains_*.json``: 16 frames, each column
+  from the kernel's start on its final working set, so a lower bound on a chain over
+  growing sets), one prediction per pivoting rule; other rows scale them by the kernel's
+  longest chain ``S``. Assumed: ``step_us``, ``host_ms_route``, the peak, that scaling;
+- **the rest of the call** (the lambdas, the certificate, the spectral step, the scores and
+  the untimed remainder): measured, the row's default less its working sets. Each row
+  says whether a prediction meets the target (0.10x the prefill at 16 frames, 0.25x at
+  64), and the 16-frame rows the budget that the rest of the call leaves the working sets.
 
-    python benchmarks/model_workset_cuda.py      # JSON into benchmarks/results/logs/h100-2026-11-27
+    python benchmarks/model_workset_cuda.py [RUN_FOLDER]   # JSON into RUN_FOLDER
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import re
+import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LOGS = ROOT / "benchmarks" / "results" / "logs" / "h100-2026-11-27"
 RESULTS = ROOT / "benchmarks" / "results"
-SMS = 132  # H100 SXM
+LOGS = RESULTS / "logs"
 #: FP32 (no TF32) and fp16 dense tensor-core peaks of an H100 SXM, FLOP/s (NVIDIA's sheet);
 #: fp16x3 runs three fp16 products for one float32 product
 PEAK = {"fp32": 67e12, "fp16": 989e12}
 TARGETS = {16: 0.10, 64: 0.25}
-QWEN_D, PER_FRAME = 3584, 128
+OLD = LOGS / "h100-2026-11-27" / "workset_cuda_model_static.json"
+INTERNVL16 = LOGS / "h100-2026-11-27-c" / "workset_cuda_internvl_3652761.json"
+#: the CPU's counts of dependent steps a column under each pivoting rule (16 frames)
+CHAINS = [
+    LOGS / "block-pivoting-2026-11-28" / f"chains_{r}.json" for r in ("single", "block", "pdas")
+]
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(ROOT))
 
 
 def _num(pattern: str, text: str) -> float:
@@ -48,113 +80,197 @@ def _num(pattern: str, text: str) -> float:
     return float(m.group(1))
 
 
-def inputs() -> dict:
-    """Every figure the model uses, read from the committed files (path per figure)."""
-    prof = (LOGS / "torch_profile_workset_cuda_16frames.txt").read_text()
-    ncu = (LOGS / "ncu_workset_columns_kernel.txt").read_text()
-    runs = {}
-    for line in (LOGS / "workset_cuda_16_32_64_frames.log").read_text().splitlines():
-        f = line.split()
-        runs[int(f[0])] = dict(n=int(f[1]), seconds=float(f[3]), passes=int(f[5]),
-                               wide=int(f[9]), steps_max=int(f[13]), reads=int(f[15]))  # fmt: skip
-    bench = json.loads((LOGS / "workset_cuda_nvidia-h100-80gb-hbm3.json").read_text())
-    default = next(r for r in bench["rows"] if r["solver"] == "default")
-    cost = json.loads((RESULTS / "request_cost_nvidia-h100-80gb-hbm3.json").read_text())
-    prefill = {r["frames"]: r["seconds_prefill"] for r in cost["rows"]
-               if r.get("model") == "Qwen2.5-VL-7B" and "seconds_prefill" in r}  # fmt: skip
-    spec = json.loads((RESULTS / "spectral_nvidia-h100-80gb-hbm3.json").read_text())
-    ours = {r["n"]: r["median_s"] for r in spec["rows"]
-            if r["provider"] == "ours" and r["structure"] == "gap"}  # fmt: skip
+def _profile(text: str) -> dict:
+    """The default call's figures in ``profile_default16.txt`` (its video-like section)."""
+    text = text.split("== video16 ", 1)[1].split("== dense16", 1)[0]
     m = re.search(
-        r"_columns_kernel\s.*?([\d.]+)ms\s+[\d.]+%\s+([\d.]+)ms\s+([\d.]+)ms\s+(\d+)", prof
+        r"_columns_kernel\s.*?([\d.]+)ms\s+[\d.]+%\s+([\d.]+)ms\s+([\d.]+)ms\s+(\d+)", text
     )
+    calls = {k: int(_num(rf"\n\s*{k}\s.*\s(\d+)\s*\n", text)) for k in
+             ("cudaLaunchKernel", "cudaMemcpyAsync")}  # fmt: skip
+    return dict(kernel_s=float(m.group(1)) / 1e3, launches=int(m.group(4)),
+                gpu_s=_num(r"Self CUDA time total:\s+([\d.]+)ms", text) / 1e3,
+                host_launches=calls["cudaLaunchKernel"], host_copies=calls["cudaMemcpyAsync"],
+                profiled_call=ast.literal_eval(text[: text.index("}") + 1]))  # fmt: skip
+
+
+def inputs(run: Path) -> dict:
+    """Every figure the model uses, read from the committed files (path per figure)."""
+    canon = RESULTS / "workset_cuda_nvidia-h100-80gb-hbm3.json"
+    bench = json.loads(canon.read_text())
+    day = run.name.removeprefix("h100-")[:10]
+    if not bench["meta"]["date"].startswith(day):
+        raise ValueError(f"{_rel(canon)} is of {bench['meta']['date']}, not the run {day}")
+    sweep_path = next(run.glob("workset_cuda_sweep_*.json"))
+    sweep = json.loads(sweep_path.read_text())
+    ncu = (run / "ncu_workset.txt").read_text()
+    prof = _profile((run / "profile_default16.txt").read_text())
+    counted = {}
+    for r in sweep["rows"]:
+        if r["tokens"] == "video-like" and "grow_16_tile_2048" in r:
+            g = r["grow_16_tile_2048"]
+            counted[r["model"], r["frames"]] = dict(
+                passes=g["passes"], steps_max=g["steps_max"], wide=g["wide_columns"],
+                source=_rel(sweep_path))  # fmt: skip
+    iv = json.loads(INTERNVL16.read_text())["rows"][0]
+    counted[iv["model"], iv["frames"]] = dict(passes=iv["passes_workset_cuda"],
+                                              steps_max=iv["steps_max"], wide=None,
+                                              source=_rel(INTERNVL16))  # fmt: skip
+    stage = ("seconds_workset_cuda", "seconds_lambdas", "seconds_certificate",
+             "seconds_spectral", "seconds_scores", "seconds_default", "seconds_prefill")  # fmt: skip
+    rows = [dict(model=r["model"], frames=r["frames"], n=r["n"], d=r["d"],
+                 **{k: r.get(k) for k in stage}) for r in bench["rows"]
+            if r["tokens"] == "video-like"]  # fmt: skip
+    q16 = next(r for r in bench["rows"] if r["tokens"] == "video-like" and r["frames"] == 16)
+    c16 = counted[q16["model"], 16]
+    if (q16["passes_workset_cuda"], q16["steps_max"]) != (c16["passes"], c16["steps_max"]):
+        raise ValueError("the sweep's 16-frame counts differ from the default's")
+    ab = json.loads((run / "ab_kernel.json").read_text())["rows"]
+    med = {(r["frames"], r["kernel"]): statistics.median(
+        s["seconds"] for s in ab if s.get("seconds") and s["frames"] == r["frames"]
+        and s["kernel"] == r["kernel"] and s["tile"] == 2048) for r in ab if "seconds" in r}  # fmt: skip
+    chains = {}
+    for path in CHAINS:
+        c = json.loads(path.read_text())
+        s = c["summary"]
+        chains[s["rule"]] = dict(steps_median=s["steps_median"], steps_max=s["steps_max"],
+                                 set_max=max(r["set"] for r in c["rows"]), n=s["n"],
+                                 converged=s["converged"], source=_rel(path))  # fmt: skip
     return {
-        "kernel_ms_16": float(m.group(1)), "kernel_launches_16": int(m.group(4)),
-        "gpu_ms_16": _num(r"Self CUDA time total:\s+([\d.]+)ms", prof),
+        "profile_16": prof, "rows": rows, "counted": [dict(model=k[0], frames=k[1], **v)
+                                                      for k, v in counted.items()],
         "registers": int(_num(r"Registers Per Thread\s+register/thread\s+(\d+)", ncu)),
         "blocks_per_sm_by_registers": int(_num(r"Block Limit Registers\s+block\s+(\d+)", ncu)),
-        "programs": int(_num(r"Grid Size\s+(\d+)", ncu)),
-        "runs": runs,
-        "default_stages_16": {k: default[k] for k in ("seconds_workset_cuda", "seconds_spectral",
-                              "seconds_certificate", "seconds_scores", "seconds_lambdas")},  # fmt: skip
-        "prefill": prefill,
-        "spectral_ours": {n: ours[n] for n in (2048, 4096, 8192) if n in ours},
+        "ncu_launch_ms": [float(x) for x in re.findall(r"Duration\s+ms\s+([\d.]+)", ncu)],
+        "ab_new_over_old_2048": {f: med[f, "new"] / med[f, "old"] for f, k in med if k == "old"},
+        "old_fitted": json.loads(OLD.read_text())["fitted"],
+        "chains_16_qwen": chains,
         "files": {
-            "kernel_ms_16, gpu_ms_16": str((LOGS / "torch_profile_workset_cuda_16frames.txt").relative_to(ROOT)),
-            "registers, blocks, programs": str((LOGS / "ncu_workset_columns_kernel.txt").relative_to(ROOT)),
-            "runs": str((LOGS / "workset_cuda_16_32_64_frames.log").relative_to(ROOT)),
-            "default_stages_16": str((LOGS / "workset_cuda_nvidia-h100-80gb-hbm3.json").relative_to(ROOT)),
-            "prefill": "benchmarks/results/request_cost_nvidia-h100-80gb-hbm3.json (2026-11-24)",
-            "spectral_ours": "benchmarks/results/spectral_nvidia-h100-80gb-hbm3.json (2026-11-24)",
+            "profile_16": _rel(run / "profile_default16.txt"),
+            "rows (stages, prefill)": f"{_rel(canon)} (at {bench['meta']['git_sha'][:7]})",
+            "counted": "per entry", "registers, blocks, ncu_launch_ms": _rel(run / "ncu_workset.txt"),
+            "ab_new_over_old_2048": _rel(run / "ab_kernel.json"), "old_fitted": _rel(OLD),
+            "chains_16_qwen": "per entry",
         },
     }  # fmt: skip
 
 
-def model(inp: dict, grow: int = 16, route_steps: int = 8, step_us: float = 20.0,
-          host_ms_route: float = 0.1) -> dict:  # fmt: skip
-    """The fitted constants and the predictions (module docstring). ``route_steps``: the
-    dependent batched steps a pass of the proposed route takes (block pivoting: a few
-    Newton-like steps a pass, not one step per variable), ``step_us`` each; its host share
-    ``host_ms_route`` a pass (a pass as one CUDA graph, one read at its end)."""
-    r16 = inp["runs"][16]
-    n16, passes16 = r16["n"], r16["passes"]
-    resident = inp["blocks_per_sm_by_registers"] * SMS
-    pass_kernel = inp["kernel_ms_16"] / inp["kernel_launches_16"] / 1e3
-    column_pass = pass_kernel / (n16 / resident)  # one column-pass on one resident program
-    other_pass = (inp["gpu_ms_16"] - inp["kernel_ms_16"]) / 1e3 / passes16
-    host_pass = (
-        inp["default_stages_16"]["seconds_workset_cuda"] - inp["gpu_ms_16"] / 1e3
-    ) / passes16
-    st = inp["default_stages_16"]
-    fitted = dict(resident_programs=resident, pass_kernel_s_16=pass_kernel,
-                  column_pass_s=column_pass, kkt_products_s_16=other_pass,
-                  host_s_per_pass=host_pass)  # fmt: skip
+def _counts(inp: dict) -> dict:
+    """Passes, longest chain and wide columns per (model, frames): counted where the H100
+    counted them, else the model's nearest counted row plus Qwen2.5-VL-7B's least-squares
+    growth per doubling of N (``assumed``)."""
+    counted = {(c["model"], c["frames"]): dict(c, assumed=False) for c in inp["counted"]}
+    n_of = {(r["model"], r["frames"]): r["n"] for r in inp["rows"]}
+    qwen = sorted((n_of[k], c) for k, c in counted.items() if k[0] == "Qwen2.5-VL-7B")
+    lg = [math.log2(n) for n, _ in qwen]
+    slope = {k: statistics.linear_regression(lg, [c[k] for _, c in qwen]).slope
+             for k in ("passes", "steps_max")}  # fmt: skip
+    out = {}
+    for key, n in n_of.items():
+        if key in counted:
+            out[key] = counted[key]
+            continue
+        near = min((k for k in counted if k[0] == key[0]), key=lambda k: abs(k[1] - key[1]))
+        base, dn = counted[near], math.log2(n / n_of[near])
+        out[key] = dict(passes=round(base["passes"] + slope["passes"] * dn),
+                        steps_max=round(base["steps_max"] + slope["steps_max"] * dn),
+                        wide=None, assumed=True,
+                        source=f"{base['source']} + {slope['passes']:.1f} passes and "
+                               f"{slope['steps_max']:.0f} steps per doubling of N")  # fmt: skip
+    return out
+
+
+def model(inp: dict, grow: int = 16, step_us: float = 20.0, host_ms_route: float = 0.1) -> dict:
+    """The fitted constants and the predictions (module docstring). ``step_us``: one
+    dependent step of the proposed route, all columns in lockstep (assumed); its host time
+    ``host_ms_route`` a pass (a pass as one CUDA graph, one read at its end; assumed)."""
+    counts = _counts(inp)
+    rows_in = {(r["model"], r["frames"]): r for r in inp["rows"]}
+    key16 = ("Qwen2.5-VL-7B", 16)
+    r16, c16, pr = rows_in[key16], counts[key16], inp["profile_16"]
+
+    def launches(c):  # a level's last pass runs no kernel; two levels unless none went wide
+        return c["passes"] - (1 if c["wide"] == 0 else 2)
+
+    if launches(c16) != pr["launches"]:
+        raise ValueError(f"{launches(c16)} launches modelled, {pr['launches']} profiled")
+    p16, s16 = c16["passes"], c16["steps_max"]
+    t_step = pr["kernel_s"] / pr["launches"] / (s16 / p16)
+    g16 = (pr["gpu_s"] - pr["kernel_s"]) / p16
+    other = sum(v for k, v in pr["profiled_call"].items() if k not in ("workset_cuda", "total"))
+    g16_low = g16 - other / p16  # the call's other stages charged out of the GPU time
+    h = (r16["seconds_workset_cuda"] - pr["gpu_s"]) / p16
+    h_low = h + other / p16  # (the same total at 16 frames)
+    old = inp["old_fitted"]
+    fitted = dict(kernel_s_per_chain_step=t_step, gpu_outside_kernel_s_per_pass_16=g16,
+                  host_s_per_pass=h, gpu_outside_kernel_s_per_pass_16_low=g16_low,
+                  host_s_per_pass_low=h_low)  # fmt: skip
     rows = []
-    for frames, run in sorted(inp["runs"].items()):
-        n = run["n"]
-        scale = (n / n16) ** 2  # the KKT products and the certificate: N^2 D (D fixed)
-        spectral = st["seconds_spectral"] * inp["spectral_ours"].get(n, math.nan) / inp[
-            "spectral_ours"][n16]  # fmt: skip
-        rest = spectral + st["seconds_certificate"] * scale + st["seconds_scores"] * n / n16
-        rest += st["seconds_lambdas"] * scale
-        today_pass = column_pass * math.ceil(n / resident) + other_pass * scale + host_pass
-        today = run["passes"] * today_pass
-        # the proposed route: doubling sets from `grow`, up to the longest chain's set (an
-        # upper bound on a column's set: every step adds or removes one variable)
-        route_passes = math.ceil(math.log2(max(run["steps_max"], grow) / grow)) + 2
-        kkt_flops = 2 * 2.0 * n * n * QWEN_D  # X^T c and X r, per pass (float32)
-        kkt_fp16x3 = 3 * kkt_flops / PEAK["fp16"]
-        route_pass = kkt_fp16x3 + route_steps * step_us / 1e6 + host_ms_route / 1e3
-        route = route_passes * route_pass
-        pre = inp["prefill"].get(frames)
-        row = dict(frames=frames, n=n, d=QWEN_D, passes_today=run["passes"],
-                   steps_max_today=run["steps_max"], wide_columns_today=run["wide"],
-                   measured_workset_s=run["seconds"], predicted_workset_today_s=today,
-                   unmodelled_wide_level_s=run["seconds"] - today,
-                   predicted_rest_of_call_s=rest, predicted_default_today_s=today + rest,
-                   passes_route=route_passes, kkt_flops_per_pass=kkt_flops,
-                   kkt_seconds_per_pass_fp16x3=kkt_fp16x3,
-                   kkt_seconds_per_pass_fp32=kkt_flops / PEAK["fp32"],
-                   predicted_workset_route_s=route, predicted_default_route_s=route + rest,
-                   prefill_s=pre, target=TARGETS.get(frames))  # fmt: skip
+    for key, r in rows_in.items():
+        c, n, d = counts[key], r["n"], r["d"]
+        p, s = c["passes"], c["steps_max"]
+        size = (n / r16["n"]) ** 2 * d / r16["d"]
+        kernel = launches(c) * t_step * s / p
+        pred, pred_low = kernel + p * (g16 * size + h), kernel + p * (g16_low * size + h_low)
+        oldp = p * (old["column_pass_s"] * math.ceil(n / old["resident_programs"])
+                    + old["kkt_products_s_16"] * size + old["host_s_per_pass"])  # fmt: skip
+        ws, default, pre = r["seconds_workset_cuda"], r["seconds_default"], r["seconds_prefill"]
+        rest = default - ws
+        tgt = TARGETS.get(r["frames"])
+        row = dict(model=key[0], frames=key[1], n=n, d=d, passes=p, steps_max=s,
+                   wide_columns=c["wide"], counts_assumed=c["assumed"], counts_from=c["source"],
+                   in_sample=key == key16, measured_workset_s=ws, measured_default_s=default,
+                   rest_of_call_s=rest, prefill_s=pre, target=tgt,
+                   predicted_kernel_s=kernel, predicted_workset_s=pred,
+                   error_workset=pred / ws - 1, residual_workset_s=ws - pred,
+                   predicted_default_s=pred + rest, error_default=(pred + rest) / default - 1,
+                   predicted_workset_low_s=pred_low, error_workset_low=pred_low / ws - 1,
+                   old_calibration_workset_s=oldp, old_calibration_error=oldp / ws - 1)  # fmt: skip
+        ab = inp["ab_new_over_old_2048"].get(r["frames"]) if key[0] == key16[0] else None
+        if ab is not None:  # derived from a measured ratio, not a timing
+            row.update(ab_factor=ab, derived_2c09e9e_workset_s=ws * ab,
+                       derived_2c09e9e_default_s=ws * ab + rest)  # fmt: skip
+        kkt = 4.0 * n * n * d  # X^T c and X r over every column, a pass
+        route = {}
+        for name, ch in inp["chains_16_qwen"].items():
+            if ch["converged"] < ch["n"]:  # (a rule that cycles has no chain to model)
+                continue
+            grown = s / s16  # assumed: the route's chain and sets grow as the kernel's chain
+            passes = math.ceil(math.log2(max(ch["set_max"] * grown, grow) / grow)) + 2
+            t = passes * (3 * kkt / PEAK["fp16"] + host_ms_route / 1e3)
+            t += ch["steps_max"] * grown * step_us / 1e6
+            route[name] = dict(passes=passes, chain_steps=ch["steps_max"] * grown,
+                               workset_s=t, default_s=t + rest)  # fmt: skip
+        row["route"] = route
         if pre:
-            row.update(measured_default_over_prefill=(run["seconds"] + rest) / pre,
-                       predicted_today_over_prefill=(today + rest) / pre,
-                       predicted_route_over_prefill=(route + rest) / pre,
+            row.update(measured_default_over_prefill=default / pre,
+                       predicted_default_over_prefill=(pred + rest) / pre,
                        rest_of_call_over_prefill=rest / pre)  # fmt: skip
-            if row["target"] is not None:
-                row["route_meets_target"] = row["predicted_route_over_prefill"] <= row["target"]
+            if ab is not None:
+                row["derived_2c09e9e_default_over_prefill"] = (ws * ab + rest) / pre
+            for v in route.values():
+                v["default_over_prefill"] = v["default_s"] / pre
+                v["meets_target"] = None if tgt is None else v["default_over_prefill"] <= tgt
+            if tgt is not None:
+                row["predicted_meets_target"] = (pred + rest) / pre <= tgt
+                row["budget_for_workset_s"] = tgt * pre - rest
         rows.append(row)
     return dict(fitted=fitted, rows=rows,
-                parameters=dict(grow=grow, route_steps=route_steps, step_us=step_us,
-                                host_ms_route=host_ms_route, peaks=PEAK, sms=SMS))  # fmt: skip
+                parameters=dict(grow=grow, step_us=step_us, host_ms_route=host_ms_route,
+                                peaks=PEAK, targets=TARGETS,
+                                assumed=["step_us", "host_ms_route", "fp16x3 products at peak",
+                                         "route chain and set scaled by the kernel's chain",
+                                         "InternVL2-8B counts at 32 and 64 frames",
+                                         "active columns proportional to N"]))  # fmt: skip
 
 
 def main(argv=None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(LOGS / "workset_cuda_model_static.json"))
+    ap.add_argument("run", nargs="?", default=str(max(LOGS.glob("h100-*"))))
+    ap.add_argument("--out", default=None, help="default: RUN/workset_cuda_model_static.json")
     args = ap.parse_args(argv)
-    inp = inputs()
+    run = Path(args.run).resolve()
+    inp = inputs(run)
     out = model(inp)
     sys.path.insert(0, str(ROOT))
     from benchmarks.common import git_sha
@@ -162,10 +278,11 @@ def main(argv=None) -> Path:
     doc = dict(meta=dict(figures="static/model: no timing; inputs read from the files named",
                          device="NVIDIA H100 80GB HBM3 (modelled)", git_sha=git_sha()),
                inputs=inp, **out)  # fmt: skip
-    path = Path(args.out)
+    path = Path(args.out or run / "workset_cuda_model_static.json")
     path.write_text(json.dumps(doc, indent=1) + "\n")
     for r in out["rows"]:
-        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+        print(r["model"], r["frames"], {k: round(v, 3) for k, v in r.items()
+              if isinstance(v, float) and ("error" in k or k.endswith("_s"))})  # fmt: skip
     print(path)
     return path
 
