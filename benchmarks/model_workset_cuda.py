@@ -16,14 +16,17 @@ and 64 frames, InternVL2-8B at 16, 32 and 64), each against the time measured th
   wall time less the profile's GPU time, a pass: launches and the pass's host read).
   ``P``, ``S`` and the wide columns: as the H100 counted them (Qwen2.5-VL-7B: the grow
   sweep at 3872c4c, whose ``workset_cuda.py`` is 5851f44's; InternVL2-8B at 16 frames: the
-  3652761 run, whose Qwen2.5-VL-7B counts match 5851f44's within 1 pass); InternVL2-8B at
+  3652761 run, whose Qwen2.5-VL-7B passes are 5851f44's within 1); InternVL2-8B at
   32 and 64 frames: assumed (its 16-frame count plus Qwen2.5-VL-7B's growth per doubling
   of ``N``). The wide level (512 slots: 3, 67 and 943 columns at 16, 32 and 64 frames) is
   not a term: a step over 512 slots costs more than one over 128, which the 16-frame fit
   (3 wide columns) cannot see; the residual says what it and the scaling miss. A variant
-  (``*_low``) charges the profiled call's other stages' wall time out of ``g``;
+  (``*_low``) charges the profiled call's other stages' wall time out of ``g`` into ``h``:
+  the 16-frame files do not fix that split, and the main one was chosen knowing both
+  variants' errors at 32 and 64 frames;
 - **the old calibration** (the 2026-11-27 run at a95f85b, its committed ``fitted``) applied
-  to these counts: what it predicts for the 5851f44 kernel;
+  to these counts (its products scaled by ``N^2 D``, as above): what it predicts for the
+  5851f44 kernel;
 - **2c09e9e** (Qwen2.5-VL-7B): the measured working sets at 5851f44 times the A/B's
   measured ratio of the new kernel's median to the old one's (``ab_kernel.json``, tile
   2048): derived from a measured ratio, not a timing;
@@ -31,7 +34,7 @@ and 64 frames, InternVL2-8B at 16, 32 and 64), each against the time measured th
   a pass as one graph): ``ceil(log2(set / grow)) + 2`` passes, each the KKT products (``4 N^2
   D``) on fp16x3 tensor cores at peak and ``host_ms_route``, plus the lockstep chain (the
   longest column's dependent steps) of ``step_us`` each. The chain and the largest set are
-  the CPU counts (``logs/block-pivoting-2026-11-28*/chains_*.json``: 16 frames, each column
+  the CPU counts (``logs/block-pivoting-2026-11-28/chains_*.json``: 16 frames, each column
   from the kernel's start on its final working set, so a lower bound on a chain over
   growing sets), one prediction per pivoting rule; other rows scale them by the kernel's
   longest chain ``S``. Assumed: ``step_us``, ``host_ms_route``, the peak, that scaling;
