@@ -8,8 +8,10 @@ layers of the model's shape (``bench_request_cost.prefill_seconds``) against the
 (passes, the longest chain of inner steps, host reads) and the yardstick against the CPU's
 certified minimiser (``reference_minimiser``, float64: objective gap, constraints, row sums'
 Spearman); and the dense case, ``bench_request_cost``'s synthetic cost set (tokens drawn
-independently: a dense minimiser), where the default must cost at most 1.25x the fast
-solver when the fast answer stands (2x where it certifies).
+independently: a dense minimiser), and Yale B faces of 10 and 38 subjects (the same rule,
+on real data: ``bench_request_cost.YALE``, ``VIDEOANCHOR_YALEB``; a row says where the file
+is missing), where the default must cost at most 1.25x the fast solver when the fast answer
+stands (2x where it certifies).
 
     python benchmarks/bench_workset_cuda.py                  # on a GPU; JSON into --out-dir
     python benchmarks/bench_workset_cuda.py --smoke          # tiny, CPU (Triton's interpreter)
@@ -53,6 +55,9 @@ TARGETS = {16: 0.10, 64: 0.25}
 #: the dense-C rule (issue 66): the default over the fast solver where the fast answer
 #: stands, and where the default certifies
 DENSE_RULE = {"fast": 1.25, "workset": 2.0}
+#: the dense rows on real data: Yale B subjects (each its first ``YALE_PER_SUBJECT`` faces,
+#: D = 2016; issue 76 item 3, as issue 79's CPU sets), and the smoke run's
+YALE_SUBJECTS, YALE_SUBJECTS_SMOKE, YALE_PER_SUBJECT = (10, 38), (2,), 64
 
 
 def _syncs(fn, device) -> int | None:
@@ -160,12 +165,17 @@ def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool 
     rows = []
     cases = [(name, f, "video-like") for name in shapes for f in frames]
     if dense:  # bench_request_cost's cost set at the first shape's first size (seed = frames),
-        # second: within any budget
-        cases.insert(1, (next(iter(shapes)), frames[0], "synthetic (dense)"))
+        # then Yale B's subjects: second, within any budget
+        cases[1:1] = [(next(iter(shapes)), frames[0], "synthetic (dense)")] + [
+            (None, s, "Yale B faces") for s in (YALE_SUBJECTS_SMOKE if smoke else YALE_SUBJECTS)
+        ]
     for i, (name, f, kind) in enumerate(cases):
-        per_frame, d = shapes[name]
-        n = f * per_frame
-        row = dict(model=name, frames=f, n=n, d=d, tokens=kind, target=TARGETS.get(f))
+        if kind == "Yale B faces":
+            row = dict(model=None, subjects=f, per_subject=YALE_PER_SUBJECT, tokens=kind)
+        else:
+            per_frame, d = shapes[name]
+            row = dict(model=name, frames=f, n=f * per_frame, d=d, tokens=kind,
+                       target=TARGETS.get(f))  # fmt: skip
         rows.append(row)
         if time.perf_counter() - started > budget:
             row["skipped"] = f"past the run's budget of {budget:g} s"
@@ -173,8 +183,16 @@ def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool 
         clusters = max(2, f // 2)
         if kind == "video-like":
             x = video_tokens(f, per_frame, d, k=clusters, seed=0).to(device)
+        elif kind == "Yale B faces":
+            if not bench_request_cost.YALE.exists():
+                row["skipped"] = (f"Yale B not found at {bench_request_cost.YALE} (set "
+                                  "VIDEOANCHOR_YALEB)")  # fmt: skip
+                continue
+            x = bench_request_cost.yale_faces(f, YALE_PER_SUBJECT).to(device)
+            clusters = f
+            row.update(n=x.shape[0], d=x.shape[1])
         else:
-            x = synthetic_tokens(n, d, seed=f).to(device)
+            x = synthetic_tokens(row["n"], d, seed=f).to(device)
             clusters = 24
         try:
             default = lambda x=x, k=clusters: compute_anchor_scores(x, k, progress=False)  # noqa: E731
@@ -197,7 +215,7 @@ def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool 
                 row["seconds_fast"] = sorted(row["samples_fast"])[1]
             row["default_over_fast"] = row["seconds_default"] / row["seconds_fast"]
             if kind == "video-like" and name in bench_request_cost.SHAPES:
-                pre = bench_request_cost.prefill_seconds(bench_request_cost.SHAPES[name], n,
+                pre = bench_request_cost.prefill_seconds(bench_request_cost.SHAPES[name], row["n"],
                                                          device, dtype)  # fmt: skip
                 row.update(seconds_prefill=pre, prefill_dtype=str(dtype).replace("torch.", ""),
                            default_over_prefill=row["seconds_default"] / pre,
@@ -236,7 +254,7 @@ def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool 
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
         meta["seconds_total"] = time.perf_counter() - started
         path = write_result("workset_cuda", meta, rows, out_dir)  # (each row kept as it ends)
-    print_table(rows, ["model", "frames", "n", "tokens", "seconds_default", "answered",
+    print_table(rows, ["model", "frames", "subjects", "n", "tokens", "seconds_default", "answered",
                        "passes", "seconds_prefill", "default_over_prefill", "target",
                        "seconds_fast", "default_over_fast", "objective_gap"])  # fmt: skip
     return path

@@ -46,7 +46,10 @@
 # call (more than ten minutes); STEP_TIMEOUT=seconds lowers every cap; an argument --quick
 # passes --quick to the kernel benchmarks, request_cost and tp. Also set
 #   VIDEOANCHOR_GIT_SHA=<the commit you sent>  (a copied tree's .git can be stale)
-#   VIDEOANCHOR_YALEB=<path to YaleB_48_42.mat>  (bench_request_cost's face data)
+#   VIDEOANCHOR_YALEB=<path to YaleB_48_42.mat>  (the face data of bench_request_cost and of
+#     bench_workset_cuda's Yale B dense rows; the device machine has no ../shared: copy the
+#     file into a folder that .git/info/exclude ignores, name it in the call's carry, and
+#     point this at it; without it those rows say "Yale B not found")
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -176,7 +179,8 @@ if want profile_ssc; then  # where the scores' time goes, by stage and operator
   step profile_ssc profile_ssc.log python benchmarks/profile_ssc.py --n 2048 --solvers fast
 fi
 if want workset_cuda; then  # the default beside the prefill, the yardstick at 16 frames, the
-  # dense set; rows that would start past 2/3 of the step's cap are written as not run
+  # dense sets (synthetic, Yale B's faces where VIDEOANCHOR_YALEB is); rows that would start
+  # past 2/3 of the step's cap are written as not run
   step workset_cuda bench_workset_cuda.log python benchmarks/bench_workset_cuda.py \
     --frames "${WORKSET_CUDA_FRAMES:-16,32,64}" --budget $(($(cap_of workset_cuda) * 2 / 3)) \
     --models "${WORKSET_CUDA_MODELS:-Qwen2.5-VL-7B,InternVL2-8B}" \

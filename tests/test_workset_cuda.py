@@ -401,13 +401,13 @@ def test_outlier_entries_are_solved_too():
 def test_the_gpu_benchmark_runs_tiny_on_the_cpu(tmp_path):
     """bench_workset_cuda --smoke: the default's whole call and the fast solver's on a tiny
     video-like set (the working sets' own record and the yardstick against the minimiser
-    there) and on the dense synthetic set (the dense-C rule's ratio); the synchronisations
-    are counted on CUDA only, the prefill for the models' shapes only."""
+    there), on the dense synthetic set and on Yale B's faces (the dense-C rule's ratio); the
+    synchronisations are counted on CUDA only, the prefill for the models' shapes only."""
     from benchmarks import bench_workset_cuda
 
     bench_workset_cuda.main(["--smoke", "--out-dir", str(tmp_path)])
     got = json.loads(next(tmp_path.glob("workset_cuda_*.json")).read_text())
-    video, dense = got["rows"]
+    video, dense, yale = got["rows"]
     assert set(got["meta"]["seconds_warm_up"]) == {str(s) for s in wc.SLOTS}
     assert (video["tokens"], dense["tokens"]) == ("video-like", "synthetic (dense)")
     assert "error" not in video and "error" not in dense, (video, dense)
@@ -425,6 +425,15 @@ def test_the_gpu_benchmark_runs_tiny_on_the_cpu(tmp_path):
     assert len(dense["samples_default"]) == len(dense["samples_fast"]) == 3  # (medians)
     assert dense["seconds_default"] == sorted(dense["samples_default"])[1]
     assert dense["meets_dense_rule"] == (dense["default_over_fast"] <= dense["dense_rule"])
+    # issue 76 item 3: the same rule on Yale B's faces, where the file is (else said so)
+    assert (yale["tokens"], yale["subjects"]) == ("Yale B faces", 2)
+    if bench_workset_cuda.bench_request_cost.YALE.exists():
+        assert "error" not in yale and "skipped" not in yale, yale
+        assert (yale["n"], yale["d"]) == (2 * bench_workset_cuda.YALE_PER_SUBJECT, 2016)
+        assert yale["dense_rule"] == bench_workset_cuda.DENSE_RULE[yale["answered"]]
+        assert yale["meets_dense_rule"] == (yale["default_over_fast"] <= yale["dense_rule"])
+    else:
+        assert yale["skipped"].startswith("Yale B not found"), yale
 
 
 def test_the_working_sets_are_the_cuda_default(monkeypatch):
