@@ -1,0 +1,126 @@
+"""Issue 76 item 2, counted on the CPU (2026-11-28): the chain a column runs over a whole
+call, each pass warm-started from the previous pass's answer, under the rules of
+``chains_global.py`` (the same set: 16 frames, N = 2048, float64, NumPy).
+
+The passes are the GPU kernel's (``workset_cuda._pass``), all in float64 at ``tol = 1e-9``
+(the kernel runs float32 passes first, to ``SCREEN = 1e-5``, then float64: its passes
+differ): each column starts from its nearest point (``W = {nearest}``, ``c_nearest = 1``);
+after each solve its set becomes its support and the ``GROW`` = 16 largest KKT violations
+off it (over all N + D variables, ``c_i`` excepted), until no column violates. Every rule
+reaches the set's minimiser, so the sets follow the kernel's rule's answers and are the
+same for every rule; each pass each rule starts from the previous pass's answer (its
+support and signs). A column's chain is the sum of its steps over the passes; its
+``max_diff``: the largest difference of the final answer to the certified minimiser, or
+of a rule's answer to the kernel's rule's in any pass.
+
+    python passes.py OUT.json
+"""
+
+import json
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, ".")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chains_global import TOL, bpp, newton, single, summary  # noqa: E402
+
+from benchmarks.common import environment, video_tokens  # noqa: E402
+from videoanchor.anchor.workset import reference_minimiser  # noqa: E402
+
+GROW = 16
+
+
+def main(out):
+    meta = environment()
+    meta.update(numpy=np.__version__, machine="CPU (NumPy float64, one thread; the counts do "
+                "not depend on the machine)")  # fmt: skip
+    x = video_tokens(16, 128, 3584, k=8, seed=0).double()
+    ref = reference_minimiser(x)
+    Y = x.numpy().T  # D x N
+    d, N = Y.shape
+    lam_e, lam_z = ref.lambda_e, ref.lambda_z
+    G = Y.T @ Y
+    wfull = np.concatenate([np.ones(N), np.full(d, lam_e)])
+    cos = G / np.sqrt(np.outer(np.diag(G), np.diag(G)))
+    np.fill_diagonal(cos, -np.inf)
+    W = [np.array([j]) for j in cos.argmax(axis=0)]  # each column's set: its nearest point
+    z = [np.ones(1) for _ in range(N)]
+    rules = dict(single=single, bpp=bpp, bpp10=partial(bpp, backup=10), newton=newton)
+    rows = {r: [dict(column=i, steps=0, sizes=[], changed=[0], converged=True, passes=0)
+                for i in range(N)] for r in rules}  # fmt: skip
+    live, passes, t0 = np.arange(N), 0, time.perf_counter()
+    while len(live):
+        passes += 1
+        for i in live:  # each rule from the last pass's answer, on the set W[i]
+            ids = W[i]
+            coef = ids < N
+            c, o = ids[coef], ids[~coef] - N
+            H = lam_z * np.block([[G[np.ix_(c, c)], Y[np.ix_(o, c)].T],
+                                  [Y[np.ix_(o, c)], np.eye(len(o))]])  # fmt: skip
+            b = lam_z * np.concatenate([G[c, i], Y[o, i]])
+            w, a = np.where(coef, 1.0, lam_e), coef.astype(float)
+            me = np.flatnonzero(ids == i)
+            start = z[i]
+            for name, rule in rules.items():
+                v, row = rule(H, a, b, w, start.copy(), me)
+                acc = rows[name][i]
+                acc["steps"] += row["steps"]
+                acc["sizes"] += row["sizes"]
+                acc["changed"] += row["changed"]
+                acc["converged"] &= row["converged"]
+                for key in ("murty", "guards", "cheap_trials", "fallbacks"):
+                    if key in row:
+                        acc[key] = acc.get(key, 0) + row[key]
+                acc["passes"] += 1
+                if name == "single":
+                    z[i] = v
+                acc["pass_diff"] = max(acc.get("pass_diff", 0.0), float(np.abs(v - z[i]).max()))
+        # the KKT violations of every live column's answer, over all N + D variables
+        C = np.zeros((N, len(live)))
+        E = np.zeros((d, len(live)))
+        mu = np.zeros(len(live))
+        for k, i in enumerate(live):
+            coef = W[i] < N
+            C[W[i][coef], k] = z[i][coef]
+            E[W[i][~coef] - N, k] = z[i][~coef]
+        R = Y[:, live] - Y @ C - E
+        m = lam_z * np.concatenate([Y.T @ R, R])  # (N + D, live)
+        for k, i in enumerate(live):  # mu from the support's stationarity, m_j = mu + s_j
+            sup = (W[i] < N) & (z[i] != 0)
+            mu[k] = np.mean(m[W[i][sup], k] - np.sign(z[i][sup]))
+        m[:N] -= mu
+        viol = np.abs(m) / wfull[:, None] - 1
+        nxt = []
+        for k, i in enumerate(live):
+            keep = W[i][z[i] != 0]
+            viol[keep, k] = viol[i, k] = -np.inf
+            new = np.argsort(-viol[:, k])[:GROW]
+            new = new[viol[new, k] > TOL]
+            if len(new):
+                W[i] = np.concatenate([keep, new])
+                order = np.argsort(W[i])
+                z[i] = np.concatenate([z[i][z[i] != 0], np.zeros(len(new))])[order]
+                W[i] = W[i][order]
+                nxt.append(i)
+        print(f"pass {passes}: {len(live)} columns, {len(nxt)} violate", flush=True)
+        live = np.array(nxt, dtype=int)
+    want = np.concatenate([ref.coef.numpy(), ref.outliers.numpy()])
+    diff = [float(np.abs(want[W[i], i] - z[i]).max()) for i in range(N)]
+    full = [float(np.abs(np.delete(want[:, i], W[i])).max(initial=0.0)) for i in range(N)]
+    for name in rules:
+        for i, r in enumerate(rows[name]):
+            r.update(max_diff=max(diff[i], full[i], r["pass_diff"]))
+    result = dict(meta=meta, reference_gap=ref.residual, passes=passes,
+                  seconds=time.perf_counter() - t0,
+                  summary={k: summary(v) for k, v in rows.items()}, rows=rows)  # fmt: skip
+    print(json.dumps(result["summary"], indent=1))
+    with open(out, "w") as f:
+        json.dump(result, f, separators=(",", ":"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
