@@ -30,8 +30,9 @@ take). The rules:
   matrix-vector work, no solve); variables may cross zero and change sign, and one that
   ends at zero leaves. Where the block's direction does not descend (the line search
   stays at ``v``), the worst violator alone joins instead (Lee et al. 2007's step, which
-  descends): the objective falls at every move, so the rule terminates. Its start must
-  solve its own support (the kernel's start and a pass's last answer do).
+  descends): the objective falls at every move, so the rule terminates;
+- ``bpp_newton``: ``bpp`` until its backup runs out, then ``newton`` from its last iterate
+  (instead of Murty's exchanges).
 
     python chains_global.py OUT.json [--warm]
 """
@@ -107,8 +108,9 @@ def single(H, a, b, w, v, me):
     return v, log.row(False)
 
 
-def bpp(H, a, b, w, v, me, backup=BACKUP):
-    """Safeguarded block principal pivoting (Júdice and Pires; Murty's rule as backup)."""
+def bpp(H, a, b, w, v, me, backup=BACKUP, then=None):
+    """Safeguarded block principal pivoting (Júdice and Pires; Murty's rule as backup, or
+    the rule ``then`` from the last iterate, where given)."""
     F, s, most = v != 0, np.sign(v), backup
     log, best, murty, guards = Log(F), np.inf, 0, 0
     while len(log.sizes) < CAP:
@@ -123,6 +125,8 @@ def bpp(H, a, b, w, v, me, backup=BACKUP):
             best, backup = count, most
         elif backup > 0:
             backup -= 1
+        elif then is not None:
+            return then(H, a, b, w, z, me, log)
         else:  # Murty: the least infeasible index alone
             k = int(np.flatnonzero(out | join)[0])
             out, join = out & (np.arange(len(F)) == k), join & (np.arange(len(F)) == k)
@@ -158,14 +162,12 @@ def line_search(H, b, w, v, d, Hv):
     return 1.0, len(ends), t == 1.0
 
 
-def newton(H, a, b, w, v, me):
-    """Block joins, a sign-fixed solve, an exact line search on the objective."""
+def newton(H, a, b, w, v, me, log=None):
+    """Block joins, a sign-fixed solve, an exact line search on the objective (from any
+    ``v`` with ``a'v = 1``; ``log``: the steps so far)."""
     F, s, idx = v != 0, np.sign(v), np.arange(len(v))
-    log, cheap, fallbacks = Log(F), 0, 0
-    mu = log.solve(H, a, b, w, s, F)[1]  # the start solves its own support
-    g, viol = violations(H, a, b, w, v, mu, F, me)
-    J, done = viol > TOL, viol.max() <= TOL
-    s = np.where(J, np.sign(g), s)
+    log, cheap, fallbacks = log or Log(F), 0, 0
+    J, done, viol = np.zeros_like(F), False, None  # the first step solves the start's support
     while len(log.sizes) < CAP:
         if done:
             return v, log.row(True, cheap_trials=cheap, fallbacks=fallbacks)
@@ -216,10 +218,16 @@ def summary(rows):
         r.update(size_max=int(s.max()), size_sum=int(s.sum()), size_sq=int((s**2).sum()),
                  changed_sum=int(sum(r.pop("changed")[1:])))  # fmt: skip
     for key in ("cheap_trials", "murty", "guards", "fallbacks"):
-        if key in rows[0]:
-            vals = np.array([r[key] for r in rows])
+        if any(key in r for r in rows):
+            vals = np.array([r.get(key, 0) for r in rows])
             out.update({f"{key}_median": float(np.median(vals)), f"{key}_max": int(vals.max())})
     return out
+
+
+def by_key(rows):
+    """A rule's rows as one list per key (the JSON's size)."""
+    keys = dict.fromkeys(k for r in rows for k in r)
+    return {k: [r.get(k) for r in rows] for k in keys}
 
 
 def main(out, columns=None):
@@ -234,7 +242,8 @@ def main(out, columns=None):
     lam_e, lam_z = ref.lambda_e, ref.lambda_z
     G = Y.T @ Y
     wfull = np.concatenate([np.ones(N), np.full(d, lam_e)])
-    rules = dict(single=single, bpp=bpp, bpp10=partial(bpp, backup=10), newton=newton)
+    rules = dict(single=single, bpp=bpp, bpp10=partial(bpp, backup=10), newton=newton,
+                 bpp_newton=partial(bpp, then=newton))  # fmt: skip
     rows, seconds = {r: [] for r in rules}, dict.fromkeys(rules, 0.0)
     for i in range(N) if columns is None else columns:
         r = Y[:, i] - Y @ C[:, i] - E[:, i]
@@ -263,7 +272,8 @@ def main(out, columns=None):
                        max_diff=float(np.abs(v - want).max()))  # fmt: skip
             rows[name].append(row)
     result = dict(meta=meta, reference_gap=ref.residual, seconds=seconds,
-                  summary={k: summary(v) for k, v in rows.items()}, rows=rows)  # fmt: skip
+                  summary={k: summary(v) for k, v in rows.items()},
+                  rows={k: by_key(v) for k, v in rows.items()})  # fmt: skip
     print(json.dumps(result["summary"], indent=1), seconds)
     with open(out, "w") as f:
         json.dump(result, f, separators=(",", ":"))

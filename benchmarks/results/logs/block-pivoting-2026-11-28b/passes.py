@@ -5,15 +5,16 @@ call, each pass warm-started from the previous pass's answer, under the rules of
 The passes are the GPU kernel's (``workset_cuda._pass``), all in float64 at ``tol = 1e-9``
 (the kernel runs float32 passes first, to ``SCREEN = 1e-5``, then float64: its passes
 differ): each column starts from its nearest point (``W = {nearest}``, ``c_nearest = 1``);
-after each solve its set becomes its support and the ``GROW`` = 16 largest KKT violations
-off it (over all N + D variables, ``c_i`` excepted), until no column violates. Every rule
+after each solve its set becomes its support and the ``grow`` largest KKT violations off
+it (over all N + D variables, ``c_i`` excepted; the kernel's default ``grow`` is 16), until
+no column violates. Every rule
 reaches the set's minimiser, so the sets follow the kernel's rule's answers and are the
 same for every rule; each pass each rule starts from the previous pass's answer (its
 support and signs). A column's chain is the sum of its steps over the passes; its
 ``max_diff``: the largest difference of the final answer to the certified minimiser, or
 of a rule's answer to the kernel's rule's in any pass.
 
-    python passes.py OUT.json
+    python passes.py OUT.json GROW [COLUMNS]   (COLUMNS: a comma-separated sample; all by default)
 """
 
 import json
@@ -26,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, ".")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chains_global import TOL, bpp, newton, single, summary  # noqa: E402
+from chains_global import TOL, bpp, by_key, newton, single, summary  # noqa: E402
 
 from benchmarks.common import environment, video_tokens  # noqa: E402
 from videoanchor.anchor.workset import reference_minimiser  # noqa: E402
@@ -34,7 +35,7 @@ from videoanchor.anchor.workset import reference_minimiser  # noqa: E402
 GROW = 16
 
 
-def main(out):
+def main(out, grow=GROW, sample=None):
     meta = environment()
     meta.update(numpy=np.__version__, machine="CPU (NumPy float64, one thread; the counts do "
                 "not depend on the machine)")  # fmt: skip
@@ -49,10 +50,12 @@ def main(out):
     np.fill_diagonal(cos, -np.inf)
     W = [np.array([j]) for j in cos.argmax(axis=0)]  # each column's set: its nearest point
     z = [np.ones(1) for _ in range(N)]
-    rules = dict(single=single, bpp=bpp, bpp10=partial(bpp, backup=10), newton=newton)
+    rules = dict(single=single, bpp=bpp, bpp10=partial(bpp, backup=10), newton=newton,
+                 bpp_newton=partial(bpp, then=newton))  # fmt: skip
     rows = {r: [dict(column=i, steps=0, sizes=[], changed=[0], converged=True, passes=0)
                 for i in range(N)] for r in rules}  # fmt: skip
-    live, passes, t0 = np.arange(N), 0, time.perf_counter()
+    cols = np.arange(N) if sample is None else np.sort(sample)
+    live, passes, t0 = cols, 0, time.perf_counter()
     while len(live):
         passes += 1
         for i in live:  # each rule from the last pass's answer, on the set W[i]
@@ -98,7 +101,7 @@ def main(out):
         for k, i in enumerate(live):
             keep = W[i][z[i] != 0]
             viol[keep, k] = viol[i, k] = -np.inf
-            new = np.argsort(-viol[:, k])[:GROW]
+            new = np.argsort(-viol[:, k])[:grow]
             new = new[viol[new, k] > TOL]
             if len(new):
                 W[i] = np.concatenate([keep, new])
@@ -109,18 +112,22 @@ def main(out):
         print(f"pass {passes}: {len(live)} columns, {len(nxt)} violate", flush=True)
         live = np.array(nxt, dtype=int)
     want = np.concatenate([ref.coef.numpy(), ref.outliers.numpy()])
-    diff = [float(np.abs(want[W[i], i] - z[i]).max()) for i in range(N)]
-    full = [float(np.abs(np.delete(want[:, i], W[i])).max(initial=0.0)) for i in range(N)]
     for name in rules:
-        for i, r in enumerate(rows[name]):
-            r.update(max_diff=max(diff[i], full[i], r["pass_diff"]))
-    result = dict(meta=meta, reference_gap=ref.residual, passes=passes,
+        rows[name] = [rows[name][i] for i in cols]
+        for r in rows[name]:
+            i = r["column"]
+            diff = np.abs(want[W[i], i] - z[i]).max()
+            full = np.abs(np.delete(want[:, i], W[i])).max(initial=0.0)
+            r.update(max_diff=float(max(diff, full, r["pass_diff"])))
+    result = dict(meta=meta, reference_gap=ref.residual, grow=grow, passes=passes,
                   seconds=time.perf_counter() - t0,
-                  summary={k: summary(v) for k, v in rows.items()}, rows=rows)  # fmt: skip
+                  summary={k: summary(v) for k, v in rows.items()},
+                  rows={k: by_key(v) for k, v in rows.items()})  # fmt: skip
     print(json.dumps(result["summary"], indent=1))
     with open(out, "w") as f:
         json.dump(result, f, separators=(",", ":"))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    sample = sys.argv[3:] and [int(c) for c in sys.argv[3].split(",")]
+    main(sys.argv[1], int(sys.argv[2]), sample or None)
