@@ -30,14 +30,17 @@ and 64 frames, InternVL2-8B at 16, 32 and 64), each against the time measured th
 - **2c09e9e** (Qwen2.5-VL-7B): the measured working sets at 5851f44 times the A/B's
   measured ratio of the new kernel's median to the old one's (``ab_kernel.json``, tile
   2048): derived from a measured ratio, not a timing;
-- **the proposed route** (lockstep pivoting over all columns, sets doubling from ``grow``,
-  a pass as one graph): ``ceil(log2(set / grow)) + 2`` passes, each the KKT products (``4 N^2
-  D``) on fp16x3 tensor cores at peak and ``host_ms_route``, plus the lockstep chain (the
-  longest column's dependent steps) of ``step_us`` each. The chain and the largest set are
-  the CPU counts (``logs/block-pivoting-2026-11-28/chains_*.json``: 16 frames, each column
-  from the kernel's start on its final working set, so a lower bound on a chain over
-  growing sets), one prediction per pivoting rule; other rows scale them by the kernel's
-  longest chain ``S``. Assumed: ``step_us``, ``host_ms_route``, the peak, that scaling;
+- **the proposed route** (lockstep pivoting over all columns, a pass as one graph): passes
+  of the KKT products over every column (``4 N^2 D``) on fp16x3 tensor cores at peak and
+  ``host_ms_route`` each, plus the lockstep chain (the longest column's dependent steps) of
+  ``step_us`` each. The chains are the CPU's counts (16 frames, one prediction per pivoting
+  rule; a rule that cycles has none): ``logs/block-pivoting-2026-11-28/chains_*.json`` and
+  ``-28b/chains_global.json``, each column from the kernel's start on its final working
+  set, with sets doubling from ``grow`` (``ceil(log2(largest set / grow)) + 2`` passes: a
+  lower bound, the sets known), and ``-28b/passes.json``, the chain warm-started over the
+  kernel's passes (``, over the passes``). Other rows scale the chains and sets by the
+  kernel's longest chain ``S``, the CPU's passes by the kernel's ``P``. Assumed:
+  ``step_us``, ``host_ms_route``, the peak, the products over every column, the scaling;
 - **the rest of the call** (the lambdas, the certificate, the spectral step, the scores and
   the untimed remainder): measured, the row's default less its working sets. Each row
   says whether a prediction meets the target (0.10x the prefill at 16 frames, 0.25x at
@@ -68,7 +71,9 @@ OLD = LOGS / "h100-2026-11-27" / "workset_cuda_model_static.json"
 INTERNVL16 = LOGS / "h100-2026-11-27-c" / "workset_cuda_internvl_3652761.json"
 #: the CPU's counts of dependent steps a column under each pivoting rule (16 frames)
 CHAINS = [
-    LOGS / "block-pivoting-2026-11-28" / f"chains_{r}.json" for r in ("single", "block", "pdas")
+    *(LOGS / "block-pivoting-2026-11-28" / f"chains_{r}.json" for r in ("single", "block", "pdas")),
+    LOGS / "block-pivoting-2026-11-28b" / "chains_global.json",
+    LOGS / "block-pivoting-2026-11-28b" / "passes.json",
 ]
 
 
@@ -133,12 +138,19 @@ def inputs(run: Path) -> dict:
         s["seconds"] for s in ab if s.get("seconds") and s["frames"] == r["frames"]
         and s["kernel"] == r["kernel"] and s["tile"] == 2048) for r in ab if "seconds" in r}  # fmt: skip
     chains = {}
-    for path in CHAINS:
+    for path in CHAINS:  # (one rule a file or several; the first count of a rule stands)
         c = json.loads(path.read_text())
-        s = c["summary"]
-        chains[s["rule"]] = dict(steps_median=s["steps_median"], steps_max=s["steps_max"],
-                                 set_max=max(r["set"] for r in c["rows"]), n=s["n"],
-                                 converged=s["converged"], source=_rel(path))  # fmt: skip
+        one = "rule" in c["summary"]
+        for rule, s in ({c["summary"]["rule"]: c["summary"]} if one else c["summary"]).items():
+            crows = c["rows"] if one else c["rows"][rule]
+            ch = dict(steps_median=s["steps_median"], steps_max=s["steps_max"],
+                      n=s.get("n", s.get("columns")), converged=s["converged"],
+                      source=_rel(path))  # fmt: skip
+            if "passes" in c:  # the chain over a call's passes (warm-started), not one set's
+                chains.setdefault(f"{rule}, over the passes", dict(ch, passes=c["passes"]))
+            else:
+                sets = crows["set"] if isinstance(crows, dict) else [r["set"] for r in crows]
+                chains.setdefault(rule, dict(ch, set_max=max(sets)))
     return {
         "profile_16": prof, "rows": rows, "counted": [dict(model=k[0], frames=k[1], **v)
                                                       for k, v in counted.items()],
@@ -239,7 +251,10 @@ def model(inp: dict, grow: int = 16, step_us: float = 20.0, host_ms_route: float
             if ch["converged"] < ch["n"]:  # (a rule that cycles has no chain to model)
                 continue
             grown = s / s16  # assumed: the route's chain and sets grow as the kernel's chain
-            passes = math.ceil(math.log2(max(ch["set_max"] * grown, grow) / grow)) + 2
+            if "passes" in ch:  # the CPU's passes, scaled as the kernel's (assumed)
+                passes = math.ceil(ch["passes"] * p / p16)
+            else:
+                passes = math.ceil(math.log2(max(ch["set_max"] * grown, grow) / grow)) + 2
             t = passes * (3 * kkt / PEAK["fp16"] + host_ms_route / 1e3)
             t += ch["steps_max"] * grown * step_us / 1e6
             route[name] = dict(passes=passes, chain_steps=ch["steps_max"] * grown,
@@ -263,6 +278,8 @@ def model(inp: dict, grow: int = 16, step_us: float = 20.0, host_ms_route: float
                                 peaks=PEAK, targets=TARGETS,
                                 assumed=["step_us", "host_ms_route", "fp16x3 products at peak",
                                          "route chain and set scaled by the kernel's chain",
+                                         "route passes over the passes scaled by the kernel's",
+                                         "route products over every column a pass",
                                          "InternVL2-8B counts at 32 and 64 frames",
                                          "active columns proportional to N"]))  # fmt: skip
 
