@@ -1,4 +1,4 @@
-"""Issue 76 item 2, counted on the CPU (2026-11-28): two globalised block rules for a
+"""Issue 76 item 2, counted on the CPU (2026-11-28): globalised block rules for a
 column's solve on its working set, beside the GPU kernel's single-pivot rule, on
 bench_workset_cuda's 16-frame video-like set (Qwen2.5-VL-7B shapes, N = 2048, D = 3584),
 float64, NumPy. The set, the working sets and the start are those of
@@ -28,13 +28,15 @@ take). The rules:
   of the sign-fixed system gives ``z``, and the objective is minimised exactly on the
   segment from ``v`` to ``z`` (a convex piecewise quadratic: its pieces are "cheap trials",
   matrix-vector work, no solve); variables may cross zero and change sign, and one that
-  ends at zero leaves. Where the block's direction does not descend (the line search
-  stays at ``v``), the worst violator alone joins instead (Lee et al. 2007's step, which
-  descends): the objective falls at every move, so the rule terminates;
+  ends at zero leaves (a ``z`` that keeps every sign is taken whole, no line search).
+  Where the block's direction does not descend (the line search stays at ``v``), the
+  worst violator alone joins instead (Lee et al. 2007's step, which descends); where a
+  step of that kind stays at ``v`` by rounding, the first variable to reach zero leaves;
 - ``bpp_newton``: ``bpp`` until its backup runs out, then ``newton`` from its last iterate
-  (instead of Murty's exchanges).
+  (instead of Murty's exchanges; its row then counts ``newton``'s trials and fallbacks,
+  not ``bpp``'s guards).
 
-    python chains_global.py OUT.json [--warm]
+    python chains_global.py OUT.json [COLUMNS]   (COLUMNS: a comma-separated sample)
 """
 
 import json
