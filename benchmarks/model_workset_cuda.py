@@ -104,7 +104,10 @@ def _profile(text: str) -> dict:
 
 def inputs(run: Path) -> dict:
     """Every figure the model uses, read from the committed files (path per figure)."""
-    canon = RESULTS / "workset_cuda_nvidia-h100-80gb-hbm3.json"
+    # the run's own copy of the bench's JSON (the canonical file is the newest run's)
+    canon = run / "workset_cuda_nvidia-h100-80gb-hbm3.json"
+    if not canon.exists():
+        canon = RESULTS / canon.name
     bench = json.loads(canon.read_text())
     day = run.name.removeprefix("h100-")[:10]
     if not bench["meta"]["date"].startswith(day):
