@@ -26,15 +26,42 @@ sys.path.insert(0, ".")
 from benchmarks.common import video_tokens  # noqa: E402
 from videoanchor.anchor.workset import reference_minimiser  # noqa: E402
 
-rule, out = sys.argv[1], sys.argv[2]
-x = video_tokens(16, 128, 3584, k=8, seed=0).double()
-ref = reference_minimiser(x)
-Y = x.numpy().T  # D x N
-d, N = Y.shape
-C, E = ref.coef.numpy(), ref.outliers.numpy()
-lam_e, lam_z = ref.lambda_e, ref.lambda_z
-G = Y.T @ Y
-wfull = np.concatenate([np.ones(N), np.full(d, lam_e)])
+
+def problem() -> dict:
+    """The set, its certified minimiser (``ref``, ``C``, ``E``) and what the working sets
+    read: ``Y`` (D x N), ``G = Y'Y``, the lambdas and the l1 weights of all N + D variables."""
+    x = video_tokens(16, 128, 3584, k=8, seed=0).double()
+    ref = reference_minimiser(x)
+    Y = x.numpy().T  # D x N
+    d, N = Y.shape
+    return dict(ref=ref, Y=Y, d=d, N=N, C=ref.coef.numpy(), E=ref.outliers.numpy(),
+                lam_e=ref.lambda_e, lam_z=ref.lambda_z, G=Y.T @ Y,
+                wfull=np.concatenate([np.ones(N), np.full(d, ref.lambda_e)]))  # fmt: skip
+
+
+def column(p: dict, i: int) -> dict:
+    """Column ``i``'s working set ``W`` (its minimiser's support ``supp``, the 16 largest KKT
+    ratios off it, its nearest point), the subproblem on it (``H``, ``b``, ``w``, ``a``; ``coef``
+    marks the coefficients, ``me`` the position of ``c_i``), the kernel's start ``v0``
+    (``c_nearest = 1``) and the minimiser's values ``want``."""
+    Y, G, C, E, N, d = p["Y"], p["G"], p["C"], p["E"], p["N"], p["d"]
+    r = Y[:, i] - Y @ C[:, i] - E[:, i]
+    m = p["lam_z"] * np.concatenate([Y.T @ r, r])
+    supp = np.flatnonzero(np.concatenate([C[:, i], E[:, i]]) != 0)
+    ratio = np.abs(m) / p["wfull"]
+    ratio[supp] = ratio[i] = -1.0
+    cos = G[i] / np.sqrt(np.diag(G) * G[i, i])
+    cos[i] = -np.inf
+    nearest = int(np.argmax(cos))
+    W = np.unique(np.concatenate([supp, np.argsort(-ratio)[:16], [nearest]]))
+    coef = W < N
+    c_ids, o_ids = W[coef], W[~coef] - N
+    P = np.concatenate([Y[:, c_ids], np.eye(d)[:, o_ids]], axis=1)  # W sorted: coefs first
+    return dict(W=W, supp=supp, coef=coef, H=p["lam_z"] * P.T @ P,
+                b=p["lam_z"] * P.T @ Y[:, i], w=np.where(coef, 1.0, p["lam_e"]),
+                a=coef.astype(float), v0=np.where(W == nearest, 1.0, 0.0),
+                me=np.flatnonzero(W == i),
+                want=np.concatenate([C[c_ids, i], E[o_ids, i]]))  # fmt: skip
 
 
 def bordered(H, a, b, w, s, idx):
@@ -98,38 +125,30 @@ def pdas(H, a, b, w, v, coef):
     return v, mu, dict(steps=200, converged=False)
 
 
-rows, t0 = [], time.perf_counter()
-for i in range(N):
-    r = Y[:, i] - Y @ C[:, i] - E[:, i]
-    m = lam_z * np.concatenate([Y.T @ r, r])
-    supp = np.flatnonzero(np.concatenate([C[:, i], E[:, i]]) != 0)
-    ratio = np.abs(m) / wfull
-    ratio[supp] = ratio[i] = -1.0
-    cos = G[i] / np.sqrt(np.diag(G) * G[i, i])
-    cos[i] = -np.inf
-    nearest = int(np.argmax(cos))
-    W = np.unique(np.concatenate([supp, np.argsort(-ratio)[:16], [nearest]]))
-    coef = W < N
-    c_ids, o_ids = W[coef], W[~coef] - N
-    P = np.concatenate([Y[:, c_ids], np.eye(d)[:, o_ids]], axis=1)  # W sorted: coefs first
-    H = lam_z * P.T @ P
-    b = lam_z * P.T @ Y[:, i]
-    w, a = np.where(coef, 1.0, lam_e), coef.astype(float)
-    v = np.where(W == nearest, 1.0, 0.0)
-    me = np.flatnonzero(W == i)
-    if rule == "pdas":
-        v, mu, row = pdas(H, a, b, w, v, coef)
-    else:
-        v, mu, row = active_set(H, a, b, w, v, me, rule == "block")
-    want = np.concatenate([C[c_ids, i], E[o_ids, i]])
-    row.update(column=i, set=len(W), support=len(supp), max_diff=float(np.abs(v - want).max()))
-    rows.append(row)
-steps = np.array([r["steps"] for r in rows])
-support = np.array([r["support"] for r in rows])
-summary = dict(rule=rule, n=N, seconds=time.perf_counter() - t0,
-               reference_gap=ref.residual, converged=int(sum(r["converged"] for r in rows)),
-               steps_median=float(np.median(steps)), steps_max=int(steps.max()),
-               support_median=float(np.median(support)), support_max=int(support.max()),
-               max_diff=max(r["max_diff"] for r in rows))  # fmt: skip
-print(summary)
-json.dump(dict(summary=summary, rows=rows), open(out, "w"))
+def main(rule: str, out: str) -> None:
+    p = problem()
+    rows, t0 = [], time.perf_counter()
+    for i in range(p["N"]):
+        c = column(p, i)
+        H, a, b, w, v = c["H"], c["a"], c["b"], c["w"], c["v0"]
+        if rule == "pdas":
+            v, mu, row = pdas(H, a, b, w, v, c["coef"])
+        else:
+            v, mu, row = active_set(H, a, b, w, v, c["me"], rule == "block")
+        row.update(column=i, set=len(c["W"]), support=len(c["supp"]),
+                   max_diff=float(np.abs(v - c["want"]).max()))  # fmt: skip
+        rows.append(row)
+    steps = np.array([r["steps"] for r in rows])
+    support = np.array([r["support"] for r in rows])
+    summary = dict(rule=rule, n=p["N"], seconds=time.perf_counter() - t0,
+                   reference_gap=p["ref"].residual,
+                   converged=int(sum(r["converged"] for r in rows)),
+                   steps_median=float(np.median(steps)), steps_max=int(steps.max()),
+                   support_median=float(np.median(support)), support_max=int(support.max()),
+                   max_diff=max(r["max_diff"] for r in rows))  # fmt: skip
+    print(summary)
+    json.dump(dict(summary=summary, rows=rows), open(out, "w"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -2,7 +2,7 @@
 column's solve on its working set, beside the GPU kernel's single-pivot rule, on
 bench_workset_cuda's 16-frame video-like set (Qwen2.5-VL-7B shapes, N = 2048, D = 3584),
 float64, NumPy. The set, the working sets and the start are those of
-``../block-pivoting-2026-11-28/chains.py`` (copied: that script runs on import): each
+``../block-pivoting-2026-11-28/chains.py`` (its ``problem`` and ``column``): each
 column's set W is its certified minimiser's support, the 16 largest KKT ratios off it and
 its nearest point; the start is the GPU kernel's, ``c_nearest = 1``. The subproblem:
 minimise ``v'Hv / 2 - b'v + sum w|v|`` over W with ``a'v = 1`` (``a``: 1 on coefficients)
@@ -43,12 +43,15 @@ import json
 import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, ".")
-from benchmarks.common import environment, video_tokens  # noqa: E402
-from videoanchor.anchor.workset import reference_minimiser  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "block-pivoting-2026-11-28"))
+from chains import column, problem  # noqa: E402
+
+from benchmarks.common import environment  # noqa: E402
 
 TOL, CAP, BACKUP = 1e-9, 5000, 3
 
@@ -202,6 +205,10 @@ def newton(H, a, b, w, v, me, log=None):
     return v, log.row(False, cheap_trials=cheap, fallbacks=fallbacks)
 
 
+RULES = dict(single=single, bpp=bpp, bpp10=partial(bpp, backup=10), newton=newton,
+             bpp_newton=partial(bpp, then=newton))  # fmt: skip
+
+
 def summary(rows):
     """The summary of a rule's rows; each row's per-step lists become their sums (the
     JSON's size), ``size_sq``: the sum of the squared sizes (a rank-one update's work)."""
@@ -232,48 +239,26 @@ def by_key(rows):
     return {k: [r.get(k) for r in rows] for k in keys}
 
 
+def meta() -> dict:
+    out = environment()
+    out.update(numpy=np.__version__, machine="CPU (NumPy float64, one thread; the counts do "
+               "not depend on the machine)")  # fmt: skip
+    return out
+
+
 def main(out, columns=None):
-    meta = environment()
-    meta.update(numpy=np.__version__, machine="CPU (NumPy float64, one thread; the counts do "
-                "not depend on the machine)")  # fmt: skip
-    x = video_tokens(16, 128, 3584, k=8, seed=0).double()
-    ref = reference_minimiser(x)
-    Y = x.numpy().T  # D x N
-    d, N = Y.shape
-    C, E = ref.coef.numpy(), ref.outliers.numpy()
-    lam_e, lam_z = ref.lambda_e, ref.lambda_z
-    G = Y.T @ Y
-    wfull = np.concatenate([np.ones(N), np.full(d, lam_e)])
-    rules = dict(single=single, bpp=bpp, bpp10=partial(bpp, backup=10), newton=newton,
-                 bpp_newton=partial(bpp, then=newton))  # fmt: skip
-    rows, seconds = {r: [] for r in rules}, dict.fromkeys(rules, 0.0)
-    for i in range(N) if columns is None else columns:
-        r = Y[:, i] - Y @ C[:, i] - E[:, i]
-        m = lam_z * np.concatenate([Y.T @ r, r])
-        supp = np.flatnonzero(np.concatenate([C[:, i], E[:, i]]) != 0)
-        ratio = np.abs(m) / wfull
-        ratio[supp] = ratio[i] = -1.0
-        cos = G[i] / np.sqrt(np.diag(G) * G[i, i])
-        cos[i] = -np.inf
-        nearest = int(np.argmax(cos))
-        W = np.unique(np.concatenate([supp, np.argsort(-ratio)[:16], [nearest]]))
-        coef = W < N
-        c_ids, o_ids = W[coef], W[~coef] - N
-        P = np.concatenate([Y[:, c_ids], np.eye(d)[:, o_ids]], axis=1)  # W sorted: coefs first
-        H = lam_z * P.T @ P
-        b = lam_z * P.T @ Y[:, i]
-        w, a = np.where(coef, 1.0, lam_e), coef.astype(float)
-        v0 = np.where(W == nearest, 1.0, 0.0)
-        me = np.flatnonzero(W == i)
-        want = np.concatenate([C[c_ids, i], E[o_ids, i]])
-        for name, rule in rules.items():
+    p = problem()
+    rows, seconds = {r: [] for r in RULES}, dict.fromkeys(RULES, 0.0)
+    for i in range(p["N"]) if columns is None else columns:
+        c = column(p, i)
+        for name, rule in RULES.items():
             t0 = time.perf_counter()
-            v, row = rule(H, a, b, w, v0.copy(), me)
+            v, row = rule(c["H"], c["a"], c["b"], c["w"], c["v0"].copy(), c["me"])
             seconds[name] += time.perf_counter() - t0
-            row.update(column=int(i), set=len(W), support=len(supp),
-                       max_diff=float(np.abs(v - want).max()))  # fmt: skip
+            row.update(column=int(i), set=len(c["W"]), support=len(c["supp"]),
+                       max_diff=float(np.abs(v - c["want"]).max()))  # fmt: skip
             rows[name].append(row)
-    result = dict(meta=meta, reference_gap=ref.residual, seconds=seconds,
+    result = dict(meta=meta(), reference_gap=p["ref"].residual, seconds=seconds,
                   summary={k: summary(v) for k, v in rows.items()},
                   rows={k: by_key(v) for k, v in rows.items()})  # fmt: skip
     print(json.dumps(result["summary"], indent=1), seconds)

@@ -20,40 +20,27 @@ of a rule's answer to the kernel's rule's in any pass.
 import json
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, ".")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chains_global import TOL, bpp, by_key, newton, single, summary  # noqa: E402
-
-from benchmarks.common import environment, video_tokens  # noqa: E402
-from videoanchor.anchor.workset import reference_minimiser  # noqa: E402
+from chains_global import RULES, TOL, by_key, meta, problem, summary  # noqa: E402
 
 GROW = 16
 
 
 def main(out, grow=GROW, sample=None):
-    meta = environment()
-    meta.update(numpy=np.__version__, machine="CPU (NumPy float64, one thread; the counts do "
-                "not depend on the machine)")  # fmt: skip
-    x = video_tokens(16, 128, 3584, k=8, seed=0).double()
-    ref = reference_minimiser(x)
-    Y = x.numpy().T  # D x N
-    d, N = Y.shape
-    lam_e, lam_z = ref.lambda_e, ref.lambda_z
-    G = Y.T @ Y
-    wfull = np.concatenate([np.ones(N), np.full(d, lam_e)])
+    p = problem()
+    ref, Y, G, wfull = p["ref"], p["Y"], p["G"], p["wfull"]
+    d, N, lam_e, lam_z = p["d"], p["N"], p["lam_e"], p["lam_z"]
     cos = G / np.sqrt(np.outer(np.diag(G), np.diag(G)))
     np.fill_diagonal(cos, -np.inf)
     W = [np.array([j]) for j in cos.argmax(axis=0)]  # each column's set: its nearest point
     z = [np.ones(1) for _ in range(N)]
-    rules = dict(single=single, bpp=bpp, bpp10=partial(bpp, backup=10), newton=newton,
-                 bpp_newton=partial(bpp, then=newton))  # fmt: skip
     rows = {r: [dict(column=i, steps=0, sizes=[], changed=[0], converged=True, passes=0)
-                for i in range(N)] for r in rules}  # fmt: skip
+                for i in range(N)] for r in RULES}  # fmt: skip
     cols = np.arange(N) if sample is None else np.sort(sample)
     live, passes, t0 = cols, 0, time.perf_counter()
     while len(live):
@@ -68,7 +55,7 @@ def main(out, grow=GROW, sample=None):
             w, a = np.where(coef, 1.0, lam_e), coef.astype(float)
             me = np.flatnonzero(ids == i)
             start = z[i]
-            for name, rule in rules.items():
+            for name, rule in RULES.items():
                 v, row = rule(H, a, b, w, start.copy(), me)
                 acc = rows[name][i]
                 acc["steps"] += row["steps"]
@@ -112,14 +99,14 @@ def main(out, grow=GROW, sample=None):
         print(f"pass {passes}: {len(live)} columns, {len(nxt)} violate", flush=True)
         live = np.array(nxt, dtype=int)
     want = np.concatenate([ref.coef.numpy(), ref.outliers.numpy()])
-    for name in rules:
+    for name in RULES:
         rows[name] = [rows[name][i] for i in cols]
         for r in rows[name]:
             i = r["column"]
             diff = np.abs(want[W[i], i] - z[i]).max()
             full = np.abs(np.delete(want[:, i], W[i])).max(initial=0.0)
             r.update(max_diff=float(max(diff, full, r["pass_diff"])))
-    result = dict(meta=meta, reference_gap=ref.residual, grow=grow, passes=passes,
+    result = dict(meta=meta(), reference_gap=ref.residual, grow=grow, passes=passes,
                   seconds=time.perf_counter() - t0,
                   summary={k: summary(v) for k, v in rows.items()},
                   rows={k: by_key(v) for k, v in rows.items()})  # fmt: skip
