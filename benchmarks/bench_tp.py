@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import videoanchor  # noqa: E402
-import videoanchor.integrations.transformers.anchoring as anchoring  # noqa: E402
+import videoanchor.integrations.transformers.configure as integration  # noqa: E402
 from benchmarks.bench_integration import (  # noqa: E402
     QWEN25_VL_7B_TEXT,
     QWEN25_VL_7B_VISION,
@@ -72,7 +72,7 @@ class ShareTimer:
 
     def __init__(self):
         self.seconds = 0.0
-        self._check, self._score = anchoring.check_same_request, anchoring.shared_scores
+        self._check, self._score = integration.check_same_request, integration.shared_scores
 
         def check(*args, **kwargs):
             t0 = time.perf_counter()
@@ -97,7 +97,7 @@ class ShareTimer:
             finally:
                 self.seconds += time.perf_counter() - t0 - inner[0]
 
-        anchoring.check_same_request, anchoring.shared_scores = check, score
+        integration.check_same_request, integration.shared_scores = check, score
 
 
 def timed(fn, cuda: bool, warmup: int, reps: int) -> list[float]:

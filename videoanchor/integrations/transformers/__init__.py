@@ -16,7 +16,7 @@ import importlib.util
 import sys
 import warnings
 
-from videoanchor.integrations.transformers.anchoring import (
+from videoanchor.integrations.transformers.configure import (
     AnchorConfig,
     AnchorHandle,
     configure,
@@ -71,7 +71,7 @@ def register() -> None:
         raise ImportError(problem) from None  # the cause is in the one line
     from transformers.masking_utils import AttentionMaskInterface
 
-    from videoanchor.integrations.transformers.anchoring import maybe_install
+    from videoanchor.integrations.transformers.configure import maybe_install
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, videoanchor_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, videoanchor_mask)
