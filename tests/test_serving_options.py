@@ -401,7 +401,7 @@ def test_a_video_too_short_for_the_loader_is_counted(monkeypatch, tmp_path):
     import sys
     import types
 
-    from videoanchor.integrations.vllm import hooks, metrics
+    from videoanchor.integrations.vllm import hooks, metrics, startup
 
     class VideoMediaIO:
         video_loader = "qwen2_vl_loader"
@@ -416,12 +416,12 @@ def test_a_video_too_short_for_the_loader_is_counted(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "vllm.multimodal.media.video", module)
     monkeypatch.setenv(metrics.ENV, str(tmp_path))
     metrics.reset_counts()
-    monkeypatch.setattr(hooks, "ANCHORED_FRONT_END", [True])
+    monkeypatch.setattr(startup, "ANCHORED_FRONT_END", [True])
     hooks.refuse_short_videos()
     with pytest.raises(ValueError, match="send at least 2 frames"):
         VideoMediaIO().load_bytes(b"one frame")
     assert metrics.snapshot()["videoanchor_requests_refused"] == [[["video"], 1.0]]
-    monkeypatch.setattr(hooks, "ANCHORED_FRONT_END", [False])  # unanchored: vLLM's own error
+    monkeypatch.setattr(startup, "ANCHORED_FRONT_END", [False])  # unanchored: vLLM's own error
     with pytest.raises(ZeroDivisionError):
         VideoMediaIO().load_bytes(b"one frame")
     assert metrics.snapshot()["videoanchor_requests_refused"] == [[["video"], 1.0]]

@@ -184,21 +184,21 @@ def test_custom_owned_by_another_plugin_is_a_clear_error(registry):
 def test_startup_check_per_platform(registry, monkeypatch):
     from vllm.platforms import current_platform
 
-    from videoanchor.integrations.vllm import _validate_at_startup
+    from videoanchor.integrations.vllm.startup import validate_at_startup
 
     monkeypatch.setattr(current_platform, "is_cuda", lambda: True)
     monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
     cfg = _cfg({"alpha_k": 2.0})
-    _validate_at_startup(cfg)  # CUDA: accepted, and our backend selected
+    validate_at_startup(cfg)  # CUDA: accepted, and our backend selected
     assert cfg.attention_config.backend == registry.CUSTOM
     plain = _cfg()
-    _validate_at_startup(plain)
+    validate_at_startup(plain)
     assert plain.attention_config.backend is None
     # Neither CPU nor CUDA (ROCm, XPU, TPU...): refused, naming the platform.
     monkeypatch.setattr(current_platform, "is_cuda", lambda: False)
     with pytest.raises(NotImplementedError, match="CPU and CUDA"):
-        _validate_at_startup(_cfg({"alpha_k": 2.0}))
-    _validate_at_startup(_cfg())  # unanchored: no opinion
+        validate_at_startup(_cfg({"alpha_k": 2.0}))
+    validate_at_startup(_cfg())  # unanchored: no opinion
     # Features whose steps the runner hook does not see, on any platform.
     for attr, value, needle in (("parallel_config", SimpleNamespace(pipeline_parallel_size=2),
                                  "pipeline_parallel_size"),
@@ -206,7 +206,7 @@ def test_startup_check_per_platform(registry, monkeypatch):
         cfg = _cfg({"alpha_k": 2.0})
         setattr(cfg, attr, value)
         with pytest.raises(ValueError, match=needle):
-            _validate_at_startup(cfg)
+            validate_at_startup(cfg)
 
 
 def test_backend_refuses_unsupported_features_with_a_named_reason():

@@ -2,14 +2,15 @@
 ``additional_config["videoanchor"]``):
 
 - ``EngineArgs.create_engine_config``: validates the engine options at start-up (the error
-  names the key) in the front-end process, before any engine process starts;
+  names the key) in the front-end process, before any engine process starts
+  (:func:`.startup.validate_at_startup`);
 - ``SamplingParams._verify_extra_args``: validates a request's videoanchor entries, so a bad
   value fails that request only (HTTP 400 in the OpenAI server);
 - ``InputProcessor._validate_params``: holds a request to the operator's policy
   (``request_options``, ``request_limits``; HTTP 400 as well);
 - the attention backend registry: CPU_ATTN -> :class:`.backend.VideoAnchorCPUBackend`;
   CUSTOM -> :class:`.backend_cuda.VideoAnchorCUDABackend`, which an anchored CUDA engine's
-  config selects (:func:`videoanchor.integrations.vllm.select_cuda_backend`);
+  config selects (:func:`.startup.select_cuda_backend`);
 - ``EngineCore.preprocess_add_request``: checks the policy again and salts an anchored
   request's ``cache_salt`` before its block hashes are computed (prefix caching), in
   whatever process the engine core runs;
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import json
 
-from videoanchor.integrations.vllm import metrics
+from videoanchor.integrations.vllm import metrics, startup
 from videoanchor.integrations.vllm.config import (
     check_request,
     engine_config,
@@ -197,16 +198,13 @@ def _check_before_rendering() -> None:
         wrap_once(serving, method, make)
 
 
-#: Set in the front end of an anchored engine (:func:`refuse_short_videos`).
-ANCHORED_FRONT_END = [False]
-
-
 def refuse_short_videos() -> None:
     """Wraps vLLM's ``VideoMediaIO.load_bytes`` so that, in the front end of an anchored
     engine, a video too short for the model is refused with a ValueError saying so (HTTP 400
     in the OpenAI server) instead of an HTTP 500: one that vLLM's loader cannot sample (its
     Qwen2-VL loader takes frames in pairs and divides by zero on a 1-frame video), counted in
-    ``videoanchor_requests_refused{option="video"}``. An engine without
+    ``videoanchor_requests_refused{option="video"}`` (such a front end sets
+    :data:`.startup.ANCHORED_FRONT_END`). An engine without
     ``additional_config["videoanchor"]`` keeps vLLM's behaviour."""
     try:
         from vllm.multimodal.media.video import VideoMediaIO
@@ -218,7 +216,7 @@ def refuse_short_videos() -> None:
             try:
                 return orig(self, data)
             except ZeroDivisionError as err:
-                if not ANCHORED_FRONT_END[0]:
+                if not startup.ANCHORED_FRONT_END[0]:
                     raise
                 loader = getattr(self.video_loader, "__name__", type(self.video_loader).__name__)
                 metrics.count("videoanchor_requests_refused", option="video")
@@ -241,18 +239,12 @@ def install() -> None:
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.engine.input_processor import InputProcessor
 
-    from videoanchor.integrations.vllm import (
-        CUDA_BACKEND,
-        _validate_at_startup,
-        ahead,
-        runner,
-        runner_v2,
-    )
+    from videoanchor.integrations.vllm import ahead, runner, runner_v2
 
     def make_create(orig):
         def create_engine_config(self, *args, **kwargs):
             cfg = orig(self, *args, **kwargs)
-            _validate_at_startup(cfg)
+            startup.validate_at_startup(cfg)
             return cfg
 
         return create_engine_config
@@ -307,7 +299,7 @@ def install() -> None:
     # (select_cuda_backend); register it in every process (the workers resolve it), unless
     # another plugin owns CUSTOM (an anchored engine then fails at start-up saying so).
     if not AttentionBackendEnum.CUSTOM.is_overridden():
-        register_backend(AttentionBackendEnum.CUSTOM, CUDA_BACKEND)
+        register_backend(AttentionBackendEnum.CUSTOM, startup.CUDA_BACKEND)
 
     # Prefix caching: an anchored request's blocks are salted by its options and items. The
     # salt goes onto the EngineCoreRequest in ``EngineCore.preprocess_add_request``, the one
