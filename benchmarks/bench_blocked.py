@@ -292,7 +292,7 @@ def case_convergence(n, d, block, threads):
     from sklearn.metrics import adjusted_rand_score
 
     from videoanchor.anchor import anchor_scores, compute_anchor_scores, solve_ssc_blocked
-    from videoanchor.anchor.spectral import sparse_spectral_clustering, sparse_ssc_affinity
+    from videoanchor.anchor.clustering import sparse_spectral_clustering, sparse_ssc_affinity
 
     torch.set_num_threads(threads)
     x = _tokens({"n": n, "d": d})

@@ -52,7 +52,7 @@ from benchmarks.common import (  # noqa: E402
     video_tokens,
 )
 from videoanchor.anchor import compute_anchor_scores, solve_ssc_workset  # noqa: E402
-from videoanchor.anchor.spectral import sparse_spectral_labels, spectral_clustering  # noqa: E402
+from videoanchor.anchor.clustering import sparse_spectral_labels, spectral_clustering  # noqa: E402
 
 NEIGHBOURS = {
     "spin": "while True: pass",

@@ -89,7 +89,7 @@ from benchmarks.common import (  # noqa: E402
     video_tokens,
 )
 from videoanchor.anchor import anchor_scores, solve_ssc_admm  # noqa: E402
-from videoanchor.anchor.spectral import spectral_labels, ssc_affinity  # noqa: E402
+from videoanchor.anchor.clustering import spectral_labels, ssc_affinity  # noqa: E402
 
 K = 24
 
@@ -181,7 +181,7 @@ def tiny_features(seed: int, frames: int = 8, rows: int = 7, cols: int = 10) -> 
 
 
 def _eigengap(coef, k: int) -> dict:
-    from videoanchor.anchor.spectral import _normalized_affinity
+    from videoanchor.anchor.eigensolvers import _normalized_affinity
 
     s, _ = _normalized_affinity(ssc_affinity(coef).to(torch.float64))
     theta = torch.linalg.eigvalsh(s).flip(0)
@@ -192,13 +192,13 @@ def _eigengap(coef, k: int) -> dict:
 def flips_case(name: str, x: torch.Tensor, p7: int, p6: int, seed: int = 0) -> dict:
     """One set of ``--flips`` (see the module's docstring)."""
     from videoanchor.anchor import ssc_coefficients
-    from videoanchor.anchor.scores import anchor_result_from_coefficients
-    from videoanchor.anchor.spectral import (
+    from videoanchor.anchor.clustering import (
         paper_label_agreement,
         soft_cluster_shares,
-        spectral_embedding,
         stable_cluster_shares,
     )
+    from videoanchor.anchor.eigensolvers import spectral_embedding
+    from videoanchor.anchor.scores import anchor_result_from_coefficients
 
     def shares(c):  # the paper's labels and scores, the soft and the stable scores
         hard = anchor_result_from_coefficients(c, K, features=x)
@@ -286,7 +286,7 @@ def flips(frames, tiny, p7: int, p6: int, out_dir, tag: str = "") -> Path:
     meta.update(torch_threads=1, loadavg_start=os.getloadavg(), n_clusters=K,
                 perturbation="x * (1 + r g), g standard Gaussian (seeded), r in (1e-7, 1e-6)",
                 routes="cluster_share='soft' (soft_cluster_shares) and 'stable' "
-                       "(stable_cluster_shares), videoanchor.anchor.spectral")  # fmt: skip
+                       "(stable_cluster_shares), videoanchor.anchor.clustering")  # fmt: skip
     rows = []
     for f in frames:
         rows.append(flips_case(f"video {f}x48 D1024", video_tokens(f, 48, 1024), p7, p6))
@@ -308,16 +308,16 @@ def flips(frames, tiny, p7: int, p6: int, out_dir, tag: str = "") -> Path:
 def expected_case(name: str, x: torch.Tensor, draws_list, scale: float, moves: int) -> list[dict]:
     """One set of ``--expected`` (see the module's docstring)."""
     from videoanchor.anchor import ssc_coefficients
-    from videoanchor.anchor.scores import scores_from_row_sums
-    from videoanchor.anchor.spectral import (
+    from videoanchor.anchor.clustering import (
         _discretize_draws,
         _discretize_rows,
         _relabel_by_first_appearance,
         _unit_rows,
         discretize,
         label_random_state,
-        spectral_embedding,
     )
+    from videoanchor.anchor.eigensolvers import spectral_embedding
+    from videoanchor.anchor.scores import scores_from_row_sums
 
     def paper(c):  # the embedding, the paper's labels and scores
         emb = spectral_embedding(ssc_affinity(c.coef), K)
@@ -390,19 +390,21 @@ def expected_route(draws_list, scale: float, moves: int, tiny, frames, out_dir) 
 def routes_case(name: str, x: torch.Tensor, draws_list, moves: int) -> dict:
     """One set of ``--routes`` (see the module's docstring)."""
     from videoanchor.anchor import ssc_coefficients
-    from videoanchor.anchor.scores import scores_from_row_sums
-    from videoanchor.anchor.spectral import (
+    from videoanchor.anchor.clustering import (
         SOFT_SHARE_WIDTH,
         _discretize_draws,
         _discretize_rows,
-        _filtered_eigenpairs,
-        _normalized_affinity,
         _unit_rows,
         discretize,
         label_random_state,
         label_shares,
+    )
+    from videoanchor.anchor.eigensolvers import (
+        _filtered_eigenpairs,
+        _normalized_affinity,
         spectral_embedding,
     )
+    from videoanchor.anchor.scores import scores_from_row_sums
 
     def paper(coef):  # what each route reads: C's row sums, the embedding's rows, the labels
         emb = spectral_embedding(ssc_affinity(coef), K)

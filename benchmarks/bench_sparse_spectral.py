@@ -52,14 +52,16 @@ from benchmarks import common  # noqa: E402
 from benchmarks.bench_spectral import STRUCTURES, group_affinity, parse_args, start_meta  # noqa: E402
 from benchmarks.common import print_table, sizes_and_reps, write_result  # noqa: E402
 from videoanchor.anchor import reference_minimiser  # noqa: E402
-from videoanchor.anchor.spectral import (  # noqa: E402
+from videoanchor.anchor.clustering import (  # noqa: E402
+    sparse_spectral_labels,
+    sparse_ssc_affinity,
+    spectral_labels,
+)
+from videoanchor.anchor.eigensolvers import (  # noqa: E402
     _top_eigvecs_arpack,
     block_krylov_eigvecs,
     chebyshev_eigvecs,
     sparse_normalized_affinity,
-    sparse_spectral_labels,
-    sparse_ssc_affinity,
-    spectral_labels,
 )
 
 K = 24

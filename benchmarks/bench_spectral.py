@@ -54,13 +54,12 @@ from benchmarks.common import (  # noqa: E402
     sync,
     write_result,
 )
-from videoanchor.anchor import spectral as spectral_module  # noqa: E402
-from videoanchor.anchor.spectral import (  # noqa: E402
+from videoanchor.anchor import eigensolvers  # noqa: E402
+from videoanchor.anchor.clustering import spectral_clustering, ssc_affinity  # noqa: E402
+from videoanchor.anchor.eigensolvers import (  # noqa: E402
     _dense_top_eigvecs,
     _normalized_affinity,
     chebyshev_eigvecs,
-    spectral_clustering,
-    ssc_affinity,
 )
 
 K = 24
@@ -173,8 +172,8 @@ def bench_one(w, structure, reps, device, sklearn_max, torch_eigh_max, eigh_max)
                                                device=sd.device)  # fmt: skip
             row["block_residual"] = float((sd @ q - q * theta.to(sd)).norm())
             row["chebyshev_steps"] = info["steps"]
-            row["chebyshev"] = {"degree": spectral_module.CHEBYSHEV_DEGREE,
-                                "guard": spectral_module.CHEBYSHEV_GUARD}  # fmt: skip
+            row["chebyshev"] = {"degree": eigensolvers.CHEBYSHEV_DEGREE,
+                                "guard": eigensolvers.CHEBYSHEV_GUARD}  # fmt: skip
         if p == "eigh_vectors_only":
             row["gemm_gflops"] = gemm_rate / 1e9
             row["eigh_cost_n3"] = med[p] * gemm_rate / n**3
@@ -206,7 +205,7 @@ def run(device, sizes, reps, out_dir, sklearn_max, torch_eigh_max, eigh_max, wit
     dev = torch.device(device)
     meta = start_meta(device)
     meta["blas_threads"] = 1 if device == "cpu" else None
-    choice = spectral_module.EIGEN_CHOICE
+    choice = eigensolvers.EIGEN_CHOICE
     meta["eigh_crossover_in_code"] = {"cpu": choice.crossover_cpu, "cuda": choice.crossover_cuda}
     meta["eigh_cost_in_code"] = choice.eigh_cost
     rows = []

@@ -363,7 +363,7 @@ def fig_spectral(r: Result, results):
         "Median time of the spectral step of each solver on the same affinity. The default "
         "(thick line) uses dense `eigh` up to the crossover the code had when the file was "
         "measured (its legend) and the block Krylov solver above it; dotted: "
-        "the crossover of `videoanchor.anchor.spectral.EIGEN_CHOICE` now."
+        "the crossover of `videoanchor.anchor.eigensolvers.EIGEN_CHOICE` now."
     )
 
 
@@ -371,7 +371,7 @@ def _eigh_crossover(device: str) -> int | None:
     """The checkout's dense-``eigh`` crossover on ``device``'s kind (``EigenChoice``'s
     ``crossover_cpu`` / ``crossover_cuda`` default), read from the source (no import)."""
     kind = "cuda" if device.lower().startswith("nvidia") else "cpu"
-    src = (ROOT / "videoanchor" / "anchor" / "spectral.py").read_text()
+    src = (ROOT / "videoanchor" / "anchor" / "eigensolvers.py").read_text()
     m = re.search(rf"^\s+crossover_{kind}: int = (\d+)$", src, re.M)
     return int(m.group(1)) if m else None
 

@@ -17,19 +17,19 @@ torchvision_shim.apply()
 from videoanchor.anchor import (  # noqa: E402
     anchor_scores,
     compute_anchor_scores,
+    eigensolvers,
     plan,
     solve_ssc_admm,
     solve_ssc_blocked,
-    spectral,
     ssc_affinity,
 )
+from videoanchor.anchor.clustering import sparse_spectral_labels, sparse_ssc_affinity  # noqa: E402
 from videoanchor.anchor.plan import (  # noqa: E402
     admm_bytes,
     blocked_admm_bytes,
     default_block_columns,
 )
 from videoanchor.anchor.scores import sparse_row_sums  # noqa: E402
-from videoanchor.anchor.spectral import sparse_spectral_labels, sparse_ssc_affinity  # noqa: E402
 
 
 def tokens(n_per, k, d, *, noise=0.05, seed=0):
@@ -130,7 +130,7 @@ def test_blocked_mode_matches_exact_mode():
     assert _rel(blocked.coef.to_dense(), exact.coef) < 1e-9
     # dense eigh's labels against ARPACK's: equal where the affinity has a gap at k (0.11),
     # far above both solvers' tolerances, on any CPU (issue 80)
-    s, _ = spectral._normalized_affinity(ssc_affinity(exact.coef))
+    s, _ = eigensolvers._normalized_affinity(ssc_affinity(exact.coef))
     ev = torch.linalg.eigvalsh(s).flip(0)
     assert float(ev[2] - ev[3]) > 0.05
     assert adjusted_rand_score(exact.labels.numpy(), blocked.labels.numpy()) == 1.0

@@ -10,8 +10,7 @@ import torch
 import videoanchor
 import videoanchor.anchor as anchor_module
 from videoanchor.anchor import anchor_scores, compute_anchor_scores
-from videoanchor.anchor.scores import anchor_result_from_coefficients, ssc_coefficients
-from videoanchor.anchor.spectral import (
+from videoanchor.anchor.clustering import (
     SOFT_SHARE_WIDTH,
     STABLE_AGREE,
     _discretize_draws,
@@ -21,11 +20,12 @@ from videoanchor.anchor.spectral import (
     label_random_state,
     paper_label_agreement,
     soft_cluster_shares,
-    spectral_embedding,
     spectral_labels,
     ssc_affinity,
     stable_cluster_shares,
 )
+from videoanchor.anchor.eigensolvers import spectral_embedding
+from videoanchor.anchor.scores import anchor_result_from_coefficients, ssc_coefficients
 
 
 def ambiguous_tokens(n_per=15, k=6, d=24, seed=0):
@@ -395,7 +395,7 @@ def test_cluster_passes_its_embedding_and_labels_to_the_stable_share(monkeypatch
     """cluster() computes one spectral embedding and the paper's labels once under
     "stable" (no second embedding, no second discretize draw 0), and its shares equal the
     ones stable_cluster_shares computes on its own, on a set where they blend (no gap)."""
-    import videoanchor.anchor.spectral as spectral
+    import videoanchor.anchor.clustering as clustering
     from videoanchor.anchor.options import SSCOptions
 
     c = compute_anchor_scores(ambiguous_tokens(seed=1), 8, **KW).coef
@@ -403,20 +403,20 @@ def test_cluster_passes_its_embedding_and_labels_to_the_stable_share(monkeypatch
     alone = stable_cluster_shares(w, 8, labels=spectral_labels(w, 8, draws=3))
     calls = {"embedding": 0, "discretize": 0}
     for name in calls:
-        fn = getattr(spectral, {"embedding": "spectral_embedding"}.get(name, name))
+        fn = getattr(clustering, {"embedding": "spectral_embedding"}.get(name, name))
 
         def counted(*a, _fn=fn, _name=name, **k):
             calls[_name] += 1
             return _fn(*a, **k)
 
-        monkeypatch.setattr(spectral, fn.__name__, counted)
+        monkeypatch.setattr(clustering, fn.__name__, counted)
     opts = SSCOptions(n_clusters=8, cluster_share="stable", label_draws=3, mode="exact").checked()
-    draws, shares = spectral.cluster(c, opts)
+    draws, shares = clustering.cluster(c, opts)
     assert calls == {"embedding": 1, "discretize": 3}, calls  # the 3 label draws, no more
-    assert 0 < spectral.paper_label_agreement(spectral_embedding(w, 8))[0] < 1  # a blend
+    assert 0 < clustering.paper_label_agreement(spectral_embedding(w, 8))[0] < 1  # a blend
     np.testing.assert_array_equal(shares.numpy(), alone.numpy())
     assert torch.equal(draws, spectral_labels(w, 8, draws=3))
-    _, hard = spectral.cluster(c, SSCOptions(n_clusters=8, mode="exact").checked())
+    _, hard = clustering.cluster(c, SSCOptions(n_clusters=8, mode="exact").checked())
     assert hard is None
 
 

@@ -15,8 +15,8 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from benchmarks.bench_spectral import group_affinity
-from videoanchor.anchor import compute_anchor_scores, spectral
-from videoanchor.anchor.spectral import sparse_spectral_labels, spectral_labels
+from videoanchor.anchor import compute_anchor_scores, eigensolvers
+from videoanchor.anchor.clustering import sparse_spectral_labels, spectral_labels
 
 
 def _sparse(n, groups=6, nnz=8, p_out=0.02, seed=0):
@@ -25,7 +25,7 @@ def _sparse(n, groups=6, nnz=8, p_out=0.02, seed=0):
 
 def _eigengap(w, k):
     """The normalised affinity's k-th eigenvalue less its (k+1)-th (dense eigvalsh)."""
-    s, _ = spectral.sparse_normalized_affinity(w)
+    s, _ = eigensolvers.sparse_normalized_affinity(w)
     ev = torch.linalg.eigvalsh(s.to_dense()).flip(0)
     return float(ev[k - 1] - ev[k])
 
@@ -45,8 +45,8 @@ def test_arpack_krylov_and_dense_eigh_give_the_same_labels_where_there_is_a_gap(
 
 def test_arpack_vectors_are_the_leading_ones_to_its_tolerance():
     w = _sparse(150, groups=10, nnz=12, p_out=0.3, seed=1)
-    s, _ = spectral.sparse_normalized_affinity(w)
-    q = spectral._top_eigvecs_arpack(s, 10, seed=0)
+    s, _ = eigensolvers.sparse_normalized_affinity(w)
+    q = eigensolvers._top_eigvecs_arpack(s, 10, seed=0)
     assert q.shape == (150, 10) and q.dtype == torch.float64
     ev = torch.linalg.eigvalsh(s.to_dense()).flip(0)
     theta = ((s @ q) * q).sum(0)
@@ -59,13 +59,13 @@ def test_repeated_eigenvalue_one_is_found_per_component():
     """Three disconnected groups: eigenvalue 1 three times. ARPACK on the whole matrix
     (one start vector) returns 0.60 in place of the third copy; per component it cannot."""
     w = group_affinity(44, 3, 6, 0.0, seed=0).double()
-    s, _ = spectral.sparse_normalized_affinity(w.to_sparse())
+    s, _ = eigensolvers.sparse_normalized_affinity(w.to_sparse())
     whole = scipy.sparse.linalg.eigsh(
         scipy.sparse.csr_matrix(s.to_dense().numpy()), k=3, which="LA",
-        v0=np.random.RandomState(0).uniform(-1, 1, 44), tol=spectral.ARPACK_TOL,
+        v0=np.random.RandomState(0).uniform(-1, 1, 44), tol=eigensolvers.ARPACK_TOL,
     )[0]  # fmt: skip
     assert np.sort(whole)[0] < 0.9  # the failure this guards against (scipy's ARPACK)
-    q = spectral._top_eigvecs_arpack(s, 3, seed=0)
+    q = eigensolvers._top_eigvecs_arpack(s, 3, seed=0)
     torch.testing.assert_close(((s @ q) * q).sum(0), torch.ones(3, dtype=q.dtype), rtol=0,
                                atol=1e-12)  # fmt: skip
     dense = spectral_labels(w, 3, seed=0, eigen_solver="eigh")
@@ -74,15 +74,15 @@ def test_repeated_eigenvalue_one_is_found_per_component():
 
 def test_more_components_than_clusters_go_to_the_block_solver():
     w = group_affinity(120, 8, 6, 0.0, seed=4).double().to_sparse()  # 8 components, k = 4
-    assert spectral._top_eigvecs_arpack(
+    assert eigensolvers._top_eigvecs_arpack(
         w.to_sparse_csr(), 4, seed=0
     ) is None  # fmt: skip
     got = sparse_spectral_labels(w, 4, seed=0, eigen_solver="arpack")
     assert torch.equal(got, sparse_spectral_labels(w, 4, seed=0, eigen_solver="subspace"))
     # Chebyshev on the same (a GPU's "auto"): a block method too, the eigenvalue 1 of all 8
     # components in its block; which 4 of the 8 span the embedding is any solver's choice
-    s, _ = spectral.sparse_normalized_affinity(w)
-    theta, q, info = spectral.chebyshev_eigvecs(lambda x: s @ x, 120, 4, dtype=s.dtype,
+    s, _ = eigensolvers.sparse_normalized_affinity(w)
+    theta, q, info = eigensolvers.chebyshev_eigvecs(lambda x: s @ x, 120, 4, dtype=s.dtype,
                                                 device="cpu", tol=1e-7, max_steps=200)  # fmt: skip
     assert info["converged"] and q.shape == (120, 4)
     torch.testing.assert_close(theta, torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-9)

@@ -11,20 +11,22 @@ from sklearn.cluster import SpectralClustering
 from sklearn.cluster._spectral import discretize as sk_discretize
 from sklearn.metrics import adjusted_rand_score
 
-import videoanchor.anchor.spectral as spectral_module
+import videoanchor.anchor.eigensolvers as eigensolvers
 from benchmarks.bench_spectral import group_affinity
-from videoanchor.anchor.spectral import (
-    EigenChoice,
-    block_krylov_eigvecs,
-    chebyshev_eigvecs,
+from videoanchor.anchor.clustering import (
     discretize,
     kmeans,
     label_random_state,
     labels_from_embedding,
     spectral_clustering,
-    spectral_embedding,
     spectral_labels,
     ssc_affinity,
+)
+from videoanchor.anchor.eigensolvers import (
+    EigenChoice,
+    block_krylov_eigvecs,
+    chebyshev_eigvecs,
+    spectral_embedding,
 )
 
 
@@ -51,7 +53,7 @@ def sparse_group_affinity(n, groups, *, nnz=10, p_out=0.3, seed=0, dtype=torch.f
 
 
 def _normalized(w):
-    s, _ = spectral_module._normalized_affinity(w)
+    s, _ = eigensolvers._normalized_affinity(w)
     return s
 
 
@@ -202,7 +204,7 @@ def test_chebyshev_is_what_auto_runs_off_the_cpu_and_its_budget_falls_back():
     choice = EigenChoice(crossover_cpu=100, above_cpu="chebyshev")
     dense = spectral_embedding(w, 6, eigen_solver="eigh")
     cheb = spectral_embedding(w, 6, eigen_solver="auto", seed=1, choice=choice)
-    steps = spectral_module.CHEBYSHEV_STEPS
+    steps = eigensolvers.CHEBYSHEV_STEPS
     assert torch.equal(cheb, spectral_embedding(w, 6, eigen_solver="chebyshev", seed=1,
                                                 max_iter=steps))  # fmt: skip
     qd, _ = torch.linalg.qr(dense)
@@ -298,11 +300,11 @@ def test_sparse_operator_and_its_budget_warning():
     s = _normalized(w)
     s_csr = s.to_sparse_csr()
     kw = dict(seed=0, tol=1e-8, max_steps=200)
-    theta, q, info = spectral_module._block_eigvecs(s_csr, 5, "krylov", **kw)
+    theta, q, info = eigensolvers._block_eigvecs(s_csr, 5, "krylov", **kw)
     assert info["converged"]
     torch.testing.assert_close(theta, torch.linalg.eigvalsh(s).flip(0)[:5], atol=1e-8, rtol=0)
     with pytest.warns(RuntimeWarning, match="Krylov solver stopped at its budget after 1 steps"):
-        spectral_module._block_eigvecs(s_csr, 5, "krylov", **{**kw, "tol": 1e-14, "max_steps": 1})
+        eigensolvers._block_eigvecs(s_csr, 5, "krylov", **{**kw, "tol": 1e-14, "max_steps": 1})
 
 
 @pytest.mark.parametrize("n", [29, 41], ids=lambda n: f"n{n}")
@@ -321,7 +323,7 @@ def test_krylov_when_the_basis_can_span_everything(n):
 def test_dense_partial_eigh_equals_full_eigh():
     w, _ = block_affinity([13, 21, 17, 30], p_out=0.2, seed=13)
     s = _normalized(w)
-    part = spectral_module._dense_top_eigvecs(s, 4)
+    part = eigensolvers._dense_top_eigvecs(s, 4)
     full = torch.linalg.eigh(s)[1][:, -4:].flip(1)
     assert torch.allclose(part.abs(), full.abs(), atol=1e-10)
 
@@ -446,13 +448,13 @@ def test_chebyshev_filter_step_is_the_polynomial():
     x = torch.linalg.qr(torch.randn(73, 5, generator=torch.Generator().manual_seed(1),
                                     dtype=torch.float64))[0]  # fmt: skip
     c, h = torch.tensor(-0.4, dtype=torch.float64), torch.tensor(0.6, dtype=torch.float64)
-    out = spectral_module._filter(lambda v: s @ v, x, c, h, 6)
+    out = eigensolvers._filter(lambda v: s @ v, x, c, h, 6)
     ev, vec = torch.linalg.eigh(s)
     t = torch.cos(6 * torch.acos(((ev - c) / h).clamp(-1, 1)))
     big = (ev - c) / h > 1
     t[big] = torch.cosh(6 * torch.acosh((ev[big] - c) / h))
     ref = torch.linalg.qr(vec @ (t[:, None] * (vec.T @ x)))[0]
     torch.testing.assert_close(out @ out.T, ref @ ref.T, rtol=0, atol=1e-10)
-    step = spectral_module._FilterStep(lambda v: s @ v, x, 6)
+    step = eigensolvers._FilterStep(lambda v: s @ v, x, 6)
     assert step.graph is None  # no CUDA here: eager
     torch.testing.assert_close(step(x, -0.4, 0.6), out, rtol=0, atol=1e-12)

@@ -13,7 +13,7 @@ import torch
 from threadpoolctl import threadpool_info
 
 from videoanchor.anchor import threads
-from videoanchor.anchor.spectral import spectral_clustering
+from videoanchor.anchor.clustering import spectral_clustering
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -274,7 +274,7 @@ def test_engines_agree_on_a_flip_prone_video_with_stable_shares(stable, referenc
     share's by less than 1e-4 (one try; tests/test_label_draws.py holds it under 1e-6). What
     that shows: at most half of the perturbed label draws keep the paper's labels on FLIP
     (agreement at most ``STABLE_AGREE[0]``), so the stable share is the soft one there
-    (``spectral.stable_cluster_shares``), not a share inside the paper's spread
+    (``clustering.stable_cluster_shares``), not a share inside the paper's spread
     (docs/serving.md). Then the stable share through both engines.
     Last, what the paper's share gives through both engines: each engine's scores are SSC's
     on its own features, and which labels each engine lands on is the rounding's: the two
@@ -282,12 +282,8 @@ def test_engines_agree_on_a_flip_prone_video_with_stable_shares(stable, referenc
     flip apart (more than 0.05, and the answers then differ by more than 1e-4), nothing
     between. Which one depends on the CPU (docs/serving.md: 0.30 apart and other tokens
     with AVX-512 here, 8.8e-6 apart under ATEN_CPU_CAPABILITY=avx2); it is printed."""
-    from videoanchor.anchor.spectral import (
-        STABLE_AGREE,
-        paper_label_agreement,
-        spectral_embedding,
-        ssc_affinity,
-    )
+    from videoanchor.anchor.clustering import STABLE_AGREE, paper_label_agreement, ssc_affinity
+    from videoanchor.anchor.eigensolvers import spectral_embedding
 
     stable_run, hard_run = (
         reference_stable["batches"][2]["ssc"][0],

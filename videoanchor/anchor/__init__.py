@@ -4,6 +4,7 @@ Never imports ``videoanchor.kernels`` or ``transformers``.
 """
 
 from videoanchor.anchor.blocked import solve_ssc_blocked
+from videoanchor.anchor.clustering import spectral_clustering, ssc_affinity
 from videoanchor.anchor.options import SSCOptions
 from videoanchor.anchor.plan import SSCMemoryError
 from videoanchor.anchor.program import ColumnGaps, SSCSolution, duality_gaps, ssc_lambdas
@@ -18,7 +19,6 @@ from videoanchor.anchor.scores import (
     sparse_subspace_clustering,
     ssc_coefficients,
 )
-from videoanchor.anchor.spectral import spectral_clustering, ssc_affinity
 from videoanchor.anchor.ssc import solve_ssc_admm
 from videoanchor.anchor.workset import SetsTooLarge, reference_minimiser, solve_ssc_workset
 

@@ -134,9 +134,9 @@ class SSCOptions:
     cluster_share: str = "hard"
     """Each token's cluster share ``pi_j``: ``"hard"`` (the paper's: its cluster's share of
     the tokens under the spectral labels, averaged over ``label_draws``), ``"soft"`` (beyond
-    the paper: :func:`~videoanchor.anchor.spectral.soft_cluster_shares`, a continuous
+    the paper: :func:`~videoanchor.anchor.clustering.soft_cluster_shares`, a continuous
     function of ``C`` that no label flip moves, NOT the paper's share) or ``"stable"``
-    (beyond the paper: :func:`~videoanchor.anchor.spectral.stable_cluster_shares`, the
+    (beyond the paper: :func:`~videoanchor.anchor.clustering.stable_cluster_shares`, the
     paper's share where its labels survive a small move of the embedding, the soft one where
     they do not, blended between); exact mode."""
     eigen_solver: str = "auto"

@@ -15,12 +15,12 @@ from videoanchor.anchor._inputs import (
     pca_reduce,
     prepare_features,
 )
+from videoanchor.anchor.clustering import cluster, label_shares
 from videoanchor.anchor.options import DEFAULTS, REMOVED_SCALABLE, SSCOptions
 from videoanchor.anchor.plan import make_plan
 from videoanchor.anchor.products import exact_float32
 from videoanchor.anchor.program import SSCSolution
 from videoanchor.anchor.solve import solve
-from videoanchor.anchor.spectral import cluster, label_shares
 from videoanchor.anchor.threads import bounded
 
 __all__ = [
@@ -150,7 +150,7 @@ def anchor_scores(
     ``labels`` may also be ``(draws, N)``, several label draws of one clustering: then
     ``pi_j`` is token ``j``'s cluster share averaged over the draws (``label_draws``).
     ``shares`` (N,) in ``(0, 1]``: the ``pi_j`` given instead of read from the labels
-    (``cluster_share="soft"`` or ``"stable"``: :func:`~videoanchor.anchor.spectral.cluster`'s).
+    (``cluster_share="soft"`` or ``"stable"``: :func:`~videoanchor.anchor.clustering.cluster`'s).
     """
     if coef.dim() != 2 or coef.shape[0] != coef.shape[1]:
         raise ValueError(f"coef: expected a square (N, N) matrix, got shape {tuple(coef.shape)}")
@@ -400,12 +400,12 @@ def compute_anchor_scores(
     cluster's share of the tokens. Without an eigengap at ``n_clusters`` the labels can flip
     under a 1e-7 relative change of the features (another engine's or device's rounding),
     and the scores then jump (``label_flips_cpu.json``, docs/guides/anchor-scores.md).
-    ``"soft"``: :func:`~videoanchor.anchor.spectral.soft_cluster_shares`, a continuous
+    ``"soft"``: :func:`~videoanchor.anchor.clustering.soft_cluster_shares`, a continuous
     function of ``C`` that no flip moves, but NOT the paper's share. ``"stable"``:
-    :func:`~videoanchor.anchor.spectral.stable_cluster_shares`, the paper's share where
+    :func:`~videoanchor.anchor.clustering.stable_cluster_shares`, the paper's share where
     its labels survive a small move of the spectral embedding (29 or more of 32 seeded
     draws), the soft share where at most half do, blended between, from the spectral step's
-    own embedding and labels (:func:`~videoanchor.anchor.spectral.cluster`); where the
+    own embedding and labels (:func:`~videoanchor.anchor.clustering.cluster`); where the
     labels flip it is the soft share, which is not inside the paper's spread for 5% or more
     of the tokens on the measured sets (docs/serving.md). Exact mode for both; ``labels``
     are still the hard ones.

@@ -859,10 +859,10 @@ def configure(
         cluster_share: "hard" (default, the paper's cluster share), "soft" (beyond the
             paper: a share continuous in the features, so that another engine's or device's
             rounding cannot flip it; NOT the paper's scores:
-            :func:`~videoanchor.anchor.spectral.soft_cluster_shares`, docs/serving.md) or
+            :func:`~videoanchor.anchor.clustering.soft_cluster_shares`, docs/serving.md) or
             "stable" (beyond the paper: the paper's share where its labels survive a small
             move of the embedding, the soft one where they do not:
-            :func:`~videoanchor.anchor.spectral.stable_cluster_shares`).
+            :func:`~videoanchor.anchor.clustering.stable_cluster_shares`).
         attention_backend: "auto" (Triton on CUDA, exact torch path on CPU), "triton" or "torch".
         process_group: the ranks that share one request's scores (tensor parallelism):
             "auto" (default) takes the "tp" group of the model's DTensor parameters when it

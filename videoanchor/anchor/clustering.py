@@ -1,11 +1,11 @@
-"""Spectral clustering of an SSC affinity, in torch, on any device.
+"""Spectral clustering of an SSC affinity, in torch, on any device, and the cluster shares.
 
-Normalised spectral clustering (Shi & Malik; Ng, Jordan & Weiss): the ``k`` leading
-eigenvectors of ``S = D^{-1/2} W D^{-1/2}`` for a symmetric non-negative affinity ``W`` (dense
-``eigh`` up to a crossover measured per device; above it a block Krylov solver on the CPU,
-Chebyshev-filtered subspace iteration on a GPU; a sparse ``W`` is never densified: ARPACK
-on the CPU), then labels by the Yu & Shi discretisation of scikit-learn's
-``SpectralClustering(assign_labels="discretize")`` or by seeded k-means.
+Normalised spectral clustering (Shi & Malik; Ng, Jordan & Weiss): the spectral embedding of a
+symmetric non-negative affinity ``W`` (the ``k`` leading eigenvectors of ``S = D^{-1/2} W
+D^{-1/2}``, :mod:`videoanchor.anchor.eigensolvers`; a sparse ``W`` is never densified), then
+labels by the Yu & Shi discretisation of scikit-learn's
+``SpectralClustering(assign_labels="discretize")`` or by seeded k-means; each token's cluster
+share (the paper's, ``"soft"`` or ``"stable"``); and :func:`cluster`, the stage of an SSC call.
 
 Seeds follow scikit-learn: ``seed=s`` draws ARPACK's start vector (``N`` uniform numbers)
 before ``discretize`` draws its start row, so it gives the authors' labels after
@@ -15,7 +15,6 @@ CPU generator seeded with ``seed``: the same labels on every device (up to ties)
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 import warnings
@@ -24,14 +23,19 @@ import numpy as np
 import torch
 
 from videoanchor.anchor.collective import broadcast_from_first, raise_together
+from videoanchor.anchor.eigensolvers import (
+    _block_eigvecs,
+    _filtered_eigenpairs,
+    _normalized_affinity,
+    _top_eigvecs_arpack,
+    sparse_normalized_affinity,
+    spectral_embedding,
+)
 from videoanchor.anchor.products import exact_float32
 from videoanchor.anchor.threads import bounded
 
 __all__ = [
     "ssc_affinity",
-    "spectral_embedding",
-    "block_krylov_eigvecs",
-    "chebyshev_eigvecs",
     "discretize",
     "kmeans",
     "label_random_state",
@@ -41,7 +45,6 @@ __all__ = [
     "sparse_spectral_clustering",
     "sparse_spectral_labels",
     "sparse_ssc_affinity",
-    "sparse_normalized_affinity",
     "soft_cluster_shares",
     "label_shares",
     "paper_label_agreement",
@@ -70,349 +73,6 @@ def sparse_ssc_affinity(coef: torch.Tensor) -> torch.Tensor:
     ind, v = c.indices()[:, v > 0], v[v > 0]
     both, vv = torch.cat([ind, ind.flip(0)], dim=1), torch.cat([v, v])
     return torch.sparse_coo_tensor(both, vv, (n, n), check_invariants=False).coalesce()
-
-
-def sparse_normalized_affinity(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(S, d^{1/2})`` of a sparse COO affinity ``W``: ``S = D^{-1/2} W D^{-1/2}`` without its
-    diagonal, sparse CSR, and the square roots of the degrees (1 where a degree is 0)."""
-    w = w.coalesce()
-    n, ind, val = w.shape[0], w.indices(), w.values()
-    deg = torch.zeros(n, dtype=val.dtype, device=w.device).index_add_(0, ind[0], val)
-    dd = torch.where(deg > 0, deg.sqrt(), torch.ones_like(deg))
-    offdiag = ind[0] != ind[1]
-    s_val = val[offdiag] / dd[ind[0, offdiag]] / dd[ind[1, offdiag]]
-    s = torch.sparse_coo_tensor(ind[:, offdiag], s_val, (n, n), check_invariants=False)
-    return s.to_sparse_csr(), dd
-
-
-def _normalized_affinity(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    deg = w.sum(dim=1)
-    dd = torch.where(deg > 0, deg.sqrt(), torch.ones_like(deg))
-    s = w / dd[:, None] / dd[None, :]
-    s.diagonal().zero_()  # the Laplacian's diagonal is 1, as in scikit-learn
-    return s, dd
-
-
-# spectral_cpu.json (one thread, k = 24, float32): dense (LAPACK's ?syevx) wins at N = 1024,
-# draws at 2048, loses at 4096 (26-33 s against Krylov's 3.9-16.5 s); eigh_cost: its time
-# times the GEMM rate over N^3 (median 2.7). spectral_nvidia-h200.json: Chebyshev 16-25 ms
-# against eigh's 20-23 ms at N = 1024, 18-31 against 35-39 at 2048 (the same labels at a gap).
-@dataclasses.dataclass(frozen=True)
-class EigenChoice:
-    """What ``eigen_solver="auto"`` runs by device (:func:`spectral_embedding`): dense
-    ``eigh`` up to ``crossover_*`` tokens, ``above_*`` (``"krylov"`` or ``"chebyshev"``)
-    above, Krylov within ``eigh_cost * N^3`` flops. Passed as ``choice=``."""
-
-    crossover_cpu: int = 2048
-    crossover_cuda: int = 1024
-    above_cpu: str = "krylov"
-    above_cuda: str = "chebyshev"
-    eigh_cost: float = 2.7
-
-
-EIGEN_CHOICE = EigenChoice()
-
-
-def _orthonormal_complement(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis of ``w``'s columns with ``span(v)`` projected out (CGS2 + QR)."""
-    for _ in range(2):
-        w = w - v @ (v.T @ w)
-    q = torch.linalg.qr(w)[0]
-    q = q - v @ (v.T @ q)  # QR of a nearly dependent block can re-admit span(v)
-    return torch.linalg.qr(q)[0]
-
-
-def _start_block(n: int, m: int, seed: int, device, dtype) -> torch.Tensor:
-    """An orthonormal ``N x m`` start block from a CPU generator: the same on every device."""
-    gen = torch.Generator().manual_seed(int(seed))
-    x = torch.randn(n, m, generator=gen, dtype=torch.float64)
-    return torch.linalg.qr(x.to(device, dtype))[0]
-
-
-def block_krylov_eigvecs(matmul, n: int, k: int, *, dtype: torch.dtype, device, seed: int = 0,
-                         tol: float = 1e-4, max_flops: float = math.inf,
-                         max_steps: int | None = None, matmul_flops: float,
-                         ) -> tuple[torch.Tensor, torch.Tensor, dict]:  # fmt: skip
-    """The ``k`` leading eigenpairs of a symmetric ``N x N`` operator (``matmul(X) = S X``)
-    by thick-restart block Lanczos: ``k + max(8, k // 2)`` vectors a block, full
-    re-orthogonalisation, Rayleigh-Ritz in float64, a restart at six blocks.
-
-    Converged where the Ritz block's residual ``||S Q - Q diag(theta)||_F <= tol`` (confirmed
-    with a fresh product): judged on the subspace, so eigenvalues clustered inside the block
-    do not slow it. Unconverged, it stops after ``max_flops`` (``matmul_flops`` a column
-    plus the orthogonalisation) or ``max_steps`` block steps.
-
-    Returns ``(theta (k,) descending, float64, host; Q (N, k) on device; info)``, ``info``
-    with ``converged``, ``steps``, ``flops``, ``residual``."""
-    m = min(n, k + max(8, k // 2))
-    max_basis = min(n, 6 * m)
-    v = [_start_block(n, m, seed, device, dtype)]
-    sv = [matmul(v[0])]
-    h = (v[0].T @ sv[0]).double().cpu()
-    h, flops, steps = (h + h.T) / 2, matmul_flops * m + 8 * n * m * m, 0
-    while True:
-        steps += 1
-        theta, y = torch.linalg.eigh(h)
-        theta, y = theta.flip(0), y.flip(1)
-        vc, svc = torch.cat(v, 1), torch.cat(sv, 1)
-        p = vc.shape[1]
-        yk, thk = y[:, :k].to(device, dtype), theta[:k].to(device, dtype)
-        q = vc @ yk
-        res = float((svc @ yk - q * thk).norm())
-        flops += 4 * n * p * k
-        if res <= tol or p >= n:
-            true_res = float((matmul(q) - q * thk).norm())  # the stored images may drift
-            flops += matmul_flops * k
-            if true_res <= tol or p >= n:
-                info = dict(converged=true_res <= tol, steps=steps, flops=flops, residual=true_res)
-                return theta[:k], q, info
-            sv = [matmul(vc)]
-            flops += matmul_flops * p
-            continue
-        if flops >= max_flops or (max_steps is not None and steps >= max_steps):
-            return theta[:k], q, dict(converged=False, steps=steps, flops=flops, residual=res)
-        if p + m > max_basis:  # thick restart on the leading m Ritz vectors
-            ym = y[:, :m].to(device, dtype)
-            v, sv = [vc @ ym], [svc @ ym]
-            vc, h = v[0], torch.diag(theta[:m])
-            flops += 4 * n * p * m
-        pp = vc.shape[1]
-        w = _orthonormal_complement(sv[-1][:, : n - pp], vc)  # never more than N columns
-        b, sw = w.shape[1], matmul(w)
-        v.append(w), sv.append(sw)
-        c = (torch.cat([vc, w], 1).T @ sw).double().cpu()  # [[h, c[:pp]], [c[:pp].T, c[pp:]]]
-        top, sym = torch.cat([h, c[:pp]], 1), (c[pp:] + c[pp:].T) / 2
-        h = torch.cat([top, torch.cat([c[:pp].T, sym], 1)])
-        flops += matmul_flops * b + 6 * n * pp * b + 16 * n * b * b + 2 * n * (pp + b) * b
-
-
-#: :func:`chebyshev_eigvecs`' degree, guard vectors and most steps under "auto" (3 steps with
-#: a gap at k = 24, 9-17 without, spectral_nvidia-h200.json), and its stall ratio.
-CHEBYSHEV_DEGREE, CHEBYSHEV_GUARD, CHEBYSHEV_STEPS, STALL_RATIO = 8, 12, 30, 0.9
-
-
-def chebyshev_eigvecs(matmul, n: int, k: int, *, dtype: torch.dtype, device, seed: int = 0,
-                      tol: float = 1e-4, max_steps: int = CHEBYSHEV_STEPS,
-                      degree: int = CHEBYSHEV_DEGREE, guard: int = CHEBYSHEV_GUARD,
-                      ) -> tuple[torch.Tensor, torch.Tensor, dict]:  # fmt: skip
-    """The ``k`` leading eigenpairs of a normalised affinity (``matmul(X) = S X``, spectrum
-    in ``[-1, 1]``) by Chebyshev-filtered subspace iteration on ``k + guard`` vectors.
-
-    Each round reads the Rayleigh-Ritz projection and the block residual
-    ``||S Q - Q diag(theta)||_F`` to the host, and fixes the cut (the smallest Ritz value)
-    and the steps that should bring the residual to ``tol``. A step applies the
-    degree-``degree`` Chebyshev polynomial of ``S`` at most 1 on ``[-1, cut]`` and a QR,
-    with no host read (one CUDA graph on CUDA). It stops at ``tol``, after ``max_steps``
-    steps, or where a round of ``r`` steps cuts the residual by less than
-    ``1 - STALL_RATIO ** r`` (TF32-rounded products floor it near 1e-3: ``info["stalled"]``).
-
-    Returns as :func:`block_krylov_eigvecs`; ``info`` with ``converged``, ``steps``,
-    ``residual``, ``stalled``."""
-    if not 1 <= k <= n:
-        raise ValueError(f"k: expected 1 <= k <= N = {n}, got {k}")
-    for name, value in (("degree", degree), ("max_steps", max_steps)):
-        if int(value) < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {value}")
-    m = min(n, k + max(0, int(guard)))
-    x = _start_block(n, m, seed, device, dtype)
-    step = _FilterStep(matmul, x, int(degree))
-
-    def ritz(x):  # two host reads: the m x m projection, the residual
-        sx = matmul(x)
-        h = torch.tensor((x.T @ sx).tolist(), dtype=torch.float64)
-        theta, y = torch.linalg.eigh((h + h.T) / 2)
-        theta, y = theta.flip(0), y.flip(1).to(device, dtype)
-        q, sq = x @ y, sx @ y
-        res = float((sq[:, :k] - q[:, :k] * theta[:k].to(device, dtype)).norm())
-        return theta, q, res
-
-    theta, x, res = ritz(x)
-    steps, stalled = 0, False
-    while not res <= tol and steps < max_steps:
-        cut = float(theta[-1])  # damp [-1, cut]; half >= 1e-2 keeps T_degree under 1e21
-        centre, half = (cut - 1.0) / 2, max((cut + 1.0) / 2, 1e-2)
-        # the round's steps: the error shrinks by about 1 / T_degree(z) per step
-        z = (float(theta[k - 1]) - centre) / half
-        rate = 1 / math.cosh(degree * math.acosh(z)) if z > 1 else 1.0
-        want = math.ceil(math.log(tol / res) / math.log(rate)) if 0 < rate < 1 and tol > 0 else n
-        todo = min(max(want, 1), int(max_steps) - steps)
-        for _ in range(todo):  # no host read in here
-            x = step(x, centre, half)
-        steps += todo
-        before = res
-        theta, x, res = ritz(x)
-        if not res <= tol and res > STALL_RATIO**todo * before:
-            stalled = steps < max_steps  # the products' rounding floors it (TF32: ~1e-3)
-            break
-    return theta[:k], x[:, :k], dict(converged=res <= tol, steps=steps, residual=res,
-                                     stalled=stalled)  # fmt: skip
-
-
-def _filter(matmul, x, centre, half, degree: int) -> torch.Tensor:
-    """One Chebyshev filter step: ``T_degree((S - centre) / half) x``, orthonormalised (QR)."""
-    y_prev, y = x, (matmul(x) - centre * x) / half
-    for _ in range(degree - 1):
-        y_prev, y = y, 2 * (matmul(y) - centre * y) / half - y_prev
-    return torch.linalg.qr(y)[0]
-
-
-class _FilterStep:
-    """:func:`_filter` for one operator and block shape: on CUDA captured once as a CUDA
-    graph (block, ``centre``, ``half`` in static buffers) and replayed; eager elsewhere or
-    where capture fails (``self.graph`` None)."""
-
-    def __init__(self, matmul, x: torch.Tensor, degree: int):
-        self.run = lambda x, c, h: _filter(matmul, x, c, h, degree)
-        self.graph = None
-        if x.device.type != "cuda":
-            return
-        self.x, self.c, self.h = x.clone(), x.new_zeros(()), x.new_ones(())
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up before capture, as torch asks
-                self.run(self.x, self.c, self.h)
-            torch.cuda.current_stream().wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                self.out = self.run(self.x, self.c, self.h)
-            self.graph = g
-        except Exception as exc:  # noqa: BLE001 - whatever capture refuses runs eagerly
-            warnings.warn(f"chebyshev_eigvecs: no CUDA graph ({exc}); eager", RuntimeWarning,
-                          stacklevel=3)  # fmt: skip
-
-    def __call__(self, x: torch.Tensor, centre: float, half: float) -> torch.Tensor:
-        if self.graph is None:
-            return self.run(x, centre, half)
-        self.x.copy_(x), self.c.fill_(centre), self.h.fill_(half)
-        self.graph.replay()
-        return self.out
-
-
-def _dense_top_eigvecs(s: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` leading eigenvectors of the symmetric ``s``, descending. On the CPU by
-    LAPACK's partial solver (only ``k`` vectors are formed), elsewhere by ``eigh``."""
-    n = s.shape[0]
-    if s.device.type == "cpu":
-        import scipy.linalg
-
-        try:
-            _, vec = scipy.linalg.eigh(
-                s.numpy(), subset_by_index=[n - k, n - 1], driver="evx", check_finite=False
-            )
-            return torch.from_numpy(vec[:, ::-1].copy())
-        except (np.linalg.LinAlgError, ValueError):  # pragma: no cover - LAPACK failure
-            pass
-    _, v = torch.linalg.eigh(s)
-    return v[:, -k:].flip(1)
-
-
-def _block_eigvecs(s, k: int, solver: str, *, seed: int, tol: float, max_steps: int | None,
-                   max_flops: float = math.inf, then: str = "using its last Ritz vectors"):  # fmt: skip
-    """``(theta, Q, info)`` of ``s`` (dense or sparse) by :func:`chebyshev_eigvecs` (``solver``
-    "chebyshev"; ``max_steps`` None: ``CHEBYSHEV_STEPS``) or :func:`block_krylov_eigvecs`;
-    unconverged, it warns that the caller goes on ``then``."""
-    n, kw = s.shape[0], dict(dtype=s.dtype, device=s.device, seed=seed, tol=tol)
-    if solver == "chebyshev":
-        steps = CHEBYSHEV_STEPS if max_steps is None else max_steps
-        theta, q, info = chebyshev_eigvecs(lambda x: s @ x, n, k, max_steps=steps, **kw)
-    else:
-        nnz = s._nnz() if s.layout != torch.strided else n * n
-        theta, q, info = block_krylov_eigvecs(lambda x: s @ x, n, k, matmul_flops=2.0 * nnz,
-                                              max_flops=max_flops, max_steps=max_steps, **kw)  # fmt: skip
-    if not info["converged"]:
-        name = "Chebyshev" if solver == "chebyshev" else "Krylov"
-        why = "stalled (TF32 products?)" if info.get("stalled") else "stopped at its budget"
-        warnings.warn(f"spectral: the {name} solver {why} after {info['steps']} steps (block residual "
-                      f"{info['residual']:.2e} > tol {tol:.0e}, N = {n}); {then}", RuntimeWarning,
-                      stacklevel=3)  # fmt: skip
-    return theta, q, info
-
-
-#: ARPACK's relative residual per Ritz vector in the sparse path (``||S v - theta v|| <=
-#: tol |theta|``): 24 vectors at 1e-8 keep the block residual under the Krylov solver's 1e-7
-ARPACK_TOL = 1e-8
-
-
-def _top_eigvecs_arpack(s, k: int, seed: int):
-    """The ``k`` leading eigenvectors (descending) of the sparse CSR ``s``: each connected
-    component's top ``min(k, size)`` by ARPACK (``eigsh``, ``which="LA"``, from scikit-learn's
-    start vector restricted to it; dense ``eigh`` for a small one), the ``k`` largest kept.
-    None where there are more components than ``k`` or ARPACK does not converge (warned).
-    Per component because each adds an eigenvalue 1 and one Lanczos start vector misses
-    repeats (on three components of 44 points it returned 0.60 for the third 1)."""
-    import scipy.linalg
-    import scipy.sparse.csgraph
-    import scipy.sparse.linalg
-
-    n = s.shape[0]
-    m = scipy.sparse.csr_matrix(
-        (s.values().cpu().double().numpy(), s.col_indices().cpu().numpy(),
-         s.crow_indices().cpu().numpy()), shape=(n, n),
-    )  # fmt: skip
-    count, comp = scipy.sparse.csgraph.connected_components(m, directed=False)
-    if count > k:
-        return None  # more than k eigenvalues 1: no gap at k; the block solver picks
-    v0 = np.random.RandomState(int(seed)).uniform(-1, 1, n)
-    pairs = []  # (value, component's indices, vector), by component and column
-    for c in range(count):
-        idx = np.flatnonzero(comp == c)
-        sub, kc = m[idx][:, idx], min(k, idx.size)
-        if idx.size <= 4 * (kc + 8):
-            w, v = scipy.linalg.eigh(sub.toarray(), subset_by_index=[idx.size - kc, idx.size - 1])
-        else:
-            try:
-                w, v = scipy.sparse.linalg.eigsh(sub, k=kc, which="LA", v0=v0[idx], tol=ARPACK_TOL)
-            except scipy.sparse.linalg.ArpackNoConvergence as exc:
-                warnings.warn(f"spectral: ARPACK did not converge (N = {n}, k = {k}, a component "
-                              f"of {idx.size}: {exc}); finishing with the block Krylov solver",
-                              RuntimeWarning, stacklevel=3)  # fmt: skip
-                return None
-        pairs += [(value, idx, v[:, j]) for j, value in enumerate(w.tolist())]
-    q = np.zeros((n, k))
-    for col, (_, idx, vec) in enumerate(sorted(pairs, key=lambda p: -p[0])[:k]):  # stable
-        q[idx, col] = vec
-    return torch.from_numpy(q).to(s.device, s.dtype)
-
-
-def spectral_embedding(affinity: torch.Tensor, n_components: int, *, seed: int = 0,
-                       eigen_solver: str = "auto", tol: float | None = None,
-                       max_iter: int | None = None, choice: EigenChoice = EIGEN_CHOICE,
-                       ) -> torch.Tensor:  # fmt: skip
-    """The ``(N, n_components)`` spectral embedding ``D^{-1/2} V`` of ``affinity``, ``V`` the
-    leading eigenvectors of the normalised affinity, descending. ``eigen_solver``: ``"eigh"``
-    (dense; on the CPU LAPACK's partial solver), ``"krylov"`` (alias ``"subspace"``,
-    :func:`block_krylov_eigvecs`) or ``"chebyshev"`` (:func:`chebyshev_eigvecs`, at most
-    ``max_iter`` or ``CHEBYSHEV_STEPS`` steps), both to a block residual ``tol`` (1e-4 in
-    float32, 1e-7 in float64), or ``"auto"``: ``eigh`` up to ``choice``'s crossover for the
-    device (:class:`EigenChoice`), above it the device's block solver (Krylov within
-    ``eigh_cost * N^3`` flops), which, if it runs out, warns and finishes with ``eigh``. A
-    solver named explicitly warns and keeps its last Ritz vectors."""
-    n = affinity.shape[0]
-    if not 1 <= n_components <= n:
-        raise ValueError(f"n_components: expected 1 <= n_components <= N = {n}, got {n_components}")
-    if eigen_solver not in ("auto", "eigh", "krylov", "subspace", "chebyshev"):
-        raise ValueError(
-            f"eigen_solver: expected 'auto', 'eigh', 'krylov' or 'chebyshev', got {eigen_solver!r}"
-        )
-    s, dd = _normalized_affinity(affinity)
-    if tol is None:
-        tol = 1e-4 if s.dtype == torch.float32 else 1e-7
-    cpu, auto, solver = s.device.type == "cpu", eigen_solver == "auto", eigen_solver
-    if auto:
-        crossover = choice.crossover_cpu if cpu else choice.crossover_cuda
-        solver = "eigh" if n <= crossover else (choice.above_cpu if cpu else choice.above_cuda)
-    vecs = None
-    if solver != "eigh" and n >= 4 * (n_components + 8):
-        _, vecs, info = _block_eigvecs(
-            s, n_components, solver, seed=seed, tol=tol, max_steps=max_iter,
-            max_flops=choice.eigh_cost * float(n) ** 3 if auto else math.inf,
-            then="finishing with dense eigh" if auto else "using its last Ritz vectors",
-        )  # fmt: skip
-        vecs = None if auto and not info["converged"] else vecs
-    if vecs is None:
-        vecs = _dense_top_eigvecs(s, n_components).to(s.device, s.dtype)
-    return vecs / dd[:, None]
 
 
 def _relabel_by_first_appearance(labels: torch.Tensor) -> torch.Tensor:
@@ -653,26 +313,6 @@ def sparse_spectral_clustering(
 #: :func:`soft_cluster_shares`' spectral filter: its width on the normalised affinity's
 #: eigenvalues, below the ``k``-th.
 SOFT_SHARE_WIDTH = 1e-2
-
-
-def _filtered_eigenpairs(s: torch.Tensor, k: int, width: float):
-    """The leading eigenpairs of the symmetric ``s`` (float64), descending, at least down to
-    ``theta_k - width`` (``theta_k`` the ``k``-th largest eigenvalue). On the CPU by LAPACK's
-    MRRR for a subset (``evr``; its cost is the tridiagonal reduction, the same for any
-    subset: the window is widened by doubling where it is crowded), elsewhere by ``eigh``."""
-    n = s.shape[0]
-    if s.device.type != "cpu":
-        theta, vec = torch.linalg.eigh(s)
-        return theta.flip(0), vec.flip(1)
-    import scipy.linalg
-
-    m = min(n, k + max(8, k // 2))
-    while True:
-        theta, vec = scipy.linalg.eigh(s.numpy(), subset_by_index=[n - m, n - 1], driver="evr",
-                                       check_finite=False)  # fmt: skip
-        if m == n or theta[0] < theta[-k] - width:
-            return torch.from_numpy(theta[::-1].copy()), torch.from_numpy(vec[:, ::-1].copy())
-        m = min(n, 2 * m)
 
 
 @bounded()
