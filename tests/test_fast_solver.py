@@ -266,7 +266,7 @@ def test_fast_scores_move_little_under_1e6_perturbations(dtype):
 
 def test_cli_passes_the_solver_to_configure():
     from videoanchor.cli import _anchor_options, build_parser
-    from videoanchor.integrations.transformers.configure import check_options
+    from videoanchor.integrations.transformers.configuring import check_options
 
     base = ["run", "--video", "x.mp4", "--question", "q"]
     assert _anchor_options(build_parser().parse_args(base), True)["ssc_solver"] == "auto"

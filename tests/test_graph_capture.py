@@ -198,7 +198,7 @@ def test_gate_buffers_are_per_request_with_gradients(anchored):
     ],
 )
 def test_value_scale_range_is_the_configuration_s(alphas_v, scales, expected):
-    from videoanchor.integrations.transformers.configure import _value_scale_range
+    from videoanchor.integrations.transformers.configuring import _value_scale_range
 
     assert _value_scale_range(alphas_v, torch.tensor([scales])) == expected
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import videoanchor
-from videoanchor.integrations.transformers.configure import _Request
+from videoanchor.integrations.transformers.configuring import _Request
 from videoanchor.integrations.transformers.testing import (
     TOKENS,
     collate,

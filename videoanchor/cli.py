@@ -143,7 +143,7 @@ def _check_writable(path: Path, flag: str) -> None:
 def _check_args(args, kind: str) -> None:
     """Everything the command needs from its flags, checked before any slow step (reading
     the video, loading the model): one place, so a typo costs nothing."""
-    from videoanchor.integrations.transformers.configure import check_options
+    from videoanchor.integrations.transformers.configuring import check_options
     from videoanchor.pipeline import check_load_options
 
     try:

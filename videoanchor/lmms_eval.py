@@ -242,7 +242,7 @@ class VideoAnchorLMMCore:
         )
         trust_remote_code = _as_bool(trust_remote_code, "trust_remote_code")
 
-        from videoanchor.integrations.transformers.configure import check_options
+        from videoanchor.integrations.transformers.configuring import check_options
         from videoanchor.pipeline import PipelineError, check_load_options, check_model, load_vlm
 
         # Every option is checked here, before the config or the weights are read.

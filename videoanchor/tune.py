@@ -808,7 +808,7 @@ def run_tune(args) -> int:
         items = load_lmms_task(args.data, include_path=args.include_path, limit=args.limit)
     search, held = split_holdout(items, args.holdout, args.seed)
     settings = [Setting(a, b, k) for k in ks for a in aks for b in avs]
-    from videoanchor.integrations.transformers.configure import check_options
+    from videoanchor.integrations.transformers.configuring import check_options
 
     for a in aks:  # each grid value as configure() takes it (a gate that overflows float32...)
         for b in avs:

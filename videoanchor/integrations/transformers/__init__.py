@@ -16,17 +16,17 @@ import importlib.util
 import sys
 import warnings
 
-from videoanchor.integrations.transformers.configure import (
-    AnchorConfig,
-    AnchorHandle,
-    configure,
-    find_handle,
-)
 from videoanchor.integrations.transformers.attention import (
     ATTN_IMPLEMENTATION,
     reset_warnings,
     videoanchor_attention_forward,
     videoanchor_mask,
+)
+from videoanchor.integrations.transformers.configuring import (
+    AnchorConfig,
+    AnchorHandle,
+    configure,
+    find_handle,
 )
 from videoanchor.integrations.transformers.registry import (
     FAMILIES,
@@ -71,7 +71,7 @@ def register() -> None:
         raise ImportError(problem) from None  # the cause is in the one line
     from transformers.masking_utils import AttentionMaskInterface
 
-    from videoanchor.integrations.transformers.configure import maybe_install
+    from videoanchor.integrations.transformers.configuring import maybe_install
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, videoanchor_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, videoanchor_mask)
