@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from videoanchor.anchor.options import DEFAULTS as SSC
-from videoanchor.anchor.options import SSC_SOLVERS
-from videoanchor.anchor.products import PRECISIONS
+from videoanchor.anchor.options import PRECISIONS, SSC_SOLVERS
 from videoanchor.pipeline import (
     PipelineError,
     _first_line,

@@ -1,5 +1,5 @@
-"""Stage 1 of an SSC call: the features validated once (and the option checks the options
-table uses), before the plan (:mod:`videoanchor.anchor.plan`)."""
+"""Stage 1 of an SSC call: the features validated once, before the plan
+(:mod:`videoanchor.anchor.plan`). The options are checked in :mod:`videoanchor.anchor.options`."""
 
 from __future__ import annotations
 
@@ -82,144 +82,6 @@ def warn_dominant_token(x: torch.Tensor, work: torch.dtype) -> None:
         )
 
 
-def check_dtype(name: str, value) -> torch.dtype:
-    """The working dtype of the solvers: None (float32), ``torch.float32``, ``torch.float64``
-    or their names."""
-    if value is not None and not isinstance(value, (str, torch.dtype)):
-        raise TypeError(
-            f"{name}: expected None, torch.float32 or torch.float64, got {type(value).__name__}"
-        )
-    if value is None:
-        return torch.float32
-    if isinstance(value, str):
-        value = {"float32": torch.float32, "float64": torch.float64}.get(value, value)
-    if value not in (torch.float32, torch.float64):
-        raise ValueError(
-            f"{name}: expected torch.float32 or torch.float64, got {value!r}; SSC's ADMM needs "
-            "at least float32 (try dtype=None, float32)"
-        )
-    return value
-
-
-# ---- checks of one option (the options themselves: videoanchor.anchor.options) ------------
-
-
-def _is_int(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
-
-
-def _is_bool(value) -> bool:
-    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
-    return isinstance(value, bool) or numpy_bool
-
-
-def check_int(name: str, value, minimum: int, hint: str = "") -> int:
-    """``value`` as an int >= ``minimum``: TypeError for a non-int (a float, even a whole
-    one, or inf), ValueError below the minimum."""
-    if not _is_int(value):
-        raise TypeError(
-            f"{name}: expected an int >= {minimum}, got {value!r} ({type(value).__name__})"
-            + (f"; try {hint}" if hint else "")
-        )
-    if value < minimum:
-        raise ValueError(
-            f"{name}: expected an int >= {minimum}, got {value}" + (f"; try {hint}" if hint else "")
-        )
-    return int(value)
-
-
-def check_number(name: str, value, *, positive: bool, hint: str = "") -> float:
-    """``value`` as a finite float, > 0 (``positive``) or >= 0: TypeError for a non-number,
-    ValueError for NaN, inf or the wrong sign."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name}: expected a finite number, got {type(value).__name__}")
-    v = float(value)
-    ok = math.isfinite(v) and (v > 0 if positive else v >= 0)
-    if not ok:
-        want = "a positive finite number" if positive else "a finite number >= 0"
-        raise ValueError(
-            f"{name}: expected {want}, got {value!r}" + (f"; try {hint}" if hint else "")
-        )
-    return v
-
-
-def check_option_range(opts: dict, work: torch.dtype) -> None:
-    """``alpha_e``, ``alpha_z`` and ``rho`` within ``[sqrt(tiny), sqrt(max)]`` of the
-    working dtype, where the A-step system neither overflows nor loses its ``rho`` term."""
-    info = torch.finfo(work)
-    lo, hi = math.sqrt(info.tiny), math.sqrt(info.max)
-    for name, hint in (("alpha_e", "800"), ("alpha_z", "800"), ("rho", "300")):
-        v = opts[name]
-        if not lo <= v <= hi:
-            raise ValueError(
-                f"{name}: expected a value in [{lo:.3g}, {hi:.3g}] for SSC's working dtype "
-                f"{str(work).replace('torch.', '')} (the A-step system lambda_z Y^T Y + rho "
-                f"(I + 1 1^T) overflows or loses its rho term outside it), got {v!r}; the "
-                f"authors use {name}={hint}"
-            )
-
-
-def check_choice(name: str, value, choices) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
-    return value
-
-
-def check_flag(name: str, value) -> bool:
-    if not _is_bool(value):
-        raise TypeError(f"{name}: expected True or False, got {value!r}")
-    return bool(value)
-
-
-def check_blocked(solver: str, backend: str, precision: str = "auto", *,
-                  tokens: int | None = None) -> None:  # fmt: skip
-    """Refuse what blocked mode cannot run (it runs the authors' iteration on torch, in full
-    precision). ``tokens``: the N for which ``mode="auto"`` chose it (None: asked for)."""
-    chose = "" if tokens is None else (
-        f" (mode='auto' chose it: these {tokens} tokens need blocked mode, as exact mode does "
-        "not fit in memory or N exceeds its limit)"
-    )  # fmt: skip
-    if backend == "cupy":
-        raise ValueError(f"mode='blocked'{chose}: expected backend 'auto' or 'torch', got 'cupy'")
-    if solver == "fast":
-        raise ValueError(
-            f"mode='blocked'{chose} runs the authors' iteration only; expected solver 'auto' "
-            f"or 'faithful', got {solver!r}"
-        )
-    if precision == "fp16x3":
-        raise ValueError(
-            f"mode='blocked'{chose} runs the authors' iteration in full precision; expected "
-            "precision 'auto' or 'full', got 'fp16x3'"
-        )
-
-
-def check_progress(value):
-    """The ``progress=`` option: True, False, None, "auto" or an
-    :class:`~videoanchor.anchor.progress.SSCProgress`; returned as given (a NumPy bool as bool)."""
-    from videoanchor.anchor.progress import SSCProgress
-
-    auto = isinstance(value, str) and value == "auto"
-    if value is None or auto or isinstance(value, SSCProgress):
-        return value
-    if _is_bool(value):
-        return bool(value)
-    raise TypeError(
-        f"progress: expected True, False, None, 'auto' or an SSCProgress, got {value!r}"
-    )
-
-
-def resolve_seed(seed) -> int:
-    """An int seed in [0, 2**32 - 1]; ``None`` draws one from NumPy's global generator, as
-    scikit-learn's ``random_state=None`` does (so ``numpy.random.seed`` makes it repeatable)."""
-    if seed is None:
-        return int(np.random.randint(0, 2**31 - 1))
-    if not _is_int(seed):
-        raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
-    if not 0 <= seed <= 2**32 - 1:
-        raise ValueError(f"seed: expected an int in [0, 2**32 - 1] or None, got {seed}")
-    return int(seed)
-
-
 # ---- ranks of a process group: one collective, the same outcome everywhere ----------------
 
 
@@ -234,9 +96,6 @@ def _canonical(value) -> str:
 
 #: seconds a rank waits in an agreement check before it warns that a rank may be missing
 AGREE_WARN_AFTER = 60.0
-#: ``mu_z``'s rules for dark tokens (the option ``dark_tokens``,
-#: :func:`~videoanchor.anchor.program.ssc_lambdas`' ``dark``)
-DARK_RULES = ("authors", "ignore")
 
 
 def gather_from_every_rank(group, obj, *, what: str) -> list:

@@ -3,35 +3,39 @@
 Every entry point that takes SSC options derives from :class:`SSCOptions`: the defaults
 (:data:`DEFAULTS`), the up-front check (:meth:`SSCOptions.checked`), the options that change
 ``C`` or the scores (:func:`names_affecting`, the score caches' keys), and, in the
-integrations, ``AnchorConfig``'s SSC fields and the command lines' defaults.
+integrations, ``AnchorConfig``'s SSC fields and the command lines' defaults. Every option
+check lives here: each option's own, those of options together (:func:`check_blocked`,
+:func:`check_precision`, :func:`check_distributed`) and the plan's
+(:func:`check_plan_options`).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import math
 from dataclasses import dataclass, fields, replace
 
+import numpy as np
 import torch
 
-from videoanchor.anchor._inputs import (
-    DARK_RULES,
-    check_blocked,
-    check_choice,
-    check_dtype,
-    check_int,
-    check_number,
-    check_option_range,
-    check_progress,
-    resolve_seed,
-)
-from videoanchor.anchor.products import PRECISIONS, check_precision
+from videoanchor.anchor.products import resolve_precision
 
-__all__ = ["CHECKS", "DEFAULTS", "EIGEN_SOLVERS", "SSCOptions", "names_affecting", "takes_options"]
+__all__ = [
+    "CHECKS",
+    "DEFAULTS",
+    "EIGEN_SOLVERS",
+    "PRECISIONS",
+    "SSCOptions",
+    "check_precision",
+    "names_affecting",
+    "takes_options",
+]
 
 SSC_BACKENDS = ("auto", "torch", "cupy")
 SSC_SOLVERS = ("auto", "fast", "faithful", "workset")
 SSC_MODES = ("auto", "exact", "blocked")
+PRECISIONS = ("auto", "full", "fp16x3")
 EIGEN_SOLVERS = {  # per mode: what the spectral step of that mode can run
     "exact": ("auto", "eigh", "krylov", "chebyshev"),
     "auto": ("auto",),
@@ -56,6 +60,128 @@ REMOVED_ACCELERATED = (
 
 #: :attr:`SSCOptions.cluster_share`'s choices
 CLUSTER_SHARES = ("hard", "soft", "stable")
+#: ``mu_z``'s rules for dark tokens (the option ``dark_tokens``,
+#: :func:`~videoanchor.anchor.program.ssc_lambdas`' ``dark``)
+DARK_RULES = ("authors", "ignore")
+
+
+# ---- checks of one option (the table CHECKS below uses them) -------------------------------
+
+
+def _is_int(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
+
+
+def _is_bool(value) -> bool:
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    return isinstance(value, bool) or numpy_bool
+
+
+def check_int(name: str, value, minimum: int, hint: str = "") -> int:
+    """``value`` as an int >= ``minimum``: TypeError for a non-int (a float, even a whole
+    one, or inf), ValueError below the minimum."""
+    if not _is_int(value):
+        raise TypeError(
+            f"{name}: expected an int >= {minimum}, got {value!r} ({type(value).__name__})"
+            + (f"; try {hint}" if hint else "")
+        )
+    if value < minimum:
+        raise ValueError(
+            f"{name}: expected an int >= {minimum}, got {value}" + (f"; try {hint}" if hint else "")
+        )
+    return int(value)
+
+
+def check_number(name: str, value, *, positive: bool, hint: str = "") -> float:
+    """``value`` as a finite float, > 0 (``positive``) or >= 0: TypeError for a non-number,
+    ValueError for NaN, inf or the wrong sign."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a finite number, got {type(value).__name__}")
+    v = float(value)
+    ok = math.isfinite(v) and (v > 0 if positive else v >= 0)
+    if not ok:
+        want = "a positive finite number" if positive else "a finite number >= 0"
+        raise ValueError(
+            f"{name}: expected {want}, got {value!r}" + (f"; try {hint}" if hint else "")
+        )
+    return v
+
+
+def check_option_range(opts: dict, work: torch.dtype) -> None:
+    """``alpha_e``, ``alpha_z`` and ``rho`` within ``[sqrt(tiny), sqrt(max)]`` of the
+    working dtype, where the A-step system neither overflows nor loses its ``rho`` term."""
+    info = torch.finfo(work)
+    lo, hi = math.sqrt(info.tiny), math.sqrt(info.max)
+    for name, hint in (("alpha_e", "800"), ("alpha_z", "800"), ("rho", "300")):
+        v = opts[name]
+        if not lo <= v <= hi:
+            raise ValueError(
+                f"{name}: expected a value in [{lo:.3g}, {hi:.3g}] for SSC's working dtype "
+                f"{str(work).replace('torch.', '')} (the A-step system lambda_z Y^T Y + rho "
+                f"(I + 1 1^T) overflows or loses its rho term outside it), got {v!r}; the "
+                f"authors use {name}={hint}"
+            )
+
+
+def check_choice(name: str, value, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_flag(name: str, value) -> bool:
+    if not _is_bool(value):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return bool(value)
+
+
+def check_progress(value):
+    """The ``progress=`` option: True, False, None, "auto" or an
+    :class:`~videoanchor.anchor.progress.SSCProgress`; returned as given (a NumPy bool as bool)."""
+    from videoanchor.anchor.progress import SSCProgress
+
+    auto = isinstance(value, str) and value == "auto"
+    if value is None or auto or isinstance(value, SSCProgress):
+        return value
+    if _is_bool(value):
+        return bool(value)
+    raise TypeError(
+        f"progress: expected True, False, None, 'auto' or an SSCProgress, got {value!r}"
+    )
+
+
+def resolve_seed(seed) -> int:
+    """An int seed in [0, 2**32 - 1]; ``None`` draws one from NumPy's global generator, as
+    scikit-learn's ``random_state=None`` does (so ``numpy.random.seed`` makes it repeatable)."""
+    if seed is None:
+        return int(np.random.randint(0, 2**31 - 1))
+    if not _is_int(seed):
+        raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+    if not 0 <= seed <= 2**32 - 1:
+        raise ValueError(f"seed: expected an int in [0, 2**32 - 1] or None, got {seed}")
+    return int(seed)
+
+
+def check_dtype(name: str, value) -> torch.dtype:
+    """The working dtype of the solvers: None (float32), ``torch.float32``, ``torch.float64``
+    or their names."""
+    if value is not None and not isinstance(value, (str, torch.dtype)):
+        raise TypeError(
+            f"{name}: expected None, torch.float32 or torch.float64, got {type(value).__name__}"
+        )
+    if value is None:
+        return torch.float32
+    if isinstance(value, str):
+        value = {"float32": torch.float32, "float64": torch.float64}.get(value, value)
+    if value not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"{name}: expected torch.float32 or torch.float64, got {value!r}; SSC's ADMM needs "
+            "at least float32 (try dtype=None, float32)"
+        )
+    return value
+
+
+# ---- the options table and its checks ---------------------------------------------------
 
 
 def _label_draws(name, value):
@@ -228,6 +354,86 @@ def check_distributed(mode: str, solver: str, backend: str) -> None:
             "process_group: the solvers that run over processes are torch's; expected backend "
             "'auto' or 'torch', got 'cupy'"
         )
+
+
+def blocked_refusal(solver: str, backend: str, precision: str = "auto", *,
+                    tokens: int | None = None) -> str | None:  # fmt: skip
+    """Why blocked mode cannot run ``solver``, ``backend`` and ``precision`` (it runs the
+    authors' iteration on torch, in full precision), or None where it can. ``tokens``: the N
+    for which ``mode="auto"`` chose it (None: asked for)."""
+    chose = "" if tokens is None else (
+        f" (mode='auto' chose it: these {tokens} tokens need blocked mode, as exact mode does "
+        "not fit in memory or N exceeds its limit)"
+    )  # fmt: skip
+    if backend == "cupy":
+        return f"mode='blocked'{chose}: expected backend 'auto' or 'torch', got 'cupy'"
+    if solver == "fast":
+        return (
+            f"mode='blocked'{chose} runs the authors' iteration only; expected solver 'auto' "
+            f"or 'faithful', got {solver!r}"
+        )
+    if precision == "fp16x3":
+        return (
+            f"mode='blocked'{chose} runs the authors' iteration in full precision; expected "
+            "precision 'auto' or 'full', got 'fp16x3'"
+        )
+    return None
+
+
+def check_blocked(solver: str, backend: str, precision: str = "auto", *,
+                  tokens: int | None = None) -> None:  # fmt: skip
+    """Refuse what blocked mode cannot run: a ValueError saying why
+    (:func:`blocked_refusal`)."""
+    why = blocked_refusal(solver, backend, precision, tokens=tokens)
+    if why is not None:
+        raise ValueError(why)
+
+
+def check_precision(precision, *, fast: bool, work, solver: str | None = None,
+                    blocked: bool = False, backend: str = "torch", device=None) -> str:  # fmt: skip
+    """``precision`` resolved for ``device`` (``None``: not known yet); a ValueError naming
+    what is missing where ``"fp16x3"`` is asked for and cannot run: only the fast solver's
+    torch iteration in float32, in exact mode, has it (``fast``: the fast solver runs,
+    ``solver``: the one asked for; ``work``: the working dtype). ``"auto"`` never raises:
+    ``"fp16x3"`` where that runs natively (:func:`~videoanchor.anchor.products.resolve_precision`) and the rest allows
+    it, else ``"full"``."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    got = f" (got {solver!r})" if solver is not None else ""
+    problems = [
+        what
+        for bad, what in (
+            (not fast, f"the fast solver: solver 'fast' or 'auto'{got}"),
+            (blocked, "mode 'exact' or 'auto' (blocked runs the authors' iteration)"),
+            (backend not in ("torch", "auto"), f"backend 'torch' or 'auto' (got {backend!r})"),
+            (work != torch.float32, f"dtype float32 (got {work})"),
+        )
+        if bad
+    ]
+    if precision == "auto":
+        return "full" if problems else resolve_precision("auto", device)
+    if precision != "fp16x3":
+        return precision
+    if problems:
+        raise ValueError(
+            "precision='fp16x3' runs the fast solver's float32 products on float16 tensor "
+            "cores; it needs " + "; ".join(problems) + ". Use precision='auto' or 'full' otherwise"
+        )
+    return precision
+
+
+def check_plan_options(opts, *, fast: bool, device, backend: str,
+                       tokens: int) -> tuple[str, str | None]:  # fmt: skip
+    """The option checks of :func:`~videoanchor.anchor.plan.make_plan`, together, before it
+    decides anything: ``(precision, refusal)``. ``precision``: ``opts.precision`` resolved
+    for ``device`` by :func:`check_precision` (``fast``: the fast solver runs; ``backend``:
+    the dense solver's array module), a ValueError where ``"fp16x3"`` cannot run.
+    ``refusal``: why blocked mode cannot run ``opts`` (:func:`blocked_refusal`, for
+    ``tokens`` tokens), None where it can; the plan raises it where ``mode="auto"`` chooses
+    blocked mode."""
+    precision = check_precision(opts.precision, fast=fast, work=opts.dtype, solver=opts.solver,
+                                device=device, backend=backend)  # fmt: skip
+    return precision, blocked_refusal(opts.solver, opts.backend, opts.precision, tokens=tokens)
 
 
 _PROGRAM = ("alpha_e", "alpha_z", "rho", "eps", "max_iter", "dtype", "progress")

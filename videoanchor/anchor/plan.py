@@ -15,9 +15,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from videoanchor.anchor._inputs import check_blocked
 from videoanchor.anchor.collective import _group, all_agree, raise_together
-from videoanchor.anchor.products import check_precision
+from videoanchor.anchor.options import check_plan_options
 
 __all__ = [
     "EXACT_MAX_TOKENS",
@@ -202,7 +201,7 @@ def exact_bytes(n: int, d: int, itemsize: int, device_type: str, precision: str 
     if precision not in ("full", "fp16x3"):
         raise ValueError(
             f"precision: expected the precision that runs, 'full' or 'fp16x3' (resolve 'auto' "
-            f"with videoanchor.anchor.products.check_precision first), got {precision!r}"
+            f"with videoanchor.anchor.options.check_precision first), got {precision!r}"
         )
     if strategy == "auto":
         strategy = choose_strategy(n, d, outliers, device_type)
@@ -403,11 +402,12 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
     n, d = (int(v) for v in shape)
     device, work = torch.device(device), opts.dtype
     backend = backend or ("torch" if opts.backend == "auto" else opts.backend)
-    # what the fast solver's products run as, where it is the one that runs (options
-    # checked: an fp16x3 that no mode could run has been refused already)
+    # the option checks, together, before anything is decided: what the fast solver's
+    # products run as, where it is the one that runs (options checked: an fp16x3 that no
+    # mode could run has been refused already), and what blocked mode would refuse
     fast = opts.solver in ("auto", "fast") and program == "squared"
-    precision = check_precision(opts.precision, fast=fast, work=work, solver=opts.solver,
-                                device=device, backend=backend)  # fmt: skip
+    precision, refusal = check_plan_options(opts, fast=fast, device=device, backend=backend,
+                                            tokens=n)  # fmt: skip
     mode = opts.mode
     if mode == "auto":
         if opts.solver == "workset":
@@ -421,7 +421,8 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
             mode = "exact" if fits else "blocked"
     solver = opts.solver
     if mode == "blocked":
-        check_blocked(solver, opts.backend, opts.precision, tokens=n)
+        if refusal is not None:
+            raise ValueError(refusal)
         solver, precision = "faithful", "full"
     elif solver == "auto":
         solver = auto_solver(device, backend, opts, program=program, outliers=outliers)

@@ -37,10 +37,8 @@ import warnings
 import torch
 
 __all__ = [
-    "PRECISIONS",
     "Products",
     "Split",
-    "check_precision",
     "exact_float32",
     "exact_float32_matmul",
     "keep_cuda_setting_in_this_thread",
@@ -48,7 +46,6 @@ __all__ = [
     "resolve_precision",
 ]
 
-PRECISIONS = ("auto", "full", "fp16x3")
 #: the largest magnitude of a scaled operand lies in (2^(TOP - 1), 2^TOP]: float16's largest
 #: finite value is 65504 (just under 2^16), and its head rounds to at most 2^TOP
 TOP = 14
@@ -177,39 +174,6 @@ def resolve_precision(precision: str, device=None) -> str:
     if precision != "auto":
         return precision
     return "fp16x3" if native_fp16x3(device) else "full"
-
-
-def check_precision(precision, *, fast: bool, work, solver: str | None = None,
-                    blocked: bool = False, backend: str = "torch", device=None) -> str:  # fmt: skip
-    """``precision`` resolved for ``device`` (``None``: not known yet); a ValueError naming
-    what is missing where ``"fp16x3"`` is asked for and cannot run: only the fast solver's
-    torch iteration in float32, in exact mode, has it (``fast``: the fast solver runs,
-    ``solver``: the one asked for; ``work``: the working dtype). ``"auto"`` never raises:
-    ``"fp16x3"`` where that runs natively (:func:`resolve_precision`) and the rest allows
-    it, else ``"full"``."""
-    if not isinstance(precision, str) or precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
-    got = f" (got {solver!r})" if solver is not None else ""
-    problems = [
-        what
-        for bad, what in (
-            (not fast, f"the fast solver: solver 'fast' or 'auto'{got}"),
-            (blocked, "mode 'exact' or 'auto' (blocked runs the authors' iteration)"),
-            (backend not in ("torch", "auto"), f"backend 'torch' or 'auto' (got {backend!r})"),
-            (work != torch.float32, f"dtype float32 (got {work})"),
-        )
-        if bad
-    ]
-    if precision == "auto":
-        return "full" if problems else resolve_precision("auto", device)
-    if precision != "fp16x3":
-        return precision
-    if problems:
-        raise ValueError(
-            "precision='fp16x3' runs the fast solver's float32 products on float16 tensor "
-            "cores; it needs " + "; ".join(problems) + ". Use precision='auto' or 'full' otherwise"
-        )
-    return precision
 
 
 class Split:

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field, fields
 import array_api_compat
 import torch
 
-from videoanchor.anchor._inputs import DARK_RULES, as_feature_tensor
+from videoanchor.anchor._inputs import as_feature_tensor
+from videoanchor.anchor.options import DARK_RULES
 
 __all__ = [
     "DARK_RULES",

@@ -10,13 +10,12 @@ import torch
 
 from videoanchor.anchor._inputs import (
     as_feature_tensor,
-    check_flag,
     check_tokens,
     pca_reduce,
     prepare_features,
 )
 from videoanchor.anchor.clustering import cluster, label_shares
-from videoanchor.anchor.options import DEFAULTS, REMOVED_SCALABLE, SSCOptions
+from videoanchor.anchor.options import DEFAULTS, REMOVED_SCALABLE, SSCOptions, check_flag
 from videoanchor.anchor.plan import make_plan
 from videoanchor.anchor.products import exact_float32
 from videoanchor.anchor.program import SSCSolution
