@@ -1,9 +1,10 @@
 """A cost model of the default anchor scores on an H100 (issue 76 item 7): STATIC/MODEL
-figures, no timing. It reads every figure from the files committed under
-``benchmarks/results`` for one H100 run (the run folder, default the newest
-``logs/h100-*``; the layout of the 2026-11-28 run, at 5851f44), fits its constants at 16
-frames of Qwen2.5-VL-7B (N = 2048) and predicts the other five rows (Qwen2.5-VL-7B at 32
-and 64 frames, InternVL2-8B at 16, 32 and 64), each against the time measured there:
+figures, no timing. It reads every figure from committed files named by its arguments (one
+H100 run's bench JSON, grow sweep, torch profile, ncu export and kernel A/B, an InternVL2-8B
+count, the previous calibration and the CPU's block-pivoting counts; :data:`INPUTS`), fits
+its constants at 16 frames of Qwen2.5-VL-7B (N = 2048) and predicts the other five rows
+(Qwen2.5-VL-7B at 32 and 64 frames, InternVL2-8B at 16, 32 and 64), each against the time
+measured there. The files fitted now are the 2026-11-28 H100 run's, at 5851f44:
 
 - **the kernel at 5851f44** (one program per column, single-variable steps, the active
   columns only): the working sets cost ``L x t_step x S / P + P x (g + h)``, where ``P`` is
@@ -34,11 +35,11 @@ and 64 frames, InternVL2-8B at 16, 32 and 64), each against the time measured th
   of the KKT products over every column (``4 N^2 D``) on fp16x3 tensor cores at peak and
   ``host_ms_route`` each, plus the lockstep chain (the longest column's dependent steps) of
   ``step_us`` each. The chains are the CPU's counts (16 frames, one prediction per pivoting
-  rule; a rule that cycles has none): ``logs/block-pivoting-2026-11-28/chains_*.json`` and
-  ``-28b/chains_global.json``, each column from the kernel's start on its final working
-  set, with sets doubling from ``grow`` (``ceil(log2(largest set / grow)) + 2`` passes: a
-  lower bound, the sets known), and ``-28b/passes.json``, the chain warm-started over the
-  kernel's passes (``, over the passes``). Other rows scale the chains and sets by the
+  rule; a rule that cycles has none; ``--chains``): ``chains_*.json`` and
+  ``chains_global.json``, each column from the kernel's start on its final working set, with
+  sets doubling from ``grow`` (``ceil(log2(largest set / grow)) + 2`` passes: a lower bound,
+  the sets known), and ``passes.json``, the chain warm-started over the kernel's passes
+  (``, over the passes``). Other rows scale the chains and sets by the
   kernel's longest chain ``S``, the CPU's passes by the kernel's ``P``. Assumed:
   ``step_us``, ``host_ms_route``, the peak, the products over every column, the scaling;
 - **the rest of the call** (the lambdas, the certificate, the spectral step, the scores and
@@ -46,13 +47,24 @@ and 64 frames, InternVL2-8B at 16, 32 and 64), each against the time measured th
   says whether a prediction meets the target (0.10x the prefill at 16 frames, 0.25x at
   64), and the 16-frame rows the budget that the rest of the call leaves the working sets.
 
-    python benchmarks/model_workset_cuda.py [RUN_FOLDER]   # JSON into RUN_FOLDER
+The model's JSON (``--out``, default ``benchmarks/results/workset_cuda_model_static.json``)
+records in ``meta.inputs`` the file each argument named and in ``meta.input_sha256`` their
+contents' digests. Each input argument's default is the file that the committed JSON names,
+so that without arguments the script recomputes the committed model from the same files
+(``tests/test_model_workset_cuda.py`` checks that it does); name another file to fit another
+run (all of one kernel: the script checks that the sweep's and the profile's counts are the
+bench's)::
+
+    python benchmarks/model_workset_cuda.py                    # the committed model again
+    python benchmarks/model_workset_cuda.py --bench B.json --sweep S.json --profile P.txt \\
+        --ncu N.txt --ab AB.json --out /tmp/model.json        # another run's files
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import json
 import math
 import re
@@ -62,23 +74,32 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-LOGS = RESULTS / "logs"
+#: the committed model: its ``meta.inputs`` are the input arguments' defaults
+MODEL = RESULTS / "workset_cuda_model_static.json"
 #: FP32 (no TF32) and fp16 dense tensor-core peaks of an H100 SXM, FLOP/s (NVIDIA's sheet);
 #: fp16x3 runs three fp16 products for one float32 product
 PEAK = {"fp32": 67e12, "fp16": 989e12}
 TARGETS = {16: 0.10, 64: 0.25}
-OLD = LOGS / "h100-2026-11-27" / "workset_cuda_model_static.json"
-INTERNVL16 = LOGS / "h100-2026-11-27-c" / "workset_cuda_internvl_3652761.json"
-#: the CPU's counts of dependent steps a column under each pivoting rule (16 frames)
-CHAINS = [
-    *(LOGS / "block-pivoting-2026-11-28" / f"chains_{r}.json" for r in ("single", "block", "pdas")),
-    LOGS / "block-pivoting-2026-11-28b" / "chains_global.json",
-    LOGS / "block-pivoting-2026-11-28b" / "passes.json",
-]
+#: the input arguments (``--NAME``, dashes for underscores): what each file gives the model
+INPUTS = {
+    "bench": "bench_workset_cuda's JSON of the run: each row's stages and prefill",
+    "sweep": "bench_workset_cuda's grow sweep of the same kernel (--sweep 16:2048,...): "
+    "the passes, longest chains and wide columns of the Qwen2.5-VL-7B rows",
+    "profile": "the torch profile of the default at 16 frames (video16 and dense16 "
+    "sections, as benchmarks/experiments/profile_default16.py prints them)",
+    "ncu": "ncu's text export of the working-set kernel (registers, blocks, durations)",
+    "ab": "the kernel A/B in one process (rows with frames, kernel old/new, tile, "
+    "seconds): the new kernel's median over the old one's at tile 2048",
+    "internvl16": "InternVL2-8B's 16-frame count (passes, longest chain)",
+    "old_model": "the previous calibration's model JSON (its fitted constants)",
+    "chains": "the CPU's block-pivoting counts, one or more JSON files "
+    "(python -m benchmarks.experiments.block_pivoting)",
+}
 
 
 def _rel(path: Path) -> str:
-    return str(path.relative_to(ROOT))
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def _num(pattern: str, text: str) -> float:
@@ -102,20 +123,15 @@ def _profile(text: str) -> dict:
                 profiled_call=ast.literal_eval(text[: text.index("}") + 1]))  # fmt: skip
 
 
-def inputs(run: Path) -> dict:
-    """Every figure the model uses, read from the committed files (path per figure)."""
-    # the run's own copy of the bench's JSON (the canonical file is the newest run's)
-    canon = run / "workset_cuda_nvidia-h100-80gb-hbm3.json"
-    if not canon.exists():
-        canon = RESULTS / canon.name
+def inputs(bench, sweep, profile, ncu, ab, internvl16, old_model, chains) -> dict:
+    """Every figure the model uses, read from the files named (:data:`INPUTS`; ``chains``:
+    a list of paths), with the file of each figure."""
+    canon, sweep_path = Path(bench), Path(sweep)
+    internvl16, old_model = Path(internvl16), Path(old_model)
     bench = json.loads(canon.read_text())
-    day = run.name.removeprefix("h100-")[:10]
-    if not bench["meta"]["date"].startswith(day):
-        raise ValueError(f"{_rel(canon)} is of {bench['meta']['date']}, not the run {day}")
-    sweep_path = next(run.glob("workset_cuda_sweep_*.json"))
     sweep = json.loads(sweep_path.read_text())
-    ncu = (run / "ncu_workset.txt").read_text()
-    prof = _profile((run / "profile_default16.txt").read_text())
+    ncu_text = Path(ncu).read_text()
+    prof = _profile(Path(profile).read_text())
     counted = {}
     for r in sweep["rows"]:
         if r["tokens"] == "video-like" and "grow_16_tile_2048" in r:
@@ -123,10 +139,10 @@ def inputs(run: Path) -> dict:
             counted[r["model"], r["frames"]] = dict(
                 passes=g["passes"], steps_max=g["steps_max"], wide=g["wide_columns"],
                 source=_rel(sweep_path))  # fmt: skip
-    iv = json.loads(INTERNVL16.read_text())["rows"][0]
+    iv = json.loads(internvl16.read_text())["rows"][0]
     counted[iv["model"], iv["frames"]] = dict(passes=iv["passes_workset_cuda"],
                                               steps_max=iv["steps_max"], wide=None,
-                                              source=_rel(INTERNVL16))  # fmt: skip
+                                              source=_rel(internvl16))  # fmt: skip
     stage = ("seconds_workset_cuda", "seconds_lambdas", "seconds_certificate",
              "seconds_spectral", "seconds_scores", "seconds_default", "seconds_prefill")  # fmt: skip
     rows = [dict(model=r["model"], frames=r["frames"], n=r["n"], d=r["d"],
@@ -136,12 +152,12 @@ def inputs(run: Path) -> dict:
     c16 = counted[q16["model"], 16]
     if (q16["passes_workset_cuda"], q16["steps_max"]) != (c16["passes"], c16["steps_max"]):
         raise ValueError("the sweep's 16-frame counts differ from the default's")
-    ab = json.loads((run / "ab_kernel.json").read_text())["rows"]
+    ab_rows = json.loads(Path(ab).read_text())["rows"]
     med = {(r["frames"], r["kernel"]): statistics.median(
-        s["seconds"] for s in ab if s.get("seconds") and s["frames"] == r["frames"]
-        and s["kernel"] == r["kernel"] and s["tile"] == 2048) for r in ab if "seconds" in r}  # fmt: skip
-    chains = {}
-    for path in CHAINS:  # (one rule a file or several; the first count of a rule stands)
+        s["seconds"] for s in ab_rows if s.get("seconds") and s["frames"] == r["frames"]
+        and s["kernel"] == r["kernel"] and s["tile"] == 2048) for r in ab_rows if "seconds" in r}  # fmt: skip
+    counts = {}
+    for path in map(Path, chains):  # (one rule a file or several; the first count stands)
         c = json.loads(path.read_text())
         one = "rule" in c["summary"]
         for rule, s in ({c["summary"]["rule"]: c["summary"]} if one else c["summary"]).items():
@@ -150,24 +166,25 @@ def inputs(run: Path) -> dict:
                       n=s.get("n", s.get("columns")), converged=s["converged"],
                       source=_rel(path))  # fmt: skip
             if "passes" in c:  # the chain over a call's passes (warm-started), not one set's
-                chains.setdefault(f"{rule}, over the passes", dict(ch, passes=c["passes"]))
+                counts.setdefault(f"{rule}, over the passes", dict(ch, passes=c["passes"]))
             else:
                 sets = crows["set"] if isinstance(crows, dict) else [r["set"] for r in crows]
-                chains.setdefault(rule, dict(ch, set_max=max(sets)))
+                counts.setdefault(rule, dict(ch, set_max=max(sets)))
     return {
         "profile_16": prof, "rows": rows, "counted": [dict(model=k[0], frames=k[1], **v)
                                                       for k, v in counted.items()],
-        "registers": int(_num(r"Registers Per Thread\s+register/thread\s+(\d+)", ncu)),
-        "blocks_per_sm_by_registers": int(_num(r"Block Limit Registers\s+block\s+(\d+)", ncu)),
-        "ncu_launch_ms": [float(x) for x in re.findall(r"Duration\s+ms\s+([\d.]+)", ncu)],
+        "registers": int(_num(r"Registers Per Thread\s+register/thread\s+(\d+)", ncu_text)),
+        "blocks_per_sm_by_registers": int(_num(r"Block Limit Registers\s+block\s+(\d+)",
+                                               ncu_text)),
+        "ncu_launch_ms": [float(x) for x in re.findall(r"Duration\s+ms\s+([\d.]+)", ncu_text)],
         "ab_new_over_old_2048": {f: med[f, "new"] / med[f, "old"] for f, k in med if k == "old"},
-        "old_fitted": json.loads(OLD.read_text())["fitted"],
-        "chains_16_qwen": chains,
+        "old_fitted": json.loads(old_model.read_text())["fitted"],
+        "chains_16_qwen": counts,
         "files": {
-            "profile_16": _rel(run / "profile_default16.txt"),
+            "profile_16": _rel(profile),
             "rows (stages, prefill)": f"{_rel(canon)} (at {bench['meta']['git_sha'][:7]})",
-            "counted": "per entry", "registers, blocks, ncu_launch_ms": _rel(run / "ncu_workset.txt"),
-            "ab_new_over_old_2048": _rel(run / "ab_kernel.json"), "old_fitted": _rel(OLD),
+            "counted": "per entry", "registers, blocks, ncu_launch_ms": _rel(ncu),
+            "ab_new_over_old_2048": _rel(ab), "old_fitted": _rel(old_model),
             "chains_16_qwen": "per entry",
         },
     }  # fmt: skip
@@ -287,27 +304,53 @@ def model(inp: dict, grow: int = 16, step_us: float = 20.0, host_ms_route: float
                                          "active columns proportional to N"]))  # fmt: skip
 
 
+def committed_inputs(path: Path = MODEL) -> dict:
+    """The input files a model JSON names (``meta.inputs``; paths relative to the
+    repository's root), as :func:`inputs`' keyword arguments; empty where it names none."""
+    if not path.exists():
+        return {}
+    named = json.loads(path.read_text())["meta"].get("inputs", {})
+    return {k: [ROOT / p for p in v] if isinstance(v, list) else ROOT / v for k, v in named.items()}
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def main(argv=None) -> Path:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run", nargs="?", default=str(max(LOGS.glob("h100-*"))))
-    ap.add_argument("--out", default=None, help="default: RUN/workset_cuda_model_static.json")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].rsplit(" The files", 1)[0],
+        epilog=f"Each input's default: the file that {_rel(MODEL)} names (meta.inputs).",
+    )
+    default = committed_inputs()
+    for name, what in INPUTS.items():
+        d = default.get(name)
+        shown = " ".join(map(_rel, d)) if isinstance(d, list) else d and _rel(d)
+        ap.add_argument(f"--{name.replace('_', '-')}", nargs="+" if name == "chains" else None,
+                        type=Path, default=d, required=d is None, metavar="PATH",
+                        help=f"{what} (default: {shown})")  # fmt: skip
+    ap.add_argument("--out", type=Path, default=MODEL, help=f"the JSON written ({_rel(MODEL)})")
     args = ap.parse_args(argv)
-    run = Path(args.run).resolve()
-    inp = inputs(run)
+    named = {k: getattr(args, k) for k in INPUTS}
+    inp = inputs(**named)
     out = model(inp)
+    files = [p for v in named.values() for p in (v if isinstance(v, list) else [v])]
     sys.path.insert(0, str(ROOT))
     from benchmarks.common import git_sha
 
     doc = dict(meta=dict(figures="static/model: no timing; inputs read from the files named",
-                         device="NVIDIA H100 80GB HBM3 (modelled)", git_sha=git_sha()),
+                         device="static (a model of an NVIDIA H100 80GB HBM3, fitted on its "
+                                "measured files)", git_sha=git_sha(),
+                         inputs={k: [_rel(p) for p in v] if isinstance(v, list) else _rel(v)
+                                 for k, v in named.items()},
+                         input_sha256={_rel(p): sha256(p) for p in files}),
                inputs=inp, **out)  # fmt: skip
-    path = Path(args.out or run / "workset_cuda_model_static.json")
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
     for r in out["rows"]:
         print(r["model"], r["frames"], {k: round(v, 3) for k, v in r.items()
               if isinstance(v, float) and ("error" in k or k.endswith("_s"))})  # fmt: skip
-    print(path)
-    return path
+    print(args.out)
+    return args.out
 
 
 if __name__ == "__main__":

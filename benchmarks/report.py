@@ -935,12 +935,17 @@ def _status(results: list[Result]) -> str:
         parts.append(
             "The compile reports are **STATIC**: figures read from compiled code, not timings."
         )
-    counted = [r.path.name for r in static if r.area != "compile"]
-    if counted:
+    counted = [r for r in static if r.area != "compile"]
+    if counted:  # each with what its meta says it is: "static (how it was estimated)"
+        named = [
+            f"`{r.path.name}` ({str(r.meta.get('device', '')).removeprefix('static').strip(' ()')})"
+            for r in counted
+        ]
+        verb = "holds" if len(named) == 1 else "hold"
         parts.append(
-            ", ".join(f"`{n}`" for n in counted) + " holds STATIC estimates from counted "
-            "FLOPs, not timings."
-        )
+            ", ".join(named[:-1]) + (" and " if len(named) > 1 else "") + named[-1]
+            + f" {verb} STATIC estimates, not timings."
+        )  # fmt: skip
     return " ".join(parts)
 
 
