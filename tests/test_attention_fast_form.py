@@ -29,9 +29,10 @@ def _capture(fn):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_fast_form_matches_reference(dtype, causal):
     """GQA, odd lengths, a random padding mask: the fast form within 2x eager PyTorch's error."""
-    if dtype == torch.bfloat16 and unavailable_reason() is not None:
+    # fp16 takes FOLD 2 too (RANGE is within HALF_ROWS_RANGE): its bias MMA is bf16.
+    if dtype != torch.float32 and unavailable_reason() is not None:
         pytest.skip(unavailable_reason())
-    ctx = bf16_interpreter() if dtype == torch.bfloat16 else _null()
+    ctx = bf16_interpreter() if dtype != torch.float32 else _null()
     with ctx:
         q, k, v, kb, vs, mask = make_inputs(2, 4, 2, 29, 37, 64, dtype, pad="random", seed=4)
         v_before = v.clone()
@@ -127,9 +128,10 @@ def test_fold_rows_are_exact():
     assert torch.equal(rows[..., :3].double().sum(-1), vs.reciprocal().double())
     assert torch.equal(bias, torch.log2(vs)) and torch.equal(pairs[..., 0], bias)
     assert torch.equal(pairs[..., 1], vs.reciprocal())
-    # Columns 3-5: the bias (here log2(scale)) exactly, as three terms; zeros after.
+    # Columns 3-5: the bias (here log2(scale)) exactly, as three terms; columns 6-8 fp16
+    # terms (test_fold_rows_fp16); zeros after.
     assert torch.equal(rows[..., 3:6].double().sum(-1), bias.double())
-    assert not rows[..., 6:].any()
+    assert not rows[..., 9:].any()
     # An infinite or NaN bias: that value in the first term, zeros in the others (no NaN
     # from inf - inf reaches the logits through a zero operand).
     kb = torch.tensor([[float("-inf"), float("inf"), float("nan"), 1.0 / 3.0]])
@@ -149,6 +151,59 @@ def test_fold_rows_are_exact():
     recs = _capture(lambda: videoanchor.anchored_attention(
         q, k, v, kb, vs, backend="triton", value_scale_range=RANGE, return_lse=True))  # fmt: skip
     assert recs[0].kwargs["FOLD"] == 1 and recs[0].args[3].shape == (1, 19, 2)
+
+
+def test_fold_rows_fp16():
+    """Columns 6-8 of the rows, read as fp16 (fp16's row-sum MMA): 2^14 / scale exactly as
+    the sum of three fp16 terms over HALF_ROWS_RANGE and down to a scale of 0.2502 (the
+    first term's largest finite value); past 2^15 within 2^-25 absolute; never infinite."""
+    from videoanchor.kernels.triton_prefill import HALF_ROWS_RANGE, HALF_ROWS_SCALE, half_rows
+
+    g = torch.Generator().manual_seed(6)
+    vs = torch.exp2(torch.empty(2, 301).uniform_(-1, 15, generator=g))
+    vs[0, :5] = torch.tensor([0.5, 2.0**15, 1.0, 3.0, 0.2502])
+    vs[1, :3] = torch.tensor([2.0**20, 2.0**40, 0.1])
+    rows = fold_gates(None, vs)[0]
+    halves = rows.view(torch.float16)[..., 6:9].double()
+    want = (HALF_ROWS_SCALE * vs.reciprocal()).double()
+    exact = (vs >= 0.2502) & (vs <= 2.0**15)
+    assert torch.equal(halves.sum(-1)[exact], want[exact])
+    assert (halves.sum(-1) - want)[1, :2].abs().max().item() <= 2.0**-25
+    assert halves.isfinite().all() and halves[1, 2].sum().item() == 65504.0  # clamped
+    assert half_rows(RANGE) and half_rows(HALF_ROWS_RANGE) and not half_rows(None)
+    assert not half_rows((0.4, 2.0)) and not half_rows((1.0, 2.0**16))
+
+
+@pytest.mark.parametrize("prepared", [False, True], ids=["given", "prepared"])
+def test_fast_form_fp16_sums_rows_on_tensor_cores(prepared):
+    """fp16 with a range within HALF_ROWS_RANGE and no lse: the row sums on the tensor cores
+    (FOLD 2, the rows' fp16 columns), -inf biases taking no weight, within 2x eager
+    PyTorch's error; a wider range or the lse keep the float32 row sum (FOLD 1)."""
+    if unavailable_reason() is not None:
+        pytest.skip(unavailable_reason())
+    with bf16_interpreter():  # the bias MMA is bf16 whatever the inputs
+        q, k, v, kb, vs, mask = make_inputs(2, 4, 2, 23, 31, 32, torch.float16, pad="random",
+                                            seed=11)  # fmt: skip
+        kb[0, 3] = kb[1, 0] = float("-inf")
+
+        def call(rng=RANGE, **kw):
+            if prepared:
+                gates = prepare_gates(kb, vs, value_scale_range=rng)
+                return lambda: videoanchor.anchored_attention(
+                    q, k, v, gates=gates, key_padding_mask=mask, backend="triton", **kw)
+            return lambda: videoanchor.anchored_attention(
+                q, k, v, kb, vs, key_padding_mask=mask, backend="triton",
+                value_scale_range=rng, **kw)  # fmt: skip
+
+        assert _capture(call())[0].kwargs["FOLD"] == 2
+        assert _capture(call((0.25, 3.5)))[0].kwargs["FOLD"] == 1
+        assert _capture(call(return_lse=True))[0].kwargs["FOLD"] == 1
+        ref = anchored_attention_reference(q, k, v, kb, vs, causal=True, key_padding_mask=mask)
+        out = call()()
+        assert not out.isnan().any()
+        check_close(out, ref, native_error(q, k, v, kb, vs, mask, True, ref), torch.float16)
+        wide = call((0.25, 3.5))()
+        check_close(wide, ref, native_error(q, k, v, kb, vs, mask, True, ref), torch.float16)
 
 
 def test_fast_form_rules():

@@ -33,10 +33,17 @@ CASES = [
     ("prefill-bf16-d128-fast", dict(kind=P, dtype="bf16", D=128, fast=True), (80, 86, 90)),
     ("prefill-fp16-d64-fast-varlen", dict(kind=P, dtype="fp16", D=64, fast=True, varlen=True),
      (90,)),
-    # The Hopper loop's float32 row sum (FOLD 1) at D 128: 128 x 128 tiles spilled 28 B
-    # non-causal (triton 3.9); it keeps 128 x 64.
+    # fp16 with a declared range: the row sums on the tensor cores (FOLD 2; sm_90: the
+    # Hopper loop's 128 x 128 tiles, the rows reinterpreted; sm_8x and a padding mask: the
+    # rows read again as fp16).
     ("prefill-fp16-d128-full-fast", dict(kind=P, dtype="fp16", D=128, causal=False, fast=True),
-     (90,)),
+     (80, 86, 90)),
+    ("prefill-fp16-d128-fast-mask", dict(kind=P, dtype="fp16", D=128, fast=True, mask=True),
+     (80, 90)),
+    # The Hopper loop's float32 row sum (FOLD 1: no range) at D 128: 128 x 128 tiles spilled
+    # 28 B non-causal (triton 3.9); it keeps 128 x 64.
+    ("prefill-fp16-d128-full-fast-f32sum",
+     dict(kind=P, dtype="fp16", D=128, causal=False, fast=True, range=None), (90,)),
     # With a padding mask (batched VLM prompts): 128 x 64 tiles at 255 registers on sm_90.
     ("prefill-bf16-d128-fast-mask-lse",
      dict(kind=P, dtype="bf16", D=128, fast=True, mask=True, lse=True), (80, 90)),

@@ -18,13 +18,18 @@ from videoanchor.kernels import launch
 from videoanchor.kernels.reference import anchored_attention_reference
 from videoanchor.kernels.triton_prefill import launch_prefill
 
+#: make_inputs' value scales (1 + 2.5 s): within HALF_ROWS_RANGE, so fp16's fast form
+#: sums its rows on the tensor cores (FOLD 2) as bf16's does.
+RANGE = (1.0, 3.5)
+
 
 def _run(q, k, v, kb, vs, mask, causal, fast, capability, lse=False):
     B, Hq, Sq, D = q.shape
     # The public layout, (B, S, H, D) storage seen as (B, H, S, D), poisoned.
     out = torch.full((B, Sq, Hq, D), float("nan"), dtype=q.dtype).transpose(1, 2)
     lse_t = torch.full((B, Hq, Sq), float("nan")) if lse else None
-    kw = dict(causal=causal, sm_scale=1 / math.sqrt(D), interpret=True, capability=capability)
+    kw = dict(causal=causal, sm_scale=1 / math.sqrt(D), interpret=True, capability=capability,
+              value_scale_range=RANGE if fast else None)  # fmt: skip
     with launch.capture_launches() as recs:
         launch_prefill(q, k, v, kb, vs, mask, out, lse_t, fast=fast, **kw)
     launch_prefill(q, k, v, kb, vs, mask, out, lse_t, fast=fast, **kw)
@@ -42,10 +47,10 @@ def _bshd(t):
 def test_hopper_loop_matches_reference(dtype, form, causal):
     """GQA, odd lengths (a partial last key tile past Skv: the descriptor's zeros), Sq < Skv
     (bottom-right causal alignment), K and V in the cache's (B, S, H, D) layout."""
-    if dtype == torch.bfloat16 and unavailable_reason() is not None:
+    # fp16's fast form (FOLD 2) adds the bias by a bf16 MMA too: the shim for both.
+    if unavailable_reason() is not None:
         pytest.skip(unavailable_reason())
-    ctx = bf16_interpreter() if dtype == torch.bfloat16 else torch.no_grad()
-    with ctx:
+    with bf16_interpreter():
         gates = form != "plain"
         q, k, v, kb, vs, _ = make_inputs(
             2, 4, 2, 21, 45, 32, dtype, bias=gates, scale=gates, seed=11
@@ -58,7 +63,7 @@ def test_hopper_loop_matches_reference(dtype, form, causal):
             rec.args[2], TensorDescriptor
         )
         if form == "fast":
-            assert rec.kwargs["FOLD"] == (2 if dtype == torch.bfloat16 else 1)
+            assert rec.kwargs["FOLD"] == 2
         ref = anchored_attention_reference(q, k, v, kb, vs, causal=causal, return_lse=lse)
         if lse:
             ref, ref_lse = ref
@@ -96,16 +101,18 @@ def test_hopper_loop_selection():
 
 def test_hopper_loop_tiles_at_d128():
     """sm_90, D 128 (captured, not run): 128 x 128 tiles in two stages for plain and the
-    bf16 fast form; 128 x 64 in three for the float32 row sum (fp16, or the lse) and the
-    general form, which spilled at 128 x 128 (ptxas, tests/test_compile_targets.py)."""
+    16-bit fast form (fp16: with a range within HALF_ROWS_RANGE); 128 x 64 in three for the
+    float32 row sum (fp16 without such a range, or the lse) and the general form, which
+    spilled at 128 x 128 (ptxas, tests/test_compile_targets.py)."""
 
-    def tiles(dtype, gates=True, fast=True, lse=False):
+    def tiles(dtype, gates=True, fast=True, lse=False, rng=None):
         q, k, v, kb, vs, _ = make_inputs(1, 2, 1, 8, 8, 128, dtype, bias=gates, scale=gates)
         out = torch.empty_like(q)
         lse_t = torch.empty(1, 2, 8) if lse else None
         with launch.capture_launches() as recs:
             launch_prefill(q, k, v, kb, vs, None, out, lse_t, causal=True, sm_scale=0.1,
-                           interpret=False, capability=(9, 0), fast=fast)  # fmt: skip
+                           interpret=False, capability=(9, 0), fast=fast,
+                           value_scale_range=rng)  # fmt: skip
         kw = recs[0].kwargs
         assert kw["TMA"] is True
         return kw["BLOCK_M"], kw["BLOCK_N"], kw["num_stages"]
@@ -113,6 +120,8 @@ def test_hopper_loop_tiles_at_d128():
     assert tiles(torch.bfloat16, gates=False) == (128, 128, 2)
     assert tiles(torch.bfloat16) == (128, 128, 2)
     assert tiles(torch.float16) == (128, 64, 3)
+    assert tiles(torch.float16, rng=RANGE) == (128, 128, 2)
+    assert tiles(torch.float16, rng=RANGE, lse=True) == (128, 64, 3)
     assert tiles(torch.bfloat16, lse=True) == (128, 64, 3)
     assert tiles(torch.bfloat16, fast=False) == (128, 64, 3)
 
@@ -155,10 +164,11 @@ def test_gpu_hopper_loop_matches_reference(dtype, form, causal, shape):
     out = torch.full((B, Sq, Hq, D), float("nan"), dtype=dtype, device="cuda").transpose(1, 2)
     lse_t = torch.full((B, Hq, Sq), float("nan"), device="cuda") if lse else None
     kw = dict(causal=causal, sm_scale=1 / math.sqrt(D), interpret=False, capability=cap,
-              fast=form != "general")  # fmt: skip
+              fast=form != "general", value_scale_range=RANGE if form != "general" else None)
     with launch.capture_launches() as recs:
         launch_prefill(q, k, v, kb, vs, None, out, lse_t, **kw)
     assert recs[0].kwargs["TMA"] is True
+    assert recs[0].kwargs["FOLD"] == {"fast": 2, "fast_lse": 1}.get(form, 0)  # fp16 too
     launch_prefill(q, k, v, kb, vs, None, out, lse_t, **kw)
     ref = anchored_attention_reference(q, k, v, kb, vs, causal=causal, return_lse=lse)
     if lse:

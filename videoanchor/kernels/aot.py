@@ -264,8 +264,11 @@ def case_inputs(case: dict):
     if case.get("cache_seqlens", False) and not varlen:
         kwargs["cache_seqlens"] = torch.full((B,), n_keys, dtype=torch.int32)
     if case.get("fast", False) and case["kind"] == "prefill":
-        # The fast form: the gates folded (fold_gates; gates in [1, 2] here).
+        # The fast form: the gates folded (fold_gates; gates in [1, 2] here), their range
+        # declared (fp16 then sums its rows on the tensor cores, FOLD 2) unless the case
+        # sets "range" (None: the float32 row sum, FOLD 1).
         kwargs["fast"] = True
+        kwargs["value_scale_range"] = case.get("range", (1.0, 2.0))
     return (q, k, v, kb, vs, mask, out, lse), kwargs
 
 

@@ -506,11 +506,13 @@ def _pick_backend(q, backend):
 
 def _forward(
     q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, causal, sm_scale,
-    return_lse, fast=False, prepared_shift=None, prepared_fold=None,
+    return_lse, fast=False, prepared_shift=None, prepared_fold=None, value_scale_range=None,
 ):  # fmt: skip
     """The Triton forward on validated inputs: ``(out, lse)``, lse None unless
     ``return_lse``. ``prepared_shift``: ``key_bias`` is :attr:`PreparedGates.bias_log2`;
-    ``fast``: the prefill kernel's fast form (``prepared_fold``: :attr:`PreparedGates.fold`)."""
+    ``fast``: the prefill kernel's fast form (``prepared_fold``: :attr:`PreparedGates.fold`;
+    ``value_scale_range``: the declared range, which lets fp16 sum rows on the tensor
+    cores)."""
     B, Hq, Sq, D = q.shape
     Skv = k.shape[2]
     out = empty_output(q)
@@ -526,7 +528,9 @@ def _forward(
     use_split_kv = Sq <= DECODE_MAX_SQ and Skv >= DECODE_MIN_SKV
     launch = triton_decode.launch_decode if use_split_kv else triton_prefill.launch_prefill
     # The split-KV path keeps the general form (its loop is short: one query row block).
-    extra = {} if use_split_kv else {"fast": fast, "prepared_fold": prepared_fold}
+    extra = {} if use_split_kv else {
+        "fast": fast, "prepared_fold": prepared_fold, "value_scale_range": value_scale_range,
+    }  # fmt: skip
     with device_ctx:
         launch(
             q, k, v, key_bias, value_scale, key_padding_mask, out, lse,
@@ -665,13 +669,16 @@ def anchored_attention(
         value_scale_range: ``(lo, hi)``, a promise that every ``value_scale`` entry lies in
             ``[lo, hi]`` with ``0 < lo``, e.g. :func:`value_scale_range_of` of VideoAnchor's
             gates (``[1, 1 + alpha_V]``). It lets the Triton prefill kernel take its fast
-            form, in the same single launch: ``log2(value_scale)`` rides in the logit's
-            FMA with the key bias (one 8-byte gate load per key), so the probabilities
-            come out scaled, and the row sum takes ``1 / value_scale`` back out. Not
-            checked on the device: positive scales outside the range change no
-            arithmetic (only the no-overflow argument's bounds), but a scale <= 0 under a
-            range gives NaN. Ignored by the torch backend, by the split-KV (decode) path
-            and outside ``FAST_FORM_BOUNDS``. ``key_bias`` needs no bound in either form.
+            form, in the same single launch: ``log2(value_scale)`` rides in the logit
+            with the key bias, so the probabilities come out scaled, and the row sum
+            takes ``1 / value_scale`` back out (16-bit inputs without the lse: on the
+            tensor cores; fp16 only for ranges within ``[0.5, 2^15]``). Not checked on
+            the device: positive scales outside the range change no arithmetic (only
+            the no-overflow argument's bounds), except in fp16's tensor-core row sum,
+            exact for scales in ``[0.2502, 2^15]``, within fp16's rounding up to
+            ``2^28`` and wrong below ``1/4``; a scale <= 0 under a range gives NaN.
+            Ignored by the torch backend, by the split-KV (decode) path and outside
+            ``FAST_FORM_BOUNDS``. ``key_bias`` needs no bound in either form.
         gates: the gates prepared once (:func:`prepare_gates`), in place of ``key_bias``,
             ``value_scale`` and ``value_scale_range``: (B, N) with N >= Skv, the first Skv
             positions used. A call then runs no torch operator on the gates (the
@@ -718,7 +725,7 @@ def anchored_attention(
     if direct:
         out, lse = _forward(
             q, k, v, key_bias, value_scale, key_padding_mask, cache_seqlens, causal, scale,
-            return_lse, fast, shift, fold,
+            return_lse, fast, shift, fold, value_scale_range,
         )  # fmt: skip
     elif use_triton:
         # Training saves the lse for the backward kernel.
@@ -778,10 +785,12 @@ def _validate_varlen(
 def _forward_varlen(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias, value_scale,
     causal, sm_scale, return_lse, fast=False, prepared_shift=None, prepared_fold=None,
+    value_scale_range=None,
 ):  # fmt: skip
     """The varlen Triton forward on validated inputs: ``(out, lse)``, lse None unless
     ``return_lse``. ``prepared_shift``: ``key_bias`` is :attr:`PreparedGates.bias_log2`;
-    ``fast``: the prefill kernel's fast form (``prepared_fold``: :attr:`PreparedGates.fold`)."""
+    ``fast``: the prefill kernel's fast form (``prepared_fold``: :attr:`PreparedGates.fold`;
+    ``value_scale_range`` as in :func:`_forward`)."""
     total_q, Hq, D = q.shape
     out = torch.empty(total_q, Hq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty((Hq, total_q), dtype=torch.float32, device=q.device) if return_lse else None
@@ -800,7 +809,9 @@ def _forward_varlen(
     if use_split_kv:
         extra = {"max_seqlen_k": max_seqlen_k if max_seqlen_k >= 0 else None}
     else:
-        extra = {"fast": fast, "prepared_fold": prepared_fold}
+        extra = {
+            "fast": fast, "prepared_fold": prepared_fold, "value_scale_range": value_scale_range,
+        }  # fmt: skip
     with device_ctx:
         launch(
             q, k, v, key_bias, value_scale, None, out, lse,
@@ -963,7 +974,7 @@ def anchored_attention_varlen(
         out, lse = _forward_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
             -1 if max_seqlen_k is None else max_seqlen_k, key_bias, value_scale,
-            causal, scale, return_lse, fast, shift, prepared_fold,
+            causal, scale, return_lse, fast, shift, prepared_fold, value_scale_range,
         )  # fmt: skip
     elif use_triton:
         want_lse = return_lse or _needs_grad(q, k, v, key_bias, value_scale)

@@ -15,9 +15,10 @@ The value scale has two forms, both exact:
 - fast (when the caller bounds the value scale, as VideoAnchor's gates are): the gates
   folded (:func:`fold_gates`): ``log2(value_scale)`` rides in the logit with the bias, so
   the probabilities come out already scaled, and the normaliser sums them times
-  ``1 / value_scale``: for bf16 without the lse on the tensor cores (one small MMA per key
-  block from the same bf16 P tile that ``P @ V`` reads, times a row of ``1 / value_scale``
-  per key), otherwise in float32 in the loop's row sum.
+  ``1 / value_scale``: for 16-bit inputs without the lse on the tensor cores (one small
+  MMA per key block from the same P tile that ``P @ V`` reads, times a row of
+  ``1 / value_scale`` per key; fp16 where the declared range allows, see
+  :func:`half_rows`), otherwise in float32 in the loop's row sum.
 
 Nothing of size (Sq, Skv) is ever stored. docs/kernels-internals.md has the details.
 """
@@ -126,9 +127,10 @@ def _attend_key_range(
                 m_v = m_n
         # [BLOCK_M, BLOCK_N] logits in log2 units
         if FOLD == 2:
-            # The fast form, bf16: each key's row of 16 bf16 (fold_gates): columns 0-2
-            # 1 / scale, 3-5 bias + log2(scale), each exactly as the sum of three bf16
-            # terms. The bias enters the scaled logits on the tensor cores (ones times the
+            # The fast form, 16-bit inputs: each key's row of 16 bf16 (fold_gates):
+            # columns 0-2 1 / scale, 3-5 bias + log2(scale), each exactly as the sum of
+            # three bf16 terms (fp16 inputs too: this MMA is bf16 whatever the inputs;
+            # their row sum reads columns 6-8, below). The bias enters the scaled logits on the tensor cores (ones times the
             # rows' bias columns, the logits as the accumulator), so no register holds a
             # bias a column; the row sum below reads the same tile. Contiguous per
             # sequence: int32 offsets (a sequence's keys < 2^31 / 16). Hidden keys' rows
@@ -215,19 +217,33 @@ def _attend_key_range(
         b_p16 = b_p.to(b_v.dtype)
         acc = tl.dot(b_p16, b_v, acc, input_precision=DOT_PRECISION)
         if FOLD == 2:
-            # bf16 inputs: the same sum on the tensor cores, the bf16 P tile of P @ V
-            # times the keys' gate rows (fold_gates: 1 / scale exactly as the sum of
-            # columns 0-2): no multiply or add per logit, the row sum's shuffles gone.
-            # l_i is the [BLOCK_M, 16] product; the epilogue adds its first three
-            # columns (the others sum p times the bias terms: unused). The sum is of the
-            # bf16 p that P @ V weighs, not of their float32 values. After P @ V, into a
-            # fresh accumulator, rescaled by an FMA (tl.fma: Triton would fold a
-            # multiply-add into the dot's accumulator): ptxas 12.x (triton 3.6) serialised
-            # every wgmma of the kernel (its advisory C7515) when the rescale of either
-            # accumulator fell between the two MMAs, or when the product was carried to
-            # the next block. The price: the loop waits for both MMAs at the FMA, where
-            # the plain loop waits for P @ V at the next QK^T.
-            b_l = tl.dot(b_p16, b_r, input_precision=DOT_PRECISION)
+            # 16-bit inputs: the same sum on the tensor cores, the P tile of P @ V times
+            # the keys' gate rows (fold_gates: bf16 reads 1 / scale exactly as the sum of
+            # columns 0-2; fp16 2^14 / scale as the sum of columns 6-8, fp16 terms): no
+            # multiply or add per logit, the row sum's shuffles gone. l_i is the
+            # [BLOCK_M, 16] product; the epilogue adds its three columns (the others are
+            # unused). The sum is of the 16-bit p that P @ V weighs, not of their float32
+            # values. After P @ V, into a fresh accumulator, rescaled by an FMA (tl.fma:
+            # Triton would fold a multiply-add into the dot's accumulator): ptxas 12.x
+            # (triton 3.6) serialised every wgmma of the kernel (its advisory C7515) when
+            # the rescale of either accumulator fell between the two MMAs, or when the
+            # product was carried to the next block. The price: the loop waits for both
+            # MMAs at the FMA, where the plain loop waits for P @ V at the next QK^T.
+            if b_p16.dtype == tl.float16:
+                # The same row as fp16. The TMA tile is reinterpreted; elsewhere the row
+                # is read again through an fp16 pointer (L1 hits), which took ptxas 180
+                # registers instead of 236 on sm_80 at D 128 (static, triton 3.9).
+                if TMA:
+                    b_rh = b_r.to(tl.float16, bitcast=True)
+                else:
+                    p_h = (p_scale + o_r).to(tl.pointer_type(tl.float16), bitcast=True)
+                    if BOUNDARY or HAS_MASK:
+                        b_rh = tl.load(p_h, mask=m_v[:, None], other=0.0)
+                    else:
+                        b_rh = tl.load(p_h)
+                b_l = tl.dot(b_p16, b_rh, input_precision=DOT_PRECISION)
+            else:
+                b_l = tl.dot(b_p16, b_r, input_precision=DOT_PRECISION)
             l_i = tl.fma(l_i, alpha[:, None], b_l)
         m_i = m_new
     return acc, l_i, m_i
@@ -442,8 +458,12 @@ def _anchored_prefill_kernel(
             BLOCK_N, HEAD_DIM, CAUSAL, HAS_BIAS, HAS_SCALE, HAS_MASK, DOT_PRECISION,
             PAGE_SIZE, PAGED, FOLD, TMA,
         )  # fmt: skip
-        if FOLD == 2:  # the row sums: columns 0-2 of the MMA's
-            l_i = tl.sum(tl.where((tl.arange(0, 16) < 3)[None, :], l_i, 0.0), 1)
+        if FOLD == 2:  # the row sums: columns 0-2 of the MMA's (fp16: 6-8, times 2^-14)
+            o_c = tl.arange(0, 16)[None, :]
+            if Q.dtype.element_ty == tl.float16:
+                l_i = tl.sum(tl.where((o_c >= 6) & (o_c < 9), l_i, 0.0), 1) * 6.103515625e-05
+            else:
+                l_i = tl.sum(tl.where(o_c < 3, l_i, 0.0), 1)
         _prefill_epilogue(acc, l_i, m_i, m_m, *out_at, HAS_BIAS, STORE_LSE)
 
 
@@ -593,14 +613,16 @@ def fold_gates(bias_log2, value_scale):
     - bias, (..., N) float32: ``bias_log2 + log2(value_scale)`` (``log2(value_scale)``
       without a key bias); added to the logits, so the probabilities come out already
       scaled.
-    - rows, (..., N, 16) bfloat16 (32 bytes a key), what bf16 inputs read: columns 0-2
+    - rows, (..., N, 16) bfloat16 (32 bytes a key), what 16-bit inputs read: columns 0-2
       ``1 / value_scale`` and columns 3-5 that bias, each split exactly into three bf16
       terms (hi + mid + lo: 24 bits, a float32 exactly; a bias of +-inf or NaN: hi, then
-      zeros), columns 6-15 zeros. The loop adds the bias to the logits and sums the P tile
-      times columns 0-2 (the unscaled row sums), both on the tensor cores.
-    - pairs, (..., N, 2) float32: (that bias, ``1 / value_scale``) a key, what fp16 and
-      float32 inputs read: the second takes the scale back out of the normaliser in the
-      loop's float32 row sum.
+      zeros); columns 6-8 hold the bit patterns of three fp16 terms of
+      ``HALF_ROWS_SCALE / value_scale`` (exact for scales in :data:`HALF_ROWS_RANGE`),
+      columns 9-15 zeros. The loop adds the bias to the logits and sums the P tile times
+      columns 0-2 (bf16) or 6-8 (fp16) (the unscaled row sums), both on the tensor cores.
+    - pairs, (..., N, 2) float32: (that bias, ``1 / value_scale``) a key, what float32
+      inputs, fp16 outside :data:`HALF_ROWS_RANGE` and calls with the lse read: the second
+      takes the scale back out of the normaliser in the loop's float32 row sum.
 
     For value scales bounded away from 0 and infinity
     (:func:`videoanchor.kernels.interface.fast_form`)."""
@@ -620,7 +642,29 @@ def fold_gates(bias_log2, value_scale):
             rows[..., col] = rest.to(torch.bfloat16)
             # exact: the low bits (none after an infinite or NaN term)
             rest = (rest - rows[..., col].to(torch.float32)).nan_to_num_(0.0, 0.0, 0.0)
+    halves = rows.view(torch.float16)
+    rest = (pairs[..., 1] * HALF_ROWS_SCALE).nan_to_num_(0.0, 0.0, 0.0).clamp_(max=65504.0)
+    for col in range(6, 9):
+        halves[..., col] = rest.to(torch.float16)
+        rest = rest - halves[..., col].to(torch.float32)
     return rows, bias, pairs
+
+
+#: fp16's row sums on the tensor cores read ``HALF_ROWS_SCALE / value_scale`` as three fp16
+#: terms (fold_gates' columns 6-8): exactly that float32 for value scales in
+#: HALF_ROWS_RANGE (the terms within fp16's range, the last one's bits above its
+#: subnormals); the epilogue divides the sums by HALF_ROWS_SCALE (a power of two).
+HALF_ROWS_SCALE = 2.0**14
+HALF_ROWS_RANGE = (0.5, 2.0**15)
+
+
+def half_rows(value_scale_range) -> bool:
+    """Whether a declared value-scale range ``(lo, hi)`` lets fp16 inputs sum their rows on
+    the tensor cores (FOLD 2; :data:`HALF_ROWS_RANGE`); None: unknown, no."""
+    if value_scale_range is None:
+        return False
+    lo, hi = value_scale_range
+    return HALF_ROWS_RANGE[0] <= lo and hi <= HALF_ROWS_RANGE[1]
 
 
 def hopper_loop(q, k, capability, cfg, masked_keys, tiles) -> bool:
@@ -643,7 +687,7 @@ def hopper_loop(q, k, capability, cfg, masked_keys, tiles) -> bool:
 def launch_prefill(
     q, k, v, key_bias, value_scale, key_padding_mask, out, lse, *, causal, sm_scale, interpret,
     cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, cache_seqlens=None,
-    capability=None, fast=False, prepared_shift=None, prepared_fold=None,
+    capability=None, fast=False, prepared_shift=None, prepared_fold=None, value_scale_range=None,
 ):  # fmt: skip
     """Launch on validated inputs; writes ``out`` and, when ``lse`` is not None, the
     natural-log log-sum-exp (float32). ``prepared_shift``: the key bias is prepared (see
@@ -653,7 +697,8 @@ def launch_prefill(
     scale: the fast form, the gates folded into one row per key (:func:`fold_gates`;
     ``prepared_fold``: those rows made beforehand, from the prepared bias); otherwise the
     general form (the probabilities fed into ``P @ V`` multiplied by the scale in the loop).
-    One launch either way.
+    One launch either way. ``value_scale_range``: the declared range, where known; fp16
+    inputs sum their rows on the tensor cores only within :data:`HALF_ROWS_RANGE`.
 
     Dense: q (B, Hq, Sq, D), out (B, Hq, Sq, D), lse (B, Hq, Sq).
     Varlen (``cu_seqlens_q`` given): q (total_q, Hq, D), k/v (total_k, Hkv, D), gates
@@ -710,14 +755,18 @@ def launch_prefill(
         if prepared_fold is None:
             prepared_fold = fold_gates(bias if key_bias is not None else None, value_scale)
         scale, bias, pairs = prepared_fold  # contiguous per sample (fold_gates)
-        # bf16 without the lse: the bias, the row sums on the tensor cores (FOLD 2, the
-        # rows); else the pairs, the row sums in float32 (FOLD 1; the scale pointer
-        # unused). The MMA sums the bf16-rounded probabilities: the output's weights, but
-        # an lse off by up to 2^-9 relative in the sum (1e-3 in the lse at two keys).
+        # bf16 (fp16 within HALF_ROWS_RANGE) without the lse: the bias, the row sums on
+        # the tensor cores (FOLD 2, the rows); else the pairs, the row sums in float32
+        # (FOLD 1; the scale pointer unused). The MMA sums the 16-bit probabilities: the
+        # output's weights, but an lse off by up to 2^-9 relative in the sum (bf16; 1e-3
+        # in the lse at two keys).
         # D 256 on sm_8x (64 x 32 tiles in 8 warps): FOLD 2 spilled 28 B at 255 registers
         # (ptxas, triton 3.9, sm_80 and sm_86); the float32 row sum does not.
         wide = cfg["BLOCK_D"] > 128 and capability is not None and capability[0] < 9
-        fold = 2 if q.dtype == torch.bfloat16 and lse is None and not wide else 1
+        mma_sum = q.dtype == torch.bfloat16 or (
+            q.dtype == torch.float16 and half_rows(value_scale_range)
+        )
+        fold = 2 if mma_sum and lse is None and not wide else 1
         bias, s_n = (bias, 1) if fold == 2 else (pairs, 2)
         dense = scale.dim() == 3  # one buffer per sample
         s_bias = (bias.stride(0), s_n) if dense else (0, s_n)
