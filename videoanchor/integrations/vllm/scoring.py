@@ -2,7 +2,9 @@
 cache. Both of vLLM's model runners (:mod:`.runner`, :mod:`.runner_v2`) score a request in
 the step that first reaches its visual tokens, and :mod:`.ahead` scores it beside the steps;
 all three run the same :func:`plan` and :func:`run_ssc`, so the scores are the same
-wherever they were computed.
+wherever they were computed. :func:`run_ssc` scores through the engine-neutral step that
+the transformers integration takes too
+(:func:`videoanchor.integrations.request_scores.score_request`).
 
 Each process remembers its latest SSC runs (:class:`SSCRun`: which request, where, how long,
 which solver, how many iterations) for the requests' log lines (:func:`report`):
@@ -21,6 +23,7 @@ from typing import NamedTuple
 import torch
 
 from videoanchor.integrations.options import AnchorConfig, clusters_for, ssc_kwargs, ssc_plan
+from videoanchor.integrations.request_scores import score_request
 from videoanchor.integrations.score_cache import ScoreCache, score_key
 from videoanchor.integrations.vllm import metrics
 from videoanchor.integrations.vllm.config import engine_config, score_cache_bytes
@@ -272,28 +275,20 @@ def report(req_id: str, p: Plan, from_cache: bool, cache) -> None:
                 req_id, p.n, p.k, how, summary)  # fmt: skip
 
 
-def _ssc(req, cfg, items, cols, n, k, encoder_outputs, cache, key, group, progress):
-    from videoanchor.anchor import compute_anchor_scores
-    from videoanchor.anchor.progress import SSCProgress
+#: Where an operator or a client raises ``max_iter`` (the not-converged line says it).
+MAX_ITER_SETTING = ("additional_config['videoanchor']['max_iter'] (and request_limits) or the "
+                    "request's videoanchor_max_iter")  # fmt: skip
 
+
+def _ssc(req, cfg, items, cols, n, k, encoder_outputs, cache, key, group, progress):
     outs = encoder_outputs(req.req_id, items)
     check_outputs(req, items, cols, outs)
     feats = torch.cat(outs)
-    # No progress lines (their advice names the CLI's flags): the outcome is logged below.
-    reporter = SSCProgress(enabled=False) if progress is None else progress
-    res = compute_anchor_scores(feats, k, **ssc_kwargs(cfg), progress=reporter,
-                                process_group=group)  # fmt: skip
-    if not res.converged:
-        flat = not bool(res.scores.any())
-        logger.warning(
-            "videoanchor: request %s: SSC over %d visual tokens (%s solver, rho %g) reached "
-            "its iteration limit, max_iter=%d, after %d iterations at residual %.3g (eps "
-            "%.3g): NOT converged, its scores come from the iterate reached%s; raise "
-            "additional_config['videoanchor']['max_iter'] (and request_limits) or the "
-            "request's videoanchor_max_iter",
-            req.req_id, n, res.solver, cfg.rho, cfg.max_iter, res.iterations, res.residual,
-            cfg.eps, " (every score is 0: unanchored)" if flat else "",
-        )  # fmt: skip
+    # No progress lines (their advice names the CLI's flags); an SSC that stops before eps
+    # is logged at WARNING naming the request (request_scores.unconverged_message).
+    res, _ = score_request(feats, k, cfg, progress=progress, process_group=group,
+                           subject=f"request {req.req_id}", max_iter_setting=MAX_ITER_SETTING,
+                           warn=logger.warning)  # fmt: skip
     visual = res.scores.detach().to("cpu", torch.float32)
     if cache is not None:
         cache.put(key, visual)
