@@ -49,8 +49,8 @@ def test_ssc_mode_is_an_operator_option_like_ssc_solver():
     from types import SimpleNamespace
 
     from videoanchor.integrations.score_cache import score_key
-    from videoanchor.integrations.vllm.ahead import counted_work
     from videoanchor.integrations.vllm.config import check_request, engine_policy
+    from videoanchor.integrations.vllm.worker_queue import counted_work
 
     assert "ssc_mode" in ENGINE_KEYS
     eng = engine_config({"videoanchor": {"ssc_mode": "blocked", "max_iter": 500}})

@@ -1,4 +1,5 @@
-"""Scores ahead of the step (videoanchor/integrations/vllm/ahead.py) without vLLM: the engine
+"""Scores ahead of the step (videoanchor/integrations/vllm/ahead.py and the parts of its side
+worker: worker_queue.py, encoder_outputs.py, split_vote.py, reports.py) without vLLM: the engine
 core's hold around ``Scheduler.schedule`` and the workers' side jobs, with a scheduler, an
 executor and model runners made of plain objects that behave as vLLM's do (a waiting queue
 with ``remove_requests`` / ``prepend_requests``, ``collective_rpc`` calling a function on
@@ -316,7 +317,7 @@ def test_side_threads_take_turns_least_counted_work_first():
     import threading
     import time
 
-    from videoanchor.integrations.vllm.ahead import Turns, counted_work
+    from videoanchor.integrations.vllm.worker_queue import Turns, counted_work
 
     assert counted_work(100, 64, SimpleNamespace(ssc_solver="auto", max_iter=10**4)) < (
         counted_work(100, 64, SimpleNamespace(ssc_solver="faithful", max_iter=1000))
@@ -350,7 +351,7 @@ def test_side_threads_take_turns_least_counted_work_first():
 
 def test_taking_turns_does_not_change_the_scores(one_thread):
     from videoanchor.anchor import compute_anchor_scores
-    from videoanchor.integrations.vllm.ahead import Turns, _Yielding
+    from videoanchor.integrations.vllm.worker_queue import Turns, _Yielding
 
     x = torch.randn(40, 12, generator=torch.Generator().manual_seed(3))
     turns = Turns()

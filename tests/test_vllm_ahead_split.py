@@ -1,5 +1,5 @@
 """``scores_ahead_split``: the vote every rank takes before a split job
-(``Ahead._split_vote``, videoanchor/integrations/vllm/ahead.py), on 2 CPU processes (gloo)
+(``SplitVote.vote``, videoanchor/integrations/vllm/split_vote.py), on 2 CPU processes (gloo)
 without vLLM. A job runs on every rank when any rank still wants it (a request forgotten on
 one rank only), on none when no rank does; a rank whose encoder failed sends every rank's
 request to its step, without any rank left waiting in the SSC's collectives; scores every
@@ -25,6 +25,7 @@ from videoanchor.integrations.options import ssc_kwargs  # noqa: E402
 from videoanchor.integrations.vllm import ahead  # noqa: E402
 from videoanchor.integrations.vllm.config import engine_config  # noqa: E402
 from videoanchor.integrations.vllm.scoring import SCORE_CACHES, plan, score_cache  # noqa: E402
+from videoanchor.integrations.vllm.split_vote import communication_failed  # noqa: E402
 
 
 def _split_jobs(rank):
@@ -148,11 +149,11 @@ def test_only_communication_failures_stop_splitting():
 
     gone = RuntimeError("[/x/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection "
                         "closed by peer [127.0.0.1]:46978")  # fmt: skip
-    assert ahead.communication_failed(gone)
-    assert ahead.communication_failed(dist.DistNetworkError("timed out"))
+    assert communication_failed(gone)
+    assert communication_failed(dist.DistNetworkError("timed out"))
     peer = RuntimeError(
         "videoanchor: another rank of the process group failed (see its error); every rank stops"
     )  # what raise_together raises on the others
     for err in (peer, ValueError("bad features"), MemoryError(), FloatingPointError("nan"),
                 torch.linalg.LinAlgError("not positive definite")):  # fmt: skip
-        assert not ahead.communication_failed(err), err
+        assert not communication_failed(err), err

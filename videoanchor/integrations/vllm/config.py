@@ -277,7 +277,7 @@ def ahead_workers(additional_config) -> int:
     (``additional_config["videoanchor"]["scores_ahead_workers"]``, default 2). A new video
     never waits for a longer job to end: the jobs run side by side, and the one with the
     least counted work computes while the others wait at their next iteration
-    (:class:`.ahead.Turns`); with every thread busy, the least work starts first. Raises
+    (:class:`.worker_queue.Turns`); with every thread busy, the least work starts first. Raises
     ValueError naming the key."""
     given = (additional_config or {}).get("videoanchor") or {}
     value = given.get("scores_ahead_workers", 2) if isinstance(given, dict) else 2
