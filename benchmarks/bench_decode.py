@@ -11,11 +11,14 @@ still rotating), as a serving engine runs its decode step: the eager ``ms`` incl
 host's launch work (bench_host_overhead.py counts it), which at batch 1 is most of a call.
 ``speedup_of_ours_graph`` compares the graph timings with the prepared anchored call's
 (the issue's targets: anchored <= 1.1x plain and <= SDPA with the gates as a mask). The
-graph timings have not run on a GPU yet.
+graph timings have not run on a GPU yet. ``--graph`` (issue 92, item 3): the decode rows
+alone, at batch 1, 8 and 64 and 8k, 32k and 128k cached tokens, the graph-timed providers
+only (no FlexAttention, no varlen or chunked sections); ``--dry-run`` prints what a run
+would time (shapes, providers, bytes) without CUDA.
 Varlen: 8 sequences of mixed length, packed (cu_seqlens) vs padded with a key padding mask.
 Chunked prefill: a 16k prompt in 2k chunks against the growing cache vs one prefill.
 
-    python benchmarks/bench_decode.py [--quick] [--out-dir DIR]
+    python benchmarks/bench_decode.py [--quick] [--graph] [--dry-run] [--out-dir DIR]
 Needs CUDA (the Triton kernels' CPU interpreter is not a performance target).
 """
 
@@ -35,6 +38,8 @@ HQ, HKV, D = 28, 4, 128
 #: The decode providers also timed from a CUDA graph (``ms_graph``).
 GRAPH_TIMED = ("anchored_split_kv", "anchored_prepared", "sdpa_mask", "plain_split_kv",
                "sdpa_plain")  # fmt: skip
+PROVIDERS = ("anchored_split_kv", "anchored_prepared", "sdpa_mask", "flex", "plain_split_kv",
+             "sdpa_plain")  # fmt: skip
 L2_BYTES = 50 * 2**20
 
 
@@ -69,12 +74,30 @@ def copy_bandwidth():
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
 
 
+def kv_bytes(B, S, dtype=torch.bfloat16) -> int:
+    """K + V bytes of one (B, S) cache (Hkv 4, D 128)."""
+    return 2 * B * HKV * S * D * torch.tensor([], dtype=dtype).element_size()
+
+
+def cache_copies(B, S, dtype=torch.bfloat16) -> int:
+    """How many caches :class:`Rotating` keeps: enough to exceed 4x the L2, at most 8."""
+    return max(1, min(8, -(-4 * L2_BYTES // kv_bytes(B, S, dtype))))
+
+
+def decode_plan(graph: bool, quick: bool) -> tuple[list[tuple[int, int]], tuple[str, ...]]:
+    """The (B, S) shapes and the providers of the decode section."""
+    batches = (1, 8, 64) if graph else (1, 8)
+    lengths = (8192,) if quick else (8192, 32768, 131072)
+    providers = GRAPH_TIMED if graph else PROVIDERS
+    return [(B, S) for B in batches for S in lengths], providers
+
+
 class Rotating:
     """Several independent caches used in turn so that no call hits a warm L2."""
 
     def __init__(self, B, S, dtype, device="cuda"):
-        one = 2 * B * HKV * S * D * torch.tensor([], dtype=dtype).element_size()
-        n = max(1, min(8, -(-4 * L2_BYTES // one)))
+        one = kv_bytes(B, S, dtype)
+        n = cache_copies(B, S, dtype)
         g = torch.Generator(device=device).manual_seed(0)
         self.sets = []
         for _ in range(n):
@@ -92,10 +115,13 @@ class Rotating:
         return self.sets[self.i]
 
 
-def decode_shape(B, S, flex, copy_gbs):
+def decode_shape(B, S, flex, copy_gbs, providers=None, device="cuda"):
+    """The decode rows of one (B, S): ``providers`` (default all) timed eagerly, those of
+    GRAPH_TIMED from a CUDA graph too. ``device`` other than CUDA only for a check of the
+    calls (tests/test_bench_decode.py, with the timers replaced)."""
     dtype = torch.bfloat16
-    q = torch.randn(B, HQ, 1, D, device="cuda", dtype=dtype)
-    caches = Rotating(B, S, dtype)
+    q = torch.randn(B, HQ, 1, D, device=device, dtype=dtype)
+    caches = Rotating(B, S, dtype, device)
 
     def ours():
         k, v, kb, vs = caches.next()
@@ -134,6 +160,8 @@ def decode_shape(B, S, flex, copy_gbs):
     for name, fn in (("anchored_split_kv", ours), ("anchored_prepared", ours_prepared),
                      ("sdpa_mask", sdpa_mask), ("flex", flex_fn),
                      ("plain_split_kv", ours_plain), ("sdpa_plain", sdpa_plain)):  # fmt: skip
+        if providers is not None and name not in providers:
+            continue
         row = dict(section="decode", B=B, S=S, provider=name)
         try:
             caches.i = 0
@@ -149,6 +177,8 @@ def decode_shape(B, S, flex, copy_gbs):
                 except Exception as exc:
                     row["graph_error"] = f"{type(exc).__name__}: {exc}"[:200]
             row["kv_gbs"] = caches.kv_bytes / (ms * 1e-3) / 1e9
+            if "ms_graph" in row:
+                row["kv_gbs_graph"] = caches.kv_bytes / (row["ms_graph"] * 1e-3) / 1e9
             row["fraction_of_copy_bw"] = row["kv_gbs"] / copy_gbs
         except torch.OutOfMemoryError:
             row["error"] = "out of memory"
@@ -159,17 +189,19 @@ def decode_shape(B, S, flex, copy_gbs):
     return rows
 
 
-def decode_rows(quick):
+def decode_rows(quick, graph=False):
     copy_gbs = copy_bandwidth()
     print(f"copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
-    from torch.nn.attention.flex_attention import flex_attention
+    shapes, providers = decode_plan(graph, quick)
+    flex = None
+    if "flex" in providers:
+        from torch.nn.attention.flex_attention import flex_attention
 
-    flex = torch.compile(flex_attention, dynamic=False)
+        flex = torch.compile(flex_attention, dynamic=False)
     rows = []
-    for B in (1, 8):
-        for S in (8192,) if quick else (8192, 32768, 131072):
-            rows += decode_shape(B, S, flex, copy_gbs)
-            torch.cuda.empty_cache()
+    for B, S in shapes:
+        rows += decode_shape(B, S, flex, copy_gbs, providers)
+        torch.cuda.empty_cache()
     _ratios(rows, "anchored_split_kv", ("B", "S"))
     _ratios(rows, "anchored_prepared", ("B", "S"), field="ms_graph")
     return rows, copy_gbs
@@ -328,9 +360,32 @@ def _ratios(rows, ours, keys, field="ms"):
             r[name] = r[field] / mine[0][field]
 
 
+def plan_rows(graph: bool, quick: bool) -> list[dict]:
+    """What a run would time (``--dry-run``): per shape the providers, the K + V bytes of a
+    cache, the caches kept and the bytes they take."""
+    shapes, providers = decode_plan(graph, quick)
+    return [
+        dict(section="plan", B=B, S=S, providers=list(providers), kv_bytes=kv_bytes(B, S),
+             caches=cache_copies(B, S), cache_gib=cache_copies(B, S) * kv_bytes(B, S) / 2**30,
+             graph_timed=[p for p in providers if p in GRAPH_TIMED])
+        for B, S in shapes
+    ]  # fmt: skip
+
+
 def main(argv=None):
     ap = parser(__doc__, quick="smallest shapes only")
+    ap.add_argument(
+        "--graph",
+        action="store_true",
+        help="the decode rows alone at batch 1-64, graph-timed providers only",
+    )
+    ap.add_argument("--dry-run", action="store_true", help="print the plan; time nothing")
     args = ap.parse_args(argv)
+    if args.dry_run:
+        rows = plan_rows(args.graph, args.quick)
+        for row in rows:
+            print(row)
+        return rows
     if not torch.cuda.is_available():
         skip(
             "bench_decode",
@@ -338,9 +393,12 @@ def main(argv=None):
         )
         return None
     meta = environment("cuda")
-    rows, copy_gbs = decode_rows(args.quick)
+    rows, copy_gbs = decode_rows(args.quick, args.graph)
     meta["copy_bandwidth_gbs"] = copy_gbs
-    for section in (varlen_rows, varlen_decode_rows, lambda: chunked_rows(args.quick)):
+    meta["graph_only"] = args.graph
+    sections = () if args.graph else (varlen_rows, varlen_decode_rows,
+                                      lambda: chunked_rows(args.quick))  # fmt: skip
+    for section in sections:
         try:  # a failing section is recorded, and does not lose the others' rows
             rows += section()
         except Exception as exc:  # noqa: BLE001
@@ -350,7 +408,7 @@ def main(argv=None):
         torch.cuda.empty_cache()
     cols = ["section", "B", "S", "provider", "ms", "ms_graph", "kv_gbs", "fraction_of_copy_bw",
             "speedup_of_ours", "speedup_of_ours_graph", "error"]  # fmt: skip
-    return finish("decode", meta, rows, args.out_dir, cols)
+    return finish("decode_graph" if args.graph else "decode", meta, rows, args.out_dir, cols)
 
 
 if __name__ == "__main__":

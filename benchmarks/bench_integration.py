@@ -60,10 +60,14 @@ TINY_VISION = dict(
 )
 
 
-def build_model(text: dict, vision: dict, layers: int, vision_layers: int, dtype, device):
+def build_model(text: dict, vision: dict, layers: int, vision_layers: int, dtype, device,
+                fullatt=None):  # fmt: skip
+    """A random-weight Qwen2.5-VL; ``fullatt``: the vision blocks with full attention
+    (default: the last one)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    vision = dict(vision, depth=vision_layers, fullatt_block_indexes=[vision_layers - 1])
+    fullatt = [vision_layers - 1] if fullatt is None else list(fullatt)
+    vision = dict(vision, depth=vision_layers, fullatt_block_indexes=fullatt)
     cfg = AutoConfig.for_model(
         "qwen2_5_vl",
         text_config=dict(text, model_type="qwen2_5_vl_text", num_hidden_layers=layers),

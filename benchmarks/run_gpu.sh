@@ -20,6 +20,11 @@
 #                                                        # and on the dense set, the cost rows
 #                                                        # at 16 frames, one ncu of the
 #                                                        # working-set kernel
+#   OUT=/some/dir CALL=request bash benchmarks/run_gpu.sh  # issue 92 (< 8 min): the whole
+#                                                        # request (generate on the 7B model,
+#                                                        # 16 and 64 frames, 16 and 256 new
+#                                                        # tokens), decode's CUDA-graph rows
+#                                                        # (batch 1-64, 8k-128k), paged
 #
 # Each step runs under its own cap in seconds (the number after its name below), and never
 # past the call's budget, CALL_BUDGET (default 560 s from the start): a call ends within
@@ -40,7 +45,7 @@
 # and WORKSET_CUDA_SWEEP (GROW:TILE pairs, e.g. 16:512,64:512: the working sets alone at each).
 # Other forms: STEPS="name ..." runs the named steps only (names: tests profile nsys ncu
 # attention decode paged sparse_spectral request_cost profile_ssc workset_cuda workset_ncu hopper
-# spectral backward
+# request spectral backward
 # ssc blocked integration
 # scores tune vllm tp; tp runs bench_tp and bench_split); no CALL runs every step in one
 # call (more than ten minutes); STEP_TIMEOUT=seconds lowers every cap; an argument --quick
@@ -62,6 +67,13 @@ SSC="tests:150 workset_cuda:210 request_cost:50 workset_ncu:60"
 # ESTIMATED caps (not run on a GPU yet): 5 providers x 3 lengths with cold compiles; ncu as
 # in CALL=1.
 HOPPER="hopper:300 ncu:150"
+# ESTIMATED caps (not run on a GPU yet). request: the 7B model built (~20 s), per frame count
+# a warm-up of each provider then 3 rounds of 3 requests of 256 tokens (HF generate at ~25
+# ms a token: ~7 s a request), plus the default scores (H100: 0.9 s at 16 frames, 17 s at 64,
+# logs/h100-2026-11-27): ~110 s at 16 frames, ~150 s at 64; 64 frames starts only within
+# half the cap. decode --graph: 9 shapes x 5 providers, eager and graph (B 64 x 128k: a
+# 16 GiB cache). paged: as in CALL1.
+REQUEST="request:290 decode:120 paged:30"
 CALL1="profile:50 nsys:60 ncu:60 attention:150 decode:70 paged:30 sparse_spectral:40 workset_cuda:90"
 CALL2="request_cost:240 profile_ssc:30 spectral:60 backward:40 ssc:40 blocked:40 integration:50 scores:30 tune:30 vllm:0 tp:0"
 case "${CALL:-}" in
@@ -70,6 +82,7 @@ case "${CALL:-}" in
   tests) PLAN="$TESTS" ;;
   ssc) PLAN="$SSC" ;;
   hopper) PLAN="$HOPPER" ;;
+  request) PLAN="$REQUEST" ;;
   *) PLAN="$TESTS $CALL1 $CALL2" ;;
 esac
 STEPS="${STEPS:-$(for s in $PLAN; do printf '%s ' "${s%%:*}"; done)}"
@@ -158,9 +171,17 @@ if want hopper; then  # issue 77: the Hopper loop (TMA) beside the pointer loop,
   step hopper bench_attention_hopper.log python benchmarks/bench_attention.py --hopper \
     --out-dir "$OUT"
 fi
+if want request; then  # issue 92: generate on the 7B model, plain / anchored / scores given
+  step request bench_request.log python benchmarks/bench_request.py \
+    --budget $(($(cap_of request) / 2)) --out-dir "$OUT"
+fi
 for script in bench_attention bench_decode bench_paged; do
+  EXTRA=()
+  # CALL=request: decode's CUDA-graph rows alone (batch 1-64, 8k-128k; decode_graph_*.json)
+  [ "$script" = bench_decode ] && [ "${CALL:-}" = request ] && EXTRA=(--graph)
   if want "${script#bench_}"; then
-    step "${script#bench_}" "$script.log" python "benchmarks/$script.py" --out-dir "$OUT" "${QUICK[@]}"
+    step "${script#bench_}" "$script.log" python "benchmarks/$script.py" --out-dir "$OUT" \
+      "${EXTRA[@]}" "${QUICK[@]}"
   fi
 done
 if want request_cost && [ "${CALL:-}" = ssc ]; then

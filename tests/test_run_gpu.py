@@ -51,6 +51,7 @@ def test_two_calls_of_under_ten_minutes_run_the_profile_and_every_benchmark():
     for plan in (call1, call2):  # the caps fit the budget: no step is squeezed out by design
         assert sum(plan.values()) <= budget, plan
     steps = set(call1) | set(call2)
+    steps |= set(_plan("REQUEST"))  # bench_request runs in issue 92's call of its own
     steps |= {"split"} if "tp" in steps else set()  # the tp step runs bench_tp and bench_split
     assert {"profile", "nsys", "ncu"} <= set(call1)
     for name in steps:
@@ -78,3 +79,13 @@ def test_hopper_call_fits_eight_minutes_and_times_the_hopper_loop():
     assert set(plan) == {"hopper", "ncu"} and sum(plan.values()) <= 480, plan
     assert 'hopper) PLAN="$HOPPER"' in SCRIPT
     assert "bench_attention.py --hopper" in SCRIPT and "want hopper" in SCRIPT
+
+
+def test_request_call_fits_eight_minutes_with_decode_graphs_and_paged():
+    """Issue 92's GPU command (CALL=request): the whole request, decode's CUDA-graph rows
+    (bench_decode --graph) and the paged benchmark, caps within 8 minutes."""
+    plan = _plan("REQUEST")
+    assert set(plan) == {"request", "decode", "paged"} and sum(plan.values()) <= 480, plan
+    assert 'request) PLAN="$REQUEST"' in SCRIPT and "want request" in SCRIPT
+    assert "benchmarks/bench_request.py" in SCRIPT
+    assert '[ "${CALL:-}" = request ] && EXTRA=(--graph)' in SCRIPT
