@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import videoanchor  # noqa: E402
-import videoanchor.integrations.transformers.configuring as integration  # noqa: E402
+import videoanchor.integrations.transformers.scoring as integration  # noqa: E402
 from benchmarks.bench_integration import (  # noqa: E402
     QWEN25_VL_7B_TEXT,
     QWEN25_VL_7B_VISION,

@@ -198,9 +198,9 @@ def test_gate_buffers_are_per_request_with_gradients(anchored):
     ],
 )
 def test_value_scale_range_is_the_configuration_s(alphas_v, scales, expected):
-    from videoanchor.integrations.transformers.configuring import _value_scale_range
+    from videoanchor.integrations.transformers.gates import value_scale_range_for
 
-    assert _value_scale_range(alphas_v, torch.tensor([scales])) == expected
+    assert value_scale_range_for(alphas_v, torch.tensor([scales])) == expected
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import videoanchor
-from videoanchor.integrations.transformers.configuring import _Request
+from videoanchor.integrations.transformers.gates import RequestGates
 from videoanchor.integrations.transformers.testing import (
     TOKENS,
     collate,
@@ -243,7 +243,7 @@ def test_triton_kernel_path_matches_torch_path(tmp_path):
 def test_request_gates_cached_per_device_and_padded_for_decode():
     scores = torch.tensor([[0.0, 0.5, 0.9, 0.0], [0.0, 0.0, 0.2, 0.0]])
     kb, vs = torch.log1p(2.0 * scores), 1 + 3.0 * scores
-    req = _Request(key_bias=kb, value_scale=vs, value_scale_range=(1.0, 3.7))
+    req = RequestGates(key_bias=kb, value_scale=vs, value_scale_range=(1.0, 3.7))
     cpu = torch.device("cpu")
     a = req.prepared(cpu, batch=2, skv=4)  # prefill: offset 0
     a_kb, a_vs = a.natural(4)

@@ -1,6 +1,7 @@
 """The engine-neutral step that scores one request (videoanchor/integrations/request_scores.py):
 the SSC call both engines make and the one text said when it stops before eps. Engine-free
-and cheap; the vLLM plugin's own path is in test_vllm_limits.py."""
+and cheap; the engines' own paths are in test_long_videos.py (transformers) and
+test_vllm_limits.py (vLLM)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import warnings
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from videoanchor.anchor import compute_anchor_scores
@@ -56,15 +58,25 @@ def test_a_time_budget_is_named_and_the_engine_chooses_where_the_text_goes():
     assert "raise ssc_time_budget (None: no budget)" in got[0] and "unused" not in got[0]
 
 
-def test_vllm_logs_the_same_words(caplog):
-    """vLLM logs the text naming the request, with where an operator raises max_iter."""
-    from videoanchor.integrations.vllm import scoring
+@pytest.mark.parametrize("engine", ["transformers", "vllm"])
+def test_both_engines_say_the_same_words(engine, caplog):
+    """transformers warns, vLLM logs naming the request: the same text but the subject and
+    where max_iter is raised."""
+    if engine == "transformers":
+        from videoanchor.integrations.transformers.scoring import MAX_ITER_SETTING
 
-    caplog.set_level(logging.WARNING, logger="videoanchor.vllm")
-    req = SimpleNamespace(req_id="r-2", mm_features=[SimpleNamespace(modality="video")])
-    scoring.run_ssc(req, LIMITED, [0], [torch.arange(24)], 24, 3,
-                    lambda rid, idx: [X], None, "key-r-2")  # fmt: skip
-    (text,) = [r.getMessage() for r in caplog.records if "NOT converged" in r.getMessage()]
+        _, _, said = _warned(options=LIMITED, subject="sample 1", max_iter_setting=MAX_ITER_SETTING)
+        (text,) = said
+        subject = "sample 1"
+    else:
+        from videoanchor.integrations.vllm import scoring
+
+        caplog.set_level(logging.WARNING, logger="videoanchor.vllm")
+        req = SimpleNamespace(req_id="r-2", mm_features=[SimpleNamespace(modality="video")])
+        scoring.run_ssc(req, LIMITED, [0], [torch.arange(24)], 24, 3,
+                        lambda rid, idx: [X], None, "key-r-2")  # fmt: skip
+        (text,) = [r.getMessage() for r in caplog.records if "NOT converged" in r.getMessage()]
+        subject, MAX_ITER_SETTING = "request r-2", scoring.MAX_ITER_SETTING
     res = compute_anchor_scores(X, 3, **ssc_kwargs(LIMITED), progress=False)
-    assert text == unconverged_message(res, LIMITED, subject="request r-2",
-                                       max_iter_setting=scoring.MAX_ITER_SETTING)  # fmt: skip
+    assert text == unconverged_message(res, LIMITED, subject=subject,
+                                       max_iter_setting=MAX_ITER_SETTING)  # fmt: skip

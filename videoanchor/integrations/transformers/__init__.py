@@ -16,18 +16,15 @@ import importlib.util
 import sys
 import warnings
 
+from videoanchor.integrations.options import AnchorConfig
 from videoanchor.integrations.transformers.attention import (
     ATTN_IMPLEMENTATION,
     reset_warnings,
     videoanchor_attention_forward,
     videoanchor_mask,
 )
-from videoanchor.integrations.transformers.configuring import (
-    AnchorConfig,
-    AnchorHandle,
-    configure,
-    find_handle,
-)
+from videoanchor.integrations.transformers.configuring import configure
+from videoanchor.integrations.transformers.handle import AnchorHandle, find_handle
 from videoanchor.integrations.transformers.registry import (
     FAMILIES,
     FamilySpec,

@@ -46,7 +46,6 @@ _UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux", "sinks", "position_
 # transformers' **kwargs, and gradient checkpointing replays it with the layer's inputs, so
 # a recomputed forward sees the gates of its own forward.
 REQUEST_KWARG = "_videoanchor_request"
-_MISSING = object()
 # Static-cache slot codes (see the module docstring): padding is the only code that casts to
 # False, so a bool cast keeps which filled slots are visible.
 _SLOT_EMPTY, _SLOT_PADDING, _SLOT_VISIBLE = -1, 0, 1
@@ -88,7 +87,7 @@ def _cell_values(fn) -> list:
     return [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
 
 
-def _packed_sequence_ids(mask_function) -> torch.Tensor | None:
+def _sequence_ids_in_mask_function(mask_function) -> torch.Tensor | None:
     """The (B, S) sequence ids inside transformers' packed-sequence mask function
     (``packed_sequence_compatibility_function(causal_mask_function, ...)``), else None."""
     parts = next((v for v in _cell_values(mask_function) if isinstance(v, tuple)), None)
@@ -128,7 +127,7 @@ def videoanchor_mask(
             f"caches) are not supported, got kv_offset={kv_offset}"
         )
     if mask_function is not None and mask_function not in _plain_mask_functions():
-        ids = _packed_sequence_ids(mask_function)
+        ids = _sequence_ids_in_mask_function(mask_function)
         if (
             ids is not None
             and attention_mask is None
@@ -266,26 +265,12 @@ def videoanchor_attention_forward(
                 f"attn_implementation={ATTN_IMPLEMENTATION!r}: expected a 2D (batch, keys) mask from "
                 f"videoanchor's mask function or a 4D (batch, 1 or heads, queries, keys) mask, got {shape}"
             )
-    request = kwargs.get(REQUEST_KWARG, _MISSING)
-
-    def gates(n_valid=None, packed=False):
-        """(the request's PreparedGates or None, the backend): the gates are prepared once
-        per request and device (value-scale range included), the same object every layer
-        and decode step."""
-        if handle is None:
-            return None, "auto"
-        backend = handle.config.attention_backend
-        current = handle._current if request is _MISSING else request
-        if current is None:
-            return None, backend
-        current.check_packed(packed)
-        if request is _MISSING:
-            return handle._gates_for(query, key, n_valid), backend
-        return request.prepared(key.device, query.shape[0], key.shape[2], n_valid), backend
-
+    backend = "auto" if handle is None else handle.config.attention_backend
     if attention_mask is not None and attention_mask.dim() == 2:
         if attention_mask.dtype == torch.int64:
-            return _packed_attention(query, key, value, attention_mask, gates, causal, scaling)
+            return _packed_attention(
+                query, key, value, attention_mask, handle, kwargs, backend, causal, scaling
+            )
         skv = key.shape[2]
         if attention_mask.shape[-1] != skv and attention_mask.dtype != torch.bool:
             raise ValueError(
@@ -309,12 +294,11 @@ def videoanchor_attention_forward(
                 f"videoanchor's mask function makes), got dtype {attention_mask.dtype}"
             )
 
-    n_valid = None
-    if cache_seqlens is not None and handle is not None:
-        pending = request if request is not _MISSING else handle._current
-        if pending is not None and pending.offset is None:
-            n_valid = int(cache_seqlens.max())  # once per request: where the prompt ends
-    prepared, backend = gates(n_valid)
+    # The gates of the call's request, prepared once per request and device (value-scale
+    # range included): the same object every layer and decode step.
+    prepared = None
+    if handle is not None:
+        prepared = handle.gates_for(query, key, kwargs, cache_seqlens=cache_seqlens)
     if _plain_decode_applies(query, prepared, backend, attention_mask, cache_seqlens):
         return _plain_decode(query, key, value, key_padding_mask, scaling), None
     if attention_mask is not None and attention_mask.dim() == 4:
@@ -390,8 +374,10 @@ def _plain_decode(query, key, value, key_padding_mask, scaling):
     return out.transpose(1, 2).contiguous()
 
 
-def _packed_attention(query, key, value, seq_ids, gates, causal, scaling):
-    """Padding-free batch: each run of equal ``seq_ids`` in a row is its own sequence."""
+def _packed_attention(query, key, value, seq_ids, handle, kwargs, backend, causal, scaling):
+    """Padding-free batch: each run of equal ``seq_ids`` in a row is its own sequence; the
+    gates of the call's request (``handle``, ``kwargs``: as
+    :meth:`~.handle.AnchorHandle.gates_for` takes them)."""
     B, Hq, S, D = query.shape
     Hkv, Skv = key.shape[1], key.shape[2]
     if tuple(seq_ids.shape) != (B, S) or Skv != S:
@@ -400,7 +386,7 @@ def _packed_attention(query, key, value, seq_ids, gates, causal, scaling):
             f"as queries, got ids {tuple(seq_ids.shape)} and {Skv} keys"
         )
     cu, max_len = _packed_offsets(seq_ids, query.device)
-    prepared, backend = gates(packed=True)
+    prepared = None if handle is None else handle.gates_for(query, key, kwargs, packed=True)
     if prepared is not None:
         # The request's dense (B, S) gates as the packed (B * S,) form, once per forward.
         prepared = _memo("packed-gates", prepared, lambda: _flat_gates(prepared, S), key=S)
