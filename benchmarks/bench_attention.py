@@ -26,6 +26,8 @@ FLOPs: 4 * B * Hq * Sq * Skv * D, halved for causal with Sq = Skv.
     python benchmarks/bench_attention.py --hopper   # S = 8k-32k, Qwen2.5-VL-7B heads: the
                                                     # Hopper loop against the pointer loop
                                                     # and SDPA flash (attention_hopper.json)
+    python benchmarks/bench_attention.py --hopper --dtype float16   # the same in fp16
+                                                    # (attention_hopper_fp16.json)
 Without CUDA it says so and runs a CPU comparison (forward, float32, S = 512, 1024, 2048;
 --quick: 512) of the exact torch path (its fused CPU form, and the query-chunk form it
 replaced), SDPA without bias, SDPA with the full (B, 1, S, S) bias + causal mask and
@@ -213,7 +215,8 @@ HOPPER = ("anchored_prepared", "ours_plain", "anchored_prepared_pointer", "ours_
           "sdpa_flash")  # fmt: skip
 
 
-def run(quick: bool, out_dir=None, flex_cpu: bool = True, hopper: bool = False):
+def run(quick: bool, out_dir=None, flex_cpu: bool = True, hopper: bool = False,
+        gpu_dtype=torch.bfloat16):  # fmt: skip
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if hopper and (device == "cpu" or torch.cuda.get_device_capability()[0] != 9):
         raise SystemExit("--hopper: expected a GPU of compute capability 9.x, got " + (
@@ -232,7 +235,7 @@ def run(quick: bool, out_dir=None, flex_cpu: bool = True, hopper: bool = False):
         meta["loadavg_start"] = list(os.getloadavg())
     else:
         lengths = [2048] if quick else [2048, 8192, 16384, 32768]
-        dtype, models = torch.bfloat16, MODELS
+        dtype, models = gpu_dtype, MODELS
         if hopper:
             lengths, models = [8192, 16384, 32768], {"qwen2.5-vl-7b": MODELS["qwen2.5-vl-7b"]}
     rows = []
@@ -289,7 +292,10 @@ def run(quick: bool, out_dir=None, flex_cpu: bool = True, hopper: bool = False):
     if device == "cpu":
         meta["loadavg_end"] = list(os.getloadavg())
     cols = ["model", "S", "provider", "ms", "tflops", "peak_mib", "speedup_of_anchored", "error"]
-    return finish("attention_hopper" if hopper else "attention", meta, rows, out_dir, cols)
+    name = "attention_hopper" if hopper else "attention"
+    if device != "cpu" and gpu_dtype != torch.bfloat16:
+        name += "_" + {torch.float16: "fp16"}[gpu_dtype]
+    return finish(name, meta, rows, out_dir, cols)
 
 
 def main(argv=None):
@@ -304,8 +310,13 @@ def main(argv=None):
         action="store_true",
         help="S = 8k-32k: the Hopper loop against the pointer loop and SDPA flash (sm_90)",
     )
+    ap.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float16"],
+        help="on a GPU: the inputs' dtype (fp16: the fast form's fp16 row sum, issue 92)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
-    run(args.quick, args.out_dir, flex_cpu=not (args.no_flex_cpu or args.quick), hopper=args.hopper)
+    run(args.quick, args.out_dir, flex_cpu=not (args.no_flex_cpu or args.quick), hopper=args.hopper,
+        gpu_dtype=getattr(torch, args.dtype))  # fmt: skip
 
 
 if __name__ == "__main__":

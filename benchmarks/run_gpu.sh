@@ -41,6 +41,7 @@
 # / 64 frames (logs/h100-2026-11-27) and the gpu tests 55 s in 8 processes; CALL=ssc's caps
 # are sized on those (its InternVL2-8B rows past the budget are written as not run).
 #
+# CALL=hopper's knob: HOPPER_DTYPE (bfloat16; float16 times the fp16 fast form instead).
 # workset_cuda's own knobs: WORKSET_CUDA_FRAMES (16,32,64), WORKSET_CUDA_MODELS (both shapes)
 # and WORKSET_CUDA_SWEEP (GROW:TILE pairs, e.g. 16:512,64:512: the working sets alone at each).
 # Other forms: STEPS="name ..." runs the named steps only (names: tests profile nsys ncu
@@ -168,8 +169,10 @@ elif want ncu; then
   cat "$OUT/logs/ncu_summary.txt"
 fi
 if want hopper; then  # issue 77: the Hopper loop (TMA) beside the pointer loop, same process
+  # HOPPER_DTYPE=float16: the same in fp16 (issue 92: the fast form's fp16 row sum on the
+  # tensor cores; attention_hopper_fp16_<device>.json)
   step hopper bench_attention_hopper.log python benchmarks/bench_attention.py --hopper \
-    --out-dir "$OUT"
+    --dtype "${HOPPER_DTYPE:-bfloat16}" --out-dir "$OUT"
 fi
 if want request; then  # issue 92: generate on the 7B model, plain / anchored / scores given
   step request bench_request.log python benchmarks/bench_request.py \
