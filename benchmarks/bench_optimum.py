@@ -5,7 +5,7 @@ The bar (docs/ssc.md) compares the fast default with the authors' solver stopped
 of the authors' answers lie on one trajectory of one iteration; the program they stop short
 of has a minimiser of its own. This script computes that minimiser on each of the fidelity
 study's data sets (``bench_request_cost.fidelity_sets``;
-``videoanchor.anchor.workset.reference_minimiser``: working sets from each point's nearest
+``videoanchor.anchor.solvers.workset.reference_minimiser``: working sets from each point's nearest
 point, else from the fast solver's answer; certified where every column's relative duality
 gap is below 1e-9,
 reported when it is not) and says for the
@@ -64,7 +64,7 @@ from videoanchor.anchor.scores import (  # noqa: E402
     SSCCoefficients,
     anchor_result_from_coefficients,
 )
-from videoanchor.anchor.workset import reference_minimiser  # noqa: E402
+from videoanchor.anchor.solvers.workset import reference_minimiser  # noqa: E402
 
 #: the answers held against the minimiser: label -> compute_anchor_scores options
 ANSWERS = {
@@ -77,7 +77,7 @@ ANSWERS = {
 
 def minimiser(x, k):
     """``(result, scores and labels, seconds)`` of the program's certified minimiser
-    (:func:`~videoanchor.anchor.workset.reference_minimiser`, float64): ``converged`` where
+    (:func:`~videoanchor.anchor.solvers.workset.reference_minimiser`, float64): ``converged`` where
     every column's relative duality gap is below 1e-9."""
     t = time.perf_counter()
     res = reference_minimiser(x)

@@ -74,8 +74,9 @@ from benchmarks.common import (  # noqa: E402
     synthetic_tokens,
     write_result,
 )
-from videoanchor.anchor import admm, compute_anchor_scores  # noqa: E402
+from videoanchor.anchor import compute_anchor_scores  # noqa: E402
 from videoanchor.anchor.progress import SSCProgress  # noqa: E402
+from videoanchor.anchor.solvers import admm_steps  # noqa: E402
 
 YALE = Path(os.environ.get("VIDEOANCHOR_YALEB", "/work/shared/data/YaleB_48_42.mat"))
 TEXT_TOKENS = 64
@@ -120,7 +121,7 @@ def iteration_floor(n: int, d: int, prefill: float) -> dict:
     per_iter = ssc_flops(n, d)["per_iter_fast_cuda"] - 2.0 * n * d * n
     pre_s = prefill / (EFFICIENCY * H100["bf16"])
     one = per_iter / H100["bf16"]  # seconds per iteration, one fp16 pass at full peak
-    its = admm.SCHEDULE.iterations
+    its = admm_steps.SCHEDULE.iterations
     return {"floor_fp16x3_over_prefill": 3 * its * one / pre_s,
             "floor_bf16_over_prefill": its * one / pre_s,
             "fp16x3_iterations_per_prefill": pre_s / (3 * one)}  # fmt: skip
@@ -182,7 +183,7 @@ def ssc_flops(n: int, d: int) -> dict:
     """FLOPs of the dense SSC as the code runs it (2 per multiply-add).
 
     Faithful: per iteration one ``(N + D) x N x N`` GEMM (``[R; Y R] (T - I)``); setup in
-    float64 (Gram, inverse, ``Y R``). Fast (torch, :mod:`videoanchor.anchor.fast`): per
+    float64 (Gram, inverse, ``Y R``). Fast (torch, :mod:`videoanchor.anchor.solvers.fast`): per
     iteration ``R (T - I)`` (``N x N x N``) and two sparse products over E's active entries
     (``Y^T E`` and the residual sampled there, :data:`ACTIVE_SHARE`); at each full E-step
     the residual ``(Y R)(T - I)`` (``D x N x N``); ``B`` and ``Y B`` per change of ``rho``,
@@ -190,14 +191,15 @@ def ssc_flops(n: int, d: int) -> dict:
     CUDA (the dense schedule, :func:`videoanchor.anchor.plan.fast_step`): per iteration
     ``[R; Y R] (T - I)`` and a dense ``Y^T E`` (``N x D x N``), every E-step exact.
 
-    Where ``N > D`` the fast solver's factor is thin (:class:`videoanchor.anchor.admm.Schedule`):
-    the eigendecomposition of the ``D x D`` Gram matrix (setup: the lambdas' ``N x N`` Gram
-    pass, ``Y Y^T``, ``V``, ~9 D^3), ``B`` and ``Y B`` as ``(N + D) x D x N`` products; past
-    ``low_rank_above * D`` they are never formed: every product with ``[R; Y R]``
-    has the inner dimension ``k = D + 1`` (``V_x^T (T - I)``, then ``L_A`` and ``L_Y``
-    times it) and a refactor only rescales ``N x k`` and ``D x k`` arrays. ``factor``:
-    ``"dense"``, ``"thin"`` or ``"low_rank"``."""
-    sc = admm.SCHEDULE
+    Where ``N > D`` the fast solver's factor is thin
+    (:class:`videoanchor.anchor.solvers.admm_steps.Schedule`): the eigendecomposition of the
+    ``D x D`` Gram matrix (setup: the lambdas' ``N x N`` Gram pass, ``Y Y^T``, ``V``, ~9
+    D^3), ``B`` and ``Y B`` as ``(N + D) x D x N`` products; past ``low_rank_above * D``
+    they are never formed: every product with ``[R; Y R]`` has the inner dimension
+    ``k = D + 1`` (``V_x^T (T - I)``, then ``L_A`` and ``L_Y`` times it) and a refactor only
+    rescales ``N x k`` and ``D x k`` arrays. ``factor``: ``"dense"``, ``"thin"`` or
+    ``"low_rank"``."""
+    sc = admm_steps.SCHEDULE
     its = sc.iterations
     full = sum(i <= sc.full_first or i % sc.full_every == 0 or i >= its for i in range(1, its + 1))
     refactors = sc.balance_until // sc.every + 1
@@ -551,7 +553,7 @@ def cost_rows(device, quick, budget_s, measure=None, on_row=None,
             "ssc_setup_flops_fast_fp64": fl["setup_fast_fp64"],
             "ssc_refactor_flops_fast": fl["refactors_fast"],
             "fast_factor": fl["factor"],
-            "iterations_fast": admm.SCHEDULE.iterations,
+            "iterations_fast": admm_steps.SCHEDULE.iterations,
         }  # fmt: skip
         over = time.perf_counter() - started > budget_s
         if (name, frames) in measure and not over:
@@ -631,7 +633,7 @@ def cost_rows(device, quick, budget_s, measure=None, on_row=None,
             rate = EFFICIENCY * (H100["bf16"] / 3 if prec == "fp16x3" else H100[prec])
             # what runs on CUDA: the dense schedule
             fast_s = (
-                admm.SCHEDULE.iterations * fl["per_iter_fast_cuda"] + fl["refactors_fast"]
+                admm_steps.SCHEDULE.iterations * fl["per_iter_fast_cuda"] + fl["refactors_fast"]
             ) / rate
             est[f"ssc_over_prefill_fast_{prec}_iterations"] = fast_s / pre_s
             fast_s += factor_s + spectral_s
@@ -640,7 +642,10 @@ def cost_rows(device, quick, budget_s, measure=None, on_row=None,
                 # process_group, as transformers' TP runs it): iterations and refactors / tp,
                 # the eigendecomposition on rank 0; the gathers' traffic is not counted
                 split_s = (
-                    (admm.SCHEDULE.iterations * fl["per_iter_fast_cuda"] + fl["refactors_fast"])
+                    (
+                        admm_steps.SCHEDULE.iterations * fl["per_iter_fast_cuda"]
+                        + fl["refactors_fast"]
+                    )
                     / (tp * rate)
                     + factor_s
                     + spectral_s

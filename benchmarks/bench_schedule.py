@@ -1,12 +1,12 @@
 """Does the fast solver's schedule still earn its parts? Issue 67's same-run ablation.
 
 The fast solver (the CUDA default and the CPU default's fallback where ``C`` is dense) runs
-the authors' steps on a fixed schedule (:class:`videoanchor.anchor.admm.Schedule`): 60
+the authors' steps on a fixed schedule (:class:`videoanchor.anchor.solvers.admm_steps.Schedule`): 60
 iterations, ``rho`` rebalanced every 5 up to iteration 30, and a continuation in
 ``lambda_z`` over the first 30 where one near-black token sets it. Issue 67 removes every
 schedule part that does not win, by a margin measured in the same run, on a path that still
 runs by default. Per set, each schedule's answer is held against the program's certified
-minimiser (:func:`~videoanchor.anchor.workset.reference_minimiser`):
+minimiser (:func:`~videoanchor.anchor.solvers.workset.reference_minimiser`):
 
 - ``default``: the schedule as it runs;
 - ``no_continuation``: the same without the continuation in ``lambda_z``;
@@ -40,15 +40,15 @@ from benchmarks.common import (  # noqa: E402
     synthetic_tokens,
     video_tokens,
 )
-from videoanchor.anchor import admm  # noqa: E402
 from videoanchor.anchor.program import duality_gaps  # noqa: E402
-from videoanchor.anchor.ssc import solve_ssc_admm  # noqa: E402
-from videoanchor.anchor.workset import reference_minimiser  # noqa: E402
+from videoanchor.anchor.solvers import admm_steps  # noqa: E402
+from videoanchor.anchor.solvers.admm import solve_ssc_admm  # noqa: E402
+from videoanchor.anchor.solvers.workset import reference_minimiser  # noqa: E402
 
 SCHEDULES = {
-    "default": admm.SCHEDULE,
-    "no_continuation": admm.Schedule(continuation=0),
-    "no_balancing": admm.Schedule(balance_until=0, continuation=0),
+    "default": admm_steps.SCHEDULE,
+    "no_continuation": admm_steps.Schedule(continuation=0),
+    "no_balancing": admm_steps.Schedule(balance_until=0, continuation=0),
 }
 
 

@@ -1,7 +1,7 @@
 """Routes to the SSC program's minimiser on video-like tokens: what each costs, on one thread.
 
 Issue 66 holds the default (``solver="auto"``: the working sets on the CPU,
-:func:`videoanchor.anchor.workset.run_workset`) to at least 30x faster than
+:func:`videoanchor.anchor.solvers.workset.run_workset`) to at least 30x faster than
 ``solver="faithful"`` and certified on every video-like set at one torch thread, a
 16-frame set (N = 1536, D = 2048), overlaid and near-black tokens included (:data:`SETS`).
 This script measures per set, in one process:
@@ -57,7 +57,7 @@ from videoanchor.anchor import (  # noqa: E402
     solve_ssc_workset,
 )
 from videoanchor.anchor.scores import ssc_coefficients  # noqa: E402
-from videoanchor.anchor.workset import LIMITS  # noqa: E402
+from videoanchor.anchor.solvers.workset import LIMITS  # noqa: E402
 
 PATCHES, DIM = 48, 1024
 
@@ -387,7 +387,7 @@ def _fallback(x):
     from videoanchor.anchor._inputs import prepare_features
     from videoanchor.anchor.options import SSCOptions
     from videoanchor.anchor.plan import make_plan
-    from videoanchor.anchor.ssc import run_admm
+    from videoanchor.anchor.solvers.admm import run_admm
 
     opts, _, xs = prepare_features(x, SSCOptions(solver="workset", mode="exact"), min_tokens=1)
     plan = make_plan(xs.shape, xs.device, opts)
@@ -397,7 +397,7 @@ def _fallback(x):
 
 
 def calibrate(names, out_dir=None, columns: int = 48):
-    """``--calibrate``: the counts of :mod:`videoanchor.anchor.workset`'s cost model and the
+    """``--calibrate``: the counts of :mod:`videoanchor.anchor.solvers.workset`'s cost model and the
     CPU seconds they stand for, one thread, one process (``workset_calibration_cpu.json``):
     per set the Gram matrix and lambdas (``_prepare``), the fast solver (its factor's
     strategy and iterations: ``_fast_counts``), and ``columns`` columns (a stride) run one at
@@ -408,7 +408,7 @@ def calibrate(names, out_dir=None, columns: int = 48):
     seconds; ``KERNEL_NS``, ``FAST_NS`` and ``GRAM_NS`` are these, rounded."""
     from scipy.optimize import nnls
 
-    import videoanchor.anchor.workset as ws
+    import videoanchor.anchor.solvers.workset as ws
 
     meta = _one_thread(False, columns=columns)
     kernel = ws._kernel()

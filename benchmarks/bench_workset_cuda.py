@@ -1,5 +1,6 @@
-"""The default anchor scores on the GPU (the working sets, ``videoanchor.anchor.workset_cuda``;
-issue 76 items 4 and 7) beside the model's prefill, in one process: the whole default call
+"""The default anchor scores on the GPU (the working sets,
+``videoanchor.anchor.solvers.workset_cuda``; issue 76 items 4 and 7) beside the model's
+prefill, in one process: the whole default call
 (``compute_anchor_scores``: the working sets, the spectral step, the scores) and the fast
 solver on video-like tokens of 16, 32 and 64 frames of Qwen2.5-VL-7B (128 tokens a frame,
 D = 3584) and InternVL2-8B (256, D = 4096), each over the prefill of random-weight decoder
@@ -45,8 +46,8 @@ from benchmarks.common import (  # noqa: E402
     video_tokens,
     write_result,
 )
-from videoanchor.anchor import workset_cuda as wc  # noqa: E402
 from videoanchor.anchor.program import column_gaps  # noqa: E402
+from videoanchor.anchor.solvers import workset_cuda as wc  # noqa: E402
 
 #: name: (visual tokens per frame, hidden size), as bench_request_cost.SHAPES
 SHAPES = {"Qwen2.5-VL-7B": (128, 3584), "InternVL2-8B": (256, 4096)}
@@ -150,7 +151,7 @@ def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool 
     """The rows (module docstring), the JSON rewritten as each ends; a row that would start
     past ``budget`` seconds is written as not run (``skipped``)."""
     from videoanchor.anchor import compute_anchor_scores
-    from videoanchor.anchor.workset import reference_minimiser
+    from videoanchor.anchor.solvers.workset import reference_minimiser
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -4,8 +4,8 @@ At a launch, Triton's interpreter patches ``triton.language`` for the kernel's m
 (``_patch_lang``: ``inspect.getmembers`` over ``tl``, ``tl.tensor``, ``tl.math``, about 3 ms),
 and it patches again at every call of a ``@triton.jit`` function from inside the kernel,
 while the launch's patch is still in place (the call's own patch is never restored). A
-kernel that calls its helpers in its loops (``videoanchor.anchor.workset_cuda``: thousands
-of calls a launch) spent half its interpreted time there (cProfile, triton 3.9).
+kernel that calls its helpers in its loops (``videoanchor.anchor.solvers.workset_cuda``:
+thousands of calls a launch) spent half its interpreted time there (cProfile, triton 3.9).
 
 The same holds for triton.language's own ``@jit`` functions (``tl.sum``, ``tl.max``, ...),
 whose module it patches again at each of their calls. Within :func:`quick_device_calls` a

@@ -1,14 +1,15 @@
-"""The shared SSC-ADMM iteration (anchor/admm.py): backend kernels against the array-API
-forms, and the one per-iteration hook (progress) in every solver."""
+"""The shared SSC-ADMM iteration (anchor/solvers/admm_steps.py): backend kernels against the
+array-API forms, and the one per-iteration hook (progress) in every solver."""
 
 import numpy as np
 import pytest
 import torch
 
-from videoanchor.anchor import admm, solve_ssc_admm, solve_ssc_blocked
-from videoanchor.anchor.cupy_backend import solve_ssc_admm_cupy
-from videoanchor.anchor.ssc import TorchKernels
-from videoanchor.anchor.ssc_equality import solve_ssc_equality
+from videoanchor.anchor import solve_ssc_admm, solve_ssc_blocked
+from videoanchor.anchor.solvers import admm_steps
+from videoanchor.anchor.solvers.admm import TorchKernels
+from videoanchor.anchor.solvers.admm_cupy import solve_ssc_admm_cupy
+from videoanchor.anchor.solvers.equality import solve_ssc_equality
 
 
 def _points(n, d, seed=0):
@@ -30,12 +31,16 @@ def test_torch_shrink_equals_the_array_api_form(start, stop, dtype):
     import array_api_compat
 
     xp_t = array_api_compat.array_namespace(t)
-    diag = admm.Diagonal(xp_t, "cpu", start, stop)
+    diag = admm_steps.Diagonal(xp_t, "cpu", start, stop)
     fast = TorchKernels(t.device).shrink(xp_t, t.clone(), lam.clone(), thr, diag)
-    plain = admm.Kernels().shrink(xp_t, t.clone(), lam.clone(), thr, diag)
+    plain = admm_steps.Kernels().shrink(xp_t, t.clone(), lam.clone(), thr, diag)
     xp_n = array_api_compat.array_namespace(t.numpy())
-    on_numpy = admm.Kernels().shrink(
-        xp_n, t.numpy().copy(), lam.numpy().copy(), thr, admm.Diagonal(xp_n, "cpu", start, stop)
+    on_numpy = admm_steps.Kernels().shrink(
+        xp_n,
+        t.numpy().copy(),
+        lam.numpy().copy(),
+        thr,
+        admm_steps.Diagonal(xp_n, "cpu", start, stop),
     )
     for a, b, c in zip(fast, plain, on_numpy, strict=True):
         assert torch.equal(a, b)
@@ -55,15 +60,15 @@ def test_run_reports_hook_stops_and_divergence():
     def step(it):
         return 1.0 / it, it >= 50
 
-    out = admm.run(step, 100, lambda it, r: calls.append(it) or it == 4)
+    out = admm_steps.run(step, 100, lambda it, r: calls.append(it) or it == 4)
     assert (out.iterations, out.converged, out.stopped) == (4, False, True)
     assert calls == [1, 2, 3, 4]
-    out = admm.run(step, 100)
+    out = admm_steps.run(step, 100)
     assert (out.iterations, out.converged, out.stopped) == (50, True, False)
-    out = admm.run(step, 10)
+    out = admm_steps.run(step, 10)
     assert (out.iterations, out.converged, out.stopped) == (10, False, False)
     with pytest.raises(FloatingPointError, match="diverged at iteration 1"):
-        admm.run(lambda it: (float("nan"), False), 5)
+        admm_steps.run(lambda it: (float("nan"), False), 5)
 
 
 SOLVERS = {
@@ -109,15 +114,15 @@ def test_cupy_fused_shrink_equals_the_array_api_form():
         pytest.skip("needs CUDA")
     import array_api_compat
 
-    from videoanchor.anchor.cupy_backend import CupyKernels
+    from videoanchor.anchor.solvers.admm_cupy import CupyKernels
 
     rng = np.random.default_rng(2)
     t = cp.asarray(rng.standard_normal((13, 5)) * 0.01)
     lam = cp.asarray(rng.standard_normal((13, 5)) * 0.01)
     xp = array_api_compat.array_namespace(t)
-    for diag in (admm.Diagonal(xp, t.device, 4, 9), None):
+    for diag in (admm_steps.Diagonal(xp, t.device, 4, 9), None):
         fused = CupyKernels(cp).shrink(xp, t.copy(), lam.copy(), 1 / 300, diag)
-        plain = admm.Kernels().shrink(xp, t.copy(), lam.copy(), 1 / 300, diag)
+        plain = admm_steps.Kernels().shrink(xp, t.copy(), lam.copy(), 1 / 300, diag)
         for a, b in zip(fused, plain, strict=True):
             assert bool(cp.array_equal(a, b))
 
@@ -138,17 +143,17 @@ def test_run_with_a_lazy_residual_checks_it_now_and_then_and_hooks_can_read_it()
             return r, it >= self.done_at
 
     seen = []
-    out = admm.run(Lazy(), 100, lambda it, r: seen.append(r) and False)
+    out = admm_steps.run(Lazy(), 100, lambda it, r: seen.append(r) and False)
     assert (out.iterations, out.converged) == (25, True)
     assert isinstance(out.residual, float) and out.residual == pytest.approx(1 / 25)
     assert all(isinstance(r, torch.Tensor) for r in seen) and len(seen) == 25
-    every = admm.LAZY_CHECK_EVERY
+    every = admm_steps.LAZY_CHECK_EVERY
     with pytest.raises(FloatingPointError, match=f"diverged at iteration {every}"):
-        admm.run(Lazy(bad_at=3), 100)
+        admm_steps.run(Lazy(bad_at=3), 100)
     with pytest.raises(FloatingPointError, match="diverged at iteration 7"):
-        admm.run(Lazy(bad_at=3), 7)  # the last iteration is always checked
+        admm_steps.run(Lazy(bad_at=3), 7)  # the last iteration is always checked
     with pytest.raises(FloatingPointError, match="diverged at iteration 4"):
-        admm.run(Lazy(bad_at=3, done_at=4), 100)  # and so is the one that ends the run
+        admm_steps.run(Lazy(bad_at=3, done_at=4), 100)  # and so is the one that ends the run
 
 
 def _host_reads(fn):
@@ -192,11 +197,11 @@ def test_the_dense_schedule_reads_the_device_only_to_rebalance(monkeypatch):
     import array_api_compat
     from array_api_compat.common import _aliases
 
-    from videoanchor.anchor.ssc import TorchKernels
+    from videoanchor.anchor.solvers.admm import TorchKernels
 
     x = _points(96, 40, seed=3).float()
     runs, steps = {}, []
-    orig_run = admm.run
+    orig_run = admm_steps.run
 
     def counted_run(step, max_iter, hook=None, **kw):
         steps.append(step)
@@ -204,7 +209,7 @@ def test_the_dense_schedule_reads_the_device_only_to_rebalance(monkeypatch):
         runs[len(runs)] = reads
         return out
 
-    monkeypatch.setattr(admm, "run", counted_run)
+    monkeypatch.setattr(admm_steps, "run", counted_run)
 
     def dense_e():  # the dense product with E, which reads nothing back
         return TorchKernels(x.device, sparse_e_density=0.0)
@@ -212,7 +217,7 @@ def test_the_dense_schedule_reads_the_device_only_to_rebalance(monkeypatch):
     lazy = solve_ssc_admm(x, scheduled=True, progress=False, kernels=dense_e(), strategy="dense")
     step = steps[0]
     assert step.lazy_residual and lazy.iterations == step.iterations
-    checks = -(-step.iterations // admm.LAZY_CHECK_EVERY)
+    checks = -(-step.iterations // admm_steps.LAZY_CHECK_EVERY)
     # per rebalancing: four norms and the Sherman-Morrison denominator of the refactor
     assert runs[0] <= 5 * step.rho_changes + checks + 1, (runs[0], step.rho_changes)
     assert runs[0] < step.iterations  # it read ~3.5 times per iteration before
@@ -255,7 +260,7 @@ def test_lazy_residuals_reach_callables_histories_and_reports_as_floats():
 
 
 def test_cuda_density_decision_is_counted_every_tenth_product():
-    from videoanchor.anchor import ssc as ssc_module
+    from videoanchor.anchor.solvers import admm as admm_solver
 
     k = TorchKernels(torch.device("cpu"))
     dense = torch.ones(10, 10)
@@ -270,7 +275,7 @@ def test_cuda_density_decision_is_counted_every_tenth_product():
     with pytest.MonkeyPatch.context() as m:
         m.setattr(torch, "count_nonzero", spy)
         got = [k._sparse_by_density(dense if i < 12 else sparse) for i in range(25)]
-    every = ssc_module._DENSITY_RECHECK
+    every = admm_solver._DENSITY_RECHECK
     assert len(counts) == 1 + 25 // every  # the first call, then every tenth
     assert got[: every - 1] == [False] * (every - 1)  # kept between counts
     assert got[19:] == [True] * 6  # the count at the 20th call saw the sparse E
@@ -286,11 +291,11 @@ def test_gpu_dense_schedule_synchronises_only_to_rebalance():
     product, not ~3.5 per iteration."""
     import warnings
 
-    from videoanchor.anchor import ssc as ssc_module
+    from videoanchor.anchor.solvers import admm as admm_solver
 
     x = _points(512, 96, seed=3).float().cuda()
     steps = []
-    orig_run = admm.run
+    orig_run = admm_steps.run
 
     def counted_run(step, max_iter, hook=None, **kw):
         steps.append(step)
@@ -305,10 +310,10 @@ def test_gpu_dense_schedule_synchronises_only_to_rebalance():
         return out
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(admm, "run", counted_run)
+        m.setattr(admm_steps, "run", counted_run)
         res = solve_ssc_admm(x, scheduled=True, progress=False)
     step, syncs = steps
-    checks = -(-step.iterations // admm.LAZY_CHECK_EVERY)
-    density = -(-step.iterations // ssc_module._DENSITY_RECHECK) + 1
+    checks = -(-step.iterations // admm_steps.LAZY_CHECK_EVERY)
+    density = -(-step.iterations // admm_solver._DENSITY_RECHECK) + 1
     assert res.iterations == step.iterations and step.lazy_residual
     assert syncs <= 6 * step.rho_changes + checks + density + 2, (syncs, step.rho_changes)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from benchmarks import bench_schedule as bs
 from benchmarks.bench_request_cost import darkened
 from benchmarks.common import video_tokens
-from videoanchor.anchor import admm
+from videoanchor.anchor.solvers import admm_steps
 
 
 def test_rows_hold_each_schedule_against_the_certified_minimiser():
@@ -22,4 +22,4 @@ def test_rows_hold_each_schedule_against_the_certified_minimiser():
     # a darkened token turns the continuation on: its answer differs
     dark = {r["schedule"]: r for r in bs.set_rows("dark", darkened(x, 3, 0.004))}
     assert dark["default"]["objective_gap"] != dark["no_continuation"]["objective_gap"]
-    assert admm.SCHEDULE == admm.Schedule()  # the package's schedule untouched
+    assert admm_steps.SCHEDULE == admm_steps.Schedule()  # the package's schedule untouched

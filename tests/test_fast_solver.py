@@ -12,9 +12,10 @@ from sklearn.metrics import adjusted_rand_score
 from benchmarks.bench_request_cost import darkened as _darkened
 from benchmarks.bench_request_cost import median_curvature_of as _curvature
 from benchmarks.common import synthetic_tokens
-from videoanchor.anchor import admm, compute_anchor_scores
+from videoanchor.anchor import compute_anchor_scores
 from videoanchor.anchor.program import ssc_lambdas
-from videoanchor.anchor.ssc import TorchKernels, solve_ssc_admm
+from videoanchor.anchor.solvers import admm_steps
+from videoanchor.anchor.solvers.admm import TorchKernels, solve_ssc_admm
 from videoanchor.integrations.options import AnchorConfig, ssc_kwargs, validate_ssc_options
 
 
@@ -30,11 +31,11 @@ def run(x, k, **kw):
     return compute_anchor_scores(x, k, progress=False, **kw)
 
 
-NO_CONTINUATION = admm.Schedule(continuation=0)
+NO_CONTINUATION = admm_steps.Schedule(continuation=0)
 #: the fast schedule with an exact E-step at every iteration
-EVERY_FULL = admm.Schedule(full_every=1)
+EVERY_FULL = admm_steps.Schedule(full_every=1)
 #: the fast schedule with the dense (N x N) factor at any N
-NEVER_THIN = admm.Schedule(thin_above=float("inf"))
+NEVER_THIN = admm_steps.Schedule(thin_above=float("inf"))
 
 
 def run_on(x, k, schedule, **kw):
@@ -42,7 +43,7 @@ def run_on(x, k, schedule, **kw):
     what ``run(x, k)`` gives on the default one; ``kw``: more options of solve_ssc_admm."""
     from videoanchor.anchor import anchor_result_from_coefficients
     from videoanchor.anchor.scores import SSCCoefficients
-    from videoanchor.anchor.ssc import solve_ssc_admm
+    from videoanchor.anchor.solvers.admm import solve_ssc_admm
 
     r = solve_ssc_admm(x, scheduled=True, schedule=schedule, progress=False, **kw)
     coef = SSCCoefficients(coef=r.coef, iterations=r.iterations, converged=r.converged,
@@ -54,9 +55,9 @@ def run_on(x, k, schedule, **kw):
 def solve_watched(monkeypatch, x, **kw):
     """``solve_ssc_admm(x, scheduled=True, **kw)``, the steps it ran (``admm.run`` watched)
     and each step's share of active entries after every iteration."""
-    from videoanchor.anchor.ssc import solve_ssc_admm
+    from videoanchor.anchor.solvers.admm import solve_ssc_admm
 
-    steps, shares, run_ = [], [], admm.run
+    steps, shares, run_ = [], [], admm_steps.run
 
     def watched(step, max_iter, hook=None, **k):
         steps.append(step)
@@ -67,7 +68,7 @@ def solve_watched(monkeypatch, x, **kw):
 
         return run_(step, max_iter, seen, **k)
 
-    monkeypatch.setattr(admm, "run", watched)
+    monkeypatch.setattr(admm_steps, "run", watched)
     return solve_ssc_admm(x, scheduled=True, progress=False, **kw), steps, shares
 
 
@@ -91,16 +92,17 @@ def test_the_default_is_the_working_sets_on_the_cpu_and_fast_with_iteration_opti
 def test_eigen_inverse_equals_the_dense_inverse():
     x = tokens(40, 24, seed=2).double()
     lam_e, lam_z, _, _ = ssc_lambdas(x, 800.0, 800.0)
-    dic = admm.Dictionary(x, torch.float64, lam_z=lam_z, affine=True, outliers=True,
-                          kernels=TorchKernels(x.device))  # fmt: skip
+    dic = admm_steps.Dictionary(x, torch.float64, lam_z=lam_z, affine=True, outliers=True,
+                                kernels=TorchKernels(x.device))  # fmt: skip
     for rho in (300.0, 37.0, 4100.0):
-        dense, eig = admm.DenseInverse(dic, rho), admm.EigenInverse(dic, 300.0)
+        dense, eig = admm_steps.DenseInverse(dic, rho), admm_steps.EigenInverse(dic, 300.0)
         eig.refactor(rho)
         torch.testing.assert_close(eig.r, dense.r, rtol=1e-8, atol=1e-9)
 
 
 def _low_rank_r(f):
-    """``[R; Y R]`` of a low-rank :class:`~videoanchor.anchor.admm.EigenInverse`, formed."""
+    """``[R; Y R]`` of a low-rank
+    :class:`~videoanchor.anchor.solvers.admm_steps.EigenInverse`, formed."""
     vx = f.vxt_left.T
     eye = torch.eye(f.dic.n, dtype=f.la.dtype)
     r = eye + f.la @ vx.T
@@ -123,15 +125,15 @@ def test_thin_eigen_inverse_equals_the_dense_inverse(affine, outliers, n, d, ran
             rank, d, generator=g, dtype=torch.float64
         )
     lam_e, lam_z, _, _ = ssc_lambdas(x, 800.0, 800.0)
-    dic = admm.Dictionary(x, torch.float64, lam_z=lam_z, affine=affine, outliers=outliers,
-                          kernels=TorchKernels(x.device))  # fmt: skip
-    thin = admm.EigenInverse(dic, 300.0, thin=True, low_rank=False)
-    low = admm.EigenInverse(dic, 300.0, thin=True, low_rank=True)
+    dic = admm_steps.Dictionary(x, torch.float64, lam_z=lam_z, affine=affine, outliers=outliers,
+                                kernels=TorchKernels(x.device))  # fmt: skip
+    thin = admm_steps.EigenInverse(dic, 300.0, thin=True, low_rank=False)
+    low = admm_steps.EigenInverse(dic, 300.0, thin=True, low_rank=True)
     assert thin.thin and not thin.low_rank and low.low_rank
     if rank is not None:
         assert int((thin.w > 0).sum()) == rank  # the zero eigenvalues are dropped
     for rho in (300.0, 37.0, 4100.0):
-        dense = admm.DenseInverse(dic, rho)
+        dense = admm_steps.DenseInverse(dic, rho)
         thin.refactor(rho)
         low.refactor(rho)
         torch.testing.assert_close(thin.r, dense.r, rtol=1e-8, atol=1e-9)
@@ -142,9 +144,9 @@ def test_factor_kind_follows_the_shape():
     def factor(n, d):
         x = tokens(n, d, seed=1).double()
         _, lam_z, _, _ = ssc_lambdas(x, 800.0, 800.0)
-        dic = admm.Dictionary(x, torch.float64, lam_z=lam_z, affine=True, outliers=True,
-                              kernels=TorchKernels(x.device))  # fmt: skip
-        return admm.EigenInverse(dic, 300.0)
+        dic = admm_steps.Dictionary(x, torch.float64, lam_z=lam_z, affine=True, outliers=True,
+                                    kernels=TorchKernels(x.device))  # fmt: skip
+        return admm_steps.EigenInverse(dic, 300.0)
 
     f = factor(40, 48)
     assert not f.thin and not f.low_rank and f.v.shape == (40, 40)
@@ -153,7 +155,7 @@ def test_factor_kind_follows_the_shape():
     f = factor(90, 40)
     assert f.thin and f.low_rank and f.la.shape == (90, 41) and f.ly.shape == (40, 41)
     assert not hasattr(f, "r")  # [R; Y R] is never formed
-    from videoanchor.anchor.ssc import solve_ssc_admm
+    from videoanchor.anchor.solvers.admm import solve_ssc_admm
 
     for (n, d), kind in (((40, 48), "dense"), ((48, 40), "thin"), ((90, 40), "low_rank")):
         res = solve_ssc_admm(tokens(n, d, seed=1), scheduled=True, progress=False)
@@ -165,9 +167,9 @@ def test_factor_kind_follows_the_shape():
 def test_thin_factor_gives_the_dense_factor_iterate(step, n, d, monkeypatch):
     """The whole schedule with the thin (and low-rank) factor follows the dense factor's
     iterate, in float64 to rounding; float32 stays within its own rounding of it."""
-    from videoanchor.anchor import fast
+    from videoanchor.anchor.solvers import fast
 
-    cls = admm.ScheduledStep if step == "array_api" else fast.ActiveSetStep
+    cls = admm_steps.ScheduledStep if step == "array_api" else fast.ActiveSetStep
     x = tokens(n, d, k=3, seed=11)
     ref = _fast_iterates(x.double(), cls, torch.float64, NEVER_THIN)
     ref32 = _fast_iterates(x, cls, torch.float32, NEVER_THIN)
@@ -232,16 +234,16 @@ def test_ill_conditioned_data_the_continuation_reaches_the_faithful_answer():
     ref = run(x, 4, solver="faithful")
     cold = run_on(x, 4, NO_CONTINUATION)
     warm = run(x, 4)
-    assert torch.equal(warm.scores, run_on(x, 4, admm.SCHEDULE).scores)  # the same route
-    assert warm.iterations == cold.iterations == admm.SCHEDULE.iterations
+    assert torch.equal(warm.scores, run_on(x, 4, admm_steps.SCHEDULE).scores)  # the same route
+    assert warm.iterations == cold.iterations == admm_steps.SCHEDULE.iterations
     got, old = spearmanr(warm.scores, ref.scores)[0], spearmanr(cold.scores, ref.scores)[0]
     assert got >= 0.96 and got > old + 0.03, (got, old)
     fast = warm
     # the array-API step (CUDA's, here through NumPy) runs the same schedule
     import numpy
 
-    from videoanchor.anchor.cupy_backend import solve_ssc_admm_cupy
-    from videoanchor.anchor.ssc import solve_ssc_admm
+    from videoanchor.anchor.solvers.admm import solve_ssc_admm
+    from videoanchor.anchor.solvers.admm_cupy import solve_ssc_admm_cupy
 
     # every E-step exact: the array-API iterate
     torch_c = solve_ssc_admm(x.double(), scheduled=True, progress=False, dtype=torch.float64,
@@ -276,15 +278,15 @@ def test_cli_passes_the_solver_to_configure():
         build_parser().parse_args([*base, "--ssc-solver", "quick"])
 
 
-def _fast_iterates(x, step_cls, dtype, schedule=admm.SCHEDULE):
+def _fast_iterates(x, step_cls, dtype, schedule=admm_steps.SCHEDULE):
     """The fast schedule's C and E on ``x`` with ``step_cls`` (torch or array-API step)."""
     lam_e, lam_z, _, _ = ssc_lambdas(x.double(), 800.0, 800.0)
-    dic = admm.Dictionary(x.to(dtype), dtype, lam_z=lam_z, affine=True, outliers=True,
-                          kernels=TorchKernels(x.device))  # fmt: skip
-    factor = admm.EigenInverse(dic, 300.0, schedule=schedule)
+    dic = admm_steps.Dictionary(x.to(dtype), dtype, lam_z=lam_z, affine=True, outliers=True,
+                                kernels=TorchKernels(x.device))  # fmt: skip
+    factor = admm_steps.EigenInverse(dic, 300.0, schedule=schedule)
     step = step_cls(dic, factor, thr_e=lam_e / lam_z, schedule=schedule)
-    out = admm.run(step, admm.SCHEDULE.iterations)
-    assert out.iterations == admm.SCHEDULE.iterations
+    out = admm_steps.run(step, admm_steps.SCHEDULE.iterations)
+    assert out.iterations == admm_steps.SCHEDULE.iterations
     return step
 
 
@@ -292,10 +294,10 @@ def _fast_iterates(x, step_cls, dtype, schedule=admm.SCHEDULE):
 def test_active_set_step_with_every_e_step_full_is_the_array_api_iterate(n, d):
     """With an exact E-step at every iteration the torch step (R alone for A, sparse Y^T E)
     is the array-API schedule's iterate, in float64 to rounding."""
-    from videoanchor.anchor import fast
+    from videoanchor.anchor.solvers import fast
 
     x = tokens(n, d, k=3, seed=11).double()
-    ref = _fast_iterates(x, admm.ScheduledStep, torch.float64, EVERY_FULL)
+    ref = _fast_iterates(x, admm_steps.ScheduledStep, torch.float64, EVERY_FULL)
     got = _fast_iterates(x, fast.ActiveSetStep, torch.float64, EVERY_FULL)
     assert int((ref.E != 0).sum()) > 0  # the corruptions give E non-zeros
     torch.testing.assert_close(got.C, ref.C, rtol=0, atol=1e-9)
@@ -305,13 +307,15 @@ def test_active_set_step_with_every_e_step_full_is_the_array_api_iterate(n, d):
 def test_active_set_step_stays_close_to_the_array_api_iterate():
     """With E on its active set between full E-steps (the default), C moves little from the
     exact-E iterate, and the final E is exact for the final A (a full E-step)."""
-    from videoanchor.anchor import fast
+    from videoanchor.anchor.solvers import fast
 
     x = tokens(150, 120, k=5, seed=12).double()
-    ref = _fast_iterates(x, admm.ScheduledStep, torch.float64)
+    ref = _fast_iterates(x, admm_steps.ScheduledStep, torch.float64)
     got = _fast_iterates(x, fast.ActiveSetStep, torch.float64)
-    assert got.full_count == sum(got.is_full(i) for i in range(1, admm.SCHEDULE.iterations + 1))
-    assert got.full_count < admm.SCHEDULE.iterations // 4
+    assert got.full_count == sum(
+        got.is_full(i) for i in range(1, admm_steps.SCHEDULE.iterations + 1)
+    )
+    assert got.full_count < admm_steps.SCHEDULE.iterations // 4
     rel = float((got.C - ref.C).norm() / ref.C.norm())
     assert rel < 1e-2, rel
     rs_ref, rs_got = ref.C.sum(dim=1), got.C.sum(dim=1)  # the row sums the scores use
@@ -341,8 +345,8 @@ def test_the_plan_runs_the_active_set_for_torch_on_a_cpu_only():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_fast_solver_runs_the_dense_schedule_and_matches_the_cpu_run(monkeypatch):
-    from videoanchor.anchor import fast
-    from videoanchor.anchor.ssc import solve_ssc_admm
+    from videoanchor.anchor.solvers import fast
+    from videoanchor.anchor.solvers.admm import solve_ssc_admm
 
     x = tokens(256, 96, k=4, seed=3)
     gpu, steps, _ = solve_watched(monkeypatch, x.cuda(), dtype=torch.float64)
@@ -367,7 +371,7 @@ def test_low_rank_factor_gives_the_dense_factor_scores(device, precision, monkey
     nearest, so their fp16x3 rounds coarser than the exact emulation here (2.9e-5); its
     fidelity and stability matched float32's there. A wrong factor moves them by far more."""
     x = tokens(300, 96, k=5, seed=4).to(device)
-    got = run_on(x, 5, admm.SCHEDULE, precision=precision)
+    got = run_on(x, 5, admm_steps.SCHEDULE, precision=precision)
     ref = run_on(x, 5, NEVER_THIN, precision=precision)
     bound = 1e-3 if precision == "fp16x3" and device == "cuda" else 1e-4
     assert float((got.scores - ref.scores).abs().max()) <= bound
@@ -377,11 +381,11 @@ def test_low_rank_factor_gives_the_dense_factor_scores(device, precision, monkey
 def test_fast_solver_runs_the_active_set_step_on_torch_only(monkeypatch):
     import numpy as np
 
-    from videoanchor.anchor import fast
+    from videoanchor.anchor.solvers import fast
 
     x = tokens(64, 40, k=4, seed=13)
     res, steps, _ = solve_watched(monkeypatch, x)
-    step, its = steps[0], admm.SCHEDULE.iterations
+    step, its = steps[0], admm_steps.SCHEDULE.iterations
     assert isinstance(step, fast.ActiveSetStep)
     assert 0 < step.full_count < its and step.is_full(its)  # the last E-step is exact
     assert res.outliers is not None and res.converged
@@ -396,7 +400,7 @@ def test_dense_products_over_a_dense_active_set_give_the_same_iterate(monkeypatc
     x = tokens(96, 64, k=4, seed=21)
     runs, shares = {}, []
     for name, cut in (("sparse", 2.0), ("dense", -1.0)):
-        schedule = admm.Schedule(dense_yte=cut, dense_resid=cut)
+        schedule = admm_steps.Schedule(dense_yte=cut, dense_resid=cut)
         runs[name], _, seen = solve_watched(monkeypatch, x, schedule=schedule,
                                             dtype=torch.float64)  # fmt: skip
         shares += seen
@@ -416,7 +420,7 @@ def test_csr_pattern_equals_the_coalesced_coo_pattern(d, nb, density, seed):
     one a COO tensor of the same entries coalesces to, empty and trailing empty rows too."""
     import warnings
 
-    from videoanchor.anchor.fast import _csr_pattern
+    from videoanchor.anchor.solvers.fast import _csr_pattern
 
     g = torch.Generator().manual_seed(seed)
     mask = torch.rand(d, nb, generator=g) < density
@@ -448,63 +452,66 @@ def test_continuation_start_and_weights():
     holds in blocks of `every` and is the authors' (1) from iteration K + 1 on."""
     from videoanchor.anchor.program import gram_row_max
 
-    sch = admm.SCHEDULE
+    sch = admm_steps.SCHEDULE
     assert sch.continuation == 30 and sch.continuation_floor == 0.3
     x = tokens(61, 40, seed=4).double()
-    assert admm.continuation_start(gram_row_max(x)) == 1.0
+    assert admm_steps.continuation_start(gram_row_max(x)) == 1.0
     dark = _darkened(x, 5, 0.004)
     rm = gram_row_max(dark)
     r = rm.sort().values
-    start = admm.continuation_start(rm)
+    start = admm_steps.continuation_start(rm)
     assert start == pytest.approx(float(r[0] / r[30]) / 0.3, rel=1e-12) and start < 0.1
-    nudged = admm.continuation_start(gram_row_max(dark * (1 + 1e-7 * torch.randn(dark.shape))))
+    nudged = admm_steps.continuation_start(
+        gram_row_max(dark * (1 + 1e-7 * torch.randn(dark.shape)))
+    )
     assert abs(nudged - start) <= 1e-5 * start
-    ws = [admm.continuation_weight(start, it) for it in range(1, 62)]
+    ws = [admm_steps.continuation_weight(start, it) for it in range(1, 62)]
     for it, w in enumerate(ws, 1):
         expect = start ** max(0.0, 1.0 - 5 * ((it - 1) // 5) / 30) if it <= 30 else 1.0
         assert w == pytest.approx(expect, rel=1e-12), it
     assert len(set(ws[:30])) == 6 and ws[0] == start and set(ws[30:]) == {1.0}
-    assert admm.continuation_weight(1.0, 1) == 1.0
-    assert admm.continuation_start(rm, NO_CONTINUATION) == 1.0
+    assert admm_steps.continuation_weight(1.0, 1) == 1.0
+    assert admm_steps.continuation_start(rm, NO_CONTINUATION) == 1.0
     with pytest.raises(TypeError, match="expected a factor that rescales"):
         lam_e, lam_z, _, _ = ssc_lambdas(dark, 800.0, 800.0)
-        dic = admm.Dictionary(dark, torch.float64, lam_z=lam_z, affine=True, outliers=True,
-                              kernels=TorchKernels(dark.device))  # fmt: skip
-        admm.ScheduledStep(dic, admm.DenseInverse(dic, 300.0), thr_e=lam_e / lam_z,
-                           continuation=start)  # fmt: skip
+        dic = admm_steps.Dictionary(dark, torch.float64, lam_z=lam_z, affine=True, outliers=True,
+                                    kernels=TorchKernels(dark.device))  # fmt: skip
+        admm_steps.ScheduledStep(dic, admm_steps.DenseInverse(dic, 300.0), thr_e=lam_e / lam_z,
+                                 continuation=start)  # fmt: skip
     with pytest.raises(ValueError, match="multiple of every"):
-        admm.Schedule(continuation=33)
-    assert admm.Schedule().cut(40) == admm.Schedule(iterations=40, balance_until=20,
-                                                    continuation=20)  # fmt: skip
+        admm_steps.Schedule(continuation=33)
+    assert admm_steps.Schedule().cut(40) == admm_steps.Schedule(iterations=40, balance_until=20,
+                                                                continuation=20)  # fmt: skip
     assert (
-        admm.Schedule().cut(22).balance_until == 11 and admm.Schedule().cut(22).continuation == 10
+        admm_steps.Schedule().cut(22).balance_until == 11
+        and admm_steps.Schedule().cut(22).continuation == 10
     )
 
 
 def test_without_a_dark_token_the_continuation_changes_nothing(monkeypatch):
     """Start weight 1: the iterate is the schedule's without continuation, bit for bit."""
     x = tokens(70, 50, seed=6)
-    a = run_on(x, 4, admm.SCHEDULE)
+    a = run_on(x, 4, admm_steps.SCHEDULE)
     b = run_on(x, 4, NO_CONTINUATION)
     assert torch.equal(a.scores, b.scores) and torch.equal(a.labels, b.labels)
 
 
-def _continued(x, step_cls, dtype, schedule=admm.SCHEDULE, thin=False):
+def _continued(x, step_cls, dtype, schedule=admm_steps.SCHEDULE, thin=False):
     """The fast schedule's step on ``x`` with the continuation as ``solve_ssc_admm`` sets
     it up (the factor built at the first weight), and how often it refactored."""
     from videoanchor.anchor.program import gram_row_max
 
     rm = gram_row_max(x.double())
     lam_e, lam_z, _, _ = ssc_lambdas(x.double(), 800.0, 800.0, row_max=rm)
-    start = admm.continuation_start(rm, schedule)
-    dic = admm.Dictionary(x.to(dtype), dtype, lam_z=lam_z, affine=True, outliers=True,
-                          kernels=TorchKernels(x.device))  # fmt: skip
-    factor = admm.EigenInverse(dic, 300.0, thin=thin, schedule=schedule, continuation=start)
+    start = admm_steps.continuation_start(rm, schedule)
+    dic = admm_steps.Dictionary(x.to(dtype), dtype, lam_z=lam_z, affine=True, outliers=True,
+                                kernels=TorchKernels(x.device))  # fmt: skip
+    factor = admm_steps.EigenInverse(dic, 300.0, thin=thin, schedule=schedule, continuation=start)
     calls = []
     refactor = factor.refactor
     factor.refactor = lambda rho: (calls.append(rho), refactor(rho))[1]
     step = step_cls(dic, factor, thr_e=lam_e / lam_z, schedule=schedule, continuation=start)
-    admm.run(step, schedule.iterations)
+    admm_steps.run(step, schedule.iterations)
     return step, calls, start, lam_z
 
 
@@ -514,23 +521,23 @@ def test_continuation_is_one_iterate_on_every_step_and_factor(monkeypatch, n, d)
     six, ends at the authors' lambda_z, and the torch step (every E-step exact), the
     array-API step, (N > D) the thin factor and the whole solver on torch and NumPy give one
     iterate (float64, to rounding)."""
-    from videoanchor.anchor import fast
+    from videoanchor.anchor.solvers import fast
 
     x = _darkened(tokens(n, d, k=3, seed=11), 4, 0.004).double()
-    ref, calls, start, lam_z = _continued(x, admm.ScheduledStep, torch.float64)
+    ref, calls, start, lam_z = _continued(x, admm_steps.ScheduledStep, torch.float64)
     assert start < 0.5 and len(calls) == 6
     assert ref.weight == 1.0 and ref.dic.lam_z == lam_z and ref.factor.weight == 1.0
     got, _, _, _ = _continued(x, fast.ActiveSetStep, torch.float64, EVERY_FULL)
     torch.testing.assert_close(got.C, ref.C, rtol=0, atol=1e-9)
     if n > d:  # the thin factor (D x D eigenproblem), where N > D
-        thin, _, _, _ = _continued(x, admm.ScheduledStep, torch.float64, thin=True)
+        thin, _, _, _ = _continued(x, admm_steps.ScheduledStep, torch.float64, thin=True)
         assert thin.factor.thin
         torch.testing.assert_close(thin.C, ref.C, rtol=0, atol=1e-9)
     # the whole solver, torch and the array-API backend (NumPy standing in for CuPy)
     import numpy
 
-    from videoanchor.anchor.cupy_backend import solve_ssc_admm_cupy
-    from videoanchor.anchor.ssc import solve_ssc_admm
+    from videoanchor.anchor.solvers.admm import solve_ssc_admm
+    from videoanchor.anchor.solvers.admm_cupy import solve_ssc_admm_cupy
 
     torch_c = solve_ssc_admm(x, scheduled=True, progress=False, dtype=torch.float64,
                              schedule=EVERY_FULL).coef  # fmt: skip
@@ -538,7 +545,7 @@ def test_continuation_is_one_iterate_on_every_step_and_factor(monkeypatch, n, d)
                                dtype=torch.float64).coef  # fmt: skip
     torch.testing.assert_close(torch_c, ref.C, rtol=0, atol=1e-9)
     torch.testing.assert_close(np_c, ref.C, rtol=0, atol=1e-9)
-    plain, _, _, _ = _continued(x, admm.ScheduledStep, torch.float64, NO_CONTINUATION)
+    plain, _, _, _ = _continued(x, admm_steps.ScheduledStep, torch.float64, NO_CONTINUATION)
     assert float((plain.C - ref.C).abs().max()) > 1e-3  # it changes the answer
 
 
@@ -548,8 +555,8 @@ def test_the_shortest_continuation_ends_at_the_authors_lambda_z(monkeypatch):
     issue 52 the schedule-length code reset the weight's record to 1 after the first
     reweighting, so this step to 1 was skipped and the run stayed at the first weight.)"""
     x = _darkened(tokens(57, 31, k=3, seed=11), 4, 0.004).double()
-    step, _, start, lam_z = _continued(x, admm.ScheduledStep, torch.float64,
-                                       admm.Schedule(continuation=5))  # fmt: skip
+    step, _, start, lam_z = _continued(x, admm_steps.ScheduledStep, torch.float64,
+                                       admm_steps.Schedule(continuation=5))  # fmt: skip
     assert start < 0.5
     assert step.weight == 1.0 and step.dic.lam_z == lam_z and step.factor.weight == 1.0
 

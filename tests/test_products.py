@@ -11,7 +11,7 @@ from test_fast_solver import tokens
 
 from videoanchor.anchor import compute_anchor_scores
 from videoanchor.anchor.products import Products
-from videoanchor.anchor.ssc import solve_ssc_admm
+from videoanchor.anchor.solvers.admm import solve_ssc_admm
 
 
 def _rel(a, b) -> float:

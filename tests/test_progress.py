@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from videoanchor.anchor import compute_anchor_scores
-from videoanchor.anchor.blocked import solve_ssc_blocked
 from videoanchor.anchor.progress import SSCProgress, as_reporter, format_seconds
-from videoanchor.anchor.ssc import solve_ssc_admm
+from videoanchor.anchor.solvers.admm import solve_ssc_admm
+from videoanchor.anchor.solvers.blocked import solve_ssc_blocked
 
 
 class _Terminal(io.StringIO):
@@ -162,9 +162,9 @@ def test_fixed_schedule_says_it_ran_its_schedule_not_that_it_converged(caplog):
     """The fast solver has no stopping test: its end line and cost estimate name its fixed
     schedule, not eps or the 10000-iteration limit (seen on an H100: "converged in 60
     iterations (residual 0.15 vs eps 0.0002)", "the iteration limit (10000) would take 1 h")."""
-    from videoanchor.anchor import admm
+    from videoanchor.anchor.solvers import admm_steps
 
-    n_sched = admm.SCHEDULE.iterations
+    n_sched = admm_steps.SCHEDULE.iterations
     with caplog.at_level(logging.INFO, logger="videoanchor.progress"):
         p = SSCProgress(enabled=True, stream=_Pipe(), log_every=1e-9)
         res = solve_ssc_admm(_tokens(), scheduled=True, progress=p)

@@ -19,9 +19,9 @@ from videoanchor.anchor import (
     ssc_affinity,
     ssc_lambdas,
 )
-from videoanchor.anchor import ssc as ssc_module
-from videoanchor.anchor.cupy_backend import solve_ssc_admm_cupy
 from videoanchor.anchor.reference import authors_admm, authors_lambdas
+from videoanchor.anchor.solvers import admm as admm_solver
+from videoanchor.anchor.solvers.admm_cupy import solve_ssc_admm_cupy
 
 
 def union_of_subspaces(n_per, k, d, dim, *, noise=0.0, corrupt=0.0, offset=0.0, seed=0):
@@ -62,7 +62,7 @@ def test_sparse_e_product_equals_dense(nnz):
     its dense fallback, against the plain product; duplicate columns included."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(40, 12, generator=g, dtype=torch.float64)
-    kernels = ssc_module.TorchKernels(x.device, sparse_e_density=1.0)  # only the column cap
+    kernels = admm_solver.TorchKernels(x.device, sparse_e_density=1.0)  # only the column cap
     e = torch.zeros(12, 40, dtype=torch.float64)
     flat = torch.randperm(e.numel(), generator=g)[:nnz]
     e.view(-1)[flat] = torch.randn(nnz, generator=g, dtype=torch.float64)
@@ -79,7 +79,7 @@ def test_iterates_match_float64_reference(strategy, affine, outliers, sparse_e):
     x, _ = union_of_subspaces(13, 3, 23, 3, noise=0.01, corrupt=0.08, seed=1)
     # each product Y^T E path on its own: the sparse (gather + index_add_) one at any
     # density, or the dense one
-    kernels = ssc_module.TorchKernels(x.device, sparse_e_density=1.0 if sparse_e else 0.0)
+    kernels = admm_solver.TorchKernels(x.device, sparse_e_density=1.0 if sparse_e else 0.0)
     y = x.numpy().T
     ref_iterates = []
     authors_admm(
@@ -300,7 +300,7 @@ def test_solver_entry_points_take_the_options_by_keyword_and_name_the_unknown_on
     import inspect
 
     from videoanchor.anchor import solve_ssc_blocked
-    from videoanchor.anchor.ssc_equality import solve_ssc_equality
+    from videoanchor.anchor.solvers.equality import solve_ssc_equality
 
     x = union_of_subspaces(6, 2, 5, 2, seed=3)[0].float()
     for fn in (solve_ssc_admm, solve_ssc_blocked, solve_ssc_equality, authors_admm):
@@ -318,6 +318,25 @@ def test_solver_entry_points_take_the_options_by_keyword_and_name_the_unknown_on
     assert solve_ssc_admm(x, max_iter=3, eps=0.0).iterations == 3
     assert solve_ssc_equality(x, max_iter=2, eps=0.0).iterations == 2
     assert authors_admm(x.double().numpy().T, max_iter=2, eps=0.0)[1] == 2
+
+
+def test_each_route_runs_the_run_of_its_solver_module():
+    """solve.SOLVERS maps each of plan.ROUTES to the ``run(x, plan, opts, *, affine,
+    outliers)`` of its module in anchor/solvers/."""
+    import importlib
+    import inspect
+
+    from videoanchor.anchor.solve import SOLVERS
+
+    modules = {"workset_then_fast": "workset", "workset_cuda": "workset_cuda", "admm": "admm",
+               "admm_cupy": "admm_cupy", "blocked": "blocked", "equality": "equality"}  # fmt: skip
+    assert set(SOLVERS) == set(plan.ROUTES) == set(modules)
+    for route, name in modules.items():
+        run = importlib.import_module(f"videoanchor.anchor.solvers.{name}").run
+        assert SOLVERS[route] is run, route
+        params = inspect.signature(run).parameters
+        assert list(params) == ["x", "plan", "opts", "affine", "outliers"], route
+        assert params["affine"].kind is inspect.Parameter.KEYWORD_ONLY, route
 
 
 def test_too_large_for_memory_raises(monkeypatch):

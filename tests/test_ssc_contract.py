@@ -121,8 +121,8 @@ def test_the_cuda_route_names_dark_tokens_in_one_warning_too():
     """The GPU working sets' route (``run_workset_cuda``, its host code run here on CPU
     tensors): its lambdas name the dark tokens, and the fast solver it falls back to (C is
     dense here: the dark tokens' columns) does not name them again."""
-    from videoanchor.anchor import workset_cuda as wc
     from videoanchor.anchor.plan import Plan
+    from videoanchor.anchor.solvers import workset_cuda as wc
 
     x, dark = _darkened(_tokens(frames=6, patches=16, d=64))
     fast_plan = Plan(mode="exact", solver="fast", backend="torch", device=x.device,

@@ -7,7 +7,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from videoanchor.anchor import sparse_subspace_clustering
 from videoanchor.anchor.reference import elhamifar_vidal_outlier_admm
-from videoanchor.anchor.ssc_equality import equality_parameters, solve_ssc_equality
+from videoanchor.anchor.solvers.equality import equality_parameters, solve_ssc_equality
 
 
 def _points(n, d, *, seed, corrupt=3):

@@ -389,7 +389,7 @@ def test_cache_keys_the_ssc_by_the_fast_schedule(tmp_path, monkeypatch):
     """An entry stored under another schedule of the fast solver (before the continuation in
     lambda_z, say) is not hit: the schedule is in the SSC key, and the entry is stored and
     found under the key of the package's own schedule."""
-    from videoanchor.anchor import admm
+    from videoanchor.anchor.solvers import admm_steps
 
     counters = _count(monkeypatch)
     cfg = videoanchor.integrations.transformers.AnchorConfig(ssc_solver="fast")
@@ -398,10 +398,10 @@ def test_cache_keys_the_ssc_by_the_fast_schedule(tmp_path, monkeypatch):
     cache = AnchorCache(tmp_path / "c")
     now = cache.anchor_result(feats, 3, cfg)
     assert counters["ssc"].calls == 1
-    older = admm.Schedule(continuation=0)  # the package at another schedule (a version)
-    assert older != admm.SCHEDULE
+    older = admm_steps.Schedule(continuation=0)  # the package at another schedule (a version)
+    assert older != admm_steps.SCHEDULE
     key = cache.ssc_key(feats, cfg)
-    assert key == cache.ssc_key(feats, cfg, schedule=admm.SCHEDULE)
+    assert key == cache.ssc_key(feats, cfg, schedule=admm_steps.SCHEDULE)
     assert cache.ssc_key(feats, cfg, schedule=older) != key
     stored = [p.stem for p in (tmp_path / "c").rglob("*.pt") if p.parent.parent.name == "ssc"]
     assert stored == [key]  # what anchor_result stored: under its schedule's key only

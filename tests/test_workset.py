@@ -1,5 +1,6 @@
-"""videoanchor.anchor.workset: the working-set solver reaches the SSC program's minimiser, and
-its duality-gap certificate bounds the objective (checked against an independent solver)."""
+"""videoanchor.anchor.solvers.workset: the working-set solver reaches the SSC program's
+minimiser, and its duality-gap certificate bounds the objective (checked against an
+independent solver)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from videoanchor.anchor.program import duality_gaps
-from videoanchor.anchor.ssc import solve_ssc_admm
-from videoanchor.anchor.workset import (
+from videoanchor.anchor.solvers.admm import solve_ssc_admm
+from videoanchor.anchor.solvers.workset import (
     LIMITS,
     Limits,
     SetsTooLarge,
@@ -240,7 +241,7 @@ def test_a_start_with_more_coefficients_than_inlier_rows_is_certified():
 _REFACTOR_SCRIPT = """
 import json, sys, warnings
 import torch
-import videoanchor.anchor.workset as ws
+import videoanchor.anchor.solvers.workset as ws
 from test_workset import _default
 
 refactors = {}  # (column, variable): refactors of the factor after that variable's update failed
@@ -303,7 +304,7 @@ def test_a_failed_factor_update_refactors_once_per_variable(tmp_path, floor):
     import subprocess
     import sys
 
-    from videoanchor.anchor import _workset_kernel as kernel
+    from videoanchor.anchor.solvers import _workset_kernel as kernel
 
     x = _corrupted()
     torch.save(x, tmp_path / "x.pt")
@@ -335,8 +336,8 @@ def test_a_forced_factor_failure_ends_in_the_compiled_kernel():
     """The compiled kernel, every outlier entry's downdate failed (a floor of 1): each column
     ends SOLVED, at the program's minimiser on its own certificate, or SINGULAR, named; none
     runs its work bound out."""
-    from videoanchor.anchor import _workset_kernel as kernel
-    from videoanchor.anchor import workset as ws
+    from videoanchor.anchor.solvers import _workset_kernel as kernel
+    from videoanchor.anchor.solvers import workset as ws
 
     x = _corrupted()
     x64, G, lam_e, lam_z = ws._prepare(x, 800.0, 800.0)
@@ -386,7 +387,7 @@ def test_a_start_keeps_no_more_outlier_entries_than_its_rows_leave():
     ``D - |c| - 1`` of each column: a minimiser's support holds at most ``D + 1`` variables
     (on Yale B subjects 31-38 the cut start takes 3.4x fewer steps than one whose
     coefficients the kernel must thin)."""
-    import videoanchor.anchor.workset as ws
+    import videoanchor.anchor.solvers.workset as ws
 
     n, d = 12, 40
     x = _points(n, d, seed=5)
@@ -504,7 +505,7 @@ def test_dense_sets_start_again_from_the_fast_solver_and_say_so():
 def _overlaid(rows=24, seed=1):
     """:func:`_video` in float64 with token 5 overlaid (a caption over it: ``rows`` entries
     moved far), and each column's work from the nearest points, unbounded."""
-    import videoanchor.anchor.workset as ws
+    import videoanchor.anchor.solvers.workset as ws
 
     x = _video().double()
     g = torch.Generator().manual_seed(seed)
@@ -593,7 +594,7 @@ def test_the_default_answers_certified_or_with_the_fast_solver():
     needs more than ``Limits.warm_work`` per column, gives way to the fast solver's answer: the
     default never returns a partly solved ``C`` (before, an unsolved cold attempt was the
     answer, marked ``converged=False``)."""
-    import videoanchor.anchor.workset as ws
+    import videoanchor.anchor.solvers.workset as ws
 
     x = _video()
     fast = _fast(x)
@@ -654,7 +655,7 @@ def test_the_working_sets_refuse_what_they_cannot_run():
 def test_ranks_with_different_thread_counts_tile_the_columns():
     """Under a process group each rank solves the columns congruent to its rank, whatever
     thread count it (or another rank) has: the ranks' parts sum to the one-process answer."""
-    import videoanchor.anchor.workset as ws
+    import videoanchor.anchor.solvers.workset as ws
     from videoanchor.anchor.program import gram_row_max, ssc_lambdas
 
     x = _video().double()
@@ -747,7 +748,7 @@ def test_the_warm_route_is_the_same_whatever_the_clock_says(monkeypatch, share):
 def _warm_case(n, d):
     """A corrupted set's prepared program, the fast answer, ``_columns``' warm arguments and
     the warm sweep's budget as the route computes it (the earlier attempts left out)."""
-    import videoanchor.anchor.workset as ws
+    import videoanchor.anchor.solvers.workset as ws
     from benchmarks.bench_request_cost import corrupted_subspaces
     from benchmarks.bench_workset import _fallback
 
@@ -762,7 +763,7 @@ def _warm_case(n, d):
 
 def _spent(prepared, fast, out):
     """The cost (``KERNEL_NS``) of the columns a sweep ran, and those columns."""
-    import videoanchor.anchor.workset as ws
+    import videoanchor.anchor.solvers.workset as ws
 
     x64, G, lam_e, lam_z = prepared
     n, d = x64.shape
@@ -777,7 +778,7 @@ def test_the_small_corrupted_set_starts_no_warm_column():
     more than the warm sweep's budget, so no column is started; before, its first span ran,
     a column to its absolute work bound (``warm_work``), at 0.25x the fast solver or more
     (1.5-1.65x in all, timed). Counted in ``KERNEL_NS`` / ``FAST_NS``."""
-    import videoanchor.anchor.workset as ws
+    import videoanchor.anchor.solvers.workset as ws
 
     n, d = 512, 256
     prepared, fast, kw, budget = _warm_case(n, d)
@@ -795,7 +796,7 @@ def test_a_warm_span_spends_no_more_than_its_share():
     a column cannot spend the absolute bound (``warm_work``) before the budget is checked:
     with a budget the starts fit in (1.2x their factors'), the first span stops within its
     share, where unbounded it spent more."""
-    import videoanchor.anchor.workset as ws
+    import videoanchor.anchor.solvers.workset as ws
 
     n, d = 256, 64
     prepared, fast, kw, _ = _warm_case(n, d)
@@ -817,7 +818,7 @@ def test_the_budget_counts_fit_the_committed_calibration():
     import json
     from pathlib import Path
 
-    import videoanchor.anchor.workset as ws
+    import videoanchor.anchor.solvers.workset as ws
 
     path = Path(__file__).resolve().parents[1] / "benchmarks/results/workset_calibration_cpu.json"
     result = json.loads(path.read_text())

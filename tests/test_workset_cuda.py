@@ -1,4 +1,4 @@
-"""videoanchor.anchor.workset_cuda: the GPU working sets, checked without a GPU (issue 66,
+"""videoanchor.anchor.solvers.workset_cuda: the GPU working sets, checked without a GPU (issue 66,
 items 1 and 3): in Triton's interpreter (conftest sets TRITON_INTERPRET=1 without CUDA)
 against the Numba working sets' certified minimiser, compiled ahead of time for sm_90 and
 sm_80 (static registers and spills), and their host reads counted per pass."""
@@ -18,9 +18,9 @@ import torch
 
 from benchmarks.bench_host_overhead import host_counts
 from benchmarks.common import video_tokens
-from videoanchor.anchor import workset_cuda as wc
 from videoanchor.anchor.program import duality_gaps
-from videoanchor.anchor.workset import solve_ssc_workset
+from videoanchor.anchor.solvers import workset_cuda as wc
+from videoanchor.anchor.solvers.workset import solve_ssc_workset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -302,7 +302,7 @@ def test_gpu_warm_up_compiles_what_a_solve_runs(tmp_path):
     code = (
         "import os, sys, torch\n"
         "from benchmarks.common import video_tokens\n"
-        "from videoanchor.anchor import workset_cuda as wc\n"
+        "from videoanchor.anchor.solvers import workset_cuda as wc\n"
         "wc.warm_up(torch.device('cuda'), slots=(4, 16))\n"
         "files = lambda: sorted(os.path.relpath(os.path.join(r, f), sys.argv[1])\n"
         "                       for r, _, fs in os.walk(sys.argv[1]) for f in fs)\n"
@@ -449,7 +449,7 @@ def test_the_working_sets_are_the_cuda_default(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     got = plan.make_plan((512, 256), cuda, SSCOptions().checked())
     assert (got.solver, got.route, got.strategy) == ("workset", "workset_cuda", "workset_cuda")
-    assert SOLVERS[got.route].__name__ == "_workset_cuda"
+    assert SOLVERS[got.route] is wc.run
     assert plan.make_plan((512, 256), cpu, SSCOptions().checked()).route == "workset_then_fast"
     fast = plan.make_plan((512, 256), cuda, SSCOptions(max_iter=30).checked())
     assert (fast.solver, fast.route) == ("fast", "admm")

@@ -62,7 +62,7 @@ def _runner_info(worker):
     working-set kernel is compiled in the worker's process (asked before any request)."""
     runner = worker.model_runner
     state = getattr(runner, "model_state", None)
-    kernel = sys.modules.get("videoanchor.anchor._workset_kernel")
+    kernel = sys.modules.get("videoanchor.anchor.solvers._workset_kernel")
     return {"module": type(runner).__module__,
             "v2_hooked": state is not None and "_videoanchor" in state.__dict__,
             "ssc_warmed": runner.__dict__.get("_videoanchor_warmed"),

@@ -825,8 +825,8 @@ def cmd_warmup(args) -> int:
     import torch
 
     t0 = time.perf_counter()
-    from videoanchor.anchor import _workset_kernel as kernel
-    from videoanchor.anchor.workset import solve_ssc_workset
+    from videoanchor.anchor.solvers import _workset_kernel as kernel
+    from videoanchor.anchor.solvers.workset import solve_ssc_workset
 
     res = solve_ssc_workset(torch.randn(12, 6, generator=torch.Generator().manual_seed(0)))
     if not res.converged:
@@ -837,7 +837,7 @@ def cmd_warmup(args) -> int:
     print(f"videoanchor warmup: the working-set SSC kernel {how} Numba's cache in {took:.1f} s: "
           f"{stats.cache_path}")  # fmt: skip
     if torch.cuda.is_available():  # the CUDA working sets' Triton kernel, every level of slots
-        from videoanchor.anchor import workset_cuda
+        from videoanchor.anchor.solvers import workset_cuda
 
         took = workset_cuda.warm_up(torch.device("cuda"))
         print(f"videoanchor warmup: the CUDA working-set kernel (slots {', '.join(map(str, took))})"

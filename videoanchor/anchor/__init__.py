@@ -3,7 +3,6 @@
 Never imports ``videoanchor.kernels`` or ``transformers``.
 """
 
-from videoanchor.anchor.blocked import solve_ssc_blocked
 from videoanchor.anchor.clustering import spectral_clustering, ssc_affinity
 from videoanchor.anchor.options import SSCOptions
 from videoanchor.anchor.plan import SSCMemoryError
@@ -19,8 +18,9 @@ from videoanchor.anchor.scores import (
     sparse_subspace_clustering,
     ssc_coefficients,
 )
-from videoanchor.anchor.ssc import solve_ssc_admm
-from videoanchor.anchor.workset import SetsTooLarge, reference_minimiser, solve_ssc_workset
+from videoanchor.anchor.solvers.admm import solve_ssc_admm
+from videoanchor.anchor.solvers.blocked import solve_ssc_blocked
+from videoanchor.anchor.solvers.workset import SetsTooLarge, reference_minimiser, solve_ssc_workset
 
 __all__ = [
     "AnchorResult",

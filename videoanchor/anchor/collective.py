@@ -1,5 +1,5 @@
 """Collectives over a ``torch.distributed`` process group, for the solvers that spread one
-request's SSC over ranks (:mod:`videoanchor.anchor.blocked`, the fast solver split by
+request's SSC over ranks (:mod:`videoanchor.anchor.solvers.blocked`, the fast solver split by
 columns). Every function here is collective: every rank must call it, in the same order.
 """
 

@@ -179,7 +179,7 @@ def choose_strategy(n: int, d: int, outliers: bool = True, device_type: str = "c
 
 def admm_bytes(n: int, d: int, itemsize: int, strategy: str, precision: str = "full",
                cuda: bool = True) -> int:  # fmt: skip
-    """Peak bytes of :func:`~videoanchor.anchor.ssc.solve_ssc_admm` (working buffers plus
+    """Peak bytes of :func:`~videoanchor.anchor.solvers.admm.solve_ssc_admm` (working buffers plus
     the float64 factorisation); with ``precision="fp16x3"`` also the float16 parts
     (:func:`split_bytes`)."""
     if precision == "fp16x3":
@@ -194,8 +194,8 @@ def admm_bytes(n: int, d: int, itemsize: int, strategy: str, precision: str = "f
 
 def exact_bytes(n: int, d: int, itemsize: int, device_type: str, precision: str = "full", *,
                 strategy: str = "auto", outliers: bool = True) -> int:  # fmt: skip
-    """Peak bytes of :func:`~videoanchor.anchor.ssc.solve_ssc_admm` on ``N x D`` features on
-    a device of ``device_type`` (:func:`admm_bytes`; ``strategy="auto"``: the one
+    """Peak bytes of :func:`~videoanchor.anchor.solvers.admm.solve_ssc_admm` on ``N x D``
+    features on a device of ``device_type`` (:func:`admm_bytes`; ``strategy="auto"``: the one
     :func:`choose_strategy` picks). The one memory rule of the dense solver, the
     ``mode="auto"`` choice and the CLI's SSC plan."""
     if precision not in ("full", "fp16x3"):
@@ -239,14 +239,14 @@ def default_block_columns(n: int, d: int, dtype: torch.dtype, device_type: str) 
 
 
 def blocked_admm_bytes(n: int, d: int, itemsize: int, block: int) -> int:
-    """Working memory of :func:`~videoanchor.anchor.blocked.solve_ssc_blocked` without the
+    """Working memory of :func:`~videoanchor.anchor.solvers.blocked.solve_ssc_blocked` without the
     sparse ``C`` (whose size is only known at the end): one block's buffers plus the
     ``O(N D)`` factors."""
     return block * _column_bytes(n, itemsize) + 4 * n * d * 8 + block * d * 8 * 4
 
 
 def equality_bytes(n: int, d: int, itemsize: int) -> int:
-    """Peak bytes of :func:`~videoanchor.anchor.ssc_equality.solve_ssc_equality` (working
+    """Peak bytes of :func:`~videoanchor.anchor.solvers.equality.solve_ssc_equality` (working
     buffers plus the factorisation)."""
     small = min(n, d)
     return (5 * n * n + 9 * d * n) * itemsize + 3 * small * small * 8 + 2 * n * d * 8
@@ -276,7 +276,7 @@ class Plan:
     ``solver``: ``"workset"``, ``"fast"`` or ``"faithful"``; ``program``: ``"squared"``
     (docs/method.md) or ``"exact"`` (Elhamifar & Vidal's constrained outlier program);
     ``backend``: ``"torch"``, ``"cupy"`` (or the name of the ``xp`` given to
-    :func:`~videoanchor.anchor.ssc.solve_ssc_admm`); ``work``: the working dtype;
+    :func:`~videoanchor.anchor.solvers.admm.solve_ssc_admm`); ``work``: the working dtype;
     ``precision``: the fast solver's products (``"full"`` or ``"fp16x3"``); ``strategy``: the
     authors' A-step inverse (``"dense"`` or ``"woodbury"``), the fast solver's step
     (:func:`fast_step`: ``"active_set"`` or ``"dense"``), or the working sets' route
@@ -340,7 +340,7 @@ WARM_SET = 512
 
 
 def workset_bytes(n: int, d: int, threads: int = 1) -> int:
-    """Peak host bytes of :func:`~videoanchor.anchor.workset.solve_ssc_workset`: float64
+    """Peak host bytes of :func:`~videoanchor.anchor.solvers.workset.solve_ssc_workset`: float64
     ``G``, ``C``, the certificate's ``N x N`` products, ``X``, ``X^T``, ``E`` and a start's
     residual and outliers; per thread, the kernel's ``WARM_SET x D`` gathered outlier rows."""
     return 8 * (3 * n * n + 5 * n * d + threads * (min(n, WARM_SET) + 1) * (d + 1))
@@ -484,8 +484,8 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
 
 def fast_step(device: torch.device, backend: str, strategy: str = "auto") -> str:
     """How the fast solver steps (a plan's ``strategy``): ``"active_set"``, ``E`` on an
-    active set (:class:`~videoanchor.anchor.fast.ActiveSetStep`), for torch on a CPU;
-    ``"dense"``, the dense array-API schedule (:class:`~videoanchor.anchor.admm.
+    active set (:class:`~videoanchor.anchor.solvers.fast.ActiveSetStep`), for torch on a CPU;
+    ``"dense"``, the dense array-API schedule (:class:`~videoanchor.anchor.solvers.admm_steps.
     ScheduledStep`: the same steps and iterate), elsewhere or where asked for. On an H100
     (2026-11-23, ``benchmarks/results/logs/h100-2026-11-23/``) cuSPARSE's sampled and sparse
     products took 64% of the active set's device time at N = 2048, D = 3584, and it was

@@ -105,8 +105,8 @@ class SSCSolution:
 
     @classmethod
     def from_run(cls, out, **given) -> SSCSolution:
-        """The result of a run of :func:`videoanchor.anchor.admm.run` (``out``, its
-        :class:`~videoanchor.anchor.admm.Outcome`) with the fields ``given``."""
+        """The result of a run of :func:`videoanchor.anchor.solvers.admm_steps.run` (``out``, its
+        :class:`~videoanchor.anchor.solvers.admm_steps.Outcome`) with the fields ``given``."""
         return cls(iterations=out.iterations, converged=out.converged, stopped=out.stopped,
                    residual=out.residual, **given)  # fmt: skip
 

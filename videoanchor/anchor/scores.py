@@ -254,7 +254,7 @@ def sparse_subspace_clustering(
 
     ``data_term="exact"`` solves Elhamifar & Vidal's constrained outlier program instead,
     ``min ||C||_1 + gamma ||E||_1 s.t. Y = Y C + E, diag(C) = 0``, by their ADMM
-    (:mod:`videoanchor.anchor.ssc_equality`; ``rho`` is their ``mu2``, which their face
+    (:mod:`videoanchor.anchor.solvers.equality`; ``rho`` is their ``mu2``, which their face
     experiments set to ``alpha = 20``, with ``max_iter = 149`` and ``affine=False``). It
     needs ``outliers=True``, the torch backend and the faithful solver.
 
@@ -362,7 +362,7 @@ def compute_anchor_scores(
     ``mode``: ``"exact"`` (dense ``N x N`` SSC), ``"blocked"`` (the same exact program and
     iteration on ``block_columns`` columns of ``C`` at a time against all tokens, no
     ``N x N`` buffer, each block stopped by its own part of the authors' criterion; see
-    :mod:`videoanchor.anchor.blocked`; ``block_eps="share"`` gives each block
+    :mod:`videoanchor.anchor.solvers.blocked`; ``block_eps="share"`` gives each block
     ``eps * b / N`` so that the assembled ``C`` meets the authors' criterion over all
     columns; ``coef`` is then a sparse COO tensor and the
     spectral step runs on the sparse affinity) or ``"auto"``: dense exact up to

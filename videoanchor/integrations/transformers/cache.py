@@ -229,15 +229,16 @@ class AnchorCache:
         """The key :meth:`anchor_result` stores and finds the SSC coefficients of
         ``features`` under: a content hash of the features, ``config``'s SSC options, the
         solver that runs (from the plan the call makes) and the fast solver's schedule,
-        ``schedule`` (default the package's own, ``videoanchor.anchor.admm.SCHEDULE``; the
-        schedule decides the fast solver's answer as much as the options do, so an entry a
-        version with another schedule stored is not hit).
+        ``schedule`` (default the package's own,
+        ``videoanchor.anchor.solvers.admm_steps.SCHEDULE``; the schedule decides the fast
+        solver's answer as much as the options do, so an entry a version with another
+        schedule stored is not hit).
 
         The entries are exact mode's dense C (what :meth:`anchor_result` solves), so the
         plan is exact mode's whatever ``ssc_mode`` says ("auto" and "exact" share entries);
         ``ssc_mode="blocked"`` has none here, a ValueError (the handle runs an SSC in blocked
         mode uncached)."""
-        from videoanchor.anchor import admm
+        from videoanchor.anchor.solvers import admm_steps
 
         if config.ssc_mode == "blocked":
             raise ValueError(
@@ -249,7 +250,7 @@ class AnchorCache:
         opts = {k: getattr(config, k) for k in SSC_OPTIONS}
         opts["ssc_dtype"] = str(config.ssc_dtype)
         # (the continuation in lambda_z, 2026-11-25, changed the schedule)
-        opts["schedule"] = dataclasses.asdict(admm.SCHEDULE if schedule is None else schedule)
+        opts["schedule"] = dataclasses.asdict(admm_steps.SCHEDULE if schedule is None else schedule)
         # the solver that runs, from the plan the call makes (issue 71: before, "auto" ran
         # the fast solver wherever a progress reporter was passed, as this cache always did;
         # those entries are not hit)

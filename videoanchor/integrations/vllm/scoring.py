@@ -323,7 +323,8 @@ def warm_up(worker) -> str | None:
     t0 = time.perf_counter()
     x = torch.randn(*WARM_UP_SHAPE, generator=torch.Generator().manual_seed(0))
     try:
-        from videoanchor.anchor import compute_anchor_scores, workset_cuda
+        from videoanchor.anchor import compute_anchor_scores
+        from videoanchor.anchor.solvers import workset_cuda
 
         with warnings.catch_warnings():  # (random features: nothing a request would see)
             warnings.simplefilter("ignore")
@@ -338,7 +339,7 @@ def warm_up(worker) -> str | None:
     seconds = time.perf_counter() - t0
     runner.__dict__["_videoanchor_warmed"] = res.solver
     runner.__dict__["_videoanchor_warm_up_s"] = seconds
-    kernel = sys.modules.get("videoanchor.anchor._workset_kernel")
+    kernel = sys.modules.get("videoanchor.anchor.solvers._workset_kernel")
     stats = getattr(getattr(kernel, "solve_columns", None), "stats", None)
     how = ""
     if stats is not None:

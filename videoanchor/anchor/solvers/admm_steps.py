@@ -650,7 +650,7 @@ class Schedule:
     full_every: int = 10
     dense_yte: float = 0.08
     dense_resid: float = 0.25
-    """The CPU's active-set step (:class:`~videoanchor.anchor.fast.ActiveSetStep`): exact
+    """The CPU's active-set step (:class:`~videoanchor.anchor.solvers.fast.ActiveSetStep`): exact
     E-steps in the first ``full_first`` iterations, every ``full_every``-th and the last;
     the products over the active set run dense above these shares of ``D x N`` (the same
     values to rounding): ``dense_yte`` for ``Y^T E`` (E's non-zeros), ``dense_resid`` for the
@@ -802,7 +802,7 @@ class ScheduledStep(SquaredStep):
 
 class EqualityStep:
     """One iteration of Elhamifar & Vidal's constrained program, as written out in
-    :mod:`videoanchor.anchor.ssc_equality`: the same C-step and dual update as
+    :mod:`videoanchor.anchor.solvers.equality`: the same C-step and dual update as
     :class:`SquaredStep` (``Kernels.shrink``, on ``Z = [C; gamma E]``, ``Lam = L2 / mu2``),
     its own Z-step, applied by Woodbury through a ``D x D`` (``"d-space"``) or ``N x N``
     (``"n-space"``) matrix."""

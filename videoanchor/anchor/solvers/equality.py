@@ -9,8 +9,9 @@ VideoAnchor (docs/method.md section 2) replaces the constraint by a squared pena
 module is the constrained form, for users of SSC as a clustering method (it is what
 reproduces the published Extended Yale B errors, ``benchmarks/bench_yaleb.py``).
 
-Their ADMM, reproduced iterate for iterate (:class:`videoanchor.anchor.admm.EqualityStep`:
-the shared C-step with this data term), with ``P = [Y, I / gamma]`` and ``Z = [C; gamma E]``
+Their ADMM, reproduced iterate for iterate
+(:class:`videoanchor.anchor.solvers.admm_steps.EqualityStep`: the shared C-step with this data
+term), with ``P = [Y, I / gamma]`` and ``Z = [C; gamma E]``
 (``(N + D) x N``):
 
     Z  = (mu1 P^T P + mu2 I)^{-1} (P^T (mu1 Y + L1) + mu2 C - L2),  diag(Z_C) = 0
@@ -39,14 +40,14 @@ import time
 
 import torch
 
-from videoanchor.anchor import admm
 from videoanchor.anchor._inputs import prepare_features
 from videoanchor.anchor.options import SSCOptions, takes_options
 from videoanchor.anchor.plan import Plan, make_plan
 from videoanchor.anchor.program import SSCSolution, gram_row_max
-from videoanchor.anchor.ssc import TorchKernels
+from videoanchor.anchor.solvers import admm_steps, program_kwargs
+from videoanchor.anchor.solvers.admm import TorchKernels
 
-__all__ = ["equality_parameters", "run_equality", "solve_ssc_equality"]
+__all__ = ["equality_parameters", "run", "run_equality", "solve_ssc_equality"]
 
 
 def equality_parameters(x: torch.Tensor, alpha_e: float, alpha_z: float) -> tuple[float, float]:
@@ -82,7 +83,7 @@ def solve_ssc_equality(features, *, affine: bool = False, progress=False,
     is ``E`` (``D x N``), ``residual`` is the largest of the stopping rule's
     errors (``err1``, ``err2`` and, when affine, ``err3``), ``lambda_e = gamma`` and
     ``lambda_z = mu1``. ``callback(it, C, E)`` sees every iterate; ``progress`` as in
-    :func:`~videoanchor.anchor.ssc.solve_ssc_admm`.
+    :func:`~videoanchor.anchor.solvers.admm.solve_ssc_admm`.
     """
     t0 = time.perf_counter()
     given = SSCOptions.of(options, mode="exact", solver="faithful", progress=None)
@@ -92,6 +93,14 @@ def solve_ssc_equality(features, *, affine: bool = False, progress=False,
     return run_equality(x, plan, alpha_e=opts.alpha_e, alpha_z=opts.alpha_z, rho=opts.rho,
                         eps=opts.eps, max_iter=opts.max_iter, affine=affine, progress=progress,
                         callback=callback, t0=t0)  # fmt: skip
+
+
+def run(x: torch.Tensor, plan: Plan, opts: SSCOptions, *, affine: bool,
+        outliers: bool) -> SSCSolution:  # fmt: skip
+    """Route ``"equality"``: :func:`run_equality` on checked features ``x`` as ``plan``
+    says, with the program's parameters from the checked options ``opts`` (the constrained
+    program always has the outlier term: ``outliers`` does not apply)."""
+    return run_equality(x, plan, affine=affine, **program_kwargs(opts))
 
 
 def run_equality(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, rho: float,
@@ -107,15 +116,19 @@ def run_equality(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float,
     kernels = TorchKernels(device)
     kernels.sync()
     t1 = time.perf_counter()
-    report = admm.Reporting(progress, max_iter=max_iter, eps=eps, tokens=n)
+    report = admm_steps.Reporting(progress, max_iter=max_iter, eps=eps, tokens=n)
     out = None
     try:
-        dic = admm.Dictionary(x, work, lam_z=mu1, affine=affine, outliers=True, kernels=kernels)
-        step = admm.EqualityStep(dic, gamma=gamma, mu1=mu1, mu2=float(rho), eps=eps)
+        dic = admm_steps.Dictionary(
+            x, work, lam_z=mu1, affine=affine, outliers=True, kernels=kernels
+        )
+        step = admm_steps.EqualityStep(dic, gamma=gamma, mu1=mu1, mu2=float(rho), eps=eps)
         kernels.sync()
         t2 = time.perf_counter()
         inspect = None if callback is None else lambda it, r: callback(it, step.cc, step.outliers)
-        out = admm.run(step, max_iter, admm.chain(inspect, report.hook), what="constrained SSC")
+        out = admm_steps.run(
+            step, max_iter, admm_steps.chain(inspect, report.hook), what="constrained SSC"
+        )
     finally:
         report.close(*((out.converged, out.iterations, out.residual) if out else (False,) * 3))
     kernels.sync()

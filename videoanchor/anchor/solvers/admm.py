@@ -12,7 +12,8 @@ and applied whichever way costs fewer flops: ``"dense"``, the explicit ``N x N``
 ``O(N^3)`` per iteration, or ``"woodbury"``, through a ``(D + 1) x (D + 1)`` matrix (the
 system is ``rho I`` plus a rank-``(D + 1)`` term), ``O(N^2 D)``. The iterations run in the
 working dtype (float32 by default) and are the authors' iterates. The iteration itself is
-:mod:`videoanchor.anchor.admm`; this module holds the torch entry point and its kernels.
+:mod:`videoanchor.anchor.solvers.admm_steps`; this module holds the torch entry point and its
+kernels (the route ``"admm"``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import warnings
 import array_api_compat
 import torch
 
-from videoanchor.anchor import admm, fast
 from videoanchor.anchor._inputs import prepare_features
 from videoanchor.anchor.collective import (
     all_agree,
@@ -37,16 +37,17 @@ from videoanchor.anchor.options import SSCOptions, takes_options
 from videoanchor.anchor.plan import Plan, SSCMemoryError, make_plan
 from videoanchor.anchor.products import Products, exact_float32
 from videoanchor.anchor.program import SSCSolution, gram_row_max, ssc_lambdas
+from videoanchor.anchor.solvers import admm_steps, fast, program_kwargs
 
-__all__ = ["solve_ssc_admm", "run_admm", "SSCMemoryError"]
+__all__ = ["run", "run_admm", "solve_ssc_admm", "SSCMemoryError"]
 
 
 _DENSITY_RECHECK = 10  # (CUDA) how often E's density is counted: _sparse_by_density
 
 
-class TorchKernels(admm.Kernels):
-    """The torch forms of :class:`videoanchor.anchor.admm.Kernels`: the C-step in place, the
-    inverse from the Cholesky factor and the product with a sparse ``E``: below the share
+class TorchKernels(admm_steps.Kernels):
+    """The torch forms of :class:`videoanchor.anchor.solvers.admm_steps.Kernels`: the C-step in
+    place, the inverse from the Cholesky factor and the product with a sparse ``E``: below the share
     ``sparse_e_density`` of non-zeros (0: always dense, no host read) cuSPARSE on CUDA, on
     the CPU (at most one non-zero per column on average) a gather of the columns ``E``
     touches, scattered by ``index_add_`` (deterministic; CSR was no faster than dense)."""
@@ -80,7 +81,7 @@ class TorchKernels(admm.Kernels):
     def spd_inverse(self, xp, m, what: str = "the A-step system"):
         chol, info = torch.linalg.cholesky_ex(m)
         if int(info) != 0:
-            raise FloatingPointError(f"SSC: {what} is not positive definite{admm.SPD_HINT}")
+            raise FloatingPointError(f"SSC: {what} is not positive definite{admm_steps.SPD_HINT}")
         return torch.cholesky_inverse(chol)  # half the flops of an LU inverse
 
     def _sparse_by_density(self, e) -> bool:
@@ -125,8 +126,8 @@ class TorchKernels(admm.Kernels):
 @takes_options("alpha_e", "alpha_z", "rho", "eps", "max_iter", "dtype", "precision")
 def solve_ssc_admm(features, *, affine: bool = True, outliers: bool = True, strategy: str = "auto",
                    progress=None, keep_history: bool = False, check_memory_first: bool = True,
-                   callback=None, xp=None, kernels: admm.Kernels | None = None,
-                   scheduled: bool = False, schedule: admm.Schedule = admm.SCHEDULE,
+                   callback=None, xp=None, kernels: admm_steps.Kernels | None = None,
+                   scheduled: bool = False, schedule: admm_steps.Schedule = admm_steps.SCHEDULE,
                    process_group=None, **options) -> SSCSolution:  # fmt: skip
     """Solve the SSC program for ``features`` (``N x D``, one row per point) on their device.
 
@@ -143,18 +144,19 @@ def solve_ssc_admm(features, *, affine: bool = True, outliers: bool = True, stra
 
     ``xp``: an array module (``numpy``, ``cupy``) to run the same iteration with instead
     of torch, the features going in and ``C`` coming out through DLPack. ``kernels``: the
-    :class:`~videoanchor.anchor.admm.Kernels` the iteration runs (default: the array-API
-    forms with ``xp``, :class:`TorchKernels` at the call's precision on torch). See
-    :func:`videoanchor.anchor.cupy_backend.solve_ssc_admm_cupy`.
+    :class:`~videoanchor.anchor.solvers.admm_steps.Kernels` the iteration runs (default: the
+    array-API forms with ``xp``, :class:`TorchKernels` at the call's precision on torch). See
+    :func:`videoanchor.anchor.solvers.admm_cupy.solve_ssc_admm_cupy`.
 
     ``scheduled=True`` is the fast solver (``solver="fast"``): the authors' steps on the
-    fixed ``schedule`` (:class:`~videoanchor.anchor.admm.Schedule`; default: 60 iterations,
-    ``rho`` rescaled by a continuous residual-balancing factor, the system factored once by
-    :class:`~videoanchor.anchor.admm.EigenInverse`) and no residual test, so its answer is a
-    continuous function of the features; a smaller ``max_iter`` cuts it short
-    (``converged=False``). ``eps`` does not apply to it (one other than the default is
-    refused); its ``strategy`` is ``"auto"`` (on a CPU ``E`` on an active set, elsewhere
-    dense) or ``"dense"`` (:func:`~videoanchor.anchor.plan.fast_step`).
+    fixed ``schedule`` (:class:`~videoanchor.anchor.solvers.admm_steps.Schedule`; default:
+    60 iterations, ``rho`` rescaled by a continuous residual-balancing factor, the system
+    factored once by :class:`~videoanchor.anchor.solvers.admm_steps.EigenInverse`) and no
+    residual test, so its answer is a continuous function of the features; a smaller
+    ``max_iter`` cuts it short (``converged=False``). ``eps`` does not apply to it (one
+    other than the default is refused); its ``strategy`` is ``"auto"`` (on a CPU ``E`` on an
+    active set, elsewhere dense) or ``"dense"``
+    (:func:`~videoanchor.anchor.plan.fast_step`).
 
     ``process_group`` (fast solver, torch): a ``torch.distributed`` process group (any
     backend) over which the columns of ``C`` are split: each rank runs the column-wise steps
@@ -187,11 +189,18 @@ def solve_ssc_admm(features, *, affine: bool = True, outliers: bool = True, stra
     )  # fmt: skip
 
 
+def run(x: torch.Tensor, plan: Plan, opts: SSCOptions, *, affine: bool,
+        outliers: bool) -> SSCSolution:  # fmt: skip
+    """Route ``"admm"``: :func:`run_admm` on checked features ``x`` as ``plan`` says, with the
+    program's parameters from the checked options ``opts``."""
+    return run_admm(x, plan, affine=affine, outliers=outliers, **program_kwargs(opts))
+
+
 def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, rho: float,
              eps: float, max_iter: int, affine: bool = True, outliers: bool = True,
              progress=None, keep_history: bool = False, callback=None, xp=None,
-             kernels: admm.Kernels | None = None, t0: float | None = None,
-             schedule: admm.Schedule = admm.SCHEDULE, warn_dark: bool = True,
+             kernels: admm_steps.Kernels | None = None, t0: float | None = None,
+             schedule: admm_steps.Schedule = admm_steps.SCHEDULE, warn_dark: bool = True,
              gram: torch.Tensor | None = None) -> SSCSolution:  # fmt: skip
     """:func:`solve_ssc_admm` on checked features ``x_t`` (every rank's copy of rank 0's
     under a process group) as ``plan`` says (:class:`~videoanchor.anchor.plan.Plan`:
@@ -213,10 +222,10 @@ def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, r
     else:
         x = xp.from_dlpack(x_t.contiguous())
         work = xp.float32 if work_t == torch.float32 else xp.float64
-        kernels = kernels or admm.Kernels()
+        kernels = kernels or admm_steps.Kernels()
     xp = array_api_compat.array_namespace(x)
     length = min(max_iter, schedule.iterations) if scheduled else max_iter
-    report = admm.Reporting(progress, max_iter=length, eps=eps, tokens=n, schedule=scheduled)
+    report = admm_steps.Reporting(progress, max_iter=length, eps=eps, tokens=n, schedule=scheduled)
     out = None
     try:
         x64 = xp.astype(x, xp.float64, copy=False)
@@ -231,8 +240,8 @@ def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, r
         row_max = gram_row_max(x64, gram=gram)
         lam_e, lam_z, _, _ = ssc_lambdas(x64, alpha_e, alpha_z, row_max=row_max,
                                          dark=plan.dark, warn=warn_dark)  # fmt: skip
-        # the fast schedule's continuation in lambda_z (1: none; admm.continuation_start)
-        weight = admm.continuation_start(row_max, schedule) if scheduled else 1.0
+        # the fast schedule's continuation in lambda_z (1: none; admm_steps.continuation_start)
+        weight = admm_steps.continuation_start(row_max, schedule) if scheduled else 1.0
         del row_max
         start, stop, share, reduce, columns = 0, n, None, None, None
         if group is not None:  # rank 0's lambdas, weight and factor; this rank's columns
@@ -251,27 +260,28 @@ def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, r
 
         kernels.sync()
         t1 = time.perf_counter()
-        dic = admm.Dictionary(x, work, lam_z=lam_z, affine=affine, outliers=outliers,
-                              kernels=kernels, products=products, x64=x64)  # fmt: skip
+        dic = admm_steps.Dictionary(x, work, lam_z=lam_z, affine=affine, outliers=outliers,
+                                    kernels=kernels, products=products, x64=x64)  # fmt: skip
         if scheduled:
-            factor = admm.EigenInverse(dic, rho, share=share, columns=columns, gram=gram,
-                                       thin=thin, schedule=schedule, continuation=weight)  # fmt: skip
+            factor = admm_steps.EigenInverse(dic, rho, share=share, columns=columns, gram=gram,
+                                             thin=thin, schedule=schedule,
+                                             continuation=weight)  # fmt: skip
         elif strategy == "dense":
-            factor = admm.DenseInverse(dic, rho, gram=gram)
+            factor = admm_steps.DenseInverse(dic, rho, gram=gram)
         else:
-            factor = admm.Woodbury(dic, rho)
+            factor = admm_steps.Woodbury(dic, rho)
         del gram, x64  # the factor holds what it needs
         kernels.sync()
         t2 = time.perf_counter()
         if scheduled:
             # a max_iter below the schedule cuts it short: not converged (reported as such)
-            make = fast.ActiveSetStep if strategy == "active_set" else admm.ScheduledStep
+            make = fast.ActiveSetStep if strategy == "active_set" else admm_steps.ScheduledStep
             step = make(dic, factor, thr_e=lam_e / lam_z, schedule=schedule, start=start,
                         stop=stop, reduce=reduce, continuation=weight)  # fmt: skip
         else:
-            step = admm.SquaredStep(dic, factor, 0, n, thr_e=lam_e / lam_z, eps=eps)
+            step = admm_steps.SquaredStep(dic, factor, 0, n, thr_e=lam_e / lam_z, eps=eps)
         history: list[float] = []
-        hook = admm.chain(
+        hook = admm_steps.chain(
             (lambda it, r: history.append(r)) if keep_history else None,  # floats below
             (lambda it, r: callback(it, step.C, float(r))) if callback is not None else None,
             report.hook,
@@ -283,7 +293,7 @@ def run_admm(x_t: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, r
                 asked = own is not None and bool(own(it, r))
                 return all_agree(asked, group, device, every=False)
 
-        out = admm.run(step, max_iter, hook)
+        out = admm_steps.run(step, max_iter, hook)
         history = [float(r) for r in history]  # (device scalars from a lazy step: read once)
     finally:
         report.close(*((out.converged, out.iterations, out.residual) if out else (False,) * 3))

@@ -29,24 +29,24 @@ import time
 
 import torch
 
-from videoanchor.anchor import admm
 from videoanchor.anchor._inputs import prepare_features
 from videoanchor.anchor.collective import _all_gather_rows, comm_device, raise_together
 from videoanchor.anchor.options import DEFAULTS, SSCOptions, takes_options
 from videoanchor.anchor.plan import _BLOCK_BUDGET, Plan, make_plan
 from videoanchor.anchor.products import exact_float32
 from videoanchor.anchor.program import SSCSolution, ssc_lambdas
-from videoanchor.anchor.ssc import TorchKernels
+from videoanchor.anchor.solvers import admm_steps, program_kwargs
+from videoanchor.anchor.solvers.admm import TorchKernels
 
-__all__ = ["run_blocked", "solve_ssc_blocked"]
+__all__ = ["run", "run_blocked", "solve_ssc_blocked"]
 
 
 def _solve_block(dic, factor, a, b, *, thr_e, eps, max_iter, hook):
-    """Run the authors' iteration (:class:`~videoanchor.anchor.admm.SquaredStep`) on
+    """Run the authors' iteration (:class:`~videoanchor.anchor.solvers.admm_steps.SquaredStep`) on
     columns ``a:b``; return the block's sparse columns ``(rows, cols, values)`` and the
-    loop's :class:`~videoanchor.anchor.admm.Outcome`."""
-    step = admm.SquaredStep(dic, factor, a, b, thr_e=thr_e, eps=eps)
-    out = admm.run(step, max_iter, hook, what=f"blocked SSC-ADMM on columns {a}:{b}")
+    loop's :class:`~videoanchor.anchor.solvers.admm_steps.Outcome`."""
+    step = admm_steps.SquaredStep(dic, factor, a, b, thr_e=thr_e, eps=eps)
+    out = admm_steps.run(step, max_iter, hook, what=f"blocked SSC-ADMM on columns {a}:{b}")
     rows, cols = step.C.nonzero(as_tuple=True)
     return rows, cols + a, step.C[rows, cols], out
 
@@ -61,7 +61,7 @@ def solve_ssc_blocked(features, *, affine: bool = True, outliers: bool = True,
     """Solve the SSC program for ``features`` (``N x D``) column block by column block.
 
     The authors' iteration (docs/method.md section 2; the faithful solver of
-    :func:`~videoanchor.anchor.ssc.solve_ssc_admm`) on ``block_columns`` columns at a
+    :func:`~videoanchor.anchor.solvers.admm.solve_ssc_admm`) on ``block_columns`` columns at a
     time (default :func:`default_block_columns`), each block stopped by its own part of
     the authors' criterion (``block_eps``, module docstring). ``C`` comes back sparse.
     ``alpha_e``, ``alpha_z``, ``rho``, ``eps``, ``max_iter``, ``dtype``, ``block_columns``
@@ -71,7 +71,7 @@ def solve_ssc_blocked(features, *, affine: bool = True, outliers: bool = True,
     are divided among its ranks, rank 0's features are used on every rank, and every rank
     returns the same ``C``. Every rank of the group must call this function.
 
-    ``progress``: as for :func:`~videoanchor.anchor.ssc.solve_ssc_admm` (each rank reports
+    ``progress``: as for :func:`~videoanchor.anchor.solvers.admm.solve_ssc_admm` (each rank reports
     its own blocks); a time budget gives block ``k`` of ``B`` until ``(k + 1) / B`` of it. A
     plain callable ``progress(iteration, residual)`` is called in every block
     (``iteration`` counts within the block), and a true return ends that block.
@@ -86,6 +86,14 @@ def solve_ssc_blocked(features, *, affine: bool = True, outliers: bool = True,
         max_iter=opts.max_iter, affine=affine, outliers=outliers, block_eps=opts.block_eps,
         keep_history=keep_history, progress=progress, t0=t0,
     )  # fmt: skip
+
+
+def run(x: torch.Tensor, plan: Plan, opts: SSCOptions, *, affine: bool,
+        outliers: bool) -> SSCSolution:  # fmt: skip
+    """Route ``"blocked"``: :func:`run_blocked` on checked features ``x`` as ``plan`` says,
+    with the program's parameters and ``block_eps`` from the checked options ``opts``."""
+    return run_blocked(x, plan, affine=affine, outliers=outliers, block_eps=opts.block_eps,
+                       **program_kwargs(opts))  # fmt: skip
 
 
 def run_blocked(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, rho: float,
@@ -106,9 +114,9 @@ def run_blocked(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
     kernels = TorchKernels(device)
     kernels.sync()
     t1 = time.perf_counter()
-    dic = admm.Dictionary(x, work, lam_z=lam_z, affine=affine, outliers=outliers,
-                          kernels=kernels)  # fmt: skip
-    factor = admm.Woodbury(dic, rho)
+    dic = admm_steps.Dictionary(x, work, lam_z=lam_z, affine=affine, outliers=outliers,
+                                kernels=kernels)  # fmt: skip
+    factor = admm_steps.Woodbury(dic, rho)
     kernels.sync()
     t2 = time.perf_counter()
 
@@ -117,7 +125,7 @@ def run_blocked(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
     rows, cols, vals, stats = [], [], [], []
     history: dict[int, list[float]] = {}
     error = None
-    report = admm.Reporting(progress, max_iter=max_iter, eps=eps, tokens=n, blocks=len(mine))
+    report = admm_steps.Reporting(progress, max_iter=max_iter, eps=eps, tokens=n, blocks=len(mine))
     try:
         for k in mine:
             a = starts[k]
@@ -127,7 +135,7 @@ def run_blocked(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
             record = (lambda it, r, h=hist: h.append(r)) if keep_history else None
             r, c, v, out = _solve_block(dic, factor, a, b, thr_e=lam_e / lam_z, eps=eps_k,
                                         max_iter=max_iter,
-                                        hook=admm.chain(record, report.hook))  # fmt: skip
+                                        hook=admm_steps.chain(record, report.hook))  # fmt: skip
             report.next_block()
             rows.append(r)
             cols.append(c)

@@ -4,8 +4,8 @@ static checks).
 
 - **one program per column at a time** (:func:`_columns_kernel`, persistent) holds the
   column's working set in ``M`` slots and solves the program restricted to it by the primal
-  active-set method of :mod:`videoanchor.anchor.workset`; the support's system lives in a
-  per-program scratch in global memory and its inverse in the column's own, carried from
+  active-set method of :mod:`videoanchor.anchor.solvers.workset`; the support's system lives
+  in a per-program scratch in global memory and its inverse in the column's own, carried from
   pass to pass (rebuilt only where a run did not solve the column or joined at the ridge),
   both read in row tiles, so the registers follow the tile, not ``M``; a product with
   either (both symmetric) weights each tile's rows by the vector's entries there (staged in
@@ -32,6 +32,7 @@ import time
 import torch
 
 from videoanchor.anchor._inputs import as_feature_tensor
+from videoanchor.anchor.options import SSCOptions
 from videoanchor.anchor.plan import Plan
 from videoanchor.anchor.program import (
     SSCSolution,
@@ -39,9 +40,10 @@ from videoanchor.anchor.program import (
     nearest_points,
     ssc_lambdas,
 )
-from videoanchor.anchor.ssc import run_admm
+from videoanchor.anchor.solvers import program_kwargs
+from videoanchor.anchor.solvers.admm import run_admm
 
-__all__ = ["SLOTS", "SLOT_COUNTS", "run_workset_cuda", "solve_workset_cuda", "warm_up"]
+__all__ = ["SLOTS", "SLOT_COUNTS", "run", "run_workset_cuda", "solve_workset_cuda", "warm_up"]
 
 #: A column's end in a kernel run: its set is optimal; the inner steps ran out.
 SOLVED, STALLED = 0, 1
@@ -662,12 +664,19 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
                 timings={"lambdas": t1 - t0, "workset_cuda": t2 - t1})  # fmt: skip
 
 
+def run(x: torch.Tensor, plan: Plan, opts: SSCOptions, *, affine: bool,
+        outliers: bool) -> SSCSolution:  # fmt: skip
+    """Route ``"workset_cuda"``: :func:`run_workset_cuda` on checked features ``x`` as
+    ``plan`` says, with the program's parameters from the checked options ``opts``."""
+    return run_workset_cuda(x, plan, affine=affine, outliers=outliers, **program_kwargs(opts))
+
+
 def run_workset_cuda(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float,
                      rho: float, eps: float, max_iter: int, affine: bool = True,
                      outliers: bool = True, progress=None, slots: tuple[int, ...] = SLOTS,
                      **_) -> SSCSolution:  # fmt: skip
     """The working sets on ``x``'s device (:func:`solve_workset_cuda`) as ``plan`` says,
-    with :func:`~videoanchor.anchor.workset.run_workset`'s calling convention and result:
+    with :func:`~videoanchor.anchor.solvers.workset.run_workset`'s calling convention and result:
     ``coef`` in ``plan.work`` on ``x``'s device, certified in float64 on the device
     (``gap``: the largest relative duality gap; ``strategy`` ``"workset_cuda"`` or
     ``"workset_cuda_wide"``; ``history``: passes, wide and overflowing columns, host reads).

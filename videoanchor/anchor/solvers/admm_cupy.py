@@ -1,17 +1,20 @@
-"""The SSC-ADMM of :mod:`videoanchor.anchor.ssc` on CuPy arrays (``backend="cupy"``).
+"""The SSC-ADMM of :mod:`videoanchor.anchor.solvers.admm` on CuPy arrays (``backend="cupy"``).
 
-The same iteration (:mod:`videoanchor.anchor.admm`) on CuPy arrays, the features in and
-``C`` out through DLPack (no copy); the only CuPy-specific code is the C-step, one fused
+The same iteration (:mod:`videoanchor.anchor.solvers.admm_steps`) on CuPy arrays, the features
+in and ``C`` out through DLPack (no copy); the only CuPy-specific code is the C-step, one fused
 element-wise kernel. With ``xp=numpy`` the same code runs on the CPU (the tests' check).
 """
 
 from __future__ import annotations
 
-from videoanchor.anchor.admm import Kernels
+from videoanchor.anchor.options import SSCOptions
+from videoanchor.anchor.plan import Plan
 from videoanchor.anchor.program import SSCSolution
-from videoanchor.anchor.ssc import run_admm, solve_ssc_admm
+from videoanchor.anchor.solvers import program_kwargs
+from videoanchor.anchor.solvers.admm import run_admm, solve_ssc_admm
+from videoanchor.anchor.solvers.admm_steps import Kernels
 
-__all__ = ["run_admm_cupy", "solve_ssc_admm_cupy"]
+__all__ = ["CupyKernels", "run", "run_admm_cupy", "solve_ssc_admm_cupy"]
 
 _FUSED = None
 
@@ -76,7 +79,7 @@ def _cupy_on(device):
 
 
 def solve_ssc_admm_cupy(features, *, xp=None, **options) -> SSCSolution:
-    """:func:`videoanchor.anchor.ssc.solve_ssc_admm` (same options and result) computed
+    """:func:`videoanchor.anchor.solvers.admm.solve_ssc_admm` (same options and result) computed
     with CuPy: ``features`` on CUDA, unless ``xp`` is another array module (``numpy``: on
     the CPU); ``coef`` and ``outliers`` come back as torch tensors on their device."""
     kernels = None
@@ -85,7 +88,14 @@ def solve_ssc_admm_cupy(features, *, xp=None, **options) -> SSCSolution:
     return solve_ssc_admm(features, xp=xp, kernels=kernels, **options)
 
 
+def run(x, plan: Plan, opts: SSCOptions, *, affine: bool, outliers: bool) -> SSCSolution:
+    """Route ``"admm_cupy"``: :func:`run_admm_cupy` on checked features ``x`` as ``plan``
+    says, with the program's parameters from the checked options ``opts``."""
+    return run_admm_cupy(x, plan, affine=affine, outliers=outliers, **program_kwargs(opts))
+
+
 def run_admm_cupy(x, plan, **options) -> SSCSolution:
-    """:func:`videoanchor.anchor.ssc.run_admm` (checked features, a plan) computed with CuPy."""
+    """:func:`videoanchor.anchor.solvers.admm.run_admm` (checked features, a plan) computed
+    with CuPy."""
     xp, kernels = _cupy_on(x.device)
     return run_admm(x, plan, xp=xp, kernels=kernels, **options)

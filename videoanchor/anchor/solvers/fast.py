@@ -1,18 +1,19 @@
 """The fast solver's iteration on torch, with the outlier matrix ``E`` kept on an active set.
 
-The fast solver (:class:`~videoanchor.anchor.admm.ScheduledStep`, ``solver="fast"``) runs the
-authors' A-, E- and C-steps on a fixed schedule; written for every array namespace, each
-iteration costs ``[R; Y R] (T - I)`` (``(N + D) x N x N``, for ``A`` and ``Y A``) and
-``Y^T E`` (``N x D x N``). ``E = soft(Y - Y A, lambda_e / lambda_z)`` is sparse (under 1% of
-its entries on video-like tokens) and its support hardly moves after the first iterations,
-so :class:`ActiveSetStep` runs the same steps with ``A = I + R (T - I)`` alone, ``Y^T E``
-as a sparse product over ``E``'s non-zeros, and the E-step exactly (``Y - Y A = -(Y R)
-(T - I)`` in full) only at the schedule's *full* iterations (``full_first``, ``full_every``,
-the last), which also set the active set: the entries whose residual exceeds ``MARGIN``
-times the threshold. In between the residual is computed on the active set only (a sampled
-product) and ``E`` is zero elsewhere. Where the active set is dense (Yale B faces: 73-84%
-of the entries) those products run dense (:class:`~videoanchor.anchor.admm.Schedule`'s
-``dense_yte``, ``dense_resid``): the same values to rounding.
+The fast solver (:class:`~videoanchor.anchor.solvers.admm_steps.ScheduledStep`,
+``solver="fast"``) runs the authors' A-, E- and C-steps on a fixed schedule; written for
+every array namespace, each iteration costs ``[R; Y R] (T - I)`` (``(N + D) x N x N``, for
+``A`` and ``Y A``) and ``Y^T E`` (``N x D x N``). ``E = soft(Y - Y A, lambda_e / lambda_z)``
+is sparse (under 1% of its entries on video-like tokens) and its support hardly moves after
+the first iterations, so :class:`ActiveSetStep` runs the same steps with
+``A = I + R (T - I)`` alone, ``Y^T E`` as a sparse product over ``E``'s non-zeros, and the
+E-step exactly (``Y - Y A = -(Y R) (T - I)`` in full) only at the schedule's *full*
+iterations (``full_first``, ``full_every``, the last), which also set the active set: the
+entries whose residual exceeds ``MARGIN`` times the threshold. In between the residual is
+computed on the active set only (a sampled product) and ``E`` is zero elsewhere. Where the
+active set is dense (Yale B faces: 73-84% of the entries) those products run dense
+(:class:`~videoanchor.anchor.solvers.admm_steps.Schedule`'s ``dense_yte``, ``dense_resid``):
+the same values to rounding.
 
 Nothing depends on a residual crossing a threshold, and the final ``C`` and ``E`` come from
 an exact E-step. An entry outside the active set that would cross the E threshold between
@@ -27,7 +28,7 @@ import warnings
 
 import torch
 
-from videoanchor.anchor import admm
+from videoanchor.anchor.solvers import admm_steps
 
 __all__ = ["MARGIN", "ActiveSetStep"]
 
@@ -47,13 +48,13 @@ def _csr_pattern(rows: torch.Tensor, cols: torch.Tensor, shape, dtype) -> torch.
         return torch.sparse_csr_tensor(crow, cols, ones, shape, check_invariants=False)
 
 
-class ActiveSetStep(admm.ScheduledStep):
-    """:class:`~videoanchor.anchor.admm.ScheduledStep` with ``E`` on an active set (module
-    docstring): the same schedule, rho balancing and C-step; ``factor``: an
-    :class:`~videoanchor.anchor.admm.EigenInverse` (its ``[R; Y R]``)."""
+class ActiveSetStep(admm_steps.ScheduledStep):
+    """:class:`~videoanchor.anchor.solvers.admm_steps.ScheduledStep` with ``E`` on an active
+    set (module docstring): the same schedule, rho balancing and C-step; ``factor``: an
+    :class:`~videoanchor.anchor.solvers.admm_steps.EigenInverse` (its ``[R; Y R]``)."""
 
-    def __init__(self, dic: admm.Dictionary, factor: admm.EigenInverse, *, thr_e: float,
-                 schedule: admm.Schedule = admm.SCHEDULE, start: int = 0,
+    def __init__(self, dic: admm_steps.Dictionary, factor: admm_steps.EigenInverse, *, thr_e: float,
+                 schedule: admm_steps.Schedule = admm_steps.SCHEDULE, start: int = 0,
                  stop: int | None = None, reduce=None, continuation: float = 1.0):  # fmt: skip
         super().__init__(dic, factor, thr_e=thr_e, schedule=schedule, start=start, stop=stop,
                          reduce=reduce, continuation=continuation)  # fmt: skip
@@ -102,7 +103,7 @@ class ActiveSetStep(admm.ScheduledStep):
         diag = self.diag
         t[diag.rows, diag.cols] -= 1.0  # T - I
         n = dic.n
-        if factor.low_rank:  # R = I + L_A V_x^T, Y R = L_Y V_x^T (admm.EigenInverse)
+        if factor.low_rank:  # R = I + L_A V_x^T, Y R = L_Y V_x^T (admm_steps.EigenInverse)
             right = factor.low_rank_right(t)  # V_x^T (T - I)
             a = self.dic.products.mm(factor.la_left, right)
             a += t

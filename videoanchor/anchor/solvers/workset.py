@@ -3,7 +3,7 @@
 The program separates over the columns (:mod:`videoanchor.anchor.program`): column ``i`` is
 a weighted lasso in ``z = [c; e]`` over ``P = [Y, I]`` with ``1^T c = 1`` and ``c_i = 0``.
 :func:`solve_ssc_workset` solves it column by column, exactly, in a kernel compiled by Numba
-(:mod:`videoanchor.anchor._workset_kernel`): outer passes put each column's worst KKT
+(:mod:`videoanchor.anchor.solvers._workset_kernel`): outer passes put each column's worst KKT
 violators into its working set, a primal active-set method solves the program on that set.
 The answer is the minimiser up to rounding, certified per column by
 :func:`~videoanchor.anchor.program.column_gaps`; its cost follows the support, not ``N``.
@@ -32,13 +32,15 @@ from videoanchor.anchor.program import (
     nearest_points,
     ssc_lambdas,
 )
-from videoanchor.anchor.ssc import run_admm
+from videoanchor.anchor.solvers import program_kwargs
+from videoanchor.anchor.solvers.admm import run_admm
 
 __all__ = [
     "LIMITS",
     "Limits",
     "SetsTooLarge",
     "reference_minimiser",
+    "run",
     "run_workset",
     "solve_ssc_workset",
 ]
@@ -207,7 +209,7 @@ def _sweep_cost(n: int, d: int, start, C, E, work, passes, cols) -> float:
 
 
 def _kernel():
-    from videoanchor.anchor import _workset_kernel
+    from videoanchor.anchor.solvers import _workset_kernel
 
     return _workset_kernel
 
@@ -442,7 +444,7 @@ def solve_ssc_workset(
 
 
 def _singular(status: torch.Tensor) -> str:
-    """What the columns that ended :data:`~videoanchor.anchor._workset_kernel.SINGULAR` met
+    """What the columns that ended :data:`~videoanchor.anchor.solvers._workset_kernel.SINGULAR` met
     ("" if none did): a factor update that failed again after its refactor, or a refactor
     that failed (issue 80)."""
     cols = torch.nonzero(status == _kernel().SINGULAR).flatten().tolist()
@@ -462,6 +464,13 @@ def _prepare(x, alpha_e: float, alpha_z: float, dark: str = "authors") -> tuple:
     lam_e, lam_z, _, _ = ssc_lambdas(x64, alpha_e, alpha_z, row_max=gram_row_max(x64, gram=G),
                                      dark=dark)  # fmt: skip
     return x64, G, lam_e, lam_z
+
+
+def run(x: torch.Tensor, plan: Plan, opts: SSCOptions, *, affine: bool,
+        outliers: bool) -> SSCSolution:  # fmt: skip
+    """Route ``"workset_then_fast"``: :func:`run_workset` on checked features ``x`` as
+    ``plan`` says, with the program's parameters from the checked options ``opts``."""
+    return run_workset(x, plan, affine=affine, outliers=outliers, **program_kwargs(opts))
 
 
 def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, rho: float,

@@ -1,5 +1,5 @@
-"""The working-set kernel of :func:`videoanchor.anchor.workset.solve_ssc_workset`: one column
-of the SSC program solved exactly by a primal active-set method, compiled by Numba
+"""The working-set kernel of :func:`videoanchor.anchor.solvers.workset.solve_ssc_workset`: one
+column of the SSC program solved exactly by a primal active-set method, compiled by Numba
 (docs/ssc.md, "Fidelity against the program", has the derivation).
 
 Column ``i``'s program is a weighted lasso in ``z = [c; e]`` over ``P = [Y, I]`` (l1 weights
