@@ -47,8 +47,10 @@ Run the benchmarks (each writes `benchmarks/results/<area>_<device>.json`):
 ```bash
 python benchmarks/bench_attention.py [--quick]    # prefill: ours vs SDPA flash / SDPA+mask / FlexAttention / eager
 python benchmarks/bench_decode.py [--quick]       # decode GB/s vs copy bandwidth, SDPA+mask, FlexAttention; varlen; chunked prefill
+python benchmarks/bench_decode.py --graph         # decode replayed from CUDA graphs, batch 1-64, 8k-128k cached tokens
 python benchmarks/bench_backward.py [--quick]     # training step (forward + backward, gate gradients) vs SDPA / eager
 python benchmarks/bench_integration.py [--quick]  # anchored VLM prefill (SSC included) vs SDPA and eager, random weights
+python benchmarks/bench_request.py [--tiny]       # a whole request (generate): plain vs anchored, default or given scores
 python benchmarks/bench_ssc.py [--device cuda]    # SSC vs a re-implementation of the authors' pipeline
 python benchmarks/bench_blocked.py [--device cuda]  # column-blocked exact SSC: equality, memory, processes
 python benchmarks/bench_split.py                  # one request's fast SSC split over processes (torchrun: GPUs)
@@ -77,8 +79,8 @@ SECTIONS = [
       "yaleb_squared"]),
     ("Long videos: blocked SSC", ["blocked", "blocked_convergence"]),
     ("Several processes: the fast SSC split", ["split"]),
-    ("Attention kernels", ["attention", "decode", "backward", "compile"]),
-    ("Model integration and evaluation", ["integration", "tp", "lmms_batch"]),
+    ("Attention kernels", ["attention", "decode", "decode_graph", "backward", "compile"]),
+    ("Model integration and evaluation", ["integration", "request", "tp", "lmms_batch"]),
     ("Start-up: the first call and the import", ["first_call"]),
 ]  # fmt: skip
 
@@ -119,9 +121,11 @@ TITLES = {
     "split": "One request's fast SSC split over processes against one process",
     "attention": "Prefill attention",
     "decode": "Decode attention",
+    "decode_graph": "Decode attention replayed from CUDA graphs, batch 1-64 (issue 92)",
     "backward": "Training step (forward + backward)",
     "compile": "Compiled kernels (STATIC)",
     "integration": "Anchored VLM prefill",
+    "request": "A whole request (generate): plain against anchored, default or given scores",
     "tp": "Tensor-parallel prefill",
     "lmms_batch": "lmms-eval wrapper: batched requests",
     "first_call": "The first call in a fresh process (empty and warm Numba cache) and the import",
