@@ -11,7 +11,9 @@ __all__ = [
     "all_agree",
     "all_gather_columns",
     "all_sum",
+    "any_rank",
     "broadcast_from_first",
+    "OTHER_RANK_FAILED",
     "column_range",
     "comm_device",
     "computed_on_first",
@@ -50,6 +52,21 @@ def comm_device(group, device: torch.device) -> torch.device:
     return torch.device("cpu")
 
 
+#: what a rank raises when another rank of its group failed (:func:`raise_together`)
+OTHER_RANK_FAILED = (
+    "videoanchor: another rank of the process group failed (see its error); every rank stops"
+)
+
+
+def any_rank(flags, group, device: torch.device) -> list[bool]:
+    """Collective, one all-reduce: each of ``flags`` true on any rank of ``group``."""
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if f else 0 for f in flags], device=comm_device(group, device))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return [bool(v) for v in t.tolist()]
+
+
 def raise_together(group, error: BaseException | None, device: torch.device) -> None:
     """Collective: raise on every rank of ``group`` when any rank hit ``error`` (the failing
     rank its own error, the others a ``RuntimeError``), so that no rank is left waiting in a
@@ -65,10 +82,7 @@ def raise_together(group, error: BaseException | None, device: torch.device) -> 
     if error is not None:
         raise error
     if int(flag) != 0:
-        raise RuntimeError(
-            "videoanchor: another rank of the process group failed (see its error); "
-            "every rank stops"
-        )
+        raise RuntimeError(OTHER_RANK_FAILED)
 
 
 def share_features(x: torch.Tensor, group) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from videoanchor.anchor.collective import _group, all_agree, raise_together
+from videoanchor.anchor.collective import OTHER_RANK_FAILED, _group, any_rank
 from videoanchor.anchor.options import check_plan_options
 
 __all__ = [
@@ -408,7 +408,7 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
     fast = opts.solver in ("auto", "fast") and program == "squared"
     precision, refusal = check_plan_options(opts, fast=fast, device=device, backend=backend,
                                             tokens=n)  # fmt: skip
-    mode = opts.mode
+    mode, fits = opts.mode, None
     if mode == "auto":
         if opts.solver == "workset":
             mode = "exact"  # its memory is the dense solver's at most (workset_bytes)
@@ -416,9 +416,38 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
             mode = "blocked"  # the authors' iteration runs over processes column-blocked
         else:
             fits = exact_fits(n, d, work, device, precision)
-            if group is not None:  # the same choice on every rank
-                fits = all_agree(fits, group, device)
             mode = "exact" if fits else "blocked"
+    # this rank's plan of each mode it may run, or what refuses it; under a process group
+    # with the mode left to the memory (fits), both, so that one collective agrees on the
+    # mode (exact where it fits on every rank) and on whether the agreed plan failed anywhere
+    modes = ("exact", "blocked") if group is not None and fits is not None else (mode,)
+    outcomes = {}
+    for m in modes:
+        try:
+            outcomes[m] = _mode_plan(m, n, d, device, work, opts, precision, refusal, backend,
+                                     program=program, outliers=outliers, strategy=strategy,
+                                     check_memory_first=check_memory_first, group=group,
+                                     rank=rank, world=world)  # fmt: skip
+        except (ValueError, SSCMemoryError) as exc:
+            outcomes[m] = exc
+    if group is not None:  # the same choice on every rank, and raised together
+        failed = [isinstance(outcomes.get(m), Exception) for m in ("exact", "blocked")]
+        not_fits, *failed = any_rank((fits is False, *failed), group, device)
+        mode = mode if fits is None else "blocked" if not_fits else "exact"
+        if failed[mode == "blocked"] and not isinstance(outcomes[mode], Exception):
+            raise RuntimeError(OTHER_RANK_FAILED)
+    if isinstance(outcomes[mode], Exception):
+        raise outcomes[mode]
+    return outcomes[mode]
+
+
+def _mode_plan(mode: str, n: int, d: int, device: torch.device, work: torch.dtype, opts,
+               precision: str, refusal: str | None, backend: str, *, program: str,
+               outliers: bool, strategy: str, check_memory_first: bool, group, rank: int,
+               world: int) -> Plan:  # fmt: skip
+    """:func:`make_plan`'s plan in ``mode`` (``"exact"`` or ``"blocked"``) on this rank: a
+    ValueError where the mode cannot run the options, an :class:`SSCMemoryError` where the
+    plan is over the memory rule (``check_memory_first``)."""
     solver = opts.solver
     if mode == "blocked":
         if refusal is not None:
@@ -467,13 +496,9 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
             "only; expected dark_tokens='authors'"
             + (", or solver='fast' on CUDA" if route == "workset_cuda" else "")
         )
-    error, host = None, strategy == "workset"  # (it works in host memory whatever the device)
-    try:
-        if check_memory_first:
-            check_memory(need, torch.device("cpu") if host else device, n=n, d=d, what=what)
-    except SSCMemoryError as exc:
-        error = exc
-    raise_together(group, error, device)
+    if check_memory_first:  # (the working sets work in host memory whatever the device)
+        check_memory(need, torch.device("cpu") if strategy == "workset" else device, n=n, d=d,
+                     what=what)  # fmt: skip
     plan = Plan(mode=mode, solver=solver, backend=backend, device=device, work=work,
                 precision=precision, strategy=strategy, block_columns=block, program=program,
                 group=group, rank=rank, world=world, need=need, route=route, dark=dark)  # fmt: skip
