@@ -5,7 +5,8 @@ symmetric non-negative affinity ``W`` (the ``k`` leading eigenvectors of ``S = D
 D^{-1/2}``, :mod:`videoanchor.anchor.eigensolvers`; a sparse ``W`` is never densified), then
 labels by the Yu & Shi discretisation of scikit-learn's
 ``SpectralClustering(assign_labels="discretize")`` or by seeded k-means; each token's cluster
-share (the paper's, ``"soft"`` or ``"stable"``); and :func:`cluster`, the stage of an SSC call.
+share (the paper's or ``"soft"``; the default ``"steady"`` in
+:mod:`videoanchor.anchor.steady`); and :func:`cluster`, the stage of an SSC call.
 
 Seeds follow scikit-learn: ``seed=s`` draws ARPACK's start vector (``N`` uniform numbers)
 before ``discretize`` draws its start row, so it gives the authors' labels after
@@ -47,8 +48,6 @@ __all__ = [
     "sparse_ssc_affinity",
     "soft_cluster_shares",
     "label_shares",
-    "paper_label_agreement",
-    "stable_cluster_shares",
     "cluster",
 ]
 
@@ -351,15 +350,6 @@ def soft_cluster_shares(
     return ((u @ (u.T @ u)) * u).sum(dim=1) / n
 
 
-#: ``cluster_share="stable"``'s gate (:func:`paper_label_agreement`): label draws, the
-#: Gaussian's scale on :func:`discretize`'s unit rows (per coordinate), and the agreements
-#: at and below which the paper's share gets no weight, at and above which it gets all.
-#: Measured (``label_flips_cpu.json``, ``label_expected_cpu.json``): at 1e-3 the draws kept
-#: the paper's labels on the video-like sets (whose labels never flip under 1e-6 feature
-#: noise; 255 of 256 on the 16-frame one) and none did on the tiny-model sets (which flip).
-STABLE_DRAWS, STABLE_SCALE, STABLE_AGREE = 32, 1e-3, (0.5, 0.9)
-
-
 def label_shares(labels: torch.Tensor) -> torch.Tensor:
     """The paper's cluster share ``pi_j`` (``(N,)`` float64): token ``j``'s cluster's share
     of the tokens under ``labels`` (``(N,)``, or ``(draws, N)``: averaged over the draws)."""
@@ -370,113 +360,29 @@ def label_shares(labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _discretize_draws(v: torch.Tensor, start: int, n_iter_max: int = 20) -> torch.Tensor:
-    """:func:`discretize`'s iterations on ``R`` sets of unit rows at once (``v``: ``(R, N,
-    k)`` float64), every draw from start row ``start``: ``(R, N)`` labels, raw ids."""
-    r, n, k = v.shape
-    at = torch.arange(r)
-    rot = v.new_zeros(r, k, k)
-    rot[:, :, 0] = v[:, start]
-    c = v.new_zeros(r, n)
-    for j in range(1, k):
-        c += torch.bmm(v, rot[:, :, j - 1 : j]).squeeze(2).abs()
-        rot[:, :, j] = v[at, c.argmin(dim=1)]
-    eps = torch.finfo(torch.float64).eps
-    last, done = v.new_zeros(r), torch.zeros(r, dtype=torch.bool)
-    out = torch.full((r, n), -1, dtype=torch.long)
-    for n_iter in range(1, n_iter_max + 2):
-        labels = torch.bmm(v, rot).argmax(dim=2)
-        t_svd = v.new_zeros(r, k, k).scatter_add_(1, labels[:, :, None].expand(-1, -1, k), v)
-        u, sv, vh = torch.linalg.svd(t_svd)
-        ncut = 2.0 * (n - sv.sum(dim=1))
-        stop = ((ncut - last).abs() < eps) | (n_iter > n_iter_max)
-        out[stop & ~done] = labels[stop & ~done]
-        done |= stop
-        if bool(done.all()):
-            break
-        last, rot = ncut, vh.mT @ u.mT
-    return out
-
-
-def paper_label_agreement(embedding: torch.Tensor, *, seed: int = 0, draws: int = STABLE_DRAWS,
-                          scale: float = STABLE_SCALE, labels: torch.Tensor | None = None,
-                          ) -> tuple[float, torch.Tensor]:  # fmt: skip
-    """How well the paper's labels survive a small move of the spectral embedding:
-    ``(agreement, labels)``, ``labels`` the paper's (:func:`discretize` from
-    :func:`label_random_state`, as :func:`spectral_labels`' draw 0; given: taken as they
-    are, not recomputed) and ``agreement`` the share of ``draws`` label assignments that
-    give the same partition when discretize's unit rows are moved by ``scale`` times a
-    seeded standard Gaussian (``seed``), each from the paper's start row. Seeded: a
-    deterministic function of the embedding."""
-    draws = _check_draws(draws)
-    n = embedding.shape[0]
-    if labels is None:
-        labels = discretize(embedding, random_state=label_random_state(seed, n))
-    start = int(label_random_state(seed, n).randint(n))  # that draw's start row
-    v = _discretize_rows(embedding)
-    gen = torch.Generator().manual_seed(int(seed))
-    g = torch.randn(draws, *v.shape, generator=gen, dtype=torch.float64)
-    moved = _unit_rows((v + scale * g).reshape(-1, v.shape[1])).reshape(g.shape)
-    same = [torch.equal(_relabel_by_first_appearance(d), labels.cpu())
-            for d in _discretize_draws(moved, start)]  # fmt: skip
-    return sum(same) / draws, labels
-
-
-@bounded()
-def stable_cluster_shares(affinity: torch.Tensor, n_clusters: int, *, seed: int = 0,
-                          labels: torch.Tensor | None = None,
-                          embedding: torch.Tensor | None = None, eigen_solver: str = "auto",
-                          draws: int = STABLE_DRAWS, scale: float = STABLE_SCALE,
-                          agree: tuple[float, float] = STABLE_AGREE) -> torch.Tensor:  # fmt: skip
-    """Each token's cluster share under ``cluster_share="stable"`` (``(N,)`` float64, beyond
-    the paper): ``w * hard + (1 - w) * soft``, ``hard`` the paper's share of ``labels``,
-    ``soft`` :func:`soft_cluster_shares`, ``w = clamp((a - lo) / (hi - lo), 0, 1)`` for
-    ``agree = (lo, hi)`` and ``a`` :func:`paper_label_agreement` on the paper's embedding.
-    Where the perturbed draws keep the paper's labels (``a >= hi``) it is the paper's share
-    exactly; where at most ``lo`` do it is the soft share. Between, ``w`` moves in steps of
-    ``1 / (draws (hi - lo))``: no continuity is claimed there (docs/guides/anchor-scores.md).
-
-    ``embedding``: :func:`spectral_embedding` of ``affinity`` (same ``seed`` and
-    ``eigen_solver``) and ``labels``: the paper's labels from it, ``(N,)`` or ``(draws, N)``
-    as :func:`labels_from_embedding` gives them (draw 0 is the discretize draw the agreement
-    compares against), passed by :func:`cluster` so that neither is computed twice; None:
-    computed here."""
-    lo, hi = agree
-    if not 0 <= lo < hi <= 1:
-        raise ValueError(f"agree: expected (lo, hi) with 0 <= lo < hi <= 1, got {agree!r}")
-    n = affinity.shape[0]
-    if n_clusters == 1:  # one cluster: every share is 1, as the paper's
-        return torch.ones(n, dtype=torch.float64, device=affinity.device)
-    if embedding is None:
-        embedding = spectral_embedding(affinity, n_clusters, seed=seed, eigen_solver=eigen_solver)
-    paper = None if labels is None else labels.reshape(-1, n)[0]
-    a, paper = paper_label_agreement(embedding, seed=seed, draws=draws, scale=scale, labels=paper)
-    hard = label_shares((paper if labels is None else labels).cpu())
-    w = min(max((a - lo) / (hi - lo), 0.0), 1.0)
-    if w == 1.0:
-        return hard.to(affinity.device)
-    soft = soft_cluster_shares(affinity, n_clusters).cpu()
-    return (w * hard + (1 - w) * soft).to(affinity.device)
-
-
 def cluster(coef: torch.Tensor, opts, *, group=None, rank: int = 0, affinity: str = "symmetric",
-            assign_labels: str = "discretize") -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """Stage 4 of an SSC call: ``(draws, shares)``, the ``(label_draws, N)`` labels of ``C``
-    (dense, or sparse COO kept sparse) into ``opts.n_clusters`` clusters, seeded by
-    ``opts.seed`` (:class:`~videoanchor.anchor.options.SSCOptions`, checked), and each
-    token's cluster share under ``opts.cluster_share`` (``(N,)`` float64; None for
-    ``"hard"``, whose shares are read from the labels): :func:`soft_cluster_shares` or
-    :func:`stable_cluster_shares`, which gets the labels' spectral embedding and labels
-    instead of computing them again. ``affinity``: ``"symmetric"`` (``W = |C| + |C|^T``) or
-    ``"column_max"`` (dense ``C`` only). Under a process ``group`` (every rank holds the
-    same ``C``) rank 0 computes them and broadcasts them; if that fails, every rank raises."""
-    n, share = coef.shape[0], getattr(opts, "cluster_share", "hard")
+            assign_labels: str = "discretize",
+            ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:  # fmt: skip
+    """Stage 4 of an SSC call: ``(draws, shares, record)``, the ``(label_draws, N)`` labels of
+    ``C`` (dense, or sparse COO kept sparse) into ``opts.n_clusters`` clusters, seeded by
+    ``opts.seed`` (:class:`~videoanchor.anchor.options.SSCOptions`, checked), each token's
+    cluster share under ``opts.cluster_share`` (``(N,)`` float64, or None where it is the
+    paper's, read from the labels) and the record of what ran: ``cluster_share`` (the share
+    that ran: ``"paper"``, ``"soft"`` or ``"steady"``), ``share_weight`` (the paper's share's
+    weight: 1.0, 0.0 or the steady share's) and, for ``"steady"``, its ``stability``
+    (:func:`~videoanchor.anchor.steady.steady_shares`). ``"steady"`` on a sparse ``C``
+    (blocked mode) runs the paper's share and says so. ``affinity``: ``"symmetric"`` (``W =
+    |C| + |C|^T``) or ``"column_max"`` (dense ``C`` only). Under a process ``group`` (every
+    rank holds the same ``C``) rank 0 computes them and broadcasts them; if that fails, every
+    rank raises."""
+    n, share = coef.shape[0], getattr(opts, "cluster_share", "paper")
     draws = torch.empty(opts.label_draws, n, dtype=torch.long, device=coef.device)
-    shares = None if share == "hard" else coef.new_empty(n, dtype=torch.float64)
-    error = None
+    # the shares travel with their weight (the record's): [w, z, pi_1 .. pi_N]
+    packed = torch.empty(n + 2, dtype=torch.float64, device=coef.device)
+    record, error = {}, None
     if rank == 0:
         try:
-            if coef.is_sparse and share != "hard":
+            if coef.is_sparse and share == "soft":
                 raise ValueError(
                     f"cluster_share={share!r} reads a dense affinity's spectrum; expected a "
                     f"dense C (mode='exact'), got a sparse one (blocked mode, N = {n})"
@@ -486,36 +392,41 @@ def cluster(coef: torch.Tensor, opts, *, group=None, rank: int = 0, affinity: st
                     sparse_ssc_affinity(coef), opts.n_clusters, seed=opts.seed,
                     draws=opts.label_draws, eigen_solver=opts.eigen_solver,
                 )  # fmt: skip
+                shares, record = None, dict(cluster_share="paper", share_weight=1.0)
             else:
                 normalize = "column_max" if affinity == "column_max" else "none"
                 w = ssc_affinity(coef, normalize=normalize)
-                draws, shares = _labels_and_shares(w, opts, share, assign_labels)
+                draws, shares, record = _labels_and_shares(w, opts, share, assign_labels)
+            packed[0] = record["share_weight"]
+            packed[1] = record.get("stability", math.nan)
+            packed[2:] = math.nan if shares is None else shares.to(packed.device)
         except Exception as exc:  # re-raised on every rank
             error = exc
     raise_together(group, error, coef.device)
     draws = draws.to(coef.device)
-    shares = None if shares is None else shares.to(coef.device)
-    if group is None:
-        return draws, shares
-    return (broadcast_from_first(draws, group),
-            None if shares is None else broadcast_from_first(shares, group))  # fmt: skip
+    if group is not None:
+        draws, packed = broadcast_from_first(draws, group), broadcast_from_first(packed, group)
+        if rank != 0:
+            record = dict(cluster_share=share if share != "steady" or not coef.is_sparse
+                          else "paper", share_weight=float(packed[0]))  # fmt: skip
+            if not math.isnan(float(packed[1])):
+                record["stability"] = float(packed[1])
+    shares = None if bool(packed[2:].isnan().any()) else packed[2:].clone()
+    return draws, shares, record
 
 
 @bounded()
 @exact_float32
 def _labels_and_shares(w: torch.Tensor, opts, share: str, assign_labels: str):
-    """:func:`cluster`'s dense part: ``(draws, shares)`` of the affinity ``w``; under
-    ``"stable"`` one spectral embedding feeds both the labels and the shares."""
+    """:func:`cluster`'s dense part: ``(draws, shares, record)`` of the affinity ``w``; under
+    ``"steady"`` one eigensolver call feeds the labels, the eigengap and the soft share."""
     k, kw = opts.n_clusters, dict(seed=opts.seed, eigen_solver=opts.eigen_solver)
-    if share != "stable" or k == 1:
-        draws = spectral_labels(w, k, assign_labels=assign_labels, draws=opts.label_draws, **kw)
-        shares = {"hard": None, "soft": soft_cluster_shares, "stable": stable_cluster_shares}
-        return draws, None if shares[share] is None else shares[share](w, k)
-    if assign_labels != "discretize":
-        raise ValueError(
-            f"cluster_share='stable' compares against the paper's discretize labels; expected "
-            f"assign_labels='discretize', got {assign_labels!r}"
-        )
-    emb = spectral_embedding(w, k, **kw)
-    draws = labels_from_embedding(emb, k, seed=opts.seed, draws=opts.label_draws)
-    return draws, stable_cluster_shares(w, k, labels=draws, embedding=emb, **kw)
+    if share == "steady" and assign_labels == "discretize":
+        from videoanchor.anchor.steady import steady_shares
+
+        return steady_shares(w, k, draws=opts.label_draws, **kw)
+    # (k-means labels have no discretize path to gate: "steady" runs the paper's share there)
+    draws = spectral_labels(w, k, assign_labels=assign_labels, draws=opts.label_draws, **kw)
+    if share == "soft":
+        return draws, soft_cluster_shares(w, k), dict(cluster_share="soft", share_weight=0.0)
+    return draws, None, dict(cluster_share="paper", share_weight=1.0)

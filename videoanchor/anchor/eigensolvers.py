@@ -371,6 +371,48 @@ def spectral_embedding(affinity: torch.Tensor, n_components: int, *, seed: int =
     return vecs / dd[:, None]
 
 
+def spectral_pairs(affinity: torch.Tensor, n_components: int, *, extra: int, seed: int = 0,
+                   eigen_solver: str = "auto", choice: EigenChoice = EIGEN_CHOICE,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:  # fmt: skip
+    """:func:`spectral_embedding`'s eigenpairs and ``extra`` more, from one solver call:
+    ``(theta, vecs, dd, dense)``, ``theta`` the leading eigenvalues of the normalised
+    affinity (float64, host, descending), ``vecs`` their eigenvectors (``N x m``, on the
+    affinity's device and dtype), ``dd`` the degrees' square roots, and ``dense`` whether a
+    dense solver ran (then ``m = n_components + extra`` pairs: LAPACK's partial solver forms
+    ``m`` vectors for the price of ``n_components``, its cost being the reduction; a block
+    solver converges only ``n_components + 1``, the eigengap's). The embedding is
+    ``vecs[:, :n_components] / dd[:, None]``. ``eigen_solver`` and ``choice`` as in
+    :func:`spectral_embedding`."""
+    n = affinity.shape[0]
+    if not 1 <= n_components <= n:
+        raise ValueError(f"n_components: expected 1 <= n_components <= N = {n}, got {n_components}")
+    s, dd = _normalized_affinity(affinity)
+    m = min(n, n_components + max(1, int(extra)))
+    tol = 1e-4 if s.dtype == torch.float32 else 1e-7
+    cpu, auto, solver = s.device.type == "cpu", eigen_solver == "auto", eigen_solver
+    if auto:
+        crossover = choice.crossover_cpu if cpu else choice.crossover_cuda
+        solver = "eigh" if n <= crossover else (choice.above_cpu if cpu else choice.above_cuda)
+    if solver != "eigh" and n >= 4 * (n_components + 9):
+        kb = min(n, n_components + 1)
+        theta, vecs, info = _block_eigvecs(
+            s, kb, solver, seed=seed, tol=tol, max_steps=None,
+            max_flops=choice.eigh_cost * float(n) ** 3 if auto else math.inf,
+            then="finishing with dense eigh" if auto else "using its last Ritz vectors",
+        )  # fmt: skip
+        if info["converged"] or not auto:
+            return theta.to(torch.float64).cpu(), vecs, dd, False
+    if s.device.type == "cpu":
+        import scipy.linalg
+
+        theta, vec = scipy.linalg.eigh(s.numpy(), subset_by_index=[n - m, n - 1], driver="evx",
+                                       check_finite=False)  # fmt: skip
+        theta = torch.from_numpy(theta[::-1].astype(np.float64))
+        return theta, torch.from_numpy(vec[:, ::-1].copy()), dd, True
+    theta, vec = torch.linalg.eigh(s)
+    return theta.flip(0)[:m].to(torch.float64).cpu(), vec.flip(1)[:, :m], dd, True
+
+
 def _filtered_eigenpairs(s: torch.Tensor, k: int, width: float):
     """The leading eigenpairs of the symmetric ``s`` (float64), descending, at least down to
     ``theta_k - width`` (``theta_k`` the ``k``-th largest eigenvalue). On the CPU by LAPACK's

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import warnings
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -59,7 +60,13 @@ REMOVED_ACCELERATED = (
 
 
 #: :attr:`SSCOptions.cluster_share`'s choices
-CLUSTER_SHARES = ("hard", "soft", "stable")
+CLUSTER_SHARES = ("steady", "paper", "soft")
+#: former names of :attr:`SSCOptions.cluster_share`'s choices: accepted with a
+#: DeprecationWarning and normalised to the new name (issue 91)
+RENAMED_SHARES = {
+    "hard": "paper",  # the paper's share, named for what it is
+    "stable": "steady",  # the 32-draw gate, superseded by the steady share's continuous one
+}
 #: ``mu_z``'s rules for dark tokens (the option ``dark_tokens``,
 #: :func:`~videoanchor.anchor.program.ssc_lambdas`' ``dark``)
 DARK_RULES = ("authors", "ignore")
@@ -207,6 +214,17 @@ def _choice(choices, removed: dict[str, str] | None = None):
     return check
 
 
+def _share_choice(name, value):
+    """:attr:`SSCOptions.cluster_share`'s check: a former name (:data:`RENAMED_SHARES`) warns
+    and becomes the new one."""
+    if isinstance(value, str) and value in RENAMED_SHARES:
+        new = RENAMED_SHARES[value]
+        warnings.warn(f"{name}={value!r} is deprecated: it is now {new!r} (issue 91)",
+                      DeprecationWarning, stacklevel=4)  # fmt: skip
+        return new
+    return check_choice(name, value, CLUSTER_SHARES)
+
+
 def _positive(hint):
     return lambda name, value: check_number(name, value, positive=True, hint=hint)
 
@@ -257,14 +275,18 @@ class SSCOptions:
     """Seed of the spectral clustering (None: drawn from NumPy's global generator)."""
     label_draws: int = 1
     """Label draws averaged into each token's cluster share (the paper: 1)."""
-    cluster_share: str = "hard"
-    """Each token's cluster share ``pi_j``: ``"hard"`` (the paper's: its cluster's share of
-    the tokens under the spectral labels, averaged over ``label_draws``), ``"soft"`` (beyond
-    the paper: :func:`~videoanchor.anchor.clustering.soft_cluster_shares`, a continuous
-    function of ``C`` that no label flip moves, NOT the paper's share) or ``"stable"``
-    (beyond the paper: :func:`~videoanchor.anchor.clustering.stable_cluster_shares`, the
-    paper's share where its labels survive a small move of the embedding, the soft one where
-    they do not, blended between); exact mode."""
+    cluster_share: str = "steady"
+    """Each token's cluster share ``pi_j``: ``"steady"`` (the default, beyond the paper:
+    :func:`~videoanchor.anchor.steady.steady_shares`, the paper's share where its labels are
+    far from a change, the soft one where they are near one, blended by a weight that moves
+    continuously with the discretisation's decision margins), ``"paper"`` (the paper's, for
+    exact reproduction: its cluster's share of the tokens under the spectral labels, averaged
+    over ``label_draws``; a rounding's change of the features can move it by 0.45 where the
+    clustering is ill-posed) or ``"soft"`` (beyond the paper:
+    :func:`~videoanchor.anchor.clustering.soft_cluster_shares`, a continuous function of
+    ``C`` that no label flip moves, NOT the paper's share). ``"hard"`` and ``"stable"`` are
+    the former names of ``"paper"`` and ``"steady"`` (deprecated). ``"soft"`` needs exact
+    mode; in blocked mode ``"steady"`` runs the paper's share (and the result says so)."""
     eigen_solver: str = "auto"
     """Eigen-solver of the spectral step: ``"auto"``, ``"eigh"``, ``"krylov"`` or
     ``"chebyshev"`` (exact mode), ``"arpack"``, ``"subspace"`` or ``"chebyshev"`` (blocked
@@ -324,7 +346,7 @@ class SSCOptions:
             )
         if mode == "blocked":
             check_blocked(solver, backend)
-            if out.cluster_share != "hard":
+            if out.cluster_share == "soft":
                 raise ValueError(
                     f"cluster_share={out.cluster_share!r} reads a dense affinity's spectrum; "
                     "expected mode 'exact' or 'auto' (where the dense problem fits), got "
@@ -461,7 +483,7 @@ CHECKS = {
     "precision": (_choice(PRECISIONS), "coef"),
     "seed": (lambda n, v: resolve_seed(v), "labels"),
     "label_draws": (_label_draws, "labels"),
-    "cluster_share": (_choice(CLUSTER_SHARES), "labels"),
+    "cluster_share": (_share_choice, "labels"),
     "eigen_solver": (_choice(tuple(dict.fromkeys(sum(EIGEN_SOLVERS.values(), ())))), ""),
     "mode": (_choice(SSC_MODES, {"scalable": REMOVED_SCALABLE}), ""),
     "block_columns": (lambda n, v: None if v is None else check_int(n, v, 1), ""),

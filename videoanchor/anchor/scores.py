@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -149,7 +149,7 @@ def anchor_scores(
     ``labels`` may also be ``(draws, N)``, several label draws of one clustering: then
     ``pi_j`` is token ``j``'s cluster share averaged over the draws (``label_draws``).
     ``shares`` (N,) in ``(0, 1]``: the ``pi_j`` given instead of read from the labels
-    (``cluster_share="soft"`` or ``"stable"``: :func:`~videoanchor.anchor.clustering.cluster`'s).
+    (``cluster_share="soft"`` or ``"steady"``: :func:`~videoanchor.anchor.clustering.cluster`'s).
     """
     if coef.dim() != 2 or coef.shape[0] != coef.shape[1]:
         raise ValueError(f"coef: expected a square (N, N) matrix, got shape {tuple(coef.shape)}")
@@ -194,17 +194,31 @@ class AnchorResult(SSCSolution):
     (:class:`~videoanchor.anchor.program.SSCSolution`; ``coef`` in the ``Y = Y C`` convention
     with ``Y = features.T``; ``timings``: ``lambdas``, ``factor``, ``admm``, ``spectral``,
     ``scores``, ``total``), ``scores`` (N,) float32 in [0, 1), ``labels`` (N,) int64 cluster
-    ids (of the first label draw when ``label_draws > 1``) and the ``mode`` that ran."""
+    ids (of the first label draw when ``label_draws > 1``), the ``mode`` that ran and the
+    record of the cluster share that ran: ``cluster_share`` (``"steady"``, ``"paper"`` (the
+    paper's ``pi_j``) or ``"soft"``), ``share_weight`` (the paper's share's weight in it: 1.0
+    for ``"paper"``, 0.0 for ``"soft"``, the steady share's in [0, 1]) and
+    ``share_stability`` (the steady share's stability ``z``, else None;
+    :mod:`videoanchor.anchor.steady`)."""
 
     scores: torch.Tensor
     labels: torch.Tensor
     mode: str = "exact"
+    cluster_share: str = "paper"
+    share_weight: float = 1.0
+    share_stability: float | None = None
 
 
 #: The SSC step of :func:`compute_anchor_scores` (``mode="exact"``) on its own
 #: (:func:`ssc_coefficients`): it depends on the features and the SSC options only, not on
 #: ``n_clusters`` or the seed; :func:`anchor_result_from_coefficients` finishes it.
 SSCCoefficients = SSCSolution
+
+
+def _shared(record: dict) -> dict:
+    """:class:`AnchorResult`'s record of the cluster share from :func:`cluster`'s."""
+    return dict(cluster_share=record["cluster_share"], share_weight=float(record["share_weight"]),
+                share_stability=record.get("stability"))  # fmt: skip
 
 
 def _sync(device: torch.device) -> None:
@@ -288,7 +302,8 @@ def sparse_subspace_clustering(
     )  # (the authors' iteration here)
     res = solve(x, plan, opts, affine=affine, outliers=outliers)
     t1 = time.perf_counter()
-    draws, _ = cluster(res.coef, opts, affinity=affinity, assign_labels=assign_labels)
+    draws, _, _ = cluster(res.coef, replace(opts, cluster_share="paper"), affinity=affinity,
+                          assign_labels=assign_labels)  # (labels only)
     _sync(x.device)
     t2 = time.perf_counter()
     timings = dict(res.timings)
@@ -333,10 +348,16 @@ def compute_anchor_scores(
     the features' device; ``scores`` (N,) float32 in [0, 1), ``labels`` (N,) int64 and
     ``coef`` (N, N) are returned there.
 
-    ``solver``: ``"auto"`` (default) runs ``"workset"`` on the CPU and on CUDA (its Triton
-    working sets), ``"fast"`` elsewhere (CuPy) or where ``rho``, ``eps``, ``max_iter`` or a ``progress`` reporter or time
-    budget is set (they apply to iterations) in exact mode, the authors' iteration in blocked
-    mode;
+    ``solver``: ``"auto"`` (default) runs ``"workset"`` in exact mode on the CPU and on CUDA
+    (its Triton working sets) with torch's backend, and ``"fast"`` instead where
+    ``backend="cupy"`` or where an option only an iteration honours is set away from its
+    default: ``rho``, ``max_iter``, ``precision`` (``"full"`` or ``"fp16x3"`` named
+    explicitly) or a ``progress`` reporter's ``time_budget``
+    (:func:`~videoanchor.anchor.plan.auto_solver`). A reporter without a budget changes
+    nothing, and an ``eps`` away from its default is a ``ValueError`` wherever the solver that
+    would run has no stopping test (``"workset"``, ``"fast"``): it is the faithful
+    iteration's option. In blocked mode ``"auto"`` is the authors' iteration. The other
+    choices:
     ``"fast"`` (an approximation
     of the faithful answer: the authors' A-, E- and C-steps on a fixed schedule of 60
     iterations (``converged`` when it ran them all; a smaller ``max_iter`` cuts it short)
@@ -395,19 +416,20 @@ def compute_anchor_scores(
     draw being the default's) and each token's cluster share ``pi_j`` is averaged over
     them, so the scores depend much less on the seed; the embedding is computed once.
 
-    ``cluster_share`` (beyond the paper): ``"hard"`` (default) is the paper's ``pi_j``, its
-    cluster's share of the tokens. Without an eigengap at ``n_clusters`` the labels can flip
-    under a 1e-7 relative change of the features (another engine's or device's rounding),
-    and the scores then jump (``label_flips_cpu.json``, docs/guides/anchor-scores.md).
-    ``"soft"``: :func:`~videoanchor.anchor.clustering.soft_cluster_shares`, a continuous
-    function of ``C`` that no flip moves, but NOT the paper's share. ``"stable"``:
-    :func:`~videoanchor.anchor.clustering.stable_cluster_shares`, the paper's share where
-    its labels survive a small move of the spectral embedding (29 or more of 32 seeded
-    draws), the soft share where at most half do, blended between, from the spectral step's
-    own embedding and labels (:func:`~videoanchor.anchor.clustering.cluster`); where the
-    labels flip it is the soft share, which is not inside the paper's spread for 5% or more
-    of the tokens on the measured sets (docs/serving.md). Exact mode for both; ``labels``
-    are still the hard ones.
+    ``cluster_share``: ``"steady"`` (default, beyond the paper:
+    :func:`~videoanchor.anchor.steady.steady_shares`), ``"paper"`` or ``"soft"``. The paper's
+    ``pi_j`` (``"paper"``, formerly ``"hard"``) is its cluster's share of the tokens under the
+    spectral labels; where the clustering at ``n_clusters`` is ill-posed, a 1e-7 relative
+    change of the features (another engine's or device's rounding) flips the labels and
+    moves the scores by up to 0.45 (docs/guides/anchor-scores.md). ``"steady"`` is the
+    paper's share where the discretisation's decisions are far from a change (stability
+    ``z``, the smallest decision margin over its path and its picks' alternatives times the
+    eigengap at ``n_clusters``, at least 2e-5), :func:`~videoanchor.anchor.clustering.
+    soft_cluster_shares` (a continuous function of ``C``, NOT the paper's share) where they
+    are near one (``z`` at most 1e-5), blended between by a smoothstep in ``z``. The result
+    records what ran (``cluster_share``, ``share_weight``, ``share_stability``). ``"soft"``
+    needs exact mode; in blocked mode ``"steady"`` runs the paper's share (recorded as
+    ``"paper"``). ``labels`` are the paper's labels in every case.
 
     ``dark_tokens``: ``mu_z`` where some tokens are near-black or constant (one warning
     names them): ``"authors"`` (default, their definition) or ``"ignore"`` (the least of the
@@ -443,7 +465,7 @@ def compute_anchor_scores(
     plan = make_plan(solved.shape, solved.device, opts, process_group=process_group)
     res = solve(solved, plan, opts)
     t1 = time.perf_counter()
-    draws, shares = cluster(res.coef, opts, group=plan.group, rank=plan.rank)
+    draws, shares, record = cluster(res.coef, opts, group=plan.group, rank=plan.rank)
     _sync(x.device)
     t2 = time.perf_counter()
     scores = tie_duplicate_scores(x, anchor_scores(res.coef, draws, shares=shares))
@@ -451,7 +473,7 @@ def compute_anchor_scores(
     t3 = time.perf_counter()
     timings = dict(res.timings)
     timings.update(spectral=t2 - t1, scores=t3 - t2, total=t3 - t0)
-    return AnchorResult(scores=scores, labels=draws[0], mode=plan.mode,
+    return AnchorResult(scores=scores, labels=draws[0], mode=plan.mode, **_shared(record),
                         **res.answer(backend=plan.backend, timings=timings))  # fmt: skip
 
 
@@ -501,7 +523,7 @@ def anchor_result_from_coefficients(
     label_draws: int = 1,
     eigen_solver: str = "auto",
     features=None,
-    cluster_share: str = "hard",
+    cluster_share: str = DEFAULTS.cluster_share,
 ) -> AnchorResult:
     """Spectral clustering of ``ssc.coef`` into ``n_clusters`` (seeded) and the anchor
     scores: the rest of :func:`compute_anchor_scores` after :func:`ssc_coefficients`.
@@ -514,7 +536,7 @@ def anchor_result_from_coefficients(
         mode="exact", cluster_share=cluster_share,
     ).checked()  # fmt: skip
     check_tokens(opts.n_clusters, ssc.coef.shape[0])
-    draws, shares = cluster(ssc.coef, opts)
+    draws, shares, record = cluster(ssc.coef, opts)
     t1 = time.perf_counter()
     scores = anchor_scores(ssc.coef, draws, shares=shares)
     if features is not None:
@@ -523,4 +545,5 @@ def anchor_result_from_coefficients(
     t2 = time.perf_counter()
     timings = dict(ssc.timings)
     timings.update(spectral=t1 - t0, scores=t2 - t1, total=timings.get("total", 0.0) + t2 - t0)
-    return AnchorResult(scores=scores, labels=draws[0], **ssc.answer(timings=timings))
+    return AnchorResult(scores=scores, labels=draws[0], **_shared(record),
+                        **ssc.answer(timings=timings))  # fmt: skip

@@ -293,10 +293,10 @@ class AnchorCache:
             self._put("ssc", ssc_key, entry)
         ssc = SSCCoefficients(**{k: v for k, v in entry.items() if k != "format"})
         ssc.coef = ssc.coef.to(device)
-        soft = () if config.cluster_share == "hard" else (str(config.cluster_share),)
         label_key = content_hash(
-            ssc_key, int(n_clusters), int(config.seed), int(config.label_draws), *soft
-        )
+            ssc_key, int(n_clusters), int(config.seed), int(config.label_draws),
+            *_share_key(config.cluster_share),
+        )  # fmt: skip
         labels = self._get("labels", label_key)
         self.stats.add("labels", labels is not None)
         if labels is None:
@@ -309,7 +309,10 @@ class AnchorCache:
                 cluster_share=config.cluster_share,
             )
             self._put("labels", label_key, {"labels": res.labels.cpu(), "scores": res.scores.cpu(),
-                                            "timings": dict(res.timings)})  # fmt: skip
+                                            "timings": dict(res.timings),
+                                            "share": {"cluster_share": res.cluster_share,
+                                                      "share_weight": res.share_weight,
+                                                      "share_stability": res.share_stability}})  # fmt: skip
             return res
         from videoanchor.anchor import AnchorResult
 
@@ -318,8 +321,21 @@ class AnchorCache:
             coef=ssc.coef, iterations=ssc.iterations, converged=ssc.converged,
             residual=ssc.residual, lambda_e=ssc.lambda_e, lambda_z=ssc.lambda_z,
             backend=ssc.backend, solver=ssc.solver, gap=ssc.gap,
-            timings={"total": 0.0, "cached": 1.0},
+            timings={"total": 0.0, "cached": 1.0}, **labels.get("share", {}),
         )  # fmt: skip
+
+
+def _share_key(share: str) -> tuple:
+    """The cluster share's part of a labels entry's key: none for the paper's (so that the
+    entries written before issue 91, under its former name "hard", still serve it), the name
+    and the gate's ramp for the steady share (an entry of another calibration is not reused)."""
+    from videoanchor.anchor.options import RENAMED_SHARES
+    from videoanchor.anchor.steady import STEADY_RAMP
+
+    share = RENAMED_SHARES.get(share, share)
+    if share == "paper":
+        return ()
+    return (share, *STEADY_RAMP) if share == "steady" else (str(share),)
 
 
 def _nbytes(x) -> int:

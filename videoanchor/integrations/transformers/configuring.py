@@ -132,13 +132,13 @@ def configure(
         label_draws: 1 (default, the paper's single random label draw) or R > 1: R label
             draws from one spectral embedding with the cluster shares averaged, for scores
             that depend much less on the seed (beyond the paper).
-        cluster_share: "hard" (default, the paper's cluster share), "soft" (beyond the
-            paper: a share continuous in the features, so that another engine's or device's
-            rounding cannot flip it; NOT the paper's scores:
-            :func:`~videoanchor.anchor.clustering.soft_cluster_shares`, docs/serving.md) or
-            "stable" (beyond the paper: the paper's share where its labels survive a small
-            move of the embedding, the soft one where they do not:
-            :func:`~videoanchor.anchor.clustering.stable_cluster_shares`).
+        cluster_share: "steady" (default, beyond the paper: the paper's cluster share where
+            its labels are far from a change, a share continuous in the features where they
+            are near one, so that another engine's or device's rounding does not move the
+            scores: :mod:`videoanchor.anchor.steady`, docs/guides/anchor-scores.md), "paper"
+            (the paper's share, for exact reproduction; formerly "hard") or "soft" (beyond
+            the paper: continuous everywhere, NOT the paper's scores:
+            :func:`~videoanchor.anchor.clustering.soft_cluster_shares`).
         attention_backend: "auto" (Triton on CUDA, exact torch path on CPU), "triton" or "torch".
         process_group: the ranks that share one request's scores (tensor parallelism):
             "auto" (default) takes the "tp" group of the model's DTensor parameters when it
