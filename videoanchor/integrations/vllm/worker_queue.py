@@ -298,7 +298,7 @@ class WorkerQueue:
 
     def _trim(self) -> None:
         while len(self.by_req) > KEEP_UNTAKEN:
-            rid, _ = self.by_req.popitem(last=False)
+            rid = next(iter(self.by_req))  # the oldest; _release drops it and its job
             self._release(rid)
             if self._forgotten is not None:
                 self._forgotten(rid)
