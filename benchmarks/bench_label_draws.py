@@ -17,7 +17,8 @@ step and scores against R = 1, measured interleaved (one thread, median over see
     python benchmarks/bench_label_draws.py --quick    # 3 seeds, R in (1, 4): a smoke run
 
 ``--flips`` (issue 78): how the paper's scores jump when the features move by a rounding's
-worth, and what ``cluster_share="soft"`` and ``"stable"`` do instead, at the paper's ``n_clusters = 24``, one
+worth, and what ``cluster_share="soft"`` and ``"steady"`` (the default since issue 91; before it
+``"stable"``, the 32-draw gate it replaced) do instead, at the paper's ``n_clusters = 24``, one
 thread. Sets: :func:`benchmarks.common.video_tokens` as ``bench_workset`` builds them (48
 patches a frame, D = 1024) at ``--frames`` frames, and the projector output of the tests'
 tiny random Qwen2.5-VL (seeded weights) on seeded random pixels, 8 x 70 tokens (N = 560,
@@ -30,11 +31,11 @@ move and the share of tokens moving by more than 0.05, the soft scores' largest 
 their largest distance to the paper's (at the set and at each change), the share of
 tokens whose soft score lies within the paper's spread (min..max over the ``--p6``
 perturbations), the same for
-``cluster_share="stable"`` (with its gate's agreement on the unperturbed set), and the time
-of the spectral step against the soft and the stable share on the same affinity
-(interleaved, median of 3; the stable share as ``cluster()`` runs it, given the spectral
-step's embedding and labels, ``stable_share_s``, and computing them again,
-``stable_share_recomputing_s``, as it did before)::
+``cluster_share="steady"`` (with its weight and stability on the unperturbed set), and the time
+of the spectral step against the soft and the steady share on the same affinity
+(interleaved, median of 3; the steady share as ``cluster()`` runs it: labels and shares from
+one eigensolver call, ``steady_share_s``). The committed ``label_flips*_cpu.json`` predate
+issue 91 and hold the ``stable_*`` columns of the gate it replaced::
 
     python benchmarks/bench_label_draws.py --flips              # writes label_flips_cpu.json
     python benchmarks/bench_label_draws.py --flips --frames 64 --tiny --tag 64f
@@ -189,21 +190,47 @@ def _eigengap(coef, k: int) -> dict:
                 eigengap=float(theta[k - 1] - theta[k]))  # fmt: skip
 
 
+def _discretize_draws(v: torch.Tensor, start: int, n_iter_max: int = 20) -> torch.Tensor:
+    """``discretize``'s iterations on ``R`` sets of unit rows at once (``v``: ``(R, N, k)``
+    float64), every draw from start row ``start``: ``(R, N)`` labels, raw ids (the routes of
+    ``--expected`` and ``--routes``; the package's copy went with ``cluster_share="stable"``
+    in issue 91)."""
+    r, n, k = v.shape
+    at = torch.arange(r)
+    rot = v.new_zeros(r, k, k)
+    rot[:, :, 0] = v[:, start]
+    c = v.new_zeros(r, n)
+    for j in range(1, k):
+        c += torch.bmm(v, rot[:, :, j - 1 : j]).squeeze(2).abs()
+        rot[:, :, j] = v[at, c.argmin(dim=1)]
+    eps = torch.finfo(torch.float64).eps
+    last, done = v.new_zeros(r), torch.zeros(r, dtype=torch.bool)
+    out = torch.full((r, n), -1, dtype=torch.long)
+    for n_iter in range(1, n_iter_max + 2):
+        labels = torch.bmm(v, rot).argmax(dim=2)
+        t_svd = v.new_zeros(r, k, k).scatter_add_(1, labels[:, :, None].expand(-1, -1, k), v)
+        u, sv, vh = torch.linalg.svd(t_svd)
+        ncut = 2.0 * (n - sv.sum(dim=1))
+        stop = ((ncut - last).abs() < eps) | (n_iter > n_iter_max)
+        out[stop & ~done] = labels[stop & ~done]
+        done |= stop
+        if bool(done.all()):
+            break
+        last, rot = ncut, vh.mT @ u.mT
+    return out
+
+
 def flips_case(name: str, x: torch.Tensor, p7: int, p6: int, seed: int = 0) -> dict:
     """One set of ``--flips`` (see the module's docstring)."""
     from videoanchor.anchor import ssc_coefficients
-    from videoanchor.anchor.clustering import (
-        paper_label_agreement,
-        soft_cluster_shares,
-        stable_cluster_shares,
-    )
-    from videoanchor.anchor.eigensolvers import spectral_embedding
+    from videoanchor.anchor.clustering import soft_cluster_shares
     from videoanchor.anchor.scores import anchor_result_from_coefficients
+    from videoanchor.anchor.steady import steady_shares
 
-    def shares(c):  # the paper's labels and scores, the soft and the stable scores
-        hard = anchor_result_from_coefficients(c, K, features=x)
+    def shares(c):  # the paper's labels and scores, the soft and the steady scores
+        hard = anchor_result_from_coefficients(c, K, features=x, cluster_share="paper")
         soft, stable = (anchor_result_from_coefficients(c, K, features=x, cluster_share=cs)
-                        for cs in ("soft", "stable"))  # fmt: skip
+                        for cs in ("soft", "steady"))  # fmt: skip
         return hard.labels, hard.scores.double(), soft.scores.double(), stable.scores.double()
 
     t = time.perf_counter()
@@ -213,30 +240,26 @@ def flips_case(name: str, x: torch.Tensor, p7: int, p6: int, seed: int = 0) -> d
     labels, hard, soft, stable = shares(base)
     apart = {
         "soft": [float((soft - hard).abs().max())],
-        "stable": [float((stable - hard).abs().max())],
+        "steady": [float((stable - hard).abs().max())],
     }
     w = ssc_affinity(base.coef)
-    row["stable_agreement"] = paper_label_agreement(spectral_embedding(w, K))[0]
-    emb = spectral_embedding(w, K)
-    spectral_s, soft_s, stable_s, passed_s = [], [], [], []
-    for _ in range(3):  # interleaved: today's spectral step, the soft share, the stable one
-        t = time.perf_counter()  # (on its own and given cluster()'s embedding and labels)
-        lab = spectral_labels(w, K)
+    record = steady_shares(w, K)[2]
+    row.update(steady_weight=record["share_weight"], steady_stability=record["stability"])
+    spectral_s, soft_s, steady_s = [], [], []
+    for _ in range(3):  # interleaved: the paper's spectral step, the soft share, the steady one
+        t = time.perf_counter()
+        spectral_labels(w, K)
         spectral_s.append(time.perf_counter() - t)
         t = time.perf_counter()
         soft_cluster_shares(w, K)
         soft_s.append(time.perf_counter() - t)
         t = time.perf_counter()
-        stable_cluster_shares(w, K, labels=lab)
-        stable_s.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        stable_cluster_shares(w, K, labels=lab, embedding=emb)
-        passed_s.append(time.perf_counter() - t)
+        steady_shares(w, K)  # (its labels included: the whole spectral step)
+        steady_s.append(time.perf_counter() - t)
     row.update(spectral_step_s=statistics.median(spectral_s),
                soft_share_s=statistics.median(soft_s),
-               stable_share_recomputing_s=statistics.median(stable_s),
-               stable_share_s=statistics.median(passed_s))  # fmt: skip
-    for name in ("soft_share", "stable_share_recomputing", "stable_share"):
+               steady_share_s=statistics.median(steady_s))  # fmt: skip
+    for name in ("soft_share", "steady_share"):
         row[f"{name}_over_spectral"] = row[f"{name}_s"] / row["spectral_step_s"]
     gen = torch.Generator().manual_seed(seed)
     spread = []
@@ -252,7 +275,7 @@ def flips_case(name: str, x: torch.Tensor, p7: int, p6: int, seed: int = 0) -> d
             soft_moves.append(float((sp - soft).abs().max()))
             stable_moves.append(float((tp - stable).abs().max()))
             apart["soft"].append(float((sp - hp).abs().max()))
-            apart["stable"].append(float((tp - hp).abs().max()))
+            apart["steady"].append(float((tp - hp).abs().max()))
             if rel == "1e-6":
                 spread.append(hp)
         row.update({f"flip_rate_{rel}": sum(flips) / count, f"perturbations_{rel}": count,
@@ -260,11 +283,11 @@ def flips_case(name: str, x: torch.Tensor, p7: int, p6: int, seed: int = 0) -> d
                     f"share_moving_over_0.05_max_{rel}": max(shares_over),
                     f"share_moving_over_0.05_mean_{rel}": statistics.mean(shares_over),
                     f"soft_move_max_{rel}": max(soft_moves),
-                    f"stable_move_max_{rel}": max(stable_moves)})  # fmt: skip
+                    f"steady_move_max_{rel}": max(stable_moves)})  # fmt: skip
     lo, hi = torch.stack(spread).min(0).values, torch.stack(spread).max(0).values
     kept = row["flip_rate_1e-6"] == 0
     row.update(labels_stable_1e_6=kept, paper_spread_max=float((hi - lo).max()))
-    for name, new in (("soft", soft), ("stable", stable)):  # the bar of issue 78, per share
+    for name, new in (("soft", soft), ("steady", stable)):  # the bar of issue 78, per share
         far = max(apart[name])  # at the set and at each of its changes
         within = float(((new >= lo) & (new <= hi)).double().mean())
         row.update({
@@ -285,23 +308,23 @@ def flips(frames, tiny, p7: int, p6: int, out_dir, tag: str = "") -> Path:
     meta = environment("cpu")
     meta.update(torch_threads=1, loadavg_start=os.getloadavg(), n_clusters=K,
                 perturbation="x * (1 + r g), g standard Gaussian (seeded), r in (1e-7, 1e-6)",
-                routes="cluster_share='soft' (soft_cluster_shares) and 'stable' "
-                       "(stable_cluster_shares), videoanchor.anchor.clustering")  # fmt: skip
+                routes="cluster_share='soft' (soft_cluster_shares) and 'steady' "
+                       "(videoanchor.anchor.steady.steady_shares)")  # fmt: skip
     rows = []
     for f in frames:
         rows.append(flips_case(f"video {f}x48 D1024", video_tokens(f, 48, 1024), p7, p6))
         print({k: rows[-1][k] for k in ("set", "flip_rate_1e-6", "soft_move_max_1e-6",
-                                        "stable_move_max_1e-6")}, flush=True)  # fmt: skip
+                                        "steady_move_max_1e-6")}, flush=True)  # fmt: skip
     for s in tiny:
         rows.append(flips_case(f"tiny Qwen2.5-VL 8x70 pixels seed {s}", tiny_features(s), p7, p6))
         print({k: rows[-1][k] for k in ("set", "flip_rate_1e-6", "soft_move_max_1e-6",
-                                        "stable_move_max_1e-6")}, flush=True)  # fmt: skip
+                                        "steady_move_max_1e-6")}, flush=True)  # fmt: skip
     meta["loadavg_end"] = os.getloadavg()
     cols = ["set", "n", "eigengap", "flip_rate_1e-7", "flip_rate_1e-6", "hard_move_max_1e-6",
             "share_moving_over_0.05_max_1e-6", "soft_move_max_1e-6", "soft_vs_paper_max",
-            "soft_within_paper_spread", "stable_agreement", "stable_move_max_1e-6",
-            "stable_vs_paper_max", "stable_within_paper_spread", "spectral_step_s",
-            "soft_share_s", "stable_share_s", "stable_share_recomputing_s"]  # fmt: skip
+            "soft_within_paper_spread", "steady_weight", "steady_move_max_1e-6",
+            "steady_vs_paper_max", "steady_within_paper_spread", "spectral_step_s",
+            "soft_share_s", "steady_share_s"]  # fmt: skip
     return finish("label_flips" + (f"_{tag}" if tag else ""), meta, rows, out_dir, cols)
 
 
@@ -309,7 +332,6 @@ def expected_case(name: str, x: torch.Tensor, draws_list, scale: float, moves: i
     """One set of ``--expected`` (see the module's docstring)."""
     from videoanchor.anchor import ssc_coefficients
     from videoanchor.anchor.clustering import (
-        _discretize_draws,
         _discretize_rows,
         _relabel_by_first_appearance,
         _unit_rows,
@@ -392,7 +414,6 @@ def routes_case(name: str, x: torch.Tensor, draws_list, moves: int) -> dict:
     from videoanchor.anchor import ssc_coefficients
     from videoanchor.anchor.clustering import (
         SOFT_SHARE_WIDTH,
-        _discretize_draws,
         _discretize_rows,
         _unit_rows,
         discretize,
