@@ -265,6 +265,7 @@ def compile_static(cc: int, slots: int, num_warps: int = 4) -> dict:
     """The kernel compiled ahead of time for ``sm_<cc>`` at ``slots`` slots (Triton's
     bundled ptxas, no GPU; run with ``TRITON_INTERPRET=0``): registers, spill bytes, shared
     memory. STATIC figures, read from compiled code."""
+    from videoanchor.anchor.solvers import _workset_triton
     from videoanchor.kernels import aot
     from videoanchor.kernels.launch import Launch
 
@@ -278,7 +279,7 @@ def compile_static(cc: int, slots: int, num_warps: int = 4) -> dict:
             torch.empty(n, slots, slots, **f64), torch.empty(programs, 2, slots, **f64),
             torch.empty(5, **f64), torch.empty(n, **i32),
             n, n, d, 1000, 0)  # fmt: skip
-    rec = Launch(wc._triton(), (programs,), args,
+    rec = Launch(_workset_triton._columns_kernel, (programs,), args,
                  {"M": slots, "BR": wc.row_tile(slots), "num_warps": num_warps})  # fmt: skip
     return {"slots": slots, **aot.compile_launch(rec, cc)}
 

@@ -322,9 +322,12 @@ def test_solver_entry_points_take_the_options_by_keyword_and_name_the_unknown_on
 
 def test_each_route_runs_the_run_of_its_solver_module():
     """solve.SOLVERS maps each of plan.ROUTES to the ``run(x, plan, opts, *, affine,
-    outliers)`` of its module in anchor/solvers/."""
+    outliers)`` of its module in anchor/solvers/; the GPU working sets' Triton kernel is a
+    module of its own that no import of the package loads (its first launch does)."""
     import importlib
     import inspect
+    import subprocess
+    import sys
 
     from videoanchor.anchor.solve import SOLVERS
 
@@ -337,6 +340,11 @@ def test_each_route_runs_the_run_of_its_solver_module():
         params = inspect.signature(run).parameters
         assert list(params) == ["x", "plan", "opts", "affine", "outliers"], route
         assert params["affine"].kind is inspect.Parameter.KEYWORD_ONLY, route
+    code = ("import sys, videoanchor, videoanchor.anchor.solve\n"
+            "print('videoanchor.anchor.solvers._workset_triton' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=300)  # fmt: skip
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
 
 
 def test_too_large_for_memory_raises(monkeypatch):
