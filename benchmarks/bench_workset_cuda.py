@@ -118,31 +118,32 @@ SHARE_COST_MAX_N = 8192
 
 
 def _share_cost(res, x, clusters: int, device) -> dict:
-    """Issue 78 on the device: the stages after the solve on the default's own ``C``, the
-    paper's (the spectral step's labels, then the scores) against ``cluster_share="soft"``
-    (``soft_cluster_shares``) and ``cluster_share="stable"`` (its 32 moved draws of the
-    labels), interleaved, median of 3 each (fewer where the first round takes over 20 s); and
-    each share's scores' largest distance to the paper's (they differ where the labels are
-    not those of a clear eigengap)."""
+    """Issues 78 and 91 on the device: the stages after the solve on the default's own ``C``,
+    the paper's share (``cluster_share="paper"``: the spectral step's labels, then the
+    scores) against ``"soft"`` (``soft_cluster_shares``) and the default ``"steady"`` (one
+    eigensolver call, the discretisation's margins, the soft share where its weight is below
+    1), interleaved, median of 3 each (fewer where the first round takes over 20 s); each
+    share's scores' largest distance to the paper's, and the steady share's weight."""
     from videoanchor.anchor.scores import anchor_result_from_coefficients
 
     if x.shape[0] > SHARE_COST_MAX_N:
         return dict(share_cost_skipped=f"N = {x.shape[0]} > {SHARE_COST_MAX_N} (a float64 eigh "
                     "of N x N on the device; not run within a lease's call)")  # fmt: skip
-    times = {"hard": [], "soft": [], "stable": []}
+    times = {"paper": [], "soft": [], "steady": []}
     out = {}
-    while len(times["hard"]) < 3 and (not times["hard"] or sum(map(sum, times.values())) < 20.0):
+    while len(times["paper"]) < 3 and (not times["paper"] or sum(map(sum, times.values())) < 20.0):
         for share, t_list in times.items():
             t, out[share], _ = _timed(lambda s=share: anchor_result_from_coefficients(
                 res, clusters, features=x, cluster_share=s), device)  # fmt: skip
             t_list.append(t)
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    dist = lambda k: float((out[k].scores.double() - out["hard"].scores.double()).abs().max())  # noqa: E731
-    return dict(seconds_after_solve_paper=med["hard"], seconds_after_solve_soft=med["soft"],
-                seconds_after_solve_stable=med["stable"], share_cost_reps=len(times["hard"]),
-                soft_over_paper_after_solve=med["soft"] / med["hard"],
-                stable_over_paper_after_solve=med["stable"] / med["hard"],
-                soft_vs_paper_max=dist("soft"), stable_vs_paper_max=dist("stable"))  # fmt: skip
+    dist = lambda k: float((out[k].scores.double() - out["paper"].scores.double()).abs().max())  # noqa: E731
+    return dict(seconds_after_solve_paper=med["paper"], seconds_after_solve_soft=med["soft"],
+                seconds_after_solve_steady=med["steady"], share_cost_reps=len(times["paper"]),
+                soft_over_paper_after_solve=med["soft"] / med["paper"],
+                steady_over_paper_after_solve=med["steady"] / med["paper"],
+                soft_vs_paper_max=dist("soft"), steady_vs_paper_max=dist("steady"),
+                steady_weight=out["steady"].share_weight)  # fmt: skip
 
 
 def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool = True,
