@@ -817,9 +817,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_warmup(args) -> int:
-    """Compile the working-set SSC kernel into Numba's cache (or load it from there) and run
-    it once, and on a CUDA machine the GPU working sets' Triton kernel into Triton's cache: a
-    container image built with this step starts without the compile."""
+    """Compile the working-set SSC kernels (the lean and the full one) into Numba's cache (or
+    load them from there) and run them once, and on a CUDA machine the GPU working sets'
+    Triton kernel into Triton's cache: a container image built with this step starts without
+    the compile."""
     import time
 
     import torch
@@ -828,14 +829,15 @@ def cmd_warmup(args) -> int:
     from videoanchor.anchor.solvers import _workset_kernel as kernel
     from videoanchor.anchor.solvers.workset import solve_ssc_workset
 
+    events = kernel.precompile()
     res = solve_ssc_workset(torch.randn(12, 6, generator=torch.Generator().manual_seed(0)))
     if not res.converged:
         raise PipelineError("the working-set kernel ran but did not solve a 12-point set")
     took = time.perf_counter() - t0
-    stats = kernel.solve_columns.stats
-    how = "loaded from" if stats.cache_hits and not stats.cache_misses else "compiled into"
+    compiled = any(e["how"] == "compiled" for e in events)
+    how = "compiled into" if compiled else "loaded from"
     print(f"videoanchor warmup: the working-set SSC kernel {how} Numba's cache in {took:.1f} s: "
-          f"{stats.cache_path}")  # fmt: skip
+          f"{kernel.solve_columns.stats.cache_path}")  # fmt: skip
     if torch.cuda.is_available():  # the CUDA working sets' Triton kernel, every level of slots
         from videoanchor.anchor.solvers import workset_cuda
 
@@ -982,14 +984,16 @@ def build_parser() -> argparse.ArgumentParser:
     warmup = sub.add_parser(
         "warmup",
         help="compile the SSC kernel into Numba's cache (a container image's build step)",
-        description="Compile the working-set SSC kernel into Numba's cache, or load it from "
-        "there, and run it once; prints where the cache is. On a machine with CUDA it also "
+        description="Compile the working-set SSC kernels (the lean one, for columns without "
+        "outlier entries, and the full one) into Numba's cache, or load them from there, and "
+        "run them once; prints where the cache is. On a machine with CUDA it also "
         "compiles the GPU working sets' Triton kernel (every level of slots) into Triton's "
         "cache ($TRITON_CACHE_DIR, else ~/.triton/cache). Numba's cache goes to "
         "$NUMBA_CACHE_DIR where set, else beside the package, else (a read-only install) to "
         "the user's cache folder ($XDG_CACHE_HOME/numba or ~/.cache/numba). Run it in an "
         "image's build with the same NUMBA_CACHE_DIR and CPU target as at run time "
-        "(docs/serving.md).",
+        "(docs/serving.md). Without it, importing videoanchor where the cache is empty "
+        "starts this compile in a background process (VIDEOANCHOR_PRECOMPILE=0: none).",
         formatter_class=fmt,
     )
     warmup.add_argument("--debug", action="store_true", help="show the full traceback on errors")  # fmt: skip

@@ -13,11 +13,26 @@ entries are eliminated: only the coefficients' Schur complement is factored (Cho
 rows appended, Givens deletions, rank-one updates for outlier entries), so the factor stays
 the size of ``C``'s support however dense ``E`` is. A floor on the pivots (:data:`RIDGE`)
 keeps dependent points factorable. Columns run per thread, without the GIL.
+
+Two kernels compile from :func:`solve_columns`' source (issue 93): the full one and a lean
+one without the outlier entries' code (:data:`OUTLIERS`), which compiles in about three
+quarters of the time. :func:`run_columns` runs the full one where this process or Numba's
+cache holds it, else the lean one, which hands a column that needs an outlier entry, with
+those after it, to the full one: ``C`` is the same bit for bit either way. Each is compiled
+or loaded from Numba's cache when first needed (:func:`ready`), holding a file lock beside
+the cache so that two processes never compile it at once; :mod:`.precompile` fills the cache
+in a background process before the first call.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import os
+import threading
+import time
+import types as pytypes
 
 import numba
 import numpy as np
@@ -27,9 +42,15 @@ from numba import types
 from numba.core import config, typed_passes, untyped_passes
 from numba.core.codegen import CPUCodegen, JITCodeLibrary
 from numba.core.compiler import CompilerBase, DefaultPassBuilder
+from numba.core.compiler_lock import global_compiler_lock
 from numba.core.compiler_machinery import PassManager
 from numba.core.registry import CPUDispatcher
 from numba.core.runtime.nrtopt import remove_redundant_nrt_refct
+
+try:
+    import fcntl
+except ImportError:  # (not POSIX: the cache is written without a lock)
+    fcntl = None
 
 #: A column's end: solved; its working set outgrew ``cap``; the inner loop took more than
 #: ``max_inner`` steps; ``max_passes`` passes did not solve it; a factor update failed; its
@@ -38,6 +59,10 @@ from numba.core.runtime.nrtopt import remove_redundant_nrt_refct
 #: column: the refactor that followed its first failure did not cure it (issue 80: a column
 #: looped 503 times through the same failed downdate until its work bound ran out).
 SOLVED, TOO_LARGE, STALLED, MAX_PASSES, SINGULAR, OVER_BUDGET = 0, 1, 2, 3, 4, 5
+#: The lean kernel's end of a column that needs an outlier entry (its start holds one, or
+#: one would join its set): it stops there, leaving that column and those after it to the
+#: full kernel (:func:`run_columns`; no status a caller sees).
+NEEDS_OUTLIERS = 6
 #: Refinement steps of each restricted solve against the unfactored system (the factor
 #: carries the constraint's border as ``gamma a a^T``: ill-conditioned where the support
 #: reaches the rank).
@@ -49,11 +74,12 @@ NOT_FINITE, APPENDED, FLOORED = 0, 1, 2
 
 # reassociation lets the compiler vectorise the dot products; NaN and inf keep their meaning
 _FASTMATH = {"reassoc", "contract"}
-# One explicit signature per function, compiled when the module is imported (or loaded from
-# Numba's cache; the helpers, :class:`_Helper`, with :func:`solve_columns` when it
-# compiles): a call never compiles another specialisation (a literal argument, an int
-# where a float was, a strided seed array each compiled the callers again: 19.5 s from an
-# empty cache, benchmarks/results/first_call_cpu.json's history).
+# One explicit signature per function (:data:`SIGNATURE`; the helpers, :class:`_Helper`,
+# compiled with the kernel that calls them), compiled or loaded from Numba's cache when
+# first needed (:func:`ready`), then no other: a call never compiles another specialisation
+# (a literal argument, an int where a float was, a strided seed array each compiled the
+# callers again: 19.5 s from an empty cache, benchmarks/results/first_call_cpu.json's
+# history).
 F, I, B = types.float64, types.int64, types.boolean
 F1, F2, I1, B1 = F[::1], F[:, ::1], I[::1], B[::1]
 SCRATCH = types.UniTuple(F1, 12)  # solve_columns' scratch vectors
@@ -131,7 +157,10 @@ class _Linked(_Library):
 
 class _Compiler(CompilerBase):
     """Numba's nopython pipeline less :data:`_UNUSED`, into a :class:`_Library` (a helper's:
-    a :class:`_Linked`) where :data:`ONE_MODULE_PASS`."""
+    a :class:`_Linked`) where :data:`ONE_MODULE_PASS`, with Numba's dead-branch pruning
+    before type inference (left out with the rewrites, ``no_rewrites``): a branch on a
+    module constant such as :data:`OUTLIERS` is neither typed nor lowered where it is not
+    taken (the lean kernel, :func:`ready`)."""
 
     def define_pipelines(self):
         if self.state.library is None and ONE_MODULE_PASS:
@@ -143,6 +172,8 @@ class _Compiler(CompilerBase):
         for cls, what in DefaultPassBuilder.define_nopython_pipeline(self.state).passes:
             if cls not in _UNUSED:
                 pm.add_pass(cls, what)
+            if cls is untyped_passes.IRProcessing:
+                pm.add_pass(untyped_passes.DeadBranchPrune, "dead branch pruning")
         pm.finalize()
         return [pm]
 
@@ -154,6 +185,14 @@ class _Compiler(CompilerBase):
 #: ``len()`` for ``.shape[k]`` and no ``max()`` (each compiled an overload), ``C`` is the
 #: kernel's before bit for bit (issue 79: ``first_call_cpu.json``'s ``cut_*``).
 _OPTIONS = {"nogil": True, "fastmath": _FASTMATH, "no_rewrites": True, "no_cfunc_wrapper": True}
+#: Whether this copy of :func:`solve_columns` holds the outlier entries' code (issue 93): the
+#: full kernel, :data:`solve_columns`, does; the lean one, :data:`solve_columns_lean`, the
+#: same source compiled with this False (the branches on it pruned before typing), ends a
+#: column that needs an outlier entry :data:`NEEDS_OUTLIERS` and stops. It leaves out the
+#: outlier entries' joins, leaves and refactors (and the helpers only they call,
+#: :func:`_add_outlier`, :func:`_chol_rank1`, :func:`_refactor`): a quarter of the compile,
+#: for the columns of video tokens, which mostly hold none (docs/ssc.md).
+OUTLIERS = True
 
 
 class _Helper(CPUDispatcher):
@@ -359,12 +398,25 @@ def run_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z
         np.zeros(2),  # the column's work: spent, bound
     )  # fmt: skip
     gamma = max(0.0, lam_z * float(np.diagonal(G).max()))
-    solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol,
-                  grow, cap, cap_c, max_passes, max_inner, float(max_work), C, E, status,
-                  passes, work, hard, gamma, float(floor), *scratch)  # fmt: skip
+    rest = (G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol, grow, cap, cap_c,
+            max_passes, max_inner, float(max_work), C, E, status, passes, work, hard, gamma,
+            float(floor), *scratch)  # fmt: skip
+    kernel = ready("full", compile=False)  # where this process or Numba's cache holds it
+    if kernel is not None:
+        kernel(cols, first, step, *rest)
+        return
+    ready("lean")(cols, first, step, *rest)
+    stopped = np.flatnonzero(status[cols[first::step]] == NEEDS_OUTLIERS)
+    if len(stopped):  # that column and those after it: the full kernel (compiled if need be)
+        at = first + int(stopped[0]) * step
+        status[cols[at]] = -1
+        ready("full")(cols, at, step, *rest)
 
 
-@numba.njit(types.none(I1, I, I, F2, F2, F2, I[:], I[:], F[:], F, F, F, I, I, I, I, I, F, F2, F2, I1, I1, F1, I1, F, F, F2, F2, F2, I1, F1, F1, I1, F1, F1, I1, SCRATCH, F1, B1, I1, F1), cache=True, pipeline_class=_Compiler, locals=_SOLVE_LOCALS, **_OPTIONS)  # fmt: skip
+#: :func:`solve_columns`' one signature.
+SIGNATURE = types.none(I1, I, I, F2, F2, F2, I[:], I[:], F[:], F, F, F, I, I, I, I, I, F, F2, F2, I1, I1, F1, I1, F, F, F2, F2, F2, I1, F1, F1, I1, F1, F1, I1, SCRATCH, F1, B1, I1, F1)  # fmt: skip
+
+
 def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol,
                   grow, cap, cap_c, max_passes, max_inner, max_work, C, E, status, passes,
                   spent, hard, gamma, floor, L, A, Yg, Fc, sc, zc, Fe, se, ze, W, w, full, held,
@@ -396,6 +448,9 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
             # (so no downdate to fail)
             u, v = seed_var[r], seed_val[r]
             if u >= n:
+                if not OUTLIERS:  # (the lean kernel: left to the full one)
+                    st = NEEDS_OUTLIERS
+                    break
                 _add_outlier(L, A, Yg, Fc, fc, Fe, se, ze, fe, u - n, 1.0 if v > 0 else -1.0, YT,
                              lam_z, col, floor, failed, n, stamp)  # fmt: skip
                 ze[fe] = v
@@ -446,9 +501,10 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
                 for r in range(fc):
                     qc[r] = lam_z * G[Fc[r], i] - sc[r] + gamma
                     ac[r] = 1.0
-                for k in range(fe):
-                    qe[k] = lam_z * yi[Fe[k]] - lam_e * se[k]
-                    re[k] = 0.0
+                if OUTLIERS:
+                    for k in range(fe):
+                        qe[k] = lam_z * yi[Fe[k]] - lam_e * se[k]
+                        re[k] = 0.0
                 _hsolve(L, Yg, fc, fe, lam_z, qc, qe, x1c, x1e, tmp)
                 _hsolve(L, Yg, fc, fe, lam_z, ac, re, x2c, x2e, tmp)
                 ax1 = ax2 = 0.0
@@ -458,25 +514,29 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
                 nu_h = (1.0 - ax1) / ax2
                 for r in range(fc):
                     zhc[r] = x1c[r] + nu_h * x2c[r]
-                for k in range(fe):
-                    zhe[k] = x1e[k] + nu_h * x2e[k]
+                if OUTLIERS:
+                    for k in range(fe):
+                        zhe[k] = x1e[k] + nu_h * x2e[k]
                 for _ in range(REFINE):  # against the unfactored system: its residual, again
                     slack = 1.0
-                    for k in range(fe):  # (H z)_e = lambda_z (Y_ec z_c + z_e)
-                        re[k] = zhe[k]
+                    if OUTLIERS:
+                        for k in range(fe):  # (H z)_e = lambda_z (Y_ec z_c + z_e)
+                            re[k] = zhe[k]
                     for r in range(fc):
                         yr, z = Yg[r], zhc[r]
                         v = qc[r] + nu_h
                         for c in range(fc):
                             v -= A[r, c] * zhc[c]
                         t = 0.0
-                        for k in range(fe):
-                            t += yr[k] * zhe[k]
-                            re[k] += yr[k] * z
+                        if OUTLIERS:
+                            for k in range(fe):
+                                t += yr[k] * zhe[k]
+                                re[k] += yr[k] * z
                         rc[r] = v - lam_z * t
                         slack -= z
-                    for k in range(fe):
-                        re[k] = qe[k] - lam_z * re[k]
+                    if OUTLIERS:
+                        for k in range(fe):
+                            re[k] = qe[k] - lam_z * re[k]
                     _hsolve(L, Yg, fc, fe, lam_z, rc, re, x1c, x1e, tmp)
                     ax1 = 0.0
                     for r in range(fc):
@@ -484,8 +544,9 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
                     dnu = (slack - ax1) / ax2
                     for r in range(fc):
                         zhc[r] += x1c[r] + dnu * x2c[r]
-                    for k in range(fe):
-                        zhe[k] += x1e[k] + dnu * x2e[k]
+                    if OUTLIERS:
+                        for k in range(fe):
+                            zhe[k] += x1e[k] + dnu * x2e[k]
                     nu_h += dnu
                 t, p = 1.0, -1
                 for r in range(fc):
@@ -494,47 +555,51 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
                         tr = zc[r] / gap if gap != 0.0 else 0.0
                         if tr < t:
                             t, p = tr, r
-                for k in range(fe):
-                    if zhe[k] * se[k] <= 0.0:
-                        gap = ze[k] - zhe[k]
-                        tk = ze[k] / gap if gap != 0.0 else 0.0
-                        if tk < t:
-                            t, p = tk, fc + k
+                if OUTLIERS:
+                    for k in range(fe):
+                        if zhe[k] * se[k] <= 0.0:
+                            gap = ze[k] - zhe[k]
+                            tk = ze[k] / gap if gap != 0.0 else 0.0
+                            if tk < t:
+                                t, p = tk, fc + k
                 if p < 0:  # settled
                     for r in range(fc):
                         zc[r] = zhc[r]
-                    for k in range(fe):
-                        ze[k] = zhe[k]
+                    if OUTLIERS:
+                        for k in range(fe):
+                            ze[k] = zhe[k]
                     settle, nu = False, nu_h
                     break
                 for r in range(fc):
                     zc[r] += t * (zhc[r] - zc[r])
-                for k in range(fe):
-                    ze[k] += t * (zhe[k] - ze[k])
+                if OUTLIERS:
+                    for k in range(fe):
+                        ze[k] += t * (zhe[k] - ze[k])
                 if p < fc:
                     zc[p] = 0.0
                     stuck = stuck or (t == 0.0 and Fc[p] == entrant)  # the entrant cannot move
                 else:
                     ze[p - fc] = 0.0
                     stuck = stuck or (t == 0.0 and n + Fe[p - fc] == entrant)
-                for k in range(fe - 1, -1, -1):  # outliers leave: S gains lambda_z y y^T
-                    if ze[k] == 0.0:
-                        left = n + Fe[k]
-                        held[left] = False
-                        for r in range(fc):
-                            yr = Yg[r]
-                            col[r] = root * yr[k]
+                if OUTLIERS:  # (the lean kernel holds none)
+                    for k in range(fe - 1, -1, -1):  # outliers leave: S gains lambda_z y y^T
+                        if ze[k] == 0.0:
+                            left = n + Fe[k]
+                            held[left] = False
+                            for r in range(fc):
+                                yr = Yg[r]
+                                col[r] = root * yr[k]
+                                for k2 in range(k, fe - 1):
+                                    yr[k2] = yr[k2 + 1]
                             for k2 in range(k, fe - 1):
-                                yr[k2] = yr[k2 + 1]
-                        for k2 in range(k, fe - 1):
-                            Fe[k2], se[k2], ze[k2] = Fe[k2 + 1], se[k2 + 1], ze[k2 + 1]
-                        fe -= 1
-                        if not _chol_rank1(L, fc, col, 1.0, A, RIDGE):  # (its pivots grow)
-                            if failed[left] == stamp or not _refactor(L, A, Yg, fc, fe, lam_z,
-                                                                      col):  # fmt: skip
-                                st = SINGULAR
-                                break
-                            failed[left] = stamp
+                                Fe[k2], se[k2], ze[k2] = Fe[k2 + 1], se[k2 + 1], ze[k2 + 1]
+                            fe -= 1
+                            if not _chol_rank1(L, fc, col, 1.0, A, RIDGE):  # (its pivots grow)
+                                if failed[left] == stamp or not _refactor(L, A, Yg, fc, fe,
+                                                                          lam_z, col):  # fmt: skip
+                                    st = SINGULAR
+                                    break
+                                failed[left] = stamp
                 if st >= 0:
                     break
                 for r in range(fc - 1, -1, -1):
@@ -549,8 +614,9 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
                                 A[r2, c] = A[r2 + 1, c]
                         for r2 in range(r, fc - 1):
                             Fc[r2], sc[r2], zc[r2] = Fc[r2 + 1], sc[r2 + 1], zc[r2 + 1]
-                            for c in range(fe):  # (a slice assignment compiles its error message)
-                                Yg[r2, c] = Yg[r2 + 1, c]
+                            if OUTLIERS:  # (a slice assignment compiles its error message)
+                                for c in range(fe):
+                                    Yg[r2, c] = Yg[r2 + 1, c]
                         fc -= 1
             if st >= 0:
                 break
@@ -569,8 +635,9 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
                     m = gu[i]
                     for r in range(fc):
                         m -= gu[Fc[r]] * zc[r]
-                    for k in range(fe):
-                        m -= yu[Fe[k]] * ze[k]
+                    if OUTLIERS:
+                        for k in range(fe):
+                            m -= yu[Fe[k]] * ze[k]
                     m = lam_z * m + nu
                     viol = abs(m) - 1.0
                 else:
@@ -593,6 +660,9 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
                         break
                     fc += 1
                 else:
+                    if not OUTLIERS:
+                        st = NEEDS_OUTLIERS
+                        break
                     if not _add_outlier(L, A, Yg, Fc, fc, Fe, se, ze, fe, at - n, sign, YT, lam_z,
                                         col, floor, failed, n, stamp):  # fmt: skip
                         st = SINGULAR
@@ -618,16 +688,18 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
                     full[u] -= gk[u] * zk
                 for u in range(d):
                     full[n + u] -= yk[u] * zk
-            for r in range(fe):
-                k, zk = Fe[r], ze[r]
-                yk = Y[k]
-                for u in range(n):
-                    full[u] -= yk[u] * zk
-                full[n + k] -= zk
+            if OUTLIERS:
+                for r in range(fe):
+                    k, zk = Fe[r], ze[r]
+                    yk = Y[k]
+                    for u in range(n):
+                        full[u] -= yk[u] * zk
+                    full[n + k] -= zk
             for r in range(fc):
                 full[Fc[r]] = math.nan
-            for r in range(fe):
-                full[n + Fe[r]] = math.nan
+            if OUTLIERS:
+                for r in range(fe):
+                    full[n + Fe[r]] = math.nan
             full[i] = math.nan
             for u in range(n):
                 full[u] = abs(lam_z * full[u] + nu) - 1.0
@@ -637,9 +709,10 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
             for r in range(fc):
                 W[w_] = Fc[r]
                 w_ += 1
-            for r in range(fe):
-                W[w_] = n + Fe[r]
-                w_ += 1
+            if OUTLIERS:
+                for r in range(fe):
+                    W[w_] = n + Fe[r]
+                    w_ += 1
             f, kept = w_, 0
             # the `grow` worst above tol in one scan, worst first (ties: the lower index);
             # W[f:f + kept] holds them in that order, compared through `full`
@@ -658,12 +731,159 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
                 st = SOLVED if w_ == f else TOO_LARGE
                 break
             banned = -1
+        if not OUTLIERS:
+            if st == NEEDS_OUTLIERS:  # this column and those after it: the full kernel's
+                for r in range(fc):
+                    held[Fc[r]] = False
+                status[i] = st
+                return
         status[i], passes[i], spent[i] = st, ps, work[0]
         if st == TOO_LARGE or st == OVER_BUDGET:  # (threads may lose a count: a later stop)
             hard[0] += 1
         for r in range(fc):
             held[Fc[r]] = False
             C[Fc[r], i] = zc[r]
-        for r in range(fe):
-            held[n + Fe[r]] = False
-            E[Fe[r], i] = ze[r]
+        if OUTLIERS:
+            for r in range(fe):
+                held[n + Fe[r]] = False
+                E[Fe[r], i] = ze[r]
+
+
+def _variant(py_func, name: str, **constants):
+    """``py_func``'s code as a function ``name`` whose module constants ``constants`` differ
+    (a copy of the module's globals): Numba compiles and caches it apart (its cache files are
+    named after ``name``)."""
+    glob = {**py_func.__globals__, **constants}
+    func = pytypes.FunctionType(py_func.__code__, glob, name, py_func.__defaults__,
+                                py_func.__closure__)  # fmt: skip
+    func.__qualname__, func.__module__, func.__doc__ = name, py_func.__module__, py_func.__doc__
+    return func
+
+
+_JIT = {"cache": True, "pipeline_class": _Compiler, "locals": _SOLVE_LOCALS, **_OPTIONS}
+#: The lean kernel (:data:`OUTLIERS` False) and the full one, compiled for :data:`SIGNATURE`
+#: when first needed (:func:`ready`), not when this module is imported.
+solve_columns_lean = numba.njit(**_JIT)(_variant(solve_columns, "solve_columns_lean",
+                                                 OUTLIERS=False))  # fmt: skip
+solve_columns = numba.njit(**_JIT)(solve_columns)
+KERNELS = {"lean": solve_columns_lean, "full": solve_columns}
+
+#: What this process did for each kernel it holds: ``{"kernel", "how"}`` with ``how``
+#: "loaded" (from Numba's cache) or "compiled" (and saved there), ``seconds`` (the load or
+#: compile) and ``waited`` (seconds spent waiting for another process's compile of it).
+EVENTS: list[dict] = []
+_held: set[str] = set()
+_thread_lock = threading.Lock()
+_missed: dict[str, tuple] = {}  # kernel: its cache index's (mtime, size) when last not found
+_log = logging.getLogger("videoanchor.kernel")
+
+
+def held(kernel: str) -> bool:
+    """Whether this process holds ``kernel`` ("lean" or "full") loaded or compiled."""
+    return kernel in _held or config.DISABLE_JIT
+
+
+def _index_stamp(disp) -> tuple | None:
+    try:
+        st = os.stat(disp._cache._cache_file._index_path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def lock_path(kernel: str) -> str:
+    """The file whose lock a process holds while it loads or compiles ``kernel`` into Numba's
+    cache: beside the kernel's cache index (the folder Numba caches it in)."""
+    cache = KERNELS[kernel]._cache
+    return os.path.join(cache.cache_path, cache._impl.filename_base + ".lock")
+
+
+@contextlib.contextmanager
+def _file_lock(kernel: str, wait: bool):
+    """Holds ``kernel``'s :func:`lock_path` (``flock``; released when the process ends, however
+    it ends): yields the seconds waited for it, or None where ``wait`` is False and another
+    process holds it. Where the lock cannot be made (no ``fcntl``, a cache folder that cannot
+    be written), yields 0.0 without one (Numba writes each cache file whole, by a rename)."""
+    fd = None
+    if fcntl is not None:
+        try:
+            KERNELS[kernel]._cache._impl.locator.ensure_cache_path()
+            fd = os.open(lock_path(kernel), os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            fd = None
+    if fd is None:
+        yield 0.0
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            waited = 0.0
+        except BlockingIOError:
+            if not wait:
+                yield None
+                return
+            _log.warning("videoanchor: waiting for another process compiling the SSC kernel "
+                         "(%s) into Numba's cache (%s)", kernel, lock_path(kernel))  # fmt: skip
+            t0 = time.perf_counter()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            waited = time.perf_counter() - t0
+        yield waited
+    finally:
+        os.close(fd)
+
+
+def _load(disp) -> bool:
+    """``disp``'s :data:`SIGNATURE` from Numba's cache into ``disp`` (as ``compile`` loads it
+    before compiling), without compiling: whether the cache held it for this CPU."""
+    with global_compiler_lock:
+        cres = disp._cache.load_overload(SIGNATURE, disp.targetctx)
+        if cres is None:
+            return False
+        disp._cache_hits[SIGNATURE] += 1
+        disp.targetctx.insert_user_function(cres.entry_point, cres.fndesc, [cres.library])
+        disp.add_overload(cres)
+    return True
+
+
+def ready(kernel: str = "full", *, compile: bool = True):
+    """``kernel`` ("lean" or "full", :data:`KERNELS`) with :data:`SIGNATURE` in this process:
+    held already, loaded from Numba's cache, or (``compile``) compiled and saved there. A
+    process loads or compiles it holding :func:`lock_path`'s lock, so that two processes never
+    compile it at once: one that finds another compiling it waits for that (saying so in one
+    line on the ``videoanchor.kernel`` logger) and loads what it saved. With ``compile``
+    False: None where neither this process nor the cache holds it, or another process holds
+    its lock. Numba keys its cache by the CPU (name and features): a cache made for another
+    CPU is not loaded but compiled for this one beside it."""
+    disp = KERNELS[kernel]
+    if config.DISABLE_JIT or kernel in _held:
+        return disp
+    with _thread_lock:
+        if kernel in _held:
+            return disp
+        if not compile and _missed.get(kernel, False) == _index_stamp(disp):
+            return None  # (not found, and the index has not changed since)
+        with _file_lock(kernel, wait=compile) as waited:
+            if waited is None:
+                return None
+            t0 = time.perf_counter()
+            if _load(disp):
+                how = "loaded"
+            elif not compile:
+                _missed[kernel] = _index_stamp(disp)
+                return None
+            else:
+                disp.compile(SIGNATURE)
+                how = "compiled"
+            disp.disable_compile()  # (one specialisation: another would be a bug)
+            EVENTS.append({"kernel": kernel, "how": how, "seconds": time.perf_counter() - t0,
+                           "waited": waited})  # fmt: skip
+            _held.add(kernel)
+    return disp
+
+
+def precompile() -> list[dict]:
+    """Both kernels ready (:func:`ready`): the lean one first (a first call that finds only it
+    need not wait for the full one). Returns :data:`EVENTS`."""
+    for kernel in ("lean", "full"):
+        ready(kernel)
+    return EVENTS

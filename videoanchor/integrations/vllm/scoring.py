@@ -330,8 +330,13 @@ def warm_up(worker) -> str | None:
             warnings.simplefilter("ignore")
             res = compute_anchor_scores(x.to(runner.device), 2, **ssc_kwargs(cfg),
                                         progress=False)  # fmt: skip
-        if ssc_plan(cfg, *WARM_UP_SHAPE, runner.device).route == "workset_cuda":
+        route = ssc_plan(cfg, *WARM_UP_SHAPE, runner.device).route
+        if route == "workset_cuda":
             workset_cuda.warm_up(runner.device)  # (every level of slots, into Triton's cache)
+        elif route == "workset_then_fast":  # the CPU's working sets: both kernels (issue 93)
+            from videoanchor.anchor.solvers import _workset_kernel
+
+            _workset_kernel.precompile()
     except Exception as err:
         logger.warning("videoanchor: the SSC warm-up at start-up failed (%s: %s); requests "
                        "will meet the same error", type(err).__name__, err)  # fmt: skip
@@ -340,11 +345,11 @@ def warm_up(worker) -> str | None:
     runner.__dict__["_videoanchor_warmed"] = res.solver
     runner.__dict__["_videoanchor_warm_up_s"] = seconds
     kernel = sys.modules.get("videoanchor.anchor.solvers._workset_kernel")
-    stats = getattr(getattr(kernel, "solve_columns", None), "stats", None)
     how = ""
-    if stats is not None:
-        done = "compiled into" if stats.cache_misses else "loaded from"
-        how = f"; its Numba kernel {done} the cache at {stats.cache_path}"
+    if kernel is not None and kernel.EVENTS:
+        done = ("compiled into" if any(e["how"] == "compiled" for e in kernel.EVENTS)
+                else "loaded from")  # fmt: skip
+        how = f"; its Numba kernels {done} the cache at {kernel.solve_columns.stats.cache_path}"
     logger.info("videoanchor: SSC warmed up before the first request (%s solver, %.1f s%s)",
                 res.solver, seconds, how)  # fmt: skip
     return res.solver
