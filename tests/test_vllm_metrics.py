@@ -189,11 +189,17 @@ def test_the_log_line_and_cache_counts_of_a_scored_request(fresh, caplog):
             scoring.record_run(p.key, scoring.SSCRun("r-gap", "step", 0.5, "workset", 3, True,
                                                      1.2e-4))  # fmt: skip
             scoring.report("r-gap", p, False, cache)
+            scoring.record_run(p.key, scoring.SSCRun("r-share", "step", 0.5, "workset", 3, True,
+                                                     None, "steady", 0.25))  # fmt: skip
+            scoring.report("r-share", p, False, cache)
     finally:
         scoring.reset_runs()
     assert scoring.runs() == {}
     lines = {r.getMessage().split(":")[1].split()[1]: r.getMessage() for r in caplog.records}
-    assert len(caplog.records) == 6 and all(r.levelno == logging.INFO for r in caplog.records)
+    assert len(caplog.records) == 7 and all(r.levelno == logging.INFO for r in caplog.records)
+    # the cluster share that ran and the paper's share's weight in it (issue 91)
+    assert "workset solver, 3 iterations, steady cluster share (weight 0.25), in its step;" in (
+        lines["r-share"]), lines["r-share"]
     # the relative duality gap of the C returned (issue 79), where the solver computed one
     assert (
         "SSC 0.50 s, workset solver, 3 iterations, duality gap 0.00012, in its step;"
@@ -219,4 +225,4 @@ def test_the_log_line_and_cache_counts_of_a_scored_request(fresh, caplog):
     assert lines["r-no-cache"].endswith("; no score cache"), lines["r-no-cache"]
     total = metrics.read(fresh)
     assert total["videoanchor_score_cache_hits"] == {(): 1.0}
-    assert total["videoanchor_score_cache_misses"] == {(): 4.0}  # none counted without a cache
+    assert total["videoanchor_score_cache_misses"] == {(): 5.0}  # none counted without a cache

@@ -178,7 +178,7 @@ def run_ssc(req, cfg, items, cols, n, k, encoder_outputs, cache, key,
             held[:] = [w for w in held if "row sums agree" not in str(w[0])]
     seconds = time.perf_counter() - t0 - encoding[0]
     record_run(key, SSCRun(req.req_id, where, seconds, res.solver, res.iterations,
-                           res.converged, res.gap))  # fmt: skip
+                           res.converged, res.gap, res.cluster_share, res.share_weight))  # fmt: skip
     if counted:
         metrics.count("videoanchor_ssc_runs", where=where)
         metrics.observe("videoanchor_ssc_seconds", seconds, where=where)
@@ -190,8 +190,10 @@ class SSCRun(NamedTuple):
     """One SSC run of this process, as :func:`report` tells it: the request it ran for
     (``req_id``), ``where`` (``"ahead"`` of the request's step or in the ``"step"``), its
     ``seconds`` (the solver only), the ``solver`` that ran, its ``iterations``, whether
-    it ``converged`` and the relative duality gap of the ``C`` it returned (``gap``; None
-    where the solver computed none)."""
+    it ``converged``, the relative duality gap of the ``C`` it returned (``gap``; None
+    where the solver computed none) and the cluster share that ran with the paper's share's
+    weight in it (``cluster_share``, ``share_weight``: the result's record, issue 91; None
+    where not given)."""
 
     req_id: str
     where: str
@@ -200,6 +202,8 @@ class SSCRun(NamedTuple):
     iterations: int
     converged: bool
     gap: float | None = None
+    cluster_share: str | None = None
+    share_weight: float | None = None
 
 
 #: How many SSC runs this process remembers (:func:`runs`), the oldest forgotten first.
@@ -253,10 +257,12 @@ def report(req_id: str, p: Plan, from_cache: bool, cache) -> None:
     elif run is None:
         how = "SSC run on another tensor-parallel rank"
     else:
-        rid, where, seconds, solver, iterations, converged, gap = run
+        rid, where, seconds, solver, iterations, converged, gap, share, weight = run
         how = (f"SSC {seconds:.2f} s, {solver} solver, {iterations} iterations"
                f"{'' if converged else ' (NOT converged)'}"
-               f"{'' if gap is None else f', duality gap {gap:.2g}'}, "
+               f"{'' if gap is None else f', duality gap {gap:.2g}'}"
+               f"{'' if share is None else f', {share} cluster share'}"
+               f"{f' (weight {weight:.2g})' if share == 'steady' and weight is not None else ''}, "
                f"{'ahead of its step' if where == 'ahead' else 'in its step'}"
                f"{'' if rid == req_id else f' (for request {rid}, same items and options)'}")  # fmt: skip
     if cache is None:
