@@ -61,6 +61,13 @@ def test_a_read_only_install_caches_the_kernel_in_the_user_cache(tmp_path):
     try:
         first, second = (_child("from videoanchor.cli import main; main(['warmup'])", env,
                                 cwd=tmp_path) for _ in range(2))  # fmt: skip
+        # the background compile's check (issue 93) finds the same index files, warm
+        paths = json.loads(_child(
+            "import json\n"
+            "from videoanchor.anchor.solvers import _workset_kernel as k, precompile as p\n"
+            "print(json.dumps([[str(x) for x in p.index_paths()], p.cache_is_cold(),\n"
+            "    [k.KERNELS[n]._cache._cache_file._index_path for n in ('lean', 'full')]]))",
+            env, cwd=tmp_path))  # fmt: skip
     finally:
         for path in [copy, *copy.rglob("*")]:
             path.chmod(path.stat().st_mode | stat.S_IWUSR)
@@ -68,6 +75,7 @@ def test_a_read_only_install_caches_the_kernel_in_the_user_cache(tmp_path):
     assert "kernel compiled into Numba's cache" in first and f": {cache}/" in first, first
     assert "kernel loaded from Numba's cache" in second and f": {cache}/" in second, second
     assert any((tmp_path / "xdg").rglob("*.nbi")), "no Numba index in the user cache"
+    assert paths[0] == paths[2] and not paths[1] and paths[0][0].startswith(cache), paths
 
 
 def test_the_readme_states_the_snippet_time_that_bench_first_call_measured():

@@ -1,5 +1,6 @@
 """The working-set kernel's compile kept off the first request (issue 93): the lean kernel beside
-the full one (the same C bit for bit), the cache's lock, a cache made for another CPU."""
+the full one (the same C bit for bit), the cache's lock, the background compile, a cache made
+for another CPU, the opt-out, and a model loaded first that finds the kernel compiled."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from videoanchor.anchor.solvers import _workset_kernel as kernel
+from videoanchor.anchor.solvers import precompile
 from videoanchor.anchor.solvers import workset as ws
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +109,93 @@ def test_the_lean_kernel_gives_the_full_kernels_answer_bit_for_bit(monkeypatch):
     assert handed >= 2, "no set handed a column to the full kernel"
 
 
+def test_the_cheap_check_finds_numbas_cache(tmp_path):
+    """:func:`precompile.index_paths`, without Numba, names the index files Numba keeps for
+    both kernels, with ``NUMBA_CACHE_DIR`` set and in the package's ``__pycache__``; and
+    :func:`precompile.cache_is_cold` follows them."""
+    code = (
+        "import json\n"
+        "from videoanchor.anchor.solvers import _workset_kernel as k, precompile as p\n"
+        "print(json.dumps([[str(x) for x in p.index_paths()],\n"
+        "                  [k.KERNELS[n]._cache._cache_file._index_path for n in ('lean', 'full')],\n"
+        "                  p.cache_is_cold()]))\n"
+    )
+    env = _env(tmp_path)
+    ours, numbas, cold = _child(code, env)
+    assert ours == numbas and cold, (ours, numbas)
+    env.pop("NUMBA_CACHE_DIR")
+    ours, numbas, _ = _child(code, env)
+    assert ours == numbas and "__pycache__" in ours[0], (ours, numbas)
+
+
+def test_the_opt_out_and_a_warm_cache_start_nothing(monkeypatch):
+    """``VIDEOANCHOR_PRECOMPILE=0`` starts no process, nor does a warm cache; a cold one starts
+    one (the kernel's file run alone, below normal priority), once per process."""
+    started = []
+
+    class FakeProcess:
+        def __init__(self, args, **kw):
+            started.append((args, kw))
+
+        def wait(self, timeout=None):
+            return 0
+
+    monkeypatch.setattr(precompile.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(precompile, "_process", None)
+    monkeypatch.setattr(precompile, "_reason", None)
+    monkeypatch.setattr(precompile, "cache_is_cold", lambda: True)
+    monkeypatch.setattr(kernel, "held", lambda which: False)
+    for off in ("0", "false", "off"):
+        monkeypatch.setenv(precompile.ENV, off)
+        assert precompile.start("test") is None
+    monkeypatch.setenv(precompile.ENV, "1")
+    monkeypatch.setenv("NUMBA_DISABLE_JIT", "1")
+    assert precompile.start("test") is None
+    monkeypatch.delenv("NUMBA_DISABLE_JIT")
+    monkeypatch.setattr(precompile, "cache_is_cold", lambda: False)
+    assert precompile.start("test") is None and not started
+    monkeypatch.setattr(precompile, "cache_is_cold", lambda: True)
+    assert precompile.start("test") is not None and precompile.started() == "test"
+    assert precompile.start("again") is None and len(started) == 1
+    args, kw = started[0]
+    assert args[-1] == str(precompile.KERNEL_FILE) and "os.nice(10)" in args[2]
+    assert kw["start_new_session"] and kw["stdin"] == subprocess.DEVNULL
+
+
+def test_installing_on_a_model_starts_the_background_compile(monkeypatch):
+    """The transformers integration starts it when it installs on a model (what
+    ``from_pretrained(..., attn_implementation="videoanchor_triton")`` does)."""
+    from videoanchor.integrations.transformers.testing import tiny_model
+
+    reasons = []
+    monkeypatch.setattr(precompile, "start", reasons.append)
+    tiny_model("qwen2_5_vl", attn_implementation="videoanchor_triton")
+    assert reasons == ["transformers"]
+
+
+def test_import_starts_the_background_compile_where_the_cache_is_empty(tmp_path):
+    """``import videoanchor`` with an empty cache starts the background process, which fills
+    the cache with both kernels; a later process compiles nothing and its import starts
+    none."""
+    env = _env(tmp_path, **{precompile.ENV: "1"})
+    code = ("import json, time, videoanchor\n"
+            "from videoanchor.anchor.solvers import precompile as p\n"
+            "t = time.perf_counter()\n"
+            "print(json.dumps([p.started(), p.wait(600), p.cache_is_cold()]))\n")  # fmt: skip
+    assert _child(code, env) == ["import", 0, False]
+    names = sorted(p.name.split("-")[0] for p in (tmp_path / "numba").rglob("*.nbi"))
+    assert names == ["_workset_kernel.solve_columns", "_workset_kernel.solve_columns_lean"]
+    got = _child(_REPORT + (
+        "import torch, videoanchor\n"
+        "from videoanchor.anchor.solvers import precompile as p\n"
+        "from benchmarks.bench_workset import overlaid\n"
+        "from videoanchor.anchor.solvers.workset import solve_ssc_workset\n"
+        "solve_ssc_workset(overlaid(4, 24, 128, tokens=2, entries=60))\n"
+        "report(started=p.started())\n"), env)  # fmt: skip
+    assert got["compiled"] == [] and got["started"] is None, got
+    assert [(e["kernel"], e["how"]) for e in got["events"]] == [("full", "loaded")], got
+
+
 def _held_elsewhere(folder: Path, kernel_name: str) -> bool:
     """Whether another process holds the lock of ``kernel_name``'s cache under ``folder``."""
     name = {"lean": "solve_columns_lean", "full": "solve_columns"}[kernel_name]
@@ -163,3 +252,45 @@ def test_a_cache_made_for_another_cpu_is_not_loaded(tmp_path):
     assert not got["found"] and got["hits"] == 0 and got["cpu"] != "generic", got
     assert [e["how"] for e in got["events"]] == ["compiled"], got
     assert "solve_columns_lean" in got["compiled"], got
+
+
+def test_a_model_loaded_first_finds_the_kernel_compiled(tmp_path):
+    """Issue 93's user: imports videoanchor and loads the tiny Qwen2.5-VL through
+    ``from_pretrained(..., attn_implementation="videoanchor_triton")`` with an empty Numba
+    cache, then generates on a video. The background compile that the import started ends
+    before the request (``precompile.wait()`` stands in for a real model's load, which takes
+    longer than the compile): the request compiles nothing and loads the kernel it needs,
+    without waiting for another process."""
+    from videoanchor.integrations.transformers.testing import tiny_model
+
+    path = tmp_path / "model"
+    tiny_model("qwen2_5_vl", seed=1).save_pretrained(path)
+    env = _env(tmp_path, **{precompile.ENV: "1"})
+    head = _REPORT.replace("from videoanchor.anchor.solvers import _workset_kernel as k\n", "")
+    code = head + (
+        "import sys, torch, videoanchor\n"
+        "sys.path.insert(0, 'tests')\n"
+        "import torchvision_shim; torchvision_shim.apply()\n"
+        "from videoanchor.anchor.solvers import precompile as p\n"
+        "from videoanchor.integrations.transformers.testing import load_saved, tiny_inputs\n"
+        f"model = load_saved({str(path)!r})\n"
+        "code = p.wait(600)\n"
+        "Compiles.names.clear()\n"
+        "inputs = tiny_inputs(model.config, [[4]])\n"
+        "with torch.no_grad():\n"
+        "    model.generate(**inputs, max_new_tokens=2, do_sample=False)\n"
+        "from videoanchor.anchor.solvers import _workset_kernel as k\n"
+        "handle = videoanchor.integrations.transformers.find_handle(model)\n"
+        "report(started=p.started(), code=code, solver=handle.last_result[0].solver)\n"
+    )
+    got = _child(code, env)
+    assert got["started"] == "import" and got["code"] == 0, got
+    assert got["solver"] == "workset", got
+    assert got["compiled"] == [], got
+    assert got["events"] and all(e["how"] == "loaded" and e["waited"] == 0.0
+                                 for e in got["events"]), got  # fmt: skip
+
+
+def test_the_readme_and_docs_name_the_opt_out():
+    for page in ("docs/serving.md", "docs/ssc.md"):
+        assert precompile.ENV + "=0" in (ROOT / page).read_text(), page

@@ -19,6 +19,13 @@ from videoanchor.kernels import anchor_gates, anchored_attention, anchored_atten
 register_when_imported()
 del register_when_imported
 
+# the SSC kernel compiled in a background process where Numba's cache is empty (issue 93; a
+# few stat calls here, VIDEOANCHOR_PRECOMPILE=0 to start none)
+from videoanchor.anchor.solvers import precompile as _precompile  # noqa: E402
+
+_precompile.start("import")
+del _precompile
+
 __all__ = [
     "anchored_attention",
     "anchored_attention_varlen",

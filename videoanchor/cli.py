@@ -1005,6 +1005,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``videoanchor`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("run", "anchors", "tune"):  # the SSC kernel compiled meanwhile (issue 93)
+        from videoanchor.anchor.solvers import precompile
+
+        precompile.start("cli")
     from transformers.utils import logging as hf_logging
 
     bars_were_on = hf_logging.is_progress_bar_enabled()

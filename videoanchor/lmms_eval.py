@@ -236,6 +236,10 @@ class VideoAnchorLMMCore:
         else:
             self._batch_size = _as_int(batch_size, "batch_size", 1)
         self.anchor = _as_bool(anchor, "anchor")
+        if self.anchor:  # the SSC kernel compiled in the background while the model loads
+            from videoanchor.anchor.solvers import precompile
+
+            precompile.start("lmms_eval")
         self.max_num_frames = _as_int(max_num_frames, "max_num_frames", 1)
         self.max_new_tokens = (
             None if max_new_tokens is None else _as_int(max_new_tokens, "max_new_tokens", 1)

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 
 import torch
 
+from videoanchor.anchor.solvers import precompile
 from videoanchor.integrations.transformers.attention import ATTN_IMPLEMENTATION, REQUEST_KWARG
 from videoanchor.integrations.transformers.gates import RequestGates
 from videoanchor.integrations.transformers.scoring import ForwardInputs, score_prefill
@@ -58,6 +59,9 @@ def install(handle, base: torch.nn.Module) -> None:
             f"videoanchor: found no decoder self-attention modules in {type(lm).__name__}"
         )
     keep_vision_on_sdpa(handle)
+    # the SSC kernel compiled in the background while the model loads, where Numba's cache is
+    # empty (issue 93; once per process, none with VIDEOANCHOR_PRECOMPILE=0)
+    precompile.start("transformers")
 
 
 def keep_vision_on_sdpa(handle) -> None:
