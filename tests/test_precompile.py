@@ -294,3 +294,36 @@ def test_a_model_loaded_first_finds_the_kernel_compiled(tmp_path):
 def test_the_readme_and_docs_name_the_opt_out():
     for page in ("docs/serving.md", "docs/ssc.md"):
         assert precompile.ENV + "=0" in (ROOT / page).read_text(), page
+
+
+def test_no_folder_numba_can_write_to_compiles_in_each_process(tmp_path):
+    """A package whose folder cannot be written (its ``__pycache__`` a file, which stops root
+    too) and no user cache folder that can be made (``$XDG_CACHE_HOME`` under a file),
+    ``NUMBA_CACHE_DIR`` unset: Numba caches nowhere. The kernel still compiles and solves,
+    saying once why it will compile again in the next process, and no background compile is
+    started (it would leave nothing behind)."""
+    import shutil
+
+    copy = tmp_path / "site"
+    shutil.copytree(ROOT / "videoanchor", copy / "videoanchor",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))  # fmt: skip
+    (copy / "videoanchor" / "anchor" / "solvers" / "__pycache__").write_text("not a folder\n")
+    (tmp_path / "file").write_text("not a folder\n")
+    env = _env(tmp_path, PYTHONPATH=str(copy), XDG_CACHE_HOME=str(tmp_path / "file" / "cache"),
+               HOME=str(tmp_path / "file"), PYTHONDONTWRITEBYTECODE="1",
+               **{precompile.ENV: "1"})  # fmt: skip
+    env.pop("NUMBA_CACHE_DIR")
+    out = subprocess.run([sys.executable, "-c", _REPORT + (
+        "import torch\n"
+        "from videoanchor.anchor.solvers import precompile as p\n"
+        "from videoanchor.anchor.solvers.workset import solve_ssc_workset\n"
+        "res = solve_ssc_workset(torch.randn(12, 6, generator=torch.Generator().manual_seed(0)))\n"
+        "report(converged=bool(res.converged), cold=p.cache_is_cold(), paths=p.index_paths(),\n"
+        "       started=p.started(), lock=k.lock_path('lean'))\n")],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["converged"] and [e["how"] for e in got["events"]] == ["compiled"], got
+    assert got["cold"] is False and got["paths"] is None and got["started"] is None, got
+    assert got["lock"] is None, got
+    assert out.stderr.count("Numba cannot cache the SSC kernel") == 1, out.stderr

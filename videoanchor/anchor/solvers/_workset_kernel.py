@@ -760,12 +760,31 @@ def _variant(py_func, name: str, **constants):
     return func
 
 
-_JIT = {"cache": True, "pipeline_class": _Compiler, "locals": _SOLVE_LOCALS, **_OPTIONS}
+_JIT = {"pipeline_class": _Compiler, "locals": _SOLVE_LOCALS, **_OPTIONS}
+_log = logging.getLogger("videoanchor.kernel")
+
+
+def _jit_cached(py_func):
+    """``py_func`` compiled by Numba with its on-disk cache, or without one where Numba finds
+    no folder it can write to (``$NUMBA_CACHE_DIR``, the package's ``__pycache__``, the
+    user's cache folder: it raises at decoration), which a process then compiles each time."""
+    try:
+        return numba.njit(cache=True, **_JIT)(py_func)
+    except RuntimeError as err:  # (numba.core.caching: "cannot cache function ...")
+        if not _UNCACHED:  # (one line for both kernels)
+            _log.warning("videoanchor: Numba cannot cache the SSC kernel (%s); each process "
+                         "compiles it: set NUMBA_CACHE_DIR to a folder it can write to", err)  # fmt: skip
+        _UNCACHED.append(py_func.__name__)
+        return numba.njit(**_JIT)(py_func)
+
+
+_UNCACHED: list[str] = []  # the kernels Numba keeps no cache of
+
+
 #: The lean kernel (:data:`OUTLIERS` False) and the full one, compiled for :data:`SIGNATURE`
 #: when first needed (:func:`ready`), not when this module is imported.
-solve_columns_lean = numba.njit(**_JIT)(_variant(solve_columns, "solve_columns_lean",
-                                                 OUTLIERS=False))  # fmt: skip
-solve_columns = numba.njit(**_JIT)(solve_columns)
+solve_columns_lean = _jit_cached(_variant(solve_columns, "solve_columns_lean", OUTLIERS=False))
+solve_columns = _jit_cached(solve_columns)
 KERNELS = {"lean": solve_columns_lean, "full": solve_columns}
 
 #: What this process did for each kernel it holds: ``{"kernel", "how"}`` with ``how``
@@ -775,7 +794,6 @@ EVENTS: list[dict] = []
 _held: set[str] = set()
 _thread_lock = threading.Lock()
 _missed: dict[str, tuple] = {}  # kernel: its cache index's (mtime, size) when last not found
-_log = logging.getLogger("videoanchor.kernel")
 
 
 def held(kernel: str) -> bool:
@@ -786,16 +804,18 @@ def held(kernel: str) -> bool:
 def _index_stamp(disp) -> tuple | None:
     try:
         st = os.stat(disp._cache._cache_file._index_path)
-    except OSError:
+    except (OSError, AttributeError):  # (none, or no cache at all)
         return None
     return st.st_mtime_ns, st.st_size
 
 
-def lock_path(kernel: str) -> str:
+def lock_path(kernel: str) -> str | None:
     """The file whose lock a process holds while it loads or compiles ``kernel`` into Numba's
-    cache: beside the kernel's cache index (the folder Numba caches it in)."""
+    cache: beside the kernel's cache index (the folder Numba caches it in); None where Numba
+    keeps no cache of it (:func:`_jit_cached`)."""
     cache = KERNELS[kernel]._cache
-    return os.path.join(cache.cache_path, cache._impl.filename_base + ".lock")
+    impl = getattr(cache, "_impl", None)
+    return None if impl is None else os.path.join(cache.cache_path, impl.filename_base + ".lock")
 
 
 @contextlib.contextmanager
@@ -804,11 +824,11 @@ def _file_lock(kernel: str, wait: bool):
     it ends): yields the seconds waited for it, or None where ``wait`` is False and another
     process holds it. Where the lock cannot be made (no ``fcntl``, a cache folder that cannot
     be written), yields 0.0 without one (Numba writes each cache file whole, by a rename)."""
-    fd = None
-    if fcntl is not None:
+    fd, path = None, lock_path(kernel)
+    if fcntl is not None and path is not None:
         try:
             KERNELS[kernel]._cache._impl.locator.ensure_cache_path()
-            fd = os.open(lock_path(kernel), os.O_RDWR | os.O_CREAT, 0o666)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError:
             fd = None
     if fd is None:
@@ -823,7 +843,7 @@ def _file_lock(kernel: str, wait: bool):
                 yield None
                 return
             _log.warning("videoanchor: waiting for another process compiling the SSC kernel "
-                         "(%s) into Numba's cache (%s)", kernel, lock_path(kernel))  # fmt: skip
+                         "(%s) into Numba's cache (%s)", kernel, path)  # fmt: skip
             t0 = time.perf_counter()
             fcntl.flock(fd, fcntl.LOCK_EX)
             waited = time.perf_counter() - t0

@@ -69,31 +69,40 @@ def enabled() -> bool:
     return not off and os.environ.get("NUMBA_DISABLE_JIT", "0").strip() in ("", "0")
 
 
+def _usable(folder: Path) -> bool:
+    """Whether ``folder`` is, or could be made, a folder this process writes to (as Numba's
+    locators try it: created, then written)."""
+    path = folder
+    while not path.exists():
+        if path.parent == path:
+            return False
+        path = path.parent
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+
 def _cache_dir() -> Path | None:
     """The folder Numba caches the kernel in, as its locators choose it (numba.core.caching:
-    ``$NUMBA_CACHE_DIR``, else ``__pycache__`` beside the file where it can be written, else
-    the user's cache folder), without importing Numba; None where that is not known here."""
+    ``$NUMBA_CACHE_DIR``, else ``__pycache__`` beside the file, else the user's cache folder;
+    the first that can be written), without importing Numba; None where none can be or that
+    is not known here."""
     here = KERNEL_FILE.parent
     sub = f"{here.name}_{hashlib.sha1(str(here).encode()).hexdigest()}"
+    candidates = [here / "__pycache__"]
     if os.environ.get("NUMBA_CACHE_DIR"):
-        return Path(os.environ["NUMBA_CACHE_DIR"]) / sub
-    tree = here / "__pycache__"
-    if (tree.is_dir() and os.access(tree, os.W_OK | os.X_OK)) or (
-        not tree.exists() and os.access(here, os.W_OK | os.X_OK)
-    ):
-        return tree
+        candidates.insert(0, Path(os.environ["NUMBA_CACHE_DIR"]) / sub)
     if sys.platform.startswith("linux"):
         base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        candidates.append(Path(base) / "numba" / sub)
     elif sys.platform == "darwin":
-        base = os.path.expanduser("~/Library/Caches")
+        candidates.append(Path(os.path.expanduser("~/Library/Caches")) / "numba" / sub)
     else:
         return None
-    return Path(base) / "numba" / sub
+    return next((c for c in candidates if _usable(c)), None)
 
 
 def index_paths() -> list[Path] | None:
     """The cache indexes Numba keeps for :data:`FUNCTIONS` (``<file>.<function>-<line>.py<ver>
-    .nbi``), or None where their folder is not known here."""
+    .nbi``), or None where their folder is not known here or Numba can write to none."""
     folder = _cache_dir()
     if folder is None:
         return None
@@ -108,7 +117,8 @@ def cache_is_cold() -> bool:
     """Whether Numba's cache lacks a kernel: an index of :func:`index_paths` missing or older
     than the kernel's file (which Numba would then recompile). Cheap (``stat`` calls), and
     short of Numba's own answer: an index made on another CPU alone counts as warm here
-    (Numba keys its entries by the CPU; the first call then compiles, holding the lock)."""
+    (Numba keys its entries by the CPU; the first call then compiles, holding the lock). False
+    where Numba can cache nowhere (a background compile would leave nothing behind)."""
     paths = index_paths()
     if paths is None:
         return False
