@@ -46,11 +46,11 @@ K = fam.K
 
 def evaluate(coef: torch.Tensor, r_base: torch.Tensor) -> dict:
     """The paper's, the default's and the soft share's labels and scores of one ``C``."""
-    from videoanchor.anchor.clustering import cluster, ssc_affinity
+    from videoanchor.anchor.clustering import ssc_affinity
     from videoanchor.anchor.eigensolvers import spectral_pairs
     from videoanchor.anchor.options import SSCOptions
     from videoanchor.anchor.scores import scores_from_row_sums
-    from videoanchor.anchor.steady import path_margin
+    from videoanchor.anchor.steady import cluster, path_margin
 
     out = {}
     r = coef.to(torch.float64).sum(dim=1)

@@ -435,10 +435,10 @@ def test_cluster_runs_one_eigensolver_call_for_the_steady_share(monkeypatch):
 
         monkeypatch.setattr(mod, name, counted)
     opts = SSCOptions(n_clusters=8, label_draws=3, mode="exact").checked()
-    draws, shares, record = clustering.cluster(c, opts)
+    draws, shares, record = steady.cluster(c, opts)
     assert record["share_weight"] < 1.0 and shares is not None
     assert calls == {"spectral_pairs": 1, "_filtered_eigenpairs": 0, "spectral_embedding": 0}, calls
-    _, hard, rec = clustering.cluster(c, SSCOptions(n_clusters=8, cluster_share="paper",
+    _, hard, rec = steady.cluster(c, SSCOptions(n_clusters=8, cluster_share="paper",
                                                     mode="exact").checked())  # fmt: skip
     assert hard is None and rec == {"cluster_share": "paper", "share_weight": 1.0}
 

@@ -14,12 +14,13 @@ from videoanchor.anchor._inputs import (
     pca_reduce,
     prepare_features,
 )
-from videoanchor.anchor.clustering import cluster, label_shares
+from videoanchor.anchor.clustering import label_shares
 from videoanchor.anchor.options import DEFAULTS, REMOVED_SCALABLE, SSCOptions, check_flag
 from videoanchor.anchor.plan import make_plan
 from videoanchor.anchor.products import exact_float32
 from videoanchor.anchor.program import SSCSolution
 from videoanchor.anchor.solve import solve
+from videoanchor.anchor.steady import cluster
 from videoanchor.anchor.threads import bounded
 
 __all__ = [
@@ -149,7 +150,7 @@ def anchor_scores(
     ``labels`` may also be ``(draws, N)``, several label draws of one clustering: then
     ``pi_j`` is token ``j``'s cluster share averaged over the draws (``label_draws``).
     ``shares`` (N,) in ``(0, 1]``: the ``pi_j`` given instead of read from the labels
-    (``cluster_share="soft"`` or ``"steady"``: :func:`~videoanchor.anchor.clustering.cluster`'s).
+    (``cluster_share="soft"`` or ``"steady"``: :func:`~videoanchor.anchor.steady.cluster`'s).
     """
     if coef.dim() != 2 or coef.shape[0] != coef.shape[1]:
         raise ValueError(f"coef: expected a square (N, N) matrix, got shape {tuple(coef.shape)}")

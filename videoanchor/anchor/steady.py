@@ -1,6 +1,7 @@
 """The default cluster share, ``cluster_share="steady"`` (issue 91): the paper's share where
 its labels hold still, the soft share where they do not, blended between by a weight that
-is a continuous function of the path Yu & Shi's ``discretize`` takes.
+is a continuous function of the path Yu & Shi's ``discretize`` takes; and :func:`cluster`,
+the stage of an SSC call that draws the labels and picks the share.
 
 The paper's share ``pi_j = |c_j| / N`` reads the labels of :func:`~videoanchor.anchor.
 clustering.discretize`, which are a finite sequence of decisions on the unit rows ``v_i`` of
@@ -47,10 +48,22 @@ from videoanchor.anchor.clustering import (
     _unit_rows,
     label_random_state,
     label_shares,
+    soft_cluster_shares,
+    sparse_spectral_labels,
+    sparse_ssc_affinity,
+    spectral_labels,
+    ssc_affinity,
 )
-from videoanchor.anchor.eigensolvers import _filtered_eigenpairs, _normalized_affinity, spectral_pairs
+from videoanchor.anchor.collective import broadcast_from_first, raise_together
+from videoanchor.anchor.eigensolvers import (
+    _filtered_eigenpairs,
+    _normalized_affinity,
+    spectral_pairs,
+)
+from videoanchor.anchor.products import exact_float32
+from videoanchor.anchor.threads import bounded
 
-__all__ = ["STEADY_RAMP", "steady_stability", "steady_weight", "steady_shares"]
+__all__ = ["STEADY_RAMP", "steady_stability", "steady_weight", "steady_shares", "cluster"]
 
 #: ``(lo, hi)``: the stability ``z`` (decision margin times the eigengap at ``k``) below
 #: which the steady share is the soft one and above which it is the paper's. Calibrated on
@@ -269,3 +282,72 @@ def path_margin(embedding: torch.Tensor, *, seed: int = 0) -> float:
     start = int(label_random_state(seed, n).randint(n))
     return _main_path(v, start)[1]
 
+
+def cluster(coef: torch.Tensor, opts, *, group=None, rank: int = 0, affinity: str = "symmetric",
+            assign_labels: str = "discretize",
+            ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:  # fmt: skip
+    """Stage 4 of an SSC call: ``(draws, shares, record)``, the ``(label_draws, N)`` labels of
+    ``C`` (dense, or sparse COO kept sparse) into ``opts.n_clusters`` clusters, seeded by
+    ``opts.seed`` (:class:`~videoanchor.anchor.options.SSCOptions`, checked), each token's
+    cluster share under ``opts.cluster_share`` (``(N,)`` float64, or None where it is the
+    paper's, read from the labels) and the record of what ran: ``cluster_share`` (the share
+    that ran: ``"paper"``, ``"soft"`` or ``"steady"``), ``share_weight`` (the paper's share's
+    weight: 1.0, 0.0 or the steady share's) and, for ``"steady"``, its ``stability``
+    (:func:`~videoanchor.anchor.steady.steady_shares`). ``"steady"`` on a sparse ``C``
+    (blocked mode) runs the paper's share and says so. ``affinity``: ``"symmetric"`` (``W =
+    |C| + |C|^T``) or ``"column_max"`` (dense ``C`` only). Under a process ``group`` (every
+    rank holds the same ``C``) rank 0 computes them and broadcasts them; if that fails, every
+    rank raises."""
+    n, share = coef.shape[0], getattr(opts, "cluster_share", "paper")
+    draws = torch.empty(opts.label_draws, n, dtype=torch.long, device=coef.device)
+    # the shares travel with their weight (the record's): [w, z, pi_1 .. pi_N]
+    packed = torch.empty(n + 2, dtype=torch.float64, device=coef.device)
+    record, error = {}, None
+    if rank == 0:
+        try:
+            if coef.is_sparse and share == "soft":
+                raise ValueError(
+                    f"cluster_share={share!r} reads a dense affinity's spectrum; expected a "
+                    f"dense C (mode='exact'), got a sparse one (blocked mode, N = {n})"
+                )
+            if coef.is_sparse:
+                draws = sparse_spectral_labels(
+                    sparse_ssc_affinity(coef), opts.n_clusters, seed=opts.seed,
+                    draws=opts.label_draws, eigen_solver=opts.eigen_solver,
+                )  # fmt: skip
+                shares, record = None, dict(cluster_share="paper", share_weight=1.0)
+            else:
+                normalize = "column_max" if affinity == "column_max" else "none"
+                w = ssc_affinity(coef, normalize=normalize)
+                draws, shares, record = _labels_and_shares(w, opts, share, assign_labels)
+            packed[0] = record["share_weight"]
+            packed[1] = record.get("stability", math.nan)
+            packed[2:] = math.nan if shares is None else shares.to(packed.device)
+        except Exception as exc:  # re-raised on every rank
+            error = exc
+    raise_together(group, error, coef.device)
+    draws = draws.to(coef.device)
+    if group is not None:
+        draws, packed = broadcast_from_first(draws, group), broadcast_from_first(packed, group)
+        if rank != 0:
+            record = dict(cluster_share=share if share != "steady" or not coef.is_sparse
+                          else "paper", share_weight=float(packed[0]))  # fmt: skip
+            if not math.isnan(float(packed[1])):
+                record["stability"] = float(packed[1])
+    shares = None if bool(packed[2:].isnan().any()) else packed[2:].clone()
+    return draws, shares, record
+
+
+@bounded()
+@exact_float32
+def _labels_and_shares(w: torch.Tensor, opts, share: str, assign_labels: str):
+    """:func:`cluster`'s dense part: ``(draws, shares, record)`` of the affinity ``w``; under
+    ``"steady"`` one eigensolver call feeds the labels, the eigengap and the soft share."""
+    k, kw = opts.n_clusters, dict(seed=opts.seed, eigen_solver=opts.eigen_solver)
+    if share == "steady" and assign_labels == "discretize":
+        return steady_shares(w, k, draws=opts.label_draws, **kw)
+    # (k-means labels have no discretize path to gate: "steady" runs the paper's share there)
+    draws = spectral_labels(w, k, assign_labels=assign_labels, draws=opts.label_draws, **kw)
+    if share == "soft":
+        return draws, soft_cluster_shares(w, k), dict(cluster_share="soft", share_weight=0.0)
+    return draws, None, dict(cluster_share="paper", share_weight=1.0)
