@@ -236,3 +236,48 @@ def test_api_reference_renders_every_public_name():
     overview = (DOCS / "api" / "index.md").read_text()
     missing = sorted(n for n in videoanchor.__all__ if f"`videoanchor.{n}`" not in overview)
     assert not missing, f"docs/api/index.md does not list {missing}"
+
+
+def _layer_contracts_rendered() -> str:
+    """pyproject.toml's import-linter layer contracts, as docs/development.md shows them."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    out = []
+    for c in contracts["contracts"]:
+        if c["type"] != "layers":
+            continue
+        out.append(f"{c.get('containers', ['videoanchor'])[0]}:")
+        for i, layer in enumerate(c["layers"]):
+            names = [n.strip().removeprefix("videoanchor.") for n in layer.split("|")]
+            out.append(("  " if i == 0 else "  > ") + " | ".join(names))
+    return "\n".join(out) + "\n"
+
+
+def test_the_layer_picture_is_the_import_contracts():
+    text = (DOCS / "development.md").read_text()
+    got = re.search(r"<!-- layers:[^>]*-->\n```\n(.*?)```\n<!-- /layers -->", text, re.S)
+    assert got, "docs/development.md: expected the layers block (<!-- layers: ... -->)"
+    assert got.group(1) == _layer_contracts_rendered(), (
+        "docs/development.md's layers block differs from pyproject.toml's import-linter "
+        "contracts; render them again (tests/test_docs.py: _layer_contracts_rendered)"
+    )
+
+
+def test_every_package_module_is_in_its_containers_layers():
+    """A module added to a layered folder without a place in its contract goes unchecked."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    for c in contracts["contracts"]:
+        if c["type"] != "layers" or "containers" not in c:
+            continue
+        container = c["containers"][0]
+        folder = ROOT / Path(*container.split("."))
+        listed = {n.strip() for layer in c["layers"] for n in layer.split("|")}
+        present = {
+            p.stem if p.suffix == ".py" else p.name
+            for p in folder.iterdir()
+            if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").exists()
+        }
+        assert present <= listed, f"{container}: not in its layers contract: {present - listed}"
