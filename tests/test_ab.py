@@ -63,7 +63,7 @@ def test_command_workload_against_a_revision(tmp_path):
                           text=True, check=True).stdout.strip()  # fmt: skip
     out = tmp_path / "ab.json"
     cmd = (f"{sys.executable} -c \"import json, os; print('AB_RESULT', "
-           "json.dumps(dict(inner=0.5 if os.path.isdir('.git') else 0.25)))\"")  # fmt: skip
+           "json.dumps(dict(inner=0.5 if os.path.exists('.git') else 0.25)))\"")  # fmt: skip
     doc = ab.main([head[:12], str(ROOT), "--command", cmd, "--metric", "inner", "--rounds", "2",
                    "--order", "ab", "--label-a", "head", "--out", str(out)])  # fmt: skip
     trees = doc["meta"]["trees"]
