@@ -124,7 +124,7 @@ def test_iteration_floor_is_below_the_estimate_and_judges_each_target(tmp_path):
         floor = r["floor_fp16x3_over_prefill"]
         assert 0 < floor < est[(r["model"], r["frames"])]["h100_ssc_over_prefill_fast_fp16x3"]
         assert r["floor_bf16_over_prefill"] == pytest.approx(floor / 3)
-        per_iteration = floor / brc.admm.SCHEDULE.iterations
+        per_iteration = floor / brc.admm_steps.SCHEDULE.iterations
         best = floor / r["tp"]
         assert r["fp16x3_iterations_within_target"] * per_iteration / r["tp"] == pytest.approx(
             r["target"]

@@ -35,8 +35,8 @@ SCRIPT = (ROOT / "benchmarks" / "run_gpu.sh").read_text()
 #: CPU studies: their results are *_cpu.json, run_gpu.sh does not run them.
 # bench_workset: the working-set solver is float64 on the CPU (issue 52's one-thread CPU target)
 CPU_ONLY = {"bench_contention", "bench_first_call", "bench_host_overhead", "bench_label_draws",
-            "bench_lmms_batch", "bench_optimum", "bench_schedule", "bench_workset",
-            "bench_yaleb"}  # fmt: skip
+            "bench_lmms_batch", "bench_optimum", "bench_schedule", "bench_share_cost",
+            "bench_share_gate", "bench_workset", "bench_yaleb"}  # fmt: skip
 
 
 def _plan(name: str) -> dict[str, int]:
