@@ -820,17 +820,21 @@ def lock_path(kernel: str) -> str | None:
 
 @contextlib.contextmanager
 def _file_lock(kernel: str, wait: bool):
-    """Holds ``kernel``'s :func:`lock_path` (``flock``; released when the process ends, however
-    it ends): yields the seconds waited for it, or None where ``wait`` is False and another
-    process holds it. Where the lock cannot be made (no ``fcntl``, a cache folder that cannot
-    be written), yields 0.0 without one (Numba writes each cache file whole, by a rename)."""
+    """Holds ``kernel``'s :func:`lock_path` (``flock``, on a file opened for reading where it is
+    another user's; released when the process ends, however it ends): yields the seconds
+    waited for it, or None where ``wait`` is False and another process holds it. Where the
+    lock cannot be made (no ``fcntl``, a cache folder that cannot be written), yields 0.0
+    without one (Numba writes each cache file whole, by a rename)."""
     fd, path = None, lock_path(kernel)
     if fcntl is not None and path is not None:
-        try:
+        with contextlib.suppress(OSError):
             KERNELS[kernel]._cache._impl.locator.ensure_cache_path()
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError:
-            fd = None
+        for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):  # (another user's lock file: read)
+            try:
+                fd = os.open(path, flags, 0o666)
+                break
+            except OSError:
+                fd = None
     if fd is None:
         yield 0.0
         return
