@@ -81,7 +81,7 @@ SECTIONS = [
     ("Several processes: the fast SSC split", ["split"]),
     ("Attention kernels", ["attention", "decode", "decode_graph", "backward", "compile"]),
     ("Model integration and evaluation", ["integration", "request", "tp", "lmms_batch"]),
-    ("Start-up: the first call and the import", ["first_call"]),
+    ("Start-up: the first call and the import", ["first_call", "first_call_avx2"]),
 ]  # fmt: skip
 
 TITLES = {
@@ -131,6 +131,7 @@ TITLES = {
     "tp": "Tensor-parallel prefill",
     "lmms_batch": "lmms-eval wrapper: batched requests",
     "first_call": "The first call in a fresh process (empty and warm Numba cache) and the import",
+    "first_call_avx2": "The first call in a fresh process, AVX2 forced (issue 93)",
 }
 
 
@@ -1163,6 +1164,39 @@ def _speed_line(results: list[Result], prefix: str) -> str:
     return "\n".join(lines)
 
 
+#: The first-call files the README's snippet sentence quotes: the CPU's own instruction set
+#: and AVX2 forced (bench_first_call.py, --isa avx2; issue 93)
+FIRST_CALL_AREAS = ("first_call", "first_call_avx2")
+
+
+def _span(values: list[float]) -> str:
+    """``"3"`` or ``"3-4"``: the rounded least and largest of ``values``."""
+    lo, hi = round(min(values)), round(max(values))
+    return f"{lo}" if lo == hi else f"{lo}-{hi}"
+
+
+def _first_call_line(results: list[Result]) -> str:
+    """The README's sentence on the snippet's time in a fresh process (warm, and with an empty
+    Numba cache), the range over the committed first-call files (:data:`FIRST_CALL_AREAS`)."""
+    files = [r for a in FIRST_CALL_AREAS if (r := _first(results, a, cpu=True)) is not None]
+    files = [r for r in files if "snippet_warm_cache" in r.meta.get("summary", {})]
+    if not files:
+        return ""
+    warm = [r.meta["summary"]["snippet_warm_cache"] for r in files]
+    cold = [r.meta["summary"]["snippet_empty_cache"] for r in files]
+    where = []
+    for r in files:
+        model = (r.meta.get("cpu_model") or {}).get("name") or str(r.meta.get("cpu", "a CPU"))
+        isa = "AVX2 forced" if r.meta.get("isa") == "avx2" else "its own instruction set"
+        summ = r.meta["summary"]
+        load = (f"load {summ['load_min']:.1f}-{summ['load_max']:.1f}" if "load_max" in summ
+                else f"load {(r.meta.get('load_before') or [float('nan')])[0]:.1f}")  # fmt: skip
+        where.append(f"`{r.path.name}`: {model}, {r.meta.get('cpu_count')} cores, {isa}, {load}")
+    return (f"On a CPU this runs in about {_span(warm)} s in a fresh process ({_span(cold)} s "
+            "the first time, while a background process compiles the SSC kernel into Numba's "
+            f"cache; {'; '.join(where)}); an SSC run over 5 s reports progress on stderr.")  # fmt: skip
+
+
 def _compile_summary(results: list[Result]) -> str:
     parts = []
     for r in sorted((r for r in results if r.area == "compile"), key=lambda r: r.stem):
@@ -1367,6 +1401,7 @@ def fragments(results: list[Result], page: str) -> dict[str, str]:
         "compile-matrix": _compile_summary(results) + "\n",
         "instruction-mix": _mix_summary(results) + "\n",
         "speed-short": _speed_short(results) + "\n",
+        "first-call": _first_call_line(results) + "\n",
         "vllm": _vllm_summary(results) + "\n",
         "flex": _flex_summary(results) + "\n",
         "flex-gpu": _flex_gpu(results) + "\n",

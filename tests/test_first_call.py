@@ -79,16 +79,23 @@ def test_a_read_only_install_caches_the_kernel_in_the_user_cache(tmp_path):
 
 
 def test_the_readme_states_the_snippet_time_that_bench_first_call_measured():
-    """The first screen's times for the snippet are bench_first_call.py's medians, rounded."""
+    """The first screen's times for the snippet are bench_first_call.py's medians, rounded: the
+    range over the committed first-call files, the CPU's own instruction set and AVX2 forced
+    (issue 93; report.py's first-call fragment writes the sentence)."""
     import re
 
-    summary = json.loads((ROOT / "benchmarks/results/first_call_cpu.json").read_text())["meta"]
-    summary = summary["summary"]
+    warm, cold = [], []
+    for name in ("first_call_cpu.json", "first_call_avx2_cpu.json"):
+        summary = json.loads((ROOT / "benchmarks/results" / name).read_text())["meta"]["summary"]
+        warm.append(summary["snippet_warm_cache"])
+        cold.append(summary["snippet_empty_cache"])
     text = (ROOT / "README.md").read_text()
-    m = re.search(r"runs in about (\d+) s in a fresh process \((\d+) s the first time", text)
+    m = re.search(r"runs in about (\d+)(?:-(\d+))? s in a fresh process \((\d+)(?:-(\d+))? s "
+                  r"the first time", text)  # fmt: skip
     assert m, "README: the snippet's time is not stated in the form bench_first_call measures"
-    assert int(m.group(1)) == round(summary["snippet_warm_cache"]), summary
-    assert int(m.group(2)) == round(summary["snippet_empty_cache"]), summary
+    got = [int(g) if g else None for g in m.groups()]
+    for (lo, hi), values in (((got[0], got[1]), warm), ((got[2], got[3]), cold)):
+        assert lo == round(min(values)) and (hi or lo) == round(max(values)), (got, warm, cold)
 
 
 def test_a_warm_cache_compiles_nothing(tmp_path):
