@@ -70,7 +70,7 @@ def measure(name: str, x: torch.Tensor, reps: int, cache) -> dict:
     times = {"paper": [], "steady": []}
     res = {}
     for rep in range(reps):
-        for share in (("paper", "steady") if rep % 2 == 0 else ("steady", "paper")):
+        for share in ("paper", "steady") if rep % 2 == 0 else ("steady", "paper"):
             t = time.perf_counter()
             res[share] = after_solve(c, x, share)
             times[share].append(time.perf_counter() - t)

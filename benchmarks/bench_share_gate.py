@@ -142,8 +142,11 @@ def summary(rows: list[dict]) -> dict:
 
 def main(argv=None):
     ap = parser(__doc__, quick="4 small sets (a smoke run)")
-    ap.add_argument("--cache", default=os.environ.get("VIDEOANCHOR_SHARE_CACHE"),
-                    help="directory of the solved C's (keyed by the features' hash)")
+    ap.add_argument(
+        "--cache",
+        default=os.environ.get("VIDEOANCHOR_SHARE_CACHE"),
+        help="directory of the solved C's (keyed by the features' hash)",
+    )
     ap.add_argument("--no-near", action="store_true", help="skip the sets placed near a change")
     ap.add_argument("--no-large", action="store_true", help="skip the N = 2048 set")
     args = ap.parse_args(argv)

@@ -115,7 +115,7 @@ TITLES = {
     "label_expected": "An expected hard share over moved embeddings, measured and not shipped (issue 78)",
     "label_routes": "Routes toward the paper's spread on flip-prone sets, measured and not shipped (issue 78)",
     "share_gate": 'The default cluster share (`"steady"`) against the paper\'s under 1e-6 / 1e-7 feature changes, on a family of 85 sets (issue 91)',
-    "share_cost": 'The default cluster share\'s cost after the solve, and its operators and host reads, at 16 frames (issue 91)',
+    "share_cost": "The default cluster share's cost after the solve, and its operators and host reads, at 16 frames (issue 91)",
     "yaleb": "Extended Yale B clustering error (Elhamifar & Vidal's program)",
     "yaleb_squared": "Extended Yale B with the method page's squared data term",
     "blocked": "Column-blocked exact SSC: equality, memory, processes",

@@ -93,7 +93,11 @@ def plain_sets(large: bool = True):
             f" drift {drift}" if drift != 0.1 else "")  # fmt: skip
         yield name, "video", lambda a=(f, p, d, s, noise, drift): video(*a)
     for s, f, r, c in TINY:
-        yield f"tiny Qwen2.5-VL {f}x{r}x{c} pixels seed {s}", "tiny", lambda a=(s, f, r, c): tiny(*a)
+        yield (
+            f"tiny Qwen2.5-VL {f}x{r}x{c} pixels seed {s}",
+            "tiny",
+            lambda a=(s, f, r, c): tiny(*a),
+        )
     for first, count in YALEB:
         yield (f"Yale B subjects {first}-{first + count - 1} x 60", "yaleb",
                lambda a=(first, count): yaleb(*a))  # fmt: skip
@@ -110,7 +114,10 @@ def paths():
                                                        lambda: video(8, 48, 256, 1))  # fmt: skip
     yield "video 16x32 D256 seed 2 to seed 9", between(lambda: video(16, 32, 256, 2),
                                                         lambda: video(16, 32, 256, 9))  # fmt: skip
-    yield "video 8x48 D256 seed 3, noise 0.02 to 0.5", lambda t: video(8, 48, 256, 3, 0.02 + 0.48 * t)
+    yield (
+        "video 8x48 D256 seed 3, noise 0.02 to 0.5",
+        lambda t: video(8, 48, 256, 3, 0.02 + 0.48 * t),
+    )
     yield "tiny 8x7x10 pixels seed 6 to seed 7", between(lambda: tiny(6), lambda: tiny(7))
     if yaleb(1, 5) is not None:
         yield "Yale B subjects 1-5 to 6-10", between(lambda: yaleb(1, 5), lambda: yaleb(6, 5))

@@ -190,7 +190,8 @@ def test_fast_form_fp16_sums_rows_on_tensor_cores(prepared):
             if prepared:
                 gates = prepare_gates(kb, vs, value_scale_range=rng)
                 return lambda: videoanchor.anchored_attention(
-                    q, k, v, gates=gates, key_padding_mask=mask, backend="triton", **kw)
+                    q, k, v, gates=gates, key_padding_mask=mask, backend="triton", **kw
+                )
             return lambda: videoanchor.anchored_attention(
                 q, k, v, kb, vs, key_padding_mask=mask, backend="triton",
                 value_scale_range=rng, **kw)  # fmt: skip

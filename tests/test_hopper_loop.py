@@ -163,8 +163,14 @@ def test_gpu_hopper_loop_matches_reference(dtype, form, causal, shape):
     lse = form == "fast_lse"
     out = torch.full((B, Sq, Hq, D), float("nan"), dtype=dtype, device="cuda").transpose(1, 2)
     lse_t = torch.full((B, Hq, Sq), float("nan"), device="cuda") if lse else None
-    kw = dict(causal=causal, sm_scale=1 / math.sqrt(D), interpret=False, capability=cap,
-              fast=form != "general", value_scale_range=RANGE if form != "general" else None)
+    kw = dict(
+        causal=causal,
+        sm_scale=1 / math.sqrt(D),
+        interpret=False,
+        capability=cap,
+        fast=form != "general",
+        value_scale_range=RANGE if form != "general" else None,
+    )
     with launch.capture_launches() as recs:
         launch_prefill(q, k, v, kb, vs, None, out, lse_t, **kw)
     assert recs[0].kwargs["TMA"] is True

@@ -389,7 +389,10 @@ def test_steady_shares_are_the_papers_where_the_labels_hold():
     assert record["share_weight"] == 1.0 and shares is None
     assert record["stability"] >= STEADY_RAMP[1]
     assert torch.equal(labels, spectral_labels(w, 5))
-    assert float((soft_cluster_shares(w, 5) - torch.from_numpy(hard_shares(labels[0]))).abs().max()) > 1e-6
+    assert (
+        float((soft_cluster_shares(w, 5) - torch.from_numpy(hard_shares(labels[0]))).abs().max())
+        > 1e-6
+    )
 
 
 def test_steady_shares_blend_by_the_weight():
@@ -471,8 +474,10 @@ def test_default_scores_hold_still_on_a_flip_prone_set_and_are_the_papers_on_a_s
     cv = ssc_coefficients(v)
     steady = anchor_result_from_coefficients(cv, 24, features=v)
     assert steady.share_weight == 1.0
-    assert torch.equal(steady.scores, anchor_result_from_coefficients(
-        cv, 24, features=v, cluster_share="paper").scores)
+    assert torch.equal(
+        steady.scores,
+        anchor_result_from_coefficients(cv, 24, features=v, cluster_share="paper").scores,
+    )
 
 
 # ---- the shares under a process group ------------------------------------------------------

@@ -35,7 +35,11 @@ _PROBLEM = vs.vllm_problem()
 needs_vllm = pytest.mark.skipif(_PROBLEM is not None, reason=_PROBLEM or "")
 
 FAMILY = "llava_onevision"
-SSC = {"n_clusters": 4, "max_iter": 200, "cluster_share": "paper"}  # vllm_support.SSC: the paper's share
+SSC = {
+    "n_clusters": 4,
+    "max_iter": 200,
+    "cluster_share": "paper",
+}  # vllm_support.SSC: the paper's share
 IMG = {"media": "image:0"}  # anyres: base tile + 2 x 1 grid of 56 px tiles, newline per row
 VID = {"media": "video:4:0"}  # 4 frames x 16 pooled tokens + 1 newline
 MULTI = {"media": "videos:4:5,4:6"}  # two videos in one request: one joint SSC

@@ -38,7 +38,11 @@ except Exception as err:  # ImportError, or a broken install
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_PROBLEM is not None, reason=_PROBLEM or "")]
 HERE = Path(__file__).resolve().parent
-SSC = {"n_clusters": 4, "max_iter": 200, "cluster_share": "paper"}  # vllm_support.SSC: the paper's share
+SSC = {
+    "n_clusters": 4,
+    "max_iter": 200,
+    "cluster_share": "paper",
+}  # vllm_support.SSC: the paper's share
 IMG = {"media": "image:0"}
 VID = {"media": "video:4:0"}
 GPU_ENGINE = {"gpu_memory_utilization": 0.3, "kv_cache_memory_bytes": 1 << 30}

@@ -198,8 +198,10 @@ def test_the_log_line_and_cache_counts_of_a_scored_request(fresh, caplog):
     lines = {r.getMessage().split(":")[1].split()[1]: r.getMessage() for r in caplog.records}
     assert len(caplog.records) == 7 and all(r.levelno == logging.INFO for r in caplog.records)
     # the cluster share that ran and the paper's share's weight in it (issue 91)
-    assert "workset solver, 3 iterations, steady cluster share (weight 0.25), in its step;" in (
-        lines["r-share"]), lines["r-share"]
+    assert (
+        "workset solver, 3 iterations, steady cluster share (weight 0.25), in its step;"
+        in (lines["r-share"])
+    ), lines["r-share"]
     # the relative duality gap of the C returned (issue 79), where the solver computed one
     assert (
         "SSC 0.50 s, workset solver, 3 iterations, duality gap 0.00012, in its step;"

@@ -303,8 +303,12 @@ def sparse_subspace_clustering(
     )  # (the authors' iteration here)
     res = solve(x, plan, opts, affine=affine, outliers=outliers)
     t1 = time.perf_counter()
-    draws, _, _ = cluster(res.coef, replace(opts, cluster_share="paper"), affinity=affinity,
-                          assign_labels=assign_labels)  # (labels only)
+    draws, _, _ = cluster(
+        res.coef,
+        replace(opts, cluster_share="paper"),
+        affinity=affinity,
+        assign_labels=assign_labels,
+    )  # (labels only)
     _sync(x.device)
     t2 = time.perf_counter()
     timings = dict(res.timings)
