@@ -570,8 +570,10 @@ def test_metrics_and_the_log_line_of_each_scored_request(server, checkpoint):
     line = lines[first["id"]]
     assert f": {tokens:.0f} visual tokens, 4 clusters: SSC " in line, (tokens, line)
     # (the engine's solver "auto" is the fast solver here; the line names the one that ran)
-    assert re.search(r"SSC [\d.]+ s, fast solver, \d+ iterations, ahead of its step; score "
-                     r"cache miss \(engine: \d+ hits", line), line  # fmt: skip
+    # (and the cluster share that ran: the default, steady, with the paper's share's weight)
+    assert re.search(r"SSC [\d.]+ s, fast solver, \d+ iterations, steady cluster share "
+                     r"\(weight [\d.]+\), ahead of its step; score cache miss \(engine: \d+ "
+                     r"hits", line), line  # fmt: skip
     line = lines[second["id"]]
     assert f"{tokens:.0f} visual tokens" in line, line
     assert "scores from the score cache (no SSC); score cache hit" in line, line
