@@ -223,9 +223,8 @@ def _discretize_draws(v: torch.Tensor, start: int, n_iter_max: int = 20) -> torc
 def flips_case(name: str, x: torch.Tensor, p7: int, p6: int, seed: int = 0) -> dict:
     """One set of ``--flips`` (see the module's docstring)."""
     from videoanchor.anchor import ssc_coefficients
-    from videoanchor.anchor.clustering import soft_cluster_shares
+    from videoanchor.anchor.clustering import soft_cluster_shares, steady_shares
     from videoanchor.anchor.scores import anchor_result_from_coefficients
-    from videoanchor.anchor.steady import steady_shares
 
     def shares(c):  # the paper's labels and scores, the soft and the steady scores
         hard = anchor_result_from_coefficients(c, K, features=x, cluster_share="paper")
@@ -309,7 +308,7 @@ def flips(frames, tiny, p7: int, p6: int, out_dir, tag: str = "") -> Path:
     meta.update(torch_threads=1, loadavg_start=os.getloadavg(), n_clusters=K,
                 perturbation="x * (1 + r g), g standard Gaussian (seeded), r in (1e-7, 1e-6)",
                 routes="cluster_share='soft' (soft_cluster_shares) and 'steady' "
-                       "(videoanchor.anchor.steady.steady_shares)")  # fmt: skip
+                       "(videoanchor.anchor.clustering.steady_shares)")  # fmt: skip
     rows = []
     for f in frames:
         rows.append(flips_case(f"video {f}x48 D1024", video_tokens(f, 48, 1024), p7, p6))

@@ -8,7 +8,7 @@ Yale B faces (3 to 8 subjects) and sets placed within 1e-8 to 1e-3 of a change o
 paper's partition. Each set's ``C`` is the default solver's (``ssc_coefficients``), at the
 set and at ``x * (1 + r g)`` for 4 draws at ``r = 1e-6`` and 2 at ``r = 1e-7``. Per set and
 change: the paper's labels and scores, the default's (its weight ``w`` and stability ``z``,
-:mod:`videoanchor.anchor.steady`) and the soft share's, and ``z_path`` (the eigengap times
+:mod:`videoanchor.anchor.clustering`) and the soft share's, and ``z_path`` (the eigengap times
 the paper path's own smallest margin, without the picks' alternatives: the first design the
 issue suggested, for comparison). Reported per set: the paper's flips and largest score
 move, the default's largest move (``default_move_*``; ``default_share_move_*``: with the base
@@ -46,11 +46,10 @@ K = fam.K
 
 def evaluate(coef: torch.Tensor, r_base: torch.Tensor) -> dict:
     """The paper's, the default's and the soft share's labels and scores of one ``C``."""
-    from videoanchor.anchor.clustering import ssc_affinity
+    from videoanchor.anchor.clustering import cluster, path_margin, ssc_affinity
     from videoanchor.anchor.eigensolvers import spectral_pairs
     from videoanchor.anchor.options import SSCOptions
     from videoanchor.anchor.scores import scores_from_row_sums
-    from videoanchor.anchor.steady import cluster, path_margin
 
     out = {}
     r = coef.to(torch.float64).sum(dim=1)
@@ -156,7 +155,7 @@ def main(argv=None):
                 changes={f"{r:g}": n for r, n in fam.CHANGES.items()},
                 perturbation="x * (1 + r g), g standard Gaussian (seeded per set)",
                 cache=args.cache)  # fmt: skip
-    from videoanchor.anchor.steady import STEADY_RAMP
+    from videoanchor.anchor.clustering import STEADY_RAMP
 
     meta["steady_ramp"] = list(STEADY_RAMP)
     sets = list(fam.plain_sets(large=not (args.quick or args.no_large)))

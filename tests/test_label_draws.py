@@ -12,21 +12,19 @@ import videoanchor.anchor as anchor_module
 from videoanchor.anchor import anchor_scores, compute_anchor_scores
 from videoanchor.anchor.clustering import (
     SOFT_SHARE_WIDTH,
+    STEADY_RAMP,
     _discretize_rows,
+    _main_path,
     labels_from_embedding,
     soft_cluster_shares,
     spectral_labels,
     ssc_affinity,
-)
-from videoanchor.anchor.eigensolvers import spectral_embedding, spectral_pairs
-from videoanchor.anchor.scores import anchor_result_from_coefficients, ssc_coefficients
-from videoanchor.anchor.steady import (
-    STEADY_RAMP,
-    _main_path,
     steady_shares,
     steady_stability,
     steady_weight,
 )
+from videoanchor.anchor.eigensolvers import spectral_embedding, spectral_pairs
+from videoanchor.anchor.scores import anchor_result_from_coefficients, ssc_coefficients
 
 
 def ambiguous_tokens(n_per=15, k=6, d=24, seed=0):
@@ -423,7 +421,7 @@ def test_cluster_runs_one_eigensolver_call_for_the_steady_share(monkeypatch):
     and the soft share's eigenpairs (no spectral_embedding, no second call of the filter's
     own solver where its window is covered), on a set where the share is soft (w < 1)."""
     import videoanchor.anchor.clustering as clustering
-    import videoanchor.anchor.steady as steady
+    import videoanchor.anchor.clustering as steady
     from videoanchor.anchor.options import SSCOptions
 
     c = compute_anchor_scores(ambiguous_tokens(seed=1), 8, **KW).coef

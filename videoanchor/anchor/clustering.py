@@ -5,8 +5,8 @@ symmetric non-negative affinity ``W`` (the ``k`` leading eigenvectors of ``S = D
 D^{-1/2}``, :mod:`videoanchor.anchor.eigensolvers`; a sparse ``W`` is never densified), then
 labels by the Yu & Shi discretisation of scikit-learn's
 ``SpectralClustering(assign_labels="discretize")`` or by seeded k-means; each token's cluster
-share (the paper's or ``"soft"``; the default ``"steady"`` and the stage of an SSC call that
-picks the share, ``cluster()``, are in :mod:`videoanchor.anchor.steady`).
+share (the paper's, ``"soft"``, or the default ``"steady"``: below, "The steady share"); and
+:func:`cluster`, the stage of an SSC call that picks the labels and the share.
 
 Seeds follow scikit-learn: ``seed=s`` draws ARPACK's start vector (``N`` uniform numbers)
 before ``discretize`` draws its start row, so it gives the authors' labels after
@@ -23,6 +23,7 @@ import warnings
 import numpy as np
 import torch
 
+from videoanchor.anchor.collective import broadcast_from_first, raise_together
 from videoanchor.anchor.eigensolvers import (
     _block_eigvecs,
     _filtered_eigenpairs,
@@ -30,6 +31,7 @@ from videoanchor.anchor.eigensolvers import (
     _top_eigvecs_arpack,
     sparse_normalized_affinity,
     spectral_embedding,
+    spectral_pairs,
 )
 from videoanchor.anchor.products import exact_float32
 from videoanchor.anchor.threads import bounded
@@ -47,6 +49,11 @@ __all__ = [
     "sparse_ssc_affinity",
     "soft_cluster_shares",
     "label_shares",
+    "STEADY_RAMP",
+    "steady_stability",
+    "steady_weight",
+    "steady_shares",
+    "cluster",
 ]
 
 
@@ -356,3 +363,329 @@ def label_shares(labels: torch.Tensor) -> torch.Tensor:
         torch.stack([torch.bincount(row)[row] for row in lab]).to(torch.float64).mean(0)
         / lab.shape[1]
     )
+
+
+# The steady share (issue 91), the default.
+#
+# The default cluster share, ``cluster_share="steady"`` (issue 91): the paper's share where
+# its labels hold still, the soft share where they do not, blended between by a weight that
+# is a continuous function of the path Yu & Shi's ``discretize`` takes; and :func:`cluster`,
+# the stage of an SSC call that draws the labels and picks the share.
+#
+# The paper's share ``pi_j = |c_j| / N`` reads the labels of :func:`~videoanchor.anchor.
+# clustering.discretize`, which are a finite sequence of decisions on the unit rows ``v_i`` of
+# the spectral embedding: the initial rotation's row picks (an argmin of the sums ``c``), then
+# at every iteration each row's argmax of ``v_i R``. The labels change only where one of these
+# decisions does. :func:`steady_stability` measures how far the path is from a change:
+#
+# - ``m_path``: the smallest decision margin of the iterations, over every row and iteration
+#   (top-1 minus top-2 of ``v R``; at the first iteration a repeated pick is the same column,
+#   so it is left out, as argmax leaves it). It is continuous in the rows and 0 where a row's
+#   decision flips. A change of the labels between iterations makes ``ncut`` change (labels
+#   equal between iterations make it bitwise equal), so ``discretize``'s stop test and its
+#   20-iteration cap follow the argmax decisions; a stop with changed labels (an ``ncut``
+#   repeated bit for bit by other labels) sets the measure to 0.
+# - the picks: their own margins are no guide (the runner-up of an argmin is usually a row of
+#   another cluster within 1e-5 of the pick, and switching to it usually ends at the same
+#   partition). For each pick ``j`` the path is run again with its runner-up ``i`` picked
+#   instead (the later picks follow), and the term ``max(a_j, m_j)`` enters the minimum, with
+#   ``a_j = (c_i - c_p) / j`` the runner-up's distance and ``m_j`` that path's smallest
+#   margin; where that path ends at another partition the term is ``a_j``. At a switch of the
+#   pick (``a_j = 0``) both sides see both paths, so the measure does not jump there.
+#
+# The stability is ``z = gap * min(m_path, terms)``, ``gap = theta_k - theta_{k+1}`` the
+# eigengap of the normalised affinity at ``k`` (the embedding's rows move by about ``||dS|| /
+# gap``). The weight is ``w = smoothstep((z - lo) / (hi - lo))`` (:data:`STEADY_RAMP`), and the
+# share ``w * paper + (1 - w) * soft``: exactly the paper's where ``w = 1`` (the soft share is
+# not computed there), :func:`soft_cluster_shares`' quantity where ``w = 0``.
+#
+# What is not continuous (measured, ``benchmarks/bench_share_gate.py``): one level of pick
+# alternatives is run, so a switch inside an alternative's own picks, or of which row is the
+# runner-up, can move ``z``; the measured moves are in ``share_gate_cpu.json``.
+
+#: ``(lo, hi)``: the stability ``z`` (decision margin times the eigengap at ``k``) below
+#: which the steady share is the soft one and above which it is the paper's. Calibrated on
+#: the family of ``benchmarks/bench_share_gate.py`` (``share_gate_cpu.json``): every set whose
+#: paper labels flipped under a 1e-6 or 1e-7 change of the features had ``z <= 6e-7`` at the
+#: set and at each change (16x below ``lo``); the ramp's width keeps the weight's move under
+#: a 1e-6 change within what the bar of 1e-3 on the scores allows on the family.
+STEADY_RAMP = (1e-5, 2e-5)
+#: the eigenpairs asked of the spectral step beyond ``k`` (the eigengap's and the soft
+#: share's filter window; more where the window is crowded)
+EXTRA_PAIRS = 12
+
+_EPS = torch.finfo(torch.float64).eps
+
+
+def steady_weight(z: float, ramp: tuple[float, float] = STEADY_RAMP) -> float:
+    """The paper's share's weight at stability ``z``: 0 up to ``lo``, 1 from ``hi``, a
+    smoothstep between (continuous, with a continuous slope)."""
+    lo, hi = ramp
+    x = min(max((z - lo) / (hi - lo), 0.0), 1.0)
+    return x * x * (3.0 - 2.0 * x)
+
+
+def _iterate(v: torch.Tensor, rot: torch.Tensor, skip: torch.Tensor, n_iter_max: int = 20):
+    """:func:`discretize`'s iterations from ``R`` initial rotations at once (``rot``: ``(R, k,
+    k)``; ``skip``: ``(R, k)``, the repeated picks' columns, left out of the first argmax):
+    ``(labels (R, N) raw ids, smallest margin (R,), anomaly (R,))``."""
+    r, k, _ = rot.shape
+    n = v.shape[0]
+    last = v.new_zeros(r)
+    done = torch.zeros(r, dtype=torch.bool)
+    out = torch.full((r, n), -1, dtype=torch.long)
+    marg = v.new_full((r,), math.inf)
+    anomaly = torch.zeros(r, dtype=torch.bool)
+    prev = None
+    for it in range(1, n_iter_max + 2):
+        s = torch.matmul(v, rot)
+        if it == 1:
+            s = s.masked_fill(skip[:, None, :], -math.inf)
+        two = s.topk(2, dim=2)
+        m = (two.values[..., 0] - two.values[..., 1]).amin(dim=1)
+        marg = torch.where(done, marg, torch.minimum(marg, m))
+        labels = s.argmax(dim=2)
+        t = v.new_zeros(r, k, k).scatter_add_(1, labels[:, :, None].expand(-1, -1, k),
+                                              v.expand(r, -1, -1))  # fmt: skip
+        u, sv, vh = torch.linalg.svd(t)
+        ncut = 2.0 * (n - sv.sum(dim=1))
+        stop = ((ncut - last).abs() < _EPS) | (it > n_iter_max)
+        new = stop & ~done
+        if prev is not None:
+            anomaly |= new & (it <= n_iter_max) & ~(labels == prev).all(dim=1)
+        out[new] = labels[new]
+        done |= stop
+        if bool(done.all()):
+            break
+        prev, last, rot = labels, ncut, vh.mT @ u.mT
+    return out, torch.where(anomaly, 0.0, marg), anomaly
+
+
+def _repeats(rot: torch.Tensor) -> torch.Tensor:
+    """``(R, k)``: which columns of each rotation repeat an earlier one (a row picked twice)."""
+    cols = rot.mT  # (R, k, k): column j as row j
+    same = (cols[:, :, None, :] == cols[:, None, :, :]).all(dim=3)
+    return torch.triu(same, diagonal=1).any(dim=1)
+
+
+def _main_path(v: torch.Tensor, start: int, n_iter_max: int = 20):
+    """:func:`~videoanchor.anchor.clustering.discretize`'s draw from start row ``start`` on its
+    unit rows ``v``, its ops in its order (so its labels, raw ids), with the smallest margin
+    of its iterations: ``(labels, margin, rot0, picks, sums)``, ``sums[j - 1]`` the ``c`` that
+    pick ``j`` was the argmin of."""
+    n, k = v.shape
+    rot = torch.zeros(k, k, dtype=v.dtype)
+    rot[:, 0] = v[start]
+    c = torch.zeros(n, dtype=v.dtype)
+    sums, picks = [], [start]
+    for j in range(1, k):
+        c += (v @ rot[:, j - 1]).abs()
+        p = int(torch.argmin(c))
+        sums.append(c.clone())
+        picks.append(p)
+        rot[:, j] = v[p]
+    rot0, skip = rot.clone(), _repeats(rot[None])[0]
+    last, n_iter, margin, prev = 0.0, 0, math.inf, None
+    while True:
+        n_iter += 1
+        s = v @ rot
+        labels = s.argmax(dim=1)
+        if n_iter == 1:
+            s = s.masked_fill(skip[None, :], -math.inf)
+        two = s.topk(2, dim=1).values
+        margin = min(margin, float((two[:, 0] - two[:, 1]).min()))
+        t_svd = torch.zeros(k, k, dtype=v.dtype).index_add_(0, labels, v)
+        u, sv, vh = torch.linalg.svd(t_svd)
+        ncut = 2.0 * (n - float(sv.sum()))
+        if abs(ncut - last) < _EPS or n_iter > n_iter_max:
+            if n_iter <= n_iter_max and prev is not None and not torch.equal(labels, prev):
+                margin = 0.0  # stopped on an ncut repeated by other labels
+            return labels, margin, rot0, picks, sums
+        last, prev = ncut, labels
+        rot = vh.T @ u.T
+
+
+def _path_stability(v: torch.Tensor, start: int, floor: float, bound: float):
+    """One draw of the paper's labels (:func:`_main_path`) and ``m``, the smallest margin over
+    its path and its pick alternatives (module docstring): exact where it is in
+    ``[floor, bound)``; below ``floor`` (where the weight is 0 whatever the alternatives) the
+    path's own margin, from ``bound`` on (where the weight is 1) a value at least ``bound``."""
+    n, k = v.shape
+    labels, m, rot, picks, sums = _main_path(v, start)
+    limit = min(m, bound) if m >= floor else 0.0
+    alts = []  # (step j, runner-up row, its distance a_j)
+    for j, cj in enumerate(sums, 1):
+        a = (cj - cj[picks[j]]) / j
+        a[picks[j]] = math.inf
+        i = int(a.argmin())
+        if float(a[i]) < limit:
+            alts.append((j, i, float(a[i])))
+    if alts:
+        # every alternative's picks at once: its first j columns the path's, column j its
+        # runner-up, the later ones the argmin of its own running sums
+        r = len(alts)
+        js = torch.tensor([j for j, _, _ in alts])
+        rots = rot[None].repeat(r, 1, 1)
+        rots[torch.arange(r), :, js] = v[torch.tensor([i for _, i, _ in alts])]
+        cq = torch.stack([sums[j - 1] for j, _, _ in alts])
+        for jj in range(1, k):
+            after = js < jj  # alternatives past their switched pick
+            cq += (rots[:, :, jj - 1] @ v.T).abs() * (js <= jj - 1)[:, None]
+            if bool(after.any()):
+                rots[after, :, jj] = v[cq[after].argmin(dim=1)]
+        alab, amarg, _ = _iterate(v, rots, _repeats(rots))
+        paper = _relabel_by_first_appearance(labels)
+        for q, (_, _, a) in enumerate(alts):
+            same = torch.equal(_relabel_by_first_appearance(alab[q]), paper)
+            m = min(m, max(a, float(amarg[q])) if same else a)
+    return labels, m
+
+
+def steady_stability(embedding: torch.Tensor, gap: float, *, seed: int = 0, draws: int = 1,
+                     ramp: tuple[float, float] = STEADY_RAMP) -> tuple[torch.Tensor, float]:  # fmt: skip
+    """``(labels, z)``: the paper's ``(draws, N)`` labels of ``embedding`` (canonical ids, as
+    :func:`~videoanchor.anchor.clustering.labels_from_embedding` draws them from one
+    :func:`label_random_state` stream) and their stability ``z = gap * m``, ``m`` the smallest
+    decision margin over every draw's path and pick alternatives (module docstring). Exact
+    where ``z`` is below ``ramp``'s top; above it ``z`` may be an underestimate that still
+    reaches it (the weight is 1 either way)."""
+    n = embedding.shape[0]
+    v = _discretize_rows(embedding)
+    rng = label_random_state(seed, n)
+    out = torch.empty(draws, n, dtype=torch.long)
+    m = math.inf
+    for r in range(draws):
+        start = int(rng.randint(n))
+        floor, bound = (ramp[0] / gap, ramp[1] / gap) if gap > 0 else (math.inf, 0.0)
+        labels, mr = _path_stability(v, start, floor, bound)
+        out[r] = _relabel_by_first_appearance(labels)
+        m = min(m, mr)
+    return out.to(embedding.device), max(gap, 0.0) * m
+
+
+def _soft_from_pairs(theta: torch.Tensor, vec: torch.Tensor, dd: torch.Tensor, k: int,
+                     width: float = SOFT_SHARE_WIDTH) -> torch.Tensor:  # fmt: skip
+    """:func:`~videoanchor.anchor.clustering.soft_cluster_shares` from eigenpairs given
+    (``theta`` descending on the host, reaching below ``theta_k - width``)."""
+    f = ((theta - float(theta[k - 1]) + width) / width).clamp(0, 1)
+    keep = (f > 0).to(vec.device)
+    u = _unit_rows(vec[:, keep].to(torch.float64) * f.to(vec.device)[keep].sqrt()
+                   / dd.to(torch.float64)[:, None])  # fmt: skip
+    return ((u @ (u.T @ u)) * u).sum(dim=1) / vec.shape[0]
+
+
+def steady_shares(affinity: torch.Tensor, n_clusters: int, *, seed: int = 0, draws: int = 1,
+                  eigen_solver: str = "auto", ramp: tuple[float, float] = STEADY_RAMP,
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:  # fmt: skip
+    """The labels and shares of ``cluster_share="steady"`` on a dense affinity:
+    ``(labels (draws, N), shares, record)``. ``shares`` is None where the weight is 1 (the
+    paper's share, read from the labels), else ``w * paper + (1 - w) * soft`` (``(N,)``
+    float64). ``record``: ``cluster_share`` ("steady"), ``share_weight`` ``w`` and
+    ``stability`` ``z``. One eigensolver call gives the embedding, the eigengap and, where
+    the window is covered (a dense solver), the soft share's eigenpairs."""
+    n = affinity.shape[0]
+    k = n_clusters
+    if k == 1 or k >= n:
+        labels = torch.zeros(draws, n, dtype=torch.long, device=affinity.device)
+        if k > 1:  # every token its own cluster
+            labels[:] = torch.arange(n, device=affinity.device)
+        return labels, None, dict(cluster_share="steady", share_weight=1.0, stability=math.inf)
+    theta, vecs, dd, dense = spectral_pairs(affinity, k, extra=EXTRA_PAIRS, seed=seed,
+                                            eigen_solver=eigen_solver)  # fmt: skip
+    gap = float(theta[k - 1] - theta[k])
+    labels, z = steady_stability(vecs[:, :k] / dd[:, None], gap, seed=seed, draws=draws,
+                                 ramp=ramp)  # fmt: skip
+    w = steady_weight(z, ramp)
+    record = dict(cluster_share="steady", share_weight=w, stability=z)
+    if w == 1.0:
+        return labels, None, record
+    if dense and (len(theta) == n or float(theta[-1]) < float(theta[k - 1]) - SOFT_SHARE_WIDTH):
+        soft = _soft_from_pairs(theta, vecs, dd, k)
+    else:  # a block solver's pairs, or a crowded window: the filter's own call
+        s, dd64 = _normalized_affinity(affinity.to(torch.float64))
+        th, vec = _filtered_eigenpairs(s, k, SOFT_SHARE_WIDTH)
+        soft = _soft_from_pairs(th.cpu(), vec, dd64, k)
+    soft = soft.to(labels.device)
+    if w == 0.0:
+        return labels, soft, record
+    return labels, w * label_shares(labels) + (1.0 - w) * soft, record
+
+
+# (kept for the benchmarks: the weight's inputs without the pick alternatives)
+def path_margin(embedding: torch.Tensor, *, seed: int = 0) -> float:
+    """The smallest decision margin of the paper's first draw's iterations alone (no pick
+    alternatives): what the brief's first design measured (``bench_share_gate.py``)."""
+    n = embedding.shape[0]
+    v = _discretize_rows(embedding)
+    start = int(label_random_state(seed, n).randint(n))
+    return _main_path(v, start)[1]
+
+
+def cluster(coef: torch.Tensor, opts, *, group=None, rank: int = 0, affinity: str = "symmetric",
+            assign_labels: str = "discretize",
+            ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:  # fmt: skip
+    """Stage 4 of an SSC call: ``(draws, shares, record)``, the ``(label_draws, N)`` labels of
+    ``C`` (dense, or sparse COO kept sparse) into ``opts.n_clusters`` clusters, seeded by
+    ``opts.seed`` (:class:`~videoanchor.anchor.options.SSCOptions`, checked), each token's
+    cluster share under ``opts.cluster_share`` (``(N,)`` float64, or None where it is the
+    paper's, read from the labels) and the record of what ran: ``cluster_share`` (the share
+    that ran: ``"paper"``, ``"soft"`` or ``"steady"``), ``share_weight`` (the paper's share's
+    weight: 1.0, 0.0 or the steady share's) and, for ``"steady"``, its ``stability``
+    (:func:`~videoanchor.anchor.clustering.steady_shares`). ``"steady"`` on a sparse ``C``
+    (blocked mode) runs the paper's share and says so. ``affinity``: ``"symmetric"`` (``W =
+    |C| + |C|^T``) or ``"column_max"`` (dense ``C`` only). Under a process ``group`` (every
+    rank holds the same ``C``) rank 0 computes them and broadcasts them; if that fails, every
+    rank raises."""
+    n, share = coef.shape[0], getattr(opts, "cluster_share", "paper")
+    draws = torch.empty(opts.label_draws, n, dtype=torch.long, device=coef.device)
+    # the shares travel with their weight (the record's): [w, z, pi_1 .. pi_N]
+    packed = torch.empty(n + 2, dtype=torch.float64, device=coef.device)
+    record, error = {}, None
+    if rank == 0:
+        try:
+            if coef.is_sparse and share == "soft":
+                raise ValueError(
+                    f"cluster_share={share!r} reads a dense affinity's spectrum; expected a "
+                    f"dense C (mode='exact'), got a sparse one (blocked mode, N = {n})"
+                )
+            if coef.is_sparse:
+                draws = sparse_spectral_labels(
+                    sparse_ssc_affinity(coef), opts.n_clusters, seed=opts.seed,
+                    draws=opts.label_draws, eigen_solver=opts.eigen_solver,
+                )  # fmt: skip
+                shares, record = None, dict(cluster_share="paper", share_weight=1.0)
+            else:
+                normalize = "column_max" if affinity == "column_max" else "none"
+                w = ssc_affinity(coef, normalize=normalize)
+                draws, shares, record = _labels_and_shares(w, opts, share, assign_labels)
+            packed[0] = record["share_weight"]
+            packed[1] = record.get("stability", math.nan)
+            packed[2:] = math.nan if shares is None else shares.to(packed.device)
+        except Exception as exc:  # re-raised on every rank
+            error = exc
+    raise_together(group, error, coef.device)
+    draws = draws.to(coef.device)
+    if group is not None:
+        draws, packed = broadcast_from_first(draws, group), broadcast_from_first(packed, group)
+        if rank != 0:
+            record = dict(cluster_share=share if share != "steady" or not coef.is_sparse
+                          else "paper", share_weight=float(packed[0]))  # fmt: skip
+            if not math.isnan(float(packed[1])):
+                record["stability"] = float(packed[1])
+    shares = None if bool(packed[2:].isnan().any()) else packed[2:].clone()
+    return draws, shares, record
+
+
+@bounded()
+@exact_float32
+def _labels_and_shares(w: torch.Tensor, opts, share: str, assign_labels: str):
+    """:func:`cluster`'s dense part: ``(draws, shares, record)`` of the affinity ``w``; under
+    ``"steady"`` one eigensolver call feeds the labels, the eigengap and the soft share."""
+    k, kw = opts.n_clusters, dict(seed=opts.seed, eigen_solver=opts.eigen_solver)
+    if share == "steady" and assign_labels == "discretize":
+        return steady_shares(w, k, draws=opts.label_draws, **kw)
+    # (k-means labels have no discretize path to gate: "steady" runs the paper's share there)
+    draws = spectral_labels(w, k, assign_labels=assign_labels, draws=opts.label_draws, **kw)
+    if share == "soft":
+        return draws, soft_cluster_shares(w, k), dict(cluster_share="soft", share_weight=0.0)
+    return draws, None, dict(cluster_share="paper", share_weight=1.0)

@@ -277,7 +277,7 @@ class SSCOptions:
     """Label draws averaged into each token's cluster share (the paper: 1)."""
     cluster_share: str = "steady"
     """Each token's cluster share ``pi_j``: ``"steady"`` (the default, beyond the paper:
-    :func:`~videoanchor.anchor.steady.steady_shares`, the paper's share where its labels are
+    :func:`~videoanchor.anchor.clustering.steady_shares`, the paper's share where its labels are
     far from a change, the soft one where they are near one, blended by a weight that moves
     continuously with the discretisation's decision margins), ``"paper"`` (the paper's, for
     exact reproduction: its cluster's share of the tokens under the spectral labels, averaged

@@ -14,13 +14,12 @@ from videoanchor.anchor._inputs import (
     pca_reduce,
     prepare_features,
 )
-from videoanchor.anchor.clustering import label_shares
+from videoanchor.anchor.clustering import cluster, label_shares
 from videoanchor.anchor.options import DEFAULTS, REMOVED_SCALABLE, SSCOptions, check_flag
 from videoanchor.anchor.plan import make_plan
 from videoanchor.anchor.products import exact_float32
 from videoanchor.anchor.program import SSCSolution
 from videoanchor.anchor.solve import solve
-from videoanchor.anchor.steady import cluster
 from videoanchor.anchor.threads import bounded
 
 __all__ = [
@@ -150,7 +149,7 @@ def anchor_scores(
     ``labels`` may also be ``(draws, N)``, several label draws of one clustering: then
     ``pi_j`` is token ``j``'s cluster share averaged over the draws (``label_draws``).
     ``shares`` (N,) in ``(0, 1]``: the ``pi_j`` given instead of read from the labels
-    (``cluster_share="soft"`` or ``"steady"``: :func:`~videoanchor.anchor.steady.cluster`'s).
+    (``cluster_share="soft"`` or ``"steady"``: :func:`~videoanchor.anchor.clustering.cluster`'s).
     """
     if coef.dim() != 2 or coef.shape[0] != coef.shape[1]:
         raise ValueError(f"coef: expected a square (N, N) matrix, got shape {tuple(coef.shape)}")
@@ -200,7 +199,7 @@ class AnchorResult(SSCSolution):
     paper's ``pi_j``) or ``"soft"``), ``share_weight`` (the paper's share's weight in it: 1.0
     for ``"paper"``, 0.0 for ``"soft"``, the steady share's in [0, 1]) and
     ``share_stability`` (the steady share's stability ``z``, else None;
-    :mod:`videoanchor.anchor.steady`)."""
+    :mod:`videoanchor.anchor.clustering`)."""
 
     scores: torch.Tensor
     labels: torch.Tensor
@@ -422,7 +421,7 @@ def compute_anchor_scores(
     them, so the scores depend much less on the seed; the embedding is computed once.
 
     ``cluster_share``: ``"steady"`` (default, beyond the paper:
-    :func:`~videoanchor.anchor.steady.steady_shares`), ``"paper"`` or ``"soft"``. The paper's
+    :func:`~videoanchor.anchor.clustering.steady_shares`), ``"paper"`` or ``"soft"``. The paper's
     ``pi_j`` (``"paper"``, formerly ``"hard"``) is its cluster's share of the tokens under the
     spectral labels; where the clustering at ``n_clusters`` is ill-posed, a 1e-7 relative
     change of the features (another engine's or device's rounding) flips the labels and

@@ -329,8 +329,8 @@ def _share_key(share: str) -> tuple:
     """The cluster share's part of a labels entry's key: none for the paper's (so that the
     entries written before issue 91, under its former name "hard", still serve it), the name
     and the gate's ramp for the steady share (an entry of another calibration is not reused)."""
+    from videoanchor.anchor.clustering import STEADY_RAMP
     from videoanchor.anchor.options import RENAMED_SHARES
-    from videoanchor.anchor.steady import STEADY_RAMP
 
     share = RENAMED_SHARES.get(share, share)
     if share == "paper":

@@ -135,7 +135,7 @@ def configure(
         cluster_share: "steady" (default, beyond the paper: the paper's cluster share where
             its labels are far from a change, a share continuous in the features where they
             are near one, so that another engine's or device's rounding does not move the
-            scores: :mod:`videoanchor.anchor.steady`, docs/guides/anchor-scores.md), "paper"
+            scores: :mod:`videoanchor.anchor.clustering`, docs/guides/anchor-scores.md), "paper"
             (the paper's share, for exact reproduction; formerly "hard") or "soft" (beyond
             the paper: continuous everywhere, NOT the paper's scores:
             :func:`~videoanchor.anchor.clustering.soft_cluster_shares`).
