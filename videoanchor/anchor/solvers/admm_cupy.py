@@ -49,6 +49,7 @@ class CupyKernels(Kernels):
         self.cp = cp
 
     def shrink(self, xp, t, lam, thr, diag):
+        """The C-step's soft threshold and the multiplier update in one fused CuPy kernel."""
         cp = self.cp
         t, lam = cp.ascontiguousarray(t), cp.ascontiguousarray(lam)
         offset = diag.offset if diag is not None else t.shape[0] + t.shape[1]  # none
@@ -56,6 +57,7 @@ class CupyKernels(Kernels):
         return c, lam_new, absdiff
 
     def sync(self) -> None:
+        """Wait for CuPy's current stream."""
         self.cp.cuda.get_current_stream().synchronize()
 
 

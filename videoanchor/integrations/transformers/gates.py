@@ -91,6 +91,7 @@ class RequestGates:
         self.buffers.clear()
 
     def check_packed(self, packed: bool) -> None:
+        """Raise where the attention mask's packing is not the one the scores were made for."""
         if packed != self.packed:
             scored = "per packed sequence" if self.packed else "per row"
             raise RuntimeError(
@@ -101,10 +102,12 @@ class RequestGates:
 
     @property
     def batch(self) -> int:
+        """The gates' rows (batch size)."""
         return self.key_bias.shape[0]
 
     @property
     def length(self) -> int:
+        """The gates' key length."""
         return self.key_bias.shape[1]
 
     def prepared(
