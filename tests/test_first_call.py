@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from numba_support import COMPILE_REPORT
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -104,27 +106,23 @@ def test_a_warm_cache_compiles_nothing(tmp_path):
     set without outlier entries needs the lean kernel alone (issue 93): the first process
     compiles that one and its helpers, not the full kernel's (``_add_outlier``)."""
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
-    code = (
-        "import json, torch\n"
-        "from numba.core import event\n"
-        "class Compiles(event.Listener):\n"
-        "    names = []\n"
-        "    def on_start(self, ev):\n"
-        "        self.names.append(ev.data['dispatcher'].py_func.__name__)\n"
-        "    def on_end(self, ev):\n"
-        "        pass\n"
-        "event.register('numba:compile', Compiles())\n"
-        "from videoanchor.anchor.solvers import _workset_kernel as k\n"
+    code = COMPILE_REPORT + (
+        "import torch\n"
         "from videoanchor.anchor.solvers.workset import solve_ssc_workset\n"
         "res = solve_ssc_workset(torch.randn(12, 6, generator=torch.Generator().manual_seed(0)))\n"
-        "print(json.dumps([sorted(set(Compiles.names)), [(e['kernel'], e['how']) for e in k.EVENTS],\n"
-        "                  bool(res.converged)]))"
+        "report(converged=bool(res.converged))\n"
     )
+
+    def how(got):  # what the process did for each kernel
+        return [(e["kernel"], e["how"]) for e in got["events"]]
+
     first = json.loads(_child(code, env))
-    assert first[1] == [["lean", "compiled"]] and first[2], first
-    assert {"solve_columns_lean", "_hsolve"} <= set(first[0]), first
-    assert "_add_outlier" not in first[0] and "solve_columns" not in first[0], first
+    assert how(first) == [("lean", "compiled")] and first["converged"], first
+    assert {"solve_columns_lean", "_hsolve"} <= set(first["compiled"]), first
+    assert "_add_outlier" not in first["compiled"], first
+    assert "solve_columns" not in first["compiled"], first
     indexes = [p.name for p in (tmp_path / "numba").rglob("*.nbi")]
     assert len(indexes) == 1 and "solve_columns_lean-" in indexes[0], indexes
     second = json.loads(_child(code, env))
-    assert second == [[], [["lean", "loaded"]], True], second
+    assert second["compiled"] == [] and how(second) == [("lean", "loaded")], second
+    assert second["converged"] is True, second

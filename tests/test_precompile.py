@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from numba_support import COMPILE_REPORT
 
 from videoanchor.anchor.solvers import _workset_kernel as kernel
 from videoanchor.anchor.solvers import precompile
@@ -33,24 +34,6 @@ def _child(code: str, env: dict, timeout: float = 600) -> dict:
                          text=True, timeout=timeout)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-# what a child process reports: the functions Numba compiled in it, and what it did for each
-# kernel (kernel.EVENTS)
-_REPORT = (
-    "import json\n"
-    "from numba.core import event\n"
-    "class Compiles(event.Listener):\n"
-    "    names = []\n"
-    "    def on_start(self, ev):\n"
-    "        self.names.append(ev.data['dispatcher'].py_func.__name__)\n"
-    "    def on_end(self, ev):\n"
-    "        pass\n"
-    "event.register('numba:compile', Compiles())\n"
-    "from videoanchor.anchor.solvers import _workset_kernel as k\n"
-    "def report(**extra):\n"
-    "    print(json.dumps({'compiled': sorted(set(Compiles.names)), 'events': k.EVENTS, **extra}))\n"
-)
 
 
 def _sets():
@@ -185,7 +168,7 @@ def test_import_starts_the_background_compile_where_the_cache_is_empty(tmp_path)
     assert _child(code, env) == ["import", 0, False]
     names = sorted(p.name.split("-")[0] for p in (tmp_path / "numba").rglob("*.nbi"))
     assert names == ["_workset_kernel.solve_columns", "_workset_kernel.solve_columns_lean"]
-    got = _child(_REPORT + (
+    got = _child(COMPILE_REPORT + (
         "import torch, videoanchor\n"
         "from videoanchor.anchor.solvers import precompile as p\n"
         "from benchmarks.bench_workset import overlaid\n"
@@ -215,7 +198,7 @@ def test_two_processes_compile_the_kernel_once(tmp_path):
     holding the cache's lock, the second waits for it (one line on stderr), then loads it and
     compiles nothing."""
     env = _env(tmp_path)
-    code = _REPORT + "k.ready('lean')\nreport()\n"
+    code = COMPILE_REPORT + "k.ready('lean')\nreport()\n"
     first = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 300
@@ -239,12 +222,12 @@ def test_a_cache_made_for_another_cpu_is_not_loaded(tmp_path):
     """Numba keys its cache by the CPU: the lean kernel compiled for ``NUMBA_CPU_NAME=generic``
     is not loaded by a process for this CPU, which compiles its own beside it."""
     env = _env(tmp_path, NUMBA_CPU_NAME="generic", NUMBA_CPU_FEATURES="")
-    got = _child(_REPORT + "k.ready('lean')\nreport()\n", env)
+    got = _child(COMPILE_REPORT + "k.ready('lean')\nreport()\n", env)
     assert [e["how"] for e in got["events"]] == ["compiled"], got
     env = _env(tmp_path)
     env.pop("NUMBA_CPU_NAME", None)
     env.pop("NUMBA_CPU_FEATURES", None)
-    got = _child(_REPORT + (
+    got = _child(COMPILE_REPORT + (
         "found = k.ready('lean', compile=False)\n"
         "k.ready('lean')\n"
         "report(found=found is not None, hits=sum(k.solve_columns_lean.stats.cache_hits.values()),\n"
@@ -266,7 +249,9 @@ def test_a_model_loaded_first_finds_the_kernel_compiled(tmp_path):
     path = tmp_path / "model"
     tiny_model("qwen2_5_vl", seed=1).save_pretrained(path)
     env = _env(tmp_path, **{precompile.ENV: "1"})
-    head = _REPORT.replace("from videoanchor.anchor.solvers import _workset_kernel as k\n", "")
+    head = COMPILE_REPORT.replace(
+        "from videoanchor.anchor.solvers import _workset_kernel as k\n", ""
+    )
     code = head + (
         "import sys, torch, videoanchor\n"
         "sys.path.insert(0, 'tests')\n"
@@ -313,7 +298,7 @@ def test_no_folder_numba_can_write_to_compiles_in_each_process(tmp_path):
                HOME=str(tmp_path / "file"), PYTHONDONTWRITEBYTECODE="1",
                **{precompile.ENV: "1"})  # fmt: skip
     env.pop("NUMBA_CACHE_DIR")
-    out = subprocess.run([sys.executable, "-c", _REPORT + (
+    out = subprocess.run([sys.executable, "-c", COMPILE_REPORT + (
         "import torch\n"
         "from videoanchor.anchor.solvers import precompile as p\n"
         "from videoanchor.anchor.solvers.workset import solve_ssc_workset\n"
