@@ -52,6 +52,9 @@ __all__ = [
 
 
 _RUN = {"run": True}
+#: the candidates per column whose y_j^T u_i the certificate from G takes again directly
+#: (the largest and the smallest of its column): G's cancellation reorders near-ties
+TOP = 4
 
 
 @dataclass(kw_only=True)
@@ -112,19 +115,30 @@ class SSCSolution:
 
     @classmethod
     def certified(cls, y: torch.Tensor, coef, outliers, lambda_e: float, lambda_z: float, *,
-                  like: torch.Tensor, dtype, timings: dict, **given) -> SSCSolution:  # fmt: skip
+                  like: torch.Tensor, dtype, timings: dict, gram: torch.Tensor | None = None,
+                  support: torch.Tensor | None = None, **given) -> SSCSolution:  # fmt: skip
         """The working sets' ``C`` and ``E`` (float64, of the program on ``y``: ``Y``,
         ``D x N``, float64) as a result in ``dtype`` on ``like``'s device, with the fields
         ``given``, certified (:func:`column_gaps`, largest relative duality gap): ``residual``
         is the float64 answer's (what the solver reached: the routes decide on it), ``gap``
         that of the ``C`` returned, in ``dtype`` (float32's rounding alone leaves ~1e-6 to
-        1e-4: issue 79; the same number for float64). ``timings`` gains ``"certificate"``."""
+        1e-4: issue 79; the same number for float64). ``gram`` (``Y^T Y``, float64, on
+        ``y``'s device) where the caller has it: the certificate from G and ``C``'s non-zeros
+        (``support``: where they can be, as :func:`column_gaps` takes it), no dense product.
+        The certificates' floats are read in one copy. ``timings`` gains ``"certificate"``."""
         t = time.perf_counter()
-        reached = column_gaps(y, coef, lambda_e, lambda_z).max_gap
         out = coef.to(like.device, dtype)
-        gap = reached
+        kw = dict(gram=gram, support=support, read=False)
+        checks = [column_gaps(y, coef, lambda_e, lambda_z, **kw)]
         if out.dtype != coef.dtype:  # the certificate of what is returned
-            gap = column_gaps(y, out.to(y.device, y.dtype), lambda_e, lambda_z).max_gap
+            checks.append(column_gaps(y, out.to(y.device, y.dtype), lambda_e, lambda_z, **kw))
+        values = torch.cat([g.summary for g in checks]).tolist()  # one host read
+        at = 0
+        for g in checks:
+            size = g.summary.numel()
+            g.take(values[at : at + size])
+            at += size
+        reached, gap = checks[0].max_gap, checks[-1].max_gap
         return cls(coef=out, outliers=outliers.to(like.device, dtype), residual=reached,
                    gap=gap, lambda_e=lambda_e, lambda_z=lambda_z, rho=0.0,
                    timings={**timings, "certificate": time.perf_counter() - t}, **given)  # fmt: skip
@@ -189,13 +203,13 @@ def ssc_lambdas(x, alpha_e: float, alpha_z: float, *, block: int = 4096, gram=No
     if n < 2:
         raise ValueError(f"SSC needs at least 2 points, got {n}")
     norms = xp.sum(xp.abs(x), axis=1, dtype=xp.float64)
-    mu_e = float(xp.sort(norms)[-2])
     if row_max is None:
         row_max = gram_row_max(x, block=block, gram=gram)
-    mu_z = float(xp.min(row_max))
+    # mu_e, mu_z and the median token's max |y_i^T y_j|: one host read
+    mu_e, mu_z, median = (float(v) for v in xp.stack(
+        [xp.sort(norms)[-2], xp.min(row_max), xp.sort(row_max)[(n - 1) // 2]]).tolist())  # fmt: skip
     if not (mu_e > 0):
         raise ValueError("SSC: at most one point is non-zero (mu_e = 0); lambda_e is undefined")
-    median = float(xp.sort(row_max)[(n - 1) // 2])
     low = mu_z
     if dark == "ignore" and low < DARK_TOKEN * median:  # the least of the others
         mu_z = float(xp.min(xp.where(row_max < DARK_TOKEN * median, math.inf, row_max)))
@@ -267,17 +281,46 @@ class ColumnGaps:
     """Per-column primal and dual objectives of ``C`` (float64, ``N`` each) and its
     constraint violations: ``primal``, ``dual``, ``gap`` (``(primal - dual) / primal``,
     ``primal >= 1`` where ``1^T c = 1``), ``affine`` (``max_i |1^T c_i - 1|``) and
-    ``diagonal`` (``max_i |C_ii|``)."""
+    ``diagonal`` (``max_i |C_ii|``). ``summary``: ``[max gap, affine, diagonal]`` on the
+    device, not read yet (:func:`column_gaps` with ``read=False``); :meth:`read` reads the
+    three floats in one copy."""
 
-    def __init__(self, primal, dual, affine: float, diagonal: float):
+    def __init__(self, primal, dual, affine, diagonal, *, summary=None):
         self.primal, self.dual = primal, dual
         self.gap = (primal - dual) / primal.abs().clamp_min(1e-300)
         self.affine, self.diagonal = affine, diagonal
+        self.summary, self._max_gap = summary, None
+        self.again, self.bound = None, 0
+
+    def read(self) -> ColumnGaps:
+        """The ``summary``'s three floats read to the host (one copy), in place."""
+        if self.summary is not None:
+            self.take(self.summary.tolist())
+        return self
+
+    def take(self, values: list) -> ColumnGaps:
+        """``summary``'s values read by the caller (:meth:`read`, or several certificates'
+        summaries read together): ``[max gap, affine, diagonal]`` and, from G
+        (:func:`column_gaps`), how many non-zeros of ``E`` exceeded its bound (then the
+        certificate is computed again to their count) and of ``C`` its ``support`` missed."""
+        self._max_gap, self.affine, self.diagonal = values[:3]
+        self.summary = None
+        if len(values) > 3:
+            over, missed = values[3:5]
+            if missed > 0:
+                raise ValueError(f"support: {int(missed)} non-zero(s) of C lie outside it")
+            if over > 0:
+                redone = self.again(self.bound + int(over))
+                self.__dict__.update(redone.__dict__)
+        return self
 
     @property
     def max_gap(self) -> float:
         """The largest relative gap over the columns."""
-        return float(self.gap.max())
+        self.read()
+        if self._max_gap is None:
+            self._max_gap = float(self.gap.max())
+        return self._max_gap
 
     def objective(self) -> float:
         """The program's objective at ``C`` (``E`` at its optimum for ``C``)."""
@@ -301,29 +344,130 @@ def duality_gaps(features, coef, lambda_e: float, lambda_z: float) -> ColumnGaps
     return column_gaps(y, c, lambda_e, lambda_z)
 
 
-def column_gaps(y: torch.Tensor, c: torch.Tensor, lambda_e: float, lambda_z: float) -> ColumnGaps:
-    """:func:`duality_gaps` of checked float64 ``y`` (``D x N``) and ``c`` (``N x N``)."""
+def column_gaps(y: torch.Tensor, c: torch.Tensor, lambda_e: float, lambda_z: float, *,
+                gram: torch.Tensor | None = None, support: torch.Tensor | None = None,
+                read: bool = True) -> ColumnGaps:  # fmt: skip
+    """:func:`duality_gaps` of checked float64 ``y`` (``D x N``) and ``c`` (``N x N``, dense).
+
+    Without ``gram``: two dense products, ``Y C`` and ``Y^T u`` (``D x N x N`` each). With
+    ``gram`` (``G = Y^T Y``, ``N x N``, float64): from G and ``C``'s non-zeros, no dense
+    product: ``r = y_i - Y c_i`` by a sparse product (``D x nnz(C)``), ``e`` its optimum
+    (``shrink(r, t)``) and ``Y^T u = lambda_z (G_i - G c_i - Y^T e_i)`` (``N x nnz(C)`` and
+    ``N x nnz(E)``); G's cancellation reorders near-ties, so each column's :data:`TOP`
+    largest and smallest ``y_j^T u_i`` are taken again directly (``D`` each). ``support``: ``(2, K)`` long, ``(row, column)`` positions that hold
+    every non-zero of ``c`` (-1: padding; each position at most once), where the caller
+    knows them (else they are found: one host read on a GPU); a non-zero outside them is a
+    ``ValueError``. ``read``: the three floats (``max_gap``, ``affine``, ``diagonal``) read
+    in one copy; False leaves them in ``summary`` (:meth:`ColumnGaps.read`)."""
+    if gram is None:
+        return _dense_gaps(y, c, lambda_e, lambda_z, read=read)
+    n = y.shape[1]
+    if tuple(gram.shape) != (n, n):
+        raise ValueError(f"gram: expected the {n} x {n} Gram matrix Y^T Y, got {tuple(gram.shape)}")
+    return _gram_gaps(y, c, gram, support, lambda_e, lambda_z, read=read)
+
+
+def _dense_gaps(y, c, lambda_e: float, lambda_z: float, *, read: bool) -> ColumnGaps:
     t = lambda_e / lambda_z
     r = torch.sub(y, y @ c)
     primal = c.abs().sum(dim=0) + huber(r, lambda_e, lambda_z).sum(dim=0)
     u = r.clamp_(-t, t).mul_(lambda_z)  # (r's storage: it is not needed again)
     del r
     g = y.T @ u  # g[j, i] = y_j^T u_i; its diagonal (j = i) is left out, in place
+    uy, uu, umax = (u * y).sum(dim=0), (u * u).sum(dim=0), u.abs().amax(dim=0)
+    del u
+    return _finish(g, uy, uu, umax, primal, c, lambda_e, lambda_z, read=read)
+
+
+def _finish(g, uy, uu, umax, primal, c, lambda_e: float, lambda_z: float, *, read: bool,
+            flags=(), exact=None) -> ColumnGaps:  # fmt: skip
+    """The dual at the scaled ``u`` from ``g`` (``g[j, i] = y_j^T u_i``; its diagonal is
+    overwritten), ``u_i^T y_i``, ``u_i^T u_i`` and ``max |u_i|``; ``flags`` join the summary.
+    ``exact``: ``g``'s largest and smallest entries of a column taken again by ``exact(j)``
+    (``y_j^T u_i`` for ``j``, ``(K, N)``, at the ``K`` largest and smallest)."""
+    top = min(TOP, g.shape[0] - 1)  # (never the diagonal)
+    exact = exact if top > 0 else None
     g.diagonal().fill_(-math.inf)
-    gmax = g.amax(dim=0)
+    if exact is None:
+        gmax = g.amax(dim=0)
+    else:
+        gmax = exact(g.topk(top, dim=0).indices).amax(dim=0)
     g.diagonal().fill_(math.inf)
-    gmin = g.amin(dim=0)
+    if exact is None:
+        gmin = g.amin(dim=0)
+    else:
+        gmin = exact(g.topk(top, dim=0, largest=False).indices).amin(dim=0)
     del g
-    uy, uu = (u * y).sum(dim=0), (u * u).sum(dim=0)
     spread = gmax - gmin
     s_max = torch.where(
         spread > 0, 2.0 / spread.clamp_min(1e-300), torch.full_like(spread, math.inf)
     )
-    s_max = torch.minimum(s_max, lambda_e / u.abs().amax(dim=0).clamp_min(1e-300))
+    s_max = torch.minimum(s_max, lambda_e / umax.clamp_min(1e-300))
     slope = uy - gmax
     s = torch.where(uu > 0, lambda_z * slope / uu.clamp_min(1e-300), torch.zeros_like(uu))
     s = torch.minimum(s.clamp_min(0.0), s_max)
     dual = s * slope - s * s * uu / (2 * lambda_z) + 1.0
-    affine = float((c.sum(dim=0) - 1).abs().max())
-    diagonal = float(c.diagonal().abs().max())
-    return ColumnGaps(primal, dual, affine, diagonal)
+    affine = (c.sum(dim=0) - 1).abs().max()
+    diagonal = c.diagonal().abs().max()
+    out = ColumnGaps(primal, dual, affine, diagonal)
+    out.summary = torch.stack([out.gap.max(), affine, diagonal,
+                               *(f.to(affine.dtype) for f in flags)])  # fmt: skip
+    return out.read() if read else out
+
+
+def _csr(rows, cols, vals, shape):
+    """A CSR matrix from entries sorted by row (no host read: the row pointers by search)."""
+    crow = torch.searchsorted(rows, torch.arange(shape[0] + 1, device=rows.device))
+    return torch.sparse_csr_tensor(crow, cols, vals, shape, check_invariants=False)
+
+
+def _gram_gaps(y, c, gram, support, lambda_e: float, lambda_z: float, *, read: bool,
+               bound: int | None = None) -> ColumnGaps:  # fmt: skip
+    d, n = y.shape
+    t = lambda_e / lambda_z
+    if support is None:  # (one host read on a GPU: the count)
+        cols, rows = torch.nonzero(c.T, as_tuple=True)  # C^T's rows: columns of C, sorted
+        vals = c[rows, cols]
+    else:
+        if support.dim() != 2 or support.shape[0] != 2:
+            raise ValueError(f"support: expected (2, K) positions, got {tuple(support.shape)}")
+        rows, cols = support[0], support[1]
+        valid = (rows >= 0) & (cols >= 0)
+        rows, cols = rows.clamp_min(0), cols.clamp_min(0)
+        order = torch.argsort(cols * n + rows)  # sorted by column, then row
+        rows, cols, valid = rows[order], cols[order], valid[order]
+        vals = torch.where(valid, c[rows, cols], 0.0)
+    # E's non-zeros are found up to a bound (n + nnz(C)) without a host read; where there
+    # are more, the summary says so and :meth:`ColumnGaps.read` runs this again to the count
+    bound = n + rows.numel() if bound is None else bound
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # sparse CSR is "beta"
+        ct = _csr(cols, rows, vals, (n, n))  # C^T
+        r = y - (ct @ y.T).T  # y_i - Y c_i: D x nnz(C)
+        e = torch.sign(r) * (r.abs() - t).clamp_min(0.0)  # the optimum E for C
+        at = torch.nonzero_static(e.T, size=bound, fill_value=-1)  # (column i, row d)
+        pad = at[:, 0] < 0
+        ei, ed = torch.where(pad, n - 1, at[:, 0]), torch.where(pad, d - 1, at[:, 1])
+        ev = torch.where(pad, 0.0, e[ed, ei])
+        g = torch.sub(gram, ct @ gram)  # G - (G C)^T (G symmetric): N x nnz(C)
+        g.sub_(_csr(ei, ed, ev, (n, d)) @ y).mul_(lambda_z)  # [i, j]: y_j^T u_i (N x nnz(E))
+    over = torch.count_nonzero(e) - bound
+    u = torch.sub(r, e).mul_(lambda_z)  # lambda_z clip(r, -t, t)
+    del e
+    primal = c.abs().sum(dim=0) + huber(r, lambda_e, lambda_z).sum(dim=0)
+    del r
+    uy, uu, umax = (u * y).sum(dim=0), (u * u).sum(dim=0), u.abs().amax(dim=0)
+    missed = torch.count_nonzero(c) - torch.count_nonzero(vals)
+
+    def exact(j, u=u):  # y_j^T u_i at the candidates, the products of the dense form
+        return torch.stack([(y[:, jk] * u).sum(dim=0) for jk in j])
+
+    out = _finish(g.T, uy, uu, umax, primal, c, lambda_e, lambda_z, read=False,
+                  flags=(over, missed), exact=exact)  # fmt: skip
+    del u
+
+    def again(count: int) -> ColumnGaps:
+        return _gram_gaps(y, c, gram, support, lambda_e, lambda_z, read=True, bound=count)
+
+    out.again, out.bound = again, bound
+    return out.read() if read else out
