@@ -13,8 +13,11 @@ the same vectors on every device (up to ties).
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import math
+import threading
 import warnings
 
 import numpy as np
@@ -150,6 +153,7 @@ CHEBYSHEV_DEGREE, CHEBYSHEV_GUARD, CHEBYSHEV_STEPS, STALL_RATIO = 8, 12, 30, 0.9
 def chebyshev_eigvecs(matmul, n: int, k: int, *, dtype: torch.dtype, device, seed: int = 0,
                       tol: float = 1e-4, max_steps: int = CHEBYSHEV_STEPS,
                       degree: int = CHEBYSHEV_DEGREE, guard: int = CHEBYSHEV_GUARD,
+                      operator: torch.Tensor | None = None, capture=None,
                       ) -> tuple[torch.Tensor, torch.Tensor, dict]:  # fmt: skip
     """The ``k`` leading eigenpairs of a normalised affinity (``matmul(X) = S X``, spectrum
     in ``[-1, 1]``) by Chebyshev-filtered subspace iteration on ``k + guard`` vectors.
@@ -158,7 +162,10 @@ def chebyshev_eigvecs(matmul, n: int, k: int, *, dtype: torch.dtype, device, see
     ``||S Q - Q diag(theta)||_F`` to the host, and fixes the cut (the smallest Ritz value)
     and the steps that should bring the residual to ``tol``. A step applies the
     degree-``degree`` Chebyshev polynomial of ``S`` at most 1 on ``[-1, cut]`` and a QR,
-    with no host read (one CUDA graph on CUDA). It stops at ``tol``, after ``max_steps``
+    with no host read: on CUDA one CUDA graph, captured once per shape where ``operator``
+    (``S`` itself, dense or sparse CSR, that ``matmul`` multiplies by) is given, and replayed
+    with ``S`` copied into its buffers (:func:`_filter_step`; ``capture``: a stand-in for
+    the capture, for tests). It stops at ``tol``, after ``max_steps``
     steps, or where a round of ``r`` steps cuts the residual by less than
     ``1 - STALL_RATIO ** r`` (TF32-rounded products floor it near 1e-3: ``info["stalled"]``).
 
@@ -171,7 +178,13 @@ def chebyshev_eigvecs(matmul, n: int, k: int, *, dtype: torch.dtype, device, see
             raise ValueError(f"{name}: expected a positive integer, got {value}")
     m = min(n, k + max(0, int(guard)))
     x = _start_block(n, m, seed, device, dtype)
-    step = _FilterStep(matmul, x, int(degree))
+    with _filter_step(matmul, operator, x, int(degree), capture) as step:
+        return _chebyshev(matmul, step, x, k, n, tol, int(max_steps), int(degree))
+
+
+def _chebyshev(matmul, step, x, k: int, n: int, tol: float, max_steps: int, degree: int):
+    """:func:`chebyshev_eigvecs`' rounds with its filter step ``step``."""
+    device, dtype = x.device, x.dtype
 
     def ritz(x):  # two host reads: the m x m projection, the residual
         sx = matmul(x)
@@ -212,37 +225,144 @@ def _filter(matmul, x, centre, half, degree: int) -> torch.Tensor:
     return torch.linalg.qr(y)[0]
 
 
-class _FilterStep:
-    """:func:`_filter` for one operator and block shape: on CUDA captured once as a CUDA
-    graph (block, ``centre``, ``half`` in static buffers) and replayed; eager elsewhere or
-    where capture fails (``self.graph`` None)."""
+#: the captured filter steps kept (:func:`_filter_step`), least recently used dropped first
+GRAPH_CACHE = 4
+_GRAPHS: collections.OrderedDict = collections.OrderedDict()
+_GRAPHS_LOCK = threading.Lock()
+#: captures made (the cache's misses), for the tests and the benchmarks
+GRAPH_COUNTS = {"captures": 0, "replays": 0}
 
-    def __init__(self, matmul, x: torch.Tensor, degree: int):
-        self.run = lambda x, c, h: _filter(matmul, x, c, h, degree)
-        self.graph = None
-        if x.device.type != "cuda":
-            return
+
+def _nnz_bucket(nnz: int, n: int) -> tuple[int, int]:
+    """``(bucket, phantom rows)``: ``nnz`` padded up to a multiple of the largest power of two
+    at most ``nnz / 8`` (under 1/8 more), the padding held in phantom rows below ``S``'s
+    ``n`` (``n`` entries a row, distinct columns): the same shapes for every ``nnz`` of the
+    bucket."""
+    step = 1 << max(0, int(nnz).bit_length() - 4)
+    bucket = -(-max(int(nnz), 1) // step) * step
+    return bucket, max(1, -(-(step - 1) // n))
+
+
+class _Static:
+    """One captured filter step: the operator's static buffers (dense ``S``, or sparse CSR
+    ``S`` padded to its nnz bucket, ``n + p`` rows), the block's, ``centre``'s and ``half``'s,
+    and the graph that reads them (``graph.replay()`` refills ``out``)."""
+
+    def __init__(self, operator, x, degree: int, capture):
+        n = x.shape[0]
         self.x, self.c, self.h = x.clone(), x.new_zeros(()), x.new_ones(())
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up before capture, as torch asks
-                self.run(self.x, self.c, self.h)
-            torch.cuda.current_stream().wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                self.out = self.run(self.x, self.c, self.h)
-            self.graph = g
-        except Exception as exc:  # noqa: BLE001 - whatever capture refuses runs eagerly
-            warnings.warn(f"chebyshev_eigvecs: no CUDA graph ({exc}); eager", RuntimeWarning,
-                          stacklevel=3)  # fmt: skip
+        self.sparse = operator.layout == torch.sparse_csr
+        if self.sparse:
+            bucket, phantom = _nnz_bucket(operator._nnz(), n)
+            idx = operator.crow_indices()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # sparse CSR is "beta"
+                self.s = torch.sparse_csr_tensor(
+                    idx.new_zeros(n + phantom + 1), idx.new_zeros(bucket),
+                    operator.values().new_zeros(bucket), (n + phantom, n),
+                    check_invariants=False,
+                )  # fmt: skip
+            self.load(operator)
 
-    def __call__(self, x: torch.Tensor, centre: float, half: float) -> torch.Tensor:
-        if self.graph is None:
-            return self.run(x, centre, half)
+            def matmul(v):
+                return (self.s @ v)[:n]
+        else:
+            self.s = operator.clone()
+
+            def matmul(v):
+                return self.s @ v
+
+        self.graph, self.out = capture(lambda: _filter(matmul, self.x, self.c, self.h, degree))
+        self.busy = False
+
+    def load(self, operator) -> None:
+        """Copy ``operator`` into the static buffers (no host read: its nnz is metadata)."""
+        if not self.sparse:
+            self.s.copy_(operator)
+            return
+        n, nnz = operator.shape[0], operator._nnz()
+        crow, col, val = self.s.crow_indices(), self.s.col_indices(), self.s.values()
+        pad = val.numel() - nnz
+        crow[: n + 1].copy_(operator.crow_indices())
+        # the padding's rows: n entries each (the last one the rest), columns 0, 1, ...
+        ends = [min(pad, n * (q + 1)) for q in range(crow.numel() - n - 1)]
+        crow[n + 1 :].copy_(torch.tensor(ends, dtype=crow.dtype) + nnz)
+        col[:nnz].copy_(operator.col_indices())
+        col[nnz:].copy_(torch.arange(pad, dtype=col.dtype) % n)
+        val[:nnz].copy_(operator.values())
+        val[nnz:].zero_()
+
+    def __call__(self, x, centre: float, half: float):
         self.x.copy_(x), self.c.fill_(centre), self.h.fill_(half)
         self.graph.replay()
+        GRAPH_COUNTS["replays"] += 1
         return self.out
+
+
+def _cuda_capture(run):
+    """``(graph, out)``: ``run()`` captured as a CUDA graph after a warm-up on a side stream,
+    as torch asks; ``out`` is what ``run`` returned in the capture, refilled by a replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = run()
+    return g, out
+
+
+def _graph_key(operator, x, degree: int) -> tuple:
+    key = (operator.layout, tuple(operator.shape), operator.dtype, str(operator.device),
+           tuple(x.shape), x.dtype, int(degree))  # fmt: skip
+    if operator.layout == torch.sparse_csr:
+        key += (operator.crow_indices().dtype, _nnz_bucket(operator._nnz(), x.shape[0]))
+    return key
+
+
+@contextlib.contextmanager
+def _filter_step(matmul, operator, x: torch.Tensor, degree: int, capture=None):
+    """The filter step (``step(x, centre, half)``, :func:`_filter`) of one call: on CUDA (or
+    with ``capture``, a stand-in for :func:`_cuda_capture`) a graph replayed from static
+    buffers, captured once per operator layout, shapes, dtype, device and, for a sparse CSR
+    operator, nnz bucket (:func:`_nnz_bucket`), and kept (:data:`GRAPH_CACHE`, least recently
+    used dropped); the operator is copied into its buffers at each call. Eager elsewhere,
+    without ``operator``, or where capture fails (warned)."""
+    if capture is None and x.device.type == "cuda":
+        capture = _cuda_capture
+    if capture is None or operator is None:
+        yield lambda x, c, h: _filter(matmul, x, c, h, degree)
+        return
+    key = _graph_key(operator, x, degree)
+    with _GRAPHS_LOCK:
+        entry = _GRAPHS.get(key)
+        if entry is not None and not entry.busy:
+            _GRAPHS.move_to_end(key)
+            entry.busy = True
+        else:
+            entry = None
+    if entry is not None:
+        entry.load(operator)
+    else:
+        try:
+            entry = _Static(operator, x, degree, capture)
+        except Exception as exc:  # noqa: BLE001 - whatever capture refuses runs eagerly
+            warnings.warn(f"chebyshev_eigvecs: no CUDA graph ({exc}); eager", RuntimeWarning,
+                          stacklevel=4)  # fmt: skip
+            yield lambda x, c, h: _filter(matmul, x, c, h, degree)
+            return
+        GRAPH_COUNTS["captures"] += 1
+        entry.busy = True
+        with _GRAPHS_LOCK:
+            if key not in _GRAPHS:  # (a call of the same shape running meanwhile keeps its own)
+                _GRAPHS[key] = entry
+                while len(_GRAPHS) > GRAPH_CACHE:
+                    _GRAPHS.popitem(last=False)
+    try:
+        yield entry
+    finally:
+        entry.busy = False
 
 
 def _dense_top_eigvecs(s: torch.Tensor, k: int) -> torch.Tensor:
@@ -271,7 +391,8 @@ def _block_eigvecs(s, k: int, solver: str, *, seed: int, tol: float, max_steps: 
     n, kw = s.shape[0], dict(dtype=s.dtype, device=s.device, seed=seed, tol=tol)
     if solver == "chebyshev":
         steps = CHEBYSHEV_STEPS if max_steps is None else max_steps
-        theta, q, info = chebyshev_eigvecs(lambda x: s @ x, n, k, max_steps=steps, **kw)
+        theta, q, info = chebyshev_eigvecs(lambda x: s @ x, n, k, max_steps=steps, operator=s,
+                                           **kw)  # fmt: skip
     else:
         nnz = s._nnz() if s.layout != torch.strided else n * n
         theta, q, info = block_krylov_eigvecs(lambda x: s @ x, n, k, matmul_flops=2.0 * nnz,
