@@ -128,6 +128,8 @@ class SSCSolution:
         The certificates' floats are read in one copy. ``timings`` gains ``"certificate"``."""
         t = time.perf_counter()
         out = coef.to(like.device, dtype)
+        if gram is not None and support is None:  # (found once: rounding adds none)
+            support = torch.stack(torch.nonzero(coef, as_tuple=True))
         kw = dict(gram=gram, support=support, read=False)
         checks = [column_gaps(y, coef, lambda_e, lambda_z, **kw)]
         if out.dtype != coef.dtype:  # the certificate of what is returned
@@ -440,27 +442,31 @@ def _gram_gaps(y, c, gram, support, lambda_e: float, lambda_z: float, *, read: b
     # E's non-zeros are found up to a bound (n + nnz(C)) without a host read; where there
     # are more, the summary says so and :meth:`ColumnGaps.read` runs this again to the count
     bound = n + rows.numel() if bound is None else bound
+    yt = y.T.contiguous()  # (a view of the points, N x D, where y is one of them)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # sparse CSR is "beta"
         ct = _csr(cols, rows, vals, (n, n))  # C^T
-        r = y - (ct @ y.T).T  # y_i - Y c_i: D x nnz(C)
-        e = torch.sign(r) * (r.abs() - t).clamp_min(0.0)  # the optimum E for C
-        at = torch.nonzero_static(e.T, size=bound, fill_value=-1)  # (column i, row d)
+        r = torch.sub(yt, ct @ yt)  # (y_i - Y c_i)^T: N x D by D x nnz(C)
+        u = r.clamp(-t, t)  # clip(r, -t, t): u / lambda_z
+        e = torch.sub(r, u)  # the optimum E for C (shrink(r, t)), transposed
+        at = torch.nonzero_static(e, size=bound, fill_value=-1)  # (column i, row d), sorted
         pad = at[:, 0] < 0
         ei, ed = torch.where(pad, n - 1, at[:, 0]), torch.where(pad, d - 1, at[:, 1])
-        ev = torch.where(pad, 0.0, e[ed, ei])
+        ev = torch.where(pad, 0.0, e[ei, ed])
         g = torch.sub(gram, ct @ gram)  # G - (G C)^T (G symmetric): N x nnz(C)
         g.sub_(_csr(ei, ed, ev, (n, d)) @ y).mul_(lambda_z)  # [i, j]: y_j^T u_i (N x nnz(E))
     over = torch.count_nonzero(e) - bound
-    u = torch.sub(r, e).mul_(lambda_z)  # lambda_z clip(r, -t, t)
     del e
-    primal = c.abs().sum(dim=0) + huber(r, lambda_e, lambda_z).sum(dim=0)
+    u.mul_(lambda_z)
+    # the datafit sum_d huber(r_d) = u^T r - u^T u / (2 lambda_z) (u = lambda_z clip(r))
+    uu = (u * u).sum(dim=1)
+    primal = c.abs().sum(dim=0) + ((u * r).sum(dim=1) - uu / (2 * lambda_z))
     del r
-    uy, uu, umax = (u * y).sum(dim=0), (u * u).sum(dim=0), u.abs().amax(dim=0)
+    uy, umax = (u * yt).sum(dim=1), u.abs().amax(dim=1)
     missed = torch.count_nonzero(c) - torch.count_nonzero(vals)
 
-    def exact(j, u=u):  # y_j^T u_i at the candidates, the products of the dense form
-        return torch.stack([(y[:, jk] * u).sum(dim=0) for jk in j])
+    def exact(j, u=u):  # y_j^T u_i at the candidates, directly
+        return torch.stack([(yt[jk] * u).sum(dim=1) for jk in j])
 
     out = _finish(g.T, uy, uu, umax, primal, c, lambda_e, lambda_z, read=False,
                   flags=(over, missed), exact=exact)  # fmt: skip
