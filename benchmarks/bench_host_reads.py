@@ -1,0 +1,307 @@
+"""Host reads of a GPU call, counted on the CPU, and the certificate's cost (issue 90 step 1).
+
+:class:`DeviceReads` counts what would read a device tensor's values on the host if the CPU
+tensors were a GPU's: a tensor is a *device* tensor unless it came from the host (made
+without a ``device=``, from Python data, from a read, or by an op on host tensors alone);
+a read is an operator that needs a value on the host (:data:`READ_OPS`: ``item``,
+``nonzero``, ``unique``, ...) or ``tolist`` / ``numpy`` / ``cpu()`` / ``to("cpu")`` of a
+device tensor. A tensor moved back with ``to(device)`` is a device tensor again. Within a
+*host region* (functions named in ``host=``, which take host tensors: ``discretize``'s
+iterations) factories make host tensors. On a CPU tensor ``cpu()`` returns the tensor itself:
+here it returns a copy, so the original stays a device tensor.
+
+The benchmark: the certificate of a working-set answer (``SSCSolution.certified``, float64
+and its float32 rounding), before (the dense form, ``column_gaps`` at the commit given by
+``--before``) and after (from G and the support of ``C``), at N = 2048 and 8192, D = 3584,
+video-like tokens with ten corrupted tokens: aten operators, host reads, FLOPs (static,
+from the shapes) and CPU seconds, in one process. ``C`` is synthetic (each column's 46 or 90
+nearest tokens, the median supports of ``GPU-SCORES.md``, with affine weights), not a
+minimiser: the cost follows the shapes and non-zeros, not the values.
+
+    python benchmarks/bench_host_reads.py --before <commit>
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import environment, finish, parser, video_tokens  # noqa: E402
+
+#: Operators whose result needs a device tensor's value on the host (each waits for the GPU).
+READ_OPS = frozenset(
+    {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero",
+     "aten::equal", "aten::allclose", "aten::_unique2", "aten::unique_dim",
+     "aten::unique_consecutive", "aten::masked_select", "aten::repeat_interleave",
+     "aten::bincount", "aten::histc"}
+)  # fmt: skip
+
+
+def _tensors(tree):
+    out = []
+
+    def visit(a):
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                visit(b)
+        elif isinstance(a, dict):
+            for b in a.values():
+                visit(b)
+
+    visit(tree)
+    return out
+
+
+class DeviceReads(TorchDispatchMode):
+    """Counts host reads of device tensors (module docstring) in ``reads`` (by kind, in
+    order). ``host``: ``(module, name)`` of functions that run on host tensors."""
+
+    def __init__(self, host=()):
+        super().__init__()
+        self.reads: list[str] = []
+        self._host = weakref.WeakSet()
+        self._host_fns = list(host)
+        self._depth = 0  # inside a host region
+        self._moving = None  # a to()/cpu() in progress: "host" or "device"
+
+    def is_host(self, t) -> bool:
+        return t in self._host
+
+    def _read(self, kind: str, t) -> None:
+        if not self.is_host(t) and self._depth == 0:
+            self.reads.append(kind)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = f"aten::{func.__name__.split('.')[0]}"
+        inputs = _tensors((args, kwargs))
+        if name in READ_OPS:
+            for t in inputs[:1]:
+                self._read(name, t)
+        out = func(*args, **kwargs)
+        if self._moving is not None:
+            host = self._moving == "host"
+        elif inputs:
+            host = all(self.is_host(t) for t in inputs)
+        else:  # a factory: a device tensor where it names a device (outside a host region)
+            host = self._depth > 0 or kwargs.get("device") is None
+        if host:
+            for t in _tensors(out):
+                self._host.add(t)
+        else:
+            for t in _tensors(out):
+                self._host.discard(t)
+        return out
+
+    @contextlib.contextmanager
+    def counting(self):
+        """This mode, with ``Tensor.tolist``/``numpy``/``cpu``/``to`` and the host regions
+        patched."""
+        saved = {k: getattr(torch.Tensor, k) for k in ("tolist", "numpy", "cpu", "to")}
+        mode = self
+
+        def reading(kind):
+            fn = saved[kind]
+
+            def read(t, *a, **k):
+                mode._read(kind, t)
+                return fn(t, *a, **k)
+
+            return read
+
+        def cpu(t, *a, **k):
+            mode._read("cpu", t)
+            mode._moving = "host"
+            try:
+                out = saved["cpu"](t, *a, **k)
+                return out.clone() if out is t else out
+            finally:
+                mode._moving = None
+
+        def to(t, *a, **k):
+            target = k.get("device", a[0] if a and not isinstance(a[0], torch.dtype) else None)
+            if isinstance(target, torch.Tensor):
+                target = target.device
+            if target is None:
+                return saved["to"](t, *a, **k)
+            if isinstance(target, str) and target.startswith("cpu"):  # a read
+                mode._read("to_cpu", t)
+                mode._moving = "host"
+            elif mode.is_host(t) and mode._depth == 0:  # back to the device
+                mode._moving = "device"
+            try:
+                out = saved["to"](t, *a, **k)
+                if out is t and mode._moving is not None:
+                    out = out.clone()
+                return out
+            finally:
+                mode._moving = None
+
+        patched = []
+        for mod, name in self._host_fns:
+            fn = getattr(mod, name)
+
+            def region(*a, _fn=fn, **k):
+                mode._depth += 1
+                try:
+                    return _fn(*a, **k)
+                finally:
+                    mode._depth -= 1
+
+            functools.update_wrapper(region, fn)
+            setattr(mod, name, region)
+            patched.append((mod, name, fn))
+        try:
+            torch.Tensor.tolist, torch.Tensor.numpy = reading("tolist"), reading("numpy")
+            torch.Tensor.cpu, torch.Tensor.to = cpu, to
+            with self:
+                yield self
+        finally:
+            for k, fn in saved.items():
+                setattr(torch.Tensor, k, fn)
+            for mod, name, fn in patched:
+                setattr(mod, name, fn)
+
+
+def device_reads(call, host=()) -> list[str]:
+    """The host reads of ``call()`` (:class:`DeviceReads`), by kind, in order."""
+    counter = DeviceReads(host)
+    with counter.counting():
+        call()
+    return counter.reads
+
+
+# ---- the certificate's cost ---------------------------------------------------------------
+
+
+def corrupted_video(n: int, d: int, *, corrupt: int = 10, seed: int = 0) -> torch.Tensor:
+    """Video-like tokens (``n / 128`` frames of 128 patches, 24 clusters) with ``corrupt``
+    tokens whose quarter of entries are corrupted by 5x the largest entry (float64)."""
+    x = video_tokens(n // 128, 128, d, k=24, seed=seed).double()
+    g = torch.Generator().manual_seed(seed)
+    scale = float(x.abs().max())
+    for i in torch.randperm(n, generator=g)[:corrupt].tolist():
+        j = torch.randperm(d, generator=g)[: d // 4]
+        x[i, j] += 5 * scale * torch.randn(len(j), generator=g, dtype=x.dtype)
+    return x
+
+
+def nearest_affine(gram: torch.Tensor, per: int) -> torch.Tensor:
+    """A sparse affine ``C``: each column's ``per`` nearest other tokens (by ``gram``'s
+    distances), weights decreasing with the rank, summing to 1, zero diagonal (dense)."""
+    n = gram.shape[0]
+    dist = gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram
+    dist.fill_diagonal_(float("inf"))
+    near = dist.topk(per, dim=0, largest=False).indices  # (per, n)
+    w = 1.0 / torch.arange(1, per + 1, dtype=torch.float64)
+    c = torch.zeros(n, n, dtype=torch.float64)
+    c.scatter_(0, near, (w / w.sum())[:, None].expand(per, n).contiguous())
+    return c
+
+
+def _support(c: torch.Tensor) -> torch.Tensor:
+    rows, cols = torch.nonzero(c, as_tuple=True)
+    return torch.stack([rows, cols])
+
+
+def _before_program(commit: str):
+    """``videoanchor/anchor/program.py`` at ``commit``, imported as a module of its own."""
+    root = Path(__file__).resolve().parent.parent
+    src = subprocess.run(["git", "show", f"{commit}:videoanchor/anchor/program.py"], cwd=root,
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    path = Path(tempfile.mkdtemp()) / "program_before.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("program_before", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["program_before"] = mod  # (its dataclasses look their module up)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _aten_ops(call) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        call()
+    return sum(e.name.startswith("aten::") for e in prof.events())
+
+
+def measure(n: int, d: int, per: int, before) -> list[dict]:
+    from videoanchor.anchor.program import SSCSolution
+
+    x = corrupted_video(n, d)
+    y = x.T.contiguous()
+    gram = y.T @ y
+    c = nearest_affine(gram, per)
+    lam_e, lam_z = 0.05, 2.0 / float(gram.abs().amax())  # (lambdas of the program's scale)
+    e = torch.zeros(d, n, dtype=torch.float64)
+    support = _support(c)
+    kw = dict(like=x, dtype=torch.float32, timings={}, iterations=1, converged=True)
+    t = lam_e / lam_z
+    nnz_e = int(((y - y @ c).abs() > t).sum()) if n <= 2048 else None
+    forms = {
+        "dense (before)": lambda: before.SSCSolution.certified(y, c, e, lam_e, lam_z, **kw),
+        "from G, support given": lambda: SSCSolution.certified(
+            y, c, e, lam_e, lam_z, gram=gram, support=support, **kw),
+        "from G, support found": lambda: SSCSolution.certified(
+            y, c, e, lam_e, lam_z, gram=gram, **kw),
+    }  # fmt: skip
+    rows, ref = [], None
+    nnz_c = int((c != 0).sum())
+    for name, call in forms.items():
+        reads = device_reads(call)
+        t0 = time.perf_counter()
+        res = call()
+        seconds = time.perf_counter() - t0
+        ops = _aten_ops(call)
+        if ref is None:
+            ref = res
+        dense = name.startswith("dense")
+        top = 4  # program.TOP
+        flops = (2 * 2 * 2 * d * n * n if dense else
+                 2 * (2 * d * nnz_c + 2 * n * nnz_c + 2 * n * (n + nnz_c) + 2 * 2 * top * d * n))  # fmt: skip
+        rows.append({
+            "form": name, "N": n, "D": d, "nnz_C": nnz_c, "nnz_E": nnz_e,
+            "host_reads": len(reads), "reads": ",".join(reads), "aten_ops": ops,
+            "flops_static": flops, "cpu_seconds": round(seconds, 3),
+            "residual": res.residual, "gap": res.gap,
+            "residual_rel_diff": abs(res.residual - ref.residual) / abs(ref.residual),
+            "gap_rel_diff": abs(res.gap - ref.gap) / abs(ref.gap),
+        })  # fmt: skip
+    return rows
+
+
+def main(argv=None):
+    ap = parser(__doc__.splitlines()[0])
+    ap.add_argument("--before", default="85ac76b~1", help="the commit of the dense form")
+    ap.add_argument("--sizes", default="2048,8192")
+    args = ap.parse_args(argv)
+    before = _before_program(args.before)
+    meta = environment("cpu")
+    meta["before"] = subprocess.run(["git", "rev-parse", args.before], capture_output=True,
+                                    text=True, cwd=Path(__file__).resolve().parent).stdout.strip()  # fmt: skip
+    meta["torch_threads"] = torch.get_num_threads()
+    meta["c"] = "synthetic: each column's 46 (N = 2048) or 90 (N = 8192) nearest tokens"
+    meta["flops"] = "static, from the shapes; float64 C and its float32 rounding (2 certificates)"
+    rows = []
+    for n in (int(s) for s in args.sizes.split(",")):
+        rows += measure(n, 3584, 46 if n <= 2048 else 90, before)
+    meta["loadavg_after"] = environment("cpu").get("loadavg")
+    finish("host_reads_certificate", meta, rows, args.out_dir,
+           ["form", "N", "nnz_C", "host_reads", "aten_ops", "flops_static", "cpu_seconds",
+            "gap_rel_diff"])  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
