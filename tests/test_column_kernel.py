@@ -1,0 +1,282 @@
+"""The column kernel (videoanchor/anchor/solvers/_column_kernel.py, issue 90 step 3) in
+Triton's interpreter: each column of the active list solved restricted to its slots, checked
+by the restricted KKT conditions in float64 (the contract in the module docstring), and,
+where the slots hold every variable, against the CPU's certified minimiser
+(solve_ssc_workset)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from videoanchor.anchor.program import gram_row_max, nearest_points, ssc_lambdas
+
+ck = pytest.importorskip("videoanchor.anchor.solvers._column_kernel")
+
+TOL = 1e-9
+#: The check's tolerance on the relative KKT violations: the kernel's (float64 rounding of
+#: lambda_z Y^T r at these scales is ~1e-11).
+CHECK = TOL
+
+
+@pytest.fixture(autouse=True)
+def _quick():
+    from interpreter_calls import quick_device_calls, unavailable_reason
+
+    if unavailable_reason():
+        yield
+        return
+    with quick_device_calls():
+        yield
+
+
+def features(n: int, d: int, seed: int, corrupt=()) -> torch.Tensor:
+    """Points near 3 subspaces of dimension 3 (sparse ``C``), a few tokens ``corrupt``ed
+    on a third of their entries (their columns need outlier entries)."""
+    g = torch.Generator().manual_seed(seed)
+    bases = [torch.linalg.qr(torch.randn(d, 3, generator=g, dtype=torch.float64))[0]
+             for _ in range(3)]  # fmt: skip
+    lab = torch.randint(0, 3, (n,), generator=g)
+    X = torch.stack([bases[int(k)] @ torch.randn(3, generator=g, dtype=torch.float64)
+                     for k in lab])  # fmt: skip
+    X += 0.01 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    for j in corrupt:
+        rows = torch.randperm(d, generator=g)[: d // 3]
+        X[j, rows] += 2.0 * torch.randn(len(rows), generator=g, dtype=torch.float64)
+    return X
+
+
+def program(X: torch.Tensor, tol: float = TOL, max_inner: int = 1000) -> dict:
+    G = X @ X.T
+    G = (G + G.T) / 2
+    lam_e, lam_z, _, _ = ssc_lambdas(X, 800.0, 800.0, row_max=gram_row_max(X, gram=G))
+    scalars = torch.tensor([lam_z, lam_e, lam_z * float(G.diagonal().max()), tol, 1e-10],
+                           dtype=torch.float64)  # fmt: skip
+    return dict(G=G, X=X, n=X.shape[0], d=X.shape[1], scalars=scalars, max_inner=max_inner)
+
+
+def poisoned_state(prog: dict, cols, M: int, ME: int) -> dict:
+    nc = len(cols)
+    nan = torch.full((nc,), math.nan, dtype=torch.float64)
+    return dict(program=prog, cols=torch.tensor(cols, dtype=torch.int64),
+                ids=torch.full((nc, M), -1, dtype=torch.int32),
+                z=torch.zeros(nc, M, dtype=torch.float64),
+                eids=torch.full((nc, ME), -1, dtype=torch.int32),
+                ze=torch.zeros(nc, ME, dtype=torch.float64), mu=nan,
+                status=torch.full((nc,), -7, dtype=torch.int32),
+                steps_pass=torch.full((nc,), -7, dtype=torch.int32))  # fmt: skip
+
+
+def fill_slots(st: dict, r: int, g: torch.Generator, coefs, entries, *, start: str) -> None:
+    """Row ``r``'s slots: the coefficients ``coefs`` and outlier entries ``entries`` at
+    random positions (the others empty: holes anywhere), from a feasible start: the nearest
+    point (``"nearest"``) or a random signed combination with some outlier entries set
+    (``"random"``, not optimal)."""
+    M, ME = st["ids"].shape[1], st["eids"].shape[1]
+    pos = torch.randperm(M, generator=g)[: len(coefs)]
+    st["ids"][r, pos] = torch.tensor(coefs, dtype=torch.int32)
+    if len(entries):
+        epos = torch.randperm(ME, generator=g)[: len(entries)]
+        st["eids"][r, epos] = torch.tensor(entries, dtype=torch.int32)
+    if start == "nearest":
+        near = int(nearest_points(st["program"]["G"])[int(st["cols"][r])])
+        at = pos[list(coefs).index(near)] if near in coefs else pos[0]
+        st["z"][r, at] = 1.0
+        return
+    k = min(3, len(coefs))
+    v = torch.randn(k, generator=g, dtype=torch.float64)
+    v[0] = 1.0 - v[1:].sum()  # on the constraint
+    st["z"][r, pos[:k]] = v
+    if len(entries):
+        st["ze"][r, epos[: max(1, len(entries) // 3)]] = 0.05 * torch.randn(
+            max(1, len(entries) // 3), generator=g, dtype=torch.float64)  # fmt: skip
+
+
+def dense(st: dict, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row ``r``'s ``c`` (N) and ``e`` (D) from its slots."""
+    p = st["program"]
+    c = torch.zeros(p["n"], dtype=torch.float64)
+    e = torch.zeros(p["d"], dtype=torch.float64)
+    ids, eids = st["ids"][r].long(), st["eids"][r].long()
+    c[ids[ids >= 0]] = st["z"][r][ids >= 0]
+    e[eids[eids >= 0]] = st["ze"][r][eids >= 0]
+    return c, e
+
+
+def restricted_kkt(st: dict, r: int) -> dict:
+    """The contract's restricted KKT conditions of row ``r`` in float64: the largest
+    relative violation off the support and stationarity error on it, over the slots; the
+    constraint; c_i."""
+    p = st["program"]
+    lam_z, lam_e = float(p["scalars"][0]), float(p["scalars"][1])
+    X, i = p["X"], int(st["cols"][r])
+    c, e = dense(st, r)
+    res = X[i] - X.T @ c - e
+    m = lam_z * (X @ res) - float(st["mu"][r])
+    me = lam_z * res
+    ids, eids = st["ids"][r].long(), st["eids"][r].long()
+    u = ids[(ids >= 0) & (ids != i)]
+    o = eids[eids >= 0]
+    off = torch.cat([(m[u].abs() - 1.0)[c[u] == 0], ((me[o].abs() - lam_e) / lam_e)[e[o] == 0]])
+    on = torch.cat([(m[u] - c[u].sign()).abs()[c[u] != 0],
+                    ((me[o] - lam_e * e[o].sign()).abs() / lam_e)[e[o] != 0]])  # fmt: skip
+    return dict(off=float(off.max()) if len(off) else -1.0,
+                on=float(on.max()) if len(on) else 0.0,
+                affine=abs(float(c.sum()) - 1.0), diag=float(c[i]),
+                support=int((c != 0).sum()), entries=int((e != 0).sum()))  # fmt: skip
+
+
+def run(st: dict, cap_rows=None, count=None) -> None:
+    nc = st["ids"].shape[0]
+    active = torch.arange(nc, dtype=torch.int32) if cap_rows is None else cap_rows
+    count = torch.tensor([len(active) if count is None else count], dtype=torch.int32)
+    ck.launch(st, active, count)
+
+
+def assert_kkt(st: dict, rows) -> list[dict]:
+    out = []
+    for r in rows:
+        got = restricted_kkt(st, r)
+        assert int(st["status"][r]) == 0, (r, got, int(st["steps_pass"][r]))
+        assert 1 <= int(st["steps_pass"][r]) <= st["program"]["max_inner"]
+        assert math.isfinite(float(st["mu"][r]))
+        assert got["off"] <= CHECK and got["on"] <= CHECK, (r, got)
+        assert got["affine"] <= 1e-12 and got["diag"] == 0.0, (r, got)
+        out.append(got)
+    return out
+
+
+@pytest.mark.parametrize("n, d, M, seed", [(23, 37, 16, 0), (41, 61, 32, 1), (57, 89, 64, 2)])
+def test_coefficient_slots_restricted_kkt(n, d, M, seed):
+    """No outlier slots in use (step 1): random coefficient slots with holes, starts at the
+    nearest point and at a random signed (non-optimal) point; every row of the active list
+    solved to the restricted KKT conditions; holes and the values off the slots untouched."""
+    g = torch.Generator().manual_seed(seed)
+    X = features(n, d, seed)
+    prog = program(X)
+    cols = [0, 3, n // 2, n - 1, 7]
+    st = poisoned_state(prog, cols, M, 4)
+    for r, i in enumerate(cols):
+        others = [j for j in torch.randperm(n, generator=g).tolist() if j != i]
+        fill_slots(st, r, g, others[: M - 3 - r % 3], [], start="nearest" if r % 2 else "random")
+    holes = st["ids"] < 0
+    st["z"][holes] = 0.0
+    ids0, eids0 = st["ids"].clone(), st["eids"].clone()
+    run(st)
+    got = assert_kkt(st, range(len(cols)))
+    assert torch.equal(st["ids"], ids0) and torch.equal(st["eids"], eids0)
+    assert (st["z"][holes] == 0).all() and (st["ze"] == 0).all()
+    assert any(r["support"] > 1 for r in got)
+
+
+@pytest.mark.parametrize("n, d, M, ME, seed", [(29, 47, 32, 32, 3), (45, 71, 64, 64, 4)])
+def test_outlier_slots_restricted_kkt(n, d, M, ME, seed):
+    """Corrupted tokens with outlier slots (step 2: the Schur complement and its rank-one
+    updates), holes in both kinds of slots, starts with outlier entries set off the
+    optimum: the restricted KKT conditions, and some outlier entries joined or kept."""
+    g = torch.Generator().manual_seed(seed)
+    corrupt = (1, 4, n - 2)
+    X = features(n, d, seed, corrupt=corrupt)
+    prog = program(X)
+    cols = [1, 4, n - 2, 0]
+    st = poisoned_state(prog, cols, M, ME)
+    for r, i in enumerate(cols):
+        others = [j for j in torch.randperm(n, generator=g).tolist() if j != i]
+        entries = torch.randperm(d, generator=g)[: ME - 5].tolist()
+        fill_slots(st, r, g, others[: M - 2], entries, start="random" if r % 2 else "nearest")
+    run(st)
+    got = assert_kkt(st, range(len(cols)))
+    assert sum(r["entries"] for r in got[:3]) > 0, got
+
+
+@pytest.mark.parametrize("n, d, seed", [(21, 31, 5), (33, 53, 6)])
+def test_every_variable_in_the_slots_is_the_minimiser(n, d, seed):
+    """Slots that hold every coefficient and every outlier entry: the restricted minimiser
+    is the program's, equal to the CPU's certified one (solve_ssc_workset, tol 1e-12)."""
+    from videoanchor.anchor.solvers.workset import solve_ssc_workset
+
+    X = features(n, d, seed, corrupt=(2, n - 1))
+    prog = program(X)
+    ref = solve_ssc_workset(X, tol=1e-12)
+    assert ref.converged
+    C, E = ref.coef.double(), ref.outliers.double()
+    cols = [2, n - 1, 0, 5]
+    M = 1 << (n - 2).bit_length()
+    ME = 1 << (d - 1).bit_length()
+    g = torch.Generator().manual_seed(seed)
+    st = poisoned_state(prog, cols, M, ME)
+    for r, i in enumerate(cols):
+        fill_slots(st, r, g, [j for j in range(n) if j != i], list(range(d)),
+                   start="nearest" if r % 2 else "random")  # fmt: skip
+    run(st)
+    assert_kkt(st, range(len(cols)))
+    for r, i in enumerate(cols):
+        c, e = dense(st, r)
+        assert torch.allclose(c, C[:, i], rtol=0, atol=1e-8), (i, (c - C[:, i]).abs().max())
+        assert torch.allclose(e, E[:, i], rtol=0, atol=1e-8), (i, (e - E[:, i]).abs().max())
+        assert ((c != 0) == (C[:, i] != 0)).all() and ((e != 0) == (E[:, i] != 0)).all()
+    assert any(bool((E[:, i] != 0).any()) for i in cols)
+
+
+def test_count_and_the_carried_inverse():
+    """``count`` (on the device) below the active list: the rows past it untouched (their
+    poison kept). Then a pass loop's move: more slots added (value 0) to solved rows, which
+    run again from their carried inverse (``Sok`` 1, the support unchanged) and reach the
+    restricted optimum; with ``Sok`` zeroed they rebuild it, to the same support."""
+    n, d = 37, 43
+    g = torch.Generator().manual_seed(7)
+    X = features(n, d, 7, corrupt=(3,))
+    prog = program(X)
+    cols = [3, 10, 20, 30, 36]
+    M, ME = 32, 16
+    st = poisoned_state(prog, cols, M, ME)
+    order = []
+    for r, i in enumerate(cols):
+        others = [j for j in torch.randperm(n, generator=g).tolist() if j != i]
+        order.append(others)
+        fill_slots(st, r, g, others[:8], torch.randperm(d, generator=g)[:6].tolist(),
+                   start="nearest")  # fmt: skip
+    active = torch.tensor([4, 1, 0, 2], dtype=torch.int32)
+    before = {k: v.clone() for k, v in st.items() if isinstance(v, torch.Tensor)}
+    run(st, active, count=2)  # rows 4 and 1 only
+    assert_kkt(st, [4, 1])
+    for r in (0, 2, 3):
+        assert torch.isnan(st["mu"][r]) and int(st["status"][r]) == -7
+        assert int(st["steps_pass"][r]) == -7
+        for key in ("z", "ze", "ids", "eids"):
+            assert torch.equal(st[key][r], before[key][r]), key
+    assert st["Sok"][[4, 1]].tolist() == [1, 1]
+    # more slots into the free ones (value 0), as the pass loop adds violators
+    for r in (4, 1):
+        free = torch.nonzero(st["ids"][r] < 0).flatten()[:10]
+        st["ids"][r, free] = torch.tensor(order[r][8:18], dtype=torch.int32)
+    again = {k: st[k].clone() for k in ("ids", "z", "eids", "ze")}
+    run(st, active, count=2)
+    carried = assert_kkt(st, [4, 1])
+    kept = {k: st[k][[4, 1]].clone() for k in ("z", "ze")}
+    for k, v in again.items():
+        st[k].copy_(v)
+    st["Sok"].zero_()  # the pass loop's reset: rebuilt from zero
+    run(st, active, count=2)
+    rebuilt = assert_kkt(st, [4, 1])
+    assert [r["support"] for r in carried] == [r["support"] for r in rebuilt]
+    for k in ("z", "ze"):
+        assert torch.allclose(st[k][[4, 1]], kept[k], rtol=0, atol=1e-9)
+
+
+def test_bad_input():
+    X = features(11, 13, 8)
+    st = poisoned_state(program(X), [0, 1], 8, 4)
+    st["ids"][:, 0] = torch.tensor([1, 0], dtype=torch.int32)
+    st["z"][:, 0] = 1.0
+    active = torch.arange(2, dtype=torch.int32)
+    with pytest.raises(TypeError, match="active: expected torch.int32, got torch.int64"):
+        ck.launch(st, active.long(), torch.tensor([2], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"z, ze: expected shapes \(2, 8\) and \(2, 4\)"):
+        ck.launch(dict(st, ze=torch.zeros(2, 3, dtype=torch.float64)), active,
+                  torch.tensor([2], dtype=torch.int32))  # fmt: skip
+    with pytest.raises(ValueError, match="ME: expected a power of two, got 3"):
+        ck.launch(dict(st, eids=torch.full((2, 3), -1, dtype=torch.int32)), active,
+                  torch.tensor([2], dtype=torch.int32))  # fmt: skip

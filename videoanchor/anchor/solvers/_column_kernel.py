@@ -1,0 +1,507 @@
+"""The column kernel (issue 90 step 3): one program of 64-128 threads per active column
+solves the column's program restricted to its working set by the primal active-set method,
+with the outlier entries eliminated through the Schur complement (the CPU kernel's design,
+:mod:`videoanchor.anchor.solvers._workset_kernel`). The contract with the pass loop is
+/work/notes/issue90-kernel-interface.md; :func:`launch` is its entry point.
+
+Column ``i`` on its support (coefficients ``F``, outlier entries ``O``, signs ``s``):
+an outlier entry's stationarity ``lambda_z r_o = lambda_e s_o`` gives
+``e_o = y_io - (Y c)_o - (lambda_e / lambda_z) s_o``, and the coefficients solve
+
+    S c = q + t 1,   1^T c = 1,   S = lambda_z (G_FF - Y_OF^T Y_OF) + gamma 1 1^T,
+    q = lambda_z (G_Fi - Y_OF^T y_iO) + lambda_e Y_OF^T s_O - s_F,   mu = gamma - t.
+
+The kernel carries ``S^-1`` (an inverse, not a Cholesky factor: a solve is then two
+symmetric products, whose rows the program's threads share, where a factor's triangular
+solves take ``|F|`` dependent steps each): a coefficient joins by bordering (its Schur
+pivot floored at ``ridge`` times its diagonal) and leaves by a Schur downdate; an outlier
+entry joining is ``S - lambda_z y y^T``, leaving ``S + lambda_z y y^T``
+(``y = Y[o, F]``): Sherman-Morrison rank-one updates. Each target is refined once against
+the unfactored system (products with ``G`` and ``X`` gathered at the slots).
+
+Memory: the inverse lives in a per-row scratch in global memory that the kernel owns
+(``state["Sinv"]``, ``(nc, M, M)``) and is read in row tiles of about :data:`TILE`
+elements, so the registers follow the tile, not ``M``; the outlier slots are swept in
+chunks of rows of ``Y`` (their values, signs and targets in global memory, ``ze`` in place),
+so nothing of size ``ME`` is held in registers and ``ME`` is a run-time stride. The inverse
+is carried from run to run with the support it is the inverse of (``state["Skey"]``:
+slot id + 1 on the support, 0 elsewhere; ``state["Sok"]`` 1 where valid): a run whose
+column's support differs, or whose ``Sok`` is 0, rebuilds it from zero. The pass loop
+resets a row ``k`` by ``state["Sok"][k] = 0`` (zeroing any of the scratch also works).
+
+Imported on the first :func:`launch`, never by ``import videoanchor``: it imports Triton.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+#: Elements of one row tile (``BR x M``) of the inverse, ``G`` or ``Y`` gathered at the slots.
+TILE = 1024
+#: Threads per program: 4 warps.
+NUM_WARPS = 4
+#: Refinements of each target against the unfactored system.
+REFINE = 2
+
+
+@triton.jit
+def _stage(vs, x, y, offs, M: tl.constexpr):
+    """``x`` and ``y`` (register vectors over the slots) into the row's vector scratch
+    ``vs`` (``2 M``), so that a row tile can load its rows' entries."""
+    tl.debug_barrier()  # (every thread has read the scratch's last vectors)
+    tl.store(vs + offs, x)
+    tl.store(vs + M + offs, y)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _mv2(A, vs, x, y, used, offs, BR: tl.constexpr, M: tl.constexpr):
+    """``A x`` and ``A y`` for the symmetric ``M x M`` ``A`` (zero past ``used``): each row
+    tile's rows weighted by the staged vectors' entries there."""
+    _stage(vs, x, y, offs, M)
+    ax = tl.zeros([M], dtype=tl.float64)
+    ay = tl.zeros([M], dtype=tl.float64)
+    for r0 in range(0, used, BR):
+        rows = r0 + tl.arange(0, BR)
+        rm = rows < used
+        t = tl.load(A + rows[:, None] * M + offs[None, :],
+                    mask=rm[:, None] & (offs[None, :] < used), other=0.0)  # fmt: skip
+        ax += tl.sum(t * tl.load(vs + rows, mask=rm, other=0.0)[:, None], axis=0)
+        ay += tl.sum(t * tl.load(vs + M + rows, mask=rm, other=0.0)[:, None], axis=0)
+    return ax, ay
+
+
+@triton.jit
+def _gmv(G, N, idrow, cols64, cmask, x, vs, used, offs, BR: tl.constexpr, M: tl.constexpr):
+    """``G[ids, ids] x`` over the slots of ``cmask`` (gathered from ``G``, symmetric;
+    ``x`` zero off the support)."""
+    _stage(vs, x, x, offs, M)
+    acc = tl.zeros([M], dtype=tl.float64)
+    for r0 in range(0, used, BR):
+        rows = r0 + tl.arange(0, BR)
+        rm = rows < used
+        rid = tl.load(idrow + rows, mask=rm, other=-1)
+        rv = rm & (rid >= 0)
+        t = tl.load(G + tl.where(rv, rid, 0).to(tl.int64)[:, None] * N + cols64[None, :],
+                    mask=rv[:, None] & cmask[None, :], other=0.0)  # fmt: skip
+        acc += tl.sum(t * tl.load(vs + rows, mask=rm, other=0.0)[:, None], axis=0)
+    return acc
+
+
+@triton.jit
+def _xtile(X, D, Ee, e0, cols64, cmask, BE: tl.constexpr):
+    """The chunk ``Y[eids[e0:e0 + BE], ids]`` (``BE x M``: ``X[ids, eids]^T``) and its
+    rows' slot numbers and ids (-1 empty)."""
+    er = e0 + tl.arange(0, BE)
+    eid = tl.load(Ee + er)
+    ev = eid >= 0
+    t = tl.load(X + cols64[None, :] * D + tl.where(ev, eid, 0).to(tl.int64)[:, None],
+                mask=ev[:, None] & cmask[None, :], other=0.0)  # fmt: skip
+    return t, er, eid
+
+
+@triton.jit
+def _q_out(X, D, Ee, SE, i, lam_z, lam_e, cols64, cmask, used_e, M: tl.constexpr,
+           BE: tl.constexpr):  # fmt: skip
+    """``Y_OF^T (lambda_e s_O - lambda_z y_iO)``: the outlier entries' part of ``q``."""
+    acc = tl.zeros([M], dtype=tl.float64)
+    for e0 in range(0, used_e, BE):
+        t, er, eid = _xtile(X, D, Ee, e0, cols64, cmask, BE)
+        se = tl.load(SE + er)
+        held = se != 0.0
+        yi = tl.load(X + i * D + tl.where(held, eid, 0).to(tl.int64), mask=held, other=0.0)
+        acc += tl.sum(t * tl.where(held, lam_e * se - lam_z * yi, 0.0)[:, None], axis=0)
+    return acc
+
+
+@triton.jit
+def _yy_mv(X, D, Ee, SE, x, cols64, cmask, used_e, M: tl.constexpr, BE: tl.constexpr):
+    """``Y_OF^T Y_OF x`` over the held outlier entries."""
+    acc = tl.zeros([M], dtype=tl.float64)
+    for e0 in range(0, used_e, BE):
+        t, er, eid = _xtile(X, D, Ee, e0, cols64, cmask, BE)
+        held = tl.load(SE + er) != 0.0
+        v = tl.where(held, tl.sum(t * x[None, :], axis=1), 0.0)
+        acc += tl.sum(t * v[:, None], axis=0)
+    return acc
+
+
+@triton.jit
+def _border(Sinv, h, eta, q, used, offs, ridge, vs, BR: tl.constexpr, M: tl.constexpr):
+    """Slot ``q`` joins the support of the inverse ``Sinv`` (zero off it): ``h`` is ``S``'s
+    column ``q`` on the support (without ``q``), ``eta`` its diagonal. Returns 1 where the
+    Schur pivot fell to ``ridge * eta`` (raised to it)."""
+    u, _ = _mv2(Sinv, vs, h, h, used, offs, BR, M)
+    schur = eta - tl.sum(h * u)
+    delta = tl.maximum(schur, ridge * eta)
+    eq = offs == q
+    _stage(vs, u, u, offs, M)
+    for r0 in range(0, used, BR):
+        rows = r0 + tl.arange(0, BR)
+        m = (rows[:, None] < used) & (offs[None, :] < used)
+        t = tl.load(Sinv + rows[:, None] * M + offs[None, :], mask=m, other=0.0)
+        ur = tl.load(vs + rows, mask=rows < used, other=0.0)
+        t += ur[:, None] * u[None, :] / delta
+        t = tl.where(eq[None, :], -ur[:, None] / delta, t)
+        t = tl.where((rows == q)[:, None], -u[None, :] / delta, t)
+        t = tl.where((rows == q)[:, None] & eq[None, :], 1.0 / delta, t)
+        tl.store(Sinv + rows[:, None] * M + offs[None, :], t, mask=m)
+    tl.debug_barrier()
+    return tl.where(schur < ridge * eta, 1, 0)
+
+
+@triton.jit
+def _leave(Sinv, p, used, offs, vs, BR: tl.constexpr, M: tl.constexpr):
+    """Slot ``p`` leaves the support: a Schur downdate of ``Sinv``, in place."""
+    cp = tl.load(Sinv + p * M + offs, mask=offs < used, other=0.0)
+    d = tl.sum(tl.where(offs == p, cp, 0.0))
+    ep = offs == p
+    cp = tl.where(ep, 0.0, cp)
+    _stage(vs, cp, cp, offs, M)  # (its barriers: row p is read before any thread writes it)
+    for r0 in range(0, used, BR):
+        rows = r0 + tl.arange(0, BR)
+        m = (rows[:, None] < used) & (offs[None, :] < used)
+        t = tl.load(Sinv + rows[:, None] * M + offs[None, :], mask=m, other=0.0)
+        t -= tl.load(vs + rows, mask=rows < used, other=0.0)[:, None] * cp[None, :] / d
+        t = tl.where((rows == p)[:, None] | ep[None, :], 0.0, t)
+        tl.store(Sinv + rows[:, None] * M + offs[None, :], t, mask=m)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _rank1(Sinv, y, sigma, ridge, used, offs, vs, BR: tl.constexpr, M: tl.constexpr):
+    """``S + sigma y y^T`` into the inverse (Sherman-Morrison), ``y`` zero off the support.
+    Returns 1 where the update's denominator fell below ``ridge`` (raised to it: the
+    support's system near singular)."""
+    w, _ = _mv2(Sinv, vs, y, y, used, offs, BR, M)
+    den = 1.0 + sigma * tl.sum(y * w)
+    low = den < ridge
+    den = tl.maximum(den, ridge)
+    _stage(vs, w, w, offs, M)
+    for r0 in range(0, used, BR):
+        rows = r0 + tl.arange(0, BR)
+        m = (rows[:, None] < used) & (offs[None, :] < used)
+        t = tl.load(Sinv + rows[:, None] * M + offs[None, :], mask=m, other=0.0)
+        t -= (sigma / den) * tl.load(vs + rows, mask=rows < used, other=0.0)[:, None] * w[None, :]
+        tl.store(Sinv + rows[:, None] * M + offs[None, :], t, mask=m)
+    tl.debug_barrier()
+    return tl.where(low, 1, 0)
+
+
+@triton.jit
+def _scol(G, X, N, D, Ee, SE, q, cols64, valid, a, lam_z, gamma, used_e, offs,
+          M: tl.constexpr, BE: tl.constexpr):  # fmt: skip
+    """``S``'s column at slot ``q`` over every slot, with the held outlier entries."""
+    idq = tl.sum(tl.where(offs == q, cols64, 0))
+    g = tl.load(G + idq * N + cols64, mask=valid, other=0.0)
+    acc = tl.zeros([M], dtype=tl.float64)
+    for e0 in range(0, used_e, BE):
+        t, er, eid = _xtile(X, D, Ee, e0, cols64, valid, BE)
+        held = tl.load(SE + er) != 0.0
+        xq = tl.load(X + idq * D + tl.where(held, eid, 0).to(tl.int64), mask=held, other=0.0)
+        acc += tl.sum(t * xq[:, None], axis=0)
+    return lam_z * (g - acc) + gamma * a
+
+
+# the sizes are not specialised (one binary per level of slots)
+@triton.jit(do_not_specialize=["N", "D", "ME", "max_inner"])
+def _column_kernel(G, X, scalars, cols_ptr, ids_ptr, z_ptr, eids_ptr, ze_ptr, mu_ptr,
+                   status_ptr, steps_ptr, Sinv_ptr, key_ptr, ok_ptr, V_ptr, EV_ptr, active,
+                   count, N, D, ME, max_inner,
+                   M: tl.constexpr, BR: tl.constexpr, BE: tl.constexpr,
+                   REFINE: tl.constexpr):  # fmt: skip
+    pos = tl.program_id(0)
+    if pos < tl.load(count):
+        lam_z = tl.load(scalars)  # (float64 from memory: a Python float would be float32)
+        lam_e = tl.load(scalars + 1)
+        gamma = tl.load(scalars + 2)
+        tol = tl.load(scalars + 3)
+        ridge = tl.load(scalars + 4)
+        k = tl.load(active + pos).to(tl.int64)
+        offs = tl.arange(0, M)
+        Sinv = Sinv_ptr + k * M * M
+        vs = V_ptr + k * 2 * M
+        Ee = eids_ptr + k * ME
+        Ze = ze_ptr + k * ME
+        SE = EV_ptr + k * 3 * ME  # the held entries' signs (0: not held)
+        ET = SE + ME  # their targets
+        TB = SE + 2 * ME  # kept out until the iterate moves: the move count + 1
+        key = key_ptr + k * (M + ME)
+        i = tl.load(cols_ptr + k)
+        ids = tl.load(ids_ptr + k * M + offs)
+        valid = (ids >= 0) & (ids != i)
+        used = tl.max(tl.where(ids >= 0, offs + 1, 0))
+        cols64 = tl.where(valid, ids, 0).to(tl.int64)
+        a = tl.where(valid, 1.0, 0.0).to(tl.float64)
+        p = lam_z * tl.load(G + cols64 * N + i, mask=valid, other=0.0)  # lambda_z G_ui
+        z = tl.where(valid, tl.load(z_ptr + k * M + offs), 0.0)
+        F = valid & (z != 0.0)
+        s = tl.where(z > 0.0, 1.0, tl.where(z < 0.0, -1.0, 0.0)).to(tl.float64)
+        # the outlier slots: signs from the values, the slots in use, the carried key
+        kc = tl.load(key + offs)
+        differ = tl.sum(tl.where(kc != tl.where(F, ids + 1, 0), 1, 0))
+        used_e = tl.zeros([], dtype=tl.int32)
+        for e0 in range(0, ME, BE):
+            er = e0 + tl.arange(0, BE)
+            eid = tl.load(Ee + er)
+            zev = tl.load(Ze + er)
+            held = (eid >= 0) & (zev != 0.0)
+            tl.store(SE + er, tl.where(held, tl.where(zev > 0.0, 1.0, -1.0), 0.0))
+            tl.store(TB + er, tl.zeros([BE], dtype=tl.float64))
+            used_e = tl.maximum(used_e, tl.max(tl.where(eid >= 0, er + 1, 0)))
+            ke = tl.load(key + M + er)
+            differ += tl.sum(tl.where(ke != tl.where(held, eid + 1, 0), 1, 0))
+        tl.debug_barrier()
+        clamped = tl.zeros([], dtype=tl.int32)
+        if (tl.load(ok_ptr + k) == 0) | (differ > 0):  # rebuilt from zero, slot by slot
+            for r0 in range(0, used, BR):
+                rows = r0 + tl.arange(0, BR)
+                tl.store(Sinv + rows[:, None] * M + offs[None, :],
+                         tl.zeros([BR, M], dtype=tl.float64),
+                         mask=(rows[:, None] < used) & (offs[None, :] < used))  # fmt: skip
+            tl.debug_barrier()
+            for q in range(0, used):
+                if tl.sum(tl.where((offs == q) & F, 1, 0)) > 0:
+                    col = _scol(G, X, N, D, Ee, SE, q, cols64, valid, a,
+                                lam_z, gamma, used_e, offs, M, BE)  # fmt: skip
+                    eta = tl.sum(tl.where(offs == q, col, 0.0))
+                    h = tl.where(F & (offs < q), col, 0.0)
+                    clamped = tl.maximum(clamped, _border(Sinv, h, eta, q, used, offs, ridge,
+                                                          vs, BR, M))  # fmt: skip
+        steps = tl.zeros([], dtype=tl.int32)
+        status = tl.full([], 1, tl.int32)
+        moves = tl.zeros(
+            [], dtype=tl.float64
+        )  # (the outlier entries kept out hold the move count + 1 in TB)
+        mu = tl.zeros([], dtype=tl.float64)
+        tabu = offs < 0
+        done = tl.zeros([], dtype=tl.int32)
+        ratio_e = lam_e / lam_z
+        while (done == 0) & (steps < max_inner):
+            # the target on the support: S c = q + t 1, 1^T c = 1, refined once
+            af = tl.where(F, 1.0, 0.0).to(tl.float64)
+            qo = _q_out(X, D, Ee, SE, i, lam_z, lam_e, cols64, F, used_e, M, BE)
+            q = tl.where(F, p + qo - s, 0.0)
+            x1, x2 = _mv2(Sinv, vs, q, af, used, offs, BR, M)
+            den = tl.sum(af * x2)
+            t = (1.0 - tl.sum(af * x1)) / den
+            zt = x1 + t * x2
+            for _ in tl.static_range(REFINE):  # against the unfactored system
+                sz = lam_z * (_gmv(G, N, ids_ptr + k * M, cols64, F, zt, vs, used, offs, BR, M)
+                              - _yy_mv(X, D, Ee, SE, zt, cols64, F, used_e, M, BE))  # fmt: skip
+                sz += gamma * af * tl.sum(zt)
+                res = tl.where(F, q + t * af - sz, 0.0)
+                dz, _ = _mv2(Sinv, vs, res, res, used, offs, BR, M)
+                dt = (1.0 - tl.sum(af * (zt + dz))) / den
+                zt = tl.where(F, zt + dz + dt * x2, 0.0)
+                t += dt
+            mu = gamma - t
+            # the first sign change on the line from the iterate to the target
+            bad = F & (s * zt <= 0.0)
+            gone = z - zt
+            ratio = tl.where(bad, z / tl.where(gone != 0.0, gone, 1.0), 2.0)
+            alpha = tl.min(ratio)
+            out = tl.argmin(ratio, axis=0)
+            alpha_e = tl.full([], 2.0, tl.float64)
+            out_e = tl.full([], -1, tl.int32)
+            moved = tl.max(tl.where(F, tl.abs(zt - z), 0.0)) > 0.0
+            for e0 in range(0, used_e, BE):
+                tt, er, eid = _xtile(X, D, Ee, e0, cols64, F, BE)
+                se = tl.load(SE + er)
+                held = se != 0.0
+                yi = tl.load(X + i * D + tl.where(held, eid, 0).to(tl.int64), mask=held,
+                             other=0.0)  # fmt: skip
+                et = tl.where(held, yi - tl.sum(tt * zt[None, :], axis=1) - ratio_e * se, 0.0)
+                tl.store(ET + er, et)
+                zev = tl.load(Ze + er)
+                ge = zev - et
+                rc = tl.where(held & (se * et <= 0.0), zev / tl.where(ge != 0.0, ge, 1.0), 2.0)
+                mc = tl.min(rc)
+                if mc < alpha_e:
+                    alpha_e = mc
+                    out_e = e0 + tl.argmin(rc, axis=0)
+                moved = moved | (tl.max(tl.where(held, tl.abs(ge), 0.0)) > 0.0)
+            tl.debug_barrier()
+            if (alpha < 2.0) | (alpha_e < 2.0):
+                # step to the first support variable that reaches zero; it leaves
+                step = tl.minimum(alpha, alpha_e)
+                oe = tl.where(alpha_e < alpha, out_e, -1)  # (an outlier entry leaves)
+                z = tl.where(F, z + step * (zt - z), 0.0)
+                for e0 in range(0, used_e, BE):
+                    er = e0 + tl.arange(0, BE)
+                    held = tl.load(SE + er) != 0.0
+                    zev = tl.load(Ze + er)
+                    zev = tl.where(held, zev + step * (tl.load(ET + er) - zev), zev)
+                    tl.store(Ze + er, tl.where(er == oe, 0.0, zev), mask=held)
+                if step > 0.0:
+                    moves += 1.0
+                    tabu = offs < 0
+                if alpha <= alpha_e:
+                    if step == 0.0:
+                        tabu = tabu | (offs == out)
+                    z = tl.where(offs == out, 0.0, z)
+                    F = F & (offs != out)
+                    s = tl.where(offs == out, 0.0, s)
+                    _leave(Sinv, out, used, offs, vs, BR, M)
+                else:
+                    eo = tl.load(Ee + out_e)
+                    tl.store(SE + out_e, 0.0)
+                    if step == 0.0:
+                        tl.store(TB + out_e, moves + 1.0)
+                    y = tl.load(X + cols64 * D + eo, mask=F, other=0.0)
+                    tl.debug_barrier()
+                    clamped = tl.maximum(clamped, _rank1(Sinv, y, lam_z, ridge, used, offs,
+                                                         vs, BR, M))  # fmt: skip
+            else:
+                if moved:
+                    moves += 1.0
+                    tabu = offs < 0
+                z = zt
+                # the slots' multipliers at the new iterate: coefficients
+                # m_u = lambda_z (G_ui - G_uF c - Y_Ou^T e_O) - mu, outlier entries
+                # m_o = lambda_z (y_io - (Y c)_o); the held entries take their targets
+                worst_e = tl.zeros([], dtype=tl.float64)
+                top_e = tl.zeros([], dtype=tl.float64)
+                at_e = tl.full([], -1, tl.int32)
+                sign_e = tl.zeros([], dtype=tl.float64)
+                xe = tl.zeros([M], dtype=tl.float64)
+                for e0 in range(0, used_e, BE):
+                    tt, er, eid = _xtile(X, D, Ee, e0, cols64, valid, BE)
+                    se = tl.load(SE + er)
+                    held = se != 0.0
+                    zev = tl.where(held, tl.load(ET + er), 0.0)
+                    tl.store(Ze + er, zev, mask=held)
+                    xe += tl.sum(tt * zev[:, None], axis=0)
+                    ev = eid >= 0
+                    yi = tl.load(X + i * D + tl.where(ev, eid, 0).to(tl.int64), mask=ev,
+                                 other=0.0)  # fmt: skip
+                    mo = lam_z * (yi - tl.sum(tt * z[None, :], axis=1))
+                    vo = tl.where(ev & ~held, (tl.abs(mo) - lam_e) / lam_e, 0.0)
+                    top_e = tl.maximum(top_e, tl.max(vo))
+                    vo = tl.where(tl.load(TB + er) == moves + 1.0, 0.0, vo)
+                    mc = tl.max(vo)
+                    if mc > worst_e:
+                        worst_e = mc
+                        at_e = e0 + tl.argmax(vo, axis=0)
+                        sign_e = tl.sum(tl.where(er == at_e, tl.where(mo > 0.0, 1.0, -1.0), 0.0))
+                gz = _gmv(G, N, ids_ptr + k * M, cols64, valid, z, vs, used, offs, BR, M)
+                m = p - lam_z * (gz + xe) - mu
+                viol = tl.where(valid & ~F, tl.abs(m) - 1.0, 0.0)
+                worst = tl.max(tl.where(tabu, 0.0, viol))
+                if tl.maximum(worst, worst_e) > tol:
+                    if worst >= worst_e:
+                        qn = tl.argmax(tl.where(tabu, 0.0, viol), axis=0)
+                        mq = tl.sum(tl.where(offs == qn, m, 0.0))
+                        col = _scol(G, X, N, D, Ee, SE, qn, cols64, valid, a,
+                                    lam_z, gamma, used_e, offs, M, BE)  # fmt: skip
+                        eta = tl.sum(tl.where(offs == qn, col, 0.0))
+                        clamped = tl.maximum(clamped, _border(Sinv, tl.where(F, col, 0.0), eta,
+                                                              qn, used, offs, ridge, vs, BR,
+                                                              M))  # fmt: skip
+                        F = F | (offs == qn)
+                        s = tl.where(offs == qn, tl.where(mq > 0.0, 1.0, -1.0), s)
+                    else:
+                        eo = tl.load(Ee + at_e)
+                        tl.store(SE + at_e, sign_e)
+                        y = tl.load(X + cols64 * D + eo, mask=F, other=0.0)
+                        tl.debug_barrier()
+                        clamped = tl.maximum(clamped, _rank1(Sinv, y, -lam_z, ridge, used, offs,
+                                                             vs, BR, M))  # fmt: skip
+                else:  # solved, unless a variable kept out still violates (the next pass)
+                    status = tl.where(tl.maximum(tl.max(viol), top_e) > tol, 1, 0)
+                    done = 1
+            steps += 1
+        # the support as stored, its key, and whether the inverse is carried
+        keep = F & (z != 0.0)
+        tl.store(z_ptr + k * M + offs, tl.where(keep, z, 0.0), mask=valid)
+        tl.store(key + offs, tl.where(keep, ids + 1, 0))
+        lost = tl.sum(tl.where(F & (z == 0.0), 1, 0))
+        for e0 in range(0, ME, BE):
+            er = e0 + tl.arange(0, BE)
+            eid = tl.load(Ee + er)
+            held = tl.load(SE + er) != 0.0
+            zev = tl.load(Ze + er)
+            tl.store(key + M + er, tl.where(held & (zev != 0.0), eid + 1, 0))
+            lost += tl.sum(tl.where(held & (zev == 0.0), 1, 0))
+        carry = (status == 0) & (clamped == 0) & (lost == 0)
+        tl.store(ok_ptr + k, tl.where(carry, 1, 0))
+        tl.store(mu_ptr + k, mu)
+        tl.store(status_ptr + k, status)
+        tl.store(steps_ptr + k, steps)
+
+
+def tiles(M: int, tile: int = TILE) -> tuple[int, int]:
+    """The rows of a tile of the inverse (``BR``) and of a chunk of outlier slots (``BE``)."""
+    rows = max(1, min(M, tile // M))
+    return rows, rows
+
+
+def scratch(state: dict) -> None:
+    """The kernel's scratch into ``state`` (where not there): ``Sinv`` ``(nc, M, M)`` the
+    carried inverses, ``Skey`` ``(nc, M + ME)`` their supports, ``Sok`` ``(nc,)`` (0: rebuild),
+    ``Svec`` ``(nc, 2, M)`` staged vectors, ``Sout`` ``(nc, 3, ME)`` the outlier slots'
+    signs, targets and marks."""
+    if "Sinv" in state:
+        return
+    nc, M = state["ids"].shape
+    ME = state["eids"].shape[1]
+    dev = state["ids"].device
+    f64 = dict(dtype=torch.float64, device=dev)
+    state["Sinv"] = torch.zeros(nc, M, M, **f64)
+    state["Skey"] = torch.zeros(nc, M + ME, dtype=torch.int32, device=dev)
+    state["Sok"] = torch.zeros(nc, dtype=torch.int32, device=dev)
+    state["Svec"] = torch.zeros(nc, 2, M, **f64)
+    state["Sout"] = torch.zeros(nc, 3, max(ME, 1), **f64)
+
+
+def _check(state: dict, active: torch.Tensor, count: torch.Tensor) -> None:
+    ids, eids = state["ids"], state["eids"]
+    M, ME = ids.shape[1], eids.shape[1]
+    for name, v in (("M", M), ("ME", ME)):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"{name}: expected a power of two, got {v}")
+    for name, t, dt in (("ids", ids, torch.int32), ("eids", eids, torch.int32),
+                        ("active", active, torch.int32), ("count", count, torch.int32),
+                        ("z", state["z"], torch.float64), ("ze", state["ze"], torch.float64),
+                        ("mu", state["mu"], torch.float64),
+                        ("status", state["status"], torch.int32),
+                        ("steps_pass", state["steps_pass"], torch.int32)):  # fmt: skip
+        if t.dtype != dt:
+            raise TypeError(f"{name}: expected {dt}, got {t.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous tensor")
+    nc = ids.shape[0]
+    if tuple(state["z"].shape) != (nc, M) or tuple(state["ze"].shape) != (nc, ME):
+        raise ValueError(
+            f"z, ze: expected shapes {(nc, M)} and {(nc, ME)} (as ids, eids), got "
+            f"{tuple(state['z'].shape)} and {tuple(state['ze'].shape)}"
+        )
+    if active.dim() != 1 or active.shape[0] > nc or tuple(count.shape) != (1,):
+        raise ValueError(
+            f"active: expected (cap,) with cap <= {nc} and count (1,), got "
+            f"{tuple(active.shape)} and {tuple(count.shape)}"
+        )
+
+
+def launch(state: dict, active: torch.Tensor, count: torch.Tensor) -> None:
+    """Solve, in place, each column ``k`` of ``active[:count]`` restricted to its slots
+    (the contract, module docstring): ``z``, ``ze``, ``mu``, ``status``, ``steps_pass`` at
+    those rows; ``count`` is read on the device (the grid is ``active``'s length)."""
+    _check(state, active, count)
+    scratch(state)
+    p = state["program"]
+    M, ME = state["ids"].shape[1], state["eids"].shape[1]
+    BR, BE = tiles(M)
+    BE = min(BE, ME)
+    cap = active.shape[0]
+    if cap == 0:
+        return
+    _column_kernel[(cap,)](
+        p["G"], p["X"], p["scalars"], state["cols"], state["ids"], state["z"], state["eids"],
+        state["ze"], state["mu"], state["status"], state["steps_pass"], state["Sinv"],
+        state["Skey"], state["Sok"], state["Svec"], state["Sout"], active, count,
+        p["n"], p["d"], ME, p["max_inner"], M=M, BR=BR, BE=BE, REFINE=REFINE,
+        num_warps=NUM_WARPS,
+    )  # fmt: skip
