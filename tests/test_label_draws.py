@@ -13,8 +13,7 @@ from videoanchor.anchor import anchor_scores, compute_anchor_scores
 from videoanchor.anchor.clustering import (
     SOFT_SHARE_WIDTH,
     STEADY_RAMP,
-    _discretize_rows,
-    _main_path,
+    _paths,
     labels_from_embedding,
     soft_cluster_shares,
     spectral_labels,
@@ -354,14 +353,15 @@ def test_steady_labels_and_margin_are_discretizes(case):
     emb = spectral_embedding(w, k)
     labels, z = steady_stability(emb, 1.0, seed=3, draws=3)
     assert torch.equal(labels, labels_from_embedding(emb, k, seed=3, draws=3))
-    v = _discretize_rows(emb)
-    n = v.shape[0]
+    paths = _paths(emb)
+    n = paths.n
     from videoanchor.anchor.clustering import label_random_state
 
     start = int(label_random_state(3, n).randint(n))
-    got_labels, margin = _main_path(v, start)[:2]
-    want_labels, want = discretize_rows_reference(v.numpy(), start)
-    np.testing.assert_array_equal(got_labels.numpy(), want_labels)
+    rot, picks, _ = paths.rotation(start)
+    got_labels, margin, _ = paths.iterate(rot, paths.repeats(picks))
+    want_labels, want = discretize_rows_reference(paths.v, start)
+    np.testing.assert_array_equal(got_labels, want_labels)
     assert margin == pytest.approx(want, rel=1e-12, abs=1e-15)
     assert 0 <= z <= margin  # the pick alternatives can only lower it
 

@@ -101,6 +101,34 @@ def _discretize_rows(vectors: torch.Tensor) -> torch.Tensor:
     return _unit_rows(v * torch.where(first != 0, -first, torch.ones_like(first)))
 
 
+def _paths(vectors: torch.Tensor, n_iter_max: int = 20):
+    """The discretisation's paths over ``vectors``' unit rows (one host copy):
+    :class:`videoanchor.anchor._discretize.Paths` (Numba is imported here, not with the
+    package)."""
+    from videoanchor.anchor._discretize import Paths
+
+    return Paths(_discretize_rows(vectors), n_iter_max)
+
+
+def _draws(paths, rng: np.random.RandomState, draws: int,
+           max_svd_restarts: int = 30) -> torch.Tensor:  # fmt: skip
+    """``(draws, N)`` canonical labels (CPU) of successive draws from ``rng``, each restarted
+    from a new start row where LAPACK's SVD fails (as scikit-learn does)."""
+    from videoanchor.anchor._discretize import relabel
+
+    out = np.empty((draws, paths.n), dtype=np.int64)
+    for r in range(draws):
+        for _ in range(max_svd_restarts):
+            try:
+                out[r] = relabel(paths.draw(int(rng.randint(paths.n))))
+                break
+            except RuntimeError:  # pragma: no cover - LAPACK failure, as sklearn: restart
+                continue
+        else:
+            raise RuntimeError("discretize: SVD did not converge")  # pragma: no cover
+    return torch.from_numpy(out)
+
+
 def discretize(vectors: torch.Tensor, *, seed: int = 0,
                random_state: np.random.RandomState | None = None, n_iter_max: int = 20,
                max_svd_restarts: int = 30) -> torch.Tensor:  # fmt: skip
@@ -108,35 +136,11 @@ def discretize(vectors: torch.Tensor, *, seed: int = 0,
     scikit-learn's algorithm: its one random draw, the initial rotation's first row, is
     ``random_state.randint(N)`` (advanced; default ``RandomState(seed)``), as in
     ``sklearn.cluster.discretize(..., random_state=seed)``: the same partition. Runs on the
-    host (on a GPU each start row and SVD step would read a value back); labels on
-    ``vectors``' device."""
+    host from one copy of ``vectors`` (:mod:`videoanchor.anchor._discretize`: its decisions
+    compiled, its products and SVDs torch's); labels on ``vectors``' device."""
     rng = np.random.RandomState(int(seed)) if random_state is None else random_state
-    device = vectors.device
-    v = _discretize_rows(vectors)
-    n, k = v.shape
-    eps = torch.finfo(torch.float64).eps
-    for _ in range(max_svd_restarts):
-        rot = torch.zeros(k, k, dtype=v.dtype, device=v.device)
-        rot[:, 0] = v[int(rng.randint(n))]
-        c = torch.zeros(n, dtype=v.dtype, device=v.device)
-        for j in range(1, k):
-            c += (v @ rot[:, j - 1]).abs()
-            rot[:, j] = v[int(torch.argmin(c))]
-        last, n_iter = 0.0, 0
-        while True:
-            n_iter += 1
-            labels = (v @ rot).argmax(dim=1)
-            t_svd = torch.zeros(k, k, dtype=v.dtype, device=v.device).index_add_(0, labels, v)
-            try:
-                u, sv, vh = torch.linalg.svd(t_svd)
-            except RuntimeError:  # pragma: no cover - LAPACK failure, as sklearn: restart
-                break
-            ncut = 2.0 * (n - float(sv.sum()))
-            if abs(ncut - last) < eps or n_iter > n_iter_max:
-                return _relabel_by_first_appearance(labels).to(device)
-            last = ncut
-            rot = vh.T @ u.T
-    raise RuntimeError("discretize: SVD did not converge")  # pragma: no cover
+    paths = _paths(vectors, n_iter_max)
+    return _draws(paths, rng, 1, max_svd_restarts)[0].to(vectors.device)
 
 
 def kmeans(
@@ -208,11 +212,8 @@ def labels_from_embedding(embedding: torch.Tensor, n_clusters: int, *, seed: int
     draws = _check_draws(draws)
     n = embedding.shape[0]
     out = torch.empty(draws, n, dtype=torch.long, device=embedding.device)
-    if assign_labels == "discretize":
-        rng = label_random_state(seed, n)
-        for r in range(draws):
-            out[r] = discretize(embedding, random_state=rng)
-        return out
+    if assign_labels == "discretize":  # one copy of the rows, the draws' shared paths
+        return _draws(_paths(embedding), label_random_state(seed, n), draws).to(out.device)
     emb = _unit_rows(embedding)
     more = np.random.RandomState(int(seed)).randint(2**31 - 1, size=draws - 1).tolist()
     for r, s in enumerate([int(seed), *more]):
@@ -414,8 +415,6 @@ STEADY_RAMP = (1e-5, 2e-5)
 #: share's filter window; more where the window is crowded)
 EXTRA_PAIRS = 12
 
-_EPS = torch.finfo(torch.float64).eps
-
 
 def steady_weight(z: float, ramp: tuple[float, float] = STEADY_RAMP) -> float:
     """The paper's share's weight at stability ``z``: 0 up to ``lo``, 1 from ``hi``, a
@@ -423,122 +422,6 @@ def steady_weight(z: float, ramp: tuple[float, float] = STEADY_RAMP) -> float:
     lo, hi = ramp
     x = min(max((z - lo) / (hi - lo), 0.0), 1.0)
     return x * x * (3.0 - 2.0 * x)
-
-
-def _iterate(v: torch.Tensor, rot: torch.Tensor, skip: torch.Tensor, n_iter_max: int = 20):
-    """:func:`discretize`'s iterations from ``R`` initial rotations at once (``rot``: ``(R, k,
-    k)``; ``skip``: ``(R, k)``, the repeated picks' columns, left out of the first argmax):
-    ``(labels (R, N) raw ids, smallest margin (R,), anomaly (R,))``."""
-    r, k, _ = rot.shape
-    n = v.shape[0]
-    last = v.new_zeros(r)
-    done = torch.zeros(r, dtype=torch.bool)
-    out = torch.full((r, n), -1, dtype=torch.long)
-    marg = v.new_full((r,), math.inf)
-    anomaly = torch.zeros(r, dtype=torch.bool)
-    prev = None
-    for it in range(1, n_iter_max + 2):
-        s = torch.matmul(v, rot)
-        if it == 1:
-            s = s.masked_fill(skip[:, None, :], -math.inf)
-        two = s.topk(2, dim=2)
-        m = (two.values[..., 0] - two.values[..., 1]).amin(dim=1)
-        marg = torch.where(done, marg, torch.minimum(marg, m))
-        labels = s.argmax(dim=2)
-        t = v.new_zeros(r, k, k).scatter_add_(1, labels[:, :, None].expand(-1, -1, k),
-                                              v.expand(r, -1, -1))  # fmt: skip
-        u, sv, vh = torch.linalg.svd(t)
-        ncut = 2.0 * (n - sv.sum(dim=1))
-        stop = ((ncut - last).abs() < _EPS) | (it > n_iter_max)
-        new = stop & ~done
-        if prev is not None:
-            anomaly |= new & (it <= n_iter_max) & ~(labels == prev).all(dim=1)
-        out[new] = labels[new]
-        done |= stop
-        if bool(done.all()):
-            break
-        prev, last, rot = labels, ncut, vh.mT @ u.mT
-    return out, torch.where(anomaly, 0.0, marg), anomaly
-
-
-def _repeats(rot: torch.Tensor) -> torch.Tensor:
-    """``(R, k)``: which columns of each rotation repeat an earlier one (a row picked twice)."""
-    cols = rot.mT  # (R, k, k): column j as row j
-    same = (cols[:, :, None, :] == cols[:, None, :, :]).all(dim=3)
-    return torch.triu(same, diagonal=1).any(dim=1)
-
-
-def _main_path(v: torch.Tensor, start: int, n_iter_max: int = 20):
-    """:func:`~videoanchor.anchor.clustering.discretize`'s draw from start row ``start`` on its
-    unit rows ``v``, its ops in its order (so its labels, raw ids), with the smallest margin
-    of its iterations: ``(labels, margin, rot0, picks, sums)``, ``sums[j - 1]`` the ``c`` that
-    pick ``j`` was the argmin of."""
-    n, k = v.shape
-    rot = torch.zeros(k, k, dtype=v.dtype)
-    rot[:, 0] = v[start]
-    c = torch.zeros(n, dtype=v.dtype)
-    sums, picks = [], [start]
-    for j in range(1, k):
-        c += (v @ rot[:, j - 1]).abs()
-        p = int(torch.argmin(c))
-        sums.append(c.clone())
-        picks.append(p)
-        rot[:, j] = v[p]
-    rot0, skip = rot.clone(), _repeats(rot[None])[0]
-    last, n_iter, margin, prev = 0.0, 0, math.inf, None
-    while True:
-        n_iter += 1
-        s = v @ rot
-        labels = s.argmax(dim=1)
-        if n_iter == 1:
-            s = s.masked_fill(skip[None, :], -math.inf)
-        two = s.topk(2, dim=1).values
-        margin = min(margin, float((two[:, 0] - two[:, 1]).min()))
-        t_svd = torch.zeros(k, k, dtype=v.dtype).index_add_(0, labels, v)
-        u, sv, vh = torch.linalg.svd(t_svd)
-        ncut = 2.0 * (n - float(sv.sum()))
-        if abs(ncut - last) < _EPS or n_iter > n_iter_max:
-            if n_iter <= n_iter_max and prev is not None and not torch.equal(labels, prev):
-                margin = 0.0  # stopped on an ncut repeated by other labels
-            return labels, margin, rot0, picks, sums
-        last, prev = ncut, labels
-        rot = vh.T @ u.T
-
-
-def _path_stability(v: torch.Tensor, start: int, floor: float, bound: float):
-    """One draw of the paper's labels (:func:`_main_path`) and ``m``, the smallest margin over
-    its path and its pick alternatives (module docstring): exact where it is in
-    ``[floor, bound)``; below ``floor`` (where the weight is 0 whatever the alternatives) the
-    path's own margin, from ``bound`` on (where the weight is 1) a value at least ``bound``."""
-    n, k = v.shape
-    labels, m, rot, picks, sums = _main_path(v, start)
-    limit = min(m, bound) if m >= floor else 0.0
-    alts = []  # (step j, runner-up row, its distance a_j)
-    for j, cj in enumerate(sums, 1):
-        a = (cj - cj[picks[j]]) / j
-        a[picks[j]] = math.inf
-        i = int(a.argmin())
-        if float(a[i]) < limit:
-            alts.append((j, i, float(a[i])))
-    if alts:
-        # every alternative's picks at once: its first j columns the path's, column j its
-        # runner-up, the later ones the argmin of its own running sums
-        r = len(alts)
-        js = torch.tensor([j for j, _, _ in alts])
-        rots = rot[None].repeat(r, 1, 1)
-        rots[torch.arange(r), :, js] = v[torch.tensor([i for _, i, _ in alts])]
-        cq = torch.stack([sums[j - 1] for j, _, _ in alts])
-        for jj in range(1, k):
-            after = js < jj  # alternatives past their switched pick
-            cq += (rots[:, :, jj - 1] @ v.T).abs() * (js <= jj - 1)[:, None]
-            if bool(after.any()):
-                rots[after, :, jj] = v[cq[after].argmin(dim=1)]
-        alab, amarg, _ = _iterate(v, rots, _repeats(rots))
-        paper = _relabel_by_first_appearance(labels)
-        for q, (_, _, a) in enumerate(alts):
-            same = torch.equal(_relabel_by_first_appearance(alab[q]), paper)
-            m = min(m, max(a, float(amarg[q])) if same else a)
-    return labels, m
 
 
 def steady_stability(embedding: torch.Tensor, gap: float, *, seed: int = 0, draws: int = 1,
@@ -549,18 +432,19 @@ def steady_stability(embedding: torch.Tensor, gap: float, *, seed: int = 0, draw
     decision margin over every draw's path and pick alternatives (module docstring). Exact
     where ``z`` is below ``ramp``'s top; above it ``z`` may be an underestimate that still
     reaches it (the weight is 1 either way)."""
+    from videoanchor.anchor._discretize import relabel
+
     n = embedding.shape[0]
-    v = _discretize_rows(embedding)
+    paths = _paths(embedding)
     rng = label_random_state(seed, n)
-    out = torch.empty(draws, n, dtype=torch.long)
+    floor, bound = (ramp[0] / gap, ramp[1] / gap) if gap > 0 else (math.inf, 0.0)
+    out = np.empty((draws, n), dtype=np.int64)
     m = math.inf
     for r in range(draws):
-        start = int(rng.randint(n))
-        floor, bound = (ramp[0] / gap, ramp[1] / gap) if gap > 0 else (math.inf, 0.0)
-        labels, mr = _path_stability(v, start, floor, bound)
-        out[r] = _relabel_by_first_appearance(labels)
+        labels, mr = paths.stability(int(rng.randint(n)), floor, bound)
+        out[r] = relabel(labels)
         m = min(m, mr)
-    return out.to(embedding.device), max(gap, 0.0) * m
+    return torch.from_numpy(out).to(embedding.device), max(gap, 0.0) * m
 
 
 def _soft_from_pairs(theta: torch.Tensor, vec: torch.Tensor, dd: torch.Tensor, k: int,
@@ -615,10 +499,9 @@ def steady_shares(affinity: torch.Tensor, n_clusters: int, *, seed: int = 0, dra
 def path_margin(embedding: torch.Tensor, *, seed: int = 0) -> float:
     """The smallest decision margin of the paper's first draw's iterations alone (no pick
     alternatives): what the brief's first design measured (``bench_share_gate.py``)."""
-    n = embedding.shape[0]
-    v = _discretize_rows(embedding)
-    start = int(label_random_state(seed, n).randint(n))
-    return _main_path(v, start)[1]
+    paths = _paths(embedding)
+    rot, picks, _ = paths.rotation(int(label_random_state(seed, paths.n).randint(paths.n)))
+    return paths.iterate(rot, paths.repeats(picks))[1]
 
 
 def cluster(coef: torch.Tensor, opts, *, group=None, rank: int = 0, affinity: str = "symmetric",
