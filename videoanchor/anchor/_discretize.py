@@ -112,15 +112,19 @@ def _decide(s, v, skip, labels, t):  # pragma: no cover - compiled
 
 def relabel(labels: np.ndarray) -> np.ndarray:
     """Clusters renumbered 0, 1, 2, ... in order of their first row (canonical ids)."""
-    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
-    return np.argsort(np.argsort(first))[inverse]
+    n = labels.size
+    first = np.full(int(labels.max()) + 1, n)
+    first[labels[::-1]] = np.arange(n - 1, -1, -1)  # (the last write wins: the first row)
+    rank = np.empty_like(first)
+    rank[np.argsort(first, kind="stable")] = np.arange(first.size)
+    return rank[labels]
 
 
 def _aligned(shape, order: str = "C") -> tuple[np.ndarray, torch.Tensor]:
     """A float64 NumPy array at a :data:`_ALIGN`-byte address and a tensor on its memory."""
     size = math.prod(shape)
     raw = np.empty(size + _ALIGN // 8)
-    at = (-raw.ctypes.data % _ALIGN) // 8
+    at = (-raw.__array_interface__["data"][0] % _ALIGN) // 8
     arr = raw[at : at + size].reshape(shape, order=order)
     return arr, torch.from_numpy(arr)
 
@@ -182,7 +186,7 @@ class Paths:
             d = self._dots.get(key)
             if d is None:
                 d = _aligned((self.n,))
-                torch.mv(self.rows, rot[1][:, j - 1], out=d[1])
+                torch.mv(self.rows, rot[1].select(1, j - 1), out=d[1])
                 d = self._dots[key] = d[0]
             p = _pick(c, d, none if sums is None else sums[j - 1])
             picks[j] = p
@@ -230,9 +234,12 @@ class Paths:
 
     def repeats(self, picks: np.ndarray) -> np.ndarray:
         """Which picks repeat an earlier pick's row (by value: its column is the same)."""
-        rows = self.v[picks]
-        same = (rows[:, None, :] == rows[None, :, :]).all(axis=2)
-        return np.triu(same, 1).any(axis=0)
+        seen, out = set(), np.zeros(self.k, np.bool_)
+        for j, p in enumerate(picks):
+            row = tuple(self.v[p])
+            out[j] = row in seen
+            seen.add(row)
+        return out
 
     def stability(self, start: int, floor: float, bound: float):
         """One draw of the paper's labels and ``m``, the smallest margin over its path and its
