@@ -20,6 +20,13 @@
 #                                                        # and on the dense set, the cost rows
 #                                                        # at 16 frames, one ncu of the
 #                                                        # working-set kernel
+#   OUT=/some/dir CALL=workset bash benchmarks/run_gpu.sh  # issue 90 in one call (< 8 min):
+#                                                        # the scores' gpu tests, the default
+#                                                        # scores' stages at 16/32/64 frames
+#                                                        # of both shapes beside the prefill,
+#                                                        # the dense set and Yale B, the
+#                                                        # throughput loss beside decode-like
+#                                                        # work, one ncu of the column kernel
 #   OUT=/some/dir CALL=request bash benchmarks/run_gpu.sh  # issue 92 (< 8 min): the whole
 #                                                        # request (generate on the 7B model,
 #                                                        # 16 and 64 frames, 16 and 256 new
@@ -41,12 +48,23 @@
 # / 64 frames (logs/h100-2026-11-27) and the gpu tests 55 s in 8 processes; CALL=ssc's caps
 # are sized on those (its InternVL2-8B rows past the budget are written as not run).
 #
+# CALL=workset (issue 90; ESTIMATED caps, not run on a GPU yet): its tests step runs only the
+# scores' gpu tests (SCORES_TESTS below; the Triton column kernel's cold compile in a
+# subprocess); workset_cuda as CALL=ssc's; scores_beside (bench_scores_beside.py: 16 and 64
+# frames, 3 pairs of windows of at least 1 s and 3.5 calls of the scores: at the targets'
+# 16 ms / 0.42 s a call about 8 + 14 s, at the H100's 0.25 / 2.7 s of 2026-11-27 about 9 s
+# and 27 s a pair at 64 frames (then 1 pair fits); a pair that would end past 4/5 of the cap
+# is not run); workset_ncu as CALL=ssc's.
 # CALL=hopper's knob: HOPPER_DTYPE (bfloat16; float16 times the fp16 fast form instead).
 # workset_cuda's own knobs: WORKSET_CUDA_FRAMES (16,32,64), WORKSET_CUDA_MODELS (both shapes)
 # and WORKSET_CUDA_SWEEP (GROW:TILE pairs, e.g. 16:512,64:512: the working sets alone at each).
+# workset_ncu's: WORKSET_NCU_KERNEL (the kernel's name, a regex: issue 90's _column_kernel;
+# issue 76's _columns_kernel with WORKSET_NCU_SKIP=22 on a tree that still runs it),
+# WORKSET_NCU_SKIP (launches skipped: warm_up's two a level of slots, then the solve's first
+# pass) and WORKSET_NCU_COUNT (2).
 # Other forms: STEPS="name ..." runs the named steps only (names: tests profile nsys ncu
 # attention decode paged sparse_spectral request_cost profile_ssc workset_cuda workset_ncu hopper
-# request spectral backward
+# request scores_beside spectral backward
 # ssc blocked integration
 # scores tune vllm tp; tp runs bench_tp and bench_split); no CALL runs every step in one
 # call (more than ten minutes); STEP_TIMEOUT=seconds lowers every cap; an argument --quick
@@ -68,6 +86,11 @@ SSC="tests:150 workset_cuda:210 request_cost:50 workset_ncu:60"
 # ESTIMATED caps (not run on a GPU yet): 5 providers x 3 lengths with cold compiles; ncu as
 # in CALL=1.
 HOPPER="hopper:300 ncu:150"
+# ESTIMATED caps (header): the scores' gpu tests, workset_cuda, the throughput loss, one ncu
+WORKSET="tests:120 workset_cuda:200 scores_beside:75 workset_ncu:60"
+#: CALL=workset's tests: the anchor scores' files (those with no gpu test select nothing)
+SCORES_TESTS="workset_cuda column_kernel pass_counts filter_graphs certificate_gram fast_solver
+  admm products ssc spectral sparse_spectral"
 # ESTIMATED caps (not run on a GPU yet). request: the 7B model built (~20 s), per frame count
 # a warm-up of each provider then 3 rounds of 3 requests of 256 tokens (HF generate at ~25
 # ms a token: ~7 s a request), plus the default scores (H100: 0.9 s at 16 frames, 17 s at 64,
@@ -82,6 +105,7 @@ case "${CALL:-}" in
   2) PLAN="$CALL2" ;;
   tests) PLAN="$TESTS" ;;
   ssc) PLAN="$SSC" ;;
+  workset) PLAN="$WORKSET" ;;
   hopper) PLAN="$HOPPER" ;;
   request) PLAN="$REQUEST" ;;
   *) PLAN="$TESTS $CALL1 $CALL2" ;;
@@ -120,7 +144,12 @@ if want tests; then  # in 8 processes where pytest-xdist is there: Triton compil
   # (the 2026-11-26 H200 lease: 65 s with a cold cache, against over 190 s in one process)
   XDIST=()
   python -c "import xdist" 2>/dev/null && XDIST=(-n 8)
-  step tests gpu_tests.log python -m pytest -q -m gpu tests --durations=20 "${XDIST[@]}"
+  FILES=(tests)
+  if [ "${CALL:-}" = workset ]; then  # the scores' files alone (those in this tree)
+    FILES=()
+    for t in $SCORES_TESTS; do [ -f "tests/test_$t.py" ] && FILES+=("tests/test_$t.py"); done
+  fi
+  step tests gpu_tests.log python -m pytest -q -m gpu "${FILES[@]}" --durations=20 "${XDIST[@]}"
 fi
 # Issue 51: where a gated call's time goes. The torch profiler's per-call summary always;
 # nsys (launches, host gaps, synchronisations) and ncu (the prefill kernel at 16k, anchored
@@ -213,16 +242,26 @@ fi
 if want workset_ncu && ! command -v ncu >/dev/null; then
   echo "== ncu not found: no profile of the working-set kernel"
 elif want workset_ncu; then
-  # bench_workset_cuda.py --ncu: warm_up's launches (one per level of slots, no columns),
-  # then one 16-frame solve; the kernel's 21st and 22nd passes, by name and launch order
+  # bench_workset_cuda.py --ncu: warm_up's launches (two passes over no column a level of
+  # slots), then one 16-frame solve: its first pass (eager; the graph captured after it)
+  # skipped, its 2nd and 3rd (graph replays: ncu profiles a graph's kernel nodes one by one),
+  # by name and launch order
   mkdir -p "$OUT/logs"
-  step workset_ncu logs/ncu_workset.log ncu --kernel-name regex:_columns_kernel \
-    --launch-skip 22 --launch-count 2 --section SpeedOfLight --section Occupancy \
+  NCU_SKIP="${WORKSET_NCU_SKIP:-$(python -c "from videoanchor.anchor.solvers import workset_cuda as wc
+print(2 * len(wc.SLOTS) + 1)")}"
+  step workset_ncu logs/ncu_workset.log ncu --kernel-name "regex:${WORKSET_NCU_KERNEL:-_column_kernel}" \
+    --launch-skip "$NCU_SKIP" --launch-count "${WORKSET_NCU_COUNT:-2}" \
+    --section SpeedOfLight --section Occupancy \
     --section LaunchStats --section WarpStateStats --section SchedulerStats \
     --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --force-overwrite \
     -o "$OUT/logs/ncu_workset" python benchmarks/bench_workset_cuda.py --ncu
   [ -f "$OUT/logs/ncu_workset.ncu-rep" ] && ncu --import "$OUT/logs/ncu_workset.ncu-rep" \
     --page details > "$OUT/logs/ncu_workset.txt" 2>&1
+fi
+if want scores_beside; then  # issue 90: decode-like work's throughput beside the scores
+  # (16 and 64 frames); pairs that would end past 4/5 of the cap are not run
+  step scores_beside bench_scores_beside.log python benchmarks/bench_scores_beside.py \
+    --budget $(($(cap_of scores_beside) * 4 / 5)) --out-dir "$OUT"
 fi
 if want spectral; then
   step spectral bench_spectral.log python benchmarks/bench_spectral.py --device cuda --no-ssc \

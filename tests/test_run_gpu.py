@@ -32,10 +32,14 @@ def test_named_steps_only(tmp_path):
 
 
 SCRIPT = (ROOT / "benchmarks" / "run_gpu.sh").read_text()
-#: CPU studies: their results are *_cpu.json, run_gpu.sh does not run them.
+#: CPU studies: their results are *_cpu.json (or *_static.json: compiled without a GPU),
+#: run_gpu.sh does not run them.
 # bench_workset: the working-set solver is float64 on the CPU (issue 52's one-thread CPU target)
-CPU_ONLY = {"bench_contention", "bench_first_call", "bench_host_overhead", "bench_label_draws",
-            "bench_lmms_batch", "bench_optimum", "bench_schedule", "bench_share_cost",
+# bench_column_kernel: static compiles; bench_host_reads, bench_pass_counts: counted on the CPU;
+# bench_discretize: the discretisation's host work, one thread
+CPU_ONLY = {"bench_column_kernel", "bench_contention", "bench_discretize", "bench_first_call",
+            "bench_host_overhead", "bench_host_reads", "bench_label_draws", "bench_lmms_batch",
+            "bench_optimum", "bench_pass_counts", "bench_schedule", "bench_share_cost",
             "bench_share_gate", "bench_workset", "bench_yaleb"}  # fmt: skip
 
 
@@ -52,6 +56,7 @@ def test_two_calls_of_under_ten_minutes_run_the_profile_and_every_benchmark():
         assert sum(plan.values()) <= budget, plan
     steps = set(call1) | set(call2)
     steps |= set(_plan("REQUEST"))  # bench_request runs in issue 92's call of its own
+    steps |= set(_plan("WORKSET"))  # bench_scores_beside in issue 90's
     steps |= {"split"} if "tp" in steps else set()  # the tp step runs bench_tp and bench_split
     assert {"profile", "nsys", "ncu"} <= set(call1)
     for name in steps:
@@ -89,3 +94,47 @@ def test_request_call_fits_eight_minutes_with_decode_graphs_and_paged():
     assert 'request) PLAN="$REQUEST"' in SCRIPT and "want request" in SCRIPT
     assert "benchmarks/bench_request.py" in SCRIPT
     assert '[ "${CALL:-}" = request ] && EXTRA=(--graph)' in SCRIPT
+
+
+def test_workset_call_fits_eight_minutes_with_the_scores_tests_loss_and_ncu(tmp_path):
+    """Issue 90's GPU command (CALL=workset): the scores' gpu tests, bench_workset_cuda at
+    16/32/64 frames of both shapes (the dense set and Yale B in it), the throughput loss
+    (bench_scores_beside) and one ncu of the column kernel, caps within 8 minutes; the
+    kernel's name and launches are variables, the tests step takes the scores' files that
+    exist."""
+    plan = _plan("WORKSET")
+    assert set(plan) == {"tests", "workset_cuda", "scores_beside", "workset_ncu"}, plan
+    assert sum(plan.values()) <= 480 and all(v > 0 for v in plan.values()), plan
+    assert 'workset) PLAN="$WORKSET"' in SCRIPT and "want scores_beside" in SCRIPT
+    assert "benchmarks/bench_scores_beside.py" in SCRIPT
+    assert '--kernel-name "regex:${WORKSET_NCU_KERNEL:-_column_kernel}"' in SCRIPT
+    assert '--launch-count "${WORKSET_NCU_COUNT:-2}"' in SCRIPT
+    files = SCRIPT.split('SCORES_TESTS="')[1].split('"')[0].split()
+    assert {"workset_cuda", "column_kernel"} <= set(files)
+    assert (ROOT / "tests" / "test_workset_cuda.py").exists()
+    # the call as a user runs it, every step stopped at once: the tests step names only the
+    # scores' files present, the benchmark gets its budget, nothing else runs
+    env = {**os.environ, "OUT": str(tmp_path), "CALL": "workset",
+           "STEPS": "tests scores_beside workset_ncu", "STEP_TIMEOUT": "1",
+           "WORKSET_NCU_SKIP": "7", "PATH": f"{tmp_path}:{os.environ['PATH']}"}  # fmt: skip
+    for tool in ("python", "ncu"):  # each records its arguments; the import checks pass
+        fake = tmp_path / tool
+        fake.write_text(f'#!/bin/sh\necho "{tool} $@" >> "$(dirname "$0")/calls.txt"\n')
+        fake.chmod(0o755)
+    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "run_gpu.sh")], env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    for name in ("tests", "scores_beside", "workset_ncu"):
+        assert f"== {name} (at most 1s)" in out.stdout, out.stdout
+    calls = [c.removeprefix("python ") for c in (tmp_path / "calls.txt").read_text().splitlines()]
+    (ncu,) = [c for c in calls if c.startswith("ncu ")]
+    assert "--kernel-name regex:_column_kernel --launch-skip 7 --launch-count 2" in ncu
+    assert ncu.endswith("python benchmarks/bench_workset_cuda.py --ncu")
+    (tests,) = [c for c in calls if c.startswith("-m pytest")]
+    named = [a for a in tests.split() if a.startswith("tests/")]
+    want = [f"tests/test_{f}.py" for f in files if (ROOT / "tests" / f"test_{f}.py").exists()]
+    assert named == want and "-m gpu" in tests
+    (bench,) = [c for c in calls if "bench_scores_beside.py" in c]
+    assert (
+        f"--budget {plan['scores_beside'] * 4 // 5}" in bench and f"--out-dir {tmp_path}" in bench
+    )
+    assert not any(c.startswith("benchmarks/bench_workset_cuda.py") for c in calls)  # not named
