@@ -6,8 +6,8 @@ without a ``device=``, from Python data, from a read, or by an op on host tensor
 a read is an operator that needs a value on the host (:data:`READ_OPS`: ``item``,
 ``nonzero``, ``unique``, ...) or ``tolist`` / ``numpy`` / ``cpu()`` / ``to("cpu")`` of a
 device tensor. A tensor moved back with ``to(device)`` is a device tensor again. Within a
-*host region* (functions named in ``host=``, which take host tensors: ``discretize``'s
-iterations) factories make host tensors. On a CPU tensor ``cpu()`` returns the tensor itself:
+*host region* (functions named in ``host=``, which work on host tensors: ``discretize``)
+factories make host tensors (their reads of device tensors still count). On a CPU tensor ``cpu()`` returns the tensor itself:
 here it returns a copy, so the original stays a device tensor.
 
 The benchmark: the certificate of a working-set answer (``SSCSolution.certified``, float64
@@ -30,10 +30,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import weakref
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -65,6 +67,16 @@ def _tensors(tree):
     return out
 
 
+def _caller() -> str:
+    """The innermost ``videoanchor`` frame of the stack, as ``module.py:line (function)``."""
+    for frame in reversed(traceback.extract_stack()):
+        if "videoanchor" in frame.filename.replace("\\", "/").split("/")[-3:-1] or (
+            "/videoanchor/" in frame.filename
+        ):
+            return f"{Path(frame.filename).name}:{frame.lineno} ({frame.name})"
+    return "?"
+
+
 class DeviceReads(TorchDispatchMode):
     """Counts host reads of device tensors (module docstring) in ``reads`` (by kind, in
     order). ``host``: ``(module, name)`` of functions that run on host tensors."""
@@ -72,17 +84,45 @@ class DeviceReads(TorchDispatchMode):
     def __init__(self, host=()):
         super().__init__()
         self.reads: list[str] = []
-        self._host = weakref.WeakSet()
+        self.where: list[str] = []  # the package's line that read, for each read
+        self._host: dict = {}  # id -> weak reference (a tensor's == is elementwise)
         self._host_fns = list(host)
         self._depth = 0  # inside a host region
         self._moving = None  # a to()/cpu() in progress: "host" or "device"
+        self._named_device = False  # the torch function running named a device=
+        self._inside = False  # in a patched method
+
+    class _Names(TorchFunctionMode):
+        """Whether a torch function was given ``device=`` (the dispatcher sees the default
+        filled in)."""
+
+        def __init__(self, owner):
+            super().__init__()
+            self.owner = owner
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            saved = self.owner._named_device
+            self.owner._named_device = kwargs.get("device") is not None
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self.owner._named_device = saved
 
     def is_host(self, t) -> bool:
-        return t in self._host
+        ref = self._host.get(id(t))
+        return ref is not None and ref() is t
+
+    def _mark(self, t, host: bool) -> None:
+        if host:
+            self._host[id(t)] = weakref.ref(t)
+        else:
+            self._host.pop(id(t), None)
 
     def _read(self, kind: str, t) -> None:
-        if not self.is_host(t) and self._depth == 0:
+        if not self.is_host(t):
             self.reads.append(kind)
+            self.where.append(_caller())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -94,16 +134,14 @@ class DeviceReads(TorchDispatchMode):
         out = func(*args, **kwargs)
         if self._moving is not None:
             host = self._moving == "host"
+        elif name in ("aten::lift_fresh", "aten::lift_fresh_copy"):  # torch.tensor(data)
+            host = True
         elif inputs:
             host = all(self.is_host(t) for t in inputs)
         else:  # a factory: a device tensor where it names a device (outside a host region)
-            host = self._depth > 0 or kwargs.get("device") is None
-        if host:
-            for t in _tensors(out):
-                self._host.add(t)
-        else:
-            for t in _tensors(out):
-                self._host.discard(t)
+            host = self._depth > 0 or not self._named_device
+        for t in _tensors(out):
+            self._mark(t, host)
         return out
 
     @contextlib.contextmanager
@@ -113,6 +151,18 @@ class DeviceReads(TorchDispatchMode):
         saved = {k: getattr(torch.Tensor, k) for k in ("tolist", "numpy", "cpu", "to")}
         mode = self
 
+        def once(fn, name):  # (a torch function mode hands the method back to us: once)
+            def call(t, *a, **k):
+                if mode._inside:
+                    return saved[name](t, *a, **k)
+                mode._inside = True
+                try:
+                    return fn(t, *a, **k)
+                finally:
+                    mode._inside = False
+
+            return call
+
         def reading(kind):
             fn = saved[kind]
 
@@ -120,7 +170,7 @@ class DeviceReads(TorchDispatchMode):
                 mode._read(kind, t)
                 return fn(t, *a, **k)
 
-            return read
+            return once(read, kind)
 
         def cpu(t, *a, **k):
             mode._read("cpu", t)
@@ -140,7 +190,7 @@ class DeviceReads(TorchDispatchMode):
             if isinstance(target, str) and target.startswith("cpu"):  # a read
                 mode._read("to_cpu", t)
                 mode._moving = "host"
-            elif mode.is_host(t) and mode._depth == 0:  # back to the device
+            elif mode.is_host(t):  # back to the device
                 mode._moving = "device"
             try:
                 out = saved["to"](t, *a, **k)
@@ -166,8 +216,8 @@ class DeviceReads(TorchDispatchMode):
             patched.append((mod, name, fn))
         try:
             torch.Tensor.tolist, torch.Tensor.numpy = reading("tolist"), reading("numpy")
-            torch.Tensor.cpu, torch.Tensor.to = cpu, to
-            with self:
+            torch.Tensor.cpu, torch.Tensor.to = once(cpu, "cpu"), once(to, "to")
+            with self, DeviceReads._Names(self):
                 yield self
         finally:
             for k, fn in saved.items():
@@ -176,11 +226,14 @@ class DeviceReads(TorchDispatchMode):
                 setattr(mod, name, fn)
 
 
-def device_reads(call, host=()) -> list[str]:
-    """The host reads of ``call()`` (:class:`DeviceReads`), by kind, in order."""
+def device_reads(call, host=(), *, where: bool = False) -> list[str]:
+    """The host reads of ``call()`` (:class:`DeviceReads`), by kind, in order (``where``: as
+    ``kind at module.py:line (function)``)."""
     counter = DeviceReads(host)
     with counter.counting():
         call()
+    if where:
+        return [f"{k} at {w}" for k, w in zip(counter.reads, counter.where, strict=True)]
     return counter.reads
 
 

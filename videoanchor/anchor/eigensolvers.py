@@ -186,13 +186,28 @@ def _chebyshev(matmul, step, x, k: int, n: int, tol: float, max_steps: int, degr
     """:func:`chebyshev_eigvecs`' rounds with its filter step ``step``."""
     device, dtype = x.device, x.dtype
 
-    def ritz(x):  # two host reads: the m x m projection, the residual
+    def ritz(x):
+        """``(theta, Q, residual)``: in float32 one host read (the projection and, from float64
+        Grams, the residual ``sum_i ||S q_i - theta_i q_i||^2 = y_i^T (B - 2 theta_i H +
+        theta_i^2 M) y_i``, ``B = (SX)^T SX``, ``H = X^T S X``, ``M = X^T X``); in float64 two
+        (the projection, then the residual from the vectors: the Grams' cancellation would
+        reach its tolerance)."""
         sx = matmul(x)
-        h = torch.tensor((x.T @ sx).tolist(), dtype=torch.float64)
+        if dtype == torch.float64:
+            h = torch.tensor((x.T @ sx).tolist(), dtype=torch.float64)
+        else:
+            x64, sx64 = x.double(), sx.double()
+            grams = torch.stack([(x.T @ sx).double(), x64.T @ sx64, sx64.T @ sx64, x64.T @ x64])
+            h, h64, b, mm = torch.tensor(grams.tolist(), dtype=torch.float64)
         theta, y = torch.linalg.eigh((h + h.T) / 2)
-        theta, y = theta.flip(0), y.flip(1).to(device, dtype)
-        q, sq = x @ y, sx @ y
-        res = float((sq[:, :k] - q[:, :k] * theta[:k].to(device, dtype)).norm())
+        theta, y = theta.flip(0), y.flip(1)
+        q = x @ y.to(device, dtype)
+        if dtype == torch.float64:
+            sq = sx @ y.to(device, dtype)
+            return theta, q, float((sq[:, :k] - q[:, :k] * theta[:k].to(device, dtype)).norm())
+        yk, tk = y[:, :k], theta[:k]
+        parts = (yk * (b @ yk)).sum(0) - 2 * tk * (yk * (h64 @ yk)).sum(0)
+        res = float((parts + tk * tk * (yk * (mm @ yk)).sum(0)).sum().clamp_min(0.0).sqrt())
         return theta, q, res
 
     theta, x, res = ritz(x)

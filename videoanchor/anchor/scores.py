@@ -55,20 +55,19 @@ def scores_from_row_sums(
     ``labels`` (N,) or (draws, N): with several draws, ``pi_j`` is token ``j``'s cluster
     share averaged over them. ``shares`` (N,): the ``pi_j`` themselves instead
     (``cluster_share="soft"``); ``labels`` are then not read."""
+    out, flat = _score_parts(r, labels, shares)
+    if bool(flat):  # (one host read)
+        _warn_flat_rows(r.numel(), stacklevel=3)
+    return out
+
+
+def _score_parts(r: torch.Tensor, labels: torch.Tensor, shares: torch.Tensor | None):
+    """:func:`scores_from_row_sums` on the device, no host read: ``(scores, flat)``, ``flat``
+    a device bool (the row sums agree: the scores are 0, the caller warns)."""
     n = r.numel()
     lab = labels.reshape(-1, n)
     r64 = r.to(torch.float64)
-    if n > 1 and float(r64.max() - r64.min()) <= FLAT_ROW_SUM_RTOL * float(r64.abs().max()):
-        # Identical (or near-identical) tokens: the row sums agree within the solver's
-        # tolerance, so min-max normalisation would stretch solver noise over [0, 1).
-        warnings.warn(
-            f"videoanchor: the {n} tokens' SSC row sums agree to within "
-            f"{FLAT_ROW_SUM_RTOL:g} of their size (near-identical tokens, e.g. a static or "
-            "blank video, or an SSC stopped far from its answer: see its convergence); no "
-            "token stands out, so every anchor score is 0 (unanchored)",
-            stacklevel=3,
-        )
-        return torch.zeros(n, dtype=torch.float32, device=r.device)
+    flat = (r64.max() - r64.min() <= FLAT_ROW_SUM_RTOL * r64.abs().max()) & (n > 1)
     if shares is not None:
         pi = shares.to(device=r.device, dtype=torch.float64)
     else:
@@ -77,7 +76,20 @@ def scores_from_row_sums(
     lo, hi = s_hat.min(), s_hat.max()
     s = ((s_hat - lo) / (hi - lo + 1e-5)).to(torch.float32)
     below_one = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item()
-    return s.clamp_(0.0, below_one)
+    s = s.clamp_(0.0, below_one)
+    return torch.where(flat, torch.zeros_like(s), s), flat
+
+
+def _warn_flat_rows(n: int, stacklevel: int) -> None:
+    # Identical (or near-identical) tokens: the row sums agree within the solver's
+    # tolerance, so min-max normalisation would stretch solver noise over [0, 1).
+    warnings.warn(
+        f"videoanchor: the {n} tokens' SSC row sums agree to within "
+        f"{FLAT_ROW_SUM_RTOL:g} of their size (near-identical tokens, e.g. a static or "
+        "blank video, or an SSC stopped far from its answer: see its convergence); no "
+        "token stands out, so every anchor score is 0 (unanchored)",
+        stacklevel=stacklevel + 1,
+    )
 
 
 def sparse_row_sums(coef: torch.Tensor) -> torch.Tensor:
@@ -102,29 +114,46 @@ def tie_duplicate_scores(x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     SSC treats identical tokens symmetrically, but its solution among them is not unique
     and the ADMM splits the weight unevenly; by symmetry identical tokens get one score
     (the mean of theirs, which keeps the scores' range). A row hash finds candidates in
-    O(N D); only rows whose hashes collide are compared exactly.
+    O(N D) (one host read of three flags); only rows whose hashes collide are compared
+    exactly.
     """
-    n = x.shape[0]
-    if n < 2 or scores.numel() != n:
+    if x.shape[0] < 2 or scores.numel() != x.shape[0]:
         return scores
+    flags, h = _tie_flags(x, scores)
+    return _tie(x, scores, h, flags.tolist(), stacklevel=2)
+
+
+def _tie_flags(x: torch.Tensor, scores: torch.Tensor):
+    """``([flat features, any score, colliding hashes], hashes)`` on the device."""
     x64 = x.to(torch.float64)
-    spread = float((x64 - x64.mean(dim=0, keepdim=True)).norm(dim=1).max())
-    if spread <= FLAT_FEATURES_RTOL * float(x64.norm(dim=1).max()):
-        if not bool(scores.any()):  # already all 0 (flat row sums, warned there)
+    spread = (x64 - x64.mean(dim=0, keepdim=True)).norm(dim=1).max()
+    flat = spread <= FLAT_FEATURES_RTOL * x64.norm(dim=1).max()
+    gen = torch.Generator(device="cpu").manual_seed(12345)
+    probe = torch.rand(x.shape[1], generator=gen, dtype=torch.float64).to(x.device)
+    h = x64 @ probe
+    hs = h.sort().values
+    collide = (hs[1:] == hs[:-1]).any()
+    return torch.stack([flat, scores.any().to(flat.device), collide.to(flat.device)]), h
+
+
+def _tie(x: torch.Tensor, scores: torch.Tensor, h: torch.Tensor, flags: list, *,
+         stacklevel: int) -> torch.Tensor:  # fmt: skip
+    """:func:`tie_duplicate_scores` from its flags (read) and the row hashes ``h``."""
+    n = x.shape[0]
+    flat, any_score, collide = flags
+    if flat:
+        if not any_score:  # already all 0 (flat row sums, warned there)
             return torch.zeros_like(scores)
         warnings.warn(
             f"videoanchor: the {n} tokens are identical to within {FLAT_FEATURES_RTOL:g} of "
             "their norm (e.g. a static or blank video); no token stands out, so every anchor "
             "score is 0 (unanchored)",
-            stacklevel=3,
+            stacklevel=stacklevel + 1,
         )
         return torch.zeros_like(scores)
-    gen = torch.Generator(device="cpu").manual_seed(12345)
-    probe = torch.rand(x.shape[1], generator=gen, dtype=torch.float64).to(x.device)
-    h = x.to(torch.float64) @ probe
-    _, inv_h, counts_h = torch.unique(h, return_inverse=True, return_counts=True)
-    if int(counts_h.max()) < 2:
+    if not collide:
         return scores
+    _, inv_h, counts_h = torch.unique(h, return_inverse=True, return_counts=True)
     cand = torch.nonzero(counts_h[inv_h] > 1).flatten()
     _, inverse, counts = torch.unique(x[cand], dim=0, return_inverse=True, return_counts=True)
     if int(counts.max()) < 2:
@@ -162,19 +191,50 @@ def anchor_scores(
         raise TypeError(f"labels: expected an integer tensor, got {labels.dtype}")
     if n == 0:
         raise ValueError("coef: expected at least one token, got N = 0")
-    if bool((labels < 0).any()):
-        raise ValueError("labels: expected non-negative cluster ids")
-    if shares is not None and (
-        shares.shape != (n,) or not shares.dtype.is_floating_point
-        or not bool(((shares > 0) & (shares <= 1)).all())
-    ):  # fmt: skip
-        raise ValueError(
-            f"shares: expected ({n},) floats in (0, 1], got shape {tuple(shares.shape)}, "
-            f"{shares.dtype}"
-        )
+    if shares is not None and (shares.shape != (n,) or not shares.dtype.is_floating_point):
+        raise ValueError(_bad_shares(n, shares))
+    out, flags = _anchor_parts(coef, labels, shares)
+    return _anchor_checked(out, flags.tolist(), n, shares, stacklevel=2)
+
+
+def _bad_shares(n: int, shares: torch.Tensor) -> str:
+    return (f"shares: expected ({n},) floats in (0, 1], got shape {tuple(shares.shape)}, "
+            f"{shares.dtype}")  # fmt: skip
+
+
+def _anchor_parts(coef, labels, shares):
+    """:func:`anchor_scores` of checked shapes on the device, no host read: ``(scores,
+    [negative labels, shares outside (0, 1], flat row sums])`` (device bools)."""
     labels = labels.to(device=coef.device, dtype=torch.long)
+    negative = (labels < 0).any()
     r = sparse_row_sums(coef) if coef.is_sparse else coef.to(torch.float64).sum(dim=1)
-    return scores_from_row_sums(r, labels, shares)
+    out, flat = _score_parts(r, labels.clamp_min(0), shares)  # (raised below if negative)
+    outside = ~((shares > 0) & (shares <= 1)).all() if shares is not None else negative & False
+    return out, torch.stack([negative, outside.to(negative.device), flat.to(negative.device)])
+
+
+def _anchor_checked(out, flags: list, n: int, shares, *, stacklevel: int) -> torch.Tensor:
+    """:func:`anchor_scores`' answer from its flags, read: raised, warned or ``out``."""
+    negative, outside, flat = flags
+    if negative:
+        raise ValueError("labels: expected non-negative cluster ids")
+    if outside:
+        raise ValueError(_bad_shares(n, shares))
+    if flat:
+        _warn_flat_rows(n, stacklevel=stacklevel + 1)
+    return out
+
+
+def _scores_tied(x: torch.Tensor, coef, labels, shares) -> torch.Tensor:
+    """``tie_duplicate_scores(x, anchor_scores(coef, labels, shares=shares))`` with one host
+    read (both functions' flags together) where no token has a twin."""
+    out, flags = _anchor_parts(coef, labels, shares)
+    if x.shape[0] < 2 or out.numel() != x.shape[0]:
+        return _anchor_checked(out, flags.tolist(), coef.shape[0], shares, stacklevel=3)
+    ties, h = _tie_flags(x, out)
+    values = torch.cat([flags, ties.to(flags.device)]).tolist()
+    out = _anchor_checked(out, values[:3], coef.shape[0], shares, stacklevel=3)
+    return _tie(x, out, h, values[3:], stacklevel=3)
 
 
 @dataclass(kw_only=True)
@@ -472,7 +532,7 @@ def compute_anchor_scores(
     draws, shares, record = cluster(res.coef, opts, group=plan.group, rank=plan.rank)
     _sync(x.device)
     t2 = time.perf_counter()
-    scores = tie_duplicate_scores(x, anchor_scores(res.coef, draws, shares=shares))
+    scores = _scores_tied(x, res.coef, draws, shares)
     _sync(scores.device)
     t3 = time.perf_counter()
     timings = dict(res.timings)
