@@ -57,7 +57,8 @@
 # is not run); workset_ncu as CALL=ssc's.
 # CALL=hopper's knob: HOPPER_DTYPE (bfloat16; float16 times the fp16 fast form instead).
 # workset_cuda's own knobs: WORKSET_CUDA_FRAMES (16,32,64), WORKSET_CUDA_MODELS (both shapes)
-# and WORKSET_CUDA_SWEEP (GROW:TILE pairs, e.g. 16:512,64:512: the working sets alone at each).
+# and WORKSET_CUDA_SWEEP (GROW:TILE pairs, e.g. 16:512,64:512: the working sets alone at each;
+# passed only when set, to a bench_workset_cuda.py that still has --sweep).
 # workset_ncu's: WORKSET_NCU_KERNEL (the kernel's name, a regex: issue 90's _column_kernel;
 # issue 76's _columns_kernel with WORKSET_NCU_SKIP=22 on a tree that still runs it),
 # WORKSET_NCU_SKIP (launches skipped: warm_up's two a level of slots, then the solve's first
@@ -234,10 +235,11 @@ fi
 if want workset_cuda; then  # the default beside the prefill, the yardstick at 16 frames, the
   # dense sets (synthetic, Yale B's faces where VIDEOANCHOR_YALEB is); rows that would start
   # past 2/3 of the step's cap are written as not run
+  SWEEP=()  # (--sweep only where asked for: issue 90's bench_workset_cuda has none)
+  [ -n "${WORKSET_CUDA_SWEEP:-}" ] && SWEEP=(--sweep "$WORKSET_CUDA_SWEEP")
   step workset_cuda bench_workset_cuda.log python benchmarks/bench_workset_cuda.py \
     --frames "${WORKSET_CUDA_FRAMES:-16,32,64}" --budget $(($(cap_of workset_cuda) * 2 / 3)) \
-    --models "${WORKSET_CUDA_MODELS:-Qwen2.5-VL-7B,InternVL2-8B}" \
-    --sweep "${WORKSET_CUDA_SWEEP:-}" --out-dir "$OUT"
+    --models "${WORKSET_CUDA_MODELS:-Qwen2.5-VL-7B,InternVL2-8B}" "${SWEEP[@]}" --out-dir "$OUT"
 fi
 if want workset_ncu && ! command -v ncu >/dev/null; then
   echo "== ncu not found: no profile of the working-set kernel"

@@ -112,10 +112,10 @@ def test_workset_call_fits_eight_minutes_with_the_scores_tests_loss_and_ncu(tmp_
     files = SCRIPT.split('SCORES_TESTS="')[1].split('"')[0].split()
     assert {"workset_cuda", "column_kernel"} <= set(files)
     assert (ROOT / "tests" / "test_workset_cuda.py").exists()
-    # the call as a user runs it, every step stopped at once: the tests step names only the
-    # scores' files present, the benchmark gets its budget, nothing else runs
+    # the call as a user runs it, every step stopped at once: each step's command as the
+    # call gives it (the tests step names only the scores' files present)
     env = {**os.environ, "OUT": str(tmp_path), "CALL": "workset",
-           "STEPS": "tests scores_beside workset_ncu", "STEP_TIMEOUT": "1",
+           "STEPS": "tests workset_cuda scores_beside workset_ncu", "STEP_TIMEOUT": "1",
            "WORKSET_NCU_SKIP": "7", "PATH": f"{tmp_path}:{os.environ['PATH']}"}  # fmt: skip
     for tool in ("python", "ncu"):  # each records its arguments; the import checks pass
         fake = tmp_path / tool
@@ -123,7 +123,7 @@ def test_workset_call_fits_eight_minutes_with_the_scores_tests_loss_and_ncu(tmp_
         fake.chmod(0o755)
     out = subprocess.run(["bash", str(ROOT / "benchmarks" / "run_gpu.sh")], env=env,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    for name in ("tests", "scores_beside", "workset_ncu"):
+    for name in ("tests", "workset_cuda", "scores_beside", "workset_ncu"):
         assert f"== {name} (at most 1s)" in out.stdout, out.stdout
     calls = [c.removeprefix("python ") for c in (tmp_path / "calls.txt").read_text().splitlines()]
     (ncu,) = [c for c in calls if c.startswith("ncu ")]
@@ -137,4 +137,7 @@ def test_workset_call_fits_eight_minutes_with_the_scores_tests_loss_and_ncu(tmp_
     assert (
         f"--budget {plan['scores_beside'] * 4 // 5}" in bench and f"--out-dir {tmp_path}" in bench
     )
-    assert not any(c.startswith("benchmarks/bench_workset_cuda.py") for c in calls)  # not named
+    # bench_workset_cuda's existing CLI: frames, budget, both shapes; --sweep only when asked
+    (ws,) = [c for c in calls if c.startswith("benchmarks/bench_workset_cuda.py --frames")]
+    assert f"--budget {plan['workset_cuda'] * 2 // 3}" in ws and "--sweep" not in ws
+    assert "--frames 16,32,64" in ws and "--models Qwen2.5-VL-7B,InternVL2-8B" in ws
