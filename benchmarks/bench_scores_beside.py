@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, finish, parser, video_tokens  # noqa: E402
+from benchmarks.common import environment, finish, parser, skip, video_tokens  # noqa: E402
 
 #: name: (visual tokens per frame, hidden size), as bench_workset_cuda.SHAPES
 SHAPE = ("Qwen2.5-VL-7B", 128, 3584)
@@ -287,13 +287,15 @@ def measure(work: PlainWork, call, device, *, pairs: int, depth: int, window: fl
 
 def run(*, quick: bool = False, frames=(16, 64), pairs: int = 3, depth: int = 2,
         window: float = 1.0, item_us: float = 50.0, step_items: int = 40,
-        budget: float = math.inf, out_dir=None) -> Path:  # fmt: skip
-    """The rows (module docstring), one per frame count; the JSON rewritten as each ends."""
+        budget: float = math.inf, out_dir=None) -> Path | None:  # fmt: skip
+    """The rows (module docstring), one per frame count; the JSON rewritten as each ends
+    (None, saying so, without CUDA and ``quick``)."""
     from videoanchor.anchor import compute_anchor_scores
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not quick:
-        raise SystemExit("bench_scores_beside: needs a CUDA device (--quick runs tiny on the CPU)")
+        skip("bench_scores_beside", "needs a CUDA device (--quick runs it tiny on the CPU)")
+        return None
     started = time.perf_counter()
     meta = environment(str(device))
     meta.update(quick=quick, target=TARGETS, switch_interval_s=sys.getswitchinterval(),
@@ -343,7 +345,7 @@ def run(*, quick: bool = False, frames=(16, 64), pairs: int = 3, depth: int = 2,
     return path
 
 
-def main(argv=None) -> Path:
+def main(argv=None) -> Path | None:
     ap = parser(__doc__, quick="tiny sizes; on the CPU threads without streams")
     ap.add_argument("--frames", default="16,64", help="frame counts (Qwen2.5-VL-7B's shape)")
     ap.add_argument("--pairs", type=int, default=3)

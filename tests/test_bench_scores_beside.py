@@ -26,10 +26,13 @@ def result(tmp_path_factory):
 
 def test_quick_rows_hold_each_pairs_loss_and_the_scores_latency(result):
     meta, rows = result["meta"], result["rows"]
-    assert meta["quick"] and not meta["streams"] and meta["timer"] == "perf_counter (CPU)"
-    assert meta["device"].startswith("cpu") and meta["git_sha"] and meta["torch"]
+    cuda = torch.cuda.is_available()  # (on a GPU machine --quick runs on its streams)
+    assert meta["quick"] and meta["streams"] == cuda and meta["git_sha"] and meta["torch"]
+    assert meta["timer"] == ("cuda events" if cuda else "perf_counter (CPU)")
+    assert meta["device"].startswith("cpu") != cuda
     plain = meta["plain"]
-    assert plain["items_per_step"] == bsb.QUICK_PLAIN["step_items"] and not plain["cuda_graph"]
+    assert plain["items_per_step"] == bsb.QUICK_PLAIN["step_items"]
+    assert plain["cuda_graph"] == cuda
     assert plain["item_us"] == pytest.approx(1e3 * plain["step_ms"] / plain["items_per_step"])
     assert [(r["frames"], r["n"]) for r in rows] == [(f, f * p) for f, p, _ in bsb.QUICK_SCORES]
     for r in rows:
@@ -141,3 +144,10 @@ def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):
         bsb.main(["--quick", "--depth", "0"])
     assert "--depth: expected at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU's sizes run there")
+def test_without_cuda_the_gpu_sizes_say_they_skip(capsys):
+    # a skip line, as `videoanchor bench` collects them
+    assert bsb.main([]) is None
+    assert "bench_scores_beside: skipped: needs a CUDA device" in capsys.readouterr().out
