@@ -198,10 +198,12 @@ def test_the_reads_after_the_solve_by_place(solved, share):
     assert 2 <= ritz <= 4, reads
     assert places.count("program.py:certified") == 1
     assert places.count("scores.py:_scores_tied") == 1
-    assert places.count("clustering.py:_discretize_rows") == 1
-    assert places.count("clustering.py:cluster") == 1
-    rest = len(reads) - ritz - 4
-    assert rest == (1 if share == "steady" else 1), reads  # soft eigenpairs / bincount
+    # the clustering's: discretize's copy, cluster()'s shares check, and the soft share's
+    # eigenpairs (steady, blended here) or label_shares' bincount (paper)
+    mine = ("eigensolvers.py:ritz", "program.py:certified", "scores.py:_scores_tied")
+    rest = [p for p in places if p not in mine]
+    assert len(rest) <= 3, reads
+    assert any("eigensolvers.py:_filtered_eigenpairs" in p for p in places) == (share == "steady")
 
 
 @pytest.mark.xfail(strict=True, reason="issue 90 step 1 not met: the Chebyshev rounds read "
