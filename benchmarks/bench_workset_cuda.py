@@ -16,20 +16,27 @@ stands (2x where it certifies).
 
     python benchmarks/bench_workset_cuda.py                  # on a GPU; JSON into --out-dir
     python benchmarks/bench_workset_cuda.py --smoke          # tiny, CPU (Triton's interpreter)
-    TRITON_INTERPRET=0 python benchmarks/bench_workset_cuda.py --static 90 --slots 128,512
+    python benchmarks/bench_workset_cuda.py --counts         # CPU: passes, ops, host reads
+
+``--counts`` (issue 90 steps 2 and 4, CPU): on small video-like sets (with and without
+corrupted tokens), the passes, the active columns per pass and summed (in units of N), the
+torch operators a pass runs (those that launch work: views and other metadata-only
+operators aside) and the Triton launches (the column kernel, the residuals), the host reads
+inside a pass (target 0) and per call (``solve_workset_cuda``; with the certificate,
+``run_workset_cuda``), into ``workset_cuda_counts_cpu.json``. The column kernel runs in
+Triton's interpreter (``--kernel reference``: the tests' float64 torch stand-in, faster).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 import warnings
 from pathlib import Path
 
-if "--smoke" in sys.argv:  # before Triton decorates anything
+if "--smoke" in sys.argv or "--counts" in sys.argv:  # before Triton decorates anything
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
@@ -46,7 +53,6 @@ from benchmarks.common import (  # noqa: E402
     video_tokens,
     write_result,
 )
-from videoanchor.anchor.program import column_gaps  # noqa: E402
 from videoanchor.anchor.solvers import workset_cuda as wc  # noqa: E402
 
 #: name: (visual tokens per frame, hidden size), as bench_request_cost.SHAPES
@@ -108,6 +114,201 @@ def _scores_row(res) -> dict:
                 **{f"seconds_{k}": v for k, v in res.timings.items()})  # fmt: skip
 
 
+#: operators that move no data (views, metadata): not counted as a pass's kernels
+METADATA_OPS = frozenset(
+    {"view", "_unsafe_view", "slice", "select", "unsqueeze", "squeeze", "expand", "t",
+     "transpose", "permute", "as_strided", "alias", "detach", "lift_fresh", "_to_copy_noop",
+     "unbind", "split", "narrow", "reshape", "flatten", "numpy_T", "unfold", "sym_size",
+     "sym_stride", "sym_numel", "is_same_size", "_reshape_alias", "empty", "empty_strided",
+     "new_empty"}
+)  # fmt: skip
+#: operators that read a tensor's value on the host (on a GPU each synchronises)
+READ_OPS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal",
+                      "allclose"})  # fmt: skip
+
+
+class Counter(torch.utils._python_dispatch.TorchDispatchMode):
+    """The torch operators run under it (``ops``: by name, metadata-only ones in
+    ``metadata``), the host reads (``reads``: :data:`READ_OPS` and ``Tensor.tolist`` /
+    ``Tensor.numpy``) and the Triton launches (``launches``, by the wrapped names
+    :func:`counting` gives), none counted inside a launch (:meth:`paused`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.metadata, self.reads, self.launches = {}, 0, [], {}
+        self._paused = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self._paused:
+            name = func.__name__.split(".")[0]
+            if name in READ_OPS:
+                self.reads.append(name)
+            if name in METADATA_OPS:
+                self.metadata += 1
+            else:
+                self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self._saved = {n: getattr(torch.Tensor, n) for n in ("tolist", "numpy")}
+        for n, fn in self._saved.items():
+            setattr(torch.Tensor, n, self._reading(fn))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for n, fn in self._saved.items():
+            setattr(torch.Tensor, n, fn)
+        return super().__exit__(*exc)
+
+    def _reading(self, fn):
+        def read(tensor, *a, **k):
+            if not self._paused:
+                self.reads.append(fn.__name__)
+            return fn(tensor, *a, **k)
+
+        return read
+
+    def launched(self, name: str, fn):
+        """``fn`` (a launch) counted once under ``name``, what it runs inside not counted."""
+
+        def launch(*a, **k):
+            if not self._paused:
+                self.launches[name] = self.launches.get(name, 0) + 1
+            self._paused += 1
+            try:
+                with torch.utils._python_dispatch._disable_current_modes():
+                    return fn(*a, **k)
+            finally:
+                self._paused -= 1
+
+        return launch
+
+    def summary(self) -> dict:
+        return dict(torch_ops=sum(self.ops.values()), launches=sum(self.launches.values()),
+                    kernels=sum(self.ops.values()) + sum(self.launches.values()),
+                    host_reads=len(self.reads), ops=dict(sorted(self.ops.items())),
+                    launches_by_name=dict(self.launches), reads=list(self.reads))  # fmt: skip
+
+
+def counting(monkeypatch_setattr, counter: Counter) -> None:
+    """The solver's two Triton launches (``wc.launch``, ``wc.residuals``) counted by
+    ``counter``; ``monkeypatch_setattr(obj, name, value)`` sets them (and restores them:
+    pytest's monkeypatch, or :func:`_patched`)."""
+    monkeypatch_setattr(wc, "launch", counter.launched("column_kernel", wc.launch))
+    monkeypatch_setattr(wc, "residuals", counter.launched("residuals", wc.residuals))
+
+
+class _patched:
+    """setattr that undoes itself on exit (``monkeypatch.setattr`` outside pytest)."""
+
+    def __init__(self):
+        self.saved = []
+
+    def __call__(self, obj, name, value):
+        self.saved.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for obj, name, value in reversed(self.saved):
+            setattr(obj, name, value)
+
+
+def pass_counts(x, **kw) -> dict:
+    """Issue 90's counts on ``x`` (module docstring, ``--counts``): one call of
+    ``solve_workset_cuda`` (its passes, active columns, host reads, operators) and one pass
+    on its own from the start (operators and launches a pass, host reads inside it)."""
+    n = x.shape[0]
+    with _patched() as setattr_, Counter() as call:
+        counting(setattr_, call)
+        per_pass = []
+        saved = wc._pass
+
+        def recorded(state, cap, **k):  # (the active columns read outside the count)
+            call._paused += 1
+            with torch.utils._python_dispatch._disable_current_modes():
+                per_pass.append(int(state["count"][0]))
+            call._paused -= 1
+            return saved(state, cap, **k)
+
+        setattr_(wc, "_pass", recorded)
+        out = wc.solve_workset_cuda(x, **kw)
+    # one pass, counted on its own: the first (every column active) at float32 and float64
+    one = {}
+    for exact in (False, True):
+        X = x.detach().double()
+        G = X @ X.T
+        program = wc._program(X, G, out["lambda_e"], out["lambda_z"], tol=1e-9, max_inner=300)
+        M, ME = wc.SLOTS[0], wc.OUTLIER_SLOTS[0]
+        ids = torch.full((n, M), -1, dtype=torch.int32)
+        z = torch.zeros(n, M, dtype=torch.float64)
+        from videoanchor.anchor.program import nearest_points
+
+        ids[:, 0], z[:, 0] = nearest_points(G).to(torch.int32), 1.0
+        state = wc._state(program, torch.arange(n), ids, z,
+                          torch.full((n, ME), -1, dtype=torch.int32),
+                          torch.zeros(n, ME, dtype=torch.float64))  # fmt: skip
+        with _patched() as setattr_, Counter() as c:
+            counting(setattr_, c)
+            wc._pass(state, n, exact=exact, last=False)
+        one["float64" if exact else "float32"] = c.summary()
+    whole = call.summary()
+    return dict(n=n, d=x.shape[1], passes=out["passes"], replayed=out["replayed"],
+                converged=out["converged"], active_per_pass=per_pass,
+                active_sum=out["active"], active_sum_over_n=out["active"] / n,
+                host_reads_call=len(out["reads"]), reads_call=out["reads"],
+                host_reads_counted_call=whole["host_reads"], reads_counted_call=whole["reads"],
+                kernels_call=whole["kernels"],
+                pass_float32=one["float32"], pass_float64=one["float64"],
+                kernels_per_pass_float32=one["float32"]["kernels"],
+                kernels_per_pass_float64=one["float64"]["kernels"],
+                host_reads_per_pass=max(one["float32"]["host_reads"], one["float64"]["host_reads"]),
+                wide_columns=out["wide_columns"])  # fmt: skip
+
+
+#: ``--counts``' sets: (frames, tokens a frame, D, corrupted tokens, alpha_e)
+COUNT_SETS = ((4, 16, 48, 0, 800.0), (6, 16, 64, 2, 800.0), (4, 12, 40, 0, 20.0))
+
+
+def counts(out_dir=None, *, kernel: str = "triton") -> Path:
+    """``--counts`` (module docstring): :func:`pass_counts` on :data:`COUNT_SETS`, into
+    ``workset_cuda_counts_<device>.json``."""
+    meta = environment("cpu")
+    meta.update(kernel=kernel, levels=[list(v) for v in zip(wc.SLOTS, wc.OUTLIER_SLOTS, strict=True)],
+                grow=[wc.GROW0, wc.GROW_MAX], rounds=list(wc.ROUNDS),
+                note="kernels: torch operators that launch work (views and allocations "
+                "aside) plus the Triton launches; on CUDA a pass is one graph replay")  # fmt: skip
+    saved = wc.launch
+    if kernel == "reference":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        import workset_reference
+
+        wc.launch = workset_reference.launch
+    rows = []
+    try:
+        for frames, per_frame, d, corrupt, alpha_e in COUNT_SETS:
+            x = video_tokens(frames, per_frame, d, k=max(2, frames // 2), seed=0)
+            if corrupt:  # a few tokens with a share of their entries moved far
+                g = torch.Generator().manual_seed(1)
+                hit = torch.rand(corrupt, d, generator=g) < 0.3
+                x[:corrupt] += hit * torch.randn(corrupt, d, generator=g) * 10 * x.std()
+            row = dict(frames=frames, tokens_a_frame=per_frame, corrupted=corrupt,
+                       alpha_e=alpha_e)  # fmt: skip
+            t = time.perf_counter()
+            row.update(pass_counts(x, alpha_e=alpha_e, max_inner=1000))
+            row["seconds_cpu"] = time.perf_counter() - t
+            rows.append(row)
+            path = write_result("workset_cuda_counts", meta, rows, out_dir)
+    finally:
+        wc.launch = saved
+    print_table(rows, ["n", "d", "corrupted", "passes", "active_sum_over_n", "host_reads_call",
+                       "kernels_per_pass_float32", "kernels_per_pass_float64",
+                       "host_reads_per_pass"])  # fmt: skip
+    return path
+
+
 #: a row whose default and fast solver take less than this many seconds together is timed
 #: 3 times each, interleaved (medians)
 REPEAT_UNDER = 2.0
@@ -147,8 +348,7 @@ def _share_cost(res, x, clusters: int, device) -> dict:
 
 
 def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool = True,
-        yardstick: bool = True, budget: float = 420.0, sweep=(),
-        share_cost: bool = True) -> Path:  # fmt: skip
+        yardstick: bool = True, budget: float = 420.0, share_cost: bool = True) -> Path:  # fmt: skip
     """The rows (module docstring), the JSON rewritten as each ends; a row that would start
     past ``budget`` seconds is written as not run (``skipped``)."""
     from videoanchor.anchor import compute_anchor_scores
@@ -157,13 +357,12 @@ def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     meta = environment(str(device))
-    meta.update(slots=list(wc.SLOTS), tile=wc.TILE, smoke=smoke, targets=TARGETS,
-                dense_rule=DENSE_RULE, budget_s=budget)  # fmt: skip
+    meta.update(slots=list(wc.SLOTS), levels=[list(v) for v in zip(wc.SLOTS, wc.OUTLIER_SLOTS, strict=True)],
+                grow=[wc.GROW0, wc.GROW_MAX], rounds=list(wc.ROUNDS), smoke=smoke,
+                targets=TARGETS, dense_rule=DENSE_RULE, budget_s=budget)  # fmt: skip
     started = time.perf_counter()
-    meta["seconds_warm_up"] = wc.warm_up(device)  # the kernel's compile, per level of slots
-    for tile in sorted({t for _, t in sweep} - {meta["tile"]}):  # the sweep's other tiles too
-        meta[f"seconds_warm_up_tile_{tile}"] = wc.warm_up(device, tile=tile)
-    kw = dict(slots=(32,), grow=8, max_inner=300) if smoke else {}
+    meta["seconds_warm_up"] = wc.warm_up(device)  # the kernels' compile, per level of slots
+    kw = dict(slots=(32,), outlier_slots=(16,), max_inner=300) if smoke else {}
     rows = []
     cases = [(name, f, "video-like") for name in shapes for f in frames]
     if dense:  # bench_request_cost's cost set at the first shape's first size (seed = frames),
@@ -232,6 +431,8 @@ def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool 
             if i == 0:  # the working sets' own record, the synchronisations, the yardstick
                 t, out, _ = _timed(lambda x=x: wc.solve_workset_cuda(x, **kw), device)
                 row.update(seconds_workset_cuda=t, passes_workset_cuda=out["passes"],
+                           replayed_workset_cuda=out["replayed"],
+                           active_sum_over_n=out["active"] / row["n"],
                            steps_max=None if out["steps"] is None else int(out["steps"].max()),
                            host_reads_workset_cuda=len(out["reads"]))  # fmt: skip
                 row["syncs_default"] = _syncs(default, device)
@@ -242,16 +443,6 @@ def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool 
                     row.update(_yardstick(x.cpu(), res.coef, ref), reference_gap=ref.residual,
                                fast_objective_gap=_yardstick(x.cpu(), fres.coef, ref)[
                                    "objective_gap"])  # fmt: skip
-            if kind == "video-like" and sweep:  # the working sets alone at each knob pair
-                for g, tile in sweep:
-                    t, out, _ = _timed(lambda x=x, g=g, tile=tile: wc.solve_workset_cuda(
-                        x, grow=g, tile=tile), device)  # fmt: skip
-                    gap = column_gaps(x.detach().to(torch.float64).T, out["coef"],
-                                      out["lambda_e"], out["lambda_z"]).max_gap  # fmt: skip
-                    row[f"grow_{g}_tile_{tile}"] = dict(
-                        seconds=t, passes=out["passes"], converged=out["converged"],
-                        gap=gap, wide_columns=out["wide_columns"],
-                        steps_max=int(out["steps"].max()))  # fmt: skip
         except Exception as exc:  # reported, not hidden
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
         meta["seconds_total"] = time.perf_counter() - started
@@ -260,29 +451,6 @@ def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool 
                        "passes", "seconds_prefill", "default_over_prefill", "target",
                        "seconds_fast", "default_over_fast", "objective_gap"])  # fmt: skip
     return path
-
-
-def compile_static(cc: int, slots: int, num_warps: int = 4) -> dict:
-    """The kernel compiled ahead of time for ``sm_<cc>`` at ``slots`` slots (Triton's
-    bundled ptxas, no GPU; run with ``TRITON_INTERPRET=0``): registers, spill bytes, shared
-    memory. STATIC figures, read from compiled code."""
-    from videoanchor.anchor.solvers import _workset_triton
-    from videoanchor.kernels import aot
-    from videoanchor.kernels.launch import Launch
-
-    n, d, programs = 256, 128, 8
-    f64 = dict(dtype=torch.float64)
-    i32 = dict(dtype=torch.int32)
-    args = (torch.empty(n, n, **f64), torch.empty(n, d, **f64),
-            torch.empty(n, dtype=torch.int64), torch.empty(n, slots, dtype=torch.int64),
-            torch.empty(n, slots, **f64), torch.empty(n, **f64), torch.empty(n, **i32),
-            torch.empty(n, **i32), torch.empty(programs, slots, slots, **f64),
-            torch.empty(n, slots, slots, **f64), torch.empty(programs, 2, slots, **f64),
-            torch.empty(5, **f64), torch.empty(n, **i32),
-            n, n, d, 1000, 0)  # fmt: skip
-    rec = Launch(_workset_triton._columns_kernel, (programs,), args,
-                 {"M": slots, "BR": wc.row_tile(slots), "num_warps": num_warps})  # fmt: skip
-    return {"slots": slots, **aot.compile_launch(rec, cc)}
 
 
 def main(argv=None) -> None:
@@ -299,33 +467,27 @@ def main(argv=None) -> None:
     ap.add_argument("--no-share-cost", action="store_true",
                     help="without the soft cluster share's cost (issue 78) on each video-like "
                     "set")  # fmt: skip
-    ap.add_argument("--sweep", default="",
-                    help="also the working sets alone at each GROW:TILE pair (comma-"
-                    "separated, e.g. 16:512,64:512,16:2048), on each video-like set: "
-                    "seconds, passes, gap")  # fmt: skip
+    ap.add_argument("--counts", action="store_true",
+                    help="CPU: passes, active columns, operators and host reads a pass and a "
+                    "call on small sets (module docstring)")  # fmt: skip
+    ap.add_argument("--kernel", default="triton", choices=("triton", "reference"),
+                    help="--counts: the column kernel (interpreted) or the tests' stand-in")  # fmt: skip
     ap.add_argument("--ncu", action="store_true",
                     help="for ncu: warm_up (one launch per level of slots, no columns), then "
                     "one solve of the working sets at 16 frames of Qwen2.5-VL-7B")  # fmt: skip
-    ap.add_argument(
-        "--static",
-        type=int,
-        default=None,
-        metavar="CC",
-        help="compile for sm_CC ahead of time (no GPU); print one JSON line",
-    )
-    ap.add_argument("--slots", default=str(wc.SLOTS[0]), help="slot counts, comma-separated")
-    ap.add_argument("--num-warps", type=int, default=4)
     args = ap.parse_args(argv)
-    if args.static is not None:
-        for slots in args.slots.split(","):  # one JSON line per slot count
-            print(json.dumps(compile_static(args.static, int(slots), args.num_warps)), flush=True)
+    if args.counts:
+        print(counts(args.out_dir, kernel=args.kernel))
         return
     if args.ncu:
         per_frame, d = SHAPES["Qwen2.5-VL-7B"]
         x = video_tokens(16, per_frame, d, k=8, seed=0).cuda()
         wc.warm_up(x.device)
         out = wc.solve_workset_cuda(x)
-        print(f"passes {out['passes']} (kernel launches {len(wc.SLOTS)} + the passes)")
+        print(
+            f"passes {out['passes']} of {out['replayed']} replayed (warm_up: 2 launches of "
+            f"each kernel a level, {len(wc.SLOTS)} levels)"
+        )
         return
     if args.smoke:
         print(run({"tiny": (8, 12)}, [3], args.out_dir, smoke=True))
@@ -333,7 +495,6 @@ def main(argv=None) -> None:
     shapes = {m: SHAPES[m] for m in args.models.split(",")}
     print(run(shapes, [int(f) for f in args.frames.split(",")], args.out_dir,
               dense=not args.no_dense, yardstick=not args.no_yardstick, budget=args.budget,
-              sweep=[tuple(map(int, pair.split(":"))) for pair in args.sweep.split(",") if pair],
               share_cost=not args.no_share_cost))  # fmt: skip
 
 

@@ -4,7 +4,7 @@ At a launch, Triton's interpreter patches ``triton.language`` for the kernel's m
 (``_patch_lang``: ``inspect.getmembers`` over ``tl``, ``tl.tensor``, ``tl.math``, about 3 ms),
 and it patches again at every call of a ``@triton.jit`` function from inside the kernel,
 while the launch's patch is still in place (the call's own patch is never restored). A
-kernel that calls its helpers in its loops (``videoanchor.anchor.solvers._workset_triton``:
+kernel that calls its helpers in its loops (issue 76's working-set kernel, since replaced:
 thousands of calls a launch) spent half its interpreted time there (cProfile, triton 3.9).
 
 The same holds for triton.language's own ``@jit`` functions (``tl.sum``, ``tl.max``, ...),

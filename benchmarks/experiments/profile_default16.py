@@ -1,5 +1,5 @@
 """The torch profile of the default anchor scores at 16 frames on a GPU, in the layout that
-``benchmarks/model_workset_cuda.py --profile`` reads: the default (``solver="auto"``) and the
+issue 76's cost model (``benchmarks/model_workset_cuda.py``, retired with issue 90) read: the default (``solver="auto"``) and the
 fast solver, 3 interleaved warm calls each, on video-like tokens (``video16``, Qwen2.5-VL-7B
 shapes) and on the dense set (``dense16``), then a torch profile of one default call of
 each (a ``== NAME`` line, the call's timings, the operators by CUDA time and by CPU time).

@@ -8,7 +8,7 @@ Routes:
 - ``"workset_then_fast"``: :mod:`.workset`, the working sets on the CPU (the CPU's default;
   its Numba kernel in :mod:`._workset_kernel`), the fast solver's answer where ``C`` is dense;
 - ``"workset_cuda"``: :mod:`.workset_cuda`, the working sets on the features' device (its
-  Triton kernel in :mod:`._workset_triton`, imported on first use);
+  Triton kernels in :mod:`._column_kernel` and :mod:`._pass_kernel`, imported on first use);
 - ``"admm"``: :mod:`.admm`, the authors' ADMM (``solver="faithful"``) or the fast solver
   (``solver="fast"``) in torch, on any device;
 - ``"admm_cupy"``: :mod:`.admm_cupy`, the same iteration on CuPy arrays;

@@ -1,33 +1,35 @@
-"""The working sets on the features' device: each column's inner steps in its own Triton
-program, the passes in torch on the same device (docs/ssc-gpu.md has the design and its
-static checks).
+"""The working sets on the features' device (issue 90; docs/ssc-gpu.md has the design):
+each active column's program restricted to its working set in one Triton program
+(:mod:`videoanchor.anchor.solvers._column_kernel`), the passes between the kernel's runs on
+the same device with no host read inside them.
 
-- **one program per column at a time** (the Triton kernel, persistent:
-  :mod:`videoanchor.anchor.solvers._workset_triton`) holds the column's working set in ``M``
-  slots and solves the program restricted to it by the primal active-set method of
-  :mod:`videoanchor.anchor.solvers.workset`; the support's system lives in a per-program
-  scratch in global memory and its inverse in the column's own, carried from
-  pass to pass (rebuilt only where a run did not solve the column or joined at the ridge),
-  both read in row tiles, so the registers follow the tile, not ``M``; a product with
-  either (both symmetric) weights each tile's rows by the vector's entries there (staged in
-  a per-program vector scratch) and sums over the rows once after the sweep, so that the
-  sweep's iterations hold no reduction;
-- **the passes** (:func:`_pass`) run in torch on all columns at once, with no host read
-  inside a pass and one after it; float32 products until no column violates at ``SCREEN``,
-  then float64 to ``tol``: the answer is certified in float64;
-- **two levels of slots**: a column that fills ``slots[0]`` continues alone with
-  ``slots[1]``; one that outgrows those too, or passes that run out, gives the whole call
-  the fast solver's answer with a warning (``strategy``: ``"workset_cuda"``,
-  ``"workset_cuda_wide"`` or the fast solver's).
+- **a pass** (:func:`_pass`) runs over the active columns alone, a list compacted on the
+  device with its length ``count`` a device tensor: the kernel; each column's residual
+  ``R = Y_a - Y C_a - E_a`` gathered from its slots (:mod:`._pass_kernel`); ONE GEMM
+  ``Y^T R`` (float32 while screening, float64 in the passes that certify); the violations;
+  the worst coefficient violators (``grow``: :data:`GROW0` doubling each pass up to
+  :data:`GROW_MAX`) into each column's free coefficient slots and EVERY violating outlier
+  entry into its free outlier slots; the next active list. Its shapes are fixed (the
+  capacity ``cap``, a power of two at least ``count`` when it was last read), so on CUDA a
+  pass is captured once as a CUDA graph and replayed; a pass with no active column changes
+  nothing.
+- **the host** reads two integers after a round of :data:`ROUNDS` passes: the active
+  columns and those set aside. float32 passes until no column violates at ``SCREEN``, then
+  float64 ones, the first over every column (the kernel off), until none violates at ``tol``:
+  the answer is certified in float64.
+- **levels of slots** ``(M, ME)`` (:data:`SLOTS`, :data:`OUTLIER_SLOTS`): a column whose
+  coefficient slots are full while a coefficient violates, or whose free outlier slots are
+  fewer than its violating entries, continues at the next level; one that outgrows the last,
+  or passes that run out, gives the whole call the fast solver's answer with a warning
+  (``strategy``: ``"workset_cuda"``, ``"workset_cuda_wide"`` or the fast solver's).
 
-Triton is imported when this solver runs (the kernel's first launch, :func:`launch`), never
-by ``import videoanchor``.
+Triton is imported when this solver runs (the kernels' first launch), never by
+``import videoanchor``.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import time
 
 import torch
@@ -44,29 +46,25 @@ from videoanchor.anchor.program import (
 from videoanchor.anchor.solvers import program_kwargs
 from videoanchor.anchor.solvers.admm import run_admm
 
-__all__ = ["SLOTS", "SLOT_COUNTS", "run", "run_workset_cuda", "solve_workset_cuda", "warm_up"]
+__all__ = ["OUTLIER_SLOTS", "SLOTS", "run", "run_workset_cuda", "solve_workset_cuda", "warm_up"]
 
 #: A column's end in a kernel run: its set is optimal; the inner steps ran out.
 SOLVED, STALLED = 0, 1
-#: The two levels of slots: every column's, and the wider one for a column that fills it
-#: (video-like tokens at N = 2064 need up to ~114: 98 coefficients and 16 new; docs/ssc.md).
-SLOTS = (128, 512)
-#: Every slot count a level may have: powers of two, 4 to 512 (1024 spills 428 bytes on
-#: sm_90; tests/test_workset_cuda.py compiles each for sm_90 and sm_80).
-SLOT_COUNTS = (4, 8, 16, 32, 64, 128, 256, 512)
-#: Slot counts that Triton before 3.9 does not compile (its RemoveLayoutConversions pass
-#: fails on the kernel for sm_90 and sm_80 at 4 warps, whatever the row tile: the H100 of
-#: 2026-11-27 with Triton 3.6 at 64; Triton 3.6.0's compiler here at 32 and 64, at 2 and 8
-#: warps too but 64 at 2, which spills 1 KB with 3.9): refused up front on CUDA there.
-OLD_TRITON_FAILS = (32, 64)
-#: Elements of one row tile (``BR x M``): the registers a program holds for a matrix. With
-#: the sweeps' one reduction after the loop (2c09e9e) the H100 (Triton 3.6) ran the working
-#: sets at 2048 in 0.85-0.92x the previous kernel's time, at 1024 in 0.81-0.84x (16, 32 and
-#: 64 frames, one process: benchmarks/results/logs/h100-2026-11-28/ab_kernel.json). 2048
-#: stays: Triton 3.9 compiles it for sm_90 and sm_80 without spills, where 1024 spills 56
-#: bytes at 128 slots (test_every_slot_count_accepted_compiles); Triton 3.6 spills 356
-#: bytes at 2048 and none at 1024. ``tile=`` keeps the knob.
-TILE = 2048
+#: The coefficient slots of each level: every column's, and the wider one for a column
+#: that fills it (supports of 46 / 110 / 152 coefficients, median / p90 / max, at 16 frames;
+#: up to 205 at 64 frames: ../shared/docs/GPU-SCORES.md).
+SLOTS = (128, 256)
+#: The outlier slots of each level: outlier entries are eliminated in the kernel (their
+#: count costs no factor), so a level holds many; the corrupted tokens hold 478-551 each.
+OUTLIER_SLOTS = (64, 1024)
+#: Slot counts a level may have: powers of two, 4 to 4096 (the kernel's constexprs).
+SLOT_COUNTS = tuple(2**k for k in range(2, 13))
+#: The coefficient violators that join a column in its first pass, doubling each pass up to
+#: ``GROW_MAX`` (issue 90: geometric growth; the outlier entries join outside it, all at once).
+GROW0, GROW_MAX = 16, 64
+#: Passes between the host's reads: the first round, then each later one (a pass past the
+#: last active column changes nothing; passes at 16 frames: median 5, max 13 at grow 64).
+ROUNDS = (8, 4)
 #: The relative KKT violation below which a float32 pass adds nothing: then float64 passes
 #: follow (float32's products are good to ~1e-6 relative here).
 SCREEN = 1e-5
@@ -75,48 +73,33 @@ RIDGE = 1e-10
 #: The largest relative duality gap of an answer called certified (as the CPU's sets).
 CERTIFIED = 1e-8
 #: ``C`` is dense, and the fast answer stands, where more than this share of the columns
-#: fills the first level's slots (the 64-frame video-like set: 943 of 8192, certified in
-#: the wide level); or before any pass, :func:`dense_at_start`.
+#: fills the first level's slots; or before any pass, :func:`dense_at_start`.
 WIDE_SHARE = 0.25
 
 
-def row_tile(slots: int, tile: int = TILE) -> int:
-    """Rows per tile at ``slots`` slots (``tile`` elements, at least one row)."""
-    return max(1, min(slots, tile // slots))
+def launch(state: dict, active: torch.Tensor, count: torch.Tensor) -> None:
+    """The column kernel over ``active[:count]`` (the contract:
+    :func:`videoanchor.anchor.solvers._column_kernel.launch`; Triton imported on the first)."""
+    from videoanchor.anchor.solvers import _column_kernel
+
+    _column_kernel.launch(state, active, count)
 
 
-def launch(state: dict, *, programs: int, work: torch.Tensor | None = None,
-           num_warps: int = 4) -> None:  # fmt: skip
-    """One kernel run over the columns of ``state`` (:func:`_state`) at the positions
-    ``work`` (int32 on the device; None: all of them), in place. The kernel's module (and
-    Triton) is imported on the first launch."""
-    from videoanchor.anchor.solvers import _workset_triton
+def residuals(state: dict, R: torch.Tensor, cap: int) -> None:
+    """Into ``R`` (``cap x D``): the residuals of the columns at ``state["active"][:cap]``
+    (:func:`videoanchor.anchor.solvers._pass_kernel.residuals`; zero past ``count``)."""
+    from videoanchor.anchor.solvers import _pass_kernel
 
-    M = state["ids"].shape[1]
-    if work is None:
-        work = torch.arange(state["ids"].shape[0], dtype=torch.int32, device=state["ids"].device)
-    # (one scratch for the level's widest run: a run over fewer columns uses its first rows)
-    scratch = state.get("H")
-    if scratch is None:
-        rows = max(1, min(programs, state["ids"].shape[0]))
-        scratch = state["H"] = torch.empty(rows, M, M, dtype=torch.float64,
-                                           device=state["ids"].device)  # fmt: skip
-        state["V"] = torch.empty(rows, 2, M, dtype=torch.float64, device=scratch.device)
     p = state["program"]
-    _workset_triton._columns_kernel[(max(1, min(scratch.shape[0], len(work))),)](
-        p["G"], p["X"], state["cols"], state["ids"], state["z"], state["mu"], state["status"],
-        state["steps_pass"], scratch, state["Hinv"], state["V"], p["scalars"], work, len(work),
-        p["n"], p["d"], p["max_inner"], int(state["first"]), M=M, BR=row_tile(M, p.get("tile", TILE)),
-        num_warps=num_warps,
-    )  # fmt: skip
-    state["first"] = False
+    _pass_kernel.residuals(p["X"], state["cols"], state["ids"], state["z"], state["eids"],
+                           state["ze"], state["active"][:cap], state["count"], R)  # fmt: skip
 
 
 def dense_at_start(X: torch.Tensor, nearest: torch.Tensor, lam_e: float, lam_z: float,
                    slots: int) -> torch.Tensor:  # fmt: skip
     """Whether ``C`` is dense before any pass (a 0-d bool on the device): the lower median
     column has more outlier entries violating at its nearest point (``c_i = e_nearest``, the
-    first pass's start; at the float32 passes' ``SCREEN``) than the first level's ``slots``.
+    first pass's start; at the float32 passes' ``SCREEN``) than ``slots``.
     Its minimiser's outlier term is then dense: 2286 of D = 3584 entries violate on
     ``bench_request_cost``'s synthetic set (N = 2048; the working sets ran 71.8 s there on an
     H100 before the fast answer stood), 204-730 on smaller synthetic sets, 9-48 on video-like
@@ -127,290 +110,363 @@ def dense_at_start(X: torch.Tensor, nearest: torch.Tensor, lam_e: float, lam_z: 
     return count.median() > slots
 
 
-def warm_up(device, slots: tuple[int, ...] = SLOTS, tile: int = TILE) -> dict[int, float]:
-    """Compile the kernel on ``device`` for each level of ``slots`` (into Triton's cache, on
-    disk: a later process loads it) by a launch over no columns; the seconds per level. A
-    first solve compiles only the levels it reaches (the wide one where a column fills the
-    first), 10.5 s on an H100 (2026-11-27) for the first."""
+def warm_up(device, slots: tuple[int, ...] = SLOTS,
+            outlier_slots: tuple[int, ...] | None = None) -> dict[int, float]:  # fmt: skip
+    """Compile the kernels on ``device`` for each level (into Triton's cache, on disk: a
+    later process loads them) by a pass over one column with no active one; the seconds per
+    level, by its coefficient slots."""
     device = torch.device(device)
+    levels = _checked_levels(slots, outlier_slots)
     f64 = dict(dtype=torch.float64, device=device)
     one = torch.zeros(1, 1, **f64)
-    program = dict(G=one, X=one, n=1, d=1, scalars=torch.zeros(5, **f64), max_inner=1,
-                   tile=tile)  # fmt: skip
-    none = torch.zeros(0, dtype=torch.int64, device=device)
+    program = _program(one, one, 1.0, 1.0, tol=1e-9, max_inner=1)
     took = {}
-    for M in _checked_slots(slots, device):
+    for level, (M, ME) in enumerate(levels):
         t = time.perf_counter()
-        launch(_state(program, none, none.new_full((0, M), -1), torch.zeros(0, M, **f64)),
-               programs=1)  # fmt: skip
+        cols = torch.zeros(1, dtype=torch.int64, device=device)
+        state = _state(program, cols, torch.full((1, M), -1, dtype=torch.int32, device=device),
+                       torch.zeros(1, M, **f64), torch.full((1, ME), -1, dtype=torch.int32,
+                                                            device=device),
+                       torch.zeros(1, ME, **f64))  # fmt: skip
+        state["count"].zero_()
+        state["kcount"].zero_()
+        for exact in (False, True):
+            _pass(state, 1, exact=exact, last=level + 1 == len(levels))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         took[M] = time.perf_counter() - t
     return took
 
 
-def _checked_slots(slots, device: torch.device) -> tuple[int, ...]:
-    """``slots`` as a tuple, or a ValueError: increasing counts of :data:`SLOT_COUNTS`, and
-    on CUDA with a Triton before 3.9 none of :data:`OLD_TRITON_FAILS`."""
+def _checked_levels(slots, outlier_slots) -> tuple[tuple[int, int], ...]:
+    """The levels ``((M, ME), ...)``, or a ValueError: increasing counts of
+    :data:`SLOT_COUNTS` (``outlier_slots`` None: :data:`OUTLIER_SLOTS`' first, its last past
+    them)."""
     slots = tuple(int(s) for s in slots)
-    if not slots or any(s not in SLOT_COUNTS for s in slots) or list(slots) != sorted(set(slots)):
-        raise ValueError(
-            f"slots: expected increasing slot counts from {SLOT_COUNTS} (each compiled for "
-            f"sm_90 and sm_80 in the tests), got {slots}"
-        )
-    bad = [s for s in slots if s in OLD_TRITON_FAILS]
-    if bad and device.type == "cuda":
-        import triton
-
-        if tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2]) < (3, 9):
-            ok = tuple(s for s in SLOT_COUNTS if s not in OLD_TRITON_FAILS)
+    if outlier_slots is None:
+        outlier_slots = tuple(OUTLIER_SLOTS[min(i, len(OUTLIER_SLOTS) - 1)]
+                              for i in range(len(slots)))  # fmt: skip
+    outlier_slots = tuple(int(s) for s in outlier_slots)
+    for name, v in (("slots", slots), ("outlier_slots", outlier_slots)):
+        if not v or any(s not in SLOT_COUNTS for s in v) or list(v) != sorted(v):
             raise ValueError(
-                f"slots: {bad} do not compile with triton {triton.__version__} (its "
-                "RemoveLayoutConversions pass fails on this kernel at 32 and 64 slots for sm_80 "
-                f"and sm_90; Triton 3.9 compiles them): expected counts from {ok}, got {slots}"
+                f"{name}: expected non-decreasing slot counts from {SLOT_COUNTS}, got {v}"
             )
-    return slots
+    if len(outlier_slots) != len(slots) or len(set(zip(slots, outlier_slots, strict=True))) != len(
+        slots
+    ):
+        raise ValueError(
+            f"outlier_slots: expected one count per level of slots {slots}, the levels "
+            f"distinct, got {outlier_slots}"
+        )
+    return tuple(zip(slots, outlier_slots, strict=True))
 
 
-def _state(program: dict, cols: torch.Tensor, ids: torch.Tensor, z: torch.Tensor) -> dict:
-    n = len(cols)
+def _program(X: torch.Tensor, G: torch.Tensor, lam_e: float, lam_z: float, *, tol: float,
+             max_inner: int) -> dict:  # fmt: skip
+    """The program's tensors and scalars, as the kernel's contract names them."""
+    f64 = dict(dtype=torch.float64, device=X.device)
+    scalars = torch.tensor([lam_z, lam_e, 0.0, tol, RIDGE], **f64)
+    scalars[2] = lam_z * G.diagonal().max()  # gamma, on the device
+    n, d = X.shape
+    return dict(G=G, X=X, X32=X.float(), n=n, d=d, lam_z=float(lam_z), lam_e=float(lam_e),
+                tol=float(tol), max_inner=int(max_inner), scalars=scalars)  # fmt: skip
+
+
+def _state(program: dict, cols: torch.Tensor, ids: torch.Tensor, z: torch.Tensor,
+           eids: torch.Tensor, ze: torch.Tensor) -> dict:  # fmt: skip
+    """A level's state (the kernel's contract) with every column active."""
+    nc = len(cols)
     dev = ids.device
-    return dict(program=program, cols=cols, ids=ids, z=z,
-                mu=torch.zeros(n, dtype=torch.float64, device=dev),
-                status=torch.zeros(n, dtype=torch.int32, device=dev),
-                steps_pass=torch.zeros(n, dtype=torch.int32, device=dev),
-                steps=torch.zeros(n, dtype=torch.int64, device=dev),
-                aside=torch.zeros(n, dtype=torch.bool, device=dev),
-                # each column's inverse over its support, carried from pass to pass by the
-                # kernel (zero before the level's first pass, ``first``)
-                Hinv=torch.zeros((*ids.shape, ids.shape[1]), dtype=torch.float64, device=dev),
-                first=True)  # fmt: skip
+    i32 = dict(dtype=torch.int32, device=dev)
+    return dict(program=program, cols=cols, ids=ids, z=z, eids=eids, ze=ze,
+                mu=torch.zeros(nc, dtype=torch.float64, device=dev),
+                status=torch.zeros(nc, **i32), steps_pass=torch.zeros(nc, **i32),
+                steps=torch.zeros(nc, dtype=torch.int64, device=dev),
+                aside=torch.zeros(nc, **i32),
+                # the active list (a permutation of the rows: its first ``count`` are
+                # active), the kernel's count (0: a pass that only checks), the passes run
+                # (those with an active column) and the active columns summed over them
+                active=torch.arange(nc, **i32),
+                positions=torch.arange(max(nc, program["d"], GROW_MAX), **i32),
+                count=torch.full((1,), nc, **i32), kcount=torch.full((1,), nc, **i32),
+                passes=torch.zeros(1, dtype=torch.int64, device=dev),
+                active_sum=torch.zeros(1, dtype=torch.int64, device=dev),
+                graphs={})  # fmt: skip
 
 
-def _scatter(ids: torch.Tensor, z: torch.Tensor, width: int) -> torch.Tensor:
-    """Each row's slots as a dense row of ``width`` variables (empty slots into a column
-    past the end, dropped): no host read."""
-    out = torch.zeros((ids.shape[0], width + 1), dtype=z.dtype, device=z.device)
-    out.scatter_(1, torch.where(ids >= 0, ids, width), z)
-    return out[:, :width]
-
-
-def _pass(state: dict, work: torch.Tensor | None = None, *, exact: bool, grow: int,
-          programs: int, run: bool = True, redo: int = 0):  # fmt: skip
-    """One pass over the columns of ``state`` at the positions ``work`` (int32 on the
-    device; None: all), on their device with no host read: the kernel (where ``run``), the
-    KKT violations of their variables (products in float64 where ``exact``, else float32),
-    the ``grow`` worst into each column's free slots. A column whose slots are full while a
-    variable violates is set aside (``state["aside"]``). The columns that the next pass
-    runs, those of ``work`` that took variables, did not solve or whose support is off its
-    own stationarity (float64 passes), lead ``state["next"]`` (the others are solved: the
-    program is separable in its columns); those off their stationarity lead
-    ``state["redo"]``, whose first ``redo`` the next pass zeroes the inverses of before its
-    run (the kernel then rebuilds them from zero).
-    Returns the flags the host reads after it: ``[a column of work not aside violates,
-    every column of work not aside is solved, every such column took at most one inner
-    step, the columns aside (all of the state's), the columns of the next pass, the columns
-    off their stationarity]`` (int64)."""
-    nc = state["ids"].shape[0]
-    if work is None:
-        work = torch.arange(nc, dtype=torch.int32, device=state["ids"].device)
-    if run:
-        if redo:  # the last pass's columns off their stationarity: inverses rebuilt from zero
-            state["Hinv"].index_fill_(0, state["redo"][:redo].long(), 0.0)
-        launch(state, programs=programs, work=work)
+def _pass(state: dict, cap: int, *, exact: bool, last: bool) -> None:
+    """One pass over the active columns (``state["active"][:count]``, ``count <= cap``) with
+    no host read and shapes fixed by ``cap``: the kernel (over ``kcount`` of them), their
+    residuals, the one GEMM ``Y^T R`` (float64 where ``exact``, else float32), their
+    violations; the ``grow`` worst coefficient violators into the free coefficient slots,
+    every violating outlier entry into the free outlier slots; a column whose slots cannot
+    take them is set aside (``last``: only where no slot is free); the columns that took
+    variables, did not solve, or (``exact``) whose support is off its own stationarity,
+    lead the next active list. A column whose run took one step after taking variables
+    (they did not join: rounding flagged them) leaves the list."""
     p = state["program"]
     n, d = p["n"], p["d"]
-    w = work.long()
-    ids, z, cols = state["ids"][w], state["z"][w], state["cols"][w]
-    status, steps_pass = state["status"][w], state["steps_pass"][w]
-    if run:
-        state["steps"].index_add_(0, w, steps_pass.long())
-    nw, M = ids.shape
-    full = _scatter(ids, z, n + d)  # (nw, n + d): column k's variables in row k
+    lam_z, lam_e = p["lam_z"], p["lam_e"]
+    ran = state["kcount"] > 0
+    launch(state, state["active"][:cap], state["kcount"])
     dt = torch.float64 if exact else torch.float32
-    X = p["X"] if exact else p["X32"]
-    c, e = full[:, :n].T.to(dt), full[:, n:].T.to(dt)
-    r = X.T[:, cols] - X.T @ c - e  # (D, nw): each column's residual
-    m = p["lam_z"] * torch.cat([X @ r, r]).T  # (nw, N + D): lambda_z P^T r per column
-    m[:, :n] -= state["mu"][w][:, None].to(dt)
-    viol = torch.cat([(m.abs() - p["weights"].to(dt)) / p["weights"].to(dt),
-                      torch.zeros(nw, 1, dtype=dt, device=m.device)], dim=1)  # fmt: skip
-    # c_i stays 0; the support is not a candidate (a scalar's scatter: no copy to the device)
-    viol.scatter_(1, cols[:, None], -math.inf)
+    R = torch.empty(cap, d, dtype=dt, device=state["ids"].device)
+    residuals(state, R, cap)
+    act = state["active"][:cap]
+    a = act.long()
+    live = state["positions"][:cap] < state["count"]
+    ids, z, eids, ze = state["ids"][a], state["z"][a], state["eids"][a], state["ze"][a]
+    cols = state["cols"][a]
+    M, ME = ids.shape[1], eids.shape[1]
+    # coefficients: m_u = lambda_z (Y^T r)_u - mu, violation |m_u| - 1; c_i and the support
+    # are no candidates (their entries at -inf; an empty slot's at i)
+    m = torch.mm(R, (p["X"] if exact else p["X32"]).T)
+    m.mul_(lam_z).sub_(state["mu"][a, None].to(dt))
     support = (ids >= 0) & (z != 0)
-    viol.scatter_(1, torch.where(support, ids, n + d), -math.inf)
-    top, new = viol[:, : n + d].topk(min(grow, n + d - 1, M), dim=1)
-    fresh = top > (p["tol"] if exact else SCREEN)
-    # the support's own stationarity, m_j = sign(z_j) w_j (float64 passes: the kernel's
-    # inverse may have carried the rounding of near-singular joins): where it fails, the
-    # column runs again with its inverse rebuilt from zero
-    off = torch.zeros(nw, dtype=torch.bool, device=ids.device)
-    if exact:
-        at = torch.where(support, ids, 0)
-        ws = p["weights"][at]
-        err = (m.gather(1, at) - torch.sign(z) * ws).abs() / ws
-        off = torch.where(support, err, 0.0).amax(dim=1) > p["tol"]
-    keep = support.sum(dim=1)
-    aside = fresh.any(dim=1) & (keep == M)  # its slots are full: the next level's
-    # each column keeps its support in its slots (the kernel's inverse over them stays
-    # valid) and takes its violators into the free slots, lowest first
-    free = torch.argsort(support.to(torch.int8), dim=1, stable=True)[:, : new.shape[1]]
-    ok = fresh & (torch.arange(new.shape[1], device=ids.device)[None, :] < (M - keep)[:, None])
-    ids2 = torch.cat([torch.where(support, ids, -1), ids.new_full((nw, 1), -1)], dim=1)
-    ids2.scatter_(1, torch.where(ok, free, M), torch.where(ok, new, -1))
-    state["ids"].index_copy_(0, w, torch.where(aside[:, None], ids, ids2[:, :M]))
-    state["z"].index_copy_(0, w, torch.where(aside[:, None], z, torch.where(support, z, 0.0)))
-    state["aside"].index_copy_(0, w, aside)
-    live = ~aside
-    off &= live  # (a column set aside starts the next level from a new inverse)
-    state["redo"] = work[torch.argsort((~off).to(torch.int8), stable=True)]  # they lead
-    again = live & (ok.any(dim=1) | off | (status != SOLVED))
-    state["next"] = work[torch.argsort((~again).to(torch.int8), stable=True)]
-    # (a float32 pass may flag variables that float64 finds optimal: where every kernel
-    # run took at most one step, nothing joined, and float64 passes follow)
-    return torch.stack([((fresh.any(dim=1) | off) & live).any(),
-                        ((status == SOLVED) | aside).all(),
-                        ((steps_pass <= 1) | aside).all(), state["aside"].sum(),
-                        again.sum(), off.sum()])  # fmt: skip
+    viol = m.abs().sub_(1.0)
+    viol.scatter_(1, torch.cat([cols[:, None], torch.where(support, ids, cols[:, None])], 1),
+                  -math.inf)  # fmt: skip
+    k = min(GROW_MAX, n, M)
+    top, new = viol.topk(k, dim=1)
+    grow = torch.clamp(GROW0 * torch.pow(2, state["passes"].clamp(max=8)), max=GROW_MAX)
+    rank = state["positions"][None, :k]
+    thr = p["tol"] if exact else SCREEN
+    keep = support.sum(dim=1, dtype=torch.int32)
+    fresh = (top > thr) & live[:, None]
+    ok = fresh & (rank < grow) & (rank < (M - keep)[:, None])
+    # outlier entries: m_o = lambda_z r_o, violation (|m_o| - lambda_e) / lambda_e; every
+    # violator off the support joins
+    held = (eids >= 0) & (ze != 0)
+    ve = R.abs().mul_(lam_z / lam_e).sub_(1.0)
+    ve = torch.cat([ve, ve.new_zeros(cap, 1)], 1)
+    ve.scatter_(1, torch.where(held, eids, d).long(), -math.inf)
+    vio = (ve[:, :d] > thr) & live[:, None]
+    nvio = vio.sum(dim=1, dtype=torch.int32)
+    free_e = ME - held.sum(dim=1, dtype=torch.int32)
+    full_c = fresh[:, 0] & (keep == M)
+    full_e = (nvio > 0) & (free_e == 0) if last else nvio > free_e
+    aside = full_c | full_e
+    # each column keeps its support in its slots (the kernel's inverse over it stays valid)
+    # and takes its joiners into the free slots, lowest first
+    take = live & ~aside
+    slot = torch.argsort(support.to(torch.int8), dim=1, stable=True)[:, :k]
+    ok &= take[:, None]
+    ids2 = torch.cat([torch.where(support, ids, -1), ids.new_full((cap, 1), -1)], dim=1)
+    ids2.scatter_(1, torch.where(ok, slot, M), torch.where(ok, new, -1).to(ids2.dtype))
+    rk = torch.cumsum(vio, dim=1, dtype=torch.int32) - 1  # each violator's rank in its row
+    slot_e = torch.argsort(held.to(torch.int8), dim=1, stable=True)
+    join = vio & take[:, None] & (rk < free_e[:, None])
+    to = torch.where(join, slot_e.gather(1, rk.clamp(0, ME - 1).long()), ME)
+    eids2 = torch.cat([torch.where(held, eids, -1), eids.new_full((cap, 1), -1)], dim=1)
+    eids2.scatter_(1, to, state["positions"][None, :d].expand(cap, d))
+    again = take & (ok.any(dim=1) | join.any(dim=1) | (state["status"][a] != SOLVED))
+    if exact:  # the support's own stationarity: where it fails, the kernel rebuilds
+        sc = torch.where(support, ids, 0).long()
+        err_c = (m.gather(1, sc) - torch.sign(z)).abs()
+        se = torch.where(held, eids, 0).long()
+        err_e = (R.gather(1, se) * (lam_z / lam_e) - torch.sign(ze)).abs()
+        off = torch.cat([torch.where(support, err_c, 0.0), torch.where(held, err_e, 0.0)],
+                        1).amax(dim=1) > thr  # fmt: skip
+        off &= take
+        if "Sok" in state:
+            state["Sok"].index_copy_(0, a, torch.where(off, 0, state["Sok"][a]))
+        again |= off
+    # a run of one step after the last pass's joiners: they did not join (rounding)
+    stuck = ran & (state["passes"] > 0) & (state["steps_pass"][a] <= 1)
+    again &= ~(stuck & (state["status"][a] == SOLVED))
+    state["ids"].index_copy_(0, a, torch.where(take[:, None], ids2[:, :M], ids))
+    state["eids"].index_copy_(0, a, torch.where(take[:, None], eids2[:, :ME], eids))
+    state["aside"].index_add_(0, a, (aside & live).to(torch.int32))
+    state["steps"].index_add_(0, a, torch.where(live & ran, state["steps_pass"][a], 0).long())
+    state["passes"] += state["count"] > 0
+    state["active_sum"] += state["count"]
+    state["active"][:cap] = act[torch.argsort((~again).to(torch.int8), stable=True)]
+    state["count"][0] = again.sum()
+    state["kcount"].copy_(state["count"])
 
 
-def _solve_level(state: dict, *, precision: str, grow: int, max_passes: int, programs: int,
-                 reads: list, max_aside: float = math.inf) -> tuple[int, bool]:  # fmt: skip
-    """Passes over ``state`` until no column that is not set aside violates (float64), at
-    most ``max_passes``, or until more than ``max_aside`` columns are set aside; returns the
-    passes and whether it got there. One host read per pass (``reads`` counts them). A pass
-    runs the columns that the last one gave variables or left unsolved; where float32 falls
-    quiet, one float64 pass checks every column not set aside without a kernel run."""
+def _capacity(count: int, nc: int) -> int:
+    """The pass's capacity for ``count`` active columns of ``nc``: a power of two (few
+    shapes, few graphs), at most ``nc``."""
+    return min(nc, 1 << max(0, count - 1).bit_length())
+
+
+def _replay(state: dict, cap: int, *, exact: bool, last: bool, passes: int) -> None:
+    """``passes`` passes at capacity ``cap``: on CUDA the pass's graph (captured on the
+    first call at this shape, after one eager pass that compiles and warms what it runs),
+    replayed; elsewhere eagerly."""
+    if state["ids"].device.type != "cuda":
+        for _ in range(passes):
+            _pass(state, cap, exact=exact, last=last)
+        return
+    graph = state["graphs"].get((cap, exact))
+    if graph is None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            _pass(state, cap, exact=exact, last=last)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = state["graphs"][(cap, exact)] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            _pass(state, cap, exact=exact, last=last)
+        passes -= 1
+    for _ in range(passes):
+        graph.replay()
+
+
+def _solve_level(state: dict, *, precision: str, max_passes: int, reads: list, last: bool,
+                 max_aside: float = math.inf) -> tuple[int, bool, int, int, int]:  # fmt: skip
+    """Rounds of passes over ``state`` until no column that is not set aside violates
+    (float64), at most ``max_passes``, or until more than ``max_aside`` columns are set
+    aside; returns the passes replayed, whether it got there, the columns set aside, the
+    passes that ran an active column and the active columns summed over them. One host
+    read a round (``reads`` counts them): four integers."""
     exact = precision == "float64"
     nc = state["ids"].shape[0]
-    work, run, redo = None, True, 0
-    for passes in range(1, max_passes + 1):
-        flags = _pass(state, work, exact=exact, grow=grow, programs=programs, run=run,
-                      redo=redo)  # fmt: skip
-        any_fresh, all_solved, still, aside, count, redo = flags.tolist()  # the pass's read
-        reads.append("pass")
+    cap, replayed, rounds = nc, 0, 0
+    while replayed < max_passes:
+        todo = min(ROUNDS[min(rounds, len(ROUNDS) - 1)], max_passes - replayed)
+        _replay(state, cap, exact=exact, last=last, passes=todo)
+        replayed, rounds = replayed + todo, rounds + 1
+        flags = torch.cat([state["count"].long(), state["aside"].sum().view(1),
+                           state["passes"], state["active_sum"]])  # fmt: skip
+        count, aside, passes, active = flags.tolist()
+        reads.append("round")
         if aside > max_aside:
-            return passes, False
-        if all_solved and (not any_fresh or (still and passes > 1 and not exact)):
-            if exact and not any_fresh:
-                return passes, True
-            if not exact:  # float32 quiet: float64 from here, every column checked once
-                exact, run = True, False
-                order = torch.argsort(state["aside"].to(torch.int8), stable=True)
-                work = order[: nc - aside].to(torch.int32)
-                continue
-        work, run = state["next"][:count], True
-    return max_passes, False
+            return replayed, False, aside, passes, active
+        if count == 0:
+            if exact:
+                return replayed, True, aside, passes, active
+            # float32 quiet: float64 from here, every column not set aside checked once
+            # (the kernel off in that pass)
+            exact = True
+            order = torch.argsort(state["aside"].to(torch.int8), stable=True)
+            state["active"].copy_(order.to(torch.int32))
+            state["count"].fill_(nc - aside)
+            state["kcount"].zero_()
+            count = nc - aside
+        cap = _capacity(count, nc)
+    return replayed, False, aside, passes, active
 
 
 def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800.0,
-                       slots: tuple[int, ...] = SLOTS, grow: int = 16, tol: float = 1e-9,
+                       slots: tuple[int, ...] = SLOTS,
+                       outlier_slots: tuple[int, ...] | None = None, tol: float = 1e-9,
                        max_passes: int = 500, max_inner: int = 1000,
-                       precision: str = "float32", programs: int | None = None,
-                       wide_share: float = WIDE_SHARE, tile: int = TILE) -> dict:  # fmt: skip
+                       precision: str = "float32", wide_share: float = WIDE_SHARE) -> dict:  # fmt: skip
     """The program's minimiser for ``features`` (``N x D``) by the working sets on their
-    device (module docstring), float64 inside the kernel. ``slots``: the slots per column at
-    each level (increasing, from :data:`SLOT_COUNTS`; at most two levels are needed, more are allowed).
-    ``programs``: the kernel's programs (None: 4 per SM on CUDA, 8 elsewhere). ``tile``: the
-    elements of the kernel's row tiles (a power of two, :data:`TILE`).
+    device (module docstring), float64 inside the kernel. ``slots``, ``outlier_slots``: the
+    coefficient and outlier slots per column at each level (non-decreasing, from
+    :data:`SLOT_COUNTS`; ``outlier_slots`` None: :data:`OUTLIER_SLOTS`'). ``precision``:
+    the first passes' products (``"float32"``: screening, then float64; ``"float64"``).
     Where ``C`` is dense (:func:`dense_at_start`; or more than ``wide_share`` of the columns
     fill the first level) it stops there: ``dense`` says why (else None), ``coef`` and
     ``outliers`` are None where no pass ran.
 
     Returns a dict: ``coef``, ``outliers`` (float64, on the device), ``lambda_e``,
-    ``lambda_z``, ``passes`` (the sum over the levels), ``converged`` (every column solved
-    within its slots and the passes), ``wide_columns`` (columns that took a level past the
-    first), ``overflow`` (columns whose set outgrew the last level), ``steps`` (per column,
-    on the device), ``reads`` (host reads, by kind), ``dense`` and ``timings``."""
+    ``lambda_z``, ``gram`` (``X X^T``, float64), ``support`` (``(2, K)``, the ``(row,
+    column)`` positions of ``coef`` its slots held, -1 padding: every non-zero), ``passes`` (the passes that ran an active
+    column, summed over the levels), ``replayed`` (the passes run, those past the last
+    active column included), ``active`` (the active columns summed over the passes),
+    ``converged`` (every column solved within its slots and the passes), ``wide_columns``
+    (columns that took a level past the first), ``overflow`` (columns whose set outgrew the
+    last level), ``steps`` (per column, on the device), ``reads`` (host reads, by kind),
+    ``dense`` and ``timings``."""
     t0 = time.perf_counter()
     x = as_feature_tensor(features)
     n, d = x.shape
     if n < 2:
         raise ValueError(f"SSC needs at least 2 points, got N = {n}")
-    slots = _checked_slots(slots, x.device)
+    levels = _checked_levels(slots, outlier_slots)
     if precision not in ("float32", "float64"):
         raise ValueError(f"precision: expected 'float32' or 'float64', got {precision!r}")
-    for name, value in (("grow", grow), ("max_passes", max_passes), ("max_inner", max_inner)):
+    for name, value in (("max_passes", max_passes), ("max_inner", max_inner)):
         if int(value) < 1:
             raise ValueError(f"{name}: expected a positive integer, got {value}")
     if not tol >= 0:
         raise ValueError(f"tol: expected a non-negative number, got {tol}")
-    if int(tile) < 1 or int(tile) & (int(tile) - 1):
-        raise ValueError(f"tile: expected a power of two, got {tile}")
     if not 0 < wide_share <= 1:
         raise ValueError(f"wide_share: expected a share in (0, 1], got {wide_share}")
     dev = x.device
-    if programs is None:
-        programs = (4 * torch.cuda.get_device_properties(dev).multi_processor_count
-                    if dev.type == "cuda" else 8)  # fmt: skip
     reads: list = []
     X = x.detach().to(torch.float64).contiguous()
     G = X @ X.T
-    G = (G + G.T) / 2  # (the kernel reads H's rows for its columns: exactly symmetric)
+    G = (G + G.T) / 2  # (the kernel reads G's rows for its columns: exactly symmetric)
     lam_e, lam_z, _, _ = ssc_lambdas(X, alpha_e, alpha_z, row_max=gram_row_max(X, gram=G))
-    reads += ["lambdas"] * 3  # (mu_e, mu_z and the median: ssc_lambdas' floats)
-    f64 = dict(dtype=torch.float64, device=dev)
-    scalars = torch.tensor([lam_z, lam_e, 0.0, tol, RIDGE], **f64)
-    scalars[2] = lam_z * G.diagonal().max()  # gamma, on the device
-    program = dict(G=G, X=X, X32=X.float(), n=n, d=d, lam_z=lam_z, scalars=scalars,
-                   tol=float(tol), max_inner=int(max_inner), tile=int(tile),
-                   weights=torch.cat([torch.ones(n, dtype=torch.float64, device=dev),
-                                      torch.full((d,), lam_e, dtype=torch.float64,
-                                                 device=dev)]))  # fmt: skip
+    reads.append("lambdas")  # (mu_e, mu_z and the median: ssc_lambdas' one copy)
+    program = _program(X, G, lam_e, lam_z, tol=tol, max_inner=max_inner)
+    M, ME = levels[0]
+    i32 = dict(dtype=torch.int32, device=dev)
     cols = torch.arange(n, device=dev)
-    ids = torch.full((n, slots[0]), -1, dtype=torch.int64, device=dev)
-    z = torch.zeros((n, slots[0]), dtype=torch.float64, device=dev)
-    ids[:, 0], z[:, 0] = nearest_points(G), 1.0  # each column from its nearest point
+    ids = torch.full((n, M), -1, **i32)
+    z = torch.zeros((n, M), dtype=torch.float64, device=dev)
+    ids[:, 0], z[:, 0] = nearest_points(G).to(torch.int32), 1.0  # each column from its nearest
+    eids = torch.full((n, ME), -1, **i32)
+    ze = torch.zeros((n, ME), dtype=torch.float64, device=dev)
     t1 = time.perf_counter()
-    if bool(dense_at_start(X, ids[:, 0], lam_e, lam_z, slots[0])):
-        reads.append("dense")
-        return dict(coef=None, outliers=None, lambda_e=lam_e, lambda_z=lam_z, passes=0,
-                    converged=False, wide_columns=0, overflow=0, steps=None, reads=reads,
-                    dense=f"the median column has more outlier entries violating at its "
-                    f"nearest point than {slots[0]} slots; the working sets did not run",
-                    timings={"lambdas": t1 - t0, "workset_cuda": time.perf_counter() - t1})  # fmt: skip
+    dense_now = bool(dense_at_start(X, ids[:, 0].long(), lam_e, lam_z, ME))
     reads.append("dense")
-    final_ids = torch.full((n, slots[-1]), -1, dtype=torch.int64, device=dev)
-    final_z = torch.zeros((n, slots[-1]), dtype=torch.float64, device=dev)
+    if dense_now:
+        return dict(coef=None, outliers=None, lambda_e=lam_e, lambda_z=lam_z, gram=G,
+                    support=None, passes=0, replayed=0, active=0, converged=False, wide_columns=0,
+                    overflow=0, steps=None, reads=reads,
+                    dense=f"the median column has more outlier entries violating at its "
+                    f"nearest point than {ME} slots; the working sets did not run",
+                    timings={"lambdas": t1 - t0, "workset_cuda": time.perf_counter() - t1})  # fmt: skip
+    coef = torch.zeros(n, n + 1, dtype=torch.float64, device=dev)  # (a column past the end
+    outl = torch.zeros(n, d + 1, dtype=torch.float64, device=dev)  # takes the empty slots)
+    final = torch.full((n, levels[-1][0]), -1, dtype=torch.int64, device=dev)
     steps = torch.zeros(n, dtype=torch.int64, device=dev)
-    total, converged, wide, overflow, dense = 0, True, 0, 0, None
-    for level, M in enumerate(slots):
-        state = _state(program, cols, ids, z)
-        max_aside = wide_share * n if level == 0 and len(slots) > 1 else math.inf
-        passes, done = _solve_level(state, precision=precision, grow=grow,
-                                    max_passes=max_passes, programs=programs,
-                                    reads=reads, max_aside=max_aside)  # fmt: skip
-        total += passes
+    total, passes, active_sum, converged, wide, overflow, dense = 0, 0, 0, True, 0, 0, None
+    for level, (M, ME) in enumerate(levels):
+        state = _state(program, cols, ids, z, eids, ze)
+        last = level + 1 == len(levels)
+        max_aside = wide_share * n if level == 0 and not last else math.inf
+        replayed, done, aside, ran, active = _solve_level(state, precision=precision,
+                                             max_passes=max_passes, reads=reads, last=last,
+                                             max_aside=max_aside)  # fmt: skip
+        total, passes, active_sum = total + replayed, passes + ran, active_sum + active
         converged &= done
-        final_ids[cols, :M], final_z[cols, :M] = state["ids"], state["z"]
-        steps[cols] += state["steps"]
-        aside = state["aside"]
-        count = int(aside.sum())
-        reads.append("level")
-        if count > max_aside:
-            dense = (f"{count} of {n} columns filled {M} slots in {passes} passes (more than "
-                     f"{wide_share:g} of them)")  # fmt: skip
-            converged, overflow = False, count
+        ok = state["aside"] == 0  # (the columns set aside write at the next level)
+        at = torch.where(ok[:, None], state["ids"].long(), n)
+        coef.index_copy_(0, cols, torch.zeros_like(coef[: len(cols)]).scatter_(
+            1, torch.where(at >= 0, at, n), torch.where(ok[:, None], state["z"], 0.0)))  # fmt: skip
+        at = torch.where(ok[:, None], state["eids"].long(), d)
+        outl.index_copy_(0, cols, torch.zeros_like(outl[: len(cols)]).scatter_(
+            1, torch.where(at >= 0, at, d), torch.where(ok[:, None], state["ze"], 0.0)))  # fmt: skip
+        final[cols, :M] = torch.where(ok[:, None], state["ids"].long(), -1)
+        steps.index_add_(0, cols, state["steps"])
+        if aside > max_aside:
+            dense = (f"{aside} of {n} columns filled the first level's slots ({M}, {ME}) "
+                     f"in {replayed} passes (more than {wide_share:g} of them)")  # fmt: skip
+            converged, overflow = False, aside
             break
-        if not count or not done or level + 1 == len(slots):
-            overflow = count
-            converged &= count == 0
+        if not aside or not done or last:
+            overflow = aside
+            converged &= aside == 0
             break
-        wide += count if level == 0 else 0
+        wide += aside if level == 0 else 0
         # the columns set aside continue with the next level's slots, from their sets
-        keep = torch.nonzero(aside).flatten()
+        # (their count was read with the last round's flags: no read here)
+        keep = torch.argsort(ok.to(torch.int8), stable=True)[:aside]
         cols = cols[keep]
-        nxt = slots[level + 1]
-        ids = torch.cat([state["ids"][keep], ids.new_full((count, nxt - M), -1)], dim=1)
-        z = torch.cat([state["z"][keep], z.new_zeros((count, nxt - M))], dim=1)
-    full = _scatter(final_ids, final_z, n + d)
-    coef, outliers = full[:, :n].T.contiguous(), full[:, n:].T.contiguous()
+        M2, ME2 = levels[level + 1]
+        ids = torch.cat([state["ids"][keep], state["ids"].new_full((aside, M2 - M), -1)], 1)
+        z = torch.cat([state["z"][keep], z.new_zeros((aside, M2 - M))], 1)
+        eids = torch.cat([state["eids"][keep], state["eids"].new_full((aside, ME2 - ME), -1)], 1)
+        ze = torch.cat([state["ze"][keep], ze.new_zeros((aside, ME2 - ME))], 1)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t2 = time.perf_counter()
-    return dict(coef=coef, outliers=outliers, lambda_e=lam_e, lambda_z=lam_z, passes=total,
-                converged=converged, wide_columns=wide, overflow=overflow, steps=steps,
-                reads=reads, dense=dense,
+    # (row, column) positions that hold every non-zero of C: each column's slots
+    at = final.flatten()
+    support = torch.stack([at, torch.where(at >= 0, torch.arange(n, device=dev).repeat_interleave(
+        final.shape[1]), -1)])  # fmt: skip
+    return dict(coef=coef[:, :n].T.contiguous(), outliers=outl[:, :d].T.contiguous(),
+                lambda_e=lam_e, lambda_z=lam_z, gram=G, support=support, passes=passes, replayed=total,
+                active=active_sum, converged=converged, wide_columns=wide, overflow=overflow,
+                steps=steps, reads=reads, dense=dense,
                 timings={"lambdas": t1 - t0, "workset_cuda": t2 - t1})  # fmt: skip
 
 
@@ -424,7 +480,7 @@ def run(x: torch.Tensor, plan: Plan, opts: SSCOptions, *, affine: bool,
 def run_workset_cuda(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float,
                      rho: float, eps: float, max_iter: int, affine: bool = True,
                      outliers: bool = True, progress=None, slots: tuple[int, ...] = SLOTS,
-                     **_) -> SSCSolution:  # fmt: skip
+                     outlier_slots: tuple[int, ...] | None = None, **_) -> SSCSolution:  # fmt: skip
     """The working sets on ``x``'s device (:func:`solve_workset_cuda`) as ``plan`` says,
     with :func:`~videoanchor.anchor.solvers.workset.run_workset`'s calling convention and result:
     ``coef`` in ``plan.work`` on ``x``'s device, certified in float64 on the device
@@ -434,7 +490,9 @@ def run_workset_cuda(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: fl
     (gap below :data:`CERTIFIED`), the fast solver's answer (``plan.fallback``, with
     ``rho``, ``eps``, ``max_iter``, ``progress``) with ``solver="fast"`` and a warning
     giving its gap; where ``C`` is dense (:func:`solve_workset_cuda`'s ``dense``) that answer
-    at once. ``slots``: the levels of slots (:data:`SLOTS`). Solves the method's program
+    at once. ``slots``, ``outlier_slots``: the levels of slots (:data:`SLOTS`,
+    :data:`OUTLIER_SLOTS`). The certificate from the solve's G and its slots (no dense
+    product). Solves the method's program
     only (``affine``, ``outliers``)."""
     if not (affine and outliers):
         raise ValueError(
@@ -443,16 +501,19 @@ def run_workset_cuda(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: fl
         )
     if getattr(progress, "schedules_only", False):  # a scheduler's hook: its turn
         progress.wait()
-    out = solve_workset_cuda(x, alpha_e=alpha_e, alpha_z=alpha_z, slots=slots)
-    history = {k: out[k] for k in ("passes", "wide_columns", "overflow", "dense")}
+    out = solve_workset_cuda(
+        x, alpha_e=alpha_e, alpha_z=alpha_z, slots=slots, outlier_slots=outlier_slots
+    )
+    history = {k: out[k] for k in ("passes", "active", "wide_columns", "overflow", "dense")}
     history["host_reads"] = len(out["reads"])
     y = x.detach().to(torch.float64).T  # (the program's Y, for either answer's certificate)
     timings = out["timings"]
     if out["dense"] is None:
-        history["host_reads"] += 3  # (the certificate's three floats)
+        history["host_reads"] += 1  # (the certificates' floats, in one copy)
         res = SSCSolution.certified(
             y, out["coef"], out["outliers"], out["lambda_e"],
-            out["lambda_z"], like=x, dtype=plan.work, timings=timings,
+            out["lambda_z"], like=x, dtype=plan.work, timings=timings, gram=out["gram"],
+            support=out["support"],
             iterations=out["passes"], converged=out["converged"], history=history,
             solver=plan.solver,
             strategy="workset_cuda_wide" if out["wide_columns"] else "workset_cuda")  # fmt: skip
