@@ -151,14 +151,25 @@ class Paths:
         self._u = _aligned((k, k), "F")  # (torch's SVD returns U and Vh column-major)
         self._sv = _aligned((k,))
         self._vh = _aligned((k, k), "F")
+        self._rot = _aligned((k, k))  # R = V U^T of a step, read once
+        self._block, self._free = None, 0  # k x k buffers handed out (see _square)
         self._next: dict[bytes, tuple] = {}  # labels -> (ncut, next labels, margin, t)
         self._dots: dict[tuple[int, int], np.ndarray] = {}  # (row, column) -> v v_row
+
+    def _square(self):
+        """A ``k x k`` :func:`_aligned` pair, cut from a block of 32 (one allocation)."""
+        if self._block is None or self._free == 32:
+            size = -(-self.k * self.k * 8 // _ALIGN) * _ALIGN // 8  # a slot: whole lines
+            self._block, self._free = _aligned((32, size)), 0
+        arr = self._block[0][self._free, : self.k * self.k].reshape(self.k, self.k)
+        self._free += 1
+        return arr, torch.from_numpy(arr)
 
     def _pass(self, rot, skip: np.ndarray):
         """``(labels, margin, t)`` of rotation ``rot`` (an :func:`_aligned` pair)."""
         torch.mm(self.rows, rot[1], out=self._s[1])
         labels = np.empty(self.n, np.int64)
-        t = _aligned((self.k, self.k))
+        t = self._square()
         return labels, _decide(self._s[0], self.v, skip, labels, t[0]), t
 
     def _step(self, labels: np.ndarray, t):
@@ -168,9 +179,8 @@ class Paths:
         if got is None:
             torch.linalg.svd(t[1], out=(self._u[1], self._sv[1], self._vh[1]))
             ncut = 2.0 * (self.n - float(self._sv[0].sum()))
-            rot = _aligned((self.k, self.k))
-            torch.mm(self._vh[1].T, self._u[1].T, out=rot[1])
-            got = (ncut, *self._pass(rot, self._no_skip))
+            torch.mm(self._vh[1].T, self._u[1].T, out=self._rot[1])
+            got = (ncut, *self._pass(self._rot, self._no_skip))
             self._next[key] = got
         return got
 
@@ -196,7 +206,7 @@ class Paths:
         """The initial rotation from row ``start``: ``(R, picks, sums)``, ``R`` an
         :func:`_aligned` pair, ``sums[j - 1]`` the running sums pick ``j`` was the argmin of
         (where ``record``; else None)."""
-        rot = _aligned((self.k, self.k))
+        rot = self._square()
         rot[0][:] = 0.0
         rot[0][:, 0] = self.v[start]
         picks = np.empty(self.k, np.int64)
@@ -265,7 +275,7 @@ class Paths:
             if not a < min(limit, m):
                 break
             jq = int(q) + 1  # its first jq columns the path's, column jq its runner-up
-            alt = _aligned((self.k, self.k))
+            alt = self._square()
             alt[0][:] = rot[0]
             alt[0][:, jq] = self.v[rows[q]]
             alt_picks = picks.copy()
