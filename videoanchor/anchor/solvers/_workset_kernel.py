@@ -193,6 +193,26 @@ _OPTIONS = {"nogil": True, "fastmath": _FASTMATH, "no_rewrites": True, "no_cfunc
 #: :func:`_add_outlier`, :func:`_chol_rank1`, :func:`_refactor`): a quarter of the compile,
 #: for the columns of video tokens, which mostly hold none (docs/ssc.md).
 OUTLIERS = True
+#: Issue 90 step 2's rules for an outer pass, counted on the CPU by
+#: ``benchmarks/bench_pass_counts.py`` (:func:`variant_kernel`); the kernels :func:`run_columns`
+#: runs keep today's rule (these False or 0: their branches are pruned before typing, as
+#: :data:`OUTLIERS`' are in the lean kernel). ``OUTLIERS_AT_ONCE``: every outlier entry
+#: violating at a pass joins the working set, outside ``grow``, which then counts coefficients
+#: alone (today the outlier entries compete with the coefficients for the ``grow`` places).
+OUTLIERS_AT_ONCE = False
+#: Geometric growth: pass ``p`` adds up to ``grow * 2^(p - 1)`` (today ``grow`` every pass).
+GEOMETRIC_GROW = False
+#: With :data:`GEOMETRIC_GROW`: the coefficients joining at a pass fit the slots of the GPU
+#: kernel's level, ``SLOT_BOUND`` coefficients, or ``SLOT_WIDE`` for a column whose support
+#: holds more than half those (at least one joins; 0: no bound). The outlier entries have
+#: slots of their own.
+SLOT_BOUND = SLOT_WIDE = 0
+#: Each outer pass ``p`` records, in ``work[4 p - 2:4 p + 2]`` (``work`` then holds
+#: ``2 + 4 max_passes`` entries, :func:`scratch`; over the columns of the calls that share
+#: it): the sums of the column's support sizes, coefficients and outlier entries (what the
+#: pass's gather ``Y C_a`` reads), and the most coefficients and outlier entries a column's
+#: working set then holds, the joiners included (the slots a level needs).
+PASS_SUPPORTS = False
 
 
 class _Helper(CPUDispatcher):
@@ -381,9 +401,29 @@ def run_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z
     1 s)."""
     n, d = G.shape[0], YT.shape[1]
     cap_c = min(cap_c, cap, n - 1)
+    gamma = max(0.0, lam_z * float(np.diagonal(G).max()))
+    rest = (G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol, grow, cap, cap_c,
+            max_passes, max_inner, float(max_work), C, E, status, passes, work, hard, gamma,
+            float(floor), *scratch(n, d, cap, cap_c, grow))  # fmt: skip
+    kernel = ready("full", compile=False)  # where this process or Numba's cache holds it
+    if kernel is not None:
+        kernel(cols, first, step, *rest)
+        return
+    ready("lean")(cols, first, step, *rest)
+    stopped = np.flatnonzero(status[cols[first::step]] == NEEDS_OUTLIERS)
+    if len(stopped):  # that column and those after it: the full kernel (compiled if need be)
+        at = first + int(stopped[0]) * step
+        status[cols[at]] = -1
+        ready("full")(cols, at, step, *rest)
+
+
+def scratch(n: int, d: int, cap: int, cap_c: int, grow: int, passes: int = 0) -> tuple:
+    """:func:`solve_columns`' scratch for ``N = n``, ``D = d`` and its ``cap``, ``cap_c``
+    (at most ``min(cap, n - 1)``) and ``grow``; ``work`` with room for ``passes`` passes'
+    counts (:data:`PASS_SUPPORTS`)."""
     wc, we = cap_c + 1, min(cap, d) + 1
     width = max(wc, we)  # the scratch vectors serve either block
-    scratch = (
+    return (
         np.zeros((wc, wc)),  # L: the Cholesky factor of S, the Schur complement on Fc
         np.zeros((wc, wc)),  # A: lambda_z G_cc + gamma 1 1^T
         np.zeros((wc, we)),  # Yg: Y[Fe, Fc]^T, gathered
@@ -395,22 +435,8 @@ def run_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z
         np.zeros(n + d),  # full
         np.zeros(n + d, np.bool_),  # held: in F
         np.zeros(n + d, np.int64),  # failed: the column (+1) where its rank-one update failed
-        np.zeros(2),  # the column's work: spent, bound
+        np.zeros(2 + 4 * passes),  # the column's work: spent, bound (then the passes' counts)
     )  # fmt: skip
-    gamma = max(0.0, lam_z * float(np.diagonal(G).max()))
-    rest = (G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol, grow, cap, cap_c,
-            max_passes, max_inner, float(max_work), C, E, status, passes, work, hard, gamma,
-            float(floor), *scratch)  # fmt: skip
-    kernel = ready("full", compile=False)  # where this process or Numba's cache holds it
-    if kernel is not None:
-        kernel(cols, first, step, *rest)
-        return
-    ready("lean")(cols, first, step, *rest)
-    stopped = np.flatnonzero(status[cols[first::step]] == NEEDS_OUTLIERS)
-    if len(stopped):  # that column and those after it: the full kernel (compiled if need be)
-        at = first + int(stopped[0]) * step
-        status[cols[at]] = -1
-        ready("full")(cols, at, step, *rest)
 
 
 #: :func:`solve_columns`' one signature.
@@ -713,20 +739,50 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
                 for r in range(fe):
                     W[w_] = n + Fe[r]
                     w_ += 1
-            f, kept = w_, 0
-            # the `grow` worst above tol in one scan, worst first (ties: the lower index);
-            # W[f:f + kept] holds them in that order, compared through `full`
+            f, kept, g = w_, 0, grow
+            if OUTLIERS_AT_ONCE:  # every violating outlier entry: W[f:w_], outside `grow`
+                for u in range(n, n + d):
+                    if full[u] > tol:  # (NaN: false)
+                        if w_ <= cap:
+                            W[w_] = u
+                        w_ += 1
+                        full[u] = math.nan  # (not again in the scan below)
+                if w_ > cap:
+                    st = TOO_LARGE
+                    break
+            if GEOMETRIC_GROW:  # pass p adds up to grow 2^(p - 1); past what W holds (more
+                # than cap): TOO_LARGE, as with a constant grow
+                g = grow << (ps - 1 if ps < 32 else 31)
+                if SLOT_BOUND:  # (a support past half the level's slots: the wide level)
+                    room = (SLOT_BOUND if 2 * fc <= SLOT_BOUND else SLOT_WIDE) - fc
+                    if g > room:
+                        g = room if room > 0 else 1
+                if g > cap + 1 - w_:
+                    g = cap + 1 - w_
+            # the `g` worst above tol in one scan, worst first (ties: the lower index);
+            # W[w_:w_ + kept] holds them in that order, compared through `full`
             for u in range(n + d):
                 v = full[u]
-                if v > tol and (kept < grow or v > full[W[f + kept - 1]]):  # NaN: false
-                    p = kept if kept < grow else grow - 1
-                    while p > 0 and full[W[f + p - 1]] < v:
-                        W[f + p] = W[f + p - 1]
+                if v > tol and (kept < g or v > full[W[w_ + kept - 1]]):  # NaN: false
+                    p = kept if kept < g else g - 1
+                    while p > 0 and full[W[w_ + p - 1]] < v:
+                        W[w_ + p] = W[w_ + p - 1]
                         p -= 1
-                    W[f + p] = u
-                    if kept < grow:
+                    W[w_ + p] = u
+                    if kept < g:
                         kept += 1
-            w_ = f + kept
+            w_ += kept
+            if PASS_SUPPORTS and w_ <= cap:  # (the counts' kernel, :data:`PASS_SUPPORTS`)
+                wc_ = fc
+                for r in range(f, w_):
+                    if W[r] < n:
+                        wc_ += 1
+                work[4 * ps - 2] += fc
+                work[4 * ps - 1] += fe
+                if wc_ > work[4 * ps]:
+                    work[4 * ps] = wc_
+                if w_ - wc_ > work[4 * ps + 1]:
+                    work[4 * ps + 1] = w_ - wc_
             if w_ == f or w_ > cap:
                 st = SOLVED if w_ == f else TOO_LARGE
                 break
@@ -786,6 +842,35 @@ _UNCACHED: list[str] = []  # the kernels Numba keeps no cache of
 solve_columns_lean = _jit_cached(_variant(solve_columns, "solve_columns_lean", OUTLIERS=False))
 solve_columns = _jit_cached(solve_columns)
 KERNELS = {"lean": solve_columns_lean, "full": solve_columns}
+
+#: The module constants a :func:`variant_kernel` may set, and today's values.
+RULES = {"OUTLIERS_AT_ONCE": False, "GEOMETRIC_GROW": False, "PASS_SUPPORTS": False,
+         "SLOT_BOUND": 0, "SLOT_WIDE": 0}  # fmt: skip
+
+
+def variant_kernel(**constants):
+    """:func:`solve_columns` with other :data:`RULES` (issue 90 step 2's counts,
+    ``benchmarks/bench_pass_counts.py``), compiled for :data:`SIGNATURE` or loaded from Numba's
+    cache (a name of its own per set of constants: ``solve_columns_rule_...``); called with
+    :func:`solve_columns`' arguments (:func:`scratch`). Not a kernel :func:`run_columns` runs;
+    with today's values it computes what the full kernel does."""
+    for key, value in constants.items():
+        if key not in RULES or type(value) is not type(RULES[key]) or value < 0:
+            raise ValueError(f"variant_kernel: expected {RULES} (booleans, counts), got "
+                             f"{key}={value!r}")  # fmt: skip
+    rule = {**RULES, **constants}
+    name = "solve_columns_rule_" + "_".join(str(int(rule[k])) for k in sorted(RULES))
+    if name not in _VARIANTS:
+        disp = _jit_cached(_variant(getattr(solve_columns, "py_func", solve_columns), name,
+                                    **rule))  # fmt: skip
+        if not config.DISABLE_JIT:
+            disp.compile(SIGNATURE)
+            disp.disable_compile()
+        _VARIANTS[name] = disp
+    return _VARIANTS[name]
+
+
+_VARIANTS: dict = {}
 
 #: What this process did for each kernel it holds: ``{"kernel", "how"}`` with ``how``
 #: "loaded" (from Numba's cache) or "compiled" (and saved there), ``seconds`` (the load or

@@ -1,0 +1,270 @@
+"""Issue 90 step 2, counted on the CPU: the outer passes of the working sets when a pass runs
+over the active columns only, under each rule for who joins a column's working set.
+
+A column's program is independent of the others' given ``G``, so the CPU kernel
+(:mod:`videoanchor.anchor.solvers._workset_kernel`, float64), which runs each column's outer
+passes on its own, gives what a pass loop over the active columns does: a column is active
+in pass ``p`` when it runs at least ``p`` outer passes (the last finds no violator above
+``tol``). Each column starts from its nearest point, ``tol`` 1e-9, as the GPU working sets
+do. The rules (:data:`RULES`; the kernel's :data:`~videoanchor.anchor.solvers._workset_kernel.RULES`
+constants, compiled by ``variant_kernel``):
+
+- ``a``: today's: the ``grow`` worst violators join, coefficients and outlier entries alike;
+- ``b``: every violating outlier entry joins at once, outside ``grow`` (which then counts
+  coefficients alone);
+- ``c``: ``b`` with geometric growth: pass ``p`` adds up to ``grow * 2^(p - 1)``
+  coefficients (``grow``: the first pass's, ``grow0``);
+- ``d``: ``c`` with the joining coefficients bounded by the GPU kernel's slots
+  (:data:`LEVELS`: 128 a column, 512 for one whose support holds more than 64; at least
+  one joins): ``c``'s working sets reach 1000-1500 coefficients; ``e``: the same with
+  :data:`WIDE_LEVELS` (512 and 2048).
+
+Per set and rule (``rows``): the passes of the call (the most a column runs), the columns
+active in each pass (``active_per_pass``), their sum over the call in units of ``N``
+(``sum_active_over_n``: the products a pass loop over the active columns computes, one
+column each; issue 90's target: at most 6 N at 16 frames, 8 N at 64), the per-column passes'
+median, p90, p99 and max, the passes of the corrupted tokens' columns, the statuses, and the
+FLOPs a call: per pass, the gather ``R = Y_a - Y C_a - E_a`` (``2 D nnz(C_a) + nnz(E_a)``,
+from the supports each pass reads, recorded by the kernel) and the GEMM ``Y^T R``
+(``2 N D`` a column); split by precision as the pass loop would run them: each column's last
+pass in float64 (``flops_fp64``: its support then is its answer's), every pass before it
+while screening in float32-accurate products (``flops_screen``: 3xTF32 runs three TF32
+products for each of these). The counts do not depend on the machine (the kernel's C is the
+same on any x86-64 with the same Numba, bit for bit, under any thread count).
+
+The sets (:func:`tokens`): ``bench_workset_cuda``'s video-like tokens (``video_tokens``,
+``k = frames / 2`` subspaces, seed 0) of Qwen2.5-VL-7B (128 tokens a frame, D = 3584) and
+InternVL2-8B (256, D = 4096), with :data:`CORRUPT` tokens corrupted (a share of their entries
+moved by a large Gaussian: the outlier term's work, 468-545 outlier entries each at 16 frames
+of Qwen2.5-VL-7B's shape; ``--clean``: without them). Rows are merged into the result file
+by ``(set, rule)``, so sizes can run in separate processes::
+
+    python benchmarks/bench_pass_counts.py --sets qwen16,intern16        # every rule
+    python benchmarks/bench_pass_counts.py --sets qwen64 --rules a16,c16  # the large ones
+    python benchmarks/bench_pass_counts.py --smoke                        # tiny, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_workset_cuda import SHAPES  # noqa: E402
+from benchmarks.common import RESULTS_DIR, environment, print_table, video_tokens  # noqa: E402
+
+try:
+    import fcntl
+except ImportError:  # (not POSIX: the result file is rewritten without a lock)
+    fcntl = None
+
+#: The corrupted tokens: how many, the share of their entries moved, the Gaussian's scale.
+CORRUPT = {"tokens": 10, "share": 0.15, "scale": 5.0}
+#: the GPU kernel's levels of coefficient slots that rule ``d`` bounds the joiners by, and
+#: rule ``e``'s wider ones
+LEVELS, WIDE_LEVELS = (128, 512), (512, 2048)
+#: ``name: (grow, OUTLIERS_AT_ONCE, GEOMETRIC_GROW, (SLOT_BOUND, SLOT_WIDE))`` (module
+#: docstring)
+RULES = {
+    "a16": (16, False, False, (0, 0)),
+    "a64": (64, False, False, (0, 0)),
+    "b16": (16, True, False, (0, 0)),
+    "b64": (64, True, False, (0, 0)),
+    **{f"c{g}": (g, True, True, (0, 0)) for g in (8, 16, 32, 64, 128, 256)},
+    **{f"d{g}": (g, True, True, LEVELS) for g in (16, 32, 64, 128)},
+    **{f"e{g}": (g, True, True, WIDE_LEVELS) for g in (64, 256)},
+}
+#: ``name: (model, frames)``; ``smoke``: a tiny set for the test and ``--smoke``
+SETS = {
+    **{f"qwen{f}": ("Qwen2.5-VL-7B", f) for f in (16, 32, 64)},
+    **{f"intern{f}": ("InternVL2-8B", f) for f in (16, 32, 64)},
+}
+SMOKE = {"frames": 4, "per_frame": 16, "d": 48, "tokens": 2}
+#: issue 90's targets: the sum of active columns over the call, in units of N, by frames
+TARGETS = {16: 6.0, 64: 8.0}
+TOL, MAX_PASSES, MAX_INNER = 1e-9, 500, 100_000
+
+
+def tokens(frames: int, per_frame: int, d: int, *, corrupt: dict | None = CORRUPT,
+           seed: int = 0) -> tuple[torch.Tensor, list[int]]:  # fmt: skip
+    """``bench_workset_cuda``'s video-like set (``k = max(2, frames // 2)``) with
+    ``corrupt["tokens"]`` tokens (seeded) corrupted: a ``share`` of their entries moved by
+    ``scale`` times a Gaussian. Returns the features and the corrupted tokens."""
+    x = video_tokens(frames, per_frame, d, k=max(2, frames // 2), seed=seed)
+    if not corrupt:
+        return x, []
+    g = torch.Generator().manual_seed(seed + 1)
+    idx = torch.randperm(x.shape[0], generator=g)[: corrupt["tokens"]]
+    mask = torch.rand(len(idx), d, generator=g) < corrupt["share"]
+    x[idx] += mask * corrupt["scale"] * torch.randn(len(idx), d, generator=g)
+    return x, sorted(idx.tolist())
+
+
+def run_rule(x: torch.Tensor, grow: int, at_once: bool, geometric: bool, slots=(0, 0), *,
+             threads: int = 1, tol: float = TOL, max_passes: int = MAX_PASSES) -> dict:  # fmt: skip
+    """The kernel's variant for the rule on ``x`` (``N x D``), every column from its nearest
+    point, unbounded sets: ``C``, ``E`` (numpy, float64), each column's ``status`` and
+    ``passes``, and per pass ``p`` (index ``p - 1``) the supports' sizes the active columns
+    had (``nnz_c``, ``nnz_e``), summed over the threads' records."""
+    from videoanchor.anchor.solvers import _workset_kernel as k
+    from videoanchor.anchor.solvers import workset
+
+    kernel = k.variant_kernel(OUTLIERS_AT_ONCE=at_once, GEOMETRIC_GROW=geometric,
+                              PASS_SUPPORTS=True, SLOT_BOUND=slots[0], SLOT_WIDE=slots[1])  # fmt: skip
+    x64, gram, lam_e, lam_z = workset._prepare(x, 800.0, 800.0)
+    n, d = x64.shape
+    G, YT = gram.numpy(), x64.numpy()
+    Y = np.ascontiguousarray(YT.T)
+    ptr, var, val = workset._seeds(x64, gram, lam_e, lam_z)
+    C, E = np.zeros((n, n)), np.zeros((d, n))
+    status = np.full(n, -1, dtype=np.int64)
+    passes, spent = np.zeros(n, dtype=np.int64), np.zeros(n)
+    hard = np.array([0, n + 1], dtype=np.int64)
+    cap = n + d
+    cap_c = min(cap, n - 1)
+    gamma = max(0.0, lam_z * float(np.diagonal(G).max()))
+    cols = np.arange(n, dtype=np.int64)
+    scratches = [k.scratch(n, d, cap, cap_c, grow, max_passes) for _ in range(threads)]
+
+    def one(t: int) -> None:
+        kernel(cols, t, threads, G, YT, Y, ptr, var, val, lam_z, lam_e, tol, grow, cap, cap_c,
+               max_passes, MAX_INNER, float("inf"), C, E, status, passes, spent, hard, gamma,
+               k.RIDGE, *scratches[t])  # fmt: skip
+
+    if threads == 1:
+        one(0)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(one, range(threads)))
+    records = np.stack([s[-1][2:].reshape(max_passes, 4) for s in scratches])
+    last = int(passes.max())
+    sums, most = records[:, :last, :2].sum(axis=0), records[:, :last, 2:].max(axis=0)
+    return dict(C=C, E=E, status=status, passes=passes, work=spent, n=n, d=d,
+                nnz_c=sums[:, 0].astype(np.int64), nnz_e=sums[:, 1].astype(np.int64),
+                set_c=most[:, 0].astype(np.int64), set_e=most[:, 1].astype(np.int64))  # fmt: skip
+
+
+def counts(res: dict, corrupted=()) -> dict:
+    """:func:`run_rule`'s answer as the row's counts (module docstring)."""
+    from videoanchor.anchor.solvers import _workset_kernel as k
+
+    n, d, passes = res["n"], res["d"], res["passes"]
+    last = int(passes.max())
+    active = np.array([(passes >= p).sum() for p in range(1, last + 1)], dtype=np.int64)
+    gather = 2 * d * res["nnz_c"] + res["nnz_e"]
+    gemm = 2 * n * d * active
+    per_pass = gather + gemm
+    # each column's last pass in float64: its support then is its answer's
+    fc, fe = (res["C"] != 0).sum(axis=0), (res["E"] != 0).sum(axis=0)
+    fp64 = int((2 * d * fc + fe).sum() + 2 * n * d * (passes > 0).sum())
+    names = {k.SOLVED: "solved", k.TOO_LARGE: "too_large", k.STALLED: "stalled",
+             k.MAX_PASSES: "max_passes", k.SINGULAR: "singular", k.OVER_BUDGET: "over_budget"}  # fmt: skip
+    statuses = {names.get(int(s), str(int(s))): int(c) for s, c in zip(*np.unique(
+        res["status"], return_counts=True), strict=True)}  # fmt: skip
+    q = lambda p: float(np.percentile(passes, p))  # noqa: E731
+    return dict(
+        n=n, d=d, passes_call=last, passes_median=q(50), passes_p90=q(90), passes_p99=q(99),
+        passes_max=last, sum_active=int(passes.sum()),
+        sum_active_over_n=float(passes.sum()) / n,
+        active_per_pass=active.tolist(), support_c_per_pass=res["nnz_c"].tolist(),
+        support_e_per_pass=res["nnz_e"].tolist(),
+        flops_gather=int(gather.sum()), flops_gemm=int(gemm.sum()), flops=int(per_pass.sum()),
+        flops_fp64=fp64, flops_screen=int(per_pass.sum()) - fp64,
+        flops_per_pass=per_pass.tolist(),
+        coef_support_median=float(np.median(fc)), coef_support_max=int(fc.max()),
+        outlier_columns=int((fe > 0).sum()), outlier_entries_max=int(fe.max()),
+        set_c_max=int(res["set_c"].max()), set_e_max=int(res["set_e"].max()),
+        set_c_per_pass=res["set_c"].tolist(), set_e_per_pass=res["set_e"].tolist(),
+        work_median=float(np.median(res["work"])), work_max=float(res["work"].max()),
+        work_sum_over_n=float(res["work"].sum()) / n,
+        corrupted_passes=[int(passes[i]) for i in corrupted],
+        clean_passes_max=int(np.delete(passes, list(corrupted)).max()) if len(corrupted) < n else None,
+        statuses=statuses,
+    )  # fmt: skip
+
+
+def _merge(path: Path, meta: dict, rows: list[dict]) -> None:
+    """``rows`` into ``path``'s (replacing those of the same set and rule), under a lock."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        old = json.loads(path.read_text()) if path.exists() else {"meta": {}, "rows": []}
+        keys = {(r["set"], r["rule"]) for r in rows}
+        kept = [r for r in old["rows"] if (r["set"], r["rule"]) not in keys]
+        order = list(SETS) + ["smoke"]
+        merged = sorted(kept + rows, key=lambda r: (
+            order.index(r["set"].split(" ")[0]) if r["set"].split(" ")[0] in order else 99,
+            r["set"], list(RULES).index(r["rule"]) if r["rule"] in RULES else 99))  # fmt: skip
+        path.write_text(json.dumps({"meta": {**old["meta"], **meta}, "rows": merged}, indent=1,
+                                   default=str) + "\n")  # fmt: skip
+    with contextlib.suppress(OSError):
+        path.with_suffix(".lock").unlink()
+
+
+def main(argv=None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sets", default="qwen16", help=f"comma-separated, of {', '.join(SETS)}")
+    ap.add_argument("--rules", default=",".join(RULES), help="comma-separated")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--clean", action="store_true", help="without the corrupted tokens")
+    ap.add_argument("--smoke", action="store_true", help="a tiny set (seconds)")
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args(argv)
+    import numba
+
+    meta = environment("cpu")
+    meta.update(numba=numba.__version__, numpy=np.__version__, tol=TOL, max_passes=MAX_PASSES,
+                corrupt=CORRUPT, rules={k: dict(zip(("grow", "outliers_at_once", "geometric",
+                                                     "slot_levels"), v, strict=True))
+                                        for k, v in RULES.items()},
+                targets_sum_active_over_n=TARGETS)  # fmt: skip
+    names = ["smoke"] if args.smoke else args.sets.split(",")
+    rules = args.rules.split(",")
+    for r in rules:
+        if r not in RULES:
+            raise ValueError(f"--rules: expected names of {list(RULES)}, got {r!r}")
+    path = Path(args.out_dir or RESULTS_DIR) / "pass_counts_cpu.json"
+    rows = []
+    for name in names:
+        if name == "smoke":
+            model, frames = "tiny", SMOKE["frames"]
+            x, bad = tokens(frames, SMOKE["per_frame"], SMOKE["d"],
+                            corrupt={**CORRUPT, "tokens": SMOKE["tokens"]})  # fmt: skip
+        elif name in SETS:
+            model, frames = SETS[name]
+            x, bad = tokens(frames, *SHAPES[model], corrupt=None if args.clean else CORRUPT)
+        else:
+            raise ValueError(f"--sets: expected names of {list(SETS)}, got {name!r}")
+        label = name + (" clean" if args.clean else "")
+        for rule in rules:
+            grow, at_once, geometric, slots = RULES[rule]
+            t = time.perf_counter()
+            res = run_rule(x, grow, at_once, geometric, slots, threads=args.threads)
+            row = dict(set=label, model=model, frames=frames, corrupted=bad, rule=rule,
+                       grow=grow, outliers_at_once=at_once, geometric=geometric,
+                       slot_levels=list(slots) if slots[0] else None,
+                       target_sum_active_over_n=TARGETS.get(frames), **counts(res, bad),
+                       seconds=time.perf_counter() - t, git_sha=meta["git_sha"],
+                       loadavg=meta.get("loadavg"))  # fmt: skip
+            rows.append(row)
+            print(f"{label} {rule}: passes {row['passes_call']}, sum active "
+                  f"{row['sum_active_over_n']:.2f} N, {row['flops'] / 1e12:.3f} TFLOP, "
+                  f"{row['seconds']:.0f} s", flush=True)  # fmt: skip
+            if not args.smoke or args.out_dir:
+                _merge(path, meta, [row])
+    print_table(rows, ["set", "rule", "n", "passes_call", "passes_median", "passes_p90",
+                       "sum_active_over_n", "flops", "flops_fp64", "clean_passes_max"])  # fmt: skip
+    return path
+
+
+if __name__ == "__main__":
+    main()
