@@ -75,7 +75,7 @@ python benchmarks/report.py                       # regenerate this page and its
 # without the device suffix that benchmarks/common.py appends (``spectral_cpu`` -> spectral).
 SECTIONS = [
     ("Anchor scores (SSC)",
-     ["request_cost", "request_cost_cost", "request_cost_fidelity_sensitivity", "request_cost_floor", "directions", "optimum", "optimum_only", "optimum_tiny", "optimum_yaleb", "workset", "workset_dense", "workset_dense_yaleb17", "workset_dense_rerun", "dark_tokens", "workset_passes", "lockstep", "lockstep_compiled", "columns_triton", "ssc", "ssc_ratio", "ssc_ratio_1thread", "spectral", "sparse_spectral", "label_draws", "label_flips", "label_flips_64f", "label_expected", "label_routes", "share_gate", "share_cost", "yaleb",
+     ["request_cost", "request_cost_cost", "request_cost_fidelity_sensitivity", "request_cost_floor", "directions", "optimum", "optimum_only", "optimum_tiny", "optimum_yaleb", "workset", "workset_dense", "workset_dense_yaleb17", "workset_dense_rerun", "dark_tokens", "workset_passes", "lockstep", "lockstep_compiled", "columns_triton", "ssc", "ssc_ratio", "ssc_ratio_1thread", "spectral", "sparse_spectral", "label_draws", "label_flips", "label_flips_64f", "label_expected", "label_routes", "share_gate", "share_cost", "discretize", "yaleb",
       "yaleb_squared"]),
     ("Long videos: blocked SSC", ["blocked", "blocked_convergence"]),
     ("Several processes: the fast SSC split", ["split"]),
@@ -116,6 +116,7 @@ TITLES = {
     "label_routes": "Routes toward the paper's spread on flip-prone sets, measured and not shipped (issue 78)",
     "share_gate": 'The default cluster share (`"steady"`) against the paper\'s under 1e-6 / 1e-7 feature changes, on a family of 85 sets (issue 91)',
     "share_cost": "The default cluster share's cost after the solve, and its operators and host reads, at 16 frames (issue 91)",
+    "discretize": "The discretisation and the steady share's paths with their decisions compiled, against the torch loop they replaced, bit for bit (issue 90)",
     "yaleb": "Extended Yale B clustering error (Elhamifar & Vidal's program)",
     "yaleb_squared": "Extended Yale B with the method page's squared data term",
     "blocked": "Column-blocked exact SSC: equality, memory, processes",
