@@ -12,11 +12,13 @@ here it returns a copy, so the original stays a device tensor.
 
 The benchmark: the certificate of a working-set answer (``SSCSolution.certified``, float64
 and its float32 rounding), before (the dense form, ``column_gaps`` at the commit given by
-``--before``) and after (from G and the support of ``C``), at N = 2048 and 8192, D = 3584,
+``--before``) and after (from G; with the support as the GPU working sets' slots hold it, a
+slot for each non-zero of ``C`` and of ``E``, or found), at N = 2048 and 8192, D = 3584,
 video-like tokens with ten corrupted tokens: aten operators, host reads, FLOPs (static,
-from the shapes) and CPU seconds, in one process. ``C`` is synthetic (each column's 46 or 90
-nearest tokens, the median supports of ``GPU-SCORES.md``, with affine weights), not a
-minimiser: the cost follows the shapes and non-zeros, not the values.
+from the shapes and non-zeros) and CPU seconds, in one process. ``C``: the CPU working
+sets' minimiser at N = 2048; at 8192 (a CPU solve takes too long here) each column's
+affine least-squares fit by its 90 nearest tokens (the median support of ``GPU-SCORES.md``),
+not a minimiser: the cost follows the shapes and non-zeros.
 
     python benchmarks/bench_host_reads.py --before <commit>
 """
@@ -253,15 +255,22 @@ def corrupted_video(n: int, d: int, *, corrupt: int = 10, seed: int = 0) -> torc
 
 
 def nearest_affine(gram: torch.Tensor, per: int) -> torch.Tensor:
-    """A sparse affine ``C``: each column's ``per`` nearest other tokens (by ``gram``'s
-    distances), weights decreasing with the rank, summing to 1, zero diagonal (dense)."""
+    """A sparse affine ``C`` near a minimiser's structure: each column the least-squares
+    affine fit of its token by its ``per`` nearest other tokens (by ``gram``'s distances;
+    the normal equations from ``gram``, a 1e-10 ridge), zero diagonal (dense)."""
     n = gram.shape[0]
     dist = gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram
     dist.fill_diagonal_(float("inf"))
-    near = dist.topk(per, dim=0, largest=False).indices  # (per, n)
-    w = 1.0 / torch.arange(1, per + 1, dtype=torch.float64)
+    near = dist.topk(per, dim=0, largest=False).indices.T  # (n, per)
+    del dist
+    a = gram[near[:, :, None], near[:, None, :]]  # (n, per, per): G_SS
+    a += 1e-10 * a.diagonal(dim1=1, dim2=2).mean(dim=1)[:, None, None] * torch.eye(per)
+    kkt = torch.zeros(n, per + 1, per + 1, dtype=torch.float64)
+    kkt[:, :per, :per], kkt[:, :per, per], kkt[:, per, :per] = a, 1.0, 1.0
+    rhs = torch.cat([gram[near, torch.arange(n)[:, None]], torch.ones(n, 1)], dim=1)
+    coef = torch.linalg.solve(kkt, rhs[:, :, None])[:, :per, 0]
     c = torch.zeros(n, n, dtype=torch.float64)
-    c.scatter_(0, near, (w / w.sum())[:, None].expand(per, n).contiguous())
+    c[near.T, torch.arange(n)[None, :].expand(per, n)] = coef.T
     return c
 
 
@@ -284,26 +293,30 @@ def _before_program(commit: str):
     return mod
 
 
-def _aten_ops(call) -> int:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        call()
-    return sum(e.name.startswith("aten::") for e in prof.events())
-
-
-def measure(n: int, d: int, per: int, before) -> list[dict]:
-    from videoanchor.anchor.program import SSCSolution
+def measure(n: int, d: int, per: int, before, *, solve: bool, forms=None) -> list[dict]:
+    """The certificate's rows at ``n`` tokens: ``C`` the CPU working sets' minimiser
+    (``solve``) or :func:`nearest_affine`'s; ``forms``: the forms to run (default all)."""
+    from videoanchor.anchor import solve_ssc_workset
+    from videoanchor.anchor.options import DEFAULTS
+    from videoanchor.anchor.program import SSCSolution, ssc_lambdas
 
     x = corrupted_video(n, d)
     y = x.T.contiguous()
     gram = y.T @ y
-    c = nearest_affine(gram, per)
-    lam_e, lam_z = 0.05, 2.0 / float(gram.abs().amax())  # (lambdas of the program's scale)
+    t0 = time.perf_counter()
+    if solve:
+        res = solve_ssc_workset(x)
+        c, lam_e, lam_z = res.coef.double(), res.lambda_e, res.lambda_z
+    else:
+        c = nearest_affine(gram, per)
+        lam_e, lam_z, _, _ = ssc_lambdas(x, DEFAULTS.alpha_e, DEFAULTS.alpha_z, gram=gram)
+    made = time.perf_counter() - t0
     e = torch.zeros(d, n, dtype=torch.float64)
-    support = _support(c)
     kw = dict(like=x, dtype=torch.float32, timings={}, iterations=1, converged=True)
-    t = lam_e / lam_z
-    nnz_e = int(((y - y @ c).abs() > t).sum()) if n <= 2048 else None
-    forms = {
+    nnz_e = int(((y - y @ c).abs() > lam_e / lam_z).sum())
+    # as the GPU working sets hold them: a slot for each non-zero of C and of E (E's: -1)
+    support = torch.cat([_support(c), torch.full((2, nnz_e), -1)], dim=1)
+    every = {
         "dense (before)": lambda: before.SSCSolution.certified(y, c, e, lam_e, lam_z, **kw),
         "from G, support given": lambda: SSCSolution.certified(
             y, c, e, lam_e, lam_z, gram=gram, support=support, **kw),
@@ -312,26 +325,34 @@ def measure(n: int, d: int, per: int, before) -> list[dict]:
     }  # fmt: skip
     rows, ref = [], None
     nnz_c = int((c != 0).sum())
-    for name, call in forms.items():
-        reads = device_reads(call)
+    for name in forms or every:
+        call = every[name]
         t0 = time.perf_counter()
         res = call()
         seconds = time.perf_counter() - t0
-        ops = _aten_ops(call)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            reads = device_reads(call)
+        ops = sum(ev.name.startswith("aten::") for ev in prof.events())
         if ref is None:
             ref = res
         dense = name.startswith("dense")
-        top = 4  # program.TOP
+        # (program.TOP; E's bound: N + the support's entries, then E's count where above)
+        top, bound = 4, n + (support.shape[1] if "given" in name else nnz_c)
+        passes = 1 + (nnz_e > bound)
         flops = (2 * 2 * 2 * d * n * n if dense else
-                 2 * (2 * d * nnz_c + 2 * n * nnz_c + 2 * n * (n + nnz_c) + 2 * 2 * top * d * n))  # fmt: skip
+                 2 * passes * (2 * (d + n) * (support.shape[1] if "given" in name else nnz_c)
+                               + 2 * n * max(bound, nnz_e)
+                               + 2 * 2 * top * d * n))  # fmt: skip
         rows.append({
-            "form": name, "N": n, "D": d, "nnz_C": nnz_c, "nnz_E": nnz_e,
+            "form": name, "N": n, "D": d, "C": "minimiser" if solve else "synthetic",
+            "C_seconds": round(made, 1), "nnz_C": nnz_c, "nnz_E": nnz_e, "E_bound": bound,
             "host_reads": len(reads), "reads": ",".join(reads), "aten_ops": ops,
             "flops_static": flops, "cpu_seconds": round(seconds, 3),
             "residual": res.residual, "gap": res.gap,
             "residual_rel_diff": abs(res.residual - ref.residual) / abs(ref.residual),
             "gap_rel_diff": abs(res.gap - ref.gap) / abs(ref.gap),
         })  # fmt: skip
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -339,17 +360,24 @@ def main(argv=None):
     ap = parser(__doc__.splitlines()[0])
     ap.add_argument("--before", default="85ac76b~1", help="the commit of the dense form")
     ap.add_argument("--sizes", default="2048,8192")
+    ap.add_argument("--solve-up-to", type=int, default=2048,
+                    help="C the CPU working sets' minimiser up to this N, synthetic above")  # fmt: skip
     args = ap.parse_args(argv)
     before = _before_program(args.before)
     meta = environment("cpu")
     meta["before"] = subprocess.run(["git", "rev-parse", args.before], capture_output=True,
                                     text=True, cwd=Path(__file__).resolve().parent).stdout.strip()  # fmt: skip
     meta["torch_threads"] = torch.get_num_threads()
-    meta["c"] = "synthetic: each column's 46 (N = 2048) or 90 (N = 8192) nearest tokens"
+    meta["c"] = (
+        "synthetic: each column the affine least-squares fit by its 46 (N = 2048) or "
+        "90 (N = 8192) nearest tokens; the program's lambdas (ssc_lambdas, defaults)"
+    )
     meta["flops"] = "static, from the shapes; float64 C and its float32 rounding (2 certificates)"
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
-        rows += measure(n, 3584, 46 if n <= 2048 else 90, before)
+        small = n <= args.solve_up_to
+        rows += measure(n, 3584, 46 if n <= 2048 else 90, before, solve=small,
+                        forms=None if small else ["dense (before)", "from G, support given"])  # fmt: skip
     meta["loadavg_after"] = environment("cpu").get("loadavg")
     finish("host_reads_certificate", meta, rows, args.out_dir,
            ["form", "N", "nnz_C", "host_reads", "aten_ops", "flops_static", "cpu_seconds",
