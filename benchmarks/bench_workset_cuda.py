@@ -120,7 +120,7 @@ METADATA_OPS = frozenset(
      "transpose", "permute", "as_strided", "alias", "detach", "lift_fresh", "_to_copy_noop",
      "unbind", "split", "narrow", "reshape", "flatten", "numpy_T", "unfold", "sym_size",
      "sym_stride", "sym_numel", "is_same_size", "_reshape_alias", "empty", "empty_strided",
-     "new_empty"}
+     "new_empty", "empty_like"}
 )  # fmt: skip
 #: operators that read a tensor's value on the host (on a GPU each synchronises)
 READ_OPS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal",
@@ -191,11 +191,13 @@ class Counter(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def counting(monkeypatch_setattr, counter: Counter) -> None:
-    """The solver's two Triton launches (``wc.launch``, ``wc.residuals``) counted by
-    ``counter``; ``monkeypatch_setattr(obj, name, value)`` sets them (and restores them:
-    pytest's monkeypatch, or :func:`_patched`)."""
+    """The solver's Triton launches (``wc.launch``: the column kernel; ``wc.residuals``,
+    ``wc.violations``, ``wc.joins``: the pass's) counted by ``counter``;
+    ``monkeypatch_setattr(obj, name, value)`` sets them (and restores them: pytest's
+    monkeypatch, or :func:`_patched`)."""
     monkeypatch_setattr(wc, "launch", counter.launched("column_kernel", wc.launch))
-    monkeypatch_setattr(wc, "residuals", counter.launched("residuals", wc.residuals))
+    for name in ("residuals", "violations", "joins"):
+        monkeypatch_setattr(wc, name, counter.launched(name, getattr(wc, name)))
 
 
 class _patched:

@@ -3,11 +3,14 @@
 column's program restricted to its slots, solved by the primal active-set method with a
 dense KKT solve per step. Slow (a Python loop over columns and steps, host reads at will:
 it is no part of a pass's count) and fine at the tests' tiny sizes, where the interpreted
-Triton kernel takes minutes; the pass loop's tests drive it through ``workset_cuda.launch``."""
+Triton kernel takes minutes; the pass loop's tests drive it through ``workset_cuda.launch``.
+And :func:`torch_pass`: a pass in torch operators, the fused pass's reference."""
 
 from __future__ import annotations
 
 import torch
+
+from videoanchor.anchor.solvers import workset_cuda as wc
 
 SOLVED, STALLED = 0, 1
 
@@ -95,3 +98,97 @@ def launch(state: dict, active: torch.Tensor, count: torch.Tensor) -> None:
         )
         state["z"][k], state["ze"][k] = zc, zo
         state["mu"][k], state["status"][k], state["steps_pass"][k] = mu, status, steps
+
+
+def torch_pass(state: dict, cap: int, *, exact: bool, last: bool) -> None:
+    """issue 90's pass in torch operators (about 130 a pass), the reference the fused pass
+    (``workset_cuda._pass``: its Triton kernels) is checked against. One pass over the active columns (``state["active"][:count]``, ``count <= cap``) with
+    no host read and shapes fixed by ``cap``: the kernel (over ``kcount`` of them), their
+    residuals, the one GEMM ``Y^T R`` (float64 where ``exact``, else float32), their
+    violations; the ``grow`` worst coefficient violators into the free coefficient slots,
+    every violating outlier entry into the free outlier slots; a column whose slots cannot
+    take them is set aside (``last``: only where no slot is free); the columns that took
+    variables, did not solve, or (``exact``) whose support is off its own stationarity,
+    lead the next active list. A column whose run took one step after taking variables
+    (they did not join: rounding flagged them) leaves the list."""
+    p = state["program"]
+    n, d = p["n"], p["d"]
+    lam_z, lam_e = p["lam_z"], p["lam_e"]
+    positions = torch.arange(max(cap, d, wc.GROW_MAX), dtype=torch.int32)
+    state["positions"] = positions
+    ran = state["kcount"] > 0
+    wc.launch(state, state["active"][:cap], state["kcount"])
+    dt = torch.float64 if exact else torch.float32
+    R = torch.empty(cap, d, dtype=dt, device=state["ids"].device)
+    wc.residuals(state, R, torch.empty_like(R), cap)
+    act = state["active"][:cap]
+    a = act.long()
+    live = state["positions"][:cap] < state["count"]
+    ids, z, eids, ze = state["ids"][a], state["z"][a], state["eids"][a], state["ze"][a]
+    cols = state["cols"][a]
+    M, ME = ids.shape[1], eids.shape[1]
+    # coefficients: m_u = lambda_z (Y^T r)_u - mu, violation |m_u| - 1; c_i and the support
+    # are no candidates (their entries at -inf; an empty slot's at i)
+    m = torch.mm(R, (p["X"] if exact else p["X32"]).T)
+    m.mul_(lam_z).sub_(state["mu"][a, None].to(dt))
+    support = (ids >= 0) & (z != 0)
+    viol = m.abs().sub_(1.0)
+    viol.scatter_(1, torch.cat([cols[:, None], torch.where(support, ids, cols[:, None])], 1),
+                  -float("inf"))  # fmt: skip
+    k = min(wc.GROW_MAX, n, M)
+    top, new = viol.topk(k, dim=1)
+    grow = torch.clamp(wc.GROW0 * torch.pow(2, state["passes"].clamp(max=8)), max=wc.GROW_MAX)
+    rank = state["positions"][None, :k]
+    thr = p["tol"] if exact else wc.SCREEN
+    keep = support.sum(dim=1, dtype=torch.int32)
+    fresh = (top > thr) & live[:, None]
+    ok = fresh & (rank < grow) & (rank < (M - keep)[:, None])
+    # outlier entries: m_o = lambda_z r_o, violation (|m_o| - lambda_e) / lambda_e; every
+    # violator off the support joins
+    held = (eids >= 0) & (ze != 0)
+    ve = R.abs().mul_(lam_z / lam_e).sub_(1.0)
+    ve = torch.cat([ve, ve.new_zeros(cap, 1)], 1)
+    ve.scatter_(1, torch.where(held, eids, d).long(), -float("inf"))
+    vio = (ve[:, :d] > thr) & live[:, None]
+    nvio = vio.sum(dim=1, dtype=torch.int32)
+    free_e = ME - held.sum(dim=1, dtype=torch.int32)
+    full_c = fresh[:, 0] & (keep == M)
+    full_e = (nvio > 0) & (free_e == 0) if last else nvio > free_e
+    aside = full_c | full_e
+    # each column keeps its support in its slots (the kernel's inverse over it stays valid)
+    # and takes its joiners into the free slots, lowest first
+    take = live & ~aside
+    slot = torch.argsort(support.to(torch.int8), dim=1, stable=True)[:, :k]
+    ok &= take[:, None]
+    ids2 = torch.cat([torch.where(support, ids, -1), ids.new_full((cap, 1), -1)], dim=1)
+    ids2.scatter_(1, torch.where(ok, slot, M), torch.where(ok, new, -1).to(ids2.dtype))
+    rk = torch.cumsum(vio, dim=1, dtype=torch.int32) - 1  # each violator's rank in its row
+    slot_e = torch.argsort(held.to(torch.int8), dim=1, stable=True)
+    join = vio & take[:, None] & (rk < free_e[:, None])
+    to = torch.where(join, slot_e.gather(1, rk.clamp(0, ME - 1).long()), ME)
+    eids2 = torch.cat([torch.where(held, eids, -1), eids.new_full((cap, 1), -1)], dim=1)
+    eids2.scatter_(1, to, state["positions"][None, :d].expand(cap, d))
+    again = take & (ok.any(dim=1) | join.any(dim=1) | (state["status"][a] != wc.SOLVED))
+    if exact:  # the support's own stationarity: where it fails, the kernel rebuilds
+        sc = torch.where(support, ids, 0).long()
+        err_c = (m.gather(1, sc) - torch.sign(z)).abs()
+        se = torch.where(held, eids, 0).long()
+        err_e = (R.gather(1, se) * (lam_z / lam_e) - torch.sign(ze)).abs()
+        off = torch.cat([torch.where(support, err_c, 0.0), torch.where(held, err_e, 0.0)],
+                        1).amax(dim=1) > thr  # fmt: skip
+        off &= take
+        if "Sok" in state:
+            state["Sok"].index_copy_(0, a, torch.where(off, 0, state["Sok"][a]))
+        again |= off
+    # a run of one step after the last pass's joiners: they did not join (rounding)
+    stuck = ran & (state["passes"] > 0) & (state["steps_pass"][a] <= 1)
+    again &= ~(stuck & (state["status"][a] == wc.SOLVED))
+    state["ids"].index_copy_(0, a, torch.where(take[:, None], ids2[:, :M], ids))
+    state["eids"].index_copy_(0, a, torch.where(take[:, None], eids2[:, :ME], eids))
+    state["aside"].index_add_(0, a, (aside & live).to(torch.int32))
+    state["steps"].index_add_(0, a, torch.where(live & ran, state["steps_pass"][a], 0).long())
+    state["passes"] += state["count"] > 0
+    state["active_sum"] += state["count"]
+    state["active"][:cap] = act[torch.argsort(again.to(torch.int32), descending=True, stable=True)]
+    state["count"][0] = again.sum()
+    state["kcount"].copy_(state["count"])

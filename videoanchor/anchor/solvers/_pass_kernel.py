@@ -19,12 +19,13 @@ BD, BS = 128, 16
 
 
 @triton.jit(do_not_specialize=["D", "M", "ME"])
-def _residual_kernel(X, cols, ids, z, eids, ze, active, count, R, D, M, ME,
+def _residual_kernel(X, cols, ids, z, eids, ze, active, count, R, VE, D, M, ME, scale,
                      BD: tl.constexpr, BS: tl.constexpr):  # fmt: skip
     pos = tl.program_id(0)
     dd = tl.program_id(1) * BD + tl.arange(0, BD)
     dm = dd < D
     out = R + pos.to(tl.int64) * D + dd
+    vout = VE + pos.to(tl.int64) * D + dd
     if pos < tl.load(count):
         k = tl.load(active + pos).to(tl.int64)
         i = tl.load(cols + k)
@@ -38,25 +39,190 @@ def _residual_kernel(X, cols, ids, z, eids, ze, active, count, R, D, M, ME,
             rows = tl.load(X + tl.where(on, j, 0).to(tl.int64)[:, None] * D + dd[None, :],
                            mask=on[:, None] & dm[None, :], other=0.0)  # fmt: skip
             acc -= tl.sum(rows * c[:, None], axis=0)
+        held = dd < 0
         for m0 in range(0, ME, BS):  # the outlier entries on the support, in this block
             sl = m0 + tl.arange(0, BS)
             sm = sl < ME
             o = tl.load(eids + k * ME + sl, mask=sm, other=-1)
             v = tl.load(ze + k * ME + sl, mask=sm, other=0.0)
-            acc -= tl.sum(tl.where(o[:, None] == dd[None, :], v[:, None], 0.0), axis=0)
-        tl.store(out, acc.to(R.dtype.element_ty), mask=dm)
+            hit = (o[:, None] == dd[None, :]) & (v != 0.0)[:, None]
+            acc -= tl.sum(tl.where(hit, v[:, None], 0.0), axis=0)
+            held = held | (tl.max(hit.to(tl.int32), axis=0) > 0)
+        r = acc.to(R.dtype.element_ty)
+        tl.store(out, r, mask=dm)
+        # the outlier entries' violations (|lambda_z r_o| - lambda_e) / lambda_e from the
+        # stored (rounded) residual, as the GEMM sees it; the support's at -inf
+        ve = tl.abs(r.to(tl.float64)) * scale - 1.0
+        tl.store(vout, tl.where(held, -float("inf"), ve).to(VE.dtype.element_ty), mask=dm)
     else:
         tl.store(out, tl.zeros([BD], dtype=R.dtype.element_ty), mask=dm)
+        tl.store(vout, tl.full([BD], -float("inf"), VE.dtype.element_ty), mask=dm)
 
 
 def residuals(X: torch.Tensor, cols, ids, z, eids, ze, active: torch.Tensor,
-              count: torch.Tensor, R: torch.Tensor) -> None:  # fmt: skip
+              count: torch.Tensor, R: torch.Tensor, VE: torch.Tensor | None = None,
+              scale: float = 1.0) -> None:  # fmt: skip
     """Into ``R`` (``cap x D``, its dtype): row ``p < count`` the residual of the column at
     row ``active[p]`` of the slot arrays (``cols``, ``ids``/``z``, ``eids``/``ze``), in
-    float64 before the cast; rows past ``count`` zero. ``count`` is read on the device."""
+    float64 before the cast; rows past ``count`` zero. ``count`` is read on the device.
+    Into ``VE`` (as ``R``; None: a scratch) the outlier entries' relative violations
+    ``|r| scale - 1`` (``scale = lambda_z / lambda_e``), -inf on the support and past
+    ``count``."""
     cap, d = R.shape
     if cap == 0:
         return
+    if VE is None:
+        VE = torch.empty_like(R)
     _residual_kernel[(cap, triton.cdiv(d, BD))](
-        X, cols, ids, z, eids, ze, active, count, R, d, ids.shape[1], eids.shape[1], BD=BD, BS=BS
-    )
+        X, cols, ids, z, eids, ze, active, count, R, VE, d, ids.shape[1], eids.shape[1],
+        float(scale), BD=BD, BS=BS,
+    )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["N", "M"])
+def _violations_kernel(m, V, cols, ids, z, mu, active, count, passes, active_sum, N, M,
+                       lam_z, BN: tl.constexpr, BS: tl.constexpr):  # fmt: skip
+    pos = tl.program_id(0)
+    blk = tl.program_id(1)
+    nn = blk * BN + tl.arange(0, BN)
+    nm = nn < N
+    out = V + pos.to(tl.int64) * N + nn
+    cnt = tl.load(count)
+    if (pos == 0) & (blk == 0):  # the pass's counters (the joins read passes less this)
+        tl.store(passes, tl.load(passes) + tl.where(cnt > 0, 1, 0).to(tl.int64))
+        tl.store(active_sum, tl.load(active_sum) + cnt.to(tl.int64))
+    if pos < cnt:
+        k = tl.load(active + pos).to(tl.int64)
+        i = tl.load(cols + k)
+        mk = tl.load(mu + k)
+        mv = tl.load(m + pos.to(tl.int64) * N + nn, mask=nm, other=0.0).to(tl.float64)
+        v = tl.abs(lam_z * mv - mk) - 1.0
+        off = nn == i
+        for s0 in range(0, M, BS):  # the support is no candidate
+            sl = s0 + tl.arange(0, BS)
+            sm = sl < M
+            j = tl.load(ids + k * M + sl, mask=sm, other=-1)
+            c = tl.load(z + k * M + sl, mask=sm, other=0.0)
+            hit = (j[:, None] == nn[None, :]) & ((j >= 0) & (c != 0.0))[:, None]
+            off = off | (tl.max(hit.to(tl.int32), axis=0) > 0)
+        v = tl.where(off, -float("inf"), v)
+        tl.store(out, v.to(V.dtype.element_ty), mask=nm)
+    else:
+        tl.store(out, tl.full([BN], -float("inf"), V.dtype.element_ty), mask=nm)
+
+
+@triton.jit(do_not_specialize=["N", "D", "ME", "K"])
+def _joins_kernel(top, new, m, R, VE, JL, cols, ids, z, eids, ze, mu, status, steps_pass,
+                  steps, aside, ok_ptr, again, active, count, kcount, passes, N, D, ME, K,
+                  lam_z, lam_e, thr, grow0, grow_max, exact: tl.constexpr,
+                  last: tl.constexpr, has_ok: tl.constexpr, M: tl.constexpr,
+                  MEP: tl.constexpr, KP: tl.constexpr, BD: tl.constexpr):  # fmt: skip
+    pos = tl.program_id(0)
+    cnt = tl.load(count)
+    flag = tl.zeros([], dtype=tl.int32)
+    if pos < cnt:
+        p64 = pos.to(tl.int64)
+        k = tl.load(active + pos).to(tl.int64)
+        ran = tl.load(kcount) > 0
+        npass = tl.load(passes) - 1  # (the violations' kernel counted this pass)
+        grow = tl.minimum(grow0 << tl.minimum(npass, 8), grow_max)
+        # the coefficients: the grow worst violators into the free slots, lowest first
+        offs = tl.arange(0, M)
+        idr = tl.load(ids + k * M + offs)
+        zr = tl.load(z + k * M + offs)
+        sup = (idr >= 0) & (zr != 0.0)
+        keep = tl.sum(sup.to(tl.int32))
+        r = tl.arange(0, KP)
+        tv = tl.load(top + p64 * K + r, mask=r < K, other=-float("inf")).to(tl.float64)
+        fresh = tl.max(tv) > thr
+        nj = tl.sum(((tv > thr) & (r < grow) & (r < M - keep)).to(tl.int32))
+        # the outlier entries: every violator, ranked in order, into the free slots
+        eo = tl.arange(0, MEP)
+        eid = tl.load(eids + k * ME + eo, mask=eo < ME, other=-1)
+        zev = tl.load(ze + k * ME + eo, mask=eo < ME, other=0.0)
+        held = (eid >= 0) & (zev != 0.0)
+        free_e = ME - tl.sum(held.to(tl.int32))
+        nvio = tl.zeros([], dtype=tl.int32)
+        for d0 in range(0, D, BD):
+            dd = d0 + tl.arange(0, BD)
+            vio = (tl.load(VE + p64 * D + dd, mask=dd < D, other=-float("inf")).to(tl.float64)
+                   > thr)  # fmt: skip
+            rank = nvio + tl.cumsum(vio.to(tl.int32), axis=0) - 1
+            tl.store(JL + p64 * ME + rank, dd, mask=vio & (rank < free_e))
+            nvio += tl.sum(vio.to(tl.int32))
+        full_c = fresh & (keep == M)
+        if last:
+            full_e = (nvio > 0) & (free_e == 0)
+        else:
+            full_e = nvio > free_e
+        side = full_c | full_e
+        ne = tl.minimum(nvio, free_e)
+        tl.debug_barrier()  # (the joiners' list is written)
+        if side == 0:
+            q = tl.cumsum((~sup).to(tl.int32), axis=0) - 1  # each free slot's rank
+            take = ~sup & (q < nj)
+            got = tl.load(new + p64 * K + tl.where(take, q, 0), mask=take, other=-1)
+            tl.store(ids + k * M + offs, tl.where(sup, idr, tl.where(take, got, -1).to(tl.int32)))
+            qe = tl.cumsum((~held).to(tl.int32), axis=0) - 1
+            take_e = ~held & (qe < ne) & (eo < ME)
+            got_e = tl.load(JL + p64 * ME + tl.where(take_e, qe, 0), mask=take_e, other=-1)
+            tl.store(eids + k * ME + eo, tl.where(held, eid, tl.where(take_e, got_e, -1)),
+                     mask=eo < ME)  # fmt: skip
+            st = tl.load(status + k)
+            flag = tl.where((nj > 0) | (ne > 0) | (st != 0), 1, 0)
+            if exact:  # the support's own stationarity: where it fails, the kernel rebuilds
+                mk = tl.load(mu + k)
+                mv = tl.load(m + p64 * N + tl.where(sup, idr, 0), mask=sup, other=0.0)
+                sz = tl.where(zr > 0.0, 1.0, -1.0)
+                err = tl.where(sup, tl.abs(lam_z * mv.to(tl.float64) - mk - sz), 0.0)
+                rv = tl.load(R + p64 * D + tl.where(held, eid, 0), mask=held, other=0.0)
+                se = tl.where(zev > 0.0, 1.0, -1.0)
+                err_e = tl.where(held, tl.abs(rv.to(tl.float64) * (lam_z / lam_e) - se), 0.0)
+                off = tl.maximum(tl.max(err), tl.max(err_e)) > thr
+                if off:
+                    flag = 1
+                    if has_ok:
+                        tl.store(ok_ptr + k, 0)
+            # a run of one step after the last pass's joiners: they did not join (rounding)
+            stuck = ran & (npass > 0) & (tl.load(steps_pass + k) <= 1) & (st == 0)
+            if stuck:
+                flag = 0
+        else:
+            tl.store(aside + k, tl.load(aside + k) + 1)
+        if ran:
+            tl.store(steps + k, tl.load(steps + k) + tl.load(steps_pass + k).to(tl.int64))
+    tl.store(again + pos, flag)
+
+
+def violations(m, V, cols, ids, z, mu, active, count, passes, active_sum, lam_z) -> None:
+    """Into ``V`` (``cap x N``, as ``m``): the coefficients' violations
+    ``|lambda_z m - mu| - 1`` of the active columns, -inf at ``i``, on the support and past
+    ``count``; the pass's counters (``passes``, ``active_sum``) advanced."""
+    cap, n = V.shape
+    _violations_kernel[(cap, triton.cdiv(n, 128))](
+        m, V, cols, ids, z, mu, active, count, passes, active_sum, n, ids.shape[1],
+        float(lam_z), BN=128, BS=16,
+    )  # fmt: skip
+
+
+def joins(top, new, m, R, VE, JL, state: dict, active, again, *, lam_z: float, lam_e: float,
+          thr: float, grow0: int, grow_max: int, exact: bool, last: bool) -> None:  # fmt: skip
+    """The joins of a pass (``workset_cuda._pass``), a program a position of ``active``:
+    the ``top``/``new`` coefficient violators (``grow`` of them, into the free slots), every
+    outlier entry violating in ``VE`` (into the free outlier slots; ``JL`` a ``cap x ME``
+    scratch), the columns set aside (``state["aside"]`` + 1), the support's stationarity
+    (``exact``: ``state["Sok"]`` 0 where it fails), the steps; ``again`` (int32, ``cap``)
+    1 where the column runs in the next pass."""
+    cap, kk = top.shape
+    n, d = m.shape[1], R.shape[1]
+    M, ME = state["ids"].shape[1], state["eids"].shape[1]
+    ok = state.get("Sok")
+    _joins_kernel[(cap,)](
+        top, new, m, R, VE, JL, state["cols"], state["ids"], state["z"], state["eids"],
+        state["ze"], state["mu"], state["status"], state["steps_pass"], state["steps"],
+        state["aside"], ok if ok is not None else again, again, active, state["count"],
+        state["kcount"], state["passes"], n, d, ME, kk, float(lam_z), float(lam_e),
+        float(thr), int(grow0), int(grow_max), exact=bool(exact), last=bool(last),
+        has_ok=ok is not None, M=M, MEP=triton.next_power_of_2(ME),
+        KP=triton.next_power_of_2(max(kk, 1)), BD=128,
+    )  # fmt: skip

@@ -3,18 +3,18 @@ each active column's program restricted to its working set in one Triton program
 (:mod:`videoanchor.anchor.solvers._column_kernel`), the passes between the kernel's runs on
 the same device with no host read inside them.
 
-- **a pass** (:func:`_pass`) runs over the active columns alone, a list compacted on the
-  device with its length ``count`` a device tensor: the kernel; each column's residual
-  ``R = Y_a - Y C_a - E_a`` gathered from its slots (:mod:`._pass_kernel`); ONE GEMM
-  ``Y^T R`` (float32 while screening, float64 in the passes that certify); the violations;
-  the worst coefficient violators (``grow``: :data:`GROW0` doubling each pass up to
-  :data:`GROW_MAX`) into each column's free coefficient slots and EVERY violating outlier
+- **a pass** (:func:`_pass`, 12 kernels) runs over the active columns alone, a list
+  compacted on the device with its length ``count`` a device tensor: the kernel; each
+  column's residual ``R = Y_a - Y C_a - E_a`` gathered from its slots; ONE GEMM ``Y^T R``
+  (float32 while screening, float64 in the passes that certify); the violations and the
+  joins in Triton (:mod:`._pass_kernel`): the worst coefficient violators (``grow``:
+  :data:`GROW0` doubling each pass up to :data:`GROW_MAX`) into each column's free coefficient slots and EVERY violating outlier
   entry into its free outlier slots; the next active list. Its shapes are fixed (the
   capacity ``cap``, a power of two at least ``count`` when it was last read), so on CUDA a
   pass is captured once as a CUDA graph and replayed; a pass with no active column changes
   nothing.
-- **the host** reads two integers after a round of :data:`ROUNDS` passes: the active
-  columns and those set aside. float32 passes until no column violates at ``SCREEN``, then
+- **the host** reads four integers after a round of :data:`ROUNDS` passes: the active
+  columns, those set aside, the passes that ran and the active columns summed. float32 passes until no column violates at ``SCREEN``, then
   float64 ones, the first over every column (the kernel off), until none violates at ``tol``:
   the answer is certified in float64.
 - **levels of slots** ``(M, ME)`` (:data:`SLOTS`, :data:`OUTLIER_SLOTS`): a column whose
@@ -85,14 +85,38 @@ def launch(state: dict, active: torch.Tensor, count: torch.Tensor) -> None:
     _column_kernel.launch(state, active, count)
 
 
-def residuals(state: dict, R: torch.Tensor, cap: int) -> None:
-    """Into ``R`` (``cap x D``): the residuals of the columns at ``state["active"][:cap]``
-    (:func:`videoanchor.anchor.solvers._pass_kernel.residuals`; zero past ``count``)."""
+def residuals(state: dict, R: torch.Tensor, VE: torch.Tensor, cap: int) -> None:
+    """Into ``R`` (``cap x D``): the residuals of the columns at ``state["active"][:cap]``,
+    into ``VE`` their outlier entries' violations
+    (:func:`videoanchor.anchor.solvers._pass_kernel.residuals`; past ``count``: 0, -inf)."""
     from videoanchor.anchor.solvers import _pass_kernel
 
     p = state["program"]
     _pass_kernel.residuals(p["X"], state["cols"], state["ids"], state["z"], state["eids"],
-                           state["ze"], state["active"][:cap], state["count"], R)  # fmt: skip
+                           state["ze"], state["active"][:cap], state["count"], R, VE,
+                           p["lam_z"] / p["lam_e"])  # fmt: skip
+
+
+def violations(state: dict, m: torch.Tensor, V: torch.Tensor, cap: int) -> None:
+    """Into ``V``: the coefficients' violations of the active columns from ``m = R X^T``
+    (:func:`videoanchor.anchor.solvers._pass_kernel.violations`); the pass's counters."""
+    from videoanchor.anchor.solvers import _pass_kernel
+
+    _pass_kernel.violations(m, V, state["cols"], state["ids"], state["z"], state["mu"],
+                            state["active"][:cap], state["count"], state["passes"],
+                            state["active_sum"], state["program"]["lam_z"])  # fmt: skip
+
+
+def joins(state: dict, top, new, m, R, VE, again, cap: int, *, exact: bool,
+          last: bool) -> None:  # fmt: skip
+    """The pass's joins, asides and next-pass flags ``again``
+    (:func:`videoanchor.anchor.solvers._pass_kernel.joins`)."""
+    from videoanchor.anchor.solvers import _pass_kernel
+
+    p = state["program"]
+    _pass_kernel.joins(top, new, m, R, VE, state["JL"], state, state["active"][:cap], again,
+                       lam_z=p["lam_z"], lam_e=p["lam_e"], thr=p["tol"] if exact else SCREEN,
+                       grow0=GROW0, grow_max=GROW_MAX, exact=exact, last=last)  # fmt: skip
 
 
 def dense_at_start(X: torch.Tensor, nearest: torch.Tensor, lam_e: float, lam_z: float,
@@ -188,101 +212,40 @@ def _state(program: dict, cols: torch.Tensor, ids: torch.Tensor, z: torch.Tensor
                 # active), the kernel's count (0: a pass that only checks), the passes run
                 # (those with an active column) and the active columns summed over them
                 active=torch.arange(nc, **i32),
-                positions=torch.arange(max(nc, program["d"], GROW_MAX), **i32),
                 count=torch.full((1,), nc, **i32), kcount=torch.full((1,), nc, **i32),
                 passes=torch.zeros(1, dtype=torch.int64, device=dev),
+                JL=torch.zeros(ids.shape[0], eids.shape[1], **i32),  # (the joins' scratch)
                 active_sum=torch.zeros(1, dtype=torch.int64, device=dev),
                 graphs={})  # fmt: skip
 
 
 def _pass(state: dict, cap: int, *, exact: bool, last: bool) -> None:
     """One pass over the active columns (``state["active"][:count]``, ``count <= cap``) with
-    no host read and shapes fixed by ``cap``: the kernel (over ``kcount`` of them), their
-    residuals, the one GEMM ``Y^T R`` (float64 where ``exact``, else float32), their
-    violations; the ``grow`` worst coefficient violators into the free coefficient slots,
-    every violating outlier entry into the free outlier slots; a column whose slots cannot
-    take them is set aside (``last``: only where no slot is free); the columns that took
-    variables, did not solve, or (``exact``) whose support is off its own stationarity,
-    lead the next active list. A column whose run took one step after taking variables
-    (they did not join: rounding flagged them) leaves the list."""
+    no host read and shapes fixed by ``cap``, 13 operators: the kernel (over ``kcount`` of
+    them), their residuals and outlier violations (:func:`residuals`), the one GEMM
+    ``R X^T`` (float64 where ``exact``, else float32), the coefficients' violations
+    (:func:`violations`), their ``grow`` worst (``topk``), the joins (:func:`joins`: those
+    into the free coefficient slots, every violating outlier entry into the free outlier
+    slots; a column whose slots cannot take them is set aside, ``last``: only where no slot
+    is free; the columns that took variables, did not solve, or (``exact``) whose support is
+    off its own stationarity run again, but one whose run took one step after taking
+    variables: they did not join, rounding flagged them), and the next active list (a
+    stable sort of those flags) with its count."""
     p = state["program"]
-    n, d = p["n"], p["d"]
-    lam_z, lam_e = p["lam_z"], p["lam_e"]
-    ran = state["kcount"] > 0
-    launch(state, state["active"][:cap], state["kcount"])
-    dt = torch.float64 if exact else torch.float32
-    R = torch.empty(cap, d, dtype=dt, device=state["ids"].device)
-    residuals(state, R, cap)
     act = state["active"][:cap]
-    a = act.long()
-    live = state["positions"][:cap] < state["count"]
-    ids, z, eids, ze = state["ids"][a], state["z"][a], state["eids"][a], state["ze"][a]
-    cols = state["cols"][a]
-    M, ME = ids.shape[1], eids.shape[1]
-    # coefficients: m_u = lambda_z (Y^T r)_u - mu, violation |m_u| - 1; c_i and the support
-    # are no candidates (their entries at -inf; an empty slot's at i)
+    launch(state, act, state["kcount"])
+    dt = torch.float64 if exact else torch.float32
+    R = torch.empty(cap, p["d"], dtype=dt, device=act.device)
+    VE = torch.empty_like(R)
+    residuals(state, R, VE, cap)
     m = torch.mm(R, (p["X"] if exact else p["X32"]).T)
-    m.mul_(lam_z).sub_(state["mu"][a, None].to(dt))
-    support = (ids >= 0) & (z != 0)
-    viol = m.abs().sub_(1.0)
-    viol.scatter_(1, torch.cat([cols[:, None], torch.where(support, ids, cols[:, None])], 1),
-                  -math.inf)  # fmt: skip
-    k = min(GROW_MAX, n, M)
-    top, new = viol.topk(k, dim=1)
-    grow = torch.clamp(GROW0 * torch.pow(2, state["passes"].clamp(max=8)), max=GROW_MAX)
-    rank = state["positions"][None, :k]
-    thr = p["tol"] if exact else SCREEN
-    keep = support.sum(dim=1, dtype=torch.int32)
-    fresh = (top > thr) & live[:, None]
-    ok = fresh & (rank < grow) & (rank < (M - keep)[:, None])
-    # outlier entries: m_o = lambda_z r_o, violation (|m_o| - lambda_e) / lambda_e; every
-    # violator off the support joins
-    held = (eids >= 0) & (ze != 0)
-    ve = R.abs().mul_(lam_z / lam_e).sub_(1.0)
-    ve = torch.cat([ve, ve.new_zeros(cap, 1)], 1)
-    ve.scatter_(1, torch.where(held, eids, d).long(), -math.inf)
-    vio = (ve[:, :d] > thr) & live[:, None]
-    nvio = vio.sum(dim=1, dtype=torch.int32)
-    free_e = ME - held.sum(dim=1, dtype=torch.int32)
-    full_c = fresh[:, 0] & (keep == M)
-    full_e = (nvio > 0) & (free_e == 0) if last else nvio > free_e
-    aside = full_c | full_e
-    # each column keeps its support in its slots (the kernel's inverse over it stays valid)
-    # and takes its joiners into the free slots, lowest first
-    take = live & ~aside
-    slot = torch.argsort(support.to(torch.int8), dim=1, stable=True)[:, :k]
-    ok &= take[:, None]
-    ids2 = torch.cat([torch.where(support, ids, -1), ids.new_full((cap, 1), -1)], dim=1)
-    ids2.scatter_(1, torch.where(ok, slot, M), torch.where(ok, new, -1).to(ids2.dtype))
-    rk = torch.cumsum(vio, dim=1, dtype=torch.int32) - 1  # each violator's rank in its row
-    slot_e = torch.argsort(held.to(torch.int8), dim=1, stable=True)
-    join = vio & take[:, None] & (rk < free_e[:, None])
-    to = torch.where(join, slot_e.gather(1, rk.clamp(0, ME - 1).long()), ME)
-    eids2 = torch.cat([torch.where(held, eids, -1), eids.new_full((cap, 1), -1)], dim=1)
-    eids2.scatter_(1, to, state["positions"][None, :d].expand(cap, d))
-    again = take & (ok.any(dim=1) | join.any(dim=1) | (state["status"][a] != SOLVED))
-    if exact:  # the support's own stationarity: where it fails, the kernel rebuilds
-        sc = torch.where(support, ids, 0).long()
-        err_c = (m.gather(1, sc) - torch.sign(z)).abs()
-        se = torch.where(held, eids, 0).long()
-        err_e = (R.gather(1, se) * (lam_z / lam_e) - torch.sign(ze)).abs()
-        off = torch.cat([torch.where(support, err_c, 0.0), torch.where(held, err_e, 0.0)],
-                        1).amax(dim=1) > thr  # fmt: skip
-        off &= take
-        if "Sok" in state:
-            state["Sok"].index_copy_(0, a, torch.where(off, 0, state["Sok"][a]))
-        again |= off
-    # a run of one step after the last pass's joiners: they did not join (rounding)
-    stuck = ran & (state["passes"] > 0) & (state["steps_pass"][a] <= 1)
-    again &= ~(stuck & (state["status"][a] == SOLVED))
-    state["ids"].index_copy_(0, a, torch.where(take[:, None], ids2[:, :M], ids))
-    state["eids"].index_copy_(0, a, torch.where(take[:, None], eids2[:, :ME], eids))
-    state["aside"].index_add_(0, a, (aside & live).to(torch.int32))
-    state["steps"].index_add_(0, a, torch.where(live & ran, state["steps_pass"][a], 0).long())
-    state["passes"] += state["count"] > 0
-    state["active_sum"] += state["count"]
-    state["active"][:cap] = act[torch.argsort((~again).to(torch.int8), stable=True)]
-    state["count"][0] = again.sum()
+    V = torch.empty_like(m)
+    violations(state, m, V, cap)
+    top, new = V.topk(min(GROW_MAX, p["n"], state["ids"].shape[1]), dim=1)
+    again = torch.empty(cap, dtype=torch.int32, device=act.device)
+    joins(state, top, new, m, R, VE, again, cap, exact=exact, last=last)
+    state["active"][:cap] = act[torch.argsort(again, descending=True, stable=True)]
+    state["count"].copy_(again.sum(dim=0, keepdim=True))
     state["kcount"].copy_(state["count"])
 
 
