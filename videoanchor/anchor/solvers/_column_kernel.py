@@ -39,9 +39,11 @@ import triton
 import triton.language as tl
 
 #: Elements of one row tile (``BR x M``) of the inverse, ``G`` or ``Y`` gathered at the slots.
-TILE = 1024
+TILE = 128
 #: Threads per program: 4 warps.
 NUM_WARPS = 4
+#: Compile options: ptxas holds the kernel to 128 registers (4 blocks of 128 threads an SM).
+OPTIONS = dict(maxnreg=128)
 #: Refinements of each target against the unfactored system.
 REFINE = 2
 
@@ -385,7 +387,9 @@ def _column_kernel(G, X, scalars, cols_ptr, ids_ptr, z_ptr, eids_ptr, ze_ptr, mu
                     if mc > worst_e:
                         worst_e = mc
                         at_e = e0 + tl.argmax(vo, axis=0)
-                        sign_e = tl.sum(tl.where(er == at_e, tl.where(mo > 0.0, 1.0, -1.0), 0.0))
+                        sign_e = tl.sum(
+                            tl.where(er == at_e, tl.where(mo > 0.0, 1.0, -1.0), 0.0)
+                        ).to(tl.float64)
                 gz = _gmv(G, N, ids_ptr + k * M, cols64, valid, z, vs, used, offs, BR, M)
                 m = p - lam_z * (gz + xe) - mu
                 viol = tl.where(valid & ~F, tl.abs(m) - 1.0, 0.0)
@@ -503,5 +507,5 @@ def launch(state: dict, active: torch.Tensor, count: torch.Tensor) -> None:
         state["ze"], state["mu"], state["status"], state["steps_pass"], state["Sinv"],
         state["Skey"], state["Sok"], state["Svec"], state["Sout"], active, count,
         p["n"], p["d"], ME, p["max_inner"], M=M, BR=BR, BE=BE, REFINE=REFINE,
-        num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS, **OPTIONS,
     )  # fmt: skip
