@@ -30,6 +30,7 @@ Triton's interpreter (``--kernel reference``: the tests' float64 torch stand-in,
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -455,6 +456,53 @@ def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool 
     return path
 
 
+def compile_static(cc: int) -> list[dict]:
+    """The pass's Triton kernels (``_pass_kernel``: residuals, violations, joins) compiled
+    ahead of time for ``sm_<cc>`` at each level's slots, float32 and float64 (Triton's
+    bundled ptxas, no GPU; run with ``TRITON_INTERPRET=0``): registers, spill bytes, shared
+    memory. STATIC figures, read from compiled code."""
+    from videoanchor.anchor.solvers import _pass_kernel as pk
+    from videoanchor.kernels import aot
+    from videoanchor.kernels.launch import Launch
+
+    n, d, cap, k = 2048, 3584, 2048, wc.GROW_MAX
+    i32, i64, f64 = torch.int32, torch.int64, torch.float64
+    e = lambda *shape, dtype=f64: torch.empty(*shape, dtype=dtype)  # noqa: E731
+    rows = []
+    for M, ME in zip(wc.SLOTS, wc.OUTLIER_SLOTS, strict=True):
+        for dt in (torch.float32, torch.float64):
+            one = e(1, dtype=i32)
+            common = (e(n, dtype=i64), e(n, M, dtype=i32), e(n, M), e(n, ME, dtype=i32),
+                      e(n, ME))  # fmt: skip
+            recs = {
+                "residuals": Launch(pk._residual_kernel, (cap, d // pk.BD),
+                                    (e(n, d), *common, e(cap, dtype=i32), one, e(cap, d, dtype=dt),
+                                     e(cap, d, dtype=dt), d, M, ME, 1.5),
+                                    {"BD": pk.BD, "BS": pk.BS}),
+                "violations": Launch(pk._violations_kernel, (cap, n // 128),
+                                     (e(cap, n, dtype=dt), e(cap, n, dtype=dt), common[0],
+                                      common[1], common[2], e(n), e(cap, dtype=i32), one,
+                                      e(1, dtype=i64), e(1, dtype=i64), n, M, 1.5),
+                                     {"BN": 128, "BS": 16}),
+                "joins": Launch(pk._joins_kernel, (cap,),
+                                (e(cap, k, dtype=dt), e(cap, k, dtype=i64), e(cap, n, dtype=dt),
+                                 e(cap, d, dtype=dt), e(cap, d, dtype=dt), e(n, ME, dtype=i32),
+                                 *common, e(n), e(n, dtype=i32), e(n, dtype=i32),
+                                 e(n, dtype=i64), e(n, dtype=i32), e(n, dtype=i32),
+                                 e(cap, dtype=i32), e(cap, dtype=i32), one, one,
+                                 e(1, dtype=i64), n, d, ME, k, 1.5, 0.5, 1e-9, 16, 64),
+                                {"exact": dt == f64, "last": False, "has_ok": True, "M": M,
+                                 "MEP": ME, "KP": k, "BD": 128}),
+            }  # fmt: skip
+            for name, rec in recs.items():
+                got = aot.compile_launch(rec, cc)
+                rows.append({"kernel": name, "M": M, "ME": ME, "dtype": str(dt)[6:],
+                             **{x: got.get(x) for x in ("cc", "registers", "spill_stores",
+                                                        "spill_loads", "shared_bytes",
+                                                        "num_warps", "ctas_per_sm")}})  # fmt: skip
+    return rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--frames", default="16,32,64")
@@ -472,12 +520,24 @@ def main(argv=None) -> None:
     ap.add_argument("--counts", action="store_true",
                     help="CPU: passes, active columns, operators and host reads a pass and a "
                     "call on small sets (module docstring)")  # fmt: skip
+    ap.add_argument("--static", type=int, default=None, metavar="CC",
+                    help="compile the pass's Triton kernels for sm_CC ahead of time (no GPU; "
+                    "TRITON_INTERPRET=0): one JSON line each")  # fmt: skip
     ap.add_argument("--kernel", default="triton", choices=("triton", "reference"),
                     help="--counts: the column kernel (interpreted) or the tests' stand-in")  # fmt: skip
     ap.add_argument("--ncu", action="store_true",
                     help="for ncu: warm_up (one launch per level of slots, no columns), then "
                     "one solve of the working sets at 16 frames of Qwen2.5-VL-7B")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.static is not None:  # one JSON line a kernel, and the JSON file
+        rows = compile_static(args.static)
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        meta = environment(f"sm_{args.static} static")
+        meta["note"] = ("STATIC: Triton's bundled ptxas, no GPU; the pass's kernels at N = "
+                        "2048, D = 3584, capacity 2048, each level's slots")  # fmt: skip
+        print(write_result(f"workset_cuda_pass_kernels_sm{args.static}", meta, rows, args.out_dir))
+        return
     if args.counts:
         print(counts(args.out_dir, kernel=args.kernel))
         return
