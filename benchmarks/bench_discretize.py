@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numba
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,6 +189,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     meta = environment("cpu")
     meta.update(torch_threads=1, loadavg_start=os.getloadavg(), n_clusters=K,
+                numba=numba.__version__, numpy=np.__version__,
                 what="discretize and steady_stability: the compiled decisions (new) against "
                      "the torch loop they replaced (old, tests/discretize_reference.py)")  # fmt: skip
     timing = list(TIMING)
