@@ -280,3 +280,37 @@ def test_bad_input():
     with pytest.raises(ValueError, match="ME: expected a power of two, got 3"):
         ck.launch(dict(st, eids=torch.full((2, 3), -1, dtype=torch.int32)), active,
                   torch.tensor([2], dtype=torch.int32))  # fmt: skip
+
+
+@pytest.mark.parametrize("cc", [90, 80])
+def test_levels_compile_within_the_register_target(cc):
+    """STATIC (Triton's bundled ptxas, no GPU): each level of coefficient slots compiled for
+    sm_90 and sm_80 holds at most 128 registers, spills nothing and fits 4 blocks of 128
+    threads an SM (benchmarks/bench_column_kernel.py --static; Triton 3.9 only)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from videoanchor.kernels import aot
+
+    reason = aot.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    root = Path(__file__).resolve().parents[1]
+    levels = (64, 128, 256)
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bench_column_kernel.py"), "--static",
+         str(cc), "--slots", ",".join(map(str, levels)), "--no-write"],
+        capture_output=True, text=True, cwd=str(root), timeout=1800,
+        env=dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(root)),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["M"] for r in rows] == list(levels), proc.stdout[-3000:]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["cc"] == cc and r["threads"] == 128 and 0 < r["registers"] <= 128, r
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        assert r["ctas_per_sm"] >= 4 and r["shared_bytes"] <= r["shared_limit"], r
