@@ -360,10 +360,10 @@ def label_shares(labels: torch.Tensor) -> torch.Tensor:
     """The paper's cluster share ``pi_j`` (``(N,)`` float64): token ``j``'s cluster's share
     of the tokens under ``labels`` (``(N,)``, or ``(draws, N)``: averaged over the draws)."""
     lab = labels.reshape(-1, labels.shape[-1])
-    return (
-        torch.stack([torch.bincount(row)[row] for row in lab]).to(torch.float64).mean(0)
-        / lab.shape[1]
-    )
+    # (counts by a scatter into N bins, not bincount: its size is read from the device)
+    counts = torch.zeros(lab.shape, dtype=torch.float64, device=lab.device)
+    counts.scatter_add_(1, lab, torch.ones_like(counts))
+    return counts.gather(1, lab).mean(0) / lab.shape[1]
 
 
 # The steady share (issue 91), the default.
@@ -523,7 +523,7 @@ def cluster(coef: torch.Tensor, opts, *, group=None, rank: int = 0, affinity: st
     draws = torch.empty(opts.label_draws, n, dtype=torch.long, device=coef.device)
     # the shares travel with their weight (the record's): [w, z, pi_1 .. pi_N]
     packed = torch.empty(n + 2, dtype=torch.float64, device=coef.device)
-    record, error = {}, None
+    record, error, shares = {}, None, None
     if rank == 0:
         try:
             if coef.is_sparse and share == "soft":
@@ -555,8 +555,9 @@ def cluster(coef: torch.Tensor, opts, *, group=None, rank: int = 0, affinity: st
                           else "paper", share_weight=float(packed[0]))  # fmt: skip
             if not math.isnan(float(packed[1])):
                 record["stability"] = float(packed[1])
-    shares = None if bool(packed[2:].isnan().any()) else packed[2:].clone()
-    return draws, shares, record
+    # (rank 0 knows whether its shares are the paper's; another rank reads the flag)
+    keep = shares is not None if rank == 0 else not bool(packed[2:].isnan().any())
+    return draws, packed[2:].clone() if keep else None, record
 
 
 @bounded()
