@@ -497,7 +497,7 @@ def launch(state: dict, active: torch.Tensor, count: torch.Tensor) -> None:
     scratch(state)
     p = state["program"]
     M, ME = state["ids"].shape[1], state["eids"].shape[1]
-    BR, BE = tiles(M)
+    BR, BE = tiles(M, TILE)
     BE = min(BE, ME)
     cap = active.shape[0]
     if cap == 0:
