@@ -282,8 +282,10 @@ def _shared(record: dict) -> dict:
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for this stream's work on ``device`` (the stage timings): not the whole device,
+    so that a server's decode queued on another stream is not waited for."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 @bounded()

@@ -119,7 +119,7 @@ class TorchKernels(admm_steps.Kernels):
 
     def sync(self) -> None:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
 
 
 @exact_float32

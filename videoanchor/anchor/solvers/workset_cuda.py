@@ -157,7 +157,7 @@ def warm_up(device, slots: tuple[int, ...] = SLOTS,
         for exact in (False, True):
             _pass(state, 1, exact=exact, last=level + 1 == len(levels))
         if device.type == "cuda":
-            torch.cuda.synchronize(device)
+            torch.cuda.current_stream(device).synchronize()
         took[M] = time.perf_counter() - t
     return took
 
@@ -420,7 +420,7 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
         eids = torch.cat([state["eids"][keep], state["eids"].new_full((aside, ME2 - ME), -1)], 1)
         ze = torch.cat([state["ze"][keep], ze.new_zeros((aside, ME2 - ME))], 1)
     if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+        torch.cuda.current_stream(dev).synchronize()
     t2 = time.perf_counter()
     # (row, column) positions that hold every non-zero of C: each column's slots
     at = final.flatten()
