@@ -142,9 +142,13 @@ def test_a_pass_reads_nothing_and_a_call_reads_four_times(reference_kernel, monk
         counting(monkeypatch.setattr, call)
         out = wc.solve_workset_cuda(x, slots=(16,), outlier_slots=(8,), max_inner=300)
     assert out["reads"] == ["lambdas", "dense", "round", "round"]
-    # (ssc_lambdas' one copy, the screen's bool, two rounds; ssc_lambdas reads its median
-    # token's row once more, a scalar)
+    # (ssc_lambdas' one copy, the screen's bool, two rounds, and the features' finiteness
+    # test, which the entry point's checked features skip: run_workset_cuda's call)
     assert len(call.reads) == 5, call.reads
+    with Counter() as checked:
+        counting(monkeypatch.setattr, checked)
+        wc.solve_workset_cuda(x, slots=(16,), outlier_slots=(8,), max_inner=300, checked=True)
+    assert len(checked.reads) == 4, checked.reads
     X = x.double()
     n, d = X.shape
     program = wc._program(X, X @ X.T, out["lambda_e"], out["lambda_z"], tol=1e-9, max_inner=300)

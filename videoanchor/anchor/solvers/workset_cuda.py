@@ -317,7 +317,8 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
                        slots: tuple[int, ...] = SLOTS,
                        outlier_slots: tuple[int, ...] | None = None, tol: float = 1e-9,
                        max_passes: int = 500, max_inner: int = 1000,
-                       precision: str = "float32", wide_share: float = WIDE_SHARE) -> dict:  # fmt: skip
+                       precision: str = "float32", wide_share: float = WIDE_SHARE,
+                       checked: bool = False) -> dict:  # fmt: skip
     """The program's minimiser for ``features`` (``N x D``) by the working sets on their
     device (module docstring), float64 inside the kernel. ``slots``, ``outlier_slots``: the
     coefficient and outlier slots per column at each level (non-decreasing, from
@@ -337,7 +338,9 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
     last level), ``steps`` (per column, on the device), ``reads`` (host reads, by kind),
     ``dense`` and ``timings``."""
     t0 = time.perf_counter()
-    x = as_feature_tensor(features)
+    # (``checked``: features the entry point checked already; their finiteness test is a
+    # host read)
+    x = features if checked else as_feature_tensor(features)
     n, d = x.shape
     if n < 2:
         raise ValueError(f"SSC needs at least 2 points, got N = {n}")
@@ -465,7 +468,12 @@ def run_workset_cuda(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: fl
     if getattr(progress, "schedules_only", False):  # a scheduler's hook: its turn
         progress.wait()
     out = solve_workset_cuda(
-        x, alpha_e=alpha_e, alpha_z=alpha_z, slots=slots, outlier_slots=outlier_slots
+        x,
+        alpha_e=alpha_e,
+        alpha_z=alpha_z,
+        slots=slots,
+        outlier_slots=outlier_slots,
+        checked=True,
     )
     history = {k: out[k] for k in ("passes", "active", "wide_columns", "overflow", "dense")}
     history["host_reads"] = len(out["reads"])
