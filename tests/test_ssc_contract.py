@@ -131,8 +131,9 @@ def test_the_cuda_route_names_dark_tokens_in_one_warning_too():
                 work=torch.float32, fallback=fast_plan)  # fmt: skip
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        res = wc.run_workset_cuda(x, plan, slots=(4,), alpha_e=800.0, alpha_z=800.0, rho=0.1,
-                                  eps=1e-4, max_iter=60, progress=False)  # fmt: skip
+        res = wc.run_workset_cuda(x, plan, slots=(4,), outlier_slots=(4,), alpha_e=800.0,
+                                  alpha_z=800.0, rho=0.1, eps=1e-4, max_iter=60,
+                                  progress=False)  # fmt: skip
     assert res.solver == "fast", res.strategy  # (the fallback ran: the path that warned twice)
     said = [str(w.message) for w in seen if "mu_z" in str(w.message)]
     assert len(said) == 1, said
