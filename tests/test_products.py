@@ -148,7 +148,7 @@ def test_auto_is_fp16x3_only_where_it_runs_natively_and_the_solver_allows_it(mon
     """ "auto" picks fp16x3 on a CUDA device with float16 tensor cores (H100, 2026-11-24: as
     faithful and as stable as float32, 1.1-1.4x faster) and full everywhere else: on a CPU,
     and wherever fp16x3 could not run (then it never raises, unlike an explicit fp16x3)."""
-    from videoanchor.anchor import options, plan, products
+    from videoanchor.anchor import plan, products
     from videoanchor.anchor.options import SSCOptions
 
     assert products._has_out_dtype()  # this PyTorch (>= 2.8) has torch.mm(out_dtype=...)
@@ -157,7 +157,7 @@ def test_auto_is_fp16x3_only_where_it_runs_natively_and_the_solver_allows_it(mon
     assert products.resolve_precision("auto", "cpu") == "full"
     assert products.resolve_precision("full", "cuda") == "full"
     ok = dict(fast=True, work=torch.float32, device="cpu")
-    assert options.check_precision("auto", **ok) == "full"
+    assert plan.check_precision("auto", **ok) == "full"
     # the memory rule counts what runs: the plan resolves "auto" first (fp16x3's parts only
     # where it is native), and the memory model refuses an unresolved "auto"
     full = plan.exact_bytes(512, 256, 4, "cuda", "full")
@@ -176,13 +176,13 @@ def test_auto_is_fp16x3_only_where_it_runs_natively_and_the_solver_allows_it(mon
             plan.make_plan(x.shape, x.device, SSCOptions(n_clusters=3, **other).checked()).precision
             == "full"
         )
-    assert options.check_precision("auto", **ok) == "fp16x3"
-    assert options.check_precision("auto", **{**ok, "device": None}) == "full"
+    assert plan.check_precision("auto", **ok) == "fp16x3"
+    assert plan.check_precision("auto", **{**ok, "device": None}) == "full"
     for kw in (dict(fast=False), dict(work=torch.float64), dict(blocked=True),
                dict(backend="cupy")):  # fmt: skip
-        assert options.check_precision("auto", **{**ok, **kw}) == "full"
+        assert plan.check_precision("auto", **{**ok, **kw}) == "full"
         with pytest.raises(ValueError, match="precision='fp16x3'"):
-            options.check_precision("fp16x3", **{**ok, **kw})
+            plan.check_precision("fp16x3", **{**ok, **kw})
     # the options keep "auto" (resolved where the device is known), so cache keys say so
     assert SSCOptions(precision="auto").precision == "auto"
 

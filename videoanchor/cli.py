@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from videoanchor.anchor.options import DEFAULTS as SSC
-from videoanchor.anchor.options import PRECISIONS, SSC_SOLVERS
+from videoanchor.anchor.options import SSC_SOLVERS
+from videoanchor.anchor.plan import PRECISIONS
 from videoanchor.pipeline import (
     PipelineError,
     _first_line,

@@ -4,9 +4,10 @@ Every entry point that takes SSC options derives from :class:`SSCOptions`: the d
 (:data:`DEFAULTS`), the up-front check (:meth:`SSCOptions.checked`), the options that change
 ``C`` or the scores (:func:`names_affecting`, the score caches' keys), and, in the
 integrations, ``AnchorConfig``'s SSC fields and the command lines' defaults. Every option
-check lives here: each option's own, those of options together (:func:`check_blocked`,
-:func:`check_precision`, :func:`check_distributed`) and the plan's
-(:func:`check_plan_options`).
+check lives here: each option's own and those of options together
+(:func:`check_distributed`, and the plan's rules of what runs together,
+:func:`~videoanchor.anchor.plan.check_blocked` and
+:func:`~videoanchor.anchor.plan.check_precision`, asked up front).
 """
 
 from __future__ import annotations
@@ -20,15 +21,13 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
-from videoanchor.anchor.products import resolve_precision
+from videoanchor.anchor.plan import PRECISIONS, check_blocked, check_precision
 
 __all__ = [
     "CHECKS",
     "DEFAULTS",
     "EIGEN_SOLVERS",
-    "PRECISIONS",
     "SSCOptions",
-    "check_precision",
     "names_affecting",
     "takes_options",
 ]
@@ -36,7 +35,6 @@ __all__ = [
 SSC_BACKENDS = ("auto", "torch", "cupy")
 SSC_SOLVERS = ("auto", "fast", "faithful", "workset")
 SSC_MODES = ("auto", "exact", "blocked")
-PRECISIONS = ("auto", "full", "fp16x3")
 EIGEN_SOLVERS = {  # per mode: what the spectral step of that mode can run
     "exact": ("auto", "eigh", "krylov", "chebyshev"),
     "auto": ("auto",),
@@ -376,86 +374,6 @@ def check_distributed(mode: str, solver: str, backend: str) -> None:
             "process_group: the solvers that run over processes are torch's; expected backend "
             "'auto' or 'torch', got 'cupy'"
         )
-
-
-def blocked_refusal(solver: str, backend: str, precision: str = "auto", *,
-                    tokens: int | None = None) -> str | None:  # fmt: skip
-    """Why blocked mode cannot run ``solver``, ``backend`` and ``precision`` (it runs the
-    authors' iteration on torch, in full precision), or None where it can. ``tokens``: the N
-    for which ``mode="auto"`` chose it (None: asked for)."""
-    chose = "" if tokens is None else (
-        f" (mode='auto' chose it: these {tokens} tokens need blocked mode, as exact mode does "
-        "not fit in memory or N exceeds its limit)"
-    )  # fmt: skip
-    if backend == "cupy":
-        return f"mode='blocked'{chose}: expected backend 'auto' or 'torch', got 'cupy'"
-    if solver == "fast":
-        return (
-            f"mode='blocked'{chose} runs the authors' iteration only; expected solver 'auto' "
-            f"or 'faithful', got {solver!r}"
-        )
-    if precision == "fp16x3":
-        return (
-            f"mode='blocked'{chose} runs the authors' iteration in full precision; expected "
-            "precision 'auto' or 'full', got 'fp16x3'"
-        )
-    return None
-
-
-def check_blocked(solver: str, backend: str, precision: str = "auto", *,
-                  tokens: int | None = None) -> None:  # fmt: skip
-    """Refuse what blocked mode cannot run: a ValueError saying why
-    (:func:`blocked_refusal`)."""
-    why = blocked_refusal(solver, backend, precision, tokens=tokens)
-    if why is not None:
-        raise ValueError(why)
-
-
-def check_precision(precision, *, fast: bool, work, solver: str | None = None,
-                    blocked: bool = False, backend: str = "torch", device=None) -> str:  # fmt: skip
-    """``precision`` resolved for ``device`` (``None``: not known yet); a ValueError naming
-    what is missing where ``"fp16x3"`` is asked for and cannot run: only the fast solver's
-    torch iteration in float32, in exact mode, has it (``fast``: the fast solver runs,
-    ``solver``: the one asked for; ``work``: the working dtype). ``"auto"`` never raises:
-    ``"fp16x3"`` where that runs natively (:func:`~videoanchor.anchor.products.resolve_precision`) and the rest allows
-    it, else ``"full"``."""
-    if not isinstance(precision, str) or precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
-    got = f" (got {solver!r})" if solver is not None else ""
-    problems = [
-        what
-        for bad, what in (
-            (not fast, f"the fast solver: solver 'fast' or 'auto'{got}"),
-            (blocked, "mode 'exact' or 'auto' (blocked runs the authors' iteration)"),
-            (backend not in ("torch", "auto"), f"backend 'torch' or 'auto' (got {backend!r})"),
-            (work != torch.float32, f"dtype float32 (got {work})"),
-        )
-        if bad
-    ]
-    if precision == "auto":
-        return "full" if problems else resolve_precision("auto", device)
-    if precision != "fp16x3":
-        return precision
-    if problems:
-        raise ValueError(
-            "precision='fp16x3' runs the fast solver's float32 products on float16 tensor "
-            "cores; it needs " + "; ".join(problems) + ". Use precision='auto' or 'full' otherwise"
-        )
-    return precision
-
-
-def check_plan_options(opts, *, fast: bool, device, backend: str,
-                       tokens: int) -> tuple[str, str | None]:  # fmt: skip
-    """The option checks of :func:`~videoanchor.anchor.plan.make_plan`, together, before it
-    decides anything: ``(precision, refusal)``. ``precision``: ``opts.precision`` resolved
-    for ``device`` by :func:`check_precision` (``fast``: the fast solver runs; ``backend``:
-    the dense solver's array module), a ValueError where ``"fp16x3"`` cannot run.
-    ``refusal``: why blocked mode cannot run ``opts`` (:func:`blocked_refusal`, for
-    ``tokens`` tokens), None where it can; the plan raises it where ``mode="auto"`` chooses
-    blocked mode."""
-    precision = check_precision(opts.precision, fast=fast, work=opts.dtype, solver=opts.solver,
-                                device=device, backend=backend)  # fmt: skip
-    return precision, blocked_refusal(opts.solver, opts.backend, opts.precision, tokens=tokens)
 
 
 _PROGRAM = ("alpha_e", "alpha_z", "rho", "eps", "max_iter", "dtype", "progress")

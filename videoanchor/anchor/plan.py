@@ -4,8 +4,10 @@ An SSC entry point runs in stages: options (:mod:`videoanchor.anchor.options`) a
 (:func:`~videoanchor.anchor._inputs.prepare_features`), checked once; the plan
 (:func:`make_plan`: mode, solver, backend, device, working dtype, precision, A-step strategy,
 block size and the memory they take); the solve (:mod:`videoanchor.anchor.solve`); the
-clustering and the scores. Here: the plan, the memory rule (what the device has available
-now) and the solvers' cost models (peak bytes, the A-step's cheaper inverse).
+clustering and the scores. Here: the plan, its rules of what runs together (what blocked mode
+and ``precision="fp16x3"`` can run: :func:`check_blocked`, :func:`check_precision`, which the
+options' up-front check asks as well), the memory rule (what the device has available now)
+and the solvers' cost models (peak bytes, the A-step's cheaper inverse).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from videoanchor.anchor.collective import OTHER_RANK_FAILED, _group, any_rank
-from videoanchor.anchor.options import check_plan_options
+from videoanchor.anchor.products import resolve_precision
 
 __all__ = [
     "EXACT_MAX_TOKENS",
+    "PRECISIONS",
     "ROUTES",
     "WARM_SET",
     "Plan",
@@ -36,6 +39,9 @@ __all__ = [
     "format_bytes",
     "free_memory_bytes",
     "auto_solver",
+    "blocked_refusal",
+    "check_blocked",
+    "check_precision",
     "iteration_options",
     "make_plan",
     "split_bytes",
@@ -201,7 +207,7 @@ def exact_bytes(n: int, d: int, itemsize: int, device_type: str, precision: str 
     if precision not in ("full", "fp16x3"):
         raise ValueError(
             f"precision: expected the precision that runs, 'full' or 'fp16x3' (resolve 'auto' "
-            f"with videoanchor.anchor.options.check_precision first), got {precision!r}"
+            f"with videoanchor.anchor.plan.check_precision first), got {precision!r}"
         )
     if strategy == "auto":
         strategy = choose_strategy(n, d, outliers, device_type)
@@ -364,6 +370,76 @@ def fields_default(opts, name: str):
     return next(f.default for f in fields(opts) if f.name == name)
 
 
+#: what the fast solver's products may run as (:func:`check_precision`)
+PRECISIONS = ("auto", "full", "fp16x3")
+
+
+def blocked_refusal(solver: str, backend: str, precision: str = "auto", *,
+                    tokens: int | None = None) -> str | None:  # fmt: skip
+    """Why blocked mode cannot run ``solver``, ``backend`` and ``precision`` (it runs the
+    authors' iteration on torch, in full precision), or None where it can. ``tokens``: the N
+    for which ``mode="auto"`` chose it (None: asked for)."""
+    chose = "" if tokens is None else (
+        f" (mode='auto' chose it: these {tokens} tokens need blocked mode, as exact mode does "
+        "not fit in memory or N exceeds its limit)"
+    )  # fmt: skip
+    if backend == "cupy":
+        return f"mode='blocked'{chose}: expected backend 'auto' or 'torch', got 'cupy'"
+    if solver == "fast":
+        return (
+            f"mode='blocked'{chose} runs the authors' iteration only; expected solver 'auto' "
+            f"or 'faithful', got {solver!r}"
+        )
+    if precision == "fp16x3":
+        return (
+            f"mode='blocked'{chose} runs the authors' iteration in full precision; expected "
+            "precision 'auto' or 'full', got 'fp16x3'"
+        )
+    return None
+
+
+def check_blocked(solver: str, backend: str, precision: str = "auto", *,
+                  tokens: int | None = None) -> None:  # fmt: skip
+    """Refuse what blocked mode cannot run: a ValueError saying why
+    (:func:`blocked_refusal`)."""
+    why = blocked_refusal(solver, backend, precision, tokens=tokens)
+    if why is not None:
+        raise ValueError(why)
+
+
+def check_precision(precision, *, fast: bool, work, solver: str | None = None,
+                    blocked: bool = False, backend: str = "torch", device=None) -> str:  # fmt: skip
+    """``precision`` resolved for ``device`` (``None``: not known yet); a ValueError naming
+    what is missing where ``"fp16x3"`` is asked for and cannot run: only the fast solver's
+    torch iteration in float32, in exact mode, has it (``fast``: the fast solver runs,
+    ``solver``: the one asked for; ``work``: the working dtype). ``"auto"`` never raises:
+    ``"fp16x3"`` where that runs natively (:func:`~videoanchor.anchor.products.resolve_precision`) and the rest allows
+    it, else ``"full"``."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    got = f" (got {solver!r})" if solver is not None else ""
+    problems = [
+        what
+        for bad, what in (
+            (not fast, f"the fast solver: solver 'fast' or 'auto'{got}"),
+            (blocked, "mode 'exact' or 'auto' (blocked runs the authors' iteration)"),
+            (backend not in ("torch", "auto"), f"backend 'torch' or 'auto' (got {backend!r})"),
+            (work != torch.float32, f"dtype float32 (got {work})"),
+        )
+        if bad
+    ]
+    if precision == "auto":
+        return "full" if problems else resolve_precision("auto", device)
+    if precision != "fp16x3":
+        return precision
+    if problems:
+        raise ValueError(
+            "precision='fp16x3' runs the fast solver's float32 products on float16 tensor "
+            "cores; it needs " + "; ".join(problems) + ". Use precision='auto' or 'full' otherwise"
+        )
+    return precision
+
+
 def auto_solver(device: torch.device, backend: str, opts, *, program: str = "squared",
                 outliers: bool = True) -> str:  # fmt: skip
     """What ``solver="auto"`` runs in exact mode, the one rule of every entry point:
@@ -406,8 +482,9 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
     # products run as, where it is the one that runs (options checked: an fp16x3 that no
     # mode could run has been refused already), and what blocked mode would refuse
     fast = opts.solver in ("auto", "fast") and program == "squared"
-    precision, refusal = check_plan_options(opts, fast=fast, device=device, backend=backend,
-                                            tokens=n)  # fmt: skip
+    precision = check_precision(opts.precision, fast=fast, work=work, solver=opts.solver,
+                                device=device, backend=backend)  # fmt: skip
+    refusal = blocked_refusal(opts.solver, opts.backend, opts.precision, tokens=n)
     mode, fits = opts.mode, None
     if mode == "auto":
         if opts.solver == "workset":
