@@ -281,3 +281,59 @@ def test_every_package_module_is_in_its_containers_layers():
             if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").exists()
         }
         assert present <= listed, f"{container}: not in its layers contract: {present - listed}"
+
+
+def _private_anchor_modules() -> set[str]:
+    """Every module under ``videoanchor/anchor`` whose own name starts with an underscore."""
+    folder = ROOT / "videoanchor" / "anchor"
+    return {
+        ".".join(("videoanchor", *p.relative_to(ROOT / "videoanchor").with_suffix("").parts))
+        for p in folder.rglob("_*.py")
+        if p.name != "__init__.py"
+    }
+
+
+def test_no_module_outside_anchor_imports_a_private_anchor_module():
+    """Outside ``videoanchor/anchor`` (the integrations, the applications, the kernels), no
+    import names a private ``anchor`` module, even inside a function: what they need has a
+    public face (``anchor.collective``, ``anchor.warm_up``)."""
+    import ast
+
+    private = _private_anchor_modules()
+    assert "videoanchor.anchor._inputs" in private  # (the scan finds them)
+    found = []
+    for path in sorted((ROOT / "videoanchor").rglob("*.py")):
+        if (ROOT / "videoanchor" / "anchor") in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                if any(name == m or name.startswith(m + ".") for m in private):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {name}")
+    assert not found, f"private anchor modules imported outside anchor: {found}"
+
+
+def test_the_private_anchor_contract_names_every_private_module_and_every_outsider():
+    """pyproject.toml's forbidden contract keeps every private ``anchor`` module from every
+    other part of the package, so that a new private module or a new part is not left out."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    forbidden = [
+        c
+        for c in contracts["contracts"]
+        if c["type"] == "forbidden" and "videoanchor.anchor._inputs" in c["forbidden_modules"]
+    ]
+    assert len(forbidden) == 1, "pyproject.toml: expected one contract on anchor's private modules"
+    (c,) = forbidden
+    assert set(c["forbidden_modules"]) == _private_anchor_modules()
+    parts = {
+        f"videoanchor.{p.stem if p.suffix == '.py' else p.name}"
+        for p in (ROOT / "videoanchor").iterdir()
+        if (p.suffix == ".py" and not p.stem.startswith("_")) or (p / "__init__.py").exists()
+    } - {"videoanchor.anchor"}
+    assert set(c["source_modules"]) == parts

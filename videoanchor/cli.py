@@ -820,32 +820,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def cmd_warmup(args) -> int:
     """Compile the working-set SSC kernels (the lean and the full one) into Numba's cache (or
     load them from there) and run them once, and on a CUDA machine the GPU working sets'
-    Triton kernel into Triton's cache: a container image built with this step starts without
-    the compile."""
-    import time
+    Triton kernels into Triton's cache (:func:`videoanchor.anchor.warm_up`): a container
+    image built with this step starts without the compile."""
+    from videoanchor.anchor import warm_up
 
-    import torch
-
-    t0 = time.perf_counter()
-    from videoanchor.anchor.solvers import _workset_kernel as kernel
-    from videoanchor.anchor.solvers.workset import solve_ssc_workset
-
-    events = kernel.precompile()
-    res = solve_ssc_workset(torch.randn(12, 6, generator=torch.Generator().manual_seed(0)))
-    if not res.converged:
-        raise PipelineError("the working-set kernel ran but did not solve a 12-point set")
-    took = time.perf_counter() - t0
-    compiled = any(e["how"] == "compiled" for e in events)
-    how = "compiled into" if compiled else "loaded from"
-    print(f"videoanchor warmup: the working-set SSC kernel {how} Numba's cache in {took:.1f} s: "
-          f"{kernel.solve_columns.stats.cache_path}")  # fmt: skip
-    if torch.cuda.is_available():  # the CUDA working sets' Triton kernel, every level of slots
-        from videoanchor.anchor.solvers import workset_cuda
-
-        took = workset_cuda.warm_up(torch.device("cuda"))
-        print(f"videoanchor warmup: the CUDA working-set kernel (slots {', '.join(map(str, took))})"
-              f" compiled into or loaded from Triton's cache in {sum(took.values()):.1f} s "
-              "($TRITON_CACHE_DIR, else ~/.triton/cache)")  # fmt: skip
+    for line in warm_up().lines():
+        print(f"videoanchor warmup: {line}")
     return 0
 
 

@@ -21,6 +21,7 @@ from videoanchor.anchor.scores import (
 from videoanchor.anchor.solvers.admm import solve_ssc_admm
 from videoanchor.anchor.solvers.blocked import solve_ssc_blocked
 from videoanchor.anchor.solvers.workset import SetsTooLarge, reference_minimiser, solve_ssc_workset
+from videoanchor.anchor.warmup import WarmUp, warm_up
 
 __all__ = [
     "AnchorResult",
@@ -31,6 +32,7 @@ __all__ = [
     "SSCSolution",
     "SSCOptions",
     "SetsTooLarge",
+    "WarmUp",
     "anchor_result_from_coefficients",
     "anchor_scores",
     "compute_anchor_scores",
@@ -45,4 +47,5 @@ __all__ = [
     "ssc_affinity",
     "ssc_coefficients",
     "ssc_lambdas",
+    "warm_up",
 ]

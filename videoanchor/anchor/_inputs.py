@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import math
-import threading
 import warnings
 from dataclasses import replace
 
 import numpy as np
 import torch
 
-from videoanchor.anchor.collective import _group, share_features
+from videoanchor.anchor.collective import _group, agree_across_ranks, share_features
 from videoanchor.anchor.products import exact_float32
 
 
@@ -80,91 +79,6 @@ def warn_dominant_token(x: torch.Tensor, work: torch.dtype) -> None:
             UserWarning,
             stacklevel=3,
         )
-
-
-# ---- ranks of a process group: one collective, the same outcome everywhere ----------------
-
-
-def _canonical(value) -> str:
-    """A text form of an option that is equal on two ranks exactly when the option is."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return repr(int(value))
-    if isinstance(value, (float, np.floating)):
-        return repr(float(value))
-    return repr(value)
-
-
-#: seconds a rank waits in an agreement check before it warns that a rank may be missing
-AGREE_WARN_AFTER = 60.0
-
-
-def gather_from_every_rank(group, obj, *, what: str) -> list:
-    """``all_gather_object`` of ``obj`` over ``group`` that explains a missing rank (one that
-    passes ``process_group=None`` or skips the call, leaving the others waiting until the
-    backend's timeout or its "Connection closed by peer"): a warning after
-    ``AGREE_WARN_AFTER`` seconds of waiting, and a failed collective is a RuntimeError saying
-    what every rank was expected to do."""
-    import torch.distributed as dist
-
-    me = dist.get_rank(group)
-    hint = (
-        "expected every rank of the process group to make the same call with this "
-        "process_group; a rank that passes process_group=None (or does not make the call) "
-        "runs alone and leaves the others waiting here"
-    )
-    timer = threading.Timer(
-        AGREE_WARN_AFTER,
-        lambda: warnings.warn(
-            f"process_group: rank {me} has waited {AGREE_WARN_AFTER:g} s for the other ranks "
-            f"to reach {what}; {hint}",
-            RuntimeWarning,
-            stacklevel=1,
-        ),
-    )
-    timer.daemon = True
-    timer.start()
-    seen: list = [None] * dist.get_world_size(group)
-    try:
-        dist.all_gather_object(seen, obj, group=group)
-    except RuntimeError as exc:  # DistBackendError too: a peer gone, or the backend timeout
-        raise RuntimeError(
-            f"process_group: {what} across the ranks failed on rank {me} "
-            f"({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}); {hint}"
-        ) from exc
-    finally:
-        timer.cancel()
-    return seen
-
-
-def agree_across_ranks(group, options: dict, error: BaseException | None) -> None:
-    """One collective over ``group``, reached by every rank before any may raise, so that
-    every rank raises the same error or none does: the lowest rank's own rejected input or
-    options (``error``; the others raise its type and message, naming the rank), else a
-    ValueError naming the first of ``options`` (compared as text) that differs between ranks.
-    """
-    import torch.distributed as dist
-
-    mine = (
-        {k: _canonical(v) for k, v in options.items()},
-        None if error is None else (type(error).__name__, str(error)),
-    )
-    seen = gather_from_every_rank(group, mine, what="the SSC's agreement check")
-    for rank, (_, err) in enumerate(seen):
-        if err is None:
-            continue
-        if error is not None and rank == dist.get_rank(group):
-            raise error
-        kind = {"TypeError": TypeError, "ValueError": ValueError}.get(err[0], RuntimeError)
-        raise kind(f"{err[1]} (raised on rank {rank} of the process group; every rank stops)")
-    ref = seen[0][0]
-    for rank, (opts, _) in enumerate(seen[1:], start=1):
-        for key in ref:
-            if opts.get(key) != ref[key]:
-                raise ValueError(
-                    f"process_group: expected the same {key} on every rank, got {key}="
-                    f"{ref[key]} on rank 0 and {key}={opts.get(key)} on rank {rank}; try "
-                    "passing identical arguments on every rank"
-                )
 
 
 def check_tokens(n_clusters: int, n: int) -> None:

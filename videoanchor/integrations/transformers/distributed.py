@@ -112,7 +112,7 @@ def check_same_request(
         float(feats.abs().sum()),
         {k: repr(v) for k, v in (options or {}).items()},
     )
-    from videoanchor.anchor._inputs import gather_from_every_rank
+    from videoanchor.anchor.collective import gather_from_every_rank
 
     seen = gather_from_every_rank(group, mine, what="the anchoring's same-request check")
     ref = seen[0]

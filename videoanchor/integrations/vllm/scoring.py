@@ -315,7 +315,6 @@ def warm_up(worker) -> str | None:
     Returns the solver that ran, also kept on the runner with its seconds (None: the
     runner's engine is not anchored). A failure is logged, not raised: the requests meet
     it, each failing with its own message."""
-    import sys
     import warnings
 
     runner = worker.model_runner
@@ -330,19 +329,14 @@ def warm_up(worker) -> str | None:
     x = torch.randn(*WARM_UP_SHAPE, generator=torch.Generator().manual_seed(0))
     try:
         from videoanchor.anchor import compute_anchor_scores
-        from videoanchor.anchor.solvers import workset_cuda
+        from videoanchor.anchor import warm_up as warm_kernels
 
         with warnings.catch_warnings():  # (random features: nothing a request would see)
             warnings.simplefilter("ignore")
             res = compute_anchor_scores(x.to(runner.device), 2, **ssc_kwargs(cfg),
                                         progress=False)  # fmt: skip
         route = ssc_plan(cfg, *WARM_UP_SHAPE, runner.device).route
-        if route == "workset_cuda":
-            workset_cuda.warm_up(runner.device)  # (every level of slots, into Triton's cache)
-        elif route == "workset_then_fast":  # the CPU's working sets: both kernels (issue 93)
-            from videoanchor.anchor.solvers import _workset_kernel
-
-            _workset_kernel.precompile()
+        kernels = warm_kernels(runner.device, route=route)  # (the route's kernels, if any)
     except Exception as err:
         logger.warning("videoanchor: the SSC warm-up at start-up failed (%s: %s); requests "
                        "will meet the same error", type(err).__name__, err)  # fmt: skip
@@ -350,12 +344,10 @@ def warm_up(worker) -> str | None:
     seconds = time.perf_counter() - t0
     runner.__dict__["_videoanchor_warmed"] = res.solver
     runner.__dict__["_videoanchor_warm_up_s"] = seconds
-    kernel = sys.modules.get("videoanchor.anchor.solvers._workset_kernel")
     how = ""
-    if kernel is not None and kernel.EVENTS:
-        done = ("compiled into" if any(e["how"] == "compiled" for e in kernel.EVENTS)
-                else "loaded from")  # fmt: skip
-        how = f"; its Numba kernels {done} the cache at {kernel.solve_columns.stats.cache_path}"
+    if kernels.numba is not None:
+        done = "compiled into" if kernels.numba == "compiled" else "loaded from"
+        how = f"; its Numba kernels {done} the cache at {kernels.numba_cache}"
     logger.info("videoanchor: SSC warmed up before the first request (%s solver, %.1f s%s)",
                 res.solver, seconds, how)  # fmt: skip
     return res.solver
