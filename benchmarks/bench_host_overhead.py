@@ -35,7 +35,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import videoanchor  # noqa: E402
 from benchmarks.common import environment, finish, parser  # noqa: E402
-from videoanchor.kernels.interface import prepare_gates, value_scale_range_of  # noqa: E402
+from videoanchor.kernels.gates import prepare_gates, value_scale_range_of  # noqa: E402
 from videoanchor.kernels.launch import capture_launches  # noqa: E402
 
 #: Operators that read a tensor's value on the host: on a GPU each waits for the stream.

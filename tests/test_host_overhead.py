@@ -24,7 +24,7 @@ import videoanchor
 from benchmarks.bench_host_overhead import host_counts
 from videoanchor.kernels import anchored_attention, anchored_attention_varlen, prepare_gates
 from videoanchor.kernels import checks as kernel_checks
-from videoanchor.kernels.interface import value_scale_range_of
+from videoanchor.kernels.gates import value_scale_range_of
 from videoanchor.kernels.launch import capture_launches
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

@@ -114,7 +114,7 @@ def validate_options(cfg: AnchorConfig) -> AnchorConfig:
                 f"tokens (scores lie in [0, 1)); expected {name} >= -1"
             )
         if abs(a) > _GATE_MAX:  # finite in float64, inf in the float32 gates
-            from videoanchor.kernels.interface import gate_overflow_message
+            from videoanchor.kernels.gates import gate_overflow_message
 
             raise ValueError(gate_overflow_message(name, a))
     if cfg.decode not in _DECODE_MODES:

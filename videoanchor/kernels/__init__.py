@@ -1,13 +1,15 @@
 """Anchored attention kernels. This subpackage never imports transformers."""
 
-from videoanchor.kernels.interface import (
+from videoanchor.kernels.gates import (
     PreparedGates,
     anchor_gates,
+    prepare_gates,
+    value_scale_range_of,
+)
+from videoanchor.kernels.interface import (
     anchored_attention,
     anchored_attention_varlen,
-    prepare_gates,
     reset_warnings,
-    value_scale_range_of,
 )
 
 __all__ = [

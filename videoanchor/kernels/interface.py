@@ -1,4 +1,6 @@
-"""Public entry points: :func:`anchored_attention` and :func:`anchor_gates`."""
+"""The attention entry points: :func:`anchored_attention` and
+:func:`anchored_attention_varlen`, their custom ops and the backend each call runs on. Their
+inputs are checked in :mod:`.checks`; the gates they take are made in :mod:`.gates`."""
 
 from __future__ import annotations
 
@@ -7,12 +9,18 @@ import math
 import numbers
 import os
 import warnings
-from dataclasses import dataclass
 
 import torch
 
-from videoanchor.kernels.checks import check_cache_seqlens, check_cu_seqlens
-from videoanchor.kernels.launch import LOG2E, MIN_CAPABILITY, device_capability
+from videoanchor.kernels.checks import (
+    check_attn_mask,
+    check_options,
+    check_tensor,
+    validate,
+    validate_varlen,
+)
+from videoanchor.kernels.gates import PreparedGates, check_prepared, fast_form
+from videoanchor.kernels.launch import MIN_CAPABILITY, device_capability
 from videoanchor.kernels.torch_attention import anchored_attention_torch
 
 try:
@@ -25,8 +33,6 @@ except Exception as exc:  # triton missing or unusable on this platform
     triton_prefill = triton_decode = triton_backward = None
     _TRITON_ERROR = exc
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_BACKENDS = ("auto", "triton", "torch")
 _TRITON_HEAD_DIMS = (16, 256)
 # The split-KV path serves short query blocks against long caches (decode, small chunks).
 DECODE_MAX_SQ = 64
@@ -48,381 +54,6 @@ def empty_output(q: torch.Tensor) -> torch.Tensor:
 def triton_interpret_enabled() -> bool:
     """True when Triton runs kernels on the CPU through its interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-
-
-#: the gates are formed in float32 (whatever the scores' dtype): its largest finite value.
-_GATE_MAX = float(torch.finfo(torch.float32).max)
-
-
-def gate_overflow_message(name: str, alpha: float, s_max: float = 1.0) -> str:
-    """The error for a gate strength whose gate ``1 + alpha * s`` is not finite in float32
-    (finite in Python's float64, it passes the finite check but makes the gates inf and
-    every attention output NaN)."""
-    return (
-        f"{name}={alpha!r}: the gate 1 + {name} * s overflows its dtype float32 (largest "
-        f"finite {_GATE_MAX:.4g}) for scores up to {s_max:.4g}; expected |{name}| * max(s) "
-        f"well below {_GATE_MAX:.4g} (useful gate strengths are around 1 to 100)"
-    )
-
-
-def anchor_gates(
-    scores: torch.Tensor, alpha_k: float, alpha_v: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Turn anchor scores into the kernel's per-key gates.
-
-    Args:
-        scores: (B, S) (or any shape) anchor scores, 0 at non-visual positions.
-        alpha_k, alpha_v: gate strengths (docs/method.md section 4).
-
-    Returns:
-        ``(key_bias, value_scale)`` = ``(log(1 + alpha_k * s), 1 + alpha_v * s)`` in float32.
-
-    Raises ValueError if a score is NaN/Inf or a gate ``1 + alpha * s`` is not positive
-    (this check synchronises with the device; call it once per request, not per layer).
-    """
-    if not isinstance(scores, torch.Tensor):
-        raise TypeError(f"scores: expected a torch.Tensor, got {type(scores).__name__}")
-    if not scores.is_floating_point():
-        raise TypeError(f"scores: expected a floating-point tensor, got dtype {scores.dtype}")
-    for name, alpha in (("alpha_k", alpha_k), ("alpha_v", alpha_v)):
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
-            raise TypeError(f"{name}: expected a finite number, got {type(alpha).__name__}")
-        if not math.isfinite(alpha):
-            raise ValueError(f"{name}: expected a finite number, got {alpha!r}")
-        if abs(alpha) > _GATE_MAX:
-            raise ValueError(gate_overflow_message(name, alpha))
-    s = scores.to(torch.float32)
-    if not bool(torch.isfinite(s).all()):
-        raise ValueError("scores: expected finite values, got NaN or Inf")
-    gamma_k = 1.0 + alpha_k * s
-    gamma_v = 1.0 + alpha_v * s
-    for name, alpha, gamma in (("alpha_k", alpha_k, gamma_k), ("alpha_v", alpha_v, gamma_v)):
-        if not bool(torch.isfinite(gamma).all()):  # alpha finite in float64, s * alpha is not
-            raise ValueError(gate_overflow_message(name, alpha, float(s.abs().max())))
-        if s.numel() and bool((gamma <= 0).any()):
-            worst = float(gamma.min())
-            raise ValueError(
-                f"{name}={alpha} makes the gate 1 + {name} * s non-positive (min {worst:.4g}); "
-                f"expected 1 + {name} * s > 0 for every score s in [{float(s.min()):.4g}, "
-                f"{float(s.max()):.4g}]"
-            )
-    return torch.log1p(alpha_k * s), gamma_v
-
-
-# ---- host-side validation of the options (one place per entry point) -----------------
-
-
-def _check_bool(name, value):
-    """A flag must be a bool: a truthy string such as "no" must not switch it on."""
-    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
-    if not (isinstance(value, bool) or numpy_bool):
-        raise TypeError(f"{name}: expected True or False, got {value!r}; try {name}=False")
-
-
-def _check_sm_scale(sm_scale):
-    if sm_scale is None:
-        return
-    if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real):
-        raise TypeError(f"sm_scale: expected None or a finite float, got {type(sm_scale).__name__}")
-    if not math.isfinite(sm_scale):
-        raise ValueError(f"sm_scale: expected None or a finite float, got {sm_scale!r}")
-
-
-def _check_options(causal, return_lse, sm_scale):
-    _check_bool("causal", causal)
-    _check_bool("return_lse", return_lse)
-    _check_sm_scale(sm_scale)
-
-
-def _check_max_seqlen(name, value, allow_none):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        want = "None or a non-negative int" if allow_none else "a non-negative int"
-        raise ValueError(f"{name}: expected {want}, got {value!r}")
-
-
-# Fast form eligibility: a declared value-scale range within these bounds. The fast form
-# folds log2(value_scale) into the logits, so its running maximum is that of the scaled
-# logits: each unscaled probability is then at most 1 / lo and a row's sum at least 1 / hi
-# (its largest scaled term is 1), far inside float32 for any range within 2^-60 .. 2^60.
-FAST_FORM_BOUNDS = (2.0**-60, 2.0**60)
-
-
-def value_scale_range_of(value_scale: torch.Tensor) -> tuple[float, float]:
-    """``(min, max)`` of a value-scale tensor, with 1.0 included (the scale of keys outside
-    the anchored prompt), for ``value_scale_range=``. Synchronises with the device: call it
-    once per request (next to :func:`anchor_gates`), never per layer."""
-    if value_scale.numel() == 0:
-        return (1.0, 1.0)
-    lo, hi = torch.aminmax(value_scale.detach().to(torch.float32))
-    return (min(1.0, float(lo)), max(1.0, float(hi)))
-
-
-def fast_form(value_scale_range) -> bool:
-    """Whether a declared value-scale range lets the prefill kernel take its fast form.
-
-    ``value_scale_range``: None, or ``(lo, hi)`` with ``0 < lo <= hi`` finite; the fast form
-    needs ``FAST_FORM_BOUNDS[0] <= lo`` and ``hi <= FAST_FORM_BOUNDS[1]``. Raises ValueError
-    on a malformed range.
-    """
-    if value_scale_range is None:
-        return False
-    try:
-        lo, hi = (float(x) for x in value_scale_range)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"value_scale_range: expected None or (lo, hi) floats, got {value_scale_range!r}"
-        ) from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
-        raise ValueError(
-            f"value_scale_range: expected finite 0 < lo <= hi, got ({lo!r}, {hi!r}); pass "
-            "None for value scales that are not bounded away from 0"
-        )
-    return FAST_FORM_BOUNDS[0] <= lo and hi <= FAST_FORM_BOUNDS[1]
-
-
-@dataclass(frozen=True, eq=False)
-class PreparedGates:
-    """Per-key gates in the form the Triton kernels read, made once by :func:`prepare_gates`
-    and passed to every call of a request (``gates=``: every layer, every decode step).
-
-    Attributes:
-        key_bias, value_scale: the gates as given, (B, N) (dense) or (N,) (packed), or None.
-        value_scale_range: the declared ``(lo, hi)`` of ``value_scale`` (the fast form), or
-            None.
-        fold: the fast form's gates (``triton_prefill.fold_gates`` of ``bias_log2`` and
-            ``value_scale``: the bf16 rows (B, N, 16) or (N, 16), the float32 bias (B, N)
-            or (N,) and pairs (B, N, 2) or (N, 2), views of one buffer), where the range
-            allows that form and Triton is installed; else None.
-        bias_log2: float32 ``(key_bias - shift) * log2(e)``, what the kernels add to the
-            logits (None without a key bias, or where Triton is not installed).
-        shift: float32 (B,) (dense) or (1,) (packed): the largest finite ``key_bias`` of
-            each row (of all positions, packed), 0 where there is none; the lse adds it back.
-    """
-
-    key_bias: torch.Tensor | None
-    value_scale: torch.Tensor | None
-    value_scale_range: tuple[float, float] | None
-    bias_log2: torch.Tensor | None
-    shift: torch.Tensor | None
-    fold: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-
-    @property
-    def length(self) -> int:
-        """N, the positions the gates cover (a call may use a prefix of them: dense gates
-        serve any ``Skv <= N``)."""
-        t = self.key_bias if self.key_bias is not None else self.value_scale
-        return 0 if t is None else t.shape[-1]
-
-    def natural(self, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(key_bias, value_scale)`` over the first ``n`` positions (views), for the paths
-        that take the gates as given (the torch backend, gradients, torch.compile)."""
-        return tuple(
-            None if t is None else t if t.shape[-1] == n else t[..., :n]
-            for t in (self.key_bias, self.value_scale)
-        )
-
-
-def prepare_gates(
-    key_bias: torch.Tensor | None = None,
-    value_scale: torch.Tensor | None = None,
-    *,
-    value_scale_range: tuple[float, float] | None = None,
-) -> PreparedGates:
-    """The gates of a request in the kernels' own form, for :func:`anchored_attention`'s and
-    :func:`anchored_attention_varlen`'s ``gates=``: the work that does not depend on the
-    call (the key bias in log2 units, shifted by its largest finite value per row) runs
-    here, once, instead of in every layer's call.
-
-    Args:
-        key_bias, value_scale: (B, N) float gates for dense calls, whose keys are the first
-            ``Skv <= N`` positions (N may exceed Skv: a decode cache's gates prepared once
-            with room to grow), or (N,) for packed (varlen) calls with N = total_k; None
-            for no bias / no scale.
-        value_scale_range: as in :func:`anchored_attention` (the fast form); e.g.
-            :func:`value_scale_range_of` of ``value_scale``.
-
-    Runs on the device, no host synchronisation (call :func:`anchor_gates`, which checks the
-    scores, before it). A call with prepared gates reads nothing back to the host beyond
-    what the same call without gates reads. The shift is taken over all N positions, padded
-    or not (a per-call shift sees the mask): exact either way (a constant per row cancels in
-    the softmax); for rounding it matters only where hidden keys carry a bias far above the
-    visible ones'.
-    """
-    named = (("key_bias", key_bias), ("value_scale", value_scale))
-    given = [(n, t) for n, t in named if t is not None]
-    for name, t in given:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
-        if t.dim() not in (1, 2):
-            raise ValueError(
-                f"{name}: expected (B, N) gates (dense calls) or (N,) (packed calls), got "
-                f"shape {tuple(t.shape)}"
-            )
-    if len(given) == 2 and key_bias.shape != value_scale.shape:
-        raise ValueError(
-            "key_bias, value_scale: expected the same shape, got "
-            f"{tuple(key_bias.shape)} and {tuple(value_scale.shape)}"
-        )
-    _check_one_device(given)
-    fast = fast_form(value_scale_range)  # raises on a malformed range
-    if value_scale_range is not None:
-        value_scale_range = tuple(float(x) for x in value_scale_range)
-    bias_log2 = shift = None
-    if key_bias is not None and triton_prefill is not None:
-        with torch.no_grad():
-            kb = key_bias.detach().to(torch.float32)
-            varlen = kb.dim() == 1
-            shift = triton_prefill.bias_shift(kb, varlen=varlen).reshape(-1)
-            bias_log2 = ((kb - (shift if varlen else shift[:, None])) * LOG2E).contiguous()
-    fold = None
-    if fast and value_scale is not None and triton_prefill is not None:
-        with torch.no_grad():
-            fold = triton_prefill.fold_gates(bias_log2, value_scale.detach())
-    return PreparedGates(key_bias, value_scale, value_scale_range, bias_log2, shift, fold)
-
-
-def _check_prepared(gates, key_bias, value_scale, value_scale_range, batch, n_keys, packed):
-    """A ``gates=`` argument: a :class:`PreparedGates` of the call's layout, alone."""
-    if not isinstance(gates, PreparedGates):
-        raise TypeError(
-            f"gates: expected None or videoanchor.kernels.PreparedGates (from prepare_gates), "
-            f"got {type(gates).__name__}"
-        )
-    if key_bias is not None or value_scale is not None or value_scale_range is not None:
-        raise ValueError(
-            "gates: expected either gates= (prepared) or key_bias / value_scale / "
-            "value_scale_range, got both; pass the prepared gates alone"
-        )
-    t = gates.key_bias if gates.key_bias is not None else gates.value_scale
-    if t is None:
-        return
-    if packed:
-        if tuple(t.shape) != (n_keys,):
-            raise ValueError(
-                f"gates: expected packed gates of shape (total_k,) = ({n_keys},), got "
-                f"{tuple(t.shape)}; prepare them from (total_k,) tensors"
-            )
-    elif t.dim() != 2 or t.shape[0] != batch or t.shape[1] < n_keys:
-        raise ValueError(
-            f"gates: expected gates of shape (B, N) with B = {batch} and N >= Skv = {n_keys}, "
-            f"got {tuple(t.shape)}"
-        )
-
-
-def _check_tensor(name, t, ndim):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name}: expected {ndim} dims, got shape {tuple(t.shape)}")
-
-
-def _check_dtypes(q, k, v):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name}: expected dtype float16, bfloat16 or float32, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-
-
-def _check_one_device(named):
-    devices = {(name, t.device) for name, t in named if t is not None}
-    if len({d for _, d in devices}) > 1:
-        found = ", ".join(f"{n} on {d}" for n, d in sorted(devices, key=lambda x: x[0]))
-        raise ValueError(f"expected all tensors on one device, got {found}")
-
-
-def _check_qkv(q, k, v, backend, kv_layout):
-    """Checks shared by the dense (B, H, S, D) and varlen (S, H, D) entry points."""
-    ndim = len(kv_layout.split(","))
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t, ndim)
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
-    _check_dtypes(q, k, v)
-    if k.shape != v.shape:
-        raise ValueError(
-            f"k, v: expected the same shape ({kv_layout}), got {tuple(k.shape)} and {tuple(v.shape)}"
-        )
-    Hq, Hkv = q.shape[1], k.shape[1]  # (B, H, S, D) and (S, H, D) both keep heads at 1
-    if q.shape[-1] == 0:
-        raise ValueError(
-            f"q: expected a head dim D >= 1, got shape {tuple(q.shape)}; try D = 64 or 128"
-        )
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k: expected head dim {q.shape[-1]} (from q), got {k.shape[-1]}")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(
-            f"expected the number of query heads to be a multiple of the KV heads, got Hq={Hq}, Hkv={Hkv}"
-        )
-
-
-def _validate(
-    q, k, v, key_bias, value_scale, key_padding_mask, backend, cache_seqlens=None, gates=None
-):  # fmt: skip
-    _check_qkv(q, k, v, backend, "B, Hkv, Skv, D")
-    B = q.shape[0]
-    Bk, Skv = k.shape[0], k.shape[2]
-    if Bk != B:
-        raise ValueError(f"k: expected batch {B} (from q), got {Bk}")
-    for name, t, dtypes in (
-        ("key_bias", key_bias, "float"),
-        ("value_scale", value_scale, "float"),
-        ("key_padding_mask", key_padding_mask, "bool"),
-    ):
-        if t is None:
-            continue
-        _check_tensor(name, t, 2)
-        if tuple(t.shape) != (B, Skv):
-            raise ValueError(
-                f"{name}: expected shape (B, Skv) = ({B}, {Skv}), got {tuple(t.shape)}"
-            )
-        if dtypes == "bool" and t.dtype != torch.bool:
-            raise TypeError(f"{name}: expected dtype torch.bool (True = may attend), got {t.dtype}")
-        if dtypes == "float" and not t.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
-    if cache_seqlens is not None:
-        _check_tensor("cache_seqlens", cache_seqlens, 1)
-        if cache_seqlens.dtype not in (torch.int32, torch.int64):
-            raise TypeError(
-                f"cache_seqlens: expected dtype int32 (or int64), got {cache_seqlens.dtype}"
-            )
-        if cache_seqlens.shape[0] != B:
-            raise ValueError(
-                f"cache_seqlens: expected shape (B,) = ({B},), got {tuple(cache_seqlens.shape)}"
-            )
-    prepared = () if gates is None else (("gates", gates.key_bias), ("gates", gates.value_scale))
-    _check_one_device(
-        (("q", q), ("k", k), ("v", v), ("key_bias", key_bias), ("value_scale", value_scale),
-         ("key_padding_mask", key_padding_mask), ("cache_seqlens", cache_seqlens), *prepared)
-    )  # fmt: skip
-    if cache_seqlens is not None:
-        check_cache_seqlens(cache_seqlens, Skv)
-
-
-def _check_attn_mask(attn_mask, q, k):
-    if attn_mask is None:
-        return
-    if not isinstance(attn_mask, torch.Tensor):
-        raise TypeError(f"attn_mask: expected a torch.Tensor, got {type(attn_mask).__name__}")
-    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-        raise TypeError(
-            "attn_mask: expected dtype torch.bool (True = may attend) or a floating dtype "
-            f"(added to the logits), got {attn_mask.dtype}"
-        )
-    B, Hq, Sq, _ = q.shape
-    target = (B, Hq, Sq, k.shape[2])
-    shape = tuple(attn_mask.shape)
-    padded = (1,) * (4 - len(shape)) + shape
-    if len(shape) > 4 or any(n not in (1, t) for n, t in zip(padded, target, strict=True)):
-        want = f"a shape broadcastable to (B, Hq, Sq, Skv) = {target}"
-        raise ValueError(f"attn_mask: expected {want}, got {shape}")
-    if attn_mask.device != q.device:
-        raise ValueError(f"expected all tensors on one device, got q on {q.device}, "
-                         f"attn_mask on {attn_mask.device}")  # fmt: skip
 
 
 # The warnings given once per process (reset_warnings forgets them): the attn_mask
@@ -694,15 +325,15 @@ def anchored_attention(
     Eager calls without gradients run the Triton launchers directly, the others (autograd,
     torch.compile) through the custom op ``videoanchor::anchored_attention_fwd``.
     """
-    _check_options(causal, return_lse, sm_scale)
+    check_options(causal, return_lse, sm_scale)
     causal, return_lse = bool(causal), bool(return_lse)
     if gates is not None:
-        _check_tensor("q", q, 4)
-        _check_tensor("k", k, 4)
-        _check_prepared(gates, key_bias, value_scale, value_scale_range, q.shape[0], k.shape[2],
+        check_tensor("q", q, 4)
+        check_tensor("k", k, 4)
+        check_prepared(gates, key_bias, value_scale, value_scale_range, q.shape[0], k.shape[2],
                         packed=False)  # fmt: skip
-    _validate(q, k, v, key_bias, value_scale, key_padding_mask, backend, cache_seqlens, gates)
-    _check_attn_mask(attn_mask, q, k)
+    validate(q, k, v, key_bias, value_scale, key_padding_mask, backend, cache_seqlens, gates)
+    check_attn_mask(attn_mask, q, k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if attn_mask is not None:
         if backend == "triton" or (backend == "auto" and q.is_cuda):
@@ -743,43 +374,6 @@ def anchored_attention(
 
 
 # ---- variable-length (packed) batches -------------------------------------------------
-
-
-def _validate_varlen(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias, value_scale,
-    backend,
-):  # fmt: skip
-    _check_qkv(q, k, v, backend, "total_k, Hkv, D")
-    total_k = k.shape[0]
-    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        _check_tensor(name, cu, 1)
-        if cu.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{name}: expected dtype int32 (or int64), got {cu.dtype}")
-        if cu.numel() < 1:
-            raise ValueError(f"{name}: expected batch + 1 >= 1 offsets, got an empty tensor")
-    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(
-            "cu_seqlens_q, cu_seqlens_k: expected the same number of sequences, got "
-            f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}"
-        )
-    _check_max_seqlen("max_seqlen_q", max_seqlen_q, allow_none=False)
-    _check_max_seqlen("max_seqlen_k", max_seqlen_k, allow_none=True)
-    for name, t in (("key_bias", key_bias), ("value_scale", value_scale)):
-        if t is None:
-            continue
-        _check_tensor(name, t, 1)
-        if t.shape[0] != total_k:
-            raise ValueError(
-                f"{name}: expected shape (total_k,) = ({total_k},), got {tuple(t.shape)}"
-            )
-        if not t.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
-    _check_one_device(
-        (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q),
-         ("cu_seqlens_k", cu_seqlens_k), ("key_bias", key_bias), ("value_scale", value_scale))
-    )  # fmt: skip
-    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
-    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, None)
 
 
 def _forward_varlen(
@@ -945,20 +539,20 @@ def anchored_attention_varlen(
         ``out`` (total_q, Hq, D), or ``(out, lse)`` with lse (Hq, total_q) float32 when
         ``return_lse``.
     """
-    _check_options(causal, return_lse, sm_scale)
+    check_options(causal, return_lse, sm_scale)
     causal, return_lse = bool(causal), bool(return_lse)
     if isinstance(max_seqlen_q, numbers.Integral) and not isinstance(max_seqlen_q, bool):
         max_seqlen_q = int(max_seqlen_q)  # a NumPy int, as a Python int for the launch grid
     if isinstance(max_seqlen_k, numbers.Integral) and not isinstance(max_seqlen_k, bool):
         max_seqlen_k = int(max_seqlen_k)
     if gates is not None:
-        _check_tensor("k", k, 3)
-        _check_prepared(gates, key_bias, value_scale, value_scale_range, None, k.shape[0],
+        check_tensor("k", k, 3)
+        check_prepared(gates, key_bias, value_scale, value_scale_range, None, k.shape[0],
                         packed=True)  # fmt: skip
         key_bias, value_scale = gates.key_bias, gates.value_scale
         value_scale_range = gates.value_scale_range
         fold = gates.fold
-    _validate_varlen(
+    validate_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias, value_scale,
         backend,
     )  # fmt: skip

@@ -34,13 +34,8 @@ import numbers
 import torch
 
 from videoanchor.kernels import interface as _iface
-from videoanchor.kernels.interface import (
-    _check_dtypes,
-    _check_one_device,
-    _check_tensor,
-    _pick_backend,
-    anchored_attention_varlen,
-)
+from videoanchor.kernels.checks import check_dtypes, check_one_device, check_tensor
+from videoanchor.kernels.interface import _pick_backend, anchored_attention_varlen
 from videoanchor.kernels.launch import device_capability, launch
 
 __all__ = ["anchored_attention_paged", "gather_paged", "launch_paged"]
@@ -54,10 +49,10 @@ def _validate_paged(
     q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, key_bias_cache,
     value_scale_cache, seq_gated=None, out=None,
 ):  # fmt: skip
-    _check_tensor("q", q, 3)
-    _check_tensor("k_cache", k_cache, 4)
-    _check_tensor("v_cache", v_cache, 4)
-    _check_dtypes(q, k_cache, v_cache)
+    check_tensor("q", q, 3)
+    check_tensor("k_cache", k_cache, 4)
+    check_tensor("v_cache", v_cache, 4)
+    check_dtypes(q, k_cache, v_cache)
     if k_cache.shape != v_cache.shape:
         raise ValueError(
             "k_cache, v_cache: expected the same shape (num_blocks, block_size, Hkv, D), got "
@@ -78,9 +73,9 @@ def _validate_paged(
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"{name}: expected dtype int32 (or int64), got {t.dtype}")
-    _check_tensor("block_table", block_table, 2)
-    _check_tensor("seq_lens", seq_lens, 1)
-    _check_tensor("cu_seqlens_q", cu_seqlens_q, 1)
+    check_tensor("block_table", block_table, 2)
+    check_tensor("seq_lens", seq_lens, 1)
+    check_tensor("cu_seqlens_q", cu_seqlens_q, 1)
     batch = seq_lens.shape[0]
     if block_table.shape[0] < batch:
         raise ValueError(
@@ -101,7 +96,7 @@ def _validate_paged(
     for name, t in (("key_bias_cache", key_bias_cache), ("value_scale_cache", value_scale_cache)):
         if t is None:
             continue
-        _check_tensor(name, t, 2)
+        check_tensor(name, t, 2)
         if tuple(t.shape) != (num_blocks, block_size):
             raise ValueError(
                 f"{name}: expected shape (num_blocks, block_size) = {(num_blocks, block_size)}, "
@@ -123,7 +118,7 @@ def _validate_paged(
                 f"{tuple(seq_gated.shape)}"
             )
     if out is not None:
-        _check_tensor("out", out, 3)
+        check_tensor("out", out, 3)
         if tuple(out.shape) != tuple(q.shape) or out.dtype != q.dtype:
             raise ValueError(
                 f"out: expected shape {tuple(q.shape)} and dtype {q.dtype} (those of q), got "
@@ -134,7 +129,7 @@ def _validate_paged(
             f"block_table: expected unit stride along the blocks, got strides "
             f"{tuple(block_table.stride())}"
         )
-    _check_one_device(
+    check_one_device(
         (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("block_table", block_table),
          ("seq_lens", seq_lens), ("cu_seqlens_q", cu_seqlens_q),
          ("key_bias_cache", key_bias_cache), ("value_scale_cache", value_scale_cache),

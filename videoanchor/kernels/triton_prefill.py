@@ -625,7 +625,7 @@ def fold_gates(bias_log2, value_scale):
       takes the scale back out of the normaliser in the loop's float32 row sum.
 
     For value scales bounded away from 0 and infinity
-    (:func:`videoanchor.kernels.interface.fast_form`)."""
+    (:func:`videoanchor.kernels.gates.fast_form`)."""
     vs = value_scale.to(torch.float32)
     n = vs.shape[-1]
     # Each sample's part a multiple of 16 bytes (the Hopper loop reads the rows by TMA).
