@@ -1,4 +1,4 @@
-"""Scores ahead of the step (videoanchor/integrations/vllm/ahead.py and the parts of its side
+"""Scores ahead of the step (videoanchor/integrations/vllm/ahead.py and holds.py, and the parts of its side
 worker: worker_queue.py, encoder_outputs.py, split_vote.py, reports.py) without vLLM: the engine
 core's hold around ``Scheduler.schedule`` and the workers' side jobs, with a scheduler, an
 executor and model runners made of plain objects that behave as vLLM's do (a waiting queue
@@ -22,6 +22,7 @@ import torch
 from videoanchor.anchor import compute_anchor_scores
 from videoanchor.integrations.options import clusters_for, ssc_kwargs
 from videoanchor.integrations.vllm import ahead, state
+from videoanchor.integrations.vllm import holds as engine_holds
 from videoanchor.integrations.vllm.config import (
     ahead_nice,
     ahead_split,
@@ -169,7 +170,7 @@ def _schedule_until(sched, wanted, timeout=60.0):
     """Calls the held schedule() until the scheduler sees ``wanted`` (request ids)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        ahead.schedule_holding(sched, Scheduler.schedule)
+        engine_holds.schedule_holding(sched, Scheduler.schedule)
         if set(wanted) <= set(sched.seen[-1]):
             return sched.seen[-1]
         time.sleep(0.01)
@@ -200,13 +201,13 @@ def _arrive(sched, holds, *requests) -> None:
 def test_a_held_request_is_hidden_from_schedule_until_its_scores_are_ready(engine, one_thread):
     core, (runner,), encodes = engine(1)
     sched = core.scheduler
-    holds = ahead.attach(core)
+    holds = engine_holds.attach(core)
     a, text, b = _request("a", "A"), _request("text"), _request("b", "B")  # arrival order
     for r in (a, text, b):
         sched.add(r)
     holds.note(a)
     holds.note(b)
-    ahead.schedule_holding(sched, Scheduler.schedule)
+    engine_holds.schedule_holding(sched, Scheduler.schedule)
     assert sched.seen[-1] == ["text"]  # a and b held: their SSC runs on the side thread
     assert [r.request_id for r in sched.waiting] == ["a", "text", "b"]  # back in their places
     assert sorted(encodes) == [(0, "a"), (0, "b")]
@@ -229,7 +230,7 @@ def test_a_held_request_is_hidden_from_schedule_until_its_scores_are_ready(engin
 def test_tensor_parallel_each_request_scored_on_one_rank_and_relayed(engine, one_thread):
     core, runners, encodes = engine(2)
     sched = core.scheduler
-    holds = ahead.attach(core)
+    holds = engine_holds.attach(core)
     reqs = [_request(f"r{i}", f"T{i}") for i in range(4)]
     _arrive(sched, holds, *reqs)
     _schedule_until(sched, [r.request_id for r in reqs])
@@ -249,10 +250,10 @@ def test_tensor_parallel_each_request_scored_on_one_rank_and_relayed(engine, one
 def test_a_request_finished_while_held_is_forgotten_everywhere(engine, one_thread):
     core, runners, _ = engine(2)
     sched = core.scheduler
-    holds = ahead.attach(core)
+    holds = engine_holds.attach(core)
     a, b = _request("a", "A"), _request("b", "B")
     _arrive(sched, holds, a, b)
-    ahead.schedule_holding(sched, Scheduler.schedule)
+    engine_holds.schedule_holding(sched, Scheduler.schedule)
     a.finish()  # aborted: vLLM drops it from its queues
     del sched.requests["a"]
     sched.waiting.remove_requests([a])
@@ -265,14 +266,14 @@ def test_a_request_finished_while_held_is_forgotten_everywhere(engine, one_threa
 def test_a_repeated_video_is_a_cache_hit_with_no_encoder_and_no_ssc(engine, one_thread):
     core, (runner,), encodes = engine(1)
     sched = core.scheduler
-    holds = ahead.attach(core)
+    holds = engine_holds.attach(core)
     first = _request("first", "A")
     _arrive(sched, holds, first)
     _schedule_until(sched, ["first"])
     _step_gates(runner, "first", "A")
     again = _request("again", "A")
     _arrive(sched, holds, again)
-    ahead.schedule_holding(sched, Scheduler.schedule)
+    engine_holds.schedule_holding(sched, Scheduler.schedule)
     assert "again" in sched.seen[-1]  # never held: its scores are in the score cache
     assert encodes == [(0, "first")]
     torch.testing.assert_close(_step_gates(runner, "again", "A"), _reference("A"), rtol=0,
@@ -287,10 +288,10 @@ def test_items_encoded_ahead_are_handed_to_the_prefill_step_once(engine, one_thr
     beyond the byte budget."""
     core, (runner,), encodes = engine(1)
     sched = core.scheduler
-    holds = ahead.attach(core)
+    holds = engine_holds.attach(core)
     a, b = _request("a", "A"), _request("b", "B")
     _arrive(sched, holds, a, b)
-    ahead.schedule_holding(sched, Scheduler.schedule)
+    engine_holds.schedule_holding(sched, Scheduler.schedule)
     assert sorted(encodes) == [(0, "a"), (0, "b")]
     worker = ahead.side_worker(runner)
     want = _outputs("A")
@@ -306,7 +307,7 @@ def test_items_encoded_ahead_are_handed_to_the_prefill_step_once(engine, one_thr
     worker.keep_encoded_bytes = 100
     c = _request("c", "C")
     _arrive(sched, holds, c)
-    ahead.schedule_holding(sched, Scheduler.schedule)
+    engine_holds.schedule_holding(sched, Scheduler.schedule)
     assert (0, "c") in encodes
     assert worker.encoded_output("C-v") is None and worker.encoded_output("C-i") is None
 

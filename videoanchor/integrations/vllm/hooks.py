@@ -77,9 +77,9 @@ def check_admitted(eng, policy, extra_args) -> None:
 
 def note_ahead(core, req) -> None:
     """Where an engine core has made the ``Request``: an anchored request with multimodal
-    items is noted for scoring ahead of its step (:mod:`.ahead`), unless the operator turned
+    items is noted for scoring ahead of its step (:mod:`.ahead`, :mod:`.holds`), unless the operator turned
     ``scores_ahead`` off or the scheduler has no waiting queue the hold can use."""
-    from videoanchor.integrations.vllm import ahead
+    from videoanchor.integrations.vllm import holds
     from videoanchor.integrations.vllm.config import scores_ahead
 
     if not getattr(req, "mm_features", None) or req.sampling_params is None:
@@ -92,7 +92,7 @@ def note_ahead(core, req) -> None:
     waiting = getattr(getattr(core, "scheduler", None), "waiting", None)
     if not (hasattr(waiting, "remove_requests") and hasattr(waiting, "prepend_requests")):
         return
-    ahead.attach(core).note(req)
+    holds.attach(core).note(req)
 
 
 #: id(vllm_config) -> (vllm_config, engine options, request policy): parsed once per engine
@@ -239,7 +239,7 @@ def install() -> None:
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.engine.input_processor import InputProcessor
 
-    from videoanchor.integrations.vllm import ahead, runner, runner_v2
+    from videoanchor.integrations.vllm import holds, runner, runner_v2
 
     def make_create(orig):
         def create_engine_config(self, *args, **kwargs):
@@ -318,6 +318,6 @@ def install() -> None:
         return preprocess_add_request
 
     wrap_once(EngineCore, "preprocess_add_request", make_preprocess)
-    ahead.install()
+    holds.install()
     runner.install()
     runner_v2.install()

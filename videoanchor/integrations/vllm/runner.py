@@ -335,7 +335,7 @@ def install() -> None:
 def _with_failures(out):
     """``out`` (a worker's step output) carrying the step's scoring failures
     (:data:`.state.FAILED`) as its attribute :data:`.state.FAILED_ATTR`: pickled with it to
-    the engine core in any process layout, where :func:`.ahead.update_failing` finishes those
+    the engine core in any process layout, where :func:`.holds.update_failing` finishes those
     requests with an error. An output that carries none is returned untouched."""
     from vllm.v1.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 

@@ -58,7 +58,7 @@ RUNNER_HOOKS: set[str] = set()
 #: req_id -> why its scores could not be computed in its step, in this worker process. The
 #: worker hands them to the scheduler on the step's ``ModelRunnerOutput`` (attribute
 #: :data:`FAILED_ATTR`, :func:`.runner.install`), which finishes those requests with an error
-#: (:func:`.ahead.update_failing`); the step gives them neutral gates meanwhile.
+#: (:func:`.holds.update_failing`); the step gives them neutral gates meanwhile.
 FAILED: dict[str, str] = {}
 FAILED_ATTR = "videoanchor_failed"
 
