@@ -197,6 +197,7 @@ def check_bool(name, value):
 
 
 def check_sm_scale(sm_scale):
+    """``sm_scale``: None or a finite real number (a TypeError / ValueError naming it)."""
     if sm_scale is None:
         return
     if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real):
@@ -206,12 +207,14 @@ def check_sm_scale(sm_scale):
 
 
 def check_options(causal, return_lse, sm_scale):
+    """The flags and the softmax scale of an attention call."""
     check_bool("causal", causal)
     check_bool("return_lse", return_lse)
     check_sm_scale(sm_scale)
 
 
 def check_max_seqlen(name, value, allow_none):
+    """A ``max_seqlen_*`` argument: a non-negative int (or None where ``allow_none``)."""
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
@@ -220,6 +223,7 @@ def check_max_seqlen(name, value, allow_none):
 
 
 def check_tensor(name, t, ndim):
+    """``t`` a tensor of ``ndim`` dimensions (a TypeError / ValueError naming ``name``)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim:
@@ -227,6 +231,7 @@ def check_tensor(name, t, ndim):
 
 
 def check_dtypes(q, k, v):
+    """``q``, ``k``, ``v`` in one of :data:`DTYPES`, the same for the three."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dtype not in DTYPES:
             raise TypeError(f"{name}: expected dtype float16, bfloat16 or float32, got {t.dtype}")
@@ -235,6 +240,7 @@ def check_dtypes(q, k, v):
 
 
 def check_one_device(named):
+    """The tensors of ``named`` (``(name, tensor or None)`` pairs) on one device."""
     devices = {(name, t.device) for name, t in named if t is not None}
     if len({d for _, d in devices}) > 1:
         found = ", ".join(f"{n} on {d}" for n, d in sorted(devices, key=lambda x: x[0]))
@@ -269,6 +275,9 @@ def check_qkv(q, k, v, backend, kv_layout):
 def validate(
     q, k, v, key_bias, value_scale, key_padding_mask, backend, cache_seqlens=None, gates=None
 ):  # fmt: skip
+    """The inputs of a dense call (:func:`~videoanchor.kernels.anchored_attention`): q, k, v
+    and the gates, the key padding mask and ``cache_seqlens`` (their values too), on one
+    device; ``gates``: prepared gates, whose tensors join the device check."""
     check_qkv(q, k, v, backend, "B, Hkv, Skv, D")
     B = q.shape[0]
     Bk, Skv = k.shape[0], k.shape[2]
@@ -310,6 +319,8 @@ def validate(
 
 
 def check_attn_mask(attn_mask, q, k):
+    """``attn_mask``: None, or a bool or floating tensor broadcastable to (B, Hq, Sq, Skv)
+    on ``q``'s device."""
     if attn_mask is None:
         return
     if not isinstance(attn_mask, torch.Tensor):
@@ -335,6 +346,9 @@ def validate_varlen(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias, value_scale,
     backend,
 ):  # fmt: skip
+    """The inputs of a packed call (:func:`~videoanchor.kernels.anchored_attention_varlen`):
+    q, k, v, the offsets (their values too), the longest lengths and the (total_k,) gates,
+    on one device."""
     check_qkv(q, k, v, backend, "total_k, Hkv, D")
     total_k = k.shape[0]
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
