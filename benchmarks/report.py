@@ -197,6 +197,30 @@ def _fmt(x) -> str:
     return "" if x is None else str(x)
 
 
+#: Committed GPU results of code that has since been replaced, by (area, the first 7 hex
+#: digits of the git SHA they ran at): what ran. Their figures keep this label wherever the
+#: report quotes them (the page's source lines, the README's tables), and they count for no
+#: current route (:func:`superseded`). A later run of the area, at another commit, is not
+#: matched.
+SUPERSEDED = {
+    ("workset_cuda", "5851f44"): (
+        "issue 76's working-set kernel, deleted by issue 90 (today's CUDA route, the column "
+        "kernel with the pass loop in CUDA graphs, has not run on a GPU), with the cluster "
+        'share then named "hard" (today\'s "paper"; the default is now "steady")'
+    ),
+}
+
+
+def sha7(r: Result) -> str:
+    """The first 7 hex digits of the git SHA a result ran at ("?" where it has none)."""
+    return str(r.meta.get("git_sha", "?"))[:7]
+
+
+def superseded(r: Result) -> str | None:
+    """What ran, for a result of replaced code (:data:`SUPERSEDED`), else None."""
+    return SUPERSEDED.get((r.area, sha7(r)))
+
+
 def provenance(r: Result) -> str:
     m = r.meta
     parts = [str(m.get("device", "?"))]
@@ -210,7 +234,12 @@ def provenance(r: Result) -> str:
     load = m.get("loadavg")
     if isinstance(load, list) and load:
         parts.append(f"load average {float(load[0]):.1f}")
-    return f"`benchmarks/results/{r.path.name}`: " + ", ".join(parts)
+    ran = superseded(r)
+    return (
+        f"`benchmarks/results/{r.path.name}`: "
+        + ", ".join(parts)
+        + (f"; **superseded**: {ran}" if ran else "")
+    )
 
 
 def table(r: Result) -> str:
@@ -1013,8 +1042,9 @@ COMPONENTS = [
     ("Triton kernels: prefill, decode, paged, backward", ["decode", "paged"],
      "_", "Triton's interpreter, in the tests", ["attention", "backward", "decode", "paged"]),
     ("Exact torch attention path", ["attention", "backward"], None, "natively", []),
-    ("SSC anchor scores", ["ssc", "spectral", "sparse_spectral", "label_draws", "yaleb", "blocked", "request_cost",
-                           "directions"],
+    ("SSC anchor scores, all but the CUDA working sets",
+     ["ssc", "spectral", "sparse_spectral", "label_draws", "yaleb", "blocked", "request_cost",
+      "directions"],
      None, "natively", ["ssc", "spectral", "sparse_spectral", "yaleb", "blocked", "request_cost"]),
     ("transformers integration, lmms-eval", ["integration", "tp", "lmms_batch", "tune"], None,
      "natively (tiny random models)", ["integration", "tp", "lmms_batch", "tune"]),
@@ -1063,7 +1093,38 @@ def verification_table(results: list[Result], prefix: str) -> str:
             timed.append("CPU: " + _links(timed_cpu, prefix))
         lines.append(f"| {name} | {'yes: ' + _links(gpu, prefix) if gpu else 'not yet'} | "
                      f"{comp} | {cpu} | {'; '.join(timed) or 'no'} |")  # fmt: skip
+        if name.startswith("SSC anchor scores"):
+            lines.append(_cuda_route_row(results, prefix))
     return "\n".join(lines)
+
+
+#: The static reports of the CUDA working sets' kernels (result areas, by prefix)
+CUDA_ROUTE_STATIC = ("column_kernel", "workset_cuda_pass_kernels")
+
+
+def _cuda_route_row(results: list[Result], prefix: str) -> str:
+    """The verification table's row of today's CUDA scores route (the default on CUDA): run
+    on a GPU only by a ``workset_cuda`` result that no :data:`SUPERSEDED` entry matches."""
+    runs = [r for r in results if r.area == "workset_cuda" and not _is_cpu(r)]
+    current = sorted(r.path.name for r in runs if superseded(r) is None)
+    old = [r for r in runs if superseded(r) is not None]
+    if current:
+        gpu = "yes: " + _links(current, prefix)
+    else:
+        gpu = "**not yet**" + "".join(
+            f"; `{r.path.name}` (at {sha7(r)}) is {superseded(r)}" for r in old
+        )
+    static = sorted(
+        r.path.name
+        for r in results
+        if any(r.area == a or r.area.startswith(a) for a in CUDA_ROUTE_STATIC)
+    )
+    comp = "STATIC: " + _links(static, prefix) if static else "no"
+    timed = "GPU: " + _links(current, prefix) if current else "no"
+    return (
+        "| SSC anchor scores: the default on CUDA (the working sets' column kernel, the pass "
+        f"loop in CUDA graphs) | {gpu} | {comp} | Triton's interpreter, in the tests | {timed} |"
+    )
 
 
 def _first(results: list[Result], area: str, cpu: bool) -> Result | None:
@@ -1115,6 +1176,8 @@ def _speed_rows(results: list[Result]) -> list[tuple[str, Result, str, str]]:
                                  f"{v['anchored_split_kv']:.2f} ms",
                                  f"SDPA, gates as a mask {v['sdpa_mask']:.2f} ms"))  # fmt: skip
         default = None if cpu else _first(results, "workset_cuda", cpu)
+        if default is not None and superseded(default):
+            default = None  # (replaced code: docs/benchmarks.md keeps it, labelled)
         row = None
         if default is not None:  # the default's own time (solver="auto": the working sets)
             row = next((x for x in default.rows if x.get("frames") == 16
@@ -1160,7 +1223,7 @@ def _speed_line(results: list[Result], prefix: str) -> str:
     gpu = "" if any(not _is_cpu(r) for _, r, _, _ in rows) else "; no GPU timing yet"
     lines = [f"| **How fast?** ([all figures]({prefix}benchmarks.md){gpu}) | Device | Ours | "
              "Baseline, timed in the same process | File |", "|---|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {what} | {_device(r)} | {ours} | {base} | `{r.path.name}` |"
+    lines += [f"| {what} | {_device(r)} | {ours} | {base} | `{r.path.name}` at {sha7(r)} |"
               for what, r, ours, base in rows]  # fmt: skip
     return "\n".join(lines)
 

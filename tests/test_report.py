@@ -119,3 +119,27 @@ def test_gate_cost_fragment_states_the_measured_ratios(tmp_path):
     cpu = _result(tmp_path, "attention_cpu", rows)
     cpu.data["meta"] = dict(META, device="cpu (x86_64, 2 cores)")
     assert report._gate_cost_gpu([cpu]).startswith("No GPU timing")
+
+
+def test_replaced_code_counts_for_no_current_route(tmp_path):
+    """A GPU result of replaced code (report.SUPERSEDED: issue 76's deleted CUDA working-set
+    kernel, at 5851f44) is labelled as such on the page, leaves the README's speed table, and
+    the verification table says the CUDA default has not run on a GPU; a run of the same
+    area at another commit is the current route's."""
+    rows = [dict(model="Qwen2.5-VL-7B", frames=16, n=2048, tokens="video-like",
+                 seconds_default=0.25, seconds_fast=0.16, seconds_prefill=0.16)]  # fmt: skip
+    old = _result(tmp_path, "workset_cuda_nvidia-h100", rows)
+    old.data["meta"] = dict(META, git_sha="5851f44cb52d419d9767aa13951b7e3e4fa45206")
+    assert "issue 76" in report.superseded(old) and "**superseded**" in report.provenance(old)
+    assert not any(r is old for _, r, _, _ in report._speed_rows([old]))
+    table = report.verification_table([old], "docs/")
+    cuda = [ln for ln in table.splitlines() if "the default on CUDA" in ln]
+    assert len(cuda) == 1 and "**not yet**" in cuda[0] and "5851f44" in cuda[0]
+    new = _result(tmp_path, "workset_cuda_nvidia-h200", rows)  # META: another commit
+    assert report.superseded(new) is None and "superseded" not in report.provenance(new)
+    speed = report._speed_rows([new])
+    assert [what for what, r, _, _ in speed if r is new][0].startswith("Anchor scores, the default")
+    assert f"`{new.path.name}` at 0000000" in report._speed_line([new], "docs/")
+    cuda = [ln for ln in report.verification_table([new], "docs/").splitlines()
+            if "the default on CUDA" in ln]  # fmt: skip
+    assert f"yes: `{new.path.name}`" in cuda[0]
