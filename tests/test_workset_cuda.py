@@ -230,7 +230,8 @@ def test_the_residuals_are_each_columns_from_its_slots():
     for dt, close in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
         R = torch.full((7, d), float("nan"), dtype=dt)
         VE = torch.full((7, d), float("nan"), dtype=dt)
-        _pass_kernel.residuals(X, cols, ids, z, eids, ze, active[:7], count, R, VE, 2.5)
+        scalars = torch.tensor([1.0, 1.0, 0.0, 1e-9, 1e-10, 1e-5, 2.5], dtype=torch.float64)
+        _pass_kernel.residuals(X, cols, ids, z, eids, ze, active[:7], count, R, VE, scalars)
         assert torch.isneginf(VE[6:]).all()
         for p in range(7):
             k = int(active[p])
@@ -319,6 +320,62 @@ def test_warm_up_launches_every_level_over_no_columns(monkeypatch):
     assert launched == [4, 4, 32, 32]
     with pytest.raises(ValueError, match="slots: expected non-decreasing slot counts from"):
         wc.warm_up("cpu", slots=(32, 4))
+
+
+def _variants(monkeypatch, run_column_kernel: bool) -> list:
+    """The Triton launches of the working sets recorded with their compiled variants
+    (tests/triton_variants.py); the column kernel's recorded and, unless
+    ``run_column_kernel``, not run (the tests' stand-in solves the columns instead)."""
+    import triton_variants
+
+    from videoanchor.anchor.solvers import _column_kernel, _pass_kernel
+
+    seen = triton_variants.record(monkeypatch, _pass_kernel,
+                                  ("_residual_kernel", "_violations_kernel", "_joins_kernel"))  # fmt: skip
+    triton_variants.record(monkeypatch, _column_kernel, ("_column_kernel",),
+                           run=run_column_kernel, seen=seen)  # fmt: skip
+    if not run_column_kernel:
+        monkeypatch.setattr(wc, "launch", lambda s, a, c: _column_kernel.launch(s, a, c)
+                            or workset_reference.launch(s, a, c))  # fmt: skip
+    return seen
+
+
+def test_warm_up_compiles_the_variants_a_solve_launches(monkeypatch):
+    """Issue 98 defect 1: the compiled variants (Triton's cache keys for sm_90: each
+    argument's type and attributes, the constexprs, the options) that a solve reaching both
+    levels of slots launches are those warm_up launches, every kernel. Before the fix the
+    joins kernel's ``KP`` was 1 in the warm-up (its one column), 4 and 16 in the solve."""
+    x = video_tokens(2, 8, 12, k=2, seed=1)
+    kw = dict(slots=(4, 16), outlier_slots=(8, 8))
+    warm = _variants(monkeypatch, run_column_kernel=True)
+    wc.warm_up("cpu", **kw)
+    monkeypatch.undo()
+    solve = _variants(monkeypatch, run_column_kernel=False)
+    out = wc.solve_workset_cuda(x, max_inner=300, wide_share=1.0, **kw)
+    assert out["wide_columns"] > 0, out["wide_columns"]  # (both levels ran)
+    names = {name for name, _ in solve}
+    assert names == {"_residual_kernel", "_violations_kernel", "_joins_kernel",
+                     "_column_kernel"}, names  # fmt: skip
+    missing = set(solve) - set(warm)
+    sizes = ("M", "MEP", "KP", "BR", "BE", "exact", "last")
+    assert not missing, sorted({(n, tuple((a, s[1]) for a, s in k if a in sizes))
+                                for n, k in missing})  # fmt: skip
+
+
+def test_the_kernels_scalars_are_float64_when_compiled(monkeypatch):
+    """Issue 98 defect 4: no float argument of a launched kernel is typed float32 as compiled
+    Triton types it (a Python float is; the interpreter keeps float64, so no CPU value can
+    show it): the floats come from the program's float64 ``scalars`` on the device."""
+    import triton_variants
+
+    seen = _variants(monkeypatch, run_column_kernel=False)
+    wc.solve_workset_cuda(video_tokens(2, 8, 12, k=2, seed=1), slots=(16,), outlier_slots=(8,),
+                          max_inner=300)  # fmt: skip
+    types = triton_variants.scalar_types(seen)
+    assert {name for name, _ in seen} >= {"_residual_kernel", "_violations_kernel",
+                                          "_joins_kernel", "_column_kernel"}  # fmt: skip
+    floats = {t for t in types if t[2].startswith(("fp", "bf"))}
+    assert all(t[2] == "fp64" for t in floats), sorted(floats)
 
 
 def test_the_warmup_command_compiles_the_cuda_kernel_where_cuda_is(monkeypatch, capsys):

@@ -94,7 +94,7 @@ def residuals(state: dict, R: torch.Tensor, VE: torch.Tensor, cap: int) -> None:
     p = state["program"]
     _pass_kernel.residuals(p["X"], state["cols"], state["ids"], state["z"], state["eids"],
                            state["ze"], state["active"][:cap], state["count"], R, VE,
-                           p["lam_z"] / p["lam_e"])  # fmt: skip
+                           p["scalars"])  # fmt: skip
 
 
 def violations(state: dict, m: torch.Tensor, V: torch.Tensor, cap: int) -> None:
@@ -104,7 +104,7 @@ def violations(state: dict, m: torch.Tensor, V: torch.Tensor, cap: int) -> None:
 
     _pass_kernel.violations(m, V, state["cols"], state["ids"], state["z"], state["mu"],
                             state["active"][:cap], state["count"], state["passes"],
-                            state["active_sum"], state["program"]["lam_z"])  # fmt: skip
+                            state["active_sum"], state["program"]["scalars"])  # fmt: skip
 
 
 def joins(state: dict, top, new, m, R, VE, again, cap: int, *, exact: bool,
@@ -113,10 +113,9 @@ def joins(state: dict, top, new, m, R, VE, again, cap: int, *, exact: bool,
     (:func:`videoanchor.anchor.solvers._pass_kernel.joins`)."""
     from videoanchor.anchor.solvers import _pass_kernel
 
-    p = state["program"]
     _pass_kernel.joins(top, new, m, R, VE, state["JL"], state, state["active"][:cap], again,
-                       lam_z=p["lam_z"], lam_e=p["lam_e"], thr=p["tol"] if exact else SCREEN,
-                       grow0=GROW0, grow_max=GROW_MAX, exact=exact, last=last)  # fmt: skip
+                       scalars=state["program"]["scalars"], grow0=GROW0, grow_max=GROW_MAX,
+                       exact=exact, last=last)  # fmt: skip
 
 
 def dense_at_start(X: torch.Tensor, nearest: torch.Tensor, lam_e: float, lam_z: float,
@@ -188,9 +187,12 @@ def _checked_levels(slots, outlier_slots) -> tuple[tuple[int, int], ...]:
 
 def _program(X: torch.Tensor, G: torch.Tensor, lam_e: float, lam_z: float, *, tol: float,
              max_inner: int) -> dict:  # fmt: skip
-    """The program's tensors and scalars, as the kernel's contract names them."""
+    """The program's tensors and scalars, as the kernel's contract names them; ``scalars``
+    (float64, on the device: every kernel reads its floats there, never as arguments):
+    ``lambda_z``, ``lambda_e``, ``gamma``, ``tol``, :data:`RIDGE` (the column kernel's),
+    :data:`SCREEN` and ``lambda_z / lambda_e`` (the pass's, ``_pass_kernel.SCALE``)."""
     f64 = dict(dtype=torch.float64, device=X.device)
-    scalars = torch.tensor([lam_z, lam_e, 0.0, tol, RIDGE], **f64)
+    scalars = torch.tensor([lam_z, lam_e, 0.0, tol, RIDGE, SCREEN, lam_z / lam_e], **f64)
     scalars[2] = lam_z * G.diagonal().max()  # gamma, on the device
     n, d = X.shape
     return dict(G=G, X=X, X32=X.float(), n=n, d=d, lam_z=float(lam_z), lam_e=float(lam_e),
