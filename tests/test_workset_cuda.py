@@ -559,3 +559,137 @@ def test_gpu_passes_replay_their_graphs_and_read_once_a_round():
     _check(x, 800.0, {**out, "coef": out["coef"].cpu()})
     syncs = _syncs(lambda: wc.solve_workset_cuda(x.cuda(), **kw), torch.device("cuda"))
     assert syncs <= len(out["reads"]) + 1, (syncs, out["reads"])
+
+
+class _FakeGraph:
+    """A stand-in for a captured pass (tests/test_filter_graphs.py's pattern): ``replay``
+    runs the pass again on the same static state, as a replay reads it."""
+
+    def __init__(self, run):
+        self.replay = run
+
+
+def _fake_capture(run, state):
+    return _FakeGraph(run)
+
+
+@pytest.fixture
+def fresh_graphs():
+    wc.clear_graphs()
+    wc.GRAPH_COUNTS.update(captures=0, replays=0)
+    yield
+    wc.clear_graphs()
+
+
+def _same_answer(a, b):
+    assert a["passes"] == b["passes"] and a["replayed"] == b["replayed"]
+    assert torch.equal(a["support"], b["support"])
+    assert float((a["coef"] - b["coef"]).abs().max()) <= 1e-12
+    assert float((a["outliers"] - b["outliers"]).abs().max()) <= 1e-12
+
+
+def test_pass_graphs_are_captured_once_a_shape_and_kept_across_calls(reference_kernel,
+                                                                      fresh_graphs):  # fmt: skip
+    """Issue 98 defect 3: the pass graphs (a stand-in capture on the CPU) are captured in the
+    first call and replayed by the later calls of the same shape, whose inputs differ: each
+    answer is the eager one; a call of another shape has its own workspace; the workspaces
+    a device keeps are bounded (least recently used dropped)."""
+    kw = dict(slots=(4, 16), outlier_slots=(8, 8), max_inner=300, wide_share=1.0)
+    xs = [video_tokens(2, 8, 12, k=2, seed=s) for s in (1, 2, 1)]
+    assert len({x.shape for x in xs}) == 1
+    captures = []
+    for x in xs:
+        out = wc.solve_workset_cuda(x, capture=_fake_capture, **kw)
+        _same_answer(out, wc.solve_workset_cuda(x, **kw))
+        captures.append(wc.GRAPH_COUNTS["captures"])
+    assert captures[0] > 1 and captures[1] == captures[2], captures  # (the first call's)
+    assert wc.GRAPH_COUNTS["replays"] > captures[0]
+    assert len(wc._WORKSPACES) == 1
+    for extra in range(wc.WORKSPACES + 1):  # other shapes: the oldest is dropped
+        wc.solve_workset_cuda(video_tokens(2, 8, 12 + 2 * (extra + 1), k=2, seed=1),
+                              capture=_fake_capture, **kw)  # fmt: skip
+    assert len(wc._WORKSPACES) == wc.WORKSPACES
+    before = wc.GRAPH_COUNTS["captures"]
+    wc.solve_workset_cuda(xs[0], capture=_fake_capture, **kw)  # dropped: captured again
+    assert wc.GRAPH_COUNTS["captures"] > before
+
+
+def test_a_failed_capture_or_replay_runs_the_passes_eagerly(reference_kernel, fresh_graphs):
+    """A capture that fails (another thread's work, an unsupported operator) or a replay
+    that fails: one warning a call, the passes eager, the same answer, nothing kept."""
+    x = video_tokens(2, 8, 12, k=2, seed=1)
+    kw = dict(slots=(16,), outlier_slots=(8,), max_inner=300)
+    eager = wc.solve_workset_cuda(x, **kw)
+
+    def refuse(run, state):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.warns(RuntimeWarning, match="no CUDA graph of the pass") as seen:
+        out = wc.solve_workset_cuda(x, capture=refuse, **kw)
+    assert len([w for w in seen if "workset_cuda" in str(w.message)]) == 1
+    _same_answer(out, eager)
+    assert not any(st["graphs"] for ws in wc._WORKSPACES.values() for st in ws.levels.values())
+
+    class Broken:
+        def replay(self):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with pytest.warns(RuntimeWarning, match="a replay of the pass's CUDA graph failed") as seen:
+        out = wc.solve_workset_cuda(x, capture=lambda run, st: Broken(), **kw)
+    assert len([w for w in seen if "workset_cuda" in str(w.message)]) == 1
+    assert out["converged"] and float((out["coef"] - eager["coef"]).abs().max()) < 1e-12
+    assert not any(st["graphs"] for ws in wc._WORKSPACES.values() for st in ws.levels.values())
+
+
+def test_the_cuda_capture_is_thread_local_in_a_private_pool_without_gc(monkeypatch):
+    """The CUDA capture (stood in for: no GPU) begins in the thread-local mode (other
+    threads' syncs and allocations, vLLM's scoring thread, cannot break it) into the
+    workspace's own pool, and neither synchronises the device, empties the allocator's
+    cache nor collects garbage (``torch.cuda.graph``'s ``__enter__`` does); a failing
+    pass ends the capture and raises its own error."""
+    import contextlib
+    import gc
+
+    calls = []
+
+    class Graph:
+        def capture_begin(self, pool=None, capture_error_mode="global"):
+            calls.append(("begin", pool, capture_error_mode))
+
+        def capture_end(self):
+            calls.append(("end",))
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    def forbidden(name):
+        def f(*a, **k):
+            raise AssertionError(f"{name} called in a capture")
+
+        return f
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool-1")
+    monkeypatch.setattr(torch.cuda, "graph", forbidden("torch.cuda.graph"))
+    for name in ("empty_cache", "synchronize"):
+        monkeypatch.setattr(torch.cuda, name, forbidden(f"torch.cuda.{name}"))
+    monkeypatch.setattr(gc, "collect", forbidden("gc.collect"))
+    ws = wc._Workspace()
+    state = {"workspace": ws}
+    ran = []
+    wc._cuda_capture(lambda: ran.append(1), state)
+    wc._cuda_capture(lambda: ran.append(2), state)
+    assert ran == [1, 2]
+    assert calls == [("begin", "pool-1", "thread_local"), ("end",)] * 2, calls
+
+    def fail():
+        raise RuntimeError("boom")
+
+    calls.clear()
+    with pytest.raises(RuntimeError, match="boom"):
+        wc._cuda_capture(fail, state)
+    assert calls == [("begin", "pool-1", "thread_local"), ("end",)]

@@ -29,8 +29,12 @@ Triton is imported when this solver runs (the kernels' first launch), never by
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import time
+import warnings
+from collections import OrderedDict
 
 import torch
 
@@ -258,26 +262,191 @@ def _capacity(count: int, nc: int) -> int:
 
 
 def _replay(state: dict, cap: int, *, exact: bool, last: bool, passes: int) -> None:
-    """``passes`` passes at capacity ``cap``: on CUDA the pass's graph (captured on the
-    first call at this shape, after one eager pass that compiles and warms what it runs),
-    replayed; elsewhere eagerly."""
-    if state["ids"].device.type != "cuda":
+    """``passes`` passes at capacity ``cap``. With a capture (``state["capture"]``: on CUDA
+    :func:`_cuda_capture`) the pass's graph, kept with the state's static buffers across
+    calls (:class:`_Workspace`), captured on the first pass at this shape after that pass
+    ran eagerly (it compiles and warms what it runs), and replayed; eager where the capture
+    or a replay fails (one warning a call, the graph not kept) and elsewhere."""
+    capture = state.get("capture")
+    if capture is None or state.get("eager"):
         for _ in range(passes):
             _pass(state, cap, exact=exact, last=last)
         return
-    graph = state["graphs"].get((cap, exact))
-    if graph is None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            _pass(state, cap, exact=exact, last=last)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = state["graphs"][(cap, exact)] = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            _pass(state, cap, exact=exact, last=last)
+    key = (cap, exact, last)
+    graph = state["graphs"].get(key)
+    if graph is None and passes > 0:
+        _warm_pass(state, cap, exact=exact, last=last)
         passes -= 1
-    for _ in range(passes):
-        graph.replay()
+        try:
+            graph = capture(lambda: _pass(state, cap, exact=exact, last=last), state)
+        except Exception as exc:  # noqa: BLE001 - whatever capture refuses runs eagerly
+            _eager_from_now(state, f"no CUDA graph of the pass ({type(exc).__name__}: {exc})")
+            _replay(state, cap, exact=exact, last=last, passes=passes)
+            return
+        state["graphs"][key] = graph
+        GRAPH_COUNTS["captures"] += 1
+    for done in range(passes):
+        try:
+            graph.replay()
+        except Exception as exc:  # noqa: BLE001 - the rest eagerly, the graph dropped
+            state["graphs"].pop(key, None)
+            _eager_from_now(state, f"a replay of the pass's CUDA graph failed "
+                            f"({type(exc).__name__}: {exc})")  # fmt: skip
+            _replay(state, cap, exact=exact, last=last, passes=passes - done)
+            return
+        GRAPH_COUNTS["replays"] += 1
+
+
+def _warm_pass(state: dict, cap: int, *, exact: bool, last: bool) -> None:
+    """One eager pass before a capture: on CUDA on the workspace's side stream, as torch
+    asks of what a graph captures next."""
+    if state["ids"].device.type != "cuda":
+        _pass(state, cap, exact=exact, last=last)
+        return
+    side = state["workspace"].side_stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _pass(state, cap, exact=exact, last=last)
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def _eager_from_now(state: dict, why: str) -> None:
+    if not state.get("eager"):
+        warnings.warn(f"workset_cuda: {why}; the passes run eagerly", RuntimeWarning,
+                      stacklevel=5)  # fmt: skip
+    state["eager"] = True
+
+
+def _cuda_capture(run, state: dict):
+    """``run()`` (one pass) captured as a CUDA graph on the workspace's side stream, into its
+    private memory pool, in the thread-local capture mode (another thread's allocation or
+    sync during the capture does not break it). ``torch.cuda.graph`` is not used: its
+    ``__enter__`` synchronises the device, empties the allocator's cache (a server's
+    blocks included) and, with torch's default settings before 2.13, runs ``gc.collect()``."""
+    ws = state["workspace"]
+    graph = torch.cuda.CUDAGraph()
+    side = ws.side_stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graph.capture_begin(pool=ws.graph_pool(), capture_error_mode="thread_local")
+        try:
+            run()
+        except BaseException:
+            try:
+                graph.capture_end()
+            except Exception:  # noqa: BLE001, S110 - the capture's own error is the one raised
+                pass
+            raise
+        graph.capture_end()
+    torch.cuda.current_stream().wait_stream(side)
+    return graph
+
+
+#: The pass graphs' counts in this process (the tests read them).
+GRAPH_COUNTS = {"captures": 0, "replays": 0}
+#: Workspaces kept per device (least recently used dropped), and levels of slots kept per
+#: workspace: each holds its call's static buffers (G, X, the slots, the column kernel's
+#: inverses: about ``8 N^2 + 8 N M^2`` bytes at ``M`` slots) and its pass graphs.
+WORKSPACES, LEVELS = 2, 4
+
+
+class _Workspace:
+    """A call's program and levels' state in static buffers, with the pass graphs captured
+    on them (by ``(cap, exact, last)``), kept across calls of one device, ``N``, ``D`` and
+    ``max_inner``: a later call copies its inputs in and replays. One call uses it at a
+    time (``busy``); a call finding it busy gets a workspace of its own, not kept."""
+
+    def __init__(self):
+        self.program, self.levels, self.busy = None, OrderedDict(), False
+        self._pool = self._stream = None
+
+    def graph_pool(self):
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
+    def side_stream(self):
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        return self._stream
+
+    def bind_program(self, X, G, lam_e, lam_z, *, tol, max_inner) -> dict:
+        """The program (:func:`_program`) in this workspace's buffers (the call's ``G`` and
+        ``X`` copied in: the call keeps its own)."""
+        fresh = _program(X, G, lam_e, lam_z, tol=tol, max_inner=max_inner)
+        if self.program is None:
+            self.program = {**fresh, **{k: fresh[k].clone() for k in ("G", "X", "X32")}}
+        else:
+            for k in ("G", "X", "X32", "scalars"):
+                self.program[k].copy_(fresh[k])
+            self.program.update({k: v for k, v in fresh.items()
+                                 if not isinstance(v, torch.Tensor)})  # fmt: skip
+        return self.program
+
+    def bind_state(self, cols, ids, z, eids, ze, capture) -> dict:
+        """A level's state (:func:`_state`) in this workspace's buffers, reset as
+        :func:`_state` makes it; its graphs kept (``LEVELS`` levels, least recent
+        dropped)."""
+        key = (len(cols), ids.shape[1], eids.shape[1])
+        st = self.levels.get(key)
+        if st is None:
+            st = _state(self.program, cols.clone(), ids.clone(), z.clone(), eids.clone(),
+                        ze.clone())  # fmt: skip
+            self.levels[key] = st
+            while len(self.levels) > LEVELS:
+                self.levels.popitem(last=False)
+        else:
+            self.levels.move_to_end(key)
+            for k, v in (("cols", cols), ("ids", ids), ("z", z), ("eids", eids), ("ze", ze)):
+                st[k].copy_(v)
+            for k in ("mu", "status", "steps_pass", "steps", "aside", "passes", "active_sum",
+                      "JL", "Sok", "Skey"):  # fmt: skip
+                if k in st:
+                    st[k].zero_()
+            st["active"].copy_(torch.arange(len(cols), dtype=torch.int32, device=ids.device))
+            st["count"].fill_(len(cols))
+            st["kcount"].fill_(len(cols))
+        st.update(workspace=self, capture=capture, eager=False)
+        return st
+
+
+_WORKSPACES: OrderedDict = OrderedDict()
+_WORKSPACES_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _workspace(device: torch.device, n: int, d: int, max_inner: int, capture):
+    """The call's workspace (None without a capture: plain state, eager passes), taken
+    from :data:`_WORKSPACES` where one of this key is free, else new and kept (at most
+    :data:`WORKSPACES` per device, least recently used dropped)."""
+    if capture is None:
+        yield None
+        return
+    key = (str(device), n, d, int(max_inner))
+    with _WORKSPACES_LOCK:
+        ws = _WORKSPACES.get(key)
+        if ws is not None and not ws.busy:
+            _WORKSPACES.move_to_end(key)
+        elif ws is None:
+            ws = _WORKSPACES[key] = _Workspace()
+            mine = [k for k in _WORKSPACES if k[0] == key[0]]
+            for k in mine[: max(0, len(mine) - WORKSPACES)]:
+                if not _WORKSPACES[k].busy:
+                    del _WORKSPACES[k]
+        else:
+            ws = _Workspace()  # (one of this key in use: a call's own)
+        ws.busy = True
+    try:
+        yield ws
+    finally:
+        ws.busy = False
+
+
+def clear_graphs() -> None:
+    """Drop every kept workspace and its graphs (their memory returns to torch's cache)."""
+    with _WORKSPACES_LOCK:
+        for k in [k for k, ws in _WORKSPACES.items() if not ws.busy]:
+            del _WORKSPACES[k]
 
 
 def _solve_level(state: dict, *, precision: str, max_passes: int, reads: list, last: bool,
@@ -320,7 +489,7 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
                        outlier_slots: tuple[int, ...] | None = None, tol: float = 1e-9,
                        max_passes: int = 500, max_inner: int = 1000,
                        precision: str = "float32", wide_share: float = WIDE_SHARE,
-                       checked: bool = False) -> dict:  # fmt: skip
+                       checked: bool = False, capture=None) -> dict:  # fmt: skip
     """The program's minimiser for ``features`` (``N x D``) by the working sets on their
     device (module docstring), float64 inside the kernel. ``slots``, ``outlier_slots``: the
     coefficient and outlier slots per column at each level (non-decreasing, from
@@ -328,7 +497,10 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
     the first passes' products (``"float32"``: screening, then float64; ``"float64"``).
     Where ``C`` is dense (:func:`dense_at_start`; or more than ``wide_share`` of the columns
     fill the first level) it stops there: ``dense`` says why (else None), ``coef`` and
-    ``outliers`` are None where no pass ran.
+    ``outliers`` are None where no pass ran. On CUDA the passes are CUDA graphs kept
+    across calls with their static buffers (:class:`_Workspace`); ``capture``: a stand-in
+    for :func:`_cuda_capture` (the tests' bookkeeping on the CPU; None: CUDA's, eager
+    elsewhere).
 
     Returns a dict: ``coef``, ``outliers`` (float64, on the device), ``lambda_e``,
     ``lambda_z``, ``gram`` (``X X^T``, float64), ``support`` (``(2, K)``, the ``(row,
@@ -363,7 +535,6 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
     G = (G + G.T) / 2  # (the kernel reads G's rows for its columns: exactly symmetric)
     lam_e, lam_z, _, _ = ssc_lambdas(X, alpha_e, alpha_z, row_max=gram_row_max(X, gram=G))
     reads.append("lambdas")  # (mu_e, mu_z and the median: ssc_lambdas' one copy)
-    program = _program(X, G, lam_e, lam_z, tol=tol, max_inner=max_inner)
     M, ME = levels[0]
     i32 = dict(dtype=torch.int32, device=dev)
     cols = torch.arange(n, device=dev)
@@ -382,13 +553,35 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
                     dense=f"the median column has more outlier entries violating at its "
                     f"nearest point than {ME} slots; the working sets did not run",
                     timings={"lambdas": t1 - t0, "workset_cuda": time.perf_counter() - t1})  # fmt: skip
+    if capture is None and dev.type == "cuda":
+        capture = _cuda_capture
+    with _workspace(dev, n, d, max_inner, capture) as ws:
+        return _levels(X, G, lam_e, lam_z, levels, cols, ids, z, eids, ze, ws=ws,
+                       capture=capture, tol=tol, max_inner=max_inner, precision=precision,
+                       max_passes=max_passes, wide_share=wide_share, reads=reads, t0=t0,
+                       t1=t1)  # fmt: skip
+
+
+def _levels(X, G, lam_e, lam_z, levels, cols, ids, z, eids, ze, *, ws, capture, tol,
+            max_inner, precision, max_passes, wide_share, reads, t0, t1) -> dict:  # fmt: skip
+    """:func:`solve_workset_cuda` from its start (each column at its nearest point) over
+    the levels of slots, in the workspace ``ws`` (None: fresh state)."""
+    n, d = X.shape
+    dev = X.device
+    if ws is None:
+        program = _program(X, G, lam_e, lam_z, tol=tol, max_inner=max_inner)
+    else:
+        program = ws.bind_program(X, G, lam_e, lam_z, tol=tol, max_inner=max_inner)
     coef = torch.zeros(n, n + 1, dtype=torch.float64, device=dev)  # (a column past the end
     outl = torch.zeros(n, d + 1, dtype=torch.float64, device=dev)  # takes the empty slots)
     final = torch.full((n, levels[-1][0]), -1, dtype=torch.int64, device=dev)
     steps = torch.zeros(n, dtype=torch.int64, device=dev)
     total, passes, active_sum, converged, wide, overflow, dense = 0, 0, 0, True, 0, 0, None
     for level, (M, ME) in enumerate(levels):
-        state = _state(program, cols, ids, z, eids, ze)
+        if ws is None:
+            state = _state(program, cols, ids, z, eids, ze)
+        else:
+            state = ws.bind_state(cols, ids, z, eids, ze, capture)
         last = level + 1 == len(levels)
         max_aside = wide_share * n if level == 0 and not last else math.inf
         replayed, done, aside, ran, active = _solve_level(state, precision=precision,
