@@ -545,19 +545,48 @@ def test_the_ssc_call_of_run_gpu_fits_eight_minutes_and_names_its_steps():
     assert '--frames "${WORKSET_CUDA_FRAMES:-16,32,64}"' in script
 
 
+def _counted_solve(x, device, **kw):
+    """The call whose host syncs the GPU test counts: the features moved to ``device`` and
+    checked before it (their transfer and finiteness read are the entry point's, not the
+    solver's: issue 98 defect 2), so that it syncs at its host reads (``out["reads"]``)
+    and at the solve's one stream synchronize at the end."""
+    xd = x.to(device)
+    return lambda: wc.solve_workset_cuda(xd, checked=True, **kw)
+
+
+def test_the_counted_call_reads_the_host_at_its_reads_alone(reference_kernel, monkeypatch):
+    """The sync arithmetic of test_gpu_passes_replay_their_graphs_and_read_once_a_round, on
+    CPU tensors: the counted call reads the host exactly ``len(out["reads"])`` times (the
+    lambdas, the screen, one a round), nothing for the features' transfer or finiteness;
+    on CUDA the solve adds one stream synchronize, hence ``+ 1`` there."""
+    from benchmarks.bench_workset_cuda import Counter, counting
+
+    kw = dict(slots=(32,), outlier_slots=(16,), max_inner=300)
+    call = _counted_solve(video_tokens(4, 10, 16, k=4, seed=0), torch.device("cpu"), **kw)
+    with Counter() as counted:
+        counting(monkeypatch.setattr, counted)
+        out = call()
+    assert len(out["reads"]) >= 3 and len(counted.reads) == len(out["reads"]), (
+        counted.reads, out["reads"])  # fmt: skip
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_passes_replay_their_graphs_and_read_once_a_round():
-    """On CUDA each pass shape is captured once and replayed: the same minimiser, and the
-    call synchronises at its host reads (lambdas, the screen, one a round) and no more
+    """On CUDA each pass shape is captured once and replayed, and kept for the next call:
+    the same minimiser, and a call whose graphs are kept synchronises at its host reads
+    (lambdas, the screen, one a round) and at the end, no more
     (``torch.cuda.set_sync_debug_mode``, bench_workset_cuda._syncs)."""
     from benchmarks.bench_workset_cuda import _syncs
 
     x = video_tokens(4, 10, 16, k=4, seed=0)
     kw = dict(slots=(32,), outlier_slots=(16,), max_inner=300)
-    out = wc.solve_workset_cuda(x.cuda(), **kw)
+    call = _counted_solve(x, torch.device("cuda"), **kw)
+    out = call()  # (captures the pass graphs)
     _check(x, 800.0, {**out, "coef": out["coef"].cpu()})
-    syncs = _syncs(lambda: wc.solve_workset_cuda(x.cuda(), **kw), torch.device("cuda"))
+    captured = wc.GRAPH_COUNTS["captures"]
+    syncs = _syncs(call, torch.device("cuda"))
+    assert wc.GRAPH_COUNTS["captures"] == captured  # (kept: the second call replays)
     assert syncs <= len(out["reads"]) + 1, (syncs, out["reads"])
 
 
@@ -693,3 +722,101 @@ def test_the_cuda_capture_is_thread_local_in_a_private_pool_without_gc(monkeypat
     with pytest.raises(RuntimeError, match="boom"):
         wc._cuda_capture(fail, state)
     assert calls == [("begin", "pool-1", "thread_local"), ("end",)]
+
+
+def test_the_certificates_sparse_products_hold_no_heap_of_padding(reference_kernel,
+                                                                    monkeypatch):  # fmt: skip
+    """Issue 98 defect 5: the solve's support has no padding (its size read with the
+    rounds' flags): each position a held slot, no column more than its slots; the
+    certificate from G builds ``C^T`` with no zero entry, and ``E``'s CSR with its padding
+    (zero values) spread, at most ``ceil(padding / N)`` a row (before: all of it in row 0 of
+    ``C^T`` and in one row of ``E``), and certifies the same answer."""
+    from videoanchor.anchor.plan import Plan
+
+    x = video_tokens(2, 8, 12, k=2, seed=1)
+    n = x.shape[0]
+    out = wc.solve_workset_cuda(x, slots=(4, 16), outlier_slots=(8, 8), max_inner=300,
+                                wide_share=1.0)  # fmt: skip
+    sup = out["support"]
+    assert out["wide_columns"] > 0 and bool((sup >= 0).all())
+    assert int(torch.bincount(sup[1], minlength=n).max()) <= 16
+    assert len({tuple(p) for p in sup.T.tolist()}) == sup.shape[1]  # (no position twice)
+    nz = torch.nonzero(out["coef"]).T
+    held = {tuple(p) for p in sup.T.tolist()}
+    assert {tuple(p) for p in nz.T.tolist()} <= held
+    built = []
+    saved = torch.sparse_csr_tensor
+
+    def spy(crow, col, val, shape, **kw):
+        built.append((crow.clone(), val.clone(), shape))
+        return saved(crow, col, val, shape, **kw)
+
+    monkeypatch.setattr(torch, "sparse_csr_tensor", spy)
+    fast_plan = Plan(mode="exact", solver="fast", backend="torch", device=x.device,
+                     work=torch.float32, route="admm")  # fmt: skip
+    plan = Plan(mode="exact", solver="workset", backend="torch", device=x.device,
+                work=torch.float32, fallback=fast_plan)  # fmt: skip
+    res = wc.run_workset_cuda(x, plan, slots=(32,), outlier_slots=(8,), alpha_e=800.0,
+                              alpha_z=800.0, rho=0.1, eps=1e-4, max_iter=60)  # fmt: skip
+    assert res.strategy.startswith("workset_cuda") and res.residual < wc.CERTIFIED
+    assert len(built) >= 2
+    (crow, val, _), rest = built[0], built[1:]  # C^T, then E (then again where E overflowed)
+    assert int((val == 0).sum()) == 0, int((val == 0).sum())
+    for crow, val, shape in rest:
+        rows = torch.repeat_interleave(torch.arange(shape[0]), crow.diff())
+        pad = torch.bincount(rows[val == 0], minlength=shape[0])
+        most = -(-int((val == 0).sum()) // shape[0])
+        assert int(pad.max()) <= most, (int(pad.max()), most)
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("CUDA error: an illegal memory access was encountered"),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB"),
+    Exception("triton.compiler.errors.CompilationError: at 12:4: stand-in"),
+])  # fmt: skip
+def test_a_failing_route_gives_the_fast_answer_with_one_warning(monkeypatch, error):
+    """Issue 98 defect 7: a launch, out-of-memory or compile failure inside the working
+    sets (injected into the column kernel's launch) reaches no caller: the route answers
+    with the fast solver on the same device, exactly its answer, and one warning naming
+    the cause; where the fast solver runs out of memory too, an SSCMemoryError."""
+    import warnings
+
+    from videoanchor.anchor.plan import Plan, SSCMemoryError
+
+    x = video_tokens(2, 8, 12, k=2, seed=1)
+    fast_plan = Plan(mode="exact", solver="fast", backend="torch", device=x.device,
+                     work=torch.float32, route="admm")  # fmt: skip
+    plan = Plan(mode="exact", solver="workset", backend="torch", device=x.device,
+                work=torch.float32, fallback=fast_plan)  # fmt: skip
+    kw = dict(alpha_e=800.0, alpha_z=800.0, rho=0.1, eps=1e-4, max_iter=60)
+
+    def fail(state, active, count):
+        raise error
+
+    monkeypatch.setattr(wc, "launch", fail)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        res = wc.run_workset_cuda(x, plan, slots=(16,), outlier_slots=(8,), **kw)
+    ours = [str(w.message) for w in seen if "working sets" in str(w.message)]
+    assert len(ours) == 1 and type(error).__name__ in ours[0] and str(error) in ours[0], ours
+    want = wc.run_admm(x, fast_plan, warn_dark=False, progress=None, **kw)
+    assert res.solver == "fast" and torch.equal(res.coef, want.coef)
+    assert res.history["workset_cuda"]["failure"].startswith(type(error).__name__)
+
+    def no_room(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(wc, "run_admm", no_room)
+    with pytest.raises(SSCMemoryError, match="neither the working sets"):
+        wc.run_workset_cuda(x, plan, slots=(16,), outlier_slots=(8,), **kw)
+
+
+def test_a_bad_argument_is_still_refused_by_the_route():
+    from videoanchor.anchor.plan import Plan
+
+    x = video_tokens(2, 8, 12, k=2, seed=1)
+    plan = Plan(mode="exact", solver="workset", backend="torch", device=x.device,
+                work=torch.float32)  # fmt: skip
+    with pytest.raises(ValueError, match="slots: expected non-decreasing"):
+        wc.run_workset_cuda(x, plan, slots=(24,), alpha_e=800.0, alpha_z=800.0, rho=0.1,
+                            eps=1e-4, max_iter=60)  # fmt: skip

@@ -11,10 +11,12 @@ the same device with no host read inside them.
   :data:`GROW0` doubling each pass up to :data:`GROW_MAX`) into each column's free coefficient slots and EVERY violating outlier
   entry into its free outlier slots; the next active list. Its shapes are fixed (the
   capacity ``cap``, a power of two at least ``count`` when it was last read), so on CUDA a
-  pass is captured once as a CUDA graph and replayed; a pass with no active column changes
-  nothing.
-- **the host** reads four integers after a round of :data:`ROUNDS` passes: the active
-  columns, those set aside, the passes that ran and the active columns summed. float32 passes until no column violates at ``SCREEN``, then
+  pass is captured once as a CUDA graph and replayed, the graph kept for later calls of
+  the same shape with its static buffers (:class:`_Workspace`); a pass with no active
+  column changes nothing.
+- **the host** reads five integers after a round of :data:`ROUNDS` passes: the active
+  columns, those set aside, the passes that ran, the active columns summed and the slots
+  held (the support's size: no padding in the certificate's sparse products). float32 passes until no column violates at ``SCREEN``, then
   float64 ones, the first over every column (the kernel off), until none violates at ``tol``:
   the answer is certified in float64.
 - **levels of slots** ``(M, ME)`` (:data:`SLOTS`, :data:`OUTLIER_SLOTS`): a column whose
@@ -40,7 +42,7 @@ import torch
 
 from videoanchor.anchor._inputs import as_feature_tensor
 from videoanchor.anchor.options import SSCOptions
-from videoanchor.anchor.plan import Plan
+from videoanchor.anchor.plan import Plan, SSCMemoryError
 from videoanchor.anchor.program import (
     SSCSolution,
     gram_row_max,
@@ -438,6 +440,11 @@ def _workspace(device: torch.device, n: int, d: int, max_inner: int, capture):
         ws.busy = True
     try:
         yield ws
+    except BaseException:  # (a failed call's buffers are not kept: an out-of-memory's)
+        with _WORKSPACES_LOCK:
+            if _WORKSPACES.get(key) is ws:
+                del _WORKSPACES[key]
+        raise
     finally:
         ws.busy = False
 
@@ -450,12 +457,13 @@ def clear_graphs() -> None:
 
 
 def _solve_level(state: dict, *, precision: str, max_passes: int, reads: list, last: bool,
-                 max_aside: float = math.inf) -> tuple[int, bool, int, int, int]:  # fmt: skip
+                 max_aside: float = math.inf) -> tuple[int, bool, int, int, int, int]:  # fmt: skip
     """Rounds of passes over ``state`` until no column that is not set aside violates
     (float64), at most ``max_passes``, or until more than ``max_aside`` columns are set
     aside; returns the passes replayed, whether it got there, the columns set aside, the
-    passes that ran an active column and the active columns summed over them. One host
-    read a round (``reads`` counts them): four integers."""
+    passes that ran an active column, the active columns summed over them and the slots
+    held by the columns not set aside. One host read a round (``reads`` counts them): five
+    integers."""
     exact = precision == "float64"
     nc = state["ids"].shape[0]
     cap, replayed, rounds = nc, 0, 0
@@ -463,15 +471,16 @@ def _solve_level(state: dict, *, precision: str, max_passes: int, reads: list, l
         todo = min(ROUNDS[min(rounds, len(ROUNDS) - 1)], max_passes - replayed)
         _replay(state, cap, exact=exact, last=last, passes=todo)
         replayed, rounds = replayed + todo, rounds + 1
+        held = ((state["ids"] >= 0) & (state["aside"] == 0)[:, None]).sum().view(1)
         flags = torch.cat([state["count"].long(), state["aside"].sum().view(1),
-                           state["passes"], state["active_sum"]])  # fmt: skip
-        count, aside, passes, active = flags.tolist()
+                           state["passes"], state["active_sum"], held])  # fmt: skip
+        count, aside, passes, active, held = flags.tolist()
         reads.append("round")
         if aside > max_aside:
-            return replayed, False, aside, passes, active
+            return replayed, False, aside, passes, active, held
         if count == 0:
             if exact:
-                return replayed, True, aside, passes, active
+                return replayed, True, aside, passes, active, held
             # float32 quiet: float64 from here, every column not set aside checked once
             # (the kernel off in that pass)
             exact = True
@@ -481,7 +490,7 @@ def _solve_level(state: dict, *, precision: str, max_passes: int, reads: list, l
             state["kcount"].zero_()
             count = nc - aside
         cap = _capacity(count, nc)
-    return replayed, False, aside, passes, active
+    return replayed, False, aside, passes, active, held
 
 
 def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800.0,
@@ -504,7 +513,8 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
 
     Returns a dict: ``coef``, ``outliers`` (float64, on the device), ``lambda_e``,
     ``lambda_z``, ``gram`` (``X X^T``, float64), ``support`` (``(2, K)``, the ``(row,
-    column)`` positions of ``coef`` its slots held, -1 padding: every non-zero), ``passes`` (the passes that ran an active
+    column)`` positions of ``coef`` its slots held, sorted by column, no padding: every
+    non-zero), ``passes`` (the passes that ran an active
     column, summed over the levels), ``replayed`` (the passes run, those past the last
     active column included), ``active`` (the active columns summed over the passes),
     ``converged`` (every column solved within its slots and the passes), ``wide_columns``
@@ -577,6 +587,7 @@ def _levels(X, G, lam_e, lam_z, levels, cols, ids, z, eids, ze, *, ws, capture, 
     final = torch.full((n, levels[-1][0]), -1, dtype=torch.int64, device=dev)
     steps = torch.zeros(n, dtype=torch.int64, device=dev)
     total, passes, active_sum, converged, wide, overflow, dense = 0, 0, 0, True, 0, 0, None
+    size = 0  # (the slots that ``final`` holds: the support's size, read with the flags)
     for level, (M, ME) in enumerate(levels):
         if ws is None:
             state = _state(program, cols, ids, z, eids, ze)
@@ -584,10 +595,11 @@ def _levels(X, G, lam_e, lam_z, levels, cols, ids, z, eids, ze, *, ws, capture, 
             state = ws.bind_state(cols, ids, z, eids, ze, capture)
         last = level + 1 == len(levels)
         max_aside = wide_share * n if level == 0 and not last else math.inf
-        replayed, done, aside, ran, active = _solve_level(state, precision=precision,
-                                             max_passes=max_passes, reads=reads, last=last,
-                                             max_aside=max_aside)  # fmt: skip
+        replayed, done, aside, ran, active, held = _solve_level(
+            state, precision=precision, max_passes=max_passes, reads=reads, last=last,
+            max_aside=max_aside)  # fmt: skip
         total, passes, active_sum = total + replayed, passes + ran, active_sum + active
+        size += held
         converged &= done
         ok = state["aside"] == 0  # (the columns set aside write at the next level)
         at = torch.where(ok[:, None], state["ids"].long(), n)
@@ -620,10 +632,11 @@ def _levels(X, G, lam_e, lam_z, levels, cols, ids, z, eids, ze, *, ws, capture, 
     if dev.type == "cuda":
         torch.cuda.current_stream(dev).synchronize()
     t2 = time.perf_counter()
-    # (row, column) positions that hold every non-zero of C: each column's slots
-    at = final.flatten()
-    support = torch.stack([at, torch.where(at >= 0, torch.arange(n, device=dev).repeat_interleave(
-        final.shape[1]), -1)])  # fmt: skip
+    # (row, column) positions that hold every non-zero of C: each column's held slots, no
+    # padding (their count read with the flags: issue 98 defect 5)
+    at = torch.nonzero_static((final >= 0).flatten(), size=size)[:, 0]
+    support = torch.stack([final.flatten()[at], torch.div(at, final.shape[1],
+                                                          rounding_mode="floor")])  # fmt: skip
     return dict(coef=coef[:, :n].T.contiguous(), outliers=outl[:, :d].T.contiguous(),
                 lambda_e=lam_e, lambda_z=lam_z, gram=G, support=support, passes=passes, replayed=total,
                 active=active_sum, converged=converged, wide_columns=wide, overflow=overflow,
@@ -653,7 +666,10 @@ def run_workset_cuda(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: fl
     giving its gap; where ``C`` is dense (:func:`solve_workset_cuda`'s ``dense``) that answer
     at once. ``slots``, ``outlier_slots``: the levels of slots (:data:`SLOTS`,
     :data:`OUTLIER_SLOTS`). The certificate from the solve's G and its slots (no dense
-    product). Solves the method's program
+    product). Where the working sets fail (a compile, capture, out-of-memory or launch
+    error: not a bad argument), the fast solver's answer on the device with one warning
+    naming the cause (``history["workset_cuda"]["failure"]``); an ``SSCMemoryError`` where
+    the fast solver does not fit either. Solves the method's program
     only (``affine``, ``outliers``)."""
     if not (affine and outliers):
         raise ValueError(
@@ -662,34 +678,49 @@ def run_workset_cuda(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: fl
         )
     if getattr(progress, "schedules_only", False):  # a scheduler's hook: its turn
         progress.wait()
-    out = solve_workset_cuda(
-        x,
-        alpha_e=alpha_e,
-        alpha_z=alpha_z,
-        slots=slots,
-        outlier_slots=outlier_slots,
-        checked=True,
-    )
-    history = {k: out[k] for k in ("passes", "active", "wide_columns", "overflow", "dense")}
-    history["host_reads"] = len(out["reads"])
     y = x.detach().to(torch.float64).T  # (the program's Y, for either answer's certificate)
-    timings = out["timings"]
-    if out["dense"] is None:
-        history["host_reads"] += 1  # (the certificates' floats, in one copy)
-        res = SSCSolution.certified(
-            y, out["coef"], out["outliers"], out["lambda_e"],
-            out["lambda_z"], like=x, dtype=plan.work, timings=timings, gram=out["gram"],
-            support=out["support"],
-            iterations=out["passes"], converged=out["converged"], history=history,
-            solver=plan.solver,
-            strategy="workset_cuda_wide" if out["wide_columns"] else "workset_cuda")  # fmt: skip
-        if res.converged and res.residual < CERTIFIED:
-            return res
-        timings = res.timings
+    failure = None
+    try:
+        out = solve_workset_cuda(x, alpha_e=alpha_e, alpha_z=alpha_z, slots=slots,
+                                 outlier_slots=outlier_slots, checked=True)  # fmt: skip
+        history = {k: out[k] for k in ("passes", "active", "wide_columns", "overflow", "dense")}
+        history["host_reads"] = len(out["reads"])
+        timings = out["timings"]
+        if out["dense"] is None:
+            history["host_reads"] += 1  # (the certificates' floats, in one copy)
+            res = SSCSolution.certified(
+                y, out["coef"], out["outliers"], out["lambda_e"],
+                out["lambda_z"], like=x, dtype=plan.work, timings=timings, gram=out["gram"],
+                support=out["support"],
+                iterations=out["passes"], converged=out["converged"], history=history,
+                solver=plan.solver,
+                strategy="workset_cuda_wide" if out["wide_columns"] else "workset_cuda")  # fmt: skip
+            if res.converged and res.residual < CERTIFIED:
+                return res
+            timings = res.timings
+    except (ValueError, TypeError):  # (a caller's argument: said as it is)
+        raise
+    except Exception as exc:  # noqa: BLE001 - a compile, capture, memory or launch failure
+        # (issue 98 defect 7: the fast solver answers on the device; the exception and its
+        # frames, holding the call's tensors, are dropped before it runs)
+        failure = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
+    if failure is not None:
+        out = dict(dense=None, overflow=0, converged=False)
+        history, timings = {"failure": failure}, {}
     # (solve_workset_cuda's lambdas named the dark tokens: the fallback does not again)
-    fast = run_admm(x, plan.fallback, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
-                    max_iter=max_iter, progress=progress, warn_dark=False)  # fmt: skip
-    why = (f"C is dense here: {out['dense']}" if out["dense"] else
+    try:
+        fast = run_admm(x, plan.fallback, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
+                        max_iter=max_iter, progress=progress, warn_dark=False)  # fmt: skip
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        if failure is None:
+            raise
+        raise SSCMemoryError(
+            f"neither the working sets on {x.device} ({failure}) nor the fast solver "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}) fit for these "
+            f"{x.shape[0]} tokens; use fewer frames or mode='blocked', or free device memory"
+        ) from exc
+    why = (f"they failed: {failure}" if failure else
+           f"C is dense here: {out['dense']}" if out["dense"] else
            f"{out['overflow']} columns outgrew {slots[-1]} slots" if out["overflow"] else
            "the passes ran out" if not out["converged"] else f"its gap {res.residual:.3g}")  # fmt: skip
     fast.uncertified(y, "the working sets on the GPU did not certify these "
