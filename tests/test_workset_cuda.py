@@ -230,7 +230,8 @@ def test_the_residuals_are_each_columns_from_its_slots():
     for dt, close in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
         R = torch.full((7, d), float("nan"), dtype=dt)
         VE = torch.full((7, d), float("nan"), dtype=dt)
-        _pass_kernel.residuals(X, cols, ids, z, eids, ze, active[:7], count, R, VE, 2.5)
+        scalars = torch.tensor([1.0, 1.0, 0.0, 1e-9, 1e-10, 1e-5, 2.5], dtype=torch.float64)
+        _pass_kernel.residuals(X, cols, ids, z, eids, ze, active[:7], count, R, VE, scalars)
         assert torch.isneginf(VE[6:]).all()
         for p in range(7):
             k = int(active[p])
@@ -319,6 +320,62 @@ def test_warm_up_launches_every_level_over_no_columns(monkeypatch):
     assert launched == [4, 4, 32, 32]
     with pytest.raises(ValueError, match="slots: expected non-decreasing slot counts from"):
         wc.warm_up("cpu", slots=(32, 4))
+
+
+def _variants(monkeypatch, run_column_kernel: bool) -> list:
+    """The Triton launches of the working sets recorded with their compiled variants
+    (tests/triton_variants.py); the column kernel's recorded and, unless
+    ``run_column_kernel``, not run (the tests' stand-in solves the columns instead)."""
+    import triton_variants
+
+    from videoanchor.anchor.solvers import _column_kernel, _pass_kernel
+
+    seen = triton_variants.record(monkeypatch, _pass_kernel,
+                                  ("_residual_kernel", "_violations_kernel", "_joins_kernel"))  # fmt: skip
+    triton_variants.record(monkeypatch, _column_kernel, ("_column_kernel",),
+                           run=run_column_kernel, seen=seen)  # fmt: skip
+    if not run_column_kernel:
+        monkeypatch.setattr(wc, "launch", lambda s, a, c: _column_kernel.launch(s, a, c)
+                            or workset_reference.launch(s, a, c))  # fmt: skip
+    return seen
+
+
+def test_warm_up_compiles_the_variants_a_solve_launches(monkeypatch):
+    """Issue 98 defect 1: the compiled variants (Triton's cache keys for sm_90: each
+    argument's type and attributes, the constexprs, the options) that a solve reaching both
+    levels of slots launches are those warm_up launches, every kernel. Before the fix the
+    joins kernel's ``KP`` was 1 in the warm-up (its one column), 4 and 16 in the solve."""
+    x = video_tokens(2, 8, 12, k=2, seed=1)
+    kw = dict(slots=(4, 16), outlier_slots=(8, 8))
+    warm = _variants(monkeypatch, run_column_kernel=True)
+    wc.warm_up("cpu", **kw)
+    monkeypatch.undo()
+    solve = _variants(monkeypatch, run_column_kernel=False)
+    out = wc.solve_workset_cuda(x, max_inner=300, wide_share=1.0, **kw)
+    assert out["wide_columns"] > 0, out["wide_columns"]  # (both levels ran)
+    names = {name for name, _ in solve}
+    assert names == {"_residual_kernel", "_violations_kernel", "_joins_kernel",
+                     "_column_kernel"}, names  # fmt: skip
+    missing = set(solve) - set(warm)
+    sizes = ("M", "MEP", "KP", "BR", "BE", "exact", "last")
+    assert not missing, sorted({(n, tuple((a, s[1]) for a, s in k if a in sizes))
+                                for n, k in missing})  # fmt: skip
+
+
+def test_the_kernels_scalars_are_float64_when_compiled(monkeypatch):
+    """Issue 98 defect 4: no float argument of a launched kernel is typed float32 as compiled
+    Triton types it (a Python float is; the interpreter keeps float64, so no CPU value can
+    show it): the floats come from the program's float64 ``scalars`` on the device."""
+    import triton_variants
+
+    seen = _variants(monkeypatch, run_column_kernel=False)
+    wc.solve_workset_cuda(video_tokens(2, 8, 12, k=2, seed=1), slots=(16,), outlier_slots=(8,),
+                          max_inner=300)  # fmt: skip
+    types = triton_variants.scalar_types(seen)
+    assert {name for name, _ in seen} >= {"_residual_kernel", "_violations_kernel",
+                                          "_joins_kernel", "_column_kernel"}  # fmt: skip
+    floats = {t for t in types if t[2].startswith(("fp", "bf"))}
+    assert all(t[2] == "fp64" for t in floats), sorted(floats)
 
 
 def test_the_warmup_command_compiles_the_cuda_kernel_where_cuda_is(monkeypatch, capsys):
@@ -488,17 +545,278 @@ def test_the_ssc_call_of_run_gpu_fits_eight_minutes_and_names_its_steps():
     assert '--frames "${WORKSET_CUDA_FRAMES:-16,32,64}"' in script
 
 
+def _counted_solve(x, device, **kw):
+    """The call whose host syncs the GPU test counts: the features moved to ``device`` and
+    checked before it (their transfer and finiteness read are the entry point's, not the
+    solver's: issue 98 defect 2), so that it syncs at its host reads (``out["reads"]``)
+    and at the solve's one stream synchronize at the end."""
+    xd = x.to(device)
+    return lambda: wc.solve_workset_cuda(xd, checked=True, **kw)
+
+
+def test_the_counted_call_reads_the_host_at_its_reads_alone(reference_kernel, monkeypatch):
+    """The sync arithmetic of test_gpu_passes_replay_their_graphs_and_read_once_a_round, on
+    CPU tensors: the counted call reads the host exactly ``len(out["reads"])`` times (the
+    lambdas, the screen, one a round), nothing for the features' transfer or finiteness;
+    on CUDA the solve adds one stream synchronize, hence ``+ 1`` there."""
+    from benchmarks.bench_workset_cuda import Counter, counting
+
+    kw = dict(slots=(32,), outlier_slots=(16,), max_inner=300)
+    call = _counted_solve(video_tokens(4, 10, 16, k=4, seed=0), torch.device("cpu"), **kw)
+    with Counter() as counted:
+        counting(monkeypatch.setattr, counted)
+        out = call()
+    assert len(out["reads"]) >= 3 and len(counted.reads) == len(out["reads"]), (
+        counted.reads, out["reads"])  # fmt: skip
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_passes_replay_their_graphs_and_read_once_a_round():
-    """On CUDA each pass shape is captured once and replayed: the same minimiser, and the
-    call synchronises at its host reads (lambdas, the screen, one a round) and no more
+    """On CUDA each pass shape is captured once and replayed, and kept for the next call:
+    the same minimiser, and a call whose graphs are kept synchronises at its host reads
+    (lambdas, the screen, one a round) and at the end, no more
     (``torch.cuda.set_sync_debug_mode``, bench_workset_cuda._syncs)."""
     from benchmarks.bench_workset_cuda import _syncs
 
     x = video_tokens(4, 10, 16, k=4, seed=0)
     kw = dict(slots=(32,), outlier_slots=(16,), max_inner=300)
-    out = wc.solve_workset_cuda(x.cuda(), **kw)
+    call = _counted_solve(x, torch.device("cuda"), **kw)
+    out = call()  # (captures the pass graphs)
     _check(x, 800.0, {**out, "coef": out["coef"].cpu()})
-    syncs = _syncs(lambda: wc.solve_workset_cuda(x.cuda(), **kw), torch.device("cuda"))
+    captured = wc.GRAPH_COUNTS["captures"]
+    syncs = _syncs(call, torch.device("cuda"))
+    assert wc.GRAPH_COUNTS["captures"] == captured  # (kept: the second call replays)
     assert syncs <= len(out["reads"]) + 1, (syncs, out["reads"])
+
+
+class _FakeGraph:
+    """A stand-in for a captured pass (tests/test_filter_graphs.py's pattern): ``replay``
+    runs the pass again on the same static state, as a replay reads it."""
+
+    def __init__(self, run):
+        self.replay = run
+
+
+def _fake_capture(run, state):
+    return _FakeGraph(run)
+
+
+@pytest.fixture
+def fresh_graphs():
+    wc.clear_graphs()
+    wc.GRAPH_COUNTS.update(captures=0, replays=0)
+    yield
+    wc.clear_graphs()
+
+
+def _same_answer(a, b):
+    assert a["passes"] == b["passes"] and a["replayed"] == b["replayed"]
+    assert torch.equal(a["support"], b["support"])
+    assert float((a["coef"] - b["coef"]).abs().max()) <= 1e-12
+    assert float((a["outliers"] - b["outliers"]).abs().max()) <= 1e-12
+
+
+def test_pass_graphs_are_captured_once_a_shape_and_kept_across_calls(reference_kernel,
+                                                                      fresh_graphs):  # fmt: skip
+    """Issue 98 defect 3: the pass graphs (a stand-in capture on the CPU) are captured in the
+    first call and replayed by the later calls of the same shape, whose inputs differ: each
+    answer is the eager one; a call of another shape has its own workspace; the workspaces
+    a device keeps are bounded (least recently used dropped)."""
+    kw = dict(slots=(4, 16), outlier_slots=(8, 8), max_inner=300, wide_share=1.0)
+    xs = [video_tokens(2, 8, 12, k=2, seed=s) for s in (1, 2, 1)]
+    assert len({x.shape for x in xs}) == 1
+    captures = []
+    for x in xs:
+        out = wc.solve_workset_cuda(x, capture=_fake_capture, **kw)
+        _same_answer(out, wc.solve_workset_cuda(x, **kw))
+        captures.append(wc.GRAPH_COUNTS["captures"])
+    assert captures[0] > 1 and captures[1] == captures[2], captures  # (the first call's)
+    assert wc.GRAPH_COUNTS["replays"] > captures[0]
+    assert len(wc._WORKSPACES) == 1
+    for extra in range(wc.WORKSPACES + 1):  # other shapes: the oldest is dropped
+        wc.solve_workset_cuda(video_tokens(2, 8, 12 + 2 * (extra + 1), k=2, seed=1),
+                              capture=_fake_capture, **kw)  # fmt: skip
+    assert len(wc._WORKSPACES) == wc.WORKSPACES
+    before = wc.GRAPH_COUNTS["captures"]
+    wc.solve_workset_cuda(xs[0], capture=_fake_capture, **kw)  # dropped: captured again
+    assert wc.GRAPH_COUNTS["captures"] > before
+
+
+def test_a_failed_capture_or_replay_runs_the_passes_eagerly(reference_kernel, fresh_graphs):
+    """A capture that fails (another thread's work, an unsupported operator) or a replay
+    that fails: one warning a call, the passes eager, the same answer, nothing kept."""
+    x = video_tokens(2, 8, 12, k=2, seed=1)
+    kw = dict(slots=(16,), outlier_slots=(8,), max_inner=300)
+    eager = wc.solve_workset_cuda(x, **kw)
+
+    def refuse(run, state):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.warns(RuntimeWarning, match="no CUDA graph of the pass") as seen:
+        out = wc.solve_workset_cuda(x, capture=refuse, **kw)
+    assert len([w for w in seen if "workset_cuda" in str(w.message)]) == 1
+    _same_answer(out, eager)
+    assert not any(st["graphs"] for ws in wc._WORKSPACES.values() for st in ws.levels.values())
+
+    class Broken:
+        def replay(self):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with pytest.warns(RuntimeWarning, match="a replay of the pass's CUDA graph failed") as seen:
+        out = wc.solve_workset_cuda(x, capture=lambda run, st: Broken(), **kw)
+    assert len([w for w in seen if "workset_cuda" in str(w.message)]) == 1
+    assert out["converged"] and float((out["coef"] - eager["coef"]).abs().max()) < 1e-12
+    assert not any(st["graphs"] for ws in wc._WORKSPACES.values() for st in ws.levels.values())
+
+
+def test_the_cuda_capture_is_thread_local_in_a_private_pool_without_gc(monkeypatch):
+    """The CUDA capture (stood in for: no GPU) begins in the thread-local mode (other
+    threads' syncs and allocations, vLLM's scoring thread, cannot break it) into the
+    workspace's own pool, and neither synchronises the device, empties the allocator's
+    cache nor collects garbage (``torch.cuda.graph``'s ``__enter__`` does); a failing
+    pass ends the capture and raises its own error."""
+    import contextlib
+    import gc
+
+    calls = []
+
+    class Graph:
+        def capture_begin(self, pool=None, capture_error_mode="global"):
+            calls.append(("begin", pool, capture_error_mode))
+
+        def capture_end(self):
+            calls.append(("end",))
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    def forbidden(name):
+        def f(*a, **k):
+            raise AssertionError(f"{name} called in a capture")
+
+        return f
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool-1")
+    monkeypatch.setattr(torch.cuda, "graph", forbidden("torch.cuda.graph"))
+    for name in ("empty_cache", "synchronize"):
+        monkeypatch.setattr(torch.cuda, name, forbidden(f"torch.cuda.{name}"))
+    monkeypatch.setattr(gc, "collect", forbidden("gc.collect"))
+    ws = wc._Workspace()
+    state = {"workspace": ws}
+    ran = []
+    wc._cuda_capture(lambda: ran.append(1), state)
+    wc._cuda_capture(lambda: ran.append(2), state)
+    assert ran == [1, 2]
+    assert calls == [("begin", "pool-1", "thread_local"), ("end",)] * 2, calls
+
+    def fail():
+        raise RuntimeError("boom")
+
+    calls.clear()
+    with pytest.raises(RuntimeError, match="boom"):
+        wc._cuda_capture(fail, state)
+    assert calls == [("begin", "pool-1", "thread_local"), ("end",)]
+
+
+def test_the_certificates_sparse_products_hold_no_heap_of_padding(reference_kernel,
+                                                                    monkeypatch):  # fmt: skip
+    """Issue 98 defect 5: the solve's support has no padding (its size read with the
+    rounds' flags): each position a held slot, no column more than its slots; the
+    certificate from G builds ``C^T`` with no zero entry, and ``E``'s CSR with its padding
+    (zero values) spread, at most ``ceil(padding / N)`` a row (before: all of it in row 0 of
+    ``C^T`` and in one row of ``E``), and certifies the same answer."""
+    from videoanchor.anchor.plan import Plan
+
+    x = video_tokens(2, 8, 12, k=2, seed=1)
+    n = x.shape[0]
+    out = wc.solve_workset_cuda(x, slots=(4, 16), outlier_slots=(8, 8), max_inner=300,
+                                wide_share=1.0)  # fmt: skip
+    sup = out["support"]
+    assert out["wide_columns"] > 0 and bool((sup >= 0).all())
+    assert int(torch.bincount(sup[1], minlength=n).max()) <= 16
+    assert len({tuple(p) for p in sup.T.tolist()}) == sup.shape[1]  # (no position twice)
+    nz = torch.nonzero(out["coef"]).T
+    held = {tuple(p) for p in sup.T.tolist()}
+    assert {tuple(p) for p in nz.T.tolist()} <= held
+    built = []
+    saved = torch.sparse_csr_tensor
+
+    def spy(crow, col, val, shape, **kw):
+        built.append((crow.clone(), val.clone(), shape))
+        return saved(crow, col, val, shape, **kw)
+
+    monkeypatch.setattr(torch, "sparse_csr_tensor", spy)
+    fast_plan = Plan(mode="exact", solver="fast", backend="torch", device=x.device,
+                     work=torch.float32, route="admm")  # fmt: skip
+    plan = Plan(mode="exact", solver="workset", backend="torch", device=x.device,
+                work=torch.float32, fallback=fast_plan)  # fmt: skip
+    res = wc.run_workset_cuda(x, plan, slots=(32,), outlier_slots=(8,), alpha_e=800.0,
+                              alpha_z=800.0, rho=0.1, eps=1e-4, max_iter=60)  # fmt: skip
+    assert res.strategy.startswith("workset_cuda") and res.residual < wc.CERTIFIED
+    assert len(built) >= 2
+    (crow, val, _), rest = built[0], built[1:]  # C^T, then E (then again where E overflowed)
+    assert int((val == 0).sum()) == 0, int((val == 0).sum())
+    for crow, val, shape in rest:
+        rows = torch.repeat_interleave(torch.arange(shape[0]), crow.diff())
+        pad = torch.bincount(rows[val == 0], minlength=shape[0])
+        most = -(-int((val == 0).sum()) // shape[0])
+        assert int(pad.max()) <= most, (int(pad.max()), most)
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("CUDA error: an illegal memory access was encountered"),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB"),
+    Exception("triton.compiler.errors.CompilationError: at 12:4: stand-in"),
+])  # fmt: skip
+def test_a_failing_route_gives_the_fast_answer_with_one_warning(monkeypatch, error):
+    """Issue 98 defect 7: a launch, out-of-memory or compile failure inside the working
+    sets (injected into the column kernel's launch) reaches no caller: the route answers
+    with the fast solver on the same device, exactly its answer, and one warning naming
+    the cause; where the fast solver runs out of memory too, an SSCMemoryError."""
+    import warnings
+
+    from videoanchor.anchor.plan import Plan, SSCMemoryError
+
+    x = video_tokens(2, 8, 12, k=2, seed=1)
+    fast_plan = Plan(mode="exact", solver="fast", backend="torch", device=x.device,
+                     work=torch.float32, route="admm")  # fmt: skip
+    plan = Plan(mode="exact", solver="workset", backend="torch", device=x.device,
+                work=torch.float32, fallback=fast_plan)  # fmt: skip
+    kw = dict(alpha_e=800.0, alpha_z=800.0, rho=0.1, eps=1e-4, max_iter=60)
+
+    def fail(state, active, count):
+        raise error
+
+    monkeypatch.setattr(wc, "launch", fail)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        res = wc.run_workset_cuda(x, plan, slots=(16,), outlier_slots=(8,), **kw)
+    ours = [str(w.message) for w in seen if "working sets" in str(w.message)]
+    assert len(ours) == 1 and type(error).__name__ in ours[0] and str(error) in ours[0], ours
+    want = wc.run_admm(x, fast_plan, warn_dark=False, progress=None, **kw)
+    assert res.solver == "fast" and torch.equal(res.coef, want.coef)
+    assert res.history["workset_cuda"]["failure"].startswith(type(error).__name__)
+
+    def no_room(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(wc, "run_admm", no_room)
+    with pytest.raises(SSCMemoryError, match="neither the working sets"):
+        wc.run_workset_cuda(x, plan, slots=(16,), outlier_slots=(8,), **kw)
+
+
+def test_a_bad_argument_is_still_refused_by_the_route():
+    from videoanchor.anchor.plan import Plan
+
+    x = video_tokens(2, 8, 12, k=2, seed=1)
+    plan = Plan(mode="exact", solver="workset", backend="torch", device=x.device,
+                work=torch.float32)  # fmt: skip
+    with pytest.raises(ValueError, match="slots: expected non-decreasing"):
+        wc.run_workset_cuda(x, plan, slots=(24,), alpha_e=800.0, alpha_z=800.0, rho=0.1,
+                            eps=1e-4, max_iter=60)  # fmt: skip

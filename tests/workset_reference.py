@@ -80,7 +80,7 @@ def launch(state: dict, active: torch.Tensor, count: torch.Tensor) -> None:
     """The contract's entry point, in place, on the CPU (``count`` read on the host)."""
     p = state["program"]
     Y = p["X"].T.double()
-    lam_z, lam_e, _, tol, _ = p["scalars"].tolist()
+    lam_z, lam_e, _, tol = p["scalars"].tolist()[:4]
     for pos in range(int(count[0])):
         k = int(active[pos])
         i = int(state["cols"][k])

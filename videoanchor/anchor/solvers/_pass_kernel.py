@@ -18,8 +18,15 @@ import triton.language as tl
 BD, BS = 128, 16
 
 
+#: The program's float64 scalars, as the pass's kernels read them from ``scalars`` (a
+#: float64 device tensor, ``workset_cuda._program``): a Python float argument would be
+#: typed float32 by compiled Triton (the interpreter keeps float64), and a captured CUDA
+#: graph would keep the first call's values.
+LAM_Z, LAM_E, TOL, SCREEN, SCALE = 0, 1, 3, 5, 6
+
+
 @triton.jit(do_not_specialize=["D", "M", "ME"])
-def _residual_kernel(X, cols, ids, z, eids, ze, active, count, R, VE, D, M, ME, scale,
+def _residual_kernel(X, cols, ids, z, eids, ze, active, count, R, VE, D, M, ME, scalars,
                      BD: tl.constexpr, BS: tl.constexpr):  # fmt: skip
     pos = tl.program_id(0)
     dd = tl.program_id(1) * BD + tl.arange(0, BD)
@@ -52,7 +59,7 @@ def _residual_kernel(X, cols, ids, z, eids, ze, active, count, R, VE, D, M, ME, 
         tl.store(out, r, mask=dm)
         # the outlier entries' violations (|lambda_z r_o| - lambda_e) / lambda_e from the
         # stored (rounded) residual, as the GEMM sees it; the support's at -inf
-        ve = tl.abs(r.to(tl.float64)) * scale - 1.0
+        ve = tl.abs(r.to(tl.float64)) * tl.load(scalars + 6) - 1.0  # (SCALE)
         tl.store(vout, tl.where(held, -float("inf"), ve).to(VE.dtype.element_ty), mask=dm)
     else:
         tl.store(out, tl.zeros([BD], dtype=R.dtype.element_ty), mask=dm)
@@ -60,14 +67,14 @@ def _residual_kernel(X, cols, ids, z, eids, ze, active, count, R, VE, D, M, ME, 
 
 
 def residuals(X: torch.Tensor, cols, ids, z, eids, ze, active: torch.Tensor,
-              count: torch.Tensor, R: torch.Tensor, VE: torch.Tensor | None = None,
-              scale: float = 1.0) -> None:  # fmt: skip
+              count: torch.Tensor, R: torch.Tensor, VE: torch.Tensor | None,
+              scalars: torch.Tensor) -> None:  # fmt: skip
     """Into ``R`` (``cap x D``, its dtype): row ``p < count`` the residual of the column at
     row ``active[p]`` of the slot arrays (``cols``, ``ids``/``z``, ``eids``/``ze``), in
     float64 before the cast; rows past ``count`` zero. ``count`` is read on the device.
     Into ``VE`` (as ``R``; None: a scratch) the outlier entries' relative violations
-    ``|r| scale - 1`` (``scale = lambda_z / lambda_e``), -inf on the support and past
-    ``count``."""
+    ``|r| scale - 1`` (``scale = lambda_z / lambda_e``: ``scalars[SCALE]``, a float64
+    device tensor), -inf on the support and past ``count``."""
     cap, d = R.shape
     if cap == 0:
         return
@@ -75,13 +82,13 @@ def residuals(X: torch.Tensor, cols, ids, z, eids, ze, active: torch.Tensor,
         VE = torch.empty_like(R)
     _residual_kernel[(cap, triton.cdiv(d, BD))](
         X, cols, ids, z, eids, ze, active, count, R, VE, d, ids.shape[1], eids.shape[1],
-        float(scale), BD=BD, BS=BS,
+        _checked_scalars(scalars), BD=BD, BS=BS,
     )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["N", "M"])
 def _violations_kernel(m, V, cols, ids, z, mu, active, count, passes, active_sum, N, M,
-                       lam_z, BN: tl.constexpr, BS: tl.constexpr):  # fmt: skip
+                       scalars, BN: tl.constexpr, BS: tl.constexpr):  # fmt: skip
     pos = tl.program_id(0)
     blk = tl.program_id(1)
     nn = blk * BN + tl.arange(0, BN)
@@ -92,6 +99,7 @@ def _violations_kernel(m, V, cols, ids, z, mu, active, count, passes, active_sum
         tl.store(passes, tl.load(passes) + tl.where(cnt > 0, 1, 0).to(tl.int64))
         tl.store(active_sum, tl.load(active_sum) + cnt.to(tl.int64))
     if pos < cnt:
+        lam_z = tl.load(scalars)  # (LAM_Z)
         k = tl.load(active + pos).to(tl.int64)
         i = tl.load(cols + k)
         mk = tl.load(mu + k)
@@ -114,13 +122,18 @@ def _violations_kernel(m, V, cols, ids, z, mu, active, count, passes, active_sum
 @triton.jit(do_not_specialize=["N", "D", "ME", "K"])
 def _joins_kernel(top, new, m, R, VE, JL, cols, ids, z, eids, ze, mu, status, steps_pass,
                   steps, aside, ok_ptr, again, active, count, kcount, passes, N, D, ME, K,
-                  lam_z, lam_e, thr, grow0, grow_max, exact: tl.constexpr,
+                  scalars, grow0, grow_max, exact: tl.constexpr,
                   last: tl.constexpr, has_ok: tl.constexpr, M: tl.constexpr,
                   MEP: tl.constexpr, KP: tl.constexpr, BD: tl.constexpr):  # fmt: skip
     pos = tl.program_id(0)
     cnt = tl.load(count)
     flag = tl.zeros([], dtype=tl.int32)
     if pos < cnt:
+        lam_z = tl.load(scalars)  # (LAM_Z; SCALE; the threshold: TOL exact, else SCREEN)
+        if exact:
+            thr = tl.load(scalars + 3)
+        else:
+            thr = tl.load(scalars + 5)
         p64 = pos.to(tl.int64)
         k = tl.load(active + pos).to(tl.int64)
         ran = tl.load(kcount) > 0
@@ -177,7 +190,7 @@ def _joins_kernel(top, new, m, R, VE, JL, cols, ids, z, eids, ze, mu, status, st
                 err = tl.where(sup, tl.abs(lam_z * mv.to(tl.float64) - mk - sz), 0.0)
                 rv = tl.load(R + p64 * D + tl.where(held, eid, 0), mask=held, other=0.0)
                 se = tl.where(zev > 0.0, 1.0, -1.0)
-                err_e = tl.where(held, tl.abs(rv.to(tl.float64) * (lam_z / lam_e) - se), 0.0)
+                err_e = tl.where(held, tl.abs(rv.to(tl.float64) * tl.load(scalars + 6) - se), 0.0)
                 off = tl.maximum(tl.max(err), tl.max(err_e)) > thr
                 if off:
                     flag = 1
@@ -194,25 +207,29 @@ def _joins_kernel(top, new, m, R, VE, JL, cols, ids, z, eids, ze, mu, status, st
     tl.store(again + pos, flag)
 
 
-def violations(m, V, cols, ids, z, mu, active, count, passes, active_sum, lam_z) -> None:
+def violations(m, V, cols, ids, z, mu, active, count, passes, active_sum,
+               scalars: torch.Tensor) -> None:  # fmt: skip
     """Into ``V`` (``cap x N``, as ``m``): the coefficients' violations
     ``|lambda_z m - mu| - 1`` of the active columns, -inf at ``i``, on the support and past
-    ``count``; the pass's counters (``passes``, ``active_sum``) advanced."""
+    ``count``; the pass's counters (``passes``, ``active_sum``) advanced (``lambda_z``:
+    ``scalars[LAM_Z]``)."""
     cap, n = V.shape
     _violations_kernel[(cap, triton.cdiv(n, 128))](
         m, V, cols, ids, z, mu, active, count, passes, active_sum, n, ids.shape[1],
-        float(lam_z), BN=128, BS=16,
+        _checked_scalars(scalars), BN=128, BS=16,
     )  # fmt: skip
 
 
-def joins(top, new, m, R, VE, JL, state: dict, active, again, *, lam_z: float, lam_e: float,
-          thr: float, grow0: int, grow_max: int, exact: bool, last: bool) -> None:  # fmt: skip
+def joins(top, new, m, R, VE, JL, state: dict, active, again, *, scalars: torch.Tensor,
+          grow0: int, grow_max: int, exact: bool, last: bool) -> None:  # fmt: skip
     """The joins of a pass (``workset_cuda._pass``), a program a position of ``active``:
     the ``top``/``new`` coefficient violators (``grow`` of them, into the free slots), every
     outlier entry violating in ``VE`` (into the free outlier slots; ``JL`` a ``cap x ME``
     scratch), the columns set aside (``state["aside"]`` + 1), the support's stationarity
     (``exact``: ``state["Sok"]`` 0 where it fails), the steps; ``again`` (int32, ``cap``)
-    1 where the column runs in the next pass."""
+    1 where the column runs in the next pass. ``scalars``: the program's float64 scalars
+    (:data:`LAM_Z`, :data:`LAM_E`, and the threshold: :data:`TOL` where ``exact``, else
+    :data:`SCREEN`). Its constexprs follow the level alone (:func:`joins_constexprs`)."""
     cap, kk = top.shape
     n, d = m.shape[1], R.shape[1]
     M, ME = state["ids"].shape[1], state["eids"].shape[1]
@@ -221,8 +238,27 @@ def joins(top, new, m, R, VE, JL, state: dict, active, again, *, lam_z: float, l
         top, new, m, R, VE, JL, state["cols"], state["ids"], state["z"], state["eids"],
         state["ze"], state["mu"], state["status"], state["steps_pass"], state["steps"],
         state["aside"], ok if ok is not None else again, again, active, state["count"],
-        state["kcount"], state["passes"], n, d, ME, kk, float(lam_z), float(lam_e),
-        float(thr), int(grow0), int(grow_max), exact=bool(exact), last=bool(last),
-        has_ok=ok is not None, M=M, MEP=triton.next_power_of_2(ME),
-        KP=triton.next_power_of_2(max(kk, 1)), BD=128,
+        state["kcount"], state["passes"], n, d, ME, kk, _checked_scalars(scalars), int(grow0),
+        int(grow_max), exact=bool(exact), last=bool(last), has_ok=ok is not None,
+        **joins_constexprs(M, ME, grow_max),
     )  # fmt: skip
+
+
+def joins_constexprs(M: int, ME: int, grow_max: int) -> dict:
+    """The joins kernel's size constexprs at a level of slots ``(M, ME)``: the violators'
+    block ``KP`` covers ``min(grow_max, M)`` whatever ``N`` (the count ``K = min(grow_max,
+    N, M)`` is a run-time bound), so that a warm-up over one column compiles what a solve
+    of any ``N`` runs (issue 98: ``KP`` was ``K``'s, 1 in the warm-up, 4-64 in a solve)."""
+    return dict(
+        M=M,
+        MEP=triton.next_power_of_2(ME),
+        KP=triton.next_power_of_2(max(min(grow_max, M), 1)),
+        BD=128,
+    )
+
+
+def _checked_scalars(scalars: torch.Tensor) -> torch.Tensor:
+    if scalars.dtype != torch.float64 or scalars.dim() != 1 or scalars.shape[0] <= SCALE:
+        raise TypeError(f"scalars: expected a float64 vector of at least {SCALE + 1} entries, "
+                        f"got {scalars.dtype} {tuple(scalars.shape)}")  # fmt: skip
+    return scalars

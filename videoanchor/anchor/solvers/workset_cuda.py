@@ -11,10 +11,12 @@ the same device with no host read inside them.
   :data:`GROW0` doubling each pass up to :data:`GROW_MAX`) into each column's free coefficient slots and EVERY violating outlier
   entry into its free outlier slots; the next active list. Its shapes are fixed (the
   capacity ``cap``, a power of two at least ``count`` when it was last read), so on CUDA a
-  pass is captured once as a CUDA graph and replayed; a pass with no active column changes
-  nothing.
-- **the host** reads four integers after a round of :data:`ROUNDS` passes: the active
-  columns, those set aside, the passes that ran and the active columns summed. float32 passes until no column violates at ``SCREEN``, then
+  pass is captured once as a CUDA graph and replayed, the graph kept for later calls of
+  the same shape with its static buffers (:class:`_Workspace`); a pass with no active
+  column changes nothing.
+- **the host** reads five integers after a round of :data:`ROUNDS` passes: the active
+  columns, those set aside, the passes that ran, the active columns summed and the slots
+  held (the support's size: no padding in the certificate's sparse products). float32 passes until no column violates at ``SCREEN``, then
   float64 ones, the first over every column (the kernel off), until none violates at ``tol``:
   the answer is certified in float64.
 - **levels of slots** ``(M, ME)`` (:data:`SLOTS`, :data:`OUTLIER_SLOTS`): a column whose
@@ -29,14 +31,18 @@ Triton is imported when this solver runs (the kernels' first launch), never by
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import time
+import warnings
+from collections import OrderedDict
 
 import torch
 
 from videoanchor.anchor._inputs import as_feature_tensor
 from videoanchor.anchor.options import SSCOptions
-from videoanchor.anchor.plan import Plan
+from videoanchor.anchor.plan import Plan, SSCMemoryError
 from videoanchor.anchor.program import (
     SSCSolution,
     gram_row_max,
@@ -94,7 +100,7 @@ def residuals(state: dict, R: torch.Tensor, VE: torch.Tensor, cap: int) -> None:
     p = state["program"]
     _pass_kernel.residuals(p["X"], state["cols"], state["ids"], state["z"], state["eids"],
                            state["ze"], state["active"][:cap], state["count"], R, VE,
-                           p["lam_z"] / p["lam_e"])  # fmt: skip
+                           p["scalars"])  # fmt: skip
 
 
 def violations(state: dict, m: torch.Tensor, V: torch.Tensor, cap: int) -> None:
@@ -104,7 +110,7 @@ def violations(state: dict, m: torch.Tensor, V: torch.Tensor, cap: int) -> None:
 
     _pass_kernel.violations(m, V, state["cols"], state["ids"], state["z"], state["mu"],
                             state["active"][:cap], state["count"], state["passes"],
-                            state["active_sum"], state["program"]["lam_z"])  # fmt: skip
+                            state["active_sum"], state["program"]["scalars"])  # fmt: skip
 
 
 def joins(state: dict, top, new, m, R, VE, again, cap: int, *, exact: bool,
@@ -113,10 +119,9 @@ def joins(state: dict, top, new, m, R, VE, again, cap: int, *, exact: bool,
     (:func:`videoanchor.anchor.solvers._pass_kernel.joins`)."""
     from videoanchor.anchor.solvers import _pass_kernel
 
-    p = state["program"]
     _pass_kernel.joins(top, new, m, R, VE, state["JL"], state, state["active"][:cap], again,
-                       lam_z=p["lam_z"], lam_e=p["lam_e"], thr=p["tol"] if exact else SCREEN,
-                       grow0=GROW0, grow_max=GROW_MAX, exact=exact, last=last)  # fmt: skip
+                       scalars=state["program"]["scalars"], grow0=GROW0, grow_max=GROW_MAX,
+                       exact=exact, last=last)  # fmt: skip
 
 
 def dense_at_start(X: torch.Tensor, nearest: torch.Tensor, lam_e: float, lam_z: float,
@@ -188,9 +193,12 @@ def _checked_levels(slots, outlier_slots) -> tuple[tuple[int, int], ...]:
 
 def _program(X: torch.Tensor, G: torch.Tensor, lam_e: float, lam_z: float, *, tol: float,
              max_inner: int) -> dict:  # fmt: skip
-    """The program's tensors and scalars, as the kernel's contract names them."""
+    """The program's tensors and scalars, as the kernel's contract names them; ``scalars``
+    (float64, on the device: every kernel reads its floats there, never as arguments):
+    ``lambda_z``, ``lambda_e``, ``gamma``, ``tol``, :data:`RIDGE` (the column kernel's),
+    :data:`SCREEN` and ``lambda_z / lambda_e`` (the pass's, ``_pass_kernel.SCALE``)."""
     f64 = dict(dtype=torch.float64, device=X.device)
-    scalars = torch.tensor([lam_z, lam_e, 0.0, tol, RIDGE], **f64)
+    scalars = torch.tensor([lam_z, lam_e, 0.0, tol, RIDGE, SCREEN, lam_z / lam_e], **f64)
     scalars[2] = lam_z * G.diagonal().max()  # gamma, on the device
     n, d = X.shape
     return dict(G=G, X=X, X32=X.float(), n=n, d=d, lam_z=float(lam_z), lam_e=float(lam_e),
@@ -256,35 +264,206 @@ def _capacity(count: int, nc: int) -> int:
 
 
 def _replay(state: dict, cap: int, *, exact: bool, last: bool, passes: int) -> None:
-    """``passes`` passes at capacity ``cap``: on CUDA the pass's graph (captured on the
-    first call at this shape, after one eager pass that compiles and warms what it runs),
-    replayed; elsewhere eagerly."""
-    if state["ids"].device.type != "cuda":
+    """``passes`` passes at capacity ``cap``. With a capture (``state["capture"]``: on CUDA
+    :func:`_cuda_capture`) the pass's graph, kept with the state's static buffers across
+    calls (:class:`_Workspace`), captured on the first pass at this shape after that pass
+    ran eagerly (it compiles and warms what it runs), and replayed; eager where the capture
+    or a replay fails (one warning a call, the graph not kept) and elsewhere."""
+    capture = state.get("capture")
+    if capture is None or state.get("eager"):
         for _ in range(passes):
             _pass(state, cap, exact=exact, last=last)
         return
-    graph = state["graphs"].get((cap, exact))
-    if graph is None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            _pass(state, cap, exact=exact, last=last)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = state["graphs"][(cap, exact)] = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            _pass(state, cap, exact=exact, last=last)
+    key = (cap, exact, last)
+    graph = state["graphs"].get(key)
+    if graph is None and passes > 0:
+        _warm_pass(state, cap, exact=exact, last=last)
         passes -= 1
-    for _ in range(passes):
-        graph.replay()
+        try:
+            graph = capture(lambda: _pass(state, cap, exact=exact, last=last), state)
+        except Exception as exc:  # noqa: BLE001 - whatever capture refuses runs eagerly
+            _eager_from_now(state, f"no CUDA graph of the pass ({type(exc).__name__}: {exc})")
+            _replay(state, cap, exact=exact, last=last, passes=passes)
+            return
+        state["graphs"][key] = graph
+        GRAPH_COUNTS["captures"] += 1
+    for done in range(passes):
+        try:
+            graph.replay()
+        except Exception as exc:  # noqa: BLE001 - the rest eagerly, the graph dropped
+            state["graphs"].pop(key, None)
+            _eager_from_now(state, f"a replay of the pass's CUDA graph failed "
+                            f"({type(exc).__name__}: {exc})")  # fmt: skip
+            _replay(state, cap, exact=exact, last=last, passes=passes - done)
+            return
+        GRAPH_COUNTS["replays"] += 1
+
+
+def _warm_pass(state: dict, cap: int, *, exact: bool, last: bool) -> None:
+    """One eager pass before a capture: on CUDA on the workspace's side stream, as torch
+    asks of what a graph captures next."""
+    if state["ids"].device.type != "cuda":
+        _pass(state, cap, exact=exact, last=last)
+        return
+    side = state["workspace"].side_stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _pass(state, cap, exact=exact, last=last)
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def _eager_from_now(state: dict, why: str) -> None:
+    if not state.get("eager"):
+        warnings.warn(f"workset_cuda: {why}; the passes run eagerly", RuntimeWarning,
+                      stacklevel=5)  # fmt: skip
+    state["eager"] = True
+
+
+def _cuda_capture(run, state: dict):
+    """``run()`` (one pass) captured as a CUDA graph on the workspace's side stream, into its
+    private memory pool, in the thread-local capture mode (another thread's allocation or
+    sync during the capture does not break it). ``torch.cuda.graph`` is not used: its
+    ``__enter__`` synchronises the device, empties the allocator's cache (a server's
+    blocks included) and, with torch's default settings before 2.13, runs ``gc.collect()``."""
+    ws = state["workspace"]
+    graph = torch.cuda.CUDAGraph()
+    side = ws.side_stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graph.capture_begin(pool=ws.graph_pool(), capture_error_mode="thread_local")
+        try:
+            run()
+        except BaseException:
+            try:
+                graph.capture_end()
+            except Exception:  # noqa: BLE001, S110 - the capture's own error is the one raised
+                pass
+            raise
+        graph.capture_end()
+    torch.cuda.current_stream().wait_stream(side)
+    return graph
+
+
+#: The pass graphs' counts in this process (the tests read them).
+GRAPH_COUNTS = {"captures": 0, "replays": 0}
+#: Workspaces kept per device (least recently used dropped), and levels of slots kept per
+#: workspace: each holds its call's static buffers (G, X, the slots, the column kernel's
+#: inverses: about ``8 N^2 + 8 N M^2`` bytes at ``M`` slots) and its pass graphs.
+WORKSPACES, LEVELS = 2, 4
+
+
+class _Workspace:
+    """A call's program and levels' state in static buffers, with the pass graphs captured
+    on them (by ``(cap, exact, last)``), kept across calls of one device, ``N``, ``D`` and
+    ``max_inner``: a later call copies its inputs in and replays. One call uses it at a
+    time (``busy``); a call finding it busy gets a workspace of its own, not kept."""
+
+    def __init__(self):
+        self.program, self.levels, self.busy = None, OrderedDict(), False
+        self._pool = self._stream = None
+
+    def graph_pool(self):
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
+    def side_stream(self):
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        return self._stream
+
+    def bind_program(self, X, G, lam_e, lam_z, *, tol, max_inner) -> dict:
+        """The program (:func:`_program`) in this workspace's buffers (the call's ``G`` and
+        ``X`` copied in: the call keeps its own)."""
+        fresh = _program(X, G, lam_e, lam_z, tol=tol, max_inner=max_inner)
+        if self.program is None:
+            self.program = {**fresh, **{k: fresh[k].clone() for k in ("G", "X", "X32")}}
+        else:
+            for k in ("G", "X", "X32", "scalars"):
+                self.program[k].copy_(fresh[k])
+            self.program.update({k: v for k, v in fresh.items()
+                                 if not isinstance(v, torch.Tensor)})  # fmt: skip
+        return self.program
+
+    def bind_state(self, cols, ids, z, eids, ze, capture) -> dict:
+        """A level's state (:func:`_state`) in this workspace's buffers, reset as
+        :func:`_state` makes it; its graphs kept (``LEVELS`` levels, least recent
+        dropped)."""
+        key = (len(cols), ids.shape[1], eids.shape[1])
+        st = self.levels.get(key)
+        if st is None:
+            st = _state(self.program, cols.clone(), ids.clone(), z.clone(), eids.clone(),
+                        ze.clone())  # fmt: skip
+            self.levels[key] = st
+            while len(self.levels) > LEVELS:
+                self.levels.popitem(last=False)
+        else:
+            self.levels.move_to_end(key)
+            for k, v in (("cols", cols), ("ids", ids), ("z", z), ("eids", eids), ("ze", ze)):
+                st[k].copy_(v)
+            for k in ("mu", "status", "steps_pass", "steps", "aside", "passes", "active_sum",
+                      "JL", "Sok", "Skey"):  # fmt: skip
+                if k in st:
+                    st[k].zero_()
+            st["active"].copy_(torch.arange(len(cols), dtype=torch.int32, device=ids.device))
+            st["count"].fill_(len(cols))
+            st["kcount"].fill_(len(cols))
+        st.update(workspace=self, capture=capture, eager=False)
+        return st
+
+
+_WORKSPACES: OrderedDict = OrderedDict()
+_WORKSPACES_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _workspace(device: torch.device, n: int, d: int, max_inner: int, capture):
+    """The call's workspace (None without a capture: plain state, eager passes), taken
+    from :data:`_WORKSPACES` where one of this key is free, else new and kept (at most
+    :data:`WORKSPACES` per device, least recently used dropped)."""
+    if capture is None:
+        yield None
+        return
+    key = (str(device), n, d, int(max_inner))
+    with _WORKSPACES_LOCK:
+        ws = _WORKSPACES.get(key)
+        if ws is not None and not ws.busy:
+            _WORKSPACES.move_to_end(key)
+        elif ws is None:
+            ws = _WORKSPACES[key] = _Workspace()
+            mine = [k for k in _WORKSPACES if k[0] == key[0]]
+            for k in mine[: max(0, len(mine) - WORKSPACES)]:
+                if not _WORKSPACES[k].busy:
+                    del _WORKSPACES[k]
+        else:
+            ws = _Workspace()  # (one of this key in use: a call's own)
+        ws.busy = True
+    try:
+        yield ws
+    except BaseException:  # (a failed call's buffers are not kept: an out-of-memory's)
+        with _WORKSPACES_LOCK:
+            if _WORKSPACES.get(key) is ws:
+                del _WORKSPACES[key]
+        raise
+    finally:
+        ws.busy = False
+
+
+def clear_graphs() -> None:
+    """Drop every kept workspace and its graphs (their memory returns to torch's cache)."""
+    with _WORKSPACES_LOCK:
+        for k in [k for k, ws in _WORKSPACES.items() if not ws.busy]:
+            del _WORKSPACES[k]
 
 
 def _solve_level(state: dict, *, precision: str, max_passes: int, reads: list, last: bool,
-                 max_aside: float = math.inf) -> tuple[int, bool, int, int, int]:  # fmt: skip
+                 max_aside: float = math.inf) -> tuple[int, bool, int, int, int, int]:  # fmt: skip
     """Rounds of passes over ``state`` until no column that is not set aside violates
     (float64), at most ``max_passes``, or until more than ``max_aside`` columns are set
     aside; returns the passes replayed, whether it got there, the columns set aside, the
-    passes that ran an active column and the active columns summed over them. One host
-    read a round (``reads`` counts them): four integers."""
+    passes that ran an active column, the active columns summed over them and the slots
+    held by the columns not set aside. One host read a round (``reads`` counts them): five
+    integers."""
     exact = precision == "float64"
     nc = state["ids"].shape[0]
     cap, replayed, rounds = nc, 0, 0
@@ -292,15 +471,16 @@ def _solve_level(state: dict, *, precision: str, max_passes: int, reads: list, l
         todo = min(ROUNDS[min(rounds, len(ROUNDS) - 1)], max_passes - replayed)
         _replay(state, cap, exact=exact, last=last, passes=todo)
         replayed, rounds = replayed + todo, rounds + 1
+        held = ((state["ids"] >= 0) & (state["aside"] == 0)[:, None]).sum().view(1)
         flags = torch.cat([state["count"].long(), state["aside"].sum().view(1),
-                           state["passes"], state["active_sum"]])  # fmt: skip
-        count, aside, passes, active = flags.tolist()
+                           state["passes"], state["active_sum"], held])  # fmt: skip
+        count, aside, passes, active, held = flags.tolist()
         reads.append("round")
         if aside > max_aside:
-            return replayed, False, aside, passes, active
+            return replayed, False, aside, passes, active, held
         if count == 0:
             if exact:
-                return replayed, True, aside, passes, active
+                return replayed, True, aside, passes, active, held
             # float32 quiet: float64 from here, every column not set aside checked once
             # (the kernel off in that pass)
             exact = True
@@ -310,7 +490,7 @@ def _solve_level(state: dict, *, precision: str, max_passes: int, reads: list, l
             state["kcount"].zero_()
             count = nc - aside
         cap = _capacity(count, nc)
-    return replayed, False, aside, passes, active
+    return replayed, False, aside, passes, active, held
 
 
 def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800.0,
@@ -318,7 +498,7 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
                        outlier_slots: tuple[int, ...] | None = None, tol: float = 1e-9,
                        max_passes: int = 500, max_inner: int = 1000,
                        precision: str = "float32", wide_share: float = WIDE_SHARE,
-                       checked: bool = False) -> dict:  # fmt: skip
+                       checked: bool = False, capture=None) -> dict:  # fmt: skip
     """The program's minimiser for ``features`` (``N x D``) by the working sets on their
     device (module docstring), float64 inside the kernel. ``slots``, ``outlier_slots``: the
     coefficient and outlier slots per column at each level (non-decreasing, from
@@ -326,11 +506,15 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
     the first passes' products (``"float32"``: screening, then float64; ``"float64"``).
     Where ``C`` is dense (:func:`dense_at_start`; or more than ``wide_share`` of the columns
     fill the first level) it stops there: ``dense`` says why (else None), ``coef`` and
-    ``outliers`` are None where no pass ran.
+    ``outliers`` are None where no pass ran. On CUDA the passes are CUDA graphs kept
+    across calls with their static buffers (:class:`_Workspace`); ``capture``: a stand-in
+    for :func:`_cuda_capture` (the tests' bookkeeping on the CPU; None: CUDA's, eager
+    elsewhere).
 
     Returns a dict: ``coef``, ``outliers`` (float64, on the device), ``lambda_e``,
     ``lambda_z``, ``gram`` (``X X^T``, float64), ``support`` (``(2, K)``, the ``(row,
-    column)`` positions of ``coef`` its slots held, -1 padding: every non-zero), ``passes`` (the passes that ran an active
+    column)`` positions of ``coef`` its slots held, sorted by column, no padding: every
+    non-zero), ``passes`` (the passes that ran an active
     column, summed over the levels), ``replayed`` (the passes run, those past the last
     active column included), ``active`` (the active columns summed over the passes),
     ``converged`` (every column solved within its slots and the passes), ``wide_columns``
@@ -361,7 +545,6 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
     G = (G + G.T) / 2  # (the kernel reads G's rows for its columns: exactly symmetric)
     lam_e, lam_z, _, _ = ssc_lambdas(X, alpha_e, alpha_z, row_max=gram_row_max(X, gram=G))
     reads.append("lambdas")  # (mu_e, mu_z and the median: ssc_lambdas' one copy)
-    program = _program(X, G, lam_e, lam_z, tol=tol, max_inner=max_inner)
     M, ME = levels[0]
     i32 = dict(dtype=torch.int32, device=dev)
     cols = torch.arange(n, device=dev)
@@ -380,19 +563,43 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
                     dense=f"the median column has more outlier entries violating at its "
                     f"nearest point than {ME} slots; the working sets did not run",
                     timings={"lambdas": t1 - t0, "workset_cuda": time.perf_counter() - t1})  # fmt: skip
+    if capture is None and dev.type == "cuda":
+        capture = _cuda_capture
+    with _workspace(dev, n, d, max_inner, capture) as ws:
+        return _levels(X, G, lam_e, lam_z, levels, cols, ids, z, eids, ze, ws=ws,
+                       capture=capture, tol=tol, max_inner=max_inner, precision=precision,
+                       max_passes=max_passes, wide_share=wide_share, reads=reads, t0=t0,
+                       t1=t1)  # fmt: skip
+
+
+def _levels(X, G, lam_e, lam_z, levels, cols, ids, z, eids, ze, *, ws, capture, tol,
+            max_inner, precision, max_passes, wide_share, reads, t0, t1) -> dict:  # fmt: skip
+    """:func:`solve_workset_cuda` from its start (each column at its nearest point) over
+    the levels of slots, in the workspace ``ws`` (None: fresh state)."""
+    n, d = X.shape
+    dev = X.device
+    if ws is None:
+        program = _program(X, G, lam_e, lam_z, tol=tol, max_inner=max_inner)
+    else:
+        program = ws.bind_program(X, G, lam_e, lam_z, tol=tol, max_inner=max_inner)
     coef = torch.zeros(n, n + 1, dtype=torch.float64, device=dev)  # (a column past the end
     outl = torch.zeros(n, d + 1, dtype=torch.float64, device=dev)  # takes the empty slots)
     final = torch.full((n, levels[-1][0]), -1, dtype=torch.int64, device=dev)
     steps = torch.zeros(n, dtype=torch.int64, device=dev)
     total, passes, active_sum, converged, wide, overflow, dense = 0, 0, 0, True, 0, 0, None
+    size = 0  # (the slots that ``final`` holds: the support's size, read with the flags)
     for level, (M, ME) in enumerate(levels):
-        state = _state(program, cols, ids, z, eids, ze)
+        if ws is None:
+            state = _state(program, cols, ids, z, eids, ze)
+        else:
+            state = ws.bind_state(cols, ids, z, eids, ze, capture)
         last = level + 1 == len(levels)
         max_aside = wide_share * n if level == 0 and not last else math.inf
-        replayed, done, aside, ran, active = _solve_level(state, precision=precision,
-                                             max_passes=max_passes, reads=reads, last=last,
-                                             max_aside=max_aside)  # fmt: skip
+        replayed, done, aside, ran, active, held = _solve_level(
+            state, precision=precision, max_passes=max_passes, reads=reads, last=last,
+            max_aside=max_aside)  # fmt: skip
         total, passes, active_sum = total + replayed, passes + ran, active_sum + active
+        size += held
         converged &= done
         ok = state["aside"] == 0  # (the columns set aside write at the next level)
         at = torch.where(ok[:, None], state["ids"].long(), n)
@@ -425,10 +632,11 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
     if dev.type == "cuda":
         torch.cuda.current_stream(dev).synchronize()
     t2 = time.perf_counter()
-    # (row, column) positions that hold every non-zero of C: each column's slots
-    at = final.flatten()
-    support = torch.stack([at, torch.where(at >= 0, torch.arange(n, device=dev).repeat_interleave(
-        final.shape[1]), -1)])  # fmt: skip
+    # (row, column) positions that hold every non-zero of C: each column's held slots, no
+    # padding (their count read with the flags: issue 98 defect 5)
+    at = torch.nonzero_static((final >= 0).flatten(), size=size)[:, 0]
+    support = torch.stack([final.flatten()[at], torch.div(at, final.shape[1],
+                                                          rounding_mode="floor")])  # fmt: skip
     return dict(coef=coef[:, :n].T.contiguous(), outliers=outl[:, :d].T.contiguous(),
                 lambda_e=lam_e, lambda_z=lam_z, gram=G, support=support, passes=passes, replayed=total,
                 active=active_sum, converged=converged, wide_columns=wide, overflow=overflow,
@@ -458,7 +666,10 @@ def run_workset_cuda(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: fl
     giving its gap; where ``C`` is dense (:func:`solve_workset_cuda`'s ``dense``) that answer
     at once. ``slots``, ``outlier_slots``: the levels of slots (:data:`SLOTS`,
     :data:`OUTLIER_SLOTS`). The certificate from the solve's G and its slots (no dense
-    product). Solves the method's program
+    product). Where the working sets fail (a compile, capture, out-of-memory or launch
+    error: not a bad argument), the fast solver's answer on the device with one warning
+    naming the cause (``history["workset_cuda"]["failure"]``); an ``SSCMemoryError`` where
+    the fast solver does not fit either. Solves the method's program
     only (``affine``, ``outliers``)."""
     if not (affine and outliers):
         raise ValueError(
@@ -467,34 +678,49 @@ def run_workset_cuda(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: fl
         )
     if getattr(progress, "schedules_only", False):  # a scheduler's hook: its turn
         progress.wait()
-    out = solve_workset_cuda(
-        x,
-        alpha_e=alpha_e,
-        alpha_z=alpha_z,
-        slots=slots,
-        outlier_slots=outlier_slots,
-        checked=True,
-    )
-    history = {k: out[k] for k in ("passes", "active", "wide_columns", "overflow", "dense")}
-    history["host_reads"] = len(out["reads"])
     y = x.detach().to(torch.float64).T  # (the program's Y, for either answer's certificate)
-    timings = out["timings"]
-    if out["dense"] is None:
-        history["host_reads"] += 1  # (the certificates' floats, in one copy)
-        res = SSCSolution.certified(
-            y, out["coef"], out["outliers"], out["lambda_e"],
-            out["lambda_z"], like=x, dtype=plan.work, timings=timings, gram=out["gram"],
-            support=out["support"],
-            iterations=out["passes"], converged=out["converged"], history=history,
-            solver=plan.solver,
-            strategy="workset_cuda_wide" if out["wide_columns"] else "workset_cuda")  # fmt: skip
-        if res.converged and res.residual < CERTIFIED:
-            return res
-        timings = res.timings
+    failure = None
+    try:
+        out = solve_workset_cuda(x, alpha_e=alpha_e, alpha_z=alpha_z, slots=slots,
+                                 outlier_slots=outlier_slots, checked=True)  # fmt: skip
+        history = {k: out[k] for k in ("passes", "active", "wide_columns", "overflow", "dense")}
+        history["host_reads"] = len(out["reads"])
+        timings = out["timings"]
+        if out["dense"] is None:
+            history["host_reads"] += 1  # (the certificates' floats, in one copy)
+            res = SSCSolution.certified(
+                y, out["coef"], out["outliers"], out["lambda_e"],
+                out["lambda_z"], like=x, dtype=plan.work, timings=timings, gram=out["gram"],
+                support=out["support"],
+                iterations=out["passes"], converged=out["converged"], history=history,
+                solver=plan.solver,
+                strategy="workset_cuda_wide" if out["wide_columns"] else "workset_cuda")  # fmt: skip
+            if res.converged and res.residual < CERTIFIED:
+                return res
+            timings = res.timings
+    except (ValueError, TypeError):  # (a caller's argument: said as it is)
+        raise
+    except Exception as exc:  # noqa: BLE001 - a compile, capture, memory or launch failure
+        # (issue 98 defect 7: the fast solver answers on the device; the exception and its
+        # frames, holding the call's tensors, are dropped before it runs)
+        failure = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
+    if failure is not None:
+        out = dict(dense=None, overflow=0, converged=False)
+        history, timings = {"failure": failure}, {}
     # (solve_workset_cuda's lambdas named the dark tokens: the fallback does not again)
-    fast = run_admm(x, plan.fallback, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
-                    max_iter=max_iter, progress=progress, warn_dark=False)  # fmt: skip
-    why = (f"C is dense here: {out['dense']}" if out["dense"] else
+    try:
+        fast = run_admm(x, plan.fallback, alpha_e=alpha_e, alpha_z=alpha_z, rho=rho, eps=eps,
+                        max_iter=max_iter, progress=progress, warn_dark=False)  # fmt: skip
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        if failure is None:
+            raise
+        raise SSCMemoryError(
+            f"neither the working sets on {x.device} ({failure}) nor the fast solver "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}) fit for these "
+            f"{x.shape[0]} tokens; use fewer frames or mode='blocked', or free device memory"
+        ) from exc
+    why = (f"they failed: {failure}" if failure else
+           f"C is dense here: {out['dense']}" if out["dense"] else
            f"{out['overflow']} columns outgrew {slots[-1]} slots" if out["overflow"] else
            "the passes ran out" if not out["converged"] else f"its gap {res.residual:.3g}")  # fmt: skip
     fast.uncertified(y, "the working sets on the GPU did not certify these "
