@@ -386,7 +386,7 @@ def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool 
         meta["seconds_total"] = time.perf_counter() - started
         return write_result("workset_cuda", meta, rows, out_dir)
 
-    save()
+    path = save()
     try:  # the kernels' compile, per level of slots
         meta["seconds_warm_up"] = wc.warm_up(device)
     except Exception as exc:  # reported, not hidden: the rows run (and compile) without it
