@@ -34,6 +34,12 @@ of the three providers in turn (interleaved); the rows hold the medians and ever
 total (``totals_ms``). ``vs_plain`` is a row's median total over plain's at the same frames
 and tokens; ``prompt_vs_plain`` the same for ``prompt_ms``.
 
+``--providers`` runs a subset (``anchored_given`` needs ``anchored``, whose scores it is
+given). A provider's failing request is its own: its rows carry the ``error`` (and the
+rounds it finished before), the other providers run on; a model that cannot be built gives
+a file with that error. The file is rewritten after the warm-up and after each round (the
+medians over the rounds so far, ``rounds``), so a run stopped by a time limit keeps them.
+
     python benchmarks/bench_request.py             # CUDA: the 7B model (28 layers, the real
                                                    # vision tower), 16 and 64 frames of
                                                    # 448 x 448, 16 and 256 new tokens
@@ -203,12 +209,20 @@ def run_request(model, inputs, clock, tokens: list[int], cuda: bool) -> list[dic
     return [clock.parts(start, k) for k in tokens]
 
 
-def run_frames(model, clock, frames: int, args, cuda: bool, device, dtype) -> list[dict]:
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def run_frames(model, clock, frames: int, args, cuda: bool, device, dtype, save=None) -> list[dict]:
+    """The rows of one frame count (module docstring); ``save(rows)``, where given, after the
+    warm-up and after each round with the rows over the rounds so far."""
+    providers = list(getattr(args, "providers", PROVIDERS))
     inputs, n_visual = make_inputs(model, frames, args.side, 16, 32, device, dtype)
     prompt = int(inputs["input_ids"].shape[1])
     given = GivenScores([])
-    times = {p: [] for p in PROVIDERS}  # per provider: one list of parts per round
-    facts = {p: {} for p in PROVIDERS}  # per provider: what its last request did
+    times = {p: [] for p in providers}  # per provider: one list of parts per round
+    facts = {p: {} for p in providers}  # per provider: what its last request did
+    errors = {}  # per provider: its first error
 
     def one(provider, tokens):
         handle = use(model, provider, args.n_clusters, given)
@@ -231,33 +245,64 @@ def run_frames(model, clock, frames: int, args, cuda: bool, device, dtype) -> li
             facts[provider]["given_scores_used"] = given.calls > calls
         return got
 
-    for provider in PROVIDERS:  # warm-up: kernels compiled, the given provider's scores
-        one(provider, [2])
-    for _ in range(args.reps):
-        for provider in PROVIDERS:
-            times[provider].append(one(provider, args.tokens))
-    rows = []
-    for i, n_tokens in enumerate(args.tokens):
-        plain = None
-        for provider in PROVIDERS:
-            rounds = [r[i] for r in times[provider]]
-            row = {
-                "frames": frames, "visual_tokens": n_visual, "prompt_tokens": prompt,
-                "new_tokens": n_tokens, "provider": provider,
-            }  # fmt: skip
-            for key in ("total_ms", *PARTS):
-                row[key] = statistics.median(r[key] for r in rounds)
-            row["vision_in_first_forward"] = rounds[0]["vision_in_first_forward"]
-            row["totals_ms"] = [r["total_ms"] for r in rounds]
-            row["prompt_ms"] = row["vision_ms"] + row["scores_ms"] + row["prefill_ms"]
-            if provider == "plain":
-                plain = row
-            row["vs_plain"] = row["total_ms"] / plain["total_ms"]
-            row["prompt_vs_plain"] = row["prompt_ms"] / plain["prompt_ms"]
-            row.update(facts[provider])
-            rows.append(row)
-            print({k: row[k] for k in ("frames", "new_tokens", "provider", "total_ms",
-                                       "vs_plain")}, flush=True)  # fmt: skip
+    def attempt(provider, tokens):  # a failing request is its provider's alone
+        if provider in errors:
+            return None
+        try:
+            return one(provider, tokens)
+        except Exception as exc:  # reported, not hidden
+            errors[provider] = _error(exc)
+            print(f"{provider} at {frames} frames: {errors[provider]}", flush=True)
+            if cuda:  # an asynchronous error surfaces here, not in the next provider
+                try:
+                    torch.cuda.synchronize()
+                except Exception as late:  # noqa: BLE001 (the context is lost: said)
+                    errors[provider] += f"; then {_error(late)}"
+            return None
+
+    def rows_now(rounds_done: int) -> list[dict]:
+        rows = []
+        for i, n_tokens in enumerate(args.tokens):
+            plain = None
+            for provider in providers:
+                rounds = [r[i] for r in times[provider]]
+                row = {
+                    "frames": frames, "visual_tokens": n_visual, "prompt_tokens": prompt,
+                    "new_tokens": n_tokens, "provider": provider, "rounds": len(rounds),
+                    "rounds_run": rounds_done,
+                }  # fmt: skip
+                if provider in errors:
+                    row["error"] = errors[provider]
+                if rounds:
+                    for key in ("total_ms", *PARTS):
+                        row[key] = statistics.median(r[key] for r in rounds)
+                    row["vision_in_first_forward"] = rounds[0]["vision_in_first_forward"]
+                    row["totals_ms"] = [r["total_ms"] for r in rounds]
+                    row["prompt_ms"] = row["vision_ms"] + row["scores_ms"] + row["prefill_ms"]
+                    if provider == "plain":
+                        plain = row
+                    if plain is not None:
+                        row["vs_plain"] = row["total_ms"] / plain["total_ms"]
+                        row["prompt_vs_plain"] = row["prompt_ms"] / plain["prompt_ms"]
+                row.update(facts[provider])
+                rows.append(row)
+        return rows
+
+    for provider in providers:  # warm-up: kernels compiled, the given provider's scores
+        attempt(provider, [2])
+    if save is not None:
+        save(rows_now(0))
+    for r in range(args.reps):
+        for provider in providers:
+            got = attempt(provider, args.tokens)
+            if got is not None:
+                times[provider].append(got)
+        if save is not None and r + 1 < args.reps:
+            save(rows_now(r + 1))
+    rows = rows_now(args.reps)
+    for row in rows:
+        print({k: row.get(k) for k in ("frames", "new_tokens", "provider", "total_ms",
+                                       "vs_plain", "error")}, flush=True)  # fmt: skip
     return rows
 
 
@@ -272,6 +317,8 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=None, help="decoder layers (28; tiny 2)")
     p.add_argument("--vision-layers", type=int, default=None, help="vision blocks (32; tiny 1)")
     p.add_argument("--reps", type=int, default=3, help="interleaved rounds (medians)")
+    p.add_argument("--providers", default=",".join(PROVIDERS),
+                   help=f"comma-separated, of {', '.join(PROVIDERS)} (default: all)")  # fmt: skip
     p.add_argument("--n-clusters", type=int, default=None,
                    help="VideoAnchor's n_clusters (default: configure's; tiny 4)")  # fmt: skip
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -279,6 +326,13 @@ def main(argv=None):
                    help="seconds: a frame count that would start past it is written as not "
                    "run (the file is rewritten after each frame count)")  # fmt: skip
     args = p.parse_args(argv)
+    args.providers = [x for x in args.providers.split(",") if x]
+    bad = sorted(set(args.providers) - set(PROVIDERS))
+    if bad or not args.providers:
+        p.error(f"--providers: expected some of {', '.join(PROVIDERS)}, got {bad or 'none'}")
+    if "anchored_given" in args.providers and "anchored" not in args.providers:
+        p.error("--providers: anchored_given needs anchored (its scores are anchored's)")
+    args.providers = [x for x in PROVIDERS if x in args.providers]  # (the order they need)
     cuda = torch.cuda.is_available() and args.device != "cpu"
     if not cuda and not args.tiny:
         print("no CUDA device: the tiny model on the CPU (its figures time nothing a user runs)")
@@ -304,11 +358,19 @@ def main(argv=None):
         transformers=transformers.__version__, command=" ".join(sys.argv),
         model="qwen2.5-vl-tiny" if tiny else "qwen2.5-vl-7b-dims (random weights)",
         decoder_layers=layers, vision_layers=vision_layers, dtype=str(dtype).removeprefix("torch."),
-        side=args.side, reps=args.reps, synchronised=cuda,
+        side=args.side, reps=args.reps, synchronised=cuda, providers=args.providers,
         attention_backend="triton" if cuda else "torch (CPU)",
     )  # fmt: skip
+    cols = ["frames", "new_tokens", "provider", "total_ms", *PARTS, "vs_plain",
+            "prompt_vs_plain", "error"]  # fmt: skip
     start = time.perf_counter()
-    model = build_model(text, vision, layers, vision_layers, dtype, device, fullatt=fullatt)
+    try:
+        model = build_model(text, vision, layers, vision_layers, dtype, device, fullatt=fullatt)
+    except Exception as exc:  # reported, not hidden: a file that says so
+        meta["error"] = f"building the model: {_error(exc)}"
+        rows = [{"frames": f, "error": meta["error"]} for f in args.frames]
+        return finish("request", meta, rows, args.out_dir, cols)
+    meta["seconds_build"] = time.perf_counter() - start
     clock = RequestClock(model, cuda)
     rows = []
     try:
@@ -318,14 +380,18 @@ def main(argv=None):
                 rows.append({"frames": frames, "not_run": f"past the budget ({spent:.0f} s "
                              f"of {args.budget:.0f} s)"})  # fmt: skip
                 continue
-            rows += run_frames(model, clock, frames, args, cuda, device, dtype)
+            done = list(rows)
+            save = lambda now, done=done: write_result("request", meta, done + now, args.out_dir)  # noqa: E731
+            try:
+                rows += run_frames(model, clock, frames, args, cuda, device, dtype, save)
+            except Exception as exc:  # (the inputs, the hooks): the frame count's own error
+                rows.append({"frames": frames, "error": _error(exc)})
+            meta["seconds_total"] = time.perf_counter() - start
             write_result("request", meta, rows, args.out_dir)  # kept should a cap stop us
             if cuda:
                 torch.cuda.empty_cache()
     finally:
         clock.remove()
-    cols = ["frames", "new_tokens", "provider", "total_ms", *PARTS, "vs_plain",
-            "prompt_vs_plain"]  # fmt: skip
     return finish("request", meta, rows, args.out_dir, cols)
 
 

@@ -12,7 +12,8 @@ beside it, and the scores' own latency there and alone.
   server that reads each step's tokens before the next.
 - **The scores** run in a second thread on a second stream, one call after the other, on
   ``video_tokens`` of Qwen2.5-VL-7B's shape (128 tokens a frame, D = 3584) at 16 frames
-  (N = 2048) and 64 (N = 8192), ``max(2, frames // 2)`` clusters as bench_workset_cuda.
+  (N = 2048) and 64 (N = 8192), the paper's 24 clusters (``--clusters``; the tokens'
+  own ``max(2, frames // 2)`` subspaces, as bench_workset_cuda).
 - **Pairs**: plain alone and plain with the scores beside it, the order alternating (alone
   first in the 1st and 3rd pair), then one call of the scores alone; ``--pairs`` (3). The
   plain window spans at least ``--window`` seconds and 3.5 calls of the scores alone, and
@@ -24,6 +25,9 @@ beside it, and the scores' own latency there and alone.
   beside (wall-clock spans). ``loss = 1 - items_per_s beside / alone`` per pair (median
   over the pairs), ``loss_gpu`` the same on the steps' busy time alone (the SMs shared,
   without the host's gaps). Target: loss <= 0.10 at 16 frames.
+- **What a stopped run leaves**: the JSON is rewritten after each pair (the row's figures
+  over the pairs so far; ``in_progress`` while it runs); an error is its row's own
+  (``error``), and one in setting up the plain work is written into every row.
 
 The scores capture CUDA graphs in CUDA's global capture mode, in which another thread's
 event query or synchronisation during a capture is refused and breaks the capture: the
@@ -53,12 +57,22 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, finish, parser, skip, video_tokens  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    environment,
+    finish,
+    parser,
+    skip,
+    video_tokens,
+    write_result,
+)
 
 #: name: (visual tokens per frame, hidden size), as bench_workset_cuda.SHAPES
 SHAPE = ("Qwen2.5-VL-7B", 128, 3584)
 #: issue 90's target: the loss at 16 frames
 TARGETS = {16: 0.10}
+#: the scores' clusters: the paper's n_clusters (issue 98 item 9); --quick's tiny sets take
+#: at most ``max(2, frames // 2)``
+CLUSTERS = 24
 #: the plain work: batch, hidden size, the columns an item's time is sized from
 BATCH, HIDDEN, BASE_OUT = 16, 4096, 14336
 #: --quick: (frames, tokens a frame, D) of the scores, and the plain work's sizes
@@ -221,9 +235,10 @@ def scores_alone(call, clock: Clock, stream) -> float:
 
 
 def measure(work: PlainWork, call, device, *, pairs: int, depth: int, window: float,
-            step_s: float, deadline: float = math.inf) -> dict:  # fmt: skip
+            step_s: float, deadline: float = math.inf, on_pair=None) -> dict:  # fmt: skip
     """The pairs (module docstring) for one set of features: per pair the plain work alone
-    and beside the scores, the scores alone; their medians and the losses."""
+    and beside the scores, the scores alone; their medians and the losses (``on_pair``,
+    where given, called with them after each pair)."""
     clock = Clock(device)
     cuda = device.type == "cuda"
     plain_stream = torch.cuda.Stream(device) if cuda else None
@@ -264,9 +279,16 @@ def measure(work: PlainWork, call, device, *, pairs: int, depth: int, window: fl
                          window_s=b["span_s"], scores_beside_s=b["scores_s"],
                          scores_calls_beside=b["scores_calls"]))  # fmt: skip
         pair_s = time.perf_counter() - t_pair
+        if on_pair is not None and p + 1 < pairs:
+            on_pair(_summary(rows, alone_s, steps, depth))
     if not rows:
         return dict(skipped=f"a pair ({pair_s:.1f} s) would end past the run's budget",
                     steps=steps)  # fmt: skip
+    return _summary(rows, alone_s, steps, depth)
+
+
+def _summary(rows: list[dict], alone_s: list[float], steps: int, depth: int) -> dict:
+    """The pairs' rows, their medians and losses, the scores' latencies (:func:`measure`)."""
     med = lambda k: statistics.median(r[k] for r in rows)  # noqa: E731
     beside = [s for r in rows for s in r["scores_beside_s"]]
     out = dict(pairs=len(rows), steps=steps, depth=depth, loss=med("loss"),
@@ -287,7 +309,7 @@ def measure(work: PlainWork, call, device, *, pairs: int, depth: int, window: fl
 
 def run(*, quick: bool = False, frames=(16, 64), pairs: int = 3, depth: int = 2,
         window: float = 1.0, item_us: float = 50.0, step_items: int = 40,
-        budget: float = math.inf, out_dir=None) -> Path | None:  # fmt: skip
+        budget: float = math.inf, out_dir=None, clusters: int = CLUSTERS) -> Path | None:  # fmt: skip
     """The rows (module docstring), one per frame count; the JSON rewritten as each ends
     (None, saying so, without CUDA and ``quick``)."""
     from videoanchor.anchor import compute_anchor_scores
@@ -305,49 +327,71 @@ def run(*, quick: bool = False, frames=(16, 64), pairs: int = 3, depth: int = 2,
         meta["plain_capture_mode"] = relax_capture_mode()
     else:
         meta["note"] = "CPU --quick: threads without streams; the figures say nothing of a GPU"
-    if quick:
-        work = PlainWork(device, **{k: v for k, v in QUICK_PLAIN.items() if k != "step_items"},
-                         items=QUICK_PLAIN["step_items"])  # fmt: skip
-        item_us = None
-    else:
-        work = size_plain(device, item_us=item_us, items=step_items)
-    step_s = statistics.median(_step_seconds(work, Clock(device), 5))
-    meta.update(plain=dict(batch=work.batch, hidden=work.hidden, n_out=work.n_out,
-                           dtype="bfloat16", items_per_step=work.items, step_ms=1e3 * step_s,
-                           item_us=1e6 * step_s / work.items, item_us_target=item_us,
-                           depth=depth, cuda_graph=work.graph is not None),
-                pairs=pairs, window_s=window, budget_s=budget)  # fmt: skip
+    meta.update(pairs=pairs, window_s=window, budget_s=budget, clusters=clusters)
     sets = [(f, p, d) for f, p, d in QUICK_SCORES] if quick else [(f, SHAPE[1], SHAPE[2])
                                                                   for f in frames]  # fmt: skip
-    rows, path = [], None
-    for f, per_frame, d in sets:
-        k = max(2, f // 2)
-        row = dict(model="tiny" if quick else SHAPE[0], frames=f, n=f * per_frame, d=d,
-                   clusters=k, target=TARGETS.get(f))  # fmt: skip
+    planned = [dict(model="tiny" if quick else SHAPE[0], frames=f, n=f * per_frame, d=d,
+                    clusters=min(clusters, max(2, f // 2)) if quick else clusters,
+                    scenes=max(2, f // 2), target=TARGETS.get(f))
+               for f, per_frame, d in sets]  # fmt: skip
+    rows = []  # those started: the file's
+    cols = ["frames", "n", "loss", "loss_gpu", "items_per_s_alone", "items_per_s_beside",
+            "busy_share_beside", "scores_ms_alone", "scores_ms_beside", "target", "skipped",
+            "error"]  # fmt: skip
+    save = lambda: write_result("scores_beside", meta, rows, out_dir)  # noqa: E731
+    try:  # the plain work (its CUDA graph, its size from the device's pace)
+        if quick:
+            work = PlainWork(device, **{k: v for k, v in QUICK_PLAIN.items() if k != "step_items"},
+                             items=QUICK_PLAIN["step_items"])  # fmt: skip
+            item_us = None
+        else:
+            work = size_plain(device, item_us=item_us, items=step_items)
+        step_s = statistics.median(_step_seconds(work, Clock(device), 5))
+    except Exception as exc:  # reported, not hidden: no row runs without the plain work
+        for row in planned:
+            row["error"] = f"the plain work: {type(exc).__name__}: {exc}"[:300]
+        rows[:] = planned
+        meta["seconds_total"] = time.perf_counter() - started
+        return finish("scores_beside", meta, rows, out_dir, cols)
+    meta["plain"] = dict(batch=work.batch, hidden=work.hidden, n_out=work.n_out,
+                         dtype="bfloat16", items_per_step=work.items, step_ms=1e3 * step_s,
+                         item_us=1e6 * step_s / work.items, item_us_target=item_us,
+                         depth=depth, cuda_graph=work.graph is not None)  # fmt: skip
+    path = None
+    for row, (f, per_frame, d) in zip(planned, sets, strict=True):
         rows.append(row)
         if time.perf_counter() - started > budget:
             row["skipped"] = f"past the run's budget of {budget:g} s"
         else:
-            x = video_tokens(f, per_frame, d, k=k, seed=0).to(device)
-            call = lambda x=x, k=k: compute_anchor_scores(x, k, progress=False)  # noqa: E731
+            row["in_progress"] = "pairs"
+
+            def pair_done(got, row=row):  # the row over the pairs so far, written
+                row.update(got)
+                meta["seconds_total"] = time.perf_counter() - started
+                save()
+
             try:
+                x = video_tokens(f, per_frame, d, k=row["scenes"], seed=0).to(device)
+                call = lambda x=x, k=row["clusters"]: compute_anchor_scores(x, k, progress=False)  # noqa: E731
+                save()
                 row.update(measure(work, call, device, pairs=pairs, depth=depth, window=window,
-                                   step_s=step_s, deadline=started + budget))  # fmt: skip
+                                   step_s=step_s, deadline=started + budget,
+                                   on_pair=pair_done))  # fmt: skip
                 if row["target"] is not None and "loss" in row:
                     row["meets_target"] = row["loss"] <= row["target"]
             except Exception as exc:  # reported, not hidden
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            row.pop("in_progress")
         meta["seconds_total"] = time.perf_counter() - started
-        path = finish("scores_beside", meta, rows, out_dir,
-                      ["frames", "n", "loss", "loss_gpu", "items_per_s_alone",
-                       "items_per_s_beside", "busy_share_beside", "scores_ms_alone",
-                       "scores_ms_beside", "target", "skipped", "error"])  # fmt: skip
+        path = finish("scores_beside", meta, rows, out_dir, cols)
     return path
 
 
 def main(argv=None) -> Path | None:
     ap = parser(__doc__, quick="tiny sizes; on the CPU threads without streams")
     ap.add_argument("--frames", default="16,64", help="frame counts (Qwen2.5-VL-7B's shape)")
+    ap.add_argument("--clusters", type=int, default=CLUSTERS,
+                    help="the scores' n_clusters (the paper's 24; --quick: at most frames / 2)")  # fmt: skip
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--depth", type=int, default=2, help="plain steps queued ahead, at most")
     ap.add_argument(
@@ -367,14 +411,15 @@ def main(argv=None) -> Path | None:
         "end later (as long as the last), is not run",
     )
     args = ap.parse_args(argv)
-    for name in ("pairs", "depth", "step_items"):
+    for name in ("pairs", "depth", "step_items", "clusters"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')}: expected at least 1, got {getattr(args, name)}")
     return run(quick=args.quick, frames=[int(f) for f in args.frames.split(",") if f],
                pairs=args.pairs, depth=args.depth,
                window=args.window if args.window is not None else (0.2 if args.quick else 1.0),
                item_us=args.item_us,
-               step_items=args.step_items, budget=args.budget, out_dir=args.out_dir)  # fmt: skip
+               step_items=args.step_items, budget=args.budget, out_dir=args.out_dir,
+               clusters=args.clusters)  # fmt: skip
 
 
 if __name__ == "__main__":

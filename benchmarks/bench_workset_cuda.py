@@ -3,7 +3,10 @@
 prefill, in one process: the whole default call
 (``compute_anchor_scores``: the working sets, the spectral step, the scores) and the fast
 solver on video-like tokens of 16, 32 and 64 frames of Qwen2.5-VL-7B (128 tokens a frame,
-D = 3584) and InternVL2-8B (256, D = 4096), each over the prefill of random-weight decoder
+D = 3584) and InternVL2-8B (256, D = 4096) at the paper's 24 clusters (``--clusters``; the
+tokens' own structure, ``max(2, frames // 2)`` subspaces, as before issue 98, so that
+the solve's figures compare with earlier runs), each size's first call timed apart
+(``seconds_default_first``: compiles, graph captures) from a warm one, each over the prefill of random-weight decoder
 layers of the model's shape (``bench_request_cost.prefill_seconds``) against the targets
 (0.10x at 16 frames, 0.25x at 64); at the first size the GPU working sets' own record
 (passes, the longest chain of inner steps, host reads) and the yardstick against the CPU's
@@ -13,6 +16,10 @@ independently: a dense minimiser), and Yale B faces of 10 and 38 subjects (the s
 on real data: ``bench_request_cost.YALE``, ``VIDEOANCHOR_YALEB``; a row says where the file
 is missing), where the default must cost at most 1.25x the fast solver when the fast answer
 stands (2x where it certifies).
+
+Every stage of a row is written as it ends (``in_progress`` names the stage running when a
+time limit stopped the run), a row's error is its own (``error``; the other rows run on),
+and a failing ``warm_up`` is recorded in ``meta.warm_up_error`` (the rows then run without).
 
     python benchmarks/bench_workset_cuda.py                  # on a GPU; JSON into --out-dir
     python benchmarks/bench_workset_cuda.py --smoke          # tiny, CPU (Triton's interpreter)
@@ -60,6 +67,8 @@ from videoanchor.anchor.solvers import workset_cuda as wc  # noqa: E402
 SHAPES = {"Qwen2.5-VL-7B": (128, 3584), "InternVL2-8B": (256, 4096)}
 #: issue 33's targets: the default's time over the prefill's, by frame count
 TARGETS = {16: 0.10, 64: 0.25}
+#: the video-like rows' clusters: the paper's n_clusters (issue 98 item 9)
+CLUSTERS = 24
 #: the dense-C rule (issue 66): the default over the fast solver where the fast answer
 #: stands, and where the default certifies
 DENSE_RULE = {"fast": 1.25, "workset": 2.0}
@@ -351,9 +360,10 @@ def _share_cost(res, x, clusters: int, device) -> dict:
 
 
 def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool = True,
-        yardstick: bool = True, budget: float = 420.0, share_cost: bool = True) -> Path:  # fmt: skip
-    """The rows (module docstring), the JSON rewritten as each ends; a row that would start
-    past ``budget`` seconds is written as not run (``skipped``)."""
+        yardstick: bool = True, budget: float = 420.0, share_cost: bool = True,
+        clusters: int = CLUSTERS) -> Path:  # fmt: skip
+    """The rows (module docstring), the JSON rewritten as each stage of a row ends; a row
+    that would start past ``budget`` seconds is written as not run (``skipped``)."""
     from videoanchor.anchor import compute_anchor_scores
     from videoanchor.anchor.solvers.workset import reference_minimiser
 
@@ -362,11 +372,26 @@ def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool 
     meta = environment(str(device))
     meta.update(slots=list(wc.SLOTS), levels=[list(v) for v in zip(wc.SLOTS, wc.OUTLIER_SLOTS, strict=True)],
                 grow=[wc.GROW0, wc.GROW_MAX], rounds=list(wc.ROUNDS), smoke=smoke,
-                targets=TARGETS, dense_rule=DENSE_RULE, budget_s=budget)  # fmt: skip
+                targets=TARGETS, dense_rule=DENSE_RULE, budget_s=budget,
+                clusters=clusters)  # fmt: skip
     started = time.perf_counter()
-    meta["seconds_warm_up"] = wc.warm_up(device)  # the kernels' compile, per level of slots
-    kw = dict(slots=(32,), outlier_slots=(16,), max_inner=300) if smoke else {}
     rows = []
+
+    def save(row=None, stage=None):  # the file as it stands (``stage``: running in ``row``)
+        if row is not None:
+            if stage is None:
+                row.pop("in_progress", None)
+            else:
+                row["in_progress"] = stage
+        meta["seconds_total"] = time.perf_counter() - started
+        return write_result("workset_cuda", meta, rows, out_dir)
+
+    path = save()
+    try:  # the kernels' compile, per level of slots
+        meta["seconds_warm_up"] = wc.warm_up(device)
+    except Exception as exc:  # reported, not hidden: the rows run (and compile) without it
+        meta["warm_up_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    kw = dict(slots=(32,), outlier_slots=(16,), max_inner=300) if smoke else {}
     cases = [(name, f, "video-like") for name in shapes for f in frames]
     if dense:  # bench_request_cost's cost set at the first shape's first size (seed = frames),
         # then Yale B's subjects: second, within any budget
@@ -383,30 +408,40 @@ def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool 
         rows.append(row)
         if time.perf_counter() - started > budget:
             row["skipped"] = f"past the run's budget of {budget:g} s"
+            save()
             continue
-        clusters = max(2, f // 2)
-        if kind == "video-like":
-            x = video_tokens(f, per_frame, d, k=clusters, seed=0).to(device)
-        elif kind == "Yale B faces":
-            if not bench_request_cost.YALE.exists():
-                row["skipped"] = (f"Yale B not found at {bench_request_cost.YALE} (set "
-                                  "VIDEOANCHOR_YALEB)")  # fmt: skip
-                continue
-            x = bench_request_cost.yale_faces(f, YALE_PER_SUBJECT).to(device)
-            clusters = f
-            row.update(n=x.shape[0], d=x.shape[1])
-        else:
-            x = synthetic_tokens(row["n"], d, seed=f).to(device)
-            clusters = 24
+        if kind == "Yale B faces" and not bench_request_cost.YALE.exists():
+            row["skipped"] = (f"Yale B not found at {bench_request_cost.YALE} (set "
+                              "VIDEOANCHOR_YALEB)")  # fmt: skip
+            save()
+            continue
+        # the paper's clusters on the video-like and dense sets, one a subject on Yale B's
+        k = f if kind == "Yale B faces" else clusters
+        row["clusters"] = k
         try:
-            default = lambda x=x, k=clusters: compute_anchor_scores(x, k, progress=False)  # noqa: E731
-            fast = lambda x=x, k=clusters: compute_anchor_scores(
-                x, k, solver="fast", progress=False
-            )  # noqa: E731
+            save(row, "tokens")
+            if kind == "video-like":
+                row["scenes"] = max(2, f // 2)  # (the tokens' subspaces, as before issue 98)
+                x = video_tokens(f, per_frame, d, k=row["scenes"], seed=0).to(device)
+            elif kind == "Yale B faces":
+                x = bench_request_cost.yale_faces(f, YALE_PER_SUBJECT).to(device)
+                row.update(n=x.shape[0], d=x.shape[1])
+            else:
+                x = synthetic_tokens(row["n"], d, seed=f).to(device)
+            default = lambda x=x, k=k: compute_anchor_scores(x, k, progress=False)  # noqa: E731
+            fast = lambda x=x, k=k: compute_anchor_scores(x, k, solver="fast", progress=False)  # noqa: E731
+            if kind == "video-like":  # each size's first call (compiles, graph captures)
+                save(row, "seconds_default_first")
+                row["seconds_default_first"], _, row["warnings_default_first"] = _timed(
+                    default, device
+                )
             if i == 0 and not smoke:
-                default(), fast()  # the libraries' first calls outside the timings
+                save(row, "the fast solver's first call")
+                fast()  # the library's first call outside the timings
+            save(row, "seconds_default")
             row["seconds_default"], res, row["warnings_default"] = _timed(default, device)
             row.update(_scores_row(res))
+            save(row, "seconds_fast")
             row["seconds_fast"], fres, _ = _timed(fast, device)
             if row["seconds_default"] + row["seconds_fast"] < REPEAT_UNDER:
                 # the default and the fast solver again, interleaved: medians of 3 each (one
@@ -419,6 +454,7 @@ def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool 
                 row["seconds_fast"] = sorted(row["samples_fast"])[1]
             row["default_over_fast"] = row["seconds_default"] / row["seconds_fast"]
             if kind == "video-like" and name in bench_request_cost.SHAPES:
+                save(row, "seconds_prefill")
                 pre = bench_request_cost.prefill_seconds(bench_request_cost.SHAPES[name], row["n"],
                                                          device, dtype)  # fmt: skip
                 row.update(seconds_prefill=pre, prefill_dtype=str(dtype).replace("torch.", ""),
@@ -430,16 +466,20 @@ def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool 
                 row["dense_rule"] = DENSE_RULE.get(res.solver)
                 row["meets_dense_rule"] = row["default_over_fast"] <= DENSE_RULE.get(res.solver, 0)
             if kind == "video-like" and share_cost:  # issue 78: the soft share's cost
-                row.update(_share_cost(res, x, clusters, device))
+                save(row, "share_cost")
+                row.update(_share_cost(res, x, k, device))
             if i == 0:  # the working sets' own record, the synchronisations, the yardstick
+                save(row, "seconds_workset_cuda")
                 t, out, _ = _timed(lambda x=x: wc.solve_workset_cuda(x, **kw), device)
                 row.update(seconds_workset_cuda=t, passes_workset_cuda=out["passes"],
                            replayed_workset_cuda=out["replayed"],
                            active_sum_over_n=out["active"] / row["n"],
                            steps_max=None if out["steps"] is None else int(out["steps"].max()),
                            host_reads_workset_cuda=len(out["reads"]))  # fmt: skip
+                save(row, "syncs_default")
                 row["syncs_default"] = _syncs(default, device)
                 if yardstick:
+                    save(row, "yardstick")
                     t = time.perf_counter()
                     ref = reference_minimiser(x.cpu())
                     row["reference_seconds"] = time.perf_counter() - t
@@ -448,8 +488,8 @@ def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool 
                                    "objective_gap"])  # fmt: skip
         except Exception as exc:  # reported, not hidden
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
-        meta["seconds_total"] = time.perf_counter() - started
-        path = write_result("workset_cuda", meta, rows, out_dir)  # (each row kept as it ends)
+            row["error_in"] = row.get("in_progress")
+        path = save(row)  # (each row kept as it ends)
     print_table(rows, ["model", "frames", "subjects", "n", "tokens", "seconds_default", "answered",
                        "passes", "seconds_prefill", "default_over_prefill", "target",
                        "seconds_fast", "default_over_fast", "objective_gap"])  # fmt: skip
@@ -495,11 +535,15 @@ def compile_static(cc: int) -> list[dict]:
                                  "MEP": ME, "KP": k, "BD": 128}),
             }  # fmt: skip
             for name, rec in recs.items():
-                got = aot.compile_launch(rec, cc)
-                rows.append({"kernel": name, "M": M, "ME": ME, "dtype": str(dt)[6:],
-                             **{x: got.get(x) for x in ("cc", "registers", "spill_stores",
-                                                        "spill_loads", "shared_bytes",
-                                                        "num_warps", "ctas_per_sm")}})  # fmt: skip
+                row = {"kernel": name, "M": M, "ME": ME, "dtype": str(dt)[6:]}
+                try:
+                    got = aot.compile_launch(rec, cc)
+                except Exception as exc:  # reported, not hidden (the other kernels compile)
+                    rows.append(dict(row, cc=cc, error=f"{type(exc).__name__}: {exc}"[:2000]))
+                    continue
+                rows.append({**row, **{x: got.get(x) for x in ("cc", "registers", "spill_stores",
+                                                               "spill_loads", "shared_bytes",
+                                                               "num_warps", "ctas_per_sm")}})  # fmt: skip
     return rows
 
 
@@ -510,6 +554,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--budget", type=float, default=420.0,
                     help="seconds: a row that would start later is written as not run")  # fmt: skip
+    ap.add_argument("--clusters", type=int, default=CLUSTERS,
+                    help="the video-like rows' n_clusters (the paper's 24)")  # fmt: skip
     ap.add_argument("--no-dense", action="store_true", help="without the dense (synthetic) row")
     ap.add_argument("--no-yardstick", action="store_true",
                     help="without the CPU's certified minimiser at the first size")  # fmt: skip
@@ -536,7 +582,11 @@ def main(argv=None) -> None:
         meta = environment(f"sm_{args.static} static")
         meta["note"] = ("STATIC: Triton's bundled ptxas, no GPU; the pass's kernels at N = "
                         "2048, D = 3584, capacity 2048, each level's slots")  # fmt: skip
-        print(write_result(f"workset_cuda_pass_kernels_sm{args.static}", meta, rows, args.out_dir))
+        # another Triton than 3.9 (the lent GPU machines' 3.6) writes a file of its own
+        version = "".join((meta["triton"] or "").split(".")[:2])
+        suffix = "" if version == "39" else f"_triton{version}"
+        name = f"workset_cuda_pass_kernels_sm{args.static}{suffix}"
+        print(write_result(name, meta, rows, args.out_dir))
         return
     if args.counts:
         print(counts(args.out_dir, kernel=args.kernel))
@@ -552,12 +602,13 @@ def main(argv=None) -> None:
         )
         return
     if args.smoke:
-        print(run({"tiny": (8, 12)}, [3], args.out_dir, smoke=True))
+        print(run({"tiny": (8, 12)}, [3], args.out_dir, smoke=True,
+                  clusters=min(args.clusters, 2)))  # fmt: skip
         return
     shapes = {m: SHAPES[m] for m in args.models.split(",")}
     print(run(shapes, [int(f) for f in args.frames.split(",")], args.out_dir,
               dense=not args.no_dense, yardstick=not args.no_yardstick, budget=args.budget,
-              share_cost=not args.no_share_cost))  # fmt: skip
+              share_cost=not args.no_share_cost, clusters=args.clusters))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -32,6 +32,27 @@
 #                                                        # 16 and 64 frames, 16 and 256 new
 #                                                        # tokens), decode's CUDA-graph rows
 #                                                        # (batch 1-64, 8k-128k), paged
+#   OUT=/some/dir CALL=first bash benchmarks/run_gpu.sh  # issue 98: a lease's first command
+#                                                        # (< 8 min), in this order: the scores'
+#                                                        # gpu tests (counts in gpu_tests_*.json),
+#                                                        # the default at 16 and 64 frames of
+#                                                        # Qwen2.5-VL-7B (k = 24) beside the
+#                                                        # prefill with the certified gap, the
+#                                                        # throughput loss at 16 frames, one
+#                                                        # anchored generate against plain
+#                                                        # (16 frames, 256 new tokens)
+#   OUT=/some/dir CALL=rest bash benchmarks/run_gpu.sh   # issue 98's second (< 8 min): issue
+#                                                        # 92's gates (bench_attention --hopper),
+#                                                        # decode under CUDA graphs, paged, the
+#                                                        # default at 16/32/64 frames of both
+#                                                        # shapes (InternVL2-8B, the dense set,
+#                                                        # Yale B, the shares' cost), the request
+#                                                        # at 64 frames (all three providers),
+#                                                        # the static compiles under this
+#                                                        # machine's Triton
+#   DRY_RUN=1 CALL=first bash benchmarks/run_gpu.sh      # the plan alone, run nowhere: each
+#                                                        # step's cap, its latest start (the caps
+#                                                        # before it summed) and its command
 #
 # Each step runs under its own cap in seconds (the number after its name below), and never
 # past the call's budget, CALL_BUDGET (default 560 s from the start): a call ends within
@@ -55,6 +76,49 @@
 # 16 ms / 0.42 s a call about 8 + 14 s, at the H100's 0.25 / 2.7 s of 2026-11-27 about 9 s
 # and 27 s a pair at 64 frames (then 1 pair fits); a pair that would end past 4/5 of the cap
 # is not run); workset_ncu as CALL=ssc's.
+# CALL=first (issue 98; < 8 min on an H100 or H200, CALL_BUDGET 470 s by default, the caps
+# summing to 460 s; no checkpoint needed: the models are random-weight, built in the step):
+# tests:110, the scores' gpu tests only (SCORES_TESTS, 8 processes where pytest-xdist is),
+#   their counts in $OUT/gpu_tests_<device>.json (benchmarks/pytest_counts.py, rewritten
+#   after each test: a stopped run keeps its counts, "finished": false). ESTIMATED: every gpu
+#   test of the suite (70) took 66.7 s in 8 processes on the H100 of 2026-11-28 (logs/
+#   h100-2026-11-28/gpu_tests.log) and 65 s with a cold Triton cache on the H200 of
+#   2026-11-26; the scores' files alone, with the route's cold compiles (warm_up's, in a
+#   subprocess), have not run on a GPU.
+# workset_cuda:140, 16 and 64 frames of Qwen2.5-VL-7B (n_clusters 24, the paper's), each
+#   size's first call timed apart from a warm one, beside the prefill (random-weight decoder
+#   layers, bench_request_cost.prefill_seconds, same process), the route's certificate gap
+#   and at 16 frames the objective gap to the CPU's float64 minimiser; no dense or share-cost
+#   rows (CALL=rest). Each row rewritten as its stages end. ESTIMATED from the H100 of
+#   2026-11-28 (logs/h100-2026-11-28/run_gpu_a.log: 106 s for every row of both shapes with
+#   the share cost; warm_up 4.3 s, the CPU minimiser 8.7 s, the default 0.25 / 2.7 s at 16 /
+#   64 frames, the prefill 0.16 / 1.7 s): about 60 s at that route's pace; the cap leaves room
+#   for the new route's cold compiles and a 64-frame call of up to about 15 s (2026-11-27's
+#   kernel: 16.8 s, logs/h100-2026-11-27).
+# scores_beside:60, the throughput loss at 16 frames only (3 pairs; a pair that would end past
+#   4/5 of the cap is not run). ESTIMATED: at a 0.25 s call a pair is about 3 s (two windows
+#   of 1 s and 3 calls alone), plus sizing the plain work and the imports.
+# request:150, bench_request at 16 frames, plain and anchored (256 new tokens; the 16th token's
+#   row is the same request), 3 rounds, the rows rewritten after each round. ESTIMATED (no
+#   bench_request run on a GPU yet): the 7B model built (~20 s), a warm-up request each (the
+#   anchored one compiles the attention kernels), 6 requests of ~7 s (HF generate at ~25 ms a
+#   token).
+# CALL=rest (issue 98's everything else; < 8 min, CALL_BUDGET 470 s, caps summing to 460 s):
+# hopper:60 (the whole CALL=hopper, the bench and two ncu runs, took 74 s on the H100 of
+# 2026-11-28: logs/h100-2026-11-28/run_gpu_hopper.log), decode:100 (--graph; ESTIMATED: the
+# eager rows took 42 s on the H200, logs/gpu-2026-11-26-b), paged:25 (17 s there),
+# workset_cuda:100 (both shapes at 16/32/64 frames, the dense set, Yale B, the shares' cost,
+# no yardstick: 106 s with it at 5851f44; rows past 2/3 of the cap written as not run),
+# request:130 (64 frames, the three providers; ESTIMATED) and static:45 (ESTIMATED: the
+# column kernel's levels and the pass kernels compiled for sm_90 by this machine's Triton).
+# Static checks: the `static` step compiles ahead of time with the Triton installed where it
+# runs: the lent machines have Triton 3.6.0 (column_kernel_triton36_static.json,
+# workset_cuda_pass_kernels_sm90_triton36_cpu.json). The Triton 3.9 half is a CPU-side job
+# (no GPU needed): `TRITON_INTERPRET=0 python benchmarks/bench_column_kernel.py --static
+# 90,80` and `... bench_workset_cuda.py --static 90` on the CPU machine (triton 3.9.0), and
+# tests/test_column_kernel.py::test_levels_compile_within_the_register_target there.
+# DRY_RUN=1: no step runs and no package is checked; each step prints its cap, its latest
+# start (the caps before it, summed, as if each ran to its cap) and its command.
 # CALL=hopper's knob: HOPPER_DTYPE (bfloat16; float16 times the fp16 fast form instead).
 # workset_cuda's own knobs: WORKSET_CUDA_FRAMES (16,32,64), WORKSET_CUDA_MODELS (both shapes)
 # and WORKSET_CUDA_SWEEP (GROW:TILE pairs, e.g. 16:512,64:512: the working sets alone at each;
@@ -67,7 +131,7 @@
 # attention decode paged sparse_spectral request_cost profile_ssc workset_cuda workset_ncu hopper
 # request scores_beside spectral backward
 # ssc blocked integration
-# scores tune vllm tp; tp runs bench_tp and bench_split); no CALL runs every step in one
+# scores tune vllm tp static; tp runs bench_tp and bench_split); no CALL runs every step in one
 # call (more than ten minutes); STEP_TIMEOUT=seconds lowers every cap; an argument --quick
 # passes --quick to the kernel benchmarks, request_cost and tp. Also set
 #   VIDEOANCHOR_GIT_SHA=<the commit you sent>  (a copied tree's .git can be stale)
@@ -99,6 +163,9 @@ SCORES_TESTS="workset_cuda column_kernel pass_counts filter_graphs certificate_g
 # half the cap. decode --graph: 9 shapes x 5 providers, eager and graph (B 64 x 128k: a
 # 16 GiB cache). paged: as in CALL1.
 REQUEST="request:290 decode:120 paged:30"
+# Issue 98's two calls (header: the caps' sizes and their sources), steps in this order
+FIRST="tests:110 workset_cuda:140 scores_beside:60 request:150"
+REST="hopper:60 decode:100 paged:25 workset_cuda:100 request:130 static:45"
 CALL1="profile:50 nsys:60 ncu:60 attention:150 decode:70 paged:30 sparse_spectral:40 workset_cuda:90"
 CALL2="request_cost:240 profile_ssc:30 spectral:60 backward:40 ssc:40 blocked:40 integration:50 scores:30 tune:30 vllm:0 tp:0"
 case "${CALL:-}" in
@@ -109,11 +176,15 @@ case "${CALL:-}" in
   workset) PLAN="$WORKSET" ;;
   hopper) PLAN="$HOPPER" ;;
   request) PLAN="$REQUEST" ;;
+  first) PLAN="$FIRST" ;;
+  rest) PLAN="$REST" ;;
   *) PLAN="$TESTS $CALL1 $CALL2" ;;
 esac
 STEPS="${STEPS:-$(for s in $PLAN; do printf '%s ' "${s%%:*}"; done)}"
 BUDGET="${CALL_BUDGET:-560}"
+case "${CALL:-}" in first | rest) BUDGET="${CALL_BUDGET:-470}" ;; esac
 START=$(date +%s)
+DRY_T=0  # DRY_RUN: the latest start of the next step (the caps before it, summed)
 want() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 cap_of() { for s in $PLAN; do [ "${s%%:*}" = "$1" ] && { echo "${s##*:}"; return; }; done; echo 60; }
 # step NAME LOG CMD...: run CMD under the step's cap, the budget left and STEP_TIMEOUT.
@@ -123,10 +194,16 @@ step() {
   cap=$(cap_of "$name")
   [ "$cap" -gt 0 ] || cap=$BUDGET
   left=$((BUDGET - ($(date +%s) - START)))
+  [ -n "${DRY_RUN:-}" ] && left=$((BUDGET - DRY_T))
   [ "$left" -lt "$cap" ] && cap=$left
   [ -n "${STEP_TIMEOUT:-}" ] && [ "$STEP_TIMEOUT" -lt "$cap" ] && cap=$STEP_TIMEOUT
   if [ "$cap" -lt 15 ] && [ -z "${STEP_TIMEOUT:-}" ]; then
     echo "== $name skipped: ${left}s left of the call's ${BUDGET}s"
+    return 0
+  fi
+  if [ -n "${DRY_RUN:-}" ]; then
+    echo "== $name (at most ${cap}s, from ${DRY_T}s at the latest): $*"
+    DRY_T=$((DRY_T + cap))
     return 0
   fi
   echo "== $name (at most ${cap}s)"
@@ -135,6 +212,7 @@ step() {
 # Pure-Python dependencies the lent GPU machine lacks (no network there): carry their wheels
 # (`pip download --no-deps array-api-compat accelerate -d wheels/`) and install them first.
 for mod in array_api_compat accelerate; do
+  [ -n "${DRY_RUN:-}" ] && break
   python -c "import $mod" 2>/dev/null || {
     echo "missing Python package '$mod': pip install --no-deps wheels/<its wheel> first" >&2
     exit 2
@@ -146,11 +224,13 @@ if want tests; then  # in 8 processes where pytest-xdist is there: Triton compil
   XDIST=()
   python -c "import xdist" 2>/dev/null && XDIST=(-n 8)
   FILES=(tests)
-  if [ "${CALL:-}" = workset ]; then  # the scores' files alone (those in this tree)
+  case "${CALL:-}" in workset | first)  # the scores' files alone (those in this tree)
     FILES=()
     for t in $SCORES_TESTS; do [ -f "tests/test_$t.py" ] && FILES+=("tests/test_$t.py"); done
-  fi
-  step tests gpu_tests.log python -m pytest -q -m gpu "${FILES[@]}" --durations=20 "${XDIST[@]}"
+  esac
+  # the counts into $OUT/gpu_tests_<device>.json as each test ends (benchmarks/pytest_counts.py)
+  step tests gpu_tests.log python -m pytest -q -m gpu "${FILES[@]}" --durations=20 "${XDIST[@]}" \
+    -p benchmarks.pytest_counts --counts-json "$OUT"
 fi
 # Issue 51: where a gated call's time goes. The torch profiler's per-call summary always;
 # nsys (launches, host gaps, synchronisations) and ncu (the prefill kernel at 16k, anchored
@@ -204,14 +284,11 @@ if want hopper; then  # issue 77: the Hopper loop (TMA) beside the pointer loop,
   step hopper bench_attention_hopper.log python benchmarks/bench_attention.py --hopper \
     --dtype "${HOPPER_DTYPE:-bfloat16}" --out-dir "$OUT"
 fi
-if want request; then  # issue 92: generate on the 7B model, plain / anchored / scores given
-  step request bench_request.log python benchmarks/bench_request.py \
-    --budget $(($(cap_of request) / 2)) --out-dir "$OUT"
-fi
 for script in bench_attention bench_decode bench_paged; do
   EXTRA=()
-  # CALL=request: decode's CUDA-graph rows alone (batch 1-64, 8k-128k; decode_graph_*.json)
-  [ "$script" = bench_decode ] && [ "${CALL:-}" = request ] && EXTRA=(--graph)
+  # CALL=request and rest: decode's CUDA-graph rows alone (batch 1-64, 8k-128k;
+  # decode_graph_*.json)
+  [ "$script" = bench_decode ] && case "${CALL:-}" in request | rest) EXTRA=(--graph) ;; esac
   if want "${script#bench_}"; then
     step "${script#bench_}" "$script.log" python "benchmarks/$script.py" --out-dir "$OUT" \
       "${EXTRA[@]}" "${QUICK[@]}"
@@ -237,9 +314,13 @@ if want workset_cuda; then  # the default beside the prefill, the yardstick at 1
   # past 2/3 of the step's cap are written as not run
   SWEEP=()  # (--sweep only where asked for: issue 90's bench_workset_cuda has none)
   [ -n "${WORKSET_CUDA_SWEEP:-}" ] && SWEEP=(--sweep "$WORKSET_CUDA_SWEEP")
+  WS_FRAMES=16,32,64 WS_MODELS=Qwen2.5-VL-7B,InternVL2-8B WS=()
+  # CALL=first: 16 and 64 frames of Qwen2.5-VL-7B, the yardstick; CALL=rest: the others
+  [ "${CALL:-}" = first ] && WS_FRAMES=16,64 WS_MODELS=Qwen2.5-VL-7B WS=(--no-dense --no-share-cost)
+  [ "${CALL:-}" = rest ] && WS=(--no-yardstick)
   step workset_cuda bench_workset_cuda.log python benchmarks/bench_workset_cuda.py \
-    --frames "${WORKSET_CUDA_FRAMES:-16,32,64}" --budget $(($(cap_of workset_cuda) * 2 / 3)) \
-    --models "${WORKSET_CUDA_MODELS:-Qwen2.5-VL-7B,InternVL2-8B}" "${SWEEP[@]}" --out-dir "$OUT"
+    --frames "${WORKSET_CUDA_FRAMES:-$WS_FRAMES}" --budget $(($(cap_of workset_cuda) * 2 / 3)) \
+    --models "${WORKSET_CUDA_MODELS:-$WS_MODELS}" "${WS[@]}" "${SWEEP[@]}" --out-dir "$OUT"
 fi
 if want workset_ncu && ! command -v ncu >/dev/null; then
   echo "== ncu not found: no profile of the working-set kernel"
@@ -249,6 +330,7 @@ elif want workset_ncu; then
   # skipped, its 2nd and 3rd (graph replays: ncu profiles a graph's kernel nodes one by one),
   # by name and launch order
   mkdir -p "$OUT/logs"
+  [ -n "${DRY_RUN:-}" ] && WORKSET_NCU_SKIP="${WORKSET_NCU_SKIP:-(2 x levels + 1)}"
   NCU_SKIP="${WORKSET_NCU_SKIP:-$(python -c "from videoanchor.anchor.solvers import workset_cuda as wc
 print(2 * len(wc.SLOTS) + 1)")}"
   step workset_ncu logs/ncu_workset.log ncu --kernel-name "regex:${WORKSET_NCU_KERNEL:-_column_kernel}" \
@@ -261,9 +343,25 @@ print(2 * len(wc.SLOTS) + 1)")}"
     --page details > "$OUT/logs/ncu_workset.txt" 2>&1
 fi
 if want scores_beside; then  # issue 90: decode-like work's throughput beside the scores
-  # (16 and 64 frames); pairs that would end past 4/5 of the cap are not run
+  # (16 and 64 frames; CALL=first: 16); pairs that would end past 4/5 of the cap are not run
+  BESIDE=()
+  [ "${CALL:-}" = first ] && BESIDE=(--frames 16)
   step scores_beside bench_scores_beside.log python benchmarks/bench_scores_beside.py \
-    --budget $(($(cap_of scores_beside) * 4 / 5)) --out-dir "$OUT"
+    "${BESIDE[@]}" --budget $(($(cap_of scores_beside) * 4 / 5)) --out-dir "$OUT"
+fi
+if want request; then  # issue 92: generate on the 7B model, plain / anchored / scores given
+  # (CALL=first: 16 frames, plain and anchored; CALL=rest: 64 frames, the three)
+  REQ=()
+  [ "${CALL:-}" = first ] && REQ=(--frames 16 --providers plain,anchored)
+  [ "${CALL:-}" = rest ] && REQ=(--frames 64)
+  step request bench_request.log python benchmarks/bench_request.py "${REQ[@]}" \
+    --budget $(($(cap_of request) / 2)) --out-dir "$OUT"
+fi
+if want static; then  # the kernels compiled ahead of time for sm_90 by this machine's Triton
+  # (header: 3.6 on the lent machines; 3.9's are the CPU machine's job): registers, spills
+  STATIC='python benchmarks/bench_column_kernel.py --static 90 --out-dir "$1"
+    python benchmarks/bench_workset_cuda.py --static 90 --out-dir "$1"'
+  step static static_compile.log env TRITON_INTERPRET=0 bash -c "$STATIC" _ "$OUT"
 fi
 if want spectral; then
   step spectral bench_spectral.log python benchmarks/bench_spectral.py --device cuda --no-ssc \
@@ -316,6 +414,10 @@ else
     # The blocked solver spread over the ranks (what long videos take), at the same sizes.
     step tp "bench_tp_blocked_$n.log" "${run[@]}" benchmarks/bench_tp.py --force-blocked --out-dir "$OUT" "${QUICK[@]}"
   done
+fi
+if [ -n "${DRY_RUN:-}" ]; then
+  echo "run_gpu.sh: dry run: the caps sum to ${DRY_T}s of the call's ${BUDGET}s"
+  exit 0
 fi
 echo "run_gpu.sh: finished in $(($(date +%s) - START))s"
 exit $status

@@ -57,3 +57,61 @@ def test_meta_names_the_run(result):
     for key in ("device", "torch", "transformers", "git_sha", "date", "model"):
         assert meta.get(key), key
     assert meta["model"] == "qwen2.5-vl-tiny" and meta["synchronised"] is False
+
+
+def test_a_failing_provider_keeps_the_others_rows_written_after_each_round(tmp_path, monkeypatch):
+    """Issue 98 item 3: the anchored provider's requests raise; plain's rows are complete,
+    anchored's carry the error, and the file was rewritten after the warm-up and after the
+    first of two rounds (what a time limit would leave)."""
+    import copy
+
+    from benchmarks import common
+
+    real_use, seen = bench_request.use, []
+
+    def use(model, provider, n_clusters, given=None):
+        if provider == "anchored":
+            raise RuntimeError("boom")
+        return real_use(model, provider, n_clusters, given)
+
+    def write(name, meta, rows, out_dir=None):
+        seen.append(copy.deepcopy(rows))
+        return common.write_result(name, meta, rows, out_dir)
+
+    monkeypatch.setattr(bench_request, "use", use)
+    monkeypatch.setattr(bench_request, "write_result", write)
+    path = bench_request.main(
+        ["--tiny", "--device", "cpu", "--frames", "4", "--tokens", "2", "--reps", "2",
+         "--providers", "plain,anchored", "--out-dir", str(tmp_path)]
+    )  # fmt: skip
+    got = json.loads(path.read_text())
+    assert got["meta"]["providers"] == ["plain", "anchored"]
+    plain, anchored = got["rows"]
+    assert plain["provider"] == "plain" and "error" not in plain
+    assert plain["rounds"] == 2 and len(plain["totals_ms"]) == 2 and plain["vs_plain"] == 1.0
+    assert anchored["provider"] == "anchored" and anchored["error"] == "RuntimeError: boom"
+    assert anchored["rounds"] == 0 and "total_ms" not in anchored
+    # written after the warm-up (no round), after round 1, then at the frame count's end
+    assert [[r["rounds"] for r in rows] for rows in seen] == [[0, 0], [1, 0], [2, 0]]
+
+
+def test_providers_are_checked():
+    with pytest.raises(SystemExit):
+        bench_request.main(["--tiny", "--providers", "plain,anchored_given"])
+    with pytest.raises(SystemExit):
+        bench_request.main(["--tiny", "--providers", "plain,fast"])
+
+
+def test_a_model_that_cannot_be_built_leaves_a_file_that_says_so(tmp_path, monkeypatch):
+    def build(*a, **k):
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(bench_request, "build_model", build)
+    path = bench_request.main(["--tiny", "--device", "cpu", "--frames", "4,8",
+                               "--out-dir", str(tmp_path)])  # fmt: skip
+    got = json.loads(path.read_text())
+    assert got["meta"]["error"] == "building the model: MemoryError: no room"
+    assert [(r["frames"], r["error"]) for r in got["rows"]] == [
+        (4, got["meta"]["error"]),
+        (8, got["meta"]["error"]),
+    ]

@@ -151,3 +151,46 @@ def test_without_cuda_the_gpu_sizes_say_they_skip(capsys):
     # a skip line, as `videoanchor bench` collects them
     assert bsb.main([]) is None
     assert "bench_scores_beside: skipped: needs a CUDA device" in capsys.readouterr().out
+
+
+def test_a_failing_plain_work_is_written_into_every_row(tmp_path, monkeypatch):
+    """Issue 98 item 3: the plain work's setup raising (on a GPU: its CUDA graph's capture)
+    still gives the file, each row naming the error."""
+
+    def broken(*a, **k):
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(bsb, "PlainWork", broken)
+    got = json.loads(bsb.run(quick=True, window=0.01, out_dir=tmp_path).read_text())
+    assert [r["frames"] for r in got["rows"]] == [f for f, _, _ in bsb.QUICK_SCORES]
+    assert {r["error"] for r in got["rows"]} == {"the plain work: RuntimeError: capture failed"}
+
+
+def test_the_row_is_written_after_each_pair(tmp_path, monkeypatch):
+    """What a time limit leaves: the file rewritten after each pair with the row's figures
+    over the pairs so far (``in_progress`` until the row ends); the clusters asked for are
+    the row's (the paper's 24, at most frames / 2 on --quick's tiny sets)."""
+    import copy
+
+    import videoanchor.anchor as anchor
+    from benchmarks import common
+
+    asked, seen = [], []
+    monkeypatch.setattr(bsb, "QUICK_SCORES", ((6, 4, 6),))
+    monkeypatch.setattr(anchor, "compute_anchor_scores",
+                        lambda x, k, **kw: (asked.append(k), time.sleep(0.002)))  # fmt: skip
+
+    def write(name, meta, rows, out_dir=None):
+        seen.append(copy.deepcopy(rows))
+        return common.write_result(name, meta, rows, out_dir)
+
+    monkeypatch.setattr(bsb, "write_result", write)
+    got = json.loads(bsb.run(quick=True, window=0.01, out_dir=tmp_path).read_text())
+    (row,) = got["rows"]
+    assert row["pairs"] == 3 and "in_progress" not in row and "error" not in row
+    assert (row["clusters"], row["scenes"]) == (3, 3) and set(asked) == {3}
+    assert got["meta"]["clusters"] == bsb.CLUSTERS == 24
+    # before the pairs, after the 1st and the 2nd (the 3rd: the row's end, by finish)
+    assert [r[0].get("pairs") for r in seen] == [None, 1, 2]
+    assert all(r[0]["in_progress"] == "pairs" for r in seen)
+    assert seen[1][0]["losses"] == row["losses"][:1] and seen[2][0]["losses"] == row["losses"][:2]

@@ -4,8 +4,10 @@ fails nothing."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,6 +59,7 @@ def test_two_calls_of_under_ten_minutes_run_the_profile_and_every_benchmark():
     steps = set(call1) | set(call2)
     steps |= set(_plan("REQUEST"))  # bench_request runs in issue 92's call of its own
     steps |= set(_plan("WORKSET"))  # bench_scores_beside in issue 90's
+    steps |= set(_plan("FIRST")) | set(_plan("REST"))  # issue 98's two calls
     steps |= {"split"} if "tp" in steps else set()  # the tp step runs bench_tp and bench_split
     assert {"profile", "nsys", "ncu"} <= set(call1)
     for name in steps:
@@ -93,7 +96,10 @@ def test_request_call_fits_eight_minutes_with_decode_graphs_and_paged():
     assert set(plan) == {"request", "decode", "paged"} and sum(plan.values()) <= 480, plan
     assert 'request) PLAN="$REQUEST"' in SCRIPT and "want request" in SCRIPT
     assert "benchmarks/bench_request.py" in SCRIPT
-    assert '[ "${CALL:-}" = request ] && EXTRA=(--graph)' in SCRIPT
+    assert (
+        '[ "$script" = bench_decode ] && case "${CALL:-}" in request | rest) EXTRA=(--graph)'
+        in SCRIPT
+    )
 
 
 def test_workset_call_fits_eight_minutes_with_the_scores_tests_loss_and_ncu(tmp_path):
@@ -141,3 +147,159 @@ def test_workset_call_fits_eight_minutes_with_the_scores_tests_loss_and_ncu(tmp_
     (ws,) = [c for c in calls if c.startswith("benchmarks/bench_workset_cuda.py --frames")]
     assert f"--budget {plan['workset_cuda'] * 2 // 3}" in ws and "--sweep" not in ws
     assert "--frames 16,32,64" in ws and "--models Qwen2.5-VL-7B,InternVL2-8B" in ws
+
+
+def _budget(call: str) -> int:
+    """The call's default CALL_BUDGET (issue 98's two calls: their own line)."""
+    line = next(x for x in SCRIPT.splitlines()
+                if x.startswith("case") and "BUDGET=" in x and call in x.split(")")[0].split())  # fmt: skip
+    return int(line.split("CALL_BUDGET:-")[1].split("}")[0])
+
+
+def _dry(tmp_path, call, **env):
+    env = {**os.environ, "OUT": str(tmp_path), "CALL": call, "DRY_RUN": "1", **env}
+    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "run_gpu.sh")], env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    steps = [line for line in out.stdout.splitlines() if line.startswith("== ")]
+    return out.stdout, steps
+
+
+def test_the_first_call_fits_eight_minutes_in_the_issues_order(tmp_path):
+    """Issue 98 item 5: CALL=first runs the scores' gpu tests, the default beside the prefill,
+    the throughput loss, the whole request, in that order, each under a cap, the caps summing
+    under the call's budget (470 s: under 8 minutes with the machine's own start); the dry
+    run prints that plan without running anything or writing a file."""
+    plan = _plan("FIRST")
+    assert list(plan) == ["tests", "workset_cuda", "scores_beside", "request"], plan
+    budget = _budget("first")
+    assert budget <= 470 and all(v > 0 for v in plan.values())
+    assert sum(plan.values()) < budget, plan
+    assert 'first) PLAN="$FIRST"' in SCRIPT
+    stdout, steps = _dry(tmp_path, "first")
+    assert list(tmp_path.iterdir()) == []  # nothing ran, nothing written
+    start = 0
+    for name, line in zip(plan, steps, strict=True):  # each step its full cap, in order
+        assert line.startswith(f"== {name} (at most {plan[name]}s, from {start}s at the latest): ")
+        start += plan[name]
+    assert f"the caps sum to {start}s of the call's {budget}s" in stdout
+    tests, workset, beside, request = (line.split("): ", 1)[1] for line in steps)
+    # (a) the scores' gpu tests only, their counts written as they end
+    assert tests.startswith("python -m pytest -q -m gpu tests/test_workset_cuda.py ")
+    assert " tests/test_attention.py" not in tests and tests.endswith(
+        f"-p benchmarks.pytest_counts --counts-json {tmp_path}"
+    )
+    # (b) 16 and 64 frames of Qwen2.5-VL-7B (at the bench's 24 clusters), the yardstick kept
+    assert "--frames 16,64 " in workset and "--models Qwen2.5-VL-7B " in workset
+    assert "--no-yardstick" not in workset and "--clusters" not in workset
+    assert f"--budget {plan['workset_cuda'] * 2 // 3}" in workset
+    # (c) the loss at 16 frames; (d) plain against anchored, 16 frames (256 new tokens: the
+    # bench's default token counts, 16 and 256)
+    assert "--frames 16 " in beside and f"--budget {plan['scores_beside'] * 4 // 5}" in beside
+    assert "--frames 16 --providers plain,anchored " in request and "--tokens" not in request
+
+
+def test_the_rest_call_fits_eight_minutes_and_runs_what_first_leaves(tmp_path):
+    """Issue 98 item 5's second command: the gates (bench_attention --hopper), decode under
+    CUDA graphs, paged, both shapes at 16/32/64 frames (InternVL2-8B, the dense sets), the
+    request at 64 frames and the static compiles, under the budget."""
+    plan = _plan("REST")
+    assert set(plan) == {"hopper", "decode", "paged", "workset_cuda", "request", "static"}
+    assert sum(plan.values()) < _budget("rest") <= 470 and all(v > 0 for v in plan.values())
+    stdout, steps = _dry(tmp_path, "rest")
+    got = {line.split()[1]: line.split("): ", 1)[1] for line in steps}
+    assert list(got) == list(plan)
+    assert got["hopper"].startswith("python benchmarks/bench_attention.py --hopper")
+    assert got["decode"].endswith("--graph")
+    assert "--frames 16,32,64 " in got["workset_cuda"] and "InternVL2-8B" in got["workset_cuda"]
+    assert "--no-yardstick" in got["workset_cuda"]
+    assert "--frames 64 " in got["request"] and "--providers" not in got["request"]
+    # the static compiles with the Triton where it runs (3.6 on the lent machines), the 3.9
+    # half named in the header as the CPU machine's job
+    assert got["static"].startswith("env TRITON_INTERPRET=0 bash -c")
+    assert "bench_column_kernel.py --static 90" in SCRIPT
+    assert "bench_workset_cuda.py --static 90" in SCRIPT
+    assert "The Triton 3.9 half is a CPU-side job" in SCRIPT
+
+
+def test_the_first_call_runs_its_commands_in_order(tmp_path):
+    """The call as a user runs it, every step stopped at once (a stand-in python records its
+    arguments): the four commands in the issue's order."""
+    env = {**os.environ, "OUT": str(tmp_path), "CALL": "first", "STEP_TIMEOUT": "1",
+           "PATH": f"{tmp_path}:{os.environ['PATH']}"}  # fmt: skip
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "python $@" >> "$(dirname "$0")/calls.txt"\n')
+    fake.chmod(0o755)
+    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "run_gpu.sh")], env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert [x.split(" (")[0] for x in out.stdout.splitlines() if x.startswith("== ")] == [
+        "== tests", "== workset_cuda", "== scores_beside", "== request"
+    ], out.stdout  # fmt: skip
+    calls = [c for c in (tmp_path / "calls.txt").read_text().splitlines() if " -c " not in c]
+    assert [c.split()[1:3] for c in calls] == [
+        ["-m", "pytest"], ["benchmarks/bench_workset_cuda.py", "--frames"],
+        ["benchmarks/bench_scores_beside.py", "--frames"], ["benchmarks/bench_request.py", "--frames"],
+    ]  # fmt: skip
+
+
+def test_the_counts_plugin_writes_each_outcome_as_it_ends(tmp_path):
+    """benchmarks/pytest_counts.py: the file is rewritten after each test (a test reads it
+    mid-run: the earlier outcomes counted, the run not finished), then finished with every
+    outcome counted and each failure's report."""
+    out = tmp_path / "out"
+    (tmp_path / "test_some.py").write_text(
+        f"""
+import json, pathlib, pytest
+
+@pytest.fixture
+def broken():
+    raise RuntimeError("fixture broke")
+
+def test_a_pass():
+    pass
+
+def test_b_fail():
+    assert 1 == 2
+
+def test_c_skip():
+    pytest.skip("not here")
+
+def test_d_error(broken):
+    pass
+
+@pytest.mark.xfail(reason="known")
+def test_e_xfail():
+    assert False
+
+def test_f_reads_the_file_mid_run():
+    (path,) = pathlib.Path({str(out)!r}).glob("gpu_tests_*.json")
+    meta = json.loads(path.read_text())["meta"]
+    assert (meta["passed"], meta["failed"], meta["skipped"], meta["errors"]) == (1, 1, 1, 1)
+    assert meta["xfailed"] == 1 and meta["finished"] is False and meta["git_sha"]
+"""
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
+         "benchmarks.pytest_counts", "--counts-json", str(out), str(tmp_path / "test_some.py")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
+    (path,) = out.glob("gpu_tests_*.json")
+    got = json.loads(path.read_text())
+    meta, rows = got["meta"], {r["test"].split("::")[1]: r for r in got["rows"]}
+    assert meta["finished"] is True and meta["exitstatus"] == 1 and meta["tests"] == 6
+    counts = {k: meta[k] for k in ("passed", "failed", "errors", "skipped", "xfailed", "xpassed")}
+    assert counts == dict(passed=2, failed=1, errors=1, skipped=1, xfailed=1, xpassed=0)
+    assert (
+        rows["test_b_fail"]["outcome"] == "failed"
+        and "assert 1 == 2" in rows["test_b_fail"]["report"]
+    )
+    assert (
+        rows["test_d_error"]["outcome"] == "errors"
+        and "fixture broke" in rows["test_d_error"]["report"]
+    )
+    assert "not here" in rows["test_c_skip"]["report"]
+    assert rows["test_f_reads_the_file_mid_run"]["outcome"] == "passed"
+    for key in ("device", "torch", "triton", "git_sha", "date"):
+        assert meta.get(key), key

@@ -542,7 +542,9 @@ def test_the_ssc_call_of_run_gpu_fits_eight_minutes_and_names_its_steps():
     for name in caps:
         assert f"want {name}" in script, name
     assert "_column_kernel" in script and "--launch-skip" in script
-    assert '--frames "${WORKSET_CUDA_FRAMES:-16,32,64}"' in script
+    # CALL=ssc's frames: 16, 32 and 64 (CALL=first's 16 and 64: tests/test_run_gpu.py)
+    assert '--frames "${WORKSET_CUDA_FRAMES:-$WS_FRAMES}"' in script
+    assert "WS_FRAMES=16,32,64 " in script
 
 
 def _counted_solve(x, device, **kw):
