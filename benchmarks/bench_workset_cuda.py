@@ -517,12 +517,12 @@ def compile_static(cc: int) -> list[dict]:
             recs = {
                 "residuals": Launch(pk._residual_kernel, (cap, d // pk.BD),
                                     (e(n, d), *common, e(cap, dtype=i32), one, e(cap, d, dtype=dt),
-                                     e(cap, d, dtype=dt), d, M, ME, 1.5),
+                                     e(cap, d, dtype=dt), d, M, ME, e(pk.SCALE + 1)),
                                     {"BD": pk.BD, "BS": pk.BS}),
                 "violations": Launch(pk._violations_kernel, (cap, n // 128),
                                      (e(cap, n, dtype=dt), e(cap, n, dtype=dt), common[0],
                                       common[1], common[2], e(n), e(cap, dtype=i32), one,
-                                      e(1, dtype=i64), e(1, dtype=i64), n, M, 1.5),
+                                      e(1, dtype=i64), e(1, dtype=i64), n, M, e(pk.SCALE + 1)),
                                      {"BN": 128, "BS": 16}),
                 "joins": Launch(pk._joins_kernel, (cap,),
                                 (e(cap, k, dtype=dt), e(cap, k, dtype=i64), e(cap, n, dtype=dt),
@@ -530,7 +530,7 @@ def compile_static(cc: int) -> list[dict]:
                                  *common, e(n), e(n, dtype=i32), e(n, dtype=i32),
                                  e(n, dtype=i64), e(n, dtype=i32), e(n, dtype=i32),
                                  e(cap, dtype=i32), e(cap, dtype=i32), one, one,
-                                 e(1, dtype=i64), n, d, ME, k, 1.5, 0.5, 1e-9, 16, 64),
+                                 e(1, dtype=i64), n, d, ME, k, e(pk.SCALE + 1), 16, 64),
                                 {"exact": dt == f64, "last": False, "has_ok": True, "M": M,
                                  "MEP": ME, "KP": k, "BD": 128}),
             }  # fmt: skip
