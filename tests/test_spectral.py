@@ -458,3 +458,28 @@ def test_chebyshev_filter_step_is_the_polynomial():
     with eigensolvers._filter_step(lambda v: s @ v, s, x, 6) as step:  # no CUDA here: eager
         assert not isinstance(step, eigensolvers._Static)
         torch.testing.assert_close(step(x, -0.4, 0.6), out, rtol=0, atol=1e-12)
+
+
+def test_a_failed_lapack_subset_driver_gives_the_full_eighs_pairs(monkeypatch):
+    """LAPACK's MRRR (``evr``) can fail with "Internal Error" on the repeated eigenvalues of
+    identical tokens (scipy-openblas 0.3.30 on an AMD EPYC: test_bad_input's identical
+    tokens, issue 97); the subset falls back to the full ``eigh``, sliced: the same pairs."""
+    import scipy.linalg
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(37, 37, generator=g, dtype=torch.float64)
+    a = (a + a.T).numpy()
+    want_w, want_v = eigensolvers._subset_eigh(a, 30, 36, "evr")
+    real = scipy.linalg.eigh
+
+    def failing(m, **kw):
+        if "subset_by_index" in kw:
+            raise np.linalg.LinAlgError("Internal Error.")
+        return real(m, **kw)
+
+    monkeypatch.setattr(scipy.linalg, "eigh", failing)
+    for driver in ("evr", "evx"):
+        w, v = eigensolvers._subset_eigh(a, 30, 36, driver)
+        assert w.shape == (7,) and v.shape == (37, 7)
+        np.testing.assert_allclose(w, want_w, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(np.abs(v.T @ want_v), np.eye(7), rtol=0, atol=1e-10)

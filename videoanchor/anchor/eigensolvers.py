@@ -380,20 +380,27 @@ def _filter_step(matmul, operator, x: torch.Tensor, degree: int, capture=None):
         entry.busy = False
 
 
+def _subset_eigh(a: np.ndarray, lo: int, hi: int, driver: str) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs ``lo..hi`` (ascending) of the symmetric ``a`` by LAPACK's subset driver
+    ``driver`` (``"evr"``: MRRR, ``"evx"``: bisection). Where the driver fails (MRRR's
+    "Internal Error" on the repeated eigenvalues of identical tokens: scipy-openblas 0.3.30
+    on an AMD EPYC, issue 97), the full ``eigh`` answers, sliced: the same pairs."""
+    import scipy.linalg
+
+    try:
+        return scipy.linalg.eigh(a, subset_by_index=[lo, hi], driver=driver, check_finite=False)
+    except np.linalg.LinAlgError:
+        w, v = torch.linalg.eigh(torch.from_numpy(a))
+        return w[lo : hi + 1].numpy(), v[:, lo : hi + 1].numpy()
+
+
 def _dense_top_eigvecs(s: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k`` leading eigenvectors of the symmetric ``s``, descending. On the CPU by
     LAPACK's partial solver (only ``k`` vectors are formed), elsewhere by ``eigh``."""
     n = s.shape[0]
     if s.device.type == "cpu":
-        import scipy.linalg
-
-        try:
-            _, vec = scipy.linalg.eigh(
-                s.numpy(), subset_by_index=[n - k, n - 1], driver="evx", check_finite=False
-            )
-            return torch.from_numpy(vec[:, ::-1].copy())
-        except (np.linalg.LinAlgError, ValueError):  # pragma: no cover - LAPACK failure
-            pass
+        _, vec = _subset_eigh(s.numpy(), n - k, n - 1, "evx")
+        return torch.from_numpy(vec[:, ::-1].copy())
     _, v = torch.linalg.eigh(s)
     return v[:, -k:].flip(1)
 
@@ -539,10 +546,7 @@ def spectral_pairs(affinity: torch.Tensor, n_components: int, *, extra: int, see
         if info["converged"] or not auto:
             return theta.to(torch.float64).cpu(), vecs, dd, False
     if s.device.type == "cpu":
-        import scipy.linalg
-
-        theta, vec = scipy.linalg.eigh(s.numpy(), subset_by_index=[n - m, n - 1], driver="evx",
-                                       check_finite=False)  # fmt: skip
+        theta, vec = _subset_eigh(s.numpy(), n - m, n - 1, "evx")
         theta = torch.from_numpy(theta[::-1].astype(np.float64))
         return theta, torch.from_numpy(vec[:, ::-1].copy()), dd, True
     theta, vec = torch.linalg.eigh(s)
@@ -558,12 +562,9 @@ def _filtered_eigenpairs(s: torch.Tensor, k: int, width: float):
     if s.device.type != "cpu":
         theta, vec = torch.linalg.eigh(s)
         return theta.flip(0), vec.flip(1)
-    import scipy.linalg
-
     m = min(n, k + max(8, k // 2))
     while True:
-        theta, vec = scipy.linalg.eigh(s.numpy(), subset_by_index=[n - m, n - 1], driver="evr",
-                                       check_finite=False)  # fmt: skip
+        theta, vec = _subset_eigh(s.numpy(), n - m, n - 1, "evr")
         if m == n or theta[0] < theta[-k] - width:
             return torch.from_numpy(theta[::-1].copy()), torch.from_numpy(vec[:, ::-1].copy())
         m = min(n, 2 * m)
