@@ -3,7 +3,6 @@ the test encodes itself and a local JSONL dev set."""
 
 import _thread
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from test_cli_support import direct_inputs, moving_shapes, save_tiny_checkpoint
 
 import videoanchor
 import videoanchor.anchor.scores as scores_mod
+import videoanchor.tune as tune_mod
 from videoanchor.anchor import (
     anchor_result_from_coefficients,
     compute_anchor_scores,
@@ -132,27 +132,24 @@ def test_vision_and_ssc_run_once_per_item_and_cache_gives_same_answers(
     assert summary["cache"]["vision_hits"] == ITEMS and "vision_misses" not in summary["cache"]
 
 
-def test_interrupt_then_resume_gives_the_uninterrupted_results(setup, tmp_path):
+def test_interrupt_then_resume_gives_the_uninterrupted_results(setup, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     assert _tune(setup, tmp_path / "full", "--cache-dir", str(cache)) == 0
-    # Ctrl-C once the part run has written 4 of its 27 answers (a KeyboardInterrupt raised
-    # in the main thread, wherever it is then, as the signal's default handler does)
-    answers = tmp_path / "part" / "answers.jsonl"
-    stop = threading.Event()
+    # Ctrl-C once the part run has written 4 of its 27 answers: the signal's default handler
+    # sets a flag that the main thread turns into a KeyboardInterrupt at its next bytecode,
+    # as _thread.interrupt_main does, called here by the 4th answer's write (a thread that
+    # polled the file raced the run: the cached answers can all be written before it looks)
+    part = tmp_path / "part"
+    add = tune_mod._Answers.add
 
-    def press_ctrl_c():
-        while not stop.wait(0.005):
-            if answers.exists() and answers.read_text().count("\n") >= 1 + 4:
-                _thread.interrupt_main()
-                return
+    def add_then_ctrl_c(self, *args, **kwargs):
+        add(self, *args, **kwargs)
+        if self.path.parent == part and len(self.done) == 4:
+            _thread.interrupt_main()
 
-    watcher = threading.Thread(target=press_ctrl_c, daemon=True)
-    watcher.start()
-    try:
-        code = _tune(setup, tmp_path / "part", "--cache-dir", str(cache), "--batch-size", "2")
-    finally:
-        stop.set()
-        watcher.join()
+    monkeypatch.setattr(tune_mod._Answers, "add", add_then_ctrl_c)
+    code = _tune(setup, part, "--cache-dir", str(cache), "--batch-size", "2")
+    monkeypatch.setattr(tune_mod._Answers, "add", add)
     assert code == 130
     partial = json.loads((tmp_path / "part" / "results.json").read_text())
     assert len(partial) < 8
