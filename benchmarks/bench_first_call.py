@@ -28,7 +28,7 @@ that the README and docs quote, with ``first_minus_second`` (the first call's wa
 less the second's, per process, then the median) against the target of issue 101 (at most
 5 s: ``target_met``). ``--baseline REF``: the ``scores`` part of the tree at git ``REF`` too
 (``git archive``), run before the current tree's in each repetition, so that both meet the
-same load (rows' ``tree``; the summary's ``baseline_*``). ``--isa avx2``: torch's AVX2
+same load (rows' ``tree``, an empty cache alone; the summary's ``baseline_*``). ``--isa avx2``: torch's AVX2
 kernels and MKL's AVX2 code path (``ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2``, Numba's target
 the CPU's own), written to ``first_call_avx2_<device>.json``; the environment's values are
 recorded in ``meta["env"]``. ``meta["cpu_model"]``: the CPU's model name and whether it has
@@ -199,7 +199,7 @@ def run(reps: int, quick: bool, out_dir=None, baseline: str | None = None,
             for tree, root in trees.items():
                 cache = Path(tmp) / f"cache{rep}{tree}"  # a new, empty cache each repetition
                 env = {**base_env, "NUMBA_CACHE_DIR": str(cache), "PYTHONPATH": str(root)}
-                for state in ("empty", "warm"):
+                for state in ("empty", "warm") if tree == "current" else ("empty",):
                     load = _load()
                     took, out = _run([*me, "--child", "scores", "--root", str(root)], env)
                     got = json.loads(out.strip().splitlines()[-1])
@@ -228,6 +228,11 @@ def run(reps: int, quick: bool, out_dir=None, baseline: str | None = None,
         return statistics.median(vals)
 
     def scores(tree="current"):
+        if tree != "current":  # (the baseline: an empty cache alone)
+            return {k: median("scores", key, tree, cache="empty") for k, key in (
+                ("scores_first_minus_second_empty_cache", "first_minus_second"),
+                ("scores_first_empty_cache", "first_seconds"), ("scores_second", "second_seconds"),
+                ("scores_process_empty_cache", "process_seconds"))}  # fmt: skip
         out = {
             "scores_first_minus_second_empty_cache": median(
                 "scores", "first_minus_second", tree, cache="empty"

@@ -738,9 +738,17 @@ def ready(kernel: str = "full", *, compile: bool = True):
     return KERNELS[kernel] if _FUNCTIONS.ready(kernel, compile=compile) else None
 
 
-def precompile(kernels=("lean", "full")) -> list[dict]:
+def precompile(kernels=("lean", "full"), *, loops: bool = True) -> list[dict]:
     """``kernels`` ready (:func:`ready`), in that order: by default the lean one first (a first
-    call that finds only it need not wait for the full one). Returns :data:`EVENTS`."""
+    call that finds only it need not wait for the full one); then, with ``loops``, the
+    discretisation's loops (:mod:`videoanchor.anchor._discretize_loops`), which every anchor
+    score's call runs after the kernel: a warm-up (``videoanchor warmup``, the vLLM plugin's
+    start-up) leaves nothing for a first call to compile. Returns :data:`EVENTS` (the
+    kernels')."""
     for kernel in kernels:
         ready(kernel)
+    if loops:
+        from videoanchor.anchor import _discretize_loops
+
+        _discretize_loops.ready()
     return EVENTS
