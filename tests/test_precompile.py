@@ -133,6 +133,9 @@ def test_the_opt_out_and_a_warm_cache_start_nothing(monkeypatch):
     monkeypatch.setattr(precompile, "_cpus", lambda: 2)
     monkeypatch.setattr(precompile, "cold_jobs", lambda: ["lean", "full", "loops"])
     monkeypatch.setattr(kernel, "held", lambda which: False)
+    from videoanchor.anchor import _discretize_loops
+
+    monkeypatch.setattr(_discretize_loops, "held", lambda: False)  # (whatever ran before)
     for off in ("0", "false", "off"):
         monkeypatch.setenv(precompile.ENV, off)
         assert precompile.start("test") is None
