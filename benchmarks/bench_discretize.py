@@ -168,9 +168,10 @@ print(json.dumps(dict(numba_start=numba_start, first_call=first, second_call=sec
 
 
 def compile_cost() -> dict:
-    """The first call's CPU seconds with an empty Numba cache, and with it filled."""
+    """The first call's CPU seconds with an empty Numba cache, and with it filled (no background
+    compile: since issue 101 it would compile the loops in another process)."""
     with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache, "VIDEOANCHOR_PRECOMPILE": "0"}
         runs = []
         for _ in range(2):
             out = subprocess.run([sys.executable, "-c", _CHILD, str(ROOT)], env=env,

@@ -66,7 +66,7 @@ def test_the_lean_kernel_gives_the_full_kernels_answer_bit_for_bit(monkeypatch):
     """Every column the lean kernel solves (none with an outlier entry) and every one it hands
     to the full kernel (with those after it) ends as the full kernel alone ends it: C, E,
     status, passes and work equal bit for bit, on sets that take each path."""
-    if kernel.numba.config.DISABLE_JIT:
+    if kernel.config.DISABLE_JIT:
         pytest.skip("NUMBA_DISABLE_JIT: one Python function")
     kernel.precompile()
     ready, used = kernel.ready, []
@@ -94,13 +94,15 @@ def test_the_lean_kernel_gives_the_full_kernels_answer_bit_for_bit(monkeypatch):
 
 def test_the_cheap_check_finds_numbas_cache(tmp_path):
     """:func:`precompile.index_paths`, without Numba, names the index files Numba keeps for
-    both kernels, with ``NUMBA_CACHE_DIR`` set and in the package's ``__pycache__``; and
+    both kernels and the discretisation's loops, with ``NUMBA_CACHE_DIR`` set and in the package's ``__pycache__``; and
     :func:`precompile.cache_is_cold` follows them."""
     code = (
         "import json\n"
         "from videoanchor.anchor.solvers import _workset_kernel as k, precompile as p\n"
+        "from videoanchor.anchor import _discretize_loops as d\n"
         "print(json.dumps([[str(x) for x in p.index_paths()],\n"
-        "                  [k.KERNELS[n]._cache._cache_file._index_path for n in ('lean', 'full')],\n"
+        "                  [f._cache._cache_file._index_path for f in (*k.KERNELS.values(),\n"
+        "                                                              d._pick, d._decide)],\n"
         "                  p.cache_is_cold()]))\n"
     )
     env = _env(tmp_path)
@@ -113,7 +115,9 @@ def test_the_cheap_check_finds_numbas_cache(tmp_path):
 
 def test_the_opt_out_and_a_warm_cache_start_nothing(monkeypatch):
     """``VIDEOANCHOR_PRECOMPILE=0`` starts no process, nor does a warm cache; a cold one starts
-    one (the kernel's file run alone, below normal priority), once per process."""
+    them (the kernels' and the loops' files run alone, below normal priority), once per
+    process: on two CPUs the lean kernel and the loops in one and the full kernel in another,
+    only the jobs whose cache is cold."""
     started = []
 
     class FakeProcess:
@@ -124,10 +128,14 @@ def test_the_opt_out_and_a_warm_cache_start_nothing(monkeypatch):
             return 0
 
     monkeypatch.setattr(precompile.subprocess, "Popen", FakeProcess)
-    monkeypatch.setattr(precompile, "_process", None)
+    monkeypatch.setattr(precompile, "_processes", [])
     monkeypatch.setattr(precompile, "_reason", None)
-    monkeypatch.setattr(precompile, "cache_is_cold", lambda: True)
+    monkeypatch.setattr(precompile, "_cpus", lambda: 2)
+    monkeypatch.setattr(precompile, "cold_jobs", lambda: ["lean", "full", "loops"])
     monkeypatch.setattr(kernel, "held", lambda which: False)
+    from videoanchor.anchor import _discretize_loops
+
+    monkeypatch.setattr(_discretize_loops, "held", lambda: False)  # (whatever ran before)
     for off in ("0", "false", "off"):
         monkeypatch.setenv(precompile.ENV, off)
         assert precompile.start("test") is None
@@ -135,14 +143,33 @@ def test_the_opt_out_and_a_warm_cache_start_nothing(monkeypatch):
     monkeypatch.setenv("NUMBA_DISABLE_JIT", "1")
     assert precompile.start("test") is None
     monkeypatch.delenv("NUMBA_DISABLE_JIT")
-    monkeypatch.setattr(precompile, "cache_is_cold", lambda: False)
+    monkeypatch.setattr(precompile, "cold_jobs", lambda: [])
     assert precompile.start("test") is None and not started
-    monkeypatch.setattr(precompile, "cache_is_cold", lambda: True)
-    assert precompile.start("test") is not None and precompile.started() == "test"
-    assert precompile.start("again") is None and len(started) == 1
-    args, kw = started[0]
-    assert args[-1] == str(precompile.KERNEL_FILE) and "os.nice(10)" in args[2]
-    assert kw["start_new_session"] and kw["stdin"] == subprocess.DEVNULL
+    monkeypatch.setattr(precompile, "cold_jobs", lambda: ["lean", "full", "loops"])
+    assert len(precompile.start("test")) == 2 and precompile.started() == "test"
+    assert precompile.start("again") is None and len(started) == 2
+    assert [args[3] for args, _ in started] == ["lean,loops", "full"]
+    for args, kw in started:
+        assert f"videoanchor.anchor.solvers._workset_kernel={precompile.KERNEL_FILE}" in args
+        assert f"videoanchor.anchor._discretize_loops={precompile.LOOPS_FILE}" in args
+        assert "os.nice(10)" in args[2]
+        assert kw["start_new_session"] and kw["stdin"] == subprocess.DEVNULL
+    started.clear()
+    monkeypatch.setattr(precompile, "_processes", [])
+    monkeypatch.setattr(precompile, "cold_jobs", lambda: ["full"])
+    assert len(precompile.start("test")) == 1 and [a[3] for a, _ in started] == ["full"]
+
+
+def test_the_plan_compiles_at_once_where_two_cpus_allow():
+    """Two CPUs or more: the lean kernel then the loops in one process, the full kernel in
+    another; one CPU: one process, the lean kernel first; only the jobs given."""
+    jobs = ["full", "loops", "lean"]
+    assert precompile.plan(jobs, cpus=2) == [["lean", "loops"], ["full"]]
+    assert precompile.plan(jobs, cpus=16) == [["lean", "loops"], ["full"]]
+    assert precompile.plan(jobs, cpus=1) == [["lean", "loops", "full"]]
+    assert precompile.plan(["full"], cpus=2) == [["full"]]
+    assert precompile.plan(["loops", "lean"], cpus=2) == [["lean", "loops"]]
+    assert precompile.plan([], cpus=2) == [] and precompile.plan([], cpus=1) == []
 
 
 def test_installing_on_a_model_starts_the_background_compile(monkeypatch):
@@ -157,26 +184,36 @@ def test_installing_on_a_model_starts_the_background_compile(monkeypatch):
 
 
 def test_import_starts_the_background_compile_where_the_cache_is_empty(tmp_path):
-    """``import videoanchor`` with an empty cache starts the background process, which fills
-    the cache with both kernels; a later process compiles nothing and its import starts
-    none."""
+    """``import videoanchor`` with an empty cache starts the background processes, which fill
+    the cache with both kernels and the discretisation's loops; a later process's anchor
+    scores on a set whose columns need outlier entries (the full kernel), with the lean
+    kernel and the loops made ready as well, compile nothing (Numba's compile events: not
+    one function) and its import starts none (issue 101)."""
     env = _env(tmp_path, **{precompile.ENV: "1"})
     code = ("import json, time, videoanchor\n"
             "from videoanchor.anchor.solvers import precompile as p\n"
             "t = time.perf_counter()\n"
-            "print(json.dumps([p.started(), p.wait(600), p.cache_is_cold()]))\n")  # fmt: skip
-    assert _child(code, env) == ["import", 0, False]
+            "print(json.dumps([p.started(), len(p._processes), p.wait(600), p.cache_is_cold()]))\n")  # fmt: skip
+    started, procs, code_, cold = _child(code, env)
+    assert [started, code_, cold] == ["import", 0, False]
+    assert procs == (2 if len(os.sched_getaffinity(0)) >= 2 else 1)
     names = sorted(p.name.split("-")[0] for p in (tmp_path / "numba").rglob("*.nbi"))
-    assert names == ["_workset_kernel.solve_columns", "_workset_kernel.solve_columns_lean"]
+    assert names == ["_discretize_loops._decide", "_discretize_loops._pick",
+                     "_workset_kernel.solve_columns", "_workset_kernel.solve_columns_lean"]  # fmt: skip
     got = _child(COMPILE_REPORT + (
         "import torch, videoanchor\n"
         "from videoanchor.anchor.solvers import precompile as p\n"
+        "from videoanchor.anchor import _discretize_loops as d\n"
         "from benchmarks.bench_workset import overlaid\n"
-        "from videoanchor.anchor.solvers.workset import solve_ssc_workset\n"
-        "solve_ssc_workset(overlaid(4, 24, 128, tokens=2, entries=60))\n"
-        "report(started=p.started())\n"), env)  # fmt: skip
+        "res = videoanchor.compute_anchor_scores(overlaid(4, 24, 128, tokens=2, entries=60),\n"
+        "                                        n_clusters=4)\n"
+        "k.ready('lean')\n"
+        "report(started=p.started(), solver=res.solver, loops=d.EVENTS)\n"), env)  # fmt: skip
     assert got["compiled"] == [] and got["started"] is None, got
-    assert [(e["kernel"], e["how"]) for e in got["events"]] == [("full", "loaded")], got
+    assert got["solver"] == "workset", got
+    assert [(e["kernel"], e["how"]) for e in got["events"]] == [("full", "loaded"),
+                                                                ("lean", "loaded")], got  # fmt: skip
+    assert [(e["kernel"], e["how"]) for e in got["loops"]] == [("loops", "loaded")], got
 
 
 def _held_elsewhere(folder: Path, kernel_name: str) -> bool:

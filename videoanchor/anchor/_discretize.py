@@ -23,9 +23,10 @@ answer as it was, bit for bit (tests/test_discretize.py holds it to the torch lo
   on cannot lower it, and one whose margin falls to its ``a`` contributes ``a`` whatever
   partition it would end at, so it stops there.
 
-Numba compiles two small loops on the first call of a process that finds its cache empty
-(well under a second of CPU, ``bench_discretize.py``; ``cache=True``: once per install where
-it can write its cache, milliseconds afterwards).
+Numba compiles two small loops (:mod:`._discretize_loops`, well under a second of CPU,
+``bench_discretize.py``) into its on-disk cache: in the background compile that ``import
+videoanchor`` starts where the cache is empty (:mod:`videoanchor.anchor.solvers.precompile`,
+issue 101), else on the first call of a process that finds it empty; milliseconds afterwards.
 :mod:`~videoanchor.anchor.clustering` imports this module when a discretisation first runs,
 so ``import videoanchor`` does not load Numba.
 """
@@ -34,9 +35,10 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 import torch
+
+from videoanchor.anchor._discretize_loops import _decide, _pick, ready
 
 __all__ = ["Paths", "relabel"]
 
@@ -44,70 +46,6 @@ _EPS = float(np.finfo(np.float64).eps)
 #: the buffers' alignment in bytes (torch's CPU allocator's: MKL may round otherwise on
 #: operands aligned otherwise)
 _ALIGN = 64
-
-
-def _jit(py_func):
-    """``py_func`` compiled with Numba's on-disk cache, or without one where Numba finds no
-    folder it can write to (it raises at decoration): each process then compiles it."""
-    try:
-        return numba.njit(cache=True, nogil=True)(py_func)
-    except RuntimeError:  # (numba.core.caching: "cannot cache function ...")
-        return numba.njit(nogil=True)(py_func)
-
-
-@_jit
-def _pick(c, d, record):  # pragma: no cover - compiled
-    """``c += |d|``; the first argmin of ``c`` (returned); ``record`` (``c``'s size, or
-    empty) a copy of ``c``."""
-    p, best = 0, np.inf
-    for i in range(c.shape[0]):
-        c[i] += abs(d[i])
-        if i == 0 or c[i] < best:
-            p, best = i, c[i]
-    for i in range(record.shape[0]):
-        record[i] = c[i]
-    return p
-
-
-@_jit
-def _decide(s, v, skip, labels, t):  # pragma: no cover - compiled
-    """One iteration's decisions from ``s = v R``: ``labels[i]`` the first argmax of row
-    ``i``, ``t[l]`` the sum of label ``l``'s rows of ``v`` (in row order) and the smallest
-    top-1 minus top-2 margin over the rows, the columns ``skip`` left out of it (returned).
-    Plain loops: they compile in a fraction of a second."""
-    n, k = s.shape
-    for i in range(n):
-        arg, one = 0, s[i, 0]
-        for j in range(1, k):
-            if s[i, j] > one:
-                arg, one = j, s[i, j]
-        labels[i] = arg
-    skipping = False
-    for j in range(k):
-        skipping |= skip[j]
-    margin = np.inf
-    for i in range(n):
-        one, two = s[i, labels[i]], -np.inf
-        if skipping:  # (the labels' own column may be left out)
-            one = -np.inf
-            for j in range(k):
-                if not skip[j]:
-                    if s[i, j] > one:
-                        one, two = s[i, j], one
-                    elif s[i, j] > two:
-                        two = s[i, j]
-        else:
-            for j in range(k):
-                if j != labels[i] and s[i, j] > two:
-                    two = s[i, j]
-        margin = min(margin, one - two)
-    for a in range(k):
-        for b in range(k):
-            t[a, b] = 0.0
-    for i in range(n):
-        for j in range(k):
-            t[labels[i], j] += v[i, j]
-    return margin
 
 
 def relabel(labels: np.ndarray) -> np.ndarray:
@@ -145,6 +83,7 @@ class Paths:
             raise ValueError("embedding: expected finite values, got NaN or infinity")
         self.n, self.k = rows.shape
         self.n_iter_max = n_iter_max
+        ready()  # the loops loaded from Numba's cache, or compiled (once per process)
         k = self.k
         self._no_skip = np.zeros(k, np.bool_)
         self._s = _aligned((self.n, k))

@@ -21,36 +21,22 @@ cache holds it, else the lean one, which hands a column that needs an outlier en
 those after it, to the full one: ``C`` is the same bit for bit either way. Each is compiled
 or loaded from Numba's cache when first needed (:func:`ready`), holding a file lock beside
 the cache so that two processes never compile it at once; :mod:`.precompile` fills the cache
-in a background process before the first call.
+in background processes before the first call. How Numba builds them (its pipeline, the
+build options, the helpers linked into the kernel, the variants) is :mod:`._workset_build`'s;
+the cache and its lock :mod:`videoanchor.anchor._jit_cache`'s (issue 101).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
-import threading
-import time
-import types as pytypes
 
-import numba
 import numpy as np
-from llvmlite import binding as llvm
-from llvmlite import ir as llvm_ir
 from numba import types
-from numba.core import config, typed_passes, untyped_passes
-from numba.core.codegen import CPUCodegen, JITCodeLibrary
-from numba.core.compiler import CompilerBase, DefaultPassBuilder
-from numba.core.compiler_lock import global_compiler_lock
-from numba.core.compiler_machinery import PassManager
-from numba.core.registry import CPUDispatcher
-from numba.core.runtime.nrtopt import remove_redundant_nrt_refct
+from numba.core import config
 
-try:
-    import fcntl
-except ImportError:  # (not POSIX: the cache is written without a lock)
-    fcntl = None
+from videoanchor.anchor._jit_cache import Functions
+from videoanchor.anchor.solvers._workset_build import cached, helper, variant
 
 #: A column's end: solved; its working set outgrew ``cap``; the inner loop took more than
 #: ``max_inner`` steps; ``max_passes`` passes did not solve it; a factor update failed; its
@@ -72,9 +58,7 @@ RIDGE = 1e-10
 #: :func:`_chol_append`'s answers.
 NOT_FINITE, APPENDED, FLOORED = 0, 1, 2
 
-# reassociation lets the compiler vectorise the dot products; NaN and inf keep their meaning
-_FASTMATH = {"reassoc", "contract"}
-# One explicit signature per function (:data:`SIGNATURE`; the helpers, :class:`_Helper`,
+# One explicit signature per function (:data:`SIGNATURE`; the helpers, :func:`._workset_build.helper`,
 # compiled with the kernel that calls them), compiled or loaded from Numba's cache when
 # first needed (:func:`ready`), then no other: a call never compiles another specialisation
 # (a literal argument, an int where a float was, a strided seed array each compiled the
@@ -85,19 +69,6 @@ F1, F2, I1, B1 = F[::1], F[:, ::1], I[::1], B[::1]
 SCRATCH = types.UniTuple(F1, 12)  # solve_columns' scratch vectors
 
 
-#: Numba's passes for language features this module does not use (closures, ``inline=``
-#: functions, ``literally``, ``literal_unroll``, ``with`` contexts): each walks the IR of
-#: every function on an empty cache; code that needs one fails to compile, it is not
-#: compiled otherwise. Nor SSA (Numba's ``enable_ssa=False`` form, as in its object mode):
-#: each local keeps one type throughout (a name reused for an int and a float fails to
-#: compile; :data:`_SOLVE_LOCALS` types those that start from a literal), and the
-#: reconstruction walked every block for each reassigned name of :func:`solve_columns`
-#: (issue 79: ``first_call_cpu.json``).
-_UNUSED = (untyped_passes.WithLifting, untyped_passes.InlineClosureLikes,
-           untyped_passes.MakeFunctionToJitFunction, untyped_passes.InlineInlinables,
-           untyped_passes.FindLiterallyCalls, untyped_passes.LiteralUnroll,
-           untyped_passes.LiteralPropagationSubPipelinePass, untyped_passes.ReconstructSSA,
-           typed_passes.PreLowerStripPhis)  # fmt: skip
 #: :func:`solve_columns`' counters and flags that start from a literal (``fc = 0``,
 #: ``st = TOO_LARGE``): typed up front, so that type inference settles in one pass over
 #: its constraints and a check, not one more for each literal that a loop widens.
@@ -106,85 +77,6 @@ _SOLVE_LOCALS = {**dict.fromkeys(("fc", "fe", "coefs", "top", "w_", "steps", "ps
                  **dict.fromkeys(("settle", "stuck"), B)}  # fmt: skip
 
 
-class _Library(JITCodeLibrary):
-    """Numba's code library with one LLVM optimisation of each module where Numba runs three:
-    its O3 function passes on each function before the module is linked and its O0 "cheap"
-    module pass (inlining ahead of the reference-count pruner) are left out; the O3 module
-    pass, which runs the pruner too, sees all of it. Not the same machine code (the stack
-    frame and register choices differ), but ``C`` the same bit for bit and the solve as
-    fast (issue 79: ``first_call_cpu.json``)."""
-
-    def _optimize_functions(self, ll_module):
-        ll_module.data_layout = self._codegen._data_layout
-
-    def _optimize_final_module(self):
-        if not config.LLVM_REFPRUNE_PASS:
-            self._final_module = remove_redundant_nrt_refct(self._final_module)
-        pm, pb = self._codegen._module_pass_manager()
-        with self._recorded_timings.record("Module passes (full optimization)", pb):
-            pm.run(self._final_module, pb)
-
-
-#: Whether this Numba's code library is the one :class:`_Library` overrides: LLVM's new pass
-#: manager (``_pass_builder``; Numba 0.65 and 0.68 checked). Older ones (0.60 builds its
-#: module passes without it) keep Numba's own library (three optimisations).
-ONE_MODULE_PASS = hasattr(CPUCodegen, "_pass_builder") and hasattr(
-    JITCodeLibrary, "_optimize_final_module"
-)
-
-
-class _Linked(_Library):
-    """A helper's library (:class:`_Helper`): its module is only linked into
-    :func:`solve_columns`' one, whose module pass optimises it and whose object code holds
-    it; it is neither optimised nor compiled to machine code on its own (issue 79: each
-    helper's own module pass and object code cost 0.67 s of CPU on an empty cache, for code
-    that nothing runs)."""
-
-    def _optimize_final_module(self):
-        pass
-
-    def _finalize_final_module(self):
-        # the JIT gets the function's environment pointer alone (Numba sets it after
-        # lowering; the linked code, which raises no exception that needs it, has its own)
-        env = llvm_ir.Module(self.name)
-        for gv in self._final_module.global_variables:
-            if gv.name.startswith("_ZN08NumbaEnv"):
-                g = llvm_ir.GlobalVariable(env, llvm_ir.IntType(8).as_pointer(), gv.name)
-                g.linkage, g.initializer = "common", llvm_ir.Constant(g.type.pointee, None)
-        self._codegen._engine.add_module(llvm.parse_assembly(str(env)))
-        self._finalized = True
-
-
-class _Compiler(CompilerBase):
-    """Numba's nopython pipeline less :data:`_UNUSED`, into a :class:`_Library` (a helper's:
-    a :class:`_Linked`) where :data:`ONE_MODULE_PASS`, with Numba's dead-branch pruning
-    before type inference (left out with the rewrites, ``no_rewrites``): a branch on a
-    module constant such as :data:`OUTLIERS` is neither typed nor lowered where it is not
-    taken (the lean kernel, :func:`ready`)."""
-
-    def define_pipelines(self):
-        if self.state.library is None and ONE_MODULE_PASS:
-            codegen = self.state.targetctx.codegen()
-            kind = _Linked if self.state.flags.no_cpython_wrapper else _Library
-            self.state.library = kind(codegen, self.state.func_id.func_qualname)
-            self.state.library.enable_object_caching()  # (as Numba's lowering pass does)
-        pm = PassManager("workset kernel")
-        for cls, what in DefaultPassBuilder.define_nopython_pipeline(self.state).passes:
-            if cls not in _UNUSED:
-                pm.add_pass(cls, what)
-            if cls is untyped_passes.IRProcessing:
-                pm.add_pass(untyped_passes.DeadBranchPrune, "dead branch pruning")
-        pm.finalize()
-        return [pm]
-
-
-#: The options of every function here. ``no_rewrites`` (Numba's IR rewrites: constant
-#: getitems and raises, array expressions, dead branches on constants) and
-#: :class:`_Compiler` leave out passes that find nothing to do in this scalar code but take
-#: their time on an empty cache (the same machine code as the full pipeline's); with
-#: ``len()`` for ``.shape[k]`` and no ``max()`` (each compiled an overload), ``C`` is the
-#: kernel's before bit for bit (issue 79: ``first_call_cpu.json``'s ``cut_*``).
-_OPTIONS = {"nogil": True, "fastmath": _FASTMATH, "no_rewrites": True, "no_cfunc_wrapper": True}
 #: Whether this copy of :func:`solve_columns` holds the outlier entries' code (issue 93): the
 #: full kernel, :data:`solve_columns`, does; the lean one, :data:`solve_columns_lean`, the
 #: same source compiled with this False (the branches on it pruned before typing), ends a
@@ -215,33 +107,7 @@ SLOT_BOUND = SLOT_WIDE = 0
 PASS_SUPPORTS = False
 
 
-class _Helper(CPUDispatcher):
-    """A helper of :func:`solve_columns`, called from compiled code only (no wrappers to call
-    it from Python or C), compiled for its declared signature alone when
-    :func:`solve_columns` is typed, and not cached: its code is :func:`solve_columns`' own
-    (linked into it), so a warm cache loads one function and compiles none (issue 79:
-    ``first_call_cpu.json``)."""
-
-    def __init__(self, py_func, sig):
-        super().__init__(py_func, locals={}, pipeline_class=_Compiler,
-                         targetoptions={**_OPTIONS, "nopython": True, "boundscheck": None,
-                                        "no_cpython_wrapper": True})  # fmt: skip
-        self.declared = sig
-
-    def get_call_template(self, args, kws):
-        if self._can_compile:
-            self.compile(self.declared)
-            self.disable_compile()
-        return super().get_call_template(args, kws)
-
-
-def _jit(sig):
-    """A :class:`_Helper` for ``sig`` (the function itself under ``NUMBA_DISABLE_JIT``, as
-    ``numba.njit`` gives)."""
-    return lambda py_func: py_func if config.DISABLE_JIT else _Helper(py_func, sig)
-
-
-@_jit(I(F2, I, F1, F, F))
+@helper(I(F2, I, F1, F, F))
 def _chol_append(L, f, col, diag, floor):
     """Append a row to the factor ``L[:f, :f]``: the new variable's entries ``col[:f]`` and
     diagonal ``diag``. A pivot below ``floor`` (a point dependent on ``Fc``'s on the inlier
@@ -261,7 +127,7 @@ def _chol_append(L, f, col, diag, floor):
     return APPENDED if rest >= floor else FLOORED
 
 
-@_jit(types.none(F2, I, I))
+@helper(types.none(F2, I, I))
 def _chol_delete(L, f, p):
     """Delete variable ``p`` from the factor ``L[:f, :f]``: its row goes, the rows below move
     up, and Givens rotations on columns ``(k, k + 1)`` restore the lower triangle."""
@@ -282,7 +148,7 @@ def _chol_delete(L, f, p):
         L[f - 1, r] = 0.0
 
 
-@_jit(B(F2, I, F1, F, F2, F))
+@helper(B(F2, I, F1, F, F2, F))
 def _chol_rank1(L, f, x, sigma, A, floor):
     """``L L^T + sigma x x^T`` into ``L[:f, :f]`` (``x`` overwritten). False where a pivot
     would fall to ``floor`` times its ``A`` diagonal or below (a downdate, ``sigma < 0``), or
@@ -301,7 +167,7 @@ def _chol_rank1(L, f, x, sigma, A, floor):
     return True
 
 
-@_jit(F(F1, F1, I))
+@helper(F(F1, F1, I))
 def _dot(a, b, m):
     v = 0.0
     for k in range(m):
@@ -309,7 +175,7 @@ def _dot(a, b, m):
     return v
 
 
-@_jit(B(F2, F2, F2, I, I, F, F1))
+@helper(B(F2, F2, F2, I, I, F, F1))
 def _refactor(L, A, Yg, fc, fe, lam_z, col):
     """``L`` from scratch: the Cholesky factor of ``S`` (``O(|Fc|^2 (|Fc| + |Fe|))``)."""
     for r in range(fc):
@@ -321,7 +187,7 @@ def _refactor(L, A, Yg, fc, fe, lam_z, col):
     return True
 
 
-@_jit(I(F2, F2, F2, I1, F1, F1, I, I1, I, I, F, F2, F2, F, F, F1))
+@helper(I(F2, F2, F2, I1, F1, F1, I, I1, I, I, F, F2, F2, F, F, F1))
 def _add_coef(L, A, Yg, Fc, sc, zc, fc, Fe, fe, u, sign, G, YT, lam_z, gamma, col):
     """Coefficient ``u`` joins ``Fc`` (at position ``fc``) with ``sign`` and value 0; returns
     :func:`_chol_append`'s code."""
@@ -338,7 +204,7 @@ def _add_coef(L, A, Yg, Fc, sc, zc, fc, Fe, fe, u, sign, G, YT, lam_z, gamma, co
     return _chol_append(L, fc, col, a - lam_z * _dot(yg, yg, fe), RIDGE * a)
 
 
-@_jit(B(F2, F2, F2, I1, I, I1, F1, F1, I, I, F, F2, F, F1, F, I1, I, I))
+@helper(B(F2, F2, F2, I1, I, I1, F1, F1, I, I, F, F2, F, F1, F, I1, I, I))
 def _add_outlier(L, A, Yg, Fc, fc, Fe, se, ze, fe, k, sign, YT, lam_z, col, floor, failed, n,
                  stamp):  # fmt: skip
     """Outlier entry ``k`` (a row of ``Y``) joins ``Fe`` (at position ``fe``) with ``sign``
@@ -360,7 +226,7 @@ def _add_outlier(L, A, Yg, Fc, fc, Fe, se, ze, fe, k, sign, YT, lam_z, col, floo
     return _refactor(L, A, Yg, fc, fe + 1, lam_z, col)
 
 
-@_jit(types.none(F2, F2, I, I, F, F1, F1, F1, F1, F1))
+@helper(types.none(F2, F2, I, I, F, F1, F1, F1, F1, F1))
 def _hsolve(L, Yg, fc, fe, lam_z, vc, ve, outc, oute, tmp):
     """``[outc; oute] = H^-1 [vc; ve]`` through the Schur complement (module docstring)."""
     for r in range(fc):  # outc = S^-1 (vc - Y_ec^T ve), S = L L^T
@@ -805,42 +671,12 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
                 E[Fe[r], i] = ze[r]
 
 
-def _variant(py_func, name: str, **constants):
-    """``py_func``'s code as a function ``name`` whose module constants ``constants`` differ
-    (a copy of the module's globals): Numba compiles and caches it apart (its cache files are
-    named after ``name``)."""
-    glob = {**py_func.__globals__, **constants}
-    func = pytypes.FunctionType(py_func.__code__, glob, name, py_func.__defaults__,
-                                py_func.__closure__)  # fmt: skip
-    func.__qualname__, func.__module__, func.__doc__ = name, py_func.__module__, py_func.__doc__
-    return func
-
-
-_JIT = {"pipeline_class": _Compiler, "locals": _SOLVE_LOCALS, **_OPTIONS}
-_log = logging.getLogger("videoanchor.kernel")
-
-
-def _jit_cached(py_func):
-    """``py_func`` compiled by Numba with its on-disk cache, or without one where Numba finds
-    no folder it can write to (``$NUMBA_CACHE_DIR``, the package's ``__pycache__``, the
-    user's cache folder: it raises at decoration), which a process then compiles each time."""
-    try:
-        return numba.njit(cache=True, **_JIT)(py_func)
-    except RuntimeError as err:  # (numba.core.caching: "cannot cache function ...")
-        if not _UNCACHED:  # (one line for both kernels)
-            _log.warning("videoanchor: Numba cannot cache the SSC kernel (%s); each process "
-                         "compiles it: set NUMBA_CACHE_DIR to a folder it can write to", err)  # fmt: skip
-        _UNCACHED.append(py_func.__name__)
-        return numba.njit(**_JIT)(py_func)
-
-
-_UNCACHED: list[str] = []  # the kernels Numba keeps no cache of
-
-
 #: The lean kernel (:data:`OUTLIERS` False) and the full one, compiled for :data:`SIGNATURE`
 #: when first needed (:func:`ready`), not when this module is imported.
-solve_columns_lean = _jit_cached(_variant(solve_columns, "solve_columns_lean", OUTLIERS=False))
-solve_columns = _jit_cached(solve_columns)
+solve_columns_lean = cached(
+    variant(solve_columns, "solve_columns_lean", OUTLIERS=False), _SOLVE_LOCALS
+)
+solve_columns = cached(solve_columns, _SOLVE_LOCALS)
 KERNELS = {"lean": solve_columns_lean, "full": solve_columns}
 
 #: The module constants a :func:`variant_kernel` may set, and today's values.
@@ -861,8 +697,9 @@ def variant_kernel(**constants):
     rule = {**RULES, **constants}
     name = "solve_columns_rule_" + "_".join(str(int(rule[k])) for k in sorted(RULES))
     if name not in _VARIANTS:
-        disp = _jit_cached(_variant(getattr(solve_columns, "py_func", solve_columns), name,
-                                    **rule))  # fmt: skip
+        disp = cached(
+            variant(getattr(solve_columns, "py_func", solve_columns), name, **rule), _SOLVE_LOCALS
+        )
         if not config.DISABLE_JIT:
             disp.compile(SIGNATURE)
             disp.disable_compile()
@@ -872,86 +709,21 @@ def variant_kernel(**constants):
 
 _VARIANTS: dict = {}
 
-#: What this process did for each kernel it holds: ``{"kernel", "how"}`` with ``how``
-#: "loaded" (from Numba's cache) or "compiled" (and saved there), ``seconds`` (the load or
-#: compile) and ``waited`` (seconds spent waiting for another process's compile of it).
-EVENTS: list[dict] = []
-_held: set[str] = set()
-_thread_lock = threading.Lock()
-_missed: dict[str, tuple] = {}  # kernel: its cache index's (mtime, size) when last not found
-
-
-def held(kernel: str) -> bool:
-    """Whether this process holds ``kernel`` ("lean" or "full") loaded or compiled."""
-    return kernel in _held or config.DISABLE_JIT
-
-
-def _index_stamp(disp) -> tuple | None:
-    try:
-        st = os.stat(disp._cache._cache_file._index_path)
-    except (OSError, AttributeError):  # (none, or no cache at all)
-        return None
-    return st.st_mtime_ns, st.st_size
-
-
-def lock_path(kernel: str) -> str | None:
-    """The file whose lock a process holds while it loads or compiles ``kernel`` into Numba's
-    cache: beside the kernel's cache index (the folder Numba caches it in); None where Numba
-    keeps no cache of it (:func:`_jit_cached`)."""
-    cache = KERNELS[kernel]._cache
-    impl = getattr(cache, "_impl", None)
-    return None if impl is None else os.path.join(cache.cache_path, impl.filename_base + ".lock")
-
-
-@contextlib.contextmanager
-def _file_lock(kernel: str, wait: bool):
-    """Holds ``kernel``'s :func:`lock_path` (``flock``, on a file opened for reading where it is
-    another user's; released when the process ends, however it ends): yields the seconds
-    waited for it, or None where ``wait`` is False and another process holds it. Where the
-    lock cannot be made (no ``fcntl``, a cache folder that cannot be written), yields 0.0
-    without one (Numba writes each cache file whole, by a rename)."""
-    fd, path = None, lock_path(kernel)
-    if fcntl is not None and path is not None:
-        with contextlib.suppress(OSError):
-            KERNELS[kernel]._cache._impl.locator.ensure_cache_path()
-        for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):  # (another user's lock file: read)
-            try:
-                fd = os.open(path, flags, 0o666)
-                break
-            except OSError:
-                fd = None
-    if fd is None:
-        yield 0.0
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            waited = 0.0
-        except BlockingIOError:
-            if not wait:
-                yield None
-                return
-            _log.warning("videoanchor: waiting for another process compiling the SSC kernel "
-                         "(%s) into Numba's cache (%s)", kernel, path)  # fmt: skip
-            t0 = time.perf_counter()
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            waited = time.perf_counter() - t0
-        yield waited
-    finally:
-        os.close(fd)
-
-
-def _load(disp) -> bool:
-    """``disp``'s :data:`SIGNATURE` from Numba's cache into ``disp`` (as ``compile`` loads it
-    before compiling), without compiling: whether the cache held it for this CPU."""
-    with global_compiler_lock:
-        cres = disp._cache.load_overload(SIGNATURE, disp.targetctx)
-        if cres is None:
-            return False
-        disp._cache_hits[SIGNATURE] += 1
-        disp.targetctx.insert_user_function(cres.entry_point, cres.fndesc, [cres.library])
-        disp.add_overload(cres)
-    return True
+#: The kernels' groups (one function each), made ready by :func:`ready`: loaded from
+#: Numba's cache or compiled into it under a lock
+#: (:class:`~videoanchor.anchor._jit_cache.Functions`).
+_FUNCTIONS = Functions("SSC kernel", {k: [(d, SIGNATURE)] for k, d in KERNELS.items()},
+                       logging.getLogger("videoanchor.kernel"), only=True)  # fmt: skip
+#: What this process did for each kernel it holds: ``{"kernel", "how", "seconds", "waited"}``
+#: with ``how`` "loaded" (from Numba's cache) or "compiled" (and saved there), ``seconds``
+#: (the load or compile) and ``waited`` (seconds spent waiting for another process's compile
+#: of it).
+EVENTS: list[dict] = _FUNCTIONS.events
+#: Whether this process holds ``kernel`` ("lean" or "full") loaded or compiled.
+held = _FUNCTIONS.held
+#: The file whose lock a process holds while it loads or compiles ``kernel`` into Numba's
+#: cache (beside the kernel's cache index); None where Numba keeps no cache of it.
+lock_path = _FUNCTIONS.lock_path
 
 
 def ready(kernel: str = "full", *, compile: bool = True):
@@ -963,36 +735,20 @@ def ready(kernel: str = "full", *, compile: bool = True):
     False: None where neither this process nor the cache holds it, or another process holds
     its lock. Numba keys its cache by the CPU (name and features): a cache made for another
     CPU is not loaded but compiled for this one beside it."""
-    disp = KERNELS[kernel]
-    if config.DISABLE_JIT or kernel in _held:
-        return disp
-    with _thread_lock:
-        if kernel in _held:
-            return disp
-        if not compile and _missed.get(kernel, False) == _index_stamp(disp):
-            return None  # (not found, and the index has not changed since)
-        with _file_lock(kernel, wait=compile) as waited:
-            if waited is None:
-                return None
-            t0 = time.perf_counter()
-            if _load(disp):
-                how = "loaded"
-            elif not compile:
-                _missed[kernel] = _index_stamp(disp)
-                return None
-            else:
-                disp.compile(SIGNATURE)
-                how = "compiled"
-            disp.disable_compile()  # (one specialisation: another would be a bug)
-            EVENTS.append({"kernel": kernel, "how": how, "seconds": time.perf_counter() - t0,
-                           "waited": waited})  # fmt: skip
-            _held.add(kernel)
-    return disp
+    return KERNELS[kernel] if _FUNCTIONS.ready(kernel, compile=compile) else None
 
 
-def precompile() -> list[dict]:
-    """Both kernels ready (:func:`ready`): the lean one first (a first call that finds only it
-    need not wait for the full one). Returns :data:`EVENTS`."""
-    for kernel in ("lean", "full"):
+def precompile(kernels=("lean", "full"), *, loops: bool = True) -> list[dict]:
+    """``kernels`` ready (:func:`ready`), in that order: by default the lean one first (a first
+    call that finds only it need not wait for the full one); then, with ``loops``, the
+    discretisation's loops (:mod:`videoanchor.anchor._discretize_loops`), which every anchor
+    score's call runs after the kernel: a warm-up (``videoanchor warmup``, the vLLM plugin's
+    start-up) leaves nothing for a first call to compile. Returns :data:`EVENTS` (the
+    kernels')."""
+    for kernel in kernels:
         ready(kernel)
+    if loops:
+        from videoanchor.anchor import _discretize_loops
+
+        _discretize_loops.ready()
     return EVENTS
