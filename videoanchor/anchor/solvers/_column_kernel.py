@@ -38,8 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
-#: Elements of one row tile (``BR x M``) of the inverse, ``G`` or ``Y`` gathered at the slots.
-TILE = 128
+#: Elements of one row tile (``BR x M``) of the inverse, ``G`` or ``Y`` gathered at the slots:
+#: one row from ``M = 64`` up (at 128, Triton 3.6 spilled at ``M = 64``, its tile of 2 rows).
+TILE = 64
 #: Threads per program: 4 warps.
 NUM_WARPS = 4
 #: Compile options: ptxas holds the kernel to 128 registers (4 blocks of 128 threads an SM).
@@ -310,7 +311,7 @@ def _column_kernel(G, X, scalars, cols_ptr, ids_ptr, z_ptr, eids_ptr, ze_ptr, mu
             alpha, out = tl.min(ratio, axis=0, return_indices=True)
             alpha_e = tl.full([], 2.0, tl.float64)
             out_e = tl.full([], -1, tl.int32)
-            moved = tl.max(tl.where(F, tl.abs(zt - z), 0.0)) > 0.0
+            moved = tl.max(tl.where(F & (tl.abs(zt - z) > 0.0), 1, 0)) > 0  # (int: 1 register)
             for e0 in range(0, used_e, BE):
                 tt, er, eid = _xtile(X, D, Ee, e0, cols64, F, BE)
                 se = tl.load(SE + er)
@@ -416,7 +417,10 @@ def _column_kernel(G, X, scalars, cols_ptr, ids_ptr, z_ptr, eids_ptr, ze_ptr, mu
                         tl.store(SE + at_e, sign_e)
                         r1, sigma = at_e, -lam_z
                 else:  # solved, unless a variable kept out still violates (the next pass)
-                    status = tl.where(tl.maximum(tl.max(viol), top_e) > tl.load(scalars + 3), 1, 0)
+                    tol = tl.load(scalars + 3)
+                    status = tl.where(
+                        (tl.max(tl.where(viol > tol, 1, 0)) > 0) | (top_e > tol), 1, 0
+                    )
                     done = 1
             if r1 >= 0:  # an outlier entry left or joined: S -/+ lambda_z y y^T (one call site)
                 y = tl.load(X + cols64 * D + tl.load(Ee + r1), mask=F, other=0.0)
