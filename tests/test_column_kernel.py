@@ -350,7 +350,9 @@ def _compiled(which: str, cc: int) -> dict:
         )  # fmt: skip
         assert probe.returncode == 0, probe.stderr[-3000:]
         version, reason = (probe.stdout.splitlines() + ["", ""])[:2]
-        if reason:
+        # (aot gates on the Triton versions it was tested with, 3.9; its harness compiles
+        # under 3.6 as well, which is what this python is asked for)
+        if reason and not (which == "3.6" and "the AOT harness is tested on" in reason):
             pytest.skip(f"{which} python (triton {version}): {reason}")
         proc = subprocess.run(
             [exe, str(root / "benchmarks" / "bench_column_kernel.py"), "--static", str(cc),
