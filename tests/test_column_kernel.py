@@ -381,35 +381,100 @@ def test_bad_input():
                   torch.tensor([2], dtype=torch.int32))  # fmt: skip
 
 
-@pytest.mark.parametrize("cc", [90, 80])
-def test_levels_compile_within_the_register_target(cc):
-    """STATIC (Triton's bundled ptxas, no GPU): each level of coefficient slots compiled for
-    sm_90 and sm_80 holds at most 128 registers, spills nothing and fits 4 blocks of 128
-    threads an SM (benchmarks/bench_column_kernel.py --static; Triton 3.9 only)."""
-    import json
+#: The levels of coefficient slots compiled by the register test.
+LEVELS = (64, 128, 256)
+#: A python with Triton 3.6 (the GPU machines' version), e.g. ``python3 -m venv /tmp/t36 &&
+#: /tmp/t36/bin/pip install torch==2.13.0 triton==3.6.0 numpy array-api-compat``.
+TRITON36_ENV = "VIDEOANCHOR_TRITON36_PYTHON"
+#: (cc, M) still above the target under Triton 3.6.0: STATIC bytes of spill stores (issue 98
+#: defect 6; benchmarks/results/column_kernel_triton36_static.json). Triton 3.9 has none.
+KNOWN_SPILLS_36 = {(90, 256): 68, (80, 256): 24}
+
+
+def _python(which: str) -> str:
+    """The python that compiles: this one (``running``), or ``$VIDEOANCHOR_TRITON36_PYTHON``
+    (``3.6``: skipped where unset; a clear failure where it is not Triton 3.6)."""
     import os
     import subprocess
     import sys
+
+    if which == "running":
+        return sys.executable
+    exe = os.environ.get(TRITON36_ENV)
+    if not exe:
+        pytest.skip(f"{TRITON36_ENV} unset: no python with Triton 3.6 (the GPU machines') here")
+    if not os.access(exe, os.X_OK):
+        pytest.fail(f"{TRITON36_ENV}={exe!r}: not an executable python")
+    got = subprocess.run([exe, "-c", "import triton; print(triton.__version__)"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    version = got.stdout.strip()
+    if got.returncode != 0 or not version.startswith("3.6."):
+        pytest.fail(
+            f"{TRITON36_ENV}={exe!r}: expected Triton 3.6, got {version or got.stderr[-500:]!r}"
+        )
+    return exe
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(which: str, cc: int) -> dict:
+    """Each level compiled for ``sm_<cc>`` by ``which``'s Triton (one subprocess for the
+    levels, kept for the test's other items): ``{M: row}``, and the Triton version."""
+    import json
+    import os
+    import subprocess
     from pathlib import Path
 
-    from videoanchor.kernels import aot
+    key = (which, cc)
+    if key not in _COMPILED:
+        exe = _python(which)
+        root = Path(__file__).resolve().parents[1]
+        env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(root))
+        probe = subprocess.run(
+            [exe, "-c", "import triton; from videoanchor.kernels import aot; "
+             "print(triton.__version__); print(aot.unavailable_reason() or '')"],
+            capture_output=True, text=True, cwd=str(root), env=env, timeout=600,
+        )  # fmt: skip
+        assert probe.returncode == 0, probe.stderr[-3000:]
+        version, reason = (probe.stdout.splitlines() + ["", ""])[:2]
+        # (aot gates on the Triton versions it was tested with, 3.9; its harness compiles
+        # under 3.6 as well, which is what this python is asked for)
+        if reason and not (which == "3.6" and "the AOT harness is tested on" in reason):
+            pytest.skip(f"{which} python (triton {version}): {reason}")
+        proc = subprocess.run(
+            [exe, str(root / "benchmarks" / "bench_column_kernel.py"), "--static", str(cc),
+             "--slots", ",".join(map(str, LEVELS)), "--no-write"],
+            capture_output=True, text=True, cwd=str(root), timeout=1800, env=env,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        assert [r["M"] for r in rows] == list(LEVELS), proc.stdout[-3000:]
+        _COMPILED[key] = (version, {r["M"]: r for r in rows})
+    return _COMPILED[key]
 
-    reason = aot.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    root = Path(__file__).resolve().parents[1]
-    levels = (64, 128, 256)
-    proc = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "bench_column_kernel.py"), "--static",
-         str(cc), "--slots", ",".join(map(str, levels)), "--no-write"],
-        capture_output=True, text=True, cwd=str(root), timeout=1800,
-        env=dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(root)),
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert [r["M"] for r in rows] == list(levels), proc.stdout[-3000:]
-    for r in rows:
-        assert "error" not in r, r
-        assert r["cc"] == cc and r["threads"] == 128 and 0 < r["registers"] <= 128, r
-        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
-        assert r["ctas_per_sm"] >= 4 and r["shared_bytes"] <= r["shared_limit"], r
+
+@pytest.mark.parametrize("M", LEVELS)
+@pytest.mark.parametrize("cc", [90, 80])
+@pytest.mark.parametrize("which", ["running", "3.6"])
+def test_levels_compile_within_the_register_target(which, cc, M):
+    """STATIC (Triton's bundled ptxas, no GPU): each level of coefficient slots compiled for
+    sm_90 and sm_80 holds at most 128 registers, spills nothing and fits 4 blocks of 128
+    threads an SM (benchmarks/bench_column_kernel.py --static), under the running Triton
+    and, where ``$VIDEOANCHOR_TRITON36_PYTHON`` names a python with Triton 3.6 (the GPU
+    machines' version), under 3.6 too: Triton 3.6 lowers a reduction across warps with
+    predicated shared-memory loads whose registers ptxas holds from the kernel's entry, so
+    its budget differs from 3.9's."""
+    version, rows = _compiled(which, cc)
+    r = rows[M]
+    assert "error" not in r, r
+    assert r["cc"] == cc and r["threads"] == 128 and 0 < r["registers"] <= 128, (version, r)
+    assert r["ctas_per_sm"] >= 4 and r["shared_bytes"] <= r["shared_limit"], (version, r)
+    known = KNOWN_SPILLS_36.get((cc, M)) if version.startswith("3.6.") else None
+    if known is not None:  # an expected failure, strict: it fails once the level fits
+        assert r["spill_stores"] > 0, (
+            f"fits now under {version}: drop {(cc, M)} from KNOWN_SPILLS_36"
+        )
+        pytest.xfail(f"Triton {version} spills {r['spill_stores']} bytes at M = {M} on sm_{cc} "
+                     f"(recorded {known}; issue 98 defect 6)")  # fmt: skip
+    assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (version, r)

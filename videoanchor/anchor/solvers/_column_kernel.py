@@ -38,8 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
-#: Elements of one row tile (``BR x M``) of the inverse, ``G`` or ``Y`` gathered at the slots.
-TILE = 128
+#: Elements of one row tile (``BR x M``) of the inverse, ``G`` or ``Y`` gathered at the slots:
+#: one row from ``M = 64`` up (at 128, Triton 3.6 spilled at ``M = 64``, its tile of 2 rows).
+TILE = 64
 #: Threads per program: 4 warps.
 NUM_WARPS = 4
 #: Compile options: ptxas holds the kernel to 128 registers (4 blocks of 128 threads an SM).
@@ -158,7 +159,7 @@ def _border(Sinv, h, eta, q, used, offs, ridge, vs, BR: tl.constexpr, M: tl.cons
 def _leave(Sinv, p, used, offs, vs, BR: tl.constexpr, M: tl.constexpr):
     """Slot ``p`` leaves the support: a Schur downdate of ``Sinv``, in place."""
     cp = tl.load(Sinv + p * M + offs, mask=offs < used, other=0.0)
-    d = tl.sum(tl.where(offs == p, cp, 0.0))
+    d = tl.load(Sinv + p * M + p)  # (a load, not a reduction: see _slot)
     ep = offs == p
     cp = tl.where(ep, 0.0, cp)
     _stage(vs, cp, cp, offs, M)  # (its barriers: row p is read before any thread writes it)
@@ -193,10 +194,10 @@ def _rank1(Sinv, y, sigma, ridge, used, offs, vs, BR: tl.constexpr, M: tl.conste
 
 
 @triton.jit
-def _scol(G, X, N, D, Ee, SE, q, cols64, valid, a, lam_z, gamma, used_e, offs,
+def _scol(G, X, N, D, Ee, SE, q, idrow, cols64, valid, lam_z, gamma, used_e, offs,
           M: tl.constexpr, BE: tl.constexpr):  # fmt: skip
     """``S``'s column at slot ``q`` over every slot, with the held outlier entries."""
-    idq = tl.sum(tl.where(offs == q, cols64, 0))
+    idq = tl.load(idrow + q).to(tl.int64)  # (slot q is valid)
     g = tl.load(G + idq * N + cols64, mask=valid, other=0.0)
     acc = tl.zeros([M], dtype=tl.float64)
     for e0 in range(0, used_e, BE):
@@ -204,7 +205,13 @@ def _scol(G, X, N, D, Ee, SE, q, cols64, valid, a, lam_z, gamma, used_e, offs,
         held = tl.load(SE + er) != 0.0
         xq = tl.load(X + idq * D + tl.where(held, eid, 0).to(tl.int64), mask=held, other=0.0)
         acc += tl.sum(t * xq[:, None], axis=0)
-    return lam_z * (g - acc) + gamma * a
+    return lam_z * (g - acc) + tl.where(valid, gamma, 0.0)
+
+
+@triton.jit
+def _p(G, N, i, cols64, valid, lam_z):
+    """``lambda_z G_ui`` over the slots (read again where used: not held across the loop)."""
+    return lam_z * tl.load(G + cols64 * N + i, mask=valid, other=0.0)
 
 
 # the sizes are not specialised (one binary per level of slots)
@@ -216,10 +223,10 @@ def _column_kernel(G, X, scalars, cols_ptr, ids_ptr, z_ptr, eids_ptr, ze_ptr, mu
                    REFINE: tl.constexpr):  # fmt: skip
     pos = tl.program_id(0)
     if pos < tl.load(count):
-        lam_z = tl.load(scalars)  # (float64 from memory: a Python float would be float32)
-        lam_e = tl.load(scalars + 1)
+        # (float64 from memory: a Python float would be float32). lambda_e (1), tol (3) and,
+        # in the pass loop, gamma (2) and ridge (4) are read where used, not held in registers
+        lam_z = tl.load(scalars)
         gamma = tl.load(scalars + 2)
-        tol = tl.load(scalars + 3)
         ridge = tl.load(scalars + 4)
         k = tl.load(active + pos).to(tl.int64)
         offs = tl.arange(0, M)
@@ -236,11 +243,9 @@ def _column_kernel(G, X, scalars, cols_ptr, ids_ptr, z_ptr, eids_ptr, ze_ptr, mu
         valid = (ids >= 0) & (ids != i)
         used = tl.max(tl.where(ids >= 0, offs + 1, 0))
         cols64 = tl.where(valid, ids, 0).to(tl.int64)
-        a = tl.where(valid, 1.0, 0.0).to(tl.float64)
-        p = lam_z * tl.load(G + cols64 * N + i, mask=valid, other=0.0)  # lambda_z G_ui
         z = tl.where(valid, tl.load(z_ptr + k * M + offs), 0.0)
         F = valid & (z != 0.0)
-        s = tl.where(z > 0.0, 1.0, tl.where(z < 0.0, -1.0, 0.0)).to(tl.float64)
+        s = tl.where(z > 0.0, 1.0, tl.where(z < 0.0, -1.0, 0.0)).to(tl.float32)  # (exact)
         # the outlier slots: signs from the values, the slots in use, the carried key
         kc = tl.load(key + offs)
         differ = tl.sum(tl.where(kc != tl.where(F, ids + 1, 0), 1, 0))
@@ -266,7 +271,7 @@ def _column_kernel(G, X, scalars, cols_ptr, ids_ptr, z_ptr, eids_ptr, ze_ptr, mu
             tl.debug_barrier()
             for q in range(0, used):
                 if tl.sum(tl.where((offs == q) & F, 1, 0)) > 0:
-                    col = _scol(G, X, N, D, Ee, SE, q, cols64, valid, a,
+                    col = _scol(G, X, N, D, Ee, SE, q, ids_ptr + k * M, cols64, valid,
                                 lam_z, gamma, used_e, offs, M, BE)  # fmt: skip
                     eta = tl.sum(tl.where(offs == q, col, 0.0))
                     h = tl.where(F & (offs < q), col, 0.0)
@@ -280,42 +285,44 @@ def _column_kernel(G, X, scalars, cols_ptr, ids_ptr, z_ptr, eids_ptr, ze_ptr, mu
         mu = tl.zeros([], dtype=tl.float64)
         tabu = offs < 0
         done = tl.zeros([], dtype=tl.int32)
-        ratio_e = lam_e / lam_z
         while (done == 0) & (steps < max_inner):
             # the target on the support: S c = q + t 1, 1^T c = 1, refined once
             af = tl.where(F, 1.0, 0.0).to(tl.float64)
-            qo = _q_out(X, D, Ee, SE, i, lam_z, lam_e, cols64, F, used_e, M, BE)
-            q = tl.where(F, p + qo - s, 0.0)
+            qo = _q_out(X, D, Ee, SE, i, lam_z, tl.load(scalars + 1), cols64, F, used_e, M, BE)
+            q = tl.where(F, _p(G, N, i, cols64, valid, lam_z) + qo - s.to(tl.float64), 0.0)
             x1, x2 = _mv2(Sinv, vs, q, af, used, offs, BR, M)
             den = tl.sum(af * x2)
             t = (1.0 - tl.sum(af * x1)) / den
             zt = x1 + t * x2
-            for _ in tl.static_range(REFINE):  # against the unfactored system
+            for _ in range(REFINE):  # against the unfactored system (a loop: one copy of its code)
                 sz = lam_z * (_gmv(G, N, ids_ptr + k * M, cols64, F, zt, vs, used, offs, BR, M)
                               - _yy_mv(X, D, Ee, SE, zt, cols64, F, used_e, M, BE))  # fmt: skip
-                sz += gamma * af * tl.sum(zt)
+                sz += tl.load(scalars + 2) * af * tl.sum(zt)
                 res = tl.where(F, q + t * af - sz, 0.0)
                 dz, _ = _mv2(Sinv, vs, res, res, used, offs, BR, M)
                 dt = (1.0 - tl.sum(af * (zt + dz))) / den
                 zt = tl.where(F, zt + dz + dt * x2, 0.0)
                 t += dt
-            mu = gamma - t
+            mu = tl.load(scalars + 2) - t
             # the first sign change on the line from the iterate to the target
-            bad = F & (s * zt <= 0.0)
+            bad = F & (s.to(tl.float64) * zt <= 0.0)
             gone = z - zt
             ratio = tl.where(bad, z / tl.where(gone != 0.0, gone, 1.0), 2.0)
-            alpha = tl.min(ratio)
-            out = tl.argmin(ratio, axis=0)
+            alpha, out = tl.min(ratio, axis=0, return_indices=True)
             alpha_e = tl.full([], 2.0, tl.float64)
             out_e = tl.full([], -1, tl.int32)
-            moved = tl.max(tl.where(F, tl.abs(zt - z), 0.0)) > 0.0
+            moved = tl.max(tl.where(F & (tl.abs(zt - z) > 0.0), 1, 0)) > 0  # (int: 1 register)
             for e0 in range(0, used_e, BE):
                 tt, er, eid = _xtile(X, D, Ee, e0, cols64, F, BE)
                 se = tl.load(SE + er)
                 held = se != 0.0
                 yi = tl.load(X + i * D + tl.where(held, eid, 0).to(tl.int64), mask=held,
                              other=0.0)  # fmt: skip
-                et = tl.where(held, yi - tl.sum(tt * zt[None, :], axis=1) - ratio_e * se, 0.0)
+                et = tl.where(
+                    held,
+                    yi - tl.sum(tt * zt[None, :], axis=1) - (tl.load(scalars + 1) / lam_z) * se,
+                    0.0,
+                )
                 tl.store(ET + er, et)
                 zev = tl.load(Ze + er)
                 ge = zev - et
@@ -326,6 +333,8 @@ def _column_kernel(G, X, scalars, cols_ptr, ids_ptr, z_ptr, eids_ptr, ze_ptr, mu
                     out_e = e0 + tl.argmin(rc, axis=0)
                 moved = moved | (tl.max(tl.where(held, tl.abs(ge), 0.0)) > 0.0)
             tl.debug_barrier()
+            r1 = tl.full([], -1, tl.int32)  # the outlier slot of a rank-one update, its sign
+            sigma = tl.zeros([], dtype=tl.float64)
             if (alpha < 2.0) | (alpha_e < 2.0):
                 # step to the first support variable that reaches zero; it leaves
                 step = tl.minimum(alpha, alpha_e)
@@ -345,17 +354,13 @@ def _column_kernel(G, X, scalars, cols_ptr, ids_ptr, z_ptr, eids_ptr, ze_ptr, mu
                         tabu = tabu | (offs == out)
                     z = tl.where(offs == out, 0.0, z)
                     F = F & (offs != out)
-                    s = tl.where(offs == out, 0.0, s)
+                    s = tl.where(offs == out, 0.0, s).to(tl.float32)
                     _leave(Sinv, out, used, offs, vs, BR, M)
                 else:
-                    eo = tl.load(Ee + out_e)
                     tl.store(SE + out_e, 0.0)
                     if step == 0.0:
                         tl.store(TB + out_e, moves + 1.0)
-                    y = tl.load(X + cols64 * D + eo, mask=F, other=0.0)
-                    tl.debug_barrier()
-                    clamped = tl.maximum(clamped, _rank1(Sinv, y, lam_z, ridge, used, offs,
-                                                         vs, BR, M))  # fmt: skip
+                    r1, sigma = out_e, lam_z
             else:
                 if moved:
                     moves += 1.0
@@ -380,7 +385,9 @@ def _column_kernel(G, X, scalars, cols_ptr, ids_ptr, z_ptr, eids_ptr, ze_ptr, mu
                     yi = tl.load(X + i * D + tl.where(ev, eid, 0).to(tl.int64), mask=ev,
                                  other=0.0)  # fmt: skip
                     mo = lam_z * (yi - tl.sum(tt * z[None, :], axis=1))
-                    vo = tl.where(ev & ~held, (tl.abs(mo) - lam_e) / lam_e, 0.0)
+                    vo = tl.where(
+                        ev & ~held, (tl.abs(mo) - tl.load(scalars + 1)) / tl.load(scalars + 1), 0.0
+                    )
                     top_e = tl.maximum(top_e, tl.max(vo))
                     vo = tl.where(tl.load(TB + er) == moves + 1.0, 0.0, vo)
                     mc = tl.max(vo)
@@ -391,31 +398,35 @@ def _column_kernel(G, X, scalars, cols_ptr, ids_ptr, z_ptr, eids_ptr, ze_ptr, mu
                             tl.where(er == at_e, tl.where(mo > 0.0, 1.0, -1.0), 0.0)
                         ).to(tl.float64)
                 gz = _gmv(G, N, ids_ptr + k * M, cols64, valid, z, vs, used, offs, BR, M)
-                m = p - lam_z * (gz + xe) - mu
+                m = _p(G, N, i, cols64, valid, lam_z) - lam_z * (gz + xe) - mu
                 viol = tl.where(valid & ~F, tl.abs(m) - 1.0, 0.0)
-                worst = tl.max(tl.where(tabu, 0.0, viol))
-                if tl.maximum(worst, worst_e) > tol:
+                worst, qn = tl.max(tl.where(tabu, 0.0, viol), axis=0, return_indices=True)
+                if tl.maximum(worst, worst_e) > tl.load(scalars + 3):
                     if worst >= worst_e:
-                        qn = tl.argmax(tl.where(tabu, 0.0, viol), axis=0)
-                        mq = tl.sum(tl.where(offs == qn, m, 0.0))
-                        col = _scol(G, X, N, D, Ee, SE, qn, cols64, valid, a,
-                                    lam_z, gamma, used_e, offs, M, BE)  # fmt: skip
-                        eta = tl.sum(tl.where(offs == qn, col, 0.0))
+                        col = _scol(G, X, N, D, Ee, SE, qn, ids_ptr + k * M, cols64, valid,
+                                    lam_z, tl.load(scalars + 2), used_e, offs, M, BE)  # fmt: skip
+                        _stage(vs, m, col, offs, M)  # (their entries at qn: loads, see _slot)
+                        mq = tl.load(vs + qn)
+                        eta = tl.load(vs + M + qn)
                         clamped = tl.maximum(clamped, _border(Sinv, tl.where(F, col, 0.0), eta,
-                                                              qn, used, offs, ridge, vs, BR,
+                                                              qn, used, offs, tl.load(scalars + 4), vs, BR,
                                                               M))  # fmt: skip
                         F = F | (offs == qn)
-                        s = tl.where(offs == qn, tl.where(mq > 0.0, 1.0, -1.0), s)
+                        s = tl.where(offs == qn, tl.where(mq > 0.0, 1.0, -1.0), s).to(tl.float32)
                     else:
-                        eo = tl.load(Ee + at_e)
                         tl.store(SE + at_e, sign_e)
-                        y = tl.load(X + cols64 * D + eo, mask=F, other=0.0)
-                        tl.debug_barrier()
-                        clamped = tl.maximum(clamped, _rank1(Sinv, y, -lam_z, ridge, used, offs,
-                                                             vs, BR, M))  # fmt: skip
+                        r1, sigma = at_e, -lam_z
                 else:  # solved, unless a variable kept out still violates (the next pass)
-                    status = tl.where(tl.maximum(tl.max(viol), top_e) > tol, 1, 0)
+                    tol = tl.load(scalars + 3)
+                    status = tl.where(
+                        (tl.max(tl.where(viol > tol, 1, 0)) > 0) | (top_e > tol), 1, 0
+                    )
                     done = 1
+            if r1 >= 0:  # an outlier entry left or joined: S -/+ lambda_z y y^T (one call site)
+                y = tl.load(X + cols64 * D + tl.load(Ee + r1), mask=F, other=0.0)
+                tl.debug_barrier()
+                clamped = tl.maximum(clamped, _rank1(Sinv, y, sigma, tl.load(scalars + 4), used,
+                                                     offs, vs, BR, M))  # fmt: skip
             steps += 1
         # the support as stored, its key, and whether the inverse is carried
         keep = F & (z != 0.0)
