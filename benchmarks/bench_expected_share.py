@@ -20,6 +20,11 @@ embedding per ``C`` (seed 0), and:
   re-solved: its row sums move too); ``default_share_move``: with the base set's row sums,
   the share's part alone; ``paper_move``: the paper's seed-0 scores' move.
 
+``--exact``: also the exact expectation of the paper's share over its random draw (the
+embedding fixed, every one of the ``N`` start rows ``randint(N)`` can draw, one path each: 15-45
+s a set here), its move under the changes (``exact_move``, ``starts_changed``: how many of the
+``N`` start rows end at another partition) and the default's and ``ref``'s distance to it.
+
 ``meta.summary``: on how many sets the default is within the median single draw, and the
 largest moves. ``--cost``: the stages after the solve
 (``anchor_result_from_coefficients``), ``"paper"`` and ``"expected"`` alternated, medians
@@ -68,7 +73,21 @@ def seeded_draws(emb: torch.Tensor, seeds) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def measure(name: str, kind: str, x: torch.Tensor, seed: int, cache) -> dict:
+def exact(emb: torch.Tensor) -> torch.Tensor:
+    """The paper's labels from every start row (``(N, N)``): their shares' mean is the exact
+    expectation of the paper's share over its draw, the embedding fixed."""
+    return seeded_draws_from_starts(emb, range(emb.shape[0]))
+
+
+def seeded_draws_from_starts(emb: torch.Tensor, starts) -> torch.Tensor:
+    from videoanchor.anchor._discretize import relabel
+    from videoanchor.anchor.clustering import _paths
+
+    paths = _paths(emb)
+    return torch.from_numpy(np.stack([relabel(paths.draw(int(s))) for s in starts]))
+
+
+def measure(name: str, kind: str, x: torch.Tensor, seed: int, cache, with_exact=False) -> dict:
     from videoanchor.anchor.clustering import expected_shares_from_embedding, label_shares
     from videoanchor.anchor.scores import scores_from_row_sums as scores
 
@@ -92,7 +111,21 @@ def measure(name: str, kind: str, x: torch.Tensor, seed: int, cache) -> dict:
         paper_moves.append(
             float((scores(rc, seeded_draws(e, [0])[0]).double() - paper).abs().max())
         )
-    return dict(set=name, kind=kind, n=int(x.shape[0]), d=int(x.shape[1]), k=K,
+    more = {}
+    if with_exact:
+        every = exact(emb)
+        ex = scores(r, every).double()
+        ex_moves, starts_changed = [], []
+        for c in coefs[1:]:
+            other = exact(embedding(c))
+            starts_changed.append(int((other != every).any(dim=1).sum()))
+            ex_moves.append(float((scores(r, other).double() - ex).abs().max()))
+        more = dict(exact_move=max(ex_moves), starts_changed=starts_changed,
+                    default_vs_exact=float((default - ex).abs().max()),
+                    ref_vs_exact=float((ref_scores - ex).abs().max()),
+                    single_median_vs_exact=statistics.median(
+                        float((scores(r, ref[j]).double() - ex).abs().max()) for j in range(len(ref))))  # fmt: skip
+    return dict(set=name, kind=kind, n=int(x.shape[0]), d=int(x.shape[1]), k=K, **more,
                 single_median=statistics.median(single), single_max=max(single),
                 default_vs_ref=float((default - ref_scores).abs().max()),
                 hard_mean_vs_ref=float((hard - ref_scores).abs().max()),
@@ -150,9 +183,11 @@ def main(argv=None):
     ap = parser(__doc__, quick="the first 3 scenes")
     ap.add_argument("--cache", default=os.environ.get("VIDEOANCHOR_SHARE_CACHE"))
     ap.add_argument("--family", action="store_true", help="also share_family's plain sets")
+    ap.add_argument("--family-only", action="store_true", help="share_family's plain sets only")
     ap.add_argument("--cost", action="store_true", help="the cost after the solve instead")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--only", help="comma-separated scene indices")
+    ap.add_argument("--exact", action="store_true", help="also the exact expectation (slow)")
     ap.add_argument("--partial", help="a JSON-lines file the rows are appended to as they come")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -175,6 +210,8 @@ def main(argv=None):
     if args.quick:
         sets = sets[:3]
         skip("bench_expected_share", "--quick: the first 3 scenes")
+    if args.family_only:
+        sets, args.family = [], True
     if args.family:
         sets += [(*s, 1000 + j) for j, s in enumerate(fam.plain_sets(large=False))]
     rows = []
@@ -183,7 +220,7 @@ def main(argv=None):
         if x is None:
             skip("bench_expected_share", f"{name}: no data")
             continue
-        row = measure(name, kind, x, seed, args.cache)
+        row = measure(name, kind, x, seed, args.cache, args.exact)
         row["ratio"] = row["default_vs_ref"] / max(row["single_median"], 1e-12)
         rows.append(row)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)

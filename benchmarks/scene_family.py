@@ -6,7 +6,8 @@ Each set is ``frames x rows x cols`` tokens of dimension ``D`` (N = 768-2048, D 
 
 - a static background: every grid position has its own appearance, a smooth (neighbour-
   averaged) combination of a shared low-rank texture basis, so neighbouring positions are
-  alike; a slow camera pan shifts it by a fraction of a patch a frame (interpolated);
+  alike; a slow camera pan shifts it by a fraction of a patch a frame (interpolated; the field is
+  periodic);
 - ``objects`` (6-16) moving objects: each an ellipse of 2-5 patches across, its own
   appearance subspace (dim 4) with a spatial variation over its extent, moving with its
   own velocity (bouncing off the frame's edges) and changing pose slowly; later objects
@@ -78,8 +79,10 @@ def scene(frames: int, rows: int, cols: int, d: int, objects: int, seed: int,
         sr, sc = pad + rr + pan[0] * t, pad + cc + pan[1] * t
         r0, c0 = sr.floor().long(), sc.floor().long()
         fr, fc = (sr - r0)[..., None], (sc - c0)[..., None]
-        f = ((1 - fr) * (1 - fc) * field[r0, c0] + (1 - fr) * fc * field[r0, c0 + 1]
-             + fr * (1 - fc) * field[r0 + 1, c0] + fr * fc * field[r0 + 1, c0 + 1])  # fmt: skip
+        h, w = field.shape[:2]  # (the field wraps around: a long pan comes round again)
+        r1, c1, r0, c0 = (r0 + 1) % h, (c0 + 1) % w, r0 % h, c0 % w
+        f = ((1 - fr) * (1 - fc) * field[r0, c0] + (1 - fr) * fc * field[r0, c1]
+             + fr * (1 - fc) * field[r1, c0] + fr * fc * field[r1, c1])  # fmt: skip
         tok = f @ texture.T + mean
         for o in obj:
             basis, a, spatial, centre, vel, radius = o

@@ -132,8 +132,10 @@ def test_expected_share_is_deterministic_and_its_draws_are_discretizes():
     want = torch.stack([discretize_reference(emb, random_state=rng) for _ in range(EXPECTED_DRAWS)])
     assert torch.equal(one.labels, want[0])
     shares = soft_draw_shares(_discretize_rows(emb), want).mean(0)
+    _, got = expected_shares_from_embedding(emb, seed=4)
+    torch.testing.assert_close(got, shares, rtol=0, atol=1e-15)
     r = one.coef.to(torch.float64).sum(dim=1)
-    assert torch.equal(one.scores, scores_from_row_sums(r, want, shares))
+    torch.testing.assert_close(one.scores, scores_from_row_sums(r, want, got), rtol=0, atol=0)
 
 
 def test_the_papers_share_is_unchanged():

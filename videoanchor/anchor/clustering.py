@@ -540,11 +540,14 @@ def soft_draw_shares(rows: torch.Tensor, labels: torch.Tensor,
 
 def expected_shares_from_embedding(embedding: torch.Tensor, *, seed: int = 0,
                                    draws: int = EXPECTED_DRAWS, width: float = EXPECTED_WIDTH,
+                                   keep: int | None = None,
                                    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(labels, shares)``: ``draws`` successive draws of the paper's labels from one
-    :func:`label_random_state` stream (``(draws, N)``, canonical ids; row 0 the paper's
-    seeded draw) and the mean over them of each draw's softened share
-    (:func:`soft_draw_shares`), ``(N,)`` float64."""
+    """``(labels, shares)``: the first ``keep`` (default all) of ``draws`` successive draws of
+    the paper's labels from one :func:`label_random_state` stream (``(keep, N)``, canonical
+    ids; row 0 the paper's seeded draw) and the mean over all ``draws`` of each draw's
+    softened share (:func:`soft_draw_shares`), ``(N,)`` float64. Draws that end at the same
+    labels (most do: :class:`~videoanchor.anchor._discretize.Paths` runs their shared steps
+    once) are softened once and counted."""
     from videoanchor.anchor._discretize import relabel
 
     n = embedding.shape[0]
@@ -553,8 +556,11 @@ def expected_shares_from_embedding(embedding: torch.Tensor, *, seed: int = 0,
     raw = np.empty((draws, n), dtype=np.int64)
     for r in range(draws):
         raw[r] = paths.draw(int(rng.randint(n)))
-    shares = soft_draw_shares(paths.rows, torch.from_numpy(raw), width).mean(0)
-    labels = torch.from_numpy(np.stack([relabel(row) for row in raw]))
+    uniq, inverse = np.unique(raw, axis=0, return_inverse=True)
+    counts = torch.from_numpy(np.bincount(inverse.reshape(-1), minlength=len(uniq)))
+    soft = soft_draw_shares(paths.rows, torch.from_numpy(uniq), width)
+    shares = (counts.to(soft.dtype) @ soft) / draws
+    labels = torch.from_numpy(np.stack([relabel(row) for row in raw[: keep or draws]]))
     return labels.to(embedding.device), shares.to(embedding.device)
 
 
@@ -634,9 +640,9 @@ def _labels_and_shares(w: torch.Tensor, opts, share: str, assign_labels: str):
     if share == "expected" and assign_labels == "discretize" and 1 < k < w.shape[0]:
         emb = spectral_embedding(w, k, **kw)
         labels, shares = expected_shares_from_embedding(
-            emb, seed=opts.seed, draws=max(EXPECTED_DRAWS, opts.label_draws)
+            emb, seed=opts.seed, draws=max(EXPECTED_DRAWS, opts.label_draws), keep=opts.label_draws
         )
-        return labels[: opts.label_draws], shares, dict(cluster_share="expected",
+        return labels, shares, dict(cluster_share="expected",
                                                         share_weight=1.0)  # fmt: skip
     if share == "steady" and assign_labels == "discretize":
         return steady_shares(w, k, draws=opts.label_draws, **kw)
