@@ -191,3 +191,11 @@ def test_cluster_expected_share_with_more_label_draws_and_in_blocked_mode():
     opts = SSCOptions(n_clusters=8, cluster_share="expected", mode="exact").checked()
     d2, s2, rec2 = cluster(sparse, opts)
     assert s2 is None and rec2 == {"cluster_share": "paper", "share_weight": 1.0}
+
+
+def test_the_score_cache_keys_the_expected_share_by_its_draws_and_width():
+    """An entry of the expected share is not served to another share or calibration."""
+    from videoanchor.integrations.transformers.cache import _share_key
+
+    assert _share_key("expected") == ("expected", EXPECTED_DRAWS, EXPECTED_WIDTH)
+    assert len({_share_key(s) for s in ("expected", "paper", "soft", "steady")}) == 4
