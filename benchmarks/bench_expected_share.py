@@ -231,9 +231,14 @@ def main(argv=None):
     meta["summary"] = summary(rows)
     cols = ["set", "n", "single_median", "default_vs_ref", "hard_mean_vs_ref", "paper_vs_ref",
             "default_move", "default_share_move", "paper_move"]  # fmt: skip
-    return finish(
-        "expected_share" + ("_quick" if args.quick else ""), meta, rows, args.out_dir, cols
-    )
+    if args.exact:
+        ex = [r for r in rows if "exact_move" in r]
+        meta["summary"].update(exact_move_max=max(r["exact_move"] for r in ex),
+                               exact_moves_within_1e_3=sum(r["exact_move"] <= 1e-3 for r in ex))  # fmt: skip
+        cols += ["exact_move", "default_vs_exact"]
+    name = "expected_share" + ("_family" if args.family_only else "") + (
+        "_exact" if args.exact else "") + ("_quick" if args.quick else "")  # fmt: skip
+    return finish(name, meta, rows, args.out_dir, cols)
 
 
 if __name__ == "__main__":
