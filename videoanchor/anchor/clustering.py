@@ -5,7 +5,8 @@ symmetric non-negative affinity ``W`` (the ``k`` leading eigenvectors of ``S = D
 D^{-1/2}``, :mod:`videoanchor.anchor.eigensolvers`; a sparse ``W`` is never densified), then
 labels by the Yu & Shi discretisation of scikit-learn's
 ``SpectralClustering(assign_labels="discretize")`` or by seeded k-means; each token's cluster
-share (the paper's, ``"soft"``, or the default ``"steady"``: below, "The steady share"); and
+share (the paper's, ``"soft"``, the default ``"steady"``: below, "The steady share", or
+``"expected"``: below, "The expected share"); and
 :func:`cluster`, the stage of an SSC call that picks the labels and the share.
 
 Seeds follow scikit-learn: ``seed=s`` draws ARPACK's start vector (``N`` uniform numbers)
@@ -53,6 +54,10 @@ __all__ = [
     "steady_stability",
     "steady_weight",
     "steady_shares",
+    "EXPECTED_DRAWS",
+    "EXPECTED_WIDTH",
+    "soft_draw_shares",
+    "expected_shares_from_embedding",
     "cluster",
 ]
 
@@ -495,6 +500,70 @@ def steady_shares(affinity: torch.Tensor, n_clusters: int, *, seed: int = 0, dra
     return labels, w * label_shares(labels) + (1.0 - w) * soft, record
 
 
+# The expected share (issue 100), the default.
+
+#: the expected share's label draws: successive draws of one :func:`label_random_state`
+#: stream (the first is the paper's seeded draw)
+EXPECTED_DRAWS = 32
+#: the softening's width on the rotated rows' scores ``v R`` (unit rows, ``R`` orthogonal):
+#: cluster ``c`` weighs ``(1 - (top - s_c) / width)^2`` where positive, the top 1
+EXPECTED_WIDTH = 0.003
+
+
+def soft_draw_shares(rows: torch.Tensor, labels: torch.Tensor,
+                     width: float = EXPECTED_WIDTH) -> torch.Tensor:  # fmt: skip
+    """Each draw's softened cluster shares, ``(draws, N)`` float64: for the draw's labels
+    ``L`` (``(draws, N)``, raw or canonical ids below ``k``) the rotation ``R(L)`` that
+    ``discretize`` computes from them (``T = onehot(L)^T v``, ``R = V U^T`` of ``T``'s SVD),
+    the scores ``s = v R`` of the unit rows ``v`` (``N x k``), each row's memberships
+    ``p_ic`` proportional to ``max(0, 1 - (max_c' s_ic' - s_ic) / width)^2`` over the draw's
+    non-empty clusters (1 on the top cluster: a row whose runner-up is ``width`` or more
+    below keeps its hard label; a tie splits evenly), and the share ``pi_i = sum_c p_ic S_c /
+    N`` with ``S_c = sum_i p_ic`` the soft cluster sizes."""
+    lab = labels.to(rows.device).reshape(-1, rows.shape[0])
+    draws, (n, k) = lab.shape[0], rows.shape
+    at = (lab + k * torch.arange(draws, device=rows.device)[:, None]).reshape(-1)
+    t = torch.zeros(draws * k, k, dtype=rows.dtype, device=rows.device)
+    t = t.index_add_(0, at, rows.repeat(draws, 1)).view(draws, k, k)
+    u, _, vh = torch.linalg.svd(t)
+    rot = vh.mT @ u.mT
+    sc = torch.matmul(rows, rot)  # (draws, N, k)
+    used = torch.zeros(draws, k, dtype=torch.bool, device=rows.device)
+    used.scatter_(1, lab, True)
+    sc = sc.masked_fill(~used[:, None, :], -math.inf)
+    top = sc.amax(dim=2, keepdim=True)
+    h = (1.0 - (top - sc) / width).clamp_min(0.0).square()
+    p = h / h.sum(dim=2, keepdim=True)
+    sizes = p.sum(dim=1, keepdim=True)
+    return (p * sizes).sum(dim=2) / n
+
+
+def expected_shares_from_embedding(embedding: torch.Tensor, *, seed: int = 0,
+                                   draws: int = EXPECTED_DRAWS, width: float = EXPECTED_WIDTH,
+                                   keep: int | None = None,
+                                   ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(labels, shares)``: the first ``keep`` (default all) of ``draws`` successive draws of
+    the paper's labels from one :func:`label_random_state` stream (``(keep, N)``, canonical
+    ids; row 0 the paper's seeded draw) and the mean over all ``draws`` of each draw's
+    softened share (:func:`soft_draw_shares`), ``(N,)`` float64. Draws that end at the same
+    labels (most do: :class:`~videoanchor.anchor._discretize.Paths` runs their shared steps
+    once) are softened once and counted."""
+    from videoanchor.anchor._discretize import relabel
+
+    n = embedding.shape[0]
+    paths = _paths(embedding)
+    rng = label_random_state(seed, n)
+    raw = np.empty((draws, n), dtype=np.int64)
+    for r in range(draws):
+        raw[r] = paths.draw(int(rng.randint(n)))
+    uniq, inverse = np.unique(raw, axis=0, return_inverse=True)
+    counts = torch.from_numpy(np.bincount(inverse.reshape(-1), minlength=len(uniq)))
+    soft = soft_draw_shares(paths.rows, torch.from_numpy(uniq), width)
+    shares = (counts.to(soft.dtype) @ soft) / draws
+    labels = torch.from_numpy(np.stack([relabel(row) for row in raw[: keep or draws]]))
+    return labels.to(embedding.device), shares.to(embedding.device)
+
+
 # (kept for the benchmarks: the weight's inputs without the pick alternatives)
 def path_margin(embedding: torch.Tensor, *, seed: int = 0) -> float:
     """The smallest decision margin of the paper's first draw's iterations alone (no pick
@@ -512,10 +581,11 @@ def cluster(coef: torch.Tensor, opts, *, group=None, rank: int = 0, affinity: st
     ``opts.seed`` (:class:`~videoanchor.anchor.options.SSCOptions`, checked), each token's
     cluster share under ``opts.cluster_share`` (``(N,)`` float64, or None where it is the
     paper's, read from the labels) and the record of what ran: ``cluster_share`` (the share
-    that ran: ``"paper"``, ``"soft"`` or ``"steady"``), ``share_weight`` (the paper's share's
-    weight: 1.0, 0.0 or the steady share's) and, for ``"steady"``, its ``stability``
-    (:func:`~videoanchor.anchor.clustering.steady_shares`). ``"steady"`` on a sparse ``C``
-    (blocked mode) runs the paper's share and says so. ``affinity``: ``"symmetric"`` (``W =
+    that ran: ``"expected"``, ``"paper"``, ``"soft"`` or ``"steady"``), ``share_weight`` (the
+    paper's share's weight: 1.0 (``"expected"``: the paper's share in expectation), 0.0 or the
+    steady share's) and, for ``"steady"``, its ``stability``
+    (:func:`~videoanchor.anchor.clustering.steady_shares`). ``"expected"`` and ``"steady"`` on
+    a sparse ``C`` (blocked mode) run the paper's share and say so. ``affinity``: ``"symmetric"`` (``W =
     |C| + |C|^T``) or ``"column_max"`` (dense ``C`` only). Under a process ``group`` (every
     rank holds the same ``C``) rank 0 computes them and broadcasts them; if that fails, every
     rank raises."""
@@ -551,8 +621,8 @@ def cluster(coef: torch.Tensor, opts, *, group=None, rank: int = 0, affinity: st
     if group is not None:
         draws, packed = broadcast_from_first(draws, group), broadcast_from_first(packed, group)
         if rank != 0:
-            record = dict(cluster_share=share if share != "steady" or not coef.is_sparse
-                          else "paper", share_weight=float(packed[0]))  # fmt: skip
+            record = dict(cluster_share=share if share not in ("steady", "expected")
+                          or not coef.is_sparse else "paper", share_weight=float(packed[0]))  # fmt: skip
             if not math.isnan(float(packed[1])):
                 record["stability"] = float(packed[1])
     # (rank 0 knows whether its shares are the paper's; another rank reads the flag)
@@ -564,11 +634,20 @@ def cluster(coef: torch.Tensor, opts, *, group=None, rank: int = 0, affinity: st
 @exact_float32
 def _labels_and_shares(w: torch.Tensor, opts, share: str, assign_labels: str):
     """:func:`cluster`'s dense part: ``(draws, shares, record)`` of the affinity ``w``; under
-    ``"steady"`` one eigensolver call feeds the labels, the eigengap and the soft share."""
+    ``"steady"`` one eigensolver call feeds the labels, the eigengap and the soft share;
+    under ``"expected"`` one embedding feeds every draw."""
     k, kw = opts.n_clusters, dict(seed=opts.seed, eigen_solver=opts.eigen_solver)
+    if share == "expected" and assign_labels == "discretize" and 1 < k < w.shape[0]:
+        emb = spectral_embedding(w, k, **kw)
+        labels, shares = expected_shares_from_embedding(
+            emb, seed=opts.seed, draws=max(EXPECTED_DRAWS, opts.label_draws), keep=opts.label_draws
+        )
+        return labels, shares, dict(cluster_share="expected",
+                                                        share_weight=1.0)  # fmt: skip
     if share == "steady" and assign_labels == "discretize":
         return steady_shares(w, k, draws=opts.label_draws, **kw)
-    # (k-means labels have no discretize path to gate: "steady" runs the paper's share there)
+    # (k-means labels have no discretize path to gate or soften: "steady" and "expected" run
+    # the paper's share there, as with one cluster)
     draws = spectral_labels(w, k, assign_labels=assign_labels, draws=opts.label_draws, **kw)
     if share == "soft":
         return draws, soft_cluster_shares(w, k), dict(cluster_share="soft", share_weight=0.0)

@@ -58,7 +58,7 @@ REMOVED_ACCELERATED = (
 
 
 #: :attr:`SSCOptions.cluster_share`'s choices
-CLUSTER_SHARES = ("steady", "paper", "soft")
+CLUSTER_SHARES = ("steady", "paper", "soft", "expected")
 #: former names of :attr:`SSCOptions.cluster_share`'s choices: accepted with a
 #: DeprecationWarning and normalised to the new name (issue 91)
 RENAMED_SHARES = {
@@ -280,11 +280,19 @@ class SSCOptions:
     continuously with the discretisation's decision margins), ``"paper"`` (the paper's, for
     exact reproduction: its cluster's share of the tokens under the spectral labels, averaged
     over ``label_draws``; a rounding's change of the features can move it by 0.45 where the
-    clustering is ill-posed) or ``"soft"`` (beyond the paper:
+    clustering is ill-posed), ``"soft"`` (beyond the paper:
     :func:`~videoanchor.anchor.clustering.soft_cluster_shares`, a continuous function of
-    ``C`` that no label flip moves, NOT the paper's share). ``"hard"`` and ``"stable"`` are
-    the former names of ``"paper"`` and ``"steady"`` (deprecated). ``"soft"`` needs exact
-    mode; in blocked mode ``"steady"`` runs the paper's share (and the result says so)."""
+    ``C`` that no label flip moves, NOT the paper's share) or ``"expected"`` (issue 100: the
+    expectation of the paper's share over the spectral step's random label draws, which the
+    authors leave unseeded, estimated deterministically from
+    :data:`~videoanchor.anchor.clustering.EXPECTED_DRAWS` draws of the seeded stream, each
+    draw's near-boundary tokens softened by their own margins:
+    :func:`~videoanchor.anchor.clustering.expected_shares_from_embedding`; nearer the
+    expectation than a single draw, but NOT continuous: a 1e-6 change of the features moves
+    it by up to 0.1 on video-like sets, ``expected_share_cpu.json``). ``"hard"`` and
+    ``"stable"`` are the former names of ``"paper"`` and ``"steady"`` (deprecated).
+    ``"soft"`` needs exact mode; in blocked mode ``"steady"`` and ``"expected"`` run the
+    paper's share (and the result says so)."""
     eigen_solver: str = "auto"
     """Eigen-solver of the spectral step: ``"auto"``, ``"eigh"``, ``"krylov"`` or
     ``"chebyshev"`` (exact mode), ``"arpack"``, ``"subspace"`` or ``"chebyshev"`` (blocked

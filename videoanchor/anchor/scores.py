@@ -256,8 +256,9 @@ class AnchorResult(SSCSolution):
     ``scores``, ``total``), ``scores`` (N,) float32 in [0, 1), ``labels`` (N,) int64 cluster
     ids (of the first label draw when ``label_draws > 1``), the ``mode`` that ran and the
     record of the cluster share that ran: ``cluster_share`` (``"steady"``, ``"paper"`` (the
-    paper's ``pi_j``) or ``"soft"``), ``share_weight`` (the paper's share's weight in it: 1.0
-    for ``"paper"``, 0.0 for ``"soft"``, the steady share's in [0, 1]) and
+    paper's ``pi_j``), ``"soft"`` or ``"expected"``), ``share_weight`` (the paper's share's
+    weight in it: 1.0 for ``"paper"`` and ``"expected"``, 0.0 for ``"soft"``, the steady
+    share's in [0, 1]) and
     ``share_stability`` (the steady share's stability ``z``, else None;
     :mod:`videoanchor.anchor.clustering`)."""
 
@@ -483,7 +484,11 @@ def compute_anchor_scores(
     them, so the scores depend much less on the seed; the embedding is computed once.
 
     ``cluster_share``: ``"steady"`` (default, beyond the paper:
-    :func:`~videoanchor.anchor.clustering.steady_shares`), ``"paper"`` or ``"soft"``. The paper's
+    :func:`~videoanchor.anchor.clustering.steady_shares`), ``"paper"``, ``"soft"`` or
+    ``"expected"`` (issue 100: the paper's share averaged over ``EXPECTED_DRAWS`` seeded label
+    draws, each softened by its margins: :func:`~videoanchor.anchor.clustering.
+    expected_shares_from_embedding`; nearer the expectation over the authors' unseeded draw
+    than one draw, not continuous under rounding). The paper's
     ``pi_j`` (``"paper"``, formerly ``"hard"``) is its cluster's share of the tokens under the
     spectral labels; where the clustering at ``n_clusters`` is ill-posed, a 1e-7 relative
     change of the features (another engine's or device's rounding) flips the labels and
@@ -494,8 +499,8 @@ def compute_anchor_scores(
     soft_cluster_shares` (a continuous function of ``C``, NOT the paper's share) where they
     are near one (``z`` at most 1e-5), blended between by a smoothstep in ``z``. The result
     records what ran (``cluster_share``, ``share_weight``, ``share_stability``). ``"soft"``
-    needs exact mode; in blocked mode ``"steady"`` runs the paper's share (recorded as
-    ``"paper"``). ``labels`` are the paper's labels in every case.
+    needs exact mode; in blocked mode ``"steady"`` and ``"expected"`` run the paper's share
+    (recorded as ``"paper"``). ``labels`` are the paper's labels in every case.
 
     ``dark_tokens``: ``mu_z`` where some tokens are near-black or constant (one warning
     names them): ``"authors"`` (default, their definition) or ``"ignore"`` (the least of the
