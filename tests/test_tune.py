@@ -1,7 +1,6 @@
 """`videoanchor tune` and the cache under it, on CPU: a tiny random Qwen2.5-VL checkpoint, videos
 the test encodes itself and a local JSONL dev set."""
 
-import _thread
 import json
 from pathlib import Path
 
@@ -135,17 +134,18 @@ def test_vision_and_ssc_run_once_per_item_and_cache_gives_same_answers(
 def test_interrupt_then_resume_gives_the_uninterrupted_results(setup, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     assert _tune(setup, tmp_path / "full", "--cache-dir", str(cache)) == 0
-    # Ctrl-C once the part run has written 4 of its 27 answers: the signal's default handler
-    # sets a flag that the main thread turns into a KeyboardInterrupt at its next bytecode,
-    # as _thread.interrupt_main does, called here by the 4th answer's write (a thread that
-    # polled the file raced the run: the cached answers can all be written before it looks)
+    # Ctrl-C once the part run has written 4 of its 27 answers: the KeyboardInterrupt that
+    # SIGINT's default handler raises in the main thread, raised here by the 4th answer's
+    # write (a thread polling the file raced the run: the cached answers can all be written
+    # before it looks; _thread.interrupt_main does nothing where SIGINT is ignored, as in
+    # pytest-xdist's workers)
     part = tmp_path / "part"
     add = tune_mod._Answers.add
 
     def add_then_ctrl_c(self, *args, **kwargs):
         add(self, *args, **kwargs)
         if self.path.parent == part and len(self.done) == 4:
-            _thread.interrupt_main()
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(tune_mod._Answers, "add", add_then_ctrl_c)
     code = _tune(setup, part, "--cache-dir", str(cache), "--batch-size", "2")
