@@ -500,7 +500,7 @@ def steady_shares(affinity: torch.Tensor, n_clusters: int, *, seed: int = 0, dra
     return labels, w * label_shares(labels) + (1.0 - w) * soft, record
 
 
-# The expected share (issue 100), the default.
+# The expected share (issue 100): an option (cluster_share="expected"), not the default.
 
 #: the expected share's label draws: successive draws of one :func:`label_random_state`
 #: stream (the first is the paper's seeded draw)
@@ -642,8 +642,7 @@ def _labels_and_shares(w: torch.Tensor, opts, share: str, assign_labels: str):
         labels, shares = expected_shares_from_embedding(
             emb, seed=opts.seed, draws=max(EXPECTED_DRAWS, opts.label_draws), keep=opts.label_draws
         )
-        return labels, shares, dict(cluster_share="expected",
-                                                        share_weight=1.0)  # fmt: skip
+        return labels, shares, dict(cluster_share="expected", share_weight=1.0)
     if share == "steady" and assign_labels == "discretize":
         return steady_shares(w, k, draws=opts.label_draws, **kw)
     # (k-means labels have no discretize path to gate or soften: "steady" and "expected" run
