@@ -673,9 +673,10 @@ def test_a_failed_capture_or_replay_runs_the_passes_eagerly(reference_kernel, fr
 
 
 def test_the_cuda_capture_is_thread_local_in_a_private_pool_without_gc(monkeypatch):
-    """The CUDA capture (stood in for: no GPU) begins in the thread-local mode (other
+    """The CUDA captures (stood in for: no GPU; the passes' and the Chebyshev filter's, both
+    through anchor.graphs.capture) begin in the thread-local mode (other
     threads' syncs and allocations, vLLM's scoring thread, cannot break it) into the
-    workspace's own pool, and neither synchronises the device, empties the allocator's
+    workspace's own pool (the filter's: a private one), and neither synchronises the device, empties the allocator's
     cache nor collects garbage (``torch.cuda.graph``'s ``__enter__`` does); a failing
     pass ends the capture and raises its own error."""
     import contextlib
@@ -724,6 +725,15 @@ def test_the_cuda_capture_is_thread_local_in_a_private_pool_without_gc(monkeypat
     with pytest.raises(RuntimeError, match="boom"):
         wc._cuda_capture(fail, state)
     assert calls == [("begin", "pool-1", "thread_local"), ("end",)]
+    # the Chebyshev filter's graphs capture the same way (anchor.graphs.capture), after one
+    # warm-up run, into a private pool of their own
+    from videoanchor.anchor import eigensolvers
+
+    calls.clear()
+    ran.clear()
+    _, out = eigensolvers._cuda_capture(lambda: ran.append(3) or len(ran))
+    assert ran == [3, 3] and out == 2
+    assert calls == [("begin", None, "thread_local"), ("end",)], calls
 
 
 def test_the_certificates_sparse_products_hold_no_heap_of_padding(reference_kernel,

@@ -23,6 +23,8 @@ import warnings
 import numpy as np
 import torch
 
+from videoanchor.anchor.graphs import capture as capture_graph
+
 __all__ = [
     "spectral_embedding",
     "block_krylov_eigvecs",
@@ -316,16 +318,15 @@ class _Static:
 
 def _cuda_capture(run):
     """``(graph, out)``: ``run()`` captured as a CUDA graph after a warm-up on a side stream,
-    as torch asks; ``out`` is what ``run`` returned in the capture, refilled by a replay."""
+    as torch asks (:func:`videoanchor.anchor.graphs.capture`: thread-local, a private pool,
+    no device sync, cache emptied or garbage collected); ``out`` is what ``run`` returned in
+    the capture, refilled by a replay."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         run()
     torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = run()
-    return g, out
+    return capture_graph(run, side)
 
 
 def _graph_key(operator, x, degree: int) -> tuple:

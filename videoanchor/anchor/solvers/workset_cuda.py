@@ -41,6 +41,7 @@ from collections import OrderedDict
 import torch
 
 from videoanchor.anchor._inputs import as_feature_tensor
+from videoanchor.anchor.graphs import capture as capture_graph
 from videoanchor.anchor.options import SSCOptions
 from videoanchor.anchor.plan import Plan, SSCMemoryError
 from videoanchor.anchor.program import (
@@ -321,27 +322,10 @@ def _eager_from_now(state: dict, why: str) -> None:
 
 def _cuda_capture(run, state: dict):
     """``run()`` (one pass) captured as a CUDA graph on the workspace's side stream, into its
-    private memory pool, in the thread-local capture mode (another thread's allocation or
-    sync during the capture does not break it). ``torch.cuda.graph`` is not used: its
-    ``__enter__`` synchronises the device, empties the allocator's cache (a server's
-    blocks included) and, with torch's default settings before 2.13, runs ``gc.collect()``."""
+    private memory pool, in the thread-local capture mode (:func:`videoanchor.anchor.graphs.capture`:
+    no device sync, cache emptied or garbage collected)."""
     ws = state["workspace"]
-    graph = torch.cuda.CUDAGraph()
-    side = ws.side_stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        graph.capture_begin(pool=ws.graph_pool(), capture_error_mode="thread_local")
-        try:
-            run()
-        except BaseException:
-            try:
-                graph.capture_end()
-            except Exception:  # noqa: BLE001, S110 - the capture's own error is the one raised
-                pass
-            raise
-        graph.capture_end()
-    torch.cuda.current_stream().wait_stream(side)
-    return graph
+    return capture_graph(run, ws.side_stream(), ws.graph_pool())[0]
 
 
 #: The pass graphs' counts in this process (the tests read them).
