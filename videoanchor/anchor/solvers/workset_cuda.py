@@ -383,15 +383,13 @@ class _Workspace:
                 self.levels.popitem(last=False)
         else:
             self.levels.move_to_end(key)
-            for k, v in (("cols", cols), ("ids", ids), ("z", z), ("eids", eids), ("ze", ze)):
-                st[k].copy_(v)
-            for k in ("mu", "status", "steps_pass", "steps", "aside", "passes", "active_sum",
-                      "JL", "Sok", "Skey"):  # fmt: skip
+            fresh = _state(self.program, cols, ids, z, eids, ze)
+            for k, v in fresh.items():  # (into the buffers the graphs read)
+                if isinstance(v, torch.Tensor):
+                    st[k].copy_(v)
+            for k in ("Sok", "Skey"):  # (the column kernel's carried inverses: rebuilt)
                 if k in st:
                     st[k].zero_()
-            st["active"].copy_(torch.arange(len(cols), dtype=torch.int32, device=ids.device))
-            st["count"].fill_(len(cols))
-            st["kcount"].fill_(len(cols))
         st.update(workspace=self, capture=capture, eager=False)
         return st
 
