@@ -16,6 +16,7 @@ from videoanchor.anchor.program import gram_row_max, nearest_points, ssc_lambdas
 ck = pytest.importorskip("videoanchor.anchor.solvers._column_kernel")
 triton = pytest.importorskip("triton")
 tl = triton.language
+from workset_reference import kkt_rounding, support_spread  # noqa: E402
 
 #: The kernel's stopping tolerance on the relative KKT violations off the support.
 TOL = 1e-9
@@ -138,16 +139,11 @@ def restricted_kkt(st: dict, r: int) -> dict:
 
 
 def rounding(st: dict, r: int) -> dict:
-    """What float64 rounding alone can put on row ``r``'s restricted KKT check, from the
-    problem's own magnitudes (no machine's run). The multipliers
-    ``m = lambda_z Y^T (y_i - Y c - e) - mu`` are sums of at most ``k = n + d + M + ME``
-    products (the test forms them from ``X``; the kernel from ``G = X X^T``, its slots and
-    its refined solve), so each computation is off by at most ``gamma_k`` times the sum of
-    the terms' magnitudes, ``lambda_z |Y|^T (|y_i| + |Y| |c| + |e|)`` (``gamma_k = k eps /
-    (1 - k eps)``, Higham, Accuracy and Stability of Numerical Algorithms, section 3.1); the
-    check compares two such computations: ``2 gamma_k`` times that. Outlier entries'
-    multipliers ``lambda_z r`` are checked relative to ``lambda_e``. The constraint
-    ``1^T c`` is a sum of ``n`` (the test's) and ``M`` (the kernel's) terms of ``|c|``.
+    """What float64 rounding alone can put on row ``r``'s restricted KKT check
+    (:func:`workset_reference.kkt_rounding`: ``2 gamma_k`` times the terms' magnitudes), with
+    ``k = n + d + M + ME`` (the test forms the multipliers from ``X``; the kernel from
+    ``G = X X^T``, its slots and its refined solve). The constraint ``1^T c`` is a sum of
+    ``n`` (the test's) and ``M`` (the kernel's) terms of ``|c|``.
 
     On the corrupted tokens here ``||c||_1`` reaches ~300 and ``lambda_z`` ~900, so the
     terms add to ~2e6 and the stationarity is only defined to ~1e-7, while a kernel whose
@@ -156,33 +152,20 @@ def rounding(st: dict, r: int) -> dict:
     on an Intel AVX-512 CPU and 3.9e-10 on an AMD one (issue 97)."""
     p = st["program"]
     lam_z, lam_e = float(p["scalars"][0]), float(p["scalars"][1])
-    X, i = p["X"], int(st["cols"][r])
     c, e = dense(st, r)
     k = p["n"] + p["d"] + st["ids"].shape[1] + st["eids"].shape[1]
-    gamma = k * EPS / (1 - k * EPS)
-    res = X[i].abs() + X.T.abs() @ c.abs() + e.abs()  # (D): |y_i| + |Y| |c| + |e|
-    terms = max(lam_z * float((X.abs() @ res).max()), lam_z * float(res.max()) / lam_e)
     n_aff = p["n"] + st["ids"].shape[1]
-    return dict(kkt=2 * gamma * terms, affine=2 * n_aff * EPS * float(c.abs().sum()))
+    return dict(kkt=kkt_rounding(p["X"], int(st["cols"][r]), c, e, lam_z, lam_e, k),
+                affine=2 * n_aff * EPS * float(c.abs().sum()))
 
 
 def spread(st: dict, r: int, slack: dict) -> tuple[float, float]:
     """How far apart two answers of row ``r``'s restricted system on one support can lie
-    when each is within ``slack`` (:func:`rounding`) of it: the support's KKT matrix
-    ``K = [[H, 1], [1^T, 0]]``, ``H = lambda_z (G_FF - Y_OF^T Y_OF)`` (the held outlier
-    entries ``O`` eliminated), moves ``c`` by at most ``||K^-1||_inf`` times twice the
-    residuals' bound, and ``e_O = y_iO - Y_OF c - (lambda_e / lambda_z) s_O`` moves by
-    ``||Y_OF||_inf`` times that."""
-    p = st["program"]
-    lam_z, X = float(p["scalars"][0]), p["X"]
+    when each is within ``slack`` (:func:`rounding`) of it
+    (:func:`workset_reference.support_spread`)."""
     c, e = dense(st, r)
-    F, O = torch.nonzero(c).flatten(), torch.nonzero(e).flatten()
-    Y_OF = X[F][:, O].T
-    K = torch.zeros(len(F) + 1, len(F) + 1, dtype=torch.float64)
-    K[:-1, :-1] = lam_z * (X[F] @ X[F].T - Y_OF.T @ Y_OF)
-    K[:-1, -1] = K[-1, :-1] = 1.0
-    dc = float(torch.linalg.inv(K).abs().sum(dim=1).max()) * 2 * max(slack.values())
-    return dc, dc * float(Y_OF.abs().sum(dim=1).max()) if len(O) else 0.0
+    return support_spread(st["program"]["X"], c, e, float(st["program"]["scalars"][0]),
+                          max(slack.values()))  # fmt: skip
 
 
 def run(st: dict, cap_rows=None, count=None) -> None:

@@ -612,11 +612,24 @@ def fresh_graphs():
     wc.clear_graphs()
 
 
-def _same_answer(a, b):
+def _same_answer(x, a, b):
+    """The same passes, the same support, and each column's ``c`` and ``e`` as far apart as
+    float64 rounding lets two solves of its restricted system lie
+    (:func:`workset_reference.support_spread`; the multipliers are sums of at most
+    ``2 (N + D)`` products): the graphs, their replays and the eager passes run the same
+    arithmetic, but not always in the same order (a reused workspace, the BLAS's blocking:
+    1e-14 to 1e-12 apart on two x86 CPUs at these sizes, issue 97's lesson)."""
     assert a["passes"] == b["passes"] and a["replayed"] == b["replayed"]
     assert torch.equal(a["support"], b["support"])
-    assert float((a["coef"] - b["coef"]).abs().max()) <= 1e-12
-    assert float((a["outliers"] - b["outliers"]).abs().max()) <= 1e-12
+    X = x.double()
+    n, d = X.shape
+    lam_z, lam_e = float(a["lambda_z"]), float(a["lambda_e"])
+    for i in range(n):
+        c, e = a["coef"][:, i], a["outliers"][:, i]
+        slack = workset_reference.kkt_rounding(X, i, c, e, lam_z, lam_e, 2 * (n + d))
+        dc, de = workset_reference.support_spread(X, c, e, lam_z, slack)
+        assert float((c - b["coef"][:, i]).abs().max()) <= dc, (i, dc)
+        assert float((e - b["outliers"][:, i]).abs().max()) <= de, (i, de)
 
 
 def test_pass_graphs_are_captured_once_a_shape_and_kept_across_calls(reference_kernel,
@@ -631,7 +644,7 @@ def test_pass_graphs_are_captured_once_a_shape_and_kept_across_calls(reference_k
     captures = []
     for x in xs:
         out = wc.solve_workset_cuda(x, capture=_fake_capture, **kw)
-        _same_answer(out, wc.solve_workset_cuda(x, **kw))
+        _same_answer(x, out, wc.solve_workset_cuda(x, **kw))
         captures.append(wc.GRAPH_COUNTS["captures"])
     assert captures[0] > 1 and captures[1] == captures[2], captures  # (the first call's)
     assert wc.GRAPH_COUNTS["replays"] > captures[0]
@@ -658,7 +671,7 @@ def test_a_failed_capture_or_replay_runs_the_passes_eagerly(reference_kernel, fr
     with pytest.warns(RuntimeWarning, match="no CUDA graph of the pass") as seen:
         out = wc.solve_workset_cuda(x, capture=refuse, **kw)
     assert len([w for w in seen if "workset_cuda" in str(w.message)]) == 1
-    _same_answer(out, eager)
+    _same_answer(x, out, eager)
     assert not any(st["graphs"] for ws in wc._WORKSPACES.values() for st in ws.levels.values())
 
     class Broken:
@@ -668,7 +681,8 @@ def test_a_failed_capture_or_replay_runs_the_passes_eagerly(reference_kernel, fr
     with pytest.warns(RuntimeWarning, match="a replay of the pass's CUDA graph failed") as seen:
         out = wc.solve_workset_cuda(x, capture=lambda run, st: Broken(), **kw)
     assert len([w for w in seen if "workset_cuda" in str(w.message)]) == 1
-    assert out["converged"] and float((out["coef"] - eager["coef"]).abs().max()) < 1e-12
+    assert out["converged"]
+    _same_answer(x, out, eager)
     assert not any(st["graphs"] for ws in wc._WORKSPACES.values() for st in ws.levels.values())
 
 

@@ -13,6 +13,38 @@ import torch
 from videoanchor.anchor.solvers import workset_cuda as wc
 
 SOLVED, STALLED = 0, 1
+EPS = torch.finfo(torch.float64).eps
+
+
+def kkt_rounding(X, i, c, e, lam_z, lam_e, k):
+    """What float64 rounding alone can put on column ``i``'s restricted KKT check, from the
+    problem's own magnitudes (no machine's run): the multipliers
+    ``m = lambda_z Y^T (y_i - Y c - e) - mu`` are sums of at most ``k`` products, so each
+    computation is off by at most ``gamma_k`` times the sum of the terms' magnitudes,
+    ``lambda_z |Y|^T (|y_i| + |Y| |c| + |e|)`` (``gamma_k = k eps / (1 - k eps)``, Higham,
+    Accuracy and Stability of Numerical Algorithms, section 3.1); a check compares two such
+    computations: ``2 gamma_k`` times that. Outlier entries' multipliers ``lambda_z r`` are
+    checked relative to ``lambda_e``. ``X``: the tokens (``N x D``), ``c`` (N), ``e`` (D)."""
+    gamma = k * EPS / (1 - k * EPS)
+    res = X[i].abs() + X.T.abs() @ c.abs() + e.abs()  # (D): |y_i| + |Y| |c| + |e|
+    return 2 * gamma * max(lam_z * float((X.abs() @ res).max()),
+                           lam_z * float(res.max()) / lam_e)  # fmt: skip
+
+
+def support_spread(X, c, e, lam_z, slack):
+    """How far apart two answers of one column's restricted system on one support can lie
+    when each is within ``slack`` (:func:`kkt_rounding`) of it: the support's KKT matrix
+    ``K = [[H, 1], [1^T, 0]]``, ``H = lambda_z (G_FF - Y_OF^T Y_OF)`` (the held outlier
+    entries ``O`` eliminated), moves ``c`` by at most ``||K^-1||_inf`` times twice the
+    residuals' bound, and ``e_O = y_iO - Y_OF c - (lambda_e / lambda_z) s_O`` moves by
+    ``||Y_OF||_inf`` times that: ``(dc, de)``."""
+    F, O = torch.nonzero(c).flatten(), torch.nonzero(e).flatten()
+    Y_OF = X[F][:, O].T
+    K = torch.zeros(len(F) + 1, len(F) + 1, dtype=torch.float64)
+    K[:-1, :-1] = lam_z * (X[F] @ X[F].T - Y_OF.T @ Y_OF)
+    K[:-1, -1] = K[-1, :-1] = 1.0
+    dc = float(torch.linalg.inv(K).abs().sum(dim=1).max()) * 2 * slack
+    return dc, dc * float(Y_OF.abs().sum(dim=1).max()) if len(O) else 0.0
 
 
 def solve_column(Y, i, ids, z, eids, ze, lam_z, lam_e, tol, max_inner):
