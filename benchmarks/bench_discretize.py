@@ -1,6 +1,6 @@
 """Issue 90 step 1: the discretisation (``clustering.discretize``) and the steady share's
 paths (``clustering.steady_stability``: the default share's labels and stability, its host
-work after the eigensolver) with their decisions compiled (``anchor/_discretize.py``),
+work after the eigensolver) with their decisions compiled (``anchor/labels.py``),
 against the torch loop they replaced (``tests/discretize_reference.py``), in one process.
 
 Timing sets (k = 24, the embedding and eigengap of ``spectral_pairs`` as ``steady_shares``
@@ -63,11 +63,11 @@ from videoanchor.anchor.clustering import (  # noqa: E402
     discretize,
     label_random_state,
     labels_from_embedding,
-    path_margin,
     ssc_affinity,
     steady_stability,
 )
 from videoanchor.anchor.eigensolvers import spectral_pairs  # noqa: E402
+from videoanchor.anchor.labels import path_margin  # noqa: E402
 
 K = 24
 

@@ -63,10 +63,9 @@ def embedding(coef: torch.Tensor) -> torch.Tensor:
 
 def seeded_draws(emb: torch.Tensor, seeds) -> torch.Tensor:
     """The paper's labels under each of ``seeds`` from one embedding (``(len, N)``)."""
-    from videoanchor.anchor._discretize import relabel
-    from videoanchor.anchor.clustering import _paths, label_random_state
+    from videoanchor.anchor.labels import label_random_state, paths_of, relabel
 
-    paths, n = _paths(emb), emb.shape[0]
+    paths, n = paths_of(emb), emb.shape[0]
     out = np.empty((len(seeds), n), np.int64)
     for i, s in enumerate(seeds):
         out[i] = relabel(paths.draw(int(label_random_state(s, n).randint(n))))
@@ -80,10 +79,9 @@ def exact(emb: torch.Tensor) -> torch.Tensor:
 
 
 def seeded_draws_from_starts(emb: torch.Tensor, starts) -> torch.Tensor:
-    from videoanchor.anchor._discretize import relabel
-    from videoanchor.anchor.clustering import _paths
+    from videoanchor.anchor.labels import paths_of, relabel
 
-    paths = _paths(emb)
+    paths = paths_of(emb)
     return torch.from_numpy(np.stack([relabel(paths.draw(int(s))) for s in starts]))
 
 

@@ -330,14 +330,14 @@ def flips(frames, tiny, p7: int, p6: int, out_dir, tag: str = "") -> Path:
 def expected_case(name: str, x: torch.Tensor, draws_list, scale: float, moves: int) -> list[dict]:
     """One set of ``--expected`` (see the module's docstring)."""
     from videoanchor.anchor import ssc_coefficients
-    from videoanchor.anchor.clustering import (
-        _discretize_rows,
+    from videoanchor.anchor.eigensolvers import spectral_embedding
+    from videoanchor.anchor.labels import (
         _relabel_by_first_appearance,
         _unit_rows,
         discretize,
         label_random_state,
     )
-    from videoanchor.anchor.eigensolvers import spectral_embedding
+    from videoanchor.anchor.labels import discretize_rows as _discretize_rows
     from videoanchor.anchor.scores import scores_from_row_sums
 
     def paper(c):  # the embedding, the paper's labels and scores
@@ -413,7 +413,6 @@ def routes_case(name: str, x: torch.Tensor, draws_list, moves: int) -> dict:
     from videoanchor.anchor import ssc_coefficients
     from videoanchor.anchor.clustering import (
         SOFT_SHARE_WIDTH,
-        _discretize_rows,
         _unit_rows,
         discretize,
         label_random_state,
@@ -424,6 +423,7 @@ def routes_case(name: str, x: torch.Tensor, draws_list, moves: int) -> dict:
         _normalized_affinity,
         spectral_embedding,
     )
+    from videoanchor.anchor.labels import discretize_rows as _discretize_rows
     from videoanchor.anchor.scores import scores_from_row_sums
 
     def paper(coef):  # what each route reads: C's row sums, the embedding's rows, the labels

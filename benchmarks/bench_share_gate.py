@@ -46,8 +46,9 @@ K = fam.K
 
 def evaluate(coef: torch.Tensor, r_base: torch.Tensor) -> dict:
     """The paper's, the default's and the soft share's labels and scores of one ``C``."""
-    from videoanchor.anchor.clustering import cluster, path_margin, ssc_affinity
+    from videoanchor.anchor.clustering import cluster, ssc_affinity
     from videoanchor.anchor.eigensolvers import spectral_pairs
+    from videoanchor.anchor.labels import path_margin
     from videoanchor.anchor.options import SSCOptions
     from videoanchor.anchor.scores import scores_from_row_sums
 

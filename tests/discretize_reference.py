@@ -1,5 +1,5 @@
 """The torch discretisation the package ran before issue 90 (``clustering.py`` at 63b1203),
-kept as the reference its compiled form (``videoanchor/anchor/_discretize.py``) is held to, bit
+kept as the reference its compiled form (``videoanchor/anchor/labels.py``) is held to, bit
 for bit: ``discretize``, the steady share's ``steady_stability`` and ``path_margin``, with
 their helpers, verbatim but for the names (tests/test_discretize.py,
 benchmarks/bench_discretize.py)."""
@@ -11,11 +11,13 @@ import math
 import numpy as np
 import torch
 
-from videoanchor.anchor.clustering import (
-    STEADY_RAMP,
-    _discretize_rows,
+from videoanchor.anchor.clustering import STEADY_RAMP
+from videoanchor.anchor.labels import (
     _relabel_by_first_appearance,
     label_random_state,
+)
+from videoanchor.anchor.labels import (
+    discretize_rows as _discretize_rows,
 )
 
 _EPS = torch.finfo(torch.float64).eps

@@ -155,8 +155,10 @@ def rounding(st: dict, r: int) -> dict:
     c, e = dense(st, r)
     k = p["n"] + p["d"] + st["ids"].shape[1] + st["eids"].shape[1]
     n_aff = p["n"] + st["ids"].shape[1]
-    return dict(kkt=kkt_rounding(p["X"], int(st["cols"][r]), c, e, lam_z, lam_e, k),
-                affine=2 * n_aff * EPS * float(c.abs().sum()))
+    return dict(
+        kkt=kkt_rounding(p["X"], int(st["cols"][r]), c, e, lam_z, lam_e, k),
+        affine=2 * n_aff * EPS * float(c.abs().sum()),
+    )
 
 
 def spread(st: dict, r: int, slack: dict) -> tuple[float, float]:

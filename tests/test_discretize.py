@@ -1,4 +1,4 @@
-"""The discretisation with its decisions compiled (videoanchor/anchor/_discretize.py, issue 90)
+"""The discretisation with its decisions compiled (videoanchor/anchor/labels.py, issue 90)
 against the torch loop it replaced (tests/discretize_reference.py, the package at 63b1203):
 the same labels, and the same margins and stability bit for bit, on the test sets and on
 random embeddings, singular ``T`` included; the shortcuts it takes (the last SVD skipped,
@@ -18,16 +18,15 @@ from hypothesis import strategies as st
 
 from benchmarks.bench_host_overhead import host_counts
 from benchmarks.bench_spectral import group_affinity
-from videoanchor.anchor import _discretize
+from videoanchor.anchor import labels as labels_module
 from videoanchor.anchor.clustering import (
-    _paths,
     discretize,
     label_random_state,
     labels_from_embedding,
-    path_margin,
     steady_stability,
 )
 from videoanchor.anchor.eigensolvers import spectral_pairs
+from videoanchor.anchor.labels import path_margin, paths_of
 
 
 def clustered(seed, n, k, groups, noise, duplicates):
@@ -102,14 +101,14 @@ def test_an_alternative_cut_short_is_its_distance(monkeypatch):
     e = clustered(1354754446, 107, 7, 10, 1e-3, 0.0)
     gap = ramp_gap(e, 0, 0.0)
     cut = []
-    iterate = _discretize.Paths.iterate
+    iterate = labels_module.Paths.iterate
 
     def spy(self, *a, **kw):
         out = iterate(self, *a, **kw)
         cut.append(out[2])
         return out
 
-    monkeypatch.setattr(_discretize.Paths, "iterate", spy)
+    monkeypatch.setattr(labels_module.Paths, "iterate", spy)
     labels, z = steady_stability(e, gap)
     assert any(cut)
     assert (torch.equal(labels, steady_stability_reference(e, gap)[0])
@@ -123,7 +122,7 @@ def test_a_singular_t_takes_torchs_svd(monkeypatch):
     e, _ = spectral(group_affinity(600, 16, 60, 0.8, seed=3, dtype=torch.float64), 24)
     want = discretize_reference(e, seed=1)
     assert torch.equal(discretize(e, seed=1), want)
-    paths = _paths(e)
+    paths = paths_of(e)
     picks = paths.rotation(int(np.random.RandomState(1).randint(paths.n)))[1]
     assert paths.repeats(picks).any()  # repeated picks: their columns never win, T singular
 

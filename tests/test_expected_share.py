@@ -10,12 +10,9 @@ from discretize_reference import discretize_reference
 from test_label_draws import KW, ambiguous_tokens, reference_scores
 
 from videoanchor.anchor import compute_anchor_scores
-from videoanchor.anchor._discretize import relabel
 from videoanchor.anchor.clustering import (
     EXPECTED_DRAWS,
     EXPECTED_WIDTH,
-    _discretize_rows,
-    _paths,
     cluster,
     expected_shares_from_embedding,
     label_random_state,
@@ -24,6 +21,8 @@ from videoanchor.anchor.clustering import (
     ssc_affinity,
 )
 from videoanchor.anchor.eigensolvers import spectral_embedding
+from videoanchor.anchor.labels import discretize_rows as _discretize_rows
+from videoanchor.anchor.labels import paths_of, relabel
 from videoanchor.anchor.options import SSCOptions
 from videoanchor.anchor.scores import scores_from_row_sums
 
@@ -85,7 +84,7 @@ def test_a_draws_tokens_far_from_every_boundary_keep_their_hard_share():
     row placed on a tie between two clusters splits evenly."""
     x = ambiguous_tokens()
     _, emb = embedding_of(x, 8, seed=0, **KW)
-    paths = _paths(emb)
+    paths = paths_of(emb)
     lab = torch.from_numpy(paths.draw(5))[None]
     hard = label_shares(lab)
     soft = soft_draw_shares(paths.rows, lab, 1e-12)[0]
@@ -106,7 +105,7 @@ def test_the_softened_share_is_continuous_in_the_rows_at_fixed_labels():
     _, emb = embedding_of(x, 8, seed=0, **KW)
     rows = _discretize_rows(emb)
     rng = label_random_state(0, emb.shape[0])
-    paths = _paths(emb)
+    paths = paths_of(emb)
     lab = torch.from_numpy(np.stack([paths.draw(int(rng.randint(emb.shape[0]))) for _ in range(8)]))
     g = torch.Generator().manual_seed(0)
     moved = torch.nn.functional.normalize(rows + 1e-9 * torch.randn(rows.shape, generator=g,
@@ -158,7 +157,7 @@ def test_expected_share_is_nearer_the_64_seed_mean_than_a_single_draw():
     over tokens), and nearer than the first draw alone (the paper's seed 0)."""
     x = ambiguous_tokens(n_per=20, seed=3)
     res, emb = embedding_of(x, 8, seed=0, **KW)
-    n, paths = x.shape[0], _paths(emb)
+    n, paths = x.shape[0], paths_of(emb)
     ref = torch.from_numpy(np.stack([relabel(paths.draw(int(label_random_state(s, n).randint(n))))
                                      for s in range(100, 164)]))  # fmt: skip
     r = res.coef.to(torch.float64).sum(dim=1)

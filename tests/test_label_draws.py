@@ -13,7 +13,6 @@ from videoanchor.anchor import anchor_scores, compute_anchor_scores
 from videoanchor.anchor.clustering import (
     SOFT_SHARE_WIDTH,
     STEADY_RAMP,
-    _paths,
     labels_from_embedding,
     soft_cluster_shares,
     spectral_labels,
@@ -23,6 +22,7 @@ from videoanchor.anchor.clustering import (
     steady_weight,
 )
 from videoanchor.anchor.eigensolvers import spectral_embedding, spectral_pairs
+from videoanchor.anchor.labels import paths_of
 from videoanchor.anchor.scores import anchor_result_from_coefficients, ssc_coefficients
 
 
@@ -353,7 +353,7 @@ def test_steady_labels_and_margin_are_discretizes(case):
     emb = spectral_embedding(w, k)
     labels, z = steady_stability(emb, 1.0, seed=3, draws=3)
     assert torch.equal(labels, labels_from_embedding(emb, k, seed=3, draws=3))
-    paths = _paths(emb)
+    paths = paths_of(emb)
     n = paths.n
     from videoanchor.anchor.clustering import label_random_state
 

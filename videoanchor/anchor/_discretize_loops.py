@@ -1,4 +1,4 @@
-"""The discretisation's two loops (:mod:`videoanchor.anchor._discretize`), compiled by Numba
+"""The discretisation's two loops (:mod:`videoanchor.anchor.labels`), compiled by Numba
 for their one signature each and kept in its on-disk cache (issue 101: apart from the
 discretisation, so that the background compile, :mod:`videoanchor.anchor.solvers.precompile`,
 loads this file alone, without torch, and compiles them beside the SSC kernel). A process
@@ -20,7 +20,7 @@ from videoanchor.anchor._jit_cache import Functions, jit_cached
 __all__ = ["held", "ready"]
 
 _F1, _F2 = types.float64[::1], types.float64[:, ::1]
-#: Their signatures: the C-contiguous arrays :class:`~videoanchor.anchor._discretize.Paths`
+#: Their signatures: the C-contiguous arrays :class:`~videoanchor.anchor.labels.Paths`
 #: hands them.
 PICK = types.int64(_F1, _F1, _F1)
 DECIDE = types.float64(_F2, _F2, types.boolean[::1], types.int64[::1], _F2)

@@ -18,10 +18,8 @@ CPU generator seeded with ``seed``: the same labels on every device (up to ties)
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 
-import numpy as np
 import torch
 
 from videoanchor.anchor.collective import broadcast_from_first, raise_together
@@ -33,6 +31,19 @@ from videoanchor.anchor.eigensolvers import (
     sparse_normalized_affinity,
     spectral_embedding,
     spectral_pairs,
+)
+from videoanchor.anchor.labels import (
+    EXPECTED_DRAWS,
+    EXPECTED_WIDTH,
+    _check_draws,
+    _unit_rows,
+    discretize,
+    expected_shares_from_embedding,
+    kmeans,
+    label_random_state,
+    labels_from_embedding,
+    soft_draw_shares,
+    stable_draws,
 )
 from videoanchor.anchor.products import exact_float32
 from videoanchor.anchor.threads import bounded
@@ -82,148 +93,6 @@ def sparse_ssc_affinity(coef: torch.Tensor) -> torch.Tensor:
     ind, v = c.indices()[:, v > 0], v[v > 0]
     both, vv = torch.cat([ind, ind.flip(0)], dim=1), torch.cat([v, v])
     return torch.sparse_coo_tensor(both, vv, (n, n), check_invariants=False).coalesce()
-
-
-def _relabel_by_first_appearance(labels: torch.Tensor) -> torch.Tensor:
-    """Renumber clusters 0, 1, 2, ... in order of their first token (canonical ids)."""
-    uniq, inverse = torch.unique(labels, return_inverse=True)
-    at = torch.arange(labels.numel(), device=labels.device)
-    first = at.new_full((uniq.numel(),), labels.numel()).scatter_reduce_(0, inverse, at, "amin")
-    return torch.argsort(torch.argsort(first))[inverse]  # the first appearances are distinct
-
-
-def _unit_rows(v: torch.Tensor) -> torch.Tensor:
-    rn = v.norm(dim=1, keepdim=True)
-    return torch.where(rn > 0, v / rn.clamp_min(torch.finfo(v.dtype).tiny), v)
-
-
-def _discretize_rows(vectors: torch.Tensor) -> torch.Tensor:
-    """:func:`discretize`'s input rows: the columns scaled to norm ``sqrt(N)``, signed so the
-    first row is non-positive, the rows unit (float64, host)."""
-    v = vectors.detach().to("cpu", torch.float64).clone()
-    v = v / v.norm(dim=0, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny) * math.sqrt(len(v))
-    first = torch.sign(v[0])
-    return _unit_rows(v * torch.where(first != 0, -first, torch.ones_like(first)))
-
-
-def _paths(vectors: torch.Tensor, n_iter_max: int = 20):
-    """The discretisation's paths over ``vectors``' unit rows (one host copy):
-    :class:`videoanchor.anchor._discretize.Paths` (Numba is imported here, not with the
-    package)."""
-    from videoanchor.anchor._discretize import Paths
-
-    return Paths(_discretize_rows(vectors), n_iter_max)
-
-
-def _draws(paths, rng: np.random.RandomState, draws: int,
-           max_svd_restarts: int = 30) -> torch.Tensor:  # fmt: skip
-    """``(draws, N)`` canonical labels (CPU) of successive draws from ``rng``, each restarted
-    from a new start row where LAPACK's SVD fails (as scikit-learn does)."""
-    from videoanchor.anchor._discretize import relabel
-
-    out = np.empty((draws, paths.n), dtype=np.int64)
-    for r in range(draws):
-        for _ in range(max_svd_restarts):
-            try:
-                out[r] = relabel(paths.draw(int(rng.randint(paths.n))))
-                break
-            except RuntimeError:  # pragma: no cover - LAPACK failure, as sklearn: restart
-                continue
-        else:
-            raise RuntimeError("discretize: SVD did not converge")  # pragma: no cover
-    return torch.from_numpy(out)
-
-
-def discretize(vectors: torch.Tensor, *, seed: int = 0,
-               random_state: np.random.RandomState | None = None, n_iter_max: int = 20,
-               max_svd_restarts: int = 30) -> torch.Tensor:  # fmt: skip
-    """Yu & Shi's discretisation of a spectral embedding (``N x k``) into int64 labels,
-    scikit-learn's algorithm: its one random draw, the initial rotation's first row, is
-    ``random_state.randint(N)`` (advanced; default ``RandomState(seed)``), as in
-    ``sklearn.cluster.discretize(..., random_state=seed)``: the same partition. Runs on the
-    host from one copy of ``vectors`` (:mod:`videoanchor.anchor._discretize`: its decisions
-    compiled, its products and SVDs torch's); labels on ``vectors``' device."""
-    rng = np.random.RandomState(int(seed)) if random_state is None else random_state
-    paths = _paths(vectors, n_iter_max)
-    return _draws(paths, rng, 1, max_svd_restarts)[0].to(vectors.device)
-
-
-def kmeans(
-    points: torch.Tensor, k: int, *, seed: int = 0, n_init: int = 10, max_iter: int = 300
-) -> torch.Tensor:
-    """Seeded k-means (k-means++ initialisation, Lloyd iterations, best of ``n_init``)."""
-    gen = torch.Generator().manual_seed(int(seed))
-    x = points.to(torch.float64)
-    n = x.shape[0]
-    if not 1 <= k <= n:
-        raise ValueError(f"k: expected 1 <= k <= N = {n}, got {k}")
-    sq = (x * x).sum(dim=1)
-    best, best_inertia = None, math.inf
-    for _ in range(n_init):
-        idx = [int(torch.randint(n, (1,), generator=gen))]
-        d2 = (sq - 2 * x @ x[idx[0]] + sq[idx[0]]).clamp_min(0)
-        for _ in range(1, k):
-            total = float(d2.sum())
-            if total <= 0:
-                nxt = int(torch.randint(n, (1,), generator=gen))
-            else:
-                r = float(torch.rand(1, generator=gen, dtype=torch.float64)) * total
-                cum = torch.cumsum(d2, 0)
-                nxt = min(int(torch.searchsorted(cum, cum.new_tensor([r]))), n - 1)
-            idx.append(nxt)
-            d2 = torch.minimum(d2, (sq - 2 * x @ x[nxt] + sq[nxt]).clamp_min(0))
-        centers = x[idx].clone()
-        labels = None
-        for _ in range(max_iter):
-            dist = sq[:, None] - 2 * x @ centers.T + (centers * centers).sum(dim=1)[None, :]
-            new = dist.argmin(dim=1)
-            if labels is not None and torch.equal(new, labels):
-                break
-            labels = new
-            counts = torch.bincount(labels, minlength=k).to(x.dtype)
-            sums = torch.zeros_like(centers).index_add_(0, labels, x)
-            empty = counts == 0
-            centers = torch.where(empty[:, None], centers, sums / counts.clamp_min(1)[:, None])
-        dist = sq[:, None] - 2 * x @ centers.T + (centers * centers).sum(dim=1)[None, :]
-        inertia = float(dist.gather(1, labels[:, None]).clamp_min(0).sum())
-        if best is None or inertia < best_inertia * (1 - 1e-12):
-            best, best_inertia = labels, inertia
-    return _relabel_by_first_appearance(best)
-
-
-def label_random_state(seed: int, n: int) -> np.random.RandomState:
-    """``RandomState(seed)`` advanced as scikit-learn's ``SpectralClustering`` advances it
-    before ``discretize``: by ARPACK's start vector, ``uniform(-1, 1, N)``."""
-    rng = np.random.RandomState(int(seed))
-    rng.uniform(-1, 1, n)
-    return rng
-
-
-def _check_draws(draws) -> int:
-    if isinstance(draws, bool) or not isinstance(draws, numbers.Integral):
-        raise TypeError(f"label_draws: expected an int, got {type(draws).__name__}")
-    if draws < 1:
-        raise ValueError(f"label_draws: expected at least 1, got {draws}")
-    return int(draws)
-
-
-def labels_from_embedding(embedding: torch.Tensor, n_clusters: int, *, seed: int = 0,
-                          assign_labels: str = "discretize", draws: int = 1) -> torch.Tensor:  # fmt: skip
-    """``(draws, N)`` int64 labels from one spectral embedding (``N x n_clusters``).
-    ``"discretize"``: successive draws of one :func:`label_random_state` stream (draw 0:
-    scikit-learn's ``SpectralClustering(random_state=seed)`` labels). ``"kmeans"``: seeded
-    k-means on the row-normalised embedding, draw ``r > 0`` seeded by the ``r``-th number
-    of ``RandomState(seed)``, draw 0 by ``seed``."""
-    draws = _check_draws(draws)
-    n = embedding.shape[0]
-    out = torch.empty(draws, n, dtype=torch.long, device=embedding.device)
-    if assign_labels == "discretize":  # one copy of the rows, the draws' shared paths
-        return _draws(_paths(embedding), label_random_state(seed, n), draws).to(out.device)
-    emb = _unit_rows(embedding)
-    more = np.random.RandomState(int(seed)).randint(2**31 - 1, size=draws - 1).tolist()
-    for r, s in enumerate([int(seed), *more]):
-        out[r] = kmeans(emb, n_clusters, seed=s, n_init=20)
-    return out
 
 
 @bounded()
@@ -437,18 +306,8 @@ def steady_stability(embedding: torch.Tensor, gap: float, *, seed: int = 0, draw
     decision margin over every draw's path and pick alternatives (module docstring). Exact
     where ``z`` is below ``ramp``'s top; above it ``z`` may be an underestimate that still
     reaches it (the weight is 1 either way)."""
-    from videoanchor.anchor._discretize import relabel
-
-    n = embedding.shape[0]
-    paths = _paths(embedding)
-    rng = label_random_state(seed, n)
     floor, bound = (ramp[0] / gap, ramp[1] / gap) if gap > 0 else (math.inf, 0.0)
-    out = np.empty((draws, n), dtype=np.int64)
-    m = math.inf
-    for r in range(draws):
-        labels, mr = paths.stability(int(rng.randint(n)), floor, bound)
-        out[r] = relabel(labels)
-        m = min(m, mr)
+    out, m = stable_draws(embedding, seed, draws, floor, bound)
     return torch.from_numpy(out).to(embedding.device), max(gap, 0.0) * m
 
 
@@ -498,79 +357,6 @@ def steady_shares(affinity: torch.Tensor, n_clusters: int, *, seed: int = 0, dra
     if w == 0.0:
         return labels, soft, record
     return labels, w * label_shares(labels) + (1.0 - w) * soft, record
-
-
-# The expected share (issue 100): an option (cluster_share="expected"), not the default.
-
-#: the expected share's label draws: successive draws of one :func:`label_random_state`
-#: stream (the first is the paper's seeded draw)
-EXPECTED_DRAWS = 32
-#: the softening's width on the rotated rows' scores ``v R`` (unit rows, ``R`` orthogonal):
-#: cluster ``c`` weighs ``(1 - (top - s_c) / width)^2`` where positive, the top 1
-EXPECTED_WIDTH = 0.003
-
-
-def soft_draw_shares(rows: torch.Tensor, labels: torch.Tensor,
-                     width: float = EXPECTED_WIDTH) -> torch.Tensor:  # fmt: skip
-    """Each draw's softened cluster shares, ``(draws, N)`` float64: for the draw's labels
-    ``L`` (``(draws, N)``, raw or canonical ids below ``k``) the rotation ``R(L)`` that
-    ``discretize`` computes from them (``T = onehot(L)^T v``, ``R = V U^T`` of ``T``'s SVD),
-    the scores ``s = v R`` of the unit rows ``v`` (``N x k``), each row's memberships
-    ``p_ic`` proportional to ``max(0, 1 - (max_c' s_ic' - s_ic) / width)^2`` over the draw's
-    non-empty clusters (1 on the top cluster: a row whose runner-up is ``width`` or more
-    below keeps its hard label; a tie splits evenly), and the share ``pi_i = sum_c p_ic S_c /
-    N`` with ``S_c = sum_i p_ic`` the soft cluster sizes."""
-    lab = labels.to(rows.device).reshape(-1, rows.shape[0])
-    draws, (n, k) = lab.shape[0], rows.shape
-    at = (lab + k * torch.arange(draws, device=rows.device)[:, None]).reshape(-1)
-    t = torch.zeros(draws * k, k, dtype=rows.dtype, device=rows.device)
-    t = t.index_add_(0, at, rows.repeat(draws, 1)).view(draws, k, k)
-    u, _, vh = torch.linalg.svd(t)
-    rot = vh.mT @ u.mT
-    sc = torch.matmul(rows, rot)  # (draws, N, k)
-    used = torch.zeros(draws, k, dtype=torch.bool, device=rows.device)
-    used.scatter_(1, lab, True)
-    sc = sc.masked_fill(~used[:, None, :], -math.inf)
-    top = sc.amax(dim=2, keepdim=True)
-    h = (1.0 - (top - sc) / width).clamp_min(0.0).square()
-    p = h / h.sum(dim=2, keepdim=True)
-    sizes = p.sum(dim=1, keepdim=True)
-    return (p * sizes).sum(dim=2) / n
-
-
-def expected_shares_from_embedding(embedding: torch.Tensor, *, seed: int = 0,
-                                   draws: int = EXPECTED_DRAWS, width: float = EXPECTED_WIDTH,
-                                   keep: int | None = None,
-                                   ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(labels, shares)``: the first ``keep`` (default all) of ``draws`` successive draws of
-    the paper's labels from one :func:`label_random_state` stream (``(keep, N)``, canonical
-    ids; row 0 the paper's seeded draw) and the mean over all ``draws`` of each draw's
-    softened share (:func:`soft_draw_shares`), ``(N,)`` float64. Draws that end at the same
-    labels (most do: :class:`~videoanchor.anchor._discretize.Paths` runs their shared steps
-    once) are softened once and counted."""
-    from videoanchor.anchor._discretize import relabel
-
-    n = embedding.shape[0]
-    paths = _paths(embedding)
-    rng = label_random_state(seed, n)
-    raw = np.empty((draws, n), dtype=np.int64)
-    for r in range(draws):
-        raw[r] = paths.draw(int(rng.randint(n)))
-    uniq, inverse = np.unique(raw, axis=0, return_inverse=True)
-    counts = torch.from_numpy(np.bincount(inverse.reshape(-1), minlength=len(uniq)))
-    soft = soft_draw_shares(paths.rows, torch.from_numpy(uniq), width)
-    shares = (counts.to(soft.dtype) @ soft) / draws
-    labels = torch.from_numpy(np.stack([relabel(row) for row in raw[: keep or draws]]))
-    return labels.to(embedding.device), shares.to(embedding.device)
-
-
-# (kept for the benchmarks: the weight's inputs without the pick alternatives)
-def path_margin(embedding: torch.Tensor, *, seed: int = 0) -> float:
-    """The smallest decision margin of the paper's first draw's iterations alone (no pick
-    alternatives): what the brief's first design measured (``bench_share_gate.py``)."""
-    paths = _paths(embedding)
-    rot, picks, _ = paths.rotation(int(label_random_state(seed, paths.n).randint(paths.n)))
-    return paths.iterate(rot, paths.repeats(picks))[1]
 
 
 def cluster(coef: torch.Tensor, opts, *, group=None, rank: int = 0, affinity: str = "symmetric",
@@ -637,17 +423,17 @@ def _labels_and_shares(w: torch.Tensor, opts, share: str, assign_labels: str):
     ``"steady"`` one eigensolver call feeds the labels, the eigengap and the soft share;
     under ``"expected"`` one embedding feeds every draw."""
     k, kw = opts.n_clusters, dict(seed=opts.seed, eigen_solver=opts.eigen_solver)
-    if share == "expected" and assign_labels == "discretize" and 1 < k < w.shape[0]:
-        emb = spectral_embedding(w, k, **kw)
-        labels, shares = expected_shares_from_embedding(
-            emb, seed=opts.seed, draws=max(EXPECTED_DRAWS, opts.label_draws), keep=opts.label_draws
-        )
-        return labels, shares, dict(cluster_share="expected", share_weight=1.0)
     if share == "steady" and assign_labels == "discretize":
         return steady_shares(w, k, draws=opts.label_draws, **kw)
-    # (k-means labels have no discretize path to gate or soften: "steady" and "expected" run
-    # the paper's share there, as with one cluster)
-    draws = spectral_labels(w, k, assign_labels=assign_labels, draws=opts.label_draws, **kw)
-    if share == "soft":
-        return draws, soft_cluster_shares(w, k), dict(cluster_share="soft", share_weight=0.0)
-    return draws, None, dict(cluster_share="paper", share_weight=1.0)
+    if share != "expected" or assign_labels != "discretize" or not 1 < k < w.shape[0]:
+        # (k-means labels have no discretize path to gate or soften: "steady" and "expected"
+        # run the paper's share there, as with one cluster)
+        draws = spectral_labels(w, k, assign_labels=assign_labels, draws=opts.label_draws, **kw)
+        if share == "soft":
+            return draws, soft_cluster_shares(w, k), dict(cluster_share="soft", share_weight=0.0)
+        return draws, None, dict(cluster_share="paper", share_weight=1.0)
+    emb = spectral_embedding(w, k, **kw)
+    labels, shares = expected_shares_from_embedding(
+        emb, seed=opts.seed, draws=max(EXPECTED_DRAWS, opts.label_draws), keep=opts.label_draws
+    )
+    return labels, shares, dict(cluster_share="expected", share_weight=1.0)
