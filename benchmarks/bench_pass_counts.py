@@ -59,7 +59,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_workset_cuda import SHAPES  # noqa: E402
-from benchmarks.common import RESULTS_DIR, environment, print_table, video_tokens  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR,
+    environment,
+    finish,
+    loadavg,
+    print_table,
+    video_tokens,
+)
 
 try:
     import fcntl
@@ -109,16 +116,21 @@ def tokens(frames: int, per_frame: int, d: int, *, corrupt: dict | None = CORRUP
 
 
 def run_rule(x: torch.Tensor, grow: int, at_once: bool, geometric: bool, slots=(0, 0), *,
-             threads: int = 1, tol: float = TOL, max_passes: int = MAX_PASSES) -> dict:  # fmt: skip
+             threads: int = 1, tol: float = TOL, max_passes: int = MAX_PASSES,
+             grow_max: int | None = None) -> dict:  # fmt: skip
     """The kernel's variant for the rule on ``x`` (``N x D``), every column from its nearest
-    point, unbounded sets: ``C``, ``E`` (numpy, float64), each column's ``status`` and
+    point, unbounded sets; ``geometric``: the coefficients joining double each pass up to
+    ``grow_max`` (None: ``grow`` 2^8, the most the kernel's 8 doublings reach), else ``grow``
+    every pass: ``C``, ``E`` (numpy, float64), each column's ``status`` and
     ``passes``, and per pass ``p`` (index ``p - 1``) the supports' sizes the active columns
     had (``nnz_c``, ``nnz_e``), summed over the threads' records."""
     from videoanchor.anchor.solvers import _workset_kernel as k
     from videoanchor.anchor.solvers import workset
 
-    kernel = k.variant_kernel(OUTLIERS_AT_ONCE=at_once, GEOMETRIC_GROW=geometric,
-                              PASS_SUPPORTS=True, SLOT_BOUND=slots[0], SLOT_WIDE=slots[1])  # fmt: skip
+    kernel = k.variant_kernel(OUTLIERS_AT_ONCE=at_once, PASS_SUPPORTS=True, SLOT_BOUND=slots[0],
+                              SLOT_WIDE=slots[1])  # fmt: skip
+    if grow_max is None:
+        grow_max = grow << 8 if geometric else grow
     x64, gram, lam_e, lam_z = workset._prepare(x, 800.0, 800.0)
     n, d = x64.shape
     G, YT = gram.numpy(), x64.numpy()
@@ -135,9 +147,9 @@ def run_rule(x: torch.Tensor, grow: int, at_once: bool, geometric: bool, slots=(
     scratches = [k.scratch(n, d, cap, cap_c, grow, max_passes) for _ in range(threads)]
 
     def one(t: int) -> None:
-        kernel(cols, t, threads, G, YT, Y, ptr, var, val, lam_z, lam_e, tol, grow, cap, cap_c,
-               max_passes, MAX_INNER, float("inf"), C, E, status, passes, spent, hard, gamma,
-               k.RIDGE, *scratches[t])  # fmt: skip
+        kernel(cols, t, threads, G, YT, Y, ptr, var, val, lam_z, lam_e, tol, grow, grow_max, cap,
+               cap_c, max_passes, MAX_INNER, float("inf"), C, E, status, passes, spent, hard,
+               gamma, k.RIDGE, *scratches[t])  # fmt: skip
 
     if threads == 1:
         one(0)
@@ -191,6 +203,107 @@ def counts(res: dict, corrupted=()) -> dict:
     )  # fmt: skip
 
 
+#: ``--ab``'s rules: the CPU's before issue 101 (``grow`` 16 every pass, the outlier entries
+#: among them) and the one pass rule (:data:`videoanchor.anchor.plan.PASS_RULE`: 16 doubling
+#: to 64 coefficients, every violating outlier entry at once): ``name: (grow0, grow_max,
+#: outlier entries at once)``
+AB_RULES = {"old": (16, 16, False), "rule": (16, 64, True)}
+#: ``--ab``'s sets: ``name: (frames, tokens a frame, D, corrupted tokens)`` (:func:`tokens`,
+#: :data:`CORRUPT`'s share and scale): 16 frames of Qwen2.5-VL-7B's shape and at D = 1024,
+#: and 8 frames of 96 tokens
+AB_SETS = {"qwen16": (16, 128, 3584, 10), "video16_d1024": (16, 128, 1024, 10),
+           "video8_d1024": (8, 96, 1024, 4)}  # fmt: skip
+
+
+@contextlib.contextmanager
+def _ab_rule(name: str):
+    """``solve_ssc_workset`` and ``run_workset`` under ``--ab``'s rule ``name``
+    (:data:`AB_RULES`): the kernel's ``grow`` and ``grow_max`` (``workset._grows``) set to its
+    growth, and the full kernel, where its outlier rule is not the default kernel's, the
+    kernel's variant (``run_columns``' ``ready("full")`` hands it out)."""
+    from videoanchor.anchor.solvers import _workset_kernel as k
+    from videoanchor.anchor.solvers import workset
+
+    grow0, grow_max, at_once = AB_RULES[name]
+    k.ready("full")  # (held: run_columns runs the full kernel, never the lean one)
+    saved = workset._grows, k.KERNELS["full"]
+    workset._grows = lambda grow: (grow0, grow_max)
+    if at_once != k.OUTLIERS_AT_ONCE:
+        k.KERNELS["full"] = k.variant_kernel(OUTLIERS_AT_ONCE=at_once)
+    try:
+        yield
+    finally:
+        workset._grows, k.KERNELS["full"] = saved
+
+
+def ab(names, reps: int, *, threads: int, routes=("solve_ssc_workset", "run_workset"),
+       out_dir=None) -> Path:  # fmt: skip
+    """``--ab``: the warm seconds of :data:`AB_RULES`' rules in this process, interleaved
+    (``old``, ``rule``, ``rule``, ``old``, ... : ``reps`` each), per set of :data:`AB_SETS`
+    and route (``solve_ssc_workset``; ``run_workset``: the default anchor scores' SSC,
+    ``ssc_coefficients(x, solver="auto")``): the medians, each rule's passes (the most a
+    column took), its answer's largest relative duality gap (``program.duality_gaps``) and
+    the largest difference of the rules' ``C``; rows into ``pass_rule_ab_cpu.json``. Both
+    kernels are compiled or loaded before any timing (a first call per set and rule, not
+    timed)."""
+    import numba
+
+    from videoanchor.anchor.program import duality_gaps
+    from videoanchor.anchor.scores import ssc_coefficients
+    from videoanchor.anchor.solvers.workset import LIMITS, solve_ssc_workset
+
+    torch.set_num_threads(threads)
+    meta = environment("cpu")
+    meta.update(numba=numba.__version__, numpy=np.__version__, threads=threads, reps=reps,
+                rules={k: dict(zip(("grow0", "grow_max", "outliers_at_once"), v, strict=True))
+                       for k, v in AB_RULES.items()},
+                sets={k: dict(zip(("frames", "per_frame", "d", "corrupted"), v, strict=True))
+                      for k, v in AB_SETS.items()},
+                gap_threshold=LIMITS.gap, order="old, rule, rule, old, ...")  # fmt: skip
+    calls = {"solve_ssc_workset": lambda x: solve_ssc_workset(x, threads=threads),
+             "run_workset": lambda x: ssc_coefficients(x, solver="auto")}  # fmt: skip
+    rows = []
+    for name in names:
+        frames, per_frame, d, bad = AB_SETS[name]
+        x, corrupted = tokens(frames, per_frame, d, corrupt={**CORRUPT, "tokens": bad})
+        x = x.double()
+        for route in routes:
+            call = calls[route]
+            times, answers, info = {r: [] for r in AB_RULES}, {}, {}
+            for rule in AB_RULES:  # the first call of each: compiles or loads, not timed
+                with _ab_rule(rule):
+                    res = call(x)
+                answers[rule] = res.coef.double()
+                gaps = duality_gaps(x, answers[rule], res.lambda_e, res.lambda_z)
+                info[rule] = dict(passes=int(res.iterations), gap=float(gaps.max_gap),
+                                  affine=float(gaps.affine), strategy=res.strategy,
+                                  solver=res.solver)  # fmt: skip
+            order = [r for k in range(reps) for r in
+                     (("old", "rule") if k % 2 == 0 else ("rule", "old"))]  # fmt: skip
+            for rule in order:
+                with _ab_rule(rule):
+                    t = time.perf_counter()
+                    call(x)
+                    times[rule].append(time.perf_counter() - t)
+            med = {r: float(np.median(v)) for r, v in times.items()}
+            row = dict(set=name, route=route, n=int(x.shape[0]), d=d, frames=frames,
+                       corrupted=corrupted, threads=threads,
+                       **{f"{r}_seconds": med[r] for r in AB_RULES},
+                       **{f"{r}_times": times[r] for r in AB_RULES},
+                       **{f"{r}_{k}": v for r in AB_RULES for k, v in info[r].items()},
+                       ratio=med["rule"] / med["old"],
+                       c_max_diff=float((answers["rule"] - answers["old"]).abs().max()),
+                       git_sha=meta["git_sha"], loadavg=loadavg())  # fmt: skip
+            rows.append(row)
+            print(f"{name} {route}: old {med['old']:.2f} s ({info['old']['passes']} passes, gap "
+                  f"{info['old']['gap']:.1e}), rule {med['rule']:.2f} s ({info['rule']['passes']} "
+                  f"passes, gap {info['rule']['gap']:.1e}), ratio {row['ratio']:.3f}, C diff "
+                  f"{row['c_max_diff']:.1e}, load {row['loadavg']}", flush=True)  # fmt: skip
+    return finish("pass_rule_ab", meta, rows, out_dir,
+                  ["set", "route", "n", "d", "old_seconds", "rule_seconds", "ratio", "old_passes",
+                   "rule_passes", "old_gap", "rule_gap", "c_max_diff"])  # fmt: skip
+
+
 def _merge(path: Path, meta: dict, rows: list[dict]) -> None:
     """``rows`` into ``path``'s (replacing those of the same set and rule), under a lock."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -212,13 +325,23 @@ def _merge(path: Path, meta: dict, rows: list[dict]) -> None:
 
 def main(argv=None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sets", default="qwen16", help=f"comma-separated, of {', '.join(SETS)}")
+    ap.add_argument("--sets", default=None,
+                    help=f"comma-separated, of {', '.join(SETS)} (--ab: of {', '.join(AB_SETS)}; "
+                    "default qwen16, --ab: all)")
     ap.add_argument("--rules", default=",".join(RULES), help="comma-separated")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--clean", action="store_true", help="without the corrupted tokens")
     ap.add_argument("--smoke", action="store_true", help="a tiny set (seconds)")
     ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--ab", action="store_true",
+                    help="the warm A/B of AB_RULES' rules (--sets of AB_SETS, --reps each)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--routes", default="solve_ssc_workset,run_workset")
     args = ap.parse_args(argv)
+    if args.ab:
+        names = list(AB_SETS) if args.sets is None else args.sets.split(",")
+        return ab(names, args.reps, threads=args.threads, routes=args.routes.split(","),
+                  out_dir=args.out_dir)  # fmt: skip
     import numba
 
     meta = environment("cpu")
@@ -227,7 +350,7 @@ def main(argv=None) -> Path:
                                                      "slot_levels"), v, strict=True))
                                         for k, v in RULES.items()},
                 targets_sum_active_over_n=TARGETS)  # fmt: skip
-    names = ["smoke"] if args.smoke else args.sets.split(",")
+    names = ["smoke"] if args.smoke else (args.sets or "qwen16").split(",")
     rules = args.rules.split(",")
     for r in rules:
         if r not in RULES:

@@ -55,7 +55,7 @@ def test_the_records_agree_with_each_columns_passes(tiny):
     x, bad = tiny
     whole = bpc.run_rule(x, GROW, True, True)
     n, d = x.shape
-    kernel = k.variant_kernel(OUTLIERS_AT_ONCE=True, GEOMETRIC_GROW=True, PASS_SUPPORTS=True)
+    kernel = k.variant_kernel(OUTLIERS_AT_ONCE=True, PASS_SUPPORTS=True)
     x64, gram, lam_e, lam_z = workset._prepare(x, 800.0, 800.0)
     G, YT = gram.numpy(), x64.numpy()
     Y = np.ascontiguousarray(YT.T)
@@ -66,9 +66,9 @@ def test_the_records_agree_with_each_columns_passes(tiny):
     sums, most = np.zeros((bpc.MAX_PASSES, 2)), np.zeros((bpc.MAX_PASSES, 2))
     for i in range(n):
         s = k.scratch(n, d, n + d, n - 1, GROW, bpc.MAX_PASSES)
-        kernel(np.array([i]), 0, 1, G, YT, Y, ptr, var, val, lam_z, lam_e, bpc.TOL, GROW, n + d,
-               n - 1, bpc.MAX_PASSES, bpc.MAX_INNER, float("inf"), C, E, status, passes,
-               np.zeros(n), np.array([0, n + 1]), gamma, k.RIDGE, *s)  # fmt: skip
+        kernel(np.array([i]), 0, 1, G, YT, Y, ptr, var, val, lam_z, lam_e, bpc.TOL, GROW,
+               GROW << 8, n + d, n - 1, bpc.MAX_PASSES, bpc.MAX_INNER, float("inf"), C, E,
+               status, passes, np.zeros(n), np.array([0, n + 1]), gamma, k.RIDGE, *s)  # fmt: skip
         rec = s[-1][2:].reshape(-1, 4)
         p = passes[i]
         assert (rec[:p, 0] >= 1).all() and not rec[p:].any(), i
@@ -119,7 +119,7 @@ def test_every_rule_reaches_the_same_minimiser_in_fewer_passes_for_the_outliers(
 
 def test_variant_kernel_refuses_what_it_does_not_know():
     with pytest.raises(ValueError, match="booleans"):
-        k.variant_kernel(GEOMETRIC_GROW=1)
+        k.variant_kernel(OUTLIERS_AT_ONCE=1)
     with pytest.raises(ValueError, match="booleans"):
         k.variant_kernel(OUTLIERS=False)
     with pytest.raises(ValueError, match="booleans"):

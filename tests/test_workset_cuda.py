@@ -19,6 +19,7 @@ import torch
 import workset_reference
 
 from benchmarks.common import video_tokens
+from videoanchor.anchor import plan
 from videoanchor.anchor.program import duality_gaps
 from videoanchor.anchor.solvers import workset_cuda as wc
 from videoanchor.anchor.solvers.workset import solve_ssc_workset
@@ -80,13 +81,12 @@ def test_video_like_tokens_reach_the_certified_minimiser(reference_kernel):
 def test_outlier_entries_join_at_once_and_are_solved(reference_kernel, monkeypatch):
     """A small alpha_e: the minimiser holds several outlier entries per column; every
     violating entry joins in the pass that sees it (outside ``grow``): after the first pass
-    with joiners some column holds more outlier slots than ``GROW_MAX``. Its objective, C
+    with joiners some column holds more outlier slots than the rule's ``grow_max``. Its objective, C
     and E to the certified minimiser's."""
     from benchmarks.common import objective
 
     x = video_tokens(3, 8, 24, k=3, seed=2)
-    monkeypatch.setattr(wc, "GROW0", 2)
-    monkeypatch.setattr(wc, "GROW_MAX", 4)
+    monkeypatch.setattr(plan, "PASS_RULE", plan.PassRule(2, 4))  # (the CPU's reference too)
     held = []
     saved = wc._pass
 
@@ -99,7 +99,7 @@ def test_outlier_entries_join_at_once_and_are_solved(reference_kernel, monkeypat
                                 max_inner=300)  # fmt: skip
     ref = solve_ssc_workset(x.double(), alpha_e=10.0)
     assert int((ref.outliers != 0).sum(dim=0).min()) >= 5  # the case holds outlier entries
-    assert held[0] > wc.GROW_MAX
+    assert held[0] > plan.PASS_RULE.grow_max
     assert out["converged"]
     want = objective(x, ref.coef, ref.lambda_e, ref.lambda_z)
     got = objective(x, out["coef"], out["lambda_e"], out["lambda_z"])

@@ -22,8 +22,10 @@ from videoanchor.anchor.products import resolve_precision
 
 __all__ = [
     "EXACT_MAX_TOKENS",
+    "PASS_RULE",
     "PRECISIONS",
     "ROUTES",
+    "PassRule",
     "WARM_SET",
     "Plan",
     "SSCMemoryError",
@@ -343,6 +345,53 @@ ROUTES = ("workset_then_fast", "workset_cuda", "admm", "admm_cupy", "blocked", "
 #: ~100-150 on Yale B faces; outlier entries are not bounded, the kernel eliminates them).
 #: It sizes the kernel's per-thread buffers (:func:`workset_bytes`).
 WARM_SET = 512
+
+
+@dataclass(frozen=True)
+class PassRule:
+    """The working sets' pass rule, one for the CPU's kernel
+    (:mod:`~videoanchor.anchor.solvers.workset`) and the GPU's passes
+    (:mod:`~videoanchor.anchor.solvers.workset_cuda`), both reading :data:`PASS_RULE` when they
+    run (the GPU's kept CUDA graphs: when captured; issue 101). At a column's outer pass ``p``
+    (1, 2, ...), EVERY outlier entry that violates its KKT condition joins the column's working
+    set at once, and of the coefficients the :meth:`grow` worst violators: ``grow0`` in the
+    first pass, doubling each pass up to ``grow_max`` (issue 90: geometric growth; the outlier
+    entries, which cost no factor, outside it). Where the two routes differ, by design:
+
+    - ``p``: the CPU's is the column's own pass; the GPU's the call's, over the active columns
+      (the float64 passes after float32 screening continue its count, so they add
+      ``grow_max``);
+    - the GPU's joins also fit its slots (``workset_cuda.SLOTS``, ``OUTLIER_SLOTS``: a column
+      that would outgrow them moves to the next level); the CPU's sets are bounded by
+      ``cap`` alone.
+
+    Until issue 101's A/B (``benchmarks/bench_pass_counts.py --ab``) the CPU's kernel keeps
+    the rule before this one (``workset._grows``: ``grow`` every pass, the outlier entries
+    among them).
+    """
+
+    grow0: int = 16
+    grow_max: int = 64
+
+    def __post_init__(self):
+        for name in ("grow0", "grow_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"PassRule.{name}: expected a positive integer, got {value!r}")
+        if self.grow_max < self.grow0:
+            raise ValueError(f"PassRule: expected grow_max >= grow0, got {self.grow_max} < "
+                             f"{self.grow0}")  # fmt: skip
+
+    def grow(self, p: int) -> int:
+        """The most coefficients that join a column at its outer pass ``p`` (1, 2, ...):
+        ``min(grow0 * 2^(p - 1), grow_max)``, at most 8 doublings (the GPU's int32 shift)."""
+        return min(self.grow0 << min(max(p - 1, 0), 8), self.grow_max)
+
+
+#: The working sets' one pass rule (:class:`PassRule`; bench_pass_counts.py measured it on
+#: the CPU, ``benchmarks/results/pass_counts_cpu.json``, and its A/B against the rule before
+#: it, ``pass_rule_ab_cpu.json``).
+PASS_RULE = PassRule()
 
 
 def workset_bytes(n: int, d: int, threads: int = 1) -> int:

@@ -110,7 +110,7 @@ class Limits:
 #: The default :class:`Limits`.
 LIMITS = Limits()
 #: :func:`solve_ssc_workset`'s defaults, which :func:`run_workset` runs with: the KKT
-#: violation below which a variable stays out, variables added per pass.
+#: violation below which a variable stays out, variables added per pass (:func:`_grows`).
 TOL, GROW = 1e-9, 16
 #: Inner steps (a variable joining or leaving the support) per column before it is given up.
 MAX_STEPS = 100_000
@@ -208,6 +208,14 @@ def _sweep_cost(n: int, d: int, start, C, E, work, passes, cols) -> float:
     return float((counts @ np.asarray(KERNEL_NS)).sum())
 
 
+def _grows(grow: int | None) -> tuple[int, int]:
+    """The kernel's ``grow`` and ``grow_max``: until issue 101's A/B
+    (``benchmarks/bench_pass_counts.py --ab``), the CPU's rule before the pass rule
+    (:data:`videoanchor.anchor.plan.PASS_RULE`): ``grow`` (None: :data:`GROW`) every pass."""
+    grow = GROW if grow is None else int(grow)
+    return grow, grow
+
+
 def _kernel():
     from videoanchor.anchor.solvers import _workset_kernel
 
@@ -267,13 +275,14 @@ def _seeds(x64: torch.Tensor, gram: torch.Tensor, lam_e: float, lam_z: float, co
 
 
 def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, *, tol: float,
-             grow: int, cap: int, max_passes: int, threads: int, cap_c: int | None = None,
-             max_work: float = math.inf, rank: int = 0, world: int = 1,
+             cap: int, max_passes: int, threads: int, grow: int | None = None,
+             cap_c: int | None = None, max_work: float = math.inf, rank: int = 0, world: int = 1,
              start=None, cols=None, stop_after: int | None = None,
              floor: float = LIMITS.downdate_floor, budget: float = math.inf):  # fmt: skip
     """``C``, ``E`` and each column's status, passes and work, by the compiled kernel over
     ``threads`` threads (strides of the columns, each thread taking the next as it comes
-    free; without the GIL), from ``start`` (:func:`_seeds`); the columns ``cols`` only
+    free; without the GIL), from ``start`` (:func:`_seeds`), who joins at a pass by the pass
+    rule (:func:`_grows`); the columns ``cols`` only
     (default all; the others stay zero, status -1). A hard column (its set past ``cap`` or
     ``cap_c``, its work past ``max_work``) keeps its iterate and the others go on, until
     ``stop_after`` of them are hard (default never): then the columns not yet started stay
@@ -290,6 +299,7 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
     kernel = _kernel()
     n, d = x64.shape
     cap_c = cap if cap_c is None else cap_c
+    grow, grow_max = _grows(grow)
     G = gram.numpy()
     YT = x64.numpy()
     Y = np.ascontiguousarray(YT.T)
@@ -342,8 +352,8 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
             def run(t: int, span=span, tasks=tasks, ptr=ptr, var=var, val=val,
                     work_cap=work_cap) -> None:  # fmt: skip
                 kernel.run_columns(span, t, tasks, G, YT, Y, ptr, var, val, lam_z, lam_e, tol,
-                                   grow, cap, cap_c, max_passes, MAX_STEPS, work_cap, C, E,
-                                   status, passes, work, hard, floor)  # fmt: skip
+                                   grow, grow_max, cap, cap_c, max_passes, MAX_STEPS, work_cap,
+                                   C, E, status, passes, work, hard, floor)  # fmt: skip
 
             if tasks <= 1:
                 run(0)
@@ -366,7 +376,7 @@ def solve_ssc_workset(
     alpha_e: float = 800.0,
     alpha_z: float = 800.0,
     tol: float = TOL,
-    grow: int = GROW,
+    grow: int | None = None,
     max_set: int | None = None,
     max_passes: int | None = None,
     threads: int | None = None,
@@ -379,11 +389,11 @@ def solve_ssc_workset(
 
     ``tol``: the KKT violation (relative to each variable's l1 weight) below which a
     variable stays out of its set. ``grow``: variables added to a column's working set per
-    pass. ``max_set``: the most variables (coefficients and outliers) one column's working
-    set may hold (None: no limit); a set that outgrows it raises :class:`SetsTooLarge`,
-    where ``C`` is dense and the working sets stop paying. ``max_passes``: outer passes per
-    column (None: ``limits.max_passes``). ``threads``: columns run on this many threads
-    (None: torch's intra-op count).
+    pass (None: :data:`GROW`). ``max_set``: the most variables (coefficients and
+    outliers) one column's working set may hold (None: no limit); a set that outgrows it
+    raises :class:`SetsTooLarge`, where ``C`` is dense and the working sets stop paying.
+    ``max_passes``: outer passes per column (None: ``limits.max_passes``). ``threads``: columns
+    run on this many threads (None: torch's intra-op count).
     ``coef_init``: an approximation of ``C`` (``N x N``, e.g. an ADMM's answer) to start
     from, each column divided by its sum onto the constraint (a column whose sum is not
     positive starts from its nearest point, as every column does by default): near the
@@ -401,7 +411,7 @@ def solve_ssc_workset(
     n, d = x.shape
     if n < 2:
         raise ValueError(f"SSC needs at least 2 points, got N = {n}")
-    for name, value in (("grow", grow), ("max_passes", max_passes)):
+    for name, value in (("grow", 1 if grow is None else grow), ("max_passes", max_passes)):
         if int(value) < 1:
             raise ValueError(f"{name}: expected a positive integer, got {value}")
     if max_set is not None and int(max_set) < 1:
@@ -423,7 +433,7 @@ def solve_ssc_workset(
     cap = n + d if max_set is None else min(int(max_set), n + d)
     x64, G, lam_e, lam_z = _prepare(x, alpha_e, alpha_z)
     t1 = time.perf_counter()
-    C, E, status, passes, _ = _columns(x64, lam_e, lam_z, G, tol=tol, grow=int(grow), cap=cap,
+    C, E, status, passes, _ = _columns(x64, lam_e, lam_z, G, tol=tol, grow=grow, cap=cap,
                                        max_passes=int(max_passes), threads=min(int(threads), n),
                                        start=coef_init, floor=limits.downdate_floor)  # fmt: skip
     note = _singular(status)
@@ -550,7 +560,7 @@ def _routes(x, plan: Plan, limits: Limits, *, alpha_e, alpha_z, rho, eps, max_it
         x64, G, lam_e, lam_z = prepared
         t = time.perf_counter()
         C, E, status, passes, work = _columns(
-            x64, lam_e, lam_z, G, tol=TOL, grow=GROW, cap=n + d, cap_c=int(min(cap_c, n + d)),
+            x64, lam_e, lam_z, G, tol=TOL, cap=n + d, cap_c=int(min(cap_c, n + d)),
             max_work=max_work, max_passes=limits.max_passes,
             threads=min(torch.get_num_threads(), n), rank=plan.rank, world=plan.world,
             floor=limits.downdate_floor, **kw)  # fmt: skip
