@@ -204,10 +204,11 @@ def counts(res: dict, corrupted=()) -> dict:
 
 
 #: ``--ab``'s rules: the CPU's before issue 101 (``grow`` 16 every pass, the outlier entries
-#: among them) and the one pass rule (:data:`videoanchor.anchor.plan.PASS_RULE`: 16 doubling
-#: to 64 coefficients, every violating outlier entry at once): ``name: (grow0, grow_max,
-#: outlier entries at once)``
-AB_RULES = {"old": (16, 16, False), "rule": (16, 64, True)}
+#: among them), the pass rule (:data:`videoanchor.anchor.plan.PASS_RULE`: 16 doubling to 64
+#: coefficients, every violating outlier entry at once) and the pass rule with no doubling
+#: (``grow_max`` 16): ``name: (grow0, grow_max, outlier entries at once)``; the first is the
+#: baseline of the ratios
+AB_RULES = {"old": (16, 16, False), "rule": (16, 64, True), "rule_grow16": (16, 16, True)}
 #: ``--ab``'s sets: ``name: (frames, tokens a frame, D, corrupted tokens)`` (:func:`tokens`,
 #: :data:`CORRUPT`'s share and scale): 16 frames of Qwen2.5-VL-7B's shape and at D = 1024,
 #: and 8 frames of 96 tokens
@@ -238,12 +239,13 @@ def _ab_rule(name: str):
 
 def ab(names, reps: int, *, threads: int, routes=("solve_ssc_workset", "run_workset"),
        out_dir=None) -> Path:  # fmt: skip
-    """``--ab``: the warm seconds of :data:`AB_RULES`' rules in this process, interleaved
-    (``old``, ``rule``, ``rule``, ``old``, ... : ``reps`` each), per set of :data:`AB_SETS`
-    and route (``solve_ssc_workset``; ``run_workset``: the default anchor scores' SSC,
-    ``ssc_coefficients(x, solver="auto")``): the medians, each rule's passes (the most a
-    column took), its answer's largest relative duality gap (``program.duality_gaps``) and
-    the largest difference of the rules' ``C``; rows into ``pass_rule_ab_cpu.json``. Both
+    """``--ab``: the warm seconds of :data:`AB_RULES`' rules in this process, interleaved (each
+    round runs every rule once, the first rule of round ``k`` the ``k``-th: ``reps`` rounds),
+    per set of :data:`AB_SETS` and route (``solve_ssc_workset``; ``run_workset``: the default
+    anchor scores' SSC, ``ssc_coefficients(x, solver="auto")``): the medians, each rule's
+    passes (the most a column took), its answer's largest relative duality gap
+    (``program.duality_gaps``), its median's ratio to the first rule's and the largest
+    difference of its ``C`` from the first rule's; rows into ``pass_rule_ab_cpu.json``. The
     kernels are compiled or loaded before any timing (a first call per set and rule, not
     timed)."""
     import numba
@@ -259,7 +261,8 @@ def ab(names, reps: int, *, threads: int, routes=("solve_ssc_workset", "run_work
                        for k, v in AB_RULES.items()},
                 sets={k: dict(zip(("frames", "per_frame", "d", "corrupted"), v, strict=True))
                       for k, v in AB_SETS.items()},
-                gap_threshold=LIMITS.gap, order="old, rule, rule, old, ...")  # fmt: skip
+                gap_threshold=LIMITS.gap,
+                order="round k: every rule once, from the k-th (rotated)")  # fmt: skip
     calls = {"solve_ssc_workset": lambda x: solve_ssc_workset(x, threads=threads),
              "run_workset": lambda x: ssc_coefficients(x, solver="auto")}  # fmt: skip
     rows = []
@@ -278,30 +281,34 @@ def ab(names, reps: int, *, threads: int, routes=("solve_ssc_workset", "run_work
                 info[rule] = dict(passes=int(res.iterations), gap=float(gaps.max_gap),
                                   affine=float(gaps.affine), strategy=res.strategy,
                                   solver=res.solver)  # fmt: skip
-            order = [r for k in range(reps) for r in
-                     (("old", "rule") if k % 2 == 0 else ("rule", "old"))]  # fmt: skip
-            for rule in order:
-                with _ab_rule(rule):
-                    t = time.perf_counter()
-                    call(x)
-                    times[rule].append(time.perf_counter() - t)
+            names_ = list(AB_RULES)
+            base = names_[0]
+            for k in range(reps):
+                for rule in names_[k % len(names_):] + names_[: k % len(names_)]:
+                    with _ab_rule(rule):
+                        t = time.perf_counter()
+                        call(x)
+                        times[rule].append(time.perf_counter() - t)
             med = {r: float(np.median(v)) for r, v in times.items()}
             row = dict(set=name, route=route, n=int(x.shape[0]), d=d, frames=frames,
                        corrupted=corrupted, threads=threads,
                        **{f"{r}_seconds": med[r] for r in AB_RULES},
                        **{f"{r}_times": times[r] for r in AB_RULES},
                        **{f"{r}_{k}": v for r in AB_RULES for k, v in info[r].items()},
-                       ratio=med["rule"] / med["old"],
-                       c_max_diff=float((answers["rule"] - answers["old"]).abs().max()),
+                       **{f"{r}_ratio": med[r] / med[base] for r in names_[1:]},
+                       **{f"{r}_c_max_diff": float((answers[r] - answers[base]).abs().max())
+                          for r in names_[1:]},
                        git_sha=meta["git_sha"], loadavg=loadavg())  # fmt: skip
             rows.append(row)
-            print(f"{name} {route}: old {med['old']:.2f} s ({info['old']['passes']} passes, gap "
-                  f"{info['old']['gap']:.1e}), rule {med['rule']:.2f} s ({info['rule']['passes']} "
-                  f"passes, gap {info['rule']['gap']:.1e}), ratio {row['ratio']:.3f}, C diff "
-                  f"{row['c_max_diff']:.1e}, load {row['loadavg']}", flush=True)  # fmt: skip
+            print(f"{name} {route}: " + "; ".join(
+                f"{r} {med[r]:.2f} s, {info[r]['passes']} passes, gap {info[r]['gap']:.1e}"
+                + (f", {row[r + '_ratio']:.3f}x, C diff {row[r + '_c_max_diff']:.1e}"
+                   if r != base else "") for r in names_) + f"; load {row['loadavg']}",
+                  flush=True)  # fmt: skip
     return finish("pass_rule_ab", meta, rows, out_dir,
-                  ["set", "route", "n", "d", "old_seconds", "rule_seconds", "ratio", "old_passes",
-                   "rule_passes", "old_gap", "rule_gap", "c_max_diff"])  # fmt: skip
+                  ["set", "route", "n", "d"] + [f"{r}_{k}" for r in AB_RULES for k in
+                                                 ("seconds", "ratio", "passes", "gap")
+                                                 if f"{r}_{k}" in rows[0]])  # fmt: skip
 
 
 def _merge(path: Path, meta: dict, rows: list[dict]) -> None:
