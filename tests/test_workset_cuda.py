@@ -108,6 +108,39 @@ def test_outlier_entries_join_at_once_and_are_solved(reference_kernel, monkeypat
     assert float((out["outliers"] - ref.outliers).abs().max()) < 1e-7
 
 
+def test_both_routes_read_the_one_pass_rule(reference_kernel, monkeypatch):
+    """Issue 101: the CPU's kernel and the GPU's passes take who joins a pass from one object,
+    ``plan.PASS_RULE``, read when they run: a changed rule changes what both do (the GPU's
+    joins get its numbers; the CPU's kernel its ``grow0`` and ``cpu_grow_max``,
+    with more passes at 1 a pass than at the default's 16), and each reaches the same
+    minimiser."""
+    from videoanchor.anchor.solvers import _pass_kernel
+    from videoanchor.anchor.solvers import workset as ws
+
+    x = video_tokens(3, 8, 24, k=3, seed=2)
+    default = solve_ssc_workset(x.double(), alpha_e=10.0)
+    assert ws._grows(None) == (plan.PASS_RULE.grow0, plan.PASS_RULE.cpu_grow_max) == (16, 16)
+    assert [plan.PASS_RULE.grow(p) for p in (1, 2, 3, 4, 40)] == [16, 32, 64, 64, 64]
+    monkeypatch.setattr(plan, "PASS_RULE", plan.PassRule(1, 2, 1))
+    assert ws._grows(None) == (1, 1)
+    seen, joins = set(), _pass_kernel.joins
+
+    def recorded(*args, **kw):
+        seen.add((kw["grow0"], kw["grow_max"]))
+        return joins(*args, **kw)
+
+    monkeypatch.setattr(_pass_kernel, "joins", recorded)
+    out = wc.solve_workset_cuda(x, alpha_e=10.0, slots=(32,), outlier_slots=(64,),
+                                max_inner=300)  # fmt: skip
+    assert seen == {(1, 2)} and out["converged"]
+    cpu = solve_ssc_workset(x.double(), alpha_e=10.0)
+    assert cpu.converged and cpu.iterations > default.iterations
+    assert float((cpu.coef - default.coef).abs().max()) < 1e-8
+    assert float((out["coef"] - default.coef).abs().max()) < 1e-7
+    with pytest.raises(ValueError, match="grow_max >= grow0"):
+        plan.PassRule(16, 8)
+
+
 def test_slot_overflow_takes_the_second_level_and_then_the_fallback(reference_kernel):
     """With 4 coefficient slots a column's support fills them: it is set aside and continues
     with 16 (the same minimiser, ``wide_columns`` counts it); with 4 alone it is reported as

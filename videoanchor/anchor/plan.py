@@ -355,42 +355,50 @@ class PassRule:
     run (the GPU's kept CUDA graphs: when captured; issue 101). At a column's outer pass ``p``
     (1, 2, ...), EVERY outlier entry that violates its KKT condition joins the column's working
     set at once, and of the coefficients the :meth:`grow` worst violators: ``grow0`` in the
-    first pass, doubling each pass up to ``grow_max`` (issue 90: geometric growth; the outlier
-    entries, which cost no factor, outside it). Where the two routes differ, by design:
+    first pass, doubling each pass (at most 8 times) up to ``grow_max`` (issue 90: geometric
+    growth; the outlier entries, which cost no factor, outside it). Where the two routes
+    differ, by design:
 
+    - ``cpu_grow_max``: the CPU's ``grow_max``, 16 (no doubling), against the GPU's 64. A pass
+      costs the CPU a column's ``|F| (N + D)`` products, no GEMM, while a larger working set
+      costs its inner steps more; the GPU's pass is a GEMM and 12 kernels over the active
+      columns. ``benchmarks/results/pass_rule_ab_cpu.json`` (one thread, warm, interleaved):
+      doubling to 64 on the CPU is 1.05-1.09x slower at 16 frames, D = 1024 (69 -> 24
+      passes), 1.01-1.12x at 8 frames, and 0.94-0.98x at 16 frames, D = 3584; doubling to 16
+      (none) is 0.96-0.995x the rule before (``grow`` 16, the outlier entries among them)
+      on every set;
     - ``p``: the CPU's is the column's own pass; the GPU's the call's, over the active columns
-      (the float64 passes after float32 screening continue its count, so they add
-      ``grow_max``);
+      (the float64 passes after float32 screening continue its count);
     - the GPU's joins also fit its slots (``workset_cuda.SLOTS``, ``OUTLIER_SLOTS``: a column
       that would outgrow them moves to the next level); the CPU's sets are bounded by
       ``cap`` alone.
-
-    Until issue 101's A/B (``benchmarks/bench_pass_counts.py --ab``) the CPU's kernel keeps
-    the rule before this one (``workset._grows``: ``grow`` every pass, the outlier entries
-    among them).
     """
 
     grow0: int = 16
     grow_max: int = 64
+    cpu_grow_max: int = 16
 
     def __post_init__(self):
-        for name in ("grow0", "grow_max"):
+        for name in ("grow0", "grow_max", "cpu_grow_max"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"PassRule.{name}: expected a positive integer, got {value!r}")
-        if self.grow_max < self.grow0:
-            raise ValueError(f"PassRule: expected grow_max >= grow0, got {self.grow_max} < "
-                             f"{self.grow0}")  # fmt: skip
+        for name in ("grow_max", "cpu_grow_max"):
+            if getattr(self, name) < self.grow0:
+                raise ValueError(f"PassRule: expected {name} >= grow0, got {getattr(self, name)} "
+                                 f"< {self.grow0}")  # fmt: skip
 
-    def grow(self, p: int) -> int:
+    def grow(self, p: int, *, cpu: bool = False) -> int:
         """The most coefficients that join a column at its outer pass ``p`` (1, 2, ...):
-        ``min(grow0 * 2^(p - 1), grow_max)``, at most 8 doublings (the GPU's int32 shift)."""
-        return min(self.grow0 << min(max(p - 1, 0), 8), self.grow_max)
+        ``min(grow0 * 2^(p - 1), grow_max)`` (``cpu``: ``cpu_grow_max``), at most 8 doublings
+        (the GPU's int32 shift)."""
+        most = self.cpu_grow_max if cpu else self.grow_max
+        return min(self.grow0 << min(max(p - 1, 0), 8), most)
 
 
-#: The working sets' one pass rule (:class:`PassRule`; bench_pass_counts.py measured it on
-#: the CPU, ``benchmarks/results/pass_counts_cpu.json``, and its A/B against the rule before
-#: it, ``pass_rule_ab_cpu.json``).
+#: The working sets' one pass rule (:class:`PassRule`; ``benchmarks/bench_pass_counts.py``
+#: counted its passes on the CPU, ``pass_counts_cpu.json``, and timed it against the rule
+#: before it, ``pass_rule_ab_cpu.json``).
 PASS_RULE = PassRule()
 
 

@@ -6,7 +6,9 @@ Column ``i``'s program is a weighted lasso in ``z = [c; e]`` over ``P = [Y, I]``
 1 on ``c``, ``lambda_e`` on ``e``) with ``a^T z = 1`` (``a``: 1 on ``c``) and ``c_i = 0``; its
 Gram matrix ``[[G, Y^T], [Y, I]]`` is read from ``G = Y^T Y`` and ``Y^T``, never formed.
 :func:`solve_columns`, from a start on the constraint: an outer pass computes every
-variable's multiplier and puts the ``grow`` worst violators into the working set (none above
+variable's multiplier and puts violators into the working set by the working sets' pass
+rule (:class:`videoanchor.anchor.plan.PassRule`: every violating outlier entry, and the
+``grow`` worst coefficients, ``grow`` doubling each pass up to ``grow_max``; none above
 ``tol``: solved); an inner loop solves the program restricted to the set, one variable
 joining or leaving its support per step, the objective falling at every step. The outlier
 entries are eliminated: only the coefficients' Schur complement is factored (Cholesky,
@@ -85,18 +87,13 @@ _SOLVE_LOCALS = {**dict.fromkeys(("fc", "fe", "coefs", "top", "w_", "steps", "ps
 #: :func:`_add_outlier`, :func:`_chol_rank1`, :func:`_refactor`): a quarter of the compile,
 #: for the columns of video tokens, which mostly hold none (docs/ssc.md).
 OUTLIERS = True
-#: Issue 90 step 2's rules for an outer pass that the pass rule
-#: (:class:`videoanchor.anchor.plan.PassRule`: ``grow`` and ``grow_max``, arguments) leaves
-#: out, counted on the CPU by ``benchmarks/bench_pass_counts.py`` (:func:`variant_kernel`);
-#: the kernels :func:`run_columns` runs have these False or 0 (their branches pruned before
-#: typing, as :data:`OUTLIERS`' are in the lean kernel). ``OUTLIERS_AT_ONCE``: every outlier
-#: entry violating at a pass joins the working set, outside ``grow``, which then counts
-#: coefficients alone (False: the outlier entries compete with the coefficients for the
-#: ``grow`` places).
-OUTLIERS_AT_ONCE = False
-#: The coefficients joining at a pass fit the slots of the GPU kernel's level, ``SLOT_BOUND``
-#: coefficients, or ``SLOT_WIDE`` for a column whose support holds more than half those (at
-#: least one joins; 0: no bound). The outlier entries have slots of their own.
+#: Issue 90 step 2's bound on an outer pass's joiners that the pass rule
+#: (:class:`videoanchor.anchor.plan.PassRule`: ``grow`` and ``grow_max`` are arguments) leaves
+#: out, counted on the CPU by ``benchmarks/bench_pass_counts.py`` (:func:`variant_kernel`;
+#: the kernels :func:`run_columns` runs have these 0, their branches pruned before typing, as
+#: :data:`OUTLIERS`' are in the lean kernel): the coefficients joining at a pass fit the
+#: slots of the GPU kernel's level, ``SLOT_BOUND`` coefficients, or ``SLOT_WIDE`` for a
+#: column whose support holds more than half those (at least one joins; 0: no bound).
 SLOT_BOUND = SLOT_WIDE = 0
 #: Each outer pass ``p`` records, in ``work[4 p - 2:4 p + 2]`` (``work`` then holds
 #: ``2 + 4 max_passes`` entries, :func:`scratch`; over the columns of the calls that share
@@ -565,7 +562,7 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
                 entrant, settle = at, True
                 continue
             # an outer pass: every multiplier lam_z (P^T y_i - K z) + nu a, from the rows of
-            # [[G, Y^T], [Y, I]], and W: F and the `grow` worst violators
+            # [[G, Y^T], [Y, I]], and W: F and the violators that the pass rule takes
             if ps == max_passes:
                 st = MAX_PASSES
                 break
@@ -606,20 +603,20 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
                 for r in range(fe):
                     W[w_] = n + Fe[r]
                     w_ += 1
+            # the pass rule (videoanchor.anchor.plan.PassRule): every violating outlier entry
+            # joins W (W[f:w_]), outside `grow` (also in the lean kernel, which then hands the
+            # column on where one joins its support: the full kernel's path, step for step)
             f, kept = w_, 0
-            if OUTLIERS_AT_ONCE:  # every violating outlier entry: W[f:w_], outside `grow`
-                for u in range(n, n + d):
-                    if full[u] > tol:  # (NaN: false)
-                        if w_ <= cap:
-                            W[w_] = u
-                        w_ += 1
-                        full[u] = math.nan  # (not again in the scan below)
-                if w_ > cap:
-                    st = TOO_LARGE
-                    break
-            # the pass rule's coefficients (videoanchor.anchor.plan.PassRule.grow): pass p adds
-            # up to grow 2^(p - 1), at most grow_max; past what W holds (more than cap):
-            # TOO_LARGE, as with more
+            for u in range(n, n + d):
+                if full[u] > tol:  # (NaN: false)
+                    if w_ <= cap:
+                        W[w_] = u
+                    w_ += 1
+            if w_ > cap:
+                st = TOO_LARGE
+                break
+            # and the coefficients: pass p adds up to grow 2^(p - 1) (at most 8 doublings), at
+            # most grow_max; past what W holds (more than cap): TOO_LARGE, as with more
             g = grow << (ps - 1 if ps < 9 else 8)
             if g > grow_max:
                 g = grow_max
@@ -629,9 +626,9 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
                     g = room if room > 0 else 1
             if g > cap + 1 - w_:
                 g = cap + 1 - w_
-            # the `g` worst above tol in one scan, worst first (ties: the lower index);
+            # the `g` worst coefficients above tol in one scan, worst first (ties: the lower index);
             # W[w_:w_ + kept] holds them in that order, compared through `full`
-            for u in range(n + d):
+            for u in range(n):
                 v = full[u]
                 if v > tol and (kept < g or v > full[W[w_ + kept - 1]]):  # NaN: false
                     p = kept if kept < g else g - 1
@@ -684,7 +681,7 @@ solve_columns = cached(solve_columns, _SOLVE_LOCALS)
 KERNELS = {"lean": solve_columns_lean, "full": solve_columns}
 
 #: The module constants a :func:`variant_kernel` may set, and today's values.
-RULES = {"OUTLIERS_AT_ONCE": False, "PASS_SUPPORTS": False, "SLOT_BOUND": 0, "SLOT_WIDE": 0}
+RULES = {"PASS_SUPPORTS": False, "SLOT_BOUND": 0, "SLOT_WIDE": 0}
 
 
 def variant_kernel(**constants):

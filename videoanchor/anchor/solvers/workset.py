@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
+from videoanchor.anchor import plan as _plan
 from videoanchor.anchor._inputs import as_feature_tensor
 from videoanchor.anchor.collective import all_sum
 from videoanchor.anchor.options import SSCOptions
@@ -109,9 +110,10 @@ class Limits:
 
 #: The default :class:`Limits`.
 LIMITS = Limits()
-#: :func:`solve_ssc_workset`'s defaults, which :func:`run_workset` runs with: the KKT
-#: violation below which a variable stays out, variables added per pass (:func:`_grows`).
-TOL, GROW = 1e-9, 16
+#: :func:`solve_ssc_workset`'s default, which :func:`run_workset` runs with: the KKT
+#: violation below which a variable stays out (who joins at a pass: the pass rule,
+#: :data:`videoanchor.anchor.plan.PASS_RULE`).
+TOL = 1e-9
 #: Inner steps (a variable joining or leaving the support) per column before it is given up.
 MAX_STEPS = 100_000
 #: Tasks (strides of the columns) per thread: threads take them as they come free, so a core
@@ -209,11 +211,13 @@ def _sweep_cost(n: int, d: int, start, C, E, work, passes, cols) -> float:
 
 
 def _grows(grow: int | None) -> tuple[int, int]:
-    """The kernel's ``grow`` and ``grow_max``: until issue 101's A/B
-    (``benchmarks/bench_pass_counts.py --ab``), the CPU's rule before the pass rule
-    (:data:`videoanchor.anchor.plan.PASS_RULE`): ``grow`` (None: :data:`GROW`) every pass."""
-    grow = GROW if grow is None else int(grow)
-    return grow, grow
+    """The kernel's ``grow`` and ``grow_max``: the pass rule's on the CPU
+    (:data:`videoanchor.anchor.plan.PASS_RULE`, read now: ``grow0`` and ``cpu_grow_max``),
+    ``grow`` (None: ``grow0``) the first pass's coefficients, doubling up to ``cpu_grow_max``
+    or ``grow``."""
+    rule = _plan.PASS_RULE
+    grow = rule.grow0 if grow is None else int(grow)
+    return grow, max(grow, rule.cpu_grow_max)
 
 
 def _kernel():
@@ -388,8 +392,10 @@ def solve_ssc_workset(
     returned in ``features``' floating dtype on its device.
 
     ``tol``: the KKT violation (relative to each variable's l1 weight) below which a
-    variable stays out of its set. ``grow``: variables added to a column's working set per
-    pass (None: :data:`GROW`). ``max_set``: the most variables (coefficients and
+    variable stays out of its set. ``grow``: the coefficients that may join a column's
+    working set at its first pass, doubling each pass up to the pass rule's ``cpu_grow_max``
+    (:data:`videoanchor.anchor.plan.PASS_RULE`; None: its ``grow0``); every violating outlier
+    entry joins at once. ``max_set``: the most variables (coefficients and
     outliers) one column's working set may hold (None: no limit); a set that outgrows it
     raises :class:`SetsTooLarge`, where ``C`` is dense and the working sets stop paying.
     ``max_passes``: outer passes per column (None: ``limits.max_passes``). ``threads``: columns
