@@ -359,14 +359,18 @@ class PassRule:
     growth; the outlier entries, which cost no factor, outside it). Where the two routes
     differ, by design:
 
-    - ``cpu_grow_max``: the CPU's ``grow_max``, 16 (no doubling), against the GPU's 64. A pass
-      costs the CPU a column's ``|F| (N + D)`` products, no GEMM, while a larger working set
-      costs its inner steps more; the GPU's pass is a GEMM and 12 kernels over the active
-      columns. ``benchmarks/results/pass_rule_ab_cpu.json`` (one thread, warm, interleaved):
-      doubling to 64 on the CPU is 1.05-1.09x slower at 16 frames, D = 1024 (69 -> 24
-      passes), 1.01-1.12x at 8 frames, and 0.94-0.98x at 16 frames, D = 3584; doubling to 16
-      (none) is 0.96-0.995x the rule before (``grow`` 16, the outlier entries among them)
-      on every set;
+    - ``cpu_grow_max``: the CPU's ``grow_max``, 16 (no doubling), against the GPU's 64. The
+      GPU's pass is a GEMM and 12 kernels over the active columns: fewer passes pay there. A
+      CPU pass is a column's own ``|F| (N + D)`` products, and fewer of them did not pay:
+      ``benchmarks/results/pass_rule_ab_cpu.json`` (one thread, warm, interleaved) has
+      doubling to 64 on the CPU 1.05-1.09x slower at 16 frames, D = 1024 (the most passes
+      a column takes 53 -> 24), 1.01-1.12x at 8 frames and 0.90-0.98x at 16 frames,
+      D = 3584 (two runs, the first in the file's history), while doubling to 16 (none) is
+      0.96-0.995x the rule before (``grow`` 16, the outlier entries among them) on every set
+      and route. At 16 frames, D = 1024 doubling halves the columns' passes (50222 -> 26005
+      in all) for the same factor work (1.37e7 -> 1.39e7 support sizes summed over the inner
+      steps; counted once, 2026-11-28): what it adds is likely the inner steps' scans of the
+      larger working sets (each step prices every variable of ``W``), not timed apart;
     - ``p``: the CPU's is the column's own pass; the GPU's the call's, over the active columns
       (the float64 passes after float32 screening continue its count);
     - the GPU's joins also fit its slots (``workset_cuda.SLOTS``, ``OUTLIER_SLOTS``: a column
