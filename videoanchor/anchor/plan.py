@@ -367,7 +367,8 @@ class PassRule:
       a column takes 53 -> 24), 1.01-1.12x at 8 frames and 0.90-0.98x at 16 frames,
       D = 3584 (two runs, the first in the file's history), while doubling to 16 (none) is
       0.96-0.995x the rule before (``grow`` 16, the outlier entries among them) on every set
-      and route. At 16 frames, D = 1024 doubling halves the columns' passes (50222 -> 26005
+      and route; against this rule on the CPU, after the switch, doubling is 1.09-1.13x,
+      1.07-1.10x and 1.00x (``pass_rule_growth_ab_cpu.json``). At 16 frames, D = 1024 doubling halves the columns' passes (50222 -> 26005
       in all) for the same factor work (1.37e7 -> 1.39e7 support sizes summed over the inner
       steps; counted once, 2026-11-28): what it adds is likely the inner steps' scans of the
       larger working sets (each step prices every variable of ``W``), not timed apart;
