@@ -6,18 +6,25 @@ A column's program is independent of the others' given ``G``, so the CPU kernel
 passes on its own, gives what a pass loop over the active columns does: a column is active
 in pass ``p`` when it runs at least ``p`` outer passes (the last finds no violator above
 ``tol``). Each column starts from its nearest point, ``tol`` 1e-9, as the GPU working sets
-do. The rules (:data:`RULES`; the kernel's :data:`~videoanchor.anchor.solvers._workset_kernel.RULES`
-constants, compiled by ``variant_kernel``):
+do. The rules (:data:`RULES`), each the pass rule's form
+(:class:`videoanchor.anchor.plan.PassRule`: every violating outlier entry joins at once,
+outside ``grow``; of the coefficients the ``grow`` worst, ``grow`` doubling each pass up to
+``grow_max``) with its own numbers:
 
-- ``a``: today's: the ``grow`` worst violators join, coefficients and outlier entries alike;
-- ``b``: every violating outlier entry joins at once, outside ``grow`` (which then counts
-  coefficients alone);
-- ``c``: ``b`` with geometric growth: pass ``p`` adds up to ``grow * 2^(p - 1)``
-  coefficients (``grow``: the first pass's, ``grow0``);
+- ``rule_cpu`` and ``rule_gpu``: :data:`videoanchor.anchor.plan.PASS_RULE`'s, the CPU's
+  (16, no doubling) and the GPU's (16 doubling to 64);
+- ``b``: ``grow`` every pass;
+- ``c``: geometric growth: pass ``p`` adds up to ``grow * 2^(p - 1)`` coefficients, at most
+  8 doublings (the rows before issue 101 doubled without that bound);
 - ``d``: ``c`` with the joining coefficients bounded by the GPU kernel's slots
   (:data:`LEVELS`: 128 a column, 512 for one whose support holds more than 64; at least
-  one joins): ``c``'s working sets reach 1000-1500 coefficients; ``e``: the same with
+  one joins; the kernel's ``SLOT_BOUND``, ``SLOT_WIDE``, compiled by ``variant_kernel``):
+  ``c``'s working sets reach 1000-1500 coefficients; ``e``: the same with
   :data:`WIDE_LEVELS` (512 and 2048).
+
+The result file's rows of rule ``a`` (the ``grow`` worst violators, coefficients and outlier
+entries alike: the CPU's rule before issue 101) were counted before that rule left the
+kernel (``git show 9879cd3:benchmarks/bench_pass_counts.py``).
 
 Per set and rule (``rows``): the passes of the call (the most a column runs), the columns
 active in each pass (``active_per_pass``), their sum over the call in units of ``N``
@@ -59,7 +66,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_workset_cuda import SHAPES  # noqa: E402
-from benchmarks.common import RESULTS_DIR, environment, print_table, video_tokens  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR,
+    environment,
+    finish,
+    loadavg,
+    print_table,
+    video_tokens,
+)
+from videoanchor.anchor.plan import PASS_RULE  # noqa: E402
 
 try:
     import fcntl
@@ -71,16 +86,15 @@ CORRUPT = {"tokens": 10, "share": 0.15, "scale": 5.0}
 #: the GPU kernel's levels of coefficient slots that rule ``d`` bounds the joiners by, and
 #: rule ``e``'s wider ones
 LEVELS, WIDE_LEVELS = (128, 512), (512, 2048)
-#: ``name: (grow, OUTLIERS_AT_ONCE, GEOMETRIC_GROW, (SLOT_BOUND, SLOT_WIDE))`` (module
-#: docstring)
+#: ``name: (grow, grow_max, (SLOT_BOUND, SLOT_WIDE))`` (module docstring)
 RULES = {
-    "a16": (16, False, False, (0, 0)),
-    "a64": (64, False, False, (0, 0)),
-    "b16": (16, True, False, (0, 0)),
-    "b64": (64, True, False, (0, 0)),
-    **{f"c{g}": (g, True, True, (0, 0)) for g in (8, 16, 32, 64, 128, 256)},
-    **{f"d{g}": (g, True, True, LEVELS) for g in (16, 32, 64, 128)},
-    **{f"e{g}": (g, True, True, WIDE_LEVELS) for g in (64, 256)},
+    "rule_cpu": (PASS_RULE.grow0, PASS_RULE.cpu_grow_max, (0, 0)),
+    "rule_gpu": (PASS_RULE.grow0, PASS_RULE.grow_max, (0, 0)),
+    "b16": (16, 16, (0, 0)),
+    "b64": (64, 64, (0, 0)),
+    **{f"c{g}": (g, g << 8, (0, 0)) for g in (8, 16, 32, 64, 128, 256)},
+    **{f"d{g}": (g, g << 8, LEVELS) for g in (16, 32, 64, 128)},
+    **{f"e{g}": (g, g << 8, WIDE_LEVELS) for g in (64, 256)},
 }
 #: ``name: (model, frames)``; ``smoke``: a tiny set for the test and ``--smoke``
 SETS = {
@@ -108,17 +122,17 @@ def tokens(frames: int, per_frame: int, d: int, *, corrupt: dict | None = CORRUP
     return x, sorted(idx.tolist())
 
 
-def run_rule(x: torch.Tensor, grow: int, at_once: bool, geometric: bool, slots=(0, 0), *,
-             threads: int = 1, tol: float = TOL, max_passes: int = MAX_PASSES) -> dict:  # fmt: skip
-    """The kernel's variant for the rule on ``x`` (``N x D``), every column from its nearest
-    point, unbounded sets: ``C``, ``E`` (numpy, float64), each column's ``status`` and
-    ``passes``, and per pass ``p`` (index ``p - 1``) the supports' sizes the active columns
+def run_rule(x: torch.Tensor, grow: int, grow_max: int, slots=(0, 0), *, threads: int = 1,
+             tol: float = TOL, max_passes: int = MAX_PASSES) -> dict:  # fmt: skip
+    """The kernel's variant for the rule on ``x`` (``N x D``; ``grow`` coefficients in the first
+    pass, doubling up to ``grow_max``; the joiners within ``slots``' levels), every column from
+    its nearest point, unbounded sets: ``C``, ``E`` (numpy, float64), each column's ``status``
+    and ``passes``, and per pass ``p`` (index ``p - 1``) the supports' sizes the active columns
     had (``nnz_c``, ``nnz_e``), summed over the threads' records."""
     from videoanchor.anchor.solvers import _workset_kernel as k
     from videoanchor.anchor.solvers import workset
 
-    kernel = k.variant_kernel(OUTLIERS_AT_ONCE=at_once, GEOMETRIC_GROW=geometric,
-                              PASS_SUPPORTS=True, SLOT_BOUND=slots[0], SLOT_WIDE=slots[1])  # fmt: skip
+    kernel = k.variant_kernel(PASS_SUPPORTS=True, SLOT_BOUND=slots[0], SLOT_WIDE=slots[1])
     x64, gram, lam_e, lam_z = workset._prepare(x, 800.0, 800.0)
     n, d = x64.shape
     G, YT = gram.numpy(), x64.numpy()
@@ -135,9 +149,9 @@ def run_rule(x: torch.Tensor, grow: int, at_once: bool, geometric: bool, slots=(
     scratches = [k.scratch(n, d, cap, cap_c, grow, max_passes) for _ in range(threads)]
 
     def one(t: int) -> None:
-        kernel(cols, t, threads, G, YT, Y, ptr, var, val, lam_z, lam_e, tol, grow, cap, cap_c,
-               max_passes, MAX_INNER, float("inf"), C, E, status, passes, spent, hard, gamma,
-               k.RIDGE, *scratches[t])  # fmt: skip
+        kernel(cols, t, threads, G, YT, Y, ptr, var, val, lam_z, lam_e, tol, grow, grow_max, cap,
+               cap_c, max_passes, MAX_INNER, float("inf"), C, E, status, passes, spent, hard,
+               gamma, k.RIDGE, *scratches[t])  # fmt: skip
 
     if threads == 1:
         one(0)
@@ -191,6 +205,112 @@ def counts(res: dict, corrupted=()) -> dict:
     )  # fmt: skip
 
 
+#: ``--ab``'s rules, ``name: (grow0, grow_max)`` (the first is the baseline of the ratios):
+#: :data:`videoanchor.anchor.plan.PASS_RULE` on the CPU (16, no doubling) and the GPU's
+#: growth (16 doubling to 64) on the CPU. ``pass_rule_ab_cpu.json`` holds the A/B that chose
+#: the CPU's, run before the rule before it (``grow`` 16 every pass, the outlier entries among
+#: them) left the kernel: ``git show 9879cd3:benchmarks/bench_pass_counts.py``; this one
+#: writes ``pass_rule_growth_ab_cpu.json``.
+AB_RULES = {"rule_cpu": (PASS_RULE.grow0, PASS_RULE.cpu_grow_max),
+            "rule_gpu": (PASS_RULE.grow0, PASS_RULE.grow_max)}  # fmt: skip
+#: ``--ab``'s sets: ``name: (frames, tokens a frame, D, corrupted tokens)`` (:func:`tokens`,
+#: :data:`CORRUPT`'s share and scale): 16 frames of Qwen2.5-VL-7B's shape and at D = 1024,
+#: and 8 frames of 96 tokens
+AB_SETS = {"qwen16": (16, 128, 3584, 10), "video16_d1024": (16, 128, 1024, 10),
+           "video8_d1024": (8, 96, 1024, 4)}  # fmt: skip
+
+
+@contextlib.contextmanager
+def _ab_rule(name: str):
+    """``solve_ssc_workset`` and ``run_workset`` under ``--ab``'s rule ``name``
+    (:data:`AB_RULES`): the kernel's ``grow`` and ``grow_max`` (``workset._grows``) set to its
+    growth."""
+    from videoanchor.anchor.solvers import workset
+
+    grow0, grow_max = AB_RULES[name]
+    saved = workset._grows
+    workset._grows = lambda grow: (grow0, grow_max)
+    try:
+        yield
+    finally:
+        workset._grows = saved
+
+
+def ab(names, reps: int, *, threads: int, routes=("solve_ssc_workset", "run_workset"),
+       out_dir=None) -> Path:  # fmt: skip
+    """``--ab``: the warm seconds of :data:`AB_RULES`' rules in this process, interleaved (each
+    round runs every rule once, the first rule of round ``k`` the ``k``-th: ``reps`` rounds),
+    per set of :data:`AB_SETS` and route (``solve_ssc_workset``; ``run_workset``: the default
+    anchor scores' SSC, ``ssc_coefficients(x, solver="auto")``): the medians, each rule's
+    passes (the most a column took), its answer's largest relative duality gap
+    (``program.duality_gaps``), its median's ratio to the first rule's and the largest
+    difference of its ``C`` from the first rule's; rows into
+    ``pass_rule_growth_ab_cpu.json``. The
+    kernels are compiled or loaded before any timing (a first call per set and rule, not
+    timed)."""
+    import numba
+
+    from videoanchor.anchor.program import duality_gaps
+    from videoanchor.anchor.scores import ssc_coefficients
+    from videoanchor.anchor.solvers.workset import LIMITS, solve_ssc_workset
+
+    torch.set_num_threads(threads)
+    meta = environment("cpu")
+    meta.update(numba=numba.__version__, numpy=np.__version__, threads=threads, reps=reps,
+                rules={k: dict(zip(("grow0", "grow_max"), v, strict=True))
+                       for k, v in AB_RULES.items()},
+                sets={k: dict(zip(("frames", "per_frame", "d", "corrupted"), v, strict=True))
+                      for k, v in AB_SETS.items()},
+                gap_threshold=LIMITS.gap,
+                order="round k: every rule once, from the k-th (rotated)")  # fmt: skip
+    calls = {"solve_ssc_workset": lambda x: solve_ssc_workset(x, threads=threads),
+             "run_workset": lambda x: ssc_coefficients(x, solver="auto")}  # fmt: skip
+    rows = []
+    for name in names:
+        frames, per_frame, d, bad = AB_SETS[name]
+        x, corrupted = tokens(frames, per_frame, d, corrupt={**CORRUPT, "tokens": bad})
+        x = x.double()
+        for route in routes:
+            call = calls[route]
+            times, answers, info = {r: [] for r in AB_RULES}, {}, {}
+            for rule in AB_RULES:  # the first call of each: compiles or loads, not timed
+                with _ab_rule(rule):
+                    res = call(x)
+                answers[rule] = res.coef.double()
+                gaps = duality_gaps(x, answers[rule], res.lambda_e, res.lambda_z)
+                info[rule] = dict(passes=int(res.iterations), gap=float(gaps.max_gap),
+                                  affine=float(gaps.affine), strategy=res.strategy,
+                                  solver=res.solver)  # fmt: skip
+            names_ = list(AB_RULES)
+            base = names_[0]
+            for k in range(reps):
+                for rule in names_[k % len(names_):] + names_[: k % len(names_)]:
+                    with _ab_rule(rule):
+                        t = time.perf_counter()
+                        call(x)
+                        times[rule].append(time.perf_counter() - t)
+            med = {r: float(np.median(v)) for r, v in times.items()}
+            row = dict(set=name, route=route, n=int(x.shape[0]), d=d, frames=frames,
+                       corrupted=corrupted, threads=threads,
+                       **{f"{r}_seconds": med[r] for r in AB_RULES},
+                       **{f"{r}_times": times[r] for r in AB_RULES},
+                       **{f"{r}_{k}": v for r in AB_RULES for k, v in info[r].items()},
+                       **{f"{r}_ratio": med[r] / med[base] for r in names_[1:]},
+                       **{f"{r}_c_max_diff": float((answers[r] - answers[base]).abs().max())
+                          for r in names_[1:]},
+                       git_sha=meta["git_sha"], loadavg=loadavg())  # fmt: skip
+            rows.append(row)
+            print(f"{name} {route}: " + "; ".join(
+                f"{r} {med[r]:.2f} s, {info[r]['passes']} passes, gap {info[r]['gap']:.1e}"
+                + (f", {row[r + '_ratio']:.3f}x, C diff {row[r + '_c_max_diff']:.1e}"
+                   if r != base else "") for r in names_) + f"; load {row['loadavg']}",
+                  flush=True)  # fmt: skip
+    return finish("pass_rule_growth_ab", meta, rows, out_dir,
+                  ["set", "route", "n", "d"] + [f"{r}_{k}" for r in AB_RULES for k in
+                                                 ("seconds", "ratio", "passes", "gap")
+                                                 if f"{r}_{k}" in rows[0]])  # fmt: skip
+
+
 def _merge(path: Path, meta: dict, rows: list[dict]) -> None:
     """``rows`` into ``path``'s (replacing those of the same set and rule), under a lock."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -212,22 +332,31 @@ def _merge(path: Path, meta: dict, rows: list[dict]) -> None:
 
 def main(argv=None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sets", default="qwen16", help=f"comma-separated, of {', '.join(SETS)}")
+    ap.add_argument("--sets", default=None,
+                    help=f"comma-separated, of {', '.join(SETS)} (--ab: of {', '.join(AB_SETS)}; "
+                    "default qwen16, --ab: all)")
     ap.add_argument("--rules", default=",".join(RULES), help="comma-separated")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--clean", action="store_true", help="without the corrupted tokens")
     ap.add_argument("--smoke", action="store_true", help="a tiny set (seconds)")
     ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--ab", action="store_true",
+                    help="the warm A/B of AB_RULES' rules (--sets of AB_SETS, --reps each)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--routes", default="solve_ssc_workset,run_workset")
     args = ap.parse_args(argv)
+    if args.ab:
+        names = list(AB_SETS) if args.sets is None else args.sets.split(",")
+        return ab(names, args.reps, threads=args.threads, routes=args.routes.split(","),
+                  out_dir=args.out_dir)  # fmt: skip
     import numba
 
     meta = environment("cpu")
     meta.update(numba=numba.__version__, numpy=np.__version__, tol=TOL, max_passes=MAX_PASSES,
-                corrupt=CORRUPT, rules={k: dict(zip(("grow", "outliers_at_once", "geometric",
-                                                     "slot_levels"), v, strict=True))
-                                        for k, v in RULES.items()},
+                corrupt=CORRUPT, rules={k: dict(zip(("grow", "grow_max", "slot_levels"), v,
+                                                    strict=True)) for k, v in RULES.items()},
                 targets_sum_active_over_n=TARGETS)  # fmt: skip
-    names = ["smoke"] if args.smoke else args.sets.split(",")
+    names = ["smoke"] if args.smoke else (args.sets or "qwen16").split(",")
     rules = args.rules.split(",")
     for r in rules:
         if r not in RULES:
@@ -246,11 +375,12 @@ def main(argv=None) -> Path:
             raise ValueError(f"--sets: expected names of {list(SETS)}, got {name!r}")
         label = name + (" clean" if args.clean else "")
         for rule in rules:
-            grow, at_once, geometric, slots = RULES[rule]
+            grow, grow_max, slots = RULES[rule]
             t = time.perf_counter()
-            res = run_rule(x, grow, at_once, geometric, slots, threads=args.threads)
+            res = run_rule(x, grow, grow_max, slots, threads=args.threads)
             row = dict(set=label, model=model, frames=frames, corrupted=bad, rule=rule,
-                       grow=grow, outliers_at_once=at_once, geometric=geometric,
+                       grow=grow, grow_max=grow_max, outliers_at_once=True,
+                       geometric=grow_max > grow,
                        slot_levels=list(slots) if slots[0] else None,
                        target_sum_active_over_n=TARGETS.get(frames), **counts(res, bad),
                        seconds=time.perf_counter() - t, git_sha=meta["git_sha"],

@@ -447,7 +447,7 @@ def calibrate(names, out_dir=None, columns: int = 48):
             passes, work = np.zeros(n, dtype=np.int64), np.zeros(n)
             hard = np.array([0, n + 1], dtype=np.int64)
 
-            args = (Gn, YT, Y, ptr, var, val, lam_z, lam_e, ws.TOL, ws.GROW, n + d,
+            args = (Gn, YT, Y, ptr, var, val, lam_z, lam_e, ws.TOL, *ws._grows(None), n + d,
                     int(min(cap_c, n + d)), LIMITS.max_passes, ws.MAX_STEPS, max_work, C, E,
                     status, passes, work, hard, LIMITS.downdate_floor)  # fmt: skip
 

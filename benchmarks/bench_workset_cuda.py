@@ -42,6 +42,7 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import astuple
 from pathlib import Path
 
 if "--smoke" in sys.argv or "--counts" in sys.argv:  # before Triton decorates anything
@@ -61,6 +62,7 @@ from benchmarks.common import (  # noqa: E402
     video_tokens,
     write_result,
 )
+from videoanchor.anchor import plan as _plan  # noqa: E402
 from videoanchor.anchor.solvers import workset_cuda as wc  # noqa: E402
 
 #: name: (visual tokens per frame, hidden size), as bench_request_cost.SHAPES
@@ -289,7 +291,7 @@ def counts(out_dir=None, *, kernel: str = "triton") -> Path:
     ``workset_cuda_counts_<device>.json``."""
     meta = environment("cpu")
     meta.update(kernel=kernel, levels=[list(v) for v in zip(wc.SLOTS, wc.OUTLIER_SLOTS, strict=True)],
-                grow=[wc.GROW0, wc.GROW_MAX], rounds=list(wc.ROUNDS),
+                grow=list(astuple(_plan.PASS_RULE)), rounds=list(wc.ROUNDS),
                 note="kernels: torch operators that launch work (views and allocations "
                 "aside) plus the Triton launches; on CUDA a pass is one graph replay")  # fmt: skip
     saved = wc.launch
@@ -371,7 +373,7 @@ def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     meta = environment(str(device))
     meta.update(slots=list(wc.SLOTS), levels=[list(v) for v in zip(wc.SLOTS, wc.OUTLIER_SLOTS, strict=True)],
-                grow=[wc.GROW0, wc.GROW_MAX], rounds=list(wc.ROUNDS), smoke=smoke,
+                grow=list(astuple(_plan.PASS_RULE)), rounds=list(wc.ROUNDS), smoke=smoke,
                 targets=TARGETS, dense_rule=DENSE_RULE, budget_s=budget,
                 clusters=clusters)  # fmt: skip
     started = time.perf_counter()
@@ -505,7 +507,7 @@ def compile_static(cc: int) -> list[dict]:
     from videoanchor.kernels import aot
     from videoanchor.kernels.launch import Launch
 
-    n, d, cap, k = 2048, 3584, 2048, wc.GROW_MAX
+    n, d, cap, k = 2048, 3584, 2048, _plan.PASS_RULE.grow_max
     i32, i64, f64 = torch.int32, torch.int64, torch.float64
     e = lambda *shape, dtype=f64: torch.empty(*shape, dtype=dtype)  # noqa: E731
     rows = []

@@ -77,7 +77,7 @@ def test_the_lean_kernel_gives_the_full_kernels_answer_bit_for_bit(monkeypatch):
 
     handed = 0
     for x64, G, lam_e, lam_z, kw in _sets():
-        kw = {"tol": ws.TOL, "grow": ws.GROW, "cap": x64.shape[0] + x64.shape[1],
+        kw = {"tol": ws.TOL, "cap": x64.shape[0] + x64.shape[1],
               "max_passes": 500, "threads": 1, **kw}  # fmt: skip
         full = ws._columns(x64, lam_e, lam_z, G, **kw)
         used.clear()

@@ -262,7 +262,7 @@ x = torch.load(sys.argv[1])
 limits = ws.Limits(downdate_floor=float(sys.argv[2]))
 x64, G, lam_e, lam_z = ws._prepare(x, 800.0, 800.0)
 sys.setprofile(watch)  # (threads=1: the columns run in this thread)
-C, E, status, passes, work = ws._columns(x64, lam_e, lam_z, G, tol=ws.TOL, grow=ws.GROW,
+C, E, status, passes, work = ws._columns(x64, lam_e, lam_z, G, tol=ws.TOL,
                                          cap=sum(x.shape), max_passes=500, threads=1,
                                          floor=limits.downdate_floor)
 sys.setprofile(None)
@@ -341,7 +341,7 @@ def test_a_forced_factor_failure_ends_in_the_compiled_kernel():
 
     x = _corrupted()
     x64, G, lam_e, lam_z = ws._prepare(x, 800.0, 800.0)
-    C, E, status, _, work = ws._columns(x64, lam_e, lam_z, G, tol=ws.TOL, grow=ws.GROW,
+    C, E, status, _, work = ws._columns(x64, lam_e, lam_z, G, tol=ws.TOL,
                                         cap=sum(x.shape), max_passes=500, threads=1,
                                         floor=1.0)  # fmt: skip
     assert set(status.tolist()) <= {kernel.SOLVED, kernel.SINGULAR}, status
@@ -512,7 +512,7 @@ def _overlaid(rows=24, seed=1):
     x[5, :rows] += 3 * torch.randn(rows, generator=g, dtype=torch.float64)
     x64, G, lam_e, lam_z = ws._prepare(x, 800.0, 800.0)
     n, d = x.shape
-    *_, status, _, work = ws._columns(x64, lam_e, lam_z, G, tol=ws.TOL, grow=ws.GROW,
+    *_, status, _, work = ws._columns(x64, lam_e, lam_z, G, tol=ws.TOL,
                                       cap=n + d, max_passes=500, threads=1)  # fmt: skip
     assert bool((status == 0).all())
     return x, work
@@ -607,7 +607,7 @@ def test_the_default_answers_certified_or_with_the_fast_solver():
     assert res.solver == "fast" and torch.equal(res.coef, fast.coef)
     x64, G, lam_e, lam_z = ws._prepare(x, 800.0, 800.0)
     n, d = x.shape
-    *_, status, _, work = ws._columns(x64, lam_e, lam_z, G, tol=ws.TOL, grow=ws.GROW, cap=n + d,
+    *_, status, _, work = ws._columns(x64, lam_e, lam_z, G, tol=ws.TOL, cap=n + d,
                                       max_passes=50, threads=1, start=fast.coef, max_work=1)  # fmt: skip
     assert bool((status == 5).all()) and bool((work > 1).all())  # each column OVER_BUDGET
 
@@ -755,7 +755,7 @@ def _warm_case(n, d):
     x = corrupted_subspaces(n, d).float()
     fast = _fallback(x)
     prepared = ws._prepare(x, 800.0, 800.0)
-    kw = dict(tol=ws.TOL, grow=ws.GROW, cap=n + d, cap_c=LIMITS.warm_set, max_passes=500,
+    kw = dict(tol=ws.TOL, cap=n + d, cap_c=LIMITS.warm_set, max_passes=500,
               threads=1, start=fast.coef, stop_after=1, max_work=LIMITS.warm_work)  # fmt: skip
     counts = ws._fast_counts(n, d, fast.strategy, fast.iterations, ws._e_share(fast))
     return prepared, fast, kw, LIMITS.warm_share * float(counts @ np.asarray(ws.FAST_NS))

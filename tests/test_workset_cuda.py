@@ -19,6 +19,7 @@ import torch
 import workset_reference
 
 from benchmarks.common import video_tokens
+from videoanchor.anchor import plan
 from videoanchor.anchor.program import duality_gaps
 from videoanchor.anchor.solvers import workset_cuda as wc
 from videoanchor.anchor.solvers.workset import solve_ssc_workset
@@ -80,13 +81,12 @@ def test_video_like_tokens_reach_the_certified_minimiser(reference_kernel):
 def test_outlier_entries_join_at_once_and_are_solved(reference_kernel, monkeypatch):
     """A small alpha_e: the minimiser holds several outlier entries per column; every
     violating entry joins in the pass that sees it (outside ``grow``): after the first pass
-    with joiners some column holds more outlier slots than ``GROW_MAX``. Its objective, C
+    with joiners some column holds more outlier slots than the rule's ``grow_max``. Its objective, C
     and E to the certified minimiser's."""
     from benchmarks.common import objective
 
     x = video_tokens(3, 8, 24, k=3, seed=2)
-    monkeypatch.setattr(wc, "GROW0", 2)
-    monkeypatch.setattr(wc, "GROW_MAX", 4)
+    monkeypatch.setattr(plan, "PASS_RULE", plan.PassRule(2, 4))  # (the CPU's reference too)
     held = []
     saved = wc._pass
 
@@ -99,13 +99,46 @@ def test_outlier_entries_join_at_once_and_are_solved(reference_kernel, monkeypat
                                 max_inner=300)  # fmt: skip
     ref = solve_ssc_workset(x.double(), alpha_e=10.0)
     assert int((ref.outliers != 0).sum(dim=0).min()) >= 5  # the case holds outlier entries
-    assert held[0] > wc.GROW_MAX
+    assert held[0] > plan.PASS_RULE.grow_max
     assert out["converged"]
     want = objective(x, ref.coef, ref.lambda_e, ref.lambda_z)
     got = objective(x, out["coef"], out["lambda_e"], out["lambda_z"])
     assert abs(got - want) <= 1e-12 * abs(want)
     assert float((out["coef"] - ref.coef).abs().max()) < 1e-7
     assert float((out["outliers"] - ref.outliers).abs().max()) < 1e-7
+
+
+def test_both_routes_read_the_one_pass_rule(reference_kernel, monkeypatch):
+    """Issue 101: the CPU's kernel and the GPU's passes take who joins a pass from one object,
+    ``plan.PASS_RULE``, read when they run: a changed rule changes what both do (the GPU's
+    joins get its numbers; the CPU's kernel its ``grow0`` and ``cpu_grow_max``,
+    with more passes at 1 a pass than at the default's 16), and each reaches the same
+    minimiser."""
+    from videoanchor.anchor.solvers import _pass_kernel
+    from videoanchor.anchor.solvers import workset as ws
+
+    x = video_tokens(3, 8, 24, k=3, seed=2)
+    default = solve_ssc_workset(x.double(), alpha_e=10.0)
+    assert ws._grows(None) == (plan.PASS_RULE.grow0, plan.PASS_RULE.cpu_grow_max) == (16, 16)
+    assert [plan.PASS_RULE.grow(p) for p in (1, 2, 3, 4, 40)] == [16, 32, 64, 64, 64]
+    monkeypatch.setattr(plan, "PASS_RULE", plan.PassRule(1, 2, 1))
+    assert ws._grows(None) == (1, 1)
+    seen, joins = set(), _pass_kernel.joins
+
+    def recorded(*args, **kw):
+        seen.add((kw["grow0"], kw["grow_max"]))
+        return joins(*args, **kw)
+
+    monkeypatch.setattr(_pass_kernel, "joins", recorded)
+    out = wc.solve_workset_cuda(x, alpha_e=10.0, slots=(32,), outlier_slots=(64,),
+                                max_inner=300)  # fmt: skip
+    assert seen == {(1, 2)} and out["converged"]
+    cpu = solve_ssc_workset(x.double(), alpha_e=10.0)
+    assert cpu.converged and cpu.iterations > default.iterations
+    assert float((cpu.coef - default.coef).abs().max()) < 1e-8
+    assert float((out["coef"] - default.coef).abs().max()) < 1e-7
+    with pytest.raises(ValueError, match="grow_max >= grow0"):
+        plan.PassRule(16, 8)
 
 
 def test_slot_overflow_takes_the_second_level_and_then_the_fallback(reference_kernel):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from videoanchor.anchor import plan as _plan
 from videoanchor.anchor.solvers import workset_cuda as wc
 
 SOLVED, STALLED = 0, 1
@@ -146,7 +147,7 @@ def torch_pass(state: dict, cap: int, *, exact: bool, last: bool) -> None:
     p = state["program"]
     n, d = p["n"], p["d"]
     lam_z, lam_e = p["lam_z"], p["lam_e"]
-    positions = torch.arange(max(cap, d, wc.GROW_MAX), dtype=torch.int32)
+    positions = torch.arange(max(cap, d, _plan.PASS_RULE.grow_max), dtype=torch.int32)
     state["positions"] = positions
     ran = state["kcount"] > 0
     wc.launch(state, state["active"][:cap], state["kcount"])
@@ -167,9 +168,10 @@ def torch_pass(state: dict, cap: int, *, exact: bool, last: bool) -> None:
     viol = m.abs().sub_(1.0)
     viol.scatter_(1, torch.cat([cols[:, None], torch.where(support, ids, cols[:, None])], 1),
                   -float("inf"))  # fmt: skip
-    k = min(wc.GROW_MAX, n, M)
+    rule = _plan.PASS_RULE  # (the pass rule: the CPU's kernel's too)
+    k = min(rule.grow_max, n, M)
     top, new = viol.topk(k, dim=1)
-    grow = torch.clamp(wc.GROW0 * torch.pow(2, state["passes"].clamp(max=8)), max=wc.GROW_MAX)
+    grow = torch.clamp(rule.grow0 * torch.pow(2, state["passes"].clamp(max=8)), max=rule.grow_max)
     rank = state["positions"][None, :k]
     thr = p["tol"] if exact else wc.SCREEN
     keep = support.sum(dim=1, dtype=torch.int32)

@@ -22,8 +22,10 @@ from videoanchor.anchor.products import resolve_precision
 
 __all__ = [
     "EXACT_MAX_TOKENS",
+    "PASS_RULE",
     "PRECISIONS",
     "ROUTES",
+    "PassRule",
     "WARM_SET",
     "Plan",
     "SSCMemoryError",
@@ -343,6 +345,66 @@ ROUTES = ("workset_then_fast", "workset_cuda", "admm", "admm_cupy", "blocked", "
 #: ~100-150 on Yale B faces; outlier entries are not bounded, the kernel eliminates them).
 #: It sizes the kernel's per-thread buffers (:func:`workset_bytes`).
 WARM_SET = 512
+
+
+@dataclass(frozen=True)
+class PassRule:
+    """The working sets' pass rule, one for the CPU's kernel
+    (:mod:`~videoanchor.anchor.solvers.workset`) and the GPU's passes
+    (:mod:`~videoanchor.anchor.solvers.workset_cuda`), both reading :data:`PASS_RULE` when they
+    run (the GPU's kept CUDA graphs: when captured; issue 101). At a column's outer pass ``p``
+    (1, 2, ...), EVERY outlier entry that violates its KKT condition joins the column's working
+    set at once, and of the coefficients the :meth:`grow` worst violators: ``grow0`` in the
+    first pass, doubling each pass (at most 8 times) up to ``grow_max`` (issue 90: geometric
+    growth; the outlier entries, which cost no factor, outside it). Where the two routes
+    differ, by design:
+
+    - ``cpu_grow_max``: the CPU's ``grow_max``, 16 (no doubling), against the GPU's 64. The
+      GPU's pass is a GEMM and 12 kernels over the active columns: fewer passes pay there. A
+      CPU pass is a column's own ``|F| (N + D)`` products, and fewer of them did not pay:
+      ``benchmarks/results/pass_rule_ab_cpu.json`` (one thread, warm, interleaved) has
+      doubling to 64 on the CPU 1.05-1.09x slower at 16 frames, D = 1024 (the most passes
+      a column takes 53 -> 24), 1.01-1.12x at 8 frames and 0.90-0.98x at 16 frames,
+      D = 3584 (two runs, the first in the file's history), while doubling to 16 (none) is
+      0.96-0.995x the rule before (``grow`` 16, the outlier entries among them) on every set
+      and route; against this rule on the CPU, after the switch, doubling is 1.09-1.13x,
+      1.07-1.10x and 1.00x (``pass_rule_growth_ab_cpu.json``). At 16 frames, D = 1024 doubling halves the columns' passes (50222 -> 26005
+      in all) for the same factor work (1.37e7 -> 1.39e7 support sizes summed over the inner
+      steps; counted once, 2026-11-28): what it adds is likely the inner steps' scans of the
+      larger working sets (each step prices every variable of ``W``), not timed apart;
+    - ``p``: the CPU's is the column's own pass; the GPU's the call's, over the active columns
+      (the float64 passes after float32 screening continue its count);
+    - the GPU's joins also fit its slots (``workset_cuda.SLOTS``, ``OUTLIER_SLOTS``: a column
+      that would outgrow them moves to the next level); the CPU's sets are bounded by
+      ``cap`` alone.
+    """
+
+    grow0: int = 16
+    grow_max: int = 64
+    cpu_grow_max: int = 16
+
+    def __post_init__(self):
+        for name in ("grow0", "grow_max", "cpu_grow_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"PassRule.{name}: expected a positive integer, got {value!r}")
+        for name in ("grow_max", "cpu_grow_max"):
+            if getattr(self, name) < self.grow0:
+                raise ValueError(f"PassRule: expected {name} >= grow0, got {getattr(self, name)} "
+                                 f"< {self.grow0}")  # fmt: skip
+
+    def grow(self, p: int, *, cpu: bool = False) -> int:
+        """The most coefficients that join a column at its outer pass ``p`` (1, 2, ...):
+        ``min(grow0 * 2^(p - 1), grow_max)`` (``cpu``: ``cpu_grow_max``), at most 8 doublings
+        (the GPU's int32 shift)."""
+        most = self.cpu_grow_max if cpu else self.grow_max
+        return min(self.grow0 << min(max(p - 1, 0), 8), most)
+
+
+#: The working sets' one pass rule (:class:`PassRule`; ``benchmarks/bench_pass_counts.py``
+#: counted its passes on the CPU, ``pass_counts_cpu.json``, and timed it against the rule
+#: before it, ``pass_rule_ab_cpu.json``).
+PASS_RULE = PassRule()
 
 
 def workset_bytes(n: int, d: int, threads: int = 1) -> int:

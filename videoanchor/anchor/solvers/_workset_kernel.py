@@ -6,7 +6,9 @@ Column ``i``'s program is a weighted lasso in ``z = [c; e]`` over ``P = [Y, I]``
 1 on ``c``, ``lambda_e`` on ``e``) with ``a^T z = 1`` (``a``: 1 on ``c``) and ``c_i = 0``; its
 Gram matrix ``[[G, Y^T], [Y, I]]`` is read from ``G = Y^T Y`` and ``Y^T``, never formed.
 :func:`solve_columns`, from a start on the constraint: an outer pass computes every
-variable's multiplier and puts the ``grow`` worst violators into the working set (none above
+variable's multiplier and puts violators into the working set by the working sets' pass
+rule (:class:`videoanchor.anchor.plan.PassRule`: every violating outlier entry, and the
+``grow`` worst coefficients, ``grow`` doubling each pass up to ``grow_max``; none above
 ``tol``: solved); an inner loop solves the program restricted to the set, one variable
 joining or leaving its support per step, the objective falling at every step. The outlier
 entries are eliminated: only the coefficients' Schur complement is factored (Cholesky,
@@ -85,19 +87,13 @@ _SOLVE_LOCALS = {**dict.fromkeys(("fc", "fe", "coefs", "top", "w_", "steps", "ps
 #: :func:`_add_outlier`, :func:`_chol_rank1`, :func:`_refactor`): a quarter of the compile,
 #: for the columns of video tokens, which mostly hold none (docs/ssc.md).
 OUTLIERS = True
-#: Issue 90 step 2's rules for an outer pass, counted on the CPU by
-#: ``benchmarks/bench_pass_counts.py`` (:func:`variant_kernel`); the kernels :func:`run_columns`
-#: runs keep today's rule (these False or 0: their branches are pruned before typing, as
-#: :data:`OUTLIERS`' are in the lean kernel). ``OUTLIERS_AT_ONCE``: every outlier entry
-#: violating at a pass joins the working set, outside ``grow``, which then counts coefficients
-#: alone (today the outlier entries compete with the coefficients for the ``grow`` places).
-OUTLIERS_AT_ONCE = False
-#: Geometric growth: pass ``p`` adds up to ``grow * 2^(p - 1)`` (today ``grow`` every pass).
-GEOMETRIC_GROW = False
-#: With :data:`GEOMETRIC_GROW`: the coefficients joining at a pass fit the slots of the GPU
-#: kernel's level, ``SLOT_BOUND`` coefficients, or ``SLOT_WIDE`` for a column whose support
-#: holds more than half those (at least one joins; 0: no bound). The outlier entries have
-#: slots of their own.
+#: Issue 90 step 2's bound on an outer pass's joiners that the pass rule
+#: (:class:`videoanchor.anchor.plan.PassRule`: ``grow`` and ``grow_max`` are arguments) leaves
+#: out, counted on the CPU by ``benchmarks/bench_pass_counts.py`` (:func:`variant_kernel`;
+#: the kernels :func:`run_columns` runs have these 0, their branches pruned before typing, as
+#: :data:`OUTLIERS`' are in the lean kernel): the coefficients joining at a pass fit the
+#: slots of the GPU kernel's level, ``SLOT_BOUND`` coefficients, or ``SLOT_WIDE`` for a
+#: column whose support holds more than half those (at least one joins; 0: no bound).
 SLOT_BOUND = SLOT_WIDE = 0
 #: Each outer pass ``p`` records, in ``work[4 p - 2:4 p + 2]`` (``work`` then holds
 #: ``2 + 4 max_passes`` entries, :func:`scratch`; over the columns of the calls that share
@@ -248,14 +244,16 @@ def _hsolve(L, Yg, fc, fe, lam_z, vc, ve, outc, oute, tmp):
 
 
 def run_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol,
-                grow, cap, cap_c, max_passes, max_inner, max_work, C, E, status, passes, work,
-                hard, floor=RIDGE):  # fmt: skip
+                grow, grow_max, cap, cap_c, max_passes, max_inner, max_work, C, E, status,
+                passes, work, hard, floor=RIDGE):  # fmt: skip
     """Columns ``cols[first]``, ``cols[first + step]``, ... into ``C`` (``N x N``) and ``E``
     (``D x N``), zero on entry, with each column's status, passes and work (the sum of its
     support's size over its inner steps; ``status`` -1 on entry: a column left so was not
     run). Column ``i`` starts from its variables ``seed_var[seed_ptr[i]:seed_ptr[i + 1]]``
     (coefficients ``0..N-1``, outliers ``N..``) at the values ``seed_val[...]``: a point of
-    the constraint, none zero, not ``i``. A column whose set outgrows ``cap`` variables or
+    the constraint, none zero, not ``i``. Its outer pass ``p`` adds at most
+    ``min(grow 2^(p - 1), grow_max)`` coefficients (the pass rule,
+    :class:`videoanchor.anchor.plan.PassRule`). A column whose set outgrows ``cap`` variables or
     ``cap_c`` coefficients, or whose work passes ``max_work`` (:data:`OVER_BUDGET`), is
     hard: it keeps its iterate and the others go on; ``hard[0]`` counts the hard columns of
     every call sharing ``hard``, and each stops at its next column once ``hard[0]`` reaches
@@ -268,7 +266,7 @@ def run_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z
     n, d = G.shape[0], YT.shape[1]
     cap_c = min(cap_c, cap, n - 1)
     gamma = max(0.0, lam_z * float(np.diagonal(G).max()))
-    rest = (G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol, grow, cap, cap_c,
+    rest = (G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol, grow, grow_max, cap, cap_c,
             max_passes, max_inner, float(max_work), C, E, status, passes, work, hard, gamma,
             float(floor), *scratch(n, d, cap, cap_c, grow))  # fmt: skip
     kernel = ready("full", compile=False)  # where this process or Numba's cache holds it
@@ -306,11 +304,11 @@ def scratch(n: int, d: int, cap: int, cap_c: int, grow: int, passes: int = 0) ->
 
 
 #: :func:`solve_columns`' one signature.
-SIGNATURE = types.none(I1, I, I, F2, F2, F2, I[:], I[:], F[:], F, F, F, I, I, I, I, I, F, F2, F2, I1, I1, F1, I1, F, F, F2, F2, F2, I1, F1, F1, I1, F1, F1, I1, SCRATCH, F1, B1, I1, F1)  # fmt: skip
+SIGNATURE = types.none(I1, I, I, F2, F2, F2, I[:], I[:], F[:], F, F, F, I, I, I, I, I, I, F, F2, F2, I1, I1, F1, I1, F, F, F2, F2, F2, I1, F1, F1, I1, F1, F1, I1, SCRATCH, F1, B1, I1, F1)  # fmt: skip
 
 
 def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam_z, lam_e, tol,
-                  grow, cap, cap_c, max_passes, max_inner, max_work, C, E, status, passes,
+                  grow, grow_max, cap, cap_c, max_passes, max_inner, max_work, C, E, status, passes,
                   spent, hard, gamma, floor, L, A, Yg, Fc, sc, zc, Fe, se, ze, W, w, full, held,
                   failed, work):  # fmt: skip
     """:func:`run_columns` with its scratch (``cap_c`` at most ``min(cap, N - 1)``, ``gamma``
@@ -564,7 +562,7 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
                 entrant, settle = at, True
                 continue
             # an outer pass: every multiplier lam_z (P^T y_i - K z) + nu a, from the rows of
-            # [[G, Y^T], [Y, I]], and W: F and the `grow` worst violators
+            # [[G, Y^T], [Y, I]], and W: F and the violators that the pass rule takes
             if ps == max_passes:
                 st = MAX_PASSES
                 break
@@ -605,29 +603,32 @@ def solve_columns(cols, first, step, G, YT, Y, seed_ptr, seed_var, seed_val, lam
                 for r in range(fe):
                     W[w_] = n + Fe[r]
                     w_ += 1
-            f, kept, g = w_, 0, grow
-            if OUTLIERS_AT_ONCE:  # every violating outlier entry: W[f:w_], outside `grow`
-                for u in range(n, n + d):
-                    if full[u] > tol:  # (NaN: false)
-                        if w_ <= cap:
-                            W[w_] = u
-                        w_ += 1
-                        full[u] = math.nan  # (not again in the scan below)
-                if w_ > cap:
-                    st = TOO_LARGE
-                    break
-            if GEOMETRIC_GROW:  # pass p adds up to grow 2^(p - 1); past what W holds (more
-                # than cap): TOO_LARGE, as with a constant grow
-                g = grow << (ps - 1 if ps < 32 else 31)
-                if SLOT_BOUND:  # (a support past half the level's slots: the wide level)
-                    room = (SLOT_BOUND if 2 * fc <= SLOT_BOUND else SLOT_WIDE) - fc
-                    if g > room:
-                        g = room if room > 0 else 1
-                if g > cap + 1 - w_:
-                    g = cap + 1 - w_
-            # the `g` worst above tol in one scan, worst first (ties: the lower index);
+            # the pass rule (videoanchor.anchor.plan.PassRule): every violating outlier entry
+            # joins W (W[f:w_]), outside `grow` (also in the lean kernel, which then hands the
+            # column on where one joins its support: the full kernel's path, step for step)
+            f, kept = w_, 0
+            for u in range(n, n + d):
+                if full[u] > tol:  # (NaN: false)
+                    if w_ <= cap:
+                        W[w_] = u
+                    w_ += 1
+            if w_ > cap:
+                st = TOO_LARGE
+                break
+            # and the coefficients: pass p adds up to grow 2^(p - 1) (at most 8 doublings), at
+            # most grow_max; past what W holds (more than cap): TOO_LARGE, as with more
+            g = grow << (ps - 1 if ps < 9 else 8)
+            if g > grow_max:
+                g = grow_max
+            if SLOT_BOUND:  # (a support past half the level's slots: the wide level)
+                room = (SLOT_BOUND if 2 * fc <= SLOT_BOUND else SLOT_WIDE) - fc
+                if g > room:
+                    g = room if room > 0 else 1
+            if g > cap + 1 - w_:
+                g = cap + 1 - w_
+            # the `g` worst coefficients above tol in one scan, worst first (ties: the lower index);
             # W[w_:w_ + kept] holds them in that order, compared through `full`
-            for u in range(n + d):
+            for u in range(n):
                 v = full[u]
                 if v > tol and (kept < g or v > full[W[w_ + kept - 1]]):  # NaN: false
                     p = kept if kept < g else g - 1
@@ -680,8 +681,7 @@ solve_columns = cached(solve_columns, _SOLVE_LOCALS)
 KERNELS = {"lean": solve_columns_lean, "full": solve_columns}
 
 #: The module constants a :func:`variant_kernel` may set, and today's values.
-RULES = {"OUTLIERS_AT_ONCE": False, "GEOMETRIC_GROW": False, "PASS_SUPPORTS": False,
-         "SLOT_BOUND": 0, "SLOT_WIDE": 0}  # fmt: skip
+RULES = {"PASS_SUPPORTS": False, "SLOT_BOUND": 0, "SLOT_WIDE": 0}
 
 
 def variant_kernel(**constants):

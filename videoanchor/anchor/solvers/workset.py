@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
+from videoanchor.anchor import plan as _plan
 from videoanchor.anchor._inputs import as_feature_tensor
 from videoanchor.anchor.collective import all_sum
 from videoanchor.anchor.options import SSCOptions
@@ -109,9 +110,10 @@ class Limits:
 
 #: The default :class:`Limits`.
 LIMITS = Limits()
-#: :func:`solve_ssc_workset`'s defaults, which :func:`run_workset` runs with: the KKT
-#: violation below which a variable stays out, variables added per pass.
-TOL, GROW = 1e-9, 16
+#: :func:`solve_ssc_workset`'s default, which :func:`run_workset` runs with: the KKT
+#: violation below which a variable stays out (who joins at a pass: the pass rule,
+#: :data:`videoanchor.anchor.plan.PASS_RULE`).
+TOL = 1e-9
 #: Inner steps (a variable joining or leaving the support) per column before it is given up.
 MAX_STEPS = 100_000
 #: Tasks (strides of the columns) per thread: threads take them as they come free, so a core
@@ -208,6 +210,16 @@ def _sweep_cost(n: int, d: int, start, C, E, work, passes, cols) -> float:
     return float((counts @ np.asarray(KERNEL_NS)).sum())
 
 
+def _grows(grow: int | None) -> tuple[int, int]:
+    """The kernel's ``grow`` and ``grow_max``: the pass rule's on the CPU
+    (:data:`videoanchor.anchor.plan.PASS_RULE`, read now: ``grow0`` and ``cpu_grow_max``),
+    ``grow`` (None: ``grow0``) the first pass's coefficients, doubling up to ``cpu_grow_max``
+    or ``grow``."""
+    rule = _plan.PASS_RULE
+    grow = rule.grow0 if grow is None else int(grow)
+    return grow, max(grow, rule.cpu_grow_max)
+
+
 def _kernel():
     from videoanchor.anchor.solvers import _workset_kernel
 
@@ -267,13 +279,14 @@ def _seeds(x64: torch.Tensor, gram: torch.Tensor, lam_e: float, lam_z: float, co
 
 
 def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, *, tol: float,
-             grow: int, cap: int, max_passes: int, threads: int, cap_c: int | None = None,
-             max_work: float = math.inf, rank: int = 0, world: int = 1,
+             cap: int, max_passes: int, threads: int, grow: int | None = None,
+             cap_c: int | None = None, max_work: float = math.inf, rank: int = 0, world: int = 1,
              start=None, cols=None, stop_after: int | None = None,
              floor: float = LIMITS.downdate_floor, budget: float = math.inf):  # fmt: skip
     """``C``, ``E`` and each column's status, passes and work, by the compiled kernel over
     ``threads`` threads (strides of the columns, each thread taking the next as it comes
-    free; without the GIL), from ``start`` (:func:`_seeds`); the columns ``cols`` only
+    free; without the GIL), from ``start`` (:func:`_seeds`), who joins at a pass by the pass
+    rule (:func:`_grows`); the columns ``cols`` only
     (default all; the others stay zero, status -1). A hard column (its set past ``cap`` or
     ``cap_c``, its work past ``max_work``) keeps its iterate and the others go on, until
     ``stop_after`` of them are hard (default never): then the columns not yet started stay
@@ -290,6 +303,7 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
     kernel = _kernel()
     n, d = x64.shape
     cap_c = cap if cap_c is None else cap_c
+    grow, grow_max = _grows(grow)
     G = gram.numpy()
     YT = x64.numpy()
     Y = np.ascontiguousarray(YT.T)
@@ -342,8 +356,8 @@ def _columns(x64: torch.Tensor, lam_e: float, lam_z: float, gram: torch.Tensor, 
             def run(t: int, span=span, tasks=tasks, ptr=ptr, var=var, val=val,
                     work_cap=work_cap) -> None:  # fmt: skip
                 kernel.run_columns(span, t, tasks, G, YT, Y, ptr, var, val, lam_z, lam_e, tol,
-                                   grow, cap, cap_c, max_passes, MAX_STEPS, work_cap, C, E,
-                                   status, passes, work, hard, floor)  # fmt: skip
+                                   grow, grow_max, cap, cap_c, max_passes, MAX_STEPS, work_cap,
+                                   C, E, status, passes, work, hard, floor)  # fmt: skip
 
             if tasks <= 1:
                 run(0)
@@ -366,7 +380,7 @@ def solve_ssc_workset(
     alpha_e: float = 800.0,
     alpha_z: float = 800.0,
     tol: float = TOL,
-    grow: int = GROW,
+    grow: int | None = None,
     max_set: int | None = None,
     max_passes: int | None = None,
     threads: int | None = None,
@@ -378,12 +392,14 @@ def solve_ssc_workset(
     returned in ``features``' floating dtype on its device.
 
     ``tol``: the KKT violation (relative to each variable's l1 weight) below which a
-    variable stays out of its set. ``grow``: variables added to a column's working set per
-    pass. ``max_set``: the most variables (coefficients and outliers) one column's working
-    set may hold (None: no limit); a set that outgrows it raises :class:`SetsTooLarge`,
-    where ``C`` is dense and the working sets stop paying. ``max_passes``: outer passes per
-    column (None: ``limits.max_passes``). ``threads``: columns run on this many threads
-    (None: torch's intra-op count).
+    variable stays out of its set. ``grow``: the coefficients that may join a column's
+    working set at its first pass, doubling each pass up to the pass rule's ``cpu_grow_max``
+    (:data:`videoanchor.anchor.plan.PASS_RULE`; None: its ``grow0``); every violating outlier
+    entry joins at once. ``max_set``: the most variables (coefficients and
+    outliers) one column's working set may hold (None: no limit); a set that outgrows it
+    raises :class:`SetsTooLarge`, where ``C`` is dense and the working sets stop paying.
+    ``max_passes``: outer passes per column (None: ``limits.max_passes``). ``threads``: columns
+    run on this many threads (None: torch's intra-op count).
     ``coef_init``: an approximation of ``C`` (``N x N``, e.g. an ADMM's answer) to start
     from, each column divided by its sum onto the constraint (a column whose sum is not
     positive starts from its nearest point, as every column does by default): near the
@@ -401,7 +417,7 @@ def solve_ssc_workset(
     n, d = x.shape
     if n < 2:
         raise ValueError(f"SSC needs at least 2 points, got N = {n}")
-    for name, value in (("grow", grow), ("max_passes", max_passes)):
+    for name, value in (("grow", 1 if grow is None else grow), ("max_passes", max_passes)):
         if int(value) < 1:
             raise ValueError(f"{name}: expected a positive integer, got {value}")
     if max_set is not None and int(max_set) < 1:
@@ -423,7 +439,7 @@ def solve_ssc_workset(
     cap = n + d if max_set is None else min(int(max_set), n + d)
     x64, G, lam_e, lam_z = _prepare(x, alpha_e, alpha_z)
     t1 = time.perf_counter()
-    C, E, status, passes, _ = _columns(x64, lam_e, lam_z, G, tol=tol, grow=int(grow), cap=cap,
+    C, E, status, passes, _ = _columns(x64, lam_e, lam_z, G, tol=tol, grow=grow, cap=cap,
                                        max_passes=int(max_passes), threads=min(int(threads), n),
                                        start=coef_init, floor=limits.downdate_floor)  # fmt: skip
     note = _singular(status)
@@ -550,7 +566,7 @@ def _routes(x, plan: Plan, limits: Limits, *, alpha_e, alpha_z, rho, eps, max_it
         x64, G, lam_e, lam_z = prepared
         t = time.perf_counter()
         C, E, status, passes, work = _columns(
-            x64, lam_e, lam_z, G, tol=TOL, grow=GROW, cap=n + d, cap_c=int(min(cap_c, n + d)),
+            x64, lam_e, lam_z, G, tol=TOL, cap=n + d, cap_c=int(min(cap_c, n + d)),
             max_work=max_work, max_passes=limits.max_passes,
             threads=min(torch.get_num_threads(), n), rank=plan.rank, world=plan.world,
             floor=limits.downdate_floor, **kw)  # fmt: skip

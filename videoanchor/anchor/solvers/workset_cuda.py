@@ -7,9 +7,11 @@ the same device with no host read inside them.
   compacted on the device with its length ``count`` a device tensor: the kernel; each
   column's residual ``R = Y_a - Y C_a - E_a`` gathered from its slots; ONE GEMM ``Y^T R``
   (float32 while screening, float64 in the passes that certify); the violations and the
-  joins in Triton (:mod:`._pass_kernel`): the worst coefficient violators (``grow``:
-  :data:`GROW0` doubling each pass up to :data:`GROW_MAX`) into each column's free coefficient slots and EVERY violating outlier
-  entry into its free outlier slots; the next active list. Its shapes are fixed (the
+  joins in Triton (:mod:`._pass_kernel`) by the working sets' one pass rule
+  (:class:`videoanchor.anchor.plan.PassRule`, the CPU's too): the worst coefficient
+  violators (``grow``: ``grow0`` doubling each pass up to ``grow_max``) into each column's
+  free coefficient slots and EVERY violating outlier entry into its free outlier slots; the
+  next active list. Its shapes are fixed (the
   capacity ``cap``, a power of two at least ``count`` when it was last read), so on CUDA a
   pass is captured once as a CUDA graph and replayed, the graph kept for later calls of
   the same shape with its static buffers (:class:`_Workspace`); a pass with no active
@@ -40,6 +42,7 @@ from collections import OrderedDict
 
 import torch
 
+from videoanchor.anchor import plan as _plan
 from videoanchor.anchor._inputs import as_feature_tensor
 from videoanchor.anchor.graphs import capture as capture_graph
 from videoanchor.anchor.options import SSCOptions
@@ -66,9 +69,6 @@ SLOTS = (128, 256)
 OUTLIER_SLOTS = (64, 1024)
 #: Slot counts a level may have: powers of two, 4 to 4096 (the kernel's constexprs).
 SLOT_COUNTS = tuple(2**k for k in range(2, 13))
-#: The coefficient violators that join a column in its first pass, doubling each pass up to
-#: ``GROW_MAX`` (issue 90: geometric growth; the outlier entries join outside it, all at once).
-GROW0, GROW_MAX = 16, 64
 #: Passes between the host's reads: the first round, then each later one (a pass past the
 #: last active column changes nothing; passes at 16 frames: median 5, max 13 at grow 64).
 ROUNDS = (8, 4)
@@ -121,7 +121,8 @@ def joins(state: dict, top, new, m, R, VE, again, cap: int, *, exact: bool,
     from videoanchor.anchor.solvers import _pass_kernel
 
     _pass_kernel.joins(top, new, m, R, VE, state["JL"], state, state["active"][:cap], again,
-                       scalars=state["program"]["scalars"], grow0=GROW0, grow_max=GROW_MAX,
+                       scalars=state["program"]["scalars"], grow0=_plan.PASS_RULE.grow0,
+                       grow_max=_plan.PASS_RULE.grow_max,
                        exact=exact, last=last)  # fmt: skip
 
 
@@ -250,7 +251,7 @@ def _pass(state: dict, cap: int, *, exact: bool, last: bool) -> None:
     m = torch.mm(R, (p["X"] if exact else p["X32"]).T)
     V = torch.empty_like(m)
     violations(state, m, V, cap)
-    top, new = V.topk(min(GROW_MAX, p["n"], state["ids"].shape[1]), dim=1)
+    top, new = V.topk(min(_plan.PASS_RULE.grow_max, p["n"], state["ids"].shape[1]), dim=1)
     again = torch.empty(cap, dtype=torch.int32, device=act.device)
     joins(state, top, new, m, R, VE, again, cap, exact=exact, last=last)
     state["active"][:cap] = act[torch.argsort(again, descending=True, stable=True)]
