@@ -265,6 +265,26 @@ def test_chebyshev_finds_eighs_subspace_wherever_there_is_a_gap(sizes, p_out, se
         torch.testing.assert_close(theta, ev[-k:].flip(0), rtol=0, atol=1e-8)
 
 
+def test_chebyshev_window_converges_the_soft_shares_pairs():
+    """``window=(k - 1, width)`` (the steady share's call): the pairs down to ``theta_k -
+    width`` and the next come back converged to ``tol`` (k = 24 asked, 25 converged, no gap:
+    31 pairs, the last below the window), and the soft share from them is float64 eigh's
+    to 2e-5 (float32; 6.8e-6 measured)."""
+    from videoanchor.anchor.clustering import _soft_from_pairs, soft_cluster_shares
+
+    w = sparse_group_affinity(401, 16, nnz=60, p_out=0.8, seed=11)
+    s, dd = eigensolvers._normalized_affinity(w)
+    theta, q, info = chebyshev_eigvecs(lambda x: s @ x, 401, 25, dtype=s.dtype, device="cpu",
+                                       window=(23, 1e-2))  # fmt: skip
+    assert info["converged"] and q.shape[1] == len(theta) > 25, (info, len(theta))
+    assert float(theta[-1]) < float(theta[23]) - 1e-2 <= float(theta[-2])
+    res = s.double() @ q.double() - q.double() * theta
+    assert float(res.norm()) <= 1.5e-4
+    soft = _soft_from_pairs(theta, q, dd, 24)
+    ref = soft_cluster_shares(w.double(), 24)
+    assert float((soft - ref).abs().max()) < 2e-5
+
+
 def test_chebyshev_stops_where_rounded_products_stall_it():
     """Products rounded as TF32 rounds (a relative 2^-11 per entry) floor the residual
     near 1e-3: the solver stops a few steps after it stalls, not at its budget, and says
@@ -399,20 +419,22 @@ def test_cuda_labels_equal_cpu_labels(eigen_solver):
 
 
 def test_chebyshev_host_reads_do_not_grow_with_its_steps():
-    """The filter steps read nothing back: runs of 2, 7 and 25 steps (tol 0: every step
-    runs, in one round) read values the same number of times, counted as
-    bench_host_overhead counts them (the profiler's scalar reads, each ``item`` counted with
-    its ``_local_scalar_dense``, plus ``tolist``). On the CPU that count includes reads of
-    host tensors (the host eigh's error check, the Ritz values): 14 per call, of which two
-    rounds x (the projection's ``tolist``, the residual) read device data on a GPU."""
+    """The filter steps read nothing back: runs of 3, 7 and 25 steps (tol 0: every step
+    runs, in the first round's 2, which reads nothing, and one round) read values the same
+    number of times, counted as bench_host_overhead counts them (the profiler's scalar
+    reads, each ``item`` counted with its ``_local_scalar_dense``, plus ``tolist``). On the
+    CPU that count includes reads of host tensors (the host eigh's error check, the Ritz
+    values and residuals): 20 per call, of which two rounds x (the projection's ``tolist``,
+    the residuals') read device data on a GPU (bench_host_reads.device_reads: 4)."""
     from benchmarks.bench_host_overhead import host_counts
+    from benchmarks.bench_host_reads import device_reads
 
     w = sparse_group_affinity(203, 7, nnz=9, p_out=0.1, seed=16, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # sparse CSR is "beta"
         s = _normalized(w).to_sparse_csr()
-        counts = {}
-        for max_steps in (2, 7, 25):
+        counts, reads = {}, {}
+        for max_steps in (3, 7, 25):
             info = {}
 
             def call(max_steps=max_steps, info=info):
@@ -420,8 +442,10 @@ def test_chebyshev_host_reads_do_not_grow_with_its_steps():
                                               device="cpu", tol=0.0, max_steps=max_steps)[2])  # fmt: skip
 
             counts[max_steps] = host_counts(call, n=2)["syncs_per_call"]
+            reads[max_steps] = len(device_reads(call))
             assert info["steps"] == max_steps and not info["converged"]
-    assert counts == {2: 14, 7: 14, 25: 14}, counts
+    assert counts == {3: 20, 7: 20, 25: 20}, counts
+    assert reads == {3: 4, 7: 4, 25: 4}, reads
 
 
 @pytest.mark.parametrize("n,k", [(157, 5), (311, 9)], ids=["n157-k5", "n311-k9"])

@@ -330,7 +330,9 @@ def steady_shares(affinity: torch.Tensor, n_clusters: int, *, seed: int = 0, dra
     paper's share, read from the labels), else ``w * paper + (1 - w) * soft`` (``(N,)``
     float64). ``record``: ``cluster_share`` ("steady"), ``share_weight`` ``w`` and
     ``stability`` ``z``. One eigensolver call gives the embedding, the eigengap and, where
-    the window is covered (a dense solver), the soft share's eigenpairs."""
+    the window is covered (a dense solver, or the Chebyshev solver's block converged down
+    through it: ``spectral_pairs(window=SOFT_SHARE_WIDTH)``, no second eigensolve and no
+    host read of its own on a GPU), the soft share's eigenpairs."""
     n = affinity.shape[0]
     k = n_clusters
     if k == 1 or k >= n:
@@ -339,7 +341,7 @@ def steady_shares(affinity: torch.Tensor, n_clusters: int, *, seed: int = 0, dra
             labels[:] = torch.arange(n, device=affinity.device)
         return labels, None, dict(cluster_share="steady", share_weight=1.0, stability=math.inf)
     theta, vecs, dd, dense = spectral_pairs(affinity, k, extra=EXTRA_PAIRS, seed=seed,
-                                            eigen_solver=eigen_solver)  # fmt: skip
+                                            eigen_solver=eigen_solver, window=SOFT_SHARE_WIDTH)  # fmt: skip
     gap = float(theta[k - 1] - theta[k])
     labels, z = steady_stability(vecs[:, :k] / dd[:, None], gap, seed=seed, draws=draws,
                                  ramp=ramp)  # fmt: skip
@@ -349,7 +351,7 @@ def steady_shares(affinity: torch.Tensor, n_clusters: int, *, seed: int = 0, dra
         return labels, None, record
     if dense and (len(theta) == n or float(theta[-1]) < float(theta[k - 1]) - SOFT_SHARE_WIDTH):
         soft = _soft_from_pairs(theta, vecs, dd, k)
-    else:  # a block solver's pairs, or a crowded window: the filter's own call
+    else:  # Krylov's pairs, or a window crowded past the block: the filter's own call
         s, dd64 = _normalized_affinity(affinity.to(torch.float64))
         th, vec = _filtered_eigenpairs(s, k, SOFT_SHARE_WIDTH)
         soft = _soft_from_pairs(th.cpu(), vec, dd64, k)

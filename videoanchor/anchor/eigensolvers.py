@@ -150,19 +150,31 @@ def block_krylov_eigvecs(matmul, n: int, k: int, *, dtype: torch.dtype, device, 
 #: :func:`chebyshev_eigvecs`' degree, guard vectors and most steps under "auto" (3 steps with
 #: a gap at k = 24, 9-17 without, spectral_nvidia-h200.json), and its stall ratio.
 CHEBYSHEV_DEGREE, CHEBYSHEV_GUARD, CHEBYSHEV_STEPS, STALL_RATIO = 8, 12, 30, 0.9
+#: :func:`chebyshev_eigvecs`' first round, run before any read: ``FIRST_STEPS`` steps that
+#: damp ``[-1, FIRST_CUT]`` (the random start block's Ritz values say little: its smallest
+#: one, the former cut, was -0.2 on the test sets).
+FIRST_CUT, FIRST_STEPS = 0.0, 2
+#: the guard vectors a ``window`` leaves (beyond them the window's pairs are not converged),
+#: and the cap on a round's planned steps, a multiple of the plan from the Ritz values alone
+WINDOW_GUARD, PLAN_CAP = 4, 2.0
 
 
 def chebyshev_eigvecs(matmul, n: int, k: int, *, dtype: torch.dtype, device, seed: int = 0,
                       tol: float = 1e-4, max_steps: int = CHEBYSHEV_STEPS,
                       degree: int = CHEBYSHEV_DEGREE, guard: int = CHEBYSHEV_GUARD,
                       operator: torch.Tensor | None = None, capture=None,
+                      window: tuple[int, float] | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor, dict]:  # fmt: skip
     """The ``k`` leading eigenpairs of a normalised affinity (``matmul(X) = S X``, spectrum
     in ``[-1, 1]``) by Chebyshev-filtered subspace iteration on ``k + guard`` vectors.
 
-    Each round reads the Rayleigh-Ritz projection and the block residual
+    A first round of ``FIRST_STEPS`` steps on a fixed cut (``FIRST_CUT``) reads nothing;
+    each round after it reads the Rayleigh-Ritz projection and the block residual
     ``||S Q - Q diag(theta)||_F`` to the host, and fixes the cut (the smallest Ritz value)
-    and the steps that should bring the residual to ``tol``. A step applies the
+    and the steps that should bring the residual to ``tol`` (:func:`_plan`: the rate
+    from the Ritz values, the eigenvalue below the block taken as high as the last Ritz
+    value plus its residual, so that one planned round usually suffices: 2 reads on the
+    test sets, 3 on some). A step applies the
     degree-``degree`` Chebyshev polynomial of ``S`` at most 1 on ``[-1, cut]`` and a QR,
     with no host read: on CUDA one CUDA graph, captured once per shape where ``operator``
     (``S`` itself, dense or sparse CSR, that ``matmul`` multiplies by) is given, and replayed
@@ -170,6 +182,11 @@ def chebyshev_eigvecs(matmul, n: int, k: int, *, dtype: torch.dtype, device, see
     the capture, for tests). It stops at ``tol``, after ``max_steps``
     steps, or where a round of ``r`` steps cuts the residual by less than
     ``1 - STALL_RATIO ** r`` (TF32-rounded products floor it near 1e-3: ``info["stalled"]``).
+
+    ``window = (j, width)``: the residual (and ``tol``) also covers every pair down to
+    ``theta_j - width`` and the next one, where the block less ``WINDOW_GUARD`` vectors
+    holds them, and those pairs are returned too (the soft share's window from the same
+    call, :func:`spectral_pairs`); more than ``k`` pairs come back only where it held them.
 
     Returns as :func:`block_krylov_eigvecs`; ``info`` with ``converged``, ``steps``,
     ``residual``, ``stalled``."""
@@ -181,19 +198,28 @@ def chebyshev_eigvecs(matmul, n: int, k: int, *, dtype: torch.dtype, device, see
     m = min(n, k + max(0, int(guard)))
     x = _start_block(n, m, seed, device, dtype)
     with _filter_step(matmul, operator, x, int(degree), capture) as step:
-        return _chebyshev(matmul, step, x, k, n, tol, int(max_steps), int(degree))
+        return _chebyshev(matmul, step, x, k, n, tol, int(max_steps), int(degree), window)
 
 
-def _chebyshev(matmul, step, x, k: int, n: int, tol: float, max_steps: int, degree: int):
+def _chebyshev(matmul, step, x, k: int, n: int, tol: float, max_steps: int, degree: int,
+               window: tuple[int, float] | None = None):  # fmt: skip
     """:func:`chebyshev_eigvecs`' rounds with its filter step ``step``."""
-    device, dtype = x.device, x.dtype
+    device, dtype, m = x.device, x.dtype, x.shape[1]
+
+    def wanted(theta) -> int:
+        """The pairs to converge: ``k``, or with ``window = (j, width)`` every one down to
+        ``theta_j - width`` and the next, where the block less ``WINDOW_GUARD`` holds them."""
+        if window is None:
+            return k
+        inside = int((theta >= float(theta[window[0]]) - window[1]).sum())
+        return max(k, inside + 1) if inside + 1 <= m - WINDOW_GUARD else k
 
     def ritz(x):
-        """``(theta, Q, residual)``: in float32 one host read (the projection and, from float64
-        Grams, the residual ``sum_i ||S q_i - theta_i q_i||^2 = y_i^T (B - 2 theta_i H +
-        theta_i^2 M) y_i``, ``B = (SX)^T SX``, ``H = X^T S X``, ``M = X^T X``); in float64 two
-        (the projection, then the residual from the vectors: the Grams' cancellation would
-        reach its tolerance)."""
+        """``(theta, Q, residual of the wanted pairs, their count, the last pair's residual)``:
+        in float32 one host read (the projection and, from float64 Grams, each pair's
+        residual ``||S q_i - theta_i q_i||^2 = y_i^T (B - 2 theta_i H + theta_i^2 M) y_i``, ``B
+        = (SX)^T SX``, ``H = X^T S X``, ``M = X^T X``); in float64 two (the projection, then
+        the residuals from the vectors: the Grams' cancellation would reach its tolerance)."""
         sx = matmul(x)
         if dtype == torch.float64:
             h = torch.tensor((x.T @ sx).tolist(), dtype=torch.float64)
@@ -205,33 +231,57 @@ def _chebyshev(matmul, step, x, k: int, n: int, tol: float, max_steps: int, degr
         theta, y = theta.flip(0), y.flip(1)
         q = x @ y.to(device, dtype)
         if dtype == torch.float64:
-            sq = sx @ y.to(device, dtype)
-            return theta, q, float((sq[:, :k] - q[:, :k] * theta[:k].to(device, dtype)).norm())
-        yk, tk = y[:, :k], theta[:k]
-        parts = (yk * (b @ yk)).sum(0) - 2 * tk * (yk * (h64 @ yk)).sum(0)
-        res = float((parts + tk * tk * (yk * (mm @ yk)).sum(0)).sum().clamp_min(0.0).sqrt())
-        return theta, q, res
+            r = (sx @ y.to(device, dtype) - q * theta.to(device, dtype)).norm(dim=0) ** 2
+            per = torch.tensor(r.tolist(), dtype=torch.float64)
+        else:
+            per = (y * (b @ y)).sum(0) - 2 * theta * (y * (h64 @ y)).sum(0)
+            per = per + theta * theta * (y * (mm @ y)).sum(0)
+        per, kw = per.clamp_min(0.0), wanted(theta)
+        return theta, q, float(per[:kw].sum().sqrt()), kw, float(per[-1].sqrt())
 
-    theta, x, res = ritz(x)
-    steps, stalled = 0, False
+    # the first round, before any read: a fixed cut
+    todo = min(FIRST_STEPS, max_steps)
+    for _ in range(todo):
+        x = step(x, (FIRST_CUT - 1.0) / 2, (FIRST_CUT + 1.0) / 2)
+    steps, stalled = todo, False
+    theta, x, res, kw, last = ritz(x)
     while not res <= tol and steps < max_steps:
-        cut = float(theta[-1])  # damp [-1, cut]; half >= 1e-2 keeps T_degree under 1e21
-        centre, half = (cut - 1.0) / 2, max((cut + 1.0) / 2, 1e-2)
-        # the round's steps: the error shrinks by about 1 / T_degree(z) per step
-        z = (float(theta[k - 1]) - centre) / half
-        rate = 1 / math.cosh(degree * math.acosh(z)) if z > 1 else 1.0
-        want = math.ceil(math.log(tol / res) / math.log(rate)) if 0 < rate < 1 and tol > 0 else n
-        todo = min(max(want, 1), int(max_steps) - steps)
+        centre, half, want = _plan(theta, kw, last, res, tol, degree, n)
+        todo = min(want, int(max_steps) - steps)
         for _ in range(todo):  # no host read in here
             x = step(x, centre, half)
         steps += todo
         before = res
-        theta, x, res = ritz(x)
+        theta, x, res, kw, last = ritz(x)
         if not res <= tol and res > STALL_RATIO**todo * before:
             stalled = steps < max_steps  # the products' rounding floors it (TF32: ~1e-3)
             break
-    return theta[:k], x[:, :k], dict(converged=res <= tol, steps=steps, residual=res,
-                                     stalled=stalled)  # fmt: skip
+    kw = k if window is None else kw
+    return theta[:kw], x[:, :kw], dict(converged=res <= tol, steps=steps, residual=res,
+                                       stalled=stalled)  # fmt: skip
+
+
+def _plan(theta, kw: int, last: float, res: float, tol: float, degree: int, n: int):
+    """``(centre, half, steps)`` of a round: the filter damps ``[-1, cut]`` (``cut`` the
+    smallest Ritz value; ``half >= 1e-2`` keeps ``T_degree`` under 1e21), and the error of
+    pair ``kw`` shrinks by ``T(below) / T(theta_kw)`` a step, ``below`` the eigenvalue next
+    under the block. Early Ritz values lie low, so ``below`` is taken as ``cut`` plus the
+    last pair's residual ``last`` (an eigenvalue lies within it of ``cut``); the steps are at
+    most ``PLAN_CAP`` times those planned with ``below = cut`` (a residual that large says
+    little)."""
+    cut, top = float(theta[-1]), float(theta[kw - 1])
+    centre, half = (cut - 1.0) / 2, max((cut + 1.0) / 2, 1e-2)
+
+    def t(v: float) -> float:
+        z = (v - centre) / half
+        return math.cosh(degree * math.acosh(z)) if z > 1 else 1.0
+
+    def steps(below: float) -> float:
+        rate = t(below) / t(top)
+        return math.log(tol / res) / math.log(rate) if 0 < rate < 1 and tol > 0 else n
+
+    want = min(steps(min(top, cut + last)), PLAN_CAP * steps(cut))
+    return centre, half, max(math.ceil(want), 1)
 
 
 def _filter(matmul, x, centre, half, degree: int) -> torch.Tensor:
@@ -407,7 +457,8 @@ def _dense_top_eigvecs(s: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _block_eigvecs(s, k: int, solver: str, *, seed: int, tol: float, max_steps: int | None,
-                   max_flops: float = math.inf, then: str = "using its last Ritz vectors"):  # fmt: skip
+                   max_flops: float = math.inf, then: str = "using its last Ritz vectors",
+                   window: tuple[int, float] | None = None):  # fmt: skip
     """``(theta, Q, info)`` of ``s`` (dense or sparse) by :func:`chebyshev_eigvecs` (``solver``
     "chebyshev"; ``max_steps`` None: ``CHEBYSHEV_STEPS``) or :func:`block_krylov_eigvecs`;
     unconverged, it warns that the caller goes on ``then``."""
@@ -415,7 +466,7 @@ def _block_eigvecs(s, k: int, solver: str, *, seed: int, tol: float, max_steps: 
     if solver == "chebyshev":
         steps = CHEBYSHEV_STEPS if max_steps is None else max_steps
         theta, q, info = chebyshev_eigvecs(lambda x: s @ x, n, k, max_steps=steps, operator=s,
-                                           **kw)  # fmt: skip
+                                           window=window, **kw)  # fmt: skip
     else:
         nnz = s._nnz() if s.layout != torch.strided else n * n
         theta, q, info = block_krylov_eigvecs(lambda x: s @ x, n, k, matmul_flops=2.0 * nnz,
@@ -517,16 +568,20 @@ def spectral_embedding(affinity: torch.Tensor, n_components: int, *, seed: int =
 
 def spectral_pairs(affinity: torch.Tensor, n_components: int, *, extra: int, seed: int = 0,
                    eigen_solver: str = "auto", choice: EigenChoice = EIGEN_CHOICE,
+                   window: float | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:  # fmt: skip
     """:func:`spectral_embedding`'s eigenpairs and ``extra`` more, from one solver call:
     ``(theta, vecs, dd, dense)``, ``theta`` the leading eigenvalues of the normalised
     affinity (float64, host, descending), ``vecs`` their eigenvectors (``N x m``, on the
-    affinity's device and dtype), ``dd`` the degrees' square roots, and ``dense`` whether a
-    dense solver ran (then ``m = n_components + extra`` pairs: LAPACK's partial solver forms
-    ``m`` vectors for the price of ``n_components``, its cost being the reduction; a block
-    solver converges only ``n_components + 1``, the eigengap's). The embedding is
-    ``vecs[:, :n_components] / dd[:, None]``. ``eigen_solver`` and ``choice`` as in
-    :func:`spectral_embedding`."""
+    affinity's device and dtype), ``dd`` the degrees' square roots, and ``dense`` whether
+    every pair given is converged, a window's caller may take them: a dense solver ran (then
+    ``m = n_components + extra`` pairs: LAPACK's partial solver forms ``m`` vectors for the
+    price of ``n_components``, its cost being the reduction), or the Chebyshev solver with
+    ``window`` (a width) converged (it converges every pair down to ``theta_k - window`` and
+    the next where its block holds them, else ``n_components + 1``, the last one inside the
+    window); a block solver otherwise converges only ``n_components + 1``, the eigengap's.
+    The embedding is ``vecs[:, :n_components] / dd[:, None]``. ``eigen_solver`` and
+    ``choice`` as in :func:`spectral_embedding`."""
     n = affinity.shape[0]
     if not 1 <= n_components <= n:
         raise ValueError(f"n_components: expected 1 <= n_components <= N = {n}, got {n_components}")
@@ -539,13 +594,17 @@ def spectral_pairs(affinity: torch.Tensor, n_components: int, *, extra: int, see
         solver = "eigh" if n <= crossover else (choice.above_cpu if cpu else choice.above_cuda)
     if solver != "eigh" and n >= 4 * (n_components + 9):
         kb = min(n, n_components + 1)
+        span = (n_components - 1, float(window)) if window and solver == "chebyshev" else None
         theta, vecs, info = _block_eigvecs(
             s, kb, solver, seed=seed, tol=tol, max_steps=None,
             max_flops=choice.eigh_cost * float(n) ** 3 if auto else math.inf,
             then="finishing with dense eigh" if auto else "using its last Ritz vectors",
+            window=span,
         )  # fmt: skip
         if info["converged"] or not auto:
-            return theta.to(torch.float64).cpu(), vecs, dd, False
+            # (a window crowded past the block comes back as k + 1 pairs, inside it)
+            whole = span is not None and info["converged"]
+            return theta.to(torch.float64).cpu(), vecs, dd, whole
     if s.device.type == "cpu":
         theta, vec = _subset_eigh(s.numpy(), n - m, n - 1, "evx")
         theta = torch.from_numpy(theta[::-1].astype(np.float64))
