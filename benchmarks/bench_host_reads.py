@@ -4,8 +4,9 @@
 tensors were a GPU's: a tensor is a *device* tensor unless it came from the host (made
 without a ``device=``, from Python data, from a read, or by an op on host tensors alone);
 a read is an operator that needs a value on the host (:data:`READ_OPS`: ``item``,
-``nonzero``, ``unique``, ...) or ``tolist`` / ``numpy`` / ``cpu()`` / ``to("cpu")`` of a
-device tensor. A tensor moved back with ``to(device)`` is a device tensor again. Within a
+``nonzero``, ``unique``, ...), an index by a boolean mask (:data:`MASK_OPS`: ``x[mask]``
+sizes its result by the mask's count, a ``nonzero`` inside the operator) or ``tolist`` /
+``numpy`` / ``cpu()`` / ``to("cpu")`` of a device tensor. A tensor moved back with ``to(device)`` is a device tensor again. Within a
 *host region* (functions named in ``host=``, which work on host tensors: ``discretize``)
 factories make host tensors (their reads of device tensors still count). On a CPU tensor ``cpu()`` returns the tensor itself:
 here it returns a copy, so the original stays a device tensor.
@@ -50,6 +51,9 @@ READ_OPS = frozenset(
      "aten::unique_consecutive", "aten::masked_select", "aten::repeat_interleave",
      "aten::bincount", "aten::histc"}
 )  # fmt: skip
+#: Operators that read where an index is a boolean mask (``x[mask]``, ``x[:, mask]``: the
+#: mask's count sizes the result; setting through a mask does not read).
+MASK_OPS = frozenset({"aten::index"})
 
 
 def _tensors(tree):
@@ -133,6 +137,11 @@ class DeviceReads(TorchDispatchMode):
         if name in READ_OPS:
             for t in inputs[:1]:
                 self._read(name, t)
+        elif name in MASK_OPS:  # a boolean mask's count of True is read (a nonzero inside)
+            for t in inputs[1:]:
+                if t.dtype == torch.bool:
+                    self._read(f"{name}[bool]", t)
+                    break
         out = func(*args, **kwargs)
         if self._moving is not None:
             host = self._moving == "host"

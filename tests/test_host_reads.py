@@ -38,9 +38,11 @@ def test_the_counter_tells_device_tensors_from_host_ones():
         int(b.argmax()), float(torch.tensor([1.0, 2.0]).sum())
         c = torch.zeros(3, device=dev.device)  # made on the device
         torch.nonzero(c), c.numpy()  # reads 4, 5
+        c[c > 0], c[:, None][:, [0]]  # read 6: a boolean mask's count (not an index list)
+        c[c > 0] = 1.0  # (setting through a mask: no read)
 
     assert device_reads(call) == ["aten::_local_scalar_dense", "cpu", "aten::_local_scalar_dense",
-                                  "aten::nonzero", "numpy"]  # fmt: skip
+                                  "aten::nonzero", "numpy", "aten::index[bool]"]  # fmt: skip
     assert torch.equal(dev, torch.arange(6.0))
 
 

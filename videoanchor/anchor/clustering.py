@@ -316,8 +316,10 @@ def _soft_from_pairs(theta: torch.Tensor, vec: torch.Tensor, dd: torch.Tensor, k
     """:func:`~videoanchor.anchor.clustering.soft_cluster_shares` from eigenpairs given
     (``theta`` descending on the host, reaching below ``theta_k - width``)."""
     f = ((theta - float(theta[k - 1]) + width) / width).clamp(0, 1)
-    keep = (f > 0).to(vec.device)
-    u = _unit_rows(vec[:, keep].to(torch.float64) * f.to(vec.device)[keep].sqrt()
+    # (theta descends, so the kept pairs lead: sliced by a count from the host, not a mask
+    # of the device's, whose indexing would read the mask's count back)
+    keep = int((f > 0).sum())
+    u = _unit_rows(vec[:, :keep].to(torch.float64) * f[:keep].sqrt().to(vec.device)
                    / dd.to(torch.float64)[:, None])  # fmt: skip
     return ((u @ (u.T @ u)) * u).sum(dim=1) / vec.shape[0]
 
