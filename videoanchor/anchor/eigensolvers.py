@@ -173,8 +173,8 @@ def chebyshev_eigvecs(matmul, n: int, k: int, *, dtype: torch.dtype, device, see
     ``||S Q - Q diag(theta)||_F`` to the host, and fixes the cut (the smallest Ritz value)
     and the steps that should bring the residual to ``tol`` (:func:`_plan`: the rate
     from the Ritz values, the eigenvalue below the block taken as high as the last Ritz
-    value plus its residual, so that one planned round usually suffices: 2 reads on the
-    test sets, 3 on some). A step applies the
+    value plus its residual, so that one planned round usually suffices: 2 reads on five
+    of the six sets of docs/ssc.md's count, 3 on one). A step applies the
     degree-``degree`` Chebyshev polynomial of ``S`` at most 1 on ``[-1, cut]`` and a QR,
     with no host read: on CUDA one CUDA graph, captured once per shape where ``operator``
     (``S`` itself, dense or sparse CSR, that ``matmul`` multiplies by) is given, and replayed
