@@ -5,9 +5,11 @@ with and without the steady share's window (``window=(k - 1, 1e-2)``), on test_h
 8-frame set and five ``bench_spectral.group_affinity`` sets, float32, seed 0, ``k + 1``
 pairs converged as ``spectral_pairs`` asks. For the window: the pairs returned, whether they
 cover it, and the soft share from them against float64 ``eigh``'s (``soft_cluster_shares``).
-The counts do not depend on the machine (the table in docs/ssc.md, "Its host reads").
+``--aims``: instead, the set at seeds 0-5 under several ``PLAN_AIM``. The counts do not
+depend on the machine (the tables in docs/ssc.md, "Its host reads").
 
     python benchmarks/experiments/chebyshev_rounds.py --before ac431ef
+    python benchmarks/experiments/chebyshev_rounds.py --aims 1,0.3,0.1
 """
 
 from __future__ import annotations
@@ -76,12 +78,44 @@ def run(es, w, k, window: bool) -> dict:
     return row
 
 
+def seeds(aims: list[float]) -> None:
+    """test_host_reads' set at seeds 0-5 (its SSC solved each time): the rounds and steps of
+    the paper's call (k = 24, as ``spectral_embedding``) and the steady share's (k + 1, the
+    window), under ``PLAN_AIM`` = each of ``aims``."""
+    from benchmarks.common import video_tokens
+    from videoanchor.anchor import clustering, solve_ssc_workset
+    from videoanchor.anchor import eigensolvers as es
+
+    ws = [clustering.ssc_affinity(solve_ssc_workset(video_tokens(8, 48, 97, k=6, seed=seed)
+                                                    .double()).coef.float())
+          for seed in range(6)]  # fmt: skip
+    for aim in aims:
+        es.PLAN_AIM = aim
+        for name, k, window in (("paper", 24, None), ("steady", 25, (23, 1e-2))):
+            got = []
+            for w in ws:
+                s, _ = es._normalized_affinity(w)
+                calls = [0]
+
+                def matmul(v, s=s, calls=calls):
+                    calls[0] += 1
+                    return s @ v
+
+                _, _, info = es.chebyshev_eigvecs(matmul, s.shape[0], k, dtype=s.dtype,
+                                                  device="cpu", seed=0, window=window)  # fmt: skip
+                got.append((calls[0] - info["steps"] * es.CHEBYSHEV_DEGREE, info["steps"]))
+            print(f"PLAN_AIM {aim} {name}: (rounds, steps) by seed {got}", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--before", default="ac431ef")
+    ap.add_argument("--aims", help="instead: the seeds' sweep under these PLAN_AIM, e.g. 1,0.3,0.1")
     args = ap.parse_args(argv)
     from videoanchor.anchor import eigensolvers as after
 
+    if args.aims:
+        return seeds([float(a) for a in args.aims.split(",")])
     before = _before(args.before)
     for name, (w, k) in sets().items():
         print(name, "k", k)

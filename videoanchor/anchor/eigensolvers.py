@@ -157,6 +157,9 @@ FIRST_CUT, FIRST_STEPS = 0.0, 2
 #: the guard vectors a ``window`` leaves (beyond them the window's pairs are not converged),
 #: and the cap on a round's planned steps, a multiple of the plan from the Ritz values alone
 WINDOW_GUARD, PLAN_CAP = 4, 2.0
+#: the residual a round plans for, a multiple of ``tol``: below 1 it buys rounds with steps
+#: (test_host_reads' set at seeds 0-5, k = 24, the rounds and steps in docs/ssc.md)
+PLAN_AIM = 1.0
 
 
 def chebyshev_eigvecs(matmul, n: int, k: int, *, dtype: torch.dtype, device, seed: int = 0,
@@ -278,7 +281,7 @@ def _plan(theta, kw: int, last: float, res: float, tol: float, degree: int, n: i
 
     def steps(below: float) -> float:
         rate = t(below) / t(top)
-        return math.log(tol / res) / math.log(rate) if 0 < rate < 1 and tol > 0 else n
+        return math.log(PLAN_AIM * tol / res) / math.log(rate) if 0 < rate < 1 and tol > 0 else n
 
     want = min(steps(min(top, cut + last)), PLAN_CAP * steps(cut))
     return centre, half, max(math.ceil(want), 1)
