@@ -84,7 +84,8 @@ def test_ssc_mode_reaches_the_plan_and_the_call():
         assert ssc_kwargs(cfg)["mode"] == mode
         plan = ssc_plan(cfg, 40, 8, "cpu")
         assert plan.mode == runs
-        assert plan.solver == ("faithful" if mode == "blocked" else "workset")
+        assert plan.solver == "workset"  # (blocked: by blocks, route "workset_blocks")
+        assert plan.route == ("workset_blocks" if mode == "blocked" else "workset_then_fast")
     # blocked mode runs the authors' iteration: the fast solver is not what splits
     assert fast_splits(AnchorConfig()) and not fast_splits(AnchorConfig(ssc_mode="blocked"))
     with pytest.raises(ValueError, match=r"^ssc_mode: expected one of \('auto', 'exact', "

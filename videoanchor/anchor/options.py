@@ -344,11 +344,10 @@ class SSCOptions:
         check_option_range(values, out.dtype)
         if distributed:
             check_distributed(mode, solver, backend)
-        if solver == "workset" and (mode == "blocked" or backend == "cupy"):
+        if solver == "workset" and backend == "cupy":
             raise ValueError(
-                "solver='workset' runs in exact mode on torch's features; expected mode "
-                f"'exact' or 'auto' and backend 'auto' or 'torch', got mode={mode!r}, "
-                f"backend={backend!r}"
+                "solver='workset' runs on torch's features; expected backend 'auto' or "
+                f"'torch', got backend={backend!r}"
             )
         if mode == "blocked":
             check_blocked(solver, backend)

@@ -536,7 +536,8 @@ def compute_anchor_scores(
     plan = make_plan(solved.shape, solved.device, opts, process_group=process_group)
     res = solve(solved, plan, opts)
     t1 = time.perf_counter()
-    draws, shares, record = cluster(res.coef, opts, group=plan.group, rank=plan.rank)
+    draws, shares, record = cluster(res.coef, opts, group=plan.group, rank=plan.rank,
+                                    sparse_steady=plan.route == "workset_blocks")  # fmt: skip
     _sync(x.device)
     t2 = time.perf_counter()
     scores = _scores_tied(x, res.coef, draws, shares)
