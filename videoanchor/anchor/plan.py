@@ -360,28 +360,34 @@ def workset_bytes(n: int, d: int, threads: int = 1) -> int:
 
 
 #: Each column's starting candidates in the working sets by blocks (its tokens of largest
-#: ``|x_i^T x_u|``; the certificate adds what they miss): :func:`workset_blocks_bytes`'s
-#: bound on a block's local dictionary, ``block_columns (1 + NEIGHBOURS)`` tokens.
+#: ``|x_i^T x_u|``; the certificate adds what they miss).
 NEIGHBOURS = 96
+#: The local dictionary per column that :func:`workset_blocks_bytes` assumes (not a bound:
+#: the certificate adds what the minimiser needs): video-like tokens at N = 2048-4096, D =
+#: 512 touched 500 on average and at most 1063-1185 (measured, issue 99).
+LOCAL_TOKENS = 1024
+#: The memory the working sets by blocks size their batch of columns to, past ``X`` and ``E``.
+LONG_BUDGET = 512 * 2**20
 
 
-def workset_blocks_bytes(n: int, d: int, block: int, threads: int = 1) -> int:
-    """Peak host bytes of the working sets by blocks
+def workset_blocks_bytes(n: int, d: int, block: int, threads: int = 1, *,
+                         local: int = LOCAL_TOKENS) -> int:  # fmt: skip
+    """Host bytes of the working sets by blocks
     (:mod:`~videoanchor.anchor.solvers.workset_blocks`) without the sparse ``C``: float64
-    ``X`` and ``E``; per block of ``block`` columns six ``N x block`` float64 buffers (the
-    neighbours' product, the block's ``C``, the certificate's products and multipliers), and
-    its local dictionary's ``|T| x |T|`` Gram matrix, start and answer, ``|T|`` at most
-    ``min(N, block (1 + NEIGHBOURS))``, with its kernel's buffers per thread."""
-    t = min(n, block * (1 + NEIGHBOURS))
-    return (8 * (2 * n * d + 6 * n * block + 3 * t * t + 2 * t * d)
-            + threads * 8 * (min(t, WARM_SET) + 1) * (d + 1))  # fmt: skip
+    ``X`` and ``E``; per batch of ``block`` columns six ``N x block`` float64 buffers (the
+    batch's ``C``, the certificate's products and multipliers) and each column's local
+    dictionary (``local`` tokens, :data:`LOCAL_TOKENS`: its Gram matrix and rows); per
+    thread, a solve's ``local x local`` buffers (start, answer, the kernel's factor and its
+    matrix, the Gram matrix's growth and copies: eight, from the peak measured in
+    tests/test_long_route.py)."""
+    t = min(n, local)
+    return 8 * (2 * n * d + 6 * n * block + block * (t * t + t * d) + threads * 8 * t * t)
 
 
-def long_block_columns(n: int, d: int, budget: int = _BLOCK_BUDGET["cpu"]) -> int:
-    """Columns per block of the working sets by blocks: the most (at most 256, at least 1)
-    whose :func:`workset_blocks_bytes` past ``X`` and ``E`` fits ``budget`` (the CPU's
-    block budget, 256 MiB)."""
-    b = 256
+def long_block_columns(n: int, d: int, budget: int = LONG_BUDGET) -> int:
+    """Columns per batch of the working sets by blocks: the most (a power of two, at most
+    64, at least 1) whose :func:`workset_blocks_bytes` past ``X`` and ``E`` fits ``budget``."""
+    b = 64
     while b > 1 and workset_blocks_bytes(n, d, b) - 16 * n * d > budget:
         b //= 2
     return min(n, b)
@@ -632,12 +638,15 @@ def _blocked_workset(opts, device: torch.device, backend: str, *, program: str,
     rather than the authors' iteration (``"blocked"``): where asked for (``solver="workset"``),
     or by default (``solver="auto"``) where exact mode's :func:`auto_solver` would pick the
     working sets, on the CPU and outside a process group (the authors' iteration splits its
-    blocks over the ranks). ``solver="faithful"`` keeps the authors' iteration."""
+    blocks over the ranks), and no option of the authors' iteration alone is set (``eps``,
+    ``block_eps``). ``solver="faithful"`` keeps the authors' iteration."""
     if program != "squared":
         return False
     if opts.solver == "workset":
         return True
-    return (opts.solver == "auto" and device.type == "cpu" and group is None
+    authors = (opts.eps != fields_default(opts, "eps")
+               or getattr(opts, "block_eps", "own") != "own")  # fmt: skip
+    return (opts.solver == "auto" and device.type == "cpu" and group is None and not authors
             and auto_solver(device, backend, opts, program=program, outliers=outliers)
             == "workset")  # fmt: skip
 

@@ -164,11 +164,16 @@ class SSCSolution:
         return {**{k: getattr(self, k) for k in keep}, **more}
 
 
-def nearest_points(gram: torch.Tensor) -> torch.Tensor:
+def nearest_points(gram: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
     """Each point's nearest other point (``N``, long) from the Gram matrix ``gram`` of the
-    points (``N x N``): every column's start from nothing, ``c = e_j``."""
-    dist = gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram
-    dist.fill_diagonal_(math.inf)
+    points (``N x N``): every column's start from nothing, ``c = e_j``. ``cols``: those
+    points' only (long), an ``N x |cols|`` pass."""
+    if cols is None:
+        dist = gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram
+        dist.fill_diagonal_(math.inf)
+    else:
+        dist = gram.diagonal()[:, None] + gram.diagonal()[cols][None, :] - 2 * gram[:, cols]
+        dist[cols, torch.arange(len(cols))] = math.inf
     return dist.argmin(dim=0)
 
 
