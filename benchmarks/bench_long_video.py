@@ -11,7 +11,7 @@ relative duality gap (``residual``) and the returned C's (``gap``). The load ave
 every row: the machine may be shared.
 
     python benchmarks/bench_long_video.py --frames 16,32,64      # N = 2048, 4096, 8192
-    python benchmarks/bench_long_video.py --frames 160 --routes default
+    python benchmarks/bench_long_video.py --frames 16,64,160 --blocks-frames 16
 """
 
 from __future__ import annotations
@@ -68,6 +68,9 @@ def main() -> None:
     ap.add_argument("--frames", default="16,32,64,128,160,256")
     ap.add_argument("--routes", default="default,blocks",
                     help="default and/or blocks (the blocks where N <= 16384 only)")
+    ap.add_argument("--blocks-frames", default="",
+                    help="the frames at which the blocks run beside the default (default: all "
+                         "with N <= 16384)")
     ap.add_argument("--one", nargs=2, help=argparse_hidden())
     args = ap.parse_args()
     if args.one:
@@ -80,7 +83,8 @@ def main() -> None:
     for frames in (int(f) for f in args.frames.split(",")):
         outs = {}
         for route in args.routes.split(","):
-            if route == "blocks" and frames * PATCHES > 16384:
+            if route == "blocks" and (frames * PATCHES > 16384 or (
+                    args.blocks_frames and str(frames) not in args.blocks_frames.split(","))):
                 continue
             out = tmp / f"bench_long_video_{os.getpid()}_{frames}_{route}.pt"
             env = {**os.environ, "BENCH_OUT": str(out)}

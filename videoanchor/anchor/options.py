@@ -291,8 +291,9 @@ class SSCOptions:
     expectation than a single draw, but NOT continuous: a 1e-6 change of the features moves
     it by up to 0.1 on video-like sets, ``expected_share_cpu.json``). ``"hard"`` and
     ``"stable"`` are the former names of ``"paper"`` and ``"steady"`` (deprecated).
-    ``"soft"`` needs exact mode; in blocked mode ``"steady"`` and ``"expected"`` run the
-    paper's share (and the result says so)."""
+    ``"soft"`` needs exact mode; in blocked mode ``"expected"``, and ``"steady"`` after the
+    authors' iteration, run the paper's share (and the result says so); after the working
+    sets by blocks ``"steady"`` runs, from the sparse affinity's eigenpairs."""
     eigen_solver: str = "auto"
     """Eigen-solver of the spectral step: ``"auto"``, ``"eigh"``, ``"krylov"`` or
     ``"chebyshev"`` (exact mode), ``"arpack"``, ``"subspace"`` or ``"chebyshev"`` (blocked

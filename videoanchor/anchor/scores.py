@@ -423,7 +423,10 @@ def compute_anchor_scores(
     (:func:`~videoanchor.anchor.plan.auto_solver`). A reporter without a budget changes
     nothing, and an ``eps`` away from its default is a ``ValueError`` wherever the solver that
     would run has no stopping test (``"workset"``, ``"fast"``): it is the faithful
-    iteration's option. In blocked mode ``"auto"`` is the authors' iteration. The other
+    iteration's option. In blocked mode ``"auto"`` is, on the CPU outside a process group
+    and without ``eps`` or ``block_eps``, the working sets by blocks (the certified
+    minimiser, sparse ``C``: :mod:`~videoanchor.anchor.solvers.workset_blocks`), else the
+    authors' iteration. The other
     choices:
     ``"fast"`` (an approximation
     of the faithful answer: the authors' A-, E- and C-steps on a fixed schedule of 60
