@@ -284,7 +284,7 @@ def ab(names, reps: int, *, threads: int, routes=("solve_ssc_workset", "run_work
             names_ = list(AB_RULES)
             base = names_[0]
             for k in range(reps):
-                for rule in names_[k % len(names_):] + names_[: k % len(names_)]:
+                for rule in names_[k % len(names_) :] + names_[: k % len(names_)]:
                     with _ab_rule(rule):
                         t = time.perf_counter()
                         call(x)
@@ -332,16 +332,22 @@ def _merge(path: Path, meta: dict, rows: list[dict]) -> None:
 
 def main(argv=None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sets", default=None,
-                    help=f"comma-separated, of {', '.join(SETS)} (--ab: of {', '.join(AB_SETS)}; "
-                    "default qwen16, --ab: all)")
+    ap.add_argument(
+        "--sets",
+        default=None,
+        help=f"comma-separated, of {', '.join(SETS)} (--ab: of {', '.join(AB_SETS)}; "
+        "default qwen16, --ab: all)",
+    )
     ap.add_argument("--rules", default=",".join(RULES), help="comma-separated")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--clean", action="store_true", help="without the corrupted tokens")
     ap.add_argument("--smoke", action="store_true", help="a tiny set (seconds)")
     ap.add_argument("--out-dir", default=None)
-    ap.add_argument("--ab", action="store_true",
-                    help="the warm A/B of AB_RULES' rules (--sets of AB_SETS, --reps each)")
+    ap.add_argument(
+        "--ab",
+        action="store_true",
+        help="the warm A/B of AB_RULES' rules (--sets of AB_SETS, --reps each)",
+    )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--routes", default="solve_ssc_workset,run_workset")
     args = ap.parse_args(argv)

@@ -644,8 +644,8 @@ def test_the_working_sets_refuse_what_they_cannot_run():
     from videoanchor.anchor import compute_anchor_scores, sparse_subspace_clustering
 
     x = _video()
-    with pytest.raises(ValueError, match="solver='workset' runs in exact mode"):
-        compute_anchor_scores(x, 4, solver="workset", mode="blocked")
+    with pytest.raises(ValueError, match="solver='workset' runs on torch's features"):
+        compute_anchor_scores(x, 4, solver="workset", backend="cupy")
     with pytest.raises(ValueError, match=r"affine=True, outliers=True\), got affine=False"):
         sparse_subspace_clustering(x, 4, solver="workset", affine=False)
     with pytest.raises(ValueError, match="expected one of"):

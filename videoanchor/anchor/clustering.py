@@ -65,6 +65,7 @@ __all__ = [
     "steady_stability",
     "steady_weight",
     "steady_shares",
+    "sparse_steady_shares",
     "EXPECTED_DRAWS",
     "EXPECTED_WIDTH",
     "soft_draw_shares",
@@ -324,6 +325,14 @@ def _soft_from_pairs(theta: torch.Tensor, vec: torch.Tensor, dd: torch.Tensor, k
     return ((u @ (u.T @ u)) * u).sum(dim=1) / vec.shape[0]
 
 
+def _one_or_each(n: int, k: int, draws: int, device) -> tuple[torch.Tensor, None, dict]:
+    """The steady share's answer with one cluster (``k == 1``) or a cluster per token."""
+    labels = torch.zeros(draws, n, dtype=torch.long, device=device)
+    if k > 1:  # every token its own cluster
+        labels[:] = torch.arange(n, device=device)
+    return labels, None, dict(cluster_share="steady", share_weight=1.0, stability=math.inf)
+
+
 def steady_shares(affinity: torch.Tensor, n_clusters: int, *, seed: int = 0, draws: int = 1,
                   eigen_solver: str = "auto", ramp: tuple[float, float] = STEADY_RAMP,
                   ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:  # fmt: skip
@@ -338,17 +347,10 @@ def steady_shares(affinity: torch.Tensor, n_clusters: int, *, seed: int = 0, dra
     n = affinity.shape[0]
     k = n_clusters
     if k == 1 or k >= n:
-        labels = torch.zeros(draws, n, dtype=torch.long, device=affinity.device)
-        if k > 1:  # every token its own cluster
-            labels[:] = torch.arange(n, device=affinity.device)
-        return labels, None, dict(cluster_share="steady", share_weight=1.0, stability=math.inf)
+        return _one_or_each(n, k, draws, affinity.device)
     theta, vecs, dd, dense = spectral_pairs(affinity, k, extra=EXTRA_PAIRS, seed=seed,
                                             eigen_solver=eigen_solver, window=SOFT_SHARE_WIDTH)  # fmt: skip
-    gap = float(theta[k - 1] - theta[k])
-    labels, z = steady_stability(vecs[:, :k] / dd[:, None], gap, seed=seed, draws=draws,
-                                 ramp=ramp)  # fmt: skip
-    w = steady_weight(z, ramp)
-    record = dict(cluster_share="steady", share_weight=w, stability=z)
+    labels, w, record = _steady_labels(theta, vecs, dd, k, seed=seed, draws=draws, ramp=ramp)
     if w == 1.0:
         return labels, None, record
     if dense and (len(theta) == n or float(theta[-1]) < float(theta[k - 1]) - SOFT_SHARE_WIDTH):
@@ -357,14 +359,73 @@ def steady_shares(affinity: torch.Tensor, n_clusters: int, *, seed: int = 0, dra
         s, dd64 = _normalized_affinity(affinity.to(torch.float64))
         th, vec = _filtered_eigenpairs(s, k, SOFT_SHARE_WIDTH)
         soft = _soft_from_pairs(th.cpu(), vec, dd64, k)
+    return _blend(labels, soft, w, record)
+
+
+def _steady_labels(theta, vecs, dd, k: int, *, seed: int, draws: int, ramp):
+    """``(labels, w, record)`` of the steady share from the leading eigenpairs (``theta``
+    descending, at least ``k + 1``; the embedding ``vecs[:, :k] / dd``)."""
+    gap = float(theta[k - 1] - theta[k])
+    labels, z = steady_stability(vecs[:, :k] / dd[:, None], gap, seed=seed, draws=draws,
+                                 ramp=ramp)  # fmt: skip
+    w = steady_weight(z, ramp)
+    return labels, w, dict(cluster_share="steady", share_weight=w, stability=z)
+
+
+def _blend(labels, soft, w: float, record: dict):
+    """The steady share's ``(labels, shares, record)`` at weight ``w`` below 1."""
     soft = soft.to(labels.device)
     if w == 0.0:
         return labels, soft, record
     return labels, w * label_shares(labels) + (1.0 - w) * soft, record
 
 
+def _sparse_pairs(s: torch.Tensor, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``m`` leading eigenpairs (``theta`` float64 on the host, descending; vectors) of the
+    sparse normalised affinity ``s`` (CSR): dense ``eigh`` where it is small, else ARPACK per
+    component, else (more components than ``m``, or no convergence) block Krylov to 1e-7."""
+    n = s.shape[0]
+    if n < 4 * (m + 8):
+        theta, vecs = torch.linalg.eigh(s.to_dense())
+        return theta.flip(0)[:m].to(torch.float64).cpu(), vecs.flip(1)[:, :m]
+    found = _top_eigvecs_arpack(s, m, seed, values=True) if s.device.type == "cpu" else None
+    if found is not None:
+        return found
+    start = int(torch.randint(2**31 - 1, (1,), generator=torch.Generator().manual_seed(seed)))
+    theta, vecs, _ = _block_eigvecs(s, m, "krylov", seed=start, tol=1e-7, max_steps=None)
+    return theta.to(torch.float64).cpu(), vecs
+
+
+def sparse_steady_shares(affinity: torch.Tensor, n_clusters: int, *, seed: int = 0,
+                         draws: int = 1, ramp: tuple[float, float] = STEADY_RAMP,
+                         ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:  # fmt: skip
+    """:func:`steady_shares` on a sparse symmetric affinity (COO; the working sets by blocks,
+    issue 99), never densified: the ``n_clusters + 1`` leading eigenpairs of the normalised
+    affinity give the embedding and the eigengap, and where the paper's share's weight is
+    below 1, the pairs down to ``theta_k -`` :data:`SOFT_SHARE_WIDTH` (sought in doubling
+    counts) give the soft share. The same rule and record as the dense one."""
+    n, k = affinity.shape[0], n_clusters
+    if k == 1 or k >= n:
+        return _one_or_each(n, k, draws, affinity.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # sparse CSR is "beta"
+        s, dd = sparse_normalized_affinity(affinity)
+        theta, vecs = _sparse_pairs(s, k + 1, seed)
+        labels, w, record = _steady_labels(theta, vecs, dd, k, seed=seed, draws=draws,
+                                           ramp=ramp)  # fmt: skip
+        if w == 1.0:
+            return labels, None, record
+        m = min(n, k + max(8, k // 2))
+        while True:
+            theta, vecs = _sparse_pairs(s, m, seed)
+            if m == n or float(theta[-1]) < float(theta[k - 1]) - SOFT_SHARE_WIDTH:
+                break
+            m = min(n, 2 * m)
+    return _blend(labels, _soft_from_pairs(theta, vecs, dd, k), w, record)
+
+
 def cluster(coef: torch.Tensor, opts, *, group=None, rank: int = 0, affinity: str = "symmetric",
-            assign_labels: str = "discretize",
+            assign_labels: str = "discretize", sparse_steady: bool = False,
             ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:  # fmt: skip
     """Stage 4 of an SSC call: ``(draws, shares, record)``, the ``(label_draws, N)`` labels of
     ``C`` (dense, or sparse COO kept sparse) into ``opts.n_clusters`` clusters, seeded by
@@ -375,7 +436,9 @@ def cluster(coef: torch.Tensor, opts, *, group=None, rank: int = 0, affinity: st
     paper's share's weight: 1.0 (``"expected"``: the paper's share in expectation), 0.0 or the
     steady share's) and, for ``"steady"``, its ``stability``
     (:func:`~videoanchor.anchor.clustering.steady_shares`). ``"expected"`` and ``"steady"`` on
-    a sparse ``C`` (blocked mode) run the paper's share and say so. ``affinity``: ``"symmetric"`` (``W =
+    a sparse ``C`` (blocked mode) run the paper's share and say so, but ``"steady"`` where
+    ``sparse_steady`` (the working sets by blocks: :func:`sparse_steady_shares`, the same
+    share as exact mode's default). ``affinity``: ``"symmetric"`` (``W =
     |C| + |C|^T``) or ``"column_max"`` (dense ``C`` only). Under a process ``group`` (every
     rank holds the same ``C``) rank 0 computes them and broadcasts them; if that fails, every
     rank raises."""
@@ -391,7 +454,11 @@ def cluster(coef: torch.Tensor, opts, *, group=None, rank: int = 0, affinity: st
                     f"cluster_share={share!r} reads a dense affinity's spectrum; expected a "
                     f"dense C (mode='exact'), got a sparse one (blocked mode, N = {n})"
                 )
-            if coef.is_sparse:
+            if coef.is_sparse and sparse_steady and share == "steady":
+                draws, shares, record = sparse_steady_shares(
+                    sparse_ssc_affinity(coef), opts.n_clusters, seed=opts.seed,
+                    draws=opts.label_draws)  # fmt: skip
+            elif coef.is_sparse:
                 draws = sparse_spectral_labels(
                     sparse_ssc_affinity(coef), opts.n_clusters, seed=opts.seed,
                     draws=opts.label_draws, eigen_solver=opts.eigen_solver,
@@ -411,8 +478,9 @@ def cluster(coef: torch.Tensor, opts, *, group=None, rank: int = 0, affinity: st
     if group is not None:
         draws, packed = broadcast_from_first(draws, group), broadcast_from_first(packed, group)
         if rank != 0:
+            sparse_paper = coef.is_sparse and not (sparse_steady and share == "steady")
             record = dict(cluster_share=share if share not in ("steady", "expected")
-                          or not coef.is_sparse else "paper", share_weight=float(packed[0]))  # fmt: skip
+                          or not sparse_paper else "paper", share_weight=float(packed[0]))  # fmt: skip
             if not math.isnan(float(packed[1])):
                 record["stability"] = float(packed[1])
     # (rank 0 knows whether its shares are the paper's; another rank reads the flag)

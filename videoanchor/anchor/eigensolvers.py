@@ -488,8 +488,9 @@ def _block_eigvecs(s, k: int, solver: str, *, seed: int, tol: float, max_steps: 
 ARPACK_TOL = 1e-8
 
 
-def _top_eigvecs_arpack(s, k: int, seed: int):
-    """The ``k`` leading eigenvectors (descending) of the sparse CSR ``s``: each connected
+def _top_eigvecs_arpack(s, k: int, seed: int, *, values: bool = False):
+    """The ``k`` leading eigenvectors (descending) of the sparse CSR ``s`` (``values``: with
+    their eigenvalues, ``(theta, vectors)``, ``theta`` float64 on the host): each connected
     component's top ``min(k, size)`` by ARPACK (``eigsh``, ``which="LA"``, from scikit-learn's
     start vector restricted to it; dense ``eigh`` for a small one), the ``k`` largest kept.
     None where there are more components than ``k`` or ARPACK does not converge (warned).
@@ -523,10 +524,11 @@ def _top_eigvecs_arpack(s, k: int, seed: int):
                               RuntimeWarning, stacklevel=3)  # fmt: skip
                 return None
         pairs += [(value, idx, v[:, j]) for j, value in enumerate(w.tolist())]
-    q = np.zeros((n, k))
-    for col, (_, idx, vec) in enumerate(sorted(pairs, key=lambda p: -p[0])[:k]):  # stable
+    q, top = np.zeros((n, k)), sorted(pairs, key=lambda p: -p[0])[:k]  # (stable)
+    for col, (_, idx, vec) in enumerate(top):
         q[idx, col] = vec
-    return torch.from_numpy(q).to(s.device, s.dtype)
+    q = torch.from_numpy(q).to(s.device, s.dtype)
+    return (torch.tensor([p[0] for p in top], dtype=torch.float64), q) if values else q
 
 
 def spectral_embedding(affinity: torch.Tensor, n_components: int, *, seed: int = 0,

@@ -291,8 +291,9 @@ class SSCOptions:
     expectation than a single draw, but NOT continuous: a 1e-6 change of the features moves
     it by up to 0.1 on video-like sets, ``expected_share_cpu.json``). ``"hard"`` and
     ``"stable"`` are the former names of ``"paper"`` and ``"steady"`` (deprecated).
-    ``"soft"`` needs exact mode; in blocked mode ``"steady"`` and ``"expected"`` run the
-    paper's share (and the result says so)."""
+    ``"soft"`` needs exact mode; in blocked mode ``"expected"``, and ``"steady"`` after the
+    authors' iteration, run the paper's share (and the result says so); after the working
+    sets by blocks ``"steady"`` runs, from the sparse affinity's eigenpairs."""
     eigen_solver: str = "auto"
     """Eigen-solver of the spectral step: ``"auto"``, ``"eigh"``, ``"krylov"`` or
     ``"chebyshev"`` (exact mode), ``"arpack"``, ``"subspace"`` or ``"chebyshev"`` (blocked
@@ -344,11 +345,10 @@ class SSCOptions:
         check_option_range(values, out.dtype)
         if distributed:
             check_distributed(mode, solver, backend)
-        if solver == "workset" and (mode == "blocked" or backend == "cupy"):
+        if solver == "workset" and backend == "cupy":
             raise ValueError(
-                "solver='workset' runs in exact mode on torch's features; expected mode "
-                f"'exact' or 'auto' and backend 'auto' or 'torch', got mode={mode!r}, "
-                f"backend={backend!r}"
+                "solver='workset' runs on torch's features; expected backend 'auto' or "
+                f"'torch', got backend={backend!r}"
             )
         if mode == "blocked":
             check_blocked(solver, backend)

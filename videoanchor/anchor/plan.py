@@ -47,6 +47,7 @@ __all__ = [
     "iteration_options",
     "make_plan",
     "split_bytes",
+    "workset_blocks_bytes",
     "workset_bytes",
 ]
 
@@ -319,6 +320,9 @@ class Plan:
     def describe(self, opts) -> str:
         """What this plan runs, in words, for a plan line (the command line, the logs);
         ``opts``: the checked options it was made with."""
+        if self.route == "workset_blocks":
+            return (f"the working sets by blocks of {self.block_columns} columns (the "
+                    "program's certified minimiser, no N x N buffer)")  # fmt: skip
         if self.mode == "blocked":
             return (f"the authors' iteration by blocks of {self.block_columns} columns (to eps "
                     f"{opts.eps:g}, at most {opts.max_iter} iterations)")  # fmt: skip
@@ -337,7 +341,17 @@ class Plan:
 #: ``"workset_cuda"`` (one Triton program per column on CUDA, the fast answer where a column
 #: outgrows its slots), ``"admm"`` (the fast schedule or the authors' iteration),
 #: ``"admm_cupy"`` (the same on CuPy), ``"blocked"``, ``"equality"``.
-ROUTES = ("workset_then_fast", "workset_cuda", "admm", "admm_cupy", "blocked", "equality")
+#: ``"workset_blocks"`` (the working sets by column blocks against local dictionaries,
+#: certified against the full one: blocked mode's default on the CPU, issue 99).
+ROUTES = (
+    "workset_then_fast",
+    "workset_cuda",
+    "admm",
+    "admm_cupy",
+    "blocked",
+    "equality",
+    "workset_blocks",
+)
 
 
 #: The most coefficients per column's working set where ``workset.run_workset`` starts from
@@ -412,6 +426,40 @@ def workset_bytes(n: int, d: int, threads: int = 1) -> int:
     ``G``, ``C``, the certificate's ``N x N`` products, ``X``, ``X^T``, ``E`` and a start's
     residual and outliers; per thread, the kernel's ``WARM_SET x D`` gathered outlier rows."""
     return 8 * (3 * n * n + 5 * n * d + threads * (min(n, WARM_SET) + 1) * (d + 1))
+
+
+#: Each column's starting candidates in the working sets by blocks (its tokens of largest
+#: ``|x_i^T x_u|``; the certificate adds what they miss).
+NEIGHBOURS = 96
+#: The local dictionary per column that :func:`workset_blocks_bytes` assumes (not a bound:
+#: the certificate adds what the minimiser needs): video-like tokens at N = 2048-4096, D =
+#: 512 touched 500 on average and at most 1063-1185 (measured, issue 99).
+LOCAL_TOKENS = 1024
+#: The memory the working sets by blocks size their batch of columns to, past ``X`` and ``E``.
+LONG_BUDGET = 512 * 2**20
+
+
+def workset_blocks_bytes(n: int, d: int, block: int, threads: int = 1, *,
+                         local: int = LOCAL_TOKENS) -> int:  # fmt: skip
+    """Host bytes of the working sets by blocks
+    (:mod:`~videoanchor.anchor.solvers.workset_blocks`) without the sparse ``C``: float64
+    ``X`` and ``E``; per batch of ``block`` columns six ``N x block`` float64 buffers (the
+    batch's ``C``, the certificate's products and multipliers) and each column's local
+    dictionary (``local`` tokens, :data:`LOCAL_TOKENS`: its Gram matrix and rows); per
+    thread, a solve's ``local x local`` buffers (start, answer, the kernel's factor and its
+    matrix, the Gram matrix's growth and copies: eight, from the peak measured in
+    tests/test_long_route.py)."""
+    t = min(n, local)
+    return 8 * (2 * n * d + 6 * n * block + block * (t * t + t * d) + threads * 8 * t * t)
+
+
+def long_block_columns(n: int, d: int, budget: int = LONG_BUDGET) -> int:
+    """Columns per batch of the working sets by blocks: the most (a power of two, at most
+    64, at least 1) whose :func:`workset_blocks_bytes` past ``X`` and ``E`` fits ``budget``."""
+    b = 64
+    while b > 1 and workset_blocks_bytes(n, d, b) - 16 * n * d > budget:
+        b //= 2
+    return min(n, b)
 
 
 def iteration_options(opts) -> list[str]:
@@ -549,8 +597,8 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
     refusal = blocked_refusal(opts.solver, opts.backend, opts.precision, tokens=n)
     mode, fits = opts.mode, None
     if mode == "auto":
-        if opts.solver == "workset":
-            mode = "exact"  # its memory is the dense solver's at most (workset_bytes)
+        if opts.solver == "workset":  # its memory is the dense solver's at most (workset_bytes)
+            mode = "exact" if n <= EXACT_MAX_TOKENS else "blocked"
         elif group is not None and opts.solver == "faithful":
             mode = "blocked"  # the authors' iteration runs over processes column-blocked
         else:
@@ -591,7 +639,8 @@ def _mode_plan(mode: str, n: int, d: int, device: torch.device, work: torch.dtyp
     if mode == "blocked":
         if refusal is not None:
             raise ValueError(refusal)
-        solver, precision = "faithful", "full"
+        solver = "workset" if _blocked_workset(opts, program=program) else "faithful"
+        precision = "full"
     elif solver == "auto":
         solver = auto_solver(device, backend, opts, program=program, outliers=outliers)
     if solver in ("fast", "workset") and opts.eps != fields_default(opts, "eps"):
@@ -606,7 +655,12 @@ def _mode_plan(mode: str, n: int, d: int, device: torch.device, work: torch.dtyp
     given_strategy, strategy, block = strategy, "dense", n
     # the fast solver's step: its own, or the working sets' fallback's
     step = fast_step(device, backend, given_strategy if solver == "fast" else "auto")
-    if mode == "blocked":  # (the authors' steps against a Woodbury factor, by blocks)
+    if mode == "blocked" and solver == "workset":  # (host memory, whatever the device)
+        block = min(opts.block_columns or long_block_columns(n, d), n)
+        strategy = route = "workset_blocks"
+        need = workset_blocks_bytes(n, d, block, torch.get_num_threads())
+        what = "Working-set SSC by blocks"
+    elif mode == "blocked":  # (the authors' steps against a Woodbury factor, by blocks)
         block = min(opts.block_columns or default_block_columns(n, d, work, device.type), n)
         strategy, route = "woodbury", "equality" if program == "exact" else "blocked"
         need, what = blocked_admm_bytes(n, d, itemsize, block), "Blocked SSC"
@@ -636,14 +690,23 @@ def _mode_plan(mode: str, n: int, d: int, device: torch.device, work: torch.dtyp
             + (", or solver='fast' on CUDA" if route == "workset_cuda" else "")
         )
     if check_memory_first:  # (the working sets work in host memory whatever the device)
-        check_memory(need, torch.device("cpu") if strategy == "workset" else device, n=n, d=d,
-                     what=what)  # fmt: skip
+        host = strategy in ("workset", "workset_blocks")
+        check_memory(need, torch.device("cpu") if host else device, n=n, d=d, what=what)
     plan = Plan(mode=mode, solver=solver, backend=backend, device=device, work=work,
                 precision=precision, strategy=strategy, block_columns=block, program=program,
                 group=group, rank=rank, world=world, need=need, route=route, dark=dark)  # fmt: skip
-    if solver == "workset":  # the fast solver, on the memory that `need` checked
+    if solver == "workset" and mode == "exact":  # the fast solver, on the memory `need` checked
         plan = replace(plan, fallback=replace(plan, solver="fast", strategy=step, route="admm"))
     return plan
+
+
+def _blocked_workset(opts, *, program: str) -> bool:
+    """Whether blocked mode runs the working sets by blocks (route ``"workset_blocks"``,
+    asked for with ``solver="workset"``) rather than the authors' iteration (``"blocked"``,
+    the default): the blocks certify the program's minimiser but were slower than the time
+    issue 99 asks for (N = 20480, D = 512: unfinished after 2443 s on 2 cores,
+    ``long_video_cpu.json``), so they are not the default yet."""
+    return program == "squared" and opts.solver == "workset"
 
 
 def fast_step(device: torch.device, backend: str, strategy: str = "auto") -> str:

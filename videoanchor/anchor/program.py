@@ -41,6 +41,7 @@ __all__ = [
     "DARK_TOKEN",
     "SSCSolution",
     "ColumnGaps",
+    "block_gaps",
     "column_gaps",
     "dark_tokens",
     "duality_gaps",
@@ -163,11 +164,16 @@ class SSCSolution:
         return {**{k: getattr(self, k) for k in keep}, **more}
 
 
-def nearest_points(gram: torch.Tensor) -> torch.Tensor:
+def nearest_points(gram: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
     """Each point's nearest other point (``N``, long) from the Gram matrix ``gram`` of the
-    points (``N x N``): every column's start from nothing, ``c = e_j``."""
-    dist = gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram
-    dist.fill_diagonal_(math.inf)
+    points (``N x N``): every column's start from nothing, ``c = e_j``. ``cols``: those
+    points' only (long), an ``N x |cols|`` pass."""
+    if cols is None:
+        dist = gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram
+        dist.fill_diagonal_(math.inf)
+    else:
+        dist = gram.diagonal()[:, None] + gram.diagonal()[cols][None, :] - 2 * gram[:, cols]
+        dist[cols, torch.arange(len(cols))] = math.inf
     return dist.argmin(dim=0)
 
 
@@ -369,6 +375,27 @@ def column_gaps(y: torch.Tensor, c: torch.Tensor, lambda_e: float, lambda_z: flo
     return _gram_gaps(y, c, gram, support, lambda_e, lambda_z, read=read)
 
 
+def block_gaps(y: torch.Tensor, cols: torch.Tensor, c: torch.Tensor, lambda_e: float,
+               lambda_z: float) -> tuple[torch.Tensor, ColumnGaps]:  # fmt: skip
+    """:func:`duality_gaps` of the columns ``cols`` (``m``, long) of ``C`` alone (``c``,
+    ``N x m``, dense float64) for checked float64 ``y`` (``D x N``), no ``N x N`` buffer (the
+    working sets by blocks): ``Y c`` from ``c``'s non-zero rows, ``Y^T u`` (``D x N x m``).
+    Returns ``(g, gaps)``: ``g[j, i] = y_j^T u_i`` (``N x m``, ``u_i`` the dual point of
+    column ``cols[i]``), from which the caller reads every token's multiplier (the entries
+    at ``(cols[i], i)`` are left at ``-inf``), and the block's :class:`ColumnGaps` (read)."""
+    t = lambda_e / lambda_z
+    yb = y[:, cols]
+    rows = torch.nonzero(c.any(dim=1)).flatten()
+    r = torch.sub(yb, y[:, rows] @ c[rows])
+    primal = c.abs().sum(dim=0) + huber(r, lambda_e, lambda_z).sum(dim=0)
+    u = r.clamp_(-t, t).mul_(lambda_z)
+    del r
+    g = y.T @ u
+    uy, uu, umax = (u * yb).sum(dim=0), (u * u).sum(dim=0), u.abs().amax(dim=0)
+    del u
+    return g, _finish(g, uy, uu, umax, primal, c, lambda_e, lambda_z, read=True, own=cols)
+
+
 def _dense_gaps(y, c, lambda_e: float, lambda_z: float, *, read: bool) -> ColumnGaps:
     t = lambda_e / lambda_z
     r = torch.sub(y, y @ c)
@@ -382,23 +409,35 @@ def _dense_gaps(y, c, lambda_e: float, lambda_z: float, *, read: bool) -> Column
 
 
 def _finish(g, uy, uu, umax, primal, c, lambda_e: float, lambda_z: float, *, read: bool,
-            flags=(), exact=None) -> ColumnGaps:  # fmt: skip
+            flags=(), exact=None, own=None) -> ColumnGaps:  # fmt: skip
     """The dual at the scaled ``u`` from ``g`` (``g[j, i] = y_j^T u_i``; its diagonal is
-    overwritten), ``u_i^T y_i``, ``u_i^T u_i`` and ``max |u_i|``; ``flags`` join the summary.
+    overwritten, or where ``own`` (``(m,)`` long) is given, column ``i``'s entry at row
+    ``own[i]``: the columns of ``C`` that ``g`` and ``c`` hold, ``-inf`` on return),
+    ``u_i^T y_i``, ``u_i^T u_i`` and ``max |u_i|``; ``flags`` join the summary.
     ``exact``: ``g``'s largest and smallest entries of a column taken again by ``exact(j)``
     (``y_j^T u_i`` for ``j``, ``(K, N)``, at the ``K`` largest and smallest)."""
     top = min(TOP, g.shape[0] - 1)  # (never the diagonal)
     exact = exact if top > 0 else None
-    g.diagonal().fill_(-math.inf)
+    at = None if own is None else (own, torch.arange(len(own), device=g.device))
+
+    def fill(t: torch.Tensor, value: float) -> None:
+        if own is None:
+            t.diagonal().fill_(value)
+        else:
+            t[at] = value
+
+    fill(g, -math.inf)
     if exact is None:
         gmax = g.amax(dim=0)
     else:
         gmax = exact(g.topk(top, dim=0).indices).amax(dim=0)
-    g.diagonal().fill_(math.inf)
+    fill(g, math.inf)
     if exact is None:
         gmin = g.amin(dim=0)
     else:
         gmin = exact(g.topk(top, dim=0, largest=False).indices).amin(dim=0)
+    if own is not None:
+        fill(g, -math.inf)
     del g
     spread = gmax - gmin
     s_max = torch.where(
@@ -410,7 +449,7 @@ def _finish(g, uy, uu, umax, primal, c, lambda_e: float, lambda_z: float, *, rea
     s = torch.minimum(s.clamp_min(0.0), s_max)
     dual = s * slope - s * s * uu / (2 * lambda_z) + 1.0
     affine = (c.sum(dim=0) - 1).abs().max()
-    diagonal = c.diagonal().abs().max()
+    diagonal = (c.diagonal() if own is None else c[at]).abs().max()
     out = ColumnGaps(primal, dual, affine, diagonal)
     out.summary = torch.stack([out.gap.max(), affine, diagonal,
                                *(f.to(affine.dtype) for f in flags)])  # fmt: skip

@@ -423,7 +423,9 @@ def compute_anchor_scores(
     (:func:`~videoanchor.anchor.plan.auto_solver`). A reporter without a budget changes
     nothing, and an ``eps`` away from its default is a ``ValueError`` wherever the solver that
     would run has no stopping test (``"workset"``, ``"fast"``): it is the faithful
-    iteration's option. In blocked mode ``"auto"`` is the authors' iteration. The other
+    iteration's option. In blocked mode ``"auto"`` is the authors' iteration and
+    ``"workset"`` the working sets by blocks (the certified minimiser, sparse ``C``:
+    :mod:`~videoanchor.anchor.solvers.workset_blocks`; not the default yet, issue 99). The other
     choices:
     ``"fast"`` (an approximation
     of the faithful answer: the authors' A-, E- and C-steps on a fixed schedule of 60
@@ -536,7 +538,8 @@ def compute_anchor_scores(
     plan = make_plan(solved.shape, solved.device, opts, process_group=process_group)
     res = solve(solved, plan, opts)
     t1 = time.perf_counter()
-    draws, shares, record = cluster(res.coef, opts, group=plan.group, rank=plan.rank)
+    draws, shares, record = cluster(res.coef, opts, group=plan.group, rank=plan.rank,
+                                    sparse_steady=plan.route == "workset_blocks")  # fmt: skip
     _sync(x.device)
     t2 = time.perf_counter()
     scores = _scores_tied(x, res.coef, draws, shares)

@@ -7,7 +7,15 @@ mode); :data:`SOLVERS` says which one runs for a plan."""
 from __future__ import annotations
 
 from videoanchor.anchor.plan import ROUTES, Plan
-from videoanchor.anchor.solvers import admm, admm_cupy, blocked, equality, workset, workset_cuda
+from videoanchor.anchor.solvers import (
+    admm,
+    admm_cupy,
+    blocked,
+    equality,
+    workset,
+    workset_blocks,
+    workset_cuda,
+)
 
 __all__ = ["SOLVERS", "solve"]
 
@@ -21,6 +29,7 @@ SOLVERS = {
     "admm_cupy": admm_cupy.run,
     "blocked": blocked.run,
     "equality": equality.run,
+    "workset_blocks": workset_blocks.run,
 }
 if set(SOLVERS) != set(ROUTES):  # pragma: no cover - caught by any test
     raise ImportError("videoanchor.anchor.solve: SOLVERS and plan.ROUTES name different routes")

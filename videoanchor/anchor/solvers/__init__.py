@@ -13,7 +13,9 @@ Routes:
   (``solver="fast"``) in torch, on any device;
 - ``"admm_cupy"``: :mod:`.admm_cupy`, the same iteration on CuPy arrays;
 - ``"blocked"``: :mod:`.blocked`, the authors' ADMM on column blocks (``mode="blocked"``);
-- ``"equality"``: :mod:`.equality`, the constrained program (``data_term="exact"``).
+- ``"equality"``: :mod:`.equality`, the constrained program (``data_term="exact"``);
+- ``"workset_blocks"``: :mod:`.workset_blocks`, the working sets by column blocks against
+  local dictionaries, certified against the full one (blocked mode with ``solver="workset"``).
 
 Shared: :mod:`.admm_steps`, the ADMM iteration written once for every array namespace (its
 steps, factors and the fast solver's schedule), and :mod:`.fast`, the fast solver's step on

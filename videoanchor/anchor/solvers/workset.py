@@ -237,9 +237,8 @@ def _seeds(x64: torch.Tensor, gram: torch.Tensor, lam_e: float, lam_z: float, co
     point. ``cols``: the columns (ascending) whose starts are made; the others have none
     (``O(N D |cols|)`` work: a sweep given up after its first span pays for that span)."""
     n, d = x64.shape
-    nearest = nearest_points(gram)
     if coef is None:
-        return (np.arange(n + 1, dtype=np.int64), nearest.numpy().astype(np.int64),
+        return (np.arange(n + 1, dtype=np.int64), nearest_points(gram).numpy().astype(np.int64),
                 np.ones(n))  # fmt: skip
     cols = torch.arange(n) if cols is None else torch.as_tensor(cols, dtype=torch.int64)
     k = len(cols)
@@ -254,7 +253,8 @@ def _seeds(x64: torch.Tensor, gram: torch.Tensor, lam_e: float, lam_z: float, co
     warm = torch.isfinite(total) & (total > 0)
     c = c / torch.where(warm, total, 1.0)
     c[:, ~warm] = 0.0
-    c[nearest[cols[~warm]], torch.nonzero(~warm).flatten()] = 1.0
+    if not bool(warm.all()):  # (the nearest points of the columns that need them only)
+        c[nearest_points(gram, cols[~warm]), torch.nonzero(~warm).flatten()] = 1.0
     r = x64.T[:, cols] - x64.T @ c
     e = torch.sign(r) * (r.abs() - lam_e / lam_z).clamp(min=0.0)
     del r
