@@ -332,7 +332,8 @@ def test_each_route_runs_the_run_of_its_solver_module():
     from videoanchor.anchor.solve import SOLVERS
 
     modules = {"workset_then_fast": "workset", "workset_cuda": "workset_cuda", "admm": "admm",
-               "admm_cupy": "admm_cupy", "blocked": "blocked", "equality": "equality"}  # fmt: skip
+               "admm_cupy": "admm_cupy", "blocked": "blocked", "equality": "equality",
+               "workset_blocks": "workset_blocks"}  # fmt: skip
     assert set(SOLVERS) == set(plan.ROUTES) == set(modules)
     for route, name in modules.items():
         run = importlib.import_module(f"videoanchor.anchor.solvers.{name}").run
