@@ -342,7 +342,7 @@ class Plan:
 #: outgrows its slots), ``"admm"`` (the fast schedule or the authors' iteration),
 #: ``"admm_cupy"`` (the same on CuPy), ``"blocked"``, ``"equality"``.
 #: ``"workset_blocks"`` (the working sets by column blocks against local dictionaries,
-#: certified against the full one: blocked mode's default on the CPU, issue 99).
+#: certified against the full one: blocked mode with ``solver="workset"``, issue 99).
 ROUTES = (
     "workset_then_fast",
     "workset_cuda",
