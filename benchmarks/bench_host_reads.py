@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 import weakref
@@ -42,7 +40,13 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import environment, finish, parser, video_tokens  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    environment,
+    finish,
+    module_at,
+    parser,
+    video_tokens,
+)
 
 #: Operators whose result needs a device tensor's value on the host (each waits for the GPU).
 READ_OPS = frozenset(
@@ -290,16 +294,7 @@ def _support(c: torch.Tensor) -> torch.Tensor:
 
 def _before_program(commit: str):
     """``videoanchor/anchor/program.py`` at ``commit``, imported as a module of its own."""
-    root = Path(__file__).resolve().parent.parent
-    src = subprocess.run(["git", "show", f"{commit}:videoanchor/anchor/program.py"], cwd=root,
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
-    path = Path(tempfile.mkdtemp()) / "program_before.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("program_before", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["program_before"] = mod  # (its dataclasses look their module up)
-    spec.loader.exec_module(mod)
-    return mod
+    return module_at(commit, "videoanchor/anchor/program.py", "program_before")
 
 
 def measure(n: int, d: int, per: int, before, *, solve: bool, forms=None) -> list[dict]:

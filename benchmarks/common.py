@@ -45,6 +45,26 @@ def git_sha() -> str:
         return "unknown"
 
 
+def module_at(commit: str, path: str, name: str):
+    """The repository's file ``path`` (``videoanchor/anchor/...``) as it was at ``commit``,
+    imported as a module ``name`` of its own (registered in ``sys.modules``: its dataclasses
+    look their module up): the code a benchmark or test compares with."""
+    import importlib.util
+    import sys
+    import tempfile
+
+    root = Path(__file__).resolve().parent.parent
+    src = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=root, capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    file = Path(tempfile.mkdtemp()) / f"{name}.py"
+    file.write_text(src)
+    spec = importlib.util.spec_from_file_location(name, file)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def environment(device: str | None = None) -> dict:
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

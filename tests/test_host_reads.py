@@ -6,9 +6,6 @@ The route is CUDA's where the code branches on a choice (``eigen_solver="chebysh
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -16,6 +13,7 @@ import pytest
 import torch
 
 from benchmarks.bench_host_reads import device_reads
+from benchmarks.common import module_at
 from videoanchor.anchor import clustering, eigensolvers, solve_ssc_workset
 from videoanchor.anchor import scores as sc
 from videoanchor.anchor.options import SSCOptions
@@ -98,17 +96,7 @@ def test_chebyshev_reads_once_a_round_in_float32(solved, dtype, monkeypatch):
 
 def _old_scores():
     """``videoanchor/anchor/scores.py`` before the one-read scores (issue 90), imported."""
-    src = subprocess.run(["git", "show", "5da2264:videoanchor/anchor/scores.py"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
-    path = Path(tempfile.mkdtemp()) / "scores_before.py"
-    path.write_text(src)
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("scores_before", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["scores_before"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return module_at("5da2264", "videoanchor/anchor/scores.py", "scores_before")
 
 
 def _cases():

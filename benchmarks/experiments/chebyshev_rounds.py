@@ -15,10 +15,7 @@ depend on the machine (the tables in docs/ssc.md, "Its host reads").
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,17 +23,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import module_at  # noqa: E402
+
 
 def _before(commit: str):
-    src = subprocess.run(["git", "show", f"{commit}:videoanchor/anchor/eigensolvers.py"],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout  # fmt: skip
-    path = Path(tempfile.mkdtemp()) / "eigensolvers_before.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("eigensolvers_before", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["eigensolvers_before"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return module_at(commit, "videoanchor/anchor/eigensolvers.py", "eigensolvers_before")
 
 
 def sets() -> dict:
