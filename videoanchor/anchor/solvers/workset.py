@@ -59,9 +59,14 @@ class Limits:
     support's size.
 
     :func:`run_workset` from the nearest points (issue 66): ``dense_set`` coefficients and
-    ``cold_work`` work per column (video-like tokens' minimisers hold 40-150 coefficients
-    at N = 384-1536 and spend at most ~18 000; a token with ~160 outlier entries, a caption
-    over it, ~170 000; the outlier entries, which the kernel eliminates, are not counted).
+    ``cold_work`` work per column (the outlier entries, which the kernel eliminates, are not
+    counted). A column's work grows as its coefficients squared (video-like tokens: 3.0-5.2
+    times at N = 8192, where they hold 100-160 coefficients and spend up to ~71 000), so
+    ``cold_work`` is what a column of ``dense_set`` coefficients may need, ``6 dense_set^2``:
+    until issue 99 it was 50 000 (measured at N = 384-1536, ~18 000 at most), and at 64 frames
+    of 128 tokens 224 ordinary columns passed it, more than ``hard_share``: the default gave
+    the fast solver's answer, uncertified, in 148 s, where the working sets certify in 60 s.
+    A token with ~160 outlier entries, a caption over it, spends ~170 000.
     A column past either is hard: it stops and the others go on, until more than
     ``hard_share`` of the columns (and more than one) are hard: ``C`` is dense (Extended
     Yale B faces, ~190 coefficients and 800-1800 outlier entries per column). The hard
@@ -91,7 +96,7 @@ class Limits:
     80). Tests raise it to force that path on any CPU."""
 
     dense_set: int = 192
-    cold_work: float = 50_000
+    cold_work: float = 6 * 192**2
     hard_share: float = 1 / 128
     hard_work: float = 500_000
     warm_set: int = WARM_SET
