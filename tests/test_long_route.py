@@ -1,8 +1,8 @@
 """The working sets by column blocks (issue 99, route "workset_blocks"): blocked mode's
 default on the CPU. Its answer is the dense working sets' minimiser (C within 1e-6,
 certified), the certificate adds the candidates the neighbours missed, no N x N buffer is
-held, and make_plan picks it past EXACT_MAX_TOKENS (the authors' iteration with
-solver='faithful')."""
+held, make_plan picks it past EXACT_MAX_TOKENS (the authors' iteration with
+solver='faithful'), and 2 gloo processes share its batches and return one process's answer."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ import os
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+from gloo_support import join_gloo, leave
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from videoanchor.anchor import compute_anchor_scores
 from videoanchor.anchor import plan as plan_mod
+from videoanchor.anchor.collective import OTHER_RANK_FAILED
 from videoanchor.anchor.options import SSCOptions
 from videoanchor.anchor.plan import EXACT_MAX_TOKENS, make_plan
 from videoanchor.anchor.program import duality_gaps
@@ -179,3 +182,73 @@ def test_no_n_by_n_buffer_is_held():
     bound = plan_mod.workset_blocks_bytes(n, x.shape[1], 8, torch.get_num_threads(),
                                           local=out["res"].history["widest"])  # fmt: skip
     assert grew < bound, f"peak RSS grew {grew / 2**20:.1f} MiB, over {bound / 2**20:.1f} MiB"
+
+
+def _failing_block(*args, **kwargs):
+    raise RuntimeError("a batch failed on rank 1")
+
+
+def _ranks_worker(rank, world, store, x, out):
+    import torch.distributed as dist
+
+    join_gloo(rank, world, store)
+    try:
+        group = dist.group.WORLD
+        workset_blocks.NEIGHBOURS = 6  # (this process's module: the parent's monkeypatch's)
+        opts = SSCOptions(mode="blocked", solver="workset", block_columns=8,
+                          dtype=x.dtype).checked()  # fmt: skip
+        plan = make_plan(x.shape, CPU, opts, process_group=group)
+        res = run_workset_blocks(x, plan, alpha_e=800.0, alpha_z=800.0)
+        scores = compute_anchor_scores(x, 4, mode="blocked", block_columns=8, solver="workset",
+                                       process_group=group)  # fmt: skip
+        # a rank that fails in its batches: every rank raises, none is left waiting
+        if rank == 1:
+            workset_blocks._block = _failing_block
+        try:
+            run_workset_blocks(x, plan, alpha_e=800.0, alpha_z=800.0)
+            failed = None
+        except RuntimeError as exc:
+            failed = str(exc)
+        torch.save({"coef": res.coef, "outliers": res.outliers, "residual": res.residual,
+                    "gap": res.gap, "iterations": res.iterations, "converged": res.converged,
+                    "history": res.history, "world_size": res.world_size,
+                    "scores_coef": scores.coef, "labels": scores.labels, "scores": scores.scores,
+                    "failed": failed}, os.path.join(out, f"rank{rank}.pt"))  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+    leave()
+
+
+@pytest.mark.distributed
+def test_two_gloo_processes_share_the_batches_and_equal_one(tmp_path, monkeypatch):
+    """N = 50 in batches of 8 (rank 0 solves batches 0, 2, 4 and 6, 26 columns; rank 1 the
+    other 24): each column is one rank's, by the same code as alone, so C and E equal one
+    process's to the bit on every rank (one torch thread here as in the ranks), and so do
+    the labels and scores; a rank that fails makes every rank raise."""
+    monkeypatch.setattr(workset_blocks, "NEIGHBOURS", 6)
+    x = _video(5, 10, 16, seed=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = run_workset_blocks(x, _plan(x, 8), alpha_e=800.0, alpha_z=800.0)
+        scores = compute_anchor_scores(x, 4, mode="blocked", block_columns=8, solver="workset")
+    finally:
+        torch.set_num_threads(threads)
+    assert one.converged and one.history["joined"] > 0 and one.history["columns"] == 50
+    mp.spawn(_ranks_worker, args=(2, str(tmp_path / "store"), x, str(tmp_path)), nprocs=2)
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [g["history"]["columns"] for g in got] == [26, 24]
+    for g in got:
+        assert g["world_size"] == 2
+        assert torch.equal(g["coef"].indices(), one.coef.indices())
+        assert torch.equal(g["coef"].values(), one.coef.values())
+        assert torch.equal(g["outliers"], one.outliers)
+        assert (g["residual"], g["gap"], g["iterations"], g["converged"]) == (
+            one.residual, one.gap, one.iterations, one.converged)  # fmt: skip
+        assert {k: g["history"][k] for k in ("joined", "widest")} == {
+            k: one.history[k] for k in ("joined", "widest")}  # fmt: skip
+        assert torch.equal(g["scores_coef"].to_dense(), scores.coef.to_dense())
+        assert torch.equal(g["labels"], scores.labels)
+        assert torch.equal(g["scores"], scores.scores)
+    assert got[1]["failed"] == "a batch failed on rank 1"
+    assert got[0]["failed"] == OTHER_RANK_FAILED

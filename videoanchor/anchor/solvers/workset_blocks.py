@@ -23,6 +23,11 @@ columns' local dictionaries: :func:`~videoanchor.anchor.plan.workset_blocks_byte
 Cost (measured on video-like tokens, issue 99): a column touches ~500 tokens before it is
 certified (~10 rounds), so the local solves cost more per column than the dense working
 sets' at N = 2048-4096; what they save is the ``N x N`` Gram matrix.
+
+Across processes (a ``torch.distributed`` process group in the plan) the batches are dealt
+round-robin to the ranks (rank ``r`` solves batches ``r, r + world, ...``; a column's answer
+depends only on ``X`` and its batch, so every rank count gives the same ``C`` to the bit),
+and the answer is gathered once: each rank's sparse columns all-gathered, ``E`` summed.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from videoanchor.anchor.collective import _all_gather_rows, all_sum, comm_device, raise_together
 from videoanchor.anchor.plan import NEIGHBOURS, Plan
 from videoanchor.anchor.program import SSCSolution, block_gaps, ssc_lambdas
 from videoanchor.anchor.solvers import program_kwargs
@@ -179,9 +185,10 @@ def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool):
 def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float,
                        neighbours: int | None = None, limits: Limits = LIMITS,
                        threads: int | None = None) -> SSCSolution:  # fmt: skip
-    """The program's minimiser for checked features ``x`` (``N x D``) by column blocks of
-    ``plan.block_columns`` (module docstring), float64 on the CPU; ``coef`` sparse COO in
-    ``plan.work`` on ``x``'s device, ``outliers`` (``E``, ``D x N``) dense.
+    """The program's minimiser for checked features ``x`` (``N x D``; under a process group
+    every rank's copy of rank 0's) by column blocks of ``plan.block_columns`` (module
+    docstring), float64 on the CPU; ``coef`` sparse COO in ``plan.work`` on ``x``'s device,
+    ``outliers`` (``E``, ``D x N``) dense.
 
     ``neighbours``: each column's starting candidates (None:
     :data:`~videoanchor.anchor.plan.NEIGHBOURS`, read at the call). ``limits``: the
@@ -189,8 +196,15 @@ def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: 
     is the largest relative duality gap over the columns of the float64 answer against the
     full dictionary, ``gap`` that of ``coef`` as returned (its dtype's rounding added),
     ``converged`` whether every column ended solved with no violator left, ``iterations`` the
-    most certificate rounds a block took. ``timings``: ``neighbours`` (with the lambdas),
-    ``workset`` (the kernel on the local dictionaries), ``certificate`` (the full products).
+    most certificate rounds a block took. ``timings`` (this rank's): ``neighbours`` (with the
+    lambdas), ``workset`` (the kernel on the local dictionaries), ``certificate`` (the full
+    products), ``gather`` (the ranks' answers collected). ``history``: ``joined`` (tokens
+    added by the certificate, all ranks), ``widest`` (the widest local dictionary, all ranks),
+    ``columns`` (the columns this rank solved: ``N`` alone).
+
+    Under ``plan.group`` every rank of the group must call this; rank ``plan.rank`` solves the
+    batches ``plan.rank, plan.rank + plan.world, ...`` and every rank returns the same answer
+    (a rank that fails raises its error, the others ``OTHER_RANK_FAILED``).
     """
     t0 = time.perf_counter()
     n, d = x.shape
@@ -201,7 +215,9 @@ def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: 
         raise ValueError(f"neighbours: expected a positive integer, got {neighbours}")
     block = max(1, min(int(plan.block_columns or n), n))
     threads = torch.get_num_threads() if threads is None else int(threads)
-    x64 = x.detach().to("cpu", torch.float64).contiguous()
+    group, rank, world = plan.group, plan.rank, plan.world
+    cpu = torch.device("cpu")
+    x64 = x.detach().to(cpu, torch.float64).contiguous()
     # the neighbours and the lambdas' row maxima from one pass, N x 256 at a time (<= 64 MiB)
     nbr, row_max = _neighbours(x64, min(int(neighbours), n - 1),
                                max(1, min(256, (64 * 2**20) // (8 * n))))  # fmt: skip
@@ -210,15 +226,16 @@ def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: 
     timings["neighbours"] = time.perf_counter() - t0
     E = torch.zeros(d, n, dtype=torch.float64)
     rows, cols, vals, gaps, out_gaps = [], [], [], [], []
-    solved, rounds, joined, widest = True, 0, 0, 0
+    solved, rounds, joined, widest, mine = True, 0, 0, 0, 0
+    error = None
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
     try:
-        for a in range(0, n, block):
+        for a in range(rank * block, n, world * block):  # this rank's batches
             cb = torch.arange(a, min(n, a + block))
             r, c_blk, gap, more = _block(x64, cb, nbr, E, lam_e, lam_z, limits, pool)
             solved &= more["solved"]
             rounds, joined = max(rounds, r), joined + more["joined"]
-            widest = max(widest, more["widest"])
+            widest, mine = max(widest, more["widest"]), mine + len(cb)
             for k in ("workset", "certificate"):
                 timings[k] += more[k]
             gaps.append(float(gap.max()))
@@ -235,13 +252,33 @@ def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: 
             cols.append(cb[nz[1]])
             vals.append(c_blk[nz])
             del c_blk
+    except Exception as exc:  # raised on every rank below, so that none is left waiting
+        error = exc
     finally:
         if pool is not None:
             pool.shutdown()
-    idx = torch.stack([torch.cat(rows), torch.cat(cols)])
-    coef = torch.sparse_coo_tensor(idx, torch.cat(vals).to(plan.work), (n, n),
-                                   check_invariants=False).coalesce()  # fmt: skip
-    residual, out_gap = max(gaps), max(out_gaps)
+    raise_together(group, error, cpu)
+    s = time.perf_counter()
+    if rows:
+        idx, vals_t = torch.stack([torch.cat(rows), torch.cat(cols)]), torch.cat(vals).to(plan.work)
+    else:  # (more ranks than batches)
+        idx, vals_t = torch.empty(2, 0, dtype=torch.int64), torch.empty(0, dtype=plan.work)
+    del rows, cols, vals
+    # one row per rank: what the answer's record takes the max, sum or all of
+    stats = torch.tensor([[max(gaps, default=0.0), max(out_gaps, default=0.0), rounds,
+                           widest, joined, float(solved)]], dtype=torch.float64)  # fmt: skip
+    if group is not None:  # every column is one rank's alone: E's sum is exact
+        dev = comm_device(group, cpu)
+        idx = torch.cat(_all_gather_rows(idx.T.contiguous(), group, dev)).T
+        vals_t = torch.cat(_all_gather_rows(vals_t, group, dev))
+        stats = torch.cat(_all_gather_rows(stats, group, dev))
+        E = all_sum(E, group)
+    coef = torch.sparse_coo_tensor(idx, vals_t, (n, n), check_invariants=False).coalesce()
+    del idx, vals_t
+    top = stats.max(dim=0).values
+    residual, out_gap, rounds, widest = float(top[0]), float(top[1]), int(top[2]), int(top[3])
+    joined, solved = int(stats[:, 4].sum()), bool((stats[:, 5] > 0).all())
+    timings["gather"] = time.perf_counter() - s
     if not solved:
         warnings.warn(f"SSC working sets by blocks: some columns did not end solved (their "
                       f"largest relative duality gap {residual:.3g}); converged=False",
@@ -251,4 +288,5 @@ def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: 
                        iterations=rounds, converged=solved, residual=residual, gap=out_gap,
                        lambda_e=lam_e, lambda_z=lam_z, rho=0.0, solver=plan.solver,
                        strategy="workset_blocks", block_columns=block, timings=timings,
-                       history={"joined": joined, "widest": widest})  # fmt: skip
+                       history={"joined": joined, "widest": widest, "columns": mine},
+                       world_size=world)  # fmt: skip
