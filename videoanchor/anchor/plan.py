@@ -431,26 +431,40 @@ def workset_bytes(n: int, d: int, threads: int = 1) -> int:
 #: Each column's starting candidates in the working sets by blocks (its tokens of largest
 #: ``|x_i^T x_u|``; the certificate adds what they miss).
 NEIGHBOURS = 96
-#: The local dictionary per column that :func:`workset_blocks_bytes` assumes (not a bound:
-#: the certificate adds what the minimiser needs): video-like tokens at N = 2048-4096, D =
-#: 512 touched 500 on average and at most 1063-1185 (measured, issue 99).
-LOCAL_TOKENS = 1024
+#: The most tokens one certificate round adds to a column's local dictionary in the working
+#: sets by blocks (its worst violators).
+JOIN = 64
+#: Rows of ``X X^T`` the working sets by blocks' neighbours pass makes at a time: at most 256,
+#: and ``N x rows`` float64 within 64 MiB.
+NEIGHBOUR_BYTES = 64 * 2**20
+
+
+def neighbour_rows(n: int) -> int:
+    """Rows of ``X X^T`` per step of the neighbours pass over ``N = n`` tokens."""
+    return max(1, min(256, NEIGHBOUR_BYTES // (8 * n)))
+
+
 #: The memory the working sets by blocks size their batch of columns to, past ``X`` and ``E``.
 LONG_BUDGET = 512 * 2**20
 
 
 def workset_blocks_bytes(n: int, d: int, block: int, threads: int = 1, *,
-                         local: int = LOCAL_TOKENS) -> int:  # fmt: skip
+                         local: int | None = None) -> int:  # fmt: skip
     """Host bytes of the working sets by blocks
     (:mod:`~videoanchor.anchor.solvers.workset_blocks`) without the sparse ``C``: float64
-    ``X`` and ``E``; per batch of ``block`` columns six ``N x block`` float64 buffers (the
-    batch's ``C``, the certificate's products and multipliers) and each column's local
-    dictionary (``local`` tokens, :data:`LOCAL_TOKENS`: its Gram matrix and rows); per
-    thread, a solve's ``local x local`` buffers (start, answer, the kernel's factor and its
-    matrix, the Gram matrix's growth and copies: eight, from the peak measured in
-    tests/test_long_route.py)."""
-    t = min(n, local)
-    return 8 * (2 * n * d + 6 * n * block + block * (t * t + t * d) + threads * 8 * t * t)
+    ``X`` and ``E``; the neighbours pass (an ``N x rows`` product, :func:`neighbour_rows`, its
+    magnitudes and top-k); per batch of ``block`` columns six ``N x block`` float64 buffers
+    (the batch's ``C``, the certificate's products and multipliers) and each column's local
+    dictionary (``local`` tokens: its Gram matrix and rows); per thread, a solve's
+    ``local x local`` buffers (the kernel's answer, factor and matrix, the Gram matrix's
+    growth and copies: eight, from the peak measured in tests/test_long_route.py) and its
+    ``D x local`` outliers. ``local`` (None: its bound): a dictionary holds its token, the
+    kernel's support (at most ``D + 1`` tokens) and :data:`JOIN` joiners, or its token and
+    :data:`NEIGHBOURS` in the first round."""
+    t = min(n, 1 + max(NEIGHBOURS, d + 1 + JOIN) if local is None else local)
+    rows = neighbour_rows(n)
+    return 8 * (2 * n * d + 2 * n * rows + 2 * NEIGHBOURS * rows + 6 * n * block
+                + block * (t * t + t * d) + threads * (8 * t * t + t * d))  # fmt: skip
 
 
 def long_block_columns(n: int, d: int, budget: int = LONG_BUDGET) -> int:

@@ -12,17 +12,23 @@ batches (``plan.block_columns`` consecutive columns) against the FULL dictionary
 ``u_i = lambda_z clip(x_i - X^T c_i, t)`` (the certificate's dual point) one product
 ``X U_B`` (``N x |B|``) gives every token's multiplier ``x_u^T u_i + nu_i`` (``nu_i`` read off
 the support, where it is ``sign(c_k) - x_k^T u_i``); the :data:`JOIN` worst tokens outside
-``T_i`` whose multiplier's magnitude passes ``1 + tol`` (the kernel's test) join it (its
-Gram matrix grows by their rows) and the column runs again from its answer. ``T_i`` only
-grows, so this ends; where nothing violates, the column's answer is the full program's
-minimiser, and the same product gives its duality gap
+``T_i`` whose multiplier's magnitude passes ``1 + tol`` (the kernel's test) join it, the
+tokens the answer left at zero leave it (``T_i`` becomes the token, its support and the
+joiners: the Gram matrix keeps the support's rows and computes the joiners' only), and the
+column runs again from its answer. Each round's restricted minimum is below the last (the
+last answer is a point of the new restricted program, and a violator joining lowers its
+minimum), so no dictionary comes back and this ends; where nothing violates, the column's
+answer is the full program's minimiser, and the same product gives its duality gap
 (:func:`~videoanchor.anchor.program.block_gaps`).
 
 Memory: ``X`` and ``E`` (``O(N D)``), ``C`` sparse, per batch ``N x |B|`` products and its
 columns' local dictionaries: :func:`~videoanchor.anchor.plan.workset_blocks_bytes`.
-Cost (measured on video-like tokens, issue 99): a column touches ~500 tokens before it is
-certified (~10 rounds), so the local solves cost more per column than the dense working
-sets' at N = 2048-4096; what they save is the ``N x N`` Gram matrix.
+Cost (measured on video-like tokens, 8 x 16 patches a frame, D = 512, one thread, issue 99):
+a column's support is spread over the whole video (at N = 8192 the 1024 tokens nearest a
+token hold a quarter of its support), so it touches 480-890 tokens in 9-16 rounds at
+N = 1024-4096, each round a kernel call on ~100-250 tokens and ``|JOIN| x k x D`` of Gram
+rows: 6.6 s, 15 s and 52 s at N = 1024, 2048, 4096, 3.5x the dense working sets at 4096 and
+growing as ``N^1.75``; what it saves is the ``N x N`` Gram matrix.
 
 Across processes (a ``torch.distributed`` process group in the plan) the batches are dealt
 round-robin to the ranks (rank ``r`` solves batches ``r, r + world, ...``; a column's answer
@@ -40,15 +46,12 @@ import numpy as np
 import torch
 
 from videoanchor.anchor.collective import _all_gather_rows, all_sum, comm_device, raise_together
-from videoanchor.anchor.plan import NEIGHBOURS, Plan
+from videoanchor.anchor.plan import JOIN, NEIGHBOURS, Plan, neighbour_rows
 from videoanchor.anchor.program import SSCSolution, block_gaps, ssc_lambdas
 from videoanchor.anchor.solvers import program_kwargs
-from videoanchor.anchor.solvers.workset import LIMITS, TOL, Limits, _columns, _kernel
+from videoanchor.anchor.solvers.workset import LIMITS, MAX_STEPS, TOL, Limits, _grows, _kernel
 
 __all__ = ["run", "run_workset_blocks"]
-
-#: The most tokens one certificate round adds to a column's dictionary (its worst violators).
-JOIN = 128
 
 
 def run(x: torch.Tensor, plan: Plan, opts, *, affine: bool, outliers: bool) -> SSCSolution:
@@ -79,8 +82,9 @@ def _neighbours(x64: torch.Tensor, k: int, rows: int) -> tuple[torch.Tensor, tor
 
 
 class _Column:
-    """One column's local dictionary (its token first, at 0), its Gram matrix, its answer
-    on it (``c`` over the dictionary, ``e`` over the features) and its status."""
+    """One column's local dictionary ``cand`` (its token first, at 0; then its support and
+    the tokens that joined last), their features ``xt`` and Gram matrix ``gt``, its answer
+    on it (``c`` over ``cand``, ``e`` over the features, NumPy) and the kernel's status."""
 
     def __init__(self, x64: torch.Tensor, i: int, near: torch.Tensor):
         self.cand = torch.cat([torch.tensor([i]), near])
@@ -94,40 +98,64 @@ class _Column:
         self.xt = self.gt = None
         return len(self.cand)
 
-    def grow(self, x64: torch.Tensor, new: torch.Tensor) -> None:
-        """``new`` tokens (not in the dictionary) join it: the Gram matrix's new rows only."""
-        if not len(new):
-            return
-        x_new = x64[new]
-        cross = x_new @ self.xt.T
-        self.gt = torch.cat([torch.cat([self.gt, cross.T], dim=1),
+    def regrow(self, x64: torch.Tensor, new: torch.Tensor) -> None:
+        """The dictionary becomes the token, its support and ``new`` (tokens outside it):
+        the tokens of the last dictionary that the answer left out go (a violator among
+        them joins again by the certificate), the Gram matrix keeps the rows of those that
+        stay and computes the new ones' only (``|new| x k x D``)."""
+        keep = torch.from_numpy(np.concatenate([[0], np.flatnonzero(self.c)]))
+        xk, x_new = self.xt[keep], x64[new]
+        cross = x_new @ xk.T
+        self.gt = torch.cat([torch.cat([self.gt[keep][:, keep], cross.T], dim=1),
                              torch.cat([cross, x_new @ x_new.T], dim=1)])  # fmt: skip
-        self.cand, self.xt = torch.cat([self.cand, new]), torch.cat([self.xt, x_new])
-        self.c = torch.cat([self.c, torch.zeros(len(new), dtype=self.c.dtype)])
+        self.cand, self.xt = torch.cat([self.cand[keep], new]), torch.cat([xk, x_new])
+        self.c = np.concatenate([self.c[keep.numpy()], np.zeros(len(new))])
 
-    def solve(self, x64: torch.Tensor, new: torch.Tensor, lam_e: float, lam_z: float,
-              limits: Limits) -> None:  # fmt: skip
-        """The program restricted to the dictionary with ``new`` tokens joined
-        (:meth:`grow`), by the kernel, from the last answer (or the nearest point)."""
-        self.grow(x64, new)
-        k, d = len(self.cand), self.xt.shape[1]
-        start = None
+    def solve(self, lam_e: float, lam_z: float, limits: Limits) -> None:
+        """The program restricted to the dictionary by the kernel (one column, called
+        directly: no ``N x N`` output), from the last answer (or the nearest point). Where
+        the kernel does not solve it from the last answer (a support of ``D + 1`` tokens
+        can stall its inner steps), once more from the dictionary's nearest point."""
+        k = self.xt.shape[0]
         if self.c is not None:
-            start = torch.zeros(k, k, dtype=torch.float64)
-            start[:, 0] = self.c
-        C, E, status, _, _ = _columns(self.xt, lam_e, lam_z, self.gt, tol=TOL,
-                                      cap=k + d, max_passes=limits.max_passes, threads=1,
-                                      start=start, cols=np.zeros(1, dtype=np.int64),
-                                      floor=limits.downdate_floor)  # fmt: skip
-        self.c, self.e, self.status = C[:, 0].clone(), E[:, 0].clone(), int(status[0])
+            nz, fe = np.flatnonzero(self.c), np.flatnonzero(self.e)
+            self._run(np.concatenate([nz, k + fe]), np.concatenate([self.c[nz], self.e[fe]]),
+                      lam_e, lam_z, limits)  # fmt: skip
+            if self.status == _kernel().SOLVED:
+                return
+        diag = self.gt.diagonal()
+        dist = (diag[1:] - 2 * self.gt[0, 1:]).numpy()  # ||x_u - x_i||^2 less ||x_i||^2
+        self._run(np.array([1 + int(dist.argmin())], dtype=np.int64), np.ones(1), lam_e,
+                  lam_z, limits)  # fmt: skip
+
+    def _run(self, var: np.ndarray, val: np.ndarray, lam_e: float, lam_z: float,
+             limits: Limits) -> None:  # fmt: skip
+        kernel = _kernel()
+        k, d = self.xt.shape
+        xt = self.xt.numpy()
+        C, E = np.zeros((k, k)), np.zeros((d, k))
+        status = np.full(k, -1, dtype=np.int64)
+        passes, work = np.zeros(k, dtype=np.int64), np.zeros(k)
+        grow, grow_max = _grows(None)
+        kernel.run_columns(_FIRST, 0, 1, self.gt.numpy(), xt, np.ascontiguousarray(xt.T),
+                           np.array([0, len(var)], dtype=np.int64), var, val, lam_z, lam_e, TOL,
+                           grow, grow_max, k + d, k - 1, limits.max_passes, MAX_STEPS, np.inf,
+                           C, E, status, passes, work, np.array([0, 2], dtype=np.int64),
+                           limits.downdate_floor)  # fmt: skip
+        self.c, self.e, self.status = C[:, 0].copy(), E[:, 0].copy(), int(status[0])
+
+
+#: The one column :meth:`_Column.solve` asks of the kernel: the first of its dictionary.
+_FIRST = np.zeros(1, dtype=np.int64)
 
 
 def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool):
-    """The columns ``cb`` (consecutive), each on its own dictionary grown until no token
-    outside it violates (module docstring): ``(rounds, C_B, gaps, record)``, ``C_B`` the
-    columns (``N x |B|``, dense float64), their relative duality gaps, ``record`` (whether
-    all ended solved, the tokens joined, the widest dictionary, seconds of ``"workset"`` and
-    ``"certificate"``). ``E``'s columns are written in place."""
+    """The columns ``cb`` (consecutive), each on its own dictionary until no token outside
+    it violates (module docstring): ``(rounds, C_B, gaps, record)``, ``C_B`` the columns
+    (``N x |B|``, dense float64), their relative duality gaps, ``record`` (whether all
+    ended solved, the tokens joined, the widest dictionary, seconds of ``"workset"`` and
+    ``"certificate"``). ``E``'s columns are written in place. A column the kernel does not
+    solve leaves the rounds (``record["solved"]`` false)."""
     n, m = x64.shape[0], len(cb)
     kernel = _kernel()
     cols = [_Column(x64, int(i), nbr[i]) for i in cb]
@@ -135,24 +163,22 @@ def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool):
     gap = torch.zeros(m, dtype=torch.float64)
     rec = dict(solved=True, joined=0, widest=0, workset=0.0, certificate=0.0)
     todo = torch.arange(m)
-    joins = [torch.empty(0, dtype=torch.int64)] * m
     for r in range(1, limits.max_passes + 1):  # noqa: B007 - the rounds, returned
         s = time.perf_counter()
         run = [cols[j] for j in todo.tolist()]
 
-        def solve(j: int, new) -> None:
-            cols[j].solve(x64, new, lam_e, lam_z, limits)
+        def solve(col: _Column) -> None:
+            col.solve(lam_e, lam_z, limits)
 
         if pool is None:
-            for j, new in zip(todo.tolist(), joins, strict=True):
-                solve(j, new)
+            for col in run:
+                solve(col)
         else:
-            list(pool.map(solve, todo.tolist(), joins))
+            list(pool.map(solve, run))
         for j, col in zip(todo.tolist(), run, strict=True):
-            rec["solved"] &= col.status == kernel.SOLVED
             c_blk[:, j] = 0.0
-            c_blk[col.cand, j] = col.c
-            E[:, int(cb[j])] = col.e
+            c_blk[col.cand, j] = torch.from_numpy(col.c)
+            E[:, int(cb[j])] = torch.from_numpy(col.e)
         rec["workset"] += time.perf_counter() - s
         s = time.perf_counter()
         # the columns run: every token's multiplier, and their gaps
@@ -166,19 +192,22 @@ def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool):
             viol[col.cand, j] = -1.0  # its dictionary: the kernel's own test
         top = viol.topk(min(JOIN, n), dim=0)
         del g, viol
-        bad = top.values[0] > TOL
-        rec["certificate"] += time.perf_counter() - s
-        if not bool(bad.any()):
-            break
-        joins = [top.indices[:, j][top.values[:, j] > TOL]
-                 for j in torch.nonzero(bad).flatten().tolist()]  # fmt: skip
-        rec["joined"] += sum(len(new) for new in joins)
-        for j in todo[~bad].tolist():  # certified: its dictionary goes
+        solved = torch.tensor([col.status == kernel.SOLVED for col in run])
+        rec["solved"] &= bool(solved.all())
+        bad = (top.values[0] > TOL) & solved
+        for j in todo[~bad].tolist():  # certified (or unsolved): its dictionary goes
             rec["widest"] = max(rec["widest"], cols[j].release())
+        for j in torch.nonzero(bad).flatten().tolist():
+            new = top.indices[:, j][top.values[:, j] > TOL]
+            run[j].regrow(x64, new)
+            rec["joined"] += len(new)
+        rec["certificate"] += time.perf_counter() - s
         todo = todo[bad]
+        if not len(todo):
+            break
     else:
         rec["solved"] = False
-    rec["widest"] = max(rec["widest"], *(cols[j].release() for j in todo.tolist()))
+    rec["widest"] = max(rec["widest"], 0, *(cols[j].release() for j in todo.tolist()))
     return r, c_blk, gap, rec
 
 
@@ -220,7 +249,7 @@ def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: 
     x64 = x.detach().to(cpu, torch.float64).contiguous()
     # the neighbours and the lambdas' row maxima from one pass, N x 256 at a time (<= 64 MiB)
     nbr, row_max = _neighbours(x64, min(int(neighbours), n - 1),
-                               max(1, min(256, (64 * 2**20) // (8 * n))))  # fmt: skip
+                               neighbour_rows(n))  # fmt: skip
     lam_e, lam_z, _, _ = ssc_lambdas(x64, alpha_e, alpha_z, dark=plan.dark, row_max=row_max)
     timings = dict.fromkeys(("workset", "certificate"), 0.0)
     timings["neighbours"] = time.perf_counter() - t0
