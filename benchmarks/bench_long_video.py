@@ -12,6 +12,8 @@ every row: the machine may be shared.
 
     python benchmarks/bench_long_video.py --frames 16,32,64      # N = 2048, 4096, 8192
     python benchmarks/bench_long_video.py --frames 16,64,160 --blocks-frames 16
+    python benchmarks/bench_long_video.py --frames 16,32,64,160 --default-frames 16,32,64 \
+        --timeout 1500
 """
 
 from __future__ import annotations
@@ -76,6 +78,17 @@ def main() -> None:
         default="",
         help="the frames at which the blocks run beside the default (default: all with N <= 16384)",
     )
+    ap.add_argument(
+        "--default-frames",
+        default="",
+        help="the frames at which the default runs (default: all)",
+    )
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds a run may take; one past it is stopped and recorded unfinished",
+    )
     ap.add_argument("--one", nargs=2, help=argparse_hidden())
     args = ap.parse_args()
     if args.one:
@@ -88,14 +101,21 @@ def main() -> None:
     for frames in (int(f) for f in args.frames.split(",")):
         outs = {}
         for route in args.routes.split(","):
-            if route == "blocks" and (
-                args.blocks_frames and str(frames) not in args.blocks_frames.split(",")
-            ):
+            only = args.blocks_frames if route == "blocks" else args.default_frames
+            if only and str(frames) not in only.split(","):
                 continue
             out = tmp / f"bench_long_video_{os.getpid()}_{frames}_{route}.pt"
             env = {**os.environ, "BENCH_OUT": str(out)}
-            proc = subprocess.run([sys.executable, __file__, "--one", str(frames), route],
-                                  capture_output=True, text=True, env=env)  # fmt: skip
+            try:
+                proc = subprocess.run([sys.executable, __file__, "--one", str(frames), route],
+                                      capture_output=True, text=True, env=env,
+                                      timeout=args.timeout)  # fmt: skip
+            except subprocess.TimeoutExpired:
+                rows.append(dict(frames=frames, n=frames * PATCHES, route=route,
+                                 error=f"stopped unfinished after {args.timeout:g} s (--timeout)",
+                                 loadavg=os.getloadavg()))  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
+                continue
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 rows.append(dict(frames=frames, route=route, error=proc.stderr[-500:]))
