@@ -94,6 +94,34 @@ def test_compute_anchor_scores_by_blocks_gives_the_exact_modes_labels_and_scores
     torch.testing.assert_close(blocks.scores, exact.scores, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("eigen_solver", ["subspace", "chebyshev"])
+def test_the_blocks_steady_share_runs_the_eigen_solver_asked(monkeypatch, eigen_solver):
+    """eigen_solver= reaches the sparse affinity's steady share (it ran ARPACK whatever was
+    asked): the block solvers give the same labels and share as ARPACK's, without it."""
+    from videoanchor.anchor import clustering
+
+    monkeypatch.setattr(workset_blocks, "NEIGHBOURS", 6)
+    x = _video(8, 48, 40, seed=5)
+    kw = dict(mode="blocked", block_columns=48, solver="workset", dtype=torch.float64)
+    arpack = compute_anchor_scores(x, 6, eigen_solver="arpack", **kw)
+    calls = []
+    real = clustering._top_eigvecs_arpack
+    monkeypatch.setattr(clustering, "_top_eigvecs_arpack",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))  # fmt: skip
+    asked = compute_anchor_scores(x, 6, eigen_solver=eigen_solver, **kw)
+    assert not calls
+    assert asked.cluster_share == arpack.cluster_share == "steady"
+    assert torch.equal(asked.labels, arpack.labels)
+    # (the block solvers stop at a residual of 1e-7: the eigengap, and the ramp, move 3e-5)
+    assert asked.share_weight == pytest.approx(arpack.share_weight, abs=1e-4)
+    torch.testing.assert_close(asked.scores, arpack.scores, rtol=1e-4, atol=1e-5)
+    compute_anchor_scores(x, 6, eigen_solver="arpack", **kw)
+    assert calls  # (the spy sees ARPACK where it is asked)
+    w = clustering.sparse_ssc_affinity(asked.coef)
+    with pytest.raises(ValueError, match="eigen_solver: expected .* got 'eigh'"):
+        clustering.sparse_steady_shares(w, 6, eigen_solver="eigh")
+
+
 def test_make_plan_runs_the_blocks_past_the_exact_limit_when_asked():
     """Past the exact limit ``solver="workset"`` runs the blocks; the default stays the
     authors' iteration (the blocks are not yet fast enough, issue 99)."""

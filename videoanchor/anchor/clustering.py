@@ -380,44 +380,57 @@ def _blend(labels, soft, w: float, record: dict):
     return labels, w * label_shares(labels) + (1.0 - w) * soft, record
 
 
-def _sparse_pairs(s: torch.Tensor, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _sparse_pairs(s: torch.Tensor, m: int, seed: int,
+                  eigen_solver: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The ``m`` leading eigenpairs (``theta`` float64 on the host, descending; vectors) of the
-    sparse normalised affinity ``s`` (CSR): dense ``eigh`` where it is small, else ARPACK per
-    component, else (more components than ``m``, or no convergence) block Krylov to 1e-7."""
+    sparse normalised affinity ``s`` (CSR): dense ``eigh`` where it is small, else as
+    ``eigen_solver`` says (:func:`sparse_spectral_labels`' names): ARPACK per component
+    (``"arpack"``, and ``"auto"`` on the CPU), where it gives up (more components than ``m``,
+    or no convergence) or elsewhere block Krylov (``"subspace"``, ``"auto"`` off the CPU) or
+    the Chebyshev filter (``"chebyshev"``), to 1e-7."""
     n = s.shape[0]
     if n < 4 * (m + 8):
         theta, vecs = torch.linalg.eigh(s.to_dense())
         return theta.flip(0)[:m].to(torch.float64).cpu(), vecs.flip(1)[:, :m]
-    found = _top_eigvecs_arpack(s, m, seed, values=True) if s.device.type == "cpu" else None
+    arpack = eigen_solver == "arpack" or (eigen_solver == "auto" and s.device.type == "cpu")
+    found = _top_eigvecs_arpack(s, m, seed, values=True) if arpack else None
     if found is not None:
         return found
     start = int(torch.randint(2**31 - 1, (1,), generator=torch.Generator().manual_seed(seed)))
-    theta, vecs, _ = _block_eigvecs(s, m, "krylov", seed=start, tol=1e-7, max_steps=None)
+    how = "chebyshev" if eigen_solver == "chebyshev" else "krylov"
+    theta, vecs, _ = _block_eigvecs(s, m, how, seed=start, tol=1e-7, max_steps=None)
     return theta.to(torch.float64).cpu(), vecs
 
 
 def sparse_steady_shares(affinity: torch.Tensor, n_clusters: int, *, seed: int = 0,
                          draws: int = 1, ramp: tuple[float, float] = STEADY_RAMP,
+                         eigen_solver: str = "auto",
                          ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:  # fmt: skip
     """:func:`steady_shares` on a sparse symmetric affinity (COO; the working sets by blocks,
     issue 99), never densified: the ``n_clusters + 1`` leading eigenpairs of the normalised
     affinity give the embedding and the eigengap, and where the paper's share's weight is
     below 1, the pairs down to ``theta_k -`` :data:`SOFT_SHARE_WIDTH` (sought in doubling
-    counts) give the soft share. The same rule and record as the dense one."""
+    counts) give the soft share. The same rule and record as the dense one. ``eigen_solver``:
+    :func:`sparse_spectral_labels`' names (:func:`_sparse_pairs`)."""
+    if eigen_solver not in ("auto", "arpack", "subspace", "chebyshev"):
+        raise ValueError(
+            f"eigen_solver: expected 'auto', 'arpack', 'subspace' or 'chebyshev' for a sparse "
+            f"affinity, got {eigen_solver!r}"
+        )
     n, k = affinity.shape[0], n_clusters
     if k == 1 or k >= n:
         return _one_or_each(n, k, draws, affinity.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # sparse CSR is "beta"
         s, dd = sparse_normalized_affinity(affinity)
-        theta, vecs = _sparse_pairs(s, k + 1, seed)
+        theta, vecs = _sparse_pairs(s, k + 1, seed, eigen_solver)
         labels, w, record = _steady_labels(theta, vecs, dd, k, seed=seed, draws=draws,
                                            ramp=ramp)  # fmt: skip
         if w == 1.0:
             return labels, None, record
         m = min(n, k + max(8, k // 2))
         while True:
-            theta, vecs = _sparse_pairs(s, m, seed)
+            theta, vecs = _sparse_pairs(s, m, seed, eigen_solver)
             if m == n or float(theta[-1]) < float(theta[k - 1]) - SOFT_SHARE_WIDTH:
                 break
             m = min(n, 2 * m)
@@ -457,7 +470,7 @@ def cluster(coef: torch.Tensor, opts, *, group=None, rank: int = 0, affinity: st
             if coef.is_sparse and sparse_steady and share == "steady":
                 draws, shares, record = sparse_steady_shares(
                     sparse_ssc_affinity(coef), opts.n_clusters, seed=opts.seed,
-                    draws=opts.label_draws)  # fmt: skip
+                    draws=opts.label_draws, eigen_solver=opts.eigen_solver)  # fmt: skip
             elif coef.is_sparse:
                 draws = sparse_spectral_labels(
                     sparse_ssc_affinity(coef), opts.n_clusters, seed=opts.seed,
