@@ -58,6 +58,7 @@ python benchmarks/bench_yaleb.py                  # Extended Yale B clustering e
 torchrun --nproc_per_node 2 benchmarks/bench_tp.py  # tensor-parallel prefill vs SDPA (1/2/4 GPUs)
 python benchmarks/bench_spectral.py [--device cuda] # spectral step vs scikit-learn and dense eigh
 python benchmarks/bench_sparse_spectral.py        # the sparse affinity's spectral step (blocked mode)
+python benchmarks/bench_long_video.py             # long videos: seconds and memory against N
 python benchmarks/bench_label_draws.py            # seed stability of the scores against label_draws
 python benchmarks/bench_label_draws.py --flips    # label flips under rounding; the soft and stable shares
 python benchmarks/bench_label_draws.py --expected # the expected hard share over moved embeddings
@@ -77,7 +78,7 @@ SECTIONS = [
     ("Anchor scores (SSC)",
      ["request_cost", "request_cost_cost", "request_cost_fidelity_sensitivity", "request_cost_floor", "directions", "optimum", "optimum_only", "optimum_tiny", "optimum_yaleb", "workset", "workset_dense", "workset_dense_yaleb17", "workset_dense_rerun", "dark_tokens", "workset_passes", "lockstep", "lockstep_compiled", "columns_triton", "ssc", "ssc_ratio", "ssc_ratio_1thread", "spectral", "sparse_spectral", "label_draws", "label_flips", "label_flips_64f", "label_expected", "label_routes", "share_gate", "share_cost", "discretize", "yaleb",
       "yaleb_squared"]),
-    ("Long videos: blocked SSC", ["blocked", "blocked_convergence"]),
+    ("Long videos: blocked SSC", ["long_video", "blocked", "blocked_convergence"]),
     ("Several processes: the fast SSC split", ["split"]),
     ("Attention kernels", ["attention", "decode", "decode_graph", "backward", "compile"]),
     ("Model integration and evaluation", ["integration", "request", "tp", "lmms_batch"]),
@@ -119,6 +120,7 @@ TITLES = {
     "discretize": "The discretisation and the steady share's paths with their decisions compiled, against the torch loop they replaced, bit for bit (issue 90)",
     "yaleb": "Extended Yale B clustering error (Elhamifar & Vidal's program)",
     "yaleb_squared": "Extended Yale B with the method page's squared data term",
+    "long_video": "Long videos: default options and the working sets by blocks against N (issue 99)",
     "blocked": "Column-blocked exact SSC: equality, memory, processes",
     "blocked_convergence": "Blocked SSC to convergence: per-block stopping rules",
     "split": "One request's fast SSC split over processes against one process",
@@ -899,6 +901,50 @@ def _fig_request_cost_measured(r: Result, rows: list[dict]):
     )
 
 
+def fig_long_video(r: Result, results):
+    """Seconds and peak resident growth of one call against N, per route; a run stopped
+    unfinished is drawn at its stop as a lower bound (an open triangle)."""
+    rows = [x for x in r.rows if x.get("n")]
+    if not any(x.get("seconds") for x in rows):
+        return None
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8.4, 3.0))
+    names = {"default": "default options", "blocks": "working sets by blocks"}
+    for i, route in enumerate(dict.fromkeys(x["route"] for x in rows)):
+        done = sorted((x for x in rows if x["route"] == route and x.get("seconds")),
+                      key=lambda x: x["n"])  # fmt: skip
+        kw = dict(color=f"C{i}", marker="os"[i % 2], label=names.get(route, route))
+        a.plot([x["n"] for x in done], [x["seconds"] for x in done], **kw)
+        b.plot([x["n"] for x in done], [x["peak_mib"] for x in done], **kw)
+        for x in rows:
+            if x["route"] == route and not x.get("seconds") and "after" in str(x.get("error")):
+                stop = float(str(x["error"]).split("after ")[1].split(" s")[0])
+                a.plot([x["n"]], [stop], marker="^", mfc="none", color=f"C{i}", ls="")
+                a.annotate("unfinished", (x["n"], stop), textcoords="offset points",
+                           xytext=(-20, 6), fontsize=7)  # fmt: skip
+    ns = sorted({x["n"] for x in rows})
+    for ax, label in ((a, "seconds of the call"), (b, "peak resident growth (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(ns, [str(n) for n in ns], fontsize=7)
+        ax.set_xlabel("tokens N")
+        ax.set_ylabel(label)
+    if ns:  # N^2 through the first row of the first route
+        first = min((x for x in rows if x.get("seconds")), key=lambda x: x["n"])
+        a.plot(ns, [first["seconds"] * (n / first["n"]) ** 2 for n in ns], color="0.6", ls=":",
+               label="N^2")  # fmt: skip
+    b.axhline(1024, color="0.6", ls=":")
+    b.annotate("1 GiB", (ns[0], 1024), textcoords="offset points", xytext=(2, 3), fontsize=7)
+    handles, labels = a.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=7)
+    return fig, (
+        "One compute_anchor_scores call on video-like tokens (8 x 16 patches a frame, "
+        "D = 512) against N, each in a fresh process: wall seconds (left; dotted: N^2 from "
+        "the smallest run) and the resident set's peak growth during the call (right; dotted: "
+        "issue 99's 1 GiB)."
+    )
+
+
 FIGURES_BY_AREA = {
     "request_cost": fig_request_cost,
     "ssc": fig_ssc,
@@ -907,6 +953,7 @@ FIGURES_BY_AREA = {
     "directions": fig_directions,
     "yaleb": fig_yaleb,
     "blocked": fig_blocked,
+    "long_video": fig_long_video,
     "backward": fig_backward,
     "compile": fig_compile,
     "lmms_batch": fig_lmms_batch,

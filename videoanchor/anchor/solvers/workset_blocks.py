@@ -133,7 +133,7 @@ class _Column:
         kernel = _kernel()
         k, d = self.xt.shape
         xt = self.xt.numpy()
-        C, E = np.zeros((k, k)), np.zeros((d, k))
+        C, E = np.zeros((k, 1)), np.zeros((d, 1))  # (the kernel writes column 0 alone)
         status = np.full(k, -1, dtype=np.int64)
         passes, work = np.zeros(k, dtype=np.int64), np.zeros(k)
         grow, grow_max = _grows(None)
