@@ -65,7 +65,8 @@ class Limits:
     ``cold_work`` is what a column of ``dense_set`` coefficients may need, ``6 dense_set^2``:
     until issue 99 it was 50 000 (measured at N = 384-1536, ~18 000 at most), and at 64 frames
     of 128 tokens 224 ordinary columns passed it, more than ``hard_share``: the default gave
-    the fast solver's answer, uncertified, in 148 s, where the working sets certify in 60 s.
+    the fast solver's answer, uncertified, in 148 s, where the working sets certify in 53 s
+    (``long_video_cpu.json``).
     A token with ~160 outlier entries, a caption over it, spends ~170 000.
     A column past either is hard: it stops and the others go on, until more than
     ``hard_share`` of the columns (and more than one) are hard: ``C`` is dense (Extended

@@ -23,12 +23,13 @@ answer is the full program's minimiser, and the same product gives its duality g
 
 Memory: ``X`` and ``E`` (``O(N D)``), ``C`` sparse, per batch ``N x |B|`` products and its
 columns' local dictionaries: :func:`~videoanchor.anchor.plan.workset_blocks_bytes`.
-Cost (measured on video-like tokens, 8 x 16 patches a frame, D = 512, one thread, issue 99):
-a column's support is spread over the whole video (at N = 8192 the 1024 tokens nearest a
-token hold a quarter of its support), so it touches 480-890 tokens in 9-16 rounds at
-N = 1024-4096, each round a kernel call on ~100-250 tokens and ``|JOIN| x k x D`` of Gram
-rows: 6.6 s, 15 s and 52 s at N = 1024, 2048, 4096, 3.5x the dense working sets at 4096 and
-growing as ``N^1.75``; what it saves is the ``N x N`` Gram matrix.
+Cost (``benchmarks/results/long_video_cpu.json``: video-like tokens, 8 x 16 patches a frame,
+D = 512, 2 threads, issue 99): a column's support is spread over the whole video (at
+N = 8192 the 1024 tokens nearest a token hold a quarter of its support), so a batch takes
+19, 30, 39 and 59 rounds at N = 2048, 4096, 8192 and 20480, each a kernel call per column on
+~100-250 tokens and ``JOIN x k x D`` of Gram rows: 15.5 s, 55.7 s, 165 s and 1019 s,
+2.4-4x the dense working sets where they run and growing as ``N^1.7-1.8``; what it saves is
+the ``N x N`` Gram matrix (peak growth 290 MiB at N = 8192 against their 2.4 GiB).
 
 Across processes (a ``torch.distributed`` process group in the plan) the batches are dealt
 round-robin to the ranks (rank ``r`` solves batches ``r, r + world, ...``; a column's answer
@@ -113,7 +114,7 @@ class _Column:
 
     def solve(self, lam_e: float, lam_z: float, limits: Limits) -> None:
         """The program restricted to the dictionary by the kernel (one column, called
-        directly: no ``N x N`` output), from the last answer (or the nearest point). Where
+        directly: a ``k x 1`` output), from the last answer (or the nearest point). Where
         the kernel does not solve it from the last answer (a support of ``D + 1`` tokens
         can stall its inner steps), once more from the dictionary's nearest point."""
         k = self.xt.shape[0]
