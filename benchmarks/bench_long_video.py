@@ -12,6 +12,8 @@ every row: the machine may be shared.
 
     python benchmarks/bench_long_video.py --frames 16,32,64      # N = 2048, 4096, 8192
     python benchmarks/bench_long_video.py --frames 16,64,160 --blocks-frames 16
+    python benchmarks/bench_long_video.py --frames 16,32 --routes blocks,blocks2 \
+        --name long_video_ranks
     python benchmarks/bench_long_video.py --frames 16,32,64,160 --default-frames 16,32,64 \
         --timeout 1500
 """
@@ -40,23 +42,76 @@ def _status(key: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
 
 
-def one(frames: int, route: str) -> dict:
-    """One call in this process: ``route`` ``"default"`` (default options) or ``"blocks"``
-    (``mode="blocked", solver="workset"``), on the first ``frames`` frames."""
-    import torch
-
+def _call(frames: int, kw: dict, barrier=None) -> tuple:
+    """One timed ``compute_anchor_scores`` call on the first ``frames`` frames after a
+    warm-up (the kernel loaded): ``(x, result, seconds, peak growth)``; ``barrier`` (a
+    process group's) lines the ranks up before the clock starts and before it stops."""
     from videoanchor.anchor import compute_anchor_scores
 
     x = video_tokens(frames, PATCHES, D, seed=0)
-    kw = {} if route == "default" else {"mode": "blocked", "solver": "workset"}
     compute_anchor_scores(video_tokens(2, 64, D, seed=1), **kw)  # the kernel loaded
+    if barrier:
+        barrier()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status("VmRSS:")
     t = time.perf_counter()
     res = compute_anchor_scores(x, **kw)
-    seconds = time.perf_counter() - t
-    peak = _status("VmHWM:") - before
+    if barrier:
+        barrier()
+    return x, res, time.perf_counter() - t, _status("VmHWM:") - before
+
+
+def _rank(rank: int, world: int, frames: int, store: str, out: str) -> None:
+    """Rank ``rank`` of ``world`` gloo processes (one torch thread each) making the call
+    together (``process_group=``); its row of numbers to ``out``.rank."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(hours=2))  # fmt: skip
+    kw = {"mode": "blocked", "solver": "workset", "process_group": dist.group.WORLD}
+    _, res, seconds, peak = _call(frames, kw, barrier=dist.barrier)
+    if rank == 0:
+        torch.save({"labels": res.labels, "scores": res.scores}, out)
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(dict(seconds=seconds, peak=peak, residual=res.residual, gap=res.gap,
+                       rounds=res.iterations, timings=res.timings), f)  # fmt: skip
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def one(frames: int, route: str) -> dict:
+    """One call: ``route`` ``"default"`` (default options), ``"blocks"`` (``mode="blocked",
+    solver="workset"``) in this process, or ``"blocks2"`` (the same over 2 gloo processes
+    of one thread each, spawned from this one: the slowest rank's seconds, the ranks' peak
+    growths summed), on the first ``frames`` frames."""
+    import torch
+
+    if route == "blocks2":
+        import tempfile
+
+        import torch.multiprocessing as mp
+
+        out = os.environ["BENCH_OUT"]
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.spawn(_rank, args=(2, frames, f"{tmp}/store", out), nprocs=2, join=True)
+        ranks = []
+        for r in range(2):
+            with open(f"{out}.{r}") as f:
+                ranks.append(json.load(f))
+            os.unlink(f"{out}.{r}")
+        first = ranks[0]
+        return dict(frames=frames, n=frames * PATCHES, route=route,
+                    seconds=max(r["seconds"] for r in ranks),
+                    peak_mib=sum(r["peak"] for r in ranks) / 2**20, residual=first["residual"],
+                    gap=first["gap"], rounds=first["rounds"], timings=first["timings"],
+                    threads=1, processes=2, loadavg=os.getloadavg())  # fmt: skip
+    kw = {} if route == "default" else {"mode": "blocked", "solver": "workset"}
+    x, res, seconds, peak = _call(frames, kw)
     torch.save({"labels": res.labels, "scores": res.scores}, os.environ["BENCH_OUT"])
     return dict(frames=frames, n=x.shape[0], route=route, seconds=seconds,
                 peak_mib=peak / 2**20, residual=res.residual, gap=res.gap,
@@ -71,7 +126,7 @@ def main() -> None:
     ap.add_argument(
         "--routes",
         default="default,blocks",
-        help="default and/or blocks (the blocks where N <= 16384 only)",
+        help="default, blocks and/or blocks2 (the blocks over 2 gloo processes of one thread)",
     )
     ap.add_argument(
         "--blocks-frames",
@@ -89,6 +144,11 @@ def main() -> None:
         default=None,
         help="seconds a run may take; one past it is stopped and recorded unfinished",
     )
+    ap.add_argument(
+        "--name",
+        default="long_video",
+        help="the result's area (long_video_ranks: the blocks over processes beside one)",
+    )
     ap.add_argument("--one", nargs=2, help=argparse_hidden())
     args = ap.parse_args()
     if args.one:
@@ -101,7 +161,7 @@ def main() -> None:
     for frames in (int(f) for f in args.frames.split(",")):
         outs = {}
         for route in args.routes.split(","):
-            only = args.blocks_frames if route == "blocks" else args.default_frames
+            only = args.default_frames if route == "default" else args.blocks_frames
             if only and str(frames) not in only.split(","):
                 continue
             out = tmp / f"bench_long_video_{os.getpid()}_{frames}_{route}.pt"
@@ -123,7 +183,7 @@ def main() -> None:
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             row["plan"] = (
                 "workset_blocks"
-                if route == "blocks"
+                if route.startswith("blocks")
                 else ("blocked" if row["n"] > 16384 else "workset")
             )
             outs[route] = torch.load(out)
@@ -135,7 +195,7 @@ def main() -> None:
                                                 outs["default"]["scores"]).abs().max())  # fmt: skip
             rows.append(row)
             print(json.dumps({k: row.get(k) for k in COLUMNS}), flush=True)
-    finish("long_video", environment("cpu"), rows, args.out_dir, COLUMNS)
+    finish(args.name, environment("cpu"), rows, args.out_dir, COLUMNS)
 
 
 def argparse_hidden():

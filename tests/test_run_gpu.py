@@ -39,7 +39,7 @@ SCRIPT = (ROOT / "benchmarks" / "run_gpu.sh").read_text()
 # bench_workset: the working-set solver is float64 on the CPU (issue 52's one-thread CPU target)
 # bench_column_kernel: static compiles; bench_host_reads, bench_pass_counts: counted on the CPU;
 # bench_discretize: the discretisation's host work, one thread
-# bench_long_video: the working sets by blocks, blocked mode's default on the CPU (issue 99)
+# bench_long_video: long videos on the CPU, the default and the working sets by blocks (issue 99)
 CPU_ONLY = {"bench_column_kernel", "bench_contention", "bench_discretize", "bench_expected_share",
             "bench_first_call", "bench_host_overhead", "bench_host_reads", "bench_label_draws",
             "bench_lmms_batch", "bench_optimum", "bench_pass_counts", "bench_schedule",
