@@ -434,6 +434,10 @@ NEIGHBOURS = 96
 #: The most tokens one certificate round adds to a column's local dictionary in the working
 #: sets by blocks (its worst violators).
 JOIN = 64
+#: The support per column that :func:`workset_blocks_bytes` assumes (not a bound: a column's
+#: support may hold up to ``D + 1`` tokens, which at D = 3584 would size batches of one
+#: column): video-like tokens' minimisers hold at most 160 at N = 8192, D = 512 (issue 99).
+LOCAL_SUPPORT = 256
 #: Rows of ``X X^T`` the working sets by blocks' neighbours pass makes at a time: at most 256,
 #: and ``N x rows`` float64 within 64 MiB.
 NEIGHBOUR_BYTES = 64 * 2**20
@@ -458,10 +462,11 @@ def workset_blocks_bytes(n: int, d: int, block: int, threads: int = 1, *,
     dictionary (``local`` tokens: its Gram matrix and rows); per thread, a solve's
     ``local x local`` buffers (the kernel's answer, factor and matrix, the Gram matrix's
     growth and copies: eight, from the peak measured in tests/test_long_route.py) and its
-    ``D x local`` outliers. ``local`` (None: its bound): a dictionary holds its token, the
-    kernel's support (at most ``D + 1`` tokens) and :data:`JOIN` joiners, or its token and
-    :data:`NEIGHBOURS` in the first round."""
-    t = min(n, 1 + max(NEIGHBOURS, d + 1 + JOIN) if local is None else local)
+    ``D x local`` outliers. ``local`` (None: what it assumes): a dictionary holds its token,
+    the kernel's support (:data:`LOCAL_SUPPORT` assumed, at most ``D + 1``) and :data:`JOIN`
+    joiners, or its token and :data:`NEIGHBOURS` in the first round."""
+    support = min(d + 1, LOCAL_SUPPORT)
+    t = min(n, 1 + max(NEIGHBOURS, support + JOIN) if local is None else local)
     rows = neighbour_rows(n)
     return 8 * (2 * n * d + 2 * n * rows + 2 * NEIGHBOURS * rows + 6 * n * block
                 + block * (t * t + t * d) + threads * (8 * t * t + t * d))  # fmt: skip
