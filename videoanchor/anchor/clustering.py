@@ -139,6 +139,15 @@ def spectral_clustering(affinity: torch.Tensor, n_clusters: int, *, seed: int = 
     )[0]
 
 
+def _check_sparse_solver(eigen_solver: str) -> None:
+    """A ``ValueError`` unless ``eigen_solver`` names a sparse affinity's eigensolver."""
+    if eigen_solver not in ("auto", "arpack", "subspace", "chebyshev"):
+        raise ValueError(
+            f"eigen_solver: expected 'auto', 'arpack', 'subspace' or 'chebyshev' for a sparse "
+            f"affinity, got {eigen_solver!r}"
+        )
+
+
 @bounded()
 @exact_float32
 def sparse_spectral_labels(w: torch.Tensor, n_clusters: int, *, seed: int = 0,
@@ -153,11 +162,7 @@ def sparse_spectral_labels(w: torch.Tensor, n_clusters: int, *, seed: int = 0,
     ``max_steps`` steps (warned), or ``"auto"``: ARPACK on the CPU (6-14x faster than block
     Krylov, ``sparse_spectral_cpu.json``), Chebyshev elsewhere. Where ARPACK gives up (more
     components than ``n_clusters``, or no convergence: warned) block Krylov finishes."""
-    if eigen_solver not in ("auto", "arpack", "subspace", "chebyshev"):
-        raise ValueError(
-            f"eigen_solver: expected 'auto', 'arpack', 'subspace' or 'chebyshev' for a sparse "
-            f"affinity, got {eigen_solver!r}"
-        )
+    _check_sparse_solver(eigen_solver)
     n = w.shape[0]
     if n_clusters == 1:
         return torch.zeros(draws, n, dtype=torch.long, device=w.device)
@@ -412,11 +417,7 @@ def sparse_steady_shares(affinity: torch.Tensor, n_clusters: int, *, seed: int =
     below 1, the pairs down to ``theta_k -`` :data:`SOFT_SHARE_WIDTH` (sought in doubling
     counts) give the soft share. The same rule and record as the dense one. ``eigen_solver``:
     :func:`sparse_spectral_labels`' names (:func:`_sparse_pairs`)."""
-    if eigen_solver not in ("auto", "arpack", "subspace", "chebyshev"):
-        raise ValueError(
-            f"eigen_solver: expected 'auto', 'arpack', 'subspace' or 'chebyshev' for a sparse "
-            f"affinity, got {eigen_solver!r}"
-        )
+    _check_sparse_solver(eigen_solver)
     n, k = affinity.shape[0], n_clusters
     if k == 1 or k >= n:
         return _one_or_each(n, k, draws, affinity.device)

@@ -722,9 +722,9 @@ def _mode_plan(mode: str, n: int, d: int, device: torch.device, work: torch.dtyp
 def _blocked_workset(opts, *, program: str) -> bool:
     """Whether blocked mode runs the working sets by blocks (route ``"workset_blocks"``,
     asked for with ``solver="workset"``) rather than the authors' iteration (``"blocked"``,
-    the default): the blocks certify the program's minimiser but were slower than the time
-    issue 99 asks for (N = 20480, D = 512: unfinished after 2443 s on 2 cores,
-    ``long_video_cpu.json``), so they are not the default yet."""
+    the default): the blocks certify the program's minimiser but are slower than the time
+    issue 99 asks for (N = 20480, D = 512: 1019 s on 2 cores, 19x the dense working sets at
+    N = 8192, ``long_video_cpu.json``), so they are not the default yet."""
     return program == "squared" and opts.solver == "workset"
 
 

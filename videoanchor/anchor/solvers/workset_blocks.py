@@ -48,7 +48,7 @@ import torch
 
 from videoanchor.anchor.collective import _all_gather_rows, all_sum, comm_device, raise_together
 from videoanchor.anchor.plan import JOIN, NEIGHBOURS, Plan, neighbour_rows
-from videoanchor.anchor.program import SSCSolution, block_gaps, ssc_lambdas
+from videoanchor.anchor.program import SSCSolution, block_gaps, nearest_points, ssc_lambdas
 from videoanchor.anchor.solvers import program_kwargs
 from videoanchor.anchor.solvers.workset import LIMITS, MAX_STEPS, TOL, Limits, _grows, _kernel
 
@@ -124,10 +124,8 @@ class _Column:
                       lam_e, lam_z, limits)  # fmt: skip
             if self.status == _kernel().SOLVED:
                 return
-        diag = self.gt.diagonal()
-        dist = (diag[1:] - 2 * self.gt[0, 1:]).numpy()  # ||x_u - x_i||^2 less ||x_i||^2
-        self._run(np.array([1 + int(dist.argmin())], dtype=np.int64), np.ones(1), lam_e,
-                  lam_z, limits)  # fmt: skip
+        near = nearest_points(self.gt, torch.zeros(1, dtype=torch.int64))
+        self._run(near.numpy(), np.ones(1), lam_e, lam_z, limits)
 
     def _run(self, var: np.ndarray, val: np.ndarray, lam_e: float, lam_z: float,
              limits: Limits) -> None:  # fmt: skip
