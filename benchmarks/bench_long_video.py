@@ -30,16 +30,17 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, finish, parser, video_tokens  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    environment,
+    finish,
+    parser,
+    peak_rss_growth,
+    video_tokens,
+)
 
 PATCHES, D = 128, 512
 COLUMNS = ["frames", "n", "route", "plan", "seconds", "peak_mib", "residual", "gap", "rounds",
            "same_labels", "scores_max_diff", "loadavg"]  # fmt: skip
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
 
 
 def _call(frames: int, kw: dict, barrier=None) -> tuple:
@@ -52,14 +53,16 @@ def _call(frames: int, kw: dict, barrier=None) -> tuple:
     compute_anchor_scores(video_tokens(2, 64, D, seed=1), **kw)  # the kernel loaded
     if barrier:
         barrier()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status("VmRSS:")
-    t = time.perf_counter()
-    res = compute_anchor_scores(x, **kw)
-    if barrier:
-        barrier()
-    return x, res, time.perf_counter() - t, _status("VmHWM:") - before
+
+    def run():
+        t = time.perf_counter()
+        res = compute_anchor_scores(x, **kw)
+        if barrier:
+            barrier()
+        return res, time.perf_counter() - t
+
+    (res, seconds), peak = peak_rss_growth(run)
+    return x, res, seconds, peak
 
 
 def _rank(rank: int, world: int, frames: int, store: str, out: str) -> None:

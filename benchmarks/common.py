@@ -190,6 +190,22 @@ def loadavg() -> list[float] | None:
         return None
 
 
+def peak_rss_growth(run):
+    """``(run(), bytes)``: its result and how far the resident set's high-water mark rose
+    above the resident set during it (Linux: the mark reset through /proc/self/clear_refs
+    first)."""
+
+    def read(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = read("VmRSS:")
+    out = run()
+    return out, read("VmHWM:") - before
+
+
 def sync(device) -> None:
     """Wait for the work queued on ``device`` (a CUDA device; nothing to wait for elsewhere)."""
     device = torch.device(device)

@@ -170,32 +170,16 @@ class _Largest(TorchDispatchMode):
         return out
 
 
-def _peak_rss_growth(run) -> int:
-    """Bytes the resident set's high-water mark rose by during ``run()`` (Linux: the mark
-    reset through /proc/self/clear_refs first)."""
-
-    def read(key: str) -> int:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = read("VmRSS:")
-    run()
-    return read("VmHWM:") - before
-
-
 _RSS_CHILD = """
-import json, sys, torch
-sys.path.insert(0, sys.argv[1])
+import json, os, sys, torch
+sys.path[:0] = [sys.argv[1], os.path.dirname(sys.argv[1])]  # the tests, the repository
 import test_long_route as t
+from benchmarks.common import peak_rss_growth
 from videoanchor.anchor.solvers.workset_blocks import run_workset_blocks
 x = t._video(20, 100, 32, seed=7)
 run_workset_blocks(x[:300], t._plan(x[:300], 8), alpha_e=800.0, alpha_z=800.0, neighbours=16)
-out = {}
-grew = t._peak_rss_growth(lambda: out.setdefault("res", run_workset_blocks(
-    x, t._plan(x, 8), alpha_e=800.0, alpha_z=800.0, neighbours=16)))
-res = out["res"]
+res, grew = peak_rss_growth(lambda: run_workset_blocks(
+    x, t._plan(x, 8), alpha_e=800.0, alpha_z=800.0, neighbours=16))
 print(json.dumps(dict(grew=grew, widest=res.history["widest"], nnz=res.coef._nnz(),
                       threads=torch.get_num_threads(), ok=res.converged and res.residual <= 1e-8)))
 """
