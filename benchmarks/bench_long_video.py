@@ -2,16 +2,16 @@
 video-like tokens (8 x 16 patches a frame, D = 512) of 16 to 256 frames, N = 2k to 32k.
 
 Below ``EXACT_MAX_TOKENS`` the default is the dense working sets (exact mode); past it the
-authors' iteration column-blocked. The working sets by blocks (``mode="blocked",
-solver="workset"``, route ``workset_blocks``: issue 99's candidate, not the default yet) run
-beside it, and their labels and scores are compared with the default's. Each (N, route) runs in a fresh subprocess (the kernel loaded by a small call
+working sets by blocks (route ``workset_blocks``, issue 99). Below it the blocks
+(``mode="blocked", solver="workset"``) run beside the default, and their labels and scores
+are compared with the default's; ``plan`` is the route that ran (the result's strategy). Each (N, route) runs in a fresh subprocess (the kernel loaded by a small call
 first): wall seconds of the call, the peak resident set's growth during it (Linux's VmHWM,
 reset through /proc/self/clear_refs, minus VmRSS before the call), the float64 answer's
 relative duality gap (``residual``) and the returned C's (``gap``). The load average goes in
 every row: the machine may be shared.
 
     python benchmarks/bench_long_video.py --frames 16,32,64      # N = 2048, 4096, 8192
-    python benchmarks/bench_long_video.py --frames 16,64,160 --blocks-frames 16
+    python benchmarks/bench_long_video.py --frames 16,32,64,160 --blocks-frames 16,32,64
     python benchmarks/bench_long_video.py --frames 16,32 --routes blocks,blocks2 \
         --name long_video_ranks
     python benchmarks/bench_long_video.py --frames 16,32,64,160 --default-frames 16,32,64 \
@@ -112,11 +112,12 @@ def one(frames: int, route: str) -> dict:
                     seconds=max(r["seconds"] for r in ranks),
                     peak_mib=sum(r["peak"] for r in ranks) / 2**20, residual=first["residual"],
                     gap=first["gap"], rounds=first["rounds"], timings=first["timings"],
+                    plan="workset_blocks",
                     threads=1, processes=2, loadavg=os.getloadavg())  # fmt: skip
     kw = {} if route == "default" else {"mode": "blocked", "solver": "workset"}
     x, res, seconds, peak = _call(frames, kw)
     torch.save({"labels": res.labels, "scores": res.scores}, os.environ["BENCH_OUT"])
-    return dict(frames=frames, n=x.shape[0], route=route, seconds=seconds,
+    return dict(frames=frames, n=x.shape[0], route=route, plan=res.strategy, seconds=seconds,
                 peak_mib=peak / 2**20, residual=res.residual, gap=res.gap,
                 rounds=res.iterations, solver=res.solver, cluster_share=res.cluster_share,
                 share_weight=res.share_weight, timings=res.timings,
@@ -184,11 +185,6 @@ def main() -> None:
                 rows.append(dict(frames=frames, route=route, error=proc.stderr[-500:]))
                 continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
-            row["plan"] = (
-                "workset_blocks"
-                if route.startswith("blocks")
-                else ("blocked" if row["n"] > 16384 else "workset")
-            )
             outs[route] = torch.load(out)
             out.unlink()
             if route != "default" and "default" in outs:

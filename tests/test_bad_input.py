@@ -256,7 +256,7 @@ _MODE_SPECIFIC = {
     "scalable-removed": (dict(mode="scalable"), "mode: expected one of ('auto', 'exact', 'blocked'), got 'scalable': the scalable approximation was removed"),
     "candidates-removed": (dict(candidates=32), "candidates: the scalable approximation was removed"),
     "blocked-eigh": (dict(mode="blocked", eigen_solver="eigh"), "mode='blocked': expected eigen_solver"),
-    "blocked-fast": (dict(mode="blocked", solver="fast"), "expected solver 'auto' or 'faithful'"),
+    "blocked-fast": (dict(mode="blocked", solver="fast"), "expected solver 'auto', 'workset' or 'faithful'"),
     "accelerated-removed": (dict(solver="accelerated"), "got 'accelerated': solver='accelerated' was removed (issue 52): the program's minimiser it ran towards is videoanchor.anchor.reference_minimiser"),
     "exact-subspace": (dict(mode="exact", eigen_solver="subspace"), "mode='exact': expected eigen_solver"),
     "exact-block_columns": (dict(mode="exact", block_columns=4), "block_columns: applies to mode='blocked'"),
@@ -354,7 +354,7 @@ _DIST_CASES = {
     "accelerated-removed": (dict(solver="accelerated"), dict(solver="accelerated"), ValueError, "solver='accelerated' was removed"),
     "exact-faithful": (dict(mode="exact", solver="faithful"), dict(mode="exact", solver="faithful"), ValueError, "process_group: mode='exact' splits the fast solver's columns over the ranks"),
     "cupy-backend": (dict(backend="cupy"), dict(backend="cupy"), ValueError, "expected backend 'auto' or 'torch', got 'cupy'"),
-    "blocked-fast": (dict(mode="blocked", solver="fast"), dict(mode="blocked", solver="fast"), ValueError, "mode='blocked' runs the authors' iteration only"),
+    "blocked-fast": (dict(mode="blocked", solver="fast"), dict(mode="blocked", solver="fast"), ValueError, "mode='blocked' runs the authors' iteration or the working sets by blocks"),
     "same": (dict(), dict(), None, None),
 }  # fmt: skip
 

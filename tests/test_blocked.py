@@ -190,7 +190,7 @@ def test_blocked_bad_input():
         solve_ssc_blocked(x, block_eps="global")
     with pytest.raises(ValueError, match="block_eps"):
         compute_anchor_scores(x, n_clusters=3, mode="blocked", block_eps="global")
-    with pytest.raises(ValueError, match="solver 'auto' or 'faithful', got 'fast'"):
+    with pytest.raises(ValueError, match="solver 'auto', 'workset' or 'faithful', got 'fast'"):
         compute_anchor_scores(x, n_clusters=3, mode="blocked", solver="fast")
     with pytest.raises(ValueError, match="eigh"):
         compute_anchor_scores(x, n_clusters=3, mode="blocked", eigen_solver="eigh")

@@ -183,6 +183,32 @@ def test_configure_errors(saved):
 
 
 @torch.no_grad()
+def test_long_videos_take_the_blocks_without_an_option(saved, monkeypatch):
+    """Past the exact limit (lowered here below this request's visual tokens) the default
+    options run the working sets by blocks (issue 99), certified, with the default share
+    on their sparse C, uncached; ``ssc_solver="faithful"`` runs the authors' iteration."""
+    from videoanchor.anchor import plan as plan_mod
+    from videoanchor.integrations.transformers.cache import AnchorCache
+
+    model = load_saved(saved["qwen2_5_vl"])
+    samples, _ = _batch(model)
+    handle = videoanchor.configure(model, n_clusters=SSC["n_clusters"])  # (max_iter: default)
+    handle.cache = cache = AnchorCache(None)
+    monkeypatch.setattr(plan_mod, "EXACT_MAX_TOKENS", 8)
+    model(**samples[0])
+    res = handle.last_result[0]
+    assert (res.mode, res.solver) == ("blocked", "workset") and res.coef.is_sparse
+    assert res.converged and res.residual <= 1e-8  # (float64; res.gap: of the float32 C)
+    assert res.cluster_share == "steady"
+    assert cache.stats["ssc_misses"] == 0  # (blocked: uncached)
+    videoanchor.configure(model, ssc_solver="faithful")
+    with warnings.catch_warnings():  # (the authors' iteration may stop at max_iter)
+        warnings.simplefilter("ignore")
+        model(**samples[0])
+    assert (handle.last_result[0].mode, handle.last_result[0].solver) == ("blocked", "faithful")
+
+
+@torch.no_grad()
 def test_ssc_mode_reaches_the_ssc_and_blocked_mode_bypasses_the_cache(saved):
     """configure(ssc_mode=...) is the mode of the request's SSC: "auto" runs exact mode on
     these few tokens, "exact" too (and finds the entry the "auto" run kept in the anchor

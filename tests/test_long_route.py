@@ -122,12 +122,18 @@ def test_the_blocks_steady_share_runs_the_eigen_solver_asked(monkeypatch, eigen_
         clustering.sparse_steady_shares(w, 6, eigen_solver="eigh")
 
 
-def test_make_plan_runs_the_blocks_past_the_exact_limit_when_asked():
-    """Past the exact limit ``solver="workset"`` runs the blocks; the default stays the
-    authors' iteration (the blocks are not yet fast enough, issue 99)."""
+def test_make_plan_runs_the_blocks_past_the_exact_limit():
+    """Past the exact limit the default runs the blocks (issue 99: the certified working
+    sets at any N), on a CUDA device too (host memory); so does ``solver="workset"``;
+    ``mode="blocked"`` asked for, ``solver="faithful"`` and an iteration's option keep the
+    authors' iteration."""
     n, d = EXACT_MAX_TOKENS + 1, 512
-    auto = make_plan((n, d), CPU, SSCOptions().checked(), check_memory_first=False)
-    assert (auto.mode, auto.solver, auto.route) == ("blocked", "faithful", "blocked")
+    for device in (CPU, torch.device("cuda")):
+        auto = make_plan((n, d), device, SSCOptions().checked(), check_memory_first=False)
+        assert (auto.mode, auto.solver, auto.route) == ("blocked", "workset", "workset_blocks")
+    blocked = make_plan((n, d), CPU, SSCOptions(mode="blocked").checked(),
+                        check_memory_first=False)  # fmt: skip
+    assert (blocked.solver, blocked.route) == ("faithful", "blocked")
     asked = make_plan((n, d), CPU, SSCOptions(solver="workset").checked(),
                       check_memory_first=False)  # fmt: skip
     assert (asked.mode, asked.solver, asked.route) == ("blocked", "workset", "workset_blocks")

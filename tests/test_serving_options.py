@@ -60,7 +60,7 @@ def test_ssc_mode_is_an_operator_option_like_ssc_solver():
                                          r"got 'dense'"):  # fmt: skip
         engine_config({"videoanchor": {"ssc_mode": "dense"}})
     with pytest.raises(ValueError, match=r"additional_config\['videoanchor'\]: mode='blocked' "
-                                         r"runs the authors' iteration only"):  # fmt: skip
+                                         r"runs the authors. iteration or the working sets by blocks"):  # fmt: skip
         engine_config({"videoanchor": {"ssc_mode": "blocked", "ssc_solver": "fast"}})
     auto = AnchorConfig()
     assert salt_for(eng, ["v1"], None) != salt_for(replace(eng, ssc_mode="auto"), ["v1"], None)

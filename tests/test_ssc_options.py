@@ -92,7 +92,9 @@ def test_ssc_mode_reaches_the_plan_and_the_call():
         validate_ssc_options(AnchorConfig(ssc_mode="dense"))
     with pytest.raises(ValueError, match="^ssc_mode: expected one of .*got 3"):
         validate_ssc_options(AnchorConfig(ssc_mode=3))
-    with pytest.raises(ValueError, match="mode='blocked' runs the authors' iteration only"):
+    with pytest.raises(
+        ValueError, match="mode='blocked' runs the authors' iteration or the working sets by blocks"
+    ):
         validate_ssc_options(AnchorConfig(ssc_mode="blocked", ssc_solver="fast"))
 
 

@@ -506,7 +506,8 @@ PRECISIONS = ("auto", "full", "fp16x3")
 def blocked_refusal(solver: str, backend: str, precision: str = "auto", *,
                     tokens: int | None = None) -> str | None:  # fmt: skip
     """Why blocked mode cannot run ``solver``, ``backend`` and ``precision`` (it runs the
-    authors' iteration on torch, in full precision), or None where it can. ``tokens``: the N
+    authors' iteration or the working sets by blocks, on torch, in full precision), or None
+    where it can. ``tokens``: the N
     for which ``mode="auto"`` chose it (None: asked for)."""
     chose = "" if tokens is None else (
         f" (mode='auto' chose it: these {tokens} tokens need blocked mode, as exact mode does "
@@ -516,8 +517,8 @@ def blocked_refusal(solver: str, backend: str, precision: str = "auto", *,
         return f"mode='blocked'{chose}: expected backend 'auto' or 'torch', got 'cupy'"
     if solver == "fast":
         return (
-            f"mode='blocked'{chose} runs the authors' iteration only; expected solver 'auto' "
-            f"or 'faithful', got {solver!r}"
+            f"mode='blocked'{chose} runs the authors' iteration or the working sets by "
+            f"blocks; expected solver 'auto', 'workset' or 'faithful', got {solver!r}"
         )
     if precision == "fp16x3":
         return (
@@ -594,8 +595,9 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
 
     ``mode="auto"`` is exact where the dense problem fits (:func:`exact_fits`, agreed by every
     rank of ``process_group``), else blocked (always, for the authors' iteration over a
-    group); ``solver="auto"`` is :func:`auto_solver`'s choice, the authors' iteration when
-    blocked. What the mode cannot run is a ValueError; a plan over the memory rule an
+    group); ``solver="auto"`` is :func:`auto_solver`'s choice (where ``mode="auto"`` chose
+    blocked mode: the working sets by blocks, :func:`_blocked_workset`), the authors'
+    iteration where ``mode="blocked"`` was asked for. What the mode cannot run is a ValueError; a plan over the memory rule an
     :class:`SSCMemoryError` on every rank together (``check_memory_first=False``: unchecked).
     ``strategy``: the authors' A-step (``"auto"``: :func:`choose_strategy`'s), the fast
     solver's step (:func:`fast_step`); ``backend``: the dense solver's array module where not
@@ -658,7 +660,8 @@ def _mode_plan(mode: str, n: int, d: int, device: torch.device, work: torch.dtyp
     if mode == "blocked":
         if refusal is not None:
             raise ValueError(refusal)
-        solver = "workset" if _blocked_workset(opts, program=program) else "faithful"
+        blocks = _blocked_workset(opts, device, backend, program=program, outliers=outliers)
+        solver = "workset" if blocks else "faithful"
         precision = "full"
     elif solver == "auto":
         solver = auto_solver(device, backend, opts, program=program, outliers=outliers)
@@ -719,13 +722,23 @@ def _mode_plan(mode: str, n: int, d: int, device: torch.device, work: torch.dtyp
     return plan
 
 
-def _blocked_workset(opts, *, program: str) -> bool:
-    """Whether blocked mode runs the working sets by blocks (route ``"workset_blocks"``,
-    asked for with ``solver="workset"``) rather than the authors' iteration (``"blocked"``,
-    the default): the blocks certify the program's minimiser but are slower than the time
-    issue 99 asks for (N = 20480, D = 512: 1019 s on 2 cores, 19x the dense working sets at
-    N = 8192, ``long_video_cpu.json``), so they are not the default yet."""
-    return program == "squared" and opts.solver == "workset"
+def _blocked_workset(
+    opts, device: torch.device, backend: str, *, program: str, outliers: bool
+) -> bool:
+    """Whether blocked mode runs the working sets by blocks (route ``"workset_blocks"``, the
+    program's certified minimiser) rather than the authors' iteration (``"blocked"``): where
+    ``solver="workset"`` asks for them, and where ``mode="auto"`` chose blocked mode (past
+    :data:`EXACT_MAX_TOKENS`, or where the dense problem does not fit) and ``solver="auto"``
+    is :func:`auto_solver`'s working sets (issue 99: the default is the certified working
+    sets at any ``N``). ``mode="blocked"`` asked for with ``solver="auto"`` stays the
+    authors' iteration column-blocked, as ``solver="faithful"`` does everywhere."""
+    if program != "squared":
+        return False
+    if opts.solver == "workset":
+        return True
+    return (opts.mode == "auto" and opts.solver == "auto"
+            and auto_solver(device, backend, opts, program=program, outliers=outliers)
+            == "workset")  # fmt: skip
 
 
 def fast_step(device: torch.device, backend: str, strategy: str = "auto") -> str:

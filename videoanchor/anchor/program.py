@@ -376,17 +376,23 @@ def column_gaps(y: torch.Tensor, c: torch.Tensor, lambda_e: float, lambda_z: flo
 
 
 def block_gaps(y: torch.Tensor, cols: torch.Tensor, c: torch.Tensor, lambda_e: float,
-               lambda_z: float) -> tuple[torch.Tensor, ColumnGaps]:  # fmt: skip
+               lambda_z: float, residual: torch.Tensor | None = None,
+               ) -> tuple[torch.Tensor, ColumnGaps]:  # fmt: skip
     """:func:`duality_gaps` of the columns ``cols`` (``m``, long) of ``C`` alone (``c``,
     ``N x m``, dense float64) for checked float64 ``y`` (``D x N``), no ``N x N`` buffer (the
     working sets by blocks): ``Y c`` from ``c``'s non-zero rows, ``Y^T u`` (``D x N x m``).
     Returns ``(g, gaps)``: ``g[j, i] = y_j^T u_i`` (``N x m``, ``u_i`` the dual point of
     column ``cols[i]``), from which the caller reads every token's multiplier (the entries
-    at ``(cols[i], i)`` are left at ``-inf``), and the block's :class:`ColumnGaps` (read)."""
+    at ``(cols[i], i)`` are left at ``-inf``), and the block's :class:`ColumnGaps` (read).
+    ``residual``: ``y_{cols} - Y c`` (``D x m``) where the caller has it (each column's from
+    its own support: no ``D x N x m`` product); overwritten."""
     t = lambda_e / lambda_z
     yb = y[:, cols]
-    rows = torch.nonzero(c.any(dim=1)).flatten()
-    r = torch.sub(yb, y[:, rows] @ c[rows])
+    if residual is None:
+        rows = torch.nonzero(c.any(dim=1)).flatten()
+        r = torch.sub(yb, y[:, rows] @ c[rows])
+    else:
+        r = residual
     primal = c.abs().sum(dim=0) + huber(r, lambda_e, lambda_z).sum(dim=0)
     u = r.clamp_(-t, t).mul_(lambda_z)
     del r

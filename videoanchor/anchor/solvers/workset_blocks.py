@@ -42,6 +42,7 @@ from __future__ import annotations
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -91,7 +92,7 @@ class _Column:
         self.cand = torch.cat([torch.tensor([i]), near])
         self.xt = x64[self.cand]
         self.gt = self.xt @ self.xt.T
-        self.c = self.e = None
+        self.c = self.e = self.res = self.new = None
         self.status = -1
 
     def release(self) -> int:
@@ -102,8 +103,9 @@ class _Column:
     def regrow(self, x64: torch.Tensor, new: torch.Tensor) -> None:
         """The dictionary becomes the token, its support and ``new`` (tokens outside it):
         the tokens of the last dictionary that the answer left out go (a violator among
-        them joins again by the certificate), the Gram matrix keeps the rows of those that
-        stay and computes the new ones' only (``|new| x k x D``)."""
+        them joins again by the certificate; keeping those near the bound, tried, took more
+        time for fewer rounds), the Gram matrix keeps the rows of those that stay and
+        computes the new ones' only (``|new| x k x D``)."""
         keep = torch.from_numpy(np.concatenate([[0], np.flatnonzero(self.c)]))
         xk, x_new = self.xt[keep], x64[new]
         cross = x_new @ xk.T
@@ -112,11 +114,14 @@ class _Column:
         self.cand, self.xt = torch.cat([self.cand[keep], new]), torch.cat([xk, x_new])
         self.c = np.concatenate([self.c[keep.numpy()], np.zeros(len(new))])
 
-    def solve(self, lam_e: float, lam_z: float, limits: Limits) -> None:
+    def solve(self, x64: torch.Tensor, lam_e: float, lam_z: float, limits: Limits) -> None:
         """The program restricted to the dictionary by the kernel (one column, called
         directly: a ``k x 1`` output), from the last answer (or the nearest point). Where
         the kernel does not solve it from the last answer (a support of ``D + 1`` tokens
         can stall its inner steps), once more from the dictionary's nearest point."""
+        if self.new is not None:  # (the last round's joiners, here in a worker thread)
+            self.regrow(x64, self.new)
+            self.new = None
         k = self.xt.shape[0]
         if self.c is not None:
             nz, fe = np.flatnonzero(self.c), np.flatnonzero(self.e)
@@ -136,12 +141,24 @@ class _Column:
         status = np.full(k, -1, dtype=np.int64)
         passes, work = np.zeros(k, dtype=np.int64), np.zeros(k)
         grow, grow_max = _grows(None)
-        kernel.run_columns(_FIRST, 0, 1, self.gt.numpy(), xt, np.ascontiguousarray(xt.T),
+        kernel.run_columns(_FIRST, 0, 1, self.gt.numpy(), xt, self.xt.T.contiguous().numpy(),
                            np.array([0, len(var)], dtype=np.int64), var, val, lam_z, lam_e, TOL,
                            grow, grow_max, k + d, k - 1, limits.max_passes, MAX_STEPS, np.inf,
                            C, E, status, passes, work, np.array([0, 2], dtype=np.int64),
                            limits.downdate_floor)  # fmt: skip
         self.c, self.e, self.status = C[:, 0].copy(), E[:, 0].copy(), int(status[0])
+        self.res = xt[0] - self.c @ xt  # (the certificate's residual, without e)
+
+
+@contextmanager
+def _torch_threads(k: int):
+    """torch's intra-op threads set to ``k`` for the block (process-wide), then restored."""
+    was = torch.get_num_threads()
+    torch.set_num_threads(k)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(was)
 
 
 #: The one column :meth:`_Column.solve` asks of the kernel: the first of its dictionary.
@@ -167,13 +184,14 @@ def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool):
         run = [cols[j] for j in todo.tolist()]
 
         def solve(col: _Column) -> None:
-            col.solve(lam_e, lam_z, limits)
+            col.solve(x64, lam_e, lam_z, limits)
 
         if pool is None:
             for col in run:
                 solve(col)
-        else:
-            list(pool.map(solve, run))
+        else:  # (one thread of torch's own per worker: the workers are the parallelism)
+            with _torch_threads(1):
+                list(pool.map(solve, run))
         for j, col in zip(todo.tolist(), run, strict=True):
             c_blk[:, j] = 0.0
             c_blk[col.cand, j] = torch.from_numpy(col.c)
@@ -181,7 +199,8 @@ def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool):
         rec["workset"] += time.perf_counter() - s
         s = time.perf_counter()
         # the columns run: every token's multiplier, and their gaps
-        g, gaps_r = block_gaps(x64.T, cb[todo], c_blk[:, todo], lam_e, lam_z)
+        res = torch.from_numpy(np.stack([col.res for col in run], axis=1))
+        g, gaps_r = block_gaps(x64.T, cb[todo], c_blk[:, todo], lam_e, lam_z, residual=res)
         gap[todo] = gaps_r.gap
         # each column's constraint multiplier from its support: x_k^T u + nu = sign(c_k)
         sup = c_blk[:, todo] != 0
@@ -198,7 +217,7 @@ def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool):
             rec["widest"] = max(rec["widest"], cols[j].release())
         for j in torch.nonzero(bad).flatten().tolist():
             new = top.indices[:, j][top.values[:, j] > TOL]
-            run[j].regrow(x64, new)
+            run[j].new = new
             rec["joined"] += len(new)
         rec["certificate"] += time.perf_counter() - s
         todo = todo[bad]
