@@ -42,7 +42,6 @@ from __future__ import annotations
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -86,10 +85,12 @@ def _neighbours(x64: torch.Tensor, k: int, rows: int) -> tuple[torch.Tensor, tor
 class _Column:
     """One column's local dictionary ``cand`` (its token first, at 0; then its support and
     the tokens that joined last), their features ``xt`` and Gram matrix ``gt``, its answer
-    on it (``c`` over ``cand``, ``e`` over the features, NumPy) and the kernel's status."""
+    on it (``c`` over ``cand``, ``e`` over the features) and the kernel's status; NumPy
+    throughout (its products release the GIL in the worker threads and leave torch's
+    thread settings, which a model running beside may use, alone)."""
 
-    def __init__(self, x64: torch.Tensor, i: int, near: torch.Tensor):
-        self.cand = torch.cat([torch.tensor([i]), near])
+    def __init__(self, x64: np.ndarray, i: int, near: np.ndarray):
+        self.cand = np.concatenate([[i], near])
         self.xt = x64[self.cand]
         self.gt = self.xt @ self.xt.T
         self.c = self.e = self.res = self.new = None
@@ -100,21 +101,20 @@ class _Column:
         self.xt = self.gt = None
         return len(self.cand)
 
-    def regrow(self, x64: torch.Tensor, new: torch.Tensor) -> None:
+    def regrow(self, x64: np.ndarray, new: np.ndarray) -> None:
         """The dictionary becomes the token, its support and ``new`` (tokens outside it):
         the tokens of the last dictionary that the answer left out go (a violator among
         them joins again by the certificate; keeping those near the bound, tried, took more
         time for fewer rounds), the Gram matrix keeps the rows of those that stay and
         computes the new ones' only (``|new| x k x D``)."""
-        keep = torch.from_numpy(np.concatenate([[0], np.flatnonzero(self.c)]))
+        keep = np.concatenate([[0], np.flatnonzero(self.c)])
         xk, x_new = self.xt[keep], x64[new]
         cross = x_new @ xk.T
-        self.gt = torch.cat([torch.cat([self.gt[keep][:, keep], cross.T], dim=1),
-                             torch.cat([cross, x_new @ x_new.T], dim=1)])  # fmt: skip
-        self.cand, self.xt = torch.cat([self.cand[keep], new]), torch.cat([xk, x_new])
-        self.c = np.concatenate([self.c[keep.numpy()], np.zeros(len(new))])
+        self.gt = np.block([[self.gt[np.ix_(keep, keep)], cross.T], [cross, x_new @ x_new.T]])
+        self.cand, self.xt = np.concatenate([self.cand[keep], new]), np.concatenate([xk, x_new])
+        self.c = np.concatenate([self.c[keep], np.zeros(len(new))])
 
-    def solve(self, x64: torch.Tensor, lam_e: float, lam_z: float, limits: Limits) -> None:
+    def solve(self, x64: np.ndarray, lam_e: float, lam_z: float, limits: Limits) -> None:
         """The program restricted to the dictionary by the kernel (one column, called
         directly: a ``k x 1`` output), from the last answer (or the nearest point). Where
         the kernel does not solve it from the last answer (a support of ``D + 1`` tokens
@@ -129,19 +129,19 @@ class _Column:
                       lam_e, lam_z, limits)  # fmt: skip
             if self.status == _kernel().SOLVED:
                 return
-        near = nearest_points(self.gt, torch.zeros(1, dtype=torch.int64))
+        near = nearest_points(torch.from_numpy(self.gt), torch.zeros(1, dtype=torch.int64))
         self._run(near.numpy(), np.ones(1), lam_e, lam_z, limits)
 
     def _run(self, var: np.ndarray, val: np.ndarray, lam_e: float, lam_z: float,
              limits: Limits) -> None:  # fmt: skip
         kernel = _kernel()
         k, d = self.xt.shape
-        xt = self.xt.numpy()
+        xt = self.xt
         C, E = np.zeros((k, 1)), np.zeros((d, 1))  # (the kernel writes column 0 alone)
         status = np.full(k, -1, dtype=np.int64)
         passes, work = np.zeros(k, dtype=np.int64), np.zeros(k)
         grow, grow_max = _grows(None)
-        kernel.run_columns(_FIRST, 0, 1, self.gt.numpy(), xt, self.xt.T.contiguous().numpy(),
+        kernel.run_columns(_FIRST, 0, 1, self.gt, xt, _transposed(xt),
                            np.array([0, len(var)], dtype=np.int64), var, val, lam_z, lam_e, TOL,
                            grow, grow_max, k + d, k - 1, limits.max_passes, MAX_STEPS, np.inf,
                            C, E, status, passes, work, np.array([0, 2], dtype=np.int64),
@@ -150,15 +150,9 @@ class _Column:
         self.res = xt[0] - self.c @ xt  # (the certificate's residual, without e)
 
 
-@contextmanager
-def _torch_threads(k: int):
-    """torch's intra-op threads set to ``k`` for the block (process-wide), then restored."""
-    was = torch.get_num_threads()
-    torch.set_num_threads(k)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(was)
+def _transposed(a: np.ndarray) -> np.ndarray:
+    """``a.T`` contiguous (torch's copy: a quarter of NumPy's time at 250 x 512)."""
+    return torch.from_numpy(a).T.contiguous().numpy()
 
 
 #: The one column :meth:`_Column.solve` asks of the kernel: the first of its dictionary.
@@ -174,7 +168,8 @@ def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool):
     solve leaves the rounds (``record["solved"]`` false)."""
     n, m = x64.shape[0], len(cb)
     kernel = _kernel()
-    cols = [_Column(x64, int(i), nbr[i]) for i in cb]
+    x64n = x64.numpy()
+    cols = [_Column(x64n, int(i), nbr[i].numpy()) for i in cb]
     c_blk = torch.zeros(n, m, dtype=torch.float64)
     gap = torch.zeros(m, dtype=torch.float64)
     rec = dict(solved=True, joined=0, widest=0, workset=0.0, certificate=0.0)
@@ -184,17 +179,16 @@ def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool):
         run = [cols[j] for j in todo.tolist()]
 
         def solve(col: _Column) -> None:
-            col.solve(x64, lam_e, lam_z, limits)
+            col.solve(x64n, lam_e, lam_z, limits)
 
         if pool is None:
             for col in run:
                 solve(col)
-        else:  # (one thread of torch's own per worker: the workers are the parallelism)
-            with _torch_threads(1):
-                list(pool.map(solve, run))
+        else:
+            list(pool.map(solve, run))
         for j, col in zip(todo.tolist(), run, strict=True):
             c_blk[:, j] = 0.0
-            c_blk[col.cand, j] = torch.from_numpy(col.c)
+            c_blk[torch.from_numpy(col.cand), j] = torch.from_numpy(col.c)
             E[:, int(cb[j])] = torch.from_numpy(col.e)
         rec["workset"] += time.perf_counter() - s
         s = time.perf_counter()
@@ -207,7 +201,7 @@ def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool):
         nu = torch.where(sup, torch.sign(c_blk[:, todo]) - g, 0.0).sum(dim=0) / sup.sum(dim=0)
         viol = g.add_(nu).abs_().sub_(1.0)
         for j, col in enumerate(run):
-            viol[col.cand, j] = -1.0  # its dictionary: the kernel's own test
+            viol[torch.from_numpy(col.cand), j] = -1.0  # its dictionary: the kernel's own test
         top = viol.topk(min(JOIN, n), dim=0)
         del g, viol
         solved = torch.tensor([col.status == kernel.SOLVED for col in run])
@@ -217,7 +211,7 @@ def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool):
             rec["widest"] = max(rec["widest"], cols[j].release())
         for j in torch.nonzero(bad).flatten().tolist():
             new = top.indices[:, j][top.values[:, j] > TOL]
-            run[j].new = new
+            run[j].new = new.numpy()
             rec["joined"] += len(new)
         rec["certificate"] += time.perf_counter() - s
         todo = todo[bad]
