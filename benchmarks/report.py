@@ -78,7 +78,7 @@ SECTIONS = [
     ("Anchor scores (SSC)",
      ["request_cost", "request_cost_cost", "request_cost_fidelity_sensitivity", "request_cost_floor", "directions", "optimum", "optimum_only", "optimum_tiny", "optimum_yaleb", "workset", "workset_dense", "workset_dense_yaleb17", "workset_dense_rerun", "dark_tokens", "workset_passes", "lockstep", "lockstep_compiled", "columns_triton", "ssc", "ssc_ratio", "ssc_ratio_1thread", "spectral", "sparse_spectral", "label_draws", "label_flips", "label_flips_64f", "label_expected", "label_routes", "share_gate", "share_cost", "discretize", "yaleb",
       "yaleb_squared"]),
-    ("Long videos: blocked SSC", ["long_video", "long_video_ranks", "blocked",
+    ("Long videos: blocked SSC", ["long_video", "long_video_32k", "long_video_ranks", "blocked",
                                   "blocked_convergence"]),
     ("Several processes: the fast SSC split", ["split"]),
     ("Attention kernels", ["attention", "decode", "decode_graph", "backward", "compile"]),
@@ -122,6 +122,7 @@ TITLES = {
     "yaleb": "Extended Yale B clustering error (Elhamifar & Vidal's program)",
     "yaleb_squared": "Extended Yale B with the method page's squared data term",
     "long_video": "Long videos: default options and the working sets by blocks against N (issue 99)",
+    "long_video_32k": "Long videos: default options at 256 frames (N = 32768; its own run, drawn in the long_video figure)",
     "long_video_ranks": "Long videos: the working sets by blocks in one process and over 2 gloo processes (issue 99)",
     "blocked": "Column-blocked exact SSC: equality, memory, processes",
     "blocked_convergence": "Blocked SSC to convergence: per-block stopping rules",
@@ -905,8 +906,10 @@ def _fig_request_cost_measured(r: Result, rows: list[dict]):
 
 def fig_long_video(r: Result, results):
     """Seconds and peak resident growth of one call against N, per route; a run stopped
-    unfinished is drawn at its stop as a lower bound (an open triangle)."""
+    unfinished is drawn at its stop as a lower bound (an open triangle). The rows of the
+    ``long_video_32k`` result (its own run, N = 32768) join their route's line."""
     rows = [x for x in r.rows if x.get("n")]
+    rows += [x for q in results if q.area == "long_video_32k" for x in q.rows if x.get("n")]
     if not any(x.get("seconds") for x in rows):
         return None
     plt = _plt()

@@ -375,31 +375,29 @@ def column_gaps(y: torch.Tensor, c: torch.Tensor, lambda_e: float, lambda_z: flo
     return _gram_gaps(y, c, gram, support, lambda_e, lambda_z, read=read)
 
 
-def block_gaps(y: torch.Tensor, cols: torch.Tensor, c: torch.Tensor, lambda_e: float,
-               lambda_z: float, residual: torch.Tensor | None = None,
-               ) -> tuple[torch.Tensor, ColumnGaps]:  # fmt: skip
-    """:func:`duality_gaps` of the columns ``cols`` (``m``, long) of ``C`` alone (``c``,
-    ``N x m``, dense float64) for checked float64 ``y`` (``D x N``), no ``N x N`` buffer (the
-    working sets by blocks): ``Y c`` from ``c``'s non-zero rows, ``Y^T u`` (``D x N x m``).
-    Returns ``(g, gaps)``: ``g[j, i] = y_j^T u_i`` (``N x m``, ``u_i`` the dual point of
-    column ``cols[i]``), from which the caller reads every token's multiplier (the entries
-    at ``(cols[i], i)`` are left at ``-inf``), and the block's :class:`ColumnGaps` (read).
-    ``residual``: ``y_{cols} - Y c`` (``D x m``) where the caller has it (each column's from
-    its own support: no ``D x N x m`` product); overwritten."""
+def block_gaps(y: torch.Tensor, cols: torch.Tensor, residual: torch.Tensor, l1: torch.Tensor,
+               sums: torch.Tensor, own: torch.Tensor, lambda_e: float,
+               lambda_z: float) -> tuple[torch.Tensor, ColumnGaps]:  # fmt: skip
+    """:func:`duality_gaps` of the columns ``cols`` (``m``, long) of ``C`` for checked
+    float64 ``y`` (``D x N``), no ``N x N`` buffer and no dense column of ``C`` (the working
+    sets by blocks): each column given by its residual ``y_{cols} - Y c`` (``D x m``, from
+    its own support; overwritten), its l1 norm, its sum and its entry at its own token
+    (``(m,)`` each); one product ``Y^T u`` (``D x N x m``). Returns ``(g, gaps)``:
+    ``g[j, i] = y_j^T u_i`` (``N x m``, ``u_i`` the dual point of column ``cols[i]``), from
+    which the caller reads every token's multiplier (the entries at ``(cols[i], i)`` are left
+    at ``-inf``), and the block's :class:`ColumnGaps` (read)."""
     t = lambda_e / lambda_z
     yb = y[:, cols]
-    if residual is None:
-        rows = torch.nonzero(c.any(dim=1)).flatten()
-        r = torch.sub(yb, y[:, rows] @ c[rows])
-    else:
-        r = residual
-    primal = c.abs().sum(dim=0) + huber(r, lambda_e, lambda_z).sum(dim=0)
+    r = residual
+    primal = l1 + huber(r, lambda_e, lambda_z).sum(dim=0)
     u = r.clamp_(-t, t).mul_(lambda_z)
     del r
     g = y.T @ u
     uy, uu, umax = (u * yb).sum(dim=0), (u * u).sum(dim=0), u.abs().amax(dim=0)
     del u
-    return g, _finish(g, uy, uu, umax, primal, c, lambda_e, lambda_z, read=True, own=cols)
+    fixed = ((sums - 1).abs().max(), own.abs().max())
+    return g, _finish(g, uy, uu, umax, primal, None, lambda_e, lambda_z, read=True, own=cols,
+                      fixed=fixed)  # fmt: skip
 
 
 def _dense_gaps(y, c, lambda_e: float, lambda_z: float, *, read: bool) -> ColumnGaps:
@@ -415,13 +413,14 @@ def _dense_gaps(y, c, lambda_e: float, lambda_z: float, *, read: bool) -> Column
 
 
 def _finish(g, uy, uu, umax, primal, c, lambda_e: float, lambda_z: float, *, read: bool,
-            flags=(), exact=None, own=None) -> ColumnGaps:  # fmt: skip
+            flags=(), exact=None, own=None, fixed=None) -> ColumnGaps:  # fmt: skip
     """The dual at the scaled ``u`` from ``g`` (``g[j, i] = y_j^T u_i``; its diagonal is
     overwritten, or where ``own`` (``(m,)`` long) is given, column ``i``'s entry at row
     ``own[i]``: the columns of ``C`` that ``g`` and ``c`` hold, ``-inf`` on return),
     ``u_i^T y_i``, ``u_i^T u_i`` and ``max |u_i|``; ``flags`` join the summary.
     ``exact``: ``g``'s largest and smallest entries of a column taken again by ``exact(j)``
-    (``y_j^T u_i`` for ``j``, ``(K, N)``, at the ``K`` largest and smallest)."""
+    (``y_j^T u_i`` for ``j``, ``(K, N)``, at the ``K`` largest and smallest). ``fixed``:
+    ``(affine, diagonal)`` where the caller has them (``c`` is then not read)."""
     top = min(TOP, g.shape[0] - 1)  # (never the diagonal)
     exact = exact if top > 0 else None
     at = None if own is None else (own, torch.arange(len(own), device=g.device))
@@ -454,8 +453,11 @@ def _finish(g, uy, uu, umax, primal, c, lambda_e: float, lambda_z: float, *, rea
     s = torch.where(uu > 0, lambda_z * slope / uu.clamp_min(1e-300), torch.zeros_like(uu))
     s = torch.minimum(s.clamp_min(0.0), s_max)
     dual = s * slope - s * s * uu / (2 * lambda_z) + 1.0
-    affine = (c.sum(dim=0) - 1).abs().max()
-    diagonal = (c.diagonal() if own is None else c[at]).abs().max()
+    if fixed is None:
+        affine = (c.sum(dim=0) - 1).abs().max()
+        diagonal = (c.diagonal() if own is None else c[at]).abs().max()
+    else:
+        affine, diagonal = fixed
     out = ColumnGaps(primal, dual, affine, diagonal)
     out.summary = torch.stack([out.gap.max(), affine, diagonal,
                                *(f.to(affine.dtype) for f in flags)])  # fmt: skip

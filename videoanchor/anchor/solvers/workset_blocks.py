@@ -96,8 +96,13 @@ class _Column:
         self.c = self.e = self.res = self.new = None
         self.status = -1
 
-    def release(self) -> int:
-        """Its dictionary's size; the dictionary and Gram matrix freed (the column is done)."""
+    def release(self, work: torch.dtype = torch.float64) -> int:
+        """Its dictionary's size; the dictionary and Gram matrix freed (the column is done),
+        its answer rounded to ``work`` kept with that answer's residual (``c_out``,
+        ``res_out``: the certificate of what is returned) where ``work`` is not float64."""
+        if work != torch.float64 and self.xt is not None:
+            self.c_out = torch.from_numpy(self.c).to(work).double().numpy()
+            self.res_out = self.xt[0] - self.c_out @ self.xt
         self.xt = self.gt = None
         return len(self.cand)
 
@@ -159,18 +164,21 @@ def _transposed(a: np.ndarray) -> np.ndarray:
 _FIRST = np.zeros(1, dtype=np.int64)
 
 
-def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool):
+def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool,
+           work: torch.dtype = torch.float64):  # fmt: skip
     """The columns ``cb`` (consecutive), each on its own dictionary until no token outside
-    it violates (module docstring): ``(rounds, C_B, gaps, record)``, ``C_B`` the columns
-    (``N x |B|``, dense float64), their relative duality gaps, ``record`` (whether all
-    ended solved, the tokens joined, the widest dictionary, seconds of ``"workset"`` and
-    ``"certificate"``). ``E``'s columns are written in place. A column the kernel does not
-    solve leaves the rounds (``record["solved"]`` false)."""
+    it violates (module docstring): ``(rounds, (rows, cols, vals), gaps, out_gap, record)``:
+    the columns' non-zeros (``cols`` their place in ``cb``), their relative duality gaps,
+    the largest gap of the columns rounded to ``work`` (the float64 one where ``work`` is
+    float64) and ``record`` (whether all ended solved, the tokens joined, the widest
+    dictionary, seconds of ``"workset"`` and ``"certificate"``). ``E``'s columns are
+    written in place. A column the kernel does not solve leaves the rounds
+    (``record["solved"]`` false). No ``N x |B|`` copy of the columns is made: a round's
+    certificate reads each column's residual, sums and support from its own dictionary."""
     n, m = x64.shape[0], len(cb)
     kernel = _kernel()
     x64n = x64.numpy()
     cols = [_Column(x64n, int(i), nbr[i].numpy()) for i in cb]
-    c_blk = torch.zeros(n, m, dtype=torch.float64)
     gap = torch.zeros(m, dtype=torch.float64)
     rec = dict(solved=True, joined=0, widest=0, workset=0.0, certificate=0.0)
     todo = torch.arange(m)
@@ -186,29 +194,29 @@ def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool):
                 solve(col)
         else:
             list(pool.map(solve, run))
-        for j, col in zip(todo.tolist(), run, strict=True):
-            c_blk[:, j] = 0.0
-            c_blk[torch.from_numpy(col.cand), j] = torch.from_numpy(col.c)
-            E[:, int(cb[j])] = torch.from_numpy(col.e)
         rec["workset"] += time.perf_counter() - s
         s = time.perf_counter()
         # the columns run: every token's multiplier, and their gaps
-        res = torch.from_numpy(np.stack([col.res for col in run], axis=1))
-        g, gaps_r = block_gaps(x64.T, cb[todo], c_blk[:, todo], lam_e, lam_z, residual=res)
+        g, gaps_r = block_gaps(x64.T, cb[todo], *_stats(run), lam_e, lam_z)
         gap[todo] = gaps_r.gap
         # each column's constraint multiplier from its support: x_k^T u + nu = sign(c_k)
-        sup = c_blk[:, todo] != 0
-        nu = torch.where(sup, torch.sign(c_blk[:, todo]) - g, 0.0).sum(dim=0) / sup.sum(dim=0)
-        viol = g.add_(nu).abs_().sub_(1.0)
-        for j, col in enumerate(run):
-            viol[torch.from_numpy(col.cand), j] = -1.0  # its dictionary: the kernel's own test
+        rows, where, vals = _supports(run)
+        sign = torch.sign(vals)
+        count = torch.bincount(where, minlength=len(run)).clamp_min(1)
+        nu = torch.zeros(len(run), dtype=torch.float64).index_add_(0, where, sign - g[rows, where])
+        viol = g.add_(nu.div_(count)).abs_().sub_(1.0)
+        # its dictionary: the kernel's own test
+        where = torch.from_numpy(
+            np.concatenate([np.full(len(c.cand), j) for j, c in enumerate(run)])
+        )
+        viol[torch.from_numpy(np.concatenate([col.cand for col in run])), where] = -1.0
         top = viol.topk(min(JOIN, n), dim=0)
         del g, viol
         solved = torch.tensor([col.status == kernel.SOLVED for col in run])
         rec["solved"] &= bool(solved.all())
         bad = (top.values[0] > TOL) & solved
         for j in todo[~bad].tolist():  # certified (or unsolved): its dictionary goes
-            rec["widest"] = max(rec["widest"], cols[j].release())
+            rec["widest"] = max(rec["widest"], cols[j].release(work))
         for j in torch.nonzero(bad).flatten().tolist():
             new = top.indices[:, j][top.values[:, j] > TOL]
             run[j].new = new.numpy()
@@ -219,8 +227,35 @@ def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool):
             break
     else:
         rec["solved"] = False
-    rec["widest"] = max(rec["widest"], 0, *(cols[j].release() for j in todo.tolist()))
-    return r, c_blk, gap, rec
+    rec["widest"] = max(rec["widest"], 0, *(cols[j].release(work) for j in todo.tolist()))
+    s = time.perf_counter()
+    out_gap = float(gap.max())
+    if work != torch.float64:  # the certificate of what is returned
+        out_gap = block_gaps(x64.T, cb, *_stats(cols, rounded=True), lam_e, lam_z)[1].max_gap
+    for j, col in enumerate(cols):
+        E[:, int(cb[j])] = torch.from_numpy(col.e)
+    entries = _supports(cols)
+    rec["certificate"] += time.perf_counter() - s
+    return r, entries, gap, out_gap, rec
+
+
+def _supports(cols: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The columns' non-zeros: ``(rows, where, vals)``, their tokens, their columns' places
+    in ``cols`` and their values."""
+    at = [np.flatnonzero(col.c) for col in cols]
+    return (torch.from_numpy(np.concatenate([col.cand[a] for col, a in zip(cols, at, strict=True)])),
+            torch.from_numpy(np.concatenate([np.full(len(a), j) for j, a in enumerate(at)])),
+            torch.from_numpy(np.concatenate([col.c[a] for col, a in zip(cols, at, strict=True)])))  # fmt: skip
+
+
+def _stats(cols: list, rounded: bool = False) -> tuple:
+    """:func:`~videoanchor.anchor.program.block_gaps`' view of the columns ``cols``: their
+    residuals (``D x m``), l1 norms, sums and entries at their own tokens; ``rounded``: of
+    their answers rounded to the returned dtype (:meth:`_Column.release`'s)."""
+    cs = [col.c_out if rounded else col.c for col in cols]
+    res = np.stack([col.res_out if rounded else col.res for col in cols], axis=1)
+    return (torch.from_numpy(res), torch.tensor([np.abs(c).sum() for c in cs]),
+            torch.tensor([c.sum() for c in cs]), torch.tensor([c[0] for c in cs]))  # fmt: skip
 
 
 def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float,
@@ -273,26 +308,18 @@ def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: 
     try:
         for a in range(rank * block, n, world * block):  # this rank's batches
             cb = torch.arange(a, min(n, a + block))
-            r, c_blk, gap, more = _block(x64, cb, nbr, E, lam_e, lam_z, limits, pool)
+            r, (at, where, val), gap, out, more = _block(x64, cb, nbr, E, lam_e, lam_z,
+                                                         limits, pool, plan.work)  # fmt: skip
             solved &= more["solved"]
             rounds, joined = max(rounds, r), joined + more["joined"]
             widest, mine = max(widest, more["widest"]), mine + len(cb)
             for k in ("workset", "certificate"):
                 timings[k] += more[k]
             gaps.append(float(gap.max()))
-            if plan.work != torch.float64:  # the certificate of what is returned
-                s = time.perf_counter()
-                out = block_gaps(x64.T, cb, c_blk.to(plan.work).to(torch.float64), lam_e,
-                                 lam_z)[1]  # fmt: skip
-                out_gaps.append(out.max_gap)
-                timings["certificate"] += time.perf_counter() - s
-            else:
-                out_gaps.append(gaps[-1])
-            nz = torch.nonzero(c_blk, as_tuple=True)
-            rows.append(nz[0])
-            cols.append(cb[nz[1]])
-            vals.append(c_blk[nz])
-            del c_blk
+            out_gaps.append(out)
+            rows.append(at)
+            cols.append(cb[where])
+            vals.append(val)
     except Exception as exc:  # raised on every rank below, so that none is left waiting
         error = exc
     finally:
