@@ -370,7 +370,8 @@ class SSCOptions:
 
 def check_distributed(mode: str, solver: str, backend: str) -> None:
     """Refuse what cannot run over a process group: only the fast solver split by columns
-    (exact mode) and the authors' iteration column-blocked (blocked mode)."""
+    (exact mode), and in blocked mode the authors' iteration column-blocked or the working
+    sets by blocks."""
     if mode == "exact" and solver == "faithful":
         raise ValueError(
             "process_group: mode='exact' splits the fast solver's columns over the ranks; the "

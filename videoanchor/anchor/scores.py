@@ -423,10 +423,11 @@ def compute_anchor_scores(
     (:func:`~videoanchor.anchor.plan.auto_solver`). A reporter without a budget changes
     nothing, and an ``eps`` away from its default is a ``ValueError`` wherever the solver that
     would run has no stopping test (``"workset"``, ``"fast"``): it is the faithful
-    iteration's option. In blocked mode ``"auto"`` is the authors' iteration and
-    ``"workset"`` the working sets by blocks (the certified minimiser, sparse ``C``:
-    :mod:`~videoanchor.anchor.solvers.workset_blocks`; not the default yet, issue 99). The other
-    choices:
+    iteration's option. In blocked mode that ``mode="auto"`` chose (past ``N = 16384``, or
+    where exact mode does not fit) ``"auto"`` and ``"workset"`` are the working sets by
+    blocks (the certified minimiser, sparse ``C``:
+    :mod:`~videoanchor.anchor.solvers.workset_blocks`, issue 99); in ``mode="blocked"`` asked
+    for, ``"auto"`` is the authors' iteration. The other choices:
     ``"fast"`` (an approximation
     of the faithful answer: the authors' A-, E- and C-steps on a fixed schedule of 60
     iterations (``converged`` when it ran them all; a smaller ``max_iter`` cuts it short)
@@ -440,7 +441,7 @@ def compute_anchor_scores(
     (``residual``), by working sets on the CPU: :func:`~videoanchor.anchor.solve_ssc_workset`;
     exact mode, one process; where ``C`` is dense the fast solver runs instead and
     ``solver`` of the result says ``"fast"``; ``solver="accelerated"``, an ADMM run towards
-    the minimiser, was removed). Blocked mode runs the faithful iteration (``"auto"`` picks it there).
+    the minimiser, was removed).
 
     ``precision`` (fast solver): ``"full"`` multiplies in the working dtype; ``"fp16x3"``
     runs the solver's dense products on float16 tensor cores at about float32 accuracy (each
@@ -456,7 +457,8 @@ def compute_anchor_scores(
     ``eps * b / N`` so that the assembled ``C`` meets the authors' criterion over all
     columns; ``coef`` is then a sparse COO tensor and the
     spectral step runs on the sparse affinity) or ``"auto"``: dense exact up to
-    ``N = 16384`` tokens when it fits in memory, blocked exact above. (``mode="scalable"``
+    ``N = 16384`` tokens when it fits in memory, blocked above (the working sets by blocks
+    under ``solver="auto"``, the authors' iteration under ``"faithful"``). (``mode="scalable"``
     and ``candidates``, an approximation, were removed: passing them is a ``ValueError``.)
 
     ``process_group``: a ``torch.distributed`` process group (any backend: gloo, NCCL).

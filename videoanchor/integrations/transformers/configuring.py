@@ -125,9 +125,10 @@ def configure(
             or ``"fp16x3"`` (the fast solver's products on float16 tensor cores at about
             float32 accuracy; for CUDA).
         ssc_mode: ``mode`` of :func:`videoanchor.compute_anchor_scores`: ``"auto"`` (default:
-            exact where the dense ``N x N`` problem fits, column-blocked above), ``"exact"``
-            or ``"blocked"`` (the same program by column blocks with the authors' iteration,
-            no ``N x N`` buffer; spread over the ranks of ``process_group``). An SSC in blocked
+            exact where the dense ``N x N`` problem fits, column-blocked above: the working
+            sets by blocks, or the authors' iteration with ``ssc_solver="faithful"``),
+            ``"exact"`` or ``"blocked"`` (the same program by column blocks with the authors'
+            iteration, no ``N x N`` buffer; spread over the ranks of ``process_group``). An SSC in blocked
             mode bypasses ``handle.cache``, which keeps exact mode's dense C.
         label_draws: 1 (default, the paper's single random label draw) or R > 1: R label
             draws from one spectral embedding with the cluster shares averaged, for scores
