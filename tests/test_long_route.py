@@ -292,3 +292,29 @@ def test_two_gloo_processes_share_the_batches_and_equal_one(tmp_path, monkeypatc
         assert torch.equal(g["scores"], scores.scores)
     assert got[1]["failed"] == "a batch failed on rank 1"
     assert got[0]["failed"] == OTHER_RANK_FAILED
+
+
+def test_the_blocks_report_progress():
+    """The blocks report to a progress option (a long video's call takes minutes): a plain
+    callable gets each certificate round and its batch's largest gap, the last of each batch
+    certified; an ``SSCProgress`` keeps the run's summary (converged, rounds, gap) and counts
+    the batches as its blocks; a time budget is reported, not obeyed (the answer stays the
+    certified minimiser)."""
+    from videoanchor.anchor.progress import SSCProgress
+
+    x = _video(6, 40, 24, seed=3)
+    plan = _plan(x, 64)
+    seen = []
+    res = run_workset_blocks(x, plan, alpha_e=800.0, alpha_z=800.0,
+                             progress=lambda it, r: seen.append((it, r)))  # fmt: skip
+    assert res.converged and seen and all(it >= 1 for it, _ in seen)
+    firsts = [i for i, (it, _) in enumerate(seen) if it == 1]
+    assert len(firsts) == -(-x.shape[0] // 64)  # one first round per batch
+    lasts = [seen[i - 1][1] for i in firsts[1:]] + [seen[-1][1]]
+    assert max(lasts) <= 1e-8 and res.residual <= 1e-8
+    rep = SSCProgress(enabled=False, time_budget=1e-6)
+    again = run_workset_blocks(x, plan, alpha_e=800.0, alpha_z=800.0, progress=rep)
+    assert again.converged and torch.equal(again.coef.to_dense(), res.coef.to_dense())
+    run = rep.runs[-1]
+    assert run.converged and not run.stopped_by_budget and run.iterations == res.iterations
+    assert rep.block == len(firsts)

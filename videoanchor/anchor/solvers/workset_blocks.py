@@ -49,7 +49,7 @@ import torch
 from videoanchor.anchor.collective import _all_gather_rows, all_sum, comm_device, raise_together
 from videoanchor.anchor.plan import JOIN, NEIGHBOURS, Plan, neighbour_rows
 from videoanchor.anchor.program import SSCSolution, block_gaps, nearest_points, ssc_lambdas
-from videoanchor.anchor.solvers import program_kwargs
+from videoanchor.anchor.solvers import admm_steps, program_kwargs
 from videoanchor.anchor.solvers.workset import LIMITS, MAX_STEPS, TOL, Limits, _grows, _kernel
 
 __all__ = ["run", "run_workset_blocks"]
@@ -64,7 +64,8 @@ def run(x: torch.Tensor, plan: Plan, opts, *, affine: bool, outliers: bool) -> S
             f"outliers=True), got affine={affine}, outliers={outliers}; use solver='faithful'"
         )
     kw = program_kwargs(opts)
-    return run_workset_blocks(x, plan, alpha_e=kw["alpha_e"], alpha_z=kw["alpha_z"])
+    return run_workset_blocks(x, plan, alpha_e=kw["alpha_e"], alpha_z=kw["alpha_z"],
+                              progress=kw.get("progress"))  # fmt: skip
 
 
 def _neighbours(x64: torch.Tensor, k: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,14 +166,15 @@ _FIRST = np.zeros(1, dtype=np.int64)
 
 
 def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool,
-           work: torch.dtype = torch.float64):  # fmt: skip
+           work: torch.dtype = torch.float64, hook=None):  # fmt: skip
     """The columns ``cb`` (consecutive), each on its own dictionary until no token outside
     it violates (module docstring): ``(rounds, (rows, cols, vals), gaps, out_gap, record)``:
     the columns' non-zeros (``cols`` their place in ``cb``), their relative duality gaps,
     the largest gap of the columns rounded to ``work`` (the float64 one where ``work`` is
     float64) and ``record`` (whether all ended solved, the tokens joined, the widest
     dictionary, seconds of ``"workset"`` and ``"certificate"``). ``E``'s columns are
-    written in place. A column the kernel does not solve leaves the rounds
+    written in place. ``hook(round, gap)``: called after each round with the largest gap of
+    the columns that ran it (a progress reporter's). A column the kernel does not solve leaves the rounds
     (``record["solved"]`` false). No ``N x |B|`` copy of the columns is made: a round's
     certificate reads each column's residual, sums and support from its own dictionary."""
     n, m = x64.shape[0], len(cb)
@@ -199,6 +201,8 @@ def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool,
         # the columns run: every token's multiplier, and their gaps
         g, gaps_r = block_gaps(x64.T, cb[todo], *_stats(run), lam_e, lam_z)
         gap[todo] = gaps_r.gap
+        if hook is not None:
+            hook(r, float(gaps_r.gap.max()))
         # each column's constraint multiplier from its support: x_k^T u + nu = sign(c_k)
         rows, where, vals = _supports(run)
         sign = torch.sign(vals)
@@ -260,7 +264,7 @@ def _stats(cols: list, rounded: bool = False) -> tuple:
 
 def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float,
                        neighbours: int | None = None, limits: Limits = LIMITS,
-                       threads: int | None = None) -> SSCSolution:  # fmt: skip
+                       threads: int | None = None, progress=None) -> SSCSolution:  # fmt: skip
     """The program's minimiser for checked features ``x`` (``N x D``; under a process group
     every rank's copy of rank 0's) by column blocks of ``plan.block_columns`` (module
     docstring), float64 on the CPU; ``coef`` sparse COO in ``plan.work`` on ``x``'s device,
@@ -276,7 +280,13 @@ def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: 
     lambdas), ``workset`` (the kernel on the local dictionaries), ``certificate`` (the full
     products), ``gather`` (the ranks' answers collected). ``history``: ``joined`` (tokens
     added by the certificate, all ranks), ``widest`` (the widest local dictionary, all ranks),
-    ``columns`` (the columns this rank solved: ``N`` alone).
+    ``columns`` (the columns this rank solved: ``N`` alone). ``progress``: as for
+    :func:`~videoanchor.anchor.solvers.admm.solve_ssc_admm` (a bar or log lines, each batch
+    a block, each certificate round an iteration whose residual is the largest gap of the
+    batch's columns still running, against the kernel's tolerance); a time budget is
+    reported but does not stop the blocks (a column's answer is its certified minimiser or
+    none; ``solver="auto"`` sends a budget to the authors' iteration). A scheduler's hook
+    (``schedules_only``, the vLLM plugin's turns) is waited on each round.
 
     Under ``plan.group`` every rank of the group must call this; rank ``plan.rank`` solves the
     batches ``plan.rank, plan.rank + plan.world, ...`` and every rank returns the same answer
@@ -305,11 +315,15 @@ def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: 
     solved, rounds, joined, widest, mine = True, 0, 0, 0, 0
     error = None
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    starts = range(rank * block, n, world * block)  # this rank's batches
+    report = admm_steps.Reporting(progress, max_iter=limits.max_passes, eps=TOL, tokens=n,
+                                  blocks=len(starts))  # fmt: skip
     try:
-        for a in range(rank * block, n, world * block):  # this rank's batches
+        for a in starts:
             cb = torch.arange(a, min(n, a + block))
-            r, (at, where, val), gap, out, more = _block(x64, cb, nbr, E, lam_e, lam_z,
-                                                         limits, pool, plan.work)  # fmt: skip
+            r, (at, where, val), gap, out, more = _block(x64, cb, nbr, E, lam_e, lam_z, limits,
+                                                         pool, plan.work, report.hook)  # fmt: skip
+            report.next_block()
             solved &= more["solved"]
             rounds, joined = max(rounds, r), joined + more["joined"]
             widest, mine = max(widest, more["widest"]), mine + len(cb)
@@ -325,6 +339,9 @@ def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: 
     finally:
         if pool is not None:
             pool.shutdown()
+        if report.reporter is not None:  # (a budget is reported, never obeyed here)
+            report.reporter.stopped_by_budget = False
+        report.close(solved and error is None, rounds, max(gaps, default=0.0), error)
     raise_together(group, error, cpu)
     s = time.perf_counter()
     if rows:
