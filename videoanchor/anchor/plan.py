@@ -457,8 +457,8 @@ def workset_blocks_bytes(n: int, d: int, block: int, threads: int = 1, *,
     """Host bytes of the working sets by blocks
     (:mod:`~videoanchor.anchor.solvers.workset_blocks`) without the sparse ``C``: float64
     ``X`` and ``E``; the neighbours pass (an ``N x rows`` product, :func:`neighbour_rows`, its
-    magnitudes and top-k); per batch of ``block`` columns six ``N x block`` float64 buffers
-    (the batch's ``C``, the certificate's products and multipliers) and each column's local
+    magnitudes and top-k); per batch of ``block`` columns four ``N x block`` float64 buffers
+    (the certificate's product, its multipliers, their top-k's copies) and each column's local
     dictionary (``local`` tokens: its Gram matrix and rows); per thread, a solve's
     ``local x local`` buffers (the kernel's answer, factor and matrix, the Gram matrix's
     growth and copies: eight, from the peak measured in tests/test_long_route.py) and its
@@ -468,7 +468,7 @@ def workset_blocks_bytes(n: int, d: int, block: int, threads: int = 1, *,
     support = min(d + 1, LOCAL_SUPPORT)
     t = min(n, 1 + max(NEIGHBOURS, support + JOIN) if local is None else local)
     rows = neighbour_rows(n)
-    return 8 * (2 * n * d + 2 * n * rows + 2 * NEIGHBOURS * rows + 6 * n * block
+    return 8 * (2 * n * d + 2 * n * rows + 2 * NEIGHBOURS * rows + 4 * n * block
                 + block * (t * t + t * d) + threads * (8 * t * t + t * d))  # fmt: skip
 
 
