@@ -123,14 +123,19 @@ def test_the_blocks_steady_share_runs_the_eigen_solver_asked(monkeypatch, eigen_
 
 
 def test_make_plan_runs_the_blocks_past_the_exact_limit():
-    """Past the exact limit the default runs the blocks (issue 99: the certified working
-    sets at any N), on a CUDA device too (host memory); so does ``solver="workset"``;
-    ``mode="blocked"`` asked for, ``solver="faithful"`` and an iteration's option keep the
-    authors' iteration."""
+    """Past the exact limit the default runs the blocks on a CPU (issue 99: the certified
+    working sets at any N); so does ``solver="workset"``, on CUDA too; the default on CUDA
+    (its path not yet run on a GPU), ``mode="blocked"`` asked for, ``solver="faithful"`` and
+    an iteration's option keep the authors' iteration."""
     n, d = EXACT_MAX_TOKENS + 1, 512
-    for device in (CPU, torch.device("cuda")):
-        auto = make_plan((n, d), device, SSCOptions().checked(), check_memory_first=False)
-        assert (auto.mode, auto.solver, auto.route) == ("blocked", "workset", "workset_blocks")
+    auto = make_plan((n, d), CPU, SSCOptions().checked(), check_memory_first=False)
+    assert (auto.mode, auto.solver, auto.route) == ("blocked", "workset", "workset_blocks")
+    cuda = torch.device("cuda")
+    on_gpu = make_plan((n, d), cuda, SSCOptions().checked(), check_memory_first=False)
+    assert (on_gpu.solver, on_gpu.route) == ("faithful", "blocked")
+    asked_gpu = make_plan((n, d), cuda, SSCOptions(solver="workset").checked(),
+                          check_memory_first=False)  # fmt: skip
+    assert asked_gpu.route == "workset_blocks"
     blocked = make_plan((n, d), CPU, SSCOptions(mode="blocked").checked(),
                         check_memory_first=False)  # fmt: skip
     assert (blocked.solver, blocked.route) == ("faithful", "blocked")

@@ -730,13 +730,15 @@ def _blocked_workset(
     ``solver="workset"`` asks for them, and where ``mode="auto"`` chose blocked mode (past
     :data:`EXACT_MAX_TOKENS`, or where the dense problem does not fit) and ``solver="auto"``
     is :func:`auto_solver`'s working sets (issue 99: the default is the certified working
-    sets at any ``N``). ``mode="blocked"`` asked for with ``solver="auto"`` stays the
-    authors' iteration column-blocked, as ``solver="faithful"`` does everywhere."""
+    sets at any ``N``), on a CPU: on CUDA the default there stays the authors' iteration on
+    the device until the blocks' path (host solves, the sparse steady share on the device)
+    has run on a GPU. ``mode="blocked"`` asked for with ``solver="auto"`` stays the authors'
+    iteration column-blocked, as ``solver="faithful"`` does everywhere."""
     if program != "squared":
         return False
     if opts.solver == "workset":
         return True
-    return (opts.mode == "auto" and opts.solver == "auto"
+    return (opts.mode == "auto" and opts.solver == "auto" and device.type == "cpu"
             and auto_solver(device, backend, opts, program=program, outliers=outliers)
             == "workset")  # fmt: skip
 

@@ -424,8 +424,8 @@ def compute_anchor_scores(
     nothing, and an ``eps`` away from its default is a ``ValueError`` wherever the solver that
     would run has no stopping test (``"workset"``, ``"fast"``): it is the faithful
     iteration's option. In blocked mode that ``mode="auto"`` chose (past ``N = 16384``, or
-    where exact mode does not fit) ``"auto"`` and ``"workset"`` are the working sets by
-    blocks (the certified minimiser, sparse ``C``:
+    where exact mode does not fit) ``"workset"``, and ``"auto"`` on a CPU, are the working
+    sets by blocks (the certified minimiser, sparse ``C``:
     :mod:`~videoanchor.anchor.solvers.workset_blocks`, issue 99); in ``mode="blocked"`` asked
     for, ``"auto"`` is the authors' iteration. The other choices:
     ``"fast"`` (an approximation
@@ -458,7 +458,8 @@ def compute_anchor_scores(
     columns; ``coef`` is then a sparse COO tensor and the
     spectral step runs on the sparse affinity) or ``"auto"``: dense exact up to
     ``N = 16384`` tokens when it fits in memory, blocked above (the working sets by blocks
-    under ``solver="auto"``, the authors' iteration under ``"faithful"``). (``mode="scalable"``
+    under ``solver="auto"`` on a CPU, the authors' iteration on CUDA and under
+    ``"faithful"``). (``mode="scalable"``
     and ``candidates``, an approximation, were removed: passing them is a ``ValueError``.)
 
     ``process_group``: a ``torch.distributed`` process group (any backend: gloo, NCCL).

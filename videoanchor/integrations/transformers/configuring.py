@@ -126,7 +126,8 @@ def configure(
             float32 accuracy; for CUDA).
         ssc_mode: ``mode`` of :func:`videoanchor.compute_anchor_scores`: ``"auto"`` (default:
             exact where the dense ``N x N`` problem fits, column-blocked above: the working
-            sets by blocks, or the authors' iteration with ``ssc_solver="faithful"``),
+            sets by blocks on a CPU, the authors' iteration on CUDA or with
+            ``ssc_solver="faithful"``),
             ``"exact"`` or ``"blocked"`` (the same program by column blocks with the authors'
             iteration, no ``N x N`` buffer; spread over the ranks of ``process_group``). An SSC in blocked
             mode bypasses ``handle.cache``, which keeps exact mode's dense C.
