@@ -301,8 +301,8 @@ def test_two_gloo_processes_share_the_batches_and_equal_one(tmp_path, monkeypatc
 
 def test_the_blocks_report_progress():
     """The blocks report to a progress option (a long video's call takes minutes): a plain
-    callable gets each certificate round and its batch's largest gap, the last of each batch
-    certified; an ``SSCProgress`` keeps the run's summary (converged, rounds, gap) and counts
+    callable gets each certificate round and the largest gap of the columns that ran it,
+    each batch's last round certified; an ``SSCProgress`` keeps the run's summary (converged, rounds, gap) and counts
     the batches as its blocks; a time budget is reported, not obeyed (the answer stays the
     certified minimiser)."""
     from videoanchor.anchor.progress import SSCProgress
