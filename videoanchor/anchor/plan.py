@@ -597,8 +597,9 @@ def make_plan(shape, device: torch.device, opts, *, process_group=None,
     rank of ``process_group``), else blocked (always, for the authors' iteration over a
     group); ``solver="auto"`` is :func:`auto_solver`'s choice (where ``mode="auto"`` chose
     blocked mode: the working sets by blocks, :func:`_blocked_workset`), the authors'
-    iteration where ``mode="blocked"`` was asked for. What the mode cannot run is a ValueError; a plan over the memory rule an
-    :class:`SSCMemoryError` on every rank together (``check_memory_first=False``: unchecked).
+    iteration where ``mode="blocked"`` was asked for. What the mode cannot run is a
+    ValueError; a plan over the memory rule an :class:`SSCMemoryError` on every rank together
+    (``check_memory_first=False``: unchecked).
     ``strategy``: the authors' A-step (``"auto"``: :func:`choose_strategy`'s), the fast
     solver's step (:func:`fast_step`); ``backend``: the dense solver's array module where not
     ``opts.backend``'s; ``auto``: the solver ``solver="auto"`` runs where an entry point

@@ -175,9 +175,10 @@ def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool,
     float64) and ``record`` (whether all ended solved, the tokens joined, the widest
     dictionary, seconds of ``"workset"`` and ``"certificate"``). ``E``'s columns are
     written in place. ``hook(round, gap)``: called after each round with the largest gap of
-    the columns that ran it (a progress reporter's). A column the kernel does not solve leaves the rounds
-    (``record["solved"]`` false). No ``N x |B|`` copy of the columns is made: a round's
-    certificate reads each column's residual, sums and support from its own dictionary."""
+    the columns that ran it (a progress reporter's). A column the kernel does not solve
+    leaves the rounds (``record["solved"]`` false). No ``N x |B|`` copy of the columns is
+    made: a round's certificate reads each column's residual, sums and support from its own
+    dictionary."""
     n, m = x64.shape[0], len(cb)
     kernel = _kernel()
     x64n = x64.numpy()
@@ -211,10 +212,10 @@ def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool,
         nu = torch.zeros(len(run), dtype=torch.float64).index_add_(0, where, sign - g[rows, where])
         viol = g.add_(nu.div_(count)).abs_().sub_(1.0)
         # its dictionary: the kernel's own test
-        where = torch.from_numpy(
+        owner = torch.from_numpy(
             np.concatenate([np.full(len(c.cand), j) for j, c in enumerate(run)])
         )
-        viol[torch.from_numpy(np.concatenate([col.cand for col in run])), where] = -1.0
+        viol[torch.from_numpy(np.concatenate([col.cand for col in run])), owner] = -1.0
         top = viol.topk(min(JOIN, n), dim=0)
         del g, viol
         solved = torch.tensor([col.status == kernel.SOLVED for col in run])
