@@ -132,3 +132,8 @@ def test_an_uncertified_default_answer_says_its_gap():
     assert res.solver == "fast" and res.gap is not None and res.gap > 1e-6
     said = [str(w.message) for w in seen if "relative duality gap" in str(w.message)]
     assert len(said) == 1 and f"{res.gap:.3g}" in said[0], said
+    # the route the warning names reaches the certified bar (it named solver='workset'
+    # alone, which is this route and gave this answer again)
+    assert "mode='blocked' with solver='workset'" in said[0], said
+    blocks = compute_anchor_scores(x, 3, mode="blocked", solver="workset")
+    assert blocks.solver == "workset" and blocks.residual < 1e-8 < res.gap

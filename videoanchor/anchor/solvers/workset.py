@@ -534,9 +534,10 @@ def run_workset(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float, 
     if _certified(answers[-1], limits):
         return answers[-1]
     t = time.perf_counter()
+    # (solver='workset' is this route: the working sets without bounds are blocked mode's)
     why = (f"in the working sets, {singular}" if singular else "C is dense here; a certified "
-           f"minimiser's gap is below {limits.gap:g}, which solver='workset' reaches at "
-           "whatever cost")  # fmt: skip
+           f"minimiser's gap is below {limits.gap:g}; mode='blocked' with solver='workset' "
+           "runs the working sets by blocks without bounds, at whatever cost")  # fmt: skip
     fast.uncertified(prepared[0].T, f"the working sets did not certify these {x.shape[0]} "
                      f"tokens within their bounds ({why})")  # fmt: skip
     fast.timings = {**timings, "certificate": time.perf_counter() - t}
