@@ -323,3 +323,50 @@ def test_the_blocks_report_progress():
     run = rep.runs[-1]
     assert run.converged and not run.stopped_by_budget and run.iterations == res.iterations
     assert rep.block == len(firsts)
+
+
+@pytest.mark.parametrize("n,d,m,scale", [(300, 7, 5, 1.0), (517, 131, 9, 1e-3),
+                                         (257, 1025, 3, 30.0)])  # fmt: skip
+def test_the_float32_screen_is_within_its_error_bound(n, d, m, scale):
+    """The certificate's float32 product (program.block_gaps' ``screen``) reads every
+    multiplier ``|x_j^T u_i + nu_i| - 1`` within ``screen_error`` of the float64 one, on odd
+    shapes and scales (a token far from the others; ``nu_i`` read from the product too)."""
+    from videoanchor.anchor.program import screen_error
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * scale
+    x[3] *= 50.0
+    u = torch.randn(d, m, generator=g, dtype=torch.float64) / scale
+    nu_at = torch.randint(n, (m,), generator=g)  # a support token per column
+
+    def viol(prod):
+        nu = 1.0 - prod[nu_at, torch.arange(m)].double()
+        return (prod + nu.to(prod.dtype)).abs() - 1.0
+
+    exact = viol(x @ u)
+    screened = viol(x.float() @ u.float()).double()
+    bound = screen_error(d, float(x.norm(dim=1).max()), u.norm(dim=0))
+    assert bool(((screened - exact).abs() <= bound).all())
+
+
+def test_the_float32_screen_leaves_the_minimiser_and_its_certificate():
+    """The rounds screened in float32 give the minimiser the float64 rounds give (the same
+    joiners or others past the bound: C within the kernel's tolerance) and certify it in
+    float64; where torch may reduce float32 products' precision nothing is screened."""
+    x = _video(8, 60, 48, seed=3)
+    plan = _plan(x, 64)
+    screened = run_workset_blocks(x, plan, alpha_e=800.0, alpha_z=800.0, neighbours=8)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        plain = run_workset_blocks(x, plan, alpha_e=800.0, alpha_z=800.0, neighbours=8)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert screened.history["screened"] > 0 and screened.history["exact"] > 0
+    assert plain.history["screened"] == 0 and plain.history["exact"] > 0
+    assert screened.converged and plain.converged
+    assert screened.residual < 1e-9 and plain.residual < 1e-9
+    diff = (screened.coef.to_dense() - plain.coef.to_dense()).abs().max()
+    assert float(diff) < 1e-6
+    gaps = duality_gaps(x, screened.coef.to_dense(), screened.lambda_e, screened.lambda_z)
+    assert gaps.max_gap < 1e-8

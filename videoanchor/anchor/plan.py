@@ -456,9 +456,10 @@ def workset_blocks_bytes(n: int, d: int, block: int, threads: int = 1, *,
                          local: int | None = None) -> int:  # fmt: skip
     """Host bytes of the working sets by blocks
     (:mod:`~videoanchor.anchor.solvers.workset_blocks`) without the sparse ``C``: float64
-    ``X`` and ``E``; the neighbours pass (an ``N x rows`` product, :func:`neighbour_rows`, its
-    magnitudes and top-k); per batch of ``block`` columns four ``N x block`` float64 buffers
-    (the certificate's product, its multipliers, their top-k's copies) and each column's local
+    ``X`` and ``E`` and the screen's float32 ``X``; the neighbours pass (an ``N x rows``
+    product, :func:`neighbour_rows`, its magnitudes and top-k); per batch of ``block``
+    columns four ``N x block`` float64 buffers (the certificate's product, its multipliers,
+    their top-k's copies) and two float32 ones (the screen's) and each column's local
     dictionary (``local`` tokens: its Gram matrix and rows); per thread, a solve's
     ``local x local`` buffers (the kernel's answer, factor and matrix, the Gram matrix's
     growth and copies: eight, from the peak measured in tests/test_long_route.py) and its
@@ -469,14 +470,16 @@ def workset_blocks_bytes(n: int, d: int, block: int, threads: int = 1, *,
     t = min(n, 1 + max(NEIGHBOURS, support + JOIN) if local is None else local)
     rows = neighbour_rows(n)
     return 8 * (2 * n * d + 2 * n * rows + 2 * NEIGHBOURS * rows + 4 * n * block
-                + block * (t * t + t * d) + threads * (8 * t * t + t * d))  # fmt: skip
+                + block * (t * t + t * d) + threads * (8 * t * t + t * d)) \
+        + 4 * (n * d + 2 * n * block)  # fmt: skip
 
 
 def long_block_columns(n: int, d: int, budget: int = LONG_BUDGET) -> int:
     """Columns per batch of the working sets by blocks: the most (a power of two, at most
-    64, at least 1) whose :func:`workset_blocks_bytes` past ``X`` and ``E`` fits ``budget``."""
+    64, at least 1) whose :func:`workset_blocks_bytes` past ``X`` (both copies) and ``E``
+    fits ``budget``."""
     b = 64
-    while b > 1 and workset_blocks_bytes(n, d, b) - 16 * n * d > budget:
+    while b > 1 and workset_blocks_bytes(n, d, b) - 20 * n * d > budget:
         b //= 2
     return min(n, b)
 

@@ -49,7 +49,13 @@ import torch
 
 from videoanchor.anchor.collective import _all_gather_rows, all_sum, comm_device, raise_together
 from videoanchor.anchor.plan import JOIN, NEIGHBOURS, Plan, neighbour_rows
-from videoanchor.anchor.program import SSCSolution, block_gaps, nearest_points, ssc_lambdas
+from videoanchor.anchor.program import (
+    SSCSolution,
+    block_gaps,
+    nearest_points,
+    screen_error,
+    ssc_lambdas,
+)
 from videoanchor.anchor.solvers import admm_steps, program_kwargs
 from videoanchor.anchor.solvers.workset import LIMITS, MAX_STEPS, TOL, Limits, _grows, _kernel
 
@@ -167,7 +173,7 @@ _FIRST = np.zeros(1, dtype=np.int64)
 
 
 def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool,
-           work: torch.dtype = torch.float64, hook=None):  # fmt: skip
+           work: torch.dtype = torch.float64, hook=None, screen=None):  # fmt: skip
     """The columns ``cb`` (consecutive), each on its own dictionary until no token outside
     it violates (module docstring): ``(rounds, (rows, cols, vals), gaps, out_gap, record)``:
     the columns' non-zeros (``cols`` their place in ``cb``), their relative duality gaps,
@@ -178,13 +184,21 @@ def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool,
     the columns that ran it (a progress reporter's). A column the kernel does not solve
     leaves the rounds (``record["solved"]`` false). No ``N x |B|`` copy of the columns is
     made: a round's certificate reads each column's residual, sums and support from its own
-    dictionary."""
+    dictionary.
+
+    ``screen`` (``X`` in float32, or None): each round's product in float32 first; a column
+    whose worst multiplier there passes the kernel's test by more than the float32 error
+    (:func:`~videoanchor.anchor.program.screen_error`) takes its joiners from it, the others
+    (the columns that may be done) the float64 product, which alone certifies. Joiners read
+    from float32 may include a token at the bound (it joins, is left at zero and goes), never
+    a column's last round."""
     n, m = x64.shape[0], len(cb)
     kernel = _kernel()
     x64n = x64.numpy()
+    x_norm = float(x64.norm(dim=1).max()) if screen is not None else 0.0
     cols = [_Column(x64n, int(i), nbr[i].numpy()) for i in cb]
     gap = torch.zeros(m, dtype=torch.float64)
-    rec = dict(solved=True, joined=0, widest=0, workset=0.0, certificate=0.0)
+    rec = dict(solved=True, joined=0, widest=0, workset=0.0, certificate=0.0, screened=0, exact=0)
     todo = torch.arange(m)
     for r in range(1, limits.max_passes + 1):  # noqa: B007 - the rounds, returned
         s = time.perf_counter()
@@ -201,23 +215,26 @@ def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool,
         rec["workset"] += time.perf_counter() - s
         s = time.perf_counter()
         # the columns run: every token's multiplier, and their gaps
-        g, gaps_r = block_gaps(x64.T, cb[todo], *_stats(run), lam_e, lam_z)
+        stats = _stats(run)
+        u_norm = stats[0].clamp(-lam_e / lam_z, lam_e / lam_z).norm(dim=0) * lam_z
+        g, gaps_r = block_gaps(x64.T, cb[todo], *stats, lam_e, lam_z, screen=screen)
+        top = _joiners(g, run, n)
+        del g, stats
+        if screen is not None:  # the columns that may be done: the float64 product
+            sure = top.values[0] - screen_error(x64.shape[1], x_norm, u_norm) > TOL
+            again = torch.nonzero(~sure).flatten()
+            rec["screened"] += len(run) - len(again)
+            if len(again):
+                sub = [run[j] for j in again.tolist()]
+                g, gaps_a = block_gaps(x64.T, cb[todo[again]], *_stats(sub), lam_e, lam_z)
+                exact = _joiners(g, sub, n)
+                del g
+                top.values[:, again], top.indices[:, again] = exact.values, exact.indices
+                gaps_r.gap[again] = gaps_a.gap
+        rec["exact"] += len(run) if screen is None else len(again)
         gap[todo] = gaps_r.gap
         if hook is not None:
             hook(r, float(gaps_r.gap.max()))
-        # each column's constraint multiplier from its support: x_k^T u + nu = sign(c_k)
-        rows, where, vals = _supports(run)
-        sign = torch.sign(vals)
-        count = torch.bincount(where, minlength=len(run)).clamp_min(1)
-        nu = torch.zeros(len(run), dtype=torch.float64).index_add_(0, where, sign - g[rows, where])
-        viol = g.add_(nu.div_(count)).abs_().sub_(1.0)
-        # its dictionary: the kernel's own test
-        owner = torch.from_numpy(
-            np.concatenate([np.full(len(c.cand), j) for j, c in enumerate(run)])
-        )
-        viol[torch.from_numpy(np.concatenate([col.cand for col in run])), owner] = -1.0
-        top = viol.topk(min(JOIN, n), dim=0)
-        del g, viol
         solved = torch.tensor([col.status == kernel.SOLVED for col in run])
         rec["solved"] &= bool(solved.all())
         bad = (top.values[0] > TOL) & solved
@@ -243,6 +260,23 @@ def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool,
     entries = _supports(cols)
     rec["certificate"] += time.perf_counter() - s
     return r, entries, gap, out_gap, rec
+
+
+def _joiners(g: torch.Tensor, run: list, n: int):
+    """The :data:`JOIN` worst multipliers' excess over 1 of each column of ``run`` and their
+    tokens (``topk``: values float64, ``JOIN x len(run)``) from ``g[j, i] = x_j^T u_i``
+    (overwritten), each column's own dictionary left out (at -1): the kernel's own test."""
+    # each column's constraint multiplier from its support: x_k^T u + nu = sign(c_k)
+    rows, where, vals = _supports(run)
+    count = torch.bincount(where, minlength=len(run)).clamp_min(1)
+    nu = torch.zeros(len(run), dtype=torch.float64).index_add_(
+        0, where, torch.sign(vals) - g[rows, where].double()
+    )
+    viol = g.add_(nu.div_(count).to(g.dtype)).abs_().sub_(1.0)
+    owner = torch.from_numpy(np.concatenate([np.full(len(c.cand), j) for j, c in enumerate(run)]))
+    viol[torch.from_numpy(np.concatenate([col.cand for col in run])), owner] = -1.0
+    top = viol.topk(min(JOIN, n), dim=0)
+    return torch.return_types.topk((top.values.double(), top.indices))
 
 
 def _supports(cols: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -282,7 +316,9 @@ def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: 
     lambdas), ``workset`` (the kernel on the local dictionaries), ``certificate`` (the full
     products), ``gather`` (the ranks' answers collected). ``history``: ``joined`` (tokens
     added by the certificate, all ranks), ``widest`` (the widest local dictionary, all ranks),
-    ``columns`` (the columns this rank solved: ``N`` alone). ``progress``: as for
+    ``columns`` (the columns this rank solved: ``N`` alone), ``screened`` and ``exact`` (a
+    column's certificate rounds, all ranks: decided by the float32 product alone, or by the
+    float64 one). ``progress``: as for
     :func:`~videoanchor.anchor.solvers.admm.solve_ssc_admm` (a bar or log lines, each batch
     a block, each certificate round an iteration whose residual is the largest gap of the
     batch's columns still running, against the kernel's tolerance); a time budget is
@@ -310,11 +346,15 @@ def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: 
     nbr, row_max = _neighbours(x64, min(int(neighbours), n - 1),
                                neighbour_rows(n))  # fmt: skip
     lam_e, lam_z, _, _ = ssc_lambdas(x64, alpha_e, alpha_z, dark=plan.dark, row_max=row_max)
+    # the certificate rounds screen in float32 where float32 products are IEEE's (not the
+    # reduced precision that torch.set_float32_matmul_precision may allow)
+    screen = (x64.to(torch.float32) if torch.get_float32_matmul_precision() == "highest"
+              else None)  # fmt: skip
     timings = dict.fromkeys(("workset", "certificate"), 0.0)
     timings["neighbours"] = time.perf_counter() - t0
     E = torch.zeros(d, n, dtype=torch.float64)
     rows, cols, vals, gaps, out_gaps = [], [], [], [], []
-    solved, rounds, joined, widest, mine = True, 0, 0, 0, 0
+    solved, rounds, joined, widest, mine, screened, exact = True, 0, 0, 0, 0, 0, 0
     error = None
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
     starts = range(rank * block, n, world * block)  # this rank's batches
@@ -324,11 +364,13 @@ def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: 
         for a in starts:
             cb = torch.arange(a, min(n, a + block))
             r, (at, where, val), gap, out, more = _block(x64, cb, nbr, E, lam_e, lam_z, limits,
-                                                         pool, plan.work, report.hook)  # fmt: skip
+                                                         pool, plan.work, report.hook,
+                                                         screen)  # fmt: skip
             report.next_block()
             solved &= more["solved"]
             rounds, joined = max(rounds, r), joined + more["joined"]
             widest, mine = max(widest, more["widest"]), mine + len(cb)
+            screened, exact = screened + more["screened"], exact + more["exact"]
             for k in ("workset", "certificate"):
                 timings[k] += more[k]
             gaps.append(float(gap.max()))
@@ -353,7 +395,8 @@ def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: 
     del rows, cols, vals
     # one row per rank: what the answer's record takes the max, sum or all of
     stats = torch.tensor([[max(gaps, default=0.0), max(out_gaps, default=0.0), rounds,
-                           widest, joined, float(solved)]], dtype=torch.float64)  # fmt: skip
+                           widest, joined, float(solved), screened, exact]],
+                         dtype=torch.float64)  # fmt: skip
     if group is not None:  # every column is one rank's alone: E's sum is exact
         dev = comm_device(group, cpu)
         idx = torch.cat(_all_gather_rows(idx.T.contiguous(), group, dev)).T
@@ -365,6 +408,7 @@ def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: 
     top = stats.max(dim=0).values
     residual, out_gap, rounds, widest = float(top[0]), float(top[1]), int(top[2]), int(top[3])
     joined, solved = int(stats[:, 4].sum()), bool((stats[:, 5] > 0).all())
+    screened, exact = int(stats[:, 6].sum()), int(stats[:, 7].sum())
     timings["gather"] = time.perf_counter() - s
     if not solved:
         warnings.warn(f"SSC working sets by blocks: some columns did not end solved (their "
@@ -375,5 +419,6 @@ def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: 
                        iterations=rounds, converged=solved, residual=residual, gap=out_gap,
                        lambda_e=lam_e, lambda_z=lam_z, rho=0.0, solver=plan.solver,
                        strategy="workset_blocks", block_columns=block, timings=timings,
-                       history={"joined": joined, "widest": widest, "columns": mine},
+                       history={"joined": joined, "widest": widest, "columns": mine,
+                                "screened": screened, "exact": exact},
                        world_size=world)  # fmt: skip
