@@ -14,8 +14,10 @@ embedding per ``C`` (seed 0), and:
 - ``single_median`` / ``single_max``: the median and largest distance (max over tokens) of a
   single seeded draw's scores (each of the 64) to ``ref``'s;
 - ``default_vs_ref``: the default's distance to ``ref`` (``EXPECTED_DRAWS`` draws of seed 0's
-  stream, softened); ``hard_mean_vs_ref``: the same draws' hard shares averaged (no
-  softening); ``paper_vs_ref``: the paper's seed-0 draw;
+  stream, softened, their empty clusters completed continuously); ``hard_mean_vs_ref``: the
+  same draws' hard shares averaged (no softening); ``paper_vs_ref``: the paper's seed-0 draw;
+  ``lapack_vs_ref`` and ``lapack_move``: the option as it was before the completion (LAPACK's
+  null vectors, ``completion=False``), in the same process;
 - ``default_move``: the default's largest score move over the changes (the solver's ``C``
   re-solved: its row sums move too); ``default_share_move``: with the base set's row sums,
   the share's part alone; ``paper_move``: the paper's seed-0 scores' move.
@@ -98,13 +100,16 @@ def measure(name: str, kind: str, x: torch.Tensor, seed: int, cache, with_exact=
     single = [float((scores(r, ref[j]).double() - ref_scores).abs().max()) for j in range(len(ref))]
     labels, shares = expected_shares_from_embedding(emb)
     default = scores(r, labels, shares).double()
+    lapack = scores(r, labels, expected_shares_from_embedding(emb, completion=False)[1]).double()
     hard = scores(r, labels, label_shares(labels)).double()
     paper = scores(r, seeded_draws(emb, [0])[0]).double()
-    moves, share_moves, paper_moves = [], [], []
+    moves, share_moves, paper_moves, lapack_moves = [], [], [], []
     for c in coefs[1:]:
         rc, e = c.to(torch.float64).sum(dim=1), embedding(c)
         lab, sh = expected_shares_from_embedding(e)
         moves.append(float((scores(rc, lab, sh).double() - default).abs().max()))
+        sh_l = expected_shares_from_embedding(e, completion=False)[1]
+        lapack_moves.append(float((scores(rc, lab, sh_l).double() - lapack).abs().max()))
         share_moves.append(float((scores(r, lab, sh).double() - default).abs().max()))
         paper_moves.append(
             float((scores(rc, seeded_draws(e, [0])[0]).double() - paper).abs().max())
@@ -128,6 +133,8 @@ def measure(name: str, kind: str, x: torch.Tensor, seed: int, cache, with_exact=
                 default_vs_ref=float((default - ref_scores).abs().max()),
                 hard_mean_vs_ref=float((hard - ref_scores).abs().max()),
                 paper_vs_ref=float((paper - ref_scores).abs().max()),
+                lapack_vs_ref=float((lapack - ref_scores).abs().max()),
+                lapack_move=max(lapack_moves),
                 default_move=max(moves), default_share_move=max(share_moves),
                 paper_move=max(paper_moves), seconds=time.perf_counter() - t0)  # fmt: skip
 
@@ -148,6 +155,11 @@ def summary(rows: list[dict]) -> dict:
         default_move_max=worst("default_move"), default_share_move_max=worst("default_share_move"),
         paper_move_max=worst("paper_move"),
         moves_within_1e_3=sum(r["default_move"] <= 1e-3 for r in rows),
+        lapack_move_max=worst("lapack_move"),
+        lapack_moves_within_1e_3=sum(r["lapack_move"] <= 1e-3 for r in rows),
+        lapack_within_single_median=sum(r["lapack_vs_ref"] <= r["single_median"] for r in rows),
+        default_move_median=statistics.median(r["default_move"] for r in rows),
+        lapack_move_median=statistics.median(r["lapack_move"] for r in rows),
         share_moves_within_1e_3=sum(r["default_share_move"] <= 1e-3 for r in rows),
     )  # fmt: skip
 
@@ -227,8 +239,8 @@ def main(argv=None):
                 f.write(json.dumps(row) + "\n")
     meta["loadavg_end"] = os.getloadavg()
     meta["summary"] = summary(rows)
-    cols = ["set", "n", "single_median", "default_vs_ref", "hard_mean_vs_ref", "paper_vs_ref",
-            "default_move", "default_share_move", "paper_move"]  # fmt: skip
+    cols = ["set", "n", "single_median", "default_vs_ref", "lapack_vs_ref", "paper_vs_ref",
+            "default_move", "lapack_move", "paper_move"]  # fmt: skip
     if args.exact:
         ex = [r for r in rows if "exact_move" in r]
         meta["summary"].update(exact_move_max=max(r["exact_move"] for r in ex),

@@ -208,3 +208,47 @@ def path_margin_reference(embedding: torch.Tensor, *, seed: int = 0) -> float:
     v = _discretize_rows(embedding)
     start = int(label_random_state(seed, n).randint(n))
     return _main_path(v, start)[1]
+
+
+def completed_draw_reference(vectors: torch.Tensor, start: int, g: np.ndarray,
+                             n_iter_max: int = 20) -> torch.Tensor:  # fmt: skip
+    """:func:`discretize_reference`'s draw from start row ``start`` (raw ids) with the
+    expected share's completion (issue 100, :class:`~videoanchor.anchor.labels.Paths`): at a
+    step whose labels leave clusters empty, the rotation is ``V_r U_r^T`` of ``T``'s ``r``
+    non-zero singular triplets with the empty clusters' columns (in order) the classical
+    Gram-Schmidt basis, twice orthogonalised, of ``g``'s first columns projected off
+    ``V_r``'s span."""
+    v = _discretize_rows(vectors)
+    n, k = v.shape
+    rot = torch.zeros(k, k, dtype=v.dtype)
+    rot[:, 0] = v[start]
+    c = torch.zeros(n, dtype=v.dtype)
+    for j in range(1, k):
+        c += (v @ rot[:, j - 1]).abs()
+        rot[:, j] = v[int(torch.argmin(c))]
+    last, n_iter = 0.0, 0
+    while True:
+        n_iter += 1
+        labels = (v @ rot).argmax(dim=1)
+        t_svd = torch.zeros(k, k, dtype=v.dtype).index_add_(0, labels, v)
+        u, sv, vh = torch.linalg.svd(t_svd)
+        ncut = 2.0 * (n - float(sv.sum()))
+        if abs(ncut - last) < _EPS or n_iter > n_iter_max:
+            return labels
+        last = ncut
+        empty = [cl for cl in range(k) if not bool((labels == cl).any())]
+        if not empty:
+            rot = vh.T @ u.T
+            continue
+        r = k - len(empty)
+        vr = vh[:r].T
+        rot = vr @ u[:, :r].T
+        basis = [vr[:, i] for i in range(r)]
+        for col, cl in enumerate(empty):
+            q = torch.from_numpy(g[:, col].copy())
+            for _ in range(2):
+                for b in basis:
+                    q = q - (b @ q) * b
+            q = q / q.norm()
+            basis.append(q)
+            rot[:, cl] = q

@@ -95,7 +95,18 @@ class Paths:
 
     ``rows``: the unit rows (``N x k`` float64 contiguous CPU tensor, as
     :func:`paths_of` makes them); read through NumPy
-    without a copy."""
+    without a copy.
+
+    ``completion``: where a step's labels leave clusters empty, ``T`` is singular and the
+    empty clusters' columns of ``R = V U^T`` are the null vectors LAPACK happens to return
+    (scikit-learn's, which :meth:`draw` keeps: another LAPACK, or a rounding's change, picks
+    others; issue 100 measured most of the expected share's move there,
+    ``share_null_space_cpu.json``). Set to a ``k x k`` float64 matrix ``G`` (changeable
+    between draws: :func:`expected_draws` gives each draw its own), those columns are
+    instead the Gram-Schmidt basis of ``null(T)`` from ``G``'s first columns (signs: the QR's
+    positive diagonal) and the others ``V_r U_r^T`` of ``T``'s ``r`` non-zero singular
+    triplets (unique): a continuous function of ``T`` at a fixed count of empty clusters,
+    the same under any LAPACK. ``G`` Gaussian makes it a uniform draw of the completions."""
 
     def __init__(self, rows: torch.Tensor, n_iter_max: int = 20):
         self.rows = rows
@@ -117,6 +128,7 @@ class Paths:
         self._rot = _aligned((k, k))  # R = V U^T of a step, read once
         self._block, self._free = None, 0  # k x k buffers handed out (see _square)
         self._next: dict[bytes, tuple] = {}  # labels -> (ncut, next labels, margin, t)
+        self.completion: np.ndarray | None = None  # (see the class docstring)
         self._dots: dict[tuple[int, int], np.ndarray] = {}  # (row, column) -> v v_row
 
     def _square(self):
@@ -137,15 +149,31 @@ class Paths:
 
     def _step(self, labels: np.ndarray, t):
         """``(ncut, next labels, next margin, next t)`` of ``labels`` (their ``t``)."""
-        key = labels.tobytes()
+        key, empty = labels.tobytes(), None
+        if self.completion is not None:
+            empty = np.flatnonzero(np.bincount(labels, minlength=self.k) == 0)
+            if len(empty):  # (the next labels depend on the completion too)
+                key += self.completion.tobytes()
         got = self._next.get(key)
         if got is None:
             torch.linalg.svd(t[1], out=(self._u[1], self._sv[1], self._vh[1]))
             ncut = 2.0 * (self.n - float(self._sv[0].sum()))
             torch.mm(self._vh[1].T, self._u[1].T, out=self._rot[1])
+            if empty is not None and len(empty):
+                self._complete(empty)
             got = (ncut, *self._pass(self._rot, self._no_skip))
             self._next[key] = got
         return got
+
+    def _complete(self, empty: np.ndarray) -> None:
+        """The step's rotation with the empty clusters' columns from :attr:`completion`
+        (class docstring), from its SVD's factors."""
+        r, g = self.k - len(empty), self.completion[:, : len(empty)]
+        vr = self._vh[0][:r].T
+        rot = self._rot[0]
+        rot[:] = vr @ self._u[0][:, :r].T
+        q, tri = np.linalg.qr(g - vr @ (vr.T @ g))
+        rot[:, empty] = q * np.where(np.diagonal(tri) < 0, -1.0, 1.0)
 
     def _picks(self, rot, c: np.ndarray, j0: int, picks: np.ndarray,
                sums: np.ndarray | None = None) -> None:  # fmt: skip
@@ -318,19 +346,29 @@ def stable_draws(vectors: torch.Tensor, seed: int, draws: int, floor: float,
     return out, m
 
 
-def expected_draws(vectors: torch.Tensor, seed: int, draws: int,
-                   keep: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+def expected_draws(vectors: torch.Tensor, seed: int, draws: int, keep: int, *,
+                   completion: bool = True,
+                   ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """``draws`` successive draws of :func:`label_random_state`'s stream: ``(rows, uniq,
     counts, labels)``, the paths' unit rows, the distinct raw labellings and how many draws
-    ended at each, and the first ``keep`` draws' canonical labels."""
+    ended at each, and the paper's labels (LAPACK's null vectors, as scikit-learn's) from the
+    first ``keep`` draws' start rows (canonical ids). ``completion``: each draw's empty
+    clusters completed by its own Gaussian ``k x k`` matrix (:class:`Paths`; the ``draws``
+    matrices of ``numpy.random.default_rng(seed)``), else LAPACK's (the paper's draws)."""
     paths = paths_of(vectors)
     rng = label_random_state(seed, paths.n)
+    starts = [int(rng.randint(paths.n)) for _ in range(draws)]
+    gauss = (np.random.default_rng(seed).standard_normal((draws, paths.k, paths.k))
+             if completion else None)  # fmt: skip
     raw = np.empty((draws, paths.n), dtype=np.int64)
-    for r in range(draws):
-        raw[r] = paths.draw(int(rng.randint(paths.n)))
+    for r, start in enumerate(starts):
+        paths.completion = None if gauss is None else gauss[r]
+        raw[r] = paths.draw(start)
+    paths.completion = None
     uniq, inverse = np.unique(raw, axis=0, return_inverse=True)
     counts = np.bincount(inverse.reshape(-1), minlength=len(uniq))
-    return paths.rows, uniq, counts, np.stack([relabel(row) for row in raw[:keep]])
+    paper = raw[:keep] if gauss is None else [paths.draw(start) for start in starts[:keep]]
+    return paths.rows, uniq, counts, np.stack([relabel(row) for row in paper])
 
 
 def path_margin(vectors: torch.Tensor, *, seed: int = 0) -> float:
@@ -473,15 +511,17 @@ def soft_draw_shares(rows: torch.Tensor, labels: torch.Tensor,
 
 def expected_shares_from_embedding(embedding: torch.Tensor, *, seed: int = 0,
                                    draws: int = EXPECTED_DRAWS, width: float = EXPECTED_WIDTH,
-                                   keep: int | None = None,
+                                   keep: int | None = None, completion: bool = True,
                                    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(labels, shares)``: the first ``keep`` (default all) of ``draws`` successive draws of
     the paper's labels from one :func:`label_random_state` stream (``(keep, N)``, canonical
     ids; row 0 the paper's seeded draw) and the mean over all ``draws`` of each draw's
     softened share (:func:`soft_draw_shares`), ``(N,)`` float64. Draws that end at the same
     labels (most do: :class:`Paths` runs their shared steps
-    once) are softened once and counted."""
-    rows, uniq, counts, labels = expected_draws(embedding, seed, draws, keep or draws)
+    once) are softened once and counted. ``completion``: the draws' empty clusters completed
+    continuously (:func:`expected_draws`; False: LAPACK's null vectors, as the paper's)."""
+    rows, uniq, counts, labels = expected_draws(embedding, seed, draws, keep or draws,
+                                                completion=completion)  # fmt: skip
     soft = soft_draw_shares(rows, torch.from_numpy(uniq), width)
     shares = (torch.from_numpy(counts).to(soft.dtype) @ soft) / draws
     labels = torch.from_numpy(labels)

@@ -329,15 +329,15 @@ def _share_key(share: str) -> tuple:
     """The cluster share's part of a labels entry's key: none for the paper's (so that the
     entries written before issue 91, under its former name "hard", still serve it), the name
     and the gate's ramp for the steady share, the draws and width for the expected share (an
-    entry of another calibration is not reused)."""
+    entry of another calibration, or of the draws before their completion, is not reused)."""
     from videoanchor.anchor.clustering import EXPECTED_DRAWS, EXPECTED_WIDTH, STEADY_RAMP
     from videoanchor.anchor.options import RENAMED_SHARES
 
     share = RENAMED_SHARES.get(share, share)
     if share == "paper":
         return ()
-    if share == "expected":
-        return (share, EXPECTED_DRAWS, EXPECTED_WIDTH)
+    if share == "expected":  # ("completed": its draws' empty clusters, issue 100)
+        return (share, EXPECTED_DRAWS, EXPECTED_WIDTH, "completed")
     return (share, *STEADY_RAMP) if share == "steady" else (str(share),)
 
 
