@@ -27,10 +27,12 @@ Cost (``benchmarks/results/long_video_cpu.json``: video-like tokens, 8 x 16 patc
 D = 512, 2 threads, issue 99): a column's support is spread over the whole video (at
 N = 8192 the 1024 tokens nearest a token hold a quarter of its support), so a batch takes
 19, 30, 39 and 59 rounds at N = 2048, 4096, 8192 and 20480, each a kernel call per column on
-~100-250 tokens, ``JOIN x k x D`` of Gram rows and one ``N x D x |B|`` product: 12.1 s,
-41.8 s, 132 s and 800 s, 1.2-3.6x the dense working sets where they run and growing as
-``N^1.7-2.0``; what it saves is the ``N x N`` Gram matrix (peak growth 320 MiB at N = 8192
-against their 2.4 GiB, 723 MiB at N = 20480).
+~100-250 tokens, ``JOIN x k x D`` of Gram rows and one ``N x D x |B|`` product, screened
+in float32 (``long_video_screen_cpu.json``: 106.9 s at N = 8192 and 572 s at 20480, where
+before the screen they took 132 s and 800 s; 12.1 s and 41.8 s at 2048 and 4096), 1.2-3.6x
+the dense working sets where they run and growing as ``N^1.7-2.0``; what it saves is the
+``N x N`` Gram matrix (peak growth 342 MiB at N = 8192 against their 2.4 GiB, 757 MiB at
+N = 20480).
 
 Across processes (a ``torch.distributed`` process group in the plan) the batches are dealt
 round-robin to the ranks (rank ``r`` solves batches ``r, r + world, ...``; a column's answer
