@@ -388,3 +388,39 @@ def test_warm_up_runs_the_engines_own_solver_once(options, device, solver, caplo
         assert any("the SSC warm-up at start-up failed" in m for m in logged), logged
     else:
         assert not logged
+
+
+def test_a_long_video_takes_the_blocks_with_the_engines_defaults(monkeypatch):
+    """Past the exact limit (lowered here below the request's 13 visual tokens) the plugin's
+    default options (only n_clusters set) run the working sets by blocks (issue 99) in the
+    request's step, as compute_anchor_scores does with them: certified, blocked mode, the
+    same gates; the run's record says so."""
+    from videoanchor.anchor import plan as plan_mod
+    from videoanchor.integrations.vllm import scoring
+
+    monkeypatch.setattr(plan_mod, "EXACT_MAX_TOKENS", 8)
+    given = {"videoanchor": {"n_clusters": 3}}
+    eng = engine_config(given)
+    outs = _outputs("long")
+    feats = torch.cat([outs["long-v"], outs["long-i"]])  # prompt order
+    want = compute_anchor_scores(feats, clusters_for(feats.shape[0], eng), **ssc_kwargs(eng))
+    assert (want.mode, want.solver) == ("blocked", "workset") and want.coef.is_sparse
+    scores = torch.zeros(PROMPT)
+    scores[torch.tensor([*range(3, 11), *range(12, 17)])] = want.scores.float()
+    bias, scale = anchor_gates(scores, eng.alpha_k, eng.alpha_v)
+
+    def encoder(req_id, indices):
+        items = _features("long")
+        return [outs[items[i].identifier] for i in indices]
+
+    scoring.reset_runs()
+    with state.isolated():
+        req = Scheduled("r-long", 0, PROMPT, PROMPT, _features("long"), None)
+        fill_step(1, eng, {}, [req], None, encoder, PROMPT, 1, cache=None)
+        torch.testing.assert_close(state.STEP.key_bias[:PROMPT], bias, rtol=0, atol=1e-6)
+        torch.testing.assert_close(state.STEP.value_scale[:PROMPT], scale, rtol=0, atol=1e-6)
+    (run,) = scoring.runs().values()
+    scoring.reset_runs()
+    assert (run.req_id, run.solver, run.mode, run.converged) == ("r-long", "workset",
+                                                                  "blocked", True)  # fmt: skip
+    assert run.cluster_share == "steady"

@@ -192,11 +192,19 @@ def test_the_log_line_and_cache_counts_of_a_scored_request(fresh, caplog):
             scoring.record_run(p.key, scoring.SSCRun("r-share", "step", 0.5, "workset", 3, True,
                                                      None, "steady", 0.25))  # fmt: skip
             scoring.report("r-share", p, False, cache)
+            scoring.record_run(p.key, scoring.SSCRun("r-long", "step", 9.5, "workset", 40, True,
+                                                     None, "steady", 1.0, "blocked"))  # fmt: skip
+            scoring.report("r-long", p, False, cache)
     finally:
         scoring.reset_runs()
     assert scoring.runs() == {}
     lines = {r.getMessage().split(":")[1].split()[1]: r.getMessage() for r in caplog.records}
-    assert len(caplog.records) == 7 and all(r.levelno == logging.INFO for r in caplog.records)
+    assert len(caplog.records) == 8 and all(r.levelno == logging.INFO for r in caplog.records)
+    # the working sets by blocks (issue 99): blocked mode's workset solver
+    assert (
+        "SSC 9.50 s, workset solver by column blocks, 40 iterations, steady" in (lines["r-long"])
+    ), lines["r-long"]
+    assert "column blocks" not in lines["r-share"]
     # the cluster share that ran and the paper's share's weight in it (issue 91)
     assert (
         "workset solver, 3 iterations, steady cluster share (weight 0.25), in its step;"
@@ -227,4 +235,4 @@ def test_the_log_line_and_cache_counts_of_a_scored_request(fresh, caplog):
     assert lines["r-no-cache"].endswith("; no score cache"), lines["r-no-cache"]
     total = metrics.read(fresh)
     assert total["videoanchor_score_cache_hits"] == {(): 1.0}
-    assert total["videoanchor_score_cache_misses"] == {(): 5.0}  # none counted without a cache
+    assert total["videoanchor_score_cache_misses"] == {(): 6.0}  # none counted without a cache

@@ -178,7 +178,8 @@ def run_ssc(req, cfg, items, cols, n, k, encoder_outputs, cache, key,
             held[:] = [w for w in held if "row sums agree" not in str(w[0])]
     seconds = time.perf_counter() - t0 - encoding[0]
     record_run(key, SSCRun(req.req_id, where, seconds, res.solver, res.iterations,
-                           res.converged, res.gap, res.cluster_share, res.share_weight))  # fmt: skip
+                           res.converged, res.gap, res.cluster_share, res.share_weight,
+                           res.mode))  # fmt: skip
     if counted:
         metrics.count("videoanchor_ssc_runs", where=where)
         metrics.observe("videoanchor_ssc_seconds", seconds, where=where)
@@ -191,9 +192,11 @@ class SSCRun(NamedTuple):
     (``req_id``), ``where`` (``"ahead"`` of the request's step or in the ``"step"``), its
     ``seconds`` (the solver only), the ``solver`` that ran, its ``iterations``, whether
     it ``converged``, the relative duality gap of the ``C`` it returned (``gap``; None
-    where the solver computed none) and the cluster share that ran with the paper's share's
-    weight in it (``cluster_share``, ``share_weight``: the result's record, issue 91; None
-    where not given)."""
+    where the solver computed none), the cluster share that ran with the paper's share's
+    weight in it (``cluster_share``, ``share_weight``: the result's record, issue 91) and the
+    SSC's ``mode`` (``"blocked"``: by column blocks, past the exact limit or asked for; the
+    ``"workset"`` solver there is the working sets by blocks, issue 99); None where not
+    given."""
 
     req_id: str
     where: str
@@ -204,6 +207,7 @@ class SSCRun(NamedTuple):
     gap: float | None = None
     cluster_share: str | None = None
     share_weight: float | None = None
+    mode: str | None = None
 
 
 #: How many SSC runs this process remembers (:func:`runs`), the oldest forgotten first.
@@ -257,8 +261,9 @@ def report(req_id: str, p: Plan, from_cache: bool, cache) -> None:
     elif run is None:
         how = "SSC run on another tensor-parallel rank"
     else:
-        rid, where, seconds, solver, iterations, converged, gap, share, weight = run
-        how = (f"SSC {seconds:.2f} s, {solver} solver, {iterations} iterations"
+        rid, where, seconds, solver, iterations, converged, gap, share, weight, mode = run
+        how = (f"SSC {seconds:.2f} s, {solver} solver"
+               f"{' by column blocks' if mode == 'blocked' else ''}, {iterations} iterations"
                f"{'' if converged else ' (NOT converged)'}"
                f"{'' if gap is None else f', duality gap {gap:.2g}'}"
                f"{'' if share is None else f', {share} cluster share'}"
