@@ -175,7 +175,8 @@ _FIRST = np.zeros(1, dtype=np.int64)
 
 
 def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool,
-           work: torch.dtype = torch.float64, hook=None, screen=None):  # fmt: skip
+           work: torch.dtype = torch.float64, hook=None, screen=None,
+           x_norm: float = 0.0):  # fmt: skip
     """The columns ``cb`` (consecutive), each on its own dictionary until no token outside
     it violates (module docstring): ``(rounds, (rows, cols, vals), gaps, out_gap, record)``:
     the columns' non-zeros (``cols`` their place in ``cb``), their relative duality gaps,
@@ -188,16 +189,17 @@ def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool,
     made: a round's certificate reads each column's residual, sums and support from its own
     dictionary.
 
-    ``screen`` (``X`` in float32, or None): each round's product in float32 first; a column
-    whose worst multiplier there passes the kernel's test by more than the float32 error
+    ``screen`` (``X`` in float32, or None; ``x_norm`` its largest row norm): each round's
+    product in float32 first; a solved column whose worst multiplier there passes the
+    kernel's test by more than the float32 error
     (:func:`~videoanchor.anchor.program.screen_error`) takes its joiners from it, the others
-    (the columns that may be done) the float64 product, which alone certifies. Joiners read
-    from float32 may include a token at the bound (it joins, is left at zero and goes), never
-    a column's last round."""
+    (the columns that may be done, and those the kernel left unsolved: their gaps are
+    reported) the float64 product, which alone certifies. Joiners read from float32 may
+    include a token at the bound (it joins, is left at zero and goes), never a column's last
+    round."""
     n, m = x64.shape[0], len(cb)
     kernel = _kernel()
     x64n = x64.numpy()
-    x_norm = float(x64.norm(dim=1).max()) if screen is not None else 0.0
     cols = [_Column(x64n, int(i), nbr[i].numpy()) for i in cb]
     gap = torch.zeros(m, dtype=torch.float64)
     rec = dict(solved=True, joined=0, widest=0, workset=0.0, certificate=0.0, screened=0, exact=0)
@@ -222,8 +224,9 @@ def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool,
         g, gaps_r = block_gaps(x64.T, cb[todo], *stats, lam_e, lam_z, screen=screen)
         top = _joiners(g, run, n)
         del g, stats
+        solved = torch.tensor([col.status == kernel.SOLVED for col in run])
         if screen is not None:  # the columns that may be done: the float64 product
-            sure = top.values[0] - screen_error(x64.shape[1], x_norm, u_norm) > TOL
+            sure = (top.values[0] - screen_error(x64.shape[1], x_norm, u_norm) > TOL) & solved
             again = torch.nonzero(~sure).flatten()
             rec["screened"] += len(run) - len(again)
             if len(again):
@@ -237,7 +240,6 @@ def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool,
         gap[todo] = gaps_r.gap
         if hook is not None:
             hook(r, float(gaps_r.gap.max()))
-        solved = torch.tensor([col.status == kernel.SOLVED for col in run])
         rec["solved"] &= bool(solved.all())
         bad = (top.values[0] > TOL) & solved
         for j in todo[~bad].tolist():  # certified (or unsolved): its dictionary goes
@@ -352,6 +354,7 @@ def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: 
     # reduced precision that torch.set_float32_matmul_precision may allow)
     screen = (x64.to(torch.float32) if torch.get_float32_matmul_precision() == "highest"
               else None)  # fmt: skip
+    x_norm = float(x64.norm(dim=1).max()) if screen is not None else 0.0
     timings = dict.fromkeys(("workset", "certificate"), 0.0)
     timings["neighbours"] = time.perf_counter() - t0
     E = torch.zeros(d, n, dtype=torch.float64)
@@ -367,7 +370,7 @@ def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: 
             cb = torch.arange(a, min(n, a + block))
             r, (at, where, val), gap, out, more = _block(x64, cb, nbr, E, lam_e, lam_z, limits,
                                                          pool, plan.work, report.hook,
-                                                         screen)  # fmt: skip
+                                                         screen, x_norm)  # fmt: skip
             report.next_block()
             solved &= more["solved"]
             rounds, joined = max(rounds, r), joined + more["joined"]
