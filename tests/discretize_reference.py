@@ -220,12 +220,7 @@ def completed_draw_reference(vectors: torch.Tensor, start: int, g: np.ndarray,
     ``V_r``'s span."""
     v = _discretize_rows(vectors)
     n, k = v.shape
-    rot = torch.zeros(k, k, dtype=v.dtype)
-    rot[:, 0] = v[start]
-    c = torch.zeros(n, dtype=v.dtype)
-    for j in range(1, k):
-        c += (v @ rot[:, j - 1]).abs()
-        rot[:, j] = v[int(torch.argmin(c))]
+    rot = _main_path(v, start)[2]  # the initial rotation: the picks from ``start``
     last, n_iter = 0.0, 0
     while True:
         n_iter += 1
