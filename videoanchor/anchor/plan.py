@@ -434,6 +434,13 @@ NEIGHBOURS = 96
 #: The most tokens one certificate round adds to a column's local dictionary in the working
 #: sets by blocks (its worst violators).
 JOIN = 64
+#: The most solved columns whose supports seed a column's first dictionary in the working
+#: sets by blocks (:class:`~videoanchor.anchor.solvers.workset_blocks._Seeds`).
+SEEDS = 4
+#: The nearest tokens (by distance) whose solved columns may seed a column, nearest first.
+SEED_NEAR = 8
+#: The most tokens the seeds add to a column's first dictionary (past its :data:`NEIGHBOURS`).
+SEED_TOKENS = 256
 #: The support per column that :func:`workset_blocks_bytes` assumes (not a bound: a column's
 #: support may hold up to ``D + 1`` tokens, which at D = 3584 would size batches of one
 #: column): video-like tokens' minimisers hold at most 160 at N = 8192, D = 512 (issue 99).
@@ -457,7 +464,7 @@ def workset_blocks_bytes(n: int, d: int, block: int, threads: int = 1, *,
     """Host bytes of the working sets by blocks
     (:mod:`~videoanchor.anchor.solvers.workset_blocks`) without the sparse ``C``: float64
     ``X`` and ``E`` and the screen's float32 ``X``; the neighbours pass (an ``N x rows``
-    product, :func:`neighbour_rows`, its magnitudes and top-k); per batch of ``block``
+    product, :func:`neighbour_rows`, its distances, magnitudes and top-k); per batch of ``block``
     columns four ``N x block`` float64 buffers (the certificate's product, its multipliers,
     their top-k's copies) and two float32 ones (the screen's) and each column's local
     dictionary (``local`` tokens: its Gram matrix and rows); per thread, a solve's
@@ -465,11 +472,11 @@ def workset_blocks_bytes(n: int, d: int, block: int, threads: int = 1, *,
     growth and copies: eight, from the peak measured in tests/test_long_route.py) and its
     ``D x local`` outliers. ``local`` (None: what it assumes): a dictionary holds its token,
     the kernel's support (:data:`LOCAL_SUPPORT` assumed, at most ``D + 1``) and :data:`JOIN`
-    joiners, or its token and :data:`NEIGHBOURS` in the first round."""
+    joiners, or in the first round its token, :data:`NEIGHBOURS` and :data:`SEED_TOKENS`."""
     support = min(d + 1, LOCAL_SUPPORT)
-    t = min(n, 1 + max(NEIGHBOURS, support + JOIN) if local is None else local)
+    t = min(n, 1 + max(NEIGHBOURS + SEED_TOKENS, support + JOIN) if local is None else local)
     rows = neighbour_rows(n)
-    return 8 * (2 * n * d + 2 * n * rows + 2 * NEIGHBOURS * rows + 4 * n * block
+    return 8 * (2 * n * d + 3 * n * rows + 2 * NEIGHBOURS * rows + 4 * n * block
                 + block * (t * t + t * d) + threads * (8 * t * t + t * d)) \
         + 4 * (n * d + 2 * n * block)  # fmt: skip
 

@@ -398,7 +398,7 @@ def block_gaps(y: torch.Tensor, cols: torch.Tensor, residual: torch.Tensor, l1: 
     primal = l1 + huber(r, lambda_e, lambda_z).sum(dim=0)
     u = r.clamp_(-t, t).mul_(lambda_z)
     del r
-    g = y.T @ u if screen is None else screen @ u.to(screen.dtype)
+    g = (u.T @ y).T if screen is None else screen @ u.to(screen.dtype)
     uy, uu, umax = (u * yb).sum(dim=0), (u * u).sum(dim=0), u.abs().amax(dim=0)
     del u
     fixed = ((sums - 1).abs().max(), own.abs().max())

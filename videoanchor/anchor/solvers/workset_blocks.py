@@ -5,10 +5,13 @@ Column ``i``'s program uses the dictionary of all other tokens, but its minimise
 is small (video tokens: 40-150 coefficients). So each column runs against a local
 dictionary ``T_i``: its token and its :data:`~videoanchor.anchor.plan.NEIGHBOURS` others of
 largest ``|x_i^T x_u|`` (found with the lambdas' row maxima in one streamed pass over
-``X X^T``). The kernel of :mod:`videoanchor.anchor.solvers.workset` (:func:`~.workset._columns`)
-solves the program restricted to ``c`` supported on ``T_i`` (the outlier part ``e`` over
-all ``D`` features) on the local Gram matrix ``X_T X_T^T``. The columns are then checked in
-batches (``plan.block_columns`` consecutive columns) against the FULL dictionary: with
+``X X^T``), and the supports of the nearest columns already solved, with their tokens
+(:class:`_Seeds`: a video token's near copies in the neighbouring frames). The kernel of
+:mod:`videoanchor.anchor.solvers.workset` (:func:`~.workset._columns`) solves the program
+restricted to ``c`` supported on ``T_i`` (the outlier part ``e`` over all ``D`` features) on
+the local Gram matrix ``X_T X_T^T``. The columns are then checked ``plan.block_columns`` at
+a time (:func:`_stream`: a column that ends makes room for the next, in token order)
+against the FULL dictionary: with
 ``u_i = lambda_z clip(x_i - X^T c_i, t)`` (the certificate's dual point) one product
 ``X U_B`` (``N x |B|``) gives every token's multiplier ``x_u^T u_i + nu_i`` (``nu_i`` read off
 the support, where it is ``sign(c_k) - x_k^T u_i``); the :data:`JOIN` worst tokens outside
@@ -35,13 +38,16 @@ the dense working sets where they run and growing as ``N^1.7-2.0``; what it save
 N = 20480).
 
 Across processes (a ``torch.distributed`` process group in the plan) the batches are dealt
-round-robin to the ranks (rank ``r`` solves batches ``r, r + world, ...``; a column's answer
-depends only on ``X`` and its batch, so every rank count gives the same ``C`` to the bit),
-and the answer is gathered once: each rank's sparse columns all-gathered, ``E`` summed.
+round-robin to the ranks (rank ``r`` solves batches ``r, r + world, ...``; its columns are
+seeded by the columns it solved, and run beside its other columns), and the answer is
+gathered once: each rank's sparse columns all-gathered, ``E`` summed. Every rank count gives
+the same certified minimiser; its rounding follows the path to it (the seeds, the products'
+widths), and so the rank count.
 """
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +56,15 @@ import numpy as np
 import torch
 
 from videoanchor.anchor.collective import _all_gather_rows, all_sum, comm_device, raise_together
-from videoanchor.anchor.plan import JOIN, NEIGHBOURS, Plan, neighbour_rows
+from videoanchor.anchor.plan import (
+    JOIN,
+    NEIGHBOURS,
+    SEED_NEAR,
+    SEED_TOKENS,
+    SEEDS,
+    Plan,
+    neighbour_rows,
+)
 from videoanchor.anchor.program import (
     SSCSolution,
     block_gaps,
@@ -77,19 +91,63 @@ def run(x: torch.Tensor, plan: Plan, opts, *, affine: bool, outliers: bool) -> S
                               progress=kw.get("progress"))  # fmt: skip
 
 
-def _neighbours(x64: torch.Tensor, k: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each token's ``k`` others of largest ``|x_i^T x_u|`` (``N x k``, long) and the largest,
+def _neighbours(x64: torch.Tensor, k: int, rows: int,
+                close: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Each token's ``k`` others of largest ``|x_i^T x_u|`` (``N x k``, long), the largest,
     ``max_{u != i} |x_i^T x_u|`` (:func:`~videoanchor.anchor.program.gram_row_max`'s, for the
-    lambdas), ``rows`` tokens at a time (an ``N x rows`` product)."""
+    lambdas), and its ``close`` nearest others by distance (``N x close``, long, nearest
+    first: the columns whose answers seed its dictionary), ``rows`` tokens at a time (an
+    ``N x rows`` product)."""
     n = x64.shape[0]
     out, row_max = torch.empty(n, k, dtype=torch.int64), torch.empty(n, dtype=torch.float64)
+    nearest = torch.empty(n, close, dtype=torch.int64)
+    sq = (x64 * x64).sum(dim=1)
     for a in range(0, n, rows):
         b = min(n, a + rows)
-        near = (x64 @ x64[a:b].T).abs_()
-        near[torch.arange(a, b), torch.arange(b - a)] = -1.0  # (never the token itself)
+        near = x64 @ x64[a:b].T
+        own = (torch.arange(a, b), torch.arange(b - a))
+        if close:  # ||x_u - x_i||^2 up to ||x_i||^2, the token itself left out
+            dist = near.mul(-2.0).add_(sq[:, None])
+            dist[own] = math.inf
+            nearest[a:b] = dist.topk(close, dim=0, largest=False).indices.T
+            del dist
+        near.abs_()[own] = -1.0  # (never the token itself)
         top = near.topk(k, dim=0)
         out[a:b], row_max[a:b] = top.indices.T, top.values[0].clamp_min(0.0)
-    return out, row_max
+    return out, row_max, nearest
+
+
+class _Seeds:
+    """The answers this rank has found so far, as seeds of the next columns' dictionaries.
+
+    A video's token has near copies (its patch in the neighbouring frames), and the
+    program's minimiser moves continuously with the token; so a column's first dictionary
+    takes, besides its :data:`~videoanchor.anchor.plan.NEIGHBOURS`, the supports of up to
+    :data:`~videoanchor.anchor.plan.SEEDS` of its :data:`~videoanchor.anchor.plan.SEED_NEAR`
+    nearest tokens (by distance) whose columns this rank has solved, and those tokens, the
+    nearest first, at most :data:`~videoanchor.anchor.plan.SEED_TOKENS` of them. At N = 20480 (160 video-like frames, D = 512) it cut a
+    batch's column-rounds by 2.6x (one-off; ``docs/long-videos.md``). The answer is the
+    certified minimiser whatever the seeds; only the path to it, and so its rounding, depends
+    on which columns were solved first (on the rank count)."""
+
+    def __init__(self, n: int, nearest: torch.Tensor):
+        self.nearest = nearest.numpy()
+        self.support: list[np.ndarray | None] = [None] * n
+
+    def first(self, i: int, near: np.ndarray) -> np.ndarray:
+        """Column ``i``'s first dictionary past its token: ``near`` and the seeds, each token
+        once (``near``'s order first), never ``i``."""
+        parts = [near]
+        for u in self.nearest[i]:
+            s = self.support[u]
+            if s is not None:
+                parts += [s, np.array([u])]
+                if len(parts) > 2 * SEEDS:
+                    break
+        cand = np.concatenate(parts)
+        _, first_at = np.unique(cand, return_index=True)
+        cand = cand[np.sort(first_at)]
+        return cand[cand != i][: len(near) + SEED_TOKENS]
 
 
 class _Column:
@@ -100,9 +158,10 @@ class _Column:
     thread settings, which a model running beside may use, alone)."""
 
     def __init__(self, x64: np.ndarray, i: int, near: np.ndarray):
+        self.i, self.rounds = i, 0
         self.cand = np.concatenate([[i], near])
         self.xt = x64[self.cand]
-        self.gt = self.xt @ self.xt.T
+        self.gt = None  # (its first solve's, in a worker thread)
         self.c = self.e = self.res = self.new = None
         self.status = -1
 
@@ -134,6 +193,8 @@ class _Column:
         directly: a ``k x 1`` output), from the last answer (or the nearest point). Where
         the kernel does not solve it from the last answer (a support of ``D + 1`` tokens
         can stall its inner steps), once more from the dictionary's nearest point."""
+        if self.gt is None:
+            self.gt = self.xt @ self.xt.T
         if self.new is not None:  # (the last round's joiners, here in a worker thread)
             self.regrow(x64, self.new)
             self.new = None
@@ -174,20 +235,26 @@ def _transposed(a: np.ndarray) -> np.ndarray:
 _FIRST = np.zeros(1, dtype=np.int64)
 
 
-def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool,
-           work: torch.dtype = torch.float64, hook=None, screen=None,
-           x_norm: float = 0.0):  # fmt: skip
-    """The columns ``cb`` (consecutive), each on its own dictionary until no token outside
-    it violates (module docstring): ``(rounds, (rows, cols, vals), gaps, out_gap, record)``:
-    the columns' non-zeros (``cols`` their place in ``cb``), their relative duality gaps,
-    the largest gap of the columns rounded to ``work`` (the float64 one where ``work`` is
-    float64) and ``record`` (whether all ended solved, the tokens joined, the widest
-    dictionary, seconds of ``"workset"`` and ``"certificate"``). ``E``'s columns are
-    written in place. ``hook(round, gap)``: called after each round with the largest gap of
-    the columns that ran it (a progress reporter's). A column the kernel does not solve
-    leaves the rounds (``record["solved"]`` false). No ``N x |B|`` copy of the columns is
-    made: a round's certificate reads each column's residual, sums and support from its own
-    dictionary.
+def _stream(x64, order, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool,
+            width: int, work: torch.dtype = torch.float64, report=None, screen=None,
+            x_norm: float = 0.0, seeds: _Seeds | None = None):  # fmt: skip
+    """The columns ``order`` (long), each on its own dictionary until no token outside it
+    violates (module docstring), ``width`` of them at a time: a column that ends makes room
+    for the next of ``order`` in the next round, so every round's products and solves run
+    at the full width until the last columns. Returns ``(rounds, (rows, cols, vals), gap,
+    out_gap, record)``: the most certificate rounds a column took, the columns' non-zeros,
+    the largest relative duality gap of the float64 answers and of the answers rounded to
+    ``work`` (the float64 one where ``work`` is float64), and ``record`` (whether all ended
+    solved, the tokens joined, the widest dictionary, seconds of ``"workset"`` and
+    ``"certificate"``, the column-rounds ``"screened"`` and ``"exact"``). ``E``'s columns are
+    written in place. ``report`` (:class:`~.admm_steps.Reporting`): each round reported with
+    the largest gap of the columns that ran it; a block is ``width`` columns ended (and the
+    last ones). A
+    column the kernel does not solve, or still violated after ``limits.max_passes`` rounds,
+    leaves (``record["solved"]`` false). No ``N x width`` copy of the columns is made: a
+    round's certificate reads each column's residual, sums and support from its own
+    dictionary. ``seeds``: the ended columns' supports kept, the new ones' dictionaries
+    seeded.
 
     ``screen`` (``X`` in float32, or None; ``x_norm`` its largest row norm): each round's
     product in float32 first; a solved column whose worst multiplier there passes the
@@ -197,73 +264,92 @@ def _block(x64, cb, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool,
     reported) the float64 product, which alone certifies. Joiners read from float32 may
     include a token at the bound (it joins, is left at zero and goes), never a column's last
     round."""
-    n, m = x64.shape[0], len(cb)
+    n = x64.shape[0]
     kernel = _kernel()
     x64n = x64.numpy()
-    cols = [_Column(x64n, int(i), nbr[i].numpy()) for i in cb]
-    gap = torch.zeros(m, dtype=torch.float64)
+    order = order.tolist()
     rec = dict(solved=True, joined=0, widest=0, workset=0.0, certificate=0.0, screened=0, exact=0)
-    todo = torch.arange(m)
-    for r in range(1, limits.max_passes + 1):  # noqa: B007 - the rounds, returned
+    active: list[_Column] = []
+    ended: list[_Column] = []  # (all of them, in the order they ended)
+    pending: list[_Column] = []  # (ended, their rounded answers not yet certified)
+    gap, out_gap, rounds, at, in_block = 0.0, 0.0, 0, 0, 0
+
+    def solve(col: _Column) -> None:
+        col.solve(x64n, lam_e, lam_z, limits)
+
+    def rounded(cols: list) -> float:
+        idx = torch.tensor([col.i for col in cols])
+        return block_gaps(x64.T, idx, *_stats(cols, rounded=True), lam_e, lam_z)[1].max_gap
+
+    while at < len(order) or active:
+        while len(active) < width and at < len(order):
+            i = order[at]
+            near = nbr[i].numpy()
+            active.append(_Column(x64n, i, near if seeds is None else seeds.first(i, near)))
+            at += 1
         s = time.perf_counter()
-        run = [cols[j] for j in todo.tolist()]
-
-        def solve(col: _Column) -> None:
-            col.solve(x64n, lam_e, lam_z, limits)
-
         if pool is None:
-            for col in run:
+            for col in active:
                 solve(col)
         else:
-            list(pool.map(solve, run))
+            list(pool.map(solve, active))
         rec["workset"] += time.perf_counter() - s
         s = time.perf_counter()
         # the columns run: every token's multiplier, and their gaps
-        stats = _stats(run)
+        idx = torch.tensor([col.i for col in active])
+        stats = _stats(active)
         u_norm = stats[0].clamp(-lam_e / lam_z, lam_e / lam_z).norm(dim=0) * lam_z
-        g, gaps_r = block_gaps(x64.T, cb[todo], *stats, lam_e, lam_z, screen=screen)
-        top = _joiners(g, run, n)
+        g, gaps_r = block_gaps(x64.T, idx, *stats, lam_e, lam_z, screen=screen)
+        top = _joiners(g, active, n)
         del g, stats
-        solved = torch.tensor([col.status == kernel.SOLVED for col in run])
+        solved = torch.tensor([col.status == kernel.SOLVED for col in active])
         if screen is not None:  # the columns that may be done: the float64 product
             sure = (top.values[0] - screen_error(x64.shape[1], x_norm, u_norm) > TOL) & solved
             again = torch.nonzero(~sure).flatten()
-            rec["screened"] += len(run) - len(again)
+            rec["screened"] += len(active) - len(again)
             if len(again):
-                sub = [run[j] for j in again.tolist()]
-                g, gaps_a = block_gaps(x64.T, cb[todo[again]], *_stats(sub), lam_e, lam_z)
+                sub = [active[j] for j in again.tolist()]
+                g, gaps_a = block_gaps(x64.T, idx[again], *_stats(sub), lam_e, lam_z)
                 exact = _joiners(g, sub, n)
                 del g
                 top.values[:, again], top.indices[:, again] = exact.values, exact.indices
                 gaps_r.gap[again] = gaps_a.gap
-        rec["exact"] += len(run) if screen is None else len(again)
-        gap[todo] = gaps_r.gap
-        if hook is not None:
-            hook(r, float(gaps_r.gap.max()))
+        rec["exact"] += len(active) if screen is None else len(again)
+        in_block += 1
+        if report is not None:
+            report.hook(in_block, float(gaps_r.gap.max()))
         rec["solved"] &= bool(solved.all())
         bad = (top.values[0] > TOL) & solved
-        for j in todo[~bad].tolist():  # certified (or unsolved): its dictionary goes
-            rec["widest"] = max(rec["widest"], cols[j].release(work))
-        for j in torch.nonzero(bad).flatten().tolist():
-            new = top.indices[:, j][top.values[:, j] > TOL]
-            run[j].new = new.numpy()
-            rec["joined"] += len(new)
+        stay = []
+        for j, col in enumerate(active):
+            col.rounds += 1
+            if bad[j] and col.rounds < limits.max_passes:
+                new = top.indices[:, j][top.values[:, j] > TOL]
+                col.new = new.numpy()
+                rec["joined"] += len(new)
+                stay.append(col)
+                continue
+            # certified (or unsolved, or out of rounds): its dictionary goes
+            rec["solved"] &= not bool(bad[j])
+            gap = max(gap, float(gaps_r.gap[j]))
+            rounds = max(rounds, col.rounds)
+            rec["widest"] = max(rec["widest"], col.release(work))
+            E[:, col.i] = torch.from_numpy(col.e)
+            ended.append(col)
+            pending.append(col)
+            if seeds is not None:
+                seeds.support[col.i] = col.cand[np.flatnonzero(col.c)]
+            if report is not None and (len(ended) % width == 0 or len(ended) == len(order)):
+                report.next_block()
+                in_block = 0
+        active = stay
+        if work != torch.float64 and (len(pending) >= width or not active and pending):
+            out_gap = max(out_gap, rounded(pending))  # (the certificate of what is returned)
+            pending = []
         rec["certificate"] += time.perf_counter() - s
-        todo = todo[bad]
-        if not len(todo):
-            break
-    else:
-        rec["solved"] = False
-    rec["widest"] = max(rec["widest"], 0, *(cols[j].release(work) for j in todo.tolist()))
-    s = time.perf_counter()
-    out_gap = float(gap.max())
-    if work != torch.float64:  # the certificate of what is returned
-        out_gap = block_gaps(x64.T, cb, *_stats(cols, rounded=True), lam_e, lam_z)[1].max_gap
-    for j, col in enumerate(cols):
-        E[:, int(cb[j])] = torch.from_numpy(col.e)
-    entries = _supports(cols)
-    rec["certificate"] += time.perf_counter() - s
-    return r, entries, gap, out_gap, rec
+    if work == torch.float64:
+        out_gap = gap
+    return rounds, _supports(ended, global_cols=True), gap, out_gap, rec
 
 
 def _joiners(g: torch.Tensor, run: list, n: int):
@@ -283,12 +369,13 @@ def _joiners(g: torch.Tensor, run: list, n: int):
     return torch.return_types.topk((top.values.double(), top.indices))
 
 
-def _supports(cols: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _supports(cols: list, global_cols: bool = False) -> tuple[torch.Tensor, ...]:
     """The columns' non-zeros: ``(rows, where, vals)``, their tokens, their columns' places
-    in ``cols`` and their values."""
+    in ``cols`` (``global_cols``: their columns in ``C``) and their values."""
     at = [np.flatnonzero(col.c) for col in cols]
     return (torch.from_numpy(np.concatenate([col.cand[a] for col, a in zip(cols, at, strict=True)])),
-            torch.from_numpy(np.concatenate([np.full(len(a), j) for j, a in enumerate(at)])),
+            torch.from_numpy(np.concatenate([np.full(len(a), col.i if global_cols else j)
+                                             for j, (col, a) in enumerate(zip(cols, at, strict=True))])),
             torch.from_numpy(np.concatenate([col.c[a] for col, a in zip(cols, at, strict=True)])))  # fmt: skip
 
 
@@ -304,14 +391,16 @@ def _stats(cols: list, rounded: bool = False) -> tuple:
 
 def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: float,
                        neighbours: int | None = None, limits: Limits = LIMITS,
-                       threads: int | None = None, progress=None) -> SSCSolution:  # fmt: skip
+                       threads: int | None = None, progress=None,
+                       seed: bool = True) -> SSCSolution:  # fmt: skip
     """The program's minimiser for checked features ``x`` (``N x D``; under a process group
     every rank's copy of rank 0's) by column blocks of ``plan.block_columns`` (module
     docstring), float64 on the CPU; ``coef`` sparse COO in ``plan.work`` on ``x``'s device,
     ``outliers`` (``E``, ``D x N``) dense.
 
     ``neighbours``: each column's starting candidates (None:
-    :data:`~videoanchor.anchor.plan.NEIGHBOURS`, read at the call). ``limits``: the
+    :data:`~videoanchor.anchor.plan.NEIGHBOURS`, read at the call); ``seed``: the supports
+    of the nearest columns solved before join them (:class:`_Seeds`). ``limits``: the
     kernel's ``max_passes`` and ``downdate_floor`` (:class:`~.workset.Limits`). ``residual``
     is the largest relative duality gap over the columns of the float64 answer against the
     full dictionary, ``gap`` that of ``coef`` as returned (its dtype's rounding added),
@@ -347,8 +436,9 @@ def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: 
     cpu = torch.device("cpu")
     x64 = x.detach().to(cpu, torch.float64).contiguous()
     # the neighbours and the lambdas' row maxima from one pass, N x 256 at a time (<= 64 MiB)
-    nbr, row_max = _neighbours(x64, min(int(neighbours), n - 1),
-                               neighbour_rows(n))  # fmt: skip
+    nbr, row_max, nearest = _neighbours(x64, min(int(neighbours), n - 1), neighbour_rows(n),
+                                        min(SEED_NEAR, n - 1) if seed else 0)  # fmt: skip
+    seeds = _Seeds(n, nearest) if seed else None
     lam_e, lam_z, _, _ = ssc_lambdas(x64, alpha_e, alpha_z, dark=plan.dark, row_max=row_max)
     # the certificate rounds screen in float32 where float32 products are IEEE's (not the
     # reduced precision that torch.set_float32_matmul_precision may allow)
@@ -358,31 +448,22 @@ def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: 
     timings = dict.fromkeys(("workset", "certificate"), 0.0)
     timings["neighbours"] = time.perf_counter() - t0
     E = torch.zeros(d, n, dtype=torch.float64)
-    rows, cols, vals, gaps, out_gaps = [], [], [], [], []
-    solved, rounds, joined, widest, mine, screened, exact = True, 0, 0, 0, 0, 0, 0
+    entries, gap, out_gap, solved, rounds = None, 0.0, 0.0, True, 0
+    more = dict(joined=0, widest=0, screened=0, exact=0)
     error = None
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
     starts = range(rank * block, n, world * block)  # this rank's batches
+    mine = torch.cat([torch.arange(a, min(n, a + block)) for a in starts]) if len(starts) else []
     report = admm_steps.Reporting(progress, max_iter=limits.max_passes, eps=TOL, tokens=n,
                                   blocks=len(starts))  # fmt: skip
     try:
-        for a in starts:
-            cb = torch.arange(a, min(n, a + block))
-            r, (at, where, val), gap, out, more = _block(x64, cb, nbr, E, lam_e, lam_z, limits,
-                                                         pool, plan.work, report.hook,
-                                                         screen, x_norm)  # fmt: skip
-            report.next_block()
-            solved &= more["solved"]
-            rounds, joined = max(rounds, r), joined + more["joined"]
-            widest, mine = max(widest, more["widest"]), mine + len(cb)
-            screened, exact = screened + more["screened"], exact + more["exact"]
+        if len(mine):
+            rounds, entries, gap, out_gap, more = _stream(x64, mine, nbr, E, lam_e, lam_z, limits,
+                                                          pool, block, plan.work, report, screen,
+                                                          x_norm, seeds)  # fmt: skip
+            solved = more["solved"]
             for k in ("workset", "certificate"):
                 timings[k] += more[k]
-            gaps.append(float(gap.max()))
-            out_gaps.append(out)
-            rows.append(at)
-            cols.append(cb[where])
-            vals.append(val)
     except Exception as exc:  # raised on every rank below, so that none is left waiting
         error = exc
     finally:
@@ -390,18 +471,17 @@ def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: 
             pool.shutdown()
         if report.reporter is not None:  # (a budget is reported, never obeyed here)
             report.reporter.stopped_by_budget = False
-        report.close(solved and error is None, rounds, max(gaps, default=0.0), error)
+        report.close(solved and error is None, rounds, gap, error)
     raise_together(group, error, cpu)
     s = time.perf_counter()
-    if rows:
-        idx, vals_t = torch.stack([torch.cat(rows), torch.cat(cols)]), torch.cat(vals).to(plan.work)
+    if entries is not None:
+        idx, vals_t = torch.stack(entries[:2]), entries[2].to(plan.work)
     else:  # (more ranks than batches)
         idx, vals_t = torch.empty(2, 0, dtype=torch.int64), torch.empty(0, dtype=plan.work)
-    del rows, cols, vals
+    del entries
     # one row per rank: what the answer's record takes the max, sum or all of
-    stats = torch.tensor([[max(gaps, default=0.0), max(out_gaps, default=0.0), rounds,
-                           widest, joined, float(solved), screened, exact]],
-                         dtype=torch.float64)  # fmt: skip
+    stats = torch.tensor([[gap, out_gap, rounds, more["widest"], more["joined"], float(solved),
+                           more["screened"], more["exact"]]], dtype=torch.float64)  # fmt: skip
     if group is not None:  # every column is one rank's alone: E's sum is exact
         dev = comm_device(group, cpu)
         idx = torch.cat(_all_gather_rows(idx.T.contiguous(), group, dev)).T
@@ -424,6 +504,6 @@ def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: 
                        iterations=rounds, converged=solved, residual=residual, gap=out_gap,
                        lambda_e=lam_e, lambda_z=lam_z, rho=0.0, solver=plan.solver,
                        strategy="workset_blocks", block_columns=block, timings=timings,
-                       history={"joined": joined, "widest": widest, "columns": mine,
+                       history={"joined": joined, "widest": widest, "columns": len(mine),
                                 "screened": screened, "exact": exact},
                        world_size=world)  # fmt: skip
