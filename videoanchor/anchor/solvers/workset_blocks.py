@@ -270,7 +270,7 @@ def _stream(x64, order, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool
     order = order.tolist()
     rec = dict(solved=True, joined=0, widest=0, workset=0.0, certificate=0.0, screened=0, exact=0)
     active: list[_Column] = []
-    ended: list[_Column] = []  # (all of them, in the order they ended)
+    rows, cols, vals = [], [], []  # (the ended columns' non-zeros)
     pending: list[_Column] = []  # (ended, their rounded answers not yet certified)
     gap, out_gap, rounds, at, in_block = 0.0, 0.0, 0, 0, 0
 
@@ -335,11 +335,16 @@ def _stream(x64, order, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool
             rounds = max(rounds, col.rounds)
             rec["widest"] = max(rec["widest"], col.release(work))
             E[:, col.i] = torch.from_numpy(col.e)
-            ended.append(col)
-            pending.append(col)
+            nz = np.flatnonzero(col.c)
+            rows.append(col.cand[nz])
+            cols.append(np.full(len(nz), col.i))
+            vals.append(col.c[nz])
+            col.e = col.res = None  # (only its rounded answer's certificate is to come)
+            if work != torch.float64:
+                pending.append(col)
             if seeds is not None:
-                seeds.support[col.i] = col.cand[np.flatnonzero(col.c)]
-            if report is not None and (len(ended) % width == 0 or len(ended) == len(order)):
+                seeds.support[col.i] = rows[-1]
+            if report is not None and (len(rows) % width == 0 or len(rows) == len(order)):
                 report.next_block()
                 in_block = 0
         active = stay
@@ -349,7 +354,8 @@ def _stream(x64, order, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool
         rec["certificate"] += time.perf_counter() - s
     if work == torch.float64:
         out_gap = gap
-    return rounds, _supports(ended, global_cols=True), gap, out_gap, rec
+    entries = tuple(torch.from_numpy(np.concatenate(a)) for a in (rows, cols, vals))
+    return rounds, entries, gap, out_gap, rec
 
 
 def _joiners(g: torch.Tensor, run: list, n: int):
@@ -369,13 +375,12 @@ def _joiners(g: torch.Tensor, run: list, n: int):
     return torch.return_types.topk((top.values.double(), top.indices))
 
 
-def _supports(cols: list, global_cols: bool = False) -> tuple[torch.Tensor, ...]:
+def _supports(cols: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The columns' non-zeros: ``(rows, where, vals)``, their tokens, their columns' places
-    in ``cols`` (``global_cols``: their columns in ``C``) and their values."""
+    in ``cols`` and their values."""
     at = [np.flatnonzero(col.c) for col in cols]
     return (torch.from_numpy(np.concatenate([col.cand[a] for col, a in zip(cols, at, strict=True)])),
-            torch.from_numpy(np.concatenate([np.full(len(a), col.i if global_cols else j)
-                                             for j, (col, a) in enumerate(zip(cols, at, strict=True))])),
+            torch.from_numpy(np.concatenate([np.full(len(a), j) for j, a in enumerate(at)])),
             torch.from_numpy(np.concatenate([col.c[a] for col, a in zip(cols, at, strict=True)])))  # fmt: skip
 
 
