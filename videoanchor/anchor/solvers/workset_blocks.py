@@ -28,14 +28,14 @@ Memory: ``X`` and ``E`` (``O(N D)``), ``C`` sparse, per batch ``N x |B|`` produc
 columns' local dictionaries: :func:`~videoanchor.anchor.plan.workset_blocks_bytes`.
 Cost (``benchmarks/results/long_video_cpu.json``: video-like tokens, 8 x 16 patches a frame,
 D = 512, 2 threads, issue 99): a column's support is spread over the whole video (at
-N = 8192 the 1024 tokens nearest a token hold a quarter of its support), so a batch takes
-19, 30, 39 and 59 rounds at N = 2048, 4096, 8192 and 20480, each a kernel call per column on
-~100-250 tokens, ``JOIN x k x D`` of Gram rows and one ``N x D x |B|`` product, screened
-in float32 (``long_video_screen_cpu.json``: 106.9 s at N = 8192 and 572 s at 20480, where
-before the screen they took 132 s and 800 s; 12.1 s and 41.8 s at 2048 and 4096), 1.2-3.6x
-the dense working sets where they run and growing as ``N^1.7-2.0``; what it saves is the
-``N x N`` Gram matrix (peak growth 342 MiB at N = 8192 against their 2.4 GiB, 757 MiB at
-N = 20480).
+N = 8192 the 1024 tokens nearest a token hold a quarter of its support), so before the seeds
+a batch took 19, 30, 39 and 59 rounds at N = 2048, 4096, 8192 and 20480, each a kernel call
+per column on ~100-250 tokens, ``JOIN x k x D`` of Gram rows and one ``N x D x |B|``
+product, screened in float32 (``long_video_screen_cpu.json``: 106.9 s at N = 8192 and
+572 s at 20480; 12.1 s and 41.8 s at 2048 and 4096), 1.2-3.6x the dense working sets where
+they run. Seeded and streamed (``long_video_seeds_cpu.json``): 546.6 s at N = 20480, 6.4x
+and 7.1x the dense working sets at N = 8192 in the same run. What it saves is the ``N x N``
+Gram matrix (peak growth 835 MiB at N = 20480; the dense working sets' 2.4 GiB at 8192).
 
 Across processes (a ``torch.distributed`` process group in the plan) the batches are dealt
 round-robin to the ranks (rank ``r`` solves batches ``r, r + world, ...``; its columns are
@@ -125,9 +125,10 @@ class _Seeds:
     takes, besides its :data:`~videoanchor.anchor.plan.NEIGHBOURS`, the supports of up to
     :data:`~videoanchor.anchor.plan.SEEDS` of its :data:`~videoanchor.anchor.plan.SEED_NEAR`
     nearest tokens (by distance) whose columns this rank has solved, and those tokens, the
-    nearest first, at most :data:`~videoanchor.anchor.plan.SEED_TOKENS` of them. At N = 20480 (160 video-like frames, D = 512) it cut a
-    batch's column-rounds by 2.6x (one-off; ``docs/long-videos.md``). The answer is the
-    certified minimiser whatever the seeds; only the path to it, and so its rounding, depends
+    nearest first, at most :data:`~videoanchor.anchor.plan.SEED_TOKENS` of them. At
+    N = 20480 (160 video-like frames, D = 512) they cut a batch's column-rounds from about
+    2,000 to 950-1,250 (one-off; ``docs/long-videos.md``). The answer is the certified
+    minimiser whatever the seeds; only the path to it, and so its rounding, depends
     on which columns were solved first (on the rank count)."""
 
     def __init__(self, n: int, nearest: torch.Tensor):
