@@ -411,16 +411,16 @@ def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: 
     is the largest relative duality gap over the columns of the float64 answer against the
     full dictionary, ``gap`` that of ``coef`` as returned (its dtype's rounding added),
     ``converged`` whether every column ended solved with no violator left, ``iterations`` the
-    most certificate rounds a block took. ``timings`` (this rank's): ``neighbours`` (with the
+    most certificate rounds a column took. ``timings`` (this rank's): ``neighbours`` (with the
     lambdas), ``workset`` (the kernel on the local dictionaries), ``certificate`` (the full
     products), ``gather`` (the ranks' answers collected). ``history``: ``joined`` (tokens
     added by the certificate, all ranks), ``widest`` (the widest local dictionary, all ranks),
     ``columns`` (the columns this rank solved: ``N`` alone), ``screened`` and ``exact`` (a
     column's certificate rounds, all ranks: decided by the float32 product alone, or by the
     float64 one). ``progress``: as for
-    :func:`~videoanchor.anchor.solvers.admm.solve_ssc_admm` (a bar or log lines, each batch
-    a block, each certificate round an iteration whose residual is the largest gap of the
-    batch's columns still running, against the kernel's tolerance); a time budget is
+    :func:`~videoanchor.anchor.solvers.admm.solve_ssc_admm` (a bar or log lines, each
+    batch's worth of columns ended a block, each certificate round an iteration whose
+    residual is the largest gap of the columns that ran it, against the kernel's tolerance); a time budget is
     reported but does not stop the blocks (a column's answer is its certified minimiser or
     none; ``solver="auto"`` sends a budget to the authors' iteration). A scheduler's hook
     (``schedules_only``, the vLLM plugin's turns) is waited on each round.
