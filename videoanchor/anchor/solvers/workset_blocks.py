@@ -101,7 +101,7 @@ def _neighbours(x64: torch.Tensor, k: int, rows: int,
     n = x64.shape[0]
     out, row_max = torch.empty(n, k, dtype=torch.int64), torch.empty(n, dtype=torch.float64)
     nearest = torch.empty(n, close, dtype=torch.int64)
-    sq = (x64 * x64).sum(dim=1)
+    sq = (x64 * x64).sum(dim=1) if close else None
     for a in range(0, n, rows):
         b = min(n, a + rows)
         near = x64 @ x64[a:b].T
@@ -250,9 +250,8 @@ def _stream(x64, order, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool
     ``"certificate"``, the column-rounds ``"screened"`` and ``"exact"``). ``E``'s columns are
     written in place. ``report`` (:class:`~.admm_steps.Reporting`): each round reported with
     the largest gap of the columns that ran it; a block is ``width`` columns ended (and the
-    last ones). A
-    column the kernel does not solve, or still violated after ``limits.max_passes`` rounds,
-    leaves (``record["solved"]`` false). No ``N x width`` copy of the columns is made: a
+    last ones). A column the kernel does not solve, or still violated after
+    ``limits.max_passes`` rounds, leaves (``record["solved"]`` false). No ``N x width`` copy of the columns is made: a
     round's certificate reads each column's residual, sums and support from its own
     dictionary. ``seeds``: the ended columns' supports kept, the new ones' dictionaries
     seeded.
@@ -420,8 +419,8 @@ def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: 
     float64 one). ``progress``: as for
     :func:`~videoanchor.anchor.solvers.admm.solve_ssc_admm` (a bar or log lines, each
     batch's worth of columns ended a block, each certificate round an iteration whose
-    residual is the largest gap of the columns that ran it, against the kernel's tolerance); a time budget is
-    reported but does not stop the blocks (a column's answer is its certified minimiser or
+    residual is the largest gap of the columns that ran it, against the kernel's
+    tolerance); a time budget is reported but does not stop the blocks (a column's answer is its certified minimiser or
     none; ``solver="auto"`` sends a budget to the authors' iteration). A scheduler's hook
     (``schedules_only``, the vLLM plugin's turns) is waited on each round.
 
