@@ -1,5 +1,6 @@
 """Long videos on the CPU (issue 99): ``compute_anchor_scores`` with default options on
-video-like tokens (8 x 16 patches a frame, D = 512) of 16 to 256 frames, N = 2k to 32k.
+video-like tokens (8 x 16 patches a frame, D = 512, or ``--dim``) of 16 to 256 frames, N = 2k
+to 32k.
 
 Below ``EXACT_MAX_TOKENS`` the default is the dense working sets (exact mode); past it the
 working sets by blocks (route ``workset_blocks``, issue 99). Below it the blocks
@@ -16,6 +17,7 @@ every row: the machine may be shared.
         --name long_video_ranks
     python benchmarks/bench_long_video.py --frames 16,32,64,160 --default-frames 16,32,64 \
         --timeout 1500
+    python benchmarks/bench_long_video.py --frames 16,32 --dim 3584 --name long_video_d3584
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ from benchmarks.common import (  # noqa: E402
     video_tokens,
 )
 
-PATCHES, D = 128, 512
-COLUMNS = ["frames", "n", "route", "plan", "seconds", "peak_mib", "residual", "gap", "rounds",
+PATCHES = 128
+D = int(os.environ.get("BENCH_DIM", "512"))  # --dim, passed to each run's process
+COLUMNS = ["frames", "n", "d", "route", "plan", "seconds", "peak_mib", "residual", "gap", "rounds",
            "same_labels", "scores_max_diff", "loadavg"]  # fmt: skip
 
 
@@ -108,7 +111,7 @@ def one(frames: int, route: str) -> dict:
                 ranks.append(json.load(f))
             os.unlink(f"{out}.{r}")
         first = ranks[0]
-        return dict(frames=frames, n=frames * PATCHES, route=route,
+        return dict(frames=frames, n=frames * PATCHES, d=D, route=route,
                     seconds=max(r["seconds"] for r in ranks),
                     peak_mib=sum(r["peak"] for r in ranks) / 2**20, residual=first["residual"],
                     gap=first["gap"], rounds=first["rounds"], timings=first["timings"],
@@ -117,7 +120,7 @@ def one(frames: int, route: str) -> dict:
     kw = {} if route == "default" else {"mode": "blocked", "solver": "workset"}
     x, res, seconds, peak = _call(frames, kw)
     torch.save({"labels": res.labels, "scores": res.scores}, os.environ["BENCH_OUT"])
-    return dict(frames=frames, n=x.shape[0], route=route, plan=res.strategy, seconds=seconds,
+    return dict(frames=frames, n=x.shape[0], d=D, route=route, plan=res.strategy, seconds=seconds,
                 peak_mib=peak / 2**20, residual=res.residual, gap=res.gap,
                 rounds=res.iterations, solver=res.solver, cluster_share=res.cluster_share,
                 share_weight=res.share_weight, timings=res.timings,
@@ -153,6 +156,7 @@ def main() -> None:
         default="long_video",
         help="the result's area (long_video_ranks: the blocks over processes beside one)",
     )
+    ap.add_argument("--dim", type=int, default=512, help="the tokens' features, D")
     ap.add_argument("--one", nargs=2, help=argparse_hidden())
     args = ap.parse_args()
     if args.one:
@@ -169,20 +173,20 @@ def main() -> None:
             if only and str(frames) not in only.split(","):
                 continue
             out = tmp / f"bench_long_video_{os.getpid()}_{frames}_{route}.pt"
-            env = {**os.environ, "BENCH_OUT": str(out)}
+            env = {**os.environ, "BENCH_OUT": str(out), "BENCH_DIM": str(args.dim)}
             try:
                 proc = subprocess.run([sys.executable, __file__, "--one", str(frames), route],
                                       capture_output=True, text=True, env=env,
                                       timeout=args.timeout)  # fmt: skip
             except subprocess.TimeoutExpired:
-                rows.append(dict(frames=frames, n=frames * PATCHES, route=route,
+                rows.append(dict(frames=frames, n=frames * PATCHES, d=args.dim, route=route,
                                  error=f"stopped unfinished after {args.timeout:g} s (--timeout)",
                                  loadavg=os.getloadavg()))  # fmt: skip
                 print(json.dumps(rows[-1]), flush=True)
                 continue
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
-                rows.append(dict(frames=frames, route=route, error=proc.stderr[-500:]))
+                rows.append(dict(frames=frames, d=args.dim, route=route, error=proc.stderr[-500:]))
                 continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             outs[route] = torch.load(out)
