@@ -78,7 +78,8 @@ SECTIONS = [
     ("Anchor scores (SSC)",
      ["request_cost", "request_cost_cost", "request_cost_fidelity_sensitivity", "request_cost_floor", "directions", "optimum", "optimum_only", "optimum_tiny", "optimum_yaleb", "workset", "workset_dense", "workset_dense_yaleb17", "workset_dense_rerun", "dark_tokens", "workset_passes", "lockstep", "lockstep_compiled", "columns_triton", "ssc", "ssc_ratio", "ssc_ratio_1thread", "spectral", "sparse_spectral", "label_draws", "label_flips", "label_flips_64f", "label_expected", "label_routes", "share_gate", "share_cost", "discretize", "yaleb",
       "yaleb_squared"]),
-    ("Long videos: blocked SSC", ["long_video", "long_video_32k", "long_video_repeat",
+    ("Long videos: blocked SSC", ["long_video_curve", "long_video", "long_video_32k",
+                                  "long_video_repeat",
                                   "long_video_screen", "long_video_seeds",
                                   "long_video_seeds_ab",
                                   "long_video_ranks", "blocked",
@@ -126,6 +127,7 @@ TITLES = {
     "yaleb": "Extended Yale B clustering error (Elhamifar & Vidal's program)",
     "yaleb_squared": "Extended Yale B with the method page's squared data term",
     "long_video": "Long videos: default options and the working sets by blocks against N (issue 99)",
+    "long_video_curve": "Long videos: default options and the working sets by blocks against N, 2k to 32k, re-run with the seeds and the stream (issue 99)",
     "long_video_32k": "Long videos: default options at 256 frames (N = 32768; its own run, drawn in the long_video figure)",
     "long_video_screen": "Long videos: the certificate screened in float32, at 64 and 160 frames, the 64 frames' default in the same run (issue 99)",
     "long_video_seeds": "Long videos: each column seeded by its nearest solved columns' supports and the columns streamed at full width, at 64 and 160 frames, the 64 frames' default in the same run (issue 99)",
@@ -917,7 +919,8 @@ def fig_long_video(r: Result, results):
     unfinished is drawn at its stop as a lower bound (an open triangle). The rows of the
     ``long_video_32k`` result (its own run, N = 32768) join their route's line."""
     rows = [x for x in r.rows if x.get("n")]
-    rows += [x for q in results if q.area == "long_video_32k" for x in q.rows if x.get("n")]
+    if r.area == "long_video":
+        rows += [x for q in results if q.area == "long_video_32k" for x in q.rows if x.get("n")]
     if not any(x.get("seconds") for x in rows):
         return None
     plt = _plt()
@@ -967,6 +970,7 @@ FIGURES_BY_AREA = {
     "yaleb": fig_yaleb,
     "blocked": fig_blocked,
     "long_video": fig_long_video,
+    "long_video_curve": fig_long_video,
     "backward": fig_backward,
     "compile": fig_compile,
     "lmms_batch": fig_lmms_batch,

@@ -129,6 +129,19 @@ def defaults(checkpoint, work):
 
 
 @pytest.fixture(scope="module")
+def long_defaults(checkpoint, work):
+    """``defaults``' engine and first request, with the SSC plan's exact limit lowered to 8
+    tokens, below the video's visual tokens, in every process of the run (the engine core's
+    included: tests/vllm_site reads ``VIDEOANCHOR_TEST_EXACT_MAX_TOKENS``): a long video, as
+    the plan sees it, in a real engine with vLLM's and the plugin's defaults."""
+    spec = {"checkpoint": checkpoint,
+            "engine": {"additional_config": {"videoanchor": {"n_clusters": vs.N_CLUSTERS}}},
+            "batches": [[VID]], "ssc_records": True}  # fmt: skip
+    env = {**vs.ENGINE_CORE_PROCESS, "VIDEOANCHOR_TEST_EXACT_MAX_TOKENS": "8"}
+    return vs.run_worker(work, "long_defaults", spec, env_extra=env)
+
+
+@pytest.fixture(scope="module")
 def reference(checkpoint, work):
     """transformers + videoanchor_triton (the torch path on CPU), same checkpoint/inputs."""
     spec = {
@@ -472,3 +485,16 @@ def test_default_options_run_the_same_solver_and_answer_in_both_engines(defaults
     assert defaults["batches"][0]["ssc_runs"] == ["workset"]
     # A 4-frame video at fps 4: the engines' MRoPE rules coincide (docs/serving.md).
     _close(_res(defaults, 0), _res(reference_defaults, 0), tol=1e-3)
+
+
+def test_a_long_video_takes_the_blocks_in_a_real_engine(long_defaults, reference_defaults):
+    """Issue 99: past the exact limit (lowered in the engine's processes below the video's
+    visual tokens) a real engine with vLLM's defaults and the plugin's runs the working sets
+    by blocks without an option, certified, with the default share; the program's minimiser
+    is the one the dense working sets give below the limit, so it answers as the
+    transformers path does there: greedy tokens equal, logprobs within 1e-3."""
+    (run,) = long_defaults["batches"][0]["ssc_records"]
+    assert run == {"solver": "workset", "mode": "blocked", "converged": True,
+                   "cluster_share": "steady"}, run  # fmt: skip
+    assert reference_defaults["batches"][0]["ssc"][0]["solver"] == "workset"
+    _close(_res(long_defaults, 0), _res(reference_defaults, 0), tol=1e-3)

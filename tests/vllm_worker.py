@@ -12,7 +12,10 @@ mode gives each result its "scores"), "record_ssc": true (both modes: each batch
 one entry per SSC run in it: the features the engine handed to ``compute_anchor_scores``, the
 cluster count, the options, the scores it returned and the solver that answered), "ssc": the
 transformers mode's SSC options (default: vllm_support.SSC), "ahead_stats": true (each batch gets
-"ahead": every worker's counts of requests scored ahead of their step, after the batch)}; request: {"media": "image:SEED" | "video:FRAMES:SEED" |
+"ahead": every worker's counts of requests scored ahead of their step, after the batch),
+"ssc_runs": true / "ssc_records": true (vllm mode: each batch gets the solver, or the solver,
+mode, convergence and cluster share, of every SSC the plugin ran in the worker's process so
+far)}; request: {"media": "image:SEED" | "video:FRAMES:SEED" |
 "video:FRAMES:SEED:HEIGHTxWIDTH" (frames of that size; default 56 x 84) | "none", "max_tokens": n, "ignore_eos": bool, "extra_args": {...}, "question": text (default: the family's)}. Each batch is one ``generate`` call.
 """
 
@@ -74,6 +77,15 @@ def _ssc_runs(worker):
     from videoanchor.integrations.vllm import scoring
 
     return [run.solver for run in scoring.runs().values()]
+
+
+def _ssc_records(worker):
+    """Each SSC the plugin ran in the worker's process, oldest first: its solver, mode,
+    whether it converged and its cluster share."""
+    from videoanchor.integrations.vllm import scoring
+
+    return [{"solver": run.solver, "mode": run.mode, "converged": run.converged,
+             "cluster_share": run.cluster_share} for run in scoring.runs().values()]  # fmt: skip
 
 
 _PREEMPTED = [0]
@@ -212,6 +224,8 @@ def run_vllm(spec):
                                "preemptions": _PREEMPTED[0] - preempted})  # fmt: skip
         if spec.get("ssc_runs"):  # in whatever process the workers run
             out["batches"][-1]["ssc_runs"] = llm.collective_rpc(_ssc_runs)[0]
+        if spec.get("ssc_records"):  # in whatever process the workers run
+            out["batches"][-1]["ssc_records"] = llm.collective_rpc(_ssc_records)[0]
         if spec.get("ahead_stats"):  # in whatever process the workers run
             from videoanchor.integrations.vllm import ahead
 

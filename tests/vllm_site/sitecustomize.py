@@ -1,6 +1,8 @@
 """TEST-ONLY: applies tests/torchvision_shim.py in every Python process of a vLLM test run,
-and, where ``VIDEOANCHOR_TEST_FAIL_EPS`` is set, makes ``compute_anchor_scores`` raise for
-calls with that ``eps`` (tests/test_vllm_server.py: a request whose scoring fails).
+where ``VIDEOANCHOR_TEST_FAIL_EPS`` is set, makes ``compute_anchor_scores`` raise for
+calls with that ``eps`` (tests/test_vllm_server.py: a request whose scoring fails), and
+where ``VIDEOANCHOR_TEST_EXACT_MAX_TOKENS`` is set, lowers the exact limit of the SSC plan
+to it (tests/test_vllm.py: a long video, past the limit, in a real engine's processes).
 
 vLLM starts fresh interpreters of its own (the model-inspection subprocess, the engine-core
 process of the OpenAI server), which import transformers' video processor and so
@@ -30,3 +32,9 @@ if _fail_eps is not None:
         return _orig(*args, **kwargs)
 
     _anchor.compute_anchor_scores = _failing
+
+_exact_max = os.environ.get("VIDEOANCHOR_TEST_EXACT_MAX_TOKENS")
+if _exact_max is not None:
+    from videoanchor.anchor import plan as _plan
+
+    _plan.EXACT_MAX_TOKENS = int(_exact_max)
