@@ -1,4 +1,4 @@
-"""Long videos on the CPU (issue 99): ``compute_anchor_scores`` with default options on
+"""Long videos (issue 99): ``compute_anchor_scores`` with default options on
 video-like tokens (8 x 16 patches a frame, D = 512, or ``--dim``) of 16 to 256 frames, N = 2k
 to 32k.
 
@@ -9,7 +9,13 @@ are compared with the default's; ``plan`` is the route that ran (the result's st
 first): wall seconds of the call, the peak resident set's growth during it (Linux's VmHWM,
 reset through /proc/self/clear_refs, minus VmRSS before the call), the float64 answer's
 relative duality gap (``residual``) and the returned C's (``gap``). The load average goes in
-every row: the machine may be shared.
+every row: the machine may be shared. The rows are written as each run ends.
+
+With ``--device cuda`` the tokens are made on the GPU (issue 99 item 4, ``run_gpu.sh
+CALL=long``): the seconds end after the device's work (synchronised), ``peak_mib`` is the
+device's allocated peak above what the call started with (``torch.cuda``'s statistics), and
+the default there is the CUDA working sets below the limit and the authors' iteration,
+column-blocked on the device, past it; the blocks (``solver="workset"``) solve on the host.
 
     python benchmarks/bench_long_video.py --frames 16,32,64      # N = 2048, 4096, 8192
     python benchmarks/bench_long_video.py --frames 16,32,64,160 --blocks-frames 16,32,64
@@ -18,6 +24,8 @@ every row: the machine may be shared.
     python benchmarks/bench_long_video.py --frames 16,32,64,160 --default-frames 16,32,64 \
         --timeout 1500
     python benchmarks/bench_long_video.py --frames 16,32 --dim 3584 --name long_video_d3584
+    python benchmarks/bench_long_video.py --device cuda --frames 64,128,256 \
+        --default-frames 64,128 --timeout 150
 """
 
 from __future__ import annotations
@@ -37,11 +45,14 @@ from benchmarks.common import (  # noqa: E402
     finish,
     parser,
     peak_rss_growth,
+    sync,
     video_tokens,
+    write_result,
 )
 
 PATCHES = 128
 D = int(os.environ.get("BENCH_DIM", "512"))  # --dim, passed to each run's process
+DEVICE = os.environ.get("BENCH_DEVICE", "cpu")  # --device, passed to each run's process
 COLUMNS = ["frames", "n", "d", "route", "plan", "seconds", "peak_mib", "residual", "gap", "rounds",
            "same_labels", "scores_max_diff", "loadavg"]  # fmt: skip
 
@@ -50,20 +61,29 @@ def _call(frames: int, kw: dict, barrier=None) -> tuple:
     """One timed ``compute_anchor_scores`` call on the first ``frames`` frames after a
     warm-up (the kernel loaded): ``(x, result, seconds, peak growth)``; ``barrier`` (a
     process group's) lines the ranks up before the clock starts and before it stops."""
+    import torch
+
     from videoanchor.anchor import compute_anchor_scores
 
-    x = video_tokens(frames, PATCHES, D, seed=0)
-    compute_anchor_scores(video_tokens(2, 64, D, seed=1), **kw)  # the kernel loaded
+    x = video_tokens(frames, PATCHES, D, seed=0).to(DEVICE)
+    compute_anchor_scores(video_tokens(2, 64, D, seed=1).to(DEVICE), **kw)  # the kernel loaded
     if barrier:
         barrier()
 
     def run():
+        sync(DEVICE)
         t = time.perf_counter()
         res = compute_anchor_scores(x, **kw)
+        sync(DEVICE)
         if barrier:
             barrier()
         return res, time.perf_counter() - t
 
+    if x.is_cuda:  # the device's memory, not the host's
+        torch.cuda.reset_peak_memory_stats(x.device)
+        before = torch.cuda.memory_allocated(x.device)
+        res, seconds = run()
+        return x, res, seconds, torch.cuda.max_memory_allocated(x.device) - before
     (res, seconds), peak = peak_rss_growth(run)
     return x, res, seconds, peak
 
@@ -98,6 +118,10 @@ def one(frames: int, route: str) -> dict:
     import torch
 
     if route == "blocks2":
+        if DEVICE != "cpu":
+            raise ValueError(
+                f"route blocks2 (gloo processes) runs on the CPU, got --device {DEVICE}"
+            )
         import tempfile
 
         import torch.multiprocessing as mp
@@ -119,8 +143,9 @@ def one(frames: int, route: str) -> dict:
                     threads=1, processes=2, loadavg=os.getloadavg())  # fmt: skip
     kw = {} if route == "default" else {"mode": "blocked", "solver": "workset"}
     x, res, seconds, peak = _call(frames, kw)
-    torch.save({"labels": res.labels, "scores": res.scores}, os.environ["BENCH_OUT"])
-    return dict(frames=frames, n=x.shape[0], d=D, route=route, plan=res.strategy, seconds=seconds,
+    torch.save({"labels": res.labels.cpu(), "scores": res.scores.cpu()}, os.environ["BENCH_OUT"])
+    return dict(frames=frames, n=x.shape[0], d=D, device=DEVICE, route=route, plan=res.strategy,
+                seconds=seconds,
                 peak_mib=peak / 2**20, residual=res.residual, gap=res.gap,
                 rounds=res.iterations, solver=res.solver, cluster_share=res.cluster_share,
                 share_weight=res.share_weight, timings=res.timings,
@@ -128,7 +153,7 @@ def one(frames: int, route: str) -> dict:
 
 
 def main() -> None:
-    ap = parser(__doc__)
+    ap = parser(__doc__, device=True)
     ap.add_argument("--frames", default="16,32,64,128,160,256")
     ap.add_argument(
         "--routes",
@@ -138,7 +163,7 @@ def main() -> None:
     ap.add_argument(
         "--blocks-frames",
         default="",
-        help="the frames at which the blocks run beside the default (default: all with N <= 16384)",
+        help="the frames at which the blocks run (default: all)",
     )
     ap.add_argument(
         "--default-frames",
@@ -164,6 +189,8 @@ def main() -> None:
         return
     import torch
 
+    device = args.device or "cpu"
+    meta = environment(device)
     rows = []
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     for frames in (int(f) for f in args.frames.split(",")):
@@ -173,7 +200,8 @@ def main() -> None:
             if only and str(frames) not in only.split(","):
                 continue
             out = tmp / f"bench_long_video_{os.getpid()}_{frames}_{route}.pt"
-            env = {**os.environ, "BENCH_OUT": str(out), "BENCH_DIM": str(args.dim)}
+            env = {**os.environ, "BENCH_OUT": str(out), "BENCH_DIM": str(args.dim),
+                   "BENCH_DEVICE": device}  # fmt: skip
             try:
                 proc = subprocess.run([sys.executable, __file__, "--one", str(frames), route],
                                       capture_output=True, text=True, env=env,
@@ -183,10 +211,12 @@ def main() -> None:
                                  error=f"stopped unfinished after {args.timeout:g} s (--timeout)",
                                  loadavg=os.getloadavg()))  # fmt: skip
                 print(json.dumps(rows[-1]), flush=True)
+                write_result(args.name, meta, rows, args.out_dir)
                 continue
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 rows.append(dict(frames=frames, d=args.dim, route=route, error=proc.stderr[-500:]))
+                write_result(args.name, meta, rows, args.out_dir)
                 continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             outs[route] = torch.load(out)
@@ -198,7 +228,8 @@ def main() -> None:
                                                 outs["default"]["scores"]).abs().max())  # fmt: skip
             rows.append(row)
             print(json.dumps({k: row.get(k) for k in COLUMNS}), flush=True)
-    finish(args.name, environment("cpu"), rows, args.out_dir, COLUMNS)
+            write_result(args.name, meta, rows, args.out_dir)  # (each row as it ends)
+    finish(args.name, meta, rows, args.out_dir, COLUMNS)
 
 
 def argparse_hidden():

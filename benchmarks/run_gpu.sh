@@ -50,6 +50,9 @@
 #                                                        # at 64 frames (all three providers),
 #                                                        # the static compiles under this
 #                                                        # machine's Triton
+#   OUT=/some/dir CALL=long bash benchmarks/run_gpu.sh   # issue 99 item 4 (< 8 min): long videos
+#                                                        # on the device, 64, 128 and 256 frames
+#                                                        # (bench_long_video.py --device cuda)
 #   DRY_RUN=1 CALL=first bash benchmarks/run_gpu.sh      # the plan alone, run nowhere: each
 #                                                        # step's cap, its latest start (the caps
 #                                                        # before it summed) and its command
@@ -117,6 +120,14 @@
 # (no GPU needed): `TRITON_INTERPRET=0 python benchmarks/bench_column_kernel.py --static
 # 90,80` and `... bench_workset_cuda.py --static 90` on the CPU machine (triton 3.9.0), and
 # tests/test_column_kernel.py::test_levels_compile_within_the_register_target there.
+# CALL=long (issue 99 item 4; ESTIMATED cap, not run on a GPU yet): video-like tokens
+# (8 x 16 patches a frame, D = 512, as the CPU's long_video_curve) made on the device, each
+# run in a process of its own stopped at 150 s: the default at 64 and 128 frames (the CUDA
+# working sets; exact mode holds G at 16k on an H100 or H200), the working sets by blocks
+# (mode="blocked", solver="workset": their solves on the host's cores) at 64, 128 and 256
+# frames. The default past the limit on CUDA is the authors' iteration column-blocked (hours
+# at 32k on a CPU: not run here). The rows are written as each run ends, so a stopped step
+# keeps them (long_video_gpu_<device>.json).
 # DRY_RUN=1: no step runs and no package is checked; each step prints its cap, its latest
 # start (the caps before it, summed, as if each ran to its cap) and its command.
 # CALL=hopper's knob: HOPPER_DTYPE (bfloat16; float16 times the fp16 fast form instead).
@@ -165,6 +176,7 @@ SCORES_TESTS="workset_cuda column_kernel pass_counts filter_graphs certificate_g
 REQUEST="request:290 decode:120 paged:30"
 # Issue 98's two calls (header: the caps' sizes and their sources), steps in this order
 FIRST="tests:110 workset_cuda:140 scores_beside:60 request:150"
+LONG="long_video:440"
 REST="hopper:60 decode:100 paged:25 workset_cuda:100 request:130 static:45"
 CALL1="profile:50 nsys:60 ncu:60 attention:150 decode:70 paged:30 sparse_spectral:40 workset_cuda:90"
 CALL2="request_cost:240 profile_ssc:30 spectral:60 backward:40 ssc:40 blocked:40 integration:50 scores:30 tune:30 vllm:0 tp:0"
@@ -178,11 +190,12 @@ case "${CALL:-}" in
   request) PLAN="$REQUEST" ;;
   first) PLAN="$FIRST" ;;
   rest) PLAN="$REST" ;;
+  long) PLAN="$LONG" ;;
   *) PLAN="$TESTS $CALL1 $CALL2" ;;
 esac
 STEPS="${STEPS:-$(for s in $PLAN; do printf '%s ' "${s%%:*}"; done)}"
 BUDGET="${CALL_BUDGET:-560}"
-case "${CALL:-}" in first | rest) BUDGET="${CALL_BUDGET:-470}" ;; esac
+case "${CALL:-}" in first | rest | long) BUDGET="${CALL_BUDGET:-470}" ;; esac
 START=$(date +%s)
 DRY_T=0  # DRY_RUN: the latest start of the next step (the caps before it, summed)
 want() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -366,6 +379,11 @@ fi
 if want spectral; then
   step spectral bench_spectral.log python benchmarks/bench_spectral.py --device cuda --no-ssc \
     --sizes 1024,2048,4096 --reps 3,2,1 --sklearn-max 2048 --out-dir "$OUT"
+fi
+if want long_video; then  # issue 99 item 4: long videos on the device (CALL=long, header)
+  step long_video bench_long_video.log python benchmarks/bench_long_video.py --device cuda \
+    --frames 64,128,256 --default-frames 64,128 --timeout 150 --name long_video_gpu \
+    --out-dir "$OUT"
 fi
 if want sparse_spectral; then  # the block Krylov solver on the device (no minimiser: CPU float64)
   step sparse_spectral bench_sparse_spectral.log python benchmarks/bench_sparse_spectral.py \

@@ -39,12 +39,10 @@ SCRIPT = (ROOT / "benchmarks" / "run_gpu.sh").read_text()
 # bench_workset: the working-set solver is float64 on the CPU (issue 52's one-thread CPU target)
 # bench_column_kernel: static compiles; bench_host_reads, bench_pass_counts: counted on the CPU;
 # bench_discretize: the discretisation's host work, one thread
-# bench_long_video: long videos on the CPU, the default and the working sets by blocks (issue 99)
 CPU_ONLY = {"bench_column_kernel", "bench_contention", "bench_discretize", "bench_expected_share",
             "bench_first_call", "bench_host_overhead", "bench_host_reads", "bench_label_draws",
             "bench_lmms_batch", "bench_optimum", "bench_pass_counts", "bench_schedule",
-            "bench_share_cost", "bench_share_gate", "bench_workset", "bench_yaleb",
-            "bench_long_video"}  # fmt: skip
+            "bench_share_cost", "bench_share_gate", "bench_workset", "bench_yaleb"}  # fmt: skip
 #: (bench_expected_share: issue 100's option "expected", not the default; its GPU row is not
 #: written yet)
 
@@ -64,6 +62,7 @@ def test_two_calls_of_under_ten_minutes_run_the_profile_and_every_benchmark():
     steps |= set(_plan("REQUEST"))  # bench_request runs in issue 92's call of its own
     steps |= set(_plan("WORKSET"))  # bench_scores_beside in issue 90's
     steps |= set(_plan("FIRST")) | set(_plan("REST"))  # issue 98's two calls
+    steps |= set(_plan("LONG"))  # issue 99's long videos on the device
     steps |= {"split"} if "tp" in steps else set()  # the tp step runs bench_tp and bench_split
     assert {"profile", "nsys", "ncu"} <= set(call1)
     for name in steps:
@@ -307,3 +306,17 @@ def test_f_reads_the_file_mid_run():
     assert rows["test_f_reads_the_file_mid_run"]["outcome"] == "passed"
     for key in ("device", "torch", "triton", "git_sha", "date"):
         assert meta.get(key), key
+
+
+def test_the_long_call_fits_eight_minutes_at_64_128_and_256_frames(tmp_path):
+    """Issue 99 item 4: CALL=long times long videos on the device in one command: the
+    default at 64 and 128 frames and the working sets by blocks at 64, 128 and 256, each run
+    stopped at 150 s and its row written as it ends, the cap under the call's budget."""
+    plan = _plan("LONG")
+    assert list(plan) == ["long_video"] and plan["long_video"] < _budget("long") <= 470
+    stdout, steps = _dry(tmp_path, "long")
+    assert list(tmp_path.iterdir()) == []
+    (cmd,) = (line.split("): ", 1)[1] for line in steps)
+    assert cmd.startswith("python benchmarks/bench_long_video.py --device cuda ")
+    assert "--frames 64,128,256 " in cmd and "--default-frames 64,128 " in cmd
+    assert "--timeout 150 " in cmd and cmd.endswith(f"--out-dir {tmp_path}")
