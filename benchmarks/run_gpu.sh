@@ -125,8 +125,8 @@
 # run in a process of its own stopped at 150 s: the default at 64 and 128 frames (the CUDA
 # working sets; exact mode holds G at 16k on an H100 or H200), the working sets by blocks
 # (mode="blocked", solver="workset": their solves on the host's cores) at 64, 128 and 256
-# frames. The default past the limit on CUDA is the authors' iteration column-blocked (hours
-# at 32k on a CPU: not run here). The rows are written as each run ends, so a stopped step
+# frames. The default past the limit on CUDA is the authors' iteration column-blocked (about a
+# thousand iterations to reach eps: not run here). The rows are written as each run ends, so a stopped step
 # keeps them (long_video_gpu_<device>.json).
 # DRY_RUN=1: no step runs and no package is checked; each step prints its cap, its latest
 # start (the caps before it, summed, as if each ran to its cap) and its command.
