@@ -74,9 +74,7 @@ def _runner_info(worker):
 
 def _ssc_runs(worker):
     """The solver of each SSC the plugin ran in the worker's process, oldest first."""
-    from videoanchor.integrations.vllm import scoring
-
-    return [run.solver for run in scoring.runs().values()]
+    return [run["solver"] for run in _ssc_records(worker)]
 
 
 def _ssc_records(worker):

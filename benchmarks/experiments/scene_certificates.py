@@ -47,9 +47,7 @@ def _call(x, **kw):
 def main() -> None:
     ap = parser(__doc__)
     ap.parse_args()
-    from videoanchor.anchor import compute_anchor_scores
-
-    compute_anchor_scores(scenes().__next__()[2](), n_clusters=24)  # the kernels loaded
+    _call(next(scenes())[2]())  # the kernels loaded
     rows = []
     for name, _, make in scenes():
         x = make()

@@ -251,9 +251,9 @@ def _stream(x64, order, nbr, E, lam_e: float, lam_z: float, limits: Limits, pool
     written in place. ``report`` (:class:`~.admm_steps.Reporting`): each round reported with
     the largest gap of the columns that ran it; a block is ``width`` columns ended (and the
     last ones). A column the kernel does not solve, or still violated after
-    ``limits.max_passes`` rounds, leaves (``record["solved"]`` false). No ``N x width`` copy of the columns is made: a
-    round's certificate reads each column's residual, sums and support from its own
-    dictionary. ``seeds``: the ended columns' supports kept, the new ones' dictionaries
+    ``limits.max_passes`` rounds, leaves (``record["solved"]`` false). No ``N x width``
+    copy of the columns is made: a round's certificate reads each column's residual, sums
+    and support from its own dictionary. ``seeds``: the ended columns' supports kept, the new ones' dictionaries
     seeded.
 
     ``screen`` (``X`` in float32, or None; ``x_norm`` its largest row norm): each round's
@@ -420,8 +420,9 @@ def run_workset_blocks(x: torch.Tensor, plan: Plan, *, alpha_e: float, alpha_z: 
     :func:`~videoanchor.anchor.solvers.admm.solve_ssc_admm` (a bar or log lines, each
     batch's worth of columns ended a block, each certificate round an iteration whose
     residual is the largest gap of the columns that ran it, against the kernel's
-    tolerance); a time budget is reported but does not stop the blocks (a column's answer is its certified minimiser or
-    none; ``solver="auto"`` sends a budget to the authors' iteration). A scheduler's hook
+    tolerance); a time budget is reported but does not stop the blocks (a column's answer
+    is its certified minimiser or none; ``solver="auto"`` sends a budget to the authors'
+    iteration). A scheduler's hook
     (``schedules_only``, the vLLM plugin's turns) is waited on each round.
 
     Under ``plan.group`` every rank of the group must call this; rank ``plan.rank`` solves the
