@@ -30,9 +30,12 @@ from common import environment, write_result  # noqa: E402
 LEVELS = (64, 128, 256)
 
 
-def compile_static(cc: int, M: int, ME: int = 1024, num_warps: int | None = None) -> dict:
-    """The kernel compiled for ``sm_<cc>`` at ``M`` coefficient slots (``ME`` outlier slots:
-    a run-time stride, it changes nothing compiled)."""
+def compile_static(
+    cc: int, M: int, ME: int = 1024, num_warps: int | None = None, MS: int | None = None
+) -> dict:
+    """The kernel compiled for ``sm_<cc>`` at ``M`` coefficient slots and ``MS`` support
+    positions (None: ``M``; ``ME`` outlier slots: a run-time stride, it changes nothing
+    compiled)."""
     from videoanchor.anchor.solvers import _column_kernel as ck
     from videoanchor.kernels import aot
     from videoanchor.kernels.launch import Launch
@@ -40,28 +43,33 @@ def compile_static(cc: int, M: int, ME: int = 1024, num_warps: int | None = None
     n, d, nc = 256, 128, 8
     f64 = dict(dtype=torch.float64)
     i32 = dict(dtype=torch.int32)
-    BR, BE = ck.tiles(M)
+    MS = MS or M
+    BR, BE, BC, BRC = ck.tiles(MS, M)
     args = (torch.empty(n, n, **f64), torch.empty(n, d, **f64), torch.empty(5, **f64),
             torch.empty(nc, dtype=torch.int64), torch.empty(nc, M, **i32),
             torch.empty(nc, M, **f64), torch.empty(nc, ME, **i32), torch.empty(nc, ME, **f64),
             torch.empty(nc, **f64), torch.empty(nc, **i32), torch.empty(nc, **i32),
-            torch.empty(nc, M, M, **f64), torch.empty(nc, M + ME, **i32),
-            torch.empty(nc, **i32), torch.empty(nc, 2, M, **f64),
-            torch.empty(nc, 3, ME, **f64), torch.empty(nc, **i32), torch.empty(1, **i32),
-            n, d, ME, 1000)  # fmt: skip
+            torch.empty(nc, MS, MS, **f64), torch.empty(nc, 2, MS, **i32),
+            torch.empty(nc, ME, **i32), torch.empty(nc, **i32), torch.empty(nc, 2, MS, **f64),
+            torch.empty(nc, 3, ME, **f64), torch.empty(nc, M, **f64), torch.empty(nc, **i32),
+            torch.empty(1, **i32), n, d, ME, 1000)  # fmt: skip
     warps = num_warps or ck.NUM_WARPS
     rec = Launch(ck._column_kernel, (nc,), args,
-                 dict(M=M, BR=BR, BE=min(BE, ME), REFINE=ck.REFINE, num_warps=warps,
-                      **ck.OPTIONS))  # fmt: skip
+                 dict(M=M, MS=MS, BR=BR, BE=min(BE, ME), BC=BC, BRC=BRC, REFINE=ck.REFINE,
+                      num_warps=warps, **ck.OPTIONS))  # fmt: skip
     row = aot.compile_launch(rec, cc)
-    return dict(M=M, ME=ME, threads=32 * warps, **row)
+    return dict(M=M, MS=MS, ME=ME, threads=32 * warps, **row)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--static", default="90,80", metavar="CC,...",
                     help="compile for these sm_CC ahead of time (no GPU)")  # fmt: skip
-    ap.add_argument("--slots", default=",".join(map(str, LEVELS)))
+    ap.add_argument(
+        "--slots",
+        default=",".join(map(str, LEVELS)),
+        help="levels M or M:MS (coefficient slots, support positions), comma-separated",
+    )
     ap.add_argument("--me", type=int, default=1024, help="outlier slots (a run-time stride)")
     ap.add_argument("--num-warps", type=int, default=None)
     ap.add_argument("--out-dir", default=None)
@@ -71,9 +79,10 @@ def main(argv=None) -> None:
         raise SystemExit("run with TRITON_INTERPRET=0: the kernel must be a real JIT function")
     rows = []
     for cc in (int(c) for c in args.static.split(",")):
-        for M in (int(s) for s in args.slots.split(",")):
+        for level in args.slots.split(","):
+            M, MS = (int(v) for v in (level.split(":") + [level])[:2])
             try:
-                row = compile_static(cc, M, args.me, args.num_warps)
+                row = compile_static(cc, M, args.me, args.num_warps, MS)
             except Exception as exc:  # reported, not hidden
                 row = dict(M=M, ME=args.me, cc=cc, error=f"{type(exc).__name__}: {exc}"[:2000])
             print(json.dumps(row), flush=True)

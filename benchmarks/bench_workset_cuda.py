@@ -263,7 +263,7 @@ def pass_counts(x, **kw) -> dict:
         ids[:, 0], z[:, 0] = nearest_points(G).to(torch.int32), 1.0
         state = wc._state(program, torch.arange(n), ids, z,
                           torch.full((n, ME), -1, dtype=torch.int32),
-                          torch.zeros(n, ME, dtype=torch.float64))  # fmt: skip
+                          torch.zeros(n, ME, dtype=torch.float64), wc._support(0, M))  # fmt: skip
         with _patched() as setattr_, Counter() as c:
             counting(setattr_, c)
             wc._pass(state, n, exact=exact, last=False)

@@ -161,6 +161,21 @@ def test_slot_overflow_takes_the_second_level_and_then_the_fallback(reference_ke
     assert small["overflow"] > 0 and not small["converged"]
 
 
+def test_a_support_past_the_levels_positions_takes_the_next_level(reference_kernel, monkeypatch):
+    """Slots wider than the kernel's support positions (``SUPPORT`` 2 at the first level): a
+    column whose support would pass them stops (``FULL``), is set aside by the joins and is
+    finished at the next level, to the same minimiser; with that level alone it is reported
+    as overflow, not converged."""
+    monkeypatch.setattr(wc, "SUPPORT", (2, 16))
+    x = video_tokens(2, 8, 12, k=2, seed=1)
+    out = wc.solve_workset_cuda(x, slots=(16, 32), outlier_slots=(8, 8), max_inner=300,
+                                wide_share=1.0)  # fmt: skip
+    assert out["wide_columns"] > 0 and out["overflow"] == 0 and out["dense"] is None
+    _check(x, 800.0, out, close=1e-9)
+    small = wc.solve_workset_cuda(x, slots=(16,), outlier_slots=(8,), max_inner=300)
+    assert small["overflow"] > 0 and not small["converged"]
+
+
 def test_a_pass_reads_nothing_and_a_call_reads_four_times(reference_kernel, monkeypatch):
     """A pass (the kernel, the residuals, the GEMM, the violations, topk, the joins, the
     next active list) makes no host read and runs the same 15 or fewer kernels (torch
@@ -221,8 +236,9 @@ def test_the_fused_pass_is_the_torch_passs(reference_kernel):
     ids = torch.full((n, 16), -1, dtype=torch.int32)
     z = torch.zeros(n, 16, dtype=torch.float64)
     ids[:, 0], z[:, 0] = wc.nearest_points(G).to(torch.int32), 1.0
+    # (8 support positions: some columns end FULL and are set aside by both)
     state = wc._state(program, torch.arange(n), ids, z, torch.full((n, 32), -1, dtype=torch.int32),
-                      torch.zeros(n, 32, dtype=torch.float64))  # fmt: skip
+                      torch.zeros(n, 32, dtype=torch.float64), 8)  # fmt: skip
     joined = 0
     for exact in (False, False, True):
         fused = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
@@ -239,6 +255,7 @@ def test_the_fused_pass_is_the_torch_passs(reference_kernel):
         joined = max(joined, int((fused["eids"] >= 0).sum(dim=1).max()))
         state = fused
     assert joined > 1 and int(state["passes"]) == 3
+    assert int(state["aside"].sum()) > 0 and bool((state["status"] == wc.FULL).any())
 
 
 def test_the_residuals_are_each_columns_from_its_slots():

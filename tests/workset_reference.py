@@ -13,7 +13,7 @@ import torch
 from videoanchor.anchor import plan as _plan
 from videoanchor.anchor.solvers import workset_cuda as wc
 
-SOLVED, STALLED = 0, 1
+SOLVED, STALLED, FULL = wc.SOLVED, wc.STALLED, wc.FULL
 EPS = torch.finfo(torch.float64).eps
 
 
@@ -48,9 +48,11 @@ def support_spread(X, c, e, lam_z, slack):
     return dc, dc * float(Y_OF.abs().sum(dim=1).max()) if len(O) else 0.0
 
 
-def solve_column(Y, i, ids, z, eids, ze, lam_z, lam_e, tol, max_inner):
+def solve_column(Y, i, ids, z, eids, ze, lam_z, lam_e, tol, max_inner, support=None):
     """Column ``i``'s program restricted to the coefficient slots ``ids`` and outlier slots
-    ``eids`` (-1 empty), from ``z``, ``ze``: ``(z, ze, mu, status, steps)``."""
+    ``eids`` (-1 empty), from ``z``, ``ze``: ``(z, ze, mu, status, steps)``. A coefficient
+    support that would pass ``support`` (None: no bound) stops it (``FULL``, as the column
+    kernel at its level's positions)."""
     d = Y.shape[0]
     vc = (ids >= 0) & (ids != i)
     ve = eids >= 0
@@ -64,6 +66,8 @@ def solve_column(Y, i, ids, z, eids, ze, lam_z, lam_e, tol, max_inner):
     F = x != 0
     s = torch.sign(x)
     mu, status, steps, tabu = 0.0, STALLED, 0, torch.zeros(nv, dtype=torch.bool)
+    if support is not None and int(F[:ncf].sum()) > support:
+        return z.clone(), ze.clone(), mu, FULL, steps
     while steps < max_inner:
         steps += 1
         f = torch.nonzero(F).flatten()
@@ -97,6 +101,9 @@ def solve_column(Y, i, ids, z, eids, ze, lam_z, lam_e, tol, max_inner):
         viol = torch.where(tabu, 0.0, viol)
         if nv and float(viol.max()) > tol:
             q = int(viol.argmax())
+            if support is not None and q < ncf and int(F[:ncf].sum()) >= support:
+                status = FULL
+                break
             F[q] = True
             s[q] = 1.0 if float(m[q]) > 0 else -1.0
         else:
@@ -128,6 +135,7 @@ def launch(state: dict, active: torch.Tensor, count: torch.Tensor) -> None:
             lam_e,
             tol,
             p["max_inner"],
+            state.get("support"),
         )
         state["z"][k], state["ze"][k] = zc, zo
         state["mu"][k], state["status"][k], state["steps_pass"][k] = mu, status, steps
@@ -186,7 +194,7 @@ def torch_pass(state: dict, cap: int, *, exact: bool, last: bool) -> None:
     vio = (ve[:, :d] > thr) & live[:, None]
     nvio = vio.sum(dim=1, dtype=torch.int32)
     free_e = ME - held.sum(dim=1, dtype=torch.int32)
-    full_c = fresh[:, 0] & (keep == M)
+    full_c = (fresh[:, 0] & (keep == M)) | (ran & (state["status"][a] == wc.FULL))
     full_e = (nvio > 0) & (free_e == 0) if last else nvio > free_e
     aside = full_c | full_e
     # each column keeps its support in its slots (the kernel's inverse over it stays valid)

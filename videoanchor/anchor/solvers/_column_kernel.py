@@ -19,15 +19,21 @@ entry joining is ``S - lambda_z y y^T``, leaving ``S + lambda_z y y^T``
 (``y = Y[o, F]``): Sherman-Morrison rank-one updates. Each target is refined once against
 the unfactored system (products with ``G`` and ``X`` gathered at the slots).
 
-Memory: the inverse lives in a per-row scratch in global memory that the kernel owns
-(``state["Sinv"]``, ``(nc, M, M)``) and is read in row tiles of about :data:`TILE`
-elements, so the registers follow the tile, not ``M``; the outlier slots are swept in
-chunks of rows of ``Y`` (their values, signs and targets in global memory, ``ze`` in place),
-so nothing of size ``ME`` is held in registers and ``ME`` is a run-time stride. The inverse
-is carried from run to run with the support it is the inverse of (``state["Skey"]``:
-slot id + 1 on the support, 0 elsewhere; ``state["Sok"]`` 1 where valid): a run whose
-column's support differs, or whose ``Sok`` is 0, rebuilds it from zero. The pass loop
-resets a row ``k`` by ``state["Sok"][k] = 0`` (zeroing any of the scratch also works).
+Memory (issue 98 item 4): the support and the candidates are held apart. The support sits
+in ``MS`` positions (``state["support"]``, at most the slots ``M``; a power of two): the
+registers hold vectors over them, and the inverse lives over them alone in a per-row scratch
+in global memory that the kernel owns (``state["Sinv"]``, ``(nc, MS, MS)``), read in row
+tiles of about :data:`TILE` elements. The candidates (the slots off the support) stay in
+global memory and are priced :data:`CANDIDATES` at a time (their rows of ``G`` at the
+support's ids), so a level's slots may be many times ``MS``; a column whose support would
+pass ``MS`` stops with status 2 (the pass loop sets it aside). The outlier slots are swept
+in chunks of rows of ``Y`` (their values, signs and targets in global memory, ``ze`` in
+place), so nothing of size ``ME`` is held in registers and ``ME`` is a run-time stride. The
+inverse is carried from run to run with its positions (``state["Spos"]``: each one's slot
+and id, -1 free; ``state["Skey"]`` the held outlier entries' ids + 1; ``state["Sok"]`` 1
+where valid): a run whose column's support differs, or whose ``Sok`` is 0, rebuilds it
+from zero, the support in slot order. The pass loop resets a row ``k`` by
+``state["Sok"][k] = 0``.
 
 Imported on the first :func:`launch`, never by ``import videoanchor``: it imports Triton.
 """
@@ -41,6 +47,8 @@ import triton.language as tl
 #: Elements of one row tile (``BR x M``) of the inverse, ``G`` or ``Y`` gathered at the slots:
 #: one row from ``M = 64`` up (at 128, Triton 3.6 spilled at ``M = 64``, its tile of 2 rows).
 TILE = 64
+#: Candidate slots read at a time (a row of ``G`` at their ids per support position).
+CANDIDATES = 128
 #: Threads per program: 4 warps.
 NUM_WARPS = 4
 #: Compile options: ptxas holds the kernel to 128 registers (4 blocks of 128 threads an SM).
@@ -77,11 +85,10 @@ def _mv2(A, vs, x, y, used, offs, BR: tl.constexpr, M: tl.constexpr):
 
 
 @triton.jit
-def _gmv(G, N, idrow, cols64, cmask, x, vs, used, offs, BR: tl.constexpr, M: tl.constexpr):
-    """``G[ids, ids] x`` over the slots of ``cmask`` (gathered from ``G``, symmetric;
-    ``x`` zero off the support)."""
-    _stage(vs, x, x, offs, M)
-    acc = tl.zeros([M], dtype=tl.float64)
+def _gstaged(G, N, idrow, cols64, cmask, vs, used, BR: tl.constexpr, W: tl.constexpr):
+    """``G[ids, cols64] x`` (``W`` columns, those of ``cmask``): the rows' ids at ``idrow``
+    (-1 empty) below ``used``, ``x`` staged at ``vs`` (:func:`_stage`)."""
+    acc = tl.zeros([W], dtype=tl.float64)
     for r0 in range(0, used, BR):
         rows = r0 + tl.arange(0, BR)
         rm = rows < used
@@ -91,6 +98,14 @@ def _gmv(G, N, idrow, cols64, cmask, x, vs, used, offs, BR: tl.constexpr, M: tl.
                     mask=rv[:, None] & cmask[None, :], other=0.0)  # fmt: skip
         acc += tl.sum(t * tl.load(vs + rows, mask=rm, other=0.0)[:, None], axis=0)
     return acc
+
+
+@triton.jit
+def _gmv(G, N, idrow, cols64, cmask, x, vs, used, offs, BR: tl.constexpr, M: tl.constexpr):
+    """``G[ids, ids] x`` over the slots of ``cmask`` (gathered from ``G``, symmetric;
+    ``x`` zero off the support)."""
+    _stage(vs, x, x, offs, M)
+    return _gstaged(G, N, idrow, cols64, cmask, vs, used, BR, M)
 
 
 @triton.jit
@@ -194,12 +209,12 @@ def _rank1(Sinv, y, sigma, ridge, used, offs, vs, BR: tl.constexpr, M: tl.conste
 
 
 @triton.jit
-def _scol(G, X, N, D, Ee, SE, q, idrow, cols64, valid, lam_z, gamma, used_e, offs,
-          M: tl.constexpr, BE: tl.constexpr):  # fmt: skip
-    """``S``'s column at slot ``q`` over every slot, with the held outlier entries."""
-    idq = tl.load(idrow + q).to(tl.int64)  # (slot q is valid)
+def _scol(G, X, N, D, Ee, SE, idq, cols64, valid, lam_z, gamma, used_e,
+          MS: tl.constexpr, BE: tl.constexpr):  # fmt: skip
+    """``S``'s column at the coefficient ``idq`` over the positions of ``valid`` (ids
+    ``cols64``), with the held outlier entries."""
     g = tl.load(G + idq * N + cols64, mask=valid, other=0.0)
-    acc = tl.zeros([M], dtype=tl.float64)
+    acc = tl.zeros([MS], dtype=tl.float64)
     for e0 in range(0, used_e, BE):
         t, er, eid = _xtile(X, D, Ee, e0, cols64, valid, BE)
         held = tl.load(SE + er) != 0.0
@@ -210,45 +225,95 @@ def _scol(G, X, N, D, Ee, SE, q, idrow, cols64, valid, lam_z, gamma, used_e, off
 
 @triton.jit
 def _p(G, N, i, cols64, valid, lam_z):
-    """``lambda_z G_ui`` over the slots (read again where used: not held across the loop)."""
+    """``lambda_z G_ui`` over the positions (read again where used: not held across the
+    loop)."""
     return lam_z * tl.load(G + cols64 * N + i, mask=valid, other=0.0)
+
+
+@triton.jit
+def _candidates(G, X, N, D, ids, z, CT, Ee, SE, Ze, pid, vs, i, z_sup, used, used_e, lam_z,
+                mu, moves, M: tl.constexpr, MS: tl.constexpr, BC: tl.constexpr,
+                BRC: tl.constexpr, BE: tl.constexpr):  # fmt: skip
+    """The candidates (the column's slots off the support, in global memory, read ``BC`` at a
+    time): their multipliers ``m_u = lambda_z (G_ui - G_uF c - Y_Ou^T e_O) - mu`` at the
+    iterate (``z_sup`` over the support's positions, whose ids are ``pid``; the held outlier
+    entries' values in ``Ze``), the largest violation ``|m_u| - 1`` of all (``top``) and of
+    those not kept out (``CT`` the move count + 1: kept out until the iterate moves), its
+    slot and its multiplier."""
+    _stage(vs, z_sup, z_sup, tl.arange(0, MS), MS)
+    top = tl.zeros([], dtype=tl.float64)
+    worst = tl.zeros([], dtype=tl.float64)
+    at = tl.full([], -1, tl.int32)
+    m_at = tl.zeros([], dtype=tl.float64)
+    for c0 in range(0, M, BC):
+        cs = c0 + tl.arange(0, BC)
+        cid = tl.load(ids + cs)
+        cand = (cid >= 0) & (cid != i) & (tl.load(z + cs) == 0.0)
+        if tl.max(cand.to(tl.int32)) > 0:
+            cc64 = tl.where(cand, cid, 0).to(tl.int64)
+            gz = _gstaged(G, N, pid, cc64, cand, vs, used, BRC, BC)
+            for e0 in range(0, used_e, BE):
+                t, er, eid = _xtile(X, D, Ee, e0, cc64, cand, BE)
+                held = tl.load(SE + er) != 0.0
+                gz += tl.sum(t * tl.where(held, tl.load(Ze + er), 0.0)[:, None], axis=0)
+            m = lam_z * (tl.load(G + cc64 * N + i, mask=cand, other=0.0) - gz) - mu
+            v = tl.where(cand, tl.abs(m) - 1.0, 0.0)
+            top = tl.maximum(top, tl.max(v))
+            v = tl.where(tl.load(CT + cs) == moves + 1.0, 0.0, v)
+            mc, a = tl.max(v, axis=0, return_indices=True)
+            if mc > worst:
+                worst = mc
+                at = c0 + a
+                m_at = tl.sum(tl.where(cs == at, m, 0.0))
+    return top, worst, at, m_at
 
 
 # the sizes are not specialised (one binary per level of slots)
 @triton.jit(do_not_specialize=["N", "D", "ME", "max_inner"])
 def _column_kernel(G, X, scalars, cols_ptr, ids_ptr, z_ptr, eids_ptr, ze_ptr, mu_ptr,
-                   status_ptr, steps_ptr, Sinv_ptr, key_ptr, ok_ptr, V_ptr, EV_ptr, active,
-                   count, N, D, ME, max_inner,
-                   M: tl.constexpr, BR: tl.constexpr, BE: tl.constexpr,
-                   REFINE: tl.constexpr):  # fmt: skip
+                   status_ptr, steps_ptr, Sinv_ptr, pos_ptr, key_ptr, ok_ptr, V_ptr, EV_ptr,
+                   CT_ptr, active, count, N, D, ME, max_inner,
+                   M: tl.constexpr, MS: tl.constexpr, BR: tl.constexpr, BE: tl.constexpr,
+                   BC: tl.constexpr, BRC: tl.constexpr, REFINE: tl.constexpr):  # fmt: skip
     pos = tl.program_id(0)
     if pos < tl.load(count):
         # (float64 from memory: a Python float would be float32). lambda_e (1), tol (3) and,
         # in the pass loop, gamma (2) and ridge (4) are read where used, not held in registers
         lam_z = tl.load(scalars)
-        gamma = tl.load(scalars + 2)
         ridge = tl.load(scalars + 4)
         k = tl.load(active + pos).to(tl.int64)
-        offs = tl.arange(0, M)
-        Sinv = Sinv_ptr + k * M * M
-        vs = V_ptr + k * 2 * M
+        po = tl.arange(0, MS)  # the support's positions
+        Sinv = Sinv_ptr + k * MS * MS
+        vs = V_ptr + k * 2 * MS
         Ee = eids_ptr + k * ME
         Ze = ze_ptr + k * ME
         SE = EV_ptr + k * 3 * ME  # the held entries' signs (0: not held)
         ET = SE + ME  # their targets
         TB = SE + 2 * ME  # kept out until the iterate moves: the move count + 1
-        key = key_ptr + k * (M + ME)
+        PS = pos_ptr + k * 2 * MS  # each position's slot (-1: free)
+        PI = PS + MS  # and its id
+        key = key_ptr + k * ME
+        ids = ids_ptr + k * M
+        zs = z_ptr + k * M
+        CT = CT_ptr + k * M  # the candidates kept out, as TB
         i = tl.load(cols_ptr + k)
-        ids = tl.load(ids_ptr + k * M + offs)
-        valid = (ids >= 0) & (ids != i)
-        used = tl.max(tl.where(ids >= 0, offs + 1, 0))
-        cols64 = tl.where(valid, ids, 0).to(tl.int64)
-        z = tl.where(valid, tl.load(z_ptr + k * M + offs), 0.0)
-        F = valid & (z != 0.0)
-        s = tl.where(z > 0.0, 1.0, tl.where(z < 0.0, -1.0, 0.0)).to(tl.float32)  # (exact)
+        # the support in the slots (its count) and the candidates' marks cleared
+        nsup = tl.zeros([], dtype=tl.int32)
+        for c0 in range(0, M, BC):
+            cs = c0 + tl.arange(0, BC)
+            cid = tl.load(ids + cs)
+            nsup += tl.sum(((cid >= 0) & (cid != i) & (tl.load(zs + cs) != 0.0)).to(tl.int32))
+            tl.store(CT + cs, tl.zeros([BC], dtype=tl.float64))
+        # the carried positions: each one's slot still holds its id, on the support
+        pslot = tl.load(PS + po)
+        inuse = pslot >= 0
+        at64 = tl.where(inuse, pslot, 0).to(tl.int64)
+        idc = tl.load(ids + at64, mask=inuse, other=-1)
+        differ = tl.sum((inuse & ((idc != tl.load(PI + po)) | (tl.load(zs + at64, mask=inuse,
+                                                                          other=0.0) == 0.0)))
+                        .to(tl.int32))  # fmt: skip
+        differ += tl.where(tl.sum(inuse.to(tl.int32)) != nsup, 1, 0)
         # the outlier slots: signs from the values, the slots in use, the carried key
-        kc = tl.load(key + offs)
-        differ = tl.sum(tl.where(kc != tl.where(F, ids + 1, 0), 1, 0))
         used_e = tl.zeros([], dtype=tl.int32)
         for e0 in range(0, ME, BE):
             er = e0 + tl.arange(0, BE)
@@ -258,48 +323,72 @@ def _column_kernel(G, X, scalars, cols_ptr, ids_ptr, z_ptr, eids_ptr, ze_ptr, mu
             tl.store(SE + er, tl.where(held, tl.where(zev > 0.0, 1.0, -1.0), 0.0))
             tl.store(TB + er, tl.zeros([BE], dtype=tl.float64))
             used_e = tl.maximum(used_e, tl.max(tl.where(eid >= 0, er + 1, 0)))
-            ke = tl.load(key + M + er)
+            ke = tl.load(key + er)
             differ += tl.sum(tl.where(ke != tl.where(held, eid + 1, 0), 1, 0))
         tl.debug_barrier()
         clamped = tl.zeros([], dtype=tl.int32)
-        if (tl.load(ok_ptr + k) == 0) | (differ > 0):  # rebuilt from zero, slot by slot
-            for r0 in range(0, used, BR):
-                rows = r0 + tl.arange(0, BR)
-                tl.store(Sinv + rows[:, None] * M + offs[None, :],
-                         tl.zeros([BR, M], dtype=tl.float64),
-                         mask=(rows[:, None] < used) & (offs[None, :] < used))  # fmt: skip
-            tl.debug_barrier()
-            for q in range(0, used):
-                if tl.sum(tl.where((offs == q) & F, 1, 0)) > 0:
-                    col = _scol(G, X, N, D, Ee, SE, q, ids_ptr + k * M, cols64, valid,
-                                lam_z, gamma, used_e, offs, M, BE)  # fmt: skip
-                    eta = tl.sum(tl.where(offs == q, col, 0.0))
-                    h = tl.where(F & (offs < q), col, 0.0)
-                    clamped = tl.maximum(clamped, _border(Sinv, h, eta, q, used, offs, ridge,
-                                                          vs, BR, M))  # fmt: skip
         steps = tl.zeros([], dtype=tl.int32)
         status = tl.full([], 1, tl.int32)
+        done = tl.zeros([], dtype=tl.int32)
+        rebuild = (tl.load(ok_ptr + k) == 0) | (differ > 0)
+        if rebuild & (nsup > MS):  # the support does not fit the level's positions
+            status = tl.full([], 2, tl.int32)
+            done = tl.full([], 1, tl.int32)
+            inuse = po < 0
+        elif rebuild:  # the support into positions in slot order, the inverse from zero
+            tl.store(PS + po, tl.full([MS], -1, tl.int32))
+            tl.store(PI + po, tl.full([MS], -1, tl.int32))
+            tl.debug_barrier()
+            base = tl.zeros([], dtype=tl.int32)
+            for c0 in range(0, M, BC):
+                cs = c0 + tl.arange(0, BC)
+                cid = tl.load(ids + cs)
+                sup = (cid >= 0) & (cid != i) & (tl.load(zs + cs) != 0.0)
+                rank = base + tl.cumsum(sup.to(tl.int32), axis=0) - 1
+                tl.store(PS + rank, cs, mask=sup)
+                tl.store(PI + rank, cid, mask=sup)
+                base += tl.sum(sup.to(tl.int32))
+            tl.debug_barrier()
+            pslot = tl.load(PS + po)
+            inuse = pslot >= 0
+            for r0 in range(0, nsup, BR):
+                rows = r0 + tl.arange(0, BR)
+                tl.store(Sinv + rows[:, None] * MS + po[None, :],
+                         tl.zeros([BR, MS], dtype=tl.float64),
+                         mask=(rows[:, None] < nsup) & (po[None, :] < nsup))  # fmt: skip
+            tl.debug_barrier()
+        F = inuse
+        cols64 = tl.where(F, tl.load(PI + po), 0).to(tl.int64)
+        z = tl.load(zs + tl.where(F, pslot, 0).to(tl.int64), mask=F, other=0.0)
+        s = tl.where(z > 0.0, 1.0, tl.where(z < 0.0, -1.0, 0.0)).to(tl.float32)  # (exact)
+        used = tl.max(tl.where(F, po + 1, 0))
+        if rebuild & (done == 0):
+            for q in range(0, used):  # bordered position by position
+                col = _scol(G, X, N, D, Ee, SE, tl.load(PI + q).to(tl.int64), cols64, F,
+                            lam_z, tl.load(scalars + 2), used_e, MS, BE)  # fmt: skip
+                eta = tl.sum(tl.where(po == q, col, 0.0))
+                h = tl.where(F & (po < q), col, 0.0)
+                clamped = tl.maximum(clamped, _border(Sinv, h, eta, q, used, po, ridge,
+                                                      vs, BR, MS))  # fmt: skip
         moves = tl.zeros(
             [], dtype=tl.float64
-        )  # (the outlier entries kept out hold the move count + 1 in TB)
+        )  # (the variables kept out hold the move count + 1 in TB and CT)
         mu = tl.zeros([], dtype=tl.float64)
-        tabu = offs < 0
-        done = tl.zeros([], dtype=tl.int32)
         while (done == 0) & (steps < max_inner):
             # the target on the support: S c = q + t 1, 1^T c = 1, refined once
             af = tl.where(F, 1.0, 0.0).to(tl.float64)
-            qo = _q_out(X, D, Ee, SE, i, lam_z, tl.load(scalars + 1), cols64, F, used_e, M, BE)
-            q = tl.where(F, _p(G, N, i, cols64, valid, lam_z) + qo - s.to(tl.float64), 0.0)
-            x1, x2 = _mv2(Sinv, vs, q, af, used, offs, BR, M)
+            qo = _q_out(X, D, Ee, SE, i, lam_z, tl.load(scalars + 1), cols64, F, used_e, MS, BE)
+            q = tl.where(F, _p(G, N, i, cols64, F, lam_z) + qo - s.to(tl.float64), 0.0)
+            x1, x2 = _mv2(Sinv, vs, q, af, used, po, BR, MS)
             den = tl.sum(af * x2)
             t = (1.0 - tl.sum(af * x1)) / den
             zt = x1 + t * x2
             for _ in range(REFINE):  # against the unfactored system (a loop: one copy of its code)
-                sz = lam_z * (_gmv(G, N, ids_ptr + k * M, cols64, F, zt, vs, used, offs, BR, M)
-                              - _yy_mv(X, D, Ee, SE, zt, cols64, F, used_e, M, BE))  # fmt: skip
+                sz = lam_z * (_gmv(G, N, PI, cols64, F, zt, vs, used, po, BR, MS)
+                              - _yy_mv(X, D, Ee, SE, zt, cols64, F, used_e, MS, BE))  # fmt: skip
                 sz += tl.load(scalars + 2) * af * tl.sum(zt)
                 res = tl.where(F, q + t * af - sz, 0.0)
-                dz, _ = _mv2(Sinv, vs, res, res, used, offs, BR, M)
+                dz, _ = _mv2(Sinv, vs, res, res, used, po, BR, MS)
                 dt = (1.0 - tl.sum(af * (zt + dz))) / den
                 zt = tl.where(F, zt + dz + dt * x2, 0.0)
                 t += dt
@@ -348,14 +437,18 @@ def _column_kernel(G, X, scalars, cols_ptr, ids_ptr, z_ptr, eids_ptr, ze_ptr, mu
                     tl.store(Ze + er, tl.where(er == oe, 0.0, zev), mask=held)
                 if step > 0.0:
                     moves += 1.0
-                    tabu = offs < 0
                 if alpha <= alpha_e:
+                    # its slot back among the candidates (kept out where the step was 0)
+                    so = tl.load(PS + out)
+                    tl.store(zs + so, 0.0)
                     if step == 0.0:
-                        tabu = tabu | (offs == out)
-                    z = tl.where(offs == out, 0.0, z)
-                    F = F & (offs != out)
-                    s = tl.where(offs == out, 0.0, s).to(tl.float32)
-                    _leave(Sinv, out, used, offs, vs, BR, M)
+                        tl.store(CT + so, moves + 1.0)
+                    z = tl.where(po == out, 0.0, z)
+                    F = F & (po != out)
+                    s = tl.where(po == out, 0.0, s).to(tl.float32)
+                    tl.store(PS + out, -1)
+                    tl.store(PI + out, -1)
+                    _leave(Sinv, out, used, po, vs, BR, MS)
                 else:
                     tl.store(SE + out_e, 0.0)
                     if step == 0.0:
@@ -364,23 +457,18 @@ def _column_kernel(G, X, scalars, cols_ptr, ids_ptr, z_ptr, eids_ptr, ze_ptr, mu
             else:
                 if moved:
                     moves += 1.0
-                    tabu = offs < 0
                 z = zt
-                # the slots' multipliers at the new iterate: coefficients
-                # m_u = lambda_z (G_ui - G_uF c - Y_Ou^T e_O) - mu, outlier entries
-                # m_o = lambda_z (y_io - (Y c)_o); the held entries take their targets
+                # the multipliers at the new iterate: outlier entries m_o = lambda_z (y_io -
+                # (Y c)_o), the held ones taking their targets; then the candidates'
                 worst_e = tl.zeros([], dtype=tl.float64)
                 top_e = tl.zeros([], dtype=tl.float64)
                 at_e = tl.full([], -1, tl.int32)
                 sign_e = tl.zeros([], dtype=tl.float64)
-                xe = tl.zeros([M], dtype=tl.float64)
                 for e0 in range(0, used_e, BE):
-                    tt, er, eid = _xtile(X, D, Ee, e0, cols64, valid, BE)
+                    tt, er, eid = _xtile(X, D, Ee, e0, cols64, F, BE)
                     se = tl.load(SE + er)
                     held = se != 0.0
-                    zev = tl.where(held, tl.load(ET + er), 0.0)
-                    tl.store(Ze + er, zev, mask=held)
-                    xe += tl.sum(tt * zev[:, None], axis=0)
+                    tl.store(Ze + er, tl.load(ET + er), mask=held)
                     ev = eid >= 0
                     yi = tl.load(X + i * D + tl.where(ev, eid, 0).to(tl.int64), mask=ev,
                                  other=0.0)  # fmt: skip
@@ -397,48 +485,60 @@ def _column_kernel(G, X, scalars, cols_ptr, ids_ptr, z_ptr, eids_ptr, ze_ptr, mu
                         sign_e = tl.sum(
                             tl.where(er == at_e, tl.where(mo > 0.0, 1.0, -1.0), 0.0)
                         ).to(tl.float64)
-                gz = _gmv(G, N, ids_ptr + k * M, cols64, valid, z, vs, used, offs, BR, M)
-                m = _p(G, N, i, cols64, valid, lam_z) - lam_z * (gz + xe) - mu
-                viol = tl.where(valid & ~F, tl.abs(m) - 1.0, 0.0)
-                worst, qn = tl.max(tl.where(tabu, 0.0, viol), axis=0, return_indices=True)
+                tl.debug_barrier()
+                top, worst, qn, mq = _candidates(G, X, N, D, ids, zs, CT, Ee, SE, Ze, PI, vs,
+                                                 i, z, used, used_e, lam_z, mu, moves, M, MS,
+                                                 BC, BRC, BE)  # fmt: skip
                 if tl.maximum(worst, worst_e) > tl.load(scalars + 3):
                     if worst >= worst_e:
-                        col = _scol(G, X, N, D, Ee, SE, qn, ids_ptr + k * M, cols64, valid,
-                                    lam_z, tl.load(scalars + 2), used_e, offs, M, BE)  # fmt: skip
-                        _stage(vs, m, col, offs, M)  # (their entries at qn: loads, see _slot)
-                        mq = tl.load(vs + qn)
-                        eta = tl.load(vs + M + qn)
-                        clamped = tl.maximum(clamped, _border(Sinv, tl.where(F, col, 0.0), eta,
-                                                              qn, used, offs, tl.load(scalars + 4), vs, BR,
-                                                              M))  # fmt: skip
-                        F = F | (offs == qn)
-                        s = tl.where(offs == qn, tl.where(mq > 0.0, 1.0, -1.0), s).to(tl.float32)
+                        # into the first free position (none: the level's positions are full)
+                        newp = tl.min(tl.where(F, MS, po))
+                        if newp < MS:
+                            idq = tl.load(ids + qn)
+                            cols64 = tl.where(po == newp, idq, cols64).to(tl.int64)
+                            col = _scol(G, X, N, D, Ee, SE, idq.to(tl.int64), cols64,
+                                        F | (po == newp), lam_z, tl.load(scalars + 2), used_e,
+                                        MS, BE)  # fmt: skip
+                            eta = tl.sum(tl.where(po == newp, col, 0.0))
+                            used = tl.maximum(used, newp + 1)
+                            clamped = tl.maximum(clamped, _border(Sinv, tl.where(F, col, 0.0),
+                                                                  eta, newp, used, po,
+                                                                  tl.load(scalars + 4), vs,
+                                                                  BR, MS))  # fmt: skip
+                            F = F | (po == newp)
+                            tl.store(PS + newp, qn)
+                            tl.store(PI + newp, idq)
+                            tl.store(zs + qn, float("nan"))  # (off the candidates until the end)
+                            s = tl.where(po == newp, tl.where(mq > 0.0, 1.0, -1.0),
+                                         s).to(tl.float32)  # fmt: skip
+                        else:
+                            status = tl.full([], 2, tl.int32)
+                            done = tl.full([], 1, tl.int32)
                     else:
                         tl.store(SE + at_e, sign_e)
                         r1, sigma = at_e, -lam_z
                 else:  # solved, unless a variable kept out still violates (the next pass)
                     tol = tl.load(scalars + 3)
-                    status = tl.where(
-                        (tl.max(tl.where(viol > tol, 1, 0)) > 0) | (top_e > tol), 1, 0
-                    )
+                    status = tl.where((top > tol) | (top_e > tol), 1, 0)
                     done = 1
             if r1 >= 0:  # an outlier entry left or joined: S -/+ lambda_z y y^T (one call site)
                 y = tl.load(X + cols64 * D + tl.load(Ee + r1), mask=F, other=0.0)
                 tl.debug_barrier()
                 clamped = tl.maximum(clamped, _rank1(Sinv, y, sigma, tl.load(scalars + 4), used,
-                                                     offs, vs, BR, M))  # fmt: skip
+                                                     po, vs, BR, MS))  # fmt: skip
             steps += 1
-        # the support as stored, its key, and whether the inverse is carried
+        # the support into its slots, the outlier key, and whether the inverse is carried
         keep = F & (z != 0.0)
-        tl.store(z_ptr + k * M + offs, tl.where(keep, z, 0.0), mask=valid)
-        tl.store(key + offs, tl.where(keep, ids + 1, 0))
+        tl.debug_barrier()  # (the positions' slots as the run left them)
+        tl.store(zs + tl.where(F, tl.load(PS + po), 0).to(tl.int64), tl.where(keep, z, 0.0),
+                 mask=F)  # fmt: skip
         lost = tl.sum(tl.where(F & (z == 0.0), 1, 0))
         for e0 in range(0, ME, BE):
             er = e0 + tl.arange(0, BE)
             eid = tl.load(Ee + er)
             held = tl.load(SE + er) != 0.0
             zev = tl.load(Ze + er)
-            tl.store(key + M + er, tl.where(held & (zev != 0.0), eid + 1, 0))
+            tl.store(key + er, tl.where(held & (zev != 0.0), eid + 1, 0))
             lost += tl.sum(tl.where(held & (zev == 0.0), 1, 0))
         carry = (status == 0) & (clamped == 0) & (lost == 0)
         tl.store(ok_ptr + k, tl.where(carry, 1, 0))
@@ -447,36 +547,53 @@ def _column_kernel(G, X, scalars, cols_ptr, ids_ptr, z_ptr, eids_ptr, ze_ptr, mu
         tl.store(steps_ptr + k, steps)
 
 
-def tiles(M: int, tile: int = TILE) -> tuple[int, int]:
-    """The rows of a tile of the inverse (``BR``) and of a chunk of outlier slots (``BE``)."""
-    rows = max(1, min(M, tile // M))
-    return rows, rows
+def support(state: dict) -> int:
+    """The support's positions ``MS`` at ``state``'s level: ``state["support"]`` where it
+    names them (the level's bound on a column's support), else every slot ``M``."""
+    return int(state.get("support", state["ids"].shape[1]))
+
+
+def tiles(MS: int, M: int | None = None, tile: int = TILE) -> tuple[int, int, int, int]:
+    """The rows of a tile of the inverse (``BR``), of a chunk of outlier slots (``BE``), the
+    candidates read at a time (``BC``: at most :data:`CANDIDATES`) and the support's rows a
+    step of their products (``BRC``)."""
+    rows = max(1, min(MS, tile // MS))
+    bc = min(M if M is not None else MS, CANDIDATES)
+    return rows, rows, bc, max(1, min(MS, tile // bc))
 
 
 def scratch(state: dict) -> None:
-    """The kernel's scratch into ``state`` (where not there): ``Sinv`` ``(nc, M, M)`` the
-    carried inverses, ``Skey`` ``(nc, M + ME)`` their supports, ``Sok`` ``(nc,)`` (0: rebuild),
-    ``Svec`` ``(nc, 2, M)`` staged vectors, ``Sout`` ``(nc, 3, ME)`` the outlier slots'
-    signs, targets and marks."""
+    """The kernel's scratch into ``state`` (where not there), at ``MS`` = :func:`support`
+    positions: ``Sinv`` ``(nc, MS, MS)`` the carried inverses, ``Spos`` ``(nc, 2, MS)`` each
+    position's slot and id (-1 free), ``Skey`` ``(nc, ME)`` the outlier entries held,
+    ``Sok`` ``(nc,)`` (0: rebuild), ``Svec`` ``(nc, 2, MS)`` staged vectors, ``Sout``
+    ``(nc, 3, ME)`` the outlier slots' signs, targets and marks, ``Scand`` ``(nc, M)`` the
+    candidates' marks."""
     if "Sinv" in state:
         return
     nc, M = state["ids"].shape
+    MS = support(state)
     ME = state["eids"].shape[1]
     dev = state["ids"].device
     f64 = dict(dtype=torch.float64, device=dev)
-    state["Sinv"] = torch.zeros(nc, M, M, **f64)
-    state["Skey"] = torch.zeros(nc, M + ME, dtype=torch.int32, device=dev)
+    state["Sinv"] = torch.zeros(nc, MS, MS, **f64)
+    state["Spos"] = torch.full((nc, 2, MS), -1, dtype=torch.int32, device=dev)
+    state["Skey"] = torch.zeros(nc, max(ME, 1), dtype=torch.int32, device=dev)
     state["Sok"] = torch.zeros(nc, dtype=torch.int32, device=dev)
-    state["Svec"] = torch.zeros(nc, 2, M, **f64)
+    state["Svec"] = torch.zeros(nc, 2, MS, **f64)
     state["Sout"] = torch.zeros(nc, 3, max(ME, 1), **f64)
+    state["Scand"] = torch.zeros(nc, M, **f64)
 
 
 def _check(state: dict, active: torch.Tensor, count: torch.Tensor) -> None:
     ids, eids = state["ids"], state["eids"]
     M, ME = ids.shape[1], eids.shape[1]
-    for name, v in (("M", M), ("ME", ME)):
+    MS = support(state)
+    for name, v in (("M", M), ("ME", ME), ("support", MS)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"{name}: expected a power of two, got {v}")
+    if MS > M:
+        raise ValueError(f"support: expected at most the slots ({M}), got {MS}")
     for name, t, dt in (("ids", ids, torch.int32), ("eids", eids, torch.int32),
                         ("active", active, torch.int32), ("count", count, torch.int32),
                         ("z", state["z"], torch.float64), ("ze", state["ze"], torch.float64),
@@ -508,7 +625,8 @@ def launch(state: dict, active: torch.Tensor, count: torch.Tensor) -> None:
     scratch(state)
     p = state["program"]
     M, ME = state["ids"].shape[1], state["eids"].shape[1]
-    BR, BE = tiles(M, TILE)
+    MS = support(state)
+    BR, BE, BC, BRC = tiles(MS, M, TILE)
     BE = min(BE, ME)
     cap = active.shape[0]
     if cap == 0:
@@ -516,7 +634,7 @@ def launch(state: dict, active: torch.Tensor, count: torch.Tensor) -> None:
     _column_kernel[(cap,)](
         p["G"], p["X"], p["scalars"], state["cols"], state["ids"], state["z"], state["eids"],
         state["ze"], state["mu"], state["status"], state["steps_pass"], state["Sinv"],
-        state["Skey"], state["Sok"], state["Svec"], state["Sout"], active, count,
-        p["n"], p["d"], ME, p["max_inner"], M=M, BR=BR, BE=BE, REFINE=REFINE,
-        num_warps=NUM_WARPS, **OPTIONS,
+        state["Spos"], state["Skey"], state["Sok"], state["Svec"], state["Sout"],
+        state["Scand"], active, count, p["n"], p["d"], ME, p["max_inner"], M=M, MS=MS, BR=BR,
+        BE=BE, BC=BC, BRC=BRC, REFINE=REFINE, num_warps=NUM_WARPS, **OPTIONS,
     )  # fmt: skip

@@ -163,7 +163,9 @@ def _joins_kernel(top, new, m, R, VE, JL, cols, ids, z, eids, ze, mu, status, st
             rank = nvio + tl.cumsum(vio.to(tl.int32), axis=0) - 1
             tl.store(JL + p64 * ME + rank, dd, mask=vio & (rank < free_e))
             nvio += tl.sum(vio.to(tl.int32))
-        full_c = fresh & (keep == M)
+        st = tl.load(status + k)
+        # (a kernel run whose support would pass the level's positions: FULL)
+        full_c = (fresh & (keep == M)) | (ran & (st == 2))
         if last:
             full_e = (nvio > 0) & (free_e == 0)
         else:
@@ -181,7 +183,6 @@ def _joins_kernel(top, new, m, R, VE, JL, cols, ids, z, eids, ze, mu, status, st
             got_e = tl.load(JL + p64 * ME + tl.where(take_e, qe, 0), mask=take_e, other=-1)
             tl.store(eids + k * ME + eo, tl.where(held, eid, tl.where(take_e, got_e, -1)),
                      mask=eo < ME)  # fmt: skip
-            st = tl.load(status + k)
             flag = tl.where((nj > 0) | (ne > 0) | (st != 0), 1, 0)
             if exact:  # the support's own stationarity: where it fails, the kernel rebuilds
                 mk = tl.load(mu + k)

@@ -21,9 +21,11 @@ the same device with no host read inside them.
   held (the support's size: no padding in the certificate's sparse products). float32 passes until no column violates at ``SCREEN``, then
   float64 ones, the first over every column (the kernel off), until none violates at ``tol``:
   the answer is certified in float64.
-- **levels of slots** ``(M, ME)`` (:data:`SLOTS`, :data:`OUTLIER_SLOTS`): a column whose
-  coefficient slots are full while a coefficient violates, or whose free outlier slots are
-  fewer than its violating entries, continues at the next level; one that outgrows the last,
+- **levels of slots** ``(M, ME)`` (:data:`SLOTS`, :data:`OUTLIER_SLOTS`; the column
+  kernel's support positions :data:`SUPPORT`, at most ``M``): a column whose coefficient
+  slots are full while a coefficient violates, whose support would pass the level's
+  positions (the kernel's ``FULL``), or whose free outlier slots are fewer than its
+  violating entries, continues at the next level; one that outgrows the last,
   or passes that run out, gives the whole call the fast solver's answer with a warning
   (``strategy``: ``"workset_cuda"``, ``"workset_cuda_wide"`` or the fast solver's).
 
@@ -58,12 +60,17 @@ from videoanchor.anchor.solvers.admm import run_admm
 
 __all__ = ["OUTLIER_SLOTS", "SLOTS", "run", "run_workset_cuda", "solve_workset_cuda", "warm_up"]
 
-#: A column's end in a kernel run: its set is optimal; the inner steps ran out.
-SOLVED, STALLED = 0, 1
+#: A column's end in a kernel run: its set is optimal; the inner steps ran out; its support
+#: would pass the level's positions (:data:`SUPPORT`: the pass sets it aside).
+SOLVED, STALLED, FULL = 0, 1, 2
 #: The coefficient slots of each level: every column's, and the wider one for a column
 #: that fills it (supports of 46 / 110 / 152 coefficients, median / p90 / max, at 16 frames;
 #: up to 205 at 64 frames: ../shared/docs/GPU-SCORES.md).
 SLOTS = (128, 256)
+#: The support's positions of each level (at most its slots): the column kernel holds its
+#: inverse over them alone, its other slots (the candidates) in global memory, so a level's
+#: slots may be wider than what the registers follow (issue 98 item 4).
+SUPPORT = (128, 256)
 #: The outlier slots of each level: outlier entries are eliminated in the kernel (their
 #: count costs no factor), so a level holds many; the corrupted tokens hold 478-551 each.
 OUTLIER_SLOTS = (64, 1024)
@@ -158,7 +165,7 @@ def warm_up(device, slots: tuple[int, ...] = SLOTS,
         state = _state(program, cols, torch.full((1, M), -1, dtype=torch.int32, device=device),
                        torch.zeros(1, M, **f64), torch.full((1, ME), -1, dtype=torch.int32,
                                                             device=device),
-                       torch.zeros(1, ME, **f64))  # fmt: skip
+                       torch.zeros(1, ME, **f64), _support(level, M))  # fmt: skip
         state["count"].zero_()
         state["kcount"].zero_()
         for exact in (False, True):
@@ -207,13 +214,21 @@ def _program(X: torch.Tensor, G: torch.Tensor, lam_e: float, lam_z: float, *, to
                 tol=float(tol), max_inner=int(max_inner), scalars=scalars)  # fmt: skip
 
 
+def _support(level: int, M: int) -> int:
+    """The support's positions at ``level`` of ``M`` slots: :data:`SUPPORT`'s (its last past
+    it), at most ``M``."""
+    return min(M, SUPPORT[min(level, len(SUPPORT) - 1)])
+
+
 def _state(program: dict, cols: torch.Tensor, ids: torch.Tensor, z: torch.Tensor,
-           eids: torch.Tensor, ze: torch.Tensor) -> dict:  # fmt: skip
-    """A level's state (the kernel's contract) with every column active."""
+           eids: torch.Tensor, ze: torch.Tensor, support: int | None = None) -> dict:  # fmt: skip
+    """A level's state (the kernel's contract) with every column active, ``support`` the
+    column kernel's positions (None: every slot)."""
     nc = len(cols)
     dev = ids.device
     i32 = dict(dtype=torch.int32, device=dev)
-    return dict(program=program, cols=cols, ids=ids, z=z, eids=eids, ze=ze,
+    support = ids.shape[1] if support is None else support
+    return dict(program=program, cols=cols, ids=ids, z=z, eids=eids, ze=ze, support=support,
                 mu=torch.zeros(nc, dtype=torch.float64, device=dev),
                 status=torch.zeros(nc, **i32), steps_pass=torch.zeros(nc, **i32),
                 steps=torch.zeros(nc, dtype=torch.int64, device=dev),
@@ -370,21 +385,21 @@ class _Workspace:
                                  if not isinstance(v, torch.Tensor)})  # fmt: skip
         return self.program
 
-    def bind_state(self, cols, ids, z, eids, ze, capture) -> dict:
+    def bind_state(self, cols, ids, z, eids, ze, capture, support: int) -> dict:
         """A level's state (:func:`_state`) in this workspace's buffers, reset as
         :func:`_state` makes it; its graphs kept (``LEVELS`` levels, least recent
         dropped)."""
-        key = (len(cols), ids.shape[1], eids.shape[1])
+        key = (len(cols), ids.shape[1], eids.shape[1], support)
         st = self.levels.get(key)
         if st is None:
             st = _state(self.program, cols.clone(), ids.clone(), z.clone(), eids.clone(),
-                        ze.clone())  # fmt: skip
+                        ze.clone(), support)  # fmt: skip
             self.levels[key] = st
             while len(self.levels) > LEVELS:
                 self.levels.popitem(last=False)
         else:
             self.levels.move_to_end(key)
-            fresh = _state(self.program, cols, ids, z, eids, ze)
+            fresh = _state(self.program, cols, ids, z, eids, ze, support)
             for k, v in fresh.items():  # (into the buffers the graphs read)
                 if isinstance(v, torch.Tensor):
                     st[k].copy_(v)
@@ -573,9 +588,9 @@ def _levels(X, G, lam_e, lam_z, levels, cols, ids, z, eids, ze, *, ws, capture, 
     size = 0  # (the slots that ``final`` holds: the support's size, read with the flags)
     for level, (M, ME) in enumerate(levels):
         if ws is None:
-            state = _state(program, cols, ids, z, eids, ze)
+            state = _state(program, cols, ids, z, eids, ze, _support(level, M))
         else:
-            state = ws.bind_state(cols, ids, z, eids, ze, capture)
+            state = ws.bind_state(cols, ids, z, eids, ze, capture, _support(level, M))
         last = level + 1 == len(levels)
         max_aside = wide_share * n if level == 0 and not last else math.inf
         replayed, done, aside, ran, active, held = _solve_level(
