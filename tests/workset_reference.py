@@ -57,7 +57,9 @@ def solve_column(Y, i, ids, z, eids, ze, lam_z, lam_e, tol, max_inner, support=N
     vc = (ids >= 0) & (ids != i)
     ve = eids >= 0
     cid, oid = ids[vc].long(), eids[ve].long()
-    P = torch.cat([Y[:, cid], torch.eye(d, dtype=Y.dtype)[:, oid]], dim=1)
+    unit = torch.zeros(d, len(oid), dtype=Y.dtype)  # (the outlier entries' unit columns)
+    unit[oid, torch.arange(len(oid))] = 1.0
+    P = torch.cat([Y[:, cid], unit], dim=1)
     nv, ncf = P.shape[1], len(cid)
     w = torch.cat([torch.ones(ncf, dtype=Y.dtype), torch.full((len(oid),), lam_e, dtype=Y.dtype)])
     a = torch.cat([torch.ones(ncf, dtype=Y.dtype), torch.zeros(len(oid), dtype=Y.dtype)])
