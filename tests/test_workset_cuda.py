@@ -111,7 +111,7 @@ def test_outlier_entries_join_at_once_and_are_solved(reference_kernel, monkeypat
 def test_both_routes_read_the_one_pass_rule(reference_kernel, monkeypatch):
     """Issue 101: the CPU's kernel and the GPU's passes take who joins a pass from one object,
     ``plan.PASS_RULE``, read when they run: a changed rule changes what both do (the GPU's
-    joins get its numbers; the CPU's kernel its ``grow0`` and ``cpu_grow_max``,
+    joins get its numbers; the CPU's kernel its ``cpu_grow0`` and ``cpu_grow_max``,
     with more passes at 1 a pass than at the default's 16), and each reaches the same
     minimiser."""
     from videoanchor.anchor.solvers import _pass_kernel
@@ -119,9 +119,11 @@ def test_both_routes_read_the_one_pass_rule(reference_kernel, monkeypatch):
 
     x = video_tokens(3, 8, 24, k=3, seed=2)
     default = solve_ssc_workset(x.double(), alpha_e=10.0)
-    assert ws._grows(None) == (plan.PASS_RULE.grow0, plan.PASS_RULE.cpu_grow_max) == (16, 16)
-    assert [plan.PASS_RULE.grow(p) for p in (1, 2, 3, 4, 40)] == [16, 32, 64, 64, 64]
-    monkeypatch.setattr(plan, "PASS_RULE", plan.PassRule(1, 2, 1))
+    rule = plan.PASS_RULE
+    assert ws._grows(None) == (rule.cpu_grow0, rule.cpu_grow_max) == (16, 16)
+    assert [rule.grow(p) for p in (1, 2, 3, 4, 40)] == [256, 512, 1024, 1024, 1024]
+    assert [rule.grow(p, cpu=True) for p in (1, 2, 40)] == [16, 16, 16]
+    monkeypatch.setattr(plan, "PASS_RULE", plan.PassRule(1, 2, 1, 1))
     assert ws._grows(None) == (1, 1)
     seen, joins = set(), _pass_kernel.joins
 
@@ -139,6 +141,8 @@ def test_both_routes_read_the_one_pass_rule(reference_kernel, monkeypatch):
     assert float((out["coef"] - default.coef).abs().max()) < 1e-7
     with pytest.raises(ValueError, match="grow_max >= grow0"):
         plan.PassRule(16, 8)
+    with pytest.raises(ValueError, match="cpu_grow_max >= cpu_grow0"):
+        plan.PassRule(cpu_grow0=32)
 
 
 def test_slot_overflow_takes_the_second_level_and_then_the_fallback(reference_kernel):
@@ -309,7 +313,7 @@ def test_dense_sets_are_told_apart_before_any_pass():
     from benchmarks.common import synthetic_tokens
     from videoanchor.anchor.program import gram_row_max, nearest_points, ssc_lambdas
 
-    def dense(x, slots=wc.SLOTS[0]):
+    def dense(x, slots=wc.DENSE_ENTRIES):
         X = x.double()
         G = X @ X.T
         lam_e, lam_z, _, _ = ssc_lambdas(X, 800.0, 800.0, row_max=gram_row_max(X, gram=G))

@@ -43,14 +43,18 @@ from benchmarks.bench_pass_counts import SETS, tokens  # noqa: E402
 from benchmarks.bench_workset_cuda import SHAPES  # noqa: E402
 from benchmarks.common import environment, finish, parser  # noqa: E402
 
-#: name: (SLOTS, SUPPORT, OUTLIER_SLOTS, grow0, grow_max)
+#: name: (SLOTS, SUPPORT, OUTLIER_SLOTS, grow0, grow_max[, precision]) (precision: the
+#: first passes' products, ``solve_workset_cuda``'s; default ``"float32"``)
 CONFIGS = {
-    "default": None,  # the package's
+    "default": None,  # the package's (at 829c7e7, route_counts_cpu.json's rows: d16's)
+    "d16": ((128, 256), (128, 256), (64, 1024), 16, 64),  # (the defaults before issue 98)
     "e256": ((512, 1024), (128, 256), (64, 1024), 256, 1024),
     "e256_2048": ((512, 2048), (128, 256), (64, 1024), 256, 2048),
     "e128": ((512, 1024), (128, 256), (64, 1024), 128, 1024),
     "e256_o256": ((512, 1024), (128, 256), (256, 1024), 256, 1024),
     "e256_o512": ((512, 1024), (128, 256), (512, 1024), 256, 1024),
+    "e256_o512_f64": ((512, 1024), (128, 256), (512, 1024), 256, 1024, "float64"),
+    "default_f64": (None, None, None, None, None, "float64"),
 }
 COLUMNS = ["set", "config", "n", "passes", "active_sum_over_n", "wide_columns", "overflow",
            "converged", "gap", "seconds"]  # fmt: skip
@@ -90,14 +94,16 @@ def count(x: torch.Tensor, config) -> dict:
 
     try:
         wc._pass, wc.launch, wc.residuals = recorded, workset_reference.launch, torch_residuals
+        precision = "float32"
         if config is not None:
-            slots, support, outlier, grow0, grow_max = config
-            wc.SLOTS, wc.SUPPORT, wc.OUTLIER_SLOTS = slots, support, outlier
-            _plan.PASS_RULE = _plan.PassRule(grow0=grow0, grow_max=grow_max,
-                                             cpu_grow_max=max(grow_max, grow0))  # fmt: skip
+            slots, support, outlier, grow0, grow_max = config[:5]
+            precision = config[5] if len(config) > 5 else precision
+            if slots is not None:
+                wc.SLOTS, wc.SUPPORT, wc.OUTLIER_SLOTS = slots, support, outlier
+                _plan.PASS_RULE = _plan.PassRule(grow0=grow0, grow_max=grow_max)
         t = time.perf_counter()
         out = wc.solve_workset_cuda(x, slots=wc.SLOTS, outlier_slots=wc.OUTLIER_SLOTS,
-                                    max_inner=1000)  # fmt: skip
+                                    max_inner=1000, precision=precision)  # fmt: skip
         seconds = time.perf_counter() - t
         rule = _plan.PASS_RULE
         levels = [list(v) for v in zip(wc.SLOTS, wc.SUPPORT, wc.OUTLIER_SLOTS, strict=False)]
@@ -110,6 +116,7 @@ def count(x: torch.Tensor, config) -> dict:
         g = duality_gaps(x.double(), out["coef"], out["lambda_e"], out["lambda_z"])
         gap = float(g.max_gap)
     return dict(n=n, d=x.shape[1], levels=levels, grow0=rule.grow0, grow_max=rule.grow_max,
+                precision=precision,
                 passes=out["passes"], replayed=out["replayed"], active_per_pass=per_pass,
                 active_sum=out["active"], active_sum_over_n=out["active"] / n,
                 wide_columns=out["wide_columns"], overflow=out["overflow"],
@@ -120,6 +127,7 @@ def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--sets", default="qwen16")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--name", default="route_counts", help="the result file's name")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     rows = []
@@ -133,7 +141,7 @@ def main() -> None:
                        config=config, **count(x, CONFIGS[config]), loadavg=os.getloadavg())  # fmt: skip
             rows.append(row)
             print({k: row[k] for k in COLUMNS}, flush=True)
-            finish("route_counts", meta, rows, args.out_dir, COLUMNS)
+            finish(args.name, meta, rows, args.out_dir, COLUMNS)
 
 
 if __name__ == "__main__":

@@ -373,8 +373,13 @@ class PassRule:
     growth; the outlier entries, which cost no factor, outside it). Where the two routes
     differ, by design:
 
-    - ``cpu_grow_max``: the CPU's ``grow_max``, 16 (no doubling), against the GPU's 64. The
-      GPU's pass is a GEMM and 12 kernels over the active columns: fewer passes pay there. A
+    - ``cpu_grow0`` and ``cpu_grow_max``: the CPU's, 16 and 16 (no doubling), against the
+      GPU's 256 doubling to 1024 (within the level's slots: issue 98 item 4). The GPU's pass
+      is a GEMM and 12 kernels over the active columns: fewer passes pay there; on the
+      route's own pass loop at 16 frames of Qwen2.5-VL-7B's shape (10 corrupted tokens),
+      256 doubling within slots of 512 then 1024 sums 7.04 N active columns in 26 passes,
+      where 16 doubling to 64 within 128 then 256 slots summed 11.87 N in 52
+      (``benchmarks/experiments/route_counts.py``, ``route_counts_cpu.json``). A
       CPU pass is a column's own ``|F| (N + D)`` products, and fewer of them did not pay:
       ``benchmarks/results/pass_rule_ab_cpu.json`` (one thread, warm, interleaved) has
       doubling to 64 on the CPU 1.05-1.09x slower at 16 frames, D = 1024 (the most passes
@@ -388,31 +393,32 @@ class PassRule:
       larger working sets (each step prices every variable of ``W``), not timed apart;
     - ``p``: the CPU's is the column's own pass; the GPU's the call's, over the active columns
       (the float64 passes after float32 screening continue its count);
-    - the GPU's joins also fit its slots (``workset_cuda.SLOTS``, ``OUTLIER_SLOTS``: a column
-      that would outgrow them moves to the next level); the CPU's sets are bounded by
-      ``cap`` alone.
+    - the GPU's joins also fit its slots (``workset_cuda.SLOTS``, ``OUTLIER_SLOTS``, and the
+      column kernel's support positions ``SUPPORT``: a column that would outgrow them moves
+      to the next level); the CPU's sets are bounded by ``cap`` alone.
     """
 
-    grow0: int = 16
-    grow_max: int = 64
+    grow0: int = 256
+    grow_max: int = 1024
+    cpu_grow0: int = 16
     cpu_grow_max: int = 16
 
     def __post_init__(self):
-        for name in ("grow0", "grow_max", "cpu_grow_max"):
+        for name in ("grow0", "grow_max", "cpu_grow0", "cpu_grow_max"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"PassRule.{name}: expected a positive integer, got {value!r}")
-        for name in ("grow_max", "cpu_grow_max"):
-            if getattr(self, name) < self.grow0:
-                raise ValueError(f"PassRule: expected {name} >= grow0, got {getattr(self, name)} "
-                                 f"< {self.grow0}")  # fmt: skip
+        for most, first in (("grow_max", "grow0"), ("cpu_grow_max", "cpu_grow0")):
+            if getattr(self, most) < getattr(self, first):
+                raise ValueError(f"PassRule: expected {most} >= {first}, got "
+                                 f"{getattr(self, most)} < {getattr(self, first)}")  # fmt: skip
 
     def grow(self, p: int, *, cpu: bool = False) -> int:
         """The most coefficients that join a column at its outer pass ``p`` (1, 2, ...):
-        ``min(grow0 * 2^(p - 1), grow_max)`` (``cpu``: ``cpu_grow_max``), at most 8 doublings
-        (the GPU's int32 shift)."""
-        most = self.cpu_grow_max if cpu else self.grow_max
-        return min(self.grow0 << min(max(p - 1, 0), 8), most)
+        ``min(grow0 * 2^(p - 1), grow_max)`` (``cpu``: ``cpu_grow0`` and ``cpu_grow_max``),
+        at most 8 doublings (the GPU's int32 shift)."""
+        first, most = (self.cpu_grow0, self.cpu_grow_max) if cpu else (self.grow0, self.grow_max)
+        return min(first << min(max(p - 1, 0), 8), most)
 
 
 #: The working sets' one pass rule (:class:`PassRule`; ``benchmarks/bench_pass_counts.py``

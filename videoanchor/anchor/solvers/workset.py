@@ -218,11 +218,11 @@ def _sweep_cost(n: int, d: int, start, C, E, work, passes, cols) -> float:
 
 def _grows(grow: int | None) -> tuple[int, int]:
     """The kernel's ``grow`` and ``grow_max``: the pass rule's on the CPU
-    (:data:`videoanchor.anchor.plan.PASS_RULE`, read now: ``grow0`` and ``cpu_grow_max``),
-    ``grow`` (None: ``grow0``) the first pass's coefficients, doubling up to ``cpu_grow_max``
-    or ``grow``."""
+    (:data:`videoanchor.anchor.plan.PASS_RULE`, read now: ``cpu_grow0`` and
+    ``cpu_grow_max``), ``grow`` (None: ``cpu_grow0``) the first pass's coefficients, doubling
+    up to ``cpu_grow_max`` or ``grow``."""
     rule = _plan.PASS_RULE
-    grow = rule.grow0 if grow is None else int(grow)
+    grow = rule.cpu_grow0 if grow is None else int(grow)
     return grow, max(grow, rule.cpu_grow_max)
 
 
@@ -400,7 +400,7 @@ def solve_ssc_workset(
     ``tol``: the KKT violation (relative to each variable's l1 weight) below which a
     variable stays out of its set. ``grow``: the coefficients that may join a column's
     working set at its first pass, doubling each pass up to the pass rule's ``cpu_grow_max``
-    (:data:`videoanchor.anchor.plan.PASS_RULE`; None: its ``grow0``); every violating outlier
+    (:data:`videoanchor.anchor.plan.PASS_RULE`; None: its ``cpu_grow0``); every violating outlier
     entry joins at once. ``max_set``: the most variables (coefficients and
     outliers) one column's working set may hold (None: no limit); a set that outgrows it
     raises :class:`SetsTooLarge`, where ``C`` is dense and the working sets stop paying.

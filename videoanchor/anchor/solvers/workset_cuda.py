@@ -64,16 +64,25 @@ __all__ = ["OUTLIER_SLOTS", "SLOTS", "run", "run_workset_cuda", "solve_workset_c
 #: would pass the level's positions (:data:`SUPPORT`: the pass sets it aside).
 SOLVED, STALLED, FULL = 0, 1, 2
 #: The coefficient slots of each level: every column's, and the wider one for a column
-#: that fills it (supports of 46 / 110 / 152 coefficients, median / p90 / max, at 16 frames;
-#: up to 205 at 64 frames: ../shared/docs/GPU-SCORES.md).
-SLOTS = (128, 256)
+#: that fills them or its support positions. The slots hold the candidates as well as the
+#: support (46 / 110 / 152 coefficients, median / p90 / max, at 16 frames; up to 205 at 64
+#: frames: ../shared/docs/GPU-SCORES.md), so that the pass rule's 256 joiners fit a first
+#: pass (issue 98 item 4: 512 then 1024 with ``PassRule`` 256 doubling, 6.85 N active
+#: columns summed at 16 frames of Qwen2.5-VL-7B's shape, where 128 then 256 slots with 16
+#: doubling to 64 summed 11.87 N; ``benchmarks/experiments/route_counts.py``).
+SLOTS = (512, 1024)
 #: The support's positions of each level (at most its slots): the column kernel holds its
 #: inverse over them alone, its other slots (the candidates) in global memory, so a level's
 #: slots may be wider than what the registers follow (issue 98 item 4).
 SUPPORT = (128, 256)
 #: The outlier slots of each level: outlier entries are eliminated in the kernel (their
 #: count costs no factor), so a level holds many; the corrupted tokens hold 478-551 each.
-OUTLIER_SLOTS = (64, 1024)
+#: 512 at the first level: with 64, 406 of 2048 columns at 16 frames took the second level
+#: in their first pass (16 with 512; route_counts.py).
+OUTLIER_SLOTS = (512, 1024)
+#: The dense screen's bound (:func:`dense_at_start`, at most the first level's outlier
+#: slots): the lower median column's outlier entries violating at its nearest point.
+DENSE_ENTRIES = 64
 #: Slot counts a level may have: powers of two, 4 to 4096 (the kernel's constexprs).
 SLOT_COUNTS = tuple(2**k for k in range(2, 13))
 #: Passes between the host's reads: the first round, then each later one (a pass past the
@@ -552,14 +561,15 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
     eids = torch.full((n, ME), -1, **i32)
     ze = torch.zeros((n, ME), dtype=torch.float64, device=dev)
     t1 = time.perf_counter()
-    dense_now = bool(dense_at_start(X, ids[:, 0].long(), lam_e, lam_z, ME))
+    bound = min(ME, DENSE_ENTRIES)
+    dense_now = bool(dense_at_start(X, ids[:, 0].long(), lam_e, lam_z, bound))
     reads.append("dense")
     if dense_now:
         return dict(coef=None, outliers=None, lambda_e=lam_e, lambda_z=lam_z, gram=G,
                     support=None, passes=0, replayed=0, active=0, converged=False, wide_columns=0,
                     overflow=0, steps=None, reads=reads,
                     dense=f"the median column has more outlier entries violating at its "
-                    f"nearest point than {ME} slots; the working sets did not run",
+                    f"nearest point than {bound}; the working sets did not run",
                     timings={"lambdas": t1 - t0, "workset_cuda": time.perf_counter() - t1})  # fmt: skip
     if capture is None and dev.type == "cuda":
         capture = _cuda_capture
