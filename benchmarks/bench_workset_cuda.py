@@ -507,11 +507,12 @@ def compile_static(cc: int) -> list[dict]:
     from videoanchor.kernels import aot
     from videoanchor.kernels.launch import Launch
 
-    n, d, cap, k = 2048, 3584, 2048, _plan.PASS_RULE.grow_max
+    n, d, cap = 2048, 3584, 2048
     i32, i64, f64 = torch.int32, torch.int64, torch.float64
     e = lambda *shape, dtype=f64: torch.empty(*shape, dtype=dtype)  # noqa: E731
     rows = []
     for M, ME in zip(wc.SLOTS, wc.OUTLIER_SLOTS, strict=True):
+        k = min(_plan.PASS_RULE.grow_max, n, M)  # (the pass's topk: _pass)
         for dt in (torch.float32, torch.float64):
             one = e(1, dtype=i32)
             common = (e(n, dtype=i64), e(n, M, dtype=i32), e(n, M), e(n, ME, dtype=i32),
@@ -532,9 +533,10 @@ def compile_static(cc: int) -> list[dict]:
                                  *common, e(n), e(n, dtype=i32), e(n, dtype=i32),
                                  e(n, dtype=i64), e(n, dtype=i32), e(n, dtype=i32),
                                  e(cap, dtype=i32), e(cap, dtype=i32), one, one,
-                                 e(1, dtype=i64), n, d, ME, k, e(pk.SCALE + 1), 16, 64),
-                                {"exact": dt == f64, "last": False, "has_ok": True, "M": M,
-                                 "MEP": ME, "KP": k, "BD": 128}),
+                                 e(1, dtype=i64), n, d, ME, k, e(pk.SCALE + 1),
+                                 _plan.PASS_RULE.grow0, _plan.PASS_RULE.grow_max),
+                                {"exact": dt == f64, "last": False, "has_ok": True,
+                                 **pk.joins_constexprs(M, ME, _plan.PASS_RULE.grow_max)}),
             }  # fmt: skip
             for name, rec in recs.items():
                 row = {"kernel": name, "M": M, "ME": ME, "dtype": str(dt)[6:]}
