@@ -532,7 +532,7 @@ def compile_static(cc: int) -> list[dict]:
                                  e(cap, d, dtype=dt), e(cap, d, dtype=dt), e(n, ME, dtype=i32),
                                  *common, e(n), e(n, dtype=i32), e(n, dtype=i32),
                                  e(n, dtype=i64), e(n, dtype=i32), e(n, dtype=i32),
-                                 e(cap, dtype=i32), e(cap, dtype=i32), one, one,
+                                 e(n, dtype=i32), e(cap, dtype=i32), e(cap, dtype=i32), one, one,
                                  e(1, dtype=i64), n, d, ME, k, e(pk.SCALE + 1),
                                  _plan.PASS_RULE.grow0, _plan.PASS_RULE.grow_max),
                                 {"exact": dt == f64, "last": False, "has_ok": True,

@@ -249,7 +249,8 @@ def test_the_fused_pass_is_the_torch_passs(reference_kernel):
         plain = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
         wc._pass(fused, n, exact=exact, last=False)
         workset_reference.torch_pass(plain, n, exact=exact, last=False)
-        for key in ("ids", "eids", "aside", "steps", "count", "kcount", "passes", "active_sum"):
+        keys = "ids eids aside joined steps count kcount passes active_sum".split()
+        for key in keys:
             assert torch.equal(fused[key], plain[key]), (key, exact)
         count = int(fused["count"][0])
         assert torch.equal(fused["active"][:count], plain["active"][:count])

@@ -226,7 +226,10 @@ def torch_pass(state: dict, cap: int, *, exact: bool, last: bool) -> None:
         again |= off
     # a run of one step after the last pass's joiners: they did not join (rounding)
     stuck = ran & (state["passes"] > 0) & (state["steps_pass"][a] <= 1)
+    stuck &= state["joined"][a] != 0  # (only after joiners: a rebuilt run may move in one)
     again &= ~(stuck & (state["status"][a] == wc.SOLVED))
+    joined = torch.where(take, (ok.any(dim=1) | join.any(dim=1)).to(torch.int32), 0)
+    state["joined"].index_copy_(0, a, torch.where(live, joined, state["joined"][a]))
     state["ids"].index_copy_(0, a, torch.where(take[:, None], ids2[:, :M], ids))
     state["eids"].index_copy_(0, a, torch.where(take[:, None], eids2[:, :ME], eids))
     state["aside"].index_add_(0, a, (aside & live).to(torch.int32))

@@ -121,7 +121,8 @@ def _violations_kernel(m, V, cols, ids, z, mu, active, count, passes, active_sum
 
 @triton.jit(do_not_specialize=["N", "D", "ME", "K"])
 def _joins_kernel(top, new, m, R, VE, JL, cols, ids, z, eids, ze, mu, status, steps_pass,
-                  steps, aside, ok_ptr, again, active, count, kcount, passes, N, D, ME, K,
+                  steps, aside, ok_ptr, joined, again, active, count, kcount, passes, N, D, ME,
+                  K,
                   scalars, grow0, grow_max, exact: tl.constexpr,
                   last: tl.constexpr, has_ok: tl.constexpr, M: tl.constexpr,
                   MEP: tl.constexpr, KP: tl.constexpr, BD: tl.constexpr):  # fmt: skip
@@ -197,12 +198,16 @@ def _joins_kernel(top, new, m, R, VE, JL, cols, ids, z, eids, ze, mu, status, st
                     flag = 1
                     if has_ok:
                         tl.store(ok_ptr + k, 0)
-            # a run of one step after the last pass's joiners: they did not join (rounding)
+            # a run of one step after the last pass's joiners: they did not join (rounding).
+            # Only then: a run after a rebuild or a stall may move in one step
             stuck = ran & (npass > 0) & (tl.load(steps_pass + k) <= 1) & (st == 0)
+            stuck = stuck & (tl.load(joined + k) != 0)
             if stuck:
                 flag = 0
+            tl.store(joined + k, tl.where((nj > 0) | (ne > 0), 1, 0))
         else:
             tl.store(aside + k, tl.load(aside + k) + 1)
+            tl.store(joined + k, 0)
         if ran:
             tl.store(steps + k, tl.load(steps + k) + tl.load(steps_pass + k).to(tl.int64))
     tl.store(again + pos, flag)
@@ -238,7 +243,8 @@ def joins(top, new, m, R, VE, JL, state: dict, active, again, *, scalars: torch.
     _joins_kernel[(cap,)](
         top, new, m, R, VE, JL, state["cols"], state["ids"], state["z"], state["eids"],
         state["ze"], state["mu"], state["status"], state["steps_pass"], state["steps"],
-        state["aside"], ok if ok is not None else again, again, active, state["count"],
+        state["aside"], ok if ok is not None else again, state["joined"], again, active,
+        state["count"],
         state["kcount"], state["passes"], n, d, ME, kk, _checked_scalars(scalars), int(grow0),
         int(grow_max), exact=bool(exact), last=bool(last), has_ok=ok is not None,
         **joins_constexprs(M, ME, grow_max),

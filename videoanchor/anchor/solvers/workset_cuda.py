@@ -244,6 +244,9 @@ def _state(program: dict, cols: torch.Tensor, ids: torch.Tensor, z: torch.Tensor
                 status=torch.zeros(nc, **i32), steps_pass=torch.zeros(nc, **i32),
                 steps=torch.zeros(nc, dtype=torch.int64, device=dev),
                 aside=torch.zeros(nc, **i32),
+                # (1 where the last pass took variables into the column's slots: the joins'
+                # test of a run that did not move)
+                joined=torch.zeros(nc, **i32),
                 # the active list (a permutation of the rows: its first ``count`` are
                 # active), the kernel's count (0: a pass that only checks), the passes run
                 # (those with an active column) and the active columns summed over them
