@@ -68,10 +68,10 @@ SOLVED, STALLED, FULL = 0, 1, 2
 #: median / p90 / max, at 16 frames; up to 205 at 64 frames: ../shared/docs/GPU-SCORES.md).
 #: Slots wider than the support (the candidates in global memory) are what the e256 rule
 #: needs: 512 then 1024 with ``PassRule`` 256 doubling sum 6.85 N active columns at 16
-#: frames, where these sum 11.87 N (``benchmarks/experiments/route_counts.py``); not the
-#: default: under it ``test_supports_at_the_rank_reach_the_certified_minimiser`` ends
-#: "converged" at a gap of 0.39 (0.18 with the kernel before the support's positions), a
-#: defect of the pass loop under large joins not found yet (docs/ssc-gpu.md).
+#: frames, where these sum 11.87 N (``benchmarks/experiments/route_counts.py``). Not the
+#: default yet: under it ``test_supports_at_the_rank_reach_the_certified_minimiser`` ended
+#: "converged" at a gap of 0.39, the joins' stuck rule's defect (fixed: ``joined``; 1.8e-10
+#: after, one run), and the whole suite has not run under it (docs/ssc-gpu.md).
 SLOTS = (128, 256)
 #: The support's positions of each level (at most its slots): the column kernel holds its
 #: inverse over them alone, its other slots (the candidates) in global memory, so a level's
