@@ -398,7 +398,8 @@ def test_a_support_past_its_positions_stops_the_column():
     assert int(st["steps_pass"][0]) == 0 and torch.equal(st["z"][0], z0[0])
     assert int(st["steps_pass"][1]) >= 1 and not torch.isnan(st["z"][1]).any()
     c, _ = dense(st, 1)
-    assert int((c != 0).sum()) == 2 and abs(float(c.sum()) - 1.0) <= 1e-12
+    affine = rounding(st, 1)["affine"]  # (what float64 rounding leaves on the constraint)
+    assert int((c != 0).sum()) == 2 and abs(float(c.sum()) - 1.0) <= affine, affine
 
 
 def test_bad_input():
