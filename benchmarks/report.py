@@ -130,7 +130,7 @@ TITLES = {
     "long_video": "Long videos: default options and the working sets by blocks against N (issue 99)",
     "scene_certificates": "Where the default does not certify: issue 100's 44 realistic scenes, the default and, where it is not certified, the working sets by blocks (the certified minimiser) beside it (one-off)",
     "route_counts": "The CUDA working sets' pass loop counted at 16 frames on the CPU (torch pass, float64 stand-in kernel): the levels and pass rule before issue 98 item 4 and the e256 rule (one-off)",
-    "route_counts_outliers": "The CUDA working sets' pass loop counted at 16 frames on the CPU: the e256 rule with 512 outlier slots at the first level (one-off; not the default)",
+    "route_counts_outliers": "The CUDA working sets' pass loop counted at 16 frames on the CPU: the e256 rule with 512 outlier slots at the first level, today's default (one-off)",
     "warm_limits": "The warm route's bounds on dense C: the default Limits against warm_work = 6 warm_set^2 with warm_share 2 and 8, on the scenes where the default does not certify and on Yale B (one-off; the package's default unchanged)",
     "long_video_d3584": "Long videos: default options and the working sets by blocks at D = 3584 (Qwen2.5-VL-7B's features), 2k to 8k (issue 99)",
     "long_video_curve": "Long videos: default options and the working sets by blocks against N, 2k to 32k, re-run with the seeds and the stream (issue 99)",

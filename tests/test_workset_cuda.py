@@ -121,7 +121,7 @@ def test_both_routes_read_the_one_pass_rule(reference_kernel, monkeypatch):
     default = solve_ssc_workset(x.double(), alpha_e=10.0)
     rule = plan.PASS_RULE
     assert ws._grows(None) == (rule.cpu_grow0, rule.cpu_grow_max) == (16, 16)
-    assert [rule.grow(p) for p in (1, 2, 3, 4, 40)] == [16, 32, 64, 64, 64]
+    assert [rule.grow(p) for p in (1, 2, 3, 4, 40)] == [256, 512, 1024, 1024, 1024]
     assert [rule.grow(p, cpu=True) for p in (1, 2, 40)] == [16, 16, 16]
     monkeypatch.setattr(plan, "PASS_RULE", plan.PassRule(1, 2, 1, 1))
     assert ws._grows(None) == (1, 1)

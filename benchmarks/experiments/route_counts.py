@@ -46,7 +46,8 @@ from benchmarks.common import environment, finish, parser  # noqa: E402
 #: name: (SLOTS, SUPPORT, OUTLIER_SLOTS, grow0, grow_max[, precision]) (precision: the
 #: first passes' products, ``solve_workset_cuda``'s; default ``"float32"``)
 CONFIGS = {
-    "default": None,  # the package's (at 829c7e7, route_counts_cpu.json's rows: d16's)
+    "default": None,  # the package's (route_counts_cpu.json's rows, at 829c7e7: d16's; since
+    # issue 98 item 4's adoption, e256_o512's)
     "d16": ((128, 256), (128, 256), (64, 1024), 16, 64),  # (the defaults before issue 98)
     "e256": ((512, 1024), (128, 256), (64, 1024), 256, 1024),
     "e256_2048": ((512, 2048), (128, 256), (64, 1024), 256, 2048),

@@ -374,12 +374,11 @@ class PassRule:
     differ, by design:
 
     - ``cpu_grow0`` and ``cpu_grow_max``: the CPU's, 16 and 16 (no doubling), against the
-      GPU's 16 doubling to 64 (the fields apart since issue 98 item 4). The GPU's pass
+      GPU's 256 doubling to 1024 (within the level's slots: issue 98 item 4). The GPU's pass
       is a GEMM and 12 kernels over the active columns: fewer passes pay there; on the
       route's own pass loop at 16 frames of Qwen2.5-VL-7B's shape (10 corrupted tokens),
-      16 doubling to 64 within 128 then 256 slots sums 11.87 N active columns in 52 passes,
-      and 256 doubling to 1024 within 512 then 1024 slots (the e256 rule) 6.85-7.04 N in
-      22-26, not yet the default (``workset_cuda.SLOTS``' comment)
+      256 doubling within slots of 512 then 1024 sums 6.85 N active columns in 22 passes,
+      where 16 doubling to 64 within 128 then 256 slots summed 11.87 N in 52
       (``benchmarks/experiments/route_counts.py``, ``route_counts_cpu.json``). A
       CPU pass is a column's own ``|F| (N + D)`` products, and fewer of them did not pay:
       ``benchmarks/results/pass_rule_ab_cpu.json`` (one thread, warm, interleaved) has
@@ -399,8 +398,8 @@ class PassRule:
       to the next level); the CPU's sets are bounded by ``cap`` alone.
     """
 
-    grow0: int = 16
-    grow_max: int = 64
+    grow0: int = 256
+    grow_max: int = 1024
     cpu_grow0: int = 16
     cpu_grow_max: int = 16
 

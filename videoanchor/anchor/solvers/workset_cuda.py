@@ -64,24 +64,22 @@ __all__ = ["OUTLIER_SLOTS", "SLOTS", "run", "run_workset_cuda", "solve_workset_c
 #: would pass the level's positions (:data:`SUPPORT`: the pass sets it aside).
 SOLVED, STALLED, FULL = 0, 1, 2
 #: The coefficient slots of each level: every column's, and the wider one for a column
-#: that fills them or its support positions (supports of 46 / 110 / 152 coefficients,
-#: median / p90 / max, at 16 frames; up to 205 at 64 frames: ../shared/docs/GPU-SCORES.md).
-#: Slots wider than the support (the candidates in global memory) are what the e256 rule
-#: needs: 512 then 1024 with ``PassRule`` 256 doubling sum 6.85 N active columns at 16
-#: frames, where these sum 11.87 N (``benchmarks/experiments/route_counts.py``). Not the
-#: default yet: under it ``test_supports_at_the_rank_reach_the_certified_minimiser`` ended
-#: "converged" at a gap of 0.39, the joins' stuck rule's defect (fixed: ``joined``; 1.8e-10
-#: after, one run), and the whole suite has not run under it (docs/ssc-gpu.md).
-SLOTS = (128, 256)
+#: that fills them or its support positions. The slots hold the candidates as well as the
+#: support (46 / 110 / 152 coefficients, median / p90 / max, at 16 frames; up to 205 at 64
+#: frames: ../shared/docs/GPU-SCORES.md), so that the pass rule's 256 joiners fit a first
+#: pass (issue 98 item 4: 512 then 1024 with ``PassRule`` 256 doubling, 6.85 N active
+#: columns summed at 16 frames of Qwen2.5-VL-7B's shape, where 128 then 256 slots with 16
+#: doubling to 64 summed 11.87 N; ``benchmarks/experiments/route_counts.py``).
+SLOTS = (512, 1024)
 #: The support's positions of each level (at most its slots): the column kernel holds its
 #: inverse over them alone, its other slots (the candidates) in global memory, so a level's
 #: slots may be wider than what the registers follow (issue 98 item 4).
 SUPPORT = (128, 256)
 #: The outlier slots of each level: outlier entries are eliminated in the kernel (their
 #: count costs no factor), so a level holds many; the corrupted tokens hold 478-551 each.
-#: With 64 at the first level, 406 of 2048 columns at 16 frames take the second level in
-#: their first pass (16 with 512 under the e256 rule; route_counts.py).
-OUTLIER_SLOTS = (64, 1024)
+#: 512 at the first level: with 64, 406 of 2048 columns at 16 frames took the second level
+#: in their first pass (16 with 512; route_counts.py).
+OUTLIER_SLOTS = (512, 1024)
 #: The dense screen's bound (:func:`dense_at_start`, at most the first level's outlier
 #: slots): the lower median column's outlier entries violating at its nearest point.
 DENSE_ENTRIES = 64
