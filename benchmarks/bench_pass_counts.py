@@ -84,9 +84,10 @@ except ImportError:  # (not POSIX: the result file is rewritten without a lock)
 
 #: The corrupted tokens: how many, the share of their entries moved, the Gaussian's scale.
 CORRUPT = {"tokens": 10, "share": 0.15, "scale": 5.0}
-#: the GPU kernel's levels of coefficient slots that rule ``d`` bounds the joiners by, and
-#: rule ``e``'s wider ones
-LEVELS, WIDE_LEVELS = (128, 512), (512, 2048)
+#: the GPU kernel's levels of coefficient slots that rule ``d`` bounds the joiners by, rule
+#: ``e``'s wider ones and rule ``w``'s wider still (the candidates in global memory since
+#: issue 98 item 4: a level's slots cost memory, not registers)
+LEVELS, WIDE_LEVELS, WIDER_LEVELS = (128, 512), (512, 2048), (1024, 4096)
 #: ``name: (grow, grow_max, (SLOT_BOUND, SLOT_WIDE))`` (module docstring)
 RULES = {
     "rule_cpu": (PASS_RULE.cpu_grow0, PASS_RULE.cpu_grow_max, (0, 0)),
@@ -96,6 +97,7 @@ RULES = {
     **{f"c{g}": (g, g << 8, (0, 0)) for g in (8, 16, 32, 64, 128, 256)},
     **{f"d{g}": (g, g << 8, LEVELS) for g in (16, 32, 64, 128)},
     **{f"e{g}": (g, g << 8, WIDE_LEVELS) for g in (64, 256)},
+    **{f"w{g}": (g, g << 8, WIDER_LEVELS) for g in (256,)},
 }
 #: ``name: (model, frames)``; ``smoke``: a tiny set for the test and ``--smoke``
 SETS = {

@@ -9,7 +9,9 @@ the solve's figures compare with earlier runs), each size's first call timed apa
 (``seconds_default_first``: compiles, graph captures) from a warm one, each over the prefill of random-weight decoder
 layers of the model's shape (``bench_request_cost.prefill_seconds``) against the targets
 (0.10x at 16 frames, 0.25x at 64); at the first size the GPU working sets' own record
-(passes, the longest chain of inner steps, host reads) and the yardstick against the CPU's
+(passes, the longest chain of inner steps, host reads), its time screening in float32
+and in float64 (``screening``: the precision ``wc.screening`` picks for the device) and the
+yardstick against the CPU's
 certified minimiser (``reference_minimiser``, float64: objective gap, constraints, row sums'
 Spearman); and the dense case, ``bench_request_cost``'s synthetic cost set (tokens drawn
 independently: a dense minimiser), and Yale B faces of 10 and 38 subjects (the same rule,
@@ -478,6 +480,16 @@ def run(shapes: dict, frames, out_dir=None, *, smoke: bool = False, dense: bool 
                            active_sum_over_n=out["active"] / row["n"],
                            steps_max=None if out["steps"] is None else int(out["steps"].max()),
                            host_reads_workset_cuda=len(out["reads"]))  # fmt: skip
+                # the passes' products (issue 98 item 4: ``wc.screening`` picks float64 where
+                # the device multiplies it fast): each precision's warm call, its passes
+                save(row, "screening")
+                row["screening"] = wc.screening(device)
+                for p in ("float32", "float64"):
+                    call = lambda x=x, p=p: wc.solve_workset_cuda(x, precision=p, **kw)  # noqa: E731
+                    _timed(call, device)  # (its graphs captured)
+                    t, out, _ = _timed(call, device)
+                    row.update({f"seconds_workset_cuda_{p}": t, f"passes_{p}": out["passes"],
+                                f"active_sum_over_n_{p}": out["active"] / row["n"]})  # fmt: skip
                 save(row, "syncs_default")
                 row["syncs_default"] = _syncs(default, device)
                 if yardstick:

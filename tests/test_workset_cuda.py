@@ -108,6 +108,44 @@ def test_outlier_entries_join_at_once_and_are_solved(reference_kernel, monkeypat
     assert float((out["outliers"] - ref.outliers).abs().max()) < 1e-7
 
 
+def test_the_passes_screen_in_float64_where_the_device_multiplies_it_fast(
+        reference_kernel, monkeypatch):  # fmt: skip
+    """Issue 98 item 4: ``precision="auto"`` (the default) screens in float64 on the CUDA
+    devices with fast float64 products (sm_80, sm_90, sm_100) and in float32 elsewhere
+    (other CUDA devices, the CPU); in float64 every pass is a float64 one (none over every
+    column to certify), in float32 the passes start in float32 and end in float64; both
+    reach the certified minimiser."""
+    assert wc.screening("cpu") == "float32"
+    cc = {}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc["now"])
+    for cc["now"], want in (((8, 0), "float64"), ((9, 0), "float64"), ((10, 0), "float64"),
+                            ((8, 6), "float32"), ((8, 9), "float32"), ((10, 3), "float32"),
+                            ((12, 0), "float32"), ((7, 0), "float32")):  # fmt: skip
+        assert wc.screening(torch.device("cuda", 0)) == want, cc["now"]
+    x = video_tokens(4, 10, 16, k=4, seed=0)
+    passes, run = [], wc._pass
+
+    def recorded(state, cap, *, exact, last):
+        passes.append(exact)
+        return run(state, cap, exact=exact, last=last)
+
+    monkeypatch.setattr(wc, "_pass", recorded)
+    kw = dict(slots=(32,), outlier_slots=(16,), max_inner=300)
+    for device_says in ("float32", "float64"):
+        monkeypatch.setattr(wc, "screening", lambda device, says=device_says: says)
+        passes.clear()
+        out = wc.solve_workset_cuda(x, **kw)
+        _check(x, 800.0, out, close=1e-9)
+        if device_says == "float64":
+            assert all(passes), passes
+        else:
+            assert not passes[0] and passes[-1], passes
+        passes.clear()  # (the stand-in's lstsq (MKL) moves in the 12th digit run to run)
+        torch.testing.assert_close(wc.solve_workset_cuda(x, precision=device_says, **kw)["coef"],
+                                   out["coef"], rtol=0, atol=1e-9)  # fmt: skip
+        assert passes[0] == (device_says == "float64")
+
+
 def test_both_routes_read_the_one_pass_rule(reference_kernel, monkeypatch):
     """Issue 101: the CPU's kernel and the GPU's passes take who joins a pass from one object,
     ``plan.PASS_RULE``, read when they run: a changed rule changes what both do (the GPU's
@@ -542,6 +580,10 @@ def test_the_gpu_benchmark_runs_tiny_on_the_cpu(tmp_path, reference_kernel):
     assert "error" not in video and "error" not in dense, (video, dense)
     assert video["answered"] == "workset" and video["syncs_default"] is None  # (CPU route)
     assert video["passes_workset_cuda"] > 0 and video["steps_max"] > 0
+    # issue 98 item 4: each screening's warm call (the CPU's pick: float32)
+    assert video["screening"] == "float32"
+    assert video["passes_float32"] == video["passes_workset_cuda"]
+    assert video["seconds_workset_cuda_float64"] > 0 and video["active_sum_over_n_float64"] > 0
     # (the default's C in float32, the plan's working dtype: the yardstick's tolerances)
     assert abs(video["objective_gap"]) < 1e-6 and video["affine"] < 1e-5
     assert video["objective_gap"] <= video["fast_objective_gap"]

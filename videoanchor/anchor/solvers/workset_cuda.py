@@ -6,7 +6,8 @@ the same device with no host read inside them.
 - **a pass** (:func:`_pass`, 12 kernels) runs over the active columns alone, a list
   compacted on the device with its length ``count`` a device tensor: the kernel; each
   column's residual ``R = Y_a - Y C_a - E_a`` gathered from its slots; ONE GEMM ``Y^T R``
-  (float32 while screening, float64 in the passes that certify); the violations and the
+  (float32 while screening, float64 in the passes that certify; float64 throughout where
+  the device's float64 products are fast, :func:`screening`); the violations and the
   joins in Triton (:mod:`._pass_kernel`) by the working sets' one pass rule
   (:class:`videoanchor.anchor.plan.PassRule`, the CPU's too): the worst coefficient
   violators (``grow``: ``grow0`` doubling each pass up to ``grow_max``) into each column's
@@ -18,9 +19,11 @@ the same device with no host read inside them.
   column changes nothing.
 - **the host** reads five integers after a round of :data:`ROUNDS` passes: the active
   columns, those set aside, the passes that ran, the active columns summed and the slots
-  held (the support's size: no padding in the certificate's sparse products). float32 passes until no column violates at ``SCREEN``, then
-  float64 ones, the first over every column (the kernel off), until none violates at ``tol``:
-  the answer is certified in float64.
+  held (the support's size: no padding in the certificate's sparse products). Screening
+  in float32: float32 passes until no column violates at ``SCREEN``, then float64 ones, the
+  first over every column (the kernel off), until none violates at ``tol``; in float64
+  (:data:`FAST_FLOAT64`'s devices), float64 passes alone. The answer is certified in
+  float64.
 - **levels of slots** ``(M, ME)`` (:data:`SLOTS`, :data:`OUTLIER_SLOTS`; the column
   kernel's support positions :data:`SUPPORT`, at most ``M``): a column whose coefficient
   slots are full while a coefficient violates, whose support would pass the level's
@@ -58,7 +61,8 @@ from videoanchor.anchor.program import (
 from videoanchor.anchor.solvers import program_kwargs
 from videoanchor.anchor.solvers.admm import run_admm
 
-__all__ = ["OUTLIER_SLOTS", "SLOTS", "run", "run_workset_cuda", "solve_workset_cuda", "warm_up"]
+__all__ = ["OUTLIER_SLOTS", "SLOTS", "run", "run_workset_cuda", "screening",
+           "solve_workset_cuda", "warm_up"]  # fmt: skip
 
 #: A column's end in a kernel run: its set is optimal; the inner steps ran out; its support
 #: would pass the level's positions (:data:`SUPPORT`: the pass sets it aside).
@@ -98,6 +102,13 @@ CERTIFIED = 1e-8
 #: ``C`` is dense, and the fast answer stands, where more than this share of the columns
 #: fills the first level's slots; or before any pass, :func:`dense_at_start`.
 WIDE_SHARE = 0.25
+#: The CUDA compute capabilities whose float64 matrix products run at half float32's rate or
+#: better (FP64 tensor cores; NVIDIA's datasheets, float64 tensor / float32 TFLOPS: A100
+#: 19.5 / 19.5, H100 and H200 SXM 67 / 67, B200 about 40 / 80): there the passes screen in
+#: float64 (:func:`screening`), which needs no float64 pass over every column to certify
+#: (issue 98 item 4: ``route_counts_default_cpu.json``). Elsewhere (sm_86, sm_89, sm_120,
+#: sm_103: float64 at 1/64 of float32 or less) float32.
+FAST_FLOAT64 = frozenset({(8, 0), (9, 0), (10, 0)})
 
 
 def launch(state: dict, active: torch.Tensor, count: torch.Tensor) -> None:
@@ -183,6 +194,15 @@ def warm_up(device, slots: tuple[int, ...] = SLOTS,
             torch.cuda.current_stream(device).synchronize()
         took[M] = time.perf_counter() - t
     return took
+
+
+def screening(device) -> str:
+    """The passes' products on ``device`` (``precision="auto"``): ``"float64"`` on a CUDA
+    device of :data:`FAST_FLOAT64`, ``"float32"`` elsewhere (the CPU included)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) in FAST_FLOAT64:
+        return "float64"
+    return "float32"
 
 
 def _checked_levels(slots, outlier_slots) -> tuple[tuple[int, int], ...]:
@@ -507,13 +527,14 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
                        slots: tuple[int, ...] = SLOTS,
                        outlier_slots: tuple[int, ...] | None = None, tol: float = 1e-9,
                        max_passes: int = 500, max_inner: int = 1000,
-                       precision: str = "float32", wide_share: float = WIDE_SHARE,
+                       precision: str = "auto", wide_share: float = WIDE_SHARE,
                        checked: bool = False, capture=None) -> dict:  # fmt: skip
     """The program's minimiser for ``features`` (``N x D``) by the working sets on their
     device (module docstring), float64 inside the kernel. ``slots``, ``outlier_slots``: the
     coefficient and outlier slots per column at each level (non-decreasing, from
     :data:`SLOT_COUNTS`; ``outlier_slots`` None: :data:`OUTLIER_SLOTS`'). ``precision``:
-    the first passes' products (``"float32"``: screening, then float64; ``"float64"``).
+    the first passes' products (``"float32"``: screening, then float64; ``"float64"``;
+    ``"auto"``: :func:`screening`'s for the features' device).
     Where ``C`` is dense (:func:`dense_at_start`; or more than ``wide_share`` of the columns
     fill the first level) it stops there: ``dense`` says why (else None), ``coef`` and
     ``outliers`` are None where no pass ran. On CUDA the passes are CUDA graphs kept
@@ -539,8 +560,10 @@ def solve_workset_cuda(features, *, alpha_e: float = 800.0, alpha_z: float = 800
     if n < 2:
         raise ValueError(f"SSC needs at least 2 points, got N = {n}")
     levels = _checked_levels(slots, outlier_slots)
-    if precision not in ("float32", "float64"):
-        raise ValueError(f"precision: expected 'float32' or 'float64', got {precision!r}")
+    if precision not in ("auto", "float32", "float64"):
+        raise ValueError(f"precision: expected 'auto', 'float32' or 'float64', got {precision!r}")
+    if precision == "auto":
+        precision = screening(x.device)
     for name, value in (("max_passes", max_passes), ("max_inner", max_inner)):
         if int(value) < 1:
             raise ValueError(f"{name}: expected a positive integer, got {value}")
