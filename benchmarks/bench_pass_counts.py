@@ -21,7 +21,8 @@ outside ``grow``; of the coefficients the ``grow`` worst, ``grow`` doubling each
   (:data:`LEVELS`: 128 a column, 512 for one whose support holds more than 64; at least
   one joins; the kernel's ``SLOT_BOUND``, ``SLOT_WIDE``, compiled by ``variant_kernel``):
   ``c``'s working sets reach 1000-1500 coefficients; ``e``: the same with
-  :data:`WIDE_LEVELS` (512 and 2048).
+  :data:`WIDE_LEVELS` (512 and 2048); ``w``: with :data:`WIDER_LEVELS` (1024 and 4096; issue
+  98 item 4, the candidates in global memory).
 
 The result file's rows of rule ``a`` (the ``grow`` worst violators, coefficients and outlier
 entries alike: the CPU's rule before issue 101) were counted before that rule left the

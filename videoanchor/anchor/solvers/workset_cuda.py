@@ -70,11 +70,13 @@ SOLVED, STALLED, FULL = 0, 1, 2
 #: The coefficient slots of each level: every column's, and the wider one for a column
 #: that fills them or its support positions. The slots hold the candidates as well as the
 #: support (46 / 110 / 152 coefficients, median / p90 / max, at 16 frames; up to 205 at 64
-#: frames: ../shared/docs/GPU-SCORES.md), so that the pass rule's 256 joiners fit a first
-#: pass (issue 98 item 4: 512 then 1024 with ``PassRule`` 256 doubling, 6.85 N active
-#: columns summed at 16 frames of Qwen2.5-VL-7B's shape, where 128 then 256 slots with 16
-#: doubling to 64 summed 11.87 N; ``benchmarks/experiments/route_counts.py``).
-SLOTS = (512, 1024)
+#: frames: ../shared/docs/GPU-SCORES.md), so that the pass rule's joiners (256 doubling to
+#: 1024) fit (issue 98 item 4; the candidates live in global memory, so a slot costs 16
+#: bytes, not registers). The CPU kernel's simulation of the rule within 1024 slots sums
+#: 5.82 N active columns at 16 frames and 7.76 N at 64, within 512 5.84 N and 8.77 N
+#: (``bench_pass_counts``' rules w256 and e256, ``pass_counts_cpu.json``); the route's own
+#: pass loop at 16 frames: ``benchmarks/experiments/route_counts.py``.
+SLOTS = (1024, 2048)
 #: The support's positions of each level (at most its slots): the column kernel holds its
 #: inverse over them alone, its other slots (the candidates) in global memory, so a level's
 #: slots may be wider than what the registers follow (issue 98 item 4).
@@ -100,8 +102,12 @@ RIDGE = 1e-10
 #: The largest relative duality gap of an answer called certified (as the CPU's sets).
 CERTIFIED = 1e-8
 #: ``C`` is dense, and the fast answer stands, where more than this share of the columns
-#: fills the first level's slots; or before any pass, :func:`dense_at_start`.
-WIDE_SHARE = 0.25
+#: is set aside at the first level (slots or support positions full); or before any pass,
+#: :func:`dense_at_start`. Half: at 64 frames 13.5% of the minimiser's columns hold more
+#: than the first level's 128 support positions on ``bench_pass_counts``' set (p90 137)
+#: and more on ../shared/docs/GPU-SCORES.md's (p90 152), where a quarter was near; a dense
+#: ``C`` sets aside nearly every column.
+WIDE_SHARE = 0.5
 #: The CUDA compute capabilities whose float64 matrix products run at half float32's rate or
 #: better (FP64 tensor cores; NVIDIA's datasheets, float64 tensor / float32 TFLOPS: A100
 #: 19.5 / 19.5, H100 and H200 SXM 67 / 67, B200 about 40 / 80): there the passes screen in
