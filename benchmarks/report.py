@@ -76,7 +76,7 @@ python benchmarks/report.py                       # regenerate this page and its
 # without the device suffix that benchmarks/common.py appends (``spectral_cpu`` -> spectral).
 SECTIONS = [
     ("Anchor scores (SSC)",
-     ["request_cost", "request_cost_cost", "request_cost_fidelity_sensitivity", "request_cost_floor", "directions", "optimum", "optimum_only", "optimum_tiny", "optimum_yaleb", "workset", "workset_dense", "workset_dense_yaleb17", "workset_dense_rerun", "dark_tokens", "workset_passes", "lockstep", "lockstep_compiled", "columns_triton", "ssc", "ssc_ratio", "ssc_ratio_1thread", "spectral", "sparse_spectral", "label_draws", "scene_certificates", "warm_limits", "route_counts", "route_counts_outliers", "route_counts_default", "label_flips", "label_flips_64f", "label_expected", "label_routes", "share_gate", "share_cost", "discretize", "yaleb",
+     ["request_cost", "request_cost_cost", "request_cost_fidelity_sensitivity", "request_cost_floor", "directions", "optimum", "optimum_only", "optimum_tiny", "optimum_yaleb", "workset", "workset_dense", "workset_dense_yaleb17", "workset_dense_rerun", "dark_tokens", "workset_passes", "lockstep", "lockstep_compiled", "columns_triton", "ssc", "ssc_ratio", "ssc_ratio_1thread", "spectral", "sparse_spectral", "label_draws", "scene_certificates", "warm_limits", "route_counts", "route_counts_outliers", "route_counts_default", "route_counts_wider", "label_flips", "label_flips_64f", "label_expected", "label_routes", "share_gate", "share_cost", "discretize", "yaleb",
       "yaleb_squared"]),
     ("Long videos: blocked SSC", ["long_video_curve", "long_video_d3584", "long_video",
                                   "long_video_32k",
@@ -131,6 +131,7 @@ TITLES = {
     "scene_certificates": "Where the default does not certify: issue 100's 44 realistic scenes, the default and, where it is not certified, the working sets by blocks (the certified minimiser) beside it (one-off)",
     "route_counts": "The CUDA working sets' pass loop counted at 16 frames on the CPU (torch pass, float64 stand-in kernel): the levels and pass rule before issue 98 item 4 and the e256 rule (one-off)",
     "route_counts_outliers": "The CUDA working sets' pass loop counted at 16 frames on the CPU: the e256 rule with 512 outlier slots at the first level (one-off)",
+    "route_counts_wider": "The CUDA working sets' pass loop counted at 16 frames on the CPU: today's levels, slots of 1024 then 2048, screening in float64 (one-off)",
     "route_counts_default": "The CUDA working sets' pass loop counted at 16 frames on the CPU: the e256 rule with 512 outlier slots, screening in float32 and in float64, after the stuck rule's fix (one-off)",
     "warm_limits": "The warm route's bounds on dense C: the default Limits against warm_work = 6 warm_set^2 with warm_share 2 and 8, on the scenes where the default does not certify and on Yale B (one-off; the package's default unchanged)",
     "long_video_d3584": "Long videos: default options and the working sets by blocks at D = 3584 (Qwen2.5-VL-7B's features), 2k to 8k (issue 99)",

@@ -377,8 +377,9 @@ class PassRule:
       GPU's 256 doubling to 1024 (within the level's slots: issue 98 item 4). The GPU's pass
       is a GEMM and 12 kernels over the active columns: fewer passes pay there; on the
       route's own pass loop at 16 frames of Qwen2.5-VL-7B's shape (10 corrupted tokens),
-      256 doubling within slots of 512 then 1024 sums 6.85 N active columns in 22 passes,
-      where 16 doubling to 64 within 128 then 256 slots summed 11.87 N in 52
+      256 doubling within slots of 1024 then 2048 sums 5.83 N active columns in 21 passes
+      screening in float64 (6.85 N in 22 within 512 then 1024, in float32), where 16
+      doubling to 64 within 128 then 256 slots summed 11.87 N in 52
       (``benchmarks/experiments/route_counts.py``, ``route_counts_cpu.json``). A
       CPU pass is a column's own ``|F| (N + D)`` products, and fewer of them did not pay:
       ``benchmarks/results/pass_rule_ab_cpu.json`` (one thread, warm, interleaved) has
