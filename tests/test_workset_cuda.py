@@ -116,12 +116,19 @@ def test_the_passes_screen_in_float64_where_the_device_multiplies_it_fast(
     column to certify), in float32 the passes start in float32 and end in float64; both
     reach the certified minimiser."""
     assert wc.screening("cpu") == "float32"
-    cc = {}
+    cc = {"name": "NVIDIA H100 80GB HBM3"}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc["now"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: cc["name"])
     for cc["now"], want in (((8, 0), "float64"), ((9, 0), "float64"), ((10, 0), "float64"),
                             ((8, 6), "float32"), ((8, 9), "float32"), ((10, 3), "float32"),
                             ((12, 0), "float32"), ((7, 0), "float32")):  # fmt: skip
         assert wc.screening(torch.device("cuda", 0)) == want, cc["now"]
+    # (sm_90's export parts, float64 cut to about 1 TFLOPS; the H200 is not the H20)
+    cc["now"] = (9, 0)
+    for cc["name"], want in (("NVIDIA H800", "float32"), ("NVIDIA H20", "float32"),
+                             ("NVIDIA H20-3e", "float32"), ("NVIDIA H200", "float64"),
+                             ("NVIDIA H800 PCIe", "float32"), ("NVIDIA GH200 480GB", "float64")):  # fmt: skip
+        assert wc.screening(torch.device("cuda", 0)) == want, cc["name"]
     x = video_tokens(4, 10, 16, k=4, seed=0)
     passes, run = [], wc._pass
 

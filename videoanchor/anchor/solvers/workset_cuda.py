@@ -115,6 +115,9 @@ WIDE_SHARE = 0.5
 #: (issue 98 item 4: ``route_counts_default_cpu.json``). Elsewhere (sm_86, sm_89, sm_120,
 #: sm_103: float64 at 1/64 of float32 or less) float32.
 FAST_FLOAT64 = frozenset({(8, 0), (9, 0), (10, 0)})
+#: The parts of those capabilities whose float64 was cut to about 1 TFLOPS (the export
+#: parts of sm_90: H800, H20, against 34-67 on an H100): float32 there, told by name.
+SLOW_FLOAT64 = frozenset({"H800", "H20"})
 
 
 def launch(state: dict, active: torch.Tensor, count: torch.Tensor) -> None:
@@ -204,11 +207,13 @@ def warm_up(device, slots: tuple[int, ...] = SLOTS,
 
 def screening(device) -> str:
     """The passes' products on ``device`` (``precision="auto"``): ``"float64"`` on a CUDA
-    device of :data:`FAST_FLOAT64`, ``"float32"`` elsewhere (the CPU included)."""
+    device of :data:`FAST_FLOAT64` (but :data:`SLOW_FLOAT64`'s parts), ``"float32"``
+    elsewhere (the CPU included)."""
     device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) in FAST_FLOAT64:
-        return "float64"
-    return "float32"
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) not in FAST_FLOAT64:
+        return "float32"
+    words = torch.cuda.get_device_name(device).replace("-", " ").split()
+    return "float32" if SLOW_FLOAT64.intersection(words) else "float64"
 
 
 def _checked_levels(slots, outlier_slots) -> tuple[tuple[int, int], ...]:
