@@ -47,7 +47,8 @@ from benchmarks.common import environment, finish, parser  # noqa: E402
 #: first passes' products, ``solve_workset_cuda``'s; default ``"float32"``)
 CONFIGS = {
     "default": None,  # the package's (route_counts_cpu.json's rows, at 829c7e7: d16's;
-    # route_counts_default_cpu.json's, at 0dc1101: e256_o512's; since, w1024's)
+    # route_counts_default_cpu.json's, at 0dc1101: e256_o512's; since, (1024, 2048) slots':
+    # route_counts_wider_cpu.json, its levels in each row)
     "d16": ((128, 256), (128, 256), (64, 1024), 16, 64),  # (the defaults before issue 98)
     "e256": ((512, 1024), (128, 256), (64, 1024), 256, 1024),
     "e256_2048": ((512, 2048), (128, 256), (64, 1024), 256, 2048),
@@ -55,8 +56,6 @@ CONFIGS = {
     "e256_o256": ((512, 1024), (128, 256), (256, 1024), 256, 1024),
     "e256_o512": ((512, 1024), (128, 256), (512, 1024), 256, 1024),
     "e256_o512_f64": ((512, 1024), (128, 256), (512, 1024), 256, 1024, "float64"),
-    "w1024": ((1024, 2048), (128, 256), (512, 1024), 256, 1024),
-    "w1024_f64": ((1024, 2048), (128, 256), (512, 1024), 256, 1024, "float64"),
     "default_f64": (None, None, None, None, None, "float64"),
 }
 COLUMNS = ["set", "config", "n", "passes", "active_sum_over_n", "wide_columns", "overflow",
