@@ -112,7 +112,7 @@ def test_the_passes_screen_in_float64_where_the_device_multiplies_it_fast(
         reference_kernel, monkeypatch):  # fmt: skip
     """Issue 98 item 4: ``precision="auto"`` (the default) screens in float64 on the CUDA
     devices with fast float64 products (sm_80, sm_90, sm_100) and in float32 elsewhere
-    (other CUDA devices, the CPU); in float64 every pass is a float64 one (none over every
+    (other CUDA devices, ROCm's, the CPU); in float64 every pass is a float64 one (none over every
     column to certify), in float32 the passes start in float32 and end in float64; both
     reach the certified minimiser."""
     assert wc.screening("cpu") == "float32"
@@ -129,6 +129,12 @@ def test_the_passes_screen_in_float64_where_the_device_multiplies_it_fast(
                              ("NVIDIA H20-3e", "float32"), ("NVIDIA H200", "float64"),
                              ("NVIDIA H800 PCIe", "float32"), ("NVIDIA GH200 480GB", "float64")):  # fmt: skip
         assert wc.screening(torch.device("cuda", 0)) == want, cc["name"]
+    # (ROCm: the device type is "cuda" and an MI200, like a Vega 10, reports (9, 0))
+    cc["name"] = "AMD Instinct MI250X"
+    monkeypatch.setattr(torch.version, "hip", "6.2.41133")
+    assert wc.screening(torch.device("cuda", 0)) == "float32"
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert wc.screening(torch.device("cuda", 0)) == "float64"  # (the same numbers, NVIDIA's)
     x = video_tokens(4, 10, 16, k=4, seed=0)
     passes, run = [], wc._pass
 

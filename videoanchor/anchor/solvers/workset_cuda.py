@@ -206,11 +206,15 @@ def warm_up(device, slots: tuple[int, ...] = SLOTS,
 
 
 def screening(device) -> str:
-    """The passes' products on ``device`` (``precision="auto"``): ``"float64"`` on a CUDA
+    """The passes' products on ``device`` (``precision="auto"``): ``"float64"`` on an NVIDIA
     device of :data:`FAST_FLOAT64` (but :data:`SLOW_FLOAT64`'s parts), ``"float32"``
-    elsewhere (the CPU included)."""
+    elsewhere (the CPU included, and ROCm: its devices are ``"cuda"`` too, and their
+    capability is the GCN architecture's number, ``(9, 0)`` on Vega 10 as on MI200, which
+    the rule was not written for; float32 screening is certified by its float64 passes on
+    any device)."""
     device = torch.device(device)
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) not in FAST_FLOAT64:
+    if (device.type != "cuda" or torch.version.hip is not None
+            or torch.cuda.get_device_capability(device) not in FAST_FLOAT64):  # fmt: skip
         return "float32"
     words = torch.cuda.get_device_name(device).replace("-", " ").split()
     return "float32" if SLOW_FLOAT64.intersection(words) else "float64"
