@@ -21,6 +21,11 @@ the 64 seeded draws of ``bench_expected_share.py``) over the median single draw'
   is continuous where one decision crosses at a time. A NumPy iteration (the same steps as
   ``Paths``, not its bits); ``branch_hard_move``: its plain mean's move for comparison;
   ``branch_count``: the branches a draw ran (median, largest).
+- ``rounding`` rows: the expected share's move (scores, each change's own row sums) under
+  changes of the features by :data:`ROUNDING` (``x * (1 + r g)``, seeded), about what vLLM's
+  encoder rounds differently from transformers' (``tests/test_vllm.py``), on the tiny
+  Qwen2.5-VL sets of :mod:`benchmarks.share_family` (its flip-prone video is one of them in
+  kind: 560 tokens of the tiny checkpoint).
 
     python benchmarks/experiments/share_smoothing.py --cache /tmp/share-cache
 """
@@ -50,6 +55,8 @@ SETS = (1, 6, 8, 9, 24, 28, 4)
 #: the branch smoothing's scenes (it costs 5-30 s a set and tau here)
 BRANCH_SETS = (1, 6, 8)
 WIDTHS = (0.003, 0.01, 0.03, 0.1, 0.3)
+#: the rounding rows' changes: two of 1e-7, one of 1e-8
+ROUNDING = (1e-7, 1e-7, 1e-8)
 TAUS = (3e-4, 1e-3, 3e-3)
 DRAWS = 32
 _TIE = 1e-12  # a margin at or below: an exact tie (zero rows), which no rounding moves
@@ -197,7 +204,7 @@ def measure(idx: int, cache) -> dict:
         move = max(float((o - s[0]).abs().max()) for o in s[1:])
         return move, float((s[0] - ref_scores).abs().max()) / max(single, 1e-12)
 
-    row = dict(set=name, scene=idx, n=int(x.shape[0]), d=int(x.shape[1]), single_median=single,
+    row = dict(set=name, kind="scene", scene=idx, n=int(x.shape[0]), d=int(x.shape[1]), single_median=single,
                switched=switched(embs))  # fmt: skip
     draws = [expected_draws(e, 0, DRAWS, 1) for e in embs]
     row["distinct"] = len(draws[0][1])
@@ -215,6 +222,27 @@ def measure(idx: int, cache) -> dict:
     return row
 
 
+def rounding(name: str, make, cache) -> dict:
+    """The expected share's moves under :data:`ROUNDING`'s changes of one set's features."""
+    from videoanchor.anchor.clustering import expected_shares_from_embedding
+    from videoanchor.anchor.scores import scores_from_row_sums as scores
+
+    x = make()
+
+    def expected(c):
+        labels, shares = expected_shares_from_embedding(embedding(c))
+        return scores(c.to(torch.float64).sum(dim=1), labels, shares).double()
+
+    base = expected(fam.solve(x, cache))
+    gen = torch.Generator().manual_seed(0)
+    moves = []
+    for rel in ROUNDING:
+        xp = x * (1 + rel * torch.randn(x.shape, generator=gen, dtype=x.dtype))
+        moves.append(float((expected(fam.solve(xp, cache)) - base).abs().max()))
+    return dict(set=name, kind="rounding", n=int(x.shape[0]), d=int(x.shape[1]),
+                rounding=list(ROUNDING), rounding_moves=moves)  # fmt: skip
+
+
 def main(argv=None):
     ap = parser(__doc__)
     ap.add_argument("--cache", default=os.environ.get("VIDEOANCHOR_SHARE_CACHE"))
@@ -230,6 +258,11 @@ def main(argv=None):
         row = measure(idx, args.cache)
         rows.append(row)
         print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    tiny = []
+    for name, kind, make in [] if args.only else fam.plain_sets(large=False):
+        if kind == "tiny":
+            tiny.append(rounding(name, make, args.cache))
+            print(tiny[-1], flush=True)
     meta["loadavg_end"] = os.getloadavg()
     branch = [r for r in rows if "branch_hard_move" in r]
     meta["summary"] = dict(
@@ -243,10 +276,13 @@ def main(argv=None):
         branch_move_max={str(t): max((r[f"branch_{t}_move"] for r in branch), default=None)
                          for t in TAUS},
         branch_hard_move_max=max((r["branch_hard_move"] for r in branch), default=None),
+        rounding_sets=len(tiny),
+        rounding_1e_7_moves_within_1e_3=sum(max(r["rounding_moves"][:2]) <= 1e-3 for r in tiny),
+        rounding_1e_7_move_max=max((max(r["rounding_moves"][:2]) for r in tiny), default=None),
     )  # fmt: skip
     cols = ["set", "n", "single_median", "width_0.003_move", "width_0.1_move", "width_0.3_move",
             "width_0.3_close", "branch_hard_move", "branch_0.0003_move", "branch_0.003_move"]  # fmt: skip
-    return finish("share_smoothing", meta, rows, args.out_dir, cols)
+    return finish("share_smoothing", meta, rows + tiny, args.out_dir, cols)
 
 
 if __name__ == "__main__":
