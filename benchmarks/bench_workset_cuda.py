@@ -335,18 +335,20 @@ SHARE_COST_MAX_N = 8192
 
 
 def _share_cost(res, x, clusters: int, device) -> dict:
-    """Issues 78 and 91 on the device: the stages after the solve on the default's own ``C``,
-    the paper's share (``cluster_share="paper"``: the spectral step's labels, then the
-    scores) against ``"soft"`` (``soft_cluster_shares``) and the default ``"steady"`` (one
+    """Issues 78, 91 and 100 on the device: the stages after the solve on the default's own
+    ``C``, the paper's share (``cluster_share="paper"``: the spectral step's labels, then the
+    scores) against ``"soft"`` (``soft_cluster_shares``), the default ``"steady"`` (one
     eigensolver call, the discretisation's margins, the soft share where its weight is below
-    1), interleaved, median of 3 each (fewer where the first round takes over 20 s); each
-    share's scores' largest distance to the paper's, and the steady share's weight."""
+    1) and ``"expected"`` (issue 100's option: 32 draws' paths on the host from one copy of
+    the embedding, their shares softened on the device), interleaved, median of 3 each
+    (fewer where the first round takes over 20 s); each share's scores' largest distance to
+    the paper's, and the steady share's weight."""
     from videoanchor.anchor.scores import anchor_result_from_coefficients
 
     if x.shape[0] > SHARE_COST_MAX_N:
         return dict(share_cost_skipped=f"N = {x.shape[0]} > {SHARE_COST_MAX_N} (a float64 eigh "
                     "of N x N on the device; not run within a lease's call)")  # fmt: skip
-    times = {"paper": [], "soft": [], "steady": []}
+    times = {"paper": [], "soft": [], "steady": [], "expected": []}
     out = {}
     while len(times["paper"]) < 3 and (not times["paper"] or sum(map(sum, times.values())) < 20.0):
         for share, t_list in times.items():
@@ -357,9 +359,12 @@ def _share_cost(res, x, clusters: int, device) -> dict:
     dist = lambda k: float((out[k].scores.double() - out["paper"].scores.double()).abs().max())  # noqa: E731
     return dict(seconds_after_solve_paper=med["paper"], seconds_after_solve_soft=med["soft"],
                 seconds_after_solve_steady=med["steady"], share_cost_reps=len(times["paper"]),
+                seconds_after_solve_expected=med["expected"],
                 soft_over_paper_after_solve=med["soft"] / med["paper"],
                 steady_over_paper_after_solve=med["steady"] / med["paper"],
+                expected_over_paper_after_solve=med["expected"] / med["paper"],
                 soft_vs_paper_max=dist("soft"), steady_vs_paper_max=dist("steady"),
+                expected_vs_paper_max=dist("expected"),
                 steady_weight=out["steady"].share_weight)  # fmt: skip
 
 

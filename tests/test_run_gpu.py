@@ -43,8 +43,8 @@ CPU_ONLY = {"bench_column_kernel", "bench_contention", "bench_discretize", "benc
             "bench_first_call", "bench_host_overhead", "bench_host_reads", "bench_label_draws",
             "bench_lmms_batch", "bench_optimum", "bench_pass_counts", "bench_schedule",
             "bench_share_cost", "bench_share_gate", "bench_workset", "bench_yaleb"}  # fmt: skip
-#: (bench_expected_share: issue 100's option "expected", not the default; its GPU row is not
-#: written yet)
+#: (bench_expected_share: issue 100's option "expected", not the default; its cost's GPU row
+#: is bench_workset_cuda's share cost, in CALL=rest)
 
 
 def _plan(name: str) -> dict[str, int]:

@@ -600,10 +600,11 @@ def test_the_gpu_benchmark_runs_tiny_on_the_cpu(tmp_path, reference_kernel):
     assert abs(video["objective_gap"]) < 1e-6 and video["affine"] < 1e-5
     assert video["objective_gap"] <= video["fast_objective_gap"]
     assert video["seconds_default"] > 0 and video["default_over_fast"] > 0
-    # issues 78 and 91: the shares' cost after the solve, on the default's C
-    for share in ("paper", "soft", "steady"):
+    # issues 78, 91 and 100: the shares' cost after the solve, on the default's C
+    for share in ("paper", "soft", "steady", "expected"):
         assert video[f"seconds_after_solve_{share}"] > 0
     assert video["steady_vs_paper_max"] >= 0 and video["soft_vs_paper_max"] >= 0
+    assert video["expected_over_paper_after_solve"] > 0 and video["expected_vs_paper_max"] >= 0
     assert 0.0 <= video["steady_weight"] <= 1.0
     assert dense["dense_rule"] == bench_workset_cuda.DENSE_RULE[dense["answered"]]
     assert len(dense["samples_default"]) == len(dense["samples_fast"]) == 3  # (medians)
