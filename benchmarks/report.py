@@ -120,6 +120,7 @@ TITLES = {
     "label_flips": 'Label flips under 1e-7 / 1e-6 feature changes, and `cluster_share="soft"` / `"stable"` (issue 78)',
     "label_flips_64f": 'Label flips and `cluster_share="soft"` / `"stable"` at 64 frames (issue 78)',
     "share_null_space": "Why the expected paper share moves under 1e-6 changes: LAPACK's null vectors at empty clusters, and the continuous completion (issue 100, one-off)",
+    "share_smoothing": "The expected share's draws under 1e-6 / 1e-7 changes: distinct partitions, switches, a wider softening and branch smoothing tried (issue 100, one-off)",
     "label_expected": "An expected hard share over moved embeddings, measured and not shipped (issue 78)",
     "label_routes": "Routes toward the paper's spread on flip-prone sets, measured and not shipped (issue 78)",
     "share_gate": 'The default cluster share (`"steady"`) against the paper\'s under 1e-6 / 1e-7 feature changes, on a family of 85 sets (issue 91)',
