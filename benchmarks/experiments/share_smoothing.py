@@ -1,5 +1,5 @@
-"""Issue 100, one-off (2026-11-29): two more ways to make the expected share continuous, and
-what a draw's switch is. On scenes of :mod:`benchmarks.scene_family` (the default solver's
+"""Issue 100, one-off (2026-11-29): two more ways to make the expected share continuous, the
+soft share's kernel, and what a draw's switch is. On scenes of :mod:`benchmarks.scene_family` (the default solver's
 ``C`` of each set and of its two seeded 1e-6 changes, cached as ``bench_expected_share.py``
 caches them), one spectral embedding per ``C`` (seed 0), the 32 draws of seed 0's stream
 (their empty clusters completed as ``cluster_share="expected"`` completes them). Moves are
@@ -21,6 +21,10 @@ the 64 seeded draws of ``bench_expected_share.py``) over the median single draw'
   is continuous where one decision crosses at a time. A NumPy iteration (the same steps as
   ``Paths``, not its bits); ``branch_hard_move``: its plain mean's move for comparison;
   ``branch_count``: the branches a draw ran (median, largest).
+- ``kernel_{p}_*``: the default's soft share (``cluster_share="soft"``, what ``"steady"`` gives
+  on these scenes: ``(1/N) sum_i cos^2`` of the filtered embedding's unit rows) with
+  ``|cos|^p`` in place of ``cos^2`` for each ``p`` of :data:`KERNEL_POWERS`: its distance to
+  ``ref`` over the single draw's median and its move (each change's own row sums).
 - ``rounding`` rows: the expected share's move (scores, each change's own row sums) under
   changes of the features by :data:`ROUNDING` (``x * (1 + r g)``, seeded), about what vLLM's
   encoder rounds differently from transformers' (``tests/test_vllm.py``), on the tiny
@@ -55,6 +59,8 @@ SETS = (1, 6, 8, 9, 24, 28, 4)
 #: the branch smoothing's scenes (it costs 5-30 s a set and tau here)
 BRANCH_SETS = (1, 6, 8)
 WIDTHS = (0.003, 0.01, 0.03, 0.1, 0.3)
+#: the soft share's kernel powers (2: today's soft share)
+KERNEL_POWERS = (1, 2, 4, 8)
 #: the rounding rows' changes: two of 1e-7, one of 1e-8
 ROUNDING = (1e-7, 1e-7, 1e-8)
 TAUS = (3e-4, 1e-3, 3e-3)
@@ -155,6 +161,27 @@ def branch_smoothed(emb, tau, seed=0):
     return torch.stack(smooth).mean(0), torch.stack(plain).mean(0), count
 
 
+def soft_powers(coef: torch.Tensor) -> dict:
+    """The soft share of ``C`` with ``|cos|^p`` for each of :data:`KERNEL_POWERS` (the
+    eigenpairs and filter of ``steady_shares``' soft share)."""
+    from videoanchor.anchor.clustering import (
+        EXTRA_PAIRS,
+        SOFT_SHARE_WIDTH,
+        spectral_pairs,
+        ssc_affinity,
+    )
+
+    k = fam.K
+    theta, vec, dd, _ = spectral_pairs(ssc_affinity(coef), k, extra=EXTRA_PAIRS, seed=0,
+                                       window=SOFT_SHARE_WIDTH)  # fmt: skip
+    f = ((theta - float(theta[k - 1]) + SOFT_SHARE_WIDTH) / SOFT_SHARE_WIDTH).clamp(0, 1)
+    keep = int((f > 0).sum())
+    u = vec[:, :keep].to(torch.float64) * f[:keep].sqrt() / dd.to(torch.float64)[:, None]
+    u = u / u.norm(dim=1, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
+    cos = (u @ u.T).abs()
+    return {p: (cos**p).sum(dim=1) / len(u) for p in KERNEL_POWERS}
+
+
 def switched(embs, seed=0):
     """Per change: (draws that end at another partition, of those how many kept their picks)."""
     from videoanchor.anchor.labels import label_random_state, paths_of, relabel
@@ -206,6 +233,12 @@ def measure(idx: int, cache) -> dict:
 
     row = dict(set=name, kind="scene", scene=idx, n=int(x.shape[0]), d=int(x.shape[1]), single_median=single,
                switched=switched(embs))  # fmt: skip
+    soft = [soft_powers(c) for c in coefs]
+    for p in KERNEL_POWERS:
+        s = [scores(c.to(torch.float64).sum(dim=1), one, sp[p]).double()
+             for c, sp in zip(coefs, soft, strict=True)]  # fmt: skip
+        row[f"kernel_{p}_move"] = max(float((o - s[0]).abs().max()) for o in s[1:])
+        row[f"kernel_{p}_close"] = float((s[0] - ref_scores).abs().max()) / max(single, 1e-12)
     draws = [expected_draws(e, 0, DRAWS, 1) for e in embs]
     row["distinct"] = len(draws[0][1])
     for w in WIDTHS:
@@ -276,6 +309,11 @@ def main(argv=None):
         branch_move_max={str(t): max((r[f"branch_{t}_move"] for r in branch), default=None)
                          for t in TAUS},
         branch_hard_move_max=max((r["branch_hard_move"] for r in branch), default=None),
+        kernel_within_single_median={str(p): sum(r[f"kernel_{p}_close"] <= 1 for r in rows)
+                                     for p in KERNEL_POWERS},
+        kernel_close_median={str(p): statistics.median(r[f"kernel_{p}_close"] for r in rows)
+                             for p in KERNEL_POWERS},
+        kernel_move_max={str(p): max(r[f"kernel_{p}_move"] for r in rows) for p in KERNEL_POWERS},
         rounding_sets=len(tiny),
         rounding_1e_7_moves_within_1e_3=sum(max(r["rounding_moves"][:2]) <= 1e-3 for r in tiny),
         rounding_1e_7_move_max=max((max(r["rounding_moves"][:2]) for r in tiny), default=None),
