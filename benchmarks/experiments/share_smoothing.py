@@ -52,6 +52,7 @@ from benchmarks import scene_family as scenes  # noqa: E402
 from benchmarks import share_family as fam  # noqa: E402
 from benchmarks.bench_expected_share import REF_SEEDS, embedding, seeded_draws  # noqa: E402
 from benchmarks.common import environment, finish, parser  # noqa: E402
+from benchmarks.experiments.share_null_space import canonical_rotation  # noqa: E402
 
 #: scenes whose expected share moved most in expected_share_cpu.json (three noise levels),
 #: and a clean one whose draws nearly agree (4: the single draw's median distance 0.007)
@@ -69,19 +70,12 @@ _TIE = 1e-12  # a margin at or below: an exact tie (zero rows), which no roundin
 
 
 def _rotation(v, lab, k, g):
-    """One step's ``(R, ncut)`` with the expected share's completion of empty clusters."""
+    """One step's ``(R, ncut)`` from labels ``lab``: :func:`benchmarks.experiments.
+    share_null_space.canonical_rotation` (the expected share's completion of empty
+    clusters) of their ``T``."""
     t = np.zeros((k, k))
     np.add.at(t, lab, v)
-    u, s, vh = np.linalg.svd(t)
-    rot = vh.T @ u.T
-    empty = np.flatnonzero(np.bincount(lab, minlength=k) == 0)
-    if len(empty):
-        r = k - len(empty)
-        vr = vh[:r].T
-        rot = vr @ u[:, :r].T
-        q, tri = np.linalg.qr(g[:, : len(empty)] - vr @ (vr.T @ g[:, : len(empty)]))
-        rot[:, empty] = q * np.where(np.diagonal(tri) < 0, -1.0, 1.0)
-    return rot, 2.0 * (len(v) - s.sum())
+    return canonical_rotation(t, np.bincount(lab, minlength=k), g, len(v))
 
 
 def _decide(v, rot):
